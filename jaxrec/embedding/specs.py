@@ -1,0 +1,121 @@
+"""Table and feature specifications.
+
+A *table* is one embedding matrix `[rows, dim]`. A *feature* is one sparse input column of
+the batch; it names the table it reads. Several features may share a table (e.g. "user id"
+in two roles). A feature is one-hot (`max_len=1`) or multi-hot (`max_len>1`: a bag of up to
+`max_len` ids, padded with -1), pooled by `sum` or `mean`, optionally with per-id weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import gin
+import numpy as np
+
+from jaxrec.errors import ConfigError
+
+POOLINGS = ("sum", "mean")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TableSpec:
+  """One embedding table.
+
+  Attributes:
+    name: unique table name; checkpoints store the table under it.
+    rows: number of rows (vocabulary size).
+    dim: embedding width.
+    dtype: storage dtype of the table and its optimizer state (`float32` today).
+    init_scale: rows are initialised uniform in `[-init_scale, init_scale]`; `None` uses
+      `1/sqrt(rows)` (the DLRM convention).
+  """
+
+  name: str
+  rows: int
+  dim: int
+  dtype: str = "float32"
+  init_scale: float | None = None
+
+  def __post_init__(self):
+    if not self.name:
+      raise ConfigError("TableSpec.name must be a non-empty string")
+    if int(self.rows) <= 0:
+      raise ConfigError(f"table '{self.name}': rows must be positive, got {self.rows}")
+    if int(self.dim) <= 0:
+      raise ConfigError(f"table '{self.name}': dim must be positive, got {self.dim}")
+    try:
+      np.dtype(self.dtype)
+    except TypeError:
+      raise ConfigError(f"table '{self.name}': unknown dtype '{self.dtype}'") from None
+
+  @property
+  def scale(self) -> float:
+    return float(self.init_scale) if self.init_scale is not None else 1.0 / np.sqrt(self.rows)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+  """One sparse feature of the batch.
+
+  Attributes:
+    name: feature name; the batch's `ids[name]` holds `[batch, max_len]` int32 ids.
+    table: name of the table it reads.
+    max_len: bag size; 1 for one-hot. Absent slots hold id -1.
+    pooling: `sum` or `mean` (mean over present ids; an empty bag pools to zeros).
+    weighted: if true the batch carries `weights[name]` `[batch, max_len]` float32 and each
+      row is scaled by its weight before pooling.
+  """
+
+  name: str
+  table: str
+  max_len: int = 1
+  pooling: str = "sum"
+  weighted: bool = False
+
+  def __post_init__(self):
+    if int(self.max_len) <= 0:
+      raise ConfigError(f"feature '{self.name}': max_len must be positive, got {self.max_len}")
+    if self.pooling not in POOLINGS:
+      raise ConfigError(
+          f"feature '{self.name}': pooling must be one of {POOLINGS}, got '{self.pooling}'")
+
+
+def validate(tables: Sequence[TableSpec], features: Sequence[FeatureSpec]) -> None:
+  """Checks names are unique and every feature names a known table."""
+  names = [t.name for t in tables]
+  dup = {n for n in names if names.count(n) > 1}
+  if dup:
+    raise ConfigError(f"duplicate table names: {sorted(dup)}")
+  fnames = [f.name for f in features]
+  dup = {n for n in fnames if fnames.count(n) > 1}
+  if dup:
+    raise ConfigError(f"duplicate feature names: {sorted(dup)}")
+  known = set(names)
+  for f in features:
+    if f.table not in known:
+      raise ConfigError(f"feature '{f.name}' names unknown table '{f.table}' "
+                        f"(tables: {', '.join(names)})")
+  if not features:
+    raise ConfigError("no sparse features configured")
+
+
+@gin.configurable
+def uniform_tables(num_tables: int = gin.REQUIRED, rows: int | Sequence[int] = gin.REQUIRED,
+                   dim: int = 16, prefix: str = "t", max_len: int | Sequence[int] = 1,
+                   pooling: str = "sum") -> tuple[tuple[TableSpec, ...], tuple[FeatureSpec, ...]]:
+  """`num_tables` tables (`t0..tN-1`), each read by one feature (`f0..fN-1`).
+
+  `rows` and `max_len` may be one value for all or one per table.
+  """
+  rows_list = [rows] * num_tables if isinstance(rows, int) else list(rows)
+  lens = [max_len] * num_tables if isinstance(max_len, int) else list(max_len)
+  if len(rows_list) != num_tables or len(lens) != num_tables:
+    raise ConfigError(f"uniform_tables: rows/max_len must have {num_tables} entries")
+  tables = tuple(TableSpec(f"{prefix}{i}", int(r), dim) for i, r in enumerate(rows_list))
+  features = tuple(FeatureSpec(f"f{i}", f"{prefix}{i}", int(l), pooling)
+                   for i, l in enumerate(lens))
+  return tables, features

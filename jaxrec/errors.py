@@ -1,0 +1,17 @@
+"""User-facing errors.
+
+`ConfigError` and `DataError` carry a message meant to be shown as one line to the user
+(entry points print it without a traceback and exit non-zero).
+"""
+
+
+class JaxrecError(Exception):
+  """Base class for errors whose message is complete and user-facing."""
+
+
+class ConfigError(JaxrecError, ValueError):
+  """A configuration, flag, table or plan is invalid; the message names it."""
+
+
+class DataError(JaxrecError, ValueError):
+  """Input data is malformed; the message names the file, line and column."""

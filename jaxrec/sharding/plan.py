@@ -1,0 +1,97 @@
+"""Sharding plans: per table, which mesh axes split it. Plans are data, not classes.
+
+Mesh axes are `('data', 'table', 'row', 'col')`. A placement kind names the axes that
+split a table; every other axis holds replicas of it (data-parallel for that table):
+
+  dp    replicated everywhere          tw    whole table on one `table` slice
+  rw    rows split over `row`          cw    columns (dim) split over `col`
+  twrw  one `table` slice, rows over `row`
+  twcw  one `table` slice, columns over `col`
+  grid  one `table` slice, rows over `row` and columns over `col`
+
+Tables with the same dim, dtype and kind form one *stack* (see `embedding.layout`): they are
+concatenated row-wise per `table` slice and looked up by one fused operation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Mapping, Sequence
+
+from jaxrec.errors import ConfigError
+
+MESH_AXES = ("data", "table", "row", "col")
+
+KIND_AXES: dict[str, tuple[str, ...]] = {
+    "dp": (),
+    "tw": ("table",),
+    "rw": ("row",),
+    "cw": ("col",),
+    "twrw": ("table", "row"),
+    "twcw": ("table", "col"),
+    "grid": ("table", "row", "col"),
+}
+KINDS = tuple(KIND_AXES)
+
+
+@dataclasses.dataclass(frozen=True)
+class TablePlacement:
+  """Where one table lives.
+
+  Attributes:
+    kind: one of `KINDS`.
+    table_slice: index along the `table` axis that holds the table (kinds using `table`);
+      ignored otherwise.
+  """
+
+  kind: str
+  table_slice: int = 0
+
+  def __post_init__(self):
+    if self.kind not in KIND_AXES:
+      raise ConfigError(f"unknown placement kind '{self.kind}' (known: {', '.join(KINDS)})")
+
+  @property
+  def axes(self) -> tuple[str, ...]:
+    return KIND_AXES[self.kind]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Placement of every table, by table name."""
+
+  placements: Mapping[str, TablePlacement]
+
+  def __getitem__(self, table: str) -> TablePlacement:
+    try:
+      return self.placements[table]
+    except KeyError:
+      raise ConfigError(f"plan has no placement for table '{table}'") from None
+
+  def to_json(self) -> dict:
+    return {name: dataclasses.asdict(p) for name, p in sorted(self.placements.items())}
+
+  @classmethod
+  def from_json(cls, obj: Mapping[str, Mapping]) -> "Plan":
+    return cls({name: TablePlacement(**p) for name, p in obj.items()})
+
+  def dumps(self) -> str:
+    return json.dumps(self.to_json(), indent=2, sort_keys=True)
+
+
+def uniform_plan(kind: str, tables: Sequence, table_axis_size: int) -> Plan:
+  """Forces `kind` on every table; table-wise kinds spread tables over `table` slices,
+  biggest first onto the least-loaded slice (greedy balance by rows x dim)."""
+  if kind not in KIND_AXES:
+    raise ConfigError(f"--plan: unknown plan '{kind}' (known: auto, {', '.join(KINDS)})")
+  load = [0] * max(1, table_axis_size)
+  placements = {}
+  for t in sorted(tables, key=lambda t: (-t.rows * t.dim, t.name)):
+    if "table" in KIND_AXES[kind]:
+      s = min(range(len(load)), key=lambda i: (load[i], i))
+      load[s] += t.rows * t.dim
+    else:
+      s = 0
+    placements[t.name] = TablePlacement(kind, s)
+  return Plan(placements)
