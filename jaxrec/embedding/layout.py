@@ -1,0 +1,217 @@
+"""Stacked-table layout: how a plan's tables become a few big arrays on the mesh.
+
+Tables with the same (dim, dtype, placement kind) form one *stack*. Per `table` slice `t`
+(only for kinds that use the `table` axis; otherwise there is one slice) the slice's tables
+are concatenated row-wise and padded to `slice_rows` rows, a multiple of the `row` axis
+size; the slices are concatenated in order. The stacked array is `[nt * slice_rows, dim]`,
+rows split over the used (`table`, `row`) axes and columns over `col`:
+
+    stack rows: | slice 0: t_a rows | t_b rows | pad | slice 1: t_c rows | pad | ...
+
+The layout is pure static data (hashable), so it can be closed over by jitted functions.
+Tables are initialised per table (plan-independent, so every plan starts from the same
+values) and stacked; checkpoints store per-table arrays (`unstack`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxrec.embedding.specs import FeatureSpec, TableSpec
+from jaxrec.errors import ConfigError
+from jaxrec.sharding.plan import MESH_AXES, Plan
+
+
+@dataclasses.dataclass(frozen=True)
+class TableSlot:
+  """Where one table sits inside its stack."""
+  name: str
+  rows: int
+  table_slice: int   # index along the `table` axis (0 when the stack does not use it)
+  row_offset: int    # first row inside the slice
+
+
+@dataclasses.dataclass(frozen=True)
+class StackLayout:
+  """One stack: static description of its array and of the features that read it.
+
+  Attributes:
+    name: stack name, e.g. `rw_d16_float32`.
+    kind: placement kind shared by its tables.
+    axes: model axes splitting it (subset of table/row/col, in mesh order).
+    sizes: mesh axis sizes, all four axes.
+    dim, dtype: shared by its tables.
+    slots: its tables.
+    slice_rows: padded rows per `table` slice (multiple of the used `row` size).
+    features: indices (into the collection's feature list) of features reading it.
+    feature_tables: per stack feature, index into `slots`.
+    max_len: bag size every stack feature is padded to.
+    slot_features: `[nt_used][per_slice]` stack-feature indices handled by each slice,
+      padded with -1 to the same length.
+  """
+
+  name: str
+  kind: str
+  axes: tuple[str, ...]
+  sizes: tuple[tuple[str, int], ...]
+  dim: int
+  dtype: str
+  slots: tuple[TableSlot, ...]
+  slice_rows: int
+  features: tuple[int, ...]
+  feature_tables: tuple[int, ...]
+  max_len: int
+  slot_features: tuple[tuple[int, ...], ...]
+
+  def size(self, axis: str) -> int:
+    """Mesh size of `axis` if this stack is split over it, else 1."""
+    return dict(self.sizes)[axis] if axis in self.axes else 1
+
+  @property
+  def replica_axes(self) -> tuple[str, ...]:
+    return tuple(a for a in MESH_AXES if a not in self.axes)
+
+  @property
+  def num_slices(self) -> int:
+    return self.size("table")
+
+  @property
+  def local_rows(self) -> int:
+    return self.slice_rows // self.size("row")
+
+  @property
+  def local_dim(self) -> int:
+    return self.dim // self.size("col")
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return (self.num_slices * self.slice_rows, self.dim)
+
+  @property
+  def row_axes(self) -> tuple[str, ...]:
+    return tuple(a for a in ("table", "row") if a in self.axes)
+
+  def spec(self) -> P:
+    """PartitionSpec of the stacked table `[rows, dim]`."""
+    return P(self.row_axes or None, "col" if "col" in self.axes else None)
+
+  def row_spec(self) -> P:
+    """PartitionSpec of a per-row array `[rows]` (row-wise optimizer state)."""
+    return P(self.row_axes or None)
+
+  def feature_row_offsets(self) -> tuple[int, ...]:
+    """Per stack feature, the first row of its table inside the table's slice."""
+    return tuple(self.slots[t].row_offset for t in self.feature_tables)
+
+  def feature_slices(self) -> tuple[int, ...]:
+    return tuple(self.slots[t].table_slice for t in self.feature_tables)
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], plan: Plan,
+                  mesh_shape: Mapping[str, int]) -> tuple[StackLayout, ...]:
+  """Groups tables into stacks and places features; checks the mesh can hold the plan."""
+  by_name = {t.name: t for t in tables}
+  sizes = tuple((a, int(mesh_shape.get(a, 1))) for a in MESH_AXES)
+  groups: dict[tuple, list[TableSpec]] = {}
+  for t in tables:
+    placement = plan[t.name]
+    if "col" in placement.axes and t.dim % dict(sizes)["col"]:
+      raise ConfigError(
+          f"table '{t.name}': dim {t.dim} is not divisible by mesh axis col={dict(sizes)['col']} "
+          f"required by plan '{placement.kind}'; choose a col size dividing {t.dim}")
+    if "table" in placement.axes and not 0 <= placement.table_slice < dict(sizes)["table"]:
+      raise ConfigError(f"table '{t.name}': table_slice {placement.table_slice} is outside "
+                        f"mesh axis table={dict(sizes)['table']}")
+    groups.setdefault((placement.kind, t.dim, t.dtype), []).append(t)
+
+  layouts = []
+  for (kind, dim, dtype), members in sorted(groups.items()):
+    axes = plan[members[0].name].axes
+    nt = dict(sizes)["table"] if "table" in axes else 1
+    nr = dict(sizes)["row"] if "row" in axes else 1
+    fill = [0] * nt
+    slots = []
+    for t in members:
+      s = plan[t.name].table_slice if nt > 1 else 0
+      slots.append(TableSlot(t.name, t.rows, s, fill[s]))
+      fill[s] += t.rows
+    slice_rows = _round_up(max(max(fill), 1), nr)
+    slot_index = {s.name: i for i, s in enumerate(slots)}
+    feats = [i for i, f in enumerate(features) if f.table in slot_index]
+    feature_tables = tuple(slot_index[features[i].table] for i in feats)
+    per_slice = [[j for j, ti in enumerate(feature_tables) if slots[ti].table_slice == s]
+                 for s in range(nt)]
+    width = max(1, max(len(p) for p in per_slice))
+    slot_features = tuple(tuple(p + [-1] * (width - len(p))) for p in per_slice)
+    max_len = max([features[i].max_len for i in feats], default=1)
+    layouts.append(StackLayout(
+        name=f"{kind}_d{dim}_{dtype}", kind=kind, axes=axes, sizes=sizes, dim=dim,
+        dtype=dtype, slots=tuple(slots), slice_rows=slice_rows, features=tuple(feats),
+        feature_tables=feature_tables, max_len=max_len, slot_features=slot_features))
+  del by_name
+  return tuple(layouts)
+
+
+def table_key(key: jax.Array, name: str) -> jax.Array:
+  """Per-table PRNG key, independent of plan and table order."""
+  return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def init_table(key: jax.Array, spec: TableSpec) -> jax.Array:
+  """`[rows, dim]` uniform in `[-scale, scale]`, keyed by the table name."""
+  return jax.random.uniform(table_key(key, spec.name), (spec.rows, spec.dim),
+                            jnp.dtype(spec.dtype), -spec.scale, spec.scale)
+
+
+def stack(layout: StackLayout, per_table: Mapping[str, jax.Array]) -> jax.Array:
+  """Per-table arrays (`[rows, ...]`) → the stacked array `[nt * slice_rows, ...]`."""
+  pieces = []
+  for s in range(layout.num_slices):
+    used = 0
+    for slot in layout.slots:
+      if slot.table_slice == s:
+        pieces.append(per_table[slot.name])
+        used += slot.rows
+    trailing = next(iter(per_table.values())).shape[1:]
+    dtype = next(iter(per_table.values())).dtype
+    if layout.slice_rows > used:
+      pieces.append(jnp.zeros((layout.slice_rows - used, *trailing), dtype))
+  return jnp.concatenate(pieces, axis=0)
+
+
+def unstack(layout: StackLayout, stacked: jax.Array) -> dict[str, jax.Array]:
+  """The stacked array → per-table arrays `{name: [rows, ...]}`."""
+  out = {}
+  for slot in layout.slots:
+    start = slot.table_slice * layout.slice_rows + slot.row_offset
+    out[slot.name] = stacked[start:start + slot.rows]
+  return out
+
+
+def table_sharding(mesh: Mesh, layout: StackLayout) -> NamedSharding:
+  return NamedSharding(mesh, layout.spec())
+
+
+def local_table_bytes(layout: StackLayout, itemsize: int = 4) -> int:
+  return layout.local_rows * layout.local_dim * itemsize
+
+
+def describe(layouts: Sequence[StackLayout]) -> str:
+  lines = []
+  for l in layouts:
+    lines.append(f"{l.name}: {len(l.slots)} tables, {len(l.features)} features, "
+                 f"array {l.shape} split over {l.axes or 'nothing (replicated)'}, "
+                 f"local shard [{l.local_rows}, {l.local_dim}], "
+                 f"{math.prod(l.shape) * 4 / 2**20:.1f} MiB total")
+  return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""Sparse row-wise optimizers: update only the rows a batch touched.
+
+Each optimizer is a frozen (hashable) dataclass with
+
+  state_layout() -> {name: (per, initial)}   per = "element" ([rows, dim], sharded like the
+                                             table) or "row" ([rows], split over rows only)
+  update(rows, grads, state, step, dim_sum) -> (new_rows, new_state)
+
+where `rows`, `grads` are `[n, d]` (the unique rows seen, local columns), `state` holds the
+matching `[n, d]` / `[n]` slices, `step` is the global step (int32 scalar) and
+`dim_sum(x[n, d]) -> [n]` sums over the *whole* embedding dim (it adds a psum over `col`
+when columns are split). Gradients arrive already summed over duplicate ids, so a row's
+update sees one gradient per step — the semantics of a dense optimizer restricted to seen
+rows ("lazy" for Adam and FTRL: unseen rows' moments do not decay).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import gin
+import jax.numpy as jnp
+
+DimSum = Callable[[jnp.ndarray], jnp.ndarray]
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class SGD:
+  lr: float = 0.1
+
+  def state_layout(self):
+    return {}
+
+  def update(self, rows, grads, state, step, dim_sum):
+    del step, dim_sum
+    return rows - self.lr * grads, state
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Adagrad:
+  """Per-element accumulator: `acc += g^2; w -= lr * g / (sqrt(acc) + eps)`."""
+  lr: float = 0.1
+  initial_accumulator: float = 0.0
+  eps: float = 1e-8
+
+  def state_layout(self):
+    return {"accum": ("element", self.initial_accumulator)}
+
+  def update(self, rows, grads, state, step, dim_sum):
+    del step, dim_sum
+    acc = state["accum"] + grads * grads
+    return rows - self.lr * grads / (jnp.sqrt(acc) + self.eps), {"accum": acc}
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class RowWiseAdagrad:
+  """One accumulator per row (FBGEMM's default): `acc += mean_d(g^2)`."""
+  lr: float = 0.1
+  initial_accumulator: float = 0.0
+  eps: float = 1e-8
+
+  def state_layout(self):
+    return {"accum": ("row", self.initial_accumulator)}
+
+  def update(self, rows, grads, state, step, dim_sum):
+    del step
+    dim = grads.shape[-1]
+    acc = state["accum"] + dim_sum(grads * grads) / dim_full(dim_sum, dim)
+    scale = self.lr / (jnp.sqrt(acc) + self.eps)
+    return rows - scale[:, None] * grads, {"accum": acc}
+
+
+def dim_full(dim_sum: DimSum, local_dim: int) -> jnp.ndarray:
+  """Full embedding dim seen by `dim_sum` (local dim times the col split)."""
+  return dim_sum(jnp.ones((1, local_dim), jnp.float32))[0]
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Adam:
+  """Lazy Adam: moments of seen rows only; bias correction uses the global step."""
+  lr: float = 1e-3
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+
+  def state_layout(self):
+    return {"m": ("element", 0.0), "v": ("element", 0.0)}
+
+  def update(self, rows, grads, state, step, dim_sum):
+    del dim_sum
+    t = (step + 1).astype(jnp.float32)
+    m = self.b1 * state["m"] + (1 - self.b1) * grads
+    v = self.b2 * state["v"] + (1 - self.b2) * grads * grads
+    m_hat = m / (1 - self.b1 ** t)
+    v_hat = v / (1 - self.b2 ** t)
+    return rows - self.lr * m_hat / (jnp.sqrt(v_hat) + self.eps), {"m": m, "v": v}
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class FTRL:
+  """FTRL-proximal (McMahan et al. 2013), learning-rate power -1/2, per element."""
+  lr: float = 0.1
+  l1: float = 0.0
+  l2: float = 0.0
+  beta: float = 1.0
+  initial_accumulator: float = 0.1
+
+  def state_layout(self):
+    return {"z": ("element", 0.0), "n": ("element", self.initial_accumulator)}
+
+  def update(self, rows, grads, state, step, dim_sum):
+    del step, dim_sum
+    n, z = state["n"], state["z"]
+    n_new = n + grads * grads
+    sigma = (jnp.sqrt(n_new) - jnp.sqrt(n)) / self.lr
+    z_new = z + grads - sigma * rows
+    denom = (self.beta + jnp.sqrt(n_new)) / self.lr + 2 * self.l2
+    w = jnp.where(jnp.abs(z_new) <= self.l1, 0.0,
+                  -(z_new - jnp.sign(z_new) * self.l1) / denom)
+    return w.astype(rows.dtype), {"z": z_new, "n": n_new}
+
+
+OPTIMIZERS = {"sgd": SGD, "adagrad": Adagrad, "rowwise_adagrad": RowWiseAdagrad,
+              "adam": Adam, "ftrl": FTRL}
+
+
+@gin.configurable
+def sparse_optimizer(name: str = "sgd", **kwargs):
+  """Factory by name (`sgd`, `adagrad`, `rowwise_adagrad`, `adam`, `ftrl`)."""
+  from jaxrec.errors import ConfigError
+  if name not in OPTIMIZERS:
+    raise ConfigError(f"sparse_optimizer.name: unknown '{name}' (known: {', '.join(OPTIMIZERS)})")
+  return OPTIMIZERS[name](**kwargs)

@@ -1,0 +1,82 @@
+"""The 4-axis device mesh `('data', 'table', 'row', 'col')`.
+
+`--mesh=data=2,table=2,row=2,col=1` names axis sizes (missing axes are 1); their product
+must equal the device count. `auto` puts every device on `data` unless the plan asks for
+model parallelism, in which case the caller chooses (see `auto_mesh_shape`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxrec.errors import ConfigError
+from jaxrec.sharding.plan import KIND_AXES, MESH_AXES
+
+# Batch-major arrays are split over every axis: device k holds examples [k*b, (k+1)*b).
+BATCH_AXES = MESH_AXES
+
+
+def parse_mesh_spec(spec: str, num_devices: int, flag: str = "--mesh") -> dict[str, int]:
+  """Parses `data=2,table=2,row=2,col=1` into axis sizes; checks the product."""
+  shape = {a: 1 for a in MESH_AXES}
+  seen = set()
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    name, sep, value = part.partition("=")
+    name = name.strip()
+    if not sep or name not in MESH_AXES:
+      raise ConfigError(f"{flag}: '{part}' is not AXIS=SIZE with AXIS in {', '.join(MESH_AXES)}")
+    if name in seen:
+      raise ConfigError(f"{flag}: axis '{name}' given twice")
+    seen.add(name)
+    try:
+      size = int(value)
+    except ValueError:
+      raise ConfigError(f"{flag}: size of '{name}' must be an integer, got '{value}'") from None
+    if size <= 0:
+      raise ConfigError(f"{flag}: size of '{name}' must be positive, got {size}")
+    shape[name] = size
+  product = math.prod(shape.values())
+  if product != num_devices:
+    raise ConfigError(f"{flag}: {format_mesh(shape)} has {product} devices but "
+                      f"{num_devices} are available")
+  return shape
+
+
+def auto_mesh_shape(kind: str, num_devices: int) -> dict[str, int]:
+  """Mesh for `--mesh=auto`: all devices on the first axis the plan kind uses, else data."""
+  shape = {a: 1 for a in MESH_AXES}
+  axes = KIND_AXES.get(kind, ())
+  shape[axes[0] if axes else "data"] = num_devices
+  return shape
+
+
+def format_mesh(shape: Mapping[str, int]) -> str:
+  return ",".join(f"{a}={shape.get(a, 1)}" for a in MESH_AXES)
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A `Mesh` over `devices` (default: all) with the four named axes."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = tuple(int(shape.get(a, 1)) for a in MESH_AXES)
+  if math.prod(sizes) != len(devices):
+    raise ConfigError(f"mesh {format_mesh(shape)} needs {math.prod(sizes)} devices, "
+                      f"have {len(devices)}")
+  return Mesh(np.asarray(devices, dtype=object).reshape(sizes), MESH_AXES)
+
+
+def mesh_shape(mesh: Mesh) -> dict[str, int]:
+  return {a: int(mesh.shape[a]) for a in MESH_AXES}
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over every device."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
