@@ -1,0 +1,35 @@
+# Set-up is two commands: `make train` and `make test`; each creates .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-test
+WORKDIR ?= runs/dlrm_synthetic
+TRAIN_FLAGS ?=
+export PYTHONUNBUFFERED := 1
+
+.PHONY: train test test-slow bench bench-torchrec clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+train: $(STAMP)
+	$(PY) scripts/train.py --workdir=$(WORKDIR) --gin_file=configs/dlrm_synthetic.gin \
+	  --num_steps=600 --log_every=100 --eval_every=300 --plan=dp $(TRAIN_FLAGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist=loadfile
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist=loadfile -m slow
+
+bench: $(STAMP)
+	@for b in benchmarks/*.py; do echo "== $$b" >&2; $(PY) $$b || exit 1; done
+
+bench-torchrec:
+	$(MAKE) -C third_party/torchrec_reference bench
+
+clean:
+	rm -rf runs .pytest_cache

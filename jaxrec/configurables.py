@@ -1,0 +1,8 @@
+"""Imports every module that registers gin configurables, so config files can name them."""
+
+# pylint: disable=unused-import
+import jaxrec.embedding.optimizers  # noqa: F401
+import jaxrec.embedding.specs  # noqa: F401
+import jaxrec.models  # noqa: F401
+import jaxrec.train.config  # noqa: F401
+import jaxrec.data  # noqa: F401

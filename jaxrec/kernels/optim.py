@@ -1,0 +1,113 @@
+"""Row-wise sparse optimizers for embedding tables.
+
+Each optimizer is a frozen (hashable) dataclass, so it can be a static `jit` argument. Its
+state is a dict of arrays (`init_opt_state`); the update is written once, in `update_rows`,
+over the rows a batch touched, as lists of column chunks `[S, C]`, so the XLA reference
+(one chunk of width D) and the Pallas kernel (D/C chunks held in registers) share it.
+
+- `SGD(lr)`: `w -= lr * g`. No state.
+- `Adagrad(lr, initial_accumulator, eps)`: per element `a += g^2; w -= lr * g / (sqrt(a) + eps)`;
+  state `{'accum': [R, D]}`.
+- `RowWiseAdagrad(lr, initial_accumulator, eps)`: per row `a += mean_D(g^2)`, same step
+  with the row's `a`; state `{'accum': [R]}` (the FBGEMM/TorchRec default, D times smaller).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrec.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class SGD:
+  """Plain SGD on the rows seen."""
+
+  lr: float = 0.01
+
+  def state_shapes(self, rows: int, dim: int) -> dict[str, tuple[int, ...]]:
+    return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Adagrad:
+  """Per-element Adagrad; `accum [R, D]` starts at `initial_accumulator`."""
+
+  lr: float = 0.01
+  initial_accumulator: float = 0.0
+  eps: float = 1e-8
+
+  def state_shapes(self, rows: int, dim: int) -> dict[str, tuple[int, ...]]:
+    return {"accum": (rows, dim)}
+
+
+@dataclasses.dataclass(frozen=True)
+class RowWiseAdagrad:
+  """Row-wise Adagrad; `accum [R]` gains the row's mean squared gradient."""
+
+  lr: float = 0.01
+  initial_accumulator: float = 0.0
+  eps: float = 1e-8
+
+  def state_shapes(self, rows: int, dim: int) -> dict[str, tuple[int, ...]]:
+    return {"accum": (rows,)}
+
+
+Optimizer = Union[SGD, Adagrad, RowWiseAdagrad]
+OPTIMIZERS = (SGD, Adagrad, RowWiseAdagrad)
+
+
+def check_optimizer(opt) -> None:
+  if not isinstance(opt, OPTIMIZERS):
+    raise ConfigError(f"unsupported sparse optimizer {opt!r}; use one of "
+                      f"{[o.__name__ for o in OPTIMIZERS]}")
+  if not opt.lr >= 0:
+    raise ConfigError(f"{type(opt).__name__}: lr must be >= 0, got {opt.lr}")
+
+
+def init_opt_state(optimizer: Optimizer, rows: int, dim: int,
+                   dtype=jnp.float32) -> dict[str, jax.Array]:
+  """Optimizer state for a `[rows, dim]` table, stored in `dtype` (f32, bf16 or f16)."""
+  check_optimizer(optimizer)
+  init = float(getattr(optimizer, "initial_accumulator", 0.0))
+  return {name: jnp.full(shape, init, dtype)
+          for name, shape in optimizer.state_shapes(rows, dim).items()}
+
+
+def per_row_state(optimizer: Optimizer) -> frozenset[str]:
+  """Names of state entries shaped `[R]` (one value per row) rather than `[R, D]`."""
+  return frozenset(k for k, s in optimizer.state_shapes(1, 2).items() if len(s) == 1)
+
+
+def update_rows(opt: Optimizer, w: list, g: list, state: dict, dim: int):
+  """Applies one optimizer step to S rows held as column chunks.
+
+  Args:
+    opt: the optimizer.
+    w: f32 row chunks, each `[S, C]` (chunks concatenate to `[S, D]`).
+    g: f32 gradient chunks, same shapes (already summed over duplicate ids).
+    state: f32 state per name: a list of `[S, C]` chunks, or one `[S]` for per-row state.
+    dim: D, the full row width (for row-wise means).
+
+  Returns:
+    `(new_w, new_state)` in the same layout, f32.
+  """
+  lr = np.float32(opt.lr)
+  if isinstance(opt, SGD):
+    return [wc - lr * gc for wc, gc in zip(w, g)], {}
+  eps = np.float32(opt.eps)
+  if isinstance(opt, Adagrad):
+    acc = [ac + gc * gc for ac, gc in zip(state["accum"], g)]
+    new_w = [wc - lr * gc / (jnp.sqrt(ac) + eps) for wc, gc, ac in zip(w, g, acc)]
+    return new_w, {"accum": acc}
+  if isinstance(opt, RowWiseAdagrad):
+    sq = sum(jnp.sum(gc * gc, axis=-1) for gc in g) * np.float32(1.0 / dim)
+    acc = state["accum"] + sq
+    step = lr / (jnp.sqrt(acc) + eps)
+    return [wc - step[:, None] * gc for wc, gc in zip(w, g)], {"accum": acc}
+  raise ConfigError(f"unsupported sparse optimizer {opt!r}")

@@ -1,0 +1,57 @@
+"""Kernel selection and block-size helpers shared by the lookup and update kernels.
+
+`kernel='auto'` picks Pallas (Triton lowering) on GPU and the XLA reference elsewhere.
+Pallas on a non-GPU backend runs in interpret mode (slow; for tests only).
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.experimental.pallas import triton as plgpu
+
+from jaxrec.errors import ConfigError
+
+KERNELS = ("auto", "xla", "pallas")
+
+# Largest column chunk a kernel loads at once; Triton needs power-of-2 tensor sizes.
+MAX_COL_BLOCK = 128
+
+
+def resolve_kernel(kernel: str, backend: str | None = None) -> str:
+  """Returns `'xla'` or `'pallas'` for `kernel` in `auto|xla|pallas` on `backend`."""
+  if kernel not in KERNELS:
+    raise ConfigError(f"kernel must be one of {KERNELS}, got '{kernel}'")
+  if kernel != "auto":
+    return kernel
+  backend = backend or jax.default_backend()
+  return "pallas" if backend in ("gpu", "cuda", "rocm") else "xla"
+
+
+def resolve_interpret(interpret: bool | None) -> bool:
+  """`None` means: interpret unless the default backend is a GPU."""
+  if interpret is None:
+    return jax.default_backend() not in ("gpu", "cuda", "rocm")
+  return bool(interpret)
+
+
+def col_block(dim: int) -> int:
+  """Largest power of two dividing `dim`, capped at `MAX_COL_BLOCK`.
+
+  Kernels walk a row in `dim // col_block(dim)` chunks of this width, so any `dim` works
+  and the common powers of two (16..128) load a whole row per chunk.
+  """
+  return min(dim & -dim, MAX_COL_BLOCK)
+
+
+def row_block(n: int, cols: int, target: int = 4096) -> int:
+  """Power-of-two number of rows (bags or segments) per program, about `target / cols`."""
+  b = max(1, min(target // max(cols, 1), 64))
+  b = 1 << (b.bit_length() - 1)
+  while b > 1 and b // 2 >= n:
+    b //= 2
+  return b
+
+
+def compiler_params(num_warps: int = 4) -> plgpu.CompilerParams:
+  """Triton parameters (ignored in interpret mode)."""
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)

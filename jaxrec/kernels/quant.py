@@ -1,0 +1,191 @@
+"""Reduced-precision storage: int8 rows, stochastic rounding, compressed communication.
+
+Every function here is plain `jnp` built only from ops the Pallas Triton lowering supports
+(no `round`, no float division by non-constants where exactness matters), so the XLA
+reference and the kernels share one definition and agree bit for bit in interpret mode.
+
+- int8 table: `QuantizedTable(q int8 [R, D], scale f32 [R], bias f32 [R])`, row
+  `r = q[r] * scale[r] + bias[r]`; `q` spans [-128, 127] between the row's min and max.
+- Stochastic rounding: counter-based random bits `hash(seed, row, col)` (no state, the
+  same bits in a kernel chunk and in the reference); `cast_store` rounds f32 to the storage
+  dtype up or down with probability given by the distance.
+- Communication: `comm_cast` / `comm_uncast` compress pooled activations `[..., D]` to
+  bf16/fp16 or fp8 (e4m3, per-row scale) around the all-to-all.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrec.errors import ConfigError
+
+TABLE_DTYPES = ("float32", "bfloat16", "float16", "int8")
+COMM_DTYPES = ("float32", "bfloat16", "float16", "float8_e4m3fn")
+_COMM_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",
+                 "f16": "float16", "fp8": "float8_e4m3fn", "float8": "float8_e4m3fn"}
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+class QuantizedTable(NamedTuple):
+  """An int8 table with a per-row affine dequantisation (a pytree).
+
+  Attributes:
+    q: int8 `[R, D]`.
+    scale: float32 `[R]`.
+    bias: float32 `[R]`; row r is `q[r] * scale[r] + bias[r]`.
+  """
+
+  q: jax.Array
+  scale: jax.Array
+  bias: jax.Array
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return tuple(self.q.shape)
+
+  @property
+  def dtype(self):
+    return jnp.dtype(jnp.int8)
+
+
+def table_dtype(table) -> str:
+  """Storage dtype name of a dense table or `'int8'` for a `QuantizedTable`."""
+  name = jnp.dtype(table.dtype).name
+  if name not in TABLE_DTYPES:
+    raise ConfigError(f"table dtype must be one of {TABLE_DTYPES}, got '{name}'")
+  if name == "int8" and not isinstance(table, QuantizedTable):
+    raise ConfigError("an int8 table must be a QuantizedTable (q, scale, bias)")
+  return name
+
+
+# ---------------------------------------------------------------------------------- int8
+
+def quantize_rows(x: jax.Array, u: jax.Array | float = 0.5):
+  """Quantises f32 rows `[S, D]` to `(q int8 [S, D], scale [S], bias [S])`.
+
+  `u` in [0, 1) is the rounding offset: 0.5 rounds to nearest (ties up), uniform random
+  `u` rounds stochastically. Constant rows get scale 0 and reproduce exactly.
+  """
+  lo = jnp.min(x, axis=-1)
+  hi = jnp.max(x, axis=-1)
+  return quantize_with_range(x, lo, hi, u)
+
+
+def quantize_with_range(x, lo, hi, u=0.5):
+  """`quantize_rows` given precomputed row `lo`/`hi` `[S]` (kernels reduce over chunks)."""
+  scale = (hi - lo) * np.float32(1.0 / 255.0)
+  bias = lo + np.float32(128.0) * scale
+  inv = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
+  v = (x - bias[..., None]) * inv[..., None]
+  q = jnp.clip(jnp.floor(v + u), -128.0, 127.0)
+  return q.astype(jnp.int8), scale, bias
+
+
+def quantize(table: jax.Array) -> QuantizedTable:
+  """Row-wise int8 quantisation of a dense `[R, D]` table (round to nearest)."""
+  q, scale, bias = quantize_rows(jnp.asarray(table, jnp.float32))
+  return QuantizedTable(q, scale, bias)
+
+
+def dequantize(table) -> jax.Array:
+  """Dense f32 `[R, D]` view of a table of any supported storage dtype."""
+  if isinstance(table, QuantizedTable):
+    return table.q.astype(jnp.float32) * table.scale[:, None] + table.bias[:, None]
+  return jnp.asarray(table).astype(jnp.float32)
+
+
+# ------------------------------------------------------------------ stochastic rounding
+
+def _mix(x):
+  """lowbias32 integer hash on uint32 (shifts, xors, multiplies only)."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def random_bits(seed, rows, cols, salt: int = 0):
+  """uint32 bits `[S, C]` for rows `[S]` and columns `[C]`; `seed` a uint32 scalar."""
+  r = _mix(rows.astype(jnp.uint32) ^ seed)
+  c = cols.astype(jnp.uint32) * jnp.uint32(0x9E3779B9) + jnp.uint32(salt)
+  return _mix(r[:, None] ^ c[None, :])
+
+
+def uniform(bits):
+  """Uniform floats in [0, 1) from uint32 bits (24 bits of precision)."""
+  return (bits >> 8).astype(jnp.int32).astype(jnp.float32) * np.float32(2.0 ** -24)
+
+
+def seed_from(key, step) -> jax.Array:
+  """uint32 seed for a PRNG `key` and training `step` (a new stream each step)."""
+  base = jax.random.bits(key, (), jnp.uint32)
+  return _mix(base ^ (jnp.asarray(step).astype(jnp.uint32) * jnp.uint32(0x85EBCA6B)))
+
+
+def cast_store(x, dtype, bits=None):
+  """Rounds f32 `x` to storage `dtype`: to nearest, or stochastically given uint32 `bits`.
+
+  bf16 adds 16 random low bits before truncating; fp16 floors `x / ulp + u` with the
+  fp16 ulp of `|x|` (subnormals included). float32 is returned unchanged.
+  """
+  dtype = jnp.dtype(dtype)
+  if bits is None or dtype == jnp.float32:
+    return x.astype(dtype)
+  xb = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  if dtype == jnp.bfloat16:
+    xb = (xb + (bits & jnp.uint32(0xFFFF))) & jnp.uint32(0xFFFF0000)
+    return jax.lax.bitcast_convert_type(xb, jnp.float32).astype(dtype)
+  if dtype == jnp.float16:
+    e = ((xb >> 23) & jnp.uint32(0xFF)).astype(jnp.int32) - 127
+    ulp_e = jnp.maximum(e - 10, -24)
+    ulp = jax.lax.bitcast_convert_type(((ulp_e + 127) << 23).astype(jnp.uint32), jnp.float32)
+    inv = jax.lax.bitcast_convert_type(((127 - ulp_e) << 23).astype(jnp.uint32), jnp.float32)
+    y = jnp.floor(x * inv + uniform(bits)) * ulp
+    return jnp.where(jnp.isfinite(x), y, x).astype(dtype)
+  raise ConfigError(f"stochastic rounding supports bfloat16/float16, not {dtype.name}")
+
+
+# ------------------------------------------------------------------------ communication
+
+def canonical_comm_dtype(comm_dtype) -> str:
+  """Normalises `comm_dtype` (e.g. `bf16`, `fp8`, `jnp.bfloat16`) to a dtype name."""
+  name = _COMM_ALIASES.get(str(comm_dtype), None)
+  if name is None:
+    try:
+      name = jnp.dtype(comm_dtype).name
+    except TypeError:
+      name = str(comm_dtype)
+  if name not in COMM_DTYPES:
+    raise ConfigError(f"comm_dtype must be one of {COMM_DTYPES} (or bf16/fp16/fp8), "
+                      f"got '{comm_dtype}'")
+  return name
+
+
+def comm_cast(x: jax.Array, comm_dtype="bfloat16", *, per_row: bool = True):
+  """Compresses activations `x [..., D]` for an all-to-all.
+
+  Returns `(payload, scale)`: `payload` in `comm_dtype`; `scale` is None except for fp8,
+  where it is f32 `[..., 1]` (per row, moves with the rows through the all-to-all) or,
+  with `per_row=False`, one f32 scalar for the whole tensor. The scale is computed under
+  `stop_gradient`; gradients pass through the cast (and are themselves rounded).
+  """
+  name = canonical_comm_dtype(comm_dtype)
+  if name != "float8_e4m3fn":
+    return x.astype(name), None
+  xf = x.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True) if per_row else jnp.max(jnp.abs(xf))
+  scale = jax.lax.stop_gradient(jnp.where(amax > 0, amax / FP8_MAX, 1.0))
+  return (xf / scale).astype(jnp.float8_e4m3fn), scale
+
+
+def comm_uncast(payload: jax.Array, scale=None, dtype=jnp.float32) -> jax.Array:
+  """Inverse of `comm_cast`: `payload * scale` in `dtype`."""
+  y = payload.astype(jnp.float32)
+  if scale is not None:
+    y = y * scale
+  return y.astype(dtype)

@@ -1,0 +1,50 @@
+"""Shared launcher plumbing: gin parsing with one-line errors, error-to-exit handling."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from typing import Iterator, Sequence
+
+import gin
+
+from jaxrec.errors import ConfigError, JaxrecError
+
+
+def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
+  """Parses gin files then bindings; errors name the flag and what was wrong."""
+  import jaxrec.configurables  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  gin.clear_config()
+  for path in files:
+    try:
+      gin.parse_config_file(path)
+    except (IOError, OSError) as e:
+      raise ConfigError(f"--gin_file: cannot read '{path}': {getattr(e, 'strerror', e)}") from None
+    except Exception as e:  # gin raises ValueError/KeyError/ParseError with location info
+      raise ConfigError(f"--gin_file: {path}: {_one_line(e)}") from None
+  for binding in bindings:
+    try:
+      gin.parse_config(binding)
+    except Exception as e:
+      raise ConfigError(f"--gin_bindings: '{binding}': {_one_line(e)}") from None
+  gin.finalize()
+
+
+def _one_line(e: BaseException) -> str:
+  text = str(e.args[0]) if getattr(e, "args", None) else str(e)
+  return " ".join(text.split())
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+  """Turns user-facing errors into `error: ...` on stderr and exit code 1 (no traceback)."""
+  try:
+    yield
+  except JaxrecError as e:
+    logging.shutdown()
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)

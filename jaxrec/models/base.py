@@ -1,0 +1,81 @@
+"""Model registry, factory and loss.
+
+Every model maps `(dense [B, num_dense] f32, emb [B, F, D] f32)` to logits `[B]` f32,
+where `emb` holds the pooled embeddings of the `F` sparse features in config order. Models
+own only dense parameters; embedding tables live in `jaxrec.embedding`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxrec.errors import ConfigError
+from jaxrec.models.dcnv2 import DCNv2
+from jaxrec.models.deepfm import DeepFM
+from jaxrec.models.dlrm import DLRM
+from jaxrec.models.two_tower import LOSSES, TwoTower, in_batch_softmax_loss
+
+MODELS: dict[str, type[nn.Module]] = {
+    "dlrm": DLRM,
+    "dcnv2": DCNv2,
+    "deepfm": DeepFM,
+    "two_tower": TwoTower,
+}
+
+
+@gin.configurable
+def build_model(name: str = gin.REQUIRED, **kwargs) -> nn.Module:
+  """Returns the model `name` (one of `MODELS`); `kwargs` override its gin bindings.
+
+  Hyper-parameters are bound on the classes, e.g. `DLRM.bottom_mlp = (512, 256, 64, 16)`.
+  """
+  if name not in MODELS:
+    raise ConfigError(f"build_model.name: unknown model '{name}' (known: {', '.join(MODELS)})")
+  try:
+    return MODELS[name](**kwargs)
+  except TypeError as e:
+    raise ConfigError(f"build_model('{name}'): {e}") from None
+
+
+def init_params(model: nn.Module, rng: jax.Array, num_dense: int, num_features: int,
+                dim: int) -> Any:
+  """Initialises the model's dense parameters (the `params` collection) from shapes alone."""
+  dense = jnp.zeros((1, num_dense), jnp.float32)
+  emb = jnp.zeros((1, num_features, dim), jnp.float32)
+  return model.init(rng, dense, emb)["params"]
+
+
+def compute_loss(model: nn.Module, params: Any, dense, emb, labels) -> tuple[jax.Array, jax.Array]:
+  """Mean training loss and the logits used for metrics.
+
+  Sigmoid binary cross-entropy for every model, except a `TwoTower` with
+  `loss='in_batch_softmax'`, which uses `in_batch_softmax_loss`. Differentiable in
+  `params` and `emb`.
+
+  Args:
+    model: a model from `build_model`.
+    params: its `params` collection (not wrapped in `{'params': ...}`).
+    dense: float32 `[B, num_dense]`.
+    emb: float32 `[B, F, D]` pooled embeddings.
+    labels: float32 `[B]` (0 or 1).
+
+  Returns:
+    (scalar float32 loss, logits float32 `[B]`).
+  """
+  variables = {"params": params}
+  loss_name = getattr(model, "loss", "bce")
+  if loss_name not in LOSSES:
+    raise ConfigError(f"{type(model).__name__}.loss must be one of {LOSSES}, got '{loss_name}'")
+  labels = labels.astype(jnp.float32)
+  if loss_name == "in_batch_softmax":
+    user, item = model.apply(variables, dense, emb, method="towers")
+    logits = (user * item).sum(-1) / model.temperature
+    return in_batch_softmax_loss(user, item, labels, model.temperature), logits
+  logits = model.apply(variables, dense, emb)
+  return optax.sigmoid_binary_cross_entropy(logits, labels).mean(), logits

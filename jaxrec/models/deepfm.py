@@ -1,0 +1,53 @@
+"""DeepFM (Guo et al., 2017): first-order + FM second-order + deep network.
+
+Embeddings arrive pooled, so there is no separate 1-d "weight table" for the first-order
+term. We use a linear layer over `concat(dense, flatten(emb))` instead: a learned scalar
+per dense feature and per (feature, dim) coordinate, i.e. each id's first-order weight is a
+learned projection of its embedding. Dense features also enter the FM as one extra field:
+a linear projection of `dense` to `D`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import gin
+import jax.numpy as jnp
+
+from jaxrec.models.mlp import MLP, check_inputs, check_sizes, dense_layer
+
+
+def fm_second_order(v):
+  """Sum over field pairs `i < j` of `<v_i, v_j>`; `[B, fields, D]` -> `[B]`."""
+  s = v.sum(axis=1)
+  return 0.5 * (s * s - (v * v).sum(axis=1)).sum(axis=-1)
+
+
+@gin.configurable
+class DeepFM(nn.Module):
+  """DeepFM dense network: `logit = first_order + fm + deep`.
+
+  Attributes:
+    deep_mlp: widths of the deep network on `concat(dense, flatten(emb))` (ReLU after every
+      layer), followed by a 1-unit linear layer.
+    dtype: computation dtype (parameters float32, logits float32).
+  """
+
+  deep_mlp: Sequence[int] = (400, 400, 400)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, dense, emb):
+    """`dense` `[B, num_dense]`, `emb` `[B, F, D]` -> logits float32 `[B]`."""
+    b, f, d = check_inputs("DeepFM", dense, emb)
+    check_sizes("DeepFM.deep_mlp", self.deep_mlp, allow_empty=True)
+    dense = dense.astype(self.dtype)
+    emb = emb.astype(self.dtype)
+    flat = jnp.concatenate([dense, emb.reshape(b, f * d)], axis=-1)
+    first = dense_layer(1, self.dtype, name="first_order")(flat)[:, 0]
+    dense_field = dense_layer(d, self.dtype, use_bias=False, name="dense_field")(dense)
+    fm = fm_second_order(jnp.concatenate([dense_field[:, None, :], emb], axis=1))
+    deep = MLP(tuple(self.deep_mlp) + (1,), final_activation=False, dtype=self.dtype,
+               name="deep_mlp")(flat)[:, 0]
+    return (first + fm + deep).astype(jnp.float32)

@@ -1,0 +1,67 @@
+"""DLRM (Naumov et al., 2019): bottom MLP, pairwise dot interaction, top MLP."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import gin
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrec.errors import ConfigError
+from jaxrec.models.mlp import MLP, check_inputs, check_sizes
+
+
+def dot_interaction(bottom, emb):
+  """Pairwise dot products of the `F + 1` vectors `[bottom] + emb`, without self pairs.
+
+  Args:
+    bottom: `[B, D]` bottom-MLP output.
+    emb: `[B, F, D]` pooled embeddings.
+
+  Returns:
+    `[B, (F + 1) * F / 2]`: the strictly lower triangle of `T T^T` with
+    `T = [bottom; emb]` `[B, F + 1, D]`, row-major (`(1,0), (2,0), (2,1), (3,0), ...`),
+    the order of the DLRM reference.
+  """
+  t = jnp.concatenate([bottom[:, None, :], emb], axis=1)
+  z = jnp.einsum("bid,bjd->bij", t, t)
+  li, lj = np.tril_indices(t.shape[1], k=-1)
+  return z[:, li, lj]
+
+
+@gin.configurable
+class DLRM(nn.Module):
+  """DLRM dense network.
+
+  `logit = top_mlp([x, dot_interaction(x, emb)])` with `x = bottom_mlp(dense)`.
+
+  Attributes:
+    bottom_mlp: widths of the bottom MLP (ReLU after every layer); the last must equal the
+      embedding dim `D`.
+    top_mlp: widths of the top MLP; the last must be 1 (the logit, no activation).
+    dtype: computation dtype (parameters float32, logits float32).
+  """
+
+  bottom_mlp: Sequence[int] = (512, 256, 64, 16)
+  top_mlp: Sequence[int] = (512, 256, 1)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, dense, emb):
+    """`dense` `[B, num_dense]`, `emb` `[B, F, D]` -> logits float32 `[B]`."""
+    _, _, dim = check_inputs("DLRM", dense, emb)
+    check_sizes("DLRM.bottom_mlp", self.bottom_mlp)
+    check_sizes("DLRM.top_mlp", self.top_mlp)
+    if int(self.bottom_mlp[-1]) != dim:
+      raise ConfigError(
+          f"DLRM.bottom_mlp = {tuple(self.bottom_mlp)} ends in width {self.bottom_mlp[-1]}, "
+          f"but the embedding dim is {dim}; the last bottom layer must equal the embedding dim")
+    if int(self.top_mlp[-1]) != 1:
+      raise ConfigError(f"DLRM.top_mlp = {tuple(self.top_mlp)} must end in 1 unit (the logit)")
+    x = MLP(self.bottom_mlp, final_activation=True, dtype=self.dtype, name="bottom_mlp")(
+        dense.astype(self.dtype))
+    z = dot_interaction(x, emb.astype(self.dtype))
+    out = MLP(self.top_mlp, dtype=self.dtype, name="top_mlp")(jnp.concatenate([x, z], -1))
+    return out[:, 0].astype(jnp.float32)

@@ -1,0 +1,120 @@
+"""Two-tower retrieval model: a user tower and an item tower scored by a dot product.
+
+Features are split by index into the `F` axis of `emb` (config order): `user_features` feed
+the user tower, `item_features` the item tower; the sets must be disjoint, and features in
+neither are ignored. Dense features feed the user tower when `dense_to_user` is true and
+are ignored otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrec.errors import ConfigError
+from jaxrec.models.mlp import MLP, check_inputs, check_sizes
+
+LOSSES = ("bce", "in_batch_softmax")
+
+
+def in_batch_softmax_loss(user, item, labels, temperature: float):
+  """In-batch sampled softmax over positives.
+
+  Rows with label 1 are queries; every item of the batch is a candidate and the row's own
+  item is the target: `loss = mean_{i: y_i = 1} -log softmax_j(<u_i, v_j> / T)[i]`.
+  Zero when the batch has no positive.
+
+  Args:
+    user: `[B, K]` user vectors.
+    item: `[B, K]` item vectors.
+    labels: `[B]` 0/1.
+    temperature: softmax temperature `T`.
+
+  Returns:
+    scalar float32 loss.
+  """
+  scores = (user @ item.T).astype(jnp.float32) / temperature
+  logp = jnp.diagonal(jax.nn.log_softmax(scores, axis=-1))
+  w = (labels > 0.5).astype(jnp.float32)
+  return -(w * logp).sum() / jnp.maximum(w.sum(), 1.0)
+
+
+@gin.configurable
+class TwoTower(nn.Module):
+  """Two-tower model: `logit = <user(x_u), item(x_i)> / temperature`.
+
+  Attributes:
+    user_features: indices into `F` of the user tower's features.
+    item_features: indices into `F` of the item tower's features (disjoint from the user's).
+    user_mlp: widths of the user tower (ReLU between layers, none after the last).
+    item_mlp: widths of the item tower; must end in the same width as `user_mlp`.
+    dense_to_user: feed the dense features to the user tower.
+    normalize: L2-normalise both tower outputs (the score is then a cosine / temperature).
+    temperature: divides the dot product; must be positive.
+    loss: `bce` (pointwise on labels) or `in_batch_softmax` (see `in_batch_softmax_loss`);
+      read by `jaxrec.models.compute_loss`. `__call__` returns the pairwise score either way.
+    dtype: computation dtype (parameters float32, logits float32).
+  """
+
+  user_features: Sequence[int]
+  item_features: Sequence[int]
+  user_mlp: Sequence[int] = (256, 128, 64)
+  item_mlp: Sequence[int] = (256, 128, 64)
+  dense_to_user: bool = True
+  normalize: bool = True
+  temperature: float = 0.1
+  loss: str = "bce"
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    check_sizes("TwoTower.user_mlp", self.user_mlp)
+    check_sizes("TwoTower.item_mlp", self.item_mlp)
+    if int(self.user_mlp[-1]) != int(self.item_mlp[-1]):
+      raise ConfigError(f"TwoTower.user_mlp = {tuple(self.user_mlp)} and TwoTower.item_mlp = "
+                        f"{tuple(self.item_mlp)} must end in the same width")
+    if not float(self.temperature) > 0:
+      raise ConfigError(f"TwoTower.temperature must be positive, got {self.temperature}")
+    if self.loss not in LOSSES:
+      raise ConfigError(f"TwoTower.loss must be one of {LOSSES}, got '{self.loss}'")
+    self.user_tower = MLP(self.user_mlp, dtype=self.dtype)
+    self.item_tower = MLP(self.item_mlp, dtype=self.dtype)
+
+  def _check_features(self, num_features: int) -> None:
+    for attr in ("user_features", "item_features"):
+      idx = list(getattr(self, attr))
+      if not idx or any(not 0 <= int(i) < num_features for i in idx) or len(set(idx)) != len(idx):
+        raise ConfigError(f"TwoTower.{attr} = {tuple(idx)} must be distinct indices in "
+                          f"[0, {num_features}) (the batch has {num_features} sparse features)")
+    both = set(map(int, self.user_features)) & set(map(int, self.item_features))
+    if both:
+      raise ConfigError(
+          f"TwoTower.user_features and TwoTower.item_features overlap: {sorted(both)}")
+
+  def _normalize(self, x):
+    if not self.normalize:
+      return x
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum((x * x).sum(-1, keepdims=True), 1e-12))
+
+  def towers(self, dense, emb):
+    """`dense` `[B, num_dense]`, `emb` `[B, F, D]` -> (user `[B, K]`, item `[B, K]`) float32."""
+    b, f, _ = check_inputs("TwoTower", dense, emb)
+    self._check_features(f)
+    emb = emb.astype(self.dtype)
+    xu = emb[:, np.asarray(self.user_features, np.int32)].reshape(b, -1)
+    xi = emb[:, np.asarray(self.item_features, np.int32)].reshape(b, -1)
+    if self.dense_to_user:
+      xu = jnp.concatenate([dense.astype(self.dtype), xu], axis=-1)
+    user = self._normalize(self.user_tower(xu)).astype(jnp.float32)
+    item = self._normalize(self.item_tower(xi)).astype(jnp.float32)
+    return user, item
+
+  def __call__(self, dense, emb):
+    """`dense` `[B, num_dense]`, `emb` `[B, F, D]` -> pairwise scores float32 `[B]`."""
+    user, item = self.towers(dense, emb)
+    return (user * item).sum(-1) / self.temperature

@@ -1,0 +1,221 @@
+"""Cost coefficients: seconds per unit of each cost term, from defaults, a calibration run
+on this machine, or a fit to measured profiles (`profile.fit_coefficients`).
+
+`calibrate()` times, on the available devices: a row gather (`jnp.take`), a memcpy
+(`x * 2`, read + write), a sort (`jnp.sort` of int32 ids), and psum / all_gather /
+psum_scatter / all_to_all over all devices under `shard_map`. Each is timed at two sizes;
+the slope is seconds per byte, the intercept (averaged over the collectives) the seconds
+per collective launch. Results are cached as JSON (`default_cache_path()`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Mapping
+
+import numpy as np
+
+from jaxrec.errors import ConfigError
+from jaxrec.planner.cost_model import COST_TERMS
+
+# A generic accelerator: ~1 TB/s memory, ~200 GB/s random row gather, ~100 GB/s links,
+# 20 us per collective. Replace with `scripts/plan.py --calibrate` numbers.
+DEFAULT_COEFFICIENTS = {
+    "const": 0.0,
+    "launches": 20e-6,
+    "sort_bytes": 2e-11,
+    "gather_bytes": 5e-12,
+    "pool_bytes": 1e-12,
+    "update_bytes": 1e-12,
+    "all_gather_bytes": 1e-11,
+    "reduce_scatter_bytes": 1e-11,
+    "all_to_all_bytes": 1e-11,
+    "all_reduce_bytes": 1e-11,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+  """Seconds per unit of each of `COST_TERMS`.
+
+  Attributes:
+    coefficients: term name -> seconds per unit (missing terms take the defaults).
+    source: where the numbers come from, shown in reports.
+    meta: free-form details (platform, devices, date, fit residual).
+  """
+
+  coefficients: Mapping[str, float]
+  source: str = "defaults"
+  meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    unknown = sorted(set(self.coefficients) - set(COST_TERMS))
+    if unknown:
+      raise ConfigError(f"calibration: unknown cost terms {unknown} (known: {COST_TERMS})")
+    bad = {k: v for k, v in self.coefficients.items() if not float(v) >= 0}
+    if bad:
+      raise ConfigError(f"calibration: coefficients must be >= 0, got {bad}")
+
+  def vector(self) -> np.ndarray:
+    """float64 `[len(COST_TERMS)]` seconds per unit."""
+    return np.array([float(self.coefficients.get(k, DEFAULT_COEFFICIENTS[k]))
+                     for k in COST_TERMS])
+
+  def to_json(self) -> dict:
+    return {"coefficients": {k: float(v) for k, v in zip(COST_TERMS, self.vector())},
+            "source": self.source, "meta": dict(self.meta)}
+
+  @classmethod
+  def from_json(cls, obj: Mapping) -> "Calibration":
+    return cls(dict(obj["coefficients"]), obj.get("source", "file"), dict(obj.get("meta", {})))
+
+
+DEFAULT = Calibration(DEFAULT_COEFFICIENTS, "defaults (no calibration; run scripts/plan.py "
+                      "--calibrate)")
+
+
+def default_cache_path() -> pathlib.Path:
+  """`$JAXREC_CACHE_DIR/calibration.json`, else `$XDG_CACHE_HOME/jaxrec/...`, else
+  `~/.cache/jaxrec/calibration.json`."""
+  if os.environ.get("JAXREC_CACHE_DIR"):
+    return pathlib.Path(os.environ["JAXREC_CACHE_DIR"]) / "calibration.json"
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return pathlib.Path(base) / "jaxrec" / "calibration.json"
+
+
+def load_calibration(path: str | os.PathLike | None = None) -> Calibration | None:
+  """The cached calibration, or None if there is none."""
+  path = pathlib.Path(path) if path else default_cache_path()
+  if not path.exists():
+    return None
+  try:
+    return Calibration.from_json(json.loads(path.read_text()))
+  except (ValueError, KeyError, TypeError) as e:
+    raise ConfigError(f"calibration file {path} is malformed ({e}); delete it or rerun "
+                      "scripts/plan.py --calibrate") from None
+
+
+def save_calibration(cal: Calibration, path: str | os.PathLike | None = None) -> pathlib.Path:
+  path = pathlib.Path(path) if path else default_cache_path()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(cal.to_json(), indent=2, sort_keys=True))
+  tmp.replace(path)
+  return path
+
+
+def request_cpu_devices(n: int) -> None:
+  """Asks XLA for `n` host CPU devices; effective only before jax is first imported."""
+  if "jax" in sys.modules or n <= 1:
+    return
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+def _median_time(fn, *args, reps: int) -> float:
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def _line(units: list[float], times: list[float]) -> tuple[float, float]:
+  """(intercept, slope) >= 0 of a least-squares line through (units, times)."""
+  slope, intercept = np.polyfit(np.asarray(units, float), np.asarray(times, float), 1)
+  return max(float(intercept), 0.0), max(float(slope), 0.0)
+
+
+def calibrate(num_cpu_devices: int = 8, quick: bool = False, reps: int = 5) -> Calibration:
+  """Times the primitives on the available devices (see module docstring).
+
+  Args:
+    num_cpu_devices: host CPU devices to request when jax is not imported yet.
+    quick: small sizes (for tests); numbers are noisier.
+    reps: timed repetitions per measurement (median taken).
+  """
+  request_cpu_devices(num_cpu_devices)
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+
+  scale = 1 if quick else 16
+  key = jax.random.PRNGKey(0)
+  coef = dict(DEFAULT_COEFFICIENTS)
+  raw = {}
+
+  table = jax.random.normal(key, (1 << 14, 64), jnp.float32)
+  take = jax.jit(lambda tb, i: jnp.take(tb, i, axis=0))
+  sizes = [256 * scale, 4096 * scale]
+  ts = [_median_time(take, table, jax.random.randint(key, (n,), 0, 1 << 14), reps=reps)
+        for n in sizes]
+  raw["gather"] = ts
+  coef["gather_bytes"] = _line([n * 64 * 4 for n in sizes], ts)[1]
+
+  copy = jax.jit(lambda x: x * 2.0)
+  sizes = [1 << 14, (1 << 18) * scale]
+  ts = [_median_time(copy, jnp.ones((n,), jnp.float32), reps=reps) for n in sizes]
+  raw["memcpy"] = ts
+  coef["pool_bytes"] = coef["update_bytes"] = _line([2 * n * 4 for n in sizes], ts)[1]
+
+  sort = jax.jit(jnp.sort)
+  sizes = [1 << 12, (1 << 16) * scale]
+  ts = [_median_time(sort, jax.random.randint(key, (n,), 0, 1 << 30), reps=reps)
+        for n in sizes]
+  raw["sort"] = ts
+  coef["sort_bytes"] = _line([n * 4 for n in sizes], ts)[1]
+
+  devices = jax.devices()
+  n = len(devices)
+  meta = {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
+          "num_devices": n, "quick": quick,
+          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+  if n > 1:
+    mesh = Mesh(np.array(devices), ("x",))
+    spec = PartitionSpec("x")
+    lax = jax.lax
+    collectives = {  # name -> (fn, bytes moved per device for a per-device buffer of s bytes)
+        "all_reduce_bytes": (lambda x: lax.psum(x, "x"), lambda s: 2 * (n - 1) / n * s),
+        "all_gather_bytes": (lambda x: lax.all_gather(x, "x", tiled=True),
+                             lambda s: (n - 1) * s),
+        "reduce_scatter_bytes": (lambda x: lax.psum_scatter(x, "x", scatter_dimension=0,
+                                                            tiled=True),
+                                 lambda s: (n - 1) / n * s),
+        "all_to_all_bytes": (lambda x: lax.all_to_all(x, "x", 0, 0, tiled=True),
+                             lambda s: (n - 1) / n * s),
+    }
+    per_device = [n * 256, n * 16384 * scale]  # float32 elements, divisible by n
+    intercepts = []
+    for name, (fn, moved) in collectives.items():
+      f = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec))
+      ts = [_median_time(f, jax.device_put(jnp.ones((n * m,), jnp.float32),
+                                           NamedSharding(mesh, spec)), reps=reps)
+            for m in per_device]
+      raw[name] = ts
+      intercept, coef[name] = _line([moved(m * 4) for m in per_device], ts)
+      intercepts.append(intercept)
+    coef["launches"] = float(np.mean(intercepts))
+  else:
+    meta["note"] = "one device: collective coefficients are defaults"
+  meta["raw_times_s"] = raw
+  return Calibration(coef, f"calibration on {n} {meta['platform']} device(s)", meta)
+
+
+def load_or_calibrate(path: str | os.PathLike | None = None, force: bool = False,
+                      num_cpu_devices: int = 8) -> Calibration:
+  """The cached calibration; runs `calibrate()` and caches it if absent or `force`."""
+  cal = None if force else load_calibration(path)
+  if cal is None:
+    cal = calibrate(num_cpu_devices)
+    save_calibration(cal, path)
+  return cal

@@ -1,0 +1,183 @@
+"""A proposed (or forced) plan with its estimates and reasons: the printable stats table and
+its JSON form."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Mapping
+
+from jaxrec.planner.calibration import Calibration
+from jaxrec.planner.cost_model import COST_TERMS, mesh_str
+from jaxrec.sharding.plan import Plan
+
+
+def format_bytes(n: float) -> str:
+  """`1536` -> `1.5 KiB`."""
+  n = float(n)
+  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    if abs(n) < 1024 or unit == "TiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+  return f"{n:.1f} PiB"
+
+
+def format_time(s: float) -> str:
+  """Seconds as `12.3 us`, `1.23 ms` or `1.23 s`."""
+  if abs(s) < 1e-3:
+    return f"{s * 1e6:.1f} us"
+  if abs(s) < 1:
+    return f"{s * 1e3:.2f} ms"
+  return f"{s:.2f} s"
+
+
+@dataclasses.dataclass(frozen=True)
+class TableReport:
+  """One table in the plan.
+
+  Attributes:
+    memory: bytes on each holding device: `table`, `optimizer`, `buffers`, plus `ids` on
+      every device.
+    time_s: estimated seconds per step this table costs a holding device.
+    terms: cost terms (units of `COST_TERMS`) on a holding device, holder + every-device.
+    table_slice: index along `table`, or None when the kind does not use `table`.
+  """
+
+  name: str
+  rows: int
+  dim: int
+  dtype: str
+  kind: str
+  table_slice: int | None
+  holders: int
+  shard_rows: int
+  shard_cols: int
+  memory: Mapping[str, int]
+  time_s: float
+  terms: Mapping[str, float]
+  reason: str
+
+  @property
+  def memory_per_device(self) -> int:
+    return int(sum(self.memory.values()))
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceReport:
+  """The devices of one `table` slice; they all carry the same load.
+
+  Attributes:
+    devices: device indices, row-major over (data, table, row, col).
+    memory_bytes: bytes on each device.
+    time_s: estimated step seconds on each device (sparse part; see `const`).
+    terms: summed cost terms on each device, `launches` and `const` included.
+  """
+
+  table_slice: int
+  devices: tuple[int, ...]
+  memory_bytes: int
+  time_s: float
+  terms: Mapping[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanResult:
+  """What the planner proposes and why.
+
+  Attributes:
+    plan: the placements, ready for the trainer.
+    mode: `auto` (searched) or the forced kind / `forced`.
+    step_time_s: estimated step time: the busiest slice.
+    notes: plan-level remarks printed under the tables.
+  """
+
+  plan: Plan
+  mesh_shape: Mapping[str, int]
+  memory_per_device_bytes: int
+  batch_size: int
+  calibration: Calibration
+  tables: tuple[TableReport, ...]
+  slices: tuple[SliceReport, ...]
+  step_time_s: float
+  mode: str = "auto"
+  notes: tuple[str, ...] = ()
+
+  @property
+  def num_devices(self) -> int:
+    return sum(len(s.devices) for s in self.slices)
+
+  @property
+  def busiest(self) -> SliceReport:
+    return max(self.slices, key=lambda s: (s.time_s, -s.table_slice))
+
+  @property
+  def critical_terms(self) -> dict[str, float]:
+    """Cost terms of the busiest device: the features a profile fit regresses on."""
+    return dict(self.busiest.terms)
+
+  def to_json(self) -> dict:
+    """JSON-ready dict; `["plan"]` is `Plan.to_json()` (load with `Plan.from_json`)."""
+    return {
+        "plan": self.plan.to_json(),
+        "mode": self.mode,
+        "mesh": dict(self.mesh_shape),
+        "memory_per_device_bytes": int(self.memory_per_device_bytes),
+        "batch_size": int(self.batch_size),
+        "estimated_step_time_s": float(self.step_time_s),
+        "calibration": self.calibration.to_json(),
+        "tables": [dict(dataclasses.asdict(t), memory=dict(t.memory), terms=dict(t.terms),
+                        memory_per_device=t.memory_per_device) for t in self.tables],
+        "slices": [dict(dataclasses.asdict(s), devices=list(s.devices), terms=dict(s.terms))
+                   for s in self.slices],
+        "notes": list(self.notes),
+    }
+
+  def dumps(self) -> str:
+    return json.dumps(self.to_json(), indent=2, sort_keys=True)
+
+  def report(self) -> str:
+    """The stats table: per table placement, devices, memory, cost and why; per device
+    memory and estimated time."""
+    budget = self.memory_per_device_bytes
+    lines = [
+        f"Plan ({self.mode}) for {len(self.tables)} tables on mesh {mesh_str(self.mesh_shape)}"
+        f" ({self.num_devices} devices), global batch {self.batch_size}, budget "
+        f"{format_bytes(budget)}/device",
+        f"coefficients: {self.calibration.source}",
+        "",
+    ]
+    head = ("table", "rows x dim", "kind", "slice", "devices", "shard", "mem/device",
+            "est time", "why")
+    rows = [head]
+    for t in self.tables:
+      rows.append((t.name, f"{t.rows:,} x {t.dim}", t.kind,
+                   "-" if t.table_slice is None else str(t.table_slice), str(t.holders),
+                   f"{t.shard_rows:,} x {t.shard_cols}", format_bytes(t.memory_per_device),
+                   format_time(t.time_s), t.reason))
+    lines += _columns(rows)
+    lines.append("")
+    rows = [("devices", "slice", "memory", "of budget", "est time")]
+    for s in self.slices:
+      rows.append((_device_list(s.devices), str(s.table_slice), format_bytes(s.memory_bytes),
+                   f"{100.0 * s.memory_bytes / budget:.1f}%", format_time(s.time_s)))
+    lines += _columns(rows)
+    lines.append("")
+    b = self.busiest
+    coef = dict(zip(COST_TERMS, self.calibration.vector()))
+    top = sorted(((k, v * coef[k]) for k, v in b.terms.items()), key=lambda kv: -kv[1])
+    parts = ", ".join(f"{k} {format_time(v)}" for k, v in top[:3] if v > 0)
+    lines.append(f"estimated step time: {format_time(self.step_time_s)} (busiest: slice "
+                 f"{b.table_slice}; largest terms: {parts or 'none'})")
+    lines += [f"note: {n}" for n in self.notes]
+    return "\n".join(lines)
+
+
+def _device_list(devices: tuple[int, ...], limit: int = 8) -> str:
+  shown = ",".join(str(d) for d in devices[:limit])
+  return shown + (f",... ({len(devices)})" if len(devices) > limit else "")
+
+
+def _columns(rows: list[tuple[str, ...]]) -> list[str]:
+  """Left-aligned columns; the last column is not padded."""
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+  return ["  ".join([c.ljust(w) for c, w in zip(r, widths)] + [r[-1]]).rstrip() for r in rows]

@@ -1,0 +1,138 @@
+"""Experiment configuration (gin) and run options (launcher flags).
+
+`ExperimentConfig` is what a `configs/*.gin` file binds: tables and features, the dense
+model, batch sizes, optimizers and data sources. `RunOptions` carries the per-run launcher
+flags (`scripts/train.py`); the library never reads flags itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import gin
+import optax
+
+from jaxrec.embedding import optimizers as sparse_optimizers
+from jaxrec.embedding.specs import FeatureSpec, TableSpec, validate
+from jaxrec.errors import ConfigError
+
+
+@gin.configurable
+def dense_optimizer(name: str = "sgd", learning_rate: float = 0.1, **kwargs
+                    ) -> optax.GradientTransformation:
+  """optax optimizer for the dense network, by name (`sgd`, `adam`, `adagrad`, `adamw`)."""
+  makers = {"sgd": optax.sgd, "adam": optax.adam, "adagrad": optax.adagrad,
+            "adamw": optax.adamw}
+  if name not in makers:
+    raise ConfigError(f"dense_optimizer.name: unknown '{name}' (known: {', '.join(makers)})")
+  return makers[name](learning_rate, **kwargs)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """Everything a config file decides.
+
+  Attributes:
+    embedding: `(tables, features)`, e.g. `@uniform_tables()`.
+    model: flax module (`@build_model()`); takes dense `[B, num_dense]` and pooled
+      embeddings `[B, features, dim]`, returns logits `[B]`.
+    batch_size: global train batch (split over every device).
+    eval_batch_size: global eval batch.
+    num_eval_examples: size of the fixed eval set drawn from synthetic sources (file
+      sources are read whole, once).
+    dense_optimizer: optax transformation for the dense params.
+    sparse_optimizer: row-wise optimizer for the tables (`jaxrec.embedding.optimizers`).
+    train_data, eval_data: `synthetic` or a path (TSV file/glob/dir or preprocessed dir);
+      `--train_data` / `--eval_data` override them.
+    num_dense: dense features per example.
+  """
+
+  embedding: tuple[tuple[TableSpec, ...], tuple[FeatureSpec, ...]] = gin.REQUIRED
+  model: Any = gin.REQUIRED
+  batch_size: int = 512
+  eval_batch_size: int = 4096
+  num_eval_examples: int = 32768
+  dense_optimizer: Any = None
+  sparse_optimizer: Any = None
+  train_data: str = "synthetic"
+  eval_data: str = "synthetic"
+  num_dense: int = 13
+
+  @property
+  def tables(self) -> tuple[TableSpec, ...]:
+    return tuple(self.embedding[0])
+
+  @property
+  def features(self) -> tuple[FeatureSpec, ...]:
+    return tuple(self.embedding[1])
+
+  def dense_tx(self) -> optax.GradientTransformation:
+    return self.dense_optimizer if self.dense_optimizer is not None else dense_optimizer()
+
+  def sparse_tx(self):
+    return self.sparse_optimizer if self.sparse_optimizer is not None else sparse_optimizers.SGD()
+
+  def validate(self, num_devices: int) -> None:
+    validate(self.tables, self.features)
+    for name in ("batch_size", "eval_batch_size", "num_eval_examples"):
+      if int(getattr(self, name)) <= 0:
+        raise ConfigError(f"ExperimentConfig.{name} must be positive, got {getattr(self, name)}")
+    for name in ("batch_size", "eval_batch_size"):
+      if int(getattr(self, name)) % num_devices:
+        raise ConfigError(f"ExperimentConfig.{name}={getattr(self, name)} is not divisible by "
+                          f"the {num_devices} devices of the mesh")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+  """Per-run settings from the launcher (see `scripts/train.py` for the flags)."""
+
+  num_steps: int = 1000
+  mesh: str = "auto"
+  plan: str = "auto"
+  train_data: str | None = None
+  eval_data: str | None = None
+  log_every: int = 100
+  eval_every: int = 0
+  checkpoint_every: int = 0
+  keep_checkpoints: int = 3
+  seed: int = 0
+  on_nan: str = "stop"
+  bad_rows: str = "error"
+  memory_per_device: int | None = None
+  progress: bool = True
+
+  def validate(self) -> None:
+    if self.num_steps <= 0:
+      raise ConfigError(f"--num_steps must be positive, got {self.num_steps}")
+    for name in ("log_every", "eval_every", "checkpoint_every"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+    if self.log_every == 0:
+      raise ConfigError("--log_every must be positive")
+    if self.on_nan not in ("stop", "rollback"):
+      raise ConfigError(f"--on_nan must be stop or rollback, got '{self.on_nan}'")
+    if self.bad_rows not in ("error", "skip"):
+      raise ConfigError(f"--bad_rows must be error or skip, got '{self.bad_rows}'")
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | None, flag: str) -> int | None:
+  """`16GiB`, `512MB`, `1e9` → bytes; None stays None."""
+  if text is None or text == "":
+    return None
+  s = text.strip().lower()
+  num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+  unit = s[len(num):]
+  try:
+    value = float(num) * _UNITS[unit]
+  except (ValueError, KeyError):
+    raise ConfigError(f"{flag}: '{text}' is not a size like 16GiB or 512MB") from None
+  if value <= 0:
+    raise ConfigError(f"{flag}: must be positive, got '{text}'")
+  return int(value)

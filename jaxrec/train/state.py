@@ -1,0 +1,57 @@
+"""The train state pytree and where each part lives on the mesh.
+
+    state = {"step": int32 [],                      replicated
+             "params": dense flax params,           replicated
+             "opt_state": optax state,              replicated
+             "emb": EmbeddingState,                 sharded per plan (see embedding.collection)
+             "rng": uint32 [2] key data}            replicated
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxrec.embedding.collection import EmbeddingCollection
+from jaxrec.train.config import ExperimentConfig
+
+TrainState = dict
+
+
+def init_dense(config: ExperimentConfig, key: jax.Array, dim: int) -> Any:
+  """Dense params of the model, initialised from `key` (batch of 2 dummy examples)."""
+  dense = jnp.zeros((2, config.num_dense), jnp.float32)
+  emb = jnp.zeros((2, len(config.features), dim), jnp.float32)
+  return config.model.init(key, dense, emb)["params"]
+
+
+def create(config: ExperimentConfig, collection: EmbeddingCollection, seed: int) -> TrainState:
+  """Fresh state placed on the collection's mesh. Values depend only on `seed`."""
+  key = jax.random.key(seed)
+  k_emb, k_dense, k_rng = jax.random.split(key, 3)
+  tx = config.dense_tx()
+  rep = NamedSharding(collection.mesh, P())
+
+  def dense_init(k):
+    params = init_dense(config, k, collection.dim)
+    return params, tx.init(params)
+
+  params, opt_state = jax.jit(dense_init, out_shardings=rep)(k_dense)
+  return {
+      "step": jax.device_put(jnp.zeros((), jnp.int32), rep),
+      "params": params,
+      "opt_state": opt_state,
+      "emb": collection.init(k_emb),
+      "rng": jax.device_put(jax.random.key_data(k_rng), rep),
+  }
+
+
+def shardings(state: TrainState, collection: EmbeddingCollection) -> TrainState:
+  """Sharding pytree matching `state`."""
+  rep = NamedSharding(collection.mesh, P())
+  out = jax.tree.map(lambda _: rep, {k: v for k, v in state.items() if k != "emb"})
+  out["emb"] = collection.shardings()
+  return out

@@ -1,0 +1,64 @@
+"""Jitted train and eval steps over the train state (see `state.py`).
+
+Train step, one `jit`:
+  lookup (ids → unique rows per device) → pool `[B, F, D]` → dense model → loss;
+  grads of the dense params (optax) and of the unique rows (sparse optimizer), so the
+  embedding update costs O(ids in the batch), independent of table size.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxrec.data.batch import Batch
+from jaxrec.embedding.collection import EmbeddingCollection
+from jaxrec.models import compute_loss
+from jaxrec.sharding.mesh import batch_sharding, replicated
+from jaxrec.train.config import ExperimentConfig
+from jaxrec.train import state as state_lib
+
+
+def make_train_step(config: ExperimentConfig, collection: EmbeddingCollection, state_shardings):
+  """`step(state, batch) -> (state, metrics)`; state buffers are donated (in-place)."""
+  tx = config.dense_tx()
+  model = config.model
+
+  def step(state, batch: Batch):
+    ctx = collection.lookup(state["emb"], batch.ids, batch.weights)
+
+    def loss_fn(params, rows):
+      emb = collection.pool(rows, ctx)
+      loss, _ = compute_loss(model, params, batch.dense, emb, batch.labels)
+      return loss
+
+    loss, (g_params, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
+        state["params"], ctx.rows)
+    updates, opt_state = tx.update(g_params, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    emb = collection.apply_gradients(state["emb"], ctx, g_rows, state["step"])
+    new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state,
+                     emb=emb)
+    return new_state, {"loss": loss}
+
+  bs = batch_sharding(collection.mesh)
+  return jax.jit(step, in_shardings=(state_shardings, bs),
+                 out_shardings=(state_shardings, replicated(collection.mesh)),
+                 donate_argnums=(0,))
+
+
+def make_eval_step(config: ExperimentConfig, collection: EmbeddingCollection, state_shardings):
+  """`eval_step(state, batch) -> logits [B]` (replicated, for exact host-side AUC)."""
+  model = config.model
+
+  def eval_step(state, batch: Batch):
+    ctx = collection.lookup(state["emb"], batch.ids, batch.weights)
+    emb = collection.pool(ctx.rows, ctx)
+    return model.apply({"params": state["params"]}, batch.dense, emb).astype(jnp.float32)
+
+  return jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding(collection.mesh)),
+                 out_shardings=replicated(collection.mesh))
+
+
+__all__ = ["make_train_step", "make_eval_step", "state_lib"]

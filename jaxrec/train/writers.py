@@ -1,0 +1,122 @@
+"""Metric sinks: `W/metrics.jsonl`, TensorBoard events under `W/tb/`, a tqdm progress bar.
+
+`metrics.jsonl` holds one JSON object per `MetricsWriter.write` call, appended, so a resumed
+run continues the same file (steps may then repeat; readers keep the last line per step).
+Non-finite floats are written as `null` so every line is strict JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import sys
+from typing import Any, Mapping
+
+import numpy as np
+import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+
+
+def _to_python(value: Any) -> Any:
+  """numpy / jax scalars and arrays -> Python; non-finite floats -> None."""
+  if hasattr(value, "shape") and getattr(value, "shape", None) == ():
+    value = np.asarray(value).item()
+  elif hasattr(value, "shape") and hasattr(value, "dtype"):
+    value = np.asarray(value).tolist()
+  elif isinstance(value, np.generic):
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+class MetricsWriter:
+  """Writes metrics to `workdir/metrics.jsonl` and TensorBoard (`workdir/tb/`).
+
+  Args:
+    workdir: run directory; created if missing.
+    enabled: if false every call is a no-op (e.g. on processes other than 0).
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self._enabled = enabled
+    self._file = None
+    self._tb = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._file = open(self.path, "a", buffering=1, encoding="utf-8")
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      self._tb = SummaryWriter(logdir=os.path.join(workdir, TB_DIR))
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    """Appends `{'step': step, **metrics}` as one JSON line; numeric values also go to TB."""
+    if not self._enabled:
+      return
+    record = {"step": int(step)}
+    record.update({k: _to_python(v) for k, v in metrics.items() if k != "step"})
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    for key, value in record.items():
+      if key != "step" and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        self._tb.add_scalar(key, float(value), int(step))
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+    self._enabled = False
+
+  def __enter__(self) -> MetricsWriter:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+class Progress:
+  """tqdm bar over training steps showing ETA, loss and examples/sec.
+
+  Args:
+    total_steps: last step of the run.
+    initial_step: step the run starts from (resumed runs start mid-way).
+    enabled: `None` shows the bar only when stderr is a TTY (quiet in CI and logs).
+  """
+
+  def __init__(self, total_steps: int, initial_step: int = 0, enabled: bool | None = None):
+    disable = (not sys.stderr.isatty()) if enabled is None else not enabled
+    self._bar = tqdm.tqdm(total=int(total_steps), initial=int(initial_step), unit="step",
+                          dynamic_ncols=True, disable=disable, file=sys.stderr)
+    self._step = int(initial_step)
+
+  def update(self, step: int, loss: float | None = None,
+             examples_per_sec: float | None = None) -> None:
+    """Moves the bar to `step` and shows the latest loss and throughput."""
+    step = int(step)
+    if step > self._step:
+      self._bar.update(step - self._step)
+      self._step = step
+    postfix = {}
+    if loss is not None:
+      postfix["loss"] = f"{float(loss):.4f}"
+    if examples_per_sec is not None:
+      postfix["ex/s"] = f"{float(examples_per_sec):,.0f}"
+    if postfix:
+      self._bar.set_postfix(postfix, refresh=False)
+
+  def close(self) -> None:
+    self._bar.close()
+
+  def __enter__(self) -> Progress:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

@@ -1,0 +1,30 @@
+"""Plots loss, eval AUC and examples/sec vs step for one or more workdirs.
+
+  python scripts/plot_metrics.py --workdir=W1 [--workdir=W2 ...] [--output=PNG]
+"""
+
+import sys
+
+from absl import app, flags
+
+from jaxrec.errors import JaxrecError
+from jaxrec.train import plotting
+
+_WORKDIR = flags.DEFINE_multi_string("workdir", None, "Run directory; repeat to overlay runs.",
+                                     required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "PNG path; default <first workdir>/metrics.png.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    path = plotting.plot_metrics(_WORKDIR.value, _OUTPUT.value)
+  except JaxrecError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(path)
+
+
+if __name__ == "__main__":
+  app.run(main)

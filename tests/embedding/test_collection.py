@@ -1,0 +1,204 @@
+"""Sharded embedding collection vs a plain single-device numpy reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrec.embedding import optimizers
+from jaxrec.embedding.collection import EmbeddingCollection
+from jaxrec.embedding.specs import FeatureSpec, TableSpec
+from jaxrec.errors import ConfigError, DataError
+from jaxrec.sharding.mesh import make_mesh, parse_mesh_spec
+from jaxrec.sharding.plan import uniform_plan
+
+# Row counts not divisible by 2, 4 or 8: every split below is uneven.
+TABLES = (TableSpec("a", 37, 8), TableSpec("b", 50, 8), TableSpec("c", 11, 8))
+FEATURES = (FeatureSpec("fa", "a", 3, "sum"), FeatureSpec("fb", "b", 1),
+            FeatureSpec("fc", "c", 2, "mean"), FeatureSpec("fa2", "a", 2, "sum", weighted=True))
+B = 16
+
+PLANS = [("dp", "data=8"), ("tw", "table=8"), ("rw", "row=8"), ("cw", "col=8"),
+         ("twrw", "data=2,table=2,row=2"), ("twcw", "data=2,table=2,col=2"),
+         ("grid", "table=2,row=2,col=2"), ("rw", "data=2,row=4"), ("tw", "table=4,data=2")]
+
+
+def make_inputs(seed=0):
+  rng = np.random.default_rng(seed)
+  rows = {t.name: t.rows for t in TABLES}
+  ids = {f.name: rng.integers(-1, rows[f.table], (B, f.max_len)).astype(np.int32)
+         for f in FEATURES}
+  ids["fb"][:, 0] = np.maximum(ids["fb"][:, 0], 0)
+  ids["fa"][:4] = 5      # duplicates inside and across bags
+  weights = {"fa2": rng.random((B, 2)).astype(np.float32)}
+  gout = rng.standard_normal((B, len(FEATURES), 8)).astype(np.float32)
+  return ids, weights, gout
+
+
+def run(kind, mesh_spec, opt, steps=2, seed=0):
+  if mesh_spec == "single":
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+  else:
+    mesh = make_mesh(parse_mesh_spec(mesh_spec, 8))
+  coll = EmbeddingCollection.create(TABLES, FEATURES, uniform_plan(kind, TABLES, mesh.shape["table"]),
+                                    mesh, opt)
+  state = coll.init(jax.random.key(0))
+
+  @jax.jit
+  def step(state, ids, weights, gout, i):
+    ctx = coll.lookup(state, ids, weights)
+    pooled, vjp = jax.vjp(lambda r: coll.pool(r, ctx), ctx.rows)
+    (grads,) = vjp(gout)
+    return pooled, coll.apply_gradients(state, ctx, grads, i)
+
+  pooled_all = []
+  for i in range(steps):
+    ids, weights, gout = make_inputs(seed + i)
+    pooled, state = step(state, ids, weights, gout, jnp.int32(i))
+    pooled_all.append(np.asarray(pooled))
+  tables, opt_state = coll.unstack_tables(state)
+  return pooled_all, {k: np.asarray(v) for k, v in tables.items()}, opt_state
+
+
+# ------------------------------------------------------------------- numpy reference
+def ref_pool(tables, ids, weights):
+  out = np.zeros((B, len(FEATURES), 8), np.float32)
+  for j, f in enumerate(FEATURES):
+    x = ids[f.name]
+    valid = x >= 0
+    w = valid.astype(np.float32)
+    if f.weighted:
+      w = w * weights[f.name]
+    if f.pooling == "mean":
+      w = w / np.maximum(valid.sum(1, keepdims=True), 1)
+    out[:, j] = (tables[f.table][np.maximum(x, 0)] * w[..., None]).sum(1)
+  return out
+
+
+def ref_grads(tables, ids, weights, gout):
+  grads = {k: np.zeros_like(v) for k, v in tables.items()}
+  seen = {k: np.zeros(v.shape[0], bool) for k, v in tables.items()}
+  for j, f in enumerate(FEATURES):
+    x = ids[f.name]
+    valid = x >= 0
+    w = valid.astype(np.float32)
+    if f.weighted:
+      w = w * weights[f.name]
+    if f.pooling == "mean":
+      w = w / np.maximum(valid.sum(1, keepdims=True), 1)
+    contrib = w[..., None] * gout[:, j][:, None, :]
+    np.add.at(grads[f.table], x[valid], contrib[valid])
+    seen[f.table][x[valid]] = True
+  return grads, seen
+
+
+def ref_update(opt, w, g, state, t):
+  """Dense numpy form of each optimizer's rule."""
+  if isinstance(opt, optimizers.SGD):
+    return w - opt.lr * g, state
+  if isinstance(opt, optimizers.Adagrad):
+    acc = state["accum"] + g * g
+    return w - opt.lr * g / (np.sqrt(acc) + opt.eps), {"accum": acc}
+  if isinstance(opt, optimizers.RowWiseAdagrad):
+    acc = state["accum"] + (g * g).mean(1)
+    return w - opt.lr * g / (np.sqrt(acc) + opt.eps)[:, None], {"accum": acc}
+  if isinstance(opt, optimizers.Adam):
+    m = opt.b1 * state["m"] + (1 - opt.b1) * g
+    v = opt.b2 * state["v"] + (1 - opt.b2) * g * g
+    mh, vh = m / (1 - opt.b1 ** (t + 1)), v / (1 - opt.b2 ** (t + 1))
+    return w - opt.lr * mh / (np.sqrt(vh) + opt.eps), {"m": m, "v": v}
+  if isinstance(opt, optimizers.FTRL):
+    n_new = state["n"] + g * g
+    z = state["z"] + g - (np.sqrt(n_new) - np.sqrt(state["n"])) / opt.lr * w
+    denom = (opt.beta + np.sqrt(n_new)) / opt.lr + 2 * opt.l2
+    w_new = np.where(np.abs(z) <= opt.l1, 0.0, -(z - np.sign(z) * opt.l1) / denom)
+    return w_new, {"z": z, "n": n_new}
+  raise AssertionError(opt)
+
+
+def reference(opt, steps=2):
+  mesh = make_mesh({"data": 1}, jax.devices()[:1])
+  coll = EmbeddingCollection.create(TABLES, FEATURES, uniform_plan("dp", TABLES, 1), mesh, opt)
+  tables, _ = coll.unstack_tables(coll.init(jax.random.key(0)))
+  tables = {k: np.asarray(v, np.float64) for k, v in tables.items()}
+  state = {t.name: {} for t in TABLES}
+  for t in TABLES:
+    for k, (per, init) in opt.state_layout().items():
+      shape = (t.rows, t.dim) if per == "element" else (t.rows,)
+      state[t.name][k] = np.full(shape, init, np.float64)
+  pooled_all = []
+  for i in range(steps):
+    ids, weights, gout = make_inputs(i)
+    pooled_all.append(ref_pool(tables, ids, weights))
+    grads, seen = ref_grads(tables, ids, weights, gout)
+    for name in tables:
+      rows = seen[name]
+      sub = {k: v[rows] for k, v in state[name].items()}
+      new_w, new_s = ref_update(opt, tables[name][rows], grads[name][rows], sub, i)
+      tables[name][rows] = new_w
+      for k in new_s:
+        state[name][k][rows] = new_s[k]
+  return pooled_all, tables, state
+
+
+OPTS = [optimizers.SGD(0.1), optimizers.Adagrad(0.1, 0.1), optimizers.RowWiseAdagrad(0.1, 0.1),
+        optimizers.Adam(0.01), optimizers.FTRL(0.1, l1=0.01, l2=0.01)]
+
+
+@pytest.mark.parametrize("opt", OPTS, ids=lambda o: type(o).__name__)
+def test_single_device_matches_dense_reference(opt):
+  pooled, tables, opt_state = run("dp", "single", opt)
+  ref_pooled, ref_tables, ref_state = reference(opt)
+  for a, b in zip(pooled, ref_pooled):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for name in ref_tables:
+    np.testing.assert_allclose(tables[name], ref_tables[name], rtol=1e-5, atol=1e-6)
+    for k in ref_state[name]:
+      np.testing.assert_allclose(np.asarray(opt_state[name][k]), ref_state[name][k],
+                                 rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,mesh_spec", PLANS, ids=[f"{k}-{m}" for k, m in PLANS])
+@pytest.mark.parametrize("opt", [OPTS[0], OPTS[2]], ids=["SGD", "RowWiseAdagrad"])
+def test_sharded_matches_single_device(kind, mesh_spec, opt):
+  ref = run("dp", "single", opt)
+  out = run(kind, mesh_spec, opt)
+  for a, b in zip(out[0], ref[0]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for name in ref[1]:
+    np.testing.assert_allclose(out[1][name], ref[1][name], rtol=1e-5, atol=1e-6)
+
+
+def test_unseen_rows_untouched():
+  mesh = make_mesh({"data": 1}, jax.devices()[:1])
+  opt = optimizers.Adam(0.01)
+  coll = EmbeddingCollection.create(TABLES, FEATURES, uniform_plan("dp", TABLES, 1), mesh, opt)
+  before, _ = coll.unstack_tables(coll.init(jax.random.key(0)))
+  _, after, _ = run("dp", "single", opt, steps=1)
+  ids, _, _ = make_inputs(0)
+  seen = np.zeros(37, bool)
+  for f in ("fa", "fa2"):
+    seen[ids[f][ids[f] >= 0]] = True
+  np.testing.assert_array_equal(after["a"][~seen], np.asarray(before["a"])[~seen])
+  assert not np.allclose(after["a"][seen], np.asarray(before["a"])[seen])
+
+
+def test_out_of_range_ids_name_the_feature():
+  mesh = make_mesh({"data": 1}, jax.devices()[:1])
+  coll = EmbeddingCollection.create(TABLES, FEATURES, uniform_plan("dp", TABLES, 1), mesh,
+                                    optimizers.SGD())
+  ids, _, _ = make_inputs()
+  ids["fb"][3, 0] = 50
+  with pytest.raises(DataError, match=r"feature 'fb' \(table 'b', 50 rows\): id 50"):
+    coll.check_ids(ids)
+
+
+def test_unknown_table_and_bad_col_split():
+  mesh = make_mesh({"col": 8})
+  with pytest.raises(ConfigError, match="feature 'fz' names unknown table 'zz'"):
+    EmbeddingCollection.create(TABLES, FEATURES + (FeatureSpec("fz", "zz"),),
+                               uniform_plan("dp", TABLES, 1), mesh, optimizers.SGD())
+  odd = (TableSpec("odd", 10, 6),)
+  with pytest.raises(ConfigError, match="table 'odd': dim 6 is not divisible by mesh axis col=8"):
+    EmbeddingCollection.create(odd, (FeatureSpec("f", "odd"),), uniform_plan("cw", odd, 1), mesh,
+                               optimizers.SGD())

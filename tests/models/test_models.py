@@ -1,0 +1,217 @@
+"""Tests for jaxrec.models: shapes, fitting a planted signal, references, config errors."""
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxrec.errors import ConfigError
+from jaxrec.models import (DLRM, MODELS, TwoTower, build_model, compute_loss, dot_interaction,
+                           in_batch_softmax_loss, init_params)
+
+B, NUM_DENSE, F, D = 6, 3, 4, 8
+
+SMALL = {
+    "dlrm": dict(bottom_mlp=(16, D), top_mlp=(16, 1)),
+    "dcnv2": dict(num_cross_layers=2, deep_mlp=(16,)),
+    "dcnv2_lowrank_parallel": dict(num_cross_layers=2, low_rank=4, deep_mlp=(16,),
+                                   structure="parallel"),
+    "deepfm": dict(deep_mlp=(16,)),
+    "two_tower": dict(user_features=(0, 1), item_features=(2, 3), user_mlp=(16, 8),
+                      item_mlp=(16, 8)),
+}
+
+
+def _model(key):
+  return build_model(key.split("_lowrank")[0], **SMALL[key])
+
+
+def _inputs(n=B, seed=0):
+  rng = np.random.default_rng(seed)
+  dense = rng.normal(size=(n, NUM_DENSE)).astype(np.float32)
+  emb = (rng.normal(size=(n, F, D)) / np.sqrt(D)).astype(np.float32)
+  return jnp.asarray(dense), jnp.asarray(emb)
+
+
+@pytest.mark.parametrize("key", sorted(SMALL))
+def test_shapes(key):
+  model = _model(key)
+  dense, emb = _inputs()
+  params = init_params(model, jax.random.key(0), NUM_DENSE, F, D)
+  logits = model.apply({"params": params}, dense, emb)
+  assert logits.shape == (B,) and logits.dtype == jnp.float32
+  loss, logits2 = compute_loss(model, params, dense, emb, jnp.zeros(B))
+  assert loss.shape == () and np.isfinite(loss)
+  np.testing.assert_allclose(logits, logits2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("key", sorted(SMALL))
+def test_fits_planted_signal(key):
+  """Label = [dense_0 + 4 <e_0, e_2> > 0]; every model sees both parts; loss must fall."""
+  model = _model(key)
+  dense, emb = _inputs(n=256, seed=1)
+  labels = (dense[:, 0] + 4 * (emb[:, 0] * emb[:, 2]).sum(-1) > 0).astype(jnp.float32)
+  params = init_params(model, jax.random.key(1), NUM_DENSE, F, D)
+  tx = optax.adam(1e-2)
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(params, opt):
+    (loss, _), g = jax.value_and_grad(compute_loss, argnums=1, has_aux=True)(
+        model, params, dense, emb, labels)
+    upd, opt = tx.update(g, opt, params)
+    return optax.apply_updates(params, upd), opt, loss
+
+  losses = []
+  for _ in range(60):
+    params, opt, loss = step(params, opt)
+    losses.append(float(loss))
+  assert losses[-1] < 0.6 * losses[0], losses[::10]
+
+
+def _np_mlp(p, x, final_relu):
+  n = len(p)
+  for i in range(n):
+    x = x @ np.asarray(p[f"layer_{i}"]["kernel"]) + np.asarray(p[f"layer_{i}"]["bias"])
+    if i < n - 1 or final_relu:
+      x = np.maximum(x, 0)
+  return x
+
+
+def test_dlrm_matches_numpy_reference():
+  model = DLRM(bottom_mlp=(5, D), top_mlp=(7, 1))
+  dense, emb = _inputs(n=3, seed=2)
+  params = init_params(model, jax.random.key(2), NUM_DENSE, F, D)
+  x = _np_mlp(params["bottom_mlp"], np.asarray(dense, np.float64), True)
+  e = np.asarray(emb, np.float64)
+  feats = []
+  for b in range(3):
+    vecs = [x[b]] + [e[b, f] for f in range(F)]
+    feats.append([vecs[i] @ vecs[j] for i in range(F + 1) for j in range(i)])
+  z = np.asarray(feats)
+  assert z.shape == (3, (F + 1) * F // 2)
+  np.testing.assert_allclose(dot_interaction(jnp.asarray(x, jnp.float32), emb), z,
+                             rtol=1e-5, atol=1e-6)
+  want = _np_mlp(params["top_mlp"], np.concatenate([x, z], -1), False)[:, 0]
+  np.testing.assert_allclose(model.apply({"params": params}, dense, emb), want,
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_dlrm_bottom_width_mismatch():
+  model = DLRM(bottom_mlp=(16, 4), top_mlp=(8, 1))
+  with pytest.raises(ConfigError, match=r"DLRM.bottom_mlp .*ends in width 4.*embedding dim is 8"):
+    init_params(model, jax.random.key(0), NUM_DENSE, F, D)
+
+
+def test_dlrm_top_must_end_in_one():
+  with pytest.raises(ConfigError, match="DLRM.top_mlp"):
+    init_params(DLRM(bottom_mlp=(D,), top_mlp=(8, 2)), jax.random.key(0), NUM_DENSE, F, D)
+
+
+def test_in_batch_softmax_matches_numpy():
+  rng = np.random.default_rng(3)
+  u, v = rng.normal(size=(2, 5, 4)).astype(np.float32)
+  labels = np.array([1, 0, 1, 1, 0], np.float32)
+  t = 0.5
+  s = (u @ v.T) / t
+  logp = s - np.log(np.exp(s).sum(1, keepdims=True))
+  want = -np.mean([logp[i, i] for i in range(5) if labels[i] == 1])
+  got = in_batch_softmax_loss(jnp.asarray(u), jnp.asarray(v), jnp.asarray(labels), t)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert float(in_batch_softmax_loss(u, v, np.zeros(5), t)) == 0.0
+
+
+def test_two_tower_compute_loss_in_batch_softmax():
+  model = build_model("two_tower", loss="in_batch_softmax", temperature=0.2,
+                      **{k: v for k, v in SMALL["two_tower"].items()})
+  dense, emb = _inputs(seed=4)
+  labels = jnp.asarray([1, 1, 0, 1, 0, 1], jnp.float32)
+  params = init_params(model, jax.random.key(4), NUM_DENSE, F, D)
+  loss, logits = compute_loss(model, params, dense, emb, labels)
+  user, item = model.apply({"params": params}, dense, emb, method="towers")
+  np.testing.assert_allclose(np.linalg.norm(user, axis=-1), 1.0, rtol=1e-5)
+  want = in_batch_softmax_loss(user, item, labels, 0.2)
+  np.testing.assert_allclose(loss, want, rtol=1e-6)
+  np.testing.assert_allclose(logits, model.apply({"params": params}, dense, emb), rtol=1e-6)
+  np.testing.assert_allclose(logits, (user * item).sum(-1) / 0.2, rtol=1e-5)
+
+
+def test_two_tower_in_batch_softmax_learns():
+  """Each row's item is a noisy copy of its user features: in-batch retrieval is learnable."""
+  model = TwoTower(user_features=(0,), item_features=(1,), user_mlp=(16,), item_mlp=(16,),
+                   dense_to_user=False, loss="in_batch_softmax")
+  rng = np.random.default_rng(5)
+  e0 = rng.normal(size=(64, D))
+  emb = np.stack([e0, e0 + 0.1 * rng.normal(size=e0.shape), e0, e0], 1).astype(np.float32)
+  dense, labels = jnp.zeros((64, NUM_DENSE)), jnp.ones(64)
+  params = init_params(model, jax.random.key(5), NUM_DENSE, F, D)
+  tx = optax.adam(1e-2)
+  opt = tx.init(params)
+  grad = jax.jit(jax.value_and_grad(lambda p: compute_loss(model, p, dense, emb, labels)[0]))
+  losses = []
+  for _ in range(40):
+    loss, g = grad(params)
+    upd, opt = tx.update(g, opt, params)
+    params = optax.apply_updates(params, upd)
+    losses.append(float(loss))
+  assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(user_features=(0, 1), item_features=(1, 2)), "overlap"),
+    (dict(user_features=(0, 9), item_features=(1,)), r"TwoTower.user_features .*\[0, 4\)"),
+    (dict(user_features=(0,), item_features=(1,), user_mlp=(8,), item_mlp=(4,)), "same width"),
+])
+def test_two_tower_config_errors(kwargs, match):
+  with pytest.raises(ConfigError, match=match):
+    init_params(TwoTower(**kwargs), jax.random.key(0), NUM_DENSE, F, D)
+
+
+def test_build_model_from_gin():
+  gin.clear_config()
+  try:
+    gin.parse_config("""
+        build_model.name = 'dlrm'
+        DLRM.bottom_mlp = (32, 16)
+        DLRM.top_mlp = (8, 1)
+    """)
+    model = build_model()
+    assert isinstance(model, DLRM)
+    assert tuple(model.bottom_mlp) == (32, 16) and tuple(model.top_mlp) == (8, 1)
+    assert tuple(build_model(name="dlrm", top_mlp=(4, 1)).top_mlp) == (4, 1)
+  finally:
+    gin.clear_config()
+
+
+def test_build_model_errors():
+  assert set(MODELS) == {"dlrm", "dcnv2", "deepfm", "two_tower"}
+  with pytest.raises(ConfigError, match="unknown model 'nope'"):
+    build_model("nope")
+  with pytest.raises(ConfigError, match="build_model\\('dlrm'\\)"):
+    build_model("dlrm", no_such_arg=1)
+
+
+def test_sharded_batch_matches_single_device():
+  """Under jit with the batch split over 8 devices, loss and logits match one device."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  dense, emb = _inputs(n=16, seed=6)
+  labels = jnp.asarray(np.arange(16) % 3 == 0, jnp.float32)
+  for model in (_model("dlrm"), build_model("two_tower", loss="in_batch_softmax",
+                                            **SMALL["two_tower"])):
+    params = init_params(model, jax.random.key(6), NUM_DENSE, F, D)
+    fn = jax.jit(lambda p, d, e, y, m=model: compute_loss(m, p, d, e, y))
+    want = fn(params, dense, emb, labels)
+    got = fn(params, *(jax.device_put(x, spec) for x in (dense, emb, labels)))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_compute_returns_float32():
+  model = build_model("dlrm", dtype="bfloat16", **SMALL["dlrm"])
+  dense, emb = _inputs()
+  params = init_params(model, jax.random.key(0), NUM_DENSE, F, D)
+  assert jax.tree.leaves(params)[0].dtype == jnp.float32
+  assert model.apply({"params": params}, dense, emb).dtype == jnp.float32

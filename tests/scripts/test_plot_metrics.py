@@ -1,0 +1,49 @@
+"""Tests for scripts/plot_metrics.py (run as a subprocess)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "scripts", "plot_metrics.py")
+
+
+def _fake_run(path, scale):
+  os.makedirs(path)
+  with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+    for step in range(10, 110, 10):
+      f.write(json.dumps({"step": step, "loss": scale / step,
+                          "examples_per_sec": 1000.0 * scale}) + "\n")
+      if step % 50 == 0:
+        f.write(json.dumps({"step": step, "eval_auc": 0.7 + step / 1000, "eval_logloss": 0.5,
+                            "eval_examples": 100}) + "\n")
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
+                        cwd=ROOT, timeout=120)
+
+
+def test_plots_two_runs(tmp_path):
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  _fake_run(a, 1.0)
+  _fake_run(b, 2.0)
+  res = _run(f"--workdir={a}", f"--workdir={b}")
+  assert res.returncode == 0, res.stderr
+  png = os.path.join(a, "metrics.png")
+  with open(png, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  out = str(tmp_path / "sub" / "cmp.png")
+  assert _run(f"--workdir={a}", f"--output={out}").returncode == 0
+  assert os.path.getsize(out) > 1000
+
+
+def test_missing_metrics_is_one_line_error(tmp_path):
+  res = _run(f"--workdir={tmp_path}")
+  assert res.returncode == 1
+  assert "Traceback" not in res.stderr
+  assert f"no metrics file at {os.path.join(str(tmp_path), 'metrics.jsonl')}" in res.stderr
+  (tmp_path / "metrics.jsonl").write_text("")
+  res = _run(f"--workdir={tmp_path}")
+  assert res.returncode == 1 and "is empty" in res.stderr and "Traceback" not in res.stderr

@@ -1,0 +1,78 @@
+"""Tests for jaxrec.train.writers: metrics.jsonl, TensorBoard events, progress bar."""
+
+import glob
+import json
+import math
+import os
+
+import struct
+
+import numpy as np
+from tensorboardX.proto.event_pb2 import Event
+
+from jaxrec.train.writers import MetricsWriter, Progress
+
+
+def _read_events(path):
+  """Parses a TFRecord file of `Event` protos (length, crc, data, crc per record)."""
+  with open(path, "rb") as f:
+    data = f.read()
+  events, pos = [], 0
+  while pos < len(data):
+    (length,) = struct.unpack("<Q", data[pos:pos + 8])
+    pos += 12
+    events.append(Event.FromString(data[pos:pos + length]))
+    pos += length + 4
+  return events
+
+
+def _read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_jsonl_and_tensorboard(tmp_path):
+  w = str(tmp_path / "run")
+  with MetricsWriter(w) as mw:
+    mw.write(10, {"loss": np.float32(0.5), "examples_per_sec": 1234.5})
+    mw.write(20, {"eval_auc": math.nan, "eval_logloss": 0.45, "eval_examples": np.int64(100)})
+    mw.write(20, {"event": "resharded", "devices": 4})
+  lines = _read_jsonl(os.path.join(w, "metrics.jsonl"))
+  assert lines == [
+      {"step": 10, "loss": 0.5, "examples_per_sec": 1234.5},
+      {"step": 20, "eval_auc": None, "eval_logloss": 0.45, "eval_examples": 100},
+      {"step": 20, "event": "resharded", "devices": 4},
+  ]
+  files = glob.glob(os.path.join(w, "tb", "events.out.tfevents.*"))
+  assert len(files) == 1
+  scalars = {}
+  for event in _read_events(files[0]):
+    for v in event.summary.value:
+      scalars[(v.tag, event.step)] = v.simple_value
+  assert scalars[("loss", 10)] == 0.5
+  assert scalars[("eval_logloss", 20)] == np.float32(0.45)
+  assert ("eval_auc", 20) not in scalars and ("event", 20) not in scalars
+
+
+def test_appends_on_resume(tmp_path):
+  w = str(tmp_path)
+  for step in (1, 2):
+    mw = MetricsWriter(w)
+    mw.write(step, {"loss": float(step)})
+    mw.close()
+  assert [r["step"] for r in _read_jsonl(os.path.join(w, "metrics.jsonl"))] == [1, 2]
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+  mw = MetricsWriter(str(tmp_path / "x"), enabled=False)
+  mw.write(1, {"loss": 1.0})
+  mw.close()
+  assert not os.path.exists(tmp_path / "x")
+
+
+def test_progress_does_not_crash():
+  for enabled in (None, True, False):
+    with Progress(total_steps=10, initial_step=3, enabled=enabled) as p:
+      p.update(5, loss=0.7, examples_per_sec=1e4)
+      p.update(5)
+      p.update(10, loss=0.6)
