@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 
 train: $(STAMP)
 	$(PY) scripts/train.py --workdir=$(WORKDIR) --gin_file=configs/dlrm_synthetic.gin \
-	  --num_steps=600 --log_every=100 --eval_every=300 --plan=dp $(TRAIN_FLAGS)
+	  --num_steps=1000 --log_every=100 --eval_every=500 --plan=dp $(TRAIN_FLAGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist=loadfile

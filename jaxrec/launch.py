@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from typing import Iterator, Sequence
 
@@ -17,6 +18,8 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
   import jaxrec.configurables  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   gin.clear_config()
   for path in files:
+    if not os.path.isfile(path):
+      raise ConfigError(f"--gin_file: cannot read '{path}': no such file")
     try:
       gin.parse_config_file(path)
     except (IOError, OSError) as e:

@@ -31,15 +31,18 @@ from jaxrec.kernels import platform
 from jaxrec.kernels.quant import QuantizedTable, table_dtype
 
 
-def _table_refs_specs(table, bd: int, rank: int):
-  """Operands and full-height BlockSpecs (column block j) for a dense or int8 table."""
+def _table_refs_specs(table, bd: int):
+  """Operands and BlockSpecs of a dense or int8 table for grid `(i, j)`.
+
+  The block is every row of column block j: kernels gather rows by id from it (on GPU
+  these are pointer gathers; nothing is copied wholesale).
+  """
   r = table.shape[0]
-  col = (lambda i, j: (0, j)) if rank == 2 else (lambda i: (0, 0))
-  vec = (lambda i, j: (0,)) if rank == 2 else (lambda i: (0,))
+  col, vec = pl.BlockSpec((r, bd), lambda i, j: (0, j)), pl.BlockSpec((r,), lambda i, j: (0,))
   if isinstance(table, QuantizedTable):
     return ([table.q, table.scale.astype(jnp.float32), table.bias.astype(jnp.float32)],
-            [pl.BlockSpec((r, bd), col), pl.BlockSpec((r,), vec), pl.BlockSpec((r,), vec)])
-  return [table], [pl.BlockSpec((r, bd), col)]
+            [col, vec, vec])
+  return [table], [col]
 
 
 def gather_rows(table_refs, rows):
@@ -97,7 +100,7 @@ def _lookup_pallas(table, idx, w, interpret):
   n_pad = pl.cdiv(n, bn) * bn
   idx = jnp.pad(idx, ((0, n_pad - n), (0, 0)), constant_values=-1)
   w = jnp.pad(w, ((0, n_pad - n), (0, 0)))
-  operands, specs = _table_refs_specs(table, bd, 2)
+  operands, specs = _table_refs_specs(table, bd)
   out = pl.pallas_call(
       _padded_kernel,
       grid=(n_pad // bn, d // bd),
@@ -164,7 +167,7 @@ def _lookup_csr_pallas(table, values, offsets, weights, interpret):
   if values.shape[0] == 0:  # keep the gathers in bounds for an empty batch
     values, weights = jnp.full((1,), -1, jnp.int32), jnp.zeros((1,), jnp.float32)
   nnz = values.shape[0]
-  operands, specs = _table_refs_specs(table, bd, 2)
+  operands, specs = _table_refs_specs(table, bd)
   vec = pl.BlockSpec((bn,), lambda i, j: (i,))
   full = pl.BlockSpec((nnz,), lambda i, j: (0,))
   out = pl.pallas_call(

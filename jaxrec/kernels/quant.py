@@ -10,10 +10,14 @@ reference and the kernels share one definition and agree bit for bit in interpre
   same bits in a kernel chunk and in the reference); `cast_store` rounds f32 to the storage
   dtype up or down with probability given by the distance.
 - Communication: `comm_cast` / `comm_uncast` compress pooled activations `[..., D]` to
-  bf16/fp16 or fp8 (e4m3, per-row scale) around the all-to-all.
+  bf16/fp16 or fp8 (e4m3, per-row scale) around the all-to-all; `all_to_all_compressed`
+  does cast + all-to-all + uncast with a custom VJP that compresses the backward
+  all-to-all the same way (each direction computes its own fp8 scales).
 """
 
 from __future__ import annotations
+
+import functools
 
 from typing import NamedTuple
 
@@ -172,7 +176,8 @@ def comm_cast(x: jax.Array, comm_dtype="bfloat16", *, per_row: bool = True):
   Returns `(payload, scale)`: `payload` in `comm_dtype`; `scale` is None except for fp8,
   where it is f32 `[..., 1]` (per row, moves with the rows through the all-to-all) or,
   with `per_row=False`, one f32 scalar for the whole tensor. The scale is computed under
-  `stop_gradient`; gradients pass through the cast (and are themselves rounded).
+  `stop_gradient`. Plain autodiff through the cast rounds cotangents to `comm_dtype`
+  unscaled: fine for bf16/f16, lossy for fp8; use `all_to_all_compressed` for training.
   """
   name = canonical_comm_dtype(comm_dtype)
   if name != "float8_e4m3fn":
@@ -189,3 +194,38 @@ def comm_uncast(payload: jax.Array, scale=None, dtype=jnp.float32) -> jax.Array:
   if scale is not None:
     y = y * scale
   return y.astype(dtype)
+
+
+def _a2a(x, axis_name, split_axis, concat_axis, comm_dtype, tiled):
+  last = x.ndim - 1
+  if canonical_comm_dtype(comm_dtype) == "float8_e4m3fn" and last in (
+      split_axis % x.ndim, concat_axis % x.ndim):
+    raise ConfigError("fp8 all-to-all moves whole rows: split/concat axes cannot be the "
+                      "last (embedding) axis")
+  payload, scale = comm_cast(x, comm_dtype)
+  move = functools.partial(jax.lax.all_to_all, axis_name=axis_name, split_axis=split_axis,
+                           concat_axis=concat_axis, tiled=tiled)
+  return comm_uncast(move(payload), None if scale is None else move(scale), x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
+def all_to_all_compressed(x, axis_name, split_axis: int, concat_axis: int,
+                          comm_dtype="bfloat16", tiled: bool = True):
+  """`lax.all_to_all` of `x [..., D]` sent in `comm_dtype` (inside `shard_map`).
+
+  fp8 uses per-row scales that travel with the rows, so neither `split_axis` nor
+  `concat_axis` may be the last (D) axis. The backward pass all-to-alls the cotangent back
+  (axes swapped), compressed the same way with its own scales. Returns `x.dtype`.
+  """
+  return _a2a(x, axis_name, split_axis, concat_axis, comm_dtype, tiled)
+
+
+def _a2a_fwd(x, axis_name, split_axis, concat_axis, comm_dtype, tiled):
+  return _a2a(x, axis_name, split_axis, concat_axis, comm_dtype, tiled), None
+
+
+def _a2a_bwd(axis_name, split_axis, concat_axis, comm_dtype, tiled, _, g):
+  return (_a2a(g, axis_name, concat_axis, split_axis, comm_dtype, tiled),)
+
+
+all_to_all_compressed.defvjp(_a2a_fwd, _a2a_bwd)

@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""Embedding lookup + sparse update step time vs rows per table (same batch).
+
+The sparse path touches only the rows a batch uses, so step time should not grow with the
+table: goal time(1e7 rows) / time(1e5 rows) <= 1.2.
+Prints `{"benchmark": "embedding_scaling", "rows": R, "step_ms": T}` per size and a final
+line with `"ratio"` and `"goal"`.
+"""
+
+import argparse
+
+from common import emit, time_calls
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrec.embedding import optimizers
+from jaxrec.embedding.collection import EmbeddingCollection
+from jaxrec.embedding.specs import FeatureSpec, TableSpec
+from jaxrec.sharding.mesh import make_mesh
+from jaxrec.sharding.plan import uniform_plan
+
+
+def step_time(rows: int, num_tables: int, batch: int, dim: int, optimizer, seed=0) -> float:
+  tables = [TableSpec(f"t{i}", rows, dim, init_scale=0.01) for i in range(num_tables)]
+  features = [FeatureSpec(f"f{i}", f"t{i}") for i in range(num_tables)]
+  mesh = make_mesh({"data": 1}, jax.devices()[:1])
+  coll = EmbeddingCollection.create(tables, features, uniform_plan("dp", tables, 1), mesh,
+                                    optimizer)
+  state = coll.init(jax.random.key(seed))
+  rng = np.random.default_rng(seed)
+  ids = {f"f{i}": (rng.zipf(1.2, (batch, 1)) % rows).astype(np.int32) for i in range(num_tables)}
+  ids = jax.device_put(ids)
+
+  def step(state, ids):
+    ctx = coll.lookup(state, ids)
+    pooled, vjp = jax.vjp(lambda r: coll.pool(r, ctx), ctx.rows)
+    (grads,) = vjp(pooled)          # a stand-in upstream gradient
+    return coll.apply_gradients(state, ctx, grads, jnp.int32(0))
+
+  step = jax.jit(step, donate_argnums=(0,))
+  holder = [state]
+
+  def run():
+    holder[0] = step(holder[0], ids)
+    jax.block_until_ready(holder[0])
+
+  return time_calls(run, warmup=3, iters=30)
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--rows", default="100000,1000000,10000000")
+  p.add_argument("--tables", type=int, default=2)
+  p.add_argument("--batch", type=int, default=4096)
+  p.add_argument("--dim", type=int, default=16)
+  p.add_argument("--optimizer", default="rowwise_adagrad")
+  args = p.parse_args()
+  opt = optimizers.sparse_optimizer(args.optimizer)
+  sizes = [int(float(r)) for r in args.rows.split(",")]
+  times = {}
+  for rows in sizes:
+    times[rows] = step_time(rows, args.tables, args.batch, args.dim, opt)
+    emit("embedding_scaling", rows=rows, tables=args.tables, batch=args.batch, dim=args.dim,
+         optimizer=args.optimizer, step_ms=round(times[rows] * 1e3, 3))
+  emit("embedding_scaling", rows=f"{sizes[-1]}/{sizes[0]}",
+       ratio=round(times[sizes[-1]] / times[sizes[0]], 3), goal=1.2, goal_op="<=")
+
+
+if __name__ == "__main__":
+  main()

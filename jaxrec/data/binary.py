@@ -1,0 +1,273 @@
+"""Preprocessed binary shards: fixed-width records plus a JSON manifest.
+
+`scripts/preprocess.py --input=TSV --output=DIR` parses Criteo TSV once (see `tsv`) and
+writes
+
+  DIR/shard-00000.bin ...   packed little-endian records, one per example:
+                            label u1, dense f4[num_dense], then per feature k
+                            ids i4[max_len] (-1 = absent slot) and, if weighted,
+                            weights f4[max_len]; ids are already reduced `% rows`.
+  DIR/manifest.json         {"format": "jaxrec.binary", "version": 1, "num_examples",
+                            "num_dense", "record_bytes", "features": [{name, table, rows,
+                            max_len, weighted}], "shards": [{file, num_examples, bytes,
+                            sha256}], "bad_rows": {input path: rows skipped}}
+
+The manifest is written last (atomically), so a directory without one is not a dataset.
+Readers memory-map the shards: example `i` is one fixed-size read, so any permutation is
+cheap and each process touches only the examples it takes. On open the reader checks the
+manifest against the configured features (count, bag sizes, weights, row counts) and each
+shard's size and sha256; any mismatch raises `DataError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+
+from jaxrec.data import tsv
+from jaxrec.data.batch import Batch
+from jaxrec.data.source import GrainMixin, Layout
+from jaxrec.errors import DataError
+
+FORMAT = "jaxrec.binary"
+VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_EXAMPLES = 1 << 22
+
+
+def record_dtype(num_dense: int, max_lens: Sequence[int], weighted: Sequence[bool]) -> np.dtype:
+  """The packed record of one example (see module docstring)."""
+  fields = [("label", "u1"), ("dense", "<f4", (num_dense,))]
+  for k, (m, w) in enumerate(zip(max_lens, weighted)):
+    fields.append((f"i{k}", "<i4", (m,)))
+    if w:
+      fields.append((f"w{k}", "<f4", (m,)))
+  return np.dtype(fields)
+
+
+def to_records(batch: Batch, layout: Layout) -> np.ndarray:
+  """Host batch -> structured records `[n]`."""
+  recs = np.zeros(batch.size, record_dtype(layout.num_dense, layout.max_lens, layout.weighted))
+  recs["label"] = batch.labels
+  recs["dense"] = batch.dense
+  for k, name in enumerate(layout.names):
+    recs[f"i{k}"] = batch.ids[name]
+    if layout.weighted[k]:
+      recs[f"w{k}"] = batch.weights[name]
+  return recs
+
+
+def is_preprocessed(path: str) -> bool:
+  return os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+class _ShardWriter:
+
+  def __init__(self, output: str, shard_examples: int):
+    self.output, self.shard_examples = output, shard_examples
+    self.shards: list[dict] = []
+    self._f = None
+
+  def write(self, recs: np.ndarray) -> None:
+    while len(recs):
+      if self._f is None:
+        name = f"shard-{len(self.shards):05d}.bin"
+        self._f = open(os.path.join(self.output, name), "wb")
+        self._hash, self._n, self._name = hashlib.sha256(), 0, name
+      take = recs[:self.shard_examples - self._n]
+      data = take.tobytes()
+      self._f.write(data)
+      self._hash.update(data)
+      self._n += len(take)
+      recs = recs[len(take):]
+      if self._n == self.shard_examples:
+        self.close()
+
+  def close(self) -> None:
+    if self._f is not None:
+      self._f.close()
+      self.shards.append({"file": self._name, "num_examples": self._n,
+                          "bytes": os.path.getsize(os.path.join(self.output, self._name)),
+                          "sha256": self._hash.hexdigest()})
+      self._f = None
+
+
+def write(inputs: Sequence[str], output: str, layout: Layout, bad_rows: str = "error",
+          shard_examples: int = SHARD_EXAMPLES, chunk_bytes: int = tsv.CHUNK_BYTES) -> dict:
+  """Parses TSV files `inputs` (in order) into shards under `output`; returns the manifest.
+
+  Streams: memory stays at a few chunks whatever the input size.
+  """
+  if is_preprocessed(output):
+    raise DataError(f"{output}: already holds a preprocessed dataset ({MANIFEST}); "
+                    "remove it or choose another --output")
+  try:
+    os.makedirs(output, exist_ok=True)
+  except OSError as e:
+    raise DataError(f"{output}: cannot create directory: {e.strerror}") from None
+  parser, policy = tsv.Parser(layout), tsv.BadRowPolicy(bad_rows)
+  writer = _ShardWriter(output, shard_examples)
+  total = 0
+  for path in inputs:
+    for batch in tsv.iter_file(path, parser, policy, chunk_bytes):
+      writer.write(to_records(batch, layout))
+      total += batch.size
+  writer.close()
+  if total == 0:
+    raise DataError(f"{', '.join(inputs)}: no valid rows "
+                    f"({sum(policy.counts.values())} malformed rows skipped)")
+  dtype = record_dtype(layout.num_dense, layout.max_lens, layout.weighted)
+  manifest = {
+      "format": FORMAT, "version": VERSION, "num_examples": total,
+      "num_dense": layout.num_dense, "record_bytes": dtype.itemsize,
+      "features": [{"name": n, "table": t, "rows": r, "max_len": m, "weighted": w}
+                   for n, t, r, m, w in zip(layout.names, layout.tables or layout.names,
+                                            layout.rows, layout.max_lens, layout.weighted)],
+      "shards": writer.shards,
+      "bad_rows": policy.counts,
+  }
+  tmp = os.path.join(output, MANIFEST + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(manifest, f, indent=1)
+  os.replace(tmp, os.path.join(output, MANIFEST))
+  return manifest
+
+
+def read_manifest(directory: str) -> dict:
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.isdir(directory):
+    raise DataError(f"{directory}: no such directory")
+  try:
+    with open(path) as f:
+      m = json.load(f)
+  except FileNotFoundError:
+    raise DataError(f"{path}: missing (not a preprocessed directory)") from None
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise DataError(f"{path}: not a valid manifest ({e})") from None
+  if not isinstance(m, dict) or m.get("format") != FORMAT:
+    raise DataError(f"{path}: not a {FORMAT} manifest")
+  if m.get("version") != VERSION:
+    raise DataError(f"{path}: format version {m.get('version')}, this reader reads {VERSION}")
+  try:
+    dtype = record_dtype(int(m["num_dense"]), [int(f["max_len"]) for f in m["features"]],
+                         [bool(f["weighted"]) for f in m["features"]])
+    if int(m["record_bytes"]) != dtype.itemsize:
+      raise DataError(f"{path}: record_bytes {m['record_bytes']} does not match its features "
+                      f"({dtype.itemsize} bytes)")
+    if sum(int(s["num_examples"]) for s in m["shards"]) != int(m["num_examples"]):
+      raise DataError(f"{path}: shard sizes do not add up to num_examples {m['num_examples']}")
+    for s in m["shards"]:
+      str(s["file"]), int(s["bytes"]), str(s["sha256"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise DataError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
+  return m
+
+
+class BinarySource(GrainMixin):
+  """Random access to a preprocessed directory, for the configured `layout`.
+
+  Stored features map to the configured ones in order. A configured bag may be larger
+  than the stored one (padded with -1); a configured table may be smaller than the stored
+  row count if it divides it (ids are reduced again, which equals reducing the raw id).
+  """
+
+  def __init__(self, directory: str, layout: Layout, verify_checksums: bool = True):
+    self.directory, self.layout = directory, layout
+    m = self.manifest = read_manifest(directory)
+    where = os.path.join(directory, MANIFEST)
+    feats = m["features"]
+    if len(feats) != layout.num_sparse:
+      raise DataError(f"{where}: the data has {len(feats)} sparse features but "
+                      f"{layout.num_sparse} are configured")
+    if int(m["num_dense"]) != layout.num_dense:
+      raise DataError(f"{where}: the data has {m['num_dense']} dense features but "
+                      f"{layout.num_dense} are configured")
+    self._reduce = []
+    for f, name, ml, w, rows in zip(feats, layout.names, layout.max_lens, layout.weighted,
+                                    layout.rows):
+      what = f"{where}: feature {f['name']} (configured as '{name}')"
+      if int(f["max_len"]) > ml:
+        raise DataError(f"{what} holds bags of up to {f['max_len']} ids, max_len is {ml}")
+      if bool(f["weighted"]) != w:
+        raise DataError(f"{what} is {'' if f['weighted'] else 'not '}weighted in the data but "
+                        f"{'' if w else 'not '}weighted in the config")
+      if int(f["rows"]) % rows:
+        raise DataError(f"{what}: ids were reduced to {f['rows']} rows, the table has {rows} "
+                        "(re-run scripts/preprocess.py with matching --rows)")
+      self._reduce.append(int(f["rows"]) != rows)
+    self._dtype = record_dtype(layout.num_dense, [int(f["max_len"]) for f in feats],
+                               layout.weighted)
+    for s in m["shards"]:
+      path = os.path.join(directory, s["file"])
+      if not os.path.isfile(path):
+        raise DataError(f"{path}: shard listed in {MANIFEST} is missing")
+      size = os.path.getsize(path)
+      if size != int(s["bytes"]) or size != int(s["num_examples"]) * self._dtype.itemsize:
+        raise DataError(f"{path}: {size} bytes, the manifest says {s['num_examples']} records "
+                        f"of {self._dtype.itemsize} bytes ({s['bytes']} bytes)")
+      if verify_checksums and _sha256(path) != s["sha256"]:
+        raise DataError(f"{path}: sha256 checksum does not match {MANIFEST} (corrupt shard)")
+    self.num_examples = int(m["num_examples"])
+    self._offsets = np.cumsum([0] + [int(s["num_examples"]) for s in m["shards"]])
+    self._open()
+
+  def _open(self):
+    self._maps = [np.memmap(os.path.join(self.directory, s["file"]), self._dtype, "r",
+                            shape=(int(s["num_examples"]),)) if int(s["num_examples"]) else None
+                  for s in self.manifest["shards"]]
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_maps"] = None
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._open()
+
+  def records(self, indices: np.ndarray) -> np.ndarray:
+    """Raw records of examples `indices` (int64 `[n]`)."""
+    indices = np.asarray(indices, np.int64)
+    if len(self._maps) == 1:
+      return self._maps[0][indices]
+    shard = np.searchsorted(self._offsets, indices, "right") - 1
+    out = np.empty(len(indices), self._dtype)
+    for s in np.unique(shard):
+      sel = shard == s
+      out[sel] = self._maps[s][indices[sel] - self._offsets[s]]
+    return out
+
+  def gather(self, indices: np.ndarray) -> Batch:
+    recs = self.records(indices)
+    lay = self.layout
+    ids, weights = {}, {}
+    for k, (name, ml) in enumerate(zip(lay.names, lay.max_lens)):
+      v = recs[f"i{k}"]
+      if self._reduce[k]:
+        v = np.where(v >= 0, v % lay.rows[k], v)
+      if v.shape[1] < ml:
+        v = np.pad(v, ((0, 0), (0, ml - v.shape[1])), constant_values=-1)
+      ids[name] = np.ascontiguousarray(v, np.int32)
+      if lay.weighted[k]:
+        w = recs[f"w{k}"]
+        if w.shape[1] < ml:
+          w = np.pad(w, ((0, 0), (0, ml - w.shape[1])))
+        weights[name] = np.ascontiguousarray(w, np.float32)
+    return Batch(dense=np.ascontiguousarray(recs["dense"], np.float32),
+                 labels=recs["label"].astype(np.float32), ids=ids, weights=weights)
+
+  def bad_row_counts(self) -> dict[str, int]:
+    """Rows skipped as malformed when the data was preprocessed, per input file."""
+    return {k: int(v) for k, v in self.manifest.get("bad_rows", {}).items()}

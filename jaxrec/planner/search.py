@@ -1,0 +1,443 @@
+"""Plan search, TorchRec's planner shape: enumerate -> estimate -> propose -> partition.
+
+  enumerate  per table, the kinds the mesh allows (`cost_model.allowed_kinds`)
+  estimate   per (table, kind): memory and cost terms (`cost_model.estimate`), priced in
+             seconds with the calibration coefficients
+  propose    greedy: tables in decreasing (memory share + cost share) order each take the
+             (kind, table slice) that least raises the estimated step time, keeping room
+             for the tables still to place; then local search: single-table moves and
+             swaps of table-wise tables between slices while the step time drops
+  partition  devices on one `table` slice carry the same load, so the state is per slice:
+             seconds and bytes; step time = busiest slice + launches + const
+
+The objective is (step time, mean slice time): the second breaks ties toward less total
+work. Every accepted state fits the memory budget on every slice.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from jaxrec.embedding.specs import FeatureSpec, TableSpec, validate
+from jaxrec.errors import ConfigError
+from jaxrec.planner import cost_model as cm
+from jaxrec.planner.calibration import DEFAULT, Calibration
+from jaxrec.planner.result import PlanResult, SliceReport, TableReport, format_bytes, format_time
+from jaxrec.sharding.plan import KIND_AXES, MESH_AXES, Plan, TablePlacement
+
+_REL_TOL = 1e-9
+
+
+@dataclasses.dataclass(frozen=True)
+class _Candidate:
+  est: cm.Estimate
+  sliced: bool  # lives on one `table` slice
+  hold_s: float  # seconds per step on each holder
+  all_s: float  # seconds per step on every device
+
+
+def _better(a: tuple[float, float], b: tuple[float, float]) -> bool:
+  if a[0] < b[0] * (1 - _REL_TOL) - 1e-15:
+    return True
+  return abs(a[0] - b[0]) <= b[0] * _REL_TOL + 1e-15 and a[1] < b[1] * (1 - _REL_TOL) - 1e-15
+
+
+class _State:
+  """An assignment of tables to (kind, slice) with per-slice seconds and bytes."""
+
+  def __init__(self, loads: Sequence[cm.TableLoad], cands: Mapping[str, Mapping[str, _Candidate]],
+               mesh: Mapping[str, int], coef: np.ndarray, budget: int):
+    self.loads = {l.name: l for l in loads}
+    self.cands = cands
+    self.mesh = mesh
+    self.nt = mesh["table"]
+    self.coef = dict(zip(cm.COST_TERMS, coef))
+    self.budget = budget
+    self.time = np.zeros(self.nt)
+    self.mem = np.zeros(self.nt)
+    self.stacks = collections.Counter()
+    self.launches = 0
+    self.choice: dict[str, tuple[str, int]] = {}
+
+  def options(self, name: str):
+    for kind, c in self.cands[name].items():
+      for s in (range(self.nt) if c.sliced else (0,)):
+        yield kind, s
+
+  def place(self, name: str, kind: str, s: int, sign: int = 1):
+    c, load = self.cands[name][kind], self.loads[name]
+    where = s if c.sliced else slice(None)
+    self.time[where] += sign * c.hold_s
+    self.mem[where] += sign * c.est.holder_memory
+    self.time += sign * c.all_s
+    self.mem += sign * c.est.ids_memory
+    key = (load.dim, load.dtype, kind)
+    if (self.stacks[key] == 0) if sign > 0 else (self.stacks[key] == 1):
+      self.launches += sign * cm.stack_launches(kind, self.mesh)
+    self.stacks[key] += sign
+    if sign > 0:
+      self.choice[name] = (kind, s)
+    else:
+      del self.choice[name]
+
+  def step_time(self) -> float:
+    return (float(self.time.max()) + self.launches * self.coef["launches"] +
+            self.coef["const"])
+
+  def objective(self) -> tuple[float, float]:
+    return self.step_time(), float(self.time.mean())
+
+  def fits(self, reserve: float = 0.0) -> bool:
+    return float(self.mem.max()) + reserve <= self.budget
+
+  def trial(self, name: str, kind: str, s: int, reserve: float = 0.0):
+    """Objective with `name` placed at (kind, s), or None if it would not fit."""
+    self.place(name, kind, s)
+    out = self.objective() if self.fits(reserve) else None
+    self.place(name, kind, s, -1)
+    return out
+
+
+def _prepare(tables, features, mesh_shape, memory_per_device_bytes, optimizer_state_factor,
+             batch_size, calibration, table_stats):
+  validate(tables, features)
+  mesh = cm.normalize_mesh(mesh_shape)
+  n = math.prod(mesh.values())
+  if int(batch_size) < 0 or (batch_size and int(batch_size) % n):
+    raise ConfigError(f"global batch {batch_size} must be a multiple of the {n} devices of "
+                      f"mesh {cm.mesh_str(mesh)} (batches are split over all devices)")
+  if not memory_per_device_bytes or memory_per_device_bytes <= 0:
+    raise ConfigError(f"memory per device must be positive, got {memory_per_device_bytes}")
+  loads = cm.table_loads(tables, features, table_stats)
+  cal = calibration or DEFAULT
+  return mesh, loads, cm.optimizer_state(optimizer_state_factor), cal
+
+
+def _candidate(load, kind, mesh, batch_size, opt, coef) -> _Candidate:
+  est = cm.estimate(load, kind, mesh, batch_size, opt)
+  return _Candidate(est, "table" in KIND_AXES[kind] and mesh["table"] > 1,
+                    float(est.holder_terms @ coef), float(est.all_terms @ coef))
+
+
+def _describe(load: cm.TableLoad) -> str:
+  return (f"'{load.name}' ({load.rows:,} x {load.dim} {load.dtype} = "
+          f"{format_bytes(load.table_bytes)})")
+
+
+def _slice_devices(mesh: Mapping[str, int], s: int) -> tuple[int, ...]:
+  n = math.prod(mesh.values())
+  inner = mesh["row"] * mesh["col"]
+  return tuple(d for d in range(n) if (d // inner) % mesh["table"] == s)
+
+
+def _overflow_error(state: _State, what: str) -> ConfigError:
+  s = int(np.argmax(state.mem))
+  on = []
+  for name, (kind, ts) in state.choice.items():
+    c = state.cands[name][kind]
+    if not c.sliced or ts == s:
+      on.append((c.est.holder_memory, name, kind))
+  on.sort(reverse=True)
+  largest = "; ".join(f"{_describe(state.loads[n])} as {k}: {format_bytes(m)}/device"
+                      for m, n, k in on[:3])
+  devs = ",".join(map(str, _slice_devices(state.mesh, s)[:8]))
+  return ConfigError(
+      f"{what} does not fit: devices {devs} (table slice {s}) need "
+      f"{format_bytes(state.mem[s])} > budget {format_bytes(state.budget)} per device on mesh "
+      f"{cm.mesh_str(state.mesh)}; largest there: {largest or 'id buffers only'}")
+
+
+def _min_memory(cands: Mapping[str, _Candidate], nt: int) -> tuple[float, float]:
+  """(smallest bytes on a holder, smallest average bytes per slice) over the kinds."""
+  holder = min(c.est.holder_memory + c.est.ids_memory for c in cands.values())
+  avg = min(c.est.holder_memory / (nt if c.sliced else 1) + c.est.ids_memory
+            for c in cands.values())
+  return holder, avg
+
+
+def _greedy(state: _State, order: list[str]) -> bool:
+  """Places `order` one by one; False if some table found no room."""
+  avg = {n: _min_memory(state.cands[n], state.nt)[1] for n in order}
+  reserve = float(sum(avg.values()))
+  for name in order:
+    reserve -= avg[name]
+    best = None
+    for r in (reserve, 0.0):  # keep room for the rest if possible
+      for kind, s in state.options(name):
+        obj = state.trial(name, kind, s, r)
+        if obj is not None and (best is None or _better(obj, best[0])):
+          best = (obj, kind, s)
+      if best:
+        break
+    if best is None:
+      return False
+    state.place(name, best[1], best[2])
+  return True
+
+
+def _pack_smallest(state: _State, order: list[str]) -> None:
+  """Fallback: every table at its smallest kind, largest first onto the emptiest slice."""
+  for name in sorted(order, key=lambda n: -_min_memory(state.cands[n], state.nt)[0]):
+    kind = min(state.cands[name], key=lambda k: state.cands[name][k].est.holder_memory)
+    s = int(np.argmin(state.mem)) if state.cands[name][kind].sliced else 0
+    state.place(name, kind, s)
+
+
+def _improve(state: _State, order: list[str], max_passes: int = 8) -> None:
+  """Local search: best single-table move, then swaps off the busiest slice."""
+  for _ in range(max_passes):
+    improved = False
+    for name in order:
+      cur = state.choice[name]
+      best = (state.objective(), cur)
+      state.place(name, *cur, -1)
+      for opt in state.options(name):
+        if opt != cur:
+          obj = state.trial(name, *opt)
+          if obj is not None and _better(obj, best[0]):
+            best = (obj, opt)
+      state.place(name, *best[1])
+      improved |= best[1] != cur
+    if state.nt > 1:
+      improved |= _swap(state)
+    if not improved:
+      return
+
+
+def _swap(state: _State) -> bool:
+  """Best swap of the slices of a table-wise table on the busiest slice and another's."""
+  hot = int(np.argmax(state.time))
+  sliced = [n for n, (k, _) in state.choice.items() if state.cands[n][k].sliced]
+  best = (state.objective(), None)
+  for a in (n for n in sliced if state.choice[n][1] == hot):
+    for b in (n for n in sliced if state.choice[n][1] != hot):
+      (ka, sa), (kb, sb) = state.choice[a], state.choice[b]
+      state.place(a, ka, sa, -1)
+      state.place(b, kb, sb, -1)
+      state.place(a, ka, sb)
+      state.place(b, kb, sa)
+      obj = state.objective() if state.fits() else None
+      if obj is not None and _better(obj, best[0]):
+        best = (obj, (a, b))
+      state.place(a, ka, sb, -1)
+      state.place(b, kb, sa, -1)
+      state.place(a, ka, sa)
+      state.place(b, kb, sb)
+  if best[1] is None:
+    return False
+  a, b = best[1]
+  (ka, sa), (kb, sb) = state.choice[a], state.choice[b]
+  for n in (a, b):
+    state.place(n, *state.choice[n], -1)
+  state.place(a, ka, sb)
+  state.place(b, kb, sa)
+  return True
+
+
+def _delta(alt: tuple[float, float], base: tuple[float, float]) -> str:
+  if alt[0] - base[0] > base[0] * 1e-6:
+    return f"+{format_time(alt[0] - base[0])}/step"
+  return f"+{format_time(max(alt[1] - base[1], 0.0))} device time"
+
+
+def _reason(state: _State, name: str) -> str:
+  """Why `name` sits where it does, from its alternatives in the final plan."""
+  kind, s = state.choice[name]
+  load, cands = state.loads[name], state.cands[name]
+  base = state.objective()
+  state.place(name, kind, s, -1)
+  alts = {}  # kind -> objective (best slice) or None when no slice fits
+  for k, ts in state.options(name):
+    if k != kind:
+      obj = state.trial(name, k, ts)
+      if k not in alts or (obj is not None and (alts[k] is None or _better(obj, alts[k]))):
+        alts[k] = obj
+  state.place(name, kind, s)
+  fitting = sorted(((o, k) for k, o in alts.items() if o is not None), key=lambda x: x[0])
+  nxt = f"{fitting[0][1]} {_delta(fitting[0][0], base)}" if fitting else None
+  small = cands[kind].est.holder_memory <= 0.01 * state.budget
+  if kind == "dp":
+    if not nxt:
+      return "replicated: the mesh offers no split this table can use"
+    return f"{'small table ' if small else ''}replicated: cheaper than {nxt}"
+  parts = []
+  if "dp" in alts and alts["dp"] is None:
+    need = cands["dp"].est.holder_memory
+    parts.append(f"replicated would need {format_bytes(need)}/device > budget")
+  parts.append(f"fastest that fits (next: {nxt})" if nxt else "only kind that fits")
+  if cands[kind].sliced:
+    parts.append(f"slice {s} balances load")
+  _, _, c = cm.split_sizes(kind, state.mesh)
+  if c > 1:
+    parts.append(f"dim {load.dim} split over col={c}")
+  return "; ".join(parts)
+
+
+def _result(state: _State, cal: Calibration, batch_size: int, mode: str,
+            reasons: Mapping[str, str], order: Sequence[str], notes=()) -> PlanResult:
+  mesh, nt = state.mesh, state.nt
+  k_terms = len(cm.COST_TERMS)
+  slice_terms = np.zeros((nt, k_terms))
+  tables, placements = [], {}
+  for name in order:
+    kind, s = state.choice[name]
+    c, load = state.cands[name][kind], state.loads[name]
+    where = s if c.sliced else slice(None)
+    slice_terms[where] += c.est.holder_terms
+    slice_terms += c.est.all_terms
+    uses_table = "table" in KIND_AXES[kind]
+    placements[name] = TablePlacement(kind, s if uses_table else 0)
+    tables.append(TableReport(
+        name, load.rows, load.dim, load.dtype, kind, s if uses_table else None, c.est.holders,
+        c.est.shard_rows, c.est.shard_cols, dict(c.est.memory, ids=c.est.ids_memory),
+        c.hold_s + c.all_s, dict(zip(cm.COST_TERMS, (c.est.holder_terms + c.est.all_terms)
+                                      .tolist())), reasons.get(name, "")))
+  slice_terms[:, cm.COST_TERMS.index("launches")] = state.launches
+  slice_terms[:, cm.COST_TERMS.index("const")] = 1.0
+  coef = cal.vector()
+  slices = tuple(SliceReport(s, _slice_devices(mesh, s), int(state.mem[s]),
+                             float(slice_terms[s] @ coef),
+                             dict(zip(cm.COST_TERMS, slice_terms[s].tolist())))
+                 for s in range(nt))
+  notes = list(notes)
+  if coef[cm.COST_TERMS.index("const")] == 0:
+    notes.append("dense layers are not modeled (const = 0 until fitted from a profile)")
+  return PlanResult(Plan(placements), dict(mesh), state.budget, int(batch_size), cal,
+                    tuple(tables), slices, max(s.time_s for s in slices), mode, tuple(notes))
+
+
+def _unused_axis_notes(state: _State) -> list[str]:
+  notes = []
+  for axis in ("table", "row", "col"):
+    if state.mesh[axis] > 1 and not any(axis in KIND_AXES[k] for k, _ in state.choice.values()):
+      notes.append(f"mesh axis {axis}={state.mesh[axis]} holds only replicas: no table is "
+                   "split over it (cheaper or impossible)")
+  return notes
+
+
+def propose_plan(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
+                 mesh_shape: Mapping[str, int], memory_per_device_bytes: int,
+                 optimizer_state_factor: float | str | cm.OptimizerState = 0.0,
+                 batch_size: int = 512, calibration: Calibration | None = None, *,
+                 table_stats: Mapping[str, cm.TableStats] | None = None,
+                 kinds: Sequence[str] | None = None) -> PlanResult:
+  """Searches the plan with the lowest estimated step time that fits every device.
+
+  Args:
+    tables, features: the embedding specs.
+    mesh_shape: axis -> size over `('data', 'table', 'row', 'col')` (absent axes = 1).
+    memory_per_device_bytes: budget for tables, optimizer state and lookup buffers.
+    optimizer_state_factor: state size: a factor of the table (0 SGD, 1 Adagrad, 2 Adam),
+      or a name in `cost_model.OPTIMIZER_STATES` (e.g. 'rowwise_adagrad').
+    batch_size: global batch, split over all devices.
+    calibration: cost coefficients; None = `calibration.DEFAULT`.
+    table_stats: optional pooling factors and id distributions by table name.
+    kinds: restrict the search to these kinds (default: all).
+
+  Raises:
+    ConfigError: a table fits no placement within the budget, or the tables together do not.
+  """
+  mesh, loads, opt, cal = _prepare(tables, features, mesh_shape, memory_per_device_bytes,
+                                   optimizer_state_factor, batch_size, calibration, table_stats)
+  coef = cal.vector()
+  cands = {}
+  for load in loads:
+    ks = [k for k in cm.allowed_kinds(load, mesh) if kinds is None or k in kinds]
+    if not ks:
+      raise ConfigError(f"table {_describe(load)}: none of the kinds {list(kinds or [])} can "
+                        f"split it on mesh {cm.mesh_str(mesh)}")
+    cands[load.name] = {k: _candidate(load, k, mesh, batch_size, opt, coef) for k in ks}
+  ids_all = sum(next(iter(c.values())).est.ids_memory for c in cands.values())
+  for load in loads:
+    smallest = min(cands[load.name].values(), key=lambda c: c.est.holder_memory)
+    if smallest.est.holder_memory + ids_all > memory_per_device_bytes:
+      raise ConfigError(
+          f"table {_describe(load)} fits no placement within the memory budget of "
+          f"{format_bytes(memory_per_device_bytes)}/device on mesh {cm.mesh_str(mesh)}: "
+          f"smallest is {smallest.est.kind} at {format_bytes(smallest.est.holder_memory)}/device"
+          f" (+ {format_bytes(ids_all)} id buffers); add devices on row/col or memory")
+
+  nt = mesh["table"]
+  budget = int(memory_per_device_bytes)
+  min_mem = {n: _min_memory(c, nt)[0] for n, c in cands.items()}
+  min_time = {n: min(c.hold_s / (nt if c.sliced else 1) + c.all_s for c in cs.values())
+              for n, cs in cands.items()}
+  total_time = sum(min_time.values()) or 1.0
+  order = sorted(cands, key=lambda n: (-(min_mem[n] / budget + min_time[n] / total_time), n))
+  state = _State(loads, cands, mesh, coef, budget)
+  if not _greedy(state, order):
+    state = _State(loads, cands, mesh, coef, budget)
+    _pack_smallest(state, order)
+    if not state.fits():
+      raise _overflow_error(state, f"the {len(loads)} tables together (even each at its "
+                            "smallest placement)")
+  _improve(state, order)
+  reasons = {n: _reason(state, n) for n in order}
+  return _result(state, cal, batch_size, "auto", reasons, [l.name for l in loads],
+                 _unused_axis_notes(state))
+
+
+def estimate_plan(plan: Plan, tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
+                  mesh_shape: Mapping[str, int], memory_per_device_bytes: int,
+                  optimizer_state_factor: float | str | cm.OptimizerState = 0.0,
+                  batch_size: int = 512, calibration: Calibration | None = None, *,
+                  table_stats: Mapping[str, cm.TableStats] | None = None,
+                  check: bool = True, mode: str = "forced") -> PlanResult:
+  """Estimates a given plan (e.g. `--plan=rw`, or the plan a profiled job ran).
+
+  Raises:
+    ConfigError: the plan misses or names unknown tables, a kind cannot split a table on
+      this mesh, a table slice is out of range, or (if `check`) a device is over budget.
+  """
+  mesh, loads, opt, cal = _prepare(tables, features, mesh_shape, memory_per_device_bytes,
+                                   optimizer_state_factor, batch_size, calibration, table_stats)
+  names = {l.name for l in loads}
+  unknown = sorted(set(plan.placements) - names)
+  if unknown:
+    raise ConfigError(f"plan names unknown tables {unknown} (tables: {sorted(names)})")
+  coef = cal.vector()
+  cands, state_choice = {}, {}
+  for load in loads:
+    p = plan[load.name]
+    problem = cm.kind_problem(load, p.kind, mesh)
+    if problem:
+      raise ConfigError(f"{problem} (mesh {cm.mesh_str(mesh)})")
+    if "table" in p.axes and not 0 <= p.table_slice < mesh["table"]:
+      raise ConfigError(f"table '{load.name}': table_slice {p.table_slice} is outside mesh "
+                        f"axis table={mesh['table']}")
+    cands[load.name] = {p.kind: _candidate(load, p.kind, mesh, batch_size, opt, coef)}
+    state_choice[load.name] = (p.kind, p.table_slice if cands[load.name][p.kind].sliced else 0)
+  state = _State(loads, cands, mesh, coef, int(memory_per_device_bytes))
+  for name, (kind, s) in state_choice.items():
+    state.place(name, kind, s)
+  if check and not state.fits():
+    raise _overflow_error(state, f"plan ({mode})")
+  reasons = {n: mode for n in names}
+  return _result(state, cal, batch_size, mode, reasons, [l.name for l in loads])
+
+
+def check_plan_fits(plan: Plan, tables: Sequence[TableSpec], mesh_shape: Mapping[str, int],
+                    memory_per_device_bytes: int,
+                    optimizer_state_factor: float | str | cm.OptimizerState = 0.0, *,
+                    features: Sequence[FeatureSpec] | None = None, batch_size: int = 0,
+                    table_stats: Mapping[str, cm.TableStats] | None = None) -> list[int]:
+  """Bytes per device (index row-major over mesh axes) of a forced plan; raises ConfigError
+  naming the over-budget devices and their largest tables if it does not fit.
+
+  `features` default to one one-hot feature per table; `batch_size=0` counts tables and
+  optimizer state only (no lookup buffers).
+  """
+  if features is None:
+    features = [FeatureSpec(f"_{t.name}", t.name) for t in tables]
+  res = estimate_plan(plan, tables, features, mesh_shape, memory_per_device_bytes,
+                      optimizer_state_factor, batch_size, None, table_stats=table_stats)
+  per_device = [0] * res.num_devices
+  for s in res.slices:
+    for d in s.devices:
+      per_device[d] = s.memory_bytes
+  return per_device

@@ -1,0 +1,111 @@
+"""Reduced precision helpers, and a GPU (Triton) lowering check of every kernel on CPU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrec.errors import ConfigError
+from jaxrec.kernels import (SGD, Adagrad, RowWiseAdagrad, cast_store, comm_cast, comm_uncast,
+                            dequantize, init_opt_state, lookup_pool, lookup_pool_csr,
+                            padded_to_csr, quantize, sparse_update)
+from jaxrec.kernels import quant
+from kernel_helpers import DTYPES, make_table
+
+
+def test_int8_rows_round_trip_within_half_a_step():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(16, 24)).astype(np.float32)
+  x[3] = 1.25  # constant row: scale 0, exact
+  qt = quantize(jnp.asarray(x))
+  assert qt.q.dtype == jnp.int8 and qt.scale.shape == (16,) and qt.bias.shape == (16,)
+  err = np.abs(np.asarray(dequantize(qt)) - x)
+  assert np.all(err <= np.asarray(qt.scale)[:, None] * 0.5 + 1e-6)
+  np.testing.assert_array_equal(np.asarray(dequantize(qt))[3], 1.25)
+  assert np.asarray(qt.q).min() == -128 and np.asarray(qt.q).max() == 127
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_stochastic_rounding_is_unbiased_between_neighbours(dtype):
+  x = jnp.array([1.0 + 2.0 ** -9, -3.3e-3, 7.77, 1e-6, 0.0, -65.1, 3e-7], jnp.float32)
+  bits = quant.random_bits(jnp.uint32(12345), jnp.arange(4096), jnp.arange(x.shape[0]))
+  y = np.asarray(cast_store(jnp.broadcast_to(x, bits.shape), dtype, bits).astype(jnp.float32))
+  xs = np.asarray(x)
+  for c in range(xs.shape[0]):
+    vals = np.unique(y[:, c])  # at most the two neighbours of x, bracketing it
+    assert len(vals) <= 2 and vals[0] <= xs[c] <= vals[-1], (c, vals)
+  step = np.abs(y.max(0) - y.min(0))
+  assert np.all(np.abs(y.mean(0) - xs) <= 0.05 * step + 1e-12)  # > 6 standard errors
+  np.testing.assert_array_equal(np.asarray(cast_store(x, dtype)), np.asarray(x.astype(dtype)))
+
+
+@pytest.mark.parametrize("comm", ["bf16", "float16", "fp8", "float32"])
+def test_comm_cast_round_trip(comm):
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(6, 32)) * np.array([1e-3, 1, 10, 100, 0, 5])[:, None],
+                  jnp.float32)
+  payload, scale = comm_cast(x, comm)
+  y = np.asarray(comm_uncast(payload, scale))
+  name = quant.canonical_comm_dtype(comm)
+  assert payload.dtype == jnp.dtype(name)
+  rel = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11, "float8_e4m3fn": 2.0 ** -4,
+         "float32": 0}[name]
+  amax = np.abs(np.asarray(x)).max(1, keepdims=True)
+  assert np.all(np.abs(y - np.asarray(x)) <= rel * amax + 1e-30)
+  if name == "float8_e4m3fn":
+    assert scale.shape == (6, 1)
+    p2, s2 = comm_cast(x, comm, per_row=False)
+    assert s2.shape == () and np.isfinite(np.asarray(comm_uncast(p2, s2))).all()
+  else:
+    assert scale is None
+  if name != "float8_e4m3fn":  # fp8 cotangents need their own scale: all_to_all_compressed
+    grad = jax.grad(lambda v: jnp.sum(comm_uncast(*comm_cast(v, comm)) * 2.0))(x)
+    np.testing.assert_allclose(np.asarray(grad), 2.0)
+  with pytest.raises(ConfigError, match="comm_dtype"):
+    comm_cast(x, "int4")
+
+
+@pytest.mark.parametrize("comm", ["bf16", "fp8"])
+def test_all_to_all_compressed_forward_and_backward(comm):
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("x",))
+  spec = jax.sharding.PartitionSpec("x")
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(4 * 8, 3, 16)), jnp.float32)
+  ct = jnp.asarray(rng.normal(size=(8, 12, 16)) * 1e-3, jnp.float32)
+
+  def run(a2a):
+    f = jax.shard_map(lambda v: a2a(v, "x", 0, 1), mesh=mesh, in_specs=spec, out_specs=spec)
+    y, vjp = jax.vjp(f, x)
+    return np.asarray(y), np.asarray(vjp(ct)[0])
+
+  y_ref, g_ref = run(lambda v, n, s, c: jax.lax.all_to_all(v, n, s, c, tiled=True))
+  y, g = run(lambda v, n, s, c: quant.all_to_all_compressed(v, n, s, c, comm))
+  rel = 2.0 ** -8 if comm == "bf16" else 2.0 ** -4
+  assert y.shape == y_ref.shape
+  assert np.all(np.abs(y - y_ref) <= rel * np.abs(y_ref).max(-1, keepdims=True) + 1e-30)
+  assert np.all(np.abs(g - g_ref) <= rel * np.abs(g_ref).max(-1, keepdims=True) + 1e-30)
+  with pytest.raises(ConfigError, match="embedding"):
+    jax.shard_map(lambda v: quant.all_to_all_compressed(v, "x", 2, 0, "fp8"), mesh=mesh,
+                  in_specs=spec, out_specs=spec)(x)
+
+
+def test_lowers_to_triton_for_gpu():
+  """Every kernel variant lowers to Triton IR (no GPU needed; catches unsupported ops)."""
+  idx = jnp.zeros((10, 3), jnp.int32)
+  w = jnp.ones((10, 3), jnp.float32)
+  grad = jnp.zeros((10, 24), jnp.float32)
+  lower = lambda f, *a: jax.jit(f).trace(*a).lower(lowering_platforms=("cuda",)).as_text()
+  for dtype in DTYPES:
+    table, _ = make_table(np.random.default_rng(0), 20, 24, dtype)
+    text = lower(lambda t, i, v: lookup_pool(t, i, v, kernel="pallas", interpret=False),
+                 table, idx, w)
+    assert "triton" in text
+    csr = padded_to_csr(idx, w)
+    lower(lambda t, a, b, c: lookup_pool_csr(t, a, b, c, kernel="pallas", interpret=False),
+          table, *csr)
+    for opt in (SGD(0.1), Adagrad(0.1), RowWiseAdagrad(0.1)):
+      state = init_opt_state(opt, 20, 24, jnp.float16 if dtype == "bfloat16" else jnp.float32)
+      for key in (None, jax.random.key(0)):
+        text = lower(lambda t, s, k, o=opt: sparse_update(
+            t, s, idx, w, grad, o, 1, key=k, kernel="pallas", interpret=False), table, state, key)
+        assert "triton" in text

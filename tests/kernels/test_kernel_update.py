@@ -1,0 +1,144 @@
+"""Fused backward + optimizer: Pallas (interpret mode) vs XLA vs a dense numpy update."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrec.errors import ConfigError
+from jaxrec.kernels import (SGD, Adagrad, RowWiseAdagrad, init_opt_state, padded_to_csr,
+                            segments, sparse_update, sparse_update_csr)
+from kernel_helpers import DTYPES, ULP, as_f32, make_bags, make_table, raw_bits
+
+R, D = 50, 24
+OPTIMIZERS = [SGD(lr=0.3), Adagrad(lr=0.2, initial_accumulator=0.1, eps=1e-6),
+              RowWiseAdagrad(lr=0.2, initial_accumulator=0.0, eps=1e-6)]
+
+
+def np_update(values, state, idx, w, grad, opt):
+  """Dense f64 reference: full gradient, then the optimizer on every seen row."""
+  g = np.zeros(values.shape)
+  seen = np.zeros(values.shape[0], bool)
+  for n, l in zip(*np.nonzero((idx >= 0) & (idx < values.shape[0]))):
+    g[idx[n, l]] += w[n, l] * grad[n].astype(np.float64)
+    seen[idx[n, l]] = True
+  new = values.astype(np.float64).copy()
+  st = {k: np.asarray(v, np.float64).copy() for k, v in state.items()}
+  if isinstance(opt, SGD):
+    new[seen] -= opt.lr * g[seen]
+  elif isinstance(opt, Adagrad):
+    st["accum"][seen] += g[seen] ** 2
+    new[seen] -= opt.lr * g[seen] / (np.sqrt(st["accum"][seen]) + opt.eps)
+  else:
+    st["accum"][seen] += np.mean(g[seen] ** 2, axis=1)
+    new[seen] -= opt.lr * g[seen] / (np.sqrt(st["accum"][seen])[:, None] + opt.eps)
+  return new, st, seen
+
+
+def _data(seed, dtype, opt, n=40, l=3, state_dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  table, values = make_table(rng, R, D, dtype)
+  idx, w = make_bags(rng, n, l, R, "weighted", id_range=20)  # many duplicates; rows 20+ unseen
+  grad = rng.normal(size=(n, D)).astype(np.float32)
+  state = init_opt_state(opt, R, D, state_dtype)
+  if "accum" in state:  # non-uniform state, so unseen rows are distinguishable
+    state = {"accum": (state["accum"].astype(jnp.float32)
+                       + jnp.asarray(rng.uniform(0, 0.5, state["accum"].shape), jnp.float32)
+                       ).astype(state_dtype)}
+  return table, values, state, idx, w, grad
+
+
+def _check_unseen_bit_identical(old_table, new_table, old_state, new_state, seen):
+  for a, b in zip(raw_bits(old_table), raw_bits(new_table)):
+    np.testing.assert_array_equal(a[~seen], b[~seen])
+  for k in old_state:
+    np.testing.assert_array_equal(np.asarray(old_state[k])[~seen], np.asarray(new_state[k])[~seen])
+
+
+def _storage_tol(dtype, values):
+  if dtype == "int8":  # one quantisation step of the widest updated row
+    return dict(rtol=0, atol=float(np.max(np.ptp(values, axis=1))) / 255 * 1.01 + 1e-6)
+  return dict(rtol=ULP[dtype] * 1.01, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("opt", OPTIMIZERS, ids=lambda o: type(o).__name__)
+def test_update_matches_dense_reference(dtype, opt):
+  table, values, state, idx, w, grad = _data(11, dtype, opt)
+  want, want_state, seen = np_update(values, state, idx, w, grad, opt)
+  assert seen.sum() > 5 and (~seen).sum() > 20
+  xla = sparse_update(table, state, idx, w, grad, opt, kernel="xla")
+  pal = sparse_update(table, state, idx, w, grad, opt, kernel="pallas", interpret=True)
+  for new_table, new_state in (xla, pal):
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), new_table) == jax.tree.map(
+        lambda x: (x.shape, x.dtype), table)
+    _check_unseen_bit_identical(table, new_table, state, new_state, seen)
+    np.testing.assert_allclose(as_f32(new_table)[seen], want[seen],
+                               **_storage_tol(dtype, want[seen]))
+    for k in want_state:
+      np.testing.assert_allclose(np.asarray(new_state[k], np.float64)[seen], want_state[k][seen],
+                                 rtol=1e-5, atol=1e-6)
+  # Pallas vs XLA: same math, summation order may move a value by one storage ulp.
+  np.testing.assert_allclose(as_f32(pal[0]), as_f32(xla[0]), **_storage_tol(dtype, want))
+  for k in want_state:
+    np.testing.assert_allclose(np.asarray(pal[1][k]), np.asarray(xla[1][k]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "int8"])
+def test_stochastic_rounding_pallas_matches_xla(dtype):
+  opt = Adagrad(lr=0.05, initial_accumulator=0.1)
+  table, values, state, idx, w, grad = _data(12, dtype, opt, state_dtype=jnp.bfloat16)
+  key = jax.random.key(3)
+  xla = sparse_update(table, state, idx, w, grad, opt, 5, key=key, kernel="xla")
+  pal = sparse_update(table, state, idx, w, grad, opt, 5, key=key, kernel="pallas",
+                      interpret=True)
+  want, _, seen = np_update(values, state, idx, w, grad, opt)
+  _check_unseen_bit_identical(table, pal[0], state, pal[1], seen)
+  # Same counter-based random bits in both: results agree to a storage ulp.
+  np.testing.assert_allclose(as_f32(pal[0]), as_f32(xla[0]), **_storage_tol(dtype, want))
+  np.testing.assert_allclose(as_f32(pal[0])[seen], want[seen],
+                             **_storage_tol(dtype, want[seen]) if dtype == "int8" else
+                             dict(rtol=2 * ULP[dtype], atol=1e-6))
+  other = sparse_update(table, state, idx, w, grad, opt, 6, key=key, kernel="xla")
+  assert not np.array_equal(as_f32(other[0]), as_f32(xla[0]))  # a new stream each step
+
+
+def test_one_hot_and_csr_updates_agree():
+  opt = RowWiseAdagrad(lr=0.1)
+  table, values, state, idx, w, grad = _data(13, "float32", opt, n=9, l=1)
+  pal = sparse_update(table, state, idx, w, grad, opt, kernel="pallas", interpret=True)
+  want, want_state, seen = np_update(values, state, idx, w, grad, opt)
+  np.testing.assert_allclose(np.asarray(pal[0]), want, rtol=1e-5, atol=1e-6)
+  table, values, state, idx, w, grad = _data(14, "float32", opt)
+  vals, offsets, wts = padded_to_csr(jnp.asarray(idx), jnp.asarray(w))
+  ref = sparse_update(table, state, idx, w, grad, opt, kernel="xla")
+  for kernel in ("xla", "pallas"):
+    out = sparse_update_csr(table, state, vals, offsets, wts, grad, opt, kernel=kernel,
+                            interpret=True)
+    np.testing.assert_allclose(np.asarray(out[0]), np.asarray(ref[0]), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(out[1]["accum"]), np.asarray(ref[1]["accum"]),
+                               rtol=1e-6)
+
+
+def test_segments_describe_distinct_rows():
+  ids = jnp.array([5, -1, 2, 5, 9, 2, 5, 70], jnp.int32)  # 70 is outside R=10
+  seg = segments(ids, jnp.arange(8, dtype=jnp.int32), jnp.ones(8), 10)
+  n = 3
+  np.testing.assert_array_equal(seg["row"][:n], [2, 5, 9])
+  np.testing.assert_array_equal(seg["len"][:n], [2, 3, 1])
+  np.testing.assert_array_equal(seg["row"][n:], 10)
+  np.testing.assert_array_equal(seg["len"][n:], 0)
+  np.testing.assert_array_equal(seg["bag"][:6], [2, 5, 0, 3, 6, 4])  # stable within a row
+
+
+def test_optimizers_are_static_and_validated():
+  assert hash(SGD(0.1)) == hash(SGD(0.1)) and Adagrad(0.1) != RowWiseAdagrad(0.1)
+  assert init_opt_state(SGD(0.1), 4, 8) == {}
+  st = init_opt_state(Adagrad(0.1, initial_accumulator=0.1), 4, 8, jnp.bfloat16)
+  assert st["accum"].shape == (4, 8) and st["accum"].dtype == jnp.bfloat16
+  assert init_opt_state(RowWiseAdagrad(0.1), 4, 8)["accum"].shape == (4,)
+  with pytest.raises(ConfigError, match="state must be"):
+    sparse_update(jnp.zeros((4, 8)), {}, jnp.zeros((2, 1), jnp.int32), jnp.ones((2, 1)),
+                  jnp.zeros((2, 8)), Adagrad(0.1))
+  with pytest.raises(ConfigError, match="unsupported sparse optimizer"):
+    init_opt_state("adam", 4, 8)

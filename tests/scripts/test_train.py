@@ -1,0 +1,78 @@
+"""End-to-end: the real scripts/train.py on tiny configs, and its bad-input errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SMALL = ["ExperimentConfig.batch_size=256", "ExperimentConfig.num_eval_examples=16384"]
+
+
+def train(workdir, *flags, devices=1, check=True):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), f"--workdir={workdir}",
+         *flags]
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+  if check and proc.returncode:
+    raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+  return proc
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("model", ["dlrm", "dcnv2", "deepfm", "two_tower"])
+def test_every_model_learns(tmp_path, model):
+  w = str(tmp_path / model)
+  proc = train(w, f"--gin_file=configs/{model}_synthetic.gin", "--num_steps=300", "--log_every=50",
+               "--eval_every=100", "--plan=dp", *[f"--gin_bindings={b}" for b in SMALL])
+  assert "done:" in proc.stdout and os.path.abspath(w) in proc.stdout
+  lines = read_metrics(w)
+  train_lines = [l for l in lines if "loss" in l]
+  assert [l["step"] for l in train_lines] == [50, 100, 150, 200, 250, 300]
+  assert all(l["examples_per_sec"] > 0 for l in train_lines)
+  assert train_lines[-1]["loss"] < train_lines[0]["loss"]
+  evals = [l for l in lines if "eval_auc" in l]
+  assert [e["step"] for e in evals] == [100, 200, 300]
+  assert all(e["eval_examples"] == 16384 for e in evals)
+  assert evals[-1]["eval_auc"] > evals[0]["eval_auc"] - 0.005
+  assert evals[-1]["eval_auc"] > 0.7, evals
+  for name in ("config.gin", "plan.json"):
+    assert os.path.getsize(os.path.join(w, name)) > 0
+  assert "build_model.name" in open(os.path.join(w, "config.gin")).read()
+  assert os.listdir(os.path.join(w, "tb"))
+
+
+BAD = [
+    (["--gin_file=configs/nope.gin"], "--gin_file: cannot read 'configs/nope.gin'"),
+    (["--gin_file=configs/dlrm_synthetic.gin", "--gin_bindings=Nope.x=1"], "--gin_bindings: 'Nope.x=1'"),
+    (["--gin_file=configs/dlrm_synthetic.gin", "--mesh=data=3"], "--mesh: data=3,table=1,row=1,col=1 has 3 devices but 2 are available"),
+    (["--gin_file=configs/dlrm_synthetic.gin", "--mesh=dta=2"], "--mesh: 'dta=2' is not AXIS=SIZE"),
+    (["--gin_file=configs/dlrm_synthetic.gin", "--plan=zz"], "--plan: unknown plan 'zz'"),
+    (["--gin_file=configs/dlrm_synthetic.gin", "--num_steps=0"], "--num_steps must be positive"),
+    (["--gin_file=configs/dlrm_synthetic.gin", "--gin_bindings=ExperimentConfig.batch_size=0"], "ExperimentConfig.batch_size must be positive"),
+    (["--gin_file=configs/dlrm_synthetic.gin", "--gin_bindings=ExperimentConfig.batch_size=7"], "batch_size=7 is not divisible by the 2 devices"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD, ids=[m.split(":")[0].split(" ")[0] + str(i) for i, (_, m) in enumerate(BAD)])
+def test_bad_input_one_line_error(tmp_path, flags, message):
+  proc = train(str(tmp_path / "w"), *flags, devices=2, check=False)
+  assert proc.returncode != 0
+  assert message in proc.stderr, proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not os.path.exists(tmp_path / "w" / "metrics.jsonl")
+
+
+def test_workdir_that_is_a_file(tmp_path):
+  f = tmp_path / "file"
+  f.write_text("x")
+  proc = train(str(f), "--gin_file=configs/dlrm_synthetic.gin", check=False)
+  assert proc.returncode != 0 and "is not a directory" in proc.stderr
+  assert "Traceback" not in proc.stderr
