@@ -224,9 +224,12 @@ class BinarySource(GrainMixin):
     self._open()
 
   def _open(self):
-    self._maps = [np.memmap(os.path.join(self.directory, s["file"]), self._dtype, "r",
-                            shape=(int(s["num_examples"]),)) if int(s["num_examples"]) else None
-                  for s in self.manifest["shards"]]
+    # Raw bytes per record (np.void): fancy indexing them is ~20x faster than indexing a
+    # structured array; the gathered copy is then viewed with the record dtype.
+    void = np.dtype((np.void, self._dtype.itemsize))
+    self._maps = [np.asarray(np.memmap(os.path.join(self.directory, s["file"]), void, "r",
+                                       shape=(int(s["num_examples"]),)))
+                  if int(s["num_examples"]) else None for s in self.manifest["shards"]]
 
   def __getstate__(self):
     state = dict(self.__dict__)
@@ -241,13 +244,13 @@ class BinarySource(GrainMixin):
     """Raw records of examples `indices` (int64 `[n]`)."""
     indices = np.asarray(indices, np.int64)
     if len(self._maps) == 1:
-      return self._maps[0][indices]
+      return self._maps[0][indices].view(self._dtype)
     shard = np.searchsorted(self._offsets, indices, "right") - 1
-    out = np.empty(len(indices), self._dtype)
+    out = np.empty(len(indices), self._maps[0].dtype)
     for s in np.unique(shard):
       sel = shard == s
       out[sel] = self._maps[s][indices[sel] - self._offsets[s]]
-    return out
+    return out.view(self._dtype)
 
   def gather(self, indices: np.ndarray) -> Batch:
     recs = self.records(indices)
@@ -271,3 +274,23 @@ class BinarySource(GrainMixin):
   def bad_row_counts(self) -> dict[str, int]:
     """Rows skipped as malformed when the data was preprocessed, per input file."""
     return {k: int(v) for k, v in self.manifest.get("bad_rows", {}).items()}
+
+
+def preprocess(input_path: str, output: str, features, rows, bad_rows: str = "error",
+               num_dense: int = 13, num_categorical: int = 26,
+               shard_examples: int = SHARD_EXAMPLES) -> dict:
+  """`scripts/preprocess.py`: TSV file/dir/glob `input_path` -> shards in `output`.
+
+  `features` are the configured `FeatureSpec`s (k-th = k-th categorical column), `rows` maps
+  table name -> rows (or the `TableSpec`s). Returns the manifest.
+  """
+  from jaxrec.data.source import make_layout
+  from jaxrec.errors import ConfigError
+  if bad_rows not in tsv.BAD_ROWS:
+    raise ConfigError(f"--bad_rows must be one of {tsv.BAD_ROWS}, got '{bad_rows}'")
+  if len(features) != num_categorical:
+    raise ConfigError(f"{input_path}: the TSV data has {num_categorical} categorical columns "
+                      f"but {len(features)} sparse features are configured")
+  rows = rows if isinstance(rows, dict) else {t.name: t.rows for t in rows}
+  layout = make_layout(features, rows, num_dense)
+  return write(tsv.list_files(input_path), output, layout, bad_rows, shard_examples)

@@ -9,7 +9,7 @@ The data order is defined once, globally, independent of the number of processes
   with a different `P` continues from `g` with nothing lost or repeated.
 * for a finite source of `N` examples, position `g` is example `perm_e(g mod N)` of epoch
   `e = g // N`, where `perm_e` is a keyed pseudo-random bijection of `[0, N)` (a Feistel
-  network with cycle walking, keyed by `(seed, e)`): a full global shuffle per epoch that
+  network with cycle walking, keyed by `(seed, e)`, see `permute`): a full global shuffle per epoch that
   needs no memory and is computed for any position directly.
 
 Hashes are splitmix64 on `uint64` numpy arrays (wrapping arithmetic).
@@ -17,12 +17,14 @@ Hashes are splitmix64 on `uint64` numpy arrays (wrapping arithmetic).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
-_FEISTEL_ROUNDS = 6
+_FEISTEL_ROUNDS = 4
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
@@ -48,29 +50,43 @@ def to_unit(bits: np.ndarray) -> np.ndarray:
   return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-def _feistel(x: np.ndarray, half: int, round_keys: np.ndarray) -> np.ndarray:
-  mask = np.uint64((1 << half) - 1)
-  shift = np.uint64(half)
-  left, right = x >> shift, x & mask
-  for rk in round_keys:
-    left, right = right, left ^ (mix64(right ^ rk) & mask)
-  return (left << shift) | right
+def _round(v: np.ndarray, rk: np.uint64, modulus: np.uint64) -> np.ndarray:
+  h = (v + rk) * _M1
+  h ^= h >> np.uint64(32)
+  h *= _M2
+  return (h >> np.uint64(32)) % modulus
+
+
+def _shuffle_pass(x: np.ndarray, a: np.uint64, b: np.uint64, round_keys) -> np.ndarray:
+  left, right = x // b, x % b  # x = left * b + right, left < a, right < b
+  with np.errstate(over="ignore"):
+    for i in range(0, len(round_keys), 2):
+      left = (left + _round(right, round_keys[i], a)) % a
+      right = (right + _round(left, round_keys[i + 1], b)) % b
+  return left * b + right
 
 
 def permute(k: np.ndarray, n: int, seed_key: np.uint64) -> np.ndarray:
-  """The keyed bijection of `[0, n)` applied to `k` (`uint64`/int array, values `< n`)."""
+  """The keyed bijection of `[0, n)` applied to `k` (`uint64`/int array, values `< n`).
+
+  A Feistel-like network on `[0, a) x [0, b)` (`a*b >= n`, both ~sqrt(n)): each half-round
+  adds a keyed hash of one half to the other, modulo its size, so every pass is a bijection
+  of `[0, a*b)`; values that land in `[n, a*b)` are passed again (cycle walking; they are
+  fewer than 1/sqrt(n) of all).
+  """
   k = np.asarray(k, np.uint64)
   if n <= 1:
     return k.copy()
-  bits = max(2, (n - 1).bit_length())
-  bits += bits % 2
-  round_keys = mix64(np.uint64(seed_key) + np.arange(1, _FEISTEL_ROUNDS + 1, dtype=np.uint64)
-                     * _GOLDEN)
-  x = _feistel(k, bits // 2, round_keys)
-  out = x >= np.uint64(n)
-  while out.any():  # cycle walking; the domain is < 4n, so few rounds.
-    x[out] = _feistel(x[out], bits // 2, round_keys)
-    out = x >= np.uint64(n)
+  a = math.isqrt(n - 1) + 1
+  b = -(-n // a)
+  round_keys = mix64(np.uint64(seed_key) + np.arange(1, 2 * _FEISTEL_ROUNDS + 1,
+                                                     dtype=np.uint64) * _GOLDEN)
+  a, b, nn = np.uint64(a), np.uint64(b), np.uint64(n)
+  x = _shuffle_pass(k, a, b, round_keys)
+  out = x >= nn
+  while out.any():
+    x[out] = _shuffle_pass(x[out], a, b, round_keys)
+    out = x >= nn
   return x
 
 

@@ -3,7 +3,8 @@
 Example `i` is a pure function of `(seed, split, i)`: every random draw is a splitmix64 hash
 of the example index and a stream id, so any set of examples is generated directly and
 vectorised (no sequential RNG state): the source is endless, random-access, trivially
-resumable and shardable, and generates ~1M examples/sec per core for the Criteo shape.
+resumable and shardable, and generates ~0.6-0.9M examples/sec per core for the Criteo shape
+(26 one-hot features; multi-hot bags cost proportionally more).
 
 Per example:
   dense   13 Criteo-like counts `x ~ floor(Exp(scale_j))`, 20% missing (-> 0), stored as
@@ -23,12 +24,13 @@ Per example:
           ids none; `D` = a fixed random linear function of the dense values. `S` and `D`
           are standardised (on a fixed calibration sample), `s = sparse_share`.
 
-Achievable AUC (defaults, measured on 200k examples, the Bayes AUC of the true
-probabilities): ~0.80 for 26 one-hot tables of 100,000 rows (0.79-0.82 over table sizes
-1,000-1,000,000 and multi-hot bags). A model of the dense values alone can reach at most
-~0.63; ids matter. A linear model over the ids trained with SGD for 300 steps of batch
-512 reaches ~0.73 (see tests/data/test_synthetic.py), so DLRM with dim-16 embeddings learns it
-in a few hundred steps while a model that ignores the embeddings stays near 0.6.
+Achievable AUC (defaults; the Bayes AUC of the true probabilities on 100k-200k examples):
+~0.805 (0.80-0.81 over 26 tables of 1,000-1,000,000 rows, one-hot or multi-hot; the test
+accepts 0.78-0.83). Knowing only the dense values caps it at ~0.64, so the ids matter: a
+linear model over one-hot ids trained by SGD for 300 steps of batch 512 reaches ~0.73 while
+its dense-only twin stays at ~0.64 (tests/data/test_synthetic_data.py). DLRM with dim-16
+embeddings should reach at least ~0.73 in a few hundred steps; a model that ignores the
+embeddings cannot pass ~0.64. The click rate is ~0.26.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class SyntheticConfig:
     hot_ids: per table, how many of the most frequent ids carry a planted effect.
     sparse_share: share of the logit variance that comes from the ids, in [0, 1].
     logit_std: standard deviation of the planted logit around `bias`.
-    bias: logit offset (sets the click rate; -1.3 gives ~25% positives like Criteo).
+    bias: logit offset (sets the click rate; -1.4 gives ~26% positives like Criteo).
     dense_missing: probability that a dense value is missing (-> 0).
     model_seed: seed of the hidden model; train and eval data share it.
   """

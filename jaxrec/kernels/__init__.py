@@ -8,8 +8,8 @@ lookup + weighted pooling), `update` (backward fused with the row-wise optimizer
 
 from jaxrec.kernels.lookup import (csr_to_padded, lookup_pool, lookup_pool_csr,
                                    padded_to_csr)
-from jaxrec.kernels.optim import (SGD, Adagrad, Optimizer, RowWiseAdagrad, init_opt_state,
-                                  update_rows)
+from jaxrec.kernels.optim import (SGD, Adagrad, Optimizer, RowWiseAdagrad, coerce,
+                                  init_opt_state, update_rows)
 from jaxrec.kernels.platform import KERNELS, resolve_kernel
 from jaxrec.kernels.quant import (COMM_DTYPES, TABLE_DTYPES, QuantizedTable,
                                   all_to_all_compressed, cast_store, comm_cast, comm_uncast,
@@ -17,9 +17,9 @@ from jaxrec.kernels.quant import (COMM_DTYPES, TABLE_DTYPES, QuantizedTable,
 from jaxrec.kernels.update import segments, sparse_update, sparse_update_csr
 
 __all__ = [
-    "KERNELS", "COMM_DTYPES", "TABLE_DTYPES", "SGD", "Adagrad", "RowWiseAdagrad",
-    "Optimizer", "QuantizedTable", "all_to_all_compressed", "cast_store", "comm_cast", "comm_uncast",
-    "csr_to_padded", "dequantize", "init_opt_state", "lookup_pool", "lookup_pool_csr",
-    "padded_to_csr", "quantize", "resolve_kernel", "segments", "sparse_update",
-    "sparse_update_csr", "update_rows",
+    "KERNELS", "COMM_DTYPES", "TABLE_DTYPES", "SGD", "Adagrad", "RowWiseAdagrad", "Optimizer",
+    "QuantizedTable", "all_to_all_compressed", "cast_store", "coerce", "comm_cast",
+    "comm_uncast", "csr_to_padded", "dequantize", "init_opt_state", "lookup_pool",
+    "lookup_pool_csr", "padded_to_csr", "quantize", "resolve_kernel", "segments",
+    "sparse_update", "sparse_update_csr", "update_rows",
 ]

@@ -62,18 +62,27 @@ Optimizer = Union[SGD, Adagrad, RowWiseAdagrad]
 OPTIMIZERS = (SGD, Adagrad, RowWiseAdagrad)
 
 
-def check_optimizer(opt) -> None:
-  if not isinstance(opt, OPTIMIZERS):
-    raise ConfigError(f"unsupported sparse optimizer {opt!r}; use one of "
-                      f"{[o.__name__ for o in OPTIMIZERS]}")
+def coerce(opt) -> Optimizer:
+  """The kernel optimizer for `opt`: one of ours, or any dataclass of the same class name
+  and fields (e.g. `jaxrec.embedding.optimizers.SGD`); raises ConfigError otherwise."""
+  if isinstance(opt, OPTIMIZERS):
+    cls = type(opt)
+  else:
+    cls = {o.__name__: o for o in OPTIMIZERS}.get(type(opt).__name__)
+    if cls is None or not dataclasses.is_dataclass(opt):
+      raise ConfigError(f"unsupported sparse optimizer {opt!r} for the fused kernels; use one "
+                        f"of {[o.__name__ for o in OPTIMIZERS]}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    opt = cls(**{k: getattr(opt, k) for k in names if hasattr(opt, k)})
   if not opt.lr >= 0:
-    raise ConfigError(f"{type(opt).__name__}: lr must be >= 0, got {opt.lr}")
+    raise ConfigError(f"{cls.__name__}: lr must be >= 0, got {opt.lr}")
+  return opt
 
 
 def init_opt_state(optimizer: Optimizer, rows: int, dim: int,
                    dtype=jnp.float32) -> dict[str, jax.Array]:
   """Optimizer state for a `[rows, dim]` table, stored in `dtype` (f32, bf16 or f16)."""
-  check_optimizer(optimizer)
+  optimizer = coerce(optimizer)
   init = float(getattr(optimizer, "initial_accumulator", 0.0))
   return {name: jnp.full(shape, init, dtype)
           for name, shape in optimizer.state_shapes(rows, dim).items()}

@@ -2,7 +2,8 @@
 
 Every function here is plain `jnp` built only from ops the Pallas Triton lowering supports
 (no `round`, no float division by non-constants where exactness matters), so the XLA
-reference and the kernels share one definition and agree bit for bit in interpret mode.
+reference and the kernels share one definition (results differ only by f32 summation
+order of duplicate-id gradients).
 
 - int8 table: `QuantizedTable(q int8 [R, D], scale f32 [R], bias f32 [R])`, row
   `r = q[r] * scale[r] + bias[r]`; `q` spans [-128, 127] between the row's min and max.
@@ -18,7 +19,6 @@ reference and the kernels share one definition and agree bit for bit in interpre
 from __future__ import annotations
 
 import functools
-
 from typing import NamedTuple
 
 import jax

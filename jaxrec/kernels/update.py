@@ -254,7 +254,6 @@ def _update_pallas(table, opt_state, seg, grad, opt, seed, interpret):
 
 def _check(table, opt_state, grad, optimizer):
   quant.table_dtype(table)
-  optim.check_optimizer(optimizer)
   r, d = table.shape
   want = optimizer.state_shapes(r, d)
   got = {k: tuple(v.shape) for k, v in opt_state.items()}
@@ -266,6 +265,7 @@ def _check(table, opt_state, grad, optimizer):
 
 
 def _run(table, opt_state, ids, bags, wts, grad, optimizer, step, key, kernel, interpret):
+  optimizer = optim.coerce(optimizer)
   _check(table, opt_state, grad, optimizer)
   seg = segments(ids, bags, wts, table.shape[0])
   grad = grad.astype(jnp.float32)
@@ -287,7 +287,8 @@ def sparse_update(table, opt_state, idx, w, grad_pooled, optimizer, step=0, *, k
     idx: int32 `[N, L]` local rows, -1 (or any id outside `[0, R)`) = absent.
     w: f32 `[N, L]` slot weights used in the forward.
     grad_pooled: f32 `[N, D]` gradient of the pooled output.
-    optimizer: `SGD`, `Adagrad` or `RowWiseAdagrad` (static).
+    optimizer: `SGD`, `Adagrad` or `RowWiseAdagrad` (static; `optim.coerce` also accepts
+      same-named dataclasses, e.g. from `jaxrec.embedding.optimizers`).
     step: training step (int scalar); only seeds stochastic rounding.
     key: PRNG key enabling stochastic rounding of bf16/f16/int8 stores; None rounds to
       nearest.

@@ -9,33 +9,39 @@ kind `k` (see `jaxrec.sharding.plan.KIND_AXES`):
   H         holders (devices with a shard): N/nt if `k` uses `table`, else N
   rep       replicas of each shard: H/(R*C)
   L         ids per example, padded: sum of `max_len` over the features reading the table
+            (a stack pads its features to its longest `max_len`; not modeled)
   P         present ids per example (pooling factor, <= L); F features; d dim; e dtype bytes
-  U         expected unique ids among the B*P ids of a step (`expected_unique_rows`);
-            a holder owns u = U/R of them (ids assumed spread evenly over row shards)
+  n         rows of a holder's unique buffer, min(B*L, ceil(rows/R)): the lookup
+            (`embedding.collection`) dedups the global batch's ids into a static buffer
+            with room for every id, and never more than the rows the shard owns
+  u = U/R   distinct rows a holder owns per step, U = `expected_unique_rows(B*P, rows)`
+            (id distribution from `TableStats`; ids assumed spread evenly over row shards)
 
-Cost terms (`COST_TERMS`), per device per step; `holder` terms are paid by the devices
-holding the table, `all` terms by every device (ids are all-gathered to every device):
+Cost terms (`COST_TERMS`), per device per step; `hold` terms are paid by the devices
+holding the table, `all` terms by every device:
 
-  const                 1 per step (dense layers, dispatch); only measured profiles set it
+  const                 1 per step (dense layers, dispatch); set only by profile fits
   launches              collectives per step; per stack `stack_launches` (latency term)
-  sort_bytes      all   B*L*4: ids deduplicated (sorted) on every device
-  gather_bytes    hold  u*(d/C)*e: owned unique rows read from the table
+  sort_bytes      hold  n*4: ids deduplicated (`unique` sorts)
+  gather_bytes    hold  n*(d/C)*e: unique buffer filled from the local shard
   pool_bytes      hold  2*b*G*L*(d/C)*e: rows pooled forward + scatter-added backward
-  update_bytes    hold  2*u*((d/C)*e*(1+s) + 4*s_row): sparse optimizer reads and writes the
-                        rows and their state (s, s_row from `OptimizerState`)
-  all_gather_bytes all  B*L*4*(N-1)/N: ids of the global batch
-                  hold  + A*(R-1)/R: backward of the psum_scatter, A = b*T*R*F*d*4 = bytes
-                        of the pooled activations [b*G, F, d/C] float32
+  update_bytes    hold  2*u*((d/C)*(e+4*s) + 4*s_row): the sparse optimizer reads and
+                        writes the distinct rows and their float32 state (s, s_row:
+                        `OptimizerState`)
+  all_gather_bytes all  B*L*4*(N-1)/N ids of the global batch + b*L*4*(G-1) bag weights
+                        over the group
+                  hold  + A*(R-1)/R: backward of the psum_scatter, where A = b*T*R*F*d*4 is
+                        the size of the pooled activations [b*G, F, d/C] float32
   reduce_scatter_bytes hold  A*(R-1)/R: partial sums psum_scatter-ed over `row`
   all_to_all_bytes hold 2*b*(T-1)*F*d*4: over `table`, forward + backward
                   all   2*b*F*d*4*(C-1)/C: over `col`, forward + backward
-  all_reduce_bytes hold  2*(rep-1)/rep*u*(d/C)*4: row gradients psum-ed over replicas (ring)
+  all_reduce_bytes hold  2*(rep-1)/rep*n*(d/C)*4: buffer gradients psum-ed over replicas
 
-Collective bytes are bytes moved per device for a ring algorithm (what `calibration` times).
-Memory per holder: table `ceil(rows/R)*(d/C)*e`; optimizer state `ceil(rows/R)*((d/C)*e*s +
-4*s_row)`; buffers `cap*(d/C)*(e+4)` (unique rows + their float32 gradients, cap =
-min(B*L, ceil(rows/R))) + `2*b*G*F*(d/C)*4` (pooled activations + gradients). Every device
-also holds `2*B*L*4` id buffers (gathered ids + inverse index).
+Collective bytes are bytes moved per device by a ring algorithm (what `calibration` times).
+Memory per holder: table `ceil(rows/R)*(d/C)*e`; optimizer state (float32)
+`ceil(rows/R)*((d/C)*4*s + 4*s_row)`; buffers `n*(8 + (d/C)*(e+4))` (unique ids + inverse index, rows + their float32
+gradients) + `b*G*(4*L + 8*F*(d/C))` (bag weights, pooled activations + gradients). Every
+device also holds the gathered ids, `B*L*4`.
 """
 
 from __future__ import annotations
@@ -62,8 +68,8 @@ class OptimizerState:
   """Optimizer state size.
 
   Attributes:
-    per_element: state values per table element, in the table dtype (Adagrad 1, Adam 2).
-    per_row: float32 values per row (row-wise Adagrad 1).
+    per_element: float32 state values per table element (Adagrad 1, Adam 2).
+    per_row: float32 state values per row (row-wise Adagrad 1).
   """
 
   per_element: float = 0.0
@@ -79,11 +85,15 @@ OPTIMIZER_STATES = {
 }
 
 
-def optimizer_state(spec: float | str | OptimizerState) -> OptimizerState:
+def optimizer_state(spec) -> OptimizerState:
   """`spec`: a factor of the table size (0 = SGD, 1 = Adagrad, 2 = Adam), an optimizer name
-  from `OPTIMIZER_STATES`, or an `OptimizerState`."""
+  from `OPTIMIZER_STATES`, an `OptimizerState`, or a sparse optimizer of
+  `jaxrec.embedding.optimizers` (its `state_layout()` is counted)."""
   if isinstance(spec, OptimizerState):
     return spec
+  if hasattr(spec, "state_layout"):
+    per = [p for p, _ in spec.state_layout().values()]
+    return OptimizerState(float(per.count("element")), float(per.count("row")))
   if isinstance(spec, str):
     key = spec.strip().lower().replace("-", "_")
     if key in OPTIMIZER_STATES:
@@ -145,7 +155,7 @@ def table_loads(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
     length = sum(int(f.max_len) for f in feats)
     s = stats.get(t.name, TableStats())
     pf = float(length if s.pooling_factor is None else s.pooling_factor)
-    if pf < 0 or pf > max(length, 0) + 1e-9 and feats:
+    if not 0 <= pf <= length + 1e-9:
       raise ConfigError(f"table '{t.name}': pooling factor {pf} must be in [0, {length}] "
                         "(sum of max_len of its features)")
     loads.append(TableLoad(t.name, int(t.rows), int(t.dim), t.dtype, np.dtype(t.dtype).itemsize,
@@ -195,7 +205,7 @@ def expected_unique_rows(draws: float, rows: int, zipf_alpha: float | None = Non
 def split_sizes(kind: str, mesh: Mapping[str, int]) -> tuple[int, int, int]:
   """(T, R, C): the sizes of `table`, `row`, `col` if `kind` splits over them, else 1."""
   axes = KIND_AXES[kind]
-  return tuple(mesh[a] if a in axes else 1 for a in ("table", "row", "col"))
+  return tuple(mesh.get(a, 1) if a in axes else 1 for a in ("table", "row", "col"))
 
 
 def kind_problem(load: TableLoad, kind: str, mesh: Mapping[str, int]) -> str | None:
@@ -214,7 +224,7 @@ def allowed_kinds(load: TableLoad, mesh: Mapping[str, int]) -> list[str]:
   for kind in KINDS:
     t, r, c = split_sizes(kind, mesh)
     axes = KIND_AXES[kind]
-    if any(mesh[a] == 1 for a in axes) or kind_problem(load, kind, mesh) or load.rows < r:
+    if any(mesh.get(a, 1) == 1 for a in axes) or kind_problem(load, kind, mesh) or load.rows < r:
       continue
     out.append(kind)
   return out
@@ -225,7 +235,7 @@ def stack_launches(kind: str, mesh: Mapping[str, int]) -> int:
   backward of each split axis (psum_scatter / all_gather over row, all_to_all over table and
   col) of size > 1, and the gradient psum when shards have replicas."""
   t, r, c = split_sizes(kind, mesh)
-  n = math.prod(mesh[a] for a in MESH_AXES)
+  n = math.prod(mesh.get(a, 1) for a in MESH_AXES)
   rep = n // t // (r * c)
   return 1 + 2 * sum(s > 1 for s in (t, r, c)) + (1 if rep > 1 else 0)
 
@@ -262,7 +272,7 @@ def estimate(load: TableLoad, kind: str, mesh: Mapping[str, int], batch_size: in
              opt: OptimizerState) -> Estimate:
   """Memory and cost terms of `load` placed as `kind` on `mesh` for a global `batch_size`."""
   t, r, c = split_sizes(kind, mesh)
-  n = math.prod(mesh[a] for a in MESH_AXES)
+  n = math.prod(mesh.get(a, 1) for a in MESH_AXES)
   holders = n // t
   rep = holders // (r * c)
   big_b = float(batch_size)
@@ -271,27 +281,26 @@ def estimate(load: TableLoad, kind: str, mesh: Mapping[str, int], batch_size: in
   big_l, f, d, e = load.ids_per_example, load.num_features, load.dim, load.dtype_bytes
   rows_local = -(-load.rows // r)
   cols = -(-d // c)
+  n_buf = min(big_b * big_l, rows_local)
   u = expected_unique_rows(big_b * load.pooling_factor, load.rows, load.zipf_alpha) / r
-  cap = min(int(big_b) * big_l, rows_local)
   act = b * t * r * f * d * 4.0
 
   hold = np.zeros(len(COST_TERMS))
   every = np.zeros(len(COST_TERMS))
-  every[_I["sort_bytes"]] = big_b * big_l * 4
-  every[_I["all_gather_bytes"]] = big_b * big_l * 4 * (n - 1) / n
-  hold[_I["gather_bytes"]] = u * cols * e
+  hold[_I["sort_bytes"]] = n_buf * 4
+  hold[_I["gather_bytes"]] = n_buf * cols * e
   hold[_I["pool_bytes"]] = 2 * b * g * big_l * cols * e
-  hold[_I["update_bytes"]] = 2 * u * (cols * e * (1 + opt.per_element) + 4 * opt.per_row)
-  hold[_I["reduce_scatter_bytes"]] = act * (r - 1) / r
+  hold[_I["update_bytes"]] = 2 * u * (cols * (e + 4 * opt.per_element) + 4 * opt.per_row)
+  every[_I["all_gather_bytes"]] = big_b * big_l * 4 * (n - 1) / n + b * big_l * 4 * (g - 1)
   hold[_I["all_gather_bytes"]] = act * (r - 1) / r
+  hold[_I["reduce_scatter_bytes"]] = act * (r - 1) / r
   hold[_I["all_to_all_bytes"]] = 2 * b * (t - 1) * f * d * 4
   every[_I["all_to_all_bytes"]] = 2 * b * f * d * 4 * (c - 1) / c
-  hold[_I["all_reduce_bytes"]] = 2 * (rep - 1) / rep * u * cols * 4
+  hold[_I["all_reduce_bytes"]] = 2 * (rep - 1) / rep * n_buf * cols * 4
 
   memory = {
       "table": rows_local * cols * e,
-      "optimizer": int(math.ceil(rows_local * (cols * e * opt.per_element + 4 * opt.per_row))),
-      "buffers": int(math.ceil(cap * cols * (e + 4) + 2 * b * g * f * cols * 4)),
+      "optimizer": int(math.ceil(rows_local * 4 * (cols * opt.per_element + opt.per_row))),
+      "buffers": int(math.ceil(n_buf * (8 + cols * (e + 4)) + b * g * (4 * big_l + 8 * f * cols))),
   }
-  return Estimate(kind, holders, rows_local, cols, memory, int(2 * big_b * big_l * 4), hold,
-                  every)
+  return Estimate(kind, holders, rows_local, cols, memory, int(big_b * big_l * 4), hold, every)

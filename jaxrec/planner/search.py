@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 from typing import Mapping, Sequence
 
@@ -31,6 +32,7 @@ from jaxrec.planner.result import PlanResult, SliceReport, TableReport, format_b
 from jaxrec.sharding.plan import KIND_AXES, MESH_AXES, Plan, TablePlacement
 
 _REL_TOL = 1e-9
+DEFAULT_MEMORY_PER_DEVICE = 16 * 2**30  # bytes, when the caller gives no budget
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,12 +41,25 @@ class _Candidate:
   sliced: bool  # lives on one `table` slice
   hold_s: float  # seconds per step on each holder
   all_s: float  # seconds per step on every device
+  mem: int  # bytes on each holder
+  stack: tuple  # (dim, dtype, kind): tables sharing it share its collectives
+  launches: int  # collectives its stack launches per step
 
 
 def _better(a: tuple[float, float], b: tuple[float, float]) -> bool:
   if a[0] < b[0] * (1 - _REL_TOL) - 1e-15:
     return True
   return abs(a[0] - b[0]) <= b[0] * _REL_TOL + 1e-15 and a[1] < b[1] * (1 - _REL_TOL) - 1e-15
+
+
+def _max_without_each(x: np.ndarray) -> np.ndarray:
+  """out[i] = max(x[j] for j != i) (-inf for a single element)."""
+  if len(x) == 1:
+    return np.full(1, -np.inf)
+  i = int(np.argmax(x))
+  out = np.full(len(x), x[i])
+  out[i] = np.max(np.delete(x, i))
+  return out
 
 
 class _State:
@@ -64,43 +79,56 @@ class _State:
     self.launches = 0
     self.choice: dict[str, tuple[str, int]] = {}
 
-  def options(self, name: str):
-    for kind, c in self.cands[name].items():
-      for s in (range(self.nt) if c.sliced else (0,)):
-        yield kind, s
-
   def place(self, name: str, kind: str, s: int, sign: int = 1):
-    c, load = self.cands[name][kind], self.loads[name]
+    c = self.cands[name][kind]
     where = s if c.sliced else slice(None)
     self.time[where] += sign * c.hold_s
-    self.mem[where] += sign * c.est.holder_memory
+    self.mem[where] += sign * c.mem
     self.time += sign * c.all_s
     self.mem += sign * c.est.ids_memory
-    key = (load.dim, load.dtype, kind)
-    if (self.stacks[key] == 0) if sign > 0 else (self.stacks[key] == 1):
-      self.launches += sign * cm.stack_launches(kind, self.mesh)
-    self.stacks[key] += sign
+    if (self.stacks[c.stack] == 0) if sign > 0 else (self.stacks[c.stack] == 1):
+      self.launches += sign * c.launches
+    self.stacks[c.stack] += sign
     if sign > 0:
       self.choice[name] = (kind, s)
     else:
       del self.choice[name]
 
-  def step_time(self) -> float:
-    return (float(self.time.max()) + self.launches * self.coef["launches"] +
-            self.coef["const"])
+  def _fixed_s(self, launches: int) -> float:
+    return launches * self.coef["launches"] + self.coef["const"]
 
   def objective(self) -> tuple[float, float]:
-    return self.step_time(), float(self.time.mean())
+    """(step time = busiest slice + launches + const, mean slice time)."""
+    return float(self.time.max()) + self._fixed_s(self.launches), float(self.time.mean())
 
-  def fits(self, reserve: float = 0.0) -> bool:
-    return float(self.mem.max()) + reserve <= self.budget
+  def fits(self) -> bool:
+    return float(self.mem.max()) <= self.budget
 
-  def trial(self, name: str, kind: str, s: int, reserve: float = 0.0):
-    """Objective with `name` placed at (kind, s), or None if it would not fit."""
-    self.place(name, kind, s)
-    out = self.objective() if self.fits(reserve) else None
-    self.place(name, kind, s, -1)
+  def evaluate(self, name: str, reserve: float = 0.0):
+    """[(objective, kind, slice)] for each option of the unplaced table `name` that fits
+    with `reserve` bytes to spare on every slice."""
+    out = []
+    for kind, c in self.cands[name].items():
+      fixed = self._fixed_s(self.launches + (c.launches if not self.stacks[c.stack] else 0))
+      t = self.time + c.all_s
+      m = self.mem + c.est.ids_memory
+      room = self.budget - reserve
+      if c.sliced:  # option s adds the holder cost to slice s only
+        step = np.maximum(_max_without_each(t), t + c.hold_s) + fixed
+        peak = np.maximum(_max_without_each(m), m + c.mem)
+        mean = (float(t.sum()) + c.hold_s) / self.nt
+        out += [((float(step[s]), mean), kind, s) for s in range(self.nt) if peak[s] <= room]
+      elif float(m.max()) + c.mem <= room:
+        out.append(((float(t.max()) + c.hold_s + fixed, float(t.mean()) + c.hold_s), kind, 0))
     return out
+
+
+def _best(options):
+  best = None
+  for opt in options:
+    if best is None or _better(opt[0], best[0]):
+      best = opt
+  return best
 
 
 def _prepare(tables, features, mesh_shape, memory_per_device_bytes, optimizer_state_factor,
@@ -111,17 +139,22 @@ def _prepare(tables, features, mesh_shape, memory_per_device_bytes, optimizer_st
   if int(batch_size) < 0 or (batch_size and int(batch_size) % n):
     raise ConfigError(f"global batch {batch_size} must be a multiple of the {n} devices of "
                       f"mesh {cm.mesh_str(mesh)} (batches are split over all devices)")
-  if not memory_per_device_bytes or memory_per_device_bytes <= 0:
+  if memory_per_device_bytes is None:
+    memory_per_device_bytes = DEFAULT_MEMORY_PER_DEVICE
+  if not memory_per_device_bytes > 0:
     raise ConfigError(f"memory per device must be positive, got {memory_per_device_bytes}")
   loads = cm.table_loads(tables, features, table_stats)
   cal = calibration or DEFAULT
-  return mesh, loads, cm.optimizer_state(optimizer_state_factor), cal
+  return (mesh, loads, cm.optimizer_state(optimizer_state_factor), cal,
+          int(memory_per_device_bytes))
 
 
 def _candidate(load, kind, mesh, batch_size, opt, coef) -> _Candidate:
   est = cm.estimate(load, kind, mesh, batch_size, opt)
   return _Candidate(est, "table" in KIND_AXES[kind] and mesh["table"] > 1,
-                    float(est.holder_terms @ coef), float(est.all_terms @ coef))
+                    float(est.holder_terms @ coef), float(est.all_terms @ coef),
+                    est.holder_memory, (load.dim, load.dtype, kind),
+                    cm.stack_launches(kind, mesh))
 
 
 def _describe(load: cm.TableLoad) -> str:
@@ -160,18 +193,18 @@ def _min_memory(cands: Mapping[str, _Candidate], nt: int) -> tuple[float, float]
   return holder, avg
 
 
-def _greedy(state: _State, order: list[str]) -> bool:
-  """Places `order` one by one; False if some table found no room."""
+def _greedy(state: _State, order: list[str], prefer: str | None = None) -> bool:
+  """Places `order` one by one, each where it least raises the objective (only at kind
+  `prefer` when that fits), keeping room for the tables still to place when possible;
+  False if some table found no room."""
   avg = {n: _min_memory(state.cands[n], state.nt)[1] for n in order}
   reserve = float(sum(avg.values()))
   for name in order:
     reserve -= avg[name]
     best = None
-    for r in (reserve, 0.0):  # keep room for the rest if possible
-      for kind, s in state.options(name):
-        obj = state.trial(name, kind, s, r)
-        if obj is not None and (best is None or _better(obj, best[0])):
-          best = (obj, kind, s)
+    for r in (reserve, 0.0):
+      options = state.evaluate(name, r)
+      best = _best(o for o in options if o[1] == prefer) or _best(options)
       if best:
         break
     if best is None:
@@ -183,7 +216,7 @@ def _greedy(state: _State, order: list[str]) -> bool:
 def _pack_smallest(state: _State, order: list[str]) -> None:
   """Fallback: every table at its smallest kind, largest first onto the emptiest slice."""
   for name in sorted(order, key=lambda n: -_min_memory(state.cands[n], state.nt)[0]):
-    kind = min(state.cands[name], key=lambda k: state.cands[name][k].est.holder_memory)
+    kind = min(state.cands[name], key=lambda k: state.cands[name][k].mem)
     s = int(np.argmin(state.mem)) if state.cands[name][kind].sliced else 0
     state.place(name, kind, s)
 
@@ -194,15 +227,14 @@ def _improve(state: _State, order: list[str], max_passes: int = 8) -> None:
     improved = False
     for name in order:
       cur = state.choice[name]
-      best = (state.objective(), cur)
+      base = state.objective()
       state.place(name, *cur, -1)
-      for opt in state.options(name):
-        if opt != cur:
-          obj = state.trial(name, *opt)
-          if obj is not None and _better(obj, best[0]):
-            best = (obj, opt)
-      state.place(name, *best[1])
-      improved |= best[1] != cur
+      best = _best(state.evaluate(name))
+      if best is not None and (best[1], best[2]) != cur and _better(best[0], base):
+        state.place(name, best[1], best[2])
+        improved = True
+      else:
+        state.place(name, *cur)
     if state.nt > 1:
       improved |= _swap(state)
     if not improved:
@@ -210,24 +242,31 @@ def _improve(state: _State, order: list[str], max_passes: int = 8) -> None:
 
 
 def _swap(state: _State) -> bool:
-  """Best swap of the slices of a table-wise table on the busiest slice and another's."""
+  """Best swap of the slices of a table-wise table on the busiest slice and another's.
+  Only those two slices change (launches and mean time do not)."""
   hot = int(np.argmax(state.time))
-  sliced = [n for n, (k, _) in state.choice.items() if state.cands[n][k].sliced]
-  best = (state.objective(), None)
-  for a in (n for n in sliced if state.choice[n][1] == hot):
-    for b in (n for n in sliced if state.choice[n][1] != hot):
-      (ka, sa), (kb, sb) = state.choice[a], state.choice[b]
-      state.place(a, ka, sa, -1)
-      state.place(b, kb, sb, -1)
-      state.place(a, ka, sb)
-      state.place(b, kb, sa)
-      obj = state.objective() if state.fits() else None
-      if obj is not None and _better(obj, best[0]):
-        best = (obj, (a, b))
-      state.place(a, ka, sb, -1)
-      state.place(b, kb, sa, -1)
-      state.place(a, ka, sa)
-      state.place(b, kb, sb)
+  sliced = [(n, state.cands[n][k], s) for n, (k, s) in state.choice.items()
+            if state.cands[n][k].sliced]
+  mine = [(n, c) for n, c, s in sliced if s == hot]
+  other = [(n, c, s) for n, c, s in sliced if s != hot]
+  if not mine or not other:
+    return False
+  where = np.array([s for _, _, s in other])
+  hold = np.array([c.hold_s for _, c, _ in other])
+  mem = np.array([c.mem for _, c, _ in other], dtype=float)
+  t_rest, m_rest = state.time.copy(), state.mem.copy()
+  t_rest[hot] = m_rest[hot] = -np.inf
+  t_rest, m_rest = _max_without_each(t_rest)[where], _max_without_each(m_rest)[where]
+  best = (float(state.time.max()), None)
+  for a, ca in mine:
+    step = np.maximum.reduce([t_rest, state.time[hot] - ca.hold_s + hold,
+                              state.time[where] - hold + ca.hold_s])
+    peak = np.maximum.reduce([m_rest, state.mem[hot] - ca.mem + mem,
+                              state.mem[where] - mem + ca.mem])
+    step[peak > state.budget] = np.inf
+    i = int(np.argmin(step))
+    if step[i] < best[0] * (1 - _REL_TOL) - 1e-15:
+      best = (float(step[i]), (a, other[i][0]))
   if best[1] is None:
     return False
   a, b = best[1]
@@ -251,30 +290,32 @@ def _reason(state: _State, name: str) -> str:
   load, cands = state.loads[name], state.cands[name]
   base = state.objective()
   state.place(name, kind, s, -1)
-  alts = {}  # kind -> objective (best slice) or None when no slice fits
-  for k, ts in state.options(name):
-    if k != kind:
-      obj = state.trial(name, k, ts)
-      if k not in alts or (obj is not None and (alts[k] is None or _better(obj, alts[k]))):
-        alts[k] = obj
+  options = state.evaluate(name)
   state.place(name, kind, s)
+  alts = {k: None for k in cands if k != kind}  # kind -> objective at its best slice
+  for k in alts:
+    alts[k] = (_best(o for o in options if o[1] == k) or (None,))[0]
   fitting = sorted(((o, k) for k, o in alts.items() if o is not None), key=lambda x: x[0])
   nxt = f"{fitting[0][1]} {_delta(fitting[0][0], base)}" if fitting else None
-  small = cands[kind].est.holder_memory <= 0.01 * state.budget
+  small = cands[kind].mem <= 0.01 * state.budget
   if kind == "dp":
     if not nxt:
       return "replicated: the mesh offers no split this table can use"
     return f"{'small table ' if small else ''}replicated: cheaper than {nxt}"
   parts = []
   if "dp" in alts and alts["dp"] is None:
-    need = cands["dp"].est.holder_memory
-    parts.append(f"replicated would need {format_bytes(need)}/device > budget")
+    need = cands["dp"].mem
+    parts.append(f"replicated would need {format_bytes(need)}/device"
+                 + (" > budget" if need > state.budget else ", no room beside the others"))
   parts.append(f"fastest that fits (next: {nxt})" if nxt else "only kind that fits")
   if cands[kind].sliced:
     parts.append(f"slice {s} balances load")
   _, _, c = cm.split_sizes(kind, state.mesh)
   if c > 1:
     parts.append(f"dim {load.dim} split over col={c}")
+  others = state.stacks[(load.dim, load.dtype, kind)] - 1
+  if others:
+    parts.append(f"shares the collectives of its stack with {others} other table(s)")
   return "; ".join(parts)
 
 
@@ -321,8 +362,8 @@ def _unused_axis_notes(state: _State) -> list[str]:
 
 
 def propose_plan(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
-                 mesh_shape: Mapping[str, int], memory_per_device_bytes: int,
-                 optimizer_state_factor: float | str | cm.OptimizerState = 0.0,
+                 mesh_shape: Mapping[str, int], memory_per_device_bytes: int | None,
+                 optimizer_state_factor=0.0,
                  batch_size: int = 512, calibration: Calibration | None = None, *,
                  table_stats: Mapping[str, cm.TableStats] | None = None,
                  kinds: Sequence[str] | None = None) -> PlanResult:
@@ -331,9 +372,11 @@ def propose_plan(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
   Args:
     tables, features: the embedding specs.
     mesh_shape: axis -> size over `('data', 'table', 'row', 'col')` (absent axes = 1).
-    memory_per_device_bytes: budget for tables, optimizer state and lookup buffers.
+    memory_per_device_bytes: budget for tables, optimizer state and lookup buffers
+      (None: `DEFAULT_MEMORY_PER_DEVICE`).
     optimizer_state_factor: state size: a factor of the table (0 SGD, 1 Adagrad, 2 Adam),
-      or a name in `cost_model.OPTIMIZER_STATES` (e.g. 'rowwise_adagrad').
+      a name in `cost_model.OPTIMIZER_STATES` (e.g. 'rowwise_adagrad'), or the sparse
+      optimizer object itself (`jaxrec.embedding.optimizers.SGD()`, ...).
     batch_size: global batch, split over all devices.
     calibration: cost coefficients; None = `calibration.DEFAULT`.
     table_stats: optional pooling factors and id distributions by table name.
@@ -342,8 +385,9 @@ def propose_plan(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
   Raises:
     ConfigError: a table fits no placement within the budget, or the tables together do not.
   """
-  mesh, loads, opt, cal = _prepare(tables, features, mesh_shape, memory_per_device_bytes,
-                                   optimizer_state_factor, batch_size, calibration, table_stats)
+  mesh, loads, opt, cal, memory_per_device_bytes = _prepare(
+      tables, features, mesh_shape, memory_per_device_bytes, optimizer_state_factor,
+      batch_size, calibration, table_stats)
   coef = cal.vector()
   cands = {}
   for load in loads:
@@ -354,8 +398,8 @@ def propose_plan(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
     cands[load.name] = {k: _candidate(load, k, mesh, batch_size, opt, coef) for k in ks}
   ids_all = sum(next(iter(c.values())).est.ids_memory for c in cands.values())
   for load in loads:
-    smallest = min(cands[load.name].values(), key=lambda c: c.est.holder_memory)
-    if smallest.est.holder_memory + ids_all > memory_per_device_bytes:
+    smallest = min(cands[load.name].values(), key=lambda c: c.mem)
+    if smallest.mem + ids_all > memory_per_device_bytes:
       raise ConfigError(
           f"table {_describe(load)} fits no placement within the memory budget of "
           f"{format_bytes(memory_per_device_bytes)}/device on mesh {cm.mesh_str(mesh)}: "
@@ -369,22 +413,38 @@ def propose_plan(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
               for n, cs in cands.items()}
   total_time = sum(min_time.values()) or 1.0
   order = sorted(cands, key=lambda n: (-(min_mem[n] / budget + min_time[n] / total_time), n))
-  state = _State(loads, cands, mesh, coef, budget)
-  if not _greedy(state, order):
+  # Starts: free greedy, and greedy preferring each kind (a whole stack may only pay off
+  # together: a lone table of a new kind pays its stack's collective launches alone). The
+  # two best starts are improved by local search.
+  starts = []
+  for prefer in (None,) + tuple(k for k in KIND_AXES if any(k in c for c in cands.values())):
+    state = _State(loads, cands, mesh, coef, budget)
+    if _greedy(state, order, prefer):
+      starts.append(state)
+  if not starts:
     state = _State(loads, cands, mesh, coef, budget)
     _pack_smallest(state, order)
     if not state.fits():
       raise _overflow_error(state, f"the {len(loads)} tables together (even each at its "
                             "smallest placement)")
-  _improve(state, order)
+    starts.append(state)
+  starts.sort(key=functools.cmp_to_key(
+      lambda x, y: -1 if _better(x.objective(), y.objective()) else
+      (1 if _better(y.objective(), x.objective()) else 0)))
+  best = None
+  for state in starts[:2]:
+    _improve(state, order)
+    if best is None or _better(state.objective(), best.objective()):
+      best = state
+  state = best
   reasons = {n: _reason(state, n) for n in order}
   return _result(state, cal, batch_size, "auto", reasons, [l.name for l in loads],
                  _unused_axis_notes(state))
 
 
 def estimate_plan(plan: Plan, tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
-                  mesh_shape: Mapping[str, int], memory_per_device_bytes: int,
-                  optimizer_state_factor: float | str | cm.OptimizerState = 0.0,
+                  mesh_shape: Mapping[str, int], memory_per_device_bytes: int | None,
+                  optimizer_state_factor=0.0,
                   batch_size: int = 512, calibration: Calibration | None = None, *,
                   table_stats: Mapping[str, cm.TableStats] | None = None,
                   check: bool = True, mode: str = "forced") -> PlanResult:
@@ -394,8 +454,9 @@ def estimate_plan(plan: Plan, tables: Sequence[TableSpec], features: Sequence[Fe
     ConfigError: the plan misses or names unknown tables, a kind cannot split a table on
       this mesh, a table slice is out of range, or (if `check`) a device is over budget.
   """
-  mesh, loads, opt, cal = _prepare(tables, features, mesh_shape, memory_per_device_bytes,
-                                   optimizer_state_factor, batch_size, calibration, table_stats)
+  mesh, loads, opt, cal, memory_per_device_bytes = _prepare(
+      tables, features, mesh_shape, memory_per_device_bytes, optimizer_state_factor,
+      batch_size, calibration, table_stats)
   names = {l.name for l in loads}
   unknown = sorted(set(plan.placements) - names)
   if unknown:

@@ -10,7 +10,7 @@ from jaxrec.kernels import (SGD, Adagrad, RowWiseAdagrad, cast_store, comm_cast,
                             dequantize, init_opt_state, lookup_pool, lookup_pool_csr,
                             padded_to_csr, quantize, sparse_update)
 from jaxrec.kernels import quant
-from kernel_helpers import DTYPES, make_table
+from tests.kernels.kernel_helpers import DTYPES, make_table
 
 
 def test_int8_rows_round_trip_within_half_a_step():

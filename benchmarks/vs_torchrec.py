@@ -1,0 +1,350 @@
+#!/usr/bin/env python3
+"""jaxrec vs TorchRec: training examples/sec on this CPU, same model, same data, same AUC.
+
+The `configs/dlrm_criteo.gin` shape (26 tables x 100,000 rows x dim 16, bottom MLP
+512-256-64-16, top MLP 512-256-1, batch 512, SGD lr 0.1 dense and sparse) is trained by
+both frameworks, one after the other, on the same examples in the same order:
+
+  1. This script (core venv) writes the data once with jaxrec's synthetic source to an
+     .npz: `dense [N, 13] float32`, `sparse [N, 26] int64`, `labels [N] float32` (train,
+     `N = steps * 512`) and `eval_dense` / `eval_sparse` / `eval_labels` (a disjoint
+     split).
+  2. jaxrec trains in a subprocess of this script (`--worker=jaxrec`), pinned to two
+     threads (`taskset -c 0,1`, `XLA_FLAGS=... intra_op_parallelism_threads=2`), one CPU
+     device, plan `dp`.
+  3. TorchRec trains with `third_party/torchrec_reference/run_torchrec.py` in its own venv
+     (`make -C third_party/torchrec_reference venv`): `DistributedModelParallel` on a gloo
+     group of world size 1, fused TBE with the SGD update in the backward pass,
+     `torch.set_num_threads(2)`. Skipped with a `"skipped"` line when that venv is absent.
+
+Both time the steps after `--warmup` steps (compilation, first-touch allocations) to the
+last one, host batch preparation included, and then score the same eval set (exact AUC,
+log loss). Prints one JSON line per framework and a summary line
+
+  {"benchmark": "vs_torchrec", "ratio": jaxrec_eps / torchrec_eps, "goal": 2.0, ...}
+
+The goal is met when `ratio >= 2.0` and jaxrec's AUC is not worse than TorchRec's
+(`"auc_ok"`, with a tolerance of `--auc_tolerance` for run-to-run noise, 0 by default).
+`--breakdown` adds, for jaxrec, the step time of the dense part alone and of the embedding
+part alone (where the time goes); `--trace_dir` writes a `jax.profiler` trace of a few steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from common import emit
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIN_FILE = os.path.join(ROOT, "configs", "dlrm_criteo.gin")
+TORCHREC_DIR = os.path.join(ROOT, "third_party", "torchrec_reference")
+TORCHREC_PYTHON = os.path.join(TORCHREC_DIR, ".venv", "bin", "python")
+TORCHREC_RUNNER = os.path.join(TORCHREC_DIR, "run_torchrec.py")
+NAME = "vs_torchrec"
+
+
+# ----------------------------------------------------------------------------- data
+def load_config():
+  """The `dlrm_criteo.gin` ExperimentConfig (gin parsed in this process)."""
+  from jaxrec.launch import parse_gin
+  from jaxrec.train.config import ExperimentConfig
+  parse_gin([GIN_FILE], [])
+  return ExperimentConfig()
+
+
+def write_data(path: str, num_train: int, num_eval: int, seed: int) -> dict:
+  """Writes the train and eval examples to `path` (.npz); returns shape facts."""
+  from jaxrec.data.source import make_layout
+  from jaxrec.data.synthetic import SyntheticSource
+  config = load_config()
+  rows = {t.name: t.rows for t in config.tables}
+  layout = make_layout(config.features, rows, config.num_dense)
+  if any(m != 1 for m in layout.max_lens) or any(layout.weighted):
+    raise SystemExit(f"{NAME}: expects one-hot unweighted features (the Criteo shape)")
+  out = {}
+  for prefix, split, n in (("", 0, num_train), ("eval_", 1, num_eval)):
+    src = SyntheticSource(layout, seed=seed, split=split)
+    dense, sparse, labels = [], [], []
+    for lo in range(0, n, 65536):
+      b = src.gather(np.arange(lo, min(lo + 65536, n), dtype=np.int64))
+      dense.append(b.dense)
+      labels.append(b.labels)
+      sparse.append(np.concatenate([b.ids[f] for f in layout.names], axis=1).astype(np.int64))
+    out[prefix + "dense"] = np.concatenate(dense).astype(np.float32)
+    out[prefix + "sparse"] = np.concatenate(sparse)
+    out[prefix + "labels"] = np.concatenate(labels).astype(np.float32)
+  np.savez(path, **out)
+  return {"positive_rate": round(float(out["labels"].mean()), 4)}
+
+
+# ----------------------------------------------------------------------------- jaxrec side
+def _batches(data, prefix: str, batch_size: int, names):
+  """Yields host `Batch`es of consecutive `batch_size` slices (the last one may be short)."""
+  from jaxrec.data.batch import Batch
+  dense, sparse, labels = data[prefix + "dense"], data[prefix + "sparse"], data[prefix + "labels"]
+  sparse32 = sparse.astype(np.int32)
+  for lo in range(0, len(labels), batch_size):
+    hi = min(lo + batch_size, len(labels))
+    yield Batch(dense=dense[lo:hi], labels=labels[lo:hi],
+                ids={f: sparse32[lo:hi, i:i + 1] for i, f in enumerate(names)})
+
+
+def run_jaxrec(args) -> dict:
+  """Trains jaxrec on the npz batches; returns the framework's JSON record."""
+  import jax
+  from jaxrec.sharding.mesh import batch_sharding
+  from jaxrec.train import loop, metrics
+  from jaxrec.train import state as state_lib
+  from jaxrec.train import step as step_lib
+  from jaxrec.train.config import RunOptions
+
+  config = load_config()
+  options = RunOptions(num_steps=args.steps, plan="dp", mesh="auto", seed=args.seed,
+                       progress=False)
+  collection, _, _ = loop.setup(config, options, devices=jax.devices()[:1])
+  state = state_lib.create(config, collection, args.seed)
+  shardings = state_lib.shardings(state, collection)
+  train_step = step_lib.make_train_step(config, collection, shardings)
+  eval_step = step_lib.make_eval_step(config, collection, shardings)
+  bsharding = batch_sharding(collection.mesh)
+  names = [f.name for f in config.features]
+  bs = config.batch_size
+
+  data = dict(np.load(args.data))
+  n_train = args.steps * bs
+  if len(data["labels"]) < n_train:
+    raise SystemExit(f"{NAME}: {args.data} holds {len(data['labels'])} train examples, "
+                     f"{args.steps} steps need {n_train}")
+  data = {k: (v[:n_train] if not k.startswith("eval_") else v) for k, v in data.items()}
+  # The loop checks every batch's ids on the host; check them all once here instead.
+  collection.check_ids({f: data["sparse"][:, i:i + 1] for i, f in enumerate(names)})
+
+  losses, t0 = [], None
+  for i, batch in enumerate(_batches(data, "", bs, names)):
+    if i == args.warmup:
+      jax.block_until_ready(state)
+      t0 = time.perf_counter()
+    state, m = train_step(state, jax.device_put(batch, bsharding))
+    losses.append(m["loss"])
+  jax.block_until_ready(state)
+  elapsed = time.perf_counter() - t0
+  timed = args.steps - args.warmup
+  losses = np.asarray(jax.device_get(losses), np.float64)
+
+  acc = metrics.EvalAccumulator()
+  eb = config.eval_batch_size
+  for batch in _batches(data, "eval_", eb, names):
+    n = batch.size
+    if n < eb:   # pad the tail to the compiled eval batch size
+      pad = eb - n
+      batch = jax.tree.map(lambda x: np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]),
+                           batch)
+    logits = np.asarray(eval_step(state, jax.device_put(batch, bsharding)))[:n]
+    acc.add(logits, batch.labels[:n])
+  ev = acc.result()
+  record = {"framework": "jaxrec", "examples_per_sec": timed * bs / elapsed,
+            "step_ms": 1e3 * elapsed / timed, "auc": ev["eval_auc"],
+            "logloss": ev["eval_logloss"], "steps": args.steps, "warmup": args.warmup,
+            "train_loss_last50": float(losses[-50:].mean()),
+            "eval_examples": ev["eval_examples"], "jax": jax.__version__,
+            "devices": len(collection.mesh.devices.flat)}
+  if args.breakdown:
+    parts = breakdown(config, collection, state, train_step,
+                      list(_batches(data, "", bs, names))[:8], bsharding)
+    state = parts.pop("state")
+    record.update(parts)
+  if args.trace_dir:
+    batches = [jax.device_put(b, bsharding) for b in list(_batches(data, "", bs, names))[:10]]
+    state, _ = train_step(state, batches[0])
+    jax.block_until_ready(state)
+    with jax.profiler.trace(args.trace_dir):
+      for b in batches:
+        state, _ = train_step(state, b)
+      jax.block_until_ready(state)
+    record["trace_dir"] = args.trace_dir
+  return record
+
+
+def breakdown(config, collection, state, train_step, host_batches, bsharding) -> dict:
+  """Median step time (ms) of the full step and its parts, on the same batches.
+
+  full:        the train step as benchmarked (jitted, state donated)
+  dense:       model forward + backward + optax update, pooled embeddings given as input
+  embedding:   lookup + pool + pool-backward + sparse row update, stand-in upstream grads
+  host_put:    `jax.device_put` of one host batch
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from jaxrec.models import compute_loss
+
+  batches = [jax.device_put(b, bsharding) for b in host_batches]
+  model, tx = config.model, config.dense_tx()
+
+  def med(fn, iters=30):
+    times = []
+    for i in range(iters + 3):
+      t = time.perf_counter()
+      jax.block_until_ready(fn(i))
+      if i >= 3:
+        times.append(time.perf_counter() - t)
+    return 1e3 * float(np.median(times))
+
+  # Copies first: the full step donates (deletes) the state it is given.
+  p0, o0 = jax.tree.map(jnp.copy, (state["params"], state["opt_state"]))
+  emb_state = {"s": jax.tree.map(jnp.copy, state["emb"])}
+  holder = {"s": state}
+
+  def full(i):
+    holder["s"], m = train_step(holder["s"], batches[i % len(batches)])
+    return holder["s"]
+
+  ctxs = [jax.jit(collection.lookup)(emb_state["s"], b.ids) for b in batches]
+  pooled = [jax.jit(collection.pool)(c.rows, c) for c in ctxs]
+
+  @jax.jit
+  def dense_step(params, opt_state, dense, emb, labels):
+    def loss_fn(p):
+      return compute_loss(model, p, dense, emb, labels)[0]
+    g = jax.grad(loss_fn)(params)
+    upd, opt_state = tx.update(g, opt_state, params)
+    return optax.apply_updates(params, upd), opt_state
+
+  def dense(i):
+    b = batches[i % len(batches)]
+    return dense_step(p0, o0, b.dense, pooled[i % len(batches)], b.labels)
+
+  def emb_fn(es, ids):
+    ctx = collection.lookup(es, ids)
+    p, vjp = jax.vjp(lambda r: collection.pool(r, ctx), ctx.rows)
+    (g,) = vjp(p * 1e-3)
+    return collection.apply_gradients(es, ctx, g, jnp.int32(0))
+
+  emb_step = jax.jit(emb_fn, donate_argnums=(0,))
+
+  def emb(i):
+    emb_state["s"] = emb_step(emb_state["s"], batches[i % len(batches)].ids)
+    return emb_state["s"]
+
+  def put(i):
+    return jax.device_put(host_batches[i % len(host_batches)], bsharding)
+
+  out = {"dense": med(dense), "embedding": med(emb), "host_put": med(put), "full": med(full)}
+  return {"breakdown_ms": {k: round(v, 3) for k, v in out.items()}, "state": holder["s"]}
+
+
+# ----------------------------------------------------------------------------- driver
+def _two_thread_env() -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true"
+                      " intra_op_parallelism_threads=2").strip()
+  env["OMP_NUM_THREADS"] = "2"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _pin(cmd: list[str]) -> list[str]:
+  """`taskset -c 0,1 cmd` where taskset exists and the machine has cores 0 and 1."""
+  from shutil import which
+  if which("taskset") and (os.cpu_count() or 1) >= 2:
+    return ["taskset", "-c", "0,1"] + cmd
+  return cmd
+
+
+def _run_json(cmd: list[str], env: dict, framework: str) -> dict:
+  """Runs `cmd`, passing its stderr through; returns the last JSON line of its stdout."""
+  proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+  if proc.returncode != 0 or not lines:
+    return {"framework": framework, "error": f"exit code {proc.returncode}",
+            "stdout_tail": proc.stdout[-2000:]}
+  return json.loads(lines[-1])
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--steps", type=int, default=300, help="train steps of batch 512 per framework")
+  p.add_argument("--warmup", type=int, default=20, help="untimed first steps")
+  p.add_argument("--eval_examples", type=int, default=65536)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--data", default=None, help="npz path (default: a temp file, regenerated)")
+  p.add_argument("--torchrec_python", default=TORCHREC_PYTHON)
+  p.add_argument("--skip_torchrec", action="store_true")
+  p.add_argument("--breakdown", action="store_true", help="add jaxrec step-time breakdown")
+  p.add_argument("--trace_dir", default=None, help="write a jax.profiler trace here")
+  p.add_argument("--auc_tolerance", type=float, default=0.0)
+  p.add_argument("--worker", choices=["jaxrec"], default=None, help=argparse.SUPPRESS)
+  args = p.parse_args()
+  if args.warmup >= args.steps:
+    p.error("--warmup must be smaller than --steps")
+
+  if args.worker == "jaxrec":
+    print(json.dumps(run_jaxrec(args)), flush=True)
+    return
+
+  tmp = None
+  if args.data is None:
+    tmp = tempfile.TemporaryDirectory(prefix="vs_torchrec_")
+    args.data = os.path.join(tmp.name, "data.npz")
+  try:
+    t = time.perf_counter()
+    config = load_config()
+    bs = config.batch_size
+    facts = {}
+    if tmp is not None or not os.path.exists(args.data):
+      facts = write_data(args.data, args.steps * bs, args.eval_examples, args.seed)
+    print(f"{NAME}: data {args.data} ({args.steps * bs} train + {args.eval_examples} eval "
+          f"examples) in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+
+    common_flags = ["--data", args.data, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                    "--seed", str(args.seed)]
+    env = _two_thread_env()
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "jaxrec"] + common_flags
+    if args.breakdown:
+      cmd.append("--breakdown")
+    if args.trace_dir:
+      cmd += ["--trace_dir", args.trace_dir]
+    jx = _run_json(_pin(cmd), env, "jaxrec")
+    emit(NAME, **jx)
+
+    if args.skip_torchrec or not os.path.exists(args.torchrec_python):
+      why = "--skip_torchrec" if args.skip_torchrec else \
+          "torchrec venv missing; run make bench-torchrec"
+      emit(NAME, framework="torchrec", skipped=why)
+      emit(NAME, skipped=why, goal=2.0, jaxrec_auc=jx.get("auc"),
+           jaxrec_examples_per_sec=jx.get("examples_per_sec"))
+      return
+    cmd = [args.torchrec_python, TORCHREC_RUNNER, "--threads", "2", "--batch_size", str(bs),
+           "--lr", "0.1", "--rows", str(config.tables[0].rows),
+           "--dim", str(config.tables[0].dim)] + common_flags
+    tr = _run_json(_pin(cmd), env, "torchrec")
+    emit(NAME, **tr)
+
+    if "examples_per_sec" not in jx or "examples_per_sec" not in tr:
+      emit(NAME, error="a framework failed; see its line above", goal=2.0)
+      sys.exit(1)
+    ratio = jx["examples_per_sec"] / tr["examples_per_sec"]
+    auc_ok = jx["auc"] >= tr["auc"] - args.auc_tolerance
+    emit(NAME, ratio=round(ratio, 3), goal=2.0, goal_op=">=",
+         met=bool(ratio >= 2.0 and auc_ok), auc_ok=bool(auc_ok),
+         jaxrec_examples_per_sec=round(jx["examples_per_sec"], 1),
+         torchrec_examples_per_sec=round(tr["examples_per_sec"], 1),
+         jaxrec_auc=round(jx["auc"], 5), torchrec_auc=round(tr["auc"], 5),
+         jaxrec_logloss=round(jx["logloss"], 5), torchrec_logloss=round(tr["logloss"], 5),
+         examples=args.steps * bs, timed_examples=(args.steps - args.warmup) * bs,
+         eval_examples=args.eval_examples, threads=2, **facts)
+  finally:
+    if tmp is not None:
+      tmp.cleanup()
+
+
+if __name__ == "__main__":
+  main()

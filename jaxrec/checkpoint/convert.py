@@ -1,0 +1,255 @@
+"""Checkpoint conversion: export (npz, zarr), copy for another mesh/plan, TorchRec import.
+
+Exported names (npz keys, zarr array paths), from the canonical leaf names:
+
+    tables/<table>              [rows, dim]
+    table_opt/<table>/<name>    [rows, dim] or [rows]   sparse optimizer state
+    dense/<path>                dense parameter, e.g. dense/params/bottom_0/kernel
+    dense_opt/<path>            optax state leaf, e.g. dense_opt/0/mu/bottom_0/kernel
+    step, rng                   int32 [], uint32 key data
+    metadata                    JSON text: {"step", "manifest", "meta", "data_state"}
+
+Arrays are read from the checkpoint in row blocks and verified against their saved
+fingerprints while they are written, so an export never holds a whole table in memory
+and never silently exports corrupt data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import time
+import zipfile
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorstore as ts
+from absl import logging
+from etils import epath
+from jax.sharding import Mesh
+
+from jaxrec.checkpoint import canonical as canonical_lib
+from jaxrec.checkpoint import storage
+from jaxrec.checkpoint.manager import CheckpointError, CheckpointManager
+from jaxrec.embedding import layout as layout_lib
+from jaxrec.embedding.specs import FeatureSpec, TableSpec
+from jaxrec.errors import ConfigError, DataError
+from jaxrec.sharding.plan import KINDS, Plan, uniform_plan
+
+FORMATS = ("npz", "zarr", "checkpoint")
+_RENAME = (("params", "dense"), ("opt_state", "dense_opt"))
+TORCHREC_KEY = re.compile(r"(?:^|\.)(?:embedding_bags|embeddings)\.([^.]+)\.weight$")
+
+
+def export_name(name: str) -> str:
+  """Canonical leaf name → exported name (`params/x` → `dense/x`, ...)."""
+  head, sep, rest = name.partition("/")
+  return dict(_RENAME).get(head, head) + sep + rest
+
+
+def _select_step(checkpoint_dir, step: int | None) -> tuple[CheckpointManager, int]:
+  mgr = CheckpointManager(checkpoint_dir, read_only=True)
+  steps = mgr.all_steps()
+  if not steps:
+    raise CheckpointError(f"no checkpoint in {checkpoint_dir}")
+  if step is None:
+    step = mgr.latest_valid_step()
+  elif step not in steps:
+    raise CheckpointError(f"no checkpoint for step {step} in {checkpoint_dir} (steps: {steps})")
+  return mgr, int(step)
+
+
+def _metadata(step_dir, step) -> dict:
+  return {"step": step, "manifest": storage.read_json(step_dir, storage.MANIFEST),
+          "meta": storage.read_json(step_dir, storage.META),
+          "data_state": storage.read_json(step_dir, storage.DATA_STATE)}
+
+
+def _exported_arrays(step_dir):
+  """Yields `(export name, tensorstore, saved fingerprint or None)`, sorted by name."""
+  manifest = storage.check_step(step_dir)
+  arrays = storage.open_arrays(step_dir)
+  saved = {}
+  if manifest.get("fingerprint"):
+    saved = dict(zip(manifest["fingerprint"],
+                     np.asarray(arrays["fingerprint"].read().result()).tolist()))
+  for name in sorted(manifest["leaves"]):
+    yield export_name(name), name, arrays[name], saved.get(name)
+
+
+class _Verifier:
+  """Accumulates a fingerprint over row blocks; `done()` raises on mismatch."""
+
+  def __init__(self, name, shape, expect, step_dir):
+    self.name, self.shape, self.expect, self.step_dir, self.value = name, shape, expect, step_dir, 0
+
+  def add(self, start, block):
+    self.value = (self.value + canonical_lib.fingerprint_np(block, self.shape, start)) & 0xFFFFFFFF
+
+  def done(self):
+    if self.expect is not None and self.value != self.expect:
+      raise CheckpointError(f"array '{self.name}' in {self.step_dir} fails its fingerprint "
+                            "check: the checkpoint is corrupt; pick another --step")
+
+
+def export_npz(checkpoint_dir, output, step: int | None = None) -> int:
+  """Writes checkpoint `step` (default: latest valid) as one `.npz`; returns the step.
+
+  Streams each array into the zip (uncompressed, zip64), so memory stays bounded."""
+  mgr, step = _select_step(checkpoint_dir, step)
+  step_dir = mgr.step_dir(step)
+  output = epath.Path(output)
+  output.parent.mkdir(parents=True, exist_ok=True)
+  tmp = output.parent / (output.name + ".tmp")
+  with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    for ename, name, array, expect in _exported_arrays(step_dir):
+      dtype, shape = array.dtype.numpy_dtype, tuple(array.shape)
+      check = _Verifier(name, shape, expect, step_dir)
+      with zf.open(ename + ".npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                 "fortran_order": False, "shape": shape})
+        for start, block in storage.row_blocks(array):
+          check.add(start, block)
+          f.write(np.ascontiguousarray(block, dtype).tobytes())
+      check.done()
+    with zf.open("metadata.npy", "w") as f:
+      np.lib.format.write_array(f, np.array(json.dumps(_metadata(step_dir, step))))
+  tmp.rename(output)
+  return step
+
+
+def export_zarr(checkpoint_dir, output, step: int | None = None) -> int:
+  """Writes checkpoint `step` as a directory of tensorstore zarr (v2) arrays, one per
+  exported name, plus `metadata.json`; returns the step."""
+  mgr, step = _select_step(checkpoint_dir, step)
+  step_dir = mgr.step_dir(step)
+  output = epath.Path(output)
+  if output.exists():
+    raise ConfigError(f"--output {output} already exists; remove it or pick another path")
+  tmp = output.parent / (output.name + f".tmp-{time.time_ns()}")
+  for ename, name, array, expect in _exported_arrays(step_dir):
+    dtype, shape = array.dtype.numpy_dtype, tuple(array.shape)
+    row_bytes = max(1, math.prod(shape[1:]) * dtype.itemsize) if shape else 1
+    chunks = [max(1, min(shape[0], (8 << 20) // row_bytes)), *shape[1:]] if shape else []
+    out = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp / ename)},
+                   "metadata": {"shape": list(shape), "chunks": chunks, "dtype": dtype.str}},
+                  create=True).result()
+    check = _Verifier(name, shape, expect, step_dir)
+    for start, block in storage.row_blocks(array):
+      check.add(start, block)
+      if shape:
+        out[start:start + len(block)].write(block).result()
+      else:
+        out.write(block).result()
+    check.done()
+  (tmp / "metadata.json").write_text(json.dumps(_metadata(step_dir, step), indent=1))
+  tmp.rename(output)
+  return step
+
+
+def resolve_plan(plan: str, tables, mesh_shape: Mapping[str, int]) -> Plan:
+  """`--plan`: a kind (`rw`, `tw`, ...) forced on every table, or a plan JSON file."""
+  if plan in KINDS:
+    return uniform_plan(plan, tables, mesh_shape.get("table", 1))
+  if plan == "auto":
+    raise ConfigError("--plan=auto: write the plan with scripts/plan.py --json=PATH and pass "
+                      "--plan=PATH")
+  path = epath.Path(plan)
+  if not path.exists():
+    raise ConfigError(f"--plan: '{plan}' is neither a plan kind ({', '.join(KINDS)}) nor a "
+                      "plan JSON file")
+  return Plan.from_json(json.loads(path.read_text()))
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+  """`--mesh=data=2,row=4` → axis sizes, without needing the devices."""
+  from jaxrec.sharding.mesh import parse_mesh_spec
+  sizes = []
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    try:
+      sizes.append(int(part.partition("=")[2]))
+    except ValueError:
+      sizes.append(1)   # parse_mesh_spec reports it
+  return parse_mesh_spec(spec, math.prod(sizes) if sizes else 1)
+
+
+def export_checkpoint(checkpoint_dir, output, step: int | None = None,
+                      mesh_shape: Mapping[str, int] | None = None, plan: str | None = None
+                      ) -> tuple[int, str]:
+  """Copies checkpoint `step` into the checkpoint directory `output`, for a run on
+  `mesh_shape` with `plan`. The stored layout is canonical, so the copy is exact; this
+  verifies every array's fingerprint and that the plan fits the mesh (the layouts it
+  would build). Returns `(step, layout description)`."""
+  mgr, step = _select_step(checkpoint_dir, step)
+  step_dir = mgr.step_dir(step)
+  try:
+    manifest = storage.check_step(step_dir, full=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"checkpoint {step_dir} is corrupt: {e}") from e
+  description = ""
+  if (mesh_shape is None) != (plan is None):
+    raise ConfigError("--mesh and --plan go together for --format=checkpoint")
+  if plan is not None:
+    tables = tuple(TableSpec(n, t["rows"], t["dim"], t["dtype"])
+                   for n, t in sorted(manifest["tables"].items()))
+    features = tuple(FeatureSpec(f"feature_{t.name}", t.name) for t in tables)
+    resolved = resolve_plan(plan, tables, mesh_shape)
+    layouts = layout_lib.build_layouts(tables, features, resolved, mesh_shape)
+    description = layout_lib.describe(layouts)
+    manifest.update(saved_plan=resolved.to_json(), saved_mesh=dict(mesh_shape))
+  output = epath.Path(output)
+  dest = output / str(step)
+  if dest.exists():
+    raise ConfigError(f"--output: {dest} already exists")
+  output.mkdir(parents=True, exist_ok=True)
+  tmp = output / f"{step}.orbax-checkpoint-tmp-{time.time_ns()}"   # cleaned up if we die
+  shutil.copytree(step_dir, tmp)
+  manifest["converted_from"] = str(step_dir)
+  (tmp / storage.MANIFEST / "metadata").write_text(json.dumps(manifest))
+  tmp.rename(dest)
+  return step, description
+
+
+def import_torchrec(npz_path, output, step: int = 0) -> list[str]:
+  """Imports the tables of a TorchRec `EmbeddingBagCollection` state_dict (saved as npz
+  by `third_party/torchrec_export`) as checkpoint `step` in directory `output`.
+
+  Keys `...embedding_bags.<table>.weight` (or `embeddings.<table>.weight`) become tables
+  `<table>`; other keys are ignored. The checkpoint holds tables only: a run restoring it
+  takes its dense parameters from its own initialisation and starts the sparse optimizer
+  state fresh. Returns the imported table names."""
+  npz_path = epath.Path(npz_path)
+  if not npz_path.exists():
+    raise ConfigError(f"--torchrec_npz: {npz_path} does not exist")
+  mesh = Mesh(np.asarray(jax.devices()), ("all",))
+  tables = {}
+  with np.load(npz_path) as z:
+    names = {}
+    for key in z.files:
+      m = TORCHREC_KEY.search(key)
+      if m:
+        if m.group(1) in names:
+          raise DataError(f"{npz_path}: table '{m.group(1)}' appears twice ({names[m.group(1)]}"
+                          f", {key})")
+        names[m.group(1)] = key
+      else:
+        logging.info("%s: ignoring '%s' (not an embedding table weight)", npz_path, key)
+    if not names:
+      raise DataError(f"{npz_path}: no keys like 'embedding_bags.<table>.weight' (keys: "
+                      f"{z.files[:10]})")
+    for name, key in sorted(names.items()):
+      array = z[key]
+      if array.ndim != 2:
+        raise DataError(f"{npz_path}: '{key}' has shape {array.shape}, expected [rows, dim]")
+      tables[name] = jax.device_put(array, canonical_lib.transfer_sharding(mesh, array.shape))
+      del array
+  with CheckpointManager(output, max_to_keep=None, async_save=False) as mgr:
+    if step in mgr.all_steps():
+      raise ConfigError(f"{mgr.step_dir(step)} already exists")
+    mgr.save_canonical(step, {"step": jnp.int32(step), "tables": tables},
+                       meta={"imported_from": "torchrec", "source": str(npz_path)})
+  return sorted(tables)

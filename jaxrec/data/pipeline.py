@@ -1,0 +1,302 @@
+"""What the trainer calls: `make_train_iterator` and `make_eval_batches`.
+
+`source` is one of
+  "synthetic"               the planted-signal generator (`synthetic`);
+  a preprocessed directory  holds `manifest.json` (`binary`, written by scripts/preprocess.py);
+  a TSV path               a file, a directory of files or a glob, plain or gzip (`tsv`;
+                            parsed into memory once, ~160 bytes per Criteo example; for
+                            data larger than memory preprocess it).
+
+Train order (see `indexing`): the job's state is one number, the global count of examples
+consumed (`position`). The next global batch holds positions `[position, position + B)`,
+process `p` of `P` yields its contiguous `B/P` slice, finite data wraps around in epochs,
+each a fresh global permutation keyed by `(seed, epoch)`. So batches depend only on
+`(seed, position)`: the same on any number of processes, and a job restored from
+`get_state()` continues with the next unseen example, also with a different `P` (or `B`).
+
+Eval reads its data once, in file order, in `ceil(N / B)` global batches of static shape;
+the last one is padded (label 0, dense 0, empty bags) and `EvalBatch.mask` marks the real
+examples. Every process gets the same number of batches.
+
+Batches are produced by a grain pipeline (`MapDataset` over batch numbers, vectorised
+gathers run by `num_threads` threads, `prefetch` batches ahead; `num_workers > 0` moves
+them to worker processes).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
+
+import gin
+import grain
+import numpy as np
+
+from jaxrec.data import binary, indexing, tsv
+from jaxrec.data.batch import Batch
+from jaxrec.data.source import ENDLESS_LEN, NUM_DENSE, Source, make_layout
+from jaxrec.data.synthetic import SyntheticConfig, SyntheticSource
+from jaxrec.embedding.specs import FeatureSpec, TableSpec
+from jaxrec.errors import ConfigError, DataError
+
+SYNTHETIC = "synthetic"
+TRAIN_SPLIT, EVAL_SPLIT = 0, 1
+STATE_VERSION = 1
+
+
+def _rows(rows: Mapping[str, int] | Sequence[TableSpec]) -> dict[str, int]:
+  if isinstance(rows, Mapping):
+    return {k: int(v) for k, v in rows.items()}
+  return {t.name: int(t.rows) for t in rows}
+
+
+@gin.configurable
+def open_source(source: str, features: Sequence[FeatureSpec],
+                rows: Mapping[str, int] | Sequence[TableSpec], *, seed: int = 0,
+                split: int = TRAIN_SPLIT, bad_rows: str = "error", num_dense: int = NUM_DENSE,
+                num_categorical: int = 26, verify_checksums: bool = True,
+                synthetic: SyntheticConfig | None = None) -> Source:
+  """Opens `source` (see module docstring) for `features`.
+
+  Args:
+    source: "synthetic", a preprocessed directory, or a TSV file/directory/glob.
+    features: the sparse features, in the order of the data's categorical columns.
+    rows: table name -> row count (or the `TableSpec`s); ids are reduced `% rows`.
+    seed, split: synthetic data only (train split 0, eval split 1).
+    bad_rows: "error" (default) raises on the first malformed row; "skip" drops and counts.
+    num_dense, num_categorical: TSV columns (Criteo: 13 and 26); `num_categorical` must
+      equal `len(features)`.
+    verify_checksums: check each binary shard's sha256 on open.
+    synthetic: generator knobs (default: `SyntheticConfig()`, gin-configurable).
+  """
+  if bad_rows not in tsv.BAD_ROWS:
+    raise ConfigError(f"bad_rows must be one of {tsv.BAD_ROWS}, got '{bad_rows}'")
+  layout = make_layout(features, _rows(rows), num_dense)
+  if source == SYNTHETIC:
+    return SyntheticSource(layout, seed=seed, split=split, config=synthetic)
+  if not source:
+    raise ConfigError("no data source given (expected 'synthetic', a TSV path or a "
+                      "preprocessed directory)")
+  if binary.is_preprocessed(source):
+    return binary.BinarySource(source, layout, verify_checksums=verify_checksums)
+  if len(features) != num_categorical:
+    raise ConfigError(f"{source}: the TSV data has {num_categorical} categorical columns but "
+                      f"{len(features)} sparse features are configured")
+  return tsv.read_tsv(tsv.list_files(source), layout, bad_rows)
+
+
+def _train_batch(source: Source, batch_size: int, seed: int, process_index: int,
+                 process_count: int, shuffle: bool, start: int, k: int) -> Batch:
+  """This process's slice of global batch `k` after position `start` (pure, picklable)."""
+  pos = indexing.local_positions(start + int(k) * batch_size, batch_size, process_index,
+                                 process_count)
+  return source.gather(indexing.example_indices(pos, source.num_examples, seed, shuffle))
+
+
+def _pipeline(fn: Callable[[int], object], count: int, num_threads: int, prefetch: int,
+              num_workers: int) -> Iterator:
+  if prefetch <= 0 and num_workers <= 0:
+    return (fn(k) for k in range(count))
+  ds = grain.MapDataset.range(0, count).map(fn).to_iter_dataset(
+      grain.ReadOptions(num_threads=max(num_threads, 1), prefetch_buffer_size=max(prefetch, 1)))
+  if num_workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return iter(ds)
+
+
+def _check_procs(batch_size: int, process_index: int, process_count: int) -> None:
+  if batch_size <= 0:
+    raise ConfigError(f"batch size must be positive, got {batch_size}")
+  if not 0 <= process_index < process_count:
+    raise ConfigError(f"process_index {process_index} not in [0, {process_count})")
+  if batch_size % process_count:
+    raise ConfigError(f"global batch size {batch_size} is not divisible by the number of "
+                      f"processes {process_count}")
+
+
+class TrainIterator:
+  """Endless local batches `[batch_size / process_count]` of a source (see module docstring).
+
+  `get_state()` -> `{"version", "position", "seed", "shuffle", "num_examples"}` (JSON-able):
+  the global number of examples yielded so far. `set_state(state)` continues after it.
+  """
+
+  def __init__(self, source: Source, batch_size: int, seed: int = 0, process_index: int = 0,
+               process_count: int = 1, shuffle: bool = True, num_threads: int = 2,
+               prefetch: int = 4, num_workers: int = 0):
+    _check_procs(batch_size, process_index, process_count)
+    self.source = source
+    self.batch_size, self.seed, self.shuffle = int(batch_size), int(seed), bool(shuffle)
+    self.process_index, self.process_count = int(process_index), int(process_count)
+    self._threads, self._prefetch, self._workers = num_threads, prefetch, num_workers
+    self._position = 0
+    self._it = None
+
+  @property
+  def local_batch_size(self) -> int:
+    return self.batch_size // self.process_count
+
+  def _batches(self, start: int) -> Callable[[int], Batch]:
+    return functools.partial(_train_batch, self.source, self.batch_size, self.seed,
+                             self.process_index, self.process_count, self.shuffle, start)
+
+  def batch_at(self, position: int) -> Batch:
+    """This process's slice of the global batch starting at `position` (pure)."""
+    return self._batches(position)(0)
+
+  def __iter__(self) -> "TrainIterator":
+    return self
+
+  def __next__(self) -> Batch:
+    if self._it is None:
+      self._it = _pipeline(self._batches(self._position), ENDLESS_LEN,
+                           self._threads, self._prefetch, self._workers)
+    batch = next(self._it)
+    self._position += self.batch_size
+    return batch
+
+  def get_state(self) -> dict:
+    return {"version": STATE_VERSION, "position": self._position, "seed": self.seed,
+            "shuffle": self.shuffle, "num_examples": self.source.num_examples}
+
+  def set_state(self, state: Mapping) -> None:
+    try:
+      position, seed = int(state["position"]), int(state["seed"])
+      version = int(state.get("version", STATE_VERSION))
+    except (KeyError, TypeError, ValueError):
+      raise DataError(f"data iterator state {dict(state)!r} is not a jaxrec iterator state") \
+          from None
+    if version != STATE_VERSION or position < 0:
+      raise DataError(f"data iterator state {dict(state)!r} is not a valid version "
+                      f"{STATE_VERSION} state")
+    if seed != self.seed or bool(state.get("shuffle", self.shuffle)) != self.shuffle:
+      raise ConfigError(f"the checkpoint's data order used seed={seed}, "
+                        f"shuffle={state.get('shuffle')}; this run has seed={self.seed}, "
+                        f"shuffle={self.shuffle}")
+    if state.get("num_examples", self.source.num_examples) != self.source.num_examples:
+      raise DataError(f"the checkpoint was trained on {state['num_examples']} examples per "
+                      f"epoch, this training data has {self.source.num_examples}; resuming "
+                      "would repeat and skip examples")
+    self.close()
+    self._position = position
+
+  def bad_row_counts(self) -> dict[str, int]:
+    """Malformed rows dropped (`bad_rows="skip"`), per input file."""
+    return self.source.bad_row_counts()
+
+  def close(self) -> None:
+    if self._it is not None and hasattr(self._it, "close"):
+      self._it.close()
+    self._it = None
+
+
+class EvalBatch(NamedTuple):
+  """One eval batch: `batch` of local size `[B/P]`; `mask` float32 `[B/P]`, 0 = padding."""
+  batch: Batch
+  mask: np.ndarray
+
+
+class EvalData:
+  """Re-iterable eval data: each pass yields `num_batches` `EvalBatch`es, every example once.
+
+  Global batch `b` holds examples `[b*B, (b+1)*B)` in file order; process `p` takes its
+  contiguous slice, so the real examples of all processes together are exactly the data.
+  """
+
+  def __init__(self, source: Source, batch_size: int, process_index: int = 0,
+               process_count: int = 1, num_examples: int | None = None, num_threads: int = 2,
+               prefetch: int = 4):
+    _check_procs(batch_size, process_index, process_count)
+    if source.num_examples is None and num_examples is None:
+      raise ConfigError("eval on an endless source needs num_examples")
+    n = source.num_examples if num_examples is None else int(num_examples)
+    if source.num_examples is not None:
+      n = min(n, source.num_examples)
+    if n <= 0:
+      raise ConfigError(f"eval num_examples must be positive, got {n}")
+    self.source, self.num_examples = source, n
+    self.batch_size, self.process_index, self.process_count = batch_size, process_index, \
+        process_count
+    self.num_batches = -(-n // batch_size)
+    self._threads, self._prefetch = num_threads, prefetch
+
+  def batch(self, b: int) -> EvalBatch:
+    """Eval batch number `b` of this process (pure)."""
+    pos = indexing.local_positions(b * self.batch_size, self.batch_size, self.process_index,
+                                   self.process_count)
+    valid = pos < self.num_examples
+    batch = self.source.gather(np.where(valid, pos, 0))
+    if not valid.all():
+      pad = ~valid
+      batch.dense[pad] = 0.0
+      batch.labels[pad] = 0.0
+      for v in batch.ids.values():
+        v[pad] = -1
+      for v in batch.weights.values():
+        v[pad] = 0.0
+    return EvalBatch(batch, valid.astype(np.float32))
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+  def __iter__(self) -> Iterator[EvalBatch]:
+    return _pipeline(self.batch, self.num_batches, self._threads, self._prefetch, 0)
+
+  def bad_row_counts(self) -> dict[str, int]:
+    return self.source.bad_row_counts()
+
+
+@gin.configurable(denylist=["features", "rows", "batch_size", "seed", "process_index",
+                            "process_count"])
+def make_train_iterator(source: str, features: Sequence[FeatureSpec],
+                        rows: Mapping[str, int] | Sequence[TableSpec], batch_size: int,
+                        seed: int = 0, process_index: int = 0, process_count: int = 1, *,
+                        bad_rows: str = "error", shuffle: bool = True, num_threads: int = 2,
+                        prefetch: int = 4, num_workers: int = 0) -> TrainIterator:
+  """The endless, resumable training stream of this process.
+
+  Args:
+    source: "synthetic", a TSV path/dir/glob, or a preprocessed directory.
+    features: configured sparse features (the k-th takes the data's k-th categorical column).
+    rows: table name -> rows (or the `TableSpec`s).
+    batch_size: GLOBAL batch size `B`; this process yields `[B / process_count]`.
+    seed: data order (and synthetic data) seed.
+    process_index, process_count: this process and the number of processes.
+    bad_rows: "error" | "skip" (see `tsv`).
+    shuffle: global shuffle per epoch (finite sources).
+    num_threads, prefetch, num_workers: grain parallelism (see module docstring).
+
+  Returns:
+    A `TrainIterator` of host `Batch`es, with `get_state`/`set_state`/`bad_row_counts`.
+  """
+  src = open_source(source, features, rows, seed=seed, split=TRAIN_SPLIT, bad_rows=bad_rows)
+  return TrainIterator(src, batch_size, seed, process_index, process_count, shuffle=shuffle,
+                       num_threads=num_threads, prefetch=prefetch, num_workers=num_workers)
+
+
+@gin.configurable(denylist=["features", "rows", "batch_size", "process_index",
+                            "process_count"])
+def make_eval_batches(source: str, features: Sequence[FeatureSpec],
+                      rows: Mapping[str, int] | Sequence[TableSpec], batch_size: int,
+                      process_index: int = 0, process_count: int = 1, *,
+                      bad_rows: str = "error", num_examples: int | None = None,
+                      synthetic_examples: int = 65536, seed: int = 0, num_threads: int = 2,
+                      prefetch: int = 4) -> EvalData:
+  """Eval data of this process: iterate it once per evaluation.
+
+  Args:
+    source, features, rows, bad_rows: as for `make_train_iterator`.
+    batch_size: GLOBAL eval batch size `B`; batches are `[B / process_count]`.
+    num_examples: evaluate only the first `num_examples` examples (default: all).
+    synthetic_examples: size of the synthetic eval set (held out: split 1, data seed
+      `seed`, the same hidden model as training).
+
+  Returns:
+    `EvalData`: `for batch, mask in eval_data: ...`; `mask` is float32 `[B/P]`, 1 for real
+    examples and 0 for the padding of the last batch. `len(eval_data)` batches per pass.
+  """
+  src = open_source(source, features, rows, seed=seed, split=EVAL_SPLIT, bad_rows=bad_rows)
+  if src.num_examples is None and num_examples is None:
+    num_examples = synthetic_examples
+  return EvalData(src, batch_size, process_index, process_count, num_examples=num_examples,
+                  num_threads=num_threads, prefetch=prefetch)

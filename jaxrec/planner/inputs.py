@@ -1,0 +1,110 @@
+"""Planner inputs from flags and gin: mesh spec, `--tables` spec, tables bound in gin."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import gin
+
+from jaxrec.embedding.specs import FeatureSpec, TableSpec, uniform_tables
+from jaxrec.errors import ConfigError
+from jaxrec.planner.cost_model import TableStats
+
+
+def parse_mesh(spec: str, num_devices: int | None = None, flag: str = "--mesh"
+               ) -> dict[str, int]:
+  """`data=2,table=2,row=2,col=1` -> axis sizes (absent axes 1). `num_devices=None` plans
+  for the mesh as written (any device count); otherwise the product must match."""
+  from jaxrec.sharding.mesh import parse_mesh_spec  # pylint: disable=import-outside-toplevel
+  if not spec or spec.strip() == "auto":
+    raise ConfigError(f"{flag}: give axis sizes to plan for, e.g. data=2,table=2,row=2,col=1")
+  if num_devices is None:
+    try:
+      num_devices = math.prod(int(p.partition("=")[2]) for p in spec.split(",") if p.strip())
+    except ValueError:
+      num_devices = 0  # parse_mesh_spec names the bad part
+  return parse_mesh_spec(spec, num_devices, flag)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannerInputs:
+  """Tables and what else a config says that the planner uses (None: not given)."""
+
+  tables: tuple[TableSpec, ...]
+  features: tuple[FeatureSpec, ...]
+  table_stats: dict[str, TableStats] = dataclasses.field(default_factory=dict)
+  batch_size: int | None = None
+  optimizer: Any = None
+
+
+def parse_tables_flag(spec: str, flag: str = "--tables") -> PlannerInputs:
+  """`name:rows:dim[:pooling_factor[:zipf_alpha]],...`: one table per entry, read by one
+  feature `f_<name>` whose `max_len` is the pooling factor rounded up (default 1)."""
+  tables, features, stats = [], [], {}
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    fields = part.split(":")
+    if not 3 <= len(fields) <= 5:
+      raise ConfigError(f"{flag}: '{part}' is not name:rows:dim[:pooling_factor[:zipf_alpha]]")
+    try:
+      rows, dim = int(float(fields[1])), int(fields[2])
+      pf = float(fields[3]) if len(fields) > 3 and fields[3] else None
+      alpha = float(fields[4]) if len(fields) > 4 and fields[4] else None
+    except ValueError:
+      raise ConfigError(f"{flag}: '{part}': rows, dim, pooling factor and zipf alpha must be "
+                        "numbers") from None
+    if pf is not None and pf <= 0:
+      raise ConfigError(f"{flag}: '{part}': pooling factor must be positive")
+    name = fields[0]
+    tables.append(TableSpec(name, rows, dim))
+    features.append(FeatureSpec(f"f_{name}", name, max(1, math.ceil(pf or 1))))
+    if pf is not None or alpha is not None:
+      stats[name] = TableStats(pf, alpha)
+  if not tables:
+    raise ConfigError(f"{flag}: no tables given")
+  return PlannerInputs(tuple(tables), tuple(features), stats)
+
+
+def _evaluate(value):
+  """Calls gin references (`@fn()`) inside a queried binding, recursively."""
+  if isinstance(value, gin.config.ConfigurableReference):
+    fn = value.scoped_configurable_fn
+    return fn() if value.evaluate else fn
+  if isinstance(value, (list, tuple)):
+    return type(value)(_evaluate(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _evaluate(v) for k, v in value.items()}
+  return value
+
+
+def _query(name: str, default=None):
+  try:
+    return _evaluate(gin.query_parameter(name))
+  except (ValueError, KeyError):
+    return default
+
+
+def inputs_from_gin() -> PlannerInputs:
+  """Tables from the parsed gin config: `ExperimentConfig.embedding` (with its
+  `batch_size` and `sparse_optimizer`), else a bound `uniform_tables`, else macros
+  `tables` (and `features`; default one one-hot feature per table) and `batch_size`."""
+  embedding = _query("ExperimentConfig.embedding")
+  if embedding is None and _query("uniform_tables.num_tables") is not None:
+    embedding = uniform_tables()  # pylint: disable=no-value-for-parameter
+  if embedding is None and _query("%tables") is not None:
+    tables = _query("%tables")
+    if len(tables) == 2 and not isinstance(tables[0], TableSpec):  # `tables = @uniform_tables()`
+      embedding = tables
+    else:
+      embedding = (tables, _query("%features") or
+                   tuple(FeatureSpec(f"f_{t.name}", t.name) for t in tables))
+  if embedding is None:
+    raise ConfigError("gin config binds no tables: expected ExperimentConfig.embedding, "
+                      "uniform_tables.* or a macro `tables`")
+  tables, features = (tuple(x) for x in embedding)
+  if not all(isinstance(t, TableSpec) for t in tables):
+    raise ConfigError("gin tables must be TableSpec objects (e.g. @uniform_tables())")
+  batch = _query("ExperimentConfig.batch_size", _query("%batch_size"))
+  return PlannerInputs(tables, features, {}, None if batch is None else int(batch),
+                       _query("ExperimentConfig.sparse_optimizer"))

@@ -1,0 +1,75 @@
+"""Exports, re-targets or imports jaxrec checkpoints.
+
+  python scripts/convert_checkpoint.py --checkpoint_dir=W/checkpoints [--step=N] \
+      --output=PATH --format=npz|zarr|checkpoint [--mesh=data=2,row=2 --plan=rw|PLAN.json]
+  python scripts/convert_checkpoint.py --torchrec_npz=EBC.npz --output=W/checkpoints \
+      --format=checkpoint [--step=0]
+
+npz / zarr: one array per table (`tables/<name>`), per dense parameter (`dense/<path>`) and
+per optimizer state leaf (`table_opt/<table>/<name>`, `dense_opt/<path>`), plus `step`,
+`rng` and `metadata` (JSON). checkpoint: a verified copy into the checkpoint directory
+PATH; with --mesh and --plan it first checks the plan fits that mesh (any checkpoint
+restores on any mesh and plan: tables are stored per table, by name).
+"""
+
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from absl import app, flags  # pylint: disable=g-import-not-at-top
+
+from jaxrec.checkpoint import convert  # pylint: disable=g-import-not-at-top
+from jaxrec.errors import ConfigError, JaxrecError  # pylint: disable=g-import-not-at-top
+
+_DIR = flags.DEFINE_string("checkpoint_dir", None, "Checkpoint directory (W/checkpoints).")
+_STEP = flags.DEFINE_integer("step", None, "Step to convert; default the latest valid one. "
+                             "With --torchrec_npz: the step to write (default 0).")
+_OUTPUT = flags.DEFINE_string("output", None, "Output file (npz), directory (zarr) or "
+                              "checkpoint directory (checkpoint).", required=True)
+_FORMAT = flags.DEFINE_enum("format", None, list(convert.FORMATS), "Output format.",
+                            required=True)
+_MESH = flags.DEFINE_string("mesh", None, "Target mesh for --format=checkpoint, e.g. "
+                            "data=2,table=2,row=2,col=1.")
+_PLAN = flags.DEFINE_string("plan", None, "Target plan for --format=checkpoint: a kind "
+                            "(dp, tw, rw, cw, twrw, twcw, grid) or a plan JSON file.")
+_TORCHREC = flags.DEFINE_string("torchrec_npz", None, "Import this TorchRec "
+                                "EmbeddingBagCollection state_dict (npz written by "
+                                "third_party/torchrec_export) instead of --checkpoint_dir.")
+
+
+def run() -> str:
+  if _TORCHREC.value:
+    if _FORMAT.value != "checkpoint":
+      raise ConfigError("--torchrec_npz imports into a checkpoint: use --format=checkpoint")
+    step = 0 if _STEP.value is None else _STEP.value
+    names = convert.import_torchrec(_TORCHREC.value, _OUTPUT.value, step)
+    return f"imported {len(names)} tables ({', '.join(names)}) as step {step} in {_OUTPUT.value}"
+  if not _DIR.value:
+    raise ConfigError("--checkpoint_dir is required (or --torchrec_npz to import)")
+  if _FORMAT.value == "npz":
+    step = convert.export_npz(_DIR.value, _OUTPUT.value, _STEP.value)
+  elif _FORMAT.value == "zarr":
+    step = convert.export_zarr(_DIR.value, _OUTPUT.value, _STEP.value)
+  else:
+    mesh = convert.parse_mesh(_MESH.value) if _MESH.value else None
+    step, layouts = convert.export_checkpoint(_DIR.value, _OUTPUT.value, _STEP.value, mesh,
+                                              _PLAN.value)
+    if layouts:
+      print(layouts)
+  return f"wrote step {step} of {_DIR.value} to {_OUTPUT.value} ({_FORMAT.value})"
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    print(run())
+  except JaxrecError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Propose (or check) a sharding plan and explain it: parses flags, calls `jaxrec.planner`.
+
+  python scripts/plan.py --gin_file=configs/dlrm_criteo.gin --mesh=data=2,table=2,row=2,col=1 \
+      [--memory_per_device=16GiB] [--batch_size=N] [--optimizer=sgd] [--json=PATH] [--plan=auto]
+  python scripts/plan.py --tables=big:10000000:64:4,small:1000:16 --mesh=table=4,row=2
+  python scripts/plan.py --calibrate             # time this machine, cache the coefficients
+  python scripts/plan.py --gin_file=... --profile=W   # re-plan from a job's W/profile.jsonl
+"""
+
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("gin_file", [], "Gin config file(s) binding the tables.")
+flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings applied after the files.")
+flags.DEFINE_string("tables", None, "Instead of gin: name:rows:dim[:pooling_factor[:zipf_alpha]]"
+                    ",... (one feature per table).")
+flags.DEFINE_string("mesh", None, "Mesh to plan for, e.g. data=2,table=2,row=2,col=1 "
+                    "(default with --profile: the job's).")
+flags.DEFINE_string("memory_per_device", "16GiB", "Device memory budget, e.g. 16GiB.")
+flags.DEFINE_integer("batch_size", None, "Global batch (default: the config's, else 512).")
+flags.DEFINE_string("optimizer", None, "Sparse optimizer state: sgd|adagrad|rowwise_adagrad|"
+                    "adam|ftrl or a factor of the table size (default: the config's, else sgd).")
+flags.DEFINE_string("plan", "auto", "auto (search) or one kind forced on every table.")
+flags.DEFINE_string("json", None, "Also write the result as JSON to this path.")
+flags.DEFINE_bool("calibrate", False, "Time this machine's primitives and cache them.")
+flags.DEFINE_string("calibration_file", None, "Calibration cache (default "
+                    "~/.cache/jaxrec/calibration.json).")
+flags.DEFINE_integer("calibration_devices", 8, "Host CPU devices to calibrate with on CPU.")
+flags.DEFINE_string("profile", None, "Workdir (or profile.jsonl) of a job: fit the cost model "
+                    "to its measured step times and propose a better plan.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected arguments {argv[1:]}")
+  from jaxrec import launch  # pylint: disable=import-outside-toplevel
+  with launch.user_errors():
+    from jaxrec import planner  # pylint: disable=import-outside-toplevel
+    from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+    if FLAGS.calibrate:
+      cal = planner.calibrate(FLAGS.calibration_devices)
+      path = planner.save_calibration(cal, FLAGS.calibration_file)
+      print(f"{cal.source}: cached in {path}")
+    else:
+      cal = planner.load_calibration(FLAGS.calibration_file)
+    if not (FLAGS.tables or FLAGS.gin_file):
+      if FLAGS.calibrate:
+        return
+      raise ConfigError("give the tables: --gin_file=configs/NAME.gin or --tables=name:rows:dim")
+    from jaxrec.planner import inputs  # pylint: disable=import-outside-toplevel
+    from jaxrec.sharding.plan import uniform_plan  # pylint: disable=import-outside-toplevel
+    from jaxrec.train.config import parse_bytes  # pylint: disable=import-outside-toplevel
+    if FLAGS.tables:
+      spec = inputs.parse_tables_flag(FLAGS.tables)
+    else:
+      launch.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings)
+      spec = inputs.inputs_from_gin()
+    batch = FLAGS.batch_size or spec.batch_size or 512
+    optimizer = FLAGS.optimizer or spec.optimizer or "sgd"
+    memory = parse_bytes(FLAGS.memory_per_device, "--memory_per_device")
+    mesh = inputs.parse_mesh(FLAGS.mesh) if FLAGS.mesh else None
+    if FLAGS.profile:
+      result = planner.refine_from_profile(
+          FLAGS.profile, spec.tables, spec.features, memory, optimizer, batch, cal, table_stats=spec.table_stats, mesh_shape=mesh)
+    elif mesh is None:
+      raise ConfigError("--mesh is required, e.g. --mesh=data=2,table=2,row=2,col=1")
+    elif FLAGS.plan == "auto":
+      result = planner.propose_plan(spec.tables, spec.features, mesh, memory, optimizer, batch,
+                                    cal, table_stats=spec.table_stats)
+    else:
+      forced = uniform_plan(FLAGS.plan, spec.tables, mesh["table"])
+      result = planner.estimate_plan(forced, spec.tables, spec.features, mesh, memory,
+                                     optimizer, batch, cal, table_stats=spec.table_stats,
+                                     mode=f"forced {FLAGS.plan}")
+    print(result.report())
+    if FLAGS.json:
+      with open(FLAGS.json, "w") as f:
+        import json  # pylint: disable=import-outside-toplevel
+        json.dump(result.to_json(), f, indent=2, sort_keys=True)
+      print(f"wrote {FLAGS.json}")
+
+
+if __name__ == "__main__":
+  logging.basicConfig(level=logging.WARNING, format="%(message)s")
+  app.run(main)

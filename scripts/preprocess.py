@@ -1,0 +1,79 @@
+"""Preprocesses Criteo TSV into binary shards that training reads with random access.
+
+  python scripts/preprocess.py --input=day_0.gz --output=/data/criteo_bin --rows=100000
+  python scripts/preprocess.py --input='/data/tsv/*' --output=DIR --gin_file=configs/x.gin
+
+`--rows` gives the table sizes (one value for all 26 tables, or 26 comma-separated values)
+and `--max_len` the bag sizes of multi-hot features (same forms; default 1); features are
+named f0..f25 reading tables t0..t25. With `--gin_file` the features come from the
+`uniform_tables` bindings of the config instead. Errors print one line and exit 1.
+"""
+
+import sys
+
+from absl import app, flags
+
+flags.DEFINE_string("input", None, "TSV file, directory of files, or glob (plain or gzip).")
+flags.DEFINE_string("output", None, "Output directory (must not hold a dataset yet).")
+flags.DEFINE_string("rows", None, "Table rows: one int for all tables or a comma list.")
+flags.DEFINE_string("max_len", "1", "Bag size per feature: one int or a comma list.")
+flags.DEFINE_integer("num_categorical", 26, "Categorical columns per line.")
+flags.DEFINE_multi_string("gin_file", [], "Gin config(s) binding `uniform_tables`.")
+flags.DEFINE_multi_string("gin_bindings", [], "Extra gin bindings.")
+flags.DEFINE_enum("bad_rows", "error", ["error", "skip"], "Malformed rows: stop or skip.")
+flags.DEFINE_integer("shard_examples", 1 << 22, "Examples per shard file.")
+FLAGS = flags.FLAGS
+
+
+def _int_list(flag: str, value: str, n: int) -> list[int]:
+  from jaxrec.errors import ConfigError
+  try:
+    vals = [int(v) for v in value.split(",")]
+  except ValueError:
+    raise ConfigError(f"--{flag}: expected an int or a comma list of ints, got '{value}'") \
+        from None
+  if len(vals) == 1:
+    vals = vals * n
+  if len(vals) != n:
+    raise ConfigError(f"--{flag}: {len(vals)} values given, {n} categorical columns")
+  return vals
+
+
+def _specs():
+  import gin
+  from jaxrec.embedding import specs
+  from jaxrec.errors import ConfigError
+  n = FLAGS.num_categorical
+  if FLAGS.gin_file or FLAGS.gin_bindings:
+    gin.parse_config_files_and_bindings(FLAGS.gin_file, FLAGS.gin_bindings, skip_unknown=True)
+    return specs.uniform_tables()
+  if not FLAGS.rows:
+    raise ConfigError("give the table sizes: --rows=N (or N1,...,N26) or --gin_file")
+  return specs.uniform_tables(n, _int_list("rows", FLAGS.rows, n), dim=1,
+                              max_len=_int_list("max_len", FLAGS.max_len, n))
+
+
+def main(argv):
+  del argv
+  from jaxrec.data import binary
+  from jaxrec.errors import JaxrecError
+  try:
+    if not FLAGS.input or not FLAGS.output:
+      raise JaxrecError("--input and --output are required")
+    tables, features = _specs()
+    m = binary.preprocess(FLAGS.input, FLAGS.output, features, tables, FLAGS.bad_rows,
+                          num_categorical=FLAGS.num_categorical,
+                          shard_examples=FLAGS.shard_examples)
+  except JaxrecError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  except (ValueError, OSError) as e:  # gin parse errors, I/O
+    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    sys.exit(1)
+  skipped = sum(m["bad_rows"].values())
+  print(f"wrote {m['num_examples']} examples in {len(m['shards'])} shard(s) to {FLAGS.output}"
+        + (f" ({skipped} malformed rows skipped)" if skipped else ""))
+
+
+if __name__ == "__main__":
+  app.run(main)

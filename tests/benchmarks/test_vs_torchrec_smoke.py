@@ -1,0 +1,49 @@
+"""Smoke test of `benchmarks/vs_torchrec.py`: a few steps, JSON lines as documented.
+
+The TorchRec side runs only where its venv exists (`make -C third_party/torchrec_reference
+venv`); otherwise the script must say it skipped it.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "benchmarks", "vs_torchrec.py")
+TORCHREC_PYTHON = os.path.join(ROOT, "third_party", "torchrec_reference", ".venv", "bin", "python")
+
+
+def _run(*flags):
+  out = subprocess.run([sys.executable, SCRIPT, "--steps", "4", "--warmup", "1",
+                        "--eval_examples", "1024", *flags],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
+  assert all(l["benchmark"] == "vs_torchrec" for l in lines)
+  return lines
+
+
+def test_jaxrec_side_and_skip_line():
+  lines = _run("--skip_torchrec")
+  jx = lines[0]
+  assert jx["framework"] == "jaxrec", jx
+  assert jx["examples_per_sec"] > 0 and 0.0 <= jx["auc"] <= 1.0
+  assert jx["eval_examples"] == 1024 and jx["steps"] == 4
+  assert lines[1] == {"benchmark": "vs_torchrec", "framework": "torchrec",
+                      "skipped": "--skip_torchrec"}
+  assert "skipped" in lines[2] and lines[2]["goal"] == 2.0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(TORCHREC_PYTHON), reason="torchrec venv missing")
+def test_both_sides_give_ratio():
+  lines = _run()
+  assert [l.get("framework") for l in lines[:2]] == ["jaxrec", "torchrec"]
+  summary = lines[-1]
+  assert summary["goal"] == 2.0 and summary["ratio"] > 0
+  assert summary["examples"] == 4 * 512
+  for k in ("jaxrec_auc", "torchrec_auc"):
+    assert 0.0 <= summary[k] <= 1.0

@@ -1,0 +1,194 @@
+"""CheckpointManager: bitwise round trip, async safety, retention, corruption fallback."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrec.checkpoint import CheckpointError, CheckpointManager, all_finite
+from jaxrec.embedding import optimizers
+from jaxrec.errors import ConfigError
+from tests.checkpoint import ckpt_helpers as h
+
+
+@pytest.fixture(scope="module")
+def coll():
+  return h.collection("twrw", 8)
+
+
+def _data_files(step_dir):
+  """The OCDBT data files of the `state` item (what reads go to), smallest first."""
+  d = step_dir / "state" / "d"
+  return sorted((str(p) for p in d.iterdir()), key=os.path.getsize)
+
+
+@pytest.mark.parametrize("typed_key", [True, False])
+def test_round_trip_is_bitwise(tmp_path, coll, typed_key):
+  state = h.train_state(coll, typed_key=typed_key, step=7)
+  with CheckpointManager(tmp_path) as mgr:
+    assert mgr.save(7, state, coll, data_state={"examples_consumed": np.int64(7 * 64)},
+                    meta={"mesh": {"data": 2}, "gin": "x = 1"}, force=True)
+    mgr.wait()
+    assert mgr.all_steps() == [7]
+    assert mgr.latest_valid_step(full=True) == 7
+    state2, data_state, meta = mgr.restore(state, coll)
+  h.assert_tables_equal(coll, state, coll, state2)
+  h.assert_dense_equal(state, state2)
+  assert int(state2["step"]) == 7
+  assert data_state == {"examples_consumed": 448}
+  assert meta == {"mesh": {"data": 2}, "gin": "x = 1"}
+  for a, b in zip(jax.tree.leaves(state2["emb"]), jax.tree.leaves(state["emb"])):
+    assert a.sharding == b.sharding
+    np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
+
+
+def test_save_copies_state_so_caller_may_donate(tmp_path, coll):
+  state = h.train_state(coll, step=3)
+  expect = jax.device_get(coll.unstack_tables(state["emb"])[0])
+  with CheckpointManager(tmp_path) as mgr:
+    mgr.save(3, state, coll, force=True)
+    for x in jax.tree.leaves(state):   # what donation to the next step does
+      x.delete()
+    mgr.wait()
+    fresh = h.train_state(coll, seed=1)
+    restored = mgr.restore(fresh, coll).state
+  got = jax.device_get(coll.unstack_tables(restored["emb"])[0])
+  for name in expect:
+    np.testing.assert_array_equal(expect[name], got[name])
+
+
+def test_save_every_retention_and_existing_step(tmp_path, coll):
+  state = h.train_state(coll)
+  with CheckpointManager(tmp_path, max_to_keep=2, save_every=2) as mgr:
+    saved = [mgr.save(s, state, coll) for s in range(1, 7)]
+    assert saved == [False, True, False, True, False, True]
+    assert not mgr.save(6, state, coll, force=True)   # already there
+    assert mgr.save(7, state, coll, force=True)
+    mgr.wait()
+    assert mgr.all_steps() == [6, 7]
+
+
+def test_no_checkpoint_returns_none(tmp_path, coll):
+  with CheckpointManager(tmp_path / "ckpt") as mgr:
+    assert mgr.restore(h.dense(coll.mesh), coll) is None
+    assert mgr.latest_valid_step() is None
+
+
+def _two_steps(tmp_path, coll):
+  mgr = CheckpointManager(tmp_path)
+  s1, s2 = h.train_state(coll, seed=1, step=1), h.train_state(coll, seed=2, step=2)
+  mgr.save(1, s1, coll, data_state={"n": 1}, force=True)
+  mgr.save(2, s2, coll, data_state={"n": 2}, force=True)
+  mgr.wait()
+  return mgr, s1, s2
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "flip", "manifest"])
+def test_corrupt_latest_falls_back_with_warning(tmp_path, coll, damage, caplog):
+  mgr, s1, _ = _two_steps(tmp_path, coll)
+  step_dir = mgr.step_dir(2)
+  biggest = _data_files(step_dir)[-1]
+  if damage == "delete":
+    os.remove(biggest)
+  elif damage == "truncate":
+    os.truncate(biggest, os.path.getsize(biggest) // 2)
+  elif damage == "flip":   # silent corruption: caught by the fingerprints
+    with open(biggest, "r+b") as f:
+      f.seek(os.path.getsize(biggest) // 2)
+      byte = f.read(1)
+      f.seek(-1, 1)
+      f.write(bytes([byte[0] ^ 0x10]))
+  else:
+    os.remove(step_dir / "manifest" / "metadata")
+  with caplog.at_level(logging.WARNING):
+    restored = mgr.restore(h.dense(coll.mesh), coll)
+  assert str(step_dir) in caplog.text and "corrupt" in caplog.text
+  assert int(restored.state["step"]) == 1 and restored.data_state == {"n": 1}
+  h.assert_tables_equal(coll, s1, coll, restored.state)
+  # The bad step was moved aside, not deleted; the run can save step 2 again.
+  assert mgr.all_steps() == [1]
+  assert [p.name.split(".")[0] for p in (tmp_path / "rejected").iterdir()] == ["2"]
+  assert mgr.save(2, s1, coll, force=True)
+  mgr.wait()
+  assert mgr.all_steps() == [1, 2]
+  mgr.close()
+
+
+def test_none_valid_is_a_clear_error_and_moves_nothing(tmp_path, coll):
+  mgr, _, _ = _two_steps(tmp_path, coll)
+  for step in (1, 2):
+    os.remove(_data_files(mgr.step_dir(step))[-1])
+  with pytest.raises(CheckpointError, match="no valid checkpoint"):
+    mgr.restore(h.dense(coll.mesh), coll)
+  with pytest.raises(CheckpointError, match="no valid checkpoint"):
+    mgr.latest_valid_step()
+  assert mgr.all_steps() == [1, 2] and not (tmp_path / "rejected").exists()
+  mgr.close()
+
+
+def test_restore_by_step_and_nan_rollback(tmp_path, coll):
+  mgr, s1, s2 = _two_steps(tmp_path, coll)
+  assert int(mgr.restore(s1, coll, step=1).state["step"]) == 1
+  with pytest.raises(CheckpointError, match="no checkpoint for step 5"):
+    mgr.restore(s1, coll, step=5)
+  bad = dict(s2, params=jax.tree.map(lambda x: x * jnp.nan, s2["params"]))
+  mgr.save(3, bad, coll, force=True)
+  restored = mgr.restore(s1, coll, require_finite=True)
+  assert int(restored.state["step"]) == 2 and all_finite(restored.state)
+  assert mgr.all_steps() == [1, 2]   # step 3 moved to rejected/
+  mgr.close()
+
+
+def test_config_mismatch_is_config_error(tmp_path, coll):
+  state = h.train_state(coll)
+  with CheckpointManager(tmp_path) as mgr:
+    mgr.save(1, state, coll, force=True)
+    other = h.collection("rw", 8, rows=(13, 21, 7, 32))
+    with pytest.raises(ConfigError, match="table 't1'"):
+      mgr.restore(state, other)
+    with pytest.raises(ConfigError, match="optimizer"):
+      mgr.restore(state, h.collection("rw", 8, optimizer=optimizers.RowWiseAdagrad()))
+    wrong = dict(state, params={"bottom": state["params"]["bottom"]})
+    with pytest.raises(ConfigError, match="'params'"):
+      mgr.restore(wrong, coll)
+    assert mgr.all_steps() == [1]
+
+
+_KILLED_CHILD = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    import tests.conftest
+    from jaxrec.checkpoint import CheckpointManager
+    from tests.checkpoint import ckpt_helpers as h
+    coll = h.collection("rw", 8, rows=(4096, 20, 7, 32), dim=64)
+    mgr = CheckpointManager({path!r})
+    mgr.save(1, h.train_state(coll, seed=1, step=1), coll, force=True)
+    mgr.wait()
+    mgr.save(2, h.train_state(coll, seed=2, step=2), coll, force=True)
+    os.kill(os.getpid(), signal.SIGKILL)   # mid-save
+""")
+
+
+def test_kill_mid_save_leaves_no_valid_looking_checkpoint(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  path = str(tmp_path / "ckpt")
+  proc = subprocess.run([sys.executable, "-c", _KILLED_CHILD.format(root=root, path=path)],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  coll = h.collection("rw", 8, rows=(4096, 20, 7, 32), dim=64)
+  mgr = CheckpointManager(path)
+  steps = mgr.all_steps()
+  assert steps in ([1], [1, 2])
+  expect = h.train_state(coll, seed=steps[-1], step=steps[-1])
+  restored = mgr.restore(h.dense(coll.mesh), coll)
+  h.assert_tables_equal(coll, expect, coll, restored.state)
+  mgr.save(3, expect, coll, force=True)   # waits for the tmp-directory cleanup first
+  mgr.close()
+  assert not [p for p in os.listdir(path) if "tmp" in p]

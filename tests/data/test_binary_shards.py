@@ -1,0 +1,129 @@
+"""Preprocessed binary shards: same examples as the TSV, random access, strict checks."""
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+import data_testlib as lib
+from jaxrec.data import binary, synthetic, tsv
+from jaxrec.data.source import make_layout
+from jaxrec.errors import ConfigError, DataError
+
+MAX_LENS, WEIGHTED = {0: 3, 4: 2}, {4}
+
+
+@pytest.fixture
+def dataset(tmp_path):
+  """(tsv path, preprocessed dir, layout): 300 synthetic examples in 3 shards."""
+  lay = lib.layout(MAX_LENS, WEIGHTED, n=1000)
+  path = str(tmp_path / "train.tsv")
+  synthetic.write_tsv(path, synthetic.SyntheticSource(lay, seed=2), 300)
+  out = str(tmp_path / "bin")
+  binary.preprocess(path, out, lib.features(MAX_LENS, WEIGHTED), lib.rows(1000),
+                    shard_examples=128)
+  return path, out, lay
+
+
+def assert_same(a, b):
+  np.testing.assert_array_equal(a.labels, b.labels)
+  np.testing.assert_array_equal(a.dense, b.dense)
+  assert list(a.ids) == list(b.ids) and list(a.weights) == list(b.weights)
+  for k in a.ids:
+    np.testing.assert_array_equal(a.ids[k], b.ids[k])
+  for k in a.weights:
+    np.testing.assert_array_equal(a.weights[k], b.weights[k])
+
+
+def test_same_examples_as_tsv_in_any_order(dataset):
+  path, out, lay = dataset
+  ref = tsv.read_tsv([path], lay)
+  src = binary.BinarySource(out, lay)
+  assert src.num_examples == 300 and len(src.manifest["shards"]) == 3
+  idx = np.random.default_rng(0).permutation(300)
+  assert_same(src.gather(idx), ref.gather(idx))
+  assert src.bad_row_counts() == {path: 0}
+  assert_same(pickle.loads(pickle.dumps(src)).gather(idx[:7]), ref.gather(idx[:7]))
+
+
+def test_manifest_contents(dataset):
+  _, out, _ = dataset
+  m = json.load(open(os.path.join(out, binary.MANIFEST)))
+  assert m["format"] == binary.FORMAT and m["num_examples"] == 300
+  assert [s["num_examples"] for s in m["shards"]] == [128, 128, 44]
+  assert m["features"][0] == {"name": "f0", "table": "t0", "rows": 1000, "max_len": 3,
+                              "weighted": False}
+  assert m["record_bytes"] == 1 + 4 * 13 + 4 * (24 + 3 + 2) + 4 * 2
+
+
+def test_compatible_config_changes(dataset):
+  path, out, _ = dataset
+  # Bigger bags pad with -1; a table whose size divides the stored one re-reduces ids.
+  feats = lib.features({0: 5, 4: 2}, WEIGHTED)
+  rows = lib.rows(1000)
+  rows["t1"] = 250
+  got = binary.BinarySource(out, make_layout(feats, rows)).gather(np.arange(300))
+  ref = tsv.read_tsv([path], lib.layout(MAX_LENS, WEIGHTED, n=1000)).gather(np.arange(300))
+  np.testing.assert_array_equal(got.ids["f0"][:, :3], ref.ids["f0"])
+  assert (got.ids["f0"][:, 3:] == -1).all()
+  np.testing.assert_array_equal(got.ids["f1"], ref.ids["f1"] % 250)
+
+
+@pytest.mark.parametrize("feats, rows, what", [
+    (lib.features(MAX_LENS, WEIGHTED)[:25], None, "the data has 26 sparse features but 25"),
+    (lib.features({0: 2, 4: 2}, WEIGHTED), None, "bags of up to 3 ids, max_len is 2"),
+    (lib.features(MAX_LENS, {4, 5}), None, "not weighted in the data but weighted"),
+    (lib.features(MAX_LENS, WEIGHTED), {"t3": 300}, "reduced to 1000 rows, the table has 300"),
+])
+def test_incompatible_config(dataset, feats, rows, what):
+  _, out, _ = dataset
+  r = lib.rows(1000)
+  r.update(rows or {})
+  with pytest.raises(DataError, match=what):
+    binary.BinarySource(out, make_layout(feats, r))
+
+
+def _corrupt_manifest(out, fn):
+  p = os.path.join(out, binary.MANIFEST)
+  m = json.load(open(p))
+  fn(m)
+  json.dump(m, open(p, "w"))
+
+
+@pytest.mark.parametrize("damage, what", [
+    (lambda out: open(os.path.join(out, "shard-00001.bin"), "r+b").write(b"\x07"),
+     "sha256 checksum does not match"),
+    (lambda out: os.truncate(os.path.join(out, "shard-00002.bin"), 157), "bytes, the manifest"),
+    (lambda out: os.remove(os.path.join(out, "shard-00000.bin")), "shard listed in .* missing"),
+    (lambda out: open(os.path.join(out, binary.MANIFEST), "w").write("{not json"),
+     "not a valid manifest"),
+    (lambda out: _corrupt_manifest(out, lambda m: m.pop("shards")), "malformed manifest"),
+    (lambda out: _corrupt_manifest(out, lambda m: m.update(version=9)), "format version 9"),
+    (lambda out: _corrupt_manifest(out, lambda m: m.update(num_examples=301)), "do not add up"),
+    (lambda out: _corrupt_manifest(out, lambda m: m.update(record_bytes=100)), "record_bytes"),
+    (lambda out: os.remove(os.path.join(out, binary.MANIFEST)), "missing"),
+])
+def test_damaged_dataset(dataset, damage, what):
+  _, out, lay = dataset
+  damage(out)
+  with pytest.raises(DataError, match=what):
+    binary.BinarySource(out, lay)
+
+
+def test_output_must_be_new_and_bad_rows(tmp_path, tsv_file):
+  path = tsv_file([lib.line(), "1\t2", lib.line("0")])
+  with pytest.raises(DataError, match=f"{path}:2: expected 40"):
+    binary.preprocess(path, str(tmp_path / "o1"), lib.features(), lib.rows())
+  assert not os.path.exists(tmp_path / "o1" / binary.MANIFEST)
+  m = binary.preprocess(path, str(tmp_path / "o2"), lib.features(), lib.rows(),
+                        bad_rows="skip")
+  assert m["num_examples"] == 2 and m["bad_rows"] == {path: 1}
+  src = binary.BinarySource(str(tmp_path / "o2"), lib.layout())
+  assert src.bad_row_counts() == {path: 1}
+  np.testing.assert_array_equal(src.gather(np.arange(2)).labels, [1, 0])
+  with pytest.raises(DataError, match="already holds a preprocessed dataset"):
+    binary.preprocess(path, str(tmp_path / "o2"), lib.features(), lib.rows(), bad_rows="skip")
+  with pytest.raises(ConfigError, match="26 categorical columns but 3 sparse features"):
+    binary.preprocess(path, str(tmp_path / "o3"), lib.features()[:3], lib.rows())

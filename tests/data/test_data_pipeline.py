@@ -1,0 +1,195 @@
+"""The trainer-facing builders: determinism, process slices, resume, epochs, eval."""
+
+import json
+
+import numpy as np
+import pytest
+from absl import flags
+
+import data_testlib as lib
+from jaxrec.data import binary, pipeline, synthetic
+from jaxrec.data.batch import Batch, concatenate
+from jaxrec.data.source import ArraySource
+from jaxrec.embedding.specs import uniform_tables
+from jaxrec.errors import ConfigError, DataError
+
+
+def numbered_source(n):
+  """A finite source whose example i has dense[:, 0] == i."""
+  lay = lib.layout()
+  dense = np.zeros((n, 13), np.float32)
+  dense[:, 0] = np.arange(n)
+  ex = Batch(dense=dense, labels=np.zeros(n, np.float32),
+             ids={k: np.zeros((n, 1), np.int32) for k in lay.names})
+  return ArraySource(ex, lay)
+
+
+def ids_of(batches):
+  return np.concatenate([b.dense[:, 0] for b in batches]).astype(int)
+
+
+def take(it, k):
+  return [next(it) for _ in range(k)]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  d = tmp_path_factory.mktemp("pipe")
+  lay = lib.layout(max_lens={2: 3})
+  path = str(d / "train.tsv")
+  synthetic.write_tsv(path, synthetic.SyntheticSource(lay, seed=9), 203)
+  out = str(d / "bin")
+  binary.preprocess(path, out, lib.features({2: 3}), lib.rows(), shard_examples=64)
+  return {"tsv": path, "binary": out, "synthetic": "synthetic"}
+
+
+@pytest.mark.parametrize("kind", ["synthetic", "tsv", "binary"])
+def test_same_seed_same_batches_on_any_process_count(files, kind):
+  feats = lib.features({2: 3})
+  ref = take(pipeline.make_train_iterator(files[kind], feats, lib.rows(), 32, seed=4), 9)
+  again = take(pipeline.make_train_iterator(files[kind], feats, lib.rows(), 32, seed=4,
+                                            prefetch=0), 9)
+  for procs in [2, 4]:
+    its = [pipeline.make_train_iterator(files[kind], feats, lib.rows(), 32, seed=4,
+                                        process_index=p, process_count=procs)
+           for p in range(procs)]
+    for k in range(9):
+      parts = [next(it) for it in its]
+      assert all(p.size == 32 // procs for p in parts)
+      joined = concatenate(parts)
+      for name in ref[k].ids:
+        np.testing.assert_array_equal(joined.ids[name], ref[k].ids[name])
+        np.testing.assert_array_equal(again[k].ids[name], ref[k].ids[name])
+      np.testing.assert_array_equal(joined.dense, ref[k].dense)
+      np.testing.assert_array_equal(joined.labels, ref[k].labels)
+  other = take(pipeline.make_train_iterator(files[kind], feats, lib.rows(), 32, seed=5), 2)
+  assert not np.array_equal(other[1].dense, ref[1].dense)
+
+
+def test_epochs_see_every_example_once_in_a_new_order():
+  it = pipeline.TrainIterator(numbered_source(50), batch_size=10, seed=1)
+  seen = ids_of(take(it, 15))  # 3 epochs
+  for e in range(3):
+    np.testing.assert_array_equal(np.sort(seen[e * 50:(e + 1) * 50]), np.arange(50))
+  assert not np.array_equal(seen[:50], seen[50:100])
+  # An epoch boundary inside a batch: batch 7 of size 7 straddles 49 -> 50.
+  seen = ids_of(take(pipeline.TrainIterator(numbered_source(50), batch_size=7, seed=1), 14))
+  np.testing.assert_array_equal(np.sort(seen[:50]), np.arange(50))
+  assert len(np.unique(seen[50:98])) == 48
+  unshuffled = ids_of(take(pipeline.TrainIterator(numbered_source(50), 10, shuffle=False), 6))
+  np.testing.assert_array_equal(unshuffled, np.arange(60) % 50)
+
+
+@pytest.mark.parametrize("procs_before, procs_after, batch_after", [
+    (1, 1, 12), (2, 3, 12), (4, 1, 12), (3, 2, 6)])
+def test_resume_loses_and_repeats_nothing(procs_before, procs_after, batch_after):
+  src = numbered_source(40)
+  full = ids_of(take(pipeline.TrainIterator(src, 12, seed=3), 10))
+  before = [pipeline.TrainIterator(src, 12, seed=3, process_index=p,
+                                   process_count=procs_before) for p in range(procs_before)]
+  consumed = np.concatenate([ids_of(take(it, 4)) for it in before])
+  state = json.loads(json.dumps(before[0].get_state()))
+  assert state["position"] == 48 and all(it.get_state() == state for it in before)
+  after = [pipeline.TrainIterator(src, batch_after, seed=3, process_index=p,
+                                  process_count=procs_after) for p in range(procs_after)]
+  for it in after:
+    it.set_state(state)
+  rest = [ids_of(take(it, 72 // batch_after)) for it in after]
+  per_batch = batch_after // procs_after
+  cont = np.concatenate([np.concatenate([r[k * per_batch:(k + 1) * per_batch] for r in rest])
+                         for k in range(72 // batch_after)])
+  np.testing.assert_array_equal(np.sort(consumed), np.sort(full[:48]))
+  np.testing.assert_array_equal(cont, full[48:120])
+
+
+def test_set_state_checks():
+  it = pipeline.TrainIterator(numbered_source(40), 8, seed=3)
+  take(it, 2)
+  state = it.get_state()
+  with pytest.raises(ConfigError, match="seed=3"):
+    pipeline.TrainIterator(numbered_source(40), 8, seed=4).set_state(state)
+  with pytest.raises(DataError, match="40 examples per epoch, this training data has 41"):
+    pipeline.TrainIterator(numbered_source(41), 8, seed=3).set_state(state)
+  with pytest.raises(DataError, match="not a jaxrec iterator state"):
+    it.set_state({"step": 3})
+  it.set_state(state)
+  np.testing.assert_array_equal(next(it).dense, it.batch_at(16).dense)
+
+
+def test_bad_process_arguments():
+  with pytest.raises(ConfigError, match="not divisible"):
+    pipeline.TrainIterator(numbered_source(4), 10, process_count=3)
+  with pytest.raises(ConfigError, match="process_index 2"):
+    pipeline.TrainIterator(numbered_source(4), 10, process_index=2, process_count=2)
+
+
+@pytest.mark.parametrize("procs", [1, 2, 4])
+def test_eval_reads_everything_once_with_a_padded_last_batch(procs):
+  src = numbered_source(45)
+  seen = []
+  evals = [pipeline.EvalData(src, 16, p, procs) for p in range(procs)]
+  assert all(len(e) == 3 for e in evals)
+  for _ in range(2):  # re-iterable
+    seen = []
+    for parts in zip(*evals):
+      for batch, mask in parts:
+        assert batch.size == 16 // procs and mask.dtype == np.float32
+        seen.extend(batch.dense[mask > 0, 0].astype(int))
+        assert (batch.labels[mask == 0] == 0).all()
+        assert all((v[mask == 0] == -1).all() for v in batch.ids.values())
+    np.testing.assert_array_equal(sorted(seen), np.arange(45))
+  assert sum(m.sum() for e in evals for _, m in e) == 45
+
+
+def test_eval_builders(files):
+  feats = lib.features({2: 3})
+  ev = pipeline.make_eval_batches(files["tsv"], feats, lib.rows(), 64)
+  assert len(ev) == 4 and ev.num_examples == 203
+  syn = pipeline.make_eval_batches("synthetic", feats, lib.rows(), 64, synthetic_examples=100)
+  assert len(syn) == 2 and sum(m.sum() for _, m in syn) == 100
+  train = pipeline.make_train_iterator("synthetic", feats, lib.rows(), 100, seed=0)
+  assert not np.array_equal(next(iter(syn)).batch.ids["f0"], next(train).ids["f0"][:64])
+  part = pipeline.make_eval_batches(files["binary"], feats, lib.rows(), 64, num_examples=70)
+  assert len(part) == 2 and sum(m.sum() for _, m in part) == 70
+
+
+def test_source_detection_and_errors(files, tmp_path):
+  feats = lib.features({2: 3})
+  assert isinstance(pipeline.open_source(files["synthetic"], feats, lib.rows()),
+                    synthetic.SyntheticSource)
+  assert isinstance(pipeline.open_source(files["binary"], feats, lib.rows()),
+                    binary.BinarySource)
+  assert isinstance(pipeline.open_source(files["tsv"], feats, lib.rows()), ArraySource)
+  tables, uniform = uniform_tables(26, 1000, max_len=[1, 1, 3] + [1] * 23)
+  assert pipeline.open_source(files["tsv"], uniform, tables).num_examples == 203
+  with pytest.raises(ConfigError, match="26 categorical columns but 3 sparse features"):
+    pipeline.make_train_iterator(files["tsv"], feats[:3], lib.rows(), 8)
+  with pytest.raises(DataError, match="no such file"):
+    pipeline.make_train_iterator(str(tmp_path / "nope"), feats, lib.rows(), 8)
+  with pytest.raises(ConfigError, match="bad_rows"):
+    pipeline.make_train_iterator("synthetic", feats, lib.rows(), 8, bad_rows="warn")
+  with pytest.raises(ConfigError, match="no row count"):
+    pipeline.make_train_iterator("synthetic", feats, {"t0": 5}, 8)
+
+
+def test_bad_row_counts_reach_the_iterator(tsv_file):
+  path = tsv_file([lib.line(), lib.line("2"), lib.line("0")])
+  it = pipeline.make_train_iterator(path, lib.features(), lib.rows(), 2, bad_rows="skip")
+  assert it.bad_row_counts() == {path: 1}
+  assert next(it).size == 2
+  with pytest.raises(DataError, match=":2: column 1 \\(label\\)"):
+    pipeline.make_train_iterator(path, lib.features(), lib.rows(), 2)
+
+
+def test_worker_processes_give_the_same_batches(files):
+  if not flags.FLAGS.is_parsed():  # grain reads its absl flags in the workers
+    flags.FLAGS.mark_as_parsed()
+  feats = lib.features({2: 3})
+  ref = take(pipeline.make_train_iterator(files["binary"], feats, lib.rows(), 16, seed=2,
+                                          prefetch=0), 4)
+  it = pipeline.make_train_iterator(files["binary"], feats, lib.rows(), 16, seed=2,
+                                    num_workers=1)
+  got = take(it, 4)
+  it.close()
+  for a, b in zip(ref, got):
+    np.testing.assert_array_equal(a.dense, b.dense)

@@ -1,0 +1,41 @@
+"""scripts/preprocess.py: flags only; errors are one line and exit code 1."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+import data_testlib as lib
+from jaxrec.data import binary
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run(*args):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "preprocess.py"), *args],
+                        capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_preprocess_and_errors(tmp_path, tsv_file):
+  cats = [f"{k:x}" for k in range(26)]
+  cats[1] = "a,b"
+  path = tsv_file([lib.line(cats=cats), lib.line("0"), lib.line("x")])
+  out = str(tmp_path / "out")
+  r = run(f"--input={path}", f"--output={out}", "--rows=100", "--max_len=1,2" + ",1" * 24,
+          "--bad_rows=skip")
+  assert r.returncode == 0, r.stderr
+  assert "wrote 2 examples in 1 shard(s)" in r.stdout and "1 malformed rows skipped" in r.stdout
+  src = binary.BinarySource(out, lib.layout(max_lens={1: 2}, n=100))
+  np.testing.assert_array_equal(src.gather(np.arange(2)).ids["f1"], [[10, 11], [1, -1]])
+
+  r = run(f"--input={path}", f"--output={tmp_path / 'o2'}", "--rows=100", "--max_len=1,2" +
+          ",1" * 24)
+  assert r.returncode == 1
+  assert r.stderr.strip() == (f"error: {path}:3: column 1 (label): label must be 0 or 1, "
+                              "got 'x'")
+  r = run(f"--input={tmp_path / 'missing'}", f"--output={tmp_path / 'o3'}", "--rows=100")
+  assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+  assert "no such file or directory" in r.stderr
+  r = run(f"--input={path}", f"--output={tmp_path / 'o4'}", "--rows=1,2")
+  assert r.returncode == 1 and "--rows: 2 values given, 26" in r.stderr

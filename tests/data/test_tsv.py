@@ -1,0 +1,215 @@
+"""Criteo TSV parsing: conventions, multi-hot, and one clear error per kind of bad input."""
+
+import gzip
+import logging
+import os
+import re
+
+import numpy as np
+import pytest
+
+import data_testlib as lib
+from jaxrec.data import synthetic, tsv
+from jaxrec.errors import ConfigError, DataError
+
+
+def read(paths, lay=None, **kw):
+  return tsv.read_tsv(paths if isinstance(paths, list) else [paths], lay or lib.layout(), **kw)
+
+
+def test_conventions(tsv_file):
+  dense = ["0", "", "-5", "7", "1000000", "3", "", "", "", "", "", "", "12"]
+  cats = ["ff", "", "1A", "3e9", "FFFFFFFFFFFFFFFF"] + [f"{k:x}" for k in range(5, 26)]
+  path = tsv_file([lib.line("0", dense, cats), lib.line()])
+  b = read(path, lib.layout(n=1000)).examples
+  np.testing.assert_array_equal(b.labels, [0, 1])
+  expect = np.log1p([0, 0, 0, 7, 1e6, 3, 0, 0, 0, 0, 0, 0, 12]).astype(np.float32)
+  np.testing.assert_allclose(b.dense[0], expect, rtol=1e-6)
+  np.testing.assert_allclose(b.dense[1], np.log1p(np.arange(1, 14)), rtol=1e-6)
+  assert b.ids["f0"][0, 0] == 255
+  assert b.ids["f1"][0, 0] == 0  # empty one-hot -> 0
+  assert b.ids["f2"][0, 0] == 0x1A % 1000
+  assert b.ids["f3"][0, 0] == 0x3E9 % 1000
+  assert b.ids["f4"][0, 0] == 0xFFFFFFFFFFFFFFFF % 1000
+  assert all(b.ids[f"f{k}"].dtype == np.int32 and b.ids[f"f{k}"].shape == (2, 1)
+             for k in range(26))
+  assert b.dense.dtype == np.float32 and b.labels.dtype == np.float32
+
+
+def test_multi_hot_and_weights(tsv_file):
+  cats = [f"{k:x}" for k in range(26)]
+  cats[0], cats[1], cats[2] = "a,b,c", "", "5:0.5,6"
+  lay = lib.layout(max_lens={0: 4, 1: 3, 2: 2}, weighted={2})
+  b = read(tsv_file([lib.line(cats=cats)]), lay).examples
+  np.testing.assert_array_equal(b.ids["f0"], [[10, 11, 12, -1]])
+  np.testing.assert_array_equal(b.ids["f1"], [[-1, -1, -1]])  # empty bag
+  np.testing.assert_array_equal(b.ids["f2"], [[5, 6]])
+  np.testing.assert_array_equal(b.weights["f2"], [[0.5, 1.0]])
+  assert list(b.weights) == ["f2"]
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_round_trip_of_synthetic_data(tmp_path, compress):
+  lay = lib.layout(max_lens={0: 3, 5: 2}, weighted={5}, n=5000)
+  src = synthetic.SyntheticSource(lay, seed=3)
+  path = str(tmp_path / "syn.tsv")
+  synthetic.write_tsv(path, src, 700, compress=compress)
+  got = tsv.read_tsv([path], lay, chunk_bytes=4096).examples  # many chunks
+  want = src.gather(np.arange(700))
+  np.testing.assert_array_equal(got.labels, want.labels)
+  np.testing.assert_allclose(got.dense, want.dense, rtol=1e-6)
+  for k in want.ids:
+    np.testing.assert_array_equal(got.ids[k], want.ids[k])
+  np.testing.assert_array_equal(got.weights["f5"], want.weights["f5"])
+
+
+def test_crlf_and_missing_final_newline(tsv_file):
+  path = tsv_file([lib.line("0"), lib.line("1")], newline="\r\n", final_newline=False)
+  b = read(path).examples
+  np.testing.assert_array_equal(b.labels, [0, 1])
+  assert b.ids["f25"][1, 0] == 25
+
+
+def test_files_dirs_and_globs(tmp_path):
+  d = tmp_path / "d"
+  d.mkdir()
+  lib.write(d / "b.tsv", [lib.line("1")])
+  lib.write(d / "a.tsv.gz", [lib.line("0")], compress=True)
+  (d / ".hidden").write_text("junk")
+  for path in [str(d), str(d / "*")]:
+    files = tsv.list_files(path)
+    assert [os.path.basename(f) for f in files] == ["a.tsv.gz", "b.tsv"]
+    np.testing.assert_array_equal(read(files).examples.labels, [0, 1])
+
+
+def _bad(label="1", dense=None, cats=None, col=None, value=None):
+  dense = dense or [str(i) for i in range(13)]
+  cats = cats or [f"{k:x}" for k in range(26)]
+  if col is not None:
+    if col < 13:
+      dense[col] = value
+    else:
+      cats[col - 13] = value
+  return lib.line(label, dense, cats)
+
+
+@pytest.mark.parametrize("bad_line, where, what", [
+    (_bad(col=2, value="nan"), "column 4 (I3)", "not an integer: 'nan'"),
+    (_bad(col=0, value="inf"), "column 2 (I1)", "not an integer: 'inf'"),
+    (_bad(col=12, value="1.5"), "column 14 (I13)", "not an integer"),
+    (_bad(col=3, value="-"), "column 5 (I4)", "not an integer"),
+    (_bad(col=3, value="1" * 19), "column 5 (I4)", "more than 18 digits"),
+    (_bad(col=13, value="xyz"), "column 15 (C1)", "not hex: 'xyz'"),
+    (_bad(col=20, value="12 3"), "column 22 (C8)", "not hex"),
+    (_bad(col=20, value="1" * 17), "column 22 (C8)", "more than 16 hex digits"),
+    (_bad(col=14, value="1,2"), "column 16 (C2)", "one-hot"),
+    (_bad(label="2"), "column 1 (label)", "label must be 0 or 1, got '2'"),
+    (_bad(label=""), "column 1 (label)", "label must be 0 or 1"),
+    (_bad(label="1.0"), "column 1 (label)", "label must be 0 or 1"),
+    ("\t".join(["1"] * 39), "", "expected 40 tab-separated columns"),
+    ("\t".join(["1"] * 41), "", "found 41"),
+    ("", "", "found 1"),
+])
+def test_malformed_rows_name_file_line_and_column(tsv_file, bad_line, where, what):
+  path = tsv_file([lib.line()] * 3 + [bad_line] + [lib.line()])
+  with pytest.raises(DataError) as e:
+    read(path)
+  msg = str(e.value)
+  assert msg.startswith(f"{path}:4: "), msg
+  assert where in msg and what in msg, msg
+
+
+@pytest.mark.parametrize("value, max_len, weighted, what", [
+    ("1,2,3", 2, False, "more ids than max_len=2"),
+    ("1,,3", 3, False, "empty id"),
+    ("1,", 3, False, "empty id"),
+    ("1:x", 2, True, "bad weight"),
+    ("1:nan", 2, True, "bad weight"),
+    ("1:0.5:2", 2, True, "bad weight"),
+    ("1:0.5", 2, False, "not hex"),
+])
+def test_malformed_bags(tsv_file, value, max_len, weighted, what):
+  cats = [f"{k:x}" for k in range(26)]
+  cats[3] = value
+  lay = lib.layout(max_lens={3: max_len}, weighted={3} if weighted else ())
+  path = tsv_file([lib.line(), lib.line(cats=cats)])
+  with pytest.raises(DataError, match=f"^{re.escape(path)}:2: column 18 \\(C4\\): .*{what}"):
+    read(path, lay)
+
+
+def test_line_numbers_across_chunks(tsv_file):
+  lines = [lib.line()] * 60
+  lines[47] = _bad(col=5, value="oops")
+  path = tsv_file(lines, compress=True)
+  with pytest.raises(DataError, match=f"^{path}:48: column 7 \\(I6\\)"):
+    tsv.read_tsv([path], lib.layout(), chunk_bytes=300)
+
+
+def test_first_error_wins(tsv_file):
+  lines = [lib.line()] * 5
+  lines[3] = "1\t2"
+  lines[2] = _bad(col=20, value="zz")
+  path = tsv_file(lines)
+  with pytest.raises(DataError, match=f"^{path}:3: column 22"):
+    read(path)
+
+
+def test_skip_counts_logs_and_keeps_order(tsv_file, caplog):
+  good = [lib.line(label=str(i % 2), dense=[str(i)] + ["1"] * 12) for i in range(10)]
+  lines = list(good)
+  lines.insert(2, _bad(col=0, value="nan"))
+  lines.insert(6, "1\t2\t3")
+  lines.insert(9, _bad(label="7"))
+  a = tsv_file(lines)
+  b = tsv_file([good[0], _bad(col=13, value="q")])
+  with caplog.at_level(logging.WARNING):
+    src = read([a, b], bad_rows="skip")
+  assert src.bad_row_counts() == {a: 3, b: 1}
+  np.testing.assert_allclose(src.examples.dense[:10, 0], np.log1p(np.arange(10)), rtol=1e-6)
+  assert src.num_examples == 11
+  logged = caplog.text
+  assert f"{a}:3:" in logged and f"{a}:7:" in logged and f"{a}:10:" in logged
+  assert f"{b}:2:" in logged
+
+
+def test_skip_everything_bad_is_an_error(tsv_file):
+  path = tsv_file(["1\t2"] * 3)
+  with pytest.raises(DataError, match="no valid rows"):
+    read(path, bad_rows="skip")
+
+
+def test_bad_rows_value_is_checked(tsv_file):
+  with pytest.raises(ConfigError, match="bad_rows"):
+    read(tsv_file([lib.line()]), bad_rows="ignore")
+
+
+def test_bad_files(tmp_path):
+  empty = tmp_path / "empty.tsv"
+  empty.write_bytes(b"")
+  with pytest.raises(DataError, match=f"^{empty}: empty file"):
+    read(str(empty))
+  gz_empty = tmp_path / "empty.gz"
+  gz_empty.write_bytes(gzip.compress(b""))
+  with pytest.raises(DataError, match="empty file"):
+    read(str(gz_empty))
+  binary = tmp_path / "model.bin"
+  binary.write_bytes(np.arange(1000, dtype=np.float32).tobytes())
+  with pytest.raises(DataError, match=f"^{binary}:1: not a text file"):
+    read(str(binary))
+  truncated = tmp_path / "t.tsv.gz"
+  truncated.write_bytes(gzip.compress(("\n".join([lib.line()] * 200) + "\n").encode())[:-30])
+  with pytest.raises(DataError, match=f"^{truncated}: truncated gzip"):
+    read(str(truncated))
+  corrupt = tmp_path / "c.gz"
+  data = bytearray(gzip.compress(("\n".join([lib.line()] * 200) + "\n").encode()))
+  data[20:40] = b"\xff" * 20
+  corrupt.write_bytes(bytes(data))
+  with pytest.raises(DataError, match=f"^{corrupt}: (corrupt|truncated) gzip"):
+    read(str(corrupt))
+  with pytest.raises(DataError, match="no such file or directory"):
+    tsv.list_files(str(tmp_path / "missing.tsv"))
+  with pytest.raises(DataError, match="no files match"):
+    tsv.list_files(str(tmp_path / "nothing*"))
+  (tmp_path / "void").mkdir()
+  with pytest.raises(DataError, match="holds no files"):
+    tsv.list_files(str(tmp_path / "void"))

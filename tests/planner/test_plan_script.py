@@ -1,0 +1,64 @@
+"""End-to-end: the real scripts/plan.py (flags -> report, JSON, errors, profile)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from jaxrec import planner
+from jaxrec.embedding.specs import uniform_tables
+from jaxrec.sharding.plan import Plan, uniform_plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def plan(tmp_path, *flags):
+  env = dict(os.environ, JAXREC_CACHE_DIR=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, os.path.join(ROOT, "scripts", "plan.py"), *flags]
+  return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def test_tables_flag_prints_table_and_writes_json(tmp_path):
+  out = tmp_path / "plan.json"
+  proc = plan(tmp_path, "--tables=big:30000000:128:4,mid:100000:128:2:1.1,tiny:10:16",
+              "--mesh=data=2,table=2,row=2,col=2", "--memory_per_device=8GiB",
+              "--batch_size=1024", "--optimizer=rowwise_adagrad", f"--json={out}")
+  assert proc.returncode == 0, proc.stderr
+  text = proc.stdout
+  for needle in ("big", "mid", "tiny", "mem/device", "why", "replicated", "estimated step time",
+                 "0,1,2,3,8,9,10,11", "shares the collectives"):
+    assert needle in text, needle
+  obj = json.loads(out.read_text())
+  p = Plan.from_json(obj["plan"])
+  assert p["tiny"].kind == "dp" and p["big"].kind != "dp"
+  assert obj["mesh"] == {"data": 2, "table": 2, "row": 2, "col": 2}
+  assert all(s["memory_bytes"] <= 8 * 2**30 for s in obj["slices"])
+
+
+def test_gin_config_and_forced_plan(tmp_path):
+  proc = plan(tmp_path, "--gin_file=configs/dlrm_criteo.gin", "--mesh=data=2,table=2,row=2,col=1",
+              "--plan=tw")
+  assert proc.returncode == 0, proc.stderr
+  assert "Plan (forced tw) for 26 tables" in proc.stdout and "global batch 512" in proc.stdout
+
+
+def test_errors_are_one_line(tmp_path):
+  proc = plan(tmp_path, "--tables=huge:1000000000:128", "--mesh=row=2,col=2")
+  assert proc.returncode == 1
+  assert "error: table 'huge'" in proc.stderr and "16.0 GiB" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  proc = plan(tmp_path, "--tables=t:100:16", "--mesh=data=2,model=2")
+  assert proc.returncode == 1 and "--mesh" in proc.stderr
+
+
+def test_profile_proposes_a_plan(tmp_path):
+  tables, _ = uniform_tables(2, [1000, 10], 16)
+  mesh = {"data": 2, "table": 2, "row": 1, "col": 1}
+  for step in (100, 200, 300):
+    planner.append_profile(tmp_path, planner.profile_record(
+        step, 0.004, uniform_plan("tw", tables, 2), mesh, steps=100))
+  proc = plan(tmp_path, "--tables=t0:1000:16,t1:10:16", f"--profile={tmp_path}",
+              "--batch_size=64")
+  assert proc.returncode == 0, proc.stderr
+  assert "coefficients (profile fit" in proc.stdout
+  assert "faster" in proc.stdout or "already the best" in proc.stdout

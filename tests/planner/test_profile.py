@@ -1,0 +1,115 @@
+"""Profile refinement: NNLS fit of the cost coefficients, re-planning from a profile."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxrec import planner
+from jaxrec.embedding.specs import uniform_tables
+from jaxrec.errors import ConfigError, DataError
+from jaxrec.planner import (COST_TERMS, DEFAULT, Calibration, estimate_plan, fit_coefficients,
+                            propose_plan)
+from jaxrec.sharding.plan import uniform_plan
+
+GiB = 2**30
+
+
+def test_nnls_recovers_known_coefficients():
+  rng = np.random.default_rng(0)
+  true = rng.uniform(0.5, 2.0, len(COST_TERMS)) * np.logspace(-3, -12, len(COST_TERMS))
+  true[3] = 0.0  # a term that costs nothing stays at 0
+  scales = np.logspace(0, 9, len(COST_TERMS))
+  samples = []
+  for _ in range(40):
+    x = rng.uniform(0, 1, len(COST_TERMS)) * scales
+    samples.append((dict(zip(COST_TERMS, x)), float(x @ true)))
+  fit = fit_coefficients(samples).vector()
+  np.testing.assert_allclose(fit, true, rtol=1e-6, atol=1e-18)
+  noisy = [(x, t * (1 + 0.01 * rng.standard_normal())) for x, t in samples]
+  fit = fit_coefficients(noisy).vector()
+  big = true > 0
+  assert np.all(np.abs(fit[big] - true[big]) / true[big] < 0.2)
+
+
+def test_fit_with_prior_scales_toward_measurement():
+  x = {"const": 1.0, "launches": 10.0, "all_to_all_bytes": 1e6, "gather_bytes": 1e6}
+  prior_t = sum(v * DEFAULT.coefficients[k] for k, v in x.items())
+  fit = fit_coefficients([(x, 0.5 * prior_t)], DEFAULT, ridge=0.1)
+  predicted = sum(v * fit.coefficients[k] for k, v in x.items())
+  assert predicted == pytest.approx(0.5 * prior_t, rel=0.05)
+  # Terms the sample never exercises keep the prior.
+  assert fit.coefficients["pool_bytes"] == DEFAULT.coefficients["pool_bytes"]
+  # A slower measurement is explained by the free per-step constant first.
+  fit = fit_coefficients([(x, 2 * prior_t)], DEFAULT, ridge=0.1)
+  assert fit.coefficients["const"] == pytest.approx(prior_t, rel=0.05)
+
+
+def _setup():
+  tables, features = uniform_tables(
+      8, [4_000_000, 2_000_000, 1_000_000, 10**5, 10**4, 1000, 100, 10], 64,
+      max_len=[1, 2, 1, 4, 1, 8, 1, 1])
+  mesh = {"data": 2, "table": 2, "row": 2, "col": 1}
+  # "The machine": collectives 30x slower than the defaults think, a 2 ms dense part.
+  truth = Calibration(dict(DEFAULT.coefficients, all_to_all_bytes=3e-10,
+                           reduce_scatter_bytes=3e-10, gather_bytes=2e-11, const=2e-3), "truth")
+  return tables, features, mesh, truth
+
+
+def _true_time(plan, tables, features, mesh, truth, batch=4096):
+  return estimate_plan(plan, tables, features, mesh, None, 0.0, batch, truth,
+                       check=False).step_time_s
+
+
+def test_refine_from_synthetic_profile(tmp_path):
+  tables, features, mesh, truth = _setup()
+  plans = [uniform_plan(k, tables, 2) for k in ("tw", "rw", "twrw")]
+  plans.append(propose_plan(tables, features, mesh, GiB, 0.0, 4096).plan)  # the job ran this
+  rng = np.random.default_rng(1)
+  step = 0
+  for plan in plans:
+    t = _true_time(plan, tables, features, mesh, truth)
+    for _ in range(4):
+      step += 100
+      planner.append_profile(tmp_path, planner.profile_record(
+          step, t * (1 + 0.01 * rng.standard_normal()), plan, mesh, steps=100,
+          batch_size=4096))
+  ref = planner.refine_from_profile(tmp_path, tables, features, GiB, 0.0, None)
+  assert ref.samples == 4
+  assert ref.current.plan == plans[-1]
+  for plan in plans:  # the fitted model reproduces what was measured
+    fitted = _true_time(plan, tables, features, mesh, ref.fitted)
+    assert fitted == pytest.approx(_true_time(plan, tables, features, mesh, truth), rel=0.1)
+  current = _true_time(plans[-1], tables, features, mesh, truth)
+  proposed = _true_time(ref.proposed.plan, tables, features, mesh, truth)
+  assert proposed < current and ref.speedup > 1
+  assert all(s.memory_bytes <= GiB for s in ref.proposed.slices)
+  text = ref.report()
+  assert "faster" in text and "profile fit" in text
+  json.dumps(ref.to_json())
+
+
+def test_profile_in_trainer_format(tmp_path):
+  """The trainer's lines carry no batch_size/steps: the caller's batch is used."""
+  tables, features, mesh, truth = _setup()
+  plan = uniform_plan("dp", tables, 2)
+  with open(tmp_path / "profile.jsonl", "w") as f:
+    for step in (100, 200, 300):
+      f.write(json.dumps({"step": step, "step_time_s": 0.01, "mesh": mesh,
+                          "plan": plan.to_json()}) + "\n")
+  ref = planner.refine_from_profile(tmp_path / "profile.jsonl", tables, features, GiB, 0.0,
+                                    4096)
+  assert ref.measured_step_time_s == pytest.approx(0.01)
+  assert ref.current.step_time_s == pytest.approx(0.01, rel=0.05)
+  assert ref.speedup >= 1
+  with pytest.raises(ConfigError, match="batch_size"):
+    planner.refine_from_profile(tmp_path, tables, features, GiB, 0.0, None)
+
+
+def test_bad_profiles(tmp_path):
+  with pytest.raises(ConfigError, match="no profile"):
+    planner.read_profile(tmp_path)
+  (tmp_path / "profile.jsonl").write_text('{"step": 1, "step_time_s": 0.1, "mesh": {}, '
+                                          '"plan": {}}\n{"step": 2}\n')
+  with pytest.raises(DataError, match=r"profile.jsonl:2: .*missing 'step_time_s'"):
+    planner.read_profile(tmp_path)

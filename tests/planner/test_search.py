@@ -1,0 +1,135 @@
+"""Plan search: sensible choices, budgets respected, balance, clear errors."""
+
+import json
+
+import pytest
+
+from jaxrec.embedding import optimizers
+from jaxrec.embedding.specs import FeatureSpec, TableSpec, uniform_tables
+from jaxrec.errors import ConfigError
+from jaxrec.planner import check_plan_fits, estimate_plan, propose_plan
+from jaxrec.planner.cost_model import TableStats
+from jaxrec.sharding.plan import KIND_AXES, Plan, TablePlacement, uniform_plan
+
+GiB = 2**30
+MESH = {"data": 2, "table": 2, "row": 2, "col": 1}
+
+
+def specs(*tables):
+  """(name, rows, dim[, max_len]) -> tables, features (one feature per table)."""
+  ts = [TableSpec(t[0], t[1], t[2]) for t in tables]
+  fs = [FeatureSpec(f"f_{t[0]}", t[0], t[3] if len(t) > 3 else 1) for t in tables]
+  return ts, fs
+
+
+def test_tiny_tables_are_replicated():
+  tables, features = uniform_tables(26, 1000, 16)
+  res = propose_plan(tables, features, MESH, 16 * GiB, 0.0, 512)
+  assert {p.kind for p in res.plan.placements.values()} == {"dp"}
+  assert all("replicated" in t.reason for t in res.tables)
+  assert res.step_time_s > 0
+
+
+def test_huge_table_is_sharded_and_all_fit():
+  tables, features = specs(("huge", 40_000_000, 128), ("small", 1000, 16))
+  budget = 16 * GiB  # huge is 19 GiB: it cannot be replicated
+  res = propose_plan(tables, features, {"data": 2, "table": 2, "row": 2, "col": 2}, budget,
+                     "adagrad", 1024)
+  assert set(KIND_AXES[res.plan["huge"].kind]) & {"row", "col"}
+  assert res.plan["small"].kind == "dp"
+  assert all(s.memory_bytes <= budget for s in res.slices)
+  per_device = check_plan_fits(res.plan, tables, res.mesh_shape, budget, "adagrad",
+                               features=features, batch_size=1024)
+  assert len(per_device) == 16 and max(per_device) <= budget
+  huge = next(t for t in res.tables if t.name == "huge")
+  assert "replicated would need" in huge.reason
+
+
+def test_table_wise_balances_by_cost():
+  # dp does not fit (8 x 0.3 budget); tw does, so tables spread 2 per slice; bags of
+  # different sizes make the costs unequal, and the busiest slice stays close to the mean.
+  rows = int(0.3 * GiB / (64 * 4))
+  tables, features = specs(*[(f"t{i}", rows, 64, l) for i, l in
+                             enumerate([1, 1, 2, 2, 4, 4, 8, 8])])
+  res = propose_plan(tables, features, {"table": 4}, GiB, 0.0, 4096)
+  assert {p.kind for p in res.plan.placements.values()} == {"tw"}
+  per_slice = [sum(1 for p in res.plan.placements.values() if p.table_slice == s)
+               for s in range(4)]
+  assert max(per_slice) <= 3 and all(per_slice)
+  times = [s.time_s for s in res.slices]
+  assert max(times) <= 1.25 * sum(times) / 4
+  assert all(s.memory_bytes <= GiB for s in res.slices)
+  # The big bags (8) go to different slices.
+  assert res.plan["t6"].table_slice != res.plan["t7"].table_slice
+
+
+def test_large_divisible_dim_uses_columns():
+  tables, features = specs(("wide", 2_000_000, 1024, 4))
+  res = propose_plan(tables, features, {"data": 1, "col": 4}, 4 * GiB, 0.0, 1024)
+  assert res.plan["wide"].kind == "cw"
+  assert "dim 1024 split over col=4" in res.tables[0].reason
+
+
+def test_report_and_json():
+  tables, features = specs(("a", 10_000_000, 64), ("b", 100, 16, 3))
+  res = propose_plan(tables, features, MESH, 2 * GiB, optimizers.RowWiseAdagrad(), 256,
+                     table_stats={"b": TableStats(pooling_factor=2.0, zipf_alpha=1.1)})
+  text = res.report()
+  for needle in ("table", "kind", "mem/device", "why", "estimated step time", "0,1,4,5"):
+    assert needle in text
+  obj = json.loads(res.dumps())
+  assert Plan.from_json(obj["plan"]) == res.plan
+  assert {t["name"] for t in obj["tables"]} == {"a", "b"}
+  assert len(obj["slices"]) == 2 and obj["estimated_step_time_s"] > 0
+
+
+def test_default_budget_and_kinds_filter():
+  tables, features = uniform_tables(4, 100_000, 16)
+  res = propose_plan(tables, features, MESH, None, 0.0, 512, kinds=["tw"])
+  assert res.memory_per_device_bytes == 16 * GiB
+  assert {p.kind for p in res.plan.placements.values()} == {"tw"}
+
+
+def test_table_that_fits_nowhere():
+  tables, features = specs(("monster", 10**9, 128), ("ok", 10, 16))
+  with pytest.raises(ConfigError) as e:
+    propose_plan(tables, features, MESH, 16 * GiB, 0.0, 512)
+  msg = str(e.value)
+  assert "'monster'" in msg and "476.8 GiB" in msg and "16.0 GiB" in msg
+
+
+def test_tables_together_do_not_fit():
+  tables, features = specs(*[(f"t{i}", 5_000_000, 128) for i in range(8)])  # 2.4 GiB each
+  with pytest.raises(ConfigError, match="together"):
+    propose_plan(tables, features, {"table": 2, "row": 2}, 3 * GiB, 0.0, 512)
+
+
+def test_forced_plan_that_does_not_fit():
+  tables, features = specs(("big", 20_000_000, 128), ("small", 10, 16))  # 9.5 GiB
+  plan = uniform_plan("dp", tables, 2)
+  with pytest.raises(ConfigError) as e:
+    check_plan_fits(plan, tables, MESH, 8 * GiB)
+  msg = str(e.value)
+  assert "'big'" in msg and "9.5 GiB" in msg and "budget 8.0 GiB" in msg
+  assert len(check_plan_fits(uniform_plan("twrw", tables, 2), tables, MESH, 8 * GiB)) == 8
+
+
+def test_forced_plan_mesh_mismatch():
+  tables, features = specs(("t", 100, 16))
+  with pytest.raises(ConfigError, match="does not divide"):
+    estimate_plan(uniform_plan("cw", tables, 1), tables, features, {"col": 3}, GiB, 0.0, 96)
+  with pytest.raises(ConfigError, match="outside mesh axis table=2"):
+    estimate_plan(Plan({"t": TablePlacement("tw", 5)}), tables, features, {"table": 2}, GiB)
+  with pytest.raises(ConfigError, match="no placement for table"):
+    estimate_plan(Plan({}), tables, features, {"table": 2}, GiB)
+  with pytest.raises(ConfigError, match="multiple of the 8 devices"):
+    propose_plan(tables, features, MESH, GiB, 0.0, 500)
+
+
+def test_forced_estimate_matches_auto_when_same_plan():
+  tables, features = uniform_tables(6, [10**6, 10**5, 10**4, 1000, 100, 10], 32)
+  auto = propose_plan(tables, features, MESH, GiB, 0.0, 1024)
+  forced = estimate_plan(auto.plan, tables, features, MESH, GiB, 0.0, 1024)
+  assert forced.step_time_s == pytest.approx(auto.step_time_s)
+  assert [s.memory_bytes for s in forced.slices] == [s.memory_bytes for s in auto.slices]
+  assert forced.mode == "forced"
