@@ -68,7 +68,8 @@ def main(argv):
     mesh = inputs.parse_mesh(FLAGS.mesh) if FLAGS.mesh else None
     if FLAGS.profile:
       result = planner.refine_from_profile(
-          FLAGS.profile, spec.tables, spec.features, memory, optimizer, batch, cal, table_stats=spec.table_stats, mesh_shape=mesh)
+          FLAGS.profile, spec.tables, spec.features, memory, optimizer, batch, cal,
+          table_stats=spec.table_stats, mesh_shape=mesh)
     elif mesh is None:
       raise ConfigError("--mesh is required, e.g. --mesh=data=2,table=2,row=2,col=1")
     elif FLAGS.plan == "auto":

@@ -67,8 +67,11 @@ def main(argv):
   except JaxrecError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  except (ValueError, OSError) as e:  # gin parse errors, I/O
-    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+  except SyntaxError as e:  # gin parse errors
+    print(f"error: {e.filename}:{e.lineno}: {e.msg}", file=sys.stderr)
+    sys.exit(1)
+  except (ValueError, TypeError, RuntimeError, OSError) as e:  # gin bindings, I/O
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     sys.exit(1)
   skipped = sum(m["bad_rows"].values())
   print(f"wrote {m['num_examples']} examples in {len(m['shards'])} shard(s) to {FLAGS.output}"

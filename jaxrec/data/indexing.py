@@ -8,9 +8,9 @@ The data order is defined once, globally, independent of the number of processes
   processes' local batches is the same global batch for every `P`, and a job restarted
   with a different `P` continues from `g` with nothing lost or repeated.
 * for a finite source of `N` examples, position `g` is example `perm_e(g mod N)` of epoch
-  `e = g // N`, where `perm_e` is a keyed pseudo-random bijection of `[0, N)` (a Feistel
-  network with cycle walking, keyed by `(seed, e)`, see `permute`): a full global shuffle per epoch that
-  needs no memory and is computed for any position directly.
+  `e = g // N`, where `perm_e` is a keyed pseudo-random bijection of `[0, N)` (a
+  Feistel-like network with cycle walking keyed by `(seed, e)`, see `permute`): a full
+  global shuffle per epoch that needs no memory and is computed for any position directly.
 
 Hashes are splitmix64 on `uint64` numpy arrays (wrapping arithmetic).
 """

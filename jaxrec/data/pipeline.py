@@ -191,9 +191,16 @@ class TrainIterator:
 
 
 class EvalBatch(NamedTuple):
-  """One eval batch: `batch` of local size `[B/P]`; `mask` float32 `[B/P]`, 0 = padding."""
+  """One eval batch: `batch` of local size `[B/P]`; `mask` float32 `[B/P]`, 0 = padding.
+
+  The real examples are a prefix of the batch: `batch[:num_valid]`.
+  """
   batch: Batch
   mask: np.ndarray
+
+  @property
+  def num_valid(self) -> int:
+    return int(self.mask.sum())
 
 
 class EvalData:
@@ -252,7 +259,8 @@ def make_train_iterator(source: str, features: Sequence[FeatureSpec],
                         rows: Mapping[str, int] | Sequence[TableSpec], batch_size: int,
                         seed: int = 0, process_index: int = 0, process_count: int = 1, *,
                         bad_rows: str = "error", shuffle: bool = True, num_threads: int = 2,
-                        prefetch: int = 4, num_workers: int = 0) -> TrainIterator:
+                        prefetch: int = 4, num_workers: int = 0,
+                        num_dense: int = NUM_DENSE) -> TrainIterator:
   """The endless, resumable training stream of this process.
 
   Args:
@@ -265,11 +273,13 @@ def make_train_iterator(source: str, features: Sequence[FeatureSpec],
     bad_rows: "error" | "skip" (see `tsv`).
     shuffle: global shuffle per epoch (finite sources).
     num_threads, prefetch, num_workers: grain parallelism (see module docstring).
+    num_dense: dense columns (13 for Criteo).
 
   Returns:
     A `TrainIterator` of host `Batch`es, with `get_state`/`set_state`/`bad_row_counts`.
   """
-  src = open_source(source, features, rows, seed=seed, split=TRAIN_SPLIT, bad_rows=bad_rows)
+  src = open_source(source, features, rows, seed=seed, split=TRAIN_SPLIT, bad_rows=bad_rows,
+                    num_dense=num_dense)
   return TrainIterator(src, batch_size, seed, process_index, process_count, shuffle=shuffle,
                        num_threads=num_threads, prefetch=prefetch, num_workers=num_workers)
 
@@ -281,11 +291,11 @@ def make_eval_batches(source: str, features: Sequence[FeatureSpec],
                       process_index: int = 0, process_count: int = 1, *,
                       bad_rows: str = "error", num_examples: int | None = None,
                       synthetic_examples: int = 65536, seed: int = 0, num_threads: int = 2,
-                      prefetch: int = 4) -> EvalData:
+                      prefetch: int = 4, num_dense: int = NUM_DENSE) -> EvalData:
   """Eval data of this process: iterate it once per evaluation.
 
   Args:
-    source, features, rows, bad_rows: as for `make_train_iterator`.
+    source, features, rows, bad_rows, num_dense: as for `make_train_iterator`.
     batch_size: GLOBAL eval batch size `B`; batches are `[B / process_count]`.
     num_examples: evaluate only the first `num_examples` examples (default: all).
     synthetic_examples: size of the synthetic eval set (held out: split 1, data seed
@@ -293,9 +303,11 @@ def make_eval_batches(source: str, features: Sequence[FeatureSpec],
 
   Returns:
     `EvalData`: `for batch, mask in eval_data: ...`; `mask` is float32 `[B/P]`, 1 for real
-    examples and 0 for the padding of the last batch. `len(eval_data)` batches per pass.
+    examples and 0 for the padding of the last batch (the real ones are a prefix; also
+    `EvalBatch.num_valid`). `len(eval_data)` batches per pass, the same on every process.
   """
-  src = open_source(source, features, rows, seed=seed, split=EVAL_SPLIT, bad_rows=bad_rows)
+  src = open_source(source, features, rows, seed=seed, split=EVAL_SPLIT, bad_rows=bad_rows,
+                    num_dense=num_dense)
   if src.num_examples is None and num_examples is None:
     num_examples = synthetic_examples
   return EvalData(src, batch_size, process_index, process_count, num_examples=num_examples,

@@ -36,6 +36,7 @@ embeddings cannot pass ~0.64. The click rate is ~0.26.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import math
 import zlib
 
@@ -246,7 +247,6 @@ def write_tsv(path: str, src: SyntheticSource, num_examples: int, start: int = 0
   `,`-separated lists and weights as `id:weight`, so reading the file back with the same
   layout reproduces `src.gather` exactly.
   """
-  import gzip as gziplib
   lay = src.layout
   lines = []
   for lo in range(start, start + num_examples, 65536):
@@ -255,7 +255,8 @@ def write_tsv(path: str, src: SyntheticSource, num_examples: int, start: int = 0
     counts = np.rint(np.expm1(dense)).astype(np.int64)
     b = src.gather(idx)
     cols = [b.labels.astype(np.int64).astype(str)]
-    cols += [np.where(counts[:, j] == 0, "", counts[:, j].astype(str)) for j in range(lay.num_dense)]
+    cols += [np.where(counts[:, j] == 0, "", counts[:, j].astype(str))
+             for j in range(lay.num_dense)]
     for name, weighted in zip(lay.names, lay.weighted):
       ids = b.ids[name]
       w = b.weights.get(name)
@@ -267,5 +268,5 @@ def write_tsv(path: str, src: SyntheticSource, num_examples: int, start: int = 0
       cols.append(np.array(col, dtype=object))
     lines.extend("\t".join(row) for row in zip(*cols))
   data = ("\n".join(lines) + "\n").encode()
-  with (gziplib.open(path, "wb") if compress else open(path, "wb")) as f:
+  with (gzip.open(path, "wb") if compress else open(path, "wb")) as f:
     f.write(data)

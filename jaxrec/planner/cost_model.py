@@ -39,9 +39,9 @@ holding the table, `all` terms by every device:
 
 Collective bytes are bytes moved per device by a ring algorithm (what `calibration` times).
 Memory per holder: table `ceil(rows/R)*(d/C)*e`; optimizer state (float32)
-`ceil(rows/R)*((d/C)*4*s + 4*s_row)`; buffers `n*(8 + (d/C)*(e+4))` (unique ids + inverse index, rows + their float32
-gradients) + `b*G*(4*L + 8*F*(d/C))` (bag weights, pooled activations + gradients). Every
-device also holds the gathered ids, `B*L*4`.
+`ceil(rows/R)*((d/C)*4*s + 4*s_row)`; buffers `n*(8 + (d/C)*(e+4))` (unique ids + inverse
+index, rows + their float32 gradients) + `b*G*(4*L + 8*F*(d/C))` (bag weights, pooled
+activations + gradients). Every device also holds the gathered ids, `B*L*4`.
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ class Refinement:
     measured_step_time_s: weighted mean measured step time of the current plan.
     current: the current plan estimated with `fitted`.
     proposed: the best plan found with `fitted` (the current one if nothing beats it).
-    speedup: current.step_time_s / proposed.step_time_s (>= 1).
+    speedup: current.step_time_s / proposed.step_time_s (>= 1 on the same mesh).
   """
 
   fitted: Calibration
@@ -160,7 +160,8 @@ class Refinement:
       ratio = f"x{c / p:.2f}" if p > 0 else "(free)"
       lines.append(f"  {k:<22} {c:.3e} s/unit {ratio}")
     lines += ["", self.proposed.report(), ""]
-    if self.proposed.plan == self.current.plan:
+    if (self.proposed.plan == self.current.plan and
+        dict(self.proposed.mesh_shape) == dict(self.current.mesh_shape)):
       lines.append("the current plan is already the best found; keep it")
     else:
       changed = sorted(n for n, p in self.proposed.plan.placements.items()
@@ -191,7 +192,8 @@ def refine_from_profile(path: str | os.PathLike, tables: Sequence[TableSpec],
   Args:
     path: profile file or workdir.
     calibration: prior coefficients (default `calibration.DEFAULT`).
-    mesh_shape: plan for this mesh instead of the last one recorded.
+    mesh_shape: plan for this mesh instead of the last one recorded (the current plan is
+      still estimated on its own mesh).
     skip_first: lines dropped per distinct (plan, mesh, batch) (compilation, warm-up).
   """
   prior = calibration or DEFAULT
@@ -220,13 +222,15 @@ def refine_from_profile(path: str | os.PathLike, tables: Sequence[TableSpec],
   measured = samples[list(groups).index(last_key)][1]
   fitted = fit_coefficients(samples, prior, ridge, weights)
 
-  mesh = dict(mesh_shape or last["mesh"])
   b = int(last.get("batch_size") or batch_size)
-  args = (tables, features, mesh, memory_per_device_bytes, optimizer_state_factor, b, fitted)
-  current = estimate_plan(last["plan"], *args, table_stats=table_stats, check=False,
-                          mode="current")
-  proposed = propose_plan(*args, table_stats=table_stats)
-  if proposed.step_time_s >= current.step_time_s:
+  current = estimate_plan(last["plan"], tables, features, last["mesh"], memory_per_device_bytes,
+                          optimizer_state_factor, b, fitted, table_stats=table_stats,
+                          check=False, mode="current")
+  proposed = propose_plan(tables, features, dict(mesh_shape or last["mesh"]),
+                          memory_per_device_bytes, optimizer_state_factor, b, fitted,
+                          table_stats=table_stats)
+  same_mesh = cm.normalize_mesh(proposed.mesh_shape) == cm.normalize_mesh(last["mesh"])
+  if same_mesh and proposed.step_time_s >= current.step_time_s:
     proposed = current
   return Refinement(fitted, prior, measured, len(samples), current, proposed,
                     current.step_time_s / proposed.step_time_s)

@@ -5,8 +5,10 @@
              seconds with the calibration coefficients
   propose    greedy: tables in decreasing (memory share + cost share) order each take the
              (kind, table slice) that least raises the estimated step time, keeping room
-             for the tables still to place; then local search: single-table moves and
-             swaps of table-wise tables between slices while the step time drops
+             for the tables still to place; run free and once preferring each kind (a
+             stack's collectives pay off only when its tables move together); the two
+             best starts then get local search: single-table moves and swaps of table-wise
+             tables off the busiest slice, while the step time drops
   partition  devices on one `table` slice carry the same load, so the state is per slice:
              seconds and bytes; step time = busiest slice + launches + const
 
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import math
 from typing import Mapping, Sequence
 
@@ -29,7 +30,7 @@ from jaxrec.errors import ConfigError
 from jaxrec.planner import cost_model as cm
 from jaxrec.planner.calibration import DEFAULT, Calibration
 from jaxrec.planner.result import PlanResult, SliceReport, TableReport, format_bytes, format_time
-from jaxrec.sharding.plan import KIND_AXES, MESH_AXES, Plan, TablePlacement
+from jaxrec.sharding.plan import KIND_AXES, Plan, TablePlacement
 
 _REL_TOL = 1e-9
 DEFAULT_MEMORY_PER_DEVICE = 16 * 2**30  # bytes, when the caller gives no budget
@@ -174,7 +175,7 @@ def _overflow_error(state: _State, what: str) -> ConfigError:
   for name, (kind, ts) in state.choice.items():
     c = state.cands[name][kind]
     if not c.sliced or ts == s:
-      on.append((c.est.holder_memory, name, kind))
+      on.append((c.mem, name, kind))
   on.sort(reverse=True)
   largest = "; ".join(f"{_describe(state.loads[n])} as {k}: {format_bytes(m)}/device"
                       for m, n, k in on[:3])
@@ -187,8 +188,8 @@ def _overflow_error(state: _State, what: str) -> ConfigError:
 
 def _min_memory(cands: Mapping[str, _Candidate], nt: int) -> tuple[float, float]:
   """(smallest bytes on a holder, smallest average bytes per slice) over the kinds."""
-  holder = min(c.est.holder_memory + c.est.ids_memory for c in cands.values())
-  avg = min(c.est.holder_memory / (nt if c.sliced else 1) + c.est.ids_memory
+  holder = min(c.mem + c.est.ids_memory for c in cands.values())
+  avg = min(c.mem / (nt if c.sliced else 1) + c.est.ids_memory
             for c in cands.values())
   return holder, avg
 
@@ -403,7 +404,7 @@ def propose_plan(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
       raise ConfigError(
           f"table {_describe(load)} fits no placement within the memory budget of "
           f"{format_bytes(memory_per_device_bytes)}/device on mesh {cm.mesh_str(mesh)}: "
-          f"smallest is {smallest.est.kind} at {format_bytes(smallest.est.holder_memory)}/device"
+          f"smallest is {smallest.est.kind} at {format_bytes(smallest.mem)}/device"
           f" (+ {format_bytes(ids_all)} id buffers); add devices on row/col or memory")
 
   nt = mesh["table"]
@@ -428,9 +429,7 @@ def propose_plan(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
       raise _overflow_error(state, f"the {len(loads)} tables together (even each at its "
                             "smallest placement)")
     starts.append(state)
-  starts.sort(key=functools.cmp_to_key(
-      lambda x, y: -1 if _better(x.objective(), y.objective()) else
-      (1 if _better(y.objective(), x.objective()) else 0)))
+  starts.sort(key=lambda st: st.objective())
   best = None
   for state in starts[:2]:
     _improve(state, order)

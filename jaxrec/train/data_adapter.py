@@ -1,54 +1,40 @@
-"""Where the trainer meets the input pipeline and the checkpoint module (thin wiring)."""
+"""Where the trainer meets the input pipeline (`jaxrec.data.pipeline`) and checkpoints."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Any
 
-import numpy as np
+import jax
 
-from jaxrec.data.batch import Batch
-from jaxrec.data import source as source_lib
-from jaxrec.data.synthetic import SyntheticSource
+from jaxrec.data import pipeline
 
 
-class _TmpIter:
-  def __init__(self, src, batch_size):
-    self.src, self.b, self.pos = src, batch_size, 0
-
-  def __next__(self):
-    out = self.src.gather(np.arange(self.pos, self.pos + self.b))
-    self.pos += self.b
-    return out
-
-  def get_state(self):
-    return {"examples_consumed": self.pos}
-
-  def set_state(self, s):
-    self.pos = int(s["examples_consumed"])
+def train_iterator(config, options) -> pipeline.TrainIterator:
+  """This process's endless, resumable train stream (global batch `config.batch_size`)."""
+  return pipeline.make_train_iterator(
+      options.train_data or config.train_data, config.features, config.tables,
+      config.batch_size, options.seed, jax.process_index(), jax.process_count(),
+      bad_rows=options.bad_rows, num_dense=config.num_dense)
 
 
-def _layout(config):
-  return source_lib.make_layout(config.features, {t.name: t.rows for t in config.tables},
-                                config.num_dense)
+def eval_data(config, options) -> pipeline.EvalData:
+  """The fixed eval set: a file source is read whole; synthetic draws
+  `config.num_eval_examples` held-out examples."""
+  return pipeline.make_eval_batches(
+      options.eval_data or config.eval_data, config.features, config.tables,
+      config.eval_batch_size, jax.process_index(), jax.process_count(),
+      bad_rows=options.bad_rows, synthetic_examples=config.num_eval_examples,
+      seed=options.seed, num_dense=config.num_dense)
 
 
-def train_iterator(config, options):
-  return _TmpIter(SyntheticSource(_layout(config), seed=options.seed, split=0), config.batch_size)
-
-
-def eval_batches(config, options) -> Callable[[], Iterable[tuple[Batch, int]]]:
-  src = SyntheticSource(_layout(config), seed=options.seed, split=1)
-  def gen():
-    b = config.eval_batch_size
-    for start in range(0, config.num_eval_examples, b):
-      n = min(b, config.num_eval_examples - start)
-      yield src.gather(np.arange(start, start + b)), n
-  return gen
-
-
-def bad_row_metrics(it):
-  return {}
+def bad_row_metrics(*sources) -> dict[str, Any]:
+  """`{"bad_rows": {path: count}}` when `--bad_rows=skip` dropped rows, else `{}`."""
+  counts = {}
+  for s in sources:
+    counts.update({k: v for k, v in s.bad_row_counts().items() if v})
+  return {"bad_rows": counts} if counts else {}
 
 
 def checkpointer(workdir, options):
+  del workdir, options
   return None

@@ -17,6 +17,7 @@ from typing import Any
 import gin
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
@@ -66,12 +67,16 @@ def _put(batch: Batch, sharding) -> Batch:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
-def evaluate(eval_step, state, eval_batches, sharding) -> dict[str, Any]:
+def evaluate(eval_step, state, eval_data, sharding) -> dict[str, Any]:
+  """Exact AUC / logloss over the whole eval set (padding masked out)."""
   acc = EvalAccumulator()
-  for batch, num_valid in eval_batches():
-    logits = eval_step(state, _put(batch, sharding))
-    mask = np.arange(batch.size) < num_valid
-    acc.add(np.asarray(logits), batch.labels, mask)
+  for batch, mask in eval_data:
+    logits = np.asarray(eval_step(state, _put(batch, sharding)))   # global [B], replicated
+    labels, mask = batch.labels, mask
+    if jax.process_count() > 1:
+      labels, mask = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                      for x in (labels, mask))
+    acc.add(logits, labels, mask > 0)
   return acc.result()
 
 
@@ -108,7 +113,7 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
 
   train_step = step_lib.make_train_step(config, collection, shardings)
   eval_step = step_lib.make_eval_step(config, collection, shardings)
-  eval_batches = data_adapter.eval_batches(config, options)
+  eval_data = data_adapter.eval_data(config, options)
   bsharding = mesh_lib.batch_sharding(mesh)
   writer = MetricsWriter(workdir, enabled=is_main)
   progress = Progress(options.num_steps, start, enabled=None if options.progress else False)
@@ -147,16 +152,16 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
             profile.write(json.dumps({"step": step, "step_time_s": elapsed / steps_timed,
                                       "mesh": info["mesh"], "plan": plan.to_json()}) + "\n")
             profile.flush()
-        record.update(data_adapter.bad_row_metrics(train_it))
+        record.update(data_adapter.bad_row_metrics(train_it, eval_data))
         if (options.eval_every and step % options.eval_every == 0) or done:
-          record.update(evaluate(eval_step, state, eval_batches, bsharding))
+          record.update(evaluate(eval_step, state, eval_data, bsharding))
         pending, t_mark, steps_timed, paused = [], time.perf_counter(), 0, 0.0
         writer.write(step, record)
         progress.update(step, record["loss"], record.get("examples_per_sec"))
         last = dict(record, step=step)
       elif options.eval_every and step % options.eval_every == 0:
         t_eval = time.perf_counter()
-        writer.write(step, evaluate(eval_step, state, eval_batches, bsharding))
+        writer.write(step, evaluate(eval_step, state, eval_data, bsharding))
         paused += time.perf_counter() - t_eval
       if ckpt is not None and ((options.checkpoint_every and step % options.checkpoint_every == 0)
                                or done):

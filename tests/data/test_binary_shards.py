@@ -127,3 +127,15 @@ def test_output_must_be_new_and_bad_rows(tmp_path, tsv_file):
     binary.preprocess(path, str(tmp_path / "o2"), lib.features(), lib.rows(), bad_rows="skip")
   with pytest.raises(ConfigError, match="26 categorical columns but 3 sparse features"):
     binary.preprocess(path, str(tmp_path / "o3"), lib.features()[:3], lib.rows())
+
+
+def test_sources_are_grain_data_sources(dataset):
+  import grain
+  path, out, lay = dataset
+  src = binary.BinarySource(out, lay)
+  ex = grain.MapDataset.source(src)[7]
+  ref = src.gather(np.array([7]))
+  np.testing.assert_array_equal(ex["dense"], ref.dense[0])
+  np.testing.assert_array_equal(ex["ids/f0"], ref.ids["f0"][0])
+  np.testing.assert_array_equal(ex["weights/f4"], ref.weights["f4"][0])
+  assert len(src) == 300 and len(synthetic.SyntheticSource(lay)) > 2**60

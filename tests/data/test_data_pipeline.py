@@ -139,6 +139,9 @@ def test_eval_reads_everything_once_with_a_padded_last_batch(procs):
         assert all((v[mask == 0] == -1).all() for v in batch.ids.values())
     np.testing.assert_array_equal(sorted(seen), np.arange(45))
   assert sum(m.sum() for e in evals for _, m in e) == 45
+  last = list(evals[0])[-1]
+  assert last.num_valid == {1: 13, 2: 8, 4: 4}[procs]
+  assert (last.mask[:last.num_valid] == 1).all() and (last.mask[last.num_valid:] == 0).all()
 
 
 def test_eval_builders(files):

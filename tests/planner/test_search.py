@@ -133,3 +133,22 @@ def test_forced_estimate_matches_auto_when_same_plan():
   assert forced.step_time_s == pytest.approx(auto.step_time_s)
   assert [s.memory_bytes for s in forced.slices] == [s.memory_bytes for s in auto.slices]
   assert forced.mode == "forced"
+
+
+def test_search_matches_brute_force_on_a_small_case():
+  tables, features = specs(("a", 3_000_000, 32, 2), ("b", 800_000, 32, 4), ("c", 20_000, 32, 1))
+  mesh, budget, batch = {"data": 1, "table": 2, "row": 2, "col": 1}, 512 * 2**20, 8192
+  options = [TablePlacement("dp"), TablePlacement("rw")] + [
+      TablePlacement(k, s) for k in ("tw", "twrw") for s in (0, 1)]
+  best = float("inf")
+  for pa in options:
+    for pb in options:
+      for pc in options:
+        p = Plan({"a": pa, "b": pb, "c": pc})
+        try:
+          best = min(best, estimate_plan(p, tables, features, mesh, budget, 0.0, batch)
+                     .step_time_s)
+        except ConfigError:  # over budget
+          pass
+  res = propose_plan(tables, features, mesh, budget, 0.0, batch)
+  assert res.step_time_s <= best * (1 + 1e-9)

@@ -173,6 +173,7 @@ def main() -> None:
     loss_fn = nn.BCEWithLogitsLoss()
 
     model.train()
+    load = round(os.getloadavg()[0], 2)   # other processes competing for the cores
     losses, t0 = [], None
     for i in range(args.steps):
       if i == args.warmup:
@@ -203,7 +204,7 @@ def main() -> None:
         "step_ms": 1e3 * elapsed / timed, "auc": roc_auc(labels, scores),
         "logloss": log_loss(labels, scores), "steps": args.steps, "warmup": args.warmup,
         "train_loss_last50": float(losses[-50:].mean()), "eval_examples": int(labels.size),
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "load_average_1m": load, "torch": torch.__version__,
         "torchrec": getattr(torchrec, "__version__", "?")}), flush=True)
   finally:
     dist.destroy_process_group()
