@@ -24,13 +24,10 @@ import time
 import zipfile
 from typing import Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 from absl import logging
 from etils import epath
-from jax.sharding import Mesh
 
 from jaxrec.checkpoint import canonical as canonical_lib
 from jaxrec.checkpoint import storage
@@ -73,11 +70,8 @@ def _exported_arrays(step_dir):
   """Yields `(export name, tensorstore, saved fingerprint or None)`, sorted by name."""
   manifest = storage.check_step(step_dir)
   arrays = storage.open_arrays(step_dir)
-  saved = {}
-  if manifest.get("fingerprint"):
-    saved = dict(zip(manifest["fingerprint"],
-                     np.asarray(arrays["fingerprint"].read().result()).tolist()))
-  for name in sorted(manifest["leaves"]):
+  saved = storage.saved_fingerprints(step_dir, manifest, arrays)
+  for name in sorted(n for n in arrays if n != "fingerprint"):
     yield export_name(name), name, arrays[name], saved.get(name)
 
 
@@ -88,7 +82,7 @@ class _Verifier:
     self.name, self.shape, self.expect, self.step_dir, self.value = name, shape, expect, step_dir, 0
 
   def add(self, start, block):
-    self.value = (self.value + canonical_lib.fingerprint_np(block, self.shape, start)) & 0xFFFFFFFF
+    self.value = (self.value + canonical_lib.fingerprint_np(block, self.shape, (start,))) & 0xFFFFFFFF
 
   def done(self):
     if self.expect is not None and self.value != self.expect:
@@ -194,7 +188,7 @@ def export_checkpoint(checkpoint_dir, output, step: int | None = None,
   if (mesh_shape is None) != (plan is None):
     raise ConfigError("--mesh and --plan go together for --format=checkpoint")
   if plan is not None:
-    tables = tuple(TableSpec(n, t["rows"], t["dim"], t["dtype"])
+    tables = tuple(TableSpec(n, t["shape"][0], t["shape"][1], t["dtype"])
                    for n, t in sorted(manifest["tables"].items()))
     features = tuple(FeatureSpec(f"feature_{t.name}", t.name) for t in tables)
     resolved = resolve_plan(plan, tables, mesh_shape)
@@ -225,7 +219,6 @@ def import_torchrec(npz_path, output, step: int = 0) -> list[str]:
   npz_path = epath.Path(npz_path)
   if not npz_path.exists():
     raise ConfigError(f"--torchrec_npz: {npz_path} does not exist")
-  mesh = Mesh(np.asarray(jax.devices()), ("all",))
   tables = {}
   with np.load(npz_path) as z:
     names = {}
@@ -242,14 +235,12 @@ def import_torchrec(npz_path, output, step: int = 0) -> list[str]:
       raise DataError(f"{npz_path}: no keys like 'embedding_bags.<table>.weight' (keys: "
                       f"{z.files[:10]})")
     for name, key in sorted(names.items()):
-      array = z[key]
-      if array.ndim != 2:
-        raise DataError(f"{npz_path}: '{key}' has shape {array.shape}, expected [rows, dim]")
-      tables[name] = jax.device_put(array, canonical_lib.transfer_sharding(mesh, array.shape))
-      del array
+      tables[name] = z[key]
+      if tables[name].ndim != 2:
+        raise DataError(f"{npz_path}: '{key}' has shape {tables[name].shape}, expected "
+                        "[rows, dim]")
   with CheckpointManager(output, max_to_keep=None, async_save=False) as mgr:
     if step in mgr.all_steps():
       raise ConfigError(f"{mgr.step_dir(step)} already exists")
-    mgr.save_canonical(step, {"step": jnp.int32(step), "tables": tables},
-                       meta={"imported_from": "torchrec", "source": str(npz_path)})
+    mgr.save_arrays(step, tables, meta={"imported_from": "torchrec", "source": str(npz_path)})
   return sorted(tables)

@@ -3,27 +3,28 @@ restore onto any mesh and plan, falling back past corrupt checkpoints.
 
 Layout of `directory` (one orbax step directory per checkpoint):
 
-    <step>/state/       canonical pytree (see `canonical`): dense params + optax state,
-                        one array per table and per table optimizer state, step, rng,
-                        fingerprints; tensorstore zarr in an OCDBT database
+    <step>/state/       dense part (orbax pytree, see `canonical`): step, params, optax
+                        state, rng key data, fingerprints
+    <step>/embeddings/  one zarr array per table and per table optimizer state, by name
+                        (see `tables`): independent of mesh and plan
     <step>/data_state/  data iterator state (JSON)
     <step>/meta/        run metadata given by the caller (JSON: plan, mesh, gin text, ...)
-    <step>/manifest/    what the state holds: leaves, tables, fingerprint order (JSON)
-    rejected/           steps that failed to restore (corrupt) or were rolled back,
-                        moved here (never deleted) when a restore falls back past them
+    <step>/manifest/    what the state holds: dense leaves, tables, saved plan/mesh (JSON)
+    rejected/           steps a restore skipped (corrupt, or NaN on rollback), moved here
+                        so the run can save those step numbers again; never deleted
 
-Atomicity comes from orbax: a save writes `<step>.orbax-checkpoint-tmp-*`, writes
-`commit_success.txt` and renames it to `<step>` only when everything is written; orbax
-never lists tmp directories and deletes leftovers (a save killed midway) when a manager
-opens the directory. Old steps are deleted (beyond `max_to_keep`) only after a newer save
-has committed.
+Atomicity is orbax's (0.12.8, local/POSIX filesystems: `AtomicRenameTemporaryPath`): a
+save writes everything into `<step>.orbax-checkpoint-tmp*`, then `commit_success.txt`,
+then renames the directory to `<step>`. Orbax lists only renamed directories and, when a
+manager opens the directory, deletes tmp leftovers of saves killed midway. Steps beyond
+`max_to_keep` are deleted only after a newer save has committed.
 
 Usage (trainer):
 
     ckpt = CheckpointManager(workdir / "checkpoints", max_to_keep=3, save_every=1000)
-    restored = ckpt.restore(fresh_state, collection)   # None: fresh run
+    restored = ckpt.restore(fresh_state, collection)          # None: nothing saved yet
     ...
-    ckpt.save(step, state, collection, data_state=it.state(), meta=run_meta)  # async
+    ckpt.save(step, state, collection, data_state=..., meta=...)   # returns quickly
     ...
     ckpt.save(step, state, collection, ..., force=True); ckpt.close()
 """
@@ -40,11 +41,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxrec.checkpoint import canonical as canonical_lib
 from jaxrec.checkpoint import storage
-from jaxrec.checkpoint.storage import DATA_STATE, ITEMS, MANIFEST, META, STATE
+from jaxrec.checkpoint import tables as tables_lib
+from jaxrec.checkpoint.storage import DATA_STATE, ITEMS, MANIFEST, META, STATE, TABLES
 from jaxrec.errors import ConfigError, JaxrecError
 
 REJECTED_DIR = "rejected"
@@ -89,19 +91,25 @@ def _abstract(x):
   return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
 
 
+def _by_devices(named):
+  """Groups `[(name, array)]` by device set (one jitted program per group)."""
+  groups: dict[Any, dict] = {}
+  for name, x in named:
+    groups.setdefault(frozenset(x.devices()), {})[name] = x
+  return list(groups.values())
+
+
 @jax.jit
 def _all_finite(leaves):
-  ok = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+  ok = [jnp.all(jnp.isfinite(x)) for x in leaves.values()
+        if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.all(jnp.stack(ok)) if ok else jnp.bool_(True)
 
 
 def all_finite(state) -> bool:
   """True when every float leaf of `state` (dense and tables) is finite."""
-  leaves = [x for x in jax.tree.leaves(state) if not canonical_lib.is_key(x)]
-  by_devices: dict[Any, list] = {}
-  for x in leaves:   # one program per device set
-    by_devices.setdefault(frozenset(getattr(x, "devices", lambda: ())()), []).append(x)
-  return all(bool(_all_finite(group)) for group in by_devices.values())
+  named = [(n, x) for n, x in canonical_lib.leaf_names(state) if not canonical_lib.is_key(x)]
+  return all(bool(_all_finite(group)) for group in _by_devices(named))
 
 
 @gin.configurable(denylist=["directory", "read_only"])
@@ -110,24 +118,23 @@ class CheckpointManager:
 
   Args:
     directory: where step directories live, e.g. `workdir/checkpoints`.
-    max_to_keep: newest committed checkpoints kept (older ones deleted after a newer save
-      commits); None keeps all.
+    max_to_keep: newest committed checkpoints kept (older ones are deleted after a newer
+      save commits); None keeps all.
     save_every: `save` without `force` writes only when `step % save_every == 0`
       (0: only forced saves).
-    async_save: write in a background thread; `save` returns once the arrays are copied
-      off the train state (the trainer may then donate or overwrite it).
+    async_save: write in background threads; `save` returns once the state is copied to
+      host (the trainer may then donate or overwrite it).
     read_only: never writes, deletes or moves anything (tools, conversion).
-    chunk_bytes: target zarr chunk size; smaller chunks let a restore on another mesh read
-      less than a whole shard.
+    chunk_bytes: zarr chunk size of stored tables; a restore reads whole chunks.
   """
 
   def __init__(self, directory: epath.PathLike, max_to_keep: int | None = 3,
                save_every: int = 0, async_save: bool = True, read_only: bool = False,
-               chunk_bytes: int = 32 << 20):
+               chunk_bytes: int = tables_lib.CHUNK_BYTES):
     self.directory = epath.Path(directory)
     self.save_every = int(save_every)
     self.read_only = read_only
-    self._chunk_bytes = chunk_bytes
+    self._chunk_bytes = int(chunk_bytes)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=not read_only, read_only=read_only, create=not read_only)
@@ -146,16 +153,15 @@ class CheckpointManager:
     return self.directory / str(int(step))
 
   def check(self, step: int, full: bool = False) -> dict:
-    """Raises if `step` is unreadable; `full` also reads every array and checks its
-    fingerprint. Returns the step's manifest."""
+    """Raises if checkpoint `step` is unreadable; `full` also reads every array and checks
+    its fingerprint. Returns the step's manifest."""
     return storage.check_step(self.step_dir(step), full=full)
 
   def latest_valid_step(self, full: bool = False) -> int | None:
-    """Newest step that passes `check` (warns about each newer one that does not);
+    """Newest step that passes `check` (warning about each newer one that does not);
     None when there are no checkpoints. Raises `CheckpointError` if none is valid."""
-    steps = self.all_steps()
     errors = []
-    for step in reversed(steps):
+    for step in reversed(self.all_steps()):
       try:
         self.check(step, full)
         return step
@@ -172,13 +178,13 @@ class CheckpointManager:
     """Starts saving `state` as checkpoint `step`; returns whether it did.
 
     Saves when `force` or `step % save_every == 0`, unless `step` is already saved.
-    Blocks only to copy the state off the device buffers (and to wait for a previous
-    save still in flight); writing happens in the background when `async_save`.
+    Blocks to wait for a previous save still in flight and to copy the state to host;
+    files are written in the background when `async_save`.
 
     Args:
       step: the global step (checkpoint name).
       state: `{"step", "params", "opt_state", "emb", "rng"}`; `emb` laid out by
-        `collection`. Missing dense keys are simply not saved.
+        `collection`. Dense keys that are missing are not saved.
       collection: the `EmbeddingCollection` that laid out `state["emb"]`.
       data_state: JSON-able state of the data iterator.
       meta: JSON-able run metadata (plan json, mesh shape, gin text, ...).
@@ -191,31 +197,44 @@ class CheckpointManager:
     if step in self.all_steps():
       logging.info("checkpoint %s already exists; not saving it again", self.step_dir(step))
       return False
-    canonical = canonical_lib.to_canonical(state, collection)
-    manifest = canonical_lib.describe(canonical, collection)
-    manifest.update(step=step, key_impls=canonical_lib.key_impls(state))
-    self._write(step, canonical, manifest, data_state, meta)
+    from jaxrec.sharding.mesh import mesh_shape
+    dense = canonical_lib.canonical_dense(state, collection.mesh)
+    self.wait()   # orbax would wait too; first, so that two saves are not held in memory
+    pieces = tables_lib.host_pieces(collection, state["emb"])
+    arrays = tables_lib.stored_arrays(collection)
+    manifest = {"key_impls": canonical_lib.key_impls(state),
+                "saved_plan": collection.plan.to_json(),
+                "saved_mesh": mesh_shape(collection.mesh)}
+    self._write(step, dense, arrays, pieces, manifest, data_state, meta)
     return True
 
-  def save_canonical(self, step: int, canonical: Mapping, data_state: Mapping | None = None,
-                     meta: Mapping | None = None, manifest_extra: Mapping | None = None
-                     ) -> None:
-    """Saves an already canonical pytree (tools: import, conversion); `fingerprint` is
-    computed here. Only the keys present are saved (e.g. tables alone)."""
-    canonical = dict(canonical)
-    canonical.pop("fingerprint", None)
-    prints = canonical_lib.fingerprints(canonical)
-    canonical["fingerprint"] = jnp.asarray(np.array([prints[n] for n in sorted(prints)],
-                                                    np.uint32))
-    manifest = canonical_lib.describe(canonical)
-    manifest.update(step=int(step), key_impls={}, **(manifest_extra or {}))
-    self._write(int(step), canonical, manifest, data_state, meta)
+  def save_arrays(self, step: int, tables: Mapping[str, np.ndarray],
+                  table_opt: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+                  data_state: Mapping | None = None, meta: Mapping | None = None) -> None:
+    """Saves per-table host arrays alone as checkpoint `step` (tools: import). A run
+    restoring it takes dense values from its `target`; see `restore`."""
+    arrays, pieces = {}, []
+    for name, x in tables.items():
+      arrays[tables_lib.table_name(name)] = (tuple(x.shape), str(x.dtype))
+      pieces.append(tables_lib.Piece(tables_lib.table_name(name), (0,) * x.ndim, x))
+    for name, opt in (table_opt or {}).items():
+      for k, x in opt.items():
+        arrays[tables_lib.opt_name(name, k)] = (tuple(x.shape), str(x.dtype))
+        pieces.append(tables_lib.Piece(tables_lib.opt_name(name, k), (0,) * x.ndim, x))
+    mesh = Mesh(np.asarray(jax.devices()[:1]), ("d",))
+    dense = canonical_lib.canonical_dense({"step": jnp.int32(step)}, mesh)
+    self._write(int(step), dense, arrays, pieces, {"key_impls": {}}, data_state, meta)
 
-  def _write(self, step, canonical, manifest, data_state, meta):
-    save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=self._chunk_bytes),
-                             canonical)
+  def _write(self, step, dense, arrays, pieces, manifest, data_state, meta):
+    manifest = dict(
+        manifest, format=canonical_lib.FORMAT, version=canonical_lib.VERSION, step=step,
+        contents=sorted(k for k in dense if k != "fingerprint"),
+        tables={n.split("/", 1)[1]: {"shape": list(s), "dtype": d}
+                for n, (s, d) in arrays.items() if n.startswith("tables/")},
+        **canonical_lib.describe_dense(dense))
     self._mgr.save(step, force=True, args=ocp.args.Composite(**{
-        STATE: ocp.args.StandardSave(canonical, save_args=save_args),
+        STATE: ocp.args.StandardSave(dense),
+        TABLES: tables_lib.TablesSave(arrays, pieces, self._chunk_bytes),
         DATA_STATE: ocp.args.JsonSave(_jsonable(dict(data_state or {}))),
         META: ocp.args.JsonSave(_jsonable(dict(meta or {}))),
         MANIFEST: ocp.args.JsonSave(manifest)}))
@@ -242,17 +261,16 @@ class CheckpointManager:
     Tries steps newest first. A step that cannot be read or fails its fingerprint check
     is reported (`logging.warning`, naming its directory) and skipped; with
     `require_finite`, so is one holding NaN/inf. Once a step restores, the skipped newer
-    ones are moved to `rejected/` (unless read-only) so that the run can save those step
-    numbers again; nothing is ever deleted.
+    ones are moved to `rejected/` (unless read-only); nothing is ever deleted.
 
     Args:
       target: the new run's state or its dense part, `{"params", "opt_state", "rng"[,
         "step"]}`, as arrays (e.g. the freshly created state) or `ShapeDtypeStruct`s with
         shardings; `emb` is ignored. Leaves give shape, dtype and placement. Dense keys the
-        checkpoint lacks (e.g. an imported TorchRec checkpoint holds only tables) are
-        taken from `target`, which must then hold arrays.
-      collection: the new run's `EmbeddingCollection` (any mesh and plan); tables are
-        placed with `collection.shardings()`.
+        checkpoint lacks (an imported TorchRec checkpoint holds only tables) are taken
+        from `target`, which must then hold arrays.
+      collection: the new run's `EmbeddingCollection`, any mesh and plan; tables are
+        placed with `collection.shardings()`, each device reading only its shard.
       step: newest step to consider; None: the latest.
       require_finite: skip checkpoints with non-finite values (rollback after NaN).
 
@@ -260,8 +278,8 @@ class CheckpointManager:
       `Restored(state, data_state, meta)`, or None if `directory` has no checkpoint.
 
     Raises:
-      ConfigError: the checkpoint does not match the configuration (tables, shapes,
-        dense structure); not a corruption, so there is no fallback.
+      ConfigError: the checkpoint does not fit the configuration (tables, shapes, dense
+        structure, optimizer); not a corruption, so there is no fallback.
       CheckpointError: checkpoints exist but none is usable, or `step` is not saved.
     """
     self.wait()
@@ -310,17 +328,23 @@ class CheckpointManager:
     manifest = json_items[MANIFEST]
     if not manifest or manifest.get("format") != canonical_lib.FORMAT:
       raise ValueError(f"{step_dir} has no jaxrec manifest")
+    index = tables_lib.read_index(step_dir / TABLES)
+    with_opt = tables_lib.check_compatible(index, collection, str(step_dir))
+    if not with_opt and collection.optimizer.state_layout():
+      logging.warning("checkpoint %s has no sparse optimizer state; starting it fresh",
+                      step_dir)
     target = {k: v for k, v in target.items() if k != "emb"}
-    abstract = self._abstract_state(manifest, collection, target, step_dir)
+    abstract = self._abstract_dense(manifest, collection, target, step_dir)
     restored = self._mgr.restore(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.StandardRestore(abstract)}))[STATE]
-    self._verify(restored, manifest, step_dir)
+        STATE: ocp.args.StandardRestore(abstract),
+        TABLES: tables_lib.TablesRestore(collection, with_opt)}))
+    dense, (emb, table_prints) = restored[STATE], restored[TABLES]
+    self._verify(dense, manifest, index, table_prints, collection, step_dir)
 
     state = {}
-    impls = manifest.get("key_impls", {})
     for key in canonical_lib.DENSE_KEYS:
-      if key in restored:
-        state[key] = _wrap_keys(restored[key], target.get(key), impls, key)
+      if key in dense:
+        state[key] = _wrap_keys(dense[key], target.get(key), manifest.get("key_impls", {}), key)
       elif key in target:
         state[key] = target[key]
     if "step" not in state or isinstance(state["step"], jax.ShapeDtypeStruct):
@@ -331,50 +355,15 @@ class CheckpointManager:
       raise ConfigError(f"checkpoint {step_dir} holds no {missing} (contents: "
                         f"{manifest['contents']}); pass initial values (arrays) for them in "
                         "`target`")
-    state["emb"] = canonical_lib.stack_tables(collection, restored["tables"],
-                                              restored.get("table_opt"))
+    state["emb"] = emb
     return Restored(state, json_items[DATA_STATE] or {}, json_items[META] or {})
 
-  def _abstract_state(self, manifest, collection, target, step_dir) -> dict:
-    """ShapeDtypeStructs (with shardings) of the stored canonical tree; checks it matches
-    the configuration first (ConfigError naming the difference)."""
-    leaves, contents = manifest["leaves"], manifest["contents"]
-    stored = manifest["tables"]
-    names = {t.name for t in collection.tables}
-    if set(stored) != names:
-      raise ConfigError(
-          f"checkpoint {step_dir} has tables {sorted(stored)} but the configuration has "
-          f"{sorted(names)} (missing: {sorted(names - set(stored))}, extra: "
-          f"{sorted(set(stored) - names)})")
-    for t in collection.tables:
-      s = stored[t.name]
-      if (s["rows"], s["dim"], s["dtype"]) != (t.rows, t.dim, str(np.dtype(t.dtype))):
-        raise ConfigError(f"table '{t.name}': checkpoint {step_dir} has [{s['rows']}, "
-                          f"{s['dim']}] {s['dtype']}, configuration has [{t.rows}, {t.dim}] "
-                          f"{t.dtype}")
-    tables, opt = canonical_lib.table_shardings(collection)
-    abstract = {"tables": {t.name: jax.ShapeDtypeStruct((t.rows, t.dim), np.dtype(t.dtype),
-                                                        sharding=tables[t.name])
-                           for t in collection.tables}}
-    want_opt = sorted(collection.optimizer.state_layout())
-    have_opt = sorted(manifest["table_opt"].get(collection.tables[0].name, []))
-    if "table_opt" in contents:
-      if have_opt != want_opt:
-        raise ConfigError(f"checkpoint {step_dir} has sparse optimizer state {have_opt}, the "
-                          f"configured optimizer {type(collection.optimizer).__name__} "
-                          f"needs {want_opt}")
-      abstract["table_opt"] = {
-          t: {k: jax.ShapeDtypeStruct(tuple(leaves[f"table_opt/{t}/{k}"]["shape"]),
-                                      np.dtype(leaves[f"table_opt/{t}/{k}"]["dtype"]),
-                                      sharding=s) for k, s in o.items()}
-          for t, o in opt.items()}
-    elif want_opt:
-      logging.warning("checkpoint %s has no sparse optimizer state; starting it fresh",
-                      step_dir)
+  def _abstract_dense(self, manifest, collection, target, step_dir) -> dict:
+    """ShapeDtypeStructs (with shardings) of the stored dense tree, after checking it
+    matches `target` (ConfigError naming the difference)."""
     rep = NamedSharding(collection.mesh, P())
-    for key in canonical_lib.DENSE_KEYS:
-      if key not in contents:
-        continue
+    abstract = {}
+    for key in manifest["contents"]:
       if key == "step":
         abstract["step"] = jax.ShapeDtypeStruct((), np.int32, sharding=getattr(
             target.get("step"), "sharding", rep))
@@ -383,35 +372,33 @@ class CheckpointManager:
         raise ConfigError(f"checkpoint {step_dir} holds '{key}' but the restore target has "
                           "none")
       abstract[key] = jax.tree.map(_abstract, target[key])
-      _check_dense(key, abstract[key], leaves, step_dir)
+      _check_dense(key, abstract[key], manifest["leaves"], step_dir)
     if manifest.get("fingerprint"):
       abstract["fingerprint"] = jax.ShapeDtypeStruct((len(manifest["fingerprint"]),),
                                                      np.uint32, sharding=rep)
     return abstract
 
-  def _verify(self, restored, manifest, step_dir) -> None:
-    """Compares fingerprints of the restored arrays with the saved ones."""
-    if not manifest.get("fingerprint"):
-      return
-    saved = dict(zip(manifest["fingerprint"], np.asarray(restored["fingerprint"]).tolist()))
-    got = canonical_lib.fingerprints({k: restored[k] for k in canonical_lib.TABLE_KEYS
-                                      if k in restored})
-    dense = {k: restored[k] for k in canonical_lib.DENSE_KEYS if k in restored}
-    by_devices: dict[Any, dict] = {}
-    for name, x in canonical_lib.leaf_names(dense):
-      by_devices.setdefault(frozenset(x.devices()), {})[name] = x
-    for group in by_devices.values():
-      got.update(canonical_lib.fingerprints(group))
-    bad = sorted(n for n in saved if got.get(n, saved[n]) != saved[n])
+  def _verify(self, dense, manifest, index, table_prints, collection, step_dir) -> None:
+    """Compares fingerprints of what was restored with those saved; ValueError if not."""
+    bad = []
+    if manifest.get("fingerprint"):
+      saved = dict(zip(manifest["fingerprint"], np.asarray(dense["fingerprint"]).tolist()))
+      named = canonical_lib.leaf_names({k: v for k, v in dense.items() if k != "fingerprint"})
+      got = {}
+      for group in _by_devices(named):
+        got.update(canonical_lib.fingerprints(group))
+      bad += [n for n in saved if got.get(n, saved[n]) != saved[n]]
+    if all(d.process_index == jax.process_index() for d in collection.mesh.devices.flat):
+      bad += [n for n, p in table_prints.items() if index["arrays"][n]["fingerprint"] != p]
     if bad:
-      raise ValueError(f"fingerprint mismatch in {step_dir} for {bad[:5]}: the stored data "
-                       "differ from what was saved")
+      raise ValueError(f"fingerprint mismatch in {step_dir} for {sorted(bad)[:5]}: the stored "
+                       "data differ from what was saved")
 
   # ----------------------------------------------------------------------------- failures
   def _warn_corrupt(self, step, error) -> None:
-    logging.warning("checkpoint %s is corrupt or unreadable, falling back to the previous "
-                    "one: %s: %s", self.step_dir(step), type(error).__name__,
-                    str(error).splitlines()[0][:500] if str(error) else "")
+    first = str(error).splitlines()[0][:500] if str(error) else ""
+    logging.warning("checkpoint %s is corrupt or unreadable (%s: %s); falling back to the "
+                    "previous one", self.step_dir(step), type(error).__name__, first)
 
   def _none_valid(self, errors) -> CheckpointError:
     detail = "; ".join(f"step {s}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
@@ -437,10 +424,9 @@ def _check_dense(key, abstract, leaves, step_dir) -> None:
           if n == key or n.startswith(key + "/")}
   if want != have:
     diff = sorted(set(want) ^ set(have)) or sorted(n for n in want if want[n] != have[n])
-    raise ConfigError(f"'{key}' in checkpoint {step_dir} does not match the model: "
-                      f"differs at {diff[:5]} (checkpoint: "
-                      f"{[(n, have.get(n)) for n in diff[:3]]}, model: "
-                      f"{[(n, want.get(n)) for n in diff[:3]]})")
+    raise ConfigError(f"'{key}' in checkpoint {step_dir} does not match the model at "
+                      f"{diff[:3]} (checkpoint: {[have.get(n) for n in diff[:3]]}, model: "
+                      f"{[want.get(n) for n in diff[:3]]})")
 
 
 def _wrap_keys(tree, target, impls, key):

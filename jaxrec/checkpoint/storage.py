@@ -1,9 +1,9 @@
 """Direct, streaming access to the arrays of one stored checkpoint step (no devices).
 
-Orbax writes each array of the `state` item as a tensorstore zarr array (inside an OCDBT
-database by default) named after its pytree path. These helpers open them with
-tensorstore, so tools (export, full validation) read them in row blocks: a table is
-never held whole in memory.
+Dense arrays: orbax writes each leaf of the `state` item as a tensorstore zarr array
+(inside an OCDBT database by default) named after its pytree path. Tables: zarr arrays of
+the `embeddings` item (see `tables`). These helpers open both with tensorstore, so tools
+(export, full validation) read them in row blocks: a table is never held whole in memory.
 """
 
 from __future__ import annotations
@@ -13,13 +13,16 @@ import math
 from typing import Iterator
 
 import numpy as np
+import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
 from jaxrec.checkpoint import canonical as canonical_lib
+from jaxrec.checkpoint import tables as tables_lib
 
-STATE, DATA_STATE, META, MANIFEST = "state", "data_state", "meta", "manifest"
-ITEMS = (STATE, DATA_STATE, META, MANIFEST)
+# Items of a step directory (see `manager`).
+STATE, TABLES, DATA_STATE, META, MANIFEST = "state", "embeddings", "data_state", "meta", "manifest"
+ITEMS = (STATE, TABLES, DATA_STATE, META, MANIFEST)
 BLOCK_BYTES = 64 << 20   # rows read at a time: about this many bytes
 
 
@@ -28,23 +31,12 @@ def read_json(step_dir: epath.PathLike, item: str) -> dict:
   return json.loads((epath.Path(step_dir) / item / "metadata").read_text())
 
 
-def _array_tree(step_dir: epath.Path):
-  """Orbax's metadata tree of the `state` item: leaves have `.name`, `.directory`."""
-  import orbax.checkpoint as ocp
-  handler = ocp.StandardCheckpointHandler()
-  return handler.metadata(step_dir / STATE)
-
-
-def open_arrays(step_dir: epath.PathLike) -> dict[str, ts.TensorStore]:
-  """`{leaf name: read-only TensorStore}` for every array of the `state` item.
-
-  Leaf names are canonical (`tables/t0`, `params/dense_0/kernel`, `fingerprint`)."""
-  step_dir = epath.Path(step_dir)
-  meta = _array_tree(step_dir)
+def _dense_arrays(step_dir: epath.Path) -> dict[str, ts.TensorStore]:
+  """Arrays of the orbax `state` item, opened from orbax's metadata tree."""
+  meta = ocp.StandardCheckpointHandler().metadata(step_dir / STATE)
   driver = "zarr3" if getattr(meta, "use_zarr3", False) else "zarr"
-  tree = getattr(meta, "tree", meta)
   out = {}
-  for name, leaf in canonical_lib.leaf_names(tree):
+  for name, leaf in canonical_lib.leaf_names(getattr(meta, "tree", meta)):
     if leaf is None or not hasattr(leaf, "name"):
       continue
     directory = epath.Path(leaf.directory or step_dir / STATE)
@@ -57,26 +49,54 @@ def open_arrays(step_dir: epath.PathLike) -> dict[str, ts.TensorStore]:
   return out
 
 
+def open_arrays(step_dir: epath.PathLike) -> dict[str, ts.TensorStore]:
+  """`{canonical name: read-only TensorStore}` for every stored array of a step:
+  `step`, `params/...`, `opt_state/...`, `rng`, `fingerprint`, `tables/<t>`,
+  `table_opt/<t>/<name>`."""
+  step_dir = epath.Path(step_dir)
+  out = _dense_arrays(step_dir)
+  for name in tables_lib.read_index(step_dir / TABLES)["arrays"]:
+    out[name] = tables_lib.open_stored(step_dir / TABLES, name)
+  return out
+
+
+def saved_fingerprints(step_dir: epath.PathLike, manifest: dict, arrays: dict) -> dict[str, int]:
+  """`{canonical name: fingerprint recorded when saving}`."""
+  out = {}
+  if manifest.get("fingerprint"):
+    values = np.asarray(arrays["fingerprint"].read().result()).tolist()
+    out.update(zip(manifest["fingerprint"], values))
+  index = tables_lib.read_index(epath.Path(step_dir) / TABLES)
+  out.update({n: a["fingerprint"] for n, a in index["arrays"].items()})
+  return out
+
+
 def row_blocks(array: ts.TensorStore, block_bytes: int = BLOCK_BYTES
                ) -> Iterator[tuple[int, np.ndarray]]:
   """Yields `(start_row, block)` covering `array` in row blocks of ~`block_bytes`."""
   shape = tuple(array.shape)
-  if not shape:
+  if not shape or shape[0] == 0:
     yield 0, np.asarray(array.read().result())
     return
   row_bytes = max(1, math.prod(shape[1:]) * array.dtype.numpy_dtype.itemsize)
   step = max(1, block_bytes // row_bytes)
   for start in range(0, shape[0], step):
     yield start, np.asarray(array[start:min(start + step, shape[0])].read().result())
-  if shape[0] == 0:
-    yield 0, np.zeros(shape, array.dtype.numpy_dtype)
+
+
+def array_fingerprint(array: ts.TensorStore) -> int:
+  """`canonical.fingerprint` of a stored array, read block by block."""
+  shape, total = tuple(array.shape), 0
+  for start, block in row_blocks(array):
+    total = (total + canonical_lib.fingerprint_np(block, shape, (start,))) & 0xFFFFFFFF
+  return total
 
 
 def check_step(step_dir: epath.PathLike, full: bool = False) -> dict:
   """Checks a step directory; returns its manifest or raises.
 
-  Always: the JSON items parse, the manifest is ours, every array it lists opens with
-  the listed shape and dtype. `full`: also reads every array and compares fingerprints.
+  Always: the JSON items parse, the manifest is ours, every listed array opens with its
+  listed shape and dtype. `full`: also reads every array and compares fingerprints.
   """
   step_dir = epath.Path(step_dir)
   manifest = read_json(step_dir, MANIFEST)
@@ -86,27 +106,18 @@ def check_step(step_dir: epath.PathLike, full: bool = False) -> dict:
   read_json(step_dir, META)
   read_json(step_dir, DATA_STATE)
   arrays = open_arrays(step_dir)
-  for name, info in manifest["leaves"].items():
+  index = tables_lib.read_index(step_dir / TABLES)["arrays"]
+  expected = dict(manifest["leaves"], **index)
+  for name, info in expected.items():
     if name not in arrays:
       raise ValueError(f"array '{name}' is missing")
     a = arrays[name]
-    if list(a.shape) != info["shape"] or str(a.dtype.numpy_dtype) != info["dtype"]:
-      raise ValueError(f"array '{name}' is {a.dtype.numpy_dtype}{list(a.shape)}, manifest "
-                       f"says {info['dtype']}{info['shape']}")
-  if full and manifest.get("fingerprint"):
-    saved = np.asarray(arrays["fingerprint"].read().result())
-    for name, expect in zip(manifest["fingerprint"], saved):
-      got = array_fingerprint(arrays[name])
-      if got != int(expect):
+    if list(a.shape) != list(info["shape"]) or str(a.dtype.numpy_dtype) != info["dtype"]:
+      raise ValueError(f"array '{name}' is {a.dtype.numpy_dtype}{list(a.shape)}, expected "
+                       f"{info['dtype']}{info['shape']}")
+  if full:
+    for name, expect in saved_fingerprints(step_dir, manifest, arrays).items():
+      if array_fingerprint(arrays[name]) != int(expect):
         raise ValueError(f"array '{name}' fails its fingerprint check (stored data differ "
                          "from what was saved)")
   return manifest
-
-
-def array_fingerprint(array: ts.TensorStore) -> int:
-  """`canonical.fingerprint` of a stored array, read block by block."""
-  shape = tuple(array.shape)
-  total = 0
-  for start, block in row_blocks(array):
-    total = (total + canonical_lib.fingerprint_np(block, shape, start)) & 0xFFFFFFFF
-  return total

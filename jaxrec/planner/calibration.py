@@ -131,9 +131,12 @@ def _median_time(fn, *args, reps: int) -> float:
 
 
 def _line(units: list[float], times: list[float]) -> tuple[float, float]:
-  """(intercept, slope) >= 0 of a least-squares line through (units, times)."""
+  """(intercept, slope) >= 0 of a least-squares line through (units, times); when noise
+  makes the slope non-positive, the largest size's time / units stands in for it."""
   slope, intercept = np.polyfit(np.asarray(units, float), np.asarray(times, float), 1)
-  return max(float(intercept), 0.0), max(float(slope), 0.0)
+  if not slope > 0:
+    slope = times[-1] / units[-1]
+  return max(float(intercept), 0.0), float(slope)
 
 
 def calibrate(num_cpu_devices: int = 8, quick: bool = False, reps: int = 5) -> Calibration:

@@ -22,7 +22,7 @@ holding the table, `all` terms by every device:
 
   const                 1 per step (dense layers, dispatch); set only by profile fits
   launches              collectives per step; per stack `stack_launches` (latency term)
-  sort_bytes      hold  n*4: ids deduplicated (`unique` sorts)
+  sort_bytes      hold  B*L*4: the global batch's ids deduplicated (`unique` sorts)
   gather_bytes    hold  n*(d/C)*e: unique buffer filled from the local shard
   pool_bytes      hold  2*b*G*L*(d/C)*e: rows pooled forward + scatter-added backward
   update_bytes    hold  2*u*((d/C)*(e+4*s) + 4*s_row): the sparse optimizer reads and
@@ -39,9 +39,9 @@ holding the table, `all` terms by every device:
 
 Collective bytes are bytes moved per device by a ring algorithm (what `calibration` times).
 Memory per holder: table `ceil(rows/R)*(d/C)*e`; optimizer state (float32)
-`ceil(rows/R)*((d/C)*4*s + 4*s_row)`; buffers `n*(8 + (d/C)*(e+4))` (unique ids + inverse
-index, rows + their float32 gradients) + `b*G*(4*L + 8*F*(d/C))` (bag weights, pooled
-activations + gradients). Every device also holds the gathered ids, `B*L*4`.
+`ceil(rows/R)*((d/C)*4*s + 4*s_row)`; buffers `n*(4 + (d/C)*(e+4)) + 4*B*L` (unique ids,
+rows + their float32 gradients, inverse index) + `b*G*(4*L + 8*F*(d/C))` (bag weights,
+pooled activations + gradients). Every device also holds the gathered ids, `B*L*4`.
 """
 
 from __future__ import annotations
@@ -287,7 +287,7 @@ def estimate(load: TableLoad, kind: str, mesh: Mapping[str, int], batch_size: in
 
   hold = np.zeros(len(COST_TERMS))
   every = np.zeros(len(COST_TERMS))
-  hold[_I["sort_bytes"]] = n_buf * 4
+  hold[_I["sort_bytes"]] = big_b * big_l * 4
   hold[_I["gather_bytes"]] = n_buf * cols * e
   hold[_I["pool_bytes"]] = 2 * b * g * big_l * cols * e
   hold[_I["update_bytes"]] = 2 * u * (cols * (e + 4 * opt.per_element) + 4 * opt.per_row)
@@ -301,6 +301,7 @@ def estimate(load: TableLoad, kind: str, mesh: Mapping[str, int], batch_size: in
   memory = {
       "table": rows_local * cols * e,
       "optimizer": int(math.ceil(rows_local * 4 * (cols * opt.per_element + opt.per_row))),
-      "buffers": int(math.ceil(n_buf * (8 + cols * (e + 4)) + b * g * (4 * big_l + 8 * f * cols))),
+      "buffers": int(math.ceil(n_buf * (4 + cols * (e + 4)) + 4 * big_b * big_l +
+                           b * g * (4 * big_l + 8 * f * cols))),
   }
   return Estimate(kind, holders, rows_local, cols, memory, int(big_b * big_l * 4), hold, every)

@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.errors import ConfigError, JaxrecError
+from jaxrec import planner
 from jaxrec.sharding import mesh as mesh_lib
 from jaxrec.sharding.plan import Plan, uniform_plan
 from jaxrec.train import data_adapter, plan_choice
@@ -57,10 +58,10 @@ def setup(config: ExperimentConfig, options: RunOptions, devices=None
     shape = mesh_lib.parse_mesh_spec(options.mesh, len(devices))
   config.validate(math.prod(shape.values()))
   mesh = mesh_lib.make_mesh(shape, devices)
-  plan, report = plan_choice.choose(config, options, shape)
+  plan, result = plan_choice.choose(config, options, shape)
   collection = EmbeddingCollection.create(config.tables, config.features, plan, mesh,
                                           config.sparse_tx())
-  return collection, plan, {"mesh": shape, "report": report}
+  return collection, plan, {"mesh": shape, "plan_result": result}
 
 
 def _put(batch: Batch, sharding) -> Batch:
@@ -92,8 +93,9 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
   mesh = collection.mesh
   if is_main:
     with open(os.path.join(workdir, "plan.json"), "w") as f:
-      json.dump({"mesh": info["mesh"], "tables": plan.to_json()}, f, indent=2, sort_keys=True)
-    log.info("mesh %s\n%s", mesh_lib.format_mesh(info["mesh"]), info["report"])
+      json.dump(info["plan_result"].to_json(), f, indent=2, sort_keys=True)
+    log.info("mesh %s, plan (--plan=%s):\n%s", mesh_lib.format_mesh(info["mesh"]),
+             options.plan, info["plan_result"].report())
 
   state = state_lib.create(config, collection, options.seed)
   shardings = state_lib.shardings(state, collection)
@@ -117,7 +119,7 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
   bsharding = mesh_lib.batch_sharding(mesh)
   writer = MetricsWriter(workdir, enabled=is_main)
   progress = Progress(options.num_steps, start, enabled=None if options.progress else False)
-  profile = open(os.path.join(workdir, "profile.jsonl"), "a") if is_main else None
+  write_profile = is_main
 
   last: dict[str, Any] = {}
   pending: list[jax.Array] = []
@@ -148,10 +150,10 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
         if steps_timed:
           elapsed = now - t_mark - paused
           record["examples_per_sec"] = steps_timed * config.batch_size / elapsed
-          if profile:
-            profile.write(json.dumps({"step": step, "step_time_s": elapsed / steps_timed,
-                                      "mesh": info["mesh"], "plan": plan.to_json()}) + "\n")
-            profile.flush()
+          if write_profile:
+            planner.append_profile(workdir, planner.profile_record(
+                step, elapsed / steps_timed, plan, info["mesh"], steps=steps_timed,
+                batch_size=config.batch_size))
         record.update(data_adapter.bad_row_metrics(train_it, eval_data))
         if (options.eval_every and step % options.eval_every == 0) or done:
           record.update(evaluate(eval_step, state, eval_data, bsharding))
@@ -171,6 +173,4 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
       ckpt.close()
     writer.close()
     progress.close()
-    if profile:
-      profile.close()
   return last

@@ -76,7 +76,8 @@ def train_state(coll, seed=0, typed_key=True, step=0):
   tables, opt = per_table_values(coll, seed)
   state = dense(coll.mesh, seed, typed_key)
   state["step"] = jax.device_put(jnp.int32(step), NamedSharding(coll.mesh, P()))
-  state["emb"] = canonical.stack_tables(coll, tables, opt if opt[coll.tables[0].name] else None)
+  state["emb"] = jax.jit(coll.stack_tables, out_shardings=coll.shardings())(
+      tables, opt if opt[coll.tables[0].name] else None)
   return state
 
 

@@ -27,8 +27,8 @@ def test_memory_dp_adagrad():
   assert (est.holders, est.shard_rows, est.shard_cols) == (16, 1000, 16)
   assert est.memory["table"] == 1000 * 16 * 4
   assert est.memory["optimizer"] == 1000 * 16 * 4
-  # n*(8 + cols*(e+4)) + b*G*(4L + 8*F*cols)
-  assert est.memory["buffers"] == 128 * (8 + 16 * 8) + 4 * 1 * (4 * 2 + 8 * 16)
+  # n*(4 + cols*(e+4)) + 4*B*L + b*G*(4L + 8*F*cols)
+  assert est.memory["buffers"] == 128 * (4 + 16 * 8) + 4 * 128 + 4 * 1 * (4 * 2 + 8 * 16)
   assert est.ids_memory == 64 * 2 * 4
 
 
@@ -37,7 +37,7 @@ def test_memory_grid():
   assert (est.holders, est.shard_rows, est.shard_cols) == (8, 500, 8)
   assert est.memory["table"] == 500 * 8 * 4
   assert est.memory["optimizer"] == 500 * 8 * 4
-  assert est.memory["buffers"] == 128 * (8 + 8 * 8) + 4 * 8 * (4 * 2 + 8 * 8)
+  assert est.memory["buffers"] == 128 * (4 + 8 * 8) + 4 * 128 + 4 * 8 * (4 * 2 + 8 * 8)
 
 
 def test_memory_rowwise_state_and_odd_rows():
@@ -51,6 +51,7 @@ def test_memory_rowwise_state_and_odd_rows():
 def test_buffer_capped_by_owned_rows():
   est = cm.estimate(load(rows=10), "dp", MESH16, 64, cm.optimizer_state(0))
   assert terms(est, "hold")["gather_bytes"] == 10 * 16 * 4  # not B*L = 128 rows
+  assert est.memory["buffers"] == 10 * (4 + 16 * 8) + 4 * 128 + 4 * (4 * 2 + 8 * 16)
 
 
 def test_tw_terms():

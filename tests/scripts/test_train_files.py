@@ -1,0 +1,48 @@
+"""scripts/train.py on Criteo TSV files and preprocessed shards; bad rows stop the run."""
+
+import os
+
+from jaxrec.data import source as source_lib
+from jaxrec.data.synthetic import SyntheticSource, write_tsv
+from jaxrec.embedding.specs import uniform_tables
+from tests.scripts.test_train import read_metrics, train
+
+SMALL = ["uniform_tables.rows=1000", "DLRM.bottom_mlp=(32,16)", "DLRM.top_mlp=(32,1)",
+         "ExperimentConfig.batch_size=128", "ExperimentConfig.eval_batch_size=256"]
+FLAGS = ["--gin_file=configs/dlrm_criteo.gin", "--plan=dp", "--log_every=10"] + [
+    f"--gin_bindings={b}" for b in SMALL]
+
+
+def write_data(path, n, start=0):
+  tables, features = uniform_tables(num_tables=26, rows=1000)
+  layout = source_lib.make_layout(features, {t.name: t.rows for t in tables})
+  write_tsv(str(path), SyntheticSource(layout, seed=3), n, start=start)
+
+
+def test_train_on_tsv_reads_eval_once(tmp_path):
+  write_data(tmp_path / "train.tsv", 2000)
+  write_data(tmp_path / "eval.tsv", 300, start=5000)
+  w = str(tmp_path / "w")
+  train(w, *FLAGS, "--num_steps=30", f"--train_data={tmp_path}/train.tsv",
+        f"--eval_data={tmp_path}/eval.tsv")
+  evals = [l for l in read_metrics(w) if "eval_auc" in l]
+  assert evals and evals[-1]["eval_examples"] == 300     # whole file, once, padding masked
+
+
+def test_bad_row_names_file_line_column(tmp_path):
+  write_data(tmp_path / "train.tsv", 50)
+  lines = open(tmp_path / "train.tsv").read().splitlines()
+  cols = lines[6].split("\t")
+  cols[20] = "xyz!"
+  lines[6] = "\t".join(cols)
+  open(tmp_path / "train.tsv", "w").write("\n".join(lines) + "\n")
+  proc = train(str(tmp_path / "w"), *FLAGS, "--num_steps=5", f"--train_data={tmp_path}/train.tsv",
+               check=False)
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert f"{tmp_path}/train.tsv:7" in proc.stderr, proc.stderr
+  skip = train(str(tmp_path / "w2"), *FLAGS, "--num_steps=5", "--bad_rows=skip",
+               f"--train_data={tmp_path}/train.tsv")
+  assert skip.returncode == 0
+  counts = [l["bad_rows"] for l in read_metrics(str(tmp_path / "w2")) if "bad_rows" in l]
+  assert counts and list(counts[-1].values()) == [1]
+  assert os.path.exists(tmp_path / "w2" / "metrics.jsonl")
