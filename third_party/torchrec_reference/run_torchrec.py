@@ -76,6 +76,22 @@ def log_loss(labels: np.ndarray, logits: np.ndarray, eps: float = 1e-7) -> float
   return float(-(y * np.log(p) + (1 - y) * np.log1p(-p)).mean())
 
 
+def step_times(done, warmup: int, batch_size: int) -> dict:
+  """Speed from the finish time of every step (as `benchmarks/vs_torchrec.step_times`).
+
+  `examples_per_sec`: wall clock from the end of step `warmup - 1` to the end of the last;
+  `examples_per_sec_median`: from the median per-step time (less disturbed by other load).
+  """
+  done = np.asarray(done, np.float64)
+  timed = len(done) - warmup
+  elapsed = done[-1] - done[warmup - 1]
+  gaps = np.diff(done[warmup - 1:])
+  return {"examples_per_sec": timed * batch_size / elapsed,
+          "examples_per_sec_median": batch_size / float(np.median(gaps)),
+          "step_ms": 1e3 * elapsed / timed, "step_ms_median": 1e3 * float(np.median(gaps)),
+          "step_ms_min": 1e3 * float(gaps.min())}
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -154,6 +170,8 @@ def main() -> None:
   p.add_argument("--threads", type=int, default=2)
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args()
+  if not 0 < args.warmup < args.steps:
+    p.error("--warmup must be in [1, --steps)")
 
   torch.set_num_threads(args.threads)
   torch.manual_seed(args.seed)
@@ -174,10 +192,8 @@ def main() -> None:
 
     model.train()
     load = round(os.getloadavg()[0], 2)   # other processes competing for the cores
-    losses, t0 = [], None
+    losses, done = [], []     # done[i]: when step i finished (CPU: synchronous)
     for i in range(args.steps):
-      if i == args.warmup:
-        t0 = time.perf_counter()
       dense, kjt, labels = train[i]
       logits = model(dense, kjt).squeeze(-1)
       loss = loss_fn(logits, labels)
@@ -185,8 +201,7 @@ def main() -> None:
       loss.backward()          # also applies the fused sparse SGD update
       dense_opt.step()
       losses.append(loss.detach())
-    elapsed = time.perf_counter() - t0
-    timed = args.steps - args.warmup
+      done.append(time.perf_counter())
     losses = torch.stack(losses).numpy()
 
     model.eval()
@@ -200,8 +215,8 @@ def main() -> None:
     scores = np.concatenate(scores)
     labels = ev.labels.numpy()
     print(json.dumps({
-        "framework": "torchrec", "examples_per_sec": timed * args.batch_size / elapsed,
-        "step_ms": 1e3 * elapsed / timed, "auc": roc_auc(labels, scores),
+        "framework": "torchrec", **step_times(done, args.warmup, args.batch_size),
+        "auc": roc_auc(labels, scores),
         "logloss": log_loss(labels, scores), "steps": args.steps, "warmup": args.warmup,
         "train_loss_last50": float(losses[-50:].mean()), "eval_examples": int(labels.size),
         "threads": torch.get_num_threads(), "load_average_1m": load, "torch": torch.__version__,
