@@ -17,8 +17,14 @@ only the rows a batch uses (never a dense `[rows, dim]` gradient):
    summed over the stack's replica axes (`psum`), then the sparse optimizer updates just
    the unique rows of the local shard, identically on every replica.
 
+The per-device code of each stage is in `local_ops`, with its choices: `EmbeddingOptions`
+picks XLA or the Pallas kernels (`jaxrec.kernels`) for pooling and update, and the dtype
+the pooled activations travel in. Tables are stored in their `TableSpec.dtype`
+(f32/bf16/f16, or int8 as a `QuantizedTable`); rows are pooled and updated in f32.
+
 The collection is static configuration (hashable); all state is in the pytree
-`EmbeddingState = {"tables": {stack: [rows, dim]}, "opt": {stack: {name: array}}}`.
+`EmbeddingState = {"tables": {stack: [rows, dim]}, "opt": {stack: {name: array}}}`
+(an int8 stack's table is a `QuantizedTable(q [rows, dim], scale [rows], bias [rows])`).
 """
 
 from __future__ import annotations
@@ -33,8 +39,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxrec.embedding import layout as layout_lib
-from jaxrec.embedding.specs import FeatureSpec, TableSpec, validate
+from jaxrec.embedding import local_ops
+from jaxrec.embedding.specs import EmbeddingOptions, FeatureSpec, TableSpec, validate
 from jaxrec.errors import ConfigError, DataError
+from jaxrec.kernels import TABLE_DTYPES
 from jaxrec.sharding.mesh import BATCH_AXES, mesh_shape
 from jaxrec.sharding.plan import MESH_AXES, Plan
 
@@ -45,7 +53,7 @@ PER_DEVICE = P(MESH_AXES)   # leading axis: one block per device
 @dataclasses.dataclass(frozen=True)
 class Context:
   """Stage-1 results every later stage needs, one block per device (leading axis)."""
-  rows: dict[str, jax.Array]      # stack -> [devices * n, dim/col] unique rows
+  rows: dict[str, jax.Array]      # stack -> [devices * n, dim/col] unique rows, f32
   unique: dict[str, jax.Array]    # stack -> [devices, n] local row numbers (sentinel-padded)
   inverse: dict[str, jax.Array]   # stack -> [devices, nt, nr, nc, b, Ft, L] into `unique`
   weights: dict[str, jax.Array]   # stack -> same shape, pooling weight per slot
@@ -65,18 +73,37 @@ class EmbeddingCollection:
   mesh: Mesh
   optimizer: Any
   layouts: tuple[layout_lib.StackLayout, ...] = ()
+  options: EmbeddingOptions | None = None   # resolved by `create`
 
   @classmethod
   def create(cls, tables: Sequence[TableSpec], features: Sequence[FeatureSpec], plan: Plan,
-             mesh: Mesh, optimizer) -> "EmbeddingCollection":
+             mesh: Mesh, optimizer, options: EmbeddingOptions | None = None,
+             **overrides) -> "EmbeddingCollection":
+    """Builds the stacks for `plan` on `mesh`.
+
+    Args:
+      optimizer: sparse optimizer (`embedding.optimizers`).
+      options: kernel / communication choices; None: `EmbeddingOptions()` as gin binds it.
+      **overrides: fields of `EmbeddingOptions` to replace, e.g. `kernel='pallas'`,
+        `comm_dtype='bfloat16'`, `interpret=True`, `stochastic_rounding=True`.
+    """
     tables, features = tuple(tables), tuple(features)
     validate(tables, features)
+    for t in tables:
+      if t.dtype not in TABLE_DTYPES:
+        raise ConfigError(f"table '{t.name}': dtype '{t.dtype}' is not supported; use one of "
+                          f"{TABLE_DTYPES}")
+    try:
+      options = dataclasses.replace(options or EmbeddingOptions(), **overrides)
+    except TypeError as e:
+      raise ConfigError(f"EmbeddingCollection.create: {e}") from None
+    options = options.resolve(mesh.devices.flat[0].platform)
     dims = {tables[[t.name for t in tables].index(f.table)].dim for f in features}
     if len(dims) > 1:
       raise ConfigError(f"features read tables of different dims {sorted(dims)}; the models "
                         "take [batch, features, dim] with one dim")
     layouts = layout_lib.build_layouts(tables, features, plan, mesh_shape(mesh))
-    return cls(tables, features, plan, mesh, optimizer, layouts)
+    return cls(tables, features, plan, mesh, optimizer, layouts, options)
 
   # ----------------------------------------------------------------------------- state
   @property
@@ -90,7 +117,7 @@ class EmbeddingCollection:
     """NamedShardings of the `EmbeddingState` pytree."""
     tables, opt = {}, {}
     for l in self.layouts:
-      tables[l.name] = NamedSharding(self.mesh, l.spec())
+      tables[l.name] = layout_lib.table_sharding(self.mesh, l)
       opt[l.name] = {k: NamedSharding(self.mesh, l.spec() if per == "element" else l.row_spec())
                      for k, (per, _) in self.optimizer.state_layout().items()}
     return {"tables": tables, "opt": opt}
@@ -172,8 +199,8 @@ class EmbeddingCollection:
     out = Context({}, {}, {}, {})
     for l in self.layouts:
       x, w = self._stack_inputs(l, ids, weights)
-      fn = jax.shard_map(functools.partial(_lookup_local, l), mesh=self.mesh,
-                         in_specs=(l.spec(), P(BATCH_AXES), P(BATCH_AXES)),
+      fn = jax.shard_map(functools.partial(local_ops.lookup, l), mesh=self.mesh,
+                         in_specs=(l.table_spec(), P(BATCH_AXES), P(BATCH_AXES)),
                          out_specs=(P(MESH_AXES, None),) + (PER_DEVICE,) * 3, check_vma=False)
       rows, uniq, inv, wl = fn(state["tables"][l.name], x, w)
       out.rows[l.name], out.unique[l.name] = rows, uniq
@@ -185,7 +212,7 @@ class EmbeddingCollection:
     """Stage 2: pooled activations `[batch, features, dim]`, split over batch."""
     parts, order = [], []
     for l in self.layouts:
-      fn = jax.shard_map(functools.partial(_pool_local, l), mesh=self.mesh,
+      fn = jax.shard_map(functools.partial(local_ops.pool, l, self.options), mesh=self.mesh,
                          in_specs=(P(MESH_AXES, None), PER_DEVICE, PER_DEVICE),
                          out_specs=P(BATCH_AXES), check_vma=False)
       parts.append(fn(rows[l.name], ctx.inverse[l.name], ctx.weights[l.name]))
@@ -203,97 +230,12 @@ class EmbeddingCollection:
     for l in self.layouts:
       opt_specs = {k: (l.spec() if per == "element" else l.row_spec())
                    for k, (per, _) in self.optimizer.state_layout().items()}
-      fn = jax.shard_map(functools.partial(_update_local, l, self.optimizer), mesh=self.mesh,
-                         in_specs=(l.spec(), opt_specs, P(MESH_AXES, None), PER_DEVICE,
+      fn = jax.shard_map(functools.partial(local_ops.update, l, self.optimizer, self.options),
+                         mesh=self.mesh,
+                         in_specs=(l.table_spec(), opt_specs, P(MESH_AXES, None), PER_DEVICE,
                                    P(MESH_AXES, None), P()),
-                         out_specs=(l.spec(), opt_specs), check_vma=False)
+                         out_specs=(l.table_spec(), opt_specs), check_vma=False)
       tables[l.name], opt[l.name] = fn(state["tables"][l.name], state["opt"][l.name],
                                        ctx.rows[l.name], ctx.unique[l.name],
                                        row_grads[l.name], step)
     return {"tables": tables, "opt": opt}
-
-
-# ------------------------------------------------------------------------- per-device code
-def _axis_index(l, axis):
-  return jax.lax.axis_index(axis) if l.size(axis) > 1 else 0
-
-
-def _group_slice(l, x):
-  """`[nd, nt, nr, nc, ...]` → keep model axes, take this device's index on replica axes."""
-  for pos, axis in enumerate(MESH_AXES):
-    if axis not in l.axes and x.shape[pos] > 1:
-      x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(axis), 1, axis=pos)
-  return x
-
-
-def _select_features(l, x, fill):
-  """`[..., F_s, L]` → `[..., Ft, L]`: the features whose tables sit on this table slice."""
-  slot_features = jnp.asarray(np.array(l.slot_features, np.int32))
-  sel = slot_features[_axis_index(l, "table")] if l.num_slices > 1 else slot_features[0]
-  picked = jnp.take(x, jnp.maximum(sel, 0), axis=-2)
-  return jnp.where((sel >= 0)[:, None], picked, fill), sel
-
-
-def _lookup_local(l, table, ids, w):
-  """Device part of stage 1. table `[local_rows, dim/col]`; ids, w `[b, F_s, L]`."""
-  sizes = dict(l.sizes)
-  b = ids.shape[0]
-  ids_all = jax.lax.all_gather(ids, MESH_AXES, axis=0, tiled=False)   # [N, b, F_s, L]
-  ids_all = ids_all.reshape(tuple(sizes[a] for a in MESH_AXES) + ids.shape)
-  ids_sel, sel = _select_features(l, ids_all, -1)                       # [nd,nt,nr,nc,b,Ft,L]
-  offsets = jnp.asarray(np.array(l.feature_row_offsets(), np.int32))[jnp.maximum(sel, 0)]
-  row = ids_sel + offsets[:, None]
-  if "row" in l.axes:
-    row = row - _axis_index(l, "row") * l.local_rows
-  sentinel = l.local_rows
-  local = jnp.where((ids_sel >= 0) & (row >= 0) & (row < l.local_rows), row, sentinel)
-  flat = local.reshape(-1)
-  uniq, inv = jnp.unique(flat, size=flat.size, fill_value=sentinel, return_inverse=True)
-  rows = jnp.take(table, uniq, axis=0, mode="fill", fill_value=0)
-  inv = _group_slice(l, inv.reshape(local.shape))                       # [1,nt,nr,nc,b,Ft,L]
-  group_axes = tuple(a for a in MESH_AXES if a in l.axes)
-  if group_axes:
-    w_all = jax.lax.all_gather(w, group_axes, axis=0, tiled=False)
-    w_all = w_all.reshape(tuple(l.size(a) for a in MESH_AXES) + w.shape)
-  else:
-    w_all = w.reshape((1, 1, 1, 1) + w.shape)
-  w_sel, _ = _select_features(l, w_all, 0.0)
-  del b
-  return rows, uniq[None], inv, w_sel
-
-
-def _pool_local(l, rows, inv, w):
-  """Device part of stage 2: `rows [n, d]` → `[b, F_s, d]` for this device's examples."""
-  x = jnp.take(rows, inv[0], axis=0) * w[0][..., None]                  # [nt,nr,nc,b,Ft,L,d]
-  x = x.sum(axis=-2)                                                     # [nt,nr,nc,b,Ft,d]
-  if "row" in l.axes:
-    x = jax.lax.psum_scatter(x, "row", scatter_dimension=1, tiled=True)
-  if "table" in l.axes:
-    x = jax.lax.all_to_all(x, "table", split_axis=0, concat_axis=4, tiled=True)
-  if "col" in l.axes:
-    x = jax.lax.all_to_all(x, "col", split_axis=2, concat_axis=5, tiled=True)
-  x = x.reshape(x.shape[3:])                                             # [b, nt*Ft, d]
-  width = len(l.slot_features[0])
-  position = {f: s * width + j for s, fs in enumerate(l.slot_features)
-              for j, f in enumerate(fs) if f >= 0}
-  return x[:, np.array([position[f] for f in range(len(l.features))])]
-
-
-def _update_local(l, optimizer, table, opt_state, rows, uniq, grads, step):
-  """Device part of stage 3: optimizer step on the unique rows of the local shard."""
-  replicas = tuple(a for a in l.replica_axes if dict(l.sizes)[a] > 1)
-  if replicas:
-    grads = jax.lax.psum(grads, replicas)
-  uniq = uniq[0]
-  if "col" in l.axes:
-    dim_sum = lambda x: jax.lax.psum(x.sum(axis=-1), "col")
-  else:
-    dim_sum = lambda x: x.sum(axis=-1)
-  state_rows = {k: jnp.take(v, uniq, axis=0, mode="fill", fill_value=0)
-                for k, v in opt_state.items()}
-  new_rows, new_state = optimizer.update(rows.astype(jnp.float32), grads, state_rows, step,
-                                         dim_sum)
-  table = table.at[uniq].set(new_rows.astype(table.dtype), mode="drop")
-  opt_state = {k: opt_state[k].at[uniq].set(new_state[k].astype(opt_state[k].dtype),
-                                             mode="drop") for k in opt_state}
-  return table, opt_state

@@ -16,9 +16,8 @@ values) and stacked; checkpoints store per-table arrays (`unstack`).
 from __future__ import annotations
 
 import dataclasses
-import math
 import zlib
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError
+from jaxrec.kernels import quant
 from jaxrec.sharding.plan import MESH_AXES, Plan
 
 
@@ -106,6 +106,13 @@ class StackLayout:
     """PartitionSpec of a per-row array `[rows]` (row-wise optimizer state)."""
     return P(self.row_axes or None)
 
+  def table_spec(self):
+    """PartitionSpec(s) of the stored table: `spec()`, or for int8 a `QuantizedTable` of
+    specs (`q` like `spec()`, per-row `scale`/`bias` like `row_spec()`)."""
+    if self.dtype == "int8":
+      return quant.QuantizedTable(self.spec(), self.row_spec(), self.row_spec())
+    return self.spec()
+
   def feature_row_offsets(self) -> tuple[int, ...]:
     """Per stack feature, the first row of its table inside the table's slice."""
     return tuple(self.slots[t].row_offset for t in self.feature_tables)
@@ -168,43 +175,65 @@ def table_key(key: jax.Array, name: str) -> jax.Array:
   return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
-def init_table(key: jax.Array, spec: TableSpec) -> jax.Array:
-  """`[rows, dim]` uniform in `[-scale, scale]`, keyed by the table name."""
-  return jax.random.uniform(table_key(key, spec.name), (spec.rows, spec.dim),
-                            jnp.dtype(spec.dtype), -spec.scale, spec.scale)
+def init_table(key: jax.Array, spec: TableSpec):
+  """`[rows, dim]` uniform in `[-scale, scale]`, keyed by the table name: an f32 draw
+  (the same for every dtype) rounded to `spec.dtype` (int8: a `QuantizedTable`)."""
+  x = jax.random.uniform(table_key(key, spec.name), (spec.rows, spec.dim), jnp.float32,
+                         -spec.scale, spec.scale)
+  return quant.quantize(x) if spec.dtype == "int8" else x.astype(spec.dtype)
 
 
-def stack(layout: StackLayout, per_table: Mapping[str, jax.Array]) -> jax.Array:
-  """Per-table arrays (`[rows, ...]`) → the stacked array `[nt * slice_rows, ...]`."""
+def stack(layout: StackLayout, per_table: Mapping[str, Any]):
+  """Per-table arrays (`[rows, ...]`, or pytrees of them such as `QuantizedTable`) → the
+  stacked array(s) `[nt * slice_rows, ...]`."""
+  parts = [per_table[slot.name] for slot in layout.slots]
+  return jax.tree.map(lambda *xs: _stack_array(layout, xs), *parts)
+
+
+def _stack_array(layout, arrays):
   pieces = []
+  trailing, dtype = arrays[0].shape[1:], arrays[0].dtype
   for s in range(layout.num_slices):
     used = 0
-    for slot in layout.slots:
+    for slot, x in zip(layout.slots, arrays):
       if slot.table_slice == s:
-        pieces.append(per_table[slot.name])
+        pieces.append(x)
         used += slot.rows
-    trailing = next(iter(per_table.values())).shape[1:]
-    dtype = next(iter(per_table.values())).dtype
     if layout.slice_rows > used:
       pieces.append(jnp.zeros((layout.slice_rows - used, *trailing), dtype))
   return jnp.concatenate(pieces, axis=0)
 
 
-def unstack(layout: StackLayout, stacked: jax.Array) -> dict[str, jax.Array]:
-  """The stacked array → per-table arrays `{name: [rows, ...]}`."""
-  out = {}
-  for slot in layout.slots:
-    start = slot.table_slice * layout.slice_rows + slot.row_offset
-    out[slot.name] = stacked[start:start + slot.rows]
-  return out
+def unstack(layout: StackLayout, stacked) -> dict[str, Any]:
+  """The stacked array (or pytree, as `stack` returns) → per-table `{name: [rows, ...]}`."""
+  leaves, treedef = jax.tree.flatten(stacked)
+  cut = []
+  for x in leaves:
+    cut.append({})
+    for slot in layout.slots:
+      start = slot.table_slice * layout.slice_rows + slot.row_offset
+      cut[-1][slot.name] = x[start:start + slot.rows]
+  return {slot.name: treedef.unflatten([c[slot.name] for c in cut]) for slot in layout.slots}
 
 
-def table_sharding(mesh: Mesh, layout: StackLayout) -> NamedSharding:
-  return NamedSharding(mesh, layout.spec())
+def table_sharding(mesh: Mesh, layout: StackLayout):
+  """NamedSharding(s) of the stacked table (a `QuantizedTable` of them for int8)."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), layout.table_spec(),
+                      is_leaf=lambda x: isinstance(x, P))
 
 
-def local_table_bytes(layout: StackLayout, itemsize: int = 4) -> int:
-  return layout.local_rows * layout.local_dim * itemsize
+def bytes_per_row(layout: StackLayout) -> int:
+  """Stored bytes per table row (int8 adds its f32 scale and bias)."""
+  if layout.dtype == "int8":
+    return layout.dim + 8
+  return layout.dim * jnp.dtype(layout.dtype).itemsize
+
+
+def local_table_bytes(layout: StackLayout) -> int:
+  """Bytes of one device's shard (int8: scale and bias are whole per row on every col)."""
+  if layout.dtype == "int8":
+    return layout.local_rows * (layout.local_dim + 8)
+  return layout.local_rows * layout.local_dim * jnp.dtype(layout.dtype).itemsize
 
 
 def describe(layouts: Sequence[StackLayout]) -> str:
@@ -213,5 +242,5 @@ def describe(layouts: Sequence[StackLayout]) -> str:
     lines.append(f"{l.name}: {len(l.slots)} tables, {len(l.features)} features, "
                  f"array {l.shape} split over {l.axes or 'nothing (replicated)'}, "
                  f"local shard [{l.local_rows}, {l.local_dim}], "
-                 f"{math.prod(l.shape) * 4 / 2**20:.1f} MiB total")
+                 f"{l.shape[0] * bytes_per_row(l) / 2**20:.1f} MiB total")
   return "\n".join(lines)

@@ -28,7 +28,9 @@ class TableSpec:
     name: unique table name; checkpoints store the table under it.
     rows: number of rows (vocabulary size).
     dim: embedding width.
-    dtype: storage dtype of the table and its optimizer state (`float32` today).
+    dtype: storage dtype of the table: `float32`, `bfloat16`, `float16`, or `int8` (rows
+      `q * scale + bias`, per-row f32 scale/bias; see `kernels.QuantizedTable`). Rows are
+      pooled and updated in f32 and rounded back on store; optimizer state stays f32.
     init_scale: rows are initialised uniform in `[-init_scale, init_scale]`; `None` uses
       `1/sqrt(rows)` (the DLRM convention).
   """
@@ -84,6 +86,47 @@ class FeatureSpec:
           f"feature '{self.name}': pooling must be one of {POOLINGS}, got '{self.pooling}'")
 
 
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class EmbeddingOptions:
+  """How the collection computes and communicates (what it stores is `TableSpec.dtype`).
+
+  Attributes:
+    kernel: `auto` (Pallas on GPU, XLA elsewhere), `xla` or `pallas`: the pooling of
+      stage 2 and the fused optimizer update of stage 3 (see `embedding.local_ops`).
+    comm_dtype: dtype of the pooled activations (and their gradients) on the wire in
+      stage 2: None or `float32` (exact), `bfloat16`/`float16`, `float8_e4m3fn` (per-row
+      scales); aliases `bf16`, `fp16`, `fp8`.
+    interpret: run Pallas kernels in interpret mode (tests on CPU); None: unless on GPU.
+    stochastic_rounding: round updated bf16/fp16/int8 rows up or down at random (unbiased:
+      small updates are not lost) instead of to nearest.
+  """
+
+  kernel: str = "auto"
+  comm_dtype: str | None = None
+  interpret: bool | None = None
+  stochastic_rounding: bool = False
+
+  def __post_init__(self):
+    from jaxrec.kernels import platform, quant  # pylint: disable=import-outside-toplevel
+    if self.kernel not in platform.KERNELS:
+      raise ConfigError(f"EmbeddingOptions.kernel must be one of {platform.KERNELS}, "
+                        f"got '{self.kernel}'")
+    if self.comm_dtype is not None:
+      quant.canonical_comm_dtype(self.comm_dtype)
+
+  def resolve(self, backend: str) -> "EmbeddingOptions":
+    """Concrete choices on `backend` (e.g. `cpu`, `gpu`): kernel `xla|pallas`, interpret
+    a bool, comm_dtype None (exact) or a reduced dtype name."""
+    from jaxrec.kernels import platform, quant  # pylint: disable=import-outside-toplevel
+    gpu = backend in ("gpu", "cuda", "rocm")
+    comm = None if self.comm_dtype is None else quant.canonical_comm_dtype(self.comm_dtype)
+    return dataclasses.replace(
+        self, kernel=platform.resolve_kernel(self.kernel, backend),
+        comm_dtype=None if comm == "float32" else comm,
+        interpret=(not gpu) if self.interpret is None else bool(self.interpret))
+
+
 def validate(tables: Sequence[TableSpec], features: Sequence[FeatureSpec]) -> None:
   """Checks names are unique and every feature names a known table."""
   names = [t.name for t in tables]
@@ -106,16 +149,18 @@ def validate(tables: Sequence[TableSpec], features: Sequence[FeatureSpec]) -> No
 @gin.configurable
 def uniform_tables(num_tables: int = gin.REQUIRED, rows: int | Sequence[int] = gin.REQUIRED,
                    dim: int = 16, prefix: str = "t", max_len: int | Sequence[int] = 1,
-                   pooling: str = "sum") -> tuple[tuple[TableSpec, ...], tuple[FeatureSpec, ...]]:
+                   pooling: str = "sum", dtype: str = "float32"
+                   ) -> tuple[tuple[TableSpec, ...], tuple[FeatureSpec, ...]]:
   """`num_tables` tables (`t0..tN-1`), each read by one feature (`f0..fN-1`).
 
-  `rows` and `max_len` may be one value for all or one per table.
+  `rows` and `max_len` may be one value for all or one per table; `dtype` is the tables'
+  storage dtype (`TableSpec.dtype`).
   """
   rows_list = [rows] * num_tables if isinstance(rows, int) else list(rows)
   lens = [max_len] * num_tables if isinstance(max_len, int) else list(max_len)
   if len(rows_list) != num_tables or len(lens) != num_tables:
     raise ConfigError(f"uniform_tables: rows/max_len must have {num_tables} entries")
-  tables = tuple(TableSpec(f"{prefix}{i}", int(r), dim) for i, r in enumerate(rows_list))
+  tables = tuple(TableSpec(f"{prefix}{i}", int(r), dim, dtype) for i, r in enumerate(rows_list))
   features = tuple(FeatureSpec(f"f{i}", f"{prefix}{i}", int(l), pooling)
                    for i, l in enumerate(lens))
   return tables, features

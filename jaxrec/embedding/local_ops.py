@@ -1,0 +1,226 @@
+"""Per-device code of the collection's three stages (each runs inside `shard_map`).
+
+`l` is the stack's `StackLayout`, `opts` the collection's resolved `EmbeddingOptions`.
+Shapes: nd, nt, nr, nc = sizes of the data/table/row/col mesh axes (1 for axes the stack
+does not use), b = examples per device, F_s = the stack's features, Ft = features per
+table slice, L = bag size, n = unique-row capacity, dl = local dim (`dim / nc`).
+
+Kernels (`opts.kernel`):
+- stage 2 pooling with `pallas` is `kernels.lookup_pool` with the unique rows as the
+  table and `inverse` as ids, under a custom VJP whose backward is the segment-sum of
+  `w * g` over the ids (what XLA's autodiff of the gather gives);
+- stage 3 with `pallas` runs the fused `kernels.sparse_update` for SGD / Adagrad /
+  RowWiseAdagrad, each unique row a one-slot bag of weight 1. RowWiseAdagrad and int8
+  re-quantisation need whole-row reductions (a psum / pmin / pmax over `col`), so with
+  split columns they stay on XLA, as do Adam and FTRL.
+
+Reduced precision:
+- tables: rows are read as f32 (stage 1), updated in f32 and rounded back to the stored
+  dtype (to nearest, or stochastically with `opts.stochastic_rounding`); int8 tables are
+  re-quantised per row (`kernels.QuantizedTable`).
+- communication (`opts.comm_dtype`): None moves f32 with `psum_scatter` / `all_to_all`.
+  A reduced dtype sends every hop with `kernels.all_to_all_compressed` (fp8: per-row
+  scales), forward and backward; the `row` reduction becomes all-to-all + an f32 sum, so
+  each partial sum is rounded once and the sum itself is exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrec import kernels
+from jaxrec.kernels import quant
+from jaxrec.kernels.quant import QuantizedTable
+from jaxrec.sharding.plan import MESH_AXES
+
+FUSED_OPTIMIZERS = ("SGD", "Adagrad", "RowWiseAdagrad")
+
+
+# ---------------------------------------------------------------------------- helpers
+def axis_index(l, axis):
+  return jax.lax.axis_index(axis) if l.size(axis) > 1 else 0
+
+
+def group_slice(l, x):
+  """`[nd, nt, nr, nc, ...]` → keep model axes, take this device's index on replica axes."""
+  for pos, axis in enumerate(MESH_AXES):
+    if axis not in l.axes and x.shape[pos] > 1:
+      x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(axis), 1, axis=pos)
+  return x
+
+
+def select_features(l, x, fill):
+  """`[..., F_s, L]` → `[..., Ft, L]`: the features whose tables sit on this table slice."""
+  slot_features = jnp.asarray(np.array(l.slot_features, np.int32))
+  sel = slot_features[axis_index(l, "table")] if l.num_slices > 1 else slot_features[0]
+  picked = jnp.take(x, jnp.maximum(sel, 0), axis=-2)
+  return jnp.where((sel >= 0)[:, None], picked, fill), sel
+
+
+def read_rows(table, uniq):
+  """f32 rows `[n, dl]` of the local shard (dense or `QuantizedTable`); rows outside the
+  shard (the sentinel) read as 0."""
+  take = lambda x: jnp.take(x, uniq, axis=0, mode="fill", fill_value=0)
+  if isinstance(table, QuantizedTable):
+    return (take(table.q).astype(jnp.float32) * take(table.scale)[:, None]
+            + take(table.bias)[:, None])
+  return take(table).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------- stage 1
+def lookup(l, table, ids, w):
+  """table `[local_rows, dl]`; ids, w `[b, F_s, L]` → (rows f32 `[n, dl]`, uniq `[1, n]`,
+  inverse and weights `[1, nt, nr, nc, b, Ft, L]`)."""
+  sizes = dict(l.sizes)
+  ids_all = jax.lax.all_gather(ids, MESH_AXES, axis=0, tiled=False)   # [N, b, F_s, L]
+  ids_all = ids_all.reshape(tuple(sizes[a] for a in MESH_AXES) + ids.shape)
+  ids_sel, sel = select_features(l, ids_all, -1)                        # [nd,nt,nr,nc,b,Ft,L]
+  offsets = jnp.asarray(np.array(l.feature_row_offsets(), np.int32))[jnp.maximum(sel, 0)]
+  row = ids_sel + offsets[:, None]
+  if "row" in l.axes:
+    row = row - axis_index(l, "row") * l.local_rows
+  sentinel = l.local_rows
+  local = jnp.where((ids_sel >= 0) & (row >= 0) & (row < l.local_rows), row, sentinel)
+  flat = local.reshape(-1)
+  uniq, inv = jnp.unique(flat, size=flat.size, fill_value=sentinel, return_inverse=True)
+  rows = read_rows(table, uniq)
+  inv = group_slice(l, inv.reshape(local.shape))                        # [1,nt,nr,nc,b,Ft,L]
+  group_axes = tuple(a for a in MESH_AXES if a in l.axes)
+  if group_axes:
+    w_all = jax.lax.all_gather(w, group_axes, axis=0, tiled=False)
+    w_all = w_all.reshape(tuple(l.size(a) for a in MESH_AXES) + w.shape)
+  else:
+    w_all = w.reshape((1, 1, 1, 1) + w.shape)
+  w_sel, _ = select_features(l, w_all, 0.0)
+  return rows, uniq[None], inv, w_sel
+
+
+# ---------------------------------------------------------------------------- stage 2
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def pool_kernel(rows, idx, w, interpret):
+  """`kernels.lookup_pool` (Pallas) of `rows [n, dl]` for bags `idx, w [N, L]` (ids in
+  `[0, n)`) → f32 `[N, dl]`, differentiable in `rows` and `w`."""
+  return kernels.lookup_pool(rows, idx, w, kernel="pallas", interpret=interpret)
+
+
+def _pool_kernel_fwd(rows, idx, w, interpret):
+  return pool_kernel(rows, idx, w, interpret), (rows, idx, w)
+
+
+def _pool_kernel_bwd(interpret, res, g):
+  del interpret
+  rows, idx, w = res
+  d_rows = jax.ops.segment_sum((w[..., None] * g[:, None, :]).reshape(-1, g.shape[-1]),
+                               idx.reshape(-1), num_segments=rows.shape[0])
+  d_w = jnp.einsum("nld,nd->nl", jnp.take(rows, idx, axis=0), g)
+  return d_rows.astype(rows.dtype), None, d_w.astype(w.dtype)
+
+
+pool_kernel.defvjp(_pool_kernel_fwd, _pool_kernel_bwd)
+
+
+def pool(l, opts, rows, inv, w):
+  """Stage 2: `rows [n, dl]` → pooled `[b, F_s, dim]` for this device's examples."""
+  inv, w = inv[0], w[0]                                                  # [nt,nr,nc,b,Ft,L]
+  if opts.kernel == "pallas":
+    bags = inv.shape[:-1]
+    x = pool_kernel(rows, inv.reshape(-1, inv.shape[-1]), w.reshape(-1, w.shape[-1]),
+                    opts.interpret).reshape(bags + rows.shape[-1:])
+  else:
+    x = (jnp.take(rows, inv, axis=0) * w[..., None]).sum(axis=-2)
+  x = send_home(l, opts.comm_dtype, x)                                   # [b, nt*Ft, dim]
+  width = len(l.slot_features[0])
+  position = {f: s * width + j for s, fs in enumerate(l.slot_features)
+              for j, f in enumerate(fs) if f >= 0}
+  return x[:, np.array([position[f] for f in range(len(l.features))])]
+
+
+def send_home(l, comm_dtype, x):
+  """Partial pooled `[nt, nr, nc, b, Ft, dl]` → this device's `[b, nt*Ft, nc*dl]`:
+  sum over `row`, features over `table` and columns over `col` to the examples' device."""
+  def a2a(x, axis, split, concat):
+    if comm_dtype is None:
+      return jax.lax.all_to_all(x, axis, split, concat, tiled=True)
+    return kernels.all_to_all_compressed(x, axis, split, concat, comm_dtype, True)
+
+  if "row" in l.axes:
+    if comm_dtype is None:
+      x = jax.lax.psum_scatter(x, "row", scatter_dimension=1, tiled=True)
+    else:   # all-to-all of the partial sums, added in f32: exact but for their rounding
+      x = a2a(x, "row", 1, 1).sum(axis=1, keepdims=True)
+  if "table" in l.axes:
+    x = a2a(x, "table", 0, 4)                                            # [1,1,nc,b,nt*Ft,dl]
+  if "col" in l.axes:   # column block k comes from col device k: keep it as axis 2 (fp8
+    x = a2a(x, "col", 2, 2)  # scales are per row, so the last axis cannot be concatenated)
+  x = jnp.moveaxis(x, 2, 4)                                              # [1,1,b,nt*Ft,nc,dl]
+  return x.reshape(x.shape[2:4] + (-1,))
+
+
+# ---------------------------------------------------------------------------- stage 3
+def fused_update_ok(l, optimizer) -> bool:
+  """Whether `kernels.sparse_update` can run stage 3 of this stack (see module doc)."""
+  name = type(optimizer).__name__
+  if name not in FUSED_OPTIMIZERS:
+    return False
+  return "col" not in l.axes or (name != "RowWiseAdagrad" and l.dtype != "int8")
+
+
+def rounding_key(l):
+  """PRNG key for stochastic rounding: per stack and per model shard (replicas of a shard
+  draw the same bits, so they stay identical)."""
+  key = jax.random.fold_in(jax.random.key(0), zlib.crc32(l.name.encode()) & 0x7FFFFFFF)
+  shard = 0
+  for axis in l.axes:
+    shard = shard * l.size(axis) + axis_index(l, axis)
+  return jax.random.fold_in(key, shard)
+
+
+def update(l, optimizer, opts, table, opt_state, rows, uniq, grads, step):
+  """Stage 3: optimizer step on the unique rows `uniq [1, n]` of the local shard.
+
+  table `[local_rows, dl]` (or `QuantizedTable`); rows, grads f32 `[n, dl]` (the values
+  read in stage 1 and their gradients, before the psum over replicas)."""
+  replicas = tuple(a for a in l.replica_axes if dict(l.sizes)[a] > 1)
+  if replicas:
+    grads = jax.lax.psum(grads, replicas)
+  uniq = uniq[0]
+  key = rounding_key(l) if opts.stochastic_rounding else None
+  if opts.kernel == "pallas" and fused_update_ok(l, optimizer):
+    idx = jnp.where(uniq < l.local_rows, uniq, -1)[:, None]
+    return kernels.sparse_update(table, opt_state, idx, jnp.ones(idx.shape, jnp.float32),
+                                 grads, kernels.coerce(optimizer), step, key=key,
+                                 kernel="pallas", interpret=opts.interpret)
+  if "col" in l.axes:
+    dim_sum = lambda x: jax.lax.psum(x.sum(axis=-1), "col")
+  else:
+    dim_sum = lambda x: x.sum(axis=-1)
+  state_rows = {k: jnp.take(v, uniq, axis=0, mode="fill", fill_value=0)
+                for k, v in opt_state.items()}
+  new_rows, new_state = optimizer.update(rows, grads, state_rows, step, dim_sum)
+  bits = None
+  if key is not None:
+    cols = jnp.arange(new_rows.shape[-1], dtype=jnp.int32)
+    bits = quant.random_bits(quant.seed_from(key, step), uniq, cols)
+  table = store_rows(l, table, uniq, new_rows, bits)
+  opt_state = {k: opt_state[k].at[uniq].set(new_state[k].astype(opt_state[k].dtype),
+                                             mode="drop") for k in opt_state}
+  return table, opt_state
+
+
+def store_rows(l, table, uniq, new_rows, bits=None):
+  """Writes f32 `new_rows [n, dl]` at local rows `uniq` (sentinel dropped), rounded to the
+  table's dtype: to nearest, or stochastically given uint32 `bits [n, dl]`."""
+  put = lambda arr, val: arr.at[uniq].set(val, mode="drop")
+  if not isinstance(table, QuantizedTable):
+    return put(table, quant.cast_store(new_rows, table.dtype, bits))
+  lo, hi = new_rows.min(axis=-1), new_rows.max(axis=-1)
+  if "col" in l.axes:   # one scale and bias for the whole row
+    lo, hi = jax.lax.pmin(lo, "col"), jax.lax.pmax(hi, "col")
+  u = 0.5 if bits is None else quant.uniform(bits)
+  q, scale, bias = quant.quantize_with_range(new_rows, lo, hi, u)
+  return QuantizedTable(put(table.q, q), put(table.scale, scale), put(table.bias, bias))
