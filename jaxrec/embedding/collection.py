@@ -103,7 +103,22 @@ class EmbeddingCollection:
       raise ConfigError(f"features read tables of different dims {sorted(dims)}; the models "
                         "take [batch, features, dim] with one dim")
     layouts = layout_lib.build_layouts(tables, features, plan, mesh_shape(mesh))
-    return cls(tables, features, plan, mesh, optimizer, layouts, options)
+    collection = cls(tables, features, plan, mesh, optimizer, layouts, options)
+    for l in layouts:
+      collection.dedup(l)   # raises for an impossible dedup=False
+    return collection
+
+  def dedup(self, l: layout_lib.StackLayout) -> bool:
+    """Whether stack `l` deduplicates ids (see `EmbeddingOptions.dedup`)."""
+    allowed = (type(self.optimizer).__name__ == "SGD" and l.dtype == "float32"
+               and self.options.kernel == "xla")
+    if self.options.dedup == "auto":
+      return not allowed
+    if not self.options.dedup and not allowed:
+      raise ConfigError(f"EmbeddingOptions.dedup=False needs SGD, float32 tables and the xla "
+                        f"kernel; stack '{l.name}' has {type(self.optimizer).__name__}, "
+                        f"{l.dtype}, kernel {self.options.kernel}")
+    return bool(self.options.dedup)
 
   # ----------------------------------------------------------------------------- state
   @property
@@ -199,7 +214,7 @@ class EmbeddingCollection:
     out = Context({}, {}, {}, {})
     for l in self.layouts:
       x, w = self._stack_inputs(l, ids, weights)
-      fn = jax.shard_map(functools.partial(local_ops.lookup, l), mesh=self.mesh,
+      fn = jax.shard_map(functools.partial(local_ops.lookup, l, self.dedup(l)), mesh=self.mesh,
                          in_specs=(l.table_spec(), P(BATCH_AXES), P(BATCH_AXES)),
                          out_specs=(P(MESH_AXES, None),) + (PER_DEVICE,) * 3, check_vma=False)
       rows, uniq, inv, wl = fn(state["tables"][l.name], x, w)
@@ -230,7 +245,8 @@ class EmbeddingCollection:
     for l in self.layouts:
       opt_specs = {k: (l.spec() if per == "element" else l.row_spec())
                    for k, (per, _) in self.optimizer.state_layout().items()}
-      fn = jax.shard_map(functools.partial(local_ops.update, l, self.optimizer, self.options),
+      fn = jax.shard_map(functools.partial(local_ops.update, l, self.optimizer, self.options,
+                                           self.dedup(l)),
                          mesh=self.mesh,
                          in_specs=(l.table_spec(), opt_specs, P(MESH_AXES, None), PER_DEVICE,
                                    P(MESH_AXES, None), P()),

@@ -73,9 +73,13 @@ def read_rows(table, uniq):
 
 
 # ---------------------------------------------------------------------------- stage 1
-def lookup(l, table, ids, w):
+def lookup(l, dedup, table, ids, w):
   """table `[local_rows, dl]`; ids, w `[b, F_s, L]` → (rows f32 `[n, dl]`, uniq `[1, n]`,
-  inverse and weights `[1, nt, nr, nc, b, Ft, L]`)."""
+  inverse and weights `[1, nt, nr, nc, b, Ft, L]`).
+
+  With `dedup`, `uniq` holds each local row once (n = min(slots, local_rows + 1): at most
+  every row plus the sentinel); without, every slot is its own entry (n = slots, no sort)
+  and duplicates are summed by stage 3's scatter-add."""
   sizes = dict(l.sizes)
   ids_all = jax.lax.all_gather(ids, MESH_AXES, axis=0, tiled=False)   # [N, b, F_s, L]
   ids_all = ids_all.reshape(tuple(sizes[a] for a in MESH_AXES) + ids.shape)
@@ -87,7 +91,11 @@ def lookup(l, table, ids, w):
   sentinel = l.local_rows
   local = jnp.where((ids_sel >= 0) & (row >= 0) & (row < l.local_rows), row, sentinel)
   flat = local.reshape(-1)
-  uniq, inv = jnp.unique(flat, size=flat.size, fill_value=sentinel, return_inverse=True)
+  if dedup:
+    uniq, inv = jnp.unique(flat, size=min(flat.size, l.local_rows + 1), fill_value=sentinel,
+                           return_inverse=True)
+  else:
+    uniq, inv = flat, jnp.arange(flat.size, dtype=jnp.int32)
   rows = read_rows(table, uniq)
   inv = group_slice(l, inv.reshape(local.shape))                        # [1,nt,nr,nc,b,Ft,L]
   group_axes = tuple(a for a in MESH_AXES if a in l.axes)
@@ -180,8 +188,9 @@ def rounding_key(l):
   return jax.random.fold_in(key, shard)
 
 
-def update(l, optimizer, opts, table, opt_state, rows, uniq, grads, step):
-  """Stage 3: optimizer step on the unique rows `uniq [1, n]` of the local shard.
+def update(l, optimizer, opts, dedup, table, opt_state, rows, uniq, grads, step):
+  """Stage 3: optimizer step on the unique rows `uniq [1, n]` of the local shard
+  (without `dedup`: per slot, scatter-added, for SGD — see `lookup`).
 
   table `[local_rows, dl]` (or `QuantizedTable`); rows, grads f32 `[n, dl]` (the values
   read in stage 1 and their gradients, before the psum over replicas)."""
@@ -199,6 +208,9 @@ def update(l, optimizer, opts, table, opt_state, rows, uniq, grads, step):
     dim_sum = lambda x: jax.lax.psum(x.sum(axis=-1), "col")
   else:
     dim_sum = lambda x: x.sum(axis=-1)
+  if not dedup:   # SGD is linear in the gradient: duplicate slots add up in the scatter
+    delta, _ = optimizer.update(jnp.zeros_like(grads), grads, {}, step, dim_sum)
+    return table.at[uniq].add(delta.astype(table.dtype), mode="drop"), opt_state
   state_rows = {k: jnp.take(v, uniq, axis=0, mode="fill", fill_value=0)
                 for k, v in opt_state.items()}
   new_rows, new_state = optimizer.update(rows, grads, state_rows, step, dim_sum)

@@ -100,14 +100,21 @@ class EmbeddingOptions:
     interpret: run Pallas kernels in interpret mode (tests on CPU); None: unless on GPU.
     stochastic_rounding: round updated bf16/fp16/int8 rows up or down at random (unbiased:
       small updates are not lost) instead of to nearest.
+    dedup: deduplicate ids before the gather (`True`), or gather per slot and scatter-add
+      the update (`False`; only for optimizers linear in the gradient, i.e. SGD, on float32
+      tables with the XLA kernel: duplicates then sum in the scatter, and the sort is
+      saved). `auto`: `False` exactly when allowed.
   """
 
   kernel: str = "auto"
   comm_dtype: str | None = None
   interpret: bool | None = None
   stochastic_rounding: bool = False
+  dedup: bool | str = "auto"
 
   def __post_init__(self):
+    if self.dedup not in (True, False, "auto"):
+      raise ConfigError(f"EmbeddingOptions.dedup must be True, False or 'auto', got {self.dedup!r}")
     from jaxrec.kernels import platform, quant  # pylint: disable=import-outside-toplevel
     if self.kernel not in platform.KERNELS:
       raise ConfigError(f"EmbeddingOptions.kernel must be one of {platform.KERNELS}, "

@@ -202,3 +202,30 @@ def test_unknown_table_and_bad_col_split():
   with pytest.raises(ConfigError, match="table 'odd': dim 6 is not divisible by mesh axis col=8"):
     EmbeddingCollection.create(odd, (FeatureSpec("f", "odd"),), uniform_plan("cw", odd, 1), mesh,
                                optimizers.SGD())
+
+
+def test_dedup_off_equals_dedup_on_for_sgd():
+  """SGD without dedup (per-slot gather + scatter-add) matches the deduplicated path."""
+  mesh = make_mesh(parse_mesh_spec("data=2,table=2,row=2", 8))
+  out = {}
+  for dedup in (True, False):
+    coll = EmbeddingCollection.create(TABLES, FEATURES, uniform_plan("twrw", TABLES, 2), mesh,
+                                      optimizers.SGD(0.1), dedup=dedup)
+    assert [coll.dedup(l) for l in coll.layouts] == [dedup]
+    state = coll.init(jax.random.key(0))
+    ids, weights, gout = make_inputs(0)
+    ctx = coll.lookup(state, ids, weights)
+    pooled, vjp = jax.vjp(lambda r, c=coll, x=ctx: c.pool(r, x), ctx.rows)
+    (grads,) = vjp(gout)
+    tables, _ = coll.unstack_tables(coll.apply_gradients(state, ctx, grads, jnp.int32(0)))
+    out[dedup] = (np.asarray(pooled), {k: np.asarray(v) for k, v in tables.items()})
+  np.testing.assert_allclose(out[False][0], out[True][0], rtol=1e-6, atol=1e-7)
+  for name in out[True][1]:
+    np.testing.assert_allclose(out[False][1][name], out[True][1][name], rtol=1e-6, atol=1e-7)
+
+
+def test_dedup_off_needs_a_linear_optimizer():
+  mesh = make_mesh({"data": 1}, jax.devices()[:1])
+  with pytest.raises(ConfigError, match="dedup=False needs SGD"):
+    EmbeddingCollection.create(TABLES, FEATURES, uniform_plan("dp", TABLES, 1), mesh,
+                               optimizers.Adagrad(), dedup=False)
