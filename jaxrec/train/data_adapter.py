@@ -1,10 +1,15 @@
 """Where the trainer meets the input pipeline (`jaxrec.data.pipeline`) and checkpoints."""
 
+
 from __future__ import annotations
 
 from typing import Any
 
+import os
+
 import jax
+
+from jaxrec.checkpoint.manager import CheckpointManager
 
 from jaxrec.data import pipeline
 
@@ -35,6 +40,8 @@ def bad_row_metrics(*sources) -> dict[str, Any]:
   return {"bad_rows": counts} if counts else {}
 
 
-def checkpointer(workdir, options):
-  del workdir, options
-  return None
+def checkpointer(workdir, options) -> CheckpointManager:
+  """`W/checkpoints`: saves every `--checkpoint_every` steps (and forced at the end)."""
+  return CheckpointManager(os.path.join(workdir, "checkpoints"),
+                           max_to_keep=options.keep_checkpoints,
+                           save_every=options.checkpoint_every)

@@ -35,6 +35,9 @@ from jaxrec.train.writers import MetricsWriter, Progress
 log = logging.getLogger("jaxrec")
 
 
+MAX_ROLLBACKS = 3   # --on_nan=rollback gives up after this many in one run
+
+
 class TrainingError(JaxrecError):
   """Training cannot go on (e.g. non-finite loss under `--on_nan=stop`)."""
 
@@ -100,15 +103,16 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
   state = state_lib.create(config, collection, options.seed)
   shardings = state_lib.shardings(state, collection)
   train_it = data_adapter.train_iterator(config, options)
+  initial_data_state = train_it.get_state()
   ckpt = data_adapter.checkpointer(workdir, options)
+  meta = {"plan": plan.to_json(), "mesh": info["mesh"], "seed": options.seed}
   start = 0
-  if ckpt is not None:
-    restored = ckpt.restore_latest(state, collection)
-    if restored is not None:
-      state, data_state = restored
-      train_it.set_state(data_state)
-      start = int(state["step"])
-      log.info("resumed from step %d in %s", start, workdir)
+  restored = ckpt.restore(state, collection)
+  if restored is not None:
+    state = restored.state
+    train_it.set_state(restored.data_state)
+    start = int(state["step"])
+    log.info("resumed from step %d of %s", start, ckpt.directory)
   if is_main:
     with open(os.path.join(workdir, "config.gin"), "w") as f:
       f.write(gin.operative_config_str())
@@ -119,58 +123,88 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
   bsharding = mesh_lib.batch_sharding(mesh)
   writer = MetricsWriter(workdir, enabled=is_main)
   progress = Progress(options.num_steps, start, enabled=None if options.progress else False)
-  write_profile = is_main
+  if restored is not None:
+    writer.write(start, {"event": "resume", "checkpoint_step": start})
 
   last: dict[str, Any] = {}
-  pending: list[jax.Array] = []
-  t_mark, steps_timed, paused = None, 0, 0.0   # paused: eval seconds inside the window
+  pending: list[tuple[int, int, jax.Array]] = []   # (step, data position, loss) unchecked
+  skip_positions: set[int] = set()                 # batches that gave a non-finite loss
+  rollbacks = 0
+  t_mark, steps_timed, paused = None, 0, 0.0       # paused: eval seconds inside the window
   try:
     step = start
     while step < options.num_steps:
+      position = train_it.get_state()["position"]
       batch = next(train_it)
+      if position in skip_positions:
+        continue
       collection.check_ids(batch.ids)
       state, metrics = train_step(state, _put(batch, bsharding))
-      pending.append(metrics["loss"])
       step += 1
+      pending.append((step, position, metrics["loss"]))
       if t_mark is None:          # the first step compiles; time from its end
         jax.block_until_ready(metrics["loss"])
         t_mark, steps_timed = time.perf_counter(), 0
       else:
         steps_timed += 1
       done = step == options.num_steps
-      if step % options.log_every == 0 or done:
-        losses = np.asarray(jax.device_get(pending), np.float64)
+      is_log = step % options.log_every == 0 or done
+      is_ckpt = done or (options.checkpoint_every and step % options.checkpoint_every == 0)
+      if not (is_log or is_ckpt):
+        if options.eval_every and step % options.eval_every == 0:
+          t_eval = time.perf_counter()
+          writer.write(step, evaluate(eval_step, state, eval_data, bsharding))
+          paused += time.perf_counter() - t_eval
+        continue
+      losses = np.asarray(jax.device_get([x[2] for x in pending]), np.float64)
+      bad = np.flatnonzero(~np.isfinite(losses))
+      if bad.size:   # never checkpoint or log past a non-finite loss
+        bad_step, bad_position, _ = pending[int(bad[0])]
+        message = f"non-finite loss {losses[bad[0]]} at step {bad_step}"
+        if options.on_nan == "stop" or rollbacks >= MAX_ROLLBACKS:
+          raise TrainingError(f"{message} (--on_nan={options.on_nan}"
+                              f"{', rollback limit reached' if rollbacks else ''}); the last "
+                              f"checkpoint in {ckpt.directory} is untouched")
+        rollbacks += 1
+        skip_positions.add(bad_position)
+        restored = ckpt.restore(state, collection, require_finite=True)
+        if restored is None:      # nothing saved yet: start over from the initial state
+          state = state_lib.create(config, collection, options.seed)
+          train_it.set_state(initial_data_state)
+        else:
+          state = restored.state
+          train_it.set_state(restored.data_state)
+        step = int(state["step"])
+        log.warning("%s: rolled back to step %d, skipping that batch", message, step)
+        writer.write(step, {"event": "nan_rollback", "bad_step": bad_step,
+                            "restored_step": step, "skipped_position": bad_position})
+        pending, t_mark, steps_timed, paused = [], None, 0, 0.0
+        continue
+      if is_log:
         now = time.perf_counter()
-        bad = np.flatnonzero(~np.isfinite(losses))
-        if bad.size:
-          first = step - len(losses) + 1 + int(bad[0])
-          raise TrainingError(f"non-finite loss {losses[bad[0]]} at step {first} "
-                              f"(--on_nan={options.on_nan})")
         record = {"loss": float(losses.mean())}
         if steps_timed:
           elapsed = now - t_mark - paused
           record["examples_per_sec"] = steps_timed * config.batch_size / elapsed
-          if write_profile:
+          if is_main:
             planner.append_profile(workdir, planner.profile_record(
                 step, elapsed / steps_timed, plan, info["mesh"], steps=steps_timed,
                 batch_size=config.batch_size))
         record.update(data_adapter.bad_row_metrics(train_it, eval_data))
         if (options.eval_every and step % options.eval_every == 0) or done:
           record.update(evaluate(eval_step, state, eval_data, bsharding))
-        pending, t_mark, steps_timed, paused = [], time.perf_counter(), 0, 0.0
         writer.write(step, record)
         progress.update(step, record["loss"], record.get("examples_per_sec"))
         last = dict(record, step=step)
-      elif options.eval_every and step % options.eval_every == 0:
-        t_eval = time.perf_counter()
-        writer.write(step, evaluate(eval_step, state, eval_data, bsharding))
-        paused += time.perf_counter() - t_eval
-      if ckpt is not None and ((options.checkpoint_every and step % options.checkpoint_every == 0)
-                               or done):
-        ckpt.save(step, state, collection, train_it.get_state())
+        pending, steps_timed, paused = [], 0, 0.0
+      else:
+        pending = []
+      if is_ckpt:
+        ckpt.save(step, state, collection, data_state=train_it.get_state(), meta=meta,
+                  force=done)
+      t_mark = time.perf_counter() if is_log else t_mark
   finally:
-    if ckpt is not None:
-      ckpt.close()
+    ckpt.close()
     writer.close()
     progress.close()
   return last
