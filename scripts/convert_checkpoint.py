@@ -12,13 +12,14 @@ PATH; with --mesh and --plan it first checks the plan fits that mesh (any checkp
 restores on any mesh and plan: tables are stored per table, by name).
 """
 
+import logging as std_logging
 import os
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from absl import app, flags  # pylint: disable=g-import-not-at-top
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 
 from jaxrec.checkpoint import convert  # pylint: disable=g-import-not-at-top
 from jaxrec.errors import ConfigError, JaxrecError  # pylint: disable=g-import-not-at-top
@@ -37,6 +38,13 @@ _PLAN = flags.DEFINE_string("plan", None, "Target plan for --format=checkpoint: 
 _TORCHREC = flags.DEFINE_string("torchrec_npz", None, "Import this TorchRec "
                                 "EmbeddingBagCollection state_dict (npz written by "
                                 "third_party/torchrec_export) instead of --checkpoint_dir.")
+
+
+class _QuietOrbax(std_logging.Filter):
+  """Drops orbax's routine messages (every manager opened read-only warns); keeps ours."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.ERROR or "orbax" not in record.pathname
 
 
 def run() -> str:
@@ -64,6 +72,9 @@ def run() -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+    logging.get_absl_handler().addFilter(_QuietOrbax())
   try:
     print(run())
   except JaxrecError as e:

@@ -1,7 +1,21 @@
-"""Checkpoints: orbax manager over a canonical (per-table, plan-independent) layout.
+"""Checkpoints: asynchronous, atomic orbax checkpoints in a mesh- and plan-independent layout.
 
-`CheckpointManager` saves and restores the train state; `convert` exports checkpoints
-(npz, zarr), copies them for another mesh or plan, and imports TorchRec tables.
+    CheckpointManager(directory, max_to_keep=3, save_every=0, async_save=True,
+                      read_only=False)                      gin-configurable
+      .save(step, state, collection, data_state=None, meta=None, force=False) -> bool
+      .wait() / .close()                                    (also a context manager)
+      .restore(target, collection, step=None, require_finite=False) -> Restored | None
+      .restore_latest(target, collection) -> (state, data_state) | None
+      .all_steps() / .latest_step() / .latest_valid_step(full=False) / .check(step, full)
+      .save_arrays(step, tables, table_opt=None, ...)       tables-only checkpoints (import)
+    Restored(state, data_state, meta)
+    CheckpointError                                         no usable checkpoint
+    all_finite(state) -> bool
+
+Modules: `manager` (the above), `canonical` (names, dense part, fingerprints), `tables`
+(per-table zarr store written from / read into the stacked shards), `storage` (direct
+streaming reads of a step), `convert` (npz / zarr export, copy for another mesh or plan,
+TorchRec import; CLI: `scripts/convert_checkpoint.py`).
 """
 
 from jaxrec.checkpoint.manager import CheckpointError, CheckpointManager, Restored, all_finite

@@ -55,11 +55,15 @@ def is_key(x) -> bool:
 
 
 # ----------------------------------------------------------------------------- fingerprint
-_M1, _M2, _M3 = 0x85EBCA6B, 0x9E3779B1, 0xC2B2AE35
+# fingerprint(x) = sum over words w of (w ^ P(position)) * M  (mod 2^32), where x is seen as
+# uint32 words `[*shape, words]` and P xors one term per axis, ((i + 1) * K_axis). Any
+# single changed or moved word changes it (multiplying by odd M is a bijection).
+_M = 0x85EBCA6B
+_K = (0x9E3779B1, 0xC2B2AE35, 0x27D4EB2F, 0x165667B1, 0xD3A2646C | 1, 0xFD7046C5, 0xB55A4F09)
 
 
-def _words(dtype) -> int:
-  return max(1, np.dtype(dtype).itemsize // 4)
+def _axis_key(axis: int) -> int:
+  return _K[axis % len(_K)] ^ (axis // len(_K))
 
 
 def _bits32(x, xp):
@@ -68,7 +72,7 @@ def _bits32(x, xp):
     return x.astype(xp.uint32)[..., None]
   size = np.dtype(x.dtype).itemsize
   if xp is np:
-    x = np.ascontiguousarray(x)
+    x = np.asarray(x, order="C")
     if size >= 4:
       return x.view(np.uint32).reshape(x.shape + (size // 4,))
     return x.view(f"uint{8 * size}").astype(np.uint32)[..., None]
@@ -79,42 +83,33 @@ def _bits32(x, xp):
       jnp.uint32)[..., None]
 
 
-def _mix(bits, index, xp):
-  h = bits * xp.uint32(_M1) + index * xp.uint32(_M2)
-  h = h ^ (h >> xp.uint32(15))
-  h = h * xp.uint32(_M3)
-  return h ^ (h >> xp.uint32(13))
-
-
 def fingerprint(x: jax.Array) -> jax.Array:
   """uint32 [] hash of the exact bits of `x` and their positions (on device)."""
   bits = _bits32(x, jnp)
-  index = jnp.zeros(bits.shape, jnp.uint32)
-  stride = 1
-  for axis in reversed(range(bits.ndim)):
-    index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(
-        stride & 0xFFFFFFFF)
-    stride *= bits.shape[axis]
-  return jnp.sum(_mix(bits, index, jnp), dtype=jnp.uint32)
+  pos = jnp.zeros((), jnp.uint32)
+  for axis in range(bits.ndim):
+    iota = jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis)
+    pos = pos ^ ((iota + jnp.uint32(1)) * jnp.uint32(_axis_key(axis)))
+  return jnp.sum((bits ^ pos) * jnp.uint32(_M), dtype=jnp.uint32)
 
 
 def fingerprint_np(block: np.ndarray, shape: tuple[int, ...],
                    start: tuple[int, ...] = ()) -> int:
   """Contribution of `block`, placed at `start` inside an array of `shape`, to that
   array's `fingerprint`; blocks tiling the array sum (mod 2^32) to its fingerprint."""
-  block = np.asarray(block)
-  bits = _bits32(block, np)
-  full = tuple(shape) + (bits.shape[-1],)
-  start = tuple(start) + (0,) * (len(full) - len(start))
-  index = np.zeros((), np.int64)
-  stride = 1
-  for axis in reversed(range(len(full))):
-    iota = np.arange(start[axis], start[axis] + bits.shape[axis], dtype=np.int64)
-    index = index + (iota * stride).reshape((-1,) + (1,) * (len(full) - axis - 1))
-    stride *= full[axis]
-  index = (index & 0xFFFFFFFF).astype(np.uint32)
+  bits = _bits32(np.asarray(block), np)
+  start = tuple(start) + (0,) * (bits.ndim - len(start))
   with np.errstate(over="ignore"):
-    h = _mix(bits, np.broadcast_to(index, bits.shape), np)
+    terms = [((np.arange(s, s + n, dtype=np.uint64) + np.uint64(1)) * np.uint64(_axis_key(a))
+              & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+             for a, (s, n) in enumerate(zip(start, bits.shape))]
+    tail = np.zeros((), np.uint32)   # axes after the first: small, built once
+    for a in range(1, bits.ndim):
+      tail = tail[..., None] ^ terms[a].reshape((1,) * (a - 1) + (-1,))
+    head = terms[0].reshape((-1,) + (1,) * (bits.ndim - 1))
+    h = bits ^ head
+    h ^= tail
+    h *= np.uint32(_M)
     return int(h.sum(dtype=np.uint64) & 0xFFFFFFFF)
 
 
@@ -130,7 +125,7 @@ def fingerprints(tree) -> dict[str, int]:
   if not named:
     return {}
   leaves = [x for _, x in named]
-  values = np.asarray(_fingerprints_jit(jax.tree.structure(leaves))(leaves))
+  values = np.asarray(_fingerprints_jit(jax.tree.structure(leaves))(leaves).addressable_data(0))
   return {n: int(v) for (n, _), v in zip(named, values)}
 
 

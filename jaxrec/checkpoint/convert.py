@@ -9,6 +9,9 @@ Exported names (npz keys, zarr array paths), from the canonical leaf names:
     step, rng                   int32 [], uint32 key data
     metadata                    JSON text: {"step", "manifest", "meta", "data_state"}
 
+int8 tables export their `q`, `scale`, `bias` (`tables/<table>/q`, ...); bfloat16 arrays
+are widened to float32 in npz (exact), kept as bfloat16 in zarr.
+
 Arrays are read from the checkpoint in row blocks and verified against their saved
 fingerprints while they are written, so an export never holds a whole table in memory
 and never silently exports corrupt data.
@@ -38,6 +41,7 @@ from jaxrec.errors import ConfigError, DataError
 from jaxrec.sharding.plan import KINDS, Plan, uniform_plan
 
 FORMATS = ("npz", "zarr", "checkpoint")
+NPZ_DTYPES = {"bfloat16": np.dtype(np.float32)}   # npy has no bfloat16: widened, exactly
 _RENAME = (("params", "dense"), ("opt_state", "dense_opt"))
 TORCHREC_KEY = re.compile(r"(?:^|\.)(?:embedding_bags|embeddings)\.([^.]+)\.weight$")
 
@@ -79,10 +83,12 @@ class _Verifier:
   """Accumulates a fingerprint over row blocks; `done()` raises on mismatch."""
 
   def __init__(self, name, shape, expect, step_dir):
-    self.name, self.shape, self.expect, self.step_dir, self.value = name, shape, expect, step_dir, 0
+    self.name, self.shape, self.expect, self.step_dir = name, shape, expect, step_dir
+    self.value = 0
 
   def add(self, start, block):
-    self.value = (self.value + canonical_lib.fingerprint_np(block, self.shape, (start,))) & 0xFFFFFFFF
+    part = canonical_lib.fingerprint_np(block, self.shape, (start,))
+    self.value = (self.value + part) & 0xFFFFFFFF
 
   def done(self):
     if self.expect is not None and self.value != self.expect:
@@ -99,21 +105,30 @@ def export_npz(checkpoint_dir, output, step: int | None = None) -> int:
   output = epath.Path(output)
   output.parent.mkdir(parents=True, exist_ok=True)
   tmp = output.parent / (output.name + ".tmp")
+  try:
+    _write_npz(tmp, step_dir, step)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+  tmp.rename(output)
+  return step
+
+
+def _write_npz(tmp, step_dir, step):
   with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
     for ename, name, array, expect in _exported_arrays(step_dir):
-      dtype, shape = array.dtype.numpy_dtype, tuple(array.shape)
+      shape = tuple(array.shape)
+      dtype = NPZ_DTYPES.get(array.dtype.numpy_dtype.name, array.dtype.numpy_dtype)
       check = _Verifier(name, shape, expect, step_dir)
       with zf.open(ename + ".npy", "w", force_zip64=True) as f:
         np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
                                                  "fortran_order": False, "shape": shape})
         for start, block in storage.row_blocks(array):
           check.add(start, block)
-          f.write(np.ascontiguousarray(block, dtype).tobytes())
+          f.write(np.ascontiguousarray(block.astype(dtype)).tobytes())
       check.done()
     with zf.open("metadata.npy", "w") as f:
       np.lib.format.write_array(f, np.array(json.dumps(_metadata(step_dir, step))))
-  tmp.rename(output)
-  return step
 
 
 def export_zarr(checkpoint_dir, output, step: int | None = None) -> int:
@@ -125,12 +140,22 @@ def export_zarr(checkpoint_dir, output, step: int | None = None) -> int:
   if output.exists():
     raise ConfigError(f"--output {output} already exists; remove it or pick another path")
   tmp = output.parent / (output.name + f".tmp-{time.time_ns()}")
+  try:
+    _write_zarr(tmp, step_dir, step)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  tmp.rename(output)
+  return step
+
+
+def _write_zarr(tmp, step_dir, step):
   for ename, name, array, expect in _exported_arrays(step_dir):
     dtype, shape = array.dtype.numpy_dtype, tuple(array.shape)
     row_bytes = max(1, math.prod(shape[1:]) * dtype.itemsize) if shape else 1
     chunks = [max(1, min(shape[0], (8 << 20) // row_bytes)), *shape[1:]] if shape else []
     out = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp / ename)},
-                   "metadata": {"shape": list(shape), "chunks": chunks, "dtype": dtype.str}},
+                   "dtype": dtype.name, "metadata": {"shape": list(shape), "chunks": chunks}},
                   create=True).result()
     check = _Verifier(name, shape, expect, step_dir)
     for start, block in storage.row_blocks(array):
@@ -140,9 +165,8 @@ def export_zarr(checkpoint_dir, output, step: int | None = None) -> int:
       else:
         out.write(block).result()
     check.done()
+  tmp.mkdir(parents=True, exist_ok=True)
   (tmp / "metadata.json").write_text(json.dumps(_metadata(step_dir, step), indent=1))
-  tmp.rename(output)
-  return step
 
 
 def resolve_plan(plan: str, tables, mesh_shape: Mapping[str, int]) -> Plan:
@@ -188,7 +212,7 @@ def export_checkpoint(checkpoint_dir, output, step: int | None = None,
   if (mesh_shape is None) != (plan is None):
     raise ConfigError("--mesh and --plan go together for --format=checkpoint")
   if plan is not None:
-    tables = tuple(TableSpec(n, t["shape"][0], t["shape"][1], t["dtype"])
+    tables = tuple(TableSpec(n, t["rows"], t["dim"], t["dtype"])
                    for n, t in sorted(manifest["tables"].items()))
     features = tuple(FeatureSpec(f"feature_{t.name}", t.name) for t in tables)
     resolved = resolve_plan(plan, tables, mesh_shape)

@@ -31,6 +31,7 @@ Usage (trainer):
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from typing import Any, Mapping, NamedTuple
 
@@ -41,6 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxrec.checkpoint import canonical as canonical_lib
@@ -48,6 +50,7 @@ from jaxrec.checkpoint import storage
 from jaxrec.checkpoint import tables as tables_lib
 from jaxrec.checkpoint.storage import DATA_STATE, ITEMS, MANIFEST, META, STATE, TABLES
 from jaxrec.errors import ConfigError, JaxrecError
+from jaxrec.sharding.mesh import mesh_shape
 
 REJECTED_DIR = "rejected"
 
@@ -80,9 +83,9 @@ def _jsonable(x):
   return x
 
 
-def _abstract(x):
+def _abstract(x, default_sharding):
   """Leaf of a target → ShapeDtypeStruct with sharding (typed keys → their key data)."""
-  sharding = getattr(x, "sharding", None)
+  sharding = getattr(x, "sharding", None) or default_sharding
   if canonical_lib.is_key(x):
     data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
     if isinstance(sharding, NamedSharding):
@@ -109,7 +112,7 @@ def _all_finite(leaves):
 def all_finite(state) -> bool:
   """True when every float leaf of `state` (dense and tables) is finite."""
   named = [(n, x) for n, x in canonical_lib.leaf_names(state) if not canonical_lib.is_key(x)]
-  return all(bool(_all_finite(group)) for group in _by_devices(named))
+  return all(bool(_all_finite(group).addressable_data(0)) for group in _by_devices(named))
 
 
 @gin.configurable(denylist=["directory", "read_only"])
@@ -120,8 +123,8 @@ class CheckpointManager:
     directory: where step directories live, e.g. `workdir/checkpoints`.
     max_to_keep: newest committed checkpoints kept (older ones are deleted after a newer
       save commits); None keeps all.
-    save_every: `save` without `force` writes only when `step % save_every == 0`
-      (0: only forced saves).
+    save_every: if > 0, `save` without `force` skips steps that are not multiples of it
+      (0: every `save` call writes; the caller decides).
     async_save: write in background threads; `save` returns once the state is copied to
       host (the trainer may then donate or overwrite it).
     read_only: never writes, deletes or moves anything (tools, conversion).
@@ -135,9 +138,15 @@ class CheckpointManager:
     self.save_every = int(save_every)
     self.read_only = read_only
     self._chunk_bytes = int(chunk_bytes)
+    self._host_buffers: dict = {}   # host copies of the tables, reused by every save
+    self._executor = (concurrent.futures.ThreadPoolExecutor(1, "jaxrec_checkpoint")
+                      if async_save and not read_only else None)
+    self._pending: concurrent.futures.Future | None = None
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=not read_only, read_only=read_only, create=not read_only)
+        max_to_keep=None if read_only else max_to_keep,
+        save_interval_steps=0 if read_only else 1, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=not read_only, read_only=read_only, create=not read_only,
+        save_root_metadata=not read_only)
     self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
   # ----------------------------------------------------------------------------- listing
@@ -177,9 +186,11 @@ class CheckpointManager:
            meta: Mapping | None = None, force: bool = False) -> bool:
     """Starts saving `state` as checkpoint `step`; returns whether it did.
 
-    Saves when `force` or `step % save_every == 0`, unless `step` is already saved.
-    Blocks to wait for a previous save still in flight and to copy the state to host;
-    files are written in the background when `async_save`.
+    Saves unless `step` is already saved or (without `force`) `save_every > 0` does not
+    divide it.
+    Blocks to wait for a previous save still in flight and to copy the tables to host;
+    with `async_save` everything else (orbax's save, writing, commit) runs in background
+    threads, and an error there is raised by the next `save`, `wait` or `close`.
 
     Args:
       step: the global step (checkpoint name).
@@ -192,19 +203,20 @@ class CheckpointManager:
     step = int(step)
     if self.read_only:
       raise CheckpointError(f"{self.directory} was opened read-only")
-    if not force and not (self.save_every > 0 and step % self.save_every == 0):
+    if not force and self.save_every > 0 and step % self.save_every:
       return False
+    dense = canonical_lib.canonical_dense(state, collection.mesh)   # async: fresh copies
+    self.wait()   # the previous save commits first: one save in memory, buffers reusable
     if step in self.all_steps():
       logging.info("checkpoint %s already exists; not saving it again", self.step_dir(step))
       return False
-    from jaxrec.sharding.mesh import mesh_shape
-    dense = canonical_lib.canonical_dense(state, collection.mesh)
-    self.wait()   # orbax would wait too; first, so that two saves are not held in memory
-    pieces = tables_lib.host_pieces(collection, state["emb"])
+    pieces = tables_lib.host_pieces(collection, state["emb"], self._host_buffers)
     arrays = tables_lib.stored_arrays(collection)
     manifest = {"key_impls": canonical_lib.key_impls(state),
                 "saved_plan": collection.plan.to_json(),
-                "saved_mesh": mesh_shape(collection.mesh)}
+                "saved_mesh": mesh_shape(collection.mesh),
+                "tables": {t.name: {"rows": t.rows, "dim": t.dim, "dtype": t.dtype}
+                           for t in collection.tables}}
     self._write(step, dense, arrays, pieces, manifest, data_state, meta)
     return True
 
@@ -223,29 +235,50 @@ class CheckpointManager:
         pieces.append(tables_lib.Piece(tables_lib.opt_name(name, k), (0,) * x.ndim, x))
     mesh = Mesh(np.asarray(jax.devices()[:1]), ("d",))
     dense = canonical_lib.canonical_dense({"step": jnp.int32(step)}, mesh)
-    self._write(int(step), dense, arrays, pieces, {"key_impls": {}}, data_state, meta)
+    manifest = {"key_impls": {},
+                "tables": {n: {"rows": int(x.shape[0]), "dim": int(x.shape[1]),
+                               "dtype": str(x.dtype)} for n, x in tables.items()}}
+    self._write(int(step), dense, arrays, pieces, manifest, data_state, meta)
 
   def _write(self, step, dense, arrays, pieces, manifest, data_state, meta):
+    """Hands the save to orbax: in the background thread when `async_save` (orbax's own
+    blocking part, e.g. starting its threads, then stays off the training loop too)."""
+    data_state = _jsonable(dict(data_state or {}))   # snapshot now
+    meta = _jsonable(dict(meta or {}))
+    if self._executor is None:
+      self._orbax_save(step, dense, arrays, pieces, manifest, data_state, meta)
+    else:
+      self._pending = self._executor.submit(self._orbax_save, step, dense, arrays, pieces,
+                                            manifest, data_state, meta)
+
+  def _orbax_save(self, step, dense, arrays, pieces, manifest, data_state, meta):
     manifest = dict(
         manifest, format=canonical_lib.FORMAT, version=canonical_lib.VERSION, step=step,
         contents=sorted(k for k in dense if k != "fingerprint"),
-        tables={n.split("/", 1)[1]: {"shape": list(s), "dtype": d}
-                for n, (s, d) in arrays.items() if n.startswith("tables/")},
         **canonical_lib.describe_dense(dense))
     self._mgr.save(step, force=True, args=ocp.args.Composite(**{
         STATE: ocp.args.StandardSave(dense),
         TABLES: tables_lib.TablesSave(arrays, pieces, self._chunk_bytes),
-        DATA_STATE: ocp.args.JsonSave(_jsonable(dict(data_state or {}))),
-        META: ocp.args.JsonSave(_jsonable(dict(meta or {}))),
+        DATA_STATE: ocp.args.JsonSave(data_state),
+        META: ocp.args.JsonSave(meta),
         MANIFEST: ocp.args.JsonSave(manifest)}))
 
   def wait(self) -> None:
-    """Blocks until the save in flight (if any) is committed."""
+    """Blocks until the save in flight (if any) is committed; raises its error if it
+    failed."""
+    pending, self._pending = self._pending, None
+    if pending is not None:
+      pending.result()
     self._mgr.wait_until_finished()
 
   def close(self) -> None:
     """Waits for the save in flight, then releases orbax's threads."""
-    self._mgr.close()
+    try:
+      self.wait()
+    finally:
+      self._mgr.close()
+      if self._executor is not None:
+        self._executor.shutdown()
 
   def __enter__(self):
     return self
@@ -260,8 +293,9 @@ class CheckpointManager:
 
     Tries steps newest first. A step that cannot be read or fails its fingerprint check
     is reported (`logging.warning`, naming its directory) and skipped; with
-    `require_finite`, so is one holding NaN/inf. Once a step restores, the skipped newer
-    ones are moved to `rejected/` (unless read-only); nothing is ever deleted.
+    `require_finite`, so is one holding NaN/inf. Once a step restores, every newer step
+    (skipped ones, and those after an explicit `step`: the run continues from the
+    restored one) is moved to `rejected/`, unless read-only; nothing is ever deleted.
 
     Args:
       target: the new run's state or its dense part, `{"params", "opt_state", "rng"[,
@@ -310,8 +344,9 @@ class CheckpointManager:
       if skipped:
         logging.warning("restored checkpoint %s after skipping step(s) %s", self.step_dir(s),
                         ", ".join(str(x[0]) for x in skipped))
-        for bad, _, reason in skipped:
-          self._reject(bad, reason)
+      reasons = {bad: reason for bad, _, reason in skipped}
+      for newer in [n for n in self.all_steps() if n > s]:
+        self._reject(newer, reasons.get(newer, "superseded"))
       return restored
     raise self._none_valid([(s, e) for s, e, _ in skipped])
 
@@ -339,7 +374,7 @@ class CheckpointManager:
         STATE: ocp.args.StandardRestore(abstract),
         TABLES: tables_lib.TablesRestore(collection, with_opt)}))
     dense, (emb, table_prints) = restored[STATE], restored[TABLES]
-    self._verify(dense, manifest, index, table_prints, collection, step_dir)
+    self._verify(dense, manifest, table_prints, step_dir)
 
     state = {}
     for key in canonical_lib.DENSE_KEYS:
@@ -371,25 +406,30 @@ class CheckpointManager:
       if key not in target:
         raise ConfigError(f"checkpoint {step_dir} holds '{key}' but the restore target has "
                           "none")
-      abstract[key] = jax.tree.map(_abstract, target[key])
+      abstract[key] = jax.tree.map(lambda x: _abstract(x, rep), target[key])
       _check_dense(key, abstract[key], manifest["leaves"], step_dir)
     if manifest.get("fingerprint"):
       abstract["fingerprint"] = jax.ShapeDtypeStruct((len(manifest["fingerprint"]),),
                                                      np.uint32, sharding=rep)
     return abstract
 
-  def _verify(self, dense, manifest, index, table_prints, collection, step_dir) -> None:
+  def _verify(self, dense, manifest, table_prints, step_dir) -> None:
     """Compares fingerprints of what was restored with those saved; ValueError if not."""
     bad = []
     if manifest.get("fingerprint"):
-      saved = dict(zip(manifest["fingerprint"], np.asarray(dense["fingerprint"]).tolist()))
+      saved = dict(zip(manifest["fingerprint"],
+                       np.asarray(dense["fingerprint"].addressable_data(0)).tolist()))
       named = canonical_lib.leaf_names({k: v for k, v in dense.items() if k != "fingerprint"})
       got = {}
       for group in _by_devices(named):
         got.update(canonical_lib.fingerprints(group))
       bad += [n for n in saved if got.get(n, saved[n]) != saved[n]]
-    if all(d.process_index == jax.process_index() for d in collection.mesh.devices.flat):
-      bad += [n for n, p in table_prints.items() if index["arrays"][n]["fingerprint"] != p]
+    names = sorted(table_prints)
+    read = np.array([table_prints[n] for n in names], np.uint64)
+    if jax.process_count() > 1:   # each process read its own shards: add the parts
+      read = np.asarray(multihost_utils.process_allgather(read)).sum(0, dtype=np.uint64)
+    saved = tables_lib.saved_fingerprints(step_dir / TABLES)
+    bad += [n for n, v in zip(names, read.tolist()) if saved[n] != v & 0xFFFFFFFF]
     if bad:
       raise ValueError(f"fingerprint mismatch in {step_dir} for {sorted(bad)[:5]}: the stored "
                        "data differ from what was saved")
@@ -411,9 +451,12 @@ class CheckpointManager:
     if self.read_only:
       return
     dest = self.directory / REJECTED_DIR / f"{step}.{reason}.{time.time_ns()}"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    self.step_dir(step).rename(dest)
-    logging.warning("moved checkpoint %s to %s", self.step_dir(step), dest)
+    if jax.process_index() == 0:
+      dest.parent.mkdir(parents=True, exist_ok=True)
+      self.step_dir(step).rename(dest)
+      logging.warning("moved checkpoint %s to %s", self.step_dir(step), dest.parent)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"jaxrec_checkpoint_reject_{step}")
     self._mgr.reload()
 
 

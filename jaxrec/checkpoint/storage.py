@@ -66,8 +66,7 @@ def saved_fingerprints(step_dir: epath.PathLike, manifest: dict, arrays: dict) -
   if manifest.get("fingerprint"):
     values = np.asarray(arrays["fingerprint"].read().result()).tolist()
     out.update(zip(manifest["fingerprint"], values))
-  index = tables_lib.read_index(epath.Path(step_dir) / TABLES)
-  out.update({n: a["fingerprint"] for n, a in index["arrays"].items()})
+  out.update(tables_lib.saved_fingerprints(epath.Path(step_dir) / TABLES))
   return out
 
 

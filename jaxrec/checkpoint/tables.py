@@ -2,9 +2,11 @@
 
 Stored under the checkpoint item `embeddings/`:
 
-    embeddings/tables/<table>/             [rows, dim]          zarr v2 (tensorstore)
+    embeddings/tables/<table>/             [rows, dim] f32/bf16/f16   zarr v2 (tensorstore)
+    embeddings/tables/<table>/{q,scale,bias}/   int8 tables: [rows, dim] int8, [rows] f32 x2
     embeddings/table_opt/<table>/<name>/   [rows, dim] | [rows]
-    embeddings/index.json                  {"arrays": {name: {shape, dtype, fingerprint}}}
+    embeddings/index.json                  {"processes", "arrays": {name: {shape, dtype}}}
+    embeddings/fingerprints.<process>.json {name: partial fingerprint}
 
 The layout does not depend on mesh or plan. Saving copies each device's shard of the
 stacked arrays to host (the only blocking part) and writes the table pieces it holds in
@@ -17,10 +19,13 @@ the pieces on both sides, so a restore is checked bit for bit.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
+import functools
 import json
 import math
-from typing import Any, Iterable, Mapping
+import os
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -29,11 +34,14 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
+from jaxrec.checkpoint import canonical as canonical_lib
 from jaxrec.checkpoint.canonical import fingerprint_np
+from jaxrec.embedding import layout as layout_lib
 from jaxrec.errors import ConfigError
 
 INDEX = "index.json"
 CHUNK_BYTES = 8 << 20
+COPY_BYTES = 16 << 20   # host copies run in parallel blocks of about this size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,31 +52,43 @@ class Piece:
   data: np.ndarray
 
 
-def table_name(table: str) -> str:
-  return f"tables/{table}"
+def table_name(table: str, leaf: str = "") -> str:
+  """Stored name of a table (or of one leaf of a `QuantizedTable`: `q`, `scale`, `bias`)."""
+  return f"tables/{table}/{leaf}" if leaf else f"tables/{table}"
 
 
 def opt_name(table: str, name: str) -> str:
   return f"table_opt/{table}/{name}"
 
 
+@functools.lru_cache(maxsize=16)
+def _abstract_state(collection) -> dict:
+  """ShapeDtypeStructs of the collection's `EmbeddingState` (nothing is computed)."""
+  return jax.eval_shape(collection.init, jax.random.key(0))
+
+
+@functools.lru_cache(maxsize=16)
 def stored_arrays(collection) -> dict[str, tuple[tuple[int, ...], str]]:
-  """`{array name: (shape, dtype)}` the collection's state is stored as."""
+  """`{array name: (shape, dtype)}` the collection's state is stored as (cached: do not
+  modify the result)."""
   out = {}
   for t in collection.tables:
     if "/" in t.name or t.name.startswith("."):
       raise ConfigError(f"table '{t.name}': names with '/' or a leading '.' cannot be stored")
-    out[table_name(t.name)] = ((t.rows, t.dim), str(np.dtype(t.dtype)))
+    abstract = jax.eval_shape(lambda t=t: layout_lib.init_table(jax.random.key(0), t))
+    for leaf, a in canonical_lib.leaf_names(abstract):
+      out[table_name(t.name, leaf)] = (tuple(a.shape), str(np.dtype(a.dtype)))
     for k, (per, _) in collection.optimizer.state_layout().items():
       out[opt_name(t.name, k)] = ((t.rows, t.dim) if per == "element" else (t.rows,), "float32")
   return out
 
 
-def _stack_arrays(layout, optimizer) -> Iterable[tuple[str, Any]]:
-  """`(kind, getter)` for the stacked arrays of one stack: the table and each opt state."""
-  yield None, lambda emb: emb["tables"][layout.name]
+def _stack_arrays(l, emb, optimizer):
+  """`(name of a slot's piece, stacked array)` for every array of one stack."""
+  for leaf, arr in canonical_lib.leaf_names(emb["tables"][l.name]):
+    yield (lambda slot, leaf=leaf: table_name(slot, leaf)), arr
   for k in optimizer.state_layout():
-    yield k, lambda emb, k=k: emb["opt"][layout.name][k]
+    yield (lambda slot, k=k: opt_name(slot, k)), emb["opt"][l.name][k]
 
 
 def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
@@ -85,91 +105,138 @@ def _overlaps(layout, rows: tuple[int, int]):
       yield slot, (a - start, b - start), (a - lo, b - lo)
 
 
-def host_pieces(collection, emb) -> list[Piece]:
+def host_pieces(collection, emb, buffers: dict | None = None) -> list[Piece]:
   """Copies the unique shards of every stacked array to host and cuts them into table
-  pieces. Blocks until the copies are made (the caller may then donate `emb`)."""
+  pieces. Blocks until the copies are made (the caller may then donate `emb`).
+
+  `buffers` (kept by the caller between saves, once the previous save has committed)
+  holds the host copies for reuse: the copy then touches no fresh memory."""
+  buffers = {} if buffers is None else buffers
   shards = []
   for l in collection.layouts:
-    for kind, get in _stack_arrays(l, collection.optimizer):
-      arr = get(emb)
+    for name_of, arr in _stack_arrays(l, emb, collection.optimizer):
       for shard in arr.addressable_shards:
         if shard.replica_id == 0:
           shard.data.copy_to_host_async()
-          shards.append((l, kind, arr.shape, shard))
-  pieces = []
-  for l, kind, shape, shard in shards:
-    block = np.array(shard.data, copy=True)
+          shards.append((l, name_of, arr.shape, shard))
+  pieces, copies = [], []
+  for l, name_of, shape, shard in shards:
     bounds = _bounds(shard.index, shape)
+    key = (name_of(l.name), bounds)
+    block = buffers.get(key)
+    if block is None or block.shape != shard.data.shape or block.dtype != shard.data.dtype:
+      block = buffers[key] = np.empty(shard.data.shape, shard.data.dtype)
+    src = np.asarray(shard.data)
+    rows = max(1, COPY_BYTES // max(1, block[:1].nbytes))
+    copies += [(block[r:r + rows], src[r:r + rows]) for r in range(0, max(len(block), 1), rows)]
     for slot, (t0, t1), (b0, b1) in _overlaps(l, bounds[0]):
-      name = table_name(slot.name) if kind is None else opt_name(slot.name, kind)
       start = (t0,) + tuple(b[0] for b in bounds[1:])
-      pieces.append(Piece(name, start, block[b0:b1]))
+      pieces.append(Piece(name_of(slot.name), start, block[b0:b1]))
+  list(_copy_pool().map(lambda c: np.copyto(*c), copies))   # numpy copies release the GIL
   return pieces
+
+
+@functools.lru_cache(maxsize=1)
+def _copy_pool() -> concurrent.futures.ThreadPoolExecutor:
+  return concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1),
+                                               thread_name_prefix="jaxrec_ckpt_copy")
 
 
 def _spec(path: epath.Path, shape, dtype, chunk_bytes: int) -> dict:
   row_bytes = max(1, math.prod(shape[1:]) * np.dtype(dtype).itemsize)
   chunks = [max(1, min(shape[0], chunk_bytes // row_bytes)), *shape[1:]]
   return {"driver": "zarr", "kvstore": {"driver": "file", "path": str(path)},
-          "metadata": {"shape": list(shape), "chunks": chunks, "dtype": np.dtype(dtype).str,
+          "dtype": np.dtype(dtype).name,
+          "metadata": {"shape": list(shape), "chunks": chunks,
                        "compressor": {"id": "zstd", "level": 1}}}
 
 
 async def write_pieces(directory: epath.Path, arrays: Mapping[str, tuple], pieces: list[Piece],
-                       chunk_bytes: int = CHUNK_BYTES) -> dict:
-  """Writes `pieces` into fresh zarr arrays under `directory` (one transaction), then
-  `index.json` with shapes, dtypes and fingerprints. Returns the index."""
-  txn = ts.Transaction()
-  handles = {}
-  for name, (shape, dtype) in arrays.items():
-    handles[name] = await ts.open(_spec(directory / name, shape, dtype, chunk_bytes),
-                                  create=True, delete_existing=True)
-  prints = {name: 0 for name in arrays}
-  writes = []
+                       chunk_bytes: int = CHUNK_BYTES) -> None:
+  """Writes this process's `pieces` into the zarr arrays under `directory` (created by
+  whichever process gets there first), its partial fingerprints to
+  `fingerprints.<process>.json` and, on process 0, `index.json`.
+
+  Runs in orbax's background commit thread; it waits on tensorstore futures directly
+  (`.result()`) rather than through that thread's event loop."""
+  opened = {name: ts.open(_spec(directory / name, shape, dtype, chunk_bytes), create=True,
+                          open=True) for name, (shape, dtype) in arrays.items()}
+  by_array: dict[str, list[Piece]] = {name: [] for name in arrays}
   for p in pieces:
-    region = tuple(slice(s, s + n) for s, n in zip(p.start, p.data.shape))
-    writes.append(handles[p.array].with_transaction(txn)[region].write(p.data))
-    prints[p.array] = (prints[p.array] + fingerprint_np(p.data, arrays[p.array][0], p.start)
-                       ) & 0xFFFFFFFF
-  for w in writes:
-    await w
-  await txn.commit_async()
-  index = {"arrays": {name: {"shape": list(shape), "dtype": dtype, "fingerprint": prints[name]}
-                      for name, (shape, dtype) in arrays.items()}}
-  (directory / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True))
-  return index
+    by_array[p.array].append(p)
+  prints = {}
+  for name, f in opened.items():   # one transaction per array: memory stays bounded
+    handle, txn, total = f.result(), ts.Transaction(), 0
+    writes = []
+    for p in by_array[name]:
+      region = tuple(slice(s, s + n) for s, n in zip(p.start, p.data.shape))
+      writes.append(handle.with_transaction(txn)[region].write(
+          p.data, can_reference_source_data_indefinitely=True))
+      total = (total + fingerprint_np(p.data, arrays[name][0], p.start)) & 0xFFFFFFFF
+    for w in writes:
+      w.copy.result()
+    txn.commit_async().result()
+    prints[name] = total
+  process, count = jax.process_index(), jax.process_count()
+  (directory / f"fingerprints.{process}.json").write_text(json.dumps(prints, sort_keys=True))
+  if process == 0:
+    index = {"processes": count,
+             "arrays": {name: {"shape": list(shape), "dtype": dtype}
+                        for name, (shape, dtype) in arrays.items()}}
+    (directory / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True))
 
 
 def read_index(directory: epath.PathLike) -> dict:
+  """`index.json` of a stored `embeddings` item: `{"processes", "arrays": {name:
+  {"shape", "dtype"}}}`."""
   return json.loads((epath.Path(directory) / INDEX).read_text())
+
+
+def saved_fingerprints(directory: epath.PathLike) -> dict[str, int]:
+  """`{array name: fingerprint}` recorded when saving (partial sums of every process)."""
+  directory = epath.Path(directory)
+  index = read_index(directory)
+  total = {name: 0 for name in index["arrays"]}
+  for process in range(int(index.get("processes", 1))):
+    part = json.loads((directory / f"fingerprints.{process}.json").read_text())
+    for name in total:
+      total[name] = (total[name] + int(part[name])) & 0xFFFFFFFF
+  return total
 
 
 def open_stored(directory: epath.PathLike, name: str) -> ts.TensorStore:
   """One stored array, read-only."""
-  spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(epath.Path(directory) / name)}}
+  path = str(epath.Path(directory) / name)
+  spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": path}}
   return ts.open(spec, open=True, read=True).result()
 
 
 def check_compatible(index: Mapping, collection, where: str) -> bool:
   """Raises ConfigError unless the stored tables match the collection's; returns whether
   the sparse optimizer state is stored (False: it starts fresh)."""
-  stored = index["arrays"]
+  stored = {n: (tuple(a["shape"]), a["dtype"]) for n, a in index["arrays"].items()}
   want = stored_arrays(collection)
-  have_tables = {n.split("/", 1)[1] for n in stored if n.startswith("tables/")}
+
+  def of_table(arrays, table):
+    return {n: v for n, v in arrays.items() if n.split("/")[:2] == ["tables", table]}
+
+  have_tables = {n.split("/")[1] for n in stored if n.startswith("tables/")}
   names = {t.name for t in collection.tables}
   if have_tables != names:
     raise ConfigError(f"checkpoint {where} has tables {sorted(have_tables)} but the "
                       f"configuration has {sorted(names)} (missing: "
                       f"{sorted(names - have_tables)}, extra: {sorted(have_tables - names)})")
   for t in collection.tables:
-    s = stored[table_name(t.name)]
-    if (tuple(s["shape"]), s["dtype"]) != want[table_name(t.name)]:
-      raise ConfigError(f"table '{t.name}': checkpoint {where} has {s['shape']} {s['dtype']}, "
-                        f"configuration has [{t.rows}, {t.dim}] {t.dtype}")
-  have_opt = {n: tuple(v["shape"]) for n, v in stored.items() if n.startswith("table_opt/")}
-  want_opt = {n: s for n, (s, _) in want.items() if n.startswith("table_opt/")}
+    theirs = of_table(stored, t.name)
+    if of_table(want, t.name) != theirs:
+      have = ", ".join(f"{n} {list(s)} {d}" for n, (s, d) in sorted(theirs.items()))
+      raise ConfigError(f"table '{t.name}': checkpoint {where} has {have}; the configuration "
+                        f"has [{t.rows}, {t.dim}] {t.dtype}")
+  have_opt = {n: v for n, v in stored.items() if n.startswith("table_opt/")}
+  want_opt = {n: v for n, v in want.items() if n.startswith("table_opt/")}
   if have_opt and have_opt != want_opt:
-    first = sorted(set(have_opt.items()) ^ set(want_opt.items()))[0][0]
+    first = sorted(set(have_opt) ^ set(want_opt) or
+                   [n for n in want_opt if want_opt[n] != have_opt[n]])[0]
     raise ConfigError(f"checkpoint {where} has sparse optimizer state that does not fit the "
                       f"configured {type(collection.optimizer).__name__} (first difference: "
                       f"'{first}': checkpoint {have_opt.get(first)}, optimizer needs "
@@ -177,12 +244,12 @@ def check_compatible(index: Mapping, collection, where: str) -> bool:
   return bool(have_opt)
 
 
-def _read_block(layout, kind, shape, dtype, bounds, handles, prints):
+def _read_block(layout, name_of, shape, dtype, bounds, handles, prints):
   """The block `bounds` of one stacked array, assembled from table pieces."""
   block = np.zeros(tuple(b - a for a, b in bounds), dtype)
   reads = []
   for slot, (t0, t1), (b0, b1) in _overlaps(layout, bounds[0]):
-    name = table_name(slot.name) if kind is None else opt_name(slot.name, kind)
+    name = name_of(slot.name)
     src = (slice(t0, t1),) + tuple(slice(a, b) for a, b in bounds[1:])
     reads.append((name, (t0,) + tuple(a for a, _ in bounds[1:]), (b0, b1),
                   handles[name][src].read()))
@@ -193,41 +260,41 @@ def _read_block(layout, kind, shape, dtype, bounds, handles, prints):
   return block
 
 
+def _read_array(l, name_of, abstract, sharding, handles, prints) -> jax.Array:
+  """One stacked array on `sharding`, each device's block read from the table pieces."""
+  shape, dtype, cache = tuple(abstract.shape), np.dtype(abstract.dtype), {}
+
+  def callback(index):
+    bounds = _bounds(index, shape)
+    if bounds not in cache:   # replicas of a block read it once
+      cache[bounds] = _read_block(l, name_of, shape, dtype, bounds, handles, prints)
+    return cache[bounds]
+
+  return jax.make_array_from_callback(shape, sharding, callback)
+
+
 def read_state(directory: epath.PathLike, collection, with_opt: bool) -> tuple[dict, dict]:
   """Builds the `EmbeddingState` on the collection's mesh and plan from the stored
   tables (fresh optimizer state unless `with_opt`). Returns it with `{array name:
-  fingerprint}` of what was read (complete when the process sees every device)."""
+  fingerprint}` of what this process read (summed over processes: the whole arrays)."""
   directory = epath.Path(directory)
   names = [n for n in stored_arrays(collection) if with_opt or n.startswith("tables/")]
   handles = {n: open_stored(directory, n) for n in names}
   prints = {n: 0 for n in names}
-  shardings = collection.shardings()
+  abstract, shardings = _abstract_state(collection), collection.shardings()
   out = {"tables": {}, "opt": {}}
   for l in collection.layouts:
-    out["opt"][l.name] = {}
-    for kind, _ in _stack_arrays(l, collection.optimizer):
-      if kind is None:
-        shape, dtype, sharding = l.shape, np.dtype(l.dtype), shardings["tables"][l.name]
-      else:
-        if not with_opt:
-          continue
-        sharding = shardings["opt"][l.name][kind]
-        shape = l.shape if collection.optimizer.state_layout()[kind][0] == "element" else l.shape[:1]
-        dtype = np.dtype(np.float32)
-      cache = {}
-
-      def callback(index, l=l, kind=kind, shape=shape, dtype=dtype, cache=cache):
-        bounds = _bounds(index, shape)
-        if bounds not in cache:
-          cache[bounds] = _read_block(l, kind, shape, dtype, bounds, handles, prints)
-        return cache[bounds]
-
-      arr = jax.make_array_from_callback(shape, sharding, callback)
-      cache.clear()
-      if kind is None:
-        out["tables"][l.name] = arr
-      else:
-        out["opt"][l.name][kind] = arr
+    tree = abstract["tables"][l.name]
+    leaves = [_read_array(l, lambda slot, leaf=leaf: table_name(slot, leaf), a, sh, handles,
+                          prints)
+              for (leaf, a), sh in zip(canonical_lib.leaf_names(tree),
+                                       jax.tree.leaves(shardings["tables"][l.name]))]
+    out["tables"][l.name] = jax.tree.unflatten(jax.tree.structure(tree), leaves)
+    if with_opt:
+      out["opt"][l.name] = {
+          k: _read_array(l, lambda slot, k=k: opt_name(slot, k), abstract["opt"][l.name][k],
+                         shardings["opt"][l.name][k], handles, prints)
+          for k in collection.optimizer.state_layout()}
   if not with_opt:
     out["opt"] = _fresh_opt(collection)
   return out, prints

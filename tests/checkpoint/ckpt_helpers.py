@@ -30,14 +30,14 @@ MESHES = {
 }
 
 
-def specs(rows=ROWS, dim=DIM):
-  tables = tuple(TableSpec(f"t{i}", r, dim) for i, r in enumerate(rows))
+def specs(rows=ROWS, dim=DIM, dtype="float32"):
+  tables = tuple(TableSpec(f"t{i}", r, dim, dtype) for i, r in enumerate(rows))
   features = tuple(FeatureSpec(f"f{i}", f"t{i}", 2) for i in range(len(rows)))
   return tables, features
 
 
-def collection(kind="rw", devices=8, optimizer=None, rows=ROWS, dim=DIM):
-  tables, features = specs(rows, dim)
+def collection(kind="rw", devices=8, optimizer=None, rows=ROWS, dim=DIM, dtype="float32"):
+  tables, features = specs(rows, dim, dtype)
   shape = MESHES[devices][kind]
   mesh = make_mesh(shape, devices=jax.devices()[:devices])
   plan = uniform_plan(kind, tables, shape.get("table", 1))
@@ -74,11 +74,22 @@ def dense(mesh, seed=0, typed_key=True):
 
 def train_state(coll, seed=0, typed_key=True, step=0):
   tables, opt = per_table_values(coll, seed)
+  tables = {t.name: _as_dtype(tables[t.name], t.dtype) for t in coll.tables}
   state = dense(coll.mesh, seed, typed_key)
   state["step"] = jax.device_put(jnp.int32(step), NamedSharding(coll.mesh, P()))
   state["emb"] = jax.jit(coll.stack_tables, out_shardings=coll.shardings())(
       tables, opt if opt[coll.tables[0].name] else None)
   return state
+
+
+def _as_dtype(x, dtype):
+  """A float32 table in its storage dtype (int8: a `QuantizedTable`)."""
+  from jaxrec.kernels import quant
+  return quant.quantize(jnp.asarray(x)) if dtype == "int8" else jnp.asarray(x).astype(dtype)
+
+
+def bytes_of(x):
+  return np.frombuffer(np.ascontiguousarray(np.asarray(x)).tobytes(), np.uint8)
 
 
 def assert_tables_equal(coll_a, state_a, coll_b, state_b):
@@ -87,12 +98,13 @@ def assert_tables_equal(coll_a, state_a, coll_b, state_b):
   tb, ob = jax.device_get(coll_b.unstack_tables(state_b["emb"]))
   assert sorted(ta) == sorted(tb)
   for name in ta:
-    np.testing.assert_array_equal(np.asarray(ta[name]).view(np.uint32),
-                                  np.asarray(tb[name]).view(np.uint32), err_msg=name)
+    assert jax.tree.structure(ta[name]) == jax.tree.structure(tb[name])
+    for x, y in zip(jax.tree.leaves(ta[name]), jax.tree.leaves(tb[name])):
+      assert x.dtype == y.dtype and x.shape == y.shape, name
+      np.testing.assert_array_equal(bytes_of(x), bytes_of(y), err_msg=name)
     assert sorted(oa[name]) == sorted(ob[name])
     for k in oa[name]:
-      np.testing.assert_array_equal(np.asarray(oa[name][k]).view(np.uint32),
-                                    np.asarray(ob[name][k]).view(np.uint32))
+      np.testing.assert_array_equal(bytes_of(oa[name][k]), bytes_of(ob[name][k]))
 
 
 def assert_dense_equal(a, b):

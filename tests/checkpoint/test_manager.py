@@ -143,7 +143,9 @@ def test_none_valid_is_a_clear_error_and_moves_nothing(tmp_path, coll):
 
 def test_restore_by_step_and_nan_rollback(tmp_path, coll):
   mgr, s1, s2 = _two_steps(tmp_path, coll)
-  assert int(mgr.restore(s1, coll, step=1).state["step"]) == 1
+  with CheckpointManager(tmp_path, read_only=True) as reader:
+    assert int(reader.restore(s1, coll, step=1).state["step"]) == 1
+    assert reader.all_steps() == [1, 2]
   with pytest.raises(CheckpointError, match="no checkpoint for step 5"):
     mgr.restore(s1, coll, step=5)
   bad = dict(s2, params=jax.tree.map(lambda x: x * jnp.nan, s2["params"]))
@@ -151,6 +153,11 @@ def test_restore_by_step_and_nan_rollback(tmp_path, coll):
   restored = mgr.restore(s1, coll, require_finite=True)
   assert int(restored.state["step"]) == 2 and all_finite(restored.state)
   assert mgr.all_steps() == [1, 2]   # step 3 moved to rejected/
+  # Continuing from an older step: the newer one is superseded.
+  assert int(mgr.restore(s1, coll, step=1).state["step"]) == 1
+  assert mgr.all_steps() == [1]
+  assert sorted(p.name.split(".")[1] for p in (tmp_path / "rejected").iterdir()) == [
+      "nonfinite", "superseded"]
   mgr.close()
 
 

@@ -65,3 +65,18 @@ def test_8_to_4_to_8_round_trip(tmp_path, saved):
   h.assert_dense_equal(state8, dict(back, step=state8["step"]))
   for a, b in zip(jax.tree.leaves(back["emb"]), jax.tree.leaves(state8["emb"])):
     np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "int8"])
+def test_low_precision_tables(tmp_path, dtype):
+  coll = h.collection("grid", 8, dtype=dtype)
+  state = h.train_state(coll, seed=4, step=3)
+  with CheckpointManager(tmp_path) as mgr:
+    mgr.save(3, state, coll, force=True)
+    mgr.wait()
+    assert mgr.latest_valid_step(full=True) == 3
+    new = h.collection("twrw", 6, dtype=dtype)
+    restored = mgr.restore(h.dense(new.mesh), new)
+  h.assert_tables_equal(coll, state, new, restored.state)
+  for a, s in zip(jax.tree.leaves(restored.state["emb"]), jax.tree.leaves(new.shardings())):
+    assert a.sharding == s

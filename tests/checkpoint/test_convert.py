@@ -1,0 +1,190 @@
+"""convert_checkpoint: npz / zarr export, copy for another plan, TorchRec import."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorstore as ts
+
+from jaxrec.checkpoint import CheckpointError, CheckpointManager, convert
+from jaxrec.errors import ConfigError
+from tests.checkpoint import ckpt_helpers as h
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+  coll = h.collection("grid", 8)
+  state = h.train_state(coll, seed=3, step=4)
+  path = tmp_path_factory.mktemp("ckpt")
+  with CheckpointManager(path) as mgr:
+    mgr.save(2, h.train_state(coll, seed=2, step=2), coll, force=True)
+    mgr.save(4, state, coll, data_state={"examples_consumed": 256}, meta={"gin": "a=1"},
+             force=True)
+  return path, coll, state
+
+
+def _expected(coll, state):
+  """Exported name → numpy array, from the live state."""
+  tables, opt = jax.device_get(coll.unstack_tables(state["emb"]))
+  out = {f"tables/{n}": np.asarray(x) for n, x in tables.items()}
+  out.update({f"table_opt/{n}/{k}": np.asarray(x) for n, o in opt.items() for k, x in o.items()})
+  dense = {"step": state["step"], "dense": state["params"], "dense_opt": state["opt_state"],
+           "rng": jax.random.key_data(state["rng"])}
+  from jaxrec.checkpoint.canonical import leaf_names
+  out.update({n: np.asarray(x) for n, x in leaf_names(jax.device_get(dense))})
+  return out
+
+
+def test_npz_export(saved, tmp_path):
+  path, coll, state = saved
+  out = tmp_path / "c.npz"
+  assert convert.export_npz(path, out) == 4
+  expect = _expected(coll, state)
+  with np.load(out) as z:
+    assert sorted(z.files) == sorted(list(expect) + ["metadata"])
+    for name, x in expect.items():
+      np.testing.assert_array_equal(z[name], x, err_msg=name)
+      assert z[name].dtype == x.dtype
+    meta = json.loads(str(z["metadata"]))
+  assert meta["step"] == 4 and meta["data_state"] == {"examples_consumed": 256}
+  assert meta["meta"] == {"gin": "a=1"}
+  assert convert.export_npz(path, tmp_path / "old.npz", step=2) == 2
+
+
+def test_zarr_export(saved, tmp_path):
+  path, coll, state = saved
+  out = tmp_path / "z"
+  convert.export_zarr(path, out, step=4)
+  for name, x in _expected(coll, state).items():
+    got = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(out / name)}}
+                  ).result().read().result()
+    np.testing.assert_array_equal(got, x, err_msg=name)
+  assert json.loads((out / "metadata.json").read_text())["step"] == 4
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_export_low_precision(tmp_path, dtype):
+  coll = h.collection("rw", 8, dtype=dtype)
+  state = h.train_state(coll, seed=1)
+  with CheckpointManager(tmp_path / "ckpt") as mgr:
+    mgr.save(1, state, coll, force=True)
+  tables, _ = jax.device_get(coll.unstack_tables(state["emb"]))
+  convert.export_npz(tmp_path / "ckpt", tmp_path / "c.npz")
+  convert.export_zarr(tmp_path / "ckpt", tmp_path / "z")
+  with np.load(tmp_path / "c.npz") as z:
+    for name, table in tables.items():
+      if dtype == "int8":
+        for leaf in ("q", "scale", "bias"):
+          np.testing.assert_array_equal(z[f"tables/{name}/{leaf}"], getattr(table, leaf))
+      else:
+        assert z[f"tables/{name}"].dtype == np.float32
+        np.testing.assert_array_equal(z[f"tables/{name}"], np.asarray(table, np.float32))
+        got = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(
+            tmp_path / "z" / "tables" / name)}}).result().read().result()
+        assert got.dtype == table.dtype
+        np.testing.assert_array_equal(got, table)
+
+
+def test_checkpoint_for_other_plan_restores_equal(saved, tmp_path):
+  path, coll, state = saved
+  out = tmp_path / "ckpt6"
+  step, layouts = convert.export_checkpoint(path, out, None, convert.parse_mesh("table=3,row=2"),
+                                            "twrw")
+  assert step == 4 and "twrw" in layouts
+  new = h.collection("twrw", 6)
+  with CheckpointManager(out) as mgr:
+    restored = mgr.restore(h.dense(new.mesh), new)
+  h.assert_tables_equal(coll, state, new, restored.state)
+  h.assert_dense_equal(state, restored.state)
+  assert restored.data_state == {"examples_consumed": 256}
+
+
+def test_checkpoint_plan_must_fit_mesh(saved, tmp_path):
+  path, _, _ = saved
+  with pytest.raises(ConfigError, match="not divisible"):   # dim 8, col=3
+    convert.export_checkpoint(path, tmp_path / "x", None, convert.parse_mesh("col=3"), "cw")
+  assert not (tmp_path / "x").exists()
+
+
+def test_export_refuses_corrupt_data(saved, tmp_path):
+  path, _, _ = saved
+  copy = tmp_path / "copy"
+  convert.export_checkpoint(path, copy, 4)
+  chunk = next(p for p in (copy / "4" / "embeddings" / "tables" / "t3").iterdir()
+               if not p.name.startswith("."))
+  data = bytearray(chunk.read_bytes())
+  data[len(data) // 2] ^= 0x01
+  chunk.write_bytes(bytes(data))
+  with pytest.raises(CheckpointError, match="fingerprint"):
+    convert.export_npz(copy, tmp_path / "bad.npz", step=4)
+  assert not (tmp_path / "bad.npz").exists()
+
+
+def test_torchrec_import(tmp_path):
+  coll = h.collection("rw", 4)
+  rng = np.random.default_rng(0)
+  weights = {t.name: rng.standard_normal((t.rows, t.dim)).astype(np.float32)
+             for t in coll.tables}
+  npz = tmp_path / "ebc.npz"
+  np.savez(npz, **{f"sparse_arch.embedding_bag_collection.embedding_bags.{n}.weight": w
+                   for n, w in weights.items()}, **{"dense_arch.0.weight": np.ones((2, 2))})
+  out = tmp_path / "ckpt"
+  assert convert.import_torchrec(npz, out) == sorted(weights)
+  target = h.dense(coll.mesh, seed=1)   # dense values come from the new run
+  with CheckpointManager(out) as mgr:
+    restored = mgr.restore(target, coll)
+    with pytest.raises(ConfigError, match="pass initial values"):
+      mgr.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target), coll)
+  tables, opt = jax.device_get(coll.unstack_tables(restored.state["emb"]))
+  for name, w in weights.items():
+    np.testing.assert_array_equal(tables[name], w)
+    np.testing.assert_array_equal(opt[name]["accum"], 0.0)   # fresh Adagrad state
+  assert int(restored.state["step"]) == 0
+  h.assert_dense_equal(dict(target, step=restored.state["step"]), restored.state)
+
+
+def test_script(saved, tmp_path):
+  path, coll, state = saved
+  out = tmp_path / "c.npz"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_checkpoint.py"),
+                         f"--checkpoint_dir={path}", f"--output={out}", "--format=npz"],
+                        capture_output=True, text=True, env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "wrote step 4" in proc.stdout
+  with np.load(out) as z:
+    np.testing.assert_array_equal(z["tables/t0"], _expected(coll, state)["tables/t0"])
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_checkpoint.py"),
+                         f"--checkpoint_dir={tmp_path / 'none'}", f"--output={out}",
+                         "--format=zarr"], capture_output=True, text=True, env=env, timeout=300)
+  assert proc.returncode == 1 and proc.stderr.startswith("error: no checkpoint")
+
+
+TORCH_PYTHON = os.path.join(ROOT, "third_party", "torchrec_reference", ".venv", "bin", "python")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(TORCH_PYTHON), reason="no TorchRec venv "
+                    "(make -C third_party/torchrec_reference venv)")
+def test_torchrec_export_then_import(tmp_path):
+  """The real helper, in the torch venv, on a fresh EmbeddingBagCollection."""
+  npz = tmp_path / "ebc.npz"
+  proc = subprocess.run([TORCH_PYTHON, os.path.join(ROOT, "third_party", "torchrec_export",
+                                                    "export_torchrec.py"),
+                         "--demo_tables=4", "--demo_rows=32", "--demo_dim=8", f"--output={npz}"],
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert convert.import_torchrec(npz, tmp_path / "ckpt") == ["t0", "t1", "t2", "t3"]
+  coll = h.collection("twrw", 8, rows=(32,) * 4)
+  with CheckpointManager(tmp_path / "ckpt") as mgr:
+    restored = mgr.restore(h.dense(coll.mesh), coll)
+  tables, _ = jax.device_get(coll.unstack_tables(restored.state["emb"]))
+  with np.load(npz) as z:
+    for i in range(4):
+      np.testing.assert_array_equal(tables[f"t{i}"], z[f"embedding_bags.t{i}.weight"])
