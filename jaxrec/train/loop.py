@@ -105,7 +105,8 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
   train_it = data_adapter.train_iterator(config, options)
   initial_data_state = train_it.get_state()
   ckpt = data_adapter.checkpointer(workdir, options)
-  meta = {"plan": plan.to_json(), "mesh": info["mesh"], "seed": options.seed}
+  meta = {"plan": plan.to_json(), "mesh": info["mesh"], "seed": options.seed,
+          "gin": gin.operative_config_str()}
   start = 0
   restored = ckpt.restore(state, collection)
   if restored is not None:
