@@ -1,0 +1,288 @@
+#!/usr/bin/env python3
+"""Measured step time of the planner's plans vs a naive round-robin table-wise plan.
+
+On skewed tables (`configs/skewed_synthetic.gin`: a few tables of millions of rows, many tiny
+ones, mixed bag sizes) and one 8-device mesh (host CPU devices by default), with the real
+jitted train step (`jaxrec.train.step.make_train_step`) on synthetic batches:
+
+  naive    table i on `table` slice i % nt (`tw`), in config order
+  static   `planner.propose_plan` with the prior coefficients (what `--plan=auto` runs)
+  refined  `planner.refine_from_profile` on profile records of the plans measured first
+           (written with `planner.profile_record` / `append_profile`, as the trainer does;
+           static is recorded last, so it is the profiled job's current plan)
+  bags_apart  a hand-made reference: naive, but tables read by long bags replicated (their
+           own stack), to show what a cost model that sees stack padding could find
+
+Step times are medians over steps, measured interleaved (round r runs every plan for a
+few steps, then round r+1) so that load drift on a shared machine hits all plans alike.
+Goal: refined / naive <= 0.9.
+
+Prints one line per plan and phase, `{"benchmark": "planner", "plan": NAME, "step_ms": T,
+"estimated_ms": E, ...}` (`estimated_ms` under the prior coefficients, `fitted_ms` under the
+profile fit; `padded_ids_per_device`: id slots per device per step, the collection's real
+work, see `StepRunner.padded_ids`), and a final line with `"ratio"` (refined / naive),
+`"static_ratio"`, `"bags_apart_ratio"`, `"goal"` and the estimate errors (estimate /
+measured).
+"""
+
+import os
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8").strip()
+
+import argparse  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+from common import emit  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxrec import launch, planner  # noqa: E402
+from jaxrec.data.pipeline import make_train_iterator  # noqa: E402
+from jaxrec.embedding.collection import EmbeddingCollection  # noqa: E402
+from jaxrec.sharding import mesh as mesh_lib  # noqa: E402
+from jaxrec.sharding.plan import Plan, TablePlacement, uniform_plan  # noqa: E402
+from jaxrec.train import state as state_lib  # noqa: E402
+from jaxrec.train import step as step_lib  # noqa: E402
+from jaxrec.train.config import ExperimentConfig  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+BENCH = "planner"
+
+
+# ------------------------------------------------------------------- shared step timing
+def host_batches(config, count: int, seed: int = 0) -> list:
+  """`count` global synthetic train batches (host numpy), reused round-robin by runners."""
+  it = make_train_iterator("synthetic", config.features, config.tables, config.batch_size,
+                           seed)
+  return [next(it) for _ in range(count)]
+
+
+class StepRunner:
+  """The real train step of `config` under `plan` on a mesh over `devices`.
+
+  `run()` does one step on the next pre-placed batch and blocks until the new state is
+  ready; the constructor compiles (one step) so later calls time steady state.
+  """
+
+  def __init__(self, config, plan: Plan, mesh_shape, devices, batches, seed: int = 0):
+    self.mesh = mesh_lib.make_mesh(mesh_shape, devices)
+    self.collection = EmbeddingCollection.create(config.tables, config.features, plan,
+                                                 self.mesh, config.sparse_tx())
+    self.state = state_lib.create(config, self.collection, seed)
+    self.step_fn = step_lib.make_train_step(config, self.collection,
+                                            state_lib.shardings(self.state, self.collection))
+    bs = mesh_lib.batch_sharding(self.mesh)
+    self.batches = [jax.tree.map(lambda x: jax.make_array_from_process_local_data(bs, x), b)
+                    for b in batches]
+    self.i = 0
+    t0 = time.perf_counter()
+    self.run()
+    self.compile_s = time.perf_counter() - t0
+
+  def run(self) -> None:
+    self.state, metrics = self.step_fn(self.state, self.batches[self.i % len(self.batches)])
+    self.i += 1
+    jax.block_until_ready((self.state, metrics))
+
+  def padded_ids(self, batch_size: int) -> dict:
+    """Id slots each device handles per step, summed over stacks: `gathered` = B * F_s * L
+    (the all-gathered ids of the stack's features, padded to its longest bag) and `lookup`
+    = B * W * L (W = most features on one `table` slice: what the dedup sort runs over, and
+    the pooling gather and its scatter-add transpose for kinds split over `table`)."""
+    gathered = sum(batch_size * len(l.features) * l.max_len for l in self.collection.layouts)
+    lookup = sum(batch_size * len(l.slot_features[0]) * l.max_len
+                 for l in self.collection.layouts)
+    return {"gathered": gathered, "lookup": lookup}
+
+  def close(self) -> None:
+    self.state = self.batches = None
+
+
+def interleaved_times(runners: dict, rounds: int, steps: int, warmup: int = 1
+                      ) -> tuple[dict, dict]:
+  """Wall and process-CPU seconds per step, each `{name: [[seconds] per round]}`: every
+  round runs `steps` steps of each runner in turn (A A B B, A A B B, ...), after `warmup`
+  untimed steps each. CPU time (all threads of this process) is far less sensitive than
+  wall time to other processes on a shared machine; wall time is what the goal is about."""
+  for run in runners.values():
+    for _ in range(warmup):
+      run.run()
+  wall = {name: [] for name in runners}
+  cpu = {name: [] for name in runners}
+  for _ in range(rounds):
+    for name, run in runners.items():
+      ws, cs = [], []
+      for _ in range(steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        run.run()
+        ws.append(time.perf_counter() - t0)
+        cs.append(time.process_time() - c0)
+      wall[name].append(ws)
+      cpu[name].append(cs)
+  return wall, cpu
+
+
+def median(rounds_of_times) -> float:
+  return float(np.median([t for r in rounds_of_times for t in r]))
+
+
+# ------------------------------------------------------------------------------ plans
+def naive_plan(tables, nt: int) -> Plan:
+  """Round-robin table-wise: table i (config order) on slice i % nt."""
+  return Plan({t.name: TablePlacement("tw", i % nt) for i, t in enumerate(tables)})
+
+
+def bags_apart_plan(tables, features, nt: int, min_len: int) -> Plan:
+  """Reference, not from the planner: round-robin `tw` as `naive_plan`, except that tables
+  read by a bag of `min_len` or more ids are replicated (`dp`): a separate stack, so the
+  table-wise stack's ids are no longer padded to the longest bag."""
+  long = {f.table for f in features if f.max_len >= min_len}
+  rest = [t for t in tables if t.name not in long]
+  placements = {t.name: TablePlacement("tw", i % nt) for i, t in enumerate(rest)}
+  placements.update({name: TablePlacement("dp") for name in long})
+  return Plan(placements)
+
+
+def describe(plan: Plan, nt: int) -> dict:
+  """Kinds used, and per `table` slice the (tw/twrw/...) tables it holds."""
+  kinds, per_slice = {}, [0] * nt
+  for p in plan.placements.values():
+    kinds[p.kind] = kinds.get(p.kind, 0) + 1
+    if "table" in p.axes:
+      per_slice[p.table_slice] += 1
+  return {"kinds": kinds, "tables_per_slice": per_slice}
+
+
+def estimate_ms(plan, config, mesh_shape, cal) -> float:
+  res = planner.estimate_plan(plan, config.tables, config.features, mesh_shape, None,
+                              config.sparse_tx(), config.batch_size, cal, check=False)
+  return res.step_time_s * 1e3
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--gin_file", action="append", default=None,
+                 help="config(s); default configs/skewed_synthetic.gin")
+  p.add_argument("--gin_bindings", action="append", default=[])
+  p.add_argument("--mesh", default="table=8", help="mesh over the 8 devices")
+  p.add_argument("--calibration", default="default", choices=("default", "measure"),
+                 help="prior coefficients: the planner's defaults (what --plan=auto uses) or "
+                 "`planner.calibrate()` on these devices")
+  p.add_argument("--probe", default="",
+                 help="extra uniform kinds to profile before refining (e.g. dp,tw): more "
+                 "distinct plans give the coefficient fit more samples")
+  p.add_argument("--reference_min_len", type=int, default=10,
+                 help="also time `bags_apart_plan` (tables with bags >= this many ids "
+                 "replicated, the rest as naive); 0 = skip")
+  p.add_argument("--rounds", type=int, default=6)
+  p.add_argument("--steps", type=int, default=2, help="timed steps per plan per round")
+  p.add_argument("--batches", type=int, default=4, help="distinct batches cycled")
+  p.add_argument("--profile_dir", default=None,
+                 help="keep the profile records here (default: a temporary directory)")
+  args = p.parse_args()
+
+  launch.parse_gin(args.gin_file or [os.path.join(ROOT, "configs", "skewed_synthetic.gin")],
+                   args.gin_bindings)
+  config = ExperimentConfig()
+  devices = jax.devices()
+  mesh_shape = mesh_lib.parse_mesh_spec(args.mesh, len(devices))
+  config.validate(len(devices))
+  nt = mesh_shape["table"]
+  b = config.batch_size
+  if args.calibration == "measure":
+    prior = planner.calibrate(len(devices))
+  else:
+    prior = planner.DEFAULT
+  batches = host_batches(config, args.batches)
+
+  # Phase 1: naive, probes, static (static last: the "current" plan of the profile).
+  plans = {"naive": naive_plan(config.tables, nt)}
+  for kind in filter(None, args.probe.split(",")):
+    plans[f"uniform_{kind}"] = uniform_plan(kind, config.tables, nt)
+  static = planner.propose_plan(config.tables, config.features, mesh_shape, None,
+                                config.sparse_tx(), b, prior)
+  plans["static"] = static.plan
+  runners = {name: StepRunner(config, plan, mesh_shape, devices, batches)
+             for name, plan in plans.items()}
+  times, cpu = interleaved_times(runners, args.rounds, args.steps)
+
+  tmp = tempfile.TemporaryDirectory(prefix="jaxrec_planner_bench_")
+  workdir = args.profile_dir or tmp.name
+  os.makedirs(workdir, exist_ok=True)
+  step = 0
+  for r in range(args.rounds):
+    for name, plan in plans.items():
+      step += args.steps
+      planner.append_profile(workdir, planner.profile_record(
+          step, float(np.median(times[name][r])), plan, mesh_shape, steps=args.steps,
+          batch_size=b))
+  refinement = planner.refine_from_profile(workdir, config.tables, config.features, None,
+                                           config.sparse_tx(), b, prior, skip_first=0)
+  fitted = refinement.fitted
+  for name, plan in plans.items():
+    emit(BENCH, phase="profile", plan=name, mesh=args.mesh, batch_size=b,
+         step_ms=round(median(times[name]) * 1e3, 2),
+         cpu_ms=round(median(cpu[name]) * 1e3, 2),
+         estimated_ms=round(estimate_ms(plan, config, mesh_shape, prior), 4),
+         fitted_ms=round(estimate_ms(plan, config, mesh_shape, fitted), 2),
+         compile_s=round(runners[name].compile_s, 1),
+         padded_ids_per_device=runners[name].padded_ids(b), **describe(plan, nt))
+
+  # Phase 2: the refined plan against naive (and static), interleaved again.
+  refined = refinement.proposed.plan
+  same = next((n for n, pl in plans.items() if pl == refined), None)
+  final = {"naive": runners["naive"], "static": runners["static"]}
+  if same not in final:
+    final["refined"] = (runners[same] if same else
+                        StepRunner(config, refined, mesh_shape, devices, batches))
+  for name, run in runners.items():
+    if run not in final.values():
+      run.close()
+  reference = None
+  if args.reference_min_len:
+    reference = bags_apart_plan(config.tables, config.features, nt, args.reference_min_len)
+    final["bags_apart"] = StepRunner(config, reference, mesh_shape, devices, batches)
+  times2, cpu2 = interleaved_times(final, args.rounds, args.steps)
+  if same in ("naive", "static"):
+    times2["refined"], cpu2["refined"] = times2[same], cpu2[same]
+  measured = {name: median(ts) for name, ts in times2.items()}
+  measured_cpu = {name: median(ts) for name, ts in cpu2.items()}
+  estimates = {}
+  for name, plan in (("naive", plans["naive"]), ("static", plans["static"]),
+                     ("refined", refined), ("bags_apart", reference)):
+    if plan is None:
+      continue
+    est, fit = estimate_ms(plan, config, mesh_shape, prior), estimate_ms(
+        plan, config, mesh_shape, fitted)
+    estimates[name] = (est, fit)
+    runner = final.get(name) or final[same]
+    emit(BENCH, phase="final", plan=name, mesh=args.mesh, batch_size=b,
+         step_ms=round(measured[name] * 1e3, 2), cpu_ms=round(measured_cpu[name] * 1e3, 2),
+         estimated_ms=round(est, 4),
+         fitted_ms=round(fit, 2), same_as=same if name == "refined" else None,
+         padded_ids_per_device=runner.padded_ids(b), **describe(plan, nt))
+  emit(BENCH, config=os.path.basename((args.gin_file or ["skewed_synthetic.gin"])[-1]),
+       mesh=args.mesh, batch_size=b, calibration=prior.source,
+       ratio=round(measured["refined"] / measured["naive"], 3),
+       static_ratio=round(measured["static"] / measured["naive"], 3),
+       bags_apart_ratio=(round(measured["bags_apart"] / measured["naive"], 3)
+                         if reference is not None else None),
+       cpu_ratios={n: round(measured_cpu[n] / measured_cpu["naive"], 3)
+                   for n in measured_cpu if n != "naive"},
+       goal=0.9, goal_op="<=",
+       estimate_over_measured={n: round(e[0] / (measured[n] * 1e3), 4)
+                               for n, e in estimates.items()},
+       fitted_over_measured={n: round(e[1] / (measured[n] * 1e3), 3)
+                             for n, e in estimates.items()},
+       fit_rms_relative_error=round(fitted.meta["rms_relative_error"], 3),
+       fit_multipliers={k: round(v, 3) for k, v in fitted.meta["multipliers"].items()},
+       refined_predicted_speedup=round(refinement.speedup, 3))
+  tmp.cleanup()
+
+
+if __name__ == "__main__":
+  main()
