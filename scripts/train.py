@@ -40,6 +40,8 @@ flags.DEFINE_bool("progress", True, "Show a progress bar when stderr is a termin
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
+  from jaxrec import elastic  # pylint: disable=import-outside-toplevel
+  elastic.initialize_from_env()  # a worker of scripts/launch.py joins its job; else no-op
   from jaxrec import launch  # pylint: disable=import-outside-toplevel
   with launch.user_errors():
     from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel

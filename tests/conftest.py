@@ -5,3 +5,14 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _clear_gin():
+  """Gin bindings are process-global: no test sees another's config."""
+  import gin  # pylint: disable=import-outside-toplevel
+  gin.clear_config()
+  yield
+  gin.clear_config()

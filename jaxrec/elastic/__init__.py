@@ -1,1 +1,17 @@
-"""jaxrec.elastic."""
+"""jaxrec.elastic: multi-process training that survives workers and devices coming and going.
+
+  worker      the worker side: `initialize_from_env` (jax.distributed from the supervisor's
+              variables), `report_progress` (step timings, stop requests)
+  supervisor  starts and watches the workers; on failure, hang, capacity change or a
+              straggler: stop, re-plan, restart from the latest checkpoint
+  replan      processes, mesh and plan for a capacity (the planner decides the plan)
+  stragglers  slow process / hot shard detection over step-time windows
+  events      `W/events.jsonl`, one JSON object per decision
+
+Workers only import `worker` (no supervisor machinery).
+"""
+
+from jaxrec.elastic.worker import (initialize_from_env, is_supervised, probe_local_devices,
+                                   report_progress)
+
+__all__ = ["initialize_from_env", "is_supervised", "probe_local_devices", "report_progress"]

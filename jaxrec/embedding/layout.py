@@ -1,6 +1,6 @@
 """Stacked-table layout: how a plan's tables become a few big arrays on the mesh.
 
-Tables with the same (dim, dtype, placement kind) form one *stack*. Per `table` slice `t`
+Tables with the same (dim, dtype, placement kind, bag-size bucket) form one *stack*. Per `table` slice `t`
 (only for kinds that use the `table` axis; otherwise there is one slice) the slice's tables
 are concatenated row-wise and padded to `slice_rows` rows, a multiple of the `row` axis
 size; the slices are concatenated in order. The stacked array is `[nt * slice_rows, dim]`,
@@ -43,7 +43,7 @@ class StackLayout:
   """One stack: static description of its array and of the features that read it.
 
   Attributes:
-    name: stack name, e.g. `rw_d16_float32`.
+    name: stack name, e.g. `rw_d16_float32_L1`.
     kind: placement kind shared by its tables.
     axes: model axes splitting it (subset of table/row/col, in mesh order).
     sizes: mesh axis sizes, all four axes.
@@ -125,6 +125,19 @@ def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
+BAG_BUCKETS = (1, 4, 16)
+
+
+def bag_bucket(max_len: int) -> int:
+  """Stacks also group by bag size (1, <=4, <=16, larger), because every feature of a
+  stack is padded to the stack's longest bag: one 20-id feature must not make 25 one-hot
+  features pay for 20 slots each."""
+  for b in BAG_BUCKETS:
+    if max_len <= b:
+      return b
+  return 1 << (int(max_len) - 1).bit_length()
+
+
 def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], plan: Plan,
                   mesh_shape: Mapping[str, int]) -> tuple[StackLayout, ...]:
   """Groups tables into stacks and places features; checks the mesh can hold the plan."""
@@ -140,10 +153,11 @@ def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], 
     if "table" in placement.axes and not 0 <= placement.table_slice < dict(sizes)["table"]:
       raise ConfigError(f"table '{t.name}': table_slice {placement.table_slice} is outside "
                         f"mesh axis table={dict(sizes)['table']}")
-    groups.setdefault((placement.kind, t.dim, t.dtype), []).append(t)
+    bag = bag_bucket(max([f.max_len for f in features if f.table == t.name], default=1))
+    groups.setdefault((placement.kind, t.dim, t.dtype, bag), []).append(t)
 
   layouts = []
-  for (kind, dim, dtype), members in sorted(groups.items()):
+  for (kind, dim, dtype, bag), members in sorted(groups.items()):
     axes = plan[members[0].name].axes
     nt = dict(sizes)["table"] if "table" in axes else 1
     nr = dict(sizes)["row"] if "row" in axes else 1
@@ -163,7 +177,7 @@ def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], 
     slot_features = tuple(tuple(p + [-1] * (width - len(p))) for p in per_slice)
     max_len = max([features[i].max_len for i in feats], default=1)
     layouts.append(StackLayout(
-        name=f"{kind}_d{dim}_{dtype}", kind=kind, axes=axes, sizes=sizes, dim=dim,
+        name=f"{kind}_d{dim}_{dtype}_L{bag}", kind=kind, axes=axes, sizes=sizes, dim=dim,
         dtype=dtype, slots=tuple(slots), slice_rows=slice_rows, features=tuple(feats),
         feature_tables=feature_tables, max_len=max_len, slot_features=slot_features))
   del by_name

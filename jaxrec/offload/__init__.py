@@ -1,1 +1,23 @@
-"""jaxrec.offload."""
+"""jaxrec.offload: tables larger than device memory, in a tensorstore host/disk tier.
+
+  config     where each table lives (OffloadTable / OffloadConfig, gin); device_tables
+  store      the full table + optimizer state as tensorstore arrays; exact init; snapshots
+  cache      host map of a device cache (planned state) and its sampled-LFU eviction
+  buffer     host write-back buffer (write combining, second read tier)
+  device     jitted install / gather / eval-view on the cache rows of the EmbeddingState
+  tier       the pipeline: look-ahead planner, fetcher, writer; trainer hooks
+  snapshots  checkpoint snapshots of the stores, per step
+  planning   which tables to offload when the plan does not fit device memory
+  hooks      what the trainer calls: choose_plan, make_tier, snapshot_dir
+"""
+
+from jaxrec.offload.config import (OffloadConfig, OffloadError, OffloadTable, device_tables,
+                                   row_bytes)
+from jaxrec.offload.hooks import choose_plan, make_tier, snapshot_dir
+from jaxrec.offload.planning import plan_with_offload
+from jaxrec.offload.store import TableStore, init_rows
+from jaxrec.offload.tier import OffloadIterator, OffloadTier, emb_init_key
+
+__all__ = ["OffloadConfig", "OffloadError", "OffloadTable", "device_tables", "row_bytes",
+           "plan_with_offload", "TableStore", "init_rows", "OffloadIterator", "OffloadTier",
+           "emb_init_key", "choose_plan", "make_tier", "snapshot_dir"]

@@ -1,0 +1,116 @@
+"""Elastic recovery time: 2 processes x 4 CPU devices, one worker killed mid-run.
+
+  python benchmarks/elastic.py [--num_steps=60] [--kill_at=15] [--workdir=DIR] [--keep]
+
+Runs `scripts/launch.py --num_processes=2 --devices_per_process=4` on a small DLRM, waits
+for a committed checkpoint and step `--kill_at`, kills worker 1 with SIGKILL and measures
+the seconds from the kill to the first completed step on the new mesh (1 process x 4
+devices). One JSON line (`"benchmark": "elastic_recovery"`) with `"ratio"` = seconds / 30
+and `"goal": 1.0`, the breakdown (detect, stop, re-plan, restart, restore, compile: see
+`jaxrec.elastic.supervisor`) and the machine's load average (timings on a shared machine
+vary with it).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from benchmarks.common import emit  # noqa: E402
+from jaxrec.elastic.events import read_events  # noqa: E402
+from jaxrec.elastic.procs import latest_checkpoint  # noqa: E402
+
+flags.DEFINE_integer("num_steps", 60, "Total steps of the job.")
+flags.DEFINE_integer("kill_at", 15, "Kill worker 1 once it reported this step ...")
+flags.DEFINE_integer("checkpoint_every", 10, "... and a checkpoint is committed.")
+flags.DEFINE_integer("batch_size", 512, "Global batch.")
+flags.DEFINE_string("mesh", "data=2,table=2,row=2,col=1", "Mesh of the 8-device start.")
+flags.DEFINE_string("plan", "auto", "--plan of the job.")
+flags.DEFINE_string("workdir", None, "Run directory (default: a temp dir, removed).")
+flags.DEFINE_bool("keep", False, "Keep the run directory.")
+flags.DEFINE_float("timeout", 900, "Seconds before giving up.")
+FLAGS = flags.FLAGS
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOAL_S = 30.0
+
+
+def _steps(workdir, process):
+  path = os.path.join(workdir, "workers", f"{process}.jsonl")
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    return max([json.loads(l).get("step", 0) for l in f if l.endswith("\n")] or [0])
+
+
+def _wait(cond, proc, what):
+  t0 = time.time()
+  while not cond():
+    if proc.poll() is not None:
+      raise SystemExit(f"error: the launcher exited ({proc.returncode}) before {what}")
+    if time.time() - t0 > FLAGS.timeout:
+      raise SystemExit(f"error: timed out waiting for {what}")
+    time.sleep(0.02)
+
+
+def main(argv):
+  del argv
+  workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="jaxrec_elastic_")
+  shutil.rmtree(workdir, ignore_errors=True)
+  os.makedirs(workdir)
+  cmd = [sys.executable, os.path.join(ROOT, "scripts", "launch.py"), "--quiet",
+         "--num_processes=2", "--devices_per_process=4", "--hang_timeout=120", "--",
+         f"--workdir={workdir}", "--gin_file=configs/dlrm_synthetic.gin",
+         f"--gin_bindings=ExperimentConfig.batch_size={FLAGS.batch_size}",
+         "--gin_bindings=ExperimentConfig.eval_batch_size=1024",
+         "--gin_bindings=ExperimentConfig.num_eval_examples=2048",
+         f"--num_steps={FLAGS.num_steps}", f"--checkpoint_every={FLAGS.checkpoint_every}",
+         f"--log_every={FLAGS.checkpoint_every}", f"--mesh={FLAGS.mesh}",
+         f"--plan={FLAGS.plan}", "--noprogress"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  with open(os.path.join(workdir, "launch.log"), "w") as log:
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+  try:
+    _wait(lambda: (_steps(workdir, 1) >= FLAGS.kill_at and
+                   (latest_checkpoint(workdir) or 0) >= FLAGS.checkpoint_every),
+          proc, f"step {FLAGS.kill_at} and a checkpoint")
+    pid = next(e["pids"][1] for e in read_events(workdir) if e["event"] == "launch")
+    killed_at = time.time()
+    os.kill(pid, signal.SIGKILL)
+    _wait(lambda: any(e["event"] == "resume" for e in read_events(workdir)), proc,
+          "the first step on the new mesh")
+    events = read_events(workdir)
+    resume = next(e for e in events if e["event"] == "resume")
+    exit_ev = next(e for e in events if e["event"] == "worker_exit")
+    replan = next(e for e in events if e["event"] == "replan")
+    seconds = resume["first_step_at"] - killed_at
+    breakdown = {"detect_s": round(resume["detected_at"] - killed_at, 3),
+                 **resume["breakdown"]}
+    code = proc.wait(FLAGS.timeout)
+    final = latest_checkpoint(workdir)
+    emit("elastic_recovery", seconds=round(seconds, 3), ratio=round(seconds / GOAL_S, 4),
+         goal=1.0, breakdown=breakdown, killed_at_step=exit_ev.get("last_step"),
+         restored_step=resume["step"] - 1, new_mesh=replan["mesh"],
+         processes="2x4 -> 1x4", job_exit_code=code, final_checkpoint=final,
+         completed=code == 0 and final == FLAGS.num_steps,
+         load_average=list(os.getloadavg()), cpus=os.cpu_count())
+  finally:
+    if proc.poll() is None:
+      proc.send_signal(signal.SIGINT)
+      try:
+        proc.wait(30)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+    if not FLAGS.keep and not FLAGS.workdir:
+      shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,232 @@
+#!/usr/bin/env python3
+"""Offloaded table vs all-on-device: DLRM training throughput.
+
+DLRM (the `dlrm_criteo.gin` network) with 26 one-hot features: `f0` reads one large table
+(`--rows`, ids Zipf(`--zipf`) over its rows, hot ids spread over the table by a fixed
+permutation), `f1..f25` read 100,000-row tables. Runs (`--runs`), each on the same id stream:
+
+  device    every table on the device (the reference)
+  offload   the large table offloaded: device cache of `--cache_fraction` of its rows, the
+            full table (and optimizer state) in a tensorstore zarr array on local disk
+            (`--store_dir`), host write-back buffer of a quarter of the cache, prefetch
+            depth `--prefetch`, S = 0 (exact)
+  sync      the same with prefetch off (K = 0: planning and reads on the training thread)
+  stale     the same as offload with bounded staleness S = `--staleness`
+
+Each offloaded run first trains until its cache is full (steady state: every step evicts),
+then `--warmup` more steps (every run), then all runs are timed in `--rounds` interleaved blocks of `--steps / --rounds` steps, so
+that load from other processes on the machine hits every run alike. The id stream is
+precomputed (a long stream for the large table, `--stream_steps` batches, so the cache sees
+fresh rows all along; small tables, dense features and labels cycle a pool): the runs
+measure training, not data generation. Prints one line per run and a summary line with
+`"ratio"` (offload / device examples per second) and `"goal": 0.8`; also the cache hit
+rate (id occurrences and distinct rows), prefetch stall milliseconds per step, and
+`"ratio_sync"` (prefetch off) and `"ratio_stale"`.
+"""
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+from common import emit
+
+import jax
+import numpy as np
+
+from jaxrec import offload
+from jaxrec.data.batch import Batch
+from jaxrec.embedding import optimizers
+from jaxrec.embedding.collection import EmbeddingCollection
+from jaxrec.embedding.specs import FeatureSpec, TableSpec
+from jaxrec.models import DLRM
+from jaxrec.sharding.mesh import batch_sharding, make_mesh
+from jaxrec.sharding.plan import uniform_plan
+from jaxrec.train import state as state_lib
+from jaxrec.train import step as step_lib
+from jaxrec.train.config import ExperimentConfig, dense_optimizer
+
+SMALL_ROWS, NUM_SMALL, POOL = 100_000, 25, 32
+
+
+def zipf_ids(rows, n, exponent, rng):
+  """`n` ids: Zipf ranks over `[0, rows)` (inverse CDF), spread by a fixed permutation."""
+  w = np.arange(1, rows + 1, dtype=np.float64) ** -exponent
+  cdf = np.cumsum(w)
+  cdf /= cdf[-1]
+  ranks = np.searchsorted(cdf, rng.random(n)).astype(np.int64)
+  mult = 2_654_435_761 % rows
+  while np.gcd(mult, rows) != 1:
+    mult += 1
+  return ((ranks * mult + 12345) % rows).astype(np.int32)
+
+
+class StreamIterator:
+  """Endless precomputed batches (see module docstring); resumable by position."""
+
+  def __init__(self, big_ids, batch, pool):
+    self.big, self.batch, self.pool, self.pos = big_ids, batch, pool, 0
+
+  def __next__(self):
+    k = self.pos
+    self.pos += 1
+    b = self.pool[k % len(self.pool)]
+    steps = len(self.big) // self.batch
+    start = (k % steps) * self.batch
+    ids = dict(b.ids, f0=self.big[start:start + self.batch, None])
+    return Batch(b.dense, b.labels, ids)
+
+  def get_state(self):
+    return {"position": self.pos}
+
+  def set_state(self, s):
+    self.pos = int(s["position"])
+
+
+def make_data(args, rng):
+  total = args.stream_steps * args.batch
+  big = zipf_ids(args.rows, total, args.zipf, rng)
+  pool = []
+  for _ in range(POOL):
+    ids = {f"f{i}": zipf_ids(SMALL_ROWS, args.batch, args.zipf, rng)[:, None]
+           for i in range(1, NUM_SMALL + 1)}
+    pool.append(Batch(rng.random((args.batch, 13), np.float32),
+                      (rng.random(args.batch) < 0.26).astype(np.float32), ids))
+  return big, pool
+
+
+class Run:
+  """One configuration, built and warmed up once; `train(n)` times `n` more steps."""
+
+  def __init__(self, args, data, off=None):
+    tables = [TableSpec("big", args.rows, args.dim)] + [
+        TableSpec(f"t{i}", SMALL_ROWS, args.dim) for i in range(1, NUM_SMALL + 1)]
+    features = [FeatureSpec("f0", "big")] + [FeatureSpec(f"f{i}", f"t{i}")
+                                             for i in range(1, NUM_SMALL + 1)]
+    sparse = optimizers.sparse_optimizer(args.optimizer)
+    config = ExperimentConfig(embedding=(tables, features),
+                              model=DLRM((512, 256, 64, args.dim), (512, 256, 1)),
+                              batch_size=args.batch, dense_optimizer=dense_optimizer("sgd", 0.1),
+                              sparse_optimizer=sparse)
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    dev_tables = tables if off is None else offload.device_tables(tables, off, sparse)
+    coll = EmbeddingCollection.create(dev_tables, features, uniform_plan("dp", dev_tables, 1),
+                                      mesh, sparse)
+    self.state = state_lib.create(config, coll, 0)
+    self.step = step_lib.make_train_step(config, coll, state_lib.shardings(self.state, coll))
+    self.bs = batch_sharding(mesh)
+    self.it = StreamIterator(data[0], args.batch, data[1])
+    self.tier = None
+    if off is not None:
+      self.tier = offload.OffloadTier(coll, tables, off, key=offload.emb_init_key(0))
+      self.it = self.tier.wrap(self.it)
+    self.seconds, self.steps, self.loss = 0.0, 0, None
+    t0 = time.perf_counter()
+    while self.tier is not None and not all((t.resident >= 0).all()
+                                            for t in self.tier.tables.values()):
+      self.train(10, timed=False)        # until the cache is full: steady state
+    self.train(args.warmup, timed=False)  # then compile what evictions use
+    self.warmup_s = time.perf_counter() - t0
+    self.stats0 = self.tier.stats() if self.tier else {}
+
+  def train(self, n, timed=True):
+    t0 = time.perf_counter()
+    loss = None
+    for _ in range(n):
+      batch = next(self.it)
+      if self.tier is not None:
+        self.state = self.tier.before_step(self.state, batch)
+      batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.bs, x), batch)
+      self.state, metrics = self.step(self.state, batch)
+      loss = metrics["loss"]
+    self.loss = float(jax.block_until_ready(loss))
+    if timed:
+      self.seconds += time.perf_counter() - t0
+      self.steps += n
+
+  def report(self, batch):
+    out = {"examples_per_sec": round(self.steps * batch / self.seconds, 1),
+           "step_ms": round(self.seconds / self.steps * 1e3, 3), "loss": round(self.loss, 4),
+           "warmup_s": round(self.warmup_s, 1)}
+    if self.tier is not None:
+      after = self.tier.stats()
+      self.tier.close()
+      d = {k: after.get(k, 0) - self.stats0.get(k, 0) for k in after}
+      per_step = lambda k: d.get(k, 0) / self.steps
+      out.update(hit_rate=round(d["id_hits"] / max(1, d["id_lookups"]), 4),
+                 row_hit_rate=round(d["row_hits"] / max(1, d["row_lookups"]), 4),
+                 stall_ms_per_step=round(per_step("stall_s") * 1e3, 3),
+                 plan_ms_per_step=round(per_step("plan_s") * 1e3, 3),
+                 install_ms_per_step=round(per_step("install_s") * 1e3, 3),
+                 write_ms_per_step=round(per_step("write_s") * 1e3, 3),
+                 store_reads_per_step=round(per_step("store_reads"), 1),
+                 buffer_reads_per_step=round(per_step("buffer_reads"), 1),
+                 written_rows=int(d.get("written_rows", 0)),
+                 device_bounces_per_step=round(per_step("device_bounces"), 2),
+                 stale_rows=int(d.get("stale_rows", 0)))
+    return out
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--rows", type=int, default=1_000_000)
+  p.add_argument("--dim", type=int, default=16)
+  p.add_argument("--batch", type=int, default=1024)
+  p.add_argument("--cache_fraction", type=float, default=0.1)
+  p.add_argument("--zipf", type=float, default=1.05)
+  p.add_argument("--prefetch", type=int, default=4)
+  p.add_argument("--staleness", type=int, default=8)
+  p.add_argument("--optimizer", default="sgd")
+  p.add_argument("--warmup", type=int, default=50)
+  p.add_argument("--steps", type=int, default=200)
+  p.add_argument("--rounds", type=int, default=5)
+  p.add_argument("--host_buffer_rows", type=int, default=None,
+                 help="default: a quarter of the cache")
+  p.add_argument("--stream_steps", type=int, default=3000)
+  p.add_argument("--chunk_rows", type=int, default=256)
+  p.add_argument("--kvstore", default="file")
+  p.add_argument("--store_dir", default=None)
+  p.add_argument("--runs", default="device,offload,sync,stale")
+  args = p.parse_args()
+  rng = np.random.default_rng(0)
+  data = make_data(args, rng)
+  store_dir = args.store_dir or tempfile.mkdtemp(prefix="jaxrec_offload_")
+  cache_rows = int(args.rows * args.cache_fraction)
+  common = dict(rows=args.rows, batch=args.batch, cache_rows=cache_rows, zipf=args.zipf,
+                table_mib=round(args.rows * args.dim * 4 / 2**20, 1),
+                cache_mib=round(cache_rows * args.dim * 4 / 2**20, 1),
+                optimizer=args.optimizer, device=str(jax.devices()[0].device_kind))
+  runs = {}
+  for name in args.runs.split(","):
+    off = None
+    if name != "device":
+      table = offload.OffloadTable("big", cache_rows=cache_rows, chunk_rows=args.chunk_rows,
+                                   path=os.path.join(store_dir, name), kvstore=args.kvstore)
+      off = offload.OffloadConfig((table,), prefetch_depth=0 if name == "sync" else args.prefetch,
+                                  max_staleness=args.staleness if name == "stale" else 0,
+                                  host_buffer_rows=args.host_buffer_rows or cache_rows // 4)
+    runs[name] = Run(args, data, off)
+  for _ in range(args.rounds):          # interleaved blocks: load drift hits every run alike
+    for r in runs.values():
+      r.train(args.steps // args.rounds)
+  results = {}
+  for name, r in runs.items():
+    results[name] = r.report(args.batch)
+    emit("offload", run=name, **common, **results[name])
+  if args.store_dir is None:
+    shutil.rmtree(store_dir, ignore_errors=True)
+  if "device" in results and "offload" in results:
+    base = results["device"]["examples_per_sec"]
+    summary = dict(ratio=round(results["offload"]["examples_per_sec"] / base, 3), goal=0.8,
+                   hit_rate=results["offload"]["hit_rate"],
+                   row_hit_rate=results["offload"]["row_hit_rate"],
+                   stall_ms_per_step=results["offload"]["stall_ms_per_step"])
+    for name in ("sync", "stale"):
+      if name in results:
+        summary[f"ratio_{name}"] = round(results[name]["examples_per_sec"] / base, 3)
+    emit("offload", **common, **summary)
+
+
+if __name__ == "__main__":
+  main()

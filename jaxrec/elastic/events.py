@@ -1,0 +1,79 @@
+"""`W/events.jsonl`: every decision of the elastic supervisor, one JSON object per line.
+
+Each line has `time` (unix seconds), `event` (name) and the event's details, e.g.
+
+  {"time": 1718000000.1, "event": "worker_exit", "generation": 0, "process": 1,
+   "returncode": -9, "signal": "SIGKILL", "last_step": 37, "lost": true}
+
+See `EVENTS` for the names and the README section "Elastic training" for how to read them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from typing import Any
+
+EVENTS_FILE = "events.jsonl"
+
+# Event names, in the order a run usually meets them.
+EVENTS = {
+    "start": "supervisor started: capacity, flags",
+    "plan": "mesh and plan chosen for a generation (planner estimate, reason)",
+    "launch": "workers of a generation started (pids, coordinator, command)",
+    "initialized": "a worker joined the distributed runtime",
+    "restore": "a generation's workers started from a checkpoint step (0: fresh)",
+    "resume": "first step done on a new mesh; seconds since the failure and breakdown",
+    "worker_exit": "a worker ended (return code / signal; lost: its slot is gone)",
+    "hang": "a worker made no progress for --hang_timeout seconds (treated as dead)",
+    "capacity": "available processes / devices changed (capacity file, lost or returned slot)",
+    "stop": "the supervisor stopped a generation's workers (reason, seconds)",
+    "replan": "new mesh and plan for the new capacity",
+    "scale_up": "more capacity than in use: grow (after a clean stop)",
+    "scale_down": "less capacity than in use: shrink",
+    "straggler": "a process or shard persistently slower than the others",
+    "finished": "every worker ended normally at the last step",
+    "give_up": "the supervisor stops: below --min_processes, --max_restarts, user error",
+}
+
+
+class EventLog:
+  """Appends events to `W/events.jsonl` (thread-safe; one flushed line per event)."""
+
+  def __init__(self, workdir: str, echo=None):
+    os.makedirs(workdir, exist_ok=True)
+    self.path = os.path.join(workdir, EVENTS_FILE)
+    self._lock = threading.Lock()
+    self._echo = echo
+
+  def emit(self, event: str, **details: Any) -> dict:
+    record = {"time": round(time.time(), 3), "event": event, **details}
+    line = json.dumps(record, sort_keys=False, default=_default)
+    with self._lock, open(self.path, "a") as f:
+      f.write(line + "\n")
+    if self._echo is not None:
+      self._echo(record)
+    return record
+
+
+def _default(x):
+  if hasattr(x, "tolist"):
+    return x.tolist()
+  return str(x)
+
+
+def read_events(workdir: str) -> list[dict]:
+  """Events of `workdir` (or of an events file), oldest first; a torn last line is skipped."""
+  path = workdir if os.path.isfile(workdir) else os.path.join(workdir, EVENTS_FILE)
+  if not os.path.exists(path):
+    return []
+  out = []
+  with open(path) as f:
+    for line in f:
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return out

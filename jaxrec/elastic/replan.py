@@ -1,0 +1,196 @@
+"""Re-planning for a new capacity: which processes to use, the mesh and the plan.
+
+The supervisor keeps the user's `scripts/train.py` flags and replaces `--mesh` and
+`--plan` for each generation. The mesh for a new device count keeps the model-parallel
+axes (`table`, `row`, `col`) when they still divide it and changes `data`; otherwise it
+takes the factorisation of the new count closest to the old shape (fewest doublings or
+halvings, model axes weighing twice). `--mesh=auto` stays auto (resolved as the trainer
+does). A candidate is used when the batch sizes divide its device count and the planner
+(`plan_choice.choose`: `--plan=auto` proposes, a forced kind is checked) accepts it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Mapping, Sequence
+
+from jaxrec.errors import ConfigError
+
+# Flags of scripts/train.py the supervisor reads (all take a value).
+_VALUE_FLAGS = ("workdir", "gin_file", "gin_bindings", "mesh", "plan", "num_steps",
+                "memory_per_device", "checkpoint_every", "train_data", "eval_data", "seed",
+                "log_every", "eval_every", "keep_checkpoints", "on_nan", "bad_rows")
+_MULTI = ("gin_file", "gin_bindings")
+AXES = ("data", "table", "row", "col")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainArgs:
+  """The `scripts/train.py` flags given after `--` (other flags pass through untouched)."""
+
+  argv: tuple[str, ...]
+  values: Mapping[str, object]
+
+  @classmethod
+  def parse(cls, argv: Sequence[str]) -> "TrainArgs":
+    values: dict[str, object] = {k: [] for k in _MULTI}
+    i, argv = 0, list(argv)
+    while i < len(argv):
+      a = argv[i]
+      name, eq, value = a[2:].partition("=") if a.startswith("--") else ("", "", "")
+      if name in _VALUE_FLAGS:
+        if not eq:
+          if i + 1 >= len(argv):
+            raise ConfigError(f"train flag --{name} needs a value")
+          value, i = argv[i + 1], i + 1
+        if name in _MULTI:
+          values[name].append(value)
+        else:
+          values[name] = value
+      i += 1
+    if not values.get("workdir"):
+      raise ConfigError("the train.py flags after `--` need --workdir")
+    if not values["gin_file"]:
+      raise ConfigError("the train.py flags after `--` need --gin_file")
+    return cls(tuple(argv), values)
+
+  def get(self, name: str, default=None):
+    return self.values.get(name, default)
+
+  @property
+  def workdir(self) -> str:
+    return str(self.values["workdir"])
+
+  @property
+  def num_steps(self) -> int:
+    return int(self.values.get("num_steps", 1000))
+
+  def with_mesh_plan(self, mesh: str, plan: str) -> list[str]:
+    """argv with `--mesh` and `--plan` replaced."""
+    out, skip = [], False
+    for a in self.argv:
+      if skip:
+        skip = False
+        continue
+      if a in ("--mesh", "--plan"):
+        skip = True
+        continue
+      if a.startswith(("--mesh=", "--plan=")):
+        continue
+      out.append(a)
+    return out + [f"--mesh={mesh}", f"--plan={plan}"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+  """What a generation runs: processes, devices each, mesh shape and plan."""
+
+  processes: int
+  devices_per_process: int
+  mesh: Mapping[str, int]
+  plan: str                        # the --plan flag value (auto or a kind)
+  plan_kinds: Mapping[str, int]    # placements chosen: kind -> tables
+  estimated_step_time_s: float
+
+  @property
+  def mesh_flag(self) -> str:
+    return ",".join(f"{a}={self.mesh.get(a, 1)}" for a in AXES)
+
+  def to_json(self) -> dict:
+    return {"processes": self.processes, "devices_per_process": self.devices_per_process,
+            "devices": self.processes * self.devices_per_process, "mesh": dict(self.mesh),
+            "plan": self.plan, "plan_kinds": dict(self.plan_kinds),
+            "estimated_step_time_s": self.estimated_step_time_s}
+
+
+def load_config(args: TrainArgs):
+  """Parses the run's gin files and bindings; returns its `ExperimentConfig`."""
+  from jaxrec import launch  # pylint: disable=import-outside-toplevel
+  from jaxrec.train.config import ExperimentConfig  # pylint: disable=import-outside-toplevel
+  launch.parse_gin(args.get("gin_file"), args.get("gin_bindings"))
+  return ExperimentConfig()
+
+
+def _options(args: TrainArgs, mesh: str):
+  from jaxrec.train import config as config_lib  # pylint: disable=import-outside-toplevel
+  return config_lib.RunOptions(
+      mesh=mesh, plan=str(args.get("plan", "auto")),
+      memory_per_device=config_lib.parse_bytes(args.get("memory_per_device"),
+                                               "--memory_per_device"))
+
+
+def candidate_meshes(previous: Mapping[str, int] | None, num_devices: int
+                     ) -> list[dict[str, int]]:
+  """Mesh shapes for `num_devices`, most similar to `previous` first (module docstring)."""
+  prev = {a: int((previous or {}).get(a, 1)) for a in AXES}
+  shapes = []
+  for t, r, c in itertools.product(_divisors(num_devices), repeat=3):
+    if num_devices % (t * r * c) == 0:
+      shapes.append({"data": num_devices // (t * r * c), "table": t, "row": r, "col": c})
+
+  def distance(s):
+    return sum((1 if a == "data" else 2) * abs(math.log2(s[a] / prev[a])) for a in AXES)
+
+  return sorted(shapes, key=lambda s: (distance(s), -s["data"], [s[a] for a in AXES]))
+
+
+def _divisors(n: int) -> list[int]:
+  return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def choose(config, args: TrainArgs, processes: int, devices_per_process: int,
+           previous_mesh: Mapping[str, int] | None) -> Choice:
+  """Mesh and plan for `processes x devices_per_process` devices (ConfigError if none)."""
+  from jaxrec.sharding import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import plan_choice  # pylint: disable=import-outside-toplevel
+  n = processes * devices_per_process
+  config.validate(n)                      # batch sizes divisible by the device count
+  plan = str(args.get("plan", "auto"))
+  user_mesh = str(args.get("mesh", "auto"))
+  if user_mesh == "auto":
+    candidates = [mesh_lib.auto_mesh_shape(plan if plan != "auto" else "dp", n)]
+  else:
+    candidates = candidate_meshes(previous_mesh or _spec_sizes(user_mesh), n)
+  errors = []
+  for shape in candidates:
+    options = _options(args, mesh_lib.format_mesh(shape))
+    try:
+      chosen, result = plan_choice.choose(config, options, shape)
+    except ConfigError as e:
+      errors.append(f"{mesh_lib.format_mesh(shape)}: {e}")
+      continue
+    kinds: dict[str, int] = {}
+    for p in chosen.placements.values():
+      kinds[p.kind] = kinds.get(p.kind, 0) + 1
+    return Choice(processes, devices_per_process, shape, plan, kinds,
+                  float(result.step_time_s))
+  raise ConfigError(f"no mesh of {n} devices fits --plan={plan}: " + "; ".join(errors[:3]))
+
+
+def _spec_sizes(spec: str) -> dict[str, int]:
+  """`data=2,table=2` -> sizes (product not checked)."""
+  from jaxrec.sharding import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  shape = {a: 1 for a in AXES}
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    name, _, value = part.partition("=")
+    if name.strip() not in AXES:
+      raise ConfigError(f"--mesh: '{part}' is not AXIS=SIZE")
+    shape[name.strip()] = int(value)
+  mesh_lib.parse_mesh_spec(spec, math.prod(shape.values()))
+  return shape
+
+
+def best_choice(config, args: TrainArgs, available: int, devices_per_process: int,
+                previous_mesh: Mapping[str, int] | None, minimum: int = 1
+                ) -> tuple[Choice | None, list[str]]:
+  """The largest process count in `[minimum, available]` that has a valid `choose`;
+  `(None, reasons)` when none has."""
+  reasons = []
+  for n in range(available, max(minimum, 1) - 1, -1):
+    try:
+      return choose(config, args, n, devices_per_process, previous_mesh), reasons
+    except ConfigError as e:
+      reasons.append(f"{n} process(es): {e}")
+  return None, reasons

@@ -1,0 +1,512 @@
+"""The elastic supervisor: runs `scripts/train.py` as N worker processes and keeps the job
+going while workers and devices come and go.
+
+One *generation* is one set of workers on one mesh. The supervisor
+
+  1. picks the processes, mesh and plan for the capacity it has (`replan`), starts the
+     workers with the coordinator address (127.0.0.1, a free port) and the mesh/plan
+     flags, each with its own log `W/workers/<p>.log`;
+  2. watches them: exits, progress (`W/workers/<p>.jsonl`: hangs, stragglers) and the
+     capacity file;
+  3. on a failure (a worker exited, or made no progress for `hang_timeout` seconds) kills
+     the rest (they wait in collectives for the lost peer), counts the failed slot as
+     lost and goes to 1 with one process fewer; on more capacity (the capacity file, a lost slot
+     returning after `rejoin_after`) or a straggler it asks the workers to checkpoint and
+     stop (`report_progress` returns True), then goes to 1 with the new capacity;
+  4. the new generation's workers restore the latest checkpoint onto their mesh (the
+     trainer resumes from `W/checkpoints`) and continue with the next unseen example.
+
+It stops when the workers finish (exit 0), below `min_processes`, after `max_restarts`
+restarts caused by failures, or on a user error (a worker's `error: ...` line). Every
+decision is an event in `W/events.jsonl` (`jaxrec.elastic.events`).
+
+Capacity file (default `W/elastic/capacity`): `N`, `N K` or
+`{"num_processes": N, "devices_per_process": K}`: the processes (and devices each) the
+job may use now. Every rewrite is a fresh statement: it also returns the lost slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import IO
+
+from jaxrec.elastic import procs as proc_lib, replan, stragglers, worker as worker_lib
+from jaxrec.elastic.events import EventLog
+from jaxrec.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXIT_OK, EXIT_USER_ERROR, EXIT_BELOW_MIN, EXIT_MAX_RESTARTS = 0, 1, 2, 3
+
+
+@dataclasses.dataclass
+class Options:
+  """Supervisor settings (`scripts/launch.py` flags of the same names)."""
+
+  num_processes: int
+  devices_per_process: int
+  min_processes: int = 1
+  max_restarts: int = 10
+  hang_timeout: float = 300.0       # seconds without a step before a worker counts as hung
+  startup_timeout: float = 900.0    # seconds from launch to a generation's first step
+  capacity_file: str | None = None  # default W/elastic/capacity
+  rejoin_after: float = 0.0         # a lost slot returns after this many seconds (0: never)
+  straggler_threshold: float = 1.5
+  straggler_windows: int = 3
+  straggler_window_steps: int = 20
+  replan_on_straggler: bool = False
+  straggler_cooldown: float = 600.0
+  probe_every: int = 0
+  check_every: int = 10
+  stop_grace: float = 10.0
+  stop_timeout: float = 300.0       # a requested stop: wait this long for the checkpoint
+  platform: str = "cpu"
+  poll_interval: float = 0.1
+  inject_delay: str | None = None   # fault injection, PROCESS:SECONDS (tests, benchmarks)
+  python: str = sys.executable
+  train_script: str = os.path.join(ROOT, "scripts", "train.py")
+
+  def validate(self) -> None:
+    if self.num_processes < 1 or self.devices_per_process < 1:
+      raise ConfigError("--num_processes and --devices_per_process must be positive")
+    if not 1 <= self.min_processes <= self.num_processes:
+      raise ConfigError(f"--min_processes must be in [1, --num_processes], got "
+                        f"{self.min_processes}")
+    if self.max_restarts < 0 or self.hang_timeout <= 0 or self.straggler_threshold <= 1:
+      raise ConfigError("need --max_restarts >= 0, --hang_timeout > 0, "
+                        "--straggler_threshold > 1")
+    if self.platform not in ("cpu", "gpu"):
+      raise ConfigError(f"--platform must be cpu or gpu, got '{self.platform}'")
+
+
+@dataclasses.dataclass
+class _Proc:
+  index: int
+  popen: subprocess.Popen
+  log: IO
+  launched: float
+  initialized: dict | None = None
+  first: dict | None = None         # first step record
+  last_step: int = 0
+  last_seen: float = 0.0
+  exited: int | None = None
+
+
+@dataclasses.dataclass
+class _Outcome:
+  kind: str                          # finished | failure | planned | user_error
+  reason: str
+  lost: int = 0
+  detected: float = 0.0
+  message: str = ""
+
+
+class Supervisor:
+  """Runs the job (module docstring); `run()` returns the exit code."""
+
+  def __init__(self, options: Options, train_argv: list[str], echo=None):
+    options.validate()
+    self.o = options
+    self.args = replan.TrainArgs.parse(train_argv)
+    self.workdir = self.args.workdir
+    os.makedirs(os.path.join(self.workdir, worker_lib.CONTROL_DIR), exist_ok=True)
+    self.events = EventLog(self.workdir, echo=echo)
+    self.capacity_file = options.capacity_file or os.path.join(
+        self.workdir, worker_lib.CONTROL_DIR, "capacity")
+    self._cap_mtime = None
+    self.capacity = (options.num_processes, options.devices_per_process)
+    self.lost: list[float] = []               # loss times of slots not yet returned
+    self.quarantine: list[float] = []         # until when a slow slot sits out
+    self.generation = 0
+    self.restarts = 0
+    self.procs: list[_Proc] = []
+    self.choice: replan.Choice | None = None
+    self._offsets: dict[int, int] = {}
+    self._recovery: dict | None = None        # timings of the restart in progress
+
+  # ---------------------------------------------------------------------------- main loop
+  def run(self) -> int:
+    self.config = replan.load_config(self.args)
+    self._read_capacity(initial=True)
+    self.events.emit("start", num_processes=self.capacity[0],
+                     devices_per_process=self.capacity[1], min_processes=self.o.min_processes,
+                     max_restarts=self.o.max_restarts, hang_timeout=self.o.hang_timeout,
+                     capacity_file=self.capacity_file, train_flags=list(self.args.argv))
+    reason = "start"
+    try:
+      while True:
+        t0 = time.time()
+        choice, why = self._plan()
+        if choice is None:
+          return self._give_up("below_min", EXIT_BELOW_MIN, why)
+        self.events.emit("plan" if self.generation == 0 else "replan",
+                         generation=self.generation, reason=reason,
+                         seconds=round(time.time() - t0, 3), **choice.to_json())
+        if self._recovery is not None:
+          self._recovery["replan_s"] = time.time() - t0
+        self._launch(choice)
+        out = self._watch()
+        if out.kind == "finished":
+          self.events.emit("finished", generation=self.generation,
+                           step=max(p.last_step for p in self.procs),
+                           restarts=self.restarts,
+                           checkpoint=proc_lib.latest_checkpoint(self.workdir))
+          return EXIT_OK
+        t_stop = time.time()
+        self._stop_all(out.reason, graceful=out.kind == "planned")
+        if out.kind == "user_error":
+          return self._give_up("user_error", EXIT_USER_ERROR, out.message)
+        if out.kind == "failure":
+          self.restarts += 1
+          self.lost += [out.detected] * out.lost
+          if self.restarts > self.o.max_restarts:
+            return self._give_up("max_restarts", EXIT_MAX_RESTARTS,
+                                 f"{self.restarts} failures exceed --max_restarts="
+                                 f"{self.o.max_restarts}")
+        self._recovery = {"detected": out.detected, "reason": out.reason,
+                          "stop_s": time.time() - t_stop}
+        self.generation += 1
+        reason = out.reason
+    finally:
+      self._stop_all("supervisor exit", graceful=False, quiet=True)
+
+  def _give_up(self, reason: str, code: int, message: str) -> int:
+    ckpt = proc_lib.latest_checkpoint(self.workdir)
+    text = (f"{message}. Stopping; the latest checkpoint is step {ckpt} in "
+            f"{os.path.join(self.workdir, 'checkpoints')} (run the same command again to "
+            "resume)." if ckpt is not None else f"{message}. Stopping.")
+    self.events.emit("give_up", reason=reason, generation=self.generation,
+                     restarts=self.restarts, checkpoint=ckpt, message=text)
+    print(f"error: {text}", file=sys.stderr)
+    return code
+
+  # ---------------------------------------------------------------------------- capacity
+  def _available(self) -> int:
+    now = time.time()
+    if self.o.rejoin_after > 0:
+      back = [t for t in self.lost if now - t >= self.o.rejoin_after]
+      if back:
+        self.lost = [t for t in self.lost if now - t < self.o.rejoin_after]
+        self.events.emit("capacity", source="rejoin", returned=len(back),
+                         available=self.capacity[0] - len(self.lost) - len(self.quarantine))
+    over = [t for t in self.quarantine if now >= t]
+    if over:
+      self.quarantine = [t for t in self.quarantine if now < t]
+      self.events.emit("capacity", source="straggler_cooldown_over", returned=len(over))
+    return max(self.capacity[0] - len(self.lost) - len(self.quarantine), 0)
+
+  def _read_capacity(self, initial: bool = False) -> bool:
+    """Re-reads the capacity file when it changed; True if it did."""
+    try:
+      mtime = os.stat(self.capacity_file).st_mtime_ns
+    except FileNotFoundError:
+      return False
+    if mtime == self._cap_mtime:
+      return False
+    self._cap_mtime = mtime
+    try:
+      text = open(self.capacity_file).read().strip()
+      if text.startswith("{"):
+        obj = json.loads(text)
+        n = int(obj["num_processes"])
+        k = int(obj.get("devices_per_process", self.capacity[1]))
+      else:
+        parts = text.split()
+        n = int(parts[0])
+        k = int(parts[1]) if len(parts) > 1 else self.capacity[1]
+      if n < 0 or k < 1:
+        raise ValueError("negative")
+    except (ValueError, KeyError, IndexError, OSError) as e:
+      self.events.emit("capacity", source="file", error=f"unreadable {self.capacity_file}: "
+                       f"{e}; ignored")
+      return False
+    old = self.capacity
+    self.capacity, self.lost = (n, k), []
+    self.events.emit("capacity", source="file", num_processes=n, devices_per_process=k,
+                     previous=list(old), initial=initial)
+    return True
+
+  def _plan(self) -> tuple[replan.Choice | None, str]:
+    available = self._available()
+    k = self.capacity[1]
+    previous = dict(self.choice.mesh) if self.choice else None
+    choice, reasons = replan.best_choice(self.config, self.args, available, k, previous,
+                                         self.o.min_processes)
+    if choice is None:
+      why = (f"only {available} process(es) of {k} device(s) available, below "
+             f"--min_processes={self.o.min_processes}")
+      if available >= self.o.min_processes:
+        why = f"no usable mesh for {available} process(es): " + "; ".join(reasons[:2])
+      return None, why
+    return choice, ""
+
+  # ---------------------------------------------------------------------------- workers
+  def _launch(self, choice: replan.Choice) -> None:
+    self.choice = choice
+    self._capacity_seen = (self._available(), self.capacity[1])
+    g = self.generation
+    for f in os.listdir(os.path.join(self.workdir, worker_lib.CONTROL_DIR)):
+      if f.startswith("stop."):
+        os.remove(os.path.join(self.workdir, worker_lib.CONTROL_DIR, f))
+    os.makedirs(os.path.join(self.workdir, worker_lib.WORKERS_DIR), exist_ok=True)
+    port = proc_lib.free_port()
+    argv = [self.o.python, self.o.train_script,
+            *self.args.with_mesh_plan(choice.mesh_flag, choice.plan)]
+    self.procs = []
+    self._checkpoint_at_launch = proc_lib.latest_checkpoint(self.workdir)
+    for p in range(choice.processes):
+      path = worker_lib.progress_path(self.workdir, p)
+      self._offsets[p] = os.path.getsize(path) if os.path.exists(path) else 0
+      log = open(os.path.join(self.workdir, worker_lib.WORKERS_DIR, f"{p}.log"), "a")
+      log.write(f"=== generation {g}, process {p} of {choice.processes}, "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+      log.flush()
+      popen = subprocess.Popen(argv, env=self._env(p, choice, port), stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True,
+                               preexec_fn=proc_lib.die_with_parent)
+      self.procs.append(_Proc(p, popen, log, time.time(), last_seen=time.time()))
+    self.detectors = (
+        stragglers.Detector("process", self.o.straggler_threshold, self.o.straggler_windows,
+                            self.o.straggler_window_steps),
+        stragglers.Detector("shard", self.o.straggler_threshold, self.o.straggler_windows,
+                            self.o.straggler_window_steps))
+    self.events.emit("launch", generation=g, processes=choice.processes,
+                     coordinator=f"127.0.0.1:{port}", mesh=choice.mesh_flag, plan=choice.plan,
+                     pids=[p.popen.pid for p in self.procs],
+                     checkpoint=self._checkpoint_at_launch, command=argv[1:])
+
+  def _env(self, p: int, choice: replan.Choice, port: int) -> dict:
+    env = dict(os.environ)
+    k = choice.devices_per_process
+    env.update({worker_lib.ENV_NUM_PROCESSES: str(choice.processes),
+                worker_lib.ENV_PROCESS_ID: str(p),
+                worker_lib.ENV_WORKDIR: self.workdir,
+                worker_lib.ENV_GENERATION: str(self.generation),
+                worker_lib.ENV_PLATFORM: self.o.platform,
+                worker_lib.ENV_CHECK_EVERY: str(self.o.check_every),
+                worker_lib.ENV_PROBE_EVERY: str(self.o.probe_every),
+                "PYTHONUNBUFFERED": "1"})
+    if choice.processes > 1:
+      env[worker_lib.ENV_COORDINATOR] = f"127.0.0.1:{port}"
+    else:
+      env.pop(worker_lib.ENV_COORDINATOR, None)
+    if self.o.inject_delay:
+      env[worker_lib.ENV_INJECT_DELAY] = self.o.inject_delay
+    if self.o.platform == "cpu":
+      flags = [f for f in env.get("XLA_FLAGS", "").split()
+               if not f.startswith("--xla_force_host_platform_device_count")]
+      env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={k}"])
+      env["JAX_PLATFORMS"] = "cpu"
+    else:
+      env["CUDA_VISIBLE_DEVICES"] = ",".join(str(p * k + i) for i in range(k))
+      env.pop("JAX_PLATFORMS", None)
+    return env
+
+  def _stop_all(self, reason: str, graceful: bool = True, quiet: bool = False) -> None:
+    """Ends every running worker: SIGTERM, then SIGKILL after `stop_grace` seconds; at
+    once with SIGKILL when not `graceful` (after a failure the survivors are stuck in
+    collectives waiting for the lost peer, and jax.distributed turns SIGTERM into a
+    preemption notice). Committed checkpoints are unaffected; a save in flight is
+    discarded (orbax commits by renaming at the end)."""
+    running = [p for p in self.procs if p.popen.poll() is None]
+    t0 = time.time()
+    for p in running:
+      proc_lib.send_signal(p.popen, signal.SIGTERM if graceful else signal.SIGKILL)
+    deadline = t0 + (self.o.stop_grace if graceful else 5.0)
+    while any(p.popen.poll() is None for p in running) and time.time() < deadline:
+      time.sleep(0.05)
+    killed = [p.index for p in running if p.popen.poll() is None]
+    for p in running:
+      if p.popen.poll() is None:
+        proc_lib.send_signal(p.popen, signal.SIGKILL)
+        p.popen.wait()
+    for p in self.procs:
+      proc_lib.send_signal(p.popen, signal.SIGKILL)        # leftovers in the process group
+      p.log.close()
+    if running and not quiet:
+      self.events.emit("stop", generation=self.generation, reason=reason,
+                       stopped=[p.index for p in running], killed_after_grace=killed,
+                       seconds=round(time.time() - t0, 3))
+
+  # ---------------------------------------------------------------------------- watching
+  def _watch(self) -> _Outcome:
+    stop_requested: float | None = None
+    stop_ckpt = None
+    planned: _Outcome | None = None
+    while True:
+      time.sleep(self.o.poll_interval)
+      now = time.time()
+      self._read_progress(now)
+      out = self._check_exits(now, planned)
+      if out is not None:
+        return out
+      out = self._check_hangs(now)
+      if out is not None:
+        return out
+      if planned is None:
+        planned = self._check_capacity(now) or self._check_stragglers(now)
+        if planned is not None:
+          stop_requested, stop_ckpt = now, proc_lib.latest_checkpoint(self.workdir)
+          with open(worker_lib.stop_path(self.workdir, self.generation), "w") as f:
+            f.write(json.dumps({"reason": planned.reason, "time": now}))
+      elif stop_requested is not None:
+        ckpt = proc_lib.latest_checkpoint(self.workdir)
+        newer = ckpt is not None and ckpt != stop_ckpt
+        if now - stop_requested > self.o.stop_timeout or (
+            newer and now - stop_requested > 2 * self.o.stop_grace):
+          return planned          # workers did not stop by themselves: stop them
+
+  def _read_progress(self, now: float) -> None:
+    for p in self.procs:
+      path = worker_lib.progress_path(self.workdir, p.index)
+      if not os.path.exists(path):
+        continue
+      with open(path) as f:
+        f.seek(self._offsets.get(p.index, 0))
+        data = f.read()
+      end = data.rfind("\n") + 1
+      self._offsets[p.index] = self._offsets.get(p.index, 0) + len(data[:end].encode())
+      records = []
+      for line in data[:end].splitlines():
+        try:
+          r = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+        if r.get("generation") == self.generation:
+          records.append(r)
+      for r in records:
+        p.last_seen = now
+        if r.get("phase") == "initialized":
+          p.initialized = r
+          self.events.emit("initialized", generation=self.generation, process=p.index,
+                           pid=r.get("pid"), seconds_since_launch=round(r["time"] - p.launched, 3),
+                           init_s=r.get("init_s"))
+        elif "step" in r:
+          if p.first is None:
+            p.first = r
+            self._on_first_step(p)
+          p.last_step = max(p.last_step, int(r["step"]))
+      stragglers.feed_records(*self.detectors, (
+          dict(r, shard_times_s={f"{p.index}/{k}": v
+                                 for k, v in (r.get("shard_times_s") or {}).items()})
+          for r in records))
+
+  def _on_first_step(self, p: _Proc) -> None:
+    if sum(q.first is not None for q in self.procs) == 1:
+      step = int(p.first["step"]) - 1
+      self.events.emit("restore", generation=self.generation, step=step,
+                       checkpoint_at_launch=self._checkpoint_at_launch,
+                       fresh=step == 0)
+    if all(q.first is not None for q in self.procs) and self._recovery is not None:
+      rec, self._recovery = self._recovery, None
+      done = max(q.first["time"] for q in self.procs)
+      launch = min(q.launched for q in self.procs)
+      init = [q.initialized["time"] for q in self.procs if q.initialized]
+      compile_s = max(float(q.first["step_time_s"]) for q in self.procs)
+      initialized = max(init) if init else launch
+      breakdown = {
+          "stop_s": rec["stop_s"], "replan_s": rec.get("replan_s", 0.0),
+          "restart_s": initialized - launch,                    # spawn, imports, join
+          "restore_s": max(done - compile_s - initialized, 0.0),  # setup, state, restore
+          "compile_s": compile_s}                               # first step (compiles)
+      self.events.emit(
+          "resume", generation=self.generation, reason=rec["reason"],
+          step=min(int(q.first["step"]) for q in self.procs),
+          seconds_since_detection=round(done - rec["detected"], 3),
+          detected_at=rec["detected"], first_step_at=done,
+          breakdown={k: round(v, 3) for k, v in breakdown.items()})
+
+  def _check_exits(self, now: float, planned: _Outcome | None) -> _Outcome | None:
+    new = []
+    for p in self.procs:
+      if p.exited is None and p.popen.poll() is not None:
+        p.exited = p.popen.returncode
+        new.append(p)
+    if not new:
+      return None
+    failed = [p for p in new if p.exited != 0]
+    first_failure = failed and all(q.exited in (0, None) for q in self.procs if q not in new)
+    signaled = [p for p in failed if p.exited < 0]
+    lost = signaled or failed[:1]     # peers of a crashed worker often fail right after it
+    for p in new:
+      extra = {"error": proc_lib.last_line(self.workdir, p.index)} if p.exited else {}
+      self.events.emit("worker_exit", generation=self.generation, process=p.index,
+                       pid=p.popen.pid, returncode=p.exited,
+                       signal=signal.Signals(-p.exited).name if p.exited < 0 else None,
+                       last_step=p.last_step, lost=bool(first_failure and p in lost), **extra)
+    if first_failure:
+      message = proc_lib.user_error(self.workdir, [p.index for p in failed])
+      if message and not signaled:
+        return _Outcome("user_error", "user error", message=message, detected=now)
+      why = proc_lib.describe_exit(lost[0].exited)
+      return _Outcome("failure", f"worker {lost[0].index} exited ({why})", lost=len(lost),
+                      detected=now)
+    if all(p.exited == 0 for p in self.procs):
+      if planned is not None and max(p.last_step for p in self.procs) < self.args.num_steps:
+        return planned
+      return _Outcome("finished", "done", detected=now)
+    return None
+
+  def _check_hangs(self, now: float) -> _Outcome | None:
+    running = [p for p in self.procs if p.exited is None]
+    stalled = []
+    for p in running:
+      limit = self.o.hang_timeout if p.first is not None else self.o.startup_timeout
+      since = p.last_seen if p.first is not None else p.launched
+      if now - since > limit:
+        stalled.append(p)
+    if not stalled:
+      return None
+    stopped = [p for p in running if proc_lib.state(p.popen.pid) in ("T", "t")]
+    if stopped:
+      culprits = stopped
+    else:
+      low = min(p.last_step for p in running)
+      culprits = [min((p for p in running if p.last_step == low), key=lambda p: p.last_seen)]
+    for p in culprits:
+      self.events.emit("hang", generation=self.generation, process=p.index, pid=p.popen.pid,
+                       seconds_without_progress=round(now - p.last_seen, 3),
+                       last_step=p.last_step, state=proc_lib.state(p.popen.pid))
+      proc_lib.send_signal(p.popen, signal.SIGKILL)
+    return _Outcome("failure", f"worker {culprits[0].index} hung", lost=len(culprits),
+                    detected=now)
+
+  def _check_capacity(self, now: float) -> _Outcome | None:
+    self._read_capacity()
+    available = self._available()
+    key = (available, self.capacity[1])
+    if key == self._capacity_seen:       # nothing changed since the last look
+      return None
+    self._capacity_seen = key
+    target, _ = replan.best_choice(self.config, self.args, available, self.capacity[1],
+                                   dict(self.choice.mesh), self.o.min_processes)
+    cur = (self.choice.processes, self.choice.devices_per_process)
+    if target is None:
+      return _Outcome("planned", "capacity below minimum", detected=now)
+    new = (target.processes, target.devices_per_process)
+    if new == cur:
+      return None
+    grow = new[0] * new[1] > cur[0] * cur[1]
+    self.events.emit("scale_up" if grow else "scale_down", generation=self.generation,
+                     current=list(cur), target=list(new), available=available)
+    return _Outcome("planned", "scale_up" if grow else "scale_down", detected=now)
+
+  def _check_stragglers(self, now: float) -> _Outcome | None:
+    found = [s for d in self.detectors for s in d.poll()]
+    out = None
+    for s in found:
+      proc = int(s.entity.split("/")[0])
+      act = (self.o.replan_on_straggler and self.choice.processes > 1 and out is None and
+             self.choice.processes - 1 >= self.o.min_processes)
+      self.events.emit("straggler", generation=self.generation, **s.to_json(),
+                       threshold=self.o.straggler_threshold, process=proc,
+                       action="replan without it" if act else "report")
+      if act:
+        self.quarantine.append(now + self.o.straggler_cooldown)
+        out = _Outcome("planned", f"straggler {s.kind} {s.entity}", detected=now)
+    return out

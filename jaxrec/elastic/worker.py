@@ -1,0 +1,200 @@
+"""The worker side of elastic training: joining the job, reporting progress, stopping.
+
+The supervisor (`jaxrec.elastic.supervisor`) starts each worker with these variables;
+without them every function here is a no-op (a plain single-process run):
+
+  JAXREC_COORDINATOR_ADDRESS  host:port of the coordination service (process 0 hosts it)
+  JAXREC_NUM_PROCESSES        processes in this generation
+  JAXREC_PROCESS_ID           this process's index
+  JAXREC_ELASTIC_WORKDIR      the run's workdir (progress files, stop requests)
+  JAXREC_ELASTIC_GENERATION   restart counter of the job (0, 1, ...)
+  JAXREC_ELASTIC_PLATFORM     cpu (collectives over gloo) or gpu (NCCL)
+  JAXREC_ELASTIC_CHECK_EVERY  steps between stop-request checks (default 10)
+  JAXREC_ELASTIC_PROBE_EVERY  steps between per-device timing probes (0: never)
+  JAXREC_ELASTIC_INJECT_DELAY fault injection for tests and benchmarks, `PROCESS:SECONDS`:
+                              that process spends SECONDS more host time per step
+
+Progress goes to `W/workers/<process>.jsonl`, one line per step:
+
+  {"time": ..., "generation": 1, "process": 0, "step": 41, "step_time_s": 0.021,
+   "host_time_s": 0.004, "shard_times_s": {"device:0": 0.0011, ...}}
+
+plus one `{"phase": "initialized", ...}` line when the worker joined the runtime. The
+supervisor reads them for hang and straggler detection and the restart breakdown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Mapping
+
+ENV_COORDINATOR = "JAXREC_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "JAXREC_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAXREC_PROCESS_ID"
+ENV_WORKDIR = "JAXREC_ELASTIC_WORKDIR"
+ENV_GENERATION = "JAXREC_ELASTIC_GENERATION"
+ENV_PLATFORM = "JAXREC_ELASTIC_PLATFORM"
+ENV_CHECK_EVERY = "JAXREC_ELASTIC_CHECK_EVERY"
+ENV_PROBE_EVERY = "JAXREC_ELASTIC_PROBE_EVERY"
+ENV_INJECT_DELAY = "JAXREC_ELASTIC_INJECT_DELAY"
+
+WORKERS_DIR = "workers"
+CONTROL_DIR = "elastic"
+
+
+def progress_path(workdir: str, process: int) -> str:
+  return os.path.join(workdir, WORKERS_DIR, f"{int(process)}.jsonl")
+
+
+def stop_path(workdir: str, generation: int) -> str:
+  """File whose existence asks generation `generation` to checkpoint and stop."""
+  return os.path.join(workdir, CONTROL_DIR, f"stop.{int(generation)}")
+
+
+class _Worker:
+  """Per-process state, read once from the environment."""
+
+  def __init__(self, env: Mapping[str, str]):
+    self.supervised = ENV_GENERATION in env
+    self.generation = int(env.get(ENV_GENERATION, 0))
+    self.process = int(env.get(ENV_PROCESS_ID, 0))
+    self.num_processes = int(env.get(ENV_NUM_PROCESSES, 1))
+    self.workdir = env.get(ENV_WORKDIR)
+    self.check_every = max(int(env.get(ENV_CHECK_EVERY, 10)), 1)
+    self.probe_every = int(env.get(ENV_PROBE_EVERY, 0))
+    self.delay = 0.0
+    spec = env.get(ENV_INJECT_DELAY, "")
+    if spec:
+      proc, _, seconds = spec.partition(":")
+      if int(proc) == self.process:
+        self.delay = float(seconds)
+    self._file = None
+    self._carry = 0.0      # injected host time, charged to the next step
+
+  def write(self, workdir: str, record: dict) -> None:
+    if self._file is None:
+      os.makedirs(os.path.join(workdir, WORKERS_DIR), exist_ok=True)
+      self._file = open(progress_path(workdir, self.process), "a")
+    record = {"time": round(time.time(), 4), "generation": self.generation,
+              "process": self.process, **record}
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+
+
+_WORKER: _Worker | None = None
+
+
+def _worker() -> _Worker:
+  global _WORKER
+  if _WORKER is None:
+    _WORKER = _Worker(os.environ)
+  return _WORKER
+
+
+def is_supervised() -> bool:
+  """True when this process was started by the elastic supervisor."""
+  return _worker().supervised
+
+
+def initialize_from_env() -> bool:
+  """Joins the multi-process job the supervisor described in the environment.
+
+  Call before any other use of jax (scripts/train.py does). Sets gloo CPU collectives on
+  CPU, then `jax.distributed.initialize`. Returns True when it initialised a job of more
+  than one process; False (and does nothing) without the variables.
+  """
+  w = _worker()
+  if not w.supervised:
+    return False
+  t0 = time.time()
+  import jax  # pylint: disable=import-outside-toplevel
+  multi = bool(os.environ.get(ENV_COORDINATOR)) and w.num_processes > 1
+  if multi:
+    if os.environ.get(ENV_PLATFORM, "cpu") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=os.environ[ENV_COORDINATOR],
+                               num_processes=w.num_processes, process_id=w.process)
+  if w.workdir:
+    w.write(w.workdir, {"phase": "initialized", "pid": os.getpid(),
+                        "init_s": round(time.time() - t0, 4)})
+  return multi
+
+
+def report_progress(workdir: str, step: int, step_time_s: float,
+                    host_time_s: float | None = None,
+                    shard_times_s: Mapping[str, float] | None = None) -> bool:
+  """Records that this process finished `step`; returns True when the job must stop.
+
+  Call on every process after every train step (same `step` everywhere). A True return
+  (the same on every process) means: the supervisor asked this generation to stop for a
+  re-plan; save a checkpoint of `step` and leave the loop. A no-op returning False
+  outside the supervisor.
+
+  Args:
+    workdir: the run's workdir.
+    step: the global step just completed (1-based, as the checkpoint would name it).
+    step_time_s: wall seconds of the step (the same on every process of a synchronous job).
+    host_time_s: seconds this process spent on its own host work for the step (input,
+      checks, transfer; not dispatch, where a fast process waits for the slow ones).
+      Straggler detection compares it between processes; default `step_time_s`.
+    shard_times_s: optional per-shard seconds (e.g. per device); default: the probe's
+      per-device timings every `JAXREC_ELASTIC_PROBE_EVERY` steps.
+  """
+  w = _worker()
+  if not w.supervised:
+    return False
+  host = float(step_time_s if host_time_s is None else host_time_s) + w._carry
+  record = {"step": int(step), "step_time_s": round(float(step_time_s) + w._carry, 6),
+            "host_time_s": round(host, 6)}
+  if shard_times_s is None and w.probe_every > 0 and step % w.probe_every == 0:
+    shard_times_s = probe_local_devices()
+  if shard_times_s:
+    record["shard_times_s"] = {str(k): round(float(v), 6) for k, v in shard_times_s.items()}
+  w.write(workdir, record)
+  w._carry = 0.0
+  if w.delay > 0:            # fault injection: this process is slow on the host
+    time.sleep(w.delay)
+    w._carry = w.delay
+  if step % w.check_every:
+    return False
+  return _agree(os.path.exists(stop_path(workdir, w.generation)))
+
+
+def _agree(flag: bool) -> bool:
+  """True on every process when any process saw `flag` (one tiny all-gather)."""
+  if _worker().num_processes <= 1:
+    return flag
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+_PROBE = {}
+
+
+def probe_local_devices(size: int = 128, repeats: int = 3) -> dict[str, float]:
+  """Seconds of a small matmul on each local device: `{"device:<id>": seconds}`.
+
+  Waits for each device's queue first, so it measures the device, not the work queued on
+  it; the best of `repeats` runs.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  if "fn" not in _PROBE:
+    _PROBE["fn"] = jax.jit(lambda x: (x @ x).sum())
+  fn = _PROBE["fn"]
+  out = {}
+  for d in jax.local_devices():
+    x = _PROBE.get(d.id)
+    if x is None:
+      x = _PROBE[d.id] = jax.device_put(jnp.ones((size, size), jnp.float32), d)
+    fn(x).block_until_ready()        # drain the queue, compile once
+    best = float("inf")
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      fn(x).block_until_ready()
+      best = min(best, time.perf_counter() - t0)
+    out[f"device:{d.id}"] = best
+  return out

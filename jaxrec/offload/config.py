@@ -1,0 +1,202 @@
+"""Where each table lives: on device (default) or offloaded to a tensorstore tier.
+
+An offloaded table keeps its full `[rows, dim]` array (and its sparse optimizer state) in a
+tensorstore array on local disk (or in host memory), and only a cache of `cache_rows` rows
+on the device. The embedding collection sees the cache as an ordinary table of
+`cache_rows` rows (`device_tables`), placed by the plan like any other table; the batch's
+ids of the table's features are rewritten to cache slots before each step (`tier`).
+
+Gin:
+
+    OffloadConfig.tables = {'big': {'cache_rows': 1000000, 'path': '/ssd/big'}}
+    OffloadConfig.prefetch_depth = 4
+    OffloadConfig.max_staleness = 0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping, Sequence
+
+import gin
+import jax.numpy as jnp
+
+from jaxrec.embedding.specs import TableSpec
+from jaxrec.errors import ConfigError, JaxrecError
+
+DRIVERS = ("zarr", "zarr3")
+KVSTORES = ("file", "memory")
+OFFLOAD_DTYPES = ("float32", "bfloat16", "float16")
+INITS = ("random", "existing")
+
+
+class OffloadError(JaxrecError):
+  """The offload tier failed at run time (a tensorstore read or write-back failed, or a
+  batch needs more distinct rows than the cache holds); the message names table and path."""
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class OffloadTable:
+  """One offloaded table.
+
+  Attributes:
+    name: the table (a `TableSpec.name`).
+    cache_rows: rows of the device cache; or give `cache_bytes`.
+    cache_bytes: device memory budget for the cache (rows + optimizer state), in bytes.
+    path: tensorstore directory of the full table; None → `<workdir>/offload/<name>`.
+    driver: tensorstore array driver (`zarr` or `zarr3`).
+    kvstore: `file` (local disk) or `memory` (host RAM; no hard-link snapshots).
+    chunk_rows: rows per tensorstore chunk (a write rewrites whole chunks).
+    init: `random` (fresh run: (re)write the table with the same values the on-device
+      table would get) or `existing` (start from the arrays already at `path`; they must
+      exist with shape `[rows, dim]` and the table's dtype).
+  """
+
+  name: str
+  cache_rows: int | None = None
+  cache_bytes: int | None = None
+  path: str | None = None
+  driver: str = "zarr"
+  kvstore: str = "file"
+  chunk_rows: int = 256
+  init: str = "random"
+
+  def __post_init__(self):
+    if (self.cache_rows is None) == (self.cache_bytes is None):
+      raise ConfigError(f"offloaded table '{self.name}': give exactly one of cache_rows and "
+                        "cache_bytes")
+    if self.kvstore not in KVSTORES:
+      raise ConfigError(f"offloaded table '{self.name}': kvstore must be one of {KVSTORES}, "
+                        f"got '{self.kvstore}'")
+    if self.init not in INITS:
+      raise ConfigError(f"offloaded table '{self.name}': init must be one of {INITS}, "
+                        f"got '{self.init}'")
+    if self.driver not in DRIVERS:
+      raise ConfigError(f"offloaded table '{self.name}': driver must be one of {DRIVERS}, "
+                        f"got '{self.driver}'")
+    if int(self.chunk_rows) <= 0:
+      raise ConfigError(f"offloaded table '{self.name}': chunk_rows must be positive")
+
+  def resolve_cache_rows(self, spec: TableSpec, optimizer) -> int:
+    """Cache rows from `cache_rows` or the byte budget; checked against the table."""
+    if self.cache_rows is not None:
+      rows = int(self.cache_rows)
+    else:
+      rows = int(self.cache_bytes) // row_bytes(spec, optimizer)
+    if rows <= 0:
+      raise ConfigError(f"offloaded table '{spec.name}': the cache holds {rows} rows "
+                        f"(cache_rows={self.cache_rows}, cache_bytes={self.cache_bytes}); "
+                        f"one row takes {row_bytes(spec, optimizer)} bytes")
+    if rows > spec.rows:
+      raise ConfigError(f"offloaded table '{spec.name}': cache of {rows} rows is larger than "
+                        f"the table ({spec.rows} rows); keep the table on the device instead")
+    return rows
+
+  def resolve_path(self, workdir: str | None) -> str:
+    if self.path:
+      return os.path.abspath(self.path)
+    if self.kvstore == "memory":
+      return f"memory/{self.name}"
+    if not workdir:
+      raise ConfigError(f"offloaded table '{self.name}': no path and no workdir to put it in")
+    return os.path.abspath(os.path.join(workdir, "offload", self.name))
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class OffloadConfig:
+  """The offload tier (see `tier` for the pipeline).
+
+  Attributes:
+    tables: offloaded tables: `OffloadTable`s, or `{name: {field: value}}`.
+    prefetch_depth: K, batches planned, read and copied to the device ahead of the step
+      that uses them (a background thread); 0 does it all on the training thread.
+    protect_ahead: H, rows needed by the next H batches are evicted last; None = K.
+    max_staleness: S, a missing row whose newest value is still on its way back from the
+      device may be installed from its older host/disk value when that value lacks at most
+      S of the row's updates (those updates are then lost); 0 is exact.
+    host_buffer_rows: evicted rows kept in host memory before they are written to the
+      store (write combining: one write per chunk for many rows); they also serve reads.
+    auto: let `planning.plan_with_offload` offload the largest tables when they do not fit.
+    auto_cache_fraction: cache size of a table offloaded by `auto`, as a share of its rows.
+  """
+
+  tables: Any = ()
+  prefetch_depth: int = 4
+  protect_ahead: int | None = None
+  max_staleness: int = 0
+  host_buffer_rows: int = 1 << 20
+  auto: bool = False
+  auto_cache_fraction: float = 0.1
+
+  def __post_init__(self):
+    tables = self.tables
+    if isinstance(tables, Mapping):
+      tables = tuple(t if isinstance(t, OffloadTable) else OffloadTable(name, **dict(t))
+                     for name, t in tables.items())
+    tables = tuple(tables)
+    if not all(isinstance(t, OffloadTable) for t in tables):
+      raise ConfigError("OffloadConfig.tables: expected OffloadTable entries or "
+                        "{name: {field: value}}")
+    names = [t.name for t in tables]
+    if len(set(names)) != len(names):
+      raise ConfigError(f"OffloadConfig.tables: a table is offloaded twice: {sorted(names)}")
+    object.__setattr__(self, "tables", tables)
+    for name in ("prefetch_depth", "max_staleness"):
+      if int(getattr(self, name)) < 0:
+        raise ConfigError(f"OffloadConfig.{name} must be >= 0, got {getattr(self, name)}")
+    if self.protect_ahead is not None and int(self.protect_ahead) < 0:
+      raise ConfigError(f"OffloadConfig.protect_ahead must be >= 0, got {self.protect_ahead}")
+    if int(self.host_buffer_rows) <= 0:
+      raise ConfigError("OffloadConfig.host_buffer_rows must be positive")
+    if not 0.0 < self.auto_cache_fraction < 1.0:
+      raise ConfigError("OffloadConfig.auto_cache_fraction must be in (0, 1)")
+
+  @property
+  def horizon(self) -> int:
+    return int(self.prefetch_depth if self.protect_ahead is None else self.protect_ahead)
+
+  def table(self, name: str) -> OffloadTable | None:
+    return next((t for t in self.tables if t.name == name), None)
+
+  def with_tables(self, tables: Sequence[OffloadTable]) -> "OffloadConfig":
+    return dataclasses.replace(self, tables=tuple(tables))
+
+
+def row_bytes(spec: TableSpec, optimizer) -> int:
+  """Device bytes per cached row: the row plus its optimizer state."""
+  item = jnp.dtype(spec.dtype).itemsize
+  total = spec.dim * item
+  for per, _ in optimizer.state_layout().values():
+    total += spec.dim * 4 if per == "element" else 4
+  return total
+
+
+def check_tables(tables: Sequence[TableSpec], config: OffloadConfig) -> None:
+  known = {t.name for t in tables}
+  dtypes = {t.name: t.dtype for t in tables}
+  for t in config.tables:
+    if t.name not in known:
+      raise ConfigError(f"OffloadConfig: offloaded table '{t.name}' is not a configured table "
+                        f"(tables: {', '.join(sorted(known))})")
+    if dtypes[t.name] not in OFFLOAD_DTYPES:
+      raise ConfigError(f"offloaded table '{t.name}': dtype '{dtypes[t.name]}' cannot be "
+                        f"offloaded (supported: {', '.join(OFFLOAD_DTYPES)})")
+
+
+def device_tables(tables: Sequence[TableSpec], config: OffloadConfig, optimizer
+                  ) -> tuple[TableSpec, ...]:
+  """The tables as the embedding collection sees them: each offloaded table becomes its
+  cache, `TableSpec(name, cache_rows, dim)`; the others are unchanged."""
+  check_tables(tables, config)
+  out = []
+  for t in tables:
+    off = config.table(t.name)
+    if off is None:
+      out.append(t)
+    else:
+      out.append(dataclasses.replace(t, rows=off.resolve_cache_rows(t, optimizer),
+                                     init_scale=t.scale))
+  return tuple(out)

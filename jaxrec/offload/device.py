@@ -1,0 +1,124 @@
+"""Jitted device operations on the cache rows inside the `EmbeddingState`.
+
+An offloaded table is an ordinary table of `cache_rows` rows in its stack; slot `s` of it
+is row `base + s` of the stacked array (and of its optimizer state), where `base` is the
+table's first row in the stack (`TableSlot.table_slice * slice_rows + row_offset`). The
+operations index the global stacked arrays, so they work for every placement kind; jit
+places the gathers and scatters on the devices that own the rows.
+
+Index arrays are padded to power-of-two lengths (>= 64) with an out-of-range row (dropped
+by scatters, zero for gathers), so a handful of shapes are compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrec.embedding.collection import EmbeddingCollection
+from jaxrec.sharding.mesh import replicated
+
+MIN_PAD = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class CachePlace:
+  """Where the cache of table `table` sits: rows `[base, base + cache_rows)` of `stack`."""
+  table: str
+  stack: str
+  base: int
+  cache_rows: int
+  stack_rows: int
+
+
+def cache_places(collection: EmbeddingCollection, names) -> dict[str, CachePlace]:
+  out = {}
+  for l in collection.layouts:
+    for s in l.slots:
+      if s.name in names:
+        out[s.name] = CachePlace(s.name, l.name, s.table_slice * l.slice_rows + s.row_offset,
+                                 s.rows, l.shape[0])
+  return out
+
+
+def padded(n: int) -> int:
+  return max(MIN_PAD, 1 << max(0, int(n) - 1).bit_length())
+
+
+def global_rows(place: CachePlace, slots: np.ndarray, size: int | None = None) -> np.ndarray:
+  """Slots → stacked-array rows, padded to `size` (default `padded(len(slots))`)."""
+  size = padded(len(slots)) if size is None else size
+  out = np.full(size, place.stack_rows, np.int32)
+  out[:len(slots)] = place.base + np.asarray(slots)
+  return out
+
+
+def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+  out = np.zeros((size,) + x.shape[1:], x.dtype)
+  out[:len(x)] = x
+  return out
+
+
+class DeviceOps:
+  """The jitted install / gather / eval-view functions of one collection."""
+
+  def __init__(self, collection: EmbeddingCollection, places: Mapping[str, CachePlace]):
+    self.places = dict(places)
+    emb = collection.shardings()
+    rep = replicated(collection.mesh)
+    self.replicated = rep
+    self.install = jax.jit(self._install, in_shardings=(emb, rep, rep), out_shardings=emb,
+                           donate_argnums=(0,))
+    self.gather = jax.jit(self._gather, in_shardings=(emb, rep), out_shardings=rep)
+    self.view = jax.jit(self._view, in_shardings=(emb, rep), out_shardings=emb)
+
+  def _install(self, emb, payload, bounces):
+    """payload `{table: (rows [n] int32, values {array: [n, ...]})}`: writes the values
+    into those stack rows, in place (the state is donated). `bounces` `{table: [(evicted
+    {array: [m, ...]}, src [n], dst [n])]}` first replace `values[dst]` by `evicted[src]`
+    (rows whose newest value is in an earlier eviction still on the device). Read the rows
+    being replaced with `gather` first, a separate program: a gather and a scatter of the
+    same buffer in one program make XLA copy the whole stack."""
+    tables, opt = dict(emb["tables"]), {k: dict(v) for k, v in emb["opt"].items()}
+    for name, (rows, values) in payload.items():
+      for evicted, src, dst in bounces.get(name, ()):
+        values = {k: v.at[dst].set(evicted[k].at[src].get(mode="fill", fill_value=0)
+                                   .astype(v.dtype), mode="drop") for k, v in values.items()}
+      stack = self.places[name].stack
+      tables[stack] = tables[stack].at[rows].set(values["table"].astype(tables[stack].dtype),
+                                                 mode="drop")
+      for k in opt[stack]:
+        opt[stack][k] = opt[stack][k].at[rows].set(values[f"opt.{k}"].astype(opt[stack][k].dtype),
+                                                   mode="drop")
+    return {"tables": tables, "opt": opt}
+
+  def _gather(self, emb, rows_by_table):
+    """`{table: rows [n]}` → `{table: {array: [n, ...]}}`."""
+    out = {}
+    for name, rows in rows_by_table.items():
+      stack = self.places[name].stack
+      vals = {"table": emb["tables"][stack].at[rows].get(mode="fill", fill_value=0)}
+      for k, a in emb["opt"][stack].items():
+        vals[f"opt.{k}"] = a.at[rows].get(mode="fill", fill_value=0)
+      out[name] = vals
+    return out
+
+  def _view(self, emb, payload):
+    """payload `{table: (dst [n], src [n], host [n, dim], from_host [n] bool)}`: a copy of
+    `emb` whose rows `dst` hold host values or the current rows `src` (eval)."""
+    tables = dict(emb["tables"])
+    for name, (dst, src, host, from_host) in payload.items():
+      stack = self.places[name].stack
+      t = tables[stack]
+      vals = jnp.where(from_host[:, None], host.astype(t.dtype),
+                       t.at[src].get(mode="fill", fill_value=0))
+      tables[stack] = t.at[dst].set(vals, mode="drop")
+    return dict(emb, tables=tables)
+
+  def put(self, tree):
+    """Host arrays → replicated device arrays."""
+    return jax.device_put(tree, self.replicated)

@@ -1,0 +1,64 @@
+"""What the trainer calls (`train/loop.py`): plan with offloading, make the tier.
+
+    plan, result, tables, off = offload.choose_plan(config, options, mesh_shape)
+    collection = EmbeddingCollection.create(tables, ...)      # caches for offloaded tables
+    tier = offload.make_tier(collection, config, off, options.seed, workdir, keep)
+    train_it = tier.wrap(train_it)                            # if tier is not None
+    ... state = tier.before_step(state, batch) before each train step
+    ... tier.save(state, step, snapshot_dir(workdir)) before each checkpoint save
+    ... tier.restore(step, snapshot_dir(workdir)) after a checkpoint restore
+    ... state, batch = tier.eval_view(state, batch) for each eval batch
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+from jaxrec.offload.config import OffloadConfig, device_tables
+from jaxrec.offload.planning import plan_with_offload
+from jaxrec.offload.tier import OffloadTier, emb_init_key
+from jaxrec.sharding.plan import KINDS, uniform_plan
+from jaxrec.errors import ConfigError
+
+SNAPSHOT_DIR = "offload_snapshots"
+
+
+def snapshot_dir(workdir: str) -> str:
+  return os.path.join(workdir, SNAPSHOT_DIR)
+
+
+def choose_plan(config, options, mesh_shape: Mapping[str, int],
+                offload_config: OffloadConfig | None = None):
+  """`train.plan_choice.choose` with offloading (gin `OffloadConfig`).
+
+  Returns `(plan, result, tables, offload_config)`: `tables` are what the collection is
+  built on (offloaded tables replaced by their caches). `--plan=auto` may offload more
+  tables (`OffloadConfig.auto`); a forced plan offloads the configured ones.
+  """
+  from jaxrec import planner  # pylint: disable=import-outside-toplevel
+  off = offload_config if offload_config is not None else OffloadConfig()
+  sparse = config.sparse_tx()
+  common = dict(memory_per_device_bytes=options.memory_per_device,
+                optimizer_state_factor=sparse, batch_size=config.batch_size)
+  if options.plan == "auto":
+    result, off, tables = plan_with_offload(config.tables, config.features, mesh_shape, off,
+                                            sparse, options.memory_per_device,
+                                            config.batch_size)
+    return result.plan, result, tables, off
+  if options.plan not in KINDS:
+    raise ConfigError(f"--plan: unknown plan '{options.plan}' (known: auto, {', '.join(KINDS)})")
+  tables = device_tables(config.tables, off, sparse)
+  plan = uniform_plan(options.plan, tables, mesh_shape.get("table", 1))
+  result = planner.estimate_plan(plan, tables, config.features, dict(mesh_shape), **common)
+  return plan, result, tables, off
+
+
+def make_tier(collection, config, offload_config: OffloadConfig, seed: int, workdir: str,
+              keep: int | None = None) -> OffloadTier | None:
+  """The run's `OffloadTier` (None when no table is offloaded). Its stores start from the
+  values `train.state.create(config, collection, seed)` gives on-device tables."""
+  if not offload_config.tables:
+    return None
+  return OffloadTier(collection, config.tables, offload_config, key=emb_init_key(seed),
+                     workdir=workdir, keep=keep)

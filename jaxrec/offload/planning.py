@@ -1,0 +1,71 @@
+"""Which tables to offload: the planner's answer when the tables do not fit the devices.
+
+`plan_with_offload` first plans the configured tables with every table listed in
+`OffloadConfig.tables` replaced by its cache. If that does not fit the memory budget and
+`OffloadConfig.auto` is set, it offloads more tables — biggest first (rows x bytes per
+row, optimizer state included), each with a cache of `auto_cache_fraction` of its rows but
+at least the ids of H+1 batches (what the look-ahead may pin) — until the planner finds a
+plan that fits. Tables whose cache would hold half their rows or more stay on the device.
+The decision is written into the plan's notes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+from jaxrec.embedding.specs import FeatureSpec, TableSpec
+from jaxrec.errors import ConfigError
+from jaxrec.offload.config import OffloadConfig, OffloadTable, device_tables, row_bytes
+
+
+def plan_with_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
+                      mesh_shape: Mapping[str, int], config: OffloadConfig, optimizer,
+                      memory_per_device_bytes: int | None, batch_size: int, **planner_kwargs):
+  """Plans `tables`, offloading tables when needed (see module docstring).
+
+  Returns:
+    `(result, config, device_specs)`: the planner's `PlanResult` (over the device
+    tables), the offload config with every offloaded table, and the tables as the
+    embedding collection must be built (`device_tables`).
+
+  Raises:
+    ConfigError: no plan fits, even with every table offloaded (or `auto` is off).
+  """
+  from jaxrec import planner  # pylint: disable=import-outside-toplevel
+  ids = {t.name: 0 for t in tables}
+  for f in features:
+    ids[f.table] += f.max_len
+  # Rows one step may need resident: this batch's and the next H batches' ids.
+  need = {n: batch_size * k * (config.horizon + 1) for n, k in ids.items()}
+  candidates = sorted((t for t in tables if config.table(t.name) is None
+                       and max(need[t.name], t.rows * config.auto_cache_fraction) < t.rows / 2),
+                      key=lambda t: (-t.rows * row_bytes(t, optimizer), t.name))
+  added: list[str] = []
+  while True:
+    specs = device_tables(tables, config, optimizer)
+    try:
+      result = planner.propose_plan(specs, features, dict(mesh_shape),
+                                    memory_per_device_bytes=memory_per_device_bytes,
+                                    optimizer_state_factor=optimizer, batch_size=batch_size,
+                                    **planner_kwargs)
+      break
+    except ConfigError as e:
+      if not config.auto or not candidates:
+        offloaded = [t.name for t in config.tables]
+        raise ConfigError(f"{e} (offloaded tables: {offloaded or 'none'}; "
+                          f"OffloadConfig.auto={config.auto})") from None
+      t = candidates.pop(0)
+      rows = max(need[t.name], int(t.rows * config.auto_cache_fraction))
+      config = config.with_tables(config.tables + (OffloadTable(t.name, cache_rows=rows),))
+      added.append(t.name)
+  notes = [f"offloaded '{o.name}': {o.resolve_cache_rows(_spec(tables, o.name), optimizer):,}"
+           f"-row device cache, full table in tensorstore"
+           + (" (added by OffloadConfig.auto: the tables did not fit)" if o.name in added else "")
+           for o in config.tables]
+  result = dataclasses.replace(result, notes=tuple(result.notes) + tuple(notes))
+  return result, config, specs
+
+
+def _spec(tables: Sequence[TableSpec], name: str) -> TableSpec:
+  return next(t for t in tables if t.name == name)

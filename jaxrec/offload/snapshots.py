@@ -1,0 +1,78 @@
+"""Checkpoint snapshots of offloaded tables, one directory per step.
+
+    <directory>/<step>/offload.json        step, tables and their shapes
+    <directory>/<step>/<table>/...         the table's tensorstore arrays (`TableStore.snapshot`)
+
+A snapshot is written to `<step>.tmp-<pid>` and renamed when complete, so a listed step is
+always whole; a crash mid-save leaves only a tmp directory (removed by the next save).
+Snapshots are hard links to the store's chunk files, which the store only ever replaces
+(never rewrites), so a snapshot costs no copy and later writes — or a failed write-back —
+never change it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Mapping
+
+from jaxrec.offload.config import OffloadError
+
+META = "offload.json"
+
+
+def steps(directory: str) -> list[int]:
+  """Complete snapshot steps under `directory`, ascending."""
+  if not os.path.isdir(directory):
+    return []
+  out = []
+  for name in os.listdir(directory):
+    if name.isdigit() and os.path.exists(os.path.join(directory, name, META)):
+      out.append(int(name))
+  return sorted(out)
+
+
+def save(directory: str, step: int, stores: Mapping[str, object], keep: int | None) -> str:
+  """Snapshots every store (`{table: TableStore}`) as step `step`; keeps the newest
+  `keep` steps (None: all). Returns the step directory."""
+  os.makedirs(directory, exist_ok=True)
+  for name in os.listdir(directory):
+    if ".tmp-" in name:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+  final = os.path.join(directory, str(int(step)))
+  tmp = f"{final}.tmp-{os.getpid()}"
+  meta = {"step": int(step), "tables": {}}
+  for name, store in stores.items():
+    store.snapshot(os.path.join(tmp, name))
+    meta["tables"][name] = {"rows": store.spec.rows, "dim": store.spec.dim,
+                            "dtype": store.spec.dtype, "arrays": list(store.names)}
+  with open(os.path.join(tmp, META), "w") as f:
+    json.dump(meta, f, indent=2, sort_keys=True)
+  if os.path.exists(final):
+    shutil.rmtree(final)
+  os.rename(tmp, final)
+  if hasattr(os, "sync"):
+    os.sync()
+  if keep is not None:
+    for old in steps(directory)[:-int(keep)]:
+      shutil.rmtree(os.path.join(directory, str(old)), ignore_errors=True)
+  return final
+
+
+def locate(directory: str, step: int, tables: Mapping[str, object]) -> str:
+  """The snapshot directory of `step`; checks it holds every table with its shape."""
+  path = os.path.join(directory, str(int(step)))
+  meta_path = os.path.join(path, META)
+  if not os.path.exists(meta_path):
+    have = steps(directory)
+    raise OffloadError(f"no offload snapshot for checkpoint step {step} in {directory} "
+                       f"(have: {have or 'none'}); the offloaded tables cannot be restored")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  for name, spec in tables.items():
+    got = meta["tables"].get(name)
+    if got is None or (got["rows"], got["dim"]) != (spec.rows, spec.dim):
+      raise OffloadError(f"offload snapshot {path} holds table '{name}' as {got}, this run has "
+                         f"{spec.rows} rows x {spec.dim}")
+  return path

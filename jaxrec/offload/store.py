@@ -1,0 +1,273 @@
+"""The full offloaded table in tensorstore: `[rows, dim]` plus its optimizer state.
+
+One directory per table holds one tensorstore array per piece:
+
+    <path>/table/        [rows, dim]  the embedding rows
+    <path>/opt.<name>/   [rows, dim] or [rows]  per `optimizer.state_layout()` entry
+
+Chunks are `[chunk_rows, ...]`, uncompressed. Writes go to whole chunks (tensorstore reads,
+modifies and replaces a chunk file by rename), so a write never changes a file in place:
+a snapshot made of hard links to the chunk files stays valid while training goes on
+(`snapshot` / `restore_snapshot`; falls back to copying where links are impossible).
+
+Fresh tables are initialised with exactly the values `embedding.layout.init_table` gives
+the on-device table (`init_rows`, chunk by chunk), so offloading does not change a run.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorstore as ts
+from jax import lax
+from jax.extend.random import threefry2x32_p
+
+from jaxrec.embedding.layout import init_table, table_key
+from jaxrec.embedding.specs import TableSpec
+from jaxrec.errors import ConfigError
+from jaxrec.offload.config import OffloadError, OffloadTable
+
+TABLE = "table"
+_INIT_BLOCK_ROWS = 1 << 18
+
+
+# ------------------------------------------------------------------------------- init
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _uniform_rows(key_data, base_hi, base_lo, n, dim, scale):
+  """Rows of `jax.random.uniform(key, (rows, dim), f32, -scale, scale)` starting at the
+  element with linear index `base` (the partitionable threefry counter scheme)."""
+  lo = base_lo + jnp.arange(n * dim, dtype=jnp.uint32)
+  hi = base_hi + (lo < base_lo).astype(jnp.uint32)
+  b1, b2 = threefry2x32_p.bind(key_data[0], key_data[1], hi, lo)
+  bits = lax.shift_right_logical(b1 ^ b2, jnp.uint32(9)) | jnp.uint32(0x3F800000)
+  f = lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(1)
+  lo_v, hi_v = -scale, scale
+  return lax.max(lo_v, f * (hi_v - lo_v) + lo_v).reshape(n, dim)
+
+
+def init_rows(key: jax.Array, spec: TableSpec, start: int, stop: int) -> np.ndarray:
+  """Rows `[start, stop)` of `init_table(key, spec)` without building the whole table."""
+  base = start * spec.dim
+  kd = jax.random.key_data(table_key(key, spec.name))
+  out = _uniform_rows(kd, jnp.uint32(base >> 32), jnp.uint32(base & 0xFFFFFFFF),
+                      stop - start, spec.dim, jnp.float32(spec.scale))
+  return np.asarray(out.astype(spec.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _exact_init_supported(impl: str, dim: int) -> bool:
+  """Checks `init_rows` against `init_table` on a small table (jax's RNG may change)."""
+  if not jax.config.jax_threefry_partitionable or impl != "threefry2x32":
+    return False
+  spec = TableSpec("probe", 37, dim, init_scale=0.5)
+  key = jax.random.key(7)
+  return bool(np.array_equal(np.asarray(init_table(key, spec))[5:30],
+                             init_rows(key, spec, 5, 30)))
+
+
+# ------------------------------------------------------------------------------- store
+def _driver_metadata(driver: str, shape, chunks, dtype) -> dict:
+  name = jnp.dtype(dtype).name
+  if driver == "zarr":
+    return {"metadata": {"compressor": None, "shape": list(shape), "chunks": list(chunks),
+                         "dtype": name if name == "bfloat16" else jnp.dtype(dtype).str}}
+  if driver == "zarr3":
+    return {"metadata": {"shape": list(shape), "data_type": name,
+                         "chunk_grid": {"name": "regular",
+                                        "configuration": {"chunk_shape": list(chunks)}}}}
+  raise ConfigError(f"offload driver '{driver}' is not supported (zarr, zarr3)")
+
+
+class TableStore:
+  """Tensorstore arrays of one offloaded table (see module docstring).
+
+  Args:
+    spec: the full table.
+    off: its offload settings (driver, kvstore, chunk size, init).
+    optimizer: the sparse optimizer (its `state_layout()` names the state arrays).
+    path: the table's directory (or memory-store prefix).
+  """
+
+  def __init__(self, spec: TableSpec, off: OffloadTable, optimizer, path: str):
+    self.spec, self.off, self.path = spec, off, path
+    self.layout = dict(optimizer.state_layout())   # name -> (per, initial)
+    self._ctx = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+    self.arrays: dict[str, ts.TensorStore] = {}
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    return (TABLE,) + tuple(f"opt.{k}" for k in self.layout)
+
+  def array_shape(self, name: str) -> tuple[int, ...]:
+    if name == TABLE or self.layout[name[4:]][0] == "element":
+      return (self.spec.rows, self.spec.dim)
+    return (self.spec.rows,)
+
+  def array_dtype(self, name: str) -> np.dtype:
+    return jnp.dtype(self.spec.dtype if name == TABLE else "float32")
+
+  def _kvstore(self, name: str) -> dict:
+    if self.off.kvstore == "memory":
+      return {"driver": "memory", "path": f"{self.path}/{name}/"}
+    return {"driver": "file", "path": os.path.join(self.path, name) + "/",
+            "file_io_sync": False}
+
+  def _spec(self, name: str) -> dict:
+    return {"driver": self.off.driver, "kvstore": self._kvstore(name)}
+
+  # ----------------------------------------------------------------------------- open
+  def create(self, key: jax.Array | None) -> None:
+    """Fresh arrays: rows as the on-device init from `key`, optimizer state at its
+    initial value (the fill value: no chunk is written)."""
+    for name in self.names:
+      shape = self.array_shape(name)
+      chunks = (self.off.chunk_rows,) + shape[1:]
+      fill = 0.0 if name == TABLE else float(self.layout[name[4:]][1])
+      spec = dict(self._spec(name), create=True, delete_existing=True,
+                  schema={"fill_value": fill},
+                  **_driver_metadata(self.off.driver, shape, chunks, self.array_dtype(name)))
+      self.arrays[name] = self._open(spec, "create")
+    if key is not None:
+      self._write_init(key)
+
+  def open_existing(self) -> None:
+    """Opens arrays already at `path`; checks their shape and dtype."""
+    for name in self.names:
+      arr = self._open(dict(self._spec(name), open=True), "open")
+      shape, want = tuple(arr.domain.shape), self.array_shape(name)
+      want_dtype = self.array_dtype(name)
+      if shape != want or arr.dtype.numpy_dtype != want_dtype:
+        raise ConfigError(
+            f"offloaded table '{self.spec.name}': tensorstore array {self._where(name)} has "
+            f"shape {list(shape)} and dtype {arr.dtype.numpy_dtype}, expected {list(want)} "
+            f"and {want_dtype}")
+      self.arrays[name] = arr
+
+  def _open(self, spec: dict, what: str) -> ts.TensorStore:
+    try:
+      return ts.open(spec, context=self._ctx).result()
+    except Exception as e:  # tensorstore raises ValueError/OSError with a status text
+      raise ConfigError(f"offloaded table '{self.spec.name}': cannot {what} tensorstore "
+                        f"array {self._where(spec['kvstore'])}: {_status(e)}") from None
+
+  def _where(self, name_or_kv) -> str:
+    kv = name_or_kv if isinstance(name_or_kv, dict) else self._kvstore(name_or_kv)
+    return f"'{kv['path']}' ({self.off.driver} on {kv['driver']})"
+
+  def _write_init(self, key: jax.Array) -> None:
+    exact = _exact_init_supported(str(jax.random.key_impl(key)), self.spec.dim)
+    rows = self.spec.rows
+    if not exact:   # jax's RNG changed: take the whole on-device init (small tables only)
+      self.arrays[TABLE].write(np.asarray(init_table(key, self.spec))).result()
+      return
+    for start in range(0, rows, _INIT_BLOCK_ROWS):
+      stop = min(rows, start + _INIT_BLOCK_ROWS)
+      self.arrays[TABLE][start:stop].write(init_rows(key, self.spec, start, stop)).result()
+
+  # ----------------------------------------------------------------------------- rows
+  def read(self, rows: np.ndarray) -> "PendingRead":
+    """Starts reading `rows` (sorted unique int64) from every array."""
+    futures = {name: arr[rows].read() for name, arr in self.arrays.items()} if len(rows) \
+        else {}
+    return PendingRead(self, rows, futures)
+
+  def write(self, rows: np.ndarray, values: Mapping[str, np.ndarray]) -> None:
+    """Writes `values[name][i]` to row `rows[i]` of each array and waits for the commit.
+    Raises `OffloadError` (naming the table and path) when the write fails."""
+    if not len(rows):
+      return
+    order = np.argsort(rows, kind="stable")
+    try:
+      futures = [self.arrays[name][rows[order]].write(values[name][order])
+                 for name in self.names]
+      for f in futures:
+        f.result()
+    except Exception as e:
+      raise OffloadError(f"offloaded table '{self.spec.name}': write-back of {len(rows)} rows "
+                         f"to {self._where(TABLE)} failed: {_status(e)}") from None
+
+  def read_all(self, name: str, start: int, stop: int) -> np.ndarray:
+    return self.arrays[name][start:stop].read().result()
+
+  # ----------------------------------------------------------------------------- snapshots
+  def snapshot(self, dst: str) -> None:
+    """Copies the arrays to directory `dst` (hard links when possible). Call with no
+    write in flight."""
+    if self.off.kvstore == "memory":
+      _copy_arrays(self, dst)
+      return
+    _link_tree(self.path, dst)
+
+  def restore_snapshot(self, src: str) -> None:
+    """Replaces the arrays by the snapshot in `src` and reopens them."""
+    if not os.path.isdir(src):
+      raise OffloadError(f"offloaded table '{self.spec.name}': snapshot {src} is missing")
+    self.arrays = {}
+    if self.off.kvstore == "memory":
+      self._ctx = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+      self.create(None)
+      for name in self.names:
+        src_arr = ts.open({"driver": self.off.driver,
+                           "kvstore": {"driver": "file", "path": os.path.join(src, name) + "/"},
+                           "open": True}).result()
+        self.arrays[name].write(src_arr.read().result()).result()
+      return
+    shutil.rmtree(self.path, ignore_errors=True)
+    _link_tree(src, self.path)
+    self._ctx = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+    self.open_existing()
+
+
+class PendingRead:
+  """Rows being read from every array of a store; `result()` waits for them."""
+
+  def __init__(self, store: TableStore, rows: np.ndarray, futures: dict):
+    self.store, self.rows, self.futures = store, rows, futures
+
+  def result(self) -> dict[str, np.ndarray]:
+    if not self.futures:
+      return {name: np.zeros((0,) + self.store.array_shape(name)[1:], self.store.array_dtype(name))
+              for name in self.store.names}
+    try:
+      return {name: f.result() for name, f in self.futures.items()}
+    except Exception as e:
+      raise OffloadError(f"offloaded table '{self.store.spec.name}': reading {len(self.rows)} "
+                         f"rows from {self.store._where(TABLE)} failed: {_status(e)}") from None
+
+
+def _status(e: Exception) -> str:
+  return str(e).split(" [tensorstore_spec=")[0].split("\n")[0]
+
+
+def _link_tree(src: str, dst: str) -> None:
+  """Recreates the files of `src` under `dst` as hard links (copies across devices)."""
+  for root, _, files in os.walk(src):
+    out = os.path.join(dst, os.path.relpath(root, src))
+    os.makedirs(out, exist_ok=True)
+    for f in files:
+      if f.endswith(".__lock"):
+        continue
+      a, b = os.path.join(root, f), os.path.join(out, f)
+      try:
+        os.link(a, b)
+      except OSError:
+        shutil.copy2(a, b)
+
+
+def _copy_arrays(store: TableStore, dst: str) -> None:
+  """Copies a memory-backed store into zarr files under `dst`."""
+  for name in store.names:
+    arr = store.arrays[name]
+    shape = tuple(arr.domain.shape)
+    chunks = (store.off.chunk_rows,) + shape[1:]
+    dtype = store.array_dtype(name)
+    out = ts.open(dict({"driver": store.off.driver, "create": True, "delete_existing": True,
+                        "kvstore": {"driver": "file", "path": os.path.join(dst, name) + "/"}},
+                       **_driver_metadata(store.off.driver, shape, chunks, dtype))).result()
+    out.write(arr.read().result()).result()

@@ -1,0 +1,607 @@
+"""The offload tier: device cache + look-ahead prefetch + write-back, one object per run.
+
+Per offloaded table the device holds a cache of `cache_rows` rows (an ordinary table of the
+collection); the full table and its optimizer state live in a `TableStore`. The training
+thread sees only:
+
+    it = tier.wrap(train_iterator)        # batches whose offloaded ids are cache slots
+    batch = next(it)
+    state = tier.before_step(state, batch)   # installs the rows the batch needs
+    state, metrics = train_step(state, batch)
+    tier.save(state, step, directory)     # with each checkpoint; tier.restore(step, ...)
+
+Threads, in step order (K = `prefetch_depth`, H = `protect_ahead`):
+
+  planner  reads raw batches H ahead of the one it plans (each read once: the wrapper is
+           the only consumer, it hands the iterator state along with each batch), assigns
+           the rows of batch t+K to cache slots (`CacheMap`: sampled LFU, rows the next H
+           batches need evicted last), fetches the missing rows (host buffer, else store),
+           copies them to the device and queues the plan. K=0: the training thread plans.
+  training `before_step`: one jitted install writes the new rows (and optimizer state)
+           into their slots and returns the rows they held (the victims).
+  fetcher  copies the victims to host, into the host write-back buffer (`HostBuffer`).
+  writer   flushes the buffer to the store when half full (one write per touched chunk).
+
+Exactness (S = `max_staleness` = 0): a missing row's newest value is in the device cache
+(not possible: it is missing), in an eviction not yet fetched, in the host buffer, or in
+the store, in that order of recency. The planner waits for the eviction holding it, reads
+the buffer, then the store; an entry leaves the buffer only after its write committed. So
+every step reads exactly the values the all-on-device table would hold.
+
+Bounded staleness (S > 0): when the newest value is still in an unfetched eviction and the
+older value (buffer/store) lacks at most S updates of that row (its uses while cached), the
+planner installs the older value instead of waiting; the missed updates are lost, as in
+asynchronous SGD. Stale installs are counted in `stats()`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import dataclasses
+import queue
+import threading
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from jaxrec.data.batch import Batch
+from jaxrec.embedding.collection import EmbeddingCollection
+from jaxrec.embedding.specs import TableSpec
+from jaxrec.errors import ConfigError, DataError, JaxrecError
+from jaxrec.offload import snapshots
+from jaxrec.offload.buffer import HostBuffer
+from jaxrec.offload.cache import CacheMap
+from jaxrec.offload.config import OffloadConfig, OffloadError, check_tables
+from jaxrec.offload.device import DeviceOps, cache_places, global_rows, pad_rows, padded
+from jaxrec.offload.store import TABLE, TableStore
+
+_POLL = 0.05
+_FLUSH_CHUNK = 1 << 18
+_BOUNCE_SOURCES = 2     # evictions an install copies from (a fixed number: one compilation)
+
+
+@dataclasses.dataclass
+class _Table:
+  spec: TableSpec               # the full table
+  store: TableStore
+  cache: CacheMap
+  buffer: HostBuffer
+  features: tuple[str, ...]
+  place: Any
+  resident: np.ndarray          # [cache_rows] row in each slot after the last install (-1)
+
+
+@dataclasses.dataclass
+class _Eviction:
+  """Rows one install takes out of one table's cache, until they are in the host buffer."""
+  table: str
+  step: int
+  rows: np.ndarray              # [m] evicted rows, sorted
+  uses: np.ndarray              # [m] their updates while cached
+  pos: np.ndarray               # [m] their positions in the install arrays
+  device: Any = None
+  fetched: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+@dataclasses.dataclass
+class _Plan:
+  seq: int
+  batch: Batch
+  data_state: Any
+  payload: dict | None          # device arrays for `DeviceOps.install`, None: nothing new
+  installs: dict                # table -> (slots, rows)
+  evictions: list
+  bounces: list                 # (table, eviction, (src, dst)): rows copied on the device
+
+
+def emb_init_key(seed: int) -> jax.Array:
+  """The key `train.state.create` initialises the tables with (keep in sync with it)."""
+  return jax.random.split(jax.random.key(seed), 3)[0]
+
+
+class OffloadTier:
+  """See module docstring.
+
+  Args:
+    collection: the embedding collection built on `config.device_tables(...)`.
+    tables: the full table specs (the offloaded ones at their real size).
+    config: the offload configuration.
+    key: table init key (`emb_init_key(seed)`); the stores start from the values the
+      on-device tables would get.
+    workdir: default parent of the stores (`<workdir>/offload/<table>`).
+    keep: offload snapshots kept by `save` (None: all).
+  """
+
+  def __init__(self, collection: EmbeddingCollection, tables: Sequence[TableSpec],
+               config: OffloadConfig, key: jax.Array | None = None, workdir: str | None = None,
+               keep: int | None = 3):
+    if jax.process_count() > 1:
+      raise ConfigError("offloaded tables need one process (every process would have to see "
+                        "the global batch to agree on cache slots)")
+    check_tables(tables, config)
+    self.config, self.collection, self.key, self.keep = config, collection, key, keep
+    optimizer = collection.optimizer
+    by_name = {t.name: t for t in tables}
+    places = cache_places(collection, {t.name for t in config.tables})
+    self.tables: dict[str, _Table] = {}
+    for off in config.tables:
+      spec = by_name[off.name]
+      cache_rows = off.resolve_cache_rows(spec, optimizer)
+      place = places.get(off.name)
+      if place is None or place.cache_rows != cache_rows:
+        raise ConfigError(f"offloaded table '{off.name}': the collection must be built on "
+                          f"offload.device_tables(...) (a {cache_rows}-row cache)")
+      store = TableStore(spec, off, optimizer, off.resolve_path(workdir))
+      shapes = {n: store.array_shape(n)[1:] for n in store.names}
+      dtypes = {n: store.array_dtype(n) for n in store.names}
+      self.tables[off.name] = _Table(
+          spec, store, CacheMap(off.name, spec.rows, cache_rows),
+          HostBuffer(off.name, spec.rows, config.host_buffer_rows, shapes, dtypes),
+          tuple(f.name for f in collection.features if f.table == off.name), place,
+          np.full(cache_rows, -1, np.int64))
+    self.ops = DeviceOps(collection, places)
+    self._store_ready = self._dirty = self._atexit = False
+    self._dummies: dict = {}
+    self._source = None
+    self._threads: list[threading.Thread] = []
+    self._stats = collections.Counter()
+    self._reset_pipeline_state()
+
+  # ============================================================================ public API
+  def wrap(self, iterator) -> "OffloadIterator":
+    """The training iterator as the trainer sees it (ids of offloaded tables → slots)."""
+    self._source = iterator
+    self._base_state = iterator.get_state()
+    return OffloadIterator(self, iterator)
+
+  def before_step(self, state: dict, batch: Batch) -> dict:
+    """Installs the rows `batch` (from the wrapped iterator) needs into the device cache."""
+    self._raise_error()
+    if not self._handed or self._handed[0].batch is not batch:
+      raise OffloadError("before_step: the batch did not come from the wrapped iterator, or "
+                         "before_step was skipped for an earlier batch")
+    plan = self._handed.popleft()
+    if plan.payload is None:
+      return state
+    t0 = time.perf_counter()
+    bounces = {name: [] for name in plan.payload}   # newest values still on the device
+    for name, ev, (src, dst) in plan.bounces:
+      bounces[name].append((ev.device, src, dst))
+    for name, (rows, _) in plan.payload.items():
+      bounces[name] += [self._no_bounce(name, len(rows))] * (_BOUNCE_SOURCES - len(bounces[name]))
+    if plan.evictions:
+      evicted = self.ops.gather(state["emb"], {n: r for n, (r, _) in plan.payload.items()})
+    emb = self.ops.install(state["emb"], plan.payload, bounces)
+    for name, (slots, rows) in plan.installs.items():
+      self.tables[name].resident[slots] = rows
+    for ev in plan.evictions:
+      ev.device = evicted[ev.table]
+      for v in ev.device.values():
+        v.copy_to_host_async()
+      with self._cv:
+        self._installed += 1
+      self._fetch_q.put(ev)
+    self._stats["install_s"] += time.perf_counter() - t0
+    self._dirty = True
+    return dict(state, emb=emb)
+
+  def _no_bounce(self, name: str, n: int):
+    """A bounce entry that copies nothing (its `dst` are all out of range)."""
+    key = (name, n)
+    if key not in self._dummies:
+      t = self.tables[name]
+      ev = {k: np.zeros((1,) + t.store.array_shape(k)[1:], t.store.array_dtype(k))
+            for k in t.store.names}
+      self._dummies[key] = self.ops.put((ev, np.zeros(n, np.int32), np.full(n, n, np.int32)))
+    return self._dummies[key]
+
+  def flush(self, state: dict) -> None:
+    """Writes every row of the current state (cached or buffered) to the stores; the stores
+    then hold the tables exactly as of this step. Call between steps."""
+    self._raise_error()
+    self._ensure_store()
+    self._drain_fetches()
+    t0 = time.perf_counter()
+    with self._io_lock:
+      for name, t in self.tables.items():
+        self._flush_buffer(t)
+        slots = np.flatnonzero(t.resident >= 0)
+        for start in range(0, len(slots), _FLUSH_CHUNK):
+          part = slots[start:start + _FLUSH_CHUNK]
+          rows = global_rows(t.place, part, padded(min(len(slots), _FLUSH_CHUNK)))
+          vals = jax.device_get(self.ops.gather(state["emb"], {name: self.ops.put(rows)}))
+          t.store.write(t.resident[part], {k: v[:len(part)] for k, v in vals[name].items()})
+    self._dirty = False
+    self._stats["flush_s"] += time.perf_counter() - t0
+
+  def save(self, state: dict, step: int, directory: str) -> str:
+    """`flush`, then snapshots the stores as `<directory>/<step>` (see `snapshots`). Call
+    with every checkpoint save, same step."""
+    self.flush(state)
+    with self._io_lock:
+      return snapshots.save(directory, step, {n: t.store for n, t in self.tables.items()},
+                            self.keep)
+
+  def restore(self, step: int, directory: str) -> None:
+    """Replaces the stores by the snapshot of `step` and empties the caches: the next
+    batches read every row from the restored stores. Works on any device count."""
+    path = snapshots.locate(directory, step, {n: t.spec for n, t in self.tables.items()})
+    self._reset_all()
+    for name, t in self.tables.items():
+      try:
+        t.store.restore_snapshot(f"{path}/{name}")
+      except ConfigError as e:
+        raise OffloadError(f"offload snapshot {path}: {e}") from None
+    self._store_ready = True
+
+  def eval_view(self, state: dict, batch: Batch) -> tuple[dict, Batch]:
+    """`(state, batch)` for an eval step: a copy of the state whose caches hold exactly the
+    rows `batch` reads (newest values), and the batch with ids turned into those slots."""
+    self._raise_error()
+    self._ensure_store()
+    self._drain_fetches()
+    payload, ids = {}, dict(batch.ids)
+    for name, t in self.tables.items():
+      uniq, _ = self._unique(t, batch)
+      if len(uniq) > t.cache.cache_rows:
+        raise ConfigError(f"offloaded table '{name}': an eval batch reads {len(uniq)} distinct "
+                          f"rows, more than its cache of {t.cache.cache_rows}; lower the eval "
+                          "batch size")
+      order = np.argsort(t.resident)
+      pos = np.minimum(np.searchsorted(t.resident, uniq, sorter=order), len(order) - 1)
+      cached = t.resident[order[pos]] == uniq
+      host = np.zeros((len(uniq), t.spec.dim), t.store.array_dtype(TABLE))
+      host[~cached] = self._read_latest(t, uniq[~cached])[TABLE]
+      n = padded(len(uniq))
+      payload[name] = (global_rows(t.place, np.arange(len(uniq)), n),
+                       global_rows(t.place, np.where(cached, order[pos], 0), n),
+                       pad_rows(host, n), pad_rows(~cached, n))
+      for f in t.features:
+        x = batch.ids[f]
+        ids[f] = np.where(x >= 0, np.searchsorted(uniq, np.maximum(x, 0)), -1).astype(np.int32)
+    emb = self.ops.view(state["emb"], self.ops.put(payload))
+    return dict(state, emb=emb), batch.replace(ids=ids)
+
+  def stats(self) -> dict[str, float]:
+    """Counters since the start: lookups/hits (distinct rows per batch and id
+    occurrences), rows read from buffer/store, stale installs, seconds spent."""
+    s = dict(self._stats)
+    s["hit_rate"] = s.get("id_hits", 0) / max(1, s.get("id_lookups", 0))
+    s["row_hit_rate"] = s.get("row_hits", 0) / max(1, s.get("row_lookups", 0))
+    return s
+
+  def close(self) -> None:
+    """Stops the background threads (does not flush: call `save`/`flush` first)."""
+    self._stop_threads()
+
+  # ============================================================================ iterator
+  def _next(self) -> Batch:
+    self._raise_error()
+    self._ensure_store()
+    self._start_threads()
+    t0 = time.perf_counter()
+    if self.config.prefetch_depth == 0:
+      plan = self._plan_next()
+    else:
+      while True:
+        try:
+          plan = self._plan_q.get(timeout=_POLL)
+          break
+        except queue.Empty:
+          self._raise_error()
+      if plan is None:
+        self._raise_error()
+    self._stats["stall_s"] += time.perf_counter() - t0
+    self._handed.append(plan)
+    self._last_state = plan.data_state
+    return plan.batch
+
+  def _get_state(self):
+    return self._last_state if self._last_state is not None else self._base_state
+
+  def _set_state(self, state) -> None:
+    if self._dirty:
+      raise OffloadError("set_state on the offload iterator: the device caches hold rows not "
+                         "yet in the stores; restore the offload snapshot with tier.restore "
+                         "(after set_state) or save first")
+    self._reset_all()
+    self._source.set_state(state)
+    self._base_state = self._source.get_state()
+
+  # ============================================================================ planner
+  def _plan_next(self) -> _Plan:
+    """Plans the next batch (see module docstring); runs on the planner thread."""
+    t0 = time.perf_counter()
+    horizon = self.config.horizon
+    while len(self._window) < horizon + 1:
+      raw = next(self._source)
+      self._window.append((raw, self._source.get_state(),
+                           {n: self._unique(t, raw) for n, t in self.tables.items()}))
+    raw, data_state, uniq = self._window.popleft()
+    seq = self._seq
+    self._seq += 1
+    ids, installs, evictions, payload, pending = dict(raw.ids), {}, [], {}, {}
+    for name, t in self.tables.items():
+      u, counts = uniq[name]
+      a = t.cache.assign(u, counts, seq, [w[2][name][0] for w in self._window])
+      self._stats["row_lookups"] += len(u)
+      self._stats["row_hits"] += a.hits
+      self._stats["id_lookups"] += int(counts.sum())
+      self._stats["id_hits"] += int(counts.sum() - counts[np.isin(u, a.rows)].sum())
+      for f in t.features:
+        ids[f] = t.cache.remap(raw.ids[f])
+      valid = np.flatnonzero(a.victims >= 0)
+      if len(valid):
+        order = valid[np.argsort(a.victims[valid])]
+        ev = _Eviction(name, seq, a.victims[order], a.victim_uses[order], order)
+        with self._cv:
+          self._inflight.append(ev)
+        evictions.append(ev)
+      installs[name] = (a.slots, a.rows)
+      pending[name] = self._start_read(t, a.rows)
+    bounces = []
+    for name, t in self.tables.items():
+      slots, rows = installs[name]
+      # One padded length per table that only grows: a few compilations in a run.
+      n = self._pad[name] = max(self._pad.get(name, 0), padded(len(rows)))
+      found, values = pending[name]
+      payload[name] = (global_rows(t.place, slots, n),
+                       {k: pad_rows(v, n) for k, v in values().items()})
+      for ev, src, dst in found:
+        bounces.append((name, ev, self.ops.put((pad_rows(src, n), np.pad(
+            dst, (0, n - len(dst)), constant_values=n).astype(np.int32)))))
+    any_new = any(len(rows) for _, rows in installs.values())
+    self._stats["plan_s"] += time.perf_counter() - t0
+    return _Plan(seq, raw.replace(ids=ids), data_state,
+                 self.ops.put(payload) if any_new else None, installs, evictions, bounces)
+
+  def _unique(self, t: _Table, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.concatenate([np.asarray(batch.ids[f]).reshape(-1) for f in t.features])
+    ids = ids[ids >= 0]
+    if ids.size and (ids.max() >= t.spec.rows or ids.min() < -1):
+      bad = ids[ids >= t.spec.rows][0]
+      raise DataError(f"offloaded table '{t.spec.name}' ({t.spec.rows} rows): id {bad} is out "
+                      f"of range [0, {t.spec.rows})")
+    u, c = np.unique(ids.astype(np.int64), return_counts=True)
+    return u, c
+
+  def _start_read(self, t: _Table, rows: np.ndarray):
+    """Starts fetching the newest values of missing `rows`. Returns the rows to copy on
+    the device from evictions still in flight (`[(eviction, src, dst)]`, see
+    `_in_flight`) and a function that waits for the others (`{array: [n, ...]}`; the
+    in-flight rows are left zero there)."""
+    bounce, late = self._in_flight(t, rows) if len(rows) else ([], np.zeros(0, bool))
+    found, buffered = t.buffer.get(rows[~late])
+    found_all = np.zeros(len(rows), bool)
+    found_all[np.flatnonzero(~late)[found]] = True
+    disk = ~late & ~found_all
+    read = t.store.read(rows[disk])
+    self._stats["buffer_reads"] += int(found.sum())
+    self._stats["store_reads"] += int(disk.sum())
+    self._stats["device_bounces"] += int(late.sum())
+
+    def result():
+      t0 = time.perf_counter()
+      got = read.result()
+      self._stats["read_wait_s"] += time.perf_counter() - t0
+      out = {}
+      for k in t.store.names:
+        v = np.zeros((len(rows),) + t.store.array_shape(k)[1:], t.store.array_dtype(k))
+        v[found_all] = buffered[k]
+        v[disk] = got[k]
+        out[k] = v
+      return out
+    return bounce, result
+
+  def _in_flight(self, t: _Table, rows: np.ndarray):
+    """Rows whose newest value is in an eviction not yet in the host buffer (its copy
+    back from the device is under way): `([(eviction, src, dst)], late [n] bool)`. Those
+    rows are copied on the device from the eviction's arrays (`src` positions there,
+    `dst` positions in `rows`) — exact, and no waiting. With `max_staleness` S > 0 a row
+    whose host/store value lacks at most S updates takes that value instead (stale)."""
+    with self._cv:
+      recs = [e for e in self._inflight if e.table == t.spec.name and not e.fetched.is_set()]
+    late = np.zeros(len(rows), bool)
+    if not recs:
+      return [], late
+    missing = np.zeros(len(rows), np.int64)
+    newest = np.full(len(rows), -1)
+    newest_pos = np.zeros(len(rows), np.int64)
+    for k, ev in enumerate(recs):        # oldest first: the last match is the newest value
+      pos = np.minimum(np.searchsorted(ev.rows, rows), len(ev.rows) - 1)
+      inside = ev.rows[pos] == rows
+      missing[inside] += ev.uses[pos[inside]]
+      newest[inside], newest_pos[inside] = k, pos[inside]
+    s = self.config.max_staleness
+    late = missing > s if s > 0 else missing > 0
+    stale = (missing > 0) & ~late
+    if stale.any():
+      self._stats["stale_rows"] += int(stale.sum())
+      self._stats["max_stale_updates"] = max(self._stats["max_stale_updates"],
+                                             int(missing[stale].max()))
+    sources = np.unique(newest[late])
+    for k in sources[:-_BOUNCE_SOURCES]:  # rare: more evictions than install takes; wait
+      self._stats["fetch_waits"] += 1
+      while not recs[k].fetched.wait(_POLL):
+        if self._stop.is_set() or self._error is not None:
+          raise OffloadError("offload pipeline stopped")
+      late &= newest != k
+    bounce = []
+    for k in sources[-_BOUNCE_SOURCES:]:
+      dst = np.flatnonzero(late & (newest == k))
+      bounce.append((recs[k], recs[k].pos[newest_pos[dst]], dst))
+    return bounce, late
+
+  def _read_latest(self, t: _Table, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Newest host/store values of rows that are not cached (all evictions fetched)."""
+    found, buffered = t.buffer.get(rows)
+    disk = t.store.read(rows[~found]).result()
+    out = {}
+    for k in t.store.names:
+      v = np.empty((len(rows),) + t.store.array_shape(k)[1:], t.store.array_dtype(k))
+      v[found], v[~found] = buffered[k], disk[k]
+      out[k] = v
+    return out
+
+  # ============================================================================ threads
+  def _reset_pipeline_state(self) -> None:
+    self._cv = threading.Condition()
+    self._io_lock = threading.Lock()
+    self._stop = threading.Event()
+    self._plan_q: queue.Queue = queue.Queue(maxsize=max(1, self.config.prefetch_depth))
+    self._fetch_q: queue.Queue = queue.Queue()
+    self._window: collections.deque = collections.deque()
+    self._handed: collections.deque = collections.deque()
+    self._inflight: list[_Eviction] = []
+    self._installed = self._fetched = 0
+    self._error: BaseException | None = None
+    self._last_state = None
+    self._seq = 0
+    self._pad: dict[str, int] = {}
+
+  def _ensure_store(self) -> None:
+    if self._store_ready:
+      return
+    for t in self.tables.values():
+      if t.store.off.init == "existing":
+        t.store.open_existing()
+      else:
+        t.store.create(self.key)
+    self._store_ready = True
+
+  def _start_threads(self) -> None:
+    if self._threads:
+      return
+    if not self._atexit:
+      atexit.register(self._stop_threads)   # daemon threads inside tensorstore/jax at exit abort
+      self._atexit = True
+    targets = [self._fetch_loop, self._write_loop]
+    if self.config.prefetch_depth > 0:
+      targets.append(self._plan_loop)
+    self._threads = [threading.Thread(target=self._guard(fn), daemon=True,
+                                      name=f"offload-{fn.__name__}") for fn in targets]
+    for th in self._threads:
+      th.start()
+
+  def _stop_threads(self) -> None:
+    self._stop.set()
+    for t in self.tables.values():
+      t.buffer.abort(OffloadError("offload tier stopped"))
+    self._fetch_q.put(None)
+    for th in self._threads:
+      while th.is_alive():
+        try:
+          self._plan_q.get_nowait()
+        except queue.Empty:
+          pass
+        th.join(_POLL)
+    self._threads = []
+
+  def _reset_all(self) -> None:
+    """Stops the threads and forgets the caches (the stores must hold every row)."""
+    self._stop_threads()
+    self._reset_pipeline_state()
+    for t in self.tables.values():
+      t.cache.reset()
+      t.buffer.clear()
+      t.resident[:] = -1
+    self._dirty = False
+
+  def _guard(self, fn):
+    def run():
+      try:
+        fn()
+      except BaseException as e:  # handed to the training thread
+        if self._stop.is_set():
+          return
+        self._error = self._error or e
+        for t in self.tables.values():
+          t.buffer.abort(e)
+        try:
+          self._plan_q.put_nowait(None)
+        except queue.Full:
+          pass
+    return run
+
+  def _raise_error(self) -> None:
+    e = self._error
+    if e is None:
+      return
+    if isinstance(e, (JaxrecError, StopIteration)):
+      raise e
+    raise OffloadError(f"offload tier failed: {type(e).__name__}: {e}") from e
+
+  def _plan_loop(self) -> None:
+    while not self._stop.is_set():
+      plan = self._plan_next()
+      while not self._stop.is_set():
+        try:
+          self._plan_q.put(plan, timeout=_POLL)
+          break
+        except queue.Full:
+          pass
+
+  def _fetch_loop(self) -> None:
+    while True:
+      ev = self._fetch_q.get()
+      if ev is None or self._stop.is_set():
+        return
+      host = {k: np.asarray(v)[ev.pos] for k, v in ev.device.items()}
+      self.tables[ev.table].buffer.put(ev.rows, host)
+      ev.fetched.set()
+      with self._cv:
+        self._inflight.remove(ev)
+        self._fetched += 1
+        self._cv.notify_all()
+
+  def _write_loop(self) -> None:
+    while not self._stop.is_set():
+      for t in self.tables.values():
+        if t.buffer.wait_fill(0.5, _POLL / len(self.tables)) and not self._stop.is_set():
+          with self._io_lock:
+            self._flush_buffer(t)
+
+  def _flush_buffer(self, t: _Table) -> None:
+    idx, rows, versions, values = t.buffer.take_all()
+    if not len(rows):
+      return
+    t0 = time.perf_counter()
+    t.store.write(rows, values)
+    t.buffer.release(idx, versions)
+    self._stats["written_rows"] += len(rows)
+    self._stats["write_s"] += time.perf_counter() - t0
+
+  def _drain_fetches(self) -> None:
+    """Waits until every installed eviction is in the host buffer."""
+    with self._cv:
+      while self._fetched < self._installed:
+        if self._error is not None:
+          break
+        self._cv.wait(_POLL)
+    self._raise_error()
+
+
+class OffloadIterator:
+  """The wrapped training iterator: batches with cache slots for offloaded ids;
+  `get_state`/`set_state` as the underlying iterator, counted in batches handed out."""
+
+  def __init__(self, tier: OffloadTier, source):
+    self.tier, self.source = tier, source
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Batch:
+    return self.tier._next()
+
+  def get_state(self):
+    return self.tier._get_state()
+
+  def set_state(self, state) -> None:
+    self.tier._set_state(state)
+
+  def __getattr__(self, name):
+    return getattr(self.source, name)

@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Elastic multi-process training: runs scripts/train.py as N workers and keeps the job
+going when workers die or hang, capacity changes, or a worker straggles.
+
+  python scripts/launch.py --num_processes=2 --devices_per_process=4 [--min_processes=1] \
+      [--max_restarts=10] [--hang_timeout=300] -- --workdir=W --gin_file=configs/... \
+      [--mesh=data=2,table=2,row=2,col=1] [--plan=auto] [--checkpoint_every=100] ...
+
+Decisions go to W/events.jsonl, worker output to W/workers/<p>.log. Capacity can be changed
+while it runs by writing W/elastic/capacity (`N`, `N K` or JSON, see
+jaxrec/elastic/supervisor.py). Exit codes: 0 done, 1 user error, 2 below --min_processes,
+3 more than --max_restarts failures.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("num_processes", 1, "Worker processes to start.")
+flags.DEFINE_integer("devices_per_process", 1, "Devices per worker (CPU: forced host devices).")
+flags.DEFINE_integer("min_processes", 1, "Stop when fewer processes than this are available.")
+flags.DEFINE_integer("max_restarts", 10, "Stop after this many restarts caused by failures.")
+flags.DEFINE_float("hang_timeout", 300.0, "Seconds without a finished step before a worker "
+                   "counts as hung (keep above the longest eval / checkpoint pause).")
+flags.DEFINE_float("startup_timeout", 900.0, "Seconds from launch to a generation's first step.")
+flags.DEFINE_string("capacity_file", None, "File stating the capacity (`N`, `N K` or JSON); "
+                    "default W/elastic/capacity.")
+flags.DEFINE_float("rejoin_after", 0.0, "Seconds after which a lost worker slot is offered "
+                   "again (0: only when the capacity file says so).")
+flags.DEFINE_float("straggler_threshold", 1.5, "Slow: median step time above this many times "
+                   "the others' median ...")
+flags.DEFINE_integer("straggler_windows", 3, "... in this many consecutive windows ...")
+flags.DEFINE_integer("straggler_window_steps", 20, "... of this many steps.")
+flags.DEFINE_bool("replan_on_straggler", False, "Re-plan without a straggling process.")
+flags.DEFINE_float("straggler_cooldown", 600.0, "Seconds a straggler's slot sits out.")
+flags.DEFINE_integer("probe_every", 0, "Steps between per-device timing probes (0: off).")
+flags.DEFINE_integer("check_every", 10, "Steps between the workers' stop-request checks.")
+flags.DEFINE_float("stop_grace", 10.0, "Seconds between SIGTERM and SIGKILL when stopping.")
+flags.DEFINE_float("stop_timeout", 300.0, "Seconds a requested stop may take.")
+flags.DEFINE_enum("platform", "cpu", ["cpu", "gpu"], "Worker devices: forced host CPU devices "
+                  "(gloo collectives) or GPUs (CUDA_VISIBLE_DEVICES slices, NCCL).")
+flags.DEFINE_string("inject_delay", None, "Fault injection PROCESS:SECONDS (tests/benchmarks).")
+flags.DEFINE_string("train_script", None, "Worker program (default scripts/train.py); it gets "
+                    "the flags after `--` plus --mesh and --plan.")
+flags.DEFINE_bool("quiet", False, "Do not echo events to stderr.")
+
+
+def main(argv):
+  from jaxrec import launch  # pylint: disable=import-outside-toplevel
+  from jaxrec.elastic import supervisor  # pylint: disable=import-outside-toplevel
+  with launch.user_errors():
+    options = supervisor.Options(
+        num_processes=FLAGS.num_processes, devices_per_process=FLAGS.devices_per_process,
+        min_processes=FLAGS.min_processes, max_restarts=FLAGS.max_restarts,
+        hang_timeout=FLAGS.hang_timeout, startup_timeout=FLAGS.startup_timeout,
+        capacity_file=FLAGS.capacity_file, rejoin_after=FLAGS.rejoin_after,
+        straggler_threshold=FLAGS.straggler_threshold,
+        straggler_windows=FLAGS.straggler_windows,
+        straggler_window_steps=FLAGS.straggler_window_steps,
+        replan_on_straggler=FLAGS.replan_on_straggler,
+        straggler_cooldown=FLAGS.straggler_cooldown, probe_every=FLAGS.probe_every,
+        check_every=FLAGS.check_every, stop_grace=FLAGS.stop_grace,
+        stop_timeout=FLAGS.stop_timeout, platform=FLAGS.platform,
+        inject_delay=FLAGS.inject_delay)
+    if FLAGS.train_script:
+      options.train_script = FLAGS.train_script
+    echo = None if FLAGS.quiet else (
+        lambda r: print("event: " + json.dumps(r), file=sys.stderr, flush=True))
+    sup = supervisor.Supervisor(options, list(argv[1:]), echo=echo)
+    code = sup.run()
+  sys.exit(code)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,84 @@
+"""A stand-in for scripts/train.py in supervisor tests: no jax, a step is a short sleep.
+
+Reads --workdir, --num_steps, --checkpoint_every, --mesh, --step_s (seconds per step) and
+--error (print a user error and exit 1). Reports progress through `jaxrec.elastic.worker`
+like the real trainer, "checkpoints" by creating W/checkpoints/<step>/ (process 0), resumes
+from the newest one, stops when the supervisor asks and appends what it ran to
+W/fake_runs.jsonl. Processes do not talk to each other (no jax.distributed).
+"""
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from jaxrec.elastic import worker  # noqa: E402
+
+
+def main(argv):
+  args = dict(a[2:].partition("=")[::2] for a in argv if a.startswith("--"))
+  w, n = args["workdir"], int(args.get("num_steps", 100))
+  every, step_s = int(args.get("checkpoint_every", 5) or 5), float(args.get("step_s", 0.02))
+  if "error" in args:
+    print("error: --error: the fake trainer fails as asked", file=sys.stderr)
+    return 1
+  worker._agree = lambda flag: flag          # pylint: disable=protected-access
+  me = worker._worker()                      # pylint: disable=protected-access
+  me.write(w, {"phase": "initialized", "pid": os.getpid(), "init_s": 0.0})
+  ckpts = os.path.join(w, "checkpoints")
+  steps = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if os.path.isdir(ckpts) else []
+  start = max(steps, default=0)
+  with open(os.path.join(w, "fake_runs.jsonl"), "a") as f:
+    f.write(json.dumps({"generation": me.generation, "process": me.process,
+                        "processes": me.num_processes, "mesh": args.get("mesh"),
+                        "plan": args.get("plan"), "start": start}) + "\n")
+  for step in range(start + 1, n + 1):
+    if not wait_for_peers(w, me, step - 1, start):     # a peer stopped: stop after step - 1
+      if me.process == 0 and step - 1 > start:
+        os.makedirs(os.path.join(ckpts, str(step - 1)), exist_ok=True)
+      break
+    t0 = time.perf_counter()
+    time.sleep(step_s)
+    dt = time.perf_counter() - t0
+    stop = worker.report_progress(w, step, dt, host_time_s=dt)
+    if me.process == 0 and (step % every == 0 or step == n or stop):
+      os.makedirs(os.path.join(ckpts, str(step)), exist_ok=True)
+    if stop:
+      me.write(w, {"stopped_at": step})
+      break
+  print("done")
+  return 0
+
+
+def wait_for_peers(w, me, step, start):
+  """Lockstep like collectives: waits until every peer finished `step`; False if one
+  stopped instead."""
+  while True:
+    behind = False
+    for q in range(me.num_processes):
+      if q == me.process:
+        continue
+      last, stopped = start, False
+      path = worker.progress_path(w, q)
+      if os.path.exists(path):
+        with open(path) as f:
+          for line in f:
+            try:
+              r = json.loads(line)
+            except json.JSONDecodeError:
+              continue
+            if r.get("generation") == me.generation:
+              last = max(last, r.get("step", 0))
+              stopped = stopped or "stopped_at" in r
+      if stopped:
+        return False
+      behind = behind or last < step
+    if not behind:
+      return True
+    time.sleep(0.002)
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,130 @@
+"""Real multi-process training through scripts/launch.py (jax.distributed, gloo on CPU):
+2 processes x 4 devices equal 1 x 8; a killed, a hung worker; the minimum; growing back.
+
+Slow (each runs the trainer several times on 2 shared cores): `make test-slow`.
+"""
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from jaxrec.elastic.procs import latest_checkpoint
+from tests.elastic import elastic_testlib as t
+
+pytestmark = pytest.mark.slow
+STEPS = 30
+ELASTIC = ["--mesh=data=2,table=2,row=2,col=1", "--plan=auto", f"--num_steps={STEPS}",
+           "--log_every=1", "--checkpoint_every=5"]
+FAST_FAIL = ["--num_processes=2", "--devices_per_process=4", "--hang_timeout=20",
+             "--stop_grace=5"]
+SLOW = ["--inject_delay=0:0.15"]   # process 0 (so the job) sleeps 0.15 s a step: time to act
+
+
+def losses(workdir):
+  """`{step: loss}` (a step logged twice, before and after a restart: the later one)."""
+  return {m["step"]: m["loss"] for m in t.metrics(workdir) if "loss" in m}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """The uninterrupted 1 process x 8 devices run of ELASTIC."""
+  w = str(tmp_path_factory.mktemp("ref") / "w")
+  t.run_train(w, [*t.TINY, *ELASTIC], devices=8)
+  return losses(w)
+
+
+def test_two_processes_equal_one_process(tmp_path):
+  flags = [*t.TINY, "--mesh=table=2,row=2,col=2", "--plan=grid", "--num_steps=8",
+           "--log_every=1"]          # the table axis spans the processes: all_to_all over gloo
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  t.run_train(one, flags, devices=8)
+  proc = t.launch(two, ["--num_processes=2", "--devices_per_process=4"], flags)
+  assert t.finish(proc) == 0, open(os.path.join(two, "launch.log")).read()[-3000:]
+  a, b = losses(one), losses(two)
+  assert sorted(b) == list(range(1, 9))
+  np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-5)
+  ea, eb = t.metrics(one)[-1], t.metrics(two)[-1]
+  assert eb["eval_examples"] == ea["eval_examples"] == 1024
+  np.testing.assert_allclose(eb["eval_auc"], ea["eval_auc"], rtol=1e-5)
+  assert t.names(t.events(two)) == ["start", "plan", "launch", "initialized", "initialized",
+                                    "restore", "worker_exit", "worker_exit", "finished"]
+
+
+def test_killed_worker_job_finishes_on_smaller_mesh(tmp_path, reference):
+  w = str(tmp_path)
+  proc = t.launch(w, [*FAST_FAIL, *SLOW], [*t.TINY, *ELASTIC])
+  t.wait_for(lambda: t.last_step(w, 1) >= 12 and (latest_checkpoint(w) or 0) >= 10, 600,
+             "step 12", proc)
+  t.kill(t.worker_pids(w, 0)[1])
+  assert t.finish(proc) == 0, open(os.path.join(w, "launch.log")).read()[-3000:]
+  ev = t.events(w)
+  names = t.names(ev)
+  for name in ("worker_exit", "replan", "restore", "resume", "finished"):
+    assert name in names, names
+  exit_ev = next(e for e in ev if e["event"] == "worker_exit")
+  assert exit_ev["signal"] == "SIGKILL" and exit_ev["lost"] and exit_ev["process"] == 1
+  replan = next(e for e in ev if e["event"] == "replan")
+  assert replan["processes"] == 1 and replan["mesh"] == {"data": 1, "table": 2, "row": 2,
+                                                          "col": 1}
+  restore = [e for e in ev if e["event"] == "restore"][-1]
+  assert restore["step"] >= 10 and restore["step"] % 5 == 0 and not restore["fresh"]
+  assert ev[-1]["event"] == "finished" and ev[-1]["checkpoint"] == STEPS
+  # every example exactly once: the final checkpoint consumed STEPS batches, and the
+  # losses after the restart are those of the uninterrupted run (same data, same order)
+  assert t.checkpoint_data_state(w, STEPS)["position"] == STEPS * 256
+  got = losses(w)
+  assert sorted(got) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)],
+                             [reference[s] for s in range(1, STEPS + 1)], rtol=1e-5)
+
+
+def test_hung_worker_is_replaced(tmp_path, reference):
+  w = str(tmp_path)
+  proc = t.launch(w, [*FAST_FAIL, *SLOW], [*t.TINY, *ELASTIC])
+  t.wait_for(lambda: (latest_checkpoint(w) or 0) >= 5, 600, "checkpoint 5", proc)
+  t.kill(t.worker_pids(w, 0)[1], signal.SIGSTOP)
+  assert t.finish(proc) == 0, open(os.path.join(w, "launch.log")).read()[-3000:]
+  ev = t.events(w)
+  hang = next(e for e in ev if e["event"] == "hang")
+  assert hang["process"] == 1 and hang["state"] in ("T", "t")
+  assert next(e for e in ev if e["event"] == "replan")["processes"] == 1
+  assert "resume" in t.names(ev) and ev[-1]["event"] == "finished"
+  got = losses(w)
+  np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)],
+                             [reference[s] for s in range(1, STEPS + 1)], rtol=1e-5)
+
+
+def test_below_minimum_stops(tmp_path):
+  w = str(tmp_path)
+  proc = t.launch(w, [*FAST_FAIL, *SLOW, "--min_processes=2"], [*t.TINY, *ELASTIC])
+  t.wait_step(w, 0, 0, 3, timeout=600, proc=proc)
+  t.kill(t.worker_pids(w, 0)[0])
+  assert t.finish(proc) == 2
+  ev = t.events(w)
+  assert ev[-1]["event"] == "give_up" and ev[-1]["reason"] == "below_min"
+  assert "below --min_processes=2" in open(os.path.join(w, "launch.log")).read()
+
+
+def test_grows_back_when_capacity_returns(tmp_path, reference):
+  w = str(tmp_path)
+  os.makedirs(os.path.join(w, "elastic"))
+  with open(os.path.join(w, "elastic", "capacity"), "w") as f:
+    f.write("1 4\n")
+  proc = t.launch(w, [*FAST_FAIL, *SLOW, "--check_every=5"], [*t.TINY, *ELASTIC])
+  t.wait_step(w, 0, 0, 7, timeout=600, proc=proc)
+  with open(os.path.join(w, "elastic", "capacity"), "w") as f:
+    f.write(json.dumps({"num_processes": 2, "devices_per_process": 4}))
+  assert t.finish(proc) == 0, open(os.path.join(w, "launch.log")).read()[-3000:]
+  ev = t.events(w)
+  names = t.names(ev)
+  assert "scale_up" in names and "stop" not in names        # the worker stopped itself
+  plans = [e for e in ev if e["event"] in ("plan", "replan")]
+  assert [(p["processes"], p["mesh"]["data"]) for p in plans] == [(1, 1), (2, 2)]
+  restore = [e for e in ev if e["event"] == "restore"][-1]
+  assert restore["step"] >= 10 and restore["step"] % 5 == 0   # the stop step, saved on request
+  got = losses(w)
+  np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)],
+                             [reference[s] for s in range(1, STEPS + 1)], rtol=1e-5)

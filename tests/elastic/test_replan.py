@@ -1,0 +1,61 @@
+"""Re-planning: train flags, mesh candidates for a new device count, the planner's choice."""
+
+import pytest
+
+from jaxrec.elastic import replan
+from jaxrec.errors import ConfigError
+
+FLAGS = ["--workdir=/tmp/w", "--gin_file=configs/dlrm_synthetic.gin",
+         "--gin_bindings", "ExperimentConfig.batch_size=256", "--mesh", "data=2,table=2,row=2",
+         "--plan=auto", "--num_steps=7", "--noprogress"]
+
+
+def test_train_args_parse_and_replace_mesh_plan():
+  args = replan.TrainArgs.parse(FLAGS)
+  assert args.workdir == "/tmp/w" and args.num_steps == 7
+  assert args.get("gin_bindings") == ["ExperimentConfig.batch_size=256"]
+  argv = args.with_mesh_plan("data=1,table=2,row=2,col=1", "rw")
+  assert "--mesh" not in argv and "data=2,table=2,row=2" not in argv
+  assert argv[-2:] == ["--mesh=data=1,table=2,row=2,col=1", "--plan=rw"]
+  assert "--noprogress" in argv and "ExperimentConfig.batch_size=256" in argv
+  with pytest.raises(ConfigError, match="--workdir"):
+    replan.TrainArgs.parse(["--gin_file=x.gin"])
+
+
+def test_candidate_meshes_keep_model_axes_when_they_divide():
+  prev = {"data": 2, "table": 2, "row": 2, "col": 1}
+  assert replan.candidate_meshes(prev, 4)[0] == {"data": 1, "table": 2, "row": 2, "col": 1}
+  assert replan.candidate_meshes(prev, 16)[0] == {"data": 4, "table": 2, "row": 2, "col": 1}
+  first = replan.candidate_meshes({"data": 1, "table": 4, "row": 2, "col": 1}, 4)[0]
+  assert first["data"] == 1 and first["table"] * first["row"] == 4
+  assert all(s["data"] * s["table"] * s["row"] * s["col"] == 6
+             for s in replan.candidate_meshes(prev, 6))
+
+
+@pytest.fixture(scope="module")
+def config():
+  args = replan.TrainArgs.parse(FLAGS)
+  return args, replan.load_config(args)
+
+
+def test_choose_asks_the_planner(config):
+  args, cfg = config
+  choice = replan.choose(cfg, args, 1, 4, {"data": 2, "table": 2, "row": 2, "col": 1})
+  assert choice.mesh_flag == "data=1,table=2,row=2,col=1"
+  assert sum(choice.plan_kinds.values()) == 8 and choice.estimated_step_time_s > 0
+  assert choice.to_json()["devices"] == 4
+
+
+def test_best_choice_skips_process_counts_the_batch_does_not_divide(config):
+  args, cfg = config
+  choice, reasons = replan.best_choice(cfg, args, 3, 4, None)   # 12 devices: 256 % 12 != 0
+  assert choice.processes == 2 and "not divisible" in reasons[0]
+  none, reasons = replan.best_choice(cfg, args, 3, 4, None, minimum=3)
+  assert none is None and len(reasons) == 1
+
+
+def test_forced_plan_that_cannot_split_moves_to_another_mesh(config):
+  args, cfg = config
+  cw = replan.TrainArgs.parse(FLAGS[:-3] + ["--plan=cw"])
+  choice = replan.choose(cfg, cw, 1, 4, {"data": 1, "table": 1, "row": 1, "col": 32})
+  assert 16 % choice.mesh["col"] == 0      # dim 16: col=4 at most with 4 devices

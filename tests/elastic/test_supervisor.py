@@ -1,0 +1,166 @@
+"""The supervisor's decisions, with fake workers (tests/elastic/fake_train.py: no jax, a step
+is a short sleep): kill, hang, minimum, restarts, user error, capacity, stragglers."""
+
+import json
+import os
+import signal
+
+from tests.elastic import elastic_testlib as t
+
+FAKE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_train.py")
+TRAIN = ["--gin_file=configs/dlrm_synthetic.gin",
+         "--gin_bindings=ExperimentConfig.batch_size=256", "--mesh=data=2,table=2",
+         "--plan=auto", "--checkpoint_every=5"]
+QUICK = ["--devices_per_process=2", "--hang_timeout=4", "--startup_timeout=60",
+         "--stop_grace=2", "--check_every=5", f"--train_script={FAKE}"]
+
+
+def start(w, launch_flags, steps=150, step_s=0.03, extra=()):
+  return t.launch(str(w), [*QUICK, *launch_flags],
+                  [*TRAIN, f"--num_steps={steps}", f"--step_s={step_s}", *extra])
+
+
+def runs(w):
+  with open(os.path.join(w, "fake_runs.jsonl")) as f:
+    return [json.loads(l) for l in f]
+
+
+def final_checkpoint(w):
+  return max(int(d) for d in os.listdir(os.path.join(w, "checkpoints")) if d.isdigit())
+
+
+def test_killed_worker_shrinks_and_finishes(tmp_path):
+  w = str(tmp_path)
+  proc = start(w, ["--num_processes=2"])
+  t.wait_step(w, 1, 0, 20, timeout=120, proc=proc)
+  t.kill(t.worker_pids(w, 0)[1])
+  assert t.finish(proc) == 0, open(os.path.join(w, "launch.log")).read()[-2000:]
+  ev = t.events(w)
+  names = t.names(ev)
+  for name in ("worker_exit", "stop", "replan", "restore", "resume", "finished"):
+    assert name in names, names
+  assert names.index("worker_exit") < names.index("replan") < names.index("resume")
+  exit_ev = next(e for e in ev if e["event"] == "worker_exit")
+  assert exit_ev["process"] == 1 and exit_ev["signal"] == "SIGKILL" and exit_ev["lost"]
+  replan = next(e for e in ev if e["event"] == "replan")
+  assert replan["processes"] == 1 and replan["mesh"] == {"data": 1, "table": 2, "row": 1,
+                                                          "col": 1}
+  restore = [e for e in ev if e["event"] == "restore"][-1]
+  launch = [e for e in ev if e["event"] == "launch"][-1]
+  assert restore["step"] == launch["checkpoint"] >= 15
+  resume = next(e for e in ev if e["event"] == "resume")
+  assert set(resume["breakdown"]) == {"stop_s", "replan_s", "restart_s", "restore_s",
+                                      "compile_s"}
+  assert [(r["generation"], r["processes"], r["mesh"]) for r in runs(w)] == [
+      (0, 2, "data=2,table=2,row=1,col=1"), (0, 2, "data=2,table=2,row=1,col=1"),
+      (1, 1, "data=1,table=2,row=1,col=1")]
+  assert final_checkpoint(w) == 150
+  for e in ev:
+    assert isinstance(e["time"], float) and isinstance(e["event"], str)
+
+
+def test_hung_worker_is_treated_as_dead(tmp_path):
+  w = str(tmp_path)
+  proc = start(w, ["--num_processes=2"])
+  t.wait_step(w, 1, 0, 20, timeout=120, proc=proc)
+  t.kill(t.worker_pids(w, 0)[1], signal.SIGSTOP)
+  assert t.finish(proc) == 0
+  ev = t.events(w)
+  hang = next(e for e in ev if e["event"] == "hang")
+  assert hang["process"] == 1 and hang["seconds_without_progress"] >= 4
+  assert hang["state"] in ("T", "t")
+  assert next(e for e in ev if e["event"] == "replan")["processes"] == 1
+  assert "resume" in t.names(ev) and final_checkpoint(w) == 150
+
+
+def test_below_minimum_stops_with_a_message(tmp_path):
+  w = str(tmp_path)
+  proc = start(w, ["--num_processes=2", "--min_processes=2"])
+  t.wait_step(w, 1, 0, 10, timeout=120, proc=proc)
+  t.kill(t.worker_pids(w, 0)[0])
+  assert t.finish(proc) == 2
+  ev = t.events(w)
+  give_up = ev[-1]
+  assert give_up["event"] == "give_up" and give_up["reason"] == "below_min"
+  log = open(os.path.join(w, "launch.log")).read()
+  assert "error: only 1 process(es) of 2 device(s) available, below --min_processes=2" in log
+  assert "run the same command again to resume" in log
+  assert "replan" not in t.names(ev)
+  assert all(p is None or not _alive(p) for p in t.worker_pids(w, 0))
+
+
+def _alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  with open(f"/proc/{pid}/stat") as f:
+    return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_max_restarts(tmp_path):
+  w = str(tmp_path)
+  proc = start(w, ["--num_processes=2", "--max_restarts=0"])
+  t.wait_step(w, 1, 0, 10, timeout=120, proc=proc)
+  t.kill(t.worker_pids(w, 0)[1])
+  assert t.finish(proc) == 3
+  assert t.events(w)[-1]["reason"] == "max_restarts"
+  assert "exceed --max_restarts=0" in open(os.path.join(w, "launch.log")).read()
+
+
+def test_user_error_is_not_retried(tmp_path):
+  w = str(tmp_path)
+  proc = start(w, ["--num_processes=2"], extra=["--error"])
+  assert t.finish(proc) == 1
+  ev = t.events(w)
+  assert t.names(ev).count("launch") == 1
+  assert ev[-1]["event"] == "give_up" and ev[-1]["reason"] == "user_error"
+  assert "the fake trainer fails as asked" in open(os.path.join(w, "launch.log")).read()
+
+
+def test_capacity_file_grows_the_job_after_a_clean_stop(tmp_path):
+  w = str(tmp_path)
+  os.makedirs(os.path.join(w, "elastic"))
+  with open(os.path.join(w, "elastic", "capacity"), "w") as f:
+    f.write("1\n")
+  proc = start(w, ["--num_processes=2"], steps=200)
+  t.wait_step(w, 0, 0, 20, timeout=120, proc=proc)
+  with open(os.path.join(w, "elastic", "capacity"), "w") as f:
+    f.write(json.dumps({"num_processes": 2, "devices_per_process": 2}))
+  assert t.finish(proc) == 0
+  ev = t.events(w)
+  names = t.names(ev)
+  assert "scale_up" in names and "worker_exit" in names
+  stop = next(e for e in ev if e["event"] == "stop" or e["event"] == "replan")
+  assert stop["event"] == "replan" and stop["processes"] == 2   # workers stopped themselves
+  r = runs(w)
+  assert [(x["generation"], x["processes"]) for x in r] == [(0, 1), (1, 2), (1, 2)]
+  assert r[1]["start"] % 5 == 0 and r[1]["start"] >= 20      # the stop step's checkpoint
+  assert final_checkpoint(w) == 200
+
+
+def test_lost_slot_rejoins(tmp_path):
+  w = str(tmp_path)
+  proc = start(w, ["--num_processes=2", "--rejoin_after=2"], steps=300)
+  t.wait_step(w, 1, 0, 10, timeout=120, proc=proc)
+  t.kill(t.worker_pids(w, 0)[1])
+  assert t.finish(proc) == 0
+  ev = t.events(w)
+  names = t.names(ev)
+  assert names.index("replan") < names.index("scale_up")
+  assert [e["processes"] for e in ev if e["event"] in ("plan", "replan")] == [2, 1, 2]
+  assert any(e["event"] == "capacity" and e.get("source") == "rejoin" for e in ev)
+
+
+def test_straggler_is_reported_and_moved_off(tmp_path):
+  w = str(tmp_path)
+  proc = start(w, ["--num_processes=2", "--inject_delay=1:0.06", "--straggler_window_steps=5",
+                   "--replan_on_straggler"], steps=120, step_s=0.01)
+  assert t.finish(proc) == 0
+  ev = t.events(w)
+  s = next(e for e in ev if e["event"] == "straggler")
+  assert s["kind"] == "process" and s["process"] == 1 and s["windows"] == 3
+  assert s["ratio"] > 1.5 and s["action"] == "replan without it"
+  replan = next(e for e in ev if e["event"] == "replan")
+  assert replan["processes"] == 1 and replan["reason"] == "straggler process 1"
+  assert "finished" in t.names(ev)

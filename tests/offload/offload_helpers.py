@@ -1,0 +1,112 @@
+"""Tiny DLRM runs with and without offloaded tables, through the real train step."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+
+from jaxrec import offload
+from jaxrec.data.pipeline import TrainIterator, open_source
+from jaxrec.data.synthetic import SyntheticConfig
+from jaxrec.embedding import optimizers
+from jaxrec.embedding.collection import EmbeddingCollection
+from jaxrec.embedding.specs import FeatureSpec, TableSpec
+from jaxrec.models import DLRM
+from jaxrec.sharding.mesh import batch_sharding, make_mesh, parse_mesh_spec
+from jaxrec.sharding.plan import uniform_plan
+from jaxrec.train import state as state_lib
+from jaxrec.train import step as step_lib
+from jaxrec.train.config import ExperimentConfig, dense_optimizer
+
+DIM = 8
+BATCH = 128
+# "big" is offloaded (10,000 rows, 1,000 cached); "small" stays on the device. "big2"
+# reads the big table a second time (two features share it, one multi-hot).
+TABLES = (TableSpec("big", 10_000, DIM), TableSpec("small", 50, DIM))
+FEATURES = (FeatureSpec("f_big", "big"), FeatureSpec("f_small", "small"),
+            FeatureSpec("f_big2", "big", max_len=3, pooling="mean"))
+
+
+def experiment(opt="sgd"):
+  sparse = optimizers.sparse_optimizer(opt, lr=0.05)
+  return ExperimentConfig(embedding=(TABLES, FEATURES), model=DLRM((16, DIM), (16, 1)),
+                          batch_size=BATCH, dense_optimizer=dense_optimizer("sgd", 0.05),
+                          sparse_optimizer=sparse)
+
+
+def mesh_of(spec="single"):
+  if spec == "single":
+    return make_mesh({"data": 1}, jax.devices()[:1])
+  shape = parse_mesh_spec(spec, math.prod(int(p.split("=")[1]) for p in spec.split(",")))
+  return make_mesh(shape, jax.devices()[:math.prod(shape.values())])
+
+
+def train_iterator(seed=0):
+  source = open_source("synthetic", FEATURES, TABLES, seed=seed,
+                       synthetic=SyntheticConfig(zipf_exponent=1.05))
+  return TrainIterator(source, BATCH, seed, prefetch=0)
+
+
+def offload_config(tmp_path, cache_rows=1000, **kw):
+  table = kw.pop("table", {})
+  kw.setdefault("host_buffer_rows", 600)      # small: the writer thread flushes often
+  return offload.OffloadConfig(
+      tables=(offload.OffloadTable("big", cache_rows=cache_rows, path=str(tmp_path / "big"),
+                                   chunk_rows=64, **table),), **kw)
+
+
+class Run:
+  """One training run: collection, state, jitted step, iterator (optionally offloaded)."""
+
+  def __init__(self, config, mesh, off=None, plan="dp", seed=0, iterator=None):
+    self.config, self.off = config, off
+    tables = config.tables if off is None else offload.device_tables(
+        config.tables, off, config.sparse_tx())
+    self.collection = EmbeddingCollection.create(
+        tables, config.features, uniform_plan(plan, tables, mesh.shape["table"]), mesh,
+        config.sparse_tx())
+    self.state = state_lib.create(config, self.collection, seed)
+    shardings = state_lib.shardings(self.state, self.collection)
+    self.step_fn = step_lib.make_train_step(config, self.collection, shardings)
+    self.bs = batch_sharding(mesh)
+    it = iterator or train_iterator(seed)
+    self.tier = None
+    if off is not None:
+      self.tier = offload.OffloadTier(self.collection, config.tables, off,
+                                      key=offload.emb_init_key(seed))
+      it = self.tier.wrap(it)
+    self.it = it
+    self.losses = []
+
+  def train(self, steps):
+    for _ in range(steps):
+      batch = next(self.it)
+      self.collection.check_ids(batch.ids)
+      if self.tier is not None:
+        self.state = self.tier.before_step(self.state, batch)
+      self.state, metrics = self.step_fn(self.state, self.put(batch))
+      self.losses.append(float(metrics["loss"]))
+    return self
+
+  def put(self, batch):
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.bs, x), batch)
+
+  def full_tables(self):
+    """`{table: [rows, dim]}` and `{table: {opt: array}}` as numpy, offloaded ones from the
+    store after a flush."""
+    tables, opt = self.collection.unstack_tables(self.state["emb"])
+    tables = {k: np.asarray(v) for k, v in tables.items()}
+    opt = {k: {n: np.asarray(a) for n, a in v.items()} for k, v in opt.items()}
+    if self.tier is not None:
+      self.tier.flush(self.state)
+      for name, t in self.tier.tables.items():
+        tables[name] = t.store.read_all("table", 0, t.spec.rows)
+        opt[name] = {k[4:]: t.store.read_all(k, 0, t.spec.rows) for k in t.store.names
+                     if k != "table"}
+    return tables, opt
+
+  def close(self):
+    if self.tier is not None:
+      self.tier.close()

@@ -1,0 +1,120 @@
+"""Offloaded tables in checkpoints: consistent snapshots, restore on another device count,
+write-back failures that leave the last snapshot valid."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxrec import offload
+from jaxrec.offload.store import TableStore
+from tests.offload.offload_helpers import Run, experiment, mesh_of, offload_config
+
+
+def _host_state(run):
+  """The train state minus the tables as host arrays, and the per-table arrays."""
+  dense = jax.device_get({k: v for k, v in run.state.items() if k != "emb"})
+  tables, opt = run.collection.unstack_tables(run.state["emb"])
+  return dense, jax.device_get(tables), jax.device_get(opt)
+
+
+def _load(run, dense, tables, opt):
+  """Puts a saved state into `run` (another mesh/plan): dense replicated, tables stacked."""
+  shardings = jax.tree.map(lambda x: x.sharding, run.state)
+  emb = run.collection.stack_tables(tables, opt if any(opt.values()) else None)
+  state = dict(dense, emb=emb)
+  state["rng"] = dense["rng"]
+  run.state = jax.device_put(state, shardings)
+
+
+def _snapshot_arrays(path, opt="adagrad"):
+  store = TableStore(experiment(opt).tables[0], offload.OffloadTable("big", cache_rows=1),
+                     experiment(opt).sparse_tx(), str(path))
+  store.open_existing()
+  return {n: store.read_all(n, 0, 10_000) for n in store.names}
+
+
+def test_snapshot_holds_the_tables_of_its_step(tmp_path):
+  cfg = experiment("adagrad")
+  ref = Run(cfg, mesh_of()).train(12)
+  off = Run(cfg, mesh_of(), offload_config(tmp_path / "store", prefetch_depth=3)).train(12)
+  try:
+    off.tier.save(off.state, 12, str(tmp_path / "snaps"))
+    off.train(5)                                   # keeps writing to the live store
+    tables, opt = ref.full_tables()
+    snap = _snapshot_arrays(tmp_path / "snaps" / "12" / "big")
+    np.testing.assert_allclose(snap["table"], tables["big"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(snap["opt.accum"], opt["big"]["accum"], rtol=0, atol=1e-6)
+  finally:
+    off.close()
+
+
+def test_restore_on_another_device_count_continues_the_run(tmp_path):
+  cfg = experiment("sgd")
+  a = Run(cfg, mesh_of(), offload_config(tmp_path / "a", prefetch_depth=2)).train(10)
+  try:
+    a.tier.save(a.state, 10, str(tmp_path / "snaps"))
+    saved, data_state = _host_state(a), a.it.get_state()
+    a.train(10)
+  finally:
+    a.close()
+  b = Run(cfg, mesh_of("row=2"), offload_config(tmp_path / "b", prefetch_depth=1), plan="rw")
+  try:
+    b.tier.restore(10, str(tmp_path / "snaps"))
+    b.it.set_state(data_state)
+    _load(b, *saved)
+    b.train(10)
+    np.testing.assert_allclose(b.losses, a.losses[10:], rtol=0, atol=1e-5)
+    with pytest.raises(offload.OffloadError, match="not yet in the stores"):
+      b.it.set_state(data_state)                   # the cache holds unsaved rows
+    with pytest.raises(offload.OffloadError, match="no offload snapshot for checkpoint step 7"):
+      b.tier.restore(7, str(tmp_path / "snaps"))
+  finally:
+    b.close()
+
+
+class _FailingWrites:
+  """A tensorstore array whose writes fail as a full disk would."""
+
+  def __init__(self, arr):
+    self.arr = arr
+
+  def __getitem__(self, index):
+    sel = self.arr[index]
+
+    class Sel:
+      read = sel.read
+
+      def write(self, values):
+        raise ValueError("UNKNOWN: Error writing local file: No space left on device")
+    return Sel()
+
+  def __getattr__(self, name):
+    return getattr(self.arr, name)
+
+
+def test_write_back_failure_is_a_clear_error_and_the_snapshot_stays_valid(tmp_path):
+  cfg = experiment("adagrad")
+  off = Run(cfg, mesh_of(), offload_config(tmp_path / "store", prefetch_depth=2,
+                                            host_buffer_rows=300)).train(8)
+  try:
+    off.tier.save(off.state, 8, str(tmp_path / "snaps"))
+    before = _snapshot_arrays(tmp_path / "snaps" / "8" / "big")
+    store = off.tier.tables["big"].store
+    store.arrays["table"] = _FailingWrites(store.arrays["table"])
+    with pytest.raises(offload.OffloadError, match="write-back of .* failed: .*No space left"):
+      off.train(40)
+    with pytest.raises(offload.OffloadError):
+      off.tier.save(off.state, 9, str(tmp_path / "snaps"))
+  finally:
+    off.close()
+  assert offload.snapshots.steps(str(tmp_path / "snaps")) == [8]
+  after = _snapshot_arrays(tmp_path / "snaps" / "8" / "big")
+  for name in before:
+    np.testing.assert_array_equal(after[name], before[name])
+  fresh = Run(cfg, mesh_of(), offload_config(tmp_path / "fresh"))
+  try:
+    fresh.tier.restore(8, str(tmp_path / "snaps"))
+    np.testing.assert_array_equal(fresh.tier.tables["big"].store.read_all("table", 0, 10_000),
+                                  before["table"])
+  finally:
+    fresh.close()

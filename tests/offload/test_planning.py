@@ -1,0 +1,84 @@
+"""The planner offloads tables that do not fit the device memory budget."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from jaxrec import offload
+from jaxrec.embedding import optimizers
+from jaxrec.embedding.specs import FeatureSpec, TableSpec
+from jaxrec.errors import ConfigError
+
+TABLES = (TableSpec("huge", 8_000_000, 16), TableSpec("mid", 1_000_000, 16),
+          TableSpec("small", 10_000, 16))
+FEATURES = tuple(FeatureSpec(f"f_{t.name}", t.name) for t in TABLES)
+MESH = {"data": 1}
+BUDGET = 200 * 2**20          # the huge table alone is 512 MB with its Adagrad state
+ADAGRAD = optimizers.RowWiseAdagrad()
+
+
+def _plan(config):
+  return offload.plan_with_offload(TABLES, FEATURES, MESH, config, ADAGRAD, BUDGET, 512)
+
+
+def test_auto_offloads_the_biggest_table_until_the_plan_fits():
+  result, config, specs = _plan(offload.OffloadConfig(auto=True))
+  assert [t.name for t in config.tables] == ["huge"]
+  assert config.tables[0].cache_rows == 800_000
+  assert {t.name: t.rows for t in specs} == {"huge": 800_000, "mid": 1_000_000, "small": 10_000}
+  assert set(result.plan.placements) == {"huge", "mid", "small"}
+  assert any("offloaded 'huge'" in n and "auto" in n for n in result.notes)
+
+
+def test_configured_offload_is_planned_with_its_cache():
+  cfg = offload.OffloadConfig({"huge": {"cache_bytes": 32 * 2**20}})
+  result, config, specs = _plan(cfg)
+  assert config.tables == cfg.tables
+  assert dict((t.name, t.rows) for t in specs)["huge"] == 32 * 2**20 // (16 * 4 + 4)
+  assert any("offloaded 'huge'" in n for n in result.notes)
+
+
+def test_without_auto_a_plan_that_does_not_fit_is_an_error():
+  with pytest.raises(ConfigError, match="auto=False"):
+    _plan(offload.OffloadConfig())
+
+
+def test_trainer_hooks_forced_plan_and_no_offload():
+  from jaxrec.train.config import ExperimentConfig, RunOptions
+  from jaxrec.models import DLRM
+  config = ExperimentConfig(embedding=(TABLES, FEATURES), model=DLRM((16,), (1,)),
+                            sparse_optimizer=ADAGRAD)
+  options = RunOptions(plan="rw", mesh="row=2", memory_per_device=BUDGET)
+  cfg = offload.OffloadConfig({"huge": {"cache_rows": 100_000}})
+  plan, result, tables, off = offload.choose_plan(config, options, {"row": 2}, cfg)
+  assert plan["huge"].kind == "rw" and dict((t.name, t.rows) for t in tables)["huge"] == 100_000
+  assert off is cfg and result.plan == plan
+  _, _, tables, off = offload.choose_plan(config, RunOptions(plan="dp"), {"data": 1},
+                                          offload.OffloadConfig())
+  assert tables == TABLES and not off.tables
+  assert offload.make_tier(None, config, off, 0, "/tmp") is None
+
+
+def test_table_over_the_budget_trains_offloaded(tmp_path):
+  """End to end: the planner offloads the table that does not fit; training matches."""
+  from tests.offload.offload_helpers import BATCH, Run, experiment, mesh_of
+  cfg = experiment("sgd")
+  budget = 200_000        # bytes: the 10,000 x 8 table alone is 320,000
+  with pytest.raises(ConfigError, match="fits no placement"):
+    offload.plan_with_offload(cfg.tables, cfg.features, MESH, offload.OffloadConfig(),
+                              cfg.sparse_tx(), budget, BATCH)
+  auto = offload.OffloadConfig(auto=True, prefetch_depth=2,
+                               host_buffer_rows=600)
+  _, off, tables = offload.plan_with_offload(cfg.tables, cfg.features, MESH, auto,
+                                             cfg.sparse_tx(), budget, BATCH)
+  # cache: 10% of the rows, but at least the ids of 3 batches (128 x 4 ids each)
+  assert [(t.name, t.rows) for t in tables] == [("big", 1536), ("small", 50)]
+  off = off.with_tables([dataclasses.replace(t, path=str(tmp_path / t.name))
+                         for t in off.tables])
+  ref = Run(cfg, mesh_of()).train(8)
+  run = Run(cfg, mesh_of(), off).train(8)
+  try:
+    np.testing.assert_allclose(run.losses, ref.losses, rtol=0, atol=1e-6)
+  finally:
+    run.close()
