@@ -32,6 +32,7 @@ Usage (trainer):
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import time
 from typing import Any, Mapping, NamedTuple
 
@@ -134,7 +135,7 @@ class CheckpointManager:
   def __init__(self, directory: epath.PathLike, max_to_keep: int | None = 3,
                save_every: int = 0, async_save: bool = True, read_only: bool = False,
                chunk_bytes: int = tables_lib.CHUNK_BYTES):
-    self.directory = epath.Path(directory)
+    self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
     self.save_every = int(save_every)
     self.read_only = read_only
     self._chunk_bytes = int(chunk_bytes)

@@ -62,7 +62,7 @@ class Options:
   replan_on_straggler: bool = False
   straggler_cooldown: float = 600.0
   probe_every: int = 0
-  check_every: int = 10
+  check_every: int = 50            # steps between the workers' stop-request checks
   stop_grace: float = 10.0
   stop_timeout: float = 300.0       # a requested stop: wait this long for the checkpoint
   platform: str = "cpu"
@@ -274,7 +274,7 @@ class Supervisor:
         stragglers.Detector("process", self.o.straggler_threshold, self.o.straggler_windows,
                             self.o.straggler_window_steps),
         stragglers.Detector("shard", self.o.straggler_threshold, self.o.straggler_windows,
-                            self.o.straggler_window_steps))
+                            max(self.o.straggler_window_steps, 3 * self.o.probe_every)))
     self.events.emit("launch", generation=g, processes=choice.processes,
                      coordinator=f"127.0.0.1:{port}", mesh=choice.mesh_flag, plan=choice.plan,
                      pids=[p.popen.pid for p in self.procs],

@@ -9,7 +9,7 @@ without them every function here is a no-op (a plain single-process run):
   JAXREC_ELASTIC_WORKDIR      the run's workdir (progress files, stop requests)
   JAXREC_ELASTIC_GENERATION   restart counter of the job (0, 1, ...)
   JAXREC_ELASTIC_PLATFORM     cpu (collectives over gloo) or gpu (NCCL)
-  JAXREC_ELASTIC_CHECK_EVERY  steps between stop-request checks (default 10)
+  JAXREC_ELASTIC_CHECK_EVERY  steps between stop-request checks (default 50)
   JAXREC_ELASTIC_PROBE_EVERY  steps between per-device timing probes (0: never)
   JAXREC_ELASTIC_INJECT_DELAY fault injection for tests and benchmarks, `PROCESS:SECONDS`:
                               that process spends SECONDS more host time per step
@@ -62,7 +62,7 @@ class _Worker:
     self.process = int(env.get(ENV_PROCESS_ID, 0))
     self.num_processes = int(env.get(ENV_NUM_PROCESSES, 1))
     self.workdir = env.get(ENV_WORKDIR)
-    self.check_every = max(int(env.get(ENV_CHECK_EVERY, 10)), 1)
+    self.check_every = max(int(env.get(ENV_CHECK_EVERY, 50)), 1)
     self.probe_every = int(env.get(ENV_PROBE_EVERY, 0))
     self.delay = 0.0
     spec = env.get(ENV_INJECT_DELAY, "")
@@ -174,27 +174,27 @@ def _agree(flag: bool) -> bool:
 _PROBE = {}
 
 
-def probe_local_devices(size: int = 128, repeats: int = 3) -> dict[str, float]:
+def probe_local_devices(size: int = 256, repeats: int = 5) -> dict[str, float]:
   """Seconds of a small matmul on each local device: `{"device:<id>": seconds}`.
 
-  Waits for each device's queue first, so it measures the device, not the work queued on
-  it; the best of `repeats` runs.
+  First waits for every local device's queue (so it measures the devices, not the work
+  queued on them), then takes each device's best of `repeats` runs, round-robin.
   """
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   if "fn" not in _PROBE:
     _PROBE["fn"] = jax.jit(lambda x: (x @ x).sum())
-  fn = _PROBE["fn"]
-  out = {}
-  for d in jax.local_devices():
-    x = _PROBE.get(d.id)
-    if x is None:
-      x = _PROBE[d.id] = jax.device_put(jnp.ones((size, size), jnp.float32), d)
-    fn(x).block_until_ready()        # drain the queue, compile once
-    best = float("inf")
-    for _ in range(repeats):
+  fn, devices = _PROBE["fn"], jax.local_devices()
+  xs = []
+  for d in devices:
+    if (d.id, size) not in _PROBE:
+      _PROBE[d.id, size] = jax.device_put(jnp.ones((size, size), jnp.float32), d)
+    xs.append(_PROBE[d.id, size])
+  jax.block_until_ready([fn(x) for x in xs])     # drain every queue, compile once
+  best = [float("inf")] * len(xs)
+  for _ in range(repeats):
+    for i, x in enumerate(xs):
       t0 = time.perf_counter()
       fn(x).block_until_ready()
-      best = min(best, time.perf_counter() - t0)
-    out[f"device:{d.id}"] = best
-  return out
+      best[i] = min(best[i], time.perf_counter() - t0)
+  return {f"device:{d.id}": t for d, t in zip(devices, best)}

@@ -5,7 +5,9 @@ One directory per table holds one tensorstore array per piece:
     <path>/table/        [rows, dim]  the embedding rows
     <path>/opt.<name>/   [rows, dim] or [rows]  per `optimizer.state_layout()` entry
 
-Chunks are `[chunk_rows, ...]`, uncompressed. Writes go to whole chunks (tensorstore reads,
+Chunks are `[chunk_rows, ...]`, uncompressed. Reads and writes use separate handles with
+separate I/O thread pools (writes: 2 threads, in pieces of 2048 rows), so the reads the next
+steps wait for do not queue behind a write-back. Writes go to whole chunks (tensorstore reads,
 modifies and replaces a chunk file by rename), so a write never changes a file in place:
 a snapshot made of hard links to the chunk files stays valid while training goes on
 (`snapshot` / `restore_snapshot`; falls back to copying where links are impossible).
@@ -35,6 +37,16 @@ from jaxrec.offload.config import OffloadError, OffloadTable
 
 TABLE = "table"
 _INIT_BLOCK_ROWS = 1 << 18
+_WRITE_PIECE_ROWS = 2048    # a write-back goes in pieces, so reads are not queued behind it
+
+
+def _contexts() -> tuple[ts.Context, ts.Context]:
+  """(read, write) contexts: writes get 2 file I/O threads of their own, so the reads the
+  next steps wait for never queue behind a large write-back."""
+  read = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+  write = ts.Context({"cache_pool": {"total_bytes_limit": 0},
+                      "file_io_concurrency": {"limit": 2}, "data_copy_concurrency": {"limit": 1}})
+  return read, write
 
 
 # ------------------------------------------------------------------------------- init
@@ -97,8 +109,9 @@ class TableStore:
   def __init__(self, spec: TableSpec, off: OffloadTable, optimizer, path: str):
     self.spec, self.off, self.path = spec, off, path
     self.layout = dict(optimizer.state_layout())   # name -> (per, initial)
-    self._ctx = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
-    self.arrays: dict[str, ts.TensorStore] = {}
+    self._ctx, self._write_ctx = _contexts()
+    self.arrays: dict[str, ts.TensorStore] = {}     # write handles
+    self.readers: dict[str, ts.TensorStore] = {}    # read handles (another I/O pool)
 
   @property
   def names(self) -> tuple[str, ...]:
@@ -132,9 +145,10 @@ class TableStore:
       spec = dict(self._spec(name), create=True, delete_existing=True,
                   schema={"fill_value": fill},
                   **_driver_metadata(self.off.driver, shape, chunks, self.array_dtype(name)))
-      self.arrays[name] = self._open(spec, "create")
+      self.readers[name] = self._open(spec, "create")
     if key is not None:
       self._write_init(key)
+    self._open_writers()
 
   def open_existing(self) -> None:
     """Opens arrays already at `path`; checks their shape and dtype."""
@@ -147,11 +161,19 @@ class TableStore:
             f"offloaded table '{self.spec.name}': tensorstore array {self._where(name)} has "
             f"shape {list(shape)} and dtype {arr.dtype.numpy_dtype}, expected {list(want)} "
             f"and {want_dtype}")
-      self.arrays[name] = arr
+      self.readers[name] = arr
+    self._open_writers()
 
-  def _open(self, spec: dict, what: str) -> ts.TensorStore:
+  def _open_writers(self) -> None:
+    if self.off.kvstore == "memory":    # one store per context: share the handles
+      self.arrays = dict(self.readers)
+      return
+    self.arrays = {name: self._open(dict(self._spec(name), open=True), "open", self._write_ctx)
+                   for name in self.names}
+
+  def _open(self, spec: dict, what: str, context: ts.Context | None = None) -> ts.TensorStore:
     try:
-      return ts.open(spec, context=self._ctx).result()
+      return ts.open(spec, context=context or self._ctx).result()
     except Exception as e:  # tensorstore raises ValueError/OSError with a status text
       raise ConfigError(f"offloaded table '{self.spec.name}': cannot {what} tensorstore "
                         f"array {self._where(spec['kvstore'])}: {_status(e)}") from None
@@ -163,17 +185,18 @@ class TableStore:
   def _write_init(self, key: jax.Array) -> None:
     exact = _exact_init_supported(str(jax.random.key_impl(key)), self.spec.dim)
     rows = self.spec.rows
+    arr = self.readers[TABLE]
     if not exact:   # jax's RNG changed: take the whole on-device init (small tables only)
-      self.arrays[TABLE].write(np.asarray(init_table(key, self.spec))).result()
+      arr.write(np.asarray(init_table(key, self.spec))).result()
       return
     for start in range(0, rows, _INIT_BLOCK_ROWS):
       stop = min(rows, start + _INIT_BLOCK_ROWS)
-      self.arrays[TABLE][start:stop].write(init_rows(key, self.spec, start, stop)).result()
+      arr[start:stop].write(init_rows(key, self.spec, start, stop)).result()
 
   # ----------------------------------------------------------------------------- rows
   def read(self, rows: np.ndarray) -> "PendingRead":
     """Starts reading `rows` (sorted unique int64) from every array."""
-    futures = {name: arr[rows].read() for name, arr in self.arrays.items()} if len(rows) \
+    futures = {name: arr[rows].read() for name, arr in self.readers.items()} if len(rows) \
         else {}
     return PendingRead(self, rows, futures)
 
@@ -184,16 +207,18 @@ class TableStore:
       return
     order = np.argsort(rows, kind="stable")
     try:
-      futures = [self.arrays[name][rows[order]].write(values[name][order])
-                 for name in self.names]
-      for f in futures:
-        f.result()
+      for start in range(0, len(rows), _WRITE_PIECE_ROWS):
+        piece = order[start:start + _WRITE_PIECE_ROWS]
+        futures = [self.arrays[name][rows[piece]].write(values[name][piece])
+                   for name in self.names]
+        for f in futures:
+          f.result()
     except Exception as e:
       raise OffloadError(f"offloaded table '{self.spec.name}': write-back of {len(rows)} rows "
                          f"to {self._where(TABLE)} failed: {_status(e)}") from None
 
   def read_all(self, name: str, start: int, stop: int) -> np.ndarray:
-    return self.arrays[name][start:stop].read().result()
+    return self.readers[name][start:stop].read().result()
 
   # ----------------------------------------------------------------------------- snapshots
   def snapshot(self, dst: str) -> None:
@@ -208,9 +233,9 @@ class TableStore:
     """Replaces the arrays by the snapshot in `src` and reopens them."""
     if not os.path.isdir(src):
       raise OffloadError(f"offloaded table '{self.spec.name}': snapshot {src} is missing")
-    self.arrays = {}
+    self.arrays, self.readers = {}, {}
+    self._ctx, self._write_ctx = _contexts()
     if self.off.kvstore == "memory":
-      self._ctx = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
       self.create(None)
       for name in self.names:
         src_arr = ts.open({"driver": self.off.driver,
@@ -220,7 +245,6 @@ class TableStore:
       return
     shutil.rmtree(self.path, ignore_errors=True)
     _link_tree(src, self.path)
-    self._ctx = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
     self.open_existing()
 
 
@@ -263,7 +287,7 @@ def _link_tree(src: str, dst: str) -> None:
 def _copy_arrays(store: TableStore, dst: str) -> None:
   """Copies a memory-backed store into zarr files under `dst`."""
   for name in store.names:
-    arr = store.arrays[name]
+    arr = store.readers[name]
     shape = tuple(arr.domain.shape)
     chunks = (store.off.chunk_rows,) + shape[1:]
     dtype = store.array_dtype(name)

@@ -42,6 +42,6 @@ def bad_row_metrics(*sources) -> dict[str, Any]:
 
 def checkpointer(workdir, options) -> CheckpointManager:
   """`W/checkpoints`: saves every `--checkpoint_every` steps (and forced at the end)."""
-  return CheckpointManager(os.path.join(workdir, "checkpoints"),
+  return CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                            max_to_keep=options.keep_checkpoints,
                            save_every=options.checkpoint_every)
