@@ -15,6 +15,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory (metrics, checkpoints, config).")
@@ -38,6 +39,9 @@ flags.DEFINE_bool("progress", True, "Show a progress bar when stderr is a termin
 
 
 def main(argv):
+  # Library chatter (orbax, jax) at WARNING; jaxrec's own progress lines at INFO.
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger("jaxrec").setLevel(logging.INFO)
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
   from jaxrec import elastic  # pylint: disable=import-outside-toplevel

@@ -116,7 +116,8 @@ class OffloadConfig:
     protect_ahead: H, rows needed by the next H batches are evicted last; None = K.
     max_staleness: S, a missing row whose newest value is still on its way back from the
       device may be installed from its older host/disk value when that value lacks at most
-      S of the row's updates (those updates are then lost); 0 is exact.
+      S of the row's updates (those updates are then lost); 0 is exact (and, as the newest
+      value is copied on the device, costs no waiting; see `tier`).
     host_buffer_rows: evicted rows kept in host memory before they are written to the
       store (write combining: one write per chunk for many rows); they also serve reads.
     auto: let `planning.plan_with_offload` offload the largest tables when they do not fit.

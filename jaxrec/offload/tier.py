@@ -17,21 +17,25 @@ Threads, in step order (K = `prefetch_depth`, H = `protect_ahead`):
            the rows of batch t+K to cache slots (`CacheMap`: sampled LFU, rows the next H
            batches need evicted last), fetches the missing rows (host buffer, else store),
            copies them to the device and queues the plan. K=0: the training thread plans.
-  training `before_step`: one jitted install writes the new rows (and optimizer state)
-           into their slots and returns the rows they held (the victims).
-  fetcher  copies the victims to host, into the host write-back buffer (`HostBuffer`).
+  training `before_step`: a jitted gather reads the rows about to be replaced (the
+           victims, kept on the device as this step's eviction), then a jitted install
+           writes the new rows (and optimizer state) into their slots, in place.
+  fetcher  copies each eviction to host, into the host write-back buffer (`HostBuffer`).
   writer   flushes the buffer to the store when half full (one write per touched chunk).
 
-Exactness (S = `max_staleness` = 0): a missing row's newest value is in the device cache
-(not possible: it is missing), in an eviction not yet fetched, in the host buffer, or in
-the store, in that order of recency. The planner waits for the eviction holding it, reads
-the buffer, then the store; an entry leaves the buffer only after its write committed. So
-every step reads exactly the values the all-on-device table would hold.
+Exactness (S = `max_staleness` = 0): a missing row's newest value is in an eviction not yet
+fetched, else in the host buffer, else in the store (an entry leaves the buffer only after
+its write committed). The planner takes rows of the first kind from the eviction's device
+arrays (the install copies them on the device: no waiting for the copy back; beyond two
+such evictions in one step it waits for the extra ones), the others from the buffer, then
+the store. So every step reads exactly the values the all-on-device table would hold.
 
-Bounded staleness (S > 0): when the newest value is still in an unfetched eviction and the
-older value (buffer/store) lacks at most S updates of that row (its uses while cached), the
-planner installs the older value instead of waiting; the missed updates are lost, as in
-asynchronous SGD. Stale installs are counted in `stats()`.
+Bounded staleness (S > 0): a row whose newest value is in an unfetched eviction, while its
+buffer/store value lacks at most S of its updates (its uses while cached), is installed
+from that older value; the missed updates are lost, as in asynchronous SGD. Stale installs
+and the most updates one lacked are in `stats()`. With the device copy above, S = 0 costs
+no waiting, so S > 0 only saves that small copy; it is there for stores with several
+writers, where the newest value may be out of reach.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from jaxrec.offload.buffer import HostBuffer
 from jaxrec.offload.cache import CacheMap
 from jaxrec.offload.config import OffloadConfig, OffloadError, check_tables
 from jaxrec.offload.device import DeviceOps, cache_places, global_rows, pad_rows, padded
+from jaxrec.offload.evictions import Eviction, newest_in_flight
 from jaxrec.offload.store import TABLE, TableStore
 
 _POLL = 0.05
@@ -72,18 +77,6 @@ class _Table:
   features: tuple[str, ...]
   place: Any
   resident: np.ndarray          # [cache_rows] row in each slot after the last install (-1)
-
-
-@dataclasses.dataclass
-class _Eviction:
-  """Rows one install takes out of one table's cache, until they are in the host buffer."""
-  table: str
-  step: int
-  rows: np.ndarray              # [m] evicted rows, sorted
-  uses: np.ndarray              # [m] their updates while cached
-  pos: np.ndarray               # [m] their positions in the install arrays
-  device: Any = None
-  fetched: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
 @dataclasses.dataclass
@@ -336,7 +329,7 @@ class OffloadTier:
       valid = np.flatnonzero(a.victims >= 0)
       if len(valid):
         order = valid[np.argsort(a.victims[valid])]
-        ev = _Eviction(name, seq, a.victims[order], a.victim_uses[order], order)
+        ev = Eviction(name, seq, a.victims[order], a.victim_uses[order], order)
         with self._cv:
           self._inflight.append(ev)
         evictions.append(ev)
@@ -397,43 +390,26 @@ class OffloadTier:
     return bounce, result
 
   def _in_flight(self, t: _Table, rows: np.ndarray):
-    """Rows whose newest value is in an eviction not yet in the host buffer (its copy
-    back from the device is under way): `([(eviction, src, dst)], late [n] bool)`. Those
-    rows are copied on the device from the eviction's arrays (`src` positions there,
-    `dst` positions in `rows`) — exact, and no waiting. With `max_staleness` S > 0 a row
-    whose host/store value lacks at most S updates takes that value instead (stale)."""
+    """Rows whose newest value is in an eviction not yet in the host buffer:
+    `([(eviction, src, dst)], late [n] bool)`; the install copies them on the device
+    (`evictions.newest_in_flight`; beyond `_BOUNCE_SOURCES` evictions, waits instead)."""
     with self._cv:
       recs = [e for e in self._inflight if e.table == t.spec.name and not e.fetched.is_set()]
-    late = np.zeros(len(rows), bool)
     if not recs:
-      return [], late
-    missing = np.zeros(len(rows), np.int64)
-    newest = np.full(len(rows), -1)
-    newest_pos = np.zeros(len(rows), np.int64)
-    for k, ev in enumerate(recs):        # oldest first: the last match is the newest value
-      pos = np.minimum(np.searchsorted(ev.rows, rows), len(ev.rows) - 1)
-      inside = ev.rows[pos] == rows
-      missing[inside] += ev.uses[pos[inside]]
-      newest[inside], newest_pos[inside] = k, pos[inside]
-    s = self.config.max_staleness
-    late = missing > s if s > 0 else missing > 0
-    stale = (missing > 0) & ~late
-    if stale.any():
-      self._stats["stale_rows"] += int(stale.sum())
+      return [], np.zeros(len(rows), bool)
+    found = newest_in_flight(recs, rows, self.config.max_staleness)
+    if found.stale.any():
+      self._stats["stale_rows"] += int(found.stale.sum())
       self._stats["max_stale_updates"] = max(self._stats["max_stale_updates"],
-                                             int(missing[stale].max()))
-    sources = np.unique(newest[late])
-    for k in sources[:-_BOUNCE_SOURCES]:  # rare: more evictions than install takes; wait
+                                             int(found.missing[found.stale].max()))
+    groups = found.groups(recs)
+    for k, _, dst in groups[:-_BOUNCE_SOURCES]:   # rare: more than an install takes; wait
       self._stats["fetch_waits"] += 1
       while not recs[k].fetched.wait(_POLL):
         if self._stop.is_set() or self._error is not None:
           raise OffloadError("offload pipeline stopped")
-      late &= newest != k
-    bounce = []
-    for k in sources[-_BOUNCE_SOURCES:]:
-      dst = np.flatnonzero(late & (newest == k))
-      bounce.append((recs[k], recs[k].pos[newest_pos[dst]], dst))
-    return bounce, late
+      found.late[dst] = False
+    return [(recs[k], src, dst) for k, src, dst in groups[-_BOUNCE_SOURCES:]], found.late
 
   def _read_latest(self, t: _Table, rows: np.ndarray) -> dict[str, np.ndarray]:
     """Newest host/store values of rows that are not cached (all evictions fetched)."""
@@ -455,7 +431,7 @@ class OffloadTier:
     self._fetch_q: queue.Queue = queue.Queue()
     self._window: collections.deque = collections.deque()
     self._handed: collections.deque = collections.deque()
-    self._inflight: list[_Eviction] = []
+    self._inflight: list[Eviction] = []
     self._installed = self._fetched = 0
     self._error: BaseException | None = None
     self._last_state = None
