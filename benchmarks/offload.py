@@ -14,8 +14,9 @@ permutation), `f1..f25` read 100,000-row tables. Runs (`--runs`), each on the sa
   stale     the same as offload with bounded staleness S = `--staleness`
 
 Each offloaded run first trains until its cache is full (steady state: every step evicts),
-then `--warmup` more steps (every run), then all runs are timed in `--rounds` interleaved blocks of `--steps / --rounds` steps, so
-that load from other processes on the machine hits every run alike. The id stream is
+then `--warmup` more steps (every run); then all runs are timed in `--rounds` interleaved
+blocks of `--steps / --rounds` steps, so that load from other processes on the machine
+hits every run alike. The id stream is
 precomputed (a long stream for the large table, `--stream_steps` batches, so the cache sees
 fresh rows all along; small tables, dense features and labels cycle a pool): the runs
 measure training, not data generation. Prints one line per run and a summary line with

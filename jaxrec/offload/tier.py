@@ -46,7 +46,7 @@ import dataclasses
 import queue
 import threading
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np

@@ -69,3 +69,36 @@ def test_buffer_too_small_for_an_eviction():
   buf = HostBuffer("big", 100, 2, {"table": (2,)}, {"table": "float32"})
   with pytest.raises(OffloadError, match="host_buffer_rows"):
     buf.put(np.array([1, 2, 3]), {"table": np.zeros((3, 2), np.float32)})
+
+
+def test_newest_value_in_flight_and_the_staleness_bound():
+  from jaxrec.offload.evictions import Eviction, newest_in_flight
+  old = Eviction("t", 1, np.array([3, 8]), np.array([1, 5]), np.array([0, 4]))
+  new = Eviction("t", 2, np.array([8, 9]), np.array([2, 1]), np.array([7, 1]))
+  rows = np.array([3, 8, 9, 10])
+  exact = newest_in_flight([old, new], rows, 0)
+  assert list(exact.late) == [True, True, True, False]
+  assert list(exact.missing) == [1, 7, 1, 0]
+  groups = exact.groups([old, new])
+  assert [(k, list(src), list(dst)) for k, src, dst in groups] == [(0, [0], [0]),
+                                                                   (1, [7, 1], [1, 2])]
+  bounded = newest_in_flight([old, new], rows, 2)   # row 8 lacks 7 updates: still late
+  assert list(bounded.late) == [False, True, False, False]
+  assert list(bounded.stale) == [True, False, True, False]
+
+
+def test_offload_config_from_gin():
+  import gin
+  from jaxrec import offload
+  gin.clear_config()
+  try:
+    gin.parse_config("""
+      OffloadConfig.tables = {'big': {'cache_rows': 1000, 'path': '/ssd/big'}}
+      OffloadConfig.prefetch_depth = 2
+      OffloadConfig.max_staleness = 4
+    """)
+    cfg = offload.OffloadConfig()
+  finally:
+    gin.clear_config()
+  assert cfg.tables == (offload.OffloadTable("big", cache_rows=1000, path="/ssd/big"),)
+  assert (cfg.prefetch_depth, cfg.max_staleness, cfg.horizon) == (2, 4, 2)

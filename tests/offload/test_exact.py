@@ -1,6 +1,5 @@
 """S=0: training with an offloaded table equals training with it on the device."""
 
-import jax
 import numpy as np
 import pytest
 
