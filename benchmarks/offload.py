@@ -16,7 +16,8 @@ permutation), `f1..f25` read 100,000-row tables. Runs (`--runs`), each on the sa
 Each offloaded run first trains until its cache is full (steady state: every step evicts),
 then `--warmup` more steps (every run); then all runs are timed in `--rounds` interleaved
 blocks of `--steps / --rounds` steps, so that load from other processes on the machine
-hits every run alike. The id stream is
+hits every run alike; a block ends when its run's background writes have (`tier.pause()`),
+so each run pays for its own write-backs and none runs during another's block. The id stream is
 precomputed (a long stream for the large table, `--stream_steps` batches, so the cache sees
 fresh rows all along; small tables, dense features and labels cycle a pool): the runs
 measure training, not data generation. Prints one line per run and a summary line with
@@ -142,6 +143,8 @@ class Run:
       self.state, metrics = self.step(self.state, batch)
       loss = metrics["loss"]
     self.loss = float(jax.block_until_ready(loss))
+    if self.tier is not None:
+      self.tier.pause()     # its background writes end inside its own time
     if timed:
       self.seconds += time.perf_counter() - t0
       self.steps += n

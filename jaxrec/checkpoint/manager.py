@@ -140,8 +140,10 @@ class CheckpointManager:
     self.read_only = read_only
     self._chunk_bytes = int(chunk_bytes)
     self._host_buffers: dict = {}   # host copies of the tables, reused by every save
+    # Multi-process: orbax's cross-process syncs must not interleave with training
+    # collectives in a different order on each process, so saves run in the caller there.
     self._executor = (concurrent.futures.ThreadPoolExecutor(1, "jaxrec_checkpoint")
-                      if async_save and not read_only else None)
+                      if async_save and not read_only and jax.process_count() == 1 else None)
     self._pending: concurrent.futures.Future | None = None
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else max_to_keep,

@@ -263,11 +263,16 @@ def _read_block(layout, name_of, shape, dtype, bounds, handles, prints):
 def _read_array(l, name_of, abstract, sharding, handles, prints) -> jax.Array:
   """One stacked array on `sharding`, each device's block read from the table pieces."""
   shape, dtype, cache = tuple(abstract.shape), np.dtype(abstract.dtype), {}
+  owners = {}   # block -> its first device: only that device's process fingerprints it
+  for device, index in sharding.devices_indices_map(shape).items():
+    owners.setdefault(_bounds(index, shape), device)
 
   def callback(index):
     bounds = _bounds(index, shape)
     if bounds not in cache:   # replicas of a block read it once
-      cache[bounds] = _read_block(l, name_of, shape, dtype, bounds, handles, prints)
+      mine = owners[bounds].process_index == jax.process_index()
+      cache[bounds] = _read_block(l, name_of, shape, dtype, bounds, handles,
+                                  prints if mine else dict.fromkeys(prints, 0))
     return cache[bounds]
 
   return jax.make_array_from_callback(shape, sharding, callback)

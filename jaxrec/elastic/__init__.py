@@ -5,6 +5,7 @@
   supervisor  starts and watches the workers; on failure, hang, capacity change or a
               straggler: stop, re-plan, restart from the latest checkpoint
   replan      processes, mesh and plan for a capacity (the planner decides the plan)
+  procs       process plumbing: ports, signals, states, worker logs, latest checkpoint
   stragglers  slow process / hot shard detection over step-time windows
   events      `W/events.jsonl`, one JSON object per decision
 

@@ -46,7 +46,8 @@ def save(directory: str, step: int, stores: Mapping[str, object], keep: int | No
   for name, store in stores.items():
     store.snapshot(os.path.join(tmp, name))
     meta["tables"][name] = {"rows": store.spec.rows, "dim": store.spec.dim,
-                            "dtype": store.spec.dtype, "arrays": list(store.names)}
+                            "dtype": store.spec.dtype, "arrays": list(store.names),
+                            "driver": store.off.driver}
   with open(os.path.join(tmp, META), "w") as f:
     json.dump(meta, f, indent=2, sort_keys=True)
   if os.path.exists(final):
@@ -76,3 +77,25 @@ def locate(directory: str, step: int, tables: Mapping[str, object]) -> str:
       raise OffloadError(f"offload snapshot {path} holds table '{name}' as {got}, this run has "
                          f"{spec.rows} rows x {spec.dim}")
   return path
+
+
+def open_table(directory: str, step: int, table: str) -> dict:
+  """The arrays of `table` in the snapshot of `step`, opened read-only (lazy tensorstore
+  handles, `{"table": [rows, dim], "opt.<name>": ...}`), e.g. for checkpoint conversion:
+  the orbax checkpoint holds only an offloaded table's device cache."""
+  import tensorstore as ts  # pylint: disable=import-outside-toplevel
+  path = os.path.join(directory, str(int(step)))
+  meta_path = os.path.join(path, META)
+  if not os.path.exists(meta_path):
+    raise OffloadError(f"no offload snapshot for step {step} in {directory}")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  if table not in meta["tables"]:
+    raise OffloadError(f"offload snapshot {path} has no table '{table}' "
+                       f"(has: {sorted(meta['tables'])})")
+  out = {}
+  for name in meta["tables"][table]["arrays"]:
+    kv = {"driver": "file", "path": os.path.join(path, table, name) + "/"}
+    out[name] = ts.open({"driver": meta["tables"][table].get("driver", "zarr"), "kvstore": kv,
+                         "open": True}, read=True).result()
+  return out

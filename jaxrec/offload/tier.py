@@ -266,6 +266,15 @@ class OffloadTier:
     s["row_hit_rate"] = s.get("row_hits", 0) / max(1, s.get("row_lookups", 0))
     return s
 
+  def pause(self) -> None:
+    """Lets the background work started so far finish (evictions copied to host, a
+    write-back under way), then holds new write-backs until the next batch is taken:
+    nothing of this run competes with other work meanwhile (benchmarks, eval)."""
+    self._drain_fetches()
+    self._paused.set()
+    with self._io_lock:
+      pass
+
   def close(self) -> None:
     """Stops the background threads (does not flush: call `save`/`flush` first)."""
     self._stop_threads()
@@ -275,6 +284,7 @@ class OffloadTier:
     self._raise_error()
     self._ensure_store()
     self._start_threads()
+    self._paused.clear()
     t0 = time.perf_counter()
     if self.config.prefetch_depth == 0:
       plan = self._plan_next()
@@ -427,6 +437,7 @@ class OffloadTier:
     self._cv = threading.Condition()
     self._io_lock = threading.Lock()
     self._stop = threading.Event()
+    self._paused = threading.Event()
     self._plan_q: queue.Queue = queue.Queue(maxsize=max(1, self.config.prefetch_depth))
     self._fetch_q: queue.Queue = queue.Queue()
     self._window: collections.deque = collections.deque()
@@ -535,8 +546,12 @@ class OffloadTier:
 
   def _write_loop(self) -> None:
     while not self._stop.is_set():
+      if self._paused.is_set():
+        self._stop.wait(_POLL)
+        continue
       for t in self.tables.values():
-        if t.buffer.wait_fill(0.5, _POLL / len(self.tables)) and not self._stop.is_set():
+        if (t.buffer.wait_fill(0.5, _POLL / len(self.tables)) and not self._stop.is_set()
+            and not self._paused.is_set()):
           with self._io_lock:
             self._flush_buffer(t)
 

@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.errors import ConfigError, JaxrecError
-from jaxrec import planner
+from jaxrec import elastic, planner
 from jaxrec.sharding import mesh as mesh_lib
 from jaxrec.sharding.plan import Plan, uniform_plan
 from jaxrec.train import data_adapter, plan_choice
@@ -100,11 +100,14 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
     log.info("mesh %s, plan (--plan=%s):\n%s", mesh_lib.format_mesh(info["mesh"]),
              options.plan, info["plan_result"].report())
 
-  state = state_lib.create(config, collection, options.seed)
-  shardings = state_lib.shardings(state, collection)
   train_it = data_adapter.train_iterator(config, options)
   initial_data_state = train_it.get_state()
   ckpt = data_adapter.checkpointer(workdir, options)
+  if ckpt.latest_step() is None:
+    state = state_lib.create(config, collection, options.seed)
+  else:   # restoring: only shapes and shardings are needed, not fresh values
+    state = state_lib.abstract(config, collection, options.seed)
+  shardings = state_lib.shardings(state, collection)
   meta = {"plan": plan.to_json(), "mesh": info["mesh"], "seed": options.seed,
           "gin": gin.operative_config_str()}
   start = 0
@@ -135,12 +138,15 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
   try:
     step = start
     while step < options.num_steps:
+      t_step = time.perf_counter()
       position = train_it.get_state()["position"]
       batch = next(train_it)
       if position in skip_positions:
         continue
       collection.check_ids(batch.ids)
-      state, metrics = train_step(state, _put(batch, bsharding))
+      device_batch = _put(batch, bsharding)
+      t_host = time.perf_counter() - t_step
+      state, metrics = train_step(state, device_batch)
       step += 1
       pending.append((step, position, metrics["loss"]))
       if t_mark is None:          # the first step compiles; time from its end
@@ -148,9 +154,12 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
         t_mark, steps_timed = time.perf_counter(), 0
       else:
         steps_timed += 1
+      # Under scripts/launch.py: progress for hang/straggler detection; True = the
+      # supervisor asks this generation to save and stop (re-plan). A no-op otherwise.
+      stop = elastic.report_progress(workdir, step, time.perf_counter() - t_step, t_host)
       done = step == options.num_steps
-      is_log = step % options.log_every == 0 or done
-      is_ckpt = done or (options.checkpoint_every and step % options.checkpoint_every == 0)
+      is_log = step % options.log_every == 0 or done or stop
+      is_ckpt = done or stop or (options.checkpoint_every and step % options.checkpoint_every == 0)
       if not (is_log or is_ckpt):
         if options.eval_every and step % options.eval_every == 0:
           t_eval = time.perf_counter()
@@ -202,8 +211,11 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
         pending = []
       if is_ckpt:
         ckpt.save(step, state, collection, data_state=train_it.get_state(), meta=meta,
-                  force=done)
+                  force=done or stop)
       t_mark = time.perf_counter() if is_log else t_mark
+      if stop:
+        log.info("stopping after step %d: the elastic supervisor asked to re-plan", step)
+        break
   finally:
     ckpt.close()
     writer.close()

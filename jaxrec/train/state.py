@@ -49,6 +49,14 @@ def create(config: ExperimentConfig, collection: EmbeddingCollection, seed: int)
   }
 
 
+def abstract(config: ExperimentConfig, collection: EmbeddingCollection, seed: int
+             ) -> TrainState:
+  """`ShapeDtypeStruct`s (with shardings) of `create`'s state, without computing it."""
+  shapes = jax.eval_shape(lambda: create(config, collection, seed))
+  return jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d),
+                      shapes, shardings(shapes, collection))
+
+
 def shardings(state: TrainState, collection: EmbeddingCollection) -> TrainState:
   """Sharding pytree matching `state`."""
   rep = NamedSharding(collection.mesh, P())
