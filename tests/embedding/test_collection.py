@@ -214,10 +214,16 @@ def test_dedup_off_equals_dedup_on_for_sgd():
     assert {coll.dedup(l) for l in coll.layouts} == {dedup}
     state = coll.init(jax.random.key(0))
     ids, weights, gout = make_inputs(0)
-    ctx = coll.lookup(state, ids, weights)
-    pooled, vjp = jax.vjp(lambda r, c=coll, x=ctx: c.pool(r, x), ctx.rows)
-    (grads,) = vjp(gout)
-    tables, _ = coll.unstack_tables(coll.apply_gradients(state, ctx, grads, jnp.int32(0)))
+
+    @jax.jit
+    def step(state, ids, weights, gout, coll=coll):
+      ctx = coll.lookup(state, ids, weights)
+      pooled, vjp = jax.vjp(lambda r: coll.pool(r, ctx), ctx.rows)
+      (grads,) = vjp(gout)
+      return pooled, coll.apply_gradients(state, ctx, grads, jnp.int32(0))
+
+    pooled, new_state = step(state, ids, weights, gout)
+    tables, _ = coll.unstack_tables(new_state)
     out[dedup] = (np.asarray(pooled), {k: np.asarray(v) for k, v in tables.items()})
   np.testing.assert_allclose(out[False][0], out[True][0], rtol=1e-6, atol=1e-7)
   for name in out[True][1]:
