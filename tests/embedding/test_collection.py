@@ -61,17 +61,22 @@ def run(kind, mesh_spec, opt, steps=2, seed=0):
 
 
 # ------------------------------------------------------------------- numpy reference
+def ref_weights(f, ids, weights):
+  """Pooling weight of each slot of feature `f`: 0 for absent ids, per-id weight, 1/len."""
+  valid = ids[f.name] >= 0
+  w = valid.astype(np.float32)
+  if f.weighted:
+    w = w * weights[f.name]
+  if f.pooling == "mean":
+    w = w / np.maximum(valid.sum(1, keepdims=True), 1)
+  return w
+
+
 def ref_pool(tables, ids, weights):
   out = np.zeros((B, len(FEATURES), 8), np.float32)
   for j, f in enumerate(FEATURES):
-    x = ids[f.name]
-    valid = x >= 0
-    w = valid.astype(np.float32)
-    if f.weighted:
-      w = w * weights[f.name]
-    if f.pooling == "mean":
-      w = w / np.maximum(valid.sum(1, keepdims=True), 1)
-    out[:, j] = (tables[f.table][np.maximum(x, 0)] * w[..., None]).sum(1)
+    w = ref_weights(f, ids, weights)
+    out[:, j] = (tables[f.table][np.maximum(ids[f.name], 0)] * w[..., None]).sum(1)
   return out
 
 
@@ -81,11 +86,7 @@ def ref_grads(tables, ids, weights, gout):
   for j, f in enumerate(FEATURES):
     x = ids[f.name]
     valid = x >= 0
-    w = valid.astype(np.float32)
-    if f.weighted:
-      w = w * weights[f.name]
-    if f.pooling == "mean":
-      w = w / np.maximum(valid.sum(1, keepdims=True), 1)
+    w = ref_weights(f, ids, weights)
     contrib = w[..., None] * gout[:, j][:, None, :]
     np.add.at(grads[f.table], x[valid], contrib[valid])
     seen[f.table][x[valid]] = True
