@@ -8,7 +8,7 @@ permutation), `f1..f25` read 100,000-row tables. Runs (`--runs`), each on the sa
   device    every table on the device (the reference)
   offload   the large table offloaded: device cache of `--cache_fraction` of its rows, the
             full table (and optimizer state) in a tensorstore zarr array on local disk
-            (`--store_dir`), host write-back buffer of a quarter of the cache, prefetch
+            (`--store_dir`), host write-back buffer as large as the cache, prefetch
             depth `--prefetch`, S = 0 (exact)
   sync      the same with prefetch off (K = 0: planning and reads on the training thread)
   stale     the same as offload with bounded staleness S = `--staleness`
@@ -17,10 +17,10 @@ Each offloaded run first trains until its cache is full (steady state: every ste
 then `--warmup` more steps (every run); then all runs are timed in `--rounds` interleaved
 blocks of `--steps / --rounds` steps, so that load from other processes on the machine
 hits every run alike; a block ends when its run's background writes have (`tier.pause()`),
-so each run pays for its own write-backs and none runs during another's block. The id stream is
-precomputed (a long stream for the large table, `--stream_steps` batches, so the cache sees
-fresh rows all along; small tables, dense features and labels cycle a pool): the runs
-measure training, not data generation. Prints one line per run and a summary line with
+so each run pays for its own write-backs and none runs during another's block. The id
+stream is precomputed (a long stream for the large table, `--stream_steps` batches, so the
+cache sees fresh rows all along; small tables, dense features and labels cycle a pool):
+the runs measure training, not data generation. Prints one line per run and a summary line with
 `"ratio"` (offload / device examples per second) and `"goal": 0.8`; also the cache hit
 rate (id occurrences and distinct rows), prefetch stall milliseconds per step, and
 `"ratio_sync"` (prefetch off) and `"ratio_stale"`.
@@ -183,10 +183,10 @@ def main():
   p.add_argument("--staleness", type=int, default=8)
   p.add_argument("--optimizer", default="sgd")
   p.add_argument("--warmup", type=int, default=50)
-  p.add_argument("--steps", type=int, default=200)
+  p.add_argument("--steps", type=int, default=300)
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--host_buffer_rows", type=int, default=None,
-                 help="default: a quarter of the cache")
+                 help="default: the cache size")
   p.add_argument("--stream_steps", type=int, default=3000)
   p.add_argument("--chunk_rows", type=int, default=256)
   p.add_argument("--kvstore", default="file")
@@ -209,7 +209,7 @@ def main():
                                    path=os.path.join(store_dir, name), kvstore=args.kvstore)
       off = offload.OffloadConfig((table,), prefetch_depth=0 if name == "sync" else args.prefetch,
                                   max_staleness=args.staleness if name == "stale" else 0,
-                                  host_buffer_rows=args.host_buffer_rows or cache_rows // 4)
+                                  host_buffer_rows=args.host_buffer_rows or cache_rows)
     runs[name] = Run(args, data, off)
   for _ in range(args.rounds):          # interleaved blocks: load drift hits every run alike
     for r in runs.values():

@@ -13,10 +13,10 @@
 
 from jaxrec.offload.config import (OffloadConfig, OffloadError, OffloadTable, device_tables,
                                    row_bytes)
-from jaxrec.offload.hooks import choose_plan, make_tier, snapshot_dir
+from jaxrec.offload.hooks import choose_plan, emb_init_key, make_tier, snapshot_dir
 from jaxrec.offload.planning import plan_with_offload
 from jaxrec.offload.store import TableStore, init_rows
-from jaxrec.offload.tier import OffloadIterator, OffloadTier, emb_init_key
+from jaxrec.offload.tier import OffloadIterator, OffloadTier
 
 __all__ = ["OffloadConfig", "OffloadError", "OffloadTable", "device_tables", "row_bytes",
            "plan_with_offload", "TableStore", "init_rows", "OffloadIterator", "OffloadTier",

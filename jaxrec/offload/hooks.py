@@ -15,13 +15,20 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+import jax
+
 from jaxrec.offload.config import OffloadConfig, device_tables
 from jaxrec.offload.planning import plan_with_offload
-from jaxrec.offload.tier import OffloadTier, emb_init_key
+from jaxrec.offload.tier import OffloadTier
 from jaxrec.sharding.plan import KINDS, uniform_plan
 from jaxrec.errors import ConfigError
 
 SNAPSHOT_DIR = "offload_snapshots"
+
+
+def emb_init_key(seed: int) -> jax.Array:
+  """The key `train.state.create` initialises the tables with (keep in sync with it)."""
+  return jax.random.split(jax.random.key(seed), 3)[0]
 
 
 def snapshot_dir(workdir: str) -> str:

@@ -90,11 +90,6 @@ class _Plan:
   bounces: list                 # (table, eviction, (src, dst)): rows copied on the device
 
 
-def emb_init_key(seed: int) -> jax.Array:
-  """The key `train.state.create` initialises the tables with (keep in sync with it)."""
-  return jax.random.split(jax.random.key(seed), 3)[0]
-
-
 class OffloadTier:
   """See module docstring.
 
@@ -102,7 +97,7 @@ class OffloadTier:
     collection: the embedding collection built on `config.device_tables(...)`.
     tables: the full table specs (the offloaded ones at their real size).
     config: the offload configuration.
-    key: table init key (`emb_init_key(seed)`); the stores start from the values the
+    key: table init key (`hooks.emb_init_key(seed)`); the stores start from the values the
       on-device tables would get.
     workdir: default parent of the stores (`<workdir>/offload/<table>`).
     keep: offload snapshots kept by `save` (None: all).
@@ -229,6 +224,12 @@ class OffloadTier:
       except ConfigError as e:
         raise OffloadError(f"offload snapshot {path}: {e}") from None
     self._store_ready = True
+
+  def reset(self) -> None:
+    """Back to the initial tables (a run restarted from its initial state): the stores
+    are written afresh on the next batch and the caches emptied."""
+    self._reset_all()
+    self._store_ready = False
 
   def eval_view(self, state: dict, batch: Batch) -> tuple[dict, Batch]:
     """`(state, batch)` for an eval step: a copy of the state whose caches hold exactly the

@@ -21,9 +21,7 @@ def _load(run, dense, tables, opt):
   """Puts a saved state into `run` (another mesh/plan): dense replicated, tables stacked."""
   shardings = jax.tree.map(lambda x: x.sharding, run.state)
   emb = run.collection.stack_tables(tables, opt if any(opt.values()) else None)
-  state = dict(dense, emb=emb)
-  state["rng"] = dense["rng"]
-  run.state = jax.device_put(state, shardings)
+  run.state = jax.device_put(dict(dense, emb=emb), shardings)
 
 
 def _snapshot_arrays(path, opt="adagrad"):
@@ -120,3 +118,35 @@ def test_write_back_failure_is_a_clear_error_and_the_snapshot_stays_valid(tmp_pa
                                   before["table"])
   finally:
     fresh.close()
+
+
+def test_rollback_reset_and_skipped_batches_as_the_trainer_does_them(tmp_path):
+  """The loop's NaN rollback (restore, then set_state), restart from the initial state
+  (`reset`) and skipped batches (installed, not trained) keep S=0 exact."""
+  cfg = experiment("sgd")
+  ref = Run(cfg, mesh_of()).train(6)
+  next(ref.it)                                   # the reference skips batch 7
+  ref.train(4)
+  run = Run(cfg, mesh_of(), offload_config(tmp_path / "store", prefetch_depth=2))
+  try:
+    initial, initial_data = _host_state(run), run.it.get_state()
+    run.train(6)
+    run.tier.save(run.state, 6, str(tmp_path / "snaps"))
+    saved, data_state = _host_state(run), run.it.get_state()
+    run.train(5)                                 # then "a NaN": roll back to step 6
+    run.tier.restore(6, str(tmp_path / "snaps"))
+    run.it.set_state(data_state)
+    _load(run, *saved)
+    run.losses = run.losses[:6]
+    batch = next(run.it)                         # skipped: installed, never trained
+    run.state = run.tier.before_step(run.state, batch)
+    run.train(4)
+    np.testing.assert_allclose(run.losses, ref.losses, rtol=0, atol=1e-6)
+    run.tier.reset()                             # start over from the initial state
+    run.it.set_state(initial_data)
+    _load(run, *initial)
+    run.losses = []
+    run.train(6)
+    np.testing.assert_allclose(run.losses, ref.losses[:6], rtol=0, atol=1e-6)
+  finally:
+    run.close()
