@@ -6,3 +6,4 @@ import jaxrec.embedding.specs  # noqa: F401
 import jaxrec.models  # noqa: F401
 import jaxrec.train.config  # noqa: F401
 import jaxrec.data  # noqa: F401
+import jaxrec.offload  # noqa: F401

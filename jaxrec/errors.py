@@ -15,3 +15,8 @@ class ConfigError(JaxrecError, ValueError):
 
 class DataError(JaxrecError, ValueError):
   """Input data is malformed; the message names the file, line and column."""
+
+
+class OffloadError(JaxrecError):
+  """The offload tier failed at run time (a tensorstore read or write-back failed, or a
+  batch needs more distinct rows than the cache holds); the message names table and path."""

@@ -23,7 +23,7 @@ import gin
 import jax.numpy as jnp
 
 from jaxrec.embedding.specs import TableSpec
-from jaxrec.errors import ConfigError, JaxrecError
+from jaxrec.errors import ConfigError, JaxrecError, OffloadError  # noqa: F401 (re-exported)
 
 DRIVERS = ("zarr", "zarr3")
 KVSTORES = ("file", "memory")
@@ -31,9 +31,6 @@ OFFLOAD_DTYPES = ("float32", "bfloat16", "float16")
 INITS = ("random", "existing")
 
 
-class OffloadError(JaxrecError):
-  """The offload tier failed at run time (a tensorstore read or write-back failed, or a
-  batch needs more distinct rows than the cache holds); the message names table and path."""
 
 
 @gin.configurable

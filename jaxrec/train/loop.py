@@ -22,10 +22,10 @@ from jax.experimental import multihost_utils
 from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.errors import ConfigError, JaxrecError
-from jaxrec import elastic, planner
+from jaxrec import elastic, offload, planner
 from jaxrec.sharding import mesh as mesh_lib
 from jaxrec.sharding.plan import Plan, uniform_plan
-from jaxrec.train import data_adapter, plan_choice
+from jaxrec.train import data_adapter
 from jaxrec.train import state as state_lib
 from jaxrec.train import step as step_lib
 from jaxrec.train.config import ExperimentConfig, RunOptions
@@ -61,21 +61,23 @@ def setup(config: ExperimentConfig, options: RunOptions, devices=None
     shape = mesh_lib.parse_mesh_spec(options.mesh, len(devices))
   config.validate(math.prod(shape.values()))
   mesh = mesh_lib.make_mesh(shape, devices)
-  plan, result = plan_choice.choose(config, options, shape)
-  collection = EmbeddingCollection.create(config.tables, config.features, plan, mesh,
+  # Offloaded tables (gin `OffloadConfig`) appear to the collection as their device caches.
+  plan, result, tables, off = offload.choose_plan(config, options, shape)
+  collection = EmbeddingCollection.create(tables, config.features, plan, mesh,
                                           config.sparse_tx())
-  return collection, plan, {"mesh": shape, "plan_result": result}
+  return collection, plan, {"mesh": shape, "plan_result": result, "offload": off}
 
 
 def _put(batch: Batch, sharding) -> Batch:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
-def evaluate(eval_step, state, eval_data, sharding) -> dict[str, Any]:
+def evaluate(eval_step, state, eval_data, sharding, tier=None) -> dict[str, Any]:
   """Exact AUC / logloss over the whole eval set (padding masked out)."""
   acc = EvalAccumulator()
   for batch, mask in eval_data:
-    logits = np.asarray(eval_step(state, _put(batch, sharding)))   # global [B], replicated
+    st, b = tier.eval_view(state, batch) if tier is not None else (state, batch)
+    logits = np.asarray(eval_step(st, _put(b, sharding)))   # global [B], replicated
     labels, mask = batch.labels, mask
     if jax.process_count() > 1:
       labels, mask = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -102,6 +104,11 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
 
   train_it = data_adapter.train_iterator(config, options)
   initial_data_state = train_it.get_state()
+  tier = offload.make_tier(collection, config, info["offload"], options.seed, workdir,
+                           keep=options.keep_checkpoints + 1)
+  if tier is not None:   # the tier reads ahead (prefetch) and remaps ids to cache slots
+    train_it = tier.wrap(train_it)
+  snapshots = offload.snapshot_dir(workdir)
   ckpt = data_adapter.checkpointer(workdir, options)
   if ckpt.latest_step() is None:
     state = state_lib.create(config, collection, options.seed)
@@ -114,6 +121,8 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
   restored = ckpt.restore(state, collection)
   if restored is not None:
     state = restored.state
+    if tier is not None:
+      tier.restore(int(state["step"]), snapshots)
     train_it.set_state(restored.data_state)
     start = int(state["step"])
     log.info("resumed from step %d of %s", start, ckpt.directory)
@@ -141,6 +150,8 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
       t_step = time.perf_counter()
       position = train_it.get_state()["position"]
       batch = next(train_it)
+      if tier is not None:   # installs the batch's rows (also for a batch skipped below)
+        state = tier.before_step(state, batch)
       if position in skip_positions:
         continue
       collection.check_ids(batch.ids)
@@ -163,7 +174,7 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
       if not (is_log or is_ckpt):
         if options.eval_every and step % options.eval_every == 0:
           t_eval = time.perf_counter()
-          writer.write(step, evaluate(eval_step, state, eval_data, bsharding))
+          writer.write(step, evaluate(eval_step, state, eval_data, bsharding, tier))
           paused += time.perf_counter() - t_eval
         continue
       losses = np.asarray(jax.device_get([x[2] for x in pending]), np.float64)
@@ -180,9 +191,13 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
         restored = ckpt.restore(state, collection, require_finite=True)
         if restored is None:      # nothing saved yet: start over from the initial state
           state = state_lib.create(config, collection, options.seed)
+          if tier is not None:
+            tier.reset()
           train_it.set_state(initial_data_state)
         else:
           state = restored.state
+          if tier is not None:
+            tier.restore(int(state["step"]), snapshots)
           train_it.set_state(restored.data_state)
         step = int(state["step"])
         log.warning("%s: rolled back to step %d, skipping that batch", message, step)
@@ -202,7 +217,7 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
                 batch_size=config.batch_size))
         record.update(data_adapter.bad_row_metrics(train_it, eval_data))
         if (options.eval_every and step % options.eval_every == 0) or done:
-          record.update(evaluate(eval_step, state, eval_data, bsharding))
+          record.update(evaluate(eval_step, state, eval_data, bsharding, tier))
         writer.write(step, record)
         progress.update(step, record["loss"], record.get("examples_per_sec"))
         last = dict(record, step=step)
@@ -210,6 +225,8 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
       else:
         pending = []
       if is_ckpt:
+        if tier is not None:   # flush and snapshot the offloaded tables of this step
+          tier.save(state, step, snapshots)
         ckpt.save(step, state, collection, data_state=train_it.get_state(), meta=meta,
                   force=done or stop)
       t_mark = time.perf_counter() if is_log else t_mark
@@ -217,6 +234,8 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
         log.info("stopping after step %d: the elastic supervisor asked to re-plan", step)
         break
   finally:
+    if tier is not None:
+      tier.close()
     ckpt.close()
     writer.close()
     progress.close()
