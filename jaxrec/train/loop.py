@@ -115,20 +115,26 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
   else:   # restoring: only shapes and shardings are needed, not fresh values
     state = state_lib.abstract(config, collection, options.seed)
   shardings = state_lib.shardings(state, collection)
+  operative_gin = gin.operative_config_str()
   meta = {"plan": plan.to_json(), "mesh": info["mesh"], "seed": options.seed,
-          "gin": gin.operative_config_str()}
+          "gin": operative_gin}
+
+  def resume_from(restored) -> dict:
+    """Points the offload tier and the data stream at a restored checkpoint."""
+    if tier is not None:
+      tier.restore(int(restored.state["step"]), snapshots)
+    train_it.set_state(restored.data_state)
+    return restored.state
+
   start = 0
   restored = ckpt.restore(state, collection)
   if restored is not None:
-    state = restored.state
-    if tier is not None:
-      tier.restore(int(state["step"]), snapshots)
-    train_it.set_state(restored.data_state)
+    state = resume_from(restored)
     start = int(state["step"])
     log.info("resumed from step %d of %s", start, ckpt.directory)
   if is_main:
     with open(os.path.join(workdir, "config.gin"), "w") as f:
-      f.write(gin.operative_config_str())
+      f.write(operative_gin)
 
   train_step = step_lib.make_train_step(config, collection, shardings)
   eval_step = step_lib.make_eval_step(config, collection, shardings)
@@ -195,10 +201,7 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
             tier.reset()
           train_it.set_state(initial_data_state)
         else:
-          state = restored.state
-          if tier is not None:
-            tier.restore(int(state["step"]), snapshots)
-          train_it.set_state(restored.data_state)
+          state = resume_from(restored)
         step = int(state["step"])
         log.warning("%s: rolled back to step %d, skipping that batch", message, step)
         writer.write(step, {"event": "nan_rollback", "bad_step": bad_step,

@@ -7,6 +7,9 @@ import subprocess
 import sys
 import time
 
+from jaxrec.elastic import events as events_lib
+from jaxrec.elastic import worker as worker_lib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Tiny DLRM run: 256 examples per step, small eval set, SGD 0.1 on the tables.
 TINY = ["--gin_file=configs/dlrm_synthetic.gin",
@@ -51,17 +54,8 @@ def events(workdir):
 
 
 def progress(workdir, process):
-  path = os.path.join(workdir, "workers", f"{process}.jsonl")
-  if not os.path.exists(path):
-    return []
-  out = []
-  with open(path) as f:
-    for l in f:
-      try:
-        out.append(json.loads(l))
-      except json.JSONDecodeError:
-        pass
-  return out
+  """A worker's progress records (a torn last line is skipped)."""
+  return events_lib.read_events(worker_lib.progress_path(workdir, process))
 
 
 def last_step(workdir, process):
