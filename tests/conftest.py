@@ -6,6 +6,8 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jaxrec  # noqa: E402,F401  (adds its XLA flag workarounds before jax starts)
+
 import pytest  # noqa: E402
 
 
