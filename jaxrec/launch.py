@@ -34,6 +34,17 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
   gin.finalize()
 
 
+_GIN_CONTEXT = "\n  In call to configurable "
+
+
+def user_message(e: BaseException) -> str:
+  """The message of a user-facing error, without the `In call to configurable ...` lines
+  gin appends when the error passes through a configurable (keeps it one line)."""
+  text = str(e)
+  cut = text.find(_GIN_CONTEXT)
+  return text if cut < 0 else text[:cut]
+
+
 def _one_line(e: BaseException) -> str:
   text = str(e.args[0]) if getattr(e, "args", None) else str(e)
   return " ".join(text.split())
@@ -46,7 +57,7 @@ def user_errors() -> Iterator[None]:
     yield
   except JaxrecError as e:
     logging.shutdown()
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {user_message(e)}", file=sys.stderr)
     sys.exit(1)
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)

@@ -57,6 +57,7 @@ def main(argv):
   del argv
   from jaxrec.data import binary
   from jaxrec.errors import JaxrecError
+  from jaxrec.launch import user_message
   try:
     if not FLAGS.input or not FLAGS.output:
       raise JaxrecError("--input and --output are required")
@@ -65,7 +66,7 @@ def main(argv):
                           num_categorical=FLAGS.num_categorical,
                           shard_examples=FLAGS.shard_examples)
   except JaxrecError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {user_message(e)}", file=sys.stderr)
     sys.exit(1)
   except SyntaxError as e:  # gin parse errors
     print(f"error: {e.filename}:{e.lineno}: {e.msg}", file=sys.stderr)

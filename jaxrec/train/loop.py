@@ -102,7 +102,8 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
     log.info("mesh %s, plan (--plan=%s):\n%s", mesh_lib.format_mesh(info["mesh"]),
              options.plan, info["plan_result"].report())
 
-  train_it = data_adapter.train_iterator(config, options)
+  train_it = data_adapter.train_iterator(config, options)   # data errors: before compiling
+  eval_data = data_adapter.eval_data(config, options)
   initial_data_state = train_it.get_state()
   tier = offload.make_tier(collection, config, info["offload"], options.seed, workdir,
                            keep=options.keep_checkpoints + 1)
@@ -138,7 +139,6 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
 
   train_step = step_lib.make_train_step(config, collection, shardings)
   eval_step = step_lib.make_eval_step(config, collection, shardings)
-  eval_data = data_adapter.eval_data(config, options)
   bsharding = mesh_lib.batch_sharding(mesh)
   writer = MetricsWriter(workdir, enabled=is_main)
   progress = Progress(options.num_steps, start, enabled=None if options.progress else False)

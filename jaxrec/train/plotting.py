@@ -45,17 +45,12 @@ def _labels(workdirs: Sequence[str]) -> list[str]:
   return names if len(set(names)) == len(names) else [os.path.normpath(w) for w in workdirs]
 
 
-def plot_metrics(workdirs: Sequence[str], output: str | None = None) -> str:
-  """Draws every workdir's curves overlaid in one PNG; returns its path.
-
-  Args:
-    workdirs: run directories holding `metrics.jsonl`; legend entries are their names.
-    output: PNG path; default `<workdirs[0]>/metrics.png`.
-  """
+def figure(workdirs: Sequence[str]) -> Figure:
+  """One panel per `PANELS` entry (loss, eval AUC, examples/sec vs step), each workdir's
+  curve overlaid and labelled with its name."""
   if not workdirs:
     raise DataError("no workdir given")
   runs = [read_metrics(w) for w in workdirs]
-  output = output or os.path.join(workdirs[0], "metrics.png")
   fig = Figure(figsize=(6, 3 * len(PANELS)), layout="constrained")
   FigureCanvasAgg(fig)
   axes = fig.subplots(len(PANELS), 1, sharex=True)
@@ -70,6 +65,18 @@ def plot_metrics(workdirs: Sequence[str], output: str | None = None) -> str:
     if ax.has_data():
       ax.legend(fontsize="small")
   axes[-1].set_xlabel("step")
+  return fig
+
+
+def plot_metrics(workdirs: Sequence[str], output: str | None = None) -> str:
+  """Draws every workdir's curves overlaid in one PNG (see `figure`); returns its path.
+
+  Args:
+    workdirs: run directories holding `metrics.jsonl`; legend entries are their names.
+    output: PNG path; default `<workdirs[0]>/metrics.png`.
+  """
+  fig = figure(workdirs)
+  output = output or os.path.join(workdirs[0], "metrics.png")
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   fig.savefig(output, dpi=100)
   return output

@@ -96,21 +96,22 @@ class Progress:
     self._bar = tqdm.tqdm(total=int(total_steps), initial=int(initial_step), unit="step",
                           dynamic_ncols=True, disable=disable, file=sys.stderr)
     self._step = int(initial_step)
+    self._postfix: dict[str, str] = {}
 
   def update(self, step: int, loss: float | None = None,
              examples_per_sec: float | None = None) -> None:
-    """Moves the bar to `step` and shows the latest loss and throughput."""
+    """Moves the bar to `step` and shows the latest loss and throughput (a value not given
+    keeps its last one, e.g. no throughput on the first line after a compile)."""
     step = int(step)
     if step > self._step:
       self._bar.update(step - self._step)
       self._step = step
-    postfix = {}
     if loss is not None:
-      postfix["loss"] = f"{float(loss):.4f}"
+      self._postfix["loss"] = f"{float(loss):.4f}"
     if examples_per_sec is not None:
-      postfix["ex/s"] = f"{float(examples_per_sec):,.0f}"
-    if postfix:
-      self._bar.set_postfix(postfix, refresh=False)
+      self._postfix["ex/s"] = f"{float(examples_per_sec):,.0f}"
+    if self._postfix:
+      self._bar.set_postfix(self._postfix, refresh=False)
 
   def close(self) -> None:
     self._bar.close()

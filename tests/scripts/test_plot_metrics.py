@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
+from jaxrec.train import plotting
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "scripts", "plot_metrics.py")
 
@@ -37,6 +41,25 @@ def test_plots_two_runs(tmp_path):
   out = str(tmp_path / "sub" / "cmp.png")
   assert _run(f"--workdir={a}", f"--output={out}").returncode == 0
   assert os.path.getsize(out) > 1000
+
+
+def test_panels_hold_every_run(tmp_path):
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  _fake_run(a, 1.0)
+  _fake_run(b, 2.0)
+  with open(os.path.join(b, "metrics.jsonl"), "a") as f:   # a resumed run repeats step 100
+    f.write(json.dumps({"step": 100, "loss": 9.0}) + "\n")
+  axes = plotting.figure([a, b]).axes
+  assert [ax.get_ylabel() for ax in axes] == ["train loss", "eval AUC", "examples/sec"]
+  for ax in axes:
+    assert [line.get_label() for line in ax.get_lines()] == ["a", "b"]
+  loss_a, loss_b = (line.get_ydata() for line in axes[0].get_lines())
+  np.testing.assert_allclose(loss_a, 1.0 / np.arange(10, 110, 10))
+  assert loss_b[-1] == 9.0    # the last line wins per step
+  auc_a = axes[1].get_lines()[0]
+  np.testing.assert_array_equal(auc_a.get_xdata(), [50, 100])
+  np.testing.assert_allclose(auc_a.get_ydata(), [0.75, 0.8])
+  np.testing.assert_allclose(axes[2].get_lines()[1].get_ydata(), [2000.0] * 10)
 
 
 def test_missing_metrics_is_one_line_error(tmp_path):

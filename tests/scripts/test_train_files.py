@@ -1,7 +1,5 @@
 """scripts/train.py on Criteo TSV files and preprocessed shards; bad rows stop the run."""
 
-import os
-
 from jaxrec.data import source as source_lib
 from jaxrec.data.synthetic import SyntheticSource, write_tsv
 from jaxrec.embedding.specs import uniform_tables
@@ -40,9 +38,12 @@ def test_bad_row_names_file_line_column(tmp_path):
                check=False)
   assert proc.returncode != 0 and "Traceback" not in proc.stderr
   assert f"{tmp_path}/train.tsv:7" in proc.stderr, proc.stderr
+  # --bad_rows=skip: the row is logged with file:line, counted per file in every metrics
+  # line, and dropped from training and eval alike.
+  path = f"{tmp_path}/train.tsv"
   skip = train(str(tmp_path / "w2"), *FLAGS, "--num_steps=5", "--bad_rows=skip",
-               f"--train_data={tmp_path}/train.tsv")
-  assert skip.returncode == 0
-  counts = [l["bad_rows"] for l in read_metrics(str(tmp_path / "w2")) if "bad_rows" in l]
-  assert counts and list(counts[-1].values()) == [1]
-  assert os.path.exists(tmp_path / "w2" / "metrics.jsonl")
+               f"--train_data={path}", f"--eval_data={path}")
+  assert f"skipping malformed row {path}:7: column 21 (C7)" in skip.stderr, skip.stderr
+  lines = read_metrics(str(tmp_path / "w2"))
+  assert lines and all(l.get("bad_rows") == {path: 1} for l in lines if "loss" in l), lines
+  assert [l for l in lines if "eval_auc" in l][-1]["eval_examples"] == 49

@@ -70,9 +70,15 @@ def test_disabled_writer_writes_nothing(tmp_path):
   assert not os.path.exists(tmp_path / "x")
 
 
-def test_progress_does_not_crash():
-  for enabled in (None, True, False):
-    with Progress(total_steps=10, initial_step=3, enabled=enabled) as p:
-      p.update(5, loss=0.7, examples_per_sec=1e4)
-      p.update(5)
+def test_progress_shows_eta_loss_and_throughput(capsys):
+  with Progress(total_steps=10, initial_step=3, enabled=True) as p:
+    p.update(5, loss=0.7, examples_per_sec=12345.6)
+    p.update(5)
+    p.update(10, loss=0.6)
+  err = capsys.readouterr().err
+  assert "10/10" in err and "loss=0.6000" in err and "ex/s=12,346" in err, err
+  assert "<" in err, err   # tqdm's elapsed<remaining (ETA)
+  for enabled in (None, False):   # None: only on a TTY (pytest's stderr is not one)
+    with Progress(total_steps=10, enabled=enabled) as p:
       p.update(10, loss=0.6)
+  assert capsys.readouterr().err == ""
