@@ -5,13 +5,15 @@
 
 Prints one JSON line per result (`"benchmark": "input_pipeline"`). The `binary` line holds
 `"ratio"` = binary examples/sec / trainer examples/sec with `"goal": 5` (the input
-pipeline must outrun the trainer 5x); the trainer rate comes from the flag or from the
-median `examples_per_sec` of a trainer's metrics.jsonl.
+pipeline must outrun the trainer 5x); the trainer rate comes from the flag, from the
+median `examples_per_sec` of a trainer's metrics.jsonl, or else is measured here by running
+scripts/train.py on configs/dlrm_criteo.gin for `--trainer_steps` steps.
 """
 
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +27,8 @@ from jaxrec.embedding.specs import uniform_tables
 
 flags.DEFINE_float("trainer_examples_per_sec", None, "Trainer throughput to compare with.")
 flags.DEFINE_string("trainer_metrics", None, "metrics.jsonl to read the trainer rate from.")
+flags.DEFINE_integer("trainer_steps", 120, "Steps of the dlrm_criteo trainer run that measures "
+                     "the trainer rate when neither flag above gives it (0: no ratio).")
 flags.DEFINE_integer("examples", 200_000, "Examples in the TSV / binary data.")
 flags.DEFINE_integer("batch_size", 512, "Global batch size.")
 flags.DEFINE_integer("rows", 100_000, "Rows of each of the 26 tables.")
@@ -39,13 +43,33 @@ def emit(**kw):
   print(json.dumps({"benchmark": "input_pipeline", **kw}), flush=True)
 
 
-def trainer_rate() -> float | None:
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def measure_trainer(work: str) -> str:
+  """Runs scripts/train.py on configs/dlrm_criteo.gin (synthetic data); its metrics.jsonl."""
+  w = os.path.join(work, "trainer")
+  cmd = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), f"--workdir={w}",
+         "--gin_file=configs/dlrm_criteo.gin", "--plan=dp", "--noprogress",
+         f"--num_steps={FLAGS.trainer_steps}", f"--log_every={max(FLAGS.trainer_steps // 4, 1)}",
+         "--gin_bindings=ExperimentConfig.num_eval_examples=4096"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+  if proc.returncode:
+    sys.exit(f"error: the trainer run failed: {proc.stderr.strip().splitlines()[-1:]}")
+  return os.path.join(w, "metrics.jsonl")
+
+
+def trainer_rate(work: str) -> tuple[float | None, str]:
+  """(trainer examples/sec, where it came from)."""
   if FLAGS.trainer_examples_per_sec:
-    return FLAGS.trainer_examples_per_sec
-  if not FLAGS.trainer_metrics:
-    return None
+    return FLAGS.trainer_examples_per_sec, "flag"
+  path = FLAGS.trainer_metrics
+  if not path:
+    if FLAGS.trainer_steps <= 0:
+      return None, "none"
+    path = measure_trainer(work)
   rates = []
-  with open(FLAGS.trainer_metrics) as f:
+  with open(path) as f:
     for line in f:
       try:
         v = json.loads(line).get("examples_per_sec")
@@ -54,8 +78,9 @@ def trainer_rate() -> float | None:
       if isinstance(v, (int, float)) and v > 0:
         rates.append(float(v))
   if not rates:
-    sys.exit(f"error: {FLAGS.trainer_metrics}: no examples_per_sec values")
-  return float(np.median(rates))
+    sys.exit(f"error: {path}: no examples_per_sec values")
+  return float(np.median(rates)), ("metrics" if FLAGS.trainer_metrics else
+                                   f"dlrm_criteo.gin, {FLAGS.trainer_steps} steps, measured here")
 
 
 def iterator_rate(it) -> float:
@@ -109,12 +134,13 @@ def main(argv):
 
     it = pipeline.make_train_iterator(out, features, tables, FLAGS.batch_size, **kw)
     rate = iterator_rate(it)
-    trainer = trainer_rate()
+    trainer, origin = trainer_rate(work)
     line = dict(source="binary", examples_per_sec=round(rate), shuffle=True, **common)
     if trainer:
-      line.update(trainer_examples_per_sec=trainer, ratio=round(rate / trainer, 2))
+      line.update(trainer_examples_per_sec=round(trainer), trainer_rate_from=origin,
+                  ratio=round(rate / trainer, 2))
     else:
-      line.update(ratio=None, note="pass --trainer_examples_per_sec or --trainer_metrics")
+      line.update(ratio=None, note="--trainer_steps=0 and no trainer rate given")
     emit(**line, goal=5)
   finally:
     if not FLAGS.workdir:
