@@ -33,11 +33,12 @@ def test_multi_hot_matches_reference(dtype, pooling):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_one_hot_matches_reference(dtype):
+@pytest.mark.parametrize("pooling", ["sum", "mean", "weighted"])
+def test_one_hot_matches_reference(dtype, pooling):
   rng = np.random.default_rng(7)
   table, values = make_table(rng, R, 16, dtype)
-  idx, w = make_bags(rng, 9, 1, R, "weighted")
-  idx[3, 0] = -1
+  idx, w = make_bags(rng, 9, 1, R, pooling)
+  idx[3, 0] = -1  # absent (its weight must be ignored)
   idx[4, 0] = R + 5  # out of the local shard: treated as absent, never read
   w[4, 0] = 1.0
   out = lookup_pool(table, idx, w, kernel="pallas", interpret=True)
@@ -48,14 +49,17 @@ def test_one_hot_matches_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_csr_kernel_matches_padded(dtype):
+@pytest.mark.parametrize("pooling", ["sum", "mean", "weighted"])
+def test_csr_kernel_matches_padded(dtype, pooling):
   rng = np.random.default_rng(3)
   table, values = make_table(rng, R, 8, dtype)
   lens = np.array([0, 1, 5, 2, 0, 3, 1, 4, 2, 1, 6])
   offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
   vals = rng.integers(0, 12, size=offsets[-1]).astype(np.int32)
   vals[2] = -1
-  wts = rng.uniform(0.5, 1.5, size=offsets[-1]).astype(np.float32)
+  bag_len = np.repeat(lens, lens).astype(np.float32)   # length of each slot's bag
+  wts = {"sum": np.ones(offsets[-1], np.float32), "mean": 1.0 / np.maximum(bag_len, 1),
+         "weighted": rng.uniform(0.5, 1.5, size=offsets[-1])}[pooling].astype(np.float32)
   out = lookup_pool_csr(table, vals, offsets, wts, kernel="pallas", interpret=True)
   ref = lookup_pool_csr(table, vals, offsets, wts, kernel="xla")
   idx, w = csr_to_padded(jnp.asarray(vals), jnp.asarray(offsets), jnp.asarray(wts), 6)
