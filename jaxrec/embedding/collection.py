@@ -4,7 +4,9 @@ One training step touches the tables in three `shard_map` stages, so that autodi
 only the rows a batch uses (never a dense `[rows, dim]` gradient):
 
 1. `lookup` (no gradient). Every device all-gathers the int32 ids of the global batch
-   (the only thing that moves), keeps the features whose tables sit on its `table` slice,
+   (the only thing that moves; one all-gather for all stacks, the per-id weights of
+   weighted features riding along as f32 bits), keeps the features whose tables sit on its
+   `table` slice,
    turns ids into local row numbers (rows it does not own become a sentinel), deduplicates
    them (`unique`) and gathers the unique rows from its shard:
    `rows [n, dim/col]` per device. Replicas of a shard see the same unique set.
@@ -12,7 +14,8 @@ only the rows a batch uses (never a dense `[rows, dim]` gradient):
    group's part of the batch, `[group, batch/dev, features_on_slice, dim/col]`, and sends
    the pooled activations home: `psum_scatter` over `row` (partial sums of row shards),
    `all_to_all` over `table` (features to the devices holding their examples) and over
-   `col` (column shards concatenated). Result `[batch, features, dim]` split over batch.
+   `col` (column shards concatenated); stacks split over the same axes share one set of
+   these collectives. Result `[batch, features, dim]` split over batch.
 3. `apply_gradients`. The gradient w.r.t. `rows` (what autodiff of stage 2 returns) is
    summed over the stack's replica axes (`psum`), then the sparse optimizer updates just
    the unique rows of the local shard, identically on every replica.
@@ -61,6 +64,16 @@ class Context:
 
 jax.tree_util.register_dataclass(Context, data_fields=["rows", "unique", "inverse", "weights"],
                                  meta_fields=[])
+
+
+@dataclasses.dataclass(frozen=True)
+class Packing:
+  """Where one stack's inputs sit in the packed `[batch, S]` int32 array that stage 1
+  all-gathers: its ids `[batch, F_s * L]` from column `start`; per stack feature the first
+  column of its per-id weights (f32 bits, `L` columns) or -1, and whether it mean-pools."""
+  start: int
+  weight_starts: tuple[int, ...]
+  mean: tuple[bool, ...]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -188,54 +201,68 @@ class EmbeddingCollection:
         raise DataError(f"feature '{f.name}' (table '{f.table}', {rows} rows): id {bad} is out "
                         f"of range [0, {rows})")
 
-  def _stack_inputs(self, l, ids, weights):
-    """`[B, F_s, L]` ids (-1 padded) and pooling weights for one stack."""
-    cols, ws = [], []
-    for i in l.features:
-      f = self.features[i]
-      x = ids[f.name].astype(jnp.int32)
-      x = jnp.pad(x, ((0, 0), (0, l.max_len - x.shape[1])), constant_values=-1)
-      valid = (x >= 0).astype(jnp.float32)
-      w = valid
-      if f.weighted:
-        w = w * jnp.pad(weights[f.name].astype(jnp.float32),
-                        ((0, 0), (0, l.max_len - f.max_len)))
-      if f.pooling == "mean":
-        w = w / jnp.maximum(valid.sum(axis=1, keepdims=True), 1.0)
-      cols.append(x)
-      ws.append(w)
-    return jnp.stack(cols, axis=1), jnp.stack(ws, axis=1)
+  def packing(self) -> tuple[Packing, ...]:
+    """Per stack, its place in the packed stage-1 input (see `Packing`)."""
+    column, starts = 0, []
+    for l in self.layouts:
+      starts.append(column)
+      column += len(l.features) * l.max_len
+    out = []
+    for l, start in zip(self.layouts, starts):
+      weight_starts = []
+      for i in l.features:
+        if self.features[i].weighted:
+          weight_starts.append(column)
+          column += l.max_len
+        else:
+          weight_starts.append(-1)
+      out.append(Packing(start, tuple(weight_starts),
+                         tuple(self.features[i].pooling == "mean" for i in l.features)))
+    return tuple(out)
+
+  def _packed_inputs(self, ids, weights):
+    """`[B, S]` int32: every stack's ids padded to its bag size (-1), then the weighted
+    features' per-id weights as f32 bits, in `packing()` order."""
+    cols, weight_cols = [], []
+    for l in self.layouts:
+      for i in l.features:
+        f = self.features[i]
+        x = ids[f.name].astype(jnp.int32)
+        cols.append(jnp.pad(x, ((0, 0), (0, l.max_len - x.shape[1])), constant_values=-1))
+        if f.weighted:
+          w = jnp.pad(weights[f.name].astype(jnp.float32), ((0, 0), (0, l.max_len - f.max_len)))
+          weight_cols.append(jax.lax.bitcast_convert_type(w, jnp.int32))
+    return jnp.concatenate(cols + weight_cols, axis=1)
 
   # ----------------------------------------------------------------------------- stage 1
   def lookup(self, state: EmbeddingState, ids: Mapping[str, jax.Array],
              weights: Mapping[str, jax.Array] | None = None) -> Context:
     """Stage 1: gather ids, dedupe, read the unique local rows (see module docstring)."""
-    weights = weights or {}
-    out = Context({}, {}, {}, {})
-    for l in self.layouts:
-      x, w = self._stack_inputs(l, ids, weights)
-      fn = jax.shard_map(functools.partial(local_ops.lookup, l, self.dedup(l)), mesh=self.mesh,
-                         in_specs=(l.table_spec(), P(BATCH_AXES), P(BATCH_AXES)),
-                         out_specs=(P(MESH_AXES, None),) + (PER_DEVICE,) * 3, check_vma=False)
-      rows, uniq, inv, wl = fn(state["tables"][l.name], x, w)
-      out.rows[l.name], out.unique[l.name] = rows, uniq
-      out.inverse[l.name], out.weights[l.name] = inv, wl
-    return out
+    for f in self.features:
+      if f.weighted and (weights is None or f.name not in weights):
+        raise DataError(f"batch has no weights for weighted feature '{f.name}'")
+    packed = self._packed_inputs(ids, weights or {})
+    per_stack = (P(MESH_AXES, None),) + (PER_DEVICE,) * 3
+    fn = jax.shard_map(
+        functools.partial(local_ops.lookup_all, self.layouts,
+                          tuple(self.dedup(l) for l in self.layouts), self.packing()),
+        mesh=self.mesh, in_specs=({l.name: l.table_spec() for l in self.layouts}, P(BATCH_AXES)),
+        out_specs={l.name: per_stack for l in self.layouts}, check_vma=False)
+    out = fn({l.name: state["tables"][l.name] for l in self.layouts}, packed)
+    return Context(*({name: parts[k] for name, parts in out.items()} for k in range(4)))
 
   # ----------------------------------------------------------------------------- stage 2
   def pool(self, rows: Mapping[str, jax.Array], ctx: Context) -> jax.Array:
     """Stage 2: pooled activations `[batch, features, dim]`, split over batch."""
-    parts, order = [], []
-    for l in self.layouts:
-      fn = jax.shard_map(functools.partial(local_ops.pool, l, self.options), mesh=self.mesh,
-                         in_specs=(P(MESH_AXES, None), PER_DEVICE, PER_DEVICE),
-                         out_specs=P(BATCH_AXES), check_vma=False)
-      parts.append(fn(rows[l.name], ctx.inverse[l.name], ctx.weights[l.name]))
-      order.extend(l.features)
-    pooled = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
-    if order != sorted(order):
-      pooled = pooled[:, np.argsort(order)]
-    return pooled
+    order = tuple(i for l in self.layouts for i in l.features)
+    names = [l.name for l in self.layouts]
+    fn = jax.shard_map(functools.partial(local_ops.pool_all, self.layouts, self.options, order),
+                       mesh=self.mesh,
+                       in_specs=({n: P(MESH_AXES, None) for n in names},
+                                 {n: PER_DEVICE for n in names}, {n: PER_DEVICE for n in names}),
+                       out_specs=P(BATCH_AXES), check_vma=False)
+    return fn({n: rows[n] for n in names}, {n: ctx.inverse[n] for n in names},
+              {n: ctx.weights[n] for n in names})
 
   # ----------------------------------------------------------------------------- stage 3
   def apply_gradients(self, state: EmbeddingState, ctx: Context,

@@ -73,16 +73,49 @@ def read_rows(table, uniq):
 
 
 # ---------------------------------------------------------------------------- stage 1
-def lookup(l, dedup, table, ids, w):
-  """table `[local_rows, dl]`; ids, w `[b, F_s, L]` → (rows f32 `[n, dl]`, uniq `[1, n]`,
-  inverse and weights `[1, nt, nr, nc, b, Ft, L]`).
+def lookup_all(layouts, dedups, packing, tables, packed):
+  """Stage 1 for every stack: one all-gather of the ids, then per stack `lookup_stack`.
+
+  packed `[b, S]` int32: each stack's ids `[b, F_s * L]` (-1 padded) side by side, then the
+  f32 bits of weighted features' per-id weights (`collection.Packing` says where). Returns
+  `{stack: (rows, uniq, inverse, weights)}` as `lookup_stack` does."""
+  shape = tuple(dict(layouts[0].sizes)[a] for a in MESH_AXES)
+  gathered = jax.lax.all_gather(packed, MESH_AXES, axis=0, tiled=False)
+  gathered = gathered.reshape(shape + packed.shape)                       # [nd,nt,nr,nc,b,S]
+  out = {}
+  for l, dedup, pk in zip(layouts, dedups, packing):
+    n_feat = len(l.features)
+    ids = gathered[..., pk.start:pk.start + n_feat * l.max_len]
+    ids = ids.reshape(ids.shape[:-1] + (n_feat, l.max_len))              # [nd,...,b,F_s,L]
+    out[l.name] = lookup_stack(l, dedup, tables[l.name], ids, gathered, pk)
+  return out
+
+
+def pooling_weights(pk, ids, gathered):
+  """Pooling weight of every slot `[..., F_s, L]`: 0 for absent ids (-1), the feature's
+  per-id weight (f32 bits in `gathered` columns `pk.weight_starts`) if weighted, divided
+  by the bag's id count for mean pooling."""
+  valid = ids >= 0
+  w = valid.astype(jnp.float32)
+  starts = np.array(pk.weight_starts)
+  if (starts >= 0).any():
+    cols = np.maximum(starts, 0)[:, None] + np.arange(ids.shape[-1])[None]   # [F_s, L]
+    explicit = jax.lax.bitcast_convert_type(jnp.take(gathered, cols, axis=-1), jnp.float32)
+    w = jnp.where(jnp.asarray(starts >= 0)[:, None], w * explicit, w)
+  if any(pk.mean):
+    count = jnp.maximum(valid.sum(axis=-1, keepdims=True), 1).astype(jnp.float32)
+    w = jnp.where(jnp.asarray(np.array(pk.mean))[:, None], w / count, w)
+  return w
+
+
+def lookup_stack(l, dedup, table, ids_all, gathered, pk):
+  """One stack's stage 1. table `[local_rows, dl]`; ids_all `[nd, nt, nr, nc, b, F_s, L]`
+  (every device's ids) → (rows f32 `[n, dl]`, uniq `[1, n]`, inverse and weights
+  `[1, nt, nr, nc, b, Ft, L]` for the examples of this device's model-parallel group).
 
   With `dedup`, `uniq` holds each local row once (n = min(slots, local_rows + 1): at most
   every row plus the sentinel); without, every slot is its own entry (n = slots, no sort)
   and duplicates are summed by stage 3's scatter-add."""
-  sizes = dict(l.sizes)
-  ids_all = jax.lax.all_gather(ids, MESH_AXES, axis=0, tiled=False)   # [N, b, F_s, L]
-  ids_all = ids_all.reshape(tuple(sizes[a] for a in MESH_AXES) + ids.shape)
   ids_sel, sel = select_features(l, ids_all, -1)                        # [nd,nt,nr,nc,b,Ft,L]
   offsets = jnp.asarray(np.array(l.feature_row_offsets(), np.int32))[jnp.maximum(sel, 0)]
   row = ids_sel + offsets[:, None]
@@ -98,13 +131,8 @@ def lookup(l, dedup, table, ids, w):
     uniq, inv = flat, jnp.arange(flat.size, dtype=jnp.int32)
   rows = read_rows(table, uniq)
   inv = group_slice(l, inv.reshape(local.shape))                        # [1,nt,nr,nc,b,Ft,L]
-  group_axes = tuple(a for a in MESH_AXES if a in l.axes)
-  if group_axes:
-    w_all = jax.lax.all_gather(w, group_axes, axis=0, tiled=False)
-    w_all = w_all.reshape(tuple(l.size(a) for a in MESH_AXES) + w.shape)
-  else:
-    w_all = w.reshape((1, 1, 1, 1) + w.shape)
-  w_sel, _ = select_features(l, w_all, 0.0)
+  w = pooling_weights(pk, group_slice(l, ids_all), group_slice(l, gathered))
+  w_sel, _ = select_features(l, w, 0.0)
   return rows, uniq[None], inv, w_sel
 
 
@@ -132,30 +160,54 @@ def _pool_kernel_bwd(interpret, res, g):
 pool_kernel.defvjp(_pool_kernel_fwd, _pool_kernel_bwd)
 
 
-def pool(l, opts, rows, inv, w):
-  """Stage 2: `rows [n, dl]` → pooled `[b, F_s, dim]` for this device's examples."""
+def pool_all(layouts, opts, order, rows, inv, w):
+  """Stage 2 for every stack: `[b, F, dim]` for this device's examples, features in
+  collection order (`order[k]` = the collection feature of the k-th stack feature, stacks
+  in `layouts` order). Stacks split over the same axes send their partial sums home in one
+  set of collectives (concatenated along the feature axis)."""
+  groups: dict[tuple, list] = {}
+  for l in layouts:
+    groups.setdefault(l.axes, []).append(l)
+  pooled = {}
+  for stacks in groups.values():
+    parts = [pool_partial(l, opts, rows[l.name], inv[l.name], w[l.name]) for l in stacks]
+    x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=4)
+    x = send_home(stacks[0], opts.comm_dtype, x)                         # [b, nt, Ft_all, dim]
+    start = 0
+    for l, part in zip(stacks, parts):
+      width = part.shape[4]
+      y = x[:, :, start:start + width].reshape(x.shape[0], -1, x.shape[-1])  # [b, nt*Ft, dim]
+      start += width
+      position = {f: s * width + j for s, fs in enumerate(l.slot_features)
+                  for j, f in enumerate(fs) if f >= 0}
+      pooled[l.name] = y[:, np.array([position[f] for f in range(len(l.features))])]
+  out = jnp.concatenate([pooled[l.name] for l in layouts], axis=1) if len(layouts) > 1 \
+      else pooled[layouts[0].name]
+  if list(order) != sorted(order):
+    out = out[:, np.argsort(order)]
+  return out
+
+
+def pool_partial(l, opts, rows, inv, w):
+  """Partial pooled sums `[nt, nr, nc, b, Ft, dl]` of one stack's `rows [n, dl]` for the
+  examples of this device's group (`inv`, `w` `[1, nt, nr, nc, b, Ft, L]`)."""
   inv, w = inv[0], w[0]                                                  # [nt,nr,nc,b,Ft,L]
   if opts.kernel == "pallas":
     bags = inv.shape[:-1]
-    x = pool_kernel(rows, inv.reshape(-1, inv.shape[-1]), w.reshape(-1, w.shape[-1]),
-                    opts.interpret).reshape(bags + rows.shape[-1:])
-  else:
-    x = (jnp.take(rows, inv, axis=0) * w[..., None]).sum(axis=-2)
-  x = send_home(l, opts.comm_dtype, x)                                   # [b, nt*Ft, dim]
-  width = len(l.slot_features[0])
-  position = {f: s * width + j for s, fs in enumerate(l.slot_features)
-              for j, f in enumerate(fs) if f >= 0}
-  return x[:, np.array([position[f] for f in range(len(l.features))])]
+    return pool_kernel(rows, inv.reshape(-1, inv.shape[-1]), w.reshape(-1, w.shape[-1]),
+                       opts.interpret).reshape(bags + rows.shape[-1:])
+  return (jnp.take(rows, inv, axis=0) * w[..., None]).sum(axis=-2)
 
 
 def send_home(l, comm_dtype, x):
-  """Partial pooled `[nt, nr, nc, b, Ft, dl]` → this device's `[b, nt*Ft, nc*dl]`:
+  """Partial pooled `[nt, nr, nc, b, Ft, dl]` → this device's `[b, nt, Ft, nc*dl]`:
   sum over `row`, features over `table` and columns over `col` to the examples' device."""
   def a2a(x, axis, split, concat):
     if comm_dtype is None:
       return jax.lax.all_to_all(x, axis, split, concat, tiled=True)
     return kernels.all_to_all_compressed(x, axis, split, concat, comm_dtype, True)
 
+  nt, ft = x.shape[0], x.shape[4]
   if "row" in l.axes:
     if comm_dtype is None:
       x = jax.lax.psum_scatter(x, "row", scatter_dimension=1, tiled=True)
@@ -166,7 +218,7 @@ def send_home(l, comm_dtype, x):
   if "col" in l.axes:   # column block k comes from col device k: keep it as axis 2 (fp8
     x = a2a(x, "col", 2, 2)  # scales are per row, so the last axis cannot be concatenated)
   x = jnp.moveaxis(x, 2, 4)                                              # [1,1,b,nt*Ft,nc,dl]
-  return x.reshape(x.shape[2:4] + (-1,))
+  return x.reshape((x.shape[2], nt, ft, -1))
 
 
 # ---------------------------------------------------------------------------- stage 3
