@@ -12,6 +12,12 @@ Exported names (npz keys, zarr array paths), from the canonical leaf names:
 int8 tables export their `q`, `scale`, `bias` (`tables/<table>/q`, ...); bfloat16 arrays
 are widened to float32 in npz (exact), kept as bfloat16 in zarr.
 
+Offloaded tables (`jaxrec.offload`): the orbax checkpoint holds only their device cache;
+the whole table and its optimizer state are in the offload snapshot of the same step
+(`W/offload_snapshots/<step>`, named in the checkpoint's `meta["offload"]`). Exports read
+those instead (`tables/<table>` is the full `[rows, dim]` table), and a checkpoint copy
+links the snapshot next to it (`<output>/../offload_snapshots/<step>`).
+
 Arrays are read from the checkpoint in row blocks and verified against their saved
 fingerprints while they are written, so an export never holds a whole table in memory
 and never silently exports corrupt data.
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import time
@@ -70,13 +77,55 @@ def _metadata(step_dir, step) -> dict:
           "data_state": storage.read_json(step_dir, storage.DATA_STATE)}
 
 
+def offload_snapshot(step_dir) -> tuple[str, dict] | None:
+  """`(snapshot directory, {table: info})` when checkpoint `step_dir` has offloaded tables
+  (their full values are in the offload snapshot of its step), else None. The snapshot
+  directory is the one recorded at save time or, if that moved, `../offload_snapshots`
+  beside the checkpoint directory. Raises `CheckpointError` when neither has the step."""
+  from jaxrec.offload import snapshots  # pylint: disable=import-outside-toplevel
+  step_dir = epath.Path(step_dir)
+  info = storage.read_json(step_dir, storage.META).get("offload")
+  if not info or not info.get("tables"):
+    return None
+  step = int(step_dir.name)
+  candidates = [info.get("snapshots"), str(step_dir.parent.parent / "offload_snapshots")]
+  for directory in filter(None, candidates):
+    if step in snapshots.steps(directory):
+      return directory, info["tables"]
+  raise CheckpointError(f"checkpoint {step_dir} has offloaded tables {sorted(info['tables'])} "
+                        f"but no offload snapshot of step {step} (looked in "
+                        f"{', '.join(filter(None, candidates))})")
+
+
+def _offloaded_arrays(step_dir) -> dict:
+  """`{canonical name: tensorstore}` of the offloaded tables' full arrays (none: {})."""
+  found = offload_snapshot(step_dir)
+  if found is None:
+    return {}
+  from jaxrec.offload import snapshots  # pylint: disable=import-outside-toplevel
+  directory, tables = found
+  out = {}
+  for table in sorted(tables):
+    for name, array in snapshots.open_table(directory, int(epath.Path(step_dir).name),
+                                            table).items():
+      out[f"tables/{table}" if name == "table" else f"table_opt/{table}/{name[4:]}"] = array
+  return out
+
+
 def _exported_arrays(step_dir):
-  """Yields `(export name, tensorstore, saved fingerprint or None)`, sorted by name."""
+  """Yields `(export name, tensorstore, saved fingerprint or None)`, sorted by name.
+  Offloaded tables come from their snapshot (no saved fingerprint)."""
   manifest = storage.check_step(step_dir)
   arrays = storage.open_arrays(step_dir)
   saved = storage.saved_fingerprints(step_dir, manifest, arrays)
+  offloaded = _offloaded_arrays(step_dir)
+  for name in offloaded:
+    if name not in arrays:
+      raise CheckpointError(f"offload snapshot of {step_dir} holds '{name}', which the "
+                            "checkpoint does not have")
+  arrays.update(offloaded)
   for name in sorted(n for n in arrays if n != "fingerprint"):
-    yield export_name(name), name, arrays[name], saved.get(name)
+    yield export_name(name), name, arrays[name], None if name in offloaded else saved.get(name)
 
 
 class _Verifier:
@@ -223,13 +272,36 @@ def export_checkpoint(checkpoint_dir, output, step: int | None = None,
   dest = output / str(step)
   if dest.exists():
     raise ConfigError(f"--output: {dest} already exists")
+  snapshot = offload_snapshot(step_dir)
+  snap_dest = output.parent / "offload_snapshots" / str(step)
+  if snapshot is not None and snap_dest.exists():
+    raise ConfigError(f"--output: {snap_dest} (offload snapshot of step {step}) already exists")
   output.mkdir(parents=True, exist_ok=True)
   tmp = output / f"{step}.orbax-checkpoint-tmp-{time.time_ns()}"   # cleaned up if we die
   shutil.copytree(step_dir, tmp)
   manifest["converted_from"] = str(step_dir)
   (tmp / storage.MANIFEST / "metadata").write_text(json.dumps(manifest))
+  if snapshot is not None:   # the offloaded tables: the snapshot first, hard links
+    _link_copy(epath.Path(snapshot[0]) / str(step), snap_dest)
+    meta = storage.read_json(tmp, storage.META)
+    meta["offload"]["snapshots"] = str(snap_dest.parent)
+    (tmp / storage.META / "metadata").write_text(json.dumps(meta))
   tmp.rename(dest)
   return step, description
+
+
+def _link_copy(src: epath.Path, dst: epath.Path) -> None:
+  """Copies directory `src` to `dst` (hard links where possible) via a tmp directory."""
+
+  def link(a, b):
+    try:
+      os.link(a, b)
+    except OSError:
+      shutil.copy2(a, b)
+  tmp = dst.parent / f"{dst.name}.tmp-{time.time_ns()}"
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  shutil.copytree(src, tmp, copy_function=link)
+  tmp.rename(dst)
 
 
 def import_torchrec(npz_path, output, step: int = 0) -> list[str]:

@@ -11,8 +11,9 @@ Stored under the checkpoint item `embeddings/`:
 The layout does not depend on mesh or plan. Saving copies each device's shard of the
 stacked arrays to host (the only blocking part) and writes the table pieces it holds in
 the background; restoring builds each device's shard of the new stacked arrays from the
-table pieces it covers (`jax.make_array_from_callback`). No host or device ever holds a
-whole sharded table, and nothing moves between devices. Fingerprints are summed over
+table pieces it covers, one shard at a time, each put on its device before the next is
+read. No host or device ever holds a whole sharded table, and nothing moves between
+devices. Fingerprints are summed over
 the pieces on both sides, so a restore is checked bit for bit.
 """
 
@@ -261,21 +262,29 @@ def _read_block(layout, name_of, shape, dtype, bounds, handles, prints):
 
 
 def _read_array(l, name_of, abstract, sharding, handles, prints) -> jax.Array:
-  """One stacked array on `sharding`, each device's block read from the table pieces."""
-  shape, dtype, cache = tuple(abstract.shape), np.dtype(abstract.dtype), {}
+  """One stacked array on `sharding`, each device's block read from the table pieces.
+
+  Blocks are read one at a time and put on their device(s) before the next is read, so
+  the host holds one device's block at a time (`jax.make_array_from_callback` would
+  gather every addressable block on the host first: a whole sharded table on one host)."""
+  shape, dtype = tuple(abstract.shape), np.dtype(abstract.dtype)
   owners = {}   # block -> its first device: only that device's process fingerprints it
   for device, index in sharding.devices_indices_map(shape).items():
     owners.setdefault(_bounds(index, shape), device)
-
-  def callback(index):
-    bounds = _bounds(index, shape)
-    if bounds not in cache:   # replicas of a block read it once
-      mine = owners[bounds].process_index == jax.process_index()
-      cache[bounds] = _read_block(l, name_of, shape, dtype, bounds, handles,
-                                  prints if mine else dict.fromkeys(prints, 0))
-    return cache[bounds]
-
-  return jax.make_array_from_callback(shape, sharding, callback)
+  by_block: dict[tuple, list] = {}   # replicas of a block read it once
+  for device, index in sharding.addressable_devices_indices_map(shape).items():
+    by_block.setdefault(_bounds(index, shape), []).append(device)
+  placed = {}
+  for bounds, devices in by_block.items():
+    mine = owners[bounds].process_index == jax.process_index()
+    block = _read_block(l, name_of, shape, dtype, bounds, handles,
+                        prints if mine else dict.fromkeys(prints, 0))
+    for device in devices:
+      placed[device] = jax.device_put(block, device)
+    jax.block_until_ready([placed[d] for d in devices])   # the host copy may go now
+    del block
+  arrays = [placed[d] for d in sharding.addressable_devices_indices_map(shape)]
+  return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
 def read_state(directory: epath.PathLike, collection, with_opt: bool) -> tuple[dict, dict]:

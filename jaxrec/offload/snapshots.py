@@ -36,11 +36,25 @@ def steps(directory: str) -> list[int]:
 def save(directory: str, step: int, stores: Mapping[str, object], keep: int | None) -> str:
   """Snapshots every store (`{table: TableStore}`) as step `step`; keeps the newest
   `keep` steps (None: all). Returns the step directory."""
+  final = os.path.join(directory, str(int(step)))
+  try:
+    _write(directory, final, step, stores)
+  except OSError as e:   # e.g. disk full: the earlier snapshots are untouched
+    raise OffloadError(f"offload snapshot of step {step} in {directory} failed: {e}") from None
+  if hasattr(os, "sync"):
+    os.sync()
+  if keep is not None:
+    for old in steps(directory)[:-int(keep)]:
+      shutil.rmtree(os.path.join(directory, str(old)), ignore_errors=True)
+  return final
+
+
+def _write(directory: str, final: str, step: int, stores: Mapping[str, object]) -> None:
+  """Writes the snapshot into `<final>.tmp-<pid>`, then renames it to `final`."""
   os.makedirs(directory, exist_ok=True)
   for name in os.listdir(directory):
     if ".tmp-" in name:
       shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-  final = os.path.join(directory, str(int(step)))
   tmp = f"{final}.tmp-{os.getpid()}"
   meta = {"step": int(step), "tables": {}}
   for name, store in stores.items():
@@ -53,12 +67,6 @@ def save(directory: str, step: int, stores: Mapping[str, object], keep: int | No
   if os.path.exists(final):
     shutil.rmtree(final)
   os.rename(tmp, final)
-  if hasattr(os, "sync"):
-    os.sync()
-  if keep is not None:
-    for old in steps(directory)[:-int(keep)]:
-      shutil.rmtree(os.path.join(directory, str(old)), ignore_errors=True)
-  return final
 
 
 def locate(directory: str, step: int, tables: Mapping[str, object]) -> str:

@@ -243,8 +243,12 @@ class TableStore:
                            "open": True}).result()
         self.arrays[name].write(src_arr.read().result()).result()
       return
-    shutil.rmtree(self.path, ignore_errors=True)
-    _link_tree(src, self.path)
+    try:
+      shutil.rmtree(self.path, ignore_errors=True)
+      _link_tree(src, self.path)
+    except OSError as e:
+      raise OffloadError(f"offloaded table '{self.spec.name}': cannot restore snapshot {src} "
+                         f"into '{self.path}': {e}") from None
     self.open_existing()
 
 

@@ -119,6 +119,10 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
   operative_gin = gin.operative_config_str()
   meta = {"plan": plan.to_json(), "mesh": info["mesh"], "seed": options.seed,
           "gin": operative_gin}
+  if tier is not None:   # checkpoint conversion reads these tables from the snapshots
+    meta["offload"] = {"snapshots": os.path.abspath(snapshots),
+                       "tables": {n: {"rows": t.spec.rows, "cache_rows": t.cache.cache_rows}
+                                  for n, t in tier.tables.items()}}
 
   def resume_from(restored) -> dict:
     """Points the offload tier and the data stream at a restored checkpoint."""
@@ -189,6 +193,8 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
         bad_step, bad_position, _ = pending[int(bad[0])]
         message = f"non-finite loss {losses[bad[0]]} at step {bad_step}"
         if options.on_nan == "stop" or rollbacks >= MAX_ROLLBACKS:
+          writer.write(bad_step, {"event": "nan_stop", "bad_step": bad_step,
+                                  "position": bad_position, "rollbacks": rollbacks})
           raise TrainingError(f"{message} (--on_nan={options.on_nan}"
                               f"{', rollback limit reached' if rollbacks else ''}); the last "
                               f"checkpoint in {ckpt.directory} is untouched")

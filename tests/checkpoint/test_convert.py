@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -188,3 +189,49 @@ def test_torchrec_export_then_import(tmp_path):
   with np.load(npz) as z:
     for i in range(4):
       np.testing.assert_array_equal(tables[f"t{i}"], z[f"embedding_bags.t{i}.weight"])
+
+
+def test_offloaded_table_is_exported_from_its_snapshot(tmp_path):
+  """The checkpoint of an offloaded run holds only the device cache of the table; the
+  exports take the whole table (and its optimizer state) from the offload snapshot, and a
+  checkpoint copy takes the snapshot along."""
+  from jaxrec import offload
+  from jaxrec.embedding.specs import TableSpec
+  coll = h.collection("rw", 8)              # t0 stands for a 13-row cache of a 50-row table
+  full = TableSpec("t0", 50, h.DIM)
+  store = offload.TableStore(full, offload.OffloadTable("t0", cache_rows=13),
+                             coll.optimizer, str(tmp_path / "live" / "t0"))
+  store.create(jax.random.key(0))
+  rows = np.arange(0, 50, 3)
+  values = {"table": np.random.default_rng(0).standard_normal((len(rows), h.DIM)).astype(
+      np.float32), "opt.accum": np.full((len(rows), h.DIM), 7.0, np.float32)}
+  store.write(rows, values)
+  want = {n: store.read_all(n, 0, 50) for n in store.names}
+  snaps = tmp_path / "w" / "offload_snapshots"
+  offload.snapshots.save(str(snaps), 5, {"t0": store}, keep=None)
+  meta = {"offload": {"snapshots": str(snaps),
+                      "tables": {"t0": {"rows": 50, "cache_rows": 13}}}}
+  state = h.train_state(coll, step=5)
+  with CheckpointManager(tmp_path / "w" / "checkpoints") as mgr:
+    mgr.save(5, state, coll, meta=meta, force=True)
+
+  convert.export_npz(tmp_path / "w" / "checkpoints", tmp_path / "a.npz")
+  expect = _expected(coll, state)
+  with np.load(tmp_path / "a.npz") as z:
+    np.testing.assert_array_equal(z["tables/t0"], want["table"])
+    np.testing.assert_array_equal(z["table_opt/t0/accum"], want["opt.accum"])
+    np.testing.assert_array_equal(z["tables/t1"], expect["tables/t1"])   # on-device table
+  convert.export_zarr(tmp_path / "w" / "checkpoints", tmp_path / "z")
+  got = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(
+      tmp_path / "z" / "tables" / "t0")}}).result().read().result()
+  np.testing.assert_array_equal(got, want["table"])
+
+  convert.export_checkpoint(tmp_path / "w" / "checkpoints", tmp_path / "w2" / "checkpoints")
+  assert offload.snapshots.steps(str(tmp_path / "w2" / "offload_snapshots")) == [5]
+  shutil.rmtree(snaps)
+  convert.export_npz(tmp_path / "w2" / "checkpoints", tmp_path / "b.npz")
+  with np.load(tmp_path / "b.npz") as z:
+    np.testing.assert_array_equal(z["tables/t0"], want["table"])
+  with pytest.raises(CheckpointError, match=r"offloaded tables \['t0'\] but no offload snapshot"):
+    convert.export_npz(tmp_path / "w" / "checkpoints", tmp_path / "c.npz")
+  assert not (tmp_path / "c.npz").exists()

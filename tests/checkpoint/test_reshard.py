@@ -42,8 +42,12 @@ def test_same_plan_fewer_devices(saved, kind, devices):
     assert a.sharding == s
 
 
-@pytest.mark.parametrize("src,dst,devices", [("rw", "tw", 8), ("tw", "grid", 4),
-                                             ("grid", "dp", 6), ("cw", "twrw", 8)])
+# Every kind restored into another kind on another device count (a rotation over KINDS),
+# plus the classic rw -> tw on the same devices.
+OTHER = [(k, KINDS[(i + 1) % len(KINDS)], (6, 4)[i % 2]) for i, k in enumerate(KINDS)]
+
+
+@pytest.mark.parametrize("src,dst,devices", OTHER + [("rw", "tw", 8), ("cw", "twrw", 8)])
 def test_other_plan(saved, src, dst, devices):
   path, coll, state = saved[src]
   new = h.collection(dst, devices, optimizer=_optimizer(src))
@@ -80,3 +84,40 @@ def test_low_precision_tables(tmp_path, dtype):
   h.assert_tables_equal(coll, state, new, restored.state)
   for a, s in zip(jax.tree.leaves(restored.state["emb"]), jax.tree.leaves(new.shardings())):
     assert a.sharding == s
+
+
+
+def test_restore_reads_shard_by_shard(tmp_path, monkeypatch):
+  """Restore never holds a whole row-sharded table on the host: it reads one device block
+  (a quarter of the table on row=4) and puts it on its devices before reading the next.
+  (`jax.make_array_from_callback` would read every block first, then copy them all.)"""
+  from jaxrec.checkpoint import tables as tables_lib
+  rows = (1 << 12, 8, 8, 8)
+  coll = h.collection("rw", 8, optimizer=optimizers.RowWiseAdagrad(), rows=rows)
+  state = h.train_state(coll, seed=1, step=1)
+  events = []
+  real_read, real_put = tables_lib._read_block, jax.device_put
+
+  def read_block(*args):
+    block = real_read(*args)
+    events.append(("read", id(block), block.shape[0]))
+    return block
+
+  def device_put(x, *args, **kw):
+    events.append(("put", id(x), None))
+    return real_put(x, *args, **kw)
+
+  with CheckpointManager(tmp_path) as mgr:
+    mgr.save(1, state, coll, force=True)
+    mgr.wait()
+    monkeypatch.setattr(tables_lib, "_read_block", read_block)
+    monkeypatch.setattr(jax, "device_put", device_put)
+    restored = mgr.restore(h.dense(coll.mesh), coll)
+  at = [i for i, e in enumerate(events) if e[0] == "read"]
+  assert len(at) == 4 * 2         # 4 row blocks x (table, optimizer state); replicas once
+  assert max(events[i][2] for i in at) < rows[0]
+  for i, j in zip(at, at[1:] + [len(events)]):   # on its devices before the next read
+    puts = [e for e in events[i:j] if e == ("put", events[i][1], None)]
+    assert len(puts) == 2, (i, events)         # data=2: both replicas of the block
+  monkeypatch.undo()
+  h.assert_tables_equal(coll, state, coll, restored.state)

@@ -120,3 +120,20 @@ def test_bfloat16_store_round_trip(tmp_path):
   assert got.dtype == np.dtype(jax.numpy.bfloat16)
   np.testing.assert_array_equal(got.astype(np.float32),
                                 np.asarray(init_table(key, spec))[rows].astype(np.float32))
+
+
+def test_snapshot_and_restore_into_unusable_paths_are_clear_errors(tmp_path):
+  store = _store(tmp_path)
+  store.create(jax.random.key(0))
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  with pytest.raises(offload.OffloadError, match=r"offload snapshot of step 3 in .*file/snaps "
+                     "failed"):
+    offload.snapshots.save(str(blocker / "snaps"), 3, {"big": store}, keep=None)
+  offload.snapshots.save(str(tmp_path / "snaps"), 3, {"big": store}, keep=None)
+  other = TableStore(SPEC, offload.OffloadTable("big", cache_rows=10), ADAGRAD,
+                     str(blocker / "big"))
+  with pytest.raises(offload.OffloadError, match="offloaded table 'big': cannot restore snapshot"
+                     r" .*snaps/3/big into '.*file/big'"):
+    other.restore_snapshot(str(tmp_path / "snaps" / "3" / "big"))
+  assert offload.snapshots.steps(str(tmp_path / "snaps")) == [3]

@@ -50,6 +50,10 @@ def test_stop_names_the_step_and_keeps_checkpoints(poisoned, tmp_path):
   with pytest.raises(loop.TrainingError, match="non-finite loss nan at step 7 .*untouched"):
     run(poisoned, tmp_path, "stop")
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert lines[-1] == {"step": 7, "event": "nan_stop", "bad_step": 7, "position": 384,
+                       "rollbacks": 0}
+  assert all(np.isfinite(l["loss"]) for l in lines if "loss" in l)
 
 
 def test_rollback_skips_the_batch(poisoned, tmp_path):

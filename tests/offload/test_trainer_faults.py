@@ -1,0 +1,83 @@
+"""A disk write error during write-back, in the trainer: a clear error, the last checkpoint
+(and its offload snapshot) stay valid, and the same command resumes from it exactly."""
+
+import json
+
+import gin
+import numpy as np
+import pytest
+
+from jaxrec import launch
+from jaxrec.offload import OffloadError, snapshots, store as store_lib
+from jaxrec.train import config as config_lib, loop
+
+BINDINGS = ["ExperimentConfig.batch_size=128", "ExperimentConfig.eval_batch_size=512",
+            "ExperimentConfig.num_eval_examples=512", "DLRM.bottom_mlp=(16,)",
+            "DLRM.top_mlp=(16,1)", "ExperimentConfig.sparse_optimizer=@Adagrad()",
+            "OffloadConfig.tables={'t0': {'cache_rows': 4000}}",
+            "OffloadConfig.host_buffer_rows=600"]    # small: write-backs start early
+
+
+class _NoSpace:
+  """A tensorstore array whose writes fail as a full disk would."""
+
+  def __init__(self, arr):
+    self.arr = arr
+
+  def __getitem__(self, index):
+    class Sel:
+      def write(self, values):
+        raise ValueError("UNKNOWN: Error writing local file: No space left on device")
+    return Sel()
+
+
+def _run(workdir, num_steps=30):
+  launch.parse_gin(["configs/dlrm_synthetic.gin"], BINDINGS)
+  options = config_lib.RunOptions(num_steps=num_steps, mesh="data=8", plan="dp", log_every=5,
+                                  checkpoint_every=10, progress=False)
+  try:
+    return loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(workdir))
+  finally:
+    gin.clear_config()
+
+
+def _losses(workdir):
+  lines = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+  return {l["step"]: l["loss"] for l in lines if "loss" in l}, lines
+
+
+def test_write_back_failure_keeps_the_last_checkpoint_and_resume_is_exact(tmp_path,
+                                                                          monkeypatch):
+  real_save, real_write = snapshots.save, store_lib.TableStore.write
+  armed = []
+
+  def save(directory, step, stores, keep):   # after checkpoint 10's snapshot: disk full
+    out = real_save(directory, step, stores, keep)
+    armed.append(step)
+    return out
+
+  def write(self, rows, values):
+    if armed:
+      self.arrays = dict(self.arrays, table=_NoSpace(self.arrays["table"]))
+    return real_write(self, rows, values)
+
+  monkeypatch.setattr(snapshots, "save", save)
+  monkeypatch.setattr(store_lib.TableStore, "write", write)
+  w = tmp_path / "w"
+  with pytest.raises(OffloadError, match=r"offloaded table 't0': write-back of \d+ rows to "
+                     r"'.*t0/table/' .*failed: .*No space left on device"):
+    _run(w)
+  monkeypatch.undo()
+  assert armed == [10]
+  assert sorted(p.name for p in (w / "checkpoints").iterdir()) == ["10"]
+  assert snapshots.steps(str(w / "offload_snapshots")) == [10]
+
+  _run(w)                                    # the same command again: resumes from 10
+  ref = tmp_path / "ref"
+  _run(ref)
+  got, lines = _losses(w)
+  want, _ = _losses(ref)
+  assert [l["checkpoint_step"] for l in lines if l.get("event") == "resume"] == [10]
+  assert sorted(got) == sorted(want) and max(got) == 30
+  for step in (15, 20, 25, 30):              # after the resume: the uninterrupted run's
+    np.testing.assert_allclose(got[step], want[step], rtol=0, atol=1e-6, err_msg=step)
