@@ -76,7 +76,8 @@ class StepRunner:
     self.step_fn = step_lib.make_train_step(config, self.collection,
                                             state_lib.shardings(self.state, self.collection))
     bs = mesh_lib.batch_sharding(self.mesh)
-    self.batches = [jax.tree.map(lambda x: jax.make_array_from_process_local_data(bs, x), b)
+    self.batches = [jax.tree.map(lambda x: jax.make_array_from_process_local_data(bs, x),
+                                 self.collection.pack_batch(b))
                     for b in batches]
     self.i = 0
     t0 = time.perf_counter()

@@ -156,7 +156,7 @@ def run_jaxrec(args) -> dict:
   # trainer's loop, and the gaps between finishes are per-step times.
   losses, done = [], []
   for batch in _batches(data, "", bs, names):
-    state, m = train_step(state, jax.device_put(batch, bsharding))
+    state, m = train_step(state, jax.device_put(collection.pack_batch(batch), bsharding))
     if losses:
       losses[-1].block_until_ready()
       done.append(time.perf_counter())
@@ -173,7 +173,7 @@ def run_jaxrec(args) -> dict:
       pad = eb - n
       batch = jax.tree.map(lambda x: np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]),
                            batch)
-    logits = np.asarray(eval_step(state, jax.device_put(batch, bsharding)))[:n]
+    logits = np.asarray(eval_step(state, jax.device_put(collection.pack_batch(batch), bsharding)))[:n]
     acc.add(logits, batch.labels[:n])
   ev = acc.result()
   record = {"framework": "jaxrec", **step_times(done, args.warmup, bs), "auc": ev["eval_auc"],
@@ -187,7 +187,8 @@ def run_jaxrec(args) -> dict:
     state = parts.pop("state")
     record.update(parts)
   if args.trace_dir:
-    batches = [jax.device_put(b, bsharding) for b in list(_batches(data, "", bs, names))[:10]]
+    batches = [jax.device_put(collection.pack_batch(b), bsharding)
+               for b in list(_batches(data, "", bs, names))[:10]]
     state, _ = train_step(state, batches[0])
     jax.block_until_ready(state)
     with jax.profiler.trace(args.trace_dir):
@@ -204,14 +205,14 @@ def breakdown(config, collection, state, train_step, host_batches, bsharding) ->
   full:        the train step as benchmarked (jitted, state donated)
   dense:       model forward + backward + optax update, pooled embeddings given as input
   embedding:   lookup + pool + pool-backward + sparse row update, stand-in upstream grads
-  host_put:    `jax.device_put` of one host batch
+  host_put:    packing (`pack_batch`) and `jax.device_put` of one host batch
   """
   import jax
   import jax.numpy as jnp
   import optax
   from jaxrec.models import compute_loss
 
-  batches = [jax.device_put(b, bsharding) for b in host_batches]
+  batches = [jax.device_put(collection.pack_batch(b), bsharding) for b in host_batches]
   model, tx = config.model, config.dense_tx()
 
   def med(fn, iters=30):
@@ -260,7 +261,7 @@ def breakdown(config, collection, state, train_step, host_batches, bsharding) ->
     return emb_state["s"]
 
   def put(i):
-    return jax.device_put(host_batches[i % len(host_batches)], bsharding)
+    return jax.device_put(collection.pack_batch(host_batches[i % len(host_batches)]), bsharding)
 
   out = {"dense": med(dense), "embedding": med(emb), "host_put": med(put), "full": med(full)}
   return {"breakdown_ms": {k: round(v, 3) for k, v in out.items()}, "state": holder["s"]}

@@ -220,28 +220,40 @@ class EmbeddingCollection:
                          tuple(self.features[i].pooling == "mean" for i in l.features)))
     return tuple(out)
 
-  def _packed_inputs(self, ids, weights):
-    """`[B, S]` int32: every stack's ids padded to its bag size (-1), then the weighted
-    features' per-id weights as f32 bits, in `packing()` order."""
+  def pack(self, ids: Mapping[str, Any], weights: Mapping[str, Any] | None = None, xp=np):
+    """The stage-1 input `[B, S]` int32 (`xp` = np on the host, jnp under jit): every
+    stack's ids padded to its bag size (-1), then the weighted features' per-id weights as
+    f32 bits, in `packing()` order. Packing on the host turns a batch's many id arrays into
+    one transfer (`pack_batch`)."""
+    weights = weights or {}
     cols, weight_cols = [], []
     for l in self.layouts:
       for i in l.features:
         f = self.features[i]
-        x = ids[f.name].astype(jnp.int32)
-        cols.append(jnp.pad(x, ((0, 0), (0, l.max_len - x.shape[1])), constant_values=-1))
+        x = xp.asarray(ids[f.name]).astype(xp.int32)
+        cols.append(xp.pad(x, ((0, 0), (0, l.max_len - x.shape[1])), constant_values=-1))
         if f.weighted:
-          w = jnp.pad(weights[f.name].astype(jnp.float32), ((0, 0), (0, l.max_len - f.max_len)))
-          weight_cols.append(jax.lax.bitcast_convert_type(w, jnp.int32))
-    return jnp.concatenate(cols + weight_cols, axis=1)
+          if f.name not in weights:
+            raise DataError(f"batch has no weights for weighted feature '{f.name}'")
+          w = xp.pad(xp.asarray(weights[f.name]).astype(xp.float32),
+                     ((0, 0), (0, l.max_len - f.max_len)))
+          weight_cols.append(w.view(xp.int32) if xp is np else
+                             jax.lax.bitcast_convert_type(w, jnp.int32))
+    return xp.concatenate(cols + weight_cols, axis=1)
+
+  def pack_batch(self, batch):
+    """Host `Batch` → the same batch with `ids` packed (`pack`) and no `weights`: what the
+    train and eval steps take (`lookup` accepts ids packed or by feature)."""
+    return dataclasses.replace(batch, ids=self.pack(batch.ids, batch.weights), weights={})
 
   # ----------------------------------------------------------------------------- stage 1
   def lookup(self, state: EmbeddingState, ids: Mapping[str, jax.Array],
              weights: Mapping[str, jax.Array] | None = None) -> Context:
-    """Stage 1: gather ids, dedupe, read the unique local rows (see module docstring)."""
-    for f in self.features:
-      if f.weighted and (weights is None or f.name not in weights):
-        raise DataError(f"batch has no weights for weighted feature '{f.name}'")
-    packed = self._packed_inputs(ids, weights or {})
+    """Stage 1: gather ids, dedupe, read the unique local rows (see module docstring).
+
+    `ids`: `{feature: [B, max_len]}` (with `weights` for weighted features), or the packed
+    `[B, S]` array of `pack`."""
+    packed = ids if not isinstance(ids, Mapping) else self.pack(ids, weights, xp=jnp)
     per_stack = (P(MESH_AXES, None),) + (PER_DEVICE,) * 3
     fn = jax.shard_map(
         functools.partial(local_ops.lookup_all, self.layouts,

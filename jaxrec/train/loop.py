@@ -68,16 +68,19 @@ def setup(config: ExperimentConfig, options: RunOptions, devices=None
   return collection, plan, {"mesh": shape, "plan_result": result, "offload": off}
 
 
-def _put(batch: Batch, sharding) -> Batch:
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+def _put(collection, batch: Batch, sharding) -> Batch:
+  """Host batch → device batch split over every device, its ids packed into one array
+  (`EmbeddingCollection.pack_batch`: one transfer instead of one per feature)."""
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x),
+                      collection.pack_batch(batch))
 
 
-def evaluate(eval_step, state, eval_data, sharding, tier=None) -> dict[str, Any]:
+def evaluate(eval_step, collection, state, eval_data, sharding, tier=None) -> dict[str, Any]:
   """Exact AUC / logloss over the whole eval set (padding masked out)."""
   acc = EvalAccumulator()
   for batch, mask in eval_data:
     st, b = tier.eval_view(state, batch) if tier is not None else (state, batch)
-    logits = np.asarray(eval_step(st, _put(b, sharding)))   # global [B], replicated
+    logits = np.asarray(eval_step(st, _put(collection, b, sharding)))   # global [B], replicated
     labels, mask = batch.labels, mask
     if jax.process_count() > 1:
       labels, mask = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -165,7 +168,7 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
       if position in skip_positions:
         continue
       collection.check_ids(batch.ids)
-      device_batch = _put(batch, bsharding)
+      device_batch = _put(collection, batch, bsharding)
       t_host = time.perf_counter() - t_step
       state, metrics = train_step(state, device_batch)
       step += 1
@@ -184,7 +187,7 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
       if not (is_log or is_ckpt):
         if options.eval_every and step % options.eval_every == 0:
           t_eval = time.perf_counter()
-          writer.write(step, evaluate(eval_step, state, eval_data, bsharding, tier))
+          writer.write(step, evaluate(eval_step, collection, state, eval_data, bsharding, tier))
           paused += time.perf_counter() - t_eval
         continue
       losses = np.asarray(jax.device_get([x[2] for x in pending]), np.float64)
@@ -226,7 +229,7 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
                 batch_size=config.batch_size))
         record.update(data_adapter.bad_row_metrics(train_it, eval_data))
         if (options.eval_every and step % options.eval_every == 0) or done:
-          record.update(evaluate(eval_step, state, eval_data, bsharding, tier))
+          record.update(evaluate(eval_step, collection, state, eval_data, bsharding, tier))
         writer.write(step, record)
         progress.update(step, record["loss"], record.get("examples_per_sec"))
         last = dict(record, step=step)

@@ -236,3 +236,22 @@ def test_dedup_off_needs_a_linear_optimizer():
   with pytest.raises(ConfigError, match="dedup=False needs SGD"):
     EmbeddingCollection.create(TABLES, FEATURES, uniform_plan("dp", TABLES, 1), mesh,
                                optimizers.Adagrad(), dedup=False)
+
+
+def test_host_packed_ids_equal_ids_by_feature():
+  """`pack` on the host (numpy) is what `lookup` builds under jit, and looking up the
+  packed array gives the same pooled activations as the per-feature dict."""
+  mesh = make_mesh(parse_mesh_spec("data=2,table=2,row=2", 8))
+  coll = EmbeddingCollection.create(TABLES, FEATURES, uniform_plan("twrw", TABLES, 2), mesh,
+                                    optimizers.SGD(0.1))
+  state = coll.init(jax.random.key(0))
+  ids, weights, _ = make_inputs(3)
+  host = coll.pack(ids, weights)
+  assert host.dtype == np.int32 and host.shape[0] == B
+  np.testing.assert_array_equal(host, np.asarray(jax.jit(
+      lambda i, w: coll.pack(i, w, xp=jnp))(ids, weights)))
+  pool = jax.jit(lambda s, i, w: coll.pool(coll.lookup(s, i, w).rows, coll.lookup(s, i, w)))
+  np.testing.assert_array_equal(np.asarray(pool(state, host, {})),
+                                np.asarray(pool(state, ids, weights)))
+  with pytest.raises(DataError, match="no weights for weighted feature 'fa2'"):
+    coll.pack(ids, {})
