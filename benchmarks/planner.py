@@ -7,22 +7,27 @@ jitted train step (`jaxrec.train.step.make_train_step`) on synthetic batches:
 
   naive    table i on `table` slice i % nt (`tw`), in config order
   static   `planner.propose_plan` with the prior coefficients (what `--plan=auto` runs)
-  refined  `planner.refine_from_profile` on profile records of the plans measured first
-           (written with `planner.profile_record` / `append_profile`, as the trainer does;
-           static is recorded last, so it is the profiled job's current plan)
-  bags_apart  a hand-made reference: naive, but tables read by long bags replicated (their
-           own stack), to show what a cost model that sees stack padding could find
+  refined  what profile refinement proposes (DLRover-RM's loop): the job first ran naive,
+           the `--probe` plans (every table `dp`, every table `tw`) and static, writing
+           profile lines as the trainer does (`planner.profile_record`); then up to
+           `--iterations` times `planner.refine_from_profile` fits the coefficients to the
+           profile and proposes a plan, which runs beside naive and static and is profiled
+           in turn; refined is the last proposal (the loop stops early when the fit
+           proposes a plan it has already measured)
+  bags_apart  optional hand-made reference (`--reference_min_len`): naive, but tables read
+           by long bags replicated
 
 Step times are medians over steps, measured interleaved (round r runs every plan for a
-few steps, then round r+1) so that load drift on a shared machine hits all plans alike.
-Goal: refined / naive <= 0.9.
+few steps, then round r+1) so that load drift on a shared machine hits all plans alike;
+the final comparison is a fresh interleaved run of naive, static and refined. Goal:
+refined / naive <= 0.9.
 
-Prints one line per plan and phase, `{"benchmark": "planner", "plan": NAME, "step_ms": T,
-"estimated_ms": E, ...}` (`estimated_ms` under the prior coefficients, `fitted_ms` under the
-profile fit; `padded_ids_per_device`: id slots per device per step, the collection's real
-work, see `StepRunner.padded_ids`), and a final line with `"ratio"` (refined / naive),
-`"static_ratio"`, `"bags_apart_ratio"`, `"goal"` and the estimate errors (estimate /
-measured).
+Prints one line per plan and phase (`profile`, `refine`, `refine_measured`, `final`):
+`{"benchmark": "planner", "plan": NAME, "step_ms": T, "estimated_ms": E, ...}`
+(`estimated_ms` under the prior coefficients, `fitted_ms` under the last profile fit;
+`padded_ids_per_device`: id slots per device per step, see `StepRunner.padded_ids`), and a
+last line with `"ratio"` (refined / naive), `"static_ratio"`, `"goal"`, the estimate errors
+(estimate / measured, prior and fitted) and the load average at start and end.
 """
 
 import os
@@ -164,6 +169,20 @@ def estimate_ms(plan, config, mesh_shape, cal) -> float:
   return res.step_time_s * 1e3
 
 
+def record_rounds(workdir, step: int, plans: dict, times: dict, mesh_shape, steps: int,
+                  batch: int) -> int:
+  """Appends one profile line per plan and round (the round's median step time), as the
+  trainer does every log interval; returns the last step number used."""
+  rounds = len(next(iter(times.values())))
+  for r in range(rounds):
+    for name, ts in times.items():
+      step += steps
+      planner.append_profile(workdir, planner.profile_record(
+          step, float(np.median(ts[r])), plans[name], mesh_shape, steps=steps,
+          batch_size=batch))
+  return step
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--gin_file", action="append", default=None,
@@ -173,13 +192,16 @@ def main():
   p.add_argument("--calibration", default="default", choices=("default", "measure"),
                  help="prior coefficients: the planner's defaults (what --plan=auto uses) or "
                  "`planner.calibrate()` on these devices")
-  p.add_argument("--probe", default="",
-                 help="extra uniform kinds to profile before refining (e.g. dp,tw): more "
-                 "distinct plans give the coefficient fit more samples")
-  p.add_argument("--reference_min_len", type=int, default=10,
+  p.add_argument("--probe", default="dp,tw",
+                 help="uniform kinds the profiled job also ran before refining (more distinct "
+                 "plans give the coefficient fit more to go on); '' = none")
+  p.add_argument("--iterations", type=int, default=3,
+                 help="plans run by the refinement loop (fit, propose or explore, run, refit)")
+  p.add_argument("--reference_min_len", type=int, default=0,
                  help="also time `bags_apart_plan` (tables with bags >= this many ids "
                  "replicated, the rest as naive); 0 = skip")
-  p.add_argument("--rounds", type=int, default=6)
+  p.add_argument("--rounds", type=int, default=8, help="interleaved rounds while profiling")
+  p.add_argument("--final_rounds", type=int, default=16, help="interleaved rounds at the end")
   p.add_argument("--steps", type=int, default=2, help="timed steps per plan per round")
   p.add_argument("--batches", type=int, default=4, help="distinct batches cycled")
   p.add_argument("--profile_dir", default=None,
@@ -194,77 +216,109 @@ def main():
   config.validate(len(devices))
   nt = mesh_shape["table"]
   b = config.batch_size
-  if args.calibration == "measure":
-    prior = planner.calibrate(len(devices))
-  else:
-    prior = planner.DEFAULT
+  prior = planner.calibrate(len(devices)) if args.calibration == "measure" else planner.DEFAULT
   batches = host_batches(config, args.batches)
+  load = {"start": os.getloadavg()[0]}
 
-  # Phase 1: naive, probes, static (static last: the "current" plan of the profile).
+  # Phase 1: the job runs naive, the probes and static (static last, the job's current plan).
   plans = {"naive": naive_plan(config.tables, nt)}
   for kind in filter(None, args.probe.split(",")):
     plans[f"uniform_{kind}"] = uniform_plan(kind, config.tables, nt)
   static = planner.propose_plan(config.tables, config.features, mesh_shape, None,
                                 config.sparse_tx(), b, prior)
   plans["static"] = static.plan
-  runners = {name: StepRunner(config, plan, mesh_shape, devices, batches)
-             for name, plan in plans.items()}
-  times, cpu = interleaved_times(runners, args.rounds, args.steps)
-
   tmp = tempfile.TemporaryDirectory(prefix="jaxrec_planner_bench_")
   workdir = args.profile_dir or tmp.name
   os.makedirs(workdir, exist_ok=True)
-  step = 0
-  for r in range(args.rounds):
-    for name, plan in plans.items():
-      step += args.steps
-      planner.append_profile(workdir, planner.profile_record(
-          step, float(np.median(times[name][r])), plan, mesh_shape, steps=args.steps,
-          batch_size=b))
-  refinement = planner.refine_from_profile(workdir, config.tables, config.features, None,
-                                           config.sparse_tx(), b, prior, skip_first=0)
-  fitted = refinement.fitted
-  for name, plan in plans.items():
+  names = list(plans)
+  runners = {n: StepRunner(config, plans[n], mesh_shape, devices, batches) for n in names}
+  compile_s = {n: r.compile_s for n, r in runners.items()}
+  times, cpu = interleaved_times(runners, args.rounds, args.steps)
+  step = record_rounds(workdir, 0, plans, times, mesh_shape, args.steps, b)
+  for name in names:
     emit(BENCH, phase="profile", plan=name, mesh=args.mesh, batch_size=b,
-         step_ms=round(median(times[name]) * 1e3, 2),
-         cpu_ms=round(median(cpu[name]) * 1e3, 2),
-         estimated_ms=round(estimate_ms(plan, config, mesh_shape, prior), 4),
-         fitted_ms=round(estimate_ms(plan, config, mesh_shape, fitted), 2),
-         compile_s=round(runners[name].compile_s, 1),
-         padded_ids_per_device=runners[name].padded_ids(b), **describe(plan, nt))
+         step_ms=round(median(times[name]) * 1e3, 2), cpu_ms=round(median(cpu[name]) * 1e3, 2),
+         estimated_ms=round(estimate_ms(plans[name], config, mesh_shape, prior), 4),
+         compile_s=round(compile_s[name], 1), padded_ids_per_device=runners[name].padded_ids(b),
+         **describe(plans[name], nt))
+  for name in names:
+    if name not in ("naive", "static"):
+      runners.pop(name).close()
 
-  # Phase 2: the refined plan against naive (and static), interleaved again.
-  refined = refinement.proposed.plan
-  same = next((n for n, pl in plans.items() if pl == refined), None)
+  # Phase 2 (DLRover-RM's loop): fit the profile and propose; run the proposal beside naive
+  # and static and profile it, or, when the fit proposes a plan already run, the best plan
+  # of other kinds (`Refinement.explore`); refit. The last fit's proposal is `refined`.
+  it = 0
+  while True:
+    refinement = planner.refine_from_profile(workdir, config.tables, config.features, None,
+                                             config.sparse_tx(), b, prior, skip_first=0)
+    proposal = refinement.proposed.plan
+    same = next((n for n in plans if plans[n] == proposal), None)
+    explore = refinement.explore.plan if refinement.explore is not None else None
+    emit(BENCH, phase="refine", fit=it, proposed_same_as=same,
+         fitted_rms_relative_error=round(refinement.fitted.meta["rms_relative_error"], 3),
+         samples=refinement.samples, predicted_speedup=round(refinement.speedup, 3),
+         predicted_ms=round(refinement.proposed.step_time_s * 1e3, 2),
+         fit_multipliers={k: float(f"{v:.3g}") for k, v in
+                          refinement.fitted.meta["multipliers"].items()},
+         fit_scale=float(f"{refinement.fitted.meta.get('scale', 1.0):.3g}"),
+         fit_const_ms=round(refinement.fitted.coefficients["const"] * 1e3, 2),
+         **describe(proposal, nt))
+    if it == args.iterations:
+      break
+    if same is None:
+      candidate, why = proposal, "proposed"
+    elif explore is not None:
+      candidate, why = explore, "explore"
+    else:
+      break
+    it += 1
+    name = f"{why}_{it}"
+    plans[name] = candidate
+    for old in [n for n in runners if n not in ("naive", "static")]:
+      runners.pop(old).close()
+    runners[name] = StepRunner(config, candidate, mesh_shape, devices, batches)
+    times, _ = interleaved_times(runners, args.rounds, args.steps)
+    step = record_rounds(workdir, step, plans, times, mesh_shape, args.steps, b)
+    emit(BENCH, phase="refine_measured", iteration=it, plan=name,
+         step_ms={n: round(median(ts) * 1e3, 2) for n, ts in times.items()},
+         **describe(candidate, nt))
+  fitted = refinement.fitted
+  refined_name = same or "refined"
+  plans.setdefault(refined_name, proposal)
+
+  # Phase 3: the refined plan (the last proposal) against naive and static, interleaved.
   final = {"naive": runners["naive"], "static": runners["static"]}
-  if same not in final:
-    final["refined"] = (runners[same] if same else
-                        StepRunner(config, refined, mesh_shape, devices, batches))
-  for name, run in runners.items():
-    if run not in final.values():
-      run.close()
+  if refined_name not in final:
+    final["refined"] = runners.get(refined_name) or StepRunner(
+        config, plans[refined_name], mesh_shape, devices, batches)
+  for old in [n for n in runners if runners[n] not in final.values()]:
+    runners.pop(old).close()
   reference = None
   if args.reference_min_len:
     reference = bags_apart_plan(config.tables, config.features, nt, args.reference_min_len)
     final["bags_apart"] = StepRunner(config, reference, mesh_shape, devices, batches)
-  times2, cpu2 = interleaved_times(final, args.rounds, args.steps)
-  if same in ("naive", "static"):
-    times2["refined"], cpu2["refined"] = times2[same], cpu2[same]
+  times2, cpu2 = interleaved_times(final, args.final_rounds, args.steps)
+  if "refined" not in times2:
+    times2["refined"], cpu2["refined"] = times2[refined_name], cpu2[refined_name]
+  load["end"] = os.getloadavg()[0]
   measured = {name: median(ts) for name, ts in times2.items()}
   measured_cpu = {name: median(ts) for name, ts in cpu2.items()}
   estimates = {}
   for name, plan in (("naive", plans["naive"]), ("static", plans["static"]),
-                     ("refined", refined), ("bags_apart", reference)):
+                     ("refined", plans[refined_name]), ("bags_apart", reference)):
     if plan is None:
       continue
     est, fit = estimate_ms(plan, config, mesh_shape, prior), estimate_ms(
         plan, config, mesh_shape, fitted)
     estimates[name] = (est, fit)
-    runner = final.get(name) or final[same]
+    runner = final.get(name) or final[refined_name]
     emit(BENCH, phase="final", plan=name, mesh=args.mesh, batch_size=b,
          step_ms=round(measured[name] * 1e3, 2), cpu_ms=round(measured_cpu[name] * 1e3, 2),
-         estimated_ms=round(est, 4),
-         fitted_ms=round(fit, 2), same_as=same if name == "refined" else None,
+         step_ms_p10_p90=[round(float(np.percentile(
+             [t for r in times2[name] for t in r], q)) * 1e3, 1) for q in (10, 90)],
+         estimated_ms=round(est, 4), fitted_ms=round(fit, 2),
+         same_as=refined_name if name == "refined" else None,
          padded_ids_per_device=runner.padded_ids(b), **describe(plan, nt))
   emit(BENCH, config=os.path.basename((args.gin_file or ["skewed_synthetic.gin"])[-1]),
        mesh=args.mesh, batch_size=b, calibration=prior.source,
@@ -274,14 +328,15 @@ def main():
                          if reference is not None else None),
        cpu_ratios={n: round(measured_cpu[n] / measured_cpu["naive"], 3)
                    for n in measured_cpu if n != "naive"},
-       goal=0.9, goal_op="<=",
+       goal=0.9, goal_op="<=", refined_same_as=refined_name, iterations=it,
        estimate_over_measured={n: round(e[0] / (measured[n] * 1e3), 4)
                                for n, e in estimates.items()},
        fitted_over_measured={n: round(e[1] / (measured[n] * 1e3), 3)
                              for n, e in estimates.items()},
        fit_rms_relative_error=round(fitted.meta["rms_relative_error"], 3),
-       fit_multipliers={k: round(v, 3) for k, v in fitted.meta["multipliers"].items()},
-       refined_predicted_speedup=round(refinement.speedup, 3))
+       fit_samples=refinement.samples,
+       refined_predicted_speedup=round(refinement.speedup, 3),
+       load_average={k: round(v, 2) for k, v in load.items()})
   tmp.cleanup()
 
 

@@ -1,8 +1,8 @@
 """jaxrec.planner: cost + memory model, plan search, explained plans, profile refinement.
 
-  cost_model   per (table, kind): memory and cost terms, as readable arithmetic
+  cost_model   per stack the collection builds: memory and cost terms, readable arithmetic
   calibration  seconds per unit of each term: defaults, measured on this machine, cached
-  search       enumerate -> estimate -> propose -> partition; forced-plan checks
+  search       enumerate -> partition -> estimate -> propose; forced-plan checks
   result       PlanResult: the plan, its stats table (`report()`) and JSON
   profile      fit the coefficients to measured step times (NNLS) and re-plan
   inputs       mesh / `--tables` flags and tables bound in gin
@@ -10,10 +10,10 @@
 
 from jaxrec.planner.calibration import (DEFAULT, Calibration, calibrate, default_cache_path,
                                         load_calibration, load_or_calibrate, save_calibration)
-from jaxrec.planner.cost_model import (COST_TERMS, OPTIMIZER_STATES, OptimizerState, TableStats,
-                                       expected_unique_rows, optimizer_state)
+from jaxrec.planner.cost_model import (COST_TERMS, OPTIMIZER_STATES, OptimizerState, PlanCost,
+                                       TableStats, optimizer_state, plan_cost)
 from jaxrec.planner.profile import (PROFILE_FILE, Refinement, append_profile, fit_coefficients,
                                     profile_record, read_profile, refine_from_profile)
-from jaxrec.planner.result import PlanResult, SliceReport, TableReport
+from jaxrec.planner.result import PlanResult, SliceReport, StackReport, TableReport
 from jaxrec.planner.search import (DEFAULT_MEMORY_PER_DEVICE, check_plan_fits, estimate_plan,
                                    propose_plan)

@@ -1,12 +1,14 @@
 """Cost coefficients: seconds per unit of each cost term, from defaults, a calibration run
 on this machine, or a fit to measured profiles (`profile.fit_coefficients`).
 
-`calibrate()` times, on the available devices: a row gather (`jnp.take`), a memcpy
-(`x * 2`, read + write), a sort (`jnp.sort` of int32 ids), and psum / all_gather /
-psum_scatter / all_to_all over all devices under `shard_map`. Each is timed at two sizes;
-the slope is seconds per byte, the intercept (averaged over the collectives) the seconds
-per collective launch. Results are cached as JSON (`default_cache_path()`).
-"""
+`calibrate()` times, on every device at once under `shard_map` (so devices that share a
+host's cores contend as they do in a step): a row gather (`jnp.take`), pooling (weighted
+bag sums and their scatter-add backward), a scatter-add update, a sort of int32 ids, and
+psum / all_gather / psum_scatter / all_to_all over all devices. Each is timed at two sizes;
+the slope is seconds per byte. The collectives' intercepts, less the time to call a trivial
+program on every device, give seconds per collective; a program of 1 + k tiny stacks
+(gather, pooling, update) against one of 1 gives seconds per stack. Results are cached as
+JSON (`default_cache_path()`)."""
 
 from __future__ import annotations
 
@@ -25,10 +27,12 @@ from jaxrec.errors import ConfigError
 from jaxrec.planner.cost_model import COST_TERMS
 
 # A generic accelerator: ~1 TB/s memory, ~200 GB/s random row gather, ~100 GB/s links,
-# 20 us per collective. Replace with `scripts/plan.py --calibrate` numbers.
+# 20 us per collective, 10 us of kernel launches per stack. Replace with
+# `scripts/plan.py --calibrate` numbers, or fit them to a job's profile.
 DEFAULT_COEFFICIENTS = {
     "const": 0.0,
-    "launches": 20e-6,
+    "collectives": 20e-6,
+    "stacks": 10e-6,
     "sort_bytes": 2e-11,
     "gather_bytes": 5e-12,
     "pool_bytes": 1e-12,
@@ -139,6 +143,39 @@ def _line(units: list[float], times: list[float]) -> tuple[float, float]:
   return max(float(intercept), 0.0), float(slope)
 
 
+def _primitives(lax, jnp, dim: int, bag: int):
+  """Per-device programs of the step's operations, `name -> (fn, arrays(m), bytes(m))` for
+  `m` rows or ids per device (see `cost_model` for the byte counts they stand for)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  table_rows = 1 << 14
+
+  def pool(rows, idx, w):  # stage 2 forward (weighted bag sums) and its backward
+    def fwd(r):
+      return (jnp.take(r, idx, axis=0) * w[..., None]).sum(axis=-2)
+    out, vjp = jax.vjp(fwd, rows)
+    return vjp(out)[0]
+
+  def ids(m, hi):
+    return jax.random.randint(jax.random.PRNGKey(m), (m,), 0, hi)
+
+  return {
+      "gather_bytes": (lambda t, i: jnp.take(t, i, axis=0),
+                       lambda m: (jnp.ones((table_rows, dim), jnp.float32),
+                                  ids(m, table_rows)),
+                       lambda m: m * dim * 4),
+      "pool_bytes": (pool,
+                     lambda m: (jnp.ones((m, dim), jnp.float32),
+                                ids(m, m).reshape(m // bag, bag),
+                                jnp.ones((m // bag, bag), jnp.float32)),
+                     lambda m: 2 * m * dim * 4),
+      "update_bytes": (lambda t, i, d: t.at[i].add(d),
+                       lambda m: (jnp.ones((m, dim), jnp.float32), ids(m, m),
+                                  jnp.ones((m, dim), jnp.float32)),
+                       lambda m: 2 * m * dim * 4),
+      "sort_bytes": (jnp.sort, lambda m: (ids(m, 1 << 30),), lambda m: m * 4),
+  }
+
+
 def calibrate(num_cpu_devices: int = 8, quick: bool = False, reps: int = 5) -> Calibration:
   """Times the primitives on the available devices (see module docstring).
 
@@ -152,41 +189,66 @@ def calibrate(num_cpu_devices: int = 8, quick: bool = False, reps: int = 5) -> C
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
 
-  scale = 1 if quick else 16
-  key = jax.random.PRNGKey(0)
+  scale = 1 if quick else 8  # sizes: rows / ids / elements per device
   coef = dict(DEFAULT_COEFFICIENTS)
   raw = {}
-
-  table = jax.random.normal(key, (1 << 14, 64), jnp.float32)
-  take = jax.jit(lambda tb, i: jnp.take(tb, i, axis=0))
-  sizes = [256 * scale, 4096 * scale]
-  ts = [_median_time(take, table, jax.random.randint(key, (n,), 0, 1 << 14), reps=reps)
-        for n in sizes]
-  raw["gather"] = ts
-  coef["gather_bytes"] = _line([n * 64 * 4 for n in sizes], ts)[1]
-
-  copy = jax.jit(lambda x: x * 2.0)
-  sizes = [1 << 14, (1 << 18) * scale]
-  ts = [_median_time(copy, jnp.ones((n,), jnp.float32), reps=reps) for n in sizes]
-  raw["memcpy"] = ts
-  coef["pool_bytes"] = coef["update_bytes"] = _line([2 * n * 4 for n in sizes], ts)[1]
-
-  sort = jax.jit(jnp.sort)
-  sizes = [1 << 12, (1 << 16) * scale]
-  ts = [_median_time(sort, jax.random.randint(key, (n,), 0, 1 << 30), reps=reps)
-        for n in sizes]
-  raw["sort"] = ts
-  coef["sort_bytes"] = _line([n * 4 for n in sizes], ts)[1]
-
   devices = jax.devices()
   n = len(devices)
+  mesh = Mesh(np.array(devices), ("x",))
+  spec = PartitionSpec("x")
+  lax = jax.lax
+
+  def on_every_device(fn, arrays):
+    """`fn` run by every device on its own copy of `arrays` (stacked on a leading axis)."""
+    f = jax.jit(jax.shard_map(lambda *xs: fn(*(x[0] for x in xs))[None], mesh=mesh,
+                              in_specs=spec, out_specs=spec))
+    placed = [jax.device_put(jnp.broadcast_to(x, (n,) + x.shape), NamedSharding(mesh, spec))
+              for x in arrays]
+    return f, placed
+
+  # Compute: each device runs the operation at once, as in a step (they share the host's
+  # cores on CPU).
+  prims = _primitives(lax, jnp, 16, 4)
+  for name, (fn, make, nbytes) in prims.items():
+    sizes = [256 * scale, 2048 * scale]  # rows or ids per device, as in a step's buffers
+    ts = []
+    for m in sizes:
+      f, args = on_every_device(fn, make(m))
+      ts.append(_median_time(f, *args, reps=reps))
+    raw[name] = ts
+    coef[name] = _line([nbytes(m) for m in sizes], ts)[1]
+  # `stacks`: what one more tiny stack (gather, pooling, update of 64 rows) adds to a
+  # program, from programs of 1 and 1 + k such stacks.
+  k = 4 if quick else 16
+
+  def stacks_program(count):
+    def fn(t, i, w, d):
+      out = []
+      for j in range(count):
+        rows = prims["gather_bytes"][0](t[j], i[j])
+        grads = prims["pool_bytes"][0](rows, i[j].reshape(-1, 4) % rows.shape[0], w[j])
+        out.append(prims["update_bytes"][0](t[j], i[j], grads + d[j]))
+      return jnp.stack(out)
+    return fn
+
+  m = 64
+  ts = []
+  for count in (1, 1 + k):
+    arrays = (jnp.ones((count, 1024, 16), jnp.float32),
+              jax.random.randint(jax.random.PRNGKey(count), (count, m), 0, 1024),
+              jnp.ones((count, m // 4, 4), jnp.float32), jnp.ones((count, m, 16), jnp.float32))
+    f, args = on_every_device(stacks_program(count), arrays)
+    ts.append(_median_time(f, *args, reps=reps))
+  raw["stacks"] = ts
+  coef["stacks"] = max((ts[1] - ts[0]) / k, 0.0)
+  f, args = on_every_device(lambda x: x + 1, (jnp.ones((8,), jnp.float32),))
+  call = _median_time(f, *args, reps=reps)  # calling a trivial program on every device
+  raw["call"] = call
+
   meta = {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
           "num_devices": n, "quick": quick,
           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
   if n > 1:
-    mesh = Mesh(np.array(devices), ("x",))
-    spec = PartitionSpec("x")
-    lax = jax.lax
     collectives = {  # name -> (fn, bytes moved per device for a per-device buffer of s bytes)
         "all_reduce_bytes": (lambda x: lax.psum(x, "x"), lambda s: 2 * (n - 1) / n * s),
         "all_gather_bytes": (lambda x: lax.all_gather(x, "x", tiled=True),
@@ -206,8 +268,8 @@ def calibrate(num_cpu_devices: int = 8, quick: bool = False, reps: int = 5) -> C
             for m in per_device]
       raw[name] = ts
       intercept, coef[name] = _line([moved(m * 4) for m in per_device], ts)
-      intercepts.append(intercept)
-    coef["launches"] = float(np.mean(intercepts))
+      intercepts.append(max(intercept - call, 0.0))
+    coef["collectives"] = float(np.mean(intercepts))
   else:
     meta["note"] = "one device: collective coefficients are defaults"
   meta["raw_times_s"] = raw

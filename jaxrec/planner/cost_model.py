@@ -1,47 +1,62 @@
-"""Memory and step-cost model of one table under one placement kind: arithmetic you can read.
+"""Memory and step cost of a plan as the embedding collection runs it: readable arithmetic.
 
-Notation (one training step). Mesh sizes `nd, nt, nr, nc` for axes (data, table, row, col);
-`N = nd*nt*nr*nc` devices; global batch `B`, `b = B/N` examples per device. For a table under
-kind `k` (see `jaxrec.sharding.plan.KIND_AXES`):
+The collection (`jaxrec.embedding`) groups tables into *stacks* (same kind, dim, dtype and
+bag-size bucket; `layout.build_layouts`), and every device runs every stack on buffers of
+static size: a stack split over `table` is padded to its widest slice, so all its devices
+do the same work whether their slice holds many tables or none. The cost model therefore
+prices stacks, not tables, and every device carries the same load.
 
-  T, R, C   nt, nr, nc if `k` splits over that axis, else 1
-  G = T*R*C size of the model-parallel group; one holder pools for `b*G` examples
-  H         holders (devices with a shard): N/nt if `k` uses `table`, else N
-  rep       replicas of each shard: H/(R*C)
-  L         ids per example, padded: sum of `max_len` over the features reading the table
-            (a stack pads its features to its longest `max_len`; not modeled)
-  P         present ids per example (pooling factor, <= L); F features; d dim; e dtype bytes
-  n         rows of a holder's unique buffer, min(B*L, ceil(rows/R)): the lookup
-            (`embedding.collection`) dedups the global batch's ids into a static buffer
-            with room for every id, and never more than the rows the shard owns
-  u = U/R   distinct rows a holder owns per step, U = `expected_unique_rows(B*P, rows)`
-            (id distribution from `TableStats`; ids assumed spread evenly over row shards)
+Notation. Mesh sizes `nd, nt, nr, nc` over axes (data, table, row, col), `N` devices;
+global batch `B`, `b = B/N` examples per device. For a stack of kind `k`:
 
-Cost terms (`COST_TERMS`), per device per step; `hold` terms are paid by the devices
-holding the table, `all` terms by every device:
+  T, R, C   nt, nr, nc if `k` splits over that axis, else 1;  G = T*R*C
+  F         features reading the stack's tables
+  W         features looked up per device: the most on one `table` slice (F if `k` does
+            not use `table`); slices with fewer are padded to W
+  L         bag size every stack feature is padded to (its longest `max_len`)
+  slots     B*W*L: ids each device handles (every device's examples, its features)
+  rows_d    rows of the local shard: the widest slice's rows / R (padded)
+  dl, e     local dim d/C; stored bytes per element (int8: 1, plus 8 bytes per row)
+  dedup     the collection dedups ids unless the optimizer is SGD on float32 tables with
+            the XLA kernel (`EmbeddingCollection.dedup`)
+  n         rows of the lookup buffer: min(slots, rows_d + 1) with dedup, else slots
+  rep       replicas of each shard: N/G; s, s_row: optimizer state (`OptimizerState`)
 
-  const                 1 per step (dense layers, dispatch); set only by profile fits
-  launches              collectives per step; per stack `stack_launches` (latency term)
-  sort_bytes      hold  B*L*4: the global batch's ids deduplicated (`unique` sorts)
-  gather_bytes    hold  n*(d/C)*e: unique buffer filled from the local shard
-  pool_bytes      hold  2*b*G*L*(d/C)*e: rows pooled forward + scatter-added backward
-  update_bytes    hold  2*u*((d/C)*(e+4*s) + 4*s_row): the sparse optimizer reads and
-                        writes the distinct rows and their float32 state (s, s_row:
-                        `OptimizerState`)
-  all_gather_bytes all  B*L*4*(N-1)/N ids of the global batch + b*L*4*(G-1) bag weights
-                        over the group
-                  hold  + A*(R-1)/R: backward of the psum_scatter, where A = b*T*R*F*d*4 is
-                        the size of the pooled activations [b*G, F, d/C] float32
-  reduce_scatter_bytes hold  A*(R-1)/R: partial sums psum_scatter-ed over `row`
-  all_to_all_bytes hold 2*b*(T-1)*F*d*4: over `table`, forward + backward
-                  all   2*b*F*d*4*(C-1)/C: over `col`, forward + backward
-  all_reduce_bytes hold  2*(rep-1)/rep*n*(d/C)*4: buffer gradients psum-ed over replicas
+Cost terms (`COST_TERMS`), per device per step (the same on every device):
+
+  const                 1: dense layers, input, dispatch; set by profile fits
+  collectives           collectives launched: 1 ids all-gather; 2 (forward + backward) per
+                        split axis of each *axes group* (stacks split over the same axes
+                        send their pooled sums in one set, `local_ops.pool_all`). The
+                        stage-3 psums of stacks with replicas are independent of each
+                        other and of the dense gradients' all-reduce, which XLA combines
+                        into one: they add bytes, not launches
+  stacks                stacks: per-stack operations on every device (select, gather, pool,
+                        scatter, update, one stage-3 program each)
+  sort_bytes            slots*4 per dedup stack: `unique` sorts the int32 ids
+  gather_bytes          n*dl*e (+ 8n for int8): the buffer read from the local shard
+  pool_bytes            2*b*G*W*L*dl*4: rows pooled for the group's examples (forward) and
+                        their gradients scatter-added into the buffer (backward), f32
+  update_bytes          2*n*(dl*(e + 4s) + 4 s_row): the optimizer reads and writes the n
+                        buffer rows and their f32 state (scatter-add of n rows without
+                        dedup)
+  all_gather_bytes      B*S*4*(N-1)/N: the ids all-gather, S = sum over stacks of F*L
+                        (+ L per weighted feature); + X*(R-1)/R per axes group split over
+                        `row` (backward of its psum_scatter)
+  reduce_scatter_bytes  X*(R-1)/R per axes group split over `row`, X = T*R*C*b*Wg*dl*4
+                        the group's partial sums (Wg = sum of its stacks' W)
+  all_to_all_bytes      2*X/R*(T-1)/T over `table` + 2*X/R*(C-1)/C over `col` per group
+  all_reduce_bytes      2*(rep-1)/rep*n*dl*4 per stack with replicas: its buffer gradients
+                        psum-ed before the (replicated) update
 
 Collective bytes are bytes moved per device by a ring algorithm (what `calibration` times).
-Memory per holder: table `ceil(rows/R)*(d/C)*e`; optimizer state (float32)
-`ceil(rows/R)*((d/C)*4*s + 4*s_row)`; buffers `n*(4 + (d/C)*(e+4)) + 4*B*L` (unique ids,
-rows + their float32 gradients, inverse index) + `b*G*(4*L + 8*F*(d/C))` (bag weights,
-pooled activations + gradients). Every device also holds the gathered ids, `B*L*4`.
+Memory per device: per stack, table `rows_d*dl*e` (int8 +8 per row), optimizer state
+`rows_d*(dl*4s + 4 s_row)`, buffers `n*(4 + 8*dl) + 12*slots + 8*b*G*W*dl` (unique ids,
+f32 rows and gradients; selected ids, inverse index, weights; pooled sums and gradients);
+plus the gathered ids `B*S*4`.
+
+Pooling factors and id distributions (`TableStats`) do not change these numbers: every
+buffer has a static size, so absent (-1) and repeated ids cost as much as present ones.
 """
 
 from __future__ import annotations
@@ -54,13 +69,12 @@ import numpy as np
 
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError
-from jaxrec.sharding.plan import KIND_AXES, KINDS, MESH_AXES
+from jaxrec.sharding.plan import KIND_AXES, KINDS, MESH_AXES, Plan
 
-COST_TERMS = ("const", "launches", "sort_bytes", "gather_bytes", "pool_bytes", "update_bytes",
-              "all_gather_bytes", "reduce_scatter_bytes", "all_to_all_bytes",
+COST_TERMS = ("const", "collectives", "stacks", "sort_bytes", "gather_bytes", "pool_bytes",
+              "update_bytes", "all_gather_bytes", "reduce_scatter_bytes", "all_to_all_bytes",
               "all_reduce_bytes")
 _I = {name: i for i, name in enumerate(COST_TERMS)}
-_MESH_SPLIT = {"table": 1, "row": 2, "col": 3}  # index into (nd, nt, nr, nc)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,14 +84,17 @@ class OptimizerState:
   Attributes:
     per_element: float32 state values per table element (Adagrad 1, Adam 2).
     per_row: float32 state values per row (row-wise Adagrad 1).
+    linear: the update is linear in the gradient (SGD): the collection may then skip
+      dedup on float32 tables (see `dedups`).
   """
 
   per_element: float = 0.0
   per_row: float = 0.0
+  linear: bool = False
 
 
 OPTIMIZER_STATES = {
-    "sgd": OptimizerState(0.0, 0.0),
+    "sgd": OptimizerState(0.0, 0.0, linear=True),
     "adagrad": OptimizerState(1.0, 0.0),
     "rowwise_adagrad": OptimizerState(0.0, 1.0),
     "adam": OptimizerState(2.0, 0.0),
@@ -93,7 +110,8 @@ def optimizer_state(spec) -> OptimizerState:
     return spec
   if hasattr(spec, "state_layout"):
     per = [p for p, _ in spec.state_layout().values()]
-    return OptimizerState(float(per.count("element")), float(per.count("row")))
+    return OptimizerState(float(per.count("element")), float(per.count("row")),
+                          type(spec).__name__ == "SGD")
   if isinstance(spec, str):
     key = spec.strip().lower().replace("-", "_")
     if key in OPTIMIZER_STATES:
@@ -105,12 +123,20 @@ def optimizer_state(spec) -> OptimizerState:
                         "or a factor of the table size)") from None
   if not spec >= 0:
     raise ConfigError(f"optimizer state factor must be >= 0, got {spec}")
-  return OptimizerState(float(spec), 0.0)
+  return OptimizerState(float(spec), 0.0, float(spec) == 0)
+
+
+def dedups(opt: OptimizerState, dtype: str, kernel: str = "xla") -> bool:
+  """Whether the collection dedups a stack's ids (`EmbeddingOptions.dedup='auto'`): always,
+  except for SGD on float32 tables with the XLA kernel (duplicates then add up in the
+  update's scatter and the sort is saved)."""
+  return not (opt.linear and dtype == "float32" and kernel == "xla")
 
 
 @dataclasses.dataclass(frozen=True)
 class TableStats:
-  """What is known about a table's traffic beyond its specs.
+  """What is known about a table's traffic beyond its specs (checked and reported; the
+  step cost does not depend on it, see module docstring).
 
   Attributes:
     pooling_factor: mean present ids per example, summed over the features reading the
@@ -124,21 +150,21 @@ class TableStats:
 
 @dataclasses.dataclass(frozen=True)
 class TableLoad:
-  """One table as the cost model sees it (see module notation)."""
+  """One table as the planner sees it."""
 
   name: str
   rows: int
   dim: int
   dtype: str
   dtype_bytes: int
-  num_features: int  # F
-  ids_per_example: int  # L
-  pooling_factor: float  # P
-  zipf_alpha: float | None = None
+  num_features: int  # features reading it
+  max_len: int  # longest bag of those features (picks the stack's bucket)
+  pooling_factor: float
 
   @property
   def table_bytes(self) -> int:
-    return self.rows * self.dim * self.dtype_bytes
+    return self.rows * self.dim * self.dtype_bytes + (8 * self.rows if self.dtype == "int8"
+                                                      else 0)
 
 
 def table_loads(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
@@ -159,7 +185,7 @@ def table_loads(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
       raise ConfigError(f"table '{t.name}': pooling factor {pf} must be in [0, {length}] "
                         "(sum of max_len of its features)")
     loads.append(TableLoad(t.name, int(t.rows), int(t.dim), t.dtype, np.dtype(t.dtype).itemsize,
-                           len(feats), length, pf, s.zipf_alpha))
+                           len(feats), max([int(f.max_len) for f in feats], default=1), pf))
   return loads
 
 
@@ -179,27 +205,6 @@ def normalize_mesh(mesh_shape: Mapping[str, int]) -> dict[str, int]:
 
 def mesh_str(mesh: Mapping[str, int]) -> str:
   return ",".join(f"{a}={mesh.get(a, 1)}" for a in MESH_AXES)
-
-
-def expected_unique_rows(draws: float, rows: int, zipf_alpha: float | None = None) -> float:
-  """Expected distinct rows among `draws` ids drawn from `rows` rows: uniform ids give
-  rows*(1-(1-1/rows)^draws); Zipf(alpha) sums 1-(1-p_i)^draws over ranks (exact for the
-  first 4096 ranks, then geometric buckets of ratio 1.02)."""
-  if draws <= 0 or rows <= 0:
-    return 0.0
-  if zipf_alpha is None or zipf_alpha <= 0:
-    return float(-math.expm1(draws * math.log1p(-1.0 / rows)) * rows) if rows > 1 else 1.0
-  head = np.arange(1, min(rows, 4096) + 1, dtype=np.float64)
-  counts = np.ones_like(head)
-  if rows > 4096:
-    edges = np.unique(np.round(np.geomspace(4097, rows + 1, num=int(
-        math.log((rows + 1) / 4097) / math.log(1.02)) + 2)))
-    mids = np.sqrt(edges[:-1] * (edges[1:] - 1))
-    head = np.concatenate([head, mids])
-    counts = np.concatenate([counts, np.diff(edges)])
-  weights = head ** -float(zipf_alpha)
-  p = weights / np.sum(weights * counts)
-  return float(np.sum(counts * -np.expm1(draws * np.log1p(-np.minimum(p, 1.0 - 1e-12)))))
 
 
 def split_sizes(kind: str, mesh: Mapping[str, int]) -> tuple[int, int, int]:
@@ -222,86 +227,151 @@ def allowed_kinds(load: TableLoad, mesh: Mapping[str, int]) -> list[str]:
   placement as a smaller kind), columns divide evenly and every row shard is non-empty."""
   out = []
   for kind in KINDS:
-    t, r, c = split_sizes(kind, mesh)
-    axes = KIND_AXES[kind]
-    if any(mesh.get(a, 1) == 1 for a in axes) or kind_problem(load, kind, mesh) or load.rows < r:
+    _, r, _ = split_sizes(kind, mesh)
+    if (any(mesh.get(a, 1) == 1 for a in KIND_AXES[kind]) or kind_problem(load, kind, mesh)
+        or load.rows < r):
       continue
     out.append(kind)
   return out
 
 
-def stack_launches(kind: str, mesh: Mapping[str, int]) -> int:
-  """Collectives one stack of `kind` launches per step: the ids all_gather, forward and
-  backward of each split axis (psum_scatter / all_gather over row, all_to_all over table and
-  col) of size > 1, and the gradient psum when shards have replicas."""
-  t, r, c = split_sizes(kind, mesh)
-  n = math.prod(mesh.get(a, 1) for a in MESH_AXES)
-  rep = n // t // (r * c)
-  return 1 + 2 * sum(s > 1 for s in (t, r, c)) + (1 if rep > 1 else 0)
+def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], plan: Plan,
+                  mesh: Mapping[str, int]):
+  """The collection's stacks for `plan` (`embedding.layout.build_layouts`; imported here so
+  that importing the planner does not import jax)."""
+  from jaxrec.embedding import layout  # pylint: disable=import-outside-toplevel
+  return layout.build_layouts(tables, features, plan, mesh)
 
 
 @dataclasses.dataclass(frozen=True)
-class Estimate:
-  """One table under one kind (see module docstring for every term).
+class StackCost:
+  """One stack's share of a device's step (see module docstring).
 
   Attributes:
-    kind: placement kind.
-    holders: devices holding a shard or replica (H).
-    shard_rows, shard_cols: shape of the shard each holder stores.
-    memory: bytes on each holder: `table`, `optimizer`, `buffers`.
-    ids_memory: id buffer bytes on every device.
-    holder_terms: float64 `[len(COST_TERMS)]`, paid by each holder.
-    all_terms: float64 `[len(COST_TERMS)]`, paid by every device.
+    name: the collection's stack name, e.g. `tw_d16_float32_L1`.
+    tables: its tables, in stack order.
+    features, width, bag: F, W, L.
+    local_rows, local_cols: shard shape on each device (padded).
+    buffer_rows: n; dedup: whether ids are deduplicated; replicas: rep.
+    terms: float64 `[len(COST_TERMS)]` of the stack itself (its axes group's collectives
+      are in `PlanCost.group_terms`).
+    memory: bytes on each device: `table`, `optimizer`, `buffers`.
   """
 
+  name: str
   kind: str
-  holders: int
-  shard_rows: int
-  shard_cols: int
+  axes: tuple[str, ...]
+  tables: tuple[str, ...]
+  features: int
+  width: int
+  bag: int
+  local_rows: int
+  local_cols: int
+  buffer_rows: int
+  dedup: bool
+  replicas: int
+  terms: np.ndarray
   memory: Mapping[str, int]
-  ids_memory: int
-  holder_terms: np.ndarray
-  all_terms: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanCost:
+  """A plan's cost terms and memory on each device (every device alike).
+
+  Attributes:
+    stacks: per stack.
+    group_terms: axes -> terms of the collectives that axes group shares.
+    global_terms: the ids all-gather and `const`.
+    terms: the sum: float64 `[len(COST_TERMS)]`.
+    ids_bytes: gathered ids held by every device.
+  """
+
+  stacks: tuple[StackCost, ...]
+  group_terms: Mapping[tuple[str, ...], np.ndarray]
+  global_terms: np.ndarray
+  terms: np.ndarray
+  ids_bytes: int
 
   @property
-  def holder_memory(self) -> int:
+  def memory(self) -> dict[str, int]:
+    out = {"table": 0, "optimizer": 0, "buffers": 0}
+    for s in self.stacks:
+      for k, v in s.memory.items():
+        out[k] += v
+    out["ids"] = self.ids_bytes
+    return out
+
+  @property
+  def memory_bytes(self) -> int:
     return int(sum(self.memory.values()))
 
 
-def estimate(load: TableLoad, kind: str, mesh: Mapping[str, int], batch_size: int,
-             opt: OptimizerState) -> Estimate:
-  """Memory and cost terms of `load` placed as `kind` on `mesh` for a global `batch_size`."""
-  t, r, c = split_sizes(kind, mesh)
-  n = math.prod(mesh.get(a, 1) for a in MESH_AXES)
-  holders = n // t
-  rep = holders // (r * c)
+def plan_cost(layouts, features: Sequence[FeatureSpec], batch_size: int, opt: OptimizerState,
+              kernel: str = "xla") -> PlanCost:
+  """Cost terms and memory per device of the stacks `layouts` (`build_layouts`) reading
+  `features`, for a global `batch_size`, optimizer state `opt` and the collection's
+  `kernel` (`xla` or `pallas`; it decides `dedup`)."""
+  sizes = dict(layouts[0].sizes) if layouts else {a: 1 for a in MESH_AXES}
+  n_dev = math.prod(sizes.values())
   big_b = float(batch_size)
-  b = big_b / n
-  g = t * r * c
-  big_l, f, d, e = load.ids_per_example, load.num_features, load.dim, load.dtype_bytes
-  rows_local = -(-load.rows // r)
-  cols = -(-d // c)
-  n_buf = min(big_b * big_l, rows_local)
-  u = expected_unique_rows(big_b * load.pooling_factor, load.rows, load.zipf_alpha) / r
-  act = b * t * r * f * d * 4.0
+  b = big_b / n_dev
+  stacks, groups, id_cols = [], {}, 0
+  for l in layouts:
+    t, r, c = (l.size(a) for a in ("table", "row", "col"))
+    g = t * r * c
+    f, w, big_l = len(l.features), len(l.slot_features[0]), int(l.max_len)
+    id_cols += f * big_l + big_l * sum(features[i].weighted for i in l.features)
+    e = np.dtype(l.dtype).itemsize
+    row_extra = 8 if l.dtype == "int8" else 0  # int8: f32 scale and bias per row
+    dl = l.local_dim
+    slots = big_b * w * big_l
+    dedup = dedups(opt, l.dtype, kernel)
+    n = min(slots, l.local_rows + 1) if dedup else slots
+    rep = n_dev // g
+    x = np.zeros(len(COST_TERMS))
+    x[_I["stacks"]] = 1
+    x[_I["sort_bytes"]] = slots * 4 if dedup else 0.0
+    x[_I["gather_bytes"]] = n * (dl * e + row_extra)
+    x[_I["pool_bytes"]] = 2 * b * g * w * big_l * dl * 4
+    x[_I["update_bytes"]] = 2 * n * (dl * (e + 4 * opt.per_element) + 4 * opt.per_row
+                                     + row_extra)
+    if rep > 1:
+      x[_I["all_reduce_bytes"]] = 2 * (rep - 1) / rep * n * dl * 4
+    memory = {
+        "table": int(l.local_rows * (dl * e + row_extra)),
+        "optimizer": int(math.ceil(l.local_rows * 4 * (dl * opt.per_element + opt.per_row))),
+        "buffers": int(math.ceil(n * (4 + 8 * dl) + 12 * slots + 8 * b * g * w * dl)),
+    }
+    stacks.append(StackCost(l.name, l.kind, tuple(l.axes), tuple(s.name for s in l.slots), f,
+                            w, big_l, int(l.local_rows), int(dl), int(n), dedup, rep, x,
+                            memory))
+    groups.setdefault(tuple(l.axes), []).append((l, w))
+  group_terms = {}
+  for axes, members in groups.items():
+    l0 = members[0][0]
+    t, r, c = (l0.size(a) for a in ("table", "row", "col"))
+    x_bytes = t * r * c * b * sum(w for _, w in members) * l0.local_dim * 4.0
+    x = np.zeros(len(COST_TERMS))
+    x[_I["collectives"]] = 2 * sum(s > 1 for s in (t, r, c))
+    x[_I["reduce_scatter_bytes"]] = x_bytes * (r - 1) / r
+    x[_I["all_gather_bytes"]] = x_bytes * (r - 1) / r
+    x[_I["all_to_all_bytes"]] = 2 * x_bytes / r * ((t - 1) / t + (c - 1) / c)
+    group_terms[axes] = x
+  glob = np.zeros(len(COST_TERMS))
+  glob[_I["const"]] = 1
+  if n_dev > 1:
+    glob[_I["collectives"]] = 1
+    glob[_I["all_gather_bytes"]] = big_b * id_cols * 4 * (n_dev - 1) / n_dev
+  total = glob + sum(s.terms for s in stacks) + sum(group_terms.values())
+  return PlanCost(tuple(stacks), group_terms, glob, total, int(big_b * id_cols * 4))
 
-  hold = np.zeros(len(COST_TERMS))
-  every = np.zeros(len(COST_TERMS))
-  hold[_I["sort_bytes"]] = big_b * big_l * 4
-  hold[_I["gather_bytes"]] = n_buf * cols * e
-  hold[_I["pool_bytes"]] = 2 * b * g * big_l * cols * e
-  hold[_I["update_bytes"]] = 2 * u * (cols * (e + 4 * opt.per_element) + 4 * opt.per_row)
-  every[_I["all_gather_bytes"]] = big_b * big_l * 4 * (n - 1) / n + b * big_l * 4 * (g - 1)
-  hold[_I["all_gather_bytes"]] = act * (r - 1) / r
-  hold[_I["reduce_scatter_bytes"]] = act * (r - 1) / r
-  hold[_I["all_to_all_bytes"]] = 2 * b * (t - 1) * f * d * 4
-  every[_I["all_to_all_bytes"]] = 2 * b * f * d * 4 * (c - 1) / c
-  hold[_I["all_reduce_bytes"]] = 2 * (rep - 1) / rep * n_buf * cols * 4
 
-  memory = {
-      "table": rows_local * cols * e,
-      "optimizer": int(math.ceil(rows_local * 4 * (cols * opt.per_element + opt.per_row))),
-      "buffers": int(math.ceil(n_buf * (4 + cols * (e + 4)) + 4 * big_b * big_l +
-                           b * g * (4 * big_l + 8 * f * cols))),
-  }
-  return Estimate(kind, holders, rows_local, cols, memory, int(big_b * big_l * 4), hold, every)
+def table_memory(load: TableLoad, kind: str, mesh: Mapping[str, int],
+                 opt: OptimizerState) -> dict[str, int]:
+  """Bytes of the table's own shard (`table`) and its optimizer state (`optimizer`) on each
+  holding device; stack padding and buffers are not counted."""
+  _, r, c = split_sizes(kind, mesh)
+  rows, dl = -(-load.rows // r), load.dim // c
+  extra = 8 if load.dtype == "int8" else 0
+  return {"table": int(rows * (dl * load.dtype_bytes + extra)),
+          "optimizer": int(math.ceil(rows * 4 * (dl * opt.per_element + opt.per_row)))}

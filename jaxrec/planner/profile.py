@@ -11,14 +11,24 @@ required; `steps` (steps averaged, the sample weight; default 1), `batch_size` (
 caller's) and `warmup: true` (skip the line) are optional; `shard_times_s` is reserved for
 per-stack timings and not used yet.
 
-The fit: each distinct (plan, mesh, batch) gives one sample (x, t): x = the cost terms of
-its busiest device under the prior coefficients (`PlanResult.critical_terms`), t = the
-weighted mean measured step time. `fit_coefficients` solves non-negative least squares
-(`scipy.optimize.nnls`) for seconds per unit of each term. With few distinct plans the
-system is under-determined, so the fit is pulled toward the prior: it solves for
-multipliers m >= 0 of the prior coefficients, minimising
-`sum_i (t_i - sum_j x_ij c_j m_j)^2 + (ridge * mean t)^2 * sum_j (m_j - 1)^2`; a term the
-prior prices at 0 (e.g. `const`) gets a free coefficient.
+The fit: each distinct (plan, mesh, batch) gives one sample (x, t): x = the cost terms of a
+device (`PlanResult.critical_terms`; every device alike), t = the median measured step
+time over its lines, weighted by `steps` (robust to load spikes on a shared machine).
+`fit_coefficients` finds seconds per unit c_j >= 0 of each term minimising relative errors
+(plans differ by factors, so each counts alike):
+
+  sum_i w_i ((x_i . c - t_i) / t_i)^2
+      + r^2 * sum_{j: prior_j > 0} (log c_j - log prior_j - sigma)^2
+
+A few distinct plans cannot pin down every term, and a prior (the defaults, or a
+calibration) may be off by orders of magnitude overall, so the anchor keeps the prior's
+*ratios* between terms, not its values: sigma (the log of a common scale) is free, and the
+anchor grows with the log of a term's departure from that scale, so data can move one
+term by a large factor when the samples demand it. Terms the samples never exercise follow
+the common scale; a term the prior prices at 0 (e.g. `const`) is fitted from data alone.
+The coefficients are parametrised as c_j = exp(theta_j), i.e. the fit is a non-negative
+least squares in log space (`scipy.optimize.least_squares`). Without a prior,
+`fit_coefficients` solves the plain problem by NNLS (`scipy.optimize.nnls`).
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from jaxrec.planner.search import estimate_plan, propose_plan
 from jaxrec.sharding.plan import Plan
 
 PROFILE_FILE = "profile.jsonl"
+DEFAULT_RIDGE = 0.02  # r: weight of the anchor to the prior's ratios (see module docstring)
 
 
 def profile_record(step: int, step_time_s: float, plan: Plan, mesh_shape: Mapping[str, int],
@@ -87,46 +98,107 @@ def read_profile(path: str | os.PathLike) -> list[dict]:
 
 
 def fit_coefficients(samples: Sequence[tuple[Mapping[str, float], float]],
-                     prior: Calibration | None = None, ridge: float = 0.0,
+                     prior: Calibration | None = None, ridge: float = DEFAULT_RIDGE,
                      weights: Sequence[float] | None = None) -> Calibration:
-  """Seconds per unit of each cost term from (terms, measured seconds) samples, by NNLS.
+  """Seconds per unit of each cost term from (terms, measured seconds) samples.
 
   Args:
     samples: (cost terms by name (missing = 0), measured step seconds) pairs.
-    prior: coefficients to scale (multipliers m_j, see module docstring); None = plain NNLS
-      on the terms the samples exercise, others 0.
-    ridge: pull toward the prior, relative to the mean measured time (0 = none).
+    prior: None = plain NNLS on the terms the samples exercise (others 0); else the
+      log-space fit of the module docstring, anchored to the prior's ratios.
+    ridge: weight of that anchor (`r` in the module docstring; 0 = none).
     weights: per-sample weights (e.g. steps measured); default 1.
   """
   if not samples:
     raise ConfigError("fit_coefficients: no samples")
   x = np.array([[float(s[0].get(k, 0.0)) for k in cm.COST_TERMS] for s in samples])
   t = np.array([float(s[1]) for s in samples])
-  w = np.sqrt(np.asarray(weights if weights is not None else np.ones(len(t)), float))
-  prior_c = prior.vector() if prior is not None else np.zeros(len(cm.COST_TERMS))
-  used = np.abs(x).max(axis=0) > 0
-  # Column scale: prior seconds per unit, or 1/max so free columns are O(1).
-  scale = np.where(prior_c > 0, prior_c, 1.0 / np.where(used, np.abs(x).max(axis=0), 1.0))
-  a = (x * scale) * w[:, None]
-  b = t * w
-  lam = ridge * float(np.mean(t))
-  anchored = (prior_c > 0) & (lam > 0)
-  if anchored.any():
-    rows = np.eye(len(cm.COST_TERMS))[anchored] * lam
-    a = np.vstack([a, rows])
-    b = np.concatenate([b, np.full(int(anchored.sum()), lam)])
-  m = np.zeros(len(cm.COST_TERMS))
-  cols = used | anchored
-  m[cols], _ = optimize.nnls(a[:, cols], b, maxiter=50 * len(cm.COST_TERMS))
-  coef = np.where(cols, m * scale, prior_c)  # terms the data never exercises keep the prior
-  m = np.where(cols, m, prior_c > 0)
-  fit = x @ coef
-  rel = float(np.sqrt(np.mean(((fit - t) / t) ** 2)))
+  if not (t > 0).all():
+    raise ConfigError(f"fit_coefficients: measured times must be positive, got {t.tolist()}")
+  w = np.asarray(weights if weights is not None else np.ones(len(t)), float)
+  w = w * len(w) / w.sum()  # the anchor's weight does not depend on how long steps ran
+  if prior is None:
+    coef, info = _plain_nnls(x, t, w), {}
+  else:
+    coef, info = _anchored_fit(x, t, w, prior.vector(), ridge)
+  rel = float(np.sqrt(np.mean(((x @ coef - t) / t) ** 2)))
+  base = prior.vector() if prior is not None else np.zeros(len(coef))
+  mult = np.where(base > 0, coef / np.where(base > 0, base, 1.0), 0.0)
   return Calibration(dict(zip(cm.COST_TERMS, coef.tolist())),
                      f"profile fit ({len(samples)} samples, rms error {100 * rel:.1f}%)",
-                     {"samples": len(samples), "rms_relative_error": rel, "ridge": ridge,
-                      "prior": prior.source if prior is not None else None,
-                      "multipliers": dict(zip(cm.COST_TERMS, m.tolist()))})
+                     dict(info, samples=len(samples), rms_relative_error=rel, ridge=ridge,
+                          prior=prior.source if prior is not None else None,
+                          multipliers=dict(zip(cm.COST_TERMS, mult.tolist()))))
+
+
+def _plain_nnls(x: np.ndarray, t: np.ndarray, w: np.ndarray) -> np.ndarray:
+  """NNLS of `w * (x c - t) / t` over the columns the samples use (others 0)."""
+  used = np.abs(x).max(axis=0) > 0
+  scale = 1.0 / np.where(used, np.abs(x).max(axis=0), 1.0)  # columns O(1)
+  a = x[:, used] * scale[used] * (np.sqrt(w) / t)[:, None]
+  m, _ = optimize.nnls(a, np.sqrt(w), maxiter=50 * len(cm.COST_TERMS))
+  coef = np.zeros(x.shape[1])
+  coef[used] = m * scale[used]
+  return coef
+
+
+def _anchored_fit(x, t, w, prior_c, ridge):
+  """The log-space fit (module docstring); returns (coefficients, {"scale": e^sigma})."""
+  k = x.shape[1]
+  anchored = prior_c > 0
+  used = np.abs(x).max(axis=0) > 0
+  free = ~anchored & used  # e.g. const: no prior, only data
+  log_p = np.log(np.where(anchored, prior_c, 1.0))
+  prior_t = x @ prior_c
+  sigma0 = float(np.log(np.sum(t) / np.sum(prior_t))) if np.sum(prior_t) > 0 else 0.0
+  # Unknowns: theta (log seconds per unit) of anchored and free terms, then sigma.
+  idx = np.flatnonzero(anchored | free)
+  sw = np.sqrt(w)
+
+  def unpack(p):
+    theta = np.full(k, -np.inf)
+    theta[idx] = np.minimum(p[:-1], 700.0)  # exp stays finite while the solver explores
+    return np.exp(theta), theta, p[-1]
+
+  def residuals(p):
+    coef, theta, sigma = unpack(p)
+    fit = sw * (x @ coef - t) / t
+    anchor = ridge * (theta[anchored] - log_p[anchored] - sigma)
+    return np.concatenate([fit, anchor])
+
+  def jac(p):
+    coef, _, _ = unpack(p)
+    j = np.zeros((len(t) + int(anchored.sum()), len(idx) + 1))
+    j[:len(t), :-1] = (sw / t)[:, None] * x[:, idx] * coef[idx]
+    rows = np.arange(int(anchored.sum()))
+    j[len(t) + rows, np.searchsorted(idx, np.flatnonzero(anchored))] = ridge
+    j[len(t):, -1] = -ridge
+    return j
+
+  best = None
+  # Starts: the prior scaled to the mean time with free terms small, and with free terms
+  # taking half of it (the fit is smooth but not convex in theta).
+  for share in (1e-3, 0.5):
+    p0 = np.empty(len(idx) + 1)
+    for n, j in enumerate(idx):
+      if anchored[j]:
+        p0[n] = log_p[j] + sigma0 + np.log(1 - share)
+      else:
+        p0[n] = float(np.log(share * np.mean(t) / np.mean(np.abs(x[:, j]))))
+    p0[-1] = sigma0
+    method = "lm" if len(t) + int(anchored.sum()) >= len(p0) else "trf"  # lm: m >= n
+    sol = optimize.least_squares(residuals, p0, jac=jac, method=method, max_nfev=2000)
+    if best is None or sol.cost < best.cost:
+      best = sol
+  coef, _, sigma = unpack(best.x)
+  return coef, {"scale": float(np.exp(sigma))}
+
+
+def _weighted_median(values, weights) -> float:
+  """The value at half the total weight (values sorted; the lower one on a tie)."""
+  order = np.argsort(values)
+  v, w = np.asarray(values, float)[order], np.asarray(weights, float)[order]
+  return float(v[np.searchsorted(np.cumsum(w), 0.5 * w.sum())])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,10 +207,13 @@ class Refinement:
 
   Attributes:
     fitted: the fitted coefficients.
-    measured_step_time_s: weighted mean measured step time of the current plan.
+    measured_step_time_s: weighted median measured step time of the current plan.
     current: the current plan estimated with `fitted`.
     proposed: the best plan found with `fitted` (the current one if nothing beats it).
     speedup: current.step_time_s / proposed.step_time_s (>= 1 on the same mesh).
+    explore: the best plan with `fitted` whose kinds differ from every profiled plan's
+      (None if there is none): what to run next to learn more when `proposed` has been
+      profiled already.
   """
 
   fitted: Calibration
@@ -148,6 +223,7 @@ class Refinement:
   current: PlanResult
   proposed: PlanResult
   speedup: float
+  explore: PlanResult | None = None
 
   def report(self) -> str:
     coef = self.fitted.vector()
@@ -171,13 +247,21 @@ class Refinement:
                    f"{format_time(self.current.step_time_s)} -> "
                    f"{format_time(self.proposed.step_time_s)} per step, "
                    f"{self.speedup:.2f}x faster")
+    if self.explore is not None:
+      kinds: dict[str, int] = {}
+      for p in self.explore.plan.placements.values():
+        kinds[p.kind] = kinds.get(p.kind, 0) + 1
+      lines.append("best plan of kinds not profiled yet (profile it to refine the fit): "
+                   + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + ", expected "
+                   f"{format_time(self.explore.step_time_s)} per step")
     return "\n".join(lines)
 
   def to_json(self) -> dict:
     return {"fitted": self.fitted.to_json(), "prior": self.prior.to_json(),
             "measured_step_time_s": self.measured_step_time_s, "samples": self.samples,
             "current": self.current.to_json(), "proposed": self.proposed.to_json(),
-            "speedup": self.speedup}
+            "speedup": self.speedup,
+            "explore": self.explore.to_json() if self.explore is not None else None}
 
 
 def refine_from_profile(path: str | os.PathLike, tables: Sequence[TableSpec],
@@ -185,8 +269,8 @@ def refine_from_profile(path: str | os.PathLike, tables: Sequence[TableSpec],
                         optimizer_state_factor=0.0, batch_size: int | None = None,
                         calibration: Calibration | None = None, *,
                         table_stats: Mapping[str, cm.TableStats] | None = None,
-                        mesh_shape: Mapping[str, int] | None = None, ridge: float = 0.1,
-                        skip_first: int = 1) -> Refinement:
+                        mesh_shape: Mapping[str, int] | None = None, ridge: float = DEFAULT_RIDGE,
+                        skip_first: int = 1, kernel: str | None = None) -> Refinement:
   """Fits coefficients to a job's profile and proposes a better plan for its last mesh.
 
   Args:
@@ -195,6 +279,7 @@ def refine_from_profile(path: str | os.PathLike, tables: Sequence[TableSpec],
     mesh_shape: plan for this mesh instead of the last one recorded (the current plan is
       still estimated on its own mesh).
     skip_first: lines dropped per distinct (plan, mesh, batch) (compilation, warm-up).
+    kernel: the collection's kernel (see `search.propose_plan`).
   """
   prior = calibration or DEFAULT
   records = [r for r in read_profile(path) if not r.get("warmup")]
@@ -209,11 +294,12 @@ def refine_from_profile(path: str | os.PathLike, tables: Sequence[TableSpec],
   for key, recs in groups.items():
     kept = sorted(recs, key=lambda r: r["step"])[skip_first:] or recs[-1:]
     steps = np.array([float(r.get("steps", 1)) for r in kept])
-    t = float(np.sum(steps * [r["step_time_s"] for r in kept]) / np.sum(steps))
+    t = _weighted_median([r["step_time_s"] for r in kept], steps)
     r0 = kept[0]
     est = estimate_plan(r0["plan"], tables, features, r0["mesh"], memory_per_device_bytes,
                         optimizer_state_factor, r0["batch_size"], prior,
-                        table_stats=table_stats, check=False, mode="profiled")
+                        table_stats=table_stats, check=False, mode="profiled",
+                        kernel=kernel)
     samples.append((est.critical_terms, t))
     weights.append(float(steps.sum()))
   last = max(records, key=lambda r: r["step"])
@@ -225,12 +311,19 @@ def refine_from_profile(path: str | os.PathLike, tables: Sequence[TableSpec],
   b = int(last.get("batch_size") or batch_size)
   current = estimate_plan(last["plan"], tables, features, last["mesh"], memory_per_device_bytes,
                           optimizer_state_factor, b, fitted, table_stats=table_stats,
-                          check=False, mode="current")
+                          check=False, mode="current", kernel=kernel)
   proposed = propose_plan(tables, features, dict(mesh_shape or last["mesh"]),
                           memory_per_device_bytes, optimizer_state_factor, b, fitted,
-                          table_stats=table_stats)
+                          table_stats=table_stats, kernel=kernel)
   same_mesh = cm.normalize_mesh(proposed.mesh_shape) == cm.normalize_mesh(last["mesh"])
   if same_mesh and proposed.step_time_s >= current.step_time_s:
     proposed = current
+  try:
+    explore = propose_plan(tables, features, dict(mesh_shape or last["mesh"]),
+                           memory_per_device_bytes, optimizer_state_factor, b, fitted,
+                           table_stats=table_stats, kernel=kernel,
+                           exclude=[r["plan"] for r in records])
+  except ConfigError:
+    explore = None
   return Refinement(fitted, prior, measured, len(samples), current, proposed,
-                    current.step_time_s / proposed.step_time_s)
+                    current.step_time_s / proposed.step_time_s, explore)

@@ -36,10 +36,10 @@ class TableReport:
   """One table in the plan.
 
   Attributes:
-    memory: bytes on each holding device: `table`, `optimizer`, `buffers`, plus `ids` on
-      every device.
-    time_s: estimated seconds per step this table costs a holding device.
-    terms: cost terms (units of `COST_TERMS`) on a holding device, holder + every-device.
+    memory: bytes of the table's own shard on each holding device: `table`, `optimizer`
+      (stack padding, buffers and ids are in `PlanResult.memory`).
+    time_s: the table's share of its stack's own estimated seconds (by features).
+    terms: that share of the stack's cost terms.
     table_slice: index along `table`, or None when the kind does not use `table`.
   """
 
@@ -64,13 +64,17 @@ class TableReport:
 
 @dataclasses.dataclass(frozen=True)
 class SliceReport:
-  """The devices of one `table` slice; they all carry the same load.
+  """The devices of one `table` slice. Stacks pad every slice to their widest, so memory
+  and time are the same on every slice; `tables` and `own_bytes` show the balance.
 
   Attributes:
     devices: device indices, row-major over (data, table, row, col).
-    memory_bytes: bytes on each device.
-    time_s: estimated step seconds on each device (sparse part; see `const`).
-    terms: summed cost terms on each device, `launches` and `const` included.
+    memory_bytes: bytes on each device (padded shards, buffers, ids).
+    time_s: estimated step seconds on each device.
+    terms: cost terms on each device, `collectives`, `stacks` and `const` included.
+    tables: tables held on this slice by kinds split over `table`.
+    own_bytes: those tables' shards and optimizer state, plus every table not split over
+      `table` (what the slice would hold without padding).
   """
 
   table_slice: int
@@ -78,6 +82,33 @@ class SliceReport:
   memory_bytes: int
   time_s: float
   terms: Mapping[str, float]
+  tables: tuple[str, ...] = ()
+  own_bytes: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class StackReport:
+  """One stack as the collection builds it (see `cost_model.StackCost`).
+
+  Attributes:
+    features, width, bag: F, W (features looked up per device), L.
+    local_rows: rows of the (padded) shard on each device; buffer_rows: n.
+    time_s: estimated seconds of the stack's own terms (its collectives group apart).
+  """
+
+  name: str
+  kind: str
+  tables: tuple[str, ...]
+  features: int
+  width: int
+  bag: int
+  local_rows: int
+  buffer_rows: int
+  dedup: bool
+  replicas: int
+  time_s: float
+  terms: Mapping[str, float]
+  memory: Mapping[str, int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +118,10 @@ class PlanResult:
   Attributes:
     plan: the placements, ready for the trainer.
     mode: `auto` (searched) or the forced kind / `forced`.
-    step_time_s: estimated step time: the busiest slice.
+    step_time_s: estimated step time (the same on every device).
     notes: plan-level remarks printed under the tables.
+    stacks: the stacks the collection will build.
+    memory: bytes per device by part (`table`, `optimizer`, `buffers`, `ids`).
   """
 
   plan: Plan
@@ -101,19 +134,17 @@ class PlanResult:
   step_time_s: float
   mode: str = "auto"
   notes: tuple[str, ...] = ()
+  stacks: tuple[StackReport, ...] = ()
+  memory: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
   @property
   def num_devices(self) -> int:
     return sum(len(s.devices) for s in self.slices)
 
   @property
-  def busiest(self) -> SliceReport:
-    return max(self.slices, key=lambda s: (s.time_s, -s.table_slice))
-
-  @property
   def critical_terms(self) -> dict[str, float]:
-    """Cost terms of the busiest device: the features a profile fit regresses on."""
-    return dict(self.busiest.terms)
+    """Cost terms of a device (all alike): the features a profile fit regresses on."""
+    return dict(self.slices[0].terms)
 
   def to_json(self) -> dict:
     """JSON-ready dict; `["plan"]` is `Plan.to_json()` (load with `Plan.from_json`)."""
@@ -127,8 +158,11 @@ class PlanResult:
         "calibration": self.calibration.to_json(),
         "tables": [dict(dataclasses.asdict(t), memory=dict(t.memory), terms=dict(t.terms),
                         memory_per_device=t.memory_per_device) for t in self.tables],
-        "slices": [dict(dataclasses.asdict(s), devices=list(s.devices), terms=dict(s.terms))
-                   for s in self.slices],
+        "slices": [dict(dataclasses.asdict(s), devices=list(s.devices), terms=dict(s.terms),
+                        tables=list(s.tables)) for s in self.slices],
+        "stacks": [dict(dataclasses.asdict(s), tables=list(s.tables), terms=dict(s.terms),
+                        memory=dict(s.memory)) for s in self.stacks],
+        "memory_per_device": dict(self.memory),
         "notes": list(self.notes),
     }
 
@@ -136,8 +170,8 @@ class PlanResult:
     return json.dumps(self.to_json(), indent=2, sort_keys=True)
 
   def report(self) -> str:
-    """The stats table: per table placement, devices, memory, cost and why; per device
-    memory and estimated time."""
+    """The stats table: per table placement, devices, memory, cost and why; per stack its
+    padded width; per slice (devices) memory and estimated time."""
     budget = self.memory_per_device_bytes
     lines = [
         f"Plan ({self.mode}) for {len(self.tables)} tables on mesh {mesh_str(self.mesh_shape)}"
@@ -156,18 +190,28 @@ class PlanResult:
                    format_time(t.time_s), t.reason))
     lines += _columns(rows)
     lines.append("")
-    rows = [("devices", "slice", "memory", "of budget", "est time")]
+    rows = [("stack", "tables", "features", "per device", "bag", "shard rows", "buffer",
+             "est time")]
+    for st in self.stacks:
+      rows.append((st.name, str(len(st.tables)), str(st.features), str(st.width), str(st.bag),
+                   f"{st.local_rows:,}", f"{st.buffer_rows:,}" + ("" if st.dedup else " (no dedup)"),
+                   format_time(st.time_s)))
+    lines += _columns(rows)
+    lines.append("")
+    rows = [("devices", "slice", "tables", "own", "memory", "of budget", "est time")]
     for s in self.slices:
-      rows.append((_device_list(s.devices), str(s.table_slice), format_bytes(s.memory_bytes),
+      rows.append((_device_list(s.devices), str(s.table_slice), str(len(s.tables)),
+                   format_bytes(s.own_bytes), format_bytes(s.memory_bytes),
                    f"{100.0 * s.memory_bytes / budget:.1f}%", format_time(s.time_s)))
     lines += _columns(rows)
     lines.append("")
-    b = self.busiest
     coef = dict(zip(COST_TERMS, self.calibration.vector()))
-    top = sorted(((k, v * coef[k]) for k, v in b.terms.items()), key=lambda kv: -kv[1])
+    top = sorted(((k, v * coef[k]) for k, v in self.critical_terms.items()),
+                 key=lambda kv: -kv[1])
     parts = ", ".join(f"{k} {format_time(v)}" for k, v in top[:3] if v > 0)
-    lines.append(f"estimated step time: {format_time(self.step_time_s)} (busiest: slice "
-                 f"{b.table_slice}; largest terms: {parts or 'none'})")
+    lines.append(f"estimated step time: {format_time(self.step_time_s)} on every device "
+                 f"(largest terms: {parts or 'none'}); memory: " +
+                 ", ".join(f"{k} {format_bytes(v)}" for k, v in self.memory.items()))
     lines += [f"note: {n}" for n in self.notes]
     return "\n".join(lines)
 

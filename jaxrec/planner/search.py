@@ -1,139 +1,169 @@
-"""Plan search, TorchRec's planner shape: enumerate -> estimate -> propose -> partition.
+"""Plan search, TorchRec's planner shape: enumerate -> partition -> estimate -> propose.
 
   enumerate  per table, the kinds the mesh allows (`cost_model.allowed_kinds`)
-  estimate   per (table, kind): memory and cost terms (`cost_model.estimate`), priced in
-             seconds with the calibration coefficients
-  propose    greedy: tables in decreasing (memory share + cost share) order each take the
-             (kind, table slice) that least raises the estimated step time, keeping room
-             for the tables still to place; run free and once preferring each kind (a
-             stack's collectives pay off only when its tables move together); the two
-             best starts then get local search: single-table moves and swaps of table-wise
-             tables off the busiest slice, while the step time drops
-  partition  devices on one `table` slice carry the same load, so the state is per slice:
-             seconds and bytes; step time = busiest slice + launches + const
+  partition  given a kind per table, the tables of each stack split over `table` are dealt
+             to slices (`pack`): fewest features first (W: every device of the stack pays
+             for the widest slice), then fewest rows (every device stores the widest slice)
+  estimate   the stacks the collection would build (`embedding.layout.build_layouts`),
+             priced by `cost_model.plan_cost` and the calibration coefficients
+  propose    local search over the kinds, from several starts (every table at one kind,
+             for each kind; every table at its smallest placement): the best change of one
+             table's kind, or of a whole stack's, while the objective drops
 
-The objective is (step time, mean slice time): the second breaks ties toward less total
-work. Every accepted state fits the memory budget on every slice.
+The objective is (bytes over the memory budget, step time, bytes per device): a start that
+does not fit walks into the budget first. Step time is the same on every device (stacks
+pad to their widest slice), so balance shows up as W and padded rows, not as a busiest
+device.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 from typing import Mapping, Sequence
-
-import numpy as np
 
 from jaxrec.embedding.specs import FeatureSpec, TableSpec, validate
 from jaxrec.errors import ConfigError
 from jaxrec.planner import cost_model as cm
 from jaxrec.planner.calibration import DEFAULT, Calibration
-from jaxrec.planner.result import PlanResult, SliceReport, TableReport, format_bytes, format_time
+from jaxrec.planner.result import (PlanResult, SliceReport, StackReport, TableReport,
+                                   format_bytes, format_time)
 from jaxrec.sharding.plan import KIND_AXES, Plan, TablePlacement
 
-_REL_TOL = 1e-9
 DEFAULT_MEMORY_PER_DEVICE = 16 * 2**30  # bytes, when the caller gives no budget
+_REL_TOL = 1e-9
+_MAX_STEPS = 200  # local-search moves per start (each strictly improves; a safety bound)
+
+
+def default_kernel() -> str:
+  """The kernel the collection will use (`EmbeddingOptions.kernel` as gin binds it, `auto`
+  resolved for jax's default backend): it decides whether SGD stacks dedup."""
+  from jaxrec.embedding.specs import EmbeddingOptions  # pylint: disable=import-outside-toplevel
+  kernel = EmbeddingOptions().kernel
+  if kernel != "auto":
+    return kernel
+  from jaxrec.kernels import platform  # pylint: disable=import-outside-toplevel
+  return platform.resolve_kernel(kernel)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Candidate:
-  est: cm.Estimate
-  sliced: bool  # lives on one `table` slice
-  hold_s: float  # seconds per step on each holder
-  all_s: float  # seconds per step on every device
-  mem: int  # bytes on each holder
-  stack: tuple  # (dim, dtype, kind): tables sharing it share its collectives
-  launches: int  # collectives its stack launches per step
+class _Eval:
+  kinds: tuple[str, ...]
+  plan: Plan
+  cost: cm.PlanCost
+  time_s: float
+  memory: int
+  objective: tuple[float, float, float]
 
 
-def _better(a: tuple[float, float], b: tuple[float, float]) -> bool:
-  if a[0] < b[0] * (1 - _REL_TOL) - 1e-15:
-    return True
-  return abs(a[0] - b[0]) <= b[0] * _REL_TOL + 1e-15 and a[1] < b[1] * (1 - _REL_TOL) - 1e-15
+class _Space:
+  """Everything fixed during one search; evaluates (and caches) kind assignments."""
 
-
-def _max_without_each(x: np.ndarray) -> np.ndarray:
-  """out[i] = max(x[j] for j != i) (-inf for a single element)."""
-  if len(x) == 1:
-    return np.full(1, -np.inf)
-  i = int(np.argmax(x))
-  out = np.full(len(x), x[i])
-  out[i] = np.max(np.delete(x, i))
-  return out
-
-
-class _State:
-  """An assignment of tables to (kind, slice) with per-slice seconds and bytes."""
-
-  def __init__(self, loads: Sequence[cm.TableLoad], cands: Mapping[str, Mapping[str, _Candidate]],
-               mesh: Mapping[str, int], coef: np.ndarray, budget: int):
-    self.loads = {l.name: l for l in loads}
-    self.cands = cands
-    self.mesh = mesh
-    self.nt = mesh["table"]
-    self.coef = dict(zip(cm.COST_TERMS, coef))
+  def __init__(self, tables, features, loads, mesh, batch_size, opt, kernel, coef, budget):
+    self.tables, self.features, self.loads = tuple(tables), tuple(features), list(loads)
+    self.mesh, self.batch_size, self.opt, self.coef = mesh, int(batch_size), opt, coef
     self.budget = budget
-    self.time = np.zeros(self.nt)
-    self.mem = np.zeros(self.nt)
-    self.stacks = collections.Counter()
-    self.launches = 0
-    self.choice: dict[str, tuple[str, int]] = {}
+    self.kernel = kernel
+    self.names = [l.name for l in self.loads]
+    from jaxrec.embedding.layout import bag_bucket  # pylint: disable=import-outside-toplevel
+    self.bucket = [bag_bucket(l.max_len) for l in self.loads]
+    self.cache: dict[tuple[str, ...], _Eval] = {}
+    self.excluded: set[tuple[str, ...]] = set()
 
-  def place(self, name: str, kind: str, s: int, sign: int = 1):
-    c = self.cands[name][kind]
-    where = s if c.sliced else slice(None)
-    self.time[where] += sign * c.hold_s
-    self.mem[where] += sign * c.mem
-    self.time += sign * c.all_s
-    self.mem += sign * c.est.ids_memory
-    if (self.stacks[c.stack] == 0) if sign > 0 else (self.stacks[c.stack] == 1):
-      self.launches += sign * c.launches
-    self.stacks[c.stack] += sign
-    if sign > 0:
-      self.choice[name] = (kind, s)
-    else:
-      del self.choice[name]
+  def pack(self, kinds: Sequence[str]) -> Plan:
+    """Slices for the tables of kinds split over `table` (see module docstring)."""
+    nt = self.mesh["table"]
+    groups: dict[tuple, list[int]] = {}
+    placements = {}
+    held = [0] * nt  # rows over all stacks: ties go to the emptiest slice
+    for i, (load, kind) in enumerate(zip(self.loads, kinds)):
+      if "table" in KIND_AXES[kind] and nt > 1:
+        groups.setdefault((kind, load.dim, load.dtype, self.bucket[i]), []).append(i)
+      else:
+        placements[load.name] = TablePlacement(kind, 0)
+    for (kind, *_), members in groups.items():
+      feats, rows = [0] * nt, [0] * nt
+      total = sum(max(1, self.loads[i].num_features) for i in members)
+      cap = max(math.ceil(total / nt), max(self.loads[i].num_features for i in members))
+      for i in sorted(members, key=lambda i: (-self.loads[i].num_features, -self.loads[i].rows,
+                                              self.names[i])):
+        f = self.loads[i].num_features
+        room = [s for s in range(nt) if feats[s] + f <= cap] or list(range(nt))
+        s = min(room, key=lambda s: (rows[s], feats[s], held[s], s))
+        feats[s] += f
+        rows[s] += self.loads[i].rows
+        held[s] += self.loads[i].rows
+        placements[self.names[i]] = TablePlacement(kind, s)
+    return Plan({n: placements[n] for n in self.names})
 
-  def _fixed_s(self, launches: int) -> float:
-    return launches * self.coef["launches"] + self.coef["const"]
+  def evaluate_plan(self, plan: Plan, kinds: tuple[str, ...] | None = None) -> _Eval:
+    layouts = cm.build_layouts(self.tables, self.features, plan, self.mesh)
+    cost = cm.plan_cost(layouts, self.features, self.batch_size, self.opt, self.kernel)
+    time_s = float(cost.terms @ self.coef)
+    mem = cost.memory_bytes
+    kinds = kinds or tuple(plan[n].kind for n in self.names)
+    return _Eval(kinds, plan, cost, time_s, mem,
+                 (float(max(0, mem - self.budget)), time_s, float(mem)))
 
-  def objective(self) -> tuple[float, float]:
-    """(step time = busiest slice + launches + const, mean slice time)."""
-    return float(self.time.max()) + self._fixed_s(self.launches), float(self.time.mean())
-
-  def fits(self) -> bool:
-    return float(self.mem.max()) <= self.budget
-
-  def evaluate(self, name: str, reserve: float = 0.0):
-    """[(objective, kind, slice)] for each option of the unplaced table `name` that fits
-    with `reserve` bytes to spare on every slice."""
-    out = []
-    for kind, c in self.cands[name].items():
-      fixed = self._fixed_s(self.launches + (c.launches if not self.stacks[c.stack] else 0))
-      t = self.time + c.all_s
-      m = self.mem + c.est.ids_memory
-      room = self.budget - reserve
-      if c.sliced:  # option s adds the holder cost to slice s only
-        step = np.maximum(_max_without_each(t), t + c.hold_s) + fixed
-        peak = np.maximum(_max_without_each(m), m + c.mem)
-        mean = (float(t.sum()) + c.hold_s) / self.nt
-        out += [((float(step[s]), mean), kind, s) for s in range(self.nt) if peak[s] <= room]
-      elif float(m.max()) + c.mem <= room:
-        out.append(((float(t.max()) + c.hold_s + fixed, float(t.mean()) + c.hold_s), kind, 0))
-    return out
+  def evaluate(self, kinds: tuple[str, ...]) -> _Eval:
+    if kinds not in self.cache:
+      e = self.evaluate_plan(self.pack(kinds), kinds)
+      if kinds in self.excluded:
+        e = dataclasses.replace(e, objective=(math.inf, math.inf, math.inf))
+      self.cache[kinds] = e
+    return self.cache[kinds]
 
 
-def _best(options):
-  best = None
-  for opt in options:
-    if best is None or _better(opt[0], best[0]):
-      best = opt
-  return best
+def _better(a: tuple, b: tuple) -> bool:
+  """Lexicographic a < b, each entry up to a relative tolerance."""
+  for x, y in zip(a, b):
+    if x == y:
+      continue
+    tol = abs(y) * _REL_TOL + 1e-15 if math.isfinite(y) else 0.0
+    if x < y - tol:
+      return True
+    if x > y + tol:
+      return False
+  return False
+
+
+def _moves(space: _Space, allowed: Sequence[Sequence[str]], kinds: tuple[str, ...]):
+  """Neighbours: one table to another kind; all tables of one stack to another kind."""
+  for i, ks in enumerate(allowed):
+    for k in ks:
+      if k != kinds[i]:
+        yield kinds[:i] + (k,) + kinds[i + 1:]
+  stacks: dict[tuple, list[int]] = {}
+  for i, k in enumerate(kinds):
+    load = space.loads[i]
+    stacks.setdefault((k, load.dim, load.dtype, space.bucket[i]), []).append(i)
+  for (kind, *_), members in stacks.items():
+    if len(members) < 2:
+      continue
+    for k in set().union(*(allowed[i] for i in members)) - {kind}:
+      new = list(kinds)
+      for i in members:
+        if k in allowed[i]:
+          new[i] = k
+      yield tuple(new)
+
+
+def _local_search(space: _Space, allowed, start: tuple[str, ...]) -> _Eval:
+  cur = space.evaluate(start)
+  for _ in range(_MAX_STEPS):
+    best = cur
+    for kinds in _moves(space, allowed, cur.kinds):
+      e = space.evaluate(kinds)
+      if _better(e.objective, best.objective):
+        best = e
+    if best is cur:
+      break
+    cur = best
+  return cur
 
 
 def _prepare(tables, features, mesh_shape, memory_per_device_bytes, optimizer_state_factor,
-             batch_size, calibration, table_stats):
+             batch_size, calibration, table_stats, kernel):
   validate(tables, features)
   mesh = cm.normalize_mesh(mesh_shape)
   n = math.prod(mesh.values())
@@ -145,17 +175,17 @@ def _prepare(tables, features, mesh_shape, memory_per_device_bytes, optimizer_st
   if not memory_per_device_bytes > 0:
     raise ConfigError(f"memory per device must be positive, got {memory_per_device_bytes}")
   loads = cm.table_loads(tables, features, table_stats)
+  opt = cm.optimizer_state(optimizer_state_factor)
+  if kernel is None:
+    kernel = (default_kernel() if any(not cm.dedups(opt, t.dtype, "xla") for t in tables)
+              else "xla")
   cal = calibration or DEFAULT
-  return (mesh, loads, cm.optimizer_state(optimizer_state_factor), cal,
-          int(memory_per_device_bytes))
+  return _Space(tables, features, loads, mesh, batch_size, opt, kernel, cal.vector(),
+                int(memory_per_device_bytes)), cal
 
 
-def _candidate(load, kind, mesh, batch_size, opt, coef) -> _Candidate:
-  est = cm.estimate(load, kind, mesh, batch_size, opt)
-  return _Candidate(est, "table" in KIND_AXES[kind] and mesh["table"] > 1,
-                    float(est.holder_terms @ coef), float(est.all_terms @ coef),
-                    est.holder_memory, (load.dim, load.dtype, kind),
-                    cm.stack_launches(kind, mesh))
+def _own(space: _Space, load: cm.TableLoad, kind: str) -> int:
+  return sum(cm.table_memory(load, kind, space.mesh, space.opt).values())
 
 
 def _describe(load: cm.TableLoad) -> str:
@@ -169,195 +199,106 @@ def _slice_devices(mesh: Mapping[str, int], s: int) -> tuple[int, ...]:
   return tuple(d for d in range(n) if (d // inner) % mesh["table"] == s)
 
 
-def _overflow_error(state: _State, what: str) -> ConfigError:
-  s = int(np.argmax(state.mem))
-  on = []
-  for name, (kind, ts) in state.choice.items():
-    c = state.cands[name][kind]
-    if not c.sliced or ts == s:
-      on.append((c.mem, name, kind))
-  on.sort(reverse=True)
-  largest = "; ".join(f"{_describe(state.loads[n])} as {k}: {format_bytes(m)}/device"
-                      for m, n, k in on[:3])
-  devs = ",".join(map(str, _slice_devices(state.mesh, s)[:8]))
+def _overflow_error(space: _Space, e: _Eval, what: str) -> ConfigError:
+  largest = sorted(((_own(space, l, e.plan[l.name].kind), l)
+                    for l in space.loads), key=lambda x: -x[0])[:3]
+  parts = "; ".join(f"{_describe(l)} as {e.plan[l.name].kind}: {format_bytes(m)}/device"
+                    for m, l in largest)
+  mem = e.cost.memory
   return ConfigError(
-      f"{what} does not fit: devices {devs} (table slice {s}) need "
-      f"{format_bytes(state.mem[s])} > budget {format_bytes(state.budget)} per device on mesh "
-      f"{cm.mesh_str(state.mesh)}; largest there: {largest or 'id buffers only'}")
+      f"{what} does not fit: every device needs {format_bytes(e.memory)} > budget "
+      f"{format_bytes(space.budget)} on mesh {cm.mesh_str(space.mesh)} (tables "
+      f"{format_bytes(mem['table'])}, optimizer {format_bytes(mem['optimizer'])}, buffers "
+      f"{format_bytes(mem['buffers'] + mem['ids'])}); largest: {parts}")
 
 
-def _min_memory(cands: Mapping[str, _Candidate], nt: int) -> tuple[float, float]:
-  """(smallest bytes on a holder, smallest average bytes per slice) over the kinds."""
-  holder = min(c.mem + c.est.ids_memory for c in cands.values())
-  avg = min(c.mem / (nt if c.sliced else 1) + c.est.ids_memory
-            for c in cands.values())
-  return holder, avg
+def _delta(alt: _Eval, base: _Eval, budget: int) -> str:
+  if alt.memory > budget:
+    return f"over budget ({format_bytes(alt.memory)}/device)"
+  if alt.time_s - base.time_s > base.time_s * 1e-6:
+    return f"+{format_time(alt.time_s - base.time_s)}/step"
+  return f"same step time, +{format_bytes(max(alt.memory - base.memory, 0))}/device"
 
 
-def _greedy(state: _State, order: list[str], prefer: str | None = None) -> bool:
-  """Places `order` one by one, each where it least raises the objective (only at kind
-  `prefer` when that fits), keeping room for the tables still to place when possible;
-  False if some table found no room."""
-  avg = {n: _min_memory(state.cands[n], state.nt)[1] for n in order}
-  reserve = float(sum(avg.values()))
-  for name in order:
-    reserve -= avg[name]
-    best = None
-    for r in (reserve, 0.0):
-      options = state.evaluate(name, r)
-      best = _best(o for o in options if o[1] == prefer) or _best(options)
-      if best:
-        break
-    if best is None:
-      return False
-    state.place(name, best[1], best[2])
-  return True
-
-
-def _pack_smallest(state: _State, order: list[str]) -> None:
-  """Fallback: every table at its smallest kind, largest first onto the emptiest slice."""
-  for name in sorted(order, key=lambda n: -_min_memory(state.cands[n], state.nt)[0]):
-    kind = min(state.cands[name], key=lambda k: state.cands[name][k].mem)
-    s = int(np.argmin(state.mem)) if state.cands[name][kind].sliced else 0
-    state.place(name, kind, s)
-
-
-def _improve(state: _State, order: list[str], max_passes: int = 8) -> None:
-  """Local search: best single-table move, then swaps off the busiest slice."""
-  for _ in range(max_passes):
-    improved = False
-    for name in order:
-      cur = state.choice[name]
-      base = state.objective()
-      state.place(name, *cur, -1)
-      best = _best(state.evaluate(name))
-      if best is not None and (best[1], best[2]) != cur and _better(best[0], base):
-        state.place(name, best[1], best[2])
-        improved = True
-      else:
-        state.place(name, *cur)
-    if state.nt > 1:
-      improved |= _swap(state)
-    if not improved:
-      return
-
-
-def _swap(state: _State) -> bool:
-  """Best swap of the slices of a table-wise table on the busiest slice and another's.
-  Only those two slices change (launches and mean time do not)."""
-  hot = int(np.argmax(state.time))
-  sliced = [(n, state.cands[n][k], s) for n, (k, s) in state.choice.items()
-            if state.cands[n][k].sliced]
-  mine = [(n, c) for n, c, s in sliced if s == hot]
-  other = [(n, c, s) for n, c, s in sliced if s != hot]
-  if not mine or not other:
-    return False
-  where = np.array([s for _, _, s in other])
-  hold = np.array([c.hold_s for _, c, _ in other])
-  mem = np.array([c.mem for _, c, _ in other], dtype=float)
-  t_rest, m_rest = state.time.copy(), state.mem.copy()
-  t_rest[hot] = m_rest[hot] = -np.inf
-  t_rest, m_rest = _max_without_each(t_rest)[where], _max_without_each(m_rest)[where]
-  best = (float(state.time.max()), None)
-  for a, ca in mine:
-    step = np.maximum.reduce([t_rest, state.time[hot] - ca.hold_s + hold,
-                              state.time[where] - hold + ca.hold_s])
-    peak = np.maximum.reduce([m_rest, state.mem[hot] - ca.mem + mem,
-                              state.mem[where] - mem + ca.mem])
-    step[peak > state.budget] = np.inf
-    i = int(np.argmin(step))
-    if step[i] < best[0] * (1 - _REL_TOL) - 1e-15:
-      best = (float(step[i]), (a, other[i][0]))
-  if best[1] is None:
-    return False
-  a, b = best[1]
-  (ka, sa), (kb, sb) = state.choice[a], state.choice[b]
-  for n in (a, b):
-    state.place(n, *state.choice[n], -1)
-  state.place(a, ka, sb)
-  state.place(b, kb, sa)
-  return True
-
-
-def _delta(alt: tuple[float, float], base: tuple[float, float]) -> str:
-  if alt[0] - base[0] > base[0] * 1e-6:
-    return f"+{format_time(alt[0] - base[0])}/step"
-  return f"+{format_time(max(alt[1] - base[1], 0.0))} device time"
-
-
-def _reason(state: _State, name: str) -> str:
-  """Why `name` sits where it does, from its alternatives in the final plan."""
-  kind, s = state.choice[name]
-  load, cands = state.loads[name], state.cands[name]
-  base = state.objective()
-  state.place(name, kind, s, -1)
-  options = state.evaluate(name)
-  state.place(name, kind, s)
-  alts = {k: None for k in cands if k != kind}  # kind -> objective at its best slice
-  for k in alts:
-    alts[k] = (_best(o for o in options if o[1] == k) or (None,))[0]
-  fitting = sorted(((o, k) for k, o in alts.items() if o is not None), key=lambda x: x[0])
-  nxt = f"{fitting[0][1]} {_delta(fitting[0][0], base)}" if fitting else None
-  small = cands[kind].mem <= 0.01 * state.budget
+def _reason(space: _Space, allowed, best: _Eval, i: int) -> str:
+  """Why table `i` has its kind, from its alternatives with the rest of the plan fixed."""
+  kind = best.kinds[i]
+  alts = []
+  for k in allowed[i]:
+    if k != kind:
+      alts.append((k, space.evaluate(best.kinds[:i] + (k,) + best.kinds[i + 1:])))
+  alts.sort(key=lambda a: a[1].objective)
+  nxt = f"{alts[0][0]} {_delta(alts[0][1], best, space.budget)}" if alts else None
+  stack = next(s for s in best.cost.stacks if space.names[i] in s.tables)
+  where = (f"stack {stack.name}: {stack.width} of its {stack.features} features per device, "
+           f"bags of {stack.bag}")
+  if len(stack.tables) > 1:
+    where += f", shares the collectives of its stack with {len(stack.tables) - 1} table(s)"
   if kind == "dp":
     if not nxt:
-      return "replicated: the mesh offers no split this table can use"
-    return f"{'small table ' if small else ''}replicated: cheaper than {nxt}"
+      return f"replicated: the mesh offers no split this table can use; {where}"
+    small = _own(space, space.loads[i], "dp") <= 0.01 * space.budget
+    return f"{'small table ' if small else ''}replicated: cheaper than {nxt}; {where}"
   parts = []
-  if "dp" in alts and alts["dp"] is None:
-    need = cands["dp"].mem
+  dp = dict(alts).get("dp")
+  if dp is not None and dp.memory > space.budget:
+    need = _own(space, space.loads[i], "dp")
     parts.append(f"replicated would need {format_bytes(need)}/device"
-                 + (" > budget" if need > state.budget else ", no room beside the others"))
+                 + (" > budget" if need > space.budget else ", no room beside the others"))
   parts.append(f"fastest that fits (next: {nxt})" if nxt else "only kind that fits")
-  if cands[kind].sliced:
-    parts.append(f"slice {s} balances load")
-  _, _, c = cm.split_sizes(kind, state.mesh)
+  if "table" in KIND_AXES[kind] and space.mesh["table"] > 1:
+    parts.append(f"slice {best.plan[space.names[i]].table_slice} balances its stack")
+  _, _, c = cm.split_sizes(kind, space.mesh)
   if c > 1:
-    parts.append(f"dim {load.dim} split over col={c}")
-  others = state.stacks[(load.dim, load.dtype, kind)] - 1
-  if others:
-    parts.append(f"shares the collectives of its stack with {others} other table(s)")
+    parts.append(f"dim {space.loads[i].dim} split over col={c}")
+  parts.append(where)
   return "; ".join(parts)
 
 
-def _result(state: _State, cal: Calibration, batch_size: int, mode: str,
-            reasons: Mapping[str, str], order: Sequence[str], notes=()) -> PlanResult:
-  mesh, nt = state.mesh, state.nt
-  k_terms = len(cm.COST_TERMS)
-  slice_terms = np.zeros((nt, k_terms))
-  tables, placements = [], {}
-  for name in order:
-    kind, s = state.choice[name]
-    c, load = state.cands[name][kind], state.loads[name]
-    where = s if c.sliced else slice(None)
-    slice_terms[where] += c.est.holder_terms
-    slice_terms += c.est.all_terms
-    uses_table = "table" in KIND_AXES[kind]
-    placements[name] = TablePlacement(kind, s if uses_table else 0)
+def _result(space: _Space, e: _Eval, cal: Calibration, mode: str, reasons: Mapping[str, str],
+            notes=()) -> PlanResult:
+  mesh, coef = space.mesh, space.coef
+  stack_of = {t: s for s in e.cost.stacks for t in s.tables}
+  per_device = e.cost.memory_bytes
+  tables = []
+  for load in space.loads:
+    p = e.plan[load.name]
+    s = stack_of[load.name]
+    # The table's share of its stack's own cost, by its id slots (features x bag).
+    share = max(1, load.num_features) / max(1, s.features)
+    _, r, c = cm.split_sizes(p.kind, mesh)
+    uses_table = "table" in KIND_AXES[p.kind]
+    mem = cm.table_memory(load, p.kind, mesh, space.opt)
     tables.append(TableReport(
-        name, load.rows, load.dim, load.dtype, kind, s if uses_table else None, c.est.holders,
-        c.est.shard_rows, c.est.shard_cols, dict(c.est.memory, ids=c.est.ids_memory),
-        c.hold_s + c.all_s, dict(zip(cm.COST_TERMS, (c.est.holder_terms + c.est.all_terms)
-                                      .tolist())), reasons.get(name, "")))
-  slice_terms[:, cm.COST_TERMS.index("launches")] = state.launches
-  slice_terms[:, cm.COST_TERMS.index("const")] = 1.0
-  coef = cal.vector()
-  slices = tuple(SliceReport(s, _slice_devices(mesh, s), int(state.mem[s]),
-                             float(slice_terms[s] @ coef),
-                             dict(zip(cm.COST_TERMS, slice_terms[s].tolist())))
-                 for s in range(nt))
+        load.name, load.rows, load.dim, load.dtype, p.kind,
+        p.table_slice if uses_table else None, math.prod(mesh.values()) // (
+            mesh["table"] if uses_table else 1), -(-load.rows // r), load.dim // c,
+        mem, float(share * (s.terms @ coef)),
+        dict(zip(cm.COST_TERMS, (share * s.terms).tolist())), reasons.get(load.name, "")))
+  terms = dict(zip(cm.COST_TERMS, e.cost.terms.tolist()))
+  slices = []
+  for sl in range(mesh["table"]):
+    held = tuple(t.name for t in tables if t.table_slice == sl)
+    own = sum(t.memory_per_device for t in tables if t.table_slice in (sl, None))
+    slices.append(SliceReport(sl, _slice_devices(mesh, sl), per_device, e.time_s, terms,
+                              held, int(own)))
+  stacks = tuple(StackReport(s.name, s.kind, s.tables, s.features, s.width, s.bag,
+                             s.local_rows, s.buffer_rows, s.dedup, s.replicas,
+                             float(s.terms @ coef), dict(zip(cm.COST_TERMS, s.terms.tolist())),
+                             dict(s.memory))
+                 for s in e.cost.stacks)
   notes = list(notes)
   if coef[cm.COST_TERMS.index("const")] == 0:
     notes.append("dense layers are not modeled (const = 0 until fitted from a profile)")
-  return PlanResult(Plan(placements), dict(mesh), state.budget, int(batch_size), cal,
-                    tuple(tables), slices, max(s.time_s for s in slices), mode, tuple(notes))
+  return PlanResult(e.plan, dict(mesh), space.budget, space.batch_size, cal, tuple(tables),
+                    tuple(slices), e.time_s, mode, tuple(notes), stacks, dict(e.cost.memory))
 
 
-def _unused_axis_notes(state: _State) -> list[str]:
+def _unused_axis_notes(space: _Space, e: _Eval) -> list[str]:
   notes = []
   for axis in ("table", "row", "col"):
-    if state.mesh[axis] > 1 and not any(axis in KIND_AXES[k] for k, _ in state.choice.values()):
-      notes.append(f"mesh axis {axis}={state.mesh[axis]} holds only replicas: no table is "
+    if space.mesh[axis] > 1 and not any(axis in KIND_AXES[k] for k in e.kinds):
+      notes.append(f"mesh axis {axis}={space.mesh[axis]} holds only replicas: no table is "
                    "split over it (cheaper or impossible)")
   return notes
 
@@ -367,7 +308,8 @@ def propose_plan(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
                  optimizer_state_factor=0.0,
                  batch_size: int = 512, calibration: Calibration | None = None, *,
                  table_stats: Mapping[str, cm.TableStats] | None = None,
-                 kinds: Sequence[str] | None = None) -> PlanResult:
+                 kinds: Sequence[str] | None = None, kernel: str | None = None,
+                 exclude: Sequence[Plan] = ()) -> PlanResult:
   """Searches the plan with the lowest estimated step time that fits every device.
 
   Args:
@@ -380,65 +322,54 @@ def propose_plan(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
       optimizer object itself (`jaxrec.embedding.optimizers.SGD()`, ...).
     batch_size: global batch, split over all devices.
     calibration: cost coefficients; None = `calibration.DEFAULT`.
-    table_stats: optional pooling factors and id distributions by table name.
+    table_stats: optional pooling factors and id distributions by table name (checked and
+      reported; buffers are static, so they do not change the estimate).
     kinds: restrict the search to these kinds (default: all).
+    kernel: the collection's kernel, `xla` or `pallas` (None: `default_kernel()`).
+    exclude: plans not to propose, compared by the kind of every table (e.g. plans a job
+      has already profiled, to explore); ConfigError if every fitting plan is excluded.
 
   Raises:
     ConfigError: a table fits no placement within the budget, or the tables together do not.
   """
-  mesh, loads, opt, cal, memory_per_device_bytes = _prepare(
-      tables, features, mesh_shape, memory_per_device_bytes, optimizer_state_factor,
-      batch_size, calibration, table_stats)
-  coef = cal.vector()
-  cands = {}
-  for load in loads:
+  space, cal = _prepare(tables, features, mesh_shape, memory_per_device_bytes,
+                        optimizer_state_factor, batch_size, calibration, table_stats, kernel)
+  mesh = space.mesh
+  allowed = []
+  for load in space.loads:
     ks = [k for k in cm.allowed_kinds(load, mesh) if kinds is None or k in kinds]
     if not ks:
       raise ConfigError(f"table {_describe(load)}: none of the kinds {list(kinds or [])} can "
                         f"split it on mesh {cm.mesh_str(mesh)}")
-    cands[load.name] = {k: _candidate(load, k, mesh, batch_size, opt, coef) for k in ks}
-  ids_all = sum(next(iter(c.values())).est.ids_memory for c in cands.values())
-  for load in loads:
-    smallest = min(cands[load.name].values(), key=lambda c: c.mem)
-    if smallest.mem + ids_all > memory_per_device_bytes:
+    allowed.append(ks)
+  space.excluded = {tuple(p[n].kind if n in p.placements else "" for n in space.names)
+                    for p in exclude}
+  smallest = tuple(min(ks, key=lambda k: _own(space, l, k))
+                   for l, ks in zip(space.loads, allowed))
+  for load, k in zip(space.loads, smallest):
+    alone = _own(space, load, k)
+    if alone > space.budget:
       raise ConfigError(
           f"table {_describe(load)} fits no placement within the memory budget of "
-          f"{format_bytes(memory_per_device_bytes)}/device on mesh {cm.mesh_str(mesh)}: "
-          f"smallest is {smallest.est.kind} at {format_bytes(smallest.mem)}/device"
-          f" (+ {format_bytes(ids_all)} id buffers); add devices on row/col or memory")
-
-  nt = mesh["table"]
-  budget = int(memory_per_device_bytes)
-  min_mem = {n: _min_memory(c, nt)[0] for n, c in cands.items()}
-  min_time = {n: min(c.hold_s / (nt if c.sliced else 1) + c.all_s for c in cs.values())
-              for n, cs in cands.items()}
-  total_time = sum(min_time.values()) or 1.0
-  order = sorted(cands, key=lambda n: (-(min_mem[n] / budget + min_time[n] / total_time), n))
-  # Starts: free greedy, and greedy preferring each kind (a whole stack may only pay off
-  # together: a lone table of a new kind pays its stack's collective launches alone). The
-  # two best starts are improved by local search.
-  starts = []
-  for prefer in (None,) + tuple(k for k in KIND_AXES if any(k in c for c in cands.values())):
-    state = _State(loads, cands, mesh, coef, budget)
-    if _greedy(state, order, prefer):
-      starts.append(state)
-  if not starts:
-    state = _State(loads, cands, mesh, coef, budget)
-    _pack_smallest(state, order)
-    if not state.fits():
-      raise _overflow_error(state, f"the {len(loads)} tables together (even each at its "
-                            "smallest placement)")
-    starts.append(state)
-  starts.sort(key=lambda st: st.objective())
+          f"{format_bytes(space.budget)}/device on mesh {cm.mesh_str(mesh)}: smallest is "
+          f"{k} at {format_bytes(alone)}/device; add devices on row/col or memory")
+  starts = [smallest]
+  for k in dict.fromkeys(k for ks in allowed for k in ks):
+    starts.append(tuple(k if k in ks else s for ks, s in zip(allowed, smallest)))
   best = None
-  for state in starts[:2]:
-    _improve(state, order)
-    if best is None or _better(state.objective(), best.objective()):
-      best = state
-  state = best
-  reasons = {n: _reason(state, n) for n in order}
-  return _result(state, cal, batch_size, "auto", reasons, [l.name for l in loads],
-                 _unused_axis_notes(state))
+  for start in dict.fromkeys(starts):
+    e = _local_search(space, allowed, start)
+    if best is None or _better(e.objective, best.objective):
+      best = e
+  if best.objective[0] == math.inf:
+    raise ConfigError(f"every plan the search reached is excluded ({len(space.excluded)} "
+                      "kind assignment(s))")
+  if best.memory > space.budget:
+    raise _overflow_error(space, space.evaluate(smallest),
+                          f"the {len(space.loads)} tables together (even each at its "
+                          "smallest placement)")
+  reasons = {space.names[i]: _reason(space, allowed, best, i) for i in range(len(allowed))}
+  return _result(space, best, cal, "auto", reasons, _unused_axis_notes(space, best))
 
 
 def estimate_plan(plan: Plan, tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
@@ -446,39 +377,32 @@ def estimate_plan(plan: Plan, tables: Sequence[TableSpec], features: Sequence[Fe
                   optimizer_state_factor=0.0,
                   batch_size: int = 512, calibration: Calibration | None = None, *,
                   table_stats: Mapping[str, cm.TableStats] | None = None,
-                  check: bool = True, mode: str = "forced") -> PlanResult:
+                  check: bool = True, mode: str = "forced",
+                  kernel: str | None = None) -> PlanResult:
   """Estimates a given plan (e.g. `--plan=rw`, or the plan a profiled job ran).
 
   Raises:
     ConfigError: the plan misses or names unknown tables, a kind cannot split a table on
       this mesh, a table slice is out of range, or (if `check`) a device is over budget.
   """
-  mesh, loads, opt, cal, memory_per_device_bytes = _prepare(
-      tables, features, mesh_shape, memory_per_device_bytes, optimizer_state_factor,
-      batch_size, calibration, table_stats)
-  names = {l.name for l in loads}
+  space, cal = _prepare(tables, features, mesh_shape, memory_per_device_bytes,
+                        optimizer_state_factor, batch_size, calibration, table_stats, kernel)
+  names = set(space.names)
   unknown = sorted(set(plan.placements) - names)
   if unknown:
     raise ConfigError(f"plan names unknown tables {unknown} (tables: {sorted(names)})")
-  coef = cal.vector()
-  cands, state_choice = {}, {}
-  for load in loads:
+  for load in space.loads:
     p = plan[load.name]
-    problem = cm.kind_problem(load, p.kind, mesh)
+    problem = cm.kind_problem(load, p.kind, space.mesh)
     if problem:
-      raise ConfigError(f"{problem} (mesh {cm.mesh_str(mesh)})")
-    if "table" in p.axes and not 0 <= p.table_slice < mesh["table"]:
+      raise ConfigError(f"{problem} (mesh {cm.mesh_str(space.mesh)})")
+    if "table" in p.axes and not 0 <= p.table_slice < space.mesh["table"]:
       raise ConfigError(f"table '{load.name}': table_slice {p.table_slice} is outside mesh "
-                        f"axis table={mesh['table']}")
-    cands[load.name] = {p.kind: _candidate(load, p.kind, mesh, batch_size, opt, coef)}
-    state_choice[load.name] = (p.kind, p.table_slice if cands[load.name][p.kind].sliced else 0)
-  state = _State(loads, cands, mesh, coef, int(memory_per_device_bytes))
-  for name, (kind, s) in state_choice.items():
-    state.place(name, kind, s)
-  if check and not state.fits():
-    raise _overflow_error(state, f"plan ({mode})")
-  reasons = {n: mode for n in names}
-  return _result(state, cal, batch_size, mode, reasons, [l.name for l in loads])
+                        f"axis table={space.mesh['table']}")
+  e = space.evaluate_plan(Plan({n: plan[n] for n in space.names}))
+  if check and e.memory > space.budget:
+    raise _overflow_error(space, e, f"plan ({mode})")
+  return _result(space, e, cal, mode, {n: mode for n in names})
 
 
 def check_plan_fits(plan: Plan, tables: Sequence[TableSpec], mesh_shape: Mapping[str, int],
@@ -487,7 +411,7 @@ def check_plan_fits(plan: Plan, tables: Sequence[TableSpec], mesh_shape: Mapping
                     features: Sequence[FeatureSpec] | None = None, batch_size: int = 0,
                     table_stats: Mapping[str, cm.TableStats] | None = None) -> list[int]:
   """Bytes per device (index row-major over mesh axes) of a forced plan; raises ConfigError
-  naming the over-budget devices and their largest tables if it does not fit.
+  naming the largest tables if it does not fit.
 
   `features` default to one one-hot feature per table; `batch_size=0` counts tables and
   optimizer state only (no lookup buffers).

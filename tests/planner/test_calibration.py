@@ -14,8 +14,9 @@ def test_quick_calibration_and_cache(tmp_path):
   vec = cal.vector()
   assert (vec >= 0).all() and len(vec) == len(COST_TERMS)
   coef = cal.coefficients
-  assert all(coef[k] > 0 for k in COST_TERMS if k not in ("const", "launches"))
-  assert coef["pool_bytes"] == coef["update_bytes"]  # both priced as memcpy
+  assert all(coef[k] > 0 for k in COST_TERMS if k not in ("const", "collectives", "stacks"))
+  assert coef["const"] == 0  # dense layers: only a profile fit prices them
+  assert set(cal.meta["raw_times_s"]) >= set(COST_TERMS) - {"const", "collectives"}
   path = calibration.save_calibration(cal, tmp_path / "c" / "calibration.json")
   again = calibration.load_calibration(path)
   assert again.vector().tolist() == vec.tolist() and again.source == cal.source
@@ -31,5 +32,9 @@ def test_cache_path_and_bad_files(tmp_path, monkeypatch):
   with pytest.raises(ConfigError, match="unknown cost terms"):
     Calibration({"flops": 1.0})
   with pytest.raises(ConfigError, match=">= 0"):
-    Calibration({"launches": -1.0})
-  assert json.loads(json.dumps(DEFAULT.to_json()))["coefficients"]["launches"] == 20e-6
+    Calibration({"collectives": -1.0})
+  assert json.loads(json.dumps(DEFAULT.to_json()))["coefficients"]["collectives"] == 20e-6
+  # A cache written before the cost terms changed names its unknown term.
+  (tmp_path / "calibration.json").write_text(json.dumps({"coefficients": {"launches": 1e-5}}))
+  with pytest.raises(ConfigError, match=r"malformed .*unknown cost terms \['launches'\]"):
+    calibration.load_calibration()

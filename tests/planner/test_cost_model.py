@@ -1,12 +1,17 @@
-"""Memory and cost arithmetic of one placement, checked against hand-computed numbers."""
+"""Stack cost and memory arithmetic, checked against hand-computed numbers and against the
+collection the plan builds."""
 
+import jax
 import numpy as np
 import pytest
 
 from jaxrec.embedding import optimizers
+from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError
 from jaxrec.planner import cost_model as cm
+from jaxrec.sharding import mesh as mesh_lib
+from jaxrec.sharding.plan import Plan, TablePlacement
 
 MESH16 = {"data": 2, "table": 2, "row": 2, "col": 2}
 
@@ -16,108 +21,118 @@ def load(rows=1000, dim=16, max_len=2, stats=None):
   return cm.table_loads([t], [FeatureSpec("f", "t", max_len)], stats)[0]
 
 
-def terms(est, which):
-  vec = est.holder_terms if which == "hold" else est.all_terms
-  return dict(zip(cm.COST_TERMS, vec))
+def cost(tables, features, placements, mesh, batch, opt, kernel="xla"):
+  plan = Plan({n: TablePlacement(*p) for n, p in placements.items()})
+  layouts = cm.build_layouts(tables, features, plan, cm.normalize_mesh(mesh))
+  return cm.plan_cost(layouts, features, batch, cm.optimizer_state(opt), kernel)
 
 
-def test_memory_dp_adagrad():
-  # B=64 over 16 devices: b=4; L=2, F=1; n = min(B*L, rows) = 128.
-  est = cm.estimate(load(), "dp", MESH16, 64, cm.optimizer_state("adagrad"))
-  assert (est.holders, est.shard_rows, est.shard_cols) == (16, 1000, 16)
-  assert est.memory["table"] == 1000 * 16 * 4
-  assert est.memory["optimizer"] == 1000 * 16 * 4
-  # n*(4 + cols*(e+4)) + 4*B*L + b*G*(4L + 8*F*cols)
-  assert est.memory["buffers"] == 128 * (4 + 16 * 8) + 4 * 128 + 4 * 1 * (4 * 2 + 8 * 16)
-  assert est.ids_memory == 64 * 2 * 4
+def terms(x):
+  return dict(zip(cm.COST_TERMS, np.asarray(x).tolist()))
 
 
-def test_memory_grid():
-  est = cm.estimate(load(), "grid", MESH16, 64, cm.optimizer_state(1.0))
-  assert (est.holders, est.shard_rows, est.shard_cols) == (8, 500, 8)
-  assert est.memory["table"] == 500 * 8 * 4
-  assert est.memory["optimizer"] == 500 * 8 * 4
-  assert est.memory["buffers"] == 128 * (4 + 8 * 8) + 4 * 128 + 4 * 8 * (4 * 2 + 8 * 8)
+def test_tw_stacks_pad_to_the_widest_slice():
+  # mesh data=2, table=4: N=8; B=64, b=8. One-hot a, b, c (a, b on slice 0) and a bag of 4
+  # (d, slice 1), SGD: no dedup, n = slots.
+  tables = [TableSpec(n, r, 16) for n, r in (("a", 100), ("b", 50), ("c", 30), ("d", 10))]
+  features = [FeatureSpec("fa", "a"), FeatureSpec("fb", "b"), FeatureSpec("fc", "c"),
+              FeatureSpec("fd", "d", 4)]
+  pc = cost(tables, features, {"a": ("tw", 0), "b": ("tw", 0), "c": ("tw", 2), "d": ("tw", 1)},
+            {"data": 2, "table": 4}, 64, "sgd")
+  one, four = pc.stacks
+  assert (one.name, one.features, one.width, one.bag) == ("tw_d16_float32_L1", 3, 2, 1)
+  assert (four.width, four.bag, one.local_rows, four.local_rows) == (1, 4, 150, 10)
+  assert not one.dedup and one.buffer_rows == 64 * 2 * 1  # slots = B*W*L
+  assert one.replicas == 2  # the data axis
+  t = terms(one.terms)
+  assert t["stacks"] == 1 and t["sort_bytes"] == 0
+  assert t["gather_bytes"] == 128 * 16 * 4
+  assert t["pool_bytes"] == 2 * 8 * 4 * 2 * 1 * 16 * 4  # 2*b*G*W*L*dl*4
+  assert t["update_bytes"] == 2 * 128 * 16 * 4
+  assert t["all_reduce_bytes"] == 2 * (2 - 1) / 2 * 128 * 16 * 4
+  # One axes group (table): one all_to_all forward and one backward for both stacks, of the
+  # pooled sums [T*b, W1 + W4, d].
+  group = terms(pc.group_terms[("table",)])
+  assert group["collectives"] == 2
+  assert group["all_to_all_bytes"] == 2 * (4 * 8 * (2 + 1) * 16 * 4) * 3 / 4
+  total = terms(pc.terms)
+  assert total["collectives"] == 1 + 2  # + the ids all-gather; psums ride on the dense one
+  assert total["all_gather_bytes"] == 64 * (3 * 1 + 1 * 4) * 4 * 7 / 8
+  assert total["const"] == 1 and total["stacks"] == 2
+  assert one.memory["table"] == 150 * 16 * 4  # every device stores the widest slice
+  assert pc.memory["ids"] == 64 * 7 * 4
 
 
-def test_memory_rowwise_state_and_odd_rows():
-  est = cm.estimate(load(rows=1001), "rw", MESH16, 64, cm.optimizer_state("rowwise_adagrad"))
-  assert est.shard_rows == 501  # ceil(1001 / 2)
-  assert est.memory["table"] == 501 * 16 * 4
-  assert est.memory["optimizer"] == 501 * 4
-  assert est.holder_memory == sum(est.memory.values())
+def test_dp_replicates_the_global_batch_update():
+  # dp on 8 devices: every device reads, updates and all-reduces the rows of the whole
+  # batch; with dedup (Adagrad) at most rows + 1 (the sentinel).
+  tables = [TableSpec("t", 100, 8)]
+  features = [FeatureSpec("f", "t", 4)]
+  sgd = cost(tables, features, {"t": ("dp",)}, {"data": 8}, 256, "sgd").stacks[0]
+  assert (sgd.width, sgd.buffer_rows, sgd.dedup, sgd.replicas) == (1, 256 * 4, False, 8)
+  t = terms(sgd.terms)
+  assert t["pool_bytes"] == 2 * 32 * 4 * 8 * 4  # only this device's b = 32 examples
+  assert t["all_reduce_bytes"] == 2 * 7 / 8 * 1024 * 8 * 4
+  ada = cost(tables, features, {"t": ("dp",)}, {"data": 8}, 256, "adagrad").stacks[0]
+  assert ada.dedup and ada.buffer_rows == 101
+  t = terms(ada.terms)
+  assert t["sort_bytes"] == 1024 * 4
+  assert t["update_bytes"] == 2 * 101 * 8 * (4 + 4)
+  assert ada.memory["optimizer"] == 100 * 8 * 4
 
 
-def test_buffer_capped_by_owned_rows():
-  est = cm.estimate(load(rows=10), "dp", MESH16, 64, cm.optimizer_state(0))
-  assert terms(est, "hold")["gather_bytes"] == 10 * 16 * 4  # not B*L = 128 rows
-  assert est.memory["buffers"] == 10 * (4 + 16 * 8) + 4 * 128 + 4 * (4 * 2 + 8 * 16)
+def test_row_and_col_groups():
+  tables = [TableSpec("t", 1000, 8)]
+  features = [FeatureSpec("f", "t")]
+  pc = cost(tables, features, {"t": ("rw",)}, {"row": 4}, 16, "sgd")
+  x = 1 * 4 * 1 * 4 * 1 * 8 * 4.0  # T*R*C*b*W*dl*4
+  g = terms(pc.group_terms[("row",)])
+  assert g["reduce_scatter_bytes"] == x * 3 / 4 and g["all_gather_bytes"] == x * 3 / 4
+  assert g["collectives"] == 2 and g["all_to_all_bytes"] == 0
+  assert pc.stacks[0].local_rows == 250 and pc.stacks[0].replicas == 1
+  pc = cost(tables, features, {"t": ("cw",)}, {"col": 4}, 16, "sgd")
+  g = terms(pc.group_terms[("col",)])
+  assert g["all_to_all_bytes"] == 2 * (4 * 4 * 1 * 2 * 4) * 3 / 4
+  assert pc.stacks[0].local_cols == 2
 
 
-def test_tw_terms():
-  mesh = {"data": 2, "table": 4}  # N=8; B=64, b=8; tw: T=4, G=4, holders 2, rep 2
-  est = cm.estimate(load(max_len=1), "tw", mesh, 64, cm.optimizer_state(0))
-  h, a = terms(est, "hold"), terms(est, "all")
-  assert est.holders == 2
-  assert h["all_to_all_bytes"] == 2 * 8 * 3 * 1 * 16 * 4
-  assert h["all_reduce_bytes"] == 2 * (2 - 1) / 2 * 64 * 16 * 4
-  assert h["pool_bytes"] == 2 * 8 * 4 * 1 * 16 * 4
-  assert h["reduce_scatter_bytes"] == 0 and a["all_to_all_bytes"] == 0
-  assert a["all_gather_bytes"] == pytest.approx(64 * 4 * 7 / 8 + 8 * 4 * 3)
-  assert a["sort_bytes"] == 0 and h["sort_bytes"] == 64 * 4
+def test_int8_rows_carry_scale_and_bias():
+  tables = [TableSpec("t", 100, 16, "int8")]
+  pc = cost(tables, [FeatureSpec("f", "t")], {"t": ("dp",)}, {"data": 2}, 8, "sgd")
+  assert pc.stacks[0].dedup  # SGD skips dedup on float32 tables only
+  assert pc.stacks[0].memory["table"] == 100 * (16 + 8)
 
 
-def test_rw_and_cw_collectives():
-  est = cm.estimate(load(max_len=1, dim=8), "rw", {"row": 4}, 16, cm.optimizer_state(0))
-  h = terms(est, "hold")
-  act = 4 * 1 * 4 * 1 * 8 * 4  # b*T*R*F*d*4
-  assert h["reduce_scatter_bytes"] == act * 3 / 4
-  assert h["all_gather_bytes"] == act * 3 / 4
-  assert h["all_reduce_bytes"] == 0  # no replicas
-  est = cm.estimate(load(max_len=1, dim=8), "cw", {"col": 4}, 16, cm.optimizer_state(0))
-  assert terms(est, "all")["all_to_all_bytes"] == 2 * 4 * 1 * 8 * 4 * 3 / 4
-  assert est.shard_cols == 2
-
-
-def test_update_bytes_follow_unique_rows():
-  uniform = cm.estimate(load(rows=10**6), "dp", {"data": 4}, 4096, cm.optimizer_state(0))
-  skewed = cm.estimate(load(rows=10**6, stats={"t": cm.TableStats(2.0, 1.2)}), "dp",
-                       {"data": 4}, 4096, cm.optimizer_state(0))
-  assert terms(skewed, "hold")["update_bytes"] < 0.5 * terms(uniform, "hold")["update_bytes"]
-
-
-def test_expected_unique_rows():
-  assert cm.expected_unique_rows(1000, 10**9) == pytest.approx(1000, rel=1e-3)
-  assert cm.expected_unique_rows(10**6, 100) == pytest.approx(100)
-  assert cm.expected_unique_rows(100, 100) == pytest.approx(100 * (1 - (1 - 1 / 100) ** 100))
-  # Zipf: bucketed sum vs the exact sum over 50,000 ranks.
-  rows, alpha, draws = 50_000, 1.1, 20_000
-  p = np.arange(1, rows + 1, dtype=float) ** -alpha
-  p /= p.sum()
-  exact = np.sum(1 - (1 - p) ** draws)
-  assert cm.expected_unique_rows(draws, rows, alpha) == pytest.approx(exact, rel=0.01)
-  assert cm.expected_unique_rows(draws, rows, alpha) < cm.expected_unique_rows(draws, rows)
+@pytest.mark.parametrize("optimizer", [optimizers.SGD(), optimizers.Adagrad()])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kernel", ["xla", "pallas"])
+def test_dedup_rule_matches_the_collection(optimizer, dtype, kernel):
+  tables = [TableSpec("t", 100, 16, dtype)]
+  features = [FeatureSpec("f", "t")]
+  mesh = mesh_lib.make_mesh({"data": 8}, jax.devices()[:8])
+  col = EmbeddingCollection.create(tables, features, Plan({"t": TablePlacement("dp")}), mesh,
+                                   optimizer, kernel=kernel, interpret=True)
+  assert cm.dedups(cm.optimizer_state(optimizer), dtype, kernel) == col.dedup(col.layouts[0])
 
 
 def test_optimizer_state():
-  assert cm.optimizer_state("sgd") == cm.OptimizerState(0, 0)
+  assert cm.optimizer_state("sgd") == cm.OptimizerState(0, 0, linear=True)
+  assert cm.optimizer_state(0.0).linear and not cm.optimizer_state(1.0).linear
   assert cm.optimizer_state("Adam") == cm.OptimizerState(2, 0)
   assert cm.optimizer_state(1.5) == cm.OptimizerState(1.5, 0)
   assert cm.optimizer_state(optimizers.RowWiseAdagrad()) == cm.OptimizerState(0, 1)
-  assert cm.optimizer_state(optimizers.Adagrad()) == cm.OptimizerState(1, 0)
+  assert cm.optimizer_state(optimizers.SGD()) == cm.OptimizerState(0, 0, linear=True)
   with pytest.raises(ConfigError, match="unknown optimizer"):
     cm.optimizer_state("lion")
 
 
-def test_allowed_kinds_and_launches():
+def test_allowed_kinds_and_table_memory():
   assert cm.allowed_kinds(load(dim=16), {"col": 3}) == ["dp"]
   assert cm.allowed_kinds(load(dim=18), {"col": 3}) == ["dp", "cw"]
   assert set(cm.allowed_kinds(load(), MESH16)) == set(cm.KINDS)
   assert cm.kind_problem(load(dim=16), "twcw", {"col": 3, "table": 2})
-  # ids all_gather + fwd/bwd per split axis + replica psum (data=2).
-  assert cm.stack_launches("dp", MESH16) == 2
-  assert cm.stack_launches("grid", MESH16) == 1 + 6 + 1
-  assert cm.stack_launches("grid", {"table": 2, "row": 2, "col": 2}) == 7
+  mem = cm.table_memory(load(rows=1001), "grid", MESH16, cm.optimizer_state("adagrad"))
+  assert mem == {"table": 501 * 8 * 4, "optimizer": 501 * 8 * 4}
 
 
 def test_bad_inputs():
