@@ -195,13 +195,13 @@ def main():
   p.add_argument("--probe", default="dp,tw",
                  help="uniform kinds the profiled job also ran before refining (more distinct "
                  "plans give the coefficient fit more to go on); '' = none")
-  p.add_argument("--iterations", type=int, default=3,
+  p.add_argument("--iterations", type=int, default=4,
                  help="plans run by the refinement loop (fit, propose or explore, run, refit)")
   p.add_argument("--reference_min_len", type=int, default=0,
                  help="also time `bags_apart_plan` (tables with bags >= this many ids "
                  "replicated, the rest as naive); 0 = skip")
-  p.add_argument("--rounds", type=int, default=8, help="interleaved rounds while profiling")
-  p.add_argument("--final_rounds", type=int, default=16, help="interleaved rounds at the end")
+  p.add_argument("--rounds", type=int, default=16, help="interleaved rounds while profiling")
+  p.add_argument("--final_rounds", type=int, default=24, help="interleaved rounds at the end")
   p.add_argument("--steps", type=int, default=2, help="timed steps per plan per round")
   p.add_argument("--batches", type=int, default=4, help="distinct batches cycled")
   p.add_argument("--profile_dir", default=None,
