@@ -22,8 +22,9 @@ flags.DEFINE_string("workdir", None, "Run directory (metrics, checkpoints, confi
 flags.DEFINE_multi_string("gin_file", [], "Gin config file(s), applied in order.")
 flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings applied after the files.")
 flags.DEFINE_string("mesh", "auto", "Mesh axis sizes, e.g. data=2,table=2,row=2,col=1, or auto.")
-flags.DEFINE_string("plan", "auto", "auto (planner) or one kind for every table: "
-                    "dp|tw|rw|cw|twrw|twcw|grid.")
+flags.DEFINE_string("plan", "auto", "auto (planner), one kind for every table "
+                    "(dp|tw|rw|cw|twrw|twcw|grid), or a plan JSON file (a run's plan.json, "
+                    "scripts/plan.py --json output).")
 flags.DEFINE_string("train_data", None, "Overrides ExperimentConfig.train_data.")
 flags.DEFINE_string("eval_data", None, "Overrides ExperimentConfig.eval_data.")
 flags.DEFINE_integer("num_steps", 1000, "Total training steps (a resumed run counts from 0).")

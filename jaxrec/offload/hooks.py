@@ -20,7 +20,7 @@ import jax
 from jaxrec.offload.config import OffloadConfig, device_tables
 from jaxrec.offload.planning import plan_with_offload
 from jaxrec.offload.tier import OffloadTier
-from jaxrec.sharding.plan import KINDS, uniform_plan
+from jaxrec.sharding.plan import KINDS, Plan, is_plan_file, uniform_plan
 from jaxrec.errors import ConfigError
 
 SNAPSHOT_DIR = "offload_snapshots"
@@ -41,24 +41,49 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
 
   Returns `(plan, result, tables, offload_config)`: `tables` are what the collection is
   built on (offloaded tables replaced by their caches). `--plan=auto` may offload more
-  tables (`OffloadConfig.auto`); a forced plan offloads the configured ones.
+  tables (`OffloadConfig.auto`); a forced kind or a plan file (`--plan=PATH.json`, e.g. what
+  `scripts/plan.py --profile=W --json=PATH` proposes) offloads the configured ones. The
+  estimates use the cached calibration (`scripts/plan.py --calibrate`) when one was taken
+  on this platform, else the default coefficients.
   """
   from jaxrec import planner  # pylint: disable=import-outside-toplevel
   off = offload_config if offload_config is not None else OffloadConfig()
   sparse = config.sparse_tx()
+  calibration = cached_calibration()
   common = dict(memory_per_device_bytes=options.memory_per_device,
-                optimizer_state_factor=sparse, batch_size=config.batch_size)
+                optimizer_state_factor=sparse, batch_size=config.batch_size,
+                calibration=calibration)
   if options.plan == "auto":
     result, off, tables = plan_with_offload(config.tables, config.features, mesh_shape, off,
                                             sparse, options.memory_per_device,
-                                            config.batch_size)
+                                            config.batch_size, calibration=calibration)
     return result.plan, result, tables, off
-  if options.plan not in KINDS:
-    raise ConfigError(f"--plan: unknown plan '{options.plan}' (known: auto, {', '.join(KINDS)})")
   tables = device_tables(config.tables, off, sparse)
-  plan = uniform_plan(options.plan, tables, mesh_shape.get("table", 1))
-  result = planner.estimate_plan(plan, tables, config.features, dict(mesh_shape), **common)
+  if is_plan_file(options.plan):
+    plan, mode = Plan.load(options.plan), "file"
+  elif options.plan in KINDS:
+    plan, mode = uniform_plan(options.plan, tables, mesh_shape.get("table", 1)), "forced"
+  else:
+    raise ConfigError(f"--plan: unknown plan '{options.plan}' (known: auto, "
+                      f"{', '.join(KINDS)}, or a plan .json file)")
+  try:
+    result = planner.estimate_plan(plan, tables, config.features, dict(mesh_shape), mode=mode,
+                                   **common)
+  except ConfigError as e:
+    if mode != "file":
+      raise
+    raise ConfigError(f"--plan={options.plan}: {e}") from None
   return plan, result, tables, off
+
+
+def cached_calibration():
+  """`scripts/plan.py --calibrate`'s cached coefficients if they were measured on the
+  platform this process runs on; None (the defaults) otherwise."""
+  from jaxrec import planner  # pylint: disable=import-outside-toplevel
+  cal = planner.load_calibration()
+  if cal is None or cal.meta.get("platform") != jax.devices()[0].platform:
+    return None
+  return cal
 
 
 def make_tier(collection, config, offload_config: OffloadConfig, seed: int, workdir: str,

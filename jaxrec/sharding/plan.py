@@ -79,6 +79,34 @@ class Plan:
   def dumps(self) -> str:
     return json.dumps(self.to_json(), indent=2, sort_keys=True)
 
+  @classmethod
+  def load(cls, path: str) -> "Plan":
+    """A plan from a JSON file: a run's `W/plan.json`, `scripts/plan.py --json` output (both
+    hold it under `"plan"`), or a bare `{table: {"kind": ..., "table_slice": ...}}`."""
+    try:
+      with open(path) as f:
+        obj = json.load(f)
+    except OSError as e:
+      raise ConfigError(f"--plan: cannot read '{path}': {e.strerror}") from None
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"--plan: {path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("plan"), dict):
+      obj = obj["plan"]
+    if not isinstance(obj, dict) or not all(isinstance(p, dict) for p in obj.values()):
+      raise ConfigError(f"--plan: {path}: expected {{table: {{\"kind\": ..., \"table_slice\": "
+                        "...}}}} or a plan.json holding one under \"plan\"")
+    try:
+      return cls.from_json(obj)
+    except TypeError as e:
+      raise ConfigError(f"--plan: {path}: {e}") from None
+    except ConfigError as e:
+      raise ConfigError(f"--plan: {path}: {e}") from None
+
+
+def is_plan_file(plan: str) -> bool:
+  """Whether a `--plan` value names a JSON file rather than `auto` or a kind."""
+  return plan.endswith(".json") or "/" in plan
+
 
 def uniform_plan(kind: str, tables: Sequence, table_axis_size: int) -> Plan:
   """Forces `kind` on every table; table-wise kinds spread tables over `table` slices,

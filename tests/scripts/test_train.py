@@ -71,6 +71,7 @@ BAD = [
     (["--gin_file=configs/dlrm_synthetic.gin", "--mesh=data=3"], "--mesh: data=3,table=1,row=1,col=1 has 3 devices but 2 are available"),
     (["--gin_file=configs/dlrm_synthetic.gin", "--mesh=dta=2"], "--mesh: 'dta=2' is not AXIS=SIZE"),
     (["--gin_file=configs/dlrm_synthetic.gin", "--plan=zz"], "--plan: unknown plan 'zz'"),
+    (["--gin_file=configs/dlrm_synthetic.gin", "--plan=nope.json"], "--plan: cannot read 'nope.json'"),
     (["--gin_file=configs/dlrm_synthetic.gin", "--num_steps=0"], "--num_steps must be positive"),
     (["--gin_file=configs/dlrm_synthetic.gin", "--gin_bindings=ExperimentConfig.batch_size=0"], "ExperimentConfig.batch_size must be positive"),
     (["--gin_file=configs/dlrm_synthetic.gin", "--gin_bindings=ExperimentConfig.batch_size=7"], "batch_size=7 is not divisible by the 2 devices"),

@@ -1,0 +1,67 @@
+"""`--plan`: auto with the cached calibration, forced kinds, and plan files."""
+
+import json
+
+import pytest
+
+from jaxrec import offload, planner
+from jaxrec.embedding import optimizers
+from jaxrec.embedding.specs import FeatureSpec, TableSpec
+from jaxrec.errors import ConfigError
+from jaxrec.models import DLRM
+from jaxrec.sharding.plan import Plan, TablePlacement
+from jaxrec.train.config import ExperimentConfig, RunOptions
+
+TABLES = (TableSpec("a", 5000, 8), TableSpec("b", 300, 8), TableSpec("c", 40, 8))
+FEATURES = tuple(FeatureSpec(f"f_{t.name}", t.name, max_len=2) for t in TABLES)
+MESH = {"table": 2, "row": 2}
+CONFIG = ExperimentConfig(embedding=(TABLES, FEATURES), model=DLRM((8,), (1,)),
+                          sparse_optimizer=optimizers.SGD(), batch_size=64)
+
+
+def choose(plan):
+  return offload.choose_plan(CONFIG, RunOptions(plan=plan), MESH, offload.OffloadConfig())
+
+
+def test_auto_uses_the_cached_calibration_of_this_platform(tmp_path, monkeypatch):
+  monkeypatch.setenv("JAXREC_CACHE_DIR", str(tmp_path))
+  assert choose("auto")[1].calibration.source.startswith("defaults")
+  coefficients = dict(planner.DEFAULT.coefficients, collectives=1e-3)
+  planner.save_calibration(planner.Calibration(coefficients, "measured here",
+                                               {"platform": "cpu"}))
+  for plan in ("auto", "tw"):
+    assert choose(plan)[1].calibration.source == "measured here"
+  # A calibration taken on another platform does not describe this one.
+  planner.save_calibration(planner.Calibration(coefficients, "on a gpu", {"platform": "gpu"}))
+  assert choose("auto")[1].calibration.source.startswith("defaults")
+
+
+def test_plan_file_runs_the_plan_it_holds(tmp_path):
+  wanted = Plan({"a": TablePlacement("twrw", 1), "b": TablePlacement("dp"),
+                 "c": TablePlacement("tw", 0)})
+  bare = tmp_path / "bare.json"
+  bare.write_text(wanted.dumps())
+  plan, result, _, _ = choose(str(bare))
+  assert plan == wanted and result.mode == "file"
+  # A run's plan.json (PlanResult.to_json) holds the plan under "plan".
+  wrapped = tmp_path / "plan.json"
+  wrapped.write_text(json.dumps(result.to_json()))
+  assert choose(str(wrapped))[0] == wanted
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "--plan: cannot read '{path}'"),
+    ('{"a": {"kind": "tw"},\n "b": oops}', "--plan: {path}:2: not valid JSON"),
+    ('{"a": {"kind": "zz"}}', "--plan: {path}: unknown placement kind 'zz'"),
+    ('{"a": {"kind": "tw", "slice": 1}}', "--plan: {path}: "),
+    ('{"a": {"kind": "tw"}, "b": {"kind": "tw"}}', "--plan={path}: plan has no placement for table 'c'"),
+    ('{"a": {"kind": "tw", "table_slice": 5}, "b": {"kind": "dp"}, "c": {"kind": "dp"}}',
+     "--plan={path}: table 'a': table_slice 5 is outside mesh axis table"),
+])
+def test_bad_plan_files_name_the_file(tmp_path, content, message):
+  path = tmp_path / "p.json"
+  if content is not None:
+    path.write_text(content)
+  with pytest.raises(ConfigError) as e:
+    choose(str(path))
+  assert str(e.value).startswith(message.format(path=path)), str(e.value)
