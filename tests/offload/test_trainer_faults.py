@@ -46,6 +46,7 @@ def _losses(workdir):
   return {l["step"]: l["loss"] for l in lines if "loss" in l}, lines
 
 
+@pytest.mark.slow
 def test_write_back_failure_keeps_the_last_checkpoint_and_resume_is_exact(tmp_path,
                                                                           monkeypatch):
   real_save, real_write = snapshots.save, store_lib.TableStore.write

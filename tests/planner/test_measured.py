@@ -6,6 +6,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from jaxrec.data.pipeline import make_train_iterator
 from jaxrec.embedding import optimizers
@@ -55,6 +56,7 @@ def _measure(runners, rounds=5, steps=2):
   return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
+@pytest.mark.slow
 def test_calibrated_model_ranks_plans_as_measured():
   """16 one-hot tables on `table=8`: spread table-wise (every device looks up 2 features)
   or replicated (every device reads, all-reduces and updates the rows of the whole

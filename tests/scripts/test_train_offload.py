@@ -2,6 +2,7 @@
 export holds the whole table, resume on another device count and plan."""
 
 import numpy as np
+import pytest
 
 from tests.scripts.test_resume import export
 from tests.scripts.test_train import read_metrics, train
@@ -24,6 +25,7 @@ def assert_close(got, want, atol):
     np.testing.assert_allclose(got[k], want[k], rtol=0, atol=atol, err_msg=k)
 
 
+@pytest.mark.slow
 def test_offloaded_equals_on_device_and_resumes_elsewhere(tmp_path):
   """Both runs: 15 steps on 1 device (dp), then resumed on 2 devices (rw, the cache is
   sharded) to step 30. S=0: the offloaded run stays equal to the on-device one."""
