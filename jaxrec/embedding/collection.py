@@ -226,20 +226,32 @@ class EmbeddingCollection:
     f32 bits, in `packing()` order. Packing on the host turns a batch's many id arrays into
     one transfer (`pack_batch`)."""
     weights = weights or {}
-    cols, weight_cols = [], []
-    for l in self.layouts:
-      for i in l.features:
+    blocks = []   # (column, [B, width] int32)
+    for l, pk in zip(self.layouts, self.packing()):
+      for j, i in enumerate(l.features):
         f = self.features[i]
-        x = xp.asarray(ids[f.name]).astype(xp.int32)
-        cols.append(xp.pad(x, ((0, 0), (0, l.max_len - x.shape[1])), constant_values=-1))
+        blocks.append((pk.start + j * l.max_len, xp.asarray(ids[f.name]).astype(xp.int32)))
         if f.weighted:
           if f.name not in weights:
             raise DataError(f"batch has no weights for weighted feature '{f.name}'")
-          w = xp.pad(xp.asarray(weights[f.name]).astype(xp.float32),
-                     ((0, 0), (0, l.max_len - f.max_len)))
-          weight_cols.append(w.view(xp.int32) if xp is np else
-                             jax.lax.bitcast_convert_type(w, jnp.int32))
-    return xp.concatenate(cols + weight_cols, axis=1)
+          w = xp.asarray(weights[f.name]).astype(xp.float32)
+          blocks.append((pk.weight_starts[j], w.view(xp.int32) if xp is np else
+                         jax.lax.bitcast_convert_type(w, jnp.int32)))
+    # Absent ids are -1; weights of absent slots 0 (the bits of 0.0).
+    id_width = sum(len(l.features) * l.max_len for l in self.layouts)
+    weight_width = sum(l.max_len for l in self.layouts for i in l.features
+                       if self.features[i].weighted)
+    batch = blocks[0][1].shape[0]
+    fill = np.concatenate([np.full(id_width, -1, np.int32), np.zeros(weight_width, np.int32)])
+    if xp is np:   # one buffer, filled in place: the host path runs every step
+      out = np.repeat(fill[None], batch, axis=0)
+      for column, x in blocks:
+        out[:, column:column + x.shape[1]] = x
+      return out
+    out = jnp.broadcast_to(jnp.asarray(fill), (batch, fill.size))
+    for column, x in blocks:
+      out = jax.lax.dynamic_update_slice_in_dim(out, x, column, axis=1)
+    return out
 
   def pack_batch(self, batch):
     """Host `Batch` → the same batch with `ids` packed (`pack`) and no `weights`: what the

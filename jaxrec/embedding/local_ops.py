@@ -101,7 +101,7 @@ def pooling_weights(pk, ids, gathered):
   if (starts >= 0).any():
     cols = np.maximum(starts, 0)[:, None] + np.arange(ids.shape[-1])[None]   # [F_s, L]
     explicit = jax.lax.bitcast_convert_type(jnp.take(gathered, cols, axis=-1), jnp.float32)
-    w = jnp.where(jnp.asarray(starts >= 0)[:, None], w * explicit, w)
+    w = jnp.where(jnp.asarray(starts >= 0)[:, None], jnp.where(valid, explicit, 0.0), w)
   if any(pk.mean):
     count = jnp.maximum(valid.sum(axis=-1, keepdims=True), 1).astype(jnp.float32)
     w = jnp.where(jnp.asarray(np.array(pk.mean))[:, None], w / count, w)
