@@ -289,7 +289,9 @@ class EmbeddingCollection:
     """Stage 2: pooled activations `[batch, features, dim]`, split over batch."""
     order = tuple(i for l in self.layouts for i in l.features)
     names = [l.name for l in self.layouts]
-    fn = jax.shard_map(functools.partial(local_ops.pool_all, self.layouts, self.options, order),
+    dedups = tuple(self.dedup(l) for l in self.layouts)
+    fn = jax.shard_map(functools.partial(local_ops.pool_all, self.layouts, self.options, order,
+                                         dedups),
                        mesh=self.mesh,
                        in_specs=({n: P(MESH_AXES, None) for n in names},
                                  {n: PER_DEVICE for n in names}, {n: PER_DEVICE for n in names}),

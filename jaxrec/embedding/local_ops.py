@@ -160,17 +160,19 @@ def _pool_kernel_bwd(interpret, res, g):
 pool_kernel.defvjp(_pool_kernel_fwd, _pool_kernel_bwd)
 
 
-def pool_all(layouts, opts, order, rows, inv, w):
+def pool_all(layouts, opts, order, dedups, rows, inv, w):
   """Stage 2 for every stack: `[b, F, dim]` for this device's examples, features in
   collection order (`order[k]` = the collection feature of the k-th stack feature, stacks
   in `layouts` order). Stacks split over the same axes send their partial sums home in one
   set of collectives (concatenated along the feature axis)."""
   groups: dict[tuple, list] = {}
-  for l in layouts:
-    groups.setdefault(l.axes, []).append(l)
+  for l, dedup in zip(layouts, dedups):
+    groups.setdefault(l.axes, []).append((l, dedup))
   pooled = {}
-  for stacks in groups.values():
-    parts = [pool_partial(l, opts, rows[l.name], inv[l.name], w[l.name]) for l in stacks]
+  for members in groups.values():
+    stacks = [l for l, _ in members]
+    parts = [pool_partial(l, opts, dedup, rows[l.name], inv[l.name], w[l.name])
+             for l, dedup in members]
     x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=4)
     x = send_home(stacks[0], opts.comm_dtype, x)                         # [b, nt, Ft_all, dim]
     start = 0
@@ -180,7 +182,9 @@ def pool_all(layouts, opts, order, rows, inv, w):
       start += width
       position = {f: s * width + j for s, fs in enumerate(l.slot_features)
                   for j, f in enumerate(fs) if f >= 0}
-      pooled[l.name] = y[:, np.array([position[f] for f in range(len(l.features))])]
+      index = [position[f] for f in range(len(l.features))]
+      # XLA keeps an identity gather (and its scatter transpose): skip it.
+      pooled[l.name] = y if index == list(range(y.shape[1])) else y[:, np.array(index)]
   out = jnp.concatenate([pooled[l.name] for l in layouts], axis=1) if len(layouts) > 1 \
       else pooled[layouts[0].name]
   if list(order) != sorted(order):
@@ -188,10 +192,15 @@ def pool_all(layouts, opts, order, rows, inv, w):
   return out
 
 
-def pool_partial(l, opts, rows, inv, w):
+def pool_partial(l, opts, dedup, rows, inv, w):
   """Partial pooled sums `[nt, nr, nc, b, Ft, dl]` of one stack's `rows [n, dl]` for the
   examples of this device's group (`inv`, `w` `[1, nt, nr, nc, b, Ft, L]`)."""
   inv, w = inv[0], w[0]                                                  # [nt,nr,nc,b,Ft,L]
+  if not dedup and all(dict(l.sizes)[a] == 1 for a in l.replica_axes):
+    # Without dedup and without replicas, `rows` holds this group's slots in order
+    # (`inv` is an iota): a reshape, whose transpose is a reshape, not a gather whose
+    # transpose is a scatter-add into a zeroed `[n, dl]`.
+    return (rows.reshape(inv.shape + rows.shape[-1:]) * w[..., None]).sum(axis=-2)
   if opts.kernel == "pallas":
     bags = inv.shape[:-1]
     return pool_kernel(rows, inv.reshape(-1, inv.shape[-1]), w.reshape(-1, w.shape[-1]),
@@ -261,8 +270,7 @@ def update(l, optimizer, opts, dedup, table, opt_state, rows, uniq, grads, step)
   else:
     dim_sum = lambda x: x.sum(axis=-1)
   if not dedup:   # SGD is linear in the gradient: duplicate slots add up in the scatter
-    delta, _ = optimizer.update(jnp.zeros_like(grads), grads, {}, step, dim_sum)
-    return table.at[uniq].add(delta.astype(table.dtype), mode="drop"), opt_state
+    return table.at[uniq].add(optimizer.delta(grads).astype(table.dtype), mode="drop"), opt_state
   state_rows = {k: jnp.take(v, uniq, axis=0, mode="fill", fill_value=0)
                 for k, v in opt_state.items()}
   new_rows, new_state = optimizer.update(rows, grads, state_rows, step, dim_sum)

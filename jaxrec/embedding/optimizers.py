@@ -37,6 +37,11 @@ class SGD:
     del step, dim_sum
     return rows - self.lr * grads, state
 
+  def delta(self, grads):
+    """The change `update` makes to a row (linear in the gradient, so duplicate ids'
+    deltas add up in a scatter-add: the `dedup=False` path)."""
+    return -self.lr * grads
+
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
