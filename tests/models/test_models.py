@@ -10,6 +10,7 @@ import pytest
 from jaxrec.errors import ConfigError
 from jaxrec.models import (DLRM, MODELS, TwoTower, build_model, compute_loss, dot_interaction,
                            in_batch_softmax_loss, init_params)
+from jaxrec.models.mlp import affine
 
 B, NUM_DENSE, F, D = 6, 3, 4, 8
 
@@ -212,6 +213,44 @@ def test_build_model_errors():
     build_model("nope")
   with pytest.raises(ConfigError, match="build_model\\('dlrm'\\)"):
     build_model("dlrm", no_such_arg=1)
+
+
+def test_affine_gradient_matches_autodiff_of_the_plain_form():
+  """`affine`'s own backward (kernel gradient as one `[in, out]` dot) equals autodiff of
+  `x @ kernel + bias`, for 2-D and 3-D inputs, with and without a bias."""
+  rng = np.random.default_rng(7)
+  kernel = jnp.asarray(rng.standard_normal((5, 3)), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(3), jnp.float32)
+  for shape in ((6, 5), (4, 2, 5)):
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    out_w = jnp.asarray(rng.standard_normal(shape[:-1] + (3,)), jnp.float32)
+    for b in (bias, None):
+      plain = lambda x, k, b=b: x @ k + (0.0 if b is None else b)
+      np.testing.assert_allclose(affine(x, kernel, b), plain(x, kernel), rtol=1e-6)
+      got = jax.grad(lambda x, k: (jnp.tanh(affine(x, k, b)) * out_w).sum(), (0, 1))(x, kernel)
+      want = jax.grad(lambda x, k: (jnp.tanh(plain(x, k)) * out_w).sum(), (0, 1))(x, kernel)
+      for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+  got_b = jax.grad(lambda b: jnp.tanh(affine(x, kernel, b)).sum())(bias)
+  want_b = jax.grad(lambda b: jnp.tanh(x @ kernel + b).sum())(bias)
+  np.testing.assert_allclose(got_b, want_b, rtol=1e-5)
+
+
+def test_sharded_batch_gradients_match_single_device():
+  """Parameter gradients with the batch split over 8 devices (the kernel gradients are
+  all-reduced as `[in, out]`) match one device, for every model."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  dense, emb = _inputs(n=16, seed=8)
+  labels = jnp.asarray(np.arange(16) % 3 == 0, jnp.float32)
+  for key in sorted(SMALL):
+    model = _model(key)
+    params = init_params(model, jax.random.key(8), NUM_DENSE, F, D)
+    fn = jax.jit(jax.grad(lambda p, d, e, y, m=model: compute_loss(m, p, d, e, y)[0]))
+    want = fn(params, dense, emb, labels)
+    got = fn(params, *(jax.device_put(x, spec) for x in (dense, emb, labels)))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6, err_msg=key)
 
 
 def test_sharded_batch_matches_single_device():
