@@ -18,7 +18,9 @@ only the rows a batch uses (never a dense `[rows, dim]` gradient):
    these collectives. Result `[batch, features, dim]` split over batch.
 3. `apply_gradients`. The gradient w.r.t. `rows` (what autodiff of stage 2 returns) is
    summed over the stack's replica axes (`psum`), then the sparse optimizer updates just
-   the unique rows of the local shard, identically on every replica.
+   the unique rows of the local shard, identically on every replica. (Without dedup each
+   device reads and pools only its group's slots, and the replicas all-gather their slot
+   gradients instead: every replica then scatter-adds all of them.)
 
 The per-device code of each stage is in `local_ops`, with its choices: `EmbeddingOptions`
 picks XLA or the Pallas kernels (`jaxrec.kernels`) for pooling and update, and the dtype

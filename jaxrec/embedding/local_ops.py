@@ -114,8 +114,11 @@ def lookup_stack(l, dedup, table, ids_all, gathered, pk):
   `[1, nt, nr, nc, b, Ft, L]` for the examples of this device's model-parallel group).
 
   With `dedup`, `uniq` holds each local row once (n = min(slots, local_rows + 1): at most
-  every row plus the sentinel); without, every slot is its own entry (n = slots, no sort)
-  and duplicates are summed by stage 3's scatter-add."""
+  every row plus the sentinel) and replicas of a shard read the same rows. Without, every
+  slot is its own entry (no sort) and duplicates are summed by stage 3's scatter-add:
+  `uniq [1, slots]` holds every slot of the replica group (each replica applies all of
+  them), but `rows` only this device's group's slots, in order (`inverse` is an iota);
+  stage 3 all-gathers their gradients over the replicas (`gather_replicas`)."""
   ids_sel, sel = select_features(l, ids_all, -1)                        # [nd,nt,nr,nc,b,Ft,L]
   offsets = jnp.asarray(np.array(l.feature_row_offsets(), np.int32))[jnp.maximum(sel, 0)]
   row = ids_sel + offsets[:, None]
@@ -127,10 +130,12 @@ def lookup_stack(l, dedup, table, ids_all, gathered, pk):
   if dedup:
     uniq, inv = jnp.unique(flat, size=min(flat.size, l.local_rows + 1), fill_value=sentinel,
                            return_inverse=True)
+    rows = read_rows(table, uniq)
+    inv = group_slice(l, inv.reshape(local.shape))                      # [1,nt,nr,nc,b,Ft,L]
   else:
-    uniq, inv = flat, jnp.arange(flat.size, dtype=jnp.int32)
-  rows = read_rows(table, uniq)
-  inv = group_slice(l, inv.reshape(local.shape))                        # [1,nt,nr,nc,b,Ft,L]
+    group = group_slice(l, local)                                       # [1,nt,nr,nc,b,Ft,L]
+    uniq, rows = flat, read_rows(table, group.reshape(-1))
+    inv = jnp.arange(group.size, dtype=jnp.int32).reshape(group.shape)
   w = pooling_weights(pk, group_slice(l, ids_all), group_slice(l, gathered))
   w_sel, _ = select_features(l, w, 0.0)
   return rows, uniq[None], inv, w_sel
@@ -196,10 +201,10 @@ def pool_partial(l, opts, dedup, rows, inv, w):
   """Partial pooled sums `[nt, nr, nc, b, Ft, dl]` of one stack's `rows [n, dl]` for the
   examples of this device's group (`inv`, `w` `[1, nt, nr, nc, b, Ft, L]`)."""
   inv, w = inv[0], w[0]                                                  # [nt,nr,nc,b,Ft,L]
-  if not dedup and all(dict(l.sizes)[a] == 1 for a in l.replica_axes):
-    # Without dedup and without replicas, `rows` holds this group's slots in order
-    # (`inv` is an iota): a reshape, whose transpose is a reshape, not a gather whose
-    # transpose is a scatter-add into a zeroed `[n, dl]`.
+  if not dedup:
+    # Without dedup `rows` holds this group's slots in order (`inv` is an iota): a
+    # reshape, whose transpose is a reshape, not a gather whose transpose is a
+    # scatter-add into a zeroed `[n, dl]`.
     return (rows.reshape(inv.shape + rows.shape[-1:]) * w[..., None]).sum(axis=-2)
   if opts.kernel == "pallas":
     bags = inv.shape[:-1]
@@ -254,11 +259,13 @@ def update(l, optimizer, opts, dedup, table, opt_state, rows, uniq, grads, step)
   (without `dedup`: per slot, scatter-added, for SGD — see `lookup`).
 
   table `[local_rows, dl]` (or `QuantizedTable`); rows, grads f32 `[n, dl]` (the values
-  read in stage 1 and their gradients, before the psum over replicas)."""
-  replicas = tuple(a for a in l.replica_axes if dict(l.sizes)[a] > 1)
-  if replicas:
-    grads = jax.lax.psum(grads, replicas)
+  read in stage 1 and their gradients, before they are combined over replicas: a psum of
+  the unique rows' gradients, or without dedup an all-gather of the group's slots)."""
   uniq = uniq[0]
+  if not dedup:
+    grads = gather_replicas(l, grads)
+  elif replicas := tuple(a for a in l.replica_axes if dict(l.sizes)[a] > 1):
+    grads = jax.lax.psum(grads, replicas)
   key = rounding_key(l) if opts.stochastic_rounding else None
   if opts.kernel == "pallas" and fused_update_ok(l, optimizer):
     idx = jnp.where(uniq < l.local_rows, uniq, -1)[:, None]
@@ -282,6 +289,22 @@ def update(l, optimizer, opts, dedup, table, opt_state, rows, uniq, grads, step)
   opt_state = {k: opt_state[k].at[uniq].set(new_state[k].astype(opt_state[k].dtype),
                                              mode="drop") for k in opt_state}
   return table, opt_state
+
+
+def gather_replicas(l, grads):
+  """Without dedup: this device's group's slot gradients `[g, dl]` → every slot of the
+  replica group `[nd * nt * nr * nc * b * Ft * L, dl]` in `uniq`'s order, by all-gathers
+  over the replica axes (each replica pooled a disjoint part of the batch, so this is the
+  psum of the zero-padded gradients, at a fraction of the bytes)."""
+  sizes = dict(l.sizes)
+  replicas = [a for a in l.replica_axes if sizes[a] > 1]
+  if not replicas:
+    return grads
+  group = [1 if a in l.replica_axes else sizes[a] for a in MESH_AXES]
+  x = grads.reshape(tuple(group) + (-1, grads.shape[-1]))              # [.., b*Ft*L, dl]
+  for axis in replicas:
+    x = jax.lax.all_gather(x, axis, axis=MESH_AXES.index(axis), tiled=True)
+  return x.reshape(-1, grads.shape[-1])
 
 
 def store_rows(l, table, uniq, new_rows, bits=None):

@@ -20,7 +20,9 @@ B = 16
 
 PLANS = [("dp", "data=8"), ("tw", "table=8"), ("rw", "row=8"), ("cw", "col=8"),
          ("twrw", "data=2,table=2,row=2"), ("twcw", "data=2,table=2,col=2"),
-         ("grid", "table=2,row=2,col=2"), ("rw", "data=2,row=4"), ("tw", "table=4,data=2")]
+         ("grid", "table=2,row=2,col=2"), ("rw", "data=2,row=4"), ("tw", "table=4,data=2"),
+         # replicas on several and on non-leading axes (SGD's no-dedup gradient all-gather)
+         ("tw", "table=2,row=4"), ("dp", "table=2,row=2,col=2")]
 
 
 def make_inputs(seed=0):
