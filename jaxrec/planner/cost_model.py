@@ -19,7 +19,10 @@ global batch `B`, `b = B/N` examples per device. For a stack of kind `k`:
   dl, e     local dim d/C; stored bytes per element (int8: 1, plus 8 bytes per row)
   dedup     the collection dedups ids unless the optimizer is SGD on float32 tables with
             the XLA kernel (`EmbeddingCollection.dedup`)
-  n         rows of the lookup buffer: min(slots, rows_d + 1) with dedup, else slots
+  n         rows of the lookup buffer: min(slots, rows_d + 1) with dedup, else the group's
+            slots/rep (each replica reads and pools only its own examples' slots)
+  u         rows the update writes: n with dedup, else slots (every replica scatter-adds
+            the slot gradients of the whole replica group)
   rep       replicas of each shard: N/G; s, s_row: optimizer state (`OptimizerState`)
 
 Cost terms (`COST_TERMS`), per device per step (the same on every device):
@@ -30,29 +33,33 @@ Cost terms (`COST_TERMS`), per device per step (the same on every device):
                         send their pooled sums in one set, `local_ops.pool_all`). The
                         stage-3 psums of stacks with replicas are independent of each
                         other and of the dense gradients' all-reduce, which XLA combines
-                        into one: they add bytes, not launches
+                        into one: they add bytes, not launches; without dedup a stack
+                        all-gathers its slot gradients, one launch per replica axis
   stacks                stacks: per-stack operations on every device (select, gather, pool,
                         scatter, update, one stage-3 program each)
   sort_bytes            slots*4 per dedup stack: `unique` sorts the int32 ids
   gather_bytes          n*dl*e (+ 8n for int8): the buffer read from the local shard
   pool_bytes            2*b*G*W*L*dl*4: rows pooled for the group's examples (forward) and
                         their gradients scatter-added into the buffer (backward), f32
-  update_bytes          2*n*(dl*(e + 4s) + 4 s_row): the optimizer reads and writes the n
-                        buffer rows and their f32 state (scatter-add of n rows without
+  update_bytes          2*u*(dl*(e + 4s) + 4 s_row): the optimizer reads and writes the u
+                        rows and their f32 state (scatter-add of u = slots rows without
                         dedup)
   all_gather_bytes      B*S*4*(N-1)/N: the ids all-gather, S = sum over stacks of F*L
                         (+ L per weighted feature); + X*(R-1)/R per axes group split over
-                        `row` (backward of its psum_scatter)
+                        `row` (backward of its psum_scatter); + (rep-1)/rep*slots*dl*4
+                        per stack with replicas and without dedup (its slot gradients
+                        all-gathered over the replicas)
   reduce_scatter_bytes  X*(R-1)/R per axes group split over `row`, X = T*R*C*b*Wg*dl*4
                         the group's partial sums (Wg = sum of its stacks' W)
   all_to_all_bytes      2*X/R*(T-1)/T over `table` + 2*X/R*(C-1)/C over `col` per group
-  all_reduce_bytes      2*(rep-1)/rep*n*dl*4 per stack with replicas: its buffer gradients
-                        psum-ed before the (replicated) update
+  all_reduce_bytes      2*(rep-1)/rep*n*dl*4 per dedup stack with replicas: its buffer
+                        gradients psum-ed before the (replicated) update
 
 Collective bytes are bytes moved per device by a ring algorithm (what `calibration` times).
 Memory per device: per stack, table `rows_d*dl*e` (int8 +8 per row), optimizer state
-`rows_d*(dl*4s + 4 s_row)`, buffers `n*(4 + 8*dl) + 12*slots + 8*b*G*W*dl` (unique ids,
-f32 rows and gradients; selected ids, inverse index, weights; pooled sums and gradients);
+`rows_d*(dl*4s + 4 s_row)`, buffers `4*u + 8*n*dl + 12*slots + 8*b*G*W*dl` (unique ids,
+f32 rows and gradients; selected ids, inverse index, weights; pooled sums and gradients),
+plus `4*slots*dl` for the gathered slot gradients of a no-dedup stack with replicas;
 plus the gathered ids `B*S*4`.
 
 Pooling factors and id distributions (`TableStats`) do not change these numbers: every
@@ -326,21 +333,26 @@ def plan_cost(layouts, features: Sequence[FeatureSpec], batch_size: int, opt: Op
     dl = l.local_dim
     slots = big_b * w * big_l
     dedup = dedups(opt, l.dtype, kernel)
-    n = min(slots, l.local_rows + 1) if dedup else slots
     rep = n_dev // g
+    n = min(slots, l.local_rows + 1) if dedup else slots / rep
+    u = n if dedup else slots
     x = np.zeros(len(COST_TERMS))
     x[_I["stacks"]] = 1
     x[_I["sort_bytes"]] = slots * 4 if dedup else 0.0
     x[_I["gather_bytes"]] = n * (dl * e + row_extra)
     x[_I["pool_bytes"]] = 2 * b * g * w * big_l * dl * 4
-    x[_I["update_bytes"]] = 2 * n * (dl * (e + 4 * opt.per_element) + 4 * opt.per_row
+    x[_I["update_bytes"]] = 2 * u * (dl * (e + 4 * opt.per_element) + 4 * opt.per_row
                                      + row_extra)
-    if rep > 1:
+    if rep > 1 and dedup:
       x[_I["all_reduce_bytes"]] = 2 * (rep - 1) / rep * n * dl * 4
+    elif rep > 1:
+      x[_I["all_gather_bytes"]] = (rep - 1) / rep * slots * dl * 4
+      x[_I["collectives"]] = sum(sizes[a] > 1 for a in l.replica_axes)
     memory = {
         "table": int(l.local_rows * (dl * e + row_extra)),
         "optimizer": int(math.ceil(l.local_rows * 4 * (dl * opt.per_element + opt.per_row))),
-        "buffers": int(math.ceil(n * (4 + 8 * dl) + 12 * slots + 8 * b * g * w * dl)),
+        "buffers": int(math.ceil(4 * u + 8 * n * dl + 12 * slots + 8 * b * g * w * dl
+                                 + (0 if dedup or rep == 1 else 4 * slots * dl))),
     }
     stacks.append(StackCost(l.name, l.kind, tuple(l.axes), tuple(s.name for s in l.slots), f,
                             w, big_l, int(l.local_rows), int(dl), int(n), dedup, rep, x,

@@ -33,7 +33,7 @@ def terms(x):
 
 def test_tw_stacks_pad_to_the_widest_slice():
   # mesh data=2, table=4: N=8; B=64, b=8. One-hot a, b, c (a, b on slice 0) and a bag of 4
-  # (d, slice 1), SGD: no dedup, n = slots.
+  # (d, slice 1), SGD: no dedup, n = the group's slots = slots / rep, u = slots.
   tables = [TableSpec(n, r, 16) for n, r in (("a", 100), ("b", 50), ("c", 30), ("d", 10))]
   features = [FeatureSpec("fa", "a"), FeatureSpec("fb", "b"), FeatureSpec("fc", "c"),
               FeatureSpec("fd", "d", 4)]
@@ -42,42 +42,48 @@ def test_tw_stacks_pad_to_the_widest_slice():
   one, four = pc.stacks
   assert (one.name, one.features, one.width, one.bag) == ("tw_d16_float32_L1", 3, 2, 1)
   assert (four.width, four.bag, one.local_rows, four.local_rows) == (1, 4, 150, 10)
-  assert not one.dedup and one.buffer_rows == 64 * 2 * 1  # slots = B*W*L
+  assert not one.dedup and one.buffer_rows == 64 * 2 * 1 / 2  # slots / rep, slots = B*W*L
   assert one.replicas == 2  # the data axis
   t = terms(one.terms)
   assert t["stacks"] == 1 and t["sort_bytes"] == 0
-  assert t["gather_bytes"] == 128 * 16 * 4
+  assert t["gather_bytes"] == 64 * 16 * 4
   assert t["pool_bytes"] == 2 * 8 * 4 * 2 * 1 * 16 * 4  # 2*b*G*W*L*dl*4
   assert t["update_bytes"] == 2 * 128 * 16 * 4
-  assert t["all_reduce_bytes"] == 2 * (2 - 1) / 2 * 128 * 16 * 4
+  assert t["all_reduce_bytes"] == 0   # no dedup: slot gradients all-gathered over data
+  assert t["all_gather_bytes"] == (2 - 1) / 2 * 128 * 16 * 4 and t["collectives"] == 1
   # One axes group (table): one all_to_all forward and one backward for both stacks, of the
   # pooled sums [T*b, W1 + W4, d].
   group = terms(pc.group_terms[("table",)])
   assert group["collectives"] == 2
   assert group["all_to_all_bytes"] == 2 * (4 * 8 * (2 + 1) * 16 * 4) * 3 / 4
   total = terms(pc.terms)
-  assert total["collectives"] == 1 + 2  # + the ids all-gather; psums ride on the dense one
-  assert total["all_gather_bytes"] == 64 * (3 * 1 + 1 * 4) * 4 * 7 / 8
+  # + the ids all-gather + each stack's gradient all-gather over data
+  assert total["collectives"] == 1 + 2 + 2
+  assert total["all_gather_bytes"] == (64 * (3 * 1 + 1 * 4) * 4 * 7 / 8
+                                       + (128 + 64 * 4) * 16 * 4 / 2)
   assert total["const"] == 1 and total["stacks"] == 2
   assert one.memory["table"] == 150 * 16 * 4  # every device stores the widest slice
   assert pc.memory["ids"] == 64 * 7 * 4
 
 
 def test_dp_replicates_the_global_batch_update():
-  # dp on 8 devices: every device reads, updates and all-reduces the rows of the whole
-  # batch; with dedup (Adagrad) at most rows + 1 (the sentinel).
+  # dp on 8 devices: every device updates the rows of the whole batch; without dedup (SGD)
+  # it reads only its own examples' slots and all-gathers their gradients; with dedup
+  # (Adagrad) it reads and all-reduces at most rows + 1 (the sentinel).
   tables = [TableSpec("t", 100, 8)]
   features = [FeatureSpec("f", "t", 4)]
   sgd = cost(tables, features, {"t": ("dp",)}, {"data": 8}, 256, "sgd").stacks[0]
-  assert (sgd.width, sgd.buffer_rows, sgd.dedup, sgd.replicas) == (1, 256 * 4, False, 8)
+  assert (sgd.width, sgd.buffer_rows, sgd.dedup, sgd.replicas) == (1, 32 * 4, False, 8)
   t = terms(sgd.terms)
   assert t["pool_bytes"] == 2 * 32 * 4 * 8 * 4  # only this device's b = 32 examples
-  assert t["all_reduce_bytes"] == 2 * 7 / 8 * 1024 * 8 * 4
+  assert t["update_bytes"] == 2 * 1024 * 8 * 4 and t["gather_bytes"] == 128 * 8 * 4
+  assert t["all_reduce_bytes"] == 0 and t["all_gather_bytes"] == 7 / 8 * 1024 * 8 * 4
   ada = cost(tables, features, {"t": ("dp",)}, {"data": 8}, 256, "adagrad").stacks[0]
   assert ada.dedup and ada.buffer_rows == 101
   t = terms(ada.terms)
   assert t["sort_bytes"] == 1024 * 4
   assert t["update_bytes"] == 2 * 101 * 8 * (4 + 4)
+  assert t["all_reduce_bytes"] == 2 * 7 / 8 * 101 * 8 * 4
   assert ada.memory["optimizer"] == 100 * 8 * 4
 
 
