@@ -82,7 +82,7 @@ def main():
 
   def run_step(state):
     t0 = time.perf_counter()
-    batch = loop._put(next(it), bsharding)  # pylint: disable=protected-access
+    batch = loop.device_batch(collection, next(it), bsharding)
     state, metrics = train_step(state, batch)
     jax.block_until_ready(metrics["loss"])
     return state, time.perf_counter() - t0

@@ -50,6 +50,7 @@ from jaxrec.data.pipeline import make_train_iterator  # noqa: E402
 from jaxrec.embedding.collection import EmbeddingCollection  # noqa: E402
 from jaxrec.sharding import mesh as mesh_lib  # noqa: E402
 from jaxrec.sharding.plan import Plan, TablePlacement, uniform_plan  # noqa: E402
+from jaxrec.train import loop  # noqa: E402
 from jaxrec.train import state as state_lib  # noqa: E402
 from jaxrec.train import step as step_lib  # noqa: E402
 from jaxrec.train.config import ExperimentConfig  # noqa: E402
@@ -81,9 +82,7 @@ class StepRunner:
     self.step_fn = step_lib.make_train_step(config, self.collection,
                                             state_lib.shardings(self.state, self.collection))
     bs = mesh_lib.batch_sharding(self.mesh)
-    self.batches = [jax.tree.map(lambda x: jax.make_array_from_process_local_data(bs, x),
-                                 self.collection.pack_batch(b))
-                    for b in batches]
+    self.batches = [loop.device_batch(self.collection, b, bs) for b in batches]
     self.i = 0
     t0 = time.perf_counter()
     self.run()

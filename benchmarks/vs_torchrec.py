@@ -156,7 +156,7 @@ def run_jaxrec(args) -> dict:
   # trainer's loop, and the gaps between finishes are per-step times.
   losses, done = [], []
   for batch in _batches(data, "", bs, names):
-    state, m = train_step(state, jax.device_put(collection.pack_batch(batch), bsharding))
+    state, m = train_step(state, loop.device_batch(collection, batch, bsharding))
     if losses:
       losses[-1].block_until_ready()
       done.append(time.perf_counter())
@@ -173,7 +173,7 @@ def run_jaxrec(args) -> dict:
       pad = eb - n
       batch = jax.tree.map(lambda x: np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]),
                            batch)
-    logits = np.asarray(eval_step(state, jax.device_put(collection.pack_batch(batch), bsharding)))[:n]
+    logits = np.asarray(eval_step(state, loop.device_batch(collection, batch, bsharding)))[:n]
     acc.add(logits, batch.labels[:n])
   ev = acc.result()
   record = {"framework": "jaxrec", **step_times(done, args.warmup, bs), "auc": ev["eval_auc"],
@@ -187,7 +187,7 @@ def run_jaxrec(args) -> dict:
     state = parts.pop("state")
     record.update(parts)
   if args.trace_dir:
-    batches = [jax.device_put(collection.pack_batch(b), bsharding)
+    batches = [loop.device_batch(collection, b, bsharding)
                for b in list(_batches(data, "", bs, names))[:10]]
     state, _ = train_step(state, batches[0])
     jax.block_until_ready(state)
@@ -205,14 +205,15 @@ def breakdown(config, collection, state, train_step, host_batches, bsharding) ->
   full:        the train step as benchmarked (jitted, state donated)
   dense:       model forward + backward + optax update, pooled embeddings given as input
   embedding:   lookup + pool + pool-backward + sparse row update, stand-in upstream grads
-  host_put:    packing (`pack_batch`) and `jax.device_put` of one host batch
+  host_put:    packing and placing one host batch (`loop.device_batch`)
   """
   import jax
   import jax.numpy as jnp
   import optax
   from jaxrec.models import compute_loss
+  from jaxrec.train import loop
 
-  batches = [jax.device_put(collection.pack_batch(b), bsharding) for b in host_batches]
+  batches = [loop.device_batch(collection, b, bsharding) for b in host_batches]
   model, tx = config.model, config.dense_tx()
 
   def med(fn, iters=30):
@@ -261,7 +262,7 @@ def breakdown(config, collection, state, train_step, host_batches, bsharding) ->
     return emb_state["s"]
 
   def put(i):
-    return jax.device_put(collection.pack_batch(host_batches[i % len(host_batches)]), bsharding)
+    return loop.device_batch(collection, host_batches[i % len(host_batches)], bsharding)
 
   out = {"dense": med(dense), "embedding": med(emb), "host_put": med(put), "full": med(full)}
   return {"breakdown_ms": {k: round(v, 3) for k, v in out.items()}, "state": holder["s"]}

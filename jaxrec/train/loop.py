@@ -68,9 +68,10 @@ def setup(config: ExperimentConfig, options: RunOptions, devices=None
   return collection, plan, {"mesh": shape, "plan_result": result, "offload": off}
 
 
-def _put(collection, batch: Batch, sharding) -> Batch:
+def device_batch(collection, batch: Batch, sharding) -> Batch:
   """Host batch → device batch split over every device, its ids packed into one array
-  (`EmbeddingCollection.pack_batch`: one transfer instead of one per feature)."""
+  (`EmbeddingCollection.pack_batch`: one transfer instead of one per feature). What the
+  train and eval steps take; benchmarks place their batches with it too."""
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x),
                       collection.pack_batch(batch))
 
@@ -80,7 +81,7 @@ def evaluate(eval_step, collection, state, eval_data, sharding, tier=None) -> di
   acc = EvalAccumulator()
   for batch, mask in eval_data:
     st, b = tier.eval_view(state, batch) if tier is not None else (state, batch)
-    logits = np.asarray(eval_step(st, _put(collection, b, sharding)))   # global [B], replicated
+    logits = np.asarray(eval_step(st, device_batch(collection, b, sharding)))   # global [B], replicated
     labels, mask = batch.labels, mask
     if jax.process_count() > 1:
       labels, mask = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -168,9 +169,9 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
       if position in skip_positions:
         continue
       collection.check_ids(batch.ids)
-      device_batch = _put(collection, batch, bsharding)
+      placed = device_batch(collection, batch, bsharding)
       t_host = time.perf_counter() - t_step
-      state, metrics = train_step(state, device_batch)
+      state, metrics = train_step(state, placed)
       step += 1
       pending.append((step, position, metrics["loss"]))
       if t_mark is None:          # the first step compiles; time from its end
