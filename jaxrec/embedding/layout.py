@@ -79,6 +79,12 @@ class StackLayout:
     return tuple(a for a in MESH_AXES if a not in self.axes)
 
   @property
+  def split_replica_axes(self) -> tuple[str, ...]:
+    """Replica axes of size > 1: the ones stage 3 combines gradients over."""
+    sizes = dict(self.sizes)
+    return tuple(a for a in self.replica_axes if sizes[a] > 1)
+
+  @property
   def num_slices(self) -> int:
     return self.size("table")
 

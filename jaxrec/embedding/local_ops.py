@@ -264,8 +264,8 @@ def update(l, optimizer, opts, dedup, table, opt_state, rows, uniq, grads, step)
   uniq = uniq[0]
   if not dedup:
     grads = gather_replicas(l, grads)
-  elif replicas := tuple(a for a in l.replica_axes if dict(l.sizes)[a] > 1):
-    grads = jax.lax.psum(grads, replicas)
+  elif l.split_replica_axes:
+    grads = jax.lax.psum(grads, l.split_replica_axes)
   key = rounding_key(l) if opts.stochastic_rounding else None
   if opts.kernel == "pallas" and fused_update_ok(l, optimizer):
     idx = jnp.where(uniq < l.local_rows, uniq, -1)[:, None]
@@ -296,13 +296,11 @@ def gather_replicas(l, grads):
   replica group `[nd * nt * nr * nc * b * Ft * L, dl]` in `uniq`'s order, by all-gathers
   over the replica axes (each replica pooled a disjoint part of the batch, so this is the
   psum of the zero-padded gradients, at a fraction of the bytes)."""
-  sizes = dict(l.sizes)
-  replicas = [a for a in l.replica_axes if sizes[a] > 1]
-  if not replicas:
+  if not l.split_replica_axes:
     return grads
-  group = [1 if a in l.replica_axes else sizes[a] for a in MESH_AXES]
+  group = [l.size(a) for a in MESH_AXES]                               # replicas: 1
   x = grads.reshape(tuple(group) + (-1, grads.shape[-1]))              # [.., b*Ft*L, dl]
-  for axis in replicas:
+  for axis in l.split_replica_axes:
     x = jax.lax.all_gather(x, axis, axis=MESH_AXES.index(axis), tiled=True)
   return x.reshape(-1, grads.shape[-1])
 

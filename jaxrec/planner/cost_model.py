@@ -347,7 +347,7 @@ def plan_cost(layouts, features: Sequence[FeatureSpec], batch_size: int, opt: Op
       x[_I["all_reduce_bytes"]] = 2 * (rep - 1) / rep * n * dl * 4
     elif rep > 1:
       x[_I["all_gather_bytes"]] = (rep - 1) / rep * slots * dl * 4
-      x[_I["collectives"]] = sum(sizes[a] > 1 for a in l.replica_axes)
+      x[_I["collectives"]] = len(l.split_replica_axes)
     memory = {
         "table": int(l.local_rows * (dl * e + row_extra)),
         "optimizer": int(math.ceil(l.local_rows * 4 * (dl * opt.per_element + opt.per_row))),
