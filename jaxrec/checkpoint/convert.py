@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import time
@@ -292,15 +291,9 @@ def export_checkpoint(checkpoint_dir, output, step: int | None = None,
 
 def _link_copy(src: epath.Path, dst: epath.Path) -> None:
   """Copies directory `src` to `dst` (hard links where possible) via a tmp directory."""
-
-  def link(a, b):
-    try:
-      os.link(a, b)
-    except OSError:
-      shutil.copy2(a, b)
+  from jaxrec.offload.store import link_tree  # pylint: disable=import-outside-toplevel
   tmp = dst.parent / f"{dst.name}.tmp-{time.time_ns()}"
-  dst.parent.mkdir(parents=True, exist_ok=True)
-  shutil.copytree(src, tmp, copy_function=link)
+  link_tree(str(src), str(tmp))
   tmp.rename(dst)
 
 

@@ -227,7 +227,7 @@ class TableStore:
     if self.off.kvstore == "memory":
       _copy_arrays(self, dst)
       return
-    _link_tree(self.path, dst)
+    link_tree(self.path, dst)
 
   def restore_snapshot(self, src: str) -> None:
     """Replaces the arrays by the snapshot in `src` and reopens them."""
@@ -245,7 +245,7 @@ class TableStore:
       return
     try:
       shutil.rmtree(self.path, ignore_errors=True)
-      _link_tree(src, self.path)
+      link_tree(src, self.path)
     except OSError as e:
       raise OffloadError(f"offloaded table '{self.spec.name}': cannot restore snapshot {src} "
                          f"into '{self.path}': {e}") from None
@@ -273,8 +273,9 @@ def _status(e: Exception) -> str:
   return str(e).split(" [tensorstore_spec=")[0].split("\n")[0]
 
 
-def _link_tree(src: str, dst: str) -> None:
-  """Recreates the files of `src` under `dst` as hard links (copies across devices)."""
+def link_tree(src: str, dst: str) -> None:
+  """Recreates the files of `src` under `dst` as hard links (copies across devices),
+  without tensorstore's lock files. Snapshots and checkpoint conversion copy with it."""
   for root, _, files in os.walk(src):
     out = os.path.join(dst, os.path.relpath(root, src))
     os.makedirs(out, exist_ok=True)
