@@ -70,18 +70,23 @@ class _Space:
     self.cache: dict[tuple[str, ...], _Eval] = {}
     self.excluded: set[tuple[str, ...]] = set()
 
+  def stacks(self, kinds: Sequence[str]) -> dict[tuple, list[int]]:
+    """Table indices by the stack `kinds` put them in: (kind, dim, dtype, bag bucket), the
+    collection's stacking key (`embedding.layout.build_layouts`)."""
+    out: dict[tuple, list[int]] = {}
+    for i, (load, kind) in enumerate(zip(self.loads, kinds)):
+      out.setdefault((kind, load.dim, load.dtype, self.bucket[i]), []).append(i)
+    return out
+
   def pack(self, kinds: Sequence[str]) -> Plan:
     """Slices for the tables of kinds split over `table` (see module docstring)."""
     nt = self.mesh["table"]
-    groups: dict[tuple, list[int]] = {}
     placements = {}
     held = [0] * nt  # rows over all stacks: ties go to the emptiest slice
-    for i, (load, kind) in enumerate(zip(self.loads, kinds)):
-      if "table" in KIND_AXES[kind] and nt > 1:
-        groups.setdefault((kind, load.dim, load.dtype, self.bucket[i]), []).append(i)
-      else:
-        placements[load.name] = TablePlacement(kind, 0)
-    for (kind, *_), members in groups.items():
+    for (kind, *_), members in self.stacks(kinds).items():
+      if not ("table" in KIND_AXES[kind] and nt > 1):
+        placements.update((self.names[i], TablePlacement(kind, 0)) for i in members)
+        continue
       feats, rows = [0] * nt, [0] * nt
       total = sum(max(1, self.loads[i].num_features) for i in members)
       cap = max(math.ceil(total / nt), max(self.loads[i].num_features for i in members))
@@ -133,11 +138,7 @@ def _moves(space: _Space, allowed: Sequence[Sequence[str]], kinds: tuple[str, ..
     for k in ks:
       if k != kinds[i]:
         yield kinds[:i] + (k,) + kinds[i + 1:]
-  stacks: dict[tuple, list[int]] = {}
-  for i, k in enumerate(kinds):
-    load = space.loads[i]
-    stacks.setdefault((k, load.dim, load.dtype, space.bucket[i]), []).append(i)
-  for (kind, *_), members in stacks.items():
+  for (kind, *_), members in space.stacks(kinds).items():
     if len(members) < 2:
       continue
     for k in set().union(*(allowed[i] for i in members)) - {kind}:
