@@ -6,7 +6,9 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
+
+import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -18,14 +20,30 @@ def emit(benchmark: str, **fields: Any) -> dict:
   return record
 
 
-def time_calls(fn: Callable[[], Any], warmup: int = 3, iters: int = 20) -> float:
-  """Median seconds per call of `fn` (which must block until its result is ready)."""
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  times.sort()
-  return times[len(times) // 2]
+def interleaved_times(runners: dict, rounds: int, steps: int, warmup: int = 1
+                      ) -> tuple[dict, dict]:
+  """Wall and process-CPU seconds per step, each `{name: [[seconds] per round]}`: every
+  round runs `steps` steps of each runner in turn (A A B B, A A B B, ...), after `warmup`
+  untimed steps each. CPU time (all threads of this process) is far less sensitive than
+  wall time to other processes on a shared machine; wall time is what the goal is about."""
+  for run in runners.values():
+    for _ in range(warmup):
+      run.run()
+  wall = {name: [] for name in runners}
+  cpu = {name: [] for name in runners}
+  for _ in range(rounds):
+    for name, run in runners.items():
+      ws, cs = [], []
+      for _ in range(steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        run.run()
+        ws.append(time.perf_counter() - t0)
+        cs.append(time.process_time() - c0)
+      wall[name].append(ws)
+      cpu[name].append(cs)
+  return wall, cpu
+
+
+def median(rounds_of_times) -> float:
+  """Median over all rounds' times (`interleaved_times` output for one runner)."""
+  return float(np.median([t for r in rounds_of_times for t in r]))

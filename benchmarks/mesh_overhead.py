@@ -30,8 +30,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import argparse  # noqa: E402
 
-from common import emit  # noqa: E402
-from planner import StepRunner, host_batches, interleaved_times, median  # noqa: E402
+from common import emit, interleaved_times, median  # noqa: E402
+from planner import StepRunner, host_batches  # noqa: E402
 
 import jax  # noqa: E402
 

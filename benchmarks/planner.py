@@ -40,7 +40,7 @@ import argparse  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-from common import emit  # noqa: E402
+from common import emit, interleaved_times, median  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -105,34 +105,6 @@ class StepRunner:
 
   def close(self) -> None:
     self.state = self.batches = None
-
-
-def interleaved_times(runners: dict, rounds: int, steps: int, warmup: int = 1
-                      ) -> tuple[dict, dict]:
-  """Wall and process-CPU seconds per step, each `{name: [[seconds] per round]}`: every
-  round runs `steps` steps of each runner in turn (A A B B, A A B B, ...), after `warmup`
-  untimed steps each. CPU time (all threads of this process) is far less sensitive than
-  wall time to other processes on a shared machine; wall time is what the goal is about."""
-  for run in runners.values():
-    for _ in range(warmup):
-      run.run()
-  wall = {name: [] for name in runners}
-  cpu = {name: [] for name in runners}
-  for _ in range(rounds):
-    for name, run in runners.items():
-      ws, cs = [], []
-      for _ in range(steps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        run.run()
-        ws.append(time.perf_counter() - t0)
-        cs.append(time.process_time() - c0)
-      wall[name].append(ws)
-      cpu[name].append(cs)
-  return wall, cpu
-
-
-def median(rounds_of_times) -> float:
-  return float(np.median([t for r in rounds_of_times for t in r]))
 
 
 # ------------------------------------------------------------------------------ plans
