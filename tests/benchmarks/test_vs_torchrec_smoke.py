@@ -32,18 +32,31 @@ def test_jaxrec_side_and_skip_line():
   assert jx["framework"] == "jaxrec", jx
   assert jx["examples_per_sec"] > 0 and 0.0 <= jx["auc"] <= 1.0
   assert jx["eval_examples"] == 1024 and jx["steps"] == 4
-  assert lines[1] == {"benchmark": "vs_torchrec", "framework": "torchrec",
+  naive = lines[1]
+  assert naive["framework"] == "naive_jax", naive
+  assert naive["examples_per_sec"] > 0 and 0.0 <= naive["auc"] <= 1.0
+  assert naive["eval_examples"] == 1024 and naive["steps"] == 4
+  assert lines[2] == {"benchmark": "vs_torchrec", "framework": "torchrec",
                       "skipped": "--skip_torchrec"}
-  assert "skipped" in lines[2] and lines[2]["goal"] == 2.0
+  summary = lines[3]
+  assert "skipped" in summary and summary["goal"] == 2.0
+  assert summary["ratio_vs_naive"] == round(jx["examples_per_sec"] / naive["examples_per_sec"], 3)
+
+
+def test_skip_naive_leaves_the_baseline_out():
+  lines = _run("--skip_torchrec", "--skip_naive")
+  assert [l.get("framework") for l in lines[:2]] == ["jaxrec", "torchrec"]
+  assert "ratio_vs_naive" not in lines[-1]
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(TORCHREC_PYTHON), reason="torchrec venv missing")
 def test_both_sides_give_ratio():
   lines = _run()
-  assert [l.get("framework") for l in lines[:2]] == ["jaxrec", "torchrec"]
+  assert [l.get("framework") for l in lines[:3]] == ["jaxrec", "naive_jax", "torchrec"]
   summary = lines[-1]
   assert summary["goal"] == 2.0 and summary["ratio"] > 0
   assert summary["examples"] == 4 * 512
-  for k in ("jaxrec_auc", "torchrec_auc"):
+  assert summary["ratio_vs_naive"] > 0
+  for k in ("jaxrec_auc", "torchrec_auc", "naive_auc"):
     assert 0.0 <= summary[k] <= 1.0

@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""A plain single-device JAX DLRM: the baseline `vs_torchrec` holds jaxrec against.
+
+No framework: 26 tables as one `[tables, rows, dim]` array, a gather for the lookup, the
+DLRM interaction, two `x @ W + b` MLPs, `jax.value_and_grad`, SGD on the dense parameters
+and a scatter-add of `-lr * grad` into the gathered rows; one jitted step with donated
+state. Same shape, data, order, step timing and eval as the jaxrec and TorchRec runs of
+`benchmarks/vs_torchrec.py` (which runs this script as a subprocess on the same two
+cores). The issue sets the bar: the framework must beat this, not trail it.
+
+Input: the .npz `vs_torchrec.py` writes (`dense`, `sparse`, `labels`, `eval_*`).
+Prints one JSON line: `{"framework": "naive_jax", "examples_per_sec", "auc", ...}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from vs_torchrec import step_times
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrec.train import metrics
+
+BOTTOM = (512, 256, 64, 16)
+TOP = (512, 256, 1)
+
+
+def init_params(key, num_dense: int, num_tables: int, rows: int, dim: int) -> dict:
+  """Dense layers (Glorot normal kernels, zero biases) and uniform `1/sqrt(rows)` tables."""
+  def mlp(key, sizes):
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+      key, k = jax.random.split(key)
+      layers.append((jax.random.normal(k, (a, b)) * np.sqrt(2.0 / (a + b)), jnp.zeros(b)))
+    return layers
+
+  k_bot, k_top, k_tab = jax.random.split(key, 3)
+  vectors = num_tables + 1
+  interaction = dim + vectors * (vectors - 1) // 2
+  scale = 1.0 / np.sqrt(rows)
+  return {"bottom": mlp(k_bot, (num_dense,) + BOTTOM), "top": mlp(k_top, (interaction,) + TOP),
+          "tables": jax.random.uniform(k_tab, (num_tables, rows, dim), jnp.float32,
+                                       -scale, scale)}
+
+
+def logits(dense_params, emb, dense):
+  """emb `[B, T, D]`, dense `[B, num_dense]` → `[B]`."""
+  x = dense
+  for w, b in dense_params["bottom"]:
+    x = jax.nn.relu(x @ w + b)
+  t = jnp.concatenate([x[:, None], emb], axis=1)                       # [B, T+1, D]
+  li, lj = np.tril_indices(t.shape[1], -1)
+  z = jnp.einsum("bid,bjd->bij", t, t)[:, li, lj]
+  h = jnp.concatenate([x, z], axis=1)
+  for i, (w, b) in enumerate(dense_params["top"]):
+    h = h @ w + b
+    if i < len(dense_params["top"]) - 1:
+      h = jax.nn.relu(h)
+  return h[:, 0]
+
+
+def make_step(lr: float):
+  def loss_fn(dense_params, emb, dense, labels):
+    lg = logits(dense_params, emb, dense)
+    return jnp.mean(jnp.maximum(lg, 0) - lg * labels + jnp.log1p(jnp.exp(-jnp.abs(lg))))
+
+  def step(params, dense, ids, labels):
+    tables = params["tables"]
+    cols = jnp.arange(tables.shape[0])[None, :]
+    dense_params = {k: v for k, v in params.items() if k != "tables"}
+    loss, (g_dense, g_emb) = jax.value_and_grad(loss_fn, (0, 1))(
+        dense_params, tables[cols, ids], dense, labels)
+    new = jax.tree.map(lambda p, g: p - lr * g, dense_params, g_dense)
+    new["tables"] = tables.at[cols, ids].add(-lr * g_emb)
+    return new, loss
+
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--data", required=True)
+  p.add_argument("--steps", type=int, default=300)
+  p.add_argument("--warmup", type=int, default=20)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--batch_size", type=int, default=512)
+  p.add_argument("--lr", type=float, default=0.1)
+  p.add_argument("--rows", type=int, default=100000)
+  p.add_argument("--dim", type=int, default=16)
+  args = p.parse_args()
+
+  data = dict(np.load(args.data))
+  bs, n = args.batch_size, args.steps * args.batch_size
+  if len(data["labels"]) < n:
+    raise SystemExit(f"naive_dlrm: {args.data} holds {len(data['labels'])} train examples, "
+                     f"{args.steps} steps need {n}")
+  num_tables = data["sparse"].shape[1]
+  params = init_params(jax.random.key(args.seed), data["dense"].shape[1], num_tables,
+                       args.rows, args.dim)
+  step = make_step(args.lr)
+  sparse = data["sparse"].astype(np.int32)
+
+  losses, done = [], []
+  for lo in range(0, n, bs):   # one step in flight, as the jaxrec worker does
+    params, loss = step(params, data["dense"][lo:lo + bs], sparse[lo:lo + bs],
+                        data["labels"][lo:lo + bs])
+    if losses:
+      losses[-1].block_until_ready()
+      done.append(time.perf_counter())
+    losses.append(loss)
+  jax.block_until_ready(params)
+  done.append(time.perf_counter())
+  losses = np.asarray(jax.device_get(losses), np.float64)
+
+  score = jax.jit(lambda p, d, s: logits(p, p["tables"][jnp.arange(num_tables)[None], s], d))
+  acc = metrics.EvalAccumulator()
+  ev_sparse = data["eval_sparse"].astype(np.int32)
+  for lo in range(0, len(data["eval_labels"]), 4096):
+    acc.add(np.asarray(score(params, data["eval_dense"][lo:lo + 4096], ev_sparse[lo:lo + 4096])),
+            data["eval_labels"][lo:lo + 4096])
+  ev = acc.result()
+  print(json.dumps({"framework": "naive_jax", **step_times(done, args.warmup, bs),
+                    "auc": ev["eval_auc"], "logloss": ev["eval_logloss"], "steps": args.steps,
+                    "warmup": args.warmup, "train_loss_last50": float(losses[-50:].mean()),
+                    "eval_examples": ev["eval_examples"], "jax": jax.__version__}), flush=True)
+
+
+if __name__ == "__main__":
+  main()
