@@ -79,10 +79,11 @@ def open_source(source: str, features: Sequence[FeatureSpec],
                       "preprocessed directory)")
   if binary.is_preprocessed(source):
     return binary.BinarySource(source, layout, verify_checksums=verify_checksums)
+  files = tsv.list_files(source)   # a missing path is the first thing to report
   if len(features) != num_categorical:
     raise ConfigError(f"{source}: the TSV data has {num_categorical} categorical columns but "
                       f"{len(features)} sparse features are configured")
-  return tsv.read_tsv(tsv.list_files(source), layout, bad_rows)
+  return tsv.read_tsv(files, layout, bad_rows)
 
 
 def _train_batch(source: Source, batch_size: int, seed: int, process_index: int,

@@ -169,6 +169,8 @@ def test_source_detection_and_errors(files, tmp_path):
     pipeline.make_train_iterator(files["tsv"], feats[:3], lib.rows(), 8)
   with pytest.raises(DataError, match="no such file"):
     pipeline.make_train_iterator(str(tmp_path / "nope"), feats, lib.rows(), 8)
+  with pytest.raises(DataError, match="no such file"):   # not the column count
+    pipeline.make_train_iterator(str(tmp_path / "nope"), feats[:3], lib.rows(), 8)
   with pytest.raises(ConfigError, match="bad_rows"):
     pipeline.make_train_iterator("synthetic", feats, lib.rows(), 8, bad_rows="warn")
   with pytest.raises(ConfigError, match="no row count"):
