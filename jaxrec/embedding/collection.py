@@ -45,7 +45,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxrec.embedding import layout as layout_lib
-from jaxrec.embedding import local_ops
+from jaxrec.embedding import local_ops, specs
 from jaxrec.embedding.specs import EmbeddingOptions, FeatureSpec, TableSpec, validate
 from jaxrec.errors import ConfigError, DataError
 from jaxrec.kernels import TABLE_DTYPES
@@ -134,8 +134,8 @@ class EmbeddingCollection:
 
   def dedup(self, l: layout_lib.StackLayout) -> bool:
     """Whether stack `l` deduplicates ids (see `EmbeddingOptions.dedup`)."""
-    allowed = (type(self.optimizer).__name__ == "SGD" and l.dtype == "float32"
-               and self.options.kernel == "xla")
+    allowed = specs.dedup_optional(type(self.optimizer).__name__ == "SGD", l.dtype,
+                                   self.options.kernel)
     if self.options.dedup == "auto":
       return not allowed
     if not self.options.dedup and not allowed:

@@ -134,6 +134,13 @@ class EmbeddingOptions:
         interpret=(not gpu) if self.interpret is None else bool(self.interpret))
 
 
+def dedup_optional(linear_optimizer: bool, dtype: str, kernel: str) -> bool:
+  """Whether a stack may skip dedup (`EmbeddingOptions.dedup`): its optimizer is linear in
+  the gradient (SGD), its tables float32 and the kernel XLA, so duplicate ids add up in the
+  update's scatter-add. The collection and the planner's cost model both ask this."""
+  return bool(linear_optimizer) and dtype == "float32" and kernel == "xla"
+
+
 def validate(tables: Sequence[TableSpec], features: Sequence[FeatureSpec]) -> None:
   """Checks names are unique and every feature names a known table."""
   names = [t.name for t in tables]

@@ -74,6 +74,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from jaxrec.embedding import specs
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError
 from jaxrec.sharding.plan import KIND_AXES, KINDS, MESH_AXES, Plan
@@ -135,9 +136,9 @@ def optimizer_state(spec) -> OptimizerState:
 
 def dedups(opt: OptimizerState, dtype: str, kernel: str = "xla") -> bool:
   """Whether the collection dedups a stack's ids (`EmbeddingOptions.dedup='auto'`): always,
-  except for SGD on float32 tables with the XLA kernel (duplicates then add up in the
-  update's scatter and the sort is saved)."""
-  return not (opt.linear and dtype == "float32" and kernel == "xla")
+  except where `specs.dedup_optional` allows skipping it (SGD on float32 tables with the XLA
+  kernel: duplicates then add up in the update's scatter and the sort is saved)."""
+  return not specs.dedup_optional(opt.linear, dtype, kernel)
 
 
 @dataclasses.dataclass(frozen=True)
