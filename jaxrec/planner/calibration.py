@@ -3,7 +3,8 @@ on this machine, or a fit to measured profiles (`profile.fit_coefficients`).
 
 `calibrate()` times, on every device at once under `shard_map` (so devices that share a
 host's cores contend as they do in a step): a row gather (`jnp.take`), pooling (weighted
-bag sums and their scatter-add backward), a scatter-add update, a sort of int32 ids, and
+bag sums through an index and their scatter-add backward; and, without dedup, as a reshape
+and a sum whose backward is a broadcast), a scatter-add update, a sort of int32 ids, and
 psum / all_gather / psum_scatter / all_to_all over all devices. Each is timed at two sizes;
 the slope is seconds per byte. The collectives' intercepts, less the time to call a trivial
 program on every device, give seconds per collective; a program of 1 + k tiny stacks
@@ -36,6 +37,7 @@ DEFAULT_COEFFICIENTS = {
     "sort_bytes": 2e-11,
     "gather_bytes": 5e-12,
     "pool_bytes": 1e-12,
+    "stream_bytes": 1e-12,
     "update_bytes": 1e-12,
     "all_gather_bytes": 1e-11,
     "reduce_scatter_bytes": 1e-11,
@@ -155,6 +157,12 @@ def _primitives(lax, jnp, dim: int, bag: int):
     out, vjp = jax.vjp(fwd, rows)
     return vjp(out)[0]
 
+  def stream(rows, w):  # the same without dedup: the slots in order, a reshape and a sum
+    def fwd(r):
+      return (r.reshape(w.shape + r.shape[-1:]) * w[..., None]).sum(axis=-2)
+    out, vjp = jax.vjp(fwd, rows)
+    return vjp(out)[0]
+
   def ids(m, hi):
     return jax.random.randint(jax.random.PRNGKey(m), (m,), 0, hi)
 
@@ -168,6 +176,10 @@ def _primitives(lax, jnp, dim: int, bag: int):
                                 ids(m, m).reshape(m // bag, bag),
                                 jnp.ones((m // bag, bag), jnp.float32)),
                      lambda m: 2 * m * dim * 4),
+      "stream_bytes": (stream,
+                       lambda m: (jnp.ones((m, dim), jnp.float32),
+                                  jnp.ones((m // bag, bag), jnp.float32)),
+                       lambda m: 2 * m * dim * 4),
       "update_bytes": (lambda t, i, d: t.at[i].add(d),
                        lambda m: (jnp.ones((m, dim), jnp.float32), ids(m, m),
                                   jnp.ones((m, dim), jnp.float32)),

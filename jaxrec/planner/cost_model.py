@@ -39,8 +39,12 @@ Cost terms (`COST_TERMS`), per device per step (the same on every device):
                         scatter, update, one stage-3 program each)
   sort_bytes            slots*4 per dedup stack: `unique` sorts the int32 ids
   gather_bytes          n*dl*e (+ 8n for int8): the buffer read from the local shard
-  pool_bytes            2*b*G*W*L*dl*4: rows pooled for the group's examples (forward) and
-                        their gradients scatter-added into the buffer (backward), f32
+  pool_bytes            with dedup: 2*b*G*W*L*dl*4, rows pooled for the group's examples
+                        through the inverse index (a gather, forward) and their gradients
+                        scatter-added into the buffer (backward), f32
+  stream_bytes          without dedup, the same bytes pooled as a reshape and a sum over the
+                        bag (the buffer holds the slots in order), whose backward is a
+                        broadcast: streaming passes, no gather or scatter
   update_bytes          2*u*(dl*(e + 4s) + 4 s_row): the optimizer reads and writes the u
                         rows and their f32 state (scatter-add of u = slots rows without
                         dedup)
@@ -80,7 +84,7 @@ from jaxrec.errors import ConfigError
 from jaxrec.sharding.plan import KIND_AXES, KINDS, MESH_AXES, Plan
 
 COST_TERMS = ("const", "collectives", "stacks", "sort_bytes", "gather_bytes", "pool_bytes",
-              "update_bytes", "all_gather_bytes", "reduce_scatter_bytes", "all_to_all_bytes",
+              "stream_bytes", "update_bytes", "all_gather_bytes", "reduce_scatter_bytes", "all_to_all_bytes",
               "all_reduce_bytes")
 _I = {name: i for i, name in enumerate(COST_TERMS)}
 
@@ -341,7 +345,7 @@ def plan_cost(layouts, features: Sequence[FeatureSpec], batch_size: int, opt: Op
     x[_I["stacks"]] = 1
     x[_I["sort_bytes"]] = slots * 4 if dedup else 0.0
     x[_I["gather_bytes"]] = n * (dl * e + row_extra)
-    x[_I["pool_bytes"]] = 2 * b * g * w * big_l * dl * 4
+    x[_I["pool_bytes" if dedup else "stream_bytes"]] = 2 * b * g * w * big_l * dl * 4
     x[_I["update_bytes"]] = 2 * u * (dl * (e + 4 * opt.per_element) + 4 * opt.per_row
                                      + row_extra)
     if rep > 1 and dedup:

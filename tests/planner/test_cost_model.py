@@ -47,7 +47,8 @@ def test_tw_stacks_pad_to_the_widest_slice():
   t = terms(one.terms)
   assert t["stacks"] == 1 and t["sort_bytes"] == 0
   assert t["gather_bytes"] == 64 * 16 * 4
-  assert t["pool_bytes"] == 2 * 8 * 4 * 2 * 1 * 16 * 4  # 2*b*G*W*L*dl*4
+  # 2*b*G*W*L*dl*4, pooled as a reshape (no dedup): stream_bytes, not pool_bytes
+  assert t["stream_bytes"] == 2 * 8 * 4 * 2 * 1 * 16 * 4 and t["pool_bytes"] == 0
   assert t["update_bytes"] == 2 * 128 * 16 * 4
   assert t["all_reduce_bytes"] == 0   # no dedup: slot gradients all-gathered over data
   assert t["all_gather_bytes"] == (2 - 1) / 2 * 128 * 16 * 4 and t["collectives"] == 1
@@ -75,13 +76,14 @@ def test_dp_replicates_the_global_batch_update():
   sgd = cost(tables, features, {"t": ("dp",)}, {"data": 8}, 256, "sgd").stacks[0]
   assert (sgd.width, sgd.buffer_rows, sgd.dedup, sgd.replicas) == (1, 32 * 4, False, 8)
   t = terms(sgd.terms)
-  assert t["pool_bytes"] == 2 * 32 * 4 * 8 * 4  # only this device's b = 32 examples
+  assert t["stream_bytes"] == 2 * 32 * 4 * 8 * 4  # only this device's b = 32 examples
   assert t["update_bytes"] == 2 * 1024 * 8 * 4 and t["gather_bytes"] == 128 * 8 * 4
   assert t["all_reduce_bytes"] == 0 and t["all_gather_bytes"] == 7 / 8 * 1024 * 8 * 4
   ada = cost(tables, features, {"t": ("dp",)}, {"data": 8}, 256, "adagrad").stacks[0]
   assert ada.dedup and ada.buffer_rows == 101
   t = terms(ada.terms)
   assert t["sort_bytes"] == 1024 * 4
+  assert t["pool_bytes"] == 2 * 32 * 4 * 8 * 4 and t["stream_bytes"] == 0  # via the index
   assert t["update_bytes"] == 2 * 101 * 8 * (4 + 4)
   assert t["all_reduce_bytes"] == 2 * 7 / 8 * 101 * 8 * 4
   assert ada.memory["optimizer"] == 100 * 8 * 4
