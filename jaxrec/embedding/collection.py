@@ -241,11 +241,11 @@ class EmbeddingCollection:
     for l, pk in zip(self.layouts, self.packing()):
       for j, i in enumerate(l.features):
         f = self.features[i]
-        blocks.append((pk.start + j * l.max_len, xp.asarray(ids[f.name]).astype(xp.int32)))
+        blocks.append((pk.start + j * l.max_len, xp.asarray(ids[f.name], xp.int32)))
         if f.weighted:
           if f.name not in weights:
             raise DataError(f"batch has no weights for weighted feature '{f.name}'")
-          w = xp.asarray(weights[f.name]).astype(xp.float32)
+          w = xp.asarray(weights[f.name], xp.float32)
           blocks.append((pk.weight_starts[j], w.view(xp.int32) if xp is np else
                          jax.lax.bitcast_convert_type(w, jnp.int32)))
     # Absent ids are -1; weights of absent slots 0 (the bits of 0.0).
