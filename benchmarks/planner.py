@@ -94,11 +94,14 @@ class StepRunner:
     jax.block_until_ready((self.state, metrics))
 
   def padded_ids(self, batch_size: int) -> dict:
-    """Id slots each device handles per step, summed over stacks: `gathered` = B * F_s * L
-    (the all-gathered ids of the stack's features, padded to its longest bag) and `lookup`
-    = B * W * L (W = most features on one `table` slice: what the dedup sort runs over, and
-    the pooling gather and its scatter-add transpose for kinds split over `table`)."""
-    gathered = sum(batch_size * len(l.features) * l.max_len for l in self.collection.layouts)
+    """Id slots each device handles per step, summed over stacks: `gathered` = B * sum of
+    the features' max_len (the all-gathered ids, each feature at its own bag size) and
+    `lookup` = B * W * L (W = most features on one `table` slice, L the stack's longest bag:
+    what the dedup sort runs over, and the pooling gather and its scatter-add transpose for
+    kinds split over `table`)."""
+    feats = self.collection.features
+    gathered = sum(batch_size * feats[i].max_len for l in self.collection.layouts
+                   for i in l.features)
     lookup = sum(batch_size * len(l.slot_features[0]) * l.max_len
                  for l in self.collection.layouts)
     return {"gathered": gathered, "lookup": lookup}

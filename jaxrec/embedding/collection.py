@@ -74,11 +74,23 @@ jax.tree_util.register_dataclass(Context, data_fields=["rows", "unique", "invers
 @dataclasses.dataclass(frozen=True)
 class Packing:
   """Where one stack's inputs sit in the packed `[batch, S]` int32 array that stage 1
-  all-gathers: its ids `[batch, F_s * L]` from column `start`; per stack feature the first
-  column of its per-id weights (f32 bits, `L` columns) or -1, and whether it mean-pools."""
-  start: int
+  all-gathers. Per stack feature: the first column of its ids (`lens` columns: the
+  feature's own `max_len`, not the stack's longest bag, so short bags in a stack of long
+  ones do not send padding), the first column of its per-id weights (f32 bits, `lens`
+  columns) or -1, and whether it mean-pools."""
+  id_starts: tuple[int, ...]
+  lens: tuple[int, ...]
   weight_starts: tuple[int, ...]
   mean: tuple[bool, ...]
+
+  def columns(self, width: int, bag: int) -> np.ndarray | None:
+    """`[F_s, bag]` column of each feature's slot in a `[..., width]` array, clipped
+    (slots past a feature's `lens` are padding: their ids read as -1); None when the
+    stack's ids already sit as `[F_s, bag]` in one contiguous block."""
+    starts, lens = np.array(self.id_starts), np.array(self.lens)
+    if (lens == bag).all() and (starts == starts[0] + bag * np.arange(len(starts))).all():
+      return None
+    return np.minimum(starts[:, None] + np.arange(bag)[None], width - 1)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -214,52 +226,58 @@ class EmbeddingCollection:
 
   def packing(self) -> tuple[Packing, ...]:
     """Per stack, its place in the packed stage-1 input (see `Packing`)."""
-    column, starts = 0, []
+    column, id_starts = 0, []
     for l in self.layouts:
-      starts.append(column)
-      column += len(l.features) * l.max_len
+      id_starts.append([])
+      for i in l.features:
+        id_starts[-1].append(column)
+        column += self.features[i].max_len
     out = []
-    for l, start in zip(self.layouts, starts):
+    for l, starts in zip(self.layouts, id_starts):
       weight_starts = []
       for i in l.features:
         if self.features[i].weighted:
           weight_starts.append(column)
-          column += l.max_len
+          column += self.features[i].max_len
         else:
           weight_starts.append(-1)
-      out.append(Packing(start, tuple(weight_starts),
+      out.append(Packing(tuple(starts), tuple(self.features[i].max_len for i in l.features),
+                         tuple(weight_starts),
                          tuple(self.features[i].pooling == "mean" for i in l.features)))
     return tuple(out)
 
   def pack(self, ids: Mapping[str, Any], weights: Mapping[str, Any] | None = None, xp=np):
     """The stage-1 input `[B, S]` int32 (`xp` = np on the host, jnp under jit): every
-    stack's ids padded to its bag size (-1), then the weighted features' per-id weights as
-    f32 bits, in `packing()` order. Packing on the host turns a batch's many id arrays into
-    one transfer (`pack_batch`)."""
+    feature's ids (`[B, max_len]`, -1 for absent), then the weighted features' per-id
+    weights as f32 bits, in `packing()` order. Packing on the host turns a batch's many id
+    arrays into one transfer (`pack_batch`)."""
     weights = weights or {}
     blocks = []   # (column, [B, width] int32)
     for l, pk in zip(self.layouts, self.packing()):
       for j, i in enumerate(l.features):
         f = self.features[i]
-        blocks.append((pk.start + j * l.max_len, xp.asarray(ids[f.name], xp.int32)))
+        x = xp.asarray(ids[f.name], xp.int32)
+        if x.ndim != 2 or x.shape[1] != f.max_len:
+          raise DataError(f"feature '{f.name}': ids shape {x.shape}, expected "
+                          f"[batch, {f.max_len}]")
+        blocks.append((pk.id_starts[j], x))
         if f.weighted:
           if f.name not in weights:
             raise DataError(f"batch has no weights for weighted feature '{f.name}'")
           w = xp.asarray(weights[f.name], xp.float32)
+          if w.shape != x.shape:
+            raise DataError(f"feature '{f.name}': weights shape {w.shape}, expected the ids' "
+                            f"{x.shape}")
           blocks.append((pk.weight_starts[j], w.view(xp.int32) if xp is np else
                          jax.lax.bitcast_convert_type(w, jnp.int32)))
-    # Absent ids are -1; weights of absent slots 0 (the bits of 0.0).
-    id_width = sum(len(l.features) * l.max_len for l in self.layouts)
-    weight_width = sum(l.max_len for l in self.layouts for i in l.features
-                       if self.features[i].weighted)
+    width = sum(x.shape[1] for _, x in blocks)
     batch = blocks[0][1].shape[0]
-    fill = np.concatenate([np.full(id_width, -1, np.int32), np.zeros(weight_width, np.int32)])
-    if xp is np:   # one buffer, filled in place: the host path runs every step
-      out = np.repeat(fill[None], batch, axis=0)
+    if xp is np:   # one buffer, every column written: the host path runs every step
+      out = np.empty((batch, width), np.int32)
       for column, x in blocks:
         out[:, column:column + x.shape[1]] = x
       return out
-    out = jnp.broadcast_to(jnp.asarray(fill), (batch, fill.size))
+    out = jnp.zeros((batch, width), jnp.int32)
     for column, x in blocks:
       out = jax.lax.dynamic_update_slice_in_dim(out, x, column, axis=1)
     return out

@@ -1,6 +1,8 @@
 """Stacked-table layout: how a plan's tables become a few big arrays on the mesh.
 
-Tables with the same (dim, dtype, placement kind, bag-size bucket) form one *stack*. Per `table` slice `t`
+Tables with the same (dim, dtype, placement kind, bag-size bucket) form one *stack*; for
+kinds split over `table`, buckets merge where that lowers every device's id slots
+(`_merge_buckets`). Per `table` slice `t`
 (only for kinds that use the `table` axis; otherwise there is one slice) the slice's tables
 are concatenated row-wise and padded to `slice_rows` rows, a multiple of the `row` axis
 size; the slices are concatenated in order. The stacked array is `[nt * slice_rows, dim]`,
@@ -26,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError
 from jaxrec.kernels import quant
-from jaxrec.sharding.plan import MESH_AXES, Plan
+from jaxrec.sharding.plan import KIND_AXES, MESH_AXES, Plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,11 +139,47 @@ BAG_BUCKETS = (1, 4, 16)
 def bag_bucket(max_len: int) -> int:
   """Stacks also group by bag size (1, <=4, <=16, larger), because every feature of a
   stack is padded to the stack's longest bag: one 20-id feature must not make 25 one-hot
-  features pay for 20 slots each."""
+  features pay for 20 slots each. (`build_layouts` merges buckets back where that is
+  cheaper, see `_merge_buckets`.)"""
   for b in BAG_BUCKETS:
     if max_len <= b:
       return b
   return 1 << (int(max_len) - 1).bit_length()
+
+
+def _slots_per_example(members, features, plan, nt: int) -> int:
+  """W * L of a stack of tables `members` split over `nt` table slices: the most features
+  on one slice times the longest bag (every device's id slots per example)."""
+  names = {t.name for t in members}
+  per_slice, longest = [0] * nt, 1
+  for f in features:
+    if f.table in names:
+      per_slice[plan[f.table].table_slice if nt > 1 else 0] += 1
+      longest = max(longest, f.max_len)
+  return max(1, max(per_slice)) * longest
+
+
+def _merge_buckets(buckets: dict, features, plan, nt: int) -> dict:
+  """`{bag: [tables]}` of one (kind, dim, dtype) split over `nt` > 1 table slices → the same
+  tables in fewer stacks where that lowers the id slots every device handles.
+
+  Each device pads a stack to its widest slice (W features) and longest bag (L), so a
+  stack of long bags whose tables sit on few slices costs every device W * L slots per
+  example; stacks of other buckets whose tables sit on other slices can share those slots.
+  From the longest bucket down, a bucket joins the current stack when W * L of the union
+  is at most the sum of the two. Keys: the largest bag bucket of each merged stack."""
+  out, current, cost = {}, None, 0
+  for bag in sorted(buckets, reverse=True):
+    tables = buckets[bag]
+    own = _slots_per_example(tables, features, plan, nt)
+    if current is not None:
+      union = out[current] + tables
+      joint = _slots_per_example(union, features, plan, nt)
+      if joint <= cost + own:
+        out[current], cost = union, joint
+        continue
+    out[bag], current, cost = list(tables), bag, own
+  return out
 
 
 def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], plan: Plan,
@@ -160,10 +198,18 @@ def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], 
       raise ConfigError(f"table '{t.name}': table_slice {placement.table_slice} is outside "
                         f"mesh axis table={dict(sizes)['table']}")
     bag = bag_bucket(max([f.max_len for f in features if f.table == t.name], default=1))
-    groups.setdefault((placement.kind, t.dim, t.dtype, bag), []).append(t)
+    groups.setdefault((placement.kind, t.dim, t.dtype), {}).setdefault(bag, []).append(t)
+  order = {t.name: i for i, t in enumerate(tables)}
+  stacks: dict[tuple, list[TableSpec]] = {}
+  for (kind, dim, dtype), buckets in groups.items():
+    nt = dict(sizes)["table"] if "table" in KIND_AXES[kind] else 1
+    if nt > 1:
+      buckets = _merge_buckets(buckets, features, plan, nt)
+    for bag, members in buckets.items():
+      stacks[(kind, dim, dtype, bag)] = sorted(members, key=lambda t: order[t.name])
 
   layouts = []
-  for (kind, dim, dtype, bag), members in sorted(groups.items()):
+  for (kind, dim, dtype, bag), members in sorted(stacks.items()):
     axes = plan[members[0].name].axes
     nt = dict(sizes)["table"] if "table" in axes else 1
     nr = dict(sizes)["row"] if "row" in axes else 1

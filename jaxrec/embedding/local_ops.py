@@ -76,17 +76,22 @@ def read_rows(table, uniq):
 def lookup_all(layouts, dedups, packing, tables, packed):
   """Stage 1 for every stack: one all-gather of the ids, then per stack `lookup_stack`.
 
-  packed `[b, S]` int32: each stack's ids `[b, F_s * L]` (-1 padded) side by side, then the
-  f32 bits of weighted features' per-id weights (`collection.Packing` says where). Returns
+  packed `[b, S]` int32: every feature's ids `[b, max_len]` (-1 padded), then the f32 bits
+  of weighted features' per-id weights (`collection.Packing` says where). Returns
   `{stack: (rows, uniq, inverse, weights)}` as `lookup_stack` does."""
   shape = tuple(dict(layouts[0].sizes)[a] for a in MESH_AXES)
   gathered = jax.lax.all_gather(packed, MESH_AXES, axis=0, tiled=False)
   gathered = gathered.reshape(shape + packed.shape)                       # [nd,nt,nr,nc,b,S]
   out = {}
   for l, dedup, pk in zip(layouts, dedups, packing):
-    n_feat = len(l.features)
-    ids = gathered[..., pk.start:pk.start + n_feat * l.max_len]
-    ids = ids.reshape(ids.shape[:-1] + (n_feat, l.max_len))              # [nd,...,b,F_s,L]
+    n_feat, bag = len(l.features), l.max_len
+    cols = pk.columns(packed.shape[-1], bag)
+    if cols is None:   # one contiguous [F_s * L] block
+      ids = gathered[..., pk.id_starts[0]:pk.id_starts[0] + n_feat * bag]
+      ids = ids.reshape(ids.shape[:-1] + (n_feat, bag))                  # [nd,...,b,F_s,L]
+    else:              # features of shorter bags: pad them to L here, not on the wire
+      pad = np.arange(bag)[None] >= np.array(pk.lens)[:, None]           # [F_s, L]
+      ids = jnp.where(pad, -1, jnp.take(gathered, cols, axis=-1))
     out[l.name] = lookup_stack(l, dedup, tables[l.name], ids, gathered, pk)
   return out
 
@@ -100,6 +105,7 @@ def pooling_weights(pk, ids, gathered):
   starts = np.array(pk.weight_starts)
   if (starts >= 0).any():
     cols = np.maximum(starts, 0)[:, None] + np.arange(ids.shape[-1])[None]   # [F_s, L]
+    cols = np.minimum(cols, gathered.shape[-1] - 1)   # slots past a bag: ids -1, weight 0
     explicit = jax.lax.bitcast_convert_type(jnp.take(gathered, cols, axis=-1), jnp.float32)
     w = jnp.where(jnp.asarray(starts >= 0)[:, None], jnp.where(valid, explicit, 0.0), w)
   if any(pk.mean):

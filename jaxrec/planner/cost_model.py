@@ -1,7 +1,8 @@
 """Memory and step cost of a plan as the embedding collection runs it: readable arithmetic.
 
 The collection (`jaxrec.embedding`) groups tables into *stacks* (same kind, dim, dtype and
-bag-size bucket; `layout.build_layouts`), and every device runs every stack on buffers of
+bag-size bucket, buckets merged where a stack split over `table` gets cheaper;
+`layout.build_layouts`), and every device runs every stack on buffers of
 static size: a stack split over `table` is padded to its widest slice, so all its devices
 do the same work whether their slice holds many tables or none. The cost model therefore
 prices stacks, not tables, and every device carries the same load.

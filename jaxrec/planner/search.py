@@ -72,7 +72,8 @@ class _Space:
 
   def stacks(self, kinds: Sequence[str]) -> dict[tuple, list[int]]:
     """Table indices by the stack `kinds` put them in: (kind, dim, dtype, bag bucket), the
-    collection's stacking key (`embedding.layout.build_layouts`)."""
+    collection's stacking key (`embedding.layout.build_layouts`, which may then merge
+    buckets of a kind split over `table`; costs are always taken on its layouts)."""
     out: dict[tuple, list[int]] = {}
     for i, (load, kind) in enumerate(zip(self.loads, kinds)):
       out.setdefault((kind, load.dim, load.dtype, self.bucket[i]), []).append(i)

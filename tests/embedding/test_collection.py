@@ -10,7 +10,8 @@ from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError, DataError
 from jaxrec.sharding.mesh import make_mesh, parse_mesh_spec
-from jaxrec.sharding.plan import uniform_plan
+from jaxrec.embedding.layout import build_layouts
+from jaxrec.sharding.plan import Plan, TablePlacement, uniform_plan
 
 # Row counts not divisible by 2, 4 or 8: every split below is uneven.
 TABLES = (TableSpec("a", 37, 8), TableSpec("b", 50, 8), TableSpec("c", 11, 8))
@@ -37,13 +38,13 @@ def make_inputs(seed=0):
   return ids, weights, gout
 
 
-def run(kind, mesh_spec, opt, steps=2, seed=0):
+def run(kind, mesh_spec, opt, steps=2, seed=0, plan=None):
   if mesh_spec == "single":
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
   else:
     mesh = make_mesh(parse_mesh_spec(mesh_spec, 8))
-  coll = EmbeddingCollection.create(TABLES, FEATURES, uniform_plan(kind, TABLES, mesh.shape["table"]),
-                                    mesh, opt)
+  plan = plan or uniform_plan(kind, TABLES, mesh.shape["table"])
+  coll = EmbeddingCollection.create(TABLES, FEATURES, plan, mesh, opt)
   state = coll.init(jax.random.key(0))
 
   @jax.jit
@@ -172,6 +173,29 @@ def test_sharded_matches_single_device(kind, mesh_spec, opt):
     np.testing.assert_allclose(out[1][name], ref[1][name], rtol=1e-5, atol=1e-6)
 
 
+def test_bag_buckets_merge_only_where_cheaper():
+  """Stacks group by bag bucket (a: bags of 3 and 2, c: 2 → L4; b: one-hot → L1). Split over
+  `table`, buckets merge when W * L of the union is at most the sum: b on its own slice
+  rides in the L=3 stack's slots (2*3 <= 2*3 + 1); all three on one slice would make it
+  4*3 > 3*3 + 1, so the one-hot stack stays apart. Both give the single-device result."""
+  mesh = {"table": 8}
+  spread = uniform_plan("tw", TABLES, 8)
+  crowded = Plan({t.name: TablePlacement("tw", 0) for t in TABLES})
+  assert [(l.name, l.max_len, len(l.slot_features[0]))
+          for l in build_layouts(TABLES, FEATURES, spread, mesh)] == [("tw_d8_float32_L4", 3, 2)]
+  assert [(l.name, l.max_len, len(l.slot_features[0]))
+          for l in build_layouts(TABLES, FEATURES, crowded, mesh)] == [
+              ("tw_d8_float32_L1", 1, 1), ("tw_d8_float32_L4", 3, 3)]
+  opt = optimizers.RowWiseAdagrad(0.1, 0.1)
+  ref = run("dp", "single", opt)
+  for plan in (spread, crowded):
+    out = run("tw", "table=8", opt, plan=plan)
+    for a, b in zip(out[0], ref[0]):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for name in ref[1]:
+      np.testing.assert_allclose(out[1][name], ref[1][name], rtol=1e-5, atol=1e-6)
+
+
 def test_unseen_rows_untouched():
   mesh = make_mesh({"data": 1}, jax.devices()[:1])
   opt = optimizers.Adam(0.01)
@@ -257,3 +281,10 @@ def test_host_packed_ids_equal_ids_by_feature():
                                 np.asarray(pool(state, ids, weights)))
   with pytest.raises(DataError, match="no weights for weighted feature 'fa2'"):
     coll.pack(ids, {})
+  # Every feature sends its own max_len columns (ids, then weights), not its stack's
+  # longest bag: fa (3), fc (2) and fa2 (2) share the L=3 stack.
+  assert host.shape[1] == sum(f.max_len for f in FEATURES) + 2
+  with pytest.raises(DataError, match=r"feature 'fc': ids shape \(16, 3\), expected \[batch, 2\]"):
+    coll.pack(dict(ids, fc=np.zeros((B, 3), np.int32)), weights)
+  with pytest.raises(DataError, match="feature 'fa2': weights shape"):
+    coll.pack(ids, {"fa2": np.ones((B, 1), np.float32)})
