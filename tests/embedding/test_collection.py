@@ -231,6 +231,15 @@ def test_unknown_table_and_bad_col_split():
                                optimizers.SGD())
 
 
+def test_a_table_no_feature_reads_is_a_clear_error():
+  mesh = make_mesh({"data": 1}, jax.devices()[:1])
+  tables = TABLES + (TableSpec("unused", 5, 16),)
+  with pytest.raises(ConfigError, match=r"tables \['unused'\] \(dp, dim 16, float32\) are read "
+                     "by no feature"):
+    EmbeddingCollection.create(tables, FEATURES, uniform_plan("dp", tables, 1), mesh,
+                               optimizers.SGD())
+
+
 def test_dedup_off_equals_dedup_on_for_sgd():
   """SGD without dedup (per-slot gather + scatter-add) matches the deduplicated path."""
   mesh = make_mesh(parse_mesh_spec("data=2,table=2,row=2", 8))
