@@ -43,6 +43,7 @@ def test_jaxrec_side_and_skip_line():
   assert summary["ratio_vs_naive"] == round(jx["examples_per_sec"] / naive["examples_per_sec"], 3)
 
 
+@pytest.mark.slow
 def test_skip_naive_leaves_the_baseline_out():
   lines = _run("--skip_torchrec", "--skip_naive")
   assert [l.get("framework") for l in lines[:2]] == ["jaxrec", "torchrec"]
