@@ -3,7 +3,9 @@
   enumerate  per table, the kinds the mesh allows (`cost_model.allowed_kinds`)
   partition  given a kind per table, the tables of each stack split over `table` are dealt
              to slices (`pack`): fewest features first (W: every device of the stack pays
-             for the widest slice), then fewest rows (every device stores the widest slice)
+             for the widest slice), then fewest rows (every device stores the widest slice);
+             multi-hot stacks first, longest bag first, each table preferring slices with
+             no other multi-hot feature (so the collection can merge those stacks)
   estimate   the stacks the collection would build (`embedding.layout.build_layouts`),
              priced by `cost_model.plan_cost` and the calibration coefficients
   propose    local search over the kinds, from several starts (every table at one kind,
@@ -84,10 +86,16 @@ class _Space:
     nt = self.mesh["table"]
     placements = {}
     held = [0] * nt  # rows over all stacks: ties go to the emptiest slice
-    for (kind, *_), members in self.stacks(kinds).items():
+    longer: dict[tuple, list[int]] = {}  # (kind, dim, dtype) -> features of multi-hot stacks
+    # Longest bags first: a multi-hot stack's tables go first to slices holding no other
+    # multi-hot feature of their (kind, dim, dtype), so that the collection can merge those
+    # stacks into one whose devices pay the longest bag once (`layout._merge_buckets`).
+    for (kind, dim, dtype, bag), members in sorted(self.stacks(kinds).items(),
+                                                   key=lambda kv: -kv[0][3]):
       if not ("table" in KIND_AXES[kind] and nt > 1):
         placements.update((self.names[i], TablePlacement(kind, 0)) for i in members)
         continue
+      spread = longer.setdefault((kind, dim, dtype), [0] * nt) if bag > 1 else [0] * nt
       feats, rows = [0] * nt, [0] * nt
       total = sum(max(1, self.loads[i].num_features) for i in members)
       cap = max(math.ceil(total / nt), max(self.loads[i].num_features for i in members))
@@ -95,7 +103,8 @@ class _Space:
                                               self.names[i])):
         f = self.loads[i].num_features
         room = [s for s in range(nt) if feats[s] + f <= cap] or list(range(nt))
-        s = min(room, key=lambda s: (rows[s], feats[s], held[s], s))
+        s = min(room, key=lambda s: (spread[s], rows[s], feats[s], held[s], s))
+        spread[s] += f if bag > 1 else 0
         feats[s] += f
         rows[s] += self.loads[i].rows
         held[s] += self.loads[i].rows

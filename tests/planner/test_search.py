@@ -66,6 +66,18 @@ def test_table_wise_balances_features_per_slice():
   assert res.plan["t6"].table_slice != res.plan["t7"].table_slice
 
 
+def test_multi_hot_tables_spread_so_their_stacks_merge():
+  """Bags of 4, 8 and 20 on three different slices: the collection merges their stacks into
+  one of W = 1, L = 20 (20 slots per example on every device, not 4 + 8 + 20)."""
+  tables, features = specs(*[(f"o{i}", r, 16) for i, r in enumerate((1000, 900, 800, 700))],
+                           ("m4", 50, 16, 4), ("m8", 40, 16, 8), ("m20", 30, 16, 20))
+  mesh = {"table": 4}
+  res = propose_plan(tables, features, mesh, GiB, 0.0, 256, kinds=["tw"])
+  assert len({res.plan[t].table_slice for t in ("m4", "m8", "m20")}) == 3
+  assert {st.name: (st.width, st.bag) for st in res.stacks} == {
+      "tw_d16_float32_L1": (1, 1), "tw_d16_float32_L32": (1, 20)}
+
+
 def test_crowded_slices_cost_every_device():
   """Stacks pad every slice to the widest: 8 one-hot tables on one slice make every device
   look up 8 features, and cost 8x the pooling of the spread plan (which the search finds)."""
