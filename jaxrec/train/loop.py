@@ -160,6 +160,11 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
   t_mark, steps_timed, paused = None, 0, 0.0       # paused: eval seconds inside the window
   try:
     step = start
+    if start >= options.num_steps:   # e.g. `make train` run again: report, do not retrain
+      log.info("already trained to step %d (--num_steps=%d): evaluating that checkpoint",
+               start, options.num_steps)
+      last = dict(evaluate(eval_step, collection, state, eval_data, bsharding, tier),
+                  step=start)
     while step < options.num_steps:
       t_step = time.perf_counter()
       position = train_it.get_state()["position"]

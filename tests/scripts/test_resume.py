@@ -110,3 +110,8 @@ def test_resume_on_other_mesh_and_plan(tmp_path):
   assert json.load(open(os.path.join(w, "plan.json")))["mesh"]["table"] == 3
   final = export(w)
   assert not np.array_equal(final["tables/t0"], saved["tables/t0"])   # it kept training
+  # Run again at the final step: nothing trains, the checkpoint is evaluated and reported.
+  again = train(w, *FLAGS, "--num_steps=30", "--plan=grid", "--mesh=table=3,row=2", devices=6)
+  assert "done: eval_auc=" in again.stdout and "step=30" in again.stdout, again.stdout
+  assert len(read_metrics(w)) == len(lines) + 1   # only the resume event is added
+  assert_bitwise_equal(export(w, "again"), final)
