@@ -85,8 +85,8 @@ from jaxrec.errors import ConfigError
 from jaxrec.sharding.plan import KIND_AXES, KINDS, MESH_AXES, Plan
 
 COST_TERMS = ("const", "collectives", "stacks", "sort_bytes", "gather_bytes", "pool_bytes",
-              "stream_bytes", "update_bytes", "all_gather_bytes", "reduce_scatter_bytes", "all_to_all_bytes",
-              "all_reduce_bytes")
+              "stream_bytes", "update_bytes", "all_gather_bytes", "reduce_scatter_bytes",
+              "all_to_all_bytes", "all_reduce_bytes")
 _I = {name: i for i, name in enumerate(COST_TERMS)}
 
 
