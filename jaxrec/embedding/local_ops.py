@@ -260,16 +260,18 @@ def rounding_key(l):
   return jax.random.fold_in(key, shard)
 
 
-def update(l, optimizer, opts, dedup, table, opt_state, rows, uniq, grads, step):
+def update(l, optimizer, opts, dedup, table, opt_state, rows, uniq, grads, step,
+           gathered=False):
   """Stage 3: optimizer step on the unique rows `uniq [1, n]` of the local shard
   (without `dedup`: per slot, scatter-added, for SGD — see `lookup`).
 
   table `[local_rows, dl]` (or `QuantizedTable`); rows, grads f32 `[n, dl]` (the values
   read in stage 1 and their gradients, before they are combined over replicas: a psum of
-  the unique rows' gradients, or without dedup an all-gather of the group's slots)."""
+  the unique rows' gradients, or without dedup an all-gather of the group's slots, unless
+  `gathered`: the collection all-gathered them for several stacks at once)."""
   uniq = uniq[0]
   if not dedup:
-    grads = gather_replicas(l, grads)
+    grads = grads if gathered else gather_replicas(l, grads)
   elif l.split_replica_axes:
     grads = jax.lax.psum(grads, l.split_replica_axes)
   key = rounding_key(l) if opts.stochastic_rounding else None
@@ -302,13 +304,26 @@ def gather_replicas(l, grads):
   replica group `[nd * nt * nr * nc * b * Ft * L, dl]` in `uniq`'s order, by all-gathers
   over the replica axes (each replica pooled a disjoint part of the batch, so this is the
   psum of the zero-padded gradients, at a fraction of the bytes)."""
-  if not l.split_replica_axes:
+  return gather_replicas_many((l,), grads)[0]
+
+
+def gather_replicas_many(layouts, *grads):
+  """`gather_replicas` for stacks with the same replica axes and group shape: their slot
+  gradients side by side, one all-gather per replica axis for all of them."""
+  l0 = layouts[0]
+  if not l0.split_replica_axes:
     return grads
-  group = [l.size(a) for a in MESH_AXES]                               # replicas: 1
-  x = grads.reshape(tuple(group) + (-1, grads.shape[-1]))              # [.., b*Ft*L, dl]
-  for axis in l.split_replica_axes:
+  group = tuple(l0.size(a) for a in MESH_AXES)                         # replicas: 1
+  xs = [g.reshape(group + (-1, g.shape[-1])) for g in grads]           # [.., b*Ft*L, dl]
+  x = xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=-2)
+  for axis in l0.split_replica_axes:
     x = jax.lax.all_gather(x, axis, axis=MESH_AXES.index(axis), tiled=True)
-  return x.reshape(-1, grads.shape[-1])
+  out, start = [], 0
+  for g in xs:
+    k = g.shape[-2]
+    out.append(x[..., start:start + k, :].reshape(-1, x.shape[-1]))
+    start += k
+  return tuple(out)
 
 
 def store_rows(l, table, uniq, new_rows, bits=None):

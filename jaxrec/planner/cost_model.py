@@ -34,8 +34,10 @@ Cost terms (`COST_TERMS`), per device per step (the same on every device):
                         send their pooled sums in one set, `local_ops.pool_all`). The
                         stage-3 psums of stacks with replicas are independent of each
                         other and of the dense gradients' all-reduce, which XLA combines
-                        into one: they add bytes, not launches; without dedup a stack
-                        all-gathers its slot gradients, one launch per replica axis
+                        into one: they add bytes, not launches; without dedup, stacks of
+                        the same replica axes and group shape all-gather their slot
+                        gradients together, one launch per replica axis for all of them
+                        (counted on the first such stack)
   stacks                stacks: per-stack operations on every device (select, gather, pool,
                         scatter, update, one stage-3 program each)
   sort_bytes            slots*4 per dedup stack: `unique` sorts the int32 ids
@@ -49,8 +51,9 @@ Cost terms (`COST_TERMS`), per device per step (the same on every device):
   update_bytes          2*u*(dl*(e + 4s) + 4 s_row): the optimizer reads and writes the u
                         rows and their f32 state (scatter-add of u = slots rows without
                         dedup)
-  all_gather_bytes      B*S*4*(N-1)/N: the ids all-gather, S = sum over stacks of F*L
-                        (+ L per weighted feature); + X*(R-1)/R per axes group split over
+  all_gather_bytes      B*S*4*(N-1)/N: the ids all-gather, S = sum over features of their
+                        max_len (twice if weighted: ids travel unpadded, see
+                        `collection.Packing`); + X*(R-1)/R per axes group split over
                         `row` (backward of its psum_scatter); + (rep-1)/rep*slots*dl*4
                         per stack with replicas and without dedup (its slot gradients
                         all-gathered over the replicas)
@@ -328,12 +331,12 @@ def plan_cost(layouts, features: Sequence[FeatureSpec], batch_size: int, opt: Op
   n_dev = math.prod(sizes.values())
   big_b = float(batch_size)
   b = big_b / n_dev
-  stacks, groups, id_cols = [], {}, 0
+  stacks, groups, id_cols, gathering = [], {}, 0, set()
   for l in layouts:
     t, r, c = (l.size(a) for a in ("table", "row", "col"))
     g = t * r * c
     f, w, big_l = len(l.features), len(l.slot_features[0]), int(l.max_len)
-    id_cols += f * big_l + big_l * sum(features[i].weighted for i in l.features)
+    id_cols += sum(features[i].max_len * (1 + features[i].weighted) for i in l.features)
     e = np.dtype(l.dtype).itemsize
     row_extra = 8 if l.dtype == "int8" else 0  # int8: f32 scale and bias per row
     dl = l.local_dim
@@ -353,7 +356,10 @@ def plan_cost(layouts, features: Sequence[FeatureSpec], batch_size: int, opt: Op
       x[_I["all_reduce_bytes"]] = 2 * (rep - 1) / rep * n * dl * 4
     elif rep > 1:
       x[_I["all_gather_bytes"]] = (rep - 1) / rep * slots * dl * 4
-      x[_I["collectives"]] = len(l.split_replica_axes)
+      key = (l.split_replica_axes, tuple(l.size(a) for a in MESH_AXES), dl)
+      if key not in gathering:   # `EmbeddingCollection._gather_slot_grads`
+        gathering.add(key)
+        x[_I["collectives"]] = len(l.split_replica_axes)
     memory = {
         "table": int(l.local_rows * (dl * e + row_extra)),
         "optimizer": int(math.ceil(l.local_rows * 4 * (dl * opt.per_element + opt.per_row))),

@@ -266,6 +266,26 @@ def test_dedup_off_equals_dedup_on_for_sgd():
     np.testing.assert_allclose(out[False][1][name], out[True][1][name], rtol=1e-6, atol=1e-7)
 
 
+def test_replicated_stacks_gather_slot_gradients_in_one_collective():
+  """dp on data=8 without dedup: the ids all-gather plus one all-gather of both stacks'
+  slot gradients (L1 and L4 side by side), not one per stack."""
+  import re  # pylint: disable=import-outside-toplevel
+  mesh = make_mesh(parse_mesh_spec("data=8", 8))
+  coll = EmbeddingCollection.create(TABLES, FEATURES, uniform_plan("dp", TABLES, 1), mesh,
+                                    optimizers.SGD(0.1))
+  assert len(coll.layouts) == 2 and not any(coll.dedup(l) for l in coll.layouts)
+  state = coll.init(jax.random.key(0))
+  ids, weights, gout = make_inputs()
+
+  def step(state, ids, weights, gout):
+    ctx = coll.lookup(state, ids, weights)
+    _, vjp = jax.vjp(lambda r: coll.pool(r, ctx), ctx.rows)
+    return coll.apply_gradients(state, ctx, vjp(gout)[0], jnp.int32(0))
+
+  hlo = jax.jit(step).lower(state, ids, weights, gout).compile().as_text()
+  assert len(re.findall(r" all-gather(?:-start)?\(", hlo)) == 2, hlo
+
+
 def test_dedup_off_needs_a_linear_optimizer():
   mesh = make_mesh({"data": 1}, jax.devices()[:1])
   with pytest.raises(ConfigError, match="dedup=False needs SGD"):
