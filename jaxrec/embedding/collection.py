@@ -334,7 +334,7 @@ class EmbeddingCollection:
       opt_specs = {k: (l.spec() if per == "element" else l.row_spec())
                    for k, (per, _) in self.optimizer.state_layout().items()}
       fn = jax.shard_map(functools.partial(local_ops.update, l, self.optimizer, self.options,
-                                           self.dedup(l), gathered=l.name in gathered),
+                                           self.dedup(l)),
                          mesh=self.mesh,
                          in_specs=(l.table_spec(), opt_specs, P(MESH_AXES, None), PER_DEVICE,
                                    P(MESH_AXES, None), P()),
@@ -346,20 +346,16 @@ class EmbeddingCollection:
 
   def _gather_slot_grads(self, row_grads) -> dict[str, jax.Array]:
     """Slot gradients of the stacks without dedup that have replicas, all-gathered over
-    them with one collective per replica axis for every group of stacks of the same
-    replica axes and group shape (`local_ops.gather_replicas_many`); only groups of two or
-    more stacks (a lone stack gathers inside its own update)."""
+    them: one collective per replica axis for each group of stacks sharing
+    `slot_gather_key` (`local_ops.gather_replicas`)."""
     groups: dict[tuple, list] = {}
     for l in self.layouts:
       if not self.dedup(l) and l.split_replica_axes:
-        key = (l.split_replica_axes, tuple(l.size(a) for a in MESH_AXES), l.local_dim)
-        groups.setdefault(key, []).append(l)
+        groups.setdefault(l.slot_gather_key, []).append(l)
     out = {}
     for members in groups.values():
-      if len(members) < 2:
-        continue
       spec = tuple(P(MESH_AXES, None) for _ in members)
-      fn = jax.shard_map(functools.partial(local_ops.gather_replicas_many, tuple(members)),
+      fn = jax.shard_map(functools.partial(local_ops.gather_replicas, tuple(members)),
                          mesh=self.mesh, in_specs=spec, out_specs=spec, check_vma=False)
       out.update(zip((l.name for l in members), fn(*(row_grads[l.name] for l in members))))
     return out

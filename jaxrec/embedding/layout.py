@@ -87,6 +87,18 @@ class StackLayout:
     return tuple(a for a in self.replica_axes if sizes[a] > 1)
 
   @property
+  def group_shape(self) -> tuple[int, ...]:
+    """Per mesh axis (`MESH_AXES` order), its size if the stack is split over it, else 1."""
+    return tuple(self.size(a) for a in MESH_AXES)
+
+  @property
+  def slot_gather_key(self) -> tuple:
+    """Stacks without dedup that share this key all-gather their slot gradients over their
+    replicas in one collective per axis (`EmbeddingCollection._gather_slot_grads`; the
+    planner's cost model counts those launches by it)."""
+    return (self.split_replica_axes, self.group_shape, self.local_dim)
+
+  @property
   def num_slices(self) -> int:
     return self.size("table")
 

@@ -260,19 +260,16 @@ def rounding_key(l):
   return jax.random.fold_in(key, shard)
 
 
-def update(l, optimizer, opts, dedup, table, opt_state, rows, uniq, grads, step,
-           gathered=False):
+def update(l, optimizer, opts, dedup, table, opt_state, rows, uniq, grads, step):
   """Stage 3: optimizer step on the unique rows `uniq [1, n]` of the local shard
   (without `dedup`: per slot, scatter-added, for SGD — see `lookup`).
 
-  table `[local_rows, dl]` (or `QuantizedTable`); rows, grads f32 `[n, dl]` (the values
-  read in stage 1 and their gradients, before they are combined over replicas: a psum of
-  the unique rows' gradients, or without dedup an all-gather of the group's slots, unless
-  `gathered`: the collection all-gathered them for several stacks at once)."""
+  table `[local_rows, dl]` (or `QuantizedTable`); rows f32 `[n, dl]` (the values read in
+  stage 1); grads f32: with dedup `[n, dl]`, the unique rows' gradients before their psum
+  over replicas; without, every slot's gradient of the replica group, already all-gathered
+  by the collection (`gather_replicas`)."""
   uniq = uniq[0]
-  if not dedup:
-    grads = grads if gathered else gather_replicas(l, grads)
-  elif l.split_replica_axes:
+  if dedup and l.split_replica_axes:
     grads = jax.lax.psum(grads, l.split_replica_axes)
   key = rounding_key(l) if opts.stochastic_rounding else None
   if opts.kernel == "pallas" and fused_update_ok(l, optimizer):
@@ -299,22 +296,14 @@ def update(l, optimizer, opts, dedup, table, opt_state, rows, uniq, grads, step,
   return table, opt_state
 
 
-def gather_replicas(l, grads):
-  """Without dedup: this device's group's slot gradients `[g, dl]` → every slot of the
-  replica group `[nd * nt * nr * nc * b * Ft * L, dl]` in `uniq`'s order, by all-gathers
-  over the replica axes (each replica pooled a disjoint part of the batch, so this is the
-  psum of the zero-padded gradients, at a fraction of the bytes)."""
-  return gather_replicas_many((l,), grads)[0]
-
-
-def gather_replicas_many(layouts, *grads):
-  """`gather_replicas` for stacks with the same replica axes and group shape: their slot
-  gradients side by side, one all-gather per replica axis for all of them."""
+def gather_replicas(layouts, *grads):
+  """Without dedup: each stack's slot gradients of this device's group `[g, dl]` → every
+  slot of its replica group `[nd * nt * nr * nc * b * Ft * L, dl]` in `uniq`'s order, for
+  stacks sharing `slot_gather_key`: side by side, one all-gather per replica axis for all
+  of them (each replica pooled a disjoint part of the batch, so this is the psum of the
+  zero-padded gradients, at a fraction of the bytes)."""
   l0 = layouts[0]
-  if not l0.split_replica_axes:
-    return grads
-  group = tuple(l0.size(a) for a in MESH_AXES)                         # replicas: 1
-  xs = [g.reshape(group + (-1, g.shape[-1])) for g in grads]           # [.., b*Ft*L, dl]
+  xs = [g.reshape(l0.group_shape + (-1, g.shape[-1])) for g in grads]  # [.., b*Ft*L, dl]
   x = xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=-2)
   for axis in l0.split_replica_axes:
     x = jax.lax.all_gather(x, axis, axis=MESH_AXES.index(axis), tiled=True)

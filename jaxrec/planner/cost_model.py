@@ -356,9 +356,8 @@ def plan_cost(layouts, features: Sequence[FeatureSpec], batch_size: int, opt: Op
       x[_I["all_reduce_bytes"]] = 2 * (rep - 1) / rep * n * dl * 4
     elif rep > 1:
       x[_I["all_gather_bytes"]] = (rep - 1) / rep * slots * dl * 4
-      key = (l.split_replica_axes, tuple(l.size(a) for a in MESH_AXES), dl)
-      if key not in gathering:   # `EmbeddingCollection._gather_slot_grads`
-        gathering.add(key)
+      if l.slot_gather_key not in gathering:   # `EmbeddingCollection._gather_slot_grads`
+        gathering.add(l.slot_gather_key)
         x[_I["collectives"]] = len(l.split_replica_axes)
     memory = {
         "table": int(l.local_rows * (dl * e + row_extra)),
