@@ -81,7 +81,8 @@ def evaluate(eval_step, collection, state, eval_data, sharding, tier=None) -> di
   acc = EvalAccumulator()
   for batch, mask in eval_data:
     st, b = tier.eval_view(state, batch) if tier is not None else (state, batch)
-    logits = np.asarray(eval_step(st, device_batch(collection, b, sharding)))   # global [B], replicated
+    # global [B], replicated
+    logits = np.asarray(eval_step(st, device_batch(collection, b, sharding)))
     labels, mask = batch.labels, mask
     if jax.process_count() > 1:
       labels, mask = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
