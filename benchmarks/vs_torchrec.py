@@ -16,23 +16,22 @@ both frameworks, one after the other, on the same examples in the same order:
      (`make -C third_party/torchrec_reference venv`): `DistributedModelParallel` on a gloo
      group of world size 1, fused TBE with the SGD update in the backward pass,
      `torch.set_num_threads(2)`. Skipped with a `"skipped"` line when that venv is absent.
+  4. A plain single-device JAX DLRM (`benchmarks/naive_dlrm.py`, no framework: a gather,
+     the MLPs, `value_and_grad`, a scatter-add SGD) trains the same way in the core venv:
+     the issue's bar is that the framework beats it. `--skip_naive` leaves it out.
 
-Both time the steps after `--warmup` steps (compilation, first-touch allocations) to the
+All three time the steps after `--warmup` steps (compilation, first-touch allocations) to the
 last one, host batch preparation included, and then score the same eval set (exact AUC,
-log loss). On a machine shared with other work, `--repeats N` alternates the two N times
+log loss). On a machine shared with other work, `--repeats N` alternates them N times
 and compares the fastest run of each (every run's speed is in `runs_examples_per_sec`; the
 1-minute load average at the start of each run in `load_average_1m`), and `--nice -20`
-(as root) runs both at a higher priority than the other work. TorchRec's OpenMP threads
+(as root) runs them at a higher priority than the other work. TorchRec's OpenMP threads
 suffer much more than XLA's thread pool when a core is taken by another process (a
 parallel region waits for its descheduled thread), so measure on a quiet machine or with
 both of these before trusting a ratio. Prints one JSON line per framework and a summary line
 
   {"benchmark": "vs_torchrec", "ratio": jaxrec_eps / torchrec_eps, "goal": 2.0,
    "ratio_vs_naive": jaxrec_eps / naive_eps, ...}
-
-  4. A plain single-device JAX DLRM (`benchmarks/naive_dlrm.py`, no framework: a gather,
-     the MLPs, `value_and_grad`, a scatter-add SGD) trains the same way in the core venv:
-     the issue's bar is that the framework beats it. `--skip_naive` leaves it out.
 
 The goal is met when `ratio >= 2.0` and jaxrec's AUC is not worse than TorchRec's
 (`"auc_ok"`, with a tolerance of `--auc_tolerance` for run-to-run noise, 0 by default).
