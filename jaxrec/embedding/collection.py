@@ -3,11 +3,11 @@
 One training step touches the tables in three `shard_map` stages, so that autodiff sees
 only the rows a batch uses (never a dense `[rows, dim]` gradient):
 
-1. `lookup` (no gradient). Every device all-gathers the int32 ids of the global batch
-   (the only thing that moves; one all-gather for all stacks, the per-id weights of
-   weighted features riding along as f32 bits), keeps the features whose tables sit on its
-   `table` slice,
-   turns ids into local row numbers (rows it does not own become a sentinel), deduplicates
+1. `lookup` (no gradient). Every device all-gathers the int32 ids of the devices whose
+   examples it looks up (the only thing that moves; one all-gather for all stacks, over
+   the axes they need, `layout.ids_gather_axes`: none for `dp` without dedup; the per-id
+   weights of weighted features ride along as f32 bits), keeps the features whose tables
+   sit on its `table` slice, turns ids into local row numbers (rows it does not own become a sentinel), deduplicates
    them (`unique`) and gathers the unique rows from its shard:
    `rows [n, dim/col]` per device. Replicas of a shard see the same unique set.
 2. `pool` (differentiable in `rows`). Each device pools the rows for its model-parallel
@@ -20,7 +20,8 @@ only the rows a batch uses (never a dense `[rows, dim]` gradient):
    summed over the stack's replica axes (`psum`), then the sparse optimizer updates just
    the unique rows of the local shard, identically on every replica. (Without dedup each
    device reads and pools only its group's slots, and the replicas all-gather their slot
-   gradients instead: every replica then scatter-adds all of them.)
+   gradients, the slot numbers riding along, instead: every replica then scatter-adds all
+   of them.)
 
 The per-device code of each stage is in `local_ops`, with its choices: `EmbeddingOptions`
 picks XLA or the Pallas kernels (`jaxrec.kernels`) for pooling and update, and the dtype
@@ -328,7 +329,7 @@ class EmbeddingCollection:
   def apply_gradients(self, state: EmbeddingState, ctx: Context,
                       row_grads: Mapping[str, jax.Array], step: jax.Array) -> EmbeddingState:
     """Stage 3: sum row gradients over replicas, update the unique rows in place."""
-    gathered = self._gather_slot_grads(row_grads)
+    uniq, grads = self._gather_slots(ctx.unique, row_grads)
     tables, opt = {}, {}
     for l in self.layouts:
       opt_specs = {k: (l.spec() if per == "element" else l.row_spec())
@@ -340,22 +341,26 @@ class EmbeddingCollection:
                                    P(MESH_AXES, None), P()),
                          out_specs=(l.table_spec(), opt_specs), check_vma=False)
       tables[l.name], opt[l.name] = fn(state["tables"][l.name], state["opt"][l.name],
-                                       ctx.rows[l.name], ctx.unique[l.name],
-                                       gathered.get(l.name, row_grads[l.name]), step)
+                                       ctx.rows[l.name], uniq[l.name], grads[l.name], step)
     return {"tables": tables, "opt": opt}
 
-  def _gather_slot_grads(self, row_grads) -> dict[str, jax.Array]:
-    """Slot gradients of the stacks without dedup that have replicas, all-gathered over
-    them: one collective per replica axis for each group of stacks sharing
-    `slot_gather_key` (`local_ops.gather_replicas`)."""
+  def _gather_slots(self, unique, row_grads) -> tuple[dict, dict]:
+    """(`unique`, `row_grads`) with the stacks without dedup that have replicas replaced by
+    their slots and slot gradients all-gathered over them: one collective per replica axis
+    for each group of stacks sharing `slot_gather_key` (`local_ops.gather_replicas`)."""
     groups: dict[tuple, list] = {}
     for l in self.layouts:
       if not self.dedup(l) and l.split_replica_axes:
         groups.setdefault(l.slot_gather_key, []).append(l)
-    out = {}
+    unique, row_grads = dict(unique), dict(row_grads)
     for members in groups.values():
-      spec = tuple(P(MESH_AXES, None) for _ in members)
+      names = [l.name for l in members]
+      specs_g = tuple(P(MESH_AXES, None) for _ in members)
+      specs_u = tuple(PER_DEVICE for _ in members)
       fn = jax.shard_map(functools.partial(local_ops.gather_replicas, tuple(members)),
-                         mesh=self.mesh, in_specs=spec, out_specs=spec, check_vma=False)
-      out.update(zip((l.name for l in members), fn(*(row_grads[l.name] for l in members))))
-    return out
+                         mesh=self.mesh, in_specs=(specs_g, specs_u),
+                         out_specs=(specs_g, specs_u), check_vma=False)
+      grads, uniqs = fn(tuple(row_grads[n] for n in names), tuple(unique[n] for n in names))
+      row_grads.update(zip(names, grads))
+      unique.update(zip(names, uniqs))
+    return unique, row_grads

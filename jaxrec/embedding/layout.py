@@ -94,9 +94,17 @@ class StackLayout:
   @property
   def slot_gather_key(self) -> tuple:
     """Stacks without dedup that share this key all-gather their slot gradients over their
-    replicas in one collective per axis (`EmbeddingCollection._gather_slot_grads`; the
+    replicas in one collective per axis (`EmbeddingCollection._gather_slots`; the
     planner's cost model counts those launches by it)."""
     return (self.split_replica_axes, self.group_shape, self.local_dim)
+
+  def lookup_axes(self, dedup: bool) -> tuple[str, ...]:
+    """Mesh axes whose devices' ids stage 1 needs on each device: the model axes that split
+    the stack (the group's examples it looks up) and, with dedup, the replica axes too
+    (replicas read the same unique rows). Without dedup the replicas' ids travel in stage
+    3, with the slot gradients (`local_ops.gather_replicas`)."""
+    sizes = dict(self.sizes)
+    return tuple(a for a in MESH_AXES if sizes[a] > 1 and (a in self.axes or dedup))
 
   @property
   def num_slices(self) -> int:
@@ -246,6 +254,15 @@ def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], 
         feature_tables=feature_tables, max_len=max_len, slot_features=slot_features))
   del by_name
   return tuple(layouts)
+
+
+def ids_gather_axes(layouts: Sequence[StackLayout], dedups: Sequence[bool]
+                    ) -> tuple[str, ...]:
+  """Axes stage 1 all-gathers the packed ids over (`MESH_AXES` order): the union of every
+  stack's `lookup_axes`. Empty when no stack needs another device's ids before its
+  update (e.g. `dp` with SGD): then stage 1 moves nothing."""
+  need = {a for l, d in zip(layouts, dedups) for a in l.lookup_axes(d)}
+  return tuple(a for a in MESH_AXES if a in need)
 
 
 def table_key(key: jax.Array, name: str) -> jax.Array:

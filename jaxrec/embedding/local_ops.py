@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrec import kernels
+from jaxrec.embedding import layout as layout_lib
 from jaxrec.kernels import quant
 from jaxrec.kernels.quant import QuantizedTable
 from jaxrec.sharding.plan import MESH_AXES
@@ -74,14 +75,18 @@ def read_rows(table, uniq):
 
 # ---------------------------------------------------------------------------- stage 1
 def lookup_all(layouts, dedups, packing, tables, packed):
-  """Stage 1 for every stack: one all-gather of the ids, then per stack `lookup_stack`.
+  """Stage 1 for every stack: one all-gather of the ids over the axes some stack needs
+  (`layout.ids_gather_axes`; none for `dp` without dedup), then per stack `lookup_stack`.
 
   packed `[b, S]` int32: every feature's ids `[b, max_len]` (-1 padded), then the f32 bits
   of weighted features' per-id weights (`collection.Packing` says where). Returns
   `{stack: (rows, uniq, inverse, weights)}` as `lookup_stack` does."""
-  shape = tuple(dict(layouts[0].sizes)[a] for a in MESH_AXES)
-  gathered = jax.lax.all_gather(packed, MESH_AXES, axis=0, tiled=False)
-  gathered = gathered.reshape(shape + packed.shape)                       # [nd,nt,nr,nc,b,S]
+  axes = layout_lib.ids_gather_axes(layouts, dedups)
+  sizes = dict(layouts[0].sizes)
+  shape = tuple(sizes[a] if a in axes else 1 for a in MESH_AXES)
+  if axes:
+    packed = jax.lax.all_gather(packed, axes, axis=0, tiled=False)
+  gathered = packed.reshape(shape + packed.shape[-2:])    # [nd,nt,nr,nc,b,S], 1 if not gathered
   out = {}
   for l, dedup, pk in zip(layouts, dedups, packing):
     n_feat, bag = len(l.features), l.max_len
@@ -116,15 +121,16 @@ def pooling_weights(pk, ids, gathered):
 
 def lookup_stack(l, dedup, table, ids_all, gathered, pk):
   """One stack's stage 1. table `[local_rows, dl]`; ids_all `[nd, nt, nr, nc, b, F_s, L]`
-  (every device's ids) → (rows f32 `[n, dl]`, uniq `[1, n]`, inverse and weights
-  `[1, nt, nr, nc, b, Ft, L]` for the examples of this device's model-parallel group).
+  (the ids of the devices along `ids_gather_axes`, size 1 on the other axes) → (rows f32
+  `[n, dl]`, uniq `[1, n]`, inverse and weights `[1, nt, nr, nc, b, Ft, L]` for the
+  examples of this device's model-parallel group).
 
   With `dedup`, `uniq` holds each local row once (n = min(slots, local_rows + 1): at most
   every row plus the sentinel) and replicas of a shard read the same rows. Without, every
-  slot is its own entry (no sort) and duplicates are summed by stage 3's scatter-add:
-  `uniq [1, slots]` holds every slot of the replica group (each replica applies all of
-  them), but `rows` only this device's group's slots, in order (`inverse` is an iota);
-  stage 3 all-gathers their gradients over the replicas (`gather_replicas`)."""
+  slot of this device's group is its own entry, in order (no sort; `inverse` is an iota),
+  and duplicates are summed by stage 3's scatter-add; stage 3 all-gathers these slots and
+  their gradients over the replicas (`gather_replicas`), so each replica applies all of
+  them."""
   ids_sel, sel = select_features(l, ids_all, -1)                        # [nd,nt,nr,nc,b,Ft,L]
   offsets = jnp.asarray(np.array(l.feature_row_offsets(), np.int32))[jnp.maximum(sel, 0)]
   row = ids_sel + offsets[:, None]
@@ -140,7 +146,8 @@ def lookup_stack(l, dedup, table, ids_all, gathered, pk):
     inv = group_slice(l, inv.reshape(local.shape))                      # [1,nt,nr,nc,b,Ft,L]
   else:
     group = group_slice(l, local)                                       # [1,nt,nr,nc,b,Ft,L]
-    uniq, rows = flat, read_rows(table, group.reshape(-1))
+    uniq = group.reshape(-1)
+    rows = read_rows(table, uniq)
     inv = jnp.arange(group.size, dtype=jnp.int32).reshape(group.shape)
   w = pooling_weights(pk, group_slice(l, ids_all), group_slice(l, gathered))
   w_sel, _ = select_features(l, w, 0.0)
@@ -296,23 +303,36 @@ def update(l, optimizer, opts, dedup, table, opt_state, rows, uniq, grads, step)
   return table, opt_state
 
 
-def gather_replicas(layouts, *grads):
-  """Without dedup: each stack's slot gradients of this device's group `[g, dl]` → every
-  slot of its replica group `[nd * nt * nr * nc * b * Ft * L, dl]` in `uniq`'s order, for
-  stacks sharing `slot_gather_key`: side by side, one all-gather per replica axis for all
-  of them (each replica pooled a disjoint part of the batch, so this is the psum of the
-  zero-padded gradients, at a fraction of the bytes)."""
+def gather_replicas(layouts, grads, uniqs):
+  """Without dedup: each stack's slots of this device's group, `uniqs` `[1, g]` int32 and
+  their gradients `grads` `[g, dl]`, → every slot of its replica group (`[1, R * g]` and
+  `[R * g, dl]`, R = replicas, in mesh order), for stacks sharing `slot_gather_key`: side by
+  side, one all-gather per replica axis for all of them. The slot numbers ride in extra
+  rows of `dl` columns (the payload is int32: gradients travel as their bits, exactly), so
+  they cost no collective of their own (stage 1 did not gather the replicas' ids). Each
+  replica pooled a disjoint part of the batch, so this is the psum of the zero-padded
+  gradients at a fraction of the bytes."""
   l0 = layouts[0]
-  xs = [g.reshape(l0.group_shape + (-1, g.shape[-1])) for g in grads]  # [.., b*Ft*L, dl]
-  x = xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=-2)
+  gs, dl = l0.group_shape, grads[0].shape[-1]
+  parts, sizes = [], []
+  for g, u in zip(grads, uniqs):
+    g = jax.lax.bitcast_convert_type(g, jnp.int32).reshape(gs + (-1, dl))  # [.., b*Ft*L, dl]
+    u = u.reshape(gs + (-1,))
+    k, pad = u.shape[-1], -u.shape[-1] % dl
+    u = jnp.pad(u, [(0, 0)] * len(gs) + [(0, pad)]).reshape(gs + (-1, dl))
+    parts += [g, u]
+    sizes.append((k, u.shape[-2]))
+  x = jnp.concatenate(parts, axis=-2)
   for axis in l0.split_replica_axes:
     x = jax.lax.all_gather(x, axis, axis=MESH_AXES.index(axis), tiled=True)
-  out, start = [], 0
-  for g in xs:
-    k = g.shape[-2]
-    out.append(x[..., start:start + k, :].reshape(-1, x.shape[-1]))
-    start += k
-  return tuple(out)
+  out_g, out_u, start = [], [], 0
+  for k, id_rows in sizes:
+    g = x[..., start:start + k, :].reshape(-1, dl)
+    out_g.append(jax.lax.bitcast_convert_type(g, jnp.float32))
+    ids = x[..., start + k:start + k + id_rows, :].reshape(x.shape[:-2] + (-1,))[..., :k]
+    out_u.append(ids.reshape(1, -1))
+    start += k + id_rows
+  return tuple(out_g), tuple(out_u)
 
 
 def store_rows(l, table, uniq, new_rows, bits=None):

@@ -29,9 +29,11 @@ global batch `B`, `b = B/N` examples per device. For a stack of kind `k`:
 Cost terms (`COST_TERMS`), per device per step (the same on every device):
 
   const                 1: dense layers, input, dispatch; set by profile fits
-  collectives           collectives launched: 1 ids all-gather; 2 (forward + backward) per
-                        split axis of each *axes group* (stacks split over the same axes
-                        send their pooled sums in one set, `local_ops.pool_all`). The
+  collectives           collectives launched: 1 ids all-gather (none when no stack needs
+                        another device's ids in stage 1, `layout.ids_gather_axes`); 2
+                        (forward + backward) per split axis of each *axes group* (stacks
+                        split over the same axes send their pooled sums in one set,
+                        `local_ops.pool_all`). The
                         stage-3 psums of stacks with replicas are independent of each
                         other and of the dense gradients' all-reduce, which XLA combines
                         into one: they add bytes, not launches; without dedup, stacks of
@@ -51,11 +53,12 @@ Cost terms (`COST_TERMS`), per device per step (the same on every device):
   update_bytes          2*u*(dl*(e + 4s) + 4 s_row): the optimizer reads and writes the u
                         rows and their f32 state (scatter-add of u = slots rows without
                         dedup)
-  all_gather_bytes      B*S*4*(N-1)/N: the ids all-gather, S = sum over features of their
-                        max_len (twice if weighted: ids travel unpadded, see
-                        `collection.Packing`); + X*(R-1)/R per axes group split over
-                        `row` (backward of its psum_scatter); + (rep-1)/rep*slots*dl*4
-                        per stack with replicas and without dedup (its slot gradients
+  all_gather_bytes      B*S*4*(M-1)/N: the ids all-gather over the M devices along
+                        `ids_gather_axes`, S = sum over features of their max_len (twice
+                        if weighted: ids travel unpadded, see `collection.Packing`);
+                        + X*(R-1)/R per axes group split over `row` (backward of its
+                        psum_scatter); + (rep-1)/rep*slots*(dl+1)*4 per stack with
+                        replicas and without dedup (its slots and their gradients
                         all-gathered over the replicas)
   reduce_scatter_bytes  X*(R-1)/R per axes group split over `row`, X = T*R*C*b*Wg*dl*4
                         the group's partial sums (Wg = sum of its stacks' W)
@@ -67,8 +70,8 @@ Collective bytes are bytes moved per device by a ring algorithm (what `calibrati
 Memory per device: per stack, table `rows_d*dl*e` (int8 +8 per row), optimizer state
 `rows_d*(dl*4s + 4 s_row)`, buffers `4*u + 8*n*dl + 12*slots + 8*b*G*W*dl` (unique ids,
 f32 rows and gradients; selected ids, inverse index, weights; pooled sums and gradients),
-plus `4*slots*dl` for the gathered slot gradients of a no-dedup stack with replicas;
-plus the gathered ids `B*S*4`.
+plus `4*slots*(dl+1)` for the gathered slots and gradients of a no-dedup stack with replicas;
+plus the gathered ids `B*S*4*M/N`.
 
 Pooling factors and id distributions (`TableStats`) do not change these numbers: every
 buffer has a static size, so absent (-1) and repeated ids cost as much as present ones.
@@ -355,15 +358,15 @@ def plan_cost(layouts, features: Sequence[FeatureSpec], batch_size: int, opt: Op
     if rep > 1 and dedup:
       x[_I["all_reduce_bytes"]] = 2 * (rep - 1) / rep * n * dl * 4
     elif rep > 1:
-      x[_I["all_gather_bytes"]] = (rep - 1) / rep * slots * dl * 4
-      if l.slot_gather_key not in gathering:   # `EmbeddingCollection._gather_slot_grads`
+      x[_I["all_gather_bytes"]] = (rep - 1) / rep * slots * (dl + 1) * 4
+      if l.slot_gather_key not in gathering:   # `EmbeddingCollection._gather_slots`
         gathering.add(l.slot_gather_key)
         x[_I["collectives"]] = len(l.split_replica_axes)
     memory = {
         "table": int(l.local_rows * (dl * e + row_extra)),
         "optimizer": int(math.ceil(l.local_rows * 4 * (dl * opt.per_element + opt.per_row))),
         "buffers": int(math.ceil(4 * u + 8 * n * dl + 12 * slots + 8 * b * g * w * dl
-                                 + (0 if dedup or rep == 1 else 4 * slots * dl))),
+                                 + (0 if dedup or rep == 1 else 4 * slots * (dl + 1)))),
     }
     stacks.append(StackCost(l.name, l.kind, tuple(l.axes), tuple(s.name for s in l.slots), f,
                             w, big_l, int(l.local_rows), int(dl), int(n), dedup, rep, x,
@@ -380,13 +383,15 @@ def plan_cost(layouts, features: Sequence[FeatureSpec], batch_size: int, opt: Op
     x[_I["all_gather_bytes"]] = x_bytes * (r - 1) / r
     x[_I["all_to_all_bytes"]] = 2 * x_bytes / r * ((t - 1) / t + (c - 1) / c)
     group_terms[axes] = x
+  from jaxrec.embedding import layout  # pylint: disable=import-outside-toplevel
+  m = math.prod(sizes[a] for a in layout.ids_gather_axes(layouts, [s.dedup for s in stacks]))
   glob = np.zeros(len(COST_TERMS))
   glob[_I["const"]] = 1
-  if n_dev > 1:
+  if m > 1:
     glob[_I["collectives"]] = 1
-    glob[_I["all_gather_bytes"]] = big_b * id_cols * 4 * (n_dev - 1) / n_dev
+    glob[_I["all_gather_bytes"]] = big_b * id_cols * 4 * (m - 1) / n_dev
   total = glob + sum(s.terms for s in stacks) + sum(group_terms.values())
-  return PlanCost(tuple(stacks), group_terms, glob, total, int(big_b * id_cols * 4))
+  return PlanCost(tuple(stacks), group_terms, glob, total, int(big_b * id_cols * 4 * m / n_dev))
 
 
 def table_memory(load: TableLoad, kind: str, mesh: Mapping[str, int],

@@ -10,8 +10,8 @@ from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError, DataError
 from jaxrec.sharding.mesh import make_mesh, parse_mesh_spec
-from jaxrec.embedding.layout import build_layouts
-from jaxrec.sharding.plan import Plan, TablePlacement, uniform_plan
+from jaxrec.embedding.layout import build_layouts, ids_gather_axes
+from jaxrec.sharding.plan import MESH_AXES, Plan, TablePlacement, uniform_plan
 
 # Row counts not divisible by 2, 4 or 8: every split below is uneven.
 TABLES = (TableSpec("a", 37, 8), TableSpec("b", 50, 8), TableSpec("c", 11, 8))
@@ -267,8 +267,9 @@ def test_dedup_off_equals_dedup_on_for_sgd():
 
 
 def test_replicated_stacks_gather_slot_gradients_in_one_collective():
-  """dp on data=8 without dedup: the ids all-gather plus one all-gather of both stacks'
-  slot gradients (L1 and L4 side by side), not one per stack."""
+  """dp on data=8 without dedup: one all-gather per step, of both stacks' slots and slot
+  gradients (L1 and L4 side by side): not one per stack, and no ids all-gather in stage 1
+  (no stack needs another device's ids before the update)."""
   import re  # pylint: disable=import-outside-toplevel
   mesh = make_mesh(parse_mesh_spec("data=8", 8))
   coll = EmbeddingCollection.create(TABLES, FEATURES, uniform_plan("dp", TABLES, 1), mesh,
@@ -283,7 +284,18 @@ def test_replicated_stacks_gather_slot_gradients_in_one_collective():
     return coll.apply_gradients(state, ctx, vjp(gout)[0], jnp.int32(0))
 
   hlo = jax.jit(step).lower(state, ids, weights, gout).compile().as_text()
-  assert len(re.findall(r" all-gather(?:-start)?\(", hlo)) == 2, hlo
+  assert len(re.findall(r" all-gather(?:-start)?\(", hlo)) == 1, hlo
+
+
+@pytest.mark.parametrize("optimizer,axes", [(optimizers.SGD(0.1), ("table", "row")),
+                                            (optimizers.Adagrad(0.1), MESH_AXES[:3])])
+def test_ids_gathered_only_over_the_axes_a_stack_needs(optimizer, axes):
+  """twrw on data=2,table=2,row=2: without dedup stage 1 gathers ids over the split axes
+  only (the data replicas' ids come with the slot gradients); with dedup over data too."""
+  mesh = make_mesh(parse_mesh_spec("data=2,table=2,row=2", 8))
+  coll = EmbeddingCollection.create(TABLES, FEATURES, uniform_plan("twrw", TABLES, 2), mesh,
+                                    optimizer)
+  assert ids_gather_axes(coll.layouts, [coll.dedup(l) for l in coll.layouts]) == axes
 
 
 def test_dedup_off_needs_a_linear_optimizer():

@@ -51,21 +51,23 @@ def test_tw_stacks_pad_to_the_widest_slice():
   assert t["stream_bytes"] == 2 * 8 * 4 * 2 * 1 * 16 * 4 and t["pool_bytes"] == 0
   assert t["update_bytes"] == 2 * 128 * 16 * 4
   assert t["all_reduce_bytes"] == 0   # no dedup: slot gradients all-gathered over data
-  assert t["all_gather_bytes"] == (2 - 1) / 2 * 128 * 16 * 4 and t["collectives"] == 1
+  # its slots (one id column's worth) ride with their gradients
+  assert t["all_gather_bytes"] == (2 - 1) / 2 * 128 * (16 + 1) * 4 and t["collectives"] == 1
   # One axes group (table): one all_to_all forward and one backward for both stacks, of the
   # pooled sums [T*b, W1 + W4, d].
   group = terms(pc.group_terms[("table",)])
   assert group["collectives"] == 2
   assert group["all_to_all_bytes"] == 2 * (4 * 8 * (2 + 1) * 16 * 4) * 3 / 4
   total = terms(pc.terms)
-  # + the ids all-gather + one gradient all-gather over data for both stacks
+  # + the ids all-gather (over `table` only: without dedup the data replicas' ids come
+  # with the slot gradients) + one gradient all-gather over data for both stacks
   assert terms(four.terms)["collectives"] == 0
   assert total["collectives"] == 1 + 2 + 1
-  assert total["all_gather_bytes"] == (64 * (3 * 1 + 1 * 4) * 4 * 7 / 8
-                                       + (128 + 64 * 4) * 16 * 4 / 2)
+  assert total["all_gather_bytes"] == (64 * (3 * 1 + 1 * 4) * 4 * 3 / 8
+                                       + (128 + 64 * 4) * 17 * 4 / 2)
   assert total["const"] == 1 and total["stacks"] == 2
   assert one.memory["table"] == 150 * 16 * 4  # every device stores the widest slice
-  assert pc.memory["ids"] == 64 * 7 * 4
+  assert pc.memory["ids"] == 64 * 7 * 4 * 4 / 8
 
 
 def test_dp_replicates_the_global_batch_update():
@@ -79,9 +81,15 @@ def test_dp_replicates_the_global_batch_update():
   t = terms(sgd.terms)
   assert t["stream_bytes"] == 2 * 32 * 4 * 8 * 4  # only this device's b = 32 examples
   assert t["update_bytes"] == 2 * 1024 * 8 * 4 and t["gather_bytes"] == 128 * 8 * 4
-  assert t["all_reduce_bytes"] == 0 and t["all_gather_bytes"] == 7 / 8 * 1024 * 8 * 4
-  ada = cost(tables, features, {"t": ("dp",)}, {"data": 8}, 256, "adagrad").stacks[0]
+  assert t["all_reduce_bytes"] == 0 and t["all_gather_bytes"] == 7 / 8 * 1024 * (8 + 1) * 4
+  pc = cost(tables, features, {"t": ("dp",)}, {"data": 8}, 256, "sgd")
+  # no ids all-gather: the slots travel with their gradients (one collective per step)
+  assert terms(pc.global_terms)["collectives"] == 0 and pc.memory["ids"] == 32 * 4 * 4
+  assert terms(pc.terms)["collectives"] == 1
+  ada_pc = cost(tables, features, {"t": ("dp",)}, {"data": 8}, 256, "adagrad")
+  ada = ada_pc.stacks[0]
   assert ada.dedup and ada.buffer_rows == 101
+  assert terms(ada_pc.global_terms)["collectives"] == 1 and ada_pc.memory["ids"] == 256 * 4 * 4
   t = terms(ada.terms)
   assert t["sort_bytes"] == 1024 * 4
   assert t["pool_bytes"] == 2 * 32 * 4 * 8 * 4 and t["stream_bytes"] == 0  # via the index
