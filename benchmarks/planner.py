@@ -37,6 +37,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
                              " --xla_force_host_platform_device_count=8").strip()
 
 import argparse  # noqa: E402
+import math  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
@@ -48,6 +49,7 @@ import numpy as np  # noqa: E402
 from jaxrec import launch, planner  # noqa: E402
 from jaxrec.data.pipeline import make_train_iterator  # noqa: E402
 from jaxrec.embedding.collection import EmbeddingCollection  # noqa: E402
+from jaxrec.embedding.layout import ids_gather_axes  # noqa: E402
 from jaxrec.sharding import mesh as mesh_lib  # noqa: E402
 from jaxrec.sharding.plan import Plan, TablePlacement, uniform_plan  # noqa: E402
 from jaxrec.train import loop  # noqa: E402
@@ -94,14 +96,18 @@ class StepRunner:
     jax.block_until_ready((self.state, metrics))
 
   def padded_ids(self, batch_size: int) -> dict:
-    """Id slots each device handles per step, summed over stacks: `gathered` = B * sum of
-    the features' max_len (the all-gathered ids, each feature at its own bag size) and
-    `lookup` = B * W * L (W = most features on one `table` slice, L the stack's longest bag:
-    what the dedup sort runs over, and the pooling gather and its scatter-add transpose for
-    kinds split over `table`)."""
-    feats = self.collection.features
-    gathered = sum(batch_size * feats[i].max_len for l in self.collection.layouts
-                   for i in l.features)
+    """Id slots each device handles per step, summed over stacks: `gathered` = B * M / N *
+    sum of the features' max_len (the all-gathered ids, each feature at its own bag size,
+    from the M of N devices along `layout.ids_gather_axes`) and `lookup` = B * W * L (W =
+    most features on one `table` slice, L the stack's longest bag: what the dedup sort
+    runs over, and the pooling gather and its scatter-add transpose for kinds split over
+    `table`)."""
+    coll = self.collection
+    sizes = dict(coll.layouts[0].sizes)
+    axes = ids_gather_axes(coll.layouts, [coll.dedup(l) for l in coll.layouts])
+    share = math.prod(sizes[a] for a in axes) / math.prod(sizes.values())
+    gathered = int(sum(batch_size * share * coll.features[i].max_len for l in coll.layouts
+                       for i in l.features))
     lookup = sum(batch_size * len(l.slot_features[0]) * l.max_len
                  for l in self.collection.layouts)
     return {"gathered": gathered, "lookup": lookup}

@@ -7,8 +7,8 @@ only the rows a batch uses (never a dense `[rows, dim]` gradient):
    examples it looks up (the only thing that moves; one all-gather for all stacks, over
    the axes they need, `layout.ids_gather_axes`: none for `dp` without dedup; the per-id
    weights of weighted features ride along as f32 bits), keeps the features whose tables
-   sit on its `table` slice, turns ids into local row numbers (rows it does not own become a sentinel), deduplicates
-   them (`unique`) and gathers the unique rows from its shard:
+   sit on its `table` slice, turns ids into local row numbers (rows it does not own become
+   a sentinel), deduplicates them (`unique`) and gathers the unique rows from its shard:
    `rows [n, dim/col]` per device. Replicas of a shard see the same unique set.
 2. `pool` (differentiable in `rows`). Each device pools the rows for its model-parallel
    group's part of the batch, `[group, batch/dev, features_on_slice, dim/col]`, and sends

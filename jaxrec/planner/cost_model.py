@@ -33,13 +33,13 @@ Cost terms (`COST_TERMS`), per device per step (the same on every device):
                         another device's ids in stage 1, `layout.ids_gather_axes`); 2
                         (forward + backward) per split axis of each *axes group* (stacks
                         split over the same axes send their pooled sums in one set,
-                        `local_ops.pool_all`). The
-                        stage-3 psums of stacks with replicas are independent of each
-                        other and of the dense gradients' all-reduce, which XLA combines
-                        into one: they add bytes, not launches; without dedup, stacks of
-                        the same replica axes and group shape all-gather their slot
-                        gradients together, one launch per replica axis for all of them
-                        (counted on the first such stack)
+                        `local_ops.pool_all`). The stage-3 psums of stacks with replicas
+                        are independent of each other and of the dense gradients'
+                        all-reduce, which XLA combines into one: they add bytes, not
+                        launches; without dedup, stacks of the same replica axes and
+                        group shape all-gather their slots and slot gradients together,
+                        one launch per replica axis for all of them (counted on the first
+                        such stack)
   stacks                stacks: per-stack operations on every device (select, gather, pool,
                         scatter, update, one stage-3 program each)
   sort_bytes            slots*4 per dedup stack: `unique` sorts the int32 ids
@@ -70,8 +70,8 @@ Collective bytes are bytes moved per device by a ring algorithm (what `calibrati
 Memory per device: per stack, table `rows_d*dl*e` (int8 +8 per row), optimizer state
 `rows_d*(dl*4s + 4 s_row)`, buffers `4*u + 8*n*dl + 12*slots + 8*b*G*W*dl` (unique ids,
 f32 rows and gradients; selected ids, inverse index, weights; pooled sums and gradients),
-plus `4*slots*(dl+1)` for the gathered slots and gradients of a no-dedup stack with replicas;
-plus the gathered ids `B*S*4*M/N`.
+plus `4*slots*(dl+1)` for the gathered slots and gradients of a no-dedup stack with
+replicas; plus the gathered ids `B*S*4*M/N`.
 
 Pooling factors and id distributions (`TableStats`) do not change these numbers: every
 buffer has a static size, so absent (-1) and repeated ids cost as much as present ones.
