@@ -71,9 +71,13 @@ def setup(config: ExperimentConfig, options: RunOptions, devices=None
 def device_batch(collection, batch: Batch, sharding) -> Batch:
   """Host batch → device batch split over every device, its ids packed into one array
   (`EmbeddingCollection.pack_batch`: one transfer instead of one per feature). What the
-  train and eval steps take; benchmarks place their batches with it too."""
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x),
-                      collection.pack_batch(batch))
+  train and eval steps take; benchmarks place their batches with it too. In one process the
+  local batch is the global one: `device_put` places it with less host work (criteo batch:
+  ~230 vs ~350 µs per step)."""
+  packed = collection.pack_batch(batch)
+  if jax.process_count() == 1:
+    return jax.device_put(packed, sharding)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), packed)
 
 
 def evaluate(eval_step, collection, state, eval_data, sharding, tier=None) -> dict[str, Any]:
