@@ -138,17 +138,15 @@ def lookup_stack(l, dedup, table, ids_all, gathered, pk):
     row = row - axis_index(l, "row") * l.local_rows
   sentinel = l.local_rows
   local = jnp.where((ids_sel >= 0) & (row >= 0) & (row < l.local_rows), row, sentinel)
-  flat = local.reshape(-1)
   if dedup:
-    uniq, inv = jnp.unique(flat, size=min(flat.size, l.local_rows + 1), fill_value=sentinel,
-                           return_inverse=True)
-    rows = read_rows(table, uniq)
+    uniq, inv = jnp.unique(local.reshape(-1), size=min(local.size, l.local_rows + 1),
+                           fill_value=sentinel, return_inverse=True)
     inv = group_slice(l, inv.reshape(local.shape))                      # [1,nt,nr,nc,b,Ft,L]
   else:
     group = group_slice(l, local)                                       # [1,nt,nr,nc,b,Ft,L]
     uniq = group.reshape(-1)
-    rows = read_rows(table, uniq)
     inv = jnp.arange(group.size, dtype=jnp.int32).reshape(group.shape)
+  rows = read_rows(table, uniq)
   w = pooling_weights(pk, group_slice(l, ids_all), group_slice(l, gathered))
   w_sel, _ = select_features(l, w, 0.0)
   return rows, uniq[None], inv, w_sel
