@@ -23,9 +23,10 @@ both frameworks, one after the other, on the same examples in the same order:
 All three time the steps after `--warmup` steps (compilation, first-touch allocations) to the
 last one, host batch preparation included, and then score the same eval set (exact AUC,
 log loss). On a machine shared with other work, `--repeats N` alternates them N times
-and compares the fastest run of each (every run's speed is in `runs_examples_per_sec`; the
-1-minute load average at the start of each run in `load_average_1m`), and `--nice -20`
-(as root) runs them at a higher priority than the other work. TorchRec's OpenMP threads
+(their order rotated every repeat, so none always follows the same one) and compares the
+fastest run of each (every run's speed is in `runs_examples_per_sec`; the 1-minute load
+average at the start of each run in `load_average_1m`), and `--nice -20` (as root) runs
+them at a higher priority than the other work. TorchRec's OpenMP threads
 suffer much more than XLA's thread pool when a core is taken by another process (a
 parallel region waits for its descheduled thread), so measure on a quiet machine or with
 both of these before trusting a ratio. Prints one JSON line per framework and a summary line
@@ -389,14 +390,18 @@ def main():
     nv_cmd = [sys.executable, NAIVE_RUNNER, "--batch_size", str(bs), "--lr", "0.1",
               "--rows", str(config.tables[0].rows),
               "--dim", str(config.tables[0].dim)] + common_flags
-    # Alternate the frameworks so that load from other processes hits all alike.
+    # Alternate the frameworks so that load from other processes hits all alike, and
+    # rotate their order every repeat so that none always runs right after the same one.
+    cmds = {"jaxrec": jx_cmd}
+    if skip is None:
+      cmds["torchrec"] = tr_cmd
+    if not args.skip_naive:
+      cmds["naive_jax"] = nv_cmd
     runs = {"jaxrec": [], "torchrec": [], "naive_jax": []}
-    for _ in range(args.repeats):
-      runs["jaxrec"].append(_run_json(_pin(jx_cmd, args.nice), env, "jaxrec"))
-      if skip is None:
-        runs["torchrec"].append(_run_json(_pin(tr_cmd, args.nice), env, "torchrec"))
-      if not args.skip_naive:
-        runs["naive_jax"].append(_run_json(_pin(nv_cmd, args.nice), env, "naive_jax"))
+    names = list(cmds)
+    for r in range(args.repeats):
+      for name in names[r % len(names):] + names[:r % len(names)]:
+        runs[name].append(_run_json(_pin(cmds[name], args.nice), env, name))
     jx = _best(runs["jaxrec"])
     emit(NAME, **jx)
     vs_naive = {}
