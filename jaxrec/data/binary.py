@@ -31,7 +31,7 @@ import numpy as np
 from jaxrec.data import tsv
 from jaxrec.data.batch import Batch
 from jaxrec.data.source import GrainMixin, Layout
-from jaxrec.errors import DataError
+from jaxrec.errors import ConfigError, DataError
 
 FORMAT = "jaxrec.binary"
 VERSION = 1
@@ -110,6 +110,8 @@ def write(inputs: Sequence[str], output: str, layout: Layout, bad_rows: str = "e
 
   Streams: memory stays at a few chunks whatever the input size.
   """
+  if shard_examples <= 0:
+    raise ConfigError(f"shard_examples must be positive, got {shard_examples}")
   if is_preprocessed(output):
     raise DataError(f"{output}: already holds a preprocessed dataset ({MANIFEST}); "
                     "remove it or choose another --output")
@@ -168,6 +170,8 @@ def read_manifest(directory: str) -> dict:
                       f"({dtype.itemsize} bytes)")
     if sum(int(s["num_examples"]) for s in m["shards"]) != int(m["num_examples"]):
       raise DataError(f"{path}: shard sizes do not add up to num_examples {m['num_examples']}")
+    for f in m["features"]:
+      str(f["name"]), int(f["rows"])
     for s in m["shards"]:
       str(s["file"]), int(s["bytes"]), str(s["sha256"])
   except (KeyError, TypeError, ValueError) as e:
@@ -285,7 +289,6 @@ def preprocess(input_path: str, output: str, features, rows, bad_rows: str = "er
   table name -> rows (or the `TableSpec`s). Returns the manifest.
   """
   from jaxrec.data.source import make_layout
-  from jaxrec.errors import ConfigError
   if bad_rows not in tsv.BAD_ROWS:
     raise ConfigError(f"--bad_rows must be one of {tsv.BAD_ROWS}, got '{bad_rows}'")
   if len(features) != num_categorical:

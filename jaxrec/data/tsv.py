@@ -73,8 +73,11 @@ _REASONS = {
 
 
 def list_files(path: str) -> list[str]:
-  """A file, a directory (its non-hidden files) or a glob -> sorted file paths."""
-  if any(c in path for c in "*?["):
+  """A file, a directory (its non-hidden files) or a glob -> sorted file paths.
+
+  An existing path is taken literally, also when its name holds `*`, `?` or `[`.
+  """
+  if any(c in path for c in "*?[") and not os.path.exists(path):
     files = sorted(p for p in globlib.glob(path) if os.path.isfile(p))
     if not files:
       raise DataError(f"{path}: no files match this pattern")
@@ -350,8 +353,10 @@ def _parse_floats(a: np.ndarray, s: np.ndarray, e: np.ndarray) -> tuple[np.ndarr
         vals[i] = float(t)
       except ValueError:
         bad[i] = True
+  with np.errstate(over="ignore"):
+    vals = vals.astype(np.float32)  # checked as stored: `1e39` is inf in float32
   bad |= ~np.isfinite(vals) | too_long | (e <= s)
-  return np.where(bad, 0.0, vals).astype(np.float32), bad
+  return np.where(bad, np.float32(0), vals), bad
 
 
 class BadRowPolicy:

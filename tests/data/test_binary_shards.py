@@ -103,6 +103,8 @@ def _corrupt_manifest(out, fn):
     (lambda out: _corrupt_manifest(out, lambda m: m.update(version=9)), "format version 9"),
     (lambda out: _corrupt_manifest(out, lambda m: m.update(num_examples=301)), "do not add up"),
     (lambda out: _corrupt_manifest(out, lambda m: m.update(record_bytes=100)), "record_bytes"),
+    (lambda out: _corrupt_manifest(out, lambda m: m["features"][3].pop("rows")),
+     "malformed manifest .*'rows'"),
     (lambda out: os.remove(os.path.join(out, binary.MANIFEST)), "missing"),
 ])
 def test_damaged_dataset(dataset, damage, what):

@@ -39,3 +39,13 @@ def test_preprocess_and_errors(tmp_path, tsv_file):
   assert "no such file or directory" in r.stderr
   r = run(f"--input={path}", f"--output={tmp_path / 'o4'}", "--rows=1,2")
   assert r.returncode == 1 and "--rows: 2 values given, 26" in r.stderr
+
+
+def test_shard_examples_must_be_positive(tmp_path, tsv_file):
+  path = tsv_file([lib.line(), lib.line("0")])
+  for n in ["0", "-5"]:  # used to loop forever, writing empty shard files
+    out = tmp_path / f"o{n}"
+    r = run(f"--input={path}", f"--output={out}", "--rows=100", f"--shard_examples={n}")
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"error: shard_examples must be positive, got {n}"), r.stderr
+    assert not os.path.exists(out)

@@ -82,6 +82,17 @@ def test_files_dirs_and_globs(tmp_path):
     np.testing.assert_array_equal(read(files).examples.labels, [0, 1])
 
 
+def test_existing_paths_with_glob_characters_are_literal(tmp_path):
+  d = tmp_path / "run[1]"
+  d.mkdir()
+  lib.write(d / "day_0", [lib.line("0")])
+  (tmp_path / "run1").mkdir()  # what `run[1]` means as a pattern
+  lib.write(tmp_path / "run1" / "day_0", [lib.line("1")])
+  assert tsv.list_files(str(d)) == [str(d / "day_0")]
+  assert tsv.list_files(str(d / "day_0")) == [str(d / "day_0")]
+  assert tsv.list_files(str(tmp_path / "run[0-9]" / "*")) == [str(tmp_path / "run1" / "day_0")]
+
+
 def _bad(label="1", dense=None, cats=None, col=None, value=None):
   dense = dense or [str(i) for i in range(13)]
   cats = cats or [f"{k:x}" for k in range(26)]
@@ -125,6 +136,7 @@ def test_malformed_rows_name_file_line_and_column(tsv_file, bad_line, where, wha
     ("1,", 3, False, "empty id"),
     ("1:x", 2, True, "bad weight"),
     ("1:nan", 2, True, "bad weight"),
+    ("1:1e39", 2, True, "bad weight"),  # finite as float64, inf as float32
     ("1:0.5:2", 2, True, "bad weight"),
     ("1:0.5", 2, False, "not hex"),
 ])
