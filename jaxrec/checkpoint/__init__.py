@@ -4,7 +4,8 @@
                       read_only=False)                      gin-configurable
       .save(step, state, collection, data_state=None, meta=None, force=False) -> bool
       .wait() / .close()                                    (also a context manager)
-      .restore(target, collection, step=None, require_finite=False) -> Restored | None
+      .restore(target, collection, step=None, require_finite=False, init=None)
+                                                            -> Restored | None
       .restore_latest(target, collection) -> (state, data_state) | None
       .all_steps() / .latest_step() / .latest_valid_step(full=False) / .check(step, full)
       .save_arrays(step, tables, table_opt=None, ...)       tables-only checkpoints (import)

@@ -331,5 +331,9 @@ def import_torchrec(npz_path, output, step: int = 0) -> list[str]:
   with CheckpointManager(output, max_to_keep=None, async_save=False) as mgr:
     if step in mgr.all_steps():
       raise ConfigError(f"{mgr.step_dir(step)} already exists")
+    if mgr.all_steps() and mgr.latest_step() > step:   # a run resumes from the newest
+      raise ConfigError(f"{output} holds step {mgr.latest_step()}, which a run would resume "
+                        f"from instead of the import: pass --step={mgr.latest_step() + 1} or "
+                        "a fresh --output")
     mgr.save_arrays(step, tables, meta={"imported_from": "torchrec", "source": str(npz_path)})
   return sorted(tables)

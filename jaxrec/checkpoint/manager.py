@@ -135,6 +135,9 @@ class CheckpointManager:
   def __init__(self, directory: epath.PathLike, max_to_keep: int | None = 3,
                save_every: int = 0, async_save: bool = True, read_only: bool = False,
                chunk_bytes: int = tables_lib.CHUNK_BYTES):
+    if max_to_keep is not None and max_to_keep < 1:   # orbax would delete every checkpoint
+      raise ConfigError(f"max_to_keep (--keep_checkpoints) must be at least 1, got "
+                        f"{max_to_keep}: fewer would delete every checkpoint, the last included")
     self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
     self.save_every = int(save_every)
     self.read_only = read_only
@@ -227,7 +230,7 @@ class CheckpointManager:
                   table_opt: Mapping[str, Mapping[str, np.ndarray]] | None = None,
                   data_state: Mapping | None = None, meta: Mapping | None = None) -> None:
     """Saves per-table host arrays alone as checkpoint `step` (tools: import). A run
-    restoring it takes dense values from its `target`; see `restore`."""
+    restoring it takes dense values from `init` or its `target`; see `restore`."""
     arrays, pieces = {}, []
     for name, x in tables.items():
       arrays[tables_lib.table_name(name)] = (tuple(x.shape), str(x.dtype))
@@ -291,7 +294,7 @@ class CheckpointManager:
 
   # ----------------------------------------------------------------------------- restore
   def restore(self, target: Mapping, collection, step: int | None = None,
-              require_finite: bool = False) -> Restored | None:
+              require_finite: bool = False, init=None) -> Restored | None:
     """Restores the newest usable checkpoint (at or before `step` when given).
 
     Tries steps newest first. A step that cannot be read or fails its fingerprint check
@@ -304,12 +307,17 @@ class CheckpointManager:
       target: the new run's state or its dense part, `{"params", "opt_state", "rng"[,
         "step"]}`, as arrays (e.g. the freshly created state) or `ShapeDtypeStruct`s with
         shardings; `emb` is ignored. Leaves give shape, dtype and placement. Dense keys the
-        checkpoint lacks (an imported TorchRec checkpoint holds only tables) are taken
-        from `target`, which must then hold arrays.
+        checkpoint lacks (an imported TorchRec checkpoint holds only tables) come from
+        `init` when given, else from `target`, which must then hold arrays; its step is
+        then the directory's.
       collection: the new run's `EmbeddingCollection`, any mesh and plan; tables are
         placed with `collection.shardings()`, each device reading only its shard.
       step: newest step to consider; None: the latest.
       require_finite: skip checkpoints with non-finite values (rollback after NaN).
+      init: optional; called (no arguments) for fresh values (arrays, e.g.
+        `state.create_dense`) of the dense keys the checkpoint lacks, which then do not come
+        from `target` (a NaN rollback to a tables-only import must not keep the diverged
+        dense parameters).
 
     Returns:
       `Restored(state, data_state, meta)`, or None if `directory` has no checkpoint.
@@ -332,7 +340,7 @@ class CheckpointManager:
     skipped = []
     for s in reversed(steps):
       try:
-        restored = self._restore_step(s, collection, target)
+        restored = self._restore_step(s, collection, target, init)
       except ConfigError:
         raise
       except Exception as e:  # pylint: disable=broad-except
@@ -358,7 +366,7 @@ class CheckpointManager:
     restored = self.restore(target, collection)
     return None if restored is None else (restored.state, restored.data_state)
 
-  def _restore_step(self, step, collection, target) -> Restored:
+  def _restore_step(self, step, collection, target, init=None) -> Restored:
     step_dir = self.step_dir(step)
     json_items = self._mgr.restore(step, args=ocp.args.Composite(**{
         MANIFEST: ocp.args.JsonRestore(), DATA_STATE: ocp.args.JsonRestore(),
@@ -379,14 +387,17 @@ class CheckpointManager:
     dense, (emb, table_prints) = restored[STATE], restored[TABLES]
     self._verify(dense, manifest, table_prints, step_dir)
 
-    state = {}
+    state, fresh = {}, None
     for key in canonical_lib.DENSE_KEYS:
       if key in dense:
         state[key] = _wrap_keys(dense[key], target.get(key), manifest.get("key_impls", {}), key)
+      elif key == "step":   # a tables-only checkpoint: its step is the directory's
+        state[key] = jax.device_put(jnp.int32(step), NamedSharding(collection.mesh, P()))
+      elif init is not None:   # ... and its dense values fresh, even when `target` has some
+        fresh = init() if fresh is None else fresh
+        state[key] = fresh[key]
       elif key in target:
         state[key] = target[key]
-    if "step" not in state or isinstance(state["step"], jax.ShapeDtypeStruct):
-      state["step"] = jax.device_put(jnp.int32(step), NamedSharding(collection.mesh, P()))
     missing = [k for k, v in state.items()
                if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(v))]
     if missing:

@@ -137,11 +137,14 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
     """Points the offload tier and the data stream at a restored checkpoint."""
     if tier is not None:
       tier.restore(int(restored.state["step"]), snapshots)
-    train_it.set_state(restored.data_state)
+    train_it.set_state(restored.data_state or initial_data_state)   # {}: a tables-only import
     return restored.state
 
   start = 0
-  restored = ckpt.restore(state, collection)
+  def fresh_dense():   # the dense values a tables-only checkpoint (an import) lacks
+    return state_lib.create_dense(config, collection, options.seed)
+
+  restored = ckpt.restore(state, collection, init=fresh_dense)
   if restored is not None:
     state = resume_from(restored)
     start = int(state["step"])
@@ -214,7 +217,7 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
                               f"checkpoint in {ckpt.directory} is untouched")
         rollbacks += 1
         skip_positions.add(bad_position)
-        restored = ckpt.restore(state, collection, require_finite=True)
+        restored = ckpt.restore(state, collection, require_finite=True, init=fresh_dense)
         if restored is None:      # nothing saved yet: start over from the initial state
           state = state_lib.create(config, collection, options.seed)
           if tier is not None:

@@ -30,8 +30,15 @@ def init_dense(config: ExperimentConfig, key: jax.Array, dim: int) -> Any:
 
 def create(config: ExperimentConfig, collection: EmbeddingCollection, seed: int) -> TrainState:
   """Fresh state placed on the collection's mesh. Values depend only on `seed`."""
-  key = jax.random.key(seed)
-  k_emb, k_dense, k_rng = jax.random.split(key, 3)
+  k_emb = jax.random.split(jax.random.key(seed), 3)[0]
+  return {**create_dense(config, collection, seed), "emb": collection.init(k_emb)}
+
+
+def create_dense(config: ExperimentConfig, collection: EmbeddingCollection, seed: int
+                 ) -> TrainState:
+  """`create`'s state without `emb` (the same values): what a tables-only checkpoint (a
+  TorchRec import) lacks, without initialising tables only to drop them."""
+  _, k_dense, k_rng = jax.random.split(jax.random.key(seed), 3)
   tx = config.dense_tx()
   rep = NamedSharding(collection.mesh, P())
 
@@ -44,7 +51,6 @@ def create(config: ExperimentConfig, collection: EmbeddingCollection, seed: int)
       "step": jax.device_put(jnp.zeros((), jnp.int32), rep),
       "params": params,
       "opt_state": opt_state,
-      "emb": collection.init(k_emb),
       "rng": jax.device_put(jax.random.key_data(k_rng), rep),
   }
 

@@ -150,6 +150,52 @@ def test_torchrec_import(tmp_path):
   h.assert_dense_equal(dict(target, step=restored.state["step"]), restored.state)
 
 
+def test_torchrec_import_refuses_to_hide_behind_newer_checkpoints(saved, tmp_path):
+  """A run resumes from the newest step: importing as an older one would be ignored."""
+  path, coll, _ = saved
+  out = tmp_path / "ckpt"
+  shutil.copytree(path, out)
+  npz = tmp_path / "ebc.npz"
+  np.savez(npz, **{f"embedding_bags.{t.name}.weight": np.zeros((t.rows, t.dim), np.float32)
+                   for t in coll.tables})
+  with pytest.raises(ConfigError, match=r"step 4,.*--step=5"):
+    convert.import_torchrec(npz, out, step=0)
+  assert convert.import_torchrec(npz, out, step=5) == sorted(t.name for t in coll.tables)
+  with CheckpointManager(out) as mgr:
+    assert mgr.all_steps() == [2, 4, 5]
+
+
+def test_train_starts_from_torchrec_import(tmp_path):
+  """scripts/train.py on a workdir holding only an imported checkpoint (tables, no dense
+  part, no data state) trains from the imported tables with its own dense initialisation."""
+  rows = (300, 50)
+  weights = {f"t{i}": np.random.default_rng(i).standard_normal((r, 16)).astype(np.float32)
+             for i, r in enumerate(rows)}
+  npz = tmp_path / "ebc.npz"
+  np.savez(npz, **{f"embedding_bags.{n}.weight": w for n, w in weights.items()})
+  work = tmp_path / "w"
+  convert.import_torchrec(npz, work / "checkpoints")
+  bindings = ["uniform_tables.num_tables=2", f"uniform_tables.rows={list(rows)}",
+              "uniform_tables.max_len=[1, 2]", "ExperimentConfig.batch_size=16",
+              "ExperimentConfig.eval_batch_size=32", "ExperimentConfig.num_eval_examples=32",
+              "DLRM.bottom_mlp=(8,16)", "DLRM.top_mlp=(8,1)"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train.py"),
+                         f"--workdir={work}", "--gin_file=configs/dlrm_synthetic.gin",
+                         "--num_steps=2", "--mesh=row=2", "--plan=rw", "--progress=false",
+                         *[f"--gin_bindings={b}" for b in bindings]],
+                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = tmp_path / "final.npz"
+  assert convert.export_npz(work / "checkpoints", out) == 2
+  with np.load(out) as z:
+    assert json.loads(str(z["metadata"]))["data_state"]["position"] == 2 * 16
+    for name, w in weights.items():   # SGD: rows no batch touched keep their imported value
+      same = np.all(z[f"tables/{name}"] == w, axis=1)
+      assert same.sum() >= rows[int(name[1:])] - 2 * 16 * 2, name
+
+
 def test_script(saved, tmp_path):
   path, coll, state = saved
   out = tmp_path / "c.npz"

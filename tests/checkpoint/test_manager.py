@@ -76,6 +76,36 @@ def test_save_every_retention_and_existing_step(tmp_path, coll):
     assert mgr.all_steps() == [6, 7]
 
 
+@pytest.mark.parametrize("keep", [0, -1])
+def test_max_to_keep_below_one_is_refused(tmp_path, keep):
+  """`--keep_checkpoints=0` made orbax delete every checkpoint, the final one included."""
+  with pytest.raises(ConfigError, match=f"--keep_checkpoints.*{keep}"):
+    CheckpointManager(tmp_path, max_to_keep=keep)
+  assert not os.listdir(tmp_path)
+
+
+def test_tables_only_checkpoint_takes_dense_values_from_init(tmp_path, coll):
+  """A tables-only checkpoint (an import) restored with `init`: the dense part is init's
+  even when `target` holds arrays (a NaN rollback passes the diverged state as target),
+  the tables are the saved ones; without `init` the dense part is target's."""
+  tables, opt = h.per_table_values(coll, seed=3)
+  diverged = h.train_state(coll, seed=1, step=9)
+  fresh = h.train_state(coll, seed=2)
+  with CheckpointManager(tmp_path) as mgr:
+    mgr.save_arrays(5, tables, opt)
+    got = mgr.restore(diverged, coll, init=lambda: {k: v for k, v in fresh.items()
+                                                    if k != "emb"})
+    plain = mgr.restore(diverged, coll)
+  expect = {**fresh, "step": jnp.int32(5)}
+  h.assert_dense_equal(got.state, expect)
+  h.assert_dense_equal(plain.state, {**diverged, "step": jnp.int32(5)})
+  saved = jax.device_get(coll.unstack_tables(got.state["emb"]))
+  for name, x in tables.items():
+    np.testing.assert_array_equal(saved[0][name], x)
+    for k, v in opt[name].items():
+      np.testing.assert_array_equal(saved[1][name][k], v)
+
+
 def test_no_checkpoint_returns_none(tmp_path, coll):
   with CheckpointManager(tmp_path / "ckpt") as mgr:
     assert mgr.restore(h.dense(coll.mesh), coll) is None
