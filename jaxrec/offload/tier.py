@@ -54,10 +54,10 @@ import numpy as np
 from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.embedding.specs import TableSpec
-from jaxrec.errors import ConfigError, DataError, JaxrecError
+from jaxrec.errors import ConfigError, JaxrecError
 from jaxrec.offload import snapshots
 from jaxrec.offload.buffer import HostBuffer
-from jaxrec.offload.cache import CacheMap
+from jaxrec.offload.cache import CacheMap, batch_rows
 from jaxrec.offload.config import OffloadConfig, OffloadError, check_tables
 from jaxrec.offload.device import DeviceOps, cache_places, global_rows, pad_rows, padded
 from jaxrec.offload.evictions import Eviction, newest_in_flight
@@ -227,7 +227,15 @@ class OffloadTier:
 
   def reset(self) -> None:
     """Back to the initial tables (a run restarted from its initial state): the stores
-    are written afresh on the next batch and the caches emptied."""
+    are written afresh on the next batch and the caches emptied. Raises `OffloadError`
+    for a table opened from `existing` arrays: training updated them in place."""
+    opened = [t for t in self.tables.values() if t.store.off.init == "existing"]
+    if opened and self._store_ready:
+      t = opened[0]
+      raise OffloadError(f"offloaded table '{t.spec.name}' started from the existing arrays at "
+                         f"'{t.store.path}' (init='existing'), which training has updated in "
+                         "place: they cannot be reset to their initial values (restart from a "
+                         "checkpoint, or from a copy of the arrays)")
     self._reset_all()
     self._store_ready = False
 
@@ -239,7 +247,7 @@ class OffloadTier:
     self._drain_fetches()
     payload, ids = {}, dict(batch.ids)
     for name, t in self.tables.items():
-      uniq, _ = self._unique(t, batch)
+      uniq, _ = batch_rows(t.spec, t.features, batch)
       if len(uniq) > t.cache.cache_rows:
         raise ConfigError(f"offloaded table '{name}': an eval batch reads {len(uniq)} distinct "
                           f"rows, more than its cache of {t.cache.cache_rows}; lower the eval "
@@ -286,6 +294,8 @@ class OffloadTier:
     self._ensure_store()
     self._start_threads()
     self._paused.clear()
+    if self._exhausted:
+      raise StopIteration
     t0 = time.perf_counter()
     if self.config.prefetch_depth == 0:
       plan = self._plan_next()
@@ -298,6 +308,8 @@ class OffloadTier:
           self._raise_error()
       if plan is None:
         self._raise_error()
+        self._exhausted = True    # the source ended and every planned batch was handed out
+        raise StopIteration
     self._stats["stall_s"] += time.perf_counter() - t0
     self._handed.append(plan)
     self._last_state = plan.data_state
@@ -320,10 +332,16 @@ class OffloadTier:
     """Plans the next batch (see module docstring); runs on the planner thread."""
     t0 = time.perf_counter()
     horizon = self.config.horizon
-    while len(self._window) < horizon + 1:
-      raw = next(self._source)
-      self._window.append((raw, self._source.get_state(),
-                           {n: self._unique(t, raw) for n, t in self.tables.items()}))
+    while len(self._window) < horizon + 1 and not self._source_done:
+      try:
+        raw = next(self._source)
+      except StopIteration:   # a finite source: the batches read ahead are still planned
+        self._source_done = True
+        break
+      rows = {n: batch_rows(t.spec, t.features, raw) for n, t in self.tables.items()}
+      self._window.append((raw, self._source.get_state(), rows))
+    if not self._window:
+      raise StopIteration
     raw, data_state, uniq = self._window.popleft()
     seq = self._seq
     self._seq += 1
@@ -361,16 +379,6 @@ class OffloadTier:
     self._stats["plan_s"] += time.perf_counter() - t0
     return _Plan(seq, raw.replace(ids=ids), data_state,
                  self.ops.put(payload) if any_new else None, installs, evictions, bounces)
-
-  def _unique(self, t: _Table, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.concatenate([np.asarray(batch.ids[f]).reshape(-1) for f in t.features])
-    ids = ids[ids >= 0]
-    if ids.size and (ids.max() >= t.spec.rows or ids.min() < -1):
-      bad = ids[ids >= t.spec.rows][0]
-      raise DataError(f"offloaded table '{t.spec.name}' ({t.spec.rows} rows): id {bad} is out "
-                      f"of range [0, {t.spec.rows})")
-    u, c = np.unique(ids.astype(np.int64), return_counts=True)
-    return u, c
 
   def _start_read(self, t: _Table, rows: np.ndarray):
     """Starts fetching the newest values of missing `rows`. Returns the rows to copy on
@@ -447,6 +455,7 @@ class OffloadTier:
     self._installed = self._fetched = 0
     self._error: BaseException | None = None
     self._last_state = None
+    self._source_done = self._exhausted = False
     self._seq = 0
     self._pad: dict[str, int] = {}
 
@@ -524,13 +533,18 @@ class OffloadTier:
 
   def _plan_loop(self) -> None:
     while not self._stop.is_set():
-      plan = self._plan_next()
+      try:
+        plan = self._plan_next()
+      except StopIteration:
+        plan = None   # end of the source, after the plans queued (not an error: no abort)
       while not self._stop.is_set():
         try:
           self._plan_q.put(plan, timeout=_POLL)
           break
         except queue.Full:
           pass
+      if plan is None:
+        return
 
   def _fetch_loop(self) -> None:
     while True:
@@ -572,6 +586,10 @@ class OffloadTier:
       while self._fetched < self._installed:
         if self._error is not None:
           break
+        if self._stop.is_set():   # closed: the fetcher is gone, waiting would never end
+          raise OffloadError(f"the offload tier was closed with "
+                             f"{self._installed - self._fetched} evictions not yet copied to "
+                             "host (their rows are lost); call flush or save before close")
         self._cv.wait(_POLL)
     self._raise_error()
 

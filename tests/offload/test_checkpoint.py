@@ -1,6 +1,9 @@
 """Offloaded tables in checkpoints: consistent snapshots, restore on another device count,
 write-back failures that leave the last snapshot valid."""
 
+import re
+import threading
+
 import jax
 import numpy as np
 import pytest
@@ -150,3 +153,49 @@ def test_rollback_reset_and_skipped_batches_as_the_trainer_does_them(tmp_path):
     np.testing.assert_allclose(run.losses, ref.losses[:6], rtol=0, atol=1e-6)
   finally:
     run.close()
+
+
+def test_save_after_close_is_an_error_not_a_hang(tmp_path):
+  """`close` stops the fetcher: evictions it had not copied back cannot be saved."""
+  run = Run(experiment("sgd"), mesh_of(),
+            offload_config(tmp_path / "store", cache_rows=300, prefetch_depth=2)).train(6)
+  run.tier._fetch_q.put(None)      # the fetcher stops: the next evictions stay on the device
+  run.train(2)
+  run.close()
+  errors = []
+
+  def save():
+    try:
+      run.tier.save(run.state, 8, str(tmp_path / "snaps"))
+    except offload.OffloadError as e:
+      errors.append(e)
+  thread = threading.Thread(target=save, daemon=True)
+  thread.start()
+  thread.join(60)
+  assert not thread.is_alive(), "save after close hangs"
+  assert len(errors) == 1 and re.search("closed with [1-9][0-9]* evictions not yet",
+                                        str(errors[0]))
+  assert offload.snapshots.steps(str(tmp_path / "snaps")) == []
+
+
+def test_reset_refuses_existing_arrays_trained_in_place(tmp_path):
+  """`init='existing'` trains the arrays at `path` in place, so a restart from the initial
+  state (`reset`, the loop's NaN rollback before any checkpoint) cannot give them back:
+  a clear error, where it used to reopen the trained rows as if they were initial."""
+  first = Run(experiment("sgd"), mesh_of(), offload_config(tmp_path / "store")).train(2)
+  first.full_tables()               # flushed: the arrays at the path are complete
+  first.close()
+  run = Run(experiment("sgd"), mesh_of(),
+            offload_config(tmp_path / "store", table={"init": "existing"})).train(3)
+  try:
+    with pytest.raises(offload.OffloadError, match=r"table 'big' started from the existing "
+                       r"arrays at .*store.* updated in place"):
+      run.tier.reset()
+  finally:
+    run.close()
+  fresh = Run(experiment("sgd"), mesh_of(), offload_config(tmp_path / "other")).train(2)
+  try:
+    fresh.tier.reset()              # random init: written afresh on the next batch
+    fresh.train(1)
+  finally:
+    fresh.close()

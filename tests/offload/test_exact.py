@@ -5,7 +5,8 @@ import pytest
 
 from jaxrec.train import state as state_lib
 from jaxrec.train import step as step_lib
-from tests.offload.offload_helpers import Run, experiment, mesh_of, offload_config
+from tests.offload.offload_helpers import (Run, experiment, mesh_of, offload_config,
+                                          train_iterator)
 
 
 def _compare(ref, off, atol=1e-6):
@@ -63,3 +64,79 @@ def test_eval_view_reads_newest_rows(tmp_path):
     np.testing.assert_allclose(off.losses, ref.losses, rtol=0, atol=1e-6)
   finally:
     off.close()
+
+
+class _Finite:
+  """The first `n` batches of the training stream, then StopIteration (one epoch)."""
+
+  def __init__(self, n):
+    self.it, self.n, self.i = train_iterator(0), n, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self.i >= self.n:
+      raise StopIteration
+    self.i += 1
+    return next(self.it)
+
+  def get_state(self):
+    return dict(self.it.get_state(), i=self.i)
+
+  def set_state(self, state):
+    self.it.set_state({k: v for k, v in state.items() if k != "i"})
+    self.i = state["i"]
+
+
+def _epoch(run):
+  for batch in run.it:
+    if run.tier is not None:
+      run.state = run.tier.before_step(run.state, batch)
+    run.state, metrics = run.step_fn(run.state, run.put(batch))
+    run.losses.append(float(metrics["loss"]))
+  return run
+
+
+@pytest.mark.parametrize("kw", [dict(prefetch_depth=3), dict(prefetch_depth=0, protect_ahead=2)])
+def test_finite_source_trains_every_batch_and_flushes_at_the_end(tmp_path, kw):
+  """The batches read ahead when the source ends are still handed out, then StopIteration;
+  the tier stays usable (flush) after the end."""
+  cfg = experiment("adagrad")
+  ref = _epoch(Run(cfg, mesh_of(), iterator=_Finite(12)))
+  off = _epoch(Run(cfg, mesh_of(), offload_config(tmp_path, cache_rows=300, **kw),
+                   iterator=_Finite(12)))
+  try:
+    assert len(off.losses) == len(ref.losses) == 12
+    with pytest.raises(StopIteration):
+      next(off.it)
+    _compare(ref, off)
+  finally:
+    off.close()
+
+
+class _BadId(_Finite):
+  """Batch 3 of the stream has id -2 (malformed data) in the multi-hot feature."""
+
+  def __next__(self):
+    batch = super().__next__()
+    if self.i == 3:
+      ids = np.array(batch.ids["f_big2"])
+      ids[5, 1] = -2
+      batch = batch.replace(ids=dict(batch.ids, f_big2=ids))
+    return batch
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_malformed_id_is_a_data_error_as_on_the_device(tmp_path, depth):
+  """Ids below -1 are rejected (`check_ids` sees only cache slots), not read as absent."""
+  from jaxrec.errors import DataError
+  run = Run(experiment("sgd"), mesh_of(), offload_config(tmp_path, prefetch_depth=depth),
+            iterator=_BadId(10))
+  try:
+    with pytest.raises(DataError, match=r"feature 'f_big2' \(offloaded table 'big', 10000 "
+                       r"rows\): id -2 is out of range"):
+      _epoch(run)
+    assert len(run.losses) <= 2          # with look-ahead the error comes earlier
+  finally:
+    run.close()
