@@ -16,7 +16,10 @@ The manifest is written last (atomically), so a directory without one is not a d
 Readers memory-map the shards: example `i` is one fixed-size read, so any permutation is
 cheap and each process touches only the examples it takes. On open the reader checks the
 manifest against the configured features (count, bag sizes, weights, row counts) and each
-shard's size and sha256; any mismatch raises `DataError`.
+shard's size and sha256; any mismatch raises `DataError`. A shard whose sha256 matched is
+recorded in `DIR/.verified.json` with its size, mtime and inode, and later opens skip
+hashing it while those are unchanged (hashing a Criteo-1TB-sized dataset takes minutes, on
+every open by every process); a read-only directory is hashed on every open.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from jaxrec.errors import ConfigError, DataError
 FORMAT = "jaxrec.binary"
 VERSION = 1
 MANIFEST = "manifest.json"
+VERIFIED = ".verified.json"   # shards whose sha256 matched, by size, mtime and inode
 SHARD_EXAMPLES = 1 << 22
 
 
@@ -71,6 +75,39 @@ def _sha256(path: str) -> str:
     for block in iter(lambda: f.read(1 << 22), b""):
       h.update(block)
   return h.hexdigest()
+
+
+def _file_identity(path: str) -> list[int]:
+  st = os.stat(path)
+  return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _verify_shards(directory: str, shards: Sequence[dict]) -> None:
+  """Checks each shard's sha256 against the manifest, skipping those `VERIFIED` records
+  as already matched with the file's current size, mtime and inode."""
+  record_path = os.path.join(directory, VERIFIED)
+  try:
+    with open(record_path) as f:
+      seen = json.load(f)
+  except (OSError, ValueError):
+    seen = {}
+  seen = seen if isinstance(seen, dict) else {}
+  fresh = {}
+  for s in shards:
+    path = os.path.join(directory, s["file"])
+    ident = _file_identity(path)
+    if seen.get(s["file"]) != {"identity": ident, "sha256": s["sha256"]}:
+      if _sha256(path) != s["sha256"]:
+        raise DataError(f"{path}: sha256 checksum does not match {MANIFEST} (corrupt shard)")
+    fresh[s["file"]] = {"identity": ident, "sha256": s["sha256"]}
+  if fresh != seen:
+    tmp = f"{record_path}.tmp-{os.getpid()}"
+    try:   # best effort: other processes may race (same content), the dir may be read-only
+      with open(tmp, "w") as f:
+        json.dump(fresh, f)
+      os.replace(tmp, record_path)
+    except OSError:
+      pass
 
 
 class _ShardWriter:
@@ -221,8 +258,8 @@ class BinarySource(GrainMixin):
       if size != int(s["bytes"]) or size != int(s["num_examples"]) * self._dtype.itemsize:
         raise DataError(f"{path}: {size} bytes, the manifest says {s['num_examples']} records "
                         f"of {self._dtype.itemsize} bytes ({s['bytes']} bytes)")
-      if verify_checksums and _sha256(path) != s["sha256"]:
-        raise DataError(f"{path}: sha256 checksum does not match {MANIFEST} (corrupt shard)")
+    if verify_checksums:
+      _verify_shards(directory, m["shards"])
     self.num_examples = int(m["num_examples"])
     self._offsets = np.cumsum([0] + [int(s["num_examples"]) for s in m["shards"]])
     self._open()

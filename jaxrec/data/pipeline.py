@@ -66,7 +66,8 @@ def open_source(source: str, features: Sequence[FeatureSpec],
     bad_rows: "error" (default) raises on the first malformed row; "skip" drops and counts.
     num_dense, num_categorical: TSV columns (Criteo: 13 and 26); `num_categorical` must
       equal `len(features)`.
-    verify_checksums: check each binary shard's sha256 on open.
+    verify_checksums: check each binary shard's sha256 on open (once per unchanged file,
+      see `binary`).
     synthetic: generator knobs (default: `SyntheticConfig()`, gin-configurable).
   """
   if bad_rows not in tsv.BAD_ROWS:

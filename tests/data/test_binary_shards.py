@@ -114,6 +114,30 @@ def test_damaged_dataset(dataset, damage, what):
     binary.BinarySource(out, lay)
 
 
+def test_checksums_are_hashed_once_per_unchanged_shard(dataset, monkeypatch):
+  """A shard whose sha256 matched is not hashed again until its size, mtime or inode
+  change: a rewritten shard is hashed (and caught) on the next open."""
+  _, out, lay = dataset
+  hashed = []
+  real = binary._sha256
+  monkeypatch.setattr(binary, "_sha256", lambda p: hashed.append(os.path.basename(p)) or real(p))
+  binary.BinarySource(out, lay)
+  assert sorted(hashed) == ["shard-00000.bin", "shard-00001.bin", "shard-00002.bin"]
+  hashed.clear()
+  binary.BinarySource(out, lay)
+  binary.BinarySource(out, lay, verify_checksums=False)
+  assert hashed == []
+  shard = os.path.join(out, "shard-00001.bin")
+  data = bytearray(open(shard, "rb").read())
+  data[5] ^= 0xFF
+  st = os.stat(shard)
+  open(shard, "wb").write(bytes(data))          # same size; a new mtime
+  os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+  with pytest.raises(DataError, match="shard-00001.bin: sha256 checksum does not match"):
+    binary.BinarySource(out, lay)
+  assert hashed == ["shard-00001.bin"]
+
+
 def test_output_must_be_new_and_bad_rows(tmp_path, tsv_file):
   path = tsv_file([lib.line(), "1\t2", lib.line("0")])
   with pytest.raises(DataError, match=f"{path}:2: expected 40"):
