@@ -9,7 +9,7 @@ going when workers die or hang, capacity changes, or a worker straggles.
 Decisions go to W/events.jsonl, worker output to W/workers/<p>.log. Capacity can be changed
 while it runs by writing W/elastic/capacity (`N`, `N K` or JSON, see
 jaxrec/elastic/supervisor.py). Exit codes: 0 done, 1 user error, 2 below --min_processes,
-3 more than --max_restarts failures.
+3 more than --max_restarts failures, 130 / 143 on SIGINT / SIGTERM (workers killed).
 """
 
 import json

@@ -17,7 +17,8 @@ One *generation* is one set of workers on one mesh. The supervisor
      trainer resumes from `W/checkpoints`) and continue with the next unseen example.
 
 It stops when the workers finish (exit 0), below `min_processes`, after `max_restarts`
-restarts caused by failures, or on a user error (a worker's `error: ...` line). Every
+restarts caused by failures, on a user error (a worker's `error: ...` line), or on
+SIGINT / SIGTERM (workers killed, exit 128 + signal). Every
 decision is an event in `W/events.jsonl` (`jaxrec.elastic.events`).
 
 Capacity file (default `W/elastic/capacity`): `N`, `N K` or
@@ -33,6 +34,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import IO
 
@@ -82,6 +84,22 @@ class Options:
                         "--straggler_threshold > 1")
     if self.platform not in ("cpu", "gpu"):
       raise ConfigError(f"--platform must be cpu or gpu, got '{self.platform}'")
+
+
+class _Terminated(BaseException):
+  """SIGTERM reached the supervisor (raised like KeyboardInterrupt for SIGINT)."""
+
+
+def _raise_on_sigterm():
+  """Turns SIGTERM into `_Terminated` so `run()` stops the workers and records it;
+  returns the previous handler (None off the main thread, where nothing changes)."""
+  if threading.current_thread() is not threading.main_thread():
+    return None
+
+  def handler(signum, frame):  # pylint: disable=unused-argument
+    raise _Terminated()
+
+  return signal.signal(signal.SIGTERM, handler)
 
 
 @dataclasses.dataclass
@@ -138,6 +156,7 @@ class Supervisor:
                      max_restarts=self.o.max_restarts, hang_timeout=self.o.hang_timeout,
                      capacity_file=self.capacity_file, train_flags=list(self.args.argv))
     reason = "start"
+    previous_sigterm = _raise_on_sigterm()
     try:
       while True:
         t0 = time.time()
@@ -172,8 +191,14 @@ class Supervisor:
                           "stop_s": time.time() - t_stop}
         self.generation += 1
         reason = out.reason
+    except (KeyboardInterrupt, _Terminated) as e:
+      sig = signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT
+      self._stop_all(f"supervisor got {sig.name}", graceful=False)
+      return self._give_up("interrupted", 128 + sig, f"interrupted by {sig.name}")
     finally:
       self._stop_all("supervisor exit", graceful=False, quiet=True)
+      if previous_sigterm is not None:
+        signal.signal(signal.SIGTERM, previous_sigterm)
 
   def _give_up(self, reason: str, code: int, message: str) -> int:
     ckpt = proc_lib.latest_checkpoint(self.workdir)
@@ -269,7 +294,9 @@ class Supervisor:
       popen = subprocess.Popen(argv, env=self._env(p, choice, port), stdout=log,
                                stderr=subprocess.STDOUT, start_new_session=True,
                                preexec_fn=proc_lib.die_with_parent)
-      self.procs.append(_Proc(p, popen, log, time.time(), last_seen=time.time()))
+      # Workers resume from that checkpoint (at num_steps they only evaluate and exit).
+      self.procs.append(_Proc(p, popen, log, time.time(), last_seen=time.time(),
+                              last_step=self._checkpoint_at_launch or 0))
     self.detectors = (
         stragglers.Detector("process", self.o.straggler_threshold, self.o.straggler_windows,
                             self.o.straggler_window_steps),
@@ -356,7 +383,9 @@ class Supervisor:
             f.write(json.dumps({"reason": planned.reason, "time": now}))
       elif stop_requested is not None:
         ckpt = proc_lib.latest_checkpoint(self.workdir)
-        newer = ckpt is not None and ckpt != stop_ckpt
+        # the stop checkpoint is at a check step; a periodic one before it does not count
+        newer = (ckpt is not None and ckpt != stop_ckpt
+                 and ckpt % max(self.o.check_every, 1) == 0)
         if now - stop_requested > self.o.stop_timeout or (
             newer and now - stop_requested > 2 * self.o.stop_grace):
           return planned          # workers did not stop by themselves: stop them

@@ -164,3 +164,44 @@ def test_straggler_is_reported_and_moved_off(tmp_path):
   replan = next(e for e in ev if e["event"] == "replan")
   assert replan["processes"] == 1 and replan["reason"] == "straggler process 1"
   assert "finished" in t.names(ev)
+
+
+def test_run_again_after_the_end_reports_the_final_step(tmp_path):
+  w = str(tmp_path)
+  assert t.finish(start(w, ["--num_processes=2"], steps=30)) == 0
+  n = len(t.events(w))
+  assert t.finish(start(w, ["--num_processes=2"], steps=30)) == 0   # nothing left to train
+  ev = t.events(w)[n:]
+  assert [e["last_step"] for e in ev if e["event"] == "worker_exit"] == [30, 30]
+  assert ev[-1]["event"] == "finished" and ev[-1]["step"] == 30
+
+
+def test_sigterm_stops_the_workers_and_says_so(tmp_path):
+  w = str(tmp_path)
+  proc = start(w, ["--num_processes=2"], steps=100000)
+  t.wait_step(w, 1, 0, 10, timeout=120, proc=proc)
+  pids = t.worker_pids(w, 0)
+  t.kill(proc.pid, signal.SIGTERM)
+  assert t.finish(proc, timeout=60) == 128 + signal.SIGTERM
+  assert not any(_alive(p) for p in pids)
+  ev = t.events(w)
+  assert [e["event"] for e in ev[-2:]] == ["stop", "give_up"]
+  assert ev[-2]["reason"] == "supervisor got SIGTERM" and sorted(ev[-2]["stopped"]) == [0, 1]
+  assert ev[-1]["reason"] == "interrupted" and ev[-1]["checkpoint"] >= 5
+  assert "run the same command again to resume" in open(os.path.join(w, "launch.log")).read()
+
+
+def test_requested_stop_waits_for_the_check_step_not_a_periodic_checkpoint(tmp_path):
+  w = str(tmp_path)
+  os.makedirs(os.path.join(w, "elastic"))
+  with open(os.path.join(w, "elastic", "capacity"), "w") as f:
+    f.write("1\n")
+  proc = start(w, ["--num_processes=2", "--check_every=40", "--stop_grace=0.5"], steps=60,
+               step_s=0.1)                   # checkpoints every 5 steps, stop checks every 40
+  t.wait_step(w, 0, 0, 2, timeout=120, proc=proc)
+  with open(os.path.join(w, "elastic", "capacity"), "w") as f:
+    f.write("2\n")
+  assert t.finish(proc) == 0
+  names = t.names(t.events(w))
+  assert "scale_up" in names and "stop" not in names          # the worker stopped itself
+  assert [(x["generation"], x["start"]) for x in runs(w)] == [(0, 0), (1, 40), (1, 40)]
