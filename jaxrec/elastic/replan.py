@@ -1,10 +1,12 @@
 """Re-planning for a new capacity: which processes to use, the mesh and the plan.
 
 The supervisor keeps the user's `scripts/train.py` flags and replaces `--mesh` and
-`--plan` for each generation. The mesh for a new device count keeps the model-parallel
-axes (`table`, `row`, `col`) when they still divide it and changes `data`; otherwise it
-takes the factorisation of the new count closest to the old shape (fewest doublings or
-halvings, model axes weighing twice). `--mesh=auto` stays auto (resolved as the trainer
+`--plan` for each generation. The mesh for a device count keeps the model-parallel axes
+(`table`, `row`, `col`) of the user's `--mesh` when they still divide it and changes
+`data`; otherwise it takes the factorisation of the count closest to the user's shape
+(fewest doublings or halvings, model axes weighing twice). The user's shape, not the
+previous generation's, is the reference, so a run that shrinks and grows back returns to
+it. `--mesh=auto` stays auto (resolved as the trainer
 does). A candidate is used when the batch sizes divide its device count and the planner
 (`plan_choice.choose`: `--plan=auto` proposes, a forced kind is checked) accepts it.
 """
@@ -121,10 +123,10 @@ def _options(args: TrainArgs, mesh: str):
                                                "--memory_per_device"))
 
 
-def candidate_meshes(previous: Mapping[str, int] | None, num_devices: int
+def candidate_meshes(reference: Mapping[str, int] | None, num_devices: int
                      ) -> list[dict[str, int]]:
-  """Mesh shapes for `num_devices`, most similar to `previous` first (module docstring)."""
-  prev = {a: int((previous or {}).get(a, 1)) for a in AXES}
+  """Mesh shapes for `num_devices`, most similar to `reference` first (module docstring)."""
+  prev = {a: int((reference or {}).get(a, 1)) for a in AXES}
   shapes = []
   for t, r, c in itertools.product(_divisors(num_devices), repeat=3):
     if num_devices % (t * r * c) == 0:
@@ -140,8 +142,7 @@ def _divisors(n: int) -> list[int]:
   return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def choose(config, args: TrainArgs, processes: int, devices_per_process: int,
-           previous_mesh: Mapping[str, int] | None) -> Choice:
+def choose(config, args: TrainArgs, processes: int, devices_per_process: int) -> Choice:
   """Mesh and plan for `processes x devices_per_process` devices (ConfigError if none)."""
   from jaxrec.sharding import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from jaxrec.train import plan_choice  # pylint: disable=import-outside-toplevel
@@ -152,7 +153,7 @@ def choose(config, args: TrainArgs, processes: int, devices_per_process: int,
   if user_mesh == "auto":
     candidates = [mesh_lib.auto_mesh_shape(plan if plan != "auto" else "dp", n)]
   else:
-    candidates = candidate_meshes(previous_mesh or _spec_sizes(user_mesh), n)
+    candidates = candidate_meshes(_spec_sizes(user_mesh), n)
   errors = []
   for shape in candidates:
     options = _options(args, mesh_lib.format_mesh(shape))
@@ -183,14 +184,13 @@ def _spec_sizes(spec: str) -> dict[str, int]:
 
 
 def best_choice(config, args: TrainArgs, available: int, devices_per_process: int,
-                previous_mesh: Mapping[str, int] | None, minimum: int = 1
-                ) -> tuple[Choice | None, list[str]]:
+                minimum: int = 1) -> tuple[Choice | None, list[str]]:
   """The largest process count in `[minimum, available]` that has a valid `choose`;
   `(None, reasons)` when none has."""
   reasons = []
   for n in range(available, max(minimum, 1) - 1, -1):
     try:
-      return choose(config, args, n, devices_per_process, previous_mesh), reasons
+      return choose(config, args, n, devices_per_process), reasons
     except ConfigError as e:
       reasons.append(f"{n} process(es): {e}")
   return None, reasons

@@ -259,8 +259,7 @@ class Supervisor:
   def _plan(self) -> tuple[replan.Choice | None, str]:
     available = self._available()
     k = self.capacity[1]
-    previous = dict(self.choice.mesh) if self.choice else None
-    choice, reasons = replan.best_choice(self.config, self.args, available, k, previous,
+    choice, reasons = replan.best_choice(self.config, self.args, available, k,
                                          self.o.min_processes)
     if choice is None:
       why = (f"only {available} process(es) of {k} device(s) available, below "
@@ -513,7 +512,7 @@ class Supervisor:
       return None
     self._capacity_seen = key
     target, _ = replan.best_choice(self.config, self.args, available, self.capacity[1],
-                                   dict(self.choice.mesh), self.o.min_processes)
+                                   self.o.min_processes)
     cur = (self.choice.processes, self.choice.devices_per_process)
     if target is None:
       return _Outcome("planned", "capacity below minimum", detected=now)

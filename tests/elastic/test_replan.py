@@ -40,22 +40,33 @@ def config():
 
 def test_choose_asks_the_planner(config):
   args, cfg = config
-  choice = replan.choose(cfg, args, 1, 4, {"data": 2, "table": 2, "row": 2, "col": 1})
+  choice = replan.choose(cfg, args, 1, 4)
   assert choice.mesh_flag == "data=1,table=2,row=2,col=1"
   assert sum(choice.plan_kinds.values()) == 8 and choice.estimated_step_time_s > 0
   assert choice.to_json()["devices"] == 4
 
 
+def test_mesh_follows_the_users_shape_not_the_previous_generations(config):
+  """8 -> 2 -> 8 devices: the grown-back generation gets the user's `--mesh` again (it
+  drifted to `data=4,row=2` when the 2-device mesh was the reference)."""
+  args, cfg = config
+  small = replan.choose(cfg, args, 1, 2)
+  assert small.mesh["data"] * small.mesh["table"] * small.mesh["row"] == 2
+  again = replan.choose(cfg, args, 2, 4)
+  assert again.mesh_flag == "data=2,table=2,row=2,col=1"
+
+
 def test_best_choice_skips_process_counts_the_batch_does_not_divide(config):
   args, cfg = config
-  choice, reasons = replan.best_choice(cfg, args, 3, 4, None)   # 12 devices: 256 % 12 != 0
+  choice, reasons = replan.best_choice(cfg, args, 3, 4)   # 12 devices: 256 % 12 != 0
   assert choice.processes == 2 and "not divisible" in reasons[0]
-  none, reasons = replan.best_choice(cfg, args, 3, 4, None, minimum=3)
+  none, reasons = replan.best_choice(cfg, args, 3, 4, minimum=3)
   assert none is None and len(reasons) == 1
 
 
 def test_forced_plan_that_cannot_split_moves_to_another_mesh(config):
   args, cfg = config
-  cw = replan.TrainArgs.parse(FLAGS[:-3] + ["--plan=cw"])
-  choice = replan.choose(cfg, cw, 1, 4, {"data": 1, "table": 1, "row": 1, "col": 32})
+  cw = replan.TrainArgs.parse([f for f in FLAGS[:-3] if f != "data=2,table=2,row=2"]
+                              + ["col=32", "--plan=cw"])
+  choice = replan.choose(cfg, cw, 1, 4)
   assert 16 % choice.mesh["col"] == 0      # dim 16: col=4 at most with 4 devices
