@@ -140,11 +140,9 @@ class EmbeddingCollection:
       raise ConfigError(f"features read tables of different dims {sorted(dims)}; the models "
                         "take [batch, features, dim] with one dim")
     layouts = layout_lib.build_layouts(tables, features, plan, mesh_shape(mesh))
-    for l in layouts:
-      if not l.features:
-        raise ConfigError(f"tables {[s.name for s in l.slots]} ({l.kind}, dim {l.dim}, "
-                          f"{l.dtype}) are read by no feature and share no stack with a table "
-                          "that is; add a feature for them or leave them out")
+    unread = layout_lib.unread_stack_error(layouts)
+    if unread:
+      raise ConfigError(unread)
     collection = cls(tables, features, plan, mesh, optimizer, layouts, options)
     for l in layouts:
       collection.dedup(l)   # raises for an impossible dedup=False

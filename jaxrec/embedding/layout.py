@@ -256,6 +256,18 @@ def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], 
   return tuple(layouts)
 
 
+def unread_stack_error(layouts: Sequence[StackLayout]) -> str | None:
+  """Why a collection cannot be built from `layouts`, if one stack has no feature: an
+  unread table must share a stack (kind, dim, dtype, bag bucket) with a read one. None
+  when every stack is read (the planner prices only such plans)."""
+  for l in layouts:
+    if not l.features:
+      return (f"tables {[s.name for s in l.slots]} ({l.kind}, dim {l.dim}, {l.dtype}) are "
+              "read by no feature and share no stack with a table that is; add a feature "
+              "for them or leave them out")
+  return None
+
+
 def ids_gather_axes(layouts: Sequence[StackLayout], dedups: Sequence[bool]
                     ) -> tuple[str, ...]:
   """Axes stage 1 all-gathers the packed ids over (`MESH_AXES` order): the union of every

@@ -46,7 +46,7 @@ from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError, DataError
 from jaxrec.planner import cost_model as cm
 from jaxrec.planner.calibration import DEFAULT, Calibration
-from jaxrec.planner.result import PlanResult, format_time
+from jaxrec.planner.result import PlanResult, format_bytes, format_time
 from jaxrec.planner.search import estimate_plan, propose_plan
 from jaxrec.sharding.plan import Plan
 
@@ -209,8 +209,10 @@ class Refinement:
     fitted: the fitted coefficients.
     measured_step_time_s: weighted median measured step time of the current plan.
     current: the current plan estimated with `fitted`.
-    proposed: the best plan found with `fitted` (the current one if nothing beats it).
-    speedup: current.step_time_s / proposed.step_time_s (>= 1 on the same mesh).
+    proposed: the best plan found with `fitted` (the current one if nothing beats it and
+      it fits the budget).
+    speedup: current.step_time_s / proposed.step_time_s (>= 1 on the same mesh, unless the
+      current plan is over the budget).
     explore: the best plan with `fitted` whose kinds differ from every profiled plan's
       (None if there is none): what to run next to learn more when `proposed` has been
       profiled already.
@@ -246,7 +248,10 @@ class Refinement:
                    f"{', ...' if len(changed) > 8 else ''}): expected "
                    f"{format_time(self.current.step_time_s)} -> "
                    f"{format_time(self.proposed.step_time_s)} per step, "
-                   f"{self.speedup:.2f}x faster")
+                   + (f"{self.speedup:.2f}x faster" if self.speedup >= 1 else
+                      f"{1 / self.speedup:.2f}x slower: the current plan needs "
+                      f"{format_bytes(sum(self.current.memory.values()))}/device > budget "
+                      f"{format_bytes(self.proposed.memory_per_device_bytes)}"))
     if self.explore is not None:
       kinds: dict[str, int] = {}
       for p in self.explore.plan.placements.values():
@@ -316,7 +321,9 @@ def refine_from_profile(path: str | os.PathLike, tables: Sequence[TableSpec],
                           memory_per_device_bytes, optimizer_state_factor, b, fitted,
                           table_stats=table_stats, kernel=kernel)
   same_mesh = cm.normalize_mesh(proposed.mesh_shape) == cm.normalize_mesh(last["mesh"])
-  if same_mesh and proposed.step_time_s >= current.step_time_s:
+  # Keep the current plan when nothing beats it, unless it is over this budget.
+  fits = sum(current.memory.values()) <= proposed.memory_per_device_bytes
+  if same_mesh and fits and proposed.step_time_s >= current.step_time_s:
     proposed = current
   try:
     explore = propose_plan(tables, features, dict(mesh_shape or last["mesh"]),

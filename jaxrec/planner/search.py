@@ -56,6 +56,7 @@ class _Eval:
   time_s: float
   memory: int
   objective: tuple[float, float, float]
+  problem: str | None = None  # why the collection would reject the plan
 
 
 class _Space:
@@ -117,8 +118,12 @@ class _Space:
     time_s = float(cost.terms @ self.coef)
     mem = cost.memory_bytes
     kinds = kinds or tuple(plan[n].kind for n in self.names)
-    return _Eval(kinds, plan, cost, time_s, mem,
+    # The collection's own check (imported here: importing the planner imports no jax).
+    from jaxrec.embedding import layout  # pylint: disable=import-outside-toplevel
+    problem = layout.unread_stack_error(layouts)
+    objective = ((math.inf,) * 3 if problem else
                  (float(max(0, mem - self.budget)), time_s, float(mem)))
+    return _Eval(kinds, plan, cost, time_s, mem, objective, problem)
 
   def evaluate(self, kinds: tuple[str, ...]) -> _Eval:
     if kinds not in self.cache:
@@ -224,6 +229,8 @@ def _overflow_error(space: _Space, e: _Eval, what: str) -> ConfigError:
 
 
 def _delta(alt: _Eval, base: _Eval, budget: int) -> str:
+  if alt.problem:
+    return "not buildable (a stack no feature reads)"
   if alt.memory > budget:
     return f"over budget ({format_bytes(alt.memory)}/device)"
   if alt.time_s - base.time_s > base.time_s * 1e-6:
@@ -372,6 +379,8 @@ def propose_plan(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
     e = _local_search(space, allowed, start)
     if best is None or _better(e.objective, best.objective):
       best = e
+  if best.problem:
+    raise ConfigError(best.problem)
   if best.objective[0] == math.inf:
     raise ConfigError(f"every plan the search reached is excluded ({len(space.excluded)} "
                       "kind assignment(s))")
@@ -411,6 +420,8 @@ def estimate_plan(plan: Plan, tables: Sequence[TableSpec], features: Sequence[Fe
       raise ConfigError(f"table '{load.name}': table_slice {p.table_slice} is outside mesh "
                         f"axis table={space.mesh['table']}")
   e = space.evaluate_plan(Plan({n: plan[n] for n in space.names}))
+  if e.problem:
+    raise ConfigError(e.problem)
   if check and e.memory > space.budget:
     raise _overflow_error(space, e, f"plan ({mode})")
   return _result(space, e, cal, mode, {n: mode for n in names})

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from typing import Mapping, Sequence
 
 from jaxrec.errors import ConfigError
@@ -51,6 +52,9 @@ class TablePlacement:
   def __post_init__(self):
     if self.kind not in KIND_AXES:
       raise ConfigError(f"unknown placement kind '{self.kind}' (known: {', '.join(KINDS)})")
+    if isinstance(self.table_slice, bool) or not isinstance(self.table_slice, numbers.Integral):
+      raise ConfigError(f"table_slice must be an integer, got {self.table_slice!r}")
+    object.__setattr__(self, "table_slice", int(self.table_slice))
 
   @property
   def axes(self) -> tuple[str, ...]:
@@ -74,7 +78,13 @@ class Plan:
 
   @classmethod
   def from_json(cls, obj: Mapping[str, Mapping]) -> "Plan":
-    return cls({name: TablePlacement(**p) for name, p in obj.items()})
+    placements = {}
+    for name, p in obj.items():
+      try:
+        placements[name] = TablePlacement(**p)
+      except ConfigError as e:
+        raise ConfigError(f"{e} (table '{name}')") from None
+    return cls(placements)
 
   def dumps(self) -> str:
     return json.dumps(self.to_json(), indent=2, sort_keys=True)

@@ -116,8 +116,9 @@ def test_profile_in_trainer_format(tmp_path):
     for step in (100, 200, 300):
       f.write(json.dumps({"step": step, "step_time_s": 0.01, "mesh": mesh,
                           "plan": plan.to_json()}) + "\n")
-  ref = planner.refine_from_profile(tmp_path / "profile.jsonl", tables, features, GiB, 0.0,
-                                    4096)
+  # dp holds all 1.8 GB of tables on every device: a budget it fits, so it may be kept.
+  ref = planner.refine_from_profile(tmp_path / "profile.jsonl", tables, features, 4 * GiB,
+                                    0.0, 4096)
   assert ref.measured_step_time_s == pytest.approx(0.01)
   assert ref.current.step_time_s == pytest.approx(0.01, rel=0.05)
   assert ref.speedup >= 1
@@ -132,3 +133,21 @@ def test_bad_profiles(tmp_path):
                                           '"plan": {}}\n{"step": 2}\n')
   with pytest.raises(DataError, match=r"profile.jsonl:2: .*missing 'step_time_s'"):
     planner.read_profile(tmp_path)
+
+
+def test_refine_does_not_keep_a_current_plan_over_the_budget(tmp_path):
+  """The profiled plan (dp, 49 MiB/device) is the fastest, but the budget asked for now is
+  20 MiB: the proposal must fit it, not 'keep' the current plan."""
+  tables, features = uniform_tables(4, 200_000, 16)
+  mesh = {"table": 2, "row": 2}
+  plan = uniform_plan("dp", tables, 2)
+  with open(tmp_path / "profile.jsonl", "w") as f:
+    for step in (100, 200, 300):
+      f.write(json.dumps({"step": step, "step_time_s": 1e-4, "mesh": mesh,
+                          "plan": plan.to_json()}) + "\n")
+  budget = 20 * 2**20
+  ref = planner.refine_from_profile(tmp_path, tables, features, budget, 0.0, 512)
+  assert sum(ref.current.memory.values()) > budget
+  assert sum(ref.proposed.memory.values()) <= budget
+  assert ref.proposed.plan != plan
+  assert "keep it" not in ref.report() and "slower: the current plan needs" in ref.report()

@@ -193,3 +193,20 @@ def test_search_matches_brute_force_on_a_small_case():
           pass
   res = propose_plan(tables, features, mesh, budget, 0.0, batch)
   assert res.step_time_s <= best * (1 + 1e-9)
+
+
+def test_unread_table_shares_a_stack_or_is_a_clear_error():
+  """A table no feature reads must share a stack with a read one (the collection rejects a
+  stack without features). 'b' is unread (bag bucket 1), 'a' multi-hot (bucket 4): only
+  kinds split over `table` merge the buckets into one stack."""
+  from jaxrec.embedding import layout
+  tables = [TableSpec("a", 10, 8), TableSpec("b", 2_000_000, 8)]
+  features = [FeatureSpec("fa", "a", 4)]
+  mesh = {"table": 2, "row": 2}
+  res = propose_plan(tables, features, mesh, 40 * 2**20, 0.0, 64)
+  assert all(l.features for l in layout.build_layouts(tables, features, res.plan, mesh))
+  with pytest.raises(ConfigError, match=r"tables \['b'\] \(rw, dim 8, float32\) are read by "
+                     "no feature"):
+    propose_plan(tables, features, {"row": 4}, 40 * 2**20, 0.0, 64)
+  with pytest.raises(ConfigError, match=r"tables \['b'\] .* are read by no feature"):
+    estimate_plan(uniform_plan("rw", tables, 2), tables, features, mesh, GiB, 0.0, 64)

@@ -1,0 +1,28 @@
+"""Plans as data: JSON round trip and hand-edited plan files."""
+
+import json
+
+import pytest
+
+from jaxrec.embedding.specs import FeatureSpec, TableSpec
+from jaxrec.errors import ConfigError
+from jaxrec.planner import estimate_plan
+from jaxrec.sharding.plan import Plan, TablePlacement
+
+GiB = 2**30
+
+
+def test_plan_json_round_trip():
+  plan = Plan({"a": TablePlacement("tw", 1), "b": TablePlacement("rw")})
+  assert Plan.from_json(json.loads(plan.dumps())) == plan
+
+
+@pytest.mark.parametrize("table_slice", ["1", 1.0, None, True])
+def test_non_integer_table_slice_is_a_config_error(tmp_path, table_slice):
+  # A hand-edited plan file: was a TypeError traceback (or, for `true`, slice 1).
+  path = tmp_path / "p.json"
+  path.write_text(json.dumps({"a": {"kind": "tw", "table_slice": table_slice}}))
+  with pytest.raises(ConfigError, match=r"p.json: table_slice must be an integer, got .* "
+                     r"\(table 'a'\)"):
+    plan = Plan.load(str(path))
+    estimate_plan(plan, [TableSpec("a", 10, 8)], [FeatureSpec("f", "a")], {"table": 2}, GiB)
