@@ -34,6 +34,17 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
   gin.finalize()
 
 
+def build(make):
+  """`make()` (a gin configurable, e.g. `ExperimentConfig`); a binding the gin files left
+  out becomes a one-line `ConfigError` naming it, not a traceback."""
+  try:
+    return make()
+  except RuntimeError as e:
+    if "Required bindings" not in str(e):
+      raise
+    raise ConfigError(f"--gin_file: {_one_line(user_message(e))}") from None
+
+
 _GIN_CONTEXT = "\n  In call to configurable "
 
 

@@ -66,7 +66,7 @@ def main(argv):
     options.validate()
     loop.check_workdir(FLAGS.workdir)
     launch.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings)
-    config = config_lib.ExperimentConfig()
+    config = launch.build(config_lib.ExperimentConfig)
     result = loop.train_and_evaluate(config, options, FLAGS.workdir)
     summary = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in result.items())

@@ -112,7 +112,7 @@ def load_config(args: TrainArgs):
   from jaxrec import launch  # pylint: disable=import-outside-toplevel
   from jaxrec.train.config import ExperimentConfig  # pylint: disable=import-outside-toplevel
   launch.parse_gin(args.get("gin_file"), args.get("gin_bindings"))
-  return ExperimentConfig()
+  return launch.build(ExperimentConfig)
 
 
 def _options(args: TrainArgs, mesh: str):

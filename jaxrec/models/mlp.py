@@ -113,6 +113,7 @@ def check_inputs(model: str, dense, emb) -> tuple[int, int, int]:
 
 def check_sizes(name: str, sizes: Sequence[int], allow_empty: bool = False) -> None:
   """Raises ConfigError unless `sizes` is a (non-empty) sequence of positive ints."""
-  if (not allow_empty and not sizes) or any(int(s) <= 0 for s in sizes):
+  if (not isinstance(sizes, (list, tuple)) or (not allow_empty and not sizes)
+      or any(int(s) <= 0 for s in sizes)):
     raise ConfigError(f"{name} must be a {'' if allow_empty else 'non-empty '}sequence of "
-                      f"positive layer widths, got {tuple(sizes)}")
+                      f"positive layer widths, got {sizes!r}")

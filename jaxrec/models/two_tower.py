@@ -86,9 +86,10 @@ class TwoTower(nn.Module):
 
   def _check_features(self, num_features: int) -> None:
     for attr in ("user_features", "item_features"):
-      idx = list(getattr(self, attr))
-      if not idx or any(not 0 <= int(i) < num_features for i in idx) or len(set(idx)) != len(idx):
-        raise ConfigError(f"TwoTower.{attr} = {tuple(idx)} must be distinct indices in "
+      idx = getattr(self, attr)
+      if (not isinstance(idx, (list, tuple)) or not idx
+          or any(not 0 <= int(i) < num_features for i in idx) or len(set(idx)) != len(idx)):
+        raise ConfigError(f"TwoTower.{attr} = {idx!r} must be a sequence of distinct indices in "
                           f"[0, {num_features}) (the batch has {num_features} sparse features)")
     both = set(map(int, self.user_features)) & set(map(int, self.item_features))
     if both:

@@ -8,6 +8,7 @@ flags (`scripts/train.py`); the library never reads flags itself.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 import gin
@@ -77,7 +78,10 @@ class ExperimentConfig:
   def validate(self, num_devices: int) -> None:
     validate(self.tables, self.features)
     for name in ("batch_size", "eval_batch_size", "num_eval_examples"):
-      if int(getattr(self, name)) <= 0:
+      value = getattr(self, name)
+      if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise ConfigError(f"ExperimentConfig.{name} must be an integer, got {value!r}")
+      if value <= 0:
         raise ConfigError(f"ExperimentConfig.{name} must be positive, got {getattr(self, name)}")
     for name in ("batch_size", "eval_batch_size"):
       if int(getattr(self, name)) % num_devices:

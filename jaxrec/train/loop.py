@@ -165,7 +165,7 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
   pending: list[tuple[int, int, jax.Array]] = []   # (step, data position, loss) unchecked
   skip_positions: set[int] = set()                 # batches that gave a non-finite loss
   rollbacks = 0
-  t_mark, steps_timed, paused = None, 0, 0.0       # paused: eval seconds inside the window
+  t_mark, steps_timed, paused = None, 0, 0.0       # paused: eval/checkpoint s in the window
   try:
     step = start
     if start >= options.num_steps:   # e.g. `make train` run again: report, do not retrain
@@ -197,14 +197,13 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
       stop = elastic.report_progress(workdir, step, time.perf_counter() - t_step, t_host)
       done = step == options.num_steps
       is_log = step % options.log_every == 0 or done or stop
+      is_eval = bool(options.eval_every and step % options.eval_every == 0) or done
       is_ckpt = done or stop or (options.checkpoint_every and step % options.checkpoint_every == 0)
-      if not (is_log or is_ckpt):
-        if options.eval_every and step % options.eval_every == 0:
-          t_eval = time.perf_counter()
-          writer.write(step, evaluate(eval_step, collection, state, eval_data, bsharding, tier))
-          paused += time.perf_counter() - t_eval
+      if not (is_log or is_eval or is_ckpt):
         continue
+      # Waits for the window's steps: what follows (eval, checkpoint) is not training time.
       losses = np.asarray(jax.device_get([x[2] for x in pending]), np.float64)
+      t_pause = time.perf_counter()
       bad = np.flatnonzero(~np.isfinite(losses))
       if bad.size:   # never checkpoint or log past a non-finite loss
         bad_step, bad_position, _ = pending[int(bad[0])]
@@ -231,31 +230,34 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
                             "restored_step": step, "skipped_position": bad_position})
         pending, t_mark, steps_timed, paused = [], None, 0, 0.0
         continue
+      record = {}
       if is_log:
-        now = time.perf_counter()
-        record = {"loss": float(losses.mean())}
+        record["loss"] = float(losses.mean())
         if steps_timed:
-          elapsed = now - t_mark - paused
+          elapsed = t_pause - t_mark - paused
           record["examples_per_sec"] = steps_timed * config.batch_size / elapsed
           if is_main:
             planner.append_profile(workdir, planner.profile_record(
                 step, elapsed / steps_timed, plan, info["mesh"], steps=steps_timed,
                 batch_size=config.batch_size))
         record.update(data_adapter.bad_row_metrics(train_it, eval_data))
-        if (options.eval_every and step % options.eval_every == 0) or done:
-          record.update(evaluate(eval_step, collection, state, eval_data, bsharding, tier))
+      if is_eval:
+        record.update(evaluate(eval_step, collection, state, eval_data, bsharding, tier))
+      if record:
         writer.write(step, record)
+      if is_log:
         progress.update(step, record["loss"], record.get("examples_per_sec"))
         last = dict(record, step=step)
         pending, steps_timed, paused = [], 0, 0.0
-      else:
-        pending = []
       if is_ckpt:
         if tier is not None:   # flush and snapshot the offloaded tables of this step
           tier.save(state, step, snapshots)
         ckpt.save(step, state, collection, data_state=train_it.get_state(), meta=meta,
                   force=done or stop)
-      t_mark = time.perf_counter() if is_log else t_mark
+      if is_log:
+        t_mark = time.perf_counter()
+      else:   # the window goes on: leave out this step's eval and checkpoint time
+        paused += time.perf_counter() - t_pause
       if stop:
         log.info("stopping after step %d: the elastic supervisor asked to re-plan", step)
         break

@@ -275,3 +275,17 @@ def test_bfloat16_compute_returns_float32():
   params = init_params(model, jax.random.key(0), NUM_DENSE, F, D)
   assert jax.tree.leaves(params)[0].dtype == jnp.float32
   assert model.apply({"params": params}, dense, emb).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("name,kwargs,match", [
+    ("dlrm", dict(bottom_mlp=(16, D), top_mlp=1), r"DLRM.top_mlp must be .*sequence.*got 1"),
+    ("dlrm", dict(bottom_mlp=D, top_mlp=(16, 1)), r"DLRM.bottom_mlp must be .*got 8"),
+    ("dcnv2", dict(deep_mlp=64), r"DCNv2.deep_mlp must be .*got 64"),
+    ("deepfm", dict(deep_mlp=64), r"DeepFM.deep_mlp must be .*got 64"),
+    ("two_tower", dict(user_features=(0, 1), item_features=(2, 3), user_mlp=8, item_mlp=(8,)),
+     r"TwoTower.user_mlp must be .*got 8"),
+    ("two_tower", dict(user_features=0, item_features=(2, 3)), r"TwoTower.user_features = 0"),
+])
+def test_a_width_or_index_that_is_not_a_sequence_names_the_binding(name, kwargs, match):
+  with pytest.raises(ConfigError, match=match):
+    init_params(build_model(name, **kwargs), jax.random.key(0), NUM_DENSE, F, D)

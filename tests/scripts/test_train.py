@@ -102,3 +102,12 @@ def test_workdir_that_is_a_file(tmp_path):
   f.write_text("x")
   proc = train(str(f), "--gin_file=configs/dlrm_synthetic.gin", check=False, env=NO_COMPILE)
   assert_one_line_error(proc, f"--workdir: '{f}' exists and is not a directory")
+
+
+def test_gin_file_missing_a_required_binding(tmp_path):
+  bad = tmp_path / "no_model.gin"
+  bad.write_text("ExperimentConfig.embedding = @uniform_tables()\nuniform_tables.num_tables = 2\n"
+                 "uniform_tables.rows = 100\nuniform_tables.dim = 16\n")
+  proc = train(str(tmp_path / "w"), f"--gin_file={bad}", check=False, env=NO_COMPILE)
+  assert_one_line_error(proc, "--gin_file: Required bindings for `ExperimentConfig` not "
+                              "provided in config: ['model']")

@@ -8,6 +8,7 @@ import pytest
 
 from jaxrec import launch
 from jaxrec.embedding import optimizers
+from jaxrec.errors import ConfigError
 from jaxrec.models import DCNv2, DeepFM, DLRM, TwoTower
 from jaxrec.train.config import ExperimentConfig
 
@@ -55,3 +56,14 @@ def test_dlrm_criteo_is_the_torchrec_shape():
   assert gin.query_parameter("dense_optimizer.name") == "sgd"
   assert gin.query_parameter("dense_optimizer.learning_rate") == 0.1
   assert config.sparse_tx() == optimizers.SGD(lr=0.1)
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("ExperimentConfig.batch_size='abc'", "ExperimentConfig.batch_size must be an integer, got 'abc'"),
+    ("ExperimentConfig.eval_batch_size=512.5", "ExperimentConfig.eval_batch_size must be an integer"),
+    ("ExperimentConfig.num_eval_examples=None", "ExperimentConfig.num_eval_examples must be an integer"),
+])
+def test_non_integer_sizes_name_the_binding(binding, message):
+  launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")], [binding])
+  with pytest.raises(ConfigError, match=message):
+    ExperimentConfig().validate(num_devices=1)
