@@ -108,6 +108,13 @@ def test_max_restarts(tmp_path):
   assert "exceed --max_restarts=0" in open(os.path.join(w, "launch.log")).read()
 
 
+def _set_capacity(w, text):
+  """Writes the supervisor's capacity file `W/elastic/capacity`."""
+  os.makedirs(os.path.join(w, "elastic"), exist_ok=True)
+  with open(os.path.join(w, "elastic", "capacity"), "w") as f:
+    f.write(text)
+
+
 def test_user_error_is_not_retried(tmp_path):
   w = str(tmp_path)
   proc = start(w, ["--num_processes=2"], extra=["--error"])
@@ -120,13 +127,10 @@ def test_user_error_is_not_retried(tmp_path):
 
 def test_capacity_file_grows_the_job_after_a_clean_stop(tmp_path):
   w = str(tmp_path)
-  os.makedirs(os.path.join(w, "elastic"))
-  with open(os.path.join(w, "elastic", "capacity"), "w") as f:
-    f.write("1\n")
+  _set_capacity(w, "1\n")
   proc = start(w, ["--num_processes=2"], steps=200)
   t.wait_step(w, 0, 0, 20, timeout=120, proc=proc)
-  with open(os.path.join(w, "elastic", "capacity"), "w") as f:
-    f.write(json.dumps({"num_processes": 2, "devices_per_process": 2}))
+  _set_capacity(w, json.dumps({"num_processes": 2, "devices_per_process": 2}))
   assert t.finish(proc) == 0
   ev = t.events(w)
   names = t.names(ev)
@@ -193,14 +197,11 @@ def test_sigterm_stops_the_workers_and_says_so(tmp_path):
 
 def test_requested_stop_waits_for_the_check_step_not_a_periodic_checkpoint(tmp_path):
   w = str(tmp_path)
-  os.makedirs(os.path.join(w, "elastic"))
-  with open(os.path.join(w, "elastic", "capacity"), "w") as f:
-    f.write("1\n")
+  _set_capacity(w, "1\n")
   proc = start(w, ["--num_processes=2", "--check_every=40", "--stop_grace=0.5"], steps=60,
                step_s=0.1)                   # checkpoints every 5 steps, stop checks every 40
   t.wait_step(w, 0, 0, 2, timeout=120, proc=proc)
-  with open(os.path.join(w, "elastic", "capacity"), "w") as f:
-    f.write("2\n")
+  _set_capacity(w, "2\n")
   assert t.finish(proc) == 0
   names = t.names(t.events(w))
   assert "scale_up" in names and "stop" not in names          # the worker stopped itself

@@ -25,11 +25,11 @@ def run(workdir, **kw):
 
 @pytest.fixture
 def slow_save(monkeypatch):
-  """Every checkpoint save takes 2 s longer."""
+  """Every checkpoint save takes 1 s longer."""
   real = CheckpointManager.save
 
   def save(self, *a, **kw):
-    time.sleep(2.0)
+    time.sleep(1.0)
     return real(self, *a, **kw)
 
   monkeypatch.setattr(CheckpointManager, "save", save)
@@ -46,6 +46,6 @@ def test_windows_between_log_lines(tmp_path, slow_save):
                              [losses[:4].mean(), losses[4:].mean()], rtol=1e-5)
   # an eval every 2 steps, also on steps that checkpoint without logging
   assert [l["step"] for l in lines if "eval_auc" in l] == [2, 4, 6, 8]
-  # checkpoint time (2 s each) is not training time: 3-4 tiny steps take well under 1 s
+  # checkpoint time (1 s each) is not training time: 3-4 tiny steps take well under 0.5 s
   for l in train:
-    assert l["examples_per_sec"] > 3 * 64 / 1.0, l
+    assert l["examples_per_sec"] > 3 * 64 / 0.5, l
