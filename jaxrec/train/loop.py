@@ -140,10 +140,10 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
     train_it.set_state(restored.data_state or initial_data_state)   # {}: a tables-only import
     return restored.state
 
-  start = 0
   def fresh_dense():   # the dense values a tables-only checkpoint (an import) lacks
     return state_lib.create_dense(config, collection, options.seed)
 
+  start = 0
   restored = ckpt.restore(state, collection, init=fresh_dense)
   if restored is not None:
     state = resume_from(restored)
