@@ -116,6 +116,8 @@ class RunOptions:
         raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
     if self.log_every == 0:
       raise ConfigError("--log_every must be positive")
+    if self.keep_checkpoints < 1:   # before planning and compiling (the manager checks too)
+      raise ConfigError(f"--keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
     if self.on_nan not in ("stop", "rollback"):
       raise ConfigError(f"--on_nan must be stop or rollback, got '{self.on_nan}'")
     if self.bad_rows not in ("error", "skip"):
