@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Mapping
 
@@ -20,8 +21,12 @@ import jax
 from jaxrec.offload.config import OffloadConfig, device_tables
 from jaxrec.offload.planning import plan_with_offload
 from jaxrec.offload.tier import OffloadTier
-from jaxrec.sharding.plan import KINDS, Plan, is_plan_file, uniform_plan
+from jaxrec.sharding.mesh import format_mesh
+from jaxrec.sharding.plan import (KINDS, MESH_AXES, Plan, is_plan_file, plan_file_mesh,
+                                  uniform_plan)
 from jaxrec.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 SNAPSHOT_DIR = "offload_snapshots"
 
@@ -61,6 +66,12 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
   tables = device_tables(config.tables, off, sparse)
   if is_plan_file(options.plan):
     plan, mode = Plan.load(options.plan), "file"
+    made_for = plan_file_mesh(options.plan)
+    here = {a: int(mesh_shape.get(a, 1)) for a in MESH_AXES}
+    if made_for is not None and made_for != here:
+      log.warning("--plan=%s was made for mesh %s, this run's is %s: its placements are "
+                  "kept where they fit, but may be unbalanced here (--plan=auto re-plans)",
+                  options.plan, format_mesh(made_for), format_mesh(here))
   elif options.plan in KINDS:
     plan, mode = uniform_plan(options.plan, tables, mesh_shape.get("table", 1)), "forced"
   else:

@@ -113,6 +113,17 @@ class Plan:
       raise ConfigError(f"--plan: {path}: {e}") from None
 
 
+def plan_file_mesh(path: str) -> dict[str, int] | None:
+  """The mesh a plan file was made for (a run's `plan.json` and `scripts/plan.py --json`
+  record it under `"mesh"`), all four axes; None for a bare plan or an unreadable file."""
+  try:
+    with open(path) as f:
+      mesh = json.load(f).get("mesh")
+    return {a: int(mesh.get(a, 1)) for a in MESH_AXES} if isinstance(mesh, dict) else None
+  except (OSError, ValueError, AttributeError, TypeError):
+    return None
+
+
 def is_plan_file(plan: str) -> bool:
   """Whether a `--plan` value names a JSON file rather than `auto` or a kind."""
   return plan.endswith(".json") or "/" in plan

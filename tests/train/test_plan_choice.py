@@ -49,6 +49,23 @@ def test_plan_file_runs_the_plan_it_holds(tmp_path):
   assert choose(str(wrapped))[0] == wanted
 
 
+def test_plan_file_from_another_mesh_is_kept_with_a_warning(tmp_path, caplog):
+  plan = Plan({"a": TablePlacement("tw", 1), "b": TablePlacement("dp"),
+               "c": TablePlacement("tw", 0)})
+  _, result, _, _ = choose("tw")
+  record = dict(result.to_json(), plan=plan.to_json())
+  same, other = tmp_path / "same.json", tmp_path / "other.json"
+  same.write_text(json.dumps(record))
+  other.write_text(json.dumps(dict(record, mesh={"table": 2, "data": 2})))
+  with caplog.at_level("WARNING"):
+    assert choose(str(same))[0] == plan
+  assert "was made for mesh" not in caplog.text
+  with caplog.at_level("WARNING"):
+    assert choose(str(other))[0] == plan
+  assert (f"--plan={other} was made for mesh data=2,table=2,row=1,col=1, this run's is "
+          "data=1,table=2,row=2,col=1") in caplog.text
+
+
 @pytest.mark.parametrize("content,message", [
     (None, "--plan: cannot read '{path}'"),
     ('{"a": {"kind": "tw"},\n "b": oops}', "--plan: {path}:2: not valid JSON"),
