@@ -101,9 +101,10 @@ class CacheMap:
     miss = uniq[~hit]
     n = len(miss)
     if n > self.cache_rows - int(hit.sum()):
-      raise OffloadError(f"offloaded table '{self.name}': the batch of step {step} reads "
-                         f"{len(uniq)} distinct rows but the cache holds {self.cache_rows}; "
-                         "raise cache_rows (or lower the batch size)")
+      # (no step number: `step` counts batches since the tier started or was restored)
+      raise OffloadError(f"offloaded table '{self.name}': a batch reads {len(uniq)} distinct "
+                         f"rows but the cache holds {self.cache_rows}; raise cache_rows (or "
+                         "lower the batch size)")
     self._pin[slots[hit]] = step
     for rows in ahead:
       s = self.slot_of[rows]
