@@ -6,7 +6,8 @@
 `--rows` gives the table sizes (one value for all 26 tables, or 26 comma-separated values)
 and `--max_len` the bag sizes of multi-hot features (same forms; default 1); features are
 named f0..f25 reading tables t0..t25. With `--gin_file` the features come from the
-`uniform_tables` bindings of the config instead. Errors print one line and exit 1.
+`uniform_tables` bindings of the config instead (and `--num_categorical` defaults to their
+count; `--rows`/`--max_len` are then refused). Errors print one line and exit 1.
 """
 
 import sys
@@ -17,7 +18,8 @@ flags.DEFINE_string("input", None, "TSV file, directory of files, or glob (plain
 flags.DEFINE_string("output", None, "Output directory (must not hold a dataset yet).")
 flags.DEFINE_string("rows", None, "Table rows: one int for all tables or a comma list.")
 flags.DEFINE_string("max_len", "1", "Bag size per feature: one int or a comma list.")
-flags.DEFINE_integer("num_categorical", 26, "Categorical columns per line.")
+flags.DEFINE_integer("num_categorical", 26, "Categorical columns per line (with --gin_file: "
+                     "the config's feature count unless given).")
 flags.DEFINE_multi_string("gin_file", [], "Gin config(s) binding `uniform_tables`.")
 flags.DEFINE_multi_string("gin_bindings", [], "Extra gin bindings.")
 flags.DEFINE_enum("bad_rows", "error", ["error", "skip"], "Malformed rows: stop or skip.")
@@ -45,6 +47,10 @@ def _specs():
   from jaxrec.errors import ConfigError
   n = FLAGS.num_categorical
   if FLAGS.gin_file or FLAGS.gin_bindings:
+    given = [f"--{f}" for f in ("rows", "max_len") if FLAGS[f].present]
+    if given:
+      raise ConfigError(f"{' and '.join(given)}: the tables come from --gin_file here; give "
+                        "one or the other")
     gin.parse_config_files_and_bindings(FLAGS.gin_file, FLAGS.gin_bindings, skip_unknown=True)
     return specs.uniform_tables()
   if not FLAGS.rows:
@@ -62,9 +68,11 @@ def main(argv):
     if not FLAGS.input or not FLAGS.output:
       raise JaxrecError("--input and --output are required")
     tables, features = _specs()
+    from_gin = bool(FLAGS.gin_file or FLAGS.gin_bindings)
+    columns = (len(features) if from_gin and not FLAGS["num_categorical"].present
+               else FLAGS.num_categorical)
     m = binary.preprocess(FLAGS.input, FLAGS.output, features, tables, FLAGS.bad_rows,
-                          num_categorical=FLAGS.num_categorical,
-                          shard_examples=FLAGS.shard_examples)
+                          num_categorical=columns, shard_examples=FLAGS.shard_examples)
   except JaxrecError as e:
     print(f"error: {user_message(e)}", file=sys.stderr)
     sys.exit(1)

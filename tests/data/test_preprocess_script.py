@@ -49,3 +49,17 @@ def test_shard_examples_must_be_positive(tmp_path, tsv_file):
     assert r.returncode == 1 and r.stderr.strip() == (
         f"error: shard_examples must be positive, got {n}"), r.stderr
     assert not os.path.exists(out)
+
+
+def test_gin_file_sets_the_column_count_and_refuses_rows(tmp_path, tsv_file):
+  """The two-tower config has 8 features: its TSV has 8 categorical columns, with no
+  `--num_categorical=8` needed; `--rows` next to `--gin_file` was silently ignored."""
+  cats = [f"{k:x}" for k in range(8)]
+  path = tsv_file([lib.line(cats=cats), lib.line("0", cats=cats)])
+  gin_file = "--gin_file=configs/two_tower_synthetic.gin"
+  r = run(f"--input={path}", f"--output={tmp_path / 'o'}", gin_file)
+  assert r.returncode == 0, r.stderr
+  assert "wrote 2 examples" in r.stdout
+  r = run(f"--input={path}", f"--output={tmp_path / 'o2'}", gin_file, "--rows=100")
+  assert r.returncode == 1 and r.stderr.strip() == (
+      "error: --rows: the tables come from --gin_file here; give one or the other"), r.stderr
