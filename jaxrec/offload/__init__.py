@@ -6,6 +6,7 @@
   buffer     host write-back buffer (write combining, second read tier)
   device     jitted install / gather / eval-view on the cache rows of the EmbeddingState
   tier       the pipeline: look-ahead planner, fetcher, writer; trainer hooks
+  iterator   the wrapped training iterator `tier.wrap` returns
   snapshots  checkpoint snapshots of the stores, per step
   planning   which tables to offload when the plan does not fit device memory
   hooks      what the trainer calls: choose_plan, make_tier, snapshot_dir
@@ -15,8 +16,9 @@ from jaxrec.offload.config import (OffloadConfig, OffloadError, OffloadTable, de
                                    row_bytes)
 from jaxrec.offload.hooks import choose_plan, emb_init_key, make_tier, snapshot_dir
 from jaxrec.offload.planning import plan_with_offload
+from jaxrec.offload.iterator import OffloadIterator
 from jaxrec.offload.store import TableStore, init_rows
-from jaxrec.offload.tier import OffloadIterator, OffloadTier
+from jaxrec.offload.tier import OffloadTier
 
 __all__ = ["OffloadConfig", "OffloadError", "OffloadTable", "device_tables", "row_bytes",
            "plan_with_offload", "TableStore", "init_rows", "OffloadIterator", "OffloadTier",

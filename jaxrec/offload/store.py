@@ -252,6 +252,19 @@ class TableStore:
     self.open_existing()
 
 
+def assemble(store: "TableStore", n: int, parts) -> dict[str, np.ndarray]:
+  """`{array: [n, ...]}` of `store`'s arrays from `parts` `[(mask [n] bool, {array:
+  values of the masked rows})]` (host buffer, store reads, ...); rows no mask covers are
+  zero (filled later, e.g. on the device)."""
+  out = {}
+  for name in store.names:
+    v = np.zeros((n,) + store.array_shape(name)[1:], store.array_dtype(name))
+    for mask, values in parts:
+      v[mask] = values[name]
+    out[name] = v
+  return out
+
+
 class PendingRead:
   """Rows being read from every array of a store; `result()` waits for them."""
 
@@ -260,8 +273,7 @@ class PendingRead:
 
   def result(self) -> dict[str, np.ndarray]:
     if not self.futures:
-      return {name: np.zeros((0,) + self.store.array_shape(name)[1:], self.store.array_dtype(name))
-              for name in self.store.names}
+      return assemble(self.store, 0, [])
     try:
       return {name: f.result() for name, f in self.futures.items()}
     except Exception as e:

@@ -61,7 +61,8 @@ from jaxrec.offload.cache import CacheMap, batch_rows
 from jaxrec.offload.config import OffloadConfig, OffloadError, check_tables
 from jaxrec.offload.device import DeviceOps, cache_places, global_rows, pad_rows, padded
 from jaxrec.offload.evictions import Eviction, newest_in_flight
-from jaxrec.offload.store import TABLE, TableStore
+from jaxrec.offload.iterator import OffloadIterator
+from jaxrec.offload.store import TABLE, TableStore, assemble
 
 _POLL = 0.05
 _FLUSH_CHUNK = 1 << 18
@@ -139,7 +140,7 @@ class OffloadTier:
     self._reset_pipeline_state()
 
   # ============================================================================ public API
-  def wrap(self, iterator) -> "OffloadIterator":
+  def wrap(self, iterator) -> OffloadIterator:
     """The training iterator as the trainer sees it (ids of offloaded tables → slots)."""
     self._source = iterator
     self._base_state = iterator.get_state()
@@ -399,13 +400,7 @@ class OffloadTier:
       t0 = time.perf_counter()
       got = read.result()
       self._stats["read_wait_s"] += time.perf_counter() - t0
-      out = {}
-      for k in t.store.names:
-        v = np.zeros((len(rows),) + t.store.array_shape(k)[1:], t.store.array_dtype(k))
-        v[found_all] = buffered[k]
-        v[disk] = got[k]
-        out[k] = v
-      return out
+      return assemble(t.store, len(rows), [(found_all, buffered), (disk, got)])
     return bounce, result
 
   def _in_flight(self, t: _Table, rows: np.ndarray):
@@ -434,12 +429,7 @@ class OffloadTier:
     """Newest host/store values of rows that are not cached (all evictions fetched)."""
     found, buffered = t.buffer.get(rows)
     disk = t.store.read(rows[~found]).result()
-    out = {}
-    for k in t.store.names:
-      v = np.empty((len(rows),) + t.store.array_shape(k)[1:], t.store.array_dtype(k))
-      v[found], v[~found] = buffered[k], disk[k]
-      out[k] = v
-    return out
+    return assemble(t.store, len(rows), [(found, buffered), (~found, disk)])
 
   # ============================================================================ threads
   def _reset_pipeline_state(self) -> None:
@@ -592,26 +582,3 @@ class OffloadTier:
                              "host (their rows are lost); call flush or save before close")
         self._cv.wait(_POLL)
     self._raise_error()
-
-
-class OffloadIterator:
-  """The wrapped training iterator: batches with cache slots for offloaded ids;
-  `get_state`/`set_state` as the underlying iterator, counted in batches handed out."""
-
-  def __init__(self, tier: OffloadTier, source):
-    self.tier, self.source = tier, source
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> Batch:
-    return self.tier._next()
-
-  def get_state(self):
-    return self.tier._get_state()
-
-  def set_state(self, state) -> None:
-    self.tier._set_state(state)
-
-  def __getattr__(self, name):
-    return getattr(self.source, name)
