@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 from jaxrec import launch, planner  # noqa: E402
 from jaxrec.data.pipeline import make_train_iterator  # noqa: E402
 from jaxrec.embedding.collection import EmbeddingCollection  # noqa: E402
-from jaxrec.embedding.layout import ids_gather_axes  # noqa: E402
+from jaxrec.embedding.layout import ids_gather_devices  # noqa: E402
 from jaxrec.sharding import mesh as mesh_lib  # noqa: E402
 from jaxrec.sharding.plan import Plan, TablePlacement, uniform_plan  # noqa: E402
 from jaxrec.train import loop  # noqa: E402
@@ -98,14 +98,13 @@ class StepRunner:
   def padded_ids(self, batch_size: int) -> dict:
     """Id slots each device handles per step, summed over stacks: `gathered` = B * M / N *
     sum of the features' max_len (the all-gathered ids, each feature at its own bag size,
-    from the M of N devices along `layout.ids_gather_axes`) and `lookup` = B * W * L (W =
+    from the M = `layout.ids_gather_devices` of N devices) and `lookup` = B * W * L (W =
     most features on one `table` slice, L the stack's longest bag: what the dedup sort
     runs over, and the pooling gather and its scatter-add transpose for kinds split over
     `table`)."""
     coll = self.collection
-    sizes = dict(coll.layouts[0].sizes)
-    axes = ids_gather_axes(coll.layouts, [coll.dedup(l) for l in coll.layouts])
-    share = math.prod(sizes[a] for a in axes) / math.prod(sizes.values())
+    share = (ids_gather_devices(coll.layouts, [coll.dedup(l) for l in coll.layouts])
+             / math.prod(dict(coll.layouts[0].sizes).values()))
     gathered = int(sum(batch_size * share * coll.features[i].max_len for l in coll.layouts
                        for i in l.features))
     lookup = sum(batch_size * len(l.slot_features[0]) * l.max_len

@@ -18,6 +18,7 @@ values) and stacked; checkpoints store per-table arrays (`unstack`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
 from typing import Any, Mapping, Sequence
 
@@ -275,6 +276,12 @@ def ids_gather_axes(layouts: Sequence[StackLayout], dedups: Sequence[bool]
   update (e.g. `dp` with SGD): then stage 1 moves nothing."""
   need = {a for l, d in zip(layouts, dedups) for a in l.lookup_axes(d)}
   return tuple(a for a in MESH_AXES if a in need)
+
+
+def ids_gather_devices(layouts: Sequence[StackLayout], dedups: Sequence[bool]) -> int:
+  """How many devices' ids each device holds after stage 1's all-gather (1: none moved)."""
+  axes = ids_gather_axes(layouts, dedups)
+  return math.prod(dict(layouts[0].sizes)[a] for a in axes) if axes else 1
 
 
 def table_key(key: jax.Array, name: str) -> jax.Array:

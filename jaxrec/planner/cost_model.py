@@ -384,7 +384,7 @@ def plan_cost(layouts, features: Sequence[FeatureSpec], batch_size: int, opt: Op
     x[_I["all_to_all_bytes"]] = 2 * x_bytes / r * ((t - 1) / t + (c - 1) / c)
     group_terms[axes] = x
   from jaxrec.embedding import layout  # pylint: disable=import-outside-toplevel
-  m = math.prod(sizes[a] for a in layout.ids_gather_axes(layouts, [s.dedup for s in stacks]))
+  m = layout.ids_gather_devices(layouts, [s.dedup for s in stacks])
   glob = np.zeros(len(COST_TERMS))
   glob[_I["const"]] = 1
   if m > 1:
