@@ -217,16 +217,8 @@ class EmbeddingCollection:
   def check_ids(self, ids: Mapping[str, np.ndarray]) -> None:
     """Host-side check before the step: every feature present, ids in `[-1, rows)`."""
     for f in self.features:
-      if f.name not in ids:
-        raise DataError(f"batch has no ids for feature '{f.name}'")
-      x = np.asarray(ids[f.name])
-      rows = self.table_spec(f.table).rows
-      if x.ndim != 2 or x.shape[1] != f.max_len:
-        raise DataError(f"feature '{f.name}': ids shape {x.shape}, expected [batch, {f.max_len}]")
-      if x.size and (x.min() < -1 or x.max() >= rows):
-        bad = x[(x < -1) | (x >= rows)][0]
-        raise DataError(f"feature '{f.name}' (table '{f.table}', {rows} rows): id {bad} is out "
-                        f"of range [0, {rows})")
+      specs.checked_ids(ids, f.name, f"table '{f.table}'", self.table_spec(f.table).rows,
+                        f.max_len)
 
   def packing(self) -> tuple[Packing, ...]:
     """Per stack, its place in the packed stage-1 input (see `Packing`)."""

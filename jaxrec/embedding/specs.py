@@ -14,7 +14,7 @@ from typing import Sequence
 import gin
 import numpy as np
 
-from jaxrec.errors import ConfigError
+from jaxrec.errors import ConfigError, DataError
 
 POOLINGS = ("sum", "mean")
 
@@ -132,6 +132,23 @@ class EmbeddingOptions:
         self, kernel=platform.resolve_kernel(self.kernel, backend),
         comm_dtype=None if comm == "float32" else comm,
         interpret=(not gpu) if self.interpret is None else bool(self.interpret))
+
+
+def checked_ids(ids, feature: str, table: str, rows: int, max_len: int | None = None
+                ) -> np.ndarray:
+  """`ids[feature]` as an array, after the host-side checks: present, `[batch, max_len]`
+  when `max_len` is given, every id in `[-1, rows)`. `DataError` names the feature and
+  `table` (e.g. "table 't0'")."""
+  if feature not in ids:
+    raise DataError(f"batch has no ids for feature '{feature}'")
+  x = np.asarray(ids[feature])
+  if max_len is not None and (x.ndim != 2 or x.shape[1] != max_len):
+    raise DataError(f"feature '{feature}': ids shape {x.shape}, expected [batch, {max_len}]")
+  if x.size and (x.min() < -1 or x.max() >= rows):
+    bad = x[(x < -1) | (x >= rows)][0]
+    raise DataError(f"feature '{feature}' ({table}, {rows} rows): id {bad} is out of range "
+                    f"[0, {rows})")
+  return x
 
 
 def dedup_optional(linear_optimizer: bool, dtype: str, kernel: str) -> bool:

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxrec.errors import DataError
+from jaxrec.embedding.specs import checked_ids
 from jaxrec.offload.config import OffloadError
 
 _SAMPLE_FACTOR, _SAMPLE_EXTRA = 4, 64
@@ -35,13 +35,7 @@ def batch_rows(spec, features: Sequence[str], batch) -> tuple[np.ndarray, np.nda
   them: it only sees cache slots afterwards."""
   parts = []
   for f in features:
-    if f not in batch.ids:
-      raise DataError(f"batch has no ids for feature '{f}'")
-    x = np.asarray(batch.ids[f]).reshape(-1)
-    if x.size and (x.min() < -1 or x.max() >= spec.rows):
-      bad = x[(x < -1) | (x >= spec.rows)][0]
-      raise DataError(f"feature '{f}' (offloaded table '{spec.name}', {spec.rows} rows): "
-                      f"id {bad} is out of range [0, {spec.rows})")
+    x = checked_ids(batch.ids, f, f"offloaded table '{spec.name}'", spec.rows).reshape(-1)
     parts.append(x[x >= 0])
   ids = np.concatenate(parts) if parts else np.zeros(0, np.int64)
   return np.unique(ids.astype(np.int64), return_counts=True)
