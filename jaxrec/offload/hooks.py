@@ -22,8 +22,7 @@ from jaxrec.offload.config import OffloadConfig, device_tables
 from jaxrec.offload.planning import plan_with_offload
 from jaxrec.offload.tier import OffloadTier
 from jaxrec.sharding.mesh import format_mesh
-from jaxrec.sharding.plan import (KINDS, MESH_AXES, Plan, is_plan_file, plan_file_mesh,
-                                  uniform_plan)
+from jaxrec.sharding.plan import KINDS, MESH_AXES, Plan, is_plan_file, uniform_plan
 from jaxrec.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -65,8 +64,7 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
     return result.plan, result, tables, off
   tables = device_tables(config.tables, off, sparse)
   if is_plan_file(options.plan):
-    plan, mode = Plan.load(options.plan), "file"
-    made_for = plan_file_mesh(options.plan)
+    (plan, made_for), mode = Plan.load_with_mesh(options.plan), "file"
     here = {a: int(mesh_shape.get(a, 1)) for a in MESH_AXES}
     if made_for is not None and made_for != here:
       log.warning("--plan=%s was made for mesh %s, this run's is %s: its placements are "

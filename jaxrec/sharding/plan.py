@@ -93,6 +93,12 @@ class Plan:
   def load(cls, path: str) -> "Plan":
     """A plan from a JSON file: a run's `W/plan.json`, `scripts/plan.py --json` output (both
     hold it under `"plan"`), or a bare `{table: {"kind": ..., "table_slice": ...}}`."""
+    return cls.load_with_mesh(path)[0]
+
+  @classmethod
+  def load_with_mesh(cls, path: str) -> tuple["Plan", dict[str, int] | None]:
+    """`load`, and the mesh the file was made for (a run's `plan.json` and `scripts/plan.py
+    --json` record it under `"mesh"`; all four axes), None for a bare plan."""
     try:
       with open(path) as f:
         obj = json.load(f)
@@ -100,28 +106,23 @@ class Plan:
       raise ConfigError(f"--plan: cannot read '{path}': {e.strerror}") from None
     except json.JSONDecodeError as e:
       raise ConfigError(f"--plan: {path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    mesh = None
     if isinstance(obj, dict) and isinstance(obj.get("plan"), dict):
+      stored = obj.get("mesh")
+      try:
+        mesh = {a: int(stored.get(a, 1)) for a in MESH_AXES} if isinstance(stored, dict) else None
+      except (TypeError, ValueError):   # only a hint for a warning: ignore a damaged one
+        mesh = None
       obj = obj["plan"]
     if not isinstance(obj, dict) or not all(isinstance(p, dict) for p in obj.values()):
       raise ConfigError(f"--plan: {path}: expected {{table: {{\"kind\": ..., \"table_slice\": "
                         "...}}}} or a plan.json holding one under \"plan\"")
     try:
-      return cls.from_json(obj)
+      return cls.from_json(obj), mesh
     except TypeError as e:
       raise ConfigError(f"--plan: {path}: {e}") from None
     except ConfigError as e:
       raise ConfigError(f"--plan: {path}: {e}") from None
-
-
-def plan_file_mesh(path: str) -> dict[str, int] | None:
-  """The mesh a plan file was made for (a run's `plan.json` and `scripts/plan.py --json`
-  record it under `"mesh"`), all four axes; None for a bare plan or an unreadable file."""
-  try:
-    with open(path) as f:
-      mesh = json.load(f).get("mesh")
-    return {a: int(mesh.get(a, 1)) for a in MESH_AXES} if isinstance(mesh, dict) else None
-  except (OSError, ValueError, AttributeError, TypeError):
-    return None
 
 
 def is_plan_file(plan: str) -> bool:
