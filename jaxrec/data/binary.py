@@ -15,7 +15,8 @@ writes
 The manifest is written last (atomically), so a directory without one is not a dataset.
 Readers memory-map the shards: example `i` is one fixed-size read, so any permutation is
 cheap and each process touches only the examples it takes. On open the reader checks the
-manifest against the configured features (count, bag sizes, weights, row counts) and each
+manifest against the configured features (count, bag sizes, weights, row counts; a feature
+stored one-hot cannot be read multi-hot: their empty fields differ) and each
 shard's size and sha256; any mismatch raises `DataError`. A shard whose sha256 matched is
 recorded in `DIR/.verified.json` with its size, mtime and inode, and later opens skip
 hashing it while those are unchanged (hashing a Criteo-1TB-sized dataset takes minutes, on
@@ -241,6 +242,10 @@ class BinarySource(GrainMixin):
       what = f"{where}: feature {f['name']} (configured as '{name}')"
       if int(f["max_len"]) > ml:
         raise DataError(f"{what} holds bags of up to {f['max_len']} ids, max_len is {ml}")
+      if int(f["max_len"]) == 1 < ml:   # one-hot stores an empty field as id 0, not a bag
+        raise DataError(f"{what} was preprocessed one-hot (max_len 1: an empty field is id 0) "
+                        f"but is configured multi-hot (max_len {ml}: an empty field is an "
+                        "empty bag); re-run scripts/preprocess.py with this configuration")
       if bool(f["weighted"]) != w:
         raise DataError(f"{what} is {'' if f['weighted'] else 'not '}weighted in the data but "
                         f"{'' if w else 'not '}weighted in the config")

@@ -74,6 +74,8 @@ def test_compatible_config_changes(dataset):
 @pytest.mark.parametrize("feats, rows, what", [
     (lib.features(MAX_LENS, WEIGHTED)[:25], None, "the data has 26 sparse features but 25"),
     (lib.features({0: 2, 4: 2}, WEIGHTED), None, "bags of up to 3 ids, max_len is 2"),
+    (lib.features({0: 3, 1: 2, 4: 2}, WEIGHTED), None,
+     "f1.* preprocessed one-hot .* configured multi-hot \\(max_len 2"),
     (lib.features(MAX_LENS, {4, 5}), None, "not weighted in the data but weighted"),
     (lib.features(MAX_LENS, WEIGHTED), {"t3": 300}, "reduced to 1000 rows, the table has 300"),
 ])
