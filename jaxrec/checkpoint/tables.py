@@ -8,7 +8,9 @@ Stored under the checkpoint item `embeddings/`:
     embeddings/index.json                  {"processes", "arrays": {name: {shape, dtype}}}
     embeddings/fingerprints.<process>.json {name: partial fingerprint}
 
-The layout does not depend on mesh or plan. Saving copies each device's shard of the
+The layout does not depend on mesh or plan. A restore widens a stored floating-point array
+to a wider configured dtype when that is exact (float16/bfloat16 → float32, e.g. an
+imported TorchRec table); narrowing is refused. Saving copies each device's shard of the
 stacked arrays to host (the only blocking part) and writes the table pieces it holds in
 the background; restoring builds each device's shard of the new stacked arrays from the
 table pieces it covers, one shard at a time, each put on its device before the next is
@@ -33,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
+from absl import logging
 from etils import epath
 
 from jaxrec.checkpoint import canonical as canonical_lib
@@ -212,9 +215,24 @@ def open_stored(directory: epath.PathLike, name: str) -> ts.TensorStore:
   return ts.open(spec, open=True, read=True).result()
 
 
+def widens(stored, configured) -> bool:
+  """Whether a stored array of dtype `stored` restores exactly into `configured` (equal,
+  or floating point made wider: float16/bfloat16 → float32, float32 → float64)."""
+  stored, configured = jnp.dtype(stored), jnp.dtype(configured)
+  return stored == configured or (
+      jnp.issubdtype(stored, jnp.floating) and jnp.issubdtype(configured, jnp.floating)
+      and bool(np.can_cast(stored, configured, "safe")))
+
+
+def _fits(have, want) -> bool:
+  """Stored `(shape, dtype)` restores into configured `(shape, dtype)`."""
+  return have[0] == want[0] and widens(have[1], want[1])
+
+
 def check_compatible(index: Mapping, collection, where: str) -> bool:
-  """Raises ConfigError unless the stored tables match the collection's; returns whether
-  the sparse optimizer state is stored (False: it starts fresh)."""
+  """Raises ConfigError unless the stored tables fit the collection's (same arrays and
+  shapes; dtypes equal or exactly widened, see `widens`, logged per table); returns
+  whether the sparse optimizer state is stored (False: it starts fresh)."""
   stored = {n: (tuple(a["shape"]), a["dtype"]) for n, a in index["arrays"].items()}
   want = stored_arrays(collection)
 
@@ -228,16 +246,28 @@ def check_compatible(index: Mapping, collection, where: str) -> bool:
                       f"configuration has {sorted(names)} (missing: "
                       f"{sorted(names - have_tables)}, extra: {sorted(have_tables - names)})")
   for t in collection.tables:
-    theirs = of_table(stored, t.name)
-    if of_table(want, t.name) != theirs:
+    theirs, ours = of_table(stored, t.name), of_table(want, t.name)
+    if set(theirs) != set(ours) or any(theirs[n][0] != ours[n][0] for n in ours):
       have = ", ".join(f"{n} {list(s)} {d}" for n, (s, d) in sorted(theirs.items()))
       raise ConfigError(f"table '{t.name}': checkpoint {where} has {have}; the configuration "
                         f"has [{t.rows}, {t.dim}] {t.dtype}")
+    narrow = sorted(n for n in ours if not widens(theirs[n][1], ours[n][1]))
+    if narrow:
+      have, need = theirs[narrow[0]][1], ours[narrow[0]][1]
+      raise ConfigError(f"table '{t.name}': checkpoint {where} stores '{narrow[0]}' as {have}"
+                        f", which does not convert exactly to the configured {need} (only "
+                        "widening, e.g. float16/bfloat16 → float32, is exact); configure the "
+                        f"table's dtype as {have} (TableSpec.dtype, e.g. uniform_tables.dtype)")
+    wide = {n: (theirs[n][1], ours[n][1]) for n in sorted(ours) if theirs[n][1] != ours[n][1]}
+    if wide:
+      logging.info("table '%s': widening %s from checkpoint %s", t.name, ", ".join(
+          f"{n} {a} → {b}" for n, (a, b) in wide.items()), where)
   have_opt = {n: v for n, v in stored.items() if n.startswith("table_opt/")}
   want_opt = {n: v for n, v in want.items() if n.startswith("table_opt/")}
-  if have_opt and have_opt != want_opt:
-    first = sorted(set(have_opt) ^ set(want_opt) or
-                   [n for n in want_opt if want_opt[n] != have_opt[n]])[0]
+  diff = sorted(set(have_opt) ^ set(want_opt) or
+                [n for n in want_opt if not _fits(have_opt[n], want_opt[n])])
+  if have_opt and diff:
+    first = diff[0]
     raise ConfigError(f"checkpoint {where} has sparse optimizer state that does not fit the "
                       f"configured {type(collection.optimizer).__name__} (first difference: "
                       f"'{first}': checkpoint {have_opt.get(first)}, optimizer needs "
@@ -246,7 +276,8 @@ def check_compatible(index: Mapping, collection, where: str) -> bool:
 
 
 def _read_block(layout, name_of, shape, dtype, bounds, handles, prints):
-  """The block `bounds` of one stacked array, assembled from table pieces."""
+  """The block `bounds` of one stacked array, assembled from table pieces (each
+  fingerprinted as stored, then widened to `dtype` if stored narrower)."""
   block = np.zeros(tuple(b - a for a, b in bounds), dtype)
   reads = []
   for slot, (t0, t1), (b0, b1) in _overlaps(layout, bounds[0]):
@@ -255,9 +286,10 @@ def _read_block(layout, name_of, shape, dtype, bounds, handles, prints):
     reads.append((name, (t0,) + tuple(a for a, _ in bounds[1:]), (b0, b1),
                   handles[name][src].read()))
   for name, start, (b0, b1), fut in reads:
-    block[b0:b1] = fut.result()
-    prints[name] = (prints[name] + fingerprint_np(block[b0:b1], tuple(handles[name].shape),
+    data = fut.result()
+    prints[name] = (prints[name] + fingerprint_np(data, tuple(handles[name].shape),
                                                    start)) & 0xFFFFFFFF
+    block[b0:b1] = data   # exact: `check_compatible` allows only widening
   return block
 
 

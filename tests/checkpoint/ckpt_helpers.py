@@ -18,6 +18,7 @@ DIM = 8
 
 # Mesh shapes per plan kind and device count.
 MESHES = {
+    1: {"dp": dict(data=1), "rw": dict(row=1)},
     8: {"dp": dict(data=8), "tw": dict(table=4, data=2), "rw": dict(row=4, data=2),
         "cw": dict(col=2, data=4), "twrw": dict(table=2, row=2, data=2),
         "twcw": dict(table=2, col=2, data=2), "grid": dict(table=2, row=2, col=2)},

@@ -1,6 +1,7 @@
 """convert_checkpoint: npz / zarr export, copy for another plan, TorchRec import."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -150,6 +151,62 @@ def test_torchrec_import(tmp_path):
   h.assert_dense_equal(dict(target, step=restored.state["step"]), restored.state)
 
 
+@pytest.mark.parametrize("kind,devices", [("rw", 1), ("grid", 8)])
+def test_torchrec_float16_import_widens_to_float32(tmp_path, caplog, kind, devices):
+  """float16 TorchRec tables restore exactly into the default float32 tables (fingerprints
+  checked on the stored float16 bits), with fresh optimizer state; one log line a table."""
+  coll = h.collection(kind, devices)
+  rng = np.random.default_rng(1)
+  weights = {t.name: rng.standard_normal((t.rows, t.dim)).astype(np.float16)
+             for t in coll.tables}
+  npz = tmp_path / "ebc.npz"
+  np.savez(npz, **{f"embedding_bags.{n}.weight": w for n, w in weights.items()})
+  convert.import_torchrec(npz, tmp_path / "ckpt")
+  with CheckpointManager(tmp_path / "ckpt") as mgr:
+    assert {a["dtype"] for a in mgr.check(0)["tables"].values()} == {"float16"}
+    with caplog.at_level(logging.INFO):
+      restored = mgr.restore(h.dense(coll.mesh), coll)
+  tables, opt = jax.device_get(coll.unstack_tables(restored.state["emb"]))
+  for name, w in weights.items():
+    assert tables[name].dtype == np.float32
+    np.testing.assert_array_equal(tables[name], w.astype(np.float32), err_msg=name)
+    np.testing.assert_array_equal(opt[name]["accum"], 0.0)
+  widened = [r.getMessage() for r in caplog.records if "widening" in r.getMessage()]
+  assert len(widened) == len(weights) and "float16 → float32" in widened[0], widened
+
+
+def test_bfloat16_checkpoint_restores_into_float32(tmp_path):
+  """A bfloat16-table checkpoint (stored optimizer state) restores exactly into float32
+  tables on another plan and mesh."""
+  coll = h.collection("rw", 8, dtype="bfloat16")
+  state = h.train_state(coll, seed=4, step=3)
+  with CheckpointManager(tmp_path) as mgr:
+    mgr.save(3, state, coll, force=True)
+    new = h.collection("twcw", 4)
+    restored = mgr.restore(h.dense(new.mesh), new)
+  want, want_opt = jax.device_get(coll.unstack_tables(state["emb"]))
+  got, got_opt = jax.device_get(new.unstack_tables(restored.state["emb"]))
+  for name in want:
+    assert got[name].dtype == np.float32
+    np.testing.assert_array_equal(got[name], np.asarray(want[name], np.float32))
+    np.testing.assert_array_equal(got_opt[name]["accum"], want_opt[name]["accum"])
+
+
+@pytest.mark.parametrize("stored,configured", [("float32", "bfloat16"), ("float32", "float16"),
+                                               ("float16", "bfloat16")])
+def test_narrowing_restore_is_refused(tmp_path, stored, configured):
+  coll = h.collection("rw", 4, dtype=configured)
+  npz = tmp_path / "ebc.npz"
+  np.savez(npz, **{f"embedding_bags.{t.name}.weight": np.ones((t.rows, t.dim), stored)
+                   for t in coll.tables})
+  convert.import_torchrec(npz, tmp_path / "ckpt")
+  with CheckpointManager(tmp_path / "ckpt") as mgr:
+    with pytest.raises(ConfigError, match=rf"table 't0': .* stores 'tables/t0' as {stored}, "
+                       rf"which does not convert exactly to the configured {configured} .*"
+                       rf"configure the table's dtype as {stored}"):
+      mgr.restore(h.dense(coll.mesh), coll)
+
+
 def test_torchrec_import_refuses_to_hide_behind_newer_checkpoints(saved, tmp_path):
   """A run resumes from the newest step: importing as an older one would be ignored."""
   path, coll, _ = saved
@@ -165,11 +222,13 @@ def test_torchrec_import_refuses_to_hide_behind_newer_checkpoints(saved, tmp_pat
     assert mgr.all_steps() == [2, 4, 5]
 
 
-def test_train_starts_from_torchrec_import(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_train_starts_from_torchrec_import(tmp_path, dtype):
   """scripts/train.py on a workdir holding only an imported checkpoint (tables, no dense
-  part, no data state) trains from the imported tables with its own dense initialisation."""
+  part, no data state) trains from the imported tables with its own dense initialisation
+  (float16 tables: widened to the configured float32)."""
   rows = (300, 50)
-  weights = {f"t{i}": np.random.default_rng(i).standard_normal((r, 16)).astype(np.float32)
+  weights = {f"t{i}": np.random.default_rng(i).standard_normal((r, 16)).astype(dtype)
              for i, r in enumerate(rows)}
   npz = tmp_path / "ebc.npz"
   np.savez(npz, **{f"embedding_bags.{n}.weight": w for n, w in weights.items()})
