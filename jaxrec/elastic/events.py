@@ -3,7 +3,8 @@
 Each line has `time` (unix seconds), `event` (name) and the event's details, e.g.
 
   {"time": 1718000000.1, "event": "worker_exit", "generation": 0, "process": 1,
-   "returncode": -9, "signal": "SIGKILL", "last_step": 37, "lost": true}
+   "returncode": -9, "signal": "SIGKILL", "last_step": 37, "lost": true,
+   "error": "killed by SIGKILL", "last_log_line": "step 37: loss=0.1342"}
 
 See `EVENTS` for the names and the README section "Elastic training" for how to read them.
 """
@@ -26,7 +27,8 @@ EVENTS = {
     "initialized": "a worker joined the distributed runtime",
     "restore": "a generation's workers started from a checkpoint step (0: fresh)",
     "resume": "first step done on a new mesh; seconds since the failure and breakdown",
-    "worker_exit": "a worker ended (return code / signal; lost: its slot is gone)",
+    "worker_exit": "a worker ended (return code / signal; lost: its slot is gone; error: "
+                   "the signal, or for an exit code the last log line)",
     "hang": "a worker made no progress for --hang_timeout seconds (treated as dead)",
     "capacity": "available processes / devices changed (capacity file, lost or returned slot)",
     "stop": "the supervisor stopped a generation's workers (reason, seconds)",

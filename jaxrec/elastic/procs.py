@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+from typing import IO
 
 from jaxrec.elastic import worker as worker_lib
 
@@ -24,13 +25,15 @@ def latest_checkpoint(workdir: str) -> int | None:
   return max(steps) if steps else None
 
 
-def die_with_parent() -> None:
-  """In the child before exec: SIGKILL it when the supervisor dies (Linux)."""
-  try:
-    import ctypes  # pylint: disable=import-outside-toplevel
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
-  except (OSError, AttributeError):
-    pass
+def start_worker(argv: list[str], env: dict, log: IO) -> subprocess.Popen:
+  """Starts a worker in a session of its own (`send_signal` reaches its process group).
+
+  No preexec_fn: the supervisor has threads (jax), so code between fork and exec could
+  deadlock on a lock another thread held. The worker itself asks to die with the
+  supervisor (`worker.die_with_supervisor`, from `env[worker.ENV_SUPERVISOR_PID]`).
+  """
+  return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                          start_new_session=True)
 
 
 def send_signal(popen: subprocess.Popen, sig) -> None:
@@ -49,8 +52,24 @@ def state(pid: int) -> str | None:
     return None
 
 
+def signal_name(code: int) -> str | None:
+  """`SIGKILL` for return code -9 (None for an exit code)."""
+  if code >= 0:
+    return None
+  try:
+    return signal.Signals(-code).name
+  except ValueError:
+    return f"signal {-code}"
+
+
 def describe_exit(code: int) -> str:
-  return signal.Signals(-code).name if code < 0 else f"exit code {code}"
+  return signal_name(code) if code < 0 else f"exit code {code}"
+
+
+def exit_error(code: int, last_log_line: str) -> str:
+  """A failed worker's `error`: the signal that killed it (its last log line is whatever
+  it printed last, e.g. metrics), else the last log line (its error, usually)."""
+  return f"killed by {signal_name(code)}" if code < 0 else last_log_line
 
 
 def user_error(workdir: str, indices: list[int]) -> str:

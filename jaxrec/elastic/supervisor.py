@@ -290,9 +290,7 @@ class Supervisor:
       log.write(f"=== generation {g}, process {p} of {choice.processes}, "
                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
       log.flush()
-      popen = subprocess.Popen(argv, env=self._env(p, choice, port), stdout=log,
-                               stderr=subprocess.STDOUT, start_new_session=True,
-                               preexec_fn=proc_lib.die_with_parent)
+      popen = proc_lib.start_worker(argv, self._env(p, choice, port), log)
       # Workers resume from that checkpoint (at num_steps they only evaluate and exit).
       self.procs.append(_Proc(p, popen, log, time.time(), last_seen=time.time(),
                               last_step=self._checkpoint_at_launch or 0))
@@ -316,6 +314,7 @@ class Supervisor:
                 worker_lib.ENV_PLATFORM: self.o.platform,
                 worker_lib.ENV_CHECK_EVERY: str(self.o.check_every),
                 worker_lib.ENV_PROBE_EVERY: str(self.o.probe_every),
+                worker_lib.ENV_SUPERVISOR_PID: str(os.getpid()),
                 "PYTHONUNBUFFERED": "1"})
     if choice.processes > 1:
       env[worker_lib.ENV_COORDINATOR] = f"127.0.0.1:{port}"
@@ -462,10 +461,13 @@ class Supervisor:
     signaled = [p for p in failed if p.exited < 0]
     lost = signaled or failed[:1]     # peers of a crashed worker often fail right after it
     for p in new:
-      extra = {"error": proc_lib.last_line(self.workdir, p.index)} if p.exited else {}
+      extra = {}
+      if p.exited:
+        last = proc_lib.last_line(self.workdir, p.index)
+        extra = {"error": proc_lib.exit_error(p.exited, last), "last_log_line": last}
       self.events.emit("worker_exit", generation=self.generation, process=p.index,
                        pid=p.popen.pid, returncode=p.exited,
-                       signal=signal.Signals(-p.exited).name if p.exited < 0 else None,
+                       signal=proc_lib.signal_name(p.exited),
                        last_step=p.last_step, lost=bool(first_failure and p in lost), **extra)
     if first_failure:
       message = proc_lib.user_error(self.workdir, [p.index for p in failed])

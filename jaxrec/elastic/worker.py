@@ -13,6 +13,8 @@ without them every function here is a no-op (a plain single-process run):
   JAXREC_ELASTIC_PROBE_EVERY  steps between per-device timing probes (0: never)
   JAXREC_ELASTIC_INJECT_DELAY fault injection for tests and benchmarks, `PROCESS:SECONDS`:
                               that process spends SECONDS more host time per step
+  JAXREC_ELASTIC_SUPERVISOR_PID  the supervisor's pid: the worker dies with it
+                              (`die_with_supervisor`)
 
 Progress goes to `W/workers/<process>.jsonl`, one line per step:
 
@@ -27,6 +29,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 import time
 from typing import Mapping
 
@@ -39,6 +43,8 @@ ENV_PLATFORM = "JAXREC_ELASTIC_PLATFORM"
 ENV_CHECK_EVERY = "JAXREC_ELASTIC_CHECK_EVERY"
 ENV_PROBE_EVERY = "JAXREC_ELASTIC_PROBE_EVERY"
 ENV_INJECT_DELAY = "JAXREC_ELASTIC_INJECT_DELAY"
+ENV_SUPERVISOR_PID = "JAXREC_ELASTIC_SUPERVISOR_PID"
+PR_SET_PDEATHSIG = 1
 
 WORKERS_DIR = "workers"
 CONTROL_DIR = "elastic"
@@ -89,8 +95,30 @@ _WORKER: _Worker | None = None
 def _worker() -> _Worker:
   global _WORKER
   if _WORKER is None:
+    die_with_supervisor(os.environ)     # the first use of this module in a worker
     _WORKER = _Worker(os.environ)
   return _WORKER
+
+
+def die_with_supervisor(env: Mapping[str, str]) -> None:
+  """Has Linux SIGKILL this process when the supervisor dies (PR_SET_PDEATHSIG), and exits
+  at once if it already died: the parent is no longer `env[ENV_SUPERVISOR_PID]`.
+
+  The worker does it itself, early (the supervisor has threads: no preexec_fn). A no-op
+  without the variable (a plain run), off Linux or without prctl.
+  """
+  pid = env.get(ENV_SUPERVISOR_PID)
+  if not pid or not sys.platform.startswith("linux"):
+    return
+  try:
+    import ctypes  # pylint: disable=import-outside-toplevel
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL)) != 0:
+      return
+  except (OSError, AttributeError):
+    return
+  if os.getppid() != int(pid):   # it died before the prctl: the signal will not come
+    sys.exit(f"error: the elastic supervisor (pid {pid}) is gone (this worker's parent "
+             f"is now pid {os.getppid()}); exiting")
 
 
 def is_supervised() -> bool:
@@ -101,9 +129,10 @@ def is_supervised() -> bool:
 def initialize_from_env() -> bool:
   """Joins the multi-process job the supervisor described in the environment.
 
-  Call before any other use of jax (scripts/train.py does). Sets gloo CPU collectives on
-  CPU, then `jax.distributed.initialize`. Returns True when it initialised a job of more
-  than one process; False (and does nothing) without the variables.
+  Call first, before any use of jax (scripts/train.py does): the worker first arranges
+  to die with the supervisor (`die_with_supervisor`), then sets gloo CPU collectives on
+  CPU and calls `jax.distributed.initialize`. Returns True when it initialised a job of
+  more than one process; False (and does nothing) without the variables.
   """
   w = _worker()
   if not w.supervised:

@@ -92,6 +92,19 @@ def kill(pid, sig=signal.SIGKILL):
   os.kill(pid, sig)
 
 
+def alive(pid):
+  """True while `pid` runs (a zombie counts as dead)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return True
+
+
 def finish(proc, timeout=900):
   try:
     return proc.wait(timeout)

@@ -4,7 +4,8 @@ Reads --workdir, --num_steps, --checkpoint_every, --mesh, --step_s (seconds per 
 --error (print a user error and exit 1). Reports progress through `jaxrec.elastic.worker`
 like the real trainer, "checkpoints" by creating W/checkpoints/<step>/ (process 0), resumes
 from the newest one, stops when the supervisor asks and appends what it ran to
-W/fake_runs.jsonl. Processes do not talk to each other (no jax.distributed).
+W/fake_runs.jsonl. Prints `step N` per step (like the trainer's metrics lines). Processes do
+not talk to each other (no jax.distributed).
 """
 
 import json
@@ -42,6 +43,7 @@ def main(argv):
     t0 = time.perf_counter()
     time.sleep(step_s)
     dt = time.perf_counter() - t0
+    print(f"step {step}")
     stop = worker.report_progress(w, step, dt, host_time_s=dt)
     if me.process == 0 and (step % every == 0 or step == n or stop):
       os.makedirs(os.path.join(ckpts, str(step)), exist_ok=True)

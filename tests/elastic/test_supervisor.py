@@ -3,7 +3,11 @@ is a short sleep): kill, hang, minimum, restarts, user error, capacity, straggle
 
 import json
 import os
+import re
 import signal
+import sys
+
+import pytest
 
 from tests.elastic import elastic_testlib as t
 
@@ -42,6 +46,8 @@ def test_killed_worker_shrinks_and_finishes(tmp_path):
   assert names.index("worker_exit") < names.index("replan") < names.index("resume")
   exit_ev = next(e for e in ev if e["event"] == "worker_exit")
   assert exit_ev["process"] == 1 and exit_ev["signal"] == "SIGKILL" and exit_ev["lost"]
+  assert exit_ev["error"] == "killed by SIGKILL"           # not its last (normal) log line
+  assert re.fullmatch(r"step \d+", exit_ev["last_log_line"]), exit_ev
   replan = next(e for e in ev if e["event"] == "replan")
   assert replan["processes"] == 1 and replan["mesh"] == {"data": 1, "table": 2, "row": 1,
                                                           "col": 1}
@@ -86,16 +92,7 @@ def test_below_minimum_stops_with_a_message(tmp_path):
   assert "error: only 1 process(es) of 2 device(s) available, below --min_processes=2" in log
   assert "run the same command again to resume" in log
   assert "replan" not in t.names(ev)
-  assert all(p is None or not _alive(p) for p in t.worker_pids(w, 0))
-
-
-def _alive(pid):
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  with open(f"/proc/{pid}/stat") as f:
-    return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  assert all(p is None or not t.alive(p) for p in t.worker_pids(w, 0))
 
 
 def test_max_restarts(tmp_path):
@@ -123,6 +120,10 @@ def test_user_error_is_not_retried(tmp_path):
   assert t.names(ev).count("launch") == 1
   assert ev[-1]["event"] == "give_up" and ev[-1]["reason"] == "user_error"
   assert "the fake trainer fails as asked" in open(os.path.join(w, "launch.log")).read()
+  exits = [e for e in ev if e["event"] == "worker_exit"]
+  assert exits and all(e["returncode"] == 1 and e["signal"] is None for e in exits)
+  assert all(e["error"] == e["last_log_line"] == "error: --error: the fake trainer fails as "
+             "asked" for e in exits)                      # an exit code: its last log line
 
 
 def test_capacity_file_grows_the_job_after_a_clean_stop(tmp_path):
@@ -187,12 +188,28 @@ def test_sigterm_stops_the_workers_and_says_so(tmp_path):
   pids = t.worker_pids(w, 0)
   t.kill(proc.pid, signal.SIGTERM)
   assert t.finish(proc, timeout=60) == 128 + signal.SIGTERM
-  assert not any(_alive(p) for p in pids)
+  assert not any(t.alive(p) for p in pids)
   ev = t.events(w)
   assert [e["event"] for e in ev[-2:]] == ["stop", "give_up"]
   assert ev[-2]["reason"] == "supervisor got SIGTERM" and sorted(ev[-2]["stopped"]) == [0, 1]
   assert ev[-1]["reason"] == "interrupted" and ev[-1]["checkpoint"] >= 5
   assert "run the same command again to resume" in open(os.path.join(w, "launch.log")).read()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG")
+def test_workers_die_with_a_killed_supervisor(tmp_path):
+  w = str(tmp_path)
+  proc = start(w, ["--num_processes=2"], steps=100000)
+  t.wait_step(w, 1, 0, 5, timeout=120, proc=proc)
+  pids = t.worker_pids(w, 0)
+  t.kill(proc.pid)                                # no chance to stop them
+  proc.wait()
+  try:
+    t.wait_for(lambda: not any(t.alive(p) for p in pids), 20, "the workers to die")
+  finally:
+    for p in pids:
+      if t.alive(p):
+        t.kill(p)
 
 
 def test_requested_stop_waits_for_the_check_step_not_a_periodic_checkpoint(tmp_path):

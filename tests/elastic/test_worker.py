@@ -1,9 +1,28 @@
-"""The worker side: no-op outside the supervisor, progress records, stop requests, probe."""
+"""The worker side: no-op outside the supervisor, progress records, stop requests, probe,
+dying with the supervisor."""
 
+import ctypes
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
 
 from jaxrec.elastic import worker
+from tests.elastic import elastic_testlib as t
+
+LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG")
+# A worker: the first use of `jaxrec.elastic.worker` sets up dying with the supervisor.
+WORKER = ("import os, time\nfrom jaxrec.elastic import worker\nworker.is_supervised()\n"
+          "print('ready', os.getpid(), flush=True)\ntime.sleep({sleep})\n")
+# A supervisor: starts WORKER like the real one does, then waits to be killed.
+SUPERVISOR = ("import os, sys, time\nfrom jaxrec.elastic import procs, worker\n"
+              "env = dict(os.environ, **{worker.ENV_SUPERVISOR_PID: str(os.getpid())})\n"
+              "procs.start_worker([sys.executable, '-c', sys.argv[1]], env, "
+              "open(sys.argv[2], 'a'))\ntime.sleep(600)\n")
 
 
 def use_env(monkeypatch, env):
@@ -43,3 +62,59 @@ def test_probe_times_every_local_device():
   times = worker.probe_local_devices(size=16, repeats=1)
   assert sorted(times) == sorted(f"device:{d.id}" for d in jax.local_devices())
   assert all(t > 0 for t in times.values())
+
+
+def test_dying_with_the_supervisor_is_a_no_op_without_it(monkeypatch):
+  wrong = {worker.ENV_SUPERVISOR_PID: str(os.getpid() + 1)}   # not our parent
+  worker.die_with_supervisor({})                               # a plain run
+  monkeypatch.setattr(sys, "platform", "darwin")
+  worker.die_with_supervisor(wrong)                            # off Linux
+  monkeypatch.setattr(sys, "platform", "linux")
+
+  def no_libc(*args, **kwargs):
+    raise OSError("no libc")
+
+  monkeypatch.setattr(ctypes, "CDLL", no_libc)
+  worker.die_with_supervisor(wrong)                            # no prctl
+
+
+def _run_worker(supervisor_pid):
+  env = t.env(**{worker.ENV_SUPERVISOR_PID: str(supervisor_pid)})
+  return subprocess.run([sys.executable, "-c", WORKER.format(sleep=0)], capture_output=True,
+                        text=True, env=env, cwd=t.ROOT, timeout=60)
+
+
+@LINUX
+def test_worker_exits_when_the_supervisor_is_gone():
+  ok = _run_worker(os.getpid())                          # we are its parent: it runs
+  assert ok.returncode == 0 and ok.stdout.startswith("ready"), ok.stderr
+  gone = _run_worker(os.getpid() + 1)                    # its parent is not the supervisor
+  assert gone.returncode == 1 and not gone.stdout, gone.stdout
+  assert f"error: the elastic supervisor (pid {os.getpid() + 1}) is gone" in gone.stderr
+
+
+@LINUX
+def test_worker_dies_when_the_supervisor_is_killed(tmp_path):
+  log = str(tmp_path / "worker.log")
+  sup = subprocess.Popen([sys.executable, "-c", SUPERVISOR, WORKER.format(sleep=600), log],
+                         env=t.env(), cwd=t.ROOT)
+  pid = None
+  try:
+    pid = t.wait_for(lambda: os.path.exists(log) and _ready_pid(log), 60, "the worker", sup)
+    with open(f"/proc/{pid}/stat") as f:
+      assert int(f.read().rsplit(")", 1)[1].split()[1]) == sup.pid     # its parent
+    time.sleep(0.2)
+    assert t.alive(pid)
+    t.kill(sup.pid)
+    sup.wait(30)
+    t.wait_for(lambda: not t.alive(pid), 20, "the worker to die")
+  finally:
+    if sup.poll() is None:
+      sup.kill()
+    if pid is not None and t.alive(pid):
+      os.kill(pid, signal.SIGKILL)
+
+
+def _ready_pid(log):
+  words = open(log).read().split()
+  return int(words[1]) if len(words) >= 2 and words[0] == "ready" else None
