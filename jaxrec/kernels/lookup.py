@@ -95,6 +95,8 @@ def _padded_kernel(idx_ref, w_ref, *refs):
 def _lookup_pallas(table, idx, w, interpret):
   n, l = idx.shape
   d = table.shape[1]
+  if n == 0 or l == 0:  # no bags or no slots: nothing to launch
+    return jnp.zeros((n, d), jnp.float32)
   bd = platform.col_block(d)
   bn = platform.row_block(n, bd)
   n_pad = pl.cdiv(n, bn) * bn
@@ -159,6 +161,8 @@ def _csr_kernel(start_ref, len_ref, val_ref, wt_ref, *refs):
 def _lookup_csr_pallas(table, values, offsets, weights, interpret):
   n = offsets.shape[0] - 1
   d = table.shape[1]
+  if n == 0:
+    return jnp.zeros((0, d), jnp.float32)
   bd = platform.col_block(d)
   bn = platform.row_block(n, bd)
   n_pad = pl.cdiv(n, bn) * bn

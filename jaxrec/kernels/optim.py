@@ -79,10 +79,21 @@ def coerce(opt) -> Optimizer:
   return opt
 
 
+STATE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_state_dtype(dtype, what: str = "optimizer state") -> None:
+  """Raises ConfigError unless `dtype` is a float storage dtype for optimizer state."""
+  name = jnp.dtype(dtype).name
+  if name not in STATE_DTYPES:
+    raise ConfigError(f"{what}: dtype must be one of {STATE_DTYPES}, got '{name}'")
+
+
 def init_opt_state(optimizer: Optimizer, rows: int, dim: int,
                    dtype=jnp.float32) -> dict[str, jax.Array]:
   """Optimizer state for a `[rows, dim]` table, stored in `dtype` (f32, bf16 or f16)."""
   optimizer = coerce(optimizer)
+  check_state_dtype(dtype)
   init = float(getattr(optimizer, "initial_accumulator", 0.0))
   return {name: jnp.full(shape, init, dtype)
           for name, shape in optimizer.state_shapes(rows, dim).items()}

@@ -63,6 +63,13 @@ def table_dtype(table) -> str:
     raise ConfigError(f"table dtype must be one of {TABLE_DTYPES}, got '{name}'")
   if name == "int8" and not isinstance(table, QuantizedTable):
     raise ConfigError("an int8 table must be a QuantizedTable (q, scale, bias)")
+  if isinstance(table, QuantizedTable):
+    rows = table.q.shape[:1]
+    if (table.q.ndim != 2 or jnp.dtype(table.q.dtype) != jnp.int8
+        or tuple(table.scale.shape) != rows or tuple(table.bias.shape) != rows):
+      raise ConfigError(f"QuantizedTable wants q int8 [R, D], scale and bias [R]; got q "
+                        f"{table.q.dtype}{list(table.q.shape)}, scale {list(table.scale.shape)}, "
+                        f"bias {list(table.bias.shape)}")
   return name
 
 
@@ -135,23 +142,27 @@ def cast_store(x, dtype, bits=None):
   """Rounds f32 `x` to storage `dtype`: to nearest, or stochastically given uint32 `bits`.
 
   bf16 adds 16 random low bits before truncating; fp16 floors `x / ulp + u` with the
-  fp16 ulp of `|x|` (subnormals included). float32 is returned unchanged.
+  fp16 ulp of `|x|` (subnormals included). float32 is returned unchanged. Values at or
+  beyond the dtype's largest finite value (and inf/nan) round to nearest, as a cast does,
+  so stochastic rounding never overflows where rounding to nearest would not.
   """
   dtype = jnp.dtype(dtype)
   if bits is None or dtype == jnp.float32:
     return x.astype(dtype)
+  if dtype not in (jnp.bfloat16, jnp.float16):
+    raise ConfigError(f"stochastic rounding supports bfloat16/float16, not {dtype.name}")
   xb = jax.lax.bitcast_convert_type(x, jnp.uint32)
   if dtype == jnp.bfloat16:
     xb = (xb + (bits & jnp.uint32(0xFFFF))) & jnp.uint32(0xFFFF0000)
-    return jax.lax.bitcast_convert_type(xb, jnp.float32).astype(dtype)
-  if dtype == jnp.float16:
+    y = jax.lax.bitcast_convert_type(xb, jnp.float32)
+  else:
     e = ((xb >> 23) & jnp.uint32(0xFF)).astype(jnp.int32) - 127
     ulp_e = jnp.maximum(e - 10, -24)
     ulp = jax.lax.bitcast_convert_type(((ulp_e + 127) << 23).astype(jnp.uint32), jnp.float32)
     inv = jax.lax.bitcast_convert_type(((127 - ulp_e) << 23).astype(jnp.uint32), jnp.float32)
     y = jnp.floor(x * inv + uniform(bits)) * ulp
-    return jnp.where(jnp.isfinite(x), y, x).astype(dtype)
-  raise ConfigError(f"stochastic rounding supports bfloat16/float16, not {dtype.name}")
+  in_range = jnp.abs(x) < np.float32(jnp.finfo(dtype).max)
+  return jnp.where(in_range, y, x).astype(dtype)
 
 
 # ------------------------------------------------------------------------ communication

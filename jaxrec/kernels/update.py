@@ -216,6 +216,8 @@ def _update_kernel(row_ref, start_ref, len_ref, bag_ref, w_ref, grad_ref, seed_r
 def _update_pallas(table, opt_state, seg, grad, opt, seed, interpret):
   r, d = table.shape
   m = seg["row"].shape[0]
+  if m == 0:  # no slots: nothing to update
+    return table, dict(opt_state)
   kind, parts = _table_parts(table)
   names = tuple(sorted(opt_state))
   states = [opt_state[k] for k in names]
@@ -252,7 +254,7 @@ def _update_pallas(table, opt_state, seg, grad, opt, seed, interpret):
 
 # ------------------------------------------------------------------------------- public
 
-def _check(table, opt_state, grad, optimizer):
+def _check(table, opt_state, grad, optimizer, num_bags):
   quant.table_dtype(table)
   r, d = table.shape
   want = optimizer.state_shapes(r, d)
@@ -260,13 +262,17 @@ def _check(table, opt_state, grad, optimizer):
   if got != {k: tuple(s) for k, s in want.items()}:
     raise ConfigError(f"{type(optimizer).__name__} state must be {want}, got {got} "
                       "(use init_opt_state)")
-  if grad.ndim != 2 or grad.shape[1] != d:
-    raise ConfigError(f"grad_pooled must be [N, {d}], got {grad.shape}")
+  for k, v in opt_state.items():
+    optim.check_state_dtype(v.dtype, f"{type(optimizer).__name__} state '{k}'")
+  if grad.ndim != 2 or tuple(grad.shape) != (num_bags, d):
+    raise ConfigError(f"grad_pooled must be [N, D] = [{num_bags}, {d}] (one row per bag), "
+                      f"got {tuple(grad.shape)}")
 
 
-def _run(table, opt_state, ids, bags, wts, grad, optimizer, step, key, kernel, interpret):
+def _run(table, opt_state, ids, bags, wts, grad, optimizer, step, key, kernel, interpret,
+         num_bags):
   optimizer = optim.coerce(optimizer)
-  _check(table, opt_state, grad, optimizer)
+  _check(table, opt_state, grad, optimizer, num_bags)
   seg = segments(ids, bags, wts, table.shape[0])
   grad = grad.astype(jnp.float32)
   seed = None if key is None else quant.seed_from(key, step)
@@ -302,15 +308,18 @@ def sparse_update(table, opt_state, idx, w, grad_pooled, optimizer, step=0, *, k
   n, l = idx.shape
   bags = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, l))
   return _run(table, opt_state, idx.reshape(-1), bags.reshape(-1), w.reshape(-1),
-              grad_pooled, optimizer, step, key, kernel, interpret)
+              grad_pooled, optimizer, step, key, kernel, interpret, n)
 
 
 @functools.partial(jax.jit, static_argnames=("optimizer", "kernel", "interpret"))
 def sparse_update_csr(table, opt_state, values, offsets, weights, grad_pooled, optimizer,
                       step=0, *, key=None, kernel: str = "auto", interpret: bool | None = None):
   """`sparse_update` for CSR bags (`values/weights [nnz]`, `offsets [N + 1]`)."""
+  if values.ndim != 1 or weights.shape != values.shape or offsets.ndim != 1:
+    raise ConfigError(f"CSR update wants values/weights [nnz] and offsets [N+1]; got "
+                      f"{values.shape}, {weights.shape}, {offsets.shape}")
   pos = jnp.arange(values.shape[0])
   bags = (jnp.searchsorted(offsets, pos, side="right") - 1).astype(jnp.int32)
   ids = jnp.where(pos < offsets[-1], values, -1)
   return _run(table, opt_state, ids, bags, weights, grad_pooled, optimizer, step, key,
-              kernel, interpret)
+              kernel, interpret, offsets.shape[0] - 1)

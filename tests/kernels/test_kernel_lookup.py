@@ -109,3 +109,25 @@ def test_kernel_selection_and_errors():
     lookup_pool(jnp.zeros((4, 8), jnp.int8), jnp.zeros((2, 1), jnp.int32), jnp.zeros((2, 1)))
   with pytest.raises(ConfigError, match="dtype"):
     lookup_pool(jnp.zeros((4, 8), jnp.int32), jnp.zeros((2, 1), jnp.int32), jnp.zeros((2, 1)))
+
+
+def test_empty_batches_pool_to_nothing():
+  table, _ = make_table(np.random.default_rng(6), 4, 8, "int8")
+  for kernel in ("xla", "pallas"):
+    for n, l in ((0, 3), (3, 0)):
+      out = lookup_pool(table, jnp.zeros((n, l), jnp.int32), jnp.zeros((n, l)), kernel=kernel,
+                        interpret=True)
+      assert out.shape == (n, 8)
+      np.testing.assert_array_equal(np.asarray(out), 0.0)
+    out = lookup_pool_csr(table, jnp.zeros((0,), jnp.int32), jnp.zeros((1,), jnp.int32),
+                          jnp.zeros((0,)), kernel=kernel, interpret=True)
+    assert out.shape == (0, 8)
+
+
+def test_malformed_quantized_table_is_a_clear_error():
+  qt, _ = make_table(np.random.default_rng(8), 4, 8, "int8")
+  bad = qt._replace(scale=qt.scale[:, None])  # [R, 1] instead of [R]
+  idx, w = jnp.zeros((2, 1), jnp.int32), jnp.ones((2, 1))
+  for kernel in ("xla", "pallas"):
+    with pytest.raises(ConfigError, match=r"scale and bias \[R\]"):
+      lookup_pool(bad, idx, w, kernel=kernel, interpret=True)

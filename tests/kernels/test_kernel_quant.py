@@ -109,3 +109,17 @@ def test_lowers_to_triton_for_gpu():
         text = lower(lambda t, s, k, o=opt: sparse_update(
             t, s, idx, w, grad, o, 1, key=k, kernel="pallas", interpret=False), table, state, key)
         assert "triton" in text
+
+
+@pytest.mark.parametrize("dtype,x", [("float16", 65519.0), ("float16", -65510.0),
+                                     ("float16", 65504.0), ("bfloat16", 3.3900e38)])
+def test_stochastic_rounding_does_not_overflow_near_the_max(dtype, x):
+  """Above the largest finite value there is no neighbour to round up to: such values
+  round to nearest (finite here), never to inf."""
+  bits = quant.random_bits(jnp.uint32(7), jnp.arange(512), jnp.arange(4))
+  xs = jnp.full(bits.shape, x, jnp.float32)
+  y = np.asarray(cast_store(xs, dtype, bits).astype(jnp.float32))
+  np.testing.assert_array_equal(y, np.asarray(cast_store(xs, dtype).astype(jnp.float32)))
+  assert np.isfinite(y).all()
+  assert not np.isfinite(np.asarray(cast_store(jnp.full((1, 4), 7e4), "float16", bits[:1])
+                                    .astype(jnp.float32))).any()  # as a cast: inf

@@ -9,8 +9,8 @@ import pytest
 
 from jaxrec.errors import ConfigError
 from jaxrec.kernels.optim import coerce
-from jaxrec.kernels import (SGD, Adagrad, RowWiseAdagrad, init_opt_state, padded_to_csr,
-                            segments, sparse_update, sparse_update_csr)
+from jaxrec.kernels import (SGD, Adagrad, RowWiseAdagrad, init_opt_state, lookup_pool,
+                            padded_to_csr, segments, sparse_update, sparse_update_csr)
 from tests.kernels.kernel_helpers import DTYPES, ULP, as_f32, make_bags, make_table, raw_bits
 
 R, D = 50, 24
@@ -162,9 +162,71 @@ def test_optimizers_are_static_and_validated():
     init_opt_state("adam", 4, 8)
   with pytest.raises(ConfigError, match="lr must be"):
     init_opt_state(SGD(-1.0), 4, 8)
+  with pytest.raises(ConfigError, match="dtype must be one of"):
+    init_opt_state(Adagrad(0.1), 4, 8, jnp.int8)
+  with pytest.raises(ConfigError, match="'accum': dtype must be one of"):
+    sparse_update(jnp.zeros((4, 8)), {"accum": jnp.zeros((4,), jnp.int32)},
+                  jnp.zeros((2, 1), jnp.int32), jnp.ones((2, 1)), jnp.zeros((2, 8)),
+                  RowWiseAdagrad(0.1))
+  # One gradient row per bag: a [3, 8] gradient for 2 bags is not silently clamped.
+  with pytest.raises(ConfigError, match=r"grad_pooled must be \[N, D\] = \[2, 8\]"):
+    sparse_update(jnp.zeros((4, 8)), {}, jnp.zeros((2, 1), jnp.int32), jnp.ones((2, 1)),
+                  jnp.zeros((3, 8)), SGD(0.1))
+  with pytest.raises(ConfigError, match=r"grad_pooled must be \[N, D\] = \[1, 8\]"):
+    sparse_update_csr(jnp.zeros((4, 8)), {}, jnp.zeros((3,), jnp.int32),
+                      jnp.array([0, 3], jnp.int32), jnp.ones((3,)), jnp.zeros((2, 8)), SGD(0.1))
+  with pytest.raises(ConfigError, match="CSR update wants"):
+    sparse_update_csr(jnp.zeros((4, 8)), {}, jnp.zeros((3,), jnp.int32),
+                      jnp.array([0, 3], jnp.int32), jnp.ones((2,)), jnp.zeros((1, 8)), SGD(0.1))
 
   # A look-alike from another module (e.g. jaxrec.embedding) converts by name and fields.
   fields = [("lr", float, 0.5), ("initial_accumulator", float, 0.0), ("eps", float, 1e-8),
             ("extra", int, 3)]
   other = dataclasses.make_dataclass("RowWiseAdagrad", fields, frozen=True)
   assert coerce(other()) == RowWiseAdagrad(lr=0.5)
+
+
+def test_empty_batch_updates_nothing():
+  opt = RowWiseAdagrad(0.1)
+  table, _ = make_table(np.random.default_rng(15), 4, 8, "int8")
+  state = init_opt_state(opt, 4, 8)
+  for kernel in ("xla", "pallas"):
+    new_table, new_state = sparse_update(table, state, jnp.zeros((0, 2), jnp.int32),
+                                         jnp.zeros((0, 2)), jnp.zeros((0, 8)), opt,
+                                         kernel=kernel, interpret=True)
+    for a, b in zip(raw_bits(table), raw_bits(new_table)):
+      np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(np.asarray(new_state["accum"]), np.asarray(state["accum"]))
+
+
+# Shapes off the common path: a single-row table, dims that are no power of two (1- and
+# 4-wide column chunks), batches not a multiple of the row block, all ids absent.
+EDGE_CASES = [pytest.param(opt, dtype, r, d, n, l, id=f"{type(opt).__name__}-{dtype}-{r}x{d}-{n}x{l}")
+              for opt, dtype, r, d, n, l in [(OPTIMIZERS[0], "int8", 1, 5, 65, 2),
+                                             (OPTIMIZERS[1], "float16", 3, 12, 1, 1),
+                                             (OPTIMIZERS[2], "float32", 7, 20, 33, 3)]]
+
+
+@pytest.mark.parametrize("opt,dtype,r,d,n,l", EDGE_CASES)
+def test_edge_shapes_pallas_matches_xla(opt, dtype, r, d, n, l):
+  rng = np.random.default_rng(r * 100 + d)
+  table, values = make_table(rng, r, d, dtype)
+  idx = rng.integers(-1, r, size=(n, l)).astype(np.int32)
+  idx[-1] = -1  # an empty bag
+  w = (idx >= 0) * rng.uniform(0.5, 1.5, size=(n, l)).astype(np.float32)
+  grad = rng.normal(size=(n, d)).astype(np.float32)
+  out = lookup_pool(table, idx, w, kernel="pallas", interpret=True)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(lookup_pool(table, idx, w, kernel="xla")),
+                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(out[-1]), 0.0)
+  state_dtype = "float16" if dtype == "float16" else "float32"
+  state = init_opt_state(opt, r, d, state_dtype)
+  xla = sparse_update(table, state, idx, w, grad, opt, kernel="xla")
+  pal = sparse_update(table, state, idx, w, grad, opt, kernel="pallas", interpret=True)
+  want, want_state, seen = np_update(values, state, idx, w, grad, opt)
+  np.testing.assert_allclose(as_f32(pal[0]), as_f32(xla[0]), **_storage_tol(dtype, want))
+  np.testing.assert_allclose(as_f32(pal[0])[seen], want[seen], **_storage_tol(dtype, want[seen]))
+  for k in state:
+    np.testing.assert_allclose(np.asarray(pal[1][k], np.float32),
+                               np.asarray(xla[1][k], np.float32), rtol=2 * ULP[state_dtype],
+                               atol=1e-6)
