@@ -1,4 +1,14 @@
-"""DCNv2 (Wang et al., 2021): cross network plus deep network over all inputs."""
+"""DCNv2 (Wang et al., 2021): cross network plus deep network over all inputs.
+
+Each cross layer's output projection (`W_l`, or `U_l` when low-rank) starts at zero, so the
+cross network starts as the identity (`x_{l+1} = x_l`) and learns from the first step (its
+gradient is `x0 * dL/dx_{l+1}` times `x_l`; with low rank, `V_l` follows once `U_l` moves).
+With the package's Glorot init instead, the cross terms of the unnormalised dense inputs
+(13 `log(1 + count)` values, norm ~11, all >= 0) grew the input 2-4x over 3 layers, and
+the shapes of `configs/dcnv2_synthetic.gin` started at a seed-dependent loss of up to 1.14
+(logit mean up to 2.9; full-rank `parallel`: loss up to 4.7) against a label entropy of
+0.57; with the cross network as the identity, up to 0.75.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +19,7 @@ import gin
 import jax.numpy as jnp
 
 from jaxrec.errors import ConfigError
-from jaxrec.models.mlp import MLP, check_inputs, check_sizes, dense_layer
+from jaxrec.models.mlp import MLP, check_inputs, check_sizes, dense_layer, is_int
 
 STRUCTURES = ("stacked", "parallel")
 
@@ -18,6 +28,7 @@ class CrossNetwork(nn.Module):
   """`x_{l+1} = x0 * (W_l x_l + b_l) + x_l`, for `num_layers` layers.
 
   With `low_rank = r`, `W_l = U_l V_l^T` (`[d, r] [r, d]`), i.e. a rank-`r` projection.
+  `W_l` (or `U_l`) and `b_l` start at zero: the identity at init (see the module docstring).
 
   Attributes:
     num_layers: number of cross layers (0 is the identity).
@@ -38,7 +49,7 @@ class CrossNetwork(nn.Module):
       h = x
       if self.low_rank is not None:
         h = dense_layer(int(self.low_rank), self.dtype, use_bias=False, name=f"cross_{i}_v")(h)
-      h = dense_layer(d, self.dtype, name=f"cross_{i}")(h)
+      h = dense_layer(d, self.dtype, name=f"cross_{i}", kernel_init=nn.initializers.zeros)(h)
       x = x0 * h + x
     return x
 
@@ -69,10 +80,12 @@ class DCNv2(nn.Module):
     b, f, d = check_inputs("DCNv2", dense, emb)
     if self.structure not in STRUCTURES:
       raise ConfigError(f"DCNv2.structure must be one of {STRUCTURES}, got '{self.structure}'")
-    if int(self.num_cross_layers) < 0:
-      raise ConfigError(f"DCNv2.num_cross_layers must be >= 0, got {self.num_cross_layers}")
-    if self.low_rank is not None and int(self.low_rank) <= 0:
-      raise ConfigError(f"DCNv2.low_rank must be positive or None, got {self.low_rank}")
+    if not is_int(self.num_cross_layers) or self.num_cross_layers < 0:
+      raise ConfigError(f"DCNv2.num_cross_layers must be an integer >= 0, got "
+                        f"{self.num_cross_layers!r}")
+    if self.low_rank is not None and (not is_int(self.low_rank) or self.low_rank <= 0):
+      raise ConfigError(f"DCNv2.low_rank must be a positive integer or None, got "
+                        f"{self.low_rank!r}")
     check_sizes("DCNv2.deep_mlp", self.deep_mlp, allow_empty=True)
     x0 = jnp.concatenate([dense, emb.reshape(b, f * d)], axis=-1).astype(self.dtype)
     cross = CrossNetwork(int(self.num_cross_layers), self.low_rank, self.dtype, name="cross")

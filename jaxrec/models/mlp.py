@@ -8,6 +8,7 @@ DLRM/TorchRec comparisons expect.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -57,16 +58,18 @@ class Dense(nn.Module):
     features: output width.
     use_bias: add a bias.
     dtype: computation dtype (inputs and parameters are cast to it).
+    kernel_init: the kernel's initialiser (default `KERNEL_INIT`).
   """
 
   features: int
   use_bias: bool = True
   dtype: Any = jnp.float32
+  kernel_init: Any = KERNEL_INIT
 
   @nn.compact
   def __call__(self, x):
     """`[..., in]` → `[..., features]`."""
-    kernel = self.param("kernel", KERNEL_INIT, (x.shape[-1], self.features), jnp.float32)
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
     bias = (self.param("bias", BIAS_INIT, (self.features,), jnp.float32)
             if self.use_bias else None)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
@@ -74,9 +77,10 @@ class Dense(nn.Module):
 
 
 def dense_layer(features: int, dtype: Any = jnp.float32, use_bias: bool = True,
-                name: str | None = None) -> Dense:
-  """`Dense` with the package's initialisers; params float32, compute in `dtype`."""
-  return Dense(features, use_bias=use_bias, dtype=dtype, name=name)
+                name: str | None = None, kernel_init: Any = KERNEL_INIT) -> Dense:
+  """`Dense` with the package's initialisers (or `kernel_init`); params float32, compute in
+  `dtype`."""
+  return Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=kernel_init, name=name)
 
 
 class MLP(nn.Module):
@@ -111,9 +115,14 @@ def check_inputs(model: str, dense, emb) -> tuple[int, int, int]:
   return tuple(int(s) for s in emb.shape)
 
 
+def is_int(value) -> bool:
+  """An integer (Python or numpy), not a bool."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_sizes(name: str, sizes: Sequence[int], allow_empty: bool = False) -> None:
   """Raises ConfigError unless `sizes` is a (non-empty) sequence of positive ints."""
   if (not isinstance(sizes, (list, tuple)) or (not allow_empty and not sizes)
-      or any(int(s) <= 0 for s in sizes)):
+      or any(not is_int(s) or s <= 0 for s in sizes)):
     raise ConfigError(f"{name} must be a {'' if allow_empty else 'non-empty '}sequence of "
-                      f"positive layer widths, got {sizes!r}")
+                      f"positive integer layer widths, got {sizes!r}")

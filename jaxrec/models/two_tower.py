@@ -8,6 +8,7 @@ are ignored otherwise.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrec.errors import ConfigError
-from jaxrec.models.mlp import MLP, check_inputs, check_sizes
+from jaxrec.models.mlp import MLP, check_inputs, check_sizes, is_int
 
 LOSSES = ("bce", "in_batch_softmax")
 
@@ -27,7 +28,9 @@ def in_batch_softmax_loss(user, item, labels, temperature: float):
 
   Rows with label 1 are queries; every item of the batch is a candidate and the row's own
   item is the target: `loss = mean_{i: y_i = 1} -log softmax_j(<u_i, v_j> / T)[i]`.
-  Zero when the batch has no positive.
+  Zero when the batch has no positive. Under `jit` with the batch split over devices, `B` is
+  the global batch: every device's items are candidates. An item in several rows is a
+  negative for the others (no de-duplication).
 
   Args:
     user: `[B, K]` user vectors.
@@ -77,8 +80,10 @@ class TwoTower(nn.Module):
     if int(self.user_mlp[-1]) != int(self.item_mlp[-1]):
       raise ConfigError(f"TwoTower.user_mlp = {tuple(self.user_mlp)} and TwoTower.item_mlp = "
                         f"{tuple(self.item_mlp)} must end in the same width")
-    if not float(self.temperature) > 0:
-      raise ConfigError(f"TwoTower.temperature must be positive, got {self.temperature}")
+    if (not isinstance(self.temperature, numbers.Real) or isinstance(self.temperature, bool)
+        or not self.temperature > 0):
+      raise ConfigError(f"TwoTower.temperature must be a positive number, got "
+                        f"{self.temperature!r}")
     if self.loss not in LOSSES:
       raise ConfigError(f"TwoTower.loss must be one of {LOSSES}, got '{self.loss}'")
     self.user_tower = MLP(self.user_mlp, dtype=self.dtype)
@@ -88,7 +93,8 @@ class TwoTower(nn.Module):
     for attr in ("user_features", "item_features"):
       idx = getattr(self, attr)
       if (not isinstance(idx, (list, tuple)) or not idx
-          or any(not 0 <= int(i) < num_features for i in idx) or len(set(idx)) != len(idx)):
+          or any(not is_int(i) or not 0 <= i < num_features for i in idx)
+          or len(set(idx)) != len(idx)):
         raise ConfigError(f"TwoTower.{attr} = {idx!r} must be a sequence of distinct indices in "
                           f"[0, {num_features}) (the batch has {num_features} sparse features)")
     both = set(map(int, self.user_features)) & set(map(int, self.item_features))

@@ -6,9 +6,12 @@ AUC is exact (not a mean of per-batch AUCs) and handles tied scores like
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
+
+log = logging.getLogger("jaxrec")
 
 
 def _as_binary(labels) -> np.ndarray:
@@ -23,7 +26,8 @@ def roc_auc(labels, scores) -> float:
     scores: `[N]` any monotone score (logits or probabilities).
 
   Returns:
-    AUC in [0, 1], or `nan` when the labels hold only one class (AUC is undefined).
+    AUC in [0, 1], or `nan` when the labels hold only one class (AUC is undefined) or a
+    score is `nan` (it has no rank).
   """
   y = _as_binary(labels)
   s = np.asarray(scores, np.float64).reshape(-1)
@@ -31,7 +35,7 @@ def roc_auc(labels, scores) -> float:
     raise ValueError(f"roc_auc: labels {y.shape} and scores {s.shape} differ in shape")
   n_pos = int(y.sum())
   n_neg = y.size - n_pos
-  if n_pos == 0 or n_neg == 0:
+  if n_pos == 0 or n_neg == 0 or np.isnan(s).any():
     return math.nan
   order = np.argsort(s, kind="stable")
   s, y = s[order], y[order]
@@ -90,9 +94,20 @@ class EvalAccumulator:
     return sum(x.size for x in self._labels)
 
   def result(self) -> dict[str, float | int]:
-    """`{'eval_auc', 'eval_logloss', 'eval_examples'}`; AUC is `nan` if one class only."""
+    """`{'eval_auc', 'eval_logloss', 'eval_examples'}`; AUC is `nan` if one class only or a
+    logit is `nan` (logged as a warning saying which)."""
     logits = np.concatenate(self._logits) if self._logits else np.zeros(0, np.float32)
     labels = np.concatenate(self._labels) if self._labels else np.zeros(0, np.float32)
+    n_pos = int(_as_binary(labels).sum())
+    n_nan = int(np.isnan(logits).sum())
+    if n_nan:
+      log.warning("eval: %d of %d logits are nan: eval_auc and eval_logloss are nan (null in "
+                  "metrics.jsonl)", n_nan, labels.size)
+    elif not labels.size:
+      log.warning("eval: no eval examples: eval_auc and eval_logloss are nan")
+    elif n_pos in (0, labels.size):
+      log.warning("eval: all %d eval examples are %s: eval_auc is undefined (nan; null in "
+                  "metrics.jsonl)", labels.size, "positive" if n_pos else "negative")
     return {
         "eval_auc": roc_auc(labels, logits),
         "eval_logloss": log_loss(labels, sigmoid(logits)),

@@ -289,3 +289,24 @@ def test_bfloat16_compute_returns_float32():
 def test_a_width_or_index_that_is_not_a_sequence_names_the_binding(name, kwargs, match):
   with pytest.raises(ConfigError, match=match):
     init_params(build_model(name, **kwargs), jax.random.key(0), NUM_DENSE, F, D)
+
+
+@pytest.mark.parametrize("name,kwargs,match", [
+    ("dlrm", dict(bottom_mlp=(16.5, D), top_mlp=(16, 1)), r"DLRM.bottom_mlp .*got \(16.5, 8\)"),
+    ("dlrm", dict(bottom_mlp=("16", D), top_mlp=(16, 1)), r"DLRM.bottom_mlp .*got \('16', 8\)"),
+    ("dlrm", dict(bottom_mlp=(16, D), top_mlp=(True, 1)), r"DLRM.top_mlp .*got \(True, 1\)"),
+    ("dcnv2", dict(deep_mlp=(16, 8.0)), r"DCNv2.deep_mlp .*got \(16, 8.0\)"),
+    ("dcnv2", dict(num_cross_layers=2.7), r"DCNv2.num_cross_layers must be an integer .*2.7"),
+    ("dcnv2", dict(num_cross_layers="3"), r"DCNv2.num_cross_layers must be an integer .*'3'"),
+    ("dcnv2", dict(low_rank=4.5), r"DCNv2.low_rank must be a positive integer .*4.5"),
+    ("two_tower", dict(user_features=(0.5, 1), item_features=(2, 3)),
+     r"TwoTower.user_features = \(0.5, 1\)"),
+    ("two_tower", dict(user_features=(0, 1), item_features=("2", 3)),
+     r"TwoTower.item_features = \('2', 3\)"),
+    ("two_tower", dict(user_features=(0, 1), item_features=(2, 3), temperature="0.1"),
+     r"TwoTower.temperature must be a positive number, got '0.1'"),
+])
+def test_a_non_integer_width_index_or_layer_count_names_the_binding(name, kwargs, match):
+  """Not truncated (`int(16.5)` = 16, index 0.5 -> 0) nor a bare ValueError traceback."""
+  with pytest.raises(ConfigError, match=match):
+    init_params(build_model(name, **kwargs), jax.random.key(0), NUM_DENSE, F, D)

@@ -54,3 +54,53 @@ def test_accumulator_is_exact_over_all_batches():
   np.testing.assert_allclose(res["eval_logloss"], log_loss(labels, sigmoid(logits)), rtol=1e-6)
   acc.reset()
   assert acc.num_examples == 0 and math.isnan(acc.result()["eval_auc"])
+
+
+def _rank_auc(labels, scores):
+  """Mann-Whitney U from average ranks (ties share the mean of their ranks)."""
+  y, s = np.asarray(labels) > 0.5, np.asarray(scores, np.float64)
+  order = np.argsort(s, kind="stable")
+  ranks = np.empty(s.size)
+  i = 0
+  while i < s.size:
+    j = i
+    while j + 1 < s.size and s[order[j + 1]] == s[order[i]]:
+      j += 1
+    ranks[order[i:j + 1]] = (i + j) / 2 + 1
+    i = j + 1
+  n_pos, n_neg = y.sum(), (~y).sum()
+  return (ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_auc_matches_average_rank_mann_whitney(seed):
+  rng = np.random.default_rng(100 + seed)
+  for n in (2, 17, 1000, 5000):
+    labels = (rng.random(n) < rng.uniform(0.05, 0.95)).astype(np.float32)
+    labels[:2] = (0, 1)
+    scores = (rng.normal(size=n) + labels).astype(np.float32).round(1)   # ties
+    np.testing.assert_allclose(roc_auc(labels, scores), _rank_auc(labels, scores), rtol=1e-12)
+
+
+def test_auc_of_a_nan_score_is_nan():
+  """A nan score has no rank: the AUC is nan, not whatever the sort made of it (was 0.5)."""
+  assert math.isnan(roc_auc([0, 1, 0, 1], [np.nan, 0.1, 0.2, np.nan]))
+  assert math.isnan(roc_auc([0, 1, 0, 1], [0.3, np.nan, 0.2, 0.4]))
+  assert roc_auc([0, 1, 0, 1], [-np.inf, np.inf, 0.2, np.inf]) == 1.0
+
+
+def test_an_undefined_auc_is_explained(caplog):
+  """One class only or nan logits: `eval_auc` is nan (null in metrics.jsonl) and a warning
+  says why."""
+  acc = EvalAccumulator()
+  acc.add(np.array([0.5, 2.0, -1.0]), np.array([1.0, 1.0, 0.0]), mask=np.array([1, 1, 0]))
+  with caplog.at_level("WARNING", logger="jaxrec"):
+    res = acc.result()
+  assert math.isnan(res["eval_auc"]) and np.isfinite(res["eval_logloss"])
+  assert "all 2 eval examples are positive: eval_auc is undefined" in caplog.text
+  caplog.clear()
+  acc.add(np.array([np.nan, 1.0]), np.array([0.0, 0.0]))
+  with caplog.at_level("WARNING", logger="jaxrec"):
+    res = acc.result()
+  assert math.isnan(res["eval_auc"]) and math.isnan(res["eval_logloss"])
+  assert "1 of 4 logits are nan" in caplog.text
