@@ -26,37 +26,13 @@ import flax.linen as nn
 import gin
 import jax.numpy as jnp
 
-from jaxrec.models.mlp import MLP, BIAS_INIT, affine, check_inputs, check_sizes
+from jaxrec.models.mlp import MLP, check_inputs, check_sizes, dense_layer
 
 
 def fm_second_order(v):
   """Sum over field pairs `i < j` of `<v_i, v_j>`; `[B, fields, D]` -> `[B]`."""
   s = v.sum(axis=1)
   return 0.5 * (s * s - (v * v).sum(axis=1)).sum(axis=-1)
-
-
-class ZeroInitDense(nn.Module):
-  """`mlp.Dense` (same parameters, names and dtype rules) with the kernel starting at zero.
-
-  Attributes:
-    features: output width.
-    use_bias: add a bias (starts at zero too).
-    dtype: computation dtype (inputs and parameters are cast to it).
-  """
-
-  features: int
-  use_bias: bool = True
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    """`[..., in]` -> `[..., features]`."""
-    kernel = self.param("kernel", nn.initializers.zeros, (x.shape[-1], self.features),
-                        jnp.float32)
-    bias = (self.param("bias", BIAS_INIT, (self.features,), jnp.float32)
-            if self.use_bias else None)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return affine(x, kernel, bias)
 
 
 @gin.configurable
@@ -83,8 +59,10 @@ class DeepFM(nn.Module):
     dense = dense.astype(self.dtype)
     emb = emb.astype(self.dtype)
     flat = jnp.concatenate([dense, emb.reshape(b, f * d)], axis=-1)
-    first = ZeroInitDense(1, dtype=self.dtype, name="first_order")(flat)[:, 0]
-    dense_field = ZeroInitDense(d, use_bias=False, dtype=self.dtype, name="dense_field")(dense)
+    zeros = nn.initializers.zeros
+    first = dense_layer(1, self.dtype, name="first_order", kernel_init=zeros)(flat)[:, 0]
+    dense_field = dense_layer(d, self.dtype, use_bias=False, name="dense_field",
+                              kernel_init=zeros)(dense)
     fm = fm_second_order(jnp.concatenate([dense_field[:, None, :], emb], axis=1))
     deep = MLP(tuple(self.deep_mlp) + (1,), final_activation=False, dtype=self.dtype,
                name="deep_mlp")(flat)[:, 0]
