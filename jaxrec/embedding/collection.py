@@ -50,7 +50,7 @@ from jaxrec.embedding import local_ops, specs
 from jaxrec.embedding.specs import EmbeddingOptions, FeatureSpec, TableSpec, validate
 from jaxrec.errors import ConfigError, DataError
 from jaxrec.kernels import TABLE_DTYPES
-from jaxrec.sharding.mesh import BATCH_AXES, mesh_shape
+from jaxrec.sharding.mesh import BATCH_AXES, format_mesh, mesh_shape
 from jaxrec.sharding.plan import MESH_AXES, Plan
 
 log = logging.getLogger(__name__)
@@ -135,10 +135,14 @@ class EmbeddingCollection:
       log.warning("bfloat16 tables %s: XLA:CPU converts a whole bf16 table to f32 for every "
                   "row update (dlrm_criteo: ~10x fewer examples/sec than f32); on CPU "
                   "prefer float16 (same size, native scatter)", slow)
-    dims = {tables[[t.name for t in tables].index(f.table)].dim for f in features}
+    dims = {}   # dim -> the first feature reading a table of it
+    for f in features:
+      dims.setdefault(next(t.dim for t in tables if t.name == f.table), f)
     if len(dims) > 1:
-      raise ConfigError(f"features read tables of different dims {sorted(dims)}; the models "
-                        "take [batch, features, dim] with one dim")
+      which = "; ".join(f"dim {d}: feature '{f.name}' reads table '{f.table}'"
+                        for d, f in sorted(dims.items()))
+      raise ConfigError(f"features read tables of different dims {sorted(dims)} ({which}); the "
+                        "models take [batch, features, dim] with one dim")
     layouts = layout_lib.build_layouts(tables, features, plan, mesh_shape(mesh))
     unread = layout_lib.unread_stack_error(layouts)
     if unread:
@@ -252,10 +256,15 @@ class EmbeddingCollection:
     for l, pk in zip(self.layouts, self.packing()):
       for j, i in enumerate(l.features):
         f = self.features[i]
+        if f.name not in ids:
+          raise DataError(f"batch has no ids for feature '{f.name}'")
         x = xp.asarray(ids[f.name], xp.int32)
         if x.ndim != 2 or x.shape[1] != f.max_len:
           raise DataError(f"feature '{f.name}': ids shape {x.shape}, expected "
                           f"[batch, {f.max_len}]")
+        if blocks and x.shape[0] != blocks[0][1].shape[0]:
+          raise DataError(f"feature '{f.name}': {x.shape[0]} examples, but the batch's other "
+                          f"features have {blocks[0][1].shape[0]}")
         blocks.append((pk.id_starts[j], x))
         if f.weighted:
           if f.name not in weights:
@@ -291,6 +300,12 @@ class EmbeddingCollection:
     `ids`: `{feature: [B, max_len]}` (with `weights` for weighted features), or the packed
     `[B, S]` array of `pack`."""
     packed = ids if not isinstance(ids, Mapping) else self.pack(ids, weights, xp=jnp)
+    width = sum(f.max_len * (2 if f.weighted else 1) for f in self.features)
+    if packed.ndim != 2 or packed.shape[1] != width:
+      raise DataError(f"packed ids shape {packed.shape}, expected [batch, {width}] (`pack`)")
+    if packed.shape[0] % self.mesh.size:
+      raise DataError(f"batch of {packed.shape[0]} examples is not divisible by the "
+                      f"{self.mesh.size} devices of mesh {format_mesh(mesh_shape(self.mesh))}")
     per_stack = (P(MESH_AXES, None),) + (PER_DEVICE,) * 3
     fn = jax.shard_map(
         functools.partial(local_ops.lookup_all, self.layouts,

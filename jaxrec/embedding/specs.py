@@ -19,6 +19,19 @@ from jaxrec.errors import ConfigError, DataError
 POOLINGS = ("sum", "mean")
 
 
+def _whole(obj, field: str, what: str) -> None:
+  """Sets `obj.field` to its value as an `int` (gin writes `rows = 1e6` as a float);
+  `ConfigError` naming `what` unless it is a positive whole number."""
+  value = getattr(obj, field)
+  try:
+    ok = not isinstance(value, (bool, str)) and float(value).is_integer() and value > 0
+  except (TypeError, ValueError, OverflowError):
+    ok = False
+  if not ok:
+    raise ConfigError(f"{what}: {field} must be a positive integer, got {value!r}")
+  object.__setattr__(obj, field, int(value))
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class TableSpec:
@@ -44,10 +57,8 @@ class TableSpec:
   def __post_init__(self):
     if not self.name:
       raise ConfigError("TableSpec.name must be a non-empty string")
-    if int(self.rows) <= 0:
-      raise ConfigError(f"table '{self.name}': rows must be positive, got {self.rows}")
-    if int(self.dim) <= 0:
-      raise ConfigError(f"table '{self.name}': dim must be positive, got {self.dim}")
+    _whole(self, "rows", f"table '{self.name}'")
+    _whole(self, "dim", f"table '{self.name}'")
     try:
       np.dtype(self.dtype)
     except TypeError:
@@ -79,8 +90,7 @@ class FeatureSpec:
   weighted: bool = False
 
   def __post_init__(self):
-    if int(self.max_len) <= 0:
-      raise ConfigError(f"feature '{self.name}': max_len must be positive, got {self.max_len}")
+    _whole(self, "max_len", f"feature '{self.name}'")
     if self.pooling not in POOLINGS:
       raise ConfigError(
           f"feature '{self.name}': pooling must be one of {POOLINGS}, got '{self.pooling}'")
@@ -136,14 +146,16 @@ class EmbeddingOptions:
 
 def checked_ids(ids, feature: str, table: str, rows: int, max_len: int | None = None
                 ) -> np.ndarray:
-  """`ids[feature]` as an array, after the host-side checks: present, `[batch, max_len]`
-  when `max_len` is given, every id in `[-1, rows)`. `DataError` names the feature and
-  `table` (e.g. "table 't0'")."""
+  """`ids[feature]` as an array, after the host-side checks: present, integer dtype,
+  `[batch, max_len]` when `max_len` is given, every id in `[-1, rows)`. `DataError` names
+  the feature and `table` (e.g. "table 't0'")."""
   if feature not in ids:
     raise DataError(f"batch has no ids for feature '{feature}'")
   x = np.asarray(ids[feature])
   if max_len is not None and (x.ndim != 2 or x.shape[1] != max_len):
     raise DataError(f"feature '{feature}': ids shape {x.shape}, expected [batch, {max_len}]")
+  if x.dtype.kind not in "iu":
+    raise DataError(f"feature '{feature}' ({table}): ids must be integers, got {x.dtype}")
   if x.size and (x.min() < -1 or x.max() >= rows):
     bad = x[(x < -1) | (x >= rows)][0]
     raise DataError(f"feature '{feature}' ({table}, {rows} rows): id {bad} is out of range "

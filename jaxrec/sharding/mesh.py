@@ -70,6 +70,9 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
 
 
 def mesh_shape(mesh: Mesh) -> dict[str, int]:
+  """Axis sizes of a mesh with the four named axes (`make_mesh`)."""
+  if tuple(mesh.axis_names) != MESH_AXES:
+    raise ConfigError(f"mesh axes {tuple(mesh.axis_names)}: expected {MESH_AXES} (make_mesh)")
   return {a: int(mesh.shape[a]) for a in MESH_AXES}
 
 

@@ -1,0 +1,157 @@
+"""Edge-case inputs of the collection: tiny and uneven tables, empty bags, zero weights,
+heavy duplicates (each plan against the single device), and bad input (clear errors)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from jaxrec.embedding import optimizers
+from jaxrec.embedding.collection import EmbeddingCollection
+from jaxrec.embedding.specs import FeatureSpec, TableSpec
+from jaxrec.errors import ConfigError, DataError
+from jaxrec.sharding.mesh import make_mesh, parse_mesh_spec
+from jaxrec.sharding.plan import uniform_plan
+
+# 3 tables (fewer than table=4/8), 3 rows (fewer than row=8), 13 rows (uneven); two
+# features per table at different bag sizes; mean bags that are often empty.
+TABLES = (TableSpec("small", 3, 8), TableSpec("odd", 13, 8), TableSpec("big", 50, 8))
+FEATURES = (FeatureSpec("f_small", "small", 1), FeatureSpec("f_small7", "small", 7),
+            FeatureSpec("f_odd", "odd", 5, "mean"), FeatureSpec("f_odd1", "odd", 1, "mean"),
+            FeatureSpec("f_big", "big", 2, weighted=True),
+            FeatureSpec("f_big3", "big", 3, "mean", weighted=True))
+B = 16
+
+
+def make_inputs(seed, duplicates=False):
+  """Random ids with a quarter of the bags empty (all -1) and 30% zero weights; with
+  `duplicates` every present id of a feature is its table's last row."""
+  rng = np.random.default_rng(seed)
+  rows = {t.name: t.rows for t in TABLES}
+  ids, weights = {}, {}
+  for f in FEATURES:
+    x = rng.integers(-1, rows[f.table], (B, f.max_len)).astype(np.int32)
+    if duplicates:
+      x = np.where(x >= 0, rows[f.table] - 1, -1).astype(np.int32)
+    x[rng.random(B) < 0.25] = -1
+    ids[f.name] = x
+    if f.weighted:
+      w = rng.standard_normal((B, f.max_len)).astype(np.float32)
+      weights[f.name] = np.where(rng.random(w.shape) < 0.3, 0, w).astype(np.float32)
+  return ids, weights, rng.standard_normal((B, len(FEATURES), 8)).astype(np.float32)
+
+
+def run(kind, mesh_spec, opt, duplicates=False, **options):
+  mesh = (make_mesh({"data": 1}, jax.devices()[:1]) if mesh_spec == "single"
+          else make_mesh(parse_mesh_spec(mesh_spec, 8)))
+  coll = EmbeddingCollection.create(TABLES, FEATURES, uniform_plan(kind, TABLES,
+                                                                   mesh.shape["table"]),
+                                    mesh, opt, **options)
+  state = coll.init(jax.random.key(0))
+
+  @jax.jit
+  def step(state, ids, weights, gout, i):
+    ctx = coll.lookup(state, ids, weights)
+    pooled, vjp = jax.vjp(lambda r: coll.pool(r, ctx), ctx.rows)
+    return pooled, coll.apply_gradients(state, ctx, vjp(gout)[0], i)
+
+  pooled = []
+  for i in range(2):
+    ids, weights, gout = make_inputs(i, duplicates)
+    coll.check_ids(ids)
+    out, state = step(state, ids, weights, gout, jnp.int32(i))
+    pooled.append(np.asarray(out))
+  tables, opt_state = coll.unstack_tables(state)
+  return pooled, {k: np.asarray(v) for k, v in tables.items()}, opt_state
+
+
+@pytest.mark.parametrize("kind,mesh_spec,opt,duplicates", [
+    ("grid", "table=2,row=2,col=2", optimizers.Adam(0.01), False),
+    ("twrw", "table=4,row=2", optimizers.SGD(0.1), True),
+    ("rw", "row=8", optimizers.FTRL(0.1, l1=0.01, l2=0.01), True),
+], ids=["grid-Adam", "twrw-SGD-duplicates", "rw-FTRL-duplicates"])
+def test_edge_cases_match_single_device(kind, mesh_spec, opt, duplicates):
+  ref = run("dp", "single", opt, duplicates)
+  out = run(kind, mesh_spec, opt, duplicates)
+  ids, _, _ = make_inputs(0, duplicates)
+  empty = (ids["f_odd"] < 0).all(1)
+  assert empty.any() and (out[0][0][empty, 2] == 0).all()   # empty mean bag → 0, not NaN
+  for a, b in zip(out[0], ref[0]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for name in ref[1]:
+    np.testing.assert_allclose(out[1][name], ref[1][name], rtol=1e-5, atol=1e-6)
+    for k in ref[2].get(name, {}):
+      np.testing.assert_allclose(np.asarray(out[2][name][k]), np.asarray(ref[2][name][k]),
+                                 rtol=1e-5, atol=1e-6)
+
+
+def test_sizes_must_be_whole_numbers():
+  """Gin writes `rows = 1e6` as a float: whole numbers become ints (shapes need them),
+  anything else is an error naming the table or feature."""
+  t = TableSpec("a", 1e3, 8.0)
+  assert (t.rows, t.dim) == (1000, 8) and isinstance(t.rows, int) and isinstance(t.dim, int)
+  assert FeatureSpec("f", "a", np.int64(2)).max_len == 2
+  with pytest.raises(ConfigError, match=r"table 'a': rows must be a positive integer, got 2.5"):
+    TableSpec("a", 2.5, 8)
+  with pytest.raises(ConfigError, match=r"table 'a': dim must be a positive integer, got 0"):
+    TableSpec("a", 5, 0)
+  with pytest.raises(ConfigError, match=r"feature 'f': max_len must be a positive integer"):
+    FeatureSpec("f", "a", "3")
+
+
+def make_collection(mesh_spec="table=2,row=2,col=2", kind="grid"):
+  mesh = make_mesh(parse_mesh_spec(mesh_spec, 8))
+  return EmbeddingCollection.create(TABLES, FEATURES, uniform_plan(kind, TABLES,
+                                                                   mesh.shape["table"]),
+                                    mesh, optimizers.SGD(0.1))
+
+
+def test_batch_not_divisible_by_the_devices_is_a_clear_error():
+  coll = make_collection()
+  state = coll.init(jax.random.key(0))
+  ids, weights, _ = make_inputs(0)
+  ids = {k: v[:12] for k, v in ids.items()}
+  weights = {k: v[:12] for k, v in weights.items()}
+  with pytest.raises(DataError, match="batch of 12 examples is not divisible by the 8 devices "
+                     "of mesh data=1,table=2,row=2,col=2"):
+    jax.jit(coll.lookup)(state, ids, weights)
+  with pytest.raises(DataError, match=r"packed ids shape \(16, 5\), expected \[batch, 24\]"):
+    coll.lookup(state, np.zeros((B, 5), np.int32))
+
+
+def test_features_of_different_batch_sizes_are_a_clear_error():
+  coll = make_collection()
+  ids, weights, _ = make_inputs(0)
+  for n in (1, 8):   # one example would broadcast silently
+    with pytest.raises(DataError, match=f"feature 'f_odd1': {n} examples, but the batch's "
+                       "other features have 16"):
+      coll.pack(dict(ids, f_odd1=ids["f_odd1"][:n]), weights)
+  with pytest.raises(DataError, match="batch has no ids for feature 'f_big3'"):
+    coll.pack({k: v for k, v in ids.items() if k != "f_big3"}, weights)
+
+
+def test_non_integer_ids_are_rejected():
+  coll = make_collection()
+  ids, _, _ = make_inputs(0)
+  with pytest.raises(DataError, match=r"feature 'f_small' \(table 'small'\): ids must be "
+                     "integers, got float64"):
+    coll.check_ids(dict(ids, f_small=ids["f_small"] + 0.5))
+
+
+def test_a_mesh_without_the_four_axes_is_a_clear_error():
+  mesh = Mesh(np.asarray(jax.devices()), ("x",))
+  with pytest.raises(ConfigError, match=r"mesh axes \('x',\): expected \('data', 'table', "
+                     r"'row', 'col'\)"):
+    EmbeddingCollection.create(TABLES, FEATURES, uniform_plan("dp", TABLES, 1), mesh,
+                               optimizers.SGD(0.1))
+
+
+def test_features_reading_tables_of_different_dims_are_a_clear_error():
+  tables = TABLES + (TableSpec("wide", 5, 16),)
+  with pytest.raises(ConfigError, match=r"different dims \[8, 16\] \(dim 8: feature 'f_small' "
+                     r"reads table 'small'; dim 16: feature 'f_wide' reads table 'wide'\)"):
+    EmbeddingCollection.create(tables, FEATURES + (FeatureSpec("f_wide", "wide"),),
+                               uniform_plan("tw", tables, 2),
+                               make_mesh(parse_mesh_spec("table=2,data=4", 8)),
+                               optimizers.SGD(0.1))
