@@ -150,6 +150,11 @@ class EmbeddingCollection:
     collection = cls(tables, features, plan, mesh, optimizer, layouts, options)
     for l in layouts:
       collection.dedup(l)   # raises for an impossible dedup=False
+    unfused = [l.name for l in layouts if not local_ops.fused_update_ok(l, optimizer)]
+    if options.kernel == "pallas" and unfused:
+      log.warning("kernel='pallas': stacks %s update on XLA (the fused update kernel takes "
+                  "SGD, Adagrad and row-wise Adagrad; row-wise Adagrad and int8 not on split "
+                  "columns); their pooling uses the kernel", unfused)
     return collection
 
   def dedup(self, l: layout_lib.StackLayout) -> bool:

@@ -162,3 +162,15 @@ def test_options_validation_and_gin():
     assert make_collection("dp", "single", SGD, kernel="xla").options.kernel == "xla"
   finally:
     gin.clear_config()
+
+
+def test_pallas_names_the_stacks_whose_update_falls_back_to_xla(caplog):
+  """Adam has no fused update kernel: with kernel='pallas' its update runs on XLA, said once
+  at creation; SGD updates in the kernel, so nothing is said."""
+  with caplog.at_level("WARNING"):
+    make_collection("rw", "row=8", optimizers.Adam(), kernel="pallas", interpret=True)
+  assert "update on XLA" in caplog.text and "rw" in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    make_collection("rw", "row=8", optimizers.SGD(0.1), kernel="pallas", interpret=True)
+  assert "update on XLA" not in caplog.text
