@@ -150,6 +150,9 @@ class EmbeddingCollection:
     collection = cls(tables, features, plan, mesh, optimizer, layouts, options)
     for l in layouts:
       collection.dedup(l)   # raises for an impossible dedup=False
+    unplaced = sorted(set(plan.placements) - {t.name for t in tables})
+    if unplaced:
+      log.warning("the plan places tables %s that are not configured: ignored", unplaced)
     unfused = [l.name for l in layouts if not local_ops.fused_update_ok(l, optimizer)]
     if options.kernel == "pallas" and unfused:
       log.warning("kernel='pallas': stacks %s update on XLA (the fused update kernel takes "
@@ -257,6 +260,10 @@ class EmbeddingCollection:
     weights as f32 bits, in `packing()` order. Packing on the host turns a batch's many id
     arrays into one transfer (`pack_batch`)."""
     weights = weights or {}
+    extra = sorted(set(weights) - {f.name for f in self.features if f.weighted})
+    if extra:   # e.g. a feature meant to be weighted but not configured so
+      raise DataError(f"batch has weights for features {extra}, which are not weighted "
+                      "features of this collection (FeatureSpec.weighted)")
     blocks = []   # (column, [B, width] int32)
     for l, pk in zip(self.layouts, self.packing()):
       for j, i in enumerate(l.features):

@@ -155,3 +155,20 @@ def test_features_reading_tables_of_different_dims_are_a_clear_error():
                                uniform_plan("tw", tables, 2),
                                make_mesh(parse_mesh_spec("table=2,data=4", 8)),
                                optimizers.SGD(0.1))
+
+
+def test_weights_for_an_unweighted_feature_are_a_clear_error():
+  """Weights for a feature configured unweighted were dropped: the model trained unweighted."""
+  coll = make_collection()
+  ids, weights, _ = make_inputs(0)
+  with pytest.raises(DataError, match=r"weights for features \['f_odd'\], which are not "
+                     "weighted"):
+    coll.pack(ids, dict(weights, f_odd=np.ones_like(ids["f_odd"], np.float32)))
+
+
+def test_plan_entries_for_unknown_tables_are_named(caplog):
+  mesh = make_mesh(parse_mesh_spec("table=2,row=2,col=2", 8))
+  plan = uniform_plan("grid", TABLES + (TableSpec("typo", 5, 8),), mesh.shape["table"])
+  with caplog.at_level("WARNING"):
+    EmbeddingCollection.create(TABLES, FEATURES, plan, mesh, optimizers.SGD(0.1))
+  assert "places tables ['typo'] that are not configured" in caplog.text
