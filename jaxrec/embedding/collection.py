@@ -49,7 +49,6 @@ from jaxrec.embedding import layout as layout_lib
 from jaxrec.embedding import local_ops, specs
 from jaxrec.embedding.specs import EmbeddingOptions, FeatureSpec, TableSpec, validate
 from jaxrec.errors import ConfigError, DataError
-from jaxrec.kernels import TABLE_DTYPES
 from jaxrec.sharding.mesh import BATCH_AXES, format_mesh, mesh_shape
 from jaxrec.sharding.plan import MESH_AXES, Plan
 
@@ -119,11 +118,7 @@ class EmbeddingCollection:
         `comm_dtype='bfloat16'`, `interpret=True`, `stochastic_rounding=True`.
     """
     tables, features = tuple(tables), tuple(features)
-    validate(tables, features)
-    for t in tables:
-      if t.dtype not in TABLE_DTYPES:
-        raise ConfigError(f"table '{t.name}': dtype '{t.dtype}' is not supported; use one of "
-                          f"{TABLE_DTYPES}")
+    validate(tables, features)   # TableSpec itself checks the dtype
     try:
       options = dataclasses.replace(options or EmbeddingOptions(), **overrides)
     except TypeError as e:

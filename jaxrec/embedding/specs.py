@@ -15,6 +15,7 @@ import gin
 import numpy as np
 
 from jaxrec.errors import ConfigError, DataError
+from jaxrec.kernels.quant import TABLE_DTYPES, dtype_name
 
 POOLINGS = ("sum", "mean")
 
@@ -59,10 +60,11 @@ class TableSpec:
       raise ConfigError("TableSpec.name must be a non-empty string")
     _whole(self, "rows", f"table '{self.name}'")
     _whole(self, "dim", f"table '{self.name}'")
-    try:
-      np.dtype(self.dtype)
-    except TypeError:
-      raise ConfigError(f"table '{self.name}': unknown dtype '{self.dtype}'") from None
+    name = dtype_name(self.dtype)   # aliases as for comm_dtype: bf16, fp16, jnp.float16
+    if name not in TABLE_DTYPES:
+      raise ConfigError(f"table '{self.name}': dtype '{self.dtype}' is not supported; use one "
+                        f"of {TABLE_DTYPES} (or bf16/fp16)")
+    object.__setattr__(self, "dtype", name)
 
   @property
   def scale(self) -> float:

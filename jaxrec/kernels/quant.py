@@ -29,7 +29,7 @@ from jaxrec.errors import ConfigError
 
 TABLE_DTYPES = ("float32", "bfloat16", "float16", "int8")
 COMM_DTYPES = ("float32", "bfloat16", "float16", "float8_e4m3fn")
-_COMM_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",
+DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",
                  "f16": "float16", "fp8": "float8_e4m3fn", "float8": "float8_e4m3fn"}
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -167,14 +167,21 @@ def cast_store(x, dtype, bits=None):
 
 # ------------------------------------------------------------------------ communication
 
-def canonical_comm_dtype(comm_dtype) -> str:
-  """Normalises `comm_dtype` (e.g. `bf16`, `fp8`, `jnp.bfloat16`) to a dtype name."""
-  name = _COMM_ALIASES.get(str(comm_dtype), None)
+def dtype_name(dtype) -> str:
+  """`bf16`, `'bfloat16'`, `jnp.bfloat16` -> `'bfloat16'` (the input as a string if it is no
+  dtype: the caller's check names it)."""
+  name = DTYPE_ALIASES.get(str(dtype))
   if name is None:
     try:
-      name = jnp.dtype(comm_dtype).name
+      name = jnp.dtype(dtype).name
     except TypeError:
-      name = str(comm_dtype)
+      name = str(dtype)
+  return name
+
+
+def canonical_comm_dtype(comm_dtype) -> str:
+  """Normalises `comm_dtype` (e.g. `bf16`, `fp8`, `jnp.bfloat16`) to a dtype name."""
+  name = dtype_name(comm_dtype)
   if name not in COMM_DTYPES:
     raise ConfigError(f"comm_dtype must be one of {COMM_DTYPES} (or bf16/fp16/fp8), "
                       f"got '{comm_dtype}'")
