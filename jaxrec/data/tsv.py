@@ -1,6 +1,6 @@
 """Criteo TSV: files, gzip, a vectorised numpy parser, strict errors.
 
-Format (DESIGN.md): one example per line, tab-separated,
+Format (the Criteo Kaggle / Terabyte layout): one example per line, tab-separated,
 
   label \\t I1 .. I13 \\t C1 .. C26
 
