@@ -116,9 +116,21 @@ def save_calibration(cal: Calibration, path: str | os.PathLike | None = None) ->
   return path
 
 
+def _backend_started() -> bool:
+  """Whether a JAX backend is up (XLA reads `XLA_FLAGS` when it starts; importing jax, as
+  `jaxrec.planner` does through the collection, does not start one)."""
+  if "jax" not in sys.modules:
+    return False
+  try:
+    from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+    return bool(xla_bridge.backends_are_initialized())
+  except (ImportError, AttributeError):   # another jax: assume the worst
+    return True
+
+
 def request_cpu_devices(n: int) -> None:
-  """Asks XLA for `n` host CPU devices; effective only before jax is first imported."""
-  if "jax" in sys.modules or n <= 1:
+  """Asks XLA for `n` host CPU devices; effective only before a JAX backend starts."""
+  if n <= 1 or _backend_started():
     return
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_force_host_platform_device_count" not in flags:

@@ -1,6 +1,9 @@
 """Calibration: a quick timing run on the 8 host CPU devices, and its cache."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -38,3 +41,15 @@ def test_cache_path_and_bad_files(tmp_path, monkeypatch):
   (tmp_path / "calibration.json").write_text(json.dumps({"coefficients": {"launches": 1e-5}}))
   with pytest.raises(ConfigError, match=r"malformed .*unknown cost terms \['launches'\]"):
     calibration.load_calibration()
+
+
+def test_cpu_devices_are_requested_after_jax_is_imported():
+  """`scripts/plan.py --calibrate` imports jax (through jaxrec.planner) before it asks for
+  devices: the request must still count, since XLA reads the flag when a backend starts."""
+  code = ("import jax, jaxrec.planner; from jaxrec.planner import calibration as c; "
+          "c.request_cpu_devices(3); print(len(jax.devices()))")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True).stdout
+  assert out.split()[-1] == "3"
