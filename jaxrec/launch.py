@@ -24,7 +24,10 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
       gin.parse_config_file(path)
     except (IOError, OSError) as e:
       raise ConfigError(f"--gin_file: cannot read '{path}': {getattr(e, 'strerror', e)}") from None
-    except Exception as e:  # gin raises ValueError/KeyError/ParseError with location info
+    except SyntaxError as e:  # gin's ParseError: the location is in its attributes
+      where = f"{path}:{e.lineno}" if e.lineno else path
+      raise ConfigError(f"--gin_file: {where}: {_one_line(e)}") from None
+    except Exception as e:  # gin raises ValueError/KeyError with location info
       raise ConfigError(f"--gin_file: {path}: {_one_line(e)}") from None
   for binding in bindings:
     try:

@@ -51,11 +51,18 @@ def run() -> str:
   if _TORCHREC.value:
     if _FORMAT.value != "checkpoint":
       raise ConfigError("--torchrec_npz imports into a checkpoint: use --format=checkpoint")
+    given = [f"--{f}" for f in ("checkpoint_dir", "mesh", "plan") if flags.FLAGS[f].present]
+    if given:
+      raise ConfigError(f"{', '.join(given)}: not used with --torchrec_npz (it imports the "
+                        "npz into --output)")
     step = 0 if _STEP.value is None else _STEP.value
     names = convert.import_torchrec(_TORCHREC.value, _OUTPUT.value, step)
     return f"imported {len(names)} tables ({', '.join(names)}) as step {step} in {_OUTPUT.value}"
   if not _DIR.value:
     raise ConfigError("--checkpoint_dir is required (or --torchrec_npz to import)")
+  if _FORMAT.value != "checkpoint" and (_MESH.value or _PLAN.value):
+    raise ConfigError(f"--mesh and --plan apply to --format=checkpoint only, not "
+                      f"--format={_FORMAT.value} (exports hold each table whole)")
   if _FORMAT.value == "npz":
     step = convert.export_npz(_DIR.value, _OUTPUT.value, _STEP.value)
   elif _FORMAT.value == "zarr":

@@ -37,16 +37,58 @@ flags.DEFINE_string("profile", None, "Workdir (or profile.jsonl) of a job: fit t
                     "to its measured step times and propose a better plan.")
 
 
+def _check_flags():
+  """Flag values and combinations, before any planning (`ConfigError` names the flag)."""
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  if FLAGS.tables and (FLAGS.gin_file or FLAGS.gin_bindings):
+    raise ConfigError("--tables and --gin_file/--gin_bindings: give the tables one way")
+  if FLAGS.profile and FLAGS["plan"].present:
+    raise ConfigError("--plan: not used with --profile (it proposes a plan from the profile)")
+  if FLAGS.batch_size is not None and FLAGS.batch_size <= 0:
+    raise ConfigError(f"--batch_size must be positive, got {FLAGS.batch_size}")
+  if FLAGS.calibration_devices <= 0:
+    raise ConfigError(f"--calibration_devices must be positive, got {FLAGS.calibration_devices}")
+  if (FLAGS.calibration_file and not FLAGS.calibrate
+      and not os.path.isfile(FLAGS.calibration_file)):
+    raise ConfigError(f"--calibration_file: no such file '{FLAGS.calibration_file}' (write it "
+                      "with --calibrate)")
+  if FLAGS.json and (os.path.isdir(FLAGS.json) or
+                     not os.path.isdir(os.path.dirname(os.path.abspath(FLAGS.json)))):
+    raise ConfigError(f"--json: cannot write '{FLAGS.json}': it is a directory or its "
+                      "directory does not exist")
+  if FLAGS.calibrate and FLAGS.calibration_file and os.path.isdir(FLAGS.calibration_file):
+    raise ConfigError(f"--calibration_file: '{FLAGS.calibration_file}' is a directory")
+
+
+def _write_json(path: str, obj) -> None:
+  """Writes `obj` to `path` whole or not at all."""
+  import json  # pylint: disable=import-outside-toplevel
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+  except OSError as e:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise ConfigError(f"--json: cannot write '{path}': {e.strerror or e}") from None
+
+
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
   from jaxrec import launch  # pylint: disable=import-outside-toplevel
   with launch.user_errors():
+    _check_flags()
     from jaxrec import planner  # pylint: disable=import-outside-toplevel
     from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
     if FLAGS.calibrate:
       cal = planner.calibrate(FLAGS.calibration_devices)
-      path = planner.save_calibration(cal, FLAGS.calibration_file)
+      try:
+        path = planner.save_calibration(cal, FLAGS.calibration_file)
+      except OSError as e:
+        raise ConfigError(f"--calibration_file: cannot write it: {e}") from None
       print(f"{cal.source}: cached in {path}")
     else:
       cal = planner.load_calibration(FLAGS.calibration_file)
@@ -82,9 +124,7 @@ def main(argv):
                                      mode=f"forced {FLAGS.plan}")
     print(result.report())
     if FLAGS.json:
-      with open(FLAGS.json, "w") as f:
-        import json  # pylint: disable=import-outside-toplevel
-        json.dump(result.to_json(), f, indent=2, sort_keys=True)
+      _write_json(FLAGS.json, result.to_json())
       print(f"wrote {FLAGS.json}")
 
 

@@ -10,6 +10,7 @@ named f0..f25 reading tables t0..t25. With `--gin_file` the features come from t
 count; `--rows`/`--max_len` are then refused). Errors print one line and exit 1.
 """
 
+import os
 import sys
 
 from absl import app, flags
@@ -42,7 +43,7 @@ def _int_list(flag: str, value: str, n: int) -> list[int]:
 
 
 def _specs():
-  import gin
+  from jaxrec import launch
   from jaxrec.embedding import specs
   from jaxrec.errors import ConfigError
   n = FLAGS.num_categorical
@@ -51,22 +52,38 @@ def _specs():
     if given:
       raise ConfigError(f"{' and '.join(given)}: the tables come from --gin_file here; give "
                         "one or the other")
-    gin.parse_config_files_and_bindings(FLAGS.gin_file, FLAGS.gin_bindings, skip_unknown=True)
+    launch.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings)   # a misspelled binding is an error
     return specs.uniform_tables()
+  if n <= 0:
+    raise ConfigError(f"--num_categorical must be positive, got {n}")
   if not FLAGS.rows:
     raise ConfigError("give the table sizes: --rows=N (or N1,...,N26) or --gin_file")
   return specs.uniform_tables(n, _int_list("rows", FLAGS.rows, n), dim=1,
                               max_len=_int_list("max_len", FLAGS.max_len, n))
 
 
+def _check_paths() -> None:
+  """The output directory must not be the one holding input files (it would become a
+  dataset directory, its TSV files unread)."""
+  from jaxrec.data import tsv
+  from jaxrec.errors import ConfigError
+  output = os.path.realpath(FLAGS.output)
+  for path in tsv.list_files(FLAGS.input):
+    if os.path.dirname(os.path.realpath(path)) == output:
+      raise ConfigError(f"--output {FLAGS.output} holds the --input file {path}; write the "
+                        "shards to another directory")
+
+
 def main(argv):
-  del argv
   from jaxrec.data import binary
   from jaxrec.errors import JaxrecError
   from jaxrec.launch import user_message
   try:
+    if len(argv) > 1:
+      raise JaxrecError(f"unexpected arguments {argv[1:]}")
     if not FLAGS.input or not FLAGS.output:
       raise JaxrecError("--input and --output are required")
+    _check_paths()
     tables, features = _specs()
     from_gin = bool(FLAGS.gin_file or FLAGS.gin_bindings)
     columns = (len(features) if from_gin and not FLAGS["num_categorical"].present

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import time
@@ -67,7 +68,57 @@ def _select_step(checkpoint_dir, step: int | None) -> tuple[CheckpointManager, i
     step = mgr.latest_valid_step()
   elif step not in steps:
     raise CheckpointError(f"no checkpoint for step {step} in {checkpoint_dir} (steps: {steps})")
+  else:
+    _check(mgr.step_dir(step))
   return mgr, int(step)
+
+
+def _check(step_dir, full: bool = False) -> dict:
+  """`storage.check_step`, its errors (bad JSON, missing arrays, ...) as `CheckpointError`."""
+  try:
+    return storage.check_step(step_dir, full=full)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"checkpoint {step_dir} is corrupt: {_first_line(e)}; pick another "
+                          "--step") from e
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return (text.splitlines() or [type(e).__name__])[0][:300]
+
+
+def _read_blocks(array, name, step_dir):
+  """`storage.row_blocks`; a block that cannot be read is a `CheckpointError`."""
+  try:
+    yield from storage.row_blocks(array)
+  except ValueError as e:   # tensorstore: truncated or missing chunk files
+    raise CheckpointError(f"array '{name}' in {step_dir} cannot be read ({_first_line(e)}): "
+                          "the checkpoint is corrupt; pick another --step") from None
+
+
+def _new_output(output, checkpoint_dir) -> epath.Path:
+  """Refuses an `--output` that exists or lies inside `--checkpoint_dir`, and creates its
+  parent directory: before any array is read."""
+  output = epath.Path(output)
+  _outside(output, checkpoint_dir)
+  if output.exists():
+    raise ConfigError(f"--output {output} already exists; remove it or pick another path")
+  _mkdir(output.parent)
+  return output
+
+
+def _outside(output, checkpoint_dir) -> None:
+  src, dst = os.path.realpath(checkpoint_dir), os.path.realpath(output)
+  if os.path.commonpath([src, dst]) == src:
+    raise ConfigError(f"--output {output} is inside --checkpoint_dir {checkpoint_dir}: pick a "
+                      "path outside it")
+
+
+def _mkdir(path) -> None:
+  try:
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"--output: cannot create directory {path}: {e.strerror or e}") from None
 
 
 def _metadata(step_dir, step) -> dict:
@@ -150,15 +201,17 @@ def export_npz(checkpoint_dir, output, step: int | None = None) -> int:
   Streams each array into the zip (uncompressed, zip64), so memory stays bounded."""
   mgr, step = _select_step(checkpoint_dir, step)
   step_dir = mgr.step_dir(step)
-  output = epath.Path(output)
-  output.parent.mkdir(parents=True, exist_ok=True)
-  tmp = output.parent / (output.name + ".tmp")
+  output = _new_output(output, checkpoint_dir)
+  tmp = output.parent / (output.name + f".tmp-{time.time_ns()}")
   try:
     _write_npz(tmp, step_dir, step)
+    tmp.rename(output)
+  except OSError as e:
+    tmp.unlink(missing_ok=True)
+    raise DataError(f"--output: cannot write {output}: {e.strerror or e}") from None
   except BaseException:
     tmp.unlink(missing_ok=True)
     raise
-  tmp.rename(output)
   return step
 
 
@@ -171,7 +224,7 @@ def _write_npz(tmp, step_dir, step):
       with zf.open(ename + ".npy", "w", force_zip64=True) as f:
         np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
                                                  "fortran_order": False, "shape": shape})
-        for start, block in storage.row_blocks(array):
+        for start, block in _read_blocks(array, name, step_dir):
           check.add(start, block)
           f.write(np.ascontiguousarray(block.astype(dtype)).tobytes())
       check.done()
@@ -184,11 +237,10 @@ def export_zarr(checkpoint_dir, output, step: int | None = None) -> int:
   exported name, plus `metadata.json`; returns the step."""
   mgr, step = _select_step(checkpoint_dir, step)
   step_dir = mgr.step_dir(step)
-  output = epath.Path(output)
-  if output.exists():
-    raise ConfigError(f"--output {output} already exists; remove it or pick another path")
+  output = _new_output(output, checkpoint_dir)
   tmp = output.parent / (output.name + f".tmp-{time.time_ns()}")
   try:
+    _mkdir(tmp)
     _write_zarr(tmp, step_dir, step)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -202,18 +254,19 @@ def _write_zarr(tmp, step_dir, step):
     dtype, shape = array.dtype.numpy_dtype, tuple(array.shape)
     row_bytes = max(1, math.prod(shape[1:]) * dtype.itemsize) if shape else 1
     chunks = [max(1, min(shape[0], (8 << 20) // row_bytes)), *shape[1:]] if shape else []
-    out = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp / ename)},
-                   "dtype": dtype.name, "metadata": {"shape": list(shape), "chunks": chunks}},
-                  create=True).result()
     check = _Verifier(name, shape, expect, step_dir)
-    for start, block in storage.row_blocks(array):
-      check.add(start, block)
-      if shape:
-        out[start:start + len(block)].write(block).result()
-      else:
-        out.write(block).result()
+    try:
+      out = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp / ename)},
+                     "dtype": dtype.name, "metadata": {"shape": list(shape), "chunks": chunks}},
+                    create=True).result()
+      for start, block in _read_blocks(array, name, step_dir):
+        check.add(start, block)
+        (out[start:start + len(block)] if shape else out).write(block).result()
+    except CheckpointError:
+      raise
+    except ValueError as e:   # tensorstore: the output cannot be written
+      raise DataError(f"--output: cannot write {tmp / ename}: {_first_line(e)}") from None
     check.done()
-  tmp.mkdir(parents=True, exist_ok=True)
   (tmp / "metadata.json").write_text(json.dumps(_metadata(step_dir, step), indent=1))
 
 
@@ -224,11 +277,10 @@ def resolve_plan(plan: str, tables, mesh_shape: Mapping[str, int]) -> Plan:
   if plan == "auto":
     raise ConfigError("--plan=auto: write the plan with scripts/plan.py --json=PATH and pass "
                       "--plan=PATH")
-  path = epath.Path(plan)
-  if not path.exists():
+  if not epath.Path(plan).exists():
     raise ConfigError(f"--plan: '{plan}' is neither a plan kind ({', '.join(KINDS)}) nor a "
                       "plan JSON file")
-  return Plan.from_json(json.loads(path.read_text()))
+  return Plan.load(plan)   # a bare plan, a run's plan.json or scripts/plan.py --json output
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
@@ -250,15 +302,16 @@ def export_checkpoint(checkpoint_dir, output, step: int | None = None,
   `mesh_shape` with `plan`. The stored layout is canonical, so the copy is exact; this
   verifies every array's fingerprint and that the plan fits the mesh (the layouts it
   would build). Returns `(step, layout description)`."""
-  mgr, step = _select_step(checkpoint_dir, step)
-  step_dir = mgr.step_dir(step)
-  try:
-    manifest = storage.check_step(step_dir, full=True)
-  except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f"checkpoint {step_dir} is corrupt: {e}") from e
-  description = ""
   if (mesh_shape is None) != (plan is None):
     raise ConfigError("--mesh and --plan go together for --format=checkpoint")
+  output = epath.Path(output)
+  _outside(output, checkpoint_dir)
+  if output.exists() and not output.is_dir():
+    raise ConfigError(f"--output {output} is a file; --format=checkpoint writes a directory")
+  mgr, step = _select_step(checkpoint_dir, step)
+  step_dir = mgr.step_dir(step)
+  manifest = _check(step_dir)
+  description = ""
   if plan is not None:
     tables = tuple(TableSpec(n, t["rows"], t["dim"], t["dtype"])
                    for n, t in sorted(manifest["tables"].items()))
@@ -266,8 +319,6 @@ def export_checkpoint(checkpoint_dir, output, step: int | None = None,
     resolved = resolve_plan(plan, tables, mesh_shape)
     layouts = layout_lib.build_layouts(tables, features, resolved, mesh_shape)
     description = layout_lib.describe(layouts)
-    manifest.update(saved_plan=resolved.to_json(), saved_mesh=dict(mesh_shape))
-  output = epath.Path(output)
   dest = output / str(step)
   if dest.exists():
     raise ConfigError(f"--output: {dest} already exists")
@@ -275,17 +326,30 @@ def export_checkpoint(checkpoint_dir, output, step: int | None = None,
   snap_dest = output.parent / "offload_snapshots" / str(step)
   if snapshot is not None and snap_dest.exists():
     raise ConfigError(f"--output: {snap_dest} (offload snapshot of step {step}) already exists")
-  output.mkdir(parents=True, exist_ok=True)
-  tmp = output / f"{step}.orbax-checkpoint-tmp-{time.time_ns()}"   # cleaned up if we die
-  shutil.copytree(step_dir, tmp)
-  manifest["converted_from"] = str(step_dir)
-  (tmp / storage.MANIFEST / "metadata").write_text(json.dumps(manifest))
-  if snapshot is not None:   # the offloaded tables: the snapshot first, hard links
-    _link_copy(epath.Path(snapshot[0]) / str(step), snap_dest)
-    meta = storage.read_json(tmp, storage.META)
-    meta["offload"]["snapshots"] = str(snap_dest.parent)
-    (tmp / storage.META / "metadata").write_text(json.dumps(meta))
-  tmp.rename(dest)
+  created = not output.exists()
+  _mkdir(output)
+  try:
+    manifest = _check(step_dir, full=True)   # every array read and its fingerprint checked
+  except CheckpointError:
+    if created:
+      output.rmdir()
+    raise
+  if plan is not None:
+    manifest.update(saved_plan=resolved.to_json(), saved_mesh=dict(mesh_shape))
+  tmp = output / f"{step}.orbax-checkpoint-tmp-{time.time_ns()}"
+  try:
+    shutil.copytree(step_dir, tmp)
+    manifest["converted_from"] = str(step_dir)
+    (tmp / storage.MANIFEST / "metadata").write_text(json.dumps(manifest))
+    if snapshot is not None:   # the offloaded tables: the snapshot first, hard links
+      _link_copy(epath.Path(snapshot[0]) / str(step), snap_dest)
+      meta = storage.read_json(tmp, storage.META)
+      meta["offload"]["snapshots"] = str(snap_dest.parent)
+      (tmp / storage.META / "metadata").write_text(json.dumps(meta))
+    tmp.rename(dest)
+  except OSError as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise DataError(f"--output: cannot write {dest}: {e.strerror or e}") from None
   return step, description
 
 
@@ -297,17 +361,8 @@ def _link_copy(src: epath.Path, dst: epath.Path) -> None:
   tmp.rename(dst)
 
 
-def import_torchrec(npz_path, output, step: int = 0) -> list[str]:
-  """Imports the tables of a TorchRec `EmbeddingBagCollection` state_dict (saved as npz
-  by `third_party/torchrec_export`) as checkpoint `step` in directory `output`.
-
-  Keys `...embedding_bags.<table>.weight` (or `embeddings.<table>.weight`) become tables
-  `<table>`; other keys are ignored. The checkpoint holds tables only: a run restoring it
-  takes its dense parameters from its own initialisation and starts the sparse optimizer
-  state fresh. Returns the imported table names."""
-  npz_path = epath.Path(npz_path)
-  if not npz_path.exists():
-    raise ConfigError(f"--torchrec_npz: {npz_path} does not exist")
+def _read_torchrec(npz_path) -> dict[str, np.ndarray]:
+  """`{table: weight}` of a TorchRec npz (see `import_torchrec`)."""
   tables = {}
   with np.load(npz_path) as z:
     names = {}
@@ -324,10 +379,36 @@ def import_torchrec(npz_path, output, step: int = 0) -> list[str]:
       raise DataError(f"{npz_path}: no keys like 'embedding_bags.<table>.weight' (keys: "
                       f"{z.files[:10]})")
     for name, key in sorted(names.items()):
-      tables[name] = z[key]
-      if tables[name].ndim != 2:
-        raise DataError(f"{npz_path}: '{key}' has shape {tables[name].shape}, expected "
-                        "[rows, dim]")
+      w = tables[name] = z[key]
+      if w.ndim != 2 or not all(w.shape):
+        raise DataError(f"{npz_path}: '{key}' has shape {w.shape}, expected [rows, dim] "
+                        "(both positive)")
+      if not np.issubdtype(w.dtype, np.floating):
+        raise DataError(f"{npz_path}: '{key}' has dtype {w.dtype}, expected a float dtype")
+  return tables
+
+
+def import_torchrec(npz_path, output, step: int = 0) -> list[str]:
+  """Imports the tables of a TorchRec `EmbeddingBagCollection` state_dict (saved as npz
+  by `third_party/torchrec_export`) as checkpoint `step` in directory `output`.
+
+  Keys `...embedding_bags.<table>.weight` (or `embeddings.<table>.weight`) become tables
+  `<table>`; other keys are ignored. The checkpoint holds tables only: a run restoring it
+  takes its dense parameters from its own initialisation and starts the sparse optimizer
+  state fresh. Returns the imported table names."""
+  npz_path = epath.Path(npz_path)
+  if step < 0:
+    raise ConfigError(f"--step must be >= 0, got {step}")
+  if not npz_path.exists():
+    raise ConfigError(f"--torchrec_npz: {npz_path} does not exist")
+  try:
+    tables = _read_torchrec(npz_path)
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    if isinstance(e, DataError):
+      raise
+    raise DataError(f"--torchrec_npz: {npz_path} is not a readable npz file "
+                    f"({_first_line(e)})") from None
+  _mkdir(output)
   with CheckpointManager(output, max_to_keep=None, async_save=False) as mgr:
     if step in mgr.all_steps():
       raise ConfigError(f"{mgr.step_dir(step)} already exists")

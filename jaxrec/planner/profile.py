@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 from typing import Any, Mapping, Sequence
@@ -78,9 +79,17 @@ def read_profile(path: str | os.PathLike) -> list[dict]:
   if not path.exists():
     raise ConfigError(f"--profile: no profile at {path} (the trainer writes W/{PROFILE_FILE})")
   records = []
-  for i, line in enumerate(path.read_text().splitlines(), 1):
+  text = path.read_text()
+  lines = text.splitlines()
+  for i, line in enumerate(lines, 1):
     if not line.strip():
       continue
+    if i == len(lines) and not text.endswith("\n"):
+      try:
+        json.loads(line)
+      except ValueError:   # the job stopped while writing it
+        logging.getLogger(__name__).warning("%s:%d: left out an incomplete last line", path, i)
+        continue
     try:
       rec = json.loads(line)
       for key in ("step", "step_time_s", "plan", "mesh"):
@@ -249,9 +258,7 @@ class Refinement:
                    f"{format_time(self.current.step_time_s)} -> "
                    f"{format_time(self.proposed.step_time_s)} per step, "
                    + (f"{self.speedup:.2f}x faster" if self.speedup >= 1 else
-                      f"{1 / self.speedup:.2f}x slower: the current plan needs "
-                      f"{format_bytes(sum(self.current.memory.values()))}/device > budget "
-                      f"{format_bytes(self.proposed.memory_per_device_bytes)}"))
+                      f"{1 / self.speedup:.2f}x slower: " + self._slower_why()))
     if self.explore is not None:
       kinds: dict[str, int] = {}
       for p in self.explore.plan.placements.values():
@@ -260,6 +267,13 @@ class Refinement:
                    + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + ", expected "
                    f"{format_time(self.explore.step_time_s)} per step")
     return "\n".join(lines)
+
+  def _slower_why(self) -> str:
+    mesh, was = (cm.mesh_str(r.mesh_shape) for r in (self.proposed, self.current))
+    if cm.normalize_mesh(self.proposed.mesh_shape) != cm.normalize_mesh(self.current.mesh_shape):
+      return f"planned for mesh {mesh}, the profiled plan ran on {was}"
+    return (f"the current plan needs {format_bytes(sum(self.current.memory.values()))}/device "
+            f"> budget {format_bytes(self.proposed.memory_per_device_bytes)}")
 
   def to_json(self) -> dict:
     return {"fitted": self.fitted.to_json(), "prior": self.prior.to_json(),
@@ -301,10 +315,14 @@ def refine_from_profile(path: str | os.PathLike, tables: Sequence[TableSpec],
     steps = np.array([float(r.get("steps", 1)) for r in kept])
     t = _weighted_median([r["step_time_s"] for r in kept], steps)
     r0 = kept[0]
-    est = estimate_plan(r0["plan"], tables, features, r0["mesh"], memory_per_device_bytes,
-                        optimizer_state_factor, r0["batch_size"], prior,
-                        table_stats=table_stats, check=False, mode="profiled",
-                        kernel=kernel)
+    try:
+      est = estimate_plan(r0["plan"], tables, features, r0["mesh"], memory_per_device_bytes,
+                          optimizer_state_factor, r0["batch_size"], prior,
+                          table_stats=table_stats, check=False, mode="profiled",
+                          kernel=kernel)
+    except ConfigError as e:   # e.g. a profile of another config's tables
+      raise ConfigError(f"--profile {path}: the plan profiled at step {r0['step']} does not "
+                        f"fit the tables given: {e}") from None
     samples.append((est.critical_terms, t))
     weights.append(float(steps.sum()))
   last = max(records, key=lambda r: r["step"])

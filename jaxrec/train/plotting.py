@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 from typing import Sequence
 
@@ -12,11 +14,15 @@ from matplotlib.figure import Figure
 from jaxrec.errors import DataError
 from jaxrec.train.writers import METRICS_FILE
 
+_LOG = logging.getLogger(__name__)
 PANELS = (("loss", "train loss"), ("eval_auc", "eval AUC"), ("examples_per_sec", "examples/sec"))
 
 
 def read_metrics(workdir: str) -> list[dict]:
   """Records of `workdir/metrics.jsonl`, sorted by step, the last line winning per step and key.
+
+  A last line without its newline that does not parse (a run killed mid-write) is left
+  out with a warning.
 
   Raises:
     DataError: the file is missing, empty or holds a line that is not a JSON object.
@@ -26,15 +32,20 @@ def read_metrics(workdir: str) -> list[dict]:
     raise DataError(f"no metrics file at {path}")
   by_step: dict[int, dict] = {}
   with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
+    lines = f.readlines()
+  for lineno, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      rec = json.loads(line)
+      step = int(rec["step"])
+    except (ValueError, KeyError, TypeError):
+      if lineno == len(lines) and not line.endswith("\n"):
+        _LOG.warning("%s:%d: left out an incomplete last line (the run stopped while "
+                        "writing it)", path, lineno)
         continue
-      try:
-        rec = json.loads(line)
-        step = int(rec["step"])
-      except (ValueError, KeyError, TypeError):
-        raise DataError(f"{path}:{lineno}: not a JSON object with a 'step'") from None
-      by_step.setdefault(step, {}).update(rec)
+      raise DataError(f"{path}:{lineno}: not a JSON object with a 'step'") from None
+    by_step.setdefault(step, {}).update(rec)
   if not by_step:
     raise DataError(f"metrics file {path} is empty")
   return [by_step[s] for s in sorted(by_step)]
@@ -55,8 +66,14 @@ def figure(workdirs: Sequence[str]) -> Figure:
   FigureCanvasAgg(fig)
   axes = fig.subplots(len(PANELS), 1, sharex=True)
   for ax, (key, title) in zip(axes, PANELS):
-    for label, records in zip(_labels(workdirs), runs):
-      pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    for workdir, label, records in zip(workdirs, _labels(workdirs), runs):
+      pts = [(r["step"], math.nan if r[key] is None else r[key]) for r in records
+             if key in r and (r[key] is None or isinstance(r[key], (int, float)))]
+      bad = [x for x, y in pts if not math.isfinite(y)]
+      if bad:   # written as null: a gap in the curve
+        _LOG.warning("%s: %s is NaN/inf at %d step(s): %s",
+                        os.path.join(workdir, METRICS_FILE), key, len(bad),
+                        ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else ""))
       if pts:
         xs, ys = zip(*pts)
         ax.plot(xs, ys, marker="o" if len(pts) < 20 else None, markersize=3, label=label)
@@ -75,8 +92,22 @@ def plot_metrics(workdirs: Sequence[str], output: str | None = None) -> str:
     workdirs: run directories holding `metrics.jsonl`; legend entries are their names.
     output: PNG path; default `<workdirs[0]>/metrics.png`.
   """
-  fig = figure(workdirs)
+  if not workdirs:
+    raise DataError("no workdir given")
   output = output or os.path.join(workdirs[0], "metrics.png")
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  fig.savefig(output, dpi=100)
+  fmt = os.path.splitext(output)[1][1:].lower()
+  formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+  if os.path.isdir(output) or fmt not in formats:
+    raise DataError(f"--output: '{output}' is not an image file name ending in one of "
+                    f"{', '.join('.' + f for f in sorted(formats))}")
+  fig = figure(workdirs)
+  tmp = f"{output}.tmp-{os.getpid()}"
+  try:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    fig.savefig(tmp, dpi=100, format=fmt)
+    os.replace(tmp, output)   # an existing plot stays whole if this fails
+  except OSError as e:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise DataError(f"--output: cannot write {output}: {e.strerror or e}") from None
   return output

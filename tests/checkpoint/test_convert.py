@@ -13,7 +13,7 @@ import pytest
 import tensorstore as ts
 
 from jaxrec.checkpoint import CheckpointError, CheckpointManager, convert
-from jaxrec.errors import ConfigError
+from jaxrec.errors import ConfigError, DataError
 from tests.checkpoint import ckpt_helpers as h
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -340,3 +340,88 @@ def test_offloaded_table_is_exported_from_its_snapshot(tmp_path):
   with pytest.raises(CheckpointError, match=r"offloaded tables \['t0'\] but no offload snapshot"):
     convert.export_npz(tmp_path / "w" / "checkpoints", tmp_path / "c.npz")
   assert not (tmp_path / "c.npz").exists()
+
+
+def test_outputs_refused_before_any_read(saved, tmp_path):
+  """An existing npz --output was found only after the whole export (a traceback, a stray
+  `.tmp` left); an --output inside --checkpoint_dir wrote into the source checkpoint."""
+  path, _, _ = saved
+  (tmp_path / "old.npz").write_bytes(b"keep")
+  with pytest.raises(ConfigError, match="old.npz already exists"):
+    convert.export_npz(path, tmp_path / "old.npz")
+  assert (tmp_path / "old.npz").read_bytes() == b"keep" and len(list(tmp_path.iterdir())) == 1
+  for fn, out in [(convert.export_zarr, path / "4" / "z"), (convert.export_npz, path / "x.npz"),
+                  (convert.export_checkpoint, path)]:
+    with pytest.raises(ConfigError, match="is inside --checkpoint_dir"):
+      fn(path, out)
+  assert not (path / "4" / "z").exists() and not (path / "x.npz").exists()
+  with pytest.raises(ConfigError, match="cannot create directory"):
+    convert.export_npz(path, tmp_path / "old.npz" / "c.npz")
+
+
+def test_plan_file_of_a_run_is_accepted(saved, tmp_path):
+  """`--plan=W/plan.json` (the plan under "plan", as README says --plan takes) was a
+  TypeError traceback."""
+  path, coll, _ = saved
+  plan_json = tmp_path / "plan.json"
+  plan_json.write_text(json.dumps({"mesh": {"table": 2, "row": 2}, "plan": {
+      t.name: {"kind": "twrw", "table_slice": i % 2} for i, t in enumerate(coll.tables)}}))
+  _, layouts = convert.export_checkpoint(path, tmp_path / "c", 4,
+                                         convert.parse_mesh("table=2,row=2"), str(plan_json))
+  assert "twrw" in layouts
+  plan_json.write_text("{")
+  with pytest.raises(ConfigError, match=r"plan.json:1: not valid JSON"):
+    convert.export_checkpoint(path, tmp_path / "d", 4, convert.parse_mesh("row=2"),
+                              str(plan_json))
+
+
+def test_unreadable_checkpoint_is_an_error(saved, tmp_path):
+  """A damaged manifest with an explicit step, or a truncated array file, was a traceback."""
+  path, _, _ = saved
+  copy = tmp_path / "copy"
+  shutil.copytree(path, copy)
+  (copy / "4" / "manifest" / "metadata").write_text("{bad")
+  with pytest.raises(CheckpointError, match=r"/4 is corrupt: .*pick another --step"):
+    convert.export_npz(copy, tmp_path / "a.npz", step=4)
+  shutil.rmtree(copy)
+  shutil.copytree(path, copy)
+  chunk = next(p for p in (copy / "4" / "embeddings" / "tables" / "t3").iterdir()
+               if not p.name.startswith("."))
+  chunk.write_bytes(chunk.read_bytes()[:20])
+  for fn, out in [(convert.export_npz, tmp_path / "b.npz"), (convert.export_zarr, tmp_path / "z")]:
+    with pytest.raises(CheckpointError, match="'tables/t3' .* cannot be read"):
+      fn(copy, out, 4)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
+
+
+@pytest.mark.parametrize("arrays,match", [
+    ({"embedding_bags.t.weight": np.ones((4, 2), np.int32)}, "dtype int32, expected a float"),
+    ({"embedding_bags.t.weight": np.ones((0, 2), np.float32)}, r"shape \(0, 2\)"),
+    ({"embedding_bags.t.weight": np.array([None], object)}, "not a readable npz"),
+    (None, "not a readable npz file .*not a zip file")])
+def test_torchrec_import_refuses_bad_npz(tmp_path, arrays, match):
+  npz = tmp_path / "ebc.npz"
+  if arrays is None:
+    npz.write_bytes(b"PK\x03\x04 truncated")
+  else:
+    np.savez(npz, **arrays)
+  with pytest.raises((ConfigError, DataError), match=match):
+    convert.import_torchrec(npz, tmp_path / "ckpt")
+  with pytest.raises(ConfigError, match="--step must be >= 0"):
+    convert.import_torchrec(npz, tmp_path / "ckpt", step=-1)
+  assert not (tmp_path / "ckpt").exists()
+
+
+def test_script_refuses_flags_it_would_ignore(saved, tmp_path):
+  path, _, _ = saved
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  script = os.path.join(ROOT, "scripts", "convert_checkpoint.py")
+  for flags, match in [
+      ([f"--checkpoint_dir={path}", "--format=npz", "--mesh=row=2", "--plan=rw"],
+       "error: --mesh and --plan apply to --format=checkpoint only"),
+      (["--torchrec_npz=x.npz", f"--checkpoint_dir={path}", "--format=checkpoint"],
+       "error: --checkpoint_dir: not used with --torchrec_npz")]:
+    proc = subprocess.run([sys.executable, script, *flags, f"--output={tmp_path / 'o'}"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.startswith(match), proc.stderr[-2000:]
+  assert not (tmp_path / "o").exists()

@@ -63,3 +63,30 @@ def test_profile_proposes_a_plan(tmp_path):
   assert proc.returncode == 0, proc.stderr
   assert "coefficients (profile fit" in proc.stdout
   assert "faster" in proc.stdout or "already the best" in proc.stdout
+
+
+def test_flags_it_would_ignore_or_misread_are_errors(tmp_path):
+  """Each was accepted: --batch_size=0 planned for 512, --plan next to --profile and
+  --gin_file next to --tables were ignored, a missing --calibration_file fell back to the
+  defaults, an unwritable --json was a traceback after planning, a gin error had no line."""
+  bad_gin = tmp_path / "bad.gin"
+  bad_gin.write_text("uniform_tables.num_tables = 2\n\nuniform_tables.rows = \n")
+  for flags, want in [
+      (["--tables=t:100:16", "--mesh=row=2", "--batch_size=0"],
+       "error: --batch_size must be positive, got 0"),
+      (["--tables=t:100:16", f"--profile={tmp_path}", "--plan=tw"],
+       "error: --plan: not used with --profile"),
+      (["--tables=t:100:16", "--gin_file=configs/dlrm_criteo.gin", "--mesh=row=2"],
+       "error: --tables and --gin_file/--gin_bindings: give the tables one way"),
+      (["--tables=t:100:16", "--mesh=row=2", f"--calibration_file={tmp_path / 'none.json'}"],
+       "error: --calibration_file: no such file"),
+      (["--tables=t:100:16", "--mesh=row=2", f"--json={tmp_path / 'no' / 'p.json'}"],
+       "error: --json: cannot write"),
+      (["--tables=t:100:16", "--mesh=row=2", f"--json={tmp_path}"], "error: --json: cannot write"),
+      (["--calibrate", "--calibration_devices=0"],
+       "error: --calibration_devices must be positive, got 0"),
+      ([f"--gin_file={bad_gin}", "--mesh=row=2"], f"error: --gin_file: {bad_gin}:3: ")]:
+    proc = plan(tmp_path, *flags)
+    assert proc.returncode == 1 and proc.stderr.startswith(want), (flags, proc.stderr[-2000:])
+  assert sorted(os.listdir(tmp_path)) == ["bad.gin"]
+

@@ -1,5 +1,6 @@
 """Profile refinement: NNLS fit of the cost coefficients, re-planning from a profile."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -151,3 +152,35 @@ def test_refine_does_not_keep_a_current_plan_over_the_budget(tmp_path):
   assert sum(ref.proposed.memory.values()) <= budget
   assert ref.proposed.plan != plan
   assert "keep it" not in ref.report() and "slower: the current plan needs" in ref.report()
+
+
+def test_profile_of_a_killed_job_and_of_other_tables(tmp_path, caplog):
+  """An incomplete last line (the job stopped while writing it) refused the whole profile;
+  a profile of other tables gave an error that did not name the profile."""
+  tables, features = uniform_tables(2, [1000, 10], 16)
+  mesh = {"table": 2}
+  for step in (100, 200):
+    planner.append_profile(tmp_path, planner.profile_record(
+        step, 0.004, uniform_plan("tw", tables, 2), mesh, steps=100))
+  with open(tmp_path / "profile.jsonl", "a") as f:
+    f.write('{"step": 300, "step_ti')
+  with caplog.at_level("WARNING"):
+    assert len(planner.read_profile(tmp_path)) == 2
+  assert "profile.jsonl:3: left out an incomplete last line" in caplog.text
+  other, other_features = uniform_tables(1, [50], 16)
+  with pytest.raises(ConfigError, match=r"--profile .*: the plan profiled at step 200 does "
+                     r"not fit the tables given: plan names unknown tables"):
+    planner.refine_from_profile(tmp_path, other, other_features, GiB, 0.0, 64)
+
+
+def test_report_on_another_mesh_says_so(tmp_path):
+  """A slower proposal for another --mesh was blamed on the memory budget."""
+  tables, features = uniform_tables(2, [1000, 10], 16)
+  for step in (100, 200):
+    planner.append_profile(tmp_path, planner.profile_record(
+        step, 0.004, uniform_plan("tw", tables, 2), {"table": 2}, steps=100))
+  ref = planner.refine_from_profile(tmp_path, tables, features, GiB, 0.0, 64,
+                                    mesh_shape={"row": 4})
+  slower = dataclasses.replace(ref, speedup=0.5)
+  assert ("slower: planned for mesh data=1,table=1,row=4,col=1, the profiled plan ran on "
+          "data=1,table=2,row=1,col=1") in slower.report()

@@ -70,3 +70,40 @@ def test_missing_metrics_is_one_line_error(tmp_path):
   (tmp_path / "metrics.jsonl").write_text("")
   res = _run(f"--workdir={tmp_path}")
   assert res.returncode == 1 and "is empty" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_incomplete_last_line_and_nulls(tmp_path, caplog):
+  """A run killed mid-write leaves a last line without its newline: the plot used to be
+  refused; null (non-finite) values were dropped and the curve drawn across them."""
+  w = str(tmp_path / "w")
+  _fake_run(w, 1.0)
+  with open(os.path.join(w, "metrics.jsonl"), "a") as f:
+    f.write(json.dumps({"step": 110, "loss": None}) + "\n" + '{"step": 120, "lo')
+  with caplog.at_level("WARNING"):
+    loss = plotting.figure([w]).axes[0].get_lines()[0]
+  assert list(loss.get_xdata()) == list(range(10, 120, 10)) and np.isnan(loss.get_ydata()[-1])
+  assert "metrics.jsonl:14: left out an incomplete last line" in caplog.text
+  assert "loss is NaN/inf at 1 step(s): 110" in caplog.text
+  with open(os.path.join(w, "metrics.jsonl"), "a") as f:
+    f.write("\n")   # the broken line is complete now: an error naming it
+  res = _run(f"--workdir={w}")
+  assert res.returncode == 1 and res.stderr.strip().endswith(
+      "metrics.jsonl:14: not a JSON object with a 'step'"), res.stderr
+
+
+def test_bad_output_refused_before_plotting(tmp_path):
+  """A directory or a name without an image extension was saved as `<name>.png` while the
+  script printed `<name>`; an unknown extension or an unwritable path was a traceback."""
+  a = str(tmp_path / "a")
+  _fake_run(a, 1.0)
+  for out in (str(tmp_path), str(tmp_path / "plot"), str(tmp_path / "plot.txt")):
+    res = _run(f"--workdir={a}", f"--output={out}")
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.startswith(f"error: --output: '{out}' is not an image file name"), res.stderr
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  res = _run(f"--workdir={a}", f"--output={blocker / 'p.png'}")
+  assert res.returncode == 1 and res.stderr.startswith("error: --output: cannot write"), res.stderr
+  assert sorted(os.listdir(tmp_path)) == ["a", "file"] and os.listdir(a) == ["metrics.jsonl"]
+  res = _run(f"--workdir={a}", f"--output={tmp_path / 'p.svg'}")
+  assert res.returncode == 0 and res.stdout.strip() == str(tmp_path / "p.svg")

@@ -1,0 +1,54 @@
+"""scripts/preprocess.py: flags that were ignored or misread, and an output directory that
+would swallow its input."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run(*args):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "preprocess.py"), *args],
+                        capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def _tsv(path, n=4):
+  with open(path, "w") as f:
+    for i in range(n):
+      f.write("\t".join([str(i % 2)] + ["1"] * 13 + [f"{i:x}"] * 26) + "\n")
+  return str(path)
+
+
+def test_output_holding_the_input_is_refused(tmp_path):
+  """The TSV directory itself as --output became a dataset directory (its manifest then
+  hides the TSV files from readers)."""
+  _tsv(tmp_path / "a.tsv")
+  for inp in (str(tmp_path), str(tmp_path / "a.tsv")):
+    r = run(f"--input={inp}", f"--output={tmp_path}", "--rows=100")
+    assert r.returncode == 1 and r.stderr.startswith(
+        f"error: --output {tmp_path} holds the --input file "), r.stderr
+  assert os.listdir(tmp_path) == ["a.tsv"]
+  r = run(f"--input={tmp_path}", f"--output={tmp_path / 'bin'}", "--rows=100")
+  assert r.returncode == 0 and "wrote 4 examples" in r.stdout, r.stderr
+
+
+def test_ignored_or_misread_flags_are_errors(tmp_path):
+  """A misspelled --gin_bindings configurable was skipped (skip_unknown), a gin error
+  had no `file:line` for a missing file and printed log lines, extra arguments were
+  dropped, and --num_categorical=-2 was reported as a --rows count."""
+  path = _tsv(tmp_path / "a.tsv")
+  bad_gin = tmp_path / "bad.gin"
+  bad_gin.write_text("uniform_tables.num_tables = 2\n\nuniform_tables.rows = \n")
+  out = f"--output={tmp_path / 'o'}"
+  for flags, want in [
+      (["--gin_file=configs/dlrm_criteo.gin", "--gin_bindings=uniform_table.rows=5"],
+       "error: --gin_bindings: 'uniform_table.rows=5': No configurable matching"),
+      ([f"--gin_file={tmp_path / 'none.gin'}"], "error: --gin_file: cannot read"),
+      ([f"--gin_file={bad_gin}"], f"error: --gin_file: {bad_gin}:3: "),
+      (["--rows=100", "extra"], "error: unexpected arguments ['extra']"),
+      (["--rows=100", "--num_categorical=-2"], "error: --num_categorical must be positive")]:
+    r = run(f"--input={path}", out, *flags)
+    assert r.returncode == 1 and r.stderr.startswith(want), (flags, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+  assert not os.path.exists(tmp_path / "o")
