@@ -17,6 +17,8 @@ import threading
 import time
 from typing import Any
 
+from jaxrec import jsonl
+
 EVENTS_FILE = "events.jsonl"
 
 # Event names, in the order a run usually meets them.
@@ -47,6 +49,7 @@ class EventLog:
   def __init__(self, workdir: str, echo=None):
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, EVENTS_FILE)
+    jsonl.repair_tail(self.path)   # a killed supervisor's torn last line
     self._lock = threading.Lock()
     self._echo = echo
 

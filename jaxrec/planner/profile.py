@@ -43,6 +43,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import optimize
 
+from jaxrec import jsonl
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError, DataError
 from jaxrec.planner import cost_model as cm
@@ -67,7 +68,9 @@ def profile_record(step: int, step_time_s: float, plan: Plan, mesh_shape: Mappin
 
 
 def append_profile(workdir: str | os.PathLike, record: Mapping[str, Any]) -> None:
-  with open(pathlib.Path(workdir) / PROFILE_FILE, "a") as f:
+  path = pathlib.Path(workdir) / PROFILE_FILE
+  jsonl.repair_tail(path)   # a killed run's torn last line (a stat when there is none)
+  with open(path, "a") as f:
     f.write(json.dumps(record, sort_keys=True) + "\n")
 
 

@@ -17,6 +17,8 @@ from typing import Any, Mapping
 import numpy as np
 import tqdm
 
+from jaxrec import jsonl
+
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
 
@@ -49,6 +51,7 @@ class MetricsWriter:
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
+      jsonl.repair_tail(self.path)   # a killed run's torn last line
       self._file = open(self.path, "a", buffering=1, encoding="utf-8")
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       self._tb = SummaryWriter(logdir=os.path.join(workdir, TB_DIR))

@@ -1,0 +1,51 @@
+"""JSON-lines files that one run after another appends to (`metrics.jsonl`,
+`profile.jsonl`, `events.jsonl`).
+
+A writer killed mid-line leaves a last line without its newline; the next run's first
+record would be glued onto it and both lost to every reader. `repair_tail` runs before a
+run appends: a last line that parses is completed with its newline, one that does not is
+cut off, with a warning naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+_LOG = logging.getLogger(__name__)
+_BLOCK = 1 << 16
+
+
+def repair_tail(path: str | os.PathLike) -> None:
+  """Makes `path` (if it exists) end with a newline, dropping an incomplete last line."""
+  try:
+    size = os.path.getsize(path)
+  except FileNotFoundError:
+    return
+  if not size:
+    return
+  with open(path, "rb+") as f:
+    f.seek(size - 1)
+    if f.read(1) == b"\n":
+      return
+    start, pos = 0, size          # start of the last line: after the last newline
+    while pos > 0:
+      n = min(_BLOCK, pos)
+      pos -= n
+      f.seek(pos)
+      i = f.read(n).rfind(b"\n")
+      if i >= 0:
+        start = pos + i + 1
+        break
+    f.seek(start)
+    tail = f.read()
+    try:
+      json.loads(tail)
+    except ValueError:
+      f.truncate(start)
+      _LOG.warning("%s: dropped an incomplete last line of %d bytes (a run stopped while "
+                   "writing it)", path, len(tail))
+      return
+    f.seek(size)
+    f.write(b"\n")
