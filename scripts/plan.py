@@ -15,6 +15,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "Gin config file(s) binding the tables.")
@@ -76,6 +77,7 @@ def _write_json(path: str, obj) -> None:
 
 
 def main(argv):
+  absl_logging.set_verbosity(absl_logging.WARNING)   # jax's backend probing at INFO is noise
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
   from jaxrec import launch  # pylint: disable=import-outside-toplevel
