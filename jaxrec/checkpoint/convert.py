@@ -45,7 +45,7 @@ from jaxrec.checkpoint.manager import CheckpointError, CheckpointManager
 from jaxrec.embedding import layout as layout_lib
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError, DataError
-from jaxrec.sharding.plan import KINDS, Plan, uniform_plan
+from jaxrec.sharding.plan import KINDS, Plan, load_plan_file, uniform_plan
 
 FORMATS = ("npz", "zarr", "checkpoint")
 NPZ_DTYPES = {"bfloat16": np.dtype(np.float32)}   # npy has no bfloat16: widened, exactly
@@ -280,7 +280,8 @@ def resolve_plan(plan: str, tables, mesh_shape: Mapping[str, int]) -> Plan:
   if not epath.Path(plan).exists():
     raise ConfigError(f"--plan: '{plan}' is neither a plan kind ({', '.join(KINDS)}) nor a "
                       "plan JSON file")
-  return Plan.load(plan)   # a bare plan, a run's plan.json or scripts/plan.py --json output
+  # a bare plan, a run's plan.json or scripts/plan.py --json output (these record a mesh)
+  return load_plan_file(plan, mesh_shape)
 
 
 def parse_mesh(spec: str) -> dict[str, int]:

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Mapping
 
@@ -21,11 +20,8 @@ import jax
 from jaxrec.offload.config import OffloadConfig, device_tables
 from jaxrec.offload.planning import plan_with_offload
 from jaxrec.offload.tier import OffloadTier
-from jaxrec.sharding.mesh import format_mesh
-from jaxrec.sharding.plan import KINDS, MESH_AXES, Plan, is_plan_file, uniform_plan
+from jaxrec.sharding.plan import KINDS, is_plan_file, load_plan_file, uniform_plan
 from jaxrec.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 SNAPSHOT_DIR = "offload_snapshots"
 
@@ -64,12 +60,7 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
     return result.plan, result, tables, off
   tables = device_tables(config.tables, off, sparse)
   if is_plan_file(options.plan):
-    (plan, made_for), mode = Plan.load_with_mesh(options.plan), "file"
-    here = {a: int(mesh_shape.get(a, 1)) for a in MESH_AXES}
-    if made_for is not None and made_for != here:
-      log.warning("--plan=%s was made for mesh %s, this run's is %s: its placements are "
-                  "kept where they fit, but may be unbalanced here (--plan=auto re-plans)",
-                  options.plan, format_mesh(made_for), format_mesh(here))
+    plan, mode = load_plan_file(options.plan, mesh_shape, " (--plan=auto re-plans)"), "file"
   elif options.plan in KINDS:
     plan, mode = uniform_plan(options.plan, tables, mesh_shape.get("table", 1)), "forced"
   else:

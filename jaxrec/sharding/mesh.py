@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxrec.errors import ConfigError
-from jaxrec.sharding.plan import KIND_AXES, MESH_AXES
+from jaxrec.sharding.plan import KIND_AXES, MESH_AXES, format_mesh  # noqa: F401 (re-export)
 
 # Batch-major arrays are split over every axis: device k holds examples [k*b, (k+1)*b).
 BATCH_AXES = MESH_AXES
@@ -53,10 +53,6 @@ def auto_mesh_shape(kind: str, num_devices: int) -> dict[str, int]:
   axes = KIND_AXES.get(kind, ())
   shape[axes[0] if axes else "data"] = num_devices
   return shape
-
-
-def format_mesh(shape: Mapping[str, int]) -> str:
-  return ",".join(f"{a}={shape.get(a, 1)}" for a in MESH_AXES)
 
 
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import numbers
 from typing import Mapping, Sequence
 
@@ -123,6 +124,24 @@ class Plan:
       raise ConfigError(f"--plan: {path}: {e}") from None
     except ConfigError as e:
       raise ConfigError(f"--plan: {path}: {e}") from None
+
+
+def format_mesh(shape: Mapping[str, int]) -> str:
+  """`data=2,table=1,row=4,col=1` (absent axes are 1)."""
+  return ",".join(f"{a}={shape.get(a, 1)}" for a in MESH_AXES)
+
+
+def load_plan_file(path: str, mesh_shape: Mapping[str, int], fix: str = "") -> Plan:
+  """`Plan.load`, with a warning when the file records another mesh than `mesh_shape` (its
+  placements are kept where they fit; `fix` ends the warning, e.g. how to re-plan)."""
+  plan, made_for = Plan.load_with_mesh(path)
+  here = {a: int(mesh_shape.get(a, 1)) for a in MESH_AXES}
+  if made_for is not None and made_for != here:
+    logging.getLogger(__name__).warning(
+        "--plan=%s was made for mesh %s, the mesh here is %s: its placements are kept where "
+        "they fit, but may be unbalanced here%s", path, format_mesh(made_for), format_mesh(here),
+        fix)
+  return plan
 
 
 def is_plan_file(plan: str) -> bool:

@@ -13,7 +13,9 @@ import pytest
 import tensorstore as ts
 
 from jaxrec.checkpoint import CheckpointError, CheckpointManager, convert
+from jaxrec.embedding.specs import TableSpec
 from jaxrec.errors import ConfigError, DataError
+from jaxrec.sharding.plan import uniform_plan
 from tests.checkpoint import ckpt_helpers as h
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -301,7 +303,6 @@ def test_offloaded_table_is_exported_from_its_snapshot(tmp_path):
   exports take the whole table (and its optimizer state) from the offload snapshot, and a
   checkpoint copy takes the snapshot along."""
   from jaxrec import offload
-  from jaxrec.embedding.specs import TableSpec
   coll = h.collection("rw", 8)              # t0 stands for a 13-row cache of a 50-row table
   full = TableSpec("t0", 50, h.DIM)
   store = offload.TableStore(full, offload.OffloadTable("t0", cache_rows=13),
@@ -425,3 +426,19 @@ def test_script_refuses_flags_it_would_ignore(saved, tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 1 and proc.stderr.startswith(match), proc.stderr[-2000:]
   assert not (tmp_path / "o").exists()
+
+
+def test_plan_file_for_another_mesh_warns(tmp_path, caplog):
+  """A run's plan.json records its mesh; converting for another mesh keeps the placements
+  where they fit and says so (the trainer does the same)."""
+  tables = (TableSpec("a", 40, 8), TableSpec("b", 30, 8))
+  path = tmp_path / "plan.json"
+  plan = uniform_plan("tw", tables, 2)
+  path.write_text(json.dumps({"plan": plan.to_json(), "mesh": {"table": 2}}))
+  with caplog.at_level("WARNING"):
+    assert convert.resolve_plan(str(path), tables, {"table": 2}) == plan
+  assert "made for mesh" not in caplog.text
+  with caplog.at_level("WARNING"):
+    assert convert.resolve_plan(str(path), tables, {"table": 2, "row": 2}) == plan
+  assert ("was made for mesh data=1,table=2,row=1,col=1, the mesh here is "
+          "data=1,table=2,row=2,col=1") in caplog.text

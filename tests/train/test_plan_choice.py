@@ -62,7 +62,7 @@ def test_plan_file_from_another_mesh_is_kept_with_a_warning(tmp_path, caplog):
   assert "was made for mesh" not in caplog.text
   with caplog.at_level("WARNING"):
     assert choose(str(other))[0] == plan
-  assert (f"--plan={other} was made for mesh data=2,table=2,row=1,col=1, this run's is "
+  assert (f"--plan={other} was made for mesh data=2,table=2,row=1,col=1, the mesh here is "
           "data=1,table=2,row=2,col=1") in caplog.text
 
 
