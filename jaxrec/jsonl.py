@@ -4,7 +4,8 @@
 A writer killed mid-line leaves a last line without its newline; the next run's first
 record would be glued onto it and both lost to every reader. `repair_tail` runs before a
 run appends: a last line that parses is completed with its newline, one that does not is
-cut off, with a warning naming the file.
+cut off, with a warning naming the file. Readers take `complete_lines`, which leaves such
+a line out (with a warning) where the file has not been appended to since.
 """
 
 from __future__ import annotations
@@ -49,3 +50,20 @@ def repair_tail(path: str | os.PathLike) -> None:
       return
     f.seek(size)
     f.write(b"\n")
+
+
+def complete_lines(path: str | os.PathLike) -> list[tuple[int, str]]:
+  """`(line number, line)` of the non-blank lines of `path`, without a last line that lacks
+  its newline and does not parse (a writer stopped while writing it; logged)."""
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  lines = text.splitlines()
+  out = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+  if out and out[-1][0] == len(lines) and not text.endswith("\n"):
+    try:
+      json.loads(out[-1][1])
+    except ValueError:
+      _LOG.warning("%s:%d: left out an incomplete last line (a run stopped while writing "
+                   "it)", path, out[-1][0])
+      out.pop()
+  return out

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import pathlib
 from typing import Any, Mapping, Sequence
@@ -82,17 +81,7 @@ def read_profile(path: str | os.PathLike) -> list[dict]:
   if not path.exists():
     raise ConfigError(f"--profile: no profile at {path} (the trainer writes W/{PROFILE_FILE})")
   records = []
-  text = path.read_text()
-  lines = text.splitlines()
-  for i, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    if i == len(lines) and not text.endswith("\n"):
-      try:
-        json.loads(line)
-      except ValueError:   # the job stopped while writing it
-        logging.getLogger(__name__).warning("%s:%d: left out an incomplete last line", path, i)
-        continue
+  for i, line in jsonl.complete_lines(path):
     try:
       rec = json.loads(line)
       for key in ("step", "step_time_s", "plan", "mesh"):

@@ -11,6 +11,7 @@ from typing import Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from jaxrec import jsonl
 from jaxrec.errors import DataError
 from jaxrec.train.writers import METRICS_FILE
 
@@ -31,19 +32,11 @@ def read_metrics(workdir: str) -> list[dict]:
   if not os.path.isfile(path):
     raise DataError(f"no metrics file at {path}")
   by_step: dict[int, dict] = {}
-  with open(path, encoding="utf-8") as f:
-    lines = f.readlines()
-  for lineno, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
+  for lineno, line in jsonl.complete_lines(path):
     try:
       rec = json.loads(line)
       step = int(rec["step"])
     except (ValueError, KeyError, TypeError):
-      if lineno == len(lines) and not line.endswith("\n"):
-        _LOG.warning("%s:%d: left out an incomplete last line (the run stopped while "
-                        "writing it)", path, lineno)
-        continue
       raise DataError(f"{path}:{lineno}: not a JSON object with a 'step'") from None
     by_step.setdefault(step, {}).update(rec)
   if not by_step:
@@ -72,8 +65,8 @@ def figure(workdirs: Sequence[str]) -> Figure:
       bad = [x for x, y in pts if not math.isfinite(y)]
       if bad:   # written as null: a gap in the curve
         _LOG.warning("%s: %s is NaN/inf at %d step(s): %s",
-                        os.path.join(workdir, METRICS_FILE), key, len(bad),
-                        ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else ""))
+                     os.path.join(workdir, METRICS_FILE), key, len(bad),
+                     ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else ""))
       if pts:
         xs, ys = zip(*pts)
         ax.plot(xs, ys, marker="o" if len(pts) < 20 else None, markersize=3, label=label)
