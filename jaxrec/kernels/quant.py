@@ -88,7 +88,8 @@ def quantize_rows(x: jax.Array, u: jax.Array | float = 0.5):
 
 def quantize_with_range(x, lo, hi, u=0.5):
   """`quantize_rows` given precomputed row `lo`/`hi` `[S]` (kernels reduce over chunks)."""
-  scale = (hi - lo) * np.float32(1.0 / 255.0)
+  # Each end scaled before the difference: hi - lo overflows f32 when |lo|, |hi| ~ 3e38.
+  scale = hi * np.float32(1.0 / 255.0) - lo * np.float32(1.0 / 255.0)
   bias = lo + np.float32(128.0) * scale
   inv = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
   v = (x - bias[..., None]) * inv[..., None]

@@ -25,6 +25,15 @@ def test_int8_rows_round_trip_within_half_a_step():
   assert np.asarray(qt.q).min() == -128 and np.asarray(qt.q).max() == 127
 
 
+def test_int8_rows_spanning_the_whole_float32_range_stay_finite():
+  x = np.array([[-3e38, 0.0, 3e38], [-1.0, 0.5, 1.0]], np.float32)   # hi - lo overflows f32
+  qt = quantize(jnp.asarray(x))
+  back = np.asarray(dequantize(qt))
+  assert np.all(np.isfinite(np.asarray(qt.scale))) and np.all(np.isfinite(back))
+  step = np.asarray(qt.scale, np.float64)[:, None]
+  assert np.all(np.abs(back.astype(np.float64) - x) <= step * 0.5 * (1 + 1e-5) + 1e-6)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_stochastic_rounding_is_unbiased_between_neighbours(dtype):
   x = jnp.array([1.0 + 2.0 ** -9, -3.3e-3, 7.77, 1e-6, 0.0, -65.1, 3e-7], jnp.float32)
