@@ -85,6 +85,7 @@ def evaluate(eval_step, collection, state, eval_data, sharding, tier=None) -> di
   acc = EvalAccumulator()
   for batch, mask in eval_data:
     st, b = tier.eval_view(state, batch) if tier is not None else (state, batch)
+    collection.check_ids(b.ids)              # as for train batches: no silent clamping
     # global [B], replicated
     logits = np.asarray(eval_step(st, device_batch(collection, b, sharding)))
     labels, mask = batch.labels, mask
