@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.scripts.test_train import ROOT, read_metrics, train
+from tests.scripts.test_train import ROOT, export, read_metrics, train
 
 SMALL = ["ExperimentConfig.batch_size=48", "ExperimentConfig.eval_batch_size=96",
          "ExperimentConfig.num_eval_examples=96", "DLRM.bottom_mlp=(32,16)",
@@ -20,16 +20,8 @@ FLAGS = ["--gin_file=configs/dlrm_synthetic.gin", "--log_every=5"] + [
     f"--gin_bindings={b}" for b in SMALL]
 
 
-def export(workdir, name="final"):
-  out = os.path.join(workdir, f"{name}.npz")
-  subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_checkpoint.py"),
-                  f"--checkpoint_dir={workdir}/checkpoints", f"--output={out}", "--format=npz"],
-                 check=True, capture_output=True)
-  with np.load(out) as z:
-    return {k: z[k] for k in z.files if k != "metadata"}
-
-
 def assert_bitwise_equal(a, b):
+  a, b = ({k: v for k, v in x.items() if k != "metadata"} for x in (a, b))
   assert sorted(a) == sorted(b)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -41,6 +42,18 @@ NO_COMPILE = {"JAX_LOG_COMPILES": "1"}
 def read_metrics(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
+
+
+def export(workdir, name="final"):
+  """The workdir's last checkpoint as `{npz key: array}` (with `metadata`), exported
+  in-process by the library call behind scripts/convert_checkpoint.py --format=npz (the
+  script itself is tested in tests/checkpoint/test_convert.py); a subprocess per export
+  cost ~3.5 s of jax start-up."""
+  from jaxrec.checkpoint import convert   # pylint: disable=import-outside-toplevel
+  out = os.path.join(workdir, f"{name}.npz")
+  convert.export_npz(os.path.join(workdir, "checkpoints"), out)
+  with np.load(out) as z:
+    return {k: z[k] for k in z.files}
 
 
 @pytest.mark.parametrize("model", ["dlrm", "dcnv2", "deepfm", "two_tower"])
