@@ -76,6 +76,8 @@ def compute_loss(model: nn.Module, params: Any, dense, emb, labels) -> tuple[jax
   if loss_name == "in_batch_softmax":
     user, item = model.apply(variables, dense, emb, method="towers")
     logits = (user * item).sum(-1) / model.temperature
-    return in_batch_softmax_loss(user, item, labels, model.temperature), logits
+    keys = (model.apply(variables, emb, method="item_keys")
+            if model.remove_accidental_hits else None)
+    return in_batch_softmax_loss(user, item, labels, model.temperature, keys), logits
   logits = model.apply(variables, dense, emb)
   return optax.sigmoid_binary_cross_entropy(logits, labels).mean(), logits

@@ -23,25 +23,33 @@ from jaxrec.models.mlp import MLP, check_inputs, check_sizes, is_int
 LOSSES = ("bce", "in_batch_softmax")
 
 
-def in_batch_softmax_loss(user, item, labels, temperature: float):
+def in_batch_softmax_loss(user, item, labels, temperature: float, item_keys=None):
   """In-batch sampled softmax over positives.
 
   Rows with label 1 are queries; every item of the batch is a candidate and the row's own
   item is the target: `loss = mean_{i: y_i = 1} -log softmax_j(<u_i, v_j> / T)[i]`.
   Zero when the batch has no positive. Under `jit` with the batch split over devices, `B` is
-  the global batch: every device's items are candidates. An item in several rows is a
-  negative for the others (no de-duplication).
+  the global batch: every device's items are candidates. Without `item_keys` an item in
+  several rows is a negative for the others; with them, a candidate `j != i` whose key equals
+  row `i`'s (the same item: an *accidental hit*) is left out of row `i`'s softmax.
 
   Args:
     user: `[B, K]` user vectors.
     item: `[B, K]` item vectors.
     labels: `[B]` 0/1.
     temperature: softmax temperature `T`.
+    item_keys: optional `[B, ...]` identity of each row's item (rows are the same item when
+      all their key values are equal), e.g. the item tower's input embeddings.
 
   Returns:
     scalar float32 loss.
   """
   scores = (user @ item.T).astype(jnp.float32) / temperature
+  if item_keys is not None:
+    keys = jax.lax.stop_gradient(item_keys).reshape(item_keys.shape[0], -1)
+    same = (keys[:, None, :] == keys[None, :, :]).all(-1)
+    hit = same & ~jnp.eye(scores.shape[0], dtype=bool)
+    scores = jnp.where(hit, -jnp.inf, scores)
   logp = jnp.diagonal(jax.nn.log_softmax(scores, axis=-1))
   w = (labels > 0.5).astype(jnp.float32)
   return -(w * logp).sum() / jnp.maximum(w.sum(), 1.0)
@@ -61,6 +69,8 @@ class TwoTower(nn.Module):
     temperature: divides the dot product; must be positive.
     loss: `bce` (pointwise on labels) or `in_batch_softmax` (see `in_batch_softmax_loss`);
       read by `jaxrec.models.compute_loss`. `__call__` returns the pairwise score either way.
+    remove_accidental_hits: with `in_batch_softmax`, rows whose item features are the same
+      (equal pooled embeddings of `item_features`) are not negatives for each other.
     dtype: computation dtype (parameters float32, logits float32).
   """
 
@@ -72,6 +82,7 @@ class TwoTower(nn.Module):
   normalize: bool = True
   temperature: float = 0.1
   loss: str = "bce"
+  remove_accidental_hits: bool = False
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -86,6 +97,9 @@ class TwoTower(nn.Module):
                         f"{self.temperature!r}")
     if self.loss not in LOSSES:
       raise ConfigError(f"TwoTower.loss must be one of {LOSSES}, got '{self.loss}'")
+    if not isinstance(self.remove_accidental_hits, bool):
+      raise ConfigError("TwoTower.remove_accidental_hits must be True or False, got "
+                        f"{self.remove_accidental_hits!r}")
     self.user_tower = MLP(self.user_mlp, dtype=self.dtype)
     self.item_tower = MLP(self.item_mlp, dtype=self.dtype)
 
@@ -102,6 +116,10 @@ class TwoTower(nn.Module):
       raise ConfigError(
           f"TwoTower.user_features and TwoTower.item_features overlap: {sorted(both)}")
 
+  def item_keys(self, emb):
+    """`emb` `[B, F, D]` -> `[B, len(item_features), D]`: what identifies a row's item."""
+    return emb[:, np.asarray(self.item_features, np.int32)]
+
   def _normalize(self, x):
     if not self.normalize:
       return x
@@ -114,7 +132,7 @@ class TwoTower(nn.Module):
     self._check_features(f)
     emb = emb.astype(self.dtype)
     xu = emb[:, np.asarray(self.user_features, np.int32)].reshape(b, -1)
-    xi = emb[:, np.asarray(self.item_features, np.int32)].reshape(b, -1)
+    xi = self.item_keys(emb).reshape(b, -1)
     if self.dense_to_user:
       xu = jnp.concatenate([dense.astype(self.dtype), xu], axis=-1)
     user = self._normalize(self.user_tower(xu)).astype(jnp.float32)

@@ -1,0 +1,81 @@
+"""TwoTower's in-batch softmax with accidental hits removed (`remove_accidental_hits`)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrec.errors import ConfigError
+from jaxrec.models import build_model, compute_loss, in_batch_softmax_loss, init_params
+
+NUM_DENSE, F, D = 3, 4, 8
+TOWERS = dict(user_features=(0, 1), item_features=(2, 3), user_mlp=(16, 8), item_mlp=(16, 8))
+
+
+def _reference(u, v, labels, t, keys):
+  """numpy: row i's softmax over the candidates j whose key differs from i's, plus i."""
+  s = (u @ v.T) / t
+  losses = []
+  for i in np.flatnonzero(labels > 0.5):
+    keep = [j for j in range(len(u)) if j == i or not np.array_equal(keys[j], keys[i])]
+    losses.append(np.log(np.exp(s[i, keep]).sum()) - s[i, i])
+  return np.mean(losses)
+
+
+def test_duplicate_items_are_not_negatives_for_each_other():
+  rng = np.random.default_rng(0)
+  u, v = rng.normal(size=(2, 6, 4)).astype(np.float32)
+  keys = rng.normal(size=(6, 2, 3)).astype(np.float32)
+  keys[4] = keys[1]                     # rows 1 and 4 hold the same item
+  v[4] = v[1]
+  labels = np.array([1, 1, 0, 1, 1, 0], np.float32)
+  got = in_batch_softmax_loss(jnp.asarray(u), jnp.asarray(v), jnp.asarray(labels), 0.5,
+                              jnp.asarray(keys))
+  np.testing.assert_allclose(got, _reference(u, v, labels, 0.5, keys), rtol=1e-5)
+  plain = in_batch_softmax_loss(jnp.asarray(u), jnp.asarray(v), jnp.asarray(labels), 0.5)
+  assert float(got) < float(plain)      # the duplicate no longer pushes its own item down
+  # No duplicates: the same loss as without keys.
+  distinct = rng.normal(size=(6, 2, 3)).astype(np.float32)
+  np.testing.assert_allclose(in_batch_softmax_loss(u, v, labels, 0.5, distinct), plain,
+                             rtol=1e-6)
+
+
+def _batch(seed):
+  rng = np.random.default_rng(seed)
+  dense = rng.normal(size=(16, NUM_DENSE)).astype(np.float32)
+  emb = rng.normal(size=(16, F, D)).astype(np.float32)
+  emb[9, 2:] = emb[3, 2:]               # same item features in rows 3 and 9 (users differ)
+  emb[12, 2:] = emb[3, 2:]
+  labels = (np.arange(16) % 4 != 1).astype(np.float32)
+  return jnp.asarray(dense), jnp.asarray(emb), jnp.asarray(labels)
+
+
+def test_compute_loss_keys_on_the_item_features_and_is_the_same_sharded():
+  model = build_model("two_tower", loss="in_batch_softmax", remove_accidental_hits=True,
+                      temperature=0.3, **TOWERS)
+  dense, emb, labels = _batch(1)
+  params = init_params(model, jax.random.key(1), NUM_DENSE, F, D)
+  loss, _ = compute_loss(model, params, dense, emb, labels)
+  user, item = model.apply({"params": params}, dense, emb, method="towers")
+  want = _reference(np.asarray(user), np.asarray(item), np.asarray(labels), 0.3,
+                    np.asarray(emb)[:, 2:])
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  fn = jax.jit(lambda p, d, e, y: compute_loss(model, p, d, e, y))
+  grads = jax.jit(jax.grad(lambda p, d, e, y: compute_loss(model, p, d, e, y)[0],
+                           argnums=(0, 2)))
+  sharded = [jax.device_put(x, spec) for x in (dense, emb, labels)]
+  np.testing.assert_allclose(fn(params, *sharded)[0], loss, rtol=1e-5)
+  for g, w in zip(jax.tree.leaves(grads(params, *sharded)),
+                  jax.tree.leaves(grads(params, dense, emb, labels))):
+    assert np.all(np.isfinite(g))
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_remove_accidental_hits_must_be_a_bool():
+  model = build_model("two_tower", loss="in_batch_softmax", remove_accidental_hits="yes",
+                      **TOWERS)
+  with pytest.raises(ConfigError, match="TwoTower.remove_accidental_hits must be True or "
+                     "False, got 'yes'"):
+    init_params(model, jax.random.key(0), NUM_DENSE, F, D)
