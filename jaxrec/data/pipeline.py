@@ -50,7 +50,13 @@ def _rows(rows: Mapping[str, int] | Sequence[TableSpec]) -> dict[str, int]:
   return {t.name: int(t.rows) for t in rows}
 
 
-@gin.configurable
+# What the trainer passes itself (from flags and `ExperimentConfig`): gin may not bind
+# these, or the binding would be ignored without a word.
+_PASSED = ["source", "features", "rows", "seed", "bad_rows", "num_dense"]
+_PASSED_ITER = _PASSED + ["batch_size", "process_index", "process_count"]
+
+
+@gin.configurable(denylist=_PASSED + ["split"])
 def open_source(source: str, features: Sequence[FeatureSpec],
                 rows: Mapping[str, int] | Sequence[TableSpec], *, seed: int = 0,
                 split: int = TRAIN_SPLIT, bad_rows: str = "error", num_dense: int = NUM_DENSE,
@@ -83,7 +89,8 @@ def open_source(source: str, features: Sequence[FeatureSpec],
   files = tsv.list_files(source)   # a missing path is the first thing to report
   if len(features) != num_categorical:
     raise ConfigError(f"{source}: the TSV data has {num_categorical} categorical columns but "
-                      f"{len(features)} sparse features are configured")
+                      f"{len(features)} sparse features are configured (TSV data with "
+                      f"{len(features)}: bind open_source.num_categorical={len(features)})")
   return tsv.read_tsv(files, layout, bad_rows)
 
 
@@ -255,8 +262,7 @@ class EvalData:
     return self.source.bad_row_counts()
 
 
-@gin.configurable(denylist=["features", "rows", "batch_size", "seed", "process_index",
-                            "process_count"])
+@gin.configurable(denylist=_PASSED_ITER)
 def make_train_iterator(source: str, features: Sequence[FeatureSpec],
                         rows: Mapping[str, int] | Sequence[TableSpec], batch_size: int,
                         seed: int = 0, process_index: int = 0, process_count: int = 1, *,
@@ -286,8 +292,7 @@ def make_train_iterator(source: str, features: Sequence[FeatureSpec],
                        num_threads=num_threads, prefetch=prefetch, num_workers=num_workers)
 
 
-@gin.configurable(denylist=["features", "rows", "batch_size", "process_index",
-                            "process_count"])
+@gin.configurable(denylist=_PASSED_ITER + ["synthetic_examples"])
 def make_eval_batches(source: str, features: Sequence[FeatureSpec],
                       rows: Mapping[str, int] | Sequence[TableSpec], batch_size: int,
                       process_index: int = 0, process_count: int = 1, *,

@@ -1,0 +1,47 @@
+"""The trainer's data builders (`data_adapter`): what gin may bind and what it may not."""
+
+import pytest
+
+from jaxrec import launch
+from jaxrec.errors import ConfigError
+from jaxrec.train import config as config_lib, data_adapter
+
+
+@pytest.mark.parametrize("binding", [
+    "make_eval_batches.synthetic_examples=100",   # ExperimentConfig.num_eval_examples
+    "make_eval_batches.bad_rows='skip'",          # --bad_rows
+    "make_eval_batches.seed=7",                   # --seed
+    "make_train_iterator.bad_rows='skip'",
+    "make_train_iterator.num_dense=3",            # ExperimentConfig.num_dense
+    "make_train_iterator.source='x.tsv'",         # --train_data
+    "open_source.seed=7",
+    "open_source.bad_rows='skip'",
+    "open_source.split=0",
+])
+def test_bindings_the_trainer_overrides_are_refused(binding):
+  """The trainer passes these itself: a binding of them was silently ignored."""
+  with pytest.raises(ConfigError, match=rf"--gin_bindings: '{binding}'.*denylisted"):
+    launch.parse_gin(["configs/dlrm_synthetic.gin"], [binding])
+
+
+def test_data_bindings_that_apply():
+  launch.parse_gin(["configs/dlrm_synthetic.gin"],
+                   ["make_eval_batches.num_examples=100", "make_train_iterator.shuffle=False",
+                    "ExperimentConfig.num_eval_examples=300", "open_source.verify_checksums=False"])
+  config, options = config_lib.ExperimentConfig(), config_lib.RunOptions(seed=3)
+  ev = data_adapter.eval_data(config, options)
+  assert ev.num_examples == 100 and ev.source.seed == 3
+  assert data_adapter.train_iterator(config, options).get_state()["shuffle"] is False
+
+
+def test_tsv_column_count_error_names_the_binding(tmp_path):
+  """A config of 8 features on TSV data: the error says how to read 8-column data."""
+  path = tmp_path / "eval.tsv"
+  path.write_text("\t".join(["1"] * 22) + "\n")
+  launch.parse_gin(["configs/dlrm_synthetic.gin"], [])
+  options = config_lib.RunOptions(eval_data=str(path))
+  with pytest.raises(ConfigError, match="26 categorical columns but 8 sparse features .*"
+                     "bind open_source.num_categorical=8"):
+    data_adapter.eval_data(config_lib.ExperimentConfig(), options)
+  launch.parse_gin(["configs/dlrm_synthetic.gin"], ["open_source.num_categorical=8"])
+  assert data_adapter.eval_data(config_lib.ExperimentConfig(), options).num_examples == 1
