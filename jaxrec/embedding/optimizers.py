@@ -22,6 +22,9 @@ from typing import Callable
 import gin
 import jax.numpy as jnp
 
+from jaxrec.errors import ConfigError
+from jaxrec.kernels.optim import NONNEG, POSITIVE, UNIT, check_hparams
+
 DimSum = Callable[[jnp.ndarray], jnp.ndarray]
 
 
@@ -29,6 +32,9 @@ DimSum = Callable[[jnp.ndarray], jnp.ndarray]
 @dataclasses.dataclass(frozen=True)
 class SGD:
   lr: float = 0.1
+
+  def __post_init__(self):
+    check_hparams(self, lr=NONNEG)
 
   def state_layout(self):
     return {}
@@ -51,6 +57,9 @@ class Adagrad:
   initial_accumulator: float = 0.0
   eps: float = 1e-8
 
+  def __post_init__(self):
+    check_hparams(self, lr=NONNEG, initial_accumulator=NONNEG, eps=POSITIVE)
+
   def state_layout(self):
     return {"accum": ("element", self.initial_accumulator)}
 
@@ -67,6 +76,9 @@ class RowWiseAdagrad:
   lr: float = 0.1
   initial_accumulator: float = 0.0
   eps: float = 1e-8
+
+  def __post_init__(self):
+    check_hparams(self, lr=NONNEG, initial_accumulator=NONNEG, eps=POSITIVE)
 
   def state_layout(self):
     return {"accum": ("row", self.initial_accumulator)}
@@ -93,6 +105,9 @@ class Adam:
   b2: float = 0.999
   eps: float = 1e-8
 
+  def __post_init__(self):
+    check_hparams(self, lr=NONNEG, b1=UNIT, b2=UNIT, eps=POSITIVE)
+
   def state_layout(self):
     return {"m": ("element", 0.0), "v": ("element", 0.0)}
 
@@ -116,6 +131,10 @@ class FTRL:
   beta: float = 1.0
   initial_accumulator: float = 0.1
 
+  def __post_init__(self):   # lr divides; beta = initial_accumulator = 0 is TF's allowed edge
+    check_hparams(self, lr=POSITIVE, l1=NONNEG, l2=NONNEG, beta=NONNEG,
+                  initial_accumulator=NONNEG)
+
   def state_layout(self):
     return {"z": ("element", 0.0), "n": ("element", self.initial_accumulator)}
 
@@ -137,8 +156,17 @@ OPTIMIZERS = {"sgd": SGD, "adagrad": Adagrad, "rowwise_adagrad": RowWiseAdagrad,
 
 @gin.configurable
 def sparse_optimizer(name: str = "sgd", **kwargs):
-  """Factory by name (`sgd`, `adagrad`, `rowwise_adagrad`, `adam`, `ftrl`)."""
-  from jaxrec.errors import ConfigError
-  if name not in OPTIMIZERS:
+  """Factory by name (`sgd`, `adagrad`, `rowwise_adagrad`, `adam`, `ftrl`); `kwargs` are
+  the optimizer's fields."""
+  if not isinstance(name, str) or name not in OPTIMIZERS:
     raise ConfigError(f"sparse_optimizer.name: unknown '{name}' (known: {', '.join(OPTIMIZERS)})")
-  return OPTIMIZERS[name](**kwargs)
+  cls = OPTIMIZERS[name]
+  fields = [f.name for f in dataclasses.fields(cls)]
+  unknown = [f"sparse_optimizer.{k}" for k in kwargs if k not in fields]
+  if unknown:
+    raise ConfigError(f"{', '.join(unknown)}: {name} takes no such field (its fields: "
+                      f"{', '.join(fields)})")
+  try:
+    return cls(**kwargs)
+  except ConfigError as e:   # kwargs are bound as sparse_optimizer.<field>
+    raise ConfigError(f"sparse_optimizer(name='{name}'): {e}") from None

@@ -15,6 +15,7 @@ import gin
 import numpy as np
 
 from jaxrec.errors import ConfigError, DataError
+from jaxrec.kernels.optim import NONNEG, hparam
 from jaxrec.kernels.quant import TABLE_DTYPES, dtype_name
 
 POOLINGS = ("sum", "mean")
@@ -24,13 +25,37 @@ def _whole(obj, field: str, what: str) -> None:
   """Sets `obj.field` to its value as an `int` (gin writes `rows = 1e6` as a float);
   `ConfigError` naming `what` unless it is a positive whole number."""
   value = getattr(obj, field)
-  try:
-    ok = not isinstance(value, (bool, str)) and float(value).is_integer() and value > 0
-  except (TypeError, ValueError, OverflowError):
-    ok = False
-  if not ok:
+  if not _is_whole(value):
     raise ConfigError(f"{what}: {field} must be a positive integer, got {value!r}")
   object.__setattr__(obj, field, int(value))
+
+
+def _is_whole(value, minimum: int = 1) -> bool:
+  """A whole number (`3`, `1e6`) >= `minimum`, not a bool or string."""
+  try:
+    return not isinstance(value, (bool, str)) and float(value).is_integer() and value >= minimum
+  except (TypeError, ValueError, OverflowError):
+    return False
+
+
+def whole(value, binding: str, minimum: int = 1) -> int:
+  """`value` as an `int`; `ConfigError` naming `binding` (e.g. `OffloadConfig.prefetch_depth`)
+  unless it is a whole number >= `minimum` (gin writes `1e6` as a float)."""
+  if not _is_whole(value, minimum):
+    raise ConfigError(f"{binding} must be an integer >= {minimum}, got {value!r}")
+  return int(value)
+
+
+def _flag(value, binding: str) -> None:
+  """`ConfigError` naming `binding` unless `value` is a bool (gin's `'False'` is truthy)."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise ConfigError(f"{binding} must be True or False, got {value!r}")
+
+
+def _name(obj, field: str, what: str) -> None:
+  """`ConfigError` naming `what.field` unless it is a non-empty string."""
+  if not isinstance(getattr(obj, field), str) or not getattr(obj, field):
+    raise ConfigError(f"{what}.{field} must be a non-empty string, got {getattr(obj, field)!r}")
 
 
 @gin.configurable
@@ -56,10 +81,12 @@ class TableSpec:
   init_scale: float | None = None
 
   def __post_init__(self):
-    if not self.name:
-      raise ConfigError("TableSpec.name must be a non-empty string")
+    _name(self, "name", "TableSpec")
     _whole(self, "rows", f"table '{self.name}'")
     _whole(self, "dim", f"table '{self.name}'")
+    if self.init_scale is not None:
+      object.__setattr__(self, "init_scale", hparam(f"table '{self.name}': init_scale",
+                                                    self.init_scale, NONNEG))
     name = dtype_name(self.dtype)   # aliases as for comm_dtype: bf16, fp16, jnp.float16
     if name not in TABLE_DTYPES:
       raise ConfigError(f"table '{self.name}': dtype '{self.dtype}' is not supported; use one "
@@ -92,7 +119,10 @@ class FeatureSpec:
   weighted: bool = False
 
   def __post_init__(self):
+    _name(self, "name", "FeatureSpec")
+    _name(self, "table", f"feature '{self.name}': FeatureSpec")
     _whole(self, "max_len", f"feature '{self.name}'")
+    _flag(self.weighted, f"feature '{self.name}': weighted")
     if self.pooling not in POOLINGS:
       raise ConfigError(
           f"feature '{self.name}': pooling must be one of {POOLINGS}, got '{self.pooling}'")
@@ -125,6 +155,9 @@ class EmbeddingOptions:
   dedup: bool | str = "auto"
 
   def __post_init__(self):
+    _flag(self.stochastic_rounding, "EmbeddingOptions.stochastic_rounding")
+    if self.interpret is not None:
+      _flag(self.interpret, "EmbeddingOptions.interpret")
     if self.dedup not in (True, False, "auto"):
       raise ConfigError(f"EmbeddingOptions.dedup must be True, False or 'auto', got {self.dedup!r}")
     from jaxrec.kernels import platform, quant  # pylint: disable=import-outside-toplevel
@@ -132,7 +165,10 @@ class EmbeddingOptions:
       raise ConfigError(f"EmbeddingOptions.kernel must be one of {platform.KERNELS}, "
                         f"got '{self.kernel}'")
     if self.comm_dtype is not None:
-      quant.canonical_comm_dtype(self.comm_dtype)
+      try:
+        quant.canonical_comm_dtype(self.comm_dtype)
+      except ConfigError as e:   # "comm_dtype must be ...": name the binding
+        raise ConfigError(f"EmbeddingOptions.{e}") from None
 
   def resolve(self, backend: str) -> "EmbeddingOptions":
     """Concrete choices on `backend` (e.g. `cpu`, `gpu`): kernel `xla|pallas`, interpret
@@ -201,11 +237,31 @@ def uniform_tables(num_tables: int = gin.REQUIRED, rows: int | Sequence[int] = g
   `rows` and `max_len` may be one value for all or one per table; `dtype` is the tables'
   storage dtype (`TableSpec.dtype`).
   """
-  rows_list = [rows] * num_tables if isinstance(rows, int) else list(rows)
-  lens = [max_len] * num_tables if isinstance(max_len, int) else list(max_len)
-  if len(rows_list) != num_tables or len(lens) != num_tables:
-    raise ConfigError(f"uniform_tables: rows/max_len must have {num_tables} entries")
-  tables = tuple(TableSpec(f"{prefix}{i}", int(r), dim, dtype) for i, r in enumerate(rows_list))
-  features = tuple(FeatureSpec(f"f{i}", f"{prefix}{i}", int(l), pooling)
-                   for i, l in enumerate(lens))
+  n = _count(num_tables)
+  rows_list, lens = _per_table(rows, n, "rows"), _per_table(max_len, n, "max_len")
+  try:
+    tables = tuple(TableSpec(f"{prefix}{i}", r, dim, dtype) for i, r in enumerate(rows_list))
+    features = tuple(FeatureSpec(f"f{i}", f"{prefix}{i}", l, pooling)
+                     for i, l in enumerate(lens))
+  except ConfigError as e:   # e.g. dim or dtype: name the configurable, then the table
+    raise ConfigError(f"uniform_tables: {e}") from None
   return tables, features
+
+
+def _count(num_tables) -> int:
+  if not _is_whole(num_tables):
+    raise ConfigError(f"uniform_tables.num_tables must be a positive integer, got "
+                      f"{num_tables!r}")
+  return int(num_tables)
+
+
+def _per_table(value, n: int, field: str) -> list[int]:
+  """`uniform_tables.<field>`: one positive whole number for all tables or `n` of them
+  (gin writes `1e6` as a float: kept when whole, never truncated)."""
+  values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+  if len(values) != n:
+    raise ConfigError(f"uniform_tables.{field} must have {n} entries (num_tables), got "
+                      f"{len(values)}")
+  if not all(_is_whole(v) for v in values):
+    raise ConfigError(f"uniform_tables.{field} must be positive integers, got {value!r}")
+  return [int(v) for v in values]

@@ -15,6 +15,8 @@ over the rows a batch touched, as lists of column chunks `[S, C]`, so the XLA re
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Union
 
 import jax
@@ -24,11 +26,38 @@ import numpy as np
 from jaxrec.errors import ConfigError
 
 
+# Hyperparameter rules (test, wording) for `hparam`, which also wants a finite real number.
+NONNEG = (lambda v: v >= 0, "a number >= 0")
+POSITIVE = (lambda v: v > 0, "a number > 0")
+UNIT = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def hparam(binding: str, value, rule) -> float:
+  """`value` as a float; ConfigError naming `binding` (e.g. `Adam.b1`) unless it is a
+  finite real number (not a bool or string) passing `rule` (`NONNEG`, `POSITIVE`, `UNIT`)."""
+  ok, wording = rule
+  if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+      or not math.isfinite(value) or not ok(value)):
+    raise ConfigError(f"{binding} must be {wording}, got {value!r}")
+  return float(value)
+
+
+def check_hparams(obj, **rules) -> None:
+  """`hparam` for each named field of the frozen dataclass `obj` (binding `Class.field`),
+  stored back as a float; e.g. `check_hparams(self, lr=NONNEG)`."""
+  for field, rule in rules.items():
+    value = hparam(f"{type(obj).__name__}.{field}", getattr(obj, field), rule)
+    object.__setattr__(obj, field, value)
+
+
 @dataclasses.dataclass(frozen=True)
 class SGD:
   """Plain SGD on the rows seen."""
 
   lr: float = 0.01
+
+  def __post_init__(self):
+    check_hparams(self, lr=NONNEG)
 
   def state_shapes(self, rows: int, dim: int) -> dict[str, tuple[int, ...]]:
     return {}
@@ -42,6 +71,9 @@ class Adagrad:
   initial_accumulator: float = 0.0
   eps: float = 1e-8
 
+  def __post_init__(self):
+    check_hparams(self, lr=NONNEG, initial_accumulator=NONNEG, eps=POSITIVE)
+
   def state_shapes(self, rows: int, dim: int) -> dict[str, tuple[int, ...]]:
     return {"accum": (rows, dim)}
 
@@ -53,6 +85,9 @@ class RowWiseAdagrad:
   lr: float = 0.01
   initial_accumulator: float = 0.0
   eps: float = 1e-8
+
+  def __post_init__(self):
+    check_hparams(self, lr=NONNEG, initial_accumulator=NONNEG, eps=POSITIVE)
 
   def state_shapes(self, rows: int, dim: int) -> dict[str, tuple[int, ...]]:
     return {"accum": (rows,)}
@@ -74,8 +109,6 @@ def coerce(opt) -> Optimizer:
                         f"of {[o.__name__ for o in OPTIMIZERS]}")
     names = [f.name for f in dataclasses.fields(cls)]
     opt = cls(**{k: getattr(opt, k) for k in names if hasattr(opt, k)})
-  if not opt.lr >= 0:
-    raise ConfigError(f"{cls.__name__}: lr must be >= 0, got {opt.lr}")
   return opt
 
 

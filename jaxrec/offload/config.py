@@ -22,15 +22,15 @@ from typing import Any, Mapping, Sequence
 import gin
 import jax.numpy as jnp
 
-from jaxrec.embedding.specs import TableSpec
+from jaxrec.embedding.specs import TableSpec, whole
 from jaxrec.errors import ConfigError, JaxrecError, OffloadError  # noqa: F401 (re-exported)
+from jaxrec.kernels.optim import hparam
 
 DRIVERS = ("zarr", "zarr3")
 KVSTORES = ("file", "memory")
 OFFLOAD_DTYPES = ("float32", "bfloat16", "float16")
 INITS = ("random", "existing")
-
-
+FRACTION = (lambda v: 0 < v < 1, "a number in (0, 1)")
 
 
 @gin.configurable
@@ -61,9 +61,18 @@ class OffloadTable:
   init: str = "random"
 
   def __post_init__(self):
+    if not isinstance(self.name, str) or not self.name:
+      raise ConfigError(f"OffloadTable.name must be a table name, got {self.name!r}")
     if (self.cache_rows is None) == (self.cache_bytes is None):
       raise ConfigError(f"offloaded table '{self.name}': give exactly one of cache_rows and "
                         "cache_bytes")
+    for field in ("cache_rows", "cache_bytes", "chunk_rows"):
+      if getattr(self, field) is not None:
+        object.__setattr__(self, field, whole(getattr(self, field),
+                                              f"offloaded table '{self.name}': {field}"))
+    if self.path is not None and not isinstance(self.path, str):
+      raise ConfigError(f"offloaded table '{self.name}': path must be a string, got "
+                        f"{self.path!r}")
     if self.kvstore not in KVSTORES:
       raise ConfigError(f"offloaded table '{self.name}': kvstore must be one of {KVSTORES}, "
                         f"got '{self.kvstore}'")
@@ -73,8 +82,6 @@ class OffloadTable:
     if self.driver not in DRIVERS:
       raise ConfigError(f"offloaded table '{self.name}': driver must be one of {DRIVERS}, "
                         f"got '{self.driver}'")
-    if int(self.chunk_rows) <= 0:
-      raise ConfigError(f"offloaded table '{self.name}': chunk_rows must be positive")
 
   def resolve_cache_rows(self, spec: TableSpec, optimizer) -> int:
     """Cache rows from `cache_rows` or the byte budget; checked against the table."""
@@ -132,8 +139,9 @@ class OffloadConfig:
   def __post_init__(self):
     tables = self.tables
     if isinstance(tables, Mapping):
-      tables = tuple(t if isinstance(t, OffloadTable) else OffloadTable(name, **dict(t))
-                     for name, t in tables.items())
+      tables = tuple(_table(name, t) for name, t in tables.items())
+    if isinstance(tables, (str, bytes)) or not isinstance(tables, Sequence):
+      tables = (tables,)
     tables = tuple(tables)
     if not all(isinstance(t, OffloadTable) for t in tables):
       raise ConfigError("OffloadConfig.tables: expected OffloadTable entries or "
@@ -142,15 +150,15 @@ class OffloadConfig:
     if len(set(names)) != len(names):
       raise ConfigError(f"OffloadConfig.tables: a table is offloaded twice: {sorted(names)}")
     object.__setattr__(self, "tables", tables)
-    for name in ("prefetch_depth", "max_staleness"):
-      if int(getattr(self, name)) < 0:
-        raise ConfigError(f"OffloadConfig.{name} must be >= 0, got {getattr(self, name)}")
-    if self.protect_ahead is not None and int(self.protect_ahead) < 0:
-      raise ConfigError(f"OffloadConfig.protect_ahead must be >= 0, got {self.protect_ahead}")
-    if int(self.host_buffer_rows) <= 0:
-      raise ConfigError("OffloadConfig.host_buffer_rows must be positive")
-    if not 0.0 < self.auto_cache_fraction < 1.0:
-      raise ConfigError("OffloadConfig.auto_cache_fraction must be in (0, 1)")
+    for name, minimum in (("prefetch_depth", 0), ("max_staleness", 0), ("host_buffer_rows", 1)):
+      object.__setattr__(self, name, whole(getattr(self, name), f"OffloadConfig.{name}", minimum))
+    if self.protect_ahead is not None:
+      object.__setattr__(self, "protect_ahead", whole(self.protect_ahead,
+                                                      "OffloadConfig.protect_ahead", 0))
+    if not isinstance(self.auto, bool):
+      raise ConfigError(f"OffloadConfig.auto must be True or False, got {self.auto!r}")
+    object.__setattr__(self, "auto_cache_fraction", hparam(
+        "OffloadConfig.auto_cache_fraction", self.auto_cache_fraction, FRACTION))
 
   @property
   def horizon(self) -> int:
@@ -161,6 +169,17 @@ class OffloadConfig:
 
   def with_tables(self, tables: Sequence[OffloadTable]) -> "OffloadConfig":
     return dataclasses.replace(self, tables=tuple(tables))
+
+
+def _table(name, fields) -> OffloadTable:
+  """`OffloadConfig.tables[name]`: an `OffloadTable` or a `{field: value}` mapping."""
+  if isinstance(fields, OffloadTable):
+    return fields
+  known = [f.name for f in dataclasses.fields(OffloadTable) if f.name != "name"]
+  if not isinstance(fields, Mapping) or set(fields) - set(known):
+    raise ConfigError(f"OffloadConfig.tables['{name}']: expected {{field: value}} with fields "
+                      f"from {', '.join(known)}, got {fields!r}")
+  return OffloadTable(name, **fields)
 
 
 def row_bytes(spec: TableSpec, optimizer) -> int:

@@ -8,15 +8,25 @@ flags (`scripts/train.py`); the library never reads flags itself.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
 import numbers
+import reprlib
 from typing import Any
 
+import flax.linen as nn
 import gin
 import optax
 
 from jaxrec.embedding import optimizers as sparse_optimizers
 from jaxrec.embedding.specs import FeatureSpec, TableSpec, validate
 from jaxrec.errors import ConfigError
+from jaxrec.kernels.optim import NONNEG, POSITIVE, UNIT, hparam
+
+# Rules for the dense optimizer's numeric options, where its optax maker takes them.
+_DENSE_RULES = {"learning_rate": NONNEG, "b1": UNIT, "b2": UNIT, "eps": POSITIVE,
+                "eps_root": NONNEG, "weight_decay": NONNEG, "momentum": NONNEG,
+                "initial_accumulator_value": NONNEG}
 
 
 @gin.configurable
@@ -25,8 +35,16 @@ def dense_optimizer(name: str = "sgd", learning_rate: float = 0.1, **kwargs
   """optax optimizer for the dense network, by name (`sgd`, `adam`, `adagrad`, `adamw`)."""
   makers = {"sgd": optax.sgd, "adam": optax.adam, "adagrad": optax.adagrad,
             "adamw": optax.adamw}
-  if name not in makers:
+  if not isinstance(name, str) or name not in makers:
     raise ConfigError(f"dense_optimizer.name: unknown '{name}' (known: {', '.join(makers)})")
+  params = inspect.signature(makers[name]).parameters
+  unknown = [f"dense_optimizer.{k}" for k in kwargs if k not in params]
+  if unknown:
+    raise ConfigError(f"{', '.join(unknown)}: optax.{name} takes no such option (it takes: "
+                      f"{', '.join(params)})")
+  for key, value in dict(kwargs, learning_rate=learning_rate).items():
+    if key in _DENSE_RULES and not callable(value) and not (key == "momentum" and value is None):
+      hparam(f"dense_optimizer.{key}", value, _DENSE_RULES[key])   # schedules pass as is
   return makers[name](learning_rate, **kwargs)
 
 
@@ -76,6 +94,7 @@ class ExperimentConfig:
     return self.sparse_optimizer if self.sparse_optimizer is not None else sparse_optimizers.SGD()
 
   def validate(self, num_devices: int) -> None:
+    self._check_parts()
     validate(self.tables, self.features)
     for name in ("batch_size", "eval_batch_size", "num_eval_examples"):
       value = getattr(self, name)
@@ -87,6 +106,39 @@ class ExperimentConfig:
       if int(getattr(self, name)) % num_devices:
         raise ConfigError(f"ExperimentConfig.{name}={getattr(self, name)} is not divisible by "
                           f"the {num_devices} devices of the mesh")
+    for name in ("train_data", "eval_data"):
+      if not isinstance(getattr(self, name), str) or not getattr(self, name):
+        raise ConfigError(f"ExperimentConfig.{name} must be 'synthetic' or a path, got "
+                          f"{getattr(self, name)!r}")
+
+  def _check_parts(self) -> None:
+    """The bound objects are of the right kind (e.g. `@SGD()`, not `'sgd'` or `@SGD`)."""
+    emb = self.embedding
+    if (not isinstance(emb, (tuple, list)) or len(emb) != 2
+        or not all(isinstance(x, (tuple, list)) for x in emb)
+        or not all(isinstance(t, TableSpec) for t in emb[0])
+        or not all(isinstance(f, FeatureSpec) for f in emb[1])):
+      raise ConfigError(f"ExperimentConfig.embedding must be (tables, features), e.g. "
+                        f"@uniform_tables(), got {reprlib.repr(emb)}")
+    if not isinstance(self.model, nn.Module):
+      raise ConfigError(f"ExperimentConfig.model must be a model, e.g. @build_model(), got "
+                        f"{reprlib.repr(self.model)}")
+    if not isinstance(self.num_dense, numbers.Integral) or isinstance(self.num_dense, bool) \
+        or self.num_dense < 0:
+      raise ConfigError(f"ExperimentConfig.num_dense must be an integer >= 0, got "
+                        f"{self.num_dense!r}")
+    dense, sparse = self.dense_optimizer, self.sparse_optimizer
+    if dense is not None and not _has_methods(dense, "init", "update"):
+      raise ConfigError(f"ExperimentConfig.dense_optimizer must be an optax transformation, "
+                        f"e.g. @dense_optimizer(), got {dense!r}")
+    if sparse is not None and not _has_methods(sparse, "state_layout", "update"):
+      raise ConfigError(f"ExperimentConfig.sparse_optimizer must be a sparse optimizer, "
+                        f"e.g. @RowWiseAdagrad() or @sparse_optimizer(), got {sparse!r}")
+
+
+def _has_methods(obj, *names: str) -> bool:
+  """An instance (not a class: `@SGD` where `@SGD()` was meant) with these methods."""
+  return not isinstance(obj, type) and all(callable(getattr(obj, n, None)) for n in names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,4 +193,6 @@ def parse_bytes(text: str | None, flag: str) -> int | None:
     raise ConfigError(f"{flag}: '{text}' is not a size like 16GiB or 512MB") from None
   if value <= 0:
     raise ConfigError(f"{flag}: must be positive, got '{text}'")
+  if not math.isfinite(value) or value < 1:   # 1e999 overflows int(); 1e-3 is 0 bytes
+    raise ConfigError(f"{flag}: '{text}' is not a size from 1 byte up")
   return int(value)

@@ -67,3 +67,51 @@ def test_non_integer_sizes_name_the_binding(binding, message):
   launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")], [binding])
   with pytest.raises(ConfigError, match=message):
     ExperimentConfig().validate(num_devices=1)
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("ExperimentConfig.sparse_optimizer='adam'", "ExperimentConfig.sparse_optimizer must be a "
+                                                 r"sparse optimizer, e.g. @RowWiseAdagrad\(\)"),
+    ("ExperimentConfig.sparse_optimizer=@SGD", "ExperimentConfig.sparse_optimizer must be"),
+    ("ExperimentConfig.dense_optimizer='adam'", "ExperimentConfig.dense_optimizer must be an "
+                                                "optax transformation"),
+    ("ExperimentConfig.model='dlrm'", r"ExperimentConfig.model must be a model, e.g. "
+                                      r"@build_model\(\), got 'dlrm'"),
+    ("ExperimentConfig.embedding=[]", r"ExperimentConfig.embedding must be \(tables, features\)"),
+    ("ExperimentConfig.num_dense=-1", "ExperimentConfig.num_dense must be an integer >= 0"),
+    ("ExperimentConfig.train_data=5", "ExperimentConfig.train_data must be 'synthetic' or a path"),
+])
+def test_bound_objects_of_the_wrong_kind_name_the_binding(binding, message):
+  launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")], [binding])
+  with pytest.raises(ConfigError, match=message):
+    ExperimentConfig().validate(num_devices=1)
+
+
+@pytest.mark.parametrize("bindings, message", [
+    (["dense_optimizer.learning_rate=-0.1"], "dense_optimizer.learning_rate must be a number >= 0"),
+    (["dense_optimizer.learning_rate='0.1'"], "dense_optimizer.learning_rate must be a number"),
+    (["dense_optimizer.name='adam'", "dense_optimizer.b2=1.0"],
+     r"dense_optimizer.b2 must be a number in \[0, 1\), got 1.0"),
+    (["dense_optimizer.name='adam'", "dense_optimizer.eps=0"], "dense_optimizer.eps must be"),
+    (["dense_optimizer.betas=0.9"], r"dense_optimizer.betas: optax.sgd takes no such option"),
+    (["SGD.lr=-1"], "SGD.lr must be a number >= 0, got -1"),
+])
+def test_bad_optimizer_values_name_the_binding(bindings, message):
+  launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")], bindings)
+  with pytest.raises(ConfigError, match=message):
+    launch.build(ExperimentConfig)
+
+
+def test_dense_optimizer_takes_a_schedule():
+  schedule = lambda step: 0.1   # noqa: E731
+  from jaxrec.train.config import dense_optimizer   # pylint: disable=import-outside-toplevel
+  assert dense_optimizer("adam", schedule, b1=0.5) is not None
+
+
+@pytest.mark.parametrize("text", ["1e999", "1e-3", "0.5b"])
+def test_memory_sizes_below_a_byte_or_overflowing(text):
+  from jaxrec.train.config import parse_bytes   # pylint: disable=import-outside-toplevel
+  with pytest.raises(ConfigError, match=f"--memory_per_device: '{text}' is not a size from 1 "
+                                        "byte up"):
+    parse_bytes(text, "--memory_per_device")
+  assert parse_bytes("2b", "--memory_per_device") == 2

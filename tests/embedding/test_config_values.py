@@ -1,0 +1,129 @@
+"""Bad configuration values of the embedding layer fail at construction, naming the binding:
+sparse optimizer hyperparameters, table and feature specs, `uniform_tables`,
+`EmbeddingOptions`."""
+
+import gin
+import pytest
+
+from jaxrec.embedding import optimizers
+from jaxrec.embedding.specs import EmbeddingOptions, FeatureSpec, TableSpec, uniform_tables
+from jaxrec.errors import ConfigError
+from jaxrec.kernels import optim as kernel_optim
+
+BAD_HPARAMS = [
+    (optimizers.SGD, {"lr": -0.1}, "SGD.lr must be a number >= 0, got -0.1"),
+    (optimizers.SGD, {"lr": "0.1"}, "SGD.lr must be a number >= 0, got '0.1'"),
+    (optimizers.SGD, {"lr": True}, "SGD.lr must be a number >= 0, got True"),
+    (optimizers.SGD, {"lr": float("nan")}, "SGD.lr must be a number >= 0, got nan"),
+    (optimizers.SGD, {"lr": float("inf")}, "SGD.lr must be a number >= 0, got inf"),
+    (optimizers.Adagrad, {"eps": 0.0}, "Adagrad.eps must be a number > 0, got 0.0"),
+    (optimizers.Adagrad, {"initial_accumulator": -1}, "Adagrad.initial_accumulator must be"),
+    (optimizers.RowWiseAdagrad, {"lr": None}, "RowWiseAdagrad.lr must be a number >= 0"),
+    (optimizers.RowWiseAdagrad, {"eps": -1e-8}, "RowWiseAdagrad.eps must be a number > 0"),
+    (optimizers.Adam, {"b1": 1.0}, r"Adam.b1 must be a number in \[0, 1\), got 1.0"),
+    (optimizers.Adam, {"b2": -0.5}, r"Adam.b2 must be a number in \[0, 1\), got -0.5"),
+    (optimizers.Adam, {"eps": 0}, "Adam.eps must be a number > 0, got 0"),
+    (optimizers.FTRL, {"lr": 0.0}, "FTRL.lr must be a number > 0, got 0.0"),
+    (optimizers.FTRL, {"l1": -0.01}, "FTRL.l1 must be a number >= 0"),
+    (optimizers.FTRL, {"l2": "x"}, "FTRL.l2 must be a number >= 0"),
+    (optimizers.FTRL, {"beta": -1}, "FTRL.beta must be a number >= 0"),
+    (optimizers.FTRL, {"initial_accumulator": -0.1}, "FTRL.initial_accumulator must be"),
+    (kernel_optim.SGD, {"lr": -1}, "SGD.lr must be a number >= 0"),
+    (kernel_optim.Adagrad, {"eps": 0}, "Adagrad.eps must be a number > 0"),
+    (kernel_optim.RowWiseAdagrad, {"initial_accumulator": float("nan")},
+     "RowWiseAdagrad.initial_accumulator must be"),
+]
+
+
+@pytest.mark.parametrize("cls, kwargs, message", BAD_HPARAMS,
+                         ids=[f"{c.__name__}-{next(iter(k))}-{i}"
+                              for i, (c, k, _) in enumerate(BAD_HPARAMS)])
+def test_bad_optimizer_hyperparameters_name_the_binding(cls, kwargs, message):
+  with pytest.raises(ConfigError, match=message):
+    cls(**kwargs)
+
+
+def test_good_hyperparameters_are_kept_as_floats():
+  assert optimizers.SGD(1).lr == 1.0 and isinstance(optimizers.SGD(1).lr, float)
+  assert optimizers.SGD(0) == optimizers.SGD(0.0)          # lr = 0 freezes the tables
+  assert optimizers.Adam(b1=0, b2=0.5).b1 == 0.0
+  assert optimizers.FTRL(beta=0, initial_accumulator=0).beta == 0.0
+  assert kernel_optim.coerce(optimizers.RowWiseAdagrad(0.5)) == kernel_optim.RowWiseAdagrad(0.5)
+
+
+def test_sparse_optimizer_factory_names_its_bindings():
+  with pytest.raises(ConfigError, match=r"sparse_optimizer.b1: rowwise_adagrad takes no such "
+                                        r"field \(its fields: lr, initial_accumulator, eps\)"):
+    optimizers.sparse_optimizer("rowwise_adagrad", lr=0.1, b1=0.9)
+  with pytest.raises(ConfigError, match=r"sparse_optimizer\(name='adam'\): Adam.lr must be"):
+    optimizers.sparse_optimizer("adam", lr=-1)
+  with pytest.raises(ConfigError, match="sparse_optimizer.name: unknown"):
+    optimizers.sparse_optimizer(["sgd"])
+  assert optimizers.sparse_optimizer("ftrl", l1=0.1) == optimizers.FTRL(l1=0.1)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"init_scale": -0.1}, "table 't': init_scale must be a number >= 0, got -0.1"),
+    ({"init_scale": "0.1"}, "table 't': init_scale must be a number >= 0, got '0.1'"),
+    ({"init_scale": float("inf")}, "table 't': init_scale must be a number >= 0, got inf"),
+    ({"name": 3}, "TableSpec.name must be a non-empty string, got 3"),
+])
+def test_bad_table_spec(kwargs, message):
+  with pytest.raises(ConfigError, match=message):
+    TableSpec(**{"name": "t", "rows": 10, "dim": 4, **kwargs})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"weighted": "False"}, "feature 'f': weighted must be True or False, got 'False'"),
+    ({"weighted": 1}, "feature 'f': weighted must be True or False, got 1"),
+    ({"table": None}, "feature 'f': FeatureSpec.table must be a non-empty string, got None"),
+    ({"name": ""}, "FeatureSpec.name must be a non-empty string, got ''"),
+])
+def test_bad_feature_spec(kwargs, message):
+  with pytest.raises(ConfigError, match=message):
+    FeatureSpec(**{"name": "f", "table": "t", **kwargs})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"rows": 1e5}, None),                                     # gin's float, whole: fine
+    ({"rows": [10, 20.5]}, r"uniform_tables.rows must be positive integers, got \[10, 20.5\]"),
+    ({"rows": True}, "uniform_tables.rows must be positive integers, got True"),
+    ({"rows": [10, 20, 30]}, r"uniform_tables.rows must have 2 entries \(num_tables\), got 3"),
+    ({"max_len": 2.5}, "uniform_tables.max_len must be positive integers, got 2.5"),
+    ({"max_len": [1, 1.5]}, "uniform_tables.max_len must be positive integers"),
+    ({"num_tables": 2.5}, "uniform_tables.num_tables must be a positive integer, got 2.5"),
+    ({"num_tables": "2"}, "uniform_tables.num_tables must be a positive integer, got '2'"),
+    ({"dim": 0}, "uniform_tables: table 't0': dim must be a positive integer, got 0"),
+])
+def test_uniform_tables_values(kwargs, message):
+  args = {"num_tables": 2, "rows": 100, **kwargs}
+  if message is None:
+    tables, _ = uniform_tables(**args)
+    assert [t.rows for t in tables] == [100_000, 100_000]
+    return
+  with pytest.raises(ConfigError, match=message):
+    uniform_tables(**args)
+
+
+def test_gin_binds_specs_through_uniform_tables():
+  """`TableSpec.init_scale` / `FeatureSpec.weighted` bindings reach the specs that
+  `uniform_tables` builds; their errors name both."""
+  gin.clear_config()
+  try:
+    gin.parse_config("FeatureSpec.weighted = 'no'")
+    with pytest.raises(ConfigError, match="uniform_tables: feature 'f0': weighted must be"):
+      uniform_tables(2, 100)
+  finally:
+    gin.clear_config()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"stochastic_rounding": "False"}, "EmbeddingOptions.stochastic_rounding must be True or "
+                                       "False, got 'False'"),
+    ({"interpret": "no"}, "EmbeddingOptions.interpret must be True or False, got 'no'"),
+    ({"comm_dtype": "int4"}, "EmbeddingOptions.comm_dtype must be one of"),
+])
+def test_embedding_options_flags(kwargs, message):
+  with pytest.raises(ConfigError, match=message):
+    EmbeddingOptions(**kwargs)
+  assert EmbeddingOptions(interpret=None, stochastic_rounding=True).interpret is None

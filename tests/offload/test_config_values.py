@@ -1,0 +1,52 @@
+"""Bad `OffloadConfig` / `OffloadTable` values: a ConfigError naming the binding when the
+config is built (not a ValueError from `int()`, nor a silently truncated value)."""
+
+import pytest
+
+from jaxrec import offload
+from jaxrec.errors import ConfigError
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"cache_rows": "abc"}, "offloaded table 't0': cache_rows must be an integer >= 1, got 'abc'"),
+    ({"cache_rows": 1.5}, "offloaded table 't0': cache_rows must be an integer >= 1, got 1.5"),
+    ({"cache_rows": True}, "cache_rows must be an integer >= 1, got True"),
+    ({"cache_rows": -5}, "cache_rows must be an integer >= 1, got -5"),
+    ({"cache_bytes": "16GiB"}, "cache_bytes must be an integer >= 1, got '16GiB'"),
+    ({"cache_rows": 10, "chunk_rows": "x"}, "chunk_rows must be an integer >= 1, got 'x'"),
+    ({"cache_rows": 10, "chunk_rows": 2.5}, "chunk_rows must be an integer >= 1, got 2.5"),
+    ({"cache_rows": 10, "path": 5}, "offloaded table 't0': path must be a string, got 5"),
+    ({"cache_rows": 10, "nope": 1}, r"OffloadConfig.tables\['t0'\]: expected \{field: value\}"),
+])
+def test_bad_table_fields(fields, message):
+  with pytest.raises(ConfigError, match=message):
+    offload.OffloadConfig({"t0": fields})
+
+
+def test_table_entry_must_be_a_mapping():
+  with pytest.raises(ConfigError, match=r"OffloadConfig.tables\['t0'\]: expected .* got 1000"):
+    offload.OffloadConfig({"t0": 1000})
+  with pytest.raises(ConfigError, match="OffloadConfig.tables: expected OffloadTable entries"):
+    offload.OffloadConfig(5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"prefetch_depth": "x"}, "OffloadConfig.prefetch_depth must be an integer >= 0, got 'x'"),
+    ({"prefetch_depth": 1.5}, "OffloadConfig.prefetch_depth must be an integer >= 0, got 1.5"),
+    ({"max_staleness": None}, "OffloadConfig.max_staleness must be an integer >= 0, got None"),
+    ({"protect_ahead": 1.5}, "OffloadConfig.protect_ahead must be an integer >= 0, got 1.5"),
+    ({"host_buffer_rows": 0.5}, "OffloadConfig.host_buffer_rows must be an integer >= 1"),
+    ({"auto": "no"}, "OffloadConfig.auto must be True or False, got 'no'"),
+    ({"auto_cache_fraction": "x"}, r"OffloadConfig.auto_cache_fraction must be a number in "
+                                   r"\(0, 1\), got 'x'"),
+])
+def test_bad_options(kwargs, message):
+  with pytest.raises(ConfigError, match=message):
+    offload.OffloadConfig(**kwargs)
+
+
+def test_whole_floats_become_ints():
+  cfg = offload.OffloadConfig({"t0": {"cache_bytes": 1e6, "chunk_rows": 64.0}},
+                              prefetch_depth=2.0, protect_ahead=None)
+  assert cfg.tables[0].cache_bytes == 1_000_000 and type(cfg.tables[0].cache_bytes) is int
+  assert cfg.prefetch_depth == 2 and cfg.horizon == 2
