@@ -59,20 +59,49 @@ def _check_flags():
                       "directory does not exist")
   if FLAGS.calibrate and FLAGS.calibration_file and os.path.isdir(FLAGS.calibration_file):
     raise ConfigError(f"--calibration_file: '{FLAGS.calibration_file}' is a directory")
+  if FLAGS.calibrate and FLAGS.calibration_file and not _creatable(FLAGS.calibration_file):
+    raise ConfigError(f"--calibration_file: cannot write '{FLAGS.calibration_file}': a "
+                      "file stands where its directory would be")
+  _check_outputs_spare_inputs()
+
+
+def _creatable(path: str) -> bool:
+  """Whether the nearest existing ancestor of `path`'s directory is a directory."""
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  return os.path.isdir(parent)
+
+
+def _check_outputs_spare_inputs():
+  """An output (`--json`, `--calibration_file` with `--calibrate`) naming a file this run
+  reads (`--gin_file`, the `--profile` file, `--calibration_file`) would overwrite it."""
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  profile = FLAGS.profile
+  if profile and os.path.isdir(profile):
+    profile = os.path.join(profile, "profile.jsonl")   # planner.PROFILE_FILE
+  reads = [("--gin_file", p) for p in FLAGS.gin_file] + [("--profile", profile)]
+  writes = [("--json", FLAGS.json)]
+  if FLAGS.calibrate:
+    writes.append(("--calibration_file", FLAGS.calibration_file))
+  else:
+    reads.append(("--calibration_file", FLAGS.calibration_file))
+  for i, (out_flag, out) in enumerate(writes):
+    others = reads + writes[i + 1:]
+    for in_flag, path in others:
+      if out and path and os.path.realpath(out) == os.path.realpath(path):
+        raise ConfigError(f"{out_flag}: '{out}' is the {in_flag} file, writing it would "
+                          "overwrite it; pick another path")
 
 
 def _write_json(path: str, obj) -> None:
   """Writes `obj` to `path` whole or not at all."""
   import json  # pylint: disable=import-outside-toplevel
   from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+  from jaxrec.files import write_text_atomic  # pylint: disable=import-outside-toplevel
+  try:   # any failure (Ctrl-C too) leaves no partial file behind
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
   except OSError as e:
-    if os.path.exists(tmp):
-      os.remove(tmp)
     raise ConfigError(f"--json: cannot write '{path}': {e.strerror or e}") from None
 
 
@@ -90,7 +119,9 @@ def main(argv):
       try:
         path = planner.save_calibration(cal, FLAGS.calibration_file)
       except OSError as e:
-        raise ConfigError(f"--calibration_file: cannot write it: {e}") from None
+        where = FLAGS.calibration_file or planner.default_cache_path()
+        raise ConfigError(f"--calibration_file: cannot write '{where}': {e.strerror or e}"
+                          ) from None
       print(f"{cal.source}: cached in {path}")
     else:
       cal = planner.load_calibration(FLAGS.calibration_file)

@@ -25,6 +25,7 @@ and never silently exports corrupt data.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -121,6 +122,24 @@ def _mkdir(path) -> None:
     raise ConfigError(f"--output: cannot create directory {path}: {e.strerror or e}") from None
 
 
+@contextlib.contextmanager
+def _removed_on_error(output, remove: list):
+  """Removes the paths in `remove` (files or directories; the body may add some) if the
+  body raises; an `OSError` (disk full, unwritable) becomes a one-line `DataError` naming
+  `--output`."""
+  try:
+    yield
+  except BaseException as e:
+    for path in remove:
+      if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+      elif os.path.lexists(path):
+        os.remove(path)
+    if isinstance(e, OSError):
+      raise DataError(f"--output: cannot write {output}: {e.strerror or e}") from None
+    raise
+
+
 def _metadata(step_dir, step) -> dict:
   return {"step": step, "manifest": storage.read_json(step_dir, storage.MANIFEST),
           "meta": storage.read_json(step_dir, storage.META),
@@ -203,15 +222,9 @@ def export_npz(checkpoint_dir, output, step: int | None = None) -> int:
   step_dir = mgr.step_dir(step)
   output = _new_output(output, checkpoint_dir)
   tmp = output.parent / (output.name + f".tmp-{time.time_ns()}")
-  try:
+  with _removed_on_error(output, [tmp]):
     _write_npz(tmp, step_dir, step)
     tmp.rename(output)
-  except OSError as e:
-    tmp.unlink(missing_ok=True)
-    raise DataError(f"--output: cannot write {output}: {e.strerror or e}") from None
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
   return step
 
 
@@ -239,13 +252,10 @@ def export_zarr(checkpoint_dir, output, step: int | None = None) -> int:
   step_dir = mgr.step_dir(step)
   output = _new_output(output, checkpoint_dir)
   tmp = output.parent / (output.name + f".tmp-{time.time_ns()}")
-  try:
+  with _removed_on_error(output, [tmp]):
     _mkdir(tmp)
     _write_zarr(tmp, step_dir, step)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  tmp.rename(output)
+    tmp.rename(output)
   return step
 
 
@@ -338,19 +348,18 @@ def export_checkpoint(checkpoint_dir, output, step: int | None = None,
   if plan is not None:
     manifest.update(saved_plan=resolved.to_json(), saved_mesh=dict(mesh_shape))
   tmp = output / f"{step}.orbax-checkpoint-tmp-{time.time_ns()}"
-  try:
+  written = [tmp]
+  with _removed_on_error(dest, written):
     shutil.copytree(step_dir, tmp)
     manifest["converted_from"] = str(step_dir)
     (tmp / storage.MANIFEST / "metadata").write_text(json.dumps(manifest))
     if snapshot is not None:   # the offloaded tables: the snapshot first, hard links
       _link_copy(epath.Path(snapshot[0]) / str(step), snap_dest)
+      written.append(snap_dest)   # left alone, it would refuse the next try
       meta = storage.read_json(tmp, storage.META)
       meta["offload"]["snapshots"] = str(snap_dest.parent)
       (tmp / storage.META / "metadata").write_text(json.dumps(meta))
     tmp.rename(dest)
-  except OSError as e:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise DataError(f"--output: cannot write {dest}: {e.strerror or e}") from None
   return step, description
 
 
@@ -358,8 +367,9 @@ def _link_copy(src: epath.Path, dst: epath.Path) -> None:
   """Copies directory `src` to `dst` (hard links where possible) via a tmp directory."""
   from jaxrec.offload.store import link_tree  # pylint: disable=import-outside-toplevel
   tmp = dst.parent / f"{dst.name}.tmp-{time.time_ns()}"
-  link_tree(str(src), str(tmp))
-  tmp.rename(dst)
+  with _removed_on_error(dst, [tmp]):
+    link_tree(str(src), str(tmp))
+    tmp.rename(dst)
 
 
 def _read_torchrec(npz_path) -> dict[str, np.ndarray]:

@@ -36,6 +36,7 @@ from jaxrec.data import tsv
 from jaxrec.data.batch import Batch
 from jaxrec.data.source import GrainMixin, Layout
 from jaxrec.errors import ConfigError, DataError
+from jaxrec.files import write_text_atomic
 
 FORMAT = "jaxrec.binary"
 VERSION = 1
@@ -102,11 +103,8 @@ def _verify_shards(directory: str, shards: Sequence[dict]) -> None:
         raise DataError(f"{path}: sha256 checksum does not match {MANIFEST} (corrupt shard)")
     fresh[s["file"]] = {"identity": ident, "sha256": s["sha256"]}
   if fresh != seen:
-    tmp = f"{record_path}.tmp-{os.getpid()}"
     try:   # best effort: other processes may race (same content), the dir may be read-only
-      with open(tmp, "w") as f:
-        json.dump(fresh, f)
-      os.replace(tmp, record_path)
+      write_text_atomic(record_path, json.dumps(fresh))
     except OSError:
       pass
 
@@ -133,6 +131,22 @@ class _ShardWriter:
       if self._n == self.shard_examples:
         self.close()
 
+  def discard(self) -> None:
+    """Removes the shards written so far (a failed run: they are not a dataset)."""
+    names = [s["file"] for s in self.shards]
+    if self._f is not None:
+      names.append(self._name)
+      try:
+        self._f.close()
+      except OSError:   # its buffer cannot be written either
+        pass
+      self._f = None
+    for name in names:
+      try:
+        os.remove(os.path.join(self.output, name))
+      except OSError:
+        pass
+
   def close(self) -> None:
     if self._f is not None:
       self._f.close()
@@ -153,12 +167,26 @@ def write(inputs: Sequence[str], output: str, layout: Layout, bad_rows: str = "e
   if is_preprocessed(output):
     raise DataError(f"{output}: already holds a preprocessed dataset ({MANIFEST}); "
                     "remove it or choose another --output")
+  created = not os.path.exists(output)
   try:
     os.makedirs(output, exist_ok=True)
   except OSError as e:
     raise DataError(f"{output}: cannot create directory: {e.strerror}") from None
-  parser, policy = tsv.Parser(layout), tsv.BadRowPolicy(bad_rows)
   writer = _ShardWriter(output, shard_examples)
+  try:
+    return _write(inputs, output, layout, bad_rows, chunk_bytes, writer)
+  except BaseException as e:
+    writer.discard()
+    if created and not os.listdir(output):
+      os.rmdir(output)
+    if isinstance(e, OSError):   # input errors are `DataError`s: a write failed
+      raise DataError(f"--output {output}: cannot write the dataset: {e.strerror or e}"
+                      ) from None
+    raise
+
+
+def _write(inputs, output, layout, bad_rows, chunk_bytes, writer) -> dict:
+  parser, policy = tsv.Parser(layout), tsv.BadRowPolicy(bad_rows)
   total = 0
   for path in inputs:
     for batch in tsv.iter_file(path, parser, policy, chunk_bytes):
@@ -178,10 +206,7 @@ def write(inputs: Sequence[str], output: str, layout: Layout, bad_rows: str = "e
       "shards": writer.shards,
       "bad_rows": policy.counts,
   }
-  tmp = os.path.join(output, MANIFEST + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(manifest, f, indent=1)
-  os.replace(tmp, os.path.join(output, MANIFEST))
+  write_text_atomic(os.path.join(output, MANIFEST), json.dumps(manifest, indent=1))
   return manifest
 
 
@@ -212,6 +237,12 @@ def read_manifest(directory: str) -> dict:
       str(f["name"]), int(f["rows"])
     for s in m["shards"]:
       str(s["file"]), int(s["bytes"]), str(s["sha256"])
+    bad = m.get("bad_rows", {})   # read at every log step
+    if not isinstance(bad, dict):
+      raise TypeError(f"bad_rows is a {type(bad).__name__}, not an object")
+    [int(n) for n in bad.values()]
+  except DataError:   # a ValueError too: already says what is wrong
+    raise
   except (KeyError, TypeError, ValueError) as e:
     raise DataError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
   return m

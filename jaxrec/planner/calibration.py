@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from jaxrec.errors import ConfigError
+from jaxrec.files import write_text_atomic
 from jaxrec.planner.cost_model import COST_TERMS
 
 # A generic accelerator: ~1 TB/s memory, ~200 GB/s random row gather, ~100 GB/s links,
@@ -108,11 +109,11 @@ def load_calibration(path: str | os.PathLike | None = None) -> Calibration | Non
 
 
 def save_calibration(cal: Calibration, path: str | os.PathLike | None = None) -> pathlib.Path:
+  """Writes `cal` to `path` (default `default_cache_path()`) whole or not at all: through
+  a temporary file of this process, removed if the write fails."""
   path = pathlib.Path(path) if path else default_cache_path()
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(cal.to_json(), indent=2, sort_keys=True))
-  tmp.replace(path)
+  write_text_atomic(path, json.dumps(cal.to_json(), indent=2, sort_keys=True))
   return path
 
 

@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.errors import ConfigError, JaxrecError
+from jaxrec.files import write_text_atomic
 from jaxrec import elastic, offload, planner
 from jaxrec.sharding import mesh as mesh_lib
 from jaxrec.sharding.plan import Plan, uniform_plan
@@ -107,8 +108,9 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
   is_main = jax.process_index() == 0
   mesh = collection.mesh
   if is_main:
-    with open(os.path.join(workdir, "plan.json"), "w") as f:
-      json.dump(info["plan_result"].to_json(), f, indent=2, sort_keys=True)
+    # whole or not at all: `--plan=W/plan.json` reads it back on the next start
+    write_text_atomic(os.path.join(workdir, "plan.json"),
+                      json.dumps(info["plan_result"].to_json(), indent=2, sort_keys=True))
     log.info("mesh %s, plan (--plan=%s):\n%s", mesh_lib.format_mesh(info["mesh"]),
              options.plan, info["plan_result"].report())
 
@@ -151,8 +153,7 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
     start = int(state["step"])
     log.info("resumed from step %d of %s", start, ckpt.directory)
   if is_main:
-    with open(os.path.join(workdir, "config.gin"), "w") as f:
-      f.write(operative_gin)
+    write_text_atomic(os.path.join(workdir, "config.gin"), operative_gin)
 
   train_step = step_lib.make_train_step(config, collection, shardings)
   eval_step = step_lib.make_eval_step(config, collection, shardings)

@@ -100,7 +100,8 @@ def plot_metrics(workdirs: Sequence[str], output: str | None = None) -> str:
     fig.savefig(tmp, dpi=100, format=fmt)
     os.replace(tmp, output)   # an existing plot stays whole if this fails
   except OSError as e:
+    raise DataError(f"--output: cannot write {output}: {e.strerror or e}") from None
+  finally:   # any failure (Ctrl-C too) leaves no partial image behind
     if os.path.exists(tmp):
       os.remove(tmp)
-    raise DataError(f"--output: cannot write {output}: {e.strerror or e}") from None
   return output

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 import tensorstore as ts
+from etils import epath
 
 from jaxrec.checkpoint import CheckpointError, CheckpointManager, convert
 from jaxrec.embedding.specs import TableSpec
@@ -298,10 +299,9 @@ def test_torchrec_export_then_import(tmp_path):
       np.testing.assert_array_equal(tables[f"t{i}"], z[f"embedding_bags.t{i}.weight"])
 
 
-def test_offloaded_table_is_exported_from_its_snapshot(tmp_path):
-  """The checkpoint of an offloaded run holds only the device cache of the table; the
-  exports take the whole table (and its optimizer state) from the offload snapshot, and a
-  checkpoint copy takes the snapshot along."""
+def _offloaded_run(tmp_path):
+  """`tmp_path/w`: checkpoint 5 of a run with table t0 offloaded; returns its snapshot
+  directory, the collection, the state and t0's full arrays."""
   from jaxrec import offload
   coll = h.collection("rw", 8)              # t0 stands for a 13-row cache of a 50-row table
   full = TableSpec("t0", 50, h.DIM)
@@ -320,7 +320,15 @@ def test_offloaded_table_is_exported_from_its_snapshot(tmp_path):
   state = h.train_state(coll, step=5)
   with CheckpointManager(tmp_path / "w" / "checkpoints") as mgr:
     mgr.save(5, state, coll, meta=meta, force=True)
+  return snaps, coll, state, want
 
+
+def test_offloaded_table_is_exported_from_its_snapshot(tmp_path):
+  """The checkpoint of an offloaded run holds only the device cache of the table; the
+  exports take the whole table (and its optimizer state) from the offload snapshot, and a
+  checkpoint copy takes the snapshot along."""
+  from jaxrec import offload
+  snaps, coll, state, want = _offloaded_run(tmp_path)
   convert.export_npz(tmp_path / "w" / "checkpoints", tmp_path / "a.npz")
   expect = _expected(coll, state)
   with np.load(tmp_path / "a.npz") as z:
@@ -442,3 +450,40 @@ def test_plan_file_for_another_mesh_warns(tmp_path, caplog):
     assert convert.resolve_plan(str(path), tables, {"table": 2, "row": 2}) == plan
   assert ("was made for mesh data=1,table=2,row=1,col=1, the mesh here is "
           "data=1,table=2,row=2,col=1") in caplog.text
+
+
+def _fail_rename_to(monkeypatch, target):
+  """`epath.Path.rename` onto `target` raises ENOSPC (a full disk at the final step)."""
+  cls = type(epath.Path(target))
+  real = cls.rename
+
+  def rename(self, dst):
+    if os.fspath(dst) == os.fspath(target):
+      raise OSError(28, "No space left on device")
+    return real(self, dst)
+  monkeypatch.setattr(cls, "rename", rename)
+
+
+def test_failed_exports_leave_nothing(saved, tmp_path, monkeypatch):
+  """A zarr export failing with an OSError was a traceback and left its tmp directory
+  behind; a failed checkpoint copy of an offloaded run left the snapshot copy, which then
+  refused every retry ('offload snapshot of step 5 already exists')."""
+  path, _, _ = saved
+  out = tmp_path / "out"
+  out.mkdir()
+  for fn, name in [(convert.export_zarr, "z"), (convert.export_npz, "c.npz")]:
+    with monkeypatch.context() as m:
+      _fail_rename_to(m, out / name)
+      with pytest.raises(DataError, match=f"--output: cannot write {out / name}: No space"):
+        fn(path, out / name)
+    assert os.listdir(out) == []
+  w = tmp_path / "offloaded"
+  _offloaded_run(w)
+  dest = w / "w2" / "checkpoints"
+  with monkeypatch.context() as m:
+    _fail_rename_to(m, dest / "5")
+    with pytest.raises(DataError, match=f"cannot write {dest / '5'}: No space"):
+      convert.export_checkpoint(w / "w" / "checkpoints", dest)
+  assert os.listdir(dest) == [] and os.listdir(w / "w2" / "offload_snapshots") == []
+  convert.export_checkpoint(w / "w" / "checkpoints", dest)
+  assert CheckpointManager(dest, read_only=True).all_steps() == [5]

@@ -116,6 +116,27 @@ def test_damaged_dataset(dataset, damage, what):
     binary.BinarySource(out, lay)
 
 
+@pytest.mark.parametrize("change, what", [
+    (lambda m: m.update(num_examples=301), "shard sizes do not add up to num_examples 301"),
+    (lambda m: m.update(record_bytes=100), "record_bytes 100 does not match its features"),
+])
+def test_manifest_errors_are_not_wrapped_twice(dataset, change, what):
+  _, out, lay = dataset
+  _corrupt_manifest(out, change)
+  with pytest.raises(DataError) as e:
+    binary.BinarySource(out, lay)
+  assert str(e.value).startswith(f"{os.path.join(out, binary.MANIFEST)}: {what}"), e.value
+
+
+@pytest.mark.parametrize("bad_rows", [None, [["train.tsv", 1]], {"train.tsv": "many"}])
+def test_bad_rows_of_the_manifest_checked_on_open(dataset, bad_rows):
+  """`bad_row_counts()` runs at every log step: a damaged entry fails on open, not there."""
+  _, out, lay = dataset
+  _corrupt_manifest(out, lambda m: m.update(bad_rows=bad_rows))
+  with pytest.raises(DataError, match="malformed manifest"):
+    binary.BinarySource(out, lay)
+
+
 def test_checksums_are_hashed_once_per_unchanged_shard(dataset, monkeypatch):
   """A shard whose sha256 matched is not hashed again until its size, mtime or inode
   change: a rewritten shard is hashed (and caught) on the next open."""

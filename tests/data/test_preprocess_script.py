@@ -1,6 +1,7 @@
 """scripts/preprocess.py: flags only; errors are one line and exit code 1."""
 
 import os
+import resource
 import subprocess
 import sys
 
@@ -63,3 +64,26 @@ def test_gin_file_sets_the_column_count_and_refuses_rows(tmp_path, tsv_file):
   r = run(f"--input={path}", f"--output={tmp_path / 'o2'}", gin_file, "--rows=100")
   assert r.returncode == 1 and r.stderr.strip() == (
       "error: --rows: the tables come from --gin_file here; give one or the other"), r.stderr
+
+
+def test_failed_run_leaves_no_shards(tmp_path, tsv_file):
+  """A bad row in a later file, or a write failing (here: the file size limit), left the
+  shards written so far in --output; a write error was '[Errno 27] File too large',
+  naming neither the flag nor the directory."""
+  inputs = tmp_path / "in"
+  inputs.mkdir()
+  lib.write(inputs / "a.tsv", [lib.line(), lib.line("0")] * 4)
+  lib.write(inputs / "b.tsv", [lib.line(), lib.line("x")])
+  out = tmp_path / "out"
+  r = run(f"--input={inputs}", f"--output={out}", "--rows=100", "--shard_examples=2")
+  assert r.returncode == 1 and "label must be 0 or 1" in r.stderr, r.stderr
+  assert not out.exists()
+  out.mkdir()
+  (out / "keep").write_text("")
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "preprocess.py"),
+                      f"--input={inputs / 'a.tsv'}", f"--output={out}", "--rows=100"],
+                     capture_output=True, text=True, cwd=ROOT, timeout=120,
+                     preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300)))
+  assert r.returncode == 1 and r.stderr.strip() == (
+      f"error: --output {out}: cannot write the dataset: File too large"), r.stderr
+  assert os.listdir(out) == ["keep"]

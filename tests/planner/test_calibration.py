@@ -53,3 +53,19 @@ def test_cpu_devices_are_requested_after_jax_is_imported():
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        check=True).stdout
   assert out.split()[-1] == "3"
+
+
+@pytest.mark.parametrize("name", ["calibration.json", "cal.tmp"])
+def test_failed_save_keeps_the_old_cache_and_leaves_nothing(tmp_path, monkeypatch, name):
+  """The cache was written through `<path minus suffix>.tmp`: a failed write left it behind
+  (clobbering any file of that name), and for `cal.tmp` it was the cache itself, truncated."""
+  path = tmp_path / name
+  calibration.save_calibration(DEFAULT, path)
+  old = path.read_text()
+
+  def full_disk(src, dst):   # the temporary file is written; the rename fails
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(os, "replace", full_disk)
+  with pytest.raises(OSError, match="No space"):
+    calibration.save_calibration(Calibration({"collectives": 1.0}, "new"), path)
+  assert path.read_text() == old and os.listdir(tmp_path) == [name]

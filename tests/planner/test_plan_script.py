@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -90,3 +91,54 @@ def test_flags_it_would_ignore_or_misread_are_errors(tmp_path):
     assert proc.returncode == 1 and proc.stderr.startswith(want), (flags, proc.stderr[-2000:])
   assert sorted(os.listdir(tmp_path)) == ["bad.gin"]
 
+
+
+def test_outputs_never_overwrite_inputs(tmp_path):
+  """`--json` naming the `--gin_file`, the profile or the calibration file (or the
+  calibration file naming the gin file) overwrote that input with the plan."""
+  gin_file = tmp_path / "x.gin"
+  gin_file.write_text(open(os.path.join(ROOT, "configs", "dlrm_criteo.gin")).read())
+  tables, _ = uniform_tables(2, [1000, 10], 16)
+  planner.append_profile(tmp_path, planner.profile_record(
+      100, 0.004, uniform_plan("tw", tables, 2), {"table": 2}, steps=100))
+  cal = tmp_path / "cal.json"
+  cal.write_text(json.dumps(planner.DEFAULT.to_json()))
+  inputs = {p: p.read_bytes() for p in (gin_file, tmp_path / "profile.jsonl", cal)}
+  for flags, want in [
+      ([f"--gin_file={gin_file}", "--mesh=row=2", f"--json={gin_file}"],
+       f"error: --json: '{gin_file}' is the --gin_file file"),
+      (["--tables=t0:1000:16,t1:10:16", f"--profile={tmp_path}", "--batch_size=64",
+        f"--json={tmp_path / 'profile.jsonl'}"], "error: --json: .* is the --profile file"),
+      (["--tables=t:100:16", "--mesh=row=2", f"--calibration_file={cal}", f"--json={cal}"],
+       "error: --json: .* is the --calibration_file file"),
+      (["--calibrate", f"--gin_file={gin_file}", "--mesh=row=2",
+        f"--calibration_file={gin_file}"], "error: --calibration_file: .* is the --gin_file")]:
+    proc = plan(tmp_path, *flags)
+    assert proc.returncode == 1 and re.match(want, proc.stderr), (flags, proc.stderr[-2000:])
+  assert {p: p.read_bytes() for p in inputs} == inputs
+
+
+def test_unwritable_calibration_file_is_refused_before_calibrating(tmp_path):
+  """It was found only after the whole calibration, as '[Errno 17] File exists: <parent>'."""
+  (tmp_path / "afile").write_text("")
+  out = tmp_path / "afile" / "c" / "cal.json"
+  proc = plan(tmp_path, "--calibrate", f"--calibration_file={out}")
+  assert proc.returncode == 1 and proc.stderr.startswith(
+      f"error: --calibration_file: cannot write '{out}': a file stands where"), proc.stderr
+  assert "calibration on" not in proc.stdout
+
+
+def test_interrupted_json_keeps_the_old_one_and_leaves_no_tmp(tmp_path):
+  """Only an OSError removed the temporary file: Ctrl-C mid-write left `p.json.tmp-<pid>`."""
+  out = tmp_path / "p.json"
+  out.write_text("old")
+  interrupt = ("import json, runpy, sys\n"
+               "def dump(obj, f, **kw):\n  f.write('{\"half')\n  raise KeyboardInterrupt\n"
+               "json.dump = dump\nsys.argv = sys.argv[1:]\n"
+               "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+  env = dict(os.environ, JAXREC_CACHE_DIR=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", interrupt, os.path.join(ROOT, "scripts", "plan.py"),
+                         "--tables=t:100:16", "--mesh=row=2", f"--json={out}"],
+                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+  assert proc.returncode == 130 and proc.stderr == "interrupted\n", proc.stderr[-2000:]
+  assert out.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["p.json"]

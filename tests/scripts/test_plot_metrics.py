@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from jaxrec.train import plotting
 
@@ -107,3 +108,20 @@ def test_bad_output_refused_before_plotting(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["a", "file"] and os.listdir(a) == ["metrics.jsonl"]
   res = _run(f"--workdir={a}", f"--output={tmp_path / 'p.svg'}")
   assert res.returncode == 0 and res.stdout.strip() == str(tmp_path / "p.svg")
+
+
+def test_interrupted_plot_keeps_the_old_one_and_leaves_no_tmp(tmp_path, monkeypatch):
+  """Only an OSError removed the temporary image: Ctrl-C mid-save left `p.png.tmp-<pid>`."""
+  a = str(tmp_path / "a")
+  _fake_run(a, 1.0)
+  out = tmp_path / "p.png"
+  out.write_bytes(b"old plot")
+
+  def interrupted(self, fname, **kwargs):
+    with open(fname, "wb") as f:
+      f.write(b"\x89PNG half")
+    raise KeyboardInterrupt
+  monkeypatch.setattr(plotting.Figure, "savefig", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    plotting.plot_metrics([a], str(out))
+  assert out.read_bytes() == b"old plot" and sorted(os.listdir(tmp_path)) == ["a", "p.png"]
