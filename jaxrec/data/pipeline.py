@@ -183,9 +183,11 @@ class TrainIterator:
                         f"shuffle={state.get('shuffle')}; this run has seed={self.seed}, "
                         f"shuffle={self.shuffle}")
     if state.get("num_examples", self.source.num_examples) != self.source.num_examples:
-      raise DataError(f"the checkpoint was trained on {state['num_examples']} examples per "
-                      f"epoch, this training data has {self.source.num_examples}; resuming "
-                      "would repeat and skip examples")
+      def size(n):   # synthetic data is an endless stream
+        return "an endless synthetic stream" if n is None else f"{n} examples per epoch"
+      raise DataError(f"the checkpoint was trained on {size(state['num_examples'])}, this "
+                      f"training data is {size(self.source.num_examples)}; resuming would "
+                      "repeat and skip examples")
     self.close()
     self._position = position
 

@@ -108,8 +108,13 @@ def test_set_state_checks():
   state = it.get_state()
   with pytest.raises(ConfigError, match="seed=3"):
     pipeline.TrainIterator(numbered_source(40), 8, seed=4).set_state(state)
-  with pytest.raises(DataError, match="40 examples per epoch, this training data has 41"):
+  with pytest.raises(DataError, match="trained on 40 examples per epoch, this training data "
+                     "is 41 examples per epoch"):
     pipeline.TrainIterator(numbered_source(41), 8, seed=3).set_state(state)
+  with pytest.raises(DataError, match="trained on an endless synthetic stream, this training "
+                     "data is 40 examples per epoch"):
+    pipeline.TrainIterator(numbered_source(40), 8, seed=3).set_state(
+        dict(state, num_examples=None))
   with pytest.raises(DataError, match="not a jaxrec iterator state"):
     it.set_state({"step": 3})
   it.set_state(state)
