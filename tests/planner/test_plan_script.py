@@ -132,9 +132,11 @@ def test_interrupted_json_keeps_the_old_one_and_leaves_no_tmp(tmp_path):
   """Only an OSError removed the temporary file: Ctrl-C mid-write left `p.json.tmp-<pid>`."""
   out = tmp_path / "p.json"
   out.write_text("old")
-  interrupt = ("import json, runpy, sys\n"
-               "def dump(obj, f, **kw):\n  f.write('{\"half')\n  raise KeyboardInterrupt\n"
-               "json.dump = dump\nsys.argv = sys.argv[1:]\n"
+  # Ctrl-C after the temporary file is written, before it replaces the old one.
+  interrupt = ("import os, runpy, sys, types\nimport jaxrec.files as files\n"
+               "def replace(src, dst):\n  raise KeyboardInterrupt\n"
+               "files.os = types.SimpleNamespace(fspath=os.fspath, getpid=os.getpid, path=os.path,"
+               " remove=os.remove, replace=replace)\nsys.argv = sys.argv[1:]\n"
                "runpy.run_path(sys.argv[0], run_name='__main__')\n")
   env = dict(os.environ, JAXREC_CACHE_DIR=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", interrupt, os.path.join(ROOT, "scripts", "plan.py"),
