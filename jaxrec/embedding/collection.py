@@ -189,8 +189,14 @@ class EmbeddingCollection:
     return jax.jit(self._init, out_shardings=self.shardings())(key)
 
   def _init(self, key):
-    per_table = {t.name: layout_lib.init_table(key, t) for t in self.tables}
-    return self.stack_tables(per_table)
+    tables = {l.name: layout_lib.init_stack(key, l, [self.table_spec(s.name) for s in l.slots])
+              for l in self.layouts}
+    return {"tables": tables, "opt": {l.name: self._fresh_opt(l) for l in self.layouts}}
+
+  def _fresh_opt(self, l: layout_lib.StackLayout) -> dict[str, jax.Array]:
+    """The optimizer's initial state of stack `l`, shaped per element or per row."""
+    return {k: jnp.full(l.shape if per == "element" else l.shape[:1], initial, jnp.float32)
+            for k, (per, initial) in self.optimizer.state_layout().items()}
 
   def stack_tables(self, per_table: Mapping[str, jax.Array],
                    per_table_opt: Mapping[str, Mapping[str, jax.Array]] | None = None
@@ -200,14 +206,12 @@ class EmbeddingCollection:
     tables, opt = {}, {}
     for l in self.layouts:
       tables[l.name] = layout_lib.stack(l, {s.name: per_table[s.name] for s in l.slots})
-      opt[l.name] = {}
-      for k, (per, initial) in self.optimizer.state_layout().items():
-        if per_table_opt is None:
-          shape = l.shape if per == "element" else l.shape[:1]
-          opt[l.name][k] = jnp.full(shape, initial, jnp.float32)
-        else:
-          opt[l.name][k] = layout_lib.stack(l, {s.name: per_table_opt[s.name][k]
-                                                for s in l.slots})
+      if per_table_opt is None:
+        opt[l.name] = self._fresh_opt(l)
+      else:
+        opt[l.name] = {k: layout_lib.stack(l, {s.name: per_table_opt[s.name][k]
+                                               for s in l.slots})
+                       for k in self.optimizer.state_layout()}
     return {"tables": tables, "opt": opt}
 
   def unstack_tables(self, state: EmbeddingState) -> tuple[dict, dict]:

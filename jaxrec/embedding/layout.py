@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import zlib
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxrec.embedding import table_init
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError
 from jaxrec.kernels import quant
@@ -284,17 +284,23 @@ def ids_gather_devices(layouts: Sequence[StackLayout], dedups: Sequence[bool]) -
   return math.prod(dict(layouts[0].sizes)[a] for a in axes) if axes else 1
 
 
-def table_key(key: jax.Array, name: str) -> jax.Array:
-  """Per-table PRNG key, independent of plan and table order."""
-  return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
-
-
 def init_table(key: jax.Array, spec: TableSpec):
-  """`[rows, dim]` uniform in `[-scale, scale]`, keyed by the table name: an f32 draw
-  (the same for every dtype) rounded to `spec.dtype` (int8: a `QuantizedTable`)."""
-  x = jax.random.uniform(table_key(key, spec.name), (spec.rows, spec.dim), jnp.float32,
-                         -spec.scale, spec.scale)
-  return quant.quantize(x) if spec.dtype == "int8" else x.astype(spec.dtype)
+  """`[rows, dim]` uniform in `[-scale, scale)`, keyed by the table name
+  (`table_init`): f32 values (the same for every dtype) rounded to `spec.dtype` (int8: a
+  `QuantizedTable`)."""
+  return _to_dtype(table_init.table_values(key, spec.name, spec.rows, spec.dim, spec.scale),
+                   spec.dtype)
+
+
+def init_stack(key: jax.Array, layout: StackLayout, specs: Sequence[TableSpec]):
+  """The stacked array of `init_table` for every slot (`specs` in slot order), built in
+  place by one kernel (`table_init.stack_values`); equal to `stack` of the tables."""
+  values = table_init.stack_values(key, layout, [s.scale for s in specs])
+  return _to_dtype(values, layout.dtype)
+
+
+def _to_dtype(x: jax.Array, dtype: str):
+  return quant.quantize(x) if dtype == "int8" else x.astype(dtype)
 
 
 def stack(layout: StackLayout, per_table: Mapping[str, Any]):

@@ -88,8 +88,12 @@ def quantize_rows(x: jax.Array, u: jax.Array | float = 0.5):
 
 def quantize_with_range(x, lo, hi, u=0.5):
   """`quantize_rows` given precomputed row `lo`/`hi` `[S]` (kernels reduce over chunks)."""
-  # Each end scaled before the difference: hi - lo overflows f32 when |lo|, |hi| ~ 3e38.
-  scale = hi * np.float32(1.0 / 255.0) - lo * np.float32(1.0 / 255.0)
+  # hi - lo overflows f32 when |lo|, |hi| ~ 3e38: then each end is scaled first. Not
+  # always that way, since the compiler may fuse one product into the difference (FMA)
+  # in one kernel and not in another; (hi - lo) * c leaves it nothing to fuse.
+  step = np.float32(1.0 / 255.0)
+  span = hi - lo
+  scale = jnp.where(jnp.isfinite(span), span * step, hi * step - lo * step)
   bias = lo + np.float32(128.0) * scale
   inv = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
   v = (x - bias[..., None]) * inv[..., None]

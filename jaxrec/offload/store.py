@@ -13,7 +13,8 @@ a snapshot made of hard links to the chunk files stays valid while training goes
 (`snapshot` / `restore_snapshot`; falls back to copying where links are impossible).
 
 Fresh tables are initialised with exactly the values `embedding.layout.init_table` gives
-the on-device table (`init_rows`, chunk by chunk), so offloading does not change a run.
+the on-device table (`init_rows`, chunk by chunk: `embedding.table_init` computes any row
+range), so offloading does not change a run.
 """
 
 from __future__ import annotations
@@ -27,10 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
-from jax import lax
-from jax.extend.random import threefry2x32_p
 
-from jaxrec.embedding.layout import init_table, table_key
+from jaxrec.embedding import table_init
 from jaxrec.embedding.specs import TableSpec
 from jaxrec.errors import ConfigError
 from jaxrec.offload.config import OffloadError, OffloadTable
@@ -50,37 +49,17 @@ def _contexts() -> tuple[ts.Context, ts.Context]:
 
 
 # ------------------------------------------------------------------------------- init
-@functools.partial(jax.jit, static_argnums=(3, 4))
-def _uniform_rows(key_data, base_hi, base_lo, n, dim, scale):
-  """Rows of `jax.random.uniform(key, (rows, dim), f32, -scale, scale)` starting at the
-  element with linear index `base` (the partitionable threefry counter scheme)."""
-  lo = base_lo + jnp.arange(n * dim, dtype=jnp.uint32)
-  hi = base_hi + (lo < base_lo).astype(jnp.uint32)
-  b1, b2 = threefry2x32_p.bind(key_data[0], key_data[1], hi, lo)
-  bits = lax.shift_right_logical(b1 ^ b2, jnp.uint32(9)) | jnp.uint32(0x3F800000)
-  f = lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(1)
-  lo_v, hi_v = -scale, scale
-  return lax.max(lo_v, f * (hi_v - lo_v) + lo_v).reshape(n, dim)
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _rows(words, start, rows: int, dim: int, scale: float):
+  return table_init.row_values(words, start, rows, dim, scale)
 
 
 def init_rows(key: jax.Array, spec: TableSpec, start: int, stop: int) -> np.ndarray:
-  """Rows `[start, stop)` of `init_table(key, spec)` without building the whole table."""
-  base = start * spec.dim
-  kd = jax.random.key_data(table_key(key, spec.name))
-  out = _uniform_rows(kd, jnp.uint32(base >> 32), jnp.uint32(base & 0xFFFFFFFF),
-                      stop - start, spec.dim, jnp.float32(spec.scale))
-  return np.asarray(out.astype(spec.dtype))
-
-
-@functools.lru_cache(maxsize=None)
-def _exact_init_supported(impl: str, dim: int) -> bool:
-  """Checks `init_rows` against `init_table` on a small table (jax's RNG may change)."""
-  if not jax.config.jax_threefry_partitionable or impl != "threefry2x32":
-    return False
-  spec = TableSpec("probe", 37, dim, init_scale=0.5)
-  key = jax.random.key(7)
-  return bool(np.array_equal(np.asarray(init_table(key, spec))[5:30],
-                             init_rows(key, spec, 5, 30)))
+  """Rows `[start, stop)` of `embedding.layout.init_table(key, spec)` without building the
+  whole table."""
+  words = table_init.key_words(key, [spec.name])[0]
+  return np.asarray(_rows(words, jnp.uint32(start), stop - start, spec.dim,
+                          spec.scale).astype(spec.dtype))
 
 
 # ------------------------------------------------------------------------------- store
@@ -183,12 +162,8 @@ class TableStore:
     return f"'{kv['path']}' ({self.off.driver} on {kv['driver']})"
 
   def _write_init(self, key: jax.Array) -> None:
-    exact = _exact_init_supported(str(jax.random.key_impl(key)), self.spec.dim)
     rows = self.spec.rows
     arr = self.readers[TABLE]
-    if not exact:   # jax's RNG changed: take the whole on-device init (small tables only)
-      arr.write(np.asarray(init_table(key, self.spec))).result()
-      return
     for start in range(0, rows, _INIT_BLOCK_ROWS):
       stop = min(rows, start + _INIT_BLOCK_ROWS)
       arr[start:stop].write(init_rows(key, self.spec, start, stop)).result()

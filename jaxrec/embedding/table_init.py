@@ -1,0 +1,122 @@
+"""Initial table values: uniform in `[-scale, scale)`, a pure function of (key, table name,
+row, column).
+
+Element `(r, c)` of table `T` comes from `threefry2x32(key_T, counter = r * dim + c)`:
+23 random bits make a float `f` in `[0, 1)`, and the value is `(f - 1/2) * (2 * scale)`.
+Every step is exact except that one multiplication, so no compiler contraction (FMA) can
+make two kernels disagree. `key_T = fold_in(key, crc32(T))` (`key_words`), so a table's
+values depend neither on the plan nor on the other tables.
+
+Because a value is a function of its coordinates, every consumer computes exactly the values
+it needs with one elementwise kernel:
+- `stack_values` builds a whole stack `[num_slices * slice_rows, dim]` in its stacked layout
+  (zero padding rows included). XLA compiles one random-number kernel per stack instead of
+  one per table shape, and under `out_shardings` each device computes only its own shard.
+- `table_values` builds one table `[rows, dim]`.
+- `row_values` builds rows `[start, stop)` of one table: the offload store fills a table
+  larger than device memory chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend.random import threefry2x32_p
+
+from jaxrec.errors import ConfigError
+
+_MAX_DIM = 1 << 16   # `_counter` splits rows into 16-bit halves
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def key_words(key: jax.Array, names: Sequence[str]) -> jax.Array:
+  """uint32 `[len(names), 2]`: each table's key `fold_in(key, crc32(name))`, as threefry
+  key words (for another key implementation, its first two words)."""
+  crcs = jnp.asarray([zlib.crc32(n.encode()) & 0x7FFFFFFF for n in names], jnp.uint32)
+  keys = jax.vmap(lambda c: jax.random.fold_in(key, c))(crcs)
+  return jax.random.key_data(keys).reshape(len(names), -1)[:, :2]
+
+
+def _counter(row: jax.Array, col: jax.Array, dim: int) -> tuple[jax.Array, jax.Array]:
+  """(hi, lo) uint32 words of the 64-bit `row * dim + col` (row < 2**32, dim < 2**16)."""
+  row = row.astype(jnp.uint32)
+  a = (row >> 16) * jnp.uint32(dim)                 # < 2**32; the counter holds a * 2**16
+  a_hi, a_lo = a >> 16, a << 16
+  b = (row & 0xFFFF) * jnp.uint32(dim) + col.astype(jnp.uint32)   # < 2**32
+  lo = a_lo + b
+  return a_hi + (lo < a_lo).astype(jnp.uint32), lo
+
+
+def threefry2x32(k0, k1, x0, x1) -> tuple[jax.Array, jax.Array]:
+  """Threefry-2x32 (20 rounds), as `jax.extend.random.threefry2x32_p` computes it, on uint32
+  arrays that broadcast together. jax's primitive wants keys of the counters' full shape;
+  here a per-row key `[R, 1]` stays per row, which keeps the kernel vectorised along `dim`
+  (~2x faster than broadcast keys on XLA:CPU)."""
+  def rotl(v, d):
+    return (v << jnp.uint32(d)) | (v >> jnp.uint32(32 - d))
+  ks = (k0, k1, k0 ^ k1 ^ jnp.uint32(0x1BD11BDA))
+  x0, x1 = x0 + ks[0], x1 + ks[1]
+  for i in range(5):
+    for r in _ROTATIONS[i % 2]:
+      x0 = x0 + x1
+      x1 = rotl(x1, r) ^ x0
+    x0 = x0 + ks[(i + 1) % 3]
+    x1 = x1 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
+  return x0, x1
+
+
+def _uniform(words: jax.Array, row: jax.Array, col: jax.Array, dim: int,
+             scale: jax.Array) -> jax.Array:
+  """f32 values of elements `(row, col)` (broadcast together) of tables with key `words`
+  `[..., 2]` and half-width `scale` (both broadcast against `row`)."""
+  if dim >= _MAX_DIM:
+    raise ConfigError(f"table dim {dim} is too large to initialise (at most {_MAX_DIM - 1})")
+  hi, lo = _counter(row, col, dim)
+  b1, b2 = threefry2x32(words[..., 0], words[..., 1], hi, lo)
+  bits = lax.shift_right_logical(b1 ^ b2, jnp.uint32(9)) | jnp.uint32(0x3F800000)
+  f = lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(1)      # k * 2**-23, exact
+  return (f - jnp.float32(0.5)) * (jnp.float32(2) * scale.astype(jnp.float32))
+
+
+def row_values(words: jax.Array, start, rows: int, dim: int, scale: float) -> jax.Array:
+  """f32 `[rows, dim]`: rows `[start, start + rows)` of the table with key `words` `[2]`."""
+  row = (jnp.asarray(start, jnp.uint32) + jnp.arange(rows, dtype=jnp.uint32))[:, None]
+  col = jnp.arange(dim, dtype=jnp.uint32)[None, :]
+  return _uniform(words[None, :], row, col, dim, jnp.float32(scale))
+
+
+def table_values(key: jax.Array, name: str, rows: int, dim: int, scale: float) -> jax.Array:
+  """f32 `[rows, dim]`: the whole table `name`."""
+  return row_values(key_words(key, [name])[0], 0, rows, dim, scale)
+
+
+def stack_values(key: jax.Array, layout, scales: Sequence[float]) -> jax.Array:
+  """f32 `layout.shape`: the stack's tables (`scales[i]` for `layout.slots[i]`) at their
+  rows of the stacked array, zeros in the padding rows."""
+  slots = layout.slots
+  starts = np.asarray([s.table_slice * layout.slice_rows + s.row_offset for s in slots],
+                      np.int64)
+  order = np.argsort(starts, kind="stable")
+  # A row belongs to the last slot starting at or before it; padding lies past its rows.
+  # The sentinel slot -1 (no rows) covers the rows before the first table.
+  first = np.concatenate([[0], starts[order]]).astype(np.int32)
+  count = np.concatenate([[0], [slots[i].rows for i in order]]).astype(np.int32)
+  words = jnp.concatenate([jnp.zeros((1, 2), jnp.uint32),
+                           key_words(key, [slots[i].name for i in order])])
+  scale = jnp.asarray(np.concatenate([[0.0], [scales[i] for i in order]]), jnp.float32)
+  total, dim = layout.shape
+  r = jnp.arange(total, dtype=jnp.int32)
+  slot = jnp.searchsorted(jnp.asarray(first), r, side="right") - 1
+  within = r - jnp.asarray(first)[slot]
+  # Per-row inputs as buffers of their own: gathered inside the elementwise kernel they
+  # kept XLA:CPU from vectorising it (~10x slower).
+  row_words, row_scale, valid = jax.lax.optimization_barrier(
+      (words[slot], scale[slot], within < jnp.asarray(count)[slot]))
+  values = _uniform(row_words[:, None, :], within[:, None],
+                    jnp.arange(dim, dtype=jnp.uint32)[None, :], dim, row_scale[:, None])
+  return jnp.where(valid[:, None], values, jnp.float32(0))

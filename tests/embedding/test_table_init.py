@@ -1,0 +1,69 @@
+"""Initial tables (`embedding.table_init`): built in the stacked layout by one kernel per
+stack, the same values as table by table, on every plan, mesh and dtype."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.extend.random import threefry2x32_p
+
+from jaxrec.embedding import layout as layout_lib, optimizers, table_init
+from jaxrec.embedding.collection import EmbeddingCollection
+from jaxrec.kernels import dequantize
+from jaxrec.sharding.mesh import make_mesh, parse_mesh_spec
+from jaxrec.sharding.plan import uniform_plan
+from tests.embedding.test_collection import FEATURES, TABLES
+
+
+def test_threefry_matches_jax():
+  rng = np.random.default_rng(0)
+  k = rng.integers(0, 2**32, size=(2, 500), dtype=np.uint32)
+  x = rng.integers(0, 2**32, size=(2, 500), dtype=np.uint32)
+  want = threefry2x32_p.bind(*map(jnp.asarray, (k[0], k[1], x[0], x[1])))
+  got = table_init.threefry2x32(*map(jnp.asarray, (k[0], k[1], x[0], x[1])))
+  for w, g in zip(want, got):
+    np.testing.assert_array_equal(g, w)
+
+
+def test_counter_carries_into_the_high_word():
+  row = jnp.asarray([0, 1, 2**28 - 1, 2**28, 2**32 - 1], jnp.uint32)
+  hi, lo = table_init._counter(row, jnp.uint32(5), 16)
+  want = [int(r) * 16 + 5 for r in np.asarray(row)]
+  assert [(int(h) << 32) | int(l) for h, l in zip(hi, lo)] == want
+
+
+def test_rows_are_any_range_of_the_table_and_uniform():
+  key = jax.random.key(3)
+  full = np.asarray(table_init.table_values(key, "t", 1000, 8, 0.25))
+  words = table_init.key_words(key, ["t"])[0]
+  np.testing.assert_array_equal(table_init.row_values(words, 123, 400, 8, 0.25),
+                                full[123:523])
+  assert -0.25 <= full.min() and full.max() < 0.25
+  assert abs(full.mean()) < 0.01 and abs(full.std() - 0.25 / np.sqrt(3)) < 0.005
+  other = np.asarray(table_init.table_values(key, "u", 1000, 8, 0.25))
+  assert not np.allclose(full, other)          # each table has its own key
+
+
+@pytest.mark.parametrize("kind,mesh_spec,dtype", [
+    ("dp", "data=8", "float32"), ("tw", "table=8", "float32"), ("rw", "row=8", "bfloat16"),
+    ("cw", "col=8", "float16"), ("twrw", "data=2,table=2,row=2", "int8"),
+    ("grid", "table=2,row=2,col=2", "float32"), ("tw", "table=3", "int8")])
+def test_stacked_init_equals_the_tables_stacked(kind, mesh_spec, dtype):
+  tables = tuple(dataclasses.replace(t, dtype=dtype) for t in TABLES)
+  mesh = make_mesh(parse_mesh_spec(mesh_spec, 8 if mesh_spec != "table=3" else 3),
+                   jax.devices()[:8 if mesh_spec != "table=3" else 3])
+  coll = EmbeddingCollection.create(tables, FEATURES, uniform_plan(kind, tables,
+                                                                   mesh.shape["table"]),
+                                    mesh, optimizers.RowWiseAdagrad(0.1))
+  key = jax.random.key(11)
+  state = coll.init(key)
+  want = coll.stack_tables({t.name: layout_lib.init_table(key, t) for t in tables})
+  for got, ref in zip(jax.tree.leaves(state), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+  # The same values on one device, whatever the plan (here the first table, as f32).
+  per_table, _ = coll.unstack_tables(state)
+  t0 = tables[0]
+  one = np.asarray(dequantize(layout_lib.init_table(key, t0)))
+  np.testing.assert_array_equal(np.asarray(dequantize(per_table[t0.name])), one)
