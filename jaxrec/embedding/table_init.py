@@ -87,7 +87,7 @@ def row_values(words: jax.Array, start, rows: int, dim: int, scale: float) -> ja
   """f32 `[rows, dim]`: rows `[start, start + rows)` of the table with key `words` `[2]`."""
   row = (jnp.asarray(start, jnp.uint32) + jnp.arange(rows, dtype=jnp.uint32))[:, None]
   col = jnp.arange(dim, dtype=jnp.uint32)[None, :]
-  return _uniform(words[None, :], row, col, dim, jnp.float32(scale))
+  return _uniform(words[None, :], row, col, dim, jnp.asarray(scale, jnp.float32))
 
 
 def table_values(key: jax.Array, name: str, rows: int, dim: int, scale: float) -> jax.Array:

@@ -49,8 +49,8 @@ def _contexts() -> tuple[ts.Context, ts.Context]:
 
 
 # ------------------------------------------------------------------------------- init
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _rows(words, start, rows: int, dim: int, scale: float):
+@functools.partial(jax.jit, static_argnums=(2, 3))   # one compile per block shape
+def _rows(words, start, rows: int, dim: int, scale):
   return table_init.row_values(words, start, rows, dim, scale)
 
 
@@ -59,7 +59,7 @@ def init_rows(key: jax.Array, spec: TableSpec, start: int, stop: int) -> np.ndar
   whole table."""
   words = table_init.key_words(key, [spec.name])[0]
   return np.asarray(_rows(words, jnp.uint32(start), stop - start, spec.dim,
-                          spec.scale).astype(spec.dtype))
+                          jnp.float32(spec.scale)).astype(spec.dtype))
 
 
 # ------------------------------------------------------------------------------- store
