@@ -375,7 +375,8 @@ class CheckpointManager:
     if not manifest or manifest.get("format") != canonical_lib.FORMAT:
       raise ValueError(f"{step_dir} has no jaxrec manifest")
     index = tables_lib.read_index(step_dir / TABLES)
-    with_opt = tables_lib.check_compatible(index, collection, str(step_dir))
+    offloaded = (json_items[META] or {}).get("offload", {}).get("tables")
+    with_opt = tables_lib.check_compatible(index, collection, str(step_dir), offloaded)
     if not with_opt and collection.optimizer.state_layout():
       logging.warning("checkpoint %s has no sparse optimizer state; starting it fresh",
                       step_dir)

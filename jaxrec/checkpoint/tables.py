@@ -229,10 +229,24 @@ def _fits(have, want) -> bool:
   return have[0] == want[0] and widens(have[1], want[1])
 
 
-def check_compatible(index: Mapping, collection, where: str) -> bool:
+def _offload_hint(spec, stored: Mapping, offloaded: Mapping[str, Any] | None) -> str:
+  """Why the rows may differ: an offloaded table's checkpoint holds its device cache."""
+  rows = {s[0][0] for s in stored.values() if s[0]}
+  if offloaded and spec.name in offloaded:
+    return (" (the run that saved it offloaded the table: the checkpoint holds its device "
+            "cache; offload it the same way, OffloadConfig)")
+  if rows and min(rows) > spec.rows:   # an offloaded table's configured rows are its cache
+    return (" (if this run offloads the table: a table the checkpoint holds whole cannot "
+            "resume offloaded)")
+  return ""
+
+
+def check_compatible(index: Mapping, collection, where: str,
+                     offloaded: Mapping[str, Any] | None = None) -> bool:
   """Raises ConfigError unless the stored tables fit the collection's (same arrays and
   shapes; dtypes equal or exactly widened, see `widens`, logged per table); returns
-  whether the sparse optimizer state is stored (False: it starts fresh)."""
+  whether the sparse optimizer state is stored (False: it starts fresh). `offloaded`: the
+  checkpoint's offloaded tables (its metadata), named in the error when rows differ."""
   stored = {n: (tuple(a["shape"]), a["dtype"]) for n, a in index["arrays"].items()}
   want = stored_arrays(collection)
 
@@ -250,7 +264,7 @@ def check_compatible(index: Mapping, collection, where: str) -> bool:
     if set(theirs) != set(ours) or any(theirs[n][0] != ours[n][0] for n in ours):
       have = ", ".join(f"{n} {list(s)} {d}" for n, (s, d) in sorted(theirs.items()))
       raise ConfigError(f"table '{t.name}': checkpoint {where} has {have}; the configuration "
-                        f"has [{t.rows}, {t.dim}] {t.dtype}")
+                        f"has [{t.rows}, {t.dim}] {t.dtype}{_offload_hint(t, theirs, offloaded)}")
     narrow = sorted(n for n in ours if not widens(theirs[n][1], ours[n][1]))
     if narrow:
       have, need = theirs[narrow[0]][1], ours[narrow[0]][1]
