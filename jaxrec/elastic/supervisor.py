@@ -136,7 +136,8 @@ class Supervisor:
     self.events = EventLog(self.workdir, echo=echo)
     self.capacity_file = options.capacity_file or os.path.join(
         self.workdir, worker_lib.CONTROL_DIR, "capacity")
-    self._cap_mtime = None
+    self._cap_seen: tuple | None = None       # (mtime, text) of the last capacity read
+    self._cap_error: tuple | None = None      # what the last unreadable-capacity event was
     self.capacity = (options.num_processes, options.devices_per_process)
     self.lost: list[float] = []               # loss times of slots not yet returned
     self.quarantine: list[float] = []         # until when a slow slot sits out
@@ -228,14 +229,21 @@ class Supervisor:
   def _read_capacity(self, initial: bool = False) -> bool:
     """Re-reads the capacity file when it changed; True if it did."""
     try:
+      with open(self.capacity_file) as f:
+        raw = f.read()
       mtime = os.stat(self.capacity_file).st_mtime_ns
     except FileNotFoundError:
       return False
-    if mtime == self._cap_mtime:
+    except OSError as e:      # e.g. a directory: said once, until the error changes
+      return self._capacity_error(("error", str(e)), e)
+    # An empty file is one being rewritten (`echo 2 > capacity` truncates first): look again
+    # at the next poll. Remembering its mtime lost the write when both fell in one tick of
+    # the file system's clock. The text counts too: a same-tick rewrite changes only it.
+    if not raw.strip() or (mtime, raw) == self._cap_seen:
       return False
-    self._cap_mtime = mtime
+    self._cap_seen = (mtime, raw)
     try:
-      text = open(self.capacity_file).read().strip()
+      text = raw.strip()
       if text.startswith("{"):
         obj = json.loads(text)
         n = int(obj["num_processes"])
@@ -246,15 +254,21 @@ class Supervisor:
         k = int(parts[1]) if len(parts) > 1 else self.capacity[1]
       if n < 0 or k < 1:
         raise ValueError("negative")
-    except (ValueError, KeyError, IndexError, OSError) as e:
-      self.events.emit("capacity", source="file", error=f"unreadable {self.capacity_file}: "
-                       f"{e}; ignored")
-      return False
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+      return self._capacity_error(self._cap_seen, e)
     old = self.capacity
     self.capacity, self.lost = (n, k), []
     self.events.emit("capacity", source="file", num_processes=n, devices_per_process=k,
                      previous=list(old), initial=initial)
     return True
+
+  def _capacity_error(self, seen: tuple, e: Exception) -> bool:
+    """The `capacity` error event, once per distinct content or read error; False."""
+    if seen != self._cap_error:
+      self._cap_error = seen
+      self.events.emit("capacity", source="file", error=f"unreadable {self.capacity_file}: "
+                       f"{e}; ignored")
+    return False
 
   def _plan(self) -> tuple[replan.Choice | None, str]:
     available = self._available()

@@ -222,8 +222,9 @@ def test_requested_stop_waits_for_the_check_step_not_a_periodic_checkpoint(tmp_p
   t.wait_step(w, 0, 0, 2, timeout=120, proc=proc)
   _set_capacity(w, "2\n")
   assert t.finish(proc) == 0
-  names = t.names(t.events(w))
-  assert "scale_up" in names and "stop" not in names          # the worker stopped itself
+  events = t.events(w)
+  names = t.names(events)
+  assert "scale_up" in names and "stop" not in names, events  # the worker stopped itself
   gens = [(x["generation"], x["start"]) for x in runs(w)]
   assert gens[0] == (0, 0) and len(gens) == 3, gens
   assert gens[1] == gens[2] and gens[1][0] == 1 and gens[1][1] in (30, 60, 90), gens

@@ -1,0 +1,52 @@
+"""The supervisor's reading of the capacity file (no workers): a rewrite is never lost."""
+
+import json
+import os
+
+from jaxrec.elastic import supervisor as sup
+
+
+def _supervisor(tmp_path):
+  options = sup.Options(num_processes=4, devices_per_process=2)
+  return sup.Supervisor(options, [f"--workdir={tmp_path}", "--gin_file=configs/x.gin"])
+
+
+def _events(tmp_path):
+  with open(os.path.join(tmp_path, "events.jsonl")) as f:
+    return [json.loads(l) for l in f]
+
+
+def test_rewrite_in_the_same_clock_tick_as_its_truncation_is_read(tmp_path):
+  """`echo 2 > capacity` truncates, then writes. A poll between the two saw an empty file
+  and remembered its mtime; with the write in the same tick of the file system's clock
+  the mtime did not change again, and the new capacity was never read."""
+  s = _supervisor(tmp_path)
+  path = s.capacity_file
+  with open(path, "w") as f:
+    f.write("1\n")
+  assert s._read_capacity(initial=True) and s.capacity == (1, 2)
+  open(path, "w").close()                        # truncated: a poll sees an empty file
+  tick = os.stat(path).st_mtime_ns
+  assert not s._read_capacity()
+  with open(path, "w") as f:
+    f.write("3\n")
+  os.utime(path, ns=(tick, tick))                # the write lands in the same tick
+  assert s._read_capacity() and s.capacity == (3, 2)
+  assert not s._read_capacity()                  # nothing new
+
+
+def test_same_text_rewritten_is_a_fresh_statement_and_errors_are_said_once(tmp_path):
+  s = _supervisor(tmp_path)
+  path = s.capacity_file
+  with open(path, "w") as f:
+    f.write("2\n")
+  assert s._read_capacity(initial=True)
+  s.lost = [1.0]                                 # a slot was lost since
+  os.utime(path, ns=(1, 1))                      # rewritten with the same text
+  assert s._read_capacity() and s.lost == []     # the rewrite returns the lost slot
+  with open(path, "w") as f:
+    f.write('{"num_processes": null}\n')         # was a TypeError that ended the supervisor
+  assert not s._read_capacity() and not s._read_capacity()
+  errors = [e for e in _events(tmp_path) if e.get("error")]
+  assert len(errors) == 1 and "unreadable" in errors[0]["error"], errors
+  assert s.capacity == (2, 2)
