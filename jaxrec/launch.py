@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 from typing import Iterator, Sequence
 
@@ -28,13 +29,32 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
       where = f"{path}:{e.lineno}" if e.lineno else path
       raise ConfigError(f"--gin_file: {where}: {_one_line(e)}") from None
     except Exception as e:  # gin raises ValueError/KeyError with location info
-      raise ConfigError(f"--gin_file: {path}: {_one_line(e)}") from None
+      raise ConfigError(f"--gin_file: {path}: {_one_line(e)}{_set_by(e)}") from None
   for binding in bindings:
     try:
       gin.parse_config(binding)
     except Exception as e:
-      raise ConfigError(f"--gin_bindings: '{binding}': {_one_line(e)}") from None
+      raise ConfigError(f"--gin_bindings: '{binding}': {_one_line(e)}{_set_by(e)}") from None
   gin.finalize()
+
+
+# Where to set what a configurable takes from the trainer (gin refuses those bindings).
+_SET_INSTEAD = {"seed": "--seed", "bad_rows": "--bad_rows",
+                "source": "--train_data / --eval_data (or ExperimentConfig.train_data / eval_data)",
+                "num_dense": "ExperimentConfig.num_dense",
+                "batch_size": "ExperimentConfig.batch_size / eval_batch_size",
+                "synthetic_examples": "ExperimentConfig.num_eval_examples",
+                "features": "ExperimentConfig.embedding", "rows": "ExperimentConfig.embedding",
+                "split": "nothing: the trainer reads its train and eval splits itself"}
+
+
+def _set_by(e: BaseException) -> str:
+  """For gin's "has denylisted kwarg 'X'": where X is set instead."""
+  m = re.search(r"has denylisted kwarg '(\w+)'", str(e))
+  if not m:
+    return ""
+  where = _SET_INSTEAD.get(m.group(1))
+  return f" (the trainer passes it{'; set it with ' + where if where else ' itself'})"
 
 
 def build(make):

@@ -24,6 +24,17 @@ def test_bindings_the_trainer_overrides_are_refused(binding):
     launch.parse_gin(["configs/dlrm_synthetic.gin"], [binding])
 
 
+def test_refused_binding_says_where_to_set_it(tmp_path):
+  with pytest.raises(ConfigError, match=r"denylisted kwarg 'seed'.*\(the trainer passes it; "
+                     r"set it with --seed\)$"):
+    launch.parse_gin(["configs/dlrm_synthetic.gin"], ["make_eval_batches.seed=7"])
+  path = tmp_path / "x.gin"
+  path.write_text("include 'configs/dlrm_synthetic.gin'\n"
+                  "make_eval_batches.synthetic_examples = 5\n")
+  with pytest.raises(ConfigError, match=r"set it with ExperimentConfig.num_eval_examples\)$"):
+    launch.parse_gin([str(path)], [])
+
+
 def test_data_bindings_that_apply():
   launch.parse_gin(["configs/dlrm_synthetic.gin"],
                    ["make_eval_batches.num_examples=100", "make_train_iterator.shuffle=False",
