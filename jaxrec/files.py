@@ -9,18 +9,27 @@ torn `NAME`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from typing import Iterator
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-  """Writes `text` to `path` atomically (see the module docstring); raises the `OSError`."""
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[str]:
+  """Yields a temporary file name for the body to write; on success it replaces `path`
+  (see the module docstring). Raises what the body or the rename raised."""
   path = os.fspath(path)
   tmp = f"{path}.tmp-{os.getpid()}-{time.time_ns()}"
   try:
-    with open(tmp, "w") as f:
-      f.write(text)
+    yield tmp
     os.replace(tmp, path)
   finally:
     if os.path.lexists(tmp):
       os.remove(tmp)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+  """Writes `text` to `path` atomically (see the module docstring); raises the `OSError`."""
+  with atomic_output(path) as tmp, open(tmp, "w") as f:
+    f.write(text)

@@ -103,7 +103,7 @@ def _overlaps(layout, rows: tuple[int, int]):
   """`(slot, piece rows in the table, piece rows in the block)` for slots meeting `rows`."""
   lo, hi = rows
   for slot in layout.slots:
-    start = slot.table_slice * layout.slice_rows + slot.row_offset
+    start = layout.slot_start(slot)
     a, b = max(lo, start), min(hi, start + slot.rows)
     if a < b:
       yield slot, (a - start, b - start), (a - lo, b - lo)

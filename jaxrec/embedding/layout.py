@@ -142,6 +142,10 @@ class StackLayout:
       return quant.QuantizedTable(self.spec(), self.row_spec(), self.row_spec())
     return self.spec()
 
+  def slot_start(self, slot: TableSlot) -> int:
+    """First row of `slot`'s table in the stacked array."""
+    return slot.table_slice * self.slice_rows + slot.row_offset
+
   def feature_row_offsets(self) -> tuple[int, ...]:
     """Per stack feature, the first row of its table inside the table's slice."""
     return tuple(self.slots[t].row_offset for t in self.feature_tables)
@@ -331,7 +335,7 @@ def unstack(layout: StackLayout, stacked) -> dict[str, Any]:
   for x in leaves:
     cut.append({})
     for slot in layout.slots:
-      start = slot.table_slice * layout.slice_rows + slot.row_offset
+      start = layout.slot_start(slot)
       cut[-1][slot.name] = x[start:start + slot.rows]
   return {slot.name: treedef.unflatten([c[slot.name] for c in cut]) for slot in layout.slots}
 

@@ -2,7 +2,7 @@
 
 An offloaded table is an ordinary table of `cache_rows` rows in its stack; slot `s` of it
 is row `base + s` of the stacked array (and of its optimizer state), where `base` is the
-table's first row in the stack (`TableSlot.table_slice * slice_rows + row_offset`). The
+table's first row in the stack (`StackLayout.slot_start`). The
 operations index the global stacked arrays, so they work for every placement kind; jit
 places the gathers and scatters on the devices that own the rows.
 
@@ -40,8 +40,7 @@ def cache_places(collection: EmbeddingCollection, names) -> dict[str, CachePlace
   for l in collection.layouts:
     for s in l.slots:
       if s.name in names:
-        out[s.name] = CachePlace(s.name, l.name, s.table_slice * l.slice_rows + s.row_offset,
-                                 s.rows, l.shape[0])
+        out[s.name] = CachePlace(s.name, l.name, l.slot_start(s), s.rows, l.shape[0])
   return out
 
 

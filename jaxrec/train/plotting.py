@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 
 from jaxrec import jsonl
 from jaxrec.errors import DataError
+from jaxrec.files import atomic_output
 from jaxrec.train.writers import METRICS_FILE
 
 _LOG = logging.getLogger(__name__)
@@ -94,14 +95,10 @@ def plot_metrics(workdirs: Sequence[str], output: str | None = None) -> str:
     raise DataError(f"--output: '{output}' is not an image file name ending in one of "
                     f"{', '.join('.' + f for f in sorted(formats))}")
   fig = figure(workdirs)
-  tmp = f"{output}.tmp-{os.getpid()}"
-  try:
+  try:   # an existing plot stays whole, and no partial image is left, whatever fails
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    fig.savefig(tmp, dpi=100, format=fmt)
-    os.replace(tmp, output)   # an existing plot stays whole if this fails
+    with atomic_output(output) as tmp:
+      fig.savefig(tmp, dpi=100, format=fmt)
   except OSError as e:
     raise DataError(f"--output: cannot write {output}: {e.strerror or e}") from None
-  finally:   # any failure (Ctrl-C too) leaves no partial image behind
-    if os.path.exists(tmp):
-      os.remove(tmp)
   return output
