@@ -20,3 +20,7 @@ class DataError(JaxrecError, ValueError):
 class OffloadError(JaxrecError):
   """The offload tier failed at run time (a tensorstore read or write-back failed, or a
   batch needs more distinct rows than the cache holds); the message names table and path."""
+
+
+class CheckpointError(JaxrecError):
+  """No usable checkpoint: every candidate is corrupt, or a requested step is absent."""

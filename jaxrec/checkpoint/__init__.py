@@ -4,19 +4,20 @@
                       read_only=False)                      gin-configurable
       .save(step, state, collection, data_state=None, meta=None, force=False) -> bool
       .wait() / .close()                                    (also a context manager)
-      .restore(target, collection, step=None, require_finite=False, init=None)
-                                                            -> Restored | None
+      .restore(target, collection, step=None, require_finite=False, init=None,
+               offloaded=None)                              -> Restored | None
       .restore_latest(target, collection) -> (state, data_state) | None
       .all_steps() / .latest_step() / .latest_valid_step(full=False) / .check(step, full)
       .save_arrays(step, tables, table_opt=None, ...)       tables-only checkpoints (import)
-    Restored(state, data_state, meta)
+    Restored(state, data_state, meta, host_tables)
     CheckpointError                                         no usable checkpoint
     all_finite(state) -> bool
 
 Modules: `manager` (the above), `canonical` (names, dense part, fingerprints), `tables`
 (per-table zarr store written from / read into the stacked shards), `storage` (direct
 streaming reads of a step), `convert` (npz / zarr export, copy for another mesh or plan,
-TorchRec import; CLI: `scripts/convert_checkpoint.py`).
+TorchRec import; CLI: `scripts/convert_checkpoint.py`), `offloaded` (offloaded tables'
+snapshots; tables that changed tier since the save).
 """
 
 from jaxrec.checkpoint.manager import CheckpointError, CheckpointManager, Restored, all_finite

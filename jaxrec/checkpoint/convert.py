@@ -41,6 +41,7 @@ from absl import logging
 from etils import epath
 
 from jaxrec.checkpoint import canonical as canonical_lib
+from jaxrec.checkpoint import offloaded as offloaded_lib
 from jaxrec.checkpoint import storage
 from jaxrec.checkpoint.manager import CheckpointError, CheckpointManager
 from jaxrec.embedding import layout as layout_lib
@@ -146,48 +147,13 @@ def _metadata(step_dir, step) -> dict:
           "data_state": storage.read_json(step_dir, storage.DATA_STATE)}
 
 
-def offload_snapshot(step_dir) -> tuple[str, dict] | None:
-  """`(snapshot directory, {table: info})` when checkpoint `step_dir` has offloaded tables
-  (their full values are in the offload snapshot of its step), else None. The snapshot
-  directory is the one recorded at save time or, if that moved, `../offload_snapshots`
-  beside the checkpoint directory. Raises `CheckpointError` when neither has the step."""
-  from jaxrec.offload import snapshots  # pylint: disable=import-outside-toplevel
-  step_dir = epath.Path(step_dir)
-  info = storage.read_json(step_dir, storage.META).get("offload")
-  if not info or not info.get("tables"):
-    return None
-  step = int(step_dir.name)
-  candidates = [info.get("snapshots"), str(step_dir.parent.parent / "offload_snapshots")]
-  for directory in filter(None, candidates):
-    if step in snapshots.steps(directory):
-      return directory, info["tables"]
-  raise CheckpointError(f"checkpoint {step_dir} has offloaded tables {sorted(info['tables'])} "
-                        f"but no offload snapshot of step {step} (looked in "
-                        f"{', '.join(filter(None, candidates))})")
-
-
-def _offloaded_arrays(step_dir) -> dict:
-  """`{canonical name: tensorstore}` of the offloaded tables' full arrays (none: {})."""
-  found = offload_snapshot(step_dir)
-  if found is None:
-    return {}
-  from jaxrec.offload import snapshots  # pylint: disable=import-outside-toplevel
-  directory, tables = found
-  out = {}
-  for table in sorted(tables):
-    for name, array in snapshots.open_table(directory, int(epath.Path(step_dir).name),
-                                            table).items():
-      out[f"tables/{table}" if name == "table" else f"table_opt/{table}/{name[4:]}"] = array
-  return out
-
-
 def _exported_arrays(step_dir):
   """Yields `(export name, tensorstore, saved fingerprint or None)`, sorted by name.
   Offloaded tables come from their snapshot (no saved fingerprint)."""
   manifest = storage.check_step(step_dir)
   arrays = storage.open_arrays(step_dir)
   saved = storage.saved_fingerprints(step_dir, manifest, arrays)
-  offloaded = _offloaded_arrays(step_dir)
+  offloaded = offloaded_lib.snapshot_arrays(step_dir)
   for name in offloaded:
     if name not in arrays:
       raise CheckpointError(f"offload snapshot of {step_dir} holds '{name}', which the "
@@ -333,7 +299,7 @@ def export_checkpoint(checkpoint_dir, output, step: int | None = None,
   dest = output / str(step)
   if dest.exists():
     raise ConfigError(f"--output: {dest} already exists")
-  snapshot = offload_snapshot(step_dir)
+  snapshot = offloaded_lib.snapshot_of(step_dir)
   snap_dest = output.parent / "offload_snapshots" / str(step)
   if snapshot is not None and snap_dest.exists():
     raise ConfigError(f"--output: {snap_dest} (offload snapshot of step {step}) already exists")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import time
+import types
 from typing import Any, Mapping, NamedTuple
 
 import gin
@@ -47,17 +48,14 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxrec.checkpoint import canonical as canonical_lib
+from jaxrec.checkpoint import offloaded as offloaded_lib
 from jaxrec.checkpoint import storage
 from jaxrec.checkpoint import tables as tables_lib
 from jaxrec.checkpoint.storage import DATA_STATE, ITEMS, MANIFEST, META, STATE, TABLES
-from jaxrec.errors import ConfigError, JaxrecError
+from jaxrec.errors import CheckpointError, ConfigError  # noqa: F401 (CheckpointError: re-exported)
 from jaxrec.sharding.mesh import mesh_shape
 
 REJECTED_DIR = "rejected"
-
-
-class CheckpointError(JaxrecError):
-  """No usable checkpoint: every candidate is corrupt, or a requested step is absent."""
 
 
 class Restored(NamedTuple):
@@ -67,10 +65,14 @@ class Restored(NamedTuple):
     and plan (`emb` sharded by `collection.shardings()`, dense leaves as in `target`).
   data_state: the data iterator's state saved with it (JSON dict).
   meta: the run metadata saved with it (JSON dict).
+  host_tables: `{table: offloaded.StoredTable}`: tables the checkpoint holds whole that
+    this run offloads (`restore(offloaded=...)`); `state` holds zeros for their device
+    caches, and the offload tier fills their stores from these (`OffloadTier.restore`).
   """
   state: dict
   data_state: dict
   meta: dict
+  host_tables: Mapping[str, Any] = types.MappingProxyType({})
 
 
 def _jsonable(x):
@@ -294,7 +296,8 @@ class CheckpointManager:
 
   # ----------------------------------------------------------------------------- restore
   def restore(self, target: Mapping, collection, step: int | None = None,
-              require_finite: bool = False, init=None) -> Restored | None:
+              require_finite: bool = False, init=None,
+              offloaded: Mapping[str, Any] | None = None) -> Restored | None:
     """Restores the newest usable checkpoint (at or before `step` when given).
 
     Tries steps newest first. A step that cannot be read or fails its fingerprint check
@@ -318,9 +321,13 @@ class CheckpointManager:
         `state.create_dense`) of the dense keys the checkpoint lacks, which then do not come
         from `target` (a NaN rollback to a tables-only import must not keep the diverged
         dense parameters).
+      offloaded: `{table: TableSpec}` (the whole table) of the tables this run offloads,
+        whose `collection` spec is their device cache. Tables may have moved since the
+        save: one offloaded then is read whole from its offload snapshot, one offloaded
+        now comes back in `Restored.host_tables` (see `offloaded`).
 
     Returns:
-      `Restored(state, data_state, meta)`, or None if `directory` has no checkpoint.
+      `Restored`, or None if `directory` has no checkpoint.
 
     Raises:
       ConfigError: the checkpoint does not fit the configuration (tables, shapes, dense
@@ -340,7 +347,7 @@ class CheckpointManager:
     skipped = []
     for s in reversed(steps):
       try:
-        restored = self._restore_step(s, collection, target, init)
+        restored = self._restore_step(s, collection, target, init, offloaded)
       except ConfigError:
         raise
       except Exception as e:  # pylint: disable=broad-except
@@ -366,17 +373,21 @@ class CheckpointManager:
     restored = self.restore(target, collection)
     return None if restored is None else (restored.state, restored.data_state)
 
-  def _restore_step(self, step, collection, target, init=None) -> Restored:
+  def _restore_step(self, step, collection, target, init=None, offloaded=None) -> Restored:
     step_dir = self.step_dir(step)
     json_items = self._mgr.restore(step, args=ocp.args.Composite(**{
         MANIFEST: ocp.args.JsonRestore(), DATA_STATE: ocp.args.JsonRestore(),
         META: ocp.args.JsonRestore()}))
-    manifest = json_items[MANIFEST]
+    manifest, meta = json_items[MANIFEST], json_items[META] or {}
     if not manifest or manifest.get("format") != canonical_lib.FORMAT:
       raise ValueError(f"{step_dir} has no jaxrec manifest")
-    index = tables_lib.read_index(step_dir / TABLES)
-    offloaded = (json_items[META] or {}).get("offload", {}).get("tables")
-    with_opt = tables_lib.check_compatible(index, collection, str(step_dir), offloaded)
+    # tables offloaded when saved but not now are read whole from the offload snapshot;
+    # tables offloaded now but not then go whole to the tier (`host_tables`)
+    then = set((meta.get("offload") or {}).get("tables") or {})
+    to_host = {n: s for n, s in (offloaded or {}).items() if n not in then}
+    sources = offloaded_lib.snapshot_arrays(step_dir, sorted(then - set(offloaded or {})))
+    index = offloaded_lib.with_sources(tables_lib.read_index(step_dir / TABLES), sources)
+    with_opt = tables_lib.check_compatible(index, collection, str(step_dir), to_host)
     if not with_opt and collection.optimizer.state_layout():
       logging.warning("checkpoint %s has no sparse optimizer state; starting it fresh",
                       step_dir)
@@ -384,7 +395,7 @@ class CheckpointManager:
     abstract = self._abstract_dense(manifest, collection, target, step_dir)
     restored = self._mgr.restore(step, args=ocp.args.Composite(**{
         STATE: ocp.args.StandardRestore(abstract),
-        TABLES: tables_lib.TablesRestore(collection, with_opt)}))
+        TABLES: tables_lib.TablesRestore(collection, with_opt, sources, tuple(to_host))}))
     dense, (emb, table_prints) = restored[STATE], restored[TABLES]
     self._verify(dense, manifest, table_prints, step_dir)
 
@@ -406,7 +417,8 @@ class CheckpointManager:
                         f"{manifest['contents']}); pass initial values (arrays) for them in "
                         "`target`")
     state["emb"] = emb
-    return Restored(state, json_items[DATA_STATE] or {}, json_items[META] or {})
+    host = offloaded_lib.stored_tables(step_dir / TABLES, to_host, with_opt, str(step_dir))
+    return Restored(state, json_items[DATA_STATE] or {}, meta, host)
 
   def _abstract_dense(self, manifest, collection, target, step_dir) -> dict:
     """ShapeDtypeStructs (with shardings) of the stored dense tree, after checking it

@@ -77,13 +77,21 @@ def stored_arrays(collection) -> dict[str, tuple[tuple[int, ...], str]]:
   modify the result)."""
   out = {}
   for t in collection.tables:
-    if "/" in t.name or t.name.startswith("."):
-      raise ConfigError(f"table '{t.name}': names with '/' or a leading '.' cannot be stored")
-    abstract = jax.eval_shape(lambda t=t: layout_lib.init_table(jax.random.key(0), t))
-    for leaf, a in canonical_lib.leaf_names(abstract):
-      out[table_name(t.name, leaf)] = (tuple(a.shape), str(np.dtype(a.dtype)))
-    for k, (per, _) in collection.optimizer.state_layout().items():
-      out[opt_name(t.name, k)] = ((t.rows, t.dim) if per == "element" else (t.rows,), "float32")
+    out.update(table_arrays(t, collection.optimizer))
+  return out
+
+
+def table_arrays(spec, optimizer) -> dict[str, tuple[tuple[int, ...], str]]:
+  """`{array name: (shape, dtype)}` of one table (`TableSpec`) and its optimizer state."""
+  if "/" in spec.name or spec.name.startswith("."):
+    raise ConfigError(f"table '{spec.name}': names with '/' or a leading '.' cannot be stored")
+  out = {}
+  abstract = jax.eval_shape(lambda: layout_lib.init_table(jax.random.key(0), spec))
+  for leaf, a in canonical_lib.leaf_names(abstract):
+    out[table_name(spec.name, leaf)] = (tuple(a.shape), str(np.dtype(a.dtype)))
+  for k, (per, _) in optimizer.state_layout().items():
+    out[opt_name(spec.name, k)] = ((spec.rows, spec.dim) if per == "element" else (spec.rows,),
+                                   "float32")
   return out
 
 
@@ -229,28 +237,21 @@ def _fits(have, want) -> bool:
   return have[0] == want[0] and widens(have[1], want[1])
 
 
-def _offload_hint(spec, stored: Mapping, offloaded: Mapping[str, Any] | None) -> str:
-  """Why the rows may differ: an offloaded table's checkpoint holds its device cache."""
-  rows = {s[0][0] for s in stored.values() if s[0]}
-  if offloaded and spec.name in offloaded:
-    return (" (the run that saved it offloaded the table: the checkpoint holds its device "
-            "cache; offload it the same way, OffloadConfig)")
-  if rows and min(rows) > spec.rows:   # an offloaded table's configured rows are its cache
-    return (" (if this run offloads the table: a table the checkpoint holds whole cannot "
-            "resume offloaded)")
-  return ""
-
-
 def check_compatible(index: Mapping, collection, where: str,
-                     offloaded: Mapping[str, Any] | None = None) -> bool:
+                     specs: Mapping[str, Any] | None = None) -> bool:
   """Raises ConfigError unless the stored tables fit the collection's (same arrays and
   shapes; dtypes equal or exactly widened, see `widens`, logged per table); returns
-  whether the sparse optimizer state is stored (False: it starts fresh). `offloaded`: the
-  checkpoint's offloaded tables (its metadata), named in the error when rows differ."""
+  whether the sparse optimizer state is stored (False: it starts fresh). `specs`
+  (`{table: TableSpec}`) replaces the collection's spec of a table the checkpoint must
+  hold differently: a table this run offloads is a cache in the collection, but the
+  checkpoint of an on-device run holds it whole."""
   stored = {n: (tuple(a["shape"]), a["dtype"]) for n, a in index["arrays"].items()}
-  want = stored_arrays(collection)
+  want = dict(stored_arrays(collection))
+  for spec in (specs or {}).values():
+    want = {n: v for n, v in want.items() if n.split("/")[1] != spec.name}
+    want.update(table_arrays(spec, collection.optimizer))
 
-  def of_table(arrays, table):
+  def tables_of(arrays, table):
     return {n: v for n, v in arrays.items() if n.split("/")[:2] == ["tables", table]}
 
   have_tables = {n.split("/")[1] for n in stored if n.startswith("tables/")}
@@ -259,12 +260,12 @@ def check_compatible(index: Mapping, collection, where: str,
     raise ConfigError(f"checkpoint {where} has tables {sorted(have_tables)} but the "
                       f"configuration has {sorted(names)} (missing: "
                       f"{sorted(names - have_tables)}, extra: {sorted(have_tables - names)})")
-  for t in collection.tables:
-    theirs, ours = of_table(stored, t.name), of_table(want, t.name)
+  for t in [(specs or {}).get(t.name, t) for t in collection.tables]:
+    theirs, ours = tables_of(stored, t.name), tables_of(want, t.name)
     if set(theirs) != set(ours) or any(theirs[n][0] != ours[n][0] for n in ours):
       have = ", ".join(f"{n} {list(s)} {d}" for n, (s, d) in sorted(theirs.items()))
       raise ConfigError(f"table '{t.name}': checkpoint {where} has {have}; the configuration "
-                        f"has [{t.rows}, {t.dim}] {t.dtype}{_offload_hint(t, theirs, offloaded)}")
+                        f"has [{t.rows}, {t.dim}] {t.dtype}")
     narrow = sorted(n for n in ours if not widens(theirs[n][1], ours[n][1]))
     if narrow:
       have, need = theirs[narrow[0]][1], ours[narrow[0]][1]
@@ -291,18 +292,22 @@ def check_compatible(index: Mapping, collection, where: str,
 
 def _read_block(layout, name_of, shape, dtype, bounds, handles, prints):
   """The block `bounds` of one stacked array, assembled from table pieces (each
-  fingerprinted as stored, then widened to `dtype` if stored narrower)."""
+  fingerprinted as stored, then widened to `dtype` if stored narrower). Slots of tables
+  without a handle stay zero."""
   block = np.zeros(tuple(b - a for a, b in bounds), dtype)
   reads = []
   for slot, (t0, t1), (b0, b1) in _overlaps(layout, bounds[0]):
     name = name_of(slot.name)
+    if name not in handles:
+      continue
     src = (slice(t0, t1),) + tuple(slice(a, b) for a, b in bounds[1:])
     reads.append((name, (t0,) + tuple(a for a, _ in bounds[1:]), (b0, b1),
                   handles[name][src].read()))
   for name, start, (b0, b1), fut in reads:
     data = fut.result()
-    prints[name] = (prints[name] + fingerprint_np(data, tuple(handles[name].shape),
-                                                   start)) & 0xFFFFFFFF
+    if name in prints:
+      prints[name] = (prints[name] + fingerprint_np(data, tuple(handles[name].shape),
+                                                     start)) & 0xFFFFFFFF
     block[b0:b1] = data   # exact: `check_compatible` allows only widening
   return block
 
@@ -324,7 +329,7 @@ def _read_array(l, name_of, abstract, sharding, handles, prints) -> jax.Array:
   for bounds, devices in by_block.items():
     mine = owners[bounds].process_index == jax.process_index()
     block = _read_block(l, name_of, shape, dtype, bounds, handles,
-                        prints if mine else dict.fromkeys(prints, 0))
+                        prints if mine else {})
     for device in devices:
       placed[device] = jax.device_put(block, device)
     jax.block_until_ready([placed[d] for d in devices])   # the host copy may go now
@@ -333,14 +338,24 @@ def _read_array(l, name_of, abstract, sharding, handles, prints) -> jax.Array:
   return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
-def read_state(directory: epath.PathLike, collection, with_opt: bool) -> tuple[dict, dict]:
+def read_state(directory: epath.PathLike, collection, with_opt: bool,
+               sources: Mapping[str, ts.TensorStore] | None = None,
+               skip: tuple[str, ...] = ()) -> tuple[dict, dict]:
   """Builds the `EmbeddingState` on the collection's mesh and plan from the stored
   tables (fresh optimizer state unless `with_opt`). Returns it with `{array name:
-  fingerprint}` of what this process read (summed over processes: the whole arrays)."""
+  fingerprint}` of what this process read from `directory` (summed over processes: the
+  whole arrays).
+
+  `sources` (`{array name: tensorstore}`) are read instead of the stored arrays of those
+  names and not fingerprinted (an offloaded table's whole arrays from its snapshot, where
+  the checkpoint holds its device cache). The tables in `skip` are not read: their rows
+  stay zero (the device cache of a table this run offloads, refilled from its store)."""
   directory = epath.Path(directory)
-  names = [n for n in stored_arrays(collection) if with_opt or n.startswith("tables/")]
-  handles = {n: open_stored(directory, n) for n in names}
-  prints = {n: 0 for n in names}
+  sources = dict(sources or {})
+  names = [n for n in stored_arrays(collection)
+           if (with_opt or n.startswith("tables/")) and n.split("/")[1] not in skip]
+  handles = {n: sources.get(n) or open_stored(directory, n) for n in names}
+  prints = {n: 0 for n in names if n not in sources}
   abstract, shardings = _abstract_state(collection), collection.shardings()
   out = {"tables": {}, "opt": {}}
   for l in collection.layouts:
@@ -384,7 +399,7 @@ class TableStoreHandler(ocp.AsyncCheckpointHandler):
     asyncio.run(write_pieces(epath.Path(directory), args.arrays, args.pieces, args.chunk_bytes))
 
   def restore(self, directory: epath.Path, args: "TablesRestore" = None):
-    return read_state(directory, args.collection, args.with_opt)
+    return read_state(directory, args.collection, args.with_opt, args.sources, args.skip)
 
   def metadata(self, directory: epath.Path):
     return read_index(directory)
@@ -405,5 +420,8 @@ class TablesSave(ocp.args.CheckpointArgs):
 @ocp.args.register_with_handler(TableStoreHandler, for_restore=True)
 @dataclasses.dataclass
 class TablesRestore(ocp.args.CheckpointArgs):
+  """The collection to restore into; `sources` and `skip` as in `read_state`."""
   collection: Any
   with_opt: bool = True
+  sources: Mapping[str, Any] | None = None
+  skip: tuple[str, ...] = ()

@@ -192,6 +192,17 @@ class TableStore:
       raise OffloadError(f"offloaded table '{self.spec.name}': write-back of {len(rows)} rows "
                          f"to {self._where(TABLE)} failed: {_status(e)}") from None
 
+  def write_block(self, name: str, start: int, values: np.ndarray) -> None:
+    """Writes `values` `[n, ...]` to rows `[start, start + n)` of array `name`, converted
+    to its dtype (e.g. widened from a checkpoint's float16), and waits for the commit."""
+    try:
+      self.arrays[name][start:start + len(values)].write(
+          np.asarray(values, self.array_dtype(name))).result()
+    except Exception as e:
+      raise OffloadError(f"offloaded table '{self.spec.name}': writing rows {start}.."
+                         f"{start + len(values)} of {self._where(name)} failed: "
+                         f"{_status(e)}") from None
+
   def read_all(self, name: str, start: int, stop: int) -> np.ndarray:
     return self.readers[name][start:stop].read().result()
 

@@ -46,10 +46,11 @@ import dataclasses
 import queue
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 
 from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
@@ -214,12 +215,25 @@ class OffloadTier:
       return snapshots.save(directory, step, {n: t.store for n, t in self.tables.items()},
                             self.keep)
 
-  def restore(self, step: int, directory: str) -> None:
+  def restore(self, step: int, directory: str, imported: Mapping[str, Any] | None = None
+              ) -> None:
     """Replaces the stores by the snapshot of `step` and empties the caches: the next
-    batches read every row from the restored stores. Works on any device count."""
-    path = snapshots.locate(directory, step, {n: t.spec for n, t in self.tables.items()})
+    batches read every row from the restored stores. Works on any device count.
+
+    `imported` (`{table: checkpoint.offloaded.StoredTable}`, `Restored.host_tables`):
+    tables the checkpoint holds whole (saved on the device, or an import); their stores
+    are written afresh from it, and the snapshot need not hold them."""
+    imported = dict(imported or {})
+    rest = {n: t.spec for n, t in self.tables.items() if n not in imported}
+    path = snapshots.locate(directory, step, rest) if rest else None
     self._reset_all()
     for name, t in self.tables.items():
+      if name in imported:
+        logging.info("offloaded table '%s': writing its store from %s", name,
+                 imported[name].where)
+        t.store.create(None)
+        imported[name].copy_to(t.store)
+        continue
       try:
         t.store.restore_snapshot(f"{path}/{name}")
       except ConfigError as e:

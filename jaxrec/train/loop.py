@@ -138,16 +138,19 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
 
   def resume_from(restored) -> dict:
     """Points the offload tier and the data stream at a restored checkpoint."""
-    if tier is not None:
-      tier.restore(int(restored.state["step"]), snapshots)
+    if tier is not None:   # tables saved on the device are written to their stores
+      tier.restore(int(restored.state["step"]), snapshots, restored.host_tables)
     train_it.set_state(restored.data_state or initial_data_state)   # {}: a tables-only import
     return restored.state
 
   def fresh_dense():   # the dense values a tables-only checkpoint (an import) lacks
     return state_lib.create_dense(config, collection, options.seed)
 
+  # the full specs of offloaded tables (the collection holds their caches): the checkpoint
+  # may hold them whole, or be of a run that offloaded tables this one keeps on the device
+  offloaded = {n: t.spec for n, t in tier.tables.items()} if tier is not None else None
   start = 0
-  restored = ckpt.restore(state, collection, init=fresh_dense)
+  restored = ckpt.restore(state, collection, init=fresh_dense, offloaded=offloaded)
   if restored is not None:
     state = resume_from(restored)
     start = int(state["step"])
@@ -218,7 +221,8 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
                               f"checkpoint in {ckpt.directory} is untouched")
         rollbacks += 1
         skip_positions.add(bad_position)
-        restored = ckpt.restore(state, collection, require_finite=True, init=fresh_dense)
+        restored = ckpt.restore(state, collection, require_finite=True, init=fresh_dense,
+                                offloaded=offloaded)
         if restored is None:      # nothing saved yet: start over from the initial state
           state = state_lib.create(config, collection, options.seed)
           if tier is not None:

@@ -39,7 +39,8 @@ def test_round_trip_is_bitwise(tmp_path, coll, typed_key):
     mgr.wait()
     assert mgr.all_steps() == [7]
     assert mgr.latest_valid_step(full=True) == 7
-    state2, data_state, meta = mgr.restore(state, coll)
+    state2, data_state, meta, host_tables = mgr.restore(state, coll)
+  assert host_tables == {}
   h.assert_tables_equal(coll, state, coll, state2)
   h.assert_dense_equal(state, state2)
   assert int(state2["step"]) == 7

@@ -1,6 +1,7 @@
-"""A checkpoint whose table rows differ from the configuration: the error names the table
-and, where offloading explains it, says so (an offloaded table's checkpoint holds its
-device cache)."""
+"""A checkpoint whose table rows differ from the configuration: the error names the table.
+A table this run offloads is checked whole (`specs`), not as its device cache."""
+
+import dataclasses
 
 import pytest
 
@@ -19,13 +20,19 @@ def _index(collection, rows_of_t0):
   return {"arrays": arrays}
 
 
-def test_rows_of_an_offloaded_table_name_its_cache():
+def test_rows_that_differ_name_the_table():
   coll = h.collection("rw", 8)          # t0 has 13 rows here
-  with pytest.raises(ConfigError, match=r"table 't0': .*the configuration has \[13, 8\] "
-                     r"float32 \(the run that saved it offloaded the table"):
-    tables_lib.check_compatible(_index(coll, 4), coll, "W/7", offloaded={"t0": {}})
-  with pytest.raises(ConfigError, match=r"\[13, 8\] float32 \(if this run offloads the "
-                     "table: a table the checkpoint holds whole cannot resume offloaded\\)"):
-    tables_lib.check_compatible(_index(coll, 100), coll, "W/7")
-  with pytest.raises(ConfigError, match=r"has \[13, 8\] float32$"):   # fewer rows: no hint
-    tables_lib.check_compatible(_index(coll, 4), coll, "W/7")
+  for rows in (4, 100):
+    with pytest.raises(ConfigError, match=r"table 't0': checkpoint W/7 has tables/t0 "
+                       rf"\[{rows}, 8\] float32; the configuration has \[13, 8\] float32$"):
+      tables_lib.check_compatible(_index(coll, rows), coll, "W/7")
+
+
+def test_an_offloaded_table_is_checked_whole():
+  coll = h.collection("rw", 8)          # as if t0's 13 rows were the cache of 100
+  t0 = next(t for t in coll.tables if t.name == "t0")
+  whole = {"t0": dataclasses.replace(t0, rows=100)}
+  assert tables_lib.check_compatible(_index(coll, 100), coll, "W/7", whole) is True
+  with pytest.raises(ConfigError, match=r"tables/t0 \[13, 8\] float32; the configuration "
+                     r"has \[100, 8\] float32$"):
+    tables_lib.check_compatible(_index(coll, 13), coll, "W/7", whole)

@@ -1,0 +1,139 @@
+"""Offloaded tables in checkpoints, and tables that changed tier since the save.
+
+A table offloaded by the run that saved a checkpoint (`jaxrec.offload`) is stored there as
+its device cache; its whole arrays are in the offload snapshot of the same step
+(`W/offload_snapshots/<step>`, named in the checkpoint's `meta["offload"]`). A run may
+restore with a table moved between device and host:
+
+- offloaded then, on the device now: the whole arrays are read from the snapshot
+  (`snapshot_arrays`, given to `tables.read_state` as `sources`);
+- on the device then (or an imported tables-only checkpoint), offloaded now: the
+  checkpoint's whole arrays are copied into the new run's tensorstore store
+  (`StoredTable.copy_to`), every block fingerprinted against the value saved with it.
+
+Both work on any device count and plan, like every restore.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Mapping
+
+import tensorstore as ts
+from etils import epath
+
+from jaxrec.checkpoint import storage
+from jaxrec.checkpoint import tables as tables_lib
+from jaxrec.checkpoint.canonical import fingerprint_np
+from jaxrec.errors import CheckpointError
+
+STORE_TABLE = "table"   # a store's array names (`offload.store.TableStore.names`)
+STORE_OPT = "opt."
+
+
+def stored_name(table: str, store_name: str) -> str:
+  """Checkpoint array name of a store array (`table` → `tables/<t>`, `opt.<k>` →
+  `table_opt/<t>/<k>`)."""
+  if store_name == STORE_TABLE:
+    return tables_lib.table_name(table)
+  return tables_lib.opt_name(table, store_name[len(STORE_OPT):])
+
+
+def snapshot_of(step_dir) -> tuple[str, dict] | None:
+  """`(snapshot directory, {table: info})` when checkpoint `step_dir` has offloaded tables
+  (their full values are in the offload snapshot of its step), else None. The snapshot
+  directory is the one recorded at save time or, if that moved, `../offload_snapshots`
+  beside the checkpoint directory. Raises `CheckpointError` when neither has the step."""
+  from jaxrec.offload import snapshots  # pylint: disable=import-outside-toplevel
+  step_dir = epath.Path(step_dir)
+  info = storage.read_json(step_dir, storage.META).get("offload")
+  if not info or not info.get("tables"):
+    return None
+  step = int(step_dir.name)
+  candidates = [info.get("snapshots"), str(step_dir.parent.parent / "offload_snapshots")]
+  for directory in filter(None, candidates):
+    if step in snapshots.steps(directory):
+      return directory, info["tables"]
+  raise CheckpointError(f"checkpoint {step_dir} has offloaded tables {sorted(info['tables'])} "
+                        f"but no offload snapshot of step {step} (looked in "
+                        f"{', '.join(filter(None, candidates))})")
+
+
+def snapshot_arrays(step_dir, tables: Iterable[str] | None = None) -> dict[str, ts.TensorStore]:
+  """`{checkpoint array name: tensorstore}` of the offloaded tables' whole arrays in the
+  snapshot of checkpoint `step_dir` (only `tables` when given; none offloaded: {})."""
+  if tables is not None and not list(tables):
+    return {}
+  found = snapshot_of(step_dir)
+  if found is None:
+    return {}
+  from jaxrec.offload import snapshots  # pylint: disable=import-outside-toplevel
+  directory, offloaded = found
+  out = {}
+  for table in sorted(offloaded if tables is None else tables):
+    for name, array in snapshots.open_table(directory, int(epath.Path(step_dir).name),
+                                            table).items():
+      out[stored_name(table, name)] = array
+  return out
+
+
+def with_sources(index: Mapping, sources: Mapping[str, ts.TensorStore]) -> dict:
+  """`index` (`tables.read_index`) with the arrays of the tables in `sources` replaced by
+  the shapes and dtypes of `sources`."""
+  tables = {n.split("/")[1] for n in sources}
+  arrays = {n: a for n, a in index["arrays"].items() if n.split("/")[1] not in tables}
+  for name, array in sources.items():
+    arrays[name] = {"shape": list(array.shape), "dtype": array.dtype.numpy_dtype.name}
+  return dict(index, arrays=arrays)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredTable:
+  """A table a checkpoint holds whole, for a run that offloads it.
+
+  Attributes:
+    name: the table.
+    where: the checkpoint's step directory (for messages).
+    arrays: `{store array name: tensorstore}` (`table`, `opt.<name>`; no optimizer state
+      when the checkpoint has none).
+    fingerprints: `{store array name: fingerprint saved with the checkpoint}`.
+  """
+
+  name: str
+  where: str
+  arrays: Mapping[str, Any]
+  fingerprints: Mapping[str, int]
+
+  def copy_to(self, store) -> None:
+    """Writes the arrays into `store` (an `offload.store.TableStore` just created; its
+    other arrays keep their initial values), block by block, widening as configured.
+    Raises `CheckpointError` when what was read differs from what was saved."""
+    for name, array in self.arrays.items():
+      shape, total = tuple(array.shape), 0
+      for start, block in storage.row_blocks(array):
+        total = (total + fingerprint_np(block, shape, (start,))) & 0xFFFFFFFF
+        store.write_block(name, start, block)
+      if total != self.fingerprints[name]:
+        raise CheckpointError(
+            f"table '{self.name}': '{stored_name(self.name, name)}' in {self.where} fails its "
+            "fingerprint check (the stored data differ from what was saved); restore an "
+            "earlier step (move this one aside)")
+
+
+def stored_tables(tables_dir, tables: Iterable[str], with_opt: bool,
+                  where: str) -> dict[str, StoredTable]:
+  """`{table: StoredTable}` of `tables` in the checkpoint's `embeddings` item `tables_dir`
+  (with their optimizer state when `with_opt`)."""
+  index = tables_lib.read_index(tables_dir)
+  saved = tables_lib.saved_fingerprints(tables_dir)
+  out = {}
+  for table in tables:
+    names = {STORE_TABLE: tables_lib.table_name(table)}
+    if with_opt:
+      prefix = tables_lib.opt_name(table, "")
+      names.update({STORE_OPT + n[len(prefix):]: n for n in index["arrays"]
+                    if n.startswith(prefix)})
+    out[table] = StoredTable(table, where,
+                             {k: tables_lib.open_stored(tables_dir, n) for k, n in names.items()},
+                             {k: saved[n] for k, n in names.items()})
+  return out

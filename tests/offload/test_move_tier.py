@@ -1,0 +1,86 @@
+"""A table moved between device and host between runs: the run resumes from the other
+tier's checkpoint (on another mesh and plan) and continues as if nothing had moved."""
+
+import json
+
+import gin
+import numpy as np
+import pytest
+
+from jaxrec import launch
+from jaxrec.checkpoint import CheckpointManager
+from jaxrec.errors import CheckpointError
+from jaxrec.offload import snapshots
+from jaxrec.train import config as config_lib, loop
+from tests.scripts.test_train import export
+
+BINDINGS = ["ExperimentConfig.batch_size=128", "ExperimentConfig.eval_batch_size=512",
+            "ExperimentConfig.num_eval_examples=512", "DLRM.bottom_mlp=(16,)",
+            "DLRM.top_mlp=(16,1)", "ExperimentConfig.sparse_optimizer=@Adagrad()"]
+OFFLOAD = ["OffloadConfig.tables={'t0': {'cache_rows': 4000}}",
+           "OffloadConfig.host_buffer_rows=600"]
+
+
+def _run(workdir, num_steps, offloaded, mesh="data=8", plan="dp"):
+  launch.parse_gin(["configs/dlrm_synthetic.gin"], BINDINGS + (OFFLOAD if offloaded else []))
+  options = config_lib.RunOptions(num_steps=num_steps, mesh=mesh, plan=plan, log_every=5,
+                                  checkpoint_every=10, progress=False)
+  try:
+    return loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(workdir))
+  finally:
+    gin.clear_config()
+
+
+def _losses(workdir):
+  lines = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+  return {l["step"]: l["loss"] for l in lines if "loss" in l}
+
+
+@pytest.mark.parametrize("first", ["device", "host"])
+def test_table_changes_tier_on_resume(tmp_path, first):
+  """10 steps with t0 on `first`, then 10 on the other tier, on another mesh and plan;
+  the reference never offloads (offloading is exact: tests/offload/test_exact.py)."""
+  legs = [(10, "data=8", "dp"), (20, "data=2,row=4", "rw")]
+  ref, w = tmp_path / "ref", tmp_path / "w"
+  for num_steps, mesh, plan in legs:
+    _run(ref, num_steps, False, mesh, plan)
+  for (num_steps, mesh, plan), offloaded in zip(legs, [first == "host", first == "device"]):
+    _run(w, num_steps, offloaded, mesh, plan)
+  got, want = _losses(w), _losses(ref)
+  for step in (5, 10, 15, 20):
+    np.testing.assert_allclose(got[step], want[step], rtol=0, atol=1e-6, err_msg=step)
+  a, b = export(w), export(ref)   # an offloaded table's whole arrays: from its snapshot
+  for key in ("tables/t0", "table_opt/t0/accum", "tables/t1"):
+    np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-6, err_msg=key)
+  assert snapshots.steps(str(w / "offload_snapshots")) == [20 if first == "device" else 10]
+
+
+def test_a_table_that_fails_its_fingerprint_is_not_trained_offloaded(tmp_path):
+  w = tmp_path / "w"
+  _run(w, 10, offloaded=False)
+  prints = w / "checkpoints" / "10" / "embeddings" / "fingerprints.0.json"
+  saved = json.loads(prints.read_text())
+  saved["tables/t0"] = (saved["tables/t0"] + 1) & 0xFFFFFFFF
+  prints.write_text(json.dumps(saved))
+  with pytest.raises(CheckpointError, match=r"table 't0': 'tables/t0' in .*checkpoints/10 "
+                     "fails its fingerprint check"):
+    _run(w, 20, offloaded=True)
+  assert sorted(p.name for p in (w / "checkpoints").iterdir()) == ["10"]
+
+
+def test_an_imported_checkpoint_trains_offloaded(tmp_path):
+  """A tables-only checkpoint (what a TorchRec import writes; float16 here, widened to the
+  configured float32) starts an offloaded run as it starts an on-device one."""
+  rows = [100000, 50000, 20000, 10000, 5000, 2000, 1000, 500]   # configs/dlrm_synthetic.gin
+  rng = np.random.default_rng(0)
+  tables = {f"t{i}": (rng.standard_normal((n, 16)) * 0.01).astype(np.float16)
+            for i, n in enumerate(rows)}
+  for name in ("ref", "w"):
+    with CheckpointManager(str(tmp_path / name / "checkpoints")) as mgr:
+      mgr.save_arrays(0, tables)
+  _run(tmp_path / "ref", 10, offloaded=False)
+  _run(tmp_path / "w", 10, offloaded=True)
+  got, want = _losses(tmp_path / "w"), _losses(tmp_path / "ref")
+  np.testing.assert_allclose([got[5], got[10]], [want[5], want[10]], rtol=0, atol=1e-6)
+  a, b = export(tmp_path / "w"), export(tmp_path / "ref")
+  np.testing.assert_allclose(a["tables/t0"], b["tables/t0"], rtol=0, atol=1e-6)
