@@ -21,10 +21,11 @@ OFFLOAD = ["OffloadConfig.tables={'t0': {'cache_rows': 4000}}",
            "OffloadConfig.host_buffer_rows=600"]
 
 
-def _run(workdir, num_steps, offloaded, mesh="data=8", plan="dp"):
-  launch.parse_gin(["configs/dlrm_synthetic.gin"], BINDINGS + (OFFLOAD if offloaded else []))
+def _run(workdir, num_steps, offloaded, mesh="data=8", plan="dp", extra=(), **options):
+  launch.parse_gin(["configs/dlrm_synthetic.gin"],
+                   BINDINGS + (OFFLOAD if offloaded else []) + list(extra))
   options = config_lib.RunOptions(num_steps=num_steps, mesh=mesh, plan=plan, log_every=5,
-                                  checkpoint_every=10, progress=False)
+                                  checkpoint_every=10, progress=False, **options)
   try:
     return loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(workdir))
   finally:
@@ -53,6 +54,25 @@ def test_table_changes_tier_on_resume(tmp_path, first):
   for key in ("tables/t0", "table_opt/t0/accum", "tables/t1"):
     np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-6, err_msg=key)
   assert snapshots.steps(str(w / "offload_snapshots")) == [20 if first == "device" else 10]
+
+
+@pytest.mark.slow
+def test_auto_offload_on_a_smaller_budget_resumes(tmp_path):
+  """`--plan=auto` with `OffloadConfig.auto`: a smaller memory budget (as after losing
+  devices) makes the planner offload t0 and t1, which the checkpoint holds on the device."""
+  ref, w = tmp_path / "ref", tmp_path / "w"
+  for workdir, budget in ((ref, None), (w, 8 << 20)):
+    _run(workdir, 10, False, plan="auto")
+    _run(workdir, 20, False, plan="auto", extra=["OffloadConfig.auto=True"],
+         memory_per_device=budget)
+  plan = json.loads((w / "plan.json").read_text())
+  assert "offloaded 't0'" in str(plan) and "offloaded 't1'" in str(plan)
+  assert snapshots.steps(str(w / "offload_snapshots")) == [20]
+  got, want = _losses(w), _losses(ref)
+  np.testing.assert_allclose([got[15], got[20]], [want[15], want[20]], rtol=0, atol=1e-6)
+  a, b = export(w), export(ref)
+  for key in ("tables/t0", "tables/t1", "table_opt/t1/accum"):
+    np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-6, err_msg=key)
 
 
 def test_a_table_that_fails_its_fingerprint_is_not_trained_offloaded(tmp_path):
