@@ -354,7 +354,7 @@ def read_state(directory: epath.PathLike, collection, with_opt: bool,
   sources = dict(sources or {})
   names = [n for n in stored_arrays(collection)
            if (with_opt or n.startswith("tables/")) and n.split("/")[1] not in skip]
-  handles = {n: sources.get(n) or open_stored(directory, n) for n in names}
+  handles = {n: sources[n] if n in sources else open_stored(directory, n) for n in names}
   prints = {n: 0 for n in names if n not in sources}
   abstract, shardings = _abstract_state(collection), collection.shardings()
   out = {"tables": {}, "opt": {}}
