@@ -381,13 +381,16 @@ class CheckpointManager:
     manifest, meta = json_items[MANIFEST], json_items[META] or {}
     if not manifest or manifest.get("format") != canonical_lib.FORMAT:
       raise ValueError(f"{step_dir} has no jaxrec manifest")
-    # tables offloaded when saved but not now are read whole from the offload snapshot;
-    # tables offloaded now but not then go whole to the tier (`host_tables`)
+    # Tables offloaded now are checked whole and not read (their caches start empty): from
+    # the checkpoint if it held them on the device (then copied to the tier: `host_tables`),
+    # else from the step's offload snapshot, which also gives the whole arrays of tables
+    # offloaded when saved but on the device now. Cache sizes may differ between the runs.
+    now = dict(offloaded or {})
     then = set((meta.get("offload") or {}).get("tables") or {})
-    to_host = {n: s for n, s in (offloaded or {}).items() if n not in then}
-    sources = offloaded_lib.snapshot_arrays(step_dir, sorted(then - set(offloaded or {})))
-    index = offloaded_lib.with_sources(tables_lib.read_index(step_dir / TABLES), sources)
-    with_opt = tables_lib.check_compatible(index, collection, str(step_dir), to_host)
+    snapshot = offloaded_lib.snapshot_arrays(step_dir, sorted(then))
+    index = offloaded_lib.with_sources(tables_lib.read_index(step_dir / TABLES), snapshot)
+    with_opt = tables_lib.check_compatible(index, collection, str(step_dir), now)
+    sources = {n: a for n, a in snapshot.items() if n.split("/")[1] not in now}
     if not with_opt and collection.optimizer.state_layout():
       logging.warning("checkpoint %s has no sparse optimizer state; starting it fresh",
                       step_dir)
@@ -395,7 +398,7 @@ class CheckpointManager:
     abstract = self._abstract_dense(manifest, collection, target, step_dir)
     restored = self._mgr.restore(step, args=ocp.args.Composite(**{
         STATE: ocp.args.StandardRestore(abstract),
-        TABLES: tables_lib.TablesRestore(collection, with_opt, sources, tuple(to_host))}))
+        TABLES: tables_lib.TablesRestore(collection, with_opt, sources, tuple(now))}))
     dense, (emb, table_prints) = restored[STATE], restored[TABLES]
     self._verify(dense, manifest, table_prints, step_dir)
 
@@ -417,7 +420,8 @@ class CheckpointManager:
                         f"{manifest['contents']}); pass initial values (arrays) for them in "
                         "`target`")
     state["emb"] = emb
-    host = offloaded_lib.stored_tables(step_dir / TABLES, to_host, with_opt, str(step_dir))
+    host = offloaded_lib.stored_tables(step_dir / TABLES, sorted(set(now) - then), with_opt,
+                                       str(step_dir))
     return Restored(state, json_items[DATA_STATE] or {}, meta, host)
 
   def _abstract_dense(self, manifest, collection, target, step_dir) -> dict:
@@ -468,7 +472,7 @@ class CheckpointManager:
                     "previous one", self.step_dir(step), type(error).__name__, first)
 
   def _none_valid(self, errors) -> CheckpointError:
-    detail = "; ".join(f"step {s}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    detail = "; ".join(f"step {s}: {type(e).__name__}: {str(e).splitlines()[0][:500]}"
                        for s, e in errors)
     return CheckpointError(f"no valid checkpoint in {self.directory}: every one failed to "
                            f"restore ({detail}). Fix or move them away to start afresh.")

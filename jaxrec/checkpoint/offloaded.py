@@ -42,27 +42,30 @@ def stored_name(table: str, store_name: str) -> str:
 def snapshot_of(step_dir) -> tuple[str, dict] | None:
   """`(snapshot directory, {table: info})` when checkpoint `step_dir` has offloaded tables
   (their full values are in the offload snapshot of its step), else None. The snapshot
-  directory is the one recorded at save time or, if that moved, `../offload_snapshots`
-  beside the checkpoint directory. Raises `CheckpointError` when neither has the step."""
+  directory is `../offload_snapshots` beside the checkpoint directory (the one the run's
+  offload tier restores from, also in a copied workdir) or else the one recorded at save
+  time. Raises `CheckpointError` when neither has the step."""
   from jaxrec.offload import snapshots  # pylint: disable=import-outside-toplevel
   step_dir = epath.Path(step_dir)
   info = storage.read_json(step_dir, storage.META).get("offload")
   if not info or not info.get("tables"):
     return None
   step = int(step_dir.name)
-  candidates = [info.get("snapshots"), str(step_dir.parent.parent / "offload_snapshots")]
-  for directory in filter(None, candidates):
+  beside = str(step_dir.parent.parent / "offload_snapshots")
+  candidates = list(dict.fromkeys(filter(None, [beside, info.get("snapshots")])))
+  for directory in candidates:
     if step in snapshots.steps(directory):
       return directory, info["tables"]
   raise CheckpointError(f"checkpoint {step_dir} has offloaded tables {sorted(info['tables'])} "
                         f"but no offload snapshot of step {step} (looked in "
-                        f"{', '.join(filter(None, candidates))})")
+                        f"{', '.join(candidates)})")
 
 
 def snapshot_arrays(step_dir, tables: Iterable[str] | None = None) -> dict[str, ts.TensorStore]:
   """`{checkpoint array name: tensorstore}` of the offloaded tables' whole arrays in the
   snapshot of checkpoint `step_dir` (only `tables` when given; none offloaded: {})."""
-  if tables is not None and not list(tables):
+  tables = None if tables is None else list(tables)
+  if tables == []:
     return {}
   found = snapshot_of(step_dir)
   if found is None:

@@ -6,7 +6,8 @@
     train_it = tier.wrap(train_it)                            # if tier is not None
     ... state = tier.before_step(state, batch) before each train step
     ... tier.save(state, step, snapshot_dir(workdir)) before each checkpoint save
-    ... tier.restore(step, snapshot_dir(workdir)) after a checkpoint restore
+    ... restored = ckpt.restore(..., offloaded={n: t.spec for n, t in tier.tables.items()})
+    ... tier.restore(step, snapshot_dir(workdir), restored.host_tables) after it
     ... state, batch = tier.eval_view(state, batch) for each eval batch
 """
 

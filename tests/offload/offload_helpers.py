@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 
+import gin
 import jax
 import numpy as np
 
-from jaxrec import offload
+from jaxrec import launch, offload
 from jaxrec.data.pipeline import TrainIterator, open_source
 from jaxrec.data.synthetic import SyntheticConfig
 from jaxrec.embedding import optimizers
@@ -18,6 +20,7 @@ from jaxrec.sharding.mesh import batch_sharding, make_mesh, parse_mesh_spec
 from jaxrec.sharding.plan import uniform_plan
 from jaxrec.train import state as state_lib
 from jaxrec.train import step as step_lib
+from jaxrec.train import config as config_lib, loop
 from jaxrec.train.config import ExperimentConfig, dense_optimizer
 
 DIM = 8
@@ -110,3 +113,32 @@ class Run:
   def close(self):
     if self.tier is not None:
       self.tier.close()
+
+
+# Trainer runs in-process on configs/dlrm_synthetic.gin, shrunk for tests.
+SMALL_DLRM = ["ExperimentConfig.batch_size=128", "ExperimentConfig.eval_batch_size=512",
+              "ExperimentConfig.num_eval_examples=512", "DLRM.bottom_mlp=(16,)",
+              "DLRM.top_mlp=(16,1)", "ExperimentConfig.sparse_optimizer=@Adagrad()"]
+
+
+def train_synthetic(workdir, num_steps, bindings, mesh="data=8", plan="dp", **options):
+  """`loop.train_and_evaluate` on configs/dlrm_synthetic.gin with gin `bindings`, logging
+  every 5 steps and checkpointing every 10; returns its last metrics."""
+  launch.parse_gin(["configs/dlrm_synthetic.gin"], list(bindings))
+  options = config_lib.RunOptions(num_steps=num_steps, mesh=mesh, plan=plan, log_every=5,
+                                  checkpoint_every=10, progress=False, **options)
+  try:
+    return loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(workdir))
+  finally:
+    gin.clear_config()
+
+
+def logged_lines(workdir) -> list[dict]:
+  """`W/metrics.jsonl` as dicts."""
+  with open(workdir / "metrics.jsonl") as f:
+    return [json.loads(line) for line in f]
+
+
+def logged_losses(workdir) -> dict[int, float]:
+  """`{step: loss}` of the log lines of `W/metrics.jsonl`."""
+  return {l["step"]: l["loss"] for l in logged_lines(workdir) if "loss" in l}

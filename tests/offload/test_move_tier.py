@@ -3,38 +3,22 @@ tier's checkpoint (on another mesh and plan) and continues as if nothing had mov
 
 import json
 
-import gin
 import numpy as np
 import pytest
 
-from jaxrec import launch
 from jaxrec.checkpoint import CheckpointManager
 from jaxrec.errors import CheckpointError
 from jaxrec.offload import snapshots
-from jaxrec.train import config as config_lib, loop
+from tests.offload.offload_helpers import SMALL_DLRM, logged_losses, train_synthetic
 from tests.scripts.test_train import export
 
-BINDINGS = ["ExperimentConfig.batch_size=128", "ExperimentConfig.eval_batch_size=512",
-            "ExperimentConfig.num_eval_examples=512", "DLRM.bottom_mlp=(16,)",
-            "DLRM.top_mlp=(16,1)", "ExperimentConfig.sparse_optimizer=@Adagrad()"]
 OFFLOAD = ["OffloadConfig.tables={'t0': {'cache_rows': 4000}}",
            "OffloadConfig.host_buffer_rows=600"]
 
 
 def _run(workdir, num_steps, offloaded, mesh="data=8", plan="dp", extra=(), **options):
-  launch.parse_gin(["configs/dlrm_synthetic.gin"],
-                   BINDINGS + (OFFLOAD if offloaded else []) + list(extra))
-  options = config_lib.RunOptions(num_steps=num_steps, mesh=mesh, plan=plan, log_every=5,
-                                  checkpoint_every=10, progress=False, **options)
-  try:
-    return loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(workdir))
-  finally:
-    gin.clear_config()
-
-
-def _losses(workdir):
-  lines = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
-  return {l["step"]: l["loss"] for l in lines if "loss" in l}
+  bindings = SMALL_DLRM + (OFFLOAD if offloaded else []) + list(extra)
+  return train_synthetic(workdir, num_steps, bindings, mesh, plan, **options)
 
 
 @pytest.mark.parametrize("first", ["device", "host"])
@@ -47,7 +31,7 @@ def test_table_changes_tier_on_resume(tmp_path, first):
     _run(ref, num_steps, False, mesh, plan)
   for (num_steps, mesh, plan), offloaded in zip(legs, [first == "host", first == "device"]):
     _run(w, num_steps, offloaded, mesh, plan)
-  got, want = _losses(w), _losses(ref)
+  got, want = logged_losses(w), logged_losses(ref)
   for step in (5, 10, 15, 20):
     np.testing.assert_allclose(got[step], want[step], rtol=0, atol=1e-6, err_msg=step)
   a, b = export(w), export(ref)   # an offloaded table's whole arrays: from its snapshot
@@ -68,7 +52,7 @@ def test_auto_offload_on_a_smaller_budget_resumes(tmp_path):
   plan = json.loads((w / "plan.json").read_text())
   assert "offloaded 't0'" in str(plan) and "offloaded 't1'" in str(plan)
   assert snapshots.steps(str(w / "offload_snapshots")) == [20]
-  got, want = _losses(w), _losses(ref)
+  got, want = logged_losses(w), logged_losses(ref)
   np.testing.assert_allclose([got[15], got[20]], [want[15], want[20]], rtol=0, atol=1e-6)
   a, b = export(w), export(ref)
   for key in ("tables/t0", "tables/t1", "table_opt/t1/accum"):
@@ -100,7 +84,7 @@ def test_an_imported_checkpoint_trains_offloaded(tmp_path):
       mgr.save_arrays(0, tables)
   _run(tmp_path / "ref", 10, offloaded=False)
   _run(tmp_path / "w", 10, offloaded=True)
-  got, want = _losses(tmp_path / "w"), _losses(tmp_path / "ref")
+  got, want = logged_losses(tmp_path / "w"), logged_losses(tmp_path / "ref")
   np.testing.assert_allclose([got[5], got[10]], [want[5], want[10]], rtol=0, atol=1e-6)
   a, b = export(tmp_path / "w"), export(tmp_path / "ref")
   np.testing.assert_allclose(a["tables/t0"], b["tables/t0"], rtol=0, atol=1e-6)

@@ -1,21 +1,15 @@
 """A disk write error during write-back, in the trainer: a clear error, the last checkpoint
 (and its offload snapshot) stay valid, and the same command resumes from it exactly."""
 
-import json
-
-import gin
 import numpy as np
 import pytest
 
-from jaxrec import launch
 from jaxrec.offload import OffloadError, snapshots, store as store_lib
-from jaxrec.train import config as config_lib, loop
+from tests.offload.offload_helpers import (SMALL_DLRM, logged_lines, logged_losses,
+                                           train_synthetic)
 
-BINDINGS = ["ExperimentConfig.batch_size=128", "ExperimentConfig.eval_batch_size=512",
-            "ExperimentConfig.num_eval_examples=512", "DLRM.bottom_mlp=(16,)",
-            "DLRM.top_mlp=(16,1)", "ExperimentConfig.sparse_optimizer=@Adagrad()",
-            "OffloadConfig.tables={'t0': {'cache_rows': 4000}}",
-            "OffloadConfig.host_buffer_rows=600"]    # small: write-backs start early
+BINDINGS = SMALL_DLRM + ["OffloadConfig.tables={'t0': {'cache_rows': 4000}}",
+                         "OffloadConfig.host_buffer_rows=600"]    # small: write-backs start early
 
 
 class _NoSpace:
@@ -32,18 +26,7 @@ class _NoSpace:
 
 
 def _run(workdir, num_steps=30):
-  launch.parse_gin(["configs/dlrm_synthetic.gin"], BINDINGS)
-  options = config_lib.RunOptions(num_steps=num_steps, mesh="data=8", plan="dp", log_every=5,
-                                  checkpoint_every=10, progress=False)
-  try:
-    return loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(workdir))
-  finally:
-    gin.clear_config()
-
-
-def _losses(workdir):
-  lines = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
-  return {l["step"]: l["loss"] for l in lines if "loss" in l}, lines
+  return train_synthetic(workdir, num_steps, BINDINGS)
 
 
 @pytest.mark.slow
@@ -76,8 +59,7 @@ def test_write_back_failure_keeps_the_last_checkpoint_and_resume_is_exact(tmp_pa
   _run(w)                                    # the same command again: resumes from 10
   ref = tmp_path / "ref"
   _run(ref)
-  got, lines = _losses(w)
-  want, _ = _losses(ref)
+  got, lines, want = logged_losses(w), logged_lines(w), logged_losses(ref)
   assert [l["checkpoint_step"] for l in lines if l.get("event") == "resume"] == [10]
   assert sorted(got) == sorted(want) and max(got) == 30
   for step in (15, 20, 25, 30):              # after the resume: the uninterrupted run's

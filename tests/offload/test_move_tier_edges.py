@@ -1,0 +1,81 @@
+"""Edge cases of a table changing tier between runs (tests/offload/test_move_tier.py has
+the main cases): a missing offload snapshot, a changed cache size, the snapshot lookup."""
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+import tensorstore as ts
+
+from jaxrec.checkpoint import offloaded as offloaded_lib
+from jaxrec.errors import CheckpointError
+from tests.offload.offload_helpers import SMALL_DLRM, train_synthetic
+
+def _offload(cache_rows=4000):
+  return [f"OffloadConfig.tables={{'t0': {{'cache_rows': {cache_rows}}}}}",
+          "OffloadConfig.host_buffer_rows=600"]
+
+
+def _run(workdir, num_steps, extra=()):
+  return train_synthetic(workdir, num_steps, SMALL_DLRM + list(extra))
+
+
+@pytest.fixture(scope="module")
+def offloaded_run(tmp_path_factory):
+  """A workdir of 10 steps with t0 offloaded (checkpoint and offload snapshot of step 10);
+  tests that change it work on a copy."""
+  w = tmp_path_factory.mktemp("offloaded") / "w"
+  _run(w, 10, _offload())
+  return w
+
+
+def _copy(src, tmp_path):
+  dst = tmp_path / "w"
+  shutil.copytree(src, dst)
+  return dst
+
+
+def test_snapshot_arrays_takes_any_iterable(offloaded_run):
+  step_dir = offloaded_run / "checkpoints" / "10"
+  got = offloaded_lib.snapshot_arrays(step_dir, iter(["t0"]))
+  assert sorted(got) == ["table_opt/t0/accum", "tables/t0"]
+  assert offloaded_lib.snapshot_arrays(step_dir, iter([])) == {}
+
+
+def test_a_missing_snapshot_names_the_step_and_its_directory(tmp_path):
+  """Back on the device without the snapshot: the error names the step and the snapshot
+  directory, once and in full, and the checkpoint stays where it is."""
+  w = tmp_path / "w"
+  _run(w, 10, _offload())
+  shutil.rmtree(w / "offload_snapshots")
+  snaps = re.escape(str(w / "offload_snapshots"))
+  with pytest.raises(CheckpointError, match=rf"step 10: CheckpointError: .* no offload snapshot "
+                     rf"of step 10 \(looked in {snaps}\)"):
+    _run(w, 20)
+  assert sorted(p.name for p in (w / "checkpoints").iterdir()) == ["10"]
+
+
+def test_a_copied_workdir_reads_its_own_snapshot(tmp_path):
+  """A copy of a workdir moves its table to the device: the whole table comes from the
+  copy's snapshot (as the tier would restore it), not from the original's, which may have
+  changed since (here: zeroed)."""
+  a = tmp_path / "a" / "w"
+  want = _run(a, 10, _offload())
+  b = shutil.copytree(a, tmp_path / "b" / "w")
+  table = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(
+      a / "offload_snapshots" / "10" / "t0" / "table") + "/"}}, open=True).result()
+  table.write(np.zeros(table.shape, table.dtype.numpy_dtype)).result()
+  got = _run(b, 10)        # already trained: restores on the device and evaluates
+  np.testing.assert_allclose(got["eval_logloss"], want["eval_logloss"], rtol=0, atol=1e-6)
+
+
+def test_a_changed_cache_size_resumes(offloaded_run, tmp_path):
+  """Offloaded again with a smaller cache: the checkpoint's old cache is not read (caches
+  start empty on a restore; the snapshot holds every row), and the run continues as with
+  the old size."""
+  ref, w = _copy(offloaded_run, tmp_path / "ref"), _copy(offloaded_run, tmp_path / "small")
+  want = _run(ref, 20, _offload())
+  got = _run(w, 20, _offload(3000))
+  np.testing.assert_allclose(got["loss"], want["loss"], rtol=0, atol=1e-6)
+  np.testing.assert_allclose(got["eval_logloss"], want["eval_logloss"], rtol=0, atol=1e-6)
