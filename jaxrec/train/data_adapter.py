@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+import logging
 import os
+from typing import Any
 
 import jax
 
@@ -38,6 +38,17 @@ def bad_row_metrics(*sources) -> dict[str, Any]:
   for s in sources:
     counts.update({k: v for k, v in s.bad_row_counts().items() if v})
   return {"bad_rows": counts} if counts else {}
+
+
+def warn_preprocessed_skips(bad_rows: str, *sources) -> None:
+  """Under `--bad_rows=error`, warns once that binary data lost malformed rows when it was
+  preprocessed with `--bad_rows=skip`: this run cannot see them, let alone stop on them."""
+  counts = bad_row_metrics(*sources).get("bad_rows")
+  if bad_rows == "error" and counts:
+    logging.getLogger("jaxrec").warning(
+        "--bad_rows=error, but the data were preprocessed with --bad_rows=skip: %d malformed "
+        "rows were dropped then (%s); they are also in metrics.jsonl ('bad_rows')",
+        sum(counts.values()), ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
 
 
 def checkpointer(workdir, options) -> CheckpointManager:

@@ -116,6 +116,7 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
 
   train_it = data_adapter.train_iterator(config, options)   # data errors: before compiling
   eval_data = data_adapter.eval_data(config, options)
+  data_adapter.warn_preprocessed_skips(options.bad_rows, train_it, eval_data)
   initial_data_state = train_it.get_state()
   tier = offload.make_tier(collection, config, info["offload"], options.seed, workdir,
                            keep=options.keep_checkpoints + 1)

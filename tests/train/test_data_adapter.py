@@ -56,3 +56,26 @@ def test_tsv_column_count_error_names_the_binding(tmp_path):
     data_adapter.eval_data(config_lib.ExperimentConfig(), options)
   launch.parse_gin(["configs/dlrm_synthetic.gin"], ["open_source.num_categorical=8"])
   assert data_adapter.eval_data(config_lib.ExperimentConfig(), options).num_examples == 1
+
+
+class _Source:
+  def __init__(self, counts):
+    self.counts = counts
+
+  def bad_row_counts(self):
+    return self.counts
+
+
+def test_rows_dropped_at_preprocessing_are_said_under_bad_rows_error(caplog):
+  """Binary data preprocessed with --bad_rows=skip: a run under --bad_rows=error cannot
+  stop on the dropped rows, so it says they were dropped (once, at the start)."""
+  train, ev = _Source({"a.tsv": 2, "b.tsv": 0}), _Source({"e.tsv": 1})
+  with caplog.at_level("WARNING", logger="jaxrec"):
+    data_adapter.warn_preprocessed_skips("skip", train, ev)   # counted in metrics.jsonl
+    data_adapter.warn_preprocessed_skips("error", _Source({}), _Source({"c.tsv": 0}))
+    assert not caplog.records
+    data_adapter.warn_preprocessed_skips("error", train, ev)
+  assert [r.getMessage() for r in caplog.records] == [
+      "--bad_rows=error, but the data were preprocessed with --bad_rows=skip: 3 malformed "
+      "rows were dropped then (a.tsv: 2, e.tsv: 1); they are also in metrics.jsonl "
+      "('bad_rows')"]
