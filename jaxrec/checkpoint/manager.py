@@ -52,10 +52,26 @@ from jaxrec.checkpoint import offloaded as offloaded_lib
 from jaxrec.checkpoint import storage
 from jaxrec.checkpoint import tables as tables_lib
 from jaxrec.checkpoint.storage import DATA_STATE, ITEMS, MANIFEST, META, STATE, TABLES
-from jaxrec.errors import CheckpointError, ConfigError  # noqa: F401 (CheckpointError: re-exported)
+from jaxrec.errors import CheckpointError, ConfigError
 from jaxrec.sharding.mesh import mesh_shape
 
 REJECTED_DIR = "rejected"
+
+
+class _NonFinite(Exception):
+  """A checkpoint step holds NaN/inf values (skipped by a `require_finite` restore)."""
+
+
+def _check_whole_specs(collection, then: Mapping, now: Mapping, step_dir) -> None:
+  """ConfigError when a table offloaded by the saving run, and not passed in `offloaded`,
+  has its device cache's rows in `collection`: the caller forgot `offloaded=`."""
+  for t in collection.tables:
+    info = then.get(t.name) or {}
+    if t.name not in now and info.get("cache_rows") == t.rows != info.get("rows"):
+      raise ConfigError(
+          f"table '{t.name}': the collection holds {t.rows} rows, the device cache of the "
+          f"offloaded table ({info.get('rows')} rows) in checkpoint {step_dir}; pass the "
+          "whole TableSpec of each offloaded table as restore(offloaded={name: spec})")
 
 
 class Restored(NamedTuple):
@@ -66,8 +82,9 @@ class Restored(NamedTuple):
   data_state: the data iterator's state saved with it (JSON dict).
   meta: the run metadata saved with it (JSON dict).
   host_tables: `{table: offloaded.StoredTable}`: tables the checkpoint holds whole that
-    this run offloads (`restore(offloaded=...)`); `state` holds zeros for their device
-    caches, and the offload tier fills their stores from these (`OffloadTier.restore`).
+    this run offloads (`restore(offloaded=...)`); the offload tier fills their stores from
+    these (`OffloadTier.restore`). (`state` holds zeros for the device cache of every
+    table this run offloads: the tier starts the caches empty.)
   """
   state: dict
   data_state: dict
@@ -323,8 +340,9 @@ class CheckpointManager:
         dense parameters).
       offloaded: `{table: TableSpec}` (the whole table) of the tables this run offloads,
         whose `collection` spec is their device cache. Tables may have moved since the
-        save: one offloaded then is read whole from its offload snapshot, one offloaded
-        now comes back in `Restored.host_tables` (see `offloaded`).
+        save: one offloaded then but not now is read whole from its offload snapshot; one
+        the checkpoint holds whole but offloaded now comes back in `Restored.host_tables`
+        (see `jaxrec.checkpoint.offloaded`).
 
     Returns:
       `Restored`, or None if `directory` has no checkpoint.
@@ -347,17 +365,19 @@ class CheckpointManager:
     skipped = []
     for s in reversed(steps):
       try:
-        restored = self._restore_step(s, collection, target, init, offloaded)
+        restored = self._restore_step(s, collection, target, init, offloaded, require_finite)
+        if require_finite and not all_finite(restored.state):
+          raise _NonFinite()
       except ConfigError:
         raise
-      except Exception as e:  # pylint: disable=broad-except
-        self._warn_corrupt(s, e)
-        skipped.append((s, e, "corrupt"))
-        continue
-      if require_finite and not all_finite(restored.state):
+      except _NonFinite:
         logging.warning("checkpoint %s holds NaN/inf values; rolling back further",
                         self.step_dir(s))
         skipped.append((s, ValueError("non-finite values"), "nonfinite"))
+        continue
+      except Exception as e:  # pylint: disable=broad-except
+        self._warn_corrupt(s, e)
+        skipped.append((s, e, "corrupt"))
         continue
       if skipped:
         logging.warning("restored checkpoint %s after skipping step(s) %s", self.step_dir(s),
@@ -373,7 +393,8 @@ class CheckpointManager:
     restored = self.restore(target, collection)
     return None if restored is None else (restored.state, restored.data_state)
 
-  def _restore_step(self, step, collection, target, init=None, offloaded=None) -> Restored:
+  def _restore_step(self, step, collection, target, init=None, offloaded=None,
+                    require_finite=False) -> Restored:
     step_dir = self.step_dir(step)
     json_items = self._mgr.restore(step, args=ocp.args.Composite(**{
         MANIFEST: ocp.args.JsonRestore(), DATA_STATE: ocp.args.JsonRestore(),
@@ -386,11 +407,20 @@ class CheckpointManager:
     # else from the step's offload snapshot, which also gives the whole arrays of tables
     # offloaded when saved but on the device now. Cache sizes may differ between the runs.
     now = dict(offloaded or {})
-    then = set((meta.get("offload") or {}).get("tables") or {})
+    then = (meta.get("offload") or {}).get("tables") or {}
+    _check_whole_specs(collection, then, now, step_dir)
+    stored_index = tables_lib.read_index(step_dir / TABLES)
     snapshot = offloaded_lib.snapshot_arrays(step_dir, sorted(then))
-    index = offloaded_lib.with_sources(tables_lib.read_index(step_dir / TABLES), snapshot)
+    index = offloaded_lib.with_sources(stored_index, snapshot)
     with_opt = tables_lib.check_compatible(index, collection, str(step_dir), now)
     sources = {n: a for n, a in snapshot.items() if n.split("/")[1] not in now}
+    # what restoring does not read of the tables offloaded now (caches, or whole tables
+    # for the tier) is still checked: fingerprints, and NaN/inf for a rollback
+    unread = [n for n in stored_index["arrays"] if n.split("/")[1] in now]
+    if not offloaded_lib.check_stored(step_dir / TABLES, unread,
+                                      tables_lib.saved_fingerprints(step_dir / TABLES)):
+      if require_finite:
+        raise _NonFinite()
     if not with_opt and collection.optimizer.state_layout():
       logging.warning("checkpoint %s has no sparse optimizer state; starting it fresh",
                       step_dir)
@@ -420,8 +450,8 @@ class CheckpointManager:
                         f"{manifest['contents']}); pass initial values (arrays) for them in "
                         "`target`")
     state["emb"] = emb
-    host = offloaded_lib.stored_tables(step_dir / TABLES, sorted(set(now) - then), with_opt,
-                                       str(step_dir))
+    host = offloaded_lib.stored_tables(step_dir / TABLES, sorted(set(now) - set(then)),
+                                       with_opt, str(step_dir))
     return Restored(state, json_items[DATA_STATE] or {}, meta, host)
 
   def _abstract_dense(self, manifest, collection, target, step_dir) -> dict:

@@ -8,8 +8,14 @@ restore with a table moved between device and host:
 - offloaded then, on the device now: the whole arrays are read from the snapshot
   (`snapshot_arrays`, given to `tables.read_state` as `sources`);
 - on the device then (or an imported tables-only checkpoint), offloaded now: the
-  checkpoint's whole arrays are copied into the new run's tensorstore store
-  (`StoredTable.copy_to`), every block fingerprinted against the value saved with it.
+  checkpoint's whole arrays are checked against their saved fingerprints while the
+  checkpoint is restored (`check_stored`: a mismatch makes the step unreadable, so the
+  restore falls back), then copied into the new run's tensorstore store
+  (`StoredTable.copy_to`).
+
+A table offloaded now is never read into the device state (its cache starts empty), so
+its cache size may change between runs; the checkpoint's arrays of it are still checked
+(`check_stored`: fingerprints, and NaN/inf for a rollback).
 
 Both work on any device count and plan, like every restore.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, Mapping
 
+import numpy as np
 import tensorstore as ts
 from etils import epath
 
@@ -27,14 +34,14 @@ from jaxrec.checkpoint import tables as tables_lib
 from jaxrec.checkpoint.canonical import fingerprint_np
 from jaxrec.errors import CheckpointError
 
-STORE_TABLE = "table"   # a store's array names (`offload.store.TableStore.names`)
-STORE_OPT = "opt."
+STORE_OPT = "opt."   # a store's arrays: `offload.store.TABLE` and `opt.<name>`
 
 
 def stored_name(table: str, store_name: str) -> str:
   """Checkpoint array name of a store array (`table` → `tables/<t>`, `opt.<k>` →
   `table_opt/<t>/<k>`)."""
-  if store_name == STORE_TABLE:
+  from jaxrec.offload.store import TABLE  # pylint: disable=import-outside-toplevel
+  if store_name == TABLE:
     return tables_lib.table_name(table)
   return tables_lib.opt_name(table, store_name[len(STORE_OPT):])
 
@@ -90,6 +97,23 @@ def with_sources(index: Mapping, sources: Mapping[str, ts.TensorStore]) -> dict:
   return dict(index, arrays=arrays)
 
 
+def check_stored(tables_dir, names: Iterable[str], saved: Mapping[str, int]) -> bool:
+  """Reads the stored arrays `names` of the `embeddings` item `tables_dir` block by block;
+  raises ValueError when one differs from its saved fingerprint (`saved`). Returns whether
+  every value is finite."""
+  finite = True
+  for name in names:
+    array = tables_lib.open_stored(tables_dir, name)
+    shape, total = tuple(array.shape), 0
+    for start, block in storage.row_blocks(array):
+      total = (total + fingerprint_np(block, shape, (start,))) & 0xFFFFFFFF
+      finite = finite and bool(np.isfinite(block).all())
+    if total != saved[name]:
+      raise ValueError(f"'{name}' in {tables_dir} fails its fingerprint check: the stored "
+                       "data differ from what was saved")
+  return finite
+
+
 @dataclasses.dataclass(frozen=True)
 class StoredTable:
   """A table a checkpoint holds whole, for a run that offloads it.
@@ -98,45 +122,37 @@ class StoredTable:
     name: the table.
     where: the checkpoint's step directory (for messages).
     arrays: `{store array name: tensorstore}` (`table`, `opt.<name>`; no optimizer state
-      when the checkpoint has none).
-    fingerprints: `{store array name: fingerprint saved with the checkpoint}`.
+      when the checkpoint has none), checked by `check_stored` during the restore.
   """
 
   name: str
   where: str
   arrays: Mapping[str, Any]
-  fingerprints: Mapping[str, int]
 
   def copy_to(self, store) -> None:
     """Writes the arrays into `store` (an `offload.store.TableStore` just created; its
-    other arrays keep their initial values), block by block, widening as configured.
-    Raises `CheckpointError` when what was read differs from what was saved."""
+    other arrays keep their initial values), block by block, widening as configured."""
     for name, array in self.arrays.items():
-      shape, total = tuple(array.shape), 0
       for start, block in storage.row_blocks(array):
-        total = (total + fingerprint_np(block, shape, (start,))) & 0xFFFFFFFF
         store.write_block(name, start, block)
-      if total != self.fingerprints[name]:
-        raise CheckpointError(
-            f"table '{self.name}': '{stored_name(self.name, name)}' in {self.where} fails its "
-            "fingerprint check (the stored data differ from what was saved); restore an "
-            "earlier step (move this one aside)")
 
 
 def stored_tables(tables_dir, tables: Iterable[str], with_opt: bool,
                   where: str) -> dict[str, StoredTable]:
   """`{table: StoredTable}` of `tables` in the checkpoint's `embeddings` item `tables_dir`
   (with their optimizer state when `with_opt`)."""
+  from jaxrec.offload.store import TABLE  # pylint: disable=import-outside-toplevel
+  tables = list(tables)
+  if not tables:
+    return {}
   index = tables_lib.read_index(tables_dir)
-  saved = tables_lib.saved_fingerprints(tables_dir)
   out = {}
   for table in tables:
-    names = {STORE_TABLE: tables_lib.table_name(table)}
+    names = {TABLE: tables_lib.table_name(table)}
     if with_opt:
       prefix = tables_lib.opt_name(table, "")
       names.update({STORE_OPT + n[len(prefix):]: n for n in index["arrays"]
                     if n.startswith(prefix)})
-    out[table] = StoredTable(table, where,
-                             {k: tables_lib.open_stored(tables_dir, n) for k, n in names.items()},
-                             {k: saved[n] for k, n in names.items()})
+    out[table] = StoredTable(table, where, {k: tables_lib.open_stored(tables_dir, n)
+                                            for k, n in names.items()})
   return out

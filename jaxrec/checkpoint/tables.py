@@ -251,7 +251,7 @@ def check_compatible(index: Mapping, collection, where: str,
     want = {n: v for n, v in want.items() if n.split("/")[1] != spec.name}
     want.update(table_arrays(spec, collection.optimizer))
 
-  def tables_of(arrays, table):
+  def of_table(arrays, table):
     return {n: v for n, v in arrays.items() if n.split("/")[:2] == ["tables", table]}
 
   have_tables = {n.split("/")[1] for n in stored if n.startswith("tables/")}
@@ -261,7 +261,7 @@ def check_compatible(index: Mapping, collection, where: str,
                       f"configuration has {sorted(names)} (missing: "
                       f"{sorted(names - have_tables)}, extra: {sorted(have_tables - names)})")
   for t in [(specs or {}).get(t.name, t) for t in collection.tables]:
-    theirs, ours = tables_of(stored, t.name), tables_of(want, t.name)
+    theirs, ours = of_table(stored, t.name), of_table(want, t.name)
     if set(theirs) != set(ours) or any(theirs[n][0] != ours[n][0] for n in ours):
       have = ", ".join(f"{n} {list(s)} {d}" for n, (s, d) in sorted(theirs.items()))
       raise ConfigError(f"table '{t.name}': checkpoint {where} has {have}; the configuration "

@@ -89,8 +89,9 @@ def locate(directory: str, step: int, tables: Mapping[str, object]) -> str:
 
 def open_table(directory: str, step: int, table: str) -> dict:
   """The arrays of `table` in the snapshot of `step`, opened read-only (lazy tensorstore
-  handles, `{"table": [rows, dim], "opt.<name>": ...}`), e.g. for checkpoint conversion:
-  the orbax checkpoint holds only an offloaded table's device cache."""
+  handles, `{"table": [rows, dim], "opt.<name>": ...}`), for checkpoint conversion and for
+  a restore that keeps the table on the device: the orbax checkpoint holds only an
+  offloaded table's device cache."""
   import tensorstore as ts  # pylint: disable=import-outside-toplevel
   path = os.path.join(directory, str(int(step)))
   meta_path = os.path.join(path, META)

@@ -230,7 +230,7 @@ class OffloadTier:
     for name, t in self.tables.items():
       if name in imported:
         logging.info("offloaded table '%s': writing its store from %s", name,
-                 imported[name].where)
+                     imported[name].where)
         t.store.create(None)
         imported[name].copy_to(t.store)
         continue

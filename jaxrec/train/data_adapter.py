@@ -13,6 +13,8 @@ from jaxrec.checkpoint.manager import CheckpointManager
 
 from jaxrec.data import pipeline
 
+log = logging.getLogger("jaxrec")
+
 
 def train_iterator(config, options) -> pipeline.TrainIterator:
   """This process's endless, resumable train stream (global batch `config.batch_size`)."""
@@ -33,7 +35,8 @@ def eval_data(config, options) -> pipeline.EvalData:
 
 
 def bad_row_metrics(*sources) -> dict[str, Any]:
-  """`{"bad_rows": {path: count}}` when `--bad_rows=skip` dropped rows, else `{}`."""
+  """`{"bad_rows": {path: count}}` when rows were dropped as malformed (`--bad_rows=skip`,
+  or when the shards were preprocessed with it), else `{}`."""
   counts = {}
   for s in sources:
     counts.update({k: v for k, v in s.bad_row_counts().items() if v})
@@ -45,7 +48,7 @@ def warn_preprocessed_skips(bad_rows: str, *sources) -> None:
   preprocessed with `--bad_rows=skip`: this run cannot see them, let alone stop on them."""
   counts = bad_row_metrics(*sources).get("bad_rows")
   if bad_rows == "error" and counts:
-    logging.getLogger("jaxrec").warning(
+    log.warning(
         "--bad_rows=error, but the data were preprocessed with --bad_rows=skip: %d malformed "
         "rows were dropped then (%s); they are also in metrics.jsonl ('bad_rows')",
         sum(counts.values()), ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))

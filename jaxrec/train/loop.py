@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxrec.checkpoint import offloaded as offloaded_lib
 from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.errors import ConfigError, JaxrecError
@@ -140,7 +141,9 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
   def resume_from(restored) -> dict:
     """Points the offload tier and the data stream at a restored checkpoint."""
     if tier is not None:   # tables saved on the device are written to their stores
-      tier.restore(int(restored.state["step"]), snapshots, restored.host_tables)
+      at = int(restored.state["step"])
+      found = offloaded_lib.snapshot_of(ckpt.step_dir(at))   # where the restore found it
+      tier.restore(at, found[0] if found else snapshots, restored.host_tables)
     train_it.set_state(restored.data_state or initial_data_state)   # {}: a tables-only import
     return restored.state
 

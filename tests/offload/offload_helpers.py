@@ -18,9 +18,9 @@ from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.models import DLRM
 from jaxrec.sharding.mesh import batch_sharding, make_mesh, parse_mesh_spec
 from jaxrec.sharding.plan import uniform_plan
+from jaxrec.train import config as config_lib, loop
 from jaxrec.train import state as state_lib
 from jaxrec.train import step as step_lib
-from jaxrec.train import config as config_lib, loop
 from jaxrec.train.config import ExperimentConfig, dense_optimizer
 
 DIM = 8

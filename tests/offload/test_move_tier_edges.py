@@ -12,6 +12,7 @@ from jaxrec.checkpoint import offloaded as offloaded_lib
 from jaxrec.errors import CheckpointError
 from tests.offload.offload_helpers import SMALL_DLRM, train_synthetic
 
+
 def _offload(cache_rows=4000):
   return [f"OffloadConfig.tables={{'t0': {{'cache_rows': {cache_rows}}}}}",
           "OffloadConfig.host_buffer_rows=600"]
