@@ -410,6 +410,7 @@ class CheckpointManager:
     then = (meta.get("offload") or {}).get("tables") or {}
     _check_whole_specs(collection, then, now, step_dir)
     stored_index = tables_lib.read_index(step_dir / TABLES)
+    saved = tables_lib.saved_fingerprints(step_dir / TABLES)
     snapshot = offloaded_lib.snapshot_arrays(step_dir, sorted(then))
     index = offloaded_lib.with_sources(stored_index, snapshot)
     with_opt = tables_lib.check_compatible(index, collection, str(step_dir), now)
@@ -417,10 +418,8 @@ class CheckpointManager:
     # what restoring does not read of the tables offloaded now (caches, or whole tables
     # for the tier) is still checked: fingerprints, and NaN/inf for a rollback
     unread = [n for n in stored_index["arrays"] if n.split("/")[1] in now]
-    if not offloaded_lib.check_stored(step_dir / TABLES, unread,
-                                      tables_lib.saved_fingerprints(step_dir / TABLES)):
-      if require_finite:
-        raise _NonFinite()
+    if not offloaded_lib.check_stored(step_dir / TABLES, unread, saved) and require_finite:
+      raise _NonFinite()
     if not with_opt and collection.optimizer.state_layout():
       logging.warning("checkpoint %s has no sparse optimizer state; starting it fresh",
                       step_dir)
@@ -430,7 +429,7 @@ class CheckpointManager:
         STATE: ocp.args.StandardRestore(abstract),
         TABLES: tables_lib.TablesRestore(collection, with_opt, sources, tuple(now))}))
     dense, (emb, table_prints) = restored[STATE], restored[TABLES]
-    self._verify(dense, manifest, table_prints, step_dir)
+    self._verify(dense, manifest, table_prints, saved, step_dir)
 
     state, fresh = {}, None
     for key in canonical_lib.DENSE_KEYS:
@@ -450,8 +449,8 @@ class CheckpointManager:
                         f"{manifest['contents']}); pass initial values (arrays) for them in "
                         "`target`")
     state["emb"] = emb
-    host = offloaded_lib.stored_tables(step_dir / TABLES, sorted(set(now) - set(then)),
-                                       with_opt, str(step_dir))
+    host = offloaded_lib.stored_tables(step_dir / TABLES, stored_index,
+                                       sorted(set(now) - set(then)), with_opt, str(step_dir))
     return Restored(state, json_items[DATA_STATE] or {}, meta, host)
 
   def _abstract_dense(self, manifest, collection, target, step_dir) -> dict:
@@ -474,8 +473,9 @@ class CheckpointManager:
                                                      np.uint32, sharding=rep)
     return abstract
 
-  def _verify(self, dense, manifest, table_prints, step_dir) -> None:
-    """Compares fingerprints of what was restored with those saved; ValueError if not."""
+  def _verify(self, dense, manifest, table_prints, saved_tables, step_dir) -> None:
+    """Compares fingerprints of what was restored with those saved (`saved_tables`: the
+    tables', `tables.saved_fingerprints`); ValueError if not."""
     bad = []
     if manifest.get("fingerprint"):
       saved = dict(zip(manifest["fingerprint"],
@@ -489,8 +489,7 @@ class CheckpointManager:
     read = np.array([table_prints[n] for n in names], np.uint64)
     if jax.process_count() > 1:   # each process read its own shards: add the parts
       read = np.asarray(multihost_utils.process_allgather(read)).sum(0, dtype=np.uint64)
-    saved = tables_lib.saved_fingerprints(step_dir / TABLES)
-    bad += [n for n, v in zip(names, read.tolist()) if saved[n] != v & 0xFFFFFFFF]
+    bad += [n for n, v in zip(names, read.tolist()) if saved_tables[n] != v & 0xFFFFFFFF]
     if bad:
       raise ValueError(f"fingerprint mismatch in {step_dir} for {sorted(bad)[:5]}: the stored "
                        "data differ from what was saved")

@@ -31,7 +31,6 @@ from etils import epath
 
 from jaxrec.checkpoint import storage
 from jaxrec.checkpoint import tables as tables_lib
-from jaxrec.checkpoint.canonical import fingerprint_np
 from jaxrec.errors import CheckpointError
 
 STORE_OPT = "opt."   # a store's arrays: `offload.store.TABLE` and `opt.<name>`
@@ -101,17 +100,15 @@ def check_stored(tables_dir, names: Iterable[str], saved: Mapping[str, int]) -> 
   """Reads the stored arrays `names` of the `embeddings` item `tables_dir` block by block;
   raises ValueError when one differs from its saved fingerprint (`saved`). Returns whether
   every value is finite."""
-  finite = True
+  nonfinite = []
   for name in names:
     array = tables_lib.open_stored(tables_dir, name)
-    shape, total = tuple(array.shape), 0
-    for start, block in storage.row_blocks(array):
-      total = (total + fingerprint_np(block, shape, (start,))) & 0xFFFFFFFF
-      finite = finite and bool(np.isfinite(block).all())
+    total = storage.array_fingerprint(
+        array, lambda block: nonfinite.append(not np.isfinite(block).all()))
     if total != saved[name]:
       raise ValueError(f"'{name}' in {tables_dir} fails its fingerprint check: the stored "
                        "data differ from what was saved")
-  return finite
+  return not any(nonfinite)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,15 +134,11 @@ class StoredTable:
         store.write_block(name, start, block)
 
 
-def stored_tables(tables_dir, tables: Iterable[str], with_opt: bool,
+def stored_tables(tables_dir, index: Mapping, tables: Iterable[str], with_opt: bool,
                   where: str) -> dict[str, StoredTable]:
   """`{table: StoredTable}` of `tables` in the checkpoint's `embeddings` item `tables_dir`
-  (with their optimizer state when `with_opt`)."""
+  (its `index`, `tables.read_index`), with their optimizer state when `with_opt`."""
   from jaxrec.offload.store import TABLE  # pylint: disable=import-outside-toplevel
-  tables = list(tables)
-  if not tables:
-    return {}
-  index = tables_lib.read_index(tables_dir)
   out = {}
   for table in tables:
     names = {TABLE: tables_lib.table_name(table)}

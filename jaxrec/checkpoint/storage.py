@@ -83,11 +83,14 @@ def row_blocks(array: ts.TensorStore, block_bytes: int = BLOCK_BYTES
     yield start, np.asarray(array[start:min(start + step, shape[0])].read().result())
 
 
-def array_fingerprint(array: ts.TensorStore) -> int:
-  """`canonical.fingerprint` of a stored array, read block by block."""
+def array_fingerprint(array: ts.TensorStore, visit=None) -> int:
+  """`canonical.fingerprint` of a stored array, read block by block; `visit(block)`, when
+  given, sees every block as read (e.g. to check values in the same pass)."""
   shape, total = tuple(array.shape), 0
   for start, block in row_blocks(array):
     total = (total + canonical_lib.fingerprint_np(block, shape, (start,))) & 0xFFFFFFFF
+    if visit is not None:
+      visit(block)
   return total
 
 
