@@ -49,6 +49,17 @@ def save(directory: str, step: int, stores: Mapping[str, object], keep: int | No
   return final
 
 
+def prune_older(directory: str, oldest: int) -> list[int]:
+  """Removes the snapshots of steps before `oldest` (the oldest checkpoint still kept):
+  no checkpoint can restore from them. This also clears the snapshots a run left behind
+  once its tables moved back to the device, as their checkpoints are rotated out.
+  Returns the removed steps."""
+  gone = [s for s in steps(directory) if s < int(oldest)]
+  for old in gone:
+    shutil.rmtree(os.path.join(directory, str(old)), ignore_errors=True)
+  return gone
+
+
 def _write(directory: str, final: str, step: int, stores: Mapping[str, object]) -> None:
   """Writes the snapshot into `<final>.tmp-<pid>`, then renames it to `final`."""
   os.makedirs(directory, exist_ok=True)

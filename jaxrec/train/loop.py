@@ -25,6 +25,7 @@ from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.errors import ConfigError, JaxrecError
 from jaxrec.files import write_text_atomic
 from jaxrec import elastic, offload, planner
+from jaxrec.offload import snapshots as snapshots_lib
 from jaxrec.sharding import mesh as mesh_lib
 from jaxrec.sharding.plan import Plan, uniform_plan
 from jaxrec.train import data_adapter
@@ -147,6 +148,16 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
     train_it.set_state(restored.data_state or initial_data_state)   # {}: a tables-only import
     return restored.state
 
+  def prune_snapshots() -> None:
+    """Drops offload snapshots older than every kept checkpoint (also those a run left
+    when its tables moved back to the device)."""
+    kept = ckpt.all_steps()
+    if is_main and kept:
+      gone = snapshots_lib.prune_older(snapshots, kept[0])
+      if gone:
+        log.info("removed offload snapshots of steps %s (older than checkpoint %d)",
+                 gone, kept[0])
+
   def fresh_dense():   # the dense values a tables-only checkpoint (an import) lacks
     return state_lib.create_dense(config, collection, options.seed)
 
@@ -264,6 +275,7 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
           tier.save(state, step, snapshots)
         ckpt.save(step, state, collection, data_state=train_it.get_state(), meta=meta,
                   force=done or stop)
+        prune_snapshots()
       if is_log:
         t_mark = time.perf_counter()
       else:   # the window goes on: leave out this step's eval and checkpoint time
@@ -271,6 +283,8 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
       if stop:
         log.info("stopping after step %d: the elastic supervisor asked to re-plan", step)
         break
+    ckpt.wait()   # the last save committed, older checkpoints rotated out
+    prune_snapshots()
   finally:
     if tier is not None:
       tier.close()

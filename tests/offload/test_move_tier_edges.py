@@ -10,6 +10,7 @@ import tensorstore as ts
 
 from jaxrec.checkpoint import offloaded as offloaded_lib
 from jaxrec.errors import CheckpointError
+from jaxrec.offload import snapshots
 from tests.offload.offload_helpers import SMALL_DLRM, train_synthetic
 
 
@@ -80,3 +81,29 @@ def test_a_changed_cache_size_resumes(offloaded_run, tmp_path):
   got = _run(w, 20, _offload(3000))
   np.testing.assert_allclose(got["loss"], want["loss"], rtol=0, atol=1e-6)
   np.testing.assert_allclose(got["eval_logloss"], want["eval_logloss"], rtol=0, atol=1e-6)
+
+
+
+def test_snapshots_go_once_no_kept_checkpoint_needs_them(offloaded_run, tmp_path):
+  """Back on the device, keeping one checkpoint: once checkpoint 10 (the last offloaded
+  one) is rotated out, its snapshot goes; a kept offloaded checkpoint keeps its own, and
+  the run resumes from 20 without the old one."""
+  w = _copy(offloaded_run, tmp_path)
+  snaps = w / "offload_snapshots"
+  train_synthetic(w, 10, SMALL_DLRM, keep_checkpoints=1)   # trained already: evaluates
+  assert snapshots.steps(str(snaps)) == [10]
+  train_synthetic(w, 20, SMALL_DLRM, keep_checkpoints=1)
+  assert sorted(p.name for p in (w / "checkpoints").iterdir()) == ["20"]
+  assert snapshots.steps(str(snaps)) == []
+  train_synthetic(w, 30, SMALL_DLRM, keep_checkpoints=1)
+  assert sorted(p.name for p in (w / "checkpoints").iterdir()) == ["30"]
+
+
+def test_prune_older_keeps_the_kept_steps_and_newer(tmp_path):
+  for step in (5, 10, 20):
+    (tmp_path / str(step)).mkdir()
+    (tmp_path / str(step) / snapshots.META).write_text("{}")
+  (tmp_path / "3.tmp-1").mkdir()   # an unfinished save is not a step: left to `save`
+  assert snapshots.prune_older(str(tmp_path), 10) == [5]
+  assert snapshots.steps(str(tmp_path)) == [10, 20]
+  assert (tmp_path / "3.tmp-1").exists()

@@ -88,8 +88,11 @@ def test_kill9_resume_is_bitwise_equal(tmp_path, kills):
   assert steps[-1] == 60
 
 
+@pytest.mark.slow
 def test_resume_on_other_mesh_and_plan(tmp_path):
-  """8 devices rw → 4 devices tw → 6 devices (uneven) grid, same workdir."""
+  """8 devices rw → 4 devices tw → 6 devices (uneven) grid, same workdir. Slow target: the
+  default suite resumes on other meshes in tests/checkpoint/test_reshard.py (in process) and
+  tests/offload/test_move_tier.py (through the trainer)."""
   w = str(tmp_path / "w")
   train(w, *FLAGS, "--num_steps=10", "--plan=rw", "--mesh=row=8", devices=8)
   saved = export(w, "step10")
