@@ -24,7 +24,10 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
     try:
       gin.parse_config_file(path)
     except (IOError, OSError) as e:
-      raise ConfigError(f"--gin_file: cannot read '{path}': {getattr(e, 'strerror', e)}") from None
+      # An `include` of a missing file: gin's error (re-raised with the including file's
+      # location appended) has no strerror; its text names the missing file.
+      raise ConfigError(f"--gin_file: cannot read '{path}': "
+                        f"{getattr(e, 'strerror', None) or _one_line(e)}") from None
     except SyntaxError as e:  # gin's ParseError: the location is in its attributes
       where = f"{path}:{e.lineno}" if e.lineno else path
       raise ConfigError(f"--gin_file: {where}: {_one_line(e)}") from None

@@ -108,3 +108,11 @@ def test_memory_sizes_below_a_byte_or_overflowing(text):
                                         "byte up"):
     parse_bytes(text, "--memory_per_device")
   assert parse_bytes("2b", "--memory_per_device") == 2
+
+
+def test_gin_include_of_a_missing_file_names_it(tmp_path):
+  bad = tmp_path / "inc.gin"
+  bad.write_text('include "nonexistent_include.gin"\n')
+  with pytest.raises(ConfigError, match="nonexistent_include.gin") as e:
+    launch.parse_gin([str(bad)], [])
+  assert "None" not in str(e.value), str(e.value)
