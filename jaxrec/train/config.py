@@ -163,11 +163,11 @@ class RunOptions:
   def validate(self) -> None:
     if self.num_steps <= 0:
       raise ConfigError(f"--num_steps must be positive, got {self.num_steps}")
-    for name in ("log_every", "eval_every", "checkpoint_every"):
+    if self.log_every <= 0:   # before the >= 0 check below: -1 must not read as "0 is fine"
+      raise ConfigError(f"--log_every must be positive, got {self.log_every}")
+    for name in ("eval_every", "checkpoint_every"):
       if getattr(self, name) < 0:
         raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
-    if self.log_every == 0:
-      raise ConfigError("--log_every must be positive")
     if self.keep_checkpoints < 1:   # before planning and compiling (the manager checks too)
       raise ConfigError(f"--keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
     if self.on_nan not in ("stop", "rollback"):

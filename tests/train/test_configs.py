@@ -116,3 +116,10 @@ def test_gin_include_of_a_missing_file_names_it(tmp_path):
   with pytest.raises(ConfigError, match="nonexistent_include.gin") as e:
     launch.parse_gin([str(bad)], [])
   assert "None" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_log_every_not_positive_says_positive(value):
+  from jaxrec.train.config import RunOptions  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ConfigError, match=f"--log_every must be positive, got {value}"):
+    RunOptions(log_every=value).validate()
