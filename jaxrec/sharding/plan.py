@@ -117,7 +117,7 @@ class Plan:
       obj = obj["plan"]
     if not isinstance(obj, dict) or not all(isinstance(p, dict) for p in obj.values()):
       raise ConfigError(f"--plan: {path}: expected {{table: {{\"kind\": ..., \"table_slice\": "
-                        "...}}}} or a plan.json holding one under \"plan\"")
+                        "...}} or a plan.json holding one under \"plan\"")
     try:
       return cls.from_json(obj), mesh
     except TypeError as e:

@@ -26,3 +26,12 @@ def test_non_integer_table_slice_is_a_config_error(tmp_path, table_slice):
                      r"\(table 'a'\)"):
     plan = Plan.load(str(path))
     estimate_plan(plan, [TableSpec("a", 10, 8)], [FeatureSpec("f", "a")], {"table": 2}, GiB)
+
+
+@pytest.mark.parametrize("content", [[1, 2], {"plan": "dp"}])
+def test_a_plan_file_of_the_wrong_shape_shows_the_expected_shape(tmp_path, content):
+  path = tmp_path / "plan.json"
+  path.write_text(json.dumps(content))
+  with pytest.raises(ConfigError) as e:
+    Plan.load(str(path))
+  assert 'expected {table: {"kind": ..., "table_slice": ...}} or a plan.json' in str(e.value)
