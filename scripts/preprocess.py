@@ -35,6 +35,8 @@ def _int_list(flag: str, value: str, n: int) -> list[int]:
   except ValueError:
     raise ConfigError(f"--{flag}: expected an int or a comma list of ints, got '{value}'") \
         from None
+  if any(v <= 0 for v in vals):
+    raise ConfigError(f"--{flag}: values must be positive integers, got '{value}'")
   if len(vals) == 1:
     vals = vals * n
   if len(vals) != n:
@@ -83,6 +85,8 @@ def main(argv):
       raise JaxrecError(f"unexpected arguments {argv[1:]}")
     if not FLAGS.input or not FLAGS.output:
       raise JaxrecError("--input and --output are required")
+    if FLAGS.shard_examples <= 0:
+      raise JaxrecError(f"--shard_examples must be positive, got {FLAGS.shard_examples}")
     _check_paths()
     tables, features = _specs()
     from_gin = bool(FLAGS.gin_file or FLAGS.gin_bindings)

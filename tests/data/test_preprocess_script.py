@@ -48,7 +48,7 @@ def test_shard_examples_must_be_positive(tmp_path, tsv_file):
     out = tmp_path / f"o{n}"
     r = run(f"--input={path}", f"--output={out}", "--rows=100", f"--shard_examples={n}")
     assert r.returncode == 1 and r.stderr.strip() == (
-        f"error: shard_examples must be positive, got {n}"), r.stderr
+        f"error: --shard_examples must be positive, got {n}"), r.stderr
     assert not os.path.exists(out)
 
 

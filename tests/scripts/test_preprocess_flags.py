@@ -52,3 +52,14 @@ def test_ignored_or_misread_flags_are_errors(tmp_path):
     assert r.returncode == 1 and r.stderr.startswith(want), (flags, r.stderr)
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
   assert not os.path.exists(tmp_path / "o")
+
+
+def test_non_positive_rows_or_max_len_name_the_flag(tmp_path):
+  """--rows=0 was reported as `uniform_tables.rows`, a binding the user never wrote."""
+  path = _tsv(tmp_path / "a.tsv")
+  for flags, want in [(["--rows=0"], "error: --rows: values must be positive integers, got '0'"),
+                      (["--rows=100,-1" + ",100" * 24], "error: --rows: values must be positive"),
+                      (["--rows=100", "--max_len=0"], "error: --max_len: values must be positive")]:
+    r = run(f"--input={path}", f"--output={tmp_path / 'o'}", *flags)
+    assert r.returncode == 1 and r.stderr.startswith(want), (flags, r.stderr)
+  assert not os.path.exists(tmp_path / "o")
