@@ -40,6 +40,9 @@ def parse_mesh_spec(spec: str, num_devices: int, flag: str = "--mesh") -> dict[s
     if size <= 0:
       raise ConfigError(f"{flag}: size of '{name}' must be positive, got {size}")
     shape[name] = size
+  if not seen:   # `--mesh=` read as all axes 1: it ran on one device, failed oddly on more
+    raise ConfigError(f"{flag}: empty; give AXIS=SIZE,... (e.g. data=2,table=2,row=2,col=1) "
+                      "or auto")
   product = math.prod(shape.values())
   if product != num_devices:
     raise ConfigError(f"{flag}: {format_mesh(shape)} has {product} devices but "

@@ -82,3 +82,13 @@ def test_bad_plan_files_name_the_file(tmp_path, content, message):
   with pytest.raises(ConfigError) as e:
     choose(str(path))
   assert str(e.value).startswith(message.format(path=path)), str(e.value)
+
+
+@pytest.mark.parametrize("spec", ["", " ", ","])
+def test_an_empty_mesh_is_an_error(spec):
+  """`--mesh=` was read as data=1,table=1,row=1,col=1: it ran on one device and on more
+  failed with 'has 1 devices but 8 are available'."""
+  from jaxrec.sharding.mesh import parse_mesh_spec  # pylint: disable=import-outside-toplevel
+  for devices in (1, 8):
+    with pytest.raises(ConfigError, match="--mesh: empty"):
+      parse_mesh_spec(spec, devices)
