@@ -168,6 +168,10 @@ class RunOptions:
     for name in ("eval_every", "checkpoint_every"):
       if getattr(self, name) < 0:
         raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+    for name in ("train_data", "eval_data"):   # `--train_data=$UNSET` fell back to the config's
+      if getattr(self, name) is not None and not getattr(self, name).strip():
+        raise ConfigError(f"--{name}: empty; give 'synthetic' or a path (or leave the flag out "
+                          f"to use ExperimentConfig.{name})")
     if self.keep_checkpoints < 1:   # before planning and compiling (the manager checks too)
       raise ConfigError(f"--keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
     if self.on_nan not in ("stop", "rollback"):

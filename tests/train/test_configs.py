@@ -123,3 +123,12 @@ def test_log_every_not_positive_says_positive(value):
   from jaxrec.train.config import RunOptions  # pylint: disable=import-outside-toplevel
   with pytest.raises(ConfigError, match=f"--log_every must be positive, got {value}"):
     RunOptions(log_every=value).validate()
+
+
+@pytest.mark.parametrize("name", ["train_data", "eval_data"])
+def test_an_empty_data_flag_is_an_error(name):
+  """`--train_data=` (e.g. from an unset shell variable) silently used the config's data."""
+  from jaxrec.train.config import RunOptions  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ConfigError, match=f"--{name}: empty"):
+    RunOptions(**{name: ""}).validate()
+  RunOptions(**{name: "synthetic"}).validate()
