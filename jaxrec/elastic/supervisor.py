@@ -124,6 +124,20 @@ class _Outcome:
   message: str = ""
 
 
+def _check_mesh(spec: str, options: Options) -> None:
+  """A `--mesh` (not `auto`) must fill the full-size job: `--mesh=data=3` on 2 x 4 devices
+  was silently replaced by data=8 (a shrunk job adapts the mesh; the first one does not)."""
+  if spec.strip() == "auto":
+    return
+  from jaxrec.sharding import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  n = options.num_processes * options.devices_per_process
+  try:
+    mesh_lib.parse_mesh_spec(spec, n)
+  except ConfigError as e:
+    raise ConfigError(f"{e} (--num_processes={options.num_processes} x "
+                      f"--devices_per_process={options.devices_per_process})") from None
+
+
 class Supervisor:
   """Runs the job (module docstring); `run()` returns the exit code."""
 
@@ -131,6 +145,7 @@ class Supervisor:
     options.validate()
     self.o = options
     self.args = replan.TrainArgs.parse(train_argv)
+    _check_mesh(str(self.args.get("mesh", "auto")), options)
     self.workdir = self.args.workdir
     os.makedirs(os.path.join(self.workdir, worker_lib.CONTROL_DIR), exist_ok=True)
     self.events = EventLog(self.workdir, echo=echo)
