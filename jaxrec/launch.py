@@ -20,7 +20,8 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
   gin.clear_config()
   for path in files:
     if not os.path.isfile(path):
-      raise ConfigError(f"--gin_file: cannot read '{path}': no such file")
+      why = "is a directory" if os.path.isdir(path) else "no such file"
+      raise ConfigError(f"--gin_file: cannot read '{path}': {why}")
     try:
       gin.parse_config_file(path)
     except (IOError, OSError) as e:

@@ -132,3 +132,8 @@ def test_an_empty_data_flag_is_an_error(name):
   with pytest.raises(ConfigError, match=f"--{name}: empty"):
     RunOptions(**{name: ""}).validate()
   RunOptions(**{name: "synthetic"}).validate()
+
+
+def test_a_gin_file_that_is_a_directory_says_so(tmp_path):
+  with pytest.raises(ConfigError, match=f"--gin_file: cannot read '{tmp_path}': is a directory"):
+    launch.parse_gin([str(tmp_path)], [])
