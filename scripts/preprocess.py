@@ -67,8 +67,11 @@ def _specs():
 def _check_paths() -> None:
   """The output directory must not be the one holding input files (it would become a
   dataset directory, its TSV files unread)."""
-  from jaxrec.data import tsv
+  from jaxrec.data import binary, tsv
   from jaxrec.errors import ConfigError
+  if binary.is_preprocessed(FLAGS.input):   # its manifest.json was parsed as TSV
+    raise ConfigError(f"--input {FLAGS.input} is a preprocessed dataset ({binary.MANIFEST}), "
+                      "not TSV: train on it directly (--train_data)")
   output = os.path.realpath(FLAGS.output)
   for path in tsv.list_files(FLAGS.input):
     if os.path.dirname(os.path.realpath(path)) == output:

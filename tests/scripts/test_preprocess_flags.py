@@ -63,3 +63,16 @@ def test_non_positive_rows_or_max_len_name_the_flag(tmp_path):
     r = run(f"--input={path}", f"--output={tmp_path / 'o'}", *flags)
     assert r.returncode == 1 and r.stderr.startswith(want), (flags, r.stderr)
   assert not os.path.exists(tmp_path / "o")
+
+
+def test_a_preprocessed_input_is_named_as_such(tmp_path):
+  """A preprocessed directory as --input was read as TSV: 'manifest.json:1: expected 40
+  tab-separated columns ..., found 1'."""
+  _tsv(tmp_path / "a.tsv")
+  r = run(f"--input={tmp_path / 'a.tsv'}", f"--output={tmp_path / 'bin'}", "--rows=100")
+  assert r.returncode == 0, r.stderr
+  r = run(f"--input={tmp_path / 'bin'}", f"--output={tmp_path / 'bin2'}", "--rows=100")
+  assert r.returncode == 1 and r.stderr.strip() == (
+      f"error: --input {tmp_path / 'bin'} is a preprocessed dataset (manifest.json), not TSV: "
+      "train on it directly (--train_data)"), r.stderr
+  assert not os.path.exists(tmp_path / "bin2")
