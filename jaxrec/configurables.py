@@ -7,3 +7,4 @@ import jaxrec.models  # noqa: F401
 import jaxrec.train.config  # noqa: F401
 import jaxrec.data  # noqa: F401
 import jaxrec.offload  # noqa: F401
+import jaxrec.checkpoint  # noqa: F401  (CheckpointManager: written to W/config.gin)

@@ -137,3 +137,19 @@ def test_an_empty_data_flag_is_an_error(name):
 def test_a_gin_file_that_is_a_directory_says_so(tmp_path):
   with pytest.raises(ConfigError, match=f"--gin_file: cannot read '{tmp_path}': is a directory"):
     launch.parse_gin([str(tmp_path)], [])
+
+
+def test_checkpoint_manager_bindings_parse_without_the_trainer(tmp_path):
+  """W/config.gin binds CheckpointManager; scripts/plan.py, preprocess.py and launch.py
+  (which parse gin without importing the trainer) refused it: No configurable matching."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  path = tmp_path / "run.gin"
+  with open(os.path.join(ROOT, "configs", "dlrm_synthetic.gin")) as f:
+    path.write_text(f.read() + "\nCheckpointManager.async_save = True\n")
+  code = ("import sys; from jaxrec import launch; "
+          "assert 'jaxrec.checkpoint' not in sys.modules; launch.parse_gin([sys.argv[1]], "
+          "['CheckpointManager.chunk_bytes = 1024']); print('ok')")
+  r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                     cwd=ROOT, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+  assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
