@@ -119,6 +119,12 @@ class EmbeddingCollection:
     """
     tables, features = tuple(tables), tuple(features)
     validate(tables, features)   # TableSpec itself checks the dtype
+    if not all(callable(getattr(optimizer, m, None)) for m in ("state_layout", "update")):
+      # e.g. `jaxrec.kernels.SGD` (the fused kernels' optimizer, same name): `init` failed
+      # later with an AttributeError
+      raise ConfigError(f"EmbeddingCollection.create: optimizer {optimizer!r} is not a sparse "
+                        "optimizer of jaxrec.embedding.optimizers (SGD, Adagrad, "
+                        "RowWiseAdagrad, Adam, FTRL; see sparse_optimizer)")
     try:
       options = dataclasses.replace(options or EmbeddingOptions(), **overrides)
     except TypeError as e:

@@ -298,6 +298,17 @@ def test_ids_gathered_only_over_the_axes_a_stack_needs(optimizer, axes):
   assert ids_gather_axes(coll.layouts, [coll.dedup(l) for l in coll.layouts]) == axes
 
 
+def test_a_kernels_optimizer_is_a_clear_error():
+  """`jaxrec.kernels.SGD` (same name, no `state_layout`/`update`) was accepted by `create`,
+  and `init` then failed with an AttributeError."""
+  from jaxrec import kernels  # pylint: disable=import-outside-toplevel
+  mesh = make_mesh({"data": 1}, jax.devices()[:1])
+  with pytest.raises(ConfigError, match=r"is not a sparse optimizer of "
+                     r"jaxrec.embedding.optimizers"):
+    EmbeddingCollection.create(TABLES, FEATURES, uniform_plan("dp", TABLES, 1), mesh,
+                               kernels.SGD(0.1))
+
+
 def test_dedup_off_needs_a_linear_optimizer():
   mesh = make_mesh({"data": 1}, jax.devices()[:1])
   with pytest.raises(ConfigError, match="dedup=False needs SGD"):
