@@ -178,7 +178,8 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
   bsharding = mesh_lib.batch_sharding(mesh)
   writer = MetricsWriter(workdir, enabled=is_main)
   progress = Progress(options.num_steps, start, enabled=None if options.progress else False)
-  if restored is not None:
+  finished = start >= options.num_steps   # e.g. `make train` run again: evaluate only
+  if restored is not None and not finished:
     writer.write(start, {"event": "resume", "checkpoint_step": start})
 
   last: dict[str, Any] = {}
@@ -188,11 +189,13 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
   t_mark, steps_timed, paused = None, 0, 0.0       # paused: eval/checkpoint s in the window
   try:
     step = start
-    if start >= options.num_steps:   # e.g. `make train` run again: report, do not retrain
+    if finished:   # the resume line carries the evaluation (maybe of other --eval_data)
       log.info("already trained to step %d (--num_steps=%d): evaluating that checkpoint",
                start, options.num_steps)
       last = dict(evaluate(eval_step, collection, state, eval_data, bsharding, tier),
                   step=start)
+      if restored is not None:
+        writer.write(start, {"event": "resume", "checkpoint_step": start, **last})
     while step < options.num_steps:
       t_step = time.perf_counter()
       position = train_it.get_state()["position"]

@@ -11,7 +11,7 @@ import tensorstore as ts
 from jaxrec.checkpoint import offloaded as offloaded_lib
 from jaxrec.errors import CheckpointError
 from jaxrec.offload import snapshots
-from tests.offload.offload_helpers import SMALL_DLRM, train_synthetic
+from tests.offload.offload_helpers import SMALL_DLRM, logged_lines, train_synthetic
 
 
 def _offload(cache_rows=4000):
@@ -90,8 +90,12 @@ def test_snapshots_go_once_no_kept_checkpoint_needs_them(offloaded_run, tmp_path
   the run resumes from 20 without the old one."""
   w = _copy(offloaded_run, tmp_path)
   snaps = w / "offload_snapshots"
+  before = logged_lines(w)
   train_synthetic(w, 10, SMALL_DLRM, keep_checkpoints=1)   # trained already: evaluates
   assert snapshots.steps(str(snaps)) == [10]
+  added = logged_lines(w)[len(before):]    # one line: the resume, with its evaluation
+  assert len(added) == 1 and added[0]["event"] == "resume", added
+  np.testing.assert_allclose(added[0]["eval_logloss"], before[-1]["eval_logloss"], atol=1e-6)
   train_synthetic(w, 20, SMALL_DLRM, keep_checkpoints=1)
   assert sorted(p.name for p in (w / "checkpoints").iterdir()) == ["20"]
   assert snapshots.steps(str(snaps)) == []

@@ -109,4 +109,6 @@ def test_resume_on_other_mesh_and_plan(tmp_path):
   again = train(w, *FLAGS, "--num_steps=30", "--plan=grid", "--mesh=table=3,row=2", devices=6)
   assert "done: eval_auc=" in again.stdout and "step=30" in again.stdout, again.stdout
   assert len(read_metrics(w)) == len(lines) + 1   # only the resume event is added
+  resume, final_eval = read_metrics(w)[-1], [l for l in lines if "eval_auc" in l][-1]
+  assert resume["event"] == "resume" and resume["eval_auc"] == final_eval["eval_auc"]
   assert_bitwise_equal(export(w, "again"), final)
