@@ -107,7 +107,7 @@ def main():
   if len(devices) < 8:
     raise SystemExit(f"needs 8 devices, have {len(devices)} (XLA_FLAGS={os.environ['XLA_FLAGS']})")
   devices = devices[:8]
-  one = mesh_lib.parse_mesh_spec("", 1)
+  one = mesh_lib.parse_mesh_spec("data=1", 1)
   for name in args.configs.split(","):
     launch.parse_gin([os.path.join(ROOT, "configs", f"{name}.gin")], [])
     config = ExperimentConfig()
