@@ -213,6 +213,12 @@ def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], 
   by_name = {t.name: t for t in tables}
   sizes = tuple((a, int(mesh_shape.get(a, 1))) for a in MESH_AXES)
   groups: dict[tuple, list[TableSpec]] = {}
+  read_bags: dict[tuple, list[int]] = {}   # bag buckets of read tables per (kind, dim, dtype)
+  for t in tables:
+    lens = [f.max_len for f in features if f.table == t.name]
+    if lens:
+      read_bags.setdefault((plan[t.name].kind, t.dim, t.dtype), []).append(
+          bag_bucket(max(lens)))
   for t in tables:
     placement = plan[t.name]
     if "col" in placement.axes and t.dim % dict(sizes)["col"]:
@@ -222,8 +228,11 @@ def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], 
     if "table" in placement.axes and not 0 <= placement.table_slice < dict(sizes)["table"]:
       raise ConfigError(f"table '{t.name}': table_slice {placement.table_slice} is outside "
                         f"mesh axis table={dict(sizes)['table']}")
-    bag = bag_bucket(max([f.max_len for f in features if f.table == t.name], default=1))
-    groups.setdefault((placement.kind, t.dim, t.dtype), {}).setdefault(bag, []).append(t)
+    lens = [f.max_len for f in features if f.table == t.name]
+    key = (placement.kind, t.dim, t.dtype)
+    # a table no feature reads joins the shortest bag bucket of its kind, dim and dtype
+    bag = bag_bucket(max(lens)) if lens else min(read_bags.get(key, [1]))
+    groups.setdefault(key, {}).setdefault(bag, []).append(t)
   order = {t.name: i for i, t in enumerate(tables)}
   stacks: dict[tuple, list[TableSpec]] = {}
   for (kind, dim, dtype), buckets in groups.items():
@@ -263,13 +272,15 @@ def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], 
 
 def unread_stack_error(layouts: Sequence[StackLayout]) -> str | None:
   """Why a collection cannot be built from `layouts`, if one stack has no feature: an
-  unread table must share a stack (kind, dim, dtype, bag bucket) with a read one. None
-  when every stack is read (the planner prices only such plans)."""
+  unread table must share its kind, dim and dtype with a read one (it then joins that
+  one's shortest bag bucket). None when every stack is read (the planner prices only such
+  plans)."""
   for l in layouts:
     if not l.features:
       return (f"tables {[s.name for s in l.slots]} ({l.kind}, dim {l.dim}, {l.dtype}) are "
-              "read by no feature and share no stack with a table that is; add a feature "
-              "for them or leave them out")
+              "read by no feature, and no table that is has their kind, dim and dtype (whose "
+              "stack they would join); add a feature for them, place them like a read "
+              "table, or leave them out")
   return None
 
 

@@ -172,3 +172,36 @@ def test_plan_entries_for_unknown_tables_are_named(caplog):
   with caplog.at_level("WARNING"):
     EmbeddingCollection.create(TABLES, FEATURES, plan, mesh, optimizers.SGD(0.1))
   assert "places tables ['typo'] that are not configured" in caplog.text
+
+
+@pytest.mark.parametrize("kind,mesh_spec", [("dp", "data=8"), ("rw", "row=8")])
+def test_a_table_no_feature_reads_stays_as_it_was(kind, mesh_spec):
+  """'spare' is read by no feature: it joins the stack of the multi-hot features (it used
+  to be refused on kinds that keep one-hot and multi-hot stacks apart), is never updated,
+  and the rest trains as on one device."""
+  tables = TABLES[1:] + (TableSpec("spare", 20, 8),)
+  features = FEATURES[2:]
+  results = []
+  for kind_, spec in ((kind, mesh_spec), ("dp", "single")):
+    mesh = (make_mesh({"data": 1}, jax.devices()[:1]) if spec == "single"
+            else make_mesh(parse_mesh_spec(spec, 8)))
+    coll = EmbeddingCollection.create(tables, features, uniform_plan(kind_, tables, 1), mesh,
+                                      optimizers.Adagrad(0.1))
+    state = coll.init(jax.random.key(0))
+    before = np.asarray(coll.unstack_tables(state)[0]["spare"])
+    ids, weights, gout = make_inputs(0)
+    ids = {f.name: ids[f.name] for f in features}
+    weights = {f.name: weights[f.name] for f in features if f.weighted}
+
+    def step(state, ids, weights, gout):
+      ctx = coll.lookup(state, ids, weights)
+      pooled, vjp = jax.vjp(lambda r: coll.pool(r, ctx), ctx.rows)
+      return pooled, coll.apply_gradients(state, ctx, vjp(gout)[0], jnp.int32(0))
+
+    pooled, state = jax.jit(step)(state, ids, weights, gout[:, 2:])
+    tables_out = {k: np.asarray(v) for k, v in coll.unstack_tables(state)[0].items()}
+    np.testing.assert_array_equal(tables_out["spare"], before)
+    results.append((np.asarray(pooled), tables_out))
+  np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+  for name in results[1][1]:
+    np.testing.assert_allclose(results[0][1][name], results[1][1][name], rtol=1e-5, atol=1e-6)

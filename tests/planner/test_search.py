@@ -196,17 +196,21 @@ def test_search_matches_brute_force_on_a_small_case():
 
 
 def test_unread_table_shares_a_stack_or_is_a_clear_error():
-  """A table no feature reads must share a stack with a read one (the collection rejects a
-  stack without features). 'b' is unread (bag bucket 1), 'a' multi-hot (bucket 4): only
-  kinds split over `table` merge the buckets into one stack."""
+  """A table no feature reads joins the shortest bag bucket of a read table of its kind,
+  dim and dtype ('b' unread, 'a' multi-hot: one stack on every kind, not only on those
+  that merge buckets); with no such read table it is a clear error."""
   from jaxrec.embedding import layout
   tables = [TableSpec("a", 10, 8), TableSpec("b", 2_000_000, 8)]
   features = [FeatureSpec("fa", "a", 4)]
-  mesh = {"table": 2, "row": 2}
-  res = propose_plan(tables, features, mesh, 40 * 2**20, 0.0, 64)
-  assert all(l.features for l in layout.build_layouts(tables, features, res.plan, mesh))
-  with pytest.raises(ConfigError, match=r"tables \['b'\] \(rw, dim 8, float32\) are read by "
-                     "no feature"):
-    propose_plan(tables, features, {"row": 4}, 40 * 2**20, 0.0, 64)
-  with pytest.raises(ConfigError, match=r"tables \['b'\] .* are read by no feature"):
-    estimate_plan(uniform_plan("rw", tables, 2), tables, features, mesh, GiB, 0.0, 64)
+  for mesh in ({"table": 2, "row": 2}, {"row": 4}):
+    res = propose_plan(tables, features, mesh, 40 * 2**20, 0.0, 64)
+    assert all(l.features for l in layout.build_layouts(tables, features, res.plan, mesh))
+  for kind in ("dp", "rw", "cw", "twrw"):
+    layouts = layout.build_layouts(tables, features, uniform_plan(kind, tables, 2),
+                                   {"table": 2, "row": 2, "col": 2})
+    assert [[s.name for s in l.slots] for l in layouts] == [["a", "b"]], kind
+  wide = tables + [TableSpec("c", 100, 16)]   # no read table of dim 16
+  with pytest.raises(ConfigError, match=r"tables \['c'\] \(rw, dim 16, float32\) are read "
+                     "by no feature"):
+    estimate_plan(uniform_plan("rw", wide, 2), wide, features, {"table": 2, "row": 2}, GiB,
+                  0.0, 64)
