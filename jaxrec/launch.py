@@ -33,7 +33,7 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
       where = f"{path}:{e.lineno}" if e.lineno else path
       raise ConfigError(f"--gin_file: {where}: {_one_line(e)}") from None
     except Exception as e:  # gin raises ValueError/KeyError with location info
-      raise ConfigError(f"--gin_file: {path}: {_one_line(e)}{_set_by(e)}") from None
+      raise ConfigError(f"--gin_file: {_located(path, _one_line(e))}{_set_by(e)}") from None
   for binding in bindings:
     try:
       gin.parse_config(binding)
@@ -81,6 +81,19 @@ def user_message(e: BaseException) -> str:
   text = str(e)
   cut = text.find(_GIN_CONTEXT)
   return text if cut < 0 else text[:cut]
+
+
+_GIN_LOCATION = re.compile(r'^(.*?)\s*In file "(.+?)", line (\d+)\s*(.*)$')
+
+
+def _located(path: str, message: str) -> str:
+  """`FILE:LINE: message (in 'LINE TEXT')` from gin's `message In file "F", line N TEXT`
+  (as syntax errors read; F may be a file `path` includes); `path: message` without one."""
+  m = _GIN_LOCATION.match(message)
+  if not m:
+    return f"{path}: {message}"
+  text, where, line, source = m.groups()
+  return f"{where}:{line}: {text.rstrip('.')}" + (f" (in '{source}')" if source else "")
 
 
 def _one_line(e: BaseException) -> str:

@@ -118,6 +118,25 @@ def test_gin_include_of_a_missing_file_names_it(tmp_path):
   assert "None" not in str(e.value), str(e.value)
 
 
+def test_gin_binding_errors_lead_with_file_and_line(tmp_path):
+  """A misspelled configurable or parameter, in the file given or in one it includes:
+  `FILE:LINE:` first, as for syntax errors (gin puts `In file "F", line N` at the end)."""
+  inner = tmp_path / "inner.gin"
+  inner.write_text("uniform_tables.num_tables = 2\n\nuniform_tables.num_table = 3\n")
+  outer = tmp_path / "outer.gin"
+  outer.write_text(f'include "{inner}"\nuniform_table.rows = 5\n')
+  with pytest.raises(ConfigError) as e:
+    launch.parse_gin([str(inner)], [])
+  assert str(e.value) == (f"--gin_file: {inner}:3: Configurable 'uniform_tables' doesn't have "
+                          "a parameter named 'num_table' (in 'uniform_tables.num_table = 3')")
+  with pytest.raises(ConfigError, match=rf"^--gin_file: {inner}:3: "):
+    launch.parse_gin([str(outer)], [])
+  outer.write_text("uniform_table.rows = 5\n")
+  with pytest.raises(ConfigError, match=rf"^--gin_file: {outer}:1: No configurable matching "
+                     r"'uniform_table' \(in 'uniform_table.rows = 5'\)$"):
+    launch.parse_gin([str(outer)], [])
+
+
 @pytest.mark.parametrize("value", [0, -1])
 def test_log_every_not_positive_says_positive(value):
   from jaxrec.train.config import RunOptions  # pylint: disable=import-outside-toplevel
