@@ -174,6 +174,10 @@ class RunOptions:
                           f"to use ExperimentConfig.{name})")
     if self.keep_checkpoints < 1:   # before planning and compiling (the manager checks too)
       raise ConfigError(f"--keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
+    # jax.random.key keeps 32 bits of the seed (x64 off): S and S + 2**32 (or -1 and
+    # 2**32 - 1) initialised the same model, and a seed past int64 was a traceback.
+    if not 0 <= self.seed < 2**32:
+      raise ConfigError(f"--seed must be in [0, 2**32), got {self.seed}")
     if self.on_nan not in ("stop", "rollback"):
       raise ConfigError(f"--on_nan must be stop or rollback, got '{self.on_nan}'")
     if self.bad_rows not in ("error", "skip"):

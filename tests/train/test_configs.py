@@ -144,6 +144,16 @@ def test_log_every_not_positive_says_positive(value):
     RunOptions(log_every=value).validate()
 
 
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**64])
+def test_a_seed_outside_32_bits_is_an_error(seed):
+  """jax.random.key keeps the low 32 bits: --seed=4294967296 initialised the model of
+  --seed=0 (with another data order), and 2**64 was an OverflowError traceback."""
+  from jaxrec.train.config import RunOptions  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ConfigError, match=rf"--seed must be in \[0, 2\*\*32\), got {seed}"):
+    RunOptions(seed=seed).validate()
+  RunOptions(seed=2**32 - 1).validate()
+
+
 @pytest.mark.parametrize("name", ["train_data", "eval_data"])
 def test_an_empty_data_flag_is_an_error(name):
   """`--train_data=` (e.g. from an unset shell variable) silently used the config's data."""
