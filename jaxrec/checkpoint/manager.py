@@ -179,6 +179,13 @@ class CheckpointManager:
     """Committed steps, ascending (tmp directories of unfinished saves are never listed)."""
     return sorted(self._mgr.all_steps())
 
+  def steps_on_disk(self) -> list[int]:
+    """Step directories present now, ascending: committed ones, including those a save in
+    flight will rotate out when it commits (`all_steps` already leaves them out)."""
+    if not self.directory.exists():
+      return []
+    return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+
   def latest_step(self) -> int | None:
     steps = self.all_steps()
     return steps[-1] if steps else None

@@ -120,8 +120,10 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
   eval_data = data_adapter.eval_data(config, options)
   data_adapter.warn_preprocessed_skips(options.bad_rows, train_it, eval_data)
   initial_data_state = train_it.get_state()
+  # keep=None: snapshots go only in prune_snapshots, once no checkpoint on disk needs them
+  # (a count cannot tell: a save in flight or a rejected step holds one too)
   tier = offload.make_tier(collection, config, info["offload"], options.seed, workdir,
-                           keep=options.keep_checkpoints + 1)
+                           keep=None)
   if tier is not None:   # the tier reads ahead (prefetch) and remaps ids to cache slots
     train_it = tier.wrap(train_it)
   snapshots = offload.snapshot_dir(workdir)
@@ -151,7 +153,9 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
   def prune_snapshots() -> None:
     """Drops offload snapshots older than every kept checkpoint (also those a run left
     when its tables moved back to the device)."""
-    kept = ckpt.all_steps()
+    # all_steps() lists a save in flight and no longer the steps it will rotate out, which
+    # stay on disk (and are what a restart restores) until it commits
+    kept = sorted(set(ckpt.all_steps()) | set(ckpt.steps_on_disk()))
     if is_main and kept:
       gone = snapshots_lib.prune_older(snapshots, kept[0])
       if gone:

@@ -111,3 +111,38 @@ def test_prune_older_keeps_the_kept_steps_and_newer(tmp_path):
   assert snapshots.prune_older(str(tmp_path), 10) == [5]
   assert snapshots.steps(str(tmp_path)) == [10, 20]
   assert (tmp_path / "3.tmp-1").exists()
+
+
+def test_a_crash_while_a_save_is_in_flight_keeps_the_last_checkpoints_snapshot(
+    tmp_path, monkeypatch):
+  """One checkpoint kept; the save of step 20 is still writing when the run snapshots step
+  30, then fails (a crash mid-save): checkpoint 10 is the only one on disk, so its snapshot
+  must still be there (a count of snapshots, or the step list of a save in flight, removed
+  it and the restart found no valid checkpoint)."""
+  import os
+  import time
+  from jaxrec.checkpoint import tables as tables_lib
+  w = tmp_path / "w"
+  snap30 = w / "offload_snapshots" / "30" / snapshots.META
+  real = tables_lib.write_pieces
+
+  async def write_pieces(directory, arrays, pieces, chunk_bytes=tables_lib.CHUNK_BYTES):
+    if directory.parent.name.startswith("20.") and "tmp" in directory.parent.name:
+      deadline = time.time() + 120
+      while not snap30.exists() and time.time() < deadline:
+        time.sleep(0.05)
+      raise OSError("simulated crash mid-save of step 20")
+    await real(directory, arrays, pieces, chunk_bytes)
+
+  monkeypatch.setattr(tables_lib, "write_pieces", write_pieces)
+  with pytest.raises(OSError, match="simulated crash"):
+    _run_keep1(w, 30)
+  monkeypatch.setattr(tables_lib, "write_pieces", real)
+  assert sorted(p for p in os.listdir(w / "checkpoints") if p.isdigit()) == ["10"]
+  assert 10 in snapshots.steps(str(w / "offload_snapshots"))
+  _run_keep1(w, 20)   # resumes from 10
+  assert sorted(p.name for p in (w / "checkpoints").iterdir() if p.name.isdigit()) == ["20"]
+
+
+def _run_keep1(workdir, num_steps):
+  return train_synthetic(workdir, num_steps, SMALL_DLRM + _offload(), keep_checkpoints=1)
