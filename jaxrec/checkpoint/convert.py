@@ -50,6 +50,7 @@ from jaxrec.errors import ConfigError, DataError
 from jaxrec.sharding.plan import KINDS, Plan, load_plan_file, uniform_plan
 
 FORMATS = ("npz", "zarr", "checkpoint")
+IMPORT_DTYPES = ("float32", "bfloat16", "float16")   # the float table dtypes
 NPZ_DTYPES = {"bfloat16": np.dtype(np.float32)}   # npy has no bfloat16: widened, exactly
 _RENAME = (("params", "dense"), ("opt_state", "dense_opt"))
 TORCHREC_KEY = re.compile(r"(?:^|\.)(?:embedding_bags|embeddings)\.([^.]+)\.weight$")
@@ -362,6 +363,10 @@ def _read_torchrec(npz_path) -> dict[str, np.ndarray]:
                         "(both positive)")
       if not np.issubdtype(w.dtype, np.floating):
         raise DataError(f"{npz_path}: '{key}' has dtype {w.dtype}, expected a float dtype")
+      if w.dtype.name not in IMPORT_DTYPES:   # no run could restore it (no float64 tables)
+        raise DataError(f"{npz_path}: '{key}' has dtype {w.dtype}, which no table can have "
+                        f"(table dtypes: {', '.join(IMPORT_DTYPES)}); convert it before the "
+                        "import, e.g. to float32 (which rounds)")
   return tables
 
 

@@ -405,6 +405,8 @@ def test_unreadable_checkpoint_is_an_error(saved, tmp_path):
 
 @pytest.mark.parametrize("arrays,match", [
     ({"embedding_bags.t.weight": np.ones((4, 2), np.int32)}, "dtype int32, expected a float"),
+    ({"embedding_bags.t.weight": np.ones((4, 2), np.float64)},
+     "'embedding_bags.t.weight' has dtype float64, which no table can have"),
     ({"embedding_bags.t.weight": np.ones((0, 2), np.float32)}, r"shape \(0, 2\)"),
     ({"embedding_bags.t.weight": np.array([None], object)}, "not a readable npz"),
     (None, "not a readable npz file .*not a zip file")])
