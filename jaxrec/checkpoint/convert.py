@@ -367,6 +367,11 @@ def _read_torchrec(npz_path) -> dict[str, np.ndarray]:
         raise DataError(f"{npz_path}: '{key}' has dtype {w.dtype}, which no table can have "
                         f"(table dtypes: {', '.join(IMPORT_DTYPES)}); convert it before the "
                         "import, e.g. to float32 (which rounds)")
+      bad = ~np.isfinite(w)
+      if bad.any():   # a run would train NaN into every row it pools with (and save it)
+        rows = np.flatnonzero(bad.any(axis=1))
+        raise DataError(f"{npz_path}: '{key}' holds {int(bad.sum())} NaN/inf values in "
+                        f"{len(rows)} rows (first: row {int(rows[0])})")
   return tables
 
 

@@ -408,6 +408,8 @@ def test_unreadable_checkpoint_is_an_error(saved, tmp_path):
     ({"embedding_bags.t.weight": np.ones((4, 2), np.float64)},
      "'embedding_bags.t.weight' has dtype float64, which no table can have"),
     ({"embedding_bags.t.weight": np.ones((0, 2), np.float32)}, r"shape \(0, 2\)"),
+    ({"embedding_bags.t.weight": np.array([[1, 2], [3, np.nan], [np.inf, 0]], np.float32)},
+     r"'embedding_bags.t.weight' holds 2 NaN/inf values in 2 rows \(first: row 1\)"),
     ({"embedding_bags.t.weight": np.array([None], object)}, "not a readable npz"),
     (None, "not a readable npz file .*not a zip file")])
 def test_torchrec_import_refuses_bad_npz(tmp_path, arrays, match):
