@@ -23,7 +23,7 @@ from jaxrec.checkpoint import offloaded as offloaded_lib
 from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.errors import ConfigError, JaxrecError
-from jaxrec.files import write_text_atomic
+from jaxrec.files import workdir_lock, write_text_atomic
 from jaxrec import elastic, offload, planner
 from jaxrec.offload import snapshots as snapshots_lib
 from jaxrec.sharding import mesh as mesh_lib
@@ -103,9 +103,18 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
                        ) -> dict[str, Any]:
   """Trains for `options.num_steps` steps (resuming from `workdir` if it has checkpoints).
 
-  Returns the last logged metrics (with the final eval's keys).
+  Returns the last logged metrics (with the final eval's keys). Process 0 holds the
+  workdir's lock (`files.workdir_lock`): a second run in the same workdir is refused.
   """
   check_workdir(workdir)
+  if jax.process_index() != 0:   # the processes of one job share the workdir
+    return _train_and_evaluate(config, options, workdir)
+  with workdir_lock(workdir):
+    return _train_and_evaluate(config, options, workdir)
+
+
+def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: str
+                        ) -> dict[str, Any]:
   collection, plan, info = setup(config, options)
   is_main = jax.process_index() == 0
   mesh = collection.mesh
