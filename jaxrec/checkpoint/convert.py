@@ -300,6 +300,11 @@ def export_checkpoint(checkpoint_dir, output, step: int | None = None,
   dest = output / str(step)
   if dest.exists():
     raise ConfigError(f"--output: {dest} already exists")
+  newer = sorted(int(p.name) for p in output.iterdir()
+                 if p.name.isdigit() and int(p.name) > step) if output.is_dir() else []
+  if newer:   # a run resumes from the newest step: the copy would be ignored (and rotated out)
+    raise ConfigError(f"--output {output} holds step {newer[-1]}, which a run would resume "
+                      f"from instead of the copied step {step}: pick a fresh --output")
   snapshot = offloaded_lib.snapshot_of(step_dir)
   snap_dest = output.parent / "offload_snapshots" / str(step)
   if snapshot is not None and snap_dest.exists():

@@ -210,6 +210,18 @@ def test_narrowing_restore_is_refused(tmp_path, stored, configured):
       mgr.restore(h.dense(coll.mesh), coll)
 
 
+def test_checkpoint_copy_refuses_to_hide_behind_newer_checkpoints(saved, tmp_path):
+  """As for an import: a copy of step 2 into a directory holding step 4 would never be
+  restored (a run resumes from 4) and was accepted silently."""
+  path, _, _ = saved
+  out = tmp_path / "ckpt"
+  convert.export_checkpoint(path, out, 4)
+  with pytest.raises(ConfigError, match=r"holds step 4, which a run would resume from "
+                     r"instead of the copied step 2"):
+    convert.export_checkpoint(path, out, 2)
+  assert sorted(p.name for p in out.iterdir()) == ["4"]
+
+
 def test_torchrec_import_refuses_to_hide_behind_newer_checkpoints(saved, tmp_path):
   """A run resumes from the newest step: importing as an older one would be ignored."""
   path, coll, _ = saved
