@@ -20,6 +20,7 @@ from typing import Mapping
 from jaxrec.offload.config import OffloadError
 
 META = "offload.json"
+REJECTED = "rejected"   # snapshots of rejected checkpoints (`set_aside`)
 
 
 def steps(directory: str) -> list[int]:
@@ -58,6 +59,22 @@ def prune_older(directory: str, oldest: int) -> list[int]:
   for old in gone:
     shutil.rmtree(os.path.join(directory, str(old)), ignore_errors=True)
   return gone
+
+
+def set_aside(directory: str, rejected: list[str]) -> list[str]:
+  """Moves the snapshots of rejected checkpoints (`rejected`: their names in
+  `checkpoints/rejected/`, `<step>.<reason>.<ns>`) to `<directory>/rejected/<name>`: a run
+  saving that step again would replace them, and a rejected checkpoint is never deleted.
+  Returns the names moved."""
+  moved = []
+  for name in rejected:
+    step = name.partition(".")[0]
+    src = os.path.join(directory, step)
+    if step.isdigit() and os.path.isdir(src):
+      os.makedirs(os.path.join(directory, REJECTED), exist_ok=True)
+      os.rename(src, os.path.join(directory, REJECTED, name))
+      moved.append(name)
+  return moved
 
 
 def _write(directory: str, final: str, step: int, stores: Mapping[str, object]) -> None:

@@ -146,3 +146,20 @@ def test_a_crash_while_a_save_is_in_flight_keeps_the_last_checkpoints_snapshot(
 
 def _run_keep1(workdir, num_steps):
   return train_synthetic(workdir, num_steps, SMALL_DLRM + _offload(), keep_checkpoints=1)
+
+
+def test_a_rejected_checkpoint_keeps_its_snapshot(offloaded_run, tmp_path):
+  """Checkpoint 20's snapshot is damaged: the restart falls back to 10 and moves 20 to
+  checkpoints/rejected/; its snapshot goes with it, where saving step 20 again replaced
+  (deleted) it: a rejected checkpoint is never deleted, its offloaded table included."""
+  w = _copy(offloaded_run, tmp_path)
+  _run(w, 20, _offload())
+  meta = w / "offload_snapshots" / "20" / snapshots.META
+  meta.write_text("{damaged")
+  _run(w, 20, _offload())
+  rejected = [p.name for p in (w / "checkpoints" / "rejected").iterdir()]
+  assert len(rejected) == 1 and rejected[0].startswith("20.corrupt.")
+  aside = w / "offload_snapshots" / "rejected" / rejected[0]
+  assert (aside / snapshots.META).read_text() == "{damaged"
+  assert (aside / "t0" / "table").is_dir()
+  assert snapshots.steps(str(w / "offload_snapshots")) == [10, 20]   # 20 saved again
