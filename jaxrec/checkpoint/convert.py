@@ -66,7 +66,9 @@ def _select_step(checkpoint_dir, step: int | None) -> tuple[CheckpointManager, i
   mgr = CheckpointManager(checkpoint_dir, read_only=True)
   steps = mgr.all_steps()
   if not steps:
-    raise CheckpointError(f"no checkpoint in {checkpoint_dir}")
+    inner = epath.Path(checkpoint_dir) / "checkpoints"   # a workdir given for its checkpoints
+    hint = f" (did you mean --checkpoint_dir={inner}?)" if inner.is_dir() else ""
+    raise CheckpointError(f"no checkpoint in {checkpoint_dir}{hint}")
   if step is None:
     step = mgr.latest_valid_step()
   elif step not in steps:

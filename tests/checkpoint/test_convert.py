@@ -437,6 +437,17 @@ def test_torchrec_import_refuses_bad_npz(tmp_path, arrays, match):
   assert not (tmp_path / "ckpt").exists()
 
 
+def test_a_workdir_as_checkpoint_dir_names_its_checkpoints(saved, tmp_path):
+  """--checkpoint_dir=W (the run directory) said only "no checkpoint in W"."""
+  path, _, _ = saved
+  shutil.copytree(path, tmp_path / "w" / "checkpoints")
+  with pytest.raises(CheckpointError, match=r"no checkpoint in .*/w \(did you mean "
+                     r"--checkpoint_dir=.*/w/checkpoints\?\)"):
+    convert.export_npz(tmp_path / "w", tmp_path / "o.npz")
+  with pytest.raises(CheckpointError, match=r"no checkpoint in .*/nowhere$"):
+    convert.export_npz(tmp_path / "nowhere", tmp_path / "o.npz")
+
+
 def test_script_refuses_flags_it_would_ignore(saved, tmp_path):
   path, _, _ = saved
   env = dict(os.environ, JAX_PLATFORMS="cpu")
