@@ -291,6 +291,12 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
                 step, elapsed / steps_timed, plan, info["mesh"], steps=steps_timed,
                 batch_size=config.batch_size))
         record.update(data_adapter.bad_row_metrics(train_it, eval_data))
+      if is_ckpt:   # before the eval: an eval that fails loses no training
+        if tier is not None:   # flush and snapshot the offloaded tables of this step
+          tier.save(state, step, snapshots)
+        ckpt.save(step, state, collection, data_state=train_it.get_state(), meta=meta,
+                  force=done or stop)
+        prune_snapshots()
       if is_eval:
         record.update(evaluate(eval_step, collection, state, eval_data, bsharding, tier))
       if record:
@@ -299,12 +305,6 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
         progress.update(step, record["loss"], record.get("examples_per_sec"))
         last = dict(record, step=step)
         pending, steps_timed, paused = [], 0, 0.0
-      if is_ckpt:
-        if tier is not None:   # flush and snapshot the offloaded tables of this step
-          tier.save(state, step, snapshots)
-        ckpt.save(step, state, collection, data_state=train_it.get_state(), meta=meta,
-                  force=done or stop)
-        prune_snapshots()
       if is_log:
         t_mark = time.perf_counter()
       else:   # the window goes on: leave out this step's eval and checkpoint time

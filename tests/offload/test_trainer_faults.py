@@ -64,3 +64,18 @@ def test_write_back_failure_keeps_the_last_checkpoint_and_resume_is_exact(tmp_pa
   assert sorted(got) == sorted(want) and max(got) == 30
   for step in (15, 20, 25, 30):              # after the resume: the uninterrupted run's
     np.testing.assert_allclose(got[step], want[step], rtol=0, atol=1e-6, err_msg=step)
+
+
+def test_a_failing_final_eval_keeps_the_final_checkpoint(tmp_path):
+  """The last step checkpoints before it evaluates: an eval batch too big for the cache
+  (a ConfigError only the eval data shows) used to stop the run before its last checkpoint,
+  losing every step since the previous one (with the default --checkpoint_every=0, all)."""
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  w = tmp_path / "w"
+  small_cache = SMALL_DLRM + ["OffloadConfig.tables={'t0': {'cache_rows': 300}}"]
+  with pytest.raises(ConfigError, match="an eval batch reads .* more than its cache of 300"):
+    train_synthetic(w, 8, small_cache)
+  assert sorted(p.name for p in (w / "checkpoints").iterdir()) == ["8"]
+  assert snapshots.steps(str(w / "offload_snapshots")) == [8]
+  result = train_synthetic(w, 8, small_cache + ["ExperimentConfig.eval_batch_size=128"])
+  assert result["step"] == 8 and np.isfinite(result["eval_logloss"])   # evaluates step 8
