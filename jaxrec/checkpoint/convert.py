@@ -63,14 +63,27 @@ def export_name(name: str) -> str:
 
 
 def _select_step(checkpoint_dir, step: int | None) -> tuple[CheckpointManager, int]:
-  mgr = CheckpointManager(checkpoint_dir, read_only=True)
+  for attempt in range(3):   # orbax lists the steps: one a running job deletes meanwhile
+    try:
+      mgr = CheckpointManager(checkpoint_dir, read_only=True)
+      break
+    except FileNotFoundError:
+      if attempt == 2:
+        raise
   steps = mgr.all_steps()
   if not steps:
     inner = epath.Path(checkpoint_dir) / "checkpoints"   # a workdir given for its checkpoints
     hint = f" (did you mean --checkpoint_dir={inner}?)" if inner.is_dir() else ""
     raise CheckpointError(f"no checkpoint in {checkpoint_dir}{hint}")
   if step is None:
-    step = mgr.latest_valid_step()
+    try:
+      step = mgr.latest_valid_step()
+    except CheckpointError:
+      gone = [s for s in steps if _gone(mgr.step_dir(s), wait=0)]
+      gone = gone or [s for s in steps[-1:] if _gone(mgr.step_dir(s))]
+      if gone:   # not corrupt: deleted while checked
+        raise _vanished(mgr.step_dir(gone[-1])) from None
+      raise
   elif step not in steps:
     raise CheckpointError(f"no checkpoint for step {step} in {checkpoint_dir} (steps: {steps})")
   else:
@@ -83,6 +96,8 @@ def _check(step_dir, full: bool = False) -> dict:
   try:
     return storage.check_step(step_dir, full=full)
   except Exception as e:  # pylint: disable=broad-except
+    if _gone(step_dir):
+      raise _vanished(step_dir) from None
     raise CheckpointError(f"checkpoint {step_dir} is corrupt: {_first_line(e)}; pick another "
                           "--step") from e
 
@@ -127,10 +142,11 @@ def _mkdir(path) -> None:
 
 
 @contextlib.contextmanager
-def _removed_on_error(output, remove: list):
+def _removed_on_error(output, remove: list, source=None):
   """Removes the paths in `remove` (files or directories; the body may add some) if the
   body raises; an `OSError` (disk full, unwritable) becomes a one-line `DataError` naming
-  `--output`."""
+  `--output`. Any error once the checkpoint `source` is gone (a running job rotated it
+  out meanwhile) is a `CheckpointError` saying so."""
   try:
     yield
   except BaseException as e:
@@ -139,9 +155,28 @@ def _removed_on_error(output, remove: list):
         shutil.rmtree(path, ignore_errors=True)
       elif os.path.lexists(path):
         os.remove(path)
+    if source is not None and isinstance(e, Exception) and _gone(source):
+      raise _vanished(source) from None
     if isinstance(e, OSError):
       raise DataError(f"--output: cannot write {output}: {e.strerror or e}") from None
     raise
+
+
+def _gone(step_dir, wait: float = 2.0) -> bool:
+  """Whether checkpoint `step_dir` is deleted, or is being deleted (gone within `wait` s):
+  a running job rotating it out, not a corrupt checkpoint."""
+  deadline = time.time() + wait
+  while os.path.isdir(step_dir):
+    if time.time() > deadline:
+      return False
+    time.sleep(0.1)
+  return True
+
+
+def _vanished(step_dir) -> CheckpointError:
+  return CheckpointError(f"checkpoint {step_dir} was deleted while it was being read: a run "
+                         "still saving into that directory rotated it out (--keep_checkpoints);"
+                         " convert again, or pick a step it keeps with --step")
 
 
 def _metadata(step_dir, step) -> dict:
@@ -191,7 +226,7 @@ def export_npz(checkpoint_dir, output, step: int | None = None) -> int:
   step_dir = mgr.step_dir(step)
   output = _new_output(output, checkpoint_dir)
   tmp = output.parent / (output.name + f".tmp-{time.time_ns()}")
-  with _removed_on_error(output, [tmp]):
+  with _removed_on_error(output, [tmp], step_dir):
     _write_npz(tmp, step_dir, step)
     tmp.rename(output)
   return step
@@ -221,7 +256,7 @@ def export_zarr(checkpoint_dir, output, step: int | None = None) -> int:
   step_dir = mgr.step_dir(step)
   output = _new_output(output, checkpoint_dir)
   tmp = output.parent / (output.name + f".tmp-{time.time_ns()}")
-  with _removed_on_error(output, [tmp]):
+  with _removed_on_error(output, [tmp], step_dir):
     _mkdir(tmp)
     _write_zarr(tmp, step_dir, step)
     tmp.rename(output)
@@ -323,7 +358,7 @@ def export_checkpoint(checkpoint_dir, output, step: int | None = None,
     manifest.update(saved_plan=resolved.to_json(), saved_mesh=dict(mesh_shape))
   tmp = output / f"{step}.orbax-checkpoint-tmp-{time.time_ns()}"
   written = [tmp]
-  with _removed_on_error(dest, written):
+  with _removed_on_error(dest, written, step_dir):
     shutil.copytree(step_dir, tmp)
     manifest["converted_from"] = str(step_dir)
     (tmp / storage.MANIFEST / "metadata").write_text(json.dumps(manifest))

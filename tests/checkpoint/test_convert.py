@@ -448,6 +448,25 @@ def test_a_workdir_as_checkpoint_dir_names_its_checkpoints(saved, tmp_path):
     convert.export_npz(tmp_path / "nowhere", tmp_path / "o.npz")
 
 
+def test_a_checkpoint_rotated_out_during_the_export_says_so(saved, tmp_path, monkeypatch):
+  """A run still saving into the directory deletes old steps: exporting one it deletes
+  meanwhile said "--output: cannot write <output>: No such file" or gave a traceback."""
+  path, _, _ = saved
+  copy = tmp_path / "copy"
+  shutil.copytree(path, copy)
+  real = convert._write_npz
+
+  def rotated_out(tmp, step_dir, step):
+    shutil.rmtree(step_dir)   # as orbax does once a newer save commits
+    real(tmp, step_dir, step)
+
+  monkeypatch.setattr(convert, "_write_npz", rotated_out)
+  with pytest.raises(CheckpointError, match=r"checkpoint .*copy/4 was deleted while it was "
+                     r"being read: a run still saving into that directory rotated it out"):
+    convert.export_npz(copy, tmp_path / "o.npz", 4)
+  assert not (tmp_path / "o.npz").exists()
+
+
 def test_script_refuses_flags_it_would_ignore(saved, tmp_path):
   path, _, _ = saved
   env = dict(os.environ, JAX_PLATFORMS="cpu")
