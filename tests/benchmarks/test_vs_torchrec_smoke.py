@@ -26,6 +26,7 @@ def _run(*flags):
   return lines
 
 
+@pytest.mark.slow   # ~25 s: two frameworks compile and evaluate
 def test_jaxrec_side_and_skip_line():
   lines = _run("--skip_torchrec")
   jx = lines[0]

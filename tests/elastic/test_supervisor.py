@@ -171,6 +171,7 @@ def test_straggler_is_reported_and_moved_off(tmp_path):
   assert "finished" in t.names(ev)
 
 
+@pytest.mark.slow
 def test_run_again_after_the_end_reports_the_final_step(tmp_path):
   w = str(tmp_path)
   assert t.finish(start(w, ["--num_processes=2"], steps=30)) == 0
@@ -216,8 +217,9 @@ def test_requested_stop_waits_for_the_check_step_not_a_periodic_checkpoint(tmp_p
   w = str(tmp_path)
   _set_capacity(w, "1\n")
   # Checkpoints every 5 steps, stop checks every 30. Under load the supervisor may see the
-  # new capacity after step 30; the workers then stop at the next check step (60 or 90).
-  proc = start(w, ["--num_processes=2", "--check_every=30", "--stop_grace=0.5"], steps=100,
+  # new capacity after step 30; the workers then stop at the next check step (60, 90 or,
+  # on a busy machine, 120: it once saw it only after step 90 of 100).
+  proc = start(w, ["--num_processes=2", "--check_every=30", "--stop_grace=0.5"], steps=150,
                step_s=0.1)
   t.wait_step(w, 0, 0, 2, timeout=120, proc=proc)
   _set_capacity(w, "2\n")
@@ -227,4 +229,4 @@ def test_requested_stop_waits_for_the_check_step_not_a_periodic_checkpoint(tmp_p
   assert "scale_up" in names and "stop" not in names, events  # the worker stopped itself
   gens = [(x["generation"], x["start"]) for x in runs(w)]
   assert gens[0] == (0, 0) and len(gens) == 3, gens
-  assert gens[1] == gens[2] and gens[1][0] == 1 and gens[1][1] in (30, 60, 90), gens
+  assert gens[1] == gens[2] and gens[1][0] == 1 and gens[1][1] in (30, 60, 90, 120), gens

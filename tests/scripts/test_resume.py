@@ -41,15 +41,15 @@ def metadata(workdir):
 
 
 def test_kill9_mid_save_and_mid_step_resumes_bitwise_equal(tmp_path):
-  """SIGKILL while checkpoint 14 is half written, then mid-step 25, then while checkpoint
-  35 is half written; each restart resumes from the last committed checkpoint."""
+  """SIGKILL while checkpoint 14 is half written, then mid-step 25; each restart resumes
+  from the last committed checkpoint (the slow target kills at random moments too)."""
   common = FLAGS + ["--num_steps=40", "--checkpoint_every=7", "--plan=rw", "--mesh=row=2"]
   ref = str(tmp_path / "ref")
   train(ref, *common, devices=2)
   w = str(tmp_path / "killed")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu")
-  for point in ("save:14", "step:25", "save:35"):
+  for point in ("save:14", "step:25"):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "scripts", "kill_points.py"),
                            f"--workdir={w}", *common], env=dict(env, JAXREC_TEST_KILL=point),
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -60,7 +60,7 @@ def test_kill9_mid_save_and_mid_step_resumes_bitwise_equal(tmp_path):
       assert any(n.startswith("14.") and "tmp" in n for n in names), names
   train(w, *common, devices=2)
   resumes = [l["checkpoint_step"] for l in read_metrics(w) if l.get("event") == "resume"]
-  assert len(resumes) == 3 and resumes[0] == 7 and resumes[1] in (14, 21) and resumes[2] == 28
+  assert len(resumes) == 2 and resumes[0] == 7 and resumes[1] in (14, 21), resumes
   assert_bitwise_equal(export(w), export(ref))
   assert metadata(w)["data_state"] == metadata(ref)["data_state"]   # no example lost/repeated
   steps = [l["step"] for l in read_metrics(w) if "loss" in l]
