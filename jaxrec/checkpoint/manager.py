@@ -514,14 +514,22 @@ class CheckpointManager:
                            f"restore ({detail}). Fix or move them away to start afresh.")
 
   def _reject(self, step, reason) -> None:
-    """Moves step directory `step` to `rejected/` (read-only managers leave it)."""
+    """Moves step directory `step` to `rejected/`, and its offload snapshot beside the
+    checkpoints (if any) to `offload_snapshots/rejected/` under the same name: saving that
+    step again would replace it, and a rejected checkpoint is never deleted (read-only
+    managers leave both)."""
     if self.read_only:
       return
     dest = self.directory / REJECTED_DIR / f"{step}.{reason}.{time.time_ns()}"
     if jax.process_index() == 0:
+      from jaxrec.offload import snapshots  # pylint: disable=import-outside-toplevel
       dest.parent.mkdir(parents=True, exist_ok=True)
       self.step_dir(step).rename(dest)
       logging.warning("moved checkpoint %s to %s", self.step_dir(step), dest.parent)
+      beside = str(offloaded_lib.snapshots_beside(self.directory))
+      if snapshots.set_aside(beside, [dest.name]):
+        logging.warning("moved its offload snapshot to %s",
+                        os.path.join(beside, snapshots.REJECTED))
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"jaxrec_checkpoint_reject_{step}")
     self._mgr.reload()

@@ -45,6 +45,12 @@ def stored_name(table: str, store_name: str) -> str:
   return tables_lib.opt_name(table, store_name[len(STORE_OPT):])
 
 
+def snapshots_beside(checkpoint_dir) -> epath.Path:
+  """`W/offload_snapshots` of the checkpoint directory `W/checkpoints`: where the run of
+  that workdir keeps its offload snapshots (`offload.snapshot_dir`)."""
+  return epath.Path(checkpoint_dir).parent / "offload_snapshots"
+
+
 def snapshot_of(step_dir) -> tuple[str, dict] | None:
   """`(snapshot directory, {table: info})` when checkpoint `step_dir` has offloaded tables
   (their full values are in the offload snapshot of its step), else None. The snapshot
@@ -57,7 +63,7 @@ def snapshot_of(step_dir) -> tuple[str, dict] | None:
   if not info or not info.get("tables"):
     return None
   step = int(step_dir.name)
-  beside = str(step_dir.parent.parent / "offload_snapshots")
+  beside = str(snapshots_beside(step_dir.parent))
   candidates = list(dict.fromkeys(filter(None, [beside, info.get("snapshots")])))
   for directory in candidates:
     if step in snapshots.steps(directory):

@@ -213,12 +213,14 @@ def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], 
   by_name = {t.name: t for t in tables}
   sizes = tuple((a, int(mesh_shape.get(a, 1))) for a in MESH_AXES)
   groups: dict[tuple, list[TableSpec]] = {}
+  longest: dict[str, int] = {}   # a read table's longest bag
+  for f in features:
+    longest[f.table] = max(longest.get(f.table, 1), f.max_len)
   read_bags: dict[tuple, list[int]] = {}   # bag buckets of read tables per (kind, dim, dtype)
   for t in tables:
-    lens = [f.max_len for f in features if f.table == t.name]
-    if lens:
+    if t.name in longest:
       read_bags.setdefault((plan[t.name].kind, t.dim, t.dtype), []).append(
-          bag_bucket(max(lens)))
+          bag_bucket(longest[t.name]))
   for t in tables:
     placement = plan[t.name]
     if "col" in placement.axes and t.dim % dict(sizes)["col"]:
@@ -228,10 +230,10 @@ def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], 
     if "table" in placement.axes and not 0 <= placement.table_slice < dict(sizes)["table"]:
       raise ConfigError(f"table '{t.name}': table_slice {placement.table_slice} is outside "
                         f"mesh axis table={dict(sizes)['table']}")
-    lens = [f.max_len for f in features if f.table == t.name]
     key = (placement.kind, t.dim, t.dtype)
     # a table no feature reads joins the shortest bag bucket of its kind, dim and dtype
-    bag = bag_bucket(max(lens)) if lens else min(read_bags.get(key, [1]))
+    bag = (bag_bucket(longest[t.name]) if t.name in longest
+           else min(read_bags.get(key, [1])))
     groups.setdefault(key, {}).setdefault(bag, []).append(t)
   order = {t.name: i for i, t in enumerate(tables)}
   stacks: dict[tuple, list[TableSpec]] = {}

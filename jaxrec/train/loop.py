@@ -20,7 +20,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxrec.checkpoint import offloaded as offloaded_lib
-from jaxrec.checkpoint.manager import REJECTED_DIR
 from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.errors import ConfigError, JaxrecError
@@ -172,19 +171,6 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
         log.info("removed offload snapshots of steps %s (older than checkpoint %d)",
                  gone, kept[0])
 
-  def restore(**kwargs):
-    """`ckpt.restore`; the offload snapshots of the checkpoints it rejects go with them."""
-    rejected = ckpt.directory / REJECTED_DIR
-    before = set(os.listdir(rejected)) if rejected.is_dir() else set()
-    out = ckpt.restore(state, collection, init=fresh_dense, offloaded=offloaded, **kwargs)
-    new = sorted(set(os.listdir(rejected)) - before) if rejected.is_dir() else []
-    if is_main and new:
-      moved = snapshots_lib.set_aside(snapshots, new)
-      if moved:
-        log.warning("moved the offload snapshots of rejected checkpoints %s to %s", moved,
-                    os.path.join(snapshots, snapshots_lib.REJECTED))
-    return out
-
   def fresh_dense():   # the dense values a tables-only checkpoint (an import) lacks
     return state_lib.create_dense(config, collection, options.seed)
 
@@ -192,7 +178,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   # may hold them whole, or be of a run that offloaded tables this one keeps on the device
   offloaded = {n: t.spec for n, t in tier.tables.items()} if tier is not None else None
   start = 0
-  restored = restore()
+  restored = ckpt.restore(state, collection, init=fresh_dense, offloaded=offloaded)
   if restored is not None:
     state = resume_from(restored)
     start = int(state["step"])
@@ -266,7 +252,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
                               f"checkpoint in {ckpt.directory} is untouched")
         rollbacks += 1
         skip_positions.add(bad_position)
-        restored = restore(require_finite=True)
+        restored = ckpt.restore(state, collection, require_finite=True, init=fresh_dense,
+                                offloaded=offloaded)
         if restored is None:      # nothing saved yet: start over from the initial state
           state = state_lib.create(config, collection, options.seed)
           if tier is not None:
