@@ -24,9 +24,16 @@ the runs measure training, not data generation. Prints one line per run and a su
 `"ratio"` (offload / device examples per second) and `"goal": 0.8`; also the cache hit
 rate (id occurrences and distinct rows), prefetch stall milliseconds per step, and
 `"ratio_sync"` (prefetch off) and `"ratio_stale"`.
+
+Then (`--snapshot_steps` > 0) the `offload` run's checkpoint snapshots: one line
+(`"run": "snapshot"`) with the seconds of a first snapshot (every chunk file read for its
+CRC32), of a second one `--snapshot_steps` steps later (only the chunk files written since
+are read), the fraction of files that changed, and the seconds a restore spends checking
+the snapshot (every file read and compared).
 """
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -38,6 +45,7 @@ import jax
 import numpy as np
 
 from jaxrec import offload
+from jaxrec.offload import snapshots
 from jaxrec.data.batch import Batch
 from jaxrec.embedding import optimizers
 from jaxrec.embedding.collection import EmbeddingCollection
@@ -172,6 +180,31 @@ class Run:
     return out
 
 
+def time_snapshots(run: Run, steps: int, directory: str) -> dict:
+  """Seconds of two checkpoint snapshots `steps` apart and of checking the second."""
+  run.tier.pause()
+  t0 = time.perf_counter()
+  run.tier.save(run.state, 1, directory)
+  first = time.perf_counter() - t0
+  run.train(steps, timed=False)
+  t0 = time.perf_counter()
+  path = run.tier.save(run.state, 2, directory)
+  second = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  snapshots.open_table(path, "big")
+  check = time.perf_counter() - t0
+  files = {}
+  for step in (1, 2):
+    with open(os.path.join(directory, str(step), snapshots.META)) as f:
+      files[step] = json.load(f)["tables"]["big"]["files"]
+  changed = sum(files[1].get(k, {}).get("ino") != v["ino"] for k, v in files[2].items())
+  size = sum(v["size"] for v in files[2].values())
+  return {"snapshot_mib": round(size / 2**20, 1), "files": len(files[2]),
+          "first_snapshot_s": round(first, 3), "second_snapshot_s": round(second, 3),
+          "changed_files": round(changed / len(files[2]), 3), "steps_between": steps,
+          "restore_check_s": round(check, 3), "path": path}
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--rows", type=int, default=1_000_000)
@@ -192,6 +225,8 @@ def main():
   p.add_argument("--kvstore", default="file")
   p.add_argument("--store_dir", default=None)
   p.add_argument("--runs", default="device,offload,sync,stale")
+  p.add_argument("--snapshot_steps", type=int, default=100,
+                 help="steps between the two timed snapshots (0: none)")
   args = p.parse_args()
   rng = np.random.default_rng(0)
   data = make_data(args, rng)
@@ -214,10 +249,16 @@ def main():
   for _ in range(args.rounds):          # interleaved blocks: load drift hits every run alike
     for r in runs.values():
       r.train(args.steps // args.rounds)
+  snapshot = None
+  if args.snapshot_steps > 0 and "offload" in runs:
+    snapshot = time_snapshots(runs["offload"], args.snapshot_steps,
+                              os.path.join(store_dir, "snapshots"))
   results = {}
   for name, r in runs.items():
     results[name] = r.report(args.batch)
     emit("offload", run=name, **common, **results[name])
+  if snapshot is not None:
+    emit("offload", run="snapshot", **common, **snapshot)
   if args.store_dir is None:
     shutil.rmtree(store_dir, ignore_errors=True)
   if "device" in results and "offload" in results:

@@ -24,7 +24,8 @@ from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 from jaxrec.checkpoint import convert  # pylint: disable=g-import-not-at-top
 from jaxrec.errors import ConfigError, JaxrecError  # pylint: disable=g-import-not-at-top
 
-_DIR = flags.DEFINE_string("checkpoint_dir", None, "Checkpoint directory (W/checkpoints).")
+_DIR = flags.DEFINE_string("checkpoint_dir", None, "Checkpoint directory (W/checkpoints), or "
+                           "one rejected checkpoint (W/checkpoints/rejected/<step>.<reason>.<ns>).")
 _STEP = flags.DEFINE_integer("step", None, "Step to convert; default the latest valid one. "
                              "With --torchrec_npz: the step to write (default 0).")
 _OUTPUT = flags.DEFINE_string("output", None, "Output file (npz), directory (zarr) or "

@@ -16,7 +16,9 @@ Offloaded tables (`jaxrec.offload`): the orbax checkpoint holds only their devic
 the whole table and its optimizer state are in the offload snapshot of the same step
 (`W/offload_snapshots/<step>`, named in the checkpoint's `meta["offload"]`). Exports read
 those instead (`tables/<table>` is the full `[rows, dim]` table), and a checkpoint copy
-links the snapshot next to it (`<output>/../offload_snapshots/<step>`).
+links the snapshot next to it (`<output>/../offload_snapshots/<step>`). A rejected checkpoint
+(`W/checkpoints/rejected/<step>.<reason>.<ns>`, given as the checkpoint directory) converts
+like a kept one; its snapshot is the one set aside with it.
 
 Arrays are read from the checkpoint in row blocks and verified against their saved
 fingerprints while they are written, so an export never holds a whole table in memory
@@ -43,10 +45,10 @@ from etils import epath
 from jaxrec.checkpoint import canonical as canonical_lib
 from jaxrec.checkpoint import offloaded as offloaded_lib
 from jaxrec.checkpoint import storage
-from jaxrec.checkpoint.manager import CheckpointError, CheckpointManager
+from jaxrec.checkpoint.manager import REJECTED_DIR, CheckpointError, CheckpointManager
 from jaxrec.embedding import layout as layout_lib
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
-from jaxrec.errors import ConfigError, DataError
+from jaxrec.errors import ConfigError, DataError, OffloadError
 from jaxrec.sharding.plan import KINDS, Plan, load_plan_file, uniform_plan
 
 FORMATS = ("npz", "zarr", "checkpoint")
@@ -62,7 +64,17 @@ def export_name(name: str) -> str:
   return dict(_RENAME).get(head, head) + sep + rest
 
 
-def _select_step(checkpoint_dir, step: int | None) -> tuple[CheckpointManager, int]:
+def _select_step(checkpoint_dir, step: int | None) -> tuple[epath.Path, int]:
+  """`(step directory, step)` of `--checkpoint_dir` and `--step`: the latest valid step by
+  default; `--checkpoint_dir` may also name one rejected checkpoint
+  (`W/checkpoints/rejected/<step>.<reason>.<ns>`), kept for exactly this."""
+  rejected = offloaded_lib.rejected_step(checkpoint_dir)
+  if rejected is not None:
+    if step is not None and step != rejected:
+      raise ConfigError(f"--step={step}: --checkpoint_dir {checkpoint_dir} is the rejected "
+                        f"checkpoint of step {rejected}")
+    _check(epath.Path(checkpoint_dir))
+    return epath.Path(checkpoint_dir), rejected
   for attempt in range(3):   # orbax lists the steps: one a running job deletes meanwhile
     try:
       mgr = CheckpointManager(checkpoint_dir, read_only=True)
@@ -72,9 +84,7 @@ def _select_step(checkpoint_dir, step: int | None) -> tuple[CheckpointManager, i
         raise
   steps = mgr.all_steps()
   if not steps:
-    inner = epath.Path(checkpoint_dir) / "checkpoints"   # a workdir given for its checkpoints
-    hint = f" (did you mean --checkpoint_dir={inner}?)" if inner.is_dir() else ""
-    raise CheckpointError(f"no checkpoint in {checkpoint_dir}{hint}")
+    raise CheckpointError(f"no checkpoint in {checkpoint_dir}{_hint(checkpoint_dir)}")
   if step is None:
     try:
       step = mgr.latest_valid_step()
@@ -85,10 +95,30 @@ def _select_step(checkpoint_dir, step: int | None) -> tuple[CheckpointManager, i
         raise _vanished(mgr.step_dir(gone[-1])) from None
       raise
   elif step not in steps:
-    raise CheckpointError(f"no checkpoint for step {step} in {checkpoint_dir} (steps: {steps})")
+    raise CheckpointError(f"no checkpoint for step {step} in {checkpoint_dir} (steps: "
+                          f"{steps}){_hint(checkpoint_dir, step)}")
   else:
     _check(mgr.step_dir(step))
-  return mgr, int(step)
+  return mgr.step_dir(step), int(step)
+
+
+def _hint(checkpoint_dir, step: int | None = None) -> str:
+  """What to pass instead: a workdir's checkpoints, or the rejected checkpoints (of
+  `step`) under `checkpoint_dir` (or `checkpoint_dir` itself being their directory)."""
+  path = epath.Path(checkpoint_dir)
+  if step is None and (path / "checkpoints").is_dir():   # a workdir given for its checkpoints
+    return f" (did you mean --checkpoint_dir={path / 'checkpoints'}?)"
+  where = path if path.name == REJECTED_DIR else path / REJECTED_DIR
+  names = sorted((p.name for p in where.iterdir() if offloaded_lib.rejected_step(p) is not None
+                  and (step is None or offloaded_lib.rejected_step(p) == step)),
+                 key=lambda n: [int(x) if x.isdigit() else x for x in n.split(".")]
+                 ) if where.is_dir() else []
+  if not names:
+    return ""
+  shown = ", ".join(str(where / n) for n in names[-3:])
+  return (f"; rejected checkpoints{f' of step {step}' if step is not None else ''} are kept "
+          f"in {where} ({len(names)}): export one with --checkpoint_dir=<its directory>, e.g. "
+          f"{shown}")
 
 
 def _check(step_dir, full: bool = False) -> dict:
@@ -191,7 +221,7 @@ def _exported_arrays(step_dir):
   manifest = storage.check_step(step_dir)
   arrays = storage.open_arrays(step_dir)
   saved = storage.saved_fingerprints(step_dir, manifest, arrays)
-  offloaded = offloaded_lib.snapshot_arrays(step_dir)
+  offloaded = _snapshot_arrays(step_dir)
   for name in offloaded:
     if name not in arrays:
       raise CheckpointError(f"offload snapshot of {step_dir} holds '{name}', which the "
@@ -199,6 +229,15 @@ def _exported_arrays(step_dir):
   arrays.update(offloaded)
   for name in sorted(n for n in arrays if n != "fingerprint"):
     yield export_name(name), name, arrays[name], None if name in offloaded else saved.get(name)
+
+
+def _snapshot_arrays(step_dir) -> dict:
+  """`offloaded.snapshot_arrays` after checking the snapshot's files (sizes, CRC32s); a
+  damaged snapshot is a `CheckpointError` naming the file."""
+  try:
+    return offloaded_lib.snapshot_arrays(step_dir)
+  except OffloadError as e:
+    raise CheckpointError(f"checkpoint {step_dir}: {e}; pick another --step") from None
 
 
 class _Verifier:
@@ -222,8 +261,7 @@ def export_npz(checkpoint_dir, output, step: int | None = None) -> int:
   """Writes checkpoint `step` (default: latest valid) as one `.npz`; returns the step.
 
   Streams each array into the zip (uncompressed, zip64), so memory stays bounded."""
-  mgr, step = _select_step(checkpoint_dir, step)
-  step_dir = mgr.step_dir(step)
+  step_dir, step = _select_step(checkpoint_dir, step)
   output = _new_output(output, checkpoint_dir)
   tmp = output.parent / (output.name + f".tmp-{time.time_ns()}")
   with _removed_on_error(output, [tmp], step_dir):
@@ -252,8 +290,7 @@ def _write_npz(tmp, step_dir, step):
 def export_zarr(checkpoint_dir, output, step: int | None = None) -> int:
   """Writes checkpoint `step` as a directory of tensorstore zarr (v2) arrays, one per
   exported name, plus `metadata.json`; returns the step."""
-  mgr, step = _select_step(checkpoint_dir, step)
-  step_dir = mgr.step_dir(step)
+  step_dir, step = _select_step(checkpoint_dir, step)
   output = _new_output(output, checkpoint_dir)
   tmp = output.parent / (output.name + f".tmp-{time.time_ns()}")
   with _removed_on_error(output, [tmp], step_dir):
@@ -323,8 +360,7 @@ def export_checkpoint(checkpoint_dir, output, step: int | None = None,
   _outside(output, checkpoint_dir)
   if output.exists() and not output.is_dir():
     raise ConfigError(f"--output {output} is a file; --format=checkpoint writes a directory")
-  mgr, step = _select_step(checkpoint_dir, step)
-  step_dir = mgr.step_dir(step)
+  step_dir, step = _select_step(checkpoint_dir, step)
   manifest = _check(step_dir)
   description = ""
   if plan is not None:
@@ -350,6 +386,7 @@ def export_checkpoint(checkpoint_dir, output, step: int | None = None,
   _mkdir(output)
   try:
     manifest = _check(step_dir, full=True)   # every array read and its fingerprint checked
+    _snapshot_arrays(step_dir)               # ... and every file of its offload snapshot
   except CheckpointError:
     if created:
       output.rmdir()
@@ -363,7 +400,7 @@ def export_checkpoint(checkpoint_dir, output, step: int | None = None,
     manifest["converted_from"] = str(step_dir)
     (tmp / storage.MANIFEST / "metadata").write_text(json.dumps(manifest))
     if snapshot is not None:   # the offloaded tables: the snapshot first, hard links
-      _link_copy(epath.Path(snapshot[0]) / str(step), snap_dest)
+      _link_copy(epath.Path(snapshot[0]), snap_dest)
       written.append(snap_dest)   # left alone, it would refuse the next try
       meta = storage.read_json(tmp, storage.META)
       meta["offload"]["snapshots"] = str(snap_dest.parent)

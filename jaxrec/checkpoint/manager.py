@@ -55,7 +55,7 @@ from jaxrec.checkpoint.storage import DATA_STATE, ITEMS, MANIFEST, META, STATE, 
 from jaxrec.errors import CheckpointError, ConfigError
 from jaxrec.sharding.mesh import mesh_shape
 
-REJECTED_DIR = "rejected"
+REJECTED_DIR = offloaded_lib.REJECTED   # rejected steps: `<step>.<reason>.<ns>`
 
 
 class _NonFinite(Exception):

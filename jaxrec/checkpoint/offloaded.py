@@ -23,6 +23,7 @@ Both work on any device count and plan, like every restore.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -34,6 +35,7 @@ from jaxrec.checkpoint import tables as tables_lib
 from jaxrec.errors import CheckpointError
 
 STORE_OPT = "opt."   # a store's arrays: `offload.store.TABLE` and `opt.<name>`
+REJECTED = "rejected"   # `manager.REJECTED_DIR` and `offload.snapshots.REJECTED`
 
 
 def stored_name(table: str, store_name: str) -> str:
@@ -51,26 +53,40 @@ def snapshots_beside(checkpoint_dir) -> epath.Path:
   return epath.Path(checkpoint_dir).parent / "offload_snapshots"
 
 
+def rejected_step(step_dir) -> int | None:
+  """The step of `step_dir` when it is a rejected checkpoint
+  (`W/checkpoints/rejected/<step>.<reason>.<ns>`, see `CheckpointManager`), else None."""
+  step_dir = epath.Path(step_dir)
+  head, dot, _ = step_dir.name.partition(".")
+  if step_dir.parent.name == REJECTED and dot and head.isdigit():
+    return int(head)
+  return None
+
+
 def snapshot_of(step_dir) -> tuple[str, dict] | None:
-  """`(snapshot directory, {table: info})` when checkpoint `step_dir` has offloaded tables
-  (their full values are in the offload snapshot of its step), else None. The snapshot
-  directory is `../offload_snapshots` beside the checkpoint directory (the one the run's
-  offload tier restores from, also in a copied workdir) or else the one recorded at save
-  time. Raises `CheckpointError` when neither has the step."""
+  """`(snapshot path, {table: info})` when checkpoint `step_dir` has offloaded tables
+  (their full values are in the offload snapshot of its step), else None. The snapshot is
+  looked for in `../offload_snapshots` beside the checkpoint directory (the one the run's
+  offload tier restores from, also in a copied workdir), then in the one recorded at save
+  time; a rejected checkpoint's is under their `rejected/`, by the same name. Raises
+  `CheckpointError` when neither has it."""
   from jaxrec.offload import snapshots  # pylint: disable=import-outside-toplevel
   step_dir = epath.Path(step_dir)
   info = storage.read_json(step_dir, storage.META).get("offload")
   if not info or not info.get("tables"):
     return None
-  step = int(step_dir.name)
-  beside = str(snapshots_beside(step_dir.parent))
+  checkpoints, key, label = step_dir.parent, step_dir.name, f"of step {step_dir.name}"
+  if rejected_step(step_dir) is not None:
+    checkpoints, key = checkpoints.parent, f"{REJECTED}/{key}"
+    label = f"'{key}'"
+  beside = str(snapshots_beside(checkpoints))
   candidates = list(dict.fromkeys(filter(None, [beside, info.get("snapshots")])))
   for directory in candidates:
-    if step in snapshots.steps(directory):
-      return directory, info["tables"]
+    path = os.path.join(directory, key)
+    if os.path.exists(os.path.join(path, snapshots.META)):
+      return path, info["tables"]
   raise CheckpointError(f"checkpoint {step_dir} has offloaded tables {sorted(info['tables'])} "
-                        f"but no offload snapshot of step {step} (looked in "
-                        f"{', '.join(candidates)})")
+                        f"but no offload snapshot {label} (looked in {', '.join(candidates)})")
 
 
 def snapshot_arrays(step_dir, tables: Iterable[str] | None = None) -> dict[str, ts.TensorStore]:
@@ -83,11 +99,10 @@ def snapshot_arrays(step_dir, tables: Iterable[str] | None = None) -> dict[str, 
   if found is None:
     return {}
   from jaxrec.offload import snapshots  # pylint: disable=import-outside-toplevel
-  directory, offloaded = found
+  path, offloaded = found
   out = {}
   for table in sorted(offloaded if tables is None else tables):
-    for name, array in snapshots.open_table(directory, int(epath.Path(step_dir).name),
-                                            table).items():
+    for name, array in snapshots.open_table(path, table).items():
       out[stored_name(table, name)] = array
   return out
 

@@ -1,13 +1,14 @@
 """Checkpoint snapshots of offloaded tables, one directory per step.
 
-    <directory>/<step>/offload.json        step, tables and their shapes
+    <directory>/<step>/offload.json        step, tables, their shapes and file lists
     <directory>/<step>/<table>/...         the table's tensorstore arrays (`TableStore.snapshot`)
 
 A snapshot is written to `<step>.tmp-<pid>` and renamed when complete, so a listed step is
 always whole; a crash mid-save leaves only a tmp directory (removed by the next save).
 Snapshots are hard links to the store's chunk files, which the store only ever replaces
 (never rewrites), so a snapshot costs no copy and later writes — or a failed write-back —
-never change it.
+never change it. Each table's file list (sizes and CRC32s, `integrity`) is checked before a
+restore or a conversion reads the snapshot, so a damaged one is refused rather than read.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import shutil
 from typing import Mapping
 
+from jaxrec.offload import integrity
 from jaxrec.offload.config import OffloadError
 
 META = "offload.json"
@@ -85,11 +87,14 @@ def _write(directory: str, final: str, step: int, stores: Mapping[str, object]) 
       shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
   tmp = f"{final}.tmp-{os.getpid()}"
   meta = {"step": int(step), "tables": {}}
+  previous = _newest_meta(directory).get("tables", {})
   for name, store in stores.items():
     store.snapshot(os.path.join(tmp, name))
+    files = integrity.file_list(os.path.join(tmp, name),
+                                previous.get(name, {}).get("files"))
     meta["tables"][name] = {"rows": store.spec.rows, "dim": store.spec.dim,
                             "dtype": store.spec.dtype, "arrays": list(store.names),
-                            "driver": store.off.driver}
+                            "driver": store.off.driver, "files": files}
   with open(os.path.join(tmp, META), "w") as f:
     json.dump(meta, f, indent=2, sort_keys=True)
   if os.path.exists(final):
@@ -97,8 +102,29 @@ def _write(directory: str, final: str, step: int, stores: Mapping[str, object]) 
   os.rename(tmp, final)
 
 
+def _newest_meta(directory: str) -> dict:
+  """`offload.json` of the newest snapshot in `directory` ({} if none or unreadable)."""
+  for step in reversed(steps(directory)):
+    try:
+      with open(os.path.join(directory, str(step), META)) as f:
+        return json.load(f)
+    except (OSError, ValueError):
+      continue
+  return {}
+
+
+def _check_files(path: str, meta: dict, table: str, full: bool) -> None:
+  """Checks the files of `table` in snapshot `path` against its saved list (`integrity`;
+  snapshots written before the lists existed have none and are not checked)."""
+  files = meta["tables"][table].get("files")
+  if files is not None:
+    integrity.verify(os.path.join(path, table), files, full)
+
+
 def locate(directory: str, step: int, tables: Mapping[str, object]) -> str:
-  """The snapshot directory of `step`; checks it holds every table with its shape."""
+  """The snapshot directory of `step`; checks it holds every table with its shape and
+  its files with their sizes (their contents are checked by `open_table`, which a restore
+  through the checkpoint manager calls first)."""
   path = os.path.join(directory, str(int(step)))
   meta_path = os.path.join(path, META)
   if not os.path.exists(meta_path):
@@ -112,24 +138,27 @@ def locate(directory: str, step: int, tables: Mapping[str, object]) -> str:
     if got is None or (got["rows"], got["dim"]) != (spec.rows, spec.dim):
       raise OffloadError(f"offload snapshot {path} holds table '{name}' as {got}, this run has "
                          f"{spec.rows} rows x {spec.dim}")
+    _check_files(path, meta, name, full=False)
   return path
 
 
-def open_table(directory: str, step: int, table: str) -> dict:
-  """The arrays of `table` in the snapshot of `step`, opened read-only (lazy tensorstore
-  handles, `{"table": [rows, dim], "opt.<name>": ...}`), for checkpoint conversion and for
-  a restore that keeps the table on the device: the orbax checkpoint holds only an
-  offloaded table's device cache."""
+def open_table(path: str, table: str) -> dict:
+  """The arrays of `table` in the snapshot directory `path` (`<directory>/<step>`, or a
+  rejected one under `<directory>/rejected/`), opened read-only (lazy tensorstore handles,
+  `{"table": [rows, dim], "opt.<name>": ...}`), for checkpoint conversion and for a restore
+  that keeps the table on the device: the orbax checkpoint holds only an offloaded table's
+  device cache. Its files are checked first (sizes and CRC32s): a damaged snapshot raises
+  `OffloadError`, which makes the checkpoint manager fall back."""
   import tensorstore as ts  # pylint: disable=import-outside-toplevel
-  path = os.path.join(directory, str(int(step)))
   meta_path = os.path.join(path, META)
   if not os.path.exists(meta_path):
-    raise OffloadError(f"no offload snapshot for step {step} in {directory}")
+    raise OffloadError(f"no offload snapshot in {path}")
   with open(meta_path) as f:
     meta = json.load(f)
   if table not in meta["tables"]:
     raise OffloadError(f"offload snapshot {path} has no table '{table}' "
                        f"(has: {sorted(meta['tables'])})")
+  _check_files(path, meta, table, full=True)
   out = {}
   for name in meta["tables"][table]["arrays"]:
     kv = {"driver": "file", "path": os.path.join(path, table, name) + "/"}

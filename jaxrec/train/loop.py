@@ -155,7 +155,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     if tier is not None:   # tables saved on the device are written to their stores
       at = int(restored.state["step"])
       found = offloaded_lib.snapshot_of(ckpt.step_dir(at))   # where the restore found it
-      tier.restore(at, found[0] if found else snapshots, restored.host_tables)
+      tier.restore(at, os.path.dirname(found[0]) if found else snapshots, restored.host_tables)
     train_it.set_state(restored.data_state or initial_data_state)   # {}: a tables-only import
     return restored.state
 

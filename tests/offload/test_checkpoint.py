@@ -43,7 +43,7 @@ def test_snapshot_holds_the_tables_of_its_step(tmp_path):
     off.train(5)                                   # keeps writing to the live store
     tables, opt = ref.full_tables()
     snap = _snapshot_arrays(tmp_path / "snaps" / "12" / "big")
-    opened = offload.snapshots.open_table(str(tmp_path / "snaps"), 12, "big")
+    opened = offload.snapshots.open_table(str(tmp_path / "snaps" / "12"), "big")
     np.testing.assert_array_equal(opened["table"].read().result(), snap["table"])
     np.testing.assert_allclose(snap["table"], tables["big"], rtol=0, atol=1e-6)
     np.testing.assert_allclose(snap["opt.accum"], opt["big"]["accum"], rtol=0, atol=1e-6)

@@ -1,0 +1,136 @@
+"""Offload snapshots carry file lists (sizes, CRC32s); a damaged snapshot is refused at
+restore, so the run falls back to the previous checkpoint instead of failing mid-training."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from jaxrec.checkpoint import convert
+from jaxrec.errors import CheckpointError, OffloadError
+from jaxrec.offload import integrity, snapshots
+from tests.offload.offload_helpers import SMALL_DLRM, logged_lines, train_synthetic
+
+OFFLOAD = ["OffloadConfig.tables={'t0': {'cache_rows': 4000}}",
+           "OffloadConfig.host_buffer_rows=600"]
+
+
+def _tree(root, files):
+  for rel, data in files.items():
+    os.makedirs(os.path.dirname(os.path.join(root, rel)) or root, exist_ok=True)
+    with open(os.path.join(root, rel), "wb") as f:
+      f.write(data)
+
+
+def _replace(path, data):
+  """Writes `data` to a new file renamed over `path` (a new inode: the damage stays in
+  this snapshot, not in the others that hard-link the old file)."""
+  with open(f"{path}.new", "wb") as f:
+    f.write(data)
+  os.replace(f"{path}.new", path)
+
+
+def test_file_list_and_verify_find_every_kind_of_damage(tmp_path):
+  root = str(tmp_path / "t")
+  _tree(root, {"table/.zarray": b"{}", "table/0.0": b"a" * 100, "table/1.0": b"b" * 100})
+  files = integrity.file_list(root)
+  assert sorted(files) == ["table/.zarray", "table/0.0", "table/1.0"]
+  assert files["table/0.0"]["size"] == 100
+  integrity.verify(root, files, full=True)
+  cases = {
+      "truncated": (lambda p: _replace(p, b"a" * 60), r"0\.0 has 60 bytes, 100 when saved"),
+      "changed": (lambda p: _replace(p, b"c" * 100), r"0\.0 differs from what was saved"),
+      "missing": (os.remove, r"0\.0 is missing"),
+  }
+  for name, (damage, message) in cases.items():
+    copy = str(tmp_path / name)
+    shutil.copytree(root, copy)
+    damage(os.path.join(copy, "table", "0.0"))
+    with pytest.raises(OffloadError, match=message):
+      integrity.verify(copy, files, full=True)
+  # a same-size change passes the cheap check (sizes only), not the full one
+  integrity.verify(str(tmp_path / "changed"), files, full=False)
+  _tree(root, {"table/2.0": b"x"})
+  with pytest.raises(OffloadError, match=r"2\.0 was not part of the snapshot"):
+    integrity.verify(root, files, full=False)
+  _tree(root, {"table/3.0.__lock": b""})   # lock files are never listed nor refused
+  os.remove(os.path.join(root, "table", "2.0"))
+  integrity.verify(root, files, full=True)
+
+
+def test_an_unchanged_file_keeps_the_previous_crc(tmp_path, monkeypatch):
+  """A file hard-linked from the previous snapshot (same inode, size, mtime) is not read
+  again; a replaced one is."""
+  old, new = str(tmp_path / "old"), str(tmp_path / "new")
+  _tree(old, {"a": b"1" * 10, "b": b"2" * 10})
+  before = integrity.file_list(old)
+  os.makedirs(new)
+  os.link(os.path.join(old, "a"), os.path.join(new, "a"))
+  _tree(new, {"b": b"3" * 10})
+  read = []
+  real = integrity.crc32_of
+  monkeypatch.setattr(integrity, "crc32_of", lambda p: read.append(os.path.basename(p)) or real(p))
+  after = integrity.file_list(new, before)
+  assert read == ["b"]
+  assert after["a"]["crc32"] == before["a"]["crc32"] != after["b"]["crc32"]
+  integrity.verify(new, after, full=True)
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+  """A workdir with t0 offloaded and checkpoints (and offload snapshots) of steps 10, 20."""
+  w = tmp_path_factory.mktemp("integrity") / "w"
+  train_synthetic(w, 20, SMALL_DLRM + OFFLOAD)
+  assert snapshots.steps(str(w / "offload_snapshots")) == [10, 20]
+  return w
+
+
+def _changed_chunk(w):
+  """A chunk file of t0's table in snapshot 20 that differs from snapshot 10's."""
+  snaps = w / "offload_snapshots"
+  for name in sorted(os.listdir(snaps / "20" / "t0" / "table")):
+    new, old = snaps / "20" / "t0" / "table" / name, snaps / "10" / "t0" / "table" / name
+    if not name.startswith(".") and (not old.exists() or not os.path.samefile(new, old)):
+      return new
+  raise AssertionError("no chunk changed between steps 10 and 20")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "same size"])
+def test_a_damaged_snapshot_falls_back_to_the_previous_checkpoint(two_checkpoints, tmp_path,
+                                                                  damage):
+  """A chunk of the newest snapshot is truncated (or changed, same size): the restart
+  refuses checkpoint 20, moves it (and its snapshot) aside, resumes from 10 and trains to
+  30, where it used to resume from 20 and fail reading the store mid-training."""
+  w = shutil.copytree(two_checkpoints, tmp_path / "w")
+  chunk = _changed_chunk(w)
+  data = chunk.read_bytes()
+  _replace(chunk, data[:len(data) // 2] if damage == "truncated" else bytes(len(data)))
+  train_synthetic(w, 30, SMALL_DLRM + OFFLOAD)
+  rejected = os.listdir(w / "checkpoints" / "rejected")
+  assert len(rejected) == 1 and rejected[0].startswith("20.corrupt."), rejected
+  assert (w / "offload_snapshots" / "rejected" / rejected[0] / "t0").is_dir()
+  resumes = [l for l in logged_lines(w) if l.get("event") == "resume"]
+  assert [r["checkpoint_step"] for r in resumes] == [10]
+  assert snapshots.steps(str(w / "offload_snapshots")) == [10, 20, 30]
+  assert np.isfinite([l["loss"] for l in logged_lines(w) if "loss" in l]).all()
+  # the rejected step can still be exported, but not with its damaged table
+  with pytest.raises(CheckpointError, match=rf"/{chunk.name} (has \d+ bytes|differs from).* "
+                     r"the snapshot is damaged; pick another --step"):
+    convert.export_npz(w / "checkpoints" / "rejected" / rejected[0], tmp_path / "a.npz")
+
+
+def test_a_damaged_snapshot_is_refused_by_the_tier_and_by_conversion(two_checkpoints, tmp_path):
+  """Reading the damaged snapshot directly: `open_table` (conversion, restores onto the
+  device) checks CRCs, `locate` (the tier's restore) sizes; both name the file."""
+  w = shutil.copytree(two_checkpoints, tmp_path / "w")
+  chunk = _changed_chunk(w)
+  _replace(chunk, chunk.read_bytes()[:-4])
+  snaps = str(w / "offload_snapshots")
+  with pytest.raises(OffloadError, match=rf"{chunk.name} has \d+ bytes, \d+ when saved"):
+    snapshots.open_table(f"{snaps}/20", "t0")
+  from jaxrec.embedding.specs import TableSpec
+  meta = snapshots._newest_meta(snaps)["tables"]["t0"]   # pylint: disable=protected-access
+  with pytest.raises(OffloadError, match=r"the snapshot is damaged"):
+    snapshots.locate(snaps, 20, {"t0": TableSpec("t0", meta["rows"], meta["dim"])})
+  assert sorted(snapshots.open_table(f"{snaps}/10", "t0")) == ["opt.accum", "table"]
