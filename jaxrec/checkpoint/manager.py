@@ -425,6 +425,8 @@ class CheckpointManager:
     # what restoring does not read of the tables offloaded now (caches, or whole tables
     # for the tier) is still checked: fingerprints, and NaN/inf for a rollback
     unread = [n for n in stored_index["arrays"] if n.split("/")[1] in now]
+    unread += tables_lib.dequantized_parts(stored_index, [   # read as float32, not as saved
+        tables_lib.table_name(t.name) for t in collection.tables if t.name not in now])
     if not offloaded_lib.check_stored(step_dir / TABLES, unread, saved) and require_finite:
       raise _NonFinite()
     if not with_opt and collection.optimizer.state_layout():

@@ -167,6 +167,6 @@ def stored_tables(tables_dir, index: Mapping, tables: Iterable[str], with_opt: b
       prefix = tables_lib.opt_name(table, "")
       names.update({STORE_OPT + n[len(prefix):]: n for n in index["arrays"]
                     if n.startswith(prefix)})
-    out[table] = StoredTable(table, where, {k: tables_lib.open_stored(tables_dir, n)
-                                            for k, n in names.items()})
+    out[table] = StoredTable(table, where, {
+        k: tables_lib.open_restorable(tables_dir, n, index["arrays"]) for k, n in names.items()})
   return out

@@ -10,7 +10,8 @@ Stored under the checkpoint item `embeddings/`:
 
 The layout does not depend on mesh or plan. A restore widens a stored floating-point array
 to a wider configured dtype when that is exact (float16/bfloat16 → float32, e.g. an
-imported TorchRec table); narrowing is refused. Saving copies each device's shard of the
+imported TorchRec table), and reads an int8 table configured as float32 as the values its
+lookup saw (`dequantized`); narrowing is refused. Saving copies each device's shard of the
 stacked arrays to host (the only blocking part) and writes the table pieces it holds in
 the background; restoring builds each device's shard of the new stacked arrays from the
 table pieces it covers, one shard at a time, each put on its device before the next is
@@ -39,6 +40,7 @@ from absl import logging
 from etils import epath
 
 from jaxrec.checkpoint import canonical as canonical_lib
+from jaxrec.checkpoint import dequantized as dequantized_lib
 from jaxrec.checkpoint.canonical import fingerprint_np
 from jaxrec.embedding import layout as layout_lib
 from jaxrec.errors import ConfigError
@@ -223,6 +225,23 @@ def open_stored(directory: epath.PathLike, name: str) -> ts.TensorStore:
   return ts.open(spec, open=True, read=True).result()
 
 
+def open_restorable(directory: epath.PathLike, name: str, stored: Mapping):
+  """Stored array `name` for reading into a configured table or optimizer state:
+  `open_stored`, or a `DequantizedArray` when `stored` (the index's arrays) holds it as an
+  int8 table (a float32 table now, see `check_compatible`)."""
+  if dequantized_lib.is_quantized(stored, name):
+    return dequantized_lib.DequantizedArray(
+        *(open_stored(directory, p) for p in dequantized_lib.stored_parts(name)))
+  return open_stored(directory, name)
+
+
+def dequantized_parts(index: Mapping, names) -> list[str]:
+  """The stored int8 parts (`tables/<t>/q`, ...) of those of `names` that a restore reads
+  dequantised: they are not read as saved, so they are checked on their own."""
+  return [p for n in names if dequantized_lib.is_quantized(index["arrays"], n)
+          for p in dequantized_lib.stored_parts(n)]
+
+
 def widens(stored, configured) -> bool:
   """Whether a stored array of dtype `stored` restores exactly into `configured` (equal,
   or floating point made wider: float16/bfloat16 → float32, float32 → float64)."""
@@ -235,6 +254,16 @@ def widens(stored, configured) -> bool:
 def _fits(have, want) -> bool:
   """Stored `(shape, dtype)` restores into configured `(shape, dtype)`."""
   return have[0] == want[0] and widens(have[1], want[1])
+
+
+def _dequantizes(theirs: Mapping, ours: Mapping, table: str) -> bool:
+  """Whether stored int8 parts (`theirs`) restore into the configured table (`ours`): a
+  float32 (or wider) table of the same shape."""
+  name = table_name(table)
+  if set(ours) != {name} or not dequantized_lib.is_quantized(theirs, name):
+    return False
+  q = theirs[f"{name}/q"]
+  return q[0] == ours[name][0] and ours[name][1] in dequantized_lib.TARGETS
 
 
 def check_compatible(index: Mapping, collection, where: str,
@@ -262,6 +291,15 @@ def check_compatible(index: Mapping, collection, where: str,
                       f"{sorted(names - have_tables)}, extra: {sorted(have_tables - names)})")
   for t in [(specs or {}).get(t.name, t) for t in collection.tables]:
     theirs, ours = of_table(stored, t.name), of_table(want, t.name)
+    if _dequantizes(theirs, ours, t.name):
+      logging.info("table '%s': dequantizing the int8 table of checkpoint %s to %s", t.name,
+                   where, t.dtype)
+      continue
+    if (dequantized_lib.is_quantized(theirs, table_name(t.name)) and set(ours) == {
+        table_name(t.name)} and theirs[table_name(t.name, "q")][0] == (t.rows, t.dim)):
+      raise ConfigError(f"table '{t.name}': checkpoint {where} stores it as int8 (q, scale, "
+                        f"bias), which restores into int8 or, dequantised, float32; not the "
+                        f"configured {t.dtype} (TableSpec.dtype, e.g. uniform_tables.dtype)")
     if set(theirs) != set(ours) or any(theirs[n][0] != ours[n][0] for n in ours):
       have = ", ".join(f"{n} {list(s)} {d}" for n, (s, d) in sorted(theirs.items()))
       raise ConfigError(f"table '{t.name}': checkpoint {where} has {have}; the configuration "
@@ -349,13 +387,17 @@ def read_state(directory: epath.PathLike, collection, with_opt: bool,
   `sources` (`{array name: tensorstore}`) are read instead of the stored arrays of those
   names and not fingerprinted (an offloaded table's whole arrays from its snapshot, where
   the checkpoint holds its device cache). The tables in `skip` are not read: their rows
-  stay zero (the device cache of a table this run offloads, refilled from its store)."""
+  stay zero (the device cache of a table this run offloads, refilled from its store). An
+  int8 table configured as float32 is read dequantised and not fingerprinted here either
+  (its stored parts are checked on their own: `dequantized_parts`)."""
   directory = epath.Path(directory)
   sources = dict(sources or {})
   names = [n for n in stored_arrays(collection)
            if (with_opt or n.startswith("tables/")) and n.split("/")[1] not in skip]
-  handles = {n: sources[n] if n in sources else open_stored(directory, n) for n in names}
-  prints = {n: 0 for n in names if n not in sources}
+  index = read_index(directory)["arrays"]
+  handles = {n: sources[n] if n in sources else open_restorable(directory, n, index)
+             for n in names}
+  prints = {n: 0 for n in names if n not in sources and n in index}
   abstract, shardings = _abstract_state(collection), collection.shardings()
   out = {"tables": {}, "opt": {}}
   for l in collection.layouts:
