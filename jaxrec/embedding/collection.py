@@ -49,6 +49,7 @@ from jaxrec.embedding import layout as layout_lib
 from jaxrec.embedding import local_ops, specs
 from jaxrec.embedding.specs import EmbeddingOptions, FeatureSpec, TableSpec, validate
 from jaxrec.errors import ConfigError, DataError
+from jaxrec.kernels import platform as platform_lib
 from jaxrec.sharding.mesh import BATCH_AXES, format_mesh, mesh_shape
 from jaxrec.sharding.plan import MESH_AXES, Plan
 
@@ -129,13 +130,7 @@ class EmbeddingCollection:
       options = dataclasses.replace(options or EmbeddingOptions(), **overrides)
     except TypeError as e:
       raise ConfigError(f"EmbeddingCollection.create: {e}") from None
-    platform = mesh.devices.flat[0].platform
-    options = options.resolve(platform)
-    slow = [t.name for t in tables if t.dtype == "bfloat16"]
-    if slow and platform == "cpu":
-      log.warning("bfloat16 tables %s: XLA:CPU converts a whole bf16 table to f32 for every "
-                  "row update (dlrm_criteo: ~10x fewer examples/sec than f32); on CPU "
-                  "prefer float16 (same size, native scatter)", slow)
+    options = options.resolve(mesh.devices.flat[0].platform)
     dims = {}   # dim -> the first feature reading a table of it
     for f in features:
       dims.setdefault(next(t.dim for t in tables if t.name == f.table), f)
@@ -172,6 +167,12 @@ class EmbeddingCollection:
                         f"kernel; stack '{l.name}' has {type(self.optimizer).__name__}, "
                         f"{l.dtype}, kernel {self.options.kernel}")
     return bool(self.options.dedup)
+
+  def compiler_options(self) -> dict[str, str]:
+    """XLA compiler options for a program that updates these tables: pass them to its
+    `jax.jit` (`kernels.platform.table_compiler_options`: bf16 tables on CPU)."""
+    return platform_lib.table_compiler_options(self.mesh.devices.flat[0].platform,
+                                               [l.dtype for l in self.layouts])
 
   # ----------------------------------------------------------------------------- state
   @property

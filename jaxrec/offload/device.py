@@ -70,10 +70,12 @@ class DeviceOps:
     emb = collection.shardings()
     rep = replicated(collection.mesh)
     self.replicated = rep
+    options = collection.compiler_options()   # the install and view scatter rows
     self.install = jax.jit(self._install, in_shardings=(emb, rep, rep), out_shardings=emb,
-                           donate_argnums=(0,))
+                           donate_argnums=(0,), compiler_options=options)
     self.gather = jax.jit(self._gather, in_shardings=(emb, rep), out_shardings=rep)
-    self.view = jax.jit(self._view, in_shardings=(emb, rep), out_shardings=emb)
+    self.view = jax.jit(self._view, in_shardings=(emb, rep), out_shardings=emb,
+                        compiler_options=options)
 
   def _install(self, emb, payload, bounces):
     """payload `{table: (rows [n] int32, values {array: [n, ...]})}`: writes the values

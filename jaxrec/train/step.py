@@ -45,7 +45,7 @@ def make_train_step(config: ExperimentConfig, collection: EmbeddingCollection, s
   bs = batch_sharding(collection.mesh)
   return jax.jit(step, in_shardings=(state_shardings, bs),
                  out_shardings=(state_shardings, replicated(collection.mesh)),
-                 donate_argnums=(0,))
+                 donate_argnums=(0,), compiler_options=collection.compiler_options())
 
 
 def make_eval_step(config: ExperimentConfig, collection: EmbeddingCollection, state_shardings):
