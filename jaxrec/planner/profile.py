@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 from typing import Any, Mapping, Sequence
@@ -87,8 +88,23 @@ def read_profile(path: str | os.PathLike) -> list[dict]:
       for key in ("step", "step_time_s", "plan", "mesh"):
         if key not in rec:
           raise ValueError(f"missing '{key}'")
-      if not float(rec["step_time_s"]) > 0:
-        raise ValueError(f"step_time_s must be positive, got {rec['step_time_s']}")
+      if not math.isfinite(float(rec["step_time_s"])) or not float(rec["step_time_s"]) > 0:
+        raise ValueError(f"step_time_s must be a positive number, got {rec['step_time_s']}")
+      for key in ("step", "steps", "batch_size"):
+        v = rec.get(key)
+        if key in rec and v is not None and (
+            isinstance(v, bool) or not isinstance(v, int) or v < (key != "step")):
+          raise ValueError(f"{key} must be a {'non-negative' if key == 'step' else 'positive'}"
+                           f" integer, got {v!r}")
+      if not isinstance(rec["mesh"], dict):
+        raise ValueError(f"mesh must be an object of axis sizes, got {rec['mesh']!r}")
+      try:
+        rec["mesh"] = cm.normalize_mesh(rec["mesh"])
+      except ConfigError:
+        raise
+      except (ValueError, TypeError):
+        raise ValueError(f"mesh: axis sizes must be positive integers, got {rec['mesh']}"
+                         ) from None
       rec["plan"] = Plan.from_json(rec["plan"])
     except (ValueError, TypeError, AttributeError) as e:
       raise DataError(f"{path}:{i}: bad profile line ({e})") from None
@@ -294,6 +310,8 @@ def refine_from_profile(path: str | os.PathLike, tables: Sequence[TableSpec],
   """
   prior = calibration or DEFAULT
   records = [r for r in read_profile(path) if not r.get("warmup")]
+  if not records:
+    raise DataError(f"--profile {path}: every line is marked warmup: no step times to fit")
   groups: dict[str, list[dict]] = {}
   for r in records:
     b = int(r.get("batch_size") or batch_size or 0)

@@ -136,6 +136,33 @@ def test_bad_profiles(tmp_path):
     planner.read_profile(tmp_path)
 
 
+def test_damaged_profile_lines_name_the_line(tmp_path):
+  """A hand-edited or damaged line (mesh not an object, a size or count that is not an
+  integer, steps 0, an infinite time) ended in a ValueError/TypeError/IndexError traceback
+  from the fit, or an error without file:line."""
+  tables, features = uniform_tables(2, [1000, 10], 16)
+  good = {"step": 100, "step_time_s": 0.01, "mesh": {"table": 2}, "steps": 10,
+          "plan": uniform_plan("tw", tables, 2).to_json(), "batch_size": 64}
+  path = tmp_path / "profile.jsonl"
+  for change, why in [({"mesh": "table=2"}, "mesh must be an object"),
+                      ({"mesh": {"table": "x"}}, "mesh: axis sizes must be positive integers"),
+                      ({"mesh": {"foo": 2}}, "unknown axes"),
+                      ({"steps": 0}, "steps must be a positive integer, got 0"),
+                      ({"steps": -5}, "steps must be a positive integer"),
+                      ({"batch_size": "abc"}, "batch_size must be a positive integer"),
+                      ({"step": "x"}, "step must be a non-negative integer"),
+                      ({"step_time_s": float("inf")}, "step_time_s must be a positive")]:
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "step": 200, **change})
+                    + "\n")
+    with pytest.raises(DataError, match=rf"profile.jsonl:2: bad profile line \(.*{why}"):
+      planner.refine_from_profile(tmp_path, tables, features, GiB, 0.0, 64)
+  path.write_text(json.dumps(dict(good, warmup=True)) + "\n")
+  with pytest.raises(DataError, match="every line is marked warmup"):
+    planner.refine_from_profile(tmp_path, tables, features, GiB, 0.0, 64)
+  path.write_text(json.dumps(good) + "\n" + json.dumps(dict(good, step=200)) + "\n")
+  assert planner.refine_from_profile(tmp_path, tables, features, GiB, 0.0, 64).samples == 1
+
+
 def test_refine_does_not_keep_a_current_plan_over_the_budget(tmp_path):
   """The profiled plan (dp, 49 MiB/device) is the fastest, but the budget asked for now is
   20 MiB: the proposal must fit it, not 'keep' the current plan."""
