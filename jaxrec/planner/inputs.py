@@ -48,12 +48,18 @@ def parse_tables_flag(spec: str, flag: str = "--tables") -> PlannerInputs:
     if not 3 <= len(fields) <= 5:
       raise ConfigError(f"{flag}: '{part}' is not name:rows:dim[:pooling_factor[:zipf_alpha]]")
     try:
-      rows, dim = int(float(fields[1])), int(fields[2])
+      rows, dim = float(fields[1]), int(fields[2])
       pf = float(fields[3]) if len(fields) > 3 and fields[3] else None
       alpha = float(fields[4]) if len(fields) > 4 and fields[4] else None
     except ValueError:
       raise ConfigError(f"{flag}: '{part}': rows, dim, pooling factor and zipf alpha must be "
                         "numbers") from None
+    if not all(math.isfinite(v) for v in (rows, pf or 0, alpha or 0)):
+      raise ConfigError(f"{flag}: '{part}': rows, pooling factor and zipf alpha must be "
+                        "finite numbers")
+    if rows != int(rows):
+      raise ConfigError(f"{flag}: '{part}': rows must be a whole number, got {fields[1]}")
+    rows = int(rows)
     if pf is not None and pf <= 0:
       raise ConfigError(f"{flag}: '{part}': pooling factor must be positive")
     name = fields[0]

@@ -7,7 +7,11 @@ import subprocess
 import sys
 
 from jaxrec import planner
+import pytest
+
 from jaxrec.embedding.specs import uniform_tables
+from jaxrec.errors import ConfigError
+from jaxrec.planner import inputs
 from jaxrec.sharding.plan import Plan, uniform_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,6 +55,17 @@ def test_errors_are_one_line(tmp_path):
   assert "Traceback" not in proc.stderr
   proc = plan(tmp_path, "--tables=t:100:16", "--mesh=data=2,model=2")
   assert proc.returncode == 1 and "--mesh" in proc.stderr
+
+
+def test_tables_flag_refuses_non_finite_and_fractional_numbers():
+  """`nan`/`inf` as a pooling factor or row count ended in a ValueError/OverflowError
+  traceback; `100.5` rows planned a 100-row table; a `nan` zipf alpha was accepted."""
+  for spec, why in [("t:100:16:nan", "finite"), ("t:100:16:inf", "finite"),
+                    ("t:inf:16", "finite"), ("t:100:16:2:nan", "finite"),
+                    ("t:100.5:16", "rows must be a whole number, got 100.5")]:
+    with pytest.raises(ConfigError, match=rf"--tables: '{re.escape(spec)}': .*{why}"):
+      inputs.parse_tables_flag(spec)
+  assert inputs.parse_tables_flag("t:1e6:16:2.5:1.1").tables[0].rows == 1_000_000
 
 
 def test_profile_proposes_a_plan(tmp_path):
