@@ -72,15 +72,20 @@ def exit_error(code: int, last_log_line: str) -> str:
   return f"killed by {signal_name(code)}" if code < 0 else last_log_line
 
 
+_FLAGS_ERROR = "FATAL Flags parsing error: "   # absl: a misspelled or ill-typed train flag
+
+
 def user_error(workdir: str, indices: list[int]) -> str:
-  """The `error: ...` line a failed worker printed last in this generation, if any."""
+  """The `error: ...` line a failed worker printed last in this generation (or absl's
+  flag parsing error, as `error: train flags: ...`), if any."""
   for i in indices:
     path = os.path.join(workdir, worker_lib.WORKERS_DIR, f"{i}.log")
     try:
       text = open(path, errors="replace").read().rsplit("=== generation", 1)[-1]
     except OSError:
       continue
-    lines = [l for l in text.splitlines() if l.startswith("error: ")]
+    lines = [l if l.startswith("error: ") else "error: train flags: " + l[len(_FLAGS_ERROR):]
+             for l in text.splitlines() if l.startswith(("error: ", _FLAGS_ERROR))]
     if lines:
       return f"worker {i}: {lines[-1]}"
   return ""

@@ -6,6 +6,7 @@ import pytest
 
 from jaxrec.elastic import supervisor as sup
 from jaxrec.errors import ConfigError
+from tests.elastic import elastic_testlib as t
 
 
 def test_a_mesh_that_does_not_fill_the_job_is_an_error(tmp_path):
@@ -18,3 +19,17 @@ def test_a_mesh_that_does_not_fill_the_job_is_an_error(tmp_path):
   assert not os.path.exists(w)
   for mesh in ("auto", "data=2,table=2,row=2"):
     sup.Supervisor(options, [f"--workdir={w}", "--gin_file=configs/x.gin", f"--mesh={mesh}"])
+
+
+def test_a_misspelled_train_flag_is_a_user_error_not_a_lost_worker(tmp_path):
+  """absl's `FATAL Flags parsing error` (no `error:` line) counted as a worker failure: the
+  job restarted on ever fewer processes and stopped 'below --min_processes', never naming
+  the flag."""
+  w = str(tmp_path / "w")
+  proc = t.launch(w, ["--num_processes=2", "--devices_per_process=1"],
+                  [*t.TINY, "--num_step=10"])
+  assert t.finish(proc) == 1
+  ev = t.events(w)
+  assert t.names(ev).count("launch") == 1
+  assert ev[-1]["event"] == "give_up" and ev[-1]["reason"] == "user_error"
+  assert "error: train flags: Unknown command line flag 'num_step'" in ev[-1]["message"]
