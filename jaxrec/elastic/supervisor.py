@@ -79,11 +79,28 @@ class Options:
     if not 1 <= self.min_processes <= self.num_processes:
       raise ConfigError(f"--min_processes must be in [1, --num_processes], got "
                         f"{self.min_processes}")
-    if self.max_restarts < 0 or self.hang_timeout <= 0 or self.straggler_threshold <= 1:
+    if self.max_restarts < 0 or not self.hang_timeout > 0 or not self.straggler_threshold > 1:
       raise ConfigError("need --max_restarts >= 0, --hang_timeout > 0, "
                         "--straggler_threshold > 1")
+    for name, low, strict in (("startup_timeout", 0, True), ("stop_timeout", 0, True),
+                              ("straggler_windows", 1, False),
+                              ("straggler_window_steps", 1, False), ("check_every", 1, False),
+                              ("probe_every", 0, False), ("stop_grace", 0, False),
+                              ("rejoin_after", 0, False), ("straggler_cooldown", 0, False)):
+      v = getattr(self, name)
+      if not (v > low if strict else v >= low):   # also NaN
+        raise ConfigError(f"--{name} must be {'>' if strict else '>='} {low}, got {v}")
     if self.platform not in ("cpu", "gpu"):
       raise ConfigError(f"--platform must be cpu or gpu, got '{self.platform}'")
+    if self.inject_delay:
+      proc, _, seconds = self.inject_delay.partition(":")
+      try:
+        ok = int(proc) >= 0 and float(seconds) >= 0
+      except ValueError:
+        ok = False
+      if not ok:
+        raise ConfigError(f"--inject_delay must be PROCESS:SECONDS (e.g. 1:0.5), got "
+                          f"'{self.inject_delay}'")
 
 
 class _Terminated(BaseException):

@@ -1,6 +1,7 @@
 """Supervisor flag checks made before any worker starts."""
 
 import os
+import re
 
 import pytest
 
@@ -33,3 +34,23 @@ def test_a_misspelled_train_flag_is_a_user_error_not_a_lost_worker(tmp_path):
   assert t.names(ev).count("launch") == 1
   assert ev[-1]["event"] == "give_up" and ev[-1]["reason"] == "user_error"
   assert "error: train flags: Unknown command line flag 'num_step'" in ev[-1]["message"]
+
+
+@pytest.mark.parametrize("flag,value,why", [
+    ("straggler_windows", 0, "--straggler_windows must be >= 1, got 0"),
+    ("straggler_window_steps", 0, "--straggler_window_steps must be >= 1, got 0"),
+    ("startup_timeout", 0.0, "--startup_timeout must be > 0, got 0.0"),
+    ("check_every", -5, "--check_every must be >= 1, got -5"),
+    ("hang_timeout", float("nan"), "--hang_timeout > 0"),
+    ("stop_timeout", -1.0, "--stop_timeout must be > 0"),
+    ("inject_delay", "abc", "--inject_delay must be PROCESS:SECONDS"),
+])
+def test_launch_flags_out_of_range_are_one_line_errors(tmp_path, flag, value, why):
+  """--straggler_windows=0 and --straggler_window_steps=0 ended in a ValueError traceback
+  after the workers had started; --inject_delay=abc crashed every worker (the job stopped
+  'below --min_processes'); --startup_timeout=0 killed every worker as hung; NaN timeouts
+  never fired."""
+  options = sup.Options(num_processes=2, devices_per_process=1, **{flag: value})
+  with pytest.raises(ConfigError, match=re.escape(why)):
+    sup.Supervisor(options, [f"--workdir={tmp_path / 'w'}", "--gin_file=configs/x.gin"])
+  assert not os.path.exists(tmp_path / "w")
