@@ -142,8 +142,14 @@ def _divisors(n: int) -> list[int]:
   return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def choose(config, args: TrainArgs, processes: int, devices_per_process: int) -> Choice:
-  """Mesh and plan for `processes x devices_per_process` devices (ConfigError if none)."""
+def choose(config, args: TrainArgs, processes: int, devices_per_process: int,
+           platform: str | None = None) -> Choice:
+  """Mesh and plan for `processes x devices_per_process` devices (ConfigError if none),
+  priced for workers on `platform` (`cpu`, `gpu`; default this process's backend)."""
+  if platform is not None:
+    from jaxrec.kernels import platform as platform_lib  # pylint: disable=import-outside-toplevel
+    with platform_lib.planning_for(platform):
+      return choose(config, args, processes, devices_per_process)
   from jaxrec.sharding import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from jaxrec.train import plan_choice  # pylint: disable=import-outside-toplevel
   n = processes * devices_per_process
@@ -184,13 +190,14 @@ def _spec_sizes(spec: str) -> dict[str, int]:
 
 
 def best_choice(config, args: TrainArgs, available: int, devices_per_process: int,
-                minimum: int = 1) -> tuple[Choice | None, list[str]]:
+                minimum: int = 1, platform: str | None = None
+                ) -> tuple[Choice | None, list[str]]:
   """The largest process count in `[minimum, available]` that has a valid `choose`;
   `(None, reasons)` when none has."""
   reasons = []
   for n in range(available, max(minimum, 1) - 1, -1):
     try:
-      return choose(config, args, n, devices_per_process), reasons
+      return choose(config, args, n, devices_per_process, platform), reasons
     except ConfigError as e:
       reasons.append(f"{n} process(es): {e}")
   return None, reasons

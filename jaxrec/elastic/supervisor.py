@@ -306,7 +306,7 @@ class Supervisor:
     available = self._available()
     k = self.capacity[1]
     choice, reasons = replan.best_choice(self.config, self.args, available, k,
-                                         self.o.min_processes)
+                                         self.o.min_processes, self.o.platform)
     if choice is None:
       why = (f"only {available} process(es) of {k} device(s) available, below "
              f"--min_processes={self.o.min_processes}")
@@ -560,7 +560,7 @@ class Supervisor:
       return None
     self._capacity_seen = key
     target, _ = replan.best_choice(self.config, self.args, available, self.capacity[1],
-                                   self.o.min_processes)
+                                   self.o.min_processes, self.o.platform)
     cur = (self.choice.processes, self.choice.devices_per_process)
     if target is None:
       return _Outcome("planned", "capacity below minimum", detected=now)

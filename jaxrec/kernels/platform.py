@@ -6,6 +6,9 @@ Pallas on a non-GPU backend runs in interpret mode (slow; for tests only).
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import jax
 from jax.experimental.pallas import triton as plgpu
 
@@ -17,13 +20,33 @@ KERNELS = ("auto", "xla", "pallas")
 MAX_COL_BLOCK = 128
 
 
+_PLANNING_FOR: list[str] = []    # `planning_for` backends, innermost last
+
+
+@contextlib.contextmanager
+def planning_for(backend: str) -> Iterator[None]:
+  """Plans made inside price the kernels of `backend` (`cpu`, `gpu`) instead of this
+  process's: the elastic supervisor plans for workers on another platform than its own."""
+  _PLANNING_FOR.append(backend)
+  try:
+    yield
+  finally:
+    _PLANNING_FOR.pop()
+
+
+def planning_backend() -> str:
+  """The backend plans are made for: `planning_for`'s, else jax's default backend."""
+  return _PLANNING_FOR[-1] if _PLANNING_FOR else jax.default_backend()
+
+
 def resolve_kernel(kernel: str, backend: str | None = None) -> str:
-  """Returns `'xla'` or `'pallas'` for `kernel` in `auto|xla|pallas` on `backend`."""
+  """Returns `'xla'` or `'pallas'` for `kernel` in `auto|xla|pallas` on `backend` (default
+  `planning_backend()`)."""
   if kernel not in KERNELS:
     raise ConfigError(f"kernel must be one of {KERNELS}, got '{kernel}'")
   if kernel != "auto":
     return kernel
-  backend = backend or jax.default_backend()
+  backend = backend or planning_backend()
   return "pallas" if backend in ("gpu", "cuda", "rocm") else "xla"
 
 

@@ -81,8 +81,9 @@ def cached_calibration():
   """`scripts/plan.py --calibrate`'s cached coefficients if they were measured on the
   platform this process runs on; None (the defaults) otherwise."""
   from jaxrec import planner  # pylint: disable=import-outside-toplevel
+  from jaxrec.kernels import platform  # pylint: disable=import-outside-toplevel
   cal = planner.load_calibration()
-  if cal is None or cal.meta.get("platform") != jax.devices()[0].platform:
+  if cal is None or cal.meta.get("platform") != platform.planning_backend():
     return None
   return cal
 

@@ -1,10 +1,15 @@
 """Re-planning: train flags, mesh candidates for a new device count, the planner's choice."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from jaxrec.elastic import replan
 from jaxrec.errors import ConfigError
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLAGS = ["--workdir=/tmp/w", "--gin_file=configs/dlrm_synthetic.gin",
          "--gin_bindings", "ExperimentConfig.batch_size=256", "--mesh", "data=2,table=2,row=2",
          "--plan=auto", "--num_steps=7", "--noprogress"]
@@ -70,3 +75,32 @@ def test_forced_plan_that_cannot_split_moves_to_another_mesh(config):
                               + ["col=32", "--plan=cw"])
   choice = replan.choose(cfg, cw, 1, 4)
   assert 16 % choice.mesh["col"] == 0      # dim 16: col=4 at most with 4 devices
+
+
+def test_plans_price_the_workers_platform_without_a_backend_here(config):
+  """The supervisor priced plans for its own jax backend, which it started for that: with
+  --platform=gpu on a GPU machine that backend takes memory on every GPU the workers need
+  (jax preallocates), and on a CPU-only supervisor it priced XLA kernels for Pallas
+  workers."""
+  args, cfg = config
+  gpu = replan.choose(cfg, args, 1, 4, platform="gpu")
+  cpu = replan.choose(cfg, args, 1, 4, platform="cpu")
+  pallas_args = replan.TrainArgs.parse(FLAGS + ["--gin_bindings",
+                                                "EmbeddingOptions.kernel = 'pallas'"])
+  try:
+    pallas = replan.choose(replan.load_config(pallas_args), pallas_args, 1, 4)
+  finally:
+    replan.load_config(args)
+  assert gpu.estimated_step_time_s == pallas.estimated_step_time_s
+  assert gpu.estimated_step_time_s != cpu.estimated_step_time_s
+  code = ("from jax._src import xla_bridge\n"
+          "def refuse(*a, **k): raise SystemExit('a jax backend was started')\n"
+          "xla_bridge.backends = refuse\n"
+          "from jaxrec.elastic import replan\n"
+          f"args = replan.TrainArgs.parse({FLAGS!r})\n"
+          "choice, _ = replan.best_choice(replan.load_config(args), args, 2, 4, 1, 'gpu')\n"
+          "print(choice.mesh_flag)\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        cwd=ROOT, timeout=300, env=dict(os.environ, JAX_PLATFORMS=""))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip() == "data=2,table=2,row=2,col=1"
