@@ -93,7 +93,8 @@ class Plan:
   @classmethod
   def load(cls, path: str) -> "Plan":
     """A plan from a JSON file: a run's `W/plan.json`, `scripts/plan.py --json` output (both
-    hold it under `"plan"`), or a bare `{table: {"kind": ..., "table_slice": ...}}`."""
+    hold it under `"plan"`; with `--profile`, the proposed one under `"proposed"`), or a
+    bare `{table: {"kind": ..., "table_slice": ...}}`."""
     return cls.load_with_mesh(path)[0]
 
   @classmethod
@@ -108,6 +109,8 @@ class Plan:
     except json.JSONDecodeError as e:
       raise ConfigError(f"--plan: {path}:{e.lineno}: not valid JSON ({e.msg})") from None
     mesh = None
+    if isinstance(obj, dict) and isinstance(obj.get("proposed"), dict):
+      obj = obj["proposed"]       # `scripts/plan.py --profile --json`: the plan it proposes
     if isinstance(obj, dict) and isinstance(obj.get("plan"), dict):
       stored = obj.get("mesh")
       try:

@@ -4,10 +4,11 @@ import json
 
 import pytest
 
-from jaxrec.embedding.specs import FeatureSpec, TableSpec
+from jaxrec import planner
+from jaxrec.embedding.specs import FeatureSpec, TableSpec, uniform_tables
 from jaxrec.errors import ConfigError
 from jaxrec.planner import estimate_plan
-from jaxrec.sharding.plan import Plan, TablePlacement
+from jaxrec.sharding.plan import Plan, TablePlacement, uniform_plan
 
 GiB = 2**30
 
@@ -35,3 +36,19 @@ def test_a_plan_file_of_the_wrong_shape_shows_the_expected_shape(tmp_path, conte
   with pytest.raises(ConfigError) as e:
     Plan.load(str(path))
   assert 'expected {table: {"kind": ..., "table_slice": ...}} or a plan.json' in str(e.value)
+
+
+def test_the_plan_a_profile_proposes_loads(tmp_path):
+  """README: write what `scripts/plan.py --profile` proposed with `--json=PATH` and run it
+  with `--plan=PATH`; that JSON holds the plan under "proposed", and loading it said
+  'expected {table: ...}'."""
+  tables, features = uniform_tables(2, [1000, 10], 16)
+  for step in (100, 200, 300):
+    planner.append_profile(tmp_path, planner.profile_record(
+        step, 0.004, uniform_plan("tw", tables, 2), {"table": 2}, steps=100, batch_size=64))
+  ref = planner.refine_from_profile(tmp_path, tables, features, 2**30, 0.0, 64)
+  path = tmp_path / "proposed.json"
+  path.write_text(json.dumps(ref.to_json()))
+  plan, mesh = Plan.load_with_mesh(str(path))
+  assert plan == ref.proposed.plan
+  assert mesh == {"data": 1, "table": 2, "row": 1, "col": 1}
