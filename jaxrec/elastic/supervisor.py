@@ -278,8 +278,9 @@ class Supervisor:
       text = raw.strip()
       if text.startswith("{"):
         obj = json.loads(text)
-        n = int(obj["num_processes"])
-        k = int(obj.get("devices_per_process", self.capacity[1]))
+        n, k = obj["num_processes"], obj.get("devices_per_process", self.capacity[1])
+        if not all(type(v) is int for v in (n, k)):   # 1.5 or true: not a count
+          raise ValueError(f"counts must be whole numbers, got {n!r}, {k!r}")
       else:
         parts = text.split()
         n = int(parts[0])

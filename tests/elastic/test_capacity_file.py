@@ -50,3 +50,18 @@ def test_same_text_rewritten_is_a_fresh_statement_and_errors_are_said_once(tmp_p
   errors = [e for e in _events(tmp_path) if e.get("error")]
   assert len(errors) == 1 and "unreadable" in errors[0]["error"], errors
   assert s.capacity == (2, 2)
+
+
+def test_a_count_that_is_not_a_whole_number_is_refused(tmp_path):
+  """`{"num_processes": 1.5}` (or `true`, or `2.0` devices) was read as 1 (`int()`)."""
+  s = _supervisor(tmp_path)
+  for i, text in enumerate(['{"num_processes": 1.5}', '{"num_processes": true}',
+                            '{"num_processes": 2, "devices_per_process": 2.0}', "1.5"]):
+    with open(s.capacity_file, "w") as f:
+      f.write(text + "\n")
+    os.utime(s.capacity_file, ns=(i + 1, i + 1))
+    assert not s._read_capacity(), text
+    assert s.capacity == (4, 2), text
+  errors = [e["error"] for e in _events(tmp_path) if e.get("error")]
+  assert len(errors) == 4 and all("unreadable" in e for e in errors), errors
+  assert "whole numbers, got 1.5" in errors[0]
