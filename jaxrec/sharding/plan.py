@@ -80,7 +80,12 @@ class Plan:
   @classmethod
   def from_json(cls, obj: Mapping[str, Mapping]) -> "Plan":
     placements = {}
+    fields = [f.name for f in dataclasses.fields(TablePlacement)]
     for name, p in obj.items():
+      unknown = sorted(set(p) - set(fields)) if isinstance(p, Mapping) else []
+      if unknown:
+        raise ConfigError(f"table '{name}': unknown placement field(s) {unknown} (fields: "
+                          f"{', '.join(fields)})")
       try:
         placements[name] = TablePlacement(**p)
       except ConfigError as e:

@@ -52,3 +52,13 @@ def test_the_plan_a_profile_proposes_loads(tmp_path):
   plan, mesh = Plan.load_with_mesh(str(path))
   assert plan == ref.proposed.plan
   assert mesh == {"data": 1, "table": 2, "row": 1, "col": 1}
+
+
+def test_an_unknown_placement_field_names_the_table(tmp_path):
+  """`"slice"` for `"table_slice"` said only `TablePlacement.__init__() got an unexpected
+  keyword argument 'slice'`."""
+  path = tmp_path / "p.json"
+  path.write_text(json.dumps({"t0": {"kind": "tw"}, "t1": {"kind": "tw", "slice": 1}}))
+  with pytest.raises(ConfigError, match=r"table 't1': unknown placement field\(s\) \['slice'\] "
+                     r"\(fields: kind, table_slice"):
+    Plan.load(str(path))
