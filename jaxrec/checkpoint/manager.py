@@ -321,7 +321,8 @@ class CheckpointManager:
   # ----------------------------------------------------------------------------- restore
   def restore(self, target: Mapping, collection, step: int | None = None,
               require_finite: bool = False, init=None,
-              offloaded: Mapping[str, Any] | None = None) -> Restored | None:
+              offloaded: Mapping[str, Any] | None = None,
+              snapshot_check: str = "full") -> Restored | None:
     """Restores the newest usable checkpoint (at or before `step` when given).
 
     Tries steps newest first. A step that cannot be read or fails its fingerprint check
@@ -350,6 +351,8 @@ class CheckpointManager:
         save: one offloaded then but not now is read whole from its offload snapshot; one
         the checkpoint holds whole but offloaded now comes back in `Restored.host_tables`
         (see `jaxrec.checkpoint.offloaded`).
+      snapshot_check: what is checked of the offload snapshot of a step before it is
+        used (`OffloadConfig.snapshot_check`): `full` (sizes and CRC32s) or `sizes`.
 
     Returns:
       `Restored`, or None if `directory` has no checkpoint.
@@ -372,7 +375,8 @@ class CheckpointManager:
     skipped = []
     for s in reversed(steps):
       try:
-        restored = self._restore_step(s, collection, target, init, offloaded, require_finite)
+        restored = self._restore_step(s, collection, target, init, offloaded, require_finite,
+                                      snapshot_check == "full")
         if require_finite and not all_finite(restored.state):
           raise _NonFinite()
       except ConfigError:
@@ -401,7 +405,7 @@ class CheckpointManager:
     return None if restored is None else (restored.state, restored.data_state)
 
   def _restore_step(self, step, collection, target, init=None, offloaded=None,
-                    require_finite=False) -> Restored:
+                    require_finite=False, full_check=True) -> Restored:
     step_dir = self.step_dir(step)
     json_items = self._mgr.restore(step, args=ocp.args.Composite(**{
         MANIFEST: ocp.args.JsonRestore(), DATA_STATE: ocp.args.JsonRestore(),
@@ -418,7 +422,7 @@ class CheckpointManager:
     _check_whole_specs(collection, then, now, step_dir)
     stored_index = tables_lib.read_index(step_dir / TABLES)
     saved = tables_lib.saved_fingerprints(step_dir / TABLES)
-    snapshot = offloaded_lib.snapshot_arrays(step_dir, sorted(then))
+    snapshot = offloaded_lib.snapshot_arrays(step_dir, sorted(then), full_check)
     index = offloaded_lib.with_sources(stored_index, snapshot)
     with_opt = tables_lib.check_compatible(index, collection, str(step_dir), now)
     sources = {n: a for n, a in snapshot.items() if n.split("/")[1] not in now}

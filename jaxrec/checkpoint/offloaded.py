@@ -89,9 +89,11 @@ def snapshot_of(step_dir) -> tuple[str, dict] | None:
                         f"but no offload snapshot {label} (looked in {', '.join(candidates)})")
 
 
-def snapshot_arrays(step_dir, tables: Iterable[str] | None = None) -> dict[str, ts.TensorStore]:
+def snapshot_arrays(step_dir, tables: Iterable[str] | None = None,
+                    full_check: bool = True) -> dict[str, ts.TensorStore]:
   """`{checkpoint array name: tensorstore}` of the offloaded tables' whole arrays in the
-  snapshot of checkpoint `step_dir` (only `tables` when given; none offloaded: {})."""
+  snapshot of checkpoint `step_dir` (only `tables` when given; none offloaded: {}), after
+  checking their files (`snapshots.open_table`; CRC32s too with `full_check`)."""
   tables = None if tables is None else list(tables)
   if tables == []:
     return {}
@@ -102,7 +104,7 @@ def snapshot_arrays(step_dir, tables: Iterable[str] | None = None) -> dict[str, 
   path, offloaded = found
   out = {}
   for table in sorted(offloaded if tables is None else tables):
-    for name, array in snapshots.open_table(path, table).items():
+    for name, array in snapshots.open_table(path, table, full_check).items():
       out[stored_name(table, name)] = array
   return out
 

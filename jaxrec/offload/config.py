@@ -29,6 +29,7 @@ from jaxrec.kernels.optim import hparam
 DRIVERS = ("zarr", "zarr3")
 KVSTORES = ("file", "memory")
 OFFLOAD_DTYPES = ("float32", "bfloat16", "float16")
+SNAPSHOT_CHECKS = ("full", "sizes")   # `OffloadConfig.snapshot_check`
 INITS = ("random", "existing")
 FRACTION = (lambda v: 0 < v < 1, "a number in (0, 1)")
 
@@ -126,6 +127,9 @@ class OffloadConfig:
       store (write combining: one write per chunk for many rows); they also serve reads.
     auto: let `planning.plan_with_offload` offload the largest tables when they do not fit.
     auto_cache_fraction: cache size of a table offloaded by `auto`, as a share of its rows.
+    snapshot_check: what a restore checks of an offload snapshot before it uses it:
+      `full` (every file's size and CRC32: reads the whole snapshot) or `sizes` (names and
+      sizes only: no read, for tables too large to read at every restart).
   """
 
   tables: Any = ()
@@ -135,6 +139,7 @@ class OffloadConfig:
   host_buffer_rows: int = 1 << 20
   auto: bool = False
   auto_cache_fraction: float = 0.1
+  snapshot_check: str = "full"
 
   def __post_init__(self):
     tables = self.tables
@@ -159,6 +164,9 @@ class OffloadConfig:
       raise ConfigError(f"OffloadConfig.auto must be True or False, got {self.auto!r}")
     object.__setattr__(self, "auto_cache_fraction", hparam(
         "OffloadConfig.auto_cache_fraction", self.auto_cache_fraction, FRACTION))
+    if self.snapshot_check not in SNAPSHOT_CHECKS:
+      raise ConfigError(f"OffloadConfig.snapshot_check must be one of {SNAPSHOT_CHECKS}, got "
+                        f"{self.snapshot_check!r}")
 
   @property
   def horizon(self) -> int:

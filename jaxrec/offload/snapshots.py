@@ -142,13 +142,13 @@ def locate(directory: str, step: int, tables: Mapping[str, object]) -> str:
   return path
 
 
-def open_table(path: str, table: str) -> dict:
+def open_table(path: str, table: str, full_check: bool = True) -> dict:
   """The arrays of `table` in the snapshot directory `path` (`<directory>/<step>`, or a
   rejected one under `<directory>/rejected/`), opened read-only (lazy tensorstore handles,
   `{"table": [rows, dim], "opt.<name>": ...}`), for checkpoint conversion and for a restore
   that keeps the table on the device: the orbax checkpoint holds only an offloaded table's
-  device cache. Its files are checked first (sizes and CRC32s): a damaged snapshot raises
-  `OffloadError`, which makes the checkpoint manager fall back."""
+  device cache. Its files are checked first (sizes, and CRC32s with `full_check`): a
+  damaged snapshot raises `OffloadError`, which makes the checkpoint manager fall back."""
   import tensorstore as ts  # pylint: disable=import-outside-toplevel
   meta_path = os.path.join(path, META)
   if not os.path.exists(meta_path):
@@ -158,7 +158,7 @@ def open_table(path: str, table: str) -> dict:
   if table not in meta["tables"]:
     raise OffloadError(f"offload snapshot {path} has no table '{table}' "
                        f"(has: {sorted(meta['tables'])})")
-  _check_files(path, meta, table, full=True)
+  _check_files(path, meta, table, full=full_check)
   out = {}
   for name in meta["tables"][table]["arrays"]:
     kv = {"driver": "file", "path": os.path.join(path, table, name) + "/"}

@@ -178,7 +178,9 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   # may hold them whole, or be of a run that offloaded tables this one keeps on the device
   offloaded = {n: t.spec for n, t in tier.tables.items()} if tier is not None else None
   start = 0
-  restored = ckpt.restore(state, collection, init=fresh_dense, offloaded=offloaded)
+  snapshot_check = info["offload"].snapshot_check   # of the offload snapshots restores read
+  restored = ckpt.restore(state, collection, init=fresh_dense, offloaded=offloaded,
+                          snapshot_check=snapshot_check)
   if restored is not None:
     state = resume_from(restored)
     start = int(state["step"])
@@ -253,7 +255,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
         rollbacks += 1
         skip_positions.add(bad_position)
         restored = ckpt.restore(state, collection, require_finite=True, init=fresh_dense,
-                                offloaded=offloaded)
+                                offloaded=offloaded, snapshot_check=snapshot_check)
         if restored is None:      # nothing saved yet: start over from the initial state
           state = state_lib.create(config, collection, options.seed)
           if tier is not None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxrec.checkpoint import convert
-from jaxrec.errors import CheckpointError, OffloadError
+from jaxrec.errors import CheckpointError, ConfigError, OffloadError
 from jaxrec.offload import integrity, snapshots
 from tests.offload.offload_helpers import SMALL_DLRM, logged_lines, train_synthetic
 
@@ -134,3 +134,18 @@ def test_a_damaged_snapshot_is_refused_by_the_tier_and_by_conversion(two_checkpo
   with pytest.raises(OffloadError, match=r"the snapshot is damaged"):
     snapshots.locate(snaps, 20, {"t0": TableSpec("t0", meta["rows"], meta["dim"])})
   assert sorted(snapshots.open_table(f"{snaps}/10", "t0")) == ["opt.accum", "table"]
+
+
+def test_sizes_only_checks_skip_the_read(two_checkpoints, tmp_path):
+  """`OffloadConfig.snapshot_check='sizes'` reads no file at restore: a same-size change
+  goes unnoticed (the run resumes from 20), a truncation does not."""
+  w = shutil.copytree(two_checkpoints, tmp_path / "w")
+  chunk = _changed_chunk(w)
+  _replace(chunk, bytes(len(chunk.read_bytes())))
+  sizes = OFFLOAD + ["OffloadConfig.snapshot_check='sizes'"]
+  train_synthetic(w, 25, SMALL_DLRM + sizes)
+  resumes = [l for l in logged_lines(w) if l.get("event") == "resume"]
+  assert [r["checkpoint_step"] for r in resumes] == [20]
+  with pytest.raises(ConfigError, match=r"OffloadConfig.snapshot_check must be one of "
+                     r"\('full', 'sizes'\), got 'crc'"):
+    train_synthetic(w, 30, SMALL_DLRM + OFFLOAD + ["OffloadConfig.snapshot_check='crc'"])
