@@ -175,9 +175,13 @@ class EmbeddingOptions:
     a bool, comm_dtype None (exact) or a reduced dtype name."""
     from jaxrec.kernels import platform, quant  # pylint: disable=import-outside-toplevel
     gpu = backend in ("gpu", "cuda", "rocm")
+    kernel = platform.resolve_kernel(self.kernel, backend)
+    if kernel == "pallas" and not gpu and self.interpret is False:
+      raise ConfigError(f"EmbeddingOptions.interpret=False needs a GPU: on {backend} the "
+                        "Pallas kernels (kernel='pallas') run only in interpret mode")
     comm = None if self.comm_dtype is None else quant.canonical_comm_dtype(self.comm_dtype)
     return dataclasses.replace(
-        self, kernel=platform.resolve_kernel(self.kernel, backend),
+        self, kernel=kernel,
         comm_dtype=None if comm == "float32" else comm,
         interpret=(not gpu) if self.interpret is None else bool(self.interpret))
 

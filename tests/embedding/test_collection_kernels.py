@@ -156,6 +156,11 @@ def test_options_validation_and_gin():
   with pytest.raises(ConfigError, match="unexpected keyword"):
     make_collection("dp", "single", SGD, kernal="xla")
   assert make_collection("dp", "single", SGD).options == EmbeddingOptions("xla", None, True)
+  # Pallas compiles only for GPUs: on CPU it must interpret (it failed at the first step
+  # with a JAX traceback); the XLA kernel ignores the flag.
+  with pytest.raises(ConfigError, match=r"EmbeddingOptions.interpret=False needs a GPU"):
+    make_collection("dp", "single", SGD, kernel="pallas", interpret=False)
+  assert make_collection("dp", "single", SGD, interpret=False).options.kernel == "xla"
   try:
     gin.parse_config("EmbeddingOptions.kernel = 'pallas'\n"
                      "EmbeddingOptions.comm_dtype = 'bf16'")
