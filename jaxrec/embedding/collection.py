@@ -140,9 +140,9 @@ class EmbeddingCollection:
       raise ConfigError(f"features read tables of different dims {sorted(dims)} ({which}); the "
                         "models take [batch, features, dim] with one dim")
     layouts = layout_lib.build_layouts(tables, features, plan, mesh_shape(mesh))
-    unread = layout_lib.unread_stack_error(layouts)
-    if unread:
-      raise ConfigError(unread)
+    problem = layout_lib.stack_error(layouts)
+    if problem:
+      raise ConfigError(problem)
     collection = cls(tables, features, plan, mesh, optimizer, layouts, options)
     for l in layouts:
       collection.dedup(l)   # raises for an impossible dedup=False

@@ -272,17 +272,35 @@ def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], 
   return tuple(layouts)
 
 
-def unread_stack_error(layouts: Sequence[StackLayout]) -> str | None:
-  """Why a collection cannot be built from `layouts`, if one stack has no feature: an
-  unread table must share its kind, dim and dtype with a read one (it then joins that
-  one's shortest bag bucket). None when every stack is read (the planner prices only such
-  plans)."""
+MAX_SLICE_ROWS = 2**31 - 1   # ids and local row numbers are int32
+
+
+def stack_error(layouts: Sequence[StackLayout]) -> str | None:
+  """Why a collection cannot be built from `layouts`, if it cannot (None when it can; the
+  planner prices only such plans):
+  - a stack no feature reads: an unread table must share its kind, dim and dtype with a
+    read one (it then joins that one's shortest bag bucket);
+  - a `table` slice of a stack holding over `MAX_SLICE_ROWS` rows: stage 1 numbers a
+    slice's rows (table offset + id) in int32, which would wrap (rows read as zeros and
+    never updated)."""
   for l in layouts:
     if not l.features:
       return (f"tables {[s.name for s in l.slots]} ({l.kind}, dim {l.dim}, {l.dtype}) are "
               "read by no feature, and no table that is has their kind, dim and dtype (whose "
               "stack they would join); add a feature for them, place them like a read "
               "table, or leave them out")
+  for l in layouts:
+    fill = [sum(t.rows for t in l.slots if t.table_slice == s) for s in range(l.num_slices)]
+    s = max(range(l.num_slices), key=fill.__getitem__)
+    if fill[s] > MAX_SLICE_ROWS:
+      names = [t.name for t in l.slots if t.table_slice == s]
+      if len(names) == 1:
+        return (f"table '{names[0]}' has {fill[s]:,} rows, over the {MAX_SLICE_ROWS:,} that "
+                "int32 ids reach")
+      return (f"tables {names} ({l.kind}, dim {l.dim}, {l.dtype}) stack {fill[s]:,} rows "
+              f"on one table slice, over the {MAX_SLICE_ROWS:,} that int32 row numbers "
+              "reach; place them on different table slices (tw, twrw, twcw, grid) or give "
+              "them different kinds")
   return None
 
 

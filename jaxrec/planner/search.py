@@ -120,7 +120,7 @@ class _Space:
     kinds = kinds or tuple(plan[n].kind for n in self.names)
     # The collection's own check (imported here: importing the planner imports no jax).
     from jaxrec.embedding import layout  # pylint: disable=import-outside-toplevel
-    problem = layout.unread_stack_error(layouts)
+    problem = layout.stack_error(layouts)
     objective = ((math.inf,) * 3 if problem else
                  (float(max(0, mem - self.budget)), time_s, float(mem)))
     return _Eval(kinds, plan, cost, time_s, mem, objective, problem)
@@ -230,7 +230,8 @@ def _overflow_error(space: _Space, e: _Eval, what: str) -> ConfigError:
 
 def _delta(alt: _Eval, base: _Eval, budget: int) -> str:
   if alt.problem:
-    return "not buildable (a stack no feature reads)"
+    return ("not buildable (a stack no feature reads, or a table slice over 2**31 - 1 "
+            "rows)")
   if alt.memory > budget:
     return f"over budget ({format_bytes(alt.memory)}/device)"
   if alt.time_s - base.time_s > base.time_s * 1e-6:

@@ -157,6 +157,24 @@ def test_features_reading_tables_of_different_dims_are_a_clear_error():
                                optimizers.SGD(0.1))
 
 
+def test_more_rows_on_a_slice_than_int32_reaches_is_a_clear_error():
+  """Stage 1 numbers a table slice's rows (table offset + id) in int32: two 1.5e9-row tables
+  on one slice wrapped past 2**31 (the second table's rows read as zeros, never updated)."""
+  tables = (TableSpec("a", 1_500_000_000, 4), TableSpec("b", 1_500_000_000, 4))
+  features = (FeatureSpec("fa", "a"), FeatureSpec("fb", "b"))
+  create = lambda tables, kind, mesh_spec: EmbeddingCollection.create(
+      tables, features[:len(tables)], uniform_plan(kind, tables, 2 if "table" in mesh_spec
+                                                   else 1),
+      make_mesh(parse_mesh_spec(mesh_spec, 8)), optimizers.SGD(0.1))
+  with pytest.raises(ConfigError, match=r"tables \['a', 'b'\] \(rw, dim 4, float32\) stack "
+                     r"3,000,000,000 rows on one table slice, over the 2,147,483,647"):
+    create(tables, "rw", "row=8")
+  with pytest.raises(ConfigError, match="table 'a' has 3,000,000,000 rows, over the "
+                     "2,147,483,647 that int32 ids reach"):
+    create((TableSpec("a", 3_000_000_000, 4),), "rw", "row=8")
+  create(tables, "twrw", "table=2,row=4")   # one table per slice: fine (nothing allocated)
+
+
 def test_weights_for_an_unweighted_feature_are_a_clear_error():
   """Weights for a feature configured unweighted were dropped: the model trained unweighted."""
   coll = make_collection()
