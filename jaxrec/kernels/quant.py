@@ -32,6 +32,7 @@ COMM_DTYPES = ("float32", "bfloat16", "float16", "float8_e4m3fn")
 DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",
                  "f16": "float16", "fp8": "float8_e4m3fn", "float8": "float8_e4m3fn"}
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+F32_TINY = np.float32(np.finfo(np.float32).tiny)  # smallest normal f32
 
 
 class QuantizedTable(NamedTuple):
@@ -207,7 +208,9 @@ def comm_cast(x: jax.Array, comm_dtype="bfloat16", *, per_row: bool = True):
     return x.astype(name), None
   xf = x.astype(jnp.float32)
   amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True) if per_row else jnp.max(jnp.abs(xf))
-  scale = jax.lax.stop_gradient(jnp.where(amax > 0, amax / FP8_MAX, 1.0))
+  # At least the smallest normal f32: below 448x that, amax / FP8_MAX is subnormal, which
+  # XLA flushes to zero, and the row divided by it became NaN.
+  scale = jax.lax.stop_gradient(jnp.where(amax > 0, jnp.maximum(amax / FP8_MAX, F32_TINY), 1.0))
   return (xf / scale).astype(jnp.float8_e4m3fn), scale
 
 
