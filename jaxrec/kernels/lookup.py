@@ -55,8 +55,6 @@ def gather_rows(table_refs, rows):
 
 def _check(table, idx, w):
   table_dtype(table)
-  if len(table.shape) != 2:
-    raise ConfigError(f"table must be [rows, dim], got shape {table.shape}")
   if idx.ndim != 2 or w.shape != idx.shape:
     raise ConfigError(f"idx and w must both be [N, L]; got {idx.shape} and {w.shape}")
 

@@ -58,12 +58,15 @@ class QuantizedTable(NamedTuple):
 
 
 def table_dtype(table) -> str:
-  """Storage dtype name of a dense table or `'int8'` for a `QuantizedTable`."""
+  """Storage dtype name of a dense table or `'int8'` for a `QuantizedTable`; ConfigError
+  for an unsupported dtype or a malformed table (not `[rows, dim]`)."""
   name = jnp.dtype(table.dtype).name
   if name not in TABLE_DTYPES:
     raise ConfigError(f"table dtype must be one of {TABLE_DTYPES}, got '{name}'")
   if name == "int8" and not isinstance(table, QuantizedTable):
     raise ConfigError("an int8 table must be a QuantizedTable (q, scale, bias)")
+  if not isinstance(table, QuantizedTable) and len(table.shape) != 2:
+    raise ConfigError(f"table must be [rows, dim], got shape {tuple(table.shape)}")
   if isinstance(table, QuantizedTable):
     rows = table.q.shape[:1]
     if (table.q.ndim != 2 or jnp.dtype(table.q.dtype) != jnp.int8

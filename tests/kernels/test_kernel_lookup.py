@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from jaxrec.errors import ConfigError
-from jaxrec.kernels import (csr_to_padded, lookup_pool, lookup_pool_csr, padded_to_csr,
-                            resolve_kernel)
+from jaxrec.kernels import (SGD, csr_to_padded, lookup_pool, lookup_pool_csr, padded_to_csr,
+                            resolve_kernel, sparse_update)
 from tests.kernels.kernel_helpers import DTYPES, make_bags, make_table, np_pool
 
 R, D = 50, 24  # D = 3 chunks of 8 columns: exercises the column grid
@@ -109,6 +109,14 @@ def test_kernel_selection_and_errors():
     lookup_pool(jnp.zeros((4, 8), jnp.int8), jnp.zeros((2, 1), jnp.int32), jnp.zeros((2, 1)))
   with pytest.raises(ConfigError, match="dtype"):
     lookup_pool(jnp.zeros((4, 8), jnp.int32), jnp.zeros((2, 1), jnp.int32), jnp.zeros((2, 1)))
+  # A table that is not [rows, dim]: the CSR lookup returned a [1, 1] array, the update
+  # failed with "not enough values to unpack".
+  flat, idx, w = jnp.zeros((4,)), jnp.zeros((2, 1), jnp.int32), jnp.ones((2, 1))
+  for call in (lambda: lookup_pool(flat, idx, w),
+               lambda: lookup_pool_csr(flat, idx[:, 0], jnp.array([0, 1, 2]), w[:, 0]),
+               lambda: sparse_update(flat, {}, idx, w, jnp.zeros((2, 4)), SGD(0.1))):
+    with pytest.raises(ConfigError, match=r"table must be \[rows, dim\], got shape \(4,\)"):
+      call()
 
 
 def test_empty_batches_pool_to_nothing():
