@@ -314,12 +314,14 @@ def sparse_update(table, opt_state, idx, w, grad_pooled, optimizer, step=0, *, k
 @functools.partial(jax.jit, static_argnames=("optimizer", "kernel", "interpret"))
 def sparse_update_csr(table, opt_state, values, offsets, weights, grad_pooled, optimizer,
                       step=0, *, key=None, kernel: str = "auto", interpret: bool | None = None):
-  """`sparse_update` for CSR bags (`values/weights [nnz]`, `offsets [N + 1]`)."""
+  """`sparse_update` for CSR bags (`values/weights [nnz]`, `offsets [N + 1]`); values
+  outside `[offsets[0], offsets[-1])` belong to no bag and are skipped, as in
+  `lookup_pool_csr`."""
   if values.ndim != 1 or weights.shape != values.shape or offsets.ndim != 1:
     raise ConfigError(f"CSR update wants values/weights [nnz] and offsets [N+1]; got "
                       f"{values.shape}, {weights.shape}, {offsets.shape}")
   pos = jnp.arange(values.shape[0])
   bags = (jnp.searchsorted(offsets, pos, side="right") - 1).astype(jnp.int32)
-  ids = jnp.where(pos < offsets[-1], values, -1)
+  ids = jnp.where((pos >= offsets[0]) & (pos < offsets[-1]), values, -1)   # in no bag: absent
   return _run(table, opt_state, ids, bags, weights, grad_pooled, optimizer, step, key,
               kernel, interpret, offsets.shape[0] - 1)

@@ -10,7 +10,8 @@ import pytest
 from jaxrec.errors import ConfigError
 from jaxrec.kernels.optim import coerce
 from jaxrec.kernels import (SGD, Adagrad, RowWiseAdagrad, init_opt_state, lookup_pool,
-                            padded_to_csr, segments, sparse_update, sparse_update_csr)
+                            lookup_pool_csr, padded_to_csr, segments, sparse_update,
+                            sparse_update_csr)
 from tests.kernels.kernel_helpers import DTYPES, ULP, as_f32, make_bags, make_table, raw_bits
 
 R, D = 50, 24
@@ -136,6 +137,19 @@ def test_one_hot_and_csr_updates_agree():
     np.testing.assert_allclose(np.asarray(out[0]), np.asarray(ref[0]), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(np.asarray(out[1]["accum"]), np.asarray(ref[1]["accum"]),
                                rtol=1e-6)
+
+
+def test_csr_values_outside_the_bags_are_skipped():
+  """offsets [1, 2, 3]: value 0 sits before bag 0. The lookup skips it; the update gave its
+  row the last bag's gradient (bag index -1)."""
+  values, offsets, w = jnp.array([0, 1, 2], jnp.int32), jnp.array([1, 2, 3]), jnp.ones((3,))
+  grad = jnp.array([[1.0, 1.0], [10.0, 10.0]])
+  pooled = lookup_pool_csr(jnp.arange(8.0).reshape(4, 2), values, offsets, w)
+  np.testing.assert_array_equal(np.asarray(pooled), [[2, 3], [4, 5]])
+  for kernel in ("xla", "pallas"):
+    new, _ = sparse_update_csr(jnp.zeros((4, 2)), {}, values, offsets, w, grad, SGD(1.0),
+                               kernel=kernel, interpret=True)
+    np.testing.assert_array_equal(np.asarray(new), [[0, 0], [-1, -1], [-10, -10], [0, 0]])
 
 
 def test_segments_describe_distinct_rows():
