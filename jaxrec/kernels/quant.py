@@ -98,6 +98,9 @@ def quantize_with_range(x, lo, hi, u=0.5):
   step = np.float32(1.0 / 255.0)
   span = hi - lo
   scale = jnp.where(jnp.isfinite(span), span * step, hi * step - lo * step)
+  # A subnormal scale (span under ~3e-36) is 0 on every backend: XLA:CPU flushes it, a GPU
+  # keeping it would divide by it (inf, NaN codes). The row then reads back as its `lo`.
+  scale = jnp.where(scale >= F32_TINY, scale, np.float32(0.0))
   bias = lo + np.float32(128.0) * scale
   inv = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
   v = (x - bias[..., None]) * inv[..., None]

@@ -34,6 +34,16 @@ def test_int8_rows_spanning_the_whole_float32_range_stay_finite():
   assert np.all(np.abs(back.astype(np.float64) - x) <= step * 0.5 * (1 + 1e-5) + 1e-6)
 
 
+def test_int8_rows_of_a_subnormal_span_read_back_as_their_low_end():
+  """A row spanning under ~3e-36 has a subnormal scale: 0 on every backend (XLA:CPU flushes
+  it; a GPU that keeps subnormals divided by it, giving inf and NaN codes)."""
+  x = np.array([[1e-37, 1.5e-37, 2e-37], [-1.0, 0.5, 1.0]], np.float32)
+  qt = quantize(jnp.asarray(x))
+  scale, q = np.asarray(qt.scale), np.asarray(qt.q)
+  assert scale[0] == 0 and (q[0] == 0).all() and scale[1] > 0
+  np.testing.assert_array_equal(np.asarray(dequantize(qt))[0], np.full(3, 1e-37, np.float32))
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_stochastic_rounding_is_unbiased_between_neighbours(dtype):
   x = jnp.array([1.0 + 2.0 ** -9, -3.3e-3, 7.77, 1e-6, 0.0, -65.1, 3e-7], jnp.float32)
