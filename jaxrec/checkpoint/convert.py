@@ -109,10 +109,9 @@ def _hint(checkpoint_dir, step: int | None = None) -> str:
   if step is None and (path / "checkpoints").is_dir():   # a workdir given for its checkpoints
     return f" (did you mean --checkpoint_dir={path / 'checkpoints'}?)"
   where = path if path.name == REJECTED_DIR else path / REJECTED_DIR
-  names = sorted((p.name for p in where.iterdir() if offloaded_lib.rejected_step(p) is not None
-                  and (step is None or offloaded_lib.rejected_step(p) == step)),
-                 key=lambda n: [int(x) if x.isdigit() else x for x in n.split(".")]
-                 ) if where.is_dir() else []
+  found = sorted((offloaded_lib.rejected_step(p), p.name) for p in where.iterdir()
+                 if offloaded_lib.rejected_step(p) is not None) if where.is_dir() else []
+  names = [name for s, name in found if step is None or s == step]
   if not names:
     return ""
   shown = ", ".join(str(where / n) for n in names[-3:])
