@@ -46,10 +46,13 @@ import numpy as np
 from jaxrec.data import indexing
 from jaxrec.data.batch import Batch
 from jaxrec.data.source import GrainMixin, Layout
-from jaxrec.errors import ConfigError
+from jaxrec.embedding.specs import whole
+from jaxrec.kernels.optim import NONNEG, POSITIVE, UNIT, check_hparams
 
 _DENSE_SCALES = (2.0, 20.0, 200.0, 5.0, 2000.0, 50.0, 10.0, 1.0, 100.0, 3.0, 30.0, 0.5, 500.0)
 _CALIBRATION_EXAMPLES = 16384
+_SHARE = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
+_ANY = (lambda v: True, "a finite number")
 
 
 @gin.configurable
@@ -76,15 +79,13 @@ class SyntheticConfig:
   model_seed: int = 0
 
   def __post_init__(self):
-    if self.zipf_exponent <= 0:
-      raise ConfigError(f"SyntheticConfig.zipf_exponent must be > 0, got {self.zipf_exponent}")
-    if self.hot_ids <= 0:
-      raise ConfigError(f"SyntheticConfig.hot_ids must be positive, got {self.hot_ids}")
-    if not 0.0 <= self.sparse_share <= 1.0:
-      raise ConfigError(f"SyntheticConfig.sparse_share must be in [0, 1], got {self.sparse_share}")
-    if not 0.0 <= self.dense_missing < 1.0:
-      raise ConfigError(
-          f"SyntheticConfig.dense_missing must be in [0, 1), got {self.dense_missing}")
+    # a string, NaN or fraction was accepted and failed later with a traceback, or silently
+    # gave degenerate data (NaN logit_std: every label 0)
+    check_hparams(self, zipf_exponent=POSITIVE, sparse_share=_SHARE, logit_std=NONNEG,
+                  bias=_ANY, dense_missing=UNIT)
+    object.__setattr__(self, "hot_ids", whole(self.hot_ids, "SyntheticConfig.hot_ids"))
+    object.__setattr__(self, "model_seed",
+                       whole(self.model_seed, "SyntheticConfig.model_seed", minimum=0))
 
 
 def _coprime_multiplier(rows: int, h: int) -> int:

@@ -111,6 +111,14 @@ def test_config_is_validated():
     synthetic.SyntheticConfig(sparse_share=1.5)
   with pytest.raises(ConfigError, match="hot_ids"):
     synthetic.SyntheticConfig(hot_ids=0)
+  # wrong kinds and non-finite values: were a traceback later (a string, a fraction, a
+  # negative seed) or silently degenerate data (NaN logit_std: every label 0)
+  for field, value in [("zipf_exponent", float("nan")), ("zipf_exponent", "x"),
+                       ("logit_std", float("nan")), ("bias", float("inf")),
+                       ("dense_missing", True), ("hot_ids", 2.5), ("model_seed", -1)]:
+    with pytest.raises(ConfigError, match=f"SyntheticConfig.{field} must be"):
+      synthetic.SyntheticConfig(**{field: value})
+  assert synthetic.SyntheticConfig(hot_ids=1e3).hot_ids == 1000
 
 
 def test_shared_tables_share_the_hidden_effects():
