@@ -36,7 +36,7 @@ from jaxrec.data import binary, indexing, tsv
 from jaxrec.data.batch import Batch
 from jaxrec.data.source import ENDLESS_LEN, NUM_DENSE, Source, make_layout
 from jaxrec.data.synthetic import SyntheticConfig, SyntheticSource
-from jaxrec.embedding.specs import FeatureSpec, TableSpec
+from jaxrec.embedding.specs import FeatureSpec, TableSpec, whole
 from jaxrec.errors import ConfigError, DataError
 
 SYNTHETIC = "synthetic"
@@ -54,6 +54,21 @@ def _rows(rows: Mapping[str, int] | Sequence[TableSpec]) -> dict[str, int]:
 # these, or the binding would be ignored without a word.
 _PASSED = ["source", "features", "rows", "seed", "bad_rows", "num_dense"]
 _PASSED_ITER = _PASSED + ["batch_size", "process_index", "process_count"]
+
+
+def _knobs(fn: str, **knobs) -> list:
+  """The gin knobs of `fn`, checked: bool ones (`shuffle`, `verify_checksums`) True or False
+  (gin's `'False'` is truthy), the others integers >= 0 (`1e3` too) -> ints.
+  A string used to fail later with a traceback, or (`'False'`) to read as True."""
+  out = []
+  for name, value in knobs.items():
+    if name in ("shuffle", "verify_checksums"):
+      if not isinstance(value, (bool, np.bool_)):
+        raise ConfigError(f"{fn}.{name} must be True or False, got {value!r}")
+      out.append(bool(value))
+    else:
+      out.append(whole(value, f"{fn}.{name}", minimum=0))
+  return out
 
 
 @gin.configurable(denylist=_PASSED + ["split"])
@@ -78,6 +93,8 @@ def open_source(source: str, features: Sequence[FeatureSpec],
   """
   if bad_rows not in tsv.BAD_ROWS:
     raise ConfigError(f"bad_rows must be one of {tsv.BAD_ROWS}, got '{bad_rows}'")
+  num_categorical, verify_checksums = _knobs(
+      "open_source", num_categorical=num_categorical, verify_checksums=verify_checksums)
   layout = make_layout(features, _rows(rows), num_dense)
   if source == SYNTHETIC:
     return SyntheticSource(layout, seed=seed, split=split, config=synthetic)
@@ -288,6 +305,9 @@ def make_train_iterator(source: str, features: Sequence[FeatureSpec],
   Returns:
     A `TrainIterator` of host `Batch`es, with `get_state`/`set_state`/`bad_row_counts`.
   """
+  shuffle, num_threads, prefetch, num_workers = _knobs(
+      "make_train_iterator", shuffle=shuffle, num_threads=num_threads, prefetch=prefetch,
+      num_workers=num_workers)
   src = open_source(source, features, rows, seed=seed, split=TRAIN_SPLIT, bad_rows=bad_rows,
                     num_dense=num_dense)
   return TrainIterator(src, batch_size, seed, process_index, process_count, shuffle=shuffle,
@@ -315,6 +335,10 @@ def make_eval_batches(source: str, features: Sequence[FeatureSpec],
     examples and 0 for the padding of the last batch (the real ones are a prefix; also
     `EvalBatch.num_valid`). `len(eval_data)` batches per pass, the same on every process.
   """
+  num_threads, prefetch = _knobs("make_eval_batches", num_threads=num_threads,
+                                 prefetch=prefetch)
+  if num_examples is not None:
+    num_examples = whole(num_examples, "make_eval_batches.num_examples")
   src = open_source(source, features, rows, seed=seed, split=EVAL_SPLIT, bad_rows=bad_rows,
                     num_dense=num_dense)
   if src.num_examples is None and num_examples is None:

@@ -161,6 +161,27 @@ def test_eval_builders(files):
   assert len(part) == 2 and sum(m.sum() for _, m in part) == 70
 
 
+def test_gin_knobs_are_checked(files):
+  """A string (`'x'`, `'False'`) or fraction bound to a pipeline knob is a ConfigError naming
+  the binding: it was a traceback, or `shuffle='False'` silently shuffled."""
+  feats = lib.features({2: 3})
+  for kwargs in [dict(prefetch="x"), dict(num_threads=1.5), dict(num_workers=-1),
+                 dict(shuffle="False")]:
+    name = next(iter(kwargs))
+    with pytest.raises(ConfigError, match=f"make_train_iterator.{name} must be"):
+      pipeline.make_train_iterator("synthetic", feats, lib.rows(), 8, **kwargs)
+  for kwargs in [dict(num_examples="x"), dict(num_examples=0), dict(prefetch="2")]:
+    name = next(iter(kwargs))
+    with pytest.raises(ConfigError, match=f"make_eval_batches.{name} must be"):
+      pipeline.make_eval_batches(files["tsv"], feats, lib.rows(), 8, **kwargs)
+  for kwargs in [dict(num_categorical="26"), dict(verify_checksums="False")]:
+    name = next(iter(kwargs))
+    with pytest.raises(ConfigError, match=f"open_source.{name} must be"):
+      pipeline.open_source(files["binary"], feats, lib.rows(), **kwargs)
+  it = pipeline.make_train_iterator("synthetic", feats, lib.rows(), 8, prefetch=2.0)
+  assert next(it).size == 8
+
+
 def test_source_detection_and_errors(files, tmp_path):
   feats = lib.features({2: 3})
   assert isinstance(pipeline.open_source(files["synthetic"], feats, lib.rows()),
