@@ -7,7 +7,8 @@
 and `--max_len` the bag sizes of multi-hot features (same forms; default 1); features are
 named f0..f25 reading tables t0..t25. With `--gin_file` the features come from the
 `uniform_tables` bindings of the config instead (and `--num_categorical` defaults to their
-count; `--rows`/`--max_len` are then refused). Errors print one line and exit 1.
+count, `--num_dense` to its `ExperimentConfig.num_dense`; `--rows`/`--max_len` are then
+refused). Errors print one line and exit 1.
 """
 
 import os
@@ -21,6 +22,8 @@ flags.DEFINE_string("rows", None, "Table rows: one int for all tables or a comma
 flags.DEFINE_string("max_len", "1", "Bag size per feature: one int or a comma list.")
 flags.DEFINE_integer("num_categorical", 26, "Categorical columns per line (with --gin_file: "
                      "the config's feature count unless given).")
+flags.DEFINE_integer("num_dense", 13, "Integer columns per line (with --gin_file: the config's "
+                     "ExperimentConfig.num_dense unless given).")
 flags.DEFINE_multi_string("gin_file", [], "Gin config(s) binding `uniform_tables`.")
 flags.DEFINE_multi_string("gin_bindings", [], "Extra gin bindings.")
 flags.DEFINE_enum("bad_rows", "error", ["error", "skip"], "Malformed rows: stop or skip.")
@@ -64,6 +67,20 @@ def _specs():
                               max_len=_int_list("max_len", FLAGS.max_len, n))
 
 
+def _num_dense() -> int:
+  """`--num_dense`, else the gin config's `ExperimentConfig.num_dense` (it was ignored: data
+  of that config failed on every row's column count), else 13."""
+  import gin
+  from jaxrec.embedding.specs import whole
+  if FLAGS["num_dense"].present or not (FLAGS.gin_file or FLAGS.gin_bindings):
+    return whole(FLAGS.num_dense, "--num_dense", minimum=0)
+  try:
+    value = gin.query_parameter("ExperimentConfig.num_dense")
+  except ValueError:   # not bound
+    return 13
+  return whole(value, "ExperimentConfig.num_dense", minimum=0)
+
+
 def _check_paths() -> None:
   """The output directory must not be the one holding input files (it would become a
   dataset directory, its TSV files unread)."""
@@ -96,7 +113,8 @@ def main(argv):
     columns = (len(features) if from_gin and not FLAGS["num_categorical"].present
                else FLAGS.num_categorical)
     m = binary.preprocess(FLAGS.input, FLAGS.output, features, tables, FLAGS.bad_rows,
-                          num_categorical=columns, shard_examples=FLAGS.shard_examples)
+                          num_dense=_num_dense(), num_categorical=columns,
+                          shard_examples=FLAGS.shard_examples)
   except JaxrecError as e:
     print(f"error: {user_message(e)}", file=sys.stderr)
     sys.exit(1)

@@ -66,6 +66,27 @@ def test_gin_file_sets_the_column_count_and_refuses_rows(tmp_path, tsv_file):
       "error: --rows: the tables come from --gin_file here; give one or the other"), r.stderr
 
 
+def test_dense_column_count_from_gin_file_or_flag(tmp_path, tsv_file):
+  """A config with `ExperimentConfig.num_dense = 5` trains on TSV with 5 integer columns;
+  preprocess ignored the binding and refused every row of that data (13 expected)."""
+  cats = [f"{k:x}" for k in range(8)]
+  path = tsv_file([lib.line(dense=list("12345"), cats=cats), lib.line("0", dense=[""] * 5,
+                                                                      cats=cats)])
+  gin_file = tmp_path / "dense5.gin"
+  gin_file.write_text("include 'configs/two_tower_synthetic.gin'\n"
+                      "ExperimentConfig.num_dense = 5\n")
+  r = run(f"--input={path}", f"--output={tmp_path / 'o'}", f"--gin_file={gin_file}")
+  assert r.returncode == 0, r.stderr
+  assert binary.read_manifest(str(tmp_path / "o"))["num_dense"] == 5
+  r = run(f"--input={path}", f"--output={tmp_path / 'o2'}", "--rows=100", "--num_categorical=8",
+          "--num_dense=5")
+  assert r.returncode == 0, r.stderr
+  r = run(f"--input={path}", f"--output={tmp_path / 'o3'}", "--rows=100", "--num_categorical=8",
+          "--num_dense=-1")
+  assert r.returncode == 1 and r.stderr.strip() == (
+      "error: --num_dense must be an integer >= 0, got -1"), r.stderr
+
+
 def test_failed_run_leaves_no_shards(tmp_path, tsv_file):
   """A bad row in a later file, or a write failing (here: the file size limit), left the
   shards written so far in --output; a write error was '[Errno 27] File too large',
