@@ -75,7 +75,8 @@ _REASONS = {
 def list_files(path: str) -> list[str]:
   """A file, a directory (its non-hidden files) or a glob -> sorted file paths.
 
-  An existing path is taken literally, also when its name holds `*`, `?` or `[`.
+  An existing path is taken literally, also when its name holds `*`, `?` or `[`, and may be a
+  named pipe (`<(zcat day_0.gz)`): it is read once, as a stream.
   """
   if any(c in path for c in "*?[") and not os.path.exists(path):
     files = sorted(p for p in globlib.glob(path) if os.path.isfile(p))
@@ -88,7 +89,7 @@ def list_files(path: str) -> list[str]:
     if not files:
       raise DataError(f"{path}: directory holds no files")
     return files
-  if os.path.isfile(path):
+  if os.path.exists(path):   # a file, or a pipe (was "no such file or directory")
     return [path]
   raise DataError(f"{path}: no such file or directory")
 

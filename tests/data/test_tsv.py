@@ -4,6 +4,7 @@ import gzip
 import logging
 import os
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -91,6 +92,21 @@ def test_existing_paths_with_glob_characters_are_literal(tmp_path):
   assert tsv.list_files(str(d)) == [str(d / "day_0")]
   assert tsv.list_files(str(d / "day_0")) == [str(d / "day_0")]
   assert tsv.list_files(str(tmp_path / "run[0-9]" / "*")) == [str(tmp_path / "run1" / "day_0")]
+
+
+def test_named_pipes_are_read(tmp_path):
+  """`--train_data=<(zcat day_0.gz)` and /dev/null exist: they were 'no such file or
+  directory'."""
+  pipe = str(tmp_path / "pipe")
+  os.mkfifo(pipe)
+  data = ("\n".join([lib.line("1"), lib.line("0")]) + "\n").encode()
+  files = tsv.list_files(pipe)   # before the writer, which blocks until a reader opens it
+  writer = threading.Thread(target=lambda: open(pipe, "wb").write(data), daemon=True)
+  writer.start()
+  np.testing.assert_array_equal(read(files).examples.labels, [1, 0])
+  writer.join()
+  with pytest.raises(DataError, match="^/dev/null: empty file$"):
+    read(tsv.list_files("/dev/null"))
 
 
 def _bad(label="1", dense=None, cats=None, col=None, value=None):
