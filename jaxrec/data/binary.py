@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from typing import Sequence
 
 import numpy as np
@@ -43,6 +44,7 @@ VERSION = 1
 MANIFEST = "manifest.json"
 VERIFIED = ".verified.json"   # shards whose sha256 matched, by size, mtime and inode
 SHARD_EXAMPLES = 1 << 22
+_SHARD = re.compile(r"shard-\d{5,}\.bin")
 
 
 def record_dtype(num_dense: int, max_lens: Sequence[int], weighted: Sequence[bool]) -> np.dtype:
@@ -69,6 +71,29 @@ def to_records(batch: Batch, layout: Layout) -> np.ndarray:
 
 def is_preprocessed(path: str) -> bool:
   return os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def check_not_part(files: Sequence[str]) -> None:
+  """`DataError` when TSV `files` hold a preprocessed dataset's manifest or shards, or
+  shards without a manifest (a killed preprocess): read as TSV, they said 'expected 40
+  tab-separated columns' or 'not a text file' and nothing more."""
+  for path in files:
+    parent, name = os.path.dirname(path) or ".", os.path.basename(path)
+    if name == MANIFEST or _SHARD.fullmatch(name):
+      if is_preprocessed(parent):
+        raise DataError(f"{path}: part of the preprocessed dataset {parent}; give the "
+                        "directory")
+      if _SHARD.fullmatch(name) and _first_byte(path) in (b"\0", b"\1"):   # a record's label
+        raise DataError(f"{path}: a shard without {MANIFEST} beside it: a scripts/preprocess.py "
+                        "run that did not finish (run it again)")
+
+
+def _first_byte(path: str) -> bytes:
+  try:
+    with open(path, "rb") as f:
+      return f.read(1)
+  except OSError:   # reported when it is read
+    return b""
 
 
 def _sha256(path: str) -> str:
@@ -119,7 +144,7 @@ class _ShardWriter:
   def write(self, recs: np.ndarray) -> None:
     while len(recs):
       if self._f is None:
-        name = f"shard-{len(self.shards):05d}.bin"
+        name = f"shard-{len(self.shards):05d}.bin"   # `_SHARD`
         self._f = open(os.path.join(self.output, name), "wb")
         self._hash, self._n, self._name = hashlib.sha256(), 0, name
       take = recs[:self.shard_examples - self._n]
@@ -369,4 +394,6 @@ def preprocess(input_path: str, output: str, features, rows, bad_rows: str = "er
                       f"but {len(features)} sparse features are configured")
   rows = rows if isinstance(rows, dict) else {t.name: t.rows for t in rows}
   layout = make_layout(features, rows, num_dense)
-  return write(tsv.list_files(input_path), output, layout, bad_rows, shard_examples)
+  files = tsv.list_files(input_path)
+  check_not_part(files)
+  return write(files, output, layout, bad_rows, shard_examples)

@@ -104,6 +104,7 @@ def open_source(source: str, features: Sequence[FeatureSpec],
   if binary.is_preprocessed(source):
     return binary.BinarySource(source, layout, verify_checksums=verify_checksums)
   files = tsv.list_files(source)   # a missing path is the first thing to report
+  binary.check_not_part(files)
   if len(features) != num_categorical:
     raise ConfigError(f"{source}: the TSV data has {num_categorical} categorical columns but "
                       f"{len(features)} sparse features are configured (TSV data with "

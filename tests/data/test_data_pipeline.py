@@ -1,6 +1,7 @@
 """The trainer-facing builders: determinism, process slices, resume, epochs, eval."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -180,6 +181,27 @@ def test_gin_knobs_are_checked(files):
       pipeline.open_source(files["binary"], feats, lib.rows(), **kwargs)
   it = pipeline.make_train_iterator("synthetic", feats, lib.rows(), 8, prefetch=2.0)
   assert next(it).size == 8
+
+
+def test_parts_of_a_preprocessed_dataset_are_named(files, tmp_path):
+  """A dataset's manifest or shard given as TSV, or shards a killed preprocess left: the
+  error said 'expected 40 tab-separated columns' or 'not a text file'."""
+  feats, d = lib.features({2: 3}), files["binary"]
+  for path in [f"{d}/manifest.json", f"{d}/shard-00001.bin", f"{d}/*"]:
+    with pytest.raises(DataError, match=f"part of the preprocessed dataset {d}; give the "
+                       "directory"):
+      pipeline.open_source(path, feats, lib.rows())
+  killed = tmp_path / "killed"
+  killed.mkdir()
+  shutil.copy(f"{d}/shard-00000.bin", killed)
+  with pytest.raises(DataError, match="shard-00000.bin: a shard without manifest.json beside "
+                     "it: a scripts/preprocess.py run that did not finish"):
+    pipeline.open_source(str(killed), feats, lib.rows())
+  with pytest.raises(DataError, match="part of the preprocessed dataset"):
+    binary.preprocess(f"{d}/*", str(tmp_path / "out"), feats, lib.rows())
+  lib.write(tmp_path / "shard-00000.bin", [lib.line()])   # TSV that happens to be named so
+  assert pipeline.open_source(str(tmp_path / "shard-00000.bin"), feats,
+                              lib.rows()).num_examples == 1
 
 
 def test_source_detection_and_errors(files, tmp_path):
