@@ -14,8 +14,8 @@ Format (the Criteo Kaggle / Terabyte layout): one example per line, tab-separate
   - multi-hot feature (`max_len > 1`): ids separated by `,` (e.g. `a3f,11,7c`), at most
     `max_len` of them; the bag's length is the number of ids; empty -> an empty bag (all
     slots -1). Empty list items (`a,,b`, `a,`) are malformed.
-  - weighted feature: each id may carry `:weight` (e.g. `a3f:0.5,11:2`), a finite float;
-    an id without one has weight 1.
+  - weighted feature: each id may carry `:weight` (e.g. `a3f:0.5,11:2`), a finite float
+    (digits, sign, `.`, exponent: no spaces or `_`); an id without one has weight 1.
 Files may be plain or gzip (detected by content), lines end in `\\n` or `\\r\\n`, and the last
 line may lack its newline.
 
@@ -56,6 +56,8 @@ _CONTROL = np.zeros(256, bool)
 _CONTROL[:32] = True
 _CONTROL[[9, 10, 13]] = False
 _CONTROL[127] = True
+_FLOAT_CHARS = np.zeros(256, bool)
+_FLOAT_CHARS[list(b"0123456789+-.eE")] = True
 _POW10 = 10 ** np.arange(18, -1, -1, dtype=np.int64)  # 10^18 .. 10^0
 _PAD = 19  # longest digit window; zero bytes before a chunk
 
@@ -344,6 +346,9 @@ def _parse_floats(a: np.ndarray, s: np.ndarray, e: np.ndarray) -> tuple[np.ndarr
   win = np.where(inside, a[np.minimum(idx, len(a) - 1)], 0).astype(np.uint8)
   strs = np.frombuffer(win.tobytes(), f"S{k}")
   too_long = (e - s) > 32
+  # what float() reads beyond the format: `1_0` (10), ` 1`; letters other than e (inf, nan)
+  # are rejected below anyway
+  odd = (inside & ~_FLOAT_CHARS[win]).any(-1)
   try:
     vals = strs.astype(np.float64)
     bad = np.zeros(n, bool)
@@ -356,7 +361,7 @@ def _parse_floats(a: np.ndarray, s: np.ndarray, e: np.ndarray) -> tuple[np.ndarr
         bad[i] = True
   with np.errstate(over="ignore"):
     vals = vals.astype(np.float32)  # checked as stored: `1e39` is inf in float32
-  bad |= ~np.isfinite(vals) | too_long | (e <= s)
+  bad |= ~np.isfinite(vals) | too_long | odd | (e <= s)
   return np.where(bad, np.float32(0), vals), bad
 
 

@@ -154,6 +154,8 @@ def test_malformed_rows_name_file_line_and_column(tsv_file, bad_line, where, wha
     ("1:nan", 2, True, "bad weight"),
     ("1:1e39", 2, True, "bad weight"),  # finite as float64, inf as float32
     ("1:0.5:2", 2, True, "bad weight"),
+    ("1:1_0", 2, True, "bad weight"),   # Python's float() reads these: 10 and 1
+    ("1: 1", 2, True, "bad weight"),
     ("1:0.5", 2, False, "not hex"),
 ])
 def test_malformed_bags(tsv_file, value, max_len, weighted, what):
