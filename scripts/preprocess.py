@@ -69,7 +69,7 @@ def _specs():
 
 def _num_dense() -> int:
   """`--num_dense`, else the gin config's `ExperimentConfig.num_dense` (it was ignored: data
-  of that config failed on every row's column count), else 13."""
+  of that config failed on every row's column count), else the flag's default (13)."""
   import gin
   from jaxrec.embedding.specs import whole
   if FLAGS["num_dense"].present or not (FLAGS.gin_file or FLAGS.gin_bindings):
@@ -77,7 +77,7 @@ def _num_dense() -> int:
   try:
     value = gin.query_parameter("ExperimentConfig.num_dense")
   except ValueError:   # not bound
-    return 13
+    return FLAGS["num_dense"].default
   return whole(value, "ExperimentConfig.num_dense", minimum=0)
 
 
