@@ -125,18 +125,28 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     log.info("mesh %s, plan (--plan=%s):\n%s", mesh_lib.format_mesh(info["mesh"]),
              options.plan, info["plan_result"].report())
 
-  train_it = data_adapter.train_iterator(config, options)   # data errors: before compiling
-  eval_data = data_adapter.eval_data(config, options)
-  data_adapter.warn_preprocessed_skips(options.bad_rows, train_it, eval_data)
-  initial_data_state = train_it.get_state()
+  eval_data = data_adapter.eval_data(config, options)   # data errors: before compiling
   # keep=None: snapshots go only in prune_snapshots, once no checkpoint on disk needs them
   # (a count cannot tell: a save in flight or a rejected step holds one too)
   tier = offload.make_tier(collection, config, info["offload"], options.seed, workdir,
                            keep=None)
-  if tier is not None:   # the tier reads ahead (prefetch) and remaps ids to cache slots
-    train_it = tier.wrap(train_it)
   snapshots = offload.snapshot_dir(workdir)
   ckpt = data_adapter.checkpointer(workdir, options)
+
+  def open_train_stream():
+    """`(train stream, its initial state)`; the tier reads ahead (prefetch) and remaps
+    the ids of offloaded tables to cache slots."""
+    it = data_adapter.train_iterator(config, options)
+    data_adapter.warn_preprocessed_skips(options.bad_rows, it)
+    return (tier.wrap(it) if tier is not None else it), it.get_state()
+
+  # A run already trained to --num_steps only evaluates: it opens no training data (gone,
+  # or slow to index, e.g. when re-evaluating on new --eval_data) unless its restore falls
+  # back to an earlier step
+  data_adapter.warn_preprocessed_skips(options.bad_rows, eval_data)
+  latest = ckpt.latest_step()
+  train_it, initial_data_state = (None, {}) if (
+      latest is not None and latest >= options.num_steps) else open_train_stream()
   if ckpt.latest_step() is None:
     state = state_lib.create(config, collection, options.seed)
   else:   # restoring: only shapes and shardings are needed, not fresh values
@@ -156,7 +166,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       at = int(restored.state["step"])
       found = offloaded_lib.snapshot_of(ckpt.step_dir(at))   # where the restore found it
       tier.restore(at, os.path.dirname(found[0]) if found else snapshots, restored.host_tables)
-    train_it.set_state(restored.data_state or initial_data_state)   # {}: a tables-only import
+    if train_it is not None:   # {}: a tables-only import
+      train_it.set_state(restored.data_state or initial_data_state)
     return restored.state
 
   def prune_snapshots() -> None:
@@ -185,6 +196,9 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     state = resume_from(restored)
     start = int(state["step"])
     log.info("resumed from step %d of %s", start, ckpt.directory)
+  if train_it is None and start < options.num_steps:   # fell back below --num_steps
+    train_it, initial_data_state = open_train_stream()
+    train_it.set_state(restored.data_state or initial_data_state)
   if is_main:
     write_text_atomic(os.path.join(workdir, "config.gin"), operative_gin)
 

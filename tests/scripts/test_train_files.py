@@ -47,3 +47,33 @@ def test_bad_row_names_file_line_column(tmp_path):
   lines = read_metrics(str(tmp_path / "w2"))
   assert lines and all(l.get("bad_rows") == {path: 1} for l in lines if "loss" in l), lines
   assert [l for l in lines if "eval_auc" in l][-1]["eval_examples"] == 49
+
+
+def test_a_trained_run_evaluates_new_data_without_its_training_data(tmp_path):
+  """Re-evaluating a finished run on new --eval_data needs no training data: the TSV it
+  trained on may be gone (it was opened, indexed and checked against the checkpoint's
+  data position: without --train_data, 'trained on 2000 examples per epoch, this training
+  data is an endless synthetic stream'). A restore that falls back below --num_steps opens
+  it again and trains on."""
+  write_data(tmp_path / "train.tsv", 2000)
+  write_data(tmp_path / "eval.tsv", 300, start=5000)
+  write_data(tmp_path / "eval2.tsv", 200, start=9000)
+  w = str(tmp_path / "w")
+  train(w, *FLAGS, "--num_steps=20", "--checkpoint_every=10", f"--train_data={tmp_path}/train.tsv",
+        f"--eval_data={tmp_path}/eval.tsv")
+  (tmp_path / "train.tsv").rename(tmp_path / "moved.tsv")
+  train(w, *FLAGS, "--num_steps=20", f"--eval_data={tmp_path}/eval2.tsv")
+  resume = [l for l in read_metrics(w) if l.get("event") == "resume"]
+  assert len(resume) == 1 and resume[0]["checkpoint_step"] == 20
+  assert resume[0]["eval_examples"] == 200
+  # checkpoint 20 damaged: the restore falls back to 10, which needs the training data
+  for f in (tmp_path / "w" / "checkpoints" / "20" / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 100:
+      f.write_bytes(b"\0" * f.stat().st_size)
+  proc = train(w, *FLAGS, "--num_steps=20", f"--eval_data={tmp_path}/eval2.tsv", check=False)
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert "endless synthetic stream" in proc.stderr, proc.stderr[-2000:]
+  train(w, *FLAGS, "--num_steps=20", f"--train_data={tmp_path}/moved.tsv",
+        f"--eval_data={tmp_path}/eval2.tsv")
+  steps = [l["step"] for l in read_metrics(w) if "loss" in l]
+  assert steps[-1] == 20 and steps.count(20) == 2   # trained 11..20 again
