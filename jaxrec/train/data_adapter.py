@@ -54,8 +54,21 @@ def warn_preprocessed_skips(bad_rows: str, *sources) -> None:
         sum(counts.values()), ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
 
 
+def newest_saved_step(workdir) -> int | None:
+  """The newest committed step directory in `W/checkpoints` (a listing; orbax renames a
+  save to its step when it commits), before anything is opened: whether the run only
+  evaluates. The restore may still fall back to an older step."""
+  directory = checkpoint_dir(workdir)
+  steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(
+      directory) else []
+  return max(steps, default=None)
+
+
+def checkpoint_dir(workdir) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
 def checkpointer(workdir, options) -> CheckpointManager:
   """`W/checkpoints`: saves every `--checkpoint_every` steps (and forced at the end)."""
-  return CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                           max_to_keep=options.keep_checkpoints,
+  return CheckpointManager(checkpoint_dir(workdir), max_to_keep=options.keep_checkpoints,
                            save_every=options.checkpoint_every)

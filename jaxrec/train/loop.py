@@ -125,28 +125,25 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     log.info("mesh %s, plan (--plan=%s):\n%s", mesh_lib.format_mesh(info["mesh"]),
              options.plan, info["plan_result"].report())
 
-  eval_data = data_adapter.eval_data(config, options)   # data errors: before compiling
+  # A run already trained to --num_steps only evaluates: it opens no training data (gone,
+  # or slow to index, e.g. when re-evaluating on new --eval_data) unless its restore falls
+  # back to an earlier step. Data errors come before anything starts or compiles.
+  saved = data_adapter.newest_saved_step(workdir)
+  evaluate_only = saved is not None and saved >= options.num_steps
+  source = None if evaluate_only else data_adapter.train_iterator(config, options)
+  eval_data = data_adapter.eval_data(config, options)
+  data_adapter.warn_preprocessed_skips(options.bad_rows,
+                                       *[s for s in (source, eval_data) if s is not None])
+  initial_data_state = source.get_state() if source is not None else {}
   # keep=None: snapshots go only in prune_snapshots, once no checkpoint on disk needs them
   # (a count cannot tell: a save in flight or a rejected step holds one too)
   tier = offload.make_tier(collection, config, info["offload"], options.seed, workdir,
                            keep=None)
+  # the tier reads ahead (prefetch) and remaps the ids of offloaded tables to cache slots
+  wrap = tier.wrap if tier is not None else (lambda it: it)
+  train_it = None if source is None else wrap(source)
   snapshots = offload.snapshot_dir(workdir)
   ckpt = data_adapter.checkpointer(workdir, options)
-
-  def open_train_stream():
-    """`(train stream, its initial state)`; the tier reads ahead (prefetch) and remaps
-    the ids of offloaded tables to cache slots."""
-    it = data_adapter.train_iterator(config, options)
-    data_adapter.warn_preprocessed_skips(options.bad_rows, it)
-    return (tier.wrap(it) if tier is not None else it), it.get_state()
-
-  # A run already trained to --num_steps only evaluates: it opens no training data (gone,
-  # or slow to index, e.g. when re-evaluating on new --eval_data) unless its restore falls
-  # back to an earlier step
-  data_adapter.warn_preprocessed_skips(options.bad_rows, eval_data)
-  latest = ckpt.latest_step()
-  train_it, initial_data_state = (None, {}) if (
-      latest is not None and latest >= options.num_steps) else open_train_stream()
   if ckpt.latest_step() is None:
     state = state_lib.create(config, collection, options.seed)
   else:   # restoring: only shapes and shardings are needed, not fresh values
@@ -190,15 +187,23 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   offloaded = {n: t.spec for n, t in tier.tables.items()} if tier is not None else None
   start = 0
   snapshot_check = info["offload"].snapshot_check   # of the offload snapshots restores read
-  restored = ckpt.restore(state, collection, init=fresh_dense, offloaded=offloaded,
-                          snapshot_check=snapshot_check)
-  if restored is not None:
-    state = resume_from(restored)
-    start = int(state["step"])
-    log.info("resumed from step %d of %s", start, ckpt.directory)
-  if train_it is None and start < options.num_steps:   # fell back below --num_steps
-    train_it, initial_data_state = open_train_stream()
-    train_it.set_state(restored.data_state or initial_data_state)
+  try:   # an error here (no valid checkpoint, the training data) leaves nothing running
+    restored = ckpt.restore(state, collection, init=fresh_dense, offloaded=offloaded,
+                            snapshot_check=snapshot_check)
+    if restored is not None:
+      state = resume_from(restored)
+      start = int(state["step"])
+      log.info("resumed from step %d of %s", start, ckpt.directory)
+    if train_it is None and start < options.num_steps:   # fell back below --num_steps
+      source = data_adapter.train_iterator(config, options)
+      initial_data_state = source.get_state()
+      train_it = wrap(source)
+      train_it.set_state(restored.data_state or initial_data_state)
+  except BaseException:
+    if tier is not None:
+      tier.close()
+    ckpt.close()
+    raise
   if is_main:
     write_text_atomic(os.path.join(workdir, "config.gin"), operative_gin)
 
