@@ -5,7 +5,8 @@
 `OffloadConfig.auto` is set, it offloads more tables — biggest first (rows x bytes per
 row, optimizer state included), each with a cache of `auto_cache_fraction` of its rows but
 at least the ids of H+1 batches (what the look-ahead may pin) — until the planner finds a
-plan that fits. Tables whose cache would hold half their rows or more stay on the device.
+plan that fits. Tables whose cache would hold half their rows or more stay on the device, as
+do tables of a dtype that cannot be offloaded (int8).
 The decision is written into the plan's notes.
 """
 
@@ -16,7 +17,8 @@ from typing import Mapping, Sequence
 
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError
-from jaxrec.offload.config import OffloadConfig, OffloadTable, device_tables, row_bytes
+from jaxrec.offload.config import (OFFLOAD_DTYPES, OffloadConfig, OffloadTable, device_tables,
+                                   row_bytes)
 
 
 def plan_with_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
@@ -39,6 +41,7 @@ def plan_with_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpe
   # Rows one step may need resident: this batch's and the next H batches' ids.
   need = {n: batch_size * k * (config.horizon + 1) for n, k in ids.items()}
   candidates = sorted((t for t in tables if config.table(t.name) is None
+                       and t.dtype in OFFLOAD_DTYPES
                        and max(need[t.name], t.rows * config.auto_cache_fraction) < t.rows / 2),
                       key=lambda t: (-t.rows * row_bytes(t, optimizer), t.name))
   added: list[str] = []

@@ -31,6 +31,16 @@ def test_auto_offloads_the_biggest_table_until_the_plan_fits():
   assert any("offloaded 'huge'" in n and "auto" in n for n in result.notes)
 
 
+def test_auto_skips_tables_that_cannot_be_offloaded():
+  """An int8 table (not offloadable) is passed over: auto offloads the next biggest."""
+  tables = (dataclasses.replace(TABLES[0], dtype="int8"),) + TABLES[1:]
+  _, config, specs = offload.plan_with_offload(tables, FEATURES, MESH,
+                                               offload.OffloadConfig(auto=True), ADAGRAD,
+                                               260 * 2**20, 512)
+  assert [t.name for t in config.tables] == ["mid"]
+  assert dict((t.name, t.rows) for t in specs)["huge"] == 8_000_000
+
+
 def test_configured_offload_is_planned_with_its_cache():
   cfg = offload.OffloadConfig({"huge": {"cache_bytes": 32 * 2**20}})
   result, config, specs = _plan(cfg)
