@@ -57,7 +57,8 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
   if options.plan == "auto":
     result, off, tables = plan_with_offload(config.tables, config.features, mesh_shape, off,
                                             sparse, options.memory_per_device,
-                                            config.batch_size, calibration=calibration)
+                                            config.batch_size, config.eval_batch_size,
+                                            calibration=calibration)
     return result.plan, result, tables, off
   tables = device_tables(config.tables, off, sparse)
   if is_plan_file(options.plan):

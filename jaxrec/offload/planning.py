@@ -4,9 +4,9 @@
 `OffloadConfig.tables` replaced by its cache. If that does not fit the memory budget and
 `OffloadConfig.auto` is set, it offloads more tables — biggest first (rows x bytes per
 row, optimizer state included), each with a cache of `auto_cache_fraction` of its rows but
-at least the ids of H+1 batches (what the look-ahead may pin) — until the planner finds a
-plan that fits. Tables whose cache would hold half their rows or more stay on the device, as
-do tables of a dtype that cannot be offloaded (int8).
+at least the ids of H+1 batches (what the look-ahead may pin) and of one eval batch (looked
+up through the cache) — until the planner finds a plan that fits. Tables whose cache would
+hold half their rows or more stay on the device, as do int8 tables (not offloadable).
 The decision is written into the plan's notes.
 """
 
@@ -23,7 +23,8 @@ from jaxrec.offload.config import (OFFLOAD_DTYPES, OffloadConfig, OffloadTable, 
 
 def plan_with_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
                       mesh_shape: Mapping[str, int], config: OffloadConfig, optimizer,
-                      memory_per_device_bytes: int | None, batch_size: int, **planner_kwargs):
+                      memory_per_device_bytes: int | None, batch_size: int,
+                      eval_batch_size: int = 0, **planner_kwargs):
   """Plans `tables`, offloading tables when needed (see module docstring).
 
   Returns:
@@ -38,8 +39,10 @@ def plan_with_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpe
   ids = {t.name: 0 for t in tables}
   for f in features:
     ids[f.table] += f.max_len
-  # Rows one step may need resident: this batch's and the next H batches' ids.
-  need = {n: batch_size * k * (config.horizon + 1) for n, k in ids.items()}
+  # Rows one step may need resident: this batch's and the next H batches' ids, or an eval
+  # batch's (`OffloadTier.eval_view` puts them all in the cache).
+  per_table = max(batch_size * (config.horizon + 1), eval_batch_size)
+  need = {n: per_table * k for n, k in ids.items()}
   candidates = sorted((t for t in tables if config.table(t.name) is None
                        and t.dtype in OFFLOAD_DTYPES
                        and max(need[t.name], t.rows * config.auto_cache_fraction) < t.rows / 2),

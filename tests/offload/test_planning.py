@@ -41,6 +41,20 @@ def test_auto_skips_tables_that_cannot_be_offloaded():
   assert dict((t.name, t.rows) for t in specs)["huge"] == 8_000_000
 
 
+def test_auto_cache_holds_an_eval_batch():
+  """The trainer looks eval batches up through the cache: a cache `auto` sizes must hold
+  one (else the first eval fails with 'lower the eval batch size')."""
+  from jaxrec.train.config import ExperimentConfig, RunOptions
+  from jaxrec.models import DLRM
+  config = ExperimentConfig(embedding=(TABLES, FEATURES), model=DLRM((16,), (1,)),
+                            sparse_optimizer=ADAGRAD, batch_size=512, eval_batch_size=16384)
+  cfg = offload.OffloadConfig(auto=True, auto_cache_fraction=0.001)
+  options = RunOptions(plan="auto", memory_per_device=BUDGET)
+  _, _, tables, off = offload.choose_plan(config, options, MESH, cfg)
+  assert [(t.name, t.cache_rows) for t in off.tables] == [("huge", 16384)]
+  assert dict((t.name, t.rows) for t in tables)["huge"] == 16384
+
+
 def test_configured_offload_is_planned_with_its_cache():
   cfg = offload.OffloadConfig({"huge": {"cache_bytes": 32 * 2**20}})
   result, config, specs = _plan(cfg)
