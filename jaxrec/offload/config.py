@@ -211,6 +211,24 @@ def check_tables(tables: Sequence[TableSpec], config: OffloadConfig) -> None:
                         f"offloaded (supported: {', '.join(OFFLOAD_DTYPES)})")
 
 
+def check_paths(config: OffloadConfig, workdir: str | None) -> None:
+  """Each table on disk needs a store directory of its own: two tables in one directory
+  (or one inside the other's) would overwrite each other's arrays, and a snapshot or restore
+  of one would copy or delete the other's."""
+  seen: dict[str, str] = {}
+  for t in config.tables:
+    if t.kvstore == "memory":   # a memory store lives in its own tensorstore context
+      continue
+    path = t.resolve_path(workdir)
+    for name, other in seen.items():
+      if os.path.commonpath([path, other]) in (path, other):
+        where = (f"share the store directory '{path}'" if path == other else
+                 f"have store directories '{other}' and '{path}', one inside the other")
+        raise ConfigError(f"offloaded tables '{name}' and '{t.name}' {where} "
+                          "(OffloadTable.path): give each table a directory of its own")
+    seen[t.name] = path
+
+
 def device_tables(tables: Sequence[TableSpec], config: OffloadConfig, optimizer
                   ) -> tuple[TableSpec, ...]:
   """The tables as the embedding collection sees them: each offloaded table becomes its

@@ -59,7 +59,7 @@ from jaxrec.errors import ConfigError, JaxrecError
 from jaxrec.offload import snapshots
 from jaxrec.offload.buffer import HostBuffer
 from jaxrec.offload.cache import CacheMap, batch_rows
-from jaxrec.offload.config import OffloadConfig, OffloadError, check_tables
+from jaxrec.offload.config import OffloadConfig, OffloadError, check_paths, check_tables
 from jaxrec.offload.device import DeviceOps, cache_places, global_rows, pad_rows, padded
 from jaxrec.offload.evictions import Eviction, newest_in_flight
 from jaxrec.offload.iterator import OffloadIterator
@@ -112,6 +112,7 @@ class OffloadTier:
       raise ConfigError("offloaded tables need one process (every process would have to see "
                         "the global batch to agree on cache slots)")
     check_tables(tables, config)
+    check_paths(config, workdir)
     self.config, self.collection, self.key, self.keep = config, collection, key, keep
     optimizer = collection.optimizer
     by_name = {t.name: t for t in tables}

@@ -1,10 +1,13 @@
 """Bad `OffloadConfig` / `OffloadTable` values: a ConfigError naming the binding when the
 config is built (not a ValueError from `int()`, nor a silently truncated value)."""
 
+import dataclasses
+
 import pytest
 
 from jaxrec import offload
 from jaxrec.errors import ConfigError
+from jaxrec.offload.config import check_paths
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -50,3 +53,27 @@ def test_whole_floats_become_ints():
                               prefetch_depth=2.0, protect_ahead=None)
   assert cfg.tables[0].cache_bytes == 1_000_000 and type(cfg.tables[0].cache_bytes) is int
   assert cfg.prefetch_depth == 2 and cfg.horizon == 2
+
+
+@pytest.mark.parametrize("paths, message", [
+    (("same", "same"), r"offloaded tables 'big' and 'small' share the store directory '.*/same'"),
+    (("outer", "outer/inner"), r"'big' and 'small' have store directories '.*/outer' and "
+     r"'.*/outer/inner', one inside the other \(OffloadTable.path\)"),
+    ((None, "w/offload/big"), "share the store directory '.*/w/offload/big'"),
+])
+def test_tables_need_store_directories_of_their_own(tmp_path, paths, message):
+  """Two tables in one directory overwrote each other's arrays (silently wrong training);
+  a table inside another's was deleted by the other's restore."""
+  from tests.offload.offload_helpers import experiment, mesh_of
+  from jaxrec.embedding.collection import EmbeddingCollection
+  from jaxrec.sharding.plan import uniform_plan
+  tables = tuple(offload.OffloadTable(name, cache_rows=40, path=p and str(tmp_path / p))
+                 for name, p in zip(("big", "small"), paths))
+  cfg, off = experiment(), offload.OffloadConfig(tables)
+  specs = offload.device_tables(cfg.tables, off, cfg.sparse_tx())
+  collection = EmbeddingCollection.create(specs, cfg.features, uniform_plan("dp", specs, 1),
+                                          mesh_of(), cfg.sparse_tx())
+  with pytest.raises(ConfigError, match=message):
+    offload.OffloadTier(collection, cfg.tables, off, workdir=str(tmp_path / "w"))
+  memory = tuple(dataclasses.replace(t, kvstore="memory") for t in tables)
+  check_paths(offload.OffloadConfig(memory), str(tmp_path / "w"))   # no shared files
