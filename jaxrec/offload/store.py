@@ -101,6 +101,12 @@ class TableStore:
       return (self.spec.rows, self.spec.dim)
     return (self.spec.rows,)
 
+  @property
+  def chunk_rows(self) -> int:
+    """Rows per chunk: `chunk_rows`, at most the table (a larger chunk is allocated whole:
+    `chunk_rows=10**9` made tensorstore abort the process with std::bad_alloc)."""
+    return min(self.off.chunk_rows, self.spec.rows)
+
   def array_dtype(self, name: str) -> np.dtype:
     return jnp.dtype(self.spec.dtype if name == TABLE else "float32")
 
@@ -119,7 +125,7 @@ class TableStore:
     initial value (the fill value: no chunk is written)."""
     for name in self.names:
       shape = self.array_shape(name)
-      chunks = (self.off.chunk_rows,) + shape[1:]
+      chunks = (self.chunk_rows,) + shape[1:]
       fill = 0.0 if name == TABLE else float(self.layout[name[4:]][1])
       spec = dict(self._spec(name), create=True, delete_existing=True,
                   schema={"fill_value": fill},
@@ -292,7 +298,7 @@ def _copy_arrays(store: TableStore, dst: str) -> None:
   for name in store.names:
     arr = store.readers[name]
     shape = tuple(arr.domain.shape)
-    chunks = (store.off.chunk_rows,) + shape[1:]
+    chunks = (store.chunk_rows,) + shape[1:]
     dtype = store.array_dtype(name)
     out = ts.open(dict({"driver": store.off.driver, "create": True, "delete_existing": True,
                         "kvstore": {"driver": "file", "path": os.path.join(dst, name) + "/"}},

@@ -56,6 +56,21 @@ def test_create_read_write_and_reopen(tmp_path, driver):
   np.testing.assert_array_equal(got["opt.accum"], new["opt.accum"][order])
 
 
+@pytest.mark.parametrize("kvstore", ["file", "memory"])
+def test_chunks_larger_than_the_table_are_cut_to_it(tmp_path, kvstore):
+  """chunk_rows=2**40 on a 1000-row table: tensorstore allocated the whole chunk and the
+  process aborted (std::bad_alloc) at the first write."""
+  off = offload.OffloadTable("big", cache_rows=100, chunk_rows=2**40, kvstore=kvstore)
+  store = TableStore(SPEC, off, ADAGRAD, str(tmp_path / "big"))
+  store.create(None)
+  assert store.readers["table"].chunk_layout.read_chunk.shape == (1000, 8)
+  store.create(jax.random.key(0))
+  store.write(np.array([7]), {"table": np.ones((1, 8), np.float32),
+                              "opt.accum": np.ones((1, 8), np.float32)})
+  np.testing.assert_array_equal(store.read(np.array([7])).result()["table"], np.ones((1, 8)))
+  store.snapshot(str(tmp_path / "snap"))
+
+
 def test_snapshot_is_unchanged_by_later_writes(tmp_path):
   store = _store(tmp_path)
   store.create(jax.random.key(0))
