@@ -155,6 +155,7 @@ class OffloadTier:
       raise OffloadError("before_step: the batch did not come from the wrapped iterator, or "
                          "before_step was skipped for an earlier batch")
     plan = self._handed.popleft()
+    self._dirty = True              # the step updates cached rows, installs or not
     if plan.payload is None:
       return state
     t0 = time.perf_counter()
@@ -176,7 +177,6 @@ class OffloadTier:
         self._installed += 1
       self._fetch_q.put(ev)
     self._stats["install_s"] += time.perf_counter() - t0
-    self._dirty = True
     return dict(state, emb=emb)
 
   def _no_bounce(self, name: str, n: int):

@@ -10,7 +10,8 @@ import pytest
 
 from jaxrec import offload
 from jaxrec.offload.store import TableStore
-from tests.offload.offload_helpers import Run, experiment, mesh_of, offload_config
+from tests.offload.offload_helpers import (Run, experiment, mesh_of, offload_config,
+                                          train_iterator)
 
 
 def _host_state(run):
@@ -151,6 +152,40 @@ def test_rollback_reset_and_skipped_batches_as_the_trainer_does_them(tmp_path):
     run.losses = []
     run.train(6)
     np.testing.assert_allclose(run.losses, ref.losses[:6], rtol=0, atol=1e-6)
+  finally:
+    run.close()
+
+
+class _Repeat:
+  """The stream's first batch, again and again: after the first step every row is cached."""
+
+  def __init__(self):
+    self.batch = next(train_iterator(0))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return self.batch
+
+  def get_state(self):
+    return {}
+
+  def set_state(self, state):
+    pass
+
+
+def test_set_state_after_a_step_that_installs_nothing_is_refused(tmp_path):
+  """A step whose rows are all cached updates the cache too: after a flush, such a step
+  left the tier 'clean', so set_state dropped its updates instead of raising."""
+  run = Run(experiment("sgd"), mesh_of(), offload_config(tmp_path / "store", prefetch_depth=0),
+            iterator=_Repeat()).train(1)
+  try:
+    run.tier.flush(run.state)
+    run.train(1)                                   # every row a hit: nothing to install
+    assert run.tier.stats()["row_hits"] == run.tier.stats()["row_lookups"] / 2
+    with pytest.raises(offload.OffloadError, match="not yet in the stores"):
+      run.it.set_state({})
   finally:
     run.close()
 
