@@ -37,12 +37,26 @@ from jaxrec.train.writers import MetricsWriter, Progress
 
 log = logging.getLogger("jaxrec")
 
-
 MAX_ROLLBACKS = 3   # --on_nan=rollback gives up after this many in one run
 
 
 class TrainingError(JaxrecError):
   """Training cannot go on (e.g. non-finite loss under `--on_nan=stop`)."""
+
+
+# Steps dispatched ahead of the host on a multi-device XLA:CPU mesh. With `--log_every`
+# steps queued (the loop syncs only at log steps), 8 host devices on a busy machine
+# deadlocked in the first collective of a step ("waiting for all gather ... may be stuck",
+# then an abort after 40 s): 100 queued steps of dlrm_criteo under load 8 died before step
+# 100. Two still overlap the host's batch preparation with the device step. One device (no
+# collectives) and GPUs are not capped.
+MAX_STEPS_IN_FLIGHT = 2
+
+
+def steps_in_flight(mesh) -> int | None:
+  """How many dispatched steps the loop lets run ahead (None: no cap)."""
+  cpu = mesh.devices.flat[0].platform == "cpu"
+  return MAX_STEPS_IN_FLIGHT if cpu and mesh.devices.size > 1 else None
 
 
 def check_workdir(workdir: str) -> None:
@@ -218,6 +232,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
 
   last: dict[str, Any] = {}
   pending: list[tuple[int, int, jax.Array]] = []   # (step, data position, loss) unchecked
+  in_flight = steps_in_flight(mesh)
   skip_positions: set[int] = set()                 # batches that gave a non-finite loss
   rollbacks = 0
   t_mark, steps_timed, paused = None, 0, 0.0       # paused: eval/checkpoint s in the window
@@ -244,6 +259,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       state, metrics = train_step(state, placed)
       step += 1
       pending.append((step, position, metrics["loss"]))
+      if in_flight is not None and len(pending) > in_flight:   # wait for that step back
+        pending[-in_flight - 1][2].block_until_ready()
       if t_mark is None:          # the first step compiles; time from its end
         jax.block_until_ready(metrics["loss"])
         t_mark, steps_timed = time.perf_counter(), 0
