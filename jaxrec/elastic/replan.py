@@ -123,6 +123,21 @@ def _options(args: TrainArgs, mesh: str):
                                                "--memory_per_device"))
 
 
+def check_plan_flags(args: TrainArgs) -> None:
+  """`--plan` and `--memory_per_device` values no mesh can fix (an unknown kind, an unreadable
+  plan file, a size that does not parse) failed every mesh's planning: the job stopped
+  'below --min_processes' (exit 2), not with the user error (exit 1)."""
+  # pylint: disable-next=import-outside-toplevel
+  from jaxrec.sharding.plan import KINDS, Plan, is_plan_file
+  plan = str(args.get("plan", "auto"))
+  if is_plan_file(plan):
+    Plan.load_with_mesh(plan)
+  elif plan != "auto" and plan not in KINDS:
+    raise ConfigError(f"--plan: unknown plan '{plan}' (known: auto, {', '.join(KINDS)}, or a "
+                      "plan .json file)")
+  _options(args, "auto")   # parses --memory_per_device
+
+
 def candidate_meshes(reference: Mapping[str, int] | None, num_devices: int
                      ) -> list[dict[str, int]]:
   """Mesh shapes for `num_devices`, most similar to `reference` first (module docstring)."""

@@ -163,6 +163,7 @@ class Supervisor:
     self.o = options
     self.args = replan.TrainArgs.parse(train_argv)
     _check_mesh(str(self.args.get("mesh", "auto")), options)
+    replan.check_plan_flags(self.args)
     self.workdir = self.args.workdir
     os.makedirs(os.path.join(self.workdir, worker_lib.CONTROL_DIR), exist_ok=True)
     self.events = EventLog(self.workdir, echo=echo)

@@ -54,3 +54,19 @@ def test_launch_flags_out_of_range_are_one_line_errors(tmp_path, flag, value, wh
   with pytest.raises(ConfigError, match=re.escape(why)):
     sup.Supervisor(options, [f"--workdir={tmp_path / 'w'}", "--gin_file=configs/x.gin"])
   assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.parametrize("flag,why", [
+    ("--plan=xx", "--plan: unknown plan 'xx' (known: auto, dp, tw"),
+    ("--plan=missing/plan.json", "--plan: cannot read 'missing/plan.json': No such file"),
+    ("--memory_per_device=abc", "--memory_per_device: 'abc' is not a size"),
+])
+def test_train_flags_no_mesh_can_fix_are_user_errors(tmp_path, flag, why):
+  """These failed the planning of every mesh: the job stopped 'below --min_processes'
+  (`no usable mesh for 1 process(es)`, exit 2) instead of a user error naming the flag."""
+  options = sup.Options(num_processes=1, devices_per_process=1)
+  with pytest.raises(ConfigError, match=re.escape(why)):
+    sup.Supervisor(options, [f"--workdir={tmp_path / 'w'}", "--gin_file=configs/x.gin", flag])
+  assert not os.path.exists(tmp_path / "w")
+  sup.Supervisor(options, [f"--workdir={tmp_path / 'w'}", "--gin_file=configs/x.gin",
+                           "--plan=tw", "--memory_per_device=1GiB"])
