@@ -308,6 +308,11 @@ class CheckpointManager:
     try:
       self.wait()
     finally:
+      # orbax's close() does not wait for the clean-up of old tmp directories it starts in a
+      # thread at creation: a run stopping early (a data error) printed its traceback at exit
+      await_cleanup = getattr(self._mgr, "_maybe_await_cleanup_tmp_directory", None)
+      if await_cleanup is not None:   # a private orbax method: absent in other versions
+        await_cleanup()
       self._mgr.close()
       if self._executor is not None:
         self._executor.shutdown()

@@ -1,5 +1,6 @@
 """CheckpointManager: bitwise round trip, async safety, retention, corruption fallback."""
 
+import asyncio
 import logging
 import os
 import signal
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from orbax.checkpoint._src.path import temporary_paths
 
 from jaxrec.checkpoint import CheckpointError, CheckpointManager, all_finite
 from jaxrec.embedding import optimizers
@@ -83,6 +85,23 @@ def test_max_to_keep_below_one_is_refused(tmp_path, keep):
   with pytest.raises(ConfigError, match=f"--keep_checkpoints.*{keep}"):
     CheckpointManager(tmp_path, max_to_keep=keep)
   assert not os.listdir(tmp_path)
+
+
+def test_close_waits_for_orbax_tmp_cleanup(tmp_path, monkeypatch):
+  """orbax removes old tmp directories in a thread it starts at creation and its close()
+  does not wait for: a run stopping right after (a missing --train_data) printed that
+  thread's traceback at interpreter exit, below its `error:` line."""
+  done = []
+  real = temporary_paths.cleanup_temporary_paths
+
+  async def slow(*args, **kwargs):
+    await asyncio.sleep(0.5)
+    await real(*args, **kwargs)
+    done.append(True)
+
+  monkeypatch.setattr(temporary_paths, "cleanup_temporary_paths", slow)
+  CheckpointManager(tmp_path).close()
+  assert done
 
 
 def test_tables_only_checkpoint_takes_dense_values_from_init(tmp_path, coll):

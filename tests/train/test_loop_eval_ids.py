@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from jaxrec import launch
+from jaxrec.checkpoint.manager import CheckpointManager
 from jaxrec.errors import DataError
 from jaxrec.train import config as config_lib, data_adapter, loop
 
@@ -42,3 +43,21 @@ def test_out_of_range_eval_id_is_a_data_error(monkeypatch, tmp_path):
   with pytest.raises(DataError, match=rf"feature '{feature.name}' \(table '{feature.table}', "
                      rf"{rows} rows\): id {rows} is out of range"):
     loop.train_and_evaluate(config, options, str(tmp_path))
+
+
+def test_a_missing_train_data_leaves_no_checkpointer_open(monkeypatch, tmp_path):
+  """A data error found after `W/checkpoints`' manager was created closed neither it nor
+  the tier, and orbax's cleanup thread printed a traceback after the `error:` line. The
+  training data now opens before the manager: none is created, or it is closed."""
+  opened, closed = [], []
+  real_init, real_close = CheckpointManager.__init__, CheckpointManager.close
+  monkeypatch.setattr(CheckpointManager, "__init__",
+                      lambda self, *a, **k: (opened.append(1), real_init(self, *a, **k))[1])
+  monkeypatch.setattr(CheckpointManager, "close",
+                      lambda self: (closed.append(1), real_close(self)))
+  launch.parse_gin(["configs/dlrm_synthetic.gin"], BINDINGS)
+  options = config_lib.RunOptions(num_steps=2, mesh="data=8", plan="dp", progress=False,
+                                  train_data=str(tmp_path / "missing.tsv"))
+  with pytest.raises(DataError, match="missing.tsv: no such file or directory"):
+    loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path / "w"))
+  assert len(closed) == len(opened)
