@@ -45,7 +45,8 @@ from etils import epath
 from jaxrec.checkpoint import canonical as canonical_lib
 from jaxrec.checkpoint import offloaded as offloaded_lib
 from jaxrec.checkpoint import storage
-from jaxrec.checkpoint.manager import REJECTED_DIR, CheckpointError, CheckpointManager
+from jaxrec.checkpoint.manager import (REJECTED_DIR, CheckpointError, CheckpointManager,
+                                       step_dirs)
 from jaxrec.embedding import layout as layout_lib
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError, DataError, OffloadError
@@ -372,8 +373,7 @@ def export_checkpoint(checkpoint_dir, output, step: int | None = None,
   dest = output / str(step)
   if dest.exists():
     raise ConfigError(f"--output: {dest} already exists")
-  newer = sorted(int(p.name) for p in output.iterdir()
-                 if p.name.isdigit() and int(p.name) > step) if output.is_dir() else []
+  newer = [s for s in step_dirs(output) if s > step]
   if newer:   # a run resumes from the newest step: the copy would be ignored (and rotated out)
     raise ConfigError(f"--output {output} holds step {newer[-1]}, which a run would resume "
                       f"from instead of the copied step {step}: pick a fresh --output")

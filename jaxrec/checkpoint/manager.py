@@ -58,6 +58,15 @@ from jaxrec.sharding.mesh import mesh_shape
 REJECTED_DIR = offloaded_lib.REJECTED   # rejected steps: `<step>.<reason>.<ns>`
 
 
+def step_dirs(directory) -> list[int]:
+  """The steps of the step directories in checkpoint directory `directory`, ascending (a
+  listing, no orbax: a save is renamed to its step when it commits); [] if it is absent."""
+  directory = epath.Path(directory)
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
 class _NonFinite(Exception):
   """A checkpoint step holds NaN/inf values (skipped by a `require_finite` restore)."""
 
@@ -182,9 +191,7 @@ class CheckpointManager:
   def steps_on_disk(self) -> list[int]:
     """Step directories present now, ascending: committed ones, including those a save in
     flight will rotate out when it commits (`all_steps` already leaves them out)."""
-    if not self.directory.exists():
-      return []
-    return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+    return step_dirs(self.directory)
 
   def latest_step(self) -> int | None:
     steps = self.all_steps()

@@ -9,7 +9,7 @@ from typing import Any
 
 import jax
 
-from jaxrec.checkpoint.manager import CheckpointManager
+from jaxrec.checkpoint.manager import CheckpointManager, step_dirs
 
 from jaxrec.data import pipeline
 
@@ -58,10 +58,7 @@ def newest_saved_step(workdir) -> int | None:
   """The newest committed step directory in `W/checkpoints` (a listing; orbax renames a
   save to its step when it commits), before anything is opened: whether the run only
   evaluates. The restore may still fall back to an older step."""
-  directory = checkpoint_dir(workdir)
-  steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(
-      directory) else []
-  return max(steps, default=None)
+  return max(step_dirs(checkpoint_dir(workdir)), default=None)
 
 
 def checkpoint_dir(workdir) -> str:
