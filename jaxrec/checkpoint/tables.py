@@ -256,14 +256,12 @@ def _fits(have, want) -> bool:
   return have[0] == want[0] and widens(have[1], want[1])
 
 
-def _dequantizes(theirs: Mapping, ours: Mapping, table: str) -> bool:
-  """Whether stored int8 parts (`theirs`) restore into the configured table (`ours`): a
-  float32 (or wider) table of the same shape."""
+def _stored_int8_for_float(theirs: Mapping, ours: Mapping, table: str) -> bool:
+  """Whether the stored arrays (`theirs`) hold `table` as int8 parts of the shape of the
+  configured float table (`ours`): it restores dequantised if that dtype can hold it."""
   name = table_name(table)
-  if set(ours) != {name} or not dequantized_lib.is_quantized(theirs, name):
-    return False
-  q = theirs[f"{name}/q"]
-  return q[0] == ours[name][0] and ours[name][1] in dequantized_lib.TARGETS
+  return (set(ours) == {name} and dequantized_lib.is_quantized(theirs, name)
+          and theirs[table_name(table, "q")][0] == ours[name][0])
 
 
 def check_compatible(index: Mapping, collection, where: str,
@@ -291,15 +289,14 @@ def check_compatible(index: Mapping, collection, where: str,
                       f"{sorted(names - have_tables)}, extra: {sorted(have_tables - names)})")
   for t in [(specs or {}).get(t.name, t) for t in collection.tables]:
     theirs, ours = of_table(stored, t.name), of_table(want, t.name)
-    if _dequantizes(theirs, ours, t.name):
+    if _stored_int8_for_float(theirs, ours, t.name):
+      if ours[table_name(t.name)][1] not in dequantized_lib.TARGETS:
+        raise ConfigError(f"table '{t.name}': checkpoint {where} stores it as int8 (q, scale, "
+                          f"bias), which restores into int8 or, dequantised, float32; not the "
+                          f"configured {t.dtype} (TableSpec.dtype, e.g. uniform_tables.dtype)")
       logging.info("table '%s': dequantizing the int8 table of checkpoint %s to %s", t.name,
                    where, t.dtype)
       continue
-    if (dequantized_lib.is_quantized(theirs, table_name(t.name)) and set(ours) == {
-        table_name(t.name)} and theirs[table_name(t.name, "q")][0] == (t.rows, t.dim)):
-      raise ConfigError(f"table '{t.name}': checkpoint {where} stores it as int8 (q, scale, "
-                        f"bias), which restores into int8 or, dequantised, float32; not the "
-                        f"configured {t.dtype} (TableSpec.dtype, e.g. uniform_tables.dtype)")
     if set(theirs) != set(ours) or any(theirs[n][0] != ours[n][0] for n in ours):
       have = ", ".join(f"{n} {list(s)} {d}" for n, (s, d) in sorted(theirs.items()))
       raise ConfigError(f"table '{t.name}': checkpoint {where} has {have}; the configuration "
