@@ -50,10 +50,11 @@ from jaxrec.checkpoint.manager import (REJECTED_DIR, CheckpointError, Checkpoint
 from jaxrec.embedding import layout as layout_lib
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError, DataError, OffloadError
+from jaxrec.kernels import quant
 from jaxrec.sharding.plan import KINDS, Plan, load_plan_file, uniform_plan
 
 FORMATS = ("npz", "zarr", "checkpoint")
-IMPORT_DTYPES = ("float32", "bfloat16", "float16")   # the float table dtypes
+IMPORT_DTYPES = quant.FLOAT_TABLE_DTYPES   # what a TorchRec table can be imported as
 NPZ_DTYPES = {"bfloat16": np.dtype(np.float32)}   # npy has no bfloat16: widened, exactly
 _RENAME = (("params", "dense"), ("opt_state", "dense_opt"))
 TORCHREC_KEY = re.compile(r"(?:^|\.)(?:embedding_bags|embeddings)\.([^.]+)\.weight$")
@@ -110,8 +111,8 @@ def _hint(checkpoint_dir, step: int | None = None) -> str:
   if step is None and (path / "checkpoints").is_dir():   # a workdir given for its checkpoints
     return f" (did you mean --checkpoint_dir={path / 'checkpoints'}?)"
   where = path if path.name == REJECTED_DIR else path / REJECTED_DIR
-  found = sorted((offloaded_lib.rejected_step(p), p.name) for p in where.iterdir()
-                 if offloaded_lib.rejected_step(p) is not None) if where.is_dir() else []
+  found = sorted((s, p.name) for p in where.iterdir()
+                 if (s := offloaded_lib.rejected_step(p)) is not None) if where.is_dir() else []
   names = [name for s, name in found if step is None or s == step]
   if not names:
     return ""

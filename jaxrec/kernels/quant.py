@@ -27,7 +27,8 @@ import numpy as np
 
 from jaxrec.errors import ConfigError
 
-TABLE_DTYPES = ("float32", "bfloat16", "float16", "int8")
+FLOAT_TABLE_DTYPES = ("float32", "bfloat16", "float16")
+TABLE_DTYPES = FLOAT_TABLE_DTYPES + ("int8",)
 COMM_DTYPES = ("float32", "bfloat16", "float16", "float8_e4m3fn")
 DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",
                  "f16": "float16", "fp8": "float8_e4m3fn", "float8": "float8_e4m3fn"}

@@ -21,7 +21,7 @@ from typing import Mapping
 from jaxrec.errors import OffloadError
 
 _READ_BYTES = 16 << 20
-_SKIPPED = (".__lock",)   # tensorstore's lock files are never part of a snapshot
+LOCK_SUFFIX = ".__lock"   # tensorstore's lock files: never part of a snapshot
 
 
 def crc32_of(path: str) -> int:
@@ -38,7 +38,7 @@ def _files(root: str) -> dict[str, os.stat_result]:
   out = {}
   for here, _, names in os.walk(root):
     for name in names:
-      if not name.endswith(_SKIPPED):
+      if not name.endswith(LOCK_SUFFIX):
         path = os.path.join(here, name)
         out[os.path.relpath(path, root)] = os.stat(path)
   return out

@@ -32,6 +32,7 @@ import tensorstore as ts
 from jaxrec.embedding import table_init
 from jaxrec.embedding.specs import TableSpec
 from jaxrec.errors import ConfigError
+from jaxrec.offload import integrity
 from jaxrec.offload.config import OffloadError, OffloadTable
 
 TABLE = "table"
@@ -284,7 +285,7 @@ def link_tree(src: str, dst: str) -> None:
     out = os.path.join(dst, os.path.relpath(root, src))
     os.makedirs(out, exist_ok=True)
     for f in files:
-      if f.endswith(".__lock"):
+      if f.endswith(integrity.LOCK_SUFFIX):
         continue
       a, b = os.path.join(root, f), os.path.join(out, f)
       try:
