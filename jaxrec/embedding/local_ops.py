@@ -57,7 +57,13 @@ def group_slice(l, x):
 
 def select_features(l, x, fill):
   """`[..., F_s, L]` → `[..., Ft, L]`: the features whose tables sit on this table slice."""
-  slot_features = jnp.asarray(np.array(l.slot_features, np.int32))
+  slots = np.array(l.slot_features, np.int32)
+  if l.num_slices == 1 and np.array_equal(slots[0], np.arange(x.shape[-2])):
+    # Every feature, in order (one slice: `dp`, `rw`, `cw`, one device). The identity
+    # gather would otherwise stay in the lookup's fusion, where XLA:CPU recomputes it
+    # (and its transpose to batch-major) for every element of every row it reads.
+    return x, jnp.asarray(slots[0])
+  slot_features = jnp.asarray(slots)
   sel = slot_features[axis_index(l, "table")] if l.num_slices > 1 else slot_features[0]
   picked = jnp.take(x, jnp.maximum(sel, 0), axis=-2)
   return jnp.where((sel >= 0)[:, None], picked, fill), sel
@@ -66,7 +72,9 @@ def select_features(l, x, fill):
 def read_rows(table, uniq):
   """f32 rows `[n, dl]` of the local shard (dense or `QuantizedTable`); rows outside the
   shard (the sentinel) read as 0."""
-  take = lambda x: jnp.take(x, uniq, axis=0, mode="fill", fill_value=0)
+  # `uniq` is never negative (the sentinel is `local_rows`): no wrap-around select, which
+  # XLA:CPU would recompute for every element of the gather's fusion.
+  take = lambda x: x.at[uniq].get(mode="fill", fill_value=0, wrap_negative_indices=False)
   if isinstance(table, QuantizedTable):
     return (take(table.q).astype(jnp.float32) * take(table.scale)[:, None]
             + take(table.bias)[:, None])
