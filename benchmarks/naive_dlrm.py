@@ -48,25 +48,26 @@ def init_params(key, num_dense: int, num_tables: int, rows: int, dim: int) -> di
                                        -scale, scale)}
 
 
-def logits(dense_params, emb, dense):
-  """emb `[B, T, D]`, dense `[B, num_dense]` → `[B]`."""
-  x = dense
+def logits(dense_params, emb, dense, dtype=jnp.float32):
+  """emb `[B, T, D]`, dense `[B, num_dense]` → float32 `[B]`; matmuls on operands cast to
+  `dtype` (as `flax.linen.Dense(dtype=...)` does)."""
+  x = dense.astype(dtype)
   for w, b in dense_params["bottom"]:
-    x = jax.nn.relu(x @ w + b)
-  t = jnp.concatenate([x[:, None], emb], axis=1)                       # [B, T+1, D]
+    x = jax.nn.relu(x @ w.astype(dtype) + b.astype(dtype))
+  t = jnp.concatenate([x[:, None], emb.astype(dtype)], axis=1)         # [B, T+1, D]
   li, lj = np.tril_indices(t.shape[1], -1)
   z = jnp.einsum("bid,bjd->bij", t, t)[:, li, lj]
   h = jnp.concatenate([x, z], axis=1)
   for i, (w, b) in enumerate(dense_params["top"]):
-    h = h @ w + b
+    h = h @ w.astype(dtype) + b.astype(dtype)
     if i < len(dense_params["top"]) - 1:
       h = jax.nn.relu(h)
-  return h[:, 0]
+  return h[:, 0].astype(jnp.float32)
 
 
-def make_step(lr: float):
+def make_step(lr: float, dtype=jnp.float32):
   def loss_fn(dense_params, emb, dense, labels):
-    lg = logits(dense_params, emb, dense)
+    lg = logits(dense_params, emb, dense, dtype)
     return jnp.mean(jnp.maximum(lg, 0) - lg * labels + jnp.log1p(jnp.exp(-jnp.abs(lg))))
 
   def step(params, dense, ids, labels):
@@ -92,7 +93,9 @@ def main():
   p.add_argument("--lr", type=float, default=0.1)
   p.add_argument("--rows", type=int, default=100000)
   p.add_argument("--dim", type=int, default=16)
+  p.add_argument("--dense_dtype", choices=["float32", "bfloat16"], default="float32")
   args = p.parse_args()
+  dtype = jnp.dtype(args.dense_dtype)
 
   data = dict(np.load(args.data))
   bs, n = args.batch_size, args.steps * args.batch_size
@@ -102,7 +105,7 @@ def main():
   num_tables = data["sparse"].shape[1]
   params = init_params(jax.random.key(args.seed), data["dense"].shape[1], num_tables,
                        args.rows, args.dim)
-  step = make_step(args.lr)
+  step = make_step(args.lr, dtype)
   sparse = data["sparse"].astype(np.int32)
 
   losses, done = [], []
@@ -117,7 +120,8 @@ def main():
   done.append(time.perf_counter())
   losses = np.asarray(jax.device_get(losses), np.float64)
 
-  score = jax.jit(lambda p, d, s: logits(p, p["tables"][jnp.arange(num_tables)[None], s], d))
+  score = jax.jit(lambda p, d, s: logits(p, p["tables"][jnp.arange(num_tables)[None], s], d,
+                                         dtype))
   acc = metrics.EvalAccumulator()
   ev_sparse = data["eval_sparse"].astype(np.int32)
   for lo in range(0, len(data["eval_labels"]), 4096):
@@ -127,7 +131,8 @@ def main():
   print(json.dumps({"framework": "naive_jax", **step_times(done, args.warmup, bs),
                     "auc": ev["eval_auc"], "logloss": ev["eval_logloss"], "steps": args.steps,
                     "warmup": args.warmup, "train_loss_last50": float(losses[-50:].mean()),
-                    "eval_examples": ev["eval_examples"], "jax": jax.__version__}), flush=True)
+                    "eval_examples": ev["eval_examples"], "jax": jax.__version__,
+                    "dense_dtype": args.dense_dtype}), flush=True)
 
 
 if __name__ == "__main__":

@@ -64,11 +64,12 @@ NAME = "vs_torchrec"
 
 
 # ----------------------------------------------------------------------------- data
-def load_config():
-  """The `dlrm_criteo.gin` ExperimentConfig (gin parsed in this process)."""
+def load_config(dense_dtype: str = "float32"):
+  """The `dlrm_criteo.gin` ExperimentConfig (gin parsed in this process), its dense network
+  computing in `dense_dtype` (`DLRM.dtype`; parameters stay float32)."""
   from jaxrec.launch import parse_gin
   from jaxrec.train.config import ExperimentConfig
-  parse_gin([GIN_FILE], [])
+  parse_gin([GIN_FILE], [f"DLRM.dtype = '{dense_dtype}'"])
   return ExperimentConfig()
 
 
@@ -135,7 +136,7 @@ def run_jaxrec(args) -> dict:
   from jaxrec.train import step as step_lib
   from jaxrec.train.config import RunOptions
 
-  config = load_config()
+  config = load_config(args.dense_dtype)
   options = RunOptions(num_steps=args.steps, plan="dp", mesh="auto", seed=args.seed,
                        progress=False)
   collection, _, _ = loop.setup(config, options, devices=jax.devices()[:1])
@@ -186,7 +187,8 @@ def run_jaxrec(args) -> dict:
             "logloss": ev["eval_logloss"], "steps": args.steps, "warmup": args.warmup,
             "train_loss_last50": float(losses[-50:].mean()),
             "eval_examples": ev["eval_examples"], "jax": jax.__version__,
-            "devices": len(collection.mesh.devices.flat), "load_average_1m": load}
+            "devices": len(collection.mesh.devices.flat), "load_average_1m": load,
+            "dense_dtype": args.dense_dtype}
   if args.breakdown:
     parts = breakdown(config, collection, state, train_step,
                       list(_batches(data, "", bs, names))[:8], bsharding)
@@ -348,6 +350,10 @@ def main():
                  help="run both frameworks at priority N (nice and autogroup; e.g. -20 as "
                       "root on a shared machine, so other processes disturb the timing less)")
   p.add_argument("--auc_tolerance", type=float, default=0.0)
+  p.add_argument("--dense_dtype", choices=["float32", "bfloat16"], default="float32",
+                 help="matmul operand dtype of every framework's dense network: jaxrec's "
+                      "DLRM.dtype, the naive DLRM's casts, TorchRec's CPU autocast; "
+                      "parameters, embeddings and loss stay float32")
   p.add_argument("--worker", choices=["jaxrec"], default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
   if not 0 < args.warmup < args.steps:
@@ -372,7 +378,7 @@ def main():
           f"examples) in {time.perf_counter() - t:.1f}s", file=sys.stderr)
 
     common_flags = ["--data", args.data, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                    "--seed", str(args.seed)]
+                    "--seed", str(args.seed), "--dense_dtype", args.dense_dtype]
     env = _two_thread_env()
     jx_cmd = [sys.executable, os.path.abspath(__file__), "--worker", "jaxrec"] + common_flags
     if args.breakdown:
@@ -440,6 +446,7 @@ def main():
          jaxrec_logloss=round(jx["logloss"], 5), torchrec_logloss=round(tr["logloss"], 5),
          examples=args.steps * bs, timed_examples=(args.steps - args.warmup) * bs,
          eval_examples=args.eval_examples, threads=2, repeats=args.repeats, nice=args.nice,
+         dense_dtype=args.dense_dtype,
          load_average=[round(x, 2) for x in os.getloadavg()], **vs_naive, **extra)
   finally:
     if tmp is not None:

@@ -69,7 +69,8 @@ class DLRM(nn.Module):
     bottom_mlp: widths of the bottom MLP (ReLU after every layer); the last must equal the
       embedding dim `D`.
     top_mlp: widths of the top MLP; the last must be 1 (the logit, no activation).
-    dtype: computation dtype (parameters float32, logits float32).
+    dtype: the MLPs' matmul operand dtype, e.g. `'bfloat16'` for mixed precision
+      (parameters, products' accumulation, the interaction and the logits stay float32).
   """
 
   bottom_mlp: Sequence[int] = (512, 256, 64, 16)
@@ -89,7 +90,9 @@ class DLRM(nn.Module):
     if int(self.top_mlp[-1]) != 1:
       raise ConfigError(f"DLRM.top_mlp = {tuple(self.top_mlp)} must end in 1 unit (the logit)")
     x = MLP(self.bottom_mlp, final_activation=True, dtype=self.dtype, name="bottom_mlp")(
-        dense.astype(self.dtype))
-    z = dot_interaction(x, emb.astype(self.dtype))
+        dense.astype(self.dtype)).astype(jnp.float32)
+    # The interaction stays float32: it is ~1% of the FLOPs, and rounding the pooled
+    # embeddings to bfloat16 fused into their lookup made that fusion 2x slower on CPU.
+    z = dot_interaction(x, emb.astype(jnp.float32))
     out = MLP(self.top_mlp, dtype=self.dtype, name="top_mlp")(jnp.concatenate([x, z], -1))
     return out[:, 0].astype(jnp.float32)

@@ -169,6 +169,9 @@ def main() -> None:
   p.add_argument("--lr", type=float, default=0.1)
   p.add_argument("--threads", type=int, default=2)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dense_dtype", choices=["float32", "bfloat16"], default="float32",
+                 help="bfloat16: forward and loss under torch.autocast('cpu', bfloat16) "
+                      "(matmuls in bfloat16; parameters and the TBE tables stay float32)")
   args = p.parse_args()
   if not 0 < args.warmup < args.steps:
     p.error("--warmup must be in [1, --steps)")
@@ -190,13 +193,16 @@ def main() -> None:
     print(plan, file=sys.stderr)
     loss_fn = nn.BCEWithLogitsLoss()
 
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16,
+                              enabled=args.dense_dtype == "bfloat16")
     model.train()
     load = round(os.getloadavg()[0], 2)   # other processes competing for the cores
     losses, done = [], []     # done[i]: when step i finished (CPU: synchronous)
     for i in range(args.steps):
       dense, kjt, labels = train[i]
-      logits = model(dense, kjt).squeeze(-1)
-      loss = loss_fn(logits, labels)
+      with autocast:
+        logits = model(dense, kjt).squeeze(-1)
+        loss = loss_fn(logits.float(), labels)
       dense_opt.zero_grad(set_to_none=True)
       loss.backward()          # also applies the fused sparse SGD update
       dense_opt.step()
@@ -208,7 +214,7 @@ def main() -> None:
     ev = Batches(data["eval_dense"], data["eval_sparse"], data["eval_labels"],
                  args.eval_batch_size)
     scores = []
-    with torch.no_grad():
+    with torch.no_grad(), autocast:
       for i in range(len(ev)):
         dense, kjt, _ = ev[i]
         scores.append(model(dense, kjt).squeeze(-1).float().numpy())
@@ -220,7 +226,8 @@ def main() -> None:
         "logloss": log_loss(labels, scores), "steps": args.steps, "warmup": args.warmup,
         "train_loss_last50": float(losses[-50:].mean()), "eval_examples": int(labels.size),
         "threads": torch.get_num_threads(), "load_average_1m": load, "torch": torch.__version__,
-        "torchrec": getattr(torchrec, "__version__", "?")}), flush=True)
+        "torchrec": getattr(torchrec, "__version__", "?"), "dense_dtype": args.dense_dtype}),
+        flush=True)
   finally:
     dist.destroy_process_group()
 
