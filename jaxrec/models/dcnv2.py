@@ -19,7 +19,7 @@ import gin
 import jax.numpy as jnp
 
 from jaxrec.errors import ConfigError
-from jaxrec.models.mlp import MLP, check_inputs, check_sizes, dense_layer, is_int
+from jaxrec.models.mlp import MLP, check_inputs, check_sizes, compute_dtype, dense_layer, is_int
 
 STRUCTURES = ("stacked", "parallel")
 
@@ -87,11 +87,12 @@ class DCNv2(nn.Module):
       raise ConfigError(f"DCNv2.low_rank must be a positive integer or None, got "
                         f"{self.low_rank!r}")
     check_sizes("DCNv2.deep_mlp", self.deep_mlp, allow_empty=True)
-    x0 = jnp.concatenate([dense, emb.reshape(b, f * d)], axis=-1).astype(self.dtype)
-    cross = CrossNetwork(int(self.num_cross_layers), self.low_rank, self.dtype, name="cross")
-    deep = MLP(self.deep_mlp, final_activation=True, dtype=self.dtype, name="deep_mlp")
+    dtype = compute_dtype("DCNv2.dtype", self.dtype)
+    x0 = jnp.concatenate([dense, emb.reshape(b, f * d)], axis=-1).astype(dtype)
+    cross = CrossNetwork(int(self.num_cross_layers), self.low_rank, dtype, name="cross")
+    deep = MLP(self.deep_mlp, final_activation=True, dtype=dtype, name="deep_mlp")
     if self.structure == "stacked":
       h = deep(cross(x0))
     else:
       h = jnp.concatenate([cross(x0), deep(x0)], axis=-1)
-    return MLP((1,), dtype=self.dtype, name="logit")(h)[:, 0].astype(jnp.float32)
+    return MLP((1,), dtype=dtype, name="logit")(h)[:, 0].astype(jnp.float32)

@@ -26,7 +26,7 @@ import flax.linen as nn
 import gin
 import jax.numpy as jnp
 
-from jaxrec.models.mlp import MLP, check_inputs, check_sizes, dense_layer
+from jaxrec.models.mlp import MLP, check_inputs, check_sizes, compute_dtype, dense_layer
 
 
 def fm_second_order(v):
@@ -56,14 +56,15 @@ class DeepFM(nn.Module):
     """`dense` `[B, num_dense]`, `emb` `[B, F, D]` -> logits float32 `[B]`."""
     b, f, d = check_inputs("DeepFM", dense, emb)
     check_sizes("DeepFM.deep_mlp", self.deep_mlp, allow_empty=True)
-    dense = dense.astype(self.dtype)
-    emb = emb.astype(self.dtype)
+    dtype = compute_dtype("DeepFM.dtype", self.dtype)
+    dense = dense.astype(dtype)
+    emb = emb.astype(dtype)
     flat = jnp.concatenate([dense, emb.reshape(b, f * d)], axis=-1)
     zeros = nn.initializers.zeros
-    first = dense_layer(1, self.dtype, name="first_order", kernel_init=zeros)(flat)[:, 0]
-    dense_field = dense_layer(d, self.dtype, use_bias=False, name="dense_field",
+    first = dense_layer(1, dtype, name="first_order", kernel_init=zeros)(flat)[:, 0]
+    dense_field = dense_layer(d, dtype, use_bias=False, name="dense_field",
                               kernel_init=zeros)(dense)
     fm = fm_second_order(jnp.concatenate([dense_field[:, None, :], emb], axis=1))
-    deep = MLP(tuple(self.deep_mlp) + (1,), final_activation=False, dtype=self.dtype,
+    deep = MLP(tuple(self.deep_mlp) + (1,), final_activation=False, dtype=dtype,
                name="deep_mlp")(flat)[:, 0]
     return (first + fm + deep).astype(jnp.float32)

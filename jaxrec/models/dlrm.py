@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrec.errors import ConfigError
-from jaxrec.models.mlp import MLP, check_inputs, check_sizes
+from jaxrec.models.mlp import MLP, check_inputs, check_sizes, compute_dtype
 
 
 def dot_interaction(bottom, emb):
@@ -89,10 +89,11 @@ class DLRM(nn.Module):
           f"but the embedding dim is {dim}; the last bottom layer must equal the embedding dim")
     if int(self.top_mlp[-1]) != 1:
       raise ConfigError(f"DLRM.top_mlp = {tuple(self.top_mlp)} must end in 1 unit (the logit)")
-    x = MLP(self.bottom_mlp, final_activation=True, dtype=self.dtype, name="bottom_mlp")(
-        dense.astype(self.dtype)).astype(jnp.float32)
+    dtype = compute_dtype("DLRM.dtype", self.dtype)
+    x = MLP(self.bottom_mlp, final_activation=True, dtype=dtype, name="bottom_mlp")(
+        dense.astype(dtype)).astype(jnp.float32)
     # The interaction stays float32: it is ~1% of the FLOPs, and rounding the pooled
     # embeddings to bfloat16 fused into their lookup made that fusion 2x slower on CPU.
     z = dot_interaction(x, emb.astype(jnp.float32))
-    out = MLP(self.top_mlp, dtype=self.dtype, name="top_mlp")(jnp.concatenate([x, z], -1))
+    out = MLP(self.top_mlp, dtype=dtype, name="top_mlp")(jnp.concatenate([x, z], -1))
     return out[:, 0].astype(jnp.float32)

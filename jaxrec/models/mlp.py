@@ -104,7 +104,8 @@ class Dense(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
     bias = (self.param("bias", BIAS_INIT, (self.features,), jnp.float32)
             if self.use_bias else None)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    dtype = compute_dtype("Dense.dtype", self.dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=dtype)
     return affine(x, kernel, bias)
 
 
@@ -137,6 +138,43 @@ class MLP(nn.Module):
       if i < n - 1 or self.final_activation:
         x = nn.relu(x)
     return x
+
+
+DTYPES = {"float32": jnp.float32, "f32": jnp.float32, "fp32": jnp.float32,
+          "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+
+
+def compute_dtype(name: str, value) -> Any:
+  """The compute dtype a model's `dtype` attribute names: float32, or bfloat16 (mixed
+  precision). Accepts the strings in `DTYPES`, the dtype objects (`jnp.bfloat16`,
+  `np.float32`, `jnp.dtype('bfloat16')`) and None (float32). Anything else, float16
+  included (it needs loss scaling, which jaxrec does not do), raises a ConfigError naming
+  the binding `name`, e.g. `DLRM.dtype`."""
+  if value is None:
+    return jnp.float32
+  if isinstance(value, str):
+    found = DTYPES.get(value.strip().lower())
+  else:
+    try:
+      found = {jnp.dtype(jnp.float32): jnp.float32,
+               jnp.dtype(jnp.bfloat16): jnp.bfloat16}.get(jnp.dtype(value))
+    except (TypeError, ValueError):
+      found = None
+  if found is None:
+    hint = (": float16 would need loss scaling, which jaxrec does not do; use 'bfloat16'"
+            if _is_float16(value) else "")
+    raise ConfigError(f"{name} must be 'float32' or 'bfloat16' (mixed precision; also "
+                      f"'bf16'), got {value!r}{hint}")
+  return found
+
+
+def _is_float16(value) -> bool:
+  if isinstance(value, str):
+    return value.strip().lower() in ("float16", "f16", "fp16", "half")
+  try:
+    return jnp.dtype(value) == jnp.float16
+  except (TypeError, ValueError):
+    return False
 
 
 def check_inputs(model: str, dense, emb) -> tuple[int, int, int]:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrec.errors import ConfigError
-from jaxrec.models.mlp import MLP, check_inputs, check_sizes, is_int
+from jaxrec.models.mlp import MLP, check_inputs, check_sizes, compute_dtype, is_int
 
 LOSSES = ("bce", "in_batch_softmax")
 
@@ -100,8 +100,9 @@ class TwoTower(nn.Module):
     if not isinstance(self.remove_accidental_hits, bool):
       raise ConfigError("TwoTower.remove_accidental_hits must be True or False, got "
                         f"{self.remove_accidental_hits!r}")
-    self.user_tower = MLP(self.user_mlp, dtype=self.dtype)
-    self.item_tower = MLP(self.item_mlp, dtype=self.dtype)
+    self.compute_dtype = compute_dtype("TwoTower.dtype", self.dtype)
+    self.user_tower = MLP(self.user_mlp, dtype=self.compute_dtype)
+    self.item_tower = MLP(self.item_mlp, dtype=self.compute_dtype)
 
   def _check_features(self, num_features: int) -> None:
     for attr in ("user_features", "item_features"):
@@ -130,11 +131,11 @@ class TwoTower(nn.Module):
     """`dense` `[B, num_dense]`, `emb` `[B, F, D]` -> (user `[B, K]`, item `[B, K]`) float32."""
     b, f, _ = check_inputs("TwoTower", dense, emb)
     self._check_features(f)
-    emb = emb.astype(self.dtype)
+    emb = emb.astype(self.compute_dtype)
     xu = emb[:, np.asarray(self.user_features, np.int32)].reshape(b, -1)
     xi = self.item_keys(emb).reshape(b, -1)
     if self.dense_to_user:
-      xu = jnp.concatenate([dense.astype(self.dtype), xu], axis=-1)
+      xu = jnp.concatenate([dense.astype(self.compute_dtype), xu], axis=-1)
     user = self._normalize(self.user_tower(xu)).astype(jnp.float32)
     item = self._normalize(self.item_tower(xi)).astype(jnp.float32)
     return user, item

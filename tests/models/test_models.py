@@ -378,3 +378,36 @@ def test_bfloat16_sharded_batch_gradients_match_single_device():
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert g.dtype == jnp.float32
     assert np.linalg.norm(g - w) <= 1e-2 * np.linalg.norm(w), (g.shape, np.linalg.norm(g - w))
+
+
+@pytest.mark.parametrize("dtype,want", [
+    ("bfloat16", jnp.bfloat16), ("bf16", jnp.bfloat16), ("BF16", jnp.bfloat16),
+    (jnp.bfloat16, jnp.bfloat16), (jnp.dtype("bfloat16"), jnp.bfloat16),
+    ("float32", jnp.float32), ("fp32", jnp.float32), (np.float32, jnp.float32),
+    (None, jnp.float32)])
+@pytest.mark.parametrize("key", sorted(SMALL))
+def test_dtype_spellings_give_the_same_model(key, dtype, want):
+  """'bf16' is the usual short name: the same model as 'bfloat16' (it was a bare numpy
+  TypeError 'data type not understood')."""
+  name = key.split("_lowrank")[0]
+  dense, emb = _inputs()
+  params = init_params(_model(key), jax.random.key(0), NUM_DENSE, F, D)
+  got = build_model(name, dtype=dtype, **SMALL[key]).apply({"params": params}, dense, emb)
+  ref = build_model(name, dtype=jnp.dtype(want).name, **SMALL[key]).apply(
+      {"params": params}, dense, emb)
+  np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("dtype,match", [
+    ("float16", r"float16.*loss scaling.*'bfloat16'"), (jnp.float16, r"loss scaling"),
+    ("int8", r"got 'int8'"), ("nonsense", r"got 'nonsense'"), (jnp.int32, r"int32"),
+    ("float64", r"got 'float64'"), (3, r"got 3")])
+@pytest.mark.parametrize("key", sorted(SMALL))
+def test_an_unsupported_dtype_names_the_binding(key, dtype, match):
+  """float16 (no loss scaling: silently underflowing gradients), integer, unknown and
+  float64 (silently float32 without jax_enable_x64) dtypes: a ConfigError naming e.g.
+  `DLRM.dtype`, not a TypeError/ValueError from numpy or flax deep in `init`."""
+  name = key.split("_lowrank")[0]
+  binding = type(build_model(name, **SMALL[key])).__name__ + ".dtype"
+  with pytest.raises(ConfigError, match=rf"{binding} must be 'float32' or 'bfloat16'.*{match}"):
+    init_params(build_model(name, dtype=dtype, **SMALL[key]), jax.random.key(0), NUM_DENSE, F, D)
