@@ -95,4 +95,4 @@ class DCNv2(nn.Module):
       h = deep(cross(x0))
     else:
       h = jnp.concatenate([cross(x0), deep(x0)], axis=-1)
-    return MLP((1,), dtype=dtype, name="logit")(h)[:, 0].astype(jnp.float32)
+    return MLP((1,), dtype=dtype, out_dtype=jnp.float32, name="logit")(h)[:, 0]

@@ -90,10 +90,13 @@ class DLRM(nn.Module):
     if int(self.top_mlp[-1]) != 1:
       raise ConfigError(f"DLRM.top_mlp = {tuple(self.top_mlp)} must end in 1 unit (the logit)")
     dtype = compute_dtype("DLRM.dtype", self.dtype)
-    x = MLP(self.bottom_mlp, final_activation=True, dtype=dtype, name="bottom_mlp")(
-        dense.astype(dtype)).astype(jnp.float32)
+    x = MLP(self.bottom_mlp, final_activation=True, dtype=dtype, out_dtype=jnp.float32,
+            name="bottom_mlp")(dense.astype(dtype))
     # The interaction stays float32: it is ~1% of the FLOPs, and rounding the pooled
     # embeddings to bfloat16 fused into their lookup made that fusion 2x slower on CPU.
     z = dot_interaction(x, emb.astype(jnp.float32))
-    out = MLP(self.top_mlp, dtype=dtype, name="top_mlp")(jnp.concatenate([x, z], -1))
-    return out[:, 0].astype(jnp.float32)
+    # The logit leaves the last layer as its float32 sum: rounded to bfloat16 it kept ~3
+    # significant digits (~200 distinct values in a batch of 4096, ties for the AUC).
+    out = MLP(self.top_mlp, dtype=dtype, out_dtype=jnp.float32, name="top_mlp")(
+        jnp.concatenate([x, z], -1))
+    return out[:, 0]

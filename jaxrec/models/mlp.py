@@ -8,6 +8,7 @@ DLRM/TorchRec comparisons expect.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Any, Sequence
 
@@ -46,39 +47,46 @@ def _kernel_grad(x, g):
   return _dot(x_t, g, ((1,), (0,)))[:n_in]
 
 
-@jax.custom_vjp
-def affine(x, kernel, bias):
+def affine(x, kernel, bias, out_dtype=None):
   """`x @ kernel + bias`: `[..., in]`, `[in, out]`, `[out]` (or None) → `[..., out]`.
 
   Operands in one dtype (float32, or bfloat16 for mixed precision); the products
-  accumulate in float32, the bias is added in float32, and the result is rounded to the
-  operands' dtype. Its own backward: the kernel gradient is one dot contracting the batch
-  that yields `[in, out]` directly (`_kernel_grad`). Autodiff of `x @ kernel` yields
-  `[out, in]` plus a transpose that XLA folds into the dot on one device; with a
-  batch-sharded mesh the gradient all-reduce sits between them, and every device then
-  transposes every kernel gradient in the update (a strided copy the size of the layer).
+  accumulate in float32, the bias is added in float32, and the result is rounded to
+  `out_dtype` (default: the operands' dtype; float32 keeps the float32 sum, e.g. for a
+  logit, which rounded to bfloat16 keeps only ~3 significant digits). Its own backward: the
+  kernel gradient is one dot contracting the batch that yields `[in, out]` directly
+  (`_kernel_grad`). Autodiff of `x @ kernel` yields `[out, in]` plus a transpose that XLA
+  folds into the dot on one device; with a batch-sharded mesh the gradient all-reduce sits
+  between them, and every device then transposes every kernel gradient in the update (a
+  strided copy the size of the layer).
   """
+  return _affine(x, kernel, bias, jnp.dtype(x.dtype if out_dtype is None else out_dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _affine(x, kernel, bias, out_dtype):
   y = _dot(x, kernel, ((x.ndim - 1,), (0,)))
   if bias is not None:
     y = y + bias.astype(jnp.float32)
-  return y.astype(x.dtype)
+  return y.astype(out_dtype)
 
 
-def _affine_fwd(x, kernel, bias):
-  return affine(x, kernel, bias), (x, kernel, bias is None)
+def _affine_fwd(x, kernel, bias, out_dtype):
+  return _affine(x, kernel, bias, out_dtype), (x, kernel, bias is None)
 
 
-def _affine_bwd(res, g):
+def _affine_bwd(out_dtype, res, g):
+  del out_dtype
   x, kernel, no_bias = res
+  d_bias = None if no_bias else g.reshape(-1, g.shape[-1]).astype(jnp.float32).sum(axis=0)
   g = g.astype(x.dtype)
   x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
   d_kernel = _kernel_grad(x2, g2)                                          # [in, out]
   d_x = _dot(g, kernel, ((g.ndim - 1,), (1,)))                             # [..., in]
-  d_bias = None if no_bias else g2.astype(jnp.float32).sum(axis=0)
   return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype), d_bias
 
 
-affine.defvjp(_affine_fwd, _affine_bwd)
+_affine.defvjp(_affine_fwd, _affine_bwd)
 
 
 class Dense(nn.Module):
@@ -91,12 +99,14 @@ class Dense(nn.Module):
       accumulates in float32 (`affine`); `'bfloat16'` is mixed precision (parameters and
       their gradients stay float32).
     kernel_init: the kernel's initialiser (default `KERNEL_INIT`).
+    out_dtype: the output's dtype (default: `dtype`); float32 keeps the float32 sum.
   """
 
   features: int
   use_bias: bool = True
   dtype: Any = jnp.float32
   kernel_init: Any = KERNEL_INIT
+  out_dtype: Any = None
 
   @nn.compact
   def __call__(self, x):
@@ -106,14 +116,16 @@ class Dense(nn.Module):
             if self.use_bias else None)
     dtype = compute_dtype("Dense.dtype", self.dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=dtype)
-    return affine(x, kernel, bias)
+    return affine(x, kernel, bias, self.out_dtype)
 
 
 def dense_layer(features: int, dtype: Any = jnp.float32, use_bias: bool = True,
-                name: str | None = None, kernel_init: Any = KERNEL_INIT) -> Dense:
+                name: str | None = None, kernel_init: Any = KERNEL_INIT,
+                out_dtype: Any = None) -> Dense:
   """`Dense` with the package's initialisers (or `kernel_init`); params float32, compute in
-  `dtype`."""
-  return Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=kernel_init, name=name)
+  `dtype`, output in `out_dtype` (default `dtype`)."""
+  return Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=kernel_init, name=name,
+               out_dtype=out_dtype)
 
 
 class MLP(nn.Module):
@@ -123,18 +135,22 @@ class MLP(nn.Module):
     layer_sizes: output width of each layer; empty is the identity.
     final_activation: also apply ReLU after the last layer.
     dtype: computation dtype (parameters stay float32).
+    out_dtype: the last layer's output dtype (default `dtype`); float32 for a logit or an
+      output that leaves the MLP for float32 math, so it is not rounded to bfloat16.
   """
 
   layer_sizes: Sequence[int]
   final_activation: bool = False
   dtype: Any = jnp.float32
+  out_dtype: Any = None
 
   @nn.compact
   def __call__(self, x):
     """`[..., in]` -> `[..., layer_sizes[-1]]`."""
     n = len(self.layer_sizes)
     for i, size in enumerate(self.layer_sizes):
-      x = dense_layer(int(size), self.dtype, name=f"layer_{i}")(x)
+      x = dense_layer(int(size), self.dtype, name=f"layer_{i}",
+                      out_dtype=self.out_dtype if i == n - 1 else None)(x)
       if i < n - 1 or self.final_activation:
         x = nn.relu(x)
     return x

@@ -101,8 +101,9 @@ class TwoTower(nn.Module):
       raise ConfigError("TwoTower.remove_accidental_hits must be True or False, got "
                         f"{self.remove_accidental_hits!r}")
     self.compute_dtype = compute_dtype("TwoTower.dtype", self.dtype)
-    self.user_tower = MLP(self.user_mlp, dtype=self.compute_dtype)
-    self.item_tower = MLP(self.item_mlp, dtype=self.compute_dtype)
+    # Tower outputs are their float32 sums (the score is a float32 dot product of them).
+    self.user_tower = MLP(self.user_mlp, dtype=self.compute_dtype, out_dtype=jnp.float32)
+    self.item_tower = MLP(self.item_mlp, dtype=self.compute_dtype, out_dtype=jnp.float32)
 
   def _check_features(self, num_features: int) -> None:
     for attr in ("user_features", "item_features"):

@@ -411,3 +411,41 @@ def test_an_unsupported_dtype_names_the_binding(key, dtype, match):
   binding = type(build_model(name, **SMALL[key])).__name__ + ".dtype"
   with pytest.raises(ConfigError, match=rf"{binding} must be 'float32' or 'bfloat16'.*{match}"):
     init_params(build_model(name, dtype=dtype, **SMALL[key]), jax.random.key(0), NUM_DENSE, F, D)
+
+
+@pytest.mark.parametrize("key", sorted(SMALL))
+def test_bfloat16_logits_are_not_rounded_to_bfloat16(key):
+  """The logit is the last layer's float32 sum (DeepFM: its FM term in float32 too). It was
+  rounded to bfloat16 (8 significant bits) before the cast to float32: ~200 distinct
+  logits in a batch of 4096, ties for the eval AUC and a coarse loss."""
+  name = key.split("_lowrank")[0]
+  dense, emb = _inputs(n=512, seed=5)
+  params = init_params(_model(key), jax.random.key(5), NUM_DENSE, F, D)
+  # Zero-initialised layers (DCNv2's cross, DeepFM's first order) made non-zero.
+  params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(6), a.shape),
+                        params)
+  f32 = np.asarray(_model(key).apply({"params": params}, dense, emb))
+  got = build_model(name, dtype="bfloat16", **SMALL[key]).apply({"params": params}, dense, emb)
+  assert got.dtype == jnp.float32
+  got = np.asarray(got)
+  as_bf16 = np.asarray(jnp.asarray(got).astype(jnp.bfloat16).astype(jnp.float32))
+  assert np.mean(as_bf16 != got) > 0.9, np.unique(got).size
+  assert np.unique(got).size > 0.9 * got.size
+  np.testing.assert_allclose(got, f32, atol=0.03 * np.abs(f32).max() + 1e-3)
+
+
+def test_affine_out_dtype_float32_keeps_the_float32_sum():
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((5, 2, 24)), jnp.bfloat16)
+  kernel = jnp.asarray(rng.standard_normal((24, 3)), jnp.bfloat16)
+  bias = jnp.asarray(rng.standard_normal(3), jnp.float32)
+  y, vjp = jax.vjp(lambda a, k, c: affine(a, k, c, jnp.float32), x, kernel, bias)
+  assert y.dtype == jnp.float32
+  want = np.asarray(x, np.float64) @ np.asarray(kernel, np.float64) + np.asarray(bias)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  g = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+  d_x, d_kernel, d_bias = vjp(g)
+  assert (d_x.dtype, d_kernel.dtype, d_bias.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
+  # The bias gradient sums the float32 cotangent (not its bfloat16 rounding).
+  np.testing.assert_allclose(d_bias, np.asarray(g).reshape(-1, 3).sum(0), rtol=1e-6)
+  assert affine(x, kernel, None).dtype == jnp.bfloat16
