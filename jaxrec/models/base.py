@@ -19,6 +19,7 @@ from jaxrec.errors import ConfigError
 from jaxrec.models.dcnv2 import DCNv2
 from jaxrec.models.deepfm import DeepFM
 from jaxrec.models.dlrm import DLRM
+from jaxrec.models.mlp import compute_dtype
 from jaxrec.models.two_tower import LOSSES, TwoTower, in_batch_softmax_loss
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -38,9 +39,13 @@ def build_model(name: str = gin.REQUIRED, **kwargs) -> nn.Module:
   if name not in MODELS:
     raise ConfigError(f"build_model.name: unknown model '{name}' (known: {', '.join(MODELS)})")
   try:
-    return MODELS[name](**kwargs)
+    model = MODELS[name](**kwargs)
   except TypeError as e:
     raise ConfigError(f"build_model('{name}'): {e}") from None
+  # Checked here too (the model checks it again when called), so that a bad dtype stops a
+  # run when the config is read, before planning or starting workers.
+  compute_dtype(f"{MODELS[name].__name__}.dtype", model.dtype)
+  return model
 
 
 def init_params(model: nn.Module, rng: jax.Array, num_dense: int, num_features: int,

@@ -449,3 +449,11 @@ def test_affine_out_dtype_float32_keeps_the_float32_sum():
   # The bias gradient sums the float32 cotangent (not its bfloat16 rounding).
   np.testing.assert_allclose(d_bias, np.asarray(g).reshape(-1, 3).sum(0), rtol=1e-6)
   assert affine(x, kernel, None).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("key", sorted(SMALL))
+def test_build_model_rejects_a_bad_dtype_before_init(key):
+  """Checked when gin builds the model (scripts stop before planning or starting elastic
+  workers), not first when the model is initialised."""
+  with pytest.raises(ConfigError, match=r"\.dtype must be 'float32' or 'bfloat16'.*'float16'"):
+    build_model(key.split("_lowrank")[0], dtype="float16", **SMALL[key])
