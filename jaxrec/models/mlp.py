@@ -50,8 +50,10 @@ def _kernel_grad(x, g):
 def affine(x, kernel, bias, out_dtype=None):
   """`x @ kernel + bias`: `[..., in]`, `[in, out]`, `[out]` (or None) → `[..., out]`.
 
-  Operands in one dtype (float32, or bfloat16 for mixed precision); the products
-  accumulate in float32, the bias is added in float32, and the result is rounded to
+  `x` in the compute dtype (float32, or bfloat16 for mixed precision); `kernel` is rounded
+  to it for the matmuls (a float32 kernel keeps its gradient float32: the float32 sum, not
+  a bfloat16 rounding of it); the products accumulate in float32, the bias (any float
+  dtype) is added in float32, and the result is rounded to
   `out_dtype` (default: the operands' dtype; float32 keeps the float32 sum, e.g. for a
   logit, which rounded to bfloat16 keeps only ~3 significant digits). Its own backward: the
   kernel gradient is one dot contracting the batch that yields `[in, out]` directly
@@ -65,24 +67,25 @@ def affine(x, kernel, bias, out_dtype=None):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _affine(x, kernel, bias, out_dtype):
-  y = _dot(x, kernel, ((x.ndim - 1,), (0,)))
+  y = _dot(x, kernel.astype(x.dtype), ((x.ndim - 1,), (0,)))
   if bias is not None:
     y = y + bias.astype(jnp.float32)
   return y.astype(out_dtype)
 
 
 def _affine_fwd(x, kernel, bias, out_dtype):
-  return _affine(x, kernel, bias, out_dtype), (x, kernel, bias is None)
+  return _affine(x, kernel, bias, out_dtype), (x, kernel, bias)
 
 
 def _affine_bwd(out_dtype, res, g):
   del out_dtype
-  x, kernel, no_bias = res
-  d_bias = None if no_bias else g.reshape(-1, g.shape[-1]).astype(jnp.float32).sum(axis=0)
+  x, kernel, bias = res
+  d_bias = (None if bias is None
+            else g.reshape(-1, g.shape[-1]).astype(jnp.float32).sum(axis=0).astype(bias.dtype))
   g = g.astype(x.dtype)
   x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
   d_kernel = _kernel_grad(x2, g2)                                          # [in, out]
-  d_x = _dot(g, kernel, ((g.ndim - 1,), (1,)))                             # [..., in]
+  d_x = _dot(g, kernel.astype(x.dtype), ((g.ndim - 1,), (1,)))             # [..., in]
   return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype), d_bias
 
 
@@ -95,9 +98,9 @@ class Dense(nn.Module):
   Attributes:
     features: output width.
     use_bias: add a bias.
-    dtype: computation dtype: inputs and parameters are cast to it for the matmul, which
-      accumulates in float32 (`affine`); `'bfloat16'` is mixed precision (parameters and
-      their gradients stay float32).
+    dtype: computation dtype: the input and the kernel are rounded to it for the matmul,
+      which accumulates in float32 (`affine`); `'bfloat16'` is mixed precision (parameters
+      and their gradients stay float32, the bias is added in float32).
     kernel_init: the kernel's initialiser (default `KERNEL_INIT`).
     out_dtype: the output's dtype (default: `dtype`); float32 keeps the float32 sum.
   """
@@ -115,8 +118,10 @@ class Dense(nn.Module):
     bias = (self.param("bias", BIAS_INIT, (self.features,), jnp.float32)
             if self.use_bias else None)
     dtype = compute_dtype("Dense.dtype", self.dtype)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=dtype)
-    return affine(x, kernel, bias, self.out_dtype)
+    # Only `x` is cast here: `affine` rounds the float32 kernel for its matmuls, so the
+    # kernel gradient it returns is the float32 sum (with the cast here, its transpose
+    # rounded the gradient to bfloat16), and it adds the float32 bias.
+    return affine(jnp.asarray(x, dtype), kernel, bias, self.out_dtype)
 
 
 def dense_layer(features: int, dtype: Any = jnp.float32, use_bias: bool = True,
