@@ -1,5 +1,7 @@
 """Sharded embedding collection vs a plain single-device numpy reference."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -340,3 +342,51 @@ def test_host_packed_ids_equal_ids_by_feature():
     coll.pack(dict(ids, fc=np.zeros((B, 3), np.int32)), weights)
   with pytest.raises(DataError, match="feature 'fa2': weights shape"):
     coll.pack(ids, {"fa2": np.ones((B, 1), np.float32)})
+
+
+def test_one_slice_stacks_take_every_feature_in_order():
+  """`build_layouts` lists a one-slice stack's features in order, unpadded: the case in
+  which `local_ops.select_features` skips its gather."""
+  for kind, mesh_spec in PLANS:
+    mesh = parse_mesh_spec(mesh_spec, 8)
+    for l in build_layouts(TABLES, FEATURES, uniform_plan(kind, TABLES, mesh.get("table", 1)),
+                           mesh):
+      if l.num_slices == 1:
+        assert l.slot_features == (tuple(range(len(l.features))),), (kind, mesh_spec, l.name)
+
+
+# One-slice `slot_features` that `build_layouts` does not make but `lookup` and `pool` take
+# (any order, -1 padding): `select_features` must gather them, not skip as for 0..F_s-1.
+SLOT_ORDERS = {"permuted": {"L1": (0,), "L4": (2, 0, 1)},
+               "padded": {"L1": (0, -1), "L4": (0, 1, 2, -1)},
+               "padded_inside_permuted": {"L1": (-1, 0), "L4": (1, -1, 2, 0)}}
+
+
+@pytest.mark.parametrize("order", list(SLOT_ORDERS))
+@pytest.mark.parametrize("opt,options", [
+    (OPTS[2], {}), (OPTS[0], {"dedup": False}),
+    (OPTS[0], {"kernel": "pallas", "interpret": True})], ids=["dedup", "no-dedup", "pallas"])
+def test_one_slice_stack_with_reordered_or_padded_slot_features(order, opt, options):
+  mesh = make_mesh({"data": 1}, jax.devices()[:1])
+  coll = EmbeddingCollection.create(TABLES, FEATURES, uniform_plan("dp", TABLES, 1), mesh, opt,
+                                    **options)
+  layouts = tuple(dataclasses.replace(l, slot_features=(SLOT_ORDERS[order][l.name[-2:]],))
+                  for l in coll.layouts)
+  assert [l.name for l in layouts] == ["dp_d8_float32_L1", "dp_d8_float32_L4"]
+  coll = dataclasses.replace(coll, layouts=layouts)
+  state = coll.init(jax.random.key(0))
+
+  @jax.jit
+  def step(state, ids, weights, gout, i):
+    ctx = coll.lookup(state, ids, weights)
+    pooled, vjp = jax.vjp(lambda r: coll.pool(r, ctx), ctx.rows)
+    return pooled, coll.apply_gradients(state, ctx, vjp(gout)[0], i)
+
+  ref_pooled, ref_tables, _ = reference(opt)
+  for i in range(2):
+    ids, weights, gout = make_inputs(i)
+    pooled, state = step(state, ids, weights, gout, jnp.int32(i))
+    np.testing.assert_allclose(np.asarray(pooled), ref_pooled[i], rtol=1e-5, atol=1e-6)
+  tables, _ = coll.unstack_tables(state)
+  for name in ref_tables:
+    np.testing.assert_allclose(np.asarray(tables[name]), ref_tables[name], rtol=1e-5, atol=1e-6)
