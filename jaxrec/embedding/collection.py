@@ -93,6 +93,11 @@ class Packing:
       return None
     return np.minimum(starts[:, None] + np.arange(bag)[None], width - 1)
 
+  @property
+  def plain_sum(self) -> bool:
+    """No weighted and no mean-pooled feature: every pooling weight is 1 or 0 (absent)."""
+    return all(s < 0 for s in self.weight_starts) and not any(self.mean)
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class EmbeddingCollection:
@@ -340,7 +345,7 @@ class EmbeddingCollection:
     names = [l.name for l in self.layouts]
     dedups = tuple(self.dedup(l) for l in self.layouts)
     fn = jax.shard_map(functools.partial(local_ops.pool_all, self.layouts, self.options, order,
-                                         dedups),
+                                         dedups, self.packing()),
                        mesh=self.mesh,
                        in_specs=({n: P(MESH_AXES, None) for n in names},
                                  {n: PER_DEVICE for n in names}, {n: PER_DEVICE for n in names}),

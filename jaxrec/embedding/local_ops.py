@@ -69,6 +69,26 @@ def select_features(l, x, fill):
   return jnp.where((sel >= 0)[:, None], picked, fill), sel
 
 
+def unsigned(x):
+  """int32 → uint32, same bits: `unsigned(x) < n` is `0 <= x < n` for n <= 2**31."""
+  return jax.lax.bitcast_convert_type(x, jnp.uint32)
+
+
+def slice_feature_tables(l, sel):
+  """Per feature of this table slice (`sel`, -1 for padding: 0, 0), its table's first row in
+  the slice (int32) and its row count (uint32): numpy constants on one slice, where XLA
+  then folds them into the lookup's index arithmetic."""
+  offsets = np.array(l.feature_row_offsets(), np.int32)
+  rows = np.array([l.slots[t].rows for t in l.feature_tables], np.uint32)
+  if l.num_slices == 1:
+    slots = np.array(l.slot_features[0])
+    return (np.where(slots >= 0, offsets[np.maximum(slots, 0)], 0).astype(np.int32),
+            np.where(slots >= 0, rows[np.maximum(slots, 0)], 0).astype(np.uint32))
+  pick = jnp.maximum(sel, 0)
+  return (jnp.where(sel >= 0, jnp.asarray(offsets)[pick], 0),
+          jnp.where(sel >= 0, jnp.asarray(rows)[pick], jnp.uint32(0)))
+
+
 def read_rows(table, uniq):
   """f32 rows `[n, dl]` of the local shard (dense or `QuantizedTable`); rows outside the
   shard (the sentinel) read as 0."""
@@ -140,12 +160,16 @@ def lookup_stack(l, dedup, table, ids_all, gathered, pk):
   their gradients over the replicas (`gather_replicas`), so each replica applies all of
   them."""
   ids_sel, sel = select_features(l, ids_all, -1)                        # [nd,nt,nr,nc,b,Ft,L]
-  offsets = jnp.asarray(np.array(l.feature_row_offsets(), np.int32))[jnp.maximum(sel, 0)]
+  sentinel = l.local_rows
+  offsets, rows_of = slice_feature_tables(l, sel)
+  # `0 <= id < rows` in one unsigned compare: an id outside its table (never past the
+  # host's `check_ids`) reads 0 and is not updated, never another table's row.
   row = ids_sel + offsets[:, None]
+  ok = unsigned(ids_sel) < rows_of[:, None]
   if "row" in l.axes:
     row = row - axis_index(l, "row") * l.local_rows
-  sentinel = l.local_rows
-  local = jnp.where((ids_sel >= 0) & (row >= 0) & (row < l.local_rows), row, sentinel)
+    ok = ok & (unsigned(row) < l.local_rows)
+  local = jnp.where(ok, row, sentinel)
   if dedup:
     uniq, inv = jnp.unique(local.reshape(-1), size=min(local.size, l.local_rows + 1),
                            fill_value=sentinel, return_inverse=True)
@@ -184,19 +208,19 @@ def _pool_kernel_bwd(interpret, res, g):
 pool_kernel.defvjp(_pool_kernel_fwd, _pool_kernel_bwd)
 
 
-def pool_all(layouts, opts, order, dedups, rows, inv, w):
+def pool_all(layouts, opts, order, dedups, packing, rows, inv, w):
   """Stage 2 for every stack: `[b, F, dim]` for this device's examples, features in
   collection order (`order[k]` = the collection feature of the k-th stack feature, stacks
   in `layouts` order). Stacks split over the same axes send their partial sums home in one
   set of collectives (concatenated along the feature axis)."""
   groups: dict[tuple, list] = {}
-  for l, dedup in zip(layouts, dedups):
-    groups.setdefault(l.axes, []).append((l, dedup))
+  for l, dedup, pk in zip(layouts, dedups, packing):
+    groups.setdefault(l.axes, []).append((l, dedup, pk))
   pooled = {}
   for members in groups.values():
-    stacks = [l for l, _ in members]
-    parts = [pool_partial(l, opts, dedup, rows[l.name], inv[l.name], w[l.name])
-             for l, dedup in members]
+    stacks = [l for l, _, _ in members]
+    parts = [pool_partial(l, opts, dedup, pk.plain_sum, rows[l.name], inv[l.name],
+                          w[l.name]) for l, dedup, pk in members]
     x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=4)
     x = send_home(stacks[0], opts.comm_dtype, x)                         # [b, nt, Ft_all, dim]
     start = 0
@@ -216,20 +240,27 @@ def pool_all(layouts, opts, order, dedups, rows, inv, w):
   return out
 
 
-def pool_partial(l, opts, dedup, rows, inv, w):
+def pool_partial(l, opts, dedup, plain_sum, rows, inv, w):
   """Partial pooled sums `[nt, nr, nc, b, Ft, dl]` of one stack's `rows [n, dl]` for the
-  examples of this device's group (`inv`, `w` `[1, nt, nr, nc, b, Ft, L]`)."""
+  examples of this device's group (`inv`, `w` `[1, nt, nr, nc, b, Ft, L]`).
+
+  `plain_sum` (`Packing.plain_sum`: no weighted or mean features): every weight is 1 for a
+  present id and 0 for an absent one, whose row reads as 0 (the sentinel), so the XLA
+  paths just add the rows (exactly the same sums; the gradient differs only on sentinel
+  slots, which stage 3 drops). XLA:CPU would otherwise recompute the weights from the ids
+  for every element of the rows it gathers."""
   inv, w = inv[0], w[0]                                                  # [nt,nr,nc,b,Ft,L]
+  weigh = (lambda x: x) if plain_sum else (lambda x: x * w[..., None])
   if not dedup:
     # Without dedup `rows` holds this group's slots in order (`inv` is an iota): a
     # reshape, whose transpose is a reshape, not a gather whose transpose is a
     # scatter-add into a zeroed `[n, dl]`.
-    return (rows.reshape(inv.shape + rows.shape[-1:]) * w[..., None]).sum(axis=-2)
+    return weigh(rows.reshape(inv.shape + rows.shape[-1:])).sum(axis=-2)
   if opts.kernel == "pallas":
     bags = inv.shape[:-1]
     return pool_kernel(rows, inv.reshape(-1, inv.shape[-1]), w.reshape(-1, w.shape[-1]),
                        opts.interpret).reshape(bags + rows.shape[-1:])
-  return (jnp.take(rows, inv, axis=0) * w[..., None]).sum(axis=-2)
+  return weigh(jnp.take(rows, inv, axis=0)).sum(axis=-2)
 
 
 def send_home(l, comm_dtype, x):

@@ -390,3 +390,33 @@ def test_one_slice_stack_with_reordered_or_padded_slot_features(order, opt, opti
   tables, _ = coll.unstack_tables(state)
   for name in ref_tables:
     np.testing.assert_allclose(np.asarray(tables[name]), ref_tables[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,mesh_spec", [("dp", "single"), ("rw", "row=8"), ("tw", "table=8"),
+                                            ("grid", "table=2,row=2,col=2")])
+def test_ids_outside_their_table_read_nothing_on_device(kind, mesh_spec):
+  """Past the host's `check_ids` (e.g. `lookup` called directly), an id outside its table
+  counts as absent (-1): it must not read or update a row of the table stacked after it."""
+  mesh = (make_mesh({"data": 1}, jax.devices()[:1]) if mesh_spec == "single"
+          else make_mesh(parse_mesh_spec(mesh_spec, 8)))
+  coll = EmbeddingCollection.create(TABLES, FEATURES,
+                                    uniform_plan(kind, TABLES, mesh.shape["table"]), mesh,
+                                    optimizers.SGD(0.1))
+
+  @jax.jit
+  def step(state, ids, weights, gout):
+    ctx = coll.lookup(state, ids, weights)
+    pooled, vjp = jax.vjp(lambda r: coll.pool(r, ctx), ctx.rows)
+    return pooled, coll.apply_gradients(state, ctx, vjp(gout)[0], jnp.int32(0))
+
+  ids, weights, gout = make_inputs(0)
+  bad = {k: v.copy() for k, v in ids.items()}
+  bad["fa"][0] = [37, 40, 2**31 - 1]   # table a has 37 rows; c (11) is stacked after it
+  bad["fc"][1] = [11, -5]
+  bad["fb"][2] = 50
+  clean = {k: np.where(bad[k] == ids[k], ids[k], -1).astype(np.int32) for k in ids}
+  outs = [step(coll.init(jax.random.key(0)), x, weights, gout) for x in (bad, clean)]
+  np.testing.assert_array_equal(np.asarray(outs[0][0]), np.asarray(outs[1][0]))
+  for a, b in zip(coll.unstack_tables(outs[0][1])[0].values(),
+                  coll.unstack_tables(outs[1][1])[0].values()):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
