@@ -33,7 +33,8 @@ class CrossNetwork(nn.Module):
   Attributes:
     num_layers: number of cross layers (0 is the identity).
     low_rank: rank `r` of each `W_l`; `None` for full rank `[d, d]`.
-    dtype: computation dtype.
+    dtype: the matmuls' operand dtype; the residual stream `x_l` (and `x0 * h`) stays
+      float32 (each layer's `W_l x_l + b_l` leaves it as its float32 sum).
   """
 
   num_layers: int
@@ -42,14 +43,16 @@ class CrossNetwork(nn.Module):
 
   @nn.compact
   def __call__(self, x0):
-    """`[B, d]` -> `[B, d]`."""
+    """`[B, d]` -> float32 `[B, d]`."""
     d = x0.shape[-1]
+    x0 = x0.astype(jnp.float32)
     x = x0
     for i in range(self.num_layers):
       h = x
       if self.low_rank is not None:
         h = dense_layer(int(self.low_rank), self.dtype, use_bias=False, name=f"cross_{i}_v")(h)
-      h = dense_layer(d, self.dtype, name=f"cross_{i}", kernel_init=nn.initializers.zeros)(h)
+      h = dense_layer(d, self.dtype, name=f"cross_{i}", kernel_init=nn.initializers.zeros,
+                      out_dtype=jnp.float32)(h)
       x = x0 * h + x
     return x
 
@@ -88,7 +91,9 @@ class DCNv2(nn.Module):
                         f"{self.low_rank!r}")
     check_sizes("DCNv2.deep_mlp", self.deep_mlp, allow_empty=True)
     dtype = compute_dtype("DCNv2.dtype", self.dtype)
-    x0 = jnp.concatenate([dense, emb.reshape(b, f * d)], axis=-1).astype(dtype)
+    # float32: the cross network's residual stream uses it as is; each Dense rounds its
+    # input to `dtype` for the matmul.
+    x0 = jnp.concatenate([dense, emb.reshape(b, f * d)], axis=-1).astype(jnp.float32)
     cross = CrossNetwork(int(self.num_cross_layers), self.low_rank, dtype, name="cross")
     deep = MLP(self.deep_mlp, final_activation=True, dtype=dtype, name="deep_mlp")
     if self.structure == "stacked":
