@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrec.errors import ConfigError
+from jaxrec.kernels import quant
 
 KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
 BIAS_INIT = nn.initializers.zeros
@@ -161,41 +162,30 @@ class MLP(nn.Module):
     return x
 
 
-DTYPES = {"float32": jnp.float32, "f32": jnp.float32, "fp32": jnp.float32,
-          "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def compute_dtype(name: str, value) -> Any:
   """The compute dtype a model's `dtype` attribute names: float32, or bfloat16 (mixed
-  precision). Accepts the strings in `DTYPES`, the dtype objects (`jnp.bfloat16`,
-  `np.float32`, `jnp.dtype('bfloat16')`) and None (float32). Anything else, float16
-  included (it needs loss scaling, which jaxrec does not do), raises a ConfigError naming
-  the binding `name`, e.g. `DLRM.dtype`."""
+  precision). Accepts those names and their short forms (`quant.DTYPE_ALIASES`: `f32`,
+  `fp32`, `bf16`) in any case, the dtype objects (`jnp.bfloat16`, `np.float32`,
+  `jnp.dtype('bfloat16')`) and None (float32). Anything else, float16 included (it needs
+  loss scaling, which jaxrec does not do), raises a ConfigError naming the binding `name`,
+  e.g. `DLRM.dtype`."""
   if value is None:
     return jnp.float32
   if isinstance(value, str):
-    found = DTYPES.get(value.strip().lower())
+    key = value.strip().lower()
+    dtype_name = quant.DTYPE_ALIASES.get(key, key)
   else:
-    try:
-      found = {jnp.dtype(jnp.float32): jnp.float32,
-               jnp.dtype(jnp.bfloat16): jnp.bfloat16}.get(jnp.dtype(value))
-    except (TypeError, ValueError):
-      found = None
+    dtype_name = quant.dtype_name(value)
+  found = COMPUTE_DTYPES.get(dtype_name)
   if found is None:
     hint = (": float16 would need loss scaling, which jaxrec does not do; use 'bfloat16'"
-            if _is_float16(value) else "")
+            if quant.dtype_name(dtype_name) == "float16" else "")
     raise ConfigError(f"{name} must be 'float32' or 'bfloat16' (mixed precision; also "
                       f"'bf16'), got {value!r}{hint}")
   return found
-
-
-def _is_float16(value) -> bool:
-  if isinstance(value, str):
-    return value.strip().lower() in ("float16", "f16", "fp16", "half")
-  try:
-    return jnp.dtype(value) == jnp.float16
-  except (TypeError, ValueError):
-    return False
 
 
 def check_inputs(model: str, dense, emb) -> tuple[int, int, int]:
