@@ -80,13 +80,9 @@ def slice_feature_tables(l, sel):
   then folds them into the lookup's index arithmetic."""
   offsets = np.array(l.feature_row_offsets(), np.int32)
   rows = np.array([l.slots[t].rows for t in l.feature_tables], np.uint32)
-  if l.num_slices == 1:
-    slots = np.array(l.slot_features[0])
-    return (np.where(slots >= 0, offsets[np.maximum(slots, 0)], 0).astype(np.int32),
-            np.where(slots >= 0, rows[np.maximum(slots, 0)], 0).astype(np.uint32))
-  pick = jnp.maximum(sel, 0)
-  return (jnp.where(sel >= 0, jnp.asarray(offsets)[pick], 0),
-          jnp.where(sel >= 0, jnp.asarray(rows)[pick], jnp.uint32(0)))
+  xp, sel = (np, np.array(l.slot_features[0])) if l.num_slices == 1 else (jnp, sel)
+  pick = xp.maximum(sel, 0)
+  return tuple(xp.where(sel >= 0, xp.asarray(a)[pick], a.dtype.type(0)) for a in (offsets, rows))
 
 
 def read_rows(table, uniq):
