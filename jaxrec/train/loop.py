@@ -177,9 +177,13 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       at = int(restored.state["step"])
       found = offloaded_lib.snapshot_of(ckpt.step_dir(at))   # where the restore found it
       tier.restore(at, os.path.dirname(found[0]) if found else snapshots, restored.host_tables)
-    if train_it is not None:   # {}: a tables-only import
-      train_it.set_state(restored.data_state or initial_data_state)
+    if train_it is not None:
+      set_data_state(restored)
     return restored.state
+
+  def set_data_state(restored) -> None:
+    """Points the data stream at `restored`'s position ({}: a tables-only import)."""
+    train_it.set_state(restored.data_state or initial_data_state)
 
   def prune_snapshots() -> None:
     """Drops offload snapshots older than every kept checkpoint (also those a run left
@@ -212,7 +216,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       source = data_adapter.train_iterator(config, options)
       initial_data_state = source.get_state()
       train_it = wrap(source)
-      train_it.set_state(restored.data_state or initial_data_state)
+      if restored is not None:
+        set_data_state(restored)
   except BaseException:
     if tier is not None:
       tier.close()
