@@ -3,14 +3,13 @@ with `--log_every` steps queued, 8 host devices on a busy machine deadlocked in 
 collective (reproduced by hand under load 8: an abort before step 100 of dlrm_criteo)."""
 
 import jax
-import numpy as np
-from jax.sharding import Mesh
 
+from jaxrec.sharding.mesh import make_mesh
 from jaxrec.train import loop
 
 
 def _mesh(n):
-  return Mesh(np.array(jax.devices()[:n]).reshape(n, 1, 1, 1), ("data", "table", "row", "col"))
+  return make_mesh({"data": n}, jax.devices()[:n])
 
 
 def test_multi_device_cpu_meshes_cap_the_steps_in_flight():
