@@ -35,7 +35,9 @@ both of these before trusting a ratio. Prints one JSON line per framework and a 
    "ratio_vs_naive": jaxrec_eps / naive_eps, ...}
 
 The goal is met when `ratio >= 2.0` and jaxrec's AUC is not worse than TorchRec's
-(`"auc_ok"`, with a tolerance of `--auc_tolerance` for run-to-run noise, 0 by default).
+(`"auc_ok"`, with a tolerance of `--auc_tolerance` for run-to-run noise, 0 by default), and,
+with 3 or more repeats, the median run of each also gives 2.0 (`"ratio_runs_median"`), so
+that one unusually fast run cannot meet it alone.
 `--breakdown` adds, for jaxrec, the step time of the dense part alone and of the embedding
 part alone (where the time goes); `--trace_dir` writes a `jax.profiler` trace of a few steps.
 """
@@ -61,6 +63,7 @@ TORCHREC_PYTHON = os.path.join(TORCHREC_DIR, ".venv", "bin", "python")
 TORCHREC_RUNNER = os.path.join(TORCHREC_DIR, "run_torchrec.py")
 NAIVE_RUNNER = os.path.join(ROOT, "benchmarks", "naive_dlrm.py")
 NAME = "vs_torchrec"
+GOAL = 2.0   # jaxrec ex/s ÷ TorchRec ex/s, at equal or better AUC
 
 
 # ----------------------------------------------------------------------------- data
@@ -277,6 +280,32 @@ def breakdown(config, collection, state, train_step, host_batches, bsharding) ->
 
 
 # ----------------------------------------------------------------------------- driver
+def goal_verdict(jaxrec_runs: list[dict], torchrec_runs: list[dict],
+                 auc_tolerance: float = 0.0) -> dict:
+  """`ratio` (fastest run of each), `ratio_runs_median` (median run of each), `auc_ok` and
+  `met` from every run's record (failed runs, without `examples_per_sec`, left out).
+
+  Best against best lets one unusually fast run decide (2026-12-03: jaxrec's five bfloat16
+  runs were 51.7k-54.6k ex/s and one 73.7k), so with 3 or more runs of each the medians
+  must reach the goal too. The AUCs are those of the fastest runs (every run trains the
+  same steps on the same data, so they agree to ~1e-4).
+  """
+  jx = [r for r in jaxrec_runs if "examples_per_sec" in r]
+  tr = [r for r in torchrec_runs if "examples_per_sec" in r]
+  if not jx or not tr:
+    raise ValueError("goal_verdict needs at least one finished run of each framework")
+  best_jx = max(jx, key=lambda r: r["examples_per_sec"])
+  best_tr = max(tr, key=lambda r: r["examples_per_sec"])
+  ratio = best_jx["examples_per_sec"] / best_tr["examples_per_sec"]
+  runs_median = (float(np.median([r["examples_per_sec"] for r in jx]))
+                 / float(np.median([r["examples_per_sec"] for r in tr])))
+  auc_ok = best_jx["auc"] >= best_tr["auc"] - auc_tolerance
+  enough = min(len(jx), len(tr)) >= 3
+  met = ratio >= GOAL and auc_ok and (not enough or runs_median >= GOAL)
+  return {"ratio": round(ratio, 3), "ratio_runs_median": round(runs_median, 3),
+          "auc_ok": bool(auc_ok), "met": bool(met)}
+
+
 def _two_thread_env() -> dict:
   """Environment of both subprocesses. The two cores come from `taskset` (see `_pin`);
   XLA ignores the bare `intra_op_parallelism_threads=2` token (kept for the record of
@@ -420,25 +449,23 @@ def main():
                     "naive_auc": round(nv["auc"], 5)}
     if skip is not None:
       emit(NAME, framework="torchrec", skipped=skip)
-      emit(NAME, skipped=skip, goal=2.0, jaxrec_auc=jx.get("auc"),
+      emit(NAME, skipped=skip, goal=GOAL, jaxrec_auc=jx.get("auc"),
            jaxrec_examples_per_sec=jx.get("examples_per_sec"), **vs_naive)
       return
     tr = _best(runs["torchrec"])
     emit(NAME, **tr)
 
     if "examples_per_sec" not in jx or "examples_per_sec" not in tr:
-      emit(NAME, error="a framework failed; see its line above", goal=2.0)
+      emit(NAME, error="a framework failed; see its line above", goal=GOAL)
       sys.exit(1)
-    ratio = jx["examples_per_sec"] / tr["examples_per_sec"]
-    auc_ok = jx["auc"] >= tr["auc"] - args.auc_tolerance
+    goal = goal_verdict(runs["jaxrec"], runs["torchrec"], args.auc_tolerance)
     extra = dict(facts)
     load = max(r.get("load_average_1m", 0.0) for r in runs["jaxrec"] + runs["torchrec"])
     if load > 1.5 * (os.cpu_count() or 1) and args.nice >= 0:
       extra["warning"] = (f"load average up to {load} on {os.cpu_count()} cores during the "
                           "runs: other processes distort the timings (TorchRec most); rerun "
                           "on a quiet machine or with --nice -20 --repeats 3")
-    emit(NAME, ratio=round(ratio, 3), goal=2.0, goal_op=">=",
-         met=bool(ratio >= 2.0 and auc_ok), auc_ok=bool(auc_ok),
+    emit(NAME, **goal, goal=GOAL, goal_op=">=",
          ratio_median_step=round(jx["examples_per_sec_median"] / tr["examples_per_sec_median"], 3),
          jaxrec_examples_per_sec=round(jx["examples_per_sec"], 1),
          torchrec_examples_per_sec=round(tr["examples_per_sec"], 1),

@@ -1,0 +1,40 @@
+"""The vs_torchrec goal verdict: best against best, and with 3+ runs the medians too."""
+
+import os
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__)))), "benchmarks")
+sys.path.insert(0, BENCH)
+import vs_torchrec  # noqa: E402  (benchmarks/ is a script folder, not a package)
+
+
+def _runs(*speeds, auc=0.64):
+  return [{"examples_per_sec": s, "auc": auc} for s in speeds]
+
+
+def test_one_fast_run_does_not_meet_the_goal_alone():
+  got = vs_torchrec.goal_verdict(_runs(52e3, 53e3, 74e3), _runs(30e3, 33e3, 36e3))
+  assert got["ratio"] == round(74 / 36, 3) and got["ratio_runs_median"] == round(53 / 33, 3)
+  assert not got["met"] and got["auc_ok"]
+
+
+def test_met_when_best_and_median_runs_both_reach_two():
+  got = vs_torchrec.goal_verdict(_runs(62e3, 64e3, 66e3), _runs(30e3, 31e3, 32e3))
+  assert got["met"] and got["ratio_runs_median"] == round(64 / 31, 3)
+
+
+def test_fewer_than_three_runs_compare_the_fastest_only():
+  assert vs_torchrec.goal_verdict(_runs(40e3, 70e3), _runs(30e3, 34e3))["met"]
+
+
+def test_worse_auc_fails_and_failed_runs_are_left_out():
+  jx = _runs(70e3, 70e3, 70e3, auc=0.63) + [{"error": "crashed"}]
+  got = vs_torchrec.goal_verdict(jx, _runs(30e3, 30e3, 30e3, auc=0.64))
+  assert not got["auc_ok"] and not got["met"]
+  assert vs_torchrec.goal_verdict(jx, _runs(30e3, 30e3, 30e3, auc=0.64),
+                                   auc_tolerance=0.02)["met"]
+  with pytest.raises(ValueError, match="at least one finished run"):
+    vs_torchrec.goal_verdict([{"error": "crashed"}], _runs(30e3))
