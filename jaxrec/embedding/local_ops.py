@@ -125,11 +125,12 @@ def lookup_all(layouts, dedups, packing, tables, packed):
   return out
 
 
-def pooling_weights(pk, ids, gathered):
-  """Pooling weight of every slot `[..., F_s, L]`: 0 for absent ids (-1), the feature's
-  per-id weight (f32 bits in `gathered` columns `pk.weight_starts`) if weighted, divided
-  by the bag's id count for mean pooling."""
-  valid = ids >= 0
+def pooling_weights(pk, ids, gathered, rows):
+  """Pooling weight of every slot `[..., F_s, L]`: 0 for absent ids (-1, or outside the
+  feature's table: `rows` uint32 `[F_s]`, as stage 1 counts them), the feature's per-id
+  weight (f32 bits in `gathered` columns `pk.weight_starts`) if weighted, divided by the
+  bag's id count for mean pooling."""
+  valid = unsigned(ids) < rows[:, None]
   w = valid.astype(jnp.float32)
   starts = np.array(pk.weight_starts)
   if (starts >= 0).any():
@@ -175,7 +176,8 @@ def lookup_stack(l, dedup, table, ids_all, gathered, pk):
     uniq = group.reshape(-1)
     inv = jnp.arange(group.size, dtype=jnp.int32).reshape(group.shape)
   rows = read_rows(table, uniq)
-  w = pooling_weights(pk, group_slice(l, ids_all), group_slice(l, gathered))
+  feature_rows = np.array([l.slots[t].rows for t in l.feature_tables], np.uint32)
+  w = pooling_weights(pk, group_slice(l, ids_all), group_slice(l, gathered), feature_rows)
   w_sel, _ = select_features(l, w, 0.0)
   return rows, uniq[None], inv, w_sel
 

@@ -391,7 +391,8 @@ def test_one_slice_stack_with_reordered_or_padded_slot_features(order, opt, opti
                                             ("grid", "table=2,row=2,col=2")])
 def test_ids_outside_their_table_read_nothing_on_device(kind, mesh_spec):
   """Past the host's `check_ids` (e.g. `lookup` called directly), an id outside its table
-  counts as absent (-1): it must not read or update a row of the table stacked after it."""
+  counts as absent (-1): it must not read or update a row of the table stacked after it,
+  nor count in its mean bag's id count (row 3 of fc: the mean of row 4 alone)."""
   mesh = (make_mesh({"data": 1}, jax.devices()[:1]) if mesh_spec == "single"
           else make_mesh(parse_mesh_spec(mesh_spec, 8)))
   coll = EmbeddingCollection.create(TABLES, FEATURES,
@@ -405,9 +406,11 @@ def test_ids_outside_their_table_read_nothing_on_device(kind, mesh_spec):
     return pooled, coll.apply_gradients(state, ctx, vjp(gout)[0], jnp.int32(0))
 
   ids, weights, gout = make_inputs(0)
+  ids["fc"][3] = [4, 5]
   bad = {k: v.copy() for k, v in ids.items()}
   bad["fa"][0] = [37, 40, 2**31 - 1]   # table a has 37 rows; c (11) is stacked after it
   bad["fc"][1] = [11, -5]
+  bad["fc"][3, 1] = 11
   bad["fb"][2] = 50
   clean = {k: np.where(bad[k] == ids[k], ids[k], -1).astype(np.int32) for k in ids}
   outs = [step(coll.init(jax.random.key(0)), x, weights, gout) for x in (bad, clean)]
