@@ -62,6 +62,22 @@ def steps_in_flight(mesh) -> int | None:
 def check_workdir(workdir: str) -> None:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir: '{workdir}' exists and is not a directory")
+  # W/checkpoints or W/checkpoints/<step> (what convert_checkpoint.py takes) would start a
+  # fresh run that writes its files (and its own checkpoints/) among W's checkpoints
+  def is_step_dir(path):
+    return os.path.isfile(os.path.join(path, "manifest", "metadata"))
+  path = os.path.abspath(workdir)
+  steps = [p for p in (os.listdir(path) if os.path.isdir(path) else []) if p.isdigit()]
+  inside = (path if is_step_dir(path) else
+            next((os.path.join(path, s) for s in steps if is_step_dir(os.path.join(path, s))),
+                 None))
+  if inside is not None:
+    checkpoints = os.path.dirname(inside)
+    if os.path.basename(checkpoints) == "rejected":   # W/checkpoints/rejected/<step>.<...>
+      checkpoints = os.path.dirname(checkpoints)
+    run = os.path.dirname(checkpoints)
+    raise ConfigError(f"--workdir: '{workdir}' is a checkpoint directory, not a run's "
+                      f"directory; to resume that run pass --workdir={run}")
   os.makedirs(workdir, exist_ok=True)
 
 

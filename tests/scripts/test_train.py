@@ -121,6 +121,21 @@ def test_workdir_that_is_a_file(tmp_path):
   assert_one_line_error(proc, f"--workdir: '{f}' exists and is not a directory")
 
 
+def test_workdir_that_is_a_checkpoint_directory(tmp_path):
+  """`--workdir=W/checkpoints` (or one step of it, as `convert_checkpoint.py` takes them)
+  must not start a fresh run that writes its files among W's checkpoints."""
+  w = tmp_path / "w"
+  flags = ["--gin_file=configs/dlrm_synthetic.gin", "--num_steps=2", "--noprogress",
+           *[f"--gin_bindings={b}" for b in SMALL]]
+  train(str(w), *flags)
+  for wrong in (w / "checkpoints", w / "checkpoints" / "2"):
+    before = sorted(os.listdir(wrong))
+    proc = train(str(wrong), *flags, check=False, env=NO_COMPILE)
+    assert_one_line_error(proc, f"--workdir: '{wrong}' is a checkpoint directory")
+    assert f"--workdir={w}" in proc.stderr
+    assert sorted(os.listdir(wrong)) == before
+
+
 def test_gin_file_missing_a_required_binding(tmp_path):
   bad = tmp_path / "no_model.gin"
   bad.write_text("ExperimentConfig.embedding = @uniform_tables()\nuniform_tables.num_tables = 2\n"
