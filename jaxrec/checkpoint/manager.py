@@ -425,6 +425,8 @@ class CheckpointManager:
     manifest, meta = json_items[MANIFEST], json_items[META] or {}
     if not manifest or manifest.get("format") != canonical_lib.FORMAT:
       raise ValueError(f"{step_dir} has no jaxrec manifest")
+    if manifest.get("step", step) != step:   # copied or renamed by hand: not that step
+      raise ValueError(f"{step_dir} holds step {manifest['step']}, not step {step}")
     # Tables offloaded now are checked whole and not read (their caches start empty): from
     # the checkpoint if it held them on the device (then copied to the tier: `host_tables`),
     # else from the step's offload snapshot, which also gives the whole arrays of tables

@@ -178,6 +178,21 @@ def test_corrupt_latest_falls_back_with_warning(tmp_path, coll, item, damage, ca
   mgr.close()
 
 
+def test_step_directory_holding_another_step_is_skipped(tmp_path, coll, caplog):
+  """A step directory copied or renamed by hand (`cp -r 1 3`) holds step 1: resuming from
+  it would train steps 1.. again under the name 3 and skip saving step 3."""
+  import shutil
+  mgr, _, s2 = _two_steps(tmp_path, coll)
+  shutil.copytree(mgr.step_dir(1), tmp_path / "3")
+  with caplog.at_level(logging.WARNING):
+    restored = mgr.restore(h.dense(coll.mesh), coll)
+  assert str(tmp_path / "3") in caplog.text and "holds step 1" in caplog.text
+  assert int(restored.state["step"]) == 2
+  h.assert_tables_equal(coll, s2, coll, restored.state)
+  assert [p.name.split(".")[0] for p in (tmp_path / "rejected").iterdir()] == ["3"]
+  mgr.close()
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_none_valid_is_a_clear_error_and_moves_nothing(tmp_path, coll):
   mgr, _, _ = _two_steps(tmp_path, coll)
