@@ -149,9 +149,6 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   is_main = jax.process_index() == 0
   mesh = collection.mesh
   if is_main:
-    # whole or not at all: `--plan=W/plan.json` reads it back on the next start
-    write_text_atomic(os.path.join(workdir, "plan.json"),
-                      json.dumps(info["plan_result"].to_json(), indent=2, sort_keys=True))
     log.info("mesh %s, plan (--plan=%s):\n%s", mesh_lib.format_mesh(info["mesh"]),
              options.plan, info["plan_result"].report())
 
@@ -239,8 +236,11 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       tier.close()
     ckpt.close()
     raise
-  if is_main:
+  if is_main:   # only now: a run refused by its restore leaves the last run's files
     write_text_atomic(os.path.join(workdir, "config.gin"), operative_gin)
+    # whole or not at all: `--plan=W/plan.json` reads it back on the next start
+    write_text_atomic(os.path.join(workdir, "plan.json"),
+                      json.dumps(info["plan_result"].to_json(), indent=2, sort_keys=True))
 
   train_step = step_lib.make_train_step(config, collection, shardings)
   eval_step = step_lib.make_eval_step(config, collection, shardings)

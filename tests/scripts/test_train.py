@@ -136,6 +136,21 @@ def test_workdir_that_is_a_checkpoint_directory(tmp_path):
     assert sorted(os.listdir(wrong)) == before
 
 
+def test_a_run_its_checkpoint_refuses_leaves_the_last_runs_files(tmp_path):
+  """A rerun whose tables no longer match the checkpoint stops before training; the run's
+  `plan.json` and `config.gin` must still be the ones of the run that wrote it."""
+  w = tmp_path / "w"
+  flags = ["--gin_file=configs/dlrm_synthetic.gin", "--num_steps=2", "--noprogress",
+           *[f"--gin_bindings={b}" for b in SMALL]]
+  train(str(w), *flags, "--plan=dp")
+  before = {n: (w / n).read_text() for n in ("plan.json", "config.gin")}
+  rows = "uniform_tables.rows=[100000, 50000, 20000, 10000, 5000, 2000, 1000, 600]"
+  proc = train(str(w), *flags, "--plan=tw", "--num_steps=4", f"--gin_bindings={rows}",
+               check=False)
+  assert proc.returncode != 0 and "t7" in proc.stderr.splitlines()[-1], proc.stderr[-2000:]
+  assert {n: (w / n).read_text() for n in before} == before
+
+
 def test_gin_file_missing_a_required_binding(tmp_path):
   bad = tmp_path / "no_model.gin"
   bad.write_text("ExperimentConfig.embedding = @uniform_tables()\nuniform_tables.num_tables = 2\n"
