@@ -74,7 +74,7 @@ def test_calibrated_model_ranks_plans_as_measured():
                             model=DLRM((16, 16), (16, 1)), batch_size=BATCH,
                             dense_optimizer=dense_optimizer("sgd", 0.05),
                             sparse_optimizer=optimizers.SGD(lr=0.05))
-  cal = calibrate(quick=True, reps=3)
+  cal = calibrate(quick=True, reps=9)
   estimated = {n: estimate_plan(p, tables, features, MESH, None, "sgd", BATCH, cal,
                                 kernel="xla").step_time_s for n, p in plans.items()}
   mesh = mesh_lib.make_mesh(MESH, jax.devices()[:8])
