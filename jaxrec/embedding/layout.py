@@ -150,6 +150,10 @@ class StackLayout:
     """Per stack feature, the first row of its table inside the table's slice."""
     return tuple(self.slots[t].row_offset for t in self.feature_tables)
 
+  def feature_rows(self) -> tuple[int, ...]:
+    """Per stack feature, its table's row count (ids `>= rows` are outside the table)."""
+    return tuple(self.slots[t].rows for t in self.feature_tables)
+
   def feature_slices(self) -> tuple[int, ...]:
     return tuple(self.slots[t].table_slice for t in self.feature_tables)
 

@@ -79,7 +79,7 @@ def slice_feature_tables(l, sel):
   the slice (int32) and its row count (uint32): numpy constants on one slice, where XLA
   then folds them into the lookup's index arithmetic."""
   offsets = np.array(l.feature_row_offsets(), np.int32)
-  rows = np.array([l.slots[t].rows for t in l.feature_tables], np.uint32)
+  rows = np.array(l.feature_rows(), np.uint32)
   xp, sel = (np, np.array(l.slot_features[0])) if l.num_slices == 1 else (jnp, sel)
   pick = xp.maximum(sel, 0)
   return tuple(xp.where(sel >= 0, xp.asarray(a)[pick], a.dtype.type(0)) for a in (offsets, rows))
@@ -176,8 +176,8 @@ def lookup_stack(l, dedup, table, ids_all, gathered, pk):
     uniq = group.reshape(-1)
     inv = jnp.arange(group.size, dtype=jnp.int32).reshape(group.shape)
   rows = read_rows(table, uniq)
-  feature_rows = np.array([l.slots[t].rows for t in l.feature_tables], np.uint32)
-  w = pooling_weights(pk, group_slice(l, ids_all), group_slice(l, gathered), feature_rows)
+  w = pooling_weights(pk, group_slice(l, ids_all), group_slice(l, gathered),
+                      np.array(l.feature_rows(), np.uint32))
   w_sel, _ = select_features(l, w, 0.0)
   return rows, uniq[None], inv, w_sel
 
