@@ -28,7 +28,16 @@ BLOCK_BYTES = 64 << 20   # rows read at a time: about this many bytes
 
 def read_json(step_dir: epath.PathLike, item: str) -> dict:
   """A JSON item (`manifest`, `meta`, `data_state`) of a step directory."""
-  return json.loads((epath.Path(step_dir) / item / "metadata").read_text())
+  return json.loads(_json_item(step_dir, item).read_text())
+
+
+def is_step_dir(path: epath.PathLike) -> bool:
+  """Whether `path` is a checkpoint's step directory (it holds a manifest)."""
+  return _json_item(path, MANIFEST).is_file()
+
+
+def _json_item(step_dir: epath.PathLike, item: str) -> epath.Path:
+  return epath.Path(step_dir) / item / "metadata"
 
 
 def _dense_arrays(step_dir: epath.Path) -> dict[str, ts.TensorStore]:

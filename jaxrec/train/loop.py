@@ -20,6 +20,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxrec.checkpoint import offloaded as offloaded_lib
+from jaxrec.checkpoint import storage
+from jaxrec.checkpoint.manager import REJECTED_DIR, step_dirs
 from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.errors import ConfigError, JaxrecError
@@ -64,21 +66,23 @@ def check_workdir(workdir: str) -> None:
     raise ConfigError(f"--workdir: '{workdir}' exists and is not a directory")
   # W/checkpoints or W/checkpoints/<step> (what convert_checkpoint.py takes) would start a
   # fresh run that writes its files (and its own checkpoints/) among W's checkpoints
-  def is_step_dir(path):
-    return os.path.isfile(os.path.join(path, "manifest", "metadata"))
-  path = os.path.abspath(workdir)
-  steps = [p for p in (os.listdir(path) if os.path.isdir(path) else []) if p.isdigit()]
-  inside = (path if is_step_dir(path) else
-            next((os.path.join(path, s) for s in steps if is_step_dir(os.path.join(path, s))),
-                 None))
-  if inside is not None:
-    checkpoints = os.path.dirname(inside)
-    if os.path.basename(checkpoints) == "rejected":   # W/checkpoints/rejected/<step>.<...>
-      checkpoints = os.path.dirname(checkpoints)
-    run = os.path.dirname(checkpoints)
+  checkpoints = _checkpoint_dir_of(os.path.abspath(workdir))
+  if checkpoints is not None:
     raise ConfigError(f"--workdir: '{workdir}' is a checkpoint directory, not a run's "
-                      f"directory; to resume that run pass --workdir={run}")
+                      f"directory; to resume that run pass --workdir="
+                      f"{os.path.dirname(checkpoints)}")
   os.makedirs(workdir, exist_ok=True)
+
+
+def _checkpoint_dir_of(path: str) -> str | None:
+  """The checkpoint directory (`W/checkpoints`) that `path` is, or holds as a step or a
+  rejected step (`W/checkpoints/rejected/<step>.<...>`); None when it is neither."""
+  if storage.is_step_dir(path):
+    up = os.path.dirname(path)
+    return os.path.dirname(up) if os.path.basename(up) == REJECTED_DIR else up
+  if any(storage.is_step_dir(os.path.join(path, str(s))) for s in step_dirs(path)):
+    return path
+  return None
 
 
 def setup(config: ExperimentConfig, options: RunOptions, devices=None

@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -181,7 +182,6 @@ def test_corrupt_latest_falls_back_with_warning(tmp_path, coll, item, damage, ca
 def test_step_directory_holding_another_step_is_skipped(tmp_path, coll, caplog):
   """A step directory copied or renamed by hand (`cp -r 1 3`) holds step 1: resuming from
   it would train steps 1.. again under the name 3 and skip saving step 3."""
-  import shutil
   mgr, _, s2 = _two_steps(tmp_path, coll)
   shutil.copytree(mgr.step_dir(1), tmp_path / "3")
   with caplog.at_level(logging.WARNING):
