@@ -71,12 +71,12 @@ def _select_step(checkpoint_dir, step: int | None) -> tuple[epath.Path, int]:
   default; `--checkpoint_dir` may also name one rejected checkpoint
   (`W/checkpoints/rejected/<step>.<reason>.<ns>`), kept for exactly this."""
   rejected = offloaded_lib.rejected_step(checkpoint_dir)
-  if rejected is not None:
-    if step is not None and step != rejected:
+  if rejected is not None:   # its step is the manifest's (rejected for holding another?)
+    held = int(_check(epath.Path(checkpoint_dir)).get("step", rejected))
+    if step is not None and step != held:
       raise ConfigError(f"--step={step}: --checkpoint_dir {checkpoint_dir} is the rejected "
-                        f"checkpoint of step {rejected}")
-    _check(epath.Path(checkpoint_dir))
-    return epath.Path(checkpoint_dir), rejected
+                        f"checkpoint of step {held}")
+    return epath.Path(checkpoint_dir), held
   for attempt in range(3):   # orbax lists the steps: one a running job deletes meanwhile
     try:
       mgr = CheckpointManager(checkpoint_dir, read_only=True)
@@ -100,7 +100,7 @@ def _select_step(checkpoint_dir, step: int | None) -> tuple[epath.Path, int]:
     raise CheckpointError(f"no checkpoint for step {step} in {checkpoint_dir} (steps: "
                           f"{steps}){_hint(checkpoint_dir, step)}")
   else:
-    _check(mgr.step_dir(step))
+    _check(mgr.step_dir(step), step=step)
   return mgr.step_dir(step), int(step)
 
 
@@ -122,10 +122,11 @@ def _hint(checkpoint_dir, step: int | None = None) -> str:
           f"{shown}")
 
 
-def _check(step_dir, full: bool = False) -> dict:
-  """`storage.check_step`, its errors (bad JSON, missing arrays, ...) as `CheckpointError`."""
+def _check(step_dir, full: bool = False, step: int | None = None) -> dict:
+  """`storage.check_step`, its errors (bad JSON, missing arrays, a manifest of another
+  `step`, ...) as `CheckpointError`."""
   try:
-    return storage.check_step(step_dir, full=full)
+    return storage.check_step(step_dir, full=full, step=step)
   except Exception as e:  # pylint: disable=broad-except
     if _gone(step_dir):
       raise _vanished(step_dir) from None

@@ -203,7 +203,7 @@ class CheckpointManager:
   def check(self, step: int, full: bool = False) -> dict:
     """Raises if checkpoint `step` is unreadable; `full` also reads every array and checks
     its fingerprint. Returns the step's manifest."""
-    return storage.check_step(self.step_dir(step), full=full)
+    return storage.check_step(self.step_dir(step), full=full, step=step)
 
   def latest_valid_step(self, full: bool = False) -> int | None:
     """Newest step that passes `check` (warning about each newer one that does not);
@@ -425,8 +425,7 @@ class CheckpointManager:
     manifest, meta = json_items[MANIFEST], json_items[META] or {}
     if not manifest or manifest.get("format") != canonical_lib.FORMAT:
       raise ValueError(f"{step_dir} has no jaxrec manifest")
-    if manifest.get("step", step) != step:   # copied or renamed by hand: not that step
-      raise ValueError(f"{step_dir} holds step {manifest['step']}, not step {step}")
+    storage.check_manifest_step(manifest, step_dir, step)   # copied or renamed by hand
     # Tables offloaded now are checked whole and not read (their caches start empty): from
     # the checkpoint if it held them on the device (then copied to the tier: `host_tables`),
     # else from the step's offload snapshot, which also gives the whole arrays of tables

@@ -103,17 +103,26 @@ def array_fingerprint(array: ts.TensorStore, visit=None) -> int:
   return total
 
 
-def check_step(step_dir: epath.PathLike, full: bool = False) -> dict:
+def check_manifest_step(manifest: dict, step_dir: epath.PathLike, step: int | None) -> None:
+  """Raises when `manifest` (of `step_dir`) records a step other than `step` (None: any)."""
+  if step is not None and manifest.get("step", step) != step:
+    raise ValueError(f"{step_dir} holds step {manifest['step']}, not step {step}")
+
+
+def check_step(step_dir: epath.PathLike, full: bool = False, step: int | None = None) -> dict:
   """Checks a step directory; returns its manifest or raises.
 
   Always: the JSON items parse, the manifest is ours, every listed array opens with its
-  listed shape and dtype. `full`: also reads every array and compares fingerprints.
+  listed shape and dtype; with `step`, the manifest records that step (a directory copied
+  or renamed by hand holds another). `full`: also reads every array and compares
+  fingerprints.
   """
   step_dir = epath.Path(step_dir)
   manifest = read_json(step_dir, MANIFEST)
   if manifest.get("format") != canonical_lib.FORMAT:
     raise ValueError(f"{step_dir} is not a jaxrec checkpoint (manifest format "
                      f"{manifest.get('format')!r})")
+  check_manifest_step(manifest, step_dir, step)
   read_json(step_dir, META)
   read_json(step_dir, DATA_STATE)
   arrays = open_arrays(step_dir)

@@ -100,3 +100,29 @@ def test_a_rejected_offloaded_step_reads_its_set_aside_snapshot(tmp_path):
   with pytest.raises(CheckpointError, match=rf"no offload snapshot 'rejected/{name}' \(looked "
                      rf"in .*offload_snapshots"):
     convert.export_npz(checkpoints / "rejected" / name, tmp_path / "b.npz")
+
+
+def test_a_step_directory_holding_another_step_is_not_exported_under_its_name(rolled_back,
+                                                                              tmp_path):
+  """A step directory copied by hand (`cp -r 2 6`) holds step 2: exporting "step 6" would
+  record the wrong step (and a copied-back checkpoint would then be rejected). The latest
+  valid step falls back past it, `--step=6` is refused, and once the restore has moved it
+  to rejected/ it exports as the step it holds."""
+  path, _, coll, _ = rolled_back
+  work = tmp_path / "checkpoints"
+  shutil.copytree(path, work, ignore=shutil.ignore_patterns("rejected"))
+  shutil.copytree(work / "2", work / "6")
+  assert convert.export_npz(work, tmp_path / "a.npz") == 2
+  with pytest.raises(CheckpointError, match=r"checkpoint .*6 is corrupt: .*6 holds step 2, "
+                     r"not step 6; pick another --step"):
+    convert.export_npz(work, tmp_path / "b.npz", step=6)
+  assert not (tmp_path / "b.npz").exists()
+  with CheckpointManager(work) as mgr:
+    mgr.restore(h.train_state(coll), coll)
+  (rejected,) = (work / "rejected").iterdir()
+  assert rejected.name.startswith("6.corrupt.")
+  assert convert.export_npz(rejected, tmp_path / "c.npz") == 2
+  with np.load(tmp_path / "c.npz") as z:
+    assert int(z["step"]) == 2
+  with pytest.raises(ConfigError, match=r"--step=6: .* is the rejected checkpoint of step 2"):
+    convert.export_npz(rejected, tmp_path / "d.npz", step=6)
