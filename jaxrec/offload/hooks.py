@@ -13,13 +13,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Mapping
 
 import jax
 
 from jaxrec.offload.config import OffloadConfig, device_tables
-from jaxrec.offload.planning import plan_with_offload
+from jaxrec.offload.planning import plan_with_offload, with_offload_notes
 from jaxrec.offload.tier import OffloadTier
 from jaxrec.sharding.plan import KINDS, is_plan_file, load_plan_file, uniform_plan
 from jaxrec.errors import ConfigError
@@ -75,7 +76,7 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
     if mode != "file":
       raise
     raise ConfigError(f"--plan={options.plan}: {e}") from None
-  return plan, result, tables, off
+  return plan, with_offload_notes(result, config.tables, off, sparse), tables, off
 
 
 def cached_calibration():
@@ -90,10 +91,31 @@ def cached_calibration():
 
 
 def make_tier(collection, config, offload_config: OffloadConfig, seed: int, workdir: str,
-              keep: int | None = None) -> OffloadTier | None:
+              keep: int | None = None, evaluates: bool = False) -> OffloadTier | None:
   """The run's `OffloadTier` (None when no table is offloaded). Its stores start from the
-  values `train.state.create(config, collection, seed)` gives on-device tables."""
+  values `train.state.create(config, collection, seed)` gives on-device tables.
+  `evaluates`: the run evaluates (`config.eval_batch_size`), see `warn_small_eval_caches`."""
   if not offload_config.tables:
     return None
-  return OffloadTier(collection, config.tables, offload_config, key=emb_init_key(seed),
+  tier = OffloadTier(collection, config.tables, offload_config, key=emb_init_key(seed),
                      workdir=workdir, keep=keep)
+  if evaluates:
+    warn_small_eval_caches(tier, config.features, config.eval_batch_size)
+  return tier
+
+
+def warn_small_eval_caches(tier: OffloadTier, features, eval_batch_size: int) -> list[str]:
+  """Warns (and returns the warnings) for each offloaded table whose cache is smaller than
+  the most distinct rows an eval batch can read: an eval looks the whole batch up through
+  the cache, so such a batch stops the run at that eval, maybe hours in. Only a warning:
+  real batches often read far fewer distinct rows than the bound."""
+  out = []
+  for name, t in tier.tables.items():
+    bound = eval_batch_size * sum(f.max_len for f in features if f.table == name)
+    if bound > t.cache.cache_rows:
+      out.append(f"offloaded table '{name}': an eval batch ({eval_batch_size} examples) may "
+                 f"read up to {bound:,} distinct rows, more than its {t.cache.cache_rows:,}-row "
+                 "cache; an eval batch that does stops the run at that eval (raise its "
+                 "cache_rows/cache_bytes or lower ExperimentConfig.eval_batch_size)")
+      logging.warning("%s", out[-1])
+  return out

@@ -65,12 +65,18 @@ def plan_with_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpe
       rows = max(need[t.name], int(t.rows * config.auto_cache_fraction))
       config = config.with_tables(config.tables + (OffloadTable(t.name, cache_rows=rows),))
       added.append(t.name)
+  return with_offload_notes(result, tables, config, optimizer, added), config, specs
+
+
+def with_offload_notes(result, tables: Sequence[TableSpec], config: OffloadConfig, optimizer,
+                       added: Sequence[str] = ()):
+  """`result` (a `PlanResult`) with a note per offloaded table: its cache size, and
+  whether `OffloadConfig.auto` offloaded it (`added`)."""
   notes = [f"offloaded '{o.name}': {o.resolve_cache_rows(_spec(tables, o.name), optimizer):,}"
            f"-row device cache, full table in tensorstore"
            + (" (added by OffloadConfig.auto: the tables did not fit)" if o.name in added else "")
            for o in config.tables]
-  result = dataclasses.replace(result, notes=tuple(result.notes) + tuple(notes))
-  return result, config, specs
+  return dataclasses.replace(result, notes=tuple(result.notes) + tuple(notes))
 
 
 def _spec(tables: Sequence[TableSpec], name: str) -> TableSpec:

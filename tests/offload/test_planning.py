@@ -78,9 +78,13 @@ def test_trainer_hooks_forced_plan_and_no_offload():
   plan, result, tables, off = offload.choose_plan(config, options, {"row": 2}, cfg)
   assert plan["huge"].kind == "rw" and dict((t.name, t.rows) for t in tables)["huge"] == 100_000
   assert off is cfg and result.plan == plan
-  _, _, tables, off = offload.choose_plan(config, RunOptions(plan="dp"), {"data": 1},
+  # a forced kind notes the offloaded table as `auto` does (printed, and kept in plan.json)
+  assert [n for n in result.notes if "offloaded" in n] == [
+      "offloaded 'huge': 100,000-row device cache, full table in tensorstore"]
+  _, result, tables, off = offload.choose_plan(config, RunOptions(plan="dp"), {"data": 1},
                                           offload.OffloadConfig())
   assert tables == TABLES and not off.tables
+  assert not [n for n in result.notes if "offloaded" in n]
   assert offload.make_tier(None, config, off, 0, "/tmp") is None
 
 

@@ -1,6 +1,9 @@
 """A disk write error during write-back, in the trainer: a clear error, the last checkpoint
 (and its offload snapshot) stay valid, and the same command resumes from it exactly."""
 
+import logging
+import re
+
 import numpy as np
 import pytest
 
@@ -66,16 +69,23 @@ def test_write_back_failure_keeps_the_last_checkpoint_and_resume_is_exact(tmp_pa
     np.testing.assert_allclose(got[step], want[step], rtol=0, atol=1e-6, err_msg=step)
 
 
-def test_a_failing_final_eval_keeps_the_final_checkpoint(tmp_path):
+def test_a_failing_final_eval_keeps_the_final_checkpoint(tmp_path, caplog):
   """The last step checkpoints before it evaluates: an eval batch too big for the cache
   (a ConfigError only the eval data shows) used to stop the run before its last checkpoint,
-  losing every step since the previous one (with the default --checkpoint_every=0, all)."""
+  losing every step since the previous one (with the default --checkpoint_every=0, all).
+  The start-up warns that an eval batch may not fit."""
   from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
   w = tmp_path / "w"
   small_cache = SMALL_DLRM + ["OffloadConfig.tables={'t0': {'cache_rows': 300}}"]
-  with pytest.raises(ConfigError, match="an eval batch reads .* more than its cache of 300"):
-    train_synthetic(w, 8, small_cache)
+  with caplog.at_level(logging.WARNING):
+    with pytest.raises(ConfigError, match="an eval batch reads .* more than its cache of 300"):
+      train_synthetic(w, 8, small_cache)
+  assert re.search(r"offloaded table 't0': an eval batch \(\d+ examples\) may read up to "
+                   r"[\d,]+ distinct rows, more than its 300-row cache", caplog.text)
   assert sorted(p.name for p in (w / "checkpoints").iterdir()) == ["8"]
   assert snapshots.steps(str(w / "offload_snapshots")) == [8]
-  result = train_synthetic(w, 8, small_cache + ["ExperimentConfig.eval_batch_size=128"])
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    result = train_synthetic(w, 8, small_cache + ["ExperimentConfig.eval_batch_size=128"])
   assert result["step"] == 8 and np.isfinite(result["eval_logloss"])   # evaluates step 8
+  assert "may read up to" not in caplog.text
