@@ -120,6 +120,12 @@ class TableStore:
   def _spec(self, name: str) -> dict:
     return {"driver": self.off.driver, "kvstore": self._kvstore(name)}
 
+  def existing_arrays(self) -> list[str]:
+    """Names of this table's arrays already on disk at `path` (what `create` replaces)."""
+    if self.off.kvstore == "memory":
+      return []
+    return [n for n in self.names if os.path.isdir(os.path.join(self.path, n))]
+
   # ----------------------------------------------------------------------------- open
   def create(self, key: jax.Array | None) -> None:
     """Fresh arrays: rows as the on-device init from `key`, optimizer state at its

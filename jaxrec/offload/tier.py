@@ -135,6 +135,7 @@ class OffloadTier:
           np.full(cache_rows, -1, np.int64))
     self.ops = DeviceOps(collection, places)
     self._store_ready = self._dirty = self._atexit = False
+    self._stores_written = False   # by this tier: created fresh or restored
     self._dummies: dict = {}
     self._source = None
     self._threads: list[threading.Thread] = []
@@ -239,7 +240,7 @@ class OffloadTier:
         t.store.restore_snapshot(f"{path}/{name}")
       except ConfigError as e:
         raise OffloadError(f"offload snapshot {path}: {e}") from None
-    self._store_ready = True
+    self._store_ready = self._stores_written = True
 
   def reset(self) -> None:
     """Back to the initial tables (a run restarted from its initial state): the stores
@@ -471,8 +472,13 @@ class OffloadTier:
       if t.store.off.init == "existing":
         t.store.open_existing()
       else:
+        found = [] if self._stores_written else t.store.existing_arrays()
+        if found:   # e.g. a `path` another run trains, or an earlier run of this workdir
+          logging.warning("offloaded table '%s': a fresh run replaces the arrays already at "
+                          "%s (%s) with its initial values ('init': 'existing' would train "
+                          "them instead)", t.spec.name, t.store.path, ", ".join(found))
         t.store.create(self.key)
-    self._store_ready = True
+    self._store_ready = self._stores_written = True
 
   def _start_threads(self) -> None:
     if self._threads:

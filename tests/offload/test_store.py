@@ -152,3 +152,21 @@ def test_snapshot_and_restore_into_unusable_paths_are_clear_errors(tmp_path):
                      r" .*snaps/3/big into '.*file/big'"):
     other.restore_snapshot(str(tmp_path / "snaps" / "3" / "big"))
   assert offload.snapshots.steps(str(tmp_path / "snaps")) == [3]
+
+
+def test_a_fresh_run_warns_before_replacing_arrays_already_at_its_path(tmp_path, caplog):
+  """A second fresh run on the same `path` (another run's store) replaces its arrays with
+  initial values: the first write says so once; restarts of its own store do not."""
+  import logging  # pylint: disable=import-outside-toplevel
+  from tests.offload.offload_helpers import Run, experiment, mesh_of, offload_config
+  off = offload_config(tmp_path)
+  with caplog.at_level(logging.WARNING):
+    Run(experiment(), mesh_of(), off).train(1).close()
+    assert "replaces the arrays" not in caplog.text
+    run = Run(experiment(), mesh_of(), off).train(1)
+    assert caplog.text.count("replaces the arrays") == 1
+    assert (f"offloaded table 'big': a fresh run replaces the arrays already at "
+            f"{tmp_path / 'big'} (table)") in caplog.text    # SGD: no optimizer arrays
+    run.tier.reset()
+    run.train(1).close()
+  assert caplog.text.count("replaces the arrays") == 1
