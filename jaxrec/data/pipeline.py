@@ -26,6 +26,9 @@ them to worker processes).
 from __future__ import annotations
 
 import functools
+import os
+import threading
+import time
 from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import gin
@@ -42,6 +45,7 @@ from jaxrec.errors import ConfigError, DataError
 SYNTHETIC = "synthetic"
 TRAIN_SPLIT, EVAL_SPLIT = 0, 1
 STATE_VERSION = 1
+PARENT_POLL_S = 0.5   # how often a worker process checks that its trainer is alive
 
 
 def _rows(rows: Mapping[str, int] | Sequence[TableSpec]) -> dict[str, int]:
@@ -120,6 +124,23 @@ def _train_batch(source: Source, batch_size: int, seed: int, process_index: int,
   return source.gather(indexing.example_indices(pos, source.num_examples, seed, shuffle))
 
 
+def _exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None:
+  """grain `worker_init_fn`: the worker process exits once `parent` (the trainer) is gone.
+
+  grain's workers stop only when their parent tells them to; after a `kill -9` of the
+  trainer each one stayed, idle, for good, holding its copy of the source (for TSV, all the
+  parsed data), and restarts piled them up. A thread polls, since PR_SET_PDEATHSIG would
+  fire when the *thread* that started the worker ends (grain starts them from its own).
+  """
+  del worker_index, worker_count
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(PARENT_POLL_S)
+    os._exit(1)   # pylint: disable=protected-access
+  threading.Thread(target=watch, name="jaxrec-exit-with-parent", daemon=True).start()
+
+
 def _pipeline(fn: Callable[[int], object], count: int, num_threads: int, prefetch: int,
               num_workers: int) -> Iterator:
   if prefetch <= 0 and num_workers <= 0:
@@ -127,7 +148,8 @@ def _pipeline(fn: Callable[[int], object], count: int, num_threads: int, prefetc
   ds = grain.MapDataset.range(0, count).map(fn).to_iter_dataset(
       grain.ReadOptions(num_threads=max(num_threads, 1), prefetch_buffer_size=max(prefetch, 1)))
   if num_workers > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                        worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
   return iter(ds)
 
 

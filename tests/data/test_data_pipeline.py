@@ -1,7 +1,12 @@
 """The trainer-facing builders: determinism, process slices, resume, epochs, eval."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -246,3 +251,52 @@ def test_worker_processes_give_the_same_batches(files):
   it.close()
   for a, b in zip(ref, got):
     np.testing.assert_array_equal(a.dense, b.dense)
+
+
+_KILLED_TRAINER = """
+import multiprocessing, os, signal, sys
+sys.path[:0] = {paths!r}
+def main():
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()
+  import data_testlib as lib
+  from jaxrec.data import pipeline
+  it = pipeline.make_train_iterator({path!r}, lib.features({{2: 3}}), lib.rows(), 16,
+                                    num_workers=2)
+  next(it)
+  with open({pids!r}, "w") as f:
+    f.write(" ".join(str(p.pid) for p in multiprocessing.active_children()))
+  os.kill(os.getpid(), signal.SIGKILL)
+if __name__ == "__main__":
+  main()
+"""
+
+
+def test_worker_processes_exit_when_the_trainer_is_killed(files, tmp_path):
+  """kill -9 of the trainer left grain's worker processes running, idle, each holding its
+  copy of the source, for good (and one more set per restart)."""
+  script = tmp_path / "killed_trainer.py"
+  here = os.path.dirname(os.path.abspath(__file__))
+  pid_file, log = tmp_path / "workers", tmp_path / "log"
+  script.write_text(_KILLED_TRAINER.format(paths=[here, os.path.dirname(os.path.dirname(here))],
+                                           path=files["binary"], pids=str(pid_file)))
+  with open(log, "w") as out:   # not a pipe: the workers hold it open as long as they live
+    proc = subprocess.run([sys.executable, str(script)], stdout=out, stderr=out, timeout=120)
+  assert proc.returncode == -signal.SIGKILL, log.read_text()[-2000:]
+  pids = [int(p) for p in pid_file.read_text().split()]
+  assert len(pids) >= 2, pids
+  deadline = time.monotonic() + 20
+  while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    time.sleep(0.2)
+  alive = [p for p in pids if _alive(p)]
+  for p in alive:   # do not leave them behind when the test fails
+    os.kill(p, signal.SIGKILL)
+  assert not alive, f"worker processes {alive} outlived their killed trainer"
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
