@@ -322,8 +322,7 @@ class Parser:
     cols, msgs = [], []
     for r in rows[:MAX_LOGGED_BAD_ROWS]:
       c = int(np.argmax(bad[r]))
-      text = bytes(a[starts[r, c]:ends[r, c]]).decode("utf-8", "replace")
-      text = text if len(text) <= 40 else text[:37] + "..."
+      text = _shown(bytes(a[starts[r, c]:ends[r, c]]))
       why = _REASONS[int(reason[r, c])]
       if c > nd:
         why = f"feature '{lay.names[c - 1 - nd]}': " + why.format(
@@ -333,6 +332,18 @@ class Parser:
     cols += [None] * (len(rows) - len(cols))
     msgs += [None] * (len(rows) - len(msgs))
     return batch, rows, cols, msgs
+
+
+def _shown(value: bytes) -> str:
+  """A field's bytes as an error message quotes them: control characters and bytes that are
+  not UTF-8 escaped (`'19\\r'`, `'\\xe9'`), at most 40 characters.
+
+  Printed raw, a stray `\\r` (a line ending in `\\r\\r\\n`) made `not hex: '19'` of a
+  hex-looking value and sent the terminal's cursor back over the message.
+  """
+  text = "".join(ch if ch.isprintable() else ascii(ch)[1:-1]
+                 for ch in value.decode("utf-8", "backslashreplace"))
+  return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _parse_floats(a: np.ndarray, s: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

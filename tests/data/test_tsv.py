@@ -167,6 +167,24 @@ def test_malformed_bags(tsv_file, value, max_len, weighted, what):
     read(path, lay)
 
 
+@pytest.mark.parametrize("raw, shown", [
+    (b"19\r", "'19\\r'"),            # a line ending in \r\r\n: the value looked like hex
+    (b"\xe9", "'\\xe9'"),             # not UTF-8: the byte, not a replacement character
+    (b"a\x1bb", "'a\\x1bb'"),          # a control byte (an escape sequence's start)
+    (b"\xc3\xa9", "'\u00e9'"),          # UTF-8 text is shown as it is
+])
+def test_quoted_values_show_invisible_characters(tmp_path, raw, shown):
+  """The quoted value of an error escapes what a terminal would not show (or would act on)."""
+  path = tmp_path / "bad.tsv"
+  good = (lib.line() + "\n").encode() * 1000   # past the text check's first 64 KiB
+  path.write_bytes(good + lib.line().encode()[:-3] + b"\t" + raw + b"\r\n")   # C26 replaced
+  with pytest.raises(DataError) as e:
+    read(str(path))
+  msg = str(e.value)
+  assert msg == (f"{path}:1001: column 40 (C26): feature 'f25': categorical value is not hex: "
+                 f"{shown}")
+
+
 def test_line_numbers_across_chunks(tsv_file):
   lines = [lib.line()] * 60
   lines[47] = _bad(col=5, value="oops")
