@@ -36,6 +36,10 @@ _MESH = flags.DEFINE_string("mesh", None, "Target mesh for --format=checkpoint, 
                             "data=2,table=2,row=2,col=1.")
 _PLAN = flags.DEFINE_string("plan", None, "Target plan for --format=checkpoint: a kind "
                             "(dp, tw, rw, cw, twrw, twcw, grid) or a plan JSON file.")
+_RESTART_DATA = flags.DEFINE_bool("restart_data", False, "With --format=checkpoint: the copy "
+                                  "keeps the model and its step but not the data position: "
+                                  "a run on it reads its --train_data from the start (continue "
+                                  "training on new data, e.g. the next day's).")
 _TORCHREC = flags.DEFINE_string("torchrec_npz", None, "Import this TorchRec "
                                 "EmbeddingBagCollection state_dict (npz written by "
                                 "third_party/torchrec_export) instead of --checkpoint_dir.")
@@ -52,7 +56,8 @@ def run() -> str:
   if _TORCHREC.value:
     if _FORMAT.value != "checkpoint":
       raise ConfigError("--torchrec_npz imports into a checkpoint: use --format=checkpoint")
-    given = [f"--{f}" for f in ("checkpoint_dir", "mesh", "plan") if flags.FLAGS[f].present]
+    given = [f"--{f}" for f in ("checkpoint_dir", "mesh", "plan", "restart_data")
+             if flags.FLAGS[f].present]
     if given:
       raise ConfigError(f"{', '.join(given)}: not used with --torchrec_npz (it imports the "
                         "npz into --output)")
@@ -64,6 +69,9 @@ def run() -> str:
   if _FORMAT.value != "checkpoint" and (_MESH.value or _PLAN.value):
     raise ConfigError(f"--mesh and --plan apply to --format=checkpoint only, not "
                       f"--format={_FORMAT.value} (exports hold each table whole)")
+  if _FORMAT.value != "checkpoint" and _RESTART_DATA.value:
+    raise ConfigError(f"--restart_data applies to --format=checkpoint only, not "
+                      f"--format={_FORMAT.value}")
   if _FORMAT.value == "npz":
     step = convert.export_npz(_DIR.value, _OUTPUT.value, _STEP.value)
   elif _FORMAT.value == "zarr":
@@ -71,7 +79,7 @@ def run() -> str:
   else:
     mesh = convert.parse_mesh(_MESH.value) if _MESH.value else None
     step, layouts = convert.export_checkpoint(_DIR.value, _OUTPUT.value, _STEP.value, mesh,
-                                              _PLAN.value)
+                                              _PLAN.value, _RESTART_DATA.value)
     if layouts:
       print(layouts)
   return f"wrote step {step} of {_DIR.value} to {_OUTPUT.value} ({_FORMAT.value})"

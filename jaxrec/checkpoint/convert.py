@@ -350,12 +350,15 @@ def parse_mesh(spec: str) -> dict[str, int]:
 
 
 def export_checkpoint(checkpoint_dir, output, step: int | None = None,
-                      mesh_shape: Mapping[str, int] | None = None, plan: str | None = None
-                      ) -> tuple[int, str]:
+                      mesh_shape: Mapping[str, int] | None = None, plan: str | None = None,
+                      restart_data: bool = False) -> tuple[int, str]:
   """Copies checkpoint `step` into the checkpoint directory `output`, for a run on
   `mesh_shape` with `plan`. The stored layout is canonical, so the copy is exact; this
   verifies every array's fingerprint and that the plan fits the mesh (the layouts it
-  would build). Returns `(step, layout description)`."""
+  would build). `restart_data`: the copy drops the data position, so a run resuming from
+  it keeps the model (tables, dense, optimizer states, step) and reads its training data
+  from the start (other data, e.g. the next day's, or another seed). Returns
+  `(step, layout description)`."""
   if (mesh_shape is None) != (plan is None):
     raise ConfigError("--mesh and --plan go together for --format=checkpoint")
   output = epath.Path(output)
@@ -399,6 +402,9 @@ def export_checkpoint(checkpoint_dir, output, step: int | None = None,
   with _removed_on_error(dest, written, step_dir):
     shutil.copytree(step_dir, tmp)
     manifest["converted_from"] = str(step_dir)
+    if restart_data:
+      manifest["data_restarted"] = True
+      (tmp / storage.DATA_STATE / "metadata").write_text(json.dumps({}))
     (tmp / storage.MANIFEST / "metadata").write_text(json.dumps(manifest))
     if snapshot is not None:   # the offloaded tables: the snapshot first, hard links
       _link_copy(epath.Path(snapshot[0]), snap_dest)

@@ -45,6 +45,10 @@ from jaxrec.errors import ConfigError, DataError
 SYNTHETIC = "synthetic"
 TRAIN_SPLIT, EVAL_SPLIT = 0, 1
 STATE_VERSION = 1
+# how to go on from a checkpoint with another data order (a data mismatch's error says it)
+RESTART_HINT = ("; to continue training on other data, copy the checkpoint with "
+                "`scripts/convert_checkpoint.py --format=checkpoint --restart_data "
+                "--output=W2/checkpoints` and train in W2")
 PARENT_POLL_S = 0.5   # how often a worker process checks that its trainer is alive
 
 
@@ -221,13 +225,13 @@ class TrainIterator:
     if seed != self.seed or bool(state.get("shuffle", self.shuffle)) != self.shuffle:
       raise ConfigError(f"the checkpoint's data order used seed={seed}, "
                         f"shuffle={state.get('shuffle')}; this run has seed={self.seed}, "
-                        f"shuffle={self.shuffle}")
+                        f"shuffle={self.shuffle}{RESTART_HINT}")
     if state.get("num_examples", self.source.num_examples) != self.source.num_examples:
       def size(n):   # synthetic data is an endless stream
         return "an endless synthetic stream" if n is None else f"{n} examples per epoch"
       raise DataError(f"the checkpoint was trained on {size(state['num_examples'])}, this "
                       f"training data is {size(self.source.num_examples)}; resuming would "
-                      "repeat and skip examples")
+                      f"repeat and skip examples{RESTART_HINT}")
     self.close()
     self._position = position
 

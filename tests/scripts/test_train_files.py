@@ -77,3 +77,42 @@ def test_a_trained_run_evaluates_new_data_without_its_training_data(tmp_path):
         f"--eval_data={tmp_path}/eval2.tsv")
   steps = [l["step"] for l in read_metrics(w) if "loss" in l]
   assert steps[-1] == 20 and steps.count(20) == 2   # trained 11..20 again
+
+
+def test_continue_training_on_new_data_from_a_copy_without_the_data_position(tmp_path):
+  """Daily incremental training: a checkpoint of day 0's run resumes on day 1's file only
+  from a copy made with `--restart_data` (the workdir's own checkpoint refuses other data,
+  naming that way out); the copy keeps the model and step, and day 1 is read from its
+  start."""
+  import json  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from tests.scripts.test_train import ROOT  # pylint: disable=import-outside-toplevel
+  write_data(tmp_path / "day0.tsv", 2000)
+  write_data(tmp_path / "day1.tsv", 1500, start=2000)
+  w, w2 = tmp_path / "w", tmp_path / "w2"
+  train(str(w), *FLAGS, "--num_steps=20", f"--train_data={tmp_path}/day0.tsv")
+  proc = train(str(w), *FLAGS, "--num_steps=30", f"--train_data={tmp_path}/day1.tsv",
+               check=False)
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert ("trained on 2000 examples per epoch, this training data is 1500 examples per "
+          "epoch; resuming would repeat and skip examples; to continue training on other "
+          "data, copy the checkpoint with `scripts/convert_checkpoint.py --format=checkpoint "
+          "--restart_data") in proc.stderr, proc.stderr[-2000:]
+
+  def convert(*flags):
+    return subprocess.run([sys.executable, "scripts/convert_checkpoint.py",
+                           f"--checkpoint_dir={w}/checkpoints", *flags], cwd=ROOT,
+                          capture_output=True, text=True, check=False)
+  bad = convert(f"--output={tmp_path}/a.npz", "--format=npz", "--restart_data")
+  assert bad.returncode == 1 and "--restart_data applies to --format=checkpoint only" in bad.stderr
+  out = convert(f"--output={w2}/checkpoints", "--format=checkpoint", "--restart_data")
+  assert out.returncode == 0, out.stderr
+  manifest = json.loads((w2 / "checkpoints" / "20" / "manifest" / "metadata").read_text())
+  assert manifest["data_restarted"] is True
+  train(str(w2), *FLAGS, "--num_steps=30", f"--train_data={tmp_path}/day1.tsv")
+  lines = read_metrics(str(w2))
+  assert [l["checkpoint_step"] for l in lines if l.get("event") == "resume"] == [20]
+  assert [l["step"] for l in lines if "loss" in l] == [30]
+  state = json.loads((w2 / "checkpoints" / "30" / "data_state" / "metadata").read_text())
+  assert state["num_examples"] == 1500 and state["position"] == 10 * 128   # from day 1's start
