@@ -97,9 +97,12 @@ class TwoTower(nn.Module):
                         f"{self.temperature!r}")
     if self.loss not in LOSSES:
       raise ConfigError(f"TwoTower.loss must be one of {LOSSES}, got '{self.loss}'")
-    if not isinstance(self.remove_accidental_hits, bool):
-      raise ConfigError("TwoTower.remove_accidental_hits must be True or False, got "
-                        f"{self.remove_accidental_hits!r}")
+    # A string such as 'no' or 'False' is truthy: without the check it switched the
+    # option on, silently.
+    for attr in ("dense_to_user", "normalize", "remove_accidental_hits"):
+      if not isinstance(getattr(self, attr), bool):
+        raise ConfigError(f"TwoTower.{attr} must be True or False, got "
+                          f"{getattr(self, attr)!r}")
     self.compute_dtype = compute_dtype("TwoTower.dtype", self.dtype)
     # Tower outputs are their float32 sums (the score is a float32 dot product of them).
     self.user_tower = MLP(self.user_mlp, dtype=self.compute_dtype, out_dtype=jnp.float32)

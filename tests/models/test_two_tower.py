@@ -79,3 +79,13 @@ def test_remove_accidental_hits_must_be_a_bool():
   with pytest.raises(ConfigError, match="TwoTower.remove_accidental_hits must be True or "
                      "False, got 'yes'"):
     init_params(model, jax.random.key(0), NUM_DENSE, F, D)
+
+
+@pytest.mark.parametrize("attr,value", [("normalize", "no"), ("dense_to_user", "False"),
+                                        ("dense_to_user", None), ("normalize", 0)])
+def test_boolean_options_must_be_bools(attr, value):
+  # 'no' and 'False' are truthy strings: they used to switch the option on silently.
+  model = build_model("two_tower", **{attr: value}, **TOWERS)
+  with pytest.raises(ConfigError, match=f"TwoTower.{attr} must be True or False, got "
+                     f"{value!r}"):
+    init_params(model, jax.random.key(0), NUM_DENSE, F, D)
