@@ -66,7 +66,7 @@ class TwoTower(nn.Module):
     item_mlp: widths of the item tower; must end in the same width as `user_mlp`.
     dense_to_user: feed the dense features to the user tower.
     normalize: L2-normalise both tower outputs (the score is then a cosine / temperature).
-    temperature: divides the dot product; must be positive.
+    temperature: divides the dot product; positive and finite.
     loss: `bce` (pointwise on labels) or `in_batch_softmax` (see `in_batch_softmax_loss`);
       read by `jaxrec.models.compute_loss`. `__call__` returns the pairwise score either way.
     remove_accidental_hits: with `in_batch_softmax`, rows whose item features are the same
@@ -92,8 +92,8 @@ class TwoTower(nn.Module):
       raise ConfigError(f"TwoTower.user_mlp = {tuple(self.user_mlp)} and TwoTower.item_mlp = "
                         f"{tuple(self.item_mlp)} must end in the same width")
     if (not isinstance(self.temperature, numbers.Real) or isinstance(self.temperature, bool)
-        or not self.temperature > 0):
-      raise ConfigError(f"TwoTower.temperature must be a positive number, got "
+        or not 0 < self.temperature < float("inf")):   # inf: every score 0, nothing learns
+      raise ConfigError(f"TwoTower.temperature must be a positive finite number, got "
                         f"{self.temperature!r}")
     if self.loss not in LOSSES:
       raise ConfigError(f"TwoTower.loss must be one of {LOSSES}, got '{self.loss}'")

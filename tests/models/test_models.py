@@ -304,7 +304,7 @@ def test_a_width_or_index_that_is_not_a_sequence_names_the_binding(name, kwargs,
     ("two_tower", dict(user_features=(0, 1), item_features=("2", 3)),
      r"TwoTower.item_features = \('2', 3\)"),
     ("two_tower", dict(user_features=(0, 1), item_features=(2, 3), temperature="0.1"),
-     r"TwoTower.temperature must be a positive number, got '0.1'"),
+     r"TwoTower.temperature must be a positive finite number, got '0.1'"),
 ])
 def test_a_non_integer_width_index_or_layer_count_names_the_binding(name, kwargs, match):
   """Not truncated (`int(16.5)` = 16, index 0.5 -> 0) nor a bare ValueError traceback."""

@@ -89,3 +89,12 @@ def test_boolean_options_must_be_bools(attr, value):
   with pytest.raises(ConfigError, match=f"TwoTower.{attr} must be True or False, got "
                      f"{value!r}"):
     init_params(model, jax.random.key(0), NUM_DENSE, F, D)
+
+
+@pytest.mark.parametrize("temperature", [float("inf"), float("nan"), 0.0, -1.0])
+def test_temperature_must_be_positive_and_finite(temperature):
+  # inf made every score 0: the loss stayed at log 2 and nothing learned, silently.
+  model = build_model("two_tower", temperature=temperature, **TOWERS)
+  with pytest.raises(ConfigError, match="TwoTower.temperature must be a positive finite "
+                     "number"):
+    init_params(model, jax.random.key(0), NUM_DENSE, F, D)
