@@ -7,6 +7,7 @@ own only dense parameters; embedding tables live in `jaxrec.embedding`.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -38,10 +39,19 @@ def build_model(name: str = gin.REQUIRED, **kwargs) -> nn.Module:
   """
   if name not in MODELS:
     raise ConfigError(f"build_model.name: unknown model '{name}' (known: {', '.join(MODELS)})")
+  cls = MODELS[name]
   try:
-    model = MODELS[name](**kwargs)
+    model = cls(**kwargs)
   except TypeError as e:
-    raise ConfigError(f"build_model('{name}'): {e}") from None
+    # gin appends lines to the TypeError ("No values supplied by Gin or caller for
+    # arguments: ...", what it had bound); the first line says what is wrong.
+    first = str(e).splitlines()[0]
+    missing = re.findall(r"'(\w+)'", first) if " missing " in first else []
+    if missing:
+      names = " and ".join(f"{cls.__name__}.{m}" for m in missing)
+      raise ConfigError(f"build_model('{name}'): {names} not bound: the model has no default "
+                        f"for it; bind it in the gin file or with --gin_bindings") from None
+    raise ConfigError(f"build_model('{name}'): {first}") from None
   # Checked here too (the model checks it again when called), so that a bad dtype stops a
   # run when the config is read, before planning or starting workers.
   compute_dtype(f"{MODELS[name].__name__}.dtype", model.dtype)

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from jaxrec.errors import ConfigError
+from jaxrec.launch import user_message
 from jaxrec.models import (DLRM, MODELS, TwoTower, build_model, compute_loss, dot_interaction,
                            in_batch_softmax_loss, init_params)
 from jaxrec.models.mlp import affine
@@ -213,6 +214,24 @@ def test_build_model_errors():
     build_model("nope")
   with pytest.raises(ConfigError, match="build_model\\('dlrm'\\)"):
     build_model("dlrm", no_such_arg=1)
+
+
+def test_an_unbound_required_hyperparameter_is_one_line_naming_the_binding():
+  """gin appended "No values supplied by Gin or caller ..." lines to the TypeError."""
+  gin.clear_config()
+  try:
+    gin.parse_config("TwoTower.item_features = (2, 3)")
+    with pytest.raises(ConfigError) as e:
+      build_model("two_tower")
+  finally:
+    gin.clear_config()
+  # what scripts/train.py prints after 'error: '
+  assert user_message(e.value) == (
+      "build_model('two_tower'): TwoTower.user_features not bound: the model has no default "
+      "for it; bind it in the gin file or with --gin_bindings")
+  with pytest.raises(ConfigError, match=r"TwoTower.user_features and TwoTower.item_features "
+                     "not bound"):
+    build_model("two_tower")
 
 
 def test_affine_gradient_matches_autodiff_of_the_plain_form():
