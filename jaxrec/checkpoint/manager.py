@@ -484,7 +484,9 @@ class CheckpointManager:
     matches `target` (ConfigError naming the difference)."""
     rep = NamedSharding(collection.mesh, P())
     abstract = {}
-    for key in manifest["contents"]:
+    # 'params' first: a changed model changes its optimizer state too, and the error should
+    # name the parameters (not 'opt_state/0/mu/...')
+    for key in sorted(manifest["contents"], key=lambda k: k != "params"):
       if key == "step":
         abstract["step"] = jax.ShapeDtypeStruct((), np.int32, sharding=getattr(
             target.get("step"), "sharding", rep))
@@ -562,8 +564,8 @@ def _check_dense(key, abstract, leaves, step_dir) -> None:
   if want != have:
     diff = sorted(set(want) ^ set(have)) or sorted(n for n in want if want[n] != have[n])
     raise ConfigError(f"'{key}' in checkpoint {step_dir} does not match the model at "
-                      f"{diff[:3]} (checkpoint: {[have.get(n) for n in diff[:3]]}, model: "
-                      f"{[want.get(n) for n in diff[:3]]})")
+                      f"{diff[:3]} (checkpoint: {[have.get(n, 'absent') for n in diff[:3]]}, "
+                      f"model: {[want.get(n, 'absent') for n in diff[:3]]})")
 
 
 def _wrap_keys(tree, target, impls, key):

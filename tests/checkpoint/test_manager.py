@@ -12,6 +12,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from orbax.checkpoint._src.path import temporary_paths
 
@@ -239,6 +240,24 @@ def test_config_mismatch_is_config_error(tmp_path, coll):
     with pytest.raises(ConfigError, match="'params'"):
       mgr.restore(wrong, coll)
     assert mgr.all_steps() == [1]
+
+
+def test_a_changed_model_is_named_by_its_params(tmp_path, coll):
+  """A changed layer changes params and opt_state; the error named 'opt_state/0/mu/...'
+  (checked first, in name order) and showed the missing leaves as None."""
+  state = h.train_state(coll)
+  with CheckpointManager(tmp_path) as mgr:
+    mgr.save(1, state, coll, force=True)
+    params = dict(state["params"], top={"kernel": jnp.zeros((3, 2))})   # a wider layer
+    changed = dict(state, params=params, opt_state=optax.adam(1e-3).init(params))
+    with pytest.raises(ConfigError) as e:
+      mgr.restore(changed, coll)
+  assert str(e.value).startswith("'params' in checkpoint"), e.value
+  assert "['params/top/kernel'] (checkpoint: [([3, 1], 'float32')], model: [([3, 2], " \
+      "'float32')])" in str(e.value)
+  removed = dict(state, params={"bottom": state["params"]["bottom"]})
+  with CheckpointManager(tmp_path) as mgr, pytest.raises(ConfigError, match=r"model: \['absent'"):
+    mgr.restore(removed, coll)
 
 
 _KILLED_CHILD = textwrap.dedent("""
