@@ -4,7 +4,7 @@ Embeddings arrive pooled, so there is no separate 1-d "weight table" for the fir
 term. We use a linear layer over `concat(dense, flatten(emb))` instead: a learned scalar
 per dense feature and per (feature, dim) coordinate, i.e. each id's first-order weight is a
 learned projection of its embedding. Dense features also enter the FM as one extra field:
-a linear projection of `dense` to `D`.
+a linear projection of `dense` to `D` (none when there are no dense features).
 
 Initialisation follows the FM convention (libFM: linear weights 0, factors small): the
 first-order layer and the dense field's projection start at zero, so the FM starts as the
@@ -65,9 +65,15 @@ class DeepFM(nn.Module):
     # in bfloat16 the logit kept ~3 significant digits.
     first = dense_layer(1, dtype, name="first_order", kernel_init=zeros, out_dtype=f32)(
         flat)[:, 0]
-    dense_field = dense_layer(d, dtype, use_bias=False, name="dense_field",
-                              kernel_init=zeros, out_dtype=f32)(dense.astype(dtype))
-    fm = fm_second_order(jnp.concatenate([dense_field[:, None, :], emb.astype(f32)], axis=1))
+    fields = emb.astype(f32)
+    # Without dense features (ExperimentConfig.num_dense = 0) there is no dense field: its
+    # layer would have a [0, D] kernel, which the backward could not reshape and orbax
+    # cannot save.
+    if dense.shape[-1]:
+      dense_field = dense_layer(d, dtype, use_bias=False, name="dense_field",
+                                kernel_init=zeros, out_dtype=f32)(dense.astype(dtype))
+      fields = jnp.concatenate([dense_field[:, None, :], fields], axis=1)
+    fm = fm_second_order(fields)
     deep = MLP(tuple(self.deep_mlp) + (1,), final_activation=False, dtype=dtype,
                out_dtype=f32, name="deep_mlp")(flat)[:, 0]
     return first + fm + deep

@@ -1,11 +1,14 @@
 """DeepFM at init, with the shapes of configs/deepfm_synthetic.gin: O(1) logits, a loss near
-the label entropy, and first sparse-SGD steps (lr 1.0) that do not blow the loss up."""
+the label entropy, and first sparse-SGD steps (lr 1.0) that do not blow the loss up; and training without dense
+features."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import pytest
 
-from jaxrec.models import DeepFM, compute_loss
+from jaxrec.models import DeepFM, build_model, compute_loss, init_params
 from tests.models import init_testlib as lib
 
 MODEL = DeepFM(deep_mlp=(256, 128, 64))
@@ -49,3 +52,20 @@ def test_first_sparse_sgd_steps_do_not_blow_up():
     params, opt, tables, loss = step(params, opt, tables)
     losses.append(float(loss))
   assert max(losses) < lib.ENTROPY + 0.4, losses
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_no_dense_features_trains(dtype):
+  # ExperimentConfig.num_dense = 0: the dense field's layer had zero inputs; its backward's
+  # reshape(-1, 0) raised ZeroDivisionError (and orbax cannot save its [0, D] kernel).
+  model = build_model("deepfm", deep_mlp=(8,), dtype=dtype)
+  params = init_params(model, jax.random.key(0), 0, 3, 4)
+  emb = jax.random.normal(jax.random.key(1), (6, 3, 4))
+  labels = jnp.array([0, 1, 0, 1, 1, 0], jnp.float32)
+  loss, (g_params, g_emb) = jax.value_and_grad(
+      lambda p, e: compute_loss(model, p, jnp.zeros((6, 0)), e, labels)[0], argnums=(0, 1))(
+          params, emb)
+  assert np.isfinite(float(loss)) and "dense_field" not in params
+  assert all(x.size for x in jax.tree.leaves(params))
+  for g in jax.tree.leaves((g_params, g_emb)):
+    assert np.all(np.isfinite(g))
