@@ -89,6 +89,10 @@ class DLRM(nn.Module):
           f"but the embedding dim is {dim}; the last bottom layer must equal the embedding dim")
     if int(self.top_mlp[-1]) != 1:
       raise ConfigError(f"DLRM.top_mlp = {tuple(self.top_mlp)} must end in 1 unit (the logit)")
+    if not dense.shape[-1]:   # a [0, width] bottom layer crashed in its initialiser
+      raise ConfigError("DLRM needs dense features (ExperimentConfig.num_dense = 0): its "
+                        "bottom MLP turns them into an interaction field; DCNv2 and DeepFM "
+                        "train without them (build_model.name)")
     dtype = compute_dtype("DLRM.dtype", self.dtype)
     x = MLP(self.bottom_mlp, final_activation=True, dtype=dtype, out_dtype=jnp.float32,
             name="bottom_mlp")(dense.astype(dtype))

@@ -208,6 +208,14 @@ def test_build_model_from_gin():
     gin.clear_config()
 
 
+def test_dlrm_without_dense_features_is_a_clear_error():
+  """`ExperimentConfig.num_dense = 0`: DLRM's bottom MLP had no input (a ZeroDivisionError
+  in its initialiser); DCNv2 and DeepFM train without dense features."""
+  with pytest.raises(ConfigError, match=r"DLRM needs dense features \(ExperimentConfig."
+                     r"num_dense = 0\)"):
+    init_params(DLRM((8, 4), (8, 1)), jax.random.key(0), 0, 3, 4)
+
+
 def test_build_model_errors():
   assert set(MODELS) == {"dlrm", "dcnv2", "deepfm", "two_tower"}
   with pytest.raises(ConfigError, match="unknown model 'nope'"):
