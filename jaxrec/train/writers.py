@@ -106,15 +106,15 @@ class Progress:
     """Moves the bar to `step` and shows the latest loss and throughput (a value not given
     keeps its last one, e.g. no throughput on the first line after a compile)."""
     step = int(step)
-    if step > self._step:
-      self._bar.update(step - self._step)
-      self._step = step
     if loss is not None:
       self._postfix["loss"] = f"{float(loss):.4f}"
     if examples_per_sec is not None:
       self._postfix["ex/s"] = f"{float(examples_per_sec):,.0f}"
-    if self._postfix:
+    if self._postfix:   # before the bar moves: its redraw shows this window, not the last
       self._bar.set_postfix(self._postfix, refresh=False)
+    if step > self._step:
+      self._bar.update(step - self._step)
+      self._step = step
 
   def close(self) -> None:
     self._bar.close()

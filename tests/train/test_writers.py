@@ -82,3 +82,16 @@ def test_progress_shows_eta_loss_and_throughput(capsys):
     with Progress(total_steps=10, enabled=enabled) as p:
       p.update(10, loss=0.6)
   assert capsys.readouterr().err == ""
+
+
+def test_progress_redraw_shows_the_window_just_logged(capsys):
+  """The bar redrawn at a log step shows that step's loss and throughput, not the previous
+  window's (the postfix used to be set after the redraw, so it lagged one log line)."""
+  with Progress(total_steps=10, enabled=True) as p:
+    p._bar.mininterval = 0   # redraw on every update, as at log steps seconds apart
+    p.update(5, loss=0.7, examples_per_sec=1000.0)
+    first = capsys.readouterr().err.split("\r")[-1]
+    p.update(10, loss=0.6, examples_per_sec=2000.0)
+    second = capsys.readouterr().err.split("\r")[-1]
+  assert "5/10" in first and "loss=0.7000" in first and "ex/s=1,000" in first, first
+  assert "10/10" in second and "loss=0.6000" in second and "ex/s=2,000" in second, second
