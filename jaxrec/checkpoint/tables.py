@@ -27,6 +27,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 from typing import Any, Mapping
@@ -36,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
-from absl import logging
 from etils import epath
 
 from jaxrec.checkpoint import canonical as canonical_lib
@@ -44,6 +44,9 @@ from jaxrec.checkpoint import dequantized as dequantized_lib
 from jaxrec.checkpoint.canonical import fingerprint_np
 from jaxrec.embedding import layout as layout_lib
 from jaxrec.errors import ConfigError
+
+# jaxrec's logger: scripts/train.py shows its INFO lines (absl's only from WARNING up).
+_LOG = logging.getLogger(__name__)
 
 INDEX = "index.json"
 CHUNK_BYTES = 8 << 20
@@ -294,7 +297,7 @@ def check_compatible(index: Mapping, collection, where: str,
         raise ConfigError(f"table '{t.name}': checkpoint {where} stores it as int8 (q, scale, "
                           f"bias), which restores into int8 or, dequantised, float32; not the "
                           f"configured {t.dtype} (TableSpec.dtype, e.g. uniform_tables.dtype)")
-      logging.info("table '%s': dequantizing the int8 table of checkpoint %s to %s", t.name,
+      _LOG.info("table '%s': dequantizing the int8 table of checkpoint %s to %s", t.name,
                    where, t.dtype)
       continue
     if set(theirs) != set(ours) or any(theirs[n][0] != ours[n][0] for n in ours):
@@ -310,7 +313,7 @@ def check_compatible(index: Mapping, collection, where: str,
                         f"table's dtype as {have} (TableSpec.dtype, e.g. uniform_tables.dtype)")
     wide = {n: (theirs[n][1], ours[n][1]) for n in sorted(ours) if theirs[n][1] != ours[n][1]}
     if wide:
-      logging.info("table '%s': widening %s from checkpoint %s", t.name, ", ".join(
+      _LOG.info("table '%s': widening %s from checkpoint %s", t.name, ", ".join(
           f"{n} {a} → {b}" for n, (a, b) in wide.items()), where)
   have_opt = {n: v for n, v in stored.items() if n.startswith("table_opt/")}
   want_opt = {n: v for n, v in want.items() if n.startswith("table_opt/")}

@@ -174,8 +174,10 @@ def test_torchrec_float16_import_widens_to_float32(tmp_path, caplog, kind, devic
     assert tables[name].dtype == np.float32
     np.testing.assert_array_equal(tables[name], w.astype(np.float32), err_msg=name)
     np.testing.assert_array_equal(opt[name]["accum"], 0.0)
-  widened = [r.getMessage() for r in caplog.records if "widening" in r.getMessage()]
-  assert len(widened) == len(weights) and "float16 → float32" in widened[0], widened
+  widened = [r for r in caplog.records if "widening" in r.getMessage()]
+  assert len(widened) == len(weights) and "float16 → float32" in widened[0].getMessage()
+  # on jaxrec's logger, which scripts/train.py shows at INFO (absl's INFO it hides)
+  assert {r.name for r in widened} == {"jaxrec.checkpoint.tables"}, widened
 
 
 def test_bfloat16_checkpoint_restores_into_float32(tmp_path):
