@@ -310,9 +310,12 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
         if options.on_nan == "stop" or rollbacks >= MAX_ROLLBACKS:
           writer.write(bad_step, {"event": "nan_stop", "bad_step": bad_step,
                                   "position": bad_position, "rollbacks": rollbacks})
+          ckpt.wait()   # a save in flight commits first: the message names what is kept
+          latest = ckpt.latest_step()
+          kept = (f"the last checkpoint (step {latest}) in {ckpt.directory} is untouched"
+                  if latest is not None else f"no checkpoint was saved in {ckpt.directory}")
           raise TrainingError(f"{message} (--on_nan={options.on_nan}"
-                              f"{', rollback limit reached' if rollbacks else ''}); the last "
-                              f"checkpoint in {ckpt.directory} is untouched")
+                              f"{', rollback limit reached' if rollbacks else ''}); {kept}")
         rollbacks += 1
         skip_positions.add(bad_position)
         restored = ckpt.restore(state, collection, require_finite=True, init=fresh_dense,

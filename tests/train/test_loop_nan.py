@@ -47,13 +47,27 @@ def run(config, workdir, on_nan):
 
 
 def test_stop_names_the_step_and_keeps_checkpoints(poisoned, tmp_path):
-  with pytest.raises(loop.TrainingError, match="non-finite loss nan at step 7 .*untouched"):
+  with pytest.raises(loop.TrainingError, match="non-finite loss nan at step 7 .*checkpoint .step 4. in .* is untouched"):
     run(poisoned, tmp_path, "stop")
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert lines[-1] == {"step": 7, "event": "nan_stop", "bad_step": 7, "position": 384,
                        "rollbacks": 0}
   assert all(np.isfinite(l["loss"]) for l in lines if "loss" in l)
+
+
+def test_stop_before_the_first_checkpoint_says_none_was_saved(monkeypatch, tmp_path):
+  """A NaN before any checkpoint used to say "the last checkpoint in W/checkpoints is
+  untouched" of an empty directory; the message now says none was saved (and names the
+  step of the one kept when there is one, see above)."""
+  real = data_adapter.train_iterator
+  monkeypatch.setattr(data_adapter, "train_iterator",
+                      lambda c, o: PoisonedIterator(real(c, o), bad=1 * 64))
+  launch.parse_gin(["configs/dlrm_synthetic.gin"], BINDINGS)
+  with pytest.raises(loop.TrainingError) as e:
+    run(config_lib.ExperimentConfig(), tmp_path, "stop")
+  assert "at step 2 (--on_nan=stop); no checkpoint was saved in" in str(e.value), e.value
+  assert os.listdir(tmp_path / "checkpoints") == []
 
 
 def test_rollback_skips_the_batch(poisoned, tmp_path):
