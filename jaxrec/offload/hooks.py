@@ -26,6 +26,7 @@ from jaxrec.sharding.plan import KINDS, is_plan_file, load_plan_file, uniform_pl
 from jaxrec.errors import ConfigError
 
 SNAPSHOT_DIR = "offload_snapshots"
+_LOG = logging.getLogger(__name__)
 
 
 def emb_init_key(seed: int) -> jax.Array:
@@ -117,5 +118,5 @@ def warn_small_eval_caches(tier: OffloadTier, features, eval_batch_size: int) ->
                  f"read up to {bound:,} distinct rows, more than its {t.cache.cache_rows:,}-row "
                  "cache; an eval batch that does stops the run at that eval (raise its "
                  "cache_rows/cache_bytes or lower ExperimentConfig.eval_batch_size)")
-      logging.warning("%s", out[-1])
+      _LOG.warning("%s", out[-1])
   return out

@@ -43,6 +43,7 @@ from __future__ import annotations
 import atexit
 import collections
 import dataclasses
+import logging
 import queue
 import threading
 import time
@@ -50,7 +51,6 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
-from absl import logging
 
 from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
@@ -65,6 +65,7 @@ from jaxrec.offload.evictions import Eviction, newest_in_flight
 from jaxrec.offload.iterator import OffloadIterator
 from jaxrec.offload.store import TABLE, TableStore, assemble
 
+_LOG = logging.getLogger(__name__)   # jaxrec's: scripts/train.py shows its INFO lines
 _POLL = 0.05
 _FLUSH_CHUNK = 1 << 18
 _BOUNCE_SOURCES = 2     # evictions an install copies from (a fixed number: one compilation)
@@ -231,8 +232,8 @@ class OffloadTier:
     self._reset_all()
     for name, t in self.tables.items():
       if name in imported:
-        logging.info("offloaded table '%s': writing its store from %s", name,
-                     imported[name].where)
+        _LOG.info("offloaded table '%s': writing its store from %s", name,
+                  imported[name].where)
         t.store.create(None)
         imported[name].copy_to(t.store)
         continue
@@ -474,9 +475,9 @@ class OffloadTier:
       else:
         found = [] if self._stores_written else t.store.existing_arrays()
         if found:   # e.g. a `path` another run trains, or an earlier run of this workdir
-          logging.warning("offloaded table '%s': a fresh run replaces the arrays already at "
-                          "%s (%s) with its initial values ('init': 'existing' would train "
-                          "them instead)", t.spec.name, t.store.path, ", ".join(found))
+          _LOG.warning("offloaded table '%s': a fresh run replaces the arrays already at %s "
+                       "(%s) with its initial values ('init': 'existing' would train them "
+                       "instead)", t.spec.name, t.store.path, ", ".join(found))
         t.store.create(self.key)
     self._store_ready = self._stores_written = True
 
