@@ -76,15 +76,17 @@ _FLAGS_ERROR = "FATAL Flags parsing error: "   # absl: a misspelled or ill-typed
 
 
 def user_error(workdir: str, indices: list[int]) -> str:
-  """The `error: ...` line a failed worker printed last in this generation (or absl's
-  flag parsing error, as `error: train flags: ...`), if any."""
+  """What the `error: ...` line a failed worker printed last in this generation says (or
+  absl's flag parsing error, as `train flags: ...`), as `worker I: ...`; '' if none. (The
+  supervisor prints it after its own `error: `.)"""
   for i in indices:
     path = os.path.join(workdir, worker_lib.WORKERS_DIR, f"{i}.log")
     try:
       text = open(path, errors="replace").read().rsplit("=== generation", 1)[-1]
     except OSError:
       continue
-    lines = [l if l.startswith("error: ") else "error: train flags: " + l[len(_FLAGS_ERROR):]
+    lines = [l[len("error: "):] if l.startswith("error: ") else
+             "train flags: " + l[len(_FLAGS_ERROR):]
              for l in text.splitlines() if l.startswith(("error: ", _FLAGS_ERROR))]
     if lines:
       return f"worker {i}: {lines[-1]}"

@@ -33,7 +33,8 @@ def test_a_misspelled_train_flag_is_a_user_error_not_a_lost_worker(tmp_path):
   ev = t.events(w)
   assert t.names(ev).count("launch") == 1
   assert ev[-1]["event"] == "give_up" and ev[-1]["reason"] == "user_error"
-  assert "error: train flags: Unknown command line flag 'num_step'" in ev[-1]["message"]
+  assert ev[-1]["message"].startswith("worker 0: train flags: Unknown command line flag "
+                                      "'num_step'")   # printed once after `error: `
 
 
 @pytest.mark.parametrize("flag,value,why", [
