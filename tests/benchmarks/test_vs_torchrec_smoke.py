@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -62,3 +63,19 @@ def test_both_sides_give_ratio():
   assert summary["ratio_vs_naive"] > 0
   for k in ("jaxrec_auc", "torchrec_auc", "naive_auc"):
     assert 0.0 <= summary[k] <= 1.0
+
+
+@pytest.mark.slow   # ~20 s: three processes import jax
+def test_a_failed_framework_fails_the_script_without_torchrec_too(tmp_path):
+  # A data file too small for the steps: both JAX workers exit with an error. `make bench`
+  # (no TorchRec venv) sees only the exit status, so it must not be 0.
+  data = tmp_path / "tiny.npz"
+  z = lambda *shape: np.zeros(shape, np.float32)
+  np.savez(data, dense=z(1, 13), sparse=np.zeros((1, 26), np.int64), labels=z(1),
+           eval_dense=z(1, 13), eval_sparse=np.zeros((1, 26), np.int64), eval_labels=z(1))
+  out = subprocess.run([sys.executable, SCRIPT, "--steps", "4", "--warmup", "1", "--data",
+                        str(data), "--skip_torchrec"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert out.returncode == 1, out.stdout
+  last = json.loads(out.stdout.splitlines()[-1])
+  assert last["error"] == "jaxrec, naive_jax failed; see its line above"
