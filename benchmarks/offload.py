@@ -138,7 +138,7 @@ class Run:
       self.train(10, timed=False)        # until the cache is full: steady state
     self.train(args.warmup, timed=False)  # then compile what evictions use
     self.warmup_s = time.perf_counter() - t0
-    self.stats0 = self.tier.stats() if self.tier else {}
+    self.stats0 = self.stats1 = self.tier.stats() if self.tier else {}
 
   def train(self, n, timed=True):
     t0 = time.perf_counter()
@@ -156,15 +156,17 @@ class Run:
     if timed:
       self.seconds += time.perf_counter() - t0
       self.steps += n
+      # The tier's counters at the end of the timed steps: untimed steps after them (the
+      # snapshot timing) must not count in the per-step figures.
+      self.stats1 = self.tier.stats() if self.tier else {}
 
   def report(self, batch):
     out = {"examples_per_sec": round(self.steps * batch / self.seconds, 1),
            "step_ms": round(self.seconds / self.steps * 1e3, 3), "loss": round(self.loss, 4),
            "warmup_s": round(self.warmup_s, 1)}
     if self.tier is not None:
-      after = self.tier.stats()
       self.tier.close()
-      d = {k: after.get(k, 0) - self.stats0.get(k, 0) for k in after}
+      d = {k: v - self.stats0.get(k, 0) for k, v in self.stats1.items()}
       per_step = lambda k: d.get(k, 0) / self.steps
       out.update(hit_rate=round(d["id_hits"] / max(1, d["id_lookups"]), 4),
                  row_hit_rate=round(d["row_hits"] / max(1, d["row_lookups"]), 4),

@@ -1,0 +1,60 @@
+"""`benchmarks/offload.py`: per-step tier figures count the timed steps only."""
+
+import importlib.util
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__)))), "benchmarks")
+sys.path.insert(0, BENCH)
+_spec = importlib.util.spec_from_file_location("bench_offload", os.path.join(BENCH, "offload.py"))
+bench_offload = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_offload)
+
+KEYS = ("id_hits", "id_lookups", "row_hits", "row_lookups", "stall_s", "plan_s", "install_s",
+        "write_s", "store_reads", "buffer_reads", "written_rows", "device_bounces",
+        "stale_rows")
+
+
+class CountingTier:
+  """Stands in for `OffloadTier`: every step adds 1 to each counter."""
+
+  def __init__(self):
+    self.counts = dict.fromkeys(KEYS, 0)
+
+  def before_step(self, state, batch):
+    for k in self.counts:
+      self.counts[k] += 1
+    return state
+
+  def stats(self):
+    return dict(self.counts)
+
+  def pause(self):
+    pass
+
+  def close(self):
+    pass
+
+
+def test_untimed_steps_after_the_timed_ones_are_not_counted_per_step():
+  from jaxrec.data.batch import Batch
+  from jaxrec.sharding.mesh import batch_sharding, make_mesh
+
+  run = bench_offload.Run.__new__(bench_offload.Run)   # no model: only the bookkeeping
+  batch = Batch(np.zeros((4, 13), np.float32), np.zeros(4, np.float32),
+                {"f0": np.zeros((4, 1), np.int32)})
+  run.it = iter(lambda: batch, None)
+  run.bs = batch_sharding(make_mesh({"data": 1}, jax.devices()[:1]))
+  run.step = lambda state, b: (state, {"loss": jnp.float32(0.5)})
+  run.state, run.tier, run.seconds, run.steps, run.warmup_s = None, CountingTier(), 0.0, 0, 0.0
+  run.stats0 = run.stats1 = run.tier.stats()
+  run.train(4)
+  run.train(6, timed=False)    # e.g. the snapshot timing's steps
+  out = run.report(batch=4)
+  assert out["store_reads_per_step"] == 1.0
+  assert out["stall_ms_per_step"] == 1e3 and out["written_rows"] == 4
