@@ -69,7 +69,12 @@ def main():
   p.add_argument("--steps", type=int, default=5, help="timed steps per size per round")
   args = p.parse_args()
   opt = optimizers.sparse_optimizer(args.optimizer)
-  sizes = [int(float(r)) for r in args.rows.split(",")]
+  try:   # smallest first: the goal is the largest size's time over the smallest's
+    sizes = sorted({int(float(r)) for r in args.rows.split(",")})
+  except ValueError:
+    p.error(f"--rows: comma-separated row counts (e.g. 1e5,1e7), got {args.rows!r}")
+  if sizes[0] < 1:
+    p.error(f"--rows: row counts must be positive, got {args.rows!r}")
   runners = {rows: ScalingStep(rows, args.tables, args.batch, args.dim, opt) for rows in sizes}
   wall, cpu = interleaved_times(runners, args.rounds, args.steps, warmup=3)
   times = {rows: median(wall[rows]) for rows in sizes}

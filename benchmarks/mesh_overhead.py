@@ -103,6 +103,9 @@ def main():
   p.add_argument("--stage_steps", type=int, default=2,
                  help="calls per stage per round (stages interleaved like the steps)")
   args = p.parse_args()
+  unknown = [k for k in args.plans.split(",") if k not in MESHES]
+  if unknown:
+    p.error(f"--plans: unknown {unknown}; choose from {', '.join(MESHES)}")
   devices = jax.devices()
   if len(devices) < 8:
     raise SystemExit(f"needs 8 devices, have {len(devices)} (XLA_FLAGS={os.environ['XLA_FLAGS']})")

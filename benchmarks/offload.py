@@ -230,6 +230,12 @@ def main():
   p.add_argument("--snapshot_steps", type=int, default=100,
                  help="steps between the two timed snapshots (0: none)")
   args = p.parse_args()
+  if not 0 < args.rounds <= args.steps:
+    p.error(f"--rounds must be in [1, --steps={args.steps}] (timed blocks of --steps / "
+            "--rounds steps)")
+  unknown = set(args.runs.split(",")) - {"device", "offload", "sync", "stale"}
+  if unknown:
+    p.error(f"--runs: unknown {sorted(unknown)}; choose from device, offload, sync, stale")
   rng = np.random.default_rng(0)
   data = make_data(args, rng)
   store_dir = args.store_dir or tempfile.mkdtemp(prefix="jaxrec_offload_")

@@ -387,6 +387,8 @@ def main():
   args = p.parse_args()
   if not 0 < args.warmup < args.steps:
     p.error("--warmup must be in [1, --steps)")
+  if args.repeats < 1:
+    p.error("--repeats must be at least 1")
 
   if args.worker == "jaxrec":
     print(json.dumps(run_jaxrec(args)), flush=True)

@@ -1,0 +1,32 @@
+"""Benchmark scripts reject bad flags with a usage error before any work."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("vs_torchrec.py", ["--repeats", "0"], "--repeats must be at least 1"),
+    ("offload.py", ["--steps", "3", "--rounds", "5"], "--rounds must be in [1, --steps=3]"),
+    ("offload.py", ["--runs", "device,ofload"], "--runs: unknown ['ofload']"),
+    ("mesh_overhead.py", ["--plans", "dp,foo"], "--plans: unknown ['foo']"),
+    ("embedding_scaling.py", ["--rows", "1e5,abc"], "--rows: comma-separated row counts"),
+])
+def test_bad_flag_is_a_usage_error(script, flags, message):
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *flags],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+  assert out.stdout == ""
+
+
+def test_embedding_scaling_ratio_is_largest_over_smallest_in_any_order():
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "embedding_scaling.py"),
+                        "--rows", "1000,100", "--tables", "1", "--batch", "16", "--rounds", "1",
+                        "--steps", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-2000:]
+  last = out.stdout.splitlines()[-1]
+  assert '"rows": "1000/100"' in last and '"goal": 1.2' in last
