@@ -23,9 +23,11 @@ import time  # noqa: E402
 from jaxrec import launch  # noqa: E402
 from jaxrec.train import config as config_lib, loop  # noqa: E402
 
-CASES = [("configs/dlrm_criteo.gin", "data=1", "dp"), ("configs/dlrm_criteo.gin", "data=8", "dp"),
-         ("configs/skewed_synthetic.gin", "table=8", "tw"),
-         ("configs/dlrm_synthetic.gin", "data=2,table=2,col=2", "twcw")]
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CASES = [(os.path.join(CONFIGS, gin), mesh, plan) for gin, mesh, plan in (
+    ("dlrm_criteo.gin", "data=1", "dp"), ("dlrm_criteo.gin", "data=8", "dp"),
+    ("skewed_synthetic.gin", "table=8", "tw"),
+    ("dlrm_synthetic.gin", "data=2,table=2,col=2", "twcw"))]
 
 
 def measure(gin_file: str, mesh: str, plan: str) -> dict:

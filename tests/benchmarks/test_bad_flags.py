@@ -30,3 +30,12 @@ def test_embedding_scaling_ratio_is_largest_over_smallest_in_any_order():
   assert out.returncode == 0, out.stderr[-2000:]
   last = out.stdout.splitlines()[-1]
   assert '"rows": "1000/100"' in last and '"goal": 1.2' in last
+
+
+def test_table_init_finds_its_configs_from_any_directory(tmp_path):
+  # Imported in a subprocess: the script sets XLA_FLAGS at import.
+  code = ("import os, sys; sys.path.insert(0, sys.argv[1]); import table_init; "
+          "assert all(os.path.isfile(gin) for gin, _, _ in table_init.CASES), table_init.CASES")
+  out = subprocess.run([sys.executable, "-c", code, os.path.join(ROOT, "benchmarks")],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+  assert out.returncode == 0, out.stderr[-2000:]
