@@ -210,7 +210,6 @@ class Supervisor:
                            restarts=self.restarts,
                            checkpoint=proc_lib.latest_checkpoint(self.workdir))
           return EXIT_OK
-        t_stop = time.time()
         self._stop_all(out.reason, graceful=out.kind == "planned")
         if out.kind == "user_error":
           return self._give_up("user_error", EXIT_USER_ERROR, out.message)
@@ -221,8 +220,9 @@ class Supervisor:
             return self._give_up("max_restarts", EXIT_MAX_RESTARTS,
                                  f"{self.restarts} failures exceed --max_restarts="
                                  f"{self.o.max_restarts}")
+        # from the detection: a requested stop's workers save and exit on their own first
         self._recovery = {"detected": out.detected, "reason": out.reason,
-                          "stop_s": time.time() - t_stop}
+                          "stop_s": time.time() - out.detected}
         self.generation += 1
         reason = out.reason
     except (KeyboardInterrupt, _Terminated) as e:

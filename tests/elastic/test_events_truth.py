@@ -1,0 +1,42 @@
+"""What `W/events.jsonl` says about restarts adds up (fake workers, tests/elastic/fake_train.py):
+the `resume` breakdown covers the whole recovery."""
+
+import json
+import os
+
+from tests.elastic import elastic_testlib as t
+
+FAKE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_train.py")
+TRAIN = ["--gin_file=configs/dlrm_synthetic.gin",
+         "--gin_bindings=ExperimentConfig.batch_size=256", "--mesh=data=2,table=2",
+         "--plan=auto", "--checkpoint_every=5"]
+
+
+def _launch(w, launch_flags, steps, step_s):
+  return t.launch(w, ["--devices_per_process=2", "--hang_timeout=10", "--startup_timeout=60",
+                      "--stop_grace=2", f"--train_script={FAKE}", *launch_flags],
+                  [*TRAIN, f"--num_steps={steps}", f"--step_s={step_s}"])
+
+
+def test_resume_breakdown_counts_the_time_a_requested_stop_takes(tmp_path):
+  # A scale-up asks the workers to stop at the next check step (40): they keep training
+  # ~2 s before they save and exit. That time was missing from the breakdown (stop_s ~0,
+  # measured only after the workers had already gone).
+  w = str(tmp_path)
+  os.makedirs(os.path.join(w, "elastic"))
+  with open(os.path.join(w, "elastic", "capacity"), "w") as f:
+    f.write("1\n")
+  proc = _launch(w, ["--num_processes=2", "--check_every=40"], steps=60, step_s=0.05)
+  t.wait_step(w, 0, 0, 2, timeout=120, proc=proc)
+  with open(os.path.join(w, "elastic", "capacity"), "w") as f:
+    f.write("2\n")
+  assert t.finish(proc) == 0, open(os.path.join(w, "launch.log")).read()[-2000:]
+  ev = t.events(w)
+  scale = next(e for e in ev if e["event"] == "scale_up")
+  exits = [e for e in ev if e["event"] == "worker_exit" and e["generation"] == 0]
+  resume = next(e for e in ev if e["event"] == "resume")
+  stopping = max(e["time"] for e in exits) - scale["time"]
+  assert stopping > 1.0, (scale, exits)          # the workers ran on to the check step
+  assert resume["breakdown"]["stop_s"] >= stopping - 0.2, json.dumps(resume)
+  total = sum(resume["breakdown"].values())
+  assert abs(total - resume["seconds_since_detection"]) < 0.5, json.dumps(resume)
