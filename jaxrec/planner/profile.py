@@ -88,8 +88,10 @@ def read_profile(path: str | os.PathLike) -> list[dict]:
       for key in ("step", "step_time_s", "plan", "mesh"):
         if key not in rec:
           raise ValueError(f"missing '{key}'")
-      if not math.isfinite(float(rec["step_time_s"])) or not float(rec["step_time_s"]) > 0:
-        raise ValueError(f"step_time_s must be a positive number, got {rec['step_time_s']}")
+      t = rec["step_time_s"]   # null, "abc" or true named no field (float(...)'s message)
+      if (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)
+          or not t > 0):
+        raise ValueError(f"step_time_s must be a positive number, got {t!r}")
       for key in ("step", "steps", "batch_size"):
         v = rec.get(key)
         if key in rec and v is not None and (
@@ -105,6 +107,8 @@ def read_profile(path: str | os.PathLike) -> list[dict]:
       except (ValueError, TypeError):
         raise ValueError(f"mesh: axis sizes must be positive integers, got {rec['mesh']}"
                          ) from None
+      if not isinstance(rec["plan"], dict):
+        raise ValueError(f"plan must be an object of table placements, got {rec['plan']!r}")
       rec["plan"] = Plan.from_json(rec["plan"])
     except (ValueError, TypeError, AttributeError) as e:
       raise DataError(f"{path}:{i}: bad profile line ({e})") from None

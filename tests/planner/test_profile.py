@@ -163,6 +163,23 @@ def test_damaged_profile_lines_name_the_line(tmp_path):
   assert planner.refine_from_profile(tmp_path, tables, features, GiB, 0.0, 64).samples == 1
 
 
+def test_profile_lines_with_a_wrong_kind_of_value_name_the_field(tmp_path):
+  """step_time_s null or "abc" said only float()'s message (no field), true was read as
+  1 second; a plan that is not an object said "'list' object has no attribute 'items'"."""
+  tables, features = uniform_tables(2, [1000, 10], 16)
+  good = {"step": 100, "step_time_s": 0.01, "mesh": {"table": 2}, "steps": 10,
+          "plan": uniform_plan("tw", tables, 2).to_json(), "batch_size": 64}
+  path = tmp_path / "profile.jsonl"
+  for change, why in [({"step_time_s": None}, "step_time_s must be a positive number, got None"),
+                      ({"step_time_s": "abc"}, "step_time_s must be a positive number, got 'abc'"),
+                      ({"step_time_s": True}, "step_time_s must be a positive number, got True"),
+                      ({"plan": [1]}, r"plan must be an object of table placements, got \[1\]")]:
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "step": 200, **change})
+                    + "\n")
+    with pytest.raises(DataError, match=rf"profile.jsonl:2: bad profile line \({why}"):
+      planner.refine_from_profile(tmp_path, tables, features, GiB, 0.0, 64)
+
+
 def test_refine_does_not_keep_a_current_plan_over_the_budget(tmp_path):
   """The profiled plan (dp, 49 MiB/device) is the fastest, but the budget asked for now is
   20 MiB: the proposal must fit it, not 'keep' the current plan."""
