@@ -38,11 +38,13 @@ import threading
 import time
 from typing import IO
 
+from jaxrec import files
 from jaxrec.elastic import procs as proc_lib, replan, stragglers, worker as worker_lib
 from jaxrec.elastic.events import EventLog
 from jaxrec.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LOCK_NAME = "launch.lock"   # in W/elastic/: one supervisor per workdir
 EXIT_OK, EXIT_USER_ERROR, EXIT_BELOW_MIN, EXIT_MAX_RESTARTS = 0, 1, 2, 3
 
 
@@ -183,6 +185,16 @@ class Supervisor:
 
   # ---------------------------------------------------------------------------- main loop
   def run(self) -> int:
+    """Runs the job, holding `W/elastic/launch.lock`: a second supervisor on the workdir
+    is refused (`ConfigError` naming the first one's pid) before it writes anything.
+    Without it, the second one deleted the first one's stop requests, its workers' progress
+    lines (generation 0) read as the first one's, and its `give_up` landed in the first
+    one's events."""
+    with files.workdir_lock(self.workdir, os.path.join(worker_lib.CONTROL_DIR, LOCK_NAME),
+                            "another scripts/launch.py"):
+      return self._run()
+
+  def _run(self) -> int:
     self.config = replan.load_config(self.args)
     self._read_capacity(initial=True)
     self.events.emit("start", num_processes=self.capacity[0],

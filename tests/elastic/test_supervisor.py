@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -230,3 +231,27 @@ def test_requested_stop_waits_for_the_check_step_not_a_periodic_checkpoint(tmp_p
   gens = [(x["generation"], x["start"]) for x in runs(w)]
   assert gens[0] == (0, 0) and len(gens) == 3, gens
   assert gens[1] == gens[2] and gens[1][0] == 1 and gens[1][1] in (30, 60, 90, 120), gens
+
+
+def test_a_second_supervisor_on_the_workdir_is_refused(tmp_path):
+  """It used to start its own workers: it deleted the first one's stop requests, wrote its
+  events (start ... give_up) into the first one's events.jsonl and its workers' progress
+  lines (generation 0) into the files the first one reads."""
+  w = str(tmp_path)
+  first = start(w, ["--num_processes=2"], steps=100000)
+  t.wait_step(w, 1, 0, 5, timeout=120, proc=first)
+  n = len(t.events(w))
+  cmd = [sys.executable, os.path.join(t.ROOT, "scripts", "launch.py"), "--quiet", *QUICK,
+         "--num_processes=2", "--", f"--workdir={w}", *TRAIN, "--num_steps=50"]
+  try:
+    second = subprocess.run(cmd, capture_output=True, text=True, env=t.env(), cwd=t.ROOT,
+                            timeout=120)
+  finally:
+    first.send_signal(signal.SIGTERM)
+    t.finish(first, timeout=60)
+  assert second.returncode == 1, second.stderr[-2000:]
+  assert (f"error: --workdir: {w} is in use by another scripts/launch.py (pid {first.pid})"
+          in second.stderr), second.stderr[-2000:]
+  later = t.events(w)[n:]
+  assert "start" not in t.names(later) and later[-1]["event"] == "give_up", later
+  assert later[-1]["reason"] == "interrupted"           # the first's SIGTERM, not the second
