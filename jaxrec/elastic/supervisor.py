@@ -40,7 +40,7 @@ from typing import IO
 
 from jaxrec import files
 from jaxrec.elastic import procs as proc_lib, replan, stragglers, worker as worker_lib
-from jaxrec.elastic.events import EventLog
+from jaxrec.elastic.events import EventLog, read_events
 from jaxrec.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -196,6 +196,11 @@ class Supervisor:
 
   def _run(self) -> int:
     self.config = replan.load_config(self.args)
+    # A restarted supervisor continues the workdir's count: its first set of workers was
+    # 'generation 0' again, two sets under one number in events.jsonl and progress files.
+    launched = [e.get("generation") for e in read_events(self.workdir)
+                if e.get("event") == "launch"]
+    self.generation = first = max((g for g in launched if type(g) is int), default=-1) + 1
     self._read_capacity(initial=True)
     self.events.emit("start", num_processes=self.capacity[0],
                      devices_per_process=self.capacity[1], min_processes=self.o.min_processes,
@@ -209,7 +214,7 @@ class Supervisor:
         choice, why = self._plan()
         if choice is None:
           return self._give_up("below_min", EXIT_BELOW_MIN, why)
-        self.events.emit("plan" if self.generation == 0 else "replan",
+        self.events.emit("plan" if self.generation == first else "replan",
                          generation=self.generation, reason=reason,
                          seconds=round(time.time() - t0, 3), **choice.to_json())
         if self._recovery is not None:

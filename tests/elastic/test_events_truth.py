@@ -40,3 +40,27 @@ def test_resume_breakdown_counts_the_time_a_requested_stop_takes(tmp_path):
   assert resume["breakdown"]["stop_s"] >= stopping - 0.2, json.dumps(resume)
   total = sum(resume["breakdown"].values())
   assert abs(total - resume["seconds_since_detection"]) < 0.5, json.dumps(resume)
+
+
+def test_the_same_command_again_continues_the_generation_count(tmp_path):
+  # The rerun's workers were generation 0 again: events.jsonl held two `launch` of
+  # generation 0 (two different sets of workers, pids and meshes) and `jq
+  # 'select(.generation == 0)'` mixed them.
+  w = str(tmp_path)
+  proc = _launch(w, ["--num_processes=2", "--check_every=5"], steps=100000, step_s=0.03)
+  t.wait_step(w, 1, 0, 8, timeout=120, proc=proc)
+  t.kill(t.worker_pids(w, 0)[1])                       # generation 1 on one process
+  t.wait_step(w, 0, 1, 12, timeout=120, proc=proc)
+  t.kill(proc.pid)                                     # the supervisor (and so its workers)
+  proc.wait()
+  t.wait_for(lambda: not any(t.alive(p) for p in t.worker_pids(w, 1)), 20, "workers gone")
+  n = len(t.events(w))
+  proc = _launch(w, ["--num_processes=2", "--check_every=5"], steps=30, step_s=0.03)
+  assert t.finish(proc) == 0, open(os.path.join(w, "launch.log")).read()[-2000:]
+  later = t.events(w)[n:]
+  assert t.names(later)[:3] == ["start", "plan", "launch"], later
+  assert later[1]["generation"] == later[2]["generation"] == 2, later[:3]
+  assert {e["generation"] for e in later if "generation" in e} == {2}
+  launches = [e["generation"] for e in t.events(w) if e["event"] == "launch"]
+  assert launches == [0, 1, 2]
+  assert t.wait_step(w, 0, 2, 30, timeout=1)            # its workers report as generation 2
