@@ -185,11 +185,9 @@ class Supervisor:
 
   # ---------------------------------------------------------------------------- main loop
   def run(self) -> int:
-    """Runs the job, holding `W/elastic/launch.lock`: a second supervisor on the workdir
-    is refused (`ConfigError` naming the first one's pid) before it writes anything.
-    Without it, the second one deleted the first one's stop requests, its workers' progress
-    lines (generation 0) read as the first one's, and its `give_up` landed in the first
-    one's events."""
+    """Runs the job holding `W/elastic/launch.lock`: a second supervisor on the workdir
+    (which would delete this one's stop requests and mix its events and progress lines
+    with this one's) is refused before it writes anything, naming this one's pid."""
     with files.workdir_lock(self.workdir, os.path.join(worker_lib.CONTROL_DIR, LOCK_NAME),
                             "another scripts/launch.py"):
       return self._run()
