@@ -50,6 +50,7 @@ from jaxrec.embedding import local_ops, specs
 from jaxrec.embedding.specs import EmbeddingOptions, FeatureSpec, TableSpec, validate
 from jaxrec.errors import ConfigError, DataError
 from jaxrec.kernels import platform as platform_lib
+from jaxrec.kernels import quant
 from jaxrec.sharding.mesh import BATCH_AXES, format_mesh, mesh_shape
 from jaxrec.sharding.plan import MESH_AXES, Plan
 
@@ -214,7 +215,10 @@ class EmbeddingCollection:
                    per_table_opt: Mapping[str, Mapping[str, jax.Array]] | None = None
                    ) -> EmbeddingState:
     """Per-table arrays (canonical layout) → `EmbeddingState`; fresh optimizer state when
-    `per_table_opt` is None."""
+    `per_table_opt` is None. `ConfigError` naming the table (and state) for a missing array
+    or one not shaped `[rows, dim]` (per-row state `[rows]`): stacked, it would shift the
+    rows of every later table in its stack."""
+    self._check_per_table(per_table, per_table_opt)
     tables, opt = {}, {}
     for l in self.layouts:
       tables[l.name] = layout_lib.stack(l, {s.name: per_table[s.name] for s in l.slots})
@@ -225,6 +229,27 @@ class EmbeddingCollection:
                                                for s in l.slots})
                        for k in self.optimizer.state_layout()}
     return {"tables": tables, "opt": opt}
+
+  def _check_per_table(self, per_table, per_table_opt) -> None:
+    """`stack_tables`' inputs: every table (and optimizer state) present, shaped as its spec."""
+    def check(x, name, what, shape):
+      got = tuple(np.shape(x.q if isinstance(x, quant.QuantizedTable) else x))
+      if got != shape:
+        raise ConfigError(f"stack_tables: {what} of table '{name}' has shape {list(got)}, "
+                          f"expected {list(shape)}")
+
+    state = self.optimizer.state_layout()
+    for t in self.tables:
+      if t.name not in per_table:
+        raise ConfigError(f"stack_tables: no array for table '{t.name}'")
+      check(per_table[t.name], t.name, "the array", (t.rows, t.dim))
+      if per_table_opt is None:
+        continue
+      for k, (per, _) in state.items():
+        if k not in per_table_opt.get(t.name, {}):
+          raise ConfigError(f"stack_tables: no optimizer state '{k}' for table '{t.name}'")
+        check(per_table_opt[t.name][k], t.name, f"optimizer state '{k}'",
+              (t.rows, t.dim) if per == "element" else (t.rows,))
 
   def unstack_tables(self, state: EmbeddingState) -> tuple[dict, dict]:
     """`EmbeddingState` → (`{table: [rows, dim]}`, `{table: {opt_name: array}}`)."""

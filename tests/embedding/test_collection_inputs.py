@@ -223,3 +223,29 @@ def test_a_table_no_feature_reads_stays_as_it_was(kind, mesh_spec):
   np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
   for name in results[1][1]:
     np.testing.assert_allclose(results[0][1][name], results[1][1][name], rtol=1e-5, atol=1e-6)
+
+
+def test_stack_tables_names_a_missing_or_misshapen_table():
+  """`stack_tables` concatenates a stack's tables row-wise: an array of the wrong row count
+  used to be stacked anyway (every later table of the stack shifted, the stack the wrong
+  size), a wrong dim or a missing table died in jnp.concatenate or as a bare KeyError."""
+  mesh = make_mesh(parse_mesh_spec("table=2,row=4", 8))
+  coll = EmbeddingCollection.create(TABLES, FEATURES, uniform_plan("twrw", TABLES, 2), mesh,
+                                    optimizers.RowWiseAdagrad(0.1))
+  good = {t.name: np.zeros((t.rows, t.dim), np.float32) for t in TABLES}
+  good_opt = {t.name: {"accum": np.zeros(t.rows, np.float32)} for t in TABLES}
+  state = coll.stack_tables(good, good_opt)
+  assert {k: v.shape for k, v in state["tables"].items()} == \
+      {l.name: l.shape for l in coll.layouts}
+  with pytest.raises(ConfigError, match=r"array of table 'small' has shape \[4, 8\], "
+                     r"expected \[3, 8\]"):
+    coll.stack_tables({**good, "small": np.zeros((4, 8), np.float32)})
+  with pytest.raises(ConfigError, match=r"table 'odd' has shape \[13, 4\], expected \[13, 8\]"):
+    coll.stack_tables({**good, "odd": np.zeros((13, 4), np.float32)})
+  with pytest.raises(ConfigError, match="no array for table 'big'"):
+    coll.stack_tables({k: v for k, v in good.items() if k != "big"})
+  with pytest.raises(ConfigError, match=r"state 'accum' of table 'odd' has shape \[13, 8\], "
+                     r"expected \[13\]"):
+    coll.stack_tables(good, {**good_opt, "odd": {"accum": np.zeros((13, 8), np.float32)}})
+  with pytest.raises(ConfigError, match="no optimizer state 'accum' for table 'big'"):
+    coll.stack_tables(good, {**good_opt, "big": {}})
