@@ -103,6 +103,9 @@ class TwoTower(nn.Module):
       if not isinstance(getattr(self, attr), bool):
         raise ConfigError(f"TwoTower.{attr} must be True or False, got "
                           f"{getattr(self, attr)!r}")
+    if self.remove_accidental_hits and self.loss != "in_batch_softmax":   # else ignored
+      raise ConfigError(f"TwoTower.remove_accidental_hits applies to loss='in_batch_softmax' "
+                        f"only, not loss='{self.loss}' (a pointwise loss has no negatives)")
     self.compute_dtype = compute_dtype("TwoTower.dtype", self.dtype)
     # Tower outputs are their float32 sums (the score is a float32 dot product of them).
     self.user_tower = MLP(self.user_mlp, dtype=self.compute_dtype, out_dtype=jnp.float32)

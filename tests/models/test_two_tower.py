@@ -81,6 +81,14 @@ def test_remove_accidental_hits_must_be_a_bool():
     init_params(model, jax.random.key(0), NUM_DENSE, F, D)
 
 
+def test_remove_accidental_hits_with_a_pointwise_loss_is_an_error():
+  """It was silently ignored with loss='bce' (no in-batch negatives to remove)."""
+  model = build_model("two_tower", loss="bce", remove_accidental_hits=True, **TOWERS)
+  with pytest.raises(ConfigError, match="TwoTower.remove_accidental_hits applies to "
+                     "loss='in_batch_softmax' only, not loss='bce'"):
+    init_params(model, jax.random.key(0), NUM_DENSE, F, D)
+
+
 @pytest.mark.parametrize("attr,value", [("normalize", "no"), ("dense_to_user", "False"),
                                         ("dense_to_user", None), ("normalize", 0)])
 def test_boolean_options_must_be_bools(attr, value):
