@@ -98,7 +98,14 @@ def write_data(path: str, num_train: int, num_eval: int, seed: int) -> dict:
     out[prefix + "sparse"] = np.concatenate(sparse)
     out[prefix + "labels"] = np.concatenate(labels).astype(np.float32)
   np.savez(path, **out)
-  return {"positive_rate": round(float(out["labels"].mean()), 4)}
+
+
+def data_facts(path: str) -> dict:
+  """What the `.npz` at `path` holds (written now, or reused via `--data`)."""
+  with np.load(path) as z:
+    labels = z["labels"]
+    return {"positive_rate": round(float(labels.mean()), 4), "train_examples": len(labels),
+            "eval_examples": len(z["eval_labels"])}
 
 
 # ----------------------------------------------------------------------------- jaxrec side
@@ -402,11 +409,14 @@ def main():
     t = time.perf_counter()
     config = load_config()
     bs = config.batch_size
-    facts = {}
+    what = "reusing"
     if tmp is not None or not os.path.exists(args.data):
-      facts = write_data(args.data, args.steps * bs, args.eval_examples, args.seed)
-    print(f"{NAME}: data {args.data} ({args.steps * bs} train + {args.eval_examples} eval "
-          f"examples) in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+      write_data(args.data, args.steps * bs, args.eval_examples, args.seed)
+      what = "wrote"
+    facts = data_facts(args.data)
+    print(f"{NAME}: {what} data {args.data} ({facts['train_examples']} train + "
+          f"{facts['eval_examples']} eval examples) in {time.perf_counter() - t:.1f}s",
+          file=sys.stderr)
 
     common_flags = ["--data", args.data, "--steps", str(args.steps), "--warmup", str(args.warmup),
                     "--seed", str(args.seed), "--dense_dtype", args.dense_dtype]
@@ -479,7 +489,7 @@ def main():
          jaxrec_auc=round(jx["auc"], 5), torchrec_auc=round(tr["auc"], 5),
          jaxrec_logloss=round(jx["logloss"], 5), torchrec_logloss=round(tr["logloss"], 5),
          examples=args.steps * bs, timed_examples=(args.steps - args.warmup) * bs,
-         eval_examples=args.eval_examples, threads=2, repeats=args.repeats, nice=args.nice,
+         threads=2, repeats=args.repeats, nice=args.nice,
          dense_dtype=args.dense_dtype,
          load_average=[round(x, 2) for x in os.getloadavg()], **vs_naive, **extra)
   finally:

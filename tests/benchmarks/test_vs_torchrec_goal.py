@@ -1,4 +1,5 @@
-"""The vs_torchrec goal verdict: best against best, and with 3+ runs the medians too."""
+"""The vs_torchrec goal verdict (best against best, and with 3+ runs the medians too), and
+the facts it reports of its data file."""
 
 import os
 import sys
@@ -38,3 +39,13 @@ def test_worse_auc_fails_and_failed_runs_are_left_out():
                                    auc_tolerance=0.02)["met"]
   with pytest.raises(ValueError, match="at least one finished run"):
     vs_torchrec.goal_verdict([{"error": "crashed"}], _runs(30e3))
+
+
+def test_a_reused_data_file_reports_what_it_holds(tmp_path):
+  """`--data` of an existing file skips writing it: the summary's example counts and
+  positive rate come from the file, not from `--eval_examples` (which it does not hold)."""
+  path = str(tmp_path / "d.npz")
+  vs_torchrec.write_data(path, 96, 40, seed=0)
+  facts = vs_torchrec.data_facts(path)
+  assert facts["train_examples"] == 96 and facts["eval_examples"] == 40
+  assert 0 < facts["positive_rate"] < 1
