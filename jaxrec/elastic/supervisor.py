@@ -182,6 +182,7 @@ class Supervisor:
     self.choice: replan.Choice | None = None
     self._offsets: dict[int, int] = {}
     self._recovery: dict | None = None        # timings of the restart in progress
+    self._first_plan_failed = False           # no mesh of the processes asked for at start
 
   # ---------------------------------------------------------------------------- main loop
   def run(self) -> int:
@@ -209,8 +210,10 @@ class Supervisor:
     try:
       while True:
         t0 = time.time()
-        choice, why = self._plan()
+        choice, why = self._plan(first=self.generation == first)
         if choice is None:
+          if self.generation == first and self._first_plan_failed:   # the user's to fix
+            return self._give_up("user_error", EXIT_USER_ERROR, why)
           return self._give_up("below_min", EXIT_BELOW_MIN, why)
         self.events.emit("plan" if self.generation == first else "replan",
                          generation=self.generation, reason=reason,
@@ -319,11 +322,19 @@ class Supervisor:
                        f"{e}; ignored")
     return False
 
-  def _plan(self) -> tuple[replan.Choice | None, str]:
+  def _plan(self, first: bool = False) -> tuple[replan.Choice | None, str]:
+    """The largest usable process count, or `(None, why)`. The supervisor's first plan
+    tries only the processes available at start: a configuration that no mesh of them
+    takes (e.g. a batch size the devices do not divide) was run silently on fewer
+    processes, ignoring --num_processes (then `_first_plan_failed` is set)."""
     available = self._available()
     k = self.capacity[1]
+    minimum = max(available, self.o.min_processes) if first else self.o.min_processes
     choice, reasons = replan.best_choice(self.config, self.args, available, k,
-                                         self.o.min_processes, self.o.platform)
+                                         minimum, self.o.platform)
+    if choice is None and first and reasons:
+      self._first_plan_failed = True
+      return None, reasons[0]
     if choice is None:
       why = (f"only {available} process(es) of {k} device(s) available, below "
              f"--min_processes={self.o.min_processes}")

@@ -71,3 +71,18 @@ def test_train_flags_no_mesh_can_fix_are_user_errors(tmp_path, flag, why):
   assert not os.path.exists(tmp_path / "w")
   sup.Supervisor(options, [f"--workdir={tmp_path / 'w'}", "--gin_file=configs/x.gin",
                            "--plan=tw", "--memory_per_device=1GiB"])
+
+
+def test_a_config_the_processes_asked_for_cannot_run_is_a_user_error(tmp_path):
+  """An eval batch the 2 devices do not divide: the first generation ran silently on 1
+  process of 1 device (mesh data=1, not the --mesh=table=2 asked for) and exited 0."""
+  w = str(tmp_path / "w")
+  proc = t.launch(w, ["--num_processes=2", "--devices_per_process=1"],
+                  [*t.TINY, "--mesh=table=2", "--plan=tw", "--num_steps=2",
+                   "--gin_bindings=ExperimentConfig.eval_batch_size=127"])
+  assert t.finish(proc) == 1
+  ev = t.events(w)
+  assert "launch" not in t.names(ev)
+  assert ev[-1]["event"] == "give_up" and ev[-1]["reason"] == "user_error"
+  assert ev[-1]["message"].startswith("2 process(es): ExperimentConfig.eval_batch_size=127 "
+                                      "is not divisible by the 2 devices")
