@@ -2,6 +2,7 @@
 
   worker      the worker side: `initialize_from_env` (jax.distributed from the supervisor's
               variables), `report_progress` (step timings, stop requests)
+  options     the supervisor's settings (`scripts/launch.py` flags), checked
   supervisor  starts and watches the workers; on failure, hang, capacity change or a
               straggler: stop, re-plan, restart from the latest checkpoint
   replan      processes, mesh and plan for a capacity (the planner decides the plan)

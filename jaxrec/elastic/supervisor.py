@@ -41,68 +41,11 @@ from typing import IO
 from jaxrec import files
 from jaxrec.elastic import procs as proc_lib, replan, stragglers, worker as worker_lib
 from jaxrec.elastic.events import EventLog, read_events
+from jaxrec.elastic.options import Options
 from jaxrec.errors import ConfigError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOCK_NAME = "launch.lock"   # in W/elastic/: one supervisor per workdir
 EXIT_OK, EXIT_USER_ERROR, EXIT_BELOW_MIN, EXIT_MAX_RESTARTS = 0, 1, 2, 3
-
-
-@dataclasses.dataclass
-class Options:
-  """Supervisor settings (`scripts/launch.py` flags of the same names)."""
-
-  num_processes: int
-  devices_per_process: int
-  min_processes: int = 1
-  max_restarts: int = 10
-  hang_timeout: float = 300.0       # seconds without a step before a worker counts as hung
-  startup_timeout: float = 900.0    # seconds from launch to a generation's first step
-  capacity_file: str | None = None  # default W/elastic/capacity
-  rejoin_after: float = 0.0         # a lost slot returns after this many seconds (0: never)
-  straggler_threshold: float = 1.5
-  straggler_windows: int = 3
-  straggler_window_steps: int = 20
-  replan_on_straggler: bool = False
-  straggler_cooldown: float = 600.0
-  probe_every: int = 0
-  check_every: int = 50            # steps between the workers' stop-request checks
-  stop_grace: float = 10.0
-  stop_timeout: float = 300.0       # a requested stop: wait this long for the checkpoint
-  platform: str = "cpu"
-  poll_interval: float = 0.1
-  inject_delay: str | None = None   # fault injection, PROCESS:SECONDS (tests, benchmarks)
-  python: str = sys.executable
-  train_script: str = os.path.join(ROOT, "scripts", "train.py")
-
-  def validate(self) -> None:
-    if self.num_processes < 1 or self.devices_per_process < 1:
-      raise ConfigError("--num_processes and --devices_per_process must be positive")
-    if not 1 <= self.min_processes <= self.num_processes:
-      raise ConfigError(f"--min_processes must be in [1, --num_processes], got "
-                        f"{self.min_processes}")
-    if self.max_restarts < 0 or not self.hang_timeout > 0 or not self.straggler_threshold > 1:
-      raise ConfigError("need --max_restarts >= 0, --hang_timeout > 0, "
-                        "--straggler_threshold > 1")
-    for name, low, strict in (("startup_timeout", 0, True), ("stop_timeout", 0, True),
-                              ("straggler_windows", 1, False),
-                              ("straggler_window_steps", 1, False), ("check_every", 1, False),
-                              ("probe_every", 0, False), ("stop_grace", 0, False),
-                              ("rejoin_after", 0, False), ("straggler_cooldown", 0, False)):
-      v = getattr(self, name)
-      if not (v > low if strict else v >= low):   # also NaN
-        raise ConfigError(f"--{name} must be {'>' if strict else '>='} {low}, got {v}")
-    if self.platform not in ("cpu", "gpu"):
-      raise ConfigError(f"--platform must be cpu or gpu, got '{self.platform}'")
-    if self.inject_delay:
-      proc, _, seconds = self.inject_delay.partition(":")
-      try:
-        ok = int(proc) >= 0 and float(seconds) >= 0
-      except ValueError:
-        ok = False
-      if not ok:
-        raise ConfigError(f"--inject_delay must be PROCESS:SECONDS (e.g. 1:0.5), got "
-                          f"'{self.inject_delay}'")
 
 
 class _Terminated(BaseException):
