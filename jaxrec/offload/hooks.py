@@ -57,11 +57,14 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
                 optimizer_state_factor=sparse, batch_size=config.batch_size,
                 calibration=calibration)
   if options.plan == "auto":
+    configured = {t.name for t in off.tables}
     result, off, tables = plan_with_offload(config.tables, config.features, mesh_shape, off,
                                             sparse, options.memory_per_device,
                                             config.batch_size, config.eval_batch_size,
                                             calibration=calibration)
+    check_one_process(off, [t.name for t in off.tables if t.name not in configured])
     return result.plan, result, tables, off
+  check_one_process(off)
   tables = device_tables(config.tables, off, sparse)
   if is_plan_file(options.plan):
     plan, mode = load_plan_file(options.plan, mesh_shape, " (--plan=auto re-plans)"), "file"
@@ -78,6 +81,18 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
       raise
     raise ConfigError(f"--plan={options.plan}: {e}") from None
   return plan, with_offload_notes(result, config.tables, off, sparse), tables, off
+
+
+def check_one_process(off: OffloadConfig, added: list[str] = ()) -> None:
+  """Offloading is single-process: a `ConfigError` naming the tables (and whether
+  `OffloadConfig.auto` chose them) when this job has several, before any data is read."""
+  if jax.process_count() > 1 and off.tables:
+    names = ", ".join(f"'{t.name}'" for t in off.tables)
+    chosen = ", ".join(map(repr, added))
+    why = (f" (OffloadConfig.auto offloaded {chosen}: the tables do not fit "
+           "--memory_per_device; give more memory or devices)" if added else "")
+    raise ConfigError(f"offloaded tables {names} need one process, this job has "
+                      f"{jax.process_count()}{why}")
 
 
 def cached_calibration():
