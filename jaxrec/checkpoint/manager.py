@@ -32,6 +32,7 @@ Usage (trainer):
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import time
 import types
@@ -176,6 +177,7 @@ class CheckpointManager:
     self._executor = (concurrent.futures.ThreadPoolExecutor(1, "jaxrec_checkpoint")
                       if async_save and not read_only and jax.process_count() == 1 else None)
     self._pending: concurrent.futures.Future | None = None
+    self._saving: int | None = None   # the step of the save in flight (its error names it)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else max_to_keep,
         save_interval_steps=0 if read_only else 1, enable_async_checkpointing=async_save,
@@ -284,8 +286,10 @@ class CheckpointManager:
     blocking part, e.g. starting its threads, then stays off the training loop too)."""
     data_state = _jsonable(dict(data_state or {}))   # snapshot now
     meta = _jsonable(dict(meta or {}))
+    self._saving = step
     if self._executor is None:
-      self._orbax_save(step, dense, arrays, pieces, manifest, data_state, meta)
+      with self._save_errors():
+        self._orbax_save(step, dense, arrays, pieces, manifest, data_state, meta)
     else:
       self._pending = self._executor.submit(self._orbax_save, step, dense, arrays, pieces,
                                             manifest, data_state, meta)
@@ -306,9 +310,29 @@ class CheckpointManager:
     """Blocks until the save in flight (if any) is committed; raises its error if it
     failed."""
     pending, self._pending = self._pending, None
-    if pending is not None:
-      pending.result()
-    self._mgr.wait_until_finished()
+    with self._save_errors():
+      if pending is not None:
+        pending.result()
+      self._mgr.wait_until_finished()
+    self._saving = None
+
+  @contextlib.contextmanager
+  def _save_errors(self):
+    """A save that fails on the filesystem (disk full, read-only, a directory deleted)
+    raises `CheckpointError` naming the step, the file and the checkpoint kept, instead of
+    orbax's or tensorstore's traceback; other errors pass unchanged."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      cause = storage.io_failure(e)
+      if cause is None or self._saving is None:
+        raise
+      step, self._saving = self._saving, None
+      kept = [s for s in self.steps_on_disk() if s != step]
+      last = (f"the last checkpoint (step {kept[-1]}) is intact" if kept
+              else "no earlier checkpoint exists")
+      raise CheckpointError(f"saving checkpoint {step} in {self.directory} failed: {cause}; "
+                            f"{last}") from e
 
   def close(self) -> None:
     """Waits for the save in flight, then releases orbax's threads."""

@@ -31,6 +31,21 @@ def read_json(step_dir: epath.PathLike, item: str) -> dict:
   return json.loads(_json_item(step_dir, item).read_text())
 
 
+def io_failure(e: BaseException) -> str | None:
+  """One line saying which file a filesystem error (`OSError`, or tensorstore's error with
+  an `os_error_code`) in `e` or its causes hit; None when there is none."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.strerror:
+      return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    text = str(e)
+    if "os_error_code=" in text:   # tensorstore: 'CODE: Error writing local file "F": ...'
+      return " ".join(text.split(" [tensorstore_spec=")[0].split())
+    e = e.__cause__ or e.__context__
+  return None
+
+
 def is_step_dir(path: epath.PathLike) -> bool:
   """Whether `path` is a checkpoint's step directory (it holds a manifest)."""
   return _json_item(path, MANIFEST).is_file()

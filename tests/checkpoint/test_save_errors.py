@@ -1,0 +1,54 @@
+"""CheckpointManager: a save that fails on the filesystem is one clear error."""
+
+import errno
+
+import pytest
+
+from jaxrec.checkpoint import CheckpointError, CheckpointManager
+from jaxrec.checkpoint import tables as tables_lib
+from tests.checkpoint import ckpt_helpers as h
+
+
+@pytest.fixture(scope="module")
+def coll():
+  return h.collection("rw", 1)
+
+
+def test_disk_full_during_save_names_step_file_and_kept_checkpoint(tmp_path, coll, monkeypatch):
+  """Disk full while the tables are written (in orbax's background threads) raised
+  tensorstore's or orbax's exception with a long traceback; now a `CheckpointError` naming
+  the step, the file and the checkpoint still intact, which then restores."""
+  state = h.train_state(coll, step=1)
+  with CheckpointManager(tmp_path, max_to_keep=3) as mgr:
+    mgr.save(1, state, coll)
+    mgr.wait()
+    real = tables_lib.write_pieces
+
+    async def full(directory, arrays, pieces, chunk_bytes=tables_lib.CHUNK_BYTES):
+      raise OSError(errno.ENOSPC, "No space left on device", str(directory / "t0"))
+
+    monkeypatch.setattr(tables_lib, "write_pieces", full)
+    mgr.save(2, state, coll)
+    with pytest.raises(CheckpointError) as e:
+      mgr.wait()
+    monkeypatch.setattr(tables_lib, "write_pieces", real)
+    assert mgr.all_steps() == [1]
+    assert int(mgr.restore(state, coll).state["step"]) == 1
+  message = str(e.value)
+  assert "saving checkpoint 2 in" in message and "No space left on device" in message
+  assert "embeddings" in message and "t0" in message   # the file
+  assert "the last checkpoint (step 1) is intact" in message
+
+
+def test_other_save_errors_pass_unchanged(tmp_path, coll, monkeypatch):
+  """Only filesystem errors are rewritten: a bug keeps its own exception and traceback."""
+  state = h.train_state(coll, step=1)
+
+  async def broken(directory, arrays, pieces, chunk_bytes=tables_lib.CHUNK_BYTES):
+    raise KeyError("a bug")
+
+  monkeypatch.setattr(tables_lib, "write_pieces", broken)
+  with pytest.raises(KeyError):
+    with CheckpointManager(tmp_path) as mgr:
+      mgr.save(1, state, coll)
+      mgr.wait()
