@@ -6,7 +6,6 @@
       .wait() / .close()                                    (also a context manager)
       .restore(target, collection, step=None, require_finite=False, init=None,
                offloaded=None)                              -> Restored | None
-      .restore_latest(target, collection) -> (state, data_state) | None
       .all_steps() / .latest_step() / .latest_valid_step(full=False) / .check(step, full)
       .save_arrays(step, tables, table_opt=None, ...)       tables-only checkpoints (import)
     Restored(state, data_state, meta, host_tables)

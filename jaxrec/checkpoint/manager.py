@@ -318,9 +318,8 @@ class CheckpointManager:
 
   @contextlib.contextmanager
   def _save_errors(self):
-    """A save that fails on the filesystem (disk full, read-only, a directory deleted)
-    raises `CheckpointError` naming the step, the file and the checkpoint kept, instead of
-    orbax's or tensorstore's traceback; other errors pass unchanged."""
+    """A save failing on the filesystem (disk full, read-only, ...) raises `CheckpointError`
+    naming the step, the file and the checkpoint kept; other errors pass unchanged."""
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except
@@ -434,11 +433,6 @@ class CheckpointManager:
         self._reject(newer, reasons.get(newer, "superseded"))
       return restored
     raise self._none_valid([(s, e) for s, e, _ in skipped])
-
-  def restore_latest(self, target: Mapping, collection) -> tuple[dict, dict] | None:
-    """`(state, data_state)` of the latest usable checkpoint, or None (fresh run)."""
-    restored = self.restore(target, collection)
-    return None if restored is None else (restored.state, restored.data_state)
 
   def _restore_step(self, step, collection, target, init=None, offloaded=None,
                     require_finite=False, full_check=True) -> Restored:
