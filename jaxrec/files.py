@@ -35,6 +35,17 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     f.write(text)
 
 
+def is_writable(directory: str | os.PathLike) -> bool:
+  """Whether a file can be created in `directory` (tried: `os.access` says yes to root on
+  a directory without write permission bits, and `EROFS` shows only on writing)."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  try:
+    with tempfile.TemporaryFile(dir=directory):
+      return True
+  except OSError:
+    return False
+
+
 LOCK_NAME = ".jaxrec.lock"
 
 

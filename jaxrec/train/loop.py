@@ -25,6 +25,7 @@ from jaxrec.checkpoint.manager import REJECTED_DIR, step_dirs
 from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.errors import ConfigError, JaxrecError
+from jaxrec import files
 from jaxrec.files import workdir_lock, write_text_atomic
 from jaxrec import elastic, offload, planner
 from jaxrec.offload import snapshots as snapshots_lib
@@ -72,6 +73,12 @@ def check_workdir(workdir: str) -> None:
                       f"directory; to resume that run pass --workdir="
                       f"{os.path.dirname(checkpoints)}")
   os.makedirs(workdir, exist_ok=True)
+  for where in (workdir, data_adapter.checkpoint_dir(workdir)):
+    # a read-only checkpoints directory failed only at the first save, and then orbax's
+    # threads waited 5 minutes for the step directory before the process exited
+    if os.path.isdir(where) and not files.is_writable(where):
+      raise ConfigError(f"--workdir: cannot write in {where} (read-only or no permission): "
+                        "the run could not save its checkpoints")
 
 
 def _checkpoint_dir_of(path: str) -> str | None:

@@ -32,3 +32,28 @@ def test_unwritable_directory_raises_oserror(tmp_path):
   blocker.write_text("")
   with pytest.raises(OSError):
     write_text_atomic(blocker / "x.json", "{}")
+
+
+def test_a_read_only_checkpoints_directory_is_refused_at_start(tmp_path, monkeypatch):
+  """A read-only `W/checkpoints` failed only at the first save, and orbax's threads then
+  waited 5 minutes before the process exited. `check_workdir` tries writing there first.
+  (Simulated: as root, permission bits do not stop writes; a read-only mount would.)"""
+  import errno  # pylint: disable=import-outside-toplevel
+  import tempfile  # pylint: disable=import-outside-toplevel
+  from jaxrec import files  # pylint: disable=import-outside-toplevel
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import loop  # pylint: disable=import-outside-toplevel
+  (tmp_path / "w" / "checkpoints").mkdir(parents=True)
+  loop.check_workdir(str(tmp_path / "w"))
+  real = tempfile.TemporaryFile
+
+  def read_only(*args, dir=None, **kwargs):  # pylint: disable=redefined-builtin
+    if str(dir).endswith("checkpoints"):
+      raise OSError(errno.EROFS, "Read-only file system")
+    return real(*args, dir=dir, **kwargs)
+
+  monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+  assert files.is_writable(tmp_path) and not files.is_writable(tmp_path / "w" / "checkpoints")
+  with pytest.raises(ConfigError, match=r"--workdir: cannot write in .*w/checkpoints "
+                     r"\(read-only or no permission\)"):
+    loop.check_workdir(str(tmp_path / "w"))
