@@ -179,7 +179,7 @@ def choose(config, args: TrainArgs, processes: int, devices_per_process: int,
   for shape in candidates:
     options = _options(args, mesh_lib.format_mesh(shape))
     try:
-      chosen, result = plan_choice.choose(config, options, shape)
+      chosen, result = plan_choice.choose(config, options, shape, processes)
     except ConfigError as e:
       errors.append(f"{mesh_lib.format_mesh(shape)}: {e}")
       continue

@@ -39,7 +39,7 @@ def snapshot_dir(workdir: str) -> str:
 
 
 def choose_plan(config, options, mesh_shape: Mapping[str, int],
-                offload_config: OffloadConfig | None = None):
+                offload_config: OffloadConfig | None = None, processes: int = 1):
   """`train.plan_choice.choose` with offloading (gin `OffloadConfig`).
 
   Returns `(plan, result, tables, offload_config)`: `tables` are what the collection is
@@ -47,7 +47,8 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
   tables (`OffloadConfig.auto`); a forced kind or a plan file (`--plan=PATH.json`, e.g. what
   `scripts/plan.py --profile=W --json=PATH` proposes) offloads the configured ones. The
   estimates use the cached calibration (`scripts/plan.py --calibrate`) when one was taken
-  on this platform, else the default coefficients.
+  on this platform, else the default coefficients. `processes`: of the job (offloading
+  needs one: `check_one_process`).
   """
   from jaxrec import planner  # pylint: disable=import-outside-toplevel
   off = offload_config if offload_config is not None else OffloadConfig()
@@ -62,9 +63,9 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
                                             sparse, options.memory_per_device,
                                             config.batch_size, config.eval_batch_size,
                                             calibration=calibration)
-    check_one_process(off, [t.name for t in off.tables if t.name not in configured])
+    check_one_process(off, processes, [t.name for t in off.tables if t.name not in configured])
     return result.plan, result, tables, off
-  check_one_process(off)
+  check_one_process(off, processes)
   tables = device_tables(config.tables, off, sparse)
   if is_plan_file(options.plan):
     plan, mode = load_plan_file(options.plan, mesh_shape, " (--plan=auto re-plans)"), "file"
@@ -83,16 +84,17 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
   return plan, with_offload_notes(result, config.tables, off, sparse), tables, off
 
 
-def check_one_process(off: OffloadConfig, added: list[str] = ()) -> None:
+def check_one_process(off: OffloadConfig, processes: int, added: list[str] = ()) -> None:
   """Offloading is single-process: a `ConfigError` naming the tables (and whether
-  `OffloadConfig.auto` chose them) when this job has several, before any data is read."""
-  if jax.process_count() > 1 and off.tables:
+  `OffloadConfig.auto` chose them) when the job has several, before any data is read
+  (and, planned by the elastic supervisor, before any worker starts)."""
+  if processes > 1 and off.tables:
     names = ", ".join(f"'{t.name}'" for t in off.tables)
     chosen = ", ".join(map(repr, added))
     why = (f" (OffloadConfig.auto offloaded {chosen}: the tables do not fit "
            "--memory_per_device; give more memory or devices)" if added else "")
     raise ConfigError(f"offloaded tables {names} need one process, this job has "
-                      f"{jax.process_count()}{why}")
+                      f"{processes}{why}")
 
 
 def cached_calibration():

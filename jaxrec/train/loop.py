@@ -106,7 +106,8 @@ def setup(config: ExperimentConfig, options: RunOptions, devices=None
   config.validate(math.prod(shape.values()))
   mesh = mesh_lib.make_mesh(shape, devices)
   # Offloaded tables (gin `OffloadConfig`) appear to the collection as their device caches.
-  plan, result, tables, off = offload.choose_plan(config, options, shape)
+  plan, result, tables, off = offload.choose_plan(config, options, shape,
+                                                  processes=jax.process_count())
   collection = EmbeddingCollection.create(tables, config.features, plan, mesh,
                                           config.sparse_tx())
   return collection, plan, {"mesh": shape, "plan_result": result, "offload": off}

@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Mapping
 
 
-def choose(config, options, mesh_shape: Mapping[str, int]):
+def choose(config, options, mesh_shape: Mapping[str, int], processes: int = 1):
   """Returns the plan and the planner's `PlanResult` (its `report()` says why).
 
   A forced plan is checked against `--memory_per_device` and estimated like an automatic
   one. Tables offloaded by gin `OffloadConfig` are planned as their device caches
-  (see `jaxrec.offload.choose_plan`, which the trainer calls directly).
+  (see `jaxrec.offload.choose_plan`, which the trainer calls directly); offloading needs
+  a job of one process (`processes`).
   """
   from jaxrec import offload  # pylint: disable=import-outside-toplevel
-  plan, result, _, _ = offload.choose_plan(config, options, mesh_shape)
+  plan, result, _, _ = offload.choose_plan(config, options, mesh_shape, processes=processes)
   return plan, result

@@ -112,20 +112,20 @@ def test_table_over_the_budget_trains_offloaded(tmp_path):
     run.close()
 
 
-def test_offloading_in_a_multi_process_job_is_refused_naming_the_tables(monkeypatch):
+def test_offloading_in_a_multi_process_job_is_refused_naming_the_tables():
   """The tier refused several processes only once built, after the data was opened, and
   without naming the tables (or that `OffloadConfig.auto` chose them)."""
   from jaxrec.train.config import ExperimentConfig, RunOptions
   from jaxrec.models import DLRM
-  monkeypatch.setattr(offload.hooks.jax, "process_count", lambda: 2)
   config = ExperimentConfig(embedding=(TABLES, FEATURES), model=DLRM((16,), (1,)),
                             sparse_optimizer=ADAGRAD, batch_size=512, eval_batch_size=512)
   with pytest.raises(ConfigError, match=r"^offloaded tables 'huge' need one process, this "
                      r"job has 2$"):
     offload.choose_plan(config, RunOptions(plan="dp"), MESH,
-                        offload.OffloadConfig({"huge": {"cache_rows": 100_000}}))
+                        offload.OffloadConfig({"huge": {"cache_rows": 100_000}}), processes=2)
   with pytest.raises(ConfigError, match=r"OffloadConfig.auto offloaded 'huge': the tables do "
                      r"not fit --memory_per_device"):
     offload.choose_plan(config, RunOptions(plan="auto", memory_per_device=BUDGET), MESH,
-                        offload.OffloadConfig(auto=True))
-  offload.choose_plan(config, RunOptions(plan="dp"), MESH, offload.OffloadConfig())
+                        offload.OffloadConfig(auto=True), processes=2)
+  offload.choose_plan(config, RunOptions(plan="dp"), MESH, offload.OffloadConfig(),
+                      processes=2)
