@@ -12,6 +12,7 @@ from typing import Iterator, Sequence
 import gin
 
 from jaxrec.errors import ConfigError, JaxrecError
+from jaxrec.train import termination
 
 
 def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
@@ -113,3 +114,7 @@ def user_errors() -> Iterator[None]:
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     sys.exit(130)
+  except termination.Terminated as e:   # SIGTERM: a checkpoint was saved first
+    logging.shutdown()
+    print(str(e), file=sys.stderr)
+    sys.exit(termination.EXIT_CODE)

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from typing import Any
 
@@ -34,6 +35,7 @@ from jaxrec.sharding.plan import Plan, uniform_plan
 from jaxrec.train import data_adapter
 from jaxrec.train import state as state_lib
 from jaxrec.train import step as step_lib
+from jaxrec.train import termination
 from jaxrec.train.config import ExperimentConfig, RunOptions
 from jaxrec.train.metrics import EvalAccumulator
 from jaxrec.train.writers import MetricsWriter, Progress
@@ -149,14 +151,17 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
   workdir's lock (`files.workdir_lock`): a second run in the same workdir is refused.
   """
   check_workdir(workdir)
-  if jax.process_index() != 0:   # the processes of one job share the workdir
-    return _train_and_evaluate(config, options, workdir)
-  with workdir_lock(workdir):
-    return _train_and_evaluate(config, options, workdir)
+  # SIGTERM: checkpoint after the step in progress and raise `termination.Terminated`
+  with termination.sigterm_requests(jax.process_count() == 1 and not elastic.is_supervised()
+                                    ) as terminated:
+    if jax.process_index() != 0:   # the processes of one job share the workdir
+      return _train_and_evaluate(config, options, workdir, terminated)
+    with workdir_lock(workdir):
+      return _train_and_evaluate(config, options, workdir, terminated)
 
 
-def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: str
-                        ) -> dict[str, Any]:
+def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: str,
+                        terminated: threading.Event | None = None) -> dict[str, Any]:
   collection, plan, info = setup(config, options)
   is_main = jax.process_index() == 0
   mesh = collection.mesh
@@ -270,7 +275,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   rollbacks = 0
   t_mark, steps_timed, paused = None, 0, 0.0       # paused: eval/checkpoint s in the window
   try:
-    step = start
+    step, sigterm = start, False
     if finished:   # the resume line carries the evaluation (maybe of other --eval_data)
       log.info("already trained to step %d (--num_steps=%d): evaluating that checkpoint",
                start, options.num_steps)
@@ -302,6 +307,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       # Under scripts/launch.py: progress for hang/straggler detection; True = the
       # supervisor asks this generation to save and stop (re-plan). A no-op otherwise.
       stop = elastic.report_progress(workdir, step, time.perf_counter() - t_step, t_host)
+      sigterm = terminated is not None and terminated.is_set()
+      stop = stop or sigterm
       done = step == options.num_steps
       is_log = step % options.log_every == 0 or done or stop
       is_eval = bool(options.eval_every and step % options.eval_every == 0) or done
@@ -371,10 +378,16 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       else:   # the window goes on: leave out this step's eval and checkpoint time
         paused += time.perf_counter() - t_pause
       if stop:
-        log.info("stopping after step %d: the elastic supervisor asked to re-plan", step)
+        if not sigterm:
+          log.info("stopping after step %d: the elastic supervisor asked to re-plan", step)
         break
     ckpt.wait()   # the last save committed, older checkpoints rotated out
     prune_snapshots()
+    if sigterm and step < options.num_steps:
+      writer.write(step, {"event": "terminated", "signal": "SIGTERM"})
+      raise termination.Terminated(
+          f"stopped by SIGTERM after step {step}: checkpoint {step} is saved in "
+          f"{ckpt.directory}; the same command resumes from it")
   finally:
     if tier is not None:
       tier.close()

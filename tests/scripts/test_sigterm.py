@@ -1,0 +1,48 @@
+"""SIGTERM (a preemption, a time limit): scripts/train.py saves a checkpoint of the step in
+progress, says so, exits 143, and the same command resumes from that step. Before, it
+died like SIGKILL and lost every step since the last checkpoint."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from tests.scripts.test_train import ROOT, read_metrics, train
+
+FLAGS = ["--gin_file=configs/dlrm_synthetic.gin", "--plan=dp", "--log_every=5",
+         "--eval_every=0", "--checkpoint_every=0", "--noprogress",
+         "--gin_bindings=ExperimentConfig.batch_size=128",
+         "--gin_bindings=ExperimentConfig.eval_batch_size=512",
+         "--gin_bindings=ExperimentConfig.num_eval_examples=512"]
+
+
+def test_sigterm_checkpoints_the_step_and_the_same_command_resumes(tmp_path):
+  w = str(tmp_path / "w")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "train.py"),
+                           f"--workdir={w}", "--num_steps=100000", *FLAGS], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 300
+    while not (os.path.exists(os.path.join(w, "metrics.jsonl"))
+               and any("loss" in l for l in read_metrics(w))):   # compiled and training
+      assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 143, err[-2000:]
+  assert "Traceback" not in err and "error:" not in err, err[-2000:]
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("stopped by SIGTERM after step ") and "the same command resumes" in last
+  step = int(last.split("after step ")[1].split(":")[0])
+  assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == [str(step)]
+  assert read_metrics(w)[-1] == {"step": step, "event": "terminated", "signal": "SIGTERM"}
+  train(w, f"--num_steps={step + 5}", *FLAGS, devices=1)
+  lines = read_metrics(w)
+  assert [l["checkpoint_step"] for l in lines if l.get("event") == "resume"] == [step]
+  assert lines[-1]["step"] == step + 5 and "loss" in lines[-1]
