@@ -129,7 +129,9 @@ def warn_small_eval_caches(tier: OffloadTier, features, eval_batch_size: int) ->
   real batches often read far fewer distinct rows than the bound."""
   out = []
   for name, t in tier.tables.items():
-    bound = eval_batch_size * sum(f.max_len for f in features if f.table == name)
+    # the table has no more distinct rows than `rows`: a cache of the whole table always fits
+    bound = min(eval_batch_size * sum(f.max_len for f in features if f.table == name),
+                t.spec.rows)
     if bound > t.cache.cache_rows:
       out.append(f"offloaded table '{name}': an eval batch ({eval_batch_size} examples) may "
                  f"read up to {bound:,} distinct rows, more than its {t.cache.cache_rows:,}-row "

@@ -129,3 +129,22 @@ def test_offloading_in_a_multi_process_job_is_refused_naming_the_tables():
                         offload.OffloadConfig(auto=True), processes=2)
   offload.choose_plan(config, RunOptions(plan="dp"), MESH, offload.OffloadConfig(),
                       processes=2)
+
+
+def test_eval_cache_warning_bounds_distinct_rows_by_the_table_size():
+  """An eval batch cannot read more distinct rows than the table has: a cache holding the
+  whole table (cache_rows == rows, allowed) was warned about as too small."""
+  import types  # pylint: disable=import-outside-toplevel
+  from jaxrec.embedding.specs import FeatureSpec, TableSpec
+  from jaxrec.offload import hooks
+  spec = TableSpec("t", rows=1000, dim=4)
+  features = [FeatureSpec("f", "t", max_len=4)]
+
+  def tier(cache_rows):
+    return types.SimpleNamespace(tables={"t": types.SimpleNamespace(
+        spec=spec, cache=types.SimpleNamespace(cache_rows=cache_rows))})
+
+  assert hooks.warn_small_eval_caches(tier(1000), features, 512) == []   # whole table cached
+  (warning,) = hooks.warn_small_eval_caches(tier(999), features, 512)
+  assert "may read up to 1,000 distinct rows, more than its 999-row cache" in warning
+  assert hooks.warn_small_eval_caches(tier(900), features, 128) == []    # 512 rows fit
