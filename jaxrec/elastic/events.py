@@ -49,9 +49,13 @@ class EventLog:
   def __init__(self, workdir: str, echo=None):
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, EVENTS_FILE)
-    jsonl.repair_tail(self.path)   # a killed supervisor's torn last line
     self._lock = threading.Lock()
     self._echo = echo
+
+  def repair_tail(self) -> None:
+    """Drops a killed supervisor's torn last line. Only under the workdir's launch lock:
+    a line the running supervisor is still writing looks torn too."""
+    jsonl.repair_tail(self.path)
 
   def emit(self, event: str, **details: Any) -> dict:
     record = {"time": round(time.time(), 3), "event": event, **details}

@@ -137,6 +137,7 @@ class Supervisor:
       return self._run()
 
   def _run(self) -> int:
+    self.events.repair_tail()
     self.config = replan.load_config(self.args)
     # A restarted supervisor continues the workdir's count: its first set of workers was
     # 'generation 0' again, two sets under one number in events.jsonl and progress files.

@@ -86,3 +86,20 @@ def test_a_config_the_processes_asked_for_cannot_run_is_a_user_error(tmp_path):
   assert ev[-1]["event"] == "give_up" and ev[-1]["reason"] == "user_error"
   assert ev[-1]["message"].startswith("2 process(es): ExperimentConfig.eval_batch_size=127 "
                                       "is not divisible by the 2 devices")
+
+
+def test_a_refused_second_supervisor_leaves_events_jsonl_alone(tmp_path):
+  """The second supervisor 'refused before it writes anything' still cut what looked like a
+  torn last line off events.jsonl, before it asked for the lock: a line the running one was
+  writing at that moment."""
+  from jaxrec import files  # pylint: disable=import-outside-toplevel
+  w = tmp_path / "w"
+  os.makedirs(w / "elastic")
+  events = w / "events.jsonl"
+  events.write_bytes(b'{"event": "start"}\n{"event": "laun')   # the first one mid-write
+  options = sup.Options(num_processes=1, devices_per_process=1)
+  second = sup.Supervisor(options, [f"--workdir={w}", "--gin_file=configs/x.gin"])
+  with files.workdir_lock(str(w), os.path.join("elastic", sup.LOCK_NAME)):   # the first one
+    with pytest.raises(ConfigError, match="in use by another scripts/launch.py"):
+      second.run()
+  assert events.read_bytes() == b'{"event": "start"}\n{"event": "laun'
