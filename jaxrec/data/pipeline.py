@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import threading
 import time
 from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
@@ -135,8 +136,15 @@ def _exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None
   trainer each one stayed, idle, for good, holding its copy of the source (for TSV, all the
   parsed data), and restarts piled them up. A thread polls, since PR_SET_PDEATHSIG would
   fire when the *thread* that started the worker ends (grain starts them from its own).
+  A SIGTERM sent to the whole job (a scheduler's preemption) is ignored here: the trainer
+  handles it (a checkpoint after the step in progress, which needs these workers' next
+  batch), then stops them or exits, which this thread sees.
   """
   del worker_index, worker_count
+  try:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  except ValueError:   # not called on the worker's main thread: leave SIGTERM as it is
+    pass
 
   def watch():
     while os.getppid() == parent:

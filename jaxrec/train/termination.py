@@ -5,7 +5,9 @@ last checkpoint was lost. Inside `sigterm_requests` it only sets an event; the t
 loop sees it after the step in progress, saves a checkpoint of that step (as it does at
 the end), writes a `terminated` line to `metrics.jsonl` and raises `Terminated`, which
 `scripts/train.py` reports with exit code 143 (128 + SIGTERM, what schedulers expect of
-a terminated job). The same command resumes from that checkpoint.
+a terminated job). The same command resumes from that checkpoint. A second SIGTERM
+kills the process at once (as before), e.g. when the step or an evaluate-only run is
+stuck.
 
 Only a single-process run outside `scripts/launch.py` catches it: the processes of a job
 would have to agree on the step to save at, and the elastic supervisor stops its workers
@@ -15,6 +17,7 @@ with its own requests (SIGTERM is its last resort before SIGKILL there).
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from typing import Iterator
@@ -35,7 +38,14 @@ def sigterm_requests(enabled: bool = True) -> Iterator[threading.Event]:
   if not enabled or threading.current_thread() is not threading.main_thread():
     yield requested
     return
-  previous = signal.signal(signal.SIGTERM, lambda signum, frame: requested.set())
+
+  def handler(signum, frame):  # pylint: disable=unused-argument
+    if requested.is_set():   # a second SIGTERM: stop now (e.g. stuck in a long eval)
+      signal.signal(signal.SIGTERM, signal.SIG_DFL)
+      os.kill(os.getpid(), signal.SIGTERM)
+    requested.set()
+
+  previous = signal.signal(signal.SIGTERM, handler)
   try:
     yield requested
   finally:

@@ -264,8 +264,15 @@ def main():
   it = pipeline.make_train_iterator({path!r}, lib.features({{2: 3}}), lib.rows(), 16,
                                     num_workers=2)
   next(it)
+  pids = [p.pid for p in multiprocessing.active_children()]
+  for pid in pids:   # a job-wide SIGTERM (preemption): the trainer checkpoints first
+    os.kill(pid, signal.SIGTERM)
+  import time
+  time.sleep(1.0)
+  for _ in range(4):
+    next(it)
   with open({pids!r}, "w") as f:
-    f.write(" ".join(str(p.pid) for p in multiprocessing.active_children()))
+    f.write(" ".join(map(str, pids)))
   os.kill(os.getpid(), signal.SIGKILL)
 if __name__ == "__main__":
   main()
@@ -274,7 +281,9 @@ if __name__ == "__main__":
 
 def test_worker_processes_exit_when_the_trainer_is_killed(files, tmp_path):
   """kill -9 of the trainer left grain's worker processes running, idle, each holding its
-  copy of the source, for good (and one more set per restart)."""
+  copy of the source, for good (and one more set per restart). A SIGTERM that reaches the
+  workers too (sent to the whole job) leaves them running: the trainer still needs batches
+  for the checkpoint it saves on SIGTERM."""
   script = tmp_path / "killed_trainer.py"
   here = os.path.dirname(os.path.abspath(__file__))
   pid_file, log = tmp_path / "workers", tmp_path / "log"

@@ -46,3 +46,18 @@ def test_sigterm_checkpoints_the_step_and_the_same_command_resumes(tmp_path):
   lines = read_metrics(w)
   assert [l["checkpoint_step"] for l in lines if l.get("event") == "resume"] == [step]
   assert lines[-1]["step"] == step + 5 and "loss" in lines[-1]
+
+
+def test_a_second_sigterm_stops_at_once():
+  """The first SIGTERM only asks for a checkpoint; a second one (a run stuck in a step or
+  in an evaluate-only rerun, which has no next step) kills the process as before."""
+  code = ("import os, signal, time\n"
+          "from jaxrec.train import termination\n"
+          "with termination.sigterm_requests() as requested:\n"
+          "  os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2)\n"
+          "  print('asked', requested.is_set(), flush=True)\n"
+          "  os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"
+          "  print('still running', flush=True)\n")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        timeout=60)
+  assert proc.returncode == -signal.SIGTERM and proc.stdout == "asked True\n", proc
