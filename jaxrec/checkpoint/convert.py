@@ -166,6 +166,20 @@ def _outside(output, checkpoint_dir) -> None:
                       "path outside it")
 
 
+def _not_around(output, checkpoint_dir) -> None:
+  """Refuses a checkpoint `--output` that holds the checkpoint directory, e.g. `--output=W`
+  for `--checkpoint_dir=W/checkpoints`: the copy's step directory went beside
+  `W/checkpoints`, and W was refused as a workdir from then on (a checkpoint directory)."""
+  src = os.path.realpath(checkpoint_dir)
+  if offloaded_lib.rejected_step(src) is not None:   # W/checkpoints/rejected/<name>
+    src = os.path.dirname(os.path.dirname(src))      # W/checkpoints itself is a fine --output
+  dst = os.path.realpath(output)
+  if dst != src and os.path.commonpath([src, dst]) == dst:
+    raise ConfigError(f"--output {output} holds --checkpoint_dir {checkpoint_dir}: "
+                      "--format=checkpoint writes step directories into --output; pick a "
+                      "checkpoint directory of its own, e.g. W2/checkpoints")
+
+
 def _mkdir(path) -> None:
   try:
     epath.Path(path).mkdir(parents=True, exist_ok=True)
@@ -363,6 +377,7 @@ def export_checkpoint(checkpoint_dir, output, step: int | None = None,
     raise ConfigError("--mesh and --plan go together for --format=checkpoint")
   output = epath.Path(output)
   _outside(output, checkpoint_dir)
+  _not_around(output, checkpoint_dir)
   if output.exists() and not output.is_dir():
     raise ConfigError(f"--output {output} is a file; --format=checkpoint writes a directory")
   step_dir, step = _select_step(checkpoint_dir, step)

@@ -382,6 +382,17 @@ def test_outputs_refused_before_any_read(saved, tmp_path):
     convert.export_npz(path, tmp_path / "old.npz" / "c.npz")
 
 
+def test_checkpoint_output_holding_the_checkpoint_dir_is_refused(saved):
+  """`--output=W` for `--checkpoint_dir=W/checkpoints` (the workdir, not its checkpoints)
+  wrote W/4 beside W/checkpoints, after which train.py refused W as a checkpoint
+  directory."""
+  path, _, _ = saved
+  for out in (path.parent, path.parent.parent):
+    with pytest.raises(ConfigError, match="holds --checkpoint_dir"):
+      convert.export_checkpoint(path, out, restart_data=True)
+    assert not (out / "4").exists()
+
+
 def test_plan_file_of_a_run_is_accepted(saved, tmp_path):
   """`--plan=W/plan.json` (the plan under "plan", as README says --plan takes) was a
   TypeError traceback."""
