@@ -48,8 +48,8 @@ TRAIN_SPLIT, EVAL_SPLIT = 0, 1
 STATE_VERSION = 1
 # how to go on from a checkpoint with another data order (a data mismatch's error says it)
 RESTART_HINT = ("; to continue training on other data, copy the checkpoint with "
-                "`scripts/convert_checkpoint.py --format=checkpoint --restart_data "
-                "--output=W2/checkpoints` and train in W2")
+                "`scripts/convert_checkpoint.py --checkpoint_dir=W/checkpoints "
+                "--output=W2/checkpoints --format=checkpoint --restart_data` and train in W2")
 PARENT_POLL_S = 0.5   # how often a worker process checks that its trainer is alive
 
 

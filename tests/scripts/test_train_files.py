@@ -97,8 +97,9 @@ def test_continue_training_on_new_data_from_a_copy_without_the_data_position(tmp
   assert proc.returncode != 0 and "Traceback" not in proc.stderr
   assert ("trained on 2000 examples per epoch, this training data is 1500 examples per "
           "epoch; resuming would repeat and skip examples; to continue training on other "
-          "data, copy the checkpoint with `scripts/convert_checkpoint.py --format=checkpoint "
-          "--restart_data") in proc.stderr, proc.stderr[-2000:]
+          "data, copy the checkpoint with `scripts/convert_checkpoint.py --checkpoint_dir="
+          "W/checkpoints --output=W2/checkpoints --format=checkpoint --restart_data` and "
+          "train in W2") in proc.stderr, proc.stderr[-2000:]
 
   def convert(*flags):
     return subprocess.run([sys.executable, "scripts/convert_checkpoint.py",
