@@ -26,9 +26,8 @@ from jaxrec.checkpoint.manager import REJECTED_DIR, step_dirs
 from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.errors import ConfigError, JaxrecError
-from jaxrec import files
 from jaxrec.files import workdir_lock, write_text_atomic
-from jaxrec import elastic, offload, planner
+from jaxrec import elastic, files, offload, planner
 from jaxrec.offload import snapshots as snapshots_lib
 from jaxrec.sharding import mesh as mesh_lib
 from jaxrec.sharding.plan import Plan, uniform_plan

@@ -263,7 +263,8 @@ def main():
   from jaxrec.data import pipeline
   it = pipeline.make_train_iterator({path!r}, lib.features({{2: 3}}), lib.rows(), 16,
                                     num_workers=2)
-  next(it)
+  for _ in range(3):   # a batch from each worker: both have run their init function
+    next(it)
   pids = [p.pid for p in multiprocessing.active_children()]
   for pid in pids:   # a job-wide SIGTERM (preemption): the trainer checkpoints first
     os.kill(pid, signal.SIGTERM)
