@@ -41,7 +41,9 @@ flags.DEFINE_float("straggler_cooldown", 600.0, "Seconds a straggler's slot sits
 flags.DEFINE_integer("probe_every", 0, "Steps between per-device timing probes (0: off).")
 flags.DEFINE_integer("check_every", 50, "Steps between the workers' stop-request checks "
                      "(one tiny all-gather each).")
-flags.DEFINE_float("stop_grace", 10.0, "Seconds between SIGTERM and SIGKILL when stopping.")
+flags.DEFINE_float("stop_grace", 10.0, "Seconds between SIGTERM and SIGKILL when stopping; "
+                   "after a requested stop's checkpoint appears, the workers get twice this "
+                   "to exit by themselves.")
 flags.DEFINE_float("stop_timeout", 300.0, "Seconds a requested stop may take.")
 flags.DEFINE_enum("platform", "cpu", ["cpu", "gpu"], "Worker devices: forced host CPU devices "
                   "(gloo collectives) or GPUs (CUDA_VISIBLE_DEVICES slices, NCCL).")

@@ -380,6 +380,7 @@ class Supervisor:
   def _watch(self) -> _Outcome:
     stop_requested: float | None = None
     stop_ckpt = None
+    stop_saved: float | None = None   # when the stop's checkpoint was first seen
     planned: _Outcome | None = None
     while True:
       time.sleep(self.o.poll_interval)
@@ -398,12 +399,16 @@ class Supervisor:
           with open(worker_lib.stop_path(self.workdir, self.generation), "w") as f:
             f.write(json.dumps({"reason": planned.reason, "time": now}))
       elif stop_requested is not None:
-        ckpt = proc_lib.latest_checkpoint(self.workdir)
-        # the stop checkpoint is at a check step; a periodic one before it does not count
-        newer = (ckpt is not None and ckpt != stop_ckpt
-                 and ckpt % max(self.o.check_every, 1) == 0)
+        if stop_saved is None:
+          ckpt = proc_lib.latest_checkpoint(self.workdir)
+          # the stop checkpoint is at a check step; a periodic one before it does not count
+          if (ckpt is not None and ckpt != stop_ckpt
+              and ckpt % max(self.o.check_every, 1) == 0):
+            stop_saved = now
+        # After saving, the workers still close their files and leave: the grace counts
+        # from the checkpoint's appearance, not from the request (that may be long before).
         if now - stop_requested > self.o.stop_timeout or (
-            newer and now - stop_requested > 2 * self.o.stop_grace):
+            stop_saved is not None and now - stop_saved > 2 * self.o.stop_grace):
           return planned          # workers did not stop by themselves: stop them
 
   def _read_progress(self, now: float) -> None:

@@ -1,7 +1,8 @@
 """A stand-in for scripts/train.py in supervisor tests: no jax, a step is a short sleep.
 
 Reads --workdir, --num_steps, --checkpoint_every, --mesh, --step_s (seconds per step) and
---error (print a user error and exit 1). Reports progress through `jaxrec.elastic.worker`
+--error (print a user error and exit 1), --linger_s (seconds between a requested stop's
+checkpoint and the exit, like a real trainer closing its files). Reports progress through `jaxrec.elastic.worker`
 like the real trainer, "checkpoints" by creating W/checkpoints/<step>/ (process 0), resumes
 from the newest one, stops when the supervisor asks and appends what it ran to
 W/fake_runs.jsonl. Prints `step N` per step (like the trainer's metrics lines). Processes do
@@ -49,6 +50,7 @@ def main(argv):
       os.makedirs(os.path.join(ckpts, str(step)), exist_ok=True)
     if stop:
       me.write(w, {"stopped_at": step})
+      time.sleep(float(args.get("linger_s", 0)))
       break
   print("done")
   return 0

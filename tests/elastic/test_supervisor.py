@@ -219,9 +219,11 @@ def test_requested_stop_waits_for_the_check_step_not_a_periodic_checkpoint(tmp_p
   _set_capacity(w, "1\n")
   # Checkpoints every 5 steps, stop checks every 30. Under load the supervisor may see the
   # new capacity after step 30; the workers then stop at the next check step (60, 90 or,
-  # on a busy machine, 120: it once saw it only after step 90 of 100).
-  proc = start(w, ["--num_processes=2", "--check_every=30", "--stop_grace=0.5"], steps=150,
-               step_s=0.1)
+  # on a busy machine, 120: it once saw it only after step 90 of 100). After saving they
+  # take 0.3 s to exit; the grace (2 x 0.75 s) counts from the checkpoint's appearance, not
+  # from the request ~2.8 s before it (a stop there failed CI).
+  proc = start(w, ["--num_processes=2", "--check_every=30", "--stop_grace=0.75"], steps=150,
+               step_s=0.1, extra=["--linger_s=0.3"])
   t.wait_step(w, 0, 0, 2, timeout=120, proc=proc)
   _set_capacity(w, "2\n")
   assert t.finish(proc) == 0
