@@ -323,10 +323,10 @@ class CheckpointManager:
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except
+      step, self._saving = self._saving, None      # this save is over, whatever failed
       cause = storage.io_failure(e)
-      if cause is None or self._saving is None:
+      if cause is None or step is None:
         raise
-      step, self._saving = self._saving, None
       kept = [s for s in self.steps_on_disk() if s != step]
       last = (f"the last checkpoint (step {kept[-1]}) is intact" if kept
               else "no earlier checkpoint exists")
