@@ -23,7 +23,7 @@ EVENTS_FILE = "events.jsonl"
 
 # Event names, in the order a run usually meets them.
 EVENTS = {
-    "start": "supervisor started: capacity, flags",
+    "start": "supervisor started: its flags (a capacity file follows as `capacity`)",
     "plan": "mesh and plan chosen for a generation (planner estimate, reason)",
     "launch": "workers of a generation started (pids, coordinator, command)",
     "initialized": "a worker joined the distributed runtime",

@@ -144,11 +144,14 @@ class Supervisor:
     launched = [e.get("generation") for e in read_events(self.workdir)
                 if e.get("event") == "launch"]
     self.generation = first = max((g for g in launched if type(g) is int), default=-1) + 1
+    # `start` first (the flags), then what the capacity file says: a restarted supervisor
+    # finds the file of the previous run, and its `capacity` came before `start`.
+    self.events.emit("start", num_processes=self.o.num_processes,
+                     devices_per_process=self.o.devices_per_process,
+                     min_processes=self.o.min_processes, max_restarts=self.o.max_restarts,
+                     hang_timeout=self.o.hang_timeout, capacity_file=self.capacity_file,
+                     train_flags=list(self.args.argv))
     self._read_capacity(initial=True)
-    self.events.emit("start", num_processes=self.capacity[0],
-                     devices_per_process=self.capacity[1], min_processes=self.o.min_processes,
-                     max_restarts=self.o.max_restarts, hang_timeout=self.o.hang_timeout,
-                     capacity_file=self.capacity_file, train_flags=list(self.args.argv))
     reason = "start"
     previous_sigterm = _raise_on_sigterm()
     try:

@@ -64,3 +64,19 @@ def test_the_same_command_again_continues_the_generation_count(tmp_path):
   launches = [e["generation"] for e in t.events(w) if e["event"] == "launch"]
   assert launches == [0, 1, 2]
   assert t.wait_step(w, 0, 2, 30, timeout=1)            # its workers report as generation 2
+
+
+def test_a_run_that_finds_a_capacity_file_begins_with_start(tmp_path):
+  # A restarted supervisor finds the previous run's capacity file: its `capacity` event was
+  # written before its `start`, so that run's events began with `capacity`.
+  w = str(tmp_path)
+  os.makedirs(os.path.join(w, "elastic"))
+  with open(os.path.join(w, "elastic", "capacity"), "w") as f:
+    f.write("1\n")
+  proc = _launch(w, ["--num_processes=2"], steps=5, step_s=0.01)
+  assert t.finish(proc) == 0, open(os.path.join(w, "launch.log")).read()[-2000:]
+  ev = t.events(w)
+  assert t.names(ev)[:3] == ["start", "capacity", "plan"], ev
+  assert (ev[0]["num_processes"], ev[0]["devices_per_process"]) == (2, 2)   # the flags
+  assert ev[1]["num_processes"] == 1 and ev[1]["previous"] == [2, 2] and ev[1]["initial"]
+  assert ev[2]["processes"] == 1
