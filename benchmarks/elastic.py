@@ -8,7 +8,8 @@ the seconds from the kill to the first completed step on the new mesh (1 process
 devices). One JSON line (`"benchmark": "elastic_recovery"`) with `"ratio"` = seconds / 30
 and `"goal": 1.0`, the breakdown (detect, stop, re-plan, restart, restore, compile: see
 `jaxrec.elastic.supervisor`) and the machine's load average (timings on a shared machine
-vary with it).
+vary with it). A job that does not complete after the recovery (launch.py fails, or stops
+short of --num_steps) adds `"error"` to the line, says it on stderr and exits 1.
 """
 
 import json
@@ -37,6 +38,8 @@ flags.DEFINE_string("plan", "auto", "--plan of the job.")
 flags.DEFINE_string("workdir", None, "Run directory (default: a temp dir, removed).")
 flags.DEFINE_bool("keep", False, "Keep the run directory.")
 flags.DEFINE_float("timeout", 900, "Seconds before giving up.")
+flags.DEFINE_string("train_script", None, "Worker program (default scripts/train.py; tests "
+                    "pass a fake one).")
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOAL_S = 30.0
@@ -60,13 +63,26 @@ def _wait(cond, proc, what):
     time.sleep(0.02)
 
 
+def _failure(code, final, events):
+  """Why the measured job did not complete after its recovery (one line), or None."""
+  if code == 0 and final == FLAGS.num_steps:
+    return None
+  why = (f"scripts/launch.py exited {code}" if code != 0 else
+         f"its last checkpoint is step {final}, not --num_steps={FLAGS.num_steps}")
+  give_up = [e for e in events if e.get("event") == "give_up"]
+  if give_up:
+    why += ": " + " ".join(str(give_up[-1].get("message", "")).split())
+  return f"the job failed after its recovery: {why}"
+
+
 def main(argv):
   del argv
   workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="jaxrec_elastic_")
   shutil.rmtree(workdir, ignore_errors=True)
   os.makedirs(workdir)
   cmd = [sys.executable, os.path.join(ROOT, "scripts", "launch.py"), "--quiet",
-         "--num_processes=2", "--devices_per_process=4", "--hang_timeout=120", "--",
+         "--num_processes=2", "--devices_per_process=4", "--hang_timeout=120",
+         *([f"--train_script={FLAGS.train_script}"] if FLAGS.train_script else []), "--",
          f"--workdir={workdir}", "--gin_file=configs/dlrm_synthetic.gin",
          f"--gin_bindings=ExperimentConfig.batch_size={FLAGS.batch_size}",
          "--gin_bindings=ExperimentConfig.eval_batch_size=1024",
@@ -95,12 +111,16 @@ def main(argv):
                  **resume["breakdown"]}
     code = proc.wait(FLAGS.timeout)
     final = latest_checkpoint(workdir)
+    failure = _failure(code, final, read_events(workdir))
     emit("elastic_recovery", seconds=round(seconds, 3), ratio=round(seconds / GOAL_S, 4),
          goal=1.0, breakdown=breakdown, killed_at_step=exit_ev.get("last_step"),
          restored_step=resume["step"] - 1, new_mesh=replan["mesh"],
          processes="2x4 -> 1x4", job_exit_code=code, final_checkpoint=final,
-         completed=code == 0 and final == FLAGS.num_steps,
+         completed=failure is None, **({"error": failure} if failure else {}),
          load_average=list(os.getloadavg()), cpus=os.cpu_count())
+    if failure:
+      print(f"error: {failure}", file=sys.stderr)
+      sys.exit(1)
   finally:
     if proc.poll() is None:
       proc.send_signal(signal.SIGINT)

@@ -2,11 +2,13 @@
 
 Reads --workdir, --num_steps, --checkpoint_every, --mesh, --step_s (seconds per step) and
 --error (print a user error and exit 1), --linger_s (seconds between a requested stop's
-checkpoint and the exit, like a real trainer closing its files). Reports progress through `jaxrec.elastic.worker`
-like the real trainer, "checkpoints" by creating W/checkpoints/<step>/ (process 0), resumes
-from the newest one, stops when the supervisor asks and appends what it ran to
-W/fake_runs.jsonl. Prints `step N` per step (like the trainer's metrics lines). Processes do
-not talk to each other (no jax.distributed).
+checkpoint and the exit, like a real trainer closing its files), --crash_at=G:S (process 0
+of generation G exits 1 after step S, no `error:` line: a crash); $FAKE_TRAIN_ARGS adds
+flags (for callers that do not pass train flags through). Reports progress through
+`jaxrec.elastic.worker` like the real trainer, "checkpoints" by creating
+W/checkpoints/<step>/ (process 0), resumes from the newest one, stops when the supervisor
+asks and appends what it ran to W/fake_runs.jsonl. Prints `step N` per step (like the
+trainer's metrics lines). Processes do not talk to each other (no jax.distributed).
 """
 
 import json
@@ -20,6 +22,7 @@ from jaxrec.elastic import worker  # noqa: E402
 
 
 def main(argv):
+  argv = [*argv, *os.environ.get("FAKE_TRAIN_ARGS", "").split()]
   args = dict(a[2:].partition("=")[::2] for a in argv if a.startswith("--"))
   w, n = args["workdir"], int(args.get("num_steps", 100))
   every, step_s = int(args.get("checkpoint_every", 5) or 5), float(args.get("step_s", 0.02))
@@ -36,6 +39,8 @@ def main(argv):
     f.write(json.dumps({"generation": me.generation, "process": me.process,
                         "processes": me.num_processes, "mesh": args.get("mesh"),
                         "plan": args.get("plan"), "start": start}) + "\n")
+  crash_gen, _, crash_step = args.get("crash_at", "-1:0").partition(":")
+  crash = int(crash_step) if me.process == 0 and int(crash_gen) == me.generation else None
   for step in range(start + 1, n + 1):
     if not wait_for_peers(w, me, step - 1, start):     # a peer stopped: stop after step - 1
       if me.process == 0 and step - 1 > start:
@@ -46,6 +51,9 @@ def main(argv):
     dt = time.perf_counter() - t0
     print(f"step {step}")
     stop = worker.report_progress(w, step, dt, host_time_s=dt)
+    if step == crash:
+      print(f"crashing after step {step} as asked")
+      return 1
     if me.process == 0 and (step % every == 0 or step == n or stop):
       os.makedirs(os.path.join(ckpts, str(step)), exist_ok=True)
     if stop:

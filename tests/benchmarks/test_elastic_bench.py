@@ -1,0 +1,31 @@
+"""benchmarks/elastic.py with fake workers (tests/elastic/fake_train.py): its exit status."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FAKE = os.path.join(ROOT, "tests", "elastic", "fake_train.py")
+
+
+def _bench(tmp_path, fake_args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", FAKE_TRAIN_ARGS=fake_args)
+  return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "elastic.py"),
+                         f"--train_script={FAKE}", f"--workdir={tmp_path / 'w'}",
+                         "--num_steps=60", "--kill_at=15", "--checkpoint_every=10",
+                         "--timeout=120"],
+                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def test_a_job_that_fails_after_recovering_fails_the_benchmark(tmp_path):
+  """The restarted worker crashes after the recovery was measured: the job stops below
+  --min_processes (exit 2), yet the benchmark exited 0 (only `"completed": false`)."""
+  out = _bench(tmp_path, "--step_s=0.1 --crash_at=1:20")
+  assert out.returncode == 1, out.stderr[-2000:]
+  errors = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1, out.stderr[-2000:]
+  assert errors[0].startswith("error: the job failed after its recovery: scripts/launch.py "
+                              "exited 2: only 0 process(es)"), errors
+  record = json.loads(out.stdout.splitlines()[-1])
+  assert record["completed"] is False and record["job_exit_code"] == 2, record
