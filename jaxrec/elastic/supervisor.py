@@ -39,6 +39,7 @@ import time
 from typing import IO
 
 from jaxrec import files
+from jaxrec.elastic import capacity as capacity_lib
 from jaxrec.elastic import procs as proc_lib, replan, stragglers, worker as worker_lib
 from jaxrec.elastic.events import EventLog, read_events
 from jaxrec.elastic.options import Options
@@ -116,6 +117,7 @@ class Supervisor:
         self.workdir, worker_lib.CONTROL_DIR, "capacity")
     self._cap_seen: tuple | None = None       # (mtime, text) of the last capacity read
     self._cap_error: tuple | None = None      # what the last unreadable-capacity event was
+    self._cap_message = ""                    # ... and its message
     self.capacity = (options.num_processes, options.devices_per_process)
     self.lost: list[float] = []               # loss times of slots not yet returned
     self.quarantine: list[float] = []         # until when a slow slot sits out
@@ -152,6 +154,8 @@ class Supervisor:
                      hang_timeout=self.o.hang_timeout, capacity_file=self.capacity_file,
                      train_flags=list(self.args.argv))
     self._read_capacity(initial=True)
+    if self._cap_error is not None:    # bad input before anything started: the user's to fix
+      return self._give_up("user_error", EXIT_USER_ERROR, self._cap_message)
     reason = "start"
     previous_sigterm = _raise_on_sigterm()
     try:
@@ -233,7 +237,8 @@ class Supervisor:
     except FileNotFoundError:
       return False
     except OSError as e:      # e.g. a directory: said once, until the error changes
-      return self._capacity_error(("error", str(e)), e)
+      return self._capacity_error(("error", str(e)), f"cannot read {self.capacity_file}: "
+                                  f"{e.strerror or e}")
     # An empty file is one being rewritten (`echo 2 > capacity` truncates first): look again
     # at the next poll. Remembering its mtime lost the write when both fell in one tick of
     # the file system's clock. The text counts too: a same-tick rewrite changes only it.
@@ -241,32 +246,20 @@ class Supervisor:
       return False
     self._cap_seen = (mtime, raw)
     try:
-      text = raw.strip()
-      if text.startswith("{"):
-        obj = json.loads(text)
-        n, k = obj["num_processes"], obj.get("devices_per_process", self.capacity[1])
-        if not all(type(v) is int for v in (n, k)):   # 1.5 or true: not a count
-          raise ValueError(f"counts must be whole numbers, got {n!r}, {k!r}")
-      else:
-        parts = text.split()
-        n = int(parts[0])
-        k = int(parts[1]) if len(parts) > 1 else self.capacity[1]
-      if n < 0 or k < 1:
-        raise ValueError("negative")
-    except (ValueError, KeyError, IndexError, TypeError) as e:
-      return self._capacity_error(self._cap_seen, e)
+      n, k = capacity_lib.parse(raw, self.capacity_file, self.capacity[1])
+    except ConfigError as e:
+      return self._capacity_error(self._cap_seen, str(e))
     old = self.capacity
     self.capacity, self.lost = (n, k), []
     self.events.emit("capacity", source="file", num_processes=n, devices_per_process=k,
                      previous=list(old), initial=initial)
     return True
 
-  def _capacity_error(self, seen: tuple, e: Exception) -> bool:
+  def _capacity_error(self, seen: tuple, message: str) -> bool:
     """The `capacity` error event, once per distinct content or read error; False."""
     if seen != self._cap_error:
-      self._cap_error = seen
-      self.events.emit("capacity", source="file", error=f"unreadable {self.capacity_file}: "
-                       f"{e}; ignored")
+      self._cap_error, self._cap_message = seen, message
+      self.events.emit("capacity", source="file", error=f"{message}; ignored")
     return False
 
   def _plan(self, first: bool = False) -> tuple[replan.Choice | None, str]:

@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from jaxrec.elastic import supervisor as sup
 
 
@@ -48,7 +50,8 @@ def test_same_text_rewritten_is_a_fresh_statement_and_errors_are_said_once(tmp_p
     f.write('{"num_processes": null}\n')         # was a TypeError that ended the supervisor
   assert not s._read_capacity() and not s._read_capacity()
   errors = [e for e in _events(tmp_path) if e.get("error")]
-  assert len(errors) == 1 and "unreadable" in errors[0]["error"], errors
+  assert errors[0]["error"] == (f"{s.capacity_file}:1: num_processes must be a whole "
+                                "number, got null; ignored"), errors
   assert s.capacity == (2, 2)
 
 
@@ -63,5 +66,45 @@ def test_a_count_that_is_not_a_whole_number_is_refused(tmp_path):
     assert not s._read_capacity(), text
     assert s.capacity == (4, 2), text
   errors = [e["error"] for e in _events(tmp_path) if e.get("error")]
-  assert len(errors) == 4 and all("unreadable" in e for e in errors), errors
-  assert "whole numbers, got 1.5" in errors[0]
+  assert len(errors) == 4 and all(e.startswith(s.capacity_file + ":1: ") for e in errors)
+  assert "num_processes must be a whole number, got 1.5" in errors[0], errors
+  assert "devices_per_process must be a whole number, got 2.0" in errors[2], errors
+
+
+@pytest.mark.parametrize("text,why", [
+    ("2 4 junk\n", ":1: expected `N` or `N K`, got '2 4 junk'"),
+    ("2\n4\n", ":2: one line `N` or `N K` expected, found another line '4'"),
+    ("2 abc\n", ":1: devices_per_process must be a whole number, got 'abc'"),
+    ("3 0\n", ":1: devices_per_process must be >= 1, got 0"),
+    ("-1\n", ":1: num_processes must be >= 0, got -1"),
+    ('{"num_processes": 3,\n "devices": 4}\n',
+     ":2: unknown key(s) ['devices'] (known: num_processes, devices_per_process)"),
+    ('{"devices_per_process": 2}', ':1: the JSON object needs "num_processes"'),
+    ("[2]", ":1: num_processes must be a whole number, got '[2]'"),
+    ('{"num_processes": 2,\n "devices_per_process": x}', ":2: not valid JSON: Expecting value"),
+])
+def test_bad_content_is_an_error_naming_the_file_and_line(tmp_path, text, why):
+  """'2 4 junk', a second line and an unknown JSON key (`devices`) were read past silently;
+  '3 0' said 'negative'; a missing key said only "'num_processes'"; none named a line."""
+  s = _supervisor(tmp_path)
+  with open(s.capacity_file, "w") as f:
+    f.write(text)
+  assert not s._read_capacity() and s.capacity == (4, 2)
+  errors = [e["error"] for e in _events(tmp_path) if e.get("error")]
+  assert len(errors) == 1 and errors[0].startswith(s.capacity_file + why), errors
+  assert errors[0].endswith("; ignored"), errors
+
+
+def test_bad_content_at_start_is_a_user_error(tmp_path, monkeypatch):
+  """A capacity file the supervisor cannot read when it starts was ignored (the job ran on
+  the flags' capacity, the error only an event); now nothing starts (exit 1)."""
+  s = _supervisor(tmp_path)
+  monkeypatch.setattr(sup.replan, "load_config", lambda args: None)
+  with open(s.capacity_file, "w") as f:
+    f.write("2 4 junk\n")
+  s._plan = None                                  # never reached: no plan, no workers
+  assert s._run() == sup.EXIT_USER_ERROR
+  ev = _events(tmp_path)
+  assert [e["event"] for e in ev] == ["start", "capacity", "give_up"], ev
+  assert ev[-1]["reason"] == "user_error"
+  assert ev[-1]["message"].startswith(f"{s.capacity_file}:1: expected `N` or `N K`"), ev[-1]

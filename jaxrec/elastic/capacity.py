@@ -1,0 +1,72 @@
+"""The capacity file (`W/elastic/capacity` or `--capacity_file`): what the job may use now.
+
+One line `N` or `N K`, or a JSON object `{"num_processes": N, "devices_per_process": K}`
+(`K` defaults to the devices per process in use). `parse` reads it strictly: anything
+else (a third number, an unknown JSON key, a count that is not a whole number, a second
+line) is a `ConfigError` naming the file and line, never a value read past or guessed.
+"""
+
+from __future__ import annotations
+
+import json
+
+from jaxrec.errors import ConfigError
+
+KEYS = ("num_processes", "devices_per_process")
+
+
+def parse(text: str, path: str, devices_per_process: int) -> tuple[int, int]:
+  """`(processes, devices per process)` the file states."""
+  if text.lstrip().startswith("{"):
+    n, k, line = _parse_json(text, path)
+  else:
+    n, k, line = _parse_plain(text, path)
+  k = devices_per_process if k is None else k
+  if n < 0:
+    raise ConfigError(f"{path}:{line}: num_processes must be >= 0, got {n}")
+  if k < 1:
+    raise ConfigError(f"{path}:{line}: devices_per_process must be >= 1, got {k}")
+  return n, k
+
+
+def _parse_plain(text: str, path: str) -> tuple[int, int | None, int]:
+  lines = [(i, l.split()) for i, l in enumerate(text.splitlines(), 1) if l.strip()]
+  if len(lines) > 1:
+    raise ConfigError(f"{path}:{lines[1][0]}: one line `N` or `N K` expected, found another "
+                      f"line '{' '.join(lines[1][1])}'")
+  line, words = lines[0]
+  if len(words) > 2:
+    raise ConfigError(f"{path}:{line}: expected `N` or `N K`, got '{' '.join(words)}'")
+  counts = []
+  for name, word in zip(KEYS, words):
+    try:
+      counts.append(int(word))
+    except ValueError:
+      raise ConfigError(f"{path}:{line}: {name} must be a whole number, got "
+                        f"'{word}'") from None
+  return counts[0], counts[1] if len(counts) > 1 else None, line
+
+
+def _parse_json(text: str, path: str) -> tuple[int, int | None, int]:
+  try:
+    obj = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
+  unknown = sorted(set(obj) - set(KEYS))
+  if unknown:
+    raise ConfigError(f"{path}:{_line_of(text, unknown[0])}: unknown key(s) {unknown} "
+                      f"(known: {', '.join(KEYS)})")
+  if "num_processes" not in obj:
+    raise ConfigError(f"{path}:1: the JSON object needs \"num_processes\"")
+  for name in KEYS:
+    v = obj.get(name, 1)
+    if type(v) is not int:                      # 1.5, true, null: not a count
+      raise ConfigError(f"{path}:{_line_of(text, name)}: {name} must be a whole number, "
+                        f"got {json.dumps(v)}")
+  return obj["num_processes"], obj.get("devices_per_process"), _line_of(text, KEYS[0])
+
+
+def _line_of(text: str, key: str) -> int:
+  """Line of `"key"` in `text` (1 if absent)."""
+  at = text.find(json.dumps(key))
+  return text.count("\n", 0, at) + 1 if at >= 0 else 1
