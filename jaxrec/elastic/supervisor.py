@@ -479,6 +479,9 @@ class Supervisor:
     first_failure = failed and all(q.exited in (0, None) for q in self.procs if q not in new)
     signaled = [p for p in failed if p.exited < 0]
     lost = signaled or failed[:1]     # peers of a crashed worker often fail right after it
+    message = first_failure and proc_lib.user_error(self.workdir, [p.index for p in failed])
+    if message and not signaled:      # the user's to fix: no slot is lost
+      lost = []
     for p in new:
       extra = {}
       if p.exited:
@@ -489,8 +492,7 @@ class Supervisor:
                        signal=proc_lib.signal_name(p.exited),
                        last_step=p.last_step, lost=bool(first_failure and p in lost), **extra)
     if first_failure:
-      message = proc_lib.user_error(self.workdir, [p.index for p in failed])
-      if message and not signaled:
+      if not lost:
         return _Outcome("user_error", "user error", message=message, detected=now)
       why = proc_lib.describe_exit(lost[0].exited)
       return _Outcome("failure", f"worker {lost[0].index} exited ({why})", lost=len(lost),

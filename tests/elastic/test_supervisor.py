@@ -125,6 +125,7 @@ def test_user_error_is_not_retried(tmp_path):
   assert exits and all(e["returncode"] == 1 and e["signal"] is None for e in exits)
   assert all(e["error"] == e["last_log_line"] == "error: --error: the fake trainer fails as "
              "asked" for e in exits)                      # an exit code: its last log line
+  assert not any(e["lost"] for e in exits), exits         # was true: no slot is lost
 
 
 def test_capacity_file_grows_the_job_after_a_clean_stop(tmp_path):
