@@ -57,6 +57,8 @@ class Options:
         raise ConfigError(f"--{name} must be {'>' if strict else '>='} {low}, got {v}")
     if self.platform not in ("cpu", "gpu"):
       raise ConfigError(f"--platform must be cpu or gpu, got '{self.platform}'")
+    if not os.path.isfile(self.train_script):    # every worker failed: 'below --min_processes'
+      raise ConfigError(f"--train_script: {self.train_script} is not a file")
     if self.inject_delay:
       proc, _, seconds = self.inject_delay.partition(":")
       try:

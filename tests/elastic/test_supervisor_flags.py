@@ -104,3 +104,13 @@ def test_a_refused_second_supervisor_leaves_events_jsonl_alone(tmp_path):
     with pytest.raises(ConfigError, match="in use by another scripts/launch.py"):
       second.run()
   assert events.read_bytes() == b'{"event": "start"}\n{"event": "laun'
+
+
+def test_a_missing_train_script_is_a_user_error(tmp_path):
+  """Every worker exited 2 (python: can't open file): the job shrank twice and stopped
+  'only 0 process(es) ... below --min_processes=1' (exit 2), never naming the flag."""
+  missing = str(tmp_path / "fake_trian.py")
+  options = sup.Options(num_processes=2, devices_per_process=1, train_script=missing)
+  with pytest.raises(ConfigError, match=re.escape(f"--train_script: {missing} is not a file")):
+    sup.Supervisor(options, [f"--workdir={tmp_path / 'w'}", "--gin_file=configs/x.gin"])
+  assert not os.path.exists(tmp_path / "w")
