@@ -35,7 +35,8 @@ flags.DEFINE_integer("checkpoint_every", 10, "... and a checkpoint is committed.
 flags.DEFINE_integer("batch_size", 512, "Global batch.")
 flags.DEFINE_string("mesh", "data=2,table=2,row=2,col=1", "Mesh of the 8-device start.")
 flags.DEFINE_string("plan", "auto", "--plan of the job.")
-flags.DEFINE_string("workdir", None, "Run directory (default: a temp dir, removed).")
+flags.DEFINE_string("workdir", None, "Run directory, new or empty or of an earlier run "
+                    "(emptied first; default: a temp dir, removed).")
 flags.DEFINE_bool("keep", False, "Keep the run directory.")
 flags.DEFINE_float("timeout", 900, "Seconds before giving up.")
 flags.DEFINE_string("train_script", None, "Worker program (default scripts/train.py; tests "
@@ -43,6 +44,7 @@ flags.DEFINE_string("train_script", None, "Worker program (default scripts/train
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOAL_S = 30.0
+MARKER = ".elastic_benchmark"   # in --workdir: the run's own directory (may be emptied)
 
 
 def _steps(workdir, process):
@@ -63,6 +65,18 @@ def _wait(cond, proc, what):
     time.sleep(0.02)
 
 
+def _fresh_workdir(workdir):
+  """Empties `workdir` when it is a directory of an earlier run (its MARKER file) or empty;
+  anything else is refused (it was deleted, whatever it held)."""
+  if os.path.isdir(workdir) and os.listdir(workdir):
+    if not os.path.exists(os.path.join(workdir, MARKER)):
+      raise SystemExit(f"error: --workdir: {workdir} is not empty and not a directory of an "
+                       "earlier run of this benchmark; remove it or pick another")
+    shutil.rmtree(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  open(os.path.join(workdir, MARKER), "w").close()
+
+
 def _failure(code, final, events):
   """Why the measured job did not complete after its recovery (one line), or None."""
   if code == 0 and final == FLAGS.num_steps:
@@ -78,8 +92,7 @@ def _failure(code, final, events):
 def main(argv):
   del argv
   workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="jaxrec_elastic_")
-  shutil.rmtree(workdir, ignore_errors=True)
-  os.makedirs(workdir)
+  _fresh_workdir(workdir)
   cmd = [sys.executable, os.path.join(ROOT, "scripts", "launch.py"), "--quiet",
          "--num_processes=2", "--devices_per_process=4", "--hang_timeout=120",
          *([f"--train_script={FLAGS.train_script}"] if FLAGS.train_script else []), "--",

@@ -29,3 +29,16 @@ def test_a_job_that_fails_after_recovering_fails_the_benchmark(tmp_path):
                               "exited 2: only 0 process(es)"), errors
   record = json.loads(out.stdout.splitlines()[-1])
   assert record["completed"] is False and record["job_exit_code"] == 2, record
+
+
+def test_a_workdir_it_did_not_make_is_not_deleted(tmp_path):
+  """`--workdir=DIR` was emptied with rmtree whatever it held (`--workdir=.` or a real run's
+  directory): only a directory of its own earlier run is."""
+  w = tmp_path / "w"
+  w.mkdir()
+  (w / "notes.txt").write_text("mine")
+  out = _bench(tmp_path, "--step_s=0.1")
+  assert out.returncode == 1 and (w / "notes.txt").read_text() == "mine", out.stderr[-2000:]
+  assert out.stderr.strip().splitlines() == [
+      f"error: --workdir: {w} is not empty and not a directory of an earlier run of this "
+      "benchmark; remove it or pick another"], out.stderr[-2000:]
