@@ -59,6 +59,11 @@ class Options:
       raise ConfigError(f"--platform must be cpu or gpu, got '{self.platform}'")
     if not os.path.isfile(self.train_script):    # every worker failed: 'below --min_processes'
       raise ConfigError(f"--train_script: {self.train_script} is not a file")
+    if self.capacity_file:      # never there, never read: changes written elsewhere are lost
+      where = os.path.dirname(os.path.abspath(self.capacity_file))
+      if not os.path.isdir(where):
+        raise ConfigError(f"--capacity_file: {self.capacity_file}: directory {where} does "
+                          "not exist")
     if self.inject_delay:
       proc, _, seconds = self.inject_delay.partition(":")
       try:

@@ -114,3 +114,16 @@ def test_a_missing_train_script_is_a_user_error(tmp_path):
   with pytest.raises(ConfigError, match=re.escape(f"--train_script: {missing} is not a file")):
     sup.Supervisor(options, [f"--workdir={tmp_path / 'w'}", "--gin_file=configs/x.gin"])
   assert not os.path.exists(tmp_path / "w")
+
+
+def test_a_capacity_file_in_a_missing_directory_is_a_user_error(tmp_path):
+  """A file there can never be written (a typo in the path): the supervisor looked for it
+  every poll, found nothing and said nothing; capacity changes written elsewhere were lost."""
+  path = str(tmp_path / "typo" / "capacity")
+  options = sup.Options(num_processes=2, devices_per_process=1, capacity_file=path)
+  with pytest.raises(ConfigError, match=re.escape(
+      f"--capacity_file: {path}: directory {tmp_path / 'typo'} does not exist")):
+    sup.Supervisor(options, [f"--workdir={tmp_path / 'w'}", "--gin_file=configs/x.gin"])
+  assert not os.path.exists(tmp_path / "w")
+  options.capacity_file = str(tmp_path / "capacity")       # not there yet: fine
+  sup.Supervisor(options, [f"--workdir={tmp_path / 'w'}", "--gin_file=configs/x.gin"])
