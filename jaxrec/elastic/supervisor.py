@@ -264,11 +264,13 @@ class Supervisor:
 
   def _plan(self, first: bool = False) -> tuple[replan.Choice | None, str]:
     """The largest usable process count, or `(None, why)`. The supervisor's first plan
-    tries only the processes available at start: a configuration that no mesh of them
+    on the flags' capacity tries only those processes: a configuration that no mesh of them
     takes (e.g. a batch size the devices do not divide) was run silently on fewer
-    processes, ignoring --num_processes (then `_first_plan_failed` is set)."""
+    processes, ignoring --num_processes (then `_first_plan_failed` is set). A capacity
+    file's count is an upper bound, at start as later."""
     available = self._available()
     k = self.capacity[1]
+    first = first and (available, k) == (self.o.num_processes, self.o.devices_per_process)
     minimum = max(available, self.o.min_processes) if first else self.o.min_processes
     choice, reasons = replan.best_choice(self.config, self.args, available, k,
                                          minimum, self.o.platform)

@@ -258,3 +258,16 @@ def test_a_second_supervisor_on_the_workdir_is_refused(tmp_path):
   later = t.events(w)[n:]
   assert "start" not in t.names(later) and later[-1]["event"] == "give_up", later
   assert later[-1]["reason"] == "interrupted"           # the first's SIGTERM, not the second
+
+
+def test_a_capacity_file_found_at_start_is_an_upper_bound_like_later(tmp_path):
+  """A running job given `3` (6 devices: the batch of 256 does not divide them) stays on 2
+  processes; the same command run again (after a crash of the supervisor) found the file
+  and stopped: 'error: 3 process(es): ExperimentConfig.batch_size=256 is not divisible by
+  the 6 devices' (exit 1), blaming the config that ran a moment before."""
+  w = str(tmp_path)
+  _set_capacity(w, "3\n")
+  assert t.finish(start(w, ["--num_processes=2"], steps=10)) == 0, (
+      open(os.path.join(w, "launch.log")).read()[-2000:])
+  plan = next(e for e in t.events(w) if e["event"] == "plan")
+  assert plan["processes"] == 2 and final_checkpoint(w) == 10
