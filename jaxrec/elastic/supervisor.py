@@ -122,6 +122,7 @@ class Supervisor:
     self.lost: list[float] = []               # loss times of slots not yet returned
     self.quarantine: list[float] = []         # until when a slow slot sits out
     self.generation = 0
+    self._launched: int | None = None        # generation of the last workers started
     self.restarts = 0
     self.procs: list[_Proc] = []
     self.choice: replan.Choice | None = None
@@ -208,7 +209,8 @@ class Supervisor:
     text = (f"{message}. Stopping; the latest checkpoint is step {ckpt} in "
             f"{os.path.join(self.workdir, 'checkpoints')} (run the same command again to "
             "resume)." if ckpt is not None else f"{message}. Stopping.")
-    self.events.emit("give_up", reason=reason, generation=self.generation,
+    # the workers it gave up on: the next set (never started) is the next run's number
+    self.events.emit("give_up", reason=reason, generation=self._launched,
                      restarts=self.restarts, checkpoint=ckpt, message=text)
     print(f"error: {text}", file=sys.stderr)
     return code
@@ -289,7 +291,7 @@ class Supervisor:
   def _launch(self, choice: replan.Choice) -> None:
     self.choice = choice
     self._capacity_seen = (self._available(), self.capacity[1])
-    g = self.generation
+    g = self._launched = self.generation
     for f in os.listdir(os.path.join(self.workdir, worker_lib.CONTROL_DIR)):
       if f.startswith("stop."):
         os.remove(os.path.join(self.workdir, worker_lib.CONTROL_DIR, f))

@@ -89,6 +89,7 @@ def test_below_minimum_stops_with_a_message(tmp_path):
   ev = t.events(w)
   give_up = ev[-1]
   assert give_up["event"] == "give_up" and give_up["reason"] == "below_min"
+  assert give_up["generation"] == 0      # was 1: no such workers (the next run's number)
   log = open(os.path.join(w, "launch.log")).read()
   assert "error: only 1 process(es) of 2 device(s) available, below --min_processes=2" in log
   assert "run the same command again to resume" in log
