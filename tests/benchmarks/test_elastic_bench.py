@@ -21,7 +21,7 @@ def _bench(tmp_path, fake_args):
 def test_a_job_that_fails_after_recovering_fails_the_benchmark(tmp_path):
   """The restarted worker crashes after the recovery was measured: the job stops below
   --min_processes (exit 2), yet the benchmark exited 0 (only `"completed": false`)."""
-  out = _bench(tmp_path, "--step_s=0.1 --crash_at=1:20")
+  out = _bench(tmp_path, "--step_s=0.1 --crash_at=1:5")
   assert out.returncode == 1, out.stderr[-2000:]
   errors = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
   assert len(errors) == 1, out.stderr[-2000:]

@@ -3,7 +3,7 @@
 Reads --workdir, --num_steps, --checkpoint_every, --mesh, --step_s (seconds per step) and
 --error (print a user error and exit 1), --linger_s (seconds between a requested stop's
 checkpoint and the exit, like a real trainer closing its files), --crash_at=G:S (process 0
-of generation G exits 1 after step S, no `error:` line: a crash); $FAKE_TRAIN_ARGS adds
+of generation G exits 1 after its S-th step, no `error:` line: a crash); $FAKE_TRAIN_ARGS adds
 flags (for callers that do not pass train flags through). Reports progress through
 `jaxrec.elastic.worker` like the real trainer, "checkpoints" by creating
 W/checkpoints/<step>/ (process 0), resumes from the newest one, stops when the supervisor
@@ -40,7 +40,7 @@ def main(argv):
                         "processes": me.num_processes, "mesh": args.get("mesh"),
                         "plan": args.get("plan"), "start": start}) + "\n")
   crash_gen, _, crash_step = args.get("crash_at", "-1:0").partition(":")
-  crash = int(crash_step) if me.process == 0 and int(crash_gen) == me.generation else None
+  crash = start + int(crash_step) if me.process == 0 and int(crash_gen) == me.generation else None
   for step in range(start + 1, n + 1):
     if not wait_for_peers(w, me, step - 1, start):     # a peer stopped: stop after step - 1
       if me.process == 0 and step - 1 > start:
