@@ -5,6 +5,7 @@
   options     the supervisor's settings (`scripts/launch.py` flags), checked
   supervisor  starts and watches the workers; on failure, hang, capacity change or a
               straggler: stop, re-plan, restart from the latest checkpoint
+  capacity    the capacity file (`N`, `N K` or JSON), read strictly
   replan      processes, mesh and plan for a capacity (the planner decides the plan)
   procs       process plumbing: ports, signals, states, worker logs, latest checkpoint
   stragglers  slow process / hot shard detection over step-time windows
