@@ -107,10 +107,13 @@ class Plan:
     """`load`, and the mesh the file was made for (a run's `plan.json` and `scripts/plan.py
     --json` record it under `"mesh"`; all four axes), None for a bare plan."""
     try:
-      with open(path) as f:
+      with open(path, encoding="utf-8") as f:
         obj = json.load(f)
     except OSError as e:
       raise ConfigError(f"--plan: cannot read '{path}': {e.strerror}") from None
+    except UnicodeDecodeError as e:   # a binary or Latin-1 file was a traceback
+      raise ConfigError(f"--plan: {path}: not a JSON text file (byte {e.start} is not UTF-8)"
+                        ) from None
     except json.JSONDecodeError as e:
       raise ConfigError(f"--plan: {path}:{e.lineno}: not valid JSON ({e.msg})") from None
     mesh = None

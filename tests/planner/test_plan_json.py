@@ -62,3 +62,15 @@ def test_an_unknown_placement_field_names_the_table(tmp_path):
   with pytest.raises(ConfigError, match=r"table 't1': unknown placement field\(s\) \['slice'\] "
                      r"\(fields: kind, table_slice"):
     Plan.load(str(path))
+
+
+
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\x00", b'{"t\xe9": {"kind": "tw"}}'])
+def test_a_plan_file_that_is_not_utf8_is_a_config_error(tmp_path, content):
+  """A binary or Latin-1 file (e.g. `--plan=W/plan.json.gz` renamed) ended in a
+  UnicodeDecodeError traceback."""
+  path = tmp_path / "p.json"
+  path.write_bytes(content)
+  with pytest.raises(ConfigError, match=rf"--plan: {path}: not a JSON text file \(byte \d+ "
+                     r"is not UTF-8\)"):
+    Plan.load(str(path))
