@@ -108,7 +108,7 @@ class Plan:
     --json` record it under `"mesh"`; all four axes), None for a bare plan."""
     try:
       with open(path, encoding="utf-8") as f:
-        obj = json.load(f)
+        obj = json.load(f, object_pairs_hook=_unique_keys)
     except OSError as e:
       raise ConfigError(f"--plan: cannot read '{path}': {e.strerror}") from None
     except UnicodeDecodeError as e:   # a binary or Latin-1 file was a traceback
@@ -116,6 +116,8 @@ class Plan:
                         ) from None
     except json.JSONDecodeError as e:
       raise ConfigError(f"--plan: {path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except ConfigError as e:
+      raise ConfigError(f"--plan: {path}: {e}") from None
     mesh = None
     if isinstance(obj, dict) and isinstance(obj.get("proposed"), dict):
       obj = obj["proposed"]       # `scripts/plan.py --profile --json`: the plan it proposes
@@ -135,6 +137,17 @@ class Plan:
       raise ConfigError(f"--plan: {path}: {e}") from None
     except ConfigError as e:
       raise ConfigError(f"--plan: {path}: {e}") from None
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+  """A JSON object, refusing a key given twice (json keeps the last one silently: a table
+  listed twice in a hand-edited plan lost its first placement)."""
+  out = {}
+  for key, value in pairs:
+    if key in out:
+      raise ConfigError(f"key '{key}' appears twice in one object (each table once)")
+    out[key] = value
+  return out
 
 
 def format_mesh(shape: Mapping[str, int]) -> str:

@@ -74,3 +74,14 @@ def test_a_plan_file_that_is_not_utf8_is_a_config_error(tmp_path, content):
   with pytest.raises(ConfigError, match=rf"--plan: {path}: not a JSON text file \(byte \d+ "
                      r"is not UTF-8\)"):
     Plan.load(str(path))
+
+
+
+def test_a_table_listed_twice_in_a_plan_file_is_an_error(tmp_path):
+  """A hand-edited plan that lists a table twice silently ran the last entry (json keeps
+  the last of duplicate keys); the first was dropped without a word."""
+  path = tmp_path / "p.json"
+  path.write_text('{"plan": {\n "t0": {"kind": "tw"},\n "t1": {"kind": "rw"},\n'
+                  ' "t0": {"kind": "dp"}\n}}')
+  with pytest.raises(ConfigError, match=rf"--plan: {path}: key 't0' appears twice"):
+    Plan.load(str(path))
