@@ -51,8 +51,8 @@ class TablePlacement:
   table_slice: int = 0
 
   def __post_init__(self):
-    if self.kind not in KIND_AXES:
-      raise ConfigError(f"unknown placement kind '{self.kind}' (known: {', '.join(KINDS)})")
+    if not isinstance(self.kind, str) or self.kind not in KIND_AXES:   # a list: unhashable
+      raise ConfigError(f"unknown placement kind {self.kind!r} (known: {', '.join(KINDS)})")
     if isinstance(self.table_slice, bool) or not isinstance(self.table_slice, numbers.Integral):
       raise ConfigError(f"table_slice must be an integer, got {self.table_slice!r}")
     object.__setattr__(self, "table_slice", int(self.table_slice))
@@ -86,6 +86,8 @@ class Plan:
       if unknown:
         raise ConfigError(f"table '{name}': unknown placement field(s) {unknown} (fields: "
                           f"{', '.join(fields)})")
+      if isinstance(p, Mapping) and "kind" not in p:
+        raise ConfigError(f"table '{name}': no \"kind\" (kinds: {', '.join(KINDS)})")
       try:
         placements[name] = TablePlacement(**p)
       except ConfigError as e:

@@ -85,3 +85,18 @@ def test_a_table_listed_twice_in_a_plan_file_is_an_error(tmp_path):
                   ' "t0": {"kind": "dp"}\n}}')
   with pytest.raises(ConfigError, match=rf"--plan: {path}: key 't0' appears twice"):
     Plan.load(str(path))
+
+
+
+@pytest.mark.parametrize("placement, why", [
+    ({"table_slice": 1}, "no \"kind\""),
+    ({"kind": ["tw"]}, r"unknown placement kind \['tw'\]"),
+    ({"kind": {"tw": 1}}, r"unknown placement kind \{'tw': 1\}")])
+def test_a_placement_without_a_kind_string_names_the_table(tmp_path, placement, why):
+  """A missing "kind" said only `TablePlacement.__init__() missing 1 required positional
+  argument: 'kind'`, a list or object `unhashable type`: neither named the table."""
+  path = tmp_path / "p.json"
+  path.write_text(json.dumps({"t0": {"kind": "tw"}, "t1": placement}))
+  with pytest.raises(ConfigError, match=rf"--plan: {path}: .*{why}") as e:
+    Plan.load(str(path))
+  assert "table 't1'" in str(e.value)
