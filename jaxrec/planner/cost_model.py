@@ -19,7 +19,7 @@ global batch `B`, `b = B/N` examples per device. For a stack of kind `k`:
   rows_d    rows of the local shard: the widest slice's rows / R (padded)
   dl, e     local dim d/C; stored bytes per element (int8: 1, plus 8 bytes per row)
   dedup     the collection dedups ids unless the optimizer is SGD on float32 tables with
-            the XLA kernel (`EmbeddingCollection.dedup`)
+            the XLA kernel, or as `EmbeddingOptions.dedup` forces (`EmbeddingCollection.dedup`)
   n         rows of the lookup buffer: min(slots, rows_d + 1) with dedup, else the group's
             slots/rep (each replica reads and pools only its own examples' slots)
   u         rows the update writes: n with dedup, else slots (every replica scatter-adds
@@ -145,11 +145,20 @@ def optimizer_state(spec) -> OptimizerState:
   return OptimizerState(float(spec), 0.0, float(spec) == 0)
 
 
-def dedups(opt: OptimizerState, dtype: str, kernel: str = "xla") -> bool:
-  """Whether the collection dedups a stack's ids (`EmbeddingOptions.dedup='auto'`): always,
-  except where `specs.dedup_optional` allows skipping it (SGD on float32 tables with the XLA
-  kernel: duplicates then add up in the update's scatter and the sort is saved)."""
-  return not specs.dedup_optional(opt.linear, dtype, kernel)
+def dedups(opt: OptimizerState, dtype: str, kernel: str = "xla", option="auto") -> bool:
+  """Whether the collection dedups a stack's ids (`EmbeddingCollection.dedup`): as
+  `EmbeddingOptions.dedup` (`option`) forces, or for `auto` always, except where
+  `specs.dedup_optional` allows skipping it (SGD on float32 tables with the XLA kernel:
+  duplicates then add up in the update's scatter and the sort is saved). ConfigError for
+  `False` where it is not allowed (the collection refuses it)."""
+  optional = specs.dedup_optional(opt.linear, dtype, kernel)
+  if option == "auto":
+    return not optional
+  if not option and not optional:
+    raise ConfigError(f"EmbeddingOptions.dedup=False needs SGD, float32 tables and the xla "
+                      f"kernel; here: {'SGD' if opt.linear else 'another optimizer'}, "
+                      f"{dtype}, kernel {kernel}")
+  return bool(option)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,10 +335,11 @@ class PlanCost:
 
 
 def plan_cost(layouts, features: Sequence[FeatureSpec], batch_size: int, opt: OptimizerState,
-              kernel: str = "xla") -> PlanCost:
+              kernel: str = "xla", option="auto") -> PlanCost:
   """Cost terms and memory per device of the stacks `layouts` (`build_layouts`) reading
-  `features`, for a global `batch_size`, optimizer state `opt` and the collection's
-  `kernel` (`xla` or `pallas`; it decides `dedup`)."""
+  `features`, for a global `batch_size`, optimizer state `opt`, the collection's `kernel`
+  (`xla` or `pallas`) and `EmbeddingOptions.dedup` (`option`; with `kernel` it decides
+  each stack's dedup, see `dedups`)."""
   sizes = dict(layouts[0].sizes) if layouts else {a: 1 for a in MESH_AXES}
   n_dev = math.prod(sizes.values())
   big_b = float(batch_size)
@@ -344,7 +354,7 @@ def plan_cost(layouts, features: Sequence[FeatureSpec], batch_size: int, opt: Op
     row_extra = 8 if l.dtype == "int8" else 0  # int8: f32 scale and bias per row
     dl = l.local_dim
     slots = big_b * w * big_l
-    dedup = dedups(opt, l.dtype, kernel)
+    dedup = dedups(opt, l.dtype, kernel, option)
     rep = n_dev // g
     n = min(slots, l.local_rows + 1) if dedup else slots / rep
     u = n if dedup else slots

@@ -37,6 +37,13 @@ _REL_TOL = 1e-9
 _MAX_STEPS = 200  # local-search moves per start (each strictly improves; a safety bound)
 
 
+def default_dedup():
+  """`EmbeddingOptions.dedup` as gin binds it (`auto`, True or False): what the collection
+  will do, so the planner prices the same stacks (`cost_model.dedups`)."""
+  from jaxrec.embedding.specs import EmbeddingOptions  # pylint: disable=import-outside-toplevel
+  return EmbeddingOptions().dedup
+
+
 def default_kernel() -> str:
   """The kernel the collection will use (`EmbeddingOptions.kernel` as gin binds it, `auto`
   resolved for jax's default backend): it decides whether SGD stacks dedup."""
@@ -62,11 +69,12 @@ class _Eval:
 class _Space:
   """Everything fixed during one search; evaluates (and caches) kind assignments."""
 
-  def __init__(self, tables, features, loads, mesh, batch_size, opt, kernel, coef, budget):
+  def __init__(self, tables, features, loads, mesh, batch_size, opt, kernel, coef, budget,
+               dedup="auto"):
     self.tables, self.features, self.loads = tuple(tables), tuple(features), list(loads)
     self.mesh, self.batch_size, self.opt, self.coef = mesh, int(batch_size), opt, coef
     self.budget = budget
-    self.kernel = kernel
+    self.kernel, self.dedup = kernel, dedup
     self.names = [l.name for l in self.loads]
     from jaxrec.embedding.layout import bag_bucket  # pylint: disable=import-outside-toplevel
     self.bucket = [bag_bucket(l.max_len) for l in self.loads]
@@ -114,7 +122,8 @@ class _Space:
 
   def evaluate_plan(self, plan: Plan, kinds: tuple[str, ...] | None = None) -> _Eval:
     layouts = cm.build_layouts(self.tables, self.features, plan, self.mesh)
-    cost = cm.plan_cost(layouts, self.features, self.batch_size, self.opt, self.kernel)
+    cost = cm.plan_cost(layouts, self.features, self.batch_size, self.opt, self.kernel,
+                        self.dedup)
     time_s = float(cost.terms @ self.coef)
     mem = cost.memory_bytes
     kinds = kinds or tuple(plan[n].kind for n in self.names)
@@ -195,9 +204,12 @@ def _prepare(tables, features, mesh_shape, memory_per_device_bytes, optimizer_st
   if kernel is None:
     kernel = (default_kernel() if any(not cm.dedups(opt, t.dtype, "xla") for t in tables)
               else "xla")
+  dedup = default_dedup()
+  for t in tables:   # the collection's refusal of dedup=False, before any search
+    cm.dedups(opt, t.dtype, kernel, dedup)
   cal = calibration or DEFAULT
   return _Space(tables, features, loads, mesh, batch_size, opt, kernel, cal.vector(),
-                int(memory_per_device_bytes)), cal
+                int(memory_per_device_bytes), dedup), cal
 
 
 def _own(space: _Space, load: cm.TableLoad, kind: str) -> int:

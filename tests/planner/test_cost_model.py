@@ -159,3 +159,32 @@ def test_bad_inputs():
     load(max_len=2, stats={"t": cm.TableStats(pooling_factor=3.0)})
   with pytest.raises(ConfigError, match="unknown tables"):
     load(stats={"nope": cm.TableStats()})
+
+
+@pytest.mark.parametrize("dedup", [True, False, "auto"])
+def test_the_planner_prices_the_dedup_gin_binds(dedup):
+  """`EmbeddingOptions.dedup = True` (SGD on float32) made the collection dedup while the
+  planner priced and reported the stacks without it ('(no dedup)', its buffers and time):
+  the plan printed at start-up did not describe what the step ran."""
+  import gin   # pylint: disable=import-outside-toplevel
+  from jaxrec import planner   # pylint: disable=import-outside-toplevel
+  gin.bind_parameter("EmbeddingOptions.dedup", dedup)
+  tables, features = [TableSpec("t", 100, 16)], [FeatureSpec("f", "t", 2)]
+  plan = Plan({"t": TablePlacement("dp")})
+  col = EmbeddingCollection.create(tables, features, plan,
+                                   mesh_lib.make_mesh({"data": 8}, jax.devices()[:8]),
+                                   optimizers.SGD())
+  res = planner.estimate_plan(plan, tables, features, {"data": 8}, 2**30, optimizers.SGD(), 64)
+  assert res.stacks[0].dedup == col.dedup(col.layouts[0]) == (dedup is True)
+  want = cost(tables, features, {"t": ("dp",)}, {"data": 8}, 64, "sgd").memory_bytes
+  assert (sum(res.memory.values()) == want) == (dedup is not True)   # auto: no dedup here
+
+
+def test_dedup_false_the_collection_refuses_is_refused_by_the_planner():
+  import gin   # pylint: disable=import-outside-toplevel
+  from jaxrec import planner   # pylint: disable=import-outside-toplevel
+  gin.bind_parameter("EmbeddingOptions.dedup", False)
+  tables, features = [TableSpec("t", 100, 16)], [FeatureSpec("f", "t")]
+  with pytest.raises(ConfigError, match=r"EmbeddingOptions.dedup=False needs SGD, float32 "
+                     r"tables and the xla kernel"):
+    planner.propose_plan(tables, features, {"data": 8}, 2**30, optimizers.Adagrad(), 64)
