@@ -189,9 +189,12 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 
 
 def parse_bytes(text: str | None, flag: str) -> int | None:
-  """`16GiB`, `512MB`, `1e9` → bytes; None stays None."""
-  if text is None or text == "":
+  """`16GiB`, `512MB`, `1e9` → bytes; None (the flag left out) stays None."""
+  if text is None:
     return None
+  if not text.strip():   # `--memory_per_device=$UNSET` planned for the default budget
+    raise ConfigError(f"{flag}: empty; give a size like 16GiB or 512MB (or leave the flag out "
+                      "for the default)")
   s = text.strip().lower()
   num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
   unit = s[len(num):]

@@ -84,7 +84,8 @@ def test_profile_proposes_a_plan(tmp_path):
 def test_flags_it_would_ignore_or_misread_are_errors(tmp_path):
   """Each was accepted: --batch_size=0 planned for 512, --plan next to --profile and
   --gin_file next to --tables were ignored, a missing --calibration_file fell back to the
-  defaults, an unwritable --json was a traceback after planning, a gin error had no line."""
+  defaults, an unwritable --json was a traceback after planning, a gin error had no line,
+  an empty --memory_per_device planned for the default 16GiB."""
   bad_gin = tmp_path / "bad.gin"
   bad_gin.write_text("uniform_tables.num_tables = 2\n\nuniform_tables.rows = \n")
   for flags, want in [
@@ -101,7 +102,9 @@ def test_flags_it_would_ignore_or_misread_are_errors(tmp_path):
       (["--tables=t:100:16", "--mesh=row=2", f"--json={tmp_path}"], "error: --json: cannot write"),
       (["--calibrate", "--calibration_devices=0"],
        "error: --calibration_devices must be positive, got 0"),
-      ([f"--gin_file={bad_gin}", "--mesh=row=2"], f"error: --gin_file: {bad_gin}:3: ")]:
+      ([f"--gin_file={bad_gin}", "--mesh=row=2"], f"error: --gin_file: {bad_gin}:3: "),
+      (["--tables=t:100:16", "--mesh=row=2", "--memory_per_device="],
+       "error: --memory_per_device: empty; give a size like 16GiB")]:
     proc = plan(tmp_path, *flags)
     assert proc.returncode == 1 and proc.stderr.startswith(want), (flags, proc.stderr[-2000:])
   assert sorted(os.listdir(tmp_path)) == ["bad.gin"]

@@ -110,6 +110,16 @@ def test_memory_sizes_below_a_byte_or_overflowing(text):
   assert parse_bytes("2b", "--memory_per_device") == 2
 
 
+@pytest.mark.parametrize("text", ["", "  "])
+def test_an_empty_memory_size_is_an_error_not_the_default(text):
+  """`--memory_per_device=$MEM` with MEM unset planned for the default 16GiB without a word
+  (as `--train_data=` once fell back to the config's)."""
+  from jaxrec.train.config import parse_bytes   # pylint: disable=import-outside-toplevel
+  with pytest.raises(ConfigError, match="--memory_per_device: empty; give a size like 16GiB"):
+    parse_bytes(text, "--memory_per_device")
+  assert parse_bytes(None, "--memory_per_device") is None   # the flag left out
+
+
 def test_gin_include_of_a_missing_file_names_it(tmp_path):
   bad = tmp_path / "inc.gin"
   bad.write_text('include "nonexistent_include.gin"\n')
