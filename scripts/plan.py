@@ -105,6 +105,46 @@ def _write_json(path: str, obj) -> None:
     raise ConfigError(f"--json: cannot write '{path}': {e.strerror or e}") from None
 
 
+def _sparse_optimizer(optimizer):
+  """The sparse optimizer object `optimizer` names (offload caches are sized by its state)."""
+  from jaxrec.embedding import optimizers  # pylint: disable=import-outside-toplevel
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  if hasattr(optimizer, "state_layout"):
+    return optimizer
+  key = str(optimizer).strip().lower().replace("-", "_")
+  if key not in optimizers.OPTIMIZERS:
+    raise ConfigError(f"--optimizer: with offloaded tables give a name "
+                      f"({', '.join(optimizers.OPTIMIZERS)}), not '{optimizer}'")
+  return optimizers.sparse_optimizer(key)
+
+
+def _offloaded(spec, optimizer):
+  """Gin's `OffloadConfig` and the tables as the trainer builds them (each offloaded table
+  as its device cache, `offload.device_tables`); None without one."""
+  # pylint: disable-next=import-outside-toplevel
+  from jaxrec.offload.config import OffloadConfig, device_tables
+  off = OffloadConfig() if FLAGS.gin_file else None
+  if off is None or not (off.tables or off.auto):
+    return None
+  return off, device_tables(spec.tables, off, _sparse_optimizer(optimizer))
+
+
+def _plan_offloaded(spec, off, tables, mesh, memory, optimizer, batch, cal):
+  """`--plan` with offloaded tables, as `offload.choose_plan` plans them for the trainer:
+  `auto` may offload more (`OffloadConfig.auto`); the notes name each cache."""
+  from jaxrec import planner  # pylint: disable=import-outside-toplevel
+  from jaxrec.offload import planning  # pylint: disable=import-outside-toplevel
+  from jaxrec.sharding.plan import uniform_plan  # pylint: disable=import-outside-toplevel
+  sparse = _sparse_optimizer(optimizer)
+  if FLAGS.plan == "auto":
+    return planning.plan_with_offload(spec.tables, spec.features, mesh, off, sparse, memory,
+                                      batch, spec.eval_batch_size, calibration=cal)[0]
+  forced = uniform_plan(FLAGS.plan, tables, mesh["table"])
+  result = planner.estimate_plan(forced, tables, spec.features, mesh, memory, sparse, batch,
+                                 cal, mode=f"forced {FLAGS.plan}")
+  return planning.with_offload_notes(result, spec.tables, off, sparse)
+
+
 def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)   # jax's backend probing at INFO is noise
   if len(argv) > 1:
@@ -141,12 +181,15 @@ def main(argv):
     optimizer = FLAGS.optimizer or spec.optimizer or "sgd"
     memory = parse_bytes(FLAGS.memory_per_device, "--memory_per_device")
     mesh = inputs.parse_mesh(FLAGS.mesh) if FLAGS.mesh else None
+    offloaded = _offloaded(spec, optimizer)
     if FLAGS.profile:
       result = planner.refine_from_profile(
-          FLAGS.profile, spec.tables, spec.features, memory, optimizer, batch, cal,
-          table_stats=spec.table_stats, mesh_shape=mesh)
+          FLAGS.profile, offloaded[1] if offloaded else spec.tables, spec.features, memory,
+          optimizer, batch, cal, table_stats=spec.table_stats, mesh_shape=mesh)
     elif mesh is None:
       raise ConfigError("--mesh is required, e.g. --mesh=data=2,table=2,row=2,col=1")
+    elif offloaded:
+      result = _plan_offloaded(spec, *offloaded, mesh, memory, optimizer, batch, cal)
     elif FLAGS.plan == "auto":
       result = planner.propose_plan(spec.tables, spec.features, mesh, memory, optimizer, batch,
                                     cal, table_stats=spec.table_stats)

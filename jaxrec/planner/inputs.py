@@ -37,6 +37,7 @@ class PlannerInputs:
   table_stats: dict[str, TableStats] = dataclasses.field(default_factory=dict)
   batch_size: int | None = None
   optimizer: Any = None
+  eval_batch_size: int = 0
 
 
 def parse_tables_flag(spec: str, flag: str = "--tables") -> PlannerInputs:
@@ -113,4 +114,5 @@ def inputs_from_gin() -> PlannerInputs:
     raise ConfigError("gin tables must be TableSpec objects (e.g. @uniform_tables())")
   batch = _query("ExperimentConfig.batch_size", _query("%batch_size"))
   return PlannerInputs(tables, features, {}, None if batch is None else int(batch),
-                       _query("ExperimentConfig.sparse_optimizer"))
+                       _query("ExperimentConfig.sparse_optimizer"),
+                       int(_query("ExperimentConfig.eval_batch_size", 4096)))

@@ -162,3 +162,29 @@ def test_interrupted_json_keeps_the_old_one_and_leaves_no_tmp(tmp_path):
                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
   assert proc.returncode == 130 and proc.stderr == "interrupted\n", proc.stderr[-2000:]
   assert out.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["p.json"]
+
+
+def test_offloaded_tables_are_planned_as_their_caches(tmp_path):
+  """plan.py ignored gin's `OffloadConfig`: a config whose big table the trainer runs as a
+  device cache was 'fits no placement', and a fitting one was priced with the whole table.
+  Now it plans what the trainer builds (`offload.choose_plan`), with the same notes."""
+  from jaxrec import launch, offload   # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from jaxrec.train.config import ExperimentConfig, RunOptions
+  bindings = ["uniform_tables.rows = [100000000, 50000, 20000, 10000, 5000, 2000, 1000, 500]",
+              "OffloadConfig.tables = {'t0': {'cache_rows': 100000}}"]
+  out = tmp_path / "p.json"
+  proc = plan(tmp_path, "--gin_file=configs/dlrm_synthetic.gin", "--mesh=table=4,row=2",
+              "--memory_per_device=1GiB", f"--json={out}", "--plan=tw",
+              *(f"--gin_bindings={b}" for b in bindings))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "offloaded 't0': 100,000-row device cache" in proc.stdout
+  launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")], bindings)
+  _, want, _, _ = offload.choose_plan(launch.build(ExperimentConfig),
+                                      RunOptions(plan="tw", memory_per_device=2**30),
+                                      {"table": 4, "row": 2})
+  obj = json.loads(out.read_text())
+  assert obj["memory_per_device"] == dict(want.memory) and obj["notes"] == list(want.notes)
+  proc = plan(tmp_path, "--gin_file=configs/dlrm_synthetic.gin", "--mesh=table=4,row=2",
+              "--memory_per_device=1GiB", *(f"--gin_bindings={b}" for b in bindings))
+  assert proc.returncode == 0 and "Plan (auto)" in proc.stdout, proc.stderr[-2000:]
