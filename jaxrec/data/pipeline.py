@@ -30,6 +30,7 @@ import os
 import signal
 import threading
 import time
+from multiprocessing import shared_memory
 from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import gin
@@ -153,6 +154,33 @@ def _exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None
   threading.Thread(target=watch, name="jaxrec-exit-with-parent", daemon=True).start()
 
 
+def _detach(batch: Batch) -> Batch:
+  """Unlinks the shared memory names of a batch from worker processes (`num_workers > 0`);
+  its arrays stay valid, and the kernel frees the memory when they are freed.
+
+  grain unlinks a block when its array is garbage collected, on a background thread that
+  stops at exit: the last batches' blocks were left to Python's resource tracker ("leaked
+  shared_memory objects" at every exit), and to /dev/shm if it was killed too.
+  """
+  for a in (batch.dense, batch.labels, *batch.ids.values(), *batch.weights.values()):
+    shm = getattr(a, "shm", None)
+    if isinstance(shm, shared_memory.SharedMemory) and getattr(a, "_unlink_on_del", False):
+      a._unlink_on_del = False   # pylint: disable=protected-access
+      shm.unlink()
+  return batch
+
+
+def _finish_shm_deletes() -> None:
+  """Waits for grain's pending shared memory unlinks (of batches dropped by a close)."""
+  from grain._src.python.ipc import shared_memory_array   # pylint: disable=g-import-not-at-top
+  pool = getattr(shared_memory_array.SharedMemoryArray, "_del_thread_pool", None)
+  try:   # one thread, in order: once this runs, the earlier ones have
+    if pool is not None:
+      pool.apply(int)
+  except ValueError:   # the pool was stopped (at exit): the resource tracker unlinks them
+    pass
+
+
 def _pipeline(fn: Callable[[int], object], count: int, num_threads: int, prefetch: int,
               num_workers: int) -> Iterator:
   if prefetch <= 0 and num_workers <= 0:
@@ -214,7 +242,7 @@ class TrainIterator:
                            self._threads, self._prefetch, self._workers)
     batch = next(self._it)
     self._position += self.batch_size
-    return batch
+    return _detach(batch) if self._workers else batch
 
   def get_state(self) -> dict:
     return {"version": STATE_VERSION, "position": self._position, "seed": self.seed,
@@ -248,8 +276,11 @@ class TrainIterator:
     return self.source.bad_row_counts()
 
   def close(self) -> None:
+    """Stops the pipeline (its threads and worker processes) and frees its batches."""
     if self._it is not None and hasattr(self._it, "close"):
       self._it.close()
+      if self._workers:
+        _finish_shm_deletes()
     self._it = None
 
 

@@ -390,6 +390,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   finally:
     if tier is not None:
       tier.close()
+    if source is not None:   # its worker processes' prefetched batches (shared memory)
+      source.close()
     ckpt.close()
     writer.close()
     progress.close()

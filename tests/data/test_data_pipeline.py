@@ -310,3 +310,35 @@ def _alive(pid: int) -> bool:
       return f.read().rsplit(")", 1)[1].split()[0] != "Z"
   except OSError:
     return False
+
+
+_LAST_BATCHES = """
+import sys
+sys.path[:0] = {paths!r}
+def main():
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()
+  import data_testlib as lib
+  from jaxrec.data import pipeline
+  it = pipeline.make_train_iterator("synthetic", lib.features(), lib.rows(), 64, num_workers=2)
+  held = [next(it) for _ in range(3)]   # the trainer's last batches, freed as it returns
+  it.close()
+  assert all(b.dense.sum() != 0 for b in held)   # still readable after the close
+if __name__ == "__main__":
+  main()
+"""
+
+
+def test_worker_batches_leave_no_shared_memory_at_exit(tmp_path):
+  """grain hands worker batches over in shared memory and unlinks a block when its array
+  is collected, on a thread that stops at exit: the last batches' blocks (30-50 of them)
+  were left to Python's resource tracker, which warned 'There appear to be N leaked
+  shared_memory objects' at every exit of a run with num_workers > 0."""
+  script = tmp_path / "last_batches.py"
+  here = os.path.dirname(os.path.abspath(__file__))
+  script.write_text(_LAST_BATCHES.format(paths=[here, os.path.dirname(os.path.dirname(here))]))
+  proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "leaked shared_memory" not in proc.stderr, proc.stderr[-2000:]
+  assert "Exception ignored" not in proc.stderr, proc.stderr[-2000:]
