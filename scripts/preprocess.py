@@ -8,10 +8,12 @@ and `--max_len` the bag sizes of multi-hot features (same forms; default 1); fea
 named f0..f25 reading tables t0..t25. With `--gin_file` the features come from the
 `uniform_tables` bindings of the config instead (and `--num_categorical` defaults to their
 count, `--num_dense` to its `ExperimentConfig.num_dense`; `--rows`/`--max_len` are then
-refused). Errors print one line and exit 1.
+refused). Errors print one line and exit 1. Ctrl-C or SIGTERM stops it (exit 130 or 143),
+removing the shards written so far.
 """
 
 import os
+import signal
 import sys
 
 from absl import app, flags
@@ -96,10 +98,20 @@ def _check_paths() -> None:
                         "shards to another directory")
 
 
+class _Terminated(BaseException):
+  """SIGTERM, raised where the run is, so that its partial shards are removed."""
+
+
+def _on_sigterm(signum, frame):
+  del signum, frame
+  raise _Terminated()
+
+
 def main(argv):
   from jaxrec.data import binary
   from jaxrec.errors import JaxrecError
   from jaxrec.launch import user_message
+  signal.signal(signal.SIGTERM, _on_sigterm)
   try:
     if len(argv) > 1:
       raise JaxrecError(f"unexpected arguments {argv[1:]}")
@@ -124,6 +136,12 @@ def main(argv):
   except (ValueError, TypeError, RuntimeError, OSError) as e:  # gin bindings, I/O
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     sys.exit(1)
+  except (KeyboardInterrupt, _Terminated) as e:   # was a traceback (Ctrl-C) or, on SIGTERM,
+    # shards without a manifest left in --output
+    how = "SIGTERM" if isinstance(e, _Terminated) else "Ctrl-C"
+    print(f"interrupted ({how}): no dataset written to {FLAGS.output} (the shards written "
+          "so far were removed)", file=sys.stderr)
+    sys.exit(143 if isinstance(e, _Terminated) else 130)
   skipped = sum(m["bad_rows"].values())
   print(f"wrote {m['num_examples']} examples in {len(m['shards'])} shard(s) to {FLAGS.output}"
         + (f" ({skipped} malformed rows skipped)" if skipped else ""))

@@ -2,13 +2,16 @@
 
 import os
 import resource
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
+import pytest
 
 import data_testlib as lib
-from jaxrec.data import binary
+from jaxrec.data import binary, tsv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -108,3 +111,31 @@ def test_failed_run_leaves_no_shards(tmp_path, tsv_file):
   assert r.returncode == 1 and r.stderr.strip() == (
       f"error: --output {out}: cannot write the dataset: File too large"), r.stderr
   assert os.listdir(out) == ["keep"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_run_leaves_no_shards(tmp_path, sig):
+  """Ctrl-C printed a traceback; SIGTERM (a scheduler) left shards without a manifest in
+  --output. Both now remove them and say so in one line."""
+  fifo, out = tmp_path / "in.tsv", tmp_path / "out"
+  os.mkfifo(fifo)
+  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "preprocess.py"),
+                           f"--input={fifo}", f"--output={out}", "--rows=100",
+                           "--shard_examples=1000"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+  try:
+    with open(fifo, "w") as f:   # more than one read chunk: the first shards are written
+      f.write("\n".join([lib.line()] * ((tsv.CHUNK_BYTES // len(lib.line())) + 10)) + "\n")
+      deadline = time.monotonic() + 60
+      while not (out / "shard-00001.bin").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+      assert (out / "shard-00001.bin").exists()
+      proc.send_signal(sig)   # while it waits for more input
+      _, err = proc.communicate(timeout=60)
+  finally:
+    proc.kill()
+  assert proc.returncode == 128 + sig, err
+  assert err.strip() == (f"interrupted ({'Ctrl-C' if sig == signal.SIGINT else 'SIGTERM'}): "
+                         f"no dataset written to {out} (the shards written so far were "
+                         "removed)"), err
+  assert not out.exists()
