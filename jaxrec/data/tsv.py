@@ -16,8 +16,8 @@ Format (the Criteo Kaggle / Terabyte layout): one example per line, tab-separate
     slots -1). Empty list items (`a,,b`, `a,`) are malformed.
   - weighted feature: each id may carry `:weight` (e.g. `a3f:0.5,11:2`), a finite float
     (digits, sign, `.`, exponent: no spaces or `_`); an id without one has weight 1.
-Files may be plain or gzip (detected by content), lines end in `\\n` or `\\r\\n`, and the last
-line may lack its newline.
+Files may be plain or gzip (detected by content), lines end in `\\n` or `\\r\\n` (not `\\r`
+alone), and the last line may lack its newline.
 
 Anything else is malformed and raises `DataError("FILE:LINE: column C (NAME): ...")` (line
 1-based), or with `bad_rows="skip"` the row is dropped and counted per file. An empty file, a
@@ -117,6 +117,7 @@ def read_chunks(path: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
         if not data:
           raise DataError(f"{path}: empty file")
         _check_text(path, data[:1 << 16])
+        _check_line_ends(path, data[:1 << 16])
         first = False
       if not data:
         if rest:
@@ -137,6 +138,14 @@ def _check_text(path: str, head: bytes) -> None:
   if len(bad):
     line = int(np.count_nonzero(a[:bad[0]] == 10)) + 1
     raise DataError(f"{path}:{line}: not a text file (control byte 0x{a[bad[0]]:02x})")
+
+
+def _check_line_ends(path: str, head: bytes) -> None:
+  """`DataError` for lines that end in `\\r` alone (classic Mac): the file read as one line,
+  'expected 40 columns, found 196', and `bad_rows=skip` dropped it whole as 1 row."""
+  if b"\n" not in head and b"\r" in head.rstrip(b"\r"):   # a final `\r` reads as `\r\n`
+    raise DataError(f"{path}:1: lines end in '\\r' alone (classic Mac line endings), not "
+                    "'\\n' or '\\r\\n': convert the file, e.g. tr '\\r' '\\n'")
 
 
 class Parser:

@@ -71,6 +71,17 @@ def test_crlf_and_missing_final_newline(tsv_file):
   assert b.ids["f25"][1, 0] == 25
 
 
+@pytest.mark.parametrize("bad_rows", ["error", "skip"])
+def test_lines_ending_in_cr_alone_are_named(tsv_file, bad_rows):
+  """Classic Mac line endings made one line of the file: 'expected 40 columns, found 196',
+  and `skip` dropped all its rows as '1 malformed row'."""
+  path = tsv_file([lib.line("0"), lib.line("1"), lib.line("0")], newline="\r")
+  with pytest.raises(DataError, match=f"^{path}:1: lines end in '\\\\r' alone"):
+    tsv.read_tsv([path], lib.layout(), bad_rows)
+  one = tsv_file([lib.line("1")], newline="\r")   # a last line ending in \r: as \r\n
+  assert read(one).examples.labels.tolist() == [1]
+
+
 def test_files_dirs_and_globs(tmp_path):
   d = tmp_path / "d"
   d.mkdir()
