@@ -116,6 +116,7 @@ def read_chunks(path: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
       if first:
         if not data:
           raise DataError(f"{path}: empty file")
+        _check_not_compressed(path, data[:8])
         _check_text(path, data[:1 << 16])
         _check_line_ends(path, data[:1 << 16])
         first = False
@@ -130,6 +131,20 @@ def read_chunks(path: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
         continue
       rest = data[cut:]
       yield data[:cut]
+
+
+_MAGIC = {b"\xfd7zXZ\x00": ("xz", "xzcat"), b"BZh": ("bzip2", "bzcat"),
+          b"\x28\xb5\x2f\xfd": ("zstd", "zstdcat"), b"PK\x03\x04": ("zip", "unzip -p"),
+          b"\x04\x22\x4d\x18": ("lz4", "lz4cat")}
+
+
+def _check_not_compressed(path: str, head: bytes) -> None:
+  """`DataError` naming a compression other than gzip (was 'not a text file (control byte
+  0x00)', or with `BZh` a line of binary read as TSV)."""
+  for magic, (name, cat) in _MAGIC.items():
+    if head.startswith(magic) and (name != "bzip2" or head[3:4] in b"123456789"):
+      raise DataError(f"{path}: {name}-compressed; only plain text and gzip are read "
+                      f"(decompress it, or give a pipe: <({cat} FILE))")
 
 
 def _check_text(path: str, head: bytes) -> None:

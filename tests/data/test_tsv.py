@@ -1,7 +1,9 @@
 """Criteo TSV parsing: conventions, multi-hot, and one clear error per kind of bad input."""
 
+import bz2
 import gzip
 import logging
+import lzma
 import os
 import re
 import threading
@@ -80,6 +82,16 @@ def test_lines_ending_in_cr_alone_are_named(tsv_file, bad_rows):
     tsv.read_tsv([path], lib.layout(), bad_rows)
   one = tsv_file([lib.line("1")], newline="\r")   # a last line ending in \r: as \r\n
   assert read(one).examples.labels.tolist() == [1]
+
+
+@pytest.mark.parametrize("compress,name", [(lzma.compress, "xz"), (bz2.compress, "bzip2")])
+def test_other_compressions_are_named(tmp_path, compress, name):
+  """Only gzip is decompressed; xz and bzip2 files said 'not a text file (control byte
+  0x00)' without naming the compression."""
+  path = tmp_path / "day_0.tsv.z"
+  path.write_bytes(compress((lib.line() + "\n").encode() * 3))
+  with pytest.raises(DataError, match=f"^{path}: {name}-compressed; only plain text and gzip"):
+    read(str(path))
 
 
 def test_files_dirs_and_globs(tmp_path):
