@@ -256,6 +256,9 @@ def read_manifest(directory: str) -> dict:
     if int(m["record_bytes"]) != dtype.itemsize:
       raise DataError(f"{path}: record_bytes {m['record_bytes']} does not match its features "
                       f"({dtype.itemsize} bytes)")
+    if int(m["num_examples"]) <= 0:   # gathers failed later with an IndexError
+      raise DataError(f"{path}: num_examples is {m['num_examples']}: the dataset holds no "
+                      "examples")
     if sum(int(s["num_examples"]) for s in m["shards"]) != int(m["num_examples"]):
       raise DataError(f"{path}: shard sizes do not add up to num_examples {m['num_examples']}")
     for f in m["features"]:

@@ -108,6 +108,8 @@ def _corrupt_manifest(out, fn):
     (lambda out: _corrupt_manifest(out, lambda m: m["features"][3].pop("rows")),
      "malformed manifest .*'rows'"),
     (lambda out: os.remove(os.path.join(out, binary.MANIFEST)), "missing"),
+    (lambda out: _corrupt_manifest(out, lambda m: m.update(num_examples=0, shards=[])),
+     "num_examples is 0: the dataset holds no examples"),   # was an IndexError on gather
 ])
 def test_damaged_dataset(dataset, damage, what):
   _, out, lay = dataset
