@@ -26,6 +26,7 @@ them to worker processes).
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import signal
 import threading
@@ -52,6 +53,29 @@ RESTART_HINT = ("; to continue training on other data, copy the checkpoint with 
                 "`scripts/convert_checkpoint.py --checkpoint_dir=W/checkpoints "
                 "--output=W2/checkpoints --format=checkpoint --restart_data` and train in W2")
 PARENT_POLL_S = 0.5   # how often a worker process checks that its trainer is alive
+FINGERPRINT_EXAMPLES = 256   # examples hashed to tell one dataset from another of its size
+
+
+def data_fingerprint(source: Source) -> str | None:
+  """A hash of `FINGERPRINT_EXAMPLES` examples spread evenly over `source` (labels, dense
+  values, ids and weights as the trainer reads them); None for an endless source.
+
+  The data position of a checkpoint means something only on the data it was trained on:
+  other data of the same size (the next day's file, same row count) was resumed silently
+  mid-way, its first `position` examples never seen.
+  """
+  n = source.num_examples
+  if n is None:
+    return None
+  idx = np.unique(np.linspace(0, n - 1, min(n, FINGERPRINT_EXAMPLES)).astype(np.int64))
+  batch = source.gather(idx)
+  h = hashlib.sha256()
+  for a in (batch.labels, batch.dense, *(batch.ids[k] for k in sorted(batch.ids)),
+            *(batch.weights[k] for k in sorted(batch.weights))):
+    a = np.ascontiguousarray(a)
+    h.update(f"{a.dtype}{a.shape}".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()[:16]
 
 
 def _rows(rows: Mapping[str, int] | Sequence[TableSpec]) -> dict[str, int]:
@@ -206,8 +230,9 @@ def _check_procs(batch_size: int, process_index: int, process_count: int) -> Non
 class TrainIterator:
   """Endless local batches `[batch_size / process_count]` of a source (see module docstring).
 
-  `get_state()` -> `{"version", "position", "seed", "shuffle", "num_examples"}` (JSON-able):
-  the global number of examples yielded so far. `set_state(state)` continues after it.
+  `get_state()` -> `{"version", "position", "seed", "shuffle", "num_examples"}` plus
+  `"fingerprint"` (`data_fingerprint`) for finite data (JSON-able); `position` is the global
+  number of examples yielded so far. `set_state(state)` continues after it.
   """
 
   def __init__(self, source: Source, batch_size: int, seed: int = 0, process_index: int = 0,
@@ -220,6 +245,14 @@ class TrainIterator:
     self._threads, self._prefetch, self._workers = num_threads, prefetch, num_workers
     self._position = 0
     self._it = None
+    self._fingerprint: str | None | bool = False   # not computed yet
+
+  @property
+  def fingerprint(self) -> str | None:
+    """`data_fingerprint` of the source (computed once)."""
+    if self._fingerprint is False:
+      self._fingerprint = data_fingerprint(self.source)
+    return self._fingerprint
 
   @property
   def local_batch_size(self) -> int:
@@ -245,8 +278,11 @@ class TrainIterator:
     return _detach(batch) if self._workers else batch
 
   def get_state(self) -> dict:
-    return {"version": STATE_VERSION, "position": self._position, "seed": self.seed,
-            "shuffle": self.shuffle, "num_examples": self.source.num_examples}
+    state = {"version": STATE_VERSION, "position": self._position, "seed": self.seed,
+             "shuffle": self.shuffle, "num_examples": self.source.num_examples}
+    if self.fingerprint is not None:
+      state["fingerprint"] = self.fingerprint
+    return state
 
   def set_state(self, state: Mapping) -> None:
     try:
@@ -268,6 +304,12 @@ class TrainIterator:
       raise DataError(f"the checkpoint was trained on {size(state['num_examples'])}, this "
                       f"training data is {size(self.source.num_examples)}; resuming would "
                       f"repeat and skip examples{RESTART_HINT}")
+    saved = state.get("fingerprint")   # absent in states of older versions
+    if saved is not None and self.fingerprint is not None and saved != self.fingerprint:
+      raise DataError(f"the checkpoint was trained on other data of the same size "
+                      f"({self.source.num_examples} examples; the examples differ, or the "
+                      f"features read from them); resuming at its position "
+                      f"{position} would skip this data's first examples{RESTART_HINT}")
     self.close()
     self._position = position
 

@@ -127,6 +127,26 @@ def test_set_state_checks():
   np.testing.assert_array_equal(next(it).dense, it.batch_at(16).dense)
 
 
+def test_other_data_of_the_same_size_is_refused():
+  """The next day's file with the same number of examples resumed at the old position,
+  silently skipping its first examples."""
+  it = pipeline.TrainIterator(numbered_source(300), 8, seed=3)
+  take(it, 2)
+  state = it.get_state()
+  other = numbered_source(300)
+  other.examples.labels[299] = 1.0            # one label of the last example differs
+  with pytest.raises(DataError, match=r"other data of the same size \(300 examples.*"
+                     r"resuming at its position 16.*--restart_data"):
+    pipeline.TrainIterator(other, 8, seed=3).set_state(state)
+  same = pipeline.TrainIterator(numbered_source(300), 8, seed=3)
+  same.set_state(state)                       # the same data (another object) resumes
+  np.testing.assert_array_equal(next(same).dense, it.batch_at(16).dense)
+  legacy = {k: v for k, v in state.items() if k != "fingerprint"}   # older checkpoints
+  pipeline.TrainIterator(other, 8, seed=3).set_state(legacy)
+  endless = pipeline.make_train_iterator("synthetic", lib.features(), lib.rows(), 8, seed=0)
+  assert "fingerprint" not in endless.get_state()
+
+
 def test_bad_process_arguments():
   with pytest.raises(ConfigError, match="not divisible"):
     pipeline.TrainIterator(numbered_source(4), 10, process_count=3)
