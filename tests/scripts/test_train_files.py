@@ -100,6 +100,12 @@ def test_continue_training_on_new_data_from_a_copy_without_the_data_position(tmp
           "data, copy the checkpoint with `scripts/convert_checkpoint.py --checkpoint_dir="
           "W/checkpoints --output=W2/checkpoints --format=checkpoint --restart_data` and "
           "train in W2") in proc.stderr, proc.stderr[-2000:]
+  write_data(tmp_path / "day1_same_size.tsv", 2000, start=2000)   # resumed silently before
+  proc = train(str(w), *FLAGS, "--num_steps=30", f"--train_data={tmp_path}/day1_same_size.tsv",
+               check=False)
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert ("the checkpoint was trained on other data of the same size (2000 examples"
+          in proc.stderr and "--restart_data" in proc.stderr), proc.stderr[-2000:]
 
   def convert(*flags):
     return subprocess.run([sys.executable, "scripts/convert_checkpoint.py",
