@@ -61,9 +61,12 @@ def parse_tables_flag(spec: str, flag: str = "--tables") -> PlannerInputs:
     if rows != int(rows):
       raise ConfigError(f"{flag}: '{part}': rows must be a whole number, got {fields[1]}")
     rows = int(rows)
+    name = fields[0]
     if pf is not None and pf <= 0:
       raise ConfigError(f"{flag}: '{part}': pooling factor must be positive")
-    name = fields[0]
+    if alpha is not None and alpha < 0:
+      raise ConfigError(f"{flag}: '{part}': table '{name}': zipf alpha must be >= 0 (0: "
+                        f"uniform), got {fields[4]}")
     tables.append(TableSpec(name, rows, dim))
     features.append(FeatureSpec(f"f_{name}", name, max(1, math.ceil(pf or 1))))
     if pf is not None or alpha is not None:

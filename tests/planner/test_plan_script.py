@@ -68,6 +68,15 @@ def test_tables_flag_refuses_non_finite_and_fractional_numbers():
   assert inputs.parse_tables_flag("t:1e6:16:2.5:1.1").tables[0].rows == 1_000_000
 
 
+def test_tables_flag_refuses_a_negative_zipf_alpha():
+  """`t:100:16:2:-1` was accepted: a Zipf law with a negative exponent."""
+  for spec in ("t:100:16:2:-1", "a:10:8,t:100:16::-0.5"):
+    with pytest.raises(ConfigError, match=r"--tables: 't:100:16:2?:-[0-9.]+': table 't': zipf "
+                       r"alpha must be >= 0 \(0: uniform\), got -"):
+      inputs.parse_tables_flag(spec)
+  assert inputs.parse_tables_flag("t:100:16:2:0").table_stats["t"].zipf_alpha == 0
+
+
 def test_profile_proposes_a_plan(tmp_path):
   tables, _ = uniform_tables(2, [1000, 10], 16)
   mesh = {"data": 2, "table": 2, "row": 1, "col": 1}
