@@ -47,6 +47,9 @@ def _check_flags():
     raise ConfigError("--plan: not used with --profile (it proposes a plan from the profile)")
   if FLAGS.batch_size is not None and FLAGS.batch_size <= 0:
     raise ConfigError(f"--batch_size must be positive, got {FLAGS.batch_size}")
+  if FLAGS.optimizer is not None:
+    from jaxrec.planner import inputs  # pylint: disable=import-outside-toplevel
+    inputs.parse_optimizer(FLAGS.optimizer)   # before a --calibrate run, not after it
   if FLAGS.calibration_devices <= 0:
     raise ConfigError(f"--calibration_devices must be positive, got {FLAGS.calibration_devices}")
   if (FLAGS.calibration_file and not FLAGS.calibrate
@@ -178,7 +181,8 @@ def main(argv):
       launch.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings)
       spec = inputs.inputs_from_gin()
     batch = FLAGS.batch_size or spec.batch_size or 512
-    optimizer = FLAGS.optimizer or spec.optimizer or "sgd"
+    optimizer = ((spec.optimizer or "sgd") if FLAGS.optimizer is None
+                 else inputs.parse_optimizer(FLAGS.optimizer))
     memory = parse_bytes(FLAGS.memory_per_device, "--memory_per_device")
     mesh = inputs.parse_mesh(FLAGS.mesh) if FLAGS.mesh else None
     offloaded = _offloaded(spec, optimizer)

@@ -136,12 +136,13 @@ def optimizer_state(spec) -> OptimizerState:
     if key in OPTIMIZER_STATES:
       return OPTIMIZER_STATES[key]
     try:
-      spec = float(key)
+      spec = float(spec.strip())   # not `key`: '-' became '_' there ('1e-3', '-1')
     except ValueError:
       raise ConfigError(f"unknown optimizer '{spec}' (known: {', '.join(OPTIMIZER_STATES)}, "
-                        "or a factor of the table size)") from None
-  if not spec >= 0:
-    raise ConfigError(f"optimizer state factor must be >= 0, got {spec}")
+                        "or a factor of the table size >= 0)") from None
+  if not (math.isfinite(spec) and spec >= 0):   # inf overflowed later, nan passed `< 0`
+    raise ConfigError(f"optimizer state factor must be a finite number >= 0 (0: sgd, 1: "
+                      f"adagrad, 2: adam), got {spec}")
   return OptimizerState(float(spec), 0.0, float(spec) == 0)
 
 

@@ -10,6 +10,7 @@ import gin
 
 from jaxrec.embedding.specs import FeatureSpec, TableSpec, uniform_tables
 from jaxrec.errors import ConfigError
+from jaxrec.planner import cost_model as cm
 from jaxrec.planner.cost_model import TableStats
 
 
@@ -26,6 +27,26 @@ def parse_mesh(spec: str, num_devices: int | None = None, flag: str = "--mesh"
     except ValueError:
       num_devices = 0  # parse_mesh_spec names the bad part
   return parse_mesh_spec(spec, num_devices, flag)
+
+
+def parse_optimizer(value: str, flag: str = "--optimizer") -> str | float:
+  """An optimizer name of `cost_model.OPTIMIZER_STATES` (normalised) or a finite factor
+  >= 0 of the table size; `ConfigError` naming `flag` otherwise (an empty value too)."""
+  names = ", ".join(cm.OPTIMIZER_STATES)
+  if not value.strip():
+    raise ConfigError(f"{flag}: empty; give {names} or a factor of the table size (e.g. 1)")
+  key = value.strip().lower().replace("-", "_")
+  if key in cm.OPTIMIZER_STATES:
+    return key
+  try:
+    factor = float(value.strip())
+  except ValueError:
+    raise ConfigError(f"{flag}: unknown optimizer '{value}' (known: {names}, or a factor "
+                      "of the table size >= 0)") from None
+  if not (math.isfinite(factor) and factor >= 0):
+    raise ConfigError(f"{flag}: a factor of the table size must be a finite number >= 0 (0: "
+                      f"sgd, 1: adagrad, 2: adam), got '{value}'")
+  return factor
 
 
 @dataclasses.dataclass(frozen=True)

@@ -188,3 +188,11 @@ def test_dedup_false_the_collection_refuses_is_refused_by_the_planner():
   with pytest.raises(ConfigError, match=r"EmbeddingOptions.dedup=False needs SGD, float32 "
                      r"tables and the xla kernel"):
     planner.propose_plan(tables, features, {"data": 8}, 2**30, optimizers.Adagrad(), 64)
+
+
+def test_optimizer_state_factor_must_be_finite_and_non_negative():
+  """'1e-3' and '-1' were unknown optimizers ('-' read as '_'), inf an OverflowError later."""
+  assert cm.optimizer_state("1e-3").per_element == 0.001
+  for spec in ("-1", "inf", "nan", float("inf"), -1.0):
+    with pytest.raises(ConfigError, match="finite number >= 0"):
+      cm.optimizer_state(spec)

@@ -197,3 +197,29 @@ def test_offloaded_tables_are_planned_as_their_caches(tmp_path):
   proc = plan(tmp_path, "--gin_file=configs/dlrm_synthetic.gin", "--mesh=table=4,row=2",
               "--memory_per_device=1GiB", *(f"--gin_bindings={b}" for b in bindings))
   assert proc.returncode == 0 and "Plan (auto)" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_bad_optimizer_flags_are_one_line_errors_naming_the_flag(tmp_path):
+  """`--optimizer=-1` said "unknown optimizer '-1'" (the '-' was read as '_'), `nan` did
+  not name the flag, `inf` was an OverflowError traceback, an empty value planned for sgd."""
+  names = "sgd, adagrad, rowwise_adagrad, adam, ftrl"
+  for value, want in [
+      ("-1", "a factor of the table size must be a finite number >= 0 (0: sgd, 1: adagrad, "
+             "2: adam), got '-1'"),
+      ("nan", "a factor of the table size must be a finite number >= 0 (0: sgd, 1: adagrad, "
+              "2: adam), got 'nan'"),
+      ("inf", "a factor of the table size must be a finite number >= 0"),
+      ("", f"empty; give {names} or a factor of the table size (e.g. 1)"),
+      ("adamw", f"unknown optimizer 'adamw' (known: {names}, or a factor of the table size "
+                ">= 0)")]:
+    with pytest.raises(ConfigError) as e:
+      inputs.parse_optimizer(value)
+    assert str(e.value).startswith(f"--optimizer: {want}"), str(e.value)
+  assert inputs.parse_optimizer(" Rowwise-Adagrad ") == "rowwise_adagrad"
+  assert inputs.parse_optimizer("1e-3") == 0.001 and inputs.parse_optimizer("2") == 2.0
+  proc = plan(tmp_path, "--tables=t:100:16", "--mesh=row=2", "--optimizer=-1")
+  assert proc.returncode == 1 and proc.stderr.startswith(
+      "error: --optimizer: a factor of the table size must be"), proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+  proc = plan(tmp_path, "--tables=t:100:16", "--mesh=row=2", "--optimizer=1e-3")
+  assert proc.returncode == 0, proc.stderr[-2000:]
