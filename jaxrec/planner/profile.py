@@ -85,6 +85,8 @@ def read_profile(path: str | os.PathLike) -> list[dict]:
   for i, line in jsonl.complete_lines(path):
     try:
       rec = json.loads(line)
+      if not isinstance(rec, dict):   # an array said "missing 'step'", a number a TypeError
+        raise ValueError(f"must be a JSON object, got {_json_kind(rec)}")
       for key in ("step", "step_time_s", "plan", "mesh"):
         if key not in rec:
           raise ValueError(f"missing '{key}'")
@@ -116,6 +118,14 @@ def read_profile(path: str | os.PathLike) -> list[dict]:
   if not records:
     raise DataError(f"{path}: profile is empty")
   return records
+
+
+def _json_kind(value) -> str:
+  """`an array`, `a string`, ... : what a JSON value is, for messages."""
+  if value is None or isinstance(value, bool):
+    return json.dumps(value)
+  kinds = {list: "an array", str: "a string", int: "a number", float: "a number"}
+  return kinds.get(type(value), type(value).__name__)
 
 
 def fit_coefficients(samples: Sequence[tuple[Mapping[str, float], float]],

@@ -228,3 +228,16 @@ def test_report_on_another_mesh_says_so(tmp_path):
   slower = dataclasses.replace(ref, speedup=0.5)
   assert ("slower: planned for mesh data=1,table=1,row=4,col=1, the profiled plan ran on "
           "data=1,table=2,row=1,col=1") in slower.report()
+
+
+@pytest.mark.parametrize("line,kind", [('[{"step": 1}]', "an array"), ('"step"', "a string"),
+                                       ("3", "a number"), ("null", "null"), ("true", "true")])
+def test_a_profile_line_that_is_not_an_object_says_so(tmp_path, line, kind):
+  """An array or a string said "missing 'step'" (a string containing 'step' passed that
+  check), a number "argument of type 'int' is not iterable"."""
+  good = {"step": 100, "step_time_s": 0.01, "mesh": {"table": 2}, "plan": {}}
+  path = tmp_path / "profile.jsonl"
+  path.write_text(json.dumps(good) + "\n" + line + "\n")
+  with pytest.raises(DataError) as e:
+    planner.read_profile(path)
+  assert str(e.value) == f"{path}:2: bad profile line (must be a JSON object, got {kind})"
