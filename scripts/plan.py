@@ -52,6 +52,9 @@ def _check_flags():
     inputs.parse_optimizer(FLAGS.optimizer)   # before a --calibrate run, not after it
   if FLAGS.calibration_devices <= 0:
     raise ConfigError(f"--calibration_devices must be positive, got {FLAGS.calibration_devices}")
+  if FLAGS.calibration_file and os.path.isdir(FLAGS.calibration_file):
+    raise ConfigError(f"--calibration_file: '{FLAGS.calibration_file}' is a directory, not a "
+                      "calibration file")
   if (FLAGS.calibration_file and not FLAGS.calibrate
       and not os.path.isfile(FLAGS.calibration_file)):
     raise ConfigError(f"--calibration_file: no such file '{FLAGS.calibration_file}' (write it "
@@ -60,8 +63,6 @@ def _check_flags():
                      not os.path.isdir(os.path.dirname(os.path.abspath(FLAGS.json)))):
     raise ConfigError(f"--json: cannot write '{FLAGS.json}': it is a directory or its "
                       "directory does not exist")
-  if FLAGS.calibrate and FLAGS.calibration_file and os.path.isdir(FLAGS.calibration_file):
-    raise ConfigError(f"--calibration_file: '{FLAGS.calibration_file}' is a directory")
   if FLAGS.calibrate and FLAGS.calibration_file and not _creatable(FLAGS.calibration_file):
     raise ConfigError(f"--calibration_file: cannot write '{FLAGS.calibration_file}': a "
                       "file stands where its directory would be")

@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
+import numbers
 import os
 import pathlib
 import sys
@@ -65,9 +67,11 @@ class Calibration:
     unknown = sorted(set(self.coefficients) - set(COST_TERMS))
     if unknown:
       raise ConfigError(f"calibration: unknown cost terms {unknown} (known: {COST_TERMS})")
-    bad = {k: v for k, v in self.coefficients.items() if not float(v) >= 0}
-    if bad:
-      raise ConfigError(f"calibration: coefficients must be >= 0, got {bad}")
+    for k, v in self.coefficients.items():   # inf priced every plan alike; true read as 1
+      if (isinstance(v, bool) or not isinstance(v, numbers.Real)
+          or not (math.isfinite(v) and v >= 0)):
+        raise ConfigError(f"calibration: coefficient '{k}' must be a finite number >= 0 "
+                          f"(seconds per unit), got {v!r}")
 
   def vector(self) -> np.ndarray:
     """float64 `[len(COST_TERMS)]` seconds per unit."""
@@ -80,6 +84,13 @@ class Calibration:
 
   @classmethod
   def from_json(cls, obj: Mapping) -> "Calibration":
+    if not isinstance(obj, Mapping):
+      raise ConfigError(f"expected a JSON object, got {type(obj).__name__}")
+    for key, kind, need in (("coefficients", Mapping, True), ("meta", Mapping, False),
+                            ("source", str, False)):
+      if (need or key in obj) and not isinstance(obj.get(key), kind):
+        raise ConfigError(f"\"{key}\" must be {'a string' if kind is str else 'an object'}, "
+                          f"got {obj.get(key)!r}")
     return cls(dict(obj["coefficients"]), obj.get("source", "file"), dict(obj.get("meta", {})))
 
 
@@ -101,10 +112,17 @@ def load_calibration(path: str | os.PathLike | None = None) -> Calibration | Non
   path = pathlib.Path(path) if path else default_cache_path()
   if not path.exists():
     return None
+  if path.is_dir():
+    raise ConfigError(f"calibration file {path} is a directory, not a calibration file")
   try:
-    return Calibration.from_json(json.loads(path.read_text()))
+    text = path.read_text()
+  except OSError as e:
+    raise ConfigError(f"cannot read calibration file {path}: {e.strerror or e}") from None
+  try:
+    return Calibration.from_json(json.loads(text))
   except (ValueError, KeyError, TypeError) as e:
-    raise ConfigError(f"calibration file {path} is malformed ({e}); delete it or rerun "
+    why = str(e).removeprefix("calibration: ")
+    raise ConfigError(f"calibration file {path} is malformed ({why}); delete it or rerun "
                       "scripts/plan.py --calibrate") from None
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -69,3 +70,45 @@ def test_failed_save_keeps_the_old_cache_and_leaves_nothing(tmp_path, monkeypatc
   with pytest.raises(OSError, match="No space"):
     calibration.save_calibration(Calibration({"collectives": 1.0}, "new"), path)
   assert path.read_text() == old and os.listdir(tmp_path) == [name]
+
+
+@pytest.mark.parametrize("text,why", [
+    ('{"coefficients": {"collectives": Infinity}}', "coefficient 'collectives' must be a "
+     "finite number >= 0 \\(seconds per unit\\), got inf"),
+    ('{"coefficients": {"stacks": NaN}}', "coefficient 'stacks' must be a finite number >= 0"),
+    ('{"coefficients": {"sort_bytes": -1e-12}}', "coefficient 'sort_bytes' must be a finite "
+     "number >= 0 \\(seconds per unit\\), got -1e-12"),
+    ('{"coefficients": {"stacks": true}}', "coefficient 'stacks' must be .*, got True"),
+    ('{"coefficients": {"stacks": "abc"}}', "coefficient 'stacks' must be .*, got 'abc'"),
+    ('{"coefficients": {"stacks": null}}', "coefficient 'stacks' must be .*, got None"),
+    ('{"coefficients": [1]}', r'"coefficients" must be an object, got \[1\]'),
+    ("{}", '"coefficients" must be an object, got None'),
+    ('{"coefficients": {}, "meta": 3}', '"meta" must be an object, got 3'),
+    ("[1]", "expected a JSON object, got list")])
+def test_a_bad_coefficient_names_the_file_and_the_key(tmp_path, text, why):
+  """inf (and true, read as 1 second) was accepted and priced every plan; a string or null
+  said only float()'s message; a list said 'list indices must be integers or slices'."""
+  path = tmp_path / "cal.json"
+  path.write_text(text)
+  with pytest.raises(ConfigError) as e:
+    calibration.load_calibration(path)
+  msg = str(e.value)
+  assert msg.startswith(f"calibration file {path} is malformed (") and re.search(why, msg), msg
+
+
+def test_a_calibration_path_that_is_a_directory_says_so(tmp_path, monkeypatch):
+  """`--calibration_file=DIR` said 'no such file'; a directory at the default cache path
+  was an IsADirectoryError traceback."""
+  monkeypatch.setenv("JAXREC_CACHE_DIR", str(tmp_path))
+  (tmp_path / "calibration.json").mkdir()
+  with pytest.raises(ConfigError, match=f"^calibration file {tmp_path / 'calibration.json'} "
+                     "is a directory, not a calibration file$"):
+    calibration.load_calibration()
+  script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "plan.py")
+  for extra in ([], ["--calibrate"]):
+    proc = subprocess.run([sys.executable, script, "--tables=t:100:16", "--mesh=row=2",
+                           f"--calibration_file={tmp_path}", *extra], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 1 and proc.stderr == (
+        f"error: --calibration_file: '{tmp_path}' is a directory, not a calibration file\n"
+    ), proc.stderr[-2000:]
