@@ -215,6 +215,7 @@ def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], 
                   mesh_shape: Mapping[str, int]) -> tuple[StackLayout, ...]:
   """Groups tables into stacks and places features; checks the mesh can hold the plan."""
   by_name = {t.name: t for t in tables}
+  plan.check_tables([t.name for t in tables], allow_unknown=True)
   sizes = tuple((a, int(mesh_shape.get(a, 1))) for a in MESH_AXES)
   groups: dict[tuple, list[TableSpec]] = {}
   longest: dict[str, int] = {}   # a read table's longest bag

@@ -421,9 +421,7 @@ def estimate_plan(plan: Plan, tables: Sequence[TableSpec], features: Sequence[Fe
   space, cal = _prepare(tables, features, mesh_shape, memory_per_device_bytes,
                         optimizer_state_factor, batch_size, calibration, table_stats, kernel)
   names = set(space.names)
-  unknown = sorted(set(plan.placements) - names)
-  if unknown:
-    raise ConfigError(f"plan names unknown tables {unknown} (tables: {sorted(names)})")
+  plan.check_tables(space.names)
   for load in space.loads:
     p = plan[load.name]
     problem = cm.kind_problem(load, p.kind, space.mesh)

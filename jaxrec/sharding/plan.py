@@ -74,6 +74,21 @@ class Plan:
     except KeyError:
       raise ConfigError(f"plan has no placement for table '{table}'") from None
 
+  def check_tables(self, names: Sequence[str], allow_unknown: bool = False) -> None:
+    """ConfigError naming the tables of `names` without a placement and (unless
+    `allow_unknown`) the placed tables not in `names`; the first few of each and a count."""
+    unknown = [] if allow_unknown else sorted(set(self.placements) - set(names))
+    missing = [n for n in names if n not in self.placements]
+    parts = []
+    if unknown:
+      parts.append(f"names unknown tables {_some(unknown)} (tables: {_some(list(names))})")
+    if len(missing) == 1:
+      parts.append(f"has no placement for table '{missing[0]}'")
+    elif missing:
+      parts.append(f"has no placement for {len(missing)} tables: {_some(missing)}")
+    if parts:
+      raise ConfigError("plan " + "; it ".join(parts))
+
   def to_json(self) -> dict:
     return {name: dataclasses.asdict(p) for name, p in sorted(self.placements.items())}
 
@@ -139,6 +154,12 @@ class Plan:
       raise ConfigError(f"--plan: {path}: {e}") from None
     except ConfigError as e:
       raise ConfigError(f"--plan: {path}: {e}") from None
+
+
+def _some(names: Sequence[str], limit: int = 8) -> str:
+  """`['a', 'b']`, or the first `limit` and how many more: `['a', ..., 'h', +18 more]`."""
+  shown = ", ".join(repr(n) for n in names[:limit])
+  return f"[{shown}, +{len(names) - limit} more]" if len(names) > limit else f"[{shown}]"
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:

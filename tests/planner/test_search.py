@@ -214,3 +214,23 @@ def test_unread_table_shares_a_stack_or_is_a_clear_error():
                      "by no feature"):
     estimate_plan(uniform_plan("rw", wide, 2), wide, features, {"table": 2, "row": 2}, GiB,
                   0.0, 64)
+
+def test_a_plan_that_misses_several_tables_names_them_all():
+  """A plan file of another config named only the first table it missed."""
+  from jaxrec.embedding.layout import build_layouts  # pylint: disable=import-outside-toplevel
+  tables, features = uniform_tables(12, [100] * 12, 16)
+  part = Plan({"t0": TablePlacement("dp"), "t1": TablePlacement("dp")})
+  for fn in (lambda p: estimate_plan(p, tables, features, {"table": 2}, GiB),
+             lambda p: build_layouts(tables, features, p, {"table": 2})):
+    with pytest.raises(ConfigError) as e:
+      fn(Plan({**part.placements, "t3": TablePlacement("dp")}))
+    want = "plan has no placement for 9 tables: ['t2', 't4', 't5', 't6', 't7', 't8', 't9', "
+    assert str(e.value) == want + "'t10', +1 more]", str(e.value)
+    with pytest.raises(ConfigError, match=r"^plan has no placement for 10 tables: \['t2', "):
+      fn(part)
+  few = Plan({n: TablePlacement("dp") for n in ["t0", "x"] + [f"t{i}" for i in range(3, 12)]})
+  with pytest.raises(ConfigError) as e:
+    estimate_plan(few, tables, features, {"table": 2}, GiB)
+  assert str(e.value) == ("plan names unknown tables ['x'] (tables: ['t0', 't1', 't2', 't3', "
+                          "'t4', 't5', 't6', 't7', +4 more]); it has no placement for 2 "
+                          "tables: ['t1', 't2']"), str(e.value)
