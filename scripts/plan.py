@@ -6,6 +6,7 @@
   python scripts/plan.py --tables=big:10000000:64:4,small:1000:16 --mesh=table=4,row=2
   python scripts/plan.py --calibrate             # time this machine, cache the coefficients
   python scripts/plan.py --gin_file=... --profile=W   # re-plan from a job's W/profile.jsonl
+  python scripts/plan.py --gin_file=... --plan=W/plan.json   # check a (hand-edited) plan file
 """
 
 import logging
@@ -23,12 +24,13 @@ flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings applied after the fi
 flags.DEFINE_string("tables", None, "Instead of gin: name:rows:dim[:pooling_factor[:zipf_alpha]]"
                     ",... (one feature per table).")
 flags.DEFINE_string("mesh", None, "Mesh to plan for, e.g. data=2,table=2,row=2,col=1 "
-                    "(default with --profile: the job's).")
+                    "(default with --profile: the job's; with a plan file: the one it records).")
 flags.DEFINE_string("memory_per_device", "16GiB", "Device memory budget, e.g. 16GiB.")
 flags.DEFINE_integer("batch_size", None, "Global batch (default: the config's, else 512).")
 flags.DEFINE_string("optimizer", None, "Sparse optimizer state: sgd|adagrad|rowwise_adagrad|"
                     "adam|ftrl or a factor of the table size (default: the config's, else sgd).")
-flags.DEFINE_string("plan", "auto", "auto (search) or one kind forced on every table.")
+flags.DEFINE_string("plan", "auto", "auto (search), one kind forced on every table, or a "
+                    "plan JSON file to check (a run's plan.json, this script's --json output).")
 flags.DEFINE_string("json", None, "Also write the result as JSON to this path.")
 flags.DEFINE_bool("calibrate", False, "Time this machine's primitives and cache them.")
 flags.DEFINE_string("calibration_file", None, "Calibration cache (default "
@@ -45,6 +47,7 @@ def _check_flags():
     raise ConfigError("--tables and --gin_file/--gin_bindings: give the tables one way")
   if FLAGS.profile and FLAGS["plan"].present:
     raise ConfigError("--plan: not used with --profile (it proposes a plan from the profile)")
+  _check_plan_flag()
   if FLAGS.batch_size is not None and FLAGS.batch_size <= 0:
     raise ConfigError(f"--batch_size must be positive, got {FLAGS.batch_size}")
   if FLAGS.optimizer is not None:
@@ -69,6 +72,17 @@ def _check_flags():
   _check_outputs_spare_inputs()
 
 
+def _check_plan_flag():
+  """`--plan` as train.py checks it: a kind, `auto`, or a readable plan file."""
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from jaxrec.sharding.plan import KINDS, Plan, is_plan_file  # pylint: disable=import-outside-toplevel
+  if is_plan_file(FLAGS.plan):
+    Plan.load_with_mesh(FLAGS.plan)
+  elif FLAGS.plan != "auto" and FLAGS.plan not in KINDS:
+    raise ConfigError(f"--plan: unknown plan '{FLAGS.plan}' (known: auto, {', '.join(KINDS)}, "
+                      "or a plan .json file)")
+
+
 def _creatable(path: str) -> bool:
   """Whether the nearest existing ancestor of `path`'s directory is a directory."""
   parent = os.path.dirname(os.path.abspath(path))
@@ -81,10 +95,13 @@ def _check_outputs_spare_inputs():
   """An output (`--json`, `--calibration_file` with `--calibrate`) naming a file this run
   reads (`--gin_file`, the `--profile` file, `--calibration_file`) would overwrite it."""
   from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from jaxrec.sharding.plan import is_plan_file  # pylint: disable=import-outside-toplevel
   profile = FLAGS.profile
   if profile and os.path.isdir(profile):
     profile = os.path.join(profile, "profile.jsonl")   # planner.PROFILE_FILE
   reads = [("--gin_file", p) for p in FLAGS.gin_file] + [("--profile", profile)]
+  if is_plan_file(FLAGS.plan):
+    reads.append(("--plan", FLAGS.plan))
   writes = [("--json", FLAGS.json)]
   if FLAGS.calibrate:
     writes.append(("--calibration_file", FLAGS.calibration_file))
@@ -138,15 +155,35 @@ def _plan_offloaded(spec, off, tables, mesh, memory, optimizer, batch, cal):
   `auto` may offload more (`OffloadConfig.auto`); the notes name each cache."""
   from jaxrec import planner  # pylint: disable=import-outside-toplevel
   from jaxrec.offload import planning  # pylint: disable=import-outside-toplevel
-  from jaxrec.sharding.plan import uniform_plan  # pylint: disable=import-outside-toplevel
   sparse = _sparse_optimizer(optimizer)
   if FLAGS.plan == "auto":
     return planning.plan_with_offload(spec.tables, spec.features, mesh, off, sparse, memory,
                                       batch, spec.eval_batch_size, calibration=cal)[0]
-  forced = uniform_plan(FLAGS.plan, tables, mesh["table"])
-  result = planner.estimate_plan(forced, tables, spec.features, mesh, memory, sparse, batch,
-                                 cal, mode=f"forced {FLAGS.plan}")
+  result = _estimate_forced(tables, mesh, lambda plan, mode: planner.estimate_plan(
+      plan, tables, spec.features, mesh, memory, sparse, batch, cal, mode=mode))
   return planning.with_offload_notes(result, spec.tables, off, sparse)
+
+
+def _estimate_forced(tables, mesh, estimate):
+  """`estimate(plan, mode)` of `--plan`: a kind forced on every table, or a plan file read
+  and checked as train.py does (`offload.choose_plan`: a warning when it records another
+  mesh; errors prefixed `--plan=FILE:`)."""
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from jaxrec.sharding.plan import is_plan_file, load_plan_file, uniform_plan
+  if not is_plan_file(FLAGS.plan):
+    return estimate(uniform_plan(FLAGS.plan, tables, mesh["table"]), f"forced {FLAGS.plan}")
+  plan = load_plan_file(FLAGS.plan, mesh, " (--plan=auto re-plans)")
+  try:
+    return estimate(plan, "file")
+  except ConfigError as e:
+    raise ConfigError(f"--plan={FLAGS.plan}: {e}") from None
+
+
+def _file_mesh():
+  """The mesh a `--plan` file records (a run's plan.json, `--json` output), else None."""
+  from jaxrec.sharding.plan import Plan, is_plan_file  # pylint: disable=import-outside-toplevel
+  return Plan.load_with_mesh(FLAGS.plan)[1] if is_plan_file(FLAGS.plan) else None
 
 
 def main(argv):
@@ -174,7 +211,6 @@ def main(argv):
         return
       raise ConfigError("give the tables: --gin_file=configs/NAME.gin or --tables=name:rows:dim")
     from jaxrec.planner import inputs  # pylint: disable=import-outside-toplevel
-    from jaxrec.sharding.plan import uniform_plan  # pylint: disable=import-outside-toplevel
     from jaxrec.train.config import parse_bytes  # pylint: disable=import-outside-toplevel
     if FLAGS.tables:
       spec = inputs.parse_tables_flag(FLAGS.tables)
@@ -185,24 +221,24 @@ def main(argv):
     optimizer = ((spec.optimizer or "sgd") if FLAGS.optimizer is None
                  else inputs.parse_optimizer(FLAGS.optimizer))
     memory = parse_bytes(FLAGS.memory_per_device, "--memory_per_device")
-    mesh = inputs.parse_mesh(FLAGS.mesh) if FLAGS.mesh else None
+    mesh = inputs.parse_mesh(FLAGS.mesh) if FLAGS.mesh else _file_mesh()
     offloaded = _offloaded(spec, optimizer)
     if FLAGS.profile:
       result = planner.refine_from_profile(
           FLAGS.profile, offloaded[1] if offloaded else spec.tables, spec.features, memory,
           optimizer, batch, cal, table_stats=spec.table_stats, mesh_shape=mesh)
     elif mesh is None:
-      raise ConfigError("--mesh is required, e.g. --mesh=data=2,table=2,row=2,col=1")
+      raise ConfigError("--mesh is required, e.g. --mesh=data=2,table=2,row=2,col=1" +
+                        (" (the --plan file records no mesh)" if FLAGS.plan != "auto" else ""))
     elif offloaded:
       result = _plan_offloaded(spec, *offloaded, mesh, memory, optimizer, batch, cal)
     elif FLAGS.plan == "auto":
       result = planner.propose_plan(spec.tables, spec.features, mesh, memory, optimizer, batch,
                                     cal, table_stats=spec.table_stats)
     else:
-      forced = uniform_plan(FLAGS.plan, spec.tables, mesh["table"])
-      result = planner.estimate_plan(forced, spec.tables, spec.features, mesh, memory,
-                                     optimizer, batch, cal, table_stats=spec.table_stats,
-                                     mode=f"forced {FLAGS.plan}")
+      result = _estimate_forced(spec.tables, mesh, lambda plan, mode: planner.estimate_plan(
+          plan, spec.tables, spec.features, mesh, memory, optimizer, batch, cal,
+          table_stats=spec.table_stats, mode=mode))
     print(result.report())
     if FLAGS.json:
       _write_json(FLAGS.json, result.to_json())

@@ -5,10 +5,12 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 from jaxrec import planner
 import pytest
 
+from jaxrec.embedding import optimizers
 from jaxrec.embedding.specs import uniform_tables
 from jaxrec.errors import ConfigError
 from jaxrec.planner import inputs
@@ -223,3 +225,48 @@ def test_bad_optimizer_flags_are_one_line_errors_naming_the_flag(tmp_path):
   assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
   proc = plan(tmp_path, "--tables=t:100:16", "--mesh=row=2", "--optimizer=1e-3")
   assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_plan_file_is_priced_and_checked_as_train_py_checks_it(tmp_path, monkeypatch):
+  """`--plan=FILE.json` said "unknown plan": a hand-edited plan could be checked only by
+  starting training. Now it is reported like a forced plan, with train.py's messages."""
+  from jaxrec import offload  # pylint: disable=import-outside-toplevel
+  from jaxrec.train.config import RunOptions  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv("JAXREC_CACHE_DIR", str(tmp_path / "cache"))   # as plan() runs it
+  tables_flag = "--tables=a:1000:16,b:100:16,c:10:16"
+  tables = inputs.parse_tables_flag(tables_flag.partition("=")[2]).tables
+  mesh = {"data": 1, "table": 2, "row": 2, "col": 1}
+  good, out = tmp_path / "good.json", tmp_path / "out.json"
+  good.write_text(json.dumps({"plan": uniform_plan("tw", tables, 2).to_json(), "mesh": mesh}))
+  proc = plan(tmp_path, tables_flag, f"--plan={good}", f"--json={out}")   # the file's mesh
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.startswith("Plan (file) for 3 tables on mesh data=1,table=2,row=2,col=1")
+  forced = planner.estimate_plan(uniform_plan("tw", tables, 2), tables,
+                                 inputs.parse_tables_flag("a:1000:16,b:100:16,c:10:16").features,
+                                 mesh, 16 * 2**30, "sgd", 512, mode="file")
+  obj = json.loads(out.read_text())
+  assert obj["mode"] == "file" and obj["estimated_step_time_s"] == forced.step_time_s
+  assert obj["memory_per_device"] == dict(forced.memory)
+  proc = plan(tmp_path, tables_flag, f"--plan={good}", "--mesh=table=4")
+  assert proc.returncode == 0 and f"--plan={good} was made for mesh" in proc.stderr
+  config = types.SimpleNamespace(  # what train.py plans with
+      tables=tables, features=inputs.parse_tables_flag(tables_flag[9:]).features,
+      batch_size=512, eval_batch_size=0, sparse_tx=lambda: optimizers.sparse_optimizer("sgd"))
+  bad = tmp_path / "bad.json"
+  for content in (None, '{"a": {"kind": "tw"},\n "b": oops}', '{"a": {"kind": "zz"}}',
+                  '{"a": {"kind": "tw"}}', '{"a": {"kind": "tw", "table_slice": 5}, '
+                  '"b": {"kind": "dp"}, "c": {"kind": "dp"}}'):
+    if content is None:
+      bad.unlink(missing_ok=True)
+    else:
+      bad.write_text(content)
+    with pytest.raises(ConfigError) as e:
+      offload.choose_plan(config, RunOptions(plan=str(bad), memory_per_device=16 * 2**30),
+                          mesh, offload.OffloadConfig())
+    proc = plan(tmp_path, tables_flag, f"--plan={bad}", "--mesh=table=2,row=2")
+    assert proc.returncode == 1 and proc.stderr == f"error: {e.value}\n", (content, proc.stderr)
+  proc = plan(tmp_path, tables_flag, f"--plan={good}", "--mesh=table=2,row=2", f"--json={good}")
+  assert proc.returncode == 1 and "--json: " in proc.stderr and "is the --plan file" in proc.stderr
+  proc = plan(tmp_path, tables_flag, "--plan=zz", "--mesh=row=2")
+  assert proc.stderr == ("error: --plan: unknown plan 'zz' (known: auto, dp, tw, rw, cw, twrw, "
+                         "twcw, grid, or a plan .json file)\n")
