@@ -75,7 +75,8 @@ def _check_flags():
 def _check_plan_flag():
   """`--plan` as train.py checks it: a kind, `auto`, or a readable plan file."""
   from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
-  from jaxrec.sharding.plan import KINDS, Plan, is_plan_file  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from jaxrec.sharding.plan import KINDS, Plan, is_plan_file
   if is_plan_file(FLAGS.plan):
     Plan.load_with_mesh(FLAGS.plan)
   elif FLAGS.plan != "auto" and FLAGS.plan not in KINDS:
@@ -226,7 +227,8 @@ def main(argv):
     if FLAGS.profile:
       result = planner.refine_from_profile(
           FLAGS.profile, offloaded[1] if offloaded else spec.tables, spec.features, memory,
-          optimizer, batch, cal, table_stats=spec.table_stats, mesh_shape=mesh)
+          optimizer, batch, cal, table_stats=spec.table_stats, mesh_shape=mesh,
+          plan_batch_size=FLAGS.batch_size)
     elif mesh is None:
       raise ConfigError("--mesh is required, e.g. --mesh=data=2,table=2,row=2,col=1" +
                         (" (the --plan file records no mesh)" if FLAGS.plan != "auto" else ""))

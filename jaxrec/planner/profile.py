@@ -247,6 +247,10 @@ class Refinement:
     explore: the best plan with `fitted` whose kinds differ from every profiled plan's
       (None if there is none): what to run next to learn more when `proposed` has been
       profiled already.
+    model_step_time_s: the current plan estimated with `fitted` at the batch it was
+      measured at (None: `current.step_time_s`).
+    measured_batch_size: that batch (None: `current.batch_size`); `current`, `proposed`
+      and `explore` are for `current.batch_size`, the batch planned for.
   """
 
   fitted: Calibration
@@ -257,13 +261,20 @@ class Refinement:
   proposed: PlanResult
   speedup: float
   explore: PlanResult | None = None
+  model_step_time_s: float | None = None
+  measured_batch_size: int | None = None
 
   def report(self) -> str:
     coef = self.fitted.vector()
     prior = self.prior.vector()
+    model = self.model_step_time_s
+    model = self.current.step_time_s if model is None else model
+    measured_b = self.measured_batch_size or self.current.batch_size
+    other = (f"; planning for global batch {self.current.batch_size}, not the profiled "
+             f"{measured_b}" if measured_b != self.current.batch_size else "")
     lines = [f"profile: {self.samples} distinct plan(s); current plan measured "
-             f"{format_time(self.measured_step_time_s)}/step, fitted model says "
-             f"{format_time(self.current.step_time_s)}",
+             f"{format_time(self.measured_step_time_s)}/step at global batch {measured_b}, "
+             f"fitted model says {format_time(model)}{other}",
              f"coefficients ({self.fitted.source}; prior: {self.prior.source}):"]
     for k, c, p in zip(cm.COST_TERMS, coef, prior):
       ratio = f"x{c / p:.2f}" if p > 0 else "(free)"
@@ -301,7 +312,8 @@ class Refinement:
     return {"fitted": self.fitted.to_json(), "prior": self.prior.to_json(),
             "measured_step_time_s": self.measured_step_time_s, "samples": self.samples,
             "current": self.current.to_json(), "proposed": self.proposed.to_json(),
-            "speedup": self.speedup,
+            "speedup": self.speedup, "model_step_time_s": self.model_step_time_s,
+            "measured_batch_size": self.measured_batch_size,
             "explore": self.explore.to_json() if self.explore is not None else None}
 
 
@@ -311,16 +323,20 @@ def refine_from_profile(path: str | os.PathLike, tables: Sequence[TableSpec],
                         calibration: Calibration | None = None, *,
                         table_stats: Mapping[str, cm.TableStats] | None = None,
                         mesh_shape: Mapping[str, int] | None = None, ridge: float = DEFAULT_RIDGE,
-                        skip_first: int = 1, kernel: str | None = None) -> Refinement:
+                        skip_first: int = 1, kernel: str | None = None,
+                        plan_batch_size: int | None = None) -> Refinement:
   """Fits coefficients to a job's profile and proposes a better plan for its last mesh.
 
   Args:
     path: profile file or workdir.
+    batch_size: the global batch of profile lines that record none.
     calibration: prior coefficients (default `calibration.DEFAULT`).
     mesh_shape: plan for this mesh instead of the last one recorded (the current plan is
       still estimated on its own mesh).
     skip_first: lines dropped per distinct (plan, mesh, batch) (compilation, warm-up).
     kernel: the collection's kernel (see `search.propose_plan`).
+    plan_batch_size: plan for this global batch (`--batch_size`) instead of the last line's;
+      the fit still uses each line's own, and the current plan is estimated at both.
   """
   prior = calibration or DEFAULT
   records = [r for r in read_profile(path) if not r.get("warmup")]
@@ -355,10 +371,15 @@ def refine_from_profile(path: str | os.PathLike, tables: Sequence[TableSpec],
   measured = samples[list(groups).index(last_key)][1]
   fitted = fit_coefficients(samples, prior, ridge, weights)
 
-  b = int(last.get("batch_size") or batch_size)
-  current = estimate_plan(last["plan"], tables, features, last["mesh"], memory_per_device_bytes,
-                          optimizer_state_factor, b, fitted, table_stats=table_stats,
-                          check=False, mode="current", kernel=kernel)
+  measured_b = int(last.get("batch_size") or batch_size)
+  b = int(plan_batch_size or measured_b)
+
+  def current_at(batch):
+    return estimate_plan(last["plan"], tables, features, last["mesh"], memory_per_device_bytes,
+                         optimizer_state_factor, batch, fitted, table_stats=table_stats,
+                         check=False, mode="current", kernel=kernel)
+  as_measured = current_at(measured_b)   # the model against the measured time
+  current = as_measured if b == measured_b else current_at(b)   # against the proposal
   proposed = propose_plan(tables, features, dict(mesh_shape or last["mesh"]),
                           memory_per_device_bytes, optimizer_state_factor, b, fitted,
                           table_stats=table_stats, kernel=kernel)
@@ -375,4 +396,5 @@ def refine_from_profile(path: str | os.PathLike, tables: Sequence[TableSpec],
   except ConfigError:
     explore = None
   return Refinement(fitted, prior, measured, len(samples), current, proposed,
-                    current.step_time_s / proposed.step_time_s, explore)
+                    current.step_time_s / proposed.step_time_s, explore,
+                    as_measured.step_time_s, measured_b)

@@ -270,3 +270,30 @@ def test_a_plan_file_is_priced_and_checked_as_train_py_checks_it(tmp_path, monke
   proc = plan(tmp_path, tables_flag, "--plan=zz", "--mesh=row=2")
   assert proc.stderr == ("error: --plan: unknown plan 'zz' (known: auto, dp, tw, rw, cw, twrw, "
                          "twcw, grid, or a plan .json file)\n")
+
+
+def test_batch_size_with_a_profile_plans_for_that_batch(tmp_path):
+  """Profile lines carry the batch they ran at, and it silently won over `--batch_size`,
+  for the proposed plan too. Now the flag is the batch planned for; the fit still uses
+  each line's own batch and the report names both."""
+  tables, _ = uniform_tables(2, [1000, 10], 16)
+  mesh = {"data": 2, "table": 2, "row": 1, "col": 1}
+  for step in (100, 200, 300):
+    planner.append_profile(tmp_path, planner.profile_record(
+        step, 0.004, uniform_plan("tw", tables, 2), mesh, steps=100, batch_size=64))
+  out = tmp_path / "p.json"
+  proc = plan(tmp_path, "--tables=t0:1000:16,t1:10:16", f"--profile={tmp_path}",
+              "--batch_size=256", f"--json={out}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert ("/step at global batch 64, fitted model says " in proc.stdout and
+          "; planning for global batch 256, not the profiled 64" in proc.stdout), proc.stdout
+  obj = json.loads(out.read_text())
+  assert obj["proposed"]["batch_size"] == obj["current"]["batch_size"] == 256
+  assert obj["measured_batch_size"] == 64
+  assert obj["model_step_time_s"] < obj["current"]["estimated_step_time_s"]   # 4x the batch
+  proc = plan(tmp_path, "--tables=t0:1000:16,t1:10:16", f"--profile={tmp_path}",
+              f"--json={out}")
+  assert proc.returncode == 0 and "planning for" not in proc.stdout, proc.stderr[-2000:]
+  obj = json.loads(out.read_text())
+  assert obj["proposed"]["batch_size"] == 64 and obj["measured_batch_size"] == 64
+  assert obj["model_step_time_s"] == obj["current"]["estimated_step_time_s"]
