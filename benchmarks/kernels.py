@@ -49,6 +49,17 @@ def lookup_bytes(table, n, l, d) -> int:
   return n * l * (row + 4 + 4) + n * d * 4
 
 
+SIZE_FLAGS = ("rows", "dim", "bags", "bag_len", "iters")
+
+
+def _check_sizes(p: argparse.ArgumentParser, args) -> None:
+  """Usage error (exit 2) for a size or count below 1: `--iters=0` timed nothing and
+  printed NaN (not JSON), `--rows=0` failed with a numpy traceback."""
+  for name in SIZE_FLAGS:
+    if getattr(args, name) < 1:
+      p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   on_gpu = jax.default_backend() == "gpu"
@@ -59,6 +70,7 @@ def main(argv=None):
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"])
   p.add_argument("--iters", type=int, default=20 if on_gpu else 5)
   args = p.parse_args(argv)
+  _check_sizes(p, args)
 
   rng = np.random.default_rng(0)
   values = jnp.asarray(rng.normal(size=(args.rows, args.dim)), jnp.float32)

@@ -15,6 +15,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
     ("offload.py", ["--runs", "device,ofload"], "--runs: unknown ['ofload']"),
     ("mesh_overhead.py", ["--plans", "dp,foo"], "--plans: unknown ['foo']"),
     ("embedding_scaling.py", ["--rows", "1e5,abc"], "--rows: comma-separated row counts"),
+    # timed nothing: NaN lines (not JSON), exit 0; a numpy traceback
+    ("kernels.py", ["--iters", "0"], "--iters must be at least 1, got 0"),
+    ("kernels.py", ["--rows", "0"], "--rows must be at least 1, got 0"),
 ])
 def test_bad_flag_is_a_usage_error(script, flags, message):
   out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *flags],
