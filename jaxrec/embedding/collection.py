@@ -170,7 +170,8 @@ class EmbeddingCollection:
       return not allowed
     if not self.options.dedup and not allowed:
       raise ConfigError(f"EmbeddingOptions.dedup=False needs SGD, float32 tables and the xla "
-                        f"kernel; stack '{l.name}' has {type(self.optimizer).__name__}, "
+                        f"kernel; stack '{l.name}' (tables {', '.join(s.name for s in l.slots)})"
+                        f" has {type(self.optimizer).__name__}, "
                         f"{l.dtype}, kernel {self.options.kernel}")
     return bool(self.options.dedup)
 

@@ -206,7 +206,10 @@ def _prepare(tables, features, mesh_shape, memory_per_device_bytes, optimizer_st
               else "xla")
   dedup = default_dedup()
   for t in tables:   # the collection's refusal of dedup=False, before any search
-    cm.dedups(opt, t.dtype, kernel, dedup)
+    try:
+      cm.dedups(opt, t.dtype, kernel, dedup)
+    except ConfigError as e:   # which table: with mixed dtypes the user cannot tell
+      raise ConfigError(f"table '{t.name}': {e}") from None
   cal = calibration or DEFAULT
   return _Space(tables, features, loads, mesh, batch_size, opt, kernel, cal.vector(),
                 int(memory_per_device_bytes), dedup), cal

@@ -11,7 +11,7 @@ from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError
 from jaxrec.planner import cost_model as cm
 from jaxrec.sharding import mesh as mesh_lib
-from jaxrec.sharding.plan import Plan, TablePlacement
+from jaxrec.sharding.plan import Plan, TablePlacement, uniform_plan
 
 MESH16 = {"data": 2, "table": 2, "row": 2, "col": 2}
 
@@ -196,3 +196,20 @@ def test_optimizer_state_factor_must_be_finite_and_non_negative():
   for spec in ("-1", "inf", "nan", float("inf"), -1.0):
     with pytest.raises(ConfigError, match="finite number >= 0"):
       cm.optimizer_state(spec)
+
+
+def test_dedup_false_refused_names_the_table_whose_dtype_refuses_it():
+  """SGD, float32 tables but one bfloat16: the error said only 'here: SGD, bfloat16, kernel
+  xla', not which of the tables (the same for the collection: a stack name, not a table)."""
+  import gin   # pylint: disable=import-outside-toplevel
+  from jaxrec import planner   # pylint: disable=import-outside-toplevel
+  gin.bind_parameter("EmbeddingOptions.dedup", False)
+  tables = [TableSpec("t0", 100, 16), TableSpec("small", 50, 16, "bfloat16")]
+  features = [FeatureSpec("f0", "t0"), FeatureSpec("f1", "small")]
+  with pytest.raises(ConfigError, match=r"^table 'small': EmbeddingOptions.dedup=False needs "
+                     r"SGD, float32 tables and the xla kernel; here: SGD, bfloat16"):
+    planner.propose_plan(tables, features, {"data": 8}, 2**30, optimizers.SGD(), 64)
+  mesh = mesh_lib.make_mesh({"data": 8}, jax.devices()[:8])
+  with pytest.raises(ConfigError, match=r"stack 'dp_d16_bfloat16_L1' \(tables small\) has SGD"):
+    EmbeddingCollection.create(tables, features, uniform_plan("dp", tables, 1), mesh,
+                               optimizers.SGD(), dedup=False)
