@@ -267,6 +267,18 @@ def _stored_int8_for_float(theirs: Mapping, ours: Mapping, table: str) -> bool:
           and theirs[table_name(table, "q")][0] == ours[name][0])
 
 
+def _refuse_quantizing(theirs: Mapping, ours: Mapping, spec, where: str) -> None:
+  """ConfigError for a float table stored `[rows, dim]` that is configured int8 now: a
+  restore never quantises (it would round every row), which the generic shape message
+  did not say."""
+  stored = theirs.get(table_name(spec.name))
+  if spec.dtype == "int8" and stored is not None and stored[0] == (spec.rows, spec.dim):
+    raise ConfigError(f"table '{spec.name}': checkpoint {where} stores it as {stored[1]} "
+                      f"{list(stored[0])}, which a restore does not quantise to the configured "
+                      f"int8 (only the other way, int8 → float32, converts); configure the "
+                      f"table's dtype as {stored[1]} (TableSpec.dtype, e.g. uniform_tables.dtype)")
+
+
 def check_compatible(index: Mapping, collection, where: str,
                      specs: Mapping[str, Any] | None = None) -> bool:
   """Raises ConfigError unless the stored tables fit the collection's (same arrays and
@@ -300,6 +312,7 @@ def check_compatible(index: Mapping, collection, where: str,
       _LOG.info("table '%s': dequantizing the int8 table of checkpoint %s to %s", t.name,
                    where, t.dtype)
       continue
+    _refuse_quantizing(theirs, ours, t, where)
     if set(theirs) != set(ours) or any(theirs[n][0] != ours[n][0] for n in ours):
       have = ", ".join(f"{n} {list(s)} {d}" for n, (s, d) in sorted(theirs.items()))
       raise ConfigError(f"table '{t.name}': checkpoint {where} has {have}; the configuration "

@@ -61,6 +61,20 @@ def test_int8_into_float16_is_refused(int8_checkpoint):
       mgr.restore(h.dense(new.mesh), new)
 
 
+def test_float_into_int8_is_refused_saying_so(tmp_path):
+  """A float16 table resumed as int8: refused, saying a restore does not quantise and what
+  to configure (it said only 'has tables/t0 [..] float16; the configuration has [..] int8')."""
+  old = h.collection("dp", 1, dtype="float16")
+  with CheckpointManager(tmp_path) as mgr:
+    mgr.save(1, h.train_state(old, step=1), old, force=True)
+  new = h.collection("dp", 1, dtype="int8")
+  with CheckpointManager(tmp_path, read_only=True) as mgr:
+    with pytest.raises(ConfigError, match=r"table 't0': checkpoint .* stores it as float16 "
+                       r"\[\d+, \d+\], which a restore does not quantise to the configured int8 "
+                       r".*configure the table's dtype as float16"):
+      mgr.restore(h.dense(new.mesh), new)
+
+
 def test_a_damaged_int8_part_falls_back(int8_checkpoint, tmp_path):
   """The dequantised values are not the stored ones, so the parts' own fingerprints are
   checked: a changed scale makes step 3 unreadable and the restore falls back to step 2."""
