@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrec.kernels import RowWiseAdagrad, init_opt_state, lookup_pool, quantize, sparse_update
+from jaxrec.kernels import platform
 
 
 def _time(fn, *args, iters: int) -> float:
@@ -40,6 +41,15 @@ def memcpy_bandwidth(nbytes: int, iters: int) -> float:
   x = jnp.ones((nbytes // 4,), jnp.float32)
   copy = jax.jit(lambda v: v + 1.0)  # forces a real read and write of every element
   return 2 * x.nbytes / _time(copy, x, iters=iters)
+
+
+def update_fn(opt, kernel: str, dtype: str):
+  """The jitted `sparse_update` of a train step: table and state donated (updated in
+  place), compiled with the options the trainer uses for `dtype` tables (on CPU, bfloat16
+  without XLA's bf16 normalization, which converts the whole table to f32 per update)."""
+  options = platform.table_compiler_options(jax.default_backend(), [dtype])
+  return jax.jit(lambda t, s, i, v, g: sparse_update(t, s, i, v, g, opt, kernel=kernel),
+                 donate_argnums=(0, 1), compiler_options=options)
 
 
 def lookup_bytes(table, n, l, d) -> int:
@@ -100,9 +110,7 @@ def main(argv=None):
   state = init_opt_state(opt, args.rows, d)
   grad = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
   for kernel in kernels:
-    # Donated table and state: updated in place, as in a train step.
-    f = jax.jit(lambda t, s, i, v, g, k=kernel: sparse_update(t, s, i, v, g, opt, kernel=k),
-                donate_argnums=(0, 1))
+    f = update_fn(opt, kernel, args.dtype)
     table, state = jax.block_until_ready(f(table, state, idx, w, grad))
     times = []
     for _ in range(args.iters):
