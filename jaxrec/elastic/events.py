@@ -67,6 +67,20 @@ class EventLog:
     return record
 
 
+def give_up_text(message: str, checkpoint: int | None, checkpoint_dir: str,
+                 fix: str | None = None) -> str:
+  """The `give_up` message: why, then what to do. A user error (`fix`: what to change) is not
+  resumed by the same command, which stops the same way until the input is fixed."""
+  if fix is not None:
+    where = (f", then run again to resume from the latest checkpoint, step {checkpoint} in "
+             f"{checkpoint_dir}" if checkpoint is not None else "")
+    return f"{message}. Stopping; {fix}{where}."
+  if checkpoint is None:
+    return f"{message}. Stopping."
+  return (f"{message}. Stopping; the latest checkpoint is step {checkpoint} in "
+          f"{checkpoint_dir} (run the same command again to resume).")
+
+
 def _default(x):
   if hasattr(x, "tolist"):
     return x.tolist()

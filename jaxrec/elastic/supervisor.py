@@ -41,12 +41,14 @@ from typing import IO
 from jaxrec import files
 from jaxrec.elastic import capacity as capacity_lib
 from jaxrec.elastic import procs as proc_lib, replan, stragglers, worker as worker_lib
-from jaxrec.elastic.events import EventLog, read_events
+from jaxrec.elastic.events import EventLog, give_up_text, read_events
 from jaxrec.elastic.options import Options
 from jaxrec.errors import ConfigError
 
 LOCK_NAME = "launch.lock"   # in W/elastic/: one supervisor per workdir
 EXIT_OK, EXIT_USER_ERROR, EXIT_BELOW_MIN, EXIT_MAX_RESTARTS = 0, 1, 2, 3
+FIX_CONFIG = ("fix the config (--gin_file, --gin_bindings) or --num_processes, "
+              "--devices_per_process, --mesh")
 
 
 class _Terminated(BaseException):
@@ -156,7 +158,8 @@ class Supervisor:
                      train_flags=list(self.args.argv))
     self._read_capacity(initial=True)
     if self._cap_error is not None:    # bad input before anything started: the user's to fix
-      return self._give_up("user_error", EXIT_USER_ERROR, self._cap_message)
+      return self._give_up("user_error", EXIT_USER_ERROR, self._cap_message,
+                           fix=f"fix or remove {self.capacity_file}")
     reason = "start"
     previous_sigterm = _raise_on_sigterm()
     try:
@@ -165,7 +168,7 @@ class Supervisor:
         choice, why = self._plan(first=self.generation == first)
         if choice is None:
           if self.generation == first and self._first_plan_failed:   # the user's to fix
-            return self._give_up("user_error", EXIT_USER_ERROR, why)
+            return self._give_up("user_error", EXIT_USER_ERROR, why, fix=FIX_CONFIG)
           return self._give_up("below_min", EXIT_BELOW_MIN, why)
         self.events.emit("plan" if self.generation == first else "replan",
                          generation=self.generation, reason=reason,
@@ -182,7 +185,8 @@ class Supervisor:
           return EXIT_OK
         self._stop_all(out.reason, graceful=out.kind == "planned")
         if out.kind == "user_error":
-          return self._give_up("user_error", EXIT_USER_ERROR, out.message)
+          return self._give_up("user_error", EXIT_USER_ERROR, out.message,
+                               fix="fix what it names")
         if out.kind == "failure":
           self.restarts += 1
           self.lost += [out.detected] * out.lost
@@ -204,11 +208,9 @@ class Supervisor:
       if previous_sigterm is not None:
         signal.signal(signal.SIGTERM, previous_sigterm)
 
-  def _give_up(self, reason: str, code: int, message: str) -> int:
+  def _give_up(self, reason: str, code: int, message: str, fix: str | None = None) -> int:
     ckpt = proc_lib.latest_checkpoint(self.workdir)
-    text = (f"{message}. Stopping; the latest checkpoint is step {ckpt} in "
-            f"{os.path.join(self.workdir, 'checkpoints')} (run the same command again to "
-            "resume)." if ckpt is not None else f"{message}. Stopping.")
+    text = give_up_text(message, ckpt, os.path.join(self.workdir, "checkpoints"), fix)
     # the workers it gave up on: the next set (never started) is the next run's number
     self.events.emit("give_up", reason=reason, generation=self._launched,
                      restarts=self.restarts, checkpoint=ckpt, message=text)

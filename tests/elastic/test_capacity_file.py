@@ -108,3 +108,20 @@ def test_bad_content_at_start_is_a_user_error(tmp_path, monkeypatch):
   assert [e["event"] for e in ev] == ["start", "capacity", "give_up"], ev
   assert ev[-1]["reason"] == "user_error"
   assert ev[-1]["message"].startswith(f"{s.capacity_file}:1: expected `N` or `N K`"), ev[-1]
+
+
+def test_bad_content_at_start_says_to_fix_the_file_not_to_rerun(tmp_path, monkeypatch, capsys):
+  """With a checkpoint on disk the give_up said 'run the same command again to resume': the
+  same command found the same file and stopped again. It names the file to fix."""
+  s = _supervisor(tmp_path)
+  monkeypatch.setattr(sup.replan, "load_config", lambda args: None)
+  os.makedirs(os.path.join(tmp_path, "checkpoints", "10"))
+  with open(s.capacity_file, "w") as f:
+    f.write("2 4 junk\n")
+  assert s._run() == sup.EXIT_USER_ERROR
+  message = _events(tmp_path)[-1]["message"]
+  assert "run the same command again" not in message, message
+  assert f"fix or remove {s.capacity_file}, then run again" in message, message
+  assert "step 10" in message, message
+  err = capsys.readouterr().err
+  assert err == f"error: {message}\n", err

@@ -129,6 +129,19 @@ def test_user_error_is_not_retried(tmp_path):
   assert not any(e["lost"] for e in exits), exits         # was true: no slot is lost
 
 
+def test_user_error_after_a_checkpoint_says_to_fix_it_not_to_rerun(tmp_path):
+  """The give_up said 'run the same command again to resume': the same command fails again."""
+  w = str(tmp_path)
+  os.makedirs(os.path.join(w, "checkpoints", "5"))
+  proc = start(w, ["--num_processes=2"], extra=["--error"])
+  assert t.finish(proc) == 1
+  message = t.events(w)[-1]["message"]
+  assert "run the same command again" not in message, message
+  assert re.match(r"worker [01]: --error: the fake trainer fails as asked\. Stopping; fix what "
+                  r"it names, then run again to resume from the latest checkpoint, step 5 in ",
+                  message), message
+
+
 def test_capacity_file_grows_the_job_after_a_clean_stop(tmp_path):
   w = str(tmp_path)
   _set_capacity(w, "1\n")

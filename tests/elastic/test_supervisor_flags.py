@@ -78,6 +78,7 @@ def test_a_config_the_processes_asked_for_cannot_run_is_a_user_error(tmp_path):
   """An eval batch the 2 devices do not divide: the first generation ran silently on 1
   process of 1 device (mesh data=1, not the --mesh=table=2 asked for) and exited 0."""
   w = str(tmp_path / "w")
+  os.makedirs(os.path.join(w, "checkpoints", "3"))     # it said: run the same command again
   proc = t.launch(w, ["--num_processes=2", "--devices_per_process=1"],
                   [*t.TINY, "--mesh=table=2", "--plan=tw", "--num_steps=2",
                    "--gin_bindings=ExperimentConfig.eval_batch_size=127"])
@@ -87,6 +88,10 @@ def test_a_config_the_processes_asked_for_cannot_run_is_a_user_error(tmp_path):
   assert ev[-1]["event"] == "give_up" and ev[-1]["reason"] == "user_error"
   assert ev[-1]["message"].startswith("2 process(es): ExperimentConfig.eval_batch_size=127 "
                                       "is not divisible by the 2 devices")
+  assert "run the same command again" not in ev[-1]["message"], ev[-1]
+  assert ("Stopping; fix the config (--gin_file, --gin_bindings) or --num_processes, "
+          "--devices_per_process, --mesh, then run again to resume from the latest "
+          "checkpoint, step 3 in ") in ev[-1]["message"], ev[-1]
 
 
 def test_a_refused_second_supervisor_leaves_events_jsonl_alone(tmp_path):
