@@ -81,12 +81,25 @@ class _Worker:
 
   def write(self, workdir: str, record: dict) -> None:
     if self._file is None:
-      os.makedirs(os.path.join(workdir, WORKERS_DIR), exist_ok=True)
-      self._file = open(progress_path(workdir, self.process), "a")
+      self._file = _open_progress(progress_path(workdir, self.process))
     record = {"time": round(time.time(), 4), "generation": self.generation,
               "process": self.process, **record}
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
+
+
+def _open_progress(path: str):
+  """Opens a progress file to append; a last line a killed writer left without its newline
+  is ended first, or this process's first record would be glued onto it (and both skipped
+  by every line reader). Not truncated: the supervisor's read offsets count its bytes."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  f = open(path, "a")
+  if f.tell() > 0:
+    with open(path, "rb") as r:
+      r.seek(-1, os.SEEK_END)
+      if r.read(1) != b"\n":
+        f.write("\n")
+  return f
 
 
 _WORKER: _Worker | None = None

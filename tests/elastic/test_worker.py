@@ -57,6 +57,25 @@ def test_records_and_stop_request(tmp_path, monkeypatch):
   assert recs[4]["shard_times_s"] == {"d": 0.1}
 
 
+def test_a_torn_last_line_does_not_swallow_the_next_generations_first(tmp_path, monkeypatch):
+  """A worker killed mid-line left a fragment without its newline; the next generation's
+  `initialized` record was glued onto it, and every line reader skipped both."""
+  w = str(tmp_path)
+  os.makedirs(os.path.join(w, "workers"))
+  path = worker.progress_path(w, 1)
+  with open(path, "w") as f:
+    f.write('{"time": 1.0, "generation": 0, "process": 1, "step": 7}\n{"time": 2.0, "gen')
+  use_env(monkeypatch, {worker.ENV_GENERATION: "1", worker.ENV_PROCESS_ID: "1",
+                        worker.ENV_NUM_PROCESSES: "1", worker.ENV_WORKDIR: w})
+  assert worker.initialize_from_env() is False
+  assert worker.report_progress(w, 8, 0.5) is False
+  recs = t.progress(w, 1)
+  assert [(r["generation"], r.get("phase"), r.get("step")) for r in recs] == [
+      (0, None, 7), (1, "initialized", None), (1, None, 8)], recs
+  with open(path) as f:
+    assert f.read().splitlines()[1] == '{"time": 2.0, "gen'     # the fragment, left alone
+
+
 def test_probe_times_every_local_device():
   import jax  # pylint: disable=import-outside-toplevel
   times = worker.probe_local_devices(size=16, repeats=1)
