@@ -216,3 +216,14 @@ def best_choice(config, args: TrainArgs, available: int, devices_per_process: in
     except ConfigError as e:
       reasons.append(f"{n} process(es): {e}")
   return None, reasons
+
+
+def without_one(config, args: TrainArgs, available: int, devices_per_process: int,
+                minimum: int = 1, platform: str | None = None) -> int:
+  """Processes a re-plan would run with one of `available` slots set aside (a straggler's);
+  0 when no count of at least `minimum` is usable. It can be the count running now (the
+  config could not use every slot): then setting the slot aside changes nothing."""
+  if available - 1 < max(minimum, 1):
+    return 0
+  choice, _ = best_choice(config, args, available - 1, devices_per_process, minimum, platform)
+  return choice.processes if choice is not None else 0

@@ -557,13 +557,24 @@ class Supervisor:
     found = [s for d in self.detectors for s in d.poll()]
     out = None
     for s in found:
-      proc = int(s.entity.split("/")[0])
-      act = (self.o.replan_on_straggler and self.choice.processes > 1 and out is None and
-             self.choice.processes - 1 >= self.o.min_processes)
+      proc, note = int(s.entity.split("/")[0]), {}
+      act = self.o.replan_on_straggler and out is None and self._fewer_without_one(note)
       self.events.emit("straggler", generation=self.generation, **s.to_json(),
                        threshold=self.o.straggler_threshold, process=proc,
-                       action="replan without it" if act else "report")
+                       action="replan without it" if act else "report", **note)
       if act:
         self.quarantine.append(now + self.o.straggler_cooldown)
         out = _Outcome("planned", f"straggler {s.kind} {s.entity}", detected=now)
     return out
+
+  def _fewer_without_one(self, note: dict) -> bool:
+    """True when setting one slot aside runs fewer processes; else says why not in `note`."""
+    running = self.choice.processes
+    n = replan.without_one(self.config, self.args, self._available(), self.capacity[1],
+                           self.o.min_processes, self.o.platform)
+    if 0 < n < running:
+      return True
+    note["note"] = (f"without its slot the job would run {n} process(es), not fewer" if n else
+                    "without its slot no job of --min_processes="
+                    f"{self.o.min_processes} or more process(es) is usable")
+    return False

@@ -69,6 +69,14 @@ def test_best_choice_skips_process_counts_the_batch_does_not_divide(config):
   assert none is None and len(reasons) == 1
 
 
+def test_without_one_is_what_a_replan_would_run(config):
+  args, cfg = config
+  assert replan.without_one(cfg, args, 4, 4) == 2       # 3 x 4 devices: 256 % 12 != 0
+  assert replan.without_one(cfg, args, 3, 4) == 2       # as now: nothing to set aside
+  assert replan.without_one(cfg, args, 2, 4, minimum=2) == 0
+  assert replan.without_one(cfg, args, 1, 4) == 0
+
+
 def test_forced_plan_that_cannot_split_moves_to_another_mesh(config):
   args, cfg = config
   cw = replan.TrainArgs.parse([f for f in FLAGS[:-3] if f != "data=2,table=2,row=2"]

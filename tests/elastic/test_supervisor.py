@@ -187,6 +187,23 @@ def test_straggler_is_reported_and_moved_off(tmp_path):
   assert "finished" in t.names(ev)
 
 
+def test_a_straggler_is_only_reported_when_setting_it_aside_changes_nothing(tmp_path):
+  """3 processes available, 2 used (the batch of 256 does not divide 6 devices): setting
+  the slow one's slot aside leaves 2 usable. The event said 'replan without it' and the job
+  stopped and restarted on the same 2 processes."""
+  w = str(tmp_path)
+  _set_capacity(w, "3\n")
+  proc = start(w, ["--num_processes=2", "--inject_delay=1:0.1", "--straggler_window_steps=5",
+                   "--replan_on_straggler"], steps=50, step_s=0.01)
+  assert t.finish(proc) == 0, open(os.path.join(w, "launch.log")).read()[-2000:]
+  ev = t.events(w)
+  s = next(e for e in ev if e["event"] == "straggler")
+  assert s["process"] == 1 and s["action"] == "report", s
+  assert s["note"] == "without its slot the job would run 2 process(es), not fewer", s
+  assert [e["processes"] for e in ev if e["event"] in ("plan", "replan")] == [2]
+  assert "stop" not in t.names(ev) and ev[-1]["event"] == "finished"
+
+
 @pytest.mark.slow
 def test_run_again_after_the_end_reports_the_final_step(tmp_path):
   w = str(tmp_path)
