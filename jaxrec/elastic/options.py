@@ -34,7 +34,8 @@ class Options:
   stop_timeout: float = 300.0       # a requested stop: wait this long for the checkpoint
   platform: str = "cpu"
   poll_interval: float = 0.1
-  inject_delay: str | None = None   # fault injection, PROCESS:SECONDS (tests, benchmarks)
+  inject_delay: str | None = None   # fault injection, PROCESS:SECONDS (tests, benchmarks);
+                                    # PROCESS < num_processes
   python: str = sys.executable
   train_script: str = os.path.join(ROOT, "scripts", "train.py")
 
@@ -73,3 +74,7 @@ class Options:
       if not ok:
         raise ConfigError(f"--inject_delay must be PROCESS:SECONDS (e.g. 1:0.5), got "
                           f"'{self.inject_delay}'")
+      if int(proc) >= self.num_processes:    # no such worker: it delayed nothing, silently
+        raise ConfigError(f"--inject_delay={self.inject_delay}: process {int(proc)} is not one "
+                          f"of the job's processes 0 to {self.num_processes - 1} "
+                          f"(--num_processes={self.num_processes})")

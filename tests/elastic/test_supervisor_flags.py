@@ -46,12 +46,15 @@ def test_a_misspelled_train_flag_is_a_user_error_not_a_lost_worker(tmp_path):
     ("hang_timeout", float("nan"), "--hang_timeout > 0"),
     ("stop_timeout", -1.0, "--stop_timeout must be > 0"),
     ("inject_delay", "abc", "--inject_delay must be PROCESS:SECONDS"),
+    ("inject_delay", "5:1", "--inject_delay=5:1: process 5 is not one of the job's processes "
+                            "0 to 1 (--num_processes=2)"),
+    ("inject_delay", "2:1", "--inject_delay=2:1: process 2 is not one of the job's"),
 ])
 def test_launch_flags_out_of_range_are_one_line_errors(tmp_path, flag, value, why):
   """--straggler_windows=0 and --straggler_window_steps=0 ended in a ValueError traceback
   after the workers had started; --inject_delay=abc crashed every worker (the job stopped
   'below --min_processes'); --startup_timeout=0 killed every worker as hung; NaN timeouts
-  never fired."""
+  never fired; --inject_delay=5:1 on 2 processes delayed nothing, silently."""
   options = sup.Options(num_processes=2, devices_per_process=1, **{flag: value})
   with pytest.raises(ConfigError, match=re.escape(why)):
     sup.Supervisor(options, [f"--workdir={tmp_path / 'w'}", "--gin_file=configs/x.gin"])
