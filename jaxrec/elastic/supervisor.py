@@ -169,7 +169,7 @@ class Supervisor:
         if choice is None:
           if self.generation == first and self._first_plan_failed:   # the user's to fix
             return self._give_up("user_error", EXIT_USER_ERROR, why, fix=FIX_CONFIG)
-          return self._give_up("below_min", EXIT_BELOW_MIN, why)
+          return self._give_up("below_min", EXIT_BELOW_MIN, why, fix=self._capacity_fix())
         self.events.emit("plan" if self.generation == first else "replan",
                          generation=self.generation, reason=reason,
                          seconds=round(time.time() - t0, 3), **choice.to_json())
@@ -258,6 +258,15 @@ class Supervisor:
     self.events.emit("capacity", source="file", num_processes=n, devices_per_process=k,
                      previous=list(old), initial=initial)
     return True
+
+  def _capacity_fix(self) -> str | None:
+    """What to change when the capacity file alone (read again by the same command) leaves
+    no usable job; None when the flags' capacity, or the file's without lost slots, has one."""
+    n, k = self.capacity
+    if (n, k) == (self.o.num_processes, self.o.devices_per_process) or replan.best_choice(
+        self.config, self.args, n, k, self.o.min_processes, self.o.platform)[0] is not None:
+      return None
+    return f"change {self.capacity_file} (it states {n} x {k}: no usable job) or remove it"
 
   def _capacity_error(self, seen: tuple, message: str) -> bool:
     """The `capacity` error event, once per distinct content or read error; False."""

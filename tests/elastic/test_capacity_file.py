@@ -125,3 +125,21 @@ def test_bad_content_at_start_says_to_fix_the_file_not_to_rerun(tmp_path, monkey
   assert "step 10" in message, message
   err = capsys.readouterr().err
   assert err == f"error: {message}\n", err
+
+
+def test_below_minimum_by_the_capacity_file_says_to_change_it(tmp_path, monkeypatch, capsys):
+  """A capacity file stating fewer than --min_processes: the give_up said 'run the same
+  command again to resume', which read the file again and stopped the same way."""
+  options = sup.Options(num_processes=4, devices_per_process=2, min_processes=2)
+  s = sup.Supervisor(options, [f"--workdir={tmp_path}", "--gin_file=configs/x.gin"])
+  monkeypatch.setattr(sup.replan, "load_config", lambda args: None)
+  os.makedirs(os.path.join(tmp_path, "checkpoints", "10"))
+  with open(s.capacity_file, "w") as f:
+    f.write("1\n")
+  assert s._run() == sup.EXIT_BELOW_MIN
+  message = _events(tmp_path)[-1]["message"]
+  assert "run the same command again" not in message, message
+  assert message.startswith("only 1 process(es) of 2 device(s) available, below "
+                            f"--min_processes=2. Stopping; change {s.capacity_file} (it "
+                            "states 1 x 2: no usable job) or remove it, then run "
+                            "again to resume from the latest checkpoint, step 10 in "), message
