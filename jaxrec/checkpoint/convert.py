@@ -462,6 +462,9 @@ def _read_torchrec(npz_path) -> dict[str, np.ndarray]:
       if w.ndim != 2 or not all(w.shape):
         raise DataError(f"{npz_path}: '{key}' has shape {w.shape}, expected [rows, dim] "
                         "(both positive)")
+      if w.dtype.kind == "V" and w.dtype.itemsize == 2:   # how numpy loads a bfloat16 array
+        raise DataError(f"{npz_path}: '{key}' has dtype {w.dtype} (2-byte raw data, e.g. "
+                        "bfloat16, which npz cannot hold): export the table as float32")
       if not np.issubdtype(w.dtype, np.floating):
         raise DataError(f"{npz_path}: '{key}' has dtype {w.dtype}, expected a float dtype")
       if w.dtype.name not in IMPORT_DTYPES:   # no run could restore it (no float64 tables)
