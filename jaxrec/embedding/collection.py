@@ -137,6 +137,9 @@ class EmbeddingCollection:
     except TypeError as e:
       raise ConfigError(f"EmbeddingCollection.create: {e}") from None
     options = options.resolve(mesh.devices.flat[0].platform)
+    warning = specs.interpret_warning(options, mesh.devices.flat[0].platform)
+    if warning:
+      log.warning(warning)
     dims = {}   # dim -> the first feature reading a table of it
     for f in features:
       dims.setdefault(next(t.dim for t in tables if t.name == f.table), f)

@@ -186,6 +186,16 @@ class EmbeddingOptions:
         interpret=(not gpu) if self.interpret is None else bool(self.interpret))
 
 
+def interpret_warning(options: EmbeddingOptions, backend: str) -> str | None:
+  """The start-up warning for resolved `options` whose Pallas kernels run interpreted
+  (off GPU), or None."""
+  if options.kernel != "pallas" or backend in ("gpu", "cuda", "rocm"):
+    return None
+  return (f"EmbeddingOptions.kernel='pallas' on {backend}: the kernels run in Pallas "
+          "interpret mode (~20x slower than kernel='xla'); kernel='xla' or 'auto' is the "
+          "fast path there")
+
+
 def checked_ids(ids, feature: str, table: str, rows: int, max_len: int | None = None
                 ) -> np.ndarray:
   """`ids[feature]` as an array, after the host-side checks: present, integer dtype,

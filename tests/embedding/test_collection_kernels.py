@@ -181,3 +181,19 @@ def test_pallas_names_the_stacks_whose_update_falls_back_to_xla(caplog):
   with caplog.at_level("WARNING"):
     make_collection("rw", "row=8", optimizers.SGD(0.1), kernel="pallas", interpret=True)
   assert "update on XLA" not in caplog.text
+
+
+def test_pallas_on_cpu_warns_that_it_runs_interpreted(caplog):
+  """kernel='pallas' off GPU runs the kernels in interpret mode: one warning at creation,
+  on jaxrec's logger (which scripts/train.py shows), pointing at the fast path."""
+  with caplog.at_level("WARNING"):
+    make_collection("dp", "single", SGD, kernel="pallas")
+  said = [r for r in caplog.records if "interpret mode" in r.getMessage()]
+  assert len(said) == 1 and said[0].name.startswith("jaxrec."), caplog.text
+  assert "kernel='pallas' on cpu" in said[0].getMessage()
+  assert "kernel='xla' or 'auto' is the fast path" in said[0].getMessage()
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    make_collection("dp", "single", SGD, kernel="auto")
+    make_collection("dp", "single", SGD, kernel="xla")
+  assert "interpret mode" not in caplog.text
