@@ -100,6 +100,17 @@ class Packing:
     return all(s < 0 for s in self.weight_starts) and not any(self.mean)
 
 
+def _resolved(options: EmbeddingOptions, tables: Sequence[TableSpec],
+              backend: str) -> EmbeddingOptions:
+  """`options.resolve(backend)`, warning about what runs slowly or does nothing."""
+  resolved = options.resolve(backend)
+  warnings = specs.ineffective_warnings(options, resolved.kernel, [t.dtype for t in tables])
+  for warning in [specs.interpret_warning(resolved, backend), *warnings]:
+    if warning:
+      log.warning(warning)
+  return resolved
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class EmbeddingCollection:
   """Tables + features + plan on a mesh; see module docstring for the data flow."""
@@ -136,10 +147,7 @@ class EmbeddingCollection:
       options = dataclasses.replace(options or EmbeddingOptions(), **overrides)
     except TypeError as e:
       raise ConfigError(f"EmbeddingCollection.create: {e}") from None
-    options = options.resolve(mesh.devices.flat[0].platform)
-    warning = specs.interpret_warning(options, mesh.devices.flat[0].platform)
-    if warning:
-      log.warning(warning)
+    options = _resolved(options, tables, mesh.devices.flat[0].platform)
     dims = {}   # dim -> the first feature reading a table of it
     for f in features:
       dims.setdefault(next(t.dim for t in tables if t.name == f.table), f)

@@ -196,6 +196,19 @@ def interpret_warning(options: EmbeddingOptions, backend: str) -> str | None:
           "fast path there")
 
 
+def ineffective_warnings(options: EmbeddingOptions, kernel: str, dtypes) -> list[str]:
+  """Warnings for settings of the given (unresolved) `options` that do nothing with the
+  resolved `kernel` and tables of `dtypes` (configs shared across tables are legitimate)."""
+  warnings = []
+  if options.stochastic_rounding and set(dtypes) <= {"float32"}:
+    warnings.append("EmbeddingOptions.stochastic_rounding=True has no effect: every table is "
+                    "float32 (it rounds updated bfloat16, float16 and int8 rows)")
+  if options.interpret and kernel == "xla":
+    warnings.append("EmbeddingOptions.interpret=True has no effect: the kernel is XLA "
+                    "(interpret mode applies to the Pallas kernels, kernel='pallas')")
+  return warnings
+
+
 def checked_ids(ids, feature: str, table: str, rows: int, max_len: int | None = None
                 ) -> np.ndarray:
   """`ids[feature]` as an array, after the host-side checks: present, integer dtype,

@@ -197,3 +197,20 @@ def test_pallas_on_cpu_warns_that_it_runs_interpreted(caplog):
     make_collection("dp", "single", SGD, kernel="auto")
     make_collection("dp", "single", SGD, kernel="xla")
   assert "interpret mode" not in caplog.text
+
+
+def test_options_that_do_nothing_are_named(caplog):
+  """stochastic_rounding with only float32 tables and interpret=True with the XLA kernel
+  do nothing: a warning names the binding and why (not an error: shared configs)."""
+  with caplog.at_level("WARNING"):
+    make_collection("dp", "single", SGD, stochastic_rounding=True, interpret=True,
+                    kernel="xla")
+  assert ("EmbeddingOptions.stochastic_rounding=True has no effect: every table is float32"
+          in caplog.text)
+  assert "EmbeddingOptions.interpret=True has no effect: the kernel is XLA" in caplog.text
+  caplog.clear()
+  one_bf16 = (dataclasses.replace(TABLES[0], dtype="bfloat16"),) + TABLES[1:]
+  with caplog.at_level("WARNING"):
+    make_collection("dp", "single", SGD, tables=one_bf16, stochastic_rounding=True)
+    make_collection("dp", "single", SGD, kernel="pallas", interpret=True)
+  assert "has no effect" not in caplog.text
