@@ -70,15 +70,22 @@ def _check_sizes(p: argparse.ArgumentParser, args) -> None:
       p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
 
 
-def main(argv=None):
+def _parser() -> argparse.ArgumentParser:
+  """Flags, with GPU-sized defaults on any GPU backend (`gpu`, `cuda`, `rocm`)."""
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  on_gpu = jax.default_backend() == "gpu"
+  on_gpu = platform.is_gpu()
+  p.set_defaults(on_gpu=on_gpu)
   p.add_argument("--rows", type=int, default=1_000_000 if on_gpu else 100_000)
   p.add_argument("--dim", type=int, default=128 if on_gpu else 64)
   p.add_argument("--bags", type=int, default=65_536 if on_gpu else 4_096)
   p.add_argument("--bag_len", type=int, default=8)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"])
   p.add_argument("--iters", type=int, default=20 if on_gpu else 5)
+  return p
+
+
+def main(argv=None):
+  p = _parser()
   args = p.parse_args(argv)
   _check_sizes(p, args)
 
@@ -94,7 +101,7 @@ def main(argv=None):
           "dim": d, "bags": n, "bag_len": l, "dtype": args.dtype,
           "device": jax.devices()[0].device_kind}
 
-  kernels = ["xla", "pallas"] if on_gpu else ["xla"]
+  kernels = ["xla", "pallas"] if args.on_gpu else ["xla"]
   results = {}
   for kernel in kernels:
     f = jax.jit(lambda t, i, v, k=kernel: lookup_pool(t, i, v, kernel=k))

@@ -174,7 +174,7 @@ class EmbeddingOptions:
     """Concrete choices on `backend` (e.g. `cpu`, `gpu`): kernel `xla|pallas`, interpret
     a bool, comm_dtype None (exact) or a reduced dtype name."""
     from jaxrec.kernels import platform, quant  # pylint: disable=import-outside-toplevel
-    gpu = backend in ("gpu", "cuda", "rocm")
+    gpu = platform.is_gpu(backend)
     kernel = platform.resolve_kernel(self.kernel, backend)
     if kernel == "pallas" and not gpu and self.interpret is False:
       raise ConfigError(f"EmbeddingOptions.interpret=False needs a GPU: on {backend} the "
@@ -189,7 +189,8 @@ class EmbeddingOptions:
 def interpret_warning(options: EmbeddingOptions, backend: str) -> str | None:
   """The start-up warning for resolved `options` whose Pallas kernels run interpreted
   (off GPU), or None."""
-  if options.kernel != "pallas" or backend in ("gpu", "cuda", "rocm"):
+  from jaxrec.kernels import platform  # pylint: disable=import-outside-toplevel
+  if options.kernel != "pallas" or platform.is_gpu(backend):
     return None
   return (f"EmbeddingOptions.kernel='pallas' on {backend}: the kernels run in Pallas "
           "interpret mode (~20x slower than kernel='xla'); kernel='xla' or 'auto' is the "

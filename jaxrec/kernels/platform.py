@@ -15,6 +15,7 @@ from jax.experimental.pallas import triton as plgpu
 from jaxrec.errors import ConfigError
 
 KERNELS = ("auto", "xla", "pallas")
+GPU_BACKENDS = ("gpu", "cuda", "rocm")   # jax.default_backend() and device platforms
 
 # Largest column chunk a kernel loads at once; Triton needs power-of-2 tensor sizes.
 MAX_COL_BLOCK = 128
@@ -39,6 +40,11 @@ def planning_backend() -> str:
   return _PLANNING_FOR[-1] if _PLANNING_FOR else jax.default_backend()
 
 
+def is_gpu(backend: str | None = None) -> bool:
+  """Whether `backend` (default `jax.default_backend()`) is a GPU: `gpu`, `cuda` or `rocm`."""
+  return (backend or jax.default_backend()) in GPU_BACKENDS
+
+
 def resolve_kernel(kernel: str, backend: str | None = None) -> str:
   """Returns `'xla'` or `'pallas'` for `kernel` in `auto|xla|pallas` on `backend` (default
   `planning_backend()`)."""
@@ -46,14 +52,13 @@ def resolve_kernel(kernel: str, backend: str | None = None) -> str:
     raise ConfigError(f"kernel must be one of {KERNELS}, got '{kernel}'")
   if kernel != "auto":
     return kernel
-  backend = backend or planning_backend()
-  return "pallas" if backend in ("gpu", "cuda", "rocm") else "xla"
+  return "pallas" if is_gpu(backend or planning_backend()) else "xla"
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
   """`None` means: interpret unless the default backend is a GPU."""
   if interpret is None:
-    return jax.default_backend() not in ("gpu", "cuda", "rocm")
+    return not is_gpu()
   return bool(interpret)
 
 

@@ -4,8 +4,10 @@ import importlib.util
 import os
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxrec.kernels import RowWiseAdagrad, init_opt_state
 
@@ -33,3 +35,15 @@ def test_bf16_update_is_compiled_as_the_trainer_compiles_it():
                 jnp.asarray(np.ones((n, dim)), jnp.float32)).compile().as_text()
   assert f"bf16[{rows},{dim}]" in hlo
   assert not re.search(rf"f32\[{rows},{dim}\]", hlo)   # no whole-table conversion
+
+
+@pytest.mark.parametrize("backend", ["gpu", "cuda", "rocm"])
+def test_every_gpu_backend_gets_the_gpu_defaults(monkeypatch, backend):
+  """The benchmark takes a GPU as `kernels.platform` does (`gpu`, `cuda`, `rocm`): on
+  `cuda`/`rocm` it used the CPU sizes and skipped the Pallas kernel."""
+  bench = _bench()
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  args = bench._parser().parse_args([])   # pylint: disable=protected-access
+  assert args.on_gpu and (args.rows, args.dim, args.iters) == (1_000_000, 128, 20)
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert not bench._parser().parse_args([]).on_gpu   # pylint: disable=protected-access
