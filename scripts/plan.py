@@ -22,7 +22,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "Gin config file(s) binding the tables.")
 flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings applied after the files.")
 flags.DEFINE_string("tables", None, "Instead of gin: name:rows:dim[:pooling_factor[:zipf_alpha]]"
-                    ",... (one feature per table).")
+                    ",... (unique non-empty names; one feature per table).")
 flags.DEFINE_string("mesh", None, "Mesh to plan for, e.g. data=2,table=2,row=2,col=1 "
                     "(default with --profile: the job's; with a plan file: the one it records).")
 flags.DEFINE_string("memory_per_device", "16GiB", "Device memory budget, e.g. 16GiB.")

@@ -61,14 +61,25 @@ class PlannerInputs:
   eval_batch_size: int = 0
 
 
+def _check_name(flag: str, part: str, name: str, seen) -> None:
+  """`ConfigError` for an empty table name or one already in `seen`."""
+  if not name.strip():
+    raise ConfigError(f"{flag}: '{part}': the table name is empty (name:rows:dim)")
+  if name in seen:
+    raise ConfigError(f"{flag}: table '{name}' is given twice ('{seen[name]}', '{part}'); "
+                      "table names must be unique")
+
+
 def parse_tables_flag(spec: str, flag: str = "--tables") -> PlannerInputs:
   """`name:rows:dim[:pooling_factor[:zipf_alpha]],...`: one table per entry, read by one
   feature `f_<name>` whose `max_len` is the pooling factor rounded up (default 1)."""
-  tables, features, stats = [], [], {}
+  tables, features, stats, seen = [], [], {}, {}
   for part in filter(None, (p.strip() for p in spec.split(","))):
     fields = part.split(":")
     if not 3 <= len(fields) <= 5:
       raise ConfigError(f"{flag}: '{part}' is not name:rows:dim[:pooling_factor[:zipf_alpha]]")
+    _check_name(flag, part, fields[0], seen)
+    seen[fields[0]] = part
     try:
       rows, dim = float(fields[1]), int(fields[2])
       pf = float(fields[3]) if len(fields) > 3 and fields[3] else None

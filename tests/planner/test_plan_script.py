@@ -297,3 +297,18 @@ def test_batch_size_with_a_profile_plans_for_that_batch(tmp_path):
   obj = json.loads(out.read_text())
   assert obj["proposed"]["batch_size"] == 64 and obj["measured_batch_size"] == 64
   assert obj["model_step_time_s"] == obj["current"]["estimated_step_time_s"]
+
+
+def test_tables_flag_refuses_empty_and_duplicate_names(tmp_path):
+  """`a:10:8,a:20:8` planned two tables named 'a'; `:100:16` failed with gin's two-line
+  TableSpec error that named no flag."""
+  for spec, match in [
+      ("a:10:8,a:20:8", r"--tables: table 'a' is given twice \('a:10:8', 'a:20:8'\); table "
+                        "names must be unique"),
+      (":100:16", r"--tables: ':100:16': the table name is empty"),
+      ("t:10:8, :100:16", r"--tables: ':100:16': the table name is empty")]:
+    with pytest.raises(ConfigError, match=match):
+      inputs.parse_tables_flag(spec)
+  proc = plan(tmp_path, "--tables=a:10:8,a:20:8", "--mesh=row=2")
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: --tables: table 'a' is given")
