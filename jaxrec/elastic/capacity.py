@@ -4,11 +4,14 @@ One line `N` or `N K`, or a JSON object `{"num_processes": N, "devices_per_proce
 (`K` defaults to the devices per process in use). `parse` reads it strictly: anything
 else (a third number, an unknown JSON key, a count that is not a whole number, a second
 line) is a `ConfigError` naming the file and line, never a value read past or guessed.
+`Reader` re-reads the file when it changed and says each unreadable state once.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from typing import Callable
 
 from jaxrec.errors import ConfigError
 
@@ -27,6 +30,45 @@ def parse(text: str, path: str, devices_per_process: int) -> tuple[int, int]:
   if k < 1:
     raise ConfigError(f"{path}:{line}: devices_per_process must be >= 1, got {k}")
   return n, k
+
+
+class Reader:
+  """Reads `path` when it changed; `error` / `message`: the last unreadable state said."""
+
+  def __init__(self, path: str, emit: Callable[..., None]):
+    self.path = path
+    self._emit = emit                          # events.emit, for the `capacity` error event
+    self._seen: tuple | None = None            # (mtime, text) of the last read
+    self.error: tuple | None = None            # what the last error event was about
+    self.message = ""                          # ... and its message
+
+  def read(self, devices_per_process: int) -> tuple[int, int] | None:
+    """`(processes, devices per process)` of a new statement, else None."""
+    try:
+      with open(self.path) as f:
+        raw = f.read()
+      mtime = os.stat(self.path).st_mtime_ns
+    except FileNotFoundError:
+      return None
+    except OSError as e:      # e.g. a directory: said once, until the error changes
+      return self._error(("error", str(e)), f"cannot read {self.path}: {e.strerror or e}")
+    # An empty file is one being rewritten (`echo 2 > capacity` truncates first): look again
+    # at the next poll. Remembering its mtime lost the write when both fell in one tick of
+    # the file system's clock. The text counts too: a same-tick rewrite changes only it.
+    if not raw.strip() or (mtime, raw) == self._seen:
+      return None
+    self._seen = (mtime, raw)
+    try:
+      return parse(raw, self.path, devices_per_process)
+    except ConfigError as e:
+      return self._error(self._seen, str(e))
+
+  def _error(self, seen: tuple, message: str) -> None:
+    """The `capacity` error event, once per distinct content or read error."""
+    if seen != self.error:
+      self.error, self.message = seen, message
+      self._emit("capacity", source="file", error=f"{message}; ignored")
+    return None
 
 
 def _parse_plain(text: str, path: str) -> tuple[int, int | None, int]:

@@ -117,9 +117,7 @@ class Supervisor:
     self.events = EventLog(self.workdir, echo=echo)
     self.capacity_file = options.capacity_file or os.path.join(
         self.workdir, worker_lib.CONTROL_DIR, "capacity")
-    self._cap_seen: tuple | None = None       # (mtime, text) of the last capacity read
-    self._cap_error: tuple | None = None      # what the last unreadable-capacity event was
-    self._cap_message = ""                    # ... and its message
+    self.capacity_reader = capacity_lib.Reader(self.capacity_file, self.events.emit)
     self.capacity = (options.num_processes, options.devices_per_process)
     self.lost: list[float] = []               # loss times of slots not yet returned
     self.quarantine: list[float] = []         # until when a slow slot sits out
@@ -157,8 +155,8 @@ class Supervisor:
                      hang_timeout=self.o.hang_timeout, capacity_file=self.capacity_file,
                      train_flags=list(self.args.argv))
     self._read_capacity(initial=True)
-    if self._cap_error is not None:    # bad input before anything started: the user's to fix
-      return self._give_up("user_error", EXIT_USER_ERROR, self._cap_message,
+    if self.capacity_reader.error is not None:   # bad input before anything started
+      return self._give_up("user_error", EXIT_USER_ERROR, self.capacity_reader.message,
                            fix=f"fix or remove {self.capacity_file}")
     reason = "start"
     previous_sigterm = _raise_on_sigterm()
@@ -233,30 +231,14 @@ class Supervisor:
     return max(self.capacity[0] - len(self.lost) - len(self.quarantine), 0)
 
   def _read_capacity(self, initial: bool = False) -> bool:
-    """Re-reads the capacity file when it changed; True if it did."""
-    try:
-      with open(self.capacity_file) as f:
-        raw = f.read()
-      mtime = os.stat(self.capacity_file).st_mtime_ns
-    except FileNotFoundError:
+    """Takes the capacity file's new statement, if any (it returns the lost slots); True
+    if there was one."""
+    new = self.capacity_reader.read(self.capacity[1])
+    if new is None:
       return False
-    except OSError as e:      # e.g. a directory: said once, until the error changes
-      return self._capacity_error(("error", str(e)), f"cannot read {self.capacity_file}: "
-                                  f"{e.strerror or e}")
-    # An empty file is one being rewritten (`echo 2 > capacity` truncates first): look again
-    # at the next poll. Remembering its mtime lost the write when both fell in one tick of
-    # the file system's clock. The text counts too: a same-tick rewrite changes only it.
-    if not raw.strip() or (mtime, raw) == self._cap_seen:
-      return False
-    self._cap_seen = (mtime, raw)
-    try:
-      n, k = capacity_lib.parse(raw, self.capacity_file, self.capacity[1])
-    except ConfigError as e:
-      return self._capacity_error(self._cap_seen, str(e))
-    old = self.capacity
-    self.capacity, self.lost = (n, k), []
-    self.events.emit("capacity", source="file", num_processes=n, devices_per_process=k,
-                     previous=list(old), initial=initial)
+    old, self.capacity, self.lost = self.capacity, new, []
+    self.events.emit("capacity", source="file", num_processes=new[0],
+                     devices_per_process=new[1], previous=list(old), initial=initial)
     return True
 
   def _capacity_fix(self) -> str | None:
@@ -267,13 +249,6 @@ class Supervisor:
         self.config, self.args, n, k, self.o.min_processes, self.o.platform)[0] is not None:
       return None
     return f"change {self.capacity_file} (it states {n} x {k}: no usable job) or remove it"
-
-  def _capacity_error(self, seen: tuple, message: str) -> bool:
-    """The `capacity` error event, once per distinct content or read error; False."""
-    if seen != self._cap_error:
-      self._cap_error, self._cap_message = seen, message
-      self.events.emit("capacity", source="file", error=f"{message}; ignored")
-    return False
 
   def _plan(self, first: bool = False) -> tuple[replan.Choice | None, str]:
     """The largest usable process count, or `(None, why)`. The supervisor's first plan
