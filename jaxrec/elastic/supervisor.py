@@ -542,6 +542,8 @@ class Supervisor:
     out = None
     for s in found:
       proc, note = int(s.entity.split("/")[0]), {}
+      if self.o.replan_on_straggler and out is not None:
+        note["note"] = f"the job is already re-planning for {out.reason}"
       act = self.o.replan_on_straggler and out is None and self._fewer_without_one(note)
       self.events.emit("straggler", generation=self.generation, **s.to_json(),
                        threshold=self.o.straggler_threshold, process=proc,

@@ -7,9 +7,11 @@ import re
 import signal
 import subprocess
 import sys
+import types
 
 import pytest
 
+from jaxrec.elastic import stragglers, supervisor as sup
 from tests.elastic import elastic_testlib as t
 
 FAKE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_train.py")
@@ -202,6 +204,25 @@ def test_a_straggler_is_only_reported_when_setting_it_aside_changes_nothing(tmp_
   assert s["note"] == "without its slot the job would run 2 process(es), not fewer", s
   assert [e["processes"] for e in ev if e["event"] in ("plan", "replan")] == [2]
   assert "stop" not in t.names(ev) and ev[-1]["event"] == "finished"
+
+
+def test_a_second_straggler_in_the_same_poll_says_the_job_is_already_replanning(
+    tmp_path, monkeypatch):
+  """Two stragglers found in one poll (no workers): the first triggers the replan; the
+  second was `action: report` with no note saying why it was not acted on."""
+  options = sup.Options(num_processes=3, devices_per_process=2, replan_on_straggler=True)
+  s = sup.Supervisor(options, [f"--workdir={tmp_path}", "--gin_file=configs/x.gin"])
+  found = [stragglers.Straggler(kind, entity, 2.0, 3, 30, 0.02, 0.01)
+           for kind, entity in (("process", "1"), ("shard", "2/0"))]
+  s.detectors = (types.SimpleNamespace(poll=lambda: found),)
+  s.choice, s.config = types.SimpleNamespace(processes=3), None
+  monkeypatch.setattr(sup.replan, "without_one", lambda *args: 2)
+  out = s._check_stragglers(100.0)
+  assert out.kind == "planned" and out.reason == "straggler process 1"
+  first, second = [e for e in t.events(str(tmp_path)) if e["event"] == "straggler"]
+  assert first["action"] == "replan without it" and "note" not in first, first
+  assert second["process"] == 2 and second["action"] == "report", second
+  assert second["note"] == "the job is already re-planning for straggler process 1", second
 
 
 @pytest.mark.slow
