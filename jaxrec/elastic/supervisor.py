@@ -526,16 +526,31 @@ class Supervisor:
     self._capacity_seen = key
     target, _ = replan.best_choice(self.config, self.args, available, self.capacity[1],
                                    self.o.min_processes, self.o.platform)
-    cur = (self.choice.processes, self.choice.devices_per_process)
     if target is None:
-      return _Outcome("planned", "capacity below minimum", detected=now)
+      return self._no_usable_job(available, now)
     new = (target.processes, target.devices_per_process)
-    if new == cur:
+    if new == (self.choice.processes, self.choice.devices_per_process):
       return None
-    grow = new[0] * new[1] > cur[0] * cur[1]
-    self.events.emit("scale_up" if grow else "scale_down", generation=self.generation,
-                     current=list(cur), target=list(new), available=available)
-    return _Outcome("planned", "scale_up" if grow else "scale_down", detected=now)
+    return _Outcome("planned", self._emit_scale(new, available), detected=now)
+
+  def _no_usable_job(self, available: int, now: float) -> _Outcome:
+    """The capacity runs no job of --min_processes or more: the event, then the stop."""
+    below = available < self.o.min_processes
+    why = (f"below --min_processes={self.o.min_processes}" if below else
+           f"no usable mesh for {self.o.min_processes} to {available} process(es) of "
+           f"{self.capacity[1]} device(s)")
+    self._emit_scale((available, self.capacity[1]), available,
+                     note=f"{why}: the workers stop")
+    return _Outcome("planned", "capacity below minimum" if below else
+                    "no usable job on the capacity", detected=now)
+
+  def _emit_scale(self, target: tuple, available: int, **extra) -> str:
+    """`scale_up` / `scale_down` (more / fewer devices than run) to `target`; its name."""
+    cur = (self.choice.processes, self.choice.devices_per_process)
+    kind = "scale_up" if target[0] * target[1] > cur[0] * cur[1] else "scale_down"
+    self.events.emit(kind, generation=self.generation, current=list(cur), target=list(target),
+                     available=available, **extra)
+    return kind
 
   def _check_stragglers(self, now: float) -> _Outcome | None:
     found = [s for d in self.detectors for s in d.poll()]
