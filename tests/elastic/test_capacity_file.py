@@ -110,15 +110,21 @@ def test_bad_content_at_start_is_a_user_error(tmp_path, monkeypatch):
   assert ev[-1]["message"].startswith(f"{s.capacity_file}:1: expected `N` or `N K`"), ev[-1]
 
 
+def _run_after_checkpoint_10(s, monkeypatch, capacity: str) -> int:
+  """Runs supervisor `s` (no config, no workers) on a workdir holding checkpoint 10 and a
+  capacity file stating `capacity`; its exit code."""
+  monkeypatch.setattr(sup.replan, "load_config", lambda args: None)
+  os.makedirs(os.path.join(s.workdir, "checkpoints", "10"))
+  with open(s.capacity_file, "w") as f:
+    f.write(capacity)
+  return s._run()
+
+
 def test_bad_content_at_start_says_to_fix_the_file_not_to_rerun(tmp_path, monkeypatch, capsys):
   """With a checkpoint on disk the give_up said 'run the same command again to resume': the
   same command found the same file and stopped again. It names the file to fix."""
   s = _supervisor(tmp_path)
-  monkeypatch.setattr(sup.replan, "load_config", lambda args: None)
-  os.makedirs(os.path.join(tmp_path, "checkpoints", "10"))
-  with open(s.capacity_file, "w") as f:
-    f.write("2 4 junk\n")
-  assert s._run() == sup.EXIT_USER_ERROR
+  assert _run_after_checkpoint_10(s, monkeypatch, "2 4 junk\n") == sup.EXIT_USER_ERROR
   message = _events(tmp_path)[-1]["message"]
   assert "run the same command again" not in message, message
   assert f"fix or remove {s.capacity_file}, then run again" in message, message
@@ -132,11 +138,7 @@ def test_below_minimum_by_the_capacity_file_says_to_change_it(tmp_path, monkeypa
   command again to resume', which read the file again and stopped the same way."""
   options = sup.Options(num_processes=4, devices_per_process=2, min_processes=2)
   s = sup.Supervisor(options, [f"--workdir={tmp_path}", "--gin_file=configs/x.gin"])
-  monkeypatch.setattr(sup.replan, "load_config", lambda args: None)
-  os.makedirs(os.path.join(tmp_path, "checkpoints", "10"))
-  with open(s.capacity_file, "w") as f:
-    f.write("1\n")
-  assert s._run() == sup.EXIT_BELOW_MIN
+  assert _run_after_checkpoint_10(s, monkeypatch, "1\n") == sup.EXIT_BELOW_MIN
   message = _events(tmp_path)[-1]["message"]
   assert "run the same command again" not in message, message
   assert message.startswith("only 1 process(es) of 2 device(s) available, below "

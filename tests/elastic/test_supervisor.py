@@ -99,15 +99,21 @@ def test_below_minimum_stops_with_a_message(tmp_path):
   assert all(p is None or not t.alive(p) for p in t.worker_pids(w, 0))
 
 
+def _stopped_by_capacity(w, flags, capacity: str) -> list[dict]:
+  """Two processes train until the capacity file states `capacity`, which no job can use:
+  the supervisor exits 2; its events."""
+  proc = start(w, ["--num_processes=2", *flags], steps=400)
+  t.wait_step(w, 1, 0, 10, timeout=120, proc=proc)
+  _set_capacity(w, capacity)
+  assert t.finish(proc) == 2, open(os.path.join(w, "launch.log")).read()[-2000:]
+  return t.events(w)
+
+
 def test_capacity_below_minimum_says_scale_down_then_stops(tmp_path):
   """A capacity file stating fewer than --min_processes stopped the workers and gave up
   (exit 2) with no event saying the capacity dropped."""
   w = str(tmp_path)
-  proc = start(w, ["--num_processes=2", "--min_processes=2"], steps=400)
-  t.wait_step(w, 1, 0, 10, timeout=120, proc=proc)
-  _set_capacity(w, "1\n")
-  assert t.finish(proc) == 2, open(os.path.join(w, "launch.log")).read()[-2000:]
-  ev = t.events(w)
+  ev = _stopped_by_capacity(w, ["--min_processes=2"], "1\n")
   down = next(e for e in ev if e["event"] == "scale_down")
   assert (down["current"], down["target"], down["available"]) == ([2, 2], [1, 2], 1), down
   assert down["note"] == "below --min_processes=2: the workers stop", down
@@ -119,12 +125,7 @@ def test_capacity_below_minimum_says_scale_down_then_stops(tmp_path):
 
 def test_capacity_no_mesh_takes_says_so_then_stops(tmp_path):
   """2 x 3 devices: the batch of 256 divides no mesh of 6 or 3 devices."""
-  w = str(tmp_path)
-  proc = start(w, ["--num_processes=2"], steps=400)
-  t.wait_step(w, 1, 0, 10, timeout=120, proc=proc)
-  _set_capacity(w, "2 3\n")
-  assert t.finish(proc) == 2, open(os.path.join(w, "launch.log")).read()[-2000:]
-  ev = t.events(w)
+  ev = _stopped_by_capacity(str(tmp_path), [], "2 3\n")
   up = next(e for e in ev if e["event"] == "scale_up")
   assert (up["current"], up["target"], up["available"]) == ([2, 2], [2, 3], 2), up
   assert up["note"] == "no usable mesh for 1 to 2 process(es) of 3 device(s): the workers stop"
