@@ -18,10 +18,16 @@ from jaxrec.train.writers import METRICS_FILE
 
 _LOG = logging.getLogger(__name__)
 PANELS = (("loss", "train loss"), ("eval_auc", "eval AUC"), ("examples_per_sec", "examples/sec"))
+# Events written at the step a run goes back to: lines past it belong to the abandoned run.
+REWIND_EVENTS = ("resume", "nan_rollback")
 
 
 def read_metrics(workdir: str) -> list[dict]:
   """Records of `workdir/metrics.jsonl`, sorted by step, the last line winning per step and key.
+
+  A `resume` or `nan_rollback` line (written at the step the run went back to) drops the
+  earlier lines past its step: they are of the steps the run redoes (a run killed after
+  its last checkpoint, a rolled-back window), not of the curve it then trains.
 
   A last line without its newline that does not parse (a run killed mid-write) is left
   out with a warning.
@@ -39,6 +45,8 @@ def read_metrics(workdir: str) -> list[dict]:
       step = int(rec["step"])
     except (ValueError, KeyError, TypeError):
       raise DataError(f"{path}:{lineno}: not a JSON object with a 'step'") from None
+    if rec.get("event") in REWIND_EVENTS:
+      by_step = {s: r for s, r in by_step.items() if s <= step}
     by_step.setdefault(step, {}).update(rec)
   if not by_step:
     raise DataError(f"metrics file {path} is empty")

@@ -125,3 +125,18 @@ def test_interrupted_plot_keeps_the_old_one_and_leaves_no_tmp(tmp_path, monkeypa
   with pytest.raises(KeyboardInterrupt):
     plotting.plot_metrics([a], str(out))
   assert out.read_bytes() == b"old plot" and sorted(os.listdir(tmp_path)) == ["a", "p.png"]
+
+
+def test_resume_and_rollback_drop_the_abandoned_steps(tmp_path):
+  # run 1 logs to step 190 and is killed (last checkpoint 100); run 2 resumes at 100 and
+  # logs every 50, evaluating at 200; a rollback at 200 goes back to 150
+  lines = [{"step": s, "loss": 1.0, "eval_auc": 0.1} for s in range(10, 200, 10)]
+  lines += [{"step": 100, "event": "resume", "checkpoint_step": 100},
+            {"step": 150, "loss": 2.0}, {"step": 200, "loss": 2.0, "eval_auc": 0.9},
+            {"step": 150, "event": "nan_rollback", "restored_step": 150},
+            {"step": 200, "loss": 3.0}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+  records = plotting.read_metrics(str(tmp_path))
+  assert [r["step"] for r in records] == list(range(10, 110, 10)) + [150, 200]
+  assert records[-2]["loss"] == 2.0 and "eval_auc" not in records[-2]   # not run 1's
+  assert records[-1] == {"step": 200, "loss": 3.0}   # not the rolled-back eval at 200
