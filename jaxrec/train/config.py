@@ -16,11 +16,13 @@ from typing import Any
 
 import flax.linen as nn
 import gin
+import jax.numpy as jnp
 import optax
 
 from jaxrec.embedding import optimizers as sparse_optimizers
 from jaxrec.embedding.specs import FeatureSpec, TableSpec, validate
 from jaxrec.errors import ConfigError
+from jaxrec.kernels import quant
 from jaxrec.kernels.optim import NONNEG, POSITIVE, UNIT, hparam
 
 # Rules for the dense optimizer's numeric options, where its optax maker takes them.
@@ -45,7 +47,39 @@ def dense_optimizer(name: str = "sgd", learning_rate: float = 0.1, **kwargs
   for key, value in dict(kwargs, learning_rate=learning_rate).items():
     if key in _DENSE_RULES and not callable(value) and not (key == "momentum" and value is None):
       hparam(f"dense_optimizer.{key}", value, _DENSE_RULES[key])   # schedules pass as is
-  return makers[name](learning_rate, **kwargs)
+  return makers[name](learning_rate, **_checked_kinds(name, kwargs))
+
+
+def _checked_kinds(name: str, kwargs: dict) -> dict:
+  """`kwargs` with the dense optimizer's bool and dtype options checked (dtypes resolved);
+  sgd's momentum-only options refused without a momentum (optax ignores them then)."""
+  kwargs = dict(kwargs)
+  if "nesterov" in kwargs and not isinstance(kwargs["nesterov"], bool):   # 'False' is truthy
+    raise ConfigError(f"dense_optimizer.nesterov must be True or False, got "
+                      f"{kwargs['nesterov']!r}")
+  for key in ("mu_dtype", "accumulator_dtype"):
+    if kwargs.get(key) is not None:
+      kwargs[key] = _float_dtype(f"dense_optimizer.{key}", kwargs[key])
+  unused = [k for k in ("nesterov", "accumulator_dtype") if kwargs.get(k)]
+  if name == "sgd" and kwargs.get("momentum") is None and unused:
+    raise ConfigError(f"{', '.join(f'dense_optimizer.{k}' for k in unused)}: applies only "
+                      f"with dense_optimizer.momentum (optax.sgd ignores it without); bind "
+                      f"a momentum, e.g. dense_optimizer.momentum = 0.9")
+  return kwargs
+
+
+def _float_dtype(binding: str, value) -> Any:
+  """`value` as a float dtype (`'bfloat16'`, `'bf16'`, `jnp.float32`, ...), or a ConfigError."""
+  if isinstance(value, str):
+    value = quant.DTYPE_ALIASES.get(value.strip().lower(), value.strip().lower())
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise ConfigError(f"{binding} must be a float dtype such as 'float32' or 'bfloat16', got "
+                      f"{value!r}")
+  return dtype
 
 
 @gin.configurable

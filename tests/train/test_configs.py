@@ -88,6 +88,16 @@ def test_values_of_the_wrong_kind_name_the_binding(binding, message):
     (["dense_optimizer.name='adam'", "dense_optimizer.eps=0"], "dense_optimizer.eps must be"),
     (["dense_optimizer.betas=0.9"], r"dense_optimizer.betas: optax.sgd takes no such option"),
     (["SGD.lr=-1"], "SGD.lr must be a number >= 0, got -1"),
+    (["dense_optimizer.momentum=0.9", "dense_optimizer.nesterov='False'"],
+     "dense_optimizer.nesterov must be True or False, got 'False'"),
+    (["dense_optimizer.nesterov=True"],
+     "dense_optimizer.nesterov: applies only with dense_optimizer.momentum"),
+    (["dense_optimizer.accumulator_dtype='bfloat16'"],
+     "dense_optimizer.accumulator_dtype: applies only with dense_optimizer.momentum"),
+    (["dense_optimizer.name='adam'", "dense_optimizer.mu_dtype='bf61'"],
+     "dense_optimizer.mu_dtype must be a float dtype such as 'float32' or 'bfloat16', got 'bf61'"),
+    (["dense_optimizer.name='adam'", "dense_optimizer.mu_dtype='int32'"],
+     "dense_optimizer.mu_dtype must be a float dtype"),
 ])
 def test_bad_optimizer_values_name_the_binding(bindings, message):
   launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")], bindings)
@@ -192,3 +202,12 @@ def test_checkpoint_manager_bindings_parse_without_the_trainer(tmp_path):
   r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
                      cwd=ROOT, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
   assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_dense_optimizer_bool_and_dtype_options_that_apply_are_taken():
+  import jax.numpy as jnp   # pylint: disable=import-outside-toplevel
+  from jaxrec.train.config import dense_optimizer   # pylint: disable=import-outside-toplevel
+  params = {"w": jnp.ones(3)}
+  for tx in (dense_optimizer("sgd", 0.1, momentum=0.9, nesterov=True, accumulator_dtype="bf16"),
+             dense_optimizer("adam", 0.1, mu_dtype="bfloat16", nesterov=False)):
+    tx.init(params)
