@@ -65,7 +65,8 @@ class DCNv2(nn.Module):
 
   Attributes:
     num_cross_layers: cross layers.
-    low_rank: rank of the cross weights; `None` = full rank.
+    low_rank: rank of the cross weights, below the width `num_dense + F*D`; `None` = full
+      rank.
     deep_mlp: widths of the deep network (ReLU after every layer); may be empty.
     structure: `stacked` or `parallel`.
     dtype: computation dtype (parameters float32, logits float32).
@@ -94,6 +95,12 @@ class DCNv2(nn.Module):
     # float32: the cross network's residual stream uses it as is; each Dense rounds its
     # input to `dtype` for the matmul.
     x0 = jnp.concatenate([dense, emb.reshape(b, f * d)], axis=-1).astype(jnp.float32)
+    width = x0.shape[-1]
+    if self.num_cross_layers and self.low_rank is not None and self.low_rank >= width:
+      # a [width, r] [r, width] product has rank <= width: full rank, with more parameters
+      raise ConfigError(f"DCNv2.low_rank = {self.low_rank} is not below the cross network's "
+                        f"width {width} (num_dense {dense.shape[-1]} + {f} features x dim "
+                        f"{d}): it would not be low-rank; use None for full rank")
     cross = CrossNetwork(int(self.num_cross_layers), self.low_rank, dtype, name="cross")
     deep = MLP(self.deep_mlp, final_activation=True, dtype=dtype, name="deep_mlp")
     if self.structure == "stacked":
