@@ -64,6 +64,11 @@ def figure(workdirs: Sequence[str]) -> Figure:
   if not workdirs:
     raise DataError("no workdir given")
   runs = [read_metrics(w) for w in workdirs]
+  for workdir, records in zip(workdirs, runs):   # else an empty curve, missing from the legend
+    if not any(isinstance(r.get(key), (int, float)) for r in records for key, _ in PANELS):
+      events = ", ".join(sorted({str(r.get("event")) for r in records}))
+      raise DataError(f"{os.path.join(workdir, METRICS_FILE)}: no "
+                      f"{', '.join(k for k, _ in PANELS)} value to plot (only {events} lines)")
   fig = Figure(figsize=(6, 3 * len(PANELS)), layout="constrained")
   FigureCanvasAgg(fig)
   axes = fig.subplots(len(PANELS), 1, sharex=True)

@@ -140,3 +140,16 @@ def test_resume_and_rollback_drop_the_abandoned_steps(tmp_path):
   assert [r["step"] for r in records] == list(range(10, 110, 10)) + [150, 200]
   assert records[-2]["loss"] == 2.0 and "eval_auc" not in records[-2]   # not run 1's
   assert records[-1] == {"step": 200, "loss": 3.0}   # not the rolled-back eval at 200
+
+
+def test_a_run_with_nothing_to_plot_is_one_line_error(tmp_path):
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  _fake_run(a, 1.0)
+  os.makedirs(b)   # stopped at its first window: only the event line
+  with open(os.path.join(b, "metrics.jsonl"), "w") as f:
+    f.write(json.dumps({"step": 7, "event": "nan_stop", "bad_step": 7}) + "\n")
+  res = _run(f"--workdir={a}", f"--workdir={b}")
+  assert res.returncode == 1 and "Traceback" not in res.stderr
+  assert (f"{os.path.join(b, 'metrics.jsonl')}: no loss, eval_auc, examples_per_sec value to "
+          "plot (only nan_stop lines)") in res.stderr
+  assert not os.path.exists(os.path.join(a, "metrics.png"))
