@@ -16,8 +16,8 @@ The manifest is written last (atomically), so a directory without one is not a d
 Readers memory-map the shards: example `i` is one fixed-size read, so any permutation is
 cheap and each process touches only the examples it takes. On open the reader checks the
 manifest against the configured features (count, bag sizes, weights, row counts; a feature
-stored one-hot cannot be read multi-hot: their empty fields differ) and each
-shard's size and sha256; any mismatch raises `DataError`. A shard whose sha256 matched is
+stored one-hot cannot be read multi-hot: their empty fields differ), that each shard
+`file` is a name inside DIR (not a path), and each shard's size and sha256; any mismatch raises `DataError`. A shard whose sha256 matched is
 recorded in `DIR/.verified.json` with its size, mtime and inode, and later opens skip
 hashing it while those are unchanged (hashing a Criteo-1TB-sized dataset takes minutes, on
 every open by every process); a read-only directory is hashed on every open.
@@ -263,8 +263,9 @@ def read_manifest(directory: str) -> dict:
       raise DataError(f"{path}: shard sizes do not add up to num_examples {m['num_examples']}")
     for f in m["features"]:
       str(f["name"]), int(f["rows"])
-    for s in m["shards"]:
-      str(s["file"]), int(s["bytes"]), str(s["sha256"])
+    for k, s in enumerate(m["shards"]):
+      _check_shard_file(path, k, s["file"])
+      int(s["bytes"]), str(s["sha256"])
     bad = m.get("bad_rows", {})   # read at every log step
     if not isinstance(bad, dict):
       raise TypeError(f"bad_rows is a {type(bad).__name__}, not an object")
@@ -274,6 +275,16 @@ def read_manifest(directory: str) -> dict:
   except (KeyError, TypeError, ValueError) as e:
     raise DataError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
   return m
+
+
+def _check_shard_file(manifest: str, k: int, name) -> None:
+  """`DataError` unless shard `k`'s `file` is a plain name: an absolute path or one with
+  `../` read a file outside the dataset directory (only the size check caught it)."""
+  seps = [c for c in (os.sep, os.altsep, "/") if c]
+  if (not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in seps)
+      or os.path.isabs(name)):
+    raise DataError(f"{manifest}: shard {k}: file '{name}' must be a name inside the dataset "
+                    "directory")
 
 
 class BinarySource(GrainMixin):

@@ -190,3 +190,16 @@ def test_sources_are_grain_data_sources(dataset):
   np.testing.assert_array_equal(ex["ids/f0"], ref.ids["f0"][0])
   np.testing.assert_array_equal(ex["weights/f4"], ref.weights["f4"][0])
   assert len(src) == 300 and len(synthetic.SyntheticSource(lay)) > 2**60
+
+
+@pytest.mark.parametrize("name", ["/etc/hostname", "../bin/shard-00000.bin", "sub/shard-00000.bin",
+                                  "..", ".", ""])
+def test_shard_files_must_be_names_inside_the_directory(dataset, name):
+  """An absolute or `../` shard path read a file outside the dataset; only the size check
+  caught it."""
+  _, out, lay = dataset
+  _corrupt_manifest(out, lambda m: m["shards"][1].update(file=name))
+  with pytest.raises(DataError) as e:
+    binary.BinarySource(out, lay)
+  assert str(e.value) == (f"{os.path.join(out, binary.MANIFEST)}: shard 1: file '{name}' must "
+                          "be a name inside the dataset directory"), e.value
