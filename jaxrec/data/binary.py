@@ -262,7 +262,9 @@ def read_manifest(directory: str) -> dict:
     if sum(int(s["num_examples"]) for s in m["shards"]) != int(m["num_examples"]):
       raise DataError(f"{path}: shard sizes do not add up to num_examples {m['num_examples']}")
     for f in m["features"]:
-      str(f["name"]), int(f["rows"])
+      str(f["name"])
+      if int(f["rows"]) <= 0:   # `0 % rows == 0` passed the table check
+        raise DataError(f"{path}: feature {f['name']}: rows is {f['rows']}, must be positive")
     for k, s in enumerate(m["shards"]):
       _check_shard_file(path, k, s["file"])
       int(s["bytes"]), str(s["sha256"])

@@ -203,3 +203,14 @@ def test_shard_files_must_be_names_inside_the_directory(dataset, name):
     binary.BinarySource(out, lay)
   assert str(e.value) == (f"{os.path.join(out, binary.MANIFEST)}: shard 1: file '{name}' must "
                           "be a name inside the dataset directory"), e.value
+
+
+@pytest.mark.parametrize("rows", [0, -5])
+def test_feature_rows_must_be_positive(dataset, rows):
+  """`rows: 0` was accepted (`0 % rows == 0` passed the table check)."""
+  _, out, lay = dataset
+  _corrupt_manifest(out, lambda m: m["features"][3].update(rows=rows))
+  with pytest.raises(DataError) as e:
+    binary.BinarySource(out, lay)
+  assert str(e.value) == (f"{os.path.join(out, binary.MANIFEST)}: feature f3: rows is {rows}, "
+                          "must be positive"), e.value
