@@ -17,7 +17,9 @@ Format (the Criteo Kaggle / Terabyte layout): one example per line, tab-separate
   - weighted feature: each id may carry `:weight` (e.g. `a3f:0.5,11:2`), a finite float
     (digits, sign, `.`, exponent: no spaces or `_`); an id without one has weight 1.
 Files may be plain or gzip (detected by content), lines end in `\\n` or `\\r\\n` (not `\\r`
-alone), and the last line may lack its newline.
+alone), and the last line may lack its newline. A UTF-8 byte order mark (BOM, written by
+some Windows tools) at the very start of a file's (decompressed) content is skipped; one
+anywhere else is malformed.
 
 Anything else is malformed and raises `DataError("FILE:LINE: column C (NAME): ...")` (line
 1-based), or with `bad_rows="skip"` the row is dropped and counted per file. An empty file, a
@@ -60,6 +62,7 @@ _FLOAT_CHARS = np.zeros(256, bool)
 _FLOAT_CHARS[list(b"0123456789+-.eE")] = True
 _POW10 = 10 ** np.arange(18, -1, -1, dtype=np.int64)  # 10^18 .. 10^0
 _PAD = 19  # longest digit window; zero bytes before a chunk
+_BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark: skipped at byte 0 of a file
 
 _REASONS = {
     1: "label must be 0 or 1, got",
@@ -114,6 +117,7 @@ def read_chunks(path: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
       except (gzip.BadGzipFile, zlib.error, OSError) as e:
         raise DataError(f"{path}: corrupt gzip file ({e})") from None
       if first:
+        data = data.removeprefix(_BOM)   # from Windows tools; read as part of the label
         if not data:
           raise DataError(f"{path}: empty file")
         _check_not_compressed(path, data[:8])
@@ -346,13 +350,15 @@ class Parser:
     cols, msgs = [], []
     for r in rows[:MAX_LOGGED_BAD_ROWS]:
       c = int(np.argmax(bad[r]))
-      text = _shown(bytes(a[starts[r, c]:ends[r, c]]))
+      value = bytes(a[starts[r, c]:ends[r, c]])
       why = _REASONS[int(reason[r, c])]
+      hint = (" (a UTF-8 byte order mark: one is skipped only at the start of a file)"
+              if value.startswith(_BOM) else "")
       if c > nd:
         why = f"feature '{lay.names[c - 1 - nd]}': " + why.format(
             max_len=lay.max_lens[c - 1 - nd])
       cols.append(c)
-      msgs.append(f"column {c + 1} ({self.column_names[c]}): {why} '{text}'")
+      msgs.append(f"column {c + 1} ({self.column_names[c]}): {why} '{_shown(value)}'{hint}")
     cols += [None] * (len(rows) - len(cols))
     msgs += [None] * (len(rows) - len(msgs))
     return batch, rows, cols, msgs

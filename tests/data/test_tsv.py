@@ -73,6 +73,27 @@ def test_crlf_and_missing_final_newline(tsv_file):
   assert b.ids["f25"][1, 0] == 25
 
 
+@pytest.mark.parametrize("compress", [False, True])
+def test_a_utf8_bom_at_the_start_of_a_file_is_skipped(tmp_path, compress):
+  """Windows tools write one; it was 'label must be 0 or 1, got '\\ufeff1''."""
+  path = tmp_path / "bom.tsv"
+  data = b"\xef\xbb\xbf" + ("\r\n".join([lib.line("1"), lib.line("0")]) + "\r\n").encode()
+  path.write_bytes(gzip.compress(data) if compress else data)
+  np.testing.assert_array_equal(read(str(path)).examples.labels, [1, 0])
+  path.write_bytes(b"\xef\xbb\xbf")
+  with pytest.raises(DataError, match=f"^{path}: empty file$"):
+    read(str(path))
+
+
+def test_a_utf8_bom_inside_a_file_is_named(tsv_file):
+  """Only byte 0 may hold one (files joined with `cat` keep the second file's)."""
+  path = tsv_file([lib.line("1"), "\ufeff" + lib.line("0")])
+  with pytest.raises(DataError, match=f"^{re.escape(path)}:2: column 1 \\(label\\): label must be "
+                     "0 or 1, got '\\\\ufeff0' \\(a UTF-8 byte order mark: one is skipped only at "
+                     "the start of a file\\)$"):
+    read(path)
+
+
 @pytest.mark.parametrize("bad_rows", ["error", "skip"])
 def test_lines_ending_in_cr_alone_are_named(tsv_file, bad_rows):
   """Classic Mac line endings made one line of the file: 'expected 40 columns, found 196',
