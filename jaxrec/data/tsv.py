@@ -84,10 +84,7 @@ def list_files(path: str) -> list[str]:
   named pipe (`<(zcat day_0.gz)`): it is read once, as a stream.
   """
   if any(c in path for c in "*?[") and not os.path.exists(path):
-    files = sorted(p for p in globlib.glob(path) if os.path.isfile(p))
-    if not files:
-      raise DataError(f"{path}: no files match this pattern")
-    return files
+    return _glob_files(path)
   if os.path.isdir(path):
     files = sorted(os.path.join(path, n) for n in os.listdir(path)
                    if not n.startswith(".") and os.path.isfile(os.path.join(path, n)))
@@ -97,6 +94,19 @@ def list_files(path: str) -> list[str]:
   if os.path.exists(path):   # a file, or a pipe (was "no such file or directory")
     return [path]
   raise DataError(f"{path}: no such file or directory")
+
+
+def _glob_files(pattern: str) -> list[str]:
+  """The files `pattern` matches, sorted; `DataError` when none (naming a directory when it
+  matches only those)."""
+  matches = sorted(globlib.glob(pattern))
+  files = [p for p in matches if os.path.isfile(p)]
+  if files:
+    return files
+  if matches and all(os.path.isdir(p) for p in matches):
+    raise DataError(f"{pattern}: matches only directories (e.g. {matches[0]}), no files; to "
+                    "read the files inside them, end the pattern with /*")
+  raise DataError(f"{pattern}: no files match this pattern")
 
 
 def read_chunks(path: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:

@@ -127,6 +127,20 @@ def test_files_dirs_and_globs(tmp_path):
     np.testing.assert_array_equal(read(files).examples.labels, [0, 1])
 
 
+def test_a_glob_that_matches_only_directories_says_so(tmp_path):
+  """It said 'no files match this pattern', as if nothing matched."""
+  for day in ["day_1", "day_0"]:
+    (tmp_path / day).mkdir()
+    lib.write(tmp_path / day / "part.tsv", [lib.line()])
+  pattern = str(tmp_path / "day_*")
+  with pytest.raises(DataError) as e:
+    tsv.list_files(pattern)
+  assert str(e.value) == (f"{pattern}: matches only directories (e.g. {tmp_path / 'day_0'}), "
+                          "no files; to read the files inside them, end the pattern with /*")
+  assert tsv.list_files(pattern + "/*") == [str(tmp_path / d / "part.tsv")
+                                            for d in ["day_0", "day_1"]]
+
+
 def test_existing_paths_with_glob_characters_are_literal(tmp_path):
   d = tmp_path / "run[1]"
   d.mkdir()
