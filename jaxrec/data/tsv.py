@@ -78,7 +78,10 @@ _REASONS = {
 
 
 def list_files(path: str) -> list[str]:
-  """A file, a directory (its non-hidden files) or a glob -> sorted file paths.
+  """A file, a directory (its non-hidden files) or a glob -> file paths in byte-wise order.
+
+  The order is plain string order of the paths (`day_10` before `day_2`, `Z` before `a`),
+  never natural order: resumed runs' data positions depend on it.
 
   An existing path is taken literally, also when its name holds `*`, `?` or `[`, and may be a
   named pipe (`<(zcat day_0.gz)`): it is read once, as a stream.

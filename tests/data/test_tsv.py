@@ -127,6 +127,19 @@ def test_files_dirs_and_globs(tmp_path):
     np.testing.assert_array_equal(read(files).examples.labels, [0, 1])
 
 
+def test_files_are_read_in_byte_wise_name_order(tmp_path):
+  """Not natural order: checkpoints' data positions depend on it (see README "Data")."""
+  d = tmp_path / "days"
+  d.mkdir()
+  names = ["day_2", "day_10", "day_1.tsv", "day_1", "Day_3", "day_02"]
+  for n in names:
+    lib.write(d / n, [lib.line()])
+  want = ["Day_3", "day_02", "day_1", "day_1.tsv", "day_10", "day_2"]
+  assert want == sorted(names, key=str.encode)
+  for path in [str(d), str(d / "*")]:
+    assert [os.path.basename(f) for f in tsv.list_files(path)] == want
+
+
 def test_a_glob_that_matches_only_directories_says_so(tmp_path):
   """It said 'no files match this pattern', as if nothing matched."""
   for day in ["day_1", "day_0"]:
