@@ -23,7 +23,8 @@ anywhere else is malformed.
 
 Anything else is malformed and raises `DataError("FILE:LINE: column C (NAME): ...")` (line
 1-based), or with `bad_rows="skip"` the row is dropped and counted per file. An empty file, a
-file that is not text, a truncated or corrupt gzip and a missing path always raise.
+file that is not text, a truncated or corrupt gzip, a line longer than `MAX_LINE_BYTES`
+(64 MiB: not Criteo TSV) and a missing path always raise.
 
 Parsing works on byte chunks of whole lines with numpy only (delimiter positions, gathered
 fixed-width digit windows), ~0.5-1M lines/sec per core.
@@ -46,6 +47,7 @@ from jaxrec.errors import ConfigError, DataError
 
 BAD_ROWS = ("error", "skip")
 CHUNK_BYTES = 4 << 20
+MAX_LINE_BYTES = 64 << 20   # a Criteo line is ~200 bytes: longer means another format
 MAX_LOGGED_BAD_ROWS = 5
 
 _HEX = np.full(256, 255, np.uint8)
@@ -112,42 +114,59 @@ def _glob_files(pattern: str) -> list[str]:
   raise DataError(f"{pattern}: no files match this pattern")
 
 
-def read_chunks(path: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
-  """Decompressed content of `path` in chunks of whole lines (each ends with `\\n`)."""
+def read_chunks(path: str, chunk_bytes: int = CHUNK_BYTES,
+                max_line_bytes: int | None = None) -> Iterator[bytes]:
+  """Decompressed content of `path` in chunks of whole lines (each ends with `\\n`).
+
+  Linear in the file size whatever its line lengths; a line still without a newline after
+  `max_line_bytes` (default `MAX_LINE_BYTES`) raises `DataError` naming file and line.
+  """
+  limit = MAX_LINE_BYTES if max_line_bytes is None else max_line_bytes
   try:
     raw = open(path, "rb")
   except OSError as e:
     raise DataError(f"{path}: cannot open: {e.strerror}") from None
   with raw:
     stream = gzip.GzipFile(fileobj=raw, mode="rb") if raw.peek(2)[:2] == b"\x1f\x8b" else raw
-    rest, first = b"", True
-    while True:
-      try:
-        data = stream.read(chunk_bytes)
-      except EOFError:
-        raise DataError(f"{path}: truncated gzip file (the compressed stream ends early)") \
-            from None
-      except (gzip.BadGzipFile, zlib.error, OSError) as e:
-        raise DataError(f"{path}: corrupt gzip file ({e})") from None
-      if first:
-        data = data.removeprefix(_BOM)   # from Windows tools; read as part of the label
-        if not data:
-          raise DataError(f"{path}: empty file")
-        _check_not_compressed(path, data[:8])
-        _check_text(path, data[:1 << 16])
-        _check_line_ends(path, data[:1 << 16])
-        first = False
-      if not data:
-        if rest:
-          yield rest + b"\n"
-        return
-      data = rest + data
+    pieces, held, line = [], 0, 1   # the unfinished line: its pieces, bytes, number
+    for data in _blocks(path, stream, chunk_bytes):
       cut = data.rfind(b"\n") + 1
-      if cut == 0:
-        rest = data
-        continue
-      rest = data[cut:]
-      yield data[:cut]
+      if cut:
+        chunk = b"".join(pieces + [data[:cut]])
+        line += chunk.count(b"\n")
+        yield chunk
+        pieces, held = [data[cut:]], len(data) - cut
+      else:
+        pieces.append(data)
+        held += len(data)
+      if held > limit:
+        raise DataError(f"{path}:{line}: a line longer than {limit} bytes (no newline in its "
+                        f"first {limit} bytes): not Criteo TSV")
+    if held:
+      yield b"".join(pieces) + b"\n"
+
+
+def _blocks(path: str, stream, chunk_bytes: int) -> Iterator[bytes]:
+  """The decompressed blocks of `path`; the first one checked (not empty, text) and a BOM
+  at its start removed."""
+  data = _read(path, stream, chunk_bytes).removeprefix(_BOM)   # from Windows tools
+  if not data:
+    raise DataError(f"{path}: empty file")
+  _check_not_compressed(path, data[:8])
+  _check_text(path, data[:1 << 16])
+  _check_line_ends(path, data[:1 << 16])
+  while data:
+    yield data
+    data = _read(path, stream, chunk_bytes)
+
+
+def _read(path: str, stream, size: int) -> bytes:
+  try:
+    return stream.read(size)
+  except EOFError:
+    raise DataError(f"{path}: truncated gzip file (the compressed stream ends early)") from None
+  except (gzip.BadGzipFile, zlib.error, OSError) as e:
+    raise DataError(f"{path}: corrupt gzip file ({e})") from None
 
 
 _MAGIC = {b"\xfd7zXZ\x00": ("xz", "xzcat"), b"BZh": ("bzip2", "bzcat"),

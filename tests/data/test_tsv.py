@@ -7,6 +7,7 @@ import lzma
 import os
 import re
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -254,6 +255,34 @@ def test_quoted_values_show_invisible_characters(tmp_path, raw, shown):
   msg = str(e.value)
   assert msg == (f"{path}:1001: column 40 (C26): feature 'f25': categorical value is not hex: "
                  f"{shown}")
+
+
+def test_a_file_without_newlines_is_read_in_linear_time(tmp_path):
+  """Each read copied the whole unfinished line (`rest + data`): 32 MiB without a newline in
+  4 KiB reads copied ~128 GiB (~15 s) before the error."""
+  path = tmp_path / "one_line.txt"
+  path.write_bytes(b"x" * (32 << 20))
+  start = time.perf_counter()
+  chunks = list(tsv.read_chunks(str(path), chunk_bytes=4096))
+  assert time.perf_counter() - start < 5
+  assert chunks == [b"x" * (32 << 20) + b"\n"]
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_lines_longer_than_the_limit_are_refused(tsv_file, monkeypatch, compress):
+  """Naming file and line, after reading no more than the limit and one chunk."""
+  long = "0" * 5000
+  path = tsv_file([lib.line(), lib.line(), long, lib.line()], compress=compress)
+  with pytest.raises(DataError) as e:
+    list(tsv.read_chunks(path, chunk_bytes=512, max_line_bytes=4096))
+  assert str(e.value) == (f"{path}:3: a line longer than 4096 bytes (no newline in its first "
+                          "4096 bytes): not Criteo TSV"), e.value
+  monkeypatch.setattr(tsv, "MAX_LINE_BYTES", 4096)
+  with pytest.raises(DataError, match=f"^{re.escape(path)}:3: a line longer than 4096 bytes"):
+    read(path, chunk_bytes=512, bad_rows="skip")
+  ok = tsv_file([lib.line(), "1" + "\t" * 39 + "0" * 3000, lib.line("0")], compress=compress)
+  with pytest.raises(DataError, match=f"^{re.escape(ok)}:2: column 40 \\(C26\\): .* more than 16"):
+    read(ok, chunk_bytes=512)   # 3 KiB, under the limit: parsed as usual
 
 
 def test_line_numbers_across_chunks(tsv_file):
