@@ -157,10 +157,11 @@ class _ShardWriter:
         self.close()
 
   def discard(self) -> None:
-    """Removes the shards written so far (a failed run: they are not a dataset)."""
-    names = [s["file"] for s in self.shards]
+    """Removes the shards written so far (a failed run: they are not a dataset), the one
+    being written included: by its name, which is known before it is opened (a signal
+    right after `open` returns raises before `self._f` holds the file)."""
+    names = [s["file"] for s in self.shards] + [f"shard-{len(self.shards):05d}.bin"]
     if self._f is not None:
-      names.append(self._name)
       try:
         self._f.close()
       except OSError:   # its buffer cannot be written either

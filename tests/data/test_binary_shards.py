@@ -214,3 +214,22 @@ def test_feature_rows_must_be_positive(dataset, rows):
     binary.BinarySource(out, lay)
   assert str(e.value) == (f"{os.path.join(out, binary.MANIFEST)}: feature f3: rows is {rows}, "
                           "must be positive"), e.value
+
+
+def test_a_signal_right_after_a_shard_is_opened_leaves_no_file(tmp_path, monkeypatch):
+  """SIGTERM/Ctrl-C raise at the first bytecode after `open` returns, before the writer
+  holds the new file: the discard missed it and the interrupted preprocess left a shard."""
+  writer = binary._ShardWriter(str(tmp_path), shard_examples=2)   # pylint: disable=protected-access
+  recs = np.zeros(3, np.dtype([("x", np.int32)]))
+  writer.write(recs[:2])                                            # shard 0 complete
+
+  def open_then_interrupt(path, mode):
+    with open(path, mode):   # the file exists, the caller never gets it
+      pass
+    raise KeyboardInterrupt
+  monkeypatch.setattr(binary, "open", open_then_interrupt, raising=False)
+  with pytest.raises(KeyboardInterrupt):
+    writer.write(recs[2:])
+  assert sorted(os.listdir(tmp_path)) == ["shard-00000.bin", "shard-00001.bin"]
+  writer.discard()
+  assert os.listdir(tmp_path) == []

@@ -130,7 +130,7 @@ def test_interrupted_run_leaves_no_shards(tmp_path, sig):
       while not (out / "shard-00001.bin").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
       assert (out / "shard-00001.bin").exists()
-      proc.send_signal(sig)   # while it waits for more input
+      proc.send_signal(sig)   # while it writes shards or waits for more input
       _, err = proc.communicate(timeout=60)
   finally:
     proc.kill()
