@@ -493,8 +493,8 @@ class CheckpointManager:
                         f"{manifest['contents']}); pass initial values (arrays) for them in "
                         "`target`")
     state["emb"] = emb
-    host = offloaded_lib.stored_tables(step_dir / TABLES, stored_index,
-                                       sorted(set(now) - set(then)), with_opt, str(step_dir))
+    host = offloaded_lib.host_tables(step_dir / TABLES, stored_index, snapshot, now, then,
+                                     collection.optimizer, with_opt, str(step_dir))
     return Restored(state, json_items[DATA_STATE] or {}, meta, host)
 
   def _abstract_dense(self, manifest, collection, target, step_dir) -> dict:

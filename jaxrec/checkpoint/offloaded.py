@@ -157,6 +157,35 @@ class StoredTable:
         store.write_block(name, start, block)
 
 
+def host_tables(tables_dir, index: Mapping, snapshot: Mapping, now: Mapping, then: Mapping,
+                optimizer, with_opt: bool, where: str) -> dict[str, StoredTable]:
+  """`Restored.host_tables`: the tables offloaded now that the checkpoint holds whole
+  (`stored_tables`), and those offloaded then too whose snapshot arrays their store cannot
+  take as they are (`from_snapshot`)."""
+  host = stored_tables(tables_dir, index, sorted(set(now) - set(then)), with_opt, where)
+  host.update(from_snapshot(snapshot, {n: now[n] for n in now if n in then}, optimizer,
+                            with_opt, where))
+  return host
+
+
+def from_snapshot(snapshot: Mapping[str, ts.TensorStore], specs: Mapping[str, Any],
+                  optimizer, with_opt: bool, where: str) -> dict[str, StoredTable]:
+  """`{table: StoredTable}` of the offloaded tables (`specs`) whose arrays in `snapshot`
+  (`snapshot_arrays`) differ from what their store holds: a narrower dtype (bfloat16 saved,
+  float32 now: written widened) or no optimizer state (e.g. SGD then, Adagrad now: it
+  starts fresh, as on the device). The others are linked from the snapshot as they are."""
+  from jaxrec.offload.store import TABLE  # pylint: disable=import-outside-toplevel
+  out = {}
+  for table, spec in specs.items():
+    want = {TABLE: spec.dtype, **{STORE_OPT + k: "float32" for k in optimizer.state_layout()}}
+    have = {k: snapshot[stored_name(table, k)] for k in want
+            if stored_name(table, k) in snapshot and (k == TABLE or with_opt)}
+    if set(have) != set(want) or any(a.dtype.numpy_dtype.name != want[k]
+                                     for k, a in have.items()):
+      out[table] = StoredTable(table, f"the offload snapshot of {where}", have)
+  return out
+
+
 def stored_tables(tables_dir, index: Mapping, tables: Iterable[str], with_opt: bool,
                   where: str) -> dict[str, StoredTable]:
   """`{table: StoredTable}` of `tables` in the checkpoint's `embeddings` item `tables_dir`
