@@ -180,6 +180,16 @@ def _not_around(output, checkpoint_dir) -> None:
                       "checkpoint directory of its own, e.g. W2/checkpoints")
 
 
+def _not_a_workdir(output) -> None:
+  """Refuses a checkpoint `--output` that is a run's directory (it holds `checkpoints/`):
+  `--output=W2` for `W2/checkpoints` put the step directory beside W2/checkpoints, where no
+  run reads it, and train.py refused W2 from then on (a checkpoint directory)."""
+  inner = epath.Path(output) / "checkpoints"
+  if inner.is_dir():
+    raise ConfigError(f"--output {output} is a run's directory (it holds {inner}): "
+                      f"checkpoints go into its checkpoint directory, --output={inner}")
+
+
 def _mkdir(path) -> None:
   try:
     epath.Path(path).mkdir(parents=True, exist_ok=True)
@@ -378,6 +388,7 @@ def export_checkpoint(checkpoint_dir, output, step: int | None = None,
   output = epath.Path(output)
   _outside(output, checkpoint_dir)
   _not_around(output, checkpoint_dir)
+  _not_a_workdir(output)
   if output.exists() and not output.is_dir():
     raise ConfigError(f"--output {output} is a file; --format=checkpoint writes a directory")
   step_dir, step = _select_step(checkpoint_dir, step)
@@ -499,6 +510,7 @@ def import_torchrec(npz_path, output, step: int = 0) -> list[str]:
       raise
     raise DataError(f"--torchrec_npz: {npz_path} is not a readable npz file "
                     f"({_first_line(e)})") from None
+  _not_a_workdir(output)
   _mkdir(output)
   with CheckpointManager(output, max_to_keep=None, async_save=False) as mgr:
     if step in mgr.all_steps():
