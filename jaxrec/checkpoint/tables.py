@@ -300,8 +300,10 @@ def check_compatible(index: Mapping, collection, where: str,
   names = {t.name for t in collection.tables}
   if have_tables != names:
     raise ConfigError(f"checkpoint {where} has tables {sorted(have_tables)} but the "
-                      f"configuration has {sorted(names)} (missing: "
-                      f"{sorted(names - have_tables)}, extra: {sorted(have_tables - names)})")
+                      f"configuration has {sorted(names)} (not in the checkpoint: "
+                      f"{sorted(names - have_tables)}, not in the configuration: "
+                      f"{sorted(have_tables - names)}): a resume restores the checkpoint's "
+                      "tables, no others; configure those, or start a fresh --workdir")
   for t in [(specs or {}).get(t.name, t) for t in collection.tables]:
     theirs, ours = of_table(stored, t.name), of_table(want, t.name)
     if _stored_int8_for_float(theirs, ours, t.name):
