@@ -43,6 +43,7 @@ from jaxrec.checkpoint import canonical as canonical_lib
 from jaxrec.checkpoint import dequantized as dequantized_lib
 from jaxrec.checkpoint.canonical import fingerprint_np
 from jaxrec.embedding import layout as layout_lib
+from jaxrec.embedding import optimizers as optimizers_lib
 from jaxrec.errors import ConfigError
 
 # jaxrec's logger: scripts/train.py shows its INFO lines (absl's only from WARNING up).
@@ -279,6 +280,29 @@ def _refuse_quantizing(theirs: Mapping, ours: Mapping, spec, where: str) -> None
                       f"table's dtype as {stored[1]} (TableSpec.dtype, e.g. uniform_tables.dtype)")
 
 
+def _shape_hint(theirs: Mapping, table: str) -> str:
+  """What to do about a table whose stored rows or dim differ from the configuration."""
+  stored = theirs.get(table_name(table)) or theirs.get(table_name(table, "q"))
+  shape = f"[{stored[0][0]}, {stored[0][1]}]" if stored and len(stored[0]) == 2 else "its shape"
+  return (f": a resume cannot change a table's rows or dim (no conversion does); configure "
+          f"the checkpoint's {shape} (e.g. uniform_tables.rows / .dim), or start a fresh "
+          "--workdir")
+
+
+def _optimizer_hint(have_opt: Mapping, optimizer) -> str:
+  """What to do about stored sparse optimizer state the configured optimizer cannot take:
+  name the optimizer whose state it is, when one fits."""
+  stored = {n.split("/", 2)[2]: "element" if len(s) == 2 else "row"
+            for n, (s, _) in have_opt.items()}
+  saved = [cls.__name__ for cls in optimizers_lib.OPTIMIZERS.values()
+           if {k: per for k, (per, _) in cls().state_layout().items()} == stored]
+  if saved == [type(optimizer).__name__]:   # the same optimizer: its state's dtype differs
+    return ""
+  what = f" (ExperimentConfig.sparse_optimizer = @{saved[0]}())" if saved else ""
+  return (f": a resume does not convert sparse optimizer state (only a checkpoint without "
+          f"any starts it fresh); configure the optimizer it was saved with{what}, or start a fresh --workdir")
+
+
 def check_compatible(index: Mapping, collection, where: str,
                      specs: Mapping[str, Any] | None = None) -> bool:
   """Raises ConfigError unless the stored tables fit the collection's (same arrays and
@@ -318,7 +342,7 @@ def check_compatible(index: Mapping, collection, where: str,
     if set(theirs) != set(ours) or any(theirs[n][0] != ours[n][0] for n in ours):
       have = ", ".join(f"{n} {list(s)} {d}" for n, (s, d) in sorted(theirs.items()))
       raise ConfigError(f"table '{t.name}': checkpoint {where} has {have}; the configuration "
-                        f"has [{t.rows}, {t.dim}] {t.dtype}")
+                        f"has [{t.rows}, {t.dim}] {t.dtype}{_shape_hint(theirs, t.name)}")
     narrow = sorted(n for n in ours if not widens(theirs[n][1], ours[n][1]))
     if narrow:
       have, need = theirs[narrow[0]][1], ours[narrow[0]][1]
@@ -339,7 +363,7 @@ def check_compatible(index: Mapping, collection, where: str,
     raise ConfigError(f"checkpoint {where} has sparse optimizer state that does not fit the "
                       f"configured {type(collection.optimizer).__name__} (first difference: "
                       f"'{first}': checkpoint {have_opt.get(first)}, optimizer needs "
-                      f"{want_opt.get(first)})")
+                      f"{want_opt.get(first)}){_optimizer_hint(have_opt, collection.optimizer)}")
   return bool(have_opt)
 
 

@@ -2,10 +2,12 @@
 A table this run offloads is checked whole (`specs`), not as its device cache."""
 
 import dataclasses
+import re
 
 import pytest
 
 from jaxrec.checkpoint import tables as tables_lib
+from jaxrec.embedding import optimizers
 from jaxrec.errors import ConfigError
 from tests.checkpoint import ckpt_helpers as h
 
@@ -24,7 +26,10 @@ def test_rows_that_differ_name_the_table():
   coll = h.collection("rw", 8)          # t0 has 13 rows here
   for rows in (4, 100):
     with pytest.raises(ConfigError, match=r"table 't0': checkpoint W/7 has tables/t0 "
-                       rf"\[{rows}, 8\] float32; the configuration has \[13, 8\] float32$"):
+                       rf"\[{rows}, 8\] float32; the configuration has \[13, 8\] float32: a resume "
+                       rf"cannot change a table's rows or dim \(no conversion does\); configure "
+                       rf"the checkpoint's \[{rows}, 8\] \(e\.g\. uniform_tables\.rows / \.dim\), "
+                       r"or start a fresh --workdir$"):
       tables_lib.check_compatible(_index(coll, rows), coll, "W/7")
 
 
@@ -34,5 +39,37 @@ def test_an_offloaded_table_is_checked_whole():
   whole = {"t0": dataclasses.replace(t0, rows=100)}
   assert tables_lib.check_compatible(_index(coll, 100), coll, "W/7", whole) is True
   with pytest.raises(ConfigError, match=r"tables/t0 \[13, 8\] float32; the configuration "
-                     r"has \[100, 8\] float32$"):
+                     r"has \[100, 8\] float32: .* configure the checkpoint's \[13, 8\]"):
     tables_lib.check_compatible(_index(coll, 13), coll, "W/7", whole)
+
+
+def test_a_changed_dim_says_what_to_do():
+  coll = h.collection("rw", 8)
+  with pytest.raises(ConfigError, match=r"configuration has \[13, 4\] float32: a resume cannot "
+                     r"change a table's rows or dim .* configure the checkpoint's \[13, 8\] .*"
+                     r"or start a fresh --workdir$"):
+    tables_lib.check_compatible({"arrays": {
+        n: {"shape": list(s), "dtype": d}
+        for n, (s, d) in tables_lib.stored_arrays(coll).items()}},
+        h.collection("rw", 8, dim=4), "W/7")
+
+
+@pytest.mark.parametrize("saved, now, fix", [
+    (optimizers.Adagrad(), optimizers.SGD(), "@Adagrad()"),
+    (optimizers.Adagrad(), optimizers.RowWiseAdagrad(), "@Adagrad()"),
+    (optimizers.Adam(), optimizers.FTRL(), "@Adam()")])
+def test_a_refused_optimizer_change_says_what_to_do(saved, now, fix):
+  index = {"arrays": {n: {"shape": list(s), "dtype": d} for n, (s, d) in
+                      tables_lib.stored_arrays(h.collection("rw", 8, optimizer=saved)).items()}}
+  with pytest.raises(ConfigError, match=rf"configured {type(now).__name__} .*: a resume does "
+                     r"not convert sparse optimizer state \(only a checkpoint without any "
+                     r"starts it fresh\); configure the optimizer it was saved with "
+                     rf"\(ExperimentConfig\.sparse_optimizer = {re.escape(fix)}\), or start a fresh "
+                     r"--workdir$"):
+    tables_lib.check_compatible(index, h.collection("rw", 8, optimizer=now), "W/7")
+
+
+def test_a_checkpoint_without_optimizer_state_starts_it_fresh():
+  index = {"arrays": {n: {"shape": list(s), "dtype": d} for n, (s, d) in tables_lib.stored_arrays(
+      h.collection("rw", 8, optimizer=optimizers.SGD())).items()}}
+  assert tables_lib.check_compatible(index, h.collection("rw", 8), "W/7") is False
