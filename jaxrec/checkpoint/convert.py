@@ -96,12 +96,30 @@ def _select_step(checkpoint_dir, step: int | None) -> tuple[epath.Path, int]:
       if gone:   # not corrupt: deleted while checked
         raise _vanished(mgr.step_dir(gone[-1])) from None
       raise
+    _snapshot_found(mgr, step)
   elif step not in steps:
     raise CheckpointError(f"no checkpoint for step {step} in {checkpoint_dir} (steps: "
                           f"{steps}){_hint(checkpoint_dir, step)}")
   else:
     _check(mgr.step_dir(step), step=step)
   return mgr.step_dir(step), int(step)
+
+
+def _snapshot_found(mgr, step: int) -> None:
+  """Refuses the latest valid `step` when its offload snapshot is missing, naming the
+  step before it that a training restore would fall back to (if any)."""
+  try:
+    offloaded_lib.snapshot_of(mgr.step_dir(step))
+  except CheckpointError as e:
+    for s in reversed([s for s in mgr.all_steps() if s < step]):
+      try:
+        storage.check_step(mgr.step_dir(s), step=s)
+        offloaded_lib.snapshot_of(mgr.step_dir(s))
+      except Exception:  # pylint: disable=broad-except
+        continue
+      raise CheckpointError(f"{e}; a training restore falls back to the step before: export "
+                            f"that one with --step={s}") from None
+    raise CheckpointError(f"{e}; no earlier step is valid either") from None
 
 
 def _hint(checkpoint_dir, step: int | None = None) -> str:
