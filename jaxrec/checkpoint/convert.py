@@ -532,7 +532,8 @@ def import_torchrec(npz_path, output, step: int = 0) -> list[str]:
   _mkdir(output)
   with CheckpointManager(output, max_to_keep=None, async_save=False) as mgr:
     if step in mgr.all_steps():
-      raise ConfigError(f"{mgr.step_dir(step)} already exists")
+      raise ConfigError(f"{mgr.step_dir(step)} already exists: pass --step="
+                        f"{mgr.latest_step() + 1} (the import's step) or a fresh --output")
     if mgr.all_steps() and mgr.latest_step() > step:   # a run resumes from the newest
       raise ConfigError(f"{output} holds step {mgr.latest_step()}, which a run would resume "
                         f"from instead of the import: pass --step={mgr.latest_step() + 1} or "

@@ -9,6 +9,7 @@ import pytest
 
 from jaxrec.checkpoint import CheckpointError, CheckpointManager, convert
 from jaxrec.embedding.specs import TableSpec
+from jaxrec.errors import ConfigError
 from tests.checkpoint import ckpt_helpers as h
 
 
@@ -43,3 +44,17 @@ def test_latest_without_its_snapshot_names_the_step_before(tmp_path):
   with pytest.raises(CheckpointError, match=r"no offload snapshot of step 5 .*; no earlier "
                      r"step is valid either$"):
     convert.export_checkpoint(tmp_path / "w" / "checkpoints", tmp_path / "w2" / "checkpoints")
+
+
+def test_import_onto_an_existing_step_names_the_flags(tmp_path):
+  """It said only '<dir>/<step> already exists'."""
+  coll = h.collection("rw", 8)
+  npz = tmp_path / "ebc.npz"
+  np.savez(npz, **{f"embedding_bags.{t.name}.weight": np.zeros((t.rows, t.dim), np.float32)
+                   for t in coll.tables})
+  out = tmp_path / "w" / "checkpoints"
+  convert.import_torchrec(npz, out, step=2)
+  with pytest.raises(ConfigError, match=rf"^{out}/2 already exists: pass --step=3 \(the "
+                     r"import's step\) or a fresh --output$"):
+    convert.import_torchrec(npz, out, step=2)
+  assert convert.import_torchrec(npz, out, step=3)
