@@ -28,6 +28,7 @@ and never silently exports corrupt data.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -301,6 +302,28 @@ class _Verifier:
                             "check: the checkpoint is corrupt; pick another --step")
 
 
+def _dirs_removed_on_error(fn):
+  """Decorates a conversion taking `(source, output, ...)`: when it fails, removes the
+  directories it created for `output` (the top-most of them, e.g. W2 for W2/checkpoints,
+  and every empty directory below it); files are never removed here."""
+  @functools.wraps(fn)
+  def wrapped(source, output, *args, **kwargs):
+    path = os.path.abspath(os.fspath(output))
+    top = None
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+      top, path = path, os.path.dirname(path)
+    try:
+      return fn(source, output, *args, **kwargs)
+    except BaseException:
+      if top is not None and os.path.isdir(top) and not os.path.islink(top):
+        for d, _, _ in list(os.walk(top, topdown=False)):
+          with contextlib.suppress(OSError):   # not empty: something else wrote there
+            os.rmdir(d)
+      raise
+  return wrapped
+
+
+@_dirs_removed_on_error
 def export_npz(checkpoint_dir, output, step: int | None = None) -> int:
   """Writes checkpoint `step` (default: latest valid) as one `.npz`; returns the step.
 
@@ -331,6 +354,7 @@ def _write_npz(tmp, step_dir, step):
       np.lib.format.write_array(f, np.array(json.dumps(_metadata(step_dir, step))))
 
 
+@_dirs_removed_on_error
 def export_zarr(checkpoint_dir, output, step: int | None = None) -> int:
   """Writes checkpoint `step` as a directory of tensorstore zarr (v2) arrays, one per
   exported name, plus `metadata.json`; returns the step."""
@@ -391,6 +415,7 @@ def parse_mesh(spec: str) -> dict[str, int]:
   return parse_mesh_spec(spec, math.prod(sizes) if sizes else 1)
 
 
+@_dirs_removed_on_error
 def export_checkpoint(checkpoint_dir, output, step: int | None = None,
                       mesh_shape: Mapping[str, int] | None = None, plan: str | None = None,
                       restart_data: bool = False) -> tuple[int, str]:
@@ -508,6 +533,7 @@ def _read_torchrec(npz_path) -> dict[str, np.ndarray]:
   return tables
 
 
+@_dirs_removed_on_error
 def import_torchrec(npz_path, output, step: int = 0) -> list[str]:
   """Imports the tables of a TorchRec `EmbeddingBagCollection` state_dict (saved as npz
   by `third_party/torchrec_export`) as checkpoint `step` in directory `output`.

@@ -547,6 +547,6 @@ def test_failed_exports_leave_nothing(saved, tmp_path, monkeypatch):
     _fail_rename_to(m, dest / "5")
     with pytest.raises(DataError, match=f"cannot write {dest / '5'}: No space"):
       convert.export_checkpoint(w / "w" / "checkpoints", dest)
-  assert os.listdir(dest) == [] and os.listdir(w / "w2" / "offload_snapshots") == []
+  assert not (w / "w2").exists()   # created for --output, removed with what it held
   convert.export_checkpoint(w / "w" / "checkpoints", dest)
   assert CheckpointManager(dest, read_only=True).all_steps() == [5]

@@ -58,3 +58,21 @@ def test_import_onto_an_existing_step_names_the_flags(tmp_path):
                      r"import's step\) or a fresh --output$"):
     convert.import_torchrec(npz, out, step=2)
   assert convert.import_torchrec(npz, out, step=3)
+
+
+def test_a_failed_conversion_removes_the_directories_it_created(tmp_path):
+  """`--output=W2/checkpoints` of a refused conversion left an empty W2 behind."""
+  snaps = _offloaded_steps(tmp_path / "w", [3])
+  f = max((p for p in (snaps / "3").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  f.write_bytes(f.read_bytes()[:-1])   # a damaged array file: found, then refused
+  src = tmp_path / "w" / "checkpoints"
+  for fn, out in [(convert.export_checkpoint, tmp_path / "w2" / "checkpoints"),
+                  (convert.export_npz, tmp_path / "w2" / "e" / "a.npz"),
+                  (convert.export_zarr, tmp_path / "w2" / "z")]:
+    with pytest.raises(CheckpointError, match="pick another --step"):
+      fn(src, out)
+    assert not (tmp_path / "w2").exists(), fn
+  (tmp_path / "w3").mkdir()
+  with pytest.raises(CheckpointError, match="pick another --step"):
+    convert.export_checkpoint(src, tmp_path / "w3" / "checkpoints")
+  assert os.listdir(tmp_path / "w3") == []   # it existed before: kept
