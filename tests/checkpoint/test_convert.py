@@ -435,7 +435,7 @@ def test_unreadable_checkpoint_is_an_error(saved, tmp_path):
      "'embedding_bags.t.weight' has dtype float64, which no table can have"),
     ({"embedding_bags.t.weight": np.ones((4, 2), ml_dtypes.bfloat16)},
      r"ebc.npz: 'embedding_bags.t.weight' has dtype \|V2 \(2-byte raw data, e.g. bfloat16, "
-     "which npz cannot hold\): export the table as float32"),
+     r"which npz cannot hold\): export the table as float32"),
     ({"embedding_bags.t.weight": np.ones((0, 2), np.float32)}, r"shape \(0, 2\)"),
     ({"embedding_bags.t.weight": np.array([[1, 2], [3, np.nan], [np.inf, 0]], np.float32)},
      r"'embedding_bags.t.weight' holds 2 NaN/inf values in 2 rows \(first: row 1\)"),
