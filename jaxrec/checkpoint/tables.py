@@ -300,7 +300,8 @@ def _optimizer_hint(have_opt: Mapping, optimizer) -> str:
     return ""
   what = f" (ExperimentConfig.sparse_optimizer = @{saved[0]}())" if saved else ""
   return (f": a resume does not convert sparse optimizer state (only a checkpoint without "
-          f"any starts it fresh); configure the optimizer it was saved with{what}, or start a fresh --workdir")
+          f"any starts it fresh); configure the optimizer it was saved with{what}, or start "
+          "a fresh --workdir")
 
 
 def check_compatible(index: Mapping, collection, where: str,

@@ -17,8 +17,8 @@ Readers memory-map the shards: example `i` is one fixed-size read, so any permut
 cheap and each process touches only the examples it takes. On open the reader checks the
 manifest against the configured features (count, bag sizes, weights, row counts; a feature
 stored one-hot cannot be read multi-hot: their empty fields differ), that each shard
-`file` is a name inside DIR (not a path), and each shard's size and sha256; any mismatch raises `DataError`. A shard whose sha256 matched is
-recorded in `DIR/.verified.json` with its size, mtime and inode, and later opens skip
+`file` is a name inside DIR (not a path), and each shard's size and sha256; any mismatch
+raises `DataError`. A shard whose sha256 matched is recorded in `DIR/.verified.json` with its size, mtime and inode, and later opens skip
 hashing it while those are unchanged (hashing a Criteo-1TB-sized dataset takes minutes, on
 every open by every process); a read-only directory is hashed on every open.
 """
