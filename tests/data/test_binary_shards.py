@@ -192,28 +192,32 @@ def test_sources_are_grain_data_sources(dataset):
   assert len(src) == 300 and len(synthetic.SyntheticSource(lay)) > 2**60
 
 
+def _open_error(out, lay, edit) -> str:
+  """The `DataError` message of opening dataset `out` after `edit(manifest)`."""
+  _corrupt_manifest(out, edit)
+  with pytest.raises(DataError) as e:
+    binary.BinarySource(out, lay)
+  return str(e.value)
+
+
 @pytest.mark.parametrize("name", ["/etc/hostname", "../bin/shard-00000.bin", "sub/shard-00000.bin",
                                   "..", ".", ""])
 def test_shard_files_must_be_names_inside_the_directory(dataset, name):
   """An absolute or `../` shard path read a file outside the dataset; only the size check
   caught it."""
   _, out, lay = dataset
-  _corrupt_manifest(out, lambda m: m["shards"][1].update(file=name))
-  with pytest.raises(DataError) as e:
-    binary.BinarySource(out, lay)
-  assert str(e.value) == (f"{os.path.join(out, binary.MANIFEST)}: shard 1: file '{name}' must "
-                          "be a name inside the dataset directory"), e.value
+  message = _open_error(out, lay, lambda m: m["shards"][1].update(file=name))
+  assert message == (f"{os.path.join(out, binary.MANIFEST)}: shard 1: file '{name}' must be a "
+                     "name inside the dataset directory"), message
 
 
 @pytest.mark.parametrize("rows", [0, -5])
 def test_feature_rows_must_be_positive(dataset, rows):
   """`rows: 0` was accepted (`0 % rows == 0` passed the table check)."""
   _, out, lay = dataset
-  _corrupt_manifest(out, lambda m: m["features"][3].update(rows=rows))
-  with pytest.raises(DataError) as e:
-    binary.BinarySource(out, lay)
-  assert str(e.value) == (f"{os.path.join(out, binary.MANIFEST)}: feature f3: rows is {rows}, "
-                          "must be positive"), e.value
+  message = _open_error(out, lay, lambda m: m["features"][3].update(rows=rows))
+  assert message == (f"{os.path.join(out, binary.MANIFEST)}: feature f3: rows is {rows}, must "
+                     "be positive"), message
 
 
 def test_a_signal_right_after_a_shard_is_opened_leaves_no_file(tmp_path, monkeypatch):
