@@ -131,9 +131,10 @@ def _sparse_optimizer(optimizer):
   """The sparse optimizer object `optimizer` names (offload caches are sized by its state)."""
   from jaxrec.embedding import optimizers  # pylint: disable=import-outside-toplevel
   from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from jaxrec.planner.cost_model import optimizer_key  # pylint: disable=import-outside-toplevel
   if hasattr(optimizer, "state_layout"):
     return optimizer
-  key = str(optimizer).strip().lower().replace("-", "_")
+  key = optimizer_key(str(optimizer))
   if key not in optimizers.OPTIMIZERS:
     raise ConfigError(f"--optimizer: with offloaded tables give a name "
                       f"({', '.join(optimizers.OPTIMIZERS)}), not '{optimizer}'")

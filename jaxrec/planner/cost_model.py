@@ -131,19 +131,25 @@ def optimizer_state(spec) -> OptimizerState:
     per = [p for p, _ in spec.state_layout().values()]
     return OptimizerState(float(per.count("element")), float(per.count("row")),
                           type(spec).__name__ == "SGD")
+  factor, shown = spec, spec
   if isinstance(spec, str):
-    key = spec.strip().lower().replace("-", "_")
+    key = optimizer_key(spec)
     if key in OPTIMIZER_STATES:
       return OPTIMIZER_STATES[key]
     try:
-      spec = float(spec.strip())   # not `key`: '-' became '_' there ('1e-3', '-1')
+      factor, shown = float(spec.strip()), f"'{spec}'"   # not `key`: '-' became '_' there
     except ValueError:
       raise ConfigError(f"unknown optimizer '{spec}' (known: {', '.join(OPTIMIZER_STATES)}, "
                         "or a factor of the table size >= 0)") from None
-  if not (math.isfinite(spec) and spec >= 0):   # inf overflowed later, nan passed `< 0`
-    raise ConfigError(f"optimizer state factor must be a finite number >= 0 (0: sgd, 1: "
-                      f"adagrad, 2: adam), got {spec}")
-  return OptimizerState(float(spec), 0.0, float(spec) == 0)
+  if not (math.isfinite(factor) and factor >= 0):   # inf overflowed later, nan passed `< 0`
+    raise ConfigError(f"a factor of the table size must be a finite number >= 0 (0: sgd, 1: "
+                      f"adagrad, 2: adam), got {shown}")
+  return OptimizerState(float(factor), 0.0, float(factor) == 0)
+
+
+def optimizer_key(name: str) -> str:
+  """An optimizer name as `OPTIMIZER_STATES` spells it (`Rowwise-Adagrad` -> `rowwise_adagrad`)."""
+  return name.strip().lower().replace("-", "_")
 
 
 def dedups(opt: OptimizerState, dtype: str, kernel: str = "xla", option="auto") -> bool:

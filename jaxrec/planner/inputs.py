@@ -31,22 +31,17 @@ def parse_mesh(spec: str, num_devices: int | None = None, flag: str = "--mesh"
 
 def parse_optimizer(value: str, flag: str = "--optimizer") -> str | float:
   """An optimizer name of `cost_model.OPTIMIZER_STATES` (normalised) or a finite factor
-  >= 0 of the table size; `ConfigError` naming `flag` otherwise (an empty value too)."""
-  names = ", ".join(cm.OPTIMIZER_STATES)
+  >= 0 of the table size (`cost_model.optimizer_state` checks it); `ConfigError` naming
+  `flag` otherwise (an empty value too)."""
   if not value.strip():
-    raise ConfigError(f"{flag}: empty; give {names} or a factor of the table size (e.g. 1)")
-  key = value.strip().lower().replace("-", "_")
-  if key in cm.OPTIMIZER_STATES:
-    return key
+    raise ConfigError(f"{flag}: empty; give {', '.join(cm.OPTIMIZER_STATES)} or a factor of "
+                      "the table size (e.g. 1)")
   try:
-    factor = float(value.strip())
-  except ValueError:
-    raise ConfigError(f"{flag}: unknown optimizer '{value}' (known: {names}, or a factor "
-                      "of the table size >= 0)") from None
-  if not (math.isfinite(factor) and factor >= 0):
-    raise ConfigError(f"{flag}: a factor of the table size must be a finite number >= 0 (0: "
-                      f"sgd, 1: adagrad, 2: adam), got '{value}'")
-  return factor
+    cm.optimizer_state(value)
+  except ConfigError as e:
+    raise ConfigError(f"{flag}: {e}") from None
+  key = cm.optimizer_key(value)
+  return key if key in cm.OPTIMIZER_STATES else float(value.strip())
 
 
 @dataclasses.dataclass(frozen=True)
