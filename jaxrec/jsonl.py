@@ -18,8 +18,9 @@ _LOG = logging.getLogger(__name__)
 _BLOCK = 1 << 16
 
 
-def repair_tail(path: str | os.PathLike) -> None:
-  """Makes `path` (if it exists) end with a newline, dropping an incomplete last line."""
+def repair_tail(path: str | os.PathLike, drop_torn: bool = True) -> None:
+  """Makes `path` (if it exists) end with a newline, dropping an incomplete last line; with
+  `drop_torn=False` any last line is ended instead (a reader's byte offsets count it)."""
   try:
     size = os.path.getsize(path)
   except FileNotFoundError:
@@ -29,6 +30,9 @@ def repair_tail(path: str | os.PathLike) -> None:
   with open(path, "rb+") as f:
     f.seek(size - 1)
     if f.read(1) == b"\n":
+      return
+    if not drop_torn:   # line readers skip it as a line that does not parse
+      f.write(b"\n")
       return
     start, pos = 0, size          # start of the last line: after the last newline
     while pos > 0:

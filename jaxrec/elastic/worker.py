@@ -34,6 +34,8 @@ import sys
 import time
 from typing import Mapping
 
+from jaxrec import jsonl
+
 ENV_COORDINATOR = "JAXREC_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAXREC_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAXREC_PROCESS_ID"
@@ -93,13 +95,8 @@ def _open_progress(path: str):
   is ended first, or this process's first record would be glued onto it (and both skipped
   by every line reader). Not truncated: the supervisor's read offsets count its bytes."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  f = open(path, "a")
-  if f.tell() > 0:
-    with open(path, "rb") as r:
-      r.seek(-1, os.SEEK_END)
-      if r.read(1) != b"\n":
-        f.write("\n")
-  return f
+  jsonl.repair_tail(path, drop_torn=False)
+  return open(path, "a")
 
 
 _WORKER: _Worker | None = None
