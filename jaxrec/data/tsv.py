@@ -115,8 +115,9 @@ def _glob_files(pattern: str) -> list[str]:
 
 
 def read_chunks(path: str, chunk_bytes: int = CHUNK_BYTES,
-                max_line_bytes: int | None = None) -> Iterator[bytes]:
-  """Decompressed content of `path` in chunks of whole lines (each ends with `\\n`).
+                max_line_bytes: int | None = None) -> Iterator[tuple[int, bytes]]:
+  """Decompressed content of `path` in chunks of whole lines (each ends with `\\n`), as
+  `(number of the chunk's first line, chunk)` (1-based).
 
   Linear in the file size whatever its line lengths; a line still without a newline after
   `max_line_bytes` (default `MAX_LINE_BYTES`) raises `DataError` naming file and line.
@@ -133,8 +134,8 @@ def read_chunks(path: str, chunk_bytes: int = CHUNK_BYTES,
       cut = data.rfind(b"\n") + 1
       if cut:
         chunk = b"".join(pieces + [data[:cut]])
+        yield line, chunk
         line += chunk.count(b"\n")
-        yield chunk
         pieces, held = [data[cut:]], len(data) - cut
       else:
         pieces.append(data)
@@ -143,7 +144,7 @@ def read_chunks(path: str, chunk_bytes: int = CHUNK_BYTES,
         raise DataError(f"{path}:{line}: a line longer than {limit} bytes (no newline in its "
                         f"first {limit} bytes): not Criteo TSV")
     if held:
-      yield b"".join(pieces) + b"\n"
+      yield line, b"".join(pieces) + b"\n"
 
 
 def _blocks(path: str, stream, chunk_bytes: int) -> Iterator[bytes]:
@@ -465,11 +466,9 @@ class BadRowPolicy:
 def iter_file(path: str, parser: Parser, policy: BadRowPolicy,
               chunk_bytes: int = CHUNK_BYTES) -> Iterator[Batch]:
   """Parsed batches (one per chunk) of the good rows of one file, in order."""
-  line = 1
-  for chunk in read_chunks(path, chunk_bytes):
+  for line, chunk in read_chunks(path, chunk_bytes):
     batch, bad, msgs = parser.parse(chunk)
     policy.report(path, line, bad, msgs)
-    line += chunk.count(b"\n")
     yield batch
 
 

@@ -263,7 +263,7 @@ def test_a_file_without_newlines_is_read_in_linear_time(tmp_path):
   path = tmp_path / "one_line.txt"
   path.write_bytes(b"x" * (32 << 20))
   start = time.perf_counter()
-  chunks = list(tsv.read_chunks(str(path), chunk_bytes=4096))
+  chunks = [chunk for _, chunk in tsv.read_chunks(str(path), chunk_bytes=4096)]
   assert time.perf_counter() - start < 5
   assert chunks == [b"x" * (32 << 20) + b"\n"]
 
