@@ -18,9 +18,10 @@ cheap and each process touches only the examples it takes. On open the reader ch
 manifest against the configured features (count, bag sizes, weights, row counts; a feature
 stored one-hot cannot be read multi-hot: their empty fields differ), that each shard
 `file` is a name inside DIR (not a path), and each shard's size and sha256; any mismatch
-raises `DataError`. A shard whose sha256 matched is recorded in `DIR/.verified.json` with its size, mtime and inode, and later opens skip
-hashing it while those are unchanged (hashing a Criteo-1TB-sized dataset takes minutes, on
-every open by every process); a read-only directory is hashed on every open.
+raises `DataError`. A shard whose sha256 matched is recorded in `DIR/.verified.json` with
+its size, mtime and inode, and later opens skip hashing it while those are unchanged
+(hashing a Criteo-1TB-sized dataset takes minutes, on every open by every process); a
+read-only directory is hashed on every open.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ class _ShardWriter:
   def write(self, recs: np.ndarray) -> None:
     while len(recs):
       if self._f is None:
-        name = f"shard-{len(self.shards):05d}.bin"   # `_SHARD`
+        name = self._next_name()
         self._f = open(os.path.join(self.output, name), "wb")
         self._hash, self._n, self._name = hashlib.sha256(), 0, name
       take = recs[:self.shard_examples - self._n]
@@ -156,11 +157,15 @@ class _ShardWriter:
       if self._n == self.shard_examples:
         self.close()
 
+  def _next_name(self) -> str:
+    """The file name of the shard after those written (`_SHARD`)."""
+    return f"shard-{len(self.shards):05d}.bin"
+
   def discard(self) -> None:
     """Removes the shards written so far (a failed run: they are not a dataset), the one
     being written included: by its name, which is known before it is opened (a signal
     right after `open` returns raises before `self._f` holds the file)."""
-    names = [s["file"] for s in self.shards] + [f"shard-{len(self.shards):05d}.bin"]
+    names = [s["file"] for s in self.shards] + [self._next_name()]
     if self._f is not None:
       try:
         self._f.close()
