@@ -175,16 +175,10 @@ class EmbeddingCollection:
 
   def dedup(self, l: layout_lib.StackLayout) -> bool:
     """Whether stack `l` deduplicates ids (see `EmbeddingOptions.dedup`)."""
-    allowed = specs.dedup_optional(type(self.optimizer).__name__ == "SGD", l.dtype,
-                                   self.options.kernel)
-    if self.options.dedup == "auto":
-      return not allowed
-    if not self.options.dedup and not allowed:
-      raise ConfigError(f"EmbeddingOptions.dedup=False needs SGD, float32 tables and the xla "
-                        f"kernel; stack '{l.name}' (tables {', '.join(s.name for s in l.slots)})"
-                        f" has {type(self.optimizer).__name__}, "
-                        f"{l.dtype}, kernel {self.options.kernel}")
-    return bool(self.options.dedup)
+    name = type(self.optimizer).__name__
+    return specs.dedups(self.options.dedup, name == "SGD", l.dtype, self.options.kernel,
+                        f"stack '{l.name}' (tables {', '.join(s.name for s in l.slots)}) has "
+                        f"{name}, {l.dtype}, kernel {self.options.kernel}")
 
   def compiler_options(self) -> dict[str, str]:
     """XLA compiler options for a program that updates these tables: pass them to its

@@ -236,6 +236,20 @@ def dedup_optional(linear_optimizer: bool, dtype: str, kernel: str) -> bool:
   return bool(linear_optimizer) and dtype == "float32" and kernel == "xla"
 
 
+def dedups(option, linear_optimizer: bool, dtype: str, kernel: str, what: str) -> bool:
+  """Whether a stack deduplicates its ids under `EmbeddingOptions.dedup` = `option`: for
+  `auto` unless `dedup_optional`, else as forced; `False` where dedup is not optional is a
+  ConfigError ending in `what` (the stack's optimizer, dtype and kernel, as the caller
+  names them). The collection and the planner's cost model both decide by it."""
+  optional = dedup_optional(linear_optimizer, dtype, kernel)
+  if option == "auto":
+    return not optional
+  if not option and not optional:
+    raise ConfigError(f"EmbeddingOptions.dedup=False needs SGD, float32 tables and the xla "
+                      f"kernel; {what}")
+  return bool(option)
+
+
 def validate(tables: Sequence[TableSpec], features: Sequence[FeatureSpec]) -> None:
   """Checks names are unique and every feature names a known table."""
   names = [t.name for t in tables]

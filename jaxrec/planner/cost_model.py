@@ -157,15 +157,10 @@ def dedups(opt: OptimizerState, dtype: str, kernel: str = "xla", option="auto") 
   `EmbeddingOptions.dedup` (`option`) forces, or for `auto` always, except where
   `specs.dedup_optional` allows skipping it (SGD on float32 tables with the XLA kernel:
   duplicates then add up in the update's scatter and the sort is saved). ConfigError for
-  `False` where it is not allowed (the collection refuses it)."""
-  optional = specs.dedup_optional(opt.linear, dtype, kernel)
-  if option == "auto":
-    return not optional
-  if not option and not optional:
-    raise ConfigError(f"EmbeddingOptions.dedup=False needs SGD, float32 tables and the xla "
-                      f"kernel; here: {'SGD' if opt.linear else 'another optimizer'}, "
-                      f"{dtype}, kernel {kernel}")
-  return bool(option)
+  `False` where it is not allowed (the collection refuses it): `specs.dedups`."""
+  return specs.dedups(option, opt.linear, dtype, kernel,
+                      f"here: {'SGD' if opt.linear else 'another optimizer'}, {dtype}, "
+                      f"kernel {kernel}")
 
 
 @dataclasses.dataclass(frozen=True)
