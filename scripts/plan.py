@@ -47,7 +47,8 @@ def _check_flags():
     raise ConfigError("--tables and --gin_file/--gin_bindings: give the tables one way")
   if FLAGS.profile and FLAGS["plan"].present:
     raise ConfigError("--plan: not used with --profile (it proposes a plan from the profile)")
-  _check_plan_flag()
+  from jaxrec.sharding.plan import check_plan_flag  # pylint: disable=import-outside-toplevel
+  check_plan_flag(FLAGS.plan)   # as train.py and launch.py check it
   if FLAGS.batch_size is not None and FLAGS.batch_size <= 0:
     raise ConfigError(f"--batch_size must be positive, got {FLAGS.batch_size}")
   if FLAGS.optimizer is not None:
@@ -70,18 +71,6 @@ def _check_flags():
     raise ConfigError(f"--calibration_file: cannot write '{FLAGS.calibration_file}': a "
                       "file stands where its directory would be")
   _check_outputs_spare_inputs()
-
-
-def _check_plan_flag():
-  """`--plan` as train.py checks it: a kind, `auto`, or a readable plan file."""
-  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
-  # pylint: disable-next=import-outside-toplevel
-  from jaxrec.sharding.plan import KINDS, Plan, is_plan_file
-  if is_plan_file(FLAGS.plan):
-    Plan.load_with_mesh(FLAGS.plan)
-  elif FLAGS.plan != "auto" and FLAGS.plan not in KINDS:
-    raise ConfigError(f"--plan: unknown plan '{FLAGS.plan}' (known: auto, {', '.join(KINDS)}, "
-                      "or a plan .json file)")
 
 
 def _creatable(path: str) -> bool:

@@ -127,14 +127,8 @@ def check_plan_flags(args: TrainArgs) -> None:
   """`--plan` and `--memory_per_device` values no mesh can fix (an unknown kind, an unreadable
   plan file, a size that does not parse) failed every mesh's planning: the job stopped
   'below --min_processes' (exit 2), not with the user error (exit 1)."""
-  # pylint: disable-next=import-outside-toplevel
-  from jaxrec.sharding.plan import KINDS, Plan, is_plan_file
-  plan = str(args.get("plan", "auto"))
-  if is_plan_file(plan):
-    Plan.load_with_mesh(plan)
-  elif plan != "auto" and plan not in KINDS:
-    raise ConfigError(f"--plan: unknown plan '{plan}' (known: auto, {', '.join(KINDS)}, or a "
-                      "plan .json file)")
+  from jaxrec.sharding.plan import check_plan_flag  # pylint: disable=import-outside-toplevel
+  check_plan_flag(str(args.get("plan", "auto")))
   _options(args, "auto")   # parses --memory_per_device
 
 

@@ -196,6 +196,16 @@ def is_plan_file(plan: str) -> bool:
   return plan.endswith(".json") or "/" in plan
 
 
+def check_plan_flag(plan: str) -> None:
+  """ConfigError unless `--plan` is `auto`, a kind, or a plan file that loads (before any
+  planning, which would otherwise fail on every mesh)."""
+  if is_plan_file(plan):
+    Plan.load_with_mesh(plan)
+  elif plan != "auto" and plan not in KINDS:
+    raise ConfigError(f"--plan: unknown plan '{plan}' (known: auto, {', '.join(KINDS)}, or a "
+                      "plan .json file)")
+
+
 def uniform_plan(kind: str, tables: Sequence, table_axis_size: int) -> Plan:
   """Forces `kind` on every table; table-wise kinds spread tables over `table` slices,
   biggest first onto the least-loaded slice (greedy balance by rows x dim)."""
