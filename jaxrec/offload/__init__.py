@@ -6,6 +6,7 @@
   buffer     host write-back buffer (write combining, second read tier)
   device     jitted install / gather / eval-view on the cache rows of the EmbeddingState
   tier       the pipeline: look-ahead planner, fetcher, writer; trainer hooks
+  records    the tier's per-table state and per-batch plan records
   iterator   the wrapped training iterator `tier.wrap` returns
   snapshots  checkpoint snapshots of the stores, per step
   planning   which tables to offload when the plan does not fit device memory

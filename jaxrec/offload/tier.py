@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import atexit
 import collections
-import dataclasses
 import logging
 import queue
 import threading
@@ -63,34 +62,13 @@ from jaxrec.offload.config import OffloadConfig, OffloadError, check_paths, chec
 from jaxrec.offload.device import DeviceOps, cache_places, global_rows, pad_rows, padded
 from jaxrec.offload.evictions import Eviction, newest_in_flight
 from jaxrec.offload.iterator import OffloadIterator
+from jaxrec.offload.records import PlannedBatch, TierTable
 from jaxrec.offload.store import TABLE, TableStore, assemble
 
 _LOG = logging.getLogger(__name__)   # jaxrec's: scripts/train.py shows its INFO lines
 _POLL = 0.05
 _FLUSH_CHUNK = 1 << 18
 _BOUNCE_SOURCES = 2     # evictions an install copies from (a fixed number: one compilation)
-
-
-@dataclasses.dataclass
-class _Table:
-  spec: TableSpec               # the full table
-  store: TableStore
-  cache: CacheMap
-  buffer: HostBuffer
-  features: tuple[str, ...]
-  place: Any
-  resident: np.ndarray          # [cache_rows] row in each slot after the last install (-1)
-
-
-@dataclasses.dataclass
-class _Plan:
-  seq: int
-  batch: Batch
-  data_state: Any
-  payload: dict | None          # device arrays for `DeviceOps.install`, None: nothing new
-  installs: dict                # table -> (slots, rows)
-  evictions: list
-  bounces: list                 # (table, eviction, (src, dst)): rows copied on the device
 
 
 class OffloadTier:
@@ -118,7 +96,7 @@ class OffloadTier:
     optimizer = collection.optimizer
     by_name = {t.name: t for t in tables}
     places = cache_places(collection, {t.name for t in config.tables})
-    self.tables: dict[str, _Table] = {}
+    self.tables: dict[str, TierTable] = {}
     for off in config.tables:
       spec = by_name[off.name]
       cache_rows = off.resolve_cache_rows(spec, optimizer)
@@ -129,7 +107,7 @@ class OffloadTier:
       store = TableStore(spec, off, optimizer, off.resolve_path(workdir))
       shapes = {n: store.array_shape(n)[1:] for n in store.names}
       dtypes = {n: store.array_dtype(n) for n in store.names}
-      self.tables[off.name] = _Table(
+      self.tables[off.name] = TierTable(
           spec, store, CacheMap(off.name, spec.rows, cache_rows),
           HostBuffer(off.name, spec.rows, config.host_buffer_rows, shapes, dtypes),
           tuple(f.name for f in collection.features if f.table == off.name), place,
@@ -346,7 +324,7 @@ class OffloadTier:
     self._base_state = self._source.get_state()
 
   # ============================================================================ planner
-  def _plan_next(self) -> _Plan:
+  def _plan_next(self) -> PlannedBatch:
     """Plans the next batch (see module docstring); runs on the planner thread."""
     t0 = time.perf_counter()
     horizon = self.config.horizon
@@ -395,10 +373,10 @@ class OffloadTier:
             dst, (0, n - len(dst)), constant_values=n).astype(np.int32)))))
     any_new = any(len(rows) for _, rows in installs.values())
     self._stats["plan_s"] += time.perf_counter() - t0
-    return _Plan(seq, raw.replace(ids=ids), data_state,
+    return PlannedBatch(seq, raw.replace(ids=ids), data_state,
                  self.ops.put(payload) if any_new else None, installs, evictions, bounces)
 
-  def _start_read(self, t: _Table, rows: np.ndarray):
+  def _start_read(self, t: TierTable, rows: np.ndarray):
     """Starts fetching the newest values of missing `rows`. Returns the rows to copy on
     the device from evictions still in flight (`[(eviction, src, dst)]`, see
     `_in_flight`) and a function that waits for the others (`{array: [n, ...]}`; the
@@ -420,7 +398,7 @@ class OffloadTier:
       return assemble(t.store, len(rows), [(found_all, buffered), (disk, got)])
     return bounce, result
 
-  def _in_flight(self, t: _Table, rows: np.ndarray):
+  def _in_flight(self, t: TierTable, rows: np.ndarray):
     """Rows whose newest value is in an eviction not yet in the host buffer:
     `([(eviction, src, dst)], late [n] bool)`; the install copies them on the device
     (`evictions.newest_in_flight`; beyond `_BOUNCE_SOURCES` evictions, waits instead)."""
@@ -442,7 +420,7 @@ class OffloadTier:
       found.late[dst] = False
     return [(recs[k], src, dst) for k, src, dst in groups[-_BOUNCE_SOURCES:]], found.late
 
-  def _read_latest(self, t: _Table, rows: np.ndarray) -> dict[str, np.ndarray]:
+  def _read_latest(self, t: TierTable, rows: np.ndarray) -> dict[str, np.ndarray]:
     """Newest host/store values of rows that are not cached (all evictions fetched)."""
     found, buffered = t.buffer.get(rows)
     disk = t.store.read(rows[~found]).result()
@@ -582,7 +560,7 @@ class OffloadTier:
           with self._io_lock:
             self._flush_buffer(t)
 
-  def _flush_buffer(self, t: _Table) -> None:
+  def _flush_buffer(self, t: TierTable) -> None:
     idx, rows, versions, values = t.buffer.take_all()
     if not len(rows):
       return
