@@ -4,12 +4,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxrec.checkpoint import canonical
+from jaxrec.checkpoint import CheckpointManager, canonical
 from jaxrec.embedding import optimizers
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
+from jaxrec.errors import ConfigError
 from jaxrec.sharding.mesh import make_mesh
 from jaxrec.sharding.plan import uniform_plan
 
@@ -121,3 +123,11 @@ def _bits(x):
   if canonical.is_key(x):
     x = jax.random.key_data(x)
   return np.asarray(jax.device_get(x))
+
+
+def assert_restore_refused(path, new, match: str, error=None) -> None:
+  """Restoring checkpoint directory `path` (read-only) into collection `new` raises `error`
+  (default `ConfigError`) matching `match`."""
+  with CheckpointManager(path, read_only=True) as mgr:
+    with pytest.raises(error or ConfigError, match=match):
+      mgr.restore(dense(new.mesh), new)

@@ -10,7 +10,6 @@ import tensorstore as ts
 
 from jaxrec.checkpoint import CheckpointError, CheckpointManager
 from jaxrec.checkpoint import dequantized as dequantized_lib
-from jaxrec.errors import ConfigError
 from jaxrec.kernels import quant
 from tests.checkpoint import ckpt_helpers as h
 from tests.offload.offload_helpers import SMALL_DLRM, logged_lines, train_synthetic
@@ -54,11 +53,9 @@ def test_int8_restores_into_float32(int8_checkpoint, tmp_path, kind, devices):
 def test_int8_into_float16_is_refused(int8_checkpoint):
   path, _, _ = int8_checkpoint
   new = h.collection("rw", 4, dtype="float16")
-  with CheckpointManager(path, read_only=True) as mgr:
-    with pytest.raises(ConfigError, match=r"table 't0': checkpoint .* stores it as int8 \(q, "
-                       r"scale, bias\), which restores into int8 or, dequantised, float32; not "
-                       r"the configured float16"):
-      mgr.restore(h.dense(new.mesh), new)
+  h.assert_restore_refused(path, new, r"table 't0': checkpoint .* stores it as int8 \(q, "
+                           r"scale, bias\), which restores into int8 or, dequantised, float32; "
+                           r"not the configured float16")
 
 
 def test_float_into_int8_is_refused_saying_so(tmp_path):
@@ -68,11 +65,9 @@ def test_float_into_int8_is_refused_saying_so(tmp_path):
   with CheckpointManager(tmp_path) as mgr:
     mgr.save(1, h.train_state(old, step=1), old, force=True)
   new = h.collection("dp", 1, dtype="int8")
-  with CheckpointManager(tmp_path, read_only=True) as mgr:
-    with pytest.raises(ConfigError, match=r"table 't0': checkpoint .* stores it as float16 "
-                       r"\[\d+, \d+\], which a restore does not quantise to the configured int8 "
-                       r".*configure the table's dtype as float16"):
-      mgr.restore(h.dense(new.mesh), new)
+  h.assert_restore_refused(tmp_path, new, r"table 't0': checkpoint .* stores it as float16 "
+                           r"\[\d+, \d+\], which a restore does not quantise to the "
+                           r"configured int8 .*configure the table's dtype as float16")
 
 
 def test_a_damaged_int8_part_falls_back(int8_checkpoint, tmp_path):
