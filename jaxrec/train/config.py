@@ -27,7 +27,7 @@ from jaxrec.kernels.optim import NONNEG, POSITIVE, UNIT, hparam
 
 # Rules for the dense optimizer's numeric options, where its optax maker takes them.
 _DENSE_RULES = {"learning_rate": NONNEG, "b1": UNIT, "b2": UNIT, "eps": POSITIVE,
-                "eps_root": NONNEG, "weight_decay": NONNEG, "momentum": NONNEG,
+                "eps_root": NONNEG, "weight_decay": NONNEG, "momentum": UNIT,
                 "initial_accumulator_value": NONNEG}
 
 

@@ -88,6 +88,10 @@ def test_values_of_the_wrong_kind_name_the_binding(binding, message):
     (["dense_optimizer.name='adam'", "dense_optimizer.eps=0"], "dense_optimizer.eps must be"),
     (["dense_optimizer.betas=0.9"], r"dense_optimizer.betas: optax.sgd takes no such option"),
     (["SGD.lr=-1"], "SGD.lr must be a number >= 0, got -1"),
+    # momentum >= 1 diverges (the trace never decays); < 0 flips the sign of past gradients
+    (["dense_optimizer.momentum=1.0"], r"dense_optimizer.momentum must be a number in \[0, 1\), "
+                                       "got 1.0"),
+    (["dense_optimizer.momentum=-0.5"], r"dense_optimizer.momentum must be a number in \[0, 1\)"),
     (["dense_optimizer.momentum=0.9", "dense_optimizer.nesterov='False'"],
      "dense_optimizer.nesterov must be True or False, got 'False'"),
     (["dense_optimizer.nesterov=True"],
