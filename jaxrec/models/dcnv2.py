@@ -66,7 +66,7 @@ class DCNv2(nn.Module):
   Attributes:
     num_cross_layers: cross layers.
     low_rank: rank of the cross weights, below the width `num_dense + F*D`; `None` = full
-      rank.
+      rank (the only value with `num_cross_layers = 0`).
     deep_mlp: widths of the deep network (ReLU after every layer); may be empty.
     structure: `stacked` or `parallel`.
     dtype: computation dtype (parameters float32, logits float32).
@@ -90,13 +90,16 @@ class DCNv2(nn.Module):
     if self.low_rank is not None and (not is_int(self.low_rank) or self.low_rank <= 0):
       raise ConfigError(f"DCNv2.low_rank must be a positive integer or None, got "
                         f"{self.low_rank!r}")
+    if self.low_rank is not None and self.num_cross_layers == 0:   # as TwoTower's contradictions
+      raise ConfigError(f"DCNv2.low_rank = {self.low_rank} applies to cross layers, but "
+                        "DCNv2.num_cross_layers = 0: bind DCNv2.low_rank = None, or add layers")
     check_sizes("DCNv2.deep_mlp", self.deep_mlp, allow_empty=True)
     dtype = compute_dtype("DCNv2.dtype", self.dtype)
     # float32: the cross network's residual stream uses it as is; each Dense rounds its
     # input to `dtype` for the matmul.
     x0 = jnp.concatenate([dense, emb.reshape(b, f * d)], axis=-1).astype(jnp.float32)
     width = x0.shape[-1]
-    if self.num_cross_layers and self.low_rank is not None and self.low_rank >= width:
+    if self.low_rank is not None and self.low_rank >= width:
       # a [width, r] [r, width] product has rank <= width: full rank, with more parameters
       raise ConfigError(f"DCNv2.low_rank = {self.low_rank} is not below the cross network's "
                         f"width {width} (num_dense {dense.shape[-1]} + {f} features x dim "

@@ -328,6 +328,8 @@ def test_a_width_or_index_that_is_not_a_sequence_names_the_binding(name, kwargs,
     ("dcnv2", dict(low_rank=4.5), r"DCNv2.low_rank must be a positive integer .*4.5"),
     ("dcnv2", dict(low_rank=35), r"DCNv2.low_rank = 35 is not below the cross network's width "
                                  r"35 \(num_dense 3 \+ 4 features x dim 8\).*use None"),
+    ("dcnv2", dict(num_cross_layers=0, low_rank=4), r"DCNv2.low_rank = 4 applies to cross "
+                                                     r"layers, but DCNv2.num_cross_layers = 0"),
     ("two_tower", dict(user_features=(0.5, 1), item_features=(2, 3)),
      r"TwoTower.user_features = \(0.5, 1\)"),
     ("two_tower", dict(user_features=(0, 1), item_features=("2", 3)),
