@@ -16,7 +16,9 @@ from typing import Any
 
 import flax.linen as nn
 import gin
+import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxrec.embedding import optimizers as sparse_optimizers
@@ -60,12 +62,74 @@ def _checked_kinds(name: str, kwargs: dict) -> dict:
   for key in ("mu_dtype", "accumulator_dtype"):
     if kwargs.get(key) is not None:
       kwargs[key] = _float_dtype(f"dense_optimizer.{key}", kwargs[key])
+  if kwargs.get("mask") is not None:
+    kwargs["mask"] = _checked_mask(kwargs["mask"])
   unused = [k for k in ("nesterov", "accumulator_dtype") if kwargs.get(k)]
   if name == "sgd" and kwargs.get("momentum") is None and unused:
     raise ConfigError(f"{', '.join(f'dense_optimizer.{k}' for k in unused)}: applies only "
                       f"with dense_optimizer.momentum (optax.sgd ignores it without); bind "
                       f"a momentum, e.g. dense_optimizer.momentum = 0.9")
   return kwargs
+
+
+def _checked_mask(mask) -> Any:
+  """adamw's `mask` (which parameters decay) as a callable that checks, when the optimizer
+  is initialised (traced, before compiling), that the mask is a pytree of bools whose
+  structure is a prefix of the params'. optax took e.g. `'kernel'` or `1` as a leaf that is
+  true (decaying everything); a mask of other keys was a pytree traceback at init."""
+  if isinstance(mask, type) or not (callable(mask) or _bool_leaves(mask)):
+    raise ConfigError(f"dense_optimizer.mask must be a pytree of True/False (a prefix of the "
+                      f"dense params, e.g. {{'bottom_mlp': True, 'top_mlp': False}}) or "
+                      f"a function of the params returning one, got {reprlib.repr(mask)}")
+
+  def checked(params):
+    what = "dense_optimizer.mask" + ("'s result" if callable(mask) else "")
+    try:
+      tree = mask(params) if callable(mask) else mask
+    except ConfigError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConfigError(f"dense_optimizer.mask: calling {reprlib.repr(mask)} on the dense "
+                        f"params failed: {type(e).__name__}: {e}") from None
+    if not _bool_leaves(tree):
+      raise ConfigError(f"{what} must be a pytree of True/False, got {reprlib.repr(tree)}")
+    wrong = _mismatch(tree, params, "")
+    if wrong:
+      raise ConfigError(f"{what} does not match the dense params (its tree must be a prefix "
+                        f"of theirs): {wrong}")
+    return tree
+  return checked
+
+
+def _mismatch(mask, params, path: str) -> str | None:
+  """Where `mask` is not a prefix of the `params` tree (`path` as `['a']['b']`), or None."""
+  if not isinstance(mask, (dict, list, tuple)):
+    return None   # a bool: it covers the whole subtree
+  at = path or "the top level"
+  if isinstance(mask, dict):
+    if not isinstance(params, dict):
+      return f"{at} is a dict, the params have a {type(params).__name__} there"
+    if set(mask) != set(params):
+      return (f"at {at} the mask has keys {sorted(map(str, mask))}, the params "
+              f"{sorted(map(str, params))}")
+    pairs = [(f"[{k!r}]", mask[k], params[k]) for k in mask]
+  else:
+    if not isinstance(params, (list, tuple)) or len(params) != len(mask):
+      return (f"{at} is a sequence of {len(mask)}, the params have "
+              f"{reprlib.repr(params) if not isinstance(params, dict) else 'a dict'} there")
+    pairs = [(f"[{i}]", m, p) for i, (m, p) in enumerate(zip(mask, params))]
+  for key, m, p in pairs:
+    wrong = _mismatch(m, p, path + key)
+    if wrong:
+      return wrong
+  return None
+
+
+def _bool_leaves(tree) -> bool:
+  """`tree` is a pytree (dicts, lists, tuples) with only bool leaves (or bool arrays)."""
+  leaves = jax.tree.leaves(tree)
+  return bool(leaves) and all(isinstance(x, (bool, np.bool_)) or getattr(x, "dtype", None)
+                              == np.bool_ for x in leaves)
 
 
 def _float_dtype(binding: str, value) -> Any:

@@ -4,6 +4,7 @@ import glob
 import os
 
 import gin
+import numpy as np
 import pytest
 
 from jaxrec import launch
@@ -98,6 +99,11 @@ def test_values_of_the_wrong_kind_name_the_binding(binding, message):
      "dense_optimizer.nesterov: applies only with dense_optimizer.momentum"),
     (["dense_optimizer.accumulator_dtype='bfloat16'"],
      "dense_optimizer.accumulator_dtype: applies only with dense_optimizer.momentum"),
+    # optax took a string or number mask as one true leaf: weight decay on every parameter
+    (["dense_optimizer.name='adamw'", "dense_optimizer.mask='kernel'"],
+     r"dense_optimizer.mask must be a pytree of True/False .* got 'kernel'"),
+    (["dense_optimizer.name='adamw'", "dense_optimizer.mask={'top_mlp': 1}"],
+     r"dense_optimizer.mask must be a pytree of True/False .* got \{'top_mlp': 1\}"),
     (["dense_optimizer.name='adam'", "dense_optimizer.mu_dtype='bf61'"],
      "dense_optimizer.mu_dtype must be a float dtype such as 'float32' or 'bfloat16', got 'bf61'"),
     (["dense_optimizer.name='adam'", "dense_optimizer.mu_dtype='int32'"],
@@ -215,3 +221,26 @@ def test_dense_optimizer_bool_and_dtype_options_that_apply_are_taken():
   for tx in (dense_optimizer("sgd", 0.1, momentum=0.9, nesterov=True, accumulator_dtype="bf16"),
              dense_optimizer("adam", 0.1, mu_dtype="bfloat16", nesterov=False)):
     tx.init(params)
+
+
+def test_an_adamw_mask_of_other_keys_than_the_params_names_the_binding_before_compiling():
+  """A mask must be a prefix of the params' tree; optax raised a pytree traceback at init."""
+  import jax   # pylint: disable=import-outside-toplevel
+  import optax   # pylint: disable=import-outside-toplevel
+  from jaxrec.train import state   # pylint: disable=import-outside-toplevel
+  bindings = ["dense_optimizer.name='adamw'", "dense_optimizer.weight_decay=0.5"]
+  launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")],
+                   bindings + ["dense_optimizer.mask={'bottom': True, 'top_mlp': False}"])
+  config = launch.build(ExperimentConfig)
+  params = state.init_dense(config, jax.random.key(0), 16)
+  with pytest.raises(ConfigError, match=r"dense_optimizer.mask does not match the dense params "
+                     r".*the mask has keys \['bottom', 'top_mlp'\], the params \['bottom_mlp', "
+                     r"'top_mlp'\]"):
+    jax.eval_shape(config.dense_tx().init, params)   # traced, as the trainer does
+  launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")],
+                   bindings + ["dense_optimizer.mask={'bottom_mlp': True, 'top_mlp': False}"])
+  tx = launch.build(ExperimentConfig).dense_tx()
+  want = optax.adamw(0.1, weight_decay=0.5, mask={"bottom_mlp": True, "top_mlp": False})
+  got, _ = tx.update(params, jax.jit(tx.init)(params), params)
+  ref, _ = want.update(params, want.init(params), params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b), got, ref)
