@@ -453,7 +453,7 @@ class CheckpointManager:
     _check_whole_specs(collection, then, now, step_dir)
     stored_index = tables_lib.read_index(step_dir / TABLES)
     saved = tables_lib.saved_fingerprints(step_dir / TABLES)
-    snapshot = offloaded_lib.snapshot_arrays(step_dir, sorted(then), full_check)
+    snapshot = offloaded_lib.snapshot_arrays(step_dir, sorted(then), full_check, own_only=True)
     index = offloaded_lib.with_sources(stored_index, snapshot)
     with_opt = tables_lib.check_compatible(index, collection, str(step_dir), now)
     sources = {n: a for n, a in snapshot.items() if n.split("/")[1] not in now}

@@ -32,7 +32,7 @@ from etils import epath
 
 from jaxrec.checkpoint import storage
 from jaxrec.checkpoint import tables as tables_lib
-from jaxrec.errors import CheckpointError
+from jaxrec.errors import CheckpointError, ConfigError
 
 STORE_OPT = "opt."   # a store's arrays: `offload.store.TABLE` and `opt.<name>`
 REJECTED = "rejected"   # `manager.REJECTED_DIR` and `offload.snapshots.REJECTED`
@@ -63,13 +63,15 @@ def rejected_step(step_dir) -> int | None:
   return None
 
 
-def snapshot_of(step_dir) -> tuple[str, dict] | None:
+def snapshot_of(step_dir, own_only: bool = False) -> tuple[str, dict] | None:
   """`(snapshot path, {table: info})` when checkpoint `step_dir` has offloaded tables
   (their full values are in the offload snapshot of its step), else None. The snapshot is
   looked for in `../offload_snapshots` beside the checkpoint directory (the one the run's
-  offload tier restores from, also in a copied workdir), then in the one recorded at save
-  time; a rejected checkpoint's is under their `rejected/`, by the same name. Raises
-  `CheckpointError` when neither has it."""
+  offload tier restores from, also in a copied workdir), then (conversion: not `own_only`)
+  in the one recorded at save time; a rejected checkpoint's is under their `rejected/`, by
+  the same name. Raises `CheckpointError` when neither has it; with `own_only` (a
+  training restore), `ConfigError` naming both when only the recorded one has it: another
+  workdir's (this one copied without its snapshots), which its run may replace or prune."""
   from jaxrec.offload import snapshots  # pylint: disable=import-outside-toplevel
   step_dir = epath.Path(step_dir)
   info = storage.read_json(step_dir, storage.META).get("offload")
@@ -84,20 +86,29 @@ def snapshot_of(step_dir) -> tuple[str, dict] | None:
   for directory in candidates:
     path = os.path.join(directory, key)
     if os.path.exists(os.path.join(path, snapshots.META)):
+      if own_only and directory != beside:
+        raise ConfigError(
+            f"{beside} has no offload snapshot {label}; the one in {directory} is another "
+            f"workdir's (where checkpoint {step_dir} was saved: is this workdir a copy made "
+            f"without its offload_snapshots?), which that run may replace or prune, so it is "
+            f"not read: copy {path} to {os.path.join(beside, key)} (cp -r of the whole "
+            "workdir keeps it), or start afresh in an empty workdir")
       return path, info["tables"]
   raise CheckpointError(f"checkpoint {step_dir} has offloaded tables {sorted(info['tables'])} "
                         f"but no offload snapshot {label} (looked in {', '.join(candidates)})")
 
 
 def snapshot_arrays(step_dir, tables: Iterable[str] | None = None,
-                    full_check: bool = True) -> dict[str, ts.TensorStore]:
+                    full_check: bool = True, own_only: bool = False
+                    ) -> dict[str, ts.TensorStore]:
   """`{checkpoint array name: tensorstore}` of the offloaded tables' whole arrays in the
   snapshot of checkpoint `step_dir` (only `tables` when given; none offloaded: {}), after
-  checking their files (`snapshots.open_table`; CRC32s too with `full_check`)."""
+  checking their files (`snapshots.open_table`; CRC32s too with `full_check`). `own_only`:
+  see `snapshot_of`."""
   tables = None if tables is None else list(tables)
   if tables == []:
     return {}
-  found = snapshot_of(step_dir)
+  found = snapshot_of(step_dir, own_only)
   if found is None:
     return {}
   from jaxrec.offload import snapshots  # pylint: disable=import-outside-toplevel

@@ -204,7 +204,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     """Points the offload tier and the data stream at a restored checkpoint."""
     if tier is not None:   # tables saved on the device are written to their stores
       at = int(restored.state["step"])
-      found = offloaded_lib.snapshot_of(ckpt.step_dir(at))   # where the restore found it
+      found = offloaded_lib.snapshot_of(ckpt.step_dir(at), own_only=True)   # as the restore
       tier.restore(at, os.path.dirname(found[0]) if found else snapshots, restored.host_tables)
     if train_it is not None:
       set_data_state(restored)

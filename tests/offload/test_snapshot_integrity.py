@@ -149,3 +149,29 @@ def test_sizes_only_checks_skip_the_read(two_checkpoints, tmp_path):
   with pytest.raises(ConfigError, match=r"OffloadConfig.snapshot_check must be one of "
                      r"\('full', 'sizes'\), got 'crc'"):
     train_synthetic(w, 30, SMALL_DLRM + OFFLOAD + ["OffloadConfig.snapshot_check='crc'"])
+
+
+def _file_stats(root):
+  return {os.path.relpath(os.path.join(d, n), root): os.stat(os.path.join(d, n)).st_mtime_ns
+          for d, _, names in os.walk(root) for n in names}
+
+
+def test_a_copied_workdir_without_its_snapshots_does_not_read_the_originals(two_checkpoints,
+                                                                            tmp_path):
+  """The checkpoints record where their snapshots were saved (the original workdir): a
+  copy of the workdir without `offload_snapshots` restored the original's, which that run
+  may since have replaced (a re-saved step) or pruned. The copy is refused, naming both
+  directories; the original is untouched. Copied with its snapshots, it resumes."""
+  w, copy = two_checkpoints, tmp_path / "copy"
+  shutil.copytree(w, copy, ignore=shutil.ignore_patterns("offload_snapshots"))
+  before = _file_stats(w)
+  with pytest.raises(ConfigError, match=rf"{copy}/offload_snapshots has no offload snapshot of "
+                     rf"step 20; the one in {w}/offload_snapshots is another workdir's"):
+    train_synthetic(copy, 30, SMALL_DLRM + OFFLOAD)
+  assert not (copy / "checkpoints" / "rejected").exists()   # no fallback, nothing moved
+  assert _file_stats(w) == before
+  shutil.copytree(w / "offload_snapshots", copy / "offload_snapshots")
+  train_synthetic(copy, 25, SMALL_DLRM + OFFLOAD)
+  resumes = [l for l in logged_lines(copy) if l.get("event") == "resume"]
+  assert [r["checkpoint_step"] for r in resumes] == [20]
+  assert _file_stats(w) == before
