@@ -102,8 +102,34 @@ def _select_step(checkpoint_dir, step: int | None) -> tuple[epath.Path, int]:
     raise CheckpointError(f"no checkpoint for step {step} in {checkpoint_dir} (steps: "
                           f"{steps}){_hint(checkpoint_dir, step)}")
   else:
-    _check(mgr.step_dir(step), step=step)
+    try:
+      _check(mgr.step_dir(step), step=step)
+      offloaded_lib.snapshot_of(mgr.step_dir(step))
+    except CheckpointError as e:   # name the steps --step may take instead
+      raise CheckpointError(_other_steps(e, mgr, steps, step)) from None
   return mgr.step_dir(step), int(step)
+
+
+def _other_steps(error, mgr, steps: list[int], step: int) -> str:
+  """`error`'s message for `--step=step`, with the other steps it may take instead."""
+  text = str(error).removesuffix("; pick another --step")
+  others = [s for s in steps if s != step]
+  usable = [s for s in others if _has_snapshot(mgr.step_dir(s))]
+  if usable:
+    return f"{text}; pick another --step: {', '.join(map(str, usable))}"
+  if others:
+    return (f"{text}; no other step has its offload snapshot either (steps: "
+            f"{', '.join(map(str, steps))})")
+  return f"{text}; {mgr.directory} holds no other step"
+
+
+def _has_snapshot(step_dir) -> bool:
+  """Checkpoint `step_dir` has its offload snapshot, or needs none."""
+  try:
+    offloaded_lib.snapshot_of(step_dir)
+    return True
+  except Exception:  # pylint: disable=broad-except
+    return False
 
 
 def _snapshot_found(mgr, step: int) -> None:

@@ -76,3 +76,19 @@ def test_a_failed_conversion_removes_the_directories_it_created(tmp_path):
   with pytest.raises(CheckpointError, match="pick another --step"):
     convert.export_checkpoint(src, tmp_path / "w3" / "checkpoints")
   assert os.listdir(tmp_path / "w3") == []   # it existed before: kept
+
+
+def test_an_explicit_step_without_its_snapshot_lists_the_steps_that_have_one(tmp_path):
+  """`--step=5` whose offload snapshot is gone said only that it was missing."""
+  snaps = _offloaded_steps(tmp_path / "w", [3, 5])
+  shutil.rmtree(snaps / "5")
+  src = tmp_path / "w" / "checkpoints"
+  with pytest.raises(CheckpointError, match=r"no offload snapshot of step 5 .*; pick another "
+                     r"--step: 3$"):
+    convert.export_npz(src, tmp_path / "a.npz", 5)
+  assert not (tmp_path / "a.npz").exists()
+  shutil.rmtree(snaps / "3")
+  with pytest.raises(CheckpointError, match=r"no offload snapshot of step 5 .*; no other step "
+                     r"has its offload snapshot either \(steps: 3, 5\)$"):
+    convert.export_checkpoint(src, tmp_path / "w2" / "checkpoints", 5)
+  assert not (tmp_path / "w2").exists()
