@@ -23,11 +23,13 @@ Both work on any device count and plan, like every restore.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 import tensorstore as ts
+from absl import logging
 from etils import epath
 
 from jaxrec.checkpoint import storage
@@ -93,9 +95,17 @@ def snapshot_of(step_dir, own_only: bool = False) -> tuple[str, dict] | None:
             f"without its offload_snapshots?), which that run may replace or prune, so it is "
             f"not read: copy {path} to {os.path.join(beside, key)} (cp -r of the whole "
             "workdir keeps it), or start afresh in an empty workdir")
+      if directory != beside:   # conversion of a checkpoint directory copied alone
+        _warn_elsewhere(path, str(step_dir), beside)
       return path, info["tables"]
   raise CheckpointError(f"checkpoint {step_dir} has offloaded tables {sorted(info['tables'])} "
                         f"but no offload snapshot {label} (looked in {', '.join(candidates)})")
+
+
+@functools.lru_cache(maxsize=None)   # once per snapshot (a conversion looks several times)
+def _warn_elsewhere(path: str, step_dir: str, beside: str) -> None:
+  logging.warning("offload snapshot %s: read from where checkpoint %s was saved (%s has "
+                  "none)", path, step_dir, beside)
 
 
 def snapshot_arrays(step_dir, tables: Iterable[str] | None = None,

@@ -92,3 +92,14 @@ def test_an_explicit_step_without_its_snapshot_lists_the_steps_that_have_one(tmp
                      r"has its offload snapshot either \(steps: 3, 5\)$"):
     convert.export_checkpoint(src, tmp_path / "w2" / "checkpoints", 5)
   assert not (tmp_path / "w2").exists()
+
+
+def test_a_checkpoint_directory_copied_alone_exports_with_a_warning(tmp_path, caplog):
+  """Conversion still reads the snapshot where the checkpoint was saved, but says so (a
+  training restore refuses it: `tests/offload/test_snapshot_integrity.py`)."""
+  snaps = _offloaded_steps(tmp_path / "w", [3])
+  copy = shutil.copytree(tmp_path / "w" / "checkpoints", tmp_path / "elsewhere" / "checkpoints")
+  with caplog.at_level("WARNING"):
+    assert convert.export_npz(copy, tmp_path / "a.npz") == 3
+  want = f"offload snapshot {snaps}/3: read from where checkpoint {copy}/3 was saved"
+  assert any(want in r.getMessage() for r in caplog.records), caplog.text
