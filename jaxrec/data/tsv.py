@@ -36,7 +36,7 @@ import glob as globlib
 import gzip
 import os
 import zlib
-from typing import Iterator, Sequence
+from typing import Iterator, NoReturn, Sequence
 
 import numpy as np
 from absl import logging
@@ -94,11 +94,24 @@ def list_files(path: str) -> list[str]:
     files = sorted(os.path.join(path, n) for n in os.listdir(path)
                    if not n.startswith(".") and os.path.isfile(os.path.join(path, n)))
     if not files:
-      raise DataError(f"{path}: directory holds no files")
+      _no_files_in(path)
     return files
   if os.path.exists(path):   # a file, or a pipe (was "no such file or directory")
     return [path]
   raise DataError(f"{path}: no such file or directory")
+
+
+def _no_files_in(path: str) -> NoReturn:
+  """`DataError` for a directory without files: naming a few subdirectories if it has some
+  (it said 'holds no files', as if it were empty)."""
+  subdirs = sorted(n for n in os.listdir(path)
+                   if not n.startswith(".") and os.path.isdir(os.path.join(path, n)))
+  if not subdirs:
+    raise DataError(f"{path}: directory holds no files")
+  names = ", ".join(subdirs[:3]) + (", ..." if len(subdirs) > 3 else "")
+  raise DataError(f"{path}: directory holds only subdirectories ({names}), no files; expected "
+                  "TSV files (plain or gzip) directly in it; to read the files inside the "
+                  f"subdirectories, pass the glob {os.path.join(path, '*', '*')}")
 
 
 def _glob_files(pattern: str) -> list[str]:

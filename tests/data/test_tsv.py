@@ -155,6 +155,20 @@ def test_a_glob_that_matches_only_directories_says_so(tmp_path):
                                             for d in ["day_0", "day_1"]]
 
 
+def test_a_directory_of_only_subdirectories_names_them(tmp_path):
+  """It said 'directory holds no files', as if it were empty."""
+  for day in ["day_2", "day_0", "day_1", "day_3"]:
+    (tmp_path / day).mkdir()
+    lib.write(tmp_path / day / "part.tsv", [lib.line()])
+  with pytest.raises(DataError) as e:
+    tsv.list_files(str(tmp_path))
+  assert str(e.value) == (
+      f"{tmp_path}: directory holds only subdirectories (day_0, day_1, day_2, ...), no files; "
+      "expected TSV files (plain or gzip) directly in it; to read the files inside the "
+      f"subdirectories, pass the glob {tmp_path / '*' / '*'}")
+  assert len(tsv.list_files(str(tmp_path / "*" / "*"))) == 4
+
+
 def test_existing_paths_with_glob_characters_are_literal(tmp_path):
   d = tmp_path / "run[1]"
   d.mkdir()
