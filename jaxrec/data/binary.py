@@ -257,6 +257,10 @@ def read_manifest(directory: str) -> dict:
   if m.get("version") != VERSION:
     raise DataError(f"{path}: format version {m.get('version')}, this reader reads {VERSION}")
   try:
+    for f in m["features"]:   # before the record layout: -1 failed in numpy, unnamed
+      if int(f["max_len"]) <= 0:
+        raise DataError(f"{path}: feature {f['name']}: max_len is {f['max_len']}, must be "
+                        "positive")
     dtype = record_dtype(int(m["num_dense"]), [int(f["max_len"]) for f in m["features"]],
                          [bool(f["weighted"]) for f in m["features"]])
     if int(m["record_bytes"]) != dtype.itemsize:

@@ -220,6 +220,20 @@ def test_feature_rows_must_be_positive(dataset, rows):
                      "be positive"), message
 
 
+@pytest.mark.parametrize("max_len", [0, -1])
+def test_feature_max_len_must_be_positive(dataset, max_len):
+  """`max_len: 0` (with a matching record_bytes) read every bag as empty; -1 failed in numpy
+  without naming the feature."""
+  _, out, lay = dataset
+
+  def edit(m):
+    m["features"][1].update(max_len=max_len)
+    m["record_bytes"] -= 4 * (1 if max_len == 0 else 0)
+  message = _open_error(out, lay, edit)
+  assert message == (f"{os.path.join(out, binary.MANIFEST)}: feature f1: max_len is {max_len}, "
+                     "must be positive"), message
+
+
 def test_a_signal_right_after_a_shard_is_opened_leaves_no_file(tmp_path, monkeypatch):
   """SIGTERM/Ctrl-C raise at the first bytecode after `open` returns, before the writer
   holds the new file: the discard missed it and the interrupted preprocess left a shard."""
