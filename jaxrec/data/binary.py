@@ -299,6 +299,30 @@ def _check_shard_file(manifest: str, k: int, name) -> None:
                     "directory")
 
 
+def _check_feature_order(where: str, stored: Sequence[str], names: Sequence[str]) -> None:
+  """`DataError` unless the configured features `names` can map in order onto the `stored`
+  ones: as many, and none named like a stored feature at another position (that read
+  another feature's ids, silently when the tables had one size)."""
+  hint = "re-run scripts/preprocess.py with this configuration"
+  if len(stored) != len(names):
+    n = min(len(stored), len(names))
+    left = (f"data features {', '.join(stored[n:])} have no configured feature"
+            if len(stored) > n else
+            f"configured feature{'s' * (len(names) - n > 1)} "
+            f"{', '.join(repr(x) for x in names[n:])} ha{'ve' if len(names) - n > 1 else 's'} "
+            "no data feature")
+    raise DataError(f"{where}: the data has {len(stored)} sparse features but {len(names)} "
+                    f"are configured: {left} (stored features map to the configured ones in "
+                    f"order; {hint})")
+  position = {s: k for k, s in enumerate(stored)}
+  for k, name in enumerate(names):
+    if position.get(name, k) != k:
+      order = ", ".join(stored[:3]) + (", ..." if len(stored) > 3 else "")
+      raise DataError(f"{where}: configured feature {k} '{name}' is data feature "
+                      f"{position[name]}; stored features map to the configured ones in "
+                      f"order: list the features in the data's order ({order}) or {hint}")
+
+
 class BinarySource(GrainMixin):
   """Random access to a preprocessed directory, for the configured `layout`.
 
@@ -312,15 +336,13 @@ class BinarySource(GrainMixin):
     m = self.manifest = read_manifest(directory)
     where = os.path.join(directory, MANIFEST)
     feats = m["features"]
-    if len(feats) != layout.num_sparse:
-      raise DataError(f"{where}: the data has {len(feats)} sparse features but "
-                      f"{layout.num_sparse} are configured")
+    _check_feature_order(where, [str(f["name"]) for f in feats], layout.names)
     if int(m["num_dense"]) != layout.num_dense:
       raise DataError(f"{where}: the data has {m['num_dense']} dense features but "
                       f"{layout.num_dense} are configured")
     self._reduce = []
-    for f, name, ml, w, rows in zip(feats, layout.names, layout.max_lens, layout.weighted,
-                                    layout.rows):
+    for f, name, ml, w, rows, table in zip(feats, layout.names, layout.max_lens,
+                                           layout.weighted, layout.rows, layout.tables):
       what = f"{where}: feature {f['name']} (configured as '{name}')"
       if int(f["max_len"]) > ml:
         raise DataError(f"{what} holds bags of up to {f['max_len']} ids, max_len is {ml}")
@@ -332,8 +354,8 @@ class BinarySource(GrainMixin):
         raise DataError(f"{what} is {'' if f['weighted'] else 'not '}weighted in the data but "
                         f"{'' if w else 'not '}weighted in the config")
       if int(f["rows"]) % rows:
-        raise DataError(f"{what}: ids were reduced to {f['rows']} rows, the table has {rows} "
-                        "(re-run scripts/preprocess.py with matching --rows)")
+        raise DataError(f"{what}: ids were reduced to {f['rows']} rows, its table '{table}' has "
+                        f"{rows} (re-run scripts/preprocess.py with matching rows)")
       self._reduce.append(int(f["rows"]) != rows)
     self._dtype = record_dtype(layout.num_dense, [int(f["max_len"]) for f in feats],
                                layout.weighted)

@@ -10,6 +10,7 @@ import pytest
 import data_testlib as lib
 from jaxrec.data import binary, synthetic, tsv
 from jaxrec.data.source import make_layout
+from jaxrec.embedding.specs import FeatureSpec
 from jaxrec.errors import ConfigError, DataError
 
 MAX_LENS, WEIGHTED = {0: 3, 4: 2}, {4}
@@ -77,7 +78,8 @@ def test_compatible_config_changes(dataset):
     (lib.features({0: 3, 1: 2, 4: 2}, WEIGHTED), None,
      "f1.* preprocessed one-hot .* configured multi-hot \\(max_len 2"),
     (lib.features(MAX_LENS, {4, 5}), None, "not weighted in the data but weighted"),
-    (lib.features(MAX_LENS, WEIGHTED), {"t3": 300}, "reduced to 1000 rows, the table has 300"),
+    (lib.features(MAX_LENS, WEIGHTED), {"t3": 300},
+     "reduced to 1000 rows, its table 't3' has 300"),
 ])
 def test_incompatible_config(dataset, feats, rows, what):
   _, out, _ = dataset
@@ -85,6 +87,40 @@ def test_incompatible_config(dataset, feats, rows, what):
   r.update(rows or {})
   with pytest.raises(DataError, match=what):
     binary.BinarySource(out, make_layout(feats, r))
+
+
+def _config_error(out, feats) -> str:
+  with pytest.raises(DataError) as e:
+    binary.BinarySource(out, make_layout(feats, lib.rows(1000)))
+  return str(e.value)
+
+
+def test_a_missing_or_extra_feature_is_named(dataset):
+  """The error gave only the two counts, not which feature was left over."""
+  _, out, _ = dataset
+  where = os.path.join(out, binary.MANIFEST)
+  feats = lib.features(MAX_LENS, WEIGHTED)
+  assert _config_error(out, feats[:24]) == (
+      f"{where}: the data has 26 sparse features but 24 are configured: data features f24, "
+      "f25 have no configured feature (stored features map to the configured ones in order; "
+      "re-run scripts/preprocess.py with this configuration)")
+  extra = feats + [FeatureSpec("extra", "t0")]
+  assert _config_error(out, extra) == (
+      f"{where}: the data has 26 sparse features but 27 are configured: configured feature "
+      "'extra' has no data feature (stored features map to the configured ones in order; "
+      "re-run scripts/preprocess.py with this configuration)")
+
+
+def test_features_configured_in_another_order_are_refused(dataset):
+  """Features map by position: a config listing the data's features in another order read
+  f2's ids as f1 (tables of one size: no other check saw it)."""
+  _, out, _ = dataset
+  feats = lib.features(MAX_LENS, WEIGHTED)   # f1, f2: one-hot, unweighted, 1000 rows
+  swapped = [feats[0], feats[2], feats[1]] + feats[3:]
+  assert _config_error(out, swapped) == (
+      f"{os.path.join(out, binary.MANIFEST)}: configured feature 1 'f2' is data feature 2; "
+      "stored features map to the configured ones in order: list the features in the data's "
+      "order (f0, f1, f2, ...) or re-run scripts/preprocess.py with this configuration")
 
 
 def _corrupt_manifest(out, fn):

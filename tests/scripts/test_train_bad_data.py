@@ -105,7 +105,7 @@ CASES = [
      [], True),
     ("manifest_vs_config", _manifest_vs_config,
      "{p}/manifest.json: feature f4 (configured as 'f4'): ids were reduced to 1000 rows, "
-     "the table has 999",
+     "its table 't4' has 999",
      ["--gin_bindings=uniform_tables.rows=" + str([1000] * 4 + [999] + [1000] * 21)], True),
 ]
 
