@@ -43,6 +43,27 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
   gin.finalize()
 
 
+def bound_value(selector: str):
+  """The value gin binds to `selector` (e.g. `ExperimentConfig.embedding`) with its `@x()`
+  references called, as the configurable would receive it; `None` when it is not bound."""
+  try:
+    value = gin.query_parameter(selector)
+  except ValueError:   # not bound
+    return None
+  return _evaluated(value)
+
+
+def _evaluated(value):
+  if isinstance(value, gin.config.ConfigurableReference):
+    fn = value.scoped_configurable_fn
+    return build(fn) if value.evaluate else fn
+  if isinstance(value, (list, tuple)):
+    return type(value)(_evaluated(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _evaluated(v) for k, v in value.items()}
+  return value
+
+
 # Where to set what a configurable takes from the trainer (gin refuses those bindings).
 _SET_INSTEAD = {"seed": "--seed", "bad_rows": "--bad_rows",
                 "source": "--train_data / --eval_data (or ExperimentConfig.train_data / eval_data)",

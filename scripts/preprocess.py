@@ -6,9 +6,9 @@
 `--rows` gives the table sizes (one value for all 26 tables, or 26 comma-separated values)
 and `--max_len` the bag sizes of multi-hot features (same forms; default 1); features are
 named f0..f25 reading tables t0..t25. With `--gin_file` the features come from the
-`uniform_tables` bindings of the config instead (and `--num_categorical` defaults to their
-count, `--num_dense` to its `ExperimentConfig.num_dense`; `--rows`/`--max_len` are then
-refused). Errors print one line and exit 1. Ctrl-C or SIGTERM stops it (exit 130 or 143),
+config's `ExperimentConfig.embedding` instead (or its `uniform_tables` bindings if that is
+unbound), and `--num_categorical` defaults to their count, `--num_dense` to its
+`ExperimentConfig.num_dense`; `--rows`/`--max_len` are then refused. Errors print one line and exit 1. Ctrl-C or SIGTERM stops it (exit 130 or 143),
 removing the shards written so far.
 """
 
@@ -53,6 +53,7 @@ def _specs():
   from jaxrec import launch
   from jaxrec.embedding import specs
   from jaxrec.errors import ConfigError
+  from jaxrec.train.config import check_embedding
   n = FLAGS.num_categorical
   if FLAGS.gin_file or FLAGS.gin_bindings:
     given = [f"--{f}" for f in ("rows", "max_len") if FLAGS[f].present]
@@ -60,7 +61,12 @@ def _specs():
       raise ConfigError(f"{' and '.join(given)}: the tables come from --gin_file here; give "
                         "one or the other")
     launch.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings)   # a misspelled binding is an error
-    return specs.uniform_tables()
+    emb = launch.bound_value("ExperimentConfig.embedding")   # what the training run reads
+    if emb is None:   # a file binding only uniform_tables
+      return launch.build(specs.uniform_tables)
+    check_embedding(emb)
+    specs.validate(*emb)
+    return emb
   if n <= 0:
     raise ConfigError(f"--num_categorical must be positive, got {n}")
   if not FLAGS.rows:

@@ -211,13 +211,7 @@ class ExperimentConfig:
 
   def _check_parts(self) -> None:
     """The bound objects are of the right kind (e.g. `@SGD()`, not `'sgd'` or `@SGD`)."""
-    emb = self.embedding
-    if (not isinstance(emb, (tuple, list)) or len(emb) != 2
-        or not all(isinstance(x, (tuple, list)) for x in emb)
-        or not all(isinstance(t, TableSpec) for t in emb[0])
-        or not all(isinstance(f, FeatureSpec) for f in emb[1])):
-      raise ConfigError(f"ExperimentConfig.embedding must be (tables, features), e.g. "
-                        f"@uniform_tables(), got {reprlib.repr(emb)}")
+    check_embedding(self.embedding)
     if not isinstance(self.model, nn.Module):
       raise ConfigError(f"ExperimentConfig.model must be a model, e.g. @build_model(), got "
                         f"{reprlib.repr(self.model)}")
@@ -232,6 +226,16 @@ class ExperimentConfig:
     if sparse is not None and not _has_methods(sparse, "state_layout", "update"):
       raise ConfigError(f"ExperimentConfig.sparse_optimizer must be a sparse optimizer, "
                         f"e.g. @RowWiseAdagrad() or @sparse_optimizer(), got {sparse!r}")
+
+
+def check_embedding(emb) -> None:
+  """`ConfigError` unless `emb` (`ExperimentConfig.embedding`) is `(tables, features)`."""
+  if (not isinstance(emb, (tuple, list)) or len(emb) != 2
+      or not all(isinstance(x, (tuple, list)) for x in emb)
+      or not all(isinstance(t, TableSpec) for t in emb[0])
+      or not all(isinstance(f, FeatureSpec) for f in emb[1])):
+    raise ConfigError(f"ExperimentConfig.embedding must be (tables, features), e.g. "
+                      f"@uniform_tables(), got {reprlib.repr(emb)}")
 
 
 def _has_methods(obj, *names: str) -> bool:

@@ -139,3 +139,27 @@ def test_interrupted_run_leaves_no_shards(tmp_path, sig):
                          f"no dataset written to {out} (the shards written so far were "
                          "removed)"), err
   assert not out.exists()
+
+
+def test_gin_file_features_come_from_experiment_config_embedding(tmp_path, tsv_file):
+  """Preprocess read only `uniform_tables` bindings: a config binding its own tables and
+  features in `ExperimentConfig.embedding` got the included base's uniform tables (or a
+  missing-binding error), not the features its training run reads."""
+  cats = ["1f", "a,b", "7"]
+  path = tsv_file([lib.line(cats=cats), lib.line("0", cats=["", "c", "9"])])
+  gin_file = tmp_path / "explicit.gin"
+  gin_file.write_text(
+      "include 'configs/dlrm_synthetic.gin'\n"   # binds uniform_tables: 8 tables
+      "ExperimentConfig.embedding = ((@a/TableSpec(), @b/TableSpec()),\n"
+      "    (@u/FeatureSpec(), @i/FeatureSpec(), @c/FeatureSpec()))\n"
+      "a/TableSpec.name = 'ta'\na/TableSpec.rows = 16\na/TableSpec.dim = 4\n"
+      "b/TableSpec.name = 'tb'\nb/TableSpec.rows = 5\nb/TableSpec.dim = 4\n"
+      "u/FeatureSpec.name = 'user'\nu/FeatureSpec.table = 'ta'\n"
+      "i/FeatureSpec.name = 'item'\ni/FeatureSpec.table = 'ta'\ni/FeatureSpec.max_len = 2\n"
+      "c/FeatureSpec.name = 'ctx'\nc/FeatureSpec.table = 'tb'\n")
+  out = str(tmp_path / "o")
+  r = run(f"--input={path}", f"--output={out}", f"--gin_file={gin_file}")
+  assert r.returncode == 0, r.stderr
+  feats = binary.read_manifest(out)["features"]
+  assert [(f["name"], f["table"], f["rows"], f["max_len"]) for f in feats] == [
+      ("user", "ta", 16, 1), ("item", "ta", 16, 2), ("ctx", "tb", 5, 1)]
