@@ -1,9 +1,15 @@
 """scripts/train.py on Criteo TSV files and preprocessed shards; bad rows stop the run."""
 
+import subprocess
+import sys
+
+import pytest
+
 from jaxrec.data import source as source_lib
 from jaxrec.data.synthetic import SyntheticSource, write_tsv
 from jaxrec.embedding.specs import uniform_tables
-from tests.scripts.test_train import read_metrics, train
+from tests.scripts.test_train import (NO_COMPILE, ROOT, assert_one_line_error, read_metrics,
+                                      train)
 
 SMALL = ["uniform_tables.rows=1000", "DLRM.bottom_mlp=(32,16)", "DLRM.top_mlp=(32,1)",
          "ExperimentConfig.batch_size=128", "ExperimentConfig.eval_batch_size=256"]
@@ -123,3 +129,49 @@ def test_continue_training_on_new_data_from_a_copy_without_the_data_position(tmp
   assert [l["step"] for l in lines if "loss" in l] == [30]
   state = json.loads((w2 / "checkpoints" / "30" / "data_state" / "metadata").read_text())
   assert state["num_examples"] == 1500 and state["position"] == 10 * 128   # from day 1's start
+
+
+EXPLICIT_GIN = """include 'configs/dlrm_criteo.gin'
+ExperimentConfig.embedding = ((@a/TableSpec(), @b/TableSpec()),
+    (@u/FeatureSpec(), @i/FeatureSpec(), @c/FeatureSpec()))
+a/TableSpec.name = 'ta'
+a/TableSpec.rows = 64
+a/TableSpec.dim = 16
+b/TableSpec.name = 'tb'
+b/TableSpec.rows = 64
+b/TableSpec.dim = 16
+u/FeatureSpec.name = 'user'
+u/FeatureSpec.table = 'ta'
+i/FeatureSpec.name = 'item'
+i/FeatureSpec.table = 'ta'
+i/FeatureSpec.max_len = 3
+c/FeatureSpec.name = 'ctx'
+c/FeatureSpec.table = 'tb'
+"""
+
+
+@pytest.mark.slow
+def test_preprocess_then_train_with_a_gin_config_of_its_own_features(tmp_path):
+  """Preprocess read only `uniform_tables` (here dlrm_criteo's 26 tables: every row was
+  refused); training then accepted the features listed in another order (ctx's ids read as
+  item's: the tables have one size)."""
+  lines = [f"{k % 2}\t" + "\t".join(["1"] * 13) + f"\t{k:x}\t{k + 1:x},{k + 2:x}\t{k % 7:x}"
+           for k in range(256)]
+  (tmp_path / "d.tsv").write_text("\n".join(lines) + "\n")
+  (tmp_path / "x.gin").write_text(EXPLICIT_GIN)
+  swapped = EXPLICIT_GIN.replace("(@u/FeatureSpec(), @i/FeatureSpec(), @c/FeatureSpec())",
+                                 "(@u/FeatureSpec(), @c/FeatureSpec(), @i/FeatureSpec())")
+  (tmp_path / "swapped.gin").write_text(swapped)
+  out = tmp_path / "bin"
+  proc = subprocess.run([sys.executable, "scripts/preprocess.py", f"--input={tmp_path}/d.tsv",
+                         f"--output={out}", f"--gin_file={tmp_path}/x.gin"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  flags = ["--plan=dp", "--num_steps=2", f"--train_data={out}", f"--eval_data={out}",
+           "--gin_bindings=ExperimentConfig.batch_size=64"]
+  train(str(tmp_path / "w"), f"--gin_file={tmp_path}/x.gin", *flags)
+  assert read_metrics(str(tmp_path / "w"))[-1]["eval_examples"] == 256
+  proc = train(str(tmp_path / "w2"), f"--gin_file={tmp_path}/swapped.gin", *flags,
+               check=False, env=NO_COMPILE)
+  assert_one_line_error(proc, f"error: {out}/manifest.json: configured feature 1 'ctx' is "
+                              "data feature 2;")
