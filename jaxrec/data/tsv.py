@@ -109,6 +109,13 @@ def _no_files_in(path: str) -> NoReturn:
   if not subdirs:
     raise DataError(f"{path}: directory holds no files")
   names = ", ".join(subdirs[:3]) + (", ..." if len(subdirs) > 3 else "")
+  from jaxrec.data import binary   # binary imports this module
+  datasets = [n for n in subdirs if binary.is_preprocessed(os.path.join(path, n))]
+  if datasets:   # their files are no TSV: a run reads one dataset
+    which = ", ".join(datasets[:3]) + (", ..." if len(datasets) > 3 else "")
+    are = "are preprocessed datasets" if len(datasets) > 1 else "is a preprocessed dataset"
+    raise DataError(f"{path}: directory holds only subdirectories ({names}), no files; "
+                    f"{which} {are}: give one of them")
   raise DataError(f"{path}: directory holds only subdirectories ({names}), no files; expected "
                   "TSV files (plain or gzip) directly in it; to read the files inside the "
                   f"subdirectories, pass the glob {os.path.join(path, '*', '*')}")

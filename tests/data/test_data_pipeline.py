@@ -224,6 +224,14 @@ def test_parts_of_a_preprocessed_dataset_are_named(files, tmp_path):
     pipeline.open_source(str(killed), feats, lib.rows())
   with pytest.raises(DataError, match="part of the preprocessed dataset"):
     binary.preprocess(f"{d}/*", str(tmp_path / "out"), feats, lib.rows())
+  parent = tmp_path / "days"   # the hint to read its subdirectories' files led to the above
+  for day in ["day_1", "day_0"]:
+    shutil.copytree(d, parent / day)
+  with pytest.raises(DataError) as e:
+    pipeline.open_source(str(parent), feats, lib.rows())
+  assert str(e.value).splitlines()[0] == (  # then gin's "In call to configurable" line
+      f"{parent}: directory holds only subdirectories (day_0, day_1), no "
+                          "files; day_0, day_1 are preprocessed datasets: give one of them")
   lib.write(tmp_path / "shard-00000.bin", [lib.line()])   # TSV that happens to be named so
   assert pipeline.open_source(str(tmp_path / "shard-00000.bin"), feats,
                               lib.rows()).num_examples == 1
