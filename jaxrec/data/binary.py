@@ -306,11 +306,11 @@ def _check_feature_order(where: str, stored: Sequence[str], names: Sequence[str]
   hint = "re-run scripts/preprocess.py with this configuration"
   if len(stored) != len(names):
     n = min(len(stored), len(names))
-    left = (f"data features {', '.join(stored[n:])} have no configured feature"
-            if len(stored) > n else
-            f"configured feature{'s' * (len(names) - n > 1)} "
-            f"{', '.join(repr(x) for x in names[n:])} ha{'ve' if len(names) - n > 1 else 's'} "
-            "no data feature")
+    many = abs(len(stored) - len(names)) > 1
+    left = (f"data feature{'s' * many} {', '.join(stored[n:])}" if len(stored) > n else
+            f"configured feature{'s' * many} {', '.join(repr(x) for x in names[n:])}")
+    left += (" have no " if many else " has no ") + (
+        "configured feature" if len(stored) > n else "data feature")
     raise DataError(f"{where}: the data has {len(stored)} sparse features but {len(names)} "
                     f"are configured: {left} (stored features map to the configured ones in "
                     f"order; {hint})")
