@@ -287,3 +287,28 @@ def test_a_signal_right_after_a_shard_is_opened_leaves_no_file(tmp_path, monkeyp
   assert sorted(os.listdir(tmp_path)) == ["shard-00000.bin", "shard-00001.bin"]
   writer.discard()
   assert os.listdir(tmp_path) == []
+
+
+def test_a_run_resumes_on_its_data_re_preprocessed_but_not_on_other_data(dataset, tmp_path):
+  """The data state's fingerprint is of the examples read, not of the files: the TSV, its
+  shards and a re-preprocessed copy in other shard sizes are one dataset; the same rows in
+  another order are not (README, *Continuing on new data*)."""
+  from jaxrec.data import pipeline
+  path, out, lay = dataset
+  it = pipeline.TrainIterator(tsv.read_tsv([path], lay), 16, seed=1, num_threads=0)
+  next(it)
+  state = it.get_state()
+  again = str(tmp_path / "again")
+  binary.preprocess(path, again, lib.features(MAX_LENS, WEIGHTED), lib.rows(1000),
+                    shard_examples=77)
+  for d in (out, again):
+    resumed = pipeline.TrainIterator(binary.BinarySource(d, lay), 16, seed=1, num_threads=0)
+    resumed.set_state(state)
+    assert_same(next(resumed), it.batch_at(16))
+  lines = open(path).read().splitlines(keepends=True)
+  (tmp_path / "rev.tsv").write_text("".join(lines[::-1]))
+  other = str(tmp_path / "other")
+  binary.preprocess(str(tmp_path / "rev.tsv"), other, lib.features(MAX_LENS, WEIGHTED),
+                    lib.rows(1000))
+  with pytest.raises(DataError, match="other data of the same size \\(300 examples"):
+    pipeline.TrainIterator(binary.BinarySource(other, lay), 16, seed=1).set_state(state)
