@@ -326,9 +326,10 @@ def _check_feature_order(where: str, stored: Sequence[str], names: Sequence[str]
 class BinarySource(GrainMixin):
   """Random access to a preprocessed directory, for the configured `layout`.
 
-  Stored features map to the configured ones in order. A configured bag may be larger
-  than the stored one (padded with -1); a configured table may be smaller than the stored
-  row count if it divides it (ids are reduced again, which equals reducing the raw id).
+  Stored features map to the configured ones in order (a configured name that is another
+  position's stored name is refused). A configured bag may be larger than the stored one
+  (padded with -1); a configured table may be smaller than the stored row count if it
+  divides it (ids are reduced again, which equals reducing the raw id).
   """
 
   def __init__(self, directory: str, layout: Layout, verify_checksums: bool = True):
