@@ -217,8 +217,9 @@ def main(argv):
     if FLAGS.profile:
       result = planner.refine_from_profile(
           FLAGS.profile, offloaded[1] if offloaded else spec.tables, spec.features, memory,
-          optimizer, batch, cal, table_stats=spec.table_stats, mesh_shape=mesh,
-          plan_batch_size=FLAGS.batch_size)
+          optimizer, FLAGS.batch_size or spec.batch_size, cal, table_stats=spec.table_stats,
+          mesh_shape=mesh, plan_batch_size=FLAGS.batch_size,
+          batch_size_from="--batch_size" if FLAGS.batch_size else "the config's batch_size")
     elif mesh is None:
       raise ConfigError("--mesh is required, e.g. --mesh=data=2,table=2,row=2,col=1" +
                         (" (the --plan file records no mesh)" if FLAGS.plan != "auto" else ""))

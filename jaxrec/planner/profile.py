@@ -7,9 +7,9 @@ Profile file `W/profile.jsonl`, one JSON object per line, written by the trainer
    "steps": 100, "batch_size": 512, "shard_times_s": {...}}
 
 `step`, `step_time_s` (mean over the window that ends at `step`), `plan` and `mesh` are
-required; `steps` (steps averaged, the sample weight; default 1), `batch_size` (default: the
-caller's) and `warmup: true` (skip the line) are optional; `shard_times_s` is reserved for
-per-stack timings and not used yet.
+required; `steps` (steps averaged, the sample weight; default 1), `batch_size` (old profiles lack it:
+the caller's, noted in the report) and `warmup: true` (skip the line) are optional;
+`shard_times_s` is reserved for per-stack timings and not used yet.
 
 The fit: each distinct (plan, mesh, batch) gives one sample (x, t): x = the cost terms of a
 device (`PlanResult.critical_terms`; every device alike), t = the median measured step
@@ -251,6 +251,7 @@ class Refinement:
       measured at (None: `current.step_time_s`).
     measured_batch_size: that batch (None: `current.batch_size`); `current`, `proposed`
       and `explore` are for `current.batch_size`, the batch planned for.
+    notes: lines the report prints first (e.g. profile lines that recorded no batch).
   """
 
   fitted: Calibration
@@ -263,6 +264,7 @@ class Refinement:
   explore: PlanResult | None = None
   model_step_time_s: float | None = None
   measured_batch_size: int | None = None
+  notes: tuple[str, ...] = ()
 
   def report(self) -> str:
     coef = self.fitted.vector()
@@ -272,7 +274,8 @@ class Refinement:
     measured_b = self.measured_batch_size or self.current.batch_size
     other = (f"; planning for global batch {self.current.batch_size}, not the profiled "
              f"{measured_b}" if measured_b != self.current.batch_size else "")
-    lines = [f"profile: {self.samples} distinct plan(s); current plan measured "
+    lines = [*self.notes,
+             f"profile: {self.samples} distinct plan(s); current plan measured "
              f"{format_time(self.measured_step_time_s)}/step at global batch {measured_b}, "
              f"fitted model says {format_time(model)}{other}",
              f"coefficients ({self.fitted.source}; prior: {self.prior.source}):"]
@@ -313,7 +316,7 @@ class Refinement:
             "measured_step_time_s": self.measured_step_time_s, "samples": self.samples,
             "current": self.current.to_json(), "proposed": self.proposed.to_json(),
             "speedup": self.speedup, "model_step_time_s": self.model_step_time_s,
-            "measured_batch_size": self.measured_batch_size,
+            "measured_batch_size": self.measured_batch_size, "notes": list(self.notes),
             "explore": self.explore.to_json() if self.explore is not None else None}
 
 
@@ -324,12 +327,15 @@ def refine_from_profile(path: str | os.PathLike, tables: Sequence[TableSpec],
                         table_stats: Mapping[str, cm.TableStats] | None = None,
                         mesh_shape: Mapping[str, int] | None = None, ridge: float = DEFAULT_RIDGE,
                         skip_first: int = 1, kernel: str | None = None,
-                        plan_batch_size: int | None = None) -> Refinement:
+                        plan_batch_size: int | None = None,
+                        batch_size_from: str = "the batch_size given") -> Refinement:
   """Fits coefficients to a job's profile and proposes a better plan for its last mesh.
 
   Args:
     path: profile file or workdir.
-    batch_size: the global batch of profile lines that record none.
+    batch_size: the global batch of profile lines that record none (old profiles; the
+      report notes how many, and `batch_size_from`, where that batch came from); None with
+      such lines is a `ConfigError`.
     calibration: prior coefficients (default `calibration.DEFAULT`).
     mesh_shape: plan for this mesh instead of the last one recorded (the current plan is
       still estimated on its own mesh).
@@ -342,11 +348,17 @@ def refine_from_profile(path: str | os.PathLike, tables: Sequence[TableSpec],
   records = [r for r in read_profile(path) if not r.get("warmup")]
   if not records:
     raise DataError(f"--profile {path}: every line is marked warmup: no step times to fit")
+  unrecorded = sum(r.get("batch_size") is None for r in records)
+  if unrecorded and not batch_size:
+    raise ConfigError(f"--profile {path}: {unrecorded} line(s) record no batch_size (a "
+                      "profile written before lines recorded it): pass --batch_size=<the "
+                      "global batch they ran at>")
+  notes = (f"note: {unrecorded} of {len(records)} profile line(s) record no batch_size "
+           f"(an old profile): counted as global batch {batch_size} ({batch_size_from})",
+           ) if unrecorded else ()
   groups: dict[str, list[dict]] = {}
   for r in records:
-    b = int(r.get("batch_size") or batch_size or 0)
-    if b <= 0:
-      raise ConfigError("profile lines carry no batch_size; pass --batch_size")
+    b = int(r.get("batch_size") or batch_size)
     key = json.dumps([r["plan"].to_json(), cm.normalize_mesh(r["mesh"]), b], sort_keys=True)
     groups.setdefault(key, []).append(dict(r, batch_size=b))
   samples, weights, last_key = [], [], None
@@ -397,4 +409,4 @@ def refine_from_profile(path: str | os.PathLike, tables: Sequence[TableSpec],
     explore = None
   return Refinement(fitted, prior, measured, len(samples), current, proposed,
                     current.step_time_s / proposed.step_time_s, explore,
-                    as_measured.step_time_s, measured_b)
+                    as_measured.step_time_s, measured_b, notes)

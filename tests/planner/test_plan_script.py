@@ -312,3 +312,18 @@ def test_tables_flag_refuses_empty_and_duplicate_names(tmp_path):
   proc = plan(tmp_path, "--tables=a:10:8,a:20:8", "--mesh=row=2")
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith("error: --tables: table 'a' is given")
+
+
+def test_an_old_profile_without_batch_sizes_needs_a_batch(tmp_path):
+  """Lines without `batch_size` (old profiles) counted as --batch_size, the config's or 512
+  without a word; with --tables and no --batch_size that was a guess of 512 (the notice
+  with a batch: test_profile.py)."""
+  tables, _ = uniform_tables(2, [1000, 10], 16)
+  mesh = {"data": 2, "table": 2, "row": 1, "col": 1}
+  for step in (100, 200, 300):
+    planner.append_profile(tmp_path, planner.profile_record(
+        step, 0.004, uniform_plan("tw", tables, 2), mesh, steps=100))
+  proc = plan(tmp_path, "--tables=t0:1000:16,t1:10:16", f"--profile={tmp_path}")
+  assert proc.returncode == 1 and proc.stderr == (
+      f"error: --profile {tmp_path}: 3 line(s) record no batch_size (a profile written before "
+      "lines recorded it): pass --batch_size=<the global batch they ran at>\n"), proc.stderr

@@ -127,6 +127,29 @@ def test_profile_in_trainer_format(tmp_path):
     planner.refine_from_profile(tmp_path, tables, features, GiB, 0.0, None)
 
 
+def test_old_profile_lines_without_a_batch_say_which_batch_they_count_as(tmp_path):
+  """Lines without `batch_size` silently took the caller's batch: the report now says how
+  many lines and which batch, and where it came from; without one it is an error."""
+  tables, features, mesh, _ = _setup()
+  plan = uniform_plan("dp", tables, 2)
+  for step, batch in ((100, None), (200, None), (300, 4096)):
+    planner.append_profile(tmp_path, planner.profile_record(step, 0.01, plan, mesh,
+                                                            batch_size=batch))
+  ref = planner.refine_from_profile(tmp_path, tables, features, 4 * GiB, 0.0, 2048,
+                                    batch_size_from="--batch_size")
+  assert ref.notes == ("note: 2 of 3 profile line(s) record no batch_size (an old profile): "
+                       "counted as global batch 2048 (--batch_size)",)
+  assert ref.report().startswith(ref.notes[0] + "\n") and ref.to_json()["notes"] == [
+      ref.notes[0]]
+  with pytest.raises(ConfigError, match=r"2 line\(s\) record no batch_size .*pass "
+                     r"--batch_size=<the global batch they ran at>"):
+    planner.refine_from_profile(tmp_path, tables, features, GiB, 0.0, None)
+  (tmp_path / "profile.jsonl").unlink()
+  planner.append_profile(tmp_path, planner.profile_record(100, 0.01, plan, mesh,
+                                                          batch_size=4096))
+  assert planner.refine_from_profile(tmp_path, tables, features, 4 * GiB, 0.0, None).notes == ()
+
+
 def test_bad_profiles(tmp_path):
   with pytest.raises(ConfigError, match="no profile"):
     planner.read_profile(tmp_path)
