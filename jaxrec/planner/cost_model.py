@@ -177,6 +177,25 @@ class TableStats:
   pooling_factor: float | None = None
   zipf_alpha: float | None = None
 
+  def check(self, table: str, max_pooling: float) -> float:
+    """The pooling factor (`max_pooling`, the sum of the features' `max_len`, when None);
+    `ConfigError` naming `table` unless it is a number in [0, max_pooling] and
+    `zipf_alpha` a finite number >= 0 (or None)."""
+    pf, alpha = self.pooling_factor, self.zipf_alpha
+    if pf is not None and not (_is_number(pf) and 0 <= pf <= max_pooling + 1e-9):
+      raise ConfigError(f"table '{table}': pooling factor {pf!r} must be a number in "
+                        f"[0, {max_pooling}] (sum of max_len of its features)")
+    if alpha is not None and not (_is_number(alpha) and alpha >= 0):
+      raise ConfigError(f"table '{table}': zipf alpha {alpha!r} must be a finite number >= 0 "
+                        "(0: uniform)")
+    return float(max_pooling if pf is None else pf)
+
+
+def _is_number(x) -> bool:
+  """A finite int or float (not a bool, a string or NaN)."""
+  return (isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+          and math.isfinite(x))
+
 
 @dataclasses.dataclass(frozen=True)
 class TableLoad:
@@ -210,10 +229,9 @@ def table_loads(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
     feats = [f for f in features if f.table == t.name]
     length = sum(int(f.max_len) for f in feats)
     s = stats.get(t.name, TableStats())
-    pf = float(length if s.pooling_factor is None else s.pooling_factor)
-    if not 0 <= pf <= length + 1e-9:
-      raise ConfigError(f"table '{t.name}': pooling factor {pf} must be in [0, {length}] "
-                        "(sum of max_len of its features)")
+    if not isinstance(s, TableStats):
+      raise ConfigError(f"table '{t.name}': stats must be a TableStats, got {s!r}")
+    pf = s.check(t.name, length)
     loads.append(TableLoad(t.name, int(t.rows), int(t.dim), t.dtype, np.dtype(t.dtype).itemsize,
                            len(feats), max([int(f.max_len) for f in feats], default=1), pf))
   return loads

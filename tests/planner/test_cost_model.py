@@ -161,6 +161,24 @@ def test_bad_inputs():
     load(stats={"nope": cm.TableStats()})
 
 
+@pytest.mark.parametrize("stats, message", [
+    (cm.TableStats(zipf_alpha=-1.0), r"table 't': zipf alpha -1.0 must be a finite number >= 0"),
+    (cm.TableStats(zipf_alpha=float("nan")), r"table 't': zipf alpha nan must be"),
+    (cm.TableStats(zipf_alpha="1.1"), r"table 't': zipf alpha '1.1' must be"),
+    (cm.TableStats(pooling_factor=float("nan")),
+     r"table 't': pooling factor nan must be a number in \[0, 2\]"),
+    (cm.TableStats(pooling_factor="2"), r"table 't': pooling factor '2' must be"),
+    (cm.TableStats(pooling_factor=True), r"table 't': pooling factor True must be"),
+    ({"pooling_factor": 1.0}, r"table 't': stats must be a TableStats"),
+])
+def test_table_stats_are_checked_wherever_they_come_from(stats, message):
+  """Only `--tables` checked them: a TableStats built in code (a config, a profile) with a
+  negative or NaN zipf alpha, or a NaN or string pooling factor, was planned with."""
+  with pytest.raises(ConfigError, match=message):
+    load(stats={"t": stats})
+  assert load(stats={"t": cm.TableStats(1.5, 0.0)}).pooling_factor == 1.5
+
+
 @pytest.mark.parametrize("dedup", [True, False, "auto"])
 def test_the_planner_prices_the_dedup_gin_binds(dedup):
   """`EmbeddingOptions.dedup = True` (SGD on float32) made the collection dedup while the
