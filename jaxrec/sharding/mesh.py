@@ -2,7 +2,7 @@
 
 `--mesh=data=2,table=2,row=2,col=1` names axis sizes (missing axes are 1); their product
 must equal the device count. `auto` puts every device on `data` unless the plan asks for
-model parallelism, in which case the caller chooses (see `auto_mesh_shape`).
+model parallelism or a plan file records its mesh (see `auto_mesh_shape`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxrec.errors import ConfigError
-from jaxrec.sharding.plan import KIND_AXES, MESH_AXES, format_mesh  # noqa: F401 (re-export)
+# format_mesh: re-exported
+from jaxrec.sharding.plan import (KIND_AXES, MESH_AXES, Plan, format_mesh,  # noqa: F401
+                                  is_plan_file)
 
 # Batch-major arrays are split over every axis: device k holds examples [k*b, (k+1)*b).
 BATCH_AXES = MESH_AXES
@@ -51,7 +53,14 @@ def parse_mesh_spec(spec: str, num_devices: int, flag: str = "--mesh") -> dict[s
 
 
 def auto_mesh_shape(kind: str, num_devices: int) -> dict[str, int]:
-  """Mesh for `--mesh=auto`: all devices on the first axis the plan kind uses, else data."""
+  """Mesh for `--mesh=auto`: the mesh a `--plan` file records when it has `num_devices`
+  devices (the one `scripts/plan.py --plan=FILE` checks it on); else all devices on the
+  first axis the plan kind uses, else data (a plan file's `load_plan_file` then warns,
+  naming both meshes)."""
+  if is_plan_file(kind):
+    made_for = Plan.load_with_mesh(kind)[1]
+    if made_for and min(made_for.values()) >= 1 and math.prod(made_for.values()) == num_devices:
+      return dict(made_for)
   shape = {a: 1 for a in MESH_AXES}
   axes = KIND_AXES.get(kind, ())
   shape[axes[0] if axes else "data"] = num_devices

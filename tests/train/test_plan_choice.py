@@ -66,6 +66,27 @@ def test_plan_file_from_another_mesh_is_kept_with_a_warning(tmp_path, caplog):
           "data=1,table=2,row=2,col=1") in caplog.text
 
 
+def test_mesh_auto_takes_the_mesh_a_plan_file_records(tmp_path, caplog):
+  """`scripts/plan.py --plan=FILE` checks a file on the mesh it records, while train.py's
+  `--mesh=auto` put every device on `data`: a plan checked on table=2,row=2 ran on data=4
+  (its tables on one slice each, or refused). Now auto takes the file's mesh when it has
+  the devices; otherwise data, with the warning naming both meshes."""
+  import jax   # pylint: disable=import-outside-toplevel
+  from jaxrec.sharding import mesh as mesh_lib   # pylint: disable=import-outside-toplevel
+  from jaxrec.train import loop   # pylint: disable=import-outside-toplevel
+  _, result, _, _ = choose("twrw")
+  path = tmp_path / "plan.json"
+  path.write_text(json.dumps(result.to_json()))
+  with caplog.at_level("WARNING"):
+    _, plan, info = loop.setup(CONFIG, RunOptions(plan=str(path)), jax.devices()[:4])
+  assert info["mesh"] == {"data": 1, "table": 2, "row": 2, "col": 1} and plan == result.plan
+  assert "was made for mesh" not in caplog.text
+  assert mesh_lib.auto_mesh_shape(str(path), 8) == {"data": 8, "table": 1, "row": 1, "col": 1}
+  bare = tmp_path / "bare.json"   # records no mesh
+  bare.write_text(result.plan.dumps())
+  assert mesh_lib.auto_mesh_shape(str(bare), 4) == {"data": 4, "table": 1, "row": 1, "col": 1}
+
+
 @pytest.mark.parametrize("content,message", [
     (None, "--plan: cannot read '{path}'"),
     ('{"a": {"kind": "tw"},\n "b": oops}', "--plan: {path}:2: not valid JSON"),
