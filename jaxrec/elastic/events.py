@@ -29,6 +29,7 @@ EVENTS = {
     "initialized": "a worker joined the distributed runtime",
     "restore": "a generation's workers started from a checkpoint step (0: fresh)",
     "resume": "first step done on a new mesh; seconds since the failure and breakdown",
+    "recovery_failed": "a restarted generation ended before every worker finished a step",
     "worker_exit": "a worker ended (return code / signal; lost: its slot is gone; error: "
                    "the signal, or for an exit code the last log line)",
     "hang": "a worker made no progress for --hang_timeout seconds (treated as dead)",

@@ -40,7 +40,7 @@ from typing import IO
 
 from jaxrec import files
 from jaxrec.elastic import capacity as capacity_lib
-from jaxrec.elastic import procs as proc_lib, replan, stragglers, worker as worker_lib
+from jaxrec.elastic import procs as proc_lib, recovery, replan, stragglers, worker as worker_lib
 from jaxrec.elastic.events import EventLog, give_up_text, read_events
 from jaxrec.elastic.options import Options
 from jaxrec.errors import ConfigError
@@ -175,6 +175,9 @@ class Supervisor:
           self._recovery["replan_s"] = time.time() - t0
         self._launch(choice)
         out = self._watch()
+        if out.kind != "finished" and self._recovery is not None:   # no `resume` came
+          self.events.emit("recovery_failed", generation=self.generation,
+                           **recovery.failed(self._recovery, out.reason, out.detected))
         if out.kind == "finished":
           self.events.emit("finished", generation=self.generation,
                            step=max(p.last_step for p in self.procs),
@@ -193,8 +196,7 @@ class Supervisor:
                                  f"{self.restarts} failures exceed --max_restarts="
                                  f"{self.o.max_restarts}")
         # from the detection: a requested stop's workers save and exit on their own first
-        self._recovery = {"detected": out.detected, "reason": out.reason,
-                          "stop_s": time.time() - out.detected}
+        self._recovery = recovery.begin(out.detected, out.reason, time.time(), self._recovery)
         self.generation += 1
         reason = out.reason
     except (KeyboardInterrupt, _Terminated) as e:
@@ -440,22 +442,8 @@ class Supervisor:
                        fresh=step == 0)
     if all(q.first is not None for q in self.procs) and self._recovery is not None:
       rec, self._recovery = self._recovery, None
-      done = max(q.first["time"] for q in self.procs)
-      launch = min(q.launched for q in self.procs)
-      init = [q.initialized["time"] for q in self.procs if q.initialized]
-      compile_s = max(float(q.first["step_time_s"]) for q in self.procs)
-      initialized = max(init) if init else launch
-      breakdown = {
-          "stop_s": rec["stop_s"], "replan_s": rec.get("replan_s", 0.0),
-          "restart_s": initialized - launch,                    # spawn, imports, join
-          "restore_s": max(done - compile_s - initialized, 0.0),  # setup, state, restore
-          "compile_s": compile_s}                               # first step (compiles)
-      self.events.emit(
-          "resume", generation=self.generation, reason=rec["reason"],
-          step=min(int(q.first["step"]) for q in self.procs),
-          seconds_since_detection=round(done - rec["detected"], 3),
-          detected_at=rec["detected"], first_step_at=done,
-          breakdown={k: round(v, 3) for k, v in breakdown.items()})
+      self.events.emit("resume", generation=self.generation,
+                       **recovery.resumed(rec, self.procs))
 
   def _check_exits(self, now: float, planned: _Outcome | None) -> _Outcome | None:
     new = []
