@@ -7,6 +7,7 @@
               straggler: stop, re-plan, restart from the latest checkpoint
   capacity    the capacity file (`N`, `N K` or JSON), read strictly
   replan      processes, mesh and plan for a capacity (the planner decides the plan)
+  recovery    a restart's timings: `resume` (breakdown) or `recovery_failed`
   procs       process plumbing: ports, signals, states, worker logs, latest checkpoint
   stragglers  slow process / hot shard detection over step-time windows
   events      `W/events.jsonl`, one JSON object per decision

@@ -40,8 +40,8 @@ EVENTS = {
     "scale_down": "less capacity than in use: shrink",
     "straggler": "a process or shard persistently slower than the others",
     "finished": "every worker ended normally at the last step",
-    "give_up": "the supervisor stops: below --min_processes, --max_restarts, user error, "
-               "SIGINT / SIGTERM",
+    "give_up": "the supervisor stops: below --min_processes, no usable mesh, --max_restarts, "
+               "user error, SIGINT / SIGTERM",
 }
 
 

@@ -16,7 +16,8 @@ One *generation* is one set of workers on one mesh. The supervisor
   4. the new generation's workers restore the latest checkpoint onto their mesh (the
      trainer resumes from `W/checkpoints`) and continue with the next unseen example.
 
-It stops when the workers finish (exit 0), below `min_processes`, after `max_restarts`
+It stops when the workers finish (exit 0), below `min_processes` (or with no mesh of the
+processes available), after `max_restarts`
 restarts caused by failures, on a user error (a worker's `error: ...` line), or on
 SIGINT / SIGTERM (workers killed, exit 128 + signal). Every
 decision is an event in `W/events.jsonl` (`jaxrec.elastic.events`).
@@ -163,11 +164,11 @@ class Supervisor:
     try:
       while True:
         t0 = time.time()
-        choice, why = self._plan(first=self.generation == first)
+        choice, why, cause = self._plan(first=self.generation == first)
         if choice is None:
           if self.generation == first and self._first_plan_failed:   # the user's to fix
             return self._give_up("user_error", EXIT_USER_ERROR, why, fix=FIX_CONFIG)
-          return self._give_up("below_min", EXIT_BELOW_MIN, why, fix=self._capacity_fix())
+          return self._give_up(cause, EXIT_BELOW_MIN, why, fix=self._capacity_fix())
         self.events.emit("plan" if self.generation == first else "replan",
                          generation=self.generation, reason=reason,
                          seconds=round(time.time() - t0, 3), **choice.to_json())
@@ -252,8 +253,10 @@ class Supervisor:
       return None
     return f"change {self.capacity_file} (it states {n} x {k}: no usable job) or remove it"
 
-  def _plan(self, first: bool = False) -> tuple[replan.Choice | None, str]:
-    """The largest usable process count, or `(None, why)`. The supervisor's first plan
+  def _plan(self, first: bool = False) -> tuple[replan.Choice | None, str, str]:
+    """The largest usable process count, or `(None, why, give_up reason)`: `below_min`, or
+    `no_usable_mesh` when enough processes are available but no mesh of them takes the
+    config. The supervisor's first plan
     on the flags' capacity tries only those processes: a configuration that no mesh of them
     takes (e.g. a batch size the devices do not divide) was run silently on fewer
     processes, ignoring --num_processes (then `_first_plan_failed` is set). A capacity
@@ -266,14 +269,14 @@ class Supervisor:
                                          minimum, self.o.platform)
     if choice is None and first and reasons:
       self._first_plan_failed = True
-      return None, reasons[0]
+      return None, reasons[0], "user_error"
+    if choice is None and available >= self.o.min_processes:
+      return (None, f"no usable mesh for {available} process(es): " + "; ".join(reasons[:2]),
+              "no_usable_mesh")
     if choice is None:
-      why = (f"only {available} process(es) of {k} device(s) available, below "
-             f"--min_processes={self.o.min_processes}")
-      if available >= self.o.min_processes:
-        why = f"no usable mesh for {available} process(es): " + "; ".join(reasons[:2])
-      return None, why
-    return choice, ""
+      return None, (f"only {available} process(es) of {k} device(s) available, below "
+                    f"--min_processes={self.o.min_processes}"), "below_min"
+    return choice, "", ""
 
   # ---------------------------------------------------------------------------- workers
   def _launch(self, choice: replan.Choice) -> None:

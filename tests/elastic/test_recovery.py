@@ -14,7 +14,7 @@ def _supervisor(tmp_path, monkeypatch, outcomes):
                      [f"--workdir={tmp_path}", "--gin_file=configs/x.gin"])
   monkeypatch.setattr(sup.replan, "load_config", lambda args: None)
   choice = replan.Choice(1, 2, {"data": 2}, "auto", {"dp": 1}, 0.01)
-  monkeypatch.setattr(s, "_plan", lambda first=False: (choice, ""))
+  monkeypatch.setattr(s, "_plan", lambda first=False: (choice, "", ""))
 
   def launch(c):
     s.choice, s._launched, s.procs = c, s.generation, []   # pylint: disable=protected-access

@@ -129,7 +129,9 @@ def test_capacity_no_mesh_takes_says_so_then_stops(tmp_path):
   up = next(e for e in ev if e["event"] == "scale_up")
   assert (up["current"], up["target"], up["available"]) == ([2, 2], [2, 3], 2), up
   assert up["note"] == "no usable mesh for 1 to 2 process(es) of 3 device(s): the workers stop"
-  assert "replan" not in t.names(ev) and ev[-1]["reason"] == "below_min", ev[-1]
+  # was `below_min`, though 2 processes (>= --min_processes=1) were available
+  assert "replan" not in t.names(ev) and ev[-1]["reason"] == "no_usable_mesh", ev[-1]
+  assert ev[-1]["message"].startswith("no usable mesh for 2 process(es): "), ev[-1]
 
 
 def test_max_restarts(tmp_path):
@@ -256,6 +258,20 @@ def test_a_second_straggler_in_the_same_poll_says_the_job_is_already_replanning(
   assert first["action"] == "replan without it" and "note" not in first, first
   assert second["process"] == 2 and second["action"] == "report", second
   assert second["note"] == "the job is already re-planning for straggler process 1", second
+
+
+def test_no_usable_mesh_is_its_own_give_up_reason(tmp_path, monkeypatch):
+  """Enough processes but no mesh of them (no workers): the give_up reason was `below_min`."""
+  s = sup.Supervisor(sup.Options(num_processes=2, devices_per_process=3, min_processes=1),
+                     [f"--workdir={tmp_path}", "--gin_file=configs/x.gin"])
+  s.config = None
+  monkeypatch.setattr(sup.replan, "best_choice",
+                      lambda *args: (None, ["2 process(es): not divisible"]))
+  assert s._plan() == (None, "no usable mesh for 2 process(es): 2 process(es): not divisible",
+                       "no_usable_mesh")
+  s.lost = [0.0, 0.0]
+  assert s._plan() == (None, "only 0 process(es) of 3 device(s) available, below "
+                       "--min_processes=1", "below_min")
 
 
 @pytest.mark.slow
