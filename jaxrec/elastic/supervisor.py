@@ -176,9 +176,8 @@ class Supervisor:
           self._recovery["replan_s"] = time.time() - t0
         self._launch(choice)
         out = self._watch()
-        if out.kind != "finished" and self._recovery is not None:   # no `resume` came
-          self.events.emit("recovery_failed", generation=self.generation,
-                           **recovery.failed(self._recovery, out.reason, out.detected))
+        if out.kind != "finished":
+          self._recovery_failed(out.reason, out.detected)
         if out.kind == "finished":
           self.events.emit("finished", generation=self.generation,
                            step=max(p.last_step for p in self.procs),
@@ -202,12 +201,19 @@ class Supervisor:
         reason = out.reason
     except (KeyboardInterrupt, _Terminated) as e:
       sig = signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT
+      self._recovery_failed(f"supervisor got {sig.name}", time.time())
       self._stop_all(f"supervisor got {sig.name}", graceful=False)
       return self._give_up("interrupted", 128 + sig, f"interrupted by {sig.name}")
     finally:
       self._stop_all("supervisor exit", graceful=False, quiet=True)
       if previous_sigterm is not None:
         signal.signal(signal.SIGTERM, previous_sigterm)
+
+  def _recovery_failed(self, ended_by: str, now: float) -> None:
+    """`recovery_failed` when the running generation ends before its `resume`."""
+    if self._recovery is not None and self._launched == self.generation:
+      self.events.emit("recovery_failed", generation=self.generation,
+                       **recovery.failed(self._recovery, ended_by, now))
 
   def _give_up(self, reason: str, code: int, message: str, fix: str | None = None) -> int:
     ckpt = proc_lib.latest_checkpoint(self.workdir)

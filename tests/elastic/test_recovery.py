@@ -22,7 +22,14 @@ def _supervisor(tmp_path, monkeypatch, outcomes):
   monkeypatch.setattr(s, "_launch", launch)
   monkeypatch.setattr(s, "_stop_all", lambda *a, **k: None)
   outs = iter(outcomes)
-  monkeypatch.setattr(s, "_watch", lambda: next(outs))
+
+  def watch():
+    out = next(outs)
+    if isinstance(out, BaseException):
+      raise out
+    return out
+
+  monkeypatch.setattr(s, "_watch", watch)
   return s
 
 
@@ -43,6 +50,17 @@ def test_a_generation_failing_before_its_first_step_reports_the_recovery(tmp_pat
       (1, "worker 1 exited (killed by SIGKILL)", 1, "worker 0 exited (exit code 1)", 10.0),
       (2, "worker 0 exited (exit code 1)", 2, "user error", 10.0)]
   assert t.names(ev)[-3:] == ["replan", "recovery_failed", "give_up"], t.names(ev)
+
+
+def test_an_interrupt_during_a_recovery_reports_it(tmp_path, monkeypatch):
+  fail = sup._Outcome   # pylint: disable=protected-access
+  s = _supervisor(tmp_path, monkeypatch, [
+      fail("failure", "worker 1 hung", lost=1, detected=100.0), KeyboardInterrupt()])
+  assert s.run() == 130
+  ev = t.events(str(tmp_path))
+  assert t.names(ev)[-2:] == ["recovery_failed", "give_up"], t.names(ev)
+  assert (ev[-2]["generation"], ev[-2]["reason"], ev[-2]["ended_by"]) == (
+      1, "worker 1 hung", "supervisor got SIGINT")
 
 
 def test_resume_counts_the_attempts():
