@@ -7,9 +7,9 @@ Profile file `W/profile.jsonl`, one JSON object per line, written by the trainer
    "steps": 100, "batch_size": 512, "shard_times_s": {...}}
 
 `step`, `step_time_s` (mean over the window that ends at `step`), `plan` and `mesh` are
-required; `steps` (steps averaged, the sample weight; default 1), `batch_size` (old profiles lack it:
-the caller's, noted in the report) and `warmup: true` (skip the line) are optional;
-`shard_times_s` is reserved for per-stack timings and not used yet.
+required; `steps` (steps averaged, the sample weight; default 1), `batch_size` (old
+profiles lack it: the caller's, noted in the report) and `warmup: true` (skip the line) are
+optional; `shard_times_s` is reserved for per-stack timings and not used yet.
 
 The fit: each distinct (plan, mesh, batch) gives one sample (x, t): x = the cost terms of a
 device (`PlanResult.critical_terms`; every device alike), t = the median measured step
