@@ -221,8 +221,8 @@ def main(argv):
           mesh_shape=mesh, plan_batch_size=FLAGS.batch_size,
           batch_size_from="--batch_size" if FLAGS.batch_size else "the config's batch_size")
     elif mesh is None:
-      raise ConfigError("--mesh is required, e.g. --mesh=data=2,table=2,row=2,col=1" +
-                        (" (the --plan file records no mesh)" if FLAGS.plan != "auto" else ""))
+      why = " (the --plan file records no mesh, or a damaged one)" if FLAGS.plan != "auto" else ""
+      raise ConfigError(f"--mesh is required, e.g. --mesh=data=2,table=2,row=2,col=1{why}")
     elif offloaded:
       result = _plan_offloaded(spec, *offloaded, mesh, memory, optimizer, batch, cal)
     elif FLAGS.plan == "auto":

@@ -100,3 +100,15 @@ def test_a_placement_without_a_kind_string_names_the_table(tmp_path, placement, 
   with pytest.raises(ConfigError, match=rf"--plan: {path}: .*{why}") as e:
     Plan.load(str(path))
   assert "table 't1'" in str(e.value)
+
+
+@pytest.mark.parametrize("mesh", [{"tabel": 4}, {"data": 2.5, "table": 2}, {"data": 0, "table": 8},
+                                  {"data": True, "table": 4}, {"table": "4"}, [4]])
+def test_a_damaged_recorded_mesh_counts_as_none(tmp_path, mesh):
+  """A damaged `"mesh"` was read as a guess (`{"tabel": 4}`: one device, `{"data": 2.5}`:
+  data=2), the mesh `scripts/plan.py --plan=FILE` and `--mesh=auto` then planned on."""
+  path = tmp_path / "plan.json"
+  path.write_text(json.dumps({"plan": {"a": {"kind": "tw"}}, "mesh": mesh}))
+  assert Plan.load_with_mesh(str(path)) == (Plan({"a": TablePlacement("tw")}), None)
+  path.write_text(json.dumps({"plan": {"a": {"kind": "tw"}}, "mesh": {"table": 4}}))
+  assert Plan.load_with_mesh(str(path))[1] == {"data": 1, "table": 4, "row": 1, "col": 1}
