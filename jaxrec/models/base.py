@@ -21,7 +21,8 @@ from jaxrec.models.dcnv2 import DCNv2
 from jaxrec.models.deepfm import DeepFM
 from jaxrec.models.dlrm import DLRM
 from jaxrec.models.mlp import compute_dtype
-from jaxrec.models.two_tower import LOSSES, TwoTower, in_batch_softmax_loss
+from jaxrec.models.two_tower import (LOSSES, TwoTower, freeze_unused_item_bias,
+                                     in_batch_softmax_loss)
 
 MODELS: dict[str, type[nn.Module]] = {
     "dlrm": DLRM,
@@ -89,6 +90,7 @@ def compute_loss(model: nn.Module, params: Any, dense, emb, labels) -> tuple[jax
     raise ConfigError(f"{type(model).__name__}.loss must be one of {LOSSES}, got '{loss_name}'")
   labels = labels.astype(jnp.float32)
   if loss_name == "in_batch_softmax":
+    variables = {"params": freeze_unused_item_bias(model, params)}
     user, item = model.apply(variables, dense, emb, method="towers")
     logits = (user * item).sum(-1) / model.temperature
     keys = (model.apply(variables, emb, method="item_keys")

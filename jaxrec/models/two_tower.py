@@ -55,6 +55,21 @@ def in_batch_softmax_loss(user, item, labels, temperature: float, item_keys=None
   return -(w * logp).sum() / jnp.maximum(w.sum(), 1.0)
 
 
+def freeze_unused_item_bias(model: "TwoTower", params):
+  """`params` with the item tower's last bias behind `stop_gradient` when the loss cannot
+  depend on it (`in_batch_softmax` without `normalize`): it adds `<u_i, b>` to every score
+  of row `i`, which the softmax cancels, so its gradient is 0 in exact arithmetic. Its
+  computed gradient was rounding noise (~1e-8) that Adam, which normalises step sizes, turned
+  into lr-sized steps set by the reduction order: the eval scores `<u, v>` then depended on
+  the device count. Now it keeps its value (the parameter tree is unchanged)."""
+  if getattr(model, "loss", None) != "in_batch_softmax" or model.normalize:
+    return params
+  last = f"layer_{len(model.item_mlp) - 1}"
+  tower = dict(params["item_tower"])
+  tower[last] = dict(tower[last], bias=jax.lax.stop_gradient(tower[last]["bias"]))
+  return dict(params, item_tower=tower)
+
+
 @gin.configurable
 class TwoTower(nn.Module):
   """Two-tower model: `logit = <user(x_u), item(x_i)> / temperature`.
