@@ -246,8 +246,9 @@ class OffloadTier:
       uniq, _ = batch_rows(t.spec, t.features, batch)
       if len(uniq) > t.cache.cache_rows:
         raise ConfigError(f"offloaded table '{name}': an eval batch reads {len(uniq)} distinct "
-                          f"rows, more than its cache of {t.cache.cache_rows}; lower the eval "
-                          "batch size")
+                          f"rows, more than its cache of {t.cache.cache_rows}; raise its "
+                          "cache_rows/cache_bytes (OffloadConfig.tables) or lower "
+                          "ExperimentConfig.eval_batch_size")
       order = np.argsort(t.resident)
       pos = np.minimum(np.searchsorted(t.resident, uniq, sorter=order), len(order) - 1)
       cached = t.resident[order[pos]] == uniq

@@ -45,3 +45,43 @@ def test_interleaved_evals_and_resume_match_on_device_tables(tmp_path):
   np.testing.assert_allclose([losses[s] for s in (5, 10, 20, 22)],
                              [ref_losses[s] for s in (5, 10, 20, 22)], rtol=0, atol=1e-6)
   np.testing.assert_allclose([again[k] for k in EVAL_KEYS], want[22], rtol=0, atol=1e-6)
+
+
+def test_eval_batch_filling_the_cache_exactly_and_one_row_more(tmp_path):
+  """An eval batch whose distinct rows fill the cache exactly scores as on the device; one
+  row more is an error naming the bindings to change (it said 'lower the eval batch size'),
+  and training goes on as if those evals never ran."""
+  import jax   # pylint: disable=import-outside-toplevel
+  from jaxrec.errors import ConfigError   # pylint: disable=import-outside-toplevel
+  from jaxrec.offload.cache import batch_rows   # pylint: disable=import-outside-toplevel
+  from jaxrec.train import state as state_lib, step as step_lib   # pylint: disable=C0415
+  from tests.offload.offload_helpers import Run, experiment, mesh_of, offload_config
+  cfg = experiment("sgd")
+  ref = Run(cfg, mesh_of()).train(4)
+  # two batches' worth of unseen examples: more distinct rows than any training batch reads
+  batch = jax.tree.map(lambda a, b: np.concatenate([a, b]), ref.it.batch_at(10**6),
+                       ref.it.batch_at(10**6 + 128))
+  uniq = batch_rows(cfg.tables[0], ["f_big", "f_big2"], batch)[0]
+  ids = np.array(batch.ids["f_big"])
+  ids[ids == ids[0]] = np.setdiff1d(np.arange(10_000), uniq)[0]   # a row no other id reads
+  bigger = batch.replace(ids=dict(batch.ids, f_big=ids))
+  assert len(batch_rows(cfg.tables[0], ["f_big", "f_big2"], bigger)[0]) == len(uniq) + 1
+  want = np.asarray(step_lib.make_eval_step(cfg, ref.collection, state_lib.shardings(
+      ref.state, ref.collection))(ref.state, ref.put(batch)))
+  ref.train(2)
+  off = Run(cfg, mesh_of(), offload_config(tmp_path, len(uniq), prefetch_depth=2)).train(4)
+  try:
+    eval_step = step_lib.make_eval_step(cfg, off.collection, state_lib.shardings(
+        off.state, off.collection))
+    state, remapped = off.tier.eval_view(off.state, batch)
+    np.testing.assert_allclose(np.asarray(eval_step(state, off.put(remapped))), want,
+                               rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match=rf"'big': an eval batch reads {len(uniq) + 1} "
+                       rf"distinct rows, more than its cache of {len(uniq)}; raise its "
+                       r"cache_rows/cache_bytes \(OffloadConfig.tables\) or lower "
+                       r"ExperimentConfig.eval_batch_size"):
+      off.tier.eval_view(off.state, bigger)
+    off.train(2)
+    np.testing.assert_allclose(off.losses, ref.losses, rtol=0, atol=1e-6)
+  finally:
+    off.close()

@@ -43,7 +43,7 @@ def test_auto_skips_tables_that_cannot_be_offloaded():
 
 def test_auto_cache_holds_an_eval_batch():
   """The trainer looks eval batches up through the cache: a cache `auto` sizes must hold
-  one (else the first eval fails with 'lower the eval batch size')."""
+  one (else the first eval fails with '... lower ExperimentConfig.eval_batch_size')."""
   from jaxrec.train.config import ExperimentConfig, RunOptions
   from jaxrec.models import DLRM
   config = ExperimentConfig(embedding=(TABLES, FEATURES), model=DLRM((16,), (1,)),
