@@ -25,7 +25,7 @@ from jaxrec.checkpoint import storage
 from jaxrec.checkpoint.manager import REJECTED_DIR, step_dirs
 from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
-from jaxrec.errors import ConfigError, JaxrecError
+from jaxrec.errors import ConfigError, DataError, JaxrecError
 from jaxrec.files import workdir_lock, write_text_atomic
 from jaxrec import elastic, files, offload, planner
 from jaxrec.offload import snapshots as snapshots_lib
@@ -226,6 +226,12 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
         log.info("removed offload snapshots of steps %s (older than checkpoint %d)",
                  gone, kept[0])
 
+  def save_checkpoint(state, step: int, force: bool) -> None:
+    if tier is not None:   # flush and snapshot the offloaded tables of this step
+      tier.save(state, step, snapshots)
+    ckpt.save(step, state, collection, data_state=train_it.get_state(), meta=meta, force=force)
+    prune_snapshots()
+
   def fresh_dense():   # the dense values a tables-only checkpoint (an import) lacks
     return state_lib.create_dense(config, collection, options.seed)
 
@@ -359,13 +365,16 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
                 batch_size=config.batch_size))
         record.update(data_adapter.bad_row_metrics(train_it, eval_data))
       if is_ckpt:   # before the eval: an eval that fails loses no training
-        if tier is not None:   # flush and snapshot the offloaded tables of this step
-          tier.save(state, step, snapshots)
-        ckpt.save(step, state, collection, data_state=train_it.get_state(), meta=meta,
-                  force=done or stop)
-        prune_snapshots()
+        save_checkpoint(state, step, force=done or stop)
       if is_eval:
-        record.update(evaluate(eval_step, collection, state, eval_data, bsharding, tier))
+        try:
+          record.update(evaluate(eval_step, collection, state, eval_data, bsharding, tier))
+        except (ConfigError, DataError):   # e.g. an eval batch too big for an offload cache
+          if not is_ckpt:   # between checkpoints: keep the steps since the last one
+            log.error("the eval of step %d failed: saving checkpoint %d first", step, step)
+            save_checkpoint(state, step, force=True)
+            ckpt.wait()
+          raise
       if record:
         writer.write(step, record)
       if is_log:

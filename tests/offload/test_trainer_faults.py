@@ -2,6 +2,7 @@
 (and its offload snapshot) stay valid, and the same command resumes from it exactly."""
 
 import logging
+import os
 import re
 
 import numpy as np
@@ -89,3 +90,20 @@ def test_a_failing_final_eval_keeps_the_final_checkpoint(tmp_path, caplog):
     result = train_synthetic(w, 8, small_cache + ["ExperimentConfig.eval_batch_size=128"])
   assert result["step"] == 8 and np.isfinite(result["eval_logloss"])   # evaluates step 8
   assert "may read up to" not in caplog.text
+
+
+def test_a_failing_eval_between_checkpoints_saves_its_step_first(tmp_path):
+  """An eval batch too big for the cache at an eval step that does not checkpoint (step 3;
+  checkpoints every 10) stopped the run with nothing saved: every step since the last
+  checkpoint was lost, on each rerun again. It now saves that step first; the same command
+  with a bigger cache resumes from it."""
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  w = tmp_path / "w"
+  small_cache = SMALL_DLRM + ["OffloadConfig.tables={'t0': {'cache_rows': 300}}"]
+  with pytest.raises(ConfigError, match="an eval batch reads .* more than its cache of 300"):
+    train_synthetic(w, 8, small_cache, eval_every=3)
+  assert sorted(os.listdir(w / "checkpoints")) == ["3"]
+  assert sorted(os.listdir(w / "offload_snapshots")) == ["3"]
+  result = train_synthetic(w, 4, small_cache + ["ExperimentConfig.eval_batch_size=128"])
+  assert result["step"] == 4 and [l["step"] for l in logged_lines(w)
+                                  if l.get("event") == "resume"] == [3]
