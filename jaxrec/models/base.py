@@ -50,8 +50,9 @@ def build_model(name: str = gin.REQUIRED, **kwargs) -> nn.Module:
     missing = re.findall(r"'(\w+)'", first) if " missing " in first else []
     if missing:
       names = " and ".join(f"{cls.__name__}.{m}" for m in missing)
+      it = "them" if len(missing) > 1 else "it"
       raise ConfigError(f"build_model('{name}'): {names} not bound: the model has no default "
-                        f"for it; bind it in the gin file or with --gin_bindings") from None
+                        f"for {it}; bind {it} in the gin file or with --gin_bindings") from None
     raise ConfigError(f"build_model('{name}'): {first}") from None
   # Checked here too (the model checks it again when called), so that a bad dtype stops a
   # run when the config is read, before planning or starting workers.

@@ -238,7 +238,7 @@ def test_an_unbound_required_hyperparameter_is_one_line_naming_the_binding():
       "build_model('two_tower'): TwoTower.user_features not bound: the model has no default "
       "for it; bind it in the gin file or with --gin_bindings")
   with pytest.raises(ConfigError, match=r"TwoTower.user_features and TwoTower.item_features "
-                     "not bound"):
+                     "not bound: the model has no default for them; bind them in"):
     build_model("two_tower")
 
 
