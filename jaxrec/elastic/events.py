@@ -6,7 +6,7 @@ Each line has `time` (unix seconds), `event` (name) and the event's details, e.g
    "returncode": -9, "signal": "SIGKILL", "last_step": 37, "lost": true,
    "error": "killed by SIGKILL", "last_log_line": "step 37: loss=0.1342"}
 
-See `EVENTS` for the names and the README section "Elastic training" for how to read them.
+See `EVENTS` for the names and docs/elastic.md, "Reading `W/events.jsonl`", for how to read them.
 """
 
 from __future__ import annotations

@@ -395,7 +395,7 @@ def test_checkpoint_output_holding_the_checkpoint_dir_is_refused(saved):
 
 
 def test_plan_file_of_a_run_is_accepted(saved, tmp_path):
-  """`--plan=W/plan.json` (the plan under "plan", as README says --plan takes) was a
+  """`--plan=W/plan.json` (the plan under "plan", as docs/checkpoints.md says --plan takes) was a
   TypeError traceback."""
   path, coll, _ = saved
   plan_json = tmp_path / "plan.json"

@@ -292,7 +292,7 @@ def test_a_signal_right_after_a_shard_is_opened_leaves_no_file(tmp_path, monkeyp
 def test_a_run_resumes_on_its_data_re_preprocessed_but_not_on_other_data(dataset, tmp_path):
   """The data state's fingerprint is of the examples read, not of the files: the TSV, its
   shards and a re-preprocessed copy in other shard sizes are one dataset; the same rows in
-  another order are not (README, *Continuing on new data*)."""
+  another order are not (docs/checkpoints.md, *Continuing on new data*)."""
   from jaxrec.data import pipeline
   path, out, lay = dataset
   it = pipeline.TrainIterator(tsv.read_tsv([path], lay), 16, seed=1, num_threads=0)

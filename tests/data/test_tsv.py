@@ -129,7 +129,8 @@ def test_files_dirs_and_globs(tmp_path):
 
 
 def test_files_are_read_in_byte_wise_name_order(tmp_path):
-  """Not natural order: checkpoints' data positions depend on it (see README "Data")."""
+  """Not natural order: checkpoints' data positions depend on it (see README "Data" and
+  docs/data.md)."""
   d = tmp_path / "days"
   d.mkdir()
   names = ["day_2", "day_10", "day_1.tsv", "day_1", "Day_3", "day_02"]

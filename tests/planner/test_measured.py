@@ -23,8 +23,8 @@ from jaxrec.train.config import ExperimentConfig, dense_optimizer
 BATCH = 1024
 MESH = {"table": 8}
 # Estimates within this factor of each other are a tie for the calibrated model: a quick
-# calibration on a loaded machine moves each plan's estimate by more than that (README:
-# calibrated estimates are 0.6-0.95x of the measured times), so it cannot rank them.
+# calibration on a loaded machine moves each plan's estimate by more than that (docs/planner.md,
+# *Measured*: calibrated estimates are 0.6-0.95x of the measured times), so it cannot rank them.
 TIE = 1.25
 
 
