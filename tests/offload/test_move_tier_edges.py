@@ -72,6 +72,7 @@ def test_a_copied_workdir_reads_its_own_snapshot(tmp_path):
   np.testing.assert_allclose(got["eval_logloss"], want["eval_logloss"], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow   # 25-45 s of script runs: kept out of the default suite for its time
 def test_a_changed_cache_size_resumes(offloaded_run, tmp_path):
   """Offloaded again with a smaller cache: the checkpoint's old cache is not read (caches
   start empty on a restore; the snapshot holds every row), and the run continues as with

@@ -85,6 +85,7 @@ def test_a_trained_run_evaluates_new_data_without_its_training_data(tmp_path):
   assert steps[-1] == 20 and steps.count(20) == 2   # trained 11..20 again
 
 
+@pytest.mark.slow   # 25-45 s of script runs: kept out of the default suite for its time
 def test_continue_training_on_new_data_from_a_copy_without_the_data_position(tmp_path):
   """Daily incremental training: a checkpoint of day 0's run resumes on day 1's file only
   from a copy made with `--restart_data` (the workdir's own checkpoint refuses other data,
