@@ -34,6 +34,7 @@ from jaxrec.embedding.specs import TableSpec
 from jaxrec.errors import ConfigError
 from jaxrec.offload import integrity
 from jaxrec.offload.config import OffloadError, OffloadTable
+from jaxrec.offload.owner import OWNER
 
 TABLE = "table"
 _INIT_BLOCK_ROWS = 1 << 18
@@ -243,7 +244,7 @@ class TableStore:
         self.arrays[name].write(src_arr.read().result()).result()
       return
     try:
-      shutil.rmtree(self.path, ignore_errors=True)
+      _clear(self.path)
       link_tree(src, self.path)
     except OSError as e:
       raise OffloadError(f"offloaded table '{self.spec.name}': cannot restore snapshot {src} "
@@ -284,14 +285,29 @@ def _status(e: Exception) -> str:
   return str(e).split(" [tensorstore_spec=")[0].split("\n")[0]
 
 
+def _clear(path: str) -> None:
+  """Removes everything in the store directory `path` but its `owner.OWNER` file."""
+  if not os.path.isdir(path):
+    return
+  for name in os.listdir(path):
+    full = os.path.join(path, name)
+    if name == OWNER:
+      continue
+    if os.path.isdir(full) and not os.path.islink(full):
+      shutil.rmtree(full, ignore_errors=True)
+    else:
+      os.remove(full)
+
+
 def link_tree(src: str, dst: str) -> None:
   """Recreates the files of `src` under `dst` as hard links (copies across devices),
-  without tensorstore's lock files. Snapshots and checkpoint conversion copy with it."""
+  without tensorstore's lock files and the store's `owner.OWNER` file. Snapshots and
+  checkpoint conversion copy with it."""
   for root, _, files in os.walk(src):
     out = os.path.join(dst, os.path.relpath(root, src))
     os.makedirs(out, exist_ok=True)
     for f in files:
-      if f.endswith(integrity.LOCK_SUFFIX):
+      if f.endswith(integrity.LOCK_SUFFIX) or (f == OWNER and root == src):
         continue
       a, b = os.path.join(root, f), os.path.join(out, f)
       try:

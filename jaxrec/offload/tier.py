@@ -55,7 +55,7 @@ from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.embedding.specs import TableSpec
 from jaxrec.errors import ConfigError, JaxrecError
-from jaxrec.offload import snapshots
+from jaxrec.offload import owner, snapshots
 from jaxrec.offload.buffer import HostBuffer
 from jaxrec.offload.cache import CacheMap, batch_rows
 from jaxrec.offload.config import OffloadConfig, OffloadError, check_paths, check_tables
@@ -80,7 +80,8 @@ class OffloadTier:
     config: the offload configuration.
     key: table init key (`hooks.emb_init_key(seed)`); the stores start from the values the
       on-device tables would get.
-    workdir: default parent of the stores (`<workdir>/offload/<table>`).
+    workdir: default parent of the stores (`<workdir>/offload/<table>`), and their owner
+      (`owner.claim`).
     keep: offload snapshots kept by `save` (None: all).
   """
 
@@ -92,6 +93,9 @@ class OffloadTier:
                         "the global batch to agree on cache slots)")
     check_tables(tables, config)
     check_paths(config, workdir)
+    if workdir:   # before anything touches a store: refuses another workdir's
+      owner.claim({t.name: t.resolve_path(workdir) for t in config.tables
+                   if t.kvstore != "memory"}, workdir)
     self.config, self.collection, self.key, self.keep = config, collection, key, keep
     optimizer = collection.optimizer
     by_name = {t.name: t for t in tables}

@@ -1,0 +1,87 @@
+"""A store `path` belongs to one workdir: another workdir naming it (a copied workdir, two
+jobs with the same gin) is refused before anything there is touched; its restore used to
+delete and re-link the other run's store."""
+
+import logging
+import os
+import shutil
+
+import pytest
+
+from jaxrec import offload
+from jaxrec.embedding.collection import EmbeddingCollection
+from jaxrec.errors import ConfigError
+from jaxrec.offload import snapshots
+from jaxrec.offload.owner import OWNER, read_owner
+from jaxrec.sharding.plan import uniform_plan
+from tests.offload.offload_helpers import experiment, mesh_of
+
+
+def _tier(workdir, path=None):
+  cfg = experiment()
+  off = offload.OffloadConfig((offload.OffloadTable(
+      "big", cache_rows=1000, chunk_rows=256, path=path and str(path)),), prefetch_depth=0)
+  specs = offload.device_tables(cfg.tables, off, cfg.sparse_tx())
+  collection = EmbeddingCollection.create(specs, cfg.features, uniform_plan("dp", specs, 1),
+                                          mesh_of(), cfg.sparse_tx())
+  return offload.OffloadTier(collection, cfg.tables, off, key=offload.emb_init_key(0),
+                             workdir=str(workdir))
+
+
+def _files(path):
+  return sorted((os.path.relpath(os.path.join(r, f), path), os.stat(os.path.join(r, f)).st_ino)
+                for r, _, fs in os.walk(path) for f in fs)
+
+
+def test_another_workdir_is_refused_before_touching_the_store(tmp_path):
+  store = tmp_path / "ssd" / "big"
+  first = _tier(tmp_path / "w1", store)
+  first._ensure_store()
+  assert read_owner(str(store)) == str(tmp_path / "w1")
+  before = _files(store)
+  with pytest.raises(ConfigError) as e:
+    _tier(tmp_path / "w2", store)
+  msg = str(e.value)
+  for part in ("offloaded table 'big': its store", f"'{store}'", f"'{tmp_path / 'w1'}'",
+               f"'{tmp_path / 'w2'}'",               "fresh OffloadTable.path", f"delete '{store / OWNER}'"):
+    assert part in msg
+  assert _files(store) == before            # nothing replaced, re-linked or re-owned
+  first.close()
+  os.remove(store / OWNER)                  # the documented hand-over
+  _tier(tmp_path / "w2", store).close()
+  assert read_owner(str(store)) == str(tmp_path / "w2")
+
+
+def test_a_copied_workdir_takes_its_own_stores(tmp_path):
+  """Default stores (`W/offload/<table>`) are inside the workdir: a `cp -r` copy owns its
+  copy; the original keeps its own."""
+  w1, w2 = tmp_path / "w1", tmp_path / "w2"
+  t = _tier(w1)
+  t._ensure_store()
+  t.close()
+  shutil.copytree(w1, w2)
+  _tier(w2).close()
+  _tier(w1).close()
+  assert read_owner(str(w2 / "offload" / "big")) == str(w2)
+  assert read_owner(str(w1 / "offload" / "big")) == str(w1)
+
+
+def test_a_store_without_owner_is_adopted(tmp_path, caplog):
+  store = tmp_path / "old"
+  store.mkdir()
+  (store / "table").mkdir()                 # written before owner files existed
+  with caplog.at_level(logging.WARNING, logger="jaxrec.offload.owner"):
+    _tier(tmp_path / "w", store).close()
+  assert read_owner(str(store)) == str(tmp_path / "w")
+  assert "has no OWNER file: this workdir" in caplog.text
+
+
+def test_snapshots_leave_the_owner_out_and_restores_keep_it(tmp_path):
+  store, snaps = tmp_path / "ssd" / "big", tmp_path / "w" / "offload_snapshots"
+  run = _tier(tmp_path / "w", store)
+  run._ensure_store()
+  snapshots.save(str(snaps), 1, {n: t.store for n, t in run.tables.items()}, None)
+  assert not os.path.exists(snaps / "1" / "big" / OWNER)
+  run.restore(1, str(snaps))
+  assert read_owner(str(store)) == str(tmp_path / "w")
+  run.close()
