@@ -68,7 +68,8 @@ def init_params(model: nn.Module, rng: jax.Array, num_dense: int, num_features: 
   return model.init(rng, dense, emb)["params"]
 
 
-def compute_loss(model: nn.Module, params: Any, dense, emb, labels) -> tuple[jax.Array, jax.Array]:
+def compute_loss(model: nn.Module, params: Any, dense, emb, labels, item_keys=None
+                 ) -> tuple[jax.Array, jax.Array]:
   """Mean training loss and the logits used for metrics.
 
   Sigmoid binary cross-entropy for every model, except a `TwoTower` with
@@ -81,6 +82,8 @@ def compute_loss(model: nn.Module, params: Any, dense, emb, labels) -> tuple[jax
     dense: float32 `[B, num_dense]`.
     emb: float32 `[B, F, D]` pooled embeddings.
     labels: float32 `[B]` (0 or 1).
+    item_keys: for `remove_accidental_hits`, what identifies each row's item
+      (`item_bag_keys` of the batch); None: the item features' pooled embeddings.
 
   Returns:
     (scalar float32 loss, logits float32 `[B]`).
@@ -94,8 +97,10 @@ def compute_loss(model: nn.Module, params: Any, dense, emb, labels) -> tuple[jax
     variables = {"params": freeze_unused_item_bias(model, params)}
     user, item = model.apply(variables, dense, emb, method="towers")
     logits = (user * item).sum(-1) / model.temperature
-    keys = (model.apply(variables, emb, method="item_keys")
-            if model.remove_accidental_hits else None)
+    keys = None
+    if model.remove_accidental_hits:
+      keys = (item_keys if item_keys is not None
+              else model.apply(variables, emb, method="item_keys"))
     return in_batch_softmax_loss(user, item, labels, model.temperature, keys), logits
   logits = model.apply(variables, dense, emb)
   return optax.sigmoid_binary_cross_entropy(logits, labels).mean(), logits

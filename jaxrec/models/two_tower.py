@@ -38,21 +38,41 @@ def in_batch_softmax_loss(user, item, labels, temperature: float, item_keys=None
     item: `[B, K]` item vectors.
     labels: `[B]` 0/1.
     temperature: softmax temperature `T`.
-    item_keys: optional `[B, ...]` identity of each row's item (rows are the same item when
-      all their key values are equal), e.g. the item tower's input embeddings.
+    item_keys: optional `[B, ...]` array, or a sequence of them, identifying each row's item
+      (rows are the same item when all their key values are equal), e.g. `item_bag_keys`.
 
   Returns:
     scalar float32 loss.
   """
   scores = (user @ item.T).astype(jnp.float32) / temperature
   if item_keys is not None:
-    keys = jax.lax.stop_gradient(item_keys).reshape(item_keys.shape[0], -1)
-    same = (keys[:, None, :] == keys[None, :, :]).all(-1)
+    same = jnp.ones(scores.shape, bool)
+    for k in (item_keys if isinstance(item_keys, (list, tuple)) else [item_keys]):
+      k = jax.lax.stop_gradient(k).reshape(k.shape[0], -1)
+      same &= (k[:, None, :] == k[None, :, :]).all(-1)
     hit = same & ~jnp.eye(scores.shape[0], dtype=bool)
     scores = jnp.where(hit, -jnp.inf, scores)
   logp = jnp.diagonal(jax.nn.log_softmax(scores, axis=-1))
   w = (labels > 0.5).astype(jnp.float32)
   return -(w * logp).sum() / jnp.maximum(w.sum(), 1.0)
+
+
+def item_bag_keys(model: "TwoTower", features, ids, weights) -> list:
+  """What identifies a row's item from the batch: per item feature, its ids `[B, max_len]`
+  sorted (absent slots, -1, first), and for a weighted feature its weights in the same order
+  (0 at absent slots). Rows with the same bags in any order get equal keys; their pooled
+  embeddings can differ in the last bit (float sums in another order)."""
+  out = []
+  for i in model.item_features:
+    f = features[int(i)]
+    x = jnp.asarray(ids[f.name]).astype(jnp.int32)
+    if not f.weighted:
+      out.append(jnp.sort(x, axis=-1))
+      continue
+    w = jnp.where(x >= 0, jnp.asarray(weights[f.name], jnp.float32), 0.0)
+    order = jnp.lexsort((w, x), axis=-1)          # by id, ties by weight
+    out += [jnp.take_along_axis(x, order, -1), jnp.take_along_axis(w, order, -1)]
+  return out
 
 
 def freeze_unused_item_bias(model: "TwoTower", params):
@@ -85,7 +105,8 @@ class TwoTower(nn.Module):
     loss: `bce` (pointwise on labels) or `in_batch_softmax` (see `in_batch_softmax_loss`);
       read by `jaxrec.models.compute_loss`. `__call__` returns the pairwise score either way.
     remove_accidental_hits: with `in_batch_softmax`, rows whose item features are the same
-      (equal pooled embeddings of `item_features`) are not negatives for each other.
+      (the same ids, in any bag order, and weights: `item_bag_keys`; without the batch's ids,
+      bit-equal pooled embeddings of `item_features`) are not negatives for each other.
     dtype: computation dtype (parameters float32, logits float32).
   """
 

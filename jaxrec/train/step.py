@@ -15,6 +15,7 @@ import optax
 from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.models import compute_loss
+from jaxrec.models.two_tower import item_bag_keys
 from jaxrec.sharding.mesh import batch_sharding, replicated
 from jaxrec.train.config import ExperimentConfig
 from jaxrec.train import state as state_lib
@@ -27,10 +28,12 @@ def make_train_step(config: ExperimentConfig, collection: EmbeddingCollection, s
 
   def step(state, batch: Batch):
     ctx = collection.lookup(state["emb"], batch.ids, batch.weights)
+    keys = (item_bag_keys(model, collection.features, batch.ids, batch.weights)
+            if getattr(model, "remove_accidental_hits", False) else None)
 
     def loss_fn(params, rows):
       emb = collection.pool(rows, ctx)
-      loss, _ = compute_loss(model, params, batch.dense, emb, batch.labels)
+      loss, _ = compute_loss(model, params, batch.dense, emb, batch.labels, keys)
       return loss
 
     loss, (g_params, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
