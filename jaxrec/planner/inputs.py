@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any
 
 import gin
@@ -89,8 +90,9 @@ def parse_tables_flag(spec: str, flag: str = "--tables") -> PlannerInputs:
       raise ConfigError(f"{flag}: '{part}': rows must be a whole number, got {fields[1]}")
     rows = int(rows)
     name = fields[0]
-    if pf is not None and pf <= 0:
-      raise ConfigError(f"{flag}: '{part}': pooling factor must be positive")
+    if pf is not None and pf < 0:   # 0, as `TableStats`: its features' bags are empty
+      raise ConfigError(f"{flag}: '{part}': table '{name}': pooling factor must be >= 0 (0: "
+                        f"its features' bags are empty), got {fields[3]}")
     if alpha is not None and alpha < 0:
       raise ConfigError(f"{flag}: '{part}': table '{name}': zipf alpha must be >= 0 (0: "
                         f"uniform), got {fields[4]}")
@@ -142,7 +144,23 @@ def inputs_from_gin() -> PlannerInputs:
   tables, features = (tuple(x) for x in embedding)
   if not all(isinstance(t, TableSpec) for t in tables):
     raise ConfigError("gin tables must be TableSpec objects (e.g. @uniform_tables())")
-  batch = _query("ExperimentConfig.batch_size", _query("%batch_size"))
-  return PlannerInputs(tables, features, {}, None if batch is None else int(batch),
+  batch = _query("ExperimentConfig.batch_size")
+  batch_from = "ExperimentConfig.batch_size"
+  if batch is None:
+    batch, batch_from = _query("%batch_size"), "gin macro %batch_size"
+  return PlannerInputs(tables, features, {}, _batch_size(batch_from, batch),
                        _query("ExperimentConfig.sparse_optimizer"),
-                       int(_query("ExperimentConfig.eval_batch_size", 4096)))
+                       _batch_size("ExperimentConfig.eval_batch_size",
+                                   _query("ExperimentConfig.eval_batch_size", 4096)))
+
+
+def _batch_size(binding: str, value) -> int | None:
+  """`value` (None: unbound) checked as `ExperimentConfig.validate` checks it: a positive
+  integer; `ConfigError` naming `binding` otherwise."""
+  if value is None:
+    return None
+  if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+    raise ConfigError(f"{binding} must be an integer, got {value!r}")
+  if value <= 0:
+    raise ConfigError(f"{binding} must be positive, got {value}")
+  return int(value)

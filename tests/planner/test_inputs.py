@@ -1,0 +1,56 @@
+"""Planner inputs agree with the checks the rest of jaxrec applies to the same values."""
+
+import os
+
+import pytest
+
+from jaxrec import launch
+from jaxrec.errors import ConfigError
+from jaxrec.planner import cost_model as cm
+from jaxrec.planner import inputs
+
+GIN = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "dlrm_criteo.gin")
+
+
+def test_tables_flag_takes_a_pooling_factor_of_zero_as_table_stats_do():
+  """`t:100:16:0` (a table whose features are all empty in the data) was refused by
+  `--tables` while `TableStats(0)` (a config, a profile) was planned."""
+  spec = inputs.parse_tables_flag("t:100:16:0:1.1")
+  assert spec.table_stats["t"] == cm.TableStats(0.0, 1.1)
+  assert spec.features[0].max_len == 1
+  load, = cm.table_loads(spec.tables, spec.features, spec.table_stats)
+  assert load.pooling_factor == 0
+  with pytest.raises(ConfigError, match=r"--tables: 't:100:16:-1': table 't': pooling factor "
+                     r"must be >= 0 \(0: its features' bags are empty\), got -1"):
+    inputs.parse_tables_flag("t:100:16:-1")
+  with pytest.raises(ConfigError, match=r"pooling factor -1.0 must be a number in \[0, 1\]"):
+    cm.table_loads(spec.tables, spec.features, {"t": cm.TableStats(-1.0)})
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("ExperimentConfig.batch_size = 'abc'",
+     "ExperimentConfig.batch_size must be an integer, got 'abc'"),
+    ("ExperimentConfig.batch_size = 1.5", "ExperimentConfig.batch_size must be an integer, "
+     "got 1.5"),
+    ("ExperimentConfig.batch_size = 0", "ExperimentConfig.batch_size must be positive, got 0"),
+    ("ExperimentConfig.eval_batch_size = '4k'",
+     "ExperimentConfig.eval_batch_size must be an integer, got '4k'"),
+    ("ExperimentConfig.eval_batch_size = True",
+     "ExperimentConfig.eval_batch_size must be an integer, got True"),
+])
+def test_gin_batch_sizes_are_checked_naming_the_binding(binding, message):
+  """A text batch size ended in a raw ValueError from `int()`; 1.5 was planned as 1 and 0
+  silently became the default 512 (the trainer refuses all three)."""
+  launch.parse_gin([GIN], [binding])
+  with pytest.raises(ConfigError, match=message):
+    inputs.inputs_from_gin()
+
+
+def test_gin_batch_size_macro_is_checked_naming_it():
+  launch.parse_gin([], ["tables = @uniform_tables()", "uniform_tables.num_tables = 2",
+                        "uniform_tables.rows = 100", "uniform_tables.dim = 8",
+                        "batch_size = 'abc'"])
+  with pytest.raises(ConfigError, match="gin macro %batch_size must be an integer, got 'abc'"):
+    inputs.inputs_from_gin()
+  launch.parse_gin([GIN], ["ExperimentConfig.batch_size = 256"])
+  assert inputs.inputs_from_gin().batch_size == 256
