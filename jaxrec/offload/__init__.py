@@ -9,6 +9,7 @@
   records    the tier's per-table state and per-batch plan records
   iterator   the wrapped training iterator `tier.wrap` returns
   snapshots  checkpoint snapshots of the stores, per step
+  owner      which workdir a store directory belongs to (its OWNER file)
   planning   which tables to offload when the plan does not fit device memory
   hooks      what the trainer calls: choose_plan, make_tier, snapshot_dir
 """

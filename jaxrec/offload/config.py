@@ -44,6 +44,7 @@ class OffloadTable:
     cache_rows: rows of the device cache; or give `cache_bytes`.
     cache_bytes: device memory budget for the cache (rows + optimizer state), in bytes.
     path: tensorstore directory of the full table; None → `<workdir>/offload/<name>`.
+      It belongs to one workdir (`owner`): another workdir's is refused.
     driver: tensorstore array driver (`zarr` or `zarr3`).
     kvstore: `file` (local disk) or `memory` (host RAM; no hard-link snapshots).
     chunk_rows: rows per tensorstore chunk (a write rewrites whole chunks).
