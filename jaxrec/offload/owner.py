@@ -1,13 +1,15 @@
-"""Which workdir a store directory belongs to: `<store path>/OWNER` holds its absolute path.
+"""Which workdir a store directory belongs to: `<store>/OWNER` holds the workdir's absolute
+path (first line) and the store's own (second line).
 
 A restore deletes and re-links a store's files, so two runs sharing a store `path` (a copied
 workdir, two jobs with the same gin) would destroy each other's tables. `claim` makes every
 store directory belong to one workdir:
 
-  - a store inside the workdir (the default `W/offload/<table>`, or a `path` under `W`)
-    belongs to it: a copy of the whole workdir takes its stores along (the file is rewritten);
-  - a store elsewhere belongs to the workdir its `OWNER` names; another workdir is refused
-    before anything is touched. To hand it over, delete `OWNER` (once no run uses it);
+  - a store whose `OWNER` names another workdir is refused before anything is touched. To
+    hand it over, delete `OWNER` (once no run uses it);
+  - a store whose `OWNER` names another directory than the store's own is a copy (e.g.
+    `cp -r W W2` copies `W/offload/<table>`): it belongs to whoever uses it, the file is
+    rewritten;
   - a store without `OWNER` (new, or written before owners existed) is adopted (logged).
 
 `OWNER` is created atomically and exclusively (written to a temporary file, then hard-linked
@@ -26,42 +28,52 @@ OWNER = "OWNER"
 _LOG = logging.getLogger(__name__)
 
 
-def _inside(path: str, directory: str) -> bool:
-  return os.path.commonpath([path, directory]) == directory
+def _read(path: str) -> tuple[str, str] | None:
+  """(workdir, store) of `<path>/OWNER`; None when there is no such file."""
+  try:
+    with open(os.path.join(path, OWNER)) as f:
+      lines = f.read().splitlines() + ["", ""]
+  except FileNotFoundError:
+    return None
+  return lines[0].strip(), lines[1].strip()
 
 
 def read_owner(path: str) -> str | None:
   """The workdir named in `<path>/OWNER` (None when there is no such file)."""
-  try:
-    with open(os.path.join(path, OWNER)) as f:
-      return f.read().strip()
-  except FileNotFoundError:
-    return None
+  found = _read(path)
+  return None if found is None else found[0]
 
 
-def _check(table: str, path: str, workdir: str) -> str | None:
-  """The owner to replace (None: none or this workdir); raises for another's store."""
-  owner = read_owner(path)
-  if owner is None or owner == workdir or _inside(path, workdir):
-    return owner
+def _check(table: str, path: str, workdir: str) -> str:
+  """What `claim` does with `path`: 'keep' (ours), 'copy', 'adopt'; raises for a store of
+  another workdir."""
+  found = _read(path)
+  if found is None:
+    return "adopt"
+  owner, store = found
+  if owner == workdir:
+    return "keep"
+  if store and store != path:
+    return "copy"
   raise ConfigError(
-      f"offloaded table '{table}': its store '{path}' belongs to the workdir '{owner}' (its {OWNER} file), not to "
-      f"this workdir '{workdir}': a run restoring from its own checkpoints would replace the "
-      f"other run's tables there. Give this run a fresh OffloadTable.path (or leave it unset: "
-      f"'{workdir}/offload/<table>'); or, if no run of '{owner}' uses it any more, delete "
-      f"'{os.path.join(path, OWNER)}' and this workdir takes the store over")
+      f"offloaded table '{table}': its store '{path}' belongs to the workdir '{owner}' (its "
+      f"{OWNER} file), not to this workdir '{workdir}': a run restoring from its own "
+      f"checkpoints would replace the other run's tables there. Give this run a fresh "
+      f"OffloadTable.path (or leave it unset: '{workdir}/offload/<table>'); or, if no run of "
+      f"'{owner}' uses it any more, delete '{os.path.join(path, OWNER)}' and this workdir "
+      f"takes the store over")
 
 
 def _write(path: str, workdir: str, replace: bool) -> None:
   os.makedirs(path, exist_ok=True)
   tmp = os.path.join(path, f"{OWNER}.tmp-{os.getpid()}")
   with open(tmp, "w") as f:
-    f.write(workdir + "\n")
+    f.write(f"{workdir}\n{path}\n")
   try:
     if replace:
       os.replace(tmp, os.path.join(path, OWNER))
-      return
-    os.link(tmp, os.path.join(path, OWNER))   # fails if another run claimed it meanwhile
+    else:
+      os.link(tmp, os.path.join(path, OWNER))   # fails if another run claimed it meanwhile
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
@@ -72,21 +84,21 @@ def claim(paths: Mapping[str, str], workdir: str) -> None:
   all first, so a refused claim changes nothing. Raises `ConfigError` for a store of another
   workdir."""
   workdir = os.path.realpath(workdir)
-  found = {t: _check(t, os.path.realpath(p), workdir) for t, p in paths.items()}
-  for table, owner in found.items():
-    path = paths[table]
-    real = os.path.realpath(path)
-    if owner == workdir:
+  real = {t: os.path.realpath(p) for t, p in paths.items()}
+  found = {t: _check(t, p, workdir) for t, p in real.items()}
+  for table, what in found.items():
+    path = real[table]
+    if what == "keep":
       continue
-    if owner is not None:    # a store inside this workdir, copied with it
-      _LOG.info("offload store '%s' (in this workdir) now belongs to '%s' (was '%s')",
-                path, workdir, owner)
-      _write(real, workdir, replace=True)
+    if what == "copy":
+      _LOG.info("offload store '%s' is a copy of another: this workdir '%s' owns it now",
+                path, workdir)
+      _write(path, workdir, replace=True)
       continue
-    if os.path.isdir(real) and os.listdir(real):
+    if os.path.isdir(path) and os.listdir(path):
       _LOG.warning("offload store '%s' has no %s file: this workdir '%s' adopts it",
                    path, OWNER, workdir)
     try:
-      _write(real, workdir, replace=False)
+      _write(path, workdir, replace=False)
     except FileExistsError:   # another run claimed it between the check and now
-      _check(table, real, workdir)
+      _check(table, path, workdir)

@@ -53,8 +53,8 @@ def test_another_workdir_is_refused_before_touching_the_store(tmp_path):
 
 
 def test_a_copied_workdir_takes_its_own_stores(tmp_path):
-  """Default stores (`W/offload/<table>`) are inside the workdir: a `cp -r` copy owns its
-  copy; the original keeps its own."""
+  """A `cp -r` copy of a workdir owns the copies of its stores (their OWNER files name the
+  original's paths); the original keeps its own."""
   w1, w2 = tmp_path / "w1", tmp_path / "w2"
   t = _tier(w1)
   t._ensure_store()
@@ -64,6 +64,22 @@ def test_a_copied_workdir_takes_its_own_stores(tmp_path):
   _tier(w1).close()
   assert read_owner(str(w2 / "offload" / "big")) == str(w2)
   assert read_owner(str(w1 / "offload" / "big")) == str(w1)
+
+
+def test_a_copied_store_belongs_to_its_user_but_the_original_stays_refused(tmp_path):
+  """A store copied to another path (its OWNER names the original's path) is adopted; a
+  workdir's own default store that another workdir claimed is refused to it too."""
+  t = _tier(tmp_path / "w1", tmp_path / "ssd" / "big")
+  t._ensure_store()
+  t.close()
+  shutil.copytree(tmp_path / "ssd" / "big", tmp_path / "ssd" / "big2")
+  _tier(tmp_path / "w2", tmp_path / "ssd" / "big2").close()
+  assert read_owner(str(tmp_path / "ssd" / "big2")) == str(tmp_path / "w2")
+  legacy = tmp_path / "w3" / "offload" / "big"
+  legacy.mkdir(parents=True)
+  _tier(tmp_path / "w4", legacy).close()      # w4 names w3's store before w3 has run
+  with pytest.raises(ConfigError, match="belongs to the workdir '.*/w4'"):
+    _tier(tmp_path / "w3")
 
 
 def test_a_store_without_owner_is_adopted(tmp_path, caplog):
