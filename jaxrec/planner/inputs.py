@@ -148,8 +148,13 @@ def inputs_from_gin() -> PlannerInputs:
   batch_from = "ExperimentConfig.batch_size"
   if batch is None:
     batch, batch_from = _query("%batch_size"), "gin macro %batch_size"
-  return PlannerInputs(tables, features, {}, _batch_size(batch_from, batch),
-                       _query("ExperimentConfig.sparse_optimizer"),
+  optimizer = _query("ExperimentConfig.sparse_optimizer")
+  # as the trainer checks it: `@Adagrad` (the class) failed in `state_layout()` here
+  if optimizer is not None and (isinstance(optimizer, type) or not all(
+      callable(getattr(optimizer, n, None)) for n in ("state_layout", "update"))):
+    raise ConfigError(f"ExperimentConfig.sparse_optimizer must be a sparse optimizer, e.g. "
+                      f"@RowWiseAdagrad() or @sparse_optimizer(), got {optimizer!r}")
+  return PlannerInputs(tables, features, {}, _batch_size(batch_from, batch), optimizer,
                        _batch_size("ExperimentConfig.eval_batch_size",
                                    _query("ExperimentConfig.eval_batch_size", 4096)))
 

@@ -54,3 +54,15 @@ def test_gin_batch_size_macro_is_checked_naming_it():
     inputs.inputs_from_gin()
   launch.parse_gin([GIN], ["ExperimentConfig.batch_size = 256"])
   assert inputs.inputs_from_gin().batch_size == 256
+
+
+@pytest.mark.parametrize("value", ["@Adagrad", "'adagrad'", "5"])
+def test_gin_sparse_optimizer_is_checked_as_the_trainer_checks_it(value):
+  """`@Adagrad` (the class, not `@Adagrad()`) ended in a raw TypeError from `state_layout()`;
+  a text or a number was planned although the trainer refuses it."""
+  launch.parse_gin([GIN], [f"ExperimentConfig.sparse_optimizer = {value}"])
+  with pytest.raises(ConfigError, match="ExperimentConfig.sparse_optimizer must be a sparse "
+                     r"optimizer, e.g. @RowWiseAdagrad\(\) or @sparse_optimizer\(\), got "):
+    inputs.inputs_from_gin()
+  launch.parse_gin([GIN], ["ExperimentConfig.sparse_optimizer = @Adagrad()"])
+  assert type(inputs.inputs_from_gin().optimizer).__name__ == "Adagrad"
