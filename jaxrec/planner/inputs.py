@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import reprlib
 from typing import Any
 
 import gin
@@ -117,6 +118,9 @@ def _evaluate(value):
   return value
 
 
+_UNSET = object()
+
+
 def _query(name: str, default=None):
   try:
     return _evaluate(gin.query_parameter(name))
@@ -141,29 +145,31 @@ def inputs_from_gin() -> PlannerInputs:
   if embedding is None:
     raise ConfigError("gin config binds no tables: expected ExperimentConfig.embedding, "
                       "uniform_tables.* or a macro `tables`")
+  if (not isinstance(embedding, (tuple, list)) or len(embedding) != 2
+      or not all(isinstance(x, (tuple, list)) for x in embedding)):   # was a raw TypeError
+    raise ConfigError(f"ExperimentConfig.embedding must be (tables, features), e.g. "
+                      f"@uniform_tables(), got {reprlib.repr(embedding)}")
   tables, features = (tuple(x) for x in embedding)
   if not all(isinstance(t, TableSpec) for t in tables):
     raise ConfigError("gin tables must be TableSpec objects (e.g. @uniform_tables())")
-  batch = _query("ExperimentConfig.batch_size")
-  batch_from = "ExperimentConfig.batch_size"
-  if batch is None:
-    batch, batch_from = _query("%batch_size"), "gin macro %batch_size"
+  batch, batch_from = _query("ExperimentConfig.batch_size", _UNSET), "ExperimentConfig.batch_size"
+  if batch is _UNSET:
+    batch, batch_from = _query("%batch_size", _UNSET), "gin macro %batch_size"
   optimizer = _query("ExperimentConfig.sparse_optimizer")
   # as the trainer checks it: `@Adagrad` (the class) failed in `state_layout()` here
   if optimizer is not None and (isinstance(optimizer, type) or not all(
       callable(getattr(optimizer, n, None)) for n in ("state_layout", "update"))):
     raise ConfigError(f"ExperimentConfig.sparse_optimizer must be a sparse optimizer, e.g. "
                       f"@RowWiseAdagrad() or @sparse_optimizer(), got {optimizer!r}")
-  return PlannerInputs(tables, features, {}, _batch_size(batch_from, batch), optimizer,
+  return PlannerInputs(tables, features, {},
+                       None if batch is _UNSET else _batch_size(batch_from, batch), optimizer,
                        _batch_size("ExperimentConfig.eval_batch_size",
                                    _query("ExperimentConfig.eval_batch_size", 4096)))
 
 
-def _batch_size(binding: str, value) -> int | None:
-  """`value` (None: unbound) checked as `ExperimentConfig.validate` checks it: a positive
-  integer; `ConfigError` naming `binding` otherwise."""
-  if value is None:
-    return None
+def _batch_size(binding: str, value) -> int:
+  """`value` checked as `ExperimentConfig.validate` checks it: a positive integer;
+  `ConfigError` naming `binding` otherwise (None too)."""
   if not isinstance(value, numbers.Integral) or isinstance(value, bool):
     raise ConfigError(f"{binding} must be an integer, got {value!r}")
   if value <= 0:

@@ -66,3 +66,19 @@ def test_gin_sparse_optimizer_is_checked_as_the_trainer_checks_it(value):
     inputs.inputs_from_gin()
   launch.parse_gin([GIN], ["ExperimentConfig.sparse_optimizer = @Adagrad()"])
   assert type(inputs.inputs_from_gin().optimizer).__name__ == "Adagrad"
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("ExperimentConfig.embedding = 5", r"ExperimentConfig.embedding must be \(tables, "
+     r"features\), e.g. @uniform_tables\(\), got 5"),
+    ("ExperimentConfig.embedding = (1, 2, 3)", r"must be \(tables, features\).*got \(1, 2, 3\)"),
+    ("ExperimentConfig.eval_batch_size = None",
+     "ExperimentConfig.eval_batch_size must be an integer, got None"),
+    ("ExperimentConfig.batch_size = None", "ExperimentConfig.batch_size must be an integer, "
+     "got None"),
+])
+def test_other_gin_values_are_one_line_errors(binding, message):
+  """The first two were raw TypeErrors; a None batch size was planned as the default 512."""
+  launch.parse_gin([GIN], [binding])
+  with pytest.raises(ConfigError, match=message):
+    inputs.inputs_from_gin()
