@@ -43,7 +43,7 @@ def test_another_workdir_is_refused_before_touching_the_store(tmp_path):
     _tier(tmp_path / "w2", store)
   msg = str(e.value)
   for part in ("offloaded table 'big': its store", f"'{store}'", f"'{tmp_path / 'w1'}'",
-               f"'{tmp_path / 'w2'}'",               "fresh OffloadTable.path", f"delete '{store / OWNER}'"):
+               f"'{tmp_path / 'w2'}'", "fresh OffloadTable.path", f"delete '{store / OWNER}'"):
     assert part in msg
   assert _files(store) == before            # nothing replaced, re-linked or re-owned
   first.close()
