@@ -108,9 +108,10 @@ def parse_tables_flag(spec: str, flag: str = "--tables") -> PlannerInputs:
 
 def _evaluate(value):
   """Calls gin references (`@fn()`) inside a queried binding, recursively."""
+  from jaxrec.launch import build  # pylint: disable=import-outside-toplevel
   if isinstance(value, gin.config.ConfigurableReference):
     fn = value.scoped_configurable_fn
-    return fn() if value.evaluate else fn
+    return build(fn) if value.evaluate else fn   # a missing binding: ConfigError
   if isinstance(value, (list, tuple)):
     return type(value)(_evaluate(v) for v in value)
   if isinstance(value, dict):
@@ -132,23 +133,27 @@ def inputs_from_gin() -> PlannerInputs:
   """Tables from the parsed gin config: `ExperimentConfig.embedding` (with its
   `batch_size` and `sparse_optimizer`), else a bound `uniform_tables`, else macros
   `tables` (and `features`; default one one-hot feature per table) and `batch_size`."""
-  embedding = _query("ExperimentConfig.embedding")
+  from jaxrec.launch import build  # pylint: disable=import-outside-toplevel
+  embedding, where = _query("ExperimentConfig.embedding"), "ExperimentConfig.embedding"
   if embedding is None and _query("uniform_tables.num_tables") is not None:
-    embedding = uniform_tables()  # pylint: disable=no-value-for-parameter
+    embedding, where = build(uniform_tables), "uniform_tables"
   if embedding is None and _query("%tables") is not None:
-    tables = _query("%tables")
-    if len(tables) == 2 and not isinstance(tables[0], TableSpec):  # `tables = @uniform_tables()`
+    tables, where = _query("%tables"), "gin macros %tables and %features"
+    if not isinstance(tables, (tuple, list)):
+      embedding = tables
+    elif len(tables) == 2 and not isinstance(tables[0], TableSpec):  # `@uniform_tables()`
       embedding = tables
     else:
       embedding = (tables, _query("%features") or
-                   tuple(FeatureSpec(f"f_{t.name}", t.name) for t in tables))
+                   tuple(FeatureSpec(f"f_{t.name}", t.name) for t in tables
+                         if isinstance(t, TableSpec)))
   if embedding is None:
     raise ConfigError("gin config binds no tables: expected ExperimentConfig.embedding, "
                       "uniform_tables.* or a macro `tables`")
   if (not isinstance(embedding, (tuple, list)) or len(embedding) != 2
       or not all(isinstance(x, (tuple, list)) for x in embedding)):   # was a raw TypeError
-    raise ConfigError(f"ExperimentConfig.embedding must be (tables, features), e.g. "
-                      f"@uniform_tables(), got {reprlib.repr(embedding)}")
+    raise ConfigError(f"{where} must give (tables, features), e.g. @uniform_tables(), got "
+                      f"{reprlib.repr(embedding)}")
   tables, features = (tuple(x) for x in embedding)
   if not all(isinstance(t, TableSpec) for t in tables):
     raise ConfigError("gin tables must be TableSpec objects (e.g. @uniform_tables())")

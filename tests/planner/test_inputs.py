@@ -69,9 +69,9 @@ def test_gin_sparse_optimizer_is_checked_as_the_trainer_checks_it(value):
 
 
 @pytest.mark.parametrize("binding, message", [
-    ("ExperimentConfig.embedding = 5", r"ExperimentConfig.embedding must be \(tables, "
+    ("ExperimentConfig.embedding = 5", r"ExperimentConfig.embedding must give \(tables, "
      r"features\), e.g. @uniform_tables\(\), got 5"),
-    ("ExperimentConfig.embedding = (1, 2, 3)", r"must be \(tables, features\).*got \(1, 2, 3\)"),
+    ("ExperimentConfig.embedding = (1, 2, 3)", r"must give \(tables, features\).*got \(1, 2, 3\)"),
     ("ExperimentConfig.eval_batch_size = None",
      "ExperimentConfig.eval_batch_size must be an integer, got None"),
     ("ExperimentConfig.batch_size = None", "ExperimentConfig.batch_size must be an integer, "
@@ -80,5 +80,19 @@ def test_gin_sparse_optimizer_is_checked_as_the_trainer_checks_it(value):
 def test_other_gin_values_are_one_line_errors(binding, message):
   """The first two were raw TypeErrors; a None batch size was planned as the default 512."""
   launch.parse_gin([GIN], [binding])
+  with pytest.raises(ConfigError, match=message):
+    inputs.inputs_from_gin()
+
+
+@pytest.mark.parametrize("bindings, message", [
+    (["tables = 5"], r"gin macros %tables and %features must give \(tables, features\)"),
+    (["uniform_tables.num_tables = 2"], "--gin_file: Required bindings for `uniform_tables` "
+     r"not provided in config: \['rows'\]"),
+    (["tables = @uniform_tables()", "uniform_tables.num_tables = 2"], "--gin_file: Required "
+     "bindings for `uniform_tables`"),
+])
+def test_tables_from_gin_macros_are_one_line_errors(bindings, message):
+  """A raw TypeError (`len()` of a number) or gin's RuntimeError for a missing binding."""
+  launch.parse_gin([], bindings)
   with pytest.raises(ConfigError, match=message):
     inputs.inputs_from_gin()
