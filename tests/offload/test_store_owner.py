@@ -101,3 +101,21 @@ def test_snapshots_leave_the_owner_out_and_restores_keep_it(tmp_path):
   run.restore(1, str(snaps))
   assert read_owner(str(store)) == str(tmp_path / "w")
   run.close()
+
+
+@pytest.mark.slow
+def test_a_copied_workdir_with_an_explicit_path_stops_and_the_original_resumes(tmp_path):
+  """Trainer level: `cp -r W W2` with the same gin (an explicit store path) resumed W2 by
+  deleting and re-linking the store W trains; now W2 stops at start-up, W is untouched."""
+  from tests.offload.offload_helpers import SMALL_DLRM, train_synthetic
+  store = tmp_path / "ssd" / "t0"
+  bindings = SMALL_DLRM + [f"OffloadConfig.tables={{'t0': {{'cache_rows': 4000, "
+                           f"'path': '{store}'}}}}", "OffloadConfig.host_buffer_rows=600"]
+  w = tmp_path / "w"
+  train_synthetic(w, 10, bindings)
+  copy = shutil.copytree(w, tmp_path / "w2")
+  before = _files(store)
+  with pytest.raises(ConfigError, match=f"its store '{store}' belongs to the workdir '{w}'"):
+    train_synthetic(copy, 20, bindings)
+  assert _files(store) == before
+  assert train_synthetic(w, 20, bindings)["step"] == 20
