@@ -341,6 +341,23 @@ class EmbeddingCollection:
       out = jax.lax.dynamic_update_slice_in_dim(out, x, column, axis=1)
     return out
 
+  def feature_inputs(self, ids, weights, name: str) -> tuple[jax.Array, jax.Array | None]:
+    """Feature `name`'s `(ids [B, max_len] int32, weights [B, max_len] float32 or None)`
+    from a batch's ids, by feature or packed (`pack`)."""
+    i = [f.name for f in self.features].index(name)
+    f = self.features[i]
+    if isinstance(ids, Mapping):
+      w = (weights or {}).get(name) if f.weighted else None
+      return (jnp.asarray(ids[name], jnp.int32),
+              None if w is None else jnp.asarray(w, jnp.float32))
+    l, pk = next((l, pk) for l, pk in zip(self.layouts, self.packing()) if i in l.features)
+    j = list(l.features).index(i)
+    x = ids[:, pk.id_starts[j]:pk.id_starts[j] + f.max_len]
+    if not f.weighted:
+      return x, None
+    s = pk.weight_starts[j]
+    return x, jax.lax.bitcast_convert_type(ids[:, s:s + f.max_len], jnp.float32)
+
   def pack_batch(self, batch):
     """Host `Batch` → the same batch with `ids` packed (`pack`) and no `weights`: what the
     train and eval steps take (`lookup` accepts ids packed or by feature)."""

@@ -57,19 +57,19 @@ def in_batch_softmax_loss(user, item, labels, temperature: float, item_keys=None
   return -(w * logp).sum() / jnp.maximum(w.sum(), 1.0)
 
 
-def item_bag_keys(model: "TwoTower", features, ids, weights) -> list:
-  """What identifies a row's item from the batch: per item feature, its ids `[B, max_len]`
-  sorted (absent slots, -1, first), and for a weighted feature its weights in the same order
-  (0 at absent slots). Rows with the same bags in any order get equal keys; their pooled
-  embeddings can differ in the last bit (float sums in another order)."""
+def item_bag_keys(bags) -> list:
+  """What identifies a row's item from the batch, for `in_batch_softmax_loss`: `bags` has
+  each item feature's `(ids [B, max_len], weights [B, max_len] or None)`; its key is the ids
+  sorted (absent slots, -1, first) and the weights in the same order (0 at absent slots).
+  Rows with the same bags in any order get equal keys; their pooled embeddings can differ
+  in the last bit (float sums in another order)."""
   out = []
-  for i in model.item_features:
-    f = features[int(i)]
-    x = jnp.asarray(ids[f.name]).astype(jnp.int32)
-    if not f.weighted:
+  for x, w in bags:
+    x = jnp.asarray(x, jnp.int32)
+    if w is None:
       out.append(jnp.sort(x, axis=-1))
       continue
-    w = jnp.where(x >= 0, jnp.asarray(weights[f.name], jnp.float32), 0.0)
+    w = jnp.where(x >= 0, jnp.asarray(w, jnp.float32), 0.0)
     order = jnp.lexsort((w, x), axis=-1)          # by id, ties by weight
     out += [jnp.take_along_axis(x, order, -1), jnp.take_along_axis(w, order, -1)]
   return out

@@ -28,8 +28,11 @@ def make_train_step(config: ExperimentConfig, collection: EmbeddingCollection, s
 
   def step(state, batch: Batch):
     ctx = collection.lookup(state["emb"], batch.ids, batch.weights)
-    keys = (item_bag_keys(model, collection.features, batch.ids, batch.weights)
-            if getattr(model, "remove_accidental_hits", False) else None)
+    keys = None
+    if getattr(model, "remove_accidental_hits", False):   # ids packed or by feature
+      keys = item_bag_keys([collection.feature_inputs(batch.ids, batch.weights,
+                                                      collection.features[int(i)].name)
+                            for i in model.item_features])
 
     def loss_fn(params, rows):
       emb = collection.pool(rows, ctx)

@@ -80,15 +80,15 @@ def test_the_same_bag_in_another_order_is_the_same_item(weighted):
     if devices == 1:
       want = _reference(config, coll, state, batch)
     step = step_lib.make_train_step(config, coll, state_lib.shardings(state, coll))
-    put = jax.tree.map(lambda x: jax.make_array_from_process_local_data(bs, x), batch)
+    fed = batch if devices == 1 else coll.pack_batch(batch)    # ids by feature, then packed
+    put = jax.tree.map(lambda x: jax.make_array_from_process_local_data(bs, x), fed)
     losses.append(float(step(state, put)[1]["loss"]))
   np.testing.assert_allclose(losses, [want, want], rtol=2e-6)   # a missed hit: ~6e-5
 
 
 def test_item_bag_keys_sort_ids_and_their_weights():
-  model = TwoTower(user_features=(0,), item_features=(1,), user_mlp=(8,), item_mlp=(8,))
   ids = np.array([[3, 1, 3, -1], [1, 3, -1, 3], [3, 1, -1, -1]], np.int32)
   w = np.array([[2., 5., 1., 9.], [5., 1., 7., 2.], [2., 5., 0., 0.]], np.float32)
-  keys = item_bag_keys(model, _features(True), {"item": ids}, {"item": w})
+  keys = item_bag_keys([(ids, w)])
   np.testing.assert_array_equal(keys[0], [[-1, 1, 3, 3], [-1, 1, 3, 3], [-1, -1, 1, 3]])
   np.testing.assert_array_equal(keys[1], [[0, 5, 1, 2], [0, 5, 1, 2], [0, 0, 5, 2]])
