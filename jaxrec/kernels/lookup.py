@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 
 from jaxrec.errors import ConfigError
 from jaxrec.kernels import platform
-from jaxrec.kernels.quant import QuantizedTable, table_dtype
+from jaxrec.kernels.quant import QuantizedTable, check_ids, table_dtype
 
 
 def _table_refs_specs(table, bd: int):
@@ -57,6 +57,7 @@ def _check(table, idx, w):
   table_dtype(table)
   if idx.ndim != 2 or w.shape != idx.shape:
     raise ConfigError(f"idx and w must both be [N, L]; got {idx.shape} and {w.shape}")
+  check_ids(idx)
 
 
 # ------------------------------------------------------------------------ XLA reference
@@ -132,6 +133,8 @@ def lookup_pool(table, idx, w, *, kernel: str = "auto", interpret: bool | None =
   _check(table, idx, w)
   idx = idx.astype(jnp.int32)
   w = w.astype(jnp.float32)
+  if 0 in table.shape:  # no rows: every slot is absent (and no columns: nothing to pool)
+    return jnp.zeros((idx.shape[0], table.shape[1]), jnp.float32)
   if platform.resolve_kernel(kernel) == "xla":
     return _lookup_xla(table, idx, w)
   return _lookup_pallas(table, idx, w, platform.resolve_interpret(interpret))
@@ -202,12 +205,16 @@ def lookup_pool_csr(table, values, offsets, weights, *, kernel: str = "auto",
     f32 `[N, D]`.
   """
   table_dtype(table)
-  if values.ndim != 1 or weights.shape != values.shape or offsets.ndim != 1:
+  if (values.ndim != 1 or weights.shape != values.shape or offsets.ndim != 1
+      or offsets.shape[0] < 1):
     raise ConfigError(f"CSR lookup wants values/weights [nnz] and offsets [N+1]; got "
                       f"{values.shape}, {weights.shape}, {offsets.shape}")
+  check_ids(values, offsets)
   values = values.astype(jnp.int32)
   offsets = offsets.astype(jnp.int32)
   weights = weights.astype(jnp.float32)
+  if 0 in table.shape:
+    return jnp.zeros((offsets.shape[0] - 1, table.shape[1]), jnp.float32)
   if platform.resolve_kernel(kernel) == "xla":
     seg = jnp.searchsorted(offsets, jnp.arange(values.shape[0]), side="right") - 1
     rows = _lookup_xla(table, values[:, None], weights[:, None])

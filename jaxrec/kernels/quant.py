@@ -71,11 +71,21 @@ def table_dtype(table) -> str:
   if isinstance(table, QuantizedTable):
     rows = table.q.shape[:1]
     if (table.q.ndim != 2 or jnp.dtype(table.q.dtype) != jnp.int8
-        or tuple(table.scale.shape) != rows or tuple(table.bias.shape) != rows):
-      raise ConfigError(f"QuantizedTable wants q int8 [R, D], scale and bias [R]; got q "
-                        f"{table.q.dtype}{list(table.q.shape)}, scale {list(table.scale.shape)}, "
-                        f"bias {list(table.bias.shape)}")
+        or tuple(table.scale.shape) != rows or tuple(table.bias.shape) != rows
+        or jnp.dtype(table.scale.dtype) != jnp.float32
+        or jnp.dtype(table.bias.dtype) != jnp.float32):
+      raise ConfigError(f"QuantizedTable wants q int8 [R, D], scale and bias [R] float32; got q "
+                        f"{table.q.dtype}{list(table.q.shape)}, scale {table.scale.dtype}"
+                        f"{list(table.scale.shape)}, bias {table.bias.dtype}{list(table.bias.shape)}")
   return name
+
+
+def check_ids(*ids) -> None:
+  """ConfigError unless every array of ids (or CSR offsets) has an integer dtype: a float
+  id would be truncated to a row silently."""
+  for x in ids:
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ConfigError(f"ids must be integers, got {jnp.dtype(x.dtype).name}")
 
 
 # ---------------------------------------------------------------------------------- int8

@@ -273,6 +273,8 @@ def _run(table, opt_state, ids, bags, wts, grad, optimizer, step, key, kernel, i
          num_bags):
   optimizer = optim.coerce(optimizer)
   _check(table, opt_state, grad, optimizer, num_bags)
+  if 0 in table.shape:  # no rows or no columns: nothing to update
+    return table, dict(opt_state)
   seg = segments(ids, bags, wts, table.shape[0])
   grad = grad.astype(jnp.float32)
   seed = None if key is None else quant.seed_from(key, step)
@@ -305,6 +307,7 @@ def sparse_update(table, opt_state, idx, w, grad_pooled, optimizer, step=0, *, k
   """
   if idx.ndim != 2 or w.shape != idx.shape:
     raise ConfigError(f"idx and w must both be [N, L]; got {idx.shape} and {w.shape}")
+  quant.check_ids(idx)
   n, l = idx.shape
   bags = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, l))
   return _run(table, opt_state, idx.reshape(-1), bags.reshape(-1), w.reshape(-1),
@@ -317,9 +320,11 @@ def sparse_update_csr(table, opt_state, values, offsets, weights, grad_pooled, o
   """`sparse_update` for CSR bags (`values/weights [nnz]`, `offsets [N + 1]`); values
   outside `[offsets[0], offsets[-1])` belong to no bag and are skipped, as in
   `lookup_pool_csr`."""
-  if values.ndim != 1 or weights.shape != values.shape or offsets.ndim != 1:
+  if (values.ndim != 1 or weights.shape != values.shape or offsets.ndim != 1
+      or offsets.shape[0] < 1):
     raise ConfigError(f"CSR update wants values/weights [nnz] and offsets [N+1]; got "
                       f"{values.shape}, {weights.shape}, {offsets.shape}")
+  quant.check_ids(values, offsets)
   pos = jnp.arange(values.shape[0])
   bags = (jnp.searchsorted(offsets, pos, side="right") - 1).astype(jnp.int32)
   ids = jnp.where((pos >= offsets[0]) & (pos < offsets[-1]), values, -1)   # in no bag: absent

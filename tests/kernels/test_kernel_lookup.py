@@ -1,13 +1,16 @@
 """Forward kernels: Pallas (interpret mode) vs the XLA reference vs dense numpy."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxrec.errors import ConfigError
-from jaxrec.kernels import (SGD, csr_to_padded, lookup_pool, lookup_pool_csr, padded_to_csr,
-                            resolve_kernel, sparse_update)
+from jaxrec.kernels import (SGD, RowWiseAdagrad, csr_to_padded, init_opt_state, lookup_pool,
+                            lookup_pool_csr, padded_to_csr, resolve_kernel, sparse_update,
+                            sparse_update_csr)
 from tests.kernels.kernel_helpers import DTYPES, make_bags, make_table, np_pool
 
 R, D = 50, 24  # D = 3 chunks of 8 columns: exercises the column grid
@@ -139,3 +142,40 @@ def test_malformed_quantized_table_is_a_clear_error():
   for kernel in ("xla", "pallas"):
     with pytest.raises(ConfigError, match=r"scale and bias \[R\]"):
       lookup_pool(bad, idx, w, kernel=kernel, interpret=True)
+
+
+def test_empty_tables_and_malformed_inputs_on_both_kernels():
+  """Empty tables pool to zeros and update nothing; malformed inputs are ConfigErrors. Each
+  used to fail with an unrelated error (TypeError from a gather, division by zero, an MLIR
+  error) or, for float ids, to truncate them silently; an f16 scale came back f32."""
+  table, idx, w = jnp.zeros((4, 8)), jnp.zeros((2, 1), jnp.int32), jnp.ones((2, 1))
+  qt, _ = make_table(np.random.default_rng(9), 4, 8, "int8")
+  for kernel in ("xla", "pallas"):
+    kw = dict(kernel=kernel, interpret=True)
+    for empty in (jnp.zeros((0, 8)), jnp.zeros((4, 0))):  # every id absent / no columns
+      d = empty.shape[1]
+      np.testing.assert_array_equal(np.asarray(lookup_pool(empty, idx, w, **kw)),
+                                    np.zeros((2, d)))
+      np.testing.assert_array_equal(np.asarray(lookup_pool_csr(
+          empty, idx[:, 0], jnp.array([0, 1, 2]), w[:, 0], **kw)), np.zeros((2, d)))
+      opt = RowWiseAdagrad(0.1)
+      new, state = sparse_update(empty, init_opt_state(opt, *empty.shape), idx, w,
+                                 jnp.ones((2, d)), opt, **kw)
+      assert new.shape == empty.shape and state["accum"].shape == (empty.shape[0],)
+    with pytest.raises(ConfigError, match="ids must be integers, got float32"):
+      lookup_pool(table, jnp.full((2, 1), 1.7), w, **kw)
+    with pytest.raises(ConfigError, match="ids must be integers, got float32"):
+      sparse_update(table, {}, jnp.full((2, 1), 1.7), w, jnp.zeros((2, 8)), SGD(0.1), **kw)
+    with pytest.raises(ConfigError, match="ids must be integers, got float32"):
+      lookup_pool_csr(table, jnp.ones((2,)), jnp.array([0, 1, 2]), jnp.ones((2,)), **kw)
+    for call in (lookup_pool_csr, functools.partial(sparse_update_csr, opt_state={},
+                                                    grad_pooled=jnp.zeros((0, 8)),
+                                                    optimizer=SGD(0.1))):
+      with pytest.raises(ConfigError, match=r"offsets \[N\+1\]"):
+        call(table, values=jnp.zeros((0,), jnp.int32), offsets=jnp.zeros((0,), jnp.int32),
+             weights=jnp.zeros((0,)), **kw)
+    f16 = qt._replace(scale=qt.scale.astype(jnp.float16))
+    with pytest.raises(ConfigError, match=r"scale and bias \[R\] float32"):
+      lookup_pool(f16, idx, w, **kw)
+    with pytest.raises(ConfigError, match=r"scale and bias \[R\] float32"):
+      sparse_update(f16, {}, idx, w, jnp.zeros((2, 8)), SGD(0.1), **kw)
