@@ -217,14 +217,19 @@ def comm_cast(x: jax.Array, comm_dtype="bfloat16", *, per_row: bool = True):
   Returns `(payload, scale)`: `payload` in `comm_dtype`; `scale` is None except for fp8,
   where it is f32 `[..., 1]` (per row, moves with the rows through the all-to-all) or,
   with `per_row=False`, one f32 scalar for the whole tensor. The scale is computed under
-  `stop_gradient`. Plain autodiff through the cast rounds cotangents to `comm_dtype`
-  unscaled: fine for bf16/f16, lossy for fp8; use `all_to_all_compressed` for training.
+  `stop_gradient` from the finite values (an inf or NaN element arrives as NaN; the
+  rest of its row keeps its precision). Plain autodiff through the cast rounds cotangents
+  to `comm_dtype` unscaled: fine for bf16/f16, lossy for fp8; use `all_to_all_compressed`
+  for training.
   """
   name = canonical_comm_dtype(comm_dtype)
   if name != "float8_e4m3fn":
     return x.astype(name), None
   xf = x.astype(jnp.float32)
-  amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True) if per_row else jnp.max(jnp.abs(xf))
+  # Over finite values only: an inf (or a NaN) in the max made its row NaN (scale inf), or
+  # (NaN: scale 1) every value over 448; now only that element is lost.
+  mag = jnp.where(jnp.isfinite(xf), jnp.abs(xf), 0.0)
+  amax = jnp.max(mag, axis=-1, keepdims=True) if per_row else jnp.max(mag)
   # At least the smallest normal f32: below 448x that, amax / FP8_MAX is subnormal, which
   # XLA flushes to zero, and the row divided by it became NaN.
   scale = jax.lax.stop_gradient(jnp.where(amax > 0, jnp.maximum(amax / FP8_MAX, F32_TINY), 1.0))

@@ -94,6 +94,21 @@ def test_fp8_rows_of_tiny_values_stay_finite(amax):
   assert np.all(np.abs(y - np.asarray(x)) <= 2.0 ** -4 * amax + tiny), y
 
 
+@pytest.mark.parametrize("per_row", [True, False])
+def test_fp8_keeps_finite_values_beside_an_inf_or_nan(per_row):
+  """The scale came from amax over every value: one inf made its row (or, per tensor, a NaN
+  made every value over 448) NaN, where bf16 keeps the finite values. Now only the
+  non-finite element is lost (fp8 has no inf: it becomes NaN)."""
+  x = jnp.array([[np.inf, 1.0, -2.0, 3.0], [np.nan, 1000.0, -5.0, 0.5],
+                 [-np.inf, 0.0, 0.0, 0.0], [7.0, -300.0, 600.0, 0.25]], jnp.float32)
+  y = np.asarray(jax.jit(lambda v: comm_uncast(*comm_cast(v, "fp8", per_row=per_row)))(x))
+  xs = np.asarray(x)
+  finite = np.isfinite(xs)
+  assert np.all(np.isnan(y[~finite]))
+  amax = np.where(finite, np.abs(xs), 0).max(axis=1 if per_row else None, keepdims=per_row)
+  assert np.all(np.abs(y - xs)[finite] <= (2.0 ** -4 * np.broadcast_to(amax, xs.shape))[finite])
+
+
 @pytest.mark.parametrize("comm", ["bf16", "fp8"])
 def test_all_to_all_compressed_forward_and_backward(comm):
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("x",))
