@@ -167,6 +167,9 @@ def _lookup_csr_pallas(table, values, offsets, weights, interpret):
   bd = platform.col_block(d)
   bn = platform.row_block(n, bd)
   n_pad = pl.cdiv(n, bn) * bn
+  # Offsets outside [0, nnz] would read values out of bounds: cut the bags there, as the
+  # XLA path does (a decreasing pair is an empty bag).
+  offsets = jnp.clip(offsets, 0, values.shape[0])
   starts = jnp.pad(offsets[:-1], (0, n_pad - n))
   lens = jnp.pad(offsets[1:] - offsets[:-1], (0, n_pad - n))
   if values.shape[0] == 0:  # keep the gathers in bounds for an empty batch
@@ -197,7 +200,7 @@ def lookup_pool_csr(table, values, offsets, weights, *, kernel: str = "auto",
     table: as in `lookup_pool`.
     values: int32 `[nnz]` local rows (-1 allowed: skipped).
     offsets: int32 `[N + 1]`, non-decreasing, `offsets[0] = 0`; bag n is
-      `values[offsets[n]:offsets[n + 1]]`.
+      `values[offsets[n]:offsets[n + 1]]` (offsets outside `[0, nnz]` cut at the ends).
     weights: f32 `[nnz]` per-id weights (mean normalisation folded in).
     kernel, interpret: as in `lookup_pool`.
 

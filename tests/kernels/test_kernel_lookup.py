@@ -179,3 +179,15 @@ def test_empty_tables_and_malformed_inputs_on_both_kernels():
       lookup_pool(f16, idx, w, **kw)
     with pytest.raises(ConfigError, match=r"scale and bias \[R\] float32"):
       sparse_update(f16, {}, idx, w, jnp.zeros((2, 8)), SGD(0.1), **kw)
+
+
+def test_csr_offsets_past_the_values_cut_the_bags_on_both_kernels():
+  """Offsets beyond `[0, nnz]` made the Pallas kernel read values out of bounds (clamped in
+  interpret mode: wrong sums; on GPU, stray memory); XLA cuts such bags at the ends."""
+  table, values = make_table(np.random.default_rng(10), 6, 8, "float32")
+  ids, w = jnp.array([1, 2, 3]), jnp.ones((3,))
+  for offsets, bags in (([0, 2, 5], [[1, 2], [3]]), ([-2, 1, 3], [[1], [2, 3]])):
+    want = np.stack([values[b].sum(0) for b in bags])
+    for kernel in ("xla", "pallas"):
+      out = lookup_pool_csr(table, ids, jnp.array(offsets), w, kernel=kernel, interpret=True)
+      np.testing.assert_allclose(np.asarray(out), want, rtol=1e-6, atol=1e-6, err_msg=kernel)
