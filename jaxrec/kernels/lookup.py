@@ -229,10 +229,11 @@ def lookup_pool_csr(table, values, offsets, weights, *, kernel: str = "auto",
 # --------------------------------------------------------------------------- conversion
 
 def csr_to_padded(values, offsets, weights, max_len: int):
-  """CSR bags to padded `(idx [N, max_len], w [N, max_len])`; -1/0 fill, longer bags cut."""
+  """CSR bags to padded `(idx [N, max_len], w [N, max_len])`; -1/0 fill, longer bags cut
+  (and, as in `lookup_pool_csr`, bags cut at `[0, nnz]`)."""
   starts = offsets[:-1, None]
   pos = starts + jnp.arange(max_len)[None, :]
-  present = pos < offsets[1:, None]
+  present = (pos < offsets[1:, None]) & (pos >= 0) & (pos < values.shape[0])
   safe = jnp.clip(pos, 0, max(values.shape[0] - 1, 0))
   if values.shape[0] == 0:
     return (jnp.full(pos.shape, -1, jnp.int32), jnp.zeros(pos.shape, jnp.float32))

@@ -183,7 +183,8 @@ def test_empty_tables_and_malformed_inputs_on_both_kernels():
 
 def test_csr_offsets_past_the_values_cut_the_bags_on_both_kernels():
   """Offsets beyond `[0, nnz]` made the Pallas kernel read values out of bounds (clamped in
-  interpret mode: wrong sums; on GPU, stray memory); XLA cuts such bags at the ends."""
+  interpret mode: wrong sums; on GPU, stray memory), and `csr_to_padded` repeat the last
+  (or first) value; XLA cuts such bags at the ends."""
   table, values = make_table(np.random.default_rng(10), 6, 8, "float32")
   ids, w = jnp.array([1, 2, 3]), jnp.ones((3,))
   for offsets, bags in (([0, 2, 5], [[1, 2], [3]]), ([-2, 1, 3], [[1], [2, 3]])):
@@ -191,3 +192,7 @@ def test_csr_offsets_past_the_values_cut_the_bags_on_both_kernels():
     for kernel in ("xla", "pallas"):
       out = lookup_pool_csr(table, ids, jnp.array(offsets), w, kernel=kernel, interpret=True)
       np.testing.assert_allclose(np.asarray(out), want, rtol=1e-6, atol=1e-6, err_msg=kernel)
+    idx, pw = csr_to_padded(ids, jnp.array(offsets), w, 4)
+    np.testing.assert_array_equal(np.sort(np.asarray(idx), axis=1)[:, ::-1],
+                                  [sorted(b, reverse=True) + [-1] * (4 - len(b)) for b in bags])
+    np.testing.assert_array_equal(np.asarray(pw), np.asarray(idx) >= 0)
