@@ -10,7 +10,7 @@ values depend neither on the plan nor on the other tables.
 Because a value is a function of its coordinates, every consumer computes exactly the values
 it needs with one elementwise kernel:
 - `stack_values` builds a whole stack `[num_slices * slice_rows, dim]` in its stacked layout
-  (zero padding rows included). XLA compiles one random-number kernel per stack instead of
+  (zero padding rows included; rows numbered per `table` slice, `slice_values`). XLA compiles one random-number kernel per stack instead of
   one per table shape, and under `out_shardings` each device computes only its own shard.
 - `table_values` builds one table `[rows, dim]`.
 - `row_values` builds rows `[start, stop)` of one table: the offload store fills a table
@@ -98,21 +98,39 @@ def table_values(key: jax.Array, name: str, rows: int, dim: int, scale: float) -
 def stack_values(key: jax.Array, layout, scales: Sequence[float]) -> jax.Array:
   """f32 `layout.shape`: the stack's tables (`scales[i]` for `layout.slots[i]`) at their
   rows of the stacked array, zeros in the padding rows."""
-  slots = layout.slots
-  starts = np.asarray([layout.slot_start(s) for s in slots], np.int64)
-  order = np.argsort(starts, kind="stable")
-  # A row belongs to the last slot starting at or before it; padding lies past its rows.
-  # A sentinel slot of no rows, first in the order, covers the rows before the first table.
-  first = np.concatenate([[0], starts[order]]).astype(np.int32)
-  count = np.concatenate([[0], [slots[i].rows for i in order]]).astype(np.int32)
-  words = jnp.concatenate([jnp.zeros((1, 2), jnp.uint32),
-                           key_words(key, [slots[i].name for i in order])])
-  scale = jnp.asarray(np.concatenate([[0.0], [scales[i] for i in order]]), jnp.float32)
-  total, dim = layout.shape
-  r = jnp.arange(total, dtype=jnp.int32)
-  slot = jnp.searchsorted(jnp.asarray(first), r, side="right") - 1
-  within = r - jnp.asarray(first)[slot]
-  row_words, row_scale, valid = words[slot], scale[slot], within < jnp.asarray(count)[slot]
-  values = _uniform(row_words[:, None, :], within[:, None],
-                    jnp.arange(dim, dtype=jnp.uint32)[None, :], dim, row_scale[:, None])
-  return jnp.where(valid[:, None], values, jnp.float32(0))
+  return slice_values(key, layout, scales, lax.iota(jnp.uint32, layout.slice_rows)
+                      ).reshape(layout.shape)
+
+
+def slice_values(key: jax.Array, layout, scales: Sequence[float], row: jax.Array
+                 ) -> jax.Array:
+  """f32 `[num_slices, R, dim]`: rows `row` (uint32 `[R]`, numbered within a `table` slice)
+  of every slice of the stack, as `stack_values` holds them. Rows are numbered per slice
+  (each under 2**32), never across the stack: a stack of slices holding more than 2**31
+  rows in all (up to 2**31 - 1 each) gets its tables' values, not wrapped int32 rows."""
+  slots, nt, dim = layout.slots, layout.num_slices, layout.dim
+  per_slice = [sorted((i for i, s in enumerate(slots) if s.table_slice == t),
+                      key=lambda i: slots[i].row_offset) for t in range(nt)]
+  # Per slice, a row belongs to the last entry starting at or before it: first a sentinel of
+  # no rows (index len(slots): zero key and scale), then the slice's tables by offset, then
+  # padding that starts past every row.
+  width = 1 + max(len(p) for p in per_slice)
+  first = np.full((nt, width), layout.slice_rows, np.uint32)
+  count = np.zeros((nt, width), np.uint32)
+  which = np.full((nt, width), len(slots), np.int32)
+  first[:, 0] = 0
+  for t, members in enumerate(per_slice):
+    for j, i in enumerate(members, 1):
+      first[t, j], count[t, j], which[t, j] = slots[i].row_offset, slots[i].rows, i
+  words = jnp.concatenate([key_words(key, [s.name for s in slots]), jnp.zeros((1, 2), jnp.uint32)])
+  scale = jnp.asarray(np.concatenate([np.asarray(scales, np.float32), [0.0]]), jnp.float32)
+  row = jnp.asarray(row, jnp.uint32)
+
+  def one_slice(first, count, which):
+    k = jnp.searchsorted(first, row, side="right") - 1
+    within, table = row - first[k], which[k]
+    values = _uniform(words[table][:, None, :], within[:, None],
+                      jnp.arange(dim, dtype=jnp.uint32)[None, :], dim, scale[table][:, None])
+    return jnp.where((within < count[k])[:, None], values, jnp.float32(0))
+
+  return jax.vmap(one_slice)(jnp.asarray(first), jnp.asarray(count), jnp.asarray(which))

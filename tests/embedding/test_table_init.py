@@ -11,9 +11,10 @@ from jax.extend.random import threefry2x32_p
 
 from jaxrec.embedding import layout as layout_lib, optimizers, table_init
 from jaxrec.embedding.collection import EmbeddingCollection
+from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.kernels import dequantize
 from jaxrec.sharding.mesh import make_mesh, parse_mesh_spec
-from jaxrec.sharding.plan import uniform_plan
+from jaxrec.sharding.plan import Plan, TablePlacement, uniform_plan
 from tests.embedding.test_collection import FEATURES, TABLES
 
 
@@ -67,3 +68,27 @@ def test_stacked_init_equals_the_tables_stacked(kind, mesh_spec, dtype):
   t0 = tables[0]
   one = np.asarray(dequantize(layout_lib.init_table(key, t0)))
   np.testing.assert_array_equal(np.asarray(dequantize(per_table[t0.name])), one)
+
+
+def test_stacks_of_over_2_31_rows_get_their_tables_values():
+  """Four tables of ~1e9 rows on four `table` slices stack 4e9 rows (each slice within
+  int32). `stack_values` numbered rows across the stack in int32: slices 2 and 3 start
+  past 2**31, whose rows then took another table's key and wrapped counters. Numbered per
+  slice (`slice_values`) they are the tables' own rows; checked on a few rows of each slice
+  (the stack itself, 128 GB, is not built)."""
+  names = "abcd"
+  tables = tuple(TableSpec(n, 1_000_000_000 - (n == "d"), 8) for n in names)
+  plan = Plan({n: TablePlacement("tw", i) for i, n in enumerate(names)})
+  (l,) = layout_lib.build_layouts(tables, tuple(FeatureSpec("f" + n, n) for n in names), plan,
+                                  {"table": 4})
+  assert l.shape[0] == 4_000_000_000 and l.slice_rows == 1_000_000_000
+  key, scales = jax.random.key(5), [0.5, 0.25, 0.125, 1.0]
+  rows = [0, 2**31 - 2 * l.slice_rows - 1, 2**31 - 2 * l.slice_rows, l.slice_rows - 2]
+  got = np.asarray(table_init.slice_values(key, l, scales,
+                                           np.array(rows + [l.slice_rows - 1], np.uint32)))
+  for t, spec in enumerate(tables):
+    words = table_init.key_words(key, [spec.name])[0]
+    want = np.concatenate([table_init.row_values(words, r, 1, 8, scales[t]) for r in rows])
+    np.testing.assert_array_equal(got[t, :4], want)
+  assert np.all(got[:3, 4] != 0)
+  np.testing.assert_array_equal(got[3, 4], 0)        # d's slice: one padding row
