@@ -10,8 +10,9 @@ values depend neither on the plan nor on the other tables.
 Because a value is a function of its coordinates, every consumer computes exactly the values
 it needs with one elementwise kernel:
 - `stack_values` builds a whole stack `[num_slices * slice_rows, dim]` in its stacked layout
-  (zero padding rows included; rows numbered per `table` slice, `slice_values`). XLA compiles one random-number kernel per stack instead of
-  one per table shape, and under `out_shardings` each device computes only its own shard.
+  (zero padding rows included; rows numbered per `table` slice, `slice_values`). XLA
+  compiles one random-number kernel per stack instead of one per table shape, and under
+  `out_shardings` each device computes only its own shard.
 - `table_values` builds one table `[rows, dim]`.
 - `row_values` builds rows `[start, stop)` of one table: the offload store fills a table
   larger than device memory chunk by chunk.
