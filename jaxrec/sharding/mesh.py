@@ -70,6 +70,10 @@ def auto_mesh_shape(kind: str, num_devices: int) -> dict[str, int]:
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A `Mesh` over `devices` (default: all) with the four named axes."""
   devices = list(jax.devices() if devices is None else devices)
+  unknown = sorted(set(shape) - set(MESH_AXES))
+  if unknown:   # e.g. {"rows": 8} read as row=1: a 1-device mesh, or "needs 1 devices"
+    raise ConfigError(f"mesh shape {dict(shape)}: unknown axes {unknown} (axes: "
+                      f"{', '.join(MESH_AXES)})")
   sizes = tuple(int(shape.get(a, 1)) for a in MESH_AXES)
   if math.prod(sizes) != len(devices):
     raise ConfigError(f"mesh {format_mesh(shape)} needs {math.prod(sizes)} devices, "

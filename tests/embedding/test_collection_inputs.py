@@ -145,6 +145,12 @@ def test_a_mesh_without_the_four_axes_is_a_clear_error():
                      r"'row', 'col'\)"):
     EmbeddingCollection.create(TABLES, FEATURES, uniform_plan("dp", TABLES, 1), mesh,
                                optimizers.SGD(0.1))
+  # make_mesh read an unknown axis as absent: {"rows": 8} on one device was a 1-device mesh
+  with pytest.raises(ConfigError, match=r"unknown axes \['rows'\] \(axes: data, table, row, "
+                     r"col\)"):
+    make_mesh({"rows": 8})
+  with pytest.raises(ConfigError, match=r"unknown axes \['rows'\]"):
+    make_mesh({"data": 1, "rows": 1}, jax.devices()[:1])
 
 
 def test_features_reading_tables_of_different_dims_are_a_clear_error():
