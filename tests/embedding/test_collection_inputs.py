@@ -12,7 +12,7 @@ from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError, DataError
 from jaxrec.sharding.mesh import make_mesh, parse_mesh_spec
-from jaxrec.sharding.plan import uniform_plan
+from jaxrec.sharding.plan import Plan, TablePlacement, uniform_plan
 
 # 3 tables (fewer than table=4/8), 3 rows (fewer than row=8), 13 rows (uneven); two
 # features per table at different bag sizes; mean bags that are often empty.
@@ -45,9 +45,8 @@ def make_inputs(seed, duplicates=False):
 def run(kind, mesh_spec, opt, duplicates=False, **options):
   mesh = (make_mesh({"data": 1}, jax.devices()[:1]) if mesh_spec == "single"
           else make_mesh(parse_mesh_spec(mesh_spec, 8)))
-  coll = EmbeddingCollection.create(TABLES, FEATURES, uniform_plan(kind, TABLES,
-                                                                   mesh.shape["table"]),
-                                    mesh, opt, **options)
+  plan = kind if isinstance(kind, Plan) else uniform_plan(kind, TABLES, mesh.shape["table"])
+  coll = EmbeddingCollection.create(TABLES, FEATURES, plan, mesh, opt, **options)
   state = coll.init(jax.random.key(0))
 
   @jax.jit
@@ -85,6 +84,26 @@ def test_edge_cases_match_single_device(kind, mesh_spec, opt, duplicates):
       np.testing.assert_allclose(np.asarray(out[2][name][k]), np.asarray(ref[2][name][k]),
                                  rtol=1e-5, atol=1e-6)
 
+
+MIXED = Plan({"small": TablePlacement("dp"), "odd": TablePlacement("grid", 1),
+              "big": TablePlacement("twcw", 0)})
+
+
+@pytest.mark.slow   # ~15 s: five stacks, compiled twice
+@pytest.mark.parametrize("opt", [optimizers.Adam(0.01), optimizers.SGD(0.1)],
+                         ids=["Adam", "SGD-no-dedup"])
+def test_mixed_plan_on_a_mesh_with_size_1_axes_between_matches_single_device(opt):
+  """dp, grid and twcw stacks in one collection on data=1,table=2,row=1,col=4: each stack's
+  collectives skip the size-1 axes, and replicas sit on different axes per stack."""
+  ref = run("dp", "single", opt, True)
+  out = run(MIXED, "data=1,table=2,row=1,col=4", opt, True)
+  for a, b in zip(out[0], ref[0]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for name in ref[1]:
+    np.testing.assert_allclose(out[1][name], ref[1][name], rtol=1e-5, atol=1e-6)
+    for k in ref[2].get(name, {}):
+      np.testing.assert_allclose(np.asarray(out[2][name][k]), np.asarray(ref[2][name][k]),
+                                 rtol=1e-5, atol=1e-6)
 
 def test_sizes_must_be_whole_numbers():
   """Gin writes `rows = 1e6` as a float: whole numbers become ints (shapes need them),
