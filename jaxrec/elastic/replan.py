@@ -6,7 +6,8 @@ The supervisor keeps the user's `scripts/train.py` flags and replaces `--mesh` a
 `data`; otherwise it takes the factorisation of the count closest to the user's shape
 (fewest doublings or halvings, model axes weighing twice). The user's shape, not the
 previous generation's, is the reference, so a run that shrinks and grows back returns to
-it. `--mesh=auto` stays auto (resolved as the trainer
+it. `--mesh=auto` with a `--plan` file takes the mesh the file records as that reference
+(at its size it is the trainer's choice); otherwise it stays auto (resolved as the trainer
 does). A candidate is used when the batch sizes divide its device count and the planner
 (`plan_choice.choose`: `--plan=auto` proposes, a forced kind is checked) accepts it.
 """
@@ -165,7 +166,10 @@ def choose(config, args: TrainArgs, processes: int, devices_per_process: int,
   config.validate(n)                      # batch sizes divisible by the device count
   plan = str(args.get("plan", "auto"))
   user_mesh = str(args.get("mesh", "auto"))
-  if user_mesh == "auto":
+  recorded = _recorded_mesh(plan) if user_mesh == "auto" else None
+  if recorded:      # a shrunk job keeps the file's model axes where they fit, as for --mesh
+    candidates = candidate_meshes(recorded, n)
+  elif user_mesh == "auto":
     candidates = [mesh_lib.auto_mesh_shape(plan if plan != "auto" else "dp", n)]
   else:
     candidates = candidate_meshes(_spec_sizes(user_mesh), n)
@@ -183,6 +187,17 @@ def choose(config, args: TrainArgs, processes: int, devices_per_process: int,
     return Choice(processes, devices_per_process, shape, plan, kinds,
                   float(result.step_time_s))
   raise ConfigError(f"no mesh of {n} devices fits --plan={plan}: " + "; ".join(errors[:3]))
+
+
+def _recorded_mesh(plan: str) -> dict[str, int] | None:
+  """The mesh a `--plan` file records (`Plan.load_with_mesh`), None for a kind, `auto` or a
+  bare plan."""
+  from jaxrec.sharding.plan import Plan, is_plan_file  # pylint: disable=import-outside-toplevel
+  if not is_plan_file(plan):
+    return None
+  made_for = Plan.load_with_mesh(plan)[1]
+  return {a: int(made_for.get(a, 1)) for a in AXES} if made_for and min(
+      made_for.values()) >= 1 else None
 
 
 def _spec_sizes(spec: str) -> dict[str, int]:

@@ -1,5 +1,6 @@
 """Re-planning: train flags, mesh candidates for a new device count, the planner's choice."""
 
+import json
 import os
 import subprocess
 import sys
@@ -112,3 +113,19 @@ def test_plans_price_the_workers_platform_without_a_backend_here(config):
                         cwd=ROOT, timeout=300, env=dict(os.environ, JAX_PLATFORMS=""))
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.strip() == "data=2,table=2,row=2,col=1"
+
+
+def test_auto_mesh_with_a_plan_file_shrinks_like_the_recorded_mesh(config, tmp_path):
+  """`--mesh=auto --plan=FILE` runs the file's mesh; a shrunk job keeps its model axes as
+  with that `--mesh` (it took data=4, which a grid plan's table slices do not fit, and the
+  job gave up `no_usable_mesh` after one lost worker)."""
+  path = tmp_path / "plan.json"
+  path.write_text(json.dumps({
+      "mesh": {"data": 1, "table": 2, "row": 2, "col": 2},
+      "plan": {f"t{i}": {"kind": "grid", "table_slice": min(i, 1)} for i in range(8)}}))
+  args = replan.TrainArgs.parse([a for a in FLAGS if a not in ("--mesh", "data=2,table=2,row=2")
+                                 and a != "--plan=auto"] + ["--mesh=auto", f"--plan={path}"])
+  full = replan.choose(config[1], args, 2, 4)
+  assert full.mesh == {"data": 1, "table": 2, "row": 2, "col": 2}
+  shrunk = replan.choose(config[1], args, 1, 4)
+  assert shrunk.mesh["table"] == 2 and shrunk.mesh["row"] * shrunk.mesh["col"] == 2
