@@ -14,9 +14,13 @@ def begin(detected: float, reason: str, now: float, pending: dict | None = None)
           "attempt": (pending or {}).get("attempt", 0) + 1}
 
 
-def failed(rec: dict, ended_by: str, now: float) -> dict:
+def failed(rec: dict, ended_by: str, now: float) -> dict | None:
   """`recovery_failed` details: what the generation was recovering from, which attempt,
-  and what ended it before every worker finished a step."""
+  and what ended it before every worker finished a step; None when `rec`'s failure was
+  already reported (SIGINT/SIGTERM while the supervisor stops that generation)."""
+  if rec.get("failed"):
+    return None
+  rec["failed"] = True
   return {"reason": rec["reason"], "attempt": rec["attempt"], "ended_by": ended_by,
           "seconds_since_detection": round(now - rec["detected"], 3)}
 

@@ -212,8 +212,9 @@ class Supervisor:
   def _recovery_failed(self, ended_by: str, now: float) -> None:
     """`recovery_failed` when the running generation ends before its `resume`."""
     if self._recovery is not None and self._launched == self.generation:
-      self.events.emit("recovery_failed", generation=self.generation,
-                       **recovery.failed(self._recovery, ended_by, now))
+      details = recovery.failed(self._recovery, ended_by, now)
+      if details is not None:
+        self.events.emit("recovery_failed", generation=self.generation, **details)
 
   def _give_up(self, reason: str, code: int, message: str, fix: str | None = None) -> int:
     ckpt = proc_lib.latest_checkpoint(self.workdir)

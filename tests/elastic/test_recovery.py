@@ -73,3 +73,25 @@ def test_resume_counts_the_attempts():
   assert (resume["attempt"], resume["step"], resume["seconds_since_detection"]) == (2, 21, 5.0)
   assert resume["breakdown"] == {"stop_s": 0.5, "replan_s": 0.5, "restart_s": 1.0,
                                  "restore_s": 1.0, "compile_s": 2.0}
+
+
+def test_an_interrupt_while_stopping_a_failed_recovery_reports_it_once(tmp_path, monkeypatch):
+  """SIGINT while the supervisor stops a restarted generation that failed before its first
+  step: that recovery's `recovery_failed` came twice (ended_by the failure, then SIGINT)."""
+  fail = sup._Outcome   # pylint: disable=protected-access
+  s = _supervisor(tmp_path, monkeypatch, [
+      fail("failure", "worker 1 hung", lost=1, detected=100.0),
+      fail("failure", "worker 0 exited (exit code 1)", lost=1, detected=110.0)])
+  stops = []
+
+  def stop_all(reason, **_):
+    stops.append(reason)
+    if reason == "worker 0 exited (exit code 1)":
+      raise KeyboardInterrupt
+
+  monkeypatch.setattr(s, "_stop_all", stop_all)
+  assert s.run() == 130
+  ev = t.events(str(tmp_path))
+  failed = [(e["generation"], e["ended_by"]) for e in ev if e["event"] == "recovery_failed"]
+  assert failed == [(1, "worker 0 exited (exit code 1)")], failed
+  assert t.names(ev)[-2:] == ["recovery_failed", "give_up"], t.names(ev)
