@@ -16,7 +16,8 @@ Modules: `manager` (the above), `canonical` (names, dense part, fingerprints), `
 (per-table zarr store written from / read into the stacked shards), `storage` (direct
 streaming reads of a step), `convert` (npz / zarr export, copy for another mesh or plan,
 TorchRec import; CLI: `scripts/convert_checkpoint.py`), `offloaded` (offloaded tables'
-snapshots; tables that changed tier since the save).
+snapshots; tables that changed tier since the save), `rotation` (steps a running job
+deletes while a conversion reads them).
 """
 
 from jaxrec.checkpoint.manager import CheckpointError, CheckpointManager, Restored, all_finite

@@ -45,9 +45,11 @@ from etils import epath
 
 from jaxrec.checkpoint import canonical as canonical_lib
 from jaxrec.checkpoint import offloaded as offloaded_lib
+from jaxrec.checkpoint import rotation
 from jaxrec.checkpoint import storage
 from jaxrec.checkpoint.manager import (REJECTED_DIR, CheckpointError, CheckpointManager,
                                        step_dirs)
+from jaxrec.checkpoint.rotation import Rotated as _vanished, gone as _gone
 from jaxrec.embedding import layout as layout_lib
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError, DataError, OffloadError
@@ -97,14 +99,18 @@ def _select_step(checkpoint_dir, step: int | None) -> tuple[epath.Path, int]:
       if gone:   # not corrupt: deleted while checked
         raise _vanished(mgr.step_dir(gone[-1])) from None
       raise
-    _snapshot_found(mgr, step)
+    with rotation.reading(mgr.step_dir(step)):
+      _snapshot_found(mgr, step)
   elif step not in steps:
     raise CheckpointError(f"no checkpoint for step {step} in {checkpoint_dir} (steps: "
                           f"{steps}){_hint(checkpoint_dir, step)}")
   else:
     try:
-      _check(mgr.step_dir(step), step=step)
-      offloaded_lib.snapshot_of(mgr.step_dir(step))
+      with rotation.reading(mgr.step_dir(step)):
+        _check(mgr.step_dir(step), step=step)
+        offloaded_lib.snapshot_of(mgr.step_dir(step))
+    except _vanished:
+      raise
     except CheckpointError as e:   # name the steps --step may take instead
       raise CheckpointError(_other_steps(e, mgr, steps, step)) from None
   return mgr.step_dir(step), int(step)
@@ -263,23 +269,6 @@ def _removed_on_error(output, remove: list, source=None):
     raise
 
 
-def _gone(step_dir, wait: float = 2.0) -> bool:
-  """Whether checkpoint `step_dir` is deleted, or is being deleted (gone within `wait` s):
-  a running job rotating it out, not a corrupt checkpoint."""
-  deadline = time.time() + wait
-  while os.path.isdir(step_dir):
-    if time.time() > deadline:
-      return False
-    time.sleep(0.1)
-  return True
-
-
-def _vanished(step_dir) -> CheckpointError:
-  return CheckpointError(f"checkpoint {step_dir} was deleted while it was being read: a run "
-                         "still saving into that directory rotated it out (--keep_checkpoints);"
-                         " convert again, or pick a step it keeps with --step")
-
-
 def _metadata(step_dir, step) -> dict:
   return {"step": step, "manifest": storage.read_json(step_dir, storage.MANIFEST),
           "meta": storage.read_json(step_dir, storage.META),
@@ -350,6 +339,7 @@ def _dirs_removed_on_error(fn):
 
 
 @_dirs_removed_on_error
+@rotation.latest_retried
 def export_npz(checkpoint_dir, output, step: int | None = None) -> int:
   """Writes checkpoint `step` (default: latest valid) as one `.npz`; returns the step.
 
@@ -381,6 +371,7 @@ def _write_npz(tmp, step_dir, step):
 
 
 @_dirs_removed_on_error
+@rotation.latest_retried
 def export_zarr(checkpoint_dir, output, step: int | None = None) -> int:
   """Writes checkpoint `step` as a directory of tensorstore zarr (v2) arrays, one per
   exported name, plus `metadata.json`; returns the step."""
@@ -442,6 +433,7 @@ def parse_mesh(spec: str) -> dict[str, int]:
 
 
 @_dirs_removed_on_error
+@rotation.latest_retried
 def export_checkpoint(checkpoint_dir, output, step: int | None = None,
                       mesh_shape: Mapping[str, int] | None = None, plan: str | None = None,
                       restart_data: bool = False) -> tuple[int, str]:
