@@ -264,9 +264,19 @@ def _removed_on_error(output, remove: list, source=None):
         os.remove(path)
     if source is not None and isinstance(e, Exception) and _gone(source):
       raise _vanished(source) from None
+    if source is not None and isinstance(e, CheckpointError):
+      raise _named_others(e, source) from None
     if isinstance(e, OSError):
       raise DataError(f"--output: cannot write {output}: {e.strerror or e}") from None
     raise
+
+
+def _named_others(error: CheckpointError, step_dir) -> CheckpointError:
+  """`error` of kept checkpoint `step_dir` ending "pick another --step", naming them."""
+  if not str(error).endswith("pick another --step") or offloaded_lib.rejected_step(step_dir):
+    return error
+  mgr = CheckpointManager(epath.Path(step_dir).parent, read_only=True)
+  return CheckpointError(_other_steps(error, mgr, mgr.all_steps(), int(step_dir.name)))
 
 
 def _metadata(step_dir, step) -> dict:
@@ -478,10 +488,10 @@ def export_checkpoint(checkpoint_dir, output, step: int | None = None,
   try:
     manifest = _check(step_dir, full=True)   # every array read and its fingerprint checked
     _snapshot_arrays(step_dir)               # ... and every file of its offload snapshot
-  except CheckpointError:
+  except CheckpointError as e:
     if created:
       output.rmdir()
-    raise
+    raise _named_others(e, step_dir) from None
   if plan is not None:
     manifest.update(saved_plan=resolved.to_json(), saved_mesh=dict(mesh_shape))
   tmp = output / f"{step}.orbax-checkpoint-tmp-{time.time_ns()}"

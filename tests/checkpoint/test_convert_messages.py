@@ -69,11 +69,11 @@ def test_a_failed_conversion_removes_the_directories_it_created(tmp_path):
   for fn, out in [(convert.export_checkpoint, tmp_path / "w2" / "checkpoints"),
                   (convert.export_npz, tmp_path / "w2" / "e" / "a.npz"),
                   (convert.export_zarr, tmp_path / "w2" / "z")]:
-    with pytest.raises(CheckpointError, match="pick another --step"):
+    with pytest.raises(CheckpointError, match=r"damaged; .*checkpoints holds no other step$"):
       fn(src, out)
     assert not (tmp_path / "w2").exists(), fn
   (tmp_path / "w3").mkdir()
-  with pytest.raises(CheckpointError, match="pick another --step"):
+  with pytest.raises(CheckpointError, match="holds no other step"):
     convert.export_checkpoint(src, tmp_path / "w3" / "checkpoints")
   assert os.listdir(tmp_path / "w3") == []   # it existed before: kept
 
@@ -103,3 +103,23 @@ def test_a_checkpoint_directory_copied_alone_exports_with_a_warning(tmp_path, ca
     assert convert.export_npz(copy, tmp_path / "a.npz") == 3
   want = f"offload snapshot {snaps}/3: read from where checkpoint {copy}/3 was saved"
   assert any(want in r.getMessage() for r in caplog.records), caplog.text
+
+
+@pytest.mark.parametrize("fmt", ["npz", "zarr", "checkpoint"])
+def test_a_corrupt_step_found_while_exported_names_the_steps_to_pick(tmp_path, fmt):
+  """A flipped bit is found only while the arrays are read: the error said 'pick another
+  --step' without naming one (a training restore falls back to the previous step)."""
+  coll = h.collection("rw", 8)
+  with CheckpointManager(tmp_path / "c") as mgr:
+    for step in (2, 4):
+      mgr.save(step, h.train_state(coll, seed=step, step=step), coll, force=True)
+  chunk = next(p for p in (tmp_path / "c" / "4" / "embeddings" / "tables" / "t3").iterdir()
+               if not p.name.startswith("."))
+  data = bytearray(chunk.read_bytes())
+  data[len(data) // 2] ^= 0x01
+  chunk.write_bytes(bytes(data))
+  export = {"npz": convert.export_npz, "zarr": convert.export_zarr,
+            "checkpoint": convert.export_checkpoint}[fmt]
+  with pytest.raises(CheckpointError, match=r"c/4.* corrupt.*; pick another --step: 2$"):
+    export(tmp_path / "c", tmp_path / "out" / "checkpoints")
+  assert not (tmp_path / "out").exists()
