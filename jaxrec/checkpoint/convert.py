@@ -479,15 +479,17 @@ def export_checkpoint(checkpoint_dir, output, step: int | None = None,
   if newer:   # a run resumes from the newest step: the copy would be ignored (and rotated out)
     raise ConfigError(f"--output {output} holds step {newer[-1]}, which a run would resume "
                       f"from instead of the copied step {step}: pick a fresh --output")
-  snapshot = offloaded_lib.snapshot_of(step_dir)
+  with rotation.reading(step_dir):
+    snapshot = offloaded_lib.snapshot_of(step_dir)
   snap_dest = output.parent / "offload_snapshots" / str(step)
   if snapshot is not None and snap_dest.exists():
     raise ConfigError(f"--output: {snap_dest} (offload snapshot of step {step}) already exists")
   created = not output.exists()
   _mkdir(output)
   try:
-    manifest = _check(step_dir, full=True)   # every array read and its fingerprint checked
-    _snapshot_arrays(step_dir)               # ... and every file of its offload snapshot
+    with rotation.reading(step_dir):
+      manifest = _check(step_dir, full=True)   # every array read and its fingerprint checked
+      _snapshot_arrays(step_dir)               # ... and every file of its offload snapshot
   except CheckpointError as e:
     if created:
       output.rmdir()

@@ -9,20 +9,21 @@ from jaxrec.checkpoint import CheckpointError, CheckpointManager, convert, offlo
 from tests.checkpoint import ckpt_helpers as h
 
 
-@pytest.fixture
-def running(tmp_path, monkeypatch):
-  """Steps 2 and 4 saved; the first offload-snapshot lookup of step 4 happens just as
-  the run commits step 6 and rotates 4 out (keep 1): the gap between picking the latest
-  valid step and reading it."""
+@pytest.fixture(params=[1, 2])
+def running(tmp_path, monkeypatch, request):
+  """Steps 2 and 4 saved; the first (or second) offload-snapshot lookup of step 4 happens
+  just as the run commits step 6 and rotates 4 out (keep 1): the gaps between picking the
+  latest valid step and reading it."""
   coll = h.collection("rw", 8)
   path = tmp_path / "ckpt"
   with CheckpointManager(path) as mgr:
     for step in (2, 4):
       mgr.save(step, h.train_state(coll, seed=step, step=step), coll, force=True)
-  real = offloaded.snapshot_of
+  real, calls = offloaded.snapshot_of, []
 
   def rotating(step_dir, *args, **kwargs):
-    if step_dir.name == "4" and step_dir.exists():
+    calls.extend([step_dir.name] if step_dir.name == "4" else [])
+    if len(calls) == request.param and step_dir.name == "4" and step_dir.exists():
       with CheckpointManager(path, max_to_keep=1, async_save=False) as mgr:
         mgr.save(6, h.train_state(coll, seed=6, step=6), coll, force=True)
       shutil.rmtree(step_dir, ignore_errors=True)
