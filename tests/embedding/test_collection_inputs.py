@@ -65,6 +65,17 @@ def run(kind, mesh_spec, opt, duplicates=False, **options):
   return pooled, {k: np.asarray(v) for k, v in tables.items()}, opt_state
 
 
+def assert_runs_match(out, ref):
+  """`run`'s pooled outputs, tables and optimizer state equal the reference run's."""
+  for a, b in zip(out[0], ref[0]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for name in ref[1]:
+    np.testing.assert_allclose(out[1][name], ref[1][name], rtol=1e-5, atol=1e-6)
+    for k in ref[2].get(name, {}):
+      np.testing.assert_allclose(np.asarray(out[2][name][k]), np.asarray(ref[2][name][k]),
+                                 rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind,mesh_spec,opt,duplicates", [
     ("grid", "table=2,row=2,col=2", optimizers.Adam(0.01), False),
     ("twrw", "table=4,row=2", optimizers.SGD(0.1), True),
@@ -76,13 +87,7 @@ def test_edge_cases_match_single_device(kind, mesh_spec, opt, duplicates):
   ids, _, _ = make_inputs(0, duplicates)
   empty = (ids["f_odd"] < 0).all(1)
   assert empty.any() and (out[0][0][empty, 2] == 0).all()   # empty mean bag → 0, not NaN
-  for a, b in zip(out[0], ref[0]):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  for name in ref[1]:
-    np.testing.assert_allclose(out[1][name], ref[1][name], rtol=1e-5, atol=1e-6)
-    for k in ref[2].get(name, {}):
-      np.testing.assert_allclose(np.asarray(out[2][name][k]), np.asarray(ref[2][name][k]),
-                                 rtol=1e-5, atol=1e-6)
+  assert_runs_match(out, ref)
 
 
 MIXED = Plan({"small": TablePlacement("dp"), "odd": TablePlacement("grid", 1),
@@ -97,13 +102,8 @@ def test_mixed_plan_on_a_mesh_with_size_1_axes_between_matches_single_device(opt
   collectives skip the size-1 axes, and replicas sit on different axes per stack."""
   ref = run("dp", "single", opt, True)
   out = run(MIXED, "data=1,table=2,row=1,col=4", opt, True)
-  for a, b in zip(out[0], ref[0]):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  for name in ref[1]:
-    np.testing.assert_allclose(out[1][name], ref[1][name], rtol=1e-5, atol=1e-6)
-    for k in ref[2].get(name, {}):
-      np.testing.assert_allclose(np.asarray(out[2][name][k]), np.asarray(ref[2][name][k]),
-                                 rtol=1e-5, atol=1e-6)
+  assert_runs_match(out, ref)
+
 
 def test_sizes_must_be_whole_numbers():
   """Gin writes `rows = 1e6` as a float: whole numbers become ints (shapes need them),
