@@ -71,7 +71,7 @@ def _reference(config, coll, state, batch):
   return float(np.mean(losses))
 
 
-@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("weighted", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_the_same_bag_in_another_order_is_the_same_item(weighted):
   batch = _batch(weighted)
   losses = []

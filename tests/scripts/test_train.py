@@ -121,6 +121,7 @@ def test_workdir_that_is_a_file(tmp_path):
   assert_one_line_error(proc, f"--workdir: '{f}' exists and is not a directory")
 
 
+@pytest.mark.slow   # 10-25 s of script runs: kept out of the default suite for its time
 def test_workdir_that_is_a_checkpoint_directory(tmp_path):
   """`--workdir=W/checkpoints` (or one step of it, as `convert_checkpoint.py` takes them)
   must not start a fresh run that writes its files among W's checkpoints."""
@@ -136,6 +137,7 @@ def test_workdir_that_is_a_checkpoint_directory(tmp_path):
     assert sorted(os.listdir(wrong)) == before
 
 
+@pytest.mark.slow   # 10-25 s of script runs: kept out of the default suite for its time
 def test_a_run_its_checkpoint_refuses_leaves_the_last_runs_files(tmp_path):
   """A rerun whose tables no longer match the checkpoint stops before training; the run's
   `plan.json` and `config.gin` must still be the ones of the run that wrote it."""

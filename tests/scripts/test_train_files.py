@@ -33,6 +33,7 @@ def test_train_on_tsv_reads_eval_once(tmp_path):
   assert evals and evals[-1]["eval_examples"] == 300     # whole file, once, padding masked
 
 
+@pytest.mark.slow   # 10-25 s of script runs: kept out of the default suite for its time
 def test_bad_row_names_file_line_column(tmp_path):
   write_data(tmp_path / "train.tsv", 50)
   lines = open(tmp_path / "train.tsv").read().splitlines()
@@ -55,6 +56,7 @@ def test_bad_row_names_file_line_column(tmp_path):
   assert [l for l in lines if "eval_auc" in l][-1]["eval_examples"] == 49
 
 
+@pytest.mark.slow   # 10-25 s of script runs: kept out of the default suite for its time
 def test_a_trained_run_evaluates_new_data_without_its_training_data(tmp_path):
   """Re-evaluating a finished run on new --eval_data needs no training data: the TSV it
   trained on may be gone (it was opened, indexed and checked against the checkpoint's
