@@ -57,6 +57,8 @@ def build_model(name: str = gin.REQUIRED, **kwargs) -> nn.Module:
   # Checked here too (the model checks it again when called), so that a bad dtype stops a
   # run when the config is read, before planning or starting workers.
   compute_dtype(f"{MODELS[name].__name__}.dtype", model.dtype)
+  if hasattr(model, "check_config"):   # e.g. a DCNv2.structure typo
+    model.check_config()
   return model
 
 

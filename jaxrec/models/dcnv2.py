@@ -82,18 +82,7 @@ class DCNv2(nn.Module):
   def __call__(self, dense, emb):
     """`dense` `[B, num_dense]`, `emb` `[B, F, D]` -> logits float32 `[B]`."""
     b, f, d = check_inputs("DCNv2", dense, emb)
-    if self.structure not in STRUCTURES:
-      raise ConfigError(f"DCNv2.structure must be one of {STRUCTURES}, got '{self.structure}'")
-    if not is_int(self.num_cross_layers) or self.num_cross_layers < 0:
-      raise ConfigError(f"DCNv2.num_cross_layers must be an integer >= 0, got "
-                        f"{self.num_cross_layers!r}")
-    if self.low_rank is not None and (not is_int(self.low_rank) or self.low_rank <= 0):
-      raise ConfigError(f"DCNv2.low_rank must be a positive integer or None, got "
-                        f"{self.low_rank!r}")
-    if self.low_rank is not None and self.num_cross_layers == 0:   # as TwoTower's contradictions
-      raise ConfigError(f"DCNv2.low_rank = {self.low_rank} applies to cross layers, but "
-                        "DCNv2.num_cross_layers = 0: bind DCNv2.low_rank = None, or add layers")
-    check_sizes("DCNv2.deep_mlp", self.deep_mlp, allow_empty=True)
+    self.check_config()
     dtype = compute_dtype("DCNv2.dtype", self.dtype)
     # float32: the cross network's residual stream uses it as is; each Dense rounds its
     # input to `dtype` for the matmul.
@@ -111,3 +100,19 @@ class DCNv2(nn.Module):
     else:
       h = jnp.concatenate([cross(x0), deep(x0)], axis=-1)
     return MLP((1,), dtype=dtype, out_dtype=jnp.float32, name="logit")(h)[:, 0]
+
+  def check_config(self) -> None:
+    """Raises ConfigError for a bad hyper-parameter that needs no input shapes (also called
+    by `build_model`, so a typo stops a run when the config is read)."""
+    if self.structure not in STRUCTURES:
+      raise ConfigError(f"DCNv2.structure must be one of {STRUCTURES}, got '{self.structure}'")
+    if not is_int(self.num_cross_layers) or self.num_cross_layers < 0:
+      raise ConfigError(f"DCNv2.num_cross_layers must be an integer >= 0, got "
+                        f"{self.num_cross_layers!r}")
+    if self.low_rank is not None and (not is_int(self.low_rank) or self.low_rank <= 0):
+      raise ConfigError(f"DCNv2.low_rank must be a positive integer or None, got "
+                        f"{self.low_rank!r}")
+    if self.low_rank is not None and self.num_cross_layers == 0:   # as TwoTower's contradictions
+      raise ConfigError(f"DCNv2.low_rank = {self.low_rank} applies to cross layers, but "
+                        "DCNv2.num_cross_layers = 0: bind DCNv2.low_rank = None, or add layers")
+    check_sizes("DCNv2.deep_mlp", self.deep_mlp, allow_empty=True)

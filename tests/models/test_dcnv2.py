@@ -4,8 +4,11 @@ the identity, so unnormalised dense inputs do not give O(1-3) seed-dependent log
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from jaxrec.errors import ConfigError
 from jaxrec.models import CrossNetwork, DCNv2
+from jaxrec.models.base import build_model
 from tests.models import init_testlib as lib
 
 MODEL = DCNv2(num_cross_layers=3, low_rank=32, deep_mlp=(256, 128))
@@ -48,3 +51,12 @@ def test_bfloat16_cross_network_keeps_a_float32_residual_stream():
       h = h @ bf(p[f"cross_{i}"]["kernel"]) + np.asarray(p[f"cross_{i}"]["bias"], np.float64)
       want = x * h + want
     np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("binding, value", [("structure", "stackd"), ("num_cross_layers", -1),
+                                            ("deep_mlp", 256)])
+def test_bad_hyperparameter_stops_build_model(binding, value):
+  """A typo such as `DCNv2.structure = 'stackd'` stops when the config is read (like a bad
+  dtype), not only when the model is first called after planning."""
+  with pytest.raises(ConfigError, match=f"DCNv2.{binding}"):
+    build_model("dcnv2", **{binding: value})
