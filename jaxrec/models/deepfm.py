@@ -55,7 +55,7 @@ class DeepFM(nn.Module):
   def __call__(self, dense, emb):
     """`dense` `[B, num_dense]`, `emb` `[B, F, D]` -> logits float32 `[B]`."""
     b, f, d = check_inputs("DeepFM", dense, emb)
-    check_sizes("DeepFM.deep_mlp", self.deep_mlp, allow_empty=True)
+    self.check_config()
     dtype = compute_dtype("DeepFM.dtype", self.dtype)
     f32 = jnp.float32
     flat = jnp.concatenate([dense, emb.reshape(b, f * d)], axis=-1).astype(dtype)
@@ -77,3 +77,8 @@ class DeepFM(nn.Module):
     deep = MLP(tuple(self.deep_mlp) + (1,), final_activation=False, dtype=dtype,
                out_dtype=f32, name="deep_mlp")(flat)[:, 0]
     return first + fm + deep
+
+  def check_config(self) -> None:
+    """Raises ConfigError for a bad hyper-parameter that needs no input shapes (also called
+    by `build_model`, so a bad binding stops a run when the config is read)."""
+    check_sizes("DeepFM.deep_mlp", self.deep_mlp, allow_empty=True)

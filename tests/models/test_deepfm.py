@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from jaxrec.errors import ConfigError
 from jaxrec.models import DeepFM, build_model, compute_loss, init_params
 from tests.models import init_testlib as lib
 
@@ -69,3 +70,10 @@ def test_no_dense_features_trains(dtype):
   assert all(x.size for x in jax.tree.leaves(params))
   for g in jax.tree.leaves((g_params, g_emb)):
     assert np.all(np.isfinite(g))
+
+
+def test_bad_deep_mlp_stops_build_model():
+  """`DeepFM.deep_mlp = 256` stops when the config is read (like a bad dtype), not only when
+  the model is first called after planning."""
+  with pytest.raises(ConfigError, match="DeepFM.deep_mlp"):
+    build_model("deepfm", deep_mlp=256)
