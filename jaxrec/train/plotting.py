@@ -33,17 +33,24 @@ def read_metrics(workdir: str) -> list[dict]:
   out with a warning.
 
   Raises:
-    DataError: the file is missing, empty or holds a line that is not a JSON object.
+    DataError: the file is missing, unreadable, not UTF-8 text, empty or holds a line that
+      is not a JSON object with a finite 'step'.
   """
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.isfile(path):
     raise DataError(f"no metrics file at {path}")
   by_step: dict[int, dict] = {}
-  for lineno, line in jsonl.complete_lines(path):
+  try:
+    lines = jsonl.complete_lines(path)
+  except UnicodeDecodeError as e:   # not a metrics file (binary, or corrupted on disk)
+    raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+  except OSError as e:
+    raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+  for lineno, line in lines:
     try:
       rec = json.loads(line)
       step = int(rec["step"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError):   # Overflow: "step": Infinity
       raise DataError(f"{path}:{lineno}: not a JSON object with a 'step'") from None
     if rec.get("event") in REWIND_EVENTS:
       by_step = {s: r for s, r in by_step.items() if s <= step}

@@ -153,3 +153,23 @@ def test_a_run_with_nothing_to_plot_is_one_line_error(tmp_path):
   assert (f"{os.path.join(b, 'metrics.jsonl')}: no loss, eval_auc, examples_per_sec value to "
           "plot (only nan_stop lines)") in res.stderr
   assert not os.path.exists(os.path.join(a, "metrics.png"))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe{\"step\": 1}\n", "not UTF-8 text"),             # binary / corrupted file
+    (b'{"step": Infinity, "loss": 1}\n', "not a JSON object with a 'step'"),
+])
+def test_undecodable_or_infinite_step_is_a_data_error(tmp_path, content, message):
+  (tmp_path / "metrics.jsonl").write_bytes(content)
+  with pytest.raises(plotting.DataError, match=message):
+    plotting.read_metrics(str(tmp_path))
+
+
+def test_unreadable_metrics_is_a_data_error(tmp_path, monkeypatch):
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1}\n')
+
+  def denied(path):
+    raise PermissionError(13, "Permission denied", path)
+  monkeypatch.setattr(plotting.jsonl, "complete_lines", denied)
+  with pytest.raises(plotting.DataError, match="cannot read .*: Permission denied"):
+    plotting.read_metrics(str(tmp_path))
