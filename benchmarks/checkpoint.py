@@ -44,7 +44,11 @@ def _args():
   p.add_argument("--saves", type=int, default=3, help="saves timed for save_blocked_s")
   p.add_argument("--workdir", default=None, help="where to write (default: a temp dir)")
   p.add_argument("--gin_bindings", action="append", default=[])
-  return p.parse_args()
+  args = p.parse_args()
+  for name in ("devices", "steps", "saves"):   # 0 steps/saves: a median of nothing
+    if getattr(args, name) < 1:
+      p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+  return p, args
 
 
 def _du(path: str) -> int:
@@ -52,7 +56,7 @@ def _du(path: str) -> int:
 
 
 def main():
-  args = _args()
+  parser, args = _args()
   if args.devices > 1:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.devices}")
@@ -63,6 +67,7 @@ def main():
   from absl import logging as absl_logging
   from common import emit
   from jaxrec.checkpoint import CheckpointManager
+  from jaxrec.errors import JaxrecError
   from jaxrec.sharding import mesh as mesh_lib
   from jaxrec.train import data_adapter, loop
   from jaxrec.train import state as state_lib
@@ -70,10 +75,16 @@ def main():
   from jaxrec.train.config import ExperimentConfig, RunOptions
 
   absl_logging.set_verbosity(absl_logging.WARNING)
-  gin.parse_config_files_and_bindings([GIN_FILE], args.gin_bindings)
-  config = ExperimentConfig()
+  try:
+    gin.parse_config_files_and_bindings([GIN_FILE], args.gin_bindings)
+    config = ExperimentConfig()
+  except (ValueError, TypeError) as e:   # gin: unknown configurable, bad value
+    parser.error(f"--gin_bindings: {str(e).strip().splitlines()[0]}")
   options = RunOptions(mesh=args.mesh, plan=args.plan, progress=False)
-  collection, plan, info = loop.setup(config, options)
+  try:
+    collection, plan, info = loop.setup(config, options)
+  except JaxrecError as e:   # a bad --mesh or --plan names its flag
+    parser.error(str(e))
   state = state_lib.create(config, collection, 0)
   train_step = step_lib.make_train_step(config, collection,
                                         state_lib.shardings(state, collection))

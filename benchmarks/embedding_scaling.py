@@ -68,6 +68,11 @@ def main():
   p.add_argument("--rounds", type=int, default=10)
   p.add_argument("--steps", type=int, default=5, help="timed steps per size per round")
   args = p.parse_args()
+  if args.optimizer not in optimizers.OPTIMIZERS:
+    p.error(f"--optimizer: unknown {args.optimizer!r} (known: {', '.join(optimizers.OPTIMIZERS)})")
+  for name in ("tables", "batch", "dim", "rounds", "steps"):   # 0: a traceback or NaN output
+    if getattr(args, name) < 1:
+      p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
   opt = optimizers.sparse_optimizer(args.optimizer)
   try:   # smallest first: the goal is the largest size's time over the smallest's
     sizes = sorted({int(float(r)) for r in args.rows.split(",")})

@@ -106,6 +106,13 @@ def main():
   unknown = [k for k in args.plans.split(",") if k not in MESHES]
   if unknown:
     p.error(f"--plans: unknown {unknown}; choose from {', '.join(MESHES)}")
+  missing = [c for c in args.configs.split(",")
+             if not os.path.isfile(os.path.join(ROOT, "configs", f"{c}.gin"))]
+  if missing:
+    p.error(f"--configs: no configs/<name>.gin for {missing}")
+  for name in ("rounds", "steps", "stage_steps"):   # 0: medians of nothing, NaN output
+    if getattr(args, name) < 1:
+      p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
   devices = jax.devices()
   if len(devices) < 8:
     raise SystemExit(f"needs 8 devices, have {len(devices)} (XLA_FLAGS={os.environ['XLA_FLAGS']})")

@@ -18,6 +18,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
     # timed nothing: NaN lines (not JSON), exit 0; a numpy traceback
     ("kernels.py", ["--iters", "0"], "--iters must be at least 1, got 0"),
     ("kernels.py", ["--rows", "0"], "--rows must be at least 1, got 0"),
+    # were tracebacks (median of no times, ConfigError, gin ValueError, FileNotFoundError)
+    ("checkpoint.py", ["--steps", "0"], "--steps must be at least 1, got 0"),
+    ("checkpoint.py", ["--plan", "foo"], "--plan: unknown plan 'foo'"),
+    ("checkpoint.py", ["--gin_bindings", "Nope.x=1"], "--gin_bindings: No configurable"),
+    ("naive_dlrm.py", ["--data", "/nonexistent/d.npz"], "--data: no file '/nonexistent/d.npz'"),
+    ("naive_dlrm.py", ["--data", "x", "--warmup", "0"], "--warmup must be in [1, --steps=300)"),
+    ("mesh_overhead.py", ["--configs", "foo"], "--configs: no configs/<name>.gin for ['foo']"),
+    ("mesh_overhead.py", ["--rounds", "0"], "--rounds must be at least 1, got 0"),   # NaN out
+    ("embedding_scaling.py", ["--optimizer", "foo"], "--optimizer: unknown 'foo'"),
+    ("embedding_scaling.py", ["--tables", "0"], "--tables must be at least 1, got 0"),
 ])
 def test_bad_flag_is_a_usage_error(script, flags, message):
   out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *flags],
