@@ -46,6 +46,7 @@ import numpy as np
 
 from jaxrec import offload
 from jaxrec.offload import snapshots
+from jaxrec.offload.config import KVSTORES
 from jaxrec.data.batch import Batch
 from jaxrec.embedding import optimizers
 from jaxrec.embedding.collection import EmbeddingCollection
@@ -233,6 +234,12 @@ def main():
   if not 0 < args.rounds <= args.steps:
     p.error(f"--rounds must be in [1, --steps={args.steps}] (timed blocks of --steps / "
             "--rounds steps)")
+  if not 0 < args.cache_fraction < 1:   # was a ConfigError traceback after building data
+    p.error(f"--cache_fraction must be in (0, 1), got {args.cache_fraction}")
+  if args.optimizer not in optimizers.OPTIMIZERS:
+    p.error(f"--optimizer: unknown {args.optimizer!r} (known: {', '.join(optimizers.OPTIMIZERS)})")
+  if args.kvstore not in KVSTORES:
+    p.error(f"--kvstore: unknown {args.kvstore!r} (known: {', '.join(KVSTORES)})")
   unknown = set(args.runs.split(",")) - {"device", "offload", "sync", "stale"}
   if unknown:
     p.error(f"--runs: unknown {sorted(unknown)}; choose from device, offload, sync, stale")

@@ -51,7 +51,8 @@ from jaxrec.data.pipeline import make_train_iterator  # noqa: E402
 from jaxrec.embedding.collection import EmbeddingCollection  # noqa: E402
 from jaxrec.embedding.layout import ids_gather_devices  # noqa: E402
 from jaxrec.sharding import mesh as mesh_lib  # noqa: E402
-from jaxrec.sharding.plan import Plan, TablePlacement, uniform_plan  # noqa: E402
+from jaxrec.errors import JaxrecError  # noqa: E402
+from jaxrec.sharding.plan import KINDS, Plan, TablePlacement, uniform_plan  # noqa: E402
 from jaxrec.train import loop  # noqa: E402
 from jaxrec.train import state as state_lib  # noqa: E402
 from jaxrec.train import step as step_lib  # noqa: E402
@@ -186,13 +187,19 @@ def main():
   p.add_argument("--profile_dir", default=None,
                  help="keep the profile records here (default: a temporary directory)")
   args = p.parse_args()
+  unknown = [k for k in filter(None, args.probe.split(",")) if k not in KINDS]
+  if unknown:   # was a ConfigError traceback naming --plan
+    p.error(f"--probe: unknown {unknown}; choose from {', '.join(KINDS)}")
 
-  launch.parse_gin(args.gin_file or [os.path.join(ROOT, "configs", "skewed_synthetic.gin")],
-                   args.gin_bindings)
-  config = ExperimentConfig()
-  devices = jax.devices()
-  mesh_shape = mesh_lib.parse_mesh_spec(args.mesh, len(devices))
-  config.validate(len(devices))
+  try:   # a missing --gin_file, a bad --mesh or config: the error names its flag
+    launch.parse_gin(args.gin_file or [os.path.join(ROOT, "configs", "skewed_synthetic.gin")],
+                     args.gin_bindings)
+    config = ExperimentConfig()
+    devices = jax.devices()
+    mesh_shape = mesh_lib.parse_mesh_spec(args.mesh, len(devices))
+    config.validate(len(devices))
+  except JaxrecError as e:
+    p.error(str(e))
   nt = mesh_shape["table"]
   b = config.batch_size
   prior = planner.calibrate(len(devices)) if args.calibration == "measure" else planner.DEFAULT

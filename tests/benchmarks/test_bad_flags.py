@@ -28,6 +28,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
     ("mesh_overhead.py", ["--rounds", "0"], "--rounds must be at least 1, got 0"),   # NaN out
     ("embedding_scaling.py", ["--optimizer", "foo"], "--optimizer: unknown 'foo'"),
     ("embedding_scaling.py", ["--tables", "0"], "--tables must be at least 1, got 0"),
+    # were ConfigError/gin tracebacks (after building the data, for offload.py)
+    ("offload.py", ["--cache_fraction", "2"], "--cache_fraction must be in (0, 1), got 2.0"),
+    ("offload.py", ["--optimizer", "foo"], "--optimizer: unknown 'foo'"),
+    ("offload.py", ["--kvstore", "foo"], "--kvstore: unknown 'foo' (known: file, memory)"),
+    ("planner.py", ["--gin_file", "/nonexistent/x.gin"], "--gin_file: cannot read"),
+    ("planner.py", ["--probe", "dp,foo"], "--probe: unknown ['foo']"),   # said --plan
+    ("planner.py", ["--mesh", "bad"], "--mesh: 'bad' is not AXIS=SIZE"),
 ])
 def test_bad_flag_is_a_usage_error(script, flags, message):
   out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *flags],
