@@ -89,8 +89,24 @@ def _failure(code, final, events):
   return f"the job failed after its recovery: {why}"
 
 
+def _check_flags() -> None:
+  """One-line error naming the flag before the job starts (else a bad value showed only
+  as 'the launcher exited ... before step N', some after running the whole job)."""
+  for name in ("num_steps", "checkpoint_every", "batch_size", "kill_at"):
+    if FLAGS[name].value < 1:
+      sys.exit(f"error: --{name} must be at least 1, got {FLAGS[name].value}")
+  if FLAGS.kill_at >= FLAGS.num_steps or FLAGS.checkpoint_every >= FLAGS.num_steps:
+    sys.exit(f"error: --kill_at={FLAGS.kill_at} and --checkpoint_every="
+             f"{FLAGS.checkpoint_every} must be below --num_steps={FLAGS.num_steps}")
+  if FLAGS.timeout <= 0:
+    sys.exit(f"error: --timeout must be positive, got {FLAGS.timeout}")
+  if FLAGS.train_script and not os.path.isfile(FLAGS.train_script):
+    sys.exit(f"error: --train_script: no file {FLAGS.train_script!r}")
+
+
 def main(argv):
   del argv
+  _check_flags()
   workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="jaxrec_elastic_")
   _fresh_workdir(workdir)
   cmd = [sys.executable, os.path.join(ROOT, "scripts", "launch.py"), "--quiet",

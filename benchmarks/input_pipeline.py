@@ -94,8 +94,22 @@ def iterator_rate(it) -> float:
   return rate
 
 
+def _check_flags() -> None:
+  """One-line error naming the flag, before any work (a missing --trainer_metrics was a
+  FileNotFoundError after all the measurements; --batch_size=0 a gin traceback)."""
+  for name in ("examples", "batch_size", "rows", "batches", "trainer_steps"):
+    if FLAGS[name].value < 1:
+      sys.exit(f"error: --{name} must be at least 1, got {FLAGS[name].value}")
+  for name in ("num_threads", "prefetch"):
+    if FLAGS[name].value < 0:
+      sys.exit(f"error: --{name} must be at least 0, got {FLAGS[name].value}")
+  if FLAGS.trainer_metrics and not os.path.isfile(FLAGS.trainer_metrics):
+    sys.exit(f"error: --trainer_metrics: no file {FLAGS.trainer_metrics!r}")
+
+
 def main(argv):
   del argv
+  _check_flags()
   tables, features = uniform_tables(26, FLAGS.rows)
   kw = dict(num_threads=FLAGS.num_threads, prefetch=FLAGS.prefetch)
   common = dict(batch_size=FLAGS.batch_size, threads=FLAGS.num_threads,

@@ -59,3 +59,19 @@ def test_table_init_finds_its_configs_from_any_directory(tmp_path):
   out = subprocess.run([sys.executable, "-c", code, os.path.join(ROOT, "benchmarks")],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    # absl scripts: `error: ...`, exit 1, before the job / the measurements
+    ("elastic.py", ["--num_steps=0"], "error: --num_steps must be at least 1, got 0"),
+    ("elastic.py", ["--kill_at=100"], "error: --kill_at=100 and --checkpoint_every=10 must be"),
+    ("elastic.py", ["--train_script=/nonexistent/t.py"], "error: --train_script: no file"),
+    ("input_pipeline.py", ["--trainer_metrics=/nonexistent/m.jsonl"],
+     "error: --trainer_metrics: no file '/nonexistent/m.jsonl'"),
+    ("input_pipeline.py", ["--batch_size=0"], "error: --batch_size must be at least 1, got 0"),
+])
+def test_absl_benchmark_bad_flag_is_one_line_error(script, flags, message):
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *flags],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert out.returncode == 1 and message in out.stderr, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr and out.stdout == ""
