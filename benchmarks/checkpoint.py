@@ -31,6 +31,8 @@ import sys
 import tempfile
 import time
 
+from common import check_at_least   # numpy only: before jax sees XLA_FLAGS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_FILE = os.path.join(ROOT, "configs", "dlrm_criteo.gin")
 
@@ -45,9 +47,7 @@ def _args():
   p.add_argument("--workdir", default=None, help="where to write (default: a temp dir)")
   p.add_argument("--gin_bindings", action="append", default=[])
   args = p.parse_args()
-  for name in ("devices", "steps", "saves"):   # 0 steps/saves: a median of nothing
-    if getattr(args, name) < 1:
-      p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+  check_at_least(p.error, vars(args), ("devices", "steps", "saves"))
   return p, args
 
 

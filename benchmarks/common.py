@@ -6,11 +6,21 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def check_at_least(error: Callable[[str], Any], values: Mapping[str, Any],
+                   names: Iterable[str], low: int = 1) -> None:
+  """Calls `error(message)` for the first flag in `names` whose value in `values` (`vars(args)`
+  or absl's `FLAGS.flag_values_dict()`) is below `low`: a count of 0 timed nothing (NaN
+  output) or failed later with a traceback."""
+  for name in names:
+    if values[name] < low:
+      error(f"--{name} must be at least {low}, got {values[name]}")
 
 
 def emit(benchmark: str, **fields: Any) -> dict:

@@ -25,7 +25,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.common import emit  # noqa: E402
+from benchmarks.common import check_at_least, emit  # noqa: E402
 from jaxrec.elastic.events import read_events  # noqa: E402
 from jaxrec.elastic.procs import latest_checkpoint  # noqa: E402
 
@@ -92,9 +92,8 @@ def _failure(code, final, events):
 def _check_flags() -> None:
   """One-line error naming the flag before the job starts (else a bad value showed only
   as 'the launcher exited ... before step N', some after running the whole job)."""
-  for name in ("num_steps", "checkpoint_every", "batch_size", "kill_at"):
-    if FLAGS[name].value < 1:
-      sys.exit(f"error: --{name} must be at least 1, got {FLAGS[name].value}")
+  check_at_least(lambda m: sys.exit(f"error: {m}"), FLAGS.flag_values_dict(),
+                 ("num_steps", "checkpoint_every", "batch_size", "kill_at"))
   if FLAGS.kill_at >= FLAGS.num_steps or FLAGS.checkpoint_every >= FLAGS.num_steps:
     sys.exit(f"error: --kill_at={FLAGS.kill_at} and --checkpoint_every="
              f"{FLAGS.checkpoint_every} must be below --num_steps={FLAGS.num_steps}")

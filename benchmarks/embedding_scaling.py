@@ -13,7 +13,7 @@ and a final line with `"ratio"`, `"cpu_ratio"` and `"goal"`.
 
 import argparse
 
-from common import emit, interleaved_times, median
+from common import check_at_least, emit, interleaved_times, median
 
 import jax
 import jax.numpy as jnp
@@ -70,9 +70,7 @@ def main():
   args = p.parse_args()
   if args.optimizer not in optimizers.OPTIMIZERS:
     p.error(f"--optimizer: unknown {args.optimizer!r} (known: {', '.join(optimizers.OPTIMIZERS)})")
-  for name in ("tables", "batch", "dim", "rounds", "steps"):   # 0: a traceback or NaN output
-    if getattr(args, name) < 1:
-      p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+  check_at_least(p.error, vars(args), ("tables", "batch", "dim", "rounds", "steps"))
   opt = optimizers.sparse_optimizer(args.optimizer)
   try:   # smallest first: the goal is the largest size's time over the smallest's
     sizes = sorted({int(float(r)) for r in args.rows.split(",")})

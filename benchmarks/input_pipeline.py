@@ -21,6 +21,7 @@ import time
 import numpy as np
 from absl import app, flags
 
+from common import check_at_least
 from jaxrec.data import binary, pipeline, synthetic, tsv
 from jaxrec.data.source import make_layout
 from jaxrec.embedding.specs import uniform_tables
@@ -97,12 +98,9 @@ def iterator_rate(it) -> float:
 def _check_flags() -> None:
   """One-line error naming the flag, before any work (a missing --trainer_metrics was a
   FileNotFoundError after all the measurements; --batch_size=0 a gin traceback)."""
-  for name in ("examples", "batch_size", "rows", "batches", "trainer_steps"):
-    if FLAGS[name].value < 1:
-      sys.exit(f"error: --{name} must be at least 1, got {FLAGS[name].value}")
-  for name in ("num_threads", "prefetch"):
-    if FLAGS[name].value < 0:
-      sys.exit(f"error: --{name} must be at least 0, got {FLAGS[name].value}")
+  values, error = FLAGS.flag_values_dict(), lambda m: sys.exit(f"error: {m}")
+  check_at_least(error, values, ("examples", "batch_size", "rows", "batches", "trainer_steps"))
+  check_at_least(error, values, ("num_threads", "prefetch"), low=0)
   if FLAGS.trainer_metrics and not os.path.isfile(FLAGS.trainer_metrics):
     sys.exit(f"error: --trainer_metrics: no file {FLAGS.trainer_metrics!r}")
 

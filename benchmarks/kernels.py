@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import check_at_least
 from jaxrec.kernels import RowWiseAdagrad, init_opt_state, lookup_pool, quantize, sparse_update
 from jaxrec.kernels import platform
 
@@ -65,9 +66,7 @@ SIZE_FLAGS = ("rows", "dim", "bags", "bag_len", "iters")
 def _check_sizes(p: argparse.ArgumentParser, args) -> None:
   """Usage error (exit 2) for a size or count below 1: `--iters=0` timed nothing and
   printed NaN (not JSON), `--rows=0` failed with a numpy traceback."""
-  for name in SIZE_FLAGS:
-    if getattr(args, name) < 1:
-      p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+  check_at_least(p.error, vars(args), SIZE_FLAGS)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -30,7 +30,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import argparse  # noqa: E402
 
-from common import emit, interleaved_times, median  # noqa: E402
+from common import check_at_least, emit, interleaved_times, median  # noqa: E402
 from planner import StepRunner, host_batches  # noqa: E402
 
 import jax  # noqa: E402
@@ -110,9 +110,7 @@ def main():
              if not os.path.isfile(os.path.join(ROOT, "configs", f"{c}.gin"))]
   if missing:
     p.error(f"--configs: no configs/<name>.gin for {missing}")
-  for name in ("rounds", "steps", "stage_steps"):   # 0: medians of nothing, NaN output
-    if getattr(args, name) < 1:
-      p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+  check_at_least(p.error, vars(args), ("rounds", "steps", "stage_steps"))
   devices = jax.devices()
   if len(devices) < 8:
     raise SystemExit(f"needs 8 devices, have {len(devices)} (XLA_FLAGS={os.environ['XLA_FLAGS']})")

@@ -19,6 +19,7 @@ import json
 import os
 import time
 
+from common import check_at_least
 from vs_torchrec import step_times
 
 import jax
@@ -96,9 +97,7 @@ def main():
   p.add_argument("--dim", type=int, default=16)
   p.add_argument("--dense_dtype", choices=["float32", "bfloat16"], default="float32")
   args = p.parse_args()
-  for name in ("steps", "batch_size", "rows", "dim"):
-    if getattr(args, name) < 1:
-      p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+  check_at_least(p.error, vars(args), ("steps", "batch_size", "rows", "dim"))
   if not 1 <= args.warmup < args.steps:   # as vs_torchrec.step_times needs
     p.error(f"--warmup must be in [1, --steps={args.steps}), got {args.warmup}")
   if not os.path.isfile(args.data):
