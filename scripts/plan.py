@@ -173,8 +173,8 @@ def _estimate_forced(tables, mesh, estimate):
 
 def _file_mesh():
   """The mesh a `--plan` file records (a run's plan.json, `--json` output), else None."""
-  from jaxrec.sharding.plan import Plan, is_plan_file  # pylint: disable=import-outside-toplevel
-  return Plan.load_with_mesh(FLAGS.plan)[1] if is_plan_file(FLAGS.plan) else None
+  from jaxrec.sharding.plan import recorded_mesh  # pylint: disable=import-outside-toplevel
+  return recorded_mesh(FLAGS.plan)
 
 
 def main(argv):

@@ -161,12 +161,13 @@ def choose(config, args: TrainArgs, processes: int, devices_per_process: int,
     with platform_lib.planning_for(platform):
       return choose(config, args, processes, devices_per_process)
   from jaxrec.sharding import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from jaxrec.sharding import plan as plan_lib  # pylint: disable=import-outside-toplevel
   from jaxrec.train import plan_choice  # pylint: disable=import-outside-toplevel
   n = processes * devices_per_process
   config.validate(n)                      # batch sizes divisible by the device count
   plan = str(args.get("plan", "auto"))
   user_mesh = str(args.get("mesh", "auto"))
-  recorded = _recorded_mesh(plan) if user_mesh == "auto" else None
+  recorded = plan_lib.recorded_mesh(plan) if user_mesh == "auto" else None
   if recorded:      # a shrunk job keeps the file's model axes where they fit, as for --mesh
     candidates = candidate_meshes(recorded, n)
   elif user_mesh == "auto":
@@ -187,17 +188,6 @@ def choose(config, args: TrainArgs, processes: int, devices_per_process: int,
     return Choice(processes, devices_per_process, shape, plan, kinds,
                   float(result.step_time_s))
   raise ConfigError(f"no mesh of {n} devices fits --plan={plan}: " + "; ".join(errors[:3]))
-
-
-def _recorded_mesh(plan: str) -> dict[str, int] | None:
-  """The mesh a `--plan` file records (`Plan.load_with_mesh`), None for a kind, `auto` or a
-  bare plan."""
-  from jaxrec.sharding.plan import Plan, is_plan_file  # pylint: disable=import-outside-toplevel
-  if not is_plan_file(plan):
-    return None
-  made_for = Plan.load_with_mesh(plan)[1]
-  return {a: int(made_for.get(a, 1)) for a in AXES} if made_for and min(
-      made_for.values()) >= 1 else None
 
 
 def _spec_sizes(spec: str) -> dict[str, int]:

@@ -16,8 +16,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxrec.errors import ConfigError
 # format_mesh: re-exported
-from jaxrec.sharding.plan import (KIND_AXES, MESH_AXES, Plan, format_mesh,  # noqa: F401
-                                  is_plan_file)
+from jaxrec.sharding.plan import (KIND_AXES, MESH_AXES, format_mesh,  # noqa: F401
+                                  recorded_mesh)
 
 # Batch-major arrays are split over every axis: device k holds examples [k*b, (k+1)*b).
 BATCH_AXES = MESH_AXES
@@ -57,10 +57,9 @@ def auto_mesh_shape(kind: str, num_devices: int) -> dict[str, int]:
   devices (the one `scripts/plan.py --plan=FILE` checks it on); else all devices on the
   first axis the plan kind uses, else data (a plan file's `load_plan_file` then warns,
   naming both meshes)."""
-  if is_plan_file(kind):
-    made_for = Plan.load_with_mesh(kind)[1]
-    if made_for and min(made_for.values()) >= 1 and math.prod(made_for.values()) == num_devices:
-      return dict(made_for)
+  made_for = recorded_mesh(kind)
+  if made_for and math.prod(made_for.values()) == num_devices:
+    return made_for
   shape = {a: 1 for a in MESH_AXES}
   axes = KIND_AXES.get(kind, ())
   shape[axes[0] if axes else "data"] = num_devices

@@ -202,6 +202,12 @@ def is_plan_file(plan: str) -> bool:
   return plan.endswith(".json") or "/" in plan
 
 
+def recorded_mesh(plan: str) -> dict[str, int] | None:
+  """The mesh the file a `--plan` value names records (all four axes, each a positive
+  integer); None for `auto`, a kind, a bare plan or a damaged `"mesh"`."""
+  return Plan.load_with_mesh(plan)[1] if is_plan_file(plan) else None
+
+
 def check_plan_flag(plan: str) -> None:
   """ConfigError unless `--plan` is `auto`, a kind, or a plan file that loads (before any
   planning, which would otherwise fail on every mesh)."""
