@@ -43,13 +43,14 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
   gin.finalize()
 
 
-def bound_value(selector: str):
-  """The value gin binds to `selector` (e.g. `ExperimentConfig.embedding`) with its `@x()`
-  references called, as the configurable would receive it; `None` when it is not bound."""
+def bound_value(selector: str, default=None):
+  """The value gin binds to `selector` (e.g. `ExperimentConfig.embedding`, `%tables`) with
+  its `@x()` references called, as the configurable would receive it; `default` when it is
+  not bound."""
   try:
     value = gin.query_parameter(selector)
-  except ValueError:   # not bound
-    return None
+  except (ValueError, KeyError):   # not bound
+    return default
   return _evaluated(value)
 
 

@@ -8,8 +8,6 @@ import numbers
 import reprlib
 from typing import Any
 
-import gin
-
 from jaxrec.embedding.specs import FeatureSpec, TableSpec, uniform_tables
 from jaxrec.errors import ConfigError
 from jaxrec.planner import cost_model as cm
@@ -106,27 +104,14 @@ def parse_tables_flag(spec: str, flag: str = "--tables") -> PlannerInputs:
   return PlannerInputs(tuple(tables), tuple(features), stats)
 
 
-def _evaluate(value):
-  """Calls gin references (`@fn()`) inside a queried binding, recursively."""
-  from jaxrec.launch import build  # pylint: disable=import-outside-toplevel
-  if isinstance(value, gin.config.ConfigurableReference):
-    fn = value.scoped_configurable_fn
-    return build(fn) if value.evaluate else fn   # a missing binding: ConfigError
-  if isinstance(value, (list, tuple)):
-    return type(value)(_evaluate(v) for v in value)
-  if isinstance(value, dict):
-    return {k: _evaluate(v) for k, v in value.items()}
-  return value
-
-
 _UNSET = object()
 
 
 def _query(name: str, default=None):
-  try:
-    return _evaluate(gin.query_parameter(name))
-  except (ValueError, KeyError):
-    return default
+  """`launch.bound_value`: a binding with its `@fn()` references called (a missing binding
+  of theirs: ConfigError), `default` when unbound."""
+  from jaxrec.launch import bound_value  # pylint: disable=import-outside-toplevel
+  return bound_value(name, default)
 
 
 def inputs_from_gin() -> PlannerInputs:
@@ -162,10 +147,8 @@ def inputs_from_gin() -> PlannerInputs:
     batch, batch_from = _query("%batch_size", _UNSET), "gin macro %batch_size"
   optimizer = _query("ExperimentConfig.sparse_optimizer")
   # as the trainer checks it: `@Adagrad` (the class) failed in `state_layout()` here
-  if optimizer is not None and (isinstance(optimizer, type) or not all(
-      callable(getattr(optimizer, n, None)) for n in ("state_layout", "update"))):
-    raise ConfigError(f"ExperimentConfig.sparse_optimizer must be a sparse optimizer, e.g. "
-                      f"@RowWiseAdagrad() or @sparse_optimizer(), got {optimizer!r}")
+  from jaxrec.train.config import check_sparse_optimizer  # pylint: disable=import-outside-toplevel
+  check_sparse_optimizer(optimizer)
   return PlannerInputs(tables, features, {},
                        None if batch is _UNSET else _batch_size(batch_from, batch), optimizer,
                        _batch_size("ExperimentConfig.eval_batch_size",

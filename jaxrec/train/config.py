@@ -223,9 +223,15 @@ class ExperimentConfig:
     if dense is not None and not _has_methods(dense, "init", "update"):
       raise ConfigError(f"ExperimentConfig.dense_optimizer must be an optax transformation, "
                         f"e.g. @dense_optimizer(), got {dense!r}")
-    if sparse is not None and not _has_methods(sparse, "state_layout", "update"):
-      raise ConfigError(f"ExperimentConfig.sparse_optimizer must be a sparse optimizer, "
-                        f"e.g. @RowWiseAdagrad() or @sparse_optimizer(), got {sparse!r}")
+    check_sparse_optimizer(sparse)
+
+
+def check_sparse_optimizer(sparse) -> None:
+  """`ConfigError` unless `sparse` (`ExperimentConfig.sparse_optimizer`) is None or a sparse
+  optimizer instance (`@Adagrad`, the class, and text are refused)."""
+  if sparse is not None and not _has_methods(sparse, "state_layout", "update"):
+    raise ConfigError(f"ExperimentConfig.sparse_optimizer must be a sparse optimizer, "
+                      f"e.g. @RowWiseAdagrad() or @sparse_optimizer(), got {sparse!r}")
 
 
 def check_embedding(emb) -> None:
