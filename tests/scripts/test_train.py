@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import types
 
 import numpy as np
 import pytest
@@ -21,6 +23,22 @@ def train(workdir, *flags, devices=1, check=True, env=None):
   if check and proc.returncode:
     raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
   return proc
+
+
+def train_many(cases, devices=1, env=None):
+  """`train.py` run once per flag list in `cases`, all in one process (tests/scripts/
+  train_many.py): `[SimpleNamespace(returncode, stderr)]`, for cases that stop before training
+  (each separate process would spend ~3 s importing jax)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    cases_path, results_path = os.path.join(tmp, "cases.json"), os.path.join(tmp, "out.json")
+    with open(cases_path, "w") as f:
+      json.dump([list(c) for c in cases], f)
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu", **(env or {}))
+    subprocess.run([sys.executable, os.path.join(ROOT, "tests", "scripts", "train_many.py"),
+                    cases_path, results_path], check=True, env=env, cwd=ROOT, timeout=600)
+    with open(results_path) as f:
+      return [types.SimpleNamespace(**r) for r in json.load(f)]
 
 
 def assert_one_line_error(proc, message):
@@ -100,11 +118,20 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("flags,message", BAD, ids=[m.split(":")[0].split(" ")[0] + str(i) for i, (_, m) in enumerate(BAD)])
-def test_bad_input_one_line_error(tmp_path, flags, message):
-  proc = train(str(tmp_path / "w"), *flags, devices=2, check=False, env=NO_COMPILE)
-  assert_one_line_error(proc, message)
-  assert not os.path.exists(tmp_path / "w" / "metrics.jsonl")
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+  """Every BAD case's run (2 devices), in one process: `(workdir, result)` per case."""
+  workdirs = [str(tmp_path_factory.mktemp("bad") / "w") for _ in BAD]
+  results = train_many([[f"--workdir={w}", *flags] for w, (flags, _) in zip(workdirs, BAD)],
+                       devices=2, env=NO_COMPILE)
+  return list(zip(workdirs, results))
+
+
+@pytest.mark.parametrize("case", range(len(BAD)), ids=[m.split(":")[0].split(" ")[0] + str(i) for i, (_, m) in enumerate(BAD)])
+def test_bad_input_one_line_error(bad_runs, case):
+  workdir, proc = bad_runs[case]
+  assert_one_line_error(proc, BAD[case][1])
+  assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))
 
 
 def test_gin_file_with_an_error(tmp_path):
