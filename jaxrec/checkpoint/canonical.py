@@ -4,12 +4,13 @@ The train state (what the trainer holds) is
 
     {"step": int32 [], "params": dense pytree, "opt_state": optax pytree,
      "emb": EmbeddingState {"tables": {stack: [R, D]}, "opt": {stack: {name: array}}},
-     "rng": uint32 [2] or a typed PRNG key}
+     "rng": uint32 [2] or a typed PRNG key,
+     "item_freq": {name: array} (only with a two-tower model's `logq_correction`)}
 
 A checkpoint stores it without any trace of the mesh or plan:
 
     state item (orbax pytree):  {"step", "params", "opt_state", "rng" (key data, uint32),
-                                 "fingerprint": uint32 [L]}
+                                 ["item_freq",] "fingerprint": uint32 [L]}
     embeddings item (`tables`): one array per table `tables/<name>` [rows, dim] and per
                                 optimizer state `table_opt/<name>/<opt>`
 
@@ -29,7 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-DENSE_KEYS = ("step", "params", "opt_state", "rng")
+DENSE_KEYS = ("step", "params", "opt_state", "rng", "item_freq")
+# why a restore target may lack a dense key the checkpoint holds, for the error
+MISSING_KEY_HINTS = {"item_freq": " (saved with TwoTower.logq_correction = True: bind it "
+                                  "to resume)"}
 FORMAT = "jaxrec-checkpoint"
 VERSION = 1
 

@@ -481,9 +481,8 @@ class CheckpointManager:
         state[key] = _wrap_keys(dense[key], target.get(key), manifest.get("key_impls", {}), key)
       elif key == "step":   # a tables-only checkpoint: its step is the directory's
         state[key] = jax.device_put(jnp.int32(step), NamedSharding(collection.mesh, P()))
-      elif init is not None:   # ... and its dense values fresh, even when `target` has some
-        fresh = init() if fresh is None else fresh
-        state[key] = fresh[key]
+      elif init is not None and key in (fresh := init() if fresh is None else fresh):
+        state[key] = fresh[key]   # ... and its dense values fresh, even when `target` has some
       elif key in target:
         state[key] = target[key]
     missing = [k for k, v in state.items()
@@ -511,7 +510,7 @@ class CheckpointManager:
         continue
       if key not in target:
         raise ConfigError(f"checkpoint {step_dir} holds '{key}' but the restore target has "
-                          "none")
+                          f"none{canonical_lib.MISSING_KEY_HINTS.get(key, '')}")
       abstract[key] = jax.tree.map(lambda x: _abstract(x, rep), target[key])
       _check_dense(key, abstract[key], manifest["leaves"], step_dir)
     if manifest.get("fingerprint"):

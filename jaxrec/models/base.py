@@ -70,8 +70,8 @@ def init_params(model: nn.Module, rng: jax.Array, num_dense: int, num_features: 
   return model.init(rng, dense, emb)["params"]
 
 
-def compute_loss(model: nn.Module, params: Any, dense, emb, labels, item_keys=None
-                 ) -> tuple[jax.Array, jax.Array]:
+def compute_loss(model: nn.Module, params: Any, dense, emb, labels, item_keys=None,
+                 log_q=None) -> tuple[jax.Array, jax.Array]:
   """Mean training loss and the logits used for metrics.
 
   Sigmoid binary cross-entropy for every model, except a `TwoTower` with
@@ -86,6 +86,8 @@ def compute_loss(model: nn.Module, params: Any, dense, emb, labels, item_keys=No
     labels: float32 `[B]` (0 or 1).
     item_keys: for `remove_accidental_hits`, what identifies each row's item
       (`item_bag_keys` of the batch); None: the item features' pooled embeddings.
+    log_q: for `logq_correction`, float32 `[B]` log sampling probability of each row's
+      item (`item_frequency.log_prob`; the trainer's estimate); required then.
 
   Returns:
     (scalar float32 loss, logits float32 `[B]`).
@@ -96,6 +98,9 @@ def compute_loss(model: nn.Module, params: Any, dense, emb, labels, item_keys=No
     raise ConfigError(f"{type(model).__name__}.loss must be one of {LOSSES}, got '{loss_name}'")
   labels = labels.astype(jnp.float32)
   if loss_name == "in_batch_softmax":
+    if model.logq_correction and log_q is None:
+      raise ConfigError("TwoTower.logq_correction: compute_loss needs log_q, the items' log "
+                        "sampling probabilities (the trainer's `item_freq` estimate)")
     variables = {"params": freeze_unused_item_bias(model, params)}
     user, item = model.apply(variables, dense, emb, method="towers")
     logits = (user * item).sum(-1) / model.temperature
@@ -103,6 +108,6 @@ def compute_loss(model: nn.Module, params: Any, dense, emb, labels, item_keys=No
     if model.remove_accidental_hits:
       keys = (item_keys if item_keys is not None
               else model.apply(variables, emb, method="item_keys"))
-    return in_batch_softmax_loss(user, item, labels, model.temperature, keys), logits
+    return in_batch_softmax_loss(user, item, labels, model.temperature, keys, log_q), logits
   logits = model.apply(variables, dense, emb)
   return optax.sigmoid_binary_cross_entropy(logits, labels).mean(), logits

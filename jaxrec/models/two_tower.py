@@ -23,11 +23,13 @@ from jaxrec.models.mlp import MLP, check_inputs, check_sizes, compute_dtype, is_
 LOSSES = ("bce", "in_batch_softmax")
 
 
-def in_batch_softmax_loss(user, item, labels, temperature: float, item_keys=None):
+def in_batch_softmax_loss(user, item, labels, temperature: float, item_keys=None,
+                          log_q=None):
   """In-batch sampled softmax over positives.
 
   Rows with label 1 are queries; every item of the batch is a candidate and the row's own
-  item is the target: `loss = mean_{i: y_i = 1} -log softmax_j(<u_i, v_j> / T)[i]`.
+  item is the target: `loss = mean_{i: y_i = 1} -log softmax_j(<u_i, v_j> / T - log q_j)[i]`
+  (`log q = 0` without `log_q`: no sampling-bias correction).
   Zero when the batch has no positive. Under `jit` with the batch split over devices, `B` is
   the global batch: every device's items are candidates. Without `item_keys` an item in
   several rows is a negative for the others; with them, a candidate `j != i` whose key equals
@@ -40,11 +42,15 @@ def in_batch_softmax_loss(user, item, labels, temperature: float, item_keys=None
     temperature: softmax temperature `T`.
     item_keys: optional `[B, ...]` array, or a sequence of them, identifying each row's item
       (rows are the same item when all their key values are equal), e.g. `item_bag_keys`.
+    log_q: optional float32 `[B]` log sampling probability of each row's item (logQ
+      correction; e.g. `item_frequency.log_prob`), subtracted from its column of logits.
 
   Returns:
     scalar float32 loss.
   """
   scores = (user @ item.T).astype(jnp.float32) / temperature
+  if log_q is not None:
+    scores = scores - jax.lax.stop_gradient(log_q).astype(jnp.float32)[None, :]
   if item_keys is not None:
     same = jnp.ones(scores.shape, bool)
     for k in (item_keys if isinstance(item_keys, (list, tuple)) else [item_keys]):
@@ -107,6 +113,13 @@ class TwoTower(nn.Module):
     remove_accidental_hits: with `in_batch_softmax`, rows whose item features are the same
       (the same ids, in any bag order, and weights: `item_bag_keys`; without the batch's ids,
       bit-equal pooled embeddings of `item_features`) are not negatives for each other.
+    logq_correction: with `in_batch_softmax`, subtract `log p_j` from every logit of item
+      `j` in training, `p_j` its sampling probability estimated by the trainer from the
+      stream of training items (`jaxrec.models.item_frequency`, keyed as
+      `remove_accidental_hits`; state `item_freq` of the train state, checkpointed). Not
+      applied when scoring (`__call__`, eval, serving): scores stay `<u, v> / T`.
+    logq_buckets: hash buckets of the estimator (items sharing one share an estimate).
+    logq_alpha: learning rate of the estimator's moving average, in (0, 1].
     dtype: computation dtype (parameters float32, logits float32).
   """
 
@@ -119,6 +132,9 @@ class TwoTower(nn.Module):
   temperature: float = 0.1
   loss: str = "bce"
   remove_accidental_hits: bool = False
+  logq_correction: bool = False
+  logq_buckets: int = 1 << 20
+  logq_alpha: float = 0.01
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -142,10 +158,29 @@ class TwoTower(nn.Module):
     if self.remove_accidental_hits and self.loss != "in_batch_softmax":   # else ignored
       raise ConfigError(f"TwoTower.remove_accidental_hits applies to loss='in_batch_softmax' "
                         f"only, not loss='{self.loss}' (a pointwise loss has no negatives)")
+    self.check_config()
     self.compute_dtype = compute_dtype("TwoTower.dtype", self.dtype)
     # Tower outputs are their float32 sums (the score is a float32 dot product of them).
     self.user_tower = MLP(self.user_mlp, dtype=self.compute_dtype, out_dtype=jnp.float32)
     self.item_tower = MLP(self.item_mlp, dtype=self.compute_dtype, out_dtype=jnp.float32)
+
+  def check_config(self) -> None:
+    """Raises ConfigError for a bad `logq_*` binding (also called by `build_model`, so it
+    stops a run when the config is read, before the train state is made)."""
+    if not isinstance(self.logq_correction, bool):
+      raise ConfigError(f"TwoTower.logq_correction must be True or False, got "
+                        f"{self.logq_correction!r}")
+    if not self.logq_correction:
+      return
+    if self.loss != "in_batch_softmax":
+      raise ConfigError(f"TwoTower.logq_correction applies to loss='in_batch_softmax' only, "
+                        f"not loss='{self.loss}' (it corrects the in-batch negatives' logits)")
+    if not is_int(self.logq_buckets) or not 0 < self.logq_buckets < 2 ** 31:
+      raise ConfigError(f"TwoTower.logq_buckets must be a positive integer below 2**31, got "
+                        f"{self.logq_buckets!r}")
+    if (not isinstance(self.logq_alpha, numbers.Real) or isinstance(self.logq_alpha, bool)
+        or not 0 < self.logq_alpha <= 1):
+      raise ConfigError(f"TwoTower.logq_alpha must be in (0, 1], got {self.logq_alpha!r}")
 
   def _check_features(self, num_features: int) -> None:
     for attr in ("user_features", "item_features"):

@@ -4,7 +4,9 @@
              "params": dense flax params,           replicated
              "opt_state": optax state,              replicated
              "emb": EmbeddingState,                 sharded per plan (see embedding.collection)
-             "rng": uint32 [2] key data}            replicated
+             "rng": uint32 [2] key data,            replicated
+             "item_freq": item_frequency state}     replicated; only for a TwoTower with
+                                                    `logq_correction`
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrec.embedding.collection import EmbeddingCollection
+from jaxrec.models import item_frequency
 from jaxrec.train.config import ExperimentConfig
 
 TrainState = dict
@@ -47,12 +50,16 @@ def create_dense(config: ExperimentConfig, collection: EmbeddingCollection, seed
     return params, tx.init(params)
 
   params, opt_state = jax.jit(dense_init, out_shardings=rep)(k_dense)
-  return {
+  out = {
       "step": jax.device_put(jnp.zeros((), jnp.int32), rep),
       "params": params,
       "opt_state": opt_state,
       "rng": jax.device_put(jax.random.key_data(k_rng), rep),
   }
+  if getattr(config.model, "logq_correction", False):
+    out["item_freq"] = jax.jit(item_frequency.init, static_argnums=0, out_shardings=rep)(
+        config.model.logq_buckets)
+  return out
 
 
 def abstract(config: ExperimentConfig, collection: EmbeddingCollection, seed: int

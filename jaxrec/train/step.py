@@ -3,7 +3,9 @@
 Train step, one `jit`:
   lookup (ids → unique rows per device) → pool `[B, F, D]` → dense model → loss;
   grads of the dense params (optax) and of the unique rows (sparse optimizer), so the
-  embedding update costs O(ids in the batch), independent of table size.
+  embedding update costs O(ids in the batch), independent of table size. A two-tower model
+  with `logq_correction` first updates `state["item_freq"]` with the global batch's items
+  and takes their log probabilities from it. The eval step never applies the correction.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import optax
 from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.models import compute_loss
+from jaxrec.models import item_frequency
 from jaxrec.models.two_tower import item_bag_keys
 from jaxrec.sharding.mesh import batch_sharding, replicated
 from jaxrec.train.config import ExperimentConfig
@@ -28,15 +31,24 @@ def make_train_step(config: ExperimentConfig, collection: EmbeddingCollection, s
 
   def step(state, batch: Batch):
     ctx = collection.lookup(state["emb"], batch.ids, batch.weights)
-    keys = None
-    if getattr(model, "remove_accidental_hits", False):   # ids packed or by feature
+    keys = log_q = None
+    logq = getattr(model, "logq_correction", False)
+    if logq or getattr(model, "remove_accidental_hits", False):   # ids packed or by feature
       keys = item_bag_keys([collection.feature_inputs(batch.ids, batch.weights,
                                                       collection.features[int(i)].name)
                             for i in model.item_features])
+    new_state = dict(state)
+    if logq:   # on the global batch: the same estimate on any number of devices
+      bucket = item_frequency.buckets(keys, model.logq_buckets)
+      new_state["item_freq"] = item_frequency.update(state["item_freq"], bucket,
+                                                     state["step"], model.logq_alpha)
+      log_q = item_frequency.log_prob(new_state["item_freq"], bucket)
+    if not getattr(model, "remove_accidental_hits", False):
+      keys = None
 
     def loss_fn(params, rows):
       emb = collection.pool(rows, ctx)
-      loss, _ = compute_loss(model, params, batch.dense, emb, batch.labels, keys)
+      loss, _ = compute_loss(model, params, batch.dense, emb, batch.labels, keys, log_q)
       return loss
 
     loss, (g_params, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
@@ -44,8 +56,7 @@ def make_train_step(config: ExperimentConfig, collection: EmbeddingCollection, s
     updates, opt_state = tx.update(g_params, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     emb = collection.apply_gradients(state["emb"], ctx, g_rows, state["step"])
-    new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state,
-                     emb=emb)
+    new_state.update(step=state["step"] + 1, params=params, opt_state=opt_state, emb=emb)
     return new_state, {"loss": loss}
 
   bs = batch_sharding(collection.mesh)

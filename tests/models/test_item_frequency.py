@@ -1,0 +1,68 @@
+"""Streaming item frequency estimation (`item_frequency`): the logQ correction's `p`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrec.models import item_frequency as freq
+
+update = jax.jit(freq.update, static_argnums=3)
+buckets = jax.jit(freq.buckets, static_argnums=1)
+
+
+def _sequential(bucket_steps, num, alpha):
+  """numpy Algorithm 2 of Yi et al., one example at a time (time = example index; before
+  its first sight a bucket was last seen at time -1 and its average starts at that gap)."""
+  last, gap = np.full(num, -1.0), np.zeros(num)
+  for t, h in enumerate(np.concatenate(bucket_steps)):
+    g = t - last[h]
+    gap[h] = g if gap[h] == 0 else (1 - alpha) * gap[h] + alpha * g
+    last[h] = t
+  return gap
+
+
+def test_update_is_the_example_by_example_algorithm():
+  rng = np.random.default_rng(0)
+  num, n, alpha = 7, 12, 0.3
+  steps = [rng.integers(0, num, n).astype(np.int32) for _ in range(5)]
+  steps[1][:] = 3                                   # one bucket filling a whole step
+  state = freq.init(num)
+  for t, b in enumerate(steps):
+    state = update(state, jnp.asarray(b), jnp.int32(t), alpha)
+  np.testing.assert_allclose(state["gap"], _sequential(steps, num, alpha), rtol=1e-5)
+  last = {int(h): (t, r) for t, b in enumerate(steps) for r, h in enumerate(b)}
+  for h, (t, r) in last.items():
+    assert (int(state["last_step"][h]), int(state["last_row"][h])) == (t, r)
+
+
+def test_converges_to_the_frequencies_of_a_zipf_stream():
+  rng = np.random.default_rng(1)
+  items, n, num = 30, 256, 4096
+  q = 1.0 / np.arange(1, items + 1) ** 1.2
+  q /= q.sum()
+  ids = jnp.arange(items, dtype=jnp.int32)[:, None]
+  bucket_of = np.asarray(buckets([ids], num))
+  want = np.array([q[bucket_of == h].sum() for h in bucket_of])   # colliding items add up
+  stream = jnp.asarray(bucket_of[rng.choice(items, size=(300, n), p=q)])
+
+  @jax.jit
+  def run(stream):
+    def step(state, xs):
+      t, b = xs
+      return freq.update(state, b, t, 0.02), None
+    return jax.lax.scan(step, freq.init(num), (jnp.arange(300, dtype=jnp.int32), stream))[0]
+
+  state = run(stream)
+  p = np.exp(np.asarray(freq.log_prob(state, jnp.asarray(bucket_of))))
+  np.testing.assert_allclose(p, want, rtol=0.3)                 # the rarest: ~50 sightings
+  assert abs(np.log(p / want)).mean() < 0.08, np.log(p / want)
+
+
+def test_equal_keys_share_a_bucket_and_any_key_value_counts():
+  ids = jnp.asarray([[1, 5], [1, 5], [5, 1], [1, 6]], jnp.int32)
+  w = jnp.asarray([[0.5, 2.0], [0.5, 2.0], [0.5, 2.0], [0.5, 2.0]], jnp.float32)
+  b = np.asarray(buckets([ids, w], 1 << 30))
+  assert b[0] == b[1] and len({b[0], b[2], b[3]}) == 3
+  b2 = np.asarray(buckets([ids, w.at[1, 1].set(2.5)], 1 << 30))
+  assert b2[0] != b2[1]
+  assert ((0 <= b) & (b < 1 << 30)).all()
