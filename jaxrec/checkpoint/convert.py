@@ -7,6 +7,7 @@ Exported names (npz keys, zarr array paths), from the canonical leaf names:
     dense/<path>                dense parameter, e.g. dense/params/bottom_0/kernel
     dense_opt/<path>            optax state leaf, e.g. dense_opt/0/mu/bottom_0/kernel
     step, rng                   int32 [], uint32 key data
+    item_freq/<name>            a two-tower's logQ estimate (`TwoTower.logq_correction`)
     metadata                    JSON text: {"step", "manifest", "meta", "data_state"}
 
 int8 tables export their `q`, `scale`, `bias` (`tables/<table>/q`, ...); bfloat16 arrays

@@ -43,11 +43,10 @@ def make_train_step(config: ExperimentConfig, collection: EmbeddingCollection, s
       new_state["item_freq"] = item_frequency.update(state["item_freq"], bucket,
                                                      state["step"], model.logq_alpha)
       log_q = item_frequency.log_prob(new_state["item_freq"], bucket)
-    if not getattr(model, "remove_accidental_hits", False):
-      keys = None
 
     def loss_fn(params, rows):
       emb = collection.pool(rows, ctx)
+      # keys are used only with remove_accidental_hits
       loss, _ = compute_loss(model, params, batch.dense, emb, batch.labels, keys, log_q)
       return loss
 
