@@ -123,6 +123,16 @@ def _overlaps(layout, rows: tuple[int, int]):
       yield slot, (a - start, b - start), (a - lo, b - lo)
 
 
+def _real_cols(layout, bounds) -> tuple[tuple, tuple] | None:
+  """The column index (no slice for a per-row array) of a block `bounds` of a stacked
+  array's real columns (`StackLayout.real_columns`): `(in the stored table, in the
+  block)`; None when the block holds padding columns only."""
+  if len(bounds) == 1:
+    return (), ()
+  c0, c1 = layout.real_columns(*bounds[1])
+  return ((slice(c0, c1),), (slice(0, c1 - c0),)) if c0 < c1 else None
+
+
 def host_pieces(collection, emb, buffers: dict | None = None) -> list[Piece]:
   """Copies the unique shards of every stacked array to host and cuts them into table
   pieces. Blocks until the copies are made (the caller may then donate `emb`).
@@ -147,9 +157,13 @@ def host_pieces(collection, emb, buffers: dict | None = None) -> list[Piece]:
     src = np.asarray(shard.data)
     rows = max(1, COPY_BYTES // max(1, block[:1].nbytes))
     copies += [(block[r:r + rows], src[r:r + rows]) for r in range(0, max(len(block), 1), rows)]
+    cols = _real_cols(l, bounds)
+    if cols is None:   # a block of padding columns only
+      continue
+    stored, local = cols
     for slot, (t0, t1), (b0, b1) in _overlaps(l, bounds[0]):
-      start = (t0,) + tuple(b[0] for b in bounds[1:])
-      pieces.append(Piece(name_of(slot.name), start, block[b0:b1]))
+      start = (t0,) + tuple(c.start for c in stored)
+      pieces.append(Piece(name_of(slot.name), start, block[(slice(b0, b1),) + local]))
   list(_copy_pool().map(lambda c: np.copyto(*c), copies))   # numpy copies release the GIL
   return pieces
 
@@ -373,20 +387,23 @@ def _read_block(layout, name_of, shape, dtype, bounds, handles, prints):
   fingerprinted as stored, then widened to `dtype` if stored narrower). Slots of tables
   without a handle stay zero."""
   block = np.zeros(tuple(b - a for a, b in bounds), dtype)
+  cols = _real_cols(layout, bounds)
+  if cols is None:   # padding columns only: zeros
+    return block
+  stored, local = cols
   reads = []
   for slot, (t0, t1), (b0, b1) in _overlaps(layout, bounds[0]):
     name = name_of(slot.name)
     if name not in handles:
       continue
-    src = (slice(t0, t1),) + tuple(slice(a, b) for a, b in bounds[1:])
-    reads.append((name, (t0,) + tuple(a for a, _ in bounds[1:]), (b0, b1),
-                  handles[name][src].read()))
+    reads.append((name, (t0,) + tuple(c.start for c in stored), (b0, b1),
+                  handles[name][(slice(t0, t1),) + stored].read()))
   for name, start, (b0, b1), fut in reads:
     data = fut.result()
     if name in prints:
       prints[name] = (prints[name] + fingerprint_np(data, tuple(handles[name].shape),
                                                      start)) & 0xFFFFFFFF
-    block[b0:b1] = data   # exact: `check_compatible` allows only widening
+    block[(slice(b0, b1),) + local] = data   # exact: `check_compatible` allows only widening
   return block
 
 

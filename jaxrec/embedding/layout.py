@@ -5,10 +5,18 @@ kinds split over `table`, buckets merge where that lowers every device's id slot
 (`_merge_buckets`). Per `table` slice `t`
 (only for kinds that use the `table` axis; otherwise there is one slice) the slice's tables
 are concatenated row-wise and padded to `slice_rows` rows, a multiple of the `row` axis
-size; the slices are concatenated in order. The stacked array is `[nt * slice_rows, dim]`,
-rows split over the used (`table`, `row`) axes and columns over `col`:
+size; the slices are concatenated in order. The stacked array is
+`[nt * slice_rows, padded_dim]`, rows split over the used (`table`, `row`) axes and columns
+over `col`:
 
     stack rows: | slice 0: t_a rows | t_b rows | pad | slice 1: t_c rows | pad | ...
+
+Column padding: a stack split over `col` whose dim is not a multiple of the `col` size
+stores `padded_dim` (dim rounded up to that multiple) columns; the extra ones are zeros that
+no lookup returns (stage 2 cuts the pooled activations back to `dim`), so their gradient is
+zero and no optimizer changes them. Whole-row reductions (row-wise Adagrad's mean, int8
+ranges) count the real columns only (`local_ops.column_mask`); `stack`/`unstack` add and cut them, so
+per-table arrays and checkpoints always hold `[rows, dim]`.
 
 The layout is pure static data (hashable), so it can be closed over by jitted functions.
 Tables are initialised per table (plan-independent, so every plan starts from the same
@@ -50,7 +58,8 @@ class StackLayout:
     kind: placement kind shared by its tables.
     axes: model axes splitting it (subset of table/row/col, in mesh order).
     sizes: mesh axis sizes, all four axes.
-    dim, dtype: shared by its tables.
+    dim, dtype: shared by its tables (`dim` is the tables' real dim; the stored array may
+      have more columns, `padded_dim`).
     slots: its tables.
     slice_rows: padded rows per `table` slice (multiple of the used `row` size).
     features: indices (into the collection's feature list) of features reading it.
@@ -116,12 +125,22 @@ class StackLayout:
     return self.slice_rows // self.size("row")
 
   @property
+  def padded_dim(self) -> int:
+    """Columns of the stored array: `dim` rounded up to a multiple of the `col` split."""
+    return _round_up(self.dim, self.size("col"))
+
+  @property
   def local_dim(self) -> int:
-    return self.dim // self.size("col")
+    return self.padded_dim // self.size("col")
 
   @property
   def shape(self) -> tuple[int, int]:
-    return (self.num_slices * self.slice_rows, self.dim)
+    return (self.num_slices * self.slice_rows, self.padded_dim)
+
+  def real_columns(self, start: int, stop: int) -> tuple[int, int]:
+    """Columns `[start, stop)` of the stored array clipped to the real ones `[0, dim)`
+    (empty, `start >= stop`, for a block of padding only)."""
+    return min(start, self.dim), min(stop, self.dim)
 
   @property
   def row_axes(self) -> tuple[str, ...]:
@@ -228,10 +247,6 @@ def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], 
           bag_bucket(longest[t.name]))
   for t in tables:
     placement = plan[t.name]
-    if "col" in placement.axes and t.dim % dict(sizes)["col"]:
-      raise ConfigError(
-          f"table '{t.name}': dim {t.dim} is not divisible by mesh axis col={dict(sizes)['col']} "
-          f"required by plan '{placement.kind}'; choose a col size dividing {t.dim}")
     if "table" in placement.axes and not 0 <= placement.table_slice < dict(sizes)["table"]:
       raise ConfigError(f"table '{t.name}': table_slice {placement.table_slice} is outside "
                         f"mesh axis table={dict(sizes)['table']}")
@@ -336,6 +351,8 @@ def init_stack(key: jax.Array, layout: StackLayout, specs: Sequence[TableSpec]):
   """The stacked array of `init_table` for every slot (`specs` in slot order), built in
   place by one kernel (`table_init.stack_values`); equal to `stack` of the tables."""
   values = table_init.stack_values(key, layout, [s.scale for s in specs])
+  if layout.dtype == "int8" and layout.padded_dim > layout.dim:   # row ranges: real columns
+    return pad_columns(layout, quant.quantize(values[:, :layout.dim]))
   return _to_dtype(values, layout.dtype)
 
 
@@ -347,7 +364,16 @@ def stack(layout: StackLayout, per_table: Mapping[str, Any]):
   """Per-table arrays (`[rows, ...]`, or pytrees of them such as `QuantizedTable`) → the
   stacked array(s) `[nt * slice_rows, ...]`."""
   parts = [per_table[slot.name] for slot in layout.slots]
-  return jax.tree.map(lambda *xs: _stack_array(layout, xs), *parts)
+  return pad_columns(layout, jax.tree.map(lambda *xs: _stack_array(layout, xs), *parts))
+
+
+def pad_columns(layout: StackLayout, tree):
+  """`[rows, dim]` leaves of `tree` → `[rows, padded_dim]` (zero columns appended); per-row
+  leaves `[rows]` unchanged."""
+  extra = layout.padded_dim - layout.dim
+  if not extra:
+    return tree
+  return jax.tree.map(lambda x: jnp.pad(x, ((0, 0), (0, extra))) if x.ndim == 2 else x, tree)
 
 
 def _stack_array(layout, arrays):
@@ -372,7 +398,8 @@ def unstack(layout: StackLayout, stacked) -> dict[str, Any]:
     cut.append({})
     for slot in layout.slots:
       start = layout.slot_start(slot)
-      cut[-1][slot.name] = x[start:start + slot.rows]
+      piece = x[start:start + slot.rows]
+      cut[-1][slot.name] = piece[:, :layout.dim] if piece.ndim == 2 else piece
   return {slot.name: treedef.unflatten([c[slot.name] for c in cut]) for slot in layout.slots}
 
 
@@ -383,10 +410,11 @@ def table_sharding(mesh: Mesh, layout: StackLayout):
 
 
 def bytes_per_row(layout: StackLayout) -> int:
-  """Stored bytes per table row (int8 adds its f32 scale and bias)."""
+  """Stored bytes per table row, padding columns included (int8 adds its f32 scale and
+  bias)."""
   if layout.dtype == "int8":
-    return layout.dim + 8
-  return layout.dim * jnp.dtype(layout.dtype).itemsize
+    return layout.padded_dim + 8
+  return layout.padded_dim * jnp.dtype(layout.dtype).itemsize
 
 
 def local_table_bytes(layout: StackLayout) -> int:
@@ -399,8 +427,10 @@ def local_table_bytes(layout: StackLayout) -> int:
 def describe(layouts: Sequence[StackLayout]) -> str:
   lines = []
   for l in layouts:
+    pad = (f" (dim {l.dim} padded to {l.padded_dim} for col={l.size('col')})"
+           if l.padded_dim > l.dim else "")
     lines.append(f"{l.name}: {len(l.slots)} tables, {len(l.features)} features, "
-                 f"array {l.shape} split over {l.axes or 'nothing (replicated)'}, "
+                 f"array {l.shape}{pad} split over {l.axes or 'nothing (replicated)'}, "
                  f"local shard [{l.local_rows}, {l.local_dim}], "
                  f"{l.shape[0] * bytes_per_row(l) / 2**20:.1f} MiB total")
   return "\n".join(lines)

@@ -3,7 +3,8 @@
 `l` is the stack's `StackLayout`, `opts` the collection's resolved `EmbeddingOptions`.
 Shapes: nd, nt, nr, nc = sizes of the data/table/row/col mesh axes (1 for axes the stack
 does not use), b = examples per device, F_s = the stack's features, Ft = features per
-table slice, L = bag size, n = unique-row capacity, dl = local dim (`dim / nc`).
+table slice, L = bag size, n = unique-row capacity, dl = local dim (`padded_dim / nc`;
+the last col devices' columns may be padding, `column_mask`).
 
 Kernels (`opts.kernel`):
 - stage 2 pooling with `pallas` is `kernels.lookup_pool` with the unique rows as the
@@ -67,6 +68,15 @@ def select_features(l, x, fill):
   sel = slot_features[axis_index(l, "table")] if l.num_slices > 1 else slot_features[0]
   picked = jnp.take(x, jnp.maximum(sel, 0), axis=-2)
   return jnp.where((sel >= 0)[:, None], picked, fill), sel
+
+
+def column_mask(l):
+  """bool `[dl]`: which of this device's columns are real (`< l.dim`); None when the stack
+  stores no padding columns (`layout` module docstring)."""
+  if l.padded_dim == l.dim:
+    return None
+  first = axis_index(l, "col") * l.local_dim
+  return first + jnp.arange(l.local_dim) < l.dim
 
 
 def unsigned(x):
@@ -220,7 +230,8 @@ def pool_all(layouts, opts, order, dedups, packing, rows, inv, w):
     parts = [pool_partial(l, opts, dedup, pk.plain_sum, rows[l.name], inv[l.name],
                           w[l.name]) for l, dedup, pk in members]
     x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=4)
-    x = send_home(stacks[0], opts.comm_dtype, x)                         # [b, nt, Ft_all, dim]
+    x = send_home(stacks[0], opts.comm_dtype, x)                  # [b, nt, Ft_all, padded_dim]
+    x = x[..., :stacks[0].dim]   # padding columns: never seen, so their gradient is zero
     start = 0
     for l, part in zip(stacks, parts):
       width = part.shape[4]
@@ -319,8 +330,10 @@ def update(l, optimizer, opts, dedup, table, opt_state, rows, uniq, grads, step)
     return kernels.sparse_update(table, opt_state, idx, jnp.ones(idx.shape, jnp.float32),
                                  grads, kernels.coerce(optimizer), step, key=key,
                                  kernel="pallas", interpret=opts.interpret)
-  if "col" in l.axes:
-    dim_sum = lambda x: jax.lax.psum(x.sum(axis=-1), "col")
+  mask = column_mask(l)
+  real = (lambda x: x) if mask is None else (lambda x: jnp.where(mask, x, 0.0))
+  if "col" in l.axes:   # over the real columns only (`optimizers.dim_full` counts them)
+    dim_sum = lambda x: jax.lax.psum(real(x).sum(axis=-1), "col")
   else:
     dim_sum = lambda x: x.sum(axis=-1)
   if not dedup:   # SGD is linear in the gradient: duplicate slots add up in the scatter
@@ -376,7 +389,13 @@ def store_rows(l, table, uniq, new_rows, bits=None):
   put = lambda arr, val: arr.at[uniq].set(val, mode="drop")
   if not isinstance(table, QuantizedTable):
     return put(table, quant.cast_store(new_rows, table.dtype, bits))
-  lo, hi = new_rows.min(axis=-1), new_rows.max(axis=-1)
+  mask = column_mask(l)
+  if mask is None:
+    lo, hi = new_rows.min(axis=-1), new_rows.max(axis=-1)
+  else:   # the row's range over its real columns; padding columns stored as 0 (clipped)
+    new_rows = jnp.where(mask, new_rows, 0.0)
+    lo = jnp.where(mask, new_rows, jnp.inf).min(axis=-1)
+    hi = jnp.where(mask, new_rows, -jnp.inf).max(axis=-1)
   if "col" in l.axes:   # one scale and bias for the whole row
     lo, hi = jax.lax.pmin(lo, "col"), jax.lax.pmax(hi, "col")
   u = 0.5 if bits is None else quant.uniform(bits)

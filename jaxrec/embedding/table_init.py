@@ -9,8 +9,9 @@ values depend neither on the plan nor on the other tables.
 
 Because a value is a function of its coordinates, every consumer computes exactly the values
 it needs with one elementwise kernel:
-- `stack_values` builds a whole stack `[num_slices * slice_rows, dim]` in its stacked layout
-  (zero padding rows included; rows numbered per `table` slice, `slice_values`). XLA
+- `stack_values` builds a whole stack `[num_slices * slice_rows, padded_dim]` in its stacked
+  layout (zero padding rows and columns included; rows numbered per `table` slice,
+  `slice_values`). XLA
   compiles one random-number kernel per stack instead of one per table shape, and under
   `out_shardings` each device computes only its own shard.
 - `table_values` builds one table `[rows, dim]`.
@@ -105,11 +106,12 @@ def stack_values(key: jax.Array, layout, scales: Sequence[float]) -> jax.Array:
 
 def slice_values(key: jax.Array, layout, scales: Sequence[float], row: jax.Array
                  ) -> jax.Array:
-  """f32 `[num_slices, R, dim]`: rows `row` (uint32 `[R]`, numbered within a `table` slice)
-  of every slice of the stack, as `stack_values` holds them. Rows are numbered per slice
+  """f32 `[num_slices, R, padded_dim]`: rows `row` (uint32 `[R]`, numbered within a `table`
+  slice) of every slice of the stack, as `stack_values` holds them (padding columns zero). Rows are numbered per slice
   (each under 2**32), never across the stack: a stack of slices holding more than 2**31
   rows in all (up to 2**31 - 1 each) gets its tables' values, not wrapped int32 rows."""
   slots, nt, dim = layout.slots, layout.num_slices, layout.dim
+  col = jnp.arange(layout.padded_dim, dtype=jnp.uint32)[None, :]   # columns >= dim: zeros
   per_slice = [sorted((i for i, s in enumerate(slots) if s.table_slice == t),
                       key=lambda i: slots[i].row_offset) for t in range(nt)]
   # Per slice, a row belongs to the last entry starting at or before it: first a sentinel of
@@ -130,8 +132,8 @@ def slice_values(key: jax.Array, layout, scales: Sequence[float], row: jax.Array
   def one_slice(first, count, which):
     k = jnp.searchsorted(first, row, side="right") - 1
     within, table = row - first[k], which[k]
-    values = _uniform(words[table][:, None, :], within[:, None],
-                      jnp.arange(dim, dtype=jnp.uint32)[None, :], dim, scale[table][:, None])
-    return jnp.where((within < count[k])[:, None], values, jnp.float32(0))
+    values = _uniform(words[table][:, None, :], within[:, None], col, dim,
+                      scale[table][:, None])
+    return jnp.where((within < count[k])[:, None] & (col < dim), values, jnp.float32(0))
 
   return jax.vmap(one_slice)(jnp.asarray(first), jnp.asarray(count), jnp.asarray(which))
