@@ -261,23 +261,21 @@ def split_sizes(kind: str, mesh: Mapping[str, int]) -> tuple[int, int, int]:
   return tuple(mesh.get(a, 1) if a in axes else 1 for a in ("table", "row", "col"))
 
 
-def kind_problem(load: TableLoad, kind: str, mesh: Mapping[str, int]) -> str | None:
-  """Why `kind` cannot hold the table on `mesh` (None if it can)."""
+def local_dim(load: TableLoad, kind: str, mesh: Mapping[str, int]) -> int:
+  """Columns of the table on each holding device: its dim over the `col` split, rounded up
+  (a dim `col` does not divide is stored padded, `embedding.layout`)."""
   _, _, c = split_sizes(kind, mesh)
-  if load.dim % c:
-    return (f"table '{load.name}': kind {kind} splits dim {load.dim} over col={c}, "
-            "which does not divide it")
-  return None
+  return -(-load.dim // c)
 
 
 def allowed_kinds(load: TableLoad, mesh: Mapping[str, int]) -> list[str]:
   """Kinds worth enumerating: each split axis has size > 1 (a size-1 split is the same
-  placement as a smaller kind), columns divide evenly and every row shard is non-empty."""
+  placement as a smaller kind), columns divide evenly (the search never proposes column
+  padding; a forced or given plan may pad) and every row shard is non-empty."""
   out = []
   for kind in KINDS:
-    _, r, _ = split_sizes(kind, mesh)
-    if (any(mesh.get(a, 1) == 1 for a in KIND_AXES[kind]) or kind_problem(load, kind, mesh)
-        or load.rows < r):
+    _, r, c = split_sizes(kind, mesh)
+    if any(mesh.get(a, 1) == 1 for a in KIND_AXES[kind]) or load.dim % c or load.rows < r:
       continue
     out.append(kind)
   return out
@@ -428,8 +426,8 @@ def table_memory(load: TableLoad, kind: str, mesh: Mapping[str, int],
                  opt: OptimizerState) -> dict[str, int]:
   """Bytes of the table's own shard (`table`) and its optimizer state (`optimizer`) on each
   holding device; stack padding and buffers are not counted."""
-  _, r, c = split_sizes(kind, mesh)
-  rows, dl = -(-load.rows // r), load.dim // c
+  _, r, _ = split_sizes(kind, mesh)
+  rows, dl = -(-load.rows // r), local_dim(load, kind, mesh)
   extra = 8 if load.dtype == "int8" else 0
   return {"table": int(rows * (dl * load.dtype_bytes + extra)),
           "optimizer": int(math.ceil(rows * 4 * (dl * opt.per_element + opt.per_row)))}

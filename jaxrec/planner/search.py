@@ -300,13 +300,14 @@ def _result(space: _Space, e: _Eval, cal: Calibration, mode: str, reasons: Mappi
     s = stack_of[load.name]
     # The table's share of its stack's own cost, by its id slots (features x bag).
     share = max(1, load.num_features) / max(1, s.features)
-    _, r, c = cm.split_sizes(p.kind, mesh)
+    _, r, _ = cm.split_sizes(p.kind, mesh)
     uses_table = "table" in KIND_AXES[p.kind]
     mem = cm.table_memory(load, p.kind, mesh, space.opt)
     tables.append(TableReport(
         load.name, load.rows, load.dim, load.dtype, p.kind,
         p.table_slice if uses_table else None, math.prod(mesh.values()) // (
-            mesh["table"] if uses_table else 1), -(-load.rows // r), load.dim // c,
+            mesh["table"] if uses_table else 1), -(-load.rows // r),
+        cm.local_dim(load, p.kind, mesh),
         mem, float(share * (s.terms @ coef)),
         dict(zip(cm.COST_TERMS, (share * s.terms).tolist())), reasons.get(load.name, "")))
   terms = dict(zip(cm.COST_TERMS, e.cost.terms.tolist()))
@@ -418,8 +419,9 @@ def estimate_plan(plan: Plan, tables: Sequence[TableSpec], features: Sequence[Fe
   """Estimates a given plan (e.g. `--plan=rw`, or the plan a profiled job ran).
 
   Raises:
-    ConfigError: the plan misses or names unknown tables, a kind cannot split a table on
-      this mesh, a table slice is out of range, or (if `check`) a device is over budget.
+    ConfigError: the plan misses or names unknown tables, a table slice is out of range, or
+      (if `check`) a device is over budget. A dim the `col` split does not divide is priced
+      padded (`cost_model.local_dim`).
   """
   space, cal = _prepare(tables, features, mesh_shape, memory_per_device_bytes,
                         optimizer_state_factor, batch_size, calibration, table_stats, kernel)
@@ -427,9 +429,6 @@ def estimate_plan(plan: Plan, tables: Sequence[TableSpec], features: Sequence[Fe
   plan.check_tables(space.names)
   for load in space.loads:
     p = plan[load.name]
-    problem = cm.kind_problem(load, p.kind, space.mesh)
-    if problem:
-      raise ConfigError(f"{problem} (mesh {cm.mesh_str(space.mesh)})")
     if "table" in p.axes and not 0 <= p.table_slice < space.mesh["table"]:
       raise ConfigError(f"table '{load.name}': table_slice {p.table_slice} is outside mesh "
                         f"axis table={space.mesh['table']}")

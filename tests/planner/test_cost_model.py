@@ -147,9 +147,24 @@ def test_allowed_kinds_and_table_memory():
   assert cm.allowed_kinds(load(dim=16), {"col": 3}) == ["dp"]
   assert cm.allowed_kinds(load(dim=18), {"col": 3}) == ["dp", "cw"]
   assert set(cm.allowed_kinds(load(), MESH16)) == set(cm.KINDS)
-  assert cm.kind_problem(load(dim=16), "twcw", {"col": 3, "table": 2})
   mem = cm.table_memory(load(rows=1001), "grid", MESH16, cm.optimizer_state("adagrad"))
   assert mem == {"table": 501 * 8 * 4, "optimizer": 501 * 8 * 4}
+  # a dim col does not divide is stored padded: 16 over col=3 holds 6 columns a device
+  mem = cm.table_memory(load(rows=1000), "cw", {"col": 3}, cm.optimizer_state("adagrad"))
+  assert mem == {"table": 1000 * 6 * 4, "optimizer": 1000 * 6 * 4}
+
+
+def test_a_forced_plan_with_padded_columns_is_priced_padded():
+  """`--plan=cw` on col=8 with dim 12: the search never proposes it (`allowed_kinds`), but
+  a forced plan is estimated with the 16 stored columns (2 a device), not refused."""
+  from jaxrec import planner   # pylint: disable=import-outside-toplevel
+  tables, features = [TableSpec("t", 1000, 12)], [FeatureSpec("f", "t", 2)]
+  res = planner.estimate_plan(uniform_plan("cw", tables, 1), tables, features, {"col": 8},
+                              2**30, optimizers.Adagrad(), 64)
+  (t,) = res.tables
+  assert (t.dim, t.shard_cols) == (12, 2)
+  assert t.memory == {"table": 1000 * 2 * 4, "optimizer": 1000 * 2 * 4}
+  assert res.stacks[0].memory["table"] == 1000 * 2 * 4
 
 
 def test_bad_inputs():
