@@ -27,12 +27,15 @@ MIN_PAD = 64
 
 @dataclasses.dataclass(frozen=True)
 class CachePlace:
-  """Where the cache of table `table` sits: rows `[base, base + cache_rows)` of `stack`."""
+  """Where the cache of table `table` sits: rows `[base, base + cache_rows)` of `stack`,
+  whose arrays may hold more columns than the table's `dim` (column padding,
+  `embedding.layout`)."""
   table: str
   stack: str
   base: int
   cache_rows: int
   stack_rows: int
+  dim: int
 
 
 def cache_places(collection: EmbeddingCollection, names) -> dict[str, CachePlace]:
@@ -40,7 +43,7 @@ def cache_places(collection: EmbeddingCollection, names) -> dict[str, CachePlace
   for l in collection.layouts:
     for s in l.slots:
       if s.name in names:
-        out[s.name] = CachePlace(s.name, l.name, l.slot_start(s), s.rows, l.shape[0])
+        out[s.name] = CachePlace(s.name, l.name, l.slot_start(s), s.rows, l.shape[0], l.dim)
   return out
 
 
@@ -54,6 +57,14 @@ def global_rows(place: CachePlace, slots: np.ndarray, size: int | None = None) -
   out = np.full(size, place.stack_rows, np.int32)
   out[:len(slots)] = place.base + np.asarray(slots)
   return out
+
+
+def with_columns(x: jax.Array, width: int) -> jax.Array:
+  """Rows `[n, d]` cut or zero-padded to `[n, width]` (a column-padded stack's rows ↔ the
+  table's); per-row values `[n]` unchanged."""
+  if x.ndim != 2 or x.shape[1] == width:
+    return x
+  return x[:, :width] if x.shape[1] > width else jnp.pad(x, ((0, 0), (0, width - x.shape[1])))
 
 
 def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
@@ -90,21 +101,21 @@ class DeviceOps:
         values = {k: v.at[dst].set(evicted[k].at[src].get(mode="fill", fill_value=0)
                                    .astype(v.dtype), mode="drop") for k, v in values.items()}
       stack = self.places[name].stack
-      tables[stack] = tables[stack].at[rows].set(values["table"].astype(tables[stack].dtype),
-                                                 mode="drop")
+      put = lambda a, v: a.at[rows].set(with_columns(v, a.shape[-1]).astype(a.dtype), mode="drop")
+      tables[stack] = put(tables[stack], values["table"])
       for k in opt[stack]:
-        opt[stack][k] = opt[stack][k].at[rows].set(values[f"opt.{k}"].astype(opt[stack][k].dtype),
-                                                   mode="drop")
+        opt[stack][k] = put(opt[stack][k], values[f"opt.{k}"])
     return {"tables": tables, "opt": opt}
 
   def _gather(self, emb, rows_by_table):
     """`{table: rows [n]}` → `{table: {array: [n, ...]}}`."""
     out = {}
     for name, rows in rows_by_table.items():
-      stack = self.places[name].stack
-      vals = {"table": emb["tables"][stack].at[rows].get(mode="fill", fill_value=0)}
+      stack, dim = self.places[name].stack, self.places[name].dim
+      take = lambda a: with_columns(a.at[rows].get(mode="fill", fill_value=0), dim)
+      vals = {"table": take(emb["tables"][stack])}
       for k, a in emb["opt"][stack].items():
-        vals[f"opt.{k}"] = a.at[rows].get(mode="fill", fill_value=0)
+        vals[f"opt.{k}"] = take(a)
       out[name] = vals
     return out
 
@@ -115,7 +126,7 @@ class DeviceOps:
     for name, (dst, src, host, from_host) in payload.items():
       stack = self.places[name].stack
       t = tables[stack]
-      vals = jnp.where(from_host[:, None], host.astype(t.dtype),
+      vals = jnp.where(from_host[:, None], with_columns(host, t.shape[-1]).astype(t.dtype),
                        t.at[src].get(mode="fill", fill_value=0))
       tables[stack] = t.at[dst].set(vals, mode="drop")
     return dict(emb, tables=tables)

@@ -1,7 +1,11 @@
 """S=0: training with an offloaded table equals training with it on the device."""
 
+import dataclasses
+
 import numpy as np
 import pytest
+
+from jaxrec.models import DLRM
 
 from jaxrec.train import state as state_lib
 from jaxrec.train import step as step_lib
@@ -40,6 +44,23 @@ def test_exact_prefetch_off_rowwise_state_on_sharded_cache(tmp_path):
   off = Run(cfg, mesh_of("row=2"), offload_config(tmp_path, prefetch_depth=0),
             plan="rw").train(15)
   try:
+    _compare(ref, off)
+  finally:
+    off.close()
+
+
+@pytest.mark.slow
+def test_exact_on_a_column_padded_cache(tmp_path):
+  """cw on col=4 with dim 6: the cache is stored as 8 columns; rows and per-element
+  optimizer state move between the store and the padded stack with their real 6 columns."""
+  cfg = experiment("adagrad")
+  cfg = dataclasses.replace(cfg, model=DLRM((16, 6), (16, 1)), embedding=(
+      tuple(dataclasses.replace(t, dim=6) for t in cfg.tables), cfg.features))
+  ref = Run(cfg, mesh_of("col=4"), plan="cw").train(12)
+  off = Run(cfg, mesh_of("col=4"), offload_config(tmp_path, prefetch_depth=2),
+            plan="cw").train(12)
+  try:
+    assert off.collection.layouts[0].shape[1] == 8
     _compare(ref, off)
   finally:
     off.close()
