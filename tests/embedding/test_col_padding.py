@@ -7,7 +7,9 @@ from jaxrec.embedding import optimizers
 from jaxrec.embedding.layout import build_layouts, describe
 from jaxrec.embedding.specs import TableSpec
 from jaxrec.sharding.plan import uniform_plan
-from tests.embedding.test_collection import FEATURES, OPTS, reference, run
+from jaxrec.embedding.collection import EmbeddingCollection
+from jaxrec.sharding.mesh import make_mesh, parse_mesh_spec
+from tests.embedding.test_collection import FEATURES, OPTS, reference, run, run_collection
 
 
 def tables(dim, dtype="float32"):
@@ -72,3 +74,13 @@ def test_int8_padded_rows_quantise_over_their_real_columns():
   out = run("cw", "col=8", opt, tables=specs)
   ref = run("dp", "single", opt, tables=specs)
   assert_close(out, ref, atol=1e-5)
+
+
+@_SLOW
+def test_pallas_kernels_on_padded_columns():
+  """The Pallas pooling and fused Adagrad update (interpret mode) on padded shards."""
+  specs, opt = tables(12), optimizers.Adagrad(0.1, 0.1)
+  coll = EmbeddingCollection.create(specs, FEATURES, uniform_plan("cw", specs, 1),
+                                    make_mesh(parse_mesh_spec("col=8", 8)), opt,
+                                    kernel="pallas", interpret=True)
+  assert_close(run_collection(coll), reference(opt, 2, specs), atol=2e-6)

@@ -14,14 +14,20 @@ PLANS = [pytest.param("dp", "data=8", marks=_SLOW), pytest.param("tw", "table=8"
          ("twrw", "data=2,table=2,row=2"),
          pytest.param("twcw", "data=2,table=2,col=2", marks=_SLOW),
          ("grid", "table=2,row=2,col=2")]
+# Dims the col axis does not divide: stored padded (docs/planner.md, "Column padding").
+PADDED = [pytest.param(*case, marks=_SLOW) for case in [
+    ("cw", "col=8", 12), ("cw", "col=8", 20), ("twcw", "data=2,table=2,col=2", 7),
+    ("grid", "table=2,row=2,col=2", 7)]]
 SMALL = ["ExperimentConfig.batch_size=64", "ExperimentConfig.eval_batch_size=512",
          "ExperimentConfig.num_eval_examples=1024"]
 
 
-def run(workdir, plan, mesh, devices):
-  """Trains 20 steps; returns (per-step losses, final tables exported to npz)."""
+def run(workdir, plan, mesh, devices, dim=16):
+  """Trains 20 steps with tables of `dim`; returns (per-step losses, final tables exported
+  to npz)."""
+  dims = [] if dim == 16 else [f"uniform_tables.dim={dim}", f"DLRM.bottom_mlp=(128,64,{dim})"]
   train(workdir, "--gin_file=configs/dlrm_synthetic.gin", "--num_steps=20", "--log_every=1",
-        f"--plan={plan}", f"--mesh={mesh}", *[f"--gin_bindings={b}" for b in SMALL],
+        f"--plan={plan}", f"--mesh={mesh}", *[f"--gin_bindings={b}" for b in SMALL + dims],
         devices=devices)
   losses = np.array([l["loss"] for l in read_metrics(workdir) if "loss" in l])
   return losses, {k: v for k, v in export(workdir).items() if k.startswith("tables/")}
@@ -29,16 +35,31 @@ def run(workdir, plan, mesh, devices):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-  w = str(tmp_path_factory.mktemp("ref") / "w")
-  return w, run(w, "dp", "data=1", devices=1)
+  """`reference(dim)`: the 1-device run with tables of `dim` (each run once)."""
+  runs = {}
+
+  def get(dim=16):
+    if dim not in runs:
+      runs[dim] = run(str(tmp_path_factory.mktemp(f"ref{dim}") / "w"), "dp", "data=1", 1, dim)
+    return runs[dim]
+  return get
 
 
-@pytest.mark.parametrize("plan,mesh", PLANS)
-def test_plan_matches_single_device(tmp_path, reference, plan, mesh):
-  _, (ref_losses, ref_tables) = reference
-  losses, tables = run(str(tmp_path / "w"), plan, mesh, devices=8)
+def _check(got, want, dim):
+  (losses, tables), (ref_losses, ref_tables) = got, want
   assert len(losses) == 20
   np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-4)
   assert sorted(tables) == sorted(ref_tables) and len(tables) == 8
   for name, ref in ref_tables.items():
+    assert tables[name].shape[1] == dim, name
     np.testing.assert_allclose(tables[name], ref, rtol=0, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("plan,mesh", PLANS)
+def test_plan_matches_single_device(tmp_path, reference, plan, mesh):
+  _check(run(str(tmp_path / "w"), plan, mesh, devices=8), reference(), 16)
+
+
+@pytest.mark.parametrize("plan,mesh,dim", PADDED)
+def test_padded_columns_match_single_device(tmp_path, reference, plan, mesh, dim):
+  _check(run(str(tmp_path / "w"), plan, mesh, 8, dim), reference(dim), dim)
