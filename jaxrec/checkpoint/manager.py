@@ -50,6 +50,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxrec.checkpoint import canonical as canonical_lib
 from jaxrec.checkpoint import offloaded as offloaded_lib
+from jaxrec.checkpoint import steps as steps_lib
 from jaxrec.checkpoint import storage
 from jaxrec.checkpoint import tables as tables_lib
 from jaxrec.checkpoint.storage import DATA_STATE, ITEMS, MANIFEST, META, STATE, TABLES
@@ -57,15 +58,6 @@ from jaxrec.errors import CheckpointError, ConfigError
 from jaxrec.sharding.mesh import mesh_shape
 
 REJECTED_DIR = offloaded_lib.REJECTED   # rejected steps: `<step>.<reason>.<ns>`
-
-
-def step_dirs(directory) -> list[int]:
-  """The steps of the step directories in checkpoint directory `directory`, ascending (a
-  listing, no orbax: a save is renamed to its step when it commits); [] if it is absent."""
-  directory = epath.Path(directory)
-  if not directory.is_dir():
-    return []
-  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
 class _NonFinite(Exception):
@@ -193,7 +185,7 @@ class CheckpointManager:
   def steps_on_disk(self) -> list[int]:
     """Step directories present now, ascending: committed ones, including those a save in
     flight will rotate out when it commits (`all_steps` already leaves them out)."""
-    return step_dirs(self.directory)
+    return steps_lib.step_dirs(self.directory)
 
   def latest_step(self) -> int | None:
     steps = self.all_steps()
@@ -208,19 +200,12 @@ class CheckpointManager:
     return storage.check_step(self.step_dir(step), full=full, step=step)
 
   def latest_valid_step(self, full: bool = False) -> int | None:
-    """Newest step that passes `check` (warning about each newer one that does not);
-    None when there are no checkpoints. Raises `CheckpointError` if none is valid."""
-    errors = []
-    for step in reversed(self.all_steps()):
-      try:
-        self.check(step, full)
-        return step
-      except Exception as e:  # pylint: disable=broad-except
-        self._warn_corrupt(step, e)
-        errors.append((step, e))
-    if errors:
-      raise self._none_valid(errors)
-    return None
+    """Newest step that passes `check` (warning about each newer corrupt one; one deleted
+    meanwhile by a run saving into the directory is skipped quietly); None when there are
+    no checkpoints. Raises `CheckpointError` if none is valid (`rotation.Rotated` if every
+    one was deleted while it was checked)."""
+    return steps_lib.latest_valid(self.directory, self.all_steps(),
+                                  lambda step: self.check(step, full))
 
   # ----------------------------------------------------------------------------- save
   def save(self, step: int, state: Mapping, collection, data_state: Mapping | None = None,
@@ -422,7 +407,7 @@ class CheckpointManager:
         skipped.append((s, ValueError("non-finite values"), "nonfinite"))
         continue
       except Exception as e:  # pylint: disable=broad-except
-        self._warn_corrupt(s, e)
+        steps_lib.warn_corrupt(self.step_dir(s), e)
         skipped.append((s, e, "corrupt"))
         continue
       if skipped:
@@ -432,7 +417,7 @@ class CheckpointManager:
       for newer in [n for n in self.all_steps() if n > s]:
         self._reject(newer, reasons.get(newer, "superseded"))
       return restored
-    raise self._none_valid([(s, e) for s, e, _ in skipped])
+    raise steps_lib.none_valid(self.directory, [(s, e) for s, e, _ in skipped])
 
   def _restore_step(self, step, collection, target, init=None, offloaded=None,
                     require_finite=False, full_check=True) -> Restored:
@@ -540,17 +525,6 @@ class CheckpointManager:
                        "data differ from what was saved")
 
   # ----------------------------------------------------------------------------- failures
-  def _warn_corrupt(self, step, error) -> None:
-    first = str(error).splitlines()[0][:500] if str(error) else ""
-    logging.warning("checkpoint %s is corrupt or unreadable (%s: %s); falling back to the "
-                    "previous one", self.step_dir(step), type(error).__name__, first)
-
-  def _none_valid(self, errors) -> CheckpointError:
-    detail = "; ".join(f"step {s}: {type(e).__name__}: {str(e).splitlines()[0][:500]}"
-                       for s, e in errors)
-    return CheckpointError(f"no valid checkpoint in {self.directory}: every one failed to "
-                           f"restore ({detail}). Fix or move them away to start afresh.")
-
   def _reject(self, step, reason) -> None:
     """Moves step directory `step` to `rejected/`, and its offload snapshot beside the
     checkpoints (if any) to `offload_snapshots/rejected/` under the same name: saving that

@@ -14,7 +14,7 @@ import time
 
 from absl import logging
 
-from jaxrec.checkpoint.manager import CheckpointError
+from jaxrec.errors import CheckpointError
 
 ATTEMPTS = 3
 

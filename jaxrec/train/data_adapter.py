@@ -9,7 +9,8 @@ from typing import Any
 
 import jax
 
-from jaxrec.checkpoint.manager import CheckpointManager, step_dirs
+from jaxrec.checkpoint.manager import CheckpointManager
+from jaxrec.checkpoint.steps import step_dirs
 
 from jaxrec.data import pipeline
 

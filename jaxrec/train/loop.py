@@ -22,7 +22,8 @@ from jax.experimental import multihost_utils
 
 from jaxrec.checkpoint import offloaded as offloaded_lib
 from jaxrec.checkpoint import storage
-from jaxrec.checkpoint.manager import REJECTED_DIR, step_dirs
+from jaxrec.checkpoint.manager import REJECTED_DIR
+from jaxrec.checkpoint.steps import step_dirs
 from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.errors import ConfigError, DataError, JaxrecError

@@ -1,0 +1,75 @@
+"""Step discovery and validation: which step directories a checkpoint directory holds,
+and the newest one that passes its checks.
+
+A step that fails its check is corrupt, unless its directory is gone meanwhile: a run
+still saving into the directory rotated it out (`--keep_checkpoints`), which is skipped
+quietly (debug log) rather than reported as corruption.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from absl import logging
+from etils import epath
+
+from jaxrec.checkpoint import rotation
+from jaxrec.errors import CheckpointError
+
+
+def step_dirs(directory) -> list[int]:
+  """The steps of the step directories in checkpoint directory `directory`, ascending (a
+  listing, no orbax: a save is renamed to its step when it commits); [] if it is absent."""
+  directory = epath.Path(directory)
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def latest_valid(directory, steps: Sequence[int], check: Callable[[int], object]) -> int | None:
+  """Newest of `steps` (of checkpoint directory `directory`) for which `check(step)`
+  passes, warning about each newer corrupt one; None when `steps` is empty.
+
+  Raises:
+    CheckpointError: every step is corrupt (or deleted meanwhile), naming each failure.
+    rotation.Rotated: every step was deleted while it was checked (none is corrupt): a
+      run saving into `directory` rotated them out; list the steps again.
+  """
+  directory = epath.Path(directory)
+  errors, vanished = [], []
+  for step in reversed(steps):
+    try:
+      with rotation.reading(directory / str(step)):
+        check(step)
+      return step
+    except rotation.Rotated as e:
+      logging.debug("checkpoint %s was deleted while it was checked (rotated out by a run "
+                    "saving into %s); skipping it", e.step_dir, directory)
+      vanished.append(e)
+    except Exception as e:  # pylint: disable=broad-except
+      warn_corrupt(directory / str(step), e)
+      errors.append((step, e))
+  if errors:
+    raise none_valid(directory, errors)
+  if vanished:
+    raise vanished[0]
+  return None
+
+
+def warn_corrupt(step_dir, error: BaseException) -> None:
+  """Logs that checkpoint `step_dir` is skipped for `error` (its first line)."""
+  logging.warning("checkpoint %s is corrupt or unreadable (%s: %s); falling back to the "
+                  "previous one", step_dir, type(error).__name__, first_line(error, 500))
+
+
+def none_valid(directory, errors: Sequence[tuple[int, BaseException]]) -> CheckpointError:
+  """The error when every step of `directory` failed: `errors` is `[(step, error)]`."""
+  detail = "; ".join(f"step {s}: {type(e).__name__}: {first_line(e, 500)}" for s, e in errors)
+  return CheckpointError(f"no valid checkpoint in {directory}: every one failed to "
+                         f"restore ({detail}). Fix or move them away to start afresh.")
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+  """The first line of `error`'s message (its type's name if it has none), at most
+  `limit` characters."""
+  return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]

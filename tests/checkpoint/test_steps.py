@@ -1,0 +1,67 @@
+"""steps.latest_valid: a step deleted meanwhile (rotated out) is not reported as corrupt."""
+
+import logging
+import shutil
+
+import pytest
+
+from jaxrec.checkpoint import CheckpointManager, rotation, steps, storage
+from tests.checkpoint import ckpt_helpers as h
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+  """Checkpoint directory with steps 1 and 2."""
+  coll = h.collection("rw", 8)
+  path = tmp_path_factory.mktemp("ckpt")
+  with CheckpointManager(path) as mgr:
+    for step in (1, 2):
+      mgr.save(step, h.train_state(coll, seed=step, step=step), coll, force=True)
+  return path
+
+
+def _deleting(monkeypatch, deleted):
+  """`storage.check_step` deletes the step directories in `deleted` first, as a run saving
+  into the directory rotates them out (orbax lists steps once: they are still listed)."""
+  real = storage.check_step
+
+  def check_step(step_dir, *args, **kwargs):
+    if step_dir.name in deleted:
+      shutil.rmtree(step_dir, ignore_errors=True)
+    return real(step_dir, *args, **kwargs)
+  monkeypatch.setattr(storage, "check_step", check_step)
+
+
+def test_a_step_deleted_meanwhile_is_skipped_quietly(saved, tmp_path, monkeypatch, caplog):
+  """It was logged as 'corrupt or unreadable' at warning level."""
+  path = shutil.copytree(saved, tmp_path / "c")
+  mgr = CheckpointManager(path, read_only=True)
+  _deleting(monkeypatch, {"2"})
+  with caplog.at_level(logging.DEBUG):
+    assert mgr.latest_valid_step() == 1
+  assert not [r for r in caplog.records if "corrupt" in r.getMessage()], caplog.text
+  (skipped,) = [r for r in caplog.records if "was deleted while it was checked" in r.getMessage()]
+  assert skipped.levelno == logging.DEBUG and f"{path}/2 " in skipped.getMessage()
+
+
+def test_every_step_deleted_meanwhile_is_rotated_not_corrupt(saved, tmp_path, monkeypatch):
+  path = shutil.copytree(saved, tmp_path / "c")
+  mgr = CheckpointManager(path, read_only=True)
+  _deleting(monkeypatch, {"1", "2"})
+  with pytest.raises(rotation.Rotated, match=r"c/2 was deleted while it was being read"):
+    mgr.latest_valid_step()
+
+
+def test_a_corrupt_step_keeps_its_warning(saved, tmp_path, caplog):
+  path = shutil.copytree(saved, tmp_path / "c")
+  (path / "2" / "manifest" / "metadata").write_text("{")
+  with caplog.at_level(logging.WARNING):
+    assert CheckpointManager(path, read_only=True).latest_valid_step() == 1
+  (warning,) = [r.getMessage() for r in caplog.records if "falling back" in r.getMessage()]
+  assert warning.startswith(f"checkpoint {path}/2 is corrupt or unreadable (")
+
+
+def test_step_dirs_lists_committed_step_directories(tmp_path):
+  for name in ("3", "10", "4.orbax-checkpoint-tmp-1", "rejected"):
+    (tmp_path / name).mkdir()
+  assert steps.step_dirs(tmp_path) == [3, 10] and steps.step_dirs(tmp_path / "none") == []
