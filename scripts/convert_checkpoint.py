@@ -26,7 +26,9 @@ from jaxrec.errors import ConfigError, JaxrecError  # pylint: disable=g-import-n
 
 _DIR = flags.DEFINE_string("checkpoint_dir", None, "Checkpoint directory (W/checkpoints), or "
                            "one rejected checkpoint (W/checkpoints/rejected/<step>.<reason>.<ns>).")
-_STEP = flags.DEFINE_integer("step", None, "Step to convert; default the latest valid one. "
+_STEP = flags.DEFINE_integer("step", None, "Step to convert; default the latest valid one "
+                             "(as a training restore picks it: corrupt ones are skipped with "
+                             "a warning). "
                              "With --torchrec_npz: the step to write (default 0).")
 _OUTPUT = flags.DEFINE_string("output", None, "Output file (npz), directory (zarr) or "
                               "checkpoint directory (checkpoint).", required=True)

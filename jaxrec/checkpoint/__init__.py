@@ -15,9 +15,10 @@
 Modules: `manager` (the above), `canonical` (names, dense part, fingerprints), `tables`
 (per-table zarr store written from / read into the stacked shards), `storage` (direct
 streaming reads of a step), `convert` (npz / zarr export, copy for another mesh or plan,
-TorchRec import; CLI: `scripts/convert_checkpoint.py`), `offloaded` (offloaded tables'
-snapshots; tables that changed tier since the save), `rotation` (steps a running job
-deletes while a conversion reads them).
+TorchRec import; CLI: `scripts/convert_checkpoint.py`), `selection` (the step a
+conversion reads: `--step`, or the newest valid one), `steps` (step directories, the newest
+valid step), `offloaded` (offloaded tables' snapshots; tables that changed tier since the
+save), `rotation` (steps a running job deletes while they are read).
 """
 
 from jaxrec.checkpoint.manager import CheckpointError, CheckpointManager, Restored, all_finite

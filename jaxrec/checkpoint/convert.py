@@ -46,11 +46,10 @@ from etils import epath
 
 from jaxrec.checkpoint import canonical as canonical_lib
 from jaxrec.checkpoint import offloaded as offloaded_lib
-from jaxrec.checkpoint import rotation
+from jaxrec.checkpoint import selection
 from jaxrec.checkpoint import storage
-from jaxrec.checkpoint.manager import (REJECTED_DIR, CheckpointError, CheckpointManager,
-                                       step_dirs)
-from jaxrec.checkpoint.rotation import Rotated as _vanished, gone as _gone
+from jaxrec.checkpoint.manager import CheckpointError, CheckpointManager
+from jaxrec.checkpoint.steps import first_line, step_dirs
 from jaxrec.embedding import layout as layout_lib
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError, DataError, OffloadError
@@ -70,133 +69,12 @@ def export_name(name: str) -> str:
   return dict(_RENAME).get(head, head) + sep + rest
 
 
-def _select_step(checkpoint_dir, step: int | None) -> tuple[epath.Path, int]:
-  """`(step directory, step)` of `--checkpoint_dir` and `--step`: the latest valid step by
-  default; `--checkpoint_dir` may also name one rejected checkpoint
-  (`W/checkpoints/rejected/<step>.<reason>.<ns>`), kept for exactly this."""
-  rejected = offloaded_lib.rejected_step(checkpoint_dir)
-  if rejected is not None:   # its step is the manifest's (rejected for holding another?)
-    held = int(_check(epath.Path(checkpoint_dir)).get("step", rejected))
-    if step is not None and step != held:
-      raise ConfigError(f"--step={step}: --checkpoint_dir {checkpoint_dir} is the rejected "
-                        f"checkpoint of step {held}")
-    return epath.Path(checkpoint_dir), held
-  for attempt in range(3):   # orbax lists the steps: one a running job deletes meanwhile
-    try:
-      mgr = CheckpointManager(checkpoint_dir, read_only=True)
-      break
-    except FileNotFoundError:
-      if attempt == 2:
-        raise
-  steps = mgr.all_steps()
-  if not steps:
-    raise CheckpointError(f"no checkpoint in {checkpoint_dir}{_hint(checkpoint_dir)}")
-  if step is None:
-    try:
-      step = mgr.latest_valid_step()
-    except CheckpointError:
-      gone = [s for s in steps if _gone(mgr.step_dir(s), wait=0)]
-      gone = gone or [s for s in steps[-1:] if _gone(mgr.step_dir(s))]
-      if gone:   # not corrupt: deleted while checked
-        raise _vanished(mgr.step_dir(gone[-1])) from None
-      raise
-    with rotation.reading(mgr.step_dir(step)):
-      _snapshot_found(mgr, step)
-  elif step not in steps:
-    raise CheckpointError(f"no checkpoint for step {step} in {checkpoint_dir} (steps: "
-                          f"{steps}){_hint(checkpoint_dir, step)}")
-  else:
-    try:
-      with rotation.reading(mgr.step_dir(step)):
-        _check(mgr.step_dir(step), step=step)
-        offloaded_lib.snapshot_of(mgr.step_dir(step))
-    except _vanished:
-      raise
-    except CheckpointError as e:   # name the steps --step may take instead
-      raise CheckpointError(_other_steps(e, mgr, steps, step)) from None
-  return mgr.step_dir(step), int(step)
-
-
-def _other_steps(error, mgr, steps: list[int], step: int) -> str:
-  """`error`'s message for `--step=step`, with the other steps it may take instead."""
-  text = str(error).removesuffix("; pick another --step")
-  others = [s for s in steps if s != step]
-  usable = [s for s in others if _has_snapshot(mgr.step_dir(s))]
-  if usable:
-    return f"{text}; pick another --step: {', '.join(map(str, usable))}"
-  if others:
-    return (f"{text}; no other step has its offload snapshot either (steps: "
-            f"{', '.join(map(str, steps))})")
-  return f"{text}; {mgr.directory} holds no other step"
-
-
-def _has_snapshot(step_dir) -> bool:
-  """Checkpoint `step_dir` has its offload snapshot, or needs none."""
-  try:
-    offloaded_lib.snapshot_of(step_dir)
-    return True
-  except Exception:  # pylint: disable=broad-except
-    return False
-
-
-def _snapshot_found(mgr, step: int) -> None:
-  """Refuses the latest valid `step` when its offload snapshot is missing, naming the
-  step before it that a training restore would fall back to (if any)."""
-  try:
-    offloaded_lib.snapshot_of(mgr.step_dir(step))
-  except CheckpointError as e:
-    for s in reversed([s for s in mgr.all_steps() if s < step]):
-      try:
-        storage.check_step(mgr.step_dir(s), step=s)
-        offloaded_lib.snapshot_of(mgr.step_dir(s))
-      except Exception:  # pylint: disable=broad-except
-        continue
-      raise CheckpointError(f"{e}; a training restore falls back to the step before: export "
-                            f"that one with --step={s}") from None
-    raise CheckpointError(f"{e}; no earlier step is valid either") from None
-
-
-def _hint(checkpoint_dir, step: int | None = None) -> str:
-  """What to pass instead: a workdir's checkpoints, or the rejected checkpoints (of
-  `step`) under `checkpoint_dir` (or `checkpoint_dir` itself being their directory)."""
-  path = epath.Path(checkpoint_dir)
-  if step is None and (path / "checkpoints").is_dir():   # a workdir given for its checkpoints
-    return f" (did you mean --checkpoint_dir={path / 'checkpoints'}?)"
-  where = path if path.name == REJECTED_DIR else path / REJECTED_DIR
-  found = sorted((s, p.name) for p in where.iterdir()
-                 if (s := offloaded_lib.rejected_step(p)) is not None) if where.is_dir() else []
-  names = [name for s, name in found if step is None or s == step]
-  if not names:
-    return ""
-  shown = ", ".join(str(where / n) for n in names[-3:])
-  return (f"; rejected checkpoints{f' of step {step}' if step is not None else ''} are kept "
-          f"in {where} ({len(names)}): export one with --checkpoint_dir=<its directory>, e.g. "
-          f"{shown}")
-
-
-def _check(step_dir, full: bool = False, step: int | None = None) -> dict:
-  """`storage.check_step`, its errors (bad JSON, missing arrays, a manifest of another
-  `step`, ...) as `CheckpointError`."""
-  try:
-    return storage.check_step(step_dir, full=full, step=step)
-  except Exception as e:  # pylint: disable=broad-except
-    if _gone(step_dir):
-      raise _vanished(step_dir) from None
-    raise CheckpointError(f"checkpoint {step_dir} is corrupt: {_first_line(e)}; pick another "
-                          "--step") from e
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return (text.splitlines() or [type(e).__name__])[0][:300]
-
-
 def _read_blocks(array, name, step_dir):
   """`storage.row_blocks`; a block that cannot be read is a `CheckpointError`."""
   try:
     yield from storage.row_blocks(array)
   except ValueError as e:   # tensorstore: truncated or missing chunk files
-    raise CheckpointError(f"array '{name}' in {step_dir} cannot be read ({_first_line(e)}): "
+    raise CheckpointError(f"array '{name}' in {step_dir} cannot be read ({first_line(e)}): "
                           "the checkpoint is corrupt; pick another --step") from None
 
 
@@ -250,11 +128,10 @@ def _mkdir(path) -> None:
 
 
 @contextlib.contextmanager
-def _removed_on_error(output, remove: list, source=None):
+def _removed_on_error(output, remove: list):
   """Removes the paths in `remove` (files or directories; the body may add some) if the
   body raises; an `OSError` (disk full, unwritable) becomes a one-line `DataError` naming
-  `--output`. Any error once the checkpoint `source` is gone (a running job rotated it
-  out meanwhile) is a `CheckpointError` saying so."""
+  `--output`."""
   try:
     yield
   except BaseException as e:
@@ -263,21 +140,9 @@ def _removed_on_error(output, remove: list, source=None):
         shutil.rmtree(path, ignore_errors=True)
       elif os.path.lexists(path):
         os.remove(path)
-    if source is not None and isinstance(e, Exception) and _gone(source):
-      raise _vanished(source) from None
-    if source is not None and isinstance(e, CheckpointError):
-      raise _named_others(e, source) from None
     if isinstance(e, OSError):
       raise DataError(f"--output: cannot write {output}: {e.strerror or e}") from None
     raise
-
-
-def _named_others(error: CheckpointError, step_dir) -> CheckpointError:
-  """`error` of kept checkpoint `step_dir` ending "pick another --step", naming them."""
-  if not str(error).endswith("pick another --step") or offloaded_lib.rejected_step(step_dir):
-    return error
-  mgr = CheckpointManager(epath.Path(step_dir).parent, read_only=True)
-  return CheckpointError(_other_steps(error, mgr, mgr.all_steps(), int(step_dir.name)))
 
 
 def _metadata(step_dir, step) -> dict:
@@ -350,18 +215,25 @@ def _dirs_removed_on_error(fn):
 
 
 @_dirs_removed_on_error
-@rotation.latest_retried
 def export_npz(checkpoint_dir, output, step: int | None = None) -> int:
-  """Writes checkpoint `step` (default: latest valid) as one `.npz`; returns the step.
+  """Writes checkpoint `step` (default: latest valid, see `selection`) as one `.npz`;
+  returns the step written.
 
   Streams each array into the zip (uncompressed, zip64), so memory stays bounded."""
-  step_dir, step = _select_step(checkpoint_dir, step)
-  output = _new_output(output, checkpoint_dir)
-  tmp = output.parent / (output.name + f".tmp-{time.time_ns()}")
-  with _removed_on_error(output, [tmp], step_dir):
-    _write_npz(tmp, step_dir, step)
-    tmp.rename(output)
-  return step
+  return _export(checkpoint_dir, output, step, _write_npz)
+
+
+def _export(checkpoint_dir, output, step, write) -> int:
+  """`write(tmp path, step directory, step)` of the selected step (see `selection`), once
+  `_new_output` accepts `output`, then renames tmp to `output`; returns the step written."""
+  def written(step_dir, step):
+    output_path = _new_output(output, checkpoint_dir)
+    tmp = output_path.parent / (output_path.name + f".tmp-{time.time_ns()}")
+    with _removed_on_error(output_path, [tmp]):
+      write(tmp, step_dir, step)
+      tmp.rename(output_path)
+    return step
+  return selection.convert_step(checkpoint_dir, step, written)
 
 
 def _write_npz(tmp, step_dir, step):
@@ -382,21 +254,15 @@ def _write_npz(tmp, step_dir, step):
 
 
 @_dirs_removed_on_error
-@rotation.latest_retried
 def export_zarr(checkpoint_dir, output, step: int | None = None) -> int:
-  """Writes checkpoint `step` as a directory of tensorstore zarr (v2) arrays, one per
-  exported name, plus `metadata.json`; returns the step."""
-  step_dir, step = _select_step(checkpoint_dir, step)
-  output = _new_output(output, checkpoint_dir)
-  tmp = output.parent / (output.name + f".tmp-{time.time_ns()}")
-  with _removed_on_error(output, [tmp], step_dir):
-    _mkdir(tmp)
-    _write_zarr(tmp, step_dir, step)
-    tmp.rename(output)
-  return step
+  """Writes checkpoint `step` (default: latest valid, see `selection`) as a directory of
+  tensorstore zarr (v2) arrays, one per exported name, plus `metadata.json`; returns the
+  step written."""
+  return _export(checkpoint_dir, output, step, _write_zarr)
 
 
 def _write_zarr(tmp, step_dir, step):
+  _mkdir(tmp)
   for ename, name, array, expect in _exported_arrays(step_dir):
     dtype, shape = array.dtype.numpy_dtype, tuple(array.shape)
     row_bytes = max(1, math.prod(shape[1:]) * dtype.itemsize) if shape else 1
@@ -412,7 +278,7 @@ def _write_zarr(tmp, step_dir, step):
     except CheckpointError:
       raise
     except ValueError as e:   # tensorstore: the output cannot be written
-      raise DataError(f"--output: cannot write {tmp / ename}: {_first_line(e)}") from None
+      raise DataError(f"--output: cannot write {tmp / ename}: {first_line(e)}") from None
     check.done()
   (tmp / "metadata.json").write_text(json.dumps(_metadata(step_dir, step), indent=1))
 
@@ -444,7 +310,6 @@ def parse_mesh(spec: str) -> dict[str, int]:
 
 
 @_dirs_removed_on_error
-@rotation.latest_retried
 def export_checkpoint(checkpoint_dir, output, step: int | None = None,
                       mesh_shape: Mapping[str, int] | None = None, plan: str | None = None,
                       restart_data: bool = False) -> tuple[int, str]:
@@ -454,7 +319,7 @@ def export_checkpoint(checkpoint_dir, output, step: int | None = None,
   would build). `restart_data`: the copy drops the data position, so a run resuming from
   it keeps the model (tables, dense, optimizer states, step) and reads its training data
   from the start (other data, e.g. the next day's, or another seed). Returns
-  `(step, layout description)`."""
+  `(step written, layout description)`; `step` None: the latest valid (see `selection`)."""
   if (mesh_shape is None) != (plan is None):
     raise ConfigError("--mesh and --plan go together for --format=checkpoint")
   output = epath.Path(output)
@@ -463,8 +328,13 @@ def export_checkpoint(checkpoint_dir, output, step: int | None = None,
   _not_a_workdir(output)
   if output.exists() and not output.is_dir():
     raise ConfigError(f"--output {output} is a file; --format=checkpoint writes a directory")
-  step_dir, step = _select_step(checkpoint_dir, step)
-  manifest = _check(step_dir)
+  copy = functools.partial(_copy, output, mesh_shape, plan, restart_data)
+  return selection.convert_step(checkpoint_dir, step, copy)
+
+
+def _copy(output, mesh_shape, plan, restart_data, step_dir, step) -> tuple[int, str]:
+  """`export_checkpoint` of checkpoint `step_dir` (of `step`)."""
+  manifest = selection.check(step_dir)
   description = ""
   if plan is not None:
     tables = tuple(TableSpec(n, t["rows"], t["dim"], t["dtype"])
@@ -480,26 +350,24 @@ def export_checkpoint(checkpoint_dir, output, step: int | None = None,
   if newer:   # a run resumes from the newest step: the copy would be ignored (and rotated out)
     raise ConfigError(f"--output {output} holds step {newer[-1]}, which a run would resume "
                       f"from instead of the copied step {step}: pick a fresh --output")
-  with rotation.reading(step_dir):
-    snapshot = offloaded_lib.snapshot_of(step_dir)
+  snapshot = offloaded_lib.snapshot_of(step_dir)
   snap_dest = output.parent / "offload_snapshots" / str(step)
   if snapshot is not None and snap_dest.exists():
     raise ConfigError(f"--output: {snap_dest} (offload snapshot of step {step}) already exists")
   created = not output.exists()
   _mkdir(output)
   try:
-    with rotation.reading(step_dir):
-      manifest = _check(step_dir, full=True)   # every array read and its fingerprint checked
-      _snapshot_arrays(step_dir)               # ... and every file of its offload snapshot
-  except CheckpointError as e:
+    manifest = selection.check(step_dir, full=True)   # every array read and checked
+    _snapshot_arrays(step_dir)                        # ... and every file of its snapshot
+  except CheckpointError:
     if created:
       output.rmdir()
-    raise _named_others(e, step_dir) from None
+    raise
   if plan is not None:
     manifest.update(saved_plan=resolved.to_json(), saved_mesh=dict(mesh_shape))
   tmp = output / f"{step}.orbax-checkpoint-tmp-{time.time_ns()}"
   written = [tmp]
-  with _removed_on_error(dest, written, step_dir):
+  with _removed_on_error(dest, written):
     shutil.copytree(step_dir, tmp)
     manifest["converted_from"] = str(step_dir)
     if restart_data:
@@ -584,7 +452,7 @@ def import_torchrec(npz_path, output, step: int = 0) -> list[str]:
     if isinstance(e, DataError):
       raise
     raise DataError(f"--torchrec_npz: {npz_path} is not a readable npz file "
-                    f"({_first_line(e)})") from None
+                    f"({first_line(e)})") from None
   _not_a_workdir(output)
   _mkdir(output)
   with CheckpointManager(output, max_to_keep=None, async_save=False) as mgr:

@@ -2,19 +2,17 @@
 
 A conversion reads only committed steps, but a run still saving into the directory may
 rotate the one it picked out at any moment: that is reported as `Rotated`, and a
-conversion of the latest step (no `--step`) starts again from the new latest.
+conversion of the latest step (no `--step`) starts again from the new latest (`selection`);
+`steps.latest_valid` skips it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import time
 
-from absl import logging
-
-from jaxrec.errors import CheckpointError
+from jaxrec.errors import CheckpointError, ConfigError
 
 ATTEMPTS = 3
 
@@ -29,7 +27,7 @@ class Rotated(CheckpointError):
     self.step_dir = step_dir
 
 
-def gone(step_dir, wait: float = 2.0) -> bool:
+def _gone(step_dir, wait: float = 2.0) -> bool:
   """Whether checkpoint `step_dir` is deleted, or is being deleted (gone within `wait` s):
   a running job rotating it out, not a corrupt checkpoint."""
   deadline = time.time() + wait
@@ -42,26 +40,14 @@ def gone(step_dir, wait: float = 2.0) -> bool:
 
 @contextlib.contextmanager
 def reading(step_dir):
-  """Any error the body raises once checkpoint `step_dir` is gone becomes `Rotated`."""
+  """Any error the body raises once checkpoint `step_dir` is gone becomes `Rotated`: the
+  one place that waits to tell a deleted checkpoint from a corrupt one. `ConfigError`s
+  (flags, `--output`: never caused by a deletion) pass unchanged."""
   try:
     yield
-  except Exception as e:  # pylint: disable=broad-except
-    if not isinstance(e, Rotated) and gone(step_dir):
+  except (Rotated, ConfigError):
+    raise
+  except Exception:  # pylint: disable=broad-except
+    if _gone(step_dir):
       raise Rotated(step_dir) from None
     raise
-
-
-def latest_retried(fn):
-  """Decorates a conversion `(source, output, step=None, ...)`: without `step`, a latest
-  step rotated out while it was read is converted again from the new latest."""
-  @functools.wraps(fn)
-  def wrapped(source, output, step=None, *args, **kwargs):
-    for attempt in range(ATTEMPTS):
-      try:
-        return fn(source, output, step, *args, **kwargs)
-      except Rotated as e:
-        if step is not None or attempt == ATTEMPTS - 1:
-          raise
-        logging.warning("checkpoint %s was rotated out by the run saving into %s while it "
-                        "was read; converting the new latest step", e.step_dir, source)
-  return wrapped

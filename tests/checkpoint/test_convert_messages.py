@@ -1,7 +1,11 @@
 """convert_checkpoint errors that say what to pass instead, and leave nothing behind."""
 
+import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -11,6 +15,8 @@ from jaxrec.checkpoint import CheckpointError, CheckpointManager, convert
 from jaxrec.embedding.specs import TableSpec
 from jaxrec.errors import ConfigError
 from tests.checkpoint import ckpt_helpers as h
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _offloaded_steps(w, steps):
@@ -31,19 +37,20 @@ def _offloaded_steps(w, steps):
   return snaps
 
 
-def test_latest_without_its_snapshot_names_the_step_before(tmp_path):
-  """A training restore falls back to the step before; the export said only that the
-  snapshot was missing."""
+def test_latest_without_its_snapshot_falls_back_like_a_restore(tmp_path, caplog):
+  """A training restore falls back to the step before; the export refused, naming it."""
   snaps = _offloaded_steps(tmp_path / "w", [3, 5])
   shutil.rmtree(snaps / "5")
-  with pytest.raises(CheckpointError, match=r"no offload snapshot of step 5 .*; a training "
-                     r"restore falls back to the step before: export that one with --step=3$"):
-    convert.export_npz(tmp_path / "w" / "checkpoints", tmp_path / "a.npz")
-  assert convert.export_npz(tmp_path / "w" / "checkpoints", tmp_path / "a.npz", 3) == 3
+  with caplog.at_level("WARNING"):
+    assert convert.export_npz(tmp_path / "w" / "checkpoints", tmp_path / "a.npz") == 3
+  assert any("checkpoints/5 is corrupt or unreadable" in r.getMessage() and "no offload "
+             "snapshot of step 5" in r.getMessage() for r in caplog.records), caplog.text
   shutil.rmtree(snaps / "3")
-  with pytest.raises(CheckpointError, match=r"no offload snapshot of step 5 .*; no earlier "
-                     r"step is valid either$"):
+  with pytest.raises(CheckpointError, match=r"^no valid checkpoint in .*checkpoints \(step 5: "
+                     r".*no offload snapshot of step 5 .*; step 3: .*no offload snapshot of "
+                     r"step 3 .*\)$"):
     convert.export_checkpoint(tmp_path / "w" / "checkpoints", tmp_path / "w2" / "checkpoints")
+  assert not (tmp_path / "w2").exists()
 
 
 def test_import_onto_an_existing_step_names_the_flags(tmp_path):
@@ -69,12 +76,13 @@ def test_a_failed_conversion_removes_the_directories_it_created(tmp_path):
   for fn, out in [(convert.export_checkpoint, tmp_path / "w2" / "checkpoints"),
                   (convert.export_npz, tmp_path / "w2" / "e" / "a.npz"),
                   (convert.export_zarr, tmp_path / "w2" / "z")]:
-    with pytest.raises(CheckpointError, match=r"damaged; .*checkpoints holds no other step$"):
+    with pytest.raises(CheckpointError, match=r"^no valid checkpoint in .*checkpoints \(step 3: "
+                       r".*the snapshot is damaged\)$"):
       fn(src, out)
     assert not (tmp_path / "w2").exists(), fn
   (tmp_path / "w3").mkdir()
-  with pytest.raises(CheckpointError, match="holds no other step"):
-    convert.export_checkpoint(src, tmp_path / "w3" / "checkpoints")
+  with pytest.raises(CheckpointError, match="damaged; .*checkpoints holds no other step$"):
+    convert.export_checkpoint(src, tmp_path / "w3" / "checkpoints", 3)
   assert os.listdir(tmp_path / "w3") == []   # it existed before: kept
 
 
@@ -105,21 +113,64 @@ def test_a_checkpoint_directory_copied_alone_exports_with_a_warning(tmp_path, ca
   assert any(want in r.getMessage() for r in caplog.records), caplog.text
 
 
-@pytest.mark.parametrize("fmt", ["npz", "zarr", "checkpoint"])
-def test_a_corrupt_step_found_while_exported_names_the_steps_to_pick(tmp_path, fmt):
-  """A flipped bit is found only while the arrays are read: the error said 'pick another
-  --step' without naming one (a training restore falls back to the previous step)."""
+def _flipped_latest(path):
+  """Steps 2 and 4 saved in `path`; one bit of a table chunk of step 4 flipped (silent
+  corruption: only the fingerprint check of a full read finds it)."""
   coll = h.collection("rw", 8)
-  with CheckpointManager(tmp_path / "c") as mgr:
+  with CheckpointManager(path) as mgr:
     for step in (2, 4):
       mgr.save(step, h.train_state(coll, seed=step, step=step), coll, force=True)
-  chunk = next(p for p in (tmp_path / "c" / "4" / "embeddings" / "tables" / "t3").iterdir()
+  chunk = next(p for p in (path / "4" / "embeddings" / "tables" / "t3").iterdir()
                if not p.name.startswith("."))
   data = bytearray(chunk.read_bytes())
   data[len(data) // 2] ^= 0x01
   chunk.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("fmt", ["npz", "zarr", "checkpoint"])
+def test_a_corrupt_explicit_step_names_the_steps_to_pick(tmp_path, fmt):
+  """A flipped bit is found only while the arrays are read: the error said 'pick another
+  --step' without naming one."""
+  _flipped_latest(tmp_path / "c")
   export = {"npz": convert.export_npz, "zarr": convert.export_zarr,
             "checkpoint": convert.export_checkpoint}[fmt]
   with pytest.raises(CheckpointError, match=r"c/4.* corrupt.*; pick another --step: 2$"):
-    export(tmp_path / "c", tmp_path / "out" / "checkpoints")
+    export(tmp_path / "c", tmp_path / "out" / "checkpoints", 4)
   assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fmt", ["npz", "zarr", "checkpoint"])
+def test_a_corrupt_latest_falls_back_like_a_restore(tmp_path, fmt, caplog):
+  """Without --step, a latest step with a flipped bit was refused ('pick another --step:
+  2') where a training restore falls back to step 2."""
+  _flipped_latest(tmp_path / "c")
+  out = tmp_path / "out" / "checkpoints"
+  export = {"npz": convert.export_npz, "zarr": convert.export_zarr,
+            "checkpoint": lambda s, o: convert.export_checkpoint(s, o)[0]}[fmt]
+  with caplog.at_level("WARNING"):
+    assert export(tmp_path / "c", out) == 2
+  (warning,) = [r.getMessage() for r in caplog.records if "falling back" in r.getMessage()]
+  assert re.fullmatch(r"checkpoint .*c/4 is corrupt or unreadable \(CheckpointError: .*"
+                      r"'tables/t3'.* fingerprint check.*\); falling back to the previous one",
+                      warning), warning
+  if fmt == "npz":
+    with np.load(out) as z:
+      assert int(z["step"]) == 2 and json.loads(str(z["metadata"]))["step"] == 2
+  elif fmt == "zarr":
+    assert json.loads((out / "metadata.json").read_text())["step"] == 2
+  else:
+    assert CheckpointManager(out, read_only=True).all_steps() == [2]
+
+
+@pytest.mark.slow   # runs the script
+def test_the_script_warns_once_and_prints_the_step_it_exported(tmp_path):
+  _flipped_latest(tmp_path / "c")
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_checkpoint.py"),
+                         f"--checkpoint_dir={tmp_path / 'c'}", f"--output={tmp_path / 'a.npz'}",
+                         "--format=npz"], capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (line,) = [x for x in proc.stderr.splitlines() if x.strip()]
+  assert re.search(r"checkpoint .*c/4 is corrupt or unreadable \(.*'tables/t3'.*fingerprint "
+                   r"check.*\); falling back to the previous one$", line), proc.stderr
+  assert proc.stdout.startswith(f"wrote step 2 of {tmp_path / 'c'} to {tmp_path / 'a.npz'}")
