@@ -141,8 +141,20 @@ def _removed_on_error(output, remove: list):
       elif os.path.lexists(path):
         os.remove(path)
     if isinstance(e, OSError):
-      raise DataError(f"--output: cannot write {output}: {e.strerror or e}") from None
+      raise DataError(f"--output: cannot write {output}: {_reason(e)}") from None
     raise
+
+
+def _reason(e: OSError) -> str:
+  """What an `OSError` says; for `shutil.copytree`'s `Error` (a list of `(source,
+  destination, reason)`, one per file that failed), the first reason and its source."""
+  failed = e.args[0] if isinstance(e, shutil.Error) and e.args else None
+  if isinstance(failed, list) and failed and len(failed[0]) == 3:
+    src, dst, why = failed[0]
+    why = re.sub(r"^\[Errno \d+\] ", "", why.split(": '")[0])   # not its file names
+    more = f", and {len(failed) - 1} more files" if len(failed) > 1 else ""
+    return f"{why} (copying {src}{more})"
+  return e.strerror or str(e)
 
 
 def _metadata(step_dir, step) -> dict:

@@ -1,10 +1,15 @@
-"""convert_checkpoint --format=checkpoint and --torchrec_npz into a run's directory."""
+"""convert_checkpoint --format=checkpoint and --torchrec_npz into a run's directory; a copy
+that cannot be written."""
+
+import os
+import re
+import shutil
 
 import numpy as np
 import pytest
 
 from jaxrec.checkpoint import CheckpointManager, convert
-from jaxrec.errors import ConfigError
+from jaxrec.errors import ConfigError, DataError
 from tests.checkpoint import ckpt_helpers as h
 
 
@@ -48,3 +53,19 @@ def test_an_import_into_a_runs_directory_is_refused(saved, tmp_path):
   assert sorted(p.name for p in w2.iterdir()) == ["checkpoints", "metrics.jsonl"]
   assert convert.import_torchrec(npz, w2 / "checkpoints", step=20) == sorted(
       t.name for t in coll.tables)
+
+
+def test_a_copy_onto_a_full_disk_is_one_line(saved, tmp_path, monkeypatch):
+  """shutil.copytree gathers every file's error: the message was a list of ~20 (source,
+  destination, reason) triples."""
+  path, _ = saved
+
+  def full(src, dst, **kwargs):
+    raise OSError(28, "No space left on device", dst)
+  monkeypatch.setattr(shutil, "copyfile", full)
+  out = tmp_path / "w2" / "checkpoints"
+  with pytest.raises(DataError) as e:
+    convert.export_checkpoint(path, out)
+  assert re.fullmatch(rf"--output: cannot write {out}/4: No space left on device \(copying "
+                      rf"{path}/4/\S+, and \d+ more files\)", str(e.value)), str(e.value)
+  assert not os.path.exists(tmp_path / "w2")
