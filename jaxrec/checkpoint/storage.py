@@ -27,8 +27,16 @@ BLOCK_BYTES = 64 << 20   # rows read at a time: about this many bytes
 
 
 def read_json(step_dir: epath.PathLike, item: str) -> dict:
-  """A JSON item (`manifest`, `meta`, `data_state`) of a step directory."""
-  return json.loads(_json_item(step_dir, item).read_text())
+  """A JSON item (`manifest`, `meta`, `data_state`) of a step directory; ValueError naming
+  its file (and line) when that does not hold a JSON object."""
+  path = _json_item(step_dir, item)
+  try:
+    value = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+  if not isinstance(value, dict):
+    raise ValueError(f"{path}: holds {json.dumps(value)[:40]}, expected a JSON object")
+  return value
 
 
 def io_failure(e: BaseException) -> str | None:

@@ -113,13 +113,18 @@ def test_a_checkpoint_directory_copied_alone_exports_with_a_warning(tmp_path, ca
   assert any(want in r.getMessage() for r in caplog.records), caplog.text
 
 
-def _flipped_latest(path):
-  """Steps 2 and 4 saved in `path`; one bit of a table chunk of step 4 flipped (silent
-  corruption: only the fingerprint check of a full read finds it)."""
+def _two_steps(path):
+  """Steps 2 and 4 saved in `path`."""
   coll = h.collection("rw", 8)
   with CheckpointManager(path) as mgr:
     for step in (2, 4):
       mgr.save(step, h.train_state(coll, seed=step, step=step), coll, force=True)
+
+
+def _flipped_latest(path):
+  """`_two_steps`, one bit of a table chunk of step 4 flipped (silent corruption: only the
+  fingerprint check of a full read finds it)."""
+  _two_steps(path)
   chunk = next(p for p in (path / "4" / "embeddings" / "tables" / "t3").iterdir()
                if not p.name.startswith("."))
   data = bytearray(chunk.read_bytes())
@@ -174,3 +179,18 @@ def test_the_script_warns_once_and_prints_the_step_it_exported(tmp_path):
   assert re.search(r"checkpoint .*c/4 is corrupt or unreadable \(.*'tables/t3'.*fingerprint "
                    r"check.*\); falling back to the previous one$", line), proc.stderr
   assert proc.stdout.startswith(f"wrote step 2 of {tmp_path / 'c'} to {tmp_path / 'a.npz'}")
+
+
+@pytest.mark.parametrize("item,text,match", [
+    ("meta", "{bad", r"c/4/meta/metadata:1: not valid JSON \(Expecting property name"),
+    ("data_state", "\n[1]", r"c/4/data_state/metadata: holds \[1\], expected a JSON object"),
+    ("manifest", "null", r"c/4/manifest/metadata: holds null, expected a JSON object")])
+def test_a_damaged_json_item_is_named_by_its_file(tmp_path, item, text, match):
+  """The error gave the JSON parser's message alone ('Expecting property name enclosed in
+  double quotes: line 1 column 2'), or "'list' object has no attribute 'get'", without
+  saying which file."""
+  _two_steps(tmp_path / "c")
+  (tmp_path / "c" / "4" / item / "metadata").write_text(text)
+  with pytest.raises(CheckpointError, match=rf"c/4 is corrupt: .*{match}.*pick another "
+                     r"--step: 2$"):
+    convert.export_npz(tmp_path / "c", tmp_path / "a.npz", 4)
