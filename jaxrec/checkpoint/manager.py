@@ -422,10 +422,9 @@ class CheckpointManager:
   def _restore_step(self, step, collection, target, init=None, offloaded=None,
                     require_finite=False, full_check=True) -> Restored:
     step_dir = self.step_dir(step)
-    json_items = self._mgr.restore(step, args=ocp.args.Composite(**{
-        MANIFEST: ocp.args.JsonRestore(), DATA_STATE: ocp.args.JsonRestore(),
-        META: ocp.args.JsonRestore()}))
-    manifest, meta = json_items[MANIFEST], json_items[META] or {}
+    # read directly (not orbax's JsonRestore): a damaged one is named by its file and line
+    manifest, meta, data_state = (storage.read_json(step_dir, item)
+                                  for item in (MANIFEST, META, DATA_STATE))
     if not manifest or manifest.get("format") != canonical_lib.FORMAT:
       raise ValueError(f"{step_dir} has no jaxrec manifest")
     storage.check_manifest_step(manifest, step_dir, step)   # copied or renamed by hand
@@ -479,7 +478,7 @@ class CheckpointManager:
     state["emb"] = emb
     host = offloaded_lib.host_tables(step_dir / TABLES, stored_index, snapshot, now, then,
                                      collection.optimizer, with_opt, str(step_dir))
-    return Restored(state, json_items[DATA_STATE] or {}, meta, host)
+    return Restored(state, data_state, meta, host)
 
   def _abstract_dense(self, manifest, collection, target, step_dir) -> dict:
     """ShapeDtypeStructs (with shardings) of the stored dense tree, after checking it

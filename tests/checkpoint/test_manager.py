@@ -291,3 +291,15 @@ def test_kill_mid_save_leaves_no_valid_looking_checkpoint(tmp_path):
   mgr.save(3, expect, coll, force=True)   # waits for the tmp-directory cleanup first
   mgr.close()
   assert not [p for p in os.listdir(path) if "tmp" in p]
+
+
+def test_a_damaged_json_item_is_named_in_the_fallback_warning(tmp_path, coll, caplog):
+  """The warning gave orbax's JSONDecodeError alone ('Expecting property name enclosed in
+  double quotes: line 1 column 2'), not which of the step's files it was."""
+  mgr, _, _ = _two_steps(tmp_path, coll)
+  (mgr.step_dir(2) / "meta" / "metadata").write_text("{bad")
+  with caplog.at_level(logging.WARNING):
+    restored = mgr.restore(h.dense(coll.mesh), coll)
+  assert int(restored.state["step"]) == 1 and restored.data_state == {"n": 1}
+  assert f"{mgr.step_dir(2)}/meta/metadata:1: not valid JSON" in caplog.text, caplog.text
+  mgr.close()
