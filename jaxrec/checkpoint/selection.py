@@ -144,11 +144,15 @@ def _has_snapshot(step_dir) -> bool:
 
 
 def hint(checkpoint_dir, step: int | None = None) -> str:
-  """What to pass instead: a workdir's checkpoints, or the rejected checkpoints (of
-  `step`) under `checkpoint_dir` (or `checkpoint_dir` itself being their directory)."""
+  """What to pass instead: a workdir's checkpoints, a step directory's parent and step, or
+  the rejected checkpoints (of `step`) under `checkpoint_dir` (or `checkpoint_dir` itself
+  being their directory)."""
   path = epath.Path(checkpoint_dir)
   if step is None and (path / "checkpoints").is_dir():   # a workdir given for its checkpoints
     return f" (did you mean --checkpoint_dir={path / 'checkpoints'}?)"
+  if step is None and path.name.isdigit() and storage.is_step_dir(path):   # W/checkpoints/N
+    return (f" (it is the directory of step {path.name}: pass --checkpoint_dir={path.parent} "
+            f"--step={path.name})")
   where = path if path.name == REJECTED_DIR else path / REJECTED_DIR
   found = sorted((s, p.name) for p in where.iterdir()
                  if (s := offloaded_lib.rejected_step(p)) is not None) if where.is_dir() else []

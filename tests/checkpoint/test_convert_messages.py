@@ -194,3 +194,12 @@ def test_a_damaged_json_item_is_named_by_its_file(tmp_path, item, text, match):
   with pytest.raises(CheckpointError, match=rf"c/4 is corrupt: .*{match}.*pick another "
                      r"--step: 2$"):
     convert.export_npz(tmp_path / "c", tmp_path / "a.npz", 4)
+
+
+def test_a_step_directory_as_checkpoint_dir_names_the_flags(tmp_path):
+  """`--checkpoint_dir=W/checkpoints/4` said only 'no checkpoint in W/checkpoints/4'."""
+  _two_steps(tmp_path / "c")
+  with pytest.raises(CheckpointError, match=rf"^no checkpoint in {tmp_path}/c/4 \(it is the "
+                     rf"directory of step 4: pass --checkpoint_dir={tmp_path}/c --step=4\)$"):
+    convert.export_npz(tmp_path / "c" / "4", tmp_path / "a.npz")
+  assert not (tmp_path / "a.npz").exists()
