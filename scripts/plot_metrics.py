@@ -12,7 +12,8 @@ from jaxrec.train import plotting
 
 _WORKDIR = flags.DEFINE_multi_string("workdir", None, "Run directory; repeat to overlay runs.",
                                      required=True)
-_OUTPUT = flags.DEFINE_string("output", None, "PNG path; default <first workdir>/metrics.png.")
+_OUTPUT = flags.DEFINE_string("output", None, "Image path, any extension matplotlib writes "
+                              "(.png, .pdf, .svg, ...); default <first workdir>/metrics.png.")
 
 
 def main(argv):
