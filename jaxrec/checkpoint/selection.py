@@ -40,7 +40,10 @@ def convert_step(checkpoint_dir, step: int | None,
     if step is not None and step != held:
       raise ConfigError(f"--step={step}: --checkpoint_dir {checkpoint_dir} is the rejected "
                         f"checkpoint of step {held}")
-    return convert(step_dir, held)
+    try:
+      return convert(step_dir, held)
+    except CheckpointError as e:   # it holds one step: name the kept ones instead
+      raise _kept_instead(e, step_dir) from None
   if step is not None:
     return _given(checkpoint_dir, int(step), convert)
   for attempt in range(rotation.ATTEMPTS):
@@ -52,6 +55,17 @@ def convert_step(checkpoint_dir, step: int | None,
       logging.warning("checkpoint %s was rotated out by the run saving into %s while it "
                       "was read; converting the new latest step", e.step_dir, checkpoint_dir)
   raise AssertionError("unreachable")
+
+
+def _kept_instead(error: CheckpointError, step_dir) -> CheckpointError:
+  """`error` of rejected checkpoint `step_dir` (which holds one step, so there is no other
+  `--step` to pick) naming the kept steps of the directory above `rejected/`."""
+  if not str(error).endswith(PICK_ANOTHER):
+    return error
+  kept = epath.Path(step_dir).parent.parent
+  steps = ", ".join(map(str, CheckpointManager(kept, read_only=True).all_steps())) or "none"
+  return CheckpointError(f"{str(error).removesuffix(PICK_ANOTHER)}; {step_dir} is a rejected "
+                         f"checkpoint (one step only); kept steps in {kept}: {steps}")
 
 
 def _given(checkpoint_dir, step: int, convert):

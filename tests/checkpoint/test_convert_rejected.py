@@ -126,3 +126,24 @@ def test_a_step_directory_holding_another_step_is_not_exported_under_its_name(ro
     assert int(z["step"]) == 2
   with pytest.raises(ConfigError, match=r"--step=6: .* is the rejected checkpoint of step 2"):
     convert.export_npz(rejected, tmp_path / "d.npz", step=6)
+
+
+def test_a_corrupt_rejected_checkpoint_names_the_kept_steps_not_another_step(rolled_back,
+                                                                            tmp_path):
+  """A rejected directory holds one step: its fingerprint error may not end in a bare
+  "pick another --step" (there is none there), but names the kept steps to export."""
+  path, rejected, _, _ = rolled_back
+  work = tmp_path / "checkpoints"
+  shutil.copytree(path, work)
+  copy = work / "rejected" / rejected.name
+  (chunk, *_) = sorted(p for p in (copy / "embeddings" / "tables").rglob("*")
+                       if p.is_file() and not p.name.startswith("."))
+  data = bytearray(chunk.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  chunk.write_bytes(bytes(data))
+  with pytest.raises(CheckpointError) as info:
+    convert.export_npz(copy, tmp_path / "a.npz")
+  message = str(info.value)
+  assert "fails its fingerprint check" in message and not message.endswith("--step"), message
+  assert message.endswith(f"{copy} is a rejected checkpoint (one step only); kept steps in "
+                          f"{work}: 2"), message
