@@ -20,7 +20,7 @@ Reduced precision:
   dtype (to nearest, or stochastically with `opts.stochastic_rounding`); int8 tables are
   re-quantised per row (`kernels.QuantizedTable`).
 - communication (`opts.comm_dtype`): None moves f32 with `psum_scatter` / `all_to_all`.
-  A reduced dtype sends every hop with `kernels.all_to_all_compressed` (fp8: per-row
+  A reduced dtype sends every hop with `kernels.all_to_all_compressed` (fp8/fp16: per-row
   scales), forward and backward; the `row` reduction becomes all-to-all + an f32 sum, so
   each partial sum is rounded once and the sum itself is exact.
 """
@@ -288,8 +288,8 @@ def send_home(l, comm_dtype, x):
       x = a2a(x, "row", 1, 1).sum(axis=1, keepdims=True)
   if "table" in l.axes:
     x = a2a(x, "table", 0, 4)                                            # [1,1,nc,b,nt*Ft,dl]
-  if "col" in l.axes:   # column block k comes from col device k: keep it as axis 2 (fp8
-    x = a2a(x, "col", 2, 2)  # scales are per row, so the last axis cannot be concatenated)
+  if "col" in l.axes:   # column block k comes from col device k: keep it as axis 2 (fp8/
+    x = a2a(x, "col", 2, 2)  # fp16 scales are per row: the last axis cannot be concatenated)
   x = jnp.moveaxis(x, 2, 4)                                              # [1,1,b,nt*Ft,nc,dl]
   return x.reshape((x.shape[2], nt, ft, -1))
 

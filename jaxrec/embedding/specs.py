@@ -137,8 +137,8 @@ class EmbeddingOptions:
     kernel: `auto` (Pallas on GPU, XLA elsewhere), `xla` or `pallas`: the pooling of
       stage 2 and the fused optimizer update of stage 3 (see `embedding.local_ops`).
     comm_dtype: dtype of the pooled activations (and their gradients) on the wire in
-      stage 2: None or `float32` (exact), `bfloat16`/`float16`, `float8_e4m3fn` (per-row
-      scales); aliases `bf16`, `fp16`, `fp8`.
+      stage 2: None or `float32` (exact), `bfloat16`, `float16` or `float8_e4m3fn` (these
+      two with per-row scales); aliases `bf16`, `fp16`, `fp8`.
     interpret: run Pallas kernels in interpret mode (tests on CPU); None: unless on GPU.
     stochastic_rounding: round updated bf16/fp16/int8 rows up or down at random (unbiased:
       small updates are not lost) instead of to nearest.

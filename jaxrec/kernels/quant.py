@@ -11,9 +11,10 @@ order of duplicate-id gradients).
   same bits in a kernel chunk and in the reference); `cast_store` rounds f32 to the storage
   dtype up or down with probability given by the distance.
 - Communication: `comm_cast` / `comm_uncast` compress pooled activations `[..., D]` to
-  bf16/fp16 or fp8 (e4m3, per-row scale) around the all-to-all; `all_to_all_compressed`
-  does cast + all-to-all + uncast with a custom VJP that compresses the backward
-  all-to-all the same way (each direction computes its own fp8 scales).
+  bf16, fp16 (per-row power-of-two scale: no overflow past 65504) or fp8 (e4m3, per-row
+  scale) around the all-to-all; `all_to_all_compressed` does cast + all-to-all + uncast
+  with a custom VJP that compresses the backward all-to-all the same way (each direction
+  computes its own scales).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ COMM_DTYPES = ("float32", "bfloat16", "float16", "float8_e4m3fn")
 DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",
                  "f16": "float16", "fp8": "float8_e4m3fn", "float8": "float8_e4m3fn"}
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP16_TOP_EXP = 14  # a float16 row is scaled so its max lies in [2**14, 2**15) (max 65504)
+SCALED_COMM_DTYPES = ("float16", "float8_e4m3fn")   # sent with a per-row f32 scale
 F32_TINY = np.float32(np.finfo(np.float32).tiny)  # smallest normal f32
 
 
@@ -214,26 +217,42 @@ def canonical_comm_dtype(comm_dtype) -> str:
 def comm_cast(x: jax.Array, comm_dtype="bfloat16", *, per_row: bool = True):
   """Compresses activations `x [..., D]` for an all-to-all.
 
-  Returns `(payload, scale)`: `payload` in `comm_dtype`; `scale` is None except for fp8,
-  where it is f32 `[..., 1]` (per row, moves with the rows through the all-to-all) or,
-  with `per_row=False`, one f32 scalar for the whole tensor. The scale is computed under
-  `stop_gradient` from the finite values (an inf or NaN element arrives as NaN; the
-  rest of its row keeps its precision). Plain autodiff through the cast rounds cotangents
-  to `comm_dtype` unscaled: fine for bf16/f16, lossy for fp8; use `all_to_all_compressed`
-  for training.
+  Returns `(payload, scale)`: `payload` in `comm_dtype`; `scale` is None for bf16/f32, and
+  for fp8/fp16 f32 `[..., 1]` (per row, moves with the rows through the all-to-all) or,
+  with `per_row=False`, one f32 scalar for the whole tensor. Scales are computed under
+  `stop_gradient` from the finite values: fp8 maps the row's max to 448; fp16 divides by a
+  power of two putting the max in `[2**14, 2**15)`, which is exact, so values past 65504
+  (or under float16's normal range) keep its relative precision and the rest arrive as a
+  plain cast gives them. An inf stays inf in fp16 and arrives as NaN in fp8 (which has
+  none); the rest of its row keeps its precision. Plain autodiff through the cast rounds
+  cotangents to `comm_dtype` with the forward's scale: use `all_to_all_compressed` for
+  training (each direction computes its own scales).
   """
   name = canonical_comm_dtype(comm_dtype)
-  if name != "float8_e4m3fn":
+  if name not in SCALED_COMM_DTYPES:
     return x.astype(name), None
   xf = x.astype(jnp.float32)
   # Over finite values only: an inf (or a NaN) in the max made its row NaN (scale inf), or
   # (NaN: scale 1) every value over 448; now only that element is lost.
   mag = jnp.where(jnp.isfinite(xf), jnp.abs(xf), 0.0)
   amax = jnp.max(mag, axis=-1, keepdims=True) if per_row else jnp.max(mag)
-  # At least the smallest normal f32: below 448x that, amax / FP8_MAX is subnormal, which
-  # XLA flushes to zero, and the row divided by it became NaN.
-  scale = jax.lax.stop_gradient(jnp.where(amax > 0, jnp.maximum(amax / FP8_MAX, F32_TINY), 1.0))
-  return (xf / scale).astype(jnp.float8_e4m3fn), scale
+  if name == "float16":
+    scale = _pow2_scale(amax, FP16_TOP_EXP)
+  else:
+    # At least the smallest normal f32: below 448x that, amax / FP8_MAX is subnormal, which
+    # XLA flushes to zero, and the row divided by it became NaN.
+    scale = jnp.where(amax > 0, jnp.maximum(amax / FP8_MAX, F32_TINY), 1.0)
+  scale = jax.lax.stop_gradient(scale)
+  return (xf / scale).astype(name), scale
+
+
+def _pow2_scale(amax, top_exp: int):
+  """f32 power of two `2**(e - top_exp)` for `amax` in `[2**e, 2**(e+1))` (1 for 0; at
+  least the smallest normal f32, for a subnormal `amax`), built from the exponent bits."""
+  biased = (jax.lax.bitcast_convert_type(amax, jnp.uint32) >> 23).astype(jnp.int32) & 0xFF
+  biased = jnp.maximum(biased - top_exp, 1)
+  scale = jax.lax.bitcast_convert_type((biased << 23).astype(jnp.uint32), jnp.float32)
+  return jnp.where(amax > 0, scale, np.float32(1.0))
 
 
 def comm_uncast(payload: jax.Array, scale=None, dtype=jnp.float32) -> jax.Array:
@@ -246,10 +265,10 @@ def comm_uncast(payload: jax.Array, scale=None, dtype=jnp.float32) -> jax.Array:
 
 def _a2a(x, axis_name, split_axis, concat_axis, comm_dtype, tiled):
   last = x.ndim - 1
-  if canonical_comm_dtype(comm_dtype) == "float8_e4m3fn" and last in (
-      split_axis % x.ndim, concat_axis % x.ndim):
-    raise ConfigError("fp8 all-to-all moves whole rows: split/concat axes cannot be the "
-                      "last (embedding) axis")
+  name = canonical_comm_dtype(comm_dtype)
+  if name in SCALED_COMM_DTYPES and last in (split_axis % x.ndim, concat_axis % x.ndim):
+    raise ConfigError(f"a {name} all-to-all moves whole rows with their scales: split/"
+                      "concat axes cannot be the last (embedding) axis")
   payload, scale = comm_cast(x, comm_dtype)
   move = functools.partial(jax.lax.all_to_all, axis_name=axis_name, split_axis=split_axis,
                            concat_axis=concat_axis, tiled=tiled)
@@ -261,7 +280,7 @@ def all_to_all_compressed(x, axis_name, split_axis: int, concat_axis: int,
                           comm_dtype="bfloat16", tiled: bool = True):
   """`lax.all_to_all` of `x [..., D]` sent in `comm_dtype` (inside `shard_map`).
 
-  fp8 uses per-row scales that travel with the rows, so neither `split_axis` nor
+  fp8 and fp16 use per-row scales that travel with the rows, so neither `split_axis` nor
   `concat_axis` may be the last (D) axis. The backward pass all-to-alls the cotangent back
   (axes swapped), compressed the same way with its own scales. Returns `x.dtype`.
   """

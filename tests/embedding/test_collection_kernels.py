@@ -121,6 +121,36 @@ def test_reduced_precision_communication(comm, kind, mesh_spec, tol):
     np.testing.assert_allclose(out["tables"][name], ref_tables[name], rtol=0, atol=tol)
 
 
+def test_fp16_communication_of_pooled_values_past_65504():
+  """comm_dtype='float16' sent the pooled sums unscaled: sums over 65504 arrived as inf.
+  Now (per-row power-of-two scales) they match the one-device f32 lookup to float16
+  precision, forward and backward (cotangents ~1e5 too)."""
+  ref = make_collection("dp", "single", SGD)
+  coll = make_collection("grid", "table=2,row=2,col=2", SGD, comm_dtype="fp16")   # every hop
+  big = {k: np.asarray(v) * np.float32(1e6) for k, v in
+         ref.unstack_tables(ref.init(jax.random.key(0)))[0].items()}
+  ids, weights, gout = make_inputs(0)
+
+  def pooled_and_tables(c):
+    @jax.jit
+    def step(state, gout):
+      ctx = c.lookup(state, ids, weights)
+      pooled, vjp = jax.vjp(lambda r: c.pool(r, ctx), ctx.rows)
+      return pooled, c.apply_gradients(state, ctx, vjp(gout)[0], 0)
+    pooled, state = step(c.stack_tables(big), gout * np.float32(1e6))
+    return np.asarray(pooled), {k: np.asarray(v) for k, v in c.unstack_tables(state)[0].items()}
+
+  want, want_tables = pooled_and_tables(ref)
+  got, got_tables = pooled_and_tables(coll)
+  assert np.abs(want).max() > 65504 and np.isfinite(got).all()
+  amax = np.abs(want).max(axis=-1, keepdims=True)   # row partial sums each rounded once
+  assert np.all(np.abs(got - want) <= 2.0 ** -9 * amax)
+  for name, t in want_tables.items():   # the SGD steps, from fp16 cotangents
+    assert np.isfinite(got_tables[name]).all()
+    step = np.abs(t - big[name]).max()
+    assert step > 65504 and np.abs(got_tables[name] - t).max() <= 2.0 ** -8 * step
+
+
 def test_stochastic_rounding_keeps_small_updates():
   """bf16 tables, updates mostly below half an ulp: round-to-nearest loses most of them,
   stochastic rounding keeps them on average; XLA and Pallas draw the same bits."""

@@ -71,7 +71,7 @@ def test_comm_cast_round_trip(comm):
          "float32": 0}[name]
   amax = np.abs(np.asarray(x)).max(1, keepdims=True)
   assert np.all(np.abs(y - np.asarray(x)) <= rel * amax + 1e-30)
-  if name == "float8_e4m3fn":
+  if name in quant.SCALED_COMM_DTYPES:
     assert scale.shape == (6, 1)
     p2, s2 = comm_cast(x, comm, per_row=False)
     assert s2.shape == () and np.isfinite(np.asarray(comm_uncast(p2, s2))).all()
@@ -109,12 +109,12 @@ def test_fp8_keeps_finite_values_beside_an_inf_or_nan(per_row):
   assert np.all(np.abs(y - xs)[finite] <= (2.0 ** -4 * np.broadcast_to(amax, xs.shape))[finite])
 
 
-@pytest.mark.parametrize("comm", ["bf16", "fp8"])
+@pytest.mark.parametrize("comm", ["bf16", "fp8", "fp16"])
 def test_all_to_all_compressed_forward_and_backward(comm):
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("x",))
   spec = jax.sharding.PartitionSpec("x")
   rng = np.random.default_rng(2)
-  x = jnp.asarray(rng.normal(size=(4 * 8, 3, 16)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(4 * 8, 3, 16)) * 1e5, jnp.float32)   # past fp16's max
   ct = jnp.asarray(rng.normal(size=(8, 12, 16)) * 1e-3, jnp.float32)
 
   def run(a2a):
@@ -124,13 +124,14 @@ def test_all_to_all_compressed_forward_and_backward(comm):
 
   y_ref, g_ref = run(lambda v, n, s, c: jax.lax.all_to_all(v, n, s, c, tiled=True))
   y, g = run(lambda v, n, s, c: quant.all_to_all_compressed(v, n, s, c, comm))
-  rel = 2.0 ** -8 if comm == "bf16" else 2.0 ** -4
+  rel = {"bf16": 2.0 ** -8, "fp8": 2.0 ** -4, "fp16": 2.0 ** -11}[comm]
   assert y.shape == y_ref.shape
   assert np.all(np.abs(y - y_ref) <= rel * np.abs(y_ref).max(-1, keepdims=True) + 1e-30)
   assert np.all(np.abs(g - g_ref) <= rel * np.abs(g_ref).max(-1, keepdims=True) + 1e-30)
-  with pytest.raises(ConfigError, match="embedding"):
-    jax.shard_map(lambda v: quant.all_to_all_compressed(v, "x", 2, 0, "fp8"), mesh=mesh,
-                  in_specs=spec, out_specs=spec)(x)
+  if comm != "bf16":   # per-row scales: whole rows only
+    with pytest.raises(ConfigError, match="embedding"):
+      jax.shard_map(lambda v: quant.all_to_all_compressed(v, "x", 2, 0, comm), mesh=mesh,
+                    in_specs=spec, out_specs=spec)(x)
 
 
 def test_lowers_to_triton_for_gpu():
@@ -167,3 +168,26 @@ def test_stochastic_rounding_does_not_overflow_near_the_max(dtype, x):
   assert np.isfinite(y).all()
   assert not np.isfinite(np.asarray(cast_store(jnp.full((1, 4), 7e4), "float16", bits[:1])
                                     .astype(jnp.float32))).any()  # as a cast: inf
+
+
+def test_fp16_comm_keeps_values_past_its_largest_finite_value():
+  """float16 was sent unscaled: a pooled value over 65504 arrived as inf. Its per-row scale
+  is a power of two, so each value keeps float16's relative precision at any magnitude."""
+  x = jnp.array([[7e4, -1.5e5, 3.0, 0.0], [3e38, -1e30, 2.5e37, 1e34],
+                 [1e-30, -3e-31, 0.0, 5e-33]], jnp.float32)
+  payload, scale = jax.jit(lambda v: comm_cast(v, "fp16"))(x)
+  y = np.asarray(comm_uncast(payload, scale))
+  xs = np.asarray(x)
+  assert payload.dtype == jnp.float16 and np.isfinite(y).all()
+  assert np.all(np.abs(y - xs) <= 2.0 ** -11 * np.abs(xs)), y
+
+
+def test_fp16_comm_leaves_ordinary_values_as_a_plain_cast_does():
+  """A power-of-two scale is exact: values in float16's normal range arrive as they would
+  cast unscaled (same bits); an inf still arrives as inf, beside intact finite values."""
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(8, 16)).astype(np.float32)
+  x *= np.array([1e-3, 0.1, 1, 10, 300, 6e3, 1.0, 2.0], np.float32)[:, None]
+  x[7, 3] = np.inf
+  y = np.asarray(comm_uncast(*comm_cast(jnp.asarray(x), "float16")))
+  np.testing.assert_array_equal(y, x.astype(np.float16).astype(np.float32))
