@@ -100,6 +100,15 @@ class Packing:
     return all(s < 0 for s in self.weight_starts) and not any(self.mean)
 
 
+def check_packed_alone(ids, weights, where: str) -> None:
+  """ConfigError for `weights` given beside packed ids (`pack`): the packed array carries
+  the weighted features' weights, so separate ones would be ignored."""
+  if not isinstance(ids, Mapping) and weights:
+    raise ConfigError(f"{where}: ids are packed (`pack`), which already holds the weights, "
+                      f"but weights for {sorted(weights)} were passed too (pass them to "
+                      "`pack`, or ids by feature with their weights)")
+
+
 def _resolved(options: EmbeddingOptions, tables: Sequence[TableSpec],
               backend: str) -> EmbeddingOptions:
   """`options.resolve(backend)`, warning about what runs slowly or does nothing."""
@@ -346,6 +355,7 @@ class EmbeddingCollection:
     from a batch's ids, by feature or packed (`pack`)."""
     i = [f.name for f in self.features].index(name)
     f = self.features[i]
+    check_packed_alone(ids, weights, "feature_inputs")
     if isinstance(ids, Mapping):
       w = (weights or {}).get(name) if f.weighted else None
       return (jnp.asarray(ids[name], jnp.int32),
@@ -369,7 +379,8 @@ class EmbeddingCollection:
     """Stage 1: gather ids, dedupe, read the unique local rows (see module docstring).
 
     `ids`: `{feature: [B, max_len]}` (with `weights` for weighted features), or the packed
-    `[B, S]` array of `pack`."""
+    `[B, S]` array of `pack` (which holds the weights: `weights` must then be empty)."""
+    check_packed_alone(ids, weights, "lookup")
     packed = ids if not isinstance(ids, Mapping) else self.pack(ids, weights, xp=jnp)
     width = sum(f.max_len * (2 if f.weighted else 1) for f in self.features)
     if packed.ndim != 2 or packed.shape[1] != width:

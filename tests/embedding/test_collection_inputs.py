@@ -209,6 +209,24 @@ def test_weights_for_an_unweighted_feature_are_a_clear_error():
     coll.pack(ids, dict(weights, f_odd=np.ones_like(ids["f_odd"], np.float32)))
 
 
+def test_weights_beside_packed_ids_are_a_clear_error():
+  """`lookup(state, packed, weights)` pooled with the weights packed in and dropped the
+  ones passed: a caller changing them trained on the old ones without a word."""
+  coll = make_collection()
+  state = coll.init(jax.random.key(0))
+  ids, weights, _ = make_inputs(0)
+  packed = coll.pack(ids, weights)
+  other = {k: v * 2 for k, v in weights.items()}
+  for call, name in ((lambda: coll.lookup(state, packed, other), "lookup"),
+                     (lambda: coll.feature_inputs(packed, other, "f_big"), "feature_inputs")):
+    with pytest.raises(ConfigError, match=rf"{name}: ids are packed \(`pack`\), which already "
+                       r"holds the weights, but weights for \['f_big', 'f_big3'\] were passed"):
+      call()
+  for empty in (None, {}):   # alone, or with the empty weights `pack_batch` leaves
+    np.testing.assert_array_equal(np.asarray(coll.feature_inputs(packed, empty, "f_big")[1]),
+                                  weights["f_big"])
+
+
 def test_plan_entries_for_unknown_tables_are_named(caplog):
   mesh = make_mesh(parse_mesh_spec("table=2,row=2,col=2", 8))
   plan = uniform_plan("grid", TABLES + (TableSpec("typo", 5, 8),), mesh.shape["table"])
