@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 
 from jaxrec.errors import ConfigError
 from jaxrec.kernels import platform
-from jaxrec.kernels.quant import QuantizedTable, check_ids, table_dtype
+from jaxrec.kernels.quant import QuantizedTable, check_ids, check_offsets, table_dtype
 
 
 def _table_refs_specs(table, bd: int):
@@ -191,7 +191,6 @@ def _lookup_csr_pallas(table, values, offsets, weights, interpret):
   return out[:n]
 
 
-@functools.partial(jax.jit, static_argnames=("kernel", "interpret"))
 def lookup_pool_csr(table, values, offsets, weights, *, kernel: str = "auto",
                     interpret: bool | None = None):
   """Pooled lookup of N bags given in CSR form.
@@ -201,12 +200,20 @@ def lookup_pool_csr(table, values, offsets, weights, *, kernel: str = "auto",
     values: int32 `[nnz]` local rows (-1 allowed: skipped).
     offsets: int32 `[N + 1]`, non-decreasing, `offsets[0] = 0`; bag n is
       `values[offsets[n]:offsets[n + 1]]` (offsets outside `[0, nnz]` cut at the ends).
+      Concrete decreasing offsets are a ConfigError; traced ones are not checked (the
+      result is then undefined, but reads stay in bounds).
     weights: f32 `[nnz]` per-id weights (mean normalisation folded in).
     kernel, interpret: as in `lookup_pool`.
 
   Returns:
     f32 `[N, D]`.
   """
+  check_offsets(offsets, "lookup_pool_csr")
+  return _lookup_pool_csr(table, values, offsets, weights, kernel=kernel, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("kernel", "interpret"))
+def _lookup_pool_csr(table, values, offsets, weights, *, kernel, interpret):
   table_dtype(table)
   if (values.ndim != 1 or weights.shape != values.shape or offsets.ndim != 1
       or offsets.shape[0] < 1):

@@ -91,6 +91,21 @@ def check_ids(*ids) -> None:
       raise ConfigError(f"ids must be integers, got {jnp.dtype(x.dtype).name}")
 
 
+def check_offsets(offsets, where: str) -> None:
+  """ConfigError if concrete 1-D CSR `offsets` decrease somewhere (bag n is
+  `values[offsets[n]:offsets[n + 1]]`: a decreasing pair has no meaning, and the slot →
+  bag search over unsorted offsets is undefined). Traced offsets cannot be checked: the
+  kernels then only keep every read in bounds."""
+  if isinstance(offsets, jax.core.Tracer) or np.ndim(offsets) != 1:
+    return
+  o = np.asarray(offsets)
+  bad = np.flatnonzero(o[1:] < o[:-1])
+  if bad.size:
+    i = int(bad[0])
+    raise ConfigError(f"{where}: CSR offsets must be non-decreasing, but offsets[{i + 1}] = "
+                      f"{o[i + 1]} < offsets[{i}] = {o[i]}")
+
+
 # ---------------------------------------------------------------------------------- int8
 
 def quantize_rows(x: jax.Array, u: jax.Array | float = 0.5):

@@ -314,12 +314,19 @@ def sparse_update(table, opt_state, idx, w, grad_pooled, optimizer, step=0, *, k
               grad_pooled, optimizer, step, key, kernel, interpret, n)
 
 
-@functools.partial(jax.jit, static_argnames=("optimizer", "kernel", "interpret"))
 def sparse_update_csr(table, opt_state, values, offsets, weights, grad_pooled, optimizer,
                       step=0, *, key=None, kernel: str = "auto", interpret: bool | None = None):
-  """`sparse_update` for CSR bags (`values/weights [nnz]`, `offsets [N + 1]`); values
-  outside `[offsets[0], offsets[-1])` belong to no bag and are skipped, as in
-  `lookup_pool_csr`."""
+  """`sparse_update` for CSR bags (`values/weights [nnz]`, `offsets [N + 1]` non-decreasing:
+  concrete decreasing offsets are a ConfigError); values outside `[offsets[0], offsets[-1])`
+  belong to no bag and are skipped, as in `lookup_pool_csr`."""
+  quant.check_offsets(offsets, "sparse_update_csr")
+  return _sparse_update_csr(table, opt_state, values, offsets, weights, grad_pooled, optimizer,
+                            step, key=key, kernel=kernel, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("optimizer", "kernel", "interpret"))
+def _sparse_update_csr(table, opt_state, values, offsets, weights, grad_pooled, optimizer,
+                       step, *, key, kernel, interpret):
   if (values.ndim != 1 or weights.shape != values.shape or offsets.ndim != 1
       or offsets.shape[0] < 1):
     raise ConfigError(f"CSR update wants values/weights [nnz] and offsets [N+1]; got "
@@ -327,6 +334,8 @@ def sparse_update_csr(table, opt_state, values, offsets, weights, grad_pooled, o
   quant.check_ids(values, offsets)
   pos = jnp.arange(values.shape[0])
   bags = (jnp.searchsorted(offsets, pos, side="right") - 1).astype(jnp.int32)
-  ids = jnp.where((pos >= offsets[0]) & (pos < offsets[-1]), values, -1)   # in no bag: absent
+  # In no bag: absent. This also keeps every bag in [0, N) for unsorted (traced) offsets:
+  # the search gives 0 only for pos < offsets[0], and N + 1 only for pos >= offsets[-1].
+  ids = jnp.where((pos >= offsets[0]) & (pos < offsets[-1]), values, -1)
   return _run(table, opt_state, ids, bags, weights, grad_pooled, optimizer, step, key,
               kernel, interpret, offsets.shape[0] - 1)

@@ -196,3 +196,22 @@ def test_csr_offsets_past_the_values_cut_the_bags_on_both_kernels():
     np.testing.assert_array_equal(np.sort(np.asarray(idx), axis=1)[:, ::-1],
                                   [sorted(b, reverse=True) + [-1] * (4 - len(b)) for b in bags])
     np.testing.assert_array_equal(np.asarray(pw), np.asarray(idx) >= 0)
+
+
+def test_decreasing_csr_offsets_are_refused_when_concrete():
+  """Decreasing offsets (no meaning as bags) were pooled and updated differently by the two
+  kernels (XLA and Pallas sums differed); concrete ones now name the pair, traced ones
+  still run (in bounds: nothing to check them against)."""
+  table, _ = make_table(np.random.default_rng(11), 6, 8, "float32")
+  values, w = jnp.arange(5, dtype=jnp.int32), jnp.ones((5,))
+  grad = jnp.ones((3, 8))
+  for offsets in (np.array([0, 3, 1, 5], np.int32), jnp.array([0, 3, 1, 5])):
+    with pytest.raises(ConfigError, match=r"lookup_pool_csr: CSR offsets must be "
+                       r"non-decreasing, but offsets\[2\] = 1 < offsets\[1\] = 3"):
+      lookup_pool_csr(table, values, offsets, w)
+    with pytest.raises(ConfigError, match=r"sparse_update_csr: CSR offsets must be "
+                       r"non-decreasing, but offsets\[2\] = 1 < offsets\[1\] = 3"):
+      sparse_update_csr(table, {}, values, offsets, w, grad, SGD(0.1))
+  traced = jax.jit(lambda o: sparse_update_csr(table, {}, values, o, w, grad, SGD(0.1))[0])
+  assert np.isfinite(np.asarray(traced(jnp.array([0, 3, 1, 5])))).all()
+  lookup_pool_csr(table, values, jnp.array([-2, 0, 0, 5]), w)   # flat runs, a negative start
