@@ -109,12 +109,12 @@ def test_fp8_keeps_finite_values_beside_an_inf_or_nan(per_row):
   assert np.all(np.abs(y - xs)[finite] <= (2.0 ** -4 * np.broadcast_to(amax, xs.shape))[finite])
 
 
-@pytest.mark.parametrize("comm", ["bf16", "fp8", "fp16"])
+@pytest.mark.parametrize("comm", ["bf16", "fp8"])   # fp16: test_collection_kernels
 def test_all_to_all_compressed_forward_and_backward(comm):
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("x",))
   spec = jax.sharding.PartitionSpec("x")
   rng = np.random.default_rng(2)
-  x = jnp.asarray(rng.normal(size=(4 * 8, 3, 16)) * 1e5, jnp.float32)   # past fp16's max
+  x = jnp.asarray(rng.normal(size=(4 * 8, 3, 16)), jnp.float32)
   ct = jnp.asarray(rng.normal(size=(8, 12, 16)) * 1e-3, jnp.float32)
 
   def run(a2a):
@@ -124,13 +124,13 @@ def test_all_to_all_compressed_forward_and_backward(comm):
 
   y_ref, g_ref = run(lambda v, n, s, c: jax.lax.all_to_all(v, n, s, c, tiled=True))
   y, g = run(lambda v, n, s, c: quant.all_to_all_compressed(v, n, s, c, comm))
-  rel = {"bf16": 2.0 ** -8, "fp8": 2.0 ** -4, "fp16": 2.0 ** -11}[comm]
+  rel = 2.0 ** -8 if comm == "bf16" else 2.0 ** -4
   assert y.shape == y_ref.shape
   assert np.all(np.abs(y - y_ref) <= rel * np.abs(y_ref).max(-1, keepdims=True) + 1e-30)
   assert np.all(np.abs(g - g_ref) <= rel * np.abs(g_ref).max(-1, keepdims=True) + 1e-30)
-  if comm != "bf16":   # per-row scales: whole rows only
-    with pytest.raises(ConfigError, match="embedding"):
-      jax.shard_map(lambda v: quant.all_to_all_compressed(v, "x", 2, 0, comm), mesh=mesh,
+  for scaled in quant.SCALED_COMM_DTYPES:   # per-row scales: whole rows only
+    with pytest.raises(ConfigError, match=f"a {scaled} all-to-all .* the last .embedding"):
+      jax.shard_map(lambda v: quant.all_to_all_compressed(v, "x", 2, 0, scaled), mesh=mesh,
                     in_specs=spec, out_specs=spec)(x)
 
 
