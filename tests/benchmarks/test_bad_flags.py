@@ -9,7 +9,19 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.mark.parametrize("script, flags, message", [
+def first_per_script_fast(cases):
+  """`cases` as pytest params, every case after the first of its script marked slow: each
+  is a ~3.5 s process start (jax import), and the first one per script shows its flag
+  checks run before any work."""
+  seen = set()
+  params = []
+  for case in cases:
+    params.append(pytest.param(*case, marks=[pytest.mark.slow] if case[0] in seen else []))
+    seen.add(case[0])
+  return params
+
+
+@pytest.mark.parametrize("script, flags, message", first_per_script_fast([
     ("vs_torchrec.py", ["--repeats", "0"], "--repeats must be at least 1"),
     ("offload.py", ["--steps", "3", "--rounds", "5"], "--rounds must be in [1, --steps=3]"),
     ("offload.py", ["--runs", "device,ofload"], "--runs: unknown ['ofload']"),
@@ -35,7 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
     ("planner.py", ["--gin_file", "/nonexistent/x.gin"], "--gin_file: cannot read"),
     ("planner.py", ["--probe", "dp,foo"], "--probe: unknown ['foo']"),   # said --plan
     ("planner.py", ["--mesh", "bad"], "--mesh: 'bad' is not AXIS=SIZE"),
-])
+]))
 def test_bad_flag_is_a_usage_error(script, flags, message):
   out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *flags],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -61,7 +73,7 @@ def test_table_init_finds_its_configs_from_any_directory(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
 
 
-@pytest.mark.parametrize("script, flags, message", [
+@pytest.mark.parametrize("script, flags, message", first_per_script_fast([
     # absl scripts: `error: ...`, exit 1, before the job / the measurements
     ("elastic.py", ["--num_steps=0"], "error: --num_steps must be at least 1, got 0"),
     ("elastic.py", ["--kill_at=100"], "error: --kill_at=100 and --checkpoint_every=10 must be"),
@@ -69,7 +81,7 @@ def test_table_init_finds_its_configs_from_any_directory(tmp_path):
     ("input_pipeline.py", ["--trainer_metrics=/nonexistent/m.jsonl"],
      "error: --trainer_metrics: no file '/nonexistent/m.jsonl'"),
     ("input_pipeline.py", ["--batch_size=0"], "error: --batch_size must be at least 1, got 0"),
-])
+]))
 def test_absl_benchmark_bad_flag_is_one_line_error(script, flags, message):
   out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *flags],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
