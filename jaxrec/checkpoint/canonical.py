@@ -58,6 +58,34 @@ def is_key(x) -> bool:
   return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
 
 
+def key_sharding(sharding, ndim: int):
+  """The sharding of a typed key array of rank `ndim` placed by `sharding`, its spec cut to
+  `ndim` entries: on one device JAX reports for a key wrapped eagerly (`wrap_key_data`)
+  the spec of its key data, one entry longer than the key (which then saves no more)."""
+  if not isinstance(sharding, NamedSharding) or len(sharding.spec) <= ndim:
+    return sharding
+  return NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[:ndim]))
+
+
+def key_data_sharding(sharding, ndim: int):
+  """The sharding of the key data `[*shape, words]` of a typed key array `[*shape]` of rank
+  `ndim` placed by `sharding` (any mesh size; the words are not split)."""
+  sharding = key_sharding(sharding, ndim)
+  if not isinstance(sharding, NamedSharding):
+    return sharding
+  spec = tuple(sharding.spec)
+  return NamedSharding(sharding.mesh, P(*spec, *[None] * (ndim + 1 - len(spec))))
+
+
+def wrap_key(data: jax.Array, impl: str) -> jax.Array:
+  """Key data `[*shape, words]` → typed key array `[*shape]` on the same devices, its
+  sharding that of a key (`key_sharding`), so that it saves again."""
+  key = jax.random.wrap_key_data(data, impl=impl)
+  sharding = key.sharding
+  fixed = key_sharding(sharding, key.ndim)
+  return key if fixed is sharding else jax.device_put(key, fixed)
+
+
 # ----------------------------------------------------------------------------- fingerprint
 # fingerprint(x) = sum over words w of (w ^ P(position)) * M  (mod 2^32), where x is seen as
 # uint32 words `[*shape, words]` and P xors one term per axis, ((i + 1) * K_axis). Any
@@ -161,8 +189,8 @@ def canonical_dense(state: Mapping, mesh) -> dict:
 
   def out_sharding(x):
     s = getattr(x, "sharding", None)
-    if is_key(x) and isinstance(s, NamedSharding):
-      return NamedSharding(s.mesh, P(*s.spec, None))
+    if is_key(x):
+      s = key_data_sharding(s, x.ndim)
     return s if isinstance(s, jax.sharding.Sharding) else rep
 
   shardings = jax.tree.map(out_sharding, dense)

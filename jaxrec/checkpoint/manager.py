@@ -110,9 +110,8 @@ def _abstract(x, default_sharding):
   sharding = getattr(x, "sharding", None) or default_sharding
   if canonical_lib.is_key(x):
     data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
-    if isinstance(sharding, NamedSharding):
-      sharding = NamedSharding(sharding.mesh, P(*sharding.spec, None))
-    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+    return jax.ShapeDtypeStruct(data.shape, data.dtype,
+                                sharding=canonical_lib.key_data_sharding(sharding, len(x.shape)))
   return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
 
 
@@ -567,6 +566,6 @@ def _wrap_keys(tree, target, impls, key):
   for name, t in canonical_lib.leaf_names({key: target}):
     x = named[name]
     if canonical_lib.is_key(t):
-      x = jax.random.wrap_key_data(x, impl=impls.get(name, "threefry2x32"))
+      x = canonical_lib.wrap_key(x, impls.get(name, "threefry2x32"))
     out.append(x)
   return jax.tree.unflatten(jax.tree.structure(target), out)

@@ -42,8 +42,7 @@ def test_padded_cw_round_trip_through_one_device_dp(tmp_path):
     np.testing.assert_array_equal(z["tables/t1"],
                                   np.asarray(jax.device_get(cw.unstack_tables(state["emb"])[0]["t1"])))
   with CheckpointManager(tmp_path / "b") as mgr:
-    # the restored key's sharding does not save on a 1-device mesh (a separate bug): a fresh key
-    mgr.save(4, dict(one, rng=h.dense(dp.mesh)["rng"]), dp, force=True)
+    mgr.save(4, one, dp, force=True)
     mgr.wait()
     back = mgr.restore(h.dense(cw.mesh), cw).state
   h.assert_tables_equal(cw, state, cw, back)
