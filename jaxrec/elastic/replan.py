@@ -4,22 +4,21 @@ The supervisor keeps the user's `scripts/train.py` flags and replaces `--mesh` a
 `--plan` for each generation. The mesh for a device count keeps the model-parallel axes
 (`table`, `row`, `col`) of the user's `--mesh` when they still divide it and changes
 `data`; otherwise it takes the factorisation of the count closest to the user's shape
-(fewest doublings or halvings, model axes weighing twice). The user's shape, not the
-previous generation's, is the reference, so a run that shrinks and grows back returns to
-it. `--mesh=auto` with a `--plan` file takes the mesh the file records as that reference
-(at its size it is the trainer's choice); otherwise it stays auto (resolved as the trainer
-does). A candidate is used when the batch sizes divide its device count and the planner
+(`sharding.mesh.candidate_meshes`). The user's shape, not the previous generation's, is
+the reference, so a run that shrinks and grows back returns to it. `--mesh=auto` picks as
+the trainer does (`train.mesh_choice.first_fitting` over `mesh.auto_mesh_candidates`): a
+`--plan` file's recorded mesh, or the closest that takes the plan. A candidate is used when the batch sizes divide its device count and the planner
 (`plan_choice.choose`: `--plan=auto` proposes, a forced kind is checked) accepts it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from typing import Mapping, Sequence
 
 from jaxrec.errors import ConfigError
+from jaxrec.sharding.mesh import candidate_meshes  # noqa: F401 (re-exported)
 
 # Flags of scripts/train.py the supervisor reads (all take a value).
 _VALUE_FLAGS = ("workdir", "gin_file", "gin_bindings", "mesh", "plan", "num_steps",
@@ -133,25 +132,6 @@ def check_plan_flags(args: TrainArgs) -> None:
   _options(args, "auto")   # parses --memory_per_device
 
 
-def candidate_meshes(reference: Mapping[str, int] | None, num_devices: int
-                     ) -> list[dict[str, int]]:
-  """Mesh shapes for `num_devices`, most similar to `reference` first (module docstring)."""
-  prev = {a: int((reference or {}).get(a, 1)) for a in AXES}
-  shapes = []
-  for t, r, c in itertools.product(_divisors(num_devices), repeat=3):
-    if num_devices % (t * r * c) == 0:
-      shapes.append({"data": num_devices // (t * r * c), "table": t, "row": r, "col": c})
-
-  def distance(s):
-    return sum((1 if a == "data" else 2) * abs(math.log2(s[a] / prev[a])) for a in AXES)
-
-  return sorted(shapes, key=lambda s: (distance(s), -s["data"], [s[a] for a in AXES]))
-
-
-def _divisors(n: int) -> list[int]:
-  return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def choose(config, args: TrainArgs, processes: int, devices_per_process: int,
            platform: str | None = None) -> Choice:
   """Mesh and plan for `processes x devices_per_process` devices (ConfigError if none),
@@ -161,33 +141,25 @@ def choose(config, args: TrainArgs, processes: int, devices_per_process: int,
     with platform_lib.planning_for(platform):
       return choose(config, args, processes, devices_per_process)
   from jaxrec.sharding import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-  from jaxrec.sharding import plan as plan_lib  # pylint: disable=import-outside-toplevel
-  from jaxrec.train import plan_choice  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import mesh_choice, plan_choice  # pylint: disable=import-outside-toplevel
   n = processes * devices_per_process
   config.validate(n)                      # batch sizes divisible by the device count
   plan = str(args.get("plan", "auto"))
   user_mesh = str(args.get("mesh", "auto"))
-  recorded = plan_lib.recorded_mesh(plan) if user_mesh == "auto" else None
-  if recorded:      # a shrunk job keeps the file's model axes where they fit, as for --mesh
-    candidates = candidate_meshes(recorded, n)
-  elif user_mesh == "auto":
-    candidates = [mesh_lib.auto_mesh_shape(plan if plan != "auto" else "dp", n)]
-  else:
+  if user_mesh == "auto":   # as the trainer: a plan file's mesh, or the closest that fits
+    candidates = mesh_lib.auto_mesh_candidates(plan, n)
+  else:                     # a shrunk job keeps the model axes of --mesh where they fit
     candidates = candidate_meshes(_spec_sizes(user_mesh), n)
-  errors = []
-  for shape in candidates:
-    options = _options(args, mesh_lib.format_mesh(shape))
-    try:
-      chosen, result = plan_choice.choose(config, options, shape, processes)
-    except ConfigError as e:
-      errors.append(f"{mesh_lib.format_mesh(shape)}: {e}")
-      continue
-    kinds: dict[str, int] = {}
-    for p in chosen.placements.values():
-      kinds[p.kind] = kinds.get(p.kind, 0) + 1
-    return Choice(processes, devices_per_process, shape, plan, kinds,
-                  float(result.step_time_s))
-  raise ConfigError(f"no mesh of {n} devices fits --plan={plan}: " + "; ".join(errors[:3]))
+
+  def plan_for(shape):
+    return plan_choice.choose(config, _options(args, mesh_lib.format_mesh(shape)), shape,
+                              processes)
+
+  shape, (chosen, result) = mesh_choice.first_fitting(candidates, plan_for, f"--plan={plan}")
+  kinds: dict[str, int] = {}
+  for p in chosen.placements.values():
+    kinds[p.kind] = kinds.get(p.kind, 0) + 1
+  return Choice(processes, devices_per_process, shape, plan, kinds, float(result.step_time_s))
 
 
 def _spec_sizes(spec: str) -> dict[str, int]:

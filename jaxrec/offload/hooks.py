@@ -22,7 +22,7 @@ import jax
 from jaxrec.offload.config import OffloadConfig, device_tables
 from jaxrec.offload.planning import plan_with_offload, with_offload_notes
 from jaxrec.offload.tier import OffloadTier
-from jaxrec.sharding.plan import KINDS, is_plan_file, load_plan_file, uniform_plan
+from jaxrec.sharding.plan import KINDS, Plan, is_plan_file, load_plan_file, uniform_plan
 from jaxrec.errors import ConfigError
 
 SNAPSHOT_DIR = "offload_snapshots"
@@ -39,7 +39,8 @@ def snapshot_dir(workdir: str) -> str:
 
 
 def choose_plan(config, options, mesh_shape: Mapping[str, int],
-                offload_config: OffloadConfig | None = None, processes: int = 1):
+                offload_config: OffloadConfig | None = None, processes: int = 1,
+                recorded: Plan | None = None):
   """`train.plan_choice.choose` with offloading (gin `OffloadConfig`).
 
   Returns `(plan, result, tables, offload_config)`: `tables` are what the collection is
@@ -48,7 +49,8 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
   `scripts/plan.py --profile=W --json=PATH` proposes) offloads the configured ones. The
   estimates use the cached calibration (`scripts/plan.py --calibrate`) when one was taken
   on this platform, else the default coefficients. `processes`: of the job (offloading
-  needs one: `check_one_process`).
+  needs one: `check_one_process`). `recorded`: a plan to run instead of `options.plan` (the
+  one a resumed checkpoint records, `train.mesh_choice`), checked as a plan file is.
   """
   from jaxrec import planner  # pylint: disable=import-outside-toplevel
   off = offload_config if offload_config is not None else OffloadConfig()
@@ -57,7 +59,7 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
   common = dict(memory_per_device_bytes=options.memory_per_device,
                 optimizer_state_factor=sparse, batch_size=config.batch_size,
                 calibration=calibration)
-  if options.plan == "auto":
+  if options.plan == "auto" and recorded is None:
     configured = {t.name for t in off.tables}
     result, off, tables = plan_with_offload(config.tables, config.features, mesh_shape, off,
                                             sparse, options.memory_per_device,
@@ -67,7 +69,9 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
     return result.plan, result, tables, off
   check_one_process(off, processes)
   tables = device_tables(config.tables, off, sparse)
-  if is_plan_file(options.plan):
+  if recorded is not None:
+    plan, mode = recorded, "checkpoint"
+  elif is_plan_file(options.plan):
     plan, mode = load_plan_file(options.plan, mesh_shape, " (--plan=auto re-plans)"), "file"
   elif options.plan in KINDS:
     plan, mode = uniform_plan(options.plan, tables, mesh_shape.get("table", 1)), "forced"

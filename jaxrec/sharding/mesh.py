@@ -2,11 +2,13 @@
 
 `--mesh=data=2,table=2,row=2,col=1` names axis sizes (missing axes are 1); their product
 must equal the device count. `auto` puts every device on `data` unless the plan asks for
-model parallelism or a plan file records its mesh (see `auto_mesh_shape`).
+model parallelism or a plan file records its mesh (see `auto_mesh_candidates`; which of
+the candidates a run takes is `jaxrec.train.mesh_choice`'s).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Mapping, Sequence
 
@@ -53,17 +55,41 @@ def parse_mesh_spec(spec: str, num_devices: int, flag: str = "--mesh") -> dict[s
 
 
 def auto_mesh_shape(kind: str, num_devices: int) -> dict[str, int]:
-  """Mesh for `--mesh=auto`: the mesh a `--plan` file records when it has `num_devices`
-  devices (the one `scripts/plan.py --plan=FILE` checks it on); else all devices on the
-  first axis the plan kind uses, else data (a plan file's `load_plan_file` then warns,
-  naming both meshes)."""
-  made_for = recorded_mesh(kind)
-  if made_for and math.prod(made_for.values()) == num_devices:
-    return made_for
+  """Mesh for `--mesh=auto` with a plan kind (or a plan file recording no mesh): all
+  devices on the first axis the kind uses, else data."""
   shape = {a: 1 for a in MESH_AXES}
   axes = KIND_AXES.get(kind, ())
   shape[axes[0] if axes else "data"] = num_devices
   return shape
+
+
+def auto_mesh_candidates(plan: str, num_devices: int) -> list[dict[str, int]]:
+  """Meshes `--mesh=auto` tries, in order, for `--plan=plan` on `num_devices`: with a plan
+  file recording a mesh, that mesh when it has the devices and then the shapes closest to
+  it (`candidate_meshes`, so a file made for another device count keeps its model axes
+  where they divide); otherwise the one `auto_mesh_shape`."""
+  made_for = recorded_mesh(plan)
+  if made_for:
+    return candidate_meshes(made_for, num_devices)
+  return [auto_mesh_shape(plan if plan != "auto" else "dp", num_devices)]
+
+
+def candidate_meshes(reference: Mapping[str, int] | None, num_devices: int
+                     ) -> list[dict[str, int]]:
+  """Every mesh shape of `num_devices`, most similar to `reference` first: fewest doublings
+  or halvings per axis, model axes (`table`, `row`, `col`) weighing twice `data`, so the
+  model axes are kept when they still divide the count and `data` changes."""
+  prev = {a: int((reference or {}).get(a, 1)) for a in MESH_AXES}
+  divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
+  shapes = []
+  for t, r, c in itertools.product(divisors, repeat=3):
+    if num_devices % (t * r * c) == 0:
+      shapes.append({"data": num_devices // (t * r * c), "table": t, "row": r, "col": c})
+
+  def distance(s):
+    return sum((1 if a == "data" else 2) * abs(math.log2(s[a] / prev[a])) for a in MESH_AXES)
+
+  return sorted(shapes, key=lambda s: (distance(s), -s["data"], [s[a] for a in MESH_AXES]))
 
 
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:

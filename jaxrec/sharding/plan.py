@@ -139,7 +139,7 @@ class Plan:
     if isinstance(obj, dict) and isinstance(obj.get("proposed"), dict):
       obj = obj["proposed"]       # `scripts/plan.py --profile --json`: the plan it proposes
     if isinstance(obj, dict) and isinstance(obj.get("plan"), dict):
-      mesh = _recorded_mesh(obj.get("mesh"))
+      mesh = stored_mesh(obj.get("mesh"))
       obj = obj["plan"]
     if not isinstance(obj, dict) or not all(isinstance(p, dict) for p in obj.values()):
       raise ConfigError(f"--plan: {path}: expected {{table: {{\"kind\": ..., \"table_slice\": "
@@ -152,8 +152,8 @@ class Plan:
       raise ConfigError(f"--plan: {path}: {e}") from None
 
 
-def _recorded_mesh(stored) -> dict[str, int] | None:
-  """A plan file's `"mesh"` with all four axes; None when it is absent or damaged (an
+def stored_mesh(stored) -> dict[str, int] | None:
+  """A recorded mesh (a plan file's `"mesh"`, a checkpoint's `saved_mesh`) with all four axes; None when it is absent or damaged (an
   unknown axis, a size that is not a positive integer) rather than a guess (`{"tabel": 4}`
   was one device, `{"data": 2.5}` data=2) that `--mesh=auto` and `scripts/plan.py` use."""
   if not isinstance(stored, dict) or set(stored) - set(MESH_AXES) or not all(

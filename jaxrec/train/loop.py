@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -32,7 +31,7 @@ from jaxrec import elastic, files, offload, planner
 from jaxrec.offload import snapshots as snapshots_lib
 from jaxrec.sharding import mesh as mesh_lib
 from jaxrec.sharding.plan import Plan, uniform_plan
-from jaxrec.train import data_adapter
+from jaxrec.train import data_adapter, mesh_choice
 from jaxrec.train import state as state_lib
 from jaxrec.train import step as step_lib
 from jaxrec.train import termination
@@ -94,25 +93,22 @@ def _checkpoint_dir_of(path: str) -> str | None:
   return None
 
 
-def setup(config: ExperimentConfig, options: RunOptions, devices=None
+def setup(config: ExperimentConfig, options: RunOptions, devices=None, workdir=None
           ) -> tuple[EmbeddingCollection, Plan, dict]:
   """Mesh, plan and embedding collection; every check that can fail runs here, before
-  anything is compiled."""
+  anything is compiled. `workdir`: a run's, whose checkpoint's plan and mesh
+  `--mesh=auto --plan=auto` resumes (`mesh_choice`)."""
   options.validate()
   devices = list(jax.devices() if devices is None else devices)
-  if options.mesh == "auto":
-    shape = mesh_lib.auto_mesh_shape(options.plan if options.plan != "auto" else "dp",
-                                     len(devices))
-  else:
-    shape = mesh_lib.parse_mesh_spec(options.mesh, len(devices))
-  config.validate(math.prod(shape.values()))
-  mesh = mesh_lib.make_mesh(shape, devices)
+  config.validate(len(devices))
+  choice = mesh_choice.choose(config, options, len(devices), jax.process_count(), workdir)
+  mesh = mesh_lib.make_mesh(choice.mesh, devices)
   # Offloaded tables (gin `OffloadConfig`) appear to the collection as their device caches.
-  plan, result, tables, off = offload.choose_plan(config, options, shape,
-                                                  processes=jax.process_count())
+  plan, result, tables, off = choice.planned
   collection = EmbeddingCollection.create(tables, config.features, plan, mesh,
                                           config.sparse_tx())
-  return collection, plan, {"mesh": shape, "plan_result": result, "offload": off}
+  return collection, plan, {"mesh": choice.mesh, "plan_result": result, "offload": off,
+                            "why": choice.why}
 
 
 def device_batch(collection, batch: Batch, sharding) -> Batch:
@@ -162,12 +158,12 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
 
 def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: str,
                         terminated: threading.Event | None = None) -> dict[str, Any]:
-  collection, plan, info = setup(config, options)
+  collection, plan, info = setup(config, options, workdir=workdir)
   is_main = jax.process_index() == 0
   mesh = collection.mesh
   if is_main:
-    log.info("mesh %s, plan (--plan=%s):\n%s", mesh_lib.format_mesh(info["mesh"]),
-             options.plan, info["plan_result"].report())
+    log.info("mesh %s (%s), plan (--plan=%s):\n%s", mesh_lib.format_mesh(info["mesh"]),
+             info["why"], options.plan, info["plan_result"].report())
 
   # A run already trained to --num_steps only evaluates: it opens no training data (gone,
   # or slow to index, e.g. when re-evaluating on new --eval_data) unless its restore falls

@@ -1,0 +1,132 @@
+"""How a run picks its mesh and plan from `--mesh` and `--plan`: `scripts/train.py`
+(`loop.setup`) and, for each generation, the elastic supervisor (`elastic.replan.choose`).
+
+- `--mesh=SPEC`: that mesh (the supervisor adapts it to other device counts).
+- `--mesh=auto`: the meshes `mesh.auto_mesh_candidates` lists, the first the plan fits: a
+  plan file's recorded mesh when it has the devices, else the shapes closest to it.
+- `--mesh=auto --plan=auto` resuming a checkpoint that records its plan and mesh (a run's
+  own save, or a `convert_checkpoint.py --format=checkpoint --mesh --plan` copy): that
+  plan on that mesh when this run has as many devices; otherwise the planner as above.
+  An explicit `--mesh` or `--plan` always wins.
+
+`Choice.why` says which and why, for the run's log line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+from jaxrec.errors import ConfigError
+from jaxrec.sharding import mesh as mesh_lib
+from jaxrec.sharding.plan import Plan, is_plan_file, recorded_mesh, stored_mesh
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recorded:
+  """The plan and mesh a checkpoint step records (manifest `saved_plan`, `saved_mesh`)."""
+
+  plan: Plan
+  mesh: dict[str, int]
+  step_dir: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+  """The mesh shape, what `offload.choose_plan` returned for it, and why this mesh."""
+
+  mesh: dict[str, int]
+  planned: tuple        # (plan, PlanResult, tables, OffloadConfig)
+  why: str
+
+
+def recorded(workdir: str | None) -> Recorded | None:
+  """What the newest checkpoint in `W/checkpoints` records (the one a restore tries
+  first); None without one, for one that records no plan (a TorchRec import) and, with a
+  warning, for one whose records do not read (the restore then names its fault)."""
+  from jaxrec.checkpoint import storage   # pylint: disable=import-outside-toplevel
+  from jaxrec.train import data_adapter   # pylint: disable=import-outside-toplevel
+  step = data_adapter.newest_saved_step(workdir) if workdir else None
+  if step is None:
+    return None
+  step_dir = os.path.join(data_adapter.checkpoint_dir(workdir), str(step))
+  try:
+    manifest = storage.read_json(step_dir, storage.MANIFEST)
+    if "saved_plan" not in manifest:
+      return None
+    plan, mesh = Plan.from_json(manifest["saved_plan"]), stored_mesh(manifest.get("saved_mesh"))
+    if mesh is None:
+      raise ValueError(f"saved_mesh {manifest.get('saved_mesh')!r} is not a mesh shape")
+  except (OSError, ValueError, TypeError, AttributeError, ConfigError) as e:
+    log.warning("checkpoint %s: its recorded plan and mesh do not read (%s); --mesh=auto "
+                "--plan=auto plans afresh", step_dir, e)
+    return None
+  return Recorded(plan, mesh, step_dir)
+
+
+def first_fitting(shapes: Sequence[Mapping[str, int]], plan_for: Callable[[dict], Any],
+                  what: str) -> tuple[dict[str, int], Any]:
+  """The first of `shapes` for which `plan_for(shape)` raises no ConfigError, and its
+  value. With one shape its error is raised as it is; otherwise a ConfigError naming `what`
+  and the first three meshes tried, each with its reason."""
+  errors = []
+  for shape in shapes:
+    try:
+      return dict(shape), plan_for(dict(shape))
+    except ConfigError as e:
+      if len(shapes) == 1:
+        raise
+      errors.append(f"{mesh_lib.format_mesh(shape)}: {e}")
+  n = math.prod(shapes[0].values()) if shapes else 0
+  raise ConfigError(f"no mesh of {n} devices fits {what}: " + "; ".join(errors[:3]))
+
+
+def choose(config, options, num_devices: int, processes: int = 1,
+           workdir: str | None = None) -> Choice:
+  """Mesh and plan for a run of `num_devices` devices (module docstring); ConfigError when
+  none fits."""
+  from jaxrec import offload   # pylint: disable=import-outside-toplevel
+
+  def plan_for(shape, plan=None):
+    return offload.choose_plan(config, options, shape, processes=processes, recorded=plan)
+
+  why = ""
+  saved = recorded(workdir) if (options.mesh, options.plan) == ("auto", "auto") else None
+  if saved is not None:
+    devices = math.prod(saved.mesh.values())
+    if devices == num_devices:
+      try:
+        return Choice(saved.mesh, plan_for(saved.mesh, saved.plan),
+                      f"the plan and mesh checkpoint {saved.step_dir} records: --mesh=auto "
+                      "--plan=auto resumes them (give --mesh or --plan to choose others)")
+      except ConfigError as e:
+        why = f"; the plan checkpoint {saved.step_dir} records does not fit here ({e})"
+    else:
+      why = (f"; checkpoint {saved.step_dir} records mesh {mesh_lib.format_mesh(saved.mesh)} "
+             f"({devices} devices), this run has {num_devices}: planned afresh")
+    if why:
+      log.warning("--mesh=auto --plan=auto%s", why)
+  if options.mesh != "auto":
+    shapes = [mesh_lib.parse_mesh_spec(options.mesh, num_devices)]
+    return Choice(*first_fitting(shapes, plan_for, ""), f"--mesh={options.mesh}")
+  shape, planned = first_fitting(mesh_lib.auto_mesh_candidates(options.plan, num_devices),
+                                 plan_for, f"--plan={options.plan}")
+  return Choice(shape, planned, auto_why(options.plan, shape) + why)
+
+
+def auto_why(plan: str, shape: Mapping[str, int]) -> str:
+  """Why `--mesh=auto` with `--plan=plan` took `shape`, for the log."""
+  made_for = recorded_mesh(plan)
+  if made_for is None:
+    what = "a plan file recording no mesh" if is_plan_file(plan) else f"--plan={plan}"
+    return f"--mesh=auto with {what}"
+  if made_for == dict(shape):
+    return f"the mesh --plan={plan} records"
+  return (f"--plan={plan} records mesh {mesh_lib.format_mesh(made_for)} "
+          f"({math.prod(made_for.values())} devices): the closest mesh of "
+          f"{math.prod(shape.values())} devices that takes the plan")

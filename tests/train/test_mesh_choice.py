@@ -1,0 +1,102 @@
+"""How a run picks its mesh and plan (`train.mesh_choice`): a resumed checkpoint's plan and
+mesh, and plan files made for another device count (train.py and launch.py agree)."""
+
+import json
+
+import jax
+import pytest
+
+from jaxrec.checkpoint import CheckpointManager, convert
+from jaxrec.elastic import replan
+from jaxrec.embedding import optimizers
+from jaxrec.models import DLRM
+from jaxrec.sharding.plan import Plan, uniform_plan
+from jaxrec.train import loop
+from jaxrec.train.config import ExperimentConfig, RunOptions
+from tests.checkpoint import ckpt_helpers as h
+
+CONFIG = ExperimentConfig(embedding=h.specs(), model=DLRM((8,), (1,)),
+                          sparse_optimizer=optimizers.Adagrad(), batch_size=64)
+TW = {"data": 2, "table": 4, "row": 1, "col": 1}
+
+
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory):
+  """W: a checkpoint saved with twrw on data=2,table=2,row=2; W2: its copy converted
+  (`convert_checkpoint.py --format=checkpoint --mesh=data=2,table=4 --plan=tw`)."""
+  root = tmp_path_factory.mktemp("runs")
+  coll = h.collection("twrw", 8)
+  with CheckpointManager(root / "W" / "checkpoints") as mgr:
+    mgr.save(5, h.train_state(coll, step=5), coll, force=True)
+  convert.export_checkpoint(root / "W" / "checkpoints", root / "W2" / "checkpoints", None,
+                            TW, "tw")
+  return root / "W", root / "W2", coll.plan
+
+
+def _setup(workdir, devices=8, **options):
+  return loop.setup(CONFIG, RunOptions(**options), jax.devices()[:devices], str(workdir))
+
+
+def test_auto_resumes_the_plan_and_mesh_the_checkpoint_records(workdirs):
+  """A converted copy resumed without --mesh/--plan ran data=8 with a fresh plan and never
+  mentioned the plan and mesh the conversion recorded."""
+  w, w2, saved_plan = workdirs
+  coll, plan, info = _setup(w2)
+  assert info["mesh"] == TW and plan == uniform_plan("tw", coll.tables, 4)
+  assert "checkpoint" in info["why"] and "W2" in info["why"]
+  _, plan, info = _setup(w)
+  assert info["mesh"] == h.MESHES[8]["twrw"] | {"col": 1} and plan == saved_plan
+  assert info["plan_result"].mode == "checkpoint"
+
+
+def test_explicit_flags_and_other_device_counts_plan_afresh(workdirs, caplog):
+  w, w2, _ = workdirs
+  _, plan, info = _setup(w2, plan="dp")
+  assert info["mesh"] == {"data": 8, "table": 1, "row": 1, "col": 1}
+  assert {p.kind for p in plan.placements.values()} == {"dp"}
+  _, _, info = _setup(w2, mesh="data=2,table=2,row=2")
+  assert info["mesh"] == h.MESHES[8]["twrw"] | {"col": 1} and info["why"].startswith("--mesh=")
+  with caplog.at_level("WARNING"):
+    _, _, info = _setup(w2, devices=4)
+  assert "records mesh data=2,table=4,row=1,col=1 (8 devices), this run has 4: planned afresh" \
+      in caplog.text and "planned afresh" in info["why"]
+
+
+def test_unreadable_records_plan_afresh_with_a_warning(workdirs, tmp_path, caplog):
+  _, w2, _ = workdirs
+  copy = tmp_path / "W3" / "checkpoints"
+  convert.export_checkpoint(w2 / "checkpoints", copy)
+  manifest = copy / "5" / "manifest" / "metadata"
+  manifest.write_text(json.dumps(dict(json.loads(manifest.read_text()), saved_mesh={"x": 2})))
+  with caplog.at_level("WARNING"):
+    _, _, info = _setup(copy.parent)
+  assert info["mesh"]["data"] == 8 and "recorded plan and mesh do not read" in caplog.text
+
+
+@pytest.mark.parametrize("devices", [8, 2])
+def test_plan_file_of_another_device_count_runs_where_the_supervisor_would(tmp_path, devices):
+  """--mesh=auto with a plan file made for table=2,row=2 (4 devices): train.py ran data=N
+  with a warning (on 2 devices the plan's second table slice did not even fit), while
+  launch.py took the closest mesh that takes the plan; both now take that mesh."""
+  tables, _ = h.specs()
+  plan = Plan({t.name: p for t, p in zip(tables, uniform_plan("twrw", tables, 2).placements
+                                        .values())})
+  path = tmp_path / "plan.json"
+  path.write_text(json.dumps({"mesh": {"data": 1, "table": 2, "row": 2, "col": 1},
+                              "plan": plan.to_json()}))
+  _, got, info = _setup(None, devices, plan=str(path))
+  args = replan.TrainArgs.parse(["--workdir=w", "--gin_file=g", f"--plan={path}"])
+  assert info["mesh"] == replan.choose(CONFIG, args, 1, devices).mesh
+  assert info["mesh"]["table"] == 2 and got == plan
+  assert "closest mesh" in info["why"]
+
+
+def test_a_recorded_plan_that_does_not_fit_is_replanned_with_a_warning(workdirs, caplog):
+  _, w2, _ = workdirs
+  tables, features = h.specs(rows=h.ROWS + (9,))   # a table the recorded plan lacks
+  config = ExperimentConfig(embedding=(tables, features), model=DLRM((8,), (1,)),
+                            sparse_optimizer=optimizers.Adagrad(), batch_size=64)
+  with caplog.at_level("WARNING"):
+    _, _, info = loop.setup(config, RunOptions(), jax.devices()[:8], str(w2))
+  assert "does not fit here (plan has no placement for table 't4')" in caplog.text
+  assert info["plan_result"].mode != "checkpoint" and "does not fit" in info["why"]
