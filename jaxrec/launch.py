@@ -11,6 +11,7 @@ from typing import Iterator, Sequence
 
 import gin
 
+from jaxrec import gin_usage
 from jaxrec.errors import ConfigError, JaxrecError
 from jaxrec.train import termination
 
@@ -19,6 +20,7 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
   """Parses gin files then bindings; errors name the flag and what was wrong."""
   import jaxrec.configurables  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   gin.clear_config()
+  gin_usage.clear()
   for path in files:
     if not os.path.isfile(path):
       why = "is a directory" if os.path.isdir(path) else "no such file"
@@ -35,11 +37,13 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
       raise ConfigError(f"--gin_file: {where}: {_one_line(e)}") from None
     except Exception as e:  # gin raises ValueError/KeyError with location info
       raise ConfigError(f"--gin_file: {_located(path, _one_line(e))}{_set_by(e)}") from None
+    gin_usage.record_file(path)
   for binding in bindings:
     try:
       gin.parse_config(binding)
     except Exception as e:
       raise ConfigError(f"--gin_bindings: '{binding}': {_one_line(e)}{_set_by(e)}") from None
+    gin_usage.record_bindings(binding)
   gin.finalize()
 
 

@@ -27,7 +27,7 @@ from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.errors import ConfigError, DataError, JaxrecError
 from jaxrec.files import workdir_lock, write_text_atomic
-from jaxrec import elastic, files, offload, planner
+from jaxrec import elastic, files, gin_usage, offload, planner
 from jaxrec.offload import snapshots as snapshots_lib
 from jaxrec.sharding import mesh as mesh_lib
 from jaxrec.sharding.plan import Plan, uniform_plan
@@ -256,6 +256,9 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     ckpt.close()
     raise
   if is_main:   # only now: a run refused by its restore leaves the last run's files
+    unused = gin_usage.warning()   # every configurable of the run has been called by now
+    if unused:
+      log.warning("%s", unused)
     write_text_atomic(os.path.join(workdir, "config.gin"), operative_gin)
     # whole or not at all: `--plan=W/plan.json` reads it back on the next start
     write_text_atomic(os.path.join(workdir, "plan.json"),

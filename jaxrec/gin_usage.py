@@ -1,0 +1,88 @@
+"""Which gin bindings a run never used, and where each was written (file:line, --gin_bindings).
+
+gin accepts a binding of any registered configurable, also one the run never calls (e.g.
+`RowWiseAdagrad.lr` in a run whose sparse optimizer is `SGD`), and applies none of it.
+`record_file` / `record_bindings` note where each binding came from as `launch.parse_gin`
+reads them; `unused()` compares them with gin's operative config (what the configurables
+that were called actually received) once the run has built everything.
+"""
+
+from __future__ import annotations
+
+import gin
+from gin import config_parser
+
+# (scope, full selector, parameter) -> where it was last bound (a later binding wins, as in gin)
+_ORIGINS: dict[tuple[str, str, str], str] = {}
+
+
+class _Placeholders(config_parser.ParserDelegate):
+  """Parses references and macros to nothing: only the binding keys and lines are read."""
+
+  def configurable_reference(self, scoped_name, evaluate):
+    return None
+
+  def macro(self, name):
+    return None
+
+
+def clear() -> None:
+  _ORIGINS.clear()
+
+
+def record_file(path: str) -> None:
+  """Notes the bindings of gin file `path` (and of the files it includes) as `FILE:LINE`."""
+  with open(path, encoding="utf-8") as f:
+    statements = list(config_parser.ConfigParser(f, _Placeholders()))
+  for statement in statements:
+    if isinstance(statement, config_parser.IncludeStatement):
+      record_file(statement.filename)   # gin resolves it the same way (no search paths)
+    elif isinstance(statement, config_parser.BindingStatement):
+      _record(statement, f"{path}:{statement.location.line_num}")
+
+
+def record_bindings(text: str, where: str = "--gin_bindings") -> None:
+  """Notes the bindings of one `--gin_bindings` value as coming from `where`."""
+  for statement in config_parser.ConfigParser(text, _Placeholders()):
+    if isinstance(statement, config_parser.BindingStatement):
+      _record(statement, where)
+
+
+def _record(statement: config_parser.BindingStatement, where: str) -> None:
+  scope, selector, arg = statement.scope, statement.selector, statement.arg_name
+  if not arg:   # a macro, `name = value`: gin binds it as `name/gin.macro.value`
+    scope, selector, arg = "/".join(filter(None, (scope, selector))), "gin.macro", "value"
+  try:   # the full selector, as gin's operative config names it
+    key = gin.config.ParsedBindingKey.parse((scope, selector, arg)).scope_selector_arg
+  except ValueError:   # cannot happen after gin parsed it; keep the name as written
+    key = (scope, selector, arg)
+  _ORIGINS[key] = where
+
+
+def unused() -> list[str]:
+  """`binding (where)` for each recorded binding that no configurable call received."""
+  bound = gin.config._CONFIG   # pylint: disable=protected-access
+  operative = gin.config._OPERATIVE_CONFIG   # pylint: disable=protected-access
+  # (a binding gin no longer holds was cleared since, e.g. by gin.clear_config: not reported)
+  return [f"{_name(scope, selector, arg)} ({where})"
+          for (scope, selector, arg), where in _ORIGINS.items()
+          if arg in bound.get((scope, selector), {})
+          and arg not in operative.get((scope, selector), {})]
+
+
+def _name(scope: str, selector: str, arg: str) -> str:
+  if selector == "gin.macro":
+    return f"%{scope}"
+  short = selector.rsplit(".", 1)[-1]   # `RowWiseAdagrad.lr`, as configs write it
+  return f"{scope + '/' if scope else ''}{short}.{arg}"
+
+
+def warning() -> str | None:
+  """The one-line warning naming the unused bindings, or None when every one was used."""
+  names = unused()
+  if not names:
+    return None
+  return (f"warning: gin bindings that no configurable of this run used (they had no effect; "
+          f"a typo in the scope or a configurable this model/optimizer does not call?): "
+          f"{', '.join(names)}")
+

@@ -1,0 +1,57 @@
+"""gin bindings the run never used (a configurable it does not call) are named in a warning."""
+
+import logging
+import os
+
+import pytest
+
+from jaxrec import gin_usage, launch
+from jaxrec.train import config as config_lib, loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIGS = ["dlrm_synthetic.gin", "dcnv2_synthetic.gin", "deepfm_synthetic.gin",
+           "two_tower_synthetic.gin", "dlrm_criteo.gin", "skewed_synthetic.gin"]
+
+
+def _built(files, bindings):
+  launch.parse_gin(files, bindings)
+  config = launch.build(config_lib.ExperimentConfig)
+  config.dense_tx(), config.sparse_tx()
+  return config
+
+
+def test_a_binding_of_an_optimizer_the_run_does_not_use_is_named_with_its_origin(tmp_path):
+  """`RowWiseAdagrad.lr=-0.1` on an SGD config trained as if it were not there, silently."""
+  extra = tmp_path / "extra.gin"
+  extra.write_text("# unused by a DLRM run\n\nDeepFM.deep_mlp = (8,)\nSGD.lr = 0.5\n")
+  _built([os.path.join(ROOT, "configs", "dlrm_synthetic.gin"), str(extra)],
+         ["RowWiseAdagrad.lr=-0.1", "train/SGD.lr=2.0", "unused_macro = 3"])
+  assert gin_usage.unused() == [f"DeepFM.deep_mlp ({extra}:3)",
+                                "RowWiseAdagrad.lr (--gin_bindings)",
+                                "train/SGD.lr (--gin_bindings)",
+                                "%unused_macro (--gin_bindings)"]
+  assert "\n" not in gin_usage.warning()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_the_shipped_configs_use_every_binding(name):
+  """(The data sources and the checkpointer, which the loop builds, are checked by the run
+  test below.)"""
+  path = os.path.join(ROOT, "configs", name)
+  if not os.path.exists(path):
+    pytest.skip(f"no {name}")
+  _built([path], ["ExperimentConfig.batch_size=64"])
+  assert gin_usage.unused() == []
+
+
+@pytest.mark.slow   # 18 s on 2 busy cores: a whole (1-step) run
+def test_a_run_warns_once_about_its_unused_bindings(tmp_path, caplog):
+  launch.parse_gin(["configs/dlrm_synthetic.gin"], [
+      "ExperimentConfig.batch_size=64", "ExperimentConfig.eval_batch_size=512",
+      "ExperimentConfig.num_eval_examples=512", "DLRM.bottom_mlp=(16,)", "DLRM.top_mlp=(16,1)",
+      "RowWiseAdagrad.lr=-0.1"])
+  options = config_lib.RunOptions(num_steps=1, mesh="data=8", plan="dp", progress=False)
+  with caplog.at_level(logging.WARNING, logger="jaxrec"):
+    loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path / "w"))
+  lines = [r.getMessage() for r in caplog.records if "no configurable" in r.getMessage()]
+  assert len(lines) == 1 and lines[0].endswith(": RowWiseAdagrad.lr (--gin_bindings)")
