@@ -81,14 +81,11 @@ class DLRM(nn.Module):
   def __call__(self, dense, emb):
     """`dense` `[B, num_dense]`, `emb` `[B, F, D]` -> logits float32 `[B]`."""
     _, _, dim = check_inputs("DLRM", dense, emb)
-    check_sizes("DLRM.bottom_mlp", self.bottom_mlp)
-    check_sizes("DLRM.top_mlp", self.top_mlp)
+    self.check_config()
     if int(self.bottom_mlp[-1]) != dim:
       raise ConfigError(
           f"DLRM.bottom_mlp = {tuple(self.bottom_mlp)} ends in width {self.bottom_mlp[-1]}, "
           f"but the embedding dim is {dim}; the last bottom layer must equal the embedding dim")
-    if int(self.top_mlp[-1]) != 1:
-      raise ConfigError(f"DLRM.top_mlp = {tuple(self.top_mlp)} must end in 1 unit (the logit)")
     if not dense.shape[-1]:   # a [0, width] bottom layer crashed in its initialiser
       raise ConfigError("DLRM needs dense features (ExperimentConfig.num_dense = 0): its "
                         "bottom MLP turns them into an interaction field; DCNv2 and DeepFM "
@@ -104,3 +101,11 @@ class DLRM(nn.Module):
     out = MLP(self.top_mlp, dtype=dtype, out_dtype=jnp.float32, name="top_mlp")(
         jnp.concatenate([x, z], -1))
     return out[:, 0]
+
+  def check_config(self) -> None:
+    """Raises ConfigError for a bad hyper-parameter that needs no input shapes (also called
+    by `build_model`, so a bad binding stops a run when the config is read)."""
+    check_sizes("DLRM.bottom_mlp", self.bottom_mlp)
+    check_sizes("DLRM.top_mlp", self.top_mlp)
+    if int(self.top_mlp[-1]) != 1:
+      raise ConfigError(f"DLRM.top_mlp = {tuple(self.top_mlp)} must end in 1 unit (the logit)")

@@ -138,6 +138,16 @@ class TwoTower(nn.Module):
   dtype: Any = jnp.float32
 
   def setup(self):
+    self.check_config()
+    self.compute_dtype = compute_dtype("TwoTower.dtype", self.dtype)
+    # Tower outputs are their float32 sums (the score is a float32 dot product of them).
+    self.user_tower = MLP(self.user_mlp, dtype=self.compute_dtype, out_dtype=jnp.float32)
+    self.item_tower = MLP(self.item_mlp, dtype=self.compute_dtype, out_dtype=jnp.float32)
+
+  def check_config(self) -> None:
+    """Raises ConfigError for a bad hyper-parameter that needs no input shapes (also called
+    by `build_model`, so a bad binding stops a run when the config is read, before planning;
+    the feature indices' range is checked against the batch when called)."""
     check_sizes("TwoTower.user_mlp", self.user_mlp)
     check_sizes("TwoTower.item_mlp", self.item_mlp)
     if int(self.user_mlp[-1]) != int(self.item_mlp[-1]):
@@ -158,15 +168,7 @@ class TwoTower(nn.Module):
     if self.remove_accidental_hits and self.loss != "in_batch_softmax":   # else ignored
       raise ConfigError(f"TwoTower.remove_accidental_hits applies to loss='in_batch_softmax' "
                         f"only, not loss='{self.loss}' (a pointwise loss has no negatives)")
-    self.check_config()
-    self.compute_dtype = compute_dtype("TwoTower.dtype", self.dtype)
-    # Tower outputs are their float32 sums (the score is a float32 dot product of them).
-    self.user_tower = MLP(self.user_mlp, dtype=self.compute_dtype, out_dtype=jnp.float32)
-    self.item_tower = MLP(self.item_mlp, dtype=self.compute_dtype, out_dtype=jnp.float32)
-
-  def check_config(self) -> None:
-    """Raises ConfigError for a bad `logq_*` binding (also called by `build_model`, so it
-    stops a run when the config is read, before the train state is made)."""
+    self._check_feature_lists()
     if not isinstance(self.logq_correction, bool):
       raise ConfigError(f"TwoTower.logq_correction must be True or False, got "
                         f"{self.logq_correction!r}")
@@ -182,14 +184,19 @@ class TwoTower(nn.Module):
         or not 0 < self.logq_alpha <= 1):
       raise ConfigError(f"TwoTower.logq_alpha must be in (0, 1], got {self.logq_alpha!r}")
 
-  def _check_features(self, num_features: int) -> None:
+  def _check_feature_lists(self, num_features: int | None = None) -> None:
+    """`user_features` / `item_features`: disjoint sequences of distinct indices (below
+    `num_features`, the batch's `F`, when known)."""
     for attr in ("user_features", "item_features"):
       idx = getattr(self, attr)
       if (not isinstance(idx, (list, tuple)) or not idx
-          or any(not is_int(i) or not 0 <= i < num_features for i in idx)
+          or any(not is_int(i) or i < 0 or (num_features is not None and i >= num_features)
+                 for i in idx)
           or len(set(idx)) != len(idx)):
-        raise ConfigError(f"TwoTower.{attr} = {idx!r} must be a sequence of distinct indices in "
-                          f"[0, {num_features}) (the batch has {num_features} sparse features)")
+        within = ("indices >= 0 (into the config's features)" if num_features is None else
+                  f"indices in [0, {num_features}) (the batch has {num_features} sparse "
+                  f"features)")
+        raise ConfigError(f"TwoTower.{attr} = {idx!r} must be a sequence of distinct {within}")
     both = set(map(int, self.user_features)) & set(map(int, self.item_features))
     if both:
       raise ConfigError(
@@ -208,7 +215,7 @@ class TwoTower(nn.Module):
   def towers(self, dense, emb):
     """`dense` `[B, num_dense]`, `emb` `[B, F, D]` -> (user `[B, K]`, item `[B, K]`) float32."""
     b, f, _ = check_inputs("TwoTower", dense, emb)
-    self._check_features(f)
+    self._check_feature_lists(f)
     emb = emb.astype(self.compute_dtype)
     xu = emb[:, np.asarray(self.user_features, np.int32)].reshape(b, -1)
     xi = self.item_keys(emb).reshape(b, -1)

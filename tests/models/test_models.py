@@ -133,6 +133,16 @@ def test_dlrm_top_must_end_in_one():
     init_params(DLRM(bottom_mlp=(D,), top_mlp=(8, 2)), jax.random.key(0), NUM_DENSE, F, D)
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(top_mlp=(8, 2)), r"DLRM.top_mlp = \(8, 2\) must end in 1 unit"),
+    (dict(bottom_mlp=()), "DLRM.bottom_mlp"), (dict(top_mlp=(8, -1, 1)), "DLRM.top_mlp")])
+def test_dlrm_bad_widths_stop_build_model(kwargs, match):
+  """Checked when the config is read (as DCNv2's and DeepFM's), not at the first apply
+  after planning."""
+  with pytest.raises(ConfigError, match=match):
+    build_model("dlrm", **{**dict(bottom_mlp=(D,), top_mlp=(8, 1)), **kwargs})
+
+
 def test_in_batch_softmax_matches_numpy():
   rng = np.random.default_rng(3)
   u, v = rng.normal(size=(2, 5, 4)).astype(np.float32)

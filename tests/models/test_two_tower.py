@@ -74,38 +74,51 @@ def test_compute_loss_keys_on_the_item_features_and_is_the_same_sharded():
 
 
 def test_remove_accidental_hits_must_be_a_bool():
-  model = build_model("two_tower", loss="in_batch_softmax", remove_accidental_hits="yes",
-                      **TOWERS)
   with pytest.raises(ConfigError, match="TwoTower.remove_accidental_hits must be True or "
                      "False, got 'yes'"):
-    init_params(model, jax.random.key(0), NUM_DENSE, F, D)
+    build_model("two_tower", loss="in_batch_softmax", remove_accidental_hits="yes", **TOWERS)
 
 
 def test_remove_accidental_hits_with_a_pointwise_loss_is_an_error():
   """It was silently ignored with loss='bce' (no in-batch negatives to remove)."""
-  model = build_model("two_tower", loss="bce", remove_accidental_hits=True, **TOWERS)
   with pytest.raises(ConfigError, match="TwoTower.remove_accidental_hits applies to "
                      "loss='in_batch_softmax' only, not loss='bce'"):
-    init_params(model, jax.random.key(0), NUM_DENSE, F, D)
+    build_model("two_tower", loss="bce", remove_accidental_hits=True, **TOWERS)
 
 
 @pytest.mark.parametrize("attr,value", [("normalize", "no"), ("dense_to_user", "False"),
                                         ("dense_to_user", None), ("normalize", 0)])
 def test_boolean_options_must_be_bools(attr, value):
   # 'no' and 'False' are truthy strings: they used to switch the option on silently.
-  model = build_model("two_tower", **{attr: value}, **TOWERS)
   with pytest.raises(ConfigError, match=f"TwoTower.{attr} must be True or False, got "
                      f"{value!r}"):
-    init_params(model, jax.random.key(0), NUM_DENSE, F, D)
+    build_model("two_tower", **{attr: value}, **TOWERS)
 
 
 @pytest.mark.parametrize("temperature", [float("inf"), float("nan"), 0.0, -1.0])
 def test_temperature_must_be_positive_and_finite(temperature):
   # inf made every score 0: the loss stayed at log 2 and nothing learned, silently.
-  model = build_model("two_tower", temperature=temperature, **TOWERS)
   with pytest.raises(ConfigError, match="TwoTower.temperature must be a positive finite "
                      "number"):
-    init_params(model, jax.random.key(0), NUM_DENSE, F, D)
+    build_model("two_tower", temperature=temperature, **TOWERS)
+
+
+# Checked by build_model (when the config is read, before planning) since these checks moved
+# from flax `setup` (the first apply, after the planner ran) into `TwoTower.check_config`.
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(loss="softmax"), r"TwoTower.loss must be one of \('bce', 'in_batch_softmax'\), got "
+                           "'softmax'"),
+    (dict(user_mlp=(8, 4)), r"TwoTower.user_mlp = \(8, 4\) and TwoTower.item_mlp = \(16, 8\) must "
+                            "end in the same width"),
+    (dict(item_mlp=(0,)), "TwoTower.item_mlp"),
+    (dict(user_features=(0, 0)), r"TwoTower.user_features = \(0, 0\) must be a sequence of "
+                                 "distinct indices >= 0"),
+    (dict(item_features="ab"), "TwoTower.item_features = 'ab' must be a sequence"),
+    (dict(user_features=(0, 1), item_features=(1,)), r"overlap: \[1\]"),
+])
+def test_bad_hyperparameters_stop_build_model(kwargs, match):
+  with pytest.raises(ConfigError, match=match):
+    build_model("two_tower", **{**TOWERS, **kwargs})
 
 
 def test_in_batch_softmax_with_adam_scores_the_same_on_one_and_eight_devices():
