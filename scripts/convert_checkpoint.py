@@ -1,4 +1,4 @@
-"""Exports, re-targets or imports jaxrec checkpoints.
+r"""Exports, re-targets or imports jaxrec checkpoints.
 
   python scripts/convert_checkpoint.py --checkpoint_dir=W/checkpoints [--step=N] \
       --output=PATH --format=npz|zarr|checkpoint [--mesh=data=2,row=2 --plan=rw|PLAN.json]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Elastic multi-process training: runs scripts/train.py as N workers and keeps the job
+r"""Elastic multi-process training: runs scripts/train.py as N workers and keeps the job
 going when workers die or hang, capacity changes, or a worker straggles.
 
   python scripts/launch.py --num_processes=2 --devices_per_process=4 [--min_processes=1] \

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Propose (or check) a sharding plan and explain it: parses flags, calls `jaxrec.planner`.
+r"""Propose (or check) a sharding plan and explain it: parses flags, calls `jaxrec.planner`.
 
   python scripts/plan.py --gin_file=configs/dlrm_criteo.gin --mesh=data=2,table=2,row=2,col=1 \
       [--memory_per_device=16GiB] [--batch_size=N] [--optimizer=sgd] [--json=PATH] [--plan=auto]

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Train a jaxrec model: parses flags, reads gin configs, calls the trainer.
+r"""Train a jaxrec model: parses flags, reads gin configs, calls the trainer.
 
   python scripts/train.py --workdir=runs/dlrm --gin_file=configs/dlrm_synthetic.gin \
-      [--gin_bindings=ExperimentConfig.batch_size=1024] [--mesh=data=2,table=2,row=2,col=1]
+      [--gin_bindings=ExperimentConfig.batch_size=1024] [--mesh=data=2,table=2,row=2,col=1] \
       [--plan=auto|dp|tw|rw|cw|twrw|twcw|grid] [--num_steps=N] ...
 
 Running the same command again on the same workdir resumes from its latest checkpoint.
