@@ -101,6 +101,7 @@ def setup(config: ExperimentConfig, options: RunOptions, devices=None, workdir=N
   options.validate()
   devices = list(jax.devices() if devices is None else devices)
   config.validate(len(devices))
+  state_lib.check_model(config)   # bindings that need the input shapes: before the planner
   choice = mesh_choice.choose(config, options, len(devices), jax.process_count(), workdir)
   mesh = mesh_lib.make_mesh(choice.mesh, devices)
   # Offloaded tables (gin `OffloadConfig`) appear to the collection as their device caches.

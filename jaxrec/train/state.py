@@ -31,6 +31,18 @@ def init_dense(config: ExperimentConfig, key: jax.Array, dim: int) -> Any:
   return config.model.init(key, dense, emb)["params"]
 
 
+def check_model(config: ExperimentConfig) -> None:
+  """Traces the model's init on abstract inputs `[2, num_dense]`, `[2, F, D]` (no compute,
+  no compile), so that a binding that does not fit the config's shapes (DLRM's last bottom
+  width vs the tables' dim, a TwoTower feature index >= F, DLRM without dense features)
+  stops the run before planning. Features of tables of mixed dims are left to
+  `EmbeddingCollection.create`, which names them."""
+  used = {f.table for f in config.features}
+  dims = {t.dim for t in config.tables if t.name in used}
+  if len(dims) == 1:
+    jax.eval_shape(lambda: init_dense(config, jax.random.key(0), dims.pop()))
+
+
 def create(config: ExperimentConfig, collection: EmbeddingCollection, seed: int) -> TrainState:
   """Fresh state placed on the collection's mesh. Values depend only on `seed`."""
   k_emb = jax.random.split(jax.random.key(seed), 3)[0]
