@@ -14,38 +14,60 @@ from gin import config_parser
 
 # (scope, full selector, parameter) -> where it was last bound (a later binding wins, as in gin)
 _ORIGINS: dict[tuple[str, str, str], str] = {}
+# macro name -> where it is first used (`x = %name`)
+_MACRO_USES: dict[str, str] = {}
 
 
 class _Placeholders(config_parser.ParserDelegate):
-  """Parses references and macros to nothing: only the binding keys and lines are read."""
+  """Parses references and macros to nothing, noting the macros' names: only the binding
+  keys, lines and macro uses are read."""
+
+  def __init__(self):
+    self.macros: list[str] = []
 
   def configurable_reference(self, scoped_name, evaluate):
     return None
 
   def macro(self, name):
-    return None
+    self.macros.append(name)
 
 
 def clear() -> None:
   _ORIGINS.clear()
+  _MACRO_USES.clear()
 
 
 def record_file(path: str) -> None:
   """Notes the bindings of gin file `path` (and of the files it includes) as `FILE:LINE`."""
   with open(path, encoding="utf-8") as f:
-    statements = list(config_parser.ConfigParser(f, _Placeholders()))
+    statements = _parsed(f, lambda s: f"{path}:{s.location.line_num}")
   for statement in statements:
     if isinstance(statement, config_parser.IncludeStatement):
       record_file(statement.filename)   # gin resolves it the same way (no search paths)
-    elif isinstance(statement, config_parser.BindingStatement):
-      _record(statement, f"{path}:{statement.location.line_num}")
 
 
 def record_bindings(text: str, where: str = "--gin_bindings") -> None:
   """Notes the bindings of one `--gin_bindings` value as coming from `where`."""
-  for statement in config_parser.ConfigParser(text, _Placeholders()):
+  _parsed(text, lambda s: where)
+
+
+def _parsed(source, where_of) -> list:
+  """The statements of `source`, its bindings and macro uses recorded at `where_of(s)`."""
+  delegate = _Placeholders()
+  statements = []
+  for statement in config_parser.ConfigParser(source, delegate):
+    statements.append(statement)
     if isinstance(statement, config_parser.BindingStatement):
-      _record(statement, where)
+      _record(statement, where_of(statement))
+      for name in delegate.macros:
+        _MACRO_USES.setdefault(name, where_of(statement))
+    delegate.macros.clear()
+  return statements
+
+
+def macro_use(name: str) -> str | None:
+  """Where macro `name` is first used (`FILE:LINE` or `--gin_bindings`), if recorded."""
+  return _MACRO_USES.get(name)
 
 
 def _record(statement: config_parser.BindingStatement, where: str) -> None:

@@ -44,7 +44,20 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
     except Exception as e:
       raise ConfigError(f"--gin_bindings: '{binding}': {_one_line(e)}{_set_by(e)}") from None
     gin_usage.record_bindings(binding)
-  gin.finalize()
+  try:
+    gin.finalize()
+  except ValueError as e:   # gin's check of the macros: its message dumps the whole config
+    raise ConfigError(_unbound_macro(e)) from None
+
+
+def _unbound_macro(e: ValueError) -> str:
+  """One line for gin's "No bindings specified for 'NAME/gin.macro' in config string: ..."."""
+  m = re.match(r"No bindings specified for '(.+)/gin\.macro'", str(e))
+  if not m:
+    return f"--gin_file/--gin_bindings: {str(e).splitlines()[0]}"
+  name, where = m.group(1), gin_usage.macro_use(m.group(1))
+  return (f"{where + ': ' if where else ''}%{name} is used but never bound; bind it (e.g. "
+          f"`{name} = ...` in a gin file or --gin_bindings=\"{name}=...\") or fix the name")
 
 
 def bound_value(selector: str, default=None):

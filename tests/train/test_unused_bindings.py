@@ -6,6 +6,7 @@ import os
 import pytest
 
 from jaxrec import gin_usage, launch
+from jaxrec.errors import ConfigError
 from jaxrec.train import config as config_lib, loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -55,3 +56,17 @@ def test_a_run_warns_once_about_its_unused_bindings(tmp_path, caplog):
     loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path / "w"))
   lines = [r.getMessage() for r in caplog.records if "no configurable" in r.getMessage()]
   assert len(lines) == 1 and lines[0].endswith(": RowWiseAdagrad.lr (--gin_bindings)")
+
+
+def test_a_macro_used_but_never_bound_is_one_line_naming_where_it_is_used(tmp_path):
+  """gin's error was a ValueError traceback that dumped the whole config."""
+  extra = tmp_path / "extra.gin"
+  extra.write_text("# the tables\nExperimentConfig.embedding = %tabels\n")
+  with pytest.raises(ConfigError) as e:
+    launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin"), str(extra)], [])
+  assert str(e.value) == (f"{extra}:2: %tabels is used but never bound; bind it (e.g. "
+                          "`tabels = ...` in a gin file or --gin_bindings=\"tabels=...\") or "
+                          "fix the name")
+  with pytest.raises(ConfigError, match="^--gin_bindings: %x is used but never bound"):
+    launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")],
+                     ["DLRM.top_mlp = %x"])
