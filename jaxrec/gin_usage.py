@@ -84,12 +84,26 @@ def _record(statement: config_parser.BindingStatement, where: str) -> None:
 def unused() -> list[str]:
   """`binding (where)` for each recorded binding that no configurable call received."""
   bound = gin.config._CONFIG   # pylint: disable=protected-access
-  operative = gin.config._OPERATIVE_CONFIG   # pylint: disable=protected-access
   # (a binding gin no longer holds was cleared since, e.g. by gin.clear_config: not reported)
   return [f"{_name(scope, selector, arg)} ({where})"
           for (scope, selector, arg), where in _ORIGINS.items()
-          if arg in bound.get((scope, selector), {})
-          and arg not in operative.get((scope, selector), {})]
+          if arg in bound.get((scope, selector), {}) and not _used(scope, selector, arg)]
+
+
+def _used(scope: str, selector: str, arg: str) -> bool:
+  """Some call received this binding: a call in scope `scope` or one inside it (gin applies
+  the bindings of every prefix of the call's scope, the longest winning) whose operative
+  config has `arg`, with no binding in a scope between them taking precedence."""
+  bound = gin.config._CONFIG   # pylint: disable=protected-access
+  mine = scope.split("/") if scope else []
+  for (call_scope, sel), params in gin.config._OPERATIVE_CONFIG.items():  # pylint: disable=protected-access
+    parts = call_scope.split("/") if call_scope else []
+    if sel != selector or arg not in params or parts[:len(mine)] != mine:
+      continue
+    inner = ("/".join(parts[:i]) for i in range(len(mine) + 1, len(parts) + 1))
+    if not any(arg in bound.get((s, selector), {}) for s in inner):
+      return True
+  return False
 
 
 def _name(scope: str, selector: str, arg: str) -> str:

@@ -34,6 +34,21 @@ def test_a_binding_of_an_optimizer_the_run_does_not_use_is_named_with_its_origin
   assert "\n" not in gin_usage.warning()
 
 
+def test_an_unscoped_binding_used_by_a_scoped_call_is_used_unless_the_scope_overrides_it(
+    tmp_path):
+  """gin applies `uniform_tables.dim` to a call in scope `emb/` too: it was reported as
+  unused."""
+  scoped = tmp_path / "scoped.gin"
+  scoped.write_text("ExperimentConfig.embedding = @emb/uniform_tables()\n"
+                    "emb/uniform_tables.num_tables = 2\nemb/uniform_tables.rows = 10\n"
+                    "uniform_tables.dim = 4\nuniform_tables.prefix = 'u'\n"
+                    "emb/uniform_tables.prefix = 'e'\n"
+                    "ExperimentConfig.model = @build_model()\nbuild_model.name = 'dlrm'\n")
+  config = _built([str(scoped)], [])
+  assert [t.name for t in config.tables] == ["e0", "e1"] and config.tables[0].dim == 4
+  assert gin_usage.unused() == [f"uniform_tables.prefix ({scoped}:5)"]
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_the_shipped_configs_use_every_binding(name):
   """(The data sources and the checkpointer, which the loop builds, are checked by the run
