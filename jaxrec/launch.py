@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 
 import gin
 
-from jaxrec import gin_usage
+from jaxrec import gin_hints, gin_usage
 from jaxrec.errors import ConfigError, JaxrecError
 from jaxrec.train import termination
 
@@ -36,13 +36,18 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
       where = f"{path}:{e.lineno}" if e.lineno else path
       raise ConfigError(f"--gin_file: {where}: {_one_line(e)}") from None
     except Exception as e:  # gin raises ValueError/KeyError with location info
-      raise ConfigError(f"--gin_file: {_located(path, _one_line(e))}{_set_by(e)}") from None
+      raise ConfigError(f"--gin_file: {_located(path, _one_line(e))}{_set_by(e)}"
+                        f"{gin_hints.did_you_mean(str(e))}") from None
     gin_usage.record_file(path)
   for binding in bindings:
     try:
       gin.parse_config(binding)
     except Exception as e:
-      raise ConfigError(f"--gin_bindings: '{binding}': {_one_line(e)}{_set_by(e)}") from None
+      # (gin's text ends in "In bindings string line N <the binding>": quoted already)
+      text = re.sub(r"\s*In bindings string line \d+.*$", "", _one_line(e))
+      hint = gin_hints.did_you_mean(str(e))
+      raise ConfigError(f"--gin_bindings: '{binding}': {text.rstrip('.') if hint else text}"
+                        f"{_set_by(e)}{hint}") from None
     gin_usage.record_bindings(binding)
   try:
     gin.finalize()

@@ -158,12 +158,15 @@ def test_gin_binding_errors_lead_with_file_and_line(tmp_path):
   with pytest.raises(ConfigError) as e:
     launch.parse_gin([str(inner)], [])
   assert str(e.value) == (f"--gin_file: {inner}:3: Configurable 'uniform_tables' doesn't have "
-                          "a parameter named 'num_table' (in 'uniform_tables.num_table = 3')")
+                          "a parameter named 'num_table' (in 'uniform_tables.num_table = 3'); "
+                          "did you mean num_tables? (uniform_tables takes: num_tables, rows, "
+                          "dim, prefix, max_len, pooling, dtype)")
   with pytest.raises(ConfigError, match=rf"^--gin_file: {inner}:3: "):
     launch.parse_gin([str(outer)], [])
   outer.write_text("uniform_table.rows = 5\n")
   with pytest.raises(ConfigError, match=rf"^--gin_file: {outer}:1: No configurable matching "
-                     r"'uniform_table' \(in 'uniform_table.rows = 5'\)$"):
+                     r"'uniform_table' \(in 'uniform_table.rows = 5'\); did you mean "
+                     r"uniform_tables\?$"):
     launch.parse_gin([str(outer)], [])
 
 
@@ -244,3 +247,19 @@ def test_an_adamw_mask_of_other_keys_than_the_params_names_the_binding_before_co
   got, _ = tx.update(params, jax.jit(tx.init)(params), params)
   ref, _ = want.update(params, want.init(params), params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b), got, ref)
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("DLMR.top_mlp=(8, 1)", "^--gin_bindings: 'DLMR.top_mlp=\\(8, 1\\)': No configurable "
+                            "matching 'DLMR'; did you mean DLRM\\?$"),
+    ("ExperimentConfig.sparse_optimizer=@rowwiseadagrad()", "did you mean RowWiseAdagrad\\?$"),
+    ("train/SDG.lr=1.0", "No configurable matching 'SDG'; did you mean SGD\\?$"),
+    ("TwoTower.temp=1.0", "named 'temp'; did you mean temperature\\? \\(TwoTower takes: "
+                          "user_features, item_features, user_mlp, "),
+    ("DeepFM.mlp=(8,)", "named 'mlp' \\(DeepFM takes: deep_mlp, dtype\\)$"),
+    ("Nothing.x=1", "No configurable matching 'Nothing'.$"),
+])
+def test_a_misspelled_binding_gets_a_suggestion(binding, message):
+  """gin named only what it did not find (and repeated the binding at the end)."""
+  with pytest.raises(ConfigError, match=message):
+    launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")], [binding])

@@ -1,0 +1,67 @@
+"""'Did you mean ...?' for gin's unknown-configurable and unknown-parameter errors."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import re
+
+import gin
+
+_UNKNOWN_CONFIGURABLE = re.compile(r"No configurable matching (?:reference )?'@?([\w./]+?)(?:\(\))?'")
+_UNKNOWN_PARAMETER = re.compile(r"Configurable '([\w.]+)' doesn't have a parameter named '(\w+)'")
+_NOT_PARAMETERS = {"self", "parent", "name"}   # flax modules' own constructor arguments
+
+
+def did_you_mean(message: str) -> str:
+  """`; did you mean X?` (with a configurable's parameters) for a gin error `message` about
+  an unknown configurable or parameter; '' for other errors or when nothing is close."""
+  m = _UNKNOWN_PARAMETER.search(message)
+  if m:
+    return _parameter_hint(*m.groups())
+  m = _UNKNOWN_CONFIGURABLE.search(message)
+  if m:
+    name = m.group(1).rsplit("/", 1)[-1]   # a scope is not part of the name
+    close = _close(name, _configurable_names())
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+  return ""
+
+
+def _parameter_hint(selector: str, arg: str) -> str:
+  params = _parameters(selector)
+  if not params:
+    return ""
+  close = _close(arg, params)
+  short = selector.rsplit(".", 1)[-1]
+  guess = f"; did you mean {' or '.join(close)}?" if close else ""
+  return f"{guess} ({short} takes: {', '.join(params)})"
+
+
+def _configurable_names() -> list[str]:
+  names = {c.selector.rsplit(".", 1)[-1]
+           for _, c in gin.config._REGISTRY.items()}   # pylint: disable=protected-access
+  return sorted(n for n in names if not n.startswith("_"))
+
+
+def _parameters(selector: str) -> list[str]:
+  """The names a binding of configurable `selector` may set (its keyword parameters)."""
+  found = gin.config._REGISTRY.get_match(selector)   # pylint: disable=protected-access
+  if found is None:
+    return []
+  try:
+    signature = inspect.signature(found.wrapped)
+  except (TypeError, ValueError):
+    return []
+  deny = set(found.denylist or ()) | _NOT_PARAMETERS
+  return [p.name for p in signature.parameters.values()
+          if p.name not in deny and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+          and (not found.allowlist or p.name in found.allowlist)]
+
+
+def _close(word: str, choices: list[str]) -> list[str]:
+  """Up to 3 of `choices` that start with `word` (`temp` -> `temperature`), else close to
+  it; case ignored (`dlrm` -> `DLRM`)."""
+  lower = {c.lower(): c for c in choices}
+  starting = [c for c in lower if c.startswith(word.lower())]
+  return [lower[c] for c in starting[:3] or difflib.get_close_matches(
+      word.lower(), list(lower), n=3, cutoff=0.6)]
