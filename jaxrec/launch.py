@@ -115,6 +115,26 @@ def build(make):
     if "Required bindings" not in str(e):
       raise
     raise ConfigError(f"--gin_file: {_one_line(user_message(e))}") from None
+  except TypeError as e:   # a referenced `@X()` whose arguments without defaults are unbound
+    message = _unbound_arguments(str(e))
+    if message is None:
+      raise
+    raise ConfigError(message) from None
+
+
+def _unbound_arguments(text: str) -> str | None:
+  """One line for gin's TypeError "X() missing ... No values supplied by Gin or caller for
+  arguments: [...] ... In call to configurable 'X'" (None for other TypeErrors)."""
+  args = re.search(r"No values supplied by Gin or caller for arguments: \[(.*?)\]", text)
+  where = re.search(r"In call to configurable '([\w.]+)'", text)   # the innermost call
+  if not args or not where:
+    return None
+  name = where.group(1).rsplit(".", 1)[-1]
+  names = [f"{name}.{a}" for a in re.findall(r"'(\w+)'", args.group(1))]
+  it = "them" if len(names) > 1 else "it"
+  listed = " and ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
+  return (f"--gin_file: @{name}() is called with {listed} not bound (no default "
+          f"for {it}); bind {it} in the gin file or with --gin_bindings")
 
 
 _GIN_CONTEXT = "\n  In call to configurable "

@@ -263,3 +263,19 @@ def test_a_misspelled_binding_gets_a_suggestion(binding, message):
   """gin named only what it did not find (and repeated the binding at the end)."""
   with pytest.raises(ConfigError, match=message):
     launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")], [binding])
+
+
+@pytest.mark.parametrize("bindings, message", [
+    (["ExperimentConfig.embedding=([@TableSpec()], [])"],
+     r"^--gin_file: @TableSpec\(\) is called with TableSpec.dim, TableSpec.name and "
+     r"TableSpec.rows not bound \(no default for them\); bind them in the gin file or with "
+     r"--gin_bindings$"),
+    (["ExperimentConfig.model=@TwoTower()", "TwoTower.user_features=(0, 1)"],
+     r"^--gin_file: @TwoTower\(\) is called with TwoTower.item_features not bound \(no "
+     r"default for it\); bind it in"),
+])
+def test_a_reference_called_without_its_required_arguments_names_them(bindings, message):
+  """gin's TypeError (with its `Gin had values bound for` lines) was a traceback."""
+  launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")], bindings)
+  with pytest.raises(ConfigError, match=message):
+    launch.build(ExperimentConfig)
