@@ -94,7 +94,8 @@ _SET_INSTEAD = {"seed": "--seed", "bad_rows": "--bad_rows",
                 "batch_size": "ExperimentConfig.batch_size / eval_batch_size",
                 "synthetic_examples": "ExperimentConfig.num_eval_examples",
                 "features": "ExperimentConfig.embedding", "rows": "ExperimentConfig.embedding",
-                "split": "nothing: the trainer reads its train and eval splits itself"}
+                "split": "nothing: the trainer reads its train and eval splits itself",
+                "max_to_keep": "--keep_checkpoints", "save_every": "--checkpoint_every"}
 
 
 def _set_by(e: BaseException) -> str:

@@ -136,7 +136,9 @@ def all_finite(state) -> bool:
   return all(bool(_all_finite(group).addressable_data(0)) for group in _by_devices(named))
 
 
-@gin.configurable(denylist=["directory", "read_only"])
+# max_to_keep / save_every: the trainer passes --keep_checkpoints / --checkpoint_every, so a
+# binding of them would never apply
+@gin.configurable(denylist=["directory", "read_only", "max_to_keep", "save_every"])
 class CheckpointManager:
   """Saves and restores train states under `directory` (see module docstring).
 

@@ -17,6 +17,8 @@ from jaxrec.train import config as config_lib, data_adapter
     "open_source.seed=7",
     "open_source.bad_rows='skip'",
     "open_source.split=0",
+    "CheckpointManager.max_to_keep=5",             # --keep_checkpoints
+    "CheckpointManager.save_every=10",             # --checkpoint_every
 ])
 def test_bindings_the_trainer_overrides_are_refused(binding):
   """The trainer passes these itself: a binding of them was silently ignored."""
@@ -33,6 +35,8 @@ def test_refused_binding_says_where_to_set_it(tmp_path):
                   "make_eval_batches.synthetic_examples = 5\n")
   with pytest.raises(ConfigError, match=r"set it with ExperimentConfig.num_eval_examples\)$"):
     launch.parse_gin([str(path)], [])
+  with pytest.raises(ConfigError, match=r"set it with --keep_checkpoints\)$"):
+    launch.parse_gin(["configs/dlrm_synthetic.gin"], ["CheckpointManager.max_to_keep=5"])
 
 
 def test_data_bindings_that_apply():
