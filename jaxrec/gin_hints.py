@@ -8,7 +8,8 @@ import re
 
 import gin
 
-_UNKNOWN_CONFIGURABLE = re.compile(r"No configurable matching (?:reference )?'@?([\w./]+?)(?:\(\))?'")
+_UNKNOWN_CONFIGURABLE = re.compile(
+    r"No configurable matching (?:reference )?'@?([\w./]+?)(?:\(\))?'")
 _UNKNOWN_PARAMETER = re.compile(r"Configurable '([\w.]+)' doesn't have a parameter named '(\w+)'")
 _NOT_PARAMETERS = {"self", "parent", "name"}   # flax modules' own constructor arguments
 

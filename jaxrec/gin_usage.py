@@ -95,8 +95,9 @@ def _used(scope: str, selector: str, arg: str) -> bool:
   the bindings of every prefix of the call's scope, the longest winning) whose operative
   config has `arg`, with no binding in a scope between them taking precedence."""
   bound = gin.config._CONFIG   # pylint: disable=protected-access
+  operative = gin.config._OPERATIVE_CONFIG   # pylint: disable=protected-access
   mine = scope.split("/") if scope else []
-  for (call_scope, sel), params in gin.config._OPERATIVE_CONFIG.items():  # pylint: disable=protected-access
+  for (call_scope, sel), params in operative.items():
     parts = call_scope.split("/") if call_scope else []
     if sel != selector or arg not in params or parts[:len(mine)] != mine:
       continue
