@@ -1,4 +1,5 @@
-"""'Did you mean ...?' for gin's unknown-configurable and unknown-parameter errors."""
+"""Clearer gin errors: 'did you mean ...?' for an unknown configurable or parameter, and what
+an unparsable value should look like."""
 
 from __future__ import annotations
 
@@ -12,6 +13,23 @@ _UNKNOWN_CONFIGURABLE = re.compile(
     r"No configurable matching (?:reference )?'@?([\w./]+?)(?:\(\))?'")
 _UNKNOWN_PARAMETER = re.compile(r"Configurable '([\w.]+)' doesn't have a parameter named '(\w+)'")
 _NOT_PARAMETERS = {"self", "parent", "name"}   # flax modules' own constructor arguments
+_BAD_TOKEN = re.compile(r"Failed to parse token '([^']*)'")
+_PYTHON_CONSTANTS = {"true": "True", "false": "False", "none": "None", "null": "None"}
+
+
+def unparsable_value(message: str) -> str:
+  """gin's "malformed node or string ... <ast.Name object at 0x...> Failed to parse token
+  'dlrm'" as what the value should be (`'dlrm'` in quotes, `True` for `true`); `message`
+  unchanged for other errors."""
+  m = _BAD_TOKEN.search(message)
+  if not m:
+    return message
+  token = m.group(1)
+  if token.lower() in _PYTHON_CONSTANTS:
+    return f"cannot parse the value {token}; write {_PYTHON_CONSTANTS[token.lower()]}"
+  if token in _configurable_names():
+    return f"cannot parse the value {token}; a configurable is referenced as @{token}()"
+  return f"cannot parse the value {token}; a string needs quotes: '{token}'"
 
 
 def did_you_mean(message: str) -> str:

@@ -34,7 +34,8 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
                         f"{getattr(e, 'strerror', None) or _one_line(e)}") from None
     except SyntaxError as e:  # gin's ParseError: the location is in its attributes
       where = f"{path}:{e.lineno}" if e.lineno else path
-      raise ConfigError(f"--gin_file: {where}: {_one_line(e)}") from None
+      raise ConfigError(f"--gin_file: {where}: {gin_hints.unparsable_value(_one_line(e))}"
+                        ) from None
     except Exception as e:  # gin raises ValueError/KeyError with location info
       raise ConfigError(f"--gin_file: {_located(path, _one_line(e))}{_set_by(e)}"
                         f"{gin_hints.did_you_mean(str(e))}") from None
@@ -44,8 +45,10 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
       gin.parse_config(binding)
     except Exception as e:
       # (gin's text ends in "In bindings string line N <the binding>": quoted already)
-      text = re.sub(r"\s*In bindings string line \d+.*$", "", _one_line(e))
+      text = gin_hints.unparsable_value(
+          re.sub(r"\s*In bindings string line \d+.*$", "", _one_line(e)))
       hint = gin_hints.did_you_mean(str(e))
+      text += _shell_quoting(binding, text)
       raise ConfigError(f"--gin_bindings: '{binding}': {text.rstrip('.') if hint else text}"
                         f"{_set_by(e)}{hint}") from None
     gin_usage.record_bindings(binding)
@@ -63,6 +66,17 @@ def _unbound_macro(e: ValueError) -> str:
   name, where = m.group(1), gin_usage.macro_use(m.group(1))
   return (f"{where + ': ' if where else ''}%{name} is used but never bound; bind it (e.g. "
           f"`{name} = ...` in a gin file or --gin_bindings=\"{name}=...\") or fix the name")
+
+
+def _shell_quoting(binding: str, message: str) -> str:
+  """For a string value without its quotes (a shell removes them from
+  `--gin_bindings=a.b='x'`): how to write the flag so that they stay."""
+  m = re.search(r"a string needs quotes: '(.*)'$", message)
+  if not m or "=" not in binding:
+    return ""
+  lhs, rhs = binding.split("=", 1)
+  quoted = f"{lhs}={rhs.replace(m.group(1), repr(m.group(1)), 1)}"
+  return f" (in a shell, quote the whole flag: --gin_bindings=\"{quoted}\")"
 
 
 def bound_value(selector: str, default=None):

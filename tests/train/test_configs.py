@@ -279,3 +279,21 @@ def test_a_reference_called_without_its_required_arguments_names_them(bindings, 
   launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")], bindings)
   with pytest.raises(ConfigError, match=message):
     launch.build(ExperimentConfig)
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("build_model.name=dlrm", "^--gin_bindings: 'build_model.name=dlrm': cannot parse the "
+     "value dlrm; a string needs quotes: 'dlrm' \\(in a shell, quote the whole flag: "
+     "--gin_bindings=\"build_model.name='dlrm'\"\\)$"),
+    ("TwoTower.normalize=false", "cannot parse the value false; write False$"),
+    ("ExperimentConfig.model=build_model()", "cannot parse the value build_model; a "
+     "configurable is referenced as @build_model\\(\\)$"),
+])
+def test_an_unparsable_value_says_how_to_write_it(binding, message, tmp_path):
+  """gin's text was "malformed node or string on line 1: <ast.Name object at 0x...>"."""
+  with pytest.raises(ConfigError, match=message):
+    launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")], [binding])
+  path = tmp_path / "x.gin"
+  path.write_text(f"# one\n{binding}\n")
+  with pytest.raises(ConfigError, match=f"^--gin_file: {path}:2: cannot parse the value "):
+    launch.parse_gin([str(path)], [])
