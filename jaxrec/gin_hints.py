@@ -19,8 +19,10 @@ _PYTHON_CONSTANTS = {"true": "True", "false": "False", "none": "None", "null": "
 
 def unparsable_value(message: str) -> str:
   """gin's "malformed node or string ... <ast.Name object at 0x...> Failed to parse token
-  'dlrm'" as what the value should be (`'dlrm'` in quotes, `True` for `true`); `message`
-  unchanged for other errors."""
+  'dlrm'" as what the value should be (`'dlrm'` in quotes, `True` for `true`), its "EOF in
+  multi-line statement" with what is unclosed; `message` unchanged for other errors."""
+  if message.startswith("EOF in multi-line statement"):   # gin gives no line for it
+    return f"{message}: a (, [ or {{ is not closed (or a string's quote)"
   m = _BAD_TOKEN.search(message)
   if not m:
     return message

@@ -297,3 +297,9 @@ def test_an_unparsable_value_says_how_to_write_it(binding, message, tmp_path):
   path.write_text(f"# one\n{binding}\n")
   with pytest.raises(ConfigError, match=f"^--gin_file: {path}:2: cannot parse the value "):
     launch.parse_gin([str(path)], [])
+
+
+def test_an_unclosed_bracket_says_so(tmp_path):
+  with pytest.raises(ConfigError, match=r"^--gin_bindings: 'DLRM.top_mlp=\(8, 1': EOF in "
+                     r"multi-line statement: a \(, \[ or \{ is not closed"):
+    launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")], ["DLRM.top_mlp=(8, 1"])
