@@ -146,6 +146,8 @@ def _unbound_arguments(text: str) -> str | None:
     return None
   name = where.group(1).rsplit(".", 1)[-1]
   names = [f"{name}.{a}" for a in re.findall(r"'(\w+)'", args.group(1))]
+  if not names:
+    return None
   it = "them" if len(names) > 1 else "it"
   listed = " and ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
   return (f"--gin_file: @{name}() is called with {listed} not bound (no default "
