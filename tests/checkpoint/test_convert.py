@@ -112,9 +112,14 @@ def test_checkpoint_for_other_plan_restores_equal(saved, tmp_path):
 
 
 def test_checkpoint_plan_must_fit_mesh(saved, tmp_path):
-  path, _, _ = saved
-  with pytest.raises(ConfigError, match="not divisible"):   # dim 8, col=3
-    convert.export_checkpoint(path, tmp_path / "x", None, convert.parse_mesh("col=3"), "cw")
+  """A plan file the mesh cannot hold is refused before anything is written (a dim the
+  col axis does not divide is padded: tests/checkpoint/test_col_padding.py)."""
+  path, coll, _ = saved
+  plan = tmp_path / "plan.json"
+  plan.write_text(json.dumps({t.name: {"kind": "tw", "table_slice": 5} for t in coll.tables}))
+  with pytest.raises(ConfigError, match="table_slice 5 is outside mesh axis table=2"):
+    convert.export_checkpoint(path, tmp_path / "x", None, convert.parse_mesh("table=2"),
+                              str(plan))
   assert not (tmp_path / "x").exists()
 
 
