@@ -34,7 +34,8 @@ flags.DEFINE_string("plan", "auto", "auto (search), one kind forced on every tab
 flags.DEFINE_string("json", None, "Also write the result as JSON to this path.")
 flags.DEFINE_bool("calibrate", False, "Time this machine's primitives and cache them.")
 flags.DEFINE_string("calibration_file", None, "Calibration cache (default "
-                    "~/.cache/jaxrec/calibration.json).")
+                    "$JAXREC_CACHE_DIR/calibration.json, else "
+                    "${XDG_CACHE_HOME:-~/.cache}/jaxrec/calibration.json).")
 flags.DEFINE_integer("calibration_devices", 8, "Host CPU devices to calibrate with on CPU.")
 flags.DEFINE_string("profile", None, "Workdir (or profile.jsonl) of a job: fit the cost model "
                     "to its measured step times and propose a better plan.")
