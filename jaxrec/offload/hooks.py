@@ -8,7 +8,7 @@
     ... tier.save(state, step, snapshot_dir(workdir)) before each checkpoint save
     ... restored = ckpt.restore(..., offloaded={n: t.spec for n, t in tier.tables.items()})
     ... tier.restore(step, snapshot_dir(workdir), restored.host_tables) after it
-    ... state, batch = tier.eval_view(state, batch) for each eval batch
+    ... for state, batch, examples in tier.eval_views(state, batch): per eval batch (passes)
 """
 
 from __future__ import annotations
@@ -128,9 +128,9 @@ def make_tier(collection, config, offload_config: OffloadConfig, seed: int, work
 
 def warn_small_eval_caches(tier: OffloadTier, features, eval_batch_size: int) -> list[str]:
   """Warns (and returns the warnings) for each offloaded table whose cache is smaller than
-  the most distinct rows an eval batch can read: an eval looks the whole batch up through
-  the cache, so such a batch stops the run at that eval, maybe hours in. Only a warning:
-  real batches often read far fewer distinct rows than the bound."""
+  the most distinct rows an eval batch can read: an eval looks the batch up through the
+  cache, so such a batch takes several passes (`eval_split`), each as slow as one over the
+  whole batch. Only a warning: real batches often read far fewer distinct rows."""
   out = []
   for name, t in tier.tables.items():
     # the table has no more distinct rows than `rows`: a cache of the whole table always fits
@@ -139,7 +139,8 @@ def warn_small_eval_caches(tier: OffloadTier, features, eval_batch_size: int) ->
     if bound > t.cache.cache_rows:
       out.append(f"offloaded table '{name}': an eval batch ({eval_batch_size} examples) may "
                  f"read up to {bound:,} distinct rows, more than its {t.cache.cache_rows:,}-row "
-                 "cache; an eval batch that does stops the run at that eval (raise its "
-                 "cache_rows/cache_bytes or lower ExperimentConfig.eval_batch_size)")
+                 "cache; such a batch is evaluated in several passes, each costing a whole "
+                 "batch (raise its cache_rows/cache_bytes or lower "
+                 "ExperimentConfig.eval_batch_size for one pass)")
       _LOG.warning("%s", out[-1])
   return out

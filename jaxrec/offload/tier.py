@@ -55,7 +55,7 @@ from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.embedding.specs import TableSpec
 from jaxrec.errors import ConfigError, JaxrecError
-from jaxrec.offload import owner, snapshots
+from jaxrec.offload import eval_split, owner, snapshots
 from jaxrec.offload.buffer import HostBuffer
 from jaxrec.offload.cache import CacheMap, batch_rows
 from jaxrec.offload.config import OffloadConfig, OffloadError, check_paths, check_tables
@@ -63,7 +63,7 @@ from jaxrec.offload.device import DeviceOps, cache_places, global_rows, pad_rows
 from jaxrec.offload.evictions import Eviction, newest_in_flight
 from jaxrec.offload.iterator import OffloadIterator
 from jaxrec.offload.records import PlannedBatch, TierTable
-from jaxrec.offload.store import TABLE, TableStore, assemble
+from jaxrec.offload.store import TableStore, assemble
 
 _LOG = logging.getLogger(__name__)   # jaxrec's: scripts/train.py shows its INFO lines
 _POLL = 0.05
@@ -239,6 +239,17 @@ class OffloadTier:
     self._reset_all()
     self._store_ready = False
 
+  def eval_views(self, state: dict, batch: Batch):
+    """Yields `(state, batch, examples [B] bool)` per eval pass over `batch` (`eval_view`s):
+    one when its rows fit every cache, else one per piece that does (`eval_split`); each
+    pass's logits hold those `examples`. Raises `ConfigError` when one example cannot fit."""
+    parts = eval_split.pieces(batch, {n: (t.features, t.cache.cache_rows)
+                                      for n, t in self.tables.items()})
+    features = [f for t in self.tables.values() for f in t.features]
+    for keep in parts:
+      part = batch if len(parts) == 1 else eval_split.only(batch, keep, features)
+      yield *self.eval_view(state, part), keep
+
   def eval_view(self, state: dict, batch: Batch) -> tuple[dict, Batch]:
     """`(state, batch)` for an eval step: a copy of the state whose caches hold exactly the
     rows `batch` reads (newest values), and the batch with ids turned into those slots."""
@@ -250,21 +261,10 @@ class OffloadTier:
       uniq, _ = batch_rows(t.spec, t.features, batch)
       if len(uniq) > t.cache.cache_rows:
         raise ConfigError(f"offloaded table '{name}': an eval batch reads {len(uniq)} distinct "
-                          f"rows, more than its cache of {t.cache.cache_rows}; raise its "
-                          "cache_rows/cache_bytes (OffloadConfig.tables) or lower "
-                          "ExperimentConfig.eval_batch_size")
-      order = np.argsort(t.resident)
-      pos = np.minimum(np.searchsorted(t.resident, uniq, sorter=order), len(order) - 1)
-      cached = t.resident[order[pos]] == uniq
-      host = np.zeros((len(uniq), t.spec.dim), t.store.array_dtype(TABLE))
-      host[~cached] = self._read_latest(t, uniq[~cached])[TABLE]
-      n = padded(len(uniq))
-      payload[name] = (global_rows(t.place, np.arange(len(uniq)), n),
-                       global_rows(t.place, np.where(cached, order[pos], 0), n),
-                       pad_rows(host, n), pad_rows(~cached, n))
-      for f in t.features:
-        x = batch.ids[f]
-        ids[f] = np.where(x >= 0, np.searchsorted(uniq, np.maximum(x, 0)), -1).astype(np.int32)
+                          f"rows, more than its cache of {t.cache.cache_rows} (eval_views "
+                          "splits such a batch)")
+      payload[name] = eval_split.view_payload(t, uniq, self._read_latest)
+      ids.update(eval_split.remap(batch, t.features, uniq))
     emb = self.ops.view(state["emb"], self.ops.put(payload))
     return dict(state, emb=emb), batch.replace(ids=ids)
 

@@ -128,10 +128,15 @@ def evaluate(eval_step, collection, state, eval_data, sharding, tier=None) -> di
   """Exact AUC / logloss over the whole eval set (padding masked out)."""
   acc = EvalAccumulator()
   for batch, mask in eval_data:
-    st, b = tier.eval_view(state, batch) if tier is not None else (state, batch)
-    collection.check_ids(b.ids)              # as for train batches: no silent clamping
-    # global [B], replicated
-    logits = np.asarray(eval_step(st, device_batch(collection, b, sharding)))
+    # offloaded tables: the batch in passes whose rows fit the caches (most often one)
+    views = tier.eval_views(state, batch) if tier is not None else [(state, batch, None)]
+    logits = None
+    for st, b, keep in views:
+      collection.check_ids(b.ids)              # as for train batches: no silent clamping
+      # global [B], replicated
+      out = np.asarray(eval_step(st, device_batch(collection, b, sharding)))
+      logits = out if logits is None else np.where(keep, out, logits)
+      st = b = None      # an offload view (a copy of a stack) goes before the next is made
     labels, mask = batch.labels, mask
     if jax.process_count() > 1:
       labels, mask = (np.asarray(multihost_utils.process_allgather(x, tiled=True))

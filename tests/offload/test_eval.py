@@ -47,41 +47,71 @@ def test_interleaved_evals_and_resume_match_on_device_tables(tmp_path):
   np.testing.assert_allclose([again[k] for k in EVAL_KEYS], want[22], rtol=0, atol=1e-6)
 
 
-def test_eval_batch_filling_the_cache_exactly_and_one_row_more(tmp_path):
-  """An eval batch whose distinct rows fill the cache exactly scores as on the device; one
-  row more is an error naming the bindings to change (it said 'lower the eval batch size'),
-  and training goes on as if those evals never ran."""
-  import jax   # pylint: disable=import-outside-toplevel
-  from jaxrec.errors import ConfigError   # pylint: disable=import-outside-toplevel
+def _eval_logits(tier, eval_step, put, state, batch):
+  """Logits `[B]` of `batch` through the offload cache, and the number of passes."""
+  logits, passes = None, 0
+  for st, b, keep in tier.eval_views(state, batch):
+    out = np.asarray(eval_step(st, put(b)))
+    logits = out if logits is None else np.where(keep, out, logits)
+    passes += 1
+  return logits, passes
+
+
+def test_eval_batches_bigger_than_the_cache_are_evaluated_in_pieces(tmp_path):
+  """An eval batch whose distinct rows fill the cache exactly scores as on the device in one
+  pass; one row more (it stopped the run with an error), or eight times the rows, is
+  evaluated in passes over pieces that fit, with the on-device logits; training goes on as
+  if those evals never ran."""
+  from jaxrec.data.batch import concatenate   # pylint: disable=import-outside-toplevel
   from jaxrec.offload.cache import batch_rows   # pylint: disable=import-outside-toplevel
   from jaxrec.train import state as state_lib, step as step_lib   # pylint: disable=C0415
   from tests.offload.offload_helpers import Run, experiment, mesh_of, offload_config
   cfg = experiment("sgd")
   ref = Run(cfg, mesh_of()).train(4)
   # two batches' worth of unseen examples: more distinct rows than any training batch reads
-  batch = jax.tree.map(lambda a, b: np.concatenate([a, b]), ref.it.batch_at(10**6),
-                       ref.it.batch_at(10**6 + 128))
+  batch = concatenate([ref.it.batch_at(10**6), ref.it.batch_at(10**6 + 128)])
   uniq = batch_rows(cfg.tables[0], ["f_big", "f_big2"], batch)[0]
   ids = np.array(batch.ids["f_big"])
   ids[ids == ids[0]] = np.setdiff1d(np.arange(10_000), uniq)[0]   # a row no other id reads
   bigger = batch.replace(ids=dict(batch.ids, f_big=ids))
   assert len(batch_rows(cfg.tables[0], ["f_big", "f_big2"], bigger)[0]) == len(uniq) + 1
-  want = np.asarray(step_lib.make_eval_step(cfg, ref.collection, state_lib.shardings(
-      ref.state, ref.collection))(ref.state, ref.put(batch)))
+  huge = concatenate([ref.it.batch_at(10**6 + 128 * k) for k in range(16)])
+  ref_eval = step_lib.make_eval_step(cfg, ref.collection, state_lib.shardings(
+      ref.state, ref.collection))
+  want = [np.asarray(ref_eval(ref.state, ref.put(b))) for b in (batch, bigger, huge)]
   ref.train(2)
   off = Run(cfg, mesh_of(), offload_config(tmp_path, len(uniq), prefetch_depth=2)).train(4)
   try:
     eval_step = step_lib.make_eval_step(cfg, off.collection, state_lib.shardings(
         off.state, off.collection))
-    state, remapped = off.tier.eval_view(off.state, batch)
-    np.testing.assert_allclose(np.asarray(eval_step(state, off.put(remapped))), want,
-                               rtol=0, atol=1e-6)
-    with pytest.raises(ConfigError, match=rf"'big': an eval batch reads {len(uniq) + 1} "
-                       rf"distinct rows, more than its cache of {len(uniq)}; raise its "
-                       r"cache_rows/cache_bytes \(OffloadConfig.tables\) or lower "
-                       r"ExperimentConfig.eval_batch_size"):
-      off.tier.eval_view(off.state, bigger)
+    got = [_eval_logits(off.tier, eval_step, off.put, off.state, b)
+           for b in (batch, bigger, huge)]
+    assert [p for _, p in got][:2] == [1, 2] and got[2][1] >= 8
+    for (logits, _), w in zip(got, want):
+      np.testing.assert_allclose(logits, w, rtol=0, atol=1e-6)
     off.train(2)
     np.testing.assert_allclose(off.losses, ref.losses, rtol=0, atol=1e-6)
   finally:
     off.close()
+
+
+def test_eval_pieces_are_greedy_runs_and_an_example_too_big_is_named():
+  from jaxrec.data.batch import Batch   # pylint: disable=import-outside-toplevel
+  from jaxrec.errors import ConfigError   # pylint: disable=import-outside-toplevel
+  from jaxrec.offload import eval_split   # pylint: disable=import-outside-toplevel
+  ids = {"a": np.array([0, 1, 1, 2, -1]), "b": np.array([[0, 5], [1, -1], [7, 7], [3, 0],
+                                                          [-1, -1]])}
+  batch = Batch(dense=np.zeros((5, 1)), labels=np.zeros(5), ids=ids)
+  # distinct rows per example: {0,5} {1} {1,7} {2,3,0} {}
+  runs = lambda cache: [np.flatnonzero(m).tolist() for m in
+                        eval_split.pieces(batch, {"t": (("a", "b"), cache)})]
+  assert runs(7) == [[0, 1, 2, 3, 4]]
+  assert runs(4) == [[0, 1, 2], [3, 4]]
+  assert runs(3) == [[0, 1], [2], [3, 4]]
+  masked = eval_split.only(batch, np.array([0, 0, 1, 0, 0], bool), ["b"])
+  assert masked.ids["b"].tolist() == [[-1, -1], [-1, -1], [7, 7], [-1, -1], [-1, -1]]
+  assert masked.ids["a"] is ids["a"]
+  with pytest.raises(ConfigError, match=r"^offloaded table 't': example 3 of an eval batch "
+                     r"alone reads 3 distinct rows, more than its cache of 2; raise its "
+                     r"cache_rows/cache_bytes \(OffloadConfig.tables\)$"):
+    runs(2)

@@ -70,40 +70,45 @@ def test_write_back_failure_keeps_the_last_checkpoint_and_resume_is_exact(tmp_pa
     np.testing.assert_allclose(got[step], want[step], rtol=0, atol=1e-6, err_msg=step)
 
 
-def test_a_failing_final_eval_keeps_the_final_checkpoint(tmp_path, caplog):
-  """The last step checkpoints before it evaluates: an eval batch too big for the cache
-  (a ConfigError only the eval data shows) used to stop the run before its last checkpoint,
-  losing every step since the previous one (with the default --checkpoint_every=0, all).
-  The start-up warns that an eval batch may not fit."""
-  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
-  w = tmp_path / "w"
+def test_eval_batches_bigger_than_the_cache_are_evaluated_in_pieces(tmp_path, caplog):
+  """An eval batch whose distinct rows do not fit the cache (512 examples, a 300-row cache)
+  stopped the run at its eval; it is now evaluated in several passes, with the metrics of
+  the run that keeps every table on the device. The start-up says it will be."""
+  w, ref = tmp_path / "w", tmp_path / "ref"
   small_cache = SMALL_DLRM + ["OffloadConfig.tables={'t0': {'cache_rows': 300}}"]
   with caplog.at_level(logging.WARNING):
-    with pytest.raises(ConfigError, match="an eval batch reads .* more than its cache of 300"):
-      train_synthetic(w, 8, small_cache)
+    got = train_synthetic(w, 8, small_cache)
   assert re.search(r"offloaded table 't0': an eval batch \(\d+ examples\) may read up to "
-                   r"[\d,]+ distinct rows, more than its 300-row cache", caplog.text)
-  assert sorted(p.name for p in (w / "checkpoints").iterdir()) == ["8"]
-  assert snapshots.steps(str(w / "offload_snapshots")) == [8]
-  caplog.clear()
-  with caplog.at_level(logging.WARNING):
-    result = train_synthetic(w, 8, small_cache + ["ExperimentConfig.eval_batch_size=128"])
-  assert result["step"] == 8 and np.isfinite(result["eval_logloss"])   # evaluates step 8
-  assert "may read up to" not in caplog.text
+                   r"[\d,]+ distinct rows, more than its 300-row cache; such a batch is "
+                   r"evaluated in several passes", caplog.text)
+  want = train_synthetic(ref, 8, SMALL_DLRM)
+  assert got["step"] == want["step"] == 8
+  np.testing.assert_allclose([got["eval_auc"], got["eval_logloss"]],
+                             [want["eval_auc"], want["eval_logloss"]], rtol=0, atol=1e-6)
 
 
-def test_a_failing_eval_between_checkpoints_saves_its_step_first(tmp_path):
-  """An eval batch too big for the cache at an eval step that does not checkpoint (step 3;
-  checkpoints every 10) stopped the run with nothing saved: every step since the last
-  checkpoint was lost, on each rerun again. It now saves that step first; the same command
-  with a bigger cache resumes from it."""
+def test_a_failing_eval_between_checkpoints_saves_its_step_first(tmp_path, monkeypatch):
+  """An eval that fails at an eval step that does not checkpoint (step 3; checkpoints
+  every 10; here an eval batch with an example too big for the cache) stopped the run with
+  nothing saved: every step since the last checkpoint was lost, on each rerun again. It now
+  saves that step first; the same command resumes from it once the cause is fixed."""
   from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from jaxrec.offload import eval_split  # pylint: disable=import-outside-toplevel
   w = tmp_path / "w"
   small_cache = SMALL_DLRM + ["OffloadConfig.tables={'t0': {'cache_rows': 300}}"]
-  with pytest.raises(ConfigError, match="an eval batch reads .* more than its cache of 300"):
+
+  real = eval_split.pieces
+
+  def too_big(batch, tables):
+    return real(batch, {n: (f, 0) for n, (f, _) in tables.items()})
+
+  monkeypatch.setattr(eval_split, "pieces", too_big)
+  with pytest.raises(ConfigError, match="example 0 of an eval batch alone reads 1 distinct "
+                     "rows, more than its cache of 0"):
     train_synthetic(w, 8, small_cache, eval_every=3)
+  monkeypatch.undo()
   assert sorted(os.listdir(w / "checkpoints")) == ["3"]
   assert sorted(os.listdir(w / "offload_snapshots")) == ["3"]
-  result = train_synthetic(w, 4, small_cache + ["ExperimentConfig.eval_batch_size=128"])
+  result = train_synthetic(w, 4, small_cache)
   assert result["step"] == 4 and [l["step"] for l in logged_lines(w)
                                   if l.get("event") == "resume"] == [3]
