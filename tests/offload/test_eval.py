@@ -115,3 +115,24 @@ def test_eval_pieces_are_greedy_runs_and_an_example_too_big_is_named():
                      r"alone reads 3 distinct rows, more than its cache of 2; raise its "
                      r"cache_rows/cache_bytes \(OffloadConfig.tables\)$"):
     runs(2)
+
+
+def test_an_eval_view_copies_only_the_stacks_holding_caches(tmp_path):
+  """An eval view copied the whole embedding state per eval batch (jit copies every output,
+  unchanged ones too): every stack and all optimizer state. It now makes new arrays only for
+  the table arrays of the stacks holding caches; the rest is the state's own."""
+  import jax   # pylint: disable=import-outside-toplevel
+  from tests.offload.offload_helpers import Run, experiment, mesh_of, offload_config
+  off = Run(experiment("adagrad"), mesh_of(), offload_config(tmp_path, 1000))
+  try:
+    view, _ = off.tier.eval_view(off.state, off.it.batch_at(10**6))
+    (cache_stack,) = {p.stack for p in off.tier.ops.places.values()}
+    leaves = lambda emb: {jax.tree_util.keystr(p): x
+                          for p, x in jax.tree_util.tree_flatten_with_path(emb)[0]}
+    old, new = leaves(off.state["emb"]), leaves(view["emb"])
+    assert sorted(old) == sorted(new) and len(old) == 4
+    fresh = sorted(k for k in old if new[k] is not old[k])
+    assert fresh == [f"['tables']['{cache_stack}']"]
+  finally:
+    off.close()
+
