@@ -16,7 +16,8 @@
 
 from jaxrec.offload.config import (OffloadConfig, OffloadError, OffloadTable, device_tables,
                                    row_bytes)
-from jaxrec.offload.hooks import choose_plan, emb_init_key, make_tier, snapshot_dir
+from jaxrec.offload.hooks import (choose_plan, emb_init_key, make_tier, snapshot_dir,
+                                  store_paths, warn_moved_stores)
 from jaxrec.offload.planning import plan_with_offload
 from jaxrec.offload.iterator import OffloadIterator
 from jaxrec.offload.store import TableStore, init_rows
@@ -24,4 +25,5 @@ from jaxrec.offload.tier import OffloadTier
 
 __all__ = ["OffloadConfig", "OffloadError", "OffloadTable", "device_tables", "row_bytes",
            "plan_with_offload", "TableStore", "init_rows", "OffloadIterator", "OffloadTier",
-           "emb_init_key", "choose_plan", "make_tier", "snapshot_dir"]
+           "emb_init_key", "choose_plan", "make_tier", "snapshot_dir", "store_paths",
+           "warn_moved_stores"]

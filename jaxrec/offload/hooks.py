@@ -19,6 +19,7 @@ from typing import Mapping
 
 import jax
 
+from jaxrec.offload import owner
 from jaxrec.offload.config import OffloadConfig, device_tables
 from jaxrec.offload.planning import plan_with_offload, with_offload_notes
 from jaxrec.offload.tier import OffloadTier
@@ -123,7 +124,38 @@ def make_tier(collection, config, offload_config: OffloadConfig, seed: int, work
                      workdir=workdir, keep=keep)
   if evaluates:
     warn_small_eval_caches(tier, config.features, config.eval_batch_size)
+  for t in offload_config.tables:   # as --workdir and the data paths: the current directory
+    if t.path and t.kvstore != "memory" and not os.path.isabs(t.path):
+      _LOG.info("offloaded table '%s': store at %s (OffloadTable.path '%s' is relative to the "
+                "current directory)", t.name, tier.tables[t.name].store.path, t.path)
   return tier
+
+
+def store_paths(tier: OffloadTier) -> dict[str, dict[str, str]]:
+  """`{table: {"path": absolute store directory}}`, recorded in each checkpoint's meta."""
+  return {n: {"path": t.store.path} for n, t in tier.tables.items()}
+
+
+def warn_moved_stores(tier: OffloadTier, meta: Mapping, where: str, workdir: str
+                      ) -> list[str]:
+  """Warns (and returns the warnings) for each offloaded table whose store directory the
+  checkpoint at `where` (its `meta`) records elsewhere, in a store `workdir` owns: e.g. a
+  relative `OffloadTable.path` in a run started from another directory. The run restores
+  the step's snapshot into the new directory (nothing is lost); the old one stays on disk.
+  (A store of another workdir, e.g. the original of a copied or imported checkpoint, is
+  not this run's to report.)"""
+  out = []
+  then = (meta.get("offload") or {}).get("tables") or {}
+  for name, t in tier.tables.items():
+    old = (then.get(name) or {}).get("path")
+    if (old and old != t.store.path
+        and owner.read_owner(old) == os.path.realpath(workdir)):
+      out.append(f"offloaded table '{name}': checkpoint {where} was saved with its store at "
+                 f"'{old}', this run's is '{t.store.path}' (a relative OffloadTable.path is "
+                 f"relative to the current directory); its snapshot is restored into "
+                 f"'{t.store.path}', and '{old}' is no longer used (delete it by hand)")
+      _LOG.warning("%s", out[-1])
+  return out
 
 
 def warn_small_eval_caches(tier: OffloadTier, features, eval_batch_size: int) -> list[str]:

@@ -200,13 +200,15 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
           "gin": operative_gin}
   if tier is not None:   # checkpoint conversion reads these tables from the snapshots
     meta["offload"] = {"snapshots": os.path.abspath(snapshots),
-                       "tables": {n: {"rows": t.spec.rows, "cache_rows": t.cache.cache_rows}
+                       "tables": {n: {"rows": t.spec.rows, "cache_rows": t.cache.cache_rows,
+                                      **offload.store_paths(tier)[n]}
                                   for n, t in tier.tables.items()}}
 
   def resume_from(restored) -> dict:
     """Points the offload tier and the data stream at a restored checkpoint."""
     if tier is not None:   # tables saved on the device are written to their stores
       at = int(restored.state["step"])
+      offload.warn_moved_stores(tier, restored.meta, ckpt.step_dir(at), workdir)
       found = offloaded_lib.snapshot_of(ckpt.step_dir(at), own_only=True)   # as the restore
       tier.restore(at, os.path.dirname(found[0]) if found else snapshots, restored.host_tables)
     if train_it is not None:
