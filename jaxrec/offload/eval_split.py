@@ -20,31 +20,34 @@ from jaxrec.offload.device import global_rows, pad_rows, padded
 from jaxrec.offload.store import TABLE
 
 
-def _example_rows(batch: Batch, features: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-  """`(rows [n], example [n])`: every non-padding id `features` read, with its example."""
-  rows, examples = [], []
+def _ids(batch: Batch, features: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+  """`(row [n], example [n])` of every non-padding id `features` read."""
+  rows, examples = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
   for f in features:
     x = np.asarray(batch.ids[f]).reshape(batch.size, -1)
-    ex = np.broadcast_to(np.arange(batch.size)[:, None], x.shape)
     valid = x >= 0
     rows.append(x[valid].astype(np.int64))
-    examples.append(ex[valid])
-  if not rows:
-    return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    examples.append(np.broadcast_to(np.arange(batch.size)[:, None], x.shape)[valid])
   return np.concatenate(rows), np.concatenate(examples)
 
 
-def _fits_until(rows: np.ndarray, examples: np.ndarray, start: int, cache_rows: int,
-                size: int) -> int:
-  """The end of the longest run of examples `[start, end)` reading <= `cache_rows` rows."""
-  keep = examples >= start
-  r, e = rows[keep], examples[keep]
-  order = np.lexsort((e, r))                       # by row, then example
-  r, e = r[order], e[order]
-  first = e[np.r_[True, r[1:] != r[:-1]]] if len(r) else e   # first example of each row
-  if len(first) <= cache_rows:
-    return size
-  return int(np.sort(first)[cache_rows])           # the example with row cache_rows + 1
+def _distinct(rows: np.ndarray) -> int:
+  """How many distinct values `rows` holds (a sort: numpy's hashing `unique` is ~100x slower
+  here)."""
+  s = np.sort(rows)
+  return int(len(s) > 0) + int(np.count_nonzero(s[1:] != s[:-1]))
+
+
+def _first_uses(rows: np.ndarray, examples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """`(example [n], previous [n])`: the ids' examples, and the example of the same row's
+  previous id in example order (-1: none), the ids reordered. An id starts its row's use
+  in the examples `[s, ...)` iff `example >= s > previous`."""
+  order = np.lexsort((examples, rows))                 # by row, then example
+  rows, examples = rows[order], examples[order]
+  previous = np.full(len(rows), -1, np.int64)
+  same = rows[1:] == rows[:-1]
+  previous[1:][same] = examples[:-1][same]
+  return examples, previous
 
 
 def pieces(batch: Batch, tables: Mapping[str, tuple[Sequence[str], int]]) -> list[np.ndarray]:
@@ -56,19 +59,23 @@ def pieces(batch: Batch, tables: Mapping[str, tuple[Sequence[str], int]]) -> lis
   Raises:
     ConfigError: one example alone reads more distinct rows of a table than its cache.
   """
-  found = {n: _example_rows(batch, f) for n, (f, _) in tables.items()}
+  ids = {n: _ids(batch, f) for n, (f, _) in tables.items()}
+  if all(_distinct(ids[n][0]) <= c for n, (_, c) in tables.items()):
+    return [np.ones(batch.size, bool)]              # the common case: one pass
+  uses = {n: _first_uses(*ids[n]) for n in tables}
   out, start = [], 0
   while start < batch.size:
     end = batch.size
     for name, (_, cache_rows) in tables.items():
-      stop = _fits_until(*found[name], start, cache_rows, batch.size)
-      if stop == start:
-        rows, examples = found[name]
-        n = len(np.unique(rows[examples == start]))
+      examples, previous = uses[name]
+      new = np.bincount(examples[(examples >= start) & (previous < start)],
+                        minlength=batch.size)[start:]   # rows each example adds to the run
+      fit = int(np.searchsorted(np.cumsum(new), cache_rows, side="right"))
+      if fit == 0:
         raise ConfigError(f"offloaded table '{name}': example {start} of an eval batch alone "
-                          f"reads {n} distinct rows, more than its cache of {cache_rows}; "
+                          f"reads {new[0]} distinct rows, more than its cache of {cache_rows}; "
                           "raise its cache_rows/cache_bytes (OffloadConfig.tables)")
-      end = min(end, stop)
+      end = min(end, start + fit)
     mask = np.zeros(batch.size, bool)
     mask[start:end] = True
     out.append(mask)

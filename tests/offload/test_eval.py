@@ -115,6 +115,19 @@ def test_eval_pieces_are_greedy_runs_and_an_example_too_big_is_named():
                      r"alone reads 3 distinct rows, more than its cache of 2; raise its "
                      r"cache_rows/cache_bytes \(OffloadConfig.tables\)$"):
     runs(2)
+  rng = np.random.default_rng(0)   # against greedy runs over python sets
+  for cache in (4, 5, 9, 40):
+    big = Batch(dense=np.zeros((60, 1)), labels=np.zeros(60),
+                ids={"a": rng.integers(-1, 30, (60, 3)), "b": rng.integers(-1, 30, 60)})
+    per_example = [(set(big.ids["a"][i]) | {big.ids["b"][i]}) - {-1} for i in range(60)]
+    want, run = [], set()
+    for i, r in enumerate(per_example):
+      if len(run | r) > cache:
+        want.append(i)
+        run = set()
+      run |= r
+    got = eval_split.pieces(big, {"t": (("a", "b"), cache)})
+    assert [int(np.flatnonzero(m)[0]) for m in got[1:]] == want, cache
 
 
 def test_an_eval_view_copies_only_the_stacks_holding_caches(tmp_path):
