@@ -1,4 +1,5 @@
-"""Splitting an eval batch whose distinct rows do not fit an offloaded table's cache.
+"""Eval batches through the offloaded tables' caches (`OffloadTier.eval_views`): the view's
+payload (`view_payload`, `remap`) and the split of a batch too big for a cache (`pieces`).
 
 An eval step looks a batch up through the device cache (`OffloadTier.eval_view`), so each
 offloaded table's distinct rows of the batch must fit its cache. A batch that reads more is
