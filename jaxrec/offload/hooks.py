@@ -162,13 +162,21 @@ def warn_small_eval_caches(tier: OffloadTier, features, eval_batch_size: int) ->
   """Warns (and returns the warnings) for each offloaded table whose cache is smaller than
   the most distinct rows an eval batch can read: an eval looks the batch up through the
   cache, so such a batch takes several passes (`eval_split`), each as slow as one over the
-  whole batch. Only a warning: real batches often read far fewer distinct rows."""
+  whole batch; a cache smaller than one example's ids may stop the eval (e.g. a run that
+  only evaluates, with a cache no training batch would fit). Only warnings: real batches
+  often read far fewer distinct rows."""
   out = []
   for name, t in tier.tables.items():
     # the table has no more distinct rows than `rows`: a cache of the whole table always fits
-    bound = min(eval_batch_size * sum(f.max_len for f in features if f.table == name),
-                t.spec.rows)
-    if bound > t.cache.cache_rows:
+    per_example = min(sum(f.max_len for f in features if f.table == name), t.spec.rows)
+    bound = min(eval_batch_size * per_example, t.spec.rows)
+    if per_example > t.cache.cache_rows:
+      out.append(f"offloaded table '{name}': one example may read up to {per_example:,} "
+                 f"distinct rows, more than its {t.cache.cache_rows:,}-row cache; an eval "
+                 "batch with such an example stops the run at that eval (raise its "
+                 "cache_rows/cache_bytes)")
+      _LOG.warning("%s", out[-1])
+    elif bound > t.cache.cache_rows:
       out.append(f"offloaded table '{name}': an eval batch ({eval_batch_size} examples) may "
                  f"read up to {bound:,} distinct rows, more than its {t.cache.cache_rows:,}-row "
                  "cache; such a batch is evaluated in several passes, each costing a whole "

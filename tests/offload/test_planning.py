@@ -148,3 +148,8 @@ def test_eval_cache_warning_bounds_distinct_rows_by_the_table_size():
   (warning,) = hooks.warn_small_eval_caches(tier(999), features, 512)
   assert "may read up to 1,000 distinct rows, more than its 999-row cache" in warning
   assert hooks.warn_small_eval_caches(tier(900), features, 128) == []    # 512 rows fit
+  # smaller than one example's ids (4): an eval may stop, not only take more passes
+  (warning,) = hooks.warn_small_eval_caches(tier(3), features, 128)
+  assert warning == ("offloaded table 't': one example may read up to 4 distinct rows, more "
+                     "than its 3-row cache; an eval batch with such an example stops the run "
+                     "at that eval (raise its cache_rows/cache_bytes)")
