@@ -150,9 +150,10 @@ def warn_moved_stores(tier: OffloadTier, meta: Mapping, where: str, workdir: str
     old = (then.get(name) or {}).get("path")
     if (old and old != t.store.path
         and owner.read_owner(old) == os.path.realpath(workdir)):
+      why = (" (a relative OffloadTable.path is relative to the current directory)"
+             if t.store.off.path and not os.path.isabs(t.store.off.path) else "")
       out.append(f"offloaded table '{name}': checkpoint {where} was saved with its store at "
-                 f"'{old}', this run's is '{t.store.path}' (a relative OffloadTable.path is "
-                 f"relative to the current directory); its snapshot is restored into "
+                 f"'{old}', this run's is '{t.store.path}'{why}; its snapshot is restored into "
                  f"'{t.store.path}', and '{old}' is no longer used (delete it by hand)")
       _LOG.warning("%s", out[-1])
   return out

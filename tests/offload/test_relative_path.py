@@ -33,12 +33,20 @@ def test_a_relative_path_is_the_current_directorys_and_a_moved_store_is_named(
       f"'{a}/stores/big', this run's is '{b}/stores/big' (a relative OffloadTable.path is "
       f"relative to the current directory); its snapshot is restored into '{b}/stores/big', "
       f"and '{a}/stores/big' is no longer used (delete it by hand)")
+  # a store moved on purpose (W/offload/big → an absolute path): no word of relative paths
+  default = _tier(w)
+  elsewhere = _tier(w, tmp_path / "ssd" / "big")
+  (warning,) = offload.warn_moved_stores(elsewhere, {"offload": {"tables": offload.store_paths(
+      default)}}, "W/checkpoints/4", str(w))
+  assert warning.startswith(f"offloaded table 'big': checkpoint W/checkpoints/4 was saved "
+                            f"with its store at '{w}/offload/big', this run's is "
+                            f"'{tmp_path}/ssd/big'; its snapshot is restored into")
   # another workdir's store (a checkpoint copied or imported from it) is not reported
   other = _tier(tmp_path / "w2", "stores/big2")
   assert offload.warn_moved_stores(other, {"offload": {"tables": {
       "big": {"path": str(a / "stores" / "big")}}}}, "W2/checkpoints/4", str(tmp_path / "w2")
                                    ) == []
-  for t in (first, moved, other):
+  for t in (first, moved, default, elsewhere, other):
     t.close()
 
 
