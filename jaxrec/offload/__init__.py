@@ -4,8 +4,8 @@
   store      the full table + optimizer state as tensorstore arrays; exact init; snapshots
   cache      host map of a device cache (planned state) and its sampled-LFU eviction
   buffer     host write-back buffer (write combining, second read tier)
-  device     jitted install / gather / eval-view on the cache rows of the EmbeddingState
-  eval_split eval through the caches: the view, a batch too big split into passes
+  device     jitted install / gather on the cache rows of the EmbeddingState
+  eval_split eval through the caches in place; a batch too big split into passes
   tier       the pipeline: look-ahead planner, fetcher, writer; trainer hooks
   records    the tier's per-table state and per-batch plan records
   iterator   the wrapped training iterator `tier.wrap` returns

@@ -74,7 +74,7 @@ def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
 
 
 class DeviceOps:
-  """The jitted install / gather / eval-view functions of one collection."""
+  """The jitted install / gather functions of one collection."""
 
   def __init__(self, collection: EmbeddingCollection, places: Mapping[str, CachePlace]):
     self.places = dict(places)
@@ -85,10 +85,6 @@ class DeviceOps:
     self.install = jax.jit(self._install, in_shardings=(emb, rep, rep), out_shardings=emb,
                            donate_argnums=(0,), compiler_options=options)
     self.gather = jax.jit(self._gather, in_shardings=(emb, rep), out_shardings=rep)
-    # only the stacks holding caches: jit copies every output, forwarded inputs too
-    stacks = sorted({p.stack for p in self.places.values()})
-    self._view_stacks = jax.jit(self._view, in_shardings=(emb, rep), compiler_options=options,
-                                out_shardings={s: emb["tables"][s] for s in stacks})
 
   def _install(self, emb, payload, bounces):
     """payload `{table: (rows [n] int32, values {array: [n, ...]})}`: writes the values
@@ -120,23 +116,6 @@ class DeviceOps:
         vals[f"opt.{k}"] = take(a)
       out[name] = vals
     return out
-
-  def view(self, emb, payload):
-    """payload `{table: (dst [n], src [n], host [n, dim], from_host [n] bool)}` (every
-    offloaded table): `emb` whose rows `dst` hold host values or the current rows `src`
-    (eval). The stacks holding caches are new arrays; the rest of `emb` (other stacks,
-    optimizer state) is `emb`'s own."""
-    return dict(emb, tables=dict(emb["tables"], **self._view_stacks(emb, payload)))
-
-  def _view(self, emb, payload):
-    tables = {}
-    for name, (dst, src, host, from_host) in payload.items():
-      stack = self.places[name].stack
-      t = tables.get(stack, emb["tables"][stack])
-      vals = jnp.where(from_host[:, None], with_columns(host, t.shape[-1]).astype(t.dtype),
-                       t.at[src].get(mode="fill", fill_value=0))
-      tables[stack] = t.at[dst].set(vals, mode="drop")
-    return tables
 
   def put(self, tree):
     """Host arrays → replicated device arrays."""

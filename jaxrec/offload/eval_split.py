@@ -1,12 +1,13 @@
-"""Eval batches through the offloaded tables' caches (`OffloadTier.eval_views`): the view's
-payload (`view_payload`, `remap`) and the split of a batch too big for a cache (`pieces`).
+"""Eval batches through the offloaded tables' caches (`OffloadTier.eval_logits`).
 
-An eval step looks a batch up through the device cache (`OffloadTier.eval_view`), so each
-offloaded table's distinct rows of the batch must fit its cache. A batch that reads more is
-evaluated in pieces: consecutive runs of examples that fit (greedy, in example order), each
-looked up as the whole batch with the other examples' ids set to -1 (padding). Every pass
-has the batch's shape (no new compilation) and each example's logits are the ones the
-all-on-device eval gives; a batch that fits takes one pass, as before.
+An eval pass looks a batch up through the device caches: a row it reads is read from its
+cache slot when cached, else written into a spare slot (one no row of the batch occupies)
+for the pass and put back after, in place: no copy of a stack. So each offloaded table's
+distinct rows of the batch must fit its cache. A batch that reads more is evaluated in
+pieces: consecutive runs of examples that fit (greedy, in example order), each looked up as
+the whole batch with the other examples' ids set to -1 (padding). Every pass has the
+batch's shape (no new compilation) and each example's logits are the ones the all-on-device
+eval gives; a batch that fits takes one pass.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import numpy as np
 
 from jaxrec.data.batch import Batch
 from jaxrec.errors import ConfigError
+from jaxrec.offload.cache import batch_rows
 from jaxrec.offload.device import global_rows, pad_rows, padded
-from jaxrec.offload.store import TABLE
 
 
 def _ids(batch: Batch, features: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -93,25 +94,62 @@ def only(batch: Batch, keep: np.ndarray, features: Sequence[str]) -> Batch:
   return batch.replace(ids=ids)
 
 
-def view_payload(t, uniq: np.ndarray, read_latest) -> tuple:
-  """`DeviceOps.view`'s payload putting the distinct rows `uniq [n]` of the offloaded table
-  `t` (a `TierTable`) in cache slots `0..n-1`: `(dst, src, host, from_host)`, each padded;
-  cached rows are copied from their slots, the others read by `read_latest(t, rows)`."""
-  order = np.argsort(t.resident)
+def slots(t, uniq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """`(slot [n], missing [n] bool)`: the cache slot each distinct row `uniq [n]` of table `t`
+  (a `TierTable`) is read from in an eval pass: its own when cached, else (`missing`) a slot
+  no row of `uniq` occupies, free ones first, whose value the pass replaces and puts back."""
+  order = np.argsort(t.resident, kind="stable")
   pos = np.minimum(np.searchsorted(t.resident, uniq, sorter=order), len(order) - 1)
   cached = t.resident[order[pos]] == uniq
-  host = np.zeros((len(uniq), t.spec.dim), t.store.array_dtype(TABLE))
-  host[~cached] = read_latest(t, uniq[~cached])[TABLE]
-  n = padded(len(uniq))
-  return (global_rows(t.place, np.arange(len(uniq)), n),
-          global_rows(t.place, np.where(cached, order[pos], 0), n),
-          pad_rows(host, n), pad_rows(~cached, n))
+  slot = np.where(cached, order[pos], -1)
+  taken = np.zeros(len(t.resident), bool)
+  taken[slot[cached]] = True
+  spare = np.flatnonzero(~taken)
+  spare = spare[np.argsort(t.resident[spare] >= 0, kind="stable")]
+  slot[~cached] = spare[:np.count_nonzero(~cached)]
+  return slot, ~cached
 
 
-def remap(batch: Batch, features: Sequence[str], uniq: np.ndarray) -> dict[str, np.ndarray]:
-  """`{feature: ids}` of `features` turned into slots: row `uniq[i]` → `i` (-1 stays)."""
+def remap(batch: Batch, features: Sequence[str], uniq: np.ndarray, slot: np.ndarray
+          ) -> dict[str, np.ndarray]:
+  """`{feature: ids}` of `features` turned into slots: row `uniq[i]` → `slot[i]` (-1 stays)."""
   out = {}
   for f in features:
     x = batch.ids[f]
-    out[f] = np.where(x >= 0, np.searchsorted(uniq, np.maximum(x, 0)), -1).astype(np.int32)
+    i = np.searchsorted(uniq, np.maximum(x, 0))
+    out[f] = np.where(x >= 0, slot[np.minimum(i, len(slot) - 1)], -1).astype(np.int32)
   return out
+
+
+def logits_in_place(tier, state: dict, batch: Batch, run) -> tuple[dict, np.ndarray]:
+  """`OffloadTier.eval_logits` (see there), per pass: writes the rows the pass reads that are
+  not cached into spare cache slots of `state` (donated), calls `run`, puts the slots'
+  values back."""
+  tables = tier.tables
+  parts = pieces(batch, {n: (t.features, t.cache.cache_rows) for n, t in tables.items()})
+  features = [f for t in tables.values() for f in t.features]
+  emb, logits = state["emb"], None
+  for keep in parts:
+    part = batch if len(parts) == 1 else only(batch, keep, features)
+    ids, rows, values = dict(part.ids), {}, {}
+    for name, t in tables.items():
+      uniq, _ = batch_rows(t.spec, t.features, part)
+      slot, missing = slots(t, uniq)
+      ids.update(remap(part, t.features, uniq, slot))
+      if missing.any():
+        n = padded(int(missing.sum()))
+        rows[name] = global_rows(t.place, slot[missing], n)
+        values[name] = {k: pad_rows(v, n) for k, v in tier.read_latest(t, uniq[missing]).items()}
+    part = part.replace(ids=ids)
+    tier.collection.check_ids(part.ids)            # before the state changes
+    if rows:
+      rows = tier.ops.put(rows)
+      saved = tier.ops.gather(emb, rows)
+      emb = tier.ops.install(emb, tier.ops.put({n: (rows[n], values[n]) for n in rows}), {})
+    try:
+      out = run(dict(state, emb=emb), part)
+    finally:
+      if rows:
+        emb = tier.ops.install(emb, {n: (rows[n], saved[n]) for n in rows}, {})
+    logits = out if logits is None else np.where(keep, out, logits)
+  return dict(state, emb=emb), logits

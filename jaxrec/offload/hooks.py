@@ -8,7 +8,7 @@
     ... tier.save(state, step, snapshot_dir(workdir)) before each checkpoint save
     ... restored = ckpt.restore(..., offloaded={n: t.spec for n, t in tier.tables.items()})
     ... tier.restore(step, snapshot_dir(workdir), restored.host_tables) after it
-    ... for state, batch, examples in tier.eval_views(state, batch): per eval batch (passes)
+    ... state, logits = tier.eval_logits(state, batch, eval_fn) per eval batch
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def plan_with_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpe
   for f in features:
     ids[f.table] += f.max_len
   # Rows one step may need resident: this batch's and the next H batches' ids, or an eval
-  # batch's (`OffloadTier.eval_views`: one pass when they all fit in the cache).
+  # batch's (`OffloadTier.eval_logits`: one pass when they all fit in the cache).
   per_table = max(batch_size * (config.horizon + 1), eval_batch_size)
   need = {n: per_table * k for n, k in ids.items()}
   candidates = sorted((t for t in tables if config.table(t.name) is None

@@ -239,34 +239,24 @@ class OffloadTier:
     self._reset_all()
     self._store_ready = False
 
-  def eval_views(self, state: dict, batch: Batch):
-    """Yields `(state, batch, examples [B] bool)` per eval pass over `batch` (`eval_view`s):
-    one when its rows fit every cache, else one per piece that does (`eval_split`); each
-    pass's logits hold those `examples`. Raises `ConfigError` when one example cannot fit."""
-    parts = eval_split.pieces(batch, {n: (t.features, t.cache.cache_rows)
-                                      for n, t in self.tables.items()})
-    features = [f for t in self.tables.values() for f in t.features]
-    for keep in parts:
-      part = batch if len(parts) == 1 else eval_split.only(batch, keep, features)
-      yield *self.eval_view(state, part), keep
-
-  def eval_view(self, state: dict, batch: Batch) -> tuple[dict, Batch]:
-    """`(state, batch)` for an eval step: a copy of the state whose caches hold exactly the
-    rows `batch` reads (newest values), and the batch with ids turned into those slots."""
+  def eval_logits(self, state: dict, batch: Batch, run) -> tuple[dict, np.ndarray]:
+    """`(state, logits [B])` of an eval batch (raw ids): `run(state, batch) -> logits [B]`
+    (the eval step) is called on the batch with offloaded ids turned into cache slots, once,
+    or once per piece when its rows do not fit a cache (`eval_split`). The rows it reads that
+    are not cached (newest values) go into spare cache slots in place and are put back after
+    each pass (also when `run` raises): `state` is donated, the returned one holds the same
+    values. Raises `ConfigError` when one example cannot fit, or for bad ids (before any
+    change to `state`)."""
     self._raise_error()
     self._ensure_store()
     self._drain_fetches()
-    payload, ids = {}, dict(batch.ids)
-    for name, t in self.tables.items():
-      uniq, _ = batch_rows(t.spec, t.features, batch)
-      if len(uniq) > t.cache.cache_rows:
-        raise ConfigError(f"offloaded table '{name}': an eval batch reads {len(uniq)} distinct "
-                          f"rows, more than its cache of {t.cache.cache_rows} (eval_views "
-                          "splits such a batch)")
-      payload[name] = eval_split.view_payload(t, uniq, self._read_latest)
-      ids.update(eval_split.remap(batch, t.features, uniq))
-    emb = self.ops.view(state["emb"], self.ops.put(payload))
-    return dict(state, emb=emb), batch.replace(ids=ids)
+    return eval_split.logits_in_place(self, state, batch, run)
+
+  def read_latest(self, t: TierTable, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Newest host/store values of rows that are not cached (all evictions fetched)."""
+    found, buffered = t.buffer.get(rows)
+    disk = t.store.read(rows[~found]).result()
+    return assemble(t.store, len(rows), [(found, buffered), (~found, disk)])
 
   def stats(self) -> dict[str, float]:
     """Counters since the start: lookups/hits (distinct rows per batch and id
@@ -424,12 +414,6 @@ class OffloadTier:
           raise OffloadError("offload pipeline stopped")
       found.late[dst] = False
     return [(recs[k], src, dst) for k, src, dst in groups[-_BOUNCE_SOURCES:]], found.late
-
-  def _read_latest(self, t: TierTable, rows: np.ndarray) -> dict[str, np.ndarray]:
-    """Newest host/store values of rows that are not cached (all evictions fetched)."""
-    found, buffered = t.buffer.get(rows)
-    disk = t.store.read(rows[~found]).result()
-    return assemble(t.store, len(rows), [(found, buffered), (~found, disk)])
 
   # ============================================================================ threads
   def _reset_pipeline_state(self) -> None:

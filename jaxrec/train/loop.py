@@ -124,25 +124,32 @@ def device_batch(collection, batch: Batch, sharding) -> Batch:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), packed)
 
 
-def evaluate(eval_step, collection, state, eval_data, sharding, tier=None) -> dict[str, Any]:
-  """Exact AUC / logloss over the whole eval set (padding masked out)."""
+def evaluate(eval_step, collection, state, eval_data, sharding, tier=None
+             ) -> tuple[dict[str, Any], dict]:
+  """Exact AUC / logloss over the whole eval set (padding masked out), and the state to go
+  on with: with offloaded tables `tier.eval_logits` donates it and returns one holding the
+  same values. A `ConfigError`/`DataError` raised here carries that state as `.state`."""
   acc = EvalAccumulator()
-  for batch, mask in eval_data:
-    # offloaded tables: the batch in passes whose rows fit the caches (most often one)
-    views = tier.eval_views(state, batch) if tier is not None else [(state, batch, None)]
-    logits = None
-    for st, b, keep in views:
-      collection.check_ids(b.ids)              # as for train batches: no silent clamping
-      # global [B], replicated
-      out = np.asarray(eval_step(st, device_batch(collection, b, sharding)))
-      logits = out if logits is None else np.where(keep, out, logits)
-      st = b = None      # an offload view (a copy of a stack) goes before the next is made
-    labels, mask = batch.labels, mask
-    if jax.process_count() > 1:
-      labels, mask = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
-                      for x in (labels, mask))
-    acc.add(logits, labels, mask > 0)
-  return acc.result()
+
+  def run(st, b):   # global [B], replicated
+    return np.asarray(eval_step(st, device_batch(collection, b, sharding)))
+
+  try:
+    for batch, mask in eval_data:
+      if tier is not None:   # offloaded ids → cache slots, in passes when rows do not fit
+        state, logits = tier.eval_logits(state, batch, run)
+      else:
+        collection.check_ids(batch.ids)            # as for train batches: no silent clamping
+        logits = run(state, batch)
+      labels, mask = batch.labels, mask
+      if jax.process_count() > 1:
+        labels, mask = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                        for x in (labels, mask))
+      acc.add(logits, labels, mask > 0)
+  except (ConfigError, DataError) as e:
+    e.state = state
+    raise
+  return acc.result(), state
 
 
 def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: str
@@ -292,8 +299,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     if finished:   # the resume line carries the evaluation (maybe of other --eval_data)
       log.info("already trained to step %d (--num_steps=%d): evaluating that checkpoint",
                start, options.num_steps)
-      last = dict(evaluate(eval_step, collection, state, eval_data, bsharding, tier),
-                  step=start)
+      metrics, state = evaluate(eval_step, collection, state, eval_data, bsharding, tier)
+      last = dict(metrics, step=start)
       if restored is not None:
         writer.write(start, {"event": "resume", "checkpoint_step": start, **last})
     while step < options.num_steps:
@@ -376,8 +383,10 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
         save_checkpoint(state, step, force=done or stop)
       if is_eval:
         try:
-          record.update(evaluate(eval_step, collection, state, eval_data, bsharding, tier))
-        except (ConfigError, DataError):   # e.g. an eval batch too big for an offload cache
+          metrics, state = evaluate(eval_step, collection, state, eval_data, bsharding, tier)
+          record.update(metrics)
+        except (ConfigError, DataError) as e:   # e.g. an example too big for an offload cache
+          state = e.state
           if not is_ckpt:   # between checkpoints: keep the steps since the last one
             log.error("the eval of step %d failed: saving checkpoint %d first", step, step)
             save_checkpoint(state, step, force=True)

@@ -89,24 +89,27 @@ def test_eval_batches_bigger_than_the_cache_are_evaluated_in_pieces(tmp_path, ca
 
 def test_a_failing_eval_between_checkpoints_saves_its_step_first(tmp_path, monkeypatch):
   """An eval that fails at an eval step that does not checkpoint (step 3; checkpoints
-  every 10; here an eval batch with an example too big for the cache) stopped the run with
-  nothing saved: every step since the last checkpoint was lost, on each rerun again. It now
-  saves that step first; the same command resumes from it once the cause is fixed."""
+  every 10; here its second eval batch, with an example too big for the cache) stopped the
+  run with nothing saved: every step since the last checkpoint was lost, on each rerun
+  again. It now saves that step first (from the state the first batch's eval handed back:
+  an eval pass donates it); the same command resumes from it once the cause is fixed."""
   from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
   from jaxrec.offload import eval_split  # pylint: disable=import-outside-toplevel
   w = tmp_path / "w"
-  small_cache = SMALL_DLRM + ["OffloadConfig.tables={'t0': {'cache_rows': 300}}"]
+  small_cache = SMALL_DLRM + ["OffloadConfig.tables={'t0': {'cache_rows': 300}}",
+                              "ExperimentConfig.eval_batch_size=256"]   # 2 eval batches
+  real, calls = eval_split.pieces, []
 
-  real = eval_split.pieces
-
-  def too_big(batch, tables):
-    return real(batch, {n: (f, 0) for n, (f, _) in tables.items()})
+  def too_big(batch, tables):   # the second batch has an example the cache cannot hold
+    calls.append(batch)
+    return real(batch, {n: (f, c if len(calls) == 1 else 0) for n, (f, c) in tables.items()})
 
   monkeypatch.setattr(eval_split, "pieces", too_big)
   with pytest.raises(ConfigError, match="example 0 of an eval batch alone reads 1 distinct "
                      "rows, more than its cache of 0"):
     train_synthetic(w, 8, small_cache, eval_every=3)
   monkeypatch.undo()
+  assert len(calls) == 2
   assert sorted(os.listdir(w / "checkpoints")) == ["3"]
   assert sorted(os.listdir(w / "offload_snapshots")) == ["3"]
   result = train_synthetic(w, 4, small_cache)
