@@ -124,32 +124,44 @@ def remap(batch: Batch, features: Sequence[str], uniq: np.ndarray, slot: np.ndar
 def logits_in_place(tier, state: dict, batch: Batch, run) -> tuple[dict, np.ndarray]:
   """`OffloadTier.eval_logits` (see there), per pass: writes the rows the pass reads that are
   not cached into spare cache slots of `state` (donated), calls `run`, puts the slots'
-  values back."""
+  values back. An exception carries the state to go on with as `.state` (`state` itself
+  may be donated by then)."""
   tables = tier.tables
   parts = pieces(batch, {n: (t.features, t.cache.cache_rows) for n, t in tables.items()})
   features = [f for t in tables.values() for f in t.features]
-  emb, logits = state["emb"], None
-  for keep in parts:
-    part = batch if len(parts) == 1 else only(batch, keep, features)
-    ids, rows, values = dict(part.ids), {}, {}
-    for name, t in tables.items():
-      uniq, _ = batch_rows(t.spec, t.features, part)
-      slot, missing = slots(t, uniq)
-      ids.update(remap(part, t.features, uniq, slot))
-      if missing.any():
-        n = padded(int(missing.sum()))
-        rows[name] = global_rows(t.place, slot[missing], n)
-        values[name] = {k: pad_rows(v, n) for k, v in tier.read_latest(t, uniq[missing]).items()}
-    part = part.replace(ids=ids)
-    tier.collection.check_ids(part.ids)            # before the state changes
-    if rows:
-      rows = tier.ops.put(rows)
-      saved = tier.ops.gather(emb, rows)
-      emb = tier.ops.install(emb, tier.ops.put({n: (rows[n], values[n]) for n in rows}), {})
-    try:
-      out = run(dict(state, emb=emb), part)
-    finally:
-      if rows:
-        emb = tier.ops.install(emb, {n: (rows[n], saved[n]) for n in rows}, {})
-    logits = out if logits is None else np.where(keep, out, logits)
-  return dict(state, emb=emb), logits
+  live, logits = {"emb": state["emb"]}, None   # `live["emb"]`: the newest, undonated one
+  try:
+    for keep in parts:
+      part = batch if len(parts) == 1 else only(batch, keep, features)
+      out = _one_pass(tier, state, live, part, run)
+      logits = out if logits is None else np.where(keep, out, logits)
+  except Exception as e:
+    e.state = dict(state, emb=live["emb"])
+    raise
+  return dict(state, emb=live["emb"]), logits
+
+
+def _one_pass(tier, state, live, part, run) -> np.ndarray:
+  """`run`'s logits `[B]` of one pass of `logits_in_place` over `part`; `live["emb"]` is
+  replaced by each install (its values the same once the pass ends, also on an error)."""
+  ids, rows, values = dict(part.ids), {}, {}
+  for name, t in tier.tables.items():
+    uniq, _ = batch_rows(t.spec, t.features, part)
+    slot, missing = slots(t, uniq)
+    ids.update(remap(part, t.features, uniq, slot))
+    if missing.any():
+      n = padded(int(missing.sum()))
+      rows[name] = global_rows(t.place, slot[missing], n)
+      values[name] = {k: pad_rows(v, n) for k, v in tier.read_latest(t, uniq[missing]).items()}
+  part = part.replace(ids=ids)
+  tier.collection.check_ids(part.ids)            # before the state changes
+  if not rows:
+    return run(dict(state, emb=live["emb"]), part)
+  rows = tier.ops.put(rows)
+  saved = tier.ops.gather(live["emb"], rows)
+  live["emb"] = tier.ops.install(live["emb"], tier.ops.put(
+      {n: (rows[n], values[n]) for n in rows}), {})
+  try:
+    return run(dict(state, emb=live["emb"]), part)
+  finally:
+    live["emb"] = tier.ops.install(live["emb"], {n: (rows[n], saved[n]) for n in rows}, {})

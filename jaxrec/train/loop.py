@@ -128,7 +128,7 @@ def evaluate(eval_step, collection, state, eval_data, sharding, tier=None
              ) -> tuple[dict[str, Any], dict]:
   """Exact AUC / logloss over the whole eval set (padding masked out), and the state to go
   on with: with offloaded tables `tier.eval_logits` donates it and returns one holding the
-  same values. A `ConfigError`/`DataError` raised here carries that state as `.state`."""
+  same values. An exception raised here carries that state as `.state`."""
   acc = EvalAccumulator()
 
   def run(st, b):   # global [B], replicated
@@ -146,8 +146,8 @@ def evaluate(eval_step, collection, state, eval_data, sharding, tier=None
         labels, mask = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
                         for x in (labels, mask))
       acc.add(logits, labels, mask > 0)
-  except (ConfigError, DataError) as e:
-    e.state = state
+  except Exception as e:   # offloaded: the state to go on with (`state` may be donated)
+    e.state = getattr(e, "state", state)
     raise
   return acc.result(), state
 

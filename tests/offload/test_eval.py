@@ -155,3 +155,32 @@ def test_an_eval_copies_no_stack_and_leaves_the_cache_as_it_was(tmp_path):
                  before)
   finally:
     off.close()
+
+
+@pytest.mark.slow   # ~25 s: a short offloaded run to fail an eval pass of
+def test_an_eval_pass_that_fails_hands_back_the_live_state(tmp_path):
+  """The first pass's install donates the state's stacks: an error in a later pass (a bad
+  id of an offloaded feature there, a failing eval step) carries the state to go on with,
+  holding the values from before the eval, so the trainer can still save it."""
+  import jax   # pylint: disable=import-outside-toplevel
+  from jaxrec.data.batch import concatenate   # pylint: disable=import-outside-toplevel
+  from jaxrec.errors import DataError   # pylint: disable=import-outside-toplevel
+  from tests.offload.offload_helpers import Run, experiment, mesh_of, offload_config
+  off = Run(experiment("adagrad"), mesh_of(), offload_config(tmp_path, 600)).train(2)
+  try:
+    before = jax.tree.map(np.asarray, off.state["emb"])
+    batch = concatenate([off.it.batch_at(10**6 + 128 * k) for k in range(4)])
+    calls = []
+
+    def step(st, b):
+      calls.append(1)
+      if len(calls) == 2:
+        raise DataError("the second pass failed")
+      return np.zeros(b.size, np.float32)
+    with pytest.raises(DataError, match="second pass") as info:
+      off.tier.eval_logits(off.state, batch, step)
+    assert len(calls) == 2
+    jax.tree.map(np.testing.assert_array_equal,
+                 jax.tree.map(np.asarray, info.value.state["emb"]), before)
+  finally:
+    off.close()
