@@ -75,7 +75,7 @@ def _read_blocks(array, name, step_dir):
     yield from storage.row_blocks(array)
   except ValueError as e:   # tensorstore: truncated or missing chunk files
     raise CheckpointError(f"array '{name}' in {step_dir} cannot be read ({first_line(e)}): "
-                          "the checkpoint is corrupt; pick another --step") from None
+                          f"the checkpoint is corrupt{selection.PICK_ANOTHER}") from None
 
 
 def _new_output(output, checkpoint_dir) -> epath.Path:
@@ -185,7 +185,7 @@ def _snapshot_arrays(step_dir) -> dict:
   try:
     return offloaded_lib.snapshot_arrays(step_dir)
   except OffloadError as e:
-    raise CheckpointError(f"checkpoint {step_dir}: {e}; pick another --step") from None
+    raise CheckpointError(f"checkpoint {step_dir}: {e}{selection.PICK_ANOTHER}") from None
 
 
 class _Verifier:
@@ -202,7 +202,7 @@ class _Verifier:
   def done(self):
     if self.expect is not None and self.value != self.expect:
       raise CheckpointError(f"array '{self.name}' in {self.step_dir} fails its fingerprint "
-                            "check: the checkpoint is corrupt; pick another --step")
+                            f"check: the checkpoint is corrupt{selection.PICK_ANOTHER}")
 
 
 def _dirs_removed_on_error(fn):
