@@ -2,8 +2,9 @@
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+from tests import xla_env  # (imports no jax)
+
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_env.xla_flags(8)}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import atexit  # noqa: E402
 import shutil  # noqa: E402

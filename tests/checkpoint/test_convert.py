@@ -18,6 +18,7 @@ from jaxrec.checkpoint import CheckpointError, CheckpointManager, convert
 from jaxrec.embedding.specs import TableSpec
 from jaxrec.errors import ConfigError, DataError
 from jaxrec.sharding.plan import uniform_plan
+from tests import xla_env
 from tests.checkpoint import ckpt_helpers as h
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -261,8 +262,7 @@ def test_train_starts_from_torchrec_import(tmp_path, dtype):
               "uniform_tables.max_len=[1, 2]", "ExperimentConfig.batch_size=16",
               "ExperimentConfig.eval_batch_size=32", "ExperimentConfig.num_eval_examples=32",
               "DLRM.bottom_mlp=(8,16)", "DLRM.top_mlp=(8,1)"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = xla_env.script_env(2)
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train.py"),
                          f"--workdir={work}", "--gin_file=configs/dlrm_synthetic.gin",
                          "--num_steps=2", "--mesh=row=2", "--plan=rw", "--progress=false",

@@ -9,6 +9,7 @@ import time
 
 from jaxrec.elastic import events as events_lib
 from jaxrec.elastic import worker as worker_lib
+from tests import xla_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Tiny DLRM run: 256 examples per step, small eval set, SGD 0.1 on the tables.
@@ -38,7 +39,7 @@ def launch(workdir, launch_flags, train_flags, script=None):
 
 def run_train(workdir, train_flags, devices):
   """scripts/train.py in one process with `devices` CPU devices."""
-  e = env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  e = env(XLA_FLAGS=xla_env.xla_flags(devices))
   cmd = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), f"--workdir={workdir}",
          *train_flags]
   proc = subprocess.run(cmd, capture_output=True, text=True, env=e, cwd=ROOT, timeout=900)

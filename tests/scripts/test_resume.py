@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from tests import xla_env
 from tests.scripts.test_train import ROOT, export, read_metrics, train
 
 SMALL = ["ExperimentConfig.batch_size=48", "ExperimentConfig.eval_batch_size=96",
@@ -28,8 +29,7 @@ def assert_bitwise_equal(a, b):
 
 
 def start(workdir, *flags, devices=2):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
+  env = xla_env.script_env(devices)
   return subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "train.py"),
                            f"--workdir={workdir}", *flags], env=env, cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -47,8 +47,7 @@ def test_kill9_mid_save_and_mid_step_resumes_bitwise_equal(tmp_path):
   ref = str(tmp_path / "ref")
   train(ref, *common, devices=2)
   w = str(tmp_path / "killed")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
+  env = xla_env.script_env(2)
   for point in ("save:14", "step:25"):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "scripts", "kill_points.py"),
                            f"--workdir={w}", *common], env=dict(env, JAXREC_TEST_KILL=point),

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+from tests import xla_env
 from tests.scripts.test_train import ROOT, read_metrics, train
 
 FLAGS = ["--gin_file=configs/dlrm_synthetic.gin", "--plan=dp", "--log_every=5",
@@ -19,8 +20,7 @@ FLAGS = ["--gin_file=configs/dlrm_synthetic.gin", "--plan=dp", "--log_every=5",
 
 def test_sigterm_checkpoints_the_step_and_the_same_command_resumes(tmp_path):
   w = str(tmp_path / "w")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_PLATFORMS="cpu")
+  env = xla_env.script_env(1)
   proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "train.py"),
                            f"--workdir={w}", "--num_steps=100000", *FLAGS], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

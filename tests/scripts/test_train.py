@@ -10,13 +10,14 @@ import types
 import numpy as np
 import pytest
 
+from tests import xla_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = ["ExperimentConfig.batch_size=256", "ExperimentConfig.num_eval_examples=16384"]
 
 
 def train(workdir, *flags, devices=1, check=True, env=None):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu", **(env or {}))
+  env = xla_env.script_env(devices, **(env or {}))
   cmd = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), f"--workdir={workdir}",
          *flags]
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
@@ -33,8 +34,7 @@ def train_many(cases, devices=1, env=None):
     cases_path, results_path = os.path.join(tmp, "cases.json"), os.path.join(tmp, "out.json")
     with open(cases_path, "w") as f:
       json.dump([list(c) for c in cases], f)
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu", **(env or {}))
+    env = xla_env.script_env(devices, **(env or {}))
     subprocess.run([sys.executable, os.path.join(ROOT, "tests", "scripts", "train_many.py"),
                     cases_path, results_path], check=True, env=env, cwd=ROOT, timeout=600)
     with open(results_path) as f:
