@@ -7,8 +7,12 @@ The supervisor keeps the user's `scripts/train.py` flags and replaces `--mesh` a
 (`sharding.mesh.candidate_meshes`). The user's shape, not the previous generation's, is
 the reference, so a run that shrinks and grows back returns to it. `--mesh=auto` picks as
 the trainer does (`train.mesh_choice.first_fitting` over `mesh.auto_mesh_candidates`): a
-`--plan` file's recorded mesh, or the closest that takes the plan. A candidate is used when the batch sizes divide its device count and the planner
-(`plan_choice.choose`: `--plan=auto` proposes, a forced kind is checked) accepts it.
+`--plan` file's recorded mesh, or the closest that takes the plan; `--mesh=auto --plan=auto`
+resuming a checkpoint that records its plan and mesh takes those when the device count
+matches (`train.mesh_choice.resumed`; the workers then get `--mesh=auto --plan=auto` and
+resume them likewise). A candidate is used when the batch sizes divide its device count
+and the planner (`plan_choice.choose`: `--plan=auto` proposes, a forced kind is checked)
+accepts it.
 """
 
 from __future__ import annotations
@@ -95,6 +99,13 @@ class Choice:
   plan: str                        # the --plan flag value (auto or a kind)
   plan_kinds: Mapping[str, int]    # placements chosen: kind -> tables
   estimated_step_time_s: float
+  resumed: str = ""                # why, when it is the plan and mesh a checkpoint records
+
+  @property
+  def worker_mesh_plan(self) -> tuple[str, str]:
+    """The workers' `--mesh` and `--plan`: `auto auto` for a resumed checkpoint's plan and
+    mesh (the workers' `train.mesh_choice` takes them again), else the chosen mesh."""
+    return ("auto", "auto") if self.resumed else (self.mesh_flag, self.plan)
 
   @property
   def mesh_flag(self) -> str:
@@ -104,7 +115,8 @@ class Choice:
     return {"processes": self.processes, "devices_per_process": self.devices_per_process,
             "devices": self.processes * self.devices_per_process, "mesh": dict(self.mesh),
             "plan": self.plan, "plan_kinds": dict(self.plan_kinds),
-            "estimated_step_time_s": self.estimated_step_time_s}
+            "estimated_step_time_s": self.estimated_step_time_s,
+            **({"resumed": self.resumed} if self.resumed else {})}
 
 
 def load_config(args: TrainArgs):
@@ -146,20 +158,33 @@ def choose(config, args: TrainArgs, processes: int, devices_per_process: int,
   config.validate(n)                      # batch sizes divisible by the device count
   plan = str(args.get("plan", "auto"))
   user_mesh = str(args.get("mesh", "auto"))
+  options = _options(args, user_mesh)
+
+  def plan_for(shape, recorded=None):
+    return plan_choice.choose(config, _options(args, mesh_lib.format_mesh(shape)), shape,
+                              processes, recorded)
+
+  resumed, _ = mesh_choice.resumed(options, n, args.workdir, plan_for)
+  if resumed is not None:     # as the trainer: a resumed checkpoint's plan and mesh
+    return _choice(processes, devices_per_process, resumed.mesh, plan, resumed.planned,
+                   resumed.why)
   if user_mesh == "auto":   # as the trainer: a plan file's mesh, or the closest that fits
     candidates = mesh_lib.auto_mesh_candidates(plan, n)
   else:                     # a shrunk job keeps the model axes of --mesh where they fit
     candidates = candidate_meshes(_spec_sizes(user_mesh), n)
+  shape, planned = mesh_choice.first_fitting(candidates, plan_for, f"--plan={plan}")
+  return _choice(processes, devices_per_process, shape, plan, planned)
 
-  def plan_for(shape):
-    return plan_choice.choose(config, _options(args, mesh_lib.format_mesh(shape)), shape,
-                              processes)
 
-  shape, (chosen, result) = mesh_choice.first_fitting(candidates, plan_for, f"--plan={plan}")
+def _choice(processes: int, devices_per_process: int, shape: Mapping[str, int], plan: str,
+            planned: tuple, resumed: str = "") -> Choice:
+  """The Choice of `planned = (plan, PlanResult)` on `shape`."""
+  chosen, result = planned
   kinds: dict[str, int] = {}
   for p in chosen.placements.values():
     kinds[p.kind] = kinds.get(p.kind, 0) + 1
-  return Choice(processes, devices_per_process, shape, plan, kinds, float(result.step_time_s))
+  return Choice(processes, devices_per_process, dict(shape), plan, kinds,
+                float(result.step_time_s), resumed)
 
 
 def _spec_sizes(spec: str) -> dict[str, int]:

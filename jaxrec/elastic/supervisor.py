@@ -296,7 +296,7 @@ class Supervisor:
     os.makedirs(os.path.join(self.workdir, worker_lib.WORKERS_DIR), exist_ok=True)
     port = proc_lib.free_port()
     argv = [self.o.python, self.o.train_script,
-            *self.args.with_mesh_plan(choice.mesh_flag, choice.plan)]
+            *self.args.with_mesh_plan(*choice.worker_mesh_plan)]
     self.procs = []
     self._checkpoint_at_launch = proc_lib.latest_checkpoint(self.workdir)
     for p in range(choice.processes):

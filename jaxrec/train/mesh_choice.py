@@ -86,6 +86,30 @@ def first_fitting(shapes: Sequence[Mapping[str, int]], plan_for: Callable[[dict]
   raise ConfigError(f"no mesh of {n} devices fits {what}: " + "; ".join(errors[:3]))
 
 
+def resumed(options, num_devices: int, workdir: str | None,
+            plan_for: Callable[[dict, Plan], Any]) -> tuple[Choice | None, str]:
+  """`--mesh=auto --plan=auto` resuming: the Choice of the plan and mesh the newest
+  checkpoint records, when this run has that many devices and `plan_for(mesh, plan)`
+  accepts the plan; else `(None, why)`, `why` (a log suffix) saying why not, or empty when
+  there is nothing to resume (other flags, no checkpoint, no records). `scripts/train.py`
+  (`choose`) and `scripts/launch.py` (`elastic.replan.choose`) both decide here."""
+  saved = recorded(workdir) if (options.mesh, options.plan) == ("auto", "auto") else None
+  if saved is None:
+    return None, ""
+  devices = math.prod(saved.mesh.values())
+  if devices != num_devices:
+    return None, (f"; checkpoint {saved.step_dir} records mesh "
+                  f"{mesh_lib.format_mesh(saved.mesh)} ({devices} devices), this run has "
+                  f"{num_devices}: planned afresh")
+  try:
+    planned = plan_for(saved.mesh, saved.plan)
+  except ConfigError as e:
+    return None, f"; the plan checkpoint {saved.step_dir} records does not fit here ({e})"
+  return Choice(saved.mesh, planned,
+                f"the plan and mesh checkpoint {saved.step_dir} records: --mesh=auto "
+                "--plan=auto resumes them (give --mesh or --plan to choose others)"), ""
+
+
 def choose(config, options, num_devices: int, processes: int = 1,
            workdir: str | None = None) -> Choice:
   """Mesh and plan for a run of `num_devices` devices (module docstring); ConfigError when
@@ -95,22 +119,11 @@ def choose(config, options, num_devices: int, processes: int = 1,
   def plan_for(shape, plan=None):
     return offload.choose_plan(config, options, shape, processes=processes, recorded=plan)
 
-  why = ""
-  saved = recorded(workdir) if (options.mesh, options.plan) == ("auto", "auto") else None
-  if saved is not None:
-    devices = math.prod(saved.mesh.values())
-    if devices == num_devices:
-      try:
-        return Choice(saved.mesh, plan_for(saved.mesh, saved.plan),
-                      f"the plan and mesh checkpoint {saved.step_dir} records: --mesh=auto "
-                      "--plan=auto resumes them (give --mesh or --plan to choose others)")
-      except ConfigError as e:
-        why = f"; the plan checkpoint {saved.step_dir} records does not fit here ({e})"
-    else:
-      why = (f"; checkpoint {saved.step_dir} records mesh {mesh_lib.format_mesh(saved.mesh)} "
-             f"({devices} devices), this run has {num_devices}: planned afresh")
-    if why:
-      log.warning("--mesh=auto --plan=auto%s", why)
+  choice, why = resumed(options, num_devices, workdir, plan_for)
+  if choice is not None:
+    return choice
+  if why:
+    log.warning("--mesh=auto --plan=auto%s", why)
   if options.mesh != "auto":
     shapes = [mesh_lib.parse_mesh_spec(options.mesh, num_devices)]
     return Choice(*first_fitting(shapes, plan_for, ""), f"--mesh={options.mesh}")

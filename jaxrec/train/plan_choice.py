@@ -5,14 +5,17 @@ from __future__ import annotations
 from typing import Mapping
 
 
-def choose(config, options, mesh_shape: Mapping[str, int], processes: int = 1):
+def choose(config, options, mesh_shape: Mapping[str, int], processes: int = 1,
+           recorded=None):
   """Returns the plan and the planner's `PlanResult` (its `report()` says why).
 
   A forced plan is checked against `--memory_per_device` and estimated like an automatic
   one. Tables offloaded by gin `OffloadConfig` are planned as their device caches
   (see `jaxrec.offload.choose_plan`, which the trainer calls directly); offloading needs
-  a job of one process (`processes`).
+  a job of one process (`processes`). `recorded`: a resumed checkpoint's plan to check
+  instead of `options.plan` (`train.mesh_choice.resumed`).
   """
   from jaxrec import offload  # pylint: disable=import-outside-toplevel
-  plan, result, _, _ = offload.choose_plan(config, options, mesh_shape, processes=processes)
+  plan, result, _, _ = offload.choose_plan(config, options, mesh_shape, processes=processes,
+                                         recorded=recorded)
   return plan, result

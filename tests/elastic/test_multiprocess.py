@@ -128,3 +128,20 @@ def test_grows_back_when_capacity_returns(tmp_path, reference):
   got = losses(w)
   np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)],
                              [reference[s] for s in range(1, STEPS + 1)], rtol=1e-5)
+
+
+def test_a_resume_through_launch_py_keeps_the_recorded_plan_and_mesh(tmp_path):
+  """launch.py re-planned a `--mesh=auto --plan=auto` resume (data=8, a fresh plan) where
+  train.py resumes the plan and mesh the checkpoint records."""
+  w = str(tmp_path)
+  t.run_train(w, [*t.TINY, "--mesh=table=2,row=2,col=2", "--plan=grid", "--num_steps=2"], 8)
+  proc = t.launch(w, ["--num_processes=2", "--devices_per_process=4"],
+                  [*t.TINY, "--num_steps=4"])
+  assert t.finish(proc) == 0, open(os.path.join(w, "launch.log")).read()[-3000:]
+  plan = next(e for e in t.events(w) if e["event"] == "plan")
+  assert plan["mesh"] == {"data": 1, "table": 2, "row": 2, "col": 2}, plan
+  assert set(plan["plan_kinds"]) == {"grid"} and "checkpoints/2" in plan["resumed"]
+  launch = next(e for e in t.events(w) if e["event"] == "launch")
+  assert launch["command"][-2:] == ["--mesh=auto", "--plan=auto"]
+  with open(os.path.join(w, "workers", "0.log")) as f:
+    assert "--mesh=auto --plan=auto resumes them" in f.read()

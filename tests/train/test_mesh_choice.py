@@ -100,3 +100,19 @@ def test_a_recorded_plan_that_does_not_fit_is_replanned_with_a_warning(workdirs,
     _, _, info = loop.setup(config, RunOptions(), jax.devices()[:8], str(w2))
   assert "does not fit here (plan has no placement for table 't4')" in caplog.text
   assert info["plan_result"].mode != "checkpoint" and "does not fit" in info["why"]
+
+
+def test_launch_py_resumes_the_recorded_plan_and_mesh_as_train_py_does(workdirs):
+  """A resume through scripts/launch.py re-planned (data=8, a fresh plan) where train.py
+  took the plan and mesh the checkpoint records."""
+  _, w2, _ = workdirs
+  _, _, info = _setup(w2)
+  args = replan.TrainArgs.parse([f"--workdir={w2}", "--gin_file=g"])
+  choice = replan.choose(CONFIG, args, 2, 4)
+  assert choice.mesh == info["mesh"] == TW and choice.plan_kinds == {"tw": len(h.specs()[0])}
+  assert "checkpoint" in choice.resumed and choice.to_json()["resumed"] == choice.resumed
+  assert args.with_mesh_plan(*choice.worker_mesh_plan)[-2:] == ["--mesh=auto", "--plan=auto"]
+  other = replan.choose(CONFIG, args, 1, 4)            # another device count: re-planned
+  assert not other.resumed and other.worker_mesh_plan == (other.mesh_flag, "auto")
+  forced = replan.TrainArgs.parse([f"--workdir={w2}", "--gin_file=g", "--plan=dp"])
+  assert replan.choose(CONFIG, forced, 2, 4).mesh["data"] == 8
