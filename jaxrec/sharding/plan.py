@@ -15,11 +15,13 @@ concatenated row-wise per `table` slice and looked up by one fused operation.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 import logging
 import numbers
-from typing import Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 from jaxrec.errors import ConfigError
 
@@ -186,15 +188,46 @@ def format_mesh(shape: Mapping[str, int]) -> str:
 
 def load_plan_file(path: str, mesh_shape: Mapping[str, int], fix: str = "") -> Plan:
   """`Plan.load`, with a warning when the file records another mesh than `mesh_shape` (its
-  placements are kept where they fit; `fix` ends the warning, e.g. how to re-plan)."""
+  placements are kept where they fit; `fix` ends the warning, e.g. how to re-plan). The
+  warning is logged once per process, and inside `mesh_warning_held` only for the mesh
+  finally chosen."""
   plan, made_for = Plan.load_with_mesh(path)
   here = {a: int(mesh_shape.get(a, 1)) for a in MESH_AXES}
   if made_for is not None and made_for != here:
-    logging.getLogger(__name__).warning(
-        "--plan=%s was made for mesh %s, the mesh here is %s: its placements are kept where "
-        "they fit, but may be unbalanced here%s", path, format_mesh(made_for), format_mesh(here),
-        fix)
+    message = (f"--plan={path} was made for mesh {format_mesh(made_for)}, the mesh here is "
+               f"{format_mesh(here)}: its placements are kept where they fit, but may be "
+               f"unbalanced here{fix}")
+    held = _HELD.get()
+    if held is None:
+      _warn_once(message)
+    else:
+      held[format_mesh(here)] = message
   return plan
+
+
+# Other-mesh warnings of the meshes tried so far (`mesh_warning_held`), and those logged.
+_HELD: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "held_plan_warnings", default=None)
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+  if message not in _WARNED:
+    _WARNED.add(message)
+    logging.getLogger(__name__).warning("%s", message)
+
+
+@contextlib.contextmanager
+def mesh_warning_held() -> Iterator[Callable[[Mapping[str, int]], None]]:
+  """While several meshes are tried (`--mesh=auto`, each elastic re-plan), holds
+  `load_plan_file`'s other-mesh warnings; yields `chosen(shape)`, which logs the one for
+  the mesh taken (the others are dropped)."""
+  held: dict[str, str] = {}
+  token = _HELD.set(held)
+  try:
+    yield lambda shape: held.get(format_mesh(shape)) and _warn_once(held[format_mesh(shape)])
+  finally:
+    _HELD.reset(token)
 
 
 def is_plan_file(plan: str) -> bool:

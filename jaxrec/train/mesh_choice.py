@@ -22,7 +22,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from jaxrec.errors import ConfigError
 from jaxrec.sharding import mesh as mesh_lib
-from jaxrec.sharding.plan import Plan, is_plan_file, recorded_mesh, stored_mesh
+from jaxrec.sharding.plan import (Plan, is_plan_file, mesh_warning_held, recorded_mesh,
+                                  stored_mesh)
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +74,20 @@ def first_fitting(shapes: Sequence[Mapping[str, int]], plan_for: Callable[[dict]
                   what: str) -> tuple[dict[str, int], Any]:
   """The first of `shapes` for which `plan_for(shape)` raises no ConfigError, and its
   value. With one shape its error is raised as it is; otherwise a ConfigError naming `what`
-  and the first three meshes tried, each with its reason."""
+  and the first three meshes tried, each with its reason. A plan file's other-mesh warning
+  is logged for the shape taken only (`plan.mesh_warning_held`)."""
   errors = []
-  for shape in shapes:
-    try:
-      return dict(shape), plan_for(dict(shape))
-    except ConfigError as e:
-      if len(shapes) == 1:
-        raise
-      errors.append(f"{mesh_lib.format_mesh(shape)}: {e}")
+  with mesh_warning_held() as chosen:
+    for shape in shapes:
+      try:
+        planned = plan_for(dict(shape))
+      except ConfigError as e:
+        if len(shapes) == 1:
+          raise
+        errors.append(f"{mesh_lib.format_mesh(shape)}: {e}")
+        continue
+      chosen(shape)
+      return dict(shape), planned
   n = math.prod(shapes[0].values()) if shapes else 0
   raise ConfigError(f"no mesh of {n} devices fits {what}: " + "; ".join(errors[:3]))
 

@@ -10,7 +10,7 @@ from jaxrec.checkpoint import CheckpointManager, convert
 from jaxrec.elastic import replan
 from jaxrec.embedding import optimizers
 from jaxrec.models import DLRM
-from jaxrec.sharding.plan import Plan, uniform_plan
+from jaxrec.sharding.plan import Plan, format_mesh, uniform_plan
 from jaxrec.train import loop
 from jaxrec.train.config import ExperimentConfig, RunOptions
 from tests.checkpoint import ckpt_helpers as h
@@ -89,6 +89,24 @@ def test_plan_file_of_another_device_count_runs_where_the_supervisor_would(tmp_p
   assert info["mesh"] == replan.choose(CONFIG, args, 1, devices).mesh
   assert info["mesh"]["table"] == 2 and got == plan
   assert "closest mesh" in info["why"]
+
+
+def test_a_plan_file_of_another_mesh_warns_once_naming_the_mesh_taken(tmp_path, caplog):
+  """--mesh=auto logged "--plan=F was made for mesh X" once per mesh it tried (here 2 on 2
+  devices: table=1,row=2 refuses the plan's second table slice), and the supervisor again
+  for each re-plan."""
+  tables, _ = h.specs()
+  path = tmp_path / "plan.json"
+  path.write_text(json.dumps({"mesh": {"data": 1, "table": 2, "row": 2, "col": 1},
+                              "plan": uniform_plan("twrw", tables, 2).to_json()}))
+  args = replan.TrainArgs.parse(["--workdir=w", "--gin_file=g", f"--plan={path}"])
+  with caplog.at_level("WARNING"):
+    _, _, info = _setup(None, 2, plan=str(path))
+    for _ in range(2):                        # two generations of the same job
+      assert replan.choose(CONFIG, args, 1, 2).mesh == info["mesh"]
+  assert caplog.text.count("was made for mesh") == 1
+  assert f"the mesh here is {format_mesh(info['mesh'])}" in caplog.text
+  assert info["mesh"]["table"] == 2
 
 
 def test_a_recorded_plan_that_does_not_fit_is_replanned_with_a_warning(workdirs, caplog):
