@@ -1,7 +1,8 @@
 """jaxrec.elastic: multi-process training that survives workers and devices coming and going.
 
   worker      the worker side: `initialize_from_env` (jax.distributed from the supervisor's
-              variables), `report_progress` (step timings, stop requests)
+              variables), `report_progress` (step timings, stop requests),
+              `report_warning` (a warning the supervisor prints)
   options     the supervisor's settings (`scripts/launch.py` flags), checked
   supervisor  starts and watches the workers; on failure, hang, capacity change or a
               straggler: stop, re-plan, restart from the latest checkpoint
@@ -16,6 +17,7 @@ Workers only import `worker` (no supervisor machinery).
 """
 
 from jaxrec.elastic.worker import (initialize_from_env, is_supervised, probe_local_devices,
-                                   report_progress)
+                                   report_progress, report_warning)
 
-__all__ = ["initialize_from_env", "is_supervised", "probe_local_devices", "report_progress"]
+__all__ = ["initialize_from_env", "is_supervised", "probe_local_devices", "report_progress",
+           "report_warning"]

@@ -130,6 +130,7 @@ class Supervisor:
     self._offsets: dict[int, int] = {}
     self._recovery: dict | None = None        # timings of the restart in progress
     self._first_plan_failed = False           # no mesh of the processes asked for at start
+    self._warnings: set[str] = set()          # workers' warnings already printed
 
   # ---------------------------------------------------------------------------- main loop
   def run(self) -> int:
@@ -429,7 +430,9 @@ class Supervisor:
           records.append(r)
       for r in records:
         p.last_seen = now
-        if r.get("phase") == "initialized":
+        if "warning" in r:
+          self._warn(p.index, str(r["warning"]))
+        elif r.get("phase") == "initialized":
           p.initialized = r
           self.events.emit("initialized", generation=self.generation, process=p.index,
                            pid=r.get("pid"), seconds_since_launch=round(r["time"] - p.launched, 3),
@@ -443,6 +446,15 @@ class Supervisor:
           dict(r, shard_times_s={f"{p.index}/{k}": v
                                  for k, v in (r.get("shard_times_s") or {}).items()})
           for r in records))
+
+  def _warn(self, process: int, message: str) -> None:
+    """A worker's `report_warning`: a `warning` event and the line on stderr, once per job
+    (each generation's workers warn again)."""
+    if message in self._warnings:
+      return
+    self._warnings.add(message)
+    self.events.emit("warning", generation=self.generation, process=process, message=message)
+    print(message, file=sys.stderr, flush=True)
 
   def _on_first_step(self, p: _Proc) -> None:
     if sum(q.first is not None for q in self.procs) == 1:

@@ -21,8 +21,9 @@ Progress goes to `W/workers/<process>.jsonl`, one line per step:
   {"time": ..., "generation": 1, "process": 0, "step": 41, "step_time_s": 0.021,
    "host_time_s": 0.004, "shard_times_s": {"device:0": 0.0011, ...}}
 
-plus one `{"phase": "initialized", ...}` line when the worker joined the runtime. The
-supervisor reads them for hang and straggler detection and the restart breakdown.
+plus one `{"phase": "initialized", ...}` line when the worker joined the runtime and a
+`{"warning": "warning: ..."}` line per `report_warning`. The supervisor reads them for hang
+and straggler detection, the restart breakdown and the warnings it prints.
 """
 
 from __future__ import annotations
@@ -159,6 +160,17 @@ def initialize_from_env() -> bool:
     w.write(w.workdir, {"phase": "initialized", "pid": os.getpid(),
                         "init_s": round(time.time() - t0, 4)})
   return multi
+
+
+def report_warning(message: str) -> bool:
+  """Hands a one-line warning for the user (e.g. `gin_usage.warning`) to the supervisor,
+  which prints it on its stderr once per job (the worker's own log is a file); False, and
+  nothing written, in a plain run."""
+  w = _worker()
+  if not (w.supervised and w.workdir):
+    return False
+  w.write(w.workdir, {"warning": message})
+  return True
 
 
 def report_progress(workdir: str, step: int, step_time_s: float,

@@ -274,6 +274,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     unused = gin_usage.warning()   # every configurable of the run has been called by now
     if unused:
       log.warning("%s", unused)
+      elastic.report_warning(unused)   # under launch.py: on its stderr, not only 0.log
     write_text_atomic(os.path.join(workdir, "config.gin"), operative_gin)
     # whole or not at all: `--plan=W/plan.json` reads it back on the next start
     write_text_atomic(os.path.join(workdir, "plan.json"),

@@ -3,8 +3,9 @@
 Reads --workdir, --num_steps, --checkpoint_every, --mesh, --step_s (seconds per step) and
 --error (print a user error and exit 1), --linger_s (seconds between a requested stop's
 checkpoint and the exit, like a real trainer closing its files), --crash_at=G:S (process 0
-of generation G exits 1 after its S-th step, no `error:` line: a crash); $FAKE_TRAIN_ARGS adds
-flags (for callers that do not pass train flags through). Reports progress through
+of generation G exits 1 after its S-th step, no `error:` line: a crash), --warn=TEXT
+(process 0 reports `warning: TEXT` at each start, as the trainer its unused gin bindings);
+$FAKE_TRAIN_ARGS adds flags (for callers that do not pass train flags through). Reports progress through
 `jaxrec.elastic.worker` like the real trainer, "checkpoints" by creating
 W/checkpoints/<step>/ (process 0), resumes from the newest one, stops when the supervisor
 asks and appends what it ran to W/fake_runs.jsonl. Prints `step N` per step (like the
@@ -32,6 +33,8 @@ def main(argv):
   worker._agree = lambda flag: flag          # pylint: disable=protected-access
   me = worker._worker()                      # pylint: disable=protected-access
   me.write(w, {"phase": "initialized", "pid": os.getpid(), "init_s": 0.0})
+  if "warn" in args and me.process == 0:
+    worker.report_warning(f"warning: {args['warn']}")
   ckpts = os.path.join(w, "checkpoints")
   steps = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if os.path.isdir(ckpts) else []
   start = max(steps, default=0)

@@ -144,6 +144,22 @@ def test_max_restarts(tmp_path):
   assert "exceed --max_restarts=0" in open(os.path.join(w, "launch.log")).read()
 
 
+@pytest.mark.slow   # 12 s: two generations (fast: tests/elastic/test_warnings.py)
+def test_a_workers_warning_reaches_the_launchers_stderr_once(tmp_path):
+  """The trainer's unused-gin-bindings warning went to W/workers/0.log only (and again for
+  each generation), never to the terminal the job was started from."""
+  w = str(tmp_path)
+  proc = start(w, ["--num_processes=2"], steps=12, extra=["--warn=gin bindings unused: X",
+                                                         "--crash_at=0:3"])
+  assert t.finish(proc) == 0
+  assert [r["generation"] for r in runs(w) if r["process"] == 0] == [0, 1]   # warned twice
+  assert open(os.path.join(w, "launch.log")).read().count(
+      "warning: gin bindings unused: X\n") == 1
+  warned = [e for e in t.events(w) if e["event"] == "warning"]
+  assert [(e["generation"], e["process"], e["message"]) for e in warned] == [
+      (0, 0, "warning: gin bindings unused: X")]
+
+
 def _set_capacity(w, text):
   """Writes the supervisor's capacity file `W/elastic/capacity`."""
   os.makedirs(os.path.join(w, "elastic"), exist_ok=True)

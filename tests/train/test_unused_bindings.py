@@ -61,7 +61,10 @@ def test_the_shipped_configs_use_every_binding(name):
 
 
 @pytest.mark.slow   # 18 s on 2 busy cores: a whole (1-step) run
-def test_a_run_warns_once_about_its_unused_bindings(tmp_path, caplog):
+def test_a_run_warns_once_about_its_unused_bindings(tmp_path, caplog, monkeypatch):
+  """... in its log, and under scripts/launch.py to the supervisor (its stderr)."""
+  reported = []
+  monkeypatch.setattr(loop.elastic, "report_warning", reported.append)
   launch.parse_gin(["configs/dlrm_synthetic.gin"], [
       "ExperimentConfig.batch_size=64", "ExperimentConfig.eval_batch_size=512",
       "ExperimentConfig.num_eval_examples=512", "DLRM.bottom_mlp=(16,)", "DLRM.top_mlp=(16,1)",
@@ -71,6 +74,7 @@ def test_a_run_warns_once_about_its_unused_bindings(tmp_path, caplog):
     loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path / "w"))
   lines = [r.getMessage() for r in caplog.records if "no configurable" in r.getMessage()]
   assert len(lines) == 1 and lines[0].endswith(": RowWiseAdagrad.lr (--gin_bindings)")
+  assert reported == lines
 
 
 def test_a_macro_used_but_never_bound_is_one_line_naming_where_it_is_used(tmp_path):
