@@ -5,6 +5,12 @@ gin accepts a binding of any registered configurable, also one the run never cal
 `record_file` / `record_bindings` note where each binding came from as `launch.parse_gin`
 reads them; `unused()` compares them with gin's operative config (what the configurables
 that were called actually received) once the run has built everything.
+
+Both configs are read through gin's public API, `gin.config_str()` and
+`gin.operative_config_str()` parsed back to their keys (gin has no public accessor for
+the operative config's keys). Those strings leave out values that are not literals, which
+a binding parsed from a gin file or `--gin_bindings` never is (`tests/train/
+test_unused_bindings.py` checks the shipped configs against gin's own tables).
 """
 
 from __future__ import annotations
@@ -70,39 +76,52 @@ def macro_use(name: str) -> str | None:
   return _MACRO_USES.get(name)
 
 
-def _record(statement: config_parser.BindingStatement, where: str) -> None:
+def _key(statement: config_parser.BindingStatement) -> tuple[str, str, str]:
+  """(scope, full selector, parameter) of a binding, as gin's tables key it."""
   scope, selector, arg = statement.scope, statement.selector, statement.arg_name
   if not arg:   # a macro, `name = value`: gin binds it as `name/gin.macro.value`
     scope, selector, arg = "/".join(filter(None, (scope, selector))), "gin.macro", "value"
   try:   # the full selector, as gin's operative config names it
-    key = gin.config.ParsedBindingKey.parse((scope, selector, arg)).scope_selector_arg
+    return gin.config.ParsedBindingKey.parse((scope, selector, arg)).scope_selector_arg
   except ValueError:   # cannot happen after gin parsed it; keep the name as written
-    key = (scope, selector, arg)
-  _ORIGINS[key] = where
+    return scope, selector, arg
+
+
+def _record(statement: config_parser.BindingStatement, where: str) -> None:
+  _ORIGINS[_key(statement)] = where
+
+
+def _keys(config_text: str) -> dict[tuple[str, str], set[str]]:
+  """`{(scope, full selector): {parameter, ...}}` of a gin config string."""
+  out: dict[tuple[str, str], set[str]] = {}
+  for statement in config_parser.ConfigParser(config_text, _Placeholders()):
+    if isinstance(statement, config_parser.BindingStatement):
+      scope, selector, arg = _key(statement)
+      out.setdefault((scope, selector), set()).add(arg)
+  return out
 
 
 def unused() -> list[str]:
   """`binding (where)` for each recorded binding that no configurable call received."""
-  bound = gin.config._CONFIG   # pylint: disable=protected-access
+  bound, operative = _keys(gin.config_str()), _keys(gin.operative_config_str())
   # (a binding gin no longer holds was cleared since, e.g. by gin.clear_config: not reported)
   return [f"{_name(scope, selector, arg)} ({where})"
           for (scope, selector, arg), where in _ORIGINS.items()
-          if arg in bound.get((scope, selector), {}) and not _used(scope, selector, arg)]
+          if arg in bound.get((scope, selector), ())
+          and not _used(scope, selector, arg, bound, operative)]
 
 
-def _used(scope: str, selector: str, arg: str) -> bool:
+def _used(scope: str, selector: str, arg: str, bound: dict, operative: dict) -> bool:
   """Some call received this binding: a call in scope `scope` or one inside it (gin applies
   the bindings of every prefix of the call's scope, the longest winning) whose operative
   config has `arg`, with no binding in a scope between them taking precedence."""
-  bound = gin.config._CONFIG   # pylint: disable=protected-access
-  operative = gin.config._OPERATIVE_CONFIG   # pylint: disable=protected-access
   mine = scope.split("/") if scope else []
   for (call_scope, sel), params in operative.items():
     parts = call_scope.split("/") if call_scope else []
     if sel != selector or arg not in params or parts[:len(mine)] != mine:
       continue
     inner = ("/".join(parts[:i]) for i in range(len(mine) + 1, len(parts) + 1))
-    if not any(arg in bound.get((s, selector), {}) for s in inner):
+    if not any(arg in bound.get((s, selector), ()) for s in inner):
       return True
   return False
 

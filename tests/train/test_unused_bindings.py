@@ -3,6 +3,7 @@
 import logging
 import os
 
+import gin
 import pytest
 
 from jaxrec import gin_usage, launch
@@ -56,8 +57,15 @@ def test_the_shipped_configs_use_every_binding(name):
   path = os.path.join(ROOT, "configs", name)
   if not os.path.exists(path):
     pytest.skip(f"no {name}")
-  _built([path], ["ExperimentConfig.batch_size=64"])
-  assert gin_usage.unused() == []
+  _built([path], ["m = 64", "ExperimentConfig.batch_size = %m", "x/RowWiseAdagrad.lr = 0.5"])
+  assert gin_usage.unused() == ["x/RowWiseAdagrad.lr (--gin_bindings)"]
+  # gin_usage reads gin's public config strings: they hold every key of gin's own tables
+  bound = {k: set(v) for k, v in gin.config._CONFIG.items()}   # pylint: disable=protected-access
+  assert gin_usage._keys(gin.config_str()) == bound   # pylint: disable=protected-access
+  operative = gin_usage._keys(gin.operative_config_str())   # pylint: disable=protected-access
+  bound_args = {(sel, arg) for (_, sel), args in bound.items() for arg in args}
+  for key, params in gin.config._OPERATIVE_CONFIG.items():   # pylint: disable=protected-access
+    assert {p for p in params if (key[1], p) in bound_args} <= operative.get(key, set()), key
 
 
 @pytest.mark.slow   # 18 s on 2 busy cores: a whole (1-step) run
