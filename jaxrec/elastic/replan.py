@@ -100,6 +100,7 @@ class Choice:
   plan_kinds: Mapping[str, int]    # placements chosen: kind -> tables
   estimated_step_time_s: float
   resumed: str = ""                # why, when it is the plan and mesh a checkpoint records
+  note: str = ""                   # why a checkpoint's recorded plan and mesh were not
 
   @property
   def worker_mesh_plan(self) -> tuple[str, str]:
@@ -116,7 +117,8 @@ class Choice:
             "devices": self.processes * self.devices_per_process, "mesh": dict(self.mesh),
             "plan": self.plan, "plan_kinds": dict(self.plan_kinds),
             "estimated_step_time_s": self.estimated_step_time_s,
-            **({"resumed": self.resumed} if self.resumed else {})}
+            **({"resumed": self.resumed} if self.resumed else {}),
+            **({"note": self.note} if self.note else {})}
 
 
 def load_config(args: TrainArgs):
@@ -164,7 +166,7 @@ def choose(config, args: TrainArgs, processes: int, devices_per_process: int,
     return plan_choice.choose(config, _options(args, mesh_lib.format_mesh(shape)), shape,
                               processes, recorded)
 
-  resumed, _ = mesh_choice.resumed(options, n, args.workdir, plan_for)
+  resumed, why = mesh_choice.resumed(options, n, args.workdir, plan_for)
   if resumed is not None:     # as the trainer: a resumed checkpoint's plan and mesh
     return _choice(processes, devices_per_process, resumed.mesh, plan, resumed.planned,
                    resumed.why)
@@ -173,7 +175,8 @@ def choose(config, args: TrainArgs, processes: int, devices_per_process: int,
   else:                     # a shrunk job keeps the model axes of --mesh where they fit
     candidates = candidate_meshes(_spec_sizes(user_mesh), n)
   shape, planned = mesh_choice.first_fitting(candidates, plan_for, f"--plan={plan}")
-  return _choice(processes, devices_per_process, shape, plan, planned)
+  return dataclasses.replace(_choice(processes, devices_per_process, shape, plan, planned),
+                             note=why.removeprefix("; "))
 
 
 def _choice(processes: int, devices_per_process: int, shape: Mapping[str, int], plan: str,

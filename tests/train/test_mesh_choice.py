@@ -132,5 +132,7 @@ def test_launch_py_resumes_the_recorded_plan_and_mesh_as_train_py_does(workdirs)
   assert args.with_mesh_plan(*choice.worker_mesh_plan)[-2:] == ["--mesh=auto", "--plan=auto"]
   other = replan.choose(CONFIG, args, 1, 4)            # another device count: re-planned
   assert not other.resumed and other.worker_mesh_plan == (other.mesh_flag, "auto")
+  assert other.to_json()["note"].endswith(
+      "records mesh data=2,table=4,row=1,col=1 (8 devices), this run has 4: planned afresh")
   forced = replan.TrainArgs.parse([f"--workdir={w2}", "--gin_file=g", "--plan=dp"])
   assert replan.choose(CONFIG, forced, 2, 4).mesh["data"] == 8
