@@ -41,6 +41,9 @@ from jaxrec.kernels.quant import QuantizedTable
 from jaxrec.sharding.plan import MESH_AXES
 
 FUSED_OPTIMIZERS = ("SGD", "Adagrad", "RowWiseAdagrad")
+# Stochastic rounding's key (with the step, `quant.seed_from`): the same for every stack and
+# shard, whose bits differ by their rows' and columns' keys (`rounding_rows`/`_cols`).
+ROUNDING_KEY = functools.partial(jax.random.key, 0)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -303,14 +306,27 @@ def fused_update_ok(l, optimizer) -> bool:
   return "col" not in l.axes or (name != "RowWiseAdagrad" and l.dtype != "int8")
 
 
-def rounding_key(l):
-  """PRNG key for stochastic rounding: per stack and per model shard (replicas of a shard
-  draw the same bits, so they stay identical)."""
-  key = jax.random.fold_in(jax.random.key(0), zlib.crc32(l.name.encode()) & 0x7FFFFFFF)
-  shard = 0
-  for axis in l.axes:
-    shard = shard * l.size(axis) + axis_index(l, axis)
-  return jax.random.fold_in(key, shard)
+def rounding_rows(l, uniq):
+  """uint32 `[n]` row keys of stochastic rounding's bits for local rows `uniq [n]`: the
+  crc32 of the row's table name xor its row in that table, the same on every plan and mesh
+  (rows past the slice's tables, e.g. the sentinel, get keys of the slice's last table:
+  they are never stored)."""
+  per_slice = [sorted((s.row_offset, zlib.crc32(s.name.encode())) for s in l.slots
+                      if l.num_slices == 1 or s.table_slice == t) for t in range(l.num_slices)]
+  width = max(len(p) for p in per_slice)
+  pad = lambda p: p + [(np.iinfo(np.int32).max, 0)] * (width - len(p))
+  starts, names = np.array([pad(p) for p in per_slice]).transpose(2, 0, 1)  # [nt, width]
+  t = axis_index(l, "table")
+  starts = jnp.asarray(starts.astype(np.int32))[t]
+  names = jnp.asarray(names.astype(np.uint32))[t]
+  row = uniq + axis_index(l, "row") * l.local_rows                    # row in the slice
+  which = jnp.maximum(jnp.sum(row[:, None] >= starts[None, :], axis=1) - 1, 0)
+  return names[which] ^ (row - starts[which]).astype(jnp.uint32)
+
+
+def rounding_cols(l):
+  """int32 `[dl]`: this device's columns' indices in the table (stochastic rounding's bits)."""
+  return axis_index(l, "col") * l.local_dim + jnp.arange(l.local_dim, dtype=jnp.int32)
 
 
 def update(l, optimizer, opts, dedup, table, opt_state, rows, uniq, grads, step):
@@ -324,12 +340,14 @@ def update(l, optimizer, opts, dedup, table, opt_state, rows, uniq, grads, step)
   uniq = uniq[0]
   if dedup and l.split_replica_axes:
     grads = jax.lax.psum(grads, l.split_replica_axes)
-  key = rounding_key(l) if opts.stochastic_rounding else None
+  key = ROUNDING_KEY() if opts.stochastic_rounding else None
   if opts.kernel == "pallas" and fused_update_ok(l, optimizer):
     idx = jnp.where(uniq < l.local_rows, uniq, -1)[:, None]
+    bit_rows = None if key is None else rounding_rows(l, uniq)[:, None]
     return kernels.sparse_update(table, opt_state, idx, jnp.ones(idx.shape, jnp.float32),
                                  grads, kernels.coerce(optimizer), step, key=key,
-                                 kernel="pallas", interpret=opts.interpret)
+                                 kernel="pallas", interpret=opts.interpret,
+                                 bit_rows=bit_rows, col_offset=rounding_cols(l)[0])
   mask = column_mask(l)
   real = (lambda x: x) if mask is None else (lambda x: jnp.where(mask, x, 0.0))
   if "col" in l.axes:   # over the real columns only (`optimizers.dim_full` counts them)
@@ -343,8 +361,8 @@ def update(l, optimizer, opts, dedup, table, opt_state, rows, uniq, grads, step)
   new_rows, new_state = optimizer.update(rows, grads, state_rows, step, dim_sum)
   bits = None
   if key is not None:
-    cols = jnp.arange(new_rows.shape[-1], dtype=jnp.int32)
-    bits = quant.random_bits(quant.seed_from(key, step), uniq, cols)
+    bits = quant.random_bits(quant.seed_from(key, step), rounding_rows(l, uniq),
+                             rounding_cols(l))
   table = store_rows(l, table, uniq, new_rows, bits)
   opt_state = {k: opt_state[k].at[uniq].set(new_state[k].astype(opt_state[k].dtype),
                                              mode="drop") for k in opt_state}

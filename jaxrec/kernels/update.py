@@ -37,7 +37,7 @@ from jaxrec.kernels.quant import QuantizedTable
 _SALT_TABLE, _SALT_STATE, _SALT_ROW_STATE = 0, 0x51ED, 0x2545
 
 
-def segments(ids, bags, wts, num_rows: int):
+def segments(ids, bags, wts, num_rows: int, bit_rows=None):
   """Sorts flat slots by row and describes the distinct rows (segments).
 
   Args:
@@ -45,16 +45,19 @@ def segments(ids, bags, wts, num_rows: int):
     bags: int32 `[M]` bag (row of `grad_pooled`) of each slot.
     wts: f32 `[M]` slot weights.
     num_rows: R.
+    bit_rows: uint32 `[M]` row keys of the random bits (`sparse_update`); None: `ids`.
 
   Returns:
     dict of `[M]` arrays: `bag`, `w` (slots in sorted order); `row` (segment's row, R for
-    the unused tail), `start`, `len` (slot range of segment s; len 0 in the tail), `seg`
-    (segment of each sorted slot, M for absent ones).
+    the unused tail), `bit_row` (its row key), `start`, `len` (slot range of segment s; len
+    0 in the tail), `seg` (segment of each sorted slot, M for absent ones).
   """
   m = ids.shape[0]
   key = jnp.where((ids >= 0) & (ids < num_rows), ids, num_rows).astype(jnp.int32)
-  key, bag, w = jax.lax.sort((key, bags.astype(jnp.int32), wts.astype(jnp.float32)),
-                             num_keys=1, is_stable=True)
+  bit_rows = (key if bit_rows is None else bit_rows).astype(jnp.uint32)
+  key, bag, w, bit_rows = jax.lax.sort(
+      (key, bags.astype(jnp.int32), wts.astype(jnp.float32), bit_rows), num_keys=1,
+      is_stable=True)
   present = key < num_rows
   first = jnp.concatenate([jnp.ones((1,), bool), key[1:] != key[:-1]])
   is_start = present & first
@@ -66,20 +69,22 @@ def segments(ids, bags, wts, num_rows: int):
   return {
       "bag": bag, "w": w,
       "row": jnp.where(used, key[jnp.minimum(starts, m - 1)], num_rows).astype(jnp.int32),
+      "bit_row": bit_rows[jnp.minimum(starts, m - 1)],
       "start": jnp.where(used, starts, 0).astype(jnp.int32),
       "len": jnp.where(used, ends - starts, 0).astype(jnp.int32),
       "seg": jnp.where(present, jnp.cumsum(is_start) - 1, m).astype(jnp.int32),
   }
 
 
-def _apply(opt, rows, w, g, state, *, dim, col0, table_kind, table_dt, state_dts, seed):
+def _apply(opt, rows, w, g, state, *, dim, col0, table_kind, table_dt, state_dts, seed,
+           col_offset=0):
   """Shared update of S rows given f32 chunks; returns what to store, per chunk.
 
   Args:
-    rows: int32 `[S]` (in range) rows, for the random bits.
+    rows: uint32 `[S]` row keys of the random bits.
     w, g: lists of f32 `[S, C]` chunks (row values and summed gradients).
     state: name -> list of f32 chunks, or f32 `[S]` for per-row state.
-    col0: first column of each chunk.
+    col0: first column of each chunk; `col_offset` (int32 scalar) is added for the bits.
     table_kind: `'dense'` or `'int8'`; table_dt / state_dts: storage dtypes.
     seed: uint32 scalar for stochastic rounding, or None for round-to-nearest.
 
@@ -90,7 +95,7 @@ def _apply(opt, rows, w, g, state, *, dim, col0, table_kind, table_dt, state_dts
   new_w, new_state = optim.update_rows(opt, w, g, state, dim)
   width = w[0].shape[1]
   bits = lambda c, salt: (None if seed is None else quant.random_bits(
-      seed, rows, c + jnp.arange(width, dtype=jnp.int32), salt))
+      seed, rows, col_offset + c + jnp.arange(width, dtype=jnp.int32), salt))
   if table_kind == "int8":
     lo = functools.reduce(jnp.minimum, [jnp.min(x, axis=1) for x in new_w])
     hi = functools.reduce(jnp.maximum, [jnp.max(x, axis=1) for x in new_w])
@@ -124,7 +129,7 @@ def _table_parts(table):
 
 # ------------------------------------------------------------------------ XLA reference
 
-def _update_xla(table, opt_state, seg, grad, opt, seed):
+def _update_xla(table, opt_state, seg, grad, opt, seed, col_offset):
   r, d = table.shape
   m = seg["row"].shape[0]
   kind, parts = _table_parts(table)
@@ -139,9 +144,10 @@ def _update_xla(table, opt_state, seg, grad, opt, seed):
   row_state = optim.per_row_state(opt)
   state = {k: (v[safe].astype(jnp.float32) if k in row_state
                else [v[safe].astype(jnp.float32)]) for k, v in opt_state.items()}
-  t_out, s_out = _apply(opt, safe, [w], [g], state, dim=d, col0=[0], table_kind=kind,
-                        table_dt=table.dtype, state_dts={k: v.dtype for k, v in opt_state.items()},
-                        seed=seed)
+  t_out, s_out = _apply(opt, seg["bit_row"], [w], [g], state, dim=d, col0=[0],
+                        table_kind=kind, table_dt=table.dtype,
+                        state_dts={k: v.dtype for k, v in opt_state.items()}, seed=seed,
+                        col_offset=col_offset)
   put = lambda arr, val: arr.at[rows].set(val, mode="drop")
   if kind == "int8":
     q_out, s_new, b_new = t_out
@@ -154,7 +160,8 @@ def _update_xla(table, opt_state, seg, grad, opt, seed):
 
 # ------------------------------------------------------------------------------- Pallas
 
-def _update_kernel(row_ref, start_ref, len_ref, bag_ref, w_ref, grad_ref, seed_ref, *refs,
+def _update_kernel(row_ref, bit_row_ref, start_ref, len_ref, bag_ref, w_ref, grad_ref, seed_ref,
+                   *refs,
                    opt, kind, state_names, row_state, dim, bd, table_dt, state_dts, sr):
   n_table = 3 if kind == "int8" else 1
   n_in = n_table + len(state_names)
@@ -189,8 +196,9 @@ def _update_kernel(row_ref, start_ref, len_ref, bag_ref, w_ref, grad_ref, seed_r
     state[name] = (ref[safe].astype(jnp.float32) if name in row_state
                    else [ref[safe, pl.ds(c, bd)].astype(jnp.float32) for c in col0])
   seed = seed_ref[0].astype(jnp.uint32) if sr else None
-  t_new, s_new = _apply(opt, safe, w, g, state, dim=dim, col0=col0, table_kind=kind,
-                        table_dt=table_dt, state_dts=state_dts, seed=seed)
+  t_new, s_new = _apply(opt, bit_row_ref[...].astype(jnp.uint32), w, g, state, dim=dim,
+                        col0=col0, table_kind=kind, table_dt=table_dt, state_dts=state_dts,
+                        seed=seed, col_offset=seed_ref[1])
 
   mask2 = valid[:, None]
   cols = lambda c: (c + jnp.arange(bd, dtype=jnp.int32))[None, :]
@@ -213,7 +221,7 @@ def _update_kernel(row_ref, start_ref, len_ref, bag_ref, w_ref, grad_ref, seed_r
         store2(ref, c, x)
 
 
-def _update_pallas(table, opt_state, seg, grad, opt, seed, interpret):
+def _update_pallas(table, opt_state, seg, grad, opt, seed, col_offset, interpret):
   r, d = table.shape
   m = seg["row"].shape[0]
   if m == 0:  # no slots: nothing to update
@@ -227,10 +235,11 @@ def _update_pallas(table, opt_state, seg, grad, opt, seed, interpret):
   pad = lambda x, v: jnp.pad(x, (0, m_pad - m), constant_values=v)
   blk = pl.BlockSpec((bs,), lambda i: (i,))
   full = lambda x: pl.BlockSpec(x.shape, lambda i: (0,) * x.ndim)
-  operands = [pad(seg["row"], r), pad(seg["start"], 0), pad(seg["len"], 0), seg["bag"],
-              seg["w"], grad, jax.lax.bitcast_convert_type(
-                  jnp.reshape(seed if seed is not None else jnp.uint32(0), (1,)), jnp.int32)]
-  in_specs = [blk, blk, blk] + [full(x) for x in operands[3:]]
+  as_i32 = lambda x: jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.uint32), jnp.int32)
+  scalars = jnp.stack([as_i32(seed if seed is not None else 0), jnp.asarray(col_offset, jnp.int32)])
+  operands = [pad(seg["row"], r), pad(as_i32(seg["bit_row"]), 0), pad(seg["start"], 0),
+              pad(seg["len"], 0), seg["bag"], seg["w"], grad, scalars]
+  in_specs = [blk, blk, blk, blk] + [full(x) for x in operands[4:]]
   mutable = parts + states
   kernel = functools.partial(
       _update_kernel, opt=opt, kind=kind, state_names=names,
@@ -270,23 +279,24 @@ def _check(table, opt_state, grad, optimizer, num_bags):
 
 
 def _run(table, opt_state, ids, bags, wts, grad, optimizer, step, key, kernel, interpret,
-         num_bags):
+         num_bags, bit_rows, col_offset):
   optimizer = optim.coerce(optimizer)
   _check(table, opt_state, grad, optimizer, num_bags)
   if 0 in table.shape:  # no rows or no columns: nothing to update
     return table, dict(opt_state)
-  seg = segments(ids, bags, wts, table.shape[0])
+  seg = segments(ids, bags, wts, table.shape[0], bit_rows)
   grad = grad.astype(jnp.float32)
   seed = None if key is None else quant.seed_from(key, step)
   if platform.resolve_kernel(kernel) == "xla":
-    return _update_xla(table, opt_state, seg, grad, optimizer, seed)
-  return _update_pallas(table, opt_state, seg, grad, optimizer, seed,
+    return _update_xla(table, opt_state, seg, grad, optimizer, seed, col_offset)
+  return _update_pallas(table, opt_state, seg, grad, optimizer, seed, col_offset,
                         platform.resolve_interpret(interpret))
 
 
 @functools.partial(jax.jit, static_argnames=("optimizer", "kernel", "interpret"))
 def sparse_update(table, opt_state, idx, w, grad_pooled, optimizer, step=0, *, key=None,
-                  kernel: str = "auto", interpret: bool | None = None):
+                  kernel: str = "auto", interpret: bool | None = None, bit_rows=None,
+                  col_offset=0):
   """Backward of `lookup_pool` fused with the optimizer step on the rows seen.
 
   Args:
@@ -301,6 +311,9 @@ def sparse_update(table, opt_state, idx, w, grad_pooled, optimizer, step=0, *, k
     key: PRNG key enabling stochastic rounding of bf16/f16/int8 stores; None rounds to
       nearest.
     kernel, interpret: as in `lookup_pool`.
+    bit_rows: uint32 `[N, L]`, the row key of each slot's random bits (None: `idx`), and
+    col_offset: int scalar added to the column for them. A shard of a bigger table passes
+      its rows' and columns' global keys, so it draws the bits the whole table would.
 
   Returns:
     `(new_table, new_opt_state)`, same structure, shapes and dtypes.
@@ -309,9 +322,12 @@ def sparse_update(table, opt_state, idx, w, grad_pooled, optimizer, step=0, *, k
     raise ConfigError(f"idx and w must both be [N, L]; got {idx.shape} and {w.shape}")
   quant.check_ids(idx)
   n, l = idx.shape
+  if bit_rows is not None and bit_rows.shape != idx.shape:
+    raise ConfigError(f"bit_rows must be [N, L] like idx {idx.shape}, got {bit_rows.shape}")
   bags = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, l))
   return _run(table, opt_state, idx.reshape(-1), bags.reshape(-1), w.reshape(-1),
-              grad_pooled, optimizer, step, key, kernel, interpret, n)
+              grad_pooled, optimizer, step, key, kernel, interpret, n,
+              None if bit_rows is None else bit_rows.reshape(-1), col_offset)
 
 
 def sparse_update_csr(table, opt_state, values, offsets, weights, grad_pooled, optimizer,
@@ -338,4 +354,4 @@ def _sparse_update_csr(table, opt_state, values, offsets, weights, grad_pooled, 
   # the search gives 0 only for pos < offsets[0], and N + 1 only for pos >= offsets[-1].
   ids = jnp.where((pos >= offsets[0]) & (pos < offsets[-1]), values, -1)
   return _run(table, opt_state, ids, bags, weights, grad_pooled, optimizer, step, key,
-              kernel, interpret, offsets.shape[0] - 1)
+              kernel, interpret, offsets.shape[0] - 1, None, 0)
