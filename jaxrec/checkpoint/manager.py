@@ -54,6 +54,7 @@ from jaxrec.checkpoint import steps as steps_lib
 from jaxrec.checkpoint import storage
 from jaxrec.checkpoint import tables as tables_lib
 from jaxrec.checkpoint.storage import DATA_STATE, ITEMS, MANIFEST, META, STATE, TABLES
+from jaxrec.embedding.specs import flag
 from jaxrec.errors import CheckpointError, ConfigError
 from jaxrec.sharding.mesh import mesh_shape
 
@@ -160,6 +161,7 @@ class CheckpointManager:
     if max_to_keep is not None and max_to_keep < 1:   # orbax would delete every checkpoint
       raise ConfigError(f"max_to_keep (--keep_checkpoints) must be at least 1, got "
                         f"{max_to_keep}: fewer would delete every checkpoint, the last included")
+    async_save = flag(async_save, "CheckpointManager.async_save")   # 'False' is truthy
     self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
     self.save_every = int(save_every)
     self.read_only = read_only

@@ -42,7 +42,7 @@ from jaxrec.data import binary, indexing, tsv
 from jaxrec.data.batch import Batch
 from jaxrec.data.source import ENDLESS_LEN, NUM_DENSE, Source, make_layout
 from jaxrec.data.synthetic import SyntheticConfig, SyntheticSource
-from jaxrec.embedding.specs import FeatureSpec, TableSpec, whole
+from jaxrec.embedding.specs import FeatureSpec, TableSpec, flag, whole
 from jaxrec.errors import ConfigError, DataError
 
 SYNTHETIC = "synthetic"
@@ -97,9 +97,7 @@ def _knobs(fn: str, **knobs) -> list:
   out = []
   for name, value in knobs.items():
     if name in ("shuffle", "verify_checksums"):
-      if not isinstance(value, (bool, np.bool_)):
-        raise ConfigError(f"{fn}.{name} must be True or False, got {value!r}")
-      out.append(bool(value))
+      out.append(flag(value, f"{fn}.{name}"))
     else:
       out.append(whole(value, f"{fn}.{name}", minimum=0))
   return out

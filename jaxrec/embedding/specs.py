@@ -46,10 +46,17 @@ def whole(value, binding: str, minimum: int = 1) -> int:
   return int(value)
 
 
-def _flag(value, binding: str) -> None:
-  """`ConfigError` naming `binding` unless `value` is a bool (gin's `'False'` is truthy)."""
-  if not isinstance(value, (bool, np.bool_)):
-    raise ConfigError(f"{binding} must be True or False, got {value!r}")
+def flag(value, binding: str, *words: str):
+  """`value` as a bool (or one of the strings `words`, as is); `ConfigError` naming
+  `binding` (e.g. `EmbeddingOptions.dedup`) for anything else: gin's `'False'` is truthy,
+  and `1 in (True, False)` holds in Python, so neither a string nor 0/1 may pass as a bool."""
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  if isinstance(value, str) and value in words:
+    return value
+  allowed = "True or False" if not words else (
+      "True, False or " + " or ".join(repr(w) for w in words))
+  raise ConfigError(f"{binding} must be {allowed}, got {value!r}")
 
 
 def _name(obj, field: str, what: str) -> None:
@@ -122,7 +129,7 @@ class FeatureSpec:
     _name(self, "name", "FeatureSpec")
     _name(self, "table", f"feature '{self.name}': FeatureSpec")
     _whole(self, "max_len", f"feature '{self.name}'")
-    _flag(self.weighted, f"feature '{self.name}': weighted")
+    flag(self.weighted, f"feature '{self.name}': weighted")
     if self.pooling not in POOLINGS:
       raise ConfigError(
           f"feature '{self.name}': pooling must be one of {POOLINGS}, got '{self.pooling}'")
@@ -155,11 +162,10 @@ class EmbeddingOptions:
   dedup: bool | str = "auto"
 
   def __post_init__(self):
-    _flag(self.stochastic_rounding, "EmbeddingOptions.stochastic_rounding")
+    flag(self.stochastic_rounding, "EmbeddingOptions.stochastic_rounding")
     if self.interpret is not None:
-      _flag(self.interpret, "EmbeddingOptions.interpret")
-    if self.dedup not in (True, False, "auto"):
-      raise ConfigError(f"EmbeddingOptions.dedup must be True, False or 'auto', got {self.dedup!r}")
+      flag(self.interpret, "EmbeddingOptions.interpret")
+    flag(self.dedup, "EmbeddingOptions.dedup", "auto")   # 1 in (True, False, 'auto') holds
     from jaxrec.kernels import platform, quant  # pylint: disable=import-outside-toplevel
     if self.kernel not in platform.KERNELS:
       raise ConfigError(f"EmbeddingOptions.kernel must be one of {platform.KERNELS}, "

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrec.embedding.specs import flag
 from jaxrec.errors import ConfigError
 from jaxrec.models.mlp import MLP, check_inputs, check_sizes, compute_dtype, is_int
 
@@ -162,16 +163,12 @@ class TwoTower(nn.Module):
     # A string such as 'no' or 'False' is truthy: without the check it switched the
     # option on, silently.
     for attr in ("dense_to_user", "normalize", "remove_accidental_hits"):
-      if not isinstance(getattr(self, attr), bool):
-        raise ConfigError(f"TwoTower.{attr} must be True or False, got "
-                          f"{getattr(self, attr)!r}")
+      flag(getattr(self, attr), f"TwoTower.{attr}")
     if self.remove_accidental_hits and self.loss != "in_batch_softmax":   # else ignored
       raise ConfigError(f"TwoTower.remove_accidental_hits applies to loss='in_batch_softmax' "
                         f"only, not loss='{self.loss}' (a pointwise loss has no negatives)")
     self._check_feature_lists()
-    if not isinstance(self.logq_correction, bool):
-      raise ConfigError(f"TwoTower.logq_correction must be True or False, got "
-                        f"{self.logq_correction!r}")
+    flag(self.logq_correction, "TwoTower.logq_correction")
     if not self.logq_correction:
       return
     if self.loss != "in_batch_softmax":

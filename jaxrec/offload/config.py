@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import gin
 import jax.numpy as jnp
 
-from jaxrec.embedding.specs import TableSpec, whole
+from jaxrec.embedding.specs import TableSpec, flag, whole
 from jaxrec.errors import ConfigError, JaxrecError, OffloadError  # noqa: F401 (re-exported)
 from jaxrec.kernels.optim import hparam
 
@@ -161,8 +161,7 @@ class OffloadConfig:
     if self.protect_ahead is not None:
       object.__setattr__(self, "protect_ahead", whole(self.protect_ahead,
                                                       "OffloadConfig.protect_ahead", 0))
-    if not isinstance(self.auto, bool):
-      raise ConfigError(f"OffloadConfig.auto must be True or False, got {self.auto!r}")
+    flag(self.auto, "OffloadConfig.auto")
     object.__setattr__(self, "auto_cache_fraction", hparam(
         "OffloadConfig.auto_cache_fraction", self.auto_cache_fraction, FRACTION))
     if self.snapshot_check not in SNAPSHOT_CHECKS:

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from jaxrec.embedding import optimizers as sparse_optimizers
-from jaxrec.embedding.specs import FeatureSpec, TableSpec, validate
+from jaxrec.embedding.specs import FeatureSpec, TableSpec, flag, validate
 from jaxrec.errors import ConfigError
 from jaxrec.kernels import quant
 from jaxrec.kernels.optim import NONNEG, POSITIVE, UNIT, hparam
@@ -56,9 +56,8 @@ def _checked_kinds(name: str, kwargs: dict) -> dict:
   """`kwargs` with the dense optimizer's bool and dtype options checked (dtypes resolved);
   sgd's momentum-only options refused without a momentum (optax ignores them then)."""
   kwargs = dict(kwargs)
-  if "nesterov" in kwargs and not isinstance(kwargs["nesterov"], bool):   # 'False' is truthy
-    raise ConfigError(f"dense_optimizer.nesterov must be True or False, got "
-                      f"{kwargs['nesterov']!r}")
+  if "nesterov" in kwargs:   # 'False' is truthy
+    flag(kwargs["nesterov"], "dense_optimizer.nesterov")
   for key in ("mu_dtype", "accumulator_dtype"):
     if kwargs.get(key) is not None:
       kwargs[key] = _float_dtype(f"dense_optimizer.{key}", kwargs[key])
