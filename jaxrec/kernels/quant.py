@@ -241,8 +241,11 @@ def comm_cast(x: jax.Array, comm_dtype="bfloat16", *, per_row: bool = True):
   plain cast gives them. An inf stays inf in fp16 and arrives as NaN in fp8 (which has
   none); the rest of its row keeps its precision. Plain autodiff through the cast rounds
   cotangents to `comm_dtype` with the forward's scale: use `all_to_all_compressed` for
-  training (each direction computes its own scales).
+  training (each direction computes its own scales). Empty inputs (D = 0, or no rows)
+  work: an empty row's scale is 1, as for a row of zeros; a scalar `x` is a ConfigError.
   """
+  if jnp.ndim(x) == 0:
+    raise ConfigError(f"comm_cast wants activations [..., D], got a {jnp.dtype(x.dtype)} scalar")
   name = canonical_comm_dtype(comm_dtype)
   if name not in SCALED_COMM_DTYPES:
     return x.astype(name), None
@@ -250,7 +253,8 @@ def comm_cast(x: jax.Array, comm_dtype="bfloat16", *, per_row: bool = True):
   # Over finite values only: an inf (or a NaN) in the max made its row NaN (scale inf), or
   # (NaN: scale 1) every value over 448; now only that element is lost.
   mag = jnp.where(jnp.isfinite(xf), jnp.abs(xf), 0.0)
-  amax = jnp.max(mag, axis=-1, keepdims=True) if per_row else jnp.max(mag)
+  # initial=0 (the identity of a max of magnitudes): D = 0 or no rows have an amax of 0.
+  amax = jnp.max(mag, axis=-1 if per_row else None, keepdims=per_row, initial=0.0)
   if name == "float16":
     scale = _pow2_scale(amax, FP16_TOP_EXP)
   else:

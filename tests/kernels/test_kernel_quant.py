@@ -191,3 +191,24 @@ def test_fp16_comm_leaves_ordinary_values_as_a_plain_cast_does():
   x[7, 3] = np.inf
   y = np.asarray(comm_uncast(*comm_cast(jnp.asarray(x), "float16")))
   np.testing.assert_array_equal(y, x.astype(np.float16).astype(np.float32))
+
+
+@pytest.mark.parametrize("shape", [(4, 0), (0, 8), (0,), (2, 0, 3)])
+@pytest.mark.parametrize("comm", ["float16", "float8_e4m3fn"])
+@pytest.mark.parametrize("per_row", [True, False])
+def test_comm_cast_of_empty_activations(shape, comm, per_row):
+  """D = 0 or no rows: the max over an empty axis was a ValueError; empty rows now scale by
+  1, like rows of zeros (also under jit)."""
+  x = jnp.zeros(shape, jnp.float32)
+  payload, scale = jax.jit(comm_cast, static_argnums=(1,), static_argnames="per_row")(
+      x, comm, per_row=per_row)
+  assert payload.shape == shape and payload.dtype == jnp.dtype(comm)
+  assert scale.shape == ((shape[:-1] + (1,)) if per_row else ())
+  np.testing.assert_array_equal(np.asarray(scale), 1.0)
+  assert comm_uncast(payload, scale).shape == shape
+
+
+def test_comm_cast_of_a_scalar_is_a_clear_error():
+  with pytest.raises(ConfigError, match=r"comm_cast wants activations \[\.\.\., D\], got a "
+                                        "float32 scalar"):
+    comm_cast(jnp.float32(1.0), "fp8")
