@@ -154,6 +154,10 @@ def test_lowers_to_triton_for_gpu():
         text = lower(lambda t, s, k, o=opt: sparse_update(
             t, s, idx, w, grad, o, 1, key=k, kernel="pallas", interpret=False), table, state, key)
         assert "triton" in text
+      # a shard's global row keys and (traced) first column, as the collection passes them
+      lower(lambda t, s, r, c, o=opt: sparse_update(
+          t, s, idx, w, grad, o, 1, key=jax.random.key(0), kernel="pallas", interpret=False,
+          bit_rows=r, col_offset=c), table, state, idx.astype(jnp.uint32) + 7, jnp.int32(24))
 
 
 @pytest.mark.parametrize("dtype,x", [("float16", 65519.0), ("float16", -65510.0),
