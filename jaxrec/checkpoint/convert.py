@@ -44,6 +44,7 @@ import tensorstore as ts
 from absl import logging
 from etils import epath
 
+from jaxrec import tree_copy
 from jaxrec.checkpoint import canonical as canonical_lib
 from jaxrec.checkpoint import offloaded as offloaded_lib
 from jaxrec.checkpoint import selection
@@ -131,7 +132,7 @@ def _mkdir(path) -> None:
 def _removed_on_error(output, remove: list):
   """Removes the paths in `remove` (files or directories; the body may add some) if the
   body raises; an `OSError` (disk full, unwritable) becomes a one-line `DataError` naming
-  `--output`."""
+  `--output`, a `tree_copy.CopyError` one naming the file and the side that failed."""
   try:
     yield
   except BaseException as e:
@@ -140,21 +141,12 @@ def _removed_on_error(output, remove: list):
         shutil.rmtree(path, ignore_errors=True)
       elif os.path.lexists(path):
         os.remove(path)
+    if isinstance(e, tree_copy.CopyError):
+      side = "--checkpoint_dir: cannot read" if e.reading else "--output: cannot write"
+      raise DataError(f"{side} {e.filename}: {e.strerror}") from None
     if isinstance(e, OSError):
-      raise DataError(f"--output: cannot write {output}: {_reason(e)}") from None
+      raise DataError(f"--output: cannot write {output}: {e.strerror or e}") from None
     raise
-
-
-def _reason(e: OSError) -> str:
-  """What an `OSError` says; for `shutil.copytree`'s `Error` (a list of `(source,
-  destination, reason)`, one per file that failed), the first reason and its source."""
-  failed = e.args[0] if isinstance(e, shutil.Error) and e.args else None
-  if isinstance(failed, list) and failed and len(failed[0]) == 3:
-    src, dst, why = failed[0]
-    why = re.sub(r"^\[Errno \d+\] ", "", why.split(": '")[0])   # not its file names
-    more = f", and {len(failed) - 1} more files" if len(failed) > 1 else ""
-    return f"{why} (copying {src}{more})"
-  return e.strerror or str(e)
 
 
 def _metadata(step_dir, step) -> dict:
@@ -236,19 +228,21 @@ def export_npz(checkpoint_dir, output, step: int | None = None) -> int:
 
 
 def _export(checkpoint_dir, output, step, write) -> int:
-  """`write(tmp path, step directory, step)` of the selected step (see `selection`), once
-  `_new_output` accepts `output`, then renames tmp to `output`; returns the step written."""
+  """`write(tmp path, step directory, step, output path)` of the selected step (see
+  `selection`), once `_new_output` accepts `output`, then renames tmp to `output`; returns
+  the step written. Errors name `output`, never tmp (it is gone by then)."""
   def written(step_dir, step):
     output_path = _new_output(output, checkpoint_dir)
     tmp = output_path.parent / (output_path.name + f".tmp-{time.time_ns()}")
     with _removed_on_error(output_path, [tmp]):
-      write(tmp, step_dir, step)
+      write(tmp, step_dir, step, output_path)
       tmp.rename(output_path)
     return step
   return selection.convert_step(checkpoint_dir, step, written)
 
 
-def _write_npz(tmp, step_dir, step):
+def _write_npz(tmp, step_dir, step, output_path):
+  del output_path   # an OSError names it (`_removed_on_error`)
   with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
     for ename, name, array, expect in _exported_arrays(step_dir):
       shape = tuple(array.shape)
@@ -273,7 +267,7 @@ def export_zarr(checkpoint_dir, output, step: int | None = None) -> int:
   return _export(checkpoint_dir, output, step, _write_zarr)
 
 
-def _write_zarr(tmp, step_dir, step):
+def _write_zarr(tmp, step_dir, step, output_path):
   _mkdir(tmp)
   for ename, name, array, expect in _exported_arrays(step_dir):
     dtype, shape = array.dtype.numpy_dtype, tuple(array.shape)
@@ -290,9 +284,20 @@ def _write_zarr(tmp, step_dir, step):
     except CheckpointError:
       raise
     except ValueError as e:   # tensorstore: the output cannot be written
-      raise DataError(f"--output: cannot write {tmp / ename}: {first_line(e)}") from None
+      raise DataError(f"--output: cannot write {output_path / ename}: "
+                      f"{_ts_reason(e, tmp, output_path)}") from None
     check.done()
   (tmp / "metadata.json").write_text(json.dumps(_metadata(step_dir, step), indent=1))
+
+
+def _ts_reason(e: ValueError, tmp, output_path) -> str:
+  """A tensorstore write error's reason: the OS error's text where it gives one (`No space
+  left on device` for `[os_error_code='28']`), else its first line, naming `output_path`
+  where it named the temporary directory `tmp`."""
+  code = re.search(r"os_error_code='(\d+)'", str(e))
+  if code:
+    return os.strerror(int(code.group(1)))
+  return first_line(e).replace(str(tmp), str(output_path))
 
 
 def resolve_plan(plan: str, tables, mesh_shape: Mapping[str, int]) -> Plan:
@@ -380,7 +385,7 @@ def _copy(output, mesh_shape, plan, restart_data, step_dir, step) -> tuple[int, 
   tmp = output / f"{step}.orbax-checkpoint-tmp-{time.time_ns()}"
   written = [tmp]
   with _removed_on_error(dest, written):
-    shutil.copytree(step_dir, tmp)
+    tree_copy.copy_tree(step_dir, tmp, shown=dest)
     manifest["converted_from"] = str(step_dir)
     if restart_data:
       manifest["data_restarted"] = True
@@ -401,7 +406,7 @@ def _link_copy(src: epath.Path, dst: epath.Path) -> None:
   from jaxrec.offload.store import link_tree  # pylint: disable=import-outside-toplevel
   tmp = dst.parent / f"{dst.name}.tmp-{time.time_ns()}"
   with _removed_on_error(dst, [tmp]):
-    link_tree(str(src), str(tmp))
+    link_tree(str(src), str(tmp), shown=str(dst))
     tmp.rename(dst)
 
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
+from jaxrec import tree_copy
 from jaxrec.embedding import table_init
 from jaxrec.embedding.specs import TableSpec
 from jaxrec.errors import ConfigError
@@ -299,21 +300,13 @@ def _clear(path: str) -> None:
       os.remove(full)
 
 
-def link_tree(src: str, dst: str) -> None:
+def link_tree(src: str, dst: str, shown: str | None = None) -> None:
   """Recreates the files of `src` under `dst` as hard links (copies across devices),
   without tensorstore's lock files and the store's `owner.OWNER` file. Snapshots and
-  checkpoint conversion copy with it."""
-  for root, _, files in os.walk(src):
-    out = os.path.join(dst, os.path.relpath(root, src))
-    os.makedirs(out, exist_ok=True)
-    for f in files:
-      if f.endswith(integrity.LOCK_SUFFIX) or (f == OWNER and root == src):
-        continue
-      a, b = os.path.join(root, f), os.path.join(out, f)
-      try:
-        os.link(a, b)
-      except OSError:
-        shutil.copy2(a, b)
+  checkpoint conversion copy with it. Raises `tree_copy.CopyError` (an OSError naming the
+  file and whether it was read or written; `shown` stands for `dst` in it)."""
+  tree_copy.copy_tree(src, dst, shown, link=True,
+                      skip=lambda rel: rel.endswith(integrity.LOCK_SUFFIX) or rel == OWNER)
 
 
 def _copy_arrays(store: TableStore, dst: str) -> None:

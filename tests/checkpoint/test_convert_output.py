@@ -1,13 +1,15 @@
 """convert_checkpoint --format=checkpoint and --torchrec_npz into a run's directory; a copy
 that cannot be written."""
 
+import errno
 import os
 import re
-import shutil
 
 import numpy as np
 import pytest
+import tensorstore as ts
 
+from jaxrec import tree_copy
 from jaxrec.checkpoint import CheckpointManager, convert
 from jaxrec.errors import ConfigError, DataError
 from tests.checkpoint import ckpt_helpers as h
@@ -55,17 +57,88 @@ def test_an_import_into_a_runs_directory_is_refused(saved, tmp_path):
       t.name for t in coll.tables)
 
 
-def test_a_copy_onto_a_full_disk_is_one_line(saved, tmp_path, monkeypatch):
-  """shutil.copytree gathers every file's error: the message was a list of ~20 (source,
-  destination, reason) triples."""
-  path, _ = saved
+class _Broken:
+  """A file whose `read` (or `write`) raises `error`."""
 
-  def full(src, dst, **kwargs):
-    raise OSError(28, "No space left on device", dst)
-  monkeypatch.setattr(shutil, "copyfile", full)
+  def __init__(self, f, op, error):
+    self.f, self.op, self.error = f, op, error
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.f.close()
+
+  def __getattr__(self, name):
+    if name == self.op:
+      def fail(*args):
+        raise self.error
+      return fail
+    return getattr(self.f, name)
+
+
+def _break_files(monkeypatch, mode, op, error):
+  """Files `tree_copy` opens in `mode` fail at `op` with `error`."""
+  def broken_open(path, m, *args, **kwargs):
+    f = open(path, m, *args, **kwargs)   # pylint: disable=unspecified-encoding
+    return _Broken(f, op, error) if m == mode else f
+  monkeypatch.setattr(tree_copy, "open", broken_open, raising=False)
+
+
+def test_a_copy_onto_a_full_disk_names_the_output_file(saved, tmp_path, monkeypatch):
+  """shutil.copytree gathered every file's error (a list of ~20 triples, then 'cannot
+  write <output>: ... (copying <source>, and 19 more files)'); now the first file, under
+  the output's name (not the temporary directory's)."""
+  path, _ = saved
+  _break_files(monkeypatch, "wb", "write", OSError(errno.ENOSPC, "No space left on device"))
   out = tmp_path / "w2" / "checkpoints"
   with pytest.raises(DataError) as e:
     convert.export_checkpoint(path, out)
-  assert re.fullmatch(rf"--output: cannot write {out}/4: No space left on device \(copying "
-                      rf"{path}/4/\S+, and \d+ more files\)", str(e.value)), str(e.value)
+  assert re.fullmatch(rf"--output: cannot write {out}/4/\S+: No space left on device",
+                      str(e.value)), str(e.value)
   assert not os.path.exists(tmp_path / "w2")
+
+
+def test_an_unreadable_checkpoint_file_is_a_read_error(saved, tmp_path, monkeypatch):
+  """EIO reading the source was labelled '--output: cannot write <output>'."""
+  path, _ = saved
+  _break_files(monkeypatch, "rb", "read", OSError(errno.EIO, "Input/output error"))
+  out = tmp_path / "w2" / "checkpoints"
+  with pytest.raises(DataError) as e:
+    convert.export_checkpoint(path, out)
+  assert re.fullmatch(rf"--checkpoint_dir: cannot read {path}/4/\S+: Input/output error",
+                      str(e.value)), str(e.value)
+  assert not os.path.exists(tmp_path / "w2")
+
+
+def test_a_zarr_export_onto_a_full_disk_names_the_output(saved, tmp_path, monkeypatch):
+  """tensorstore's write error named the temporary directory (`OUT.tmp-<ns>/...`, removed
+  by then), not --output."""
+  path, _ = saved
+  real_open = ts.open
+
+  class Full:   # what tensorstore raises when a chunk cannot be written
+    def __init__(self, spec):
+      self.path = spec["kvstore"]["path"]
+
+    def result(self):   # of the open
+      return self
+
+    def __getitem__(self, index):
+      return self
+
+    def write(self, block):
+      raise ValueError(f'UNKNOWN: Error writing local file "{self.path}/0.0": Failed to '
+                       "write 648 bytes to file 4: No space left on device "
+                       "[os_error_code='28']")
+
+  def ts_open(spec, *args, **kwargs):
+    store = real_open(spec, *args, **kwargs)
+    return store if not kwargs.get("create") else Full(spec)
+  monkeypatch.setattr(ts, "open", ts_open)
+  out = tmp_path / "z"
+  with pytest.raises(DataError) as e:
+    convert.export_zarr(path, out)
+  assert re.fullmatch(rf"--output: cannot write {out}/\S+: No space left on device",
+                      str(e.value)), str(e.value)
+  assert not os.listdir(tmp_path)
