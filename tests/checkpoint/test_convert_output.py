@@ -85,29 +85,23 @@ def _break_files(monkeypatch, mode, op, error):
   monkeypatch.setattr(tree_copy, "open", broken_open, raising=False)
 
 
-def test_a_copy_onto_a_full_disk_names_the_output_file(saved, tmp_path, monkeypatch):
-  """shutil.copytree gathered every file's error (a list of ~20 triples, then 'cannot
-  write <output>: ... (copying <source>, and 19 more files)'); now the first file, under
-  the output's name (not the temporary directory's)."""
+@pytest.mark.parametrize("mode, op, error, message", [
+    ("wb", "write", OSError(errno.ENOSPC, "No space left on device"),
+     "--output: cannot write {out}/4/\\S+: No space left on device"),
+    ("rb", "read", OSError(errno.EIO, "Input/output error"),
+     "--checkpoint_dir: cannot read {path}/4/\\S+: Input/output error"),
+])
+def test_a_failed_copy_names_the_file_and_the_side(saved, tmp_path, monkeypatch, mode, op,
+                                                    error, message):
+  """shutil.copytree gathered every file's error as '--output: cannot write <output>: ...
+  (copying <source>, and 19 more files)', for an unreadable source (EIO) too; now the first
+  file, read under --checkpoint_dir or written under --output (not its temporary name)."""
   path, _ = saved
-  _break_files(monkeypatch, "wb", "write", OSError(errno.ENOSPC, "No space left on device"))
+  _break_files(monkeypatch, mode, op, error)
   out = tmp_path / "w2" / "checkpoints"
   with pytest.raises(DataError) as e:
     convert.export_checkpoint(path, out)
-  assert re.fullmatch(rf"--output: cannot write {out}/4/\S+: No space left on device",
-                      str(e.value)), str(e.value)
-  assert not os.path.exists(tmp_path / "w2")
-
-
-def test_an_unreadable_checkpoint_file_is_a_read_error(saved, tmp_path, monkeypatch):
-  """EIO reading the source was labelled '--output: cannot write <output>'."""
-  path, _ = saved
-  _break_files(monkeypatch, "rb", "read", OSError(errno.EIO, "Input/output error"))
-  out = tmp_path / "w2" / "checkpoints"
-  with pytest.raises(DataError) as e:
-    convert.export_checkpoint(path, out)
-  assert re.fullmatch(rf"--checkpoint_dir: cannot read {path}/4/\S+: Input/output error",
-                      str(e.value)), str(e.value)
+  assert re.fullmatch(message.format(out=out, path=path), str(e.value)), str(e.value)
   assert not os.path.exists(tmp_path / "w2")
 
 
