@@ -35,11 +35,11 @@ def test_sharded_stochastic_rounding_equals_one_device(kind, mesh_spec, dtype):
   jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
-@pytest.mark.parametrize("kind,mesh_spec", [("twcw", "table=4,col=2"),
+@pytest.mark.parametrize("kind,mesh_spec", [pytest.param("twcw", "table=4,col=2", marks=slow),
                                             pytest.param("rw", "row=8", marks=slow)])
 def test_fused_kernel_draws_the_one_device_bits(kind, mesh_spec):
   """The Pallas update (interpret mode) on table / column / row shards, against the XLA
-  path on one device."""
+  path on one device (the default suite checks the kernel's keys in test_kernel_update)."""
   want = stored("dp", "single", "bfloat16")
   got = stored(kind, mesh_spec, "bfloat16", "pallas")
   jax.tree.map(np.testing.assert_array_equal, got, want)

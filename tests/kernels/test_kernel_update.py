@@ -122,6 +122,23 @@ def test_stochastic_rounding_pallas_matches_xla(dtype):
   assert not np.array_equal(as_f32(other[0]), as_f32(xla[0]))  # a new stream each step
 
 
+@pytest.mark.parametrize("kernel", ["xla", "pallas"])
+def test_a_shard_with_global_bit_keys_rounds_as_the_whole_table(kernel):
+  """Rows [10, 30) and columns [8, 24) of the table, updated with `bit_rows` (the global
+  rows) and `col_offset=8`, store bitwise what the whole table's update stores there."""
+  opt = SGD(lr=0.05)
+  table, _, state, idx, w, grad = _data(15, "bfloat16", opt)
+  run = lambda *a, **k: sparse_update(*a, opt, 2, key=jax.random.key(1), kernel=kernel,
+                                      interpret=True, **k)[0]
+  whole = run(table, state, idx, w, grad)
+  shard = run(table[10:30, 8:], init_opt_state(opt, 20, 16, jnp.float32), idx - 10, w,
+              grad[:, 8:], bit_rows=jnp.asarray(idx, jnp.uint32), col_offset=8)
+  np.testing.assert_array_equal(raw_bits(shard)[0], raw_bits(whole[10:30, 8:])[0])
+  local = run(table[10:30, 8:], init_opt_state(opt, 20, 16, jnp.float32), idx - 10, w,
+              grad[:, 8:])   # local keys: other bits, so the test can tell
+  assert not np.array_equal(raw_bits(local)[0], raw_bits(shard)[0])
+
+
 def test_one_hot_and_csr_updates_agree():
   opt = RowWiseAdagrad(lr=0.1)
   table, values, state, idx, w, grad = _data(13, "float32", opt, n=9, l=1)
