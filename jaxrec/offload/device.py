@@ -7,7 +7,8 @@ operations index the global stacked arrays, so they work for every placement kin
 places the gathers and scatters on the devices that own the rows.
 
 Index arrays are padded to power-of-two lengths (>= 64) with an out-of-range row (dropped
-by scatters, zero for gathers), so a handful of shapes are compiled.
+by scatters, zero for gathers); a training install's length is fixed by the batch shape
+(`install_size`), so a run compiles its install and eviction gather once.
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ def cache_places(collection: EmbeddingCollection, names) -> dict[str, CachePlace
 
 def padded(n: int) -> int:
   return max(MIN_PAD, 1 << max(0, int(n) - 1).bit_length())
+
+
+def install_size(t, ids) -> int:
+  """Padded rows of every install into the cache of `t` (a `TierTable`) for batches with
+  `ids` (`{feature: [B, ...]}`): at most one row per id of its features, and at most the
+  cache. Fixed by the batch shape, so the install and the eviction gather compile once, not
+  each time a batch misses more rows than any before."""
+  ids_per_batch = sum(int(np.size(ids[f])) for f in t.features)
+  return padded(min(t.cache.cache_rows, ids_per_batch))
 
 
 def global_rows(place: CachePlace, slots: np.ndarray, size: int | None = None) -> np.ndarray:

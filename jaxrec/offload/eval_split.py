@@ -19,7 +19,7 @@ import numpy as np
 from jaxrec.data.batch import Batch
 from jaxrec.errors import ConfigError
 from jaxrec.offload.cache import batch_rows
-from jaxrec.offload.device import global_rows, pad_rows, padded
+from jaxrec.offload.device import global_rows, install_size, pad_rows
 
 
 def _ids(batch: Batch, features: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -150,7 +150,7 @@ def _one_pass(tier, state, live, part, run) -> np.ndarray:
     slot, missing = slots(t, uniq)
     ids.update(remap(part, t.features, uniq, slot))
     if missing.any():
-      n = padded(int(missing.sum()))
+      n = install_size(t, part.ids)   # one shape per batch shape, as training's installs
       rows[name] = global_rows(t.place, slot[missing], n)
       values[name] = {k: pad_rows(v, n) for k, v in tier.read_latest(t, uniq[missing]).items()}
   part = part.replace(ids=ids)
@@ -158,10 +158,11 @@ def _one_pass(tier, state, live, part, run) -> np.ndarray:
   if not rows:
     return run(dict(state, emb=live["emb"]), part)
   rows = tier.ops.put(rows)
+  none = {n: tier.no_bounces(n, len(r)) for n, r in rows.items()}
   saved = tier.ops.gather(live["emb"], rows)
   live["emb"] = tier.ops.install(live["emb"], tier.ops.put(
-      {n: (rows[n], values[n]) for n in rows}), {})
+      {n: (rows[n], values[n]) for n in rows}), none)
   try:
     return run(dict(state, emb=live["emb"]), part)
   finally:
-    live["emb"] = tier.ops.install(live["emb"], {n: (rows[n], saved[n]) for n in rows}, {})
+    live["emb"] = tier.ops.install(live["emb"], {n: (rows[n], saved[n]) for n in rows}, none)

@@ -59,7 +59,8 @@ from jaxrec.offload import eval_split, owner, snapshots
 from jaxrec.offload.buffer import HostBuffer
 from jaxrec.offload.cache import CacheMap, batch_rows
 from jaxrec.offload.config import OffloadConfig, OffloadError, check_paths, check_tables
-from jaxrec.offload.device import DeviceOps, cache_places, global_rows, pad_rows, padded
+from jaxrec.offload.device import (DeviceOps, cache_places, global_rows, install_size, pad_rows,
+                                   padded)
 from jaxrec.offload.evictions import Eviction, newest_in_flight
 from jaxrec.offload.iterator import OffloadIterator
 from jaxrec.offload.records import PlannedBatch, TierTable
@@ -147,7 +148,7 @@ class OffloadTier:
     for name, ev, (src, dst) in plan.bounces:
       bounces[name].append((ev.device, src, dst))
     for name, (rows, _) in plan.payload.items():
-      bounces[name] += [self._no_bounce(name, len(rows))] * (_BOUNCE_SOURCES - len(bounces[name]))
+      bounces[name] += self.no_bounces(name, len(rows))[len(bounces[name]):]
     if plan.evictions:
       evicted = self.ops.gather(state["emb"], {n: r for n, (r, _) in plan.payload.items()})
     emb = self.ops.install(state["emb"], plan.payload, bounces)
@@ -163,15 +164,17 @@ class OffloadTier:
     self._stats["install_s"] += time.perf_counter() - t0
     return dict(state, emb=emb)
 
-  def _no_bounce(self, name: str, n: int):
-    """A bounce entry that copies nothing (its `dst` are all out of range)."""
+  def no_bounces(self, name: str, n: int) -> list:
+    """`_BOUNCE_SOURCES` bounce entries for an `n`-row install into table `name` that copy
+    nothing (their `dst` are all out of range), shaped as an eviction's `[n, ...]` arrays:
+    the install compiles once however many real bounces it has."""
     key = (name, n)
     if key not in self._dummies:
       t = self.tables[name]
-      ev = {k: np.zeros((1,) + t.store.array_shape(k)[1:], t.store.array_dtype(k))
+      ev = {k: np.zeros((n,) + t.store.array_shape(k)[1:], t.store.array_dtype(k))
             for k in t.store.names}
       self._dummies[key] = self.ops.put((ev, np.zeros(n, np.int32), np.full(n, n, np.int32)))
-    return self._dummies[key]
+    return [self._dummies[key]] * _BOUNCE_SOURCES
 
   def flush(self, state: dict) -> None:
     """Writes every row of the current state (cached or buffered) to the stores; the stores
@@ -186,7 +189,7 @@ class OffloadTier:
         slots = np.flatnonzero(t.resident >= 0)
         for start in range(0, len(slots), _FLUSH_CHUNK):
           part = slots[start:start + _FLUSH_CHUNK]
-          rows = global_rows(t.place, part, padded(min(len(slots), _FLUSH_CHUNK)))
+          rows = global_rows(t.place, part, padded(min(t.cache.cache_rows, _FLUSH_CHUNK)))
           vals = jax.device_get(self.ops.gather(state["emb"], {name: self.ops.put(rows)}))
           t.store.write(t.resident[part], {k: v[:len(part)] for k, v in vals[name].items()})
     self._dirty = False
@@ -358,8 +361,8 @@ class OffloadTier:
     bounces = []
     for name, t in self.tables.items():
       slots, rows = installs[name]
-      # One padded length per table that only grows: a few compilations in a run.
-      n = self._pad[name] = max(self._pad.get(name, 0), padded(len(rows)))
+      # As many rows as the cache can take from a batch of this shape: one compilation.
+      n = self._pad[name] = max(self._pad.get(name, 0), install_size(t, raw.ids))
       found, values = pending[name]
       payload[name] = (global_rows(t.place, slots, n),
                        {k: pad_rows(v, n) for k, v in values().items()})
