@@ -44,7 +44,8 @@ class OffloadTable:
     cache_rows: rows of the device cache; or give `cache_bytes`.
     cache_bytes: device memory budget for the cache (rows + optimizer state), in bytes.
     path: tensorstore directory of the full table; None → `<workdir>/offload/<name>`.
-      It belongs to one workdir (`owner`): another workdir's is refused.
+      A leading `~` or `~user` is expanded; a relative path is relative to the current
+      directory. It belongs to one workdir (`owner`): another workdir's is refused.
     driver: tensorstore array driver (`zarr` or `zarr3`).
     kvstore: `file` (local disk) or `memory` (host RAM; no hard-link snapshots).
     chunk_rows: rows per tensorstore chunk (a write rewrites whole chunks).
@@ -75,6 +76,12 @@ class OffloadTable:
     if self.path is not None and not isinstance(self.path, str):
       raise ConfigError(f"offloaded table '{self.name}': path must be a string, got "
                         f"{self.path!r}")
+    if self.path and self.path.startswith("~"):   # as a shell would: `~/x`, `~user/x`
+      path = os.path.expanduser(self.path)
+      if path.startswith("~"):
+        raise ConfigError(f"offloaded table '{self.name}': path '{self.path}': cannot expand "
+                          f"'{self.path.split('/')[0]}' (no such user, or no HOME)")
+      object.__setattr__(self, "path", path)
     if self.kvstore not in KVSTORES:
       raise ConfigError(f"offloaded table '{self.name}': kvstore must be one of {KVSTORES}, "
                         f"got '{self.kvstore}'")

@@ -77,3 +77,13 @@ def test_tables_need_store_directories_of_their_own(tmp_path, paths, message):
     offload.OffloadTier(collection, cfg.tables, off, workdir=str(tmp_path / "w"))
   memory = tuple(dataclasses.replace(t, kvstore="memory") for t in tables)
   check_paths(offload.OffloadConfig(memory), str(tmp_path / "w"))   # no shared files
+
+
+def test_path_expands_the_home_directory(tmp_path, monkeypatch):
+  monkeypatch.setenv("HOME", str(tmp_path))
+  table = offload.OffloadConfig({"t0": {"cache_rows": 10, "path": "~/stores/t0"}}).tables[0]
+  assert table.path == str(tmp_path / "stores" / "t0")
+  assert table.resolve_path("/elsewhere") == str(tmp_path / "stores" / "t0")
+  with pytest.raises(ConfigError, match=r"^offloaded table 't0': path '~no_such_user_qa81/t0': "
+                     r"cannot expand '~no_such_user_qa81' \(no such user, or no HOME\)"):
+    offload.OffloadConfig({"t0": {"cache_rows": 10, "path": "~no_such_user_qa81/t0"}})
