@@ -150,7 +150,7 @@ def _plan_offloaded(spec, off, tables, mesh, memory, optimizer, batch, cal):
   sparse = _sparse_optimizer(optimizer)
   if FLAGS.plan == "auto":
     return planning.plan_with_offload(spec.tables, spec.features, mesh, off, sparse, memory,
-                                      batch, spec.eval_batch_size, calibration=cal)[0]
+                                      batch, calibration=cal)[0]
   result = _estimate_forced(tables, mesh, lambda plan, mode: planner.estimate_plan(
       plan, tables, spec.features, mesh, memory, sparse, batch, cal, mode=mode))
   return planning.with_offload_notes(result, spec.tables, off, sparse)

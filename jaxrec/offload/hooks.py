@@ -64,8 +64,7 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
     configured = {t.name for t in off.tables}
     result, off, tables = plan_with_offload(config.tables, config.features, mesh_shape, off,
                                             sparse, options.memory_per_device,
-                                            config.batch_size, config.eval_batch_size,
-                                            calibration=calibration)
+                                            config.batch_size, calibration=calibration)
     check_one_process(off, processes, [t.name for t in off.tables if t.name not in configured])
     return result.plan, result, tables, off
   check_one_process(off, processes)

@@ -4,8 +4,9 @@
 `OffloadConfig.tables` replaced by its cache. If that does not fit the memory budget and
 `OffloadConfig.auto` is set, it offloads more tables — biggest first (rows x bytes per
 row, optimizer state included), each with a cache of `auto_cache_fraction` of its rows but
-at least the ids of H+1 batches (what the look-ahead may pin) and of one eval batch (looked
-up through the cache) — until the planner finds a plan that fits. Tables whose cache would
+at least the ids of H+1 training batches (what the look-ahead may pin) — until the planner
+finds a plan that fits. An eval batch whose rows do not fit such a cache is evaluated in
+pieces that do (`eval_split`; start-up warns), so the cache is not sized for eval batches. Tables whose cache would
 hold half their rows or more stay on the device, as do int8 tables (not offloadable).
 The decision is written into the plan's notes.
 """
@@ -24,7 +25,7 @@ from jaxrec.offload.config import (OFFLOAD_DTYPES, OffloadConfig, OffloadTable, 
 def plan_with_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
                       mesh_shape: Mapping[str, int], config: OffloadConfig, optimizer,
                       memory_per_device_bytes: int | None, batch_size: int,
-                      eval_batch_size: int = 0, **planner_kwargs):
+                      **planner_kwargs):
   """Plans `tables`, offloading tables when needed (see module docstring).
 
   Returns:
@@ -39,10 +40,10 @@ def plan_with_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpe
   ids = {t.name: 0 for t in tables}
   for f in features:
     ids[f.table] += f.max_len
-  # Rows one step may need resident: this batch's and the next H batches' ids, or an eval
-  # batch's (`OffloadTier.eval_logits`: one pass when they all fit in the cache).
-  per_table = max(batch_size * (config.horizon + 1), eval_batch_size)
-  need = {n: per_table * k for n, k in ids.items()}
+  # Rows one step may need resident: this batch's and the next H batches' ids. (An eval
+  # batch that needs more is split, `eval_split`: any cache that takes a batch takes an
+  # example.)
+  need = {n: batch_size * (config.horizon + 1) * k for n, k in ids.items()}
   candidates = sorted((t for t in tables if config.table(t.name) is None
                        and t.dtype in OFFLOAD_DTYPES
                        and max(need[t.name], t.rows * config.auto_cache_fraction) < t.rows / 2),

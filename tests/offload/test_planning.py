@@ -41,18 +41,19 @@ def test_auto_skips_tables_that_cannot_be_offloaded():
   assert dict((t.name, t.rows) for t in specs)["huge"] == 8_000_000
 
 
-def test_auto_cache_holds_an_eval_batch():
-  """The trainer looks eval batches up through the cache: a cache `auto` sizes must hold
-  one (else the first eval fails with '... lower ExperimentConfig.eval_batch_size')."""
+def test_auto_cache_is_sized_for_training_not_for_an_eval_batch():
+  """`auto` sizes a cache for the ids of H+1 training batches (here 512 x 5), not for an
+  eval batch (it made a 16,384-row cache here): an eval batch with more rows is evaluated
+  in pieces (`eval_split`, tests/offload/test_eval.py), and start-up warns."""
   from jaxrec.train.config import ExperimentConfig, RunOptions
   from jaxrec.models import DLRM
   config = ExperimentConfig(embedding=(TABLES, FEATURES), model=DLRM((16,), (1,)),
                             sparse_optimizer=ADAGRAD, batch_size=512, eval_batch_size=16384)
-  cfg = offload.OffloadConfig(auto=True, auto_cache_fraction=0.001)
+  cfg = offload.OffloadConfig(auto=True, auto_cache_fraction=0.0001)
   options = RunOptions(plan="auto", memory_per_device=BUDGET)
   _, _, tables, off = offload.choose_plan(config, options, MESH, cfg)
-  assert [(t.name, t.cache_rows) for t in off.tables] == [("huge", 16384)]
-  assert dict((t.name, t.rows) for t in tables)["huge"] == 16384
+  assert [(t.name, t.cache_rows) for t in off.tables] == [("huge", 512 * (cfg.horizon + 1))]
+  assert dict((t.name, t.rows) for t in tables)["huge"] == 512 * 5
 
 
 def test_configured_offload_is_planned_with_its_cache():
