@@ -5,10 +5,10 @@
 `OffloadConfig.auto` is set, it offloads more tables — biggest first (rows x bytes per
 row, optimizer state included), each with a cache of `auto_cache_fraction` of its rows but
 at least the ids of H+1 training batches (what the look-ahead may pin) — until the planner
-finds a plan that fits. An eval batch whose rows do not fit such a cache is evaluated in
-pieces that do (`eval_split`; start-up warns), so the cache is not sized for eval batches. Tables whose cache would
-hold half their rows or more stay on the device, as do int8 tables (not offloadable).
-The decision is written into the plan's notes.
+finds a plan that fits. Tables whose cache would hold half their rows or more stay on the
+device, as do int8 tables (not offloadable). The decision is written into the plan's notes.
+An eval batch whose rows do not fit such a cache is evaluated in pieces that do
+(`eval_split`; start-up warns), so the cache is not sized for eval batches.
 """
 
 from __future__ import annotations

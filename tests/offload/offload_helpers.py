@@ -52,6 +52,28 @@ def train_iterator(seed=0):
   return TrainIterator(source, BATCH, seed, prefetch=0)
 
 
+class CountedStream:
+  """The training stream (seed 0) with a count `i` of the batches taken, kept in its state;
+  subclasses change `__next__`."""
+
+  def __init__(self):
+    self.it, self.i = train_iterator(0), 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    self.i += 1
+    return next(self.it)
+
+  def get_state(self):
+    return dict(self.it.get_state(), i=self.i)
+
+  def set_state(self, state):
+    self.it.set_state({k: v for k, v in state.items() if k != "i"})
+    self.i = state["i"]
+
+
 def offload_config(tmp_path, cache_rows=1000, **kw):
   table = kw.pop("table", {})
   kw.setdefault("host_buffer_rows", 600)      # small: the writer thread flushes often

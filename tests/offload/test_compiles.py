@@ -2,37 +2,24 @@
 (training installs and eval passes alike)."""
 
 import numpy as np
+
 from jaxrec import offload
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.sharding.plan import uniform_plan
-from tests.offload.offload_helpers import experiment, mesh_of, offload_config, train_iterator
+from tests.offload.offload_helpers import CountedStream, experiment, mesh_of, offload_config
 
 
-class _Growing:
+class _Growing(CountedStream):
   """The training stream with the big table's ids folded onto rows `[40 i, 40 i + 16 * 2**i)`
   in batch `i` (at most 256 rows): the first batches miss more distinct rows each time, the
   later ones evict."""
 
-  def __init__(self):
-    self.it, self.i = train_iterator(0), 0
-
-  def __iter__(self):
-    return self
-
   def __next__(self):
-    batch = next(self.it)
     span, start = 16 << min(self.i, 4), 40 * self.i
-    self.i += 1
+    batch = super().__next__()
     ids = {f: np.where(x >= 0, start + x % span, x) if f.startswith("f_big") else x
            for f, x in batch.ids.items()}
     return batch.replace(ids=ids)
-
-  def get_state(self):
-    return dict(self.it.get_state(), i=self.i)
-
-  def set_state(self, state):
-    self.it.set_state({k: v for k, v in state.items() if k != "i"})
-    self.i = state["i"]
 
 
 def test_install_and_gather_compile_once_as_misses_grow(tmp_path):

@@ -9,8 +9,7 @@ from jaxrec.models import DLRM
 
 from jaxrec.train import state as state_lib
 from jaxrec.train import step as step_lib
-from tests.offload.offload_helpers import (Run, experiment, mesh_of, offload_config,
-                                          train_iterator)
+from tests.offload.offload_helpers import CountedStream, Run, experiment, mesh_of, offload_config
 
 
 def _compare(ref, off, atol=1e-6):
@@ -87,27 +86,17 @@ def test_eval_view_reads_newest_rows(tmp_path):
     off.close()
 
 
-class _Finite:
+class _Finite(CountedStream):
   """The first `n` batches of the training stream, then StopIteration (one epoch)."""
 
   def __init__(self, n):
-    self.it, self.n, self.i = train_iterator(0), n, 0
-
-  def __iter__(self):
-    return self
+    super().__init__()
+    self.n = n
 
   def __next__(self):
     if self.i >= self.n:
       raise StopIteration
-    self.i += 1
-    return next(self.it)
-
-  def get_state(self):
-    return dict(self.it.get_state(), i=self.i)
-
-  def set_state(self, state):
-    self.it.set_state({k: v for k, v in state.items() if k != "i"})
-    self.i = state["i"]
+    return super().__next__()
 
 
 def _epoch(run):
