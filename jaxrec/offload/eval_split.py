@@ -19,7 +19,7 @@ import numpy as np
 from jaxrec.data.batch import Batch
 from jaxrec.errors import ConfigError
 from jaxrec.offload.cache import batch_rows
-from jaxrec.offload.device import global_rows, install_size, pad_rows
+from jaxrec.offload.device import global_rows, pad_rows, padded
 
 
 def _ids(batch: Batch, features: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -150,7 +150,8 @@ def _one_pass(tier, state, live, part, run) -> np.ndarray:
     slot, missing = slots(t, uniq)
     ids.update(remap(part, t.features, uniq, slot))
     if missing.any():
-      n = install_size(t, part.ids)   # one shape per batch shape, as training's installs
+      # at least a training install's rows: the same program (no compilation) when it fits
+      n = max(padded(int(missing.sum())), tier.install_rows(name))
       rows[name] = global_rows(t.place, slot[missing], n)
       values[name] = {k: pad_rows(v, n) for k, v in tier.read_latest(t, uniq[missing]).items()}
   part = part.replace(ids=ids)

@@ -164,6 +164,10 @@ class OffloadTier:
     self._stats["install_s"] += time.perf_counter() - t0
     return dict(state, emb=emb)
 
+  def install_rows(self, name: str) -> int:
+    """Padded rows of the training installs into table `name` so far (0: none yet)."""
+    return self._pad.get(name, 0)
+
   def no_bounces(self, name: str, n: int) -> list:
     """`_BOUNCE_SOURCES` bounce entries for an `n`-row install into table `name` that copy
     nothing (their `dst` are all out of range), shaped as an eviction's `[n, ...]` arrays:
