@@ -98,7 +98,7 @@ def _check_paths() -> None:
     raise ConfigError(f"--input {FLAGS.input} is a preprocessed dataset ({binary.MANIFEST}), "
                       "not TSV: train on it directly (--train_data)")
   output = os.path.realpath(FLAGS.output)
-  for path in tsv.list_files(FLAGS.input):
+  for path in tsv.list_files(FLAGS.input, quiet=True):   # preprocess() warns of skipped ones
     if os.path.dirname(os.path.realpath(path)) == output:
       raise ConfigError(f"--output {FLAGS.output} holds the --input file {path}; write the "
                         "shards to another directory")

@@ -79,26 +79,50 @@ _REASONS = {
 }
 
 
-def list_files(path: str) -> list[str]:
+def list_files(path: str, quiet: bool = False) -> list[str]:
   """A file, a directory (its non-hidden files) or a glob -> file paths in byte-wise order.
 
   The order is plain string order of the paths (`day_10` before `day_2`, `Z` before `a`),
   never natural order: resumed runs' data positions depend on it.
 
   An existing path is taken literally, also when its name holds `*`, `?` or `[`, and may be a
-  named pipe (`<(zcat day_0.gz)`): it is read once, as a stream.
+  named pipe (`<(zcat day_0.gz)`): it is read once, as a stream. Subdirectories (and pipes)
+  inside a directory, or matched by a glob, are not read: a warning names them unless `quiet`.
   """
   if any(c in path for c in "*?[") and not os.path.exists(path):
-    return _glob_files(path)
+    return _glob_files(path, quiet)
   if os.path.isdir(path):
-    files = sorted(os.path.join(path, n) for n in os.listdir(path)
-                   if not n.startswith(".") and os.path.isfile(os.path.join(path, n)))
+    entries = sorted(os.path.join(path, n) for n in os.listdir(path) if not n.startswith("."))
+    files = [p for p in entries if os.path.isfile(p)]
     if not files:
       _no_files_in(path)
+    if not quiet:
+      _warn_not_read(path, [p for p in entries if not os.path.isfile(p)], directory=True)
     return files
   if os.path.exists(path):   # a file, or a pipe (was "no such file or directory")
     return [path]
   raise DataError(f"{path}: no such file or directory")
+
+
+def _warn_not_read(given: str, skipped: list[str], directory: bool) -> None:
+  """Logs the entries of a directory (`directory`) or the matches of a glob that are left
+  out because they are not regular files: subdirectories (their files were dropped without
+  a word) and named pipes, sockets or devices (reading one could block)."""
+  if not skipped:
+    return
+  name = os.path.basename if directory else str
+  dirs = [name(p) + "/" for p in skipped if os.path.isdir(p)]
+  others = [name(p) for p in skipped if not os.path.isdir(p)]
+  kinds = ([f"{', '.join(dirs)} (director{'ies' if len(dirs) > 1 else 'y'})"] if dirs else []) \
+      + ([f"{', '.join(others)} (not a regular file)"] if others else [])
+  many, one = ("entries", "entry") if directory else ("matches", "match")
+  what = f"{many} that are not files" if len(skipped) > 1 else f"{one} that is not a file"
+  hint = ""
+  if directory and dirs:
+    hint = ("; only the directory's own files are read (the glob "
+            f"{os.path.join(given, '*', '*')} reads the files inside its subdirectories)")
+  logging.warning("%s: not reading %d %s: %s%s", given, len(skipped), what, ", ".join(kinds),
+                  hint)
 
 
 def _no_files_in(path: str) -> NoReturn:
@@ -121,12 +145,14 @@ def _no_files_in(path: str) -> NoReturn:
                   f"subdirectories, pass the glob {os.path.join(path, '*', '*')}")
 
 
-def _glob_files(pattern: str) -> list[str]:
+def _glob_files(pattern: str, quiet: bool) -> list[str]:
   """The files `pattern` matches, sorted; `DataError` when none (naming a directory when it
   matches only those)."""
   matches = sorted(globlib.glob(pattern))
   files = [p for p in matches if os.path.isfile(p)]
   if files:
+    if not quiet:
+      _warn_not_read(pattern, [p for p in matches if not os.path.isfile(p)], directory=False)
     return files
   if matches and all(os.path.isdir(p) for p in matches):
     raise DataError(f"{pattern}: matches only directories (e.g. {matches[0]}), no files; to "
