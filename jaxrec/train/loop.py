@@ -301,7 +301,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       log.info("already trained to step %d (--num_steps=%d): evaluating that checkpoint",
                start, options.num_steps)
       metrics, state = evaluate(eval_step, collection, state, eval_data, bsharding, tier)
-      last = dict(metrics, step=start)
+      # with --bad_rows=skip, the eval rows dropped (a training run's log lines carry them)
+      last = dict(metrics, **data_adapter.bad_row_metrics(eval_data), step=start)
       if restored is not None:
         writer.write(start, {"event": "resume", "checkpoint_step": start, **last})
     while step < options.num_steps:
