@@ -17,6 +17,11 @@ class DataError(JaxrecError, ValueError):
   """Input data is malformed; the message names the file, line and column."""
 
 
+class DataPathError(DataError):
+  """A data path names no file to read (missing, an empty directory, a glob matching no
+  file); the script that got it prefixes the flag or binding it came from."""
+
+
 class OffloadError(JaxrecError):
   """The offload tier failed at run time (a tensorstore read or write-back failed, or a
   batch needs more distinct rows than the cache holds); the message names table and path."""

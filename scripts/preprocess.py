@@ -93,12 +93,16 @@ def _check_paths() -> None:
   """The output directory must not be the one holding input files (it would become a
   dataset directory, its TSV files unread)."""
   from jaxrec.data import binary, tsv
-  from jaxrec.errors import ConfigError
+  from jaxrec.errors import ConfigError, DataPathError
+  try:   # a missing path says which flag gave it
+    inputs = tsv.list_files(FLAGS.input, quiet=True)   # preprocess() warns of skipped ones
+  except DataPathError as e:
+    raise DataPathError(f"--input: {e}") from None
   if binary.is_preprocessed(FLAGS.input):   # its manifest.json was parsed as TSV
     raise ConfigError(f"--input {FLAGS.input} is a preprocessed dataset ({binary.MANIFEST}), "
                       "not TSV: train on it directly (--train_data)")
   output = os.path.realpath(FLAGS.output)
-  for path in tsv.list_files(FLAGS.input, quiet=True):   # preprocess() warns of skipped ones
+  for path in inputs:
     if os.path.dirname(os.path.realpath(path)) == output:
       raise ConfigError(f"--output {FLAGS.output} holds the --input file {path}; write the "
                         "shards to another directory")

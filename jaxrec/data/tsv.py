@@ -43,7 +43,7 @@ from absl import logging
 
 from jaxrec.data.batch import Batch, concatenate
 from jaxrec.data.source import ArraySource, Layout, empty_batch
-from jaxrec.errors import ConfigError, DataError
+from jaxrec.errors import ConfigError, DataError, DataPathError
 
 BAD_ROWS = ("error", "skip")
 CHUNK_BYTES = 4 << 20
@@ -101,7 +101,7 @@ def list_files(path: str, quiet: bool = False) -> list[str]:
     return files
   if os.path.exists(path):   # a file, or a pipe (was "no such file or directory")
     return [path]
-  raise DataError(f"{path}: no such file or directory")
+  raise DataPathError(f"{path}: no such file or directory")
 
 
 def _warn_not_read(given: str, skipped: list[str], directory: bool) -> None:
@@ -131,18 +131,18 @@ def _no_files_in(path: str) -> NoReturn:
   subdirs = sorted(n for n in os.listdir(path)
                    if not n.startswith(".") and os.path.isdir(os.path.join(path, n)))
   if not subdirs:
-    raise DataError(f"{path}: directory holds no files")
+    raise DataPathError(f"{path}: directory holds no files")
   names = ", ".join(subdirs[:3]) + (", ..." if len(subdirs) > 3 else "")
   from jaxrec.data import binary   # binary imports this module
   datasets = [n for n in subdirs if binary.is_preprocessed(os.path.join(path, n))]
   if datasets:   # their files are no TSV: a run reads one dataset
     which = ", ".join(datasets[:3]) + (", ..." if len(datasets) > 3 else "")
     are = "are preprocessed datasets" if len(datasets) > 1 else "is a preprocessed dataset"
-    raise DataError(f"{path}: directory holds only subdirectories ({names}), no files; "
-                    f"{which} {are}: give one of them")
-  raise DataError(f"{path}: directory holds only subdirectories ({names}), no files; expected "
-                  "TSV files (plain or gzip) directly in it; to read the files inside the "
-                  f"subdirectories, pass the glob {os.path.join(path, '*', '*')}")
+    raise DataPathError(f"{path}: directory holds only subdirectories ({names}), no files; "
+                        f"{which} {are}: give one of them")
+  raise DataPathError(f"{path}: directory holds only subdirectories ({names}), no files; "
+                      "expected TSV files (plain or gzip) directly in it; to read the files "
+                      f"inside the subdirectories, pass the glob {os.path.join(path, '*', '*')}")
 
 
 def _glob_files(pattern: str, quiet: bool) -> list[str]:
@@ -155,9 +155,9 @@ def _glob_files(pattern: str, quiet: bool) -> list[str]:
       _warn_not_read(pattern, [p for p in matches if not os.path.isfile(p)], directory=False)
     return files
   if matches and all(os.path.isdir(p) for p in matches):
-    raise DataError(f"{pattern}: matches only directories (e.g. {matches[0]}), no files; to "
-                    "read the files inside them, end the pattern with /*")
-  raise DataError(f"{pattern}: no files match this pattern")
+    raise DataPathError(f"{pattern}: matches only directories (e.g. {matches[0]}), no files; "
+                        "to read the files inside them, end the pattern with /*")
+  raise DataPathError(f"{pattern}: no files match this pattern")
 
 
 def read_chunks(path: str, chunk_bytes: int = CHUNK_BYTES,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -13,26 +14,40 @@ from jaxrec.checkpoint.manager import CheckpointManager
 from jaxrec.checkpoint.steps import step_dirs
 
 from jaxrec.data import pipeline
+from jaxrec.errors import DataPathError
 
 log = logging.getLogger("jaxrec")
 
 
 def train_iterator(config, options) -> pipeline.TrainIterator:
   """This process's endless, resumable train stream (global batch `config.batch_size`)."""
-  return pipeline.make_train_iterator(
-      options.train_data or config.train_data, config.features, config.tables,
-      config.batch_size, options.seed, jax.process_index(), jax.process_count(),
-      bad_rows=options.bad_rows, num_dense=config.num_dense)
+  with _naming_source(options, "train_data"):
+    return pipeline.make_train_iterator(
+        options.train_data or config.train_data, config.features, config.tables,
+        config.batch_size, options.seed, jax.process_index(), jax.process_count(),
+        bad_rows=options.bad_rows, num_dense=config.num_dense)
 
 
 def eval_data(config, options) -> pipeline.EvalData:
   """The fixed eval set: a file source is read whole; synthetic draws
   `config.num_eval_examples` held-out examples."""
-  return pipeline.make_eval_batches(
-      options.eval_data or config.eval_data, config.features, config.tables,
-      config.eval_batch_size, jax.process_index(), jax.process_count(),
-      bad_rows=options.bad_rows, synthetic_examples=config.num_eval_examples,
-      seed=options.seed, num_dense=config.num_dense)
+  with _naming_source(options, "eval_data"):
+    return pipeline.make_eval_batches(
+        options.eval_data or config.eval_data, config.features, config.tables,
+        config.eval_batch_size, jax.process_index(), jax.process_count(),
+        bad_rows=options.bad_rows, synthetic_examples=config.num_eval_examples,
+        seed=options.seed, num_dense=config.num_dense)
+
+
+@contextlib.contextmanager
+def _naming_source(options, name: str):
+  """A path that names no file says where it came from, `--train_data` or the config's
+  `ExperimentConfig.train_data` (it named only the path, and not which of the two)."""
+  try:
+    yield
+  except DataPathError as e:
+    where = f"--{name}" if getattr(options, name) else f"ExperimentConfig.{name}"
+    raise DataPathError(f"{where}: {str(e).splitlines()[0]}") from None
 
 
 def bad_row_metrics(*sources) -> dict[str, Any]:

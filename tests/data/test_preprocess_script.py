@@ -40,7 +40,8 @@ def test_preprocess_and_errors(tmp_path, tsv_file):
                               "got 'x'")
   r = run(f"--input={tmp_path / 'missing'}", f"--output={tmp_path / 'o3'}", "--rows=100")
   assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
-  assert "no such file or directory" in r.stderr
+  assert r.stderr.strip().endswith(f"error: --input: {tmp_path / 'missing'}: no such file or "
+                                   "directory")
   r = run(f"--input={path}", f"--output={tmp_path / 'o4'}", "--rows=1,2")
   assert r.returncode == 1 and "--rows: 2 values given, 26" in r.stderr
 

@@ -3,7 +3,7 @@
 import pytest
 
 from jaxrec import launch
-from jaxrec.errors import ConfigError
+from jaxrec.errors import ConfigError, DataPathError
 from jaxrec.train import config as config_lib, data_adapter
 
 
@@ -83,3 +83,21 @@ def test_rows_dropped_at_preprocessing_are_said_under_bad_rows_error(caplog):
       "--bad_rows=error, but the data were preprocessed with --bad_rows=skip: 3 malformed "
       "rows were dropped then (a.tsv: 2, e.tsv: 1); they are also in metrics.jsonl "
       "('bad_rows')"]
+
+
+def test_a_data_path_naming_no_file_says_which_flag_or_binding(tmp_path):
+  """`error: /x: no such file or directory` named only the path, not whether --train_data,
+  --eval_data or the gin config's ExperimentConfig.eval_data gave it."""
+  missing = str(tmp_path / "day_9.tsv")
+  launch.parse_gin(["configs/dlrm_synthetic.gin"], [])
+  config = config_lib.ExperimentConfig()
+  with pytest.raises(DataPathError) as e:
+    data_adapter.train_iterator(config, config_lib.RunOptions(train_data=missing))
+  assert str(e.value) == f"--train_data: {missing}: no such file or directory"
+  with pytest.raises(DataPathError) as e:
+    data_adapter.eval_data(config, config_lib.RunOptions(eval_data=str(tmp_path / "*.tsv")))
+  assert str(e.value) == f"--eval_data: {tmp_path / '*.tsv'}: no files match this pattern"
+  launch.parse_gin(["configs/dlrm_synthetic.gin"], [f"ExperimentConfig.eval_data='{missing}'"])
+  with pytest.raises(DataPathError) as e:
+    data_adapter.eval_data(config_lib.ExperimentConfig(), config_lib.RunOptions())
+  assert str(e.value) == f"ExperimentConfig.eval_data: {missing}: no such file or directory"
