@@ -21,25 +21,8 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
   import jaxrec.configurables  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   gin.clear_config()
   gin_usage.clear()
-  for path in files:
-    if not os.path.isfile(path):
-      why = "is a directory" if os.path.isdir(path) else "no such file"
-      raise ConfigError(f"--gin_file: cannot read '{path}': {why}")
-    try:
-      gin.parse_config_file(path)
-    except (IOError, OSError) as e:
-      # An `include` of a missing file: gin's error (re-raised with the including file's
-      # location appended) has no strerror; its text names the missing file.
-      raise ConfigError(f"--gin_file: cannot read '{path}': "
-                        f"{getattr(e, 'strerror', None) or _one_line(e)}") from None
-    except SyntaxError as e:  # gin's ParseError: the location is in its attributes
-      where = f"{path}:{e.lineno}" if e.lineno else path
-      raise ConfigError(f"--gin_file: {where}: {gin_hints.unparsable_value(_one_line(e))}"
-                        ) from None
-    except Exception as e:  # gin raises ValueError/KeyError with location info
-      raise ConfigError(f"--gin_file: {_located(path, _one_line(e))}{_set_by(e)}"
-                        f"{gin_hints.did_you_mean(str(e))}") from None
-    gin_usage.record_file(path)
+  with _quiet_gin_lookup():
+    _parse_files(files)
   for binding in bindings:
     try:
       gin.parse_config(binding)
@@ -56,6 +39,47 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
     gin.finalize()
   except ValueError as e:   # gin's check of the macros: its message dumps the whole config
     raise ConfigError(_unbound_macro(e)) from None
+
+
+def _parse_files(files: Sequence[str]) -> None:
+  """`--gin_file`s in order; a missing or unparsable one (or include) is a ConfigError."""
+  for path in files:
+    if not os.path.isfile(path):
+      why = "is a directory" if os.path.isdir(path) else "no such file"
+      raise ConfigError(f"--gin_file: cannot read '{path}': {why}")
+    try:
+      gin.parse_config_file(path)
+    except SyntaxError as e:  # gin's ParseError: the location is in its attributes
+      where = f"{path}:{e.lineno}" if e.lineno else path
+      raise ConfigError(f"--gin_file: {where}: {gin_hints.unparsable_value(_one_line(e))}"
+                        ) from None
+    except Exception as e:  # gin raises ValueError/KeyError with location info
+      missing = _missing_include(e)
+      if missing:
+        raise ConfigError(f"--gin_file: {missing}") from None
+      if isinstance(e, OSError):
+        raise ConfigError(f"--gin_file: cannot read '{path}': "
+                          f"{getattr(e, 'strerror', None) or _one_line(e)}") from None
+      raise ConfigError(f"--gin_file: {_located(path, _one_line(e))}{_set_by(e)}"
+                        f"{gin_hints.did_you_mean(str(e))}") from None
+    gin_usage.record_file(path)
+
+
+@contextlib.contextmanager
+def _quiet_gin_lookup() -> Iterator[None]:
+  """Drops what gin's Python-package lookup of a file logs (`system_path_file_exists`,
+  `Path not found` for every include not on the filesystem): it came before the one-line
+  `error:` of a missing include."""
+  def keep(record: logging.LogRecord) -> bool:
+    return not record.pathname.endswith(os.path.join("gin", "resource_reader.py"))
+  loggers = [logging.getLogger("absl"), logging.getLogger()]
+  for logger in loggers:
+    logger.addFilter(keep)
+  try:
+    yield
+  finally:
+    for logger in loggers:
+      logger.removeFilter(keep)
 
 
 def _unbound_macro(e: ValueError) -> str:
@@ -176,6 +200,24 @@ def _located(path: str, message: str) -> str:
     return f"{path}: {message}"
   text, where, line, source = m.groups()
   return f"{where}:{line}: {text.rstrip('.')}" + (f" (in '{source}')" if source else "")
+
+
+_INCLUDE = re.compile(r"""^include\s+(['"])(.+)\1$""")
+
+
+def _missing_include(e: Exception) -> str | None:
+  """`FILE:LINE: include 'NAME': no such file` when `e` is gin failing to find an included
+  file: its IOError (`Unable to open file ...`), or a TypeError (`expected str ... not
+  NoneType`) from its Python-package lookup when NAME's directory is also a directory here
+  (`configs/x.gin` from the repository root). None for any other error."""
+  if not isinstance(e, (OSError, TypeError)):
+    return None
+  m = _GIN_LOCATION.match(_one_line(e))
+  include = _INCLUDE.match(m.group(4)) if m else None
+  if not include:
+    return None
+  return (f"{m.group(2)}:{m.group(3)}: include '{include.group(2)}': no such file (a relative "
+          f"path is read from the current directory, {os.getcwd()})")
 
 
 def _one_line(e: BaseException) -> str:

@@ -1,6 +1,7 @@
 """configs/*.gin: every config builds; dlrm_criteo.gin keeps the TorchRec comparison shape."""
 
 import glob
+import logging
 import os
 
 import gin
@@ -303,3 +304,20 @@ def test_an_unclosed_bracket_says_so(tmp_path):
   with pytest.raises(ConfigError, match=r"^--gin_bindings: 'DLRM.top_mlp=\(8, 1': EOF in "
                      r"multi-line statement: a \(, \[ or \{ is not closed"):
     launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")], ["DLRM.top_mlp=(8, 1"])
+
+
+@pytest.mark.parametrize("name", ["configs/dlrm_synthetc.gin", "nope.gin"])
+def test_gin_include_of_a_missing_file_in_a_directory_here_names_it(tmp_path, monkeypatch,
+                                                                     caplog, name):
+  """`include 'configs/x.gin'` (a typo) run from the repository root, which has `configs/`:
+  gin's Python-package lookup took `configs` for a package and failed with `expected str,
+  bytes or os.PathLike object, not NoneType`; its `Path not found` log line came first."""
+  (tmp_path / "configs").mkdir()
+  monkeypatch.chdir(tmp_path)
+  path = tmp_path / "my.gin"
+  path.write_text(f"DLRM.dtype = 'float32'\ninclude '{name}'\n")
+  with caplog.at_level(logging.INFO), pytest.raises(ConfigError) as e:
+    launch.parse_gin([str(path)], [])
+  assert str(e.value) == (f"--gin_file: {path}:2: include '{name}': no such file (a relative "
+                          f"path is read from the current directory, {tmp_path})")
+  assert not [r for r in caplog.records if "resource_reader" in r.pathname]
