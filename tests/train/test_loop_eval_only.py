@@ -7,10 +7,7 @@ import pytest
 
 from jaxrec import launch
 from jaxrec.train import config as config_lib, data_adapter, loop
-
-BINDINGS = ["ExperimentConfig.batch_size=64", "ExperimentConfig.eval_batch_size=512",
-            "ExperimentConfig.num_eval_examples=512", "DLRM.bottom_mlp=(16,)",
-            "DLRM.top_mlp=(16,1)"]
+from tests.train.test_loop_eval_ids import BINDINGS   # a small DLRM on 8 devices
 
 
 class _Skipped:
