@@ -117,7 +117,7 @@ class OffloadTable:
     return os.path.abspath(os.path.join(workdir, "offload", self.name))
 
 
-@gin.configurable
+@gin.configurable(denylist=["auto_added"])
 @dataclasses.dataclass(frozen=True)
 class OffloadConfig:
   """The offload tier (see `tier` for the pipeline).
@@ -138,6 +138,7 @@ class OffloadConfig:
     snapshot_check: what a restore checks of an offload snapshot before it uses it:
       `full` (every file's size and CRC32: reads the whole snapshot) or `sizes` (names and
       sizes only: no read, for tables too large to read at every restart).
+    auto_added: the tables `auto` offloaded (set by `planning.plan_with_offload`, not gin).
   """
 
   tables: Any = ()
@@ -148,6 +149,7 @@ class OffloadConfig:
   auto: bool = False
   auto_cache_fraction: float = 0.1
   snapshot_check: str = "full"
+  auto_added: tuple[str, ...] = ()
 
   def __post_init__(self):
     tables = self.tables
@@ -184,6 +186,15 @@ class OffloadConfig:
 
   def with_tables(self, tables: Sequence[OffloadTable]) -> "OffloadConfig":
     return dataclasses.replace(self, tables=tuple(tables))
+
+  def cache_advice(self, name: str) -> str:
+    """How to give offloaded table `name` a bigger cache: `auto_cache_fraction` sized the
+    cache of a table `auto` offloaded, its `OffloadTable` that of a configured one."""
+    if name in self.auto_added:
+      return (f"raise OffloadConfig.auto_cache_fraction (now {self.auto_cache_fraction:g}; "
+              f"OffloadConfig.auto offloaded '{name}'), or list '{name}' in "
+              "OffloadConfig.tables with its cache_rows/cache_bytes")
+    return f"raise its cache_rows/cache_bytes (OffloadConfig.tables['{name}'])"
 
 
 def _table(name, fields) -> OffloadTable:

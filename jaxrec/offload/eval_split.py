@@ -12,7 +12,7 @@ eval gives; a batch that fits takes one pass.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -52,11 +52,13 @@ def _first_uses(rows: np.ndarray, examples: np.ndarray) -> tuple[np.ndarray, np.
   return examples, previous
 
 
-def pieces(batch: Batch, tables: Mapping[str, tuple[Sequence[str], int]]) -> list[np.ndarray]:
+def pieces(batch: Batch, tables: Mapping[str, tuple[Sequence[str], int]],
+           advice: Callable[[str], str]) -> list[np.ndarray]:
   """Example masks `[B] bool` of the passes `batch` needs (one when it fits).
 
   Args:
     tables: `{table: (features, cache_rows)}` of the offloaded tables.
+    advice: how to enlarge a table's cache, for the error (`OffloadConfig.cache_advice`).
 
   Raises:
     ConfigError: one example alone reads more distinct rows of a table than its cache.
@@ -76,7 +78,7 @@ def pieces(batch: Batch, tables: Mapping[str, tuple[Sequence[str], int]]) -> lis
       if fit == 0:
         raise ConfigError(f"offloaded table '{name}': example {start} of an eval batch alone "
                           f"reads {new[0]} distinct rows, more than its cache of {cache_rows}; "
-                          "raise its cache_rows/cache_bytes (OffloadConfig.tables)")
+                          f"{advice(name)}")
       end = min(end, start + fit)
     mask = np.zeros(batch.size, bool)
     mask[start:end] = True
@@ -127,7 +129,8 @@ def logits_in_place(tier, state: dict, batch: Batch, run) -> tuple[dict, np.ndar
   values back. An exception carries the state to go on with as `.state` (`state` itself
   may be donated by then)."""
   tables = tier.tables
-  parts = pieces(batch, {n: (t.features, t.cache.cache_rows) for n, t in tables.items()})
+  parts = pieces(batch, {n: (t.features, t.cache.cache_rows) for n, t in tables.items()},
+                 tier.config.cache_advice)
   features = [f for t in tables.values() for f in t.features]
   live, logits = {"emb": state["emb"]}, None   # `live["emb"]`: the newest, undonated one
   try:

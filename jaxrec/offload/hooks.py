@@ -61,11 +61,10 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
                 optimizer_state_factor=sparse, batch_size=config.batch_size,
                 calibration=calibration)
   if options.plan == "auto" and recorded is None:
-    configured = {t.name for t in off.tables}
     result, off, tables = plan_with_offload(config.tables, config.features, mesh_shape, off,
                                             sparse, options.memory_per_device,
                                             config.batch_size, calibration=calibration)
-    check_one_process(off, processes, [t.name for t in off.tables if t.name not in configured])
+    check_one_process(off, processes)
     return result.plan, result, tables, off
   check_one_process(off, processes)
   tables = device_tables(config.tables, off, sparse)
@@ -88,15 +87,15 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
   return plan, with_offload_notes(result, config.tables, off, sparse), tables, off
 
 
-def check_one_process(off: OffloadConfig, processes: int, added: list[str] = ()) -> None:
+def check_one_process(off: OffloadConfig, processes: int) -> None:
   """Offloading is single-process: a `ConfigError` naming the tables (and whether
   `OffloadConfig.auto` chose them) when the job has several, before any data is read
   (and, planned by the elastic supervisor, before any worker starts)."""
   if processes > 1 and off.tables:
     names = ", ".join(f"'{t.name}'" for t in off.tables)
-    chosen = ", ".join(map(repr, added))
+    chosen = ", ".join(map(repr, off.auto_added))
     why = (f" (OffloadConfig.auto offloaded {chosen}: the tables do not fit "
-           "--memory_per_device; give more memory or devices)" if added else "")
+           "--memory_per_device; give more memory or devices)" if off.auto_added else "")
     raise ConfigError(f"offloaded tables {names} need one process, this job has "
                       f"{processes}{why}")
 
@@ -163,24 +162,24 @@ def warn_small_eval_caches(tier: OffloadTier, features, eval_batch_size: int) ->
   the most distinct rows an eval batch can read: an eval looks the batch up through the
   cache, so such a batch takes several passes (`eval_split`), each as slow as one over the
   whole batch; a cache smaller than one example's ids may stop the eval (e.g. a run that
-  only evaluates, with a cache no training batch would fit). Only warnings: real batches
-  often read far fewer distinct rows."""
+  only evaluates, with a cache no training batch would fit). Each names the knob that sized
+  the cache (`OffloadConfig.cache_advice`). `make_tier` calls it once per run, not per
+  eval. Only warnings: real batches often read far fewer distinct rows."""
   out = []
   for name, t in tier.tables.items():
     # the table has no more distinct rows than `rows`: a cache of the whole table always fits
     per_example = min(sum(f.max_len for f in features if f.table == name), t.spec.rows)
     bound = min(eval_batch_size * per_example, t.spec.rows)
+    advice = tier.config.cache_advice(name)
     if per_example > t.cache.cache_rows:
       out.append(f"offloaded table '{name}': one example may read up to {per_example:,} "
                  f"distinct rows, more than its {t.cache.cache_rows:,}-row cache; an eval "
-                 "batch with such an example stops the run at that eval (raise its "
-                 "cache_rows/cache_bytes)")
+                 f"batch with such an example stops the run at that eval ({advice})")
       _LOG.warning("%s", out[-1])
     elif bound > t.cache.cache_rows:
       out.append(f"offloaded table '{name}': an eval batch ({eval_batch_size} examples) may "
                  f"read up to {bound:,} distinct rows, more than its {t.cache.cache_rows:,}-row "
                  "cache; such a batch is evaluated in several passes, each costing a whole "
-                 "batch (raise its cache_rows/cache_bytes or lower "
-                 "ExperimentConfig.eval_batch_size for one pass)")
+                 f"batch ({advice}, or lower ExperimentConfig.eval_batch_size for one pass)")
       _LOG.warning("%s", out[-1])
   return out

@@ -30,7 +30,8 @@ def plan_with_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpe
 
   Returns:
     `(result, config, device_specs)`: the planner's `PlanResult` (over the device
-    tables), the offload config with every offloaded table, and the tables as the
+    tables), the offload config with every offloaded table (those `auto` chose in its
+    `auto_added`), and the tables as the
     embedding collection must be built (`device_tables`).
 
   Raises:
@@ -48,7 +49,6 @@ def plan_with_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpe
                        and t.dtype in OFFLOAD_DTYPES
                        and max(need[t.name], t.rows * config.auto_cache_fraction) < t.rows / 2),
                       key=lambda t: (-t.rows * row_bytes(t, optimizer), t.name))
-  added: list[str] = []
   while True:
     specs = device_tables(tables, config, optimizer)
     try:
@@ -64,18 +64,19 @@ def plan_with_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpe
                           f"OffloadConfig.auto={config.auto})") from None
       t = candidates.pop(0)
       rows = max(need[t.name], int(t.rows * config.auto_cache_fraction))
-      config = config.with_tables(config.tables + (OffloadTable(t.name, cache_rows=rows),))
-      added.append(t.name)
-  return with_offload_notes(result, tables, config, optimizer, added), config, specs
+      config = dataclasses.replace(
+          config, tables=config.tables + (OffloadTable(t.name, cache_rows=rows),),
+          auto_added=config.auto_added + (t.name,))
+  return with_offload_notes(result, tables, config, optimizer), config, specs
 
 
-def with_offload_notes(result, tables: Sequence[TableSpec], config: OffloadConfig, optimizer,
-                       added: Sequence[str] = ()):
+def with_offload_notes(result, tables: Sequence[TableSpec], config: OffloadConfig, optimizer):
   """`result` (a `PlanResult`) with a note per offloaded table: its cache size, and
-  whether `OffloadConfig.auto` offloaded it (`added`)."""
+  whether `OffloadConfig.auto` offloaded it (`config.auto_added`)."""
   notes = [f"offloaded '{o.name}': {o.resolve_cache_rows(_spec(tables, o.name), optimizer):,}"
            f"-row device cache, full table in tensorstore"
-           + (" (added by OffloadConfig.auto: the tables did not fit)" if o.name in added else "")
+           + (" (added by OffloadConfig.auto: the tables did not fit)" if o.name in config.auto_added
+              else "")
            for o in config.tables]
   return dataclasses.replace(result, notes=tuple(result.notes) + tuple(notes))
 

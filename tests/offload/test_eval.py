@@ -2,6 +2,8 @@
 (look-ahead running), right after checkpoint saves, after a resume and on a run that only
 evaluates give the metrics of the same run with every table on the device."""
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -59,11 +61,12 @@ def _eval_logits(run, eval_step, batch):
   return logits, len(passes)
 
 
-def test_eval_batches_bigger_than_the_cache_are_evaluated_in_pieces(tmp_path):
+def test_eval_batches_bigger_than_the_cache_are_evaluated_in_pieces(tmp_path, caplog):
   """An eval batch whose distinct rows fill the cache exactly scores as on the device in one
   pass; one row more (it stopped the run with an error), or eight times the rows, is
-  evaluated in passes over pieces that fit, with the on-device logits; training goes on as
-  if those evals never ran."""
+  evaluated in passes over pieces that fit, with the on-device logits, and logs nothing
+  (start-up warns once per run, `hooks.warn_small_eval_caches`); training goes on as if
+  those evals never ran."""
   from jaxrec.data.batch import concatenate   # pylint: disable=import-outside-toplevel
   from jaxrec.offload.cache import batch_rows   # pylint: disable=import-outside-toplevel
   from jaxrec.train import state as state_lib, step as step_lib   # pylint: disable=C0415
@@ -86,7 +89,9 @@ def test_eval_batches_bigger_than_the_cache_are_evaluated_in_pieces(tmp_path):
   try:
     eval_step = step_lib.make_eval_step(cfg, off.collection, state_lib.shardings(
         off.state, off.collection))
+    caplog.clear()
     got = [_eval_logits(off, eval_step, b) for b in (batch, bigger, huge)]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert [p for _, p in got][:2] == [1, 2] and got[2][1] >= 8
     for (logits, _), w in zip(got, want):
       np.testing.assert_allclose(logits, w, rtol=0, atol=1e-6)
@@ -99,13 +104,14 @@ def test_eval_batches_bigger_than_the_cache_are_evaluated_in_pieces(tmp_path):
 def test_eval_pieces_are_greedy_runs_and_an_example_too_big_is_named():
   from jaxrec.data.batch import Batch   # pylint: disable=import-outside-toplevel
   from jaxrec.errors import ConfigError   # pylint: disable=import-outside-toplevel
-  from jaxrec.offload import eval_split   # pylint: disable=import-outside-toplevel
+  from jaxrec.offload import OffloadConfig, eval_split   # pylint: disable=C0415
   ids = {"a": np.array([0, 1, 1, 2, -1]), "b": np.array([[0, 5], [1, -1], [7, 7], [3, 0],
                                                           [-1, -1]])}
   batch = Batch(dense=np.zeros((5, 1)), labels=np.zeros(5), ids=ids)
   # distinct rows per example: {0,5} {1} {1,7} {2,3,0} {}
-  runs = lambda cache: [np.flatnonzero(m).tolist() for m in
-                        eval_split.pieces(batch, {"t": (("a", "b"), cache)})]
+  runs = lambda cache, off=OffloadConfig(): [
+      np.flatnonzero(m).tolist()
+      for m in eval_split.pieces(batch, {"t": (("a", "b"), cache)}, off.cache_advice)]
   assert runs(7) == [[0, 1, 2, 3, 4]]
   assert runs(4) == [[0, 1, 2], [3, 4]]
   assert runs(3) == [[0, 1], [2], [3, 4]]
@@ -114,8 +120,12 @@ def test_eval_pieces_are_greedy_runs_and_an_example_too_big_is_named():
   assert masked.ids["a"] is ids["a"]
   with pytest.raises(ConfigError, match=r"^offloaded table 't': example 3 of an eval batch "
                      r"alone reads 3 distinct rows, more than its cache of 2; raise its "
-                     r"cache_rows/cache_bytes \(OffloadConfig.tables\)$"):
+                     r"cache_rows/cache_bytes \(OffloadConfig.tables\['t'\]\)$"):
     runs(2)
+  with pytest.raises(ConfigError, match=r"more than its cache of 2; raise OffloadConfig."
+                     r"auto_cache_fraction \(now 0.1; OffloadConfig.auto offloaded 't'\), or "
+                     r"list 't' in OffloadConfig.tables with its cache_rows/cache_bytes$"):
+    runs(2, OffloadConfig(auto=True, auto_added=("t",)))
   rng = np.random.default_rng(0)   # against greedy runs over python sets
   for cache in (4, 5, 9, 40):
     big = Batch(dense=np.zeros((60, 1)), labels=np.zeros(60),
@@ -127,7 +137,7 @@ def test_eval_pieces_are_greedy_runs_and_an_example_too_big_is_named():
         want.append(i)
         run = set()
       run |= r
-    got = eval_split.pieces(big, {"t": (("a", "b"), cache)})
+    got = eval_split.pieces(big, {"t": (("a", "b"), cache)}, OffloadConfig().cache_advice)
     assert [int(np.flatnonzero(m)[0]) for m in got[1:]] == want, cache
 
 

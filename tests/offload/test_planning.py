@@ -141,8 +141,8 @@ def test_eval_cache_warning_bounds_distinct_rows_by_the_table_size():
   spec = TableSpec("t", rows=1000, dim=4)
   features = [FeatureSpec("f", "t", max_len=4)]
 
-  def tier(cache_rows):
-    return types.SimpleNamespace(tables={"t": types.SimpleNamespace(
+  def tier(cache_rows, config=offload.OffloadConfig()):
+    return types.SimpleNamespace(config=config, tables={"t": types.SimpleNamespace(
         spec=spec, cache=types.SimpleNamespace(cache_rows=cache_rows))})
 
   assert hooks.warn_small_eval_caches(tier(1000), features, 512) == []   # whole table cached
@@ -153,4 +153,23 @@ def test_eval_cache_warning_bounds_distinct_rows_by_the_table_size():
   (warning,) = hooks.warn_small_eval_caches(tier(3), features, 128)
   assert warning == ("offloaded table 't': one example may read up to 4 distinct rows, more "
                      "than its 3-row cache; an eval batch with such an example stops the run "
-                     "at that eval (raise its cache_rows/cache_bytes)")
+                     "at that eval (raise its cache_rows/cache_bytes "
+                     "(OffloadConfig.tables['t']))")
+
+
+def test_eval_cache_warning_of_an_auto_offloaded_table_names_auto_cache_fraction():
+  """`OffloadConfig.auto` sizes its tables' caches by `auto_cache_fraction` (for training
+  only): the eval warning told the user to raise a cache_rows/cache_bytes they never set."""
+  import types  # pylint: disable=import-outside-toplevel
+  from jaxrec.offload import hooks
+  _, off, _ = _plan(offload.OffloadConfig(auto=True, auto_cache_fraction=0.01))
+  assert off.auto_added == ("huge",)
+  spec = next(t for t in TABLES if t.name == "huge")
+  cache = off.table("huge").cache_rows
+  fake = types.SimpleNamespace(config=off, tables={"huge": types.SimpleNamespace(
+      spec=spec, cache=types.SimpleNamespace(cache_rows=cache))})
+  (warning,) = hooks.warn_small_eval_caches(fake, FEATURES, 10 * spec.rows)
+  assert warning.endswith("(raise OffloadConfig.auto_cache_fraction (now 0.01; "
+                          "OffloadConfig.auto offloaded 'huge'), or list 'huge' in "
+                          "OffloadConfig.tables with its cache_rows/cache_bytes, or lower "
+                          "ExperimentConfig.eval_batch_size for one pass)"), warning
