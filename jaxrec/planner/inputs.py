@@ -53,7 +53,6 @@ class PlannerInputs:
   table_stats: dict[str, TableStats] = dataclasses.field(default_factory=dict)
   batch_size: int | None = None
   optimizer: Any = None
-  eval_batch_size: int = 0
 
 
 def _check_name(flag: str, part: str, name: str, seen) -> None:
@@ -150,9 +149,7 @@ def inputs_from_gin() -> PlannerInputs:
   from jaxrec.train.config import check_sparse_optimizer  # pylint: disable=import-outside-toplevel
   check_sparse_optimizer(optimizer)
   return PlannerInputs(tables, features, {},
-                       None if batch is _UNSET else _batch_size(batch_from, batch), optimizer,
-                       _batch_size("ExperimentConfig.eval_batch_size",
-                                   _query("ExperimentConfig.eval_batch_size", 4096)))
+                       None if batch is _UNSET else _batch_size(batch_from, batch), optimizer)
 
 
 def _batch_size(binding: str, value) -> int:

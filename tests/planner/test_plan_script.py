@@ -251,7 +251,7 @@ def test_a_plan_file_is_priced_and_checked_as_train_py_checks_it(tmp_path, monke
   assert proc.returncode == 0 and f"--plan={good} was made for mesh" in proc.stderr
   config = types.SimpleNamespace(  # what train.py plans with
       tables=tables, features=inputs.parse_tables_flag(tables_flag[9:]).features,
-      batch_size=512, eval_batch_size=0, sparse_tx=lambda: optimizers.sparse_optimizer("sgd"))
+      batch_size=512, sparse_tx=lambda: optimizers.sparse_optimizer("sgd"))
   bad = tmp_path / "bad.json"
   for content in (None, '{"a": {"kind": "tw"},\n "b": oops}', '{"a": {"kind": "zz"}}',
                   '{"a": {"kind": "tw"}}', '{"a": {"kind": "tw", "table_slice": 5}, '
