@@ -199,22 +199,26 @@ def load_plan_file(path: str, mesh_shape: Mapping[str, int], fix: str = "") -> P
                f"unbalanced here{fix}")
     held = _HELD.get()
     if held is None:
-      _warn_once(message)
+      warn_once(message)
     else:
       held[format_mesh(here)] = message
   return plan
 
 
-# Other-mesh warnings of the meshes tried so far (`mesh_warning_held`), and those logged.
+# Other-mesh warnings of the meshes tried so far (`mesh_warning_held`), and the warnings
+# `warn_once` logged.
 _HELD: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
     "held_plan_warnings", default=None)
 _WARNED: set[str] = set()
 
 
-def _warn_once(message: str) -> None:
+def warn_once(message: str, logger: logging.Logger | None = None) -> None:
+  """Logs warning `message` (to `logger`, default this module's) unless this process
+  already did: for warnings about the run's inputs that re-planning repeats (`--mesh=auto`,
+  each elastic generation and process count)."""
   if message not in _WARNED:
     _WARNED.add(message)
-    logging.getLogger(__name__).warning("%s", message)
+    (logger or logging.getLogger(__name__)).warning("%s", message)
 
 
 @contextlib.contextmanager
@@ -225,7 +229,7 @@ def mesh_warning_held() -> Iterator[Callable[[Mapping[str, int]], None]]:
   held: dict[str, str] = {}
   token = _HELD.set(held)
   try:
-    yield lambda shape: held.get(format_mesh(shape)) and _warn_once(held[format_mesh(shape)])
+    yield lambda shape: held.get(format_mesh(shape)) and warn_once(held[format_mesh(shape)])
   finally:
     _HELD.reset(token)
 

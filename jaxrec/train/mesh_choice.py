@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 from jaxrec.errors import ConfigError
 from jaxrec.sharding import mesh as mesh_lib
 from jaxrec.sharding.plan import (Plan, is_plan_file, mesh_warning_held, recorded_mesh,
-                                  stored_mesh)
+                                  stored_mesh, warn_once)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,8 @@ class Choice:
 def recorded(workdir: str | None) -> Recorded | None:
   """What the newest checkpoint in `W/checkpoints` records (the one a restore tries
   first); None without one, for one that records no plan (a TorchRec import) and, with a
-  warning, for one whose records do not read (the restore then names its fault)."""
+  warning (once per process: the elastic supervisor asks per generation and process
+  count), for one whose records do not read (the restore then names its fault)."""
   from jaxrec.checkpoint import storage   # pylint: disable=import-outside-toplevel
   from jaxrec.train import data_adapter   # pylint: disable=import-outside-toplevel
   step = data_adapter.newest_saved_step(workdir) if workdir else None
@@ -64,8 +65,8 @@ def recorded(workdir: str | None) -> Recorded | None:
     if mesh is None:
       raise ValueError(f"saved_mesh {manifest.get('saved_mesh')!r} is not a mesh shape")
   except (OSError, ValueError, TypeError, AttributeError, ConfigError) as e:
-    log.warning("checkpoint %s: its recorded plan and mesh do not read (%s); --mesh=auto "
-                "--plan=auto plans afresh", step_dir, e)
+    warn_once(f"checkpoint {step_dir}: its recorded plan and mesh do not read ({e}); "
+              "--mesh=auto --plan=auto plans afresh", log)
     return None
   return Recorded(plan, mesh, step_dir)
 

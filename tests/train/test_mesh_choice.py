@@ -73,6 +73,19 @@ def test_unreadable_records_plan_afresh_with_a_warning(workdirs, tmp_path, caplo
   assert info["mesh"]["data"] == 8 and "recorded plan and mesh do not read" in caplog.text
 
 
+def test_unreadable_records_warn_once_however_often_the_supervisor_asks(tmp_path, caplog):
+  """The elastic supervisor asks for the recorded plan and mesh per process count and per
+  generation tried: the warning was logged each time."""
+  from jaxrec.train import mesh_choice  # pylint: disable=import-outside-toplevel
+  (tmp_path / "checkpoints" / "7").mkdir(parents=True)   # no manifest
+  refuse = lambda *_: pytest.fail("nothing to resume: not planned")
+  with caplog.at_level("WARNING"):
+    for devices in (8, 4, 8, 2):
+      assert mesh_choice.resumed(RunOptions(), devices, str(tmp_path), refuse) == (None, "")
+  assert caplog.text.count("recorded plan and mesh do not read") == 1, caplog.text
+  assert f"checkpoint {tmp_path}/checkpoints/7: its recorded plan" in caplog.text
+
+
 @pytest.mark.parametrize("devices", [8, 2])
 def test_plan_file_of_another_device_count_runs_where_the_supervisor_would(tmp_path, devices):
   """--mesh=auto with a plan file made for table=2,row=2 (4 devices): train.py ran data=N
