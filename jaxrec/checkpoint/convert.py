@@ -29,6 +29,7 @@ and never silently exports corrupt data.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import math
@@ -71,12 +72,47 @@ def export_name(name: str) -> str:
 
 
 def _read_blocks(array, name, step_dir):
-  """`storage.row_blocks`; a block that cannot be read is a `CheckpointError`."""
+  """`storage.row_blocks`; a block that cannot be read is a `DataError` naming the file
+  when the filesystem failed (e.g. EIO, worded as `tree_copy`'s copy errors), else a
+  `CheckpointError` (the checkpoint is corrupt)."""
   try:
     yield from storage.row_blocks(array)
-  except ValueError as e:   # tensorstore: truncated or missing chunk files
+  except (OSError, ValueError) as e:
+    failed = _unreadable(e, array)
+    if failed is not None:
+      raise DataError(f"--checkpoint_dir: cannot read {failed[0]}: {failed[1]} (array "
+                      f"'{name}')") from None
+    if isinstance(e, OSError):
+      raise
+    # tensorstore: truncated or missing chunk files
     raise CheckpointError(f"array '{name}' in {step_dir} cannot be read ({first_line(e)}): "
                           f"the checkpoint is corrupt{selection.PICK_ANOTHER}") from None
+
+
+def _unreadable(e: Exception, array) -> tuple[str, str] | None:
+  """`(file, reason)` of a filesystem read error: an OSError, or tensorstore's error with
+  an `os_error_code` (a missing file excepted: a damaged checkpoint); None otherwise. The
+  file is the one the error names, else the array's directory."""
+  if isinstance(e, OSError):
+    return str(e.filename or _array_dir(array)), e.strerror or str(e)
+  code = _os_error_code(e)
+  if code is None or code == errno.ENOENT:
+    return None
+  file = re.search(r'local file "([^"]+)"', str(e))
+  return (file.group(1) if file else _array_dir(array)), os.strerror(code)
+
+
+def _os_error_code(e: Exception) -> int | None:
+  """The errno in a tensorstore error (`[os_error_code='28']`), None without one."""
+  code = re.search(r"os_error_code='(\d+)'", str(e))
+  return int(code.group(1)) if code else None
+
+
+def _array_dir(array) -> str:
+  """Where a TensorStore's files are: its kvstore's directory (an ocdbt one's database)."""
+  kv = array.kvstore
+  base = getattr(kv, "base", None)
+  return (base if base is not None else kv).path.rstrip("/")
 
 
 def _new_output(output, checkpoint_dir) -> epath.Path:
@@ -281,7 +317,7 @@ def _write_zarr(tmp, step_dir, step, output_path):
       for start, block in _read_blocks(array, name, step_dir):
         check.add(start, block)
         (out[start:start + len(block)] if shape else out).write(block).result()
-    except CheckpointError:
+    except (CheckpointError, DataError):   # reading --checkpoint_dir
       raise
     except ValueError as e:   # tensorstore: the output cannot be written
       raise DataError(f"--output: cannot write {output_path / ename}: "
@@ -294,9 +330,9 @@ def _ts_reason(e: ValueError, tmp, output_path) -> str:
   """A tensorstore write error's reason: the OS error's text where it gives one (`No space
   left on device` for `[os_error_code='28']`), else its first line, naming `output_path`
   where it named the temporary directory `tmp`."""
-  code = re.search(r"os_error_code='(\d+)'", str(e))
-  if code:
-    return os.strerror(int(code.group(1)))
+  code = _os_error_code(e)
+  if code is not None:
+    return os.strerror(code)
   return first_line(e).replace(str(tmp), str(output_path))
 
 

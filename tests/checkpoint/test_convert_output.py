@@ -136,3 +136,30 @@ def test_a_zarr_export_onto_a_full_disk_names_the_output(saved, tmp_path, monkey
   assert re.fullmatch(rf"--output: cannot write {out}/\S+: No space left on device",
                       str(e.value)), str(e.value)
   assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("export", ["export_npz", "export_zarr"])
+@pytest.mark.parametrize("error, file", [
+    (OSError(errno.EIO, "Input/output error"), "{path}/4/embeddings/tables/t1"),
+    (ValueError('UNKNOWN: Error reading local file "/x/t1/0.0": Failed to read 64 bytes: '
+                "Input/output error [os_error_code='5']"), "/x/t1/0.0"),
+])
+def test_an_export_that_cannot_read_names_the_file_not_a_corrupt_checkpoint(
+    saved, tmp_path, monkeypatch, export, error, file):
+  """An OSError (EIO) reading an array was '--output: cannot write <output>', tensorstore's
+  read error 'the checkpoint is corrupt': the disk failed, not the checkpoint or the output."""
+  from jaxrec.checkpoint import storage   # pylint: disable=import-outside-toplevel
+  path, _ = saved
+  real = storage.row_blocks
+
+  def row_blocks(array, *args, **kwargs):
+    if array.kvstore.path.rstrip("/").endswith("tables/t1"):
+      raise error
+    yield from real(array, *args, **kwargs)
+  monkeypatch.setattr(storage, "row_blocks", row_blocks)
+  with pytest.raises(DataError) as e:
+    getattr(convert, export)(path, tmp_path / "out")
+  want = (f"--checkpoint_dir: cannot read {file.format(path=path)}: Input/output error "
+          "(array 'tables/t1')")
+  assert str(e.value) == want
+  assert not os.listdir(tmp_path)
