@@ -73,14 +73,18 @@ def test_write_back_failure_keeps_the_last_checkpoint_and_resume_is_exact(tmp_pa
 def test_eval_batches_bigger_than_the_cache_are_evaluated_in_pieces(tmp_path, caplog):
   """An eval batch whose distinct rows do not fit the cache (512 examples, a 300-row cache)
   stopped the run at its eval; it is now evaluated in several passes, with the metrics of
-  the run that keeps every table on the device. The start-up says it will be."""
+  the run that keeps every table on the device. The start-up says it will be, once (not at
+  each of the two evals)."""
   w, ref = tmp_path / "w", tmp_path / "ref"
   small_cache = SMALL_DLRM + ["OffloadConfig.tables={'t0': {'cache_rows': 300}}"]
   with caplog.at_level(logging.WARNING):
-    got = train_synthetic(w, 8, small_cache)
+    got = train_synthetic(w, 8, small_cache, eval_every=4)
+  assert caplog.text.count("offloaded table 't0': an eval batch") == 1, caplog.text
   assert re.search(r"offloaded table 't0': an eval batch \(\d+ examples\) may read up to "
                    r"[\d,]+ distinct rows, more than its 300-row cache; such a batch is "
-                   r"evaluated in several passes", caplog.text)
+                   r"evaluated in several passes, each costing a whole batch \(raise its "
+                   r"cache_rows/cache_bytes \(OffloadConfig.tables\['t0'\]\), or lower",
+                   caplog.text)
   want = train_synthetic(ref, 8, SMALL_DLRM)
   assert got["step"] == want["step"] == 8
   np.testing.assert_allclose([got["eval_auc"], got["eval_logloss"]],
@@ -100,9 +104,10 @@ def test_a_failing_eval_between_checkpoints_saves_its_step_first(tmp_path, monke
                               "ExperimentConfig.eval_batch_size=256"]   # 2 eval batches
   real, calls = eval_split.pieces, []
 
-  def too_big(batch, tables):   # the second batch has an example the cache cannot hold
+  def too_big(batch, tables, advice):   # the second batch has an example the cache cannot hold
     calls.append(batch)
-    return real(batch, {n: (f, c if len(calls) == 1 else 0) for n, (f, c) in tables.items()})
+    return real(batch, {n: (f, c if len(calls) == 1 else 0) for n, (f, c) in tables.items()},
+                advice)
 
   monkeypatch.setattr(eval_split, "pieces", too_big)
   with pytest.raises(ConfigError, match="example 0 of an eval batch alone reads 1 distinct "
