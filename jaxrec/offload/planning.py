@@ -73,10 +73,10 @@ def plan_with_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpe
 def with_offload_notes(result, tables: Sequence[TableSpec], config: OffloadConfig, optimizer):
   """`result` (a `PlanResult`) with a note per offloaded table: its cache size, and
   whether `OffloadConfig.auto` offloaded it (`config.auto_added`)."""
+  auto = " (added by OffloadConfig.auto: the tables did not fit)"
   notes = [f"offloaded '{o.name}': {o.resolve_cache_rows(_spec(tables, o.name), optimizer):,}"
            f"-row device cache, full table in tensorstore"
-           + (" (added by OffloadConfig.auto: the tables did not fit)" if o.name in config.auto_added
-              else "")
+           + (auto if o.name in config.auto_added else "")
            for o in config.tables]
   return dataclasses.replace(result, notes=tuple(result.notes) + tuple(notes))
 
