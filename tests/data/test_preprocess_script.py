@@ -1,5 +1,6 @@
 """scripts/preprocess.py: flags only; errors are one line and exit code 1."""
 
+import errno
 import os
 import resource
 import signal
@@ -114,6 +115,24 @@ def test_failed_run_leaves_no_shards(tmp_path, tsv_file):
   assert os.listdir(out) == ["keep"]
 
 
+def _fifo_writer(fifo, proc, timeout=60):
+  """`fifo` opened for writing once `proc` opens it to read; fails (does not block) when
+  `proc` exits first or does not open it in `timeout` seconds."""
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)   # ENXIO while there is no reader
+      break
+    except OSError as e:
+      if e.errno != errno.ENXIO:
+        raise
+    assert proc.poll() is None, f"exited {proc.returncode} before reading: {proc.stderr.read()}"
+    assert time.monotonic() < deadline, f"did not open {fifo} in {timeout} s"
+    time.sleep(0.05)
+  os.set_blocking(fd, True)
+  return os.fdopen(fd, "w")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_run_leaves_no_shards(tmp_path, sig):
   """Ctrl-C printed a traceback; SIGTERM (a scheduler) left shards without a manifest in
@@ -125,7 +144,7 @@ def test_interrupted_run_leaves_no_shards(tmp_path, sig):
                            "--shard_examples=1000"],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
   try:
-    with open(fifo, "w") as f:   # more than one read chunk: the first shards are written
+    with _fifo_writer(fifo, proc) as f:   # over one read chunk: the first shards are written
       f.write("\n".join([lib.line()] * ((tsv.CHUNK_BYTES // len(lib.line())) + 10)) + "\n")
       deadline = time.monotonic() + 60
       while not (out / "shard-00001.bin").exists() and time.monotonic() < deadline:
