@@ -478,9 +478,9 @@ def test_a_checkpoint_rotated_out_during_the_export_says_so(saved, tmp_path, mon
   shutil.copytree(path, copy)
   real = convert._write_npz
 
-  def rotated_out(tmp, step_dir, step):
+  def rotated_out(tmp, step_dir, step, output_path):
     shutil.rmtree(step_dir)   # as orbax does once a newer save commits
-    real(tmp, step_dir, step)
+    real(tmp, step_dir, step, output_path)
 
   monkeypatch.setattr(convert, "_write_npz", rotated_out)
   with pytest.raises(CheckpointError, match=r"checkpoint .*copy/4 was deleted while it was "
