@@ -78,12 +78,10 @@ def _read_blocks(array, name, step_dir):
   try:
     yield from storage.row_blocks(array)
   except (OSError, ValueError) as e:
-    failed = _unreadable(e, array)
+    failed = _unreadable(e, array)   # every OSError is one
     if failed is not None:
       raise DataError(f"--checkpoint_dir: cannot read {failed[0]}: {failed[1]} (array "
                       f"'{name}')") from None
-    if isinstance(e, OSError):
-      raise
     # tensorstore: truncated or missing chunk files
     raise CheckpointError(f"array '{name}' in {step_dir} cannot be read ({first_line(e)}): "
                           f"the checkpoint is corrupt{selection.PICK_ANOTHER}") from None

@@ -92,16 +92,24 @@ def list_files(path: str, quiet: bool = False) -> list[str]:
   if any(c in path for c in "*?[") and not os.path.exists(path):
     return _glob_files(path, quiet)
   if os.path.isdir(path):
-    entries = sorted(os.path.join(path, n) for n in os.listdir(path) if not n.startswith("."))
-    files = [p for p in entries if os.path.isfile(p)]
+    files, others = _split_files(
+        sorted(os.path.join(path, n) for n in os.listdir(path) if not n.startswith(".")))
     if not files:
       _no_files_in(path)
     if not quiet:
-      _warn_not_read(path, [p for p in entries if not os.path.isfile(p)], directory=True)
+      _warn_not_read(path, others, directory=True)
     return files
   if os.path.exists(path):   # a file, or a pipe (was "no such file or directory")
     return [path]
   raise DataPathError(f"{path}: no such file or directory")
+
+
+def _split_files(paths: list[str]) -> tuple[list[str], list[str]]:
+  """`paths` split into regular files and the rest (directories, pipes, ...), in order."""
+  files, others = [], []
+  for p in paths:
+    (files if os.path.isfile(p) else others).append(p)
+  return files, others
 
 
 def _warn_not_read(given: str, skipped: list[str], directory: bool) -> None:
@@ -149,10 +157,10 @@ def _glob_files(pattern: str, quiet: bool) -> list[str]:
   """The files `pattern` matches, sorted; `DataError` when none (naming a directory when it
   matches only those)."""
   matches = sorted(globlib.glob(pattern))
-  files = [p for p in matches if os.path.isfile(p)]
+  files, others = _split_files(matches)
   if files:
     if not quiet:
-      _warn_not_read(pattern, [p for p in matches if not os.path.isfile(p)], directory=False)
+      _warn_not_read(pattern, others, directory=False)
     return files
   if matches and all(os.path.isdir(p) for p in matches):
     raise DataPathError(f"{pattern}: matches only directories (e.g. {matches[0]}), no files; "
