@@ -127,8 +127,10 @@ def test_a_zarr_export_onto_a_full_disk_names_the_output(saved, tmp_path, monkey
                        "[os_error_code='28']")
 
   def ts_open(spec, *args, **kwargs):
-    store = real_open(spec, *args, **kwargs)
-    return store if not kwargs.get("create") else Full(spec)
+    if not kwargs.get("create"):
+      return real_open(spec, *args, **kwargs)
+    real_open(spec, *args, **kwargs).result()   # checks the spec; done before the write fails
+    return Full(spec)
   monkeypatch.setattr(ts, "open", ts_open)
   out = tmp_path / "z"
   with pytest.raises(DataError) as e:
