@@ -7,7 +7,7 @@ import logging
 import os
 import re
 import sys
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import gin
 
@@ -226,8 +226,9 @@ def _one_line(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-  """Turns user-facing errors into `error: ...` on stderr and exit code 1 (no traceback)."""
+def user_errors(interrupted: Callable[[], str] | None = None) -> Iterator[None]:
+  """Turns user-facing errors into `error: ...` on stderr and exit code 1 (no traceback);
+  Ctrl-C into `interrupted` (or `error: ` + what `interrupted()` says) and exit code 130."""
   try:
     yield
   except JaxrecError as e:
@@ -235,7 +236,7 @@ def user_errors() -> Iterator[None]:
     print(f"error: {user_message(e)}", file=sys.stderr)
     sys.exit(1)
   except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
+    print(f"error: {interrupted()}" if interrupted else "interrupted", file=sys.stderr)
     sys.exit(130)
   except termination.Terminated as e:   # SIGTERM: a checkpoint was saved first
     logging.shutdown()

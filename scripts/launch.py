@@ -20,6 +20,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from absl import app, flags  # noqa: E402
 
+# No jax: a Ctrl-C while the supervisor's modules load is reported with these.
+from jaxrec import launch  # noqa: E402
+from jaxrec.elastic import procs  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_processes", 1, "Worker processes to start.")
 flags.DEFINE_integer("devices_per_process", 1, "Devices per worker (CPU: forced host devices).")
@@ -56,9 +60,10 @@ flags.DEFINE_bool("quiet", False, "Do not echo events to stderr.")
 
 
 def main(argv):
-  from jaxrec import launch  # pylint: disable=import-outside-toplevel
-  from jaxrec.elastic import supervisor  # pylint: disable=import-outside-toplevel
-  with launch.user_errors():
+  # Ctrl-C outside the supervisor's loop (which reports its own): importing, loading the
+  # config, stopping the workers. It names the checkpoint to resume from, too.
+  with launch.user_errors(interrupted=lambda: procs.interrupted_text(argv[1:])):
+    from jaxrec.elastic import supervisor  # pylint: disable=import-outside-toplevel
     options = supervisor.Options(
         num_processes=FLAGS.num_processes, devices_per_process=FLAGS.devices_per_process,
         min_processes=FLAGS.min_processes, max_restarts=FLAGS.max_restarts,

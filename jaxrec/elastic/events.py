@@ -78,7 +78,7 @@ def give_up_text(message: str, checkpoint: int | None, checkpoint_dir: str,
              f"{checkpoint_dir}" if checkpoint is not None else "")
     return f"{message}. Stopping; {fix}{where}."
   if checkpoint is None:
-    return f"{message}. Stopping."
+    return f"{message}. Stopping; no checkpoint was saved in {checkpoint_dir}."
   return (f"{message}. Stopping; the latest checkpoint is step {checkpoint} in "
           f"{checkpoint_dir} (run the same command again to resume).")
 

@@ -9,6 +9,9 @@ import subprocess
 from typing import IO
 
 from jaxrec.elastic import worker as worker_lib
+from jaxrec.elastic.events import give_up_text
+from jaxrec.elastic.train_args import TrainArgs
+from jaxrec.errors import ConfigError
 
 
 def free_port() -> int:
@@ -23,6 +26,18 @@ def latest_checkpoint(workdir: str) -> int | None:
   d = os.path.join(workdir, "checkpoints")
   steps = [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
   return max(steps) if steps else None
+
+
+def interrupted_text(train_argv: list[str]) -> str:
+  """What the launcher prints for a Ctrl-C outside the supervisor's loop (importing,
+  loading the config, stopping the workers): the latest checkpoint of the train flags'
+  `--workdir`, as the supervisor's `give_up` says it, or that none was saved."""
+  try:
+    workdir = TrainArgs.parse(train_argv).workdir
+  except ConfigError:   # no --workdir: nothing can have been saved
+    return "interrupted by SIGINT. Stopping."
+  return give_up_text("interrupted by SIGINT", latest_checkpoint(workdir),
+                      os.path.join(workdir, "checkpoints"))
 
 
 def start_worker(argv: list[str], env: dict, log: IO) -> subprocess.Popen:

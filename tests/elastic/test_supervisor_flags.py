@@ -2,6 +2,8 @@
 
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -135,3 +137,27 @@ def test_a_capacity_file_in_a_missing_directory_is_a_user_error(tmp_path):
   assert not os.path.exists(tmp_path / "w")
   options.capacity_file = str(tmp_path / "capacity")       # not there yet: fine
   sup.Supervisor(options, [f"--workdir={tmp_path / 'w'}", "--gin_file=configs/x.gin"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("saved", [True, False])
+def test_ctrl_c_before_the_supervisor_loop_names_the_checkpoint(tmp_path, saved):
+  """Ctrl-C while the launcher loaded the config (or imported, or stopped the workers)
+  printed a bare `interrupted`: which checkpoint the run resumes from was not said."""
+  w = tmp_path / "w"
+  if saved:
+    for step in (5, 10):
+      (w / "checkpoints" / str(step)).mkdir(parents=True)
+    (w / "checkpoints" / "15.orbax-checkpoint-tmp-1").mkdir()   # a save in flight
+  ctrl_c = ("import runpy, sys\nfrom jaxrec.elastic import replan\n"
+            "def load_config(args):\n  raise KeyboardInterrupt\n"
+            "replan.load_config = load_config\nsys.argv = sys.argv[1:]\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+  proc = subprocess.run([sys.executable, "-c", ctrl_c, os.path.join(t.ROOT, "scripts", "launch.py"),
+                         "--quiet", "--", f"--workdir={w}", "--gin_file=configs/x.gin"],
+                        capture_output=True, text=True, env=t.env(), cwd=t.ROOT, timeout=120)
+  where = os.path.join(w, "checkpoints")
+  want = (f"the latest checkpoint is step 10 in {where} (run the same command again to "
+          "resume)" if saved else f"no checkpoint was saved in {where}")
+  assert proc.returncode == 130, proc.stderr[-2000:]
+  assert proc.stderr == f"error: interrupted by SIGINT. Stopping; {want}.\n", proc.stderr

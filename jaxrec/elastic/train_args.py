@@ -1,0 +1,73 @@
+"""The `scripts/train.py` flags the elastic supervisor reads (after `--`). No jax: the
+launcher's Ctrl-C message (which checkpoint to resume from) needs the workdir before the
+heavy imports are done."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+from jaxrec.errors import ConfigError
+
+# Flags of scripts/train.py the supervisor reads (all take a value).
+_VALUE_FLAGS = ("workdir", "gin_file", "gin_bindings", "mesh", "plan", "num_steps",
+                "memory_per_device", "checkpoint_every", "train_data", "eval_data", "seed",
+                "log_every", "eval_every", "keep_checkpoints", "on_nan", "bad_rows")
+_MULTI = ("gin_file", "gin_bindings")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainArgs:
+  """The `scripts/train.py` flags given after `--` (other flags pass through untouched)."""
+
+  argv: tuple[str, ...]
+  values: Mapping[str, object]
+
+  @classmethod
+  def parse(cls, argv: Sequence[str]) -> "TrainArgs":
+    values: dict[str, object] = {k: [] for k in _MULTI}
+    i, argv = 0, list(argv)
+    while i < len(argv):
+      a = argv[i]
+      name, eq, value = a[2:].partition("=") if a.startswith("--") else ("", "", "")
+      if name in _VALUE_FLAGS:
+        if not eq:
+          if i + 1 >= len(argv):
+            raise ConfigError(f"train flag --{name} needs a value")
+          value, i = argv[i + 1], i + 1
+        if name in _MULTI:
+          values[name].append(value)
+        else:
+          values[name] = value
+      i += 1
+    if not values.get("workdir"):
+      raise ConfigError("the train.py flags after `--` need --workdir")
+    if not values["gin_file"]:
+      raise ConfigError("the train.py flags after `--` need --gin_file")
+    return cls(tuple(argv), values)
+
+  def get(self, name: str, default=None):
+    return self.values.get(name, default)
+
+  @property
+  def workdir(self) -> str:
+    return str(self.values["workdir"])
+
+  @property
+  def num_steps(self) -> int:
+    return int(self.values.get("num_steps", 1000))
+
+  def with_mesh_plan(self, mesh: str, plan: str) -> list[str]:
+    """argv with `--mesh` and `--plan` replaced."""
+    out, skip = [], False
+    for a in self.argv:
+      if skip:
+        skip = False
+        continue
+      if a in ("--mesh", "--plan"):
+        skip = True
+        continue
+      if a.startswith(("--mesh=", "--plan=")):
+        continue
+      out.append(a)
+    return out + [f"--mesh={mesh}", f"--plan={plan}"]
