@@ -7,9 +7,10 @@
 and `--max_len` the bag sizes of multi-hot features (same forms; default 1); features are
 named f0..f25 reading tables t0..t25. With `--gin_file` the features come from the
 config's `ExperimentConfig.embedding` instead (or its `uniform_tables` bindings if that is
-unbound), and `--num_categorical` defaults to their count, `--num_dense` to its
-`ExperimentConfig.num_dense`; `--rows`/`--max_len` are then refused. Errors print one line and exit 1. Ctrl-C or SIGTERM stops it (exit 130 or 143),
-removing the shards written so far.
+unbound), `--num_categorical` defaults to its `open_source.num_categorical` (else the
+feature count; another count than that is an error), `--num_dense` to its
+`ExperimentConfig.num_dense`; `--rows`/`--max_len` are then refused. Errors print one line
+and exit 1. Ctrl-C or SIGTERM stops it (exit 130 or 143), removing the shards written so far.
 """
 
 import os
@@ -23,7 +24,7 @@ flags.DEFINE_string("output", None, "Output directory (must not hold a dataset y
 flags.DEFINE_string("rows", None, "Table rows: one int for all tables or a comma list.")
 flags.DEFINE_string("max_len", "1", "Bag size per feature: one int or a comma list.")
 flags.DEFINE_integer("num_categorical", 26, "Categorical columns per line (with --gin_file: "
-                     "the config's feature count unless given).")
+                     "its open_source.num_categorical, else its feature count, unless given).")
 flags.DEFINE_integer("num_dense", 13, "Integer columns per line (with --gin_file: the config's "
                      "ExperimentConfig.num_dense unless given).")
 flags.DEFINE_multi_string("gin_file", [], "Gin config(s) binding `uniform_tables`.")
@@ -75,18 +76,29 @@ def _specs():
                               max_len=_int_list("max_len", FLAGS.max_len, n))
 
 
-def _num_dense() -> int:
-  """`--num_dense`, else the gin config's `ExperimentConfig.num_dense` (it was ignored: data
-  of that config failed on every row's column count), else the flag's default (13)."""
-  import gin
+def _column_count(flag: str, selector: str, default: int) -> tuple[int, str]:
+  """A TSV column count and where it came from: `--flag` when given (or without gin), else
+  gin's `selector` binding, what training reads from that TSV (it was ignored: data of that
+  config failed on every row's column count), else `default`."""
+  from jaxrec import launch
   from jaxrec.embedding.specs import whole
-  if FLAGS["num_dense"].present or not (FLAGS.gin_file or FLAGS.gin_bindings):
-    return whole(FLAGS.num_dense, "--num_dense", minimum=0)
-  try:
-    value = gin.query_parameter("ExperimentConfig.num_dense")
-  except ValueError:   # not bound
-    return FLAGS["num_dense"].default
-  return whole(value, "ExperimentConfig.num_dense", minimum=0)
+  if FLAGS[flag].present or not (FLAGS.gin_file or FLAGS.gin_bindings):
+    return whole(FLAGS[flag].value, f"--{flag}", minimum=0), f"--{flag}"
+  value = launch.bound_value(selector)
+  if value is None:   # not bound
+    return default, "default"
+  return whole(value, selector, minimum=0), selector
+
+
+def _num_categorical(features) -> int:
+  """`--num_categorical` > `open_source.num_categorical` > the config's feature count; one
+  that is not the feature count is an error naming it (training refuses that TSV too)."""
+  from jaxrec.errors import ConfigError
+  n, where = _column_count("num_categorical", "open_source.num_categorical", len(features))
+  if n != len(features):
+    raise ConfigError(f"{where}={n}: the TSV data has {n} categorical columns but "
+                      f"{len(features)} sparse features are configured; make them agree")
+  return n
 
 
 def _check_paths() -> None:
@@ -131,11 +143,10 @@ def main(argv):
       raise JaxrecError(f"--shard_examples must be positive, got {FLAGS.shard_examples}")
     _check_paths()
     tables, features = _specs()
-    from_gin = bool(FLAGS.gin_file or FLAGS.gin_bindings)
-    columns = (len(features) if from_gin and not FLAGS["num_categorical"].present
-               else FLAGS.num_categorical)
+    num_dense, _ = _column_count("num_dense", "ExperimentConfig.num_dense",
+                                 FLAGS["num_dense"].default)
     m = binary.preprocess(FLAGS.input, FLAGS.output, features, tables, FLAGS.bad_rows,
-                          num_dense=_num_dense(), num_categorical=columns,
+                          num_dense=num_dense, num_categorical=_num_categorical(features),
                           shard_examples=FLAGS.shard_examples)
   except JaxrecError as e:
     print(f"error: {user_message(e)}", file=sys.stderr)

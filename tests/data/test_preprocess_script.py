@@ -183,3 +183,28 @@ def test_gin_file_features_come_from_experiment_config_embedding(tmp_path, tsv_f
   feats = binary.read_manifest(out)["features"]
   assert [(f["name"], f["table"], f["rows"], f["max_len"]) for f in feats] == [
       ("user", "ta", 16, 1), ("item", "ta", 16, 2), ("ctx", "tb", 5, 1)]
+
+
+@pytest.mark.slow   # script runs
+def test_categorical_column_count_flag_then_gin_binding_then_features(tmp_path, tsv_file):
+  """`open_source.num_categorical` (what training reads that TSV with) was ignored: only
+  `--num_categorical` or the feature count was used. Each must match the features."""
+  cats = [f"{k:x}" for k in range(8)]
+  path = tsv_file([lib.line(cats=cats), lib.line("0", cats=cats)])
+  gin = ["--gin_file=configs/two_tower_synthetic.gin"]   # 8 features
+  r = run(f"--input={path}", f"--output={tmp_path / 'o1'}", *gin,
+          "--gin_bindings=open_source.num_categorical=26")
+  assert r.returncode == 1 and r.stderr.strip() == (
+      "error: open_source.num_categorical=26: the TSV data has 26 categorical columns but 8 "
+      "sparse features are configured; make them agree"), r.stderr
+  r = run(f"--input={path}", f"--output={tmp_path / 'o2'}", *gin, "--num_categorical=8",
+          "--gin_bindings=open_source.num_categorical=26")   # the flag first
+  assert r.returncode == 0 and "wrote 2 examples" in r.stdout, r.stderr
+  r = run(f"--input={path}", f"--output={tmp_path / 'o3'}", *gin, "--num_categorical=9")
+  assert r.returncode == 1 and r.stderr.startswith(
+      "error: --num_categorical=9: the TSV data has 9 categorical columns but 8"), r.stderr
+  r = run(f"--input={path}", f"--output={tmp_path / 'o4'}", *gin,
+          "--gin_bindings=open_source.num_categorical='x'")
+  assert r.returncode == 1 and r.stderr.startswith(
+      "error: open_source.num_categorical must be an integer >= 0, got 'x'"), r.stderr
+  assert not any((tmp_path / o).exists() for o in ("o1", "o3", "o4"))
