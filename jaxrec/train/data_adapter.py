@@ -59,6 +59,14 @@ def bad_row_metrics(*sources) -> dict[str, Any]:
   return {"bad_rows": counts} if counts else {}
 
 
+def bad_row_scalars(**splits) -> dict[str, int]:
+  """TensorBoard's `{"bad_rows/<split>": rows dropped}` for sources by split name (`train=`,
+  `eval=`): the per-file `bad_rows` mapping is no number, TB showed nothing. {} when none
+  dropped any (as `bad_row_metrics`)."""
+  counts = {f"bad_rows/{name}": sum(s.bad_row_counts().values()) for name, s in splits.items()}
+  return counts if any(counts.values()) else {}
+
+
 def warn_preprocessed_skips(bad_rows: str, *sources) -> None:
   """Under `--bad_rows=error`, warns once that binary data lost malformed rows when it was
   preprocessed with `--bad_rows=skip`: this run cannot see them, let alone stop on them."""

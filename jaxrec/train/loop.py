@@ -304,7 +304,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       # with --bad_rows=skip, the eval rows dropped (a training run's log lines carry them)
       last = dict(metrics, **data_adapter.bad_row_metrics(eval_data), step=start)
       if restored is not None:
-        writer.write(start, {"event": "resume", "checkpoint_step": start, **last})
+        writer.write(start, {"event": "resume", "checkpoint_step": start, **last},
+                     data_adapter.bad_row_scalars(eval=eval_data))
     while step < options.num_steps:
       t_step = time.perf_counter()
       position = train_it.get_state()["position"]
@@ -370,7 +371,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
                             "restored_step": step, "skipped_position": bad_position})
         pending, t_mark, steps_timed, paused = [], None, 0, 0.0
         continue
-      record = {}
+      record, scalars = {}, {}
       if is_log:
         record["loss"] = float(losses.mean())
         if steps_timed:
@@ -381,6 +382,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
                 step, elapsed / steps_timed, plan, info["mesh"], steps=steps_timed,
                 batch_size=config.batch_size))
         record.update(data_adapter.bad_row_metrics(train_it, eval_data))
+        scalars = data_adapter.bad_row_scalars(train=train_it, eval=eval_data)
       if is_ckpt:   # before the eval: an eval that fails loses no training
         save_checkpoint(state, step, force=done or stop)
       if is_eval:
@@ -395,7 +397,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
             ckpt.wait()
           raise
       if record:
-        writer.write(step, record)
+        writer.write(step, record, scalars)
       if is_log:
         progress.update(step, record["loss"], record.get("examples_per_sec"))
         last = dict(record, step=step)

@@ -56,15 +56,19 @@ class MetricsWriter:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       self._tb = SummaryWriter(logdir=os.path.join(workdir, TB_DIR))
 
-  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-    """Appends `{'step': step, **metrics}` as one JSON line; numeric values also go to TB."""
+  def write(self, step: int, metrics: Mapping[str, Any],
+            scalars: Mapping[str, float] | None = None) -> None:
+    """Appends `{'step': step, **metrics}` as one JSON line; numeric values also go to TB,
+    with `scalars`: TB only, what a non-number metric stands for there (e.g.
+    `bad_rows/train`, the sum of the per-file `bad_rows` mapping)."""
     if not self._enabled:
       return
     record = {"step": int(step)}
     record.update({k: _to_python(v) for k, v in metrics.items() if k != "step"})
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
-    for key, value in record.items():
+    for key, value in [*record.items(), *(scalars or {}).items()]:
+      value = _to_python(value)
       if key != "step" and isinstance(value, numbers.Real) and not isinstance(value, bool):
         self._tb.add_scalar(key, float(value), int(step))
     self._tb.flush()

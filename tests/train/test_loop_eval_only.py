@@ -8,6 +8,7 @@ import pytest
 from jaxrec import launch
 from jaxrec.train import config as config_lib, data_adapter, loop
 from tests.train.test_loop_eval_ids import BINDINGS   # a small DLRM on 8 devices
+from tests.train.test_writers import tb_scalars
 
 
 class _Skipped:
@@ -40,3 +41,4 @@ def test_an_evaluate_only_run_records_the_eval_rows_it_skipped(monkeypatch, tmp_
   assert last["event"] == "resume" and "eval_auc" in last
   assert last["bad_rows"] == {"eval.tsv": 3}
   assert result["bad_rows"] == {"eval.tsv": 3}   # the `done:` line
+  assert tb_scalars(str(tmp_path))[("bad_rows/eval", 1)] == 3   # TB showed none

@@ -10,6 +10,7 @@ import struct
 import numpy as np
 from tensorboardX.proto.event_pb2 import Event
 
+from jaxrec.train import data_adapter
 from jaxrec.train.writers import MetricsWriter, Progress
 
 
@@ -24,6 +25,14 @@ def _read_events(path):
     events.append(Event.FromString(data[pos:pos + length]))
     pos += length + 4
   return events
+
+
+def tb_scalars(workdir):
+  """{(tag, step): value} of the workdir's TensorBoard events files (one per run)."""
+  files = glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*"))
+  assert files
+  return {(v.tag, e.step): v.simple_value for f in sorted(files) for e in _read_events(f)
+          for v in e.summary.value}
 
 
 def _read_jsonl(path):
@@ -43,15 +52,34 @@ def test_jsonl_and_tensorboard(tmp_path):
       {"step": 20, "eval_auc": None, "eval_logloss": 0.45, "eval_examples": 100},
       {"step": 20, "event": "resharded", "devices": 4},
   ]
-  files = glob.glob(os.path.join(w, "tb", "events.out.tfevents.*"))
-  assert len(files) == 1
-  scalars = {}
-  for event in _read_events(files[0]):
-    for v in event.summary.value:
-      scalars[(v.tag, event.step)] = v.simple_value
+  scalars = tb_scalars(w)
   assert scalars[("loss", 10)] == 0.5
   assert scalars[("eval_logloss", 20)] == np.float32(0.45)
   assert ("eval_auc", 20) not in scalars and ("event", 20) not in scalars
+
+
+class _Source:
+  def __init__(self, counts):
+    self.counts = counts
+
+  def bad_row_counts(self):
+    return dict(self.counts)
+
+
+def test_dropped_rows_reach_tensorboard_per_split(tmp_path):
+  """`bad_rows` (path -> count) is no number: TB showed nothing of the rows dropped."""
+  w = str(tmp_path)
+  train, eval_ = _Source({"a.tsv": 2, "b.tsv": 3, "c.tsv": 0}), _Source({"e.tsv": 1})
+  record = {"loss": 0.5, **data_adapter.bad_row_metrics(train, eval_)}
+  with MetricsWriter(w) as mw:
+    mw.write(7, record, data_adapter.bad_row_scalars(train=train, eval=eval_))
+    mw.write(8, {"loss": 0.4}, data_adapter.bad_row_scalars(train=_Source({}),
+                                                             eval=_Source({"e.tsv": 0})))
+  assert _read_jsonl(os.path.join(w, "metrics.jsonl"))[0]["bad_rows"] == {
+      "a.tsv": 2, "b.tsv": 3, "e.tsv": 1}
+  scalars = tb_scalars(w)
+  assert scalars[("bad_rows/train", 7)] == 5 and scalars[("bad_rows/eval", 7)] == 1
+  assert {tag for tag, step in scalars if step == 8} == {"loss"}   # nothing dropped
 
 
 def test_appends_on_resume(tmp_path):
