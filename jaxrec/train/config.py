@@ -190,7 +190,11 @@ class ExperimentConfig:
   def sparse_tx(self):
     return self.sparse_optimizer if self.sparse_optimizer is not None else sparse_optimizers.SGD()
 
-  def validate(self, num_devices: int) -> None:
+  def validate(self, num_devices: int, train: bool = True) -> None:
+    """`ConfigError` naming the first bad binding. `train=False` (a run that only
+    evaluates, e.g. a finished run resumed on new --eval_data) builds no training batch:
+    `batch_size` need not divide the `num_devices` devices then (`check_batch` later if
+    it trains after all)."""
     self._check_parts()
     validate(self.tables, self.features)
     for name in ("batch_size", "eval_batch_size", "num_eval_examples"):
@@ -199,14 +203,19 @@ class ExperimentConfig:
         raise ConfigError(f"ExperimentConfig.{name} must be an integer, got {value!r}")
       if value <= 0:
         raise ConfigError(f"ExperimentConfig.{name} must be positive, got {getattr(self, name)}")
-    for name in ("batch_size", "eval_batch_size"):
-      if int(getattr(self, name)) % num_devices:
-        raise ConfigError(f"ExperimentConfig.{name}={getattr(self, name)} is not divisible by "
-                          f"the {num_devices} devices of the mesh")
+    for name in ("batch_size", "eval_batch_size") if train else ("eval_batch_size",):
+      self.check_batch(name, num_devices)
     for name in ("train_data", "eval_data"):
       if not isinstance(getattr(self, name), str) or not getattr(self, name):
         raise ConfigError(f"ExperimentConfig.{name} must be 'synthetic' or a path, got "
                           f"{getattr(self, name)!r}")
+
+  def check_batch(self, name: str, num_devices: int, why: str = "") -> None:
+    """`ConfigError` unless batch size `name` (`batch_size`, `eval_batch_size`) divides
+    over the `num_devices` devices of the mesh; `why` is added to the message."""
+    if int(getattr(self, name)) % num_devices:
+      raise ConfigError(f"ExperimentConfig.{name}={getattr(self, name)} is not divisible by "
+                        f"the {num_devices} devices of the mesh{why}")
 
   def _check_parts(self) -> None:
     """The bound objects are of the right kind (e.g. `@SGD()`, not `'sgd'` or `@SGD`)."""

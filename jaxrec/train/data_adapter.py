@@ -85,6 +85,13 @@ def newest_saved_step(workdir) -> int | None:
   return max(step_dirs(checkpoint_dir(workdir)), default=None)
 
 
+def evaluates_only(workdir, options) -> bool:
+  """Whether the run only evaluates: its newest saved step is at or past --num_steps (no
+  training data is opened, no training batch built, unless the restore falls back)."""
+  saved = newest_saved_step(workdir)
+  return saved is not None and saved >= options.num_steps
+
+
 def checkpoint_dir(workdir) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 

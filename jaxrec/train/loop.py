@@ -7,6 +7,7 @@ loop (log, eval, checkpoint) → final eval and checkpoint. Writes into the work
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -100,7 +101,11 @@ def setup(config: ExperimentConfig, options: RunOptions, devices=None, workdir=N
   `--mesh=auto --plan=auto` resumes (`mesh_choice`)."""
   options.validate()
   devices = list(jax.devices() if devices is None else devices)
-  config.validate(len(devices))
+  # an evaluate-only run builds no training batch: batch_size is checked if it trains
+  config.validate(len(devices), train=workdir is None
+                  or not data_adapter.evaluates_only(workdir, options))
+  if config.batch_size % len(devices):   # evaluates only: plan for the batch that runs
+    config = dataclasses.replace(config, batch_size=config.eval_batch_size)
   state_lib.check_model(config)   # bindings that need the input shapes: before the planner
   choice = mesh_choice.choose(config, options, len(devices), jax.process_count(), workdir)
   mesh = mesh_lib.make_mesh(choice.mesh, devices)
@@ -181,8 +186,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   # A run already trained to --num_steps only evaluates: it opens no training data (gone,
   # or slow to index, e.g. when re-evaluating on new --eval_data) unless its restore falls
   # back to an earlier step. Data errors come before anything starts or compiles.
-  saved = data_adapter.newest_saved_step(workdir)
-  evaluate_only = saved is not None and saved >= options.num_steps
+  evaluate_only = data_adapter.evaluates_only(workdir, options)
   source = None if evaluate_only else data_adapter.train_iterator(config, options)
   eval_data = data_adapter.eval_data(config, options)
   data_adapter.warn_preprocessed_skips(options.bad_rows,
@@ -260,6 +264,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       start = int(state["step"])
       log.info("resumed from step %d of %s", start, ckpt.directory)
     if train_it is None and start < options.num_steps:   # fell back below --num_steps
+      config.check_batch("batch_size", mesh.size, f" (this run trains: the restore fell back "
+                         f"to step {start}, below --num_steps={options.num_steps})")
       source = data_adapter.train_iterator(config, options)
       initial_data_state = source.get_state()
       train_it = wrap(source)

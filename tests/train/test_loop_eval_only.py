@@ -1,13 +1,17 @@
 """A run already at --num_steps only evaluates: its `resume` line is the whole record of
 that evaluation, so it carries what a training run's lines do (`bad_rows` included)."""
 
+import dataclasses
 import json
 
+import jax
 import pytest
 
 from jaxrec import launch
+from jaxrec.errors import ConfigError
 from jaxrec.train import config as config_lib, data_adapter, loop
 from tests.train.test_loop_eval_ids import BINDINGS   # a small DLRM on 8 devices
+from tests.train.test_mesh_choice import CONFIG   # a small DLRM, batch_size 64
 from tests.train.test_writers import tb_scalars
 
 
@@ -42,3 +46,30 @@ def test_an_evaluate_only_run_records_the_eval_rows_it_skipped(monkeypatch, tmp_
   assert last["bad_rows"] == {"eval.tsv": 3}
   assert result["bad_rows"] == {"eval.tsv": 3}   # the `done:` line
   assert tb_scalars(str(tmp_path))[("bad_rows/eval", 1)] == 3   # TB showed none
+
+
+def test_an_evaluate_only_run_needs_only_the_eval_batch_to_divide(tmp_path):
+  """A finished run resumed to evaluate was refused for a `batch_size` the devices do not
+  divide, though it builds no training batch; a run that trains still is."""
+  config = dataclasses.replace(CONFIG, batch_size=12, eval_batch_size=64)
+  options = config_lib.RunOptions(num_steps=5, mesh="data=8", plan="dp")
+  (tmp_path / "checkpoints" / "5").mkdir(parents=True)   # saved at --num_steps: evaluates
+  loop.setup(config, options, jax.devices()[:8], str(tmp_path))
+  for workdir, num_steps in ((tmp_path, 6), (tmp_path / "new", 5)):   # these train
+    with pytest.raises(ConfigError, match=r"^ExperimentConfig.batch_size=12 is not divisible "
+                       r"by the 8 devices of the mesh$"):
+      loop.setup(config, dataclasses.replace(options, num_steps=num_steps), jax.devices()[:8],
+                 str(workdir))
+  with pytest.raises(ConfigError, match="eval_batch_size=60 is not divisible by the 8"):
+    loop.setup(dataclasses.replace(config, eval_batch_size=60), options, jax.devices()[:8],
+               str(tmp_path))
+
+
+@pytest.mark.slow   # ~20 s: a training run to checkpoint, then the evaluate-only run
+def test_an_evaluate_only_run_with_an_odd_train_batch_evaluates(tmp_path):
+  launch.parse_gin(["configs/dlrm_synthetic.gin"], BINDINGS)
+  options = config_lib.RunOptions(num_steps=1, mesh="data=8", plan="dp", progress=False)
+  first = loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path))
+  launch.parse_gin(["configs/dlrm_synthetic.gin"], [*BINDINGS, "ExperimentConfig.batch_size=12"])
+  again = loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path))
+  assert again["eval_auc"] == first["eval_auc"] and again["step"] == 1
