@@ -29,7 +29,6 @@ and never silently exports corrupt data.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import json
 import math
@@ -78,32 +77,13 @@ def _read_blocks(array, name, step_dir):
   try:
     yield from storage.row_blocks(array)
   except (OSError, ValueError) as e:
-    failed = _unreadable(e, array)   # every OSError is one
+    failed = storage.read_failure(e, _array_dir(array))
     if failed is not None:
       raise DataError(f"--checkpoint_dir: cannot read {failed[0]}: {failed[1]} (array "
                       f"'{name}')") from None
     # tensorstore: truncated or missing chunk files
     raise CheckpointError(f"array '{name}' in {step_dir} cannot be read ({first_line(e)}): "
                           f"the checkpoint is corrupt{selection.PICK_ANOTHER}") from None
-
-
-def _unreadable(e: Exception, array) -> tuple[str, str] | None:
-  """`(file, reason)` of a filesystem read error: an OSError, or tensorstore's error with
-  an `os_error_code` (a missing file excepted: a damaged checkpoint); None otherwise. The
-  file is the one the error names, else the array's directory."""
-  if isinstance(e, OSError):
-    return str(e.filename or _array_dir(array)), e.strerror or str(e)
-  code = _os_error_code(e)
-  if code is None or code == errno.ENOENT:
-    return None
-  file = re.search(r'local file "([^"]+)"', str(e))
-  return (file.group(1) if file else _array_dir(array)), os.strerror(code)
-
-
-def _os_error_code(e: Exception) -> int | None:
-  """The errno in a tensorstore error (`[os_error_code='28']`), None without one."""
-  code = re.search(r"os_error_code='(\d+)'", str(e))
-  return int(code.group(1)) if code else None
 
 
 def _array_dir(array) -> str:
@@ -192,9 +172,10 @@ def _metadata(step_dir, step) -> dict:
 def _exported_arrays(step_dir):
   """Yields `(export name, tensorstore, saved fingerprint or None)`, sorted by name.
   Offloaded tables come from their snapshot (no saved fingerprint)."""
-  manifest = storage.check_step(step_dir)
-  arrays = storage.open_arrays(step_dir)
-  saved = storage.saved_fingerprints(step_dir, manifest, arrays)
+  with selection.read_errors(step_dir):
+    manifest = storage.check_step(step_dir)
+    arrays = storage.open_arrays(step_dir)
+    saved = storage.saved_fingerprints(step_dir, manifest, arrays)
   offloaded = _snapshot_arrays(step_dir)
   for name in offloaded:
     if name not in arrays:
@@ -328,7 +309,7 @@ def _ts_reason(e: ValueError, tmp, output_path) -> str:
   """A tensorstore write error's reason: the OS error's text where it gives one (`No space
   left on device` for `[os_error_code='28']`), else its first line, naming `output_path`
   where it named the temporary directory `tmp`."""
-  code = _os_error_code(e)
+  code = storage.os_error_code(e)
   if code is not None:
     return os.strerror(code)
   return first_line(e).replace(str(tmp), str(output_path))
@@ -410,7 +391,7 @@ def _copy(output, mesh_shape, plan, restart_data, step_dir, step) -> tuple[int, 
   try:
     manifest = selection.check(step_dir, full=True)   # every array read and checked
     _snapshot_arrays(step_dir)                        # ... and every file of its snapshot
-  except CheckpointError:
+  except (CheckpointError, DataError):
     if created:
       output.rmdir()
     raise

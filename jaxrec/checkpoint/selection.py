@@ -13,7 +13,8 @@ says when that step cannot be read.
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+import contextlib
+from typing import Callable, Iterator, TypeVar
 
 from absl import logging
 from etils import epath
@@ -23,7 +24,7 @@ from jaxrec.checkpoint import rotation
 from jaxrec.checkpoint import steps as steps_lib
 from jaxrec.checkpoint import storage
 from jaxrec.checkpoint.manager import REJECTED_DIR, CheckpointManager
-from jaxrec.errors import CheckpointError, ConfigError
+from jaxrec.errors import CheckpointError, ConfigError, DataError
 
 PICK_ANOTHER = "; pick another --step"   # how step errors end; `other_steps` names them
 T = TypeVar("T")
@@ -127,12 +128,27 @@ def _usable(step_dir, step: int) -> None:
 
 def check(step_dir, full: bool = False, step: int | None = None) -> dict:
   """`storage.check_step`, its errors (bad JSON, missing arrays, a manifest of another
-  `step`, ...) as `CheckpointError`."""
+  `step`, ...) as `CheckpointError`; a file the filesystem fails to read (EIO) as
+  `read_errors` words it."""
   try:
-    return storage.check_step(step_dir, full=full, step=step)
+    with read_errors(step_dir):
+      return storage.check_step(step_dir, full=full, step=step)
+  except DataError:
+    raise
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(f"checkpoint {step_dir} is corrupt: {steps_lib.first_line(e)}"
                           f"{PICK_ANOTHER}") from e
+
+
+@contextlib.contextmanager
+def read_errors(step_dir) -> Iterator[None]:
+  """`storage.ReadError` (the disk failed, not the checkpoint) as a `DataError` naming the
+  file, `--checkpoint_dir: cannot read FILE: REASON (checkpoint STEP_DIR)`: it stops the
+  conversion, where a corrupt step is skipped for the one before."""
+  try:
+    yield
+  except storage.ReadError as e:
+    raise DataError(f"--checkpoint_dir: {e} (checkpoint {step_dir})") from None
 
 
 def other_steps(error, mgr, steps: list[int], step: int) -> str:

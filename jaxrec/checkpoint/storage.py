@@ -8,8 +8,12 @@ the `embeddings` item (see `tables`). These helpers open both with tensorstore, 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
+import os
+import re
 from typing import Iterator
 
 import numpy as np
@@ -54,6 +58,49 @@ def io_failure(e: BaseException) -> str | None:
   return None
 
 
+class ReadError(Exception):
+  """A file of a stored step could not be read because the filesystem failed (EIO,
+  EACCES, ...): not a corrupt checkpoint. `path`, `reason`; message `cannot read PATH:
+  REASON`."""
+
+  def __init__(self, path: str, reason: str):
+    super().__init__(f"cannot read {path}: {reason}")
+    self.path, self.reason = str(path), reason
+
+
+def read_failure(e: BaseException, where: str) -> tuple[str, str] | None:
+  """`(file, reason)` when `e` is a filesystem read error: an OSError or tensorstore's
+  error with an `os_error_code`, a missing file excepted (a damaged checkpoint). The file
+  is the one the error names, else `where`; None for any other error."""
+  if isinstance(e, OSError):
+    if e.errno == errno.ENOENT:
+      return None
+    return str(e.filename or where), e.strerror or str(e)
+  code = os_error_code(e)
+  if code is None or code == errno.ENOENT:
+    return None
+  file = re.search(r'local file "([^"]+)"', str(e))
+  return (file.group(1) if file else str(where)), os.strerror(code)
+
+
+def os_error_code(e: BaseException) -> int | None:
+  """The errno in a tensorstore error (`[os_error_code='28']`), None without one."""
+  code = re.search(r"os_error_code='(\d+)'", str(e))
+  return int(code.group(1)) if code else None
+
+
+@contextlib.contextmanager
+def _reading(where) -> Iterator[None]:
+  """A filesystem error in the body becomes `ReadError` (naming its file, else `where`)."""
+  try:
+    yield
+  except (OSError, ValueError) as e:
+    failed = read_failure(e, where)
+    if failed is None:
+      raise
+    raise ReadError(*failed) from e
+
+
 def is_step_dir(path: epath.PathLike) -> bool:
   """Whether `path` is a checkpoint's step directory (it holds a manifest)."""
   return _json_item(path, MANIFEST).is_file()
@@ -86,9 +133,10 @@ def open_arrays(step_dir: epath.PathLike) -> dict[str, ts.TensorStore]:
   `step`, `params/...`, `opt_state/...`, `rng`, `fingerprint`, `tables/<t>`,
   `table_opt/<t>/<name>`."""
   step_dir = epath.Path(step_dir)
-  out = _dense_arrays(step_dir)
-  for name in tables_lib.read_index(step_dir / TABLES)["arrays"]:
-    out[name] = tables_lib.open_stored(step_dir / TABLES, name)
+  with _reading(step_dir):
+    out = _dense_arrays(step_dir)
+    for name in tables_lib.read_index(step_dir / TABLES)["arrays"]:
+      out[name] = tables_lib.open_stored(step_dir / TABLES, name)
   return out
 
 
@@ -138,9 +186,14 @@ def check_step(step_dir: epath.PathLike, full: bool = False, step: int | None = 
   Always: the JSON items parse, the manifest is ours, every listed array opens with its
   listed shape and dtype; with `step`, the manifest records that step (a directory copied
   or renamed by hand holds another). `full`: also reads every array and compares
-  fingerprints.
+  fingerprints. A file the filesystem fails to read is a `ReadError` naming it.
   """
   step_dir = epath.Path(step_dir)
+  with _reading(step_dir):
+    return _check_step(step_dir, full, step)
+
+
+def _check_step(step_dir: epath.Path, full: bool, step: int | None) -> dict:
   manifest = read_json(step_dir, MANIFEST)
   if manifest.get("format") != canonical_lib.FORMAT:
     raise ValueError(f"{step_dir} is not a jaxrec checkpoint (manifest format "

@@ -165,3 +165,36 @@ def test_an_export_that_cannot_read_names_the_file_not_a_corrupt_checkpoint(
           "(array 'tables/t1')")
   assert str(e.value) == want
   assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("export", ["export_npz", "export_checkpoint"])
+@pytest.mark.parametrize("broken", ["manifest", "table"])
+def test_a_step_that_cannot_be_opened_names_the_file_not_a_corrupt_checkpoint(
+    saved, tmp_path, monkeypatch, export, broken):
+  """EIO while checking a step (`storage.check_step`: its manifest, or opening an array)
+  was 'checkpoint ... is corrupt: [Errno 5] ...' (and the step before it converted)."""
+  from jaxrec.checkpoint import storage, tables   # pylint: disable=import-outside-toplevel
+  path, _ = saved
+  bad = path / "4" / ("manifest/metadata" if broken == "manifest" else "embeddings/tables/t1")
+  eio = OSError(errno.EIO, "Input/output error", str(bad))
+  if broken == "manifest":
+    real_json = storage.read_json
+
+    def read_json(step_dir, item):
+      if item == storage.MANIFEST:
+        raise eio
+      return real_json(step_dir, item)
+    monkeypatch.setattr(storage, "read_json", read_json)
+  else:
+    real_open = tables.open_stored
+
+    def open_stored(directory, name):
+      if name == "tables/t1":
+        raise eio
+      return real_open(directory, name)
+    monkeypatch.setattr(tables, "open_stored", open_stored)
+  with pytest.raises(DataError) as e:
+    getattr(convert, export)(path, tmp_path / "out")
+  assert str(e.value) == (f"--checkpoint_dir: cannot read {bad}: Input/output error "
+                          f"(checkpoint {path / '4'})")
+  assert not os.listdir(tmp_path)
