@@ -383,7 +383,8 @@ class CheckpointManager:
     Raises:
       ConfigError: the checkpoint does not fit the configuration (tables, shapes, dense
         structure, optimizer); not a corruption, so there is no fallback.
-      CheckpointError: checkpoints exist but none is usable, or `step` is not saved.
+      CheckpointError: checkpoints exist but none is usable, `step` is not saved, or a
+        file of one cannot be read (EIO: `steps.stop_if_unreadable`; no fallback then).
     """
     self.wait()
     self._mgr.reload()
@@ -410,6 +411,7 @@ class CheckpointManager:
         skipped.append((s, ValueError("non-finite values"), "nonfinite"))
         continue
       except Exception as e:  # pylint: disable=broad-except
+        steps_lib.stop_if_unreadable(self.step_dir(s), e)
         steps_lib.warn_corrupt(self.step_dir(s), e)
         skipped.append((s, e, "corrupt"))
         continue

@@ -3,7 +3,9 @@ and the newest one that passes its checks.
 
 A step that fails its check is corrupt, unless its directory is gone meanwhile: a run
 still saving into the directory rotated it out (`--keep_checkpoints`), which is skipped
-quietly (debug log) rather than reported as corruption.
+quietly (debug log) rather than reported as corruption. A file the filesystem fails to
+read (EIO, EACCES) stops instead (`stop_if_unreadable`): the step may be intact, and
+falling back would train from an older one.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from absl import logging
 from etils import epath
 
 from jaxrec.checkpoint import rotation
+from jaxrec.checkpoint import storage
 from jaxrec.errors import CheckpointError
 
 
@@ -47,6 +50,7 @@ def latest_valid(directory, steps: Sequence[int], check: Callable[[int], object]
                     "saving into %s); skipping it", e.step_dir, directory)
       vanished.append(e)
     except Exception as e:  # pylint: disable=broad-except
+      stop_if_unreadable(directory / str(step), e)
       warn_corrupt(directory / str(step), e)
       errors.append((step, e))
   if errors:
@@ -54,6 +58,17 @@ def latest_valid(directory, steps: Sequence[int], check: Callable[[int], object]
   if vanished:
     raise vanished[0]
   return None
+
+
+def stop_if_unreadable(step_dir, error: BaseException) -> None:
+  """Raises `CheckpointError` naming the file when `error` (raised reading checkpoint
+  `step_dir`) is a filesystem read failure rather than a damaged checkpoint."""
+  failed = storage.unreadable(error, step_dir)
+  if failed is not None:
+    raise CheckpointError(
+        f"cannot read checkpoint {step_dir}: {failed[0]}: {failed[1]}. The filesystem "
+        "failed, not necessarily the checkpoint, so the run stops rather than fall back to "
+        "an older step; fix the storage and rerun") from error
 
 
 def warn_corrupt(step_dir, error: BaseException) -> None:

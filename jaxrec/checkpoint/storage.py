@@ -83,6 +83,21 @@ def read_failure(e: BaseException, where: str) -> tuple[str, str] | None:
   return (file.group(1) if file else str(where)), os.strerror(code)
 
 
+def unreadable(e: BaseException, where) -> tuple[str, str] | None:
+  """`(file, reason)` when `e` or one of its causes is a filesystem read failure
+  (`ReadError`, or as `read_failure` says); None when none is."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, ReadError):
+      return e.path, e.reason
+    failed = read_failure(e, where) if isinstance(e, (OSError, ValueError)) else None
+    if failed is not None:
+      return failed
+    e = e.__cause__ or e.__context__
+  return None
+
+
 def os_error_code(e: BaseException) -> int | None:
   """The errno in a tensorstore error (`[os_error_code='28']`), None without one."""
   code = re.search(r"os_error_code='(\d+)'", str(e))

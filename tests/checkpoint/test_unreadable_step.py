@@ -1,0 +1,72 @@
+"""A checkpoint step whose files the filesystem fails to read (EIO) stops the restore:
+falling back, as for a corrupt step, would train from an older step and set the newer one
+aside although it may be intact."""
+
+import errno
+import logging
+
+import pytest
+
+from jaxrec.checkpoint import CheckpointError, CheckpointManager, storage
+from jaxrec.checkpoint import tables as tables_lib
+from tests.checkpoint import ckpt_helpers as h
+
+
+@pytest.fixture(scope="module")
+def coll():
+  return h.collection("rw", 4)
+
+
+def _two_steps(path, coll):
+  with CheckpointManager(path) as mgr:
+    for step in (1, 2):
+      mgr.save(step, h.train_state(coll, seed=step, step=step), coll, force=True)
+
+
+def _failing_on_step_2(monkeypatch, module, name, error):
+  """`module.name(path, ...)` raises `error` for paths inside step directory 2."""
+  real = getattr(module, name)
+
+  def failing(path, *args, **kwargs):
+    if "/2/" in f"{path}/":
+      raise error
+    return real(path, *args, **kwargs)
+  monkeypatch.setattr(module, name, failing)
+
+
+EIO = OSError(errno.EIO, "Input/output error", "/disk/2/manifest/metadata")
+TS_EIO = ValueError('UNKNOWN: Error reading local file "/disk/2/embeddings/index.json": '
+                    "Input/output error [os_error_code='5']")
+
+
+@pytest.mark.parametrize("module,name,error,file", [
+    (storage, "read_json", EIO, "/disk/2/manifest/metadata"),
+    (tables_lib, "read_index", TS_EIO, "/disk/2/embeddings/index.json")])
+def test_restore_stops_on_a_read_error_and_keeps_the_step(tmp_path, coll, monkeypatch, caplog,
+                                                         module, name, error, file):
+  _two_steps(tmp_path, coll)
+  _failing_on_step_2(monkeypatch, module, name, error)
+  mgr = CheckpointManager(tmp_path)
+  with caplog.at_level(logging.WARNING), pytest.raises(CheckpointError) as e:
+    mgr.restore(h.dense(coll.mesh), coll)
+  assert str(e.value).startswith(f"cannot read checkpoint {tmp_path}/2: {file}: "
+                                 "Input/output error. The filesystem failed"), str(e.value)
+  assert "corrupt" not in caplog.text
+  assert mgr.all_steps() == [1, 2] and not (tmp_path / "rejected").exists()
+  mgr.close()
+
+
+def test_latest_valid_step_stops_on_a_read_error(tmp_path, coll, monkeypatch):
+  _two_steps(tmp_path, coll)
+  _failing_on_step_2(monkeypatch, storage, "read_json", EIO)
+  with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*/2: /disk/2/manifest"):
+    CheckpointManager(tmp_path, read_only=True).latest_valid_step()
+
+
+def test_a_missing_file_is_still_a_corrupt_step(tmp_path, coll, monkeypatch):
+  """ENOENT is damage (a file lost), not a failing disk: the restore falls back."""
+  _two_steps(tmp_path, coll)
+  _failing_on_step_2(monkeypatch, storage, "read_json",
+                     FileNotFoundError(errno.ENOENT, "No such file", "/disk/2/meta/metadata"))
+  with CheckpointManager(tmp_path) as mgr:
+    assert int(mgr.restore(h.dense(coll.mesh), coll).state["step"]) == 1
