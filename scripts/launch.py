@@ -87,4 +87,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from jaxrec.launch import parse_launcher_flags  # noqa: E402
+  app.run(main, flags_parser=parse_launcher_flags)

@@ -161,3 +161,23 @@ def test_ctrl_c_before_the_supervisor_loop_names_the_checkpoint(tmp_path, saved)
           "resume)" if saved else f"no checkpoint was saved in {where}")
   assert proc.returncode == 130, proc.stderr[-2000:]
   assert proc.stderr == f"error: interrupted by SIGINT. Stopping; {want}.\n", proc.stderr
+
+
+def test_a_train_flag_before_the_separator_says_where_it_goes(capsys):
+  """`launch.py --num_processes=2 --workdir=W` (no `--`) was absl's `FATAL Flags parsing
+  error: Unknown command line flag 'workdir'. Did you mean: log_dir ?`."""
+  from absl import flags
+  from jaxrec import launch
+  fv = flags.FlagValues()
+  flags.DEFINE_integer("num_processes", 1, "Workers.", flag_values=fv)
+  rest = launch.parse_launcher_flags(["launch.py", "--num_processes=2", "--", "--workdir=W"], fv)
+  assert (fv.num_processes, rest) == (2, ["launch.py", "--workdir=W"])
+  for argv, expected in (
+      (["--workdir=W"], "error: scripts/launch.py has no flag --workdir; flags for "
+                        "scripts/train.py go after `--`"),
+      (["--num_processes=x"], "error: flag --num_processes=x: invalid literal")):
+    with pytest.raises(SystemExit) as exit_info:
+      launch.parse_launcher_flags(["launch.py", *argv, "--", "--gin_file=c.gin"], fv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith(expected) and err.count("\n") == 1, err
