@@ -38,14 +38,18 @@ GIN_FILE = os.path.join(ROOT, "configs", "dlrm_criteo.gin")
 
 
 def _args():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--devices", type=int, default=1, help="host (CPU) devices to simulate")
-  p.add_argument("--mesh", default="auto")
-  p.add_argument("--plan", default="dp")
+  p.add_argument("--mesh", default="auto",
+                 help='--mesh of the timed run (scripts/train.py form)')
+  p.add_argument("--plan", default="dp",
+                 help='--plan of the timed run: a kind or auto')
   p.add_argument("--steps", type=int, default=20, help="steps timed for step_s")
   p.add_argument("--saves", type=int, default=3, help="saves timed for save_blocked_s")
   p.add_argument("--workdir", default=None, help="where to write (default: a temp dir)")
-  p.add_argument("--gin_bindings", action="append", default=[])
+  p.add_argument("--gin_bindings", action="append", default=[],
+                 help='extra gin binding (repeatable)')
   args = p.parse_args()
   check_at_least(p.error, vars(args), ("devices", "steps", "saves"))
   return p, args

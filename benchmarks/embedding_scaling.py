@@ -59,13 +59,20 @@ def _build(rows, num_tables, batch, dim, optimizer, seed):
 
 
 def main():
-  p = argparse.ArgumentParser()
-  p.add_argument("--rows", default="100000,1000000,10000000")
-  p.add_argument("--tables", type=int, default=2)
-  p.add_argument("--batch", type=int, default=4096)
-  p.add_argument("--dim", type=int, default=16)
-  p.add_argument("--optimizer", default="rowwise_adagrad")
-  p.add_argument("--rounds", type=int, default=10)
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--rows", default="100000,1000000,10000000",
+                 help='comma list of table sizes (rows) to time')
+  p.add_argument("--tables", type=int, default=2,
+                 help='tables of each size')
+  p.add_argument("--batch", type=int, default=4096,
+                 help='examples per step')
+  p.add_argument("--dim", type=int, default=16,
+                 help='embedding dimension')
+  p.add_argument("--optimizer", default="rowwise_adagrad",
+                 help='sparse optimizer (jaxrec.embedding.optimizers.OPTIMIZERS)')
+  p.add_argument("--rounds", type=int, default=10,
+                 help='interleaved rounds over all sizes')
   p.add_argument("--steps", type=int, default=5, help="timed steps per size per round")
   args = p.parse_args()
   if args.optimizer not in optimizers.OPTIMIZERS:

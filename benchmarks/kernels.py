@@ -71,15 +71,22 @@ def _check_sizes(p: argparse.ArgumentParser, args) -> None:
 
 def _parser() -> argparse.ArgumentParser:
   """Flags, with GPU-sized defaults on any GPU backend (`gpu`, `cuda`, `rocm`)."""
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   on_gpu = platform.is_gpu()
   p.set_defaults(on_gpu=on_gpu)
-  p.add_argument("--rows", type=int, default=1_000_000 if on_gpu else 100_000)
-  p.add_argument("--dim", type=int, default=128 if on_gpu else 64)
-  p.add_argument("--bags", type=int, default=65_536 if on_gpu else 4_096)
-  p.add_argument("--bag_len", type=int, default=8)
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"])
-  p.add_argument("--iters", type=int, default=20 if on_gpu else 5)
+  p.add_argument("--rows", type=int, default=1_000_000 if on_gpu else 100_000,
+                 help='table rows (GPU default 1,000,000)')
+  p.add_argument("--dim", type=int, default=128 if on_gpu else 64,
+                 help='embedding dimension (GPU default 128)')
+  p.add_argument("--bags", type=int, default=65_536 if on_gpu else 4_096,
+                 help='bags per lookup (GPU default 65,536)')
+  p.add_argument("--bag_len", type=int, default=8,
+                 help='ids per bag')
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"],
+                 help='table storage dtype')
+  p.add_argument("--iters", type=int, default=20 if on_gpu else 5,
+                 help='timed calls per kernel (GPU default 20)')
   return p
 
 

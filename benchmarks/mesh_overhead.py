@@ -93,11 +93,15 @@ def stage_calls(config, runner: StepRunner) -> dict:
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--configs", default="dlrm_synthetic,dlrm_criteo",
                  help="names in configs/ (without .gin)")
-  p.add_argument("--plans", default="dp,tw,rw,twrw")
-  p.add_argument("--rounds", type=int, default=6)
+  p.add_argument("--plans", default="dp,tw,rw,twrw",
+                 help="comma list of plans, each on its 8-device mesh (dp data=8, tw table=8, "
+                 "rw row=8, twrw data=2,table=2,row=2)")
+  p.add_argument("--rounds", type=int, default=6,
+                 help='interleaved rounds (1 vs 8 devices)')
   p.add_argument("--steps", type=int, default=2, help="timed steps per mesh per round")
   p.add_argument("--stages", action="store_true", help="also time the step stage by stage")
   p.add_argument("--stage_steps", type=int, default=2,

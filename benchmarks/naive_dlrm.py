@@ -86,16 +86,26 @@ def make_step(lr: float, dtype=jnp.float32):
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--data", required=True)
-  p.add_argument("--steps", type=int, default=300)
-  p.add_argument("--warmup", type=int, default=20)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--batch_size", type=int, default=512)
-  p.add_argument("--lr", type=float, default=0.1)
-  p.add_argument("--rows", type=int, default=100000)
-  p.add_argument("--dim", type=int, default=16)
-  p.add_argument("--dense_dtype", choices=["float32", "bfloat16"], default="float32")
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--data", required=True,
+                 help='the .npz vs_torchrec.py writes')
+  p.add_argument("--steps", type=int, default=300,
+                 help='train steps')
+  p.add_argument("--warmup", type=int, default=20,
+                 help='untimed first steps')
+  p.add_argument("--seed", type=int, default=0,
+                 help='initialisation seed')
+  p.add_argument("--batch_size", type=int, default=512,
+                 help='examples per step')
+  p.add_argument("--lr", type=float, default=0.1,
+                 help='SGD learning rate, dense and sparse')
+  p.add_argument("--rows", type=int, default=100000,
+                 help='rows of each of the 26 tables')
+  p.add_argument("--dim", type=int, default=16,
+                 help='embedding dimension')
+  p.add_argument("--dense_dtype", choices=["float32", "bfloat16"], default="float32",
+                 help='matmul operand dtype of the MLPs')
   args = p.parse_args()
   check_at_least(p.error, vars(args), ("steps", "batch_size", "rows", "dim"))
   if not 1 <= args.warmup < args.steps:   # as vs_torchrec.step_times needs

@@ -209,25 +209,44 @@ def time_snapshots(run: Run, steps: int, directory: str) -> dict:
 
 
 def main():
-  p = argparse.ArgumentParser()
-  p.add_argument("--rows", type=int, default=1_000_000)
-  p.add_argument("--dim", type=int, default=16)
-  p.add_argument("--batch", type=int, default=1024)
-  p.add_argument("--cache_fraction", type=float, default=0.1)
-  p.add_argument("--zipf", type=float, default=1.05)
-  p.add_argument("--prefetch", type=int, default=4)
-  p.add_argument("--staleness", type=int, default=8)
-  p.add_argument("--optimizer", default="sgd")
-  p.add_argument("--warmup", type=int, default=50)
-  p.add_argument("--steps", type=int, default=300)
-  p.add_argument("--rounds", type=int, default=5)
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--rows", type=int, default=1_000_000,
+                 help='rows of the large table f0 reads')
+  p.add_argument("--dim", type=int, default=16,
+                 help='embedding dimension')
+  p.add_argument("--batch", type=int, default=1024,
+                 help='examples per step')
+  p.add_argument("--cache_fraction", type=float, default=0.1,
+                 help='device cache of the offloaded table, as a fraction of its rows')
+  p.add_argument("--zipf", type=float, default=1.05,
+                 help="Zipf exponent of the large table's ids")
+  p.add_argument("--prefetch", type=int, default=4,
+                 help="batches read ahead (OffloadConfig.prefetch_depth) in the offload and "
+                 "stale runs")
+  p.add_argument("--staleness", type=int, default=8,
+                 help='OffloadConfig.max_staleness of the stale run')
+  p.add_argument("--optimizer", default="sgd",
+                 help='sparse optimizer (jaxrec.embedding.optimizers.OPTIMIZERS)')
+  p.add_argument("--warmup", type=int, default=50,
+                 help='untimed steps after the cache is full')
+  p.add_argument("--steps", type=int, default=300,
+                 help='timed steps per run')
+  p.add_argument("--rounds", type=int, default=5,
+                 help='interleaved timed blocks (of --steps / --rounds steps)')
   p.add_argument("--host_buffer_rows", type=int, default=None,
                  help="default: the cache size")
-  p.add_argument("--stream_steps", type=int, default=3000)
-  p.add_argument("--chunk_rows", type=int, default=256)
-  p.add_argument("--kvstore", default="file")
-  p.add_argument("--store_dir", default=None)
-  p.add_argument("--runs", default="device,offload,sync,stale")
+  p.add_argument("--stream_steps", type=int, default=3000,
+                 help='batches of precomputed ids for the large table')
+  p.add_argument("--chunk_rows", type=int, default=256,
+                 help='rows per tensorstore chunk')
+  p.add_argument("--kvstore", default="file",
+                 help="tensorstore kvstore driver of the offloaded table "
+                 "(jaxrec.offload.config.KVSTORES)")
+  p.add_argument("--store_dir", default=None,
+                 help="directory of the offloaded table's store (default: a temp dir)")
+  p.add_argument("--runs", default="device,offload,sync,stale",
+                 help='comma list of runs (see above)')
   p.add_argument("--snapshot_steps", type=int, default=100,
                  help="steps between the two timed snapshots (0: none)")
   args = p.parse_args()

@@ -164,10 +164,12 @@ def record_rounds(workdir, step: int, plans: dict, times: dict, mesh_shape, step
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--gin_file", action="append", default=None,
                  help="config(s); default configs/skewed_synthetic.gin")
-  p.add_argument("--gin_bindings", action="append", default=[])
+  p.add_argument("--gin_bindings", action="append", default=[],
+                 help='extra gin binding (repeatable)')
   p.add_argument("--mesh", default="table=8", help="mesh over the 8 devices")
   p.add_argument("--calibration", default="default", choices=("default", "measure"),
                  help="prior coefficients: the planner's defaults (what --plan=auto uses) or "

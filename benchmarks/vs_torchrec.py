@@ -368,14 +368,19 @@ def _best(records: list[dict]) -> dict:
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--steps", type=int, default=300, help="train steps of batch 512 per framework")
   p.add_argument("--warmup", type=int, default=20, help="untimed first steps")
-  p.add_argument("--eval_examples", type=int, default=65536)
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--eval_examples", type=int, default=65536,
+                 help='eval set size')
+  p.add_argument("--seed", type=int, default=0,
+                 help='data and initialisation seed')
   p.add_argument("--data", default=None, help="npz path (default: a temp file, regenerated)")
-  p.add_argument("--torchrec_python", default=TORCHREC_PYTHON)
-  p.add_argument("--skip_torchrec", action="store_true")
+  p.add_argument("--torchrec_python", default=TORCHREC_PYTHON,
+                 help='python of the TorchRec venv (make bench-torchrec builds it)')
+  p.add_argument("--skip_torchrec", action="store_true",
+                 help='run jaxrec (and the naive baseline) only')
   p.add_argument("--skip_naive", action="store_true",
                  help="leave out the plain JAX DLRM baseline (benchmarks/naive_dlrm.py)")
   p.add_argument("--breakdown", action="store_true", help="add jaxrec step-time breakdown")
@@ -385,7 +390,8 @@ def main():
   p.add_argument("--nice", type=int, default=0,
                  help="run both frameworks at priority N (nice and autogroup; e.g. -20 as "
                       "root on a shared machine, so other processes disturb the timing less)")
-  p.add_argument("--auc_tolerance", type=float, default=0.0)
+  p.add_argument("--auc_tolerance", type=float, default=0.0,
+                 help="jaxrec's eval AUC may trail TorchRec's by this much (run-to-run noise)")
   p.add_argument("--dense_dtype", choices=["float32", "bfloat16"], default="float32",
                  help="matmul operand dtype of every framework's dense network: jaxrec's "
                       "DLRM.dtype, the naive DLRM's casts, TorchRec's CPU autocast; "

@@ -23,3 +23,36 @@ def test_the_docstring_is_its_source_text(path):
   literal = ast.get_source_segment(source, tree.body[0].value)
   text = literal.lstrip("rRuU")[3:-3]   # the lines between the triple quotes
   assert doc == text
+
+
+def _keyword(call: ast.Call, name: str):
+  return next((k.value for k in call.keywords if k.arg == name), None)
+
+
+def _text(node) -> str:
+  """A help argument's text; an expression (an f-string, a join) counts as text."""
+  return node.value if isinstance(node, ast.Constant) else "<expr>" if node is not None else ""
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_every_flag_has_help_and_shows_its_default(path):
+  """`--help` of most benchmarks listed bare `--rows ROWS`, `--mesh MESH`: no help text and
+  (argparse's default formatter) no default."""
+  tree = ast.parse(open(path, encoding="utf-8").read())
+  bare = []
+  for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
+    name = getattr(call.func, "attr", getattr(call.func, "id", ""))
+    if name == "add_argument":
+      if not _text(_keyword(call, "help")).strip():
+        bare.append(f"line {call.lineno}: {ast.literal_eval(call.args[0])} has no help")
+    elif name == "ArgumentParser" and "add_argument" in ast.unparse(tree):
+      formatter = _keyword(call, "formatter_class")
+      if "ArgumentDefaultsHelpFormatter" not in ast.unparse(formatter or ast.Constant("")):
+        bare.append(f"line {call.lineno}: ArgumentParser does not show defaults")
+    elif name.startswith("DEFINE_"):
+      help_node = call.args[2] if len(call.args) > 2 else _keyword(call, "help")
+      if name == "DEFINE_enum":
+        help_node = call.args[3] if len(call.args) > 3 else _keyword(call, "help")
+      if not _text(help_node).strip():
+        bare.append(f"line {call.lineno}: flag {ast.literal_eval(call.args[0])} has no help")
+  assert not bare, bare
