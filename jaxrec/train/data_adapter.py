@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import os
 from typing import Any
@@ -21,9 +22,10 @@ log = logging.getLogger("jaxrec")
 
 def train_iterator(config, options) -> pipeline.TrainIterator:
   """This process's endless, resumable train stream (global batch `config.batch_size`)."""
-  with _naming_source(options, "train_data"):
+  source = options.train_data or config.train_data
+  with _naming_source(options, "train_data", source):
     return pipeline.make_train_iterator(
-        options.train_data or config.train_data, config.features, config.tables,
+        source, config.features, config.tables,
         config.batch_size, options.seed, jax.process_index(), jax.process_count(),
         bad_rows=options.bad_rows, num_dense=config.num_dense)
 
@@ -31,23 +33,30 @@ def train_iterator(config, options) -> pipeline.TrainIterator:
 def eval_data(config, options) -> pipeline.EvalData:
   """The fixed eval set: a file source is read whole; synthetic draws
   `config.num_eval_examples` held-out examples."""
-  with _naming_source(options, "eval_data"):
+  source = options.eval_data or config.eval_data
+  with _naming_source(options, "eval_data", source):
     return pipeline.make_eval_batches(
-        options.eval_data or config.eval_data, config.features, config.tables,
+        source, config.features, config.tables,
         config.eval_batch_size, jax.process_index(), jax.process_count(),
         bad_rows=options.bad_rows, synthetic_examples=config.num_eval_examples,
         seed=options.seed, num_dense=config.num_dense)
 
 
 @contextlib.contextmanager
-def _naming_source(options, name: str):
+def _naming_source(options, name: str, source: str):
   """A path that names no file says where it came from, `--train_data` or the config's
-  `ExperimentConfig.train_data` (it named only the path, and not which of the two)."""
+  `ExperimentConfig.train_data` (it named only the path, and not which of the two), and
+  a misspelled `synthetic` (`synthetc`: read as a file name) is suggested."""
   try:
     yield
   except DataPathError as e:
     where = f"--{name}" if getattr(options, name) else f"ExperimentConfig.{name}"
-    raise DataPathError(f"{where}: {str(e).splitlines()[0]}") from None
+    hint = ""
+    name_only = not any(c in str(source) for c in "./" + os.sep)
+    if name_only and difflib.get_close_matches(str(source).lower(), [pipeline.SYNTHETIC],
+                                               cutoff=0.7):
+      hint = f" (did you mean '{pipeline.SYNTHETIC}'?)"
+    raise DataPathError(f"{where}: {str(e).splitlines()[0]}{hint}") from None
 
 
 def bad_row_metrics(*sources) -> dict[str, Any]:

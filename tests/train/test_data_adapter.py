@@ -101,3 +101,19 @@ def test_a_data_path_naming_no_file_says_which_flag_or_binding(tmp_path):
   with pytest.raises(DataPathError) as e:
     data_adapter.eval_data(config_lib.ExperimentConfig(), config_lib.RunOptions())
   assert str(e.value) == f"ExperimentConfig.eval_data: {missing}: no such file or directory"
+
+
+@pytest.mark.parametrize("typo", ["synthetc", "Synthetic", "syntetic"])
+def test_a_misspelled_synthetic_is_suggested(typo):
+  """`--train_data=synthetc` said only `synthetc: no such file or directory`."""
+  launch.parse_gin(["configs/dlrm_synthetic.gin"], [])
+  with pytest.raises(DataPathError) as e:
+    data_adapter.train_iterator(config_lib.ExperimentConfig(),
+                                config_lib.RunOptions(train_data=typo))
+  assert str(e.value) == (f"--train_data: {typo}: no such file or directory "
+                          "(did you mean 'synthetic'?)")
+  for path in ("day_0.tsv", "synthetic.tsv", "data/synthetic"):   # file names: no hint
+    with pytest.raises(DataPathError) as e:
+      data_adapter.train_iterator(config_lib.ExperimentConfig(),
+                                  config_lib.RunOptions(train_data=path))
+    assert str(e.value) == f"--train_data: {path}: no such file or directory"
