@@ -28,17 +28,20 @@ flags.DEFINE_string("mesh", "auto", "Mesh axis sizes, e.g. data=2,table=2,row=2,
 flags.DEFINE_string("plan", "auto", "auto (planner), one kind for every table "
                     "(dp|tw|rw|cw|twrw|twcw|grid), or a plan JSON file (a run's plan.json, "
                     "scripts/plan.py --json output).")
-flags.DEFINE_string("train_data", None, "Overrides ExperimentConfig.train_data.")
-flags.DEFINE_string("eval_data", None, "Overrides ExperimentConfig.eval_data.")
+flags.DEFINE_string("train_data", None, "synthetic, a Criteo TSV file/dir/glob (plain or gzip) "
+                    "or a preprocessed dir; default ExperimentConfig.train_data.")
+flags.DEFINE_string("eval_data", None, "As --train_data; default ExperimentConfig.eval_data.")
 flags.DEFINE_integer("num_steps", 1000, "Total training steps (a resumed run counts from 0).")
 flags.DEFINE_integer("log_every", 100, "Steps between metrics lines.")
 flags.DEFINE_integer("eval_every", 0, "Steps between evaluations (0: only at the end).")
 flags.DEFINE_integer("checkpoint_every", 0, "Steps between checkpoints (0: only at the end).")
 flags.DEFINE_integer("keep_checkpoints", 3, "How many recent checkpoints to keep.")
-flags.DEFINE_integer("seed", 0, "Seed for initialisation and data order.")
+flags.DEFINE_integer("seed", 0, "Seed for initialisation, data order and the synthetic eval "
+                     "set, in [0, 2**32).")
 flags.DEFINE_enum("on_nan", "stop", ["stop", "rollback"], "What to do on a non-finite loss.")
 flags.DEFINE_enum("bad_rows", "error", ["error", "skip"], "Malformed input rows: stop or skip.")
-flags.DEFINE_string("memory_per_device", None, "Device memory budget for the planner, e.g. 16GiB.")
+flags.DEFINE_string("memory_per_device", None, "Device memory budget for the planner, e.g. "
+                    "512MiB; default 16GiB whatever the device.")
 flags.DEFINE_bool("progress", True, "Show a progress bar when stderr is a terminal.")
 
 

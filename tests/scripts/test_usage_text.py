@@ -56,3 +56,24 @@ def test_every_flag_has_help_and_shows_its_default(path):
       if not _text(help_node).strip():
         bare.append(f"line {call.lineno}: flag {ast.literal_eval(call.args[0])} has no help")
   assert not bare, bare
+
+
+def _flag_call(script: str, flag: str) -> ast.Call:
+  """The `flags.DEFINE_*(flag, default, help)` call of scripts/`script`."""
+  tree = ast.parse(open(os.path.join(ROOT, "scripts", script), encoding="utf-8").read())
+  return next(c for c in ast.walk(tree) if isinstance(c, ast.Call)
+              and getattr(c.func, "attr", "").startswith("DEFINE_")
+              and isinstance(c.args[0], ast.Constant) and c.args[0].value == flag)
+
+
+def test_memory_per_device_help_states_the_planners_default():
+  """train.py's `--memory_per_device` help gave no default (the README: 16GiB); plan.py's
+  flag default is the same budget."""
+  from jaxrec.planner import search
+  from jaxrec.train import config as config_lib
+  default = search.DEFAULT_MEMORY_PER_DEVICE
+  text = ast.literal_eval(_flag_call("train.py", "memory_per_device").args[2])
+  stated = text.split("default ", 1)[-1].split()[0]   # `... default 16GiB whatever ...`
+  assert config_lib.parse_bytes(stated, "help") == default, text
+  plan_default = ast.literal_eval(_flag_call("plan.py", "memory_per_device").args[1])
+  assert config_lib.parse_bytes(plan_default, "plan.py") == default
