@@ -174,10 +174,12 @@ def _has_snapshot(step_dir) -> bool:
 
 
 def hint(checkpoint_dir, step: int | None = None) -> str:
-  """What to pass instead: a workdir's checkpoints, a step directory's parent and step, or
-  the rejected checkpoints (of `step`) under `checkpoint_dir` (or `checkpoint_dir` itself
-  being their directory)."""
+  """That `checkpoint_dir` does not exist, or what to pass instead: a workdir's checkpoints,
+  a step directory's parent and step, or the rejected checkpoints (of `step`) under
+  `checkpoint_dir` (or `checkpoint_dir` itself being their directory)."""
   path = epath.Path(checkpoint_dir)
+  if not path.exists():   # a mistyped path said only "no checkpoint in PATH"
+    return " (no such directory)"
   if step is None and (path / "checkpoints").is_dir():   # a workdir given for its checkpoints
     return f" (did you mean --checkpoint_dir={path / 'checkpoints'}?)"
   if step is None and path.name.isdigit() and storage.is_step_dir(path):   # W/checkpoints/N
