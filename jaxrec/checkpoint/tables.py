@@ -45,6 +45,7 @@ from jaxrec.checkpoint.canonical import fingerprint_np
 from jaxrec.embedding import layout as layout_lib
 from jaxrec.embedding import optimizers as optimizers_lib
 from jaxrec.errors import ConfigError
+from jaxrec.futures import wait_all
 
 # jaxrec's logger: scripts/train.py shows its INFO lines (absl's only from WARNING up).
 _LOG = logging.getLogger(__name__)
@@ -191,22 +192,24 @@ async def write_pieces(directory: epath.Path, arrays: Mapping[str, tuple], piece
 
   Runs in orbax's background commit thread; it waits on tensorstore futures directly
   (`.result()`) rather than through that thread's event loop."""
-  opened = {name: ts.open(_spec(directory / name, shape, dtype, chunk_bytes), create=True,
-                          open=True) for name, (shape, dtype) in arrays.items()}
+  # every open done before any error is raised: one still creating its array's files in
+  # orbax's tmp directory after the save failed is a file the failure's clean-up missed
+  opened = dict(zip(arrays, wait_all([ts.open(_spec(directory / name, shape, dtype,
+                                                    chunk_bytes), create=True, open=True)
+                                      for name, (shape, dtype) in arrays.items()])))
   by_array: dict[str, list[Piece]] = {name: [] for name in arrays}
   for p in pieces:
     by_array[p.array].append(p)
   prints = {}
-  for name, f in opened.items():   # one transaction per array: memory stays bounded
-    handle, txn, total = f.result(), ts.Transaction(), 0
+  for name, handle in opened.items():   # one transaction per array: memory stays bounded
+    txn, total = ts.Transaction(), 0
     writes = []
     for p in by_array[name]:
       region = tuple(slice(s, s + n) for s, n in zip(p.start, p.data.shape))
       writes.append(handle.with_transaction(txn)[region].write(
           p.data, can_reference_source_data_indefinitely=True))
       total = (total + fingerprint_np(p.data, arrays[name][0], p.start)) & 0xFFFFFFFF
-    for w in writes:
-      w.copy.result()
+    wait_all([w.copy for w in writes])
     txn.commit_async().result()
     prints[name] = total
   process, count = jax.process_index(), jax.process_count()

@@ -33,6 +33,7 @@ from jaxrec import tree_copy
 from jaxrec.embedding import table_init
 from jaxrec.embedding.specs import TableSpec
 from jaxrec.errors import ConfigError
+from jaxrec.futures import wait_all
 from jaxrec.offload import integrity
 from jaxrec.offload.config import OffloadError, OffloadTable
 from jaxrec.offload.owner import OWNER
@@ -199,10 +200,8 @@ class TableStore:
     try:
       for start in range(0, len(rows), _WRITE_PIECE_ROWS):
         piece = order[start:start + _WRITE_PIECE_ROWS]
-        futures = [self.arrays[name][rows[piece]].write(values[name][piece])
-                   for name in self.names]
-        for f in futures:
-          f.result()
+        wait_all([self.arrays[name][rows[piece]].write(values[name][piece])
+                  for name in self.names])   # none still writing after an error
     except Exception as e:
       raise OffloadError(f"offloaded table '{self.spec.name}': write-back of {len(rows)} rows "
                          f"to {self._where(TABLE)} failed: {_status(e)}") from None

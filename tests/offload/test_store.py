@@ -12,6 +12,7 @@ from jaxrec.embedding.layout import init_table
 from jaxrec.embedding.specs import TableSpec
 from jaxrec.errors import ConfigError
 from jaxrec.offload.store import TableStore, init_rows
+from tests import fake_futures
 
 SPEC = TableSpec("big", 1000, 8)
 ADAGRAD = optimizers.Adagrad(initial_accumulator=0.25)
@@ -170,3 +171,29 @@ def test_a_fresh_run_warns_before_replacing_arrays_already_at_its_path(tmp_path,
     run.tier.reset()
     run.train(1).close()
   assert caplog.text.count("replaces the arrays") == 1
+
+
+class _Array:
+  """A stored array whose writes fail with `error` (None: succeed), logged in `log`."""
+
+  def __init__(self, error, log):
+    self.error, self.log = error, log
+
+  def __getitem__(self, index):
+    return self
+
+  def write(self, values):
+    return fake_futures.Future(self.log, self.error)
+
+
+def test_a_failed_write_back_leaves_no_write_running(tmp_path):
+  """The table's write failing (disk full) raised at once: the optimizer state's write of
+  the same rows still ran after the `OffloadError`, and could land after a restart in the
+  same process had restored the store from its snapshot."""
+  store, log = _store(tmp_path), []
+  full = ValueError("UNKNOWN: Error writing local file: No space left on device")
+  store.arrays = {name: _Array(full if name == "table" else None, log) for name in store.names}
+  with pytest.raises(offload.OffloadError, match="write-back of 3 rows .* No space left"):
+    store.write(np.arange(3), {name: np.zeros((3, SPEC.dim), np.float32)
+                               for name in store.names})
+  assert len(log) == len(store.names) > 1 and all(w.waited for w in log)
