@@ -1,9 +1,10 @@
-"""Waiting on several tensorstore futures at once (writes, create-opens) without leaving
-any of them running: on the first error, `.result()` in a loop returned while the others
-still wrote, and they could land after the caller had cleaned up or started over."""
+"""Waiting for asynchronous work without leaving any of it running after an error: several
+tensorstore futures (writes, create-opens), or the threads of a failed orbax save. What
+still runs can land after the caller has cleaned up or started over."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Iterable
 
 
@@ -17,3 +18,12 @@ def wait_all(futures: Iterable[Any]) -> list[Any]:
     if e is not None:
       raise e
   return [f.result() for f in futures]
+
+
+def join_threads(started_since: set, module: str, timeout: float = 60.0) -> None:
+  """Joins the threads alive now, not in `started_since` (a `threading.enumerate()` set),
+  whose class comes from `module` (e.g. "orbax."): a failed orbax save raises at its first
+  failed item while its other items' threads still write (at most `timeout` s each)."""
+  for t in threading.enumerate():
+    if t not in started_since and type(t).__module__.startswith(module):
+      t.join(timeout)

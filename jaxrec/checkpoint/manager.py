@@ -34,6 +34,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import threading
 import time
 import types
 from typing import Any, Mapping, NamedTuple
@@ -48,6 +49,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxrec import futures as futures_lib
 from jaxrec.checkpoint import canonical as canonical_lib
 from jaxrec.checkpoint import offloaded as offloaded_lib
 from jaxrec.checkpoint import steps as steps_lib
@@ -173,6 +175,7 @@ class CheckpointManager:
                       if async_save and not read_only and jax.process_count() == 1 else None)
     self._pending: concurrent.futures.Future | None = None
     self._saving: int | None = None   # the step of the save in flight (its error names it)
+    self._threads_at_save: set = set()   # threads before it (`futures_lib.join_threads`)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else max_to_keep,
         save_interval_steps=0 if read_only else 1, enable_async_checkpointing=async_save,
@@ -274,7 +277,7 @@ class CheckpointManager:
     blocking part, e.g. starting its threads, then stays off the training loop too)."""
     data_state = _jsonable(dict(data_state or {}))   # snapshot now
     meta = _jsonable(dict(meta or {}))
-    self._saving = step
+    self._saving, self._threads_at_save = step, set(threading.enumerate())
     if self._executor is None:
       with self._save_errors():
         self._orbax_save(step, dense, arrays, pieces, manifest, data_state, meta)
@@ -311,6 +314,7 @@ class CheckpointManager:
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except
+      futures_lib.join_threads(self._threads_at_save, "orbax.")   # its other items' writers
       step, self._saving = self._saving, None      # this save is over, whatever failed
       cause = storage.io_failure(e)
       if cause is None or step is None:

@@ -2,6 +2,7 @@
 
 import asyncio
 import errno
+import threading
 import types
 
 import pytest
@@ -46,8 +47,11 @@ def test_disk_full_during_save_names_step_file_and_kept_checkpoint(tmp_path, col
 
 
 def test_other_save_errors_pass_unchanged(tmp_path, coll, monkeypatch):
-  """Only filesystem errors are rewritten: a bug keeps its own exception and traceback."""
+  """Only filesystem errors are rewritten: a bug keeps its own exception and traceback.
+  Orbax raised at the failed item while its threads of the other items (the dense state's
+  shardings and metadata) still ran after close(), into the next test's monkeypatches."""
   state = h.train_state(coll, step=1)
+  before = set(threading.enumerate())
 
   async def broken(directory, arrays, pieces, chunk_bytes=tables_lib.CHUNK_BYTES):
     raise KeyError("a bug")
@@ -57,6 +61,8 @@ def test_other_save_errors_pass_unchanged(tmp_path, coll, monkeypatch):
     with CheckpointManager(tmp_path) as mgr:
       mgr.save(1, state, coll)
       mgr.wait()
+  assert not [t.name for t in threading.enumerate()
+              if t not in before and type(t).__module__.startswith("orbax.")]
 
 
 def test_a_failed_create_leaves_no_other_create_running(tmp_path, monkeypatch):
