@@ -2,7 +2,6 @@
 
 import errno
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -106,10 +105,13 @@ def test_failed_run_leaves_no_shards(tmp_path, tsv_file):
   assert not out.exists()
   out.mkdir()
   (out / "keep").write_text("")
-  r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "preprocess.py"),
+  # the limit is set by the child itself before it execs the script: a `preexec_fn` would
+  # run Python in a fork of this multithreaded process (a possible deadlock)
+  limited = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300));"
+             " os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+  r = subprocess.run([sys.executable, "-c", limited, os.path.join(ROOT, "scripts", "preprocess.py"),
                       f"--input={inputs / 'a.tsv'}", f"--output={out}", "--rows=100"],
-                     capture_output=True, text=True, cwd=ROOT, timeout=120,
-                     preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300)))
+                     capture_output=True, text=True, cwd=ROOT, timeout=120)
   assert r.returncode == 1 and r.stderr.strip() == (
       f"error: --output {out}: cannot write the dataset: File too large"), r.stderr
   assert os.listdir(out) == ["keep"]
