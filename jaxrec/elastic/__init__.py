@@ -6,6 +6,7 @@
   options     the supervisor's settings (`scripts/launch.py` flags), checked
   supervisor  starts and watches the workers; on failure, hang, capacity change or a
               straggler: stop, re-plan, restart from the latest checkpoint
+  scaling     the supervisor's capacity decisions: processes available, plan, re-plan
   capacity    the capacity file (`N`, `N K` or JSON), read strictly
   replan      processes, mesh and plan for a capacity (the planner decides the plan)
   recovery    a restart's timings: `resume` (breakdown) or `recovery_failed`

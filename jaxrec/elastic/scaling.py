@@ -1,0 +1,149 @@
+"""The supervisor's capacity decisions: how many processes it may use now (capacity file,
+lost slots returning, stragglers sitting out), the plan for them, and when a running
+generation should stop to re-plan (`Scaling`, a part of `supervisor.Supervisor`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from jaxrec.elastic import replan
+
+
+@dataclasses.dataclass
+class Outcome:
+  """How a generation ended (or should end): `kind` is finished | failure | planned |
+  user_error."""
+  kind: str
+  reason: str
+  lost: int = 0
+  detected: float = 0.0
+  message: str = ""
+
+
+class Scaling:
+  """Capacity and re-planning methods of `Supervisor` (they use its `o` options, `capacity`,
+  `lost`, `quarantine`, `events`, `config`, `args`, `choice` and `detectors`)."""
+
+  # ---------------------------------------------------------------------------- capacity
+  def _available(self) -> int:
+    now = time.time()
+    if self.o.rejoin_after > 0:
+      back = [t for t in self.lost if now - t >= self.o.rejoin_after]
+      if back:
+        self.lost = [t for t in self.lost if now - t < self.o.rejoin_after]
+        self.events.emit("capacity", source="rejoin", returned=len(back),
+                         available=self.capacity[0] - len(self.lost) - len(self.quarantine))
+    over = [t for t in self.quarantine if now >= t]
+    if over:
+      self.quarantine = [t for t in self.quarantine if now < t]
+      self.events.emit("capacity", source="straggler_cooldown_over", returned=len(over))
+    return max(self.capacity[0] - len(self.lost) - len(self.quarantine), 0)
+
+  def _read_capacity(self, initial: bool = False) -> bool:
+    """Takes the capacity file's new statement, if any (it returns the lost slots); True
+    if there was one."""
+    new = self.capacity_reader.read(self.capacity[1])
+    if new is None:
+      return False
+    old, self.capacity, self.lost = self.capacity, new, []
+    self.events.emit("capacity", source="file", num_processes=new[0],
+                     devices_per_process=new[1], previous=list(old), initial=initial)
+    return True
+
+  def _capacity_fix(self) -> str | None:
+    """What to change when the capacity file alone (read again by the same command) leaves
+    no usable job; None when the flags' capacity, or the file's without lost slots, has one."""
+    n, k = self.capacity
+    if (n, k) == (self.o.num_processes, self.o.devices_per_process) or replan.best_choice(
+        self.config, self.args, n, k, self.o.min_processes, self.o.platform)[0] is not None:
+      return None
+    return f"change {self.capacity_file} (it states {n} x {k}: no usable job) or remove it"
+
+  def _plan(self, first: bool = False) -> tuple[replan.Choice | None, str, str]:
+    """The largest usable process count, or `(None, why, give_up reason)`: `below_min`, or
+    `no_usable_mesh` when enough processes are available but no mesh of them takes the
+    config. The supervisor's first plan
+    on the flags' capacity tries only those processes: a configuration that no mesh of them
+    takes (e.g. a batch size the devices do not divide) was run silently on fewer
+    processes, ignoring --num_processes (then `_first_plan_failed` is set). A capacity
+    file's count is an upper bound, at start as later."""
+    available = self._available()
+    k = self.capacity[1]
+    first = first and (available, k) == (self.o.num_processes, self.o.devices_per_process)
+    minimum = max(available, self.o.min_processes) if first else self.o.min_processes
+    choice, reasons = replan.best_choice(self.config, self.args, available, k,
+                                         minimum, self.o.platform)
+    if choice is None and first and reasons:
+      self._first_plan_failed = True
+      return None, reasons[0], "user_error"
+    if choice is None and available >= self.o.min_processes:
+      return (None, f"no usable mesh for {available} process(es): " + "; ".join(reasons[:2]),
+              "no_usable_mesh")
+    if choice is None:
+      return None, (f"only {available} process(es) of {k} device(s) available, below "
+                    f"--min_processes={self.o.min_processes}"), "below_min"
+    return choice, "", ""
+
+  def _check_capacity(self, now: float) -> Outcome | None:
+    self._read_capacity()
+    available = self._available()
+    key = (available, self.capacity[1])
+    if key == self._capacity_seen:       # nothing changed since the last look
+      return None
+    self._capacity_seen = key
+    target, _ = replan.best_choice(self.config, self.args, available, self.capacity[1],
+                                   self.o.min_processes, self.o.platform)
+    if target is None:
+      return self._no_usable_job(available, now)
+    new = (target.processes, target.devices_per_process)
+    if new == (self.choice.processes, self.choice.devices_per_process):
+      return None
+    return Outcome("planned", self._emit_scale(new, available), detected=now)
+
+  def _no_usable_job(self, available: int, now: float) -> Outcome:
+    """The capacity runs no job of --min_processes or more: the event, then the stop."""
+    below = available < self.o.min_processes
+    why = (f"below --min_processes={self.o.min_processes}" if below else
+           f"no usable mesh for {self.o.min_processes} to {available} process(es) of "
+           f"{self.capacity[1]} device(s)")
+    self._emit_scale((available, self.capacity[1]), available,
+                     note=f"{why}: the workers stop")
+    return Outcome("planned", "capacity below minimum" if below else
+                    "no usable job on the capacity", detected=now)
+
+  def _emit_scale(self, target: tuple, available: int, **extra) -> str:
+    """`scale_up` / `scale_down` (more / fewer devices than run) to `target`; its name."""
+    cur = (self.choice.processes, self.choice.devices_per_process)
+    kind = "scale_up" if target[0] * target[1] > cur[0] * cur[1] else "scale_down"
+    self.events.emit(kind, generation=self.generation, current=list(cur), target=list(target),
+                     available=available, **extra)
+    return kind
+
+  def _check_stragglers(self, now: float) -> Outcome | None:
+    found = [s for d in self.detectors for s in d.poll()]
+    out = None
+    for s in found:
+      proc, note = int(s.entity.split("/")[0]), {}
+      if self.o.replan_on_straggler and out is not None:
+        note["note"] = f"the job is already re-planning for {out.reason}"
+      act = self.o.replan_on_straggler and out is None and self._fewer_without_one(note)
+      self.events.emit("straggler", generation=self.generation, **s.to_json(),
+                       threshold=self.o.straggler_threshold, process=proc,
+                       action="replan without it" if act else "report", **note)
+      if act:
+        self.quarantine.append(now + self.o.straggler_cooldown)
+        out = Outcome("planned", f"straggler {s.kind} {s.entity}", detected=now)
+    return out
+
+  def _fewer_without_one(self, note: dict) -> bool:
+    """True when setting one slot aside runs fewer processes; else says why not in `note`."""
+    running = self.choice.processes
+    n = replan.without_one(self.config, self.args, self._available(), self.capacity[1],
+                           self.o.min_processes, self.o.platform)
+    if 0 < n < running:
+      return True
+    note["note"] = (f"without its slot the job would run {n} process(es), not fewer" if n else
+                    "without its slot no job of --min_processes="
+                    f"{self.o.min_processes} or more process(es) is usable")
+    return False
