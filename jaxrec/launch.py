@@ -6,12 +6,13 @@ import contextlib
 import logging
 import os
 import re
+import signal
 import sys
 from typing import Callable, Iterator, Sequence
 
 import gin
 
-from jaxrec import gin_hints, gin_usage
+from jaxrec import gin_hints, gin_usage, signals
 from jaxrec.errors import ConfigError, JaxrecError
 from jaxrec.train import termination
 
@@ -244,18 +245,20 @@ def _one_line(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def user_errors(interrupted: Callable[[], str] | None = None) -> Iterator[None]:
+def user_errors(interrupted: Callable[[str], str] | None = None) -> Iterator[None]:
   """Turns user-facing errors into `error: ...` on stderr and exit code 1 (no traceback);
-  Ctrl-C into `interrupted` (or `error: ` + what `interrupted()` says) and exit code 130."""
+  SIGINT (KeyboardInterrupt) and SIGTERM (`signals.Terminated`, from `signals.check()`)
+  into `error: ` + `interrupted(signal name)` (or `interrupted`) and exit code 130 / 143."""
   try:
     yield
   except JaxrecError as e:
     logging.shutdown()
     print(f"error: {user_message(e)}", file=sys.stderr)
     sys.exit(1)
-  except KeyboardInterrupt:
-    print(f"error: {interrupted()}" if interrupted else "interrupted", file=sys.stderr)
-    sys.exit(130)
+  except (KeyboardInterrupt, signals.Terminated) as e:
+    name = signals.name(e)
+    print(f"error: {interrupted(name)}" if interrupted else "interrupted", file=sys.stderr)
+    sys.exit(128 + signal.Signals[name])
   except termination.Terminated as e:   # SIGTERM: a checkpoint was saved first
     logging.shutdown()
     print(str(e), file=sys.stderr)

@@ -18,6 +18,11 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+# First, before absl and jax: SIGINT / SIGTERM are recorded and acted on at the launcher's
+# and the supervisor's `signals.check()`s, never inside jax's import or gc callback.
+from jaxrec import signals  # noqa: E402
+signals.defer()
+
 from absl import app, flags  # noqa: E402
 
 # No jax: a Ctrl-C while the supervisor's modules load is reported with these.
@@ -60,10 +65,11 @@ flags.DEFINE_bool("quiet", False, "Do not echo events to stderr.")
 
 
 def main(argv):
-  # Ctrl-C outside the supervisor's loop (which reports its own): importing, loading the
-  # config, stopping the workers. It names the checkpoint to resume from, too.
-  with launch.user_errors(interrupted=lambda: procs.interrupted_text(argv[1:])):
+  # SIGINT / SIGTERM outside the supervisor's loop (which reports its own): importing,
+  # loading the config, stopping the workers. It names the checkpoint to resume from, too.
+  with launch.user_errors(interrupted=lambda name: procs.interrupted_text(argv[1:], name)):
     from jaxrec.elastic import supervisor  # pylint: disable=import-outside-toplevel
+    signals.check()
     options = supervisor.Options(
         num_processes=FLAGS.num_processes, devices_per_process=FLAGS.devices_per_process,
         min_processes=FLAGS.min_processes, max_restarts=FLAGS.max_restarts,

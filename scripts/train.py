@@ -14,6 +14,13 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+# First, before absl and jax: SIGINT / SIGTERM while it starts are recorded and acted on at
+# `signals.check()` below, never inside jax's import or gc callback. A worker of
+# scripts/launch.py keeps SIGTERM as it was (its supervisor's last resort, at once).
+from jaxrec import elastic, signals  # noqa: E402
+_STARTUP = signals.defer(signals.STOP_SIGNALS[:1] if elastic.is_supervised()
+                         else signals.STOP_SIGNALS)
+
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
@@ -51,10 +58,12 @@ def main(argv):
   logging.getLogger("jaxrec").setLevel(logging.INFO)
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
-  from jaxrec import elastic  # pylint: disable=import-outside-toplevel
   elastic.initialize_from_env()  # a worker of scripts/launch.py joins its job; else no-op
   from jaxrec import launch  # pylint: disable=import-outside-toplevel
-  with launch.user_errors():
+  from jaxrec.elastic import procs  # pylint: disable=import-outside-toplevel
+  with launch.user_errors(interrupted=lambda name: procs.checkpoint_text(
+      FLAGS.workdir, f"interrupted by {name}")):
+    signals.check()
     from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
     if not FLAGS.workdir:
       raise ConfigError("--workdir is required")
@@ -73,6 +82,8 @@ def main(argv):
     loop.check_workdir(FLAGS.workdir)
     launch.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings)
     config = launch.build(config_lib.ExperimentConfig)
+    signals.check()
+    signals.undefer(_STARTUP)   # the trainer: Ctrl-C at once, SIGTERM after a checkpoint
     result = loop.train_and_evaluate(config, options, FLAGS.workdir)
     summary = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in result.items())

@@ -28,16 +28,23 @@ def latest_checkpoint(workdir: str) -> int | None:
   return max(steps) if steps else None
 
 
-def interrupted_text(train_argv: list[str]) -> str:
-  """What the launcher prints for a Ctrl-C outside the supervisor's loop (importing,
+def interrupted_text(train_argv: list[str], signal_name: str = "SIGINT") -> str:
+  """What the launcher prints for a signal outside the supervisor's loop (importing,
   loading the config, stopping the workers): the latest checkpoint of the train flags'
   `--workdir`, as the supervisor's `give_up` says it, or that none was saved."""
   try:
     workdir = TrainArgs.parse(train_argv).workdir
   except ConfigError:   # no --workdir: nothing can have been saved
-    return "interrupted by SIGINT. Stopping."
-  return give_up_text("interrupted by SIGINT", latest_checkpoint(workdir),
-                      os.path.join(workdir, "checkpoints"))
+    workdir = None
+  return checkpoint_text(workdir, f"interrupted by {signal_name}")
+
+
+def checkpoint_text(workdir: str | None, message: str) -> str:
+  """`message`, then the latest checkpoint in `workdir` to resume from, or that none was
+  saved (just `message. Stopping.` without a workdir)."""
+  if not workdir:
+    return f"{message}. Stopping."
+  return give_up_text(message, latest_checkpoint(workdir), os.path.join(workdir, "checkpoints"))
 
 
 def start_worker(argv: list[str], env: dict, log: IO) -> subprocess.Popen:

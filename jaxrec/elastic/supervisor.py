@@ -19,7 +19,8 @@ One *generation* is one set of workers on one mesh. The supervisor
 It stops when the workers finish (exit 0), below `min_processes` (or with no mesh of the
 processes available), after `max_restarts`
 restarts caused by failures, on a user error (a worker's `error: ...` line), or on
-SIGINT / SIGTERM (workers killed, exit 128 + signal). Every
+SIGINT / SIGTERM (workers killed, exit 128 + signal; `jaxrec.signals` records them, the
+loop acts on them at its checks). Every
 decision is an event in `W/events.jsonl` (`jaxrec.elastic.events`).
 
 Capacity file (default `W/elastic/capacity`): `N`, `N K` or
@@ -35,11 +36,10 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from typing import IO
 
-from jaxrec import files
+from jaxrec import files, signals
 from jaxrec.elastic import capacity as capacity_lib
 from jaxrec.elastic import procs as proc_lib, recovery, replan, scaling, stragglers
 from jaxrec.elastic import worker as worker_lib
@@ -53,22 +53,6 @@ LOCK_NAME = "launch.lock"   # in W/elastic/: one supervisor per workdir
 EXIT_OK, EXIT_USER_ERROR, EXIT_BELOW_MIN, EXIT_MAX_RESTARTS = 0, 1, 2, 3
 FIX_CONFIG = ("fix the config (--gin_file, --gin_bindings) or --num_processes, "
               "--devices_per_process, --mesh")
-
-
-class _Terminated(BaseException):
-  """SIGTERM reached the supervisor (raised like KeyboardInterrupt for SIGINT)."""
-
-
-def _raise_on_sigterm():
-  """Turns SIGTERM into `_Terminated` so `run()` stops the workers and records it;
-  returns the previous handler (None off the main thread, where nothing changes)."""
-  if threading.current_thread() is not threading.main_thread():
-    return None
-
-  def handler(signum, frame):  # pylint: disable=unused-argument
-    raise _Terminated()
-
-  return signal.signal(signal.SIGTERM, handler)
 
 
 @dataclasses.dataclass
@@ -131,8 +115,9 @@ class Supervisor(scaling.Scaling):
     """Runs the job holding `W/elastic/launch.lock`: a second supervisor on the workdir
     (which would delete this one's stop requests and mix its events and progress lines
     with this one's) is refused before it writes anything, naming this one's pid."""
-    with files.workdir_lock(self.workdir, os.path.join(worker_lib.CONTROL_DIR, LOCK_NAME),
-                            "another scripts/launch.py"):
+    with signals.deferred(), files.workdir_lock(
+        self.workdir, os.path.join(worker_lib.CONTROL_DIR, LOCK_NAME),
+        "another scripts/launch.py"):
       return self._run()
 
   def _run(self) -> int:
@@ -155,11 +140,12 @@ class Supervisor(scaling.Scaling):
       return self._give_up("user_error", EXIT_USER_ERROR, self.capacity_reader.message,
                            fix=f"fix or remove {self.capacity_file}")
     reason = "start"
-    previous_sigterm = _raise_on_sigterm()
     try:
       while True:
+        signals.check()   # SIGINT / SIGTERM act only where the workers can be stopped
         t0 = time.time()
         choice, why, cause = self._plan(first=self.generation == first)
+        signals.check()
         if choice is None:
           if self.generation == first and self._first_plan_failed:   # the user's to fix
             return self._give_up("user_error", EXIT_USER_ERROR, why, fix=FIX_CONFIG)
@@ -194,15 +180,13 @@ class Supervisor(scaling.Scaling):
         self._recovery = recovery.begin(out.detected, out.reason, time.time(), self._recovery)
         self.generation += 1
         reason = out.reason
-    except (KeyboardInterrupt, _Terminated) as e:
-      sig = signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT
+    except (KeyboardInterrupt, signals.Terminated) as e:
+      sig = signal.Signals[signals.name(e)]
       self._recovery_failed(f"supervisor got {sig.name}", time.time())
       self._stop_all(f"supervisor got {sig.name}", graceful=False)
       return self._give_up("interrupted", 128 + sig, f"interrupted by {sig.name}")
     finally:
       self._stop_all("supervisor exit", graceful=False, quiet=True)
-      if previous_sigterm is not None:
-        signal.signal(signal.SIGTERM, previous_sigterm)
 
   def _recovery_failed(self, ended_by: str, now: float) -> None:
     """`recovery_failed` when the running generation ends before its `resume`."""
@@ -235,6 +219,7 @@ class Supervisor(scaling.Scaling):
     self.procs = []
     self._checkpoint_at_launch = proc_lib.latest_checkpoint(self.workdir)
     for p in range(choice.processes):
+      signals.check()   # before each start: the workers started so far are in self.procs
       path = worker_lib.progress_path(self.workdir, p)
       self._offsets[p] = os.path.getsize(path) if os.path.exists(path) else 0
       log = open(os.path.join(self.workdir, worker_lib.WORKERS_DIR, f"{p}.log"), "a")
@@ -295,6 +280,8 @@ class Supervisor(scaling.Scaling):
       proc_lib.send_signal(p.popen, signal.SIGTERM if graceful else signal.SIGKILL)
     deadline = t0 + (self.o.stop_grace if graceful else 5.0)
     while any(p.popen.poll() is None for p in running) and time.time() < deadline:
+      if graceful:   # a signal during a requested stop: `run` kills them at once
+        signals.check()
       time.sleep(0.05)
     killed = [p.index for p in running if p.popen.poll() is None]
     for p in running:
@@ -317,6 +304,7 @@ class Supervisor(scaling.Scaling):
     planned: _Outcome | None = None
     while True:
       time.sleep(self.o.poll_interval)
+      signals.check()
       now = time.time()
       self._read_progress(now)
       out = self._check_exits(now, planned)

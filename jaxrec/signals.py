@@ -1,0 +1,80 @@
+"""SIGINT / SIGTERM while a script starts (or the elastic supervisor runs): recorded when
+they arrive, acted on where the program can stop cleanly.
+
+Python runs a signal handler between any two bytecodes of the main thread. A handler that
+raises (SIGINT's KeyboardInterrupt) inside a `gc` callback, e.g. jax's `_xla_gc_callback`,
+is printed as "Exception ignored" and the program goes on; inside jaxlib's import it left a
+half-initialised extension (an ImportError traceback). Within `deferred()` (entered first
+thing by scripts/launch.py and scripts/train.py, before jax is imported) the handlers only
+record the signal; `check()`, called where the program can act, raises it: KeyboardInterrupt
+for SIGINT, `Terminated` for SIGTERM. A second signal before a `check()` raises at once
+(the user insists); one still recorded when `deferred()` ends goes to the handler
+before it. Stdlib only: importing this module imports no jax.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Iterator, Sequence
+
+_pending: list[int] = []     # signals received and not yet raised by `check()`
+
+
+class Terminated(BaseException):
+  """SIGTERM, raised by `check()` (as KeyboardInterrupt is for SIGINT)."""
+
+
+def _exception(signum: int) -> BaseException:
+  return KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+
+def _record(signum, frame):  # pylint: disable=unused-argument
+  if _pending:               # a second one: raise now
+    _pending.clear()
+    raise _exception(signum)
+  _pending.append(signum)
+
+
+def check() -> None:
+  """Raises the signal recorded since the last check, if any (KeyboardInterrupt for
+  SIGINT, `Terminated` for SIGTERM)."""
+  if _pending:
+    raise _exception(_pending.pop())
+
+
+def name(e: BaseException) -> str:
+  """`SIGTERM` for a `Terminated`, `SIGINT` for anything else (KeyboardInterrupt)."""
+  return "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def defer(signums: Sequence[int] = STOP_SIGNALS) -> dict:
+  """Records `signums` from now on instead of acting on them (`check()` raises them);
+  returns the handlers replaced, for `undefer`. Off the main thread (no handler can be set
+  there), and for a signal already deferred, nothing changes."""
+  if threading.current_thread() is not threading.main_thread():
+    return {}
+  return {s: signal.signal(s, _record) for s in signums if signal.getsignal(s) is not _record}
+
+
+def undefer(previous: dict) -> None:
+  """Puts back the handlers `defer` replaced; a signal of theirs still recorded is sent
+  again, to them."""
+  for s, handler in previous.items():
+    signal.signal(s, handler)
+  if _pending and _pending[0] in previous:
+    signal.raise_signal(_pending.pop())
+
+
+@contextlib.contextmanager
+def deferred(signums: Sequence[int] = STOP_SIGNALS) -> Iterator[None]:
+  """`defer` while the body runs, `undefer` after."""
+  previous = defer(signums)
+  try:
+    yield
+  finally:
+    undefer(previous)
