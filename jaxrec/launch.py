@@ -221,24 +221,6 @@ def _missing_include(e: Exception) -> str | None:
           f"path is read from the current directory, {os.getcwd()})")
 
 
-def parse_launcher_flags(argv: list[str], flag_values=None) -> list[str]:
-  """absl `flags_parser` of scripts/launch.py: parses the launcher's flags, those before `--`,
-  and returns the rest. An unknown or malformed flag is one `error:` line and exit 1; an
-  unknown one (most often a scripts/train.py flag such as `--workdir` put before `--`, which
-  absl answered with `Did you mean: log_dir ?`) says where worker flags go."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  flag_values = flags.FLAGS if flag_values is None else flag_values
-  try:
-    return flag_values(argv)
-  except flags.UnrecognizedFlagError as e:
-    message = (f"scripts/launch.py has no flag --{e.flagname}; flags for scripts/train.py go "
-               f"after `--`: launch.py [launcher flags] -- --workdir=W --gin_file=...")
-  except flags.Error as e:
-    message = _one_line(e)
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(1)
-
-
 def _one_line(e: BaseException) -> str:
   text = str(e.args[0]) if getattr(e, "args", None) else str(e)
   return " ".join(text.split())

@@ -26,10 +26,13 @@ signals.defer()
 from absl import app, flags  # noqa: E402
 
 # No jax: a Ctrl-C while the supervisor's modules load is reported with these.
-from jaxrec import launch  # noqa: E402
+from jaxrec import cli_flags, launch  # noqa: E402
 from jaxrec.elastic import procs  # noqa: E402
 
 FLAGS = flags.FLAGS
+# An unknown launcher flag is most often a train.py flag such as --workdir put before `--`.
+UNKNOWN_FLAG_HINT = ("; flags for scripts/train.py go after `--`: launch.py [launcher flags] "
+                     "-- --workdir=W --gin_file=...")
 flags.DEFINE_integer("num_processes", 1, "Worker processes to start.")
 flags.DEFINE_integer("devices_per_process", 1, "Devices per worker (CPU: forced host devices).")
 flags.DEFINE_integer("min_processes", 1, "Stop when fewer processes than this are available.")
@@ -93,5 +96,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from jaxrec.launch import parse_launcher_flags  # noqa: E402
-  app.run(main, flags_parser=parse_launcher_flags)
+  app.run(main, flags_parser=cli_flags.parser(unknown_hint=UNKNOWN_FLAG_HINT, positional=True))

@@ -180,8 +180,7 @@ def _file_mesh():
 
 def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)   # jax's backend probing at INFO is noise
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {argv[1:]}")
+  del argv   # cli_flags.parse refuses arguments that are not flags
   from jaxrec import launch  # pylint: disable=import-outside-toplevel
   with launch.user_errors():
     _check_flags()
@@ -241,4 +240,5 @@ def main(argv):
 
 if __name__ == "__main__":
   logging.basicConfig(level=logging.WARNING, format="%(message)s")
-  app.run(main)
+  from jaxrec import cli_flags  # noqa: E402  pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=cli_flags.parse)

@@ -7,6 +7,7 @@ import sys
 
 from absl import app, flags
 
+from jaxrec import cli_flags
 from jaxrec.errors import JaxrecError
 from jaxrec.train import plotting
 
@@ -17,8 +18,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "Image path, any extension matplot
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv   # cli_flags.parse refuses arguments that are not flags
   try:
     path = plotting.plot_metrics(_WORKDIR.value, _OUTPUT.value)
   except JaxrecError as e:
@@ -28,4 +28,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli_flags.parse)

@@ -130,13 +130,12 @@ def _on_sigterm(signum, frame):
 
 
 def main(argv):
+  del argv   # cli_flags.parse refuses arguments that are not flags
   from jaxrec.data import binary
   from jaxrec.errors import JaxrecError
   from jaxrec.launch import user_message
   signal.signal(signal.SIGTERM, _on_sigterm)
   try:
-    if len(argv) > 1:
-      raise JaxrecError(f"unexpected arguments {argv[1:]}")
     if not FLAGS.input or not FLAGS.output:
       raise JaxrecError("--input and --output are required")
     if FLAGS.shard_examples <= 0:
@@ -169,4 +168,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from jaxrec import cli_flags
+  app.run(main, flags_parser=cli_flags.parse)

@@ -56,8 +56,7 @@ def main(argv):
   # Library chatter (orbax, jax) at WARNING; jaxrec's own progress lines at INFO.
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("jaxrec").setLevel(logging.INFO)
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {argv[1:]}")
+  del argv   # cli_flags.parse refuses arguments that are not flags
   elastic.initialize_from_env()  # a worker of scripts/launch.py joins its job; else no-op
   from jaxrec import launch  # pylint: disable=import-outside-toplevel
   from jaxrec.elastic import procs  # pylint: disable=import-outside-toplevel
@@ -93,4 +92,5 @@ def main(argv):
 
 if __name__ == "__main__":
   logging.basicConfig(level=logging.INFO, format="%(message)s")
-  app.run(main)
+  from jaxrec import cli_flags  # noqa: E402  pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=cli_flags.parse)

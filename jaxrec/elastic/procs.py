@@ -94,13 +94,16 @@ def exit_error(code: int, last_log_line: str) -> str:
   return f"killed by {signal_name(code)}" if code < 0 else last_log_line
 
 
-_FLAGS_ERROR = "FATAL Flags parsing error: "   # absl: a misspelled or ill-typed train flag
+# absl's own flag parser (a --train_script program that does not use jaxrec.cli_flags); for
+# scripts/train.py a misspelled or ill-typed flag is an `error: ...` line (jaxrec.cli_flags).
+_FLAGS_ERROR = "FATAL Flags parsing error: "
 
 
 def user_error(workdir: str, indices: list[int]) -> str:
-  """What the `error: ...` line a failed worker printed last in this generation says (or
-  absl's flag parsing error, as `train flags: ...`), as `worker I: ...`; '' if none. (The
-  supervisor prints it after its own `error: `.)"""
+  """What the `error: ...` line a failed worker printed last in this generation says
+  (train.py's flag errors included: `error: scripts/train.py has no flag --X ...`; absl's
+  `FATAL Flags parsing error` of another --train_script as `train flags: ...`), as
+  `worker I: ...`; '' if none. (The supervisor prints it after its own `error: `.)"""
   for i in indices:
     path = os.path.join(workdir, worker_lib.WORKERS_DIR, f"{i}.log")
     try:

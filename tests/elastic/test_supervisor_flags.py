@@ -36,8 +36,23 @@ def test_a_misspelled_train_flag_is_a_user_error_not_a_lost_worker(tmp_path):
   assert t.names(ev).count("launch") == 1
   assert ev[-1]["event"] == "give_up" and ev[-1]["reason"] == "user_error"
   # printed once after `error: `; either worker may be the first to exit
-  assert re.match(r"worker [01]: train flags: Unknown command line flag 'num_step'",
-                  ev[-1]["message"]), ev[-1]
+  assert re.match(r"worker [01]: scripts/train\.py has no flag --num_step \(did you mean "
+                  r"--num_steps\?\)\. Stopping", ev[-1]["message"]), ev[-1]
+
+
+@pytest.mark.parametrize("log,message", [
+    ("step 1\nerror: scripts/train.py has no flag --num_step (did you mean --num_steps?)\n",
+     "worker 1: scripts/train.py has no flag --num_step (did you mean --num_steps?)"),
+    ("FATAL Flags parsing error: Unknown command line flag 'x'\nPass --helpshort ...\n",
+     "worker 1: train flags: Unknown command line flag 'x'"),
+    ("step 1\nTraceback (most recent call last):\n", "")])
+def test_a_workers_flag_error_line_is_its_user_error(tmp_path, log, message):
+  """train.py's flag errors are `error:` lines now (jaxrec.cli_flags); absl's FATAL line of
+  another --train_script program still counts. A crash without either is no user error."""
+  from jaxrec.elastic import procs, worker
+  (tmp_path / worker.WORKERS_DIR).mkdir()
+  (tmp_path / worker.WORKERS_DIR / "1.log").write_text("=== generation 0\n" + log)
+  assert procs.user_error(str(tmp_path), [0, 1]) == message
 
 
 @pytest.mark.parametrize("flag,value,why", [
@@ -161,23 +176,3 @@ def test_ctrl_c_before_the_supervisor_loop_names_the_checkpoint(tmp_path, saved)
           "resume)" if saved else f"no checkpoint was saved in {where}")
   assert proc.returncode == 130, proc.stderr[-2000:]
   assert proc.stderr == f"error: interrupted by SIGINT. Stopping; {want}.\n", proc.stderr
-
-
-def test_a_train_flag_before_the_separator_says_where_it_goes(capsys):
-  """`launch.py --num_processes=2 --workdir=W` (no `--`) was absl's `FATAL Flags parsing
-  error: Unknown command line flag 'workdir'. Did you mean: log_dir ?`."""
-  from absl import flags
-  from jaxrec import launch
-  fv = flags.FlagValues()
-  flags.DEFINE_integer("num_processes", 1, "Workers.", flag_values=fv)
-  rest = launch.parse_launcher_flags(["launch.py", "--num_processes=2", "--", "--workdir=W"], fv)
-  assert (fv.num_processes, rest) == (2, ["launch.py", "--workdir=W"])
-  for argv, expected in (
-      (["--workdir=W"], "error: scripts/launch.py has no flag --workdir; flags for "
-                        "scripts/train.py go after `--`"),
-      (["--num_processes=x"], "error: flag --num_processes=x: invalid literal")):
-    with pytest.raises(SystemExit) as exit_info:
-      launch.parse_launcher_flags(["launch.py", *argv, "--", "--gin_file=c.gin"], fv)
-    assert exit_info.value.code == 1
-    err = capsys.readouterr().err
-    assert err.startswith(expected) and err.count("\n") == 1, err

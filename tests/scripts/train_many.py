@@ -21,6 +21,8 @@ sys.path.insert(0, ROOT)
 
 from absl import flags  # noqa: E402
 
+from jaxrec import cli_flags  # noqa: E402
+
 
 class _CurrentStderr:
   """A stream that writes to whatever `sys.stderr` is at the time, so log records (jax's
@@ -46,16 +48,13 @@ def run_case(train_script, argv):
   flags.FLAGS.unparse_flags()   # the previous case's values (its log line is not the case's)
   err = io.StringIO()
   with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-    try:
-      train_script.main(flags.FLAGS(["train.py", *argv]))
+    try:   # as `app.run(main, flags_parser=cli_flags.parse)` in scripts/train.py
+      train_script.main(cli_flags.parse(["train.py", *argv]))
       code = 0
     except SystemExit as e:
       if isinstance(e.code, str):   # sys.exit("message"): printed, exit status 1
         print(e.code, file=sys.stderr)
       code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    except flags.Error as e:   # absl's usage error for a malformed flag value
-      print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
-      code = 1
   return {"returncode": code, "stderr": err.getvalue()}
 
 

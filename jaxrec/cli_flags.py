@@ -1,0 +1,90 @@
+"""absl `flags_parser` shared by every script in scripts/: a flag error is one `error:` line.
+
+absl's own parser printed `FATAL Flags parsing error: ...` plus usage hints (or, for
+`--nobool=1`, a traceback). Here an unknown flag, a malformed or out-of-range value, a
+missing required flag or a stray argument is one line naming the flag and the bad value
+(and the allowed values of an enum), and the exit code is 1. No jax is imported.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from typing import Callable
+
+from absl import flags
+
+# A worker's (scripts/train.py's) unknown flag starts so; jaxrec/elastic/procs.py reads it.
+NO_SUCH_FLAG = "has no flag --"
+
+_CONVERSION = (("IntegerParser", "invalid literal", "not an integer"),
+               ("FloatParser", "could not convert", "not a number"),
+               ("BooleanParser", "Non-boolean", "not a boolean (true or false)"))
+_BAD_VALUE = re.compile(r"^flag --([\w.-]+)=(.*?): (.*)$", re.S)
+_REQUIRED = re.compile(r"Flag --([\w.-]+) must have a value other than None")
+
+
+def parse(argv: list[str], flag_values: flags.FlagValues | None = None, *,
+          unknown_hint: str = "", positional: bool = False) -> list[str]:
+  """Parses `argv` (`[program, *args]`) into `flag_values` (default `flags.FLAGS`) and
+  returns `[program, *rest]`; on any flag error prints one `error: ...` line and exits 1.
+
+  unknown_hint: appended to the message of an unknown flag (e.g. where else flags go).
+  positional: whether arguments that are not flags are allowed (returned in `rest`).
+  """
+  flag_values = flags.FLAGS if flag_values is None else flag_values
+  try:
+    rest = flag_values(argv)
+  except flags.UnrecognizedFlagError as e:
+    message = _unknown(argv[0], e.flagname, flag_values) + unknown_hint
+  except (flags.Error, ValueError) as e:   # absl raises ValueError for `--nobool=1`
+    message = _malformed(str(e), flag_values)
+  else:
+    if positional or len(rest) == 1:
+      return rest
+    message = f"unexpected arguments {rest[1:]} (flags are written --NAME=VALUE)"
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(1)
+
+
+def parser(**kwargs) -> Callable[[list[str]], list[str]]:
+  """`parse` with these keyword arguments, for `app.run(main, flags_parser=...)`."""
+  return lambda argv: parse(argv, **kwargs)
+
+
+def _unknown(program: str, name: str, flag_values: flags.FlagValues) -> str:
+  script = "scripts/" + program.replace("\\", "/").rsplit("/", 1)[-1]
+  close = difflib.get_close_matches(name, list(flag_values), n=3, cutoff=0.75)
+  hint = f" (did you mean {' or '.join('--' + c for c in close)}?)" if close else ""
+  return f"{script} {NO_SUCH_FLAG}{name}{hint}"
+
+
+def _malformed(text: str, flag_values: flags.FlagValues) -> str:
+  """One line for absl's message(s) about a bad value or a missing required flag."""
+  missing = _REQUIRED.findall(text)
+  if missing:
+    return _required(missing, flag_values)
+  m = _BAD_VALUE.match(text.splitlines()[0])
+  if not m or m.group(1) not in flag_values:
+    return " ".join(text.split())
+  name, value, why = m.groups()
+  allowed = getattr(flag_values[name].parser, "enum_values", None)
+  if allowed:
+    close = difflib.get_close_matches(value, allowed, n=1)
+    return (f"--{name}={value}: not one of {', '.join(allowed)}"
+            + (f" (did you mean {close[0]}?)" if close else ""))
+  kind = type(flag_values[name].parser).__name__
+  for parser_kind, absl_text, ours in _CONVERSION:
+    if kind == parser_kind and absl_text in why:
+      why = ours
+  return f"--{name}={value}: {' '.join(why.split())}"
+
+
+def _required(names: list[str], flag_values: flags.FlagValues) -> str:
+  """`--a and --b are required (--b: one of x, y)`."""
+  enums = [f"--{n}: one of {', '.join(flag_values[n].parser.enum_values)}" for n in names
+           if getattr(flag_values[n].parser, "enum_values", None)]
+  listed = " and ".join("--" + n for n in names)
+  return (f"{listed} {'are' if len(names) > 1 else 'is'} required"
+          + (f" ({'; '.join(enums)})" if enums else ""))
