@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 from typing import Iterator
 
@@ -74,3 +75,28 @@ def workdir_lock(workdir: str | os.PathLike, name: str = LOCK_NAME,
   finally:
     os.close(fd)   # releases the lock
 
+
+
+@contextlib.contextmanager
+def made_dir(path: str | os.PathLike) -> Iterator[None]:
+  """Creates directory `path` (and missing parents) for the body. When the body raises and
+  `path` did not exist, what this created is removed again if it holds nothing but empty
+  directories and `LOCK_NAME` files (a run refused at its start leaves no empty workdir);
+  a directory that existed before, or one holding any other file, is never removed."""
+  path = os.path.abspath(os.fspath(path))
+  top = None
+  if not os.path.exists(path):
+    top = path
+    while not os.path.exists(os.path.dirname(top)):
+      top = os.path.dirname(top)
+  os.makedirs(path, exist_ok=True)
+  try:
+    yield
+  except BaseException:
+    if top is not None and _holds_only_locks(top):
+      shutil.rmtree(top, ignore_errors=True)
+    raise
+
+
+def _holds_only_locks(directory: str) -> bool:
+  return all(name == LOCK_NAME for _, _, names in os.walk(directory) for name in names)

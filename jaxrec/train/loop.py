@@ -65,6 +65,8 @@ def steps_in_flight(mesh) -> int | None:
 
 
 def check_workdir(workdir: str) -> None:
+  """Refuses a `--workdir` that is a file, a checkpoint directory or not writable; creates
+  nothing (`train_and_evaluate` creates it)."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir: '{workdir}' exists and is not a directory")
   # W/checkpoints or W/checkpoints/<step> (what convert_checkpoint.py takes) would start a
@@ -74,7 +76,6 @@ def check_workdir(workdir: str) -> None:
     raise ConfigError(f"--workdir: '{workdir}' is a checkpoint directory, not a run's "
                       f"directory; to resume that run pass --workdir="
                       f"{os.path.dirname(checkpoints)}")
-  os.makedirs(workdir, exist_ok=True)
   for where in (workdir, data_adapter.checkpoint_dir(workdir)):
     # a read-only checkpoints directory failed only at the first save, and then orbax's
     # threads waited 5 minutes for the step directory before the process exited
@@ -165,9 +166,11 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
   workdir's lock (`files.workdir_lock`): a second run in the same workdir is refused.
   """
   check_workdir(workdir)
+  # a new workdir is removed again when the run is refused before it writes anything (a bad
+  # --mesh or plan, data errors): no empty directory with only its lock file is left
   # SIGTERM: checkpoint after the step in progress and raise `termination.Terminated`
-  with termination.sigterm_requests(jax.process_count() == 1 and not elastic.is_supervised()
-                                    ) as terminated:
+  with files.made_dir(workdir), termination.sigterm_requests(
+      jax.process_count() == 1 and not elastic.is_supervised()) as terminated:
     if jax.process_index() != 0:   # the processes of one job share the workdir
       return _train_and_evaluate(config, options, workdir, terminated)
     with workdir_lock(workdir):

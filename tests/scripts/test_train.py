@@ -129,9 +129,11 @@ def bad_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("case", range(len(BAD)), ids=[m.split(":")[0].split(" ")[0] + str(i) for i, (_, m) in enumerate(BAD)])
 def test_bad_input_one_line_error(bad_runs, case):
+  """A refused run (gin typo, bad --mesh, ...) left its new workdir behind, empty but for
+  `.jaxrec.lock`: it was created before the gin files and the mesh were checked."""
   workdir, proc = bad_runs[case]
   assert_one_line_error(proc, BAD[case][1])
-  assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+  assert not os.path.exists(workdir), os.listdir(workdir)
 
 
 def test_gin_file_with_an_error(tmp_path):

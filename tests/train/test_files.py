@@ -57,3 +57,24 @@ def test_a_read_only_checkpoints_directory_is_refused_at_start(tmp_path, monkeyp
   with pytest.raises(ConfigError, match=r"--workdir: cannot write in .*w/checkpoints "
                      r"\(read-only or no permission\)"):
     loop.check_workdir(str(tmp_path / "w"))
+
+
+def test_made_dir_removes_only_what_a_refused_body_created(tmp_path):
+  """A run refused after `W` was made (bad --mesh) left `W` with only its lock file; a
+  directory that existed before, or that got a file, must stay."""
+  from jaxrec import files  # pylint: disable=import-outside-toplevel
+  new = tmp_path / "runs" / "new" / "w"
+  with pytest.raises(KeyError), files.made_dir(new), files.workdir_lock(new):
+    (new / "checkpoints").mkdir()
+    raise KeyError("refused")
+  assert not (tmp_path / "runs").exists()
+  (tmp_path / "old").mkdir()
+  for workdir, write in ((tmp_path / "old", False), (tmp_path / "kept", True)):
+    with pytest.raises(KeyError), files.made_dir(workdir), files.workdir_lock(workdir):
+      if write:
+        (workdir / "metrics.jsonl").write_text("{}\n")
+      raise KeyError("refused")
+    assert workdir.is_dir()
+  with files.made_dir(tmp_path / "ok"):
+    pass
+  assert (tmp_path / "ok").is_dir()
