@@ -87,7 +87,7 @@ def main(argv):
     summary = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in result.items())
     print(f"done: {summary}\nresults in {os.path.abspath(FLAGS.workdir)} "
-          "(metrics.jsonl, tb/, checkpoints/, config.gin, plan.json)")
+          f"({', '.join(loop.outputs(FLAGS.workdir))})")
 
 
 if __name__ == "__main__":

@@ -29,13 +29,14 @@ from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.errors import ConfigError, DataError, JaxrecError
 from jaxrec.files import workdir_lock, write_text_atomic
 from jaxrec import elastic, files, gin_usage, offload, planner
+from jaxrec.offload import hooks
 from jaxrec.offload import snapshots as snapshots_lib
 from jaxrec.sharding import mesh as mesh_lib
 from jaxrec.sharding.plan import Plan, uniform_plan
 from jaxrec.train import data_adapter, mesh_choice
 from jaxrec.train import state as state_lib
 from jaxrec.train import step as step_lib
-from jaxrec.train import termination
+from jaxrec.train import termination, writers
 from jaxrec.train.config import ExperimentConfig, RunOptions
 from jaxrec.train.metrics import EvalAccumulator
 from jaxrec.train.writers import MetricsWriter, Progress
@@ -82,6 +83,17 @@ def check_workdir(workdir: str) -> None:
     if os.path.isdir(where) and not files.is_writable(where):
       raise ConfigError(f"--workdir: cannot write in {where} (read-only or no permission): "
                         "the run could not save its checkpoints")
+
+
+# What a run writes into its workdir, in the order `outputs` names them (README's table).
+_OUTPUTS = (writers.METRICS_FILE, writers.TB_DIR + "/", "checkpoints/", "config.gin",
+            "plan.json", planner.PROFILE_FILE, "offload/", hooks.SNAPSHOT_DIR + "/")
+
+
+def outputs(workdir: str) -> list[str]:
+  """The run outputs `workdir` holds (`metrics.jsonl`, `tb/`, ...; a directory with `/`):
+  what train.py's `results in W (...)` line lists."""
+  return [name for name in _OUTPUTS if os.path.exists(os.path.join(workdir, name))]
 
 
 def _checkpoint_dir_of(path: str) -> str | None:

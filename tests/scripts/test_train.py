@@ -57,6 +57,16 @@ def assert_one_line_error(proc, message):
 NO_COMPILE = {"JAX_LOG_COMPILES": "1"}
 
 
+def assert_results_line_lists_the_workdir(proc, workdir):
+  """train.py's last line `results in W (A, B/, ...)` names everything in W but its lock
+  (it named a fixed list: `profile.jsonl` and the offload directories were missing)."""
+  last = proc.stdout.rstrip().splitlines()[-1]
+  assert last.startswith(f"results in {os.path.abspath(workdir)} ("), proc.stdout
+  listed = last.rsplit(" (", 1)[-1].rstrip(")").split(", ")
+  written = {n + "/" * os.path.isdir(os.path.join(workdir, n)) for n in os.listdir(workdir)}
+  assert sorted(listed) == sorted(written - {".jaxrec.lock"}), (last, written)
+
+
 def read_metrics(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
@@ -83,6 +93,7 @@ def test_every_model_learns(tmp_path, model):
   proc = train(w, f"--gin_file=configs/{model}_synthetic.gin", "--num_steps=300", "--log_every=50",
                "--eval_every=100", "--plan=dp", *[f"--gin_bindings={b}" for b in SMALL])
   assert "done:" in proc.stdout and os.path.abspath(w) in proc.stdout
+  assert_results_line_lists_the_workdir(proc, w)
   lines = read_metrics(w)
   train_lines = [l for l in lines if "loss" in l]
   assert [l["step"] for l in train_lines] == [50, 100, 150, 200, 250, 300]

@@ -4,7 +4,8 @@ export holds the whole table, resume on another device count and plan."""
 import numpy as np
 import pytest
 
-from tests.scripts.test_train import export, read_metrics, train
+from tests.scripts.test_train import (assert_results_line_lists_the_workdir, export,
+                                      read_metrics, train)
 
 FLAGS = ["--gin_file=configs/dlrm_synthetic.gin", "--log_every=5",
          "--gin_bindings=ExperimentConfig.batch_size=128",
@@ -34,8 +35,9 @@ def test_offloaded_equals_on_device_and_resumes_elsewhere(tmp_path):
     w = str(tmp_path / name)
     train(w, *FLAGS, *extra, "--plan=dp", "--num_steps=15", "--checkpoint_every=10")
     at15 = export(w, "step15")
-    train(w, *FLAGS, *extra, "--plan=rw", "--mesh=row=2", "--num_steps=30",
-          "--checkpoint_every=10", devices=2)
+    proc = train(w, *FLAGS, *extra, "--plan=rw", "--mesh=row=2", "--num_steps=30",
+                 "--checkpoint_every=10", devices=2)
+    assert_results_line_lists_the_workdir(proc, w)   # with offload/, offload_snapshots/
     lines = read_metrics(w)
     assert [l["checkpoint_step"] for l in lines if l.get("event") == "resume"] == [15]
     runs[name] = (losses(w), at15, export(w))
