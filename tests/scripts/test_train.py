@@ -57,14 +57,15 @@ def assert_one_line_error(proc, message):
 NO_COMPILE = {"JAX_LOG_COMPILES": "1"}
 
 
-def assert_results_line_lists_the_workdir(proc, workdir):
+def assert_results_line_lists_the_workdir(proc, workdir, others=()):
   """train.py's last line `results in W (A, B/, ...)` names everything in W but its lock
-  (it named a fixed list: `profile.jsonl` and the offload directories were missing)."""
+  and the test's own files `others` (it named a fixed list: `profile.jsonl` and the offload
+  directories were missing)."""
   last = proc.stdout.rstrip().splitlines()[-1]
   assert last.startswith(f"results in {os.path.abspath(workdir)} ("), proc.stdout
   listed = last.rsplit(" (", 1)[-1].rstrip(")").split(", ")
   written = {n + "/" * os.path.isdir(os.path.join(workdir, n)) for n in os.listdir(workdir)}
-  assert sorted(listed) == sorted(written - {".jaxrec.lock"}), (last, written)
+  assert sorted(listed) == sorted(written - {".jaxrec.lock", *others}), (last, written)
 
 
 def read_metrics(workdir):
