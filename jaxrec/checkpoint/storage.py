@@ -46,16 +46,22 @@ def read_json(step_dir: epath.PathLike, item: str) -> dict:
 def io_failure(e: BaseException) -> str | None:
   """One line saying which file a filesystem error (`OSError`, or tensorstore's error with
   an `os_error_code`) in `e` or its causes hit; None when there is none."""
-  seen = set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
+  for e in _causes(e):
     if isinstance(e, OSError) and e.strerror:
       return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
     text = str(e)
     if "os_error_code=" in text:   # tensorstore: 'CODE: Error writing local file "F": ...'
       return " ".join(text.split(" [tensorstore_spec=")[0].split())
-    e = e.__cause__ or e.__context__
   return None
+
+
+def _causes(e: BaseException | None) -> Iterator[BaseException]:
+  """`e`, then its cause (else context), and so on, each once."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    yield e
+    e = e.__cause__ or e.__context__
 
 
 class ReadError(Exception):
@@ -86,15 +92,12 @@ def read_failure(e: BaseException, where: str) -> tuple[str, str] | None:
 def unreadable(e: BaseException, where) -> tuple[str, str] | None:
   """`(file, reason)` when `e` or one of its causes is a filesystem read failure
   (`ReadError`, or as `read_failure` says); None when none is."""
-  seen = set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
+  for e in _causes(e):
     if isinstance(e, ReadError):
       return e.path, e.reason
     failed = read_failure(e, where) if isinstance(e, (OSError, ValueError)) else None
     if failed is not None:
       return failed
-    e = e.__cause__ or e.__context__
   return None
 
 
