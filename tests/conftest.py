@@ -35,6 +35,23 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
+def _signal_handlers_kept():
+  """A test that leaves SIGINT/SIGTERM handled otherwise (e.g. by running a script's
+  module-level `signals.defer()` in this process) fails, and the handlers are put back: a
+  leaked handler made later tests in the same xdist worker swallow or raise signals."""
+  import signal  # pylint: disable=import-outside-toplevel
+  from jaxrec import signals  # pylint: disable=import-outside-toplevel
+  before = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}
+  yield
+  after = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}
+  for s, handler in before.items():
+    signal.signal(s, handler)
+  signals._pending.clear()  # pylint: disable=protected-access
+  changed = [signal.Signals(s).name for s in before if after[s] is not before[s]]
+  assert not changed, f"the test left the handler of {changed} changed"
+
+
+@pytest.fixture(autouse=True)
 def _clear_gin():
   """Gin bindings are process-global: no test sees another's config."""
   import gin  # pylint: disable=import-outside-toplevel

@@ -27,14 +27,28 @@ class Rotated(CheckpointError):
     self.step_dir = step_dir
 
 
-def _gone(step_dir, wait: float = 2.0) -> bool:
+def _entries(step_dir) -> int | None:
+  """How many files and directories `step_dir` holds (None once it is gone)."""
+  if not os.path.isdir(step_dir):
+    return None
+  return sum(len(dirs) + len(names) for _, dirs, names in os.walk(step_dir))
+
+
+def _gone(step_dir, wait: float = 2.0, settle: float = 0.5, poll: float = 0.05) -> bool:
   """Whether checkpoint `step_dir` is deleted, or is being deleted (gone within `wait` s):
-  a running job rotating it out, not a corrupt checkpoint."""
-  deadline = time.time() + wait
-  while os.path.isdir(step_dir):
-    if time.time() > deadline:
+  a running job rotating it out, not a corrupt checkpoint. A directory whose entries stay
+  as they are for `settle` s is not being deleted (an error is then reported after 0.5 s,
+  not after the whole `wait`)."""
+  start = time.time()
+  count, since = _entries(step_dir), start
+  while count is not None:
+    now = time.time()
+    if now - since >= settle or now - start >= wait:
       return False
-    time.sleep(0.1)
+    time.sleep(poll)
+    latest = _entries(step_dir)
+    if latest != count:
+      count, since = latest, time.time()
   return True
 
 

@@ -2,6 +2,8 @@
 
 import logging
 import shutil
+import threading
+import time
 
 import pytest
 
@@ -65,3 +67,29 @@ def test_step_dirs_lists_committed_step_directories(tmp_path):
   for name in ("3", "10", "4.orbax-checkpoint-tmp-1", "rejected"):
     (tmp_path / name).mkdir()
   assert steps.step_dirs(tmp_path) == [3, 10] and steps.step_dirs(tmp_path / "none") == []
+
+
+def test_a_step_being_deleted_is_told_from_one_that_stays_without_waiting_long(tmp_path):
+  """A failed read waited 2 s on every error to tell a rotation from damage; a step whose
+  entries do not change for `settle` s is not being deleted."""
+  step = tmp_path / "2"
+  for i in range(6):
+    (step / f"d{i}").mkdir(parents=True)
+    (step / f"d{i}" / "f").write_text("x")
+  start = time.monotonic()
+  assert not rotation._gone(step, wait=5.0, settle=0.2)  # pylint: disable=protected-access
+  assert time.monotonic() - start < 1.0
+  deleter = threading.Thread(target=_delete_slowly, args=(step, 0.1))
+  deleter.start()
+  try:   # entries disappear every 0.1 s for 0.7 s in all, longer than `settle`
+    assert rotation._gone(step, wait=5.0, settle=0.2)  # pylint: disable=protected-access
+  finally:
+    deleter.join()
+
+
+def _delete_slowly(step, pause):
+  for d in sorted(step.iterdir()):
+    time.sleep(pause)
+    shutil.rmtree(d)
+  time.sleep(pause)
+  step.rmdir()

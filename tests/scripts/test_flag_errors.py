@@ -2,11 +2,13 @@
 
 Each case runs the script's `__main__` block in this process with `absl.app.run` replaced by
 a stand-in that only calls the script's `flags_parser`, so what is tested is the script's
-own wiring; the flags it defined are removed afterwards (several scripts share names).
+own wiring; the flags it defined are removed afterwards (several scripts share names), and
+the signal handlers it deferred at import are put back.
 """
 
 import os
 import runpy
+import signal
 import sys
 
 import pytest
@@ -22,9 +24,12 @@ def _parse_as(monkeypatch, script: str, argv: list[str]) -> list[str]:
       (flags_parser or app.parse_flags_with_usage)(sys.argv)))
   monkeypatch.setattr(sys, "argv", [f"scripts/{script}", *argv])
   before = set(flags.FLAGS)
+  handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
   try:
     runpy.run_path(os.path.join(ROOT, "scripts", script), run_name="__main__")
   finally:
+    for s, handler in handlers.items():   # the script's module-level `signals.defer()`
+      signal.signal(s, handler)
     for name in set(flags.FLAGS) - before:
       if name in flags.FLAGS:   # a short name goes with its flag
         delattr(flags.FLAGS, name)
