@@ -3,13 +3,16 @@
   python scripts/plot_metrics.py --workdir=W1 [--workdir=W2 ...] [--output=PNG]
 """
 
+import os
 import sys
 
-from absl import app, flags
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from jaxrec import cli_flags
-from jaxrec.errors import JaxrecError
-from jaxrec.train import plotting
+from absl import app, flags  # noqa: E402
+
+from jaxrec import cli_flags  # noqa: E402
+from jaxrec.errors import JaxrecError  # noqa: E402
+from jaxrec.train import plotting  # noqa: E402
 
 _WORKDIR = flags.DEFINE_multi_string("workdir", None, "Run directory; repeat to overlay runs.",
                                      required=True)

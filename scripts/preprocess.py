@@ -17,7 +17,9 @@ import os
 import signal
 import sys
 
-from absl import app, flags
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from absl import app, flags  # noqa: E402
 
 flags.DEFINE_string("input", None, "TSV file, directory of files, or glob (plain or gzip).")
 flags.DEFINE_string("output", None, "Output directory (must not hold a dataset yet).")
