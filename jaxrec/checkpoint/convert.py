@@ -44,7 +44,7 @@ import tensorstore as ts
 from absl import logging
 from etils import epath
 
-from jaxrec import tree_copy
+from jaxrec import tree_copy, workdir_layout
 from jaxrec.checkpoint import canonical as canonical_lib
 from jaxrec.checkpoint import offloaded as offloaded_lib
 from jaxrec.checkpoint import selection
@@ -129,7 +129,7 @@ def _not_a_workdir(output) -> None:
   """Refuses a checkpoint `--output` that is a run's directory (it holds `checkpoints/`):
   `--output=W2` for `W2/checkpoints` put the step directory beside W2/checkpoints, where no
   run reads it, and train.py refused W2 from then on (a checkpoint directory)."""
-  inner = epath.Path(output) / "checkpoints"
+  inner = epath.Path(output) / workdir_layout.CHECKPOINTS_DIR
   if inner.is_dir():
     raise ConfigError(f"--output {output} is a run's directory (it holds {inner}): "
                       f"checkpoints go into its checkpoint directory, --output={inner}")

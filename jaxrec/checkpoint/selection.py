@@ -19,6 +19,7 @@ from typing import Callable, Iterator, TypeVar
 from absl import logging
 from etils import epath
 
+from jaxrec import workdir_layout
 from jaxrec.checkpoint import offloaded as offloaded_lib
 from jaxrec.checkpoint import rotation
 from jaxrec.checkpoint import steps as steps_lib
@@ -180,8 +181,9 @@ def hint(checkpoint_dir, step: int | None = None) -> str:
   path = epath.Path(checkpoint_dir)
   if not path.exists():   # a mistyped path said only "no checkpoint in PATH"
     return " (no such directory)"
-  if step is None and (path / "checkpoints").is_dir():   # a workdir given for its checkpoints
-    return f" (did you mean --checkpoint_dir={path / 'checkpoints'}?)"
+  inner = path / workdir_layout.CHECKPOINTS_DIR
+  if step is None and inner.is_dir():   # a workdir given for its checkpoints
+    return f" (did you mean --checkpoint_dir={inner}?)"
   if step is None and path.name.isdigit() and storage.is_step_dir(path):   # W/checkpoints/N
     return (f" (it is the directory of step {path.name}: pass --checkpoint_dir={path.parent} "
             f"--step={path.name})")

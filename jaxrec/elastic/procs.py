@@ -8,6 +8,7 @@ import socket
 import subprocess
 from typing import IO
 
+from jaxrec import workdir_layout
 from jaxrec.elastic import worker as worker_lib
 from jaxrec.elastic.events import give_up_text
 from jaxrec.elastic.train_args import TrainArgs
@@ -23,7 +24,7 @@ def free_port() -> int:
 def latest_checkpoint(workdir: str) -> int | None:
   """Newest committed checkpoint step in `W/checkpoints` (orbax renames finished saves to
   `<step>`), or None."""
-  d = os.path.join(workdir, "checkpoints")
+  d = os.path.join(workdir, workdir_layout.CHECKPOINTS_DIR)
   steps = [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
   return max(steps) if steps else None
 
@@ -44,7 +45,8 @@ def checkpoint_text(workdir: str | None, message: str) -> str:
   saved (just `message. Stopping.` without a workdir)."""
   if not workdir:
     return f"{message}. Stopping."
-  return give_up_text(message, latest_checkpoint(workdir), os.path.join(workdir, "checkpoints"))
+  return give_up_text(message, latest_checkpoint(workdir),
+                      os.path.join(workdir, workdir_layout.CHECKPOINTS_DIR))
 
 
 def start_worker(argv: list[str], env: dict, log: IO) -> subprocess.Popen:

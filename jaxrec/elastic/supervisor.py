@@ -39,7 +39,7 @@ import sys
 import time
 from typing import IO
 
-from jaxrec import files, signals
+from jaxrec import files, signals, workdir_layout
 from jaxrec.elastic import capacity as capacity_lib
 from jaxrec.elastic import procs as proc_lib, recovery, replan, scaling, stragglers
 from jaxrec.elastic import worker as worker_lib
@@ -197,7 +197,7 @@ class Supervisor(scaling.Scaling):
 
   def _give_up(self, reason: str, code: int, message: str, fix: str | None = None) -> int:
     ckpt = proc_lib.latest_checkpoint(self.workdir)
-    text = give_up_text(message, ckpt, os.path.join(self.workdir, "checkpoints"), fix)
+    text = give_up_text(message, ckpt, os.path.join(self.workdir, workdir_layout.CHECKPOINTS_DIR), fix)
     # the workers it gave up on: the next set (never started) is the next run's number
     self.events.emit("give_up", reason=reason, generation=self._launched,
                      restarts=self.restarts, checkpoint=ckpt, message=text)

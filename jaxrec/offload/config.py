@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import gin
 import jax.numpy as jnp
 
+from jaxrec import workdir_layout
 from jaxrec.embedding.specs import TableSpec, flag, whole
 from jaxrec.errors import ConfigError, JaxrecError, OffloadError  # noqa: F401 (re-exported)
 from jaxrec.kernels.optim import hparam
@@ -114,7 +115,7 @@ class OffloadTable:
       return f"memory/{self.name}"
     if not workdir:
       raise ConfigError(f"offloaded table '{self.name}': no path and no workdir to put it in")
-    return os.path.abspath(os.path.join(workdir, "offload", self.name))
+    return workdir_layout.offload_dir(workdir, self.name)
 
 
 @gin.configurable(denylist=["auto_added"])

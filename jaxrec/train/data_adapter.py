@@ -16,6 +16,7 @@ from jaxrec.checkpoint.steps import step_dirs
 
 from jaxrec.data import pipeline
 from jaxrec.errors import DataPathError
+from jaxrec.workdir_layout import checkpoint_dir
 
 log = logging.getLogger("jaxrec")
 
@@ -99,10 +100,6 @@ def evaluates_only(workdir, options) -> bool:
   training data is opened, no training batch built, unless the restore falls back)."""
   saved = newest_saved_step(workdir)
   return saved is not None and saved >= options.num_steps
-
-
-def checkpoint_dir(workdir) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
 def checkpointer(workdir, options) -> CheckpointManager:

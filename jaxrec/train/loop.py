@@ -28,7 +28,7 @@ from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.errors import ConfigError, DataError, JaxrecError
 from jaxrec.files import workdir_lock, write_text_atomic
-from jaxrec import elastic, files, gin_usage, offload, planner
+from jaxrec import elastic, files, gin_usage, offload, planner, workdir_layout
 from jaxrec.offload import hooks
 from jaxrec.offload import snapshots as snapshots_lib
 from jaxrec.sharding import mesh as mesh_lib
@@ -86,8 +86,9 @@ def check_workdir(workdir: str) -> None:
 
 
 # What a run writes into its workdir, in the order `outputs` names them (README's table).
-_OUTPUTS = (writers.METRICS_FILE, writers.TB_DIR + "/", "checkpoints/", "config.gin",
-            "plan.json", planner.PROFILE_FILE, "offload/", hooks.SNAPSHOT_DIR + "/")
+_OUTPUTS = (writers.METRICS_FILE, writers.TB_DIR + "/", workdir_layout.CHECKPOINTS_DIR + "/",
+            "config.gin", "plan.json", planner.PROFILE_FILE, workdir_layout.OFFLOAD_DIR + "/",
+            hooks.SNAPSHOT_DIR + "/")
 
 
 def outputs(workdir: str) -> list[str]:
