@@ -78,24 +78,38 @@ def workdir_lock(workdir: str | os.PathLike, name: str = LOCK_NAME,
 
 
 @contextlib.contextmanager
-def made_dir(path: str | os.PathLike) -> Iterator[None]:
-  """Creates directory `path` (and missing parents) for the body. When the body raises and
+def made_dir(path: str | os.PathLike, flag: str = "--workdir") -> Iterator[None]:
+  """Creates directory `path` (and missing parents; `make_dirs`, its error naming `flag`)
+  for the body. When the body raises and
   `path` did not exist, what this created is removed again if it holds nothing but empty
   directories and `LOCK_NAME` files (a run refused at its start leaves no empty workdir);
   a directory that existed before, or one holding any other file, is never removed."""
-  path = os.path.abspath(os.fspath(path))
+  given, path = path, os.path.abspath(os.fspath(path))
   top = None
   if not os.path.exists(path):
     top = path
     while not os.path.exists(os.path.dirname(top)):
       top = os.path.dirname(top)
-  os.makedirs(path, exist_ok=True)
+  make_dirs(path, flag, shown=given)
   try:
     yield
   except BaseException:
     if top is not None and _holds_only_locks(top):
       shutil.rmtree(top, ignore_errors=True)
     raise
+
+
+def make_dirs(path: str | os.PathLike, flag: str = "--workdir",
+              shown: str | os.PathLike | None = None) -> None:
+  """`os.makedirs(path, exist_ok=True)`; an `OSError` (a parent without write permission,
+  a file in the way) is a one-line `ConfigError`: `FLAG=SHOWN: cannot create DIR: reason`,
+  DIR the directory that failed, SHOWN the flag's value (default `path`)."""
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"{flag}={os.fspath(shown if shown is not None else path)}: cannot "
+                      f"create {e.filename or os.fspath(path)}: {e.strerror or e}") from None
 
 
 def _holds_only_locks(directory: str) -> bool:

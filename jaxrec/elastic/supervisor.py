@@ -92,7 +92,7 @@ class Supervisor(scaling.Scaling):
     _check_mesh(str(self.args.get("mesh", "auto")), options)
     replan.check_plan_flags(self.args)
     self.workdir = self.args.workdir
-    os.makedirs(os.path.join(self.workdir, worker_lib.CONTROL_DIR), exist_ok=True)
+    files.make_dirs(os.path.join(self.workdir, worker_lib.CONTROL_DIR), shown=self.workdir)
     self.events = EventLog(self.workdir, echo=echo)
     self.capacity_file = options.capacity_file or os.path.join(
         self.workdir, worker_lib.CONTROL_DIR, "capacity")

@@ -1,4 +1,5 @@
-"""`jaxrec.files.write_text_atomic`: the old file or the new one, never a torn one."""
+"""`jaxrec.files`: atomic writes (the old file or the new one, never a torn one), the
+workdir made for a run and its one-line errors."""
 
 import os
 
@@ -78,3 +79,58 @@ def test_made_dir_removes_only_what_a_refused_body_created(tmp_path):
   with files.made_dir(tmp_path / "ok"):
     pass
   assert (tmp_path / "ok").is_dir()
+
+
+def _denied(monkeypatch, path):
+  """os.makedirs fails as it does under a parent without write permission (root is not
+  stopped by permission bits)."""
+  import errno  # pylint: disable=import-outside-toplevel
+
+  def makedirs(name, mode=0o777, exist_ok=False):
+    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+  monkeypatch.setattr(os, "makedirs", makedirs)
+
+
+@pytest.mark.parametrize("how", ["chmod", "denied", "file_in_the_way"])
+def test_a_workdir_that_cannot_be_created_is_a_one_line_error(tmp_path, monkeypatch, capsys,
+                                                               how):
+  """A parent of --workdir without write permission gave a PermissionError traceback."""
+  from jaxrec import files, launch  # pylint: disable=import-outside-toplevel
+  parent = tmp_path / "parent"
+  parent.mkdir()
+  workdir = parent / "runs" / "w"
+  reason, failed = "Permission denied", parent / "runs"
+  if how == "chmod":
+    if os.geteuid() == 0:
+      pytest.skip("root is not stopped by permission bits")
+    parent.chmod(0o500)
+  elif how == "denied":
+    _denied(monkeypatch, parent / "runs")
+  else:
+    (parent / "runs").write_text("")
+    reason, failed = "Not a directory", workdir   # mkdir of `w` in a file
+  # its logging.shutdown would close the handlers' streams: pytest's capture
+  monkeypatch.setattr(launch.logging, "shutdown", lambda: None)
+  try:
+    with pytest.raises(SystemExit) as e, launch.user_errors(), files.made_dir(str(workdir)):
+      pass
+  finally:
+    parent.chmod(0o700)
+  assert e.value.code == 1
+  err = capsys.readouterr().err
+  assert err == f"error: --workdir={workdir}: cannot create {failed}: {reason}\n", err
+
+
+def test_the_supervisors_workdir_that_cannot_be_created_is_a_one_line_error(tmp_path,
+                                                                             monkeypatch):
+  """scripts/launch.py creates `W/elastic` first: the same traceback there."""
+  from jaxrec.elastic import supervisor as sup  # pylint: disable=import-outside-toplevel
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / "runs" / "w"
+  _denied(monkeypatch, tmp_path / "runs")
+  with pytest.raises(ConfigError) as e:
+    sup.Supervisor(sup.Options(num_processes=1, devices_per_process=2),
+                   [f"--workdir={workdir}", "--gin_file=configs/x.gin"])
+  assert str(e.value) == (f"--workdir={workdir}: cannot create {tmp_path / 'runs'}: "
+                          "Permission denied")
