@@ -13,11 +13,16 @@ def wait_all(futures: Iterable[Any]) -> list[Any]:
   `concurrent.futures`), in order, once every one is done; raises the first one's error
   only after all have finished."""
   futures = list(futures)
-  errors = [f.exception() for f in futures]   # blocks until each one is done
-  for e in errors:
-    if e is not None:
-      raise e
+  error = first_error(futures)
+  if error is not None:
+    raise error
   return [f.result() for f in futures]
+
+
+def first_error(futures: Iterable[Any]) -> BaseException | None:
+  """The first of `futures`' errors once every one is done; None when all succeeded."""
+  errors = [f.exception() for f in futures]   # blocks until each one is done
+  return next((e for e in errors if e is not None), None)
 
 
 def join_threads(started_since: set, module: str, timeout: float = 60.0) -> None:

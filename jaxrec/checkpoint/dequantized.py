@@ -17,6 +17,8 @@ from typing import Mapping
 
 import numpy as np
 
+from jaxrec.futures import first_error, wait_all
+
 PARTS = ("q", "scale", "bias")
 TARGETS = ("float32", "float64")   # dtypes that hold q * scale + bias as computed
 
@@ -54,8 +56,13 @@ class _Block:
   def read(self) -> "_Block":
     return self
 
+  def exception(self) -> BaseException | None:
+    """The first read's error once all three are done; None when all succeeded."""
+    return first_error(self._reads)
+
   def result(self) -> np.ndarray:
-    q, scale, bias = (np.asarray(r.result()) for r in self._reads)
+    """The float32 block; a failed read raises once the other two are done."""
+    q, scale, bias = (np.asarray(r) for r in wait_all(self._reads))
     return dequantize(q, scale, bias)
 
 

@@ -401,8 +401,8 @@ def _read_block(layout, name_of, shape, dtype, bounds, handles, prints):
       continue
     reads.append((name, (t0,) + tuple(c.start for c in stored), (b0, b1),
                   handles[name][(slice(t0, t1),) + stored].read()))
-  for name, start, (b0, b1), fut in reads:
-    data = fut.result()
+  # every read done before the first error is raised: none still fills a buffer after it
+  for (name, start, (b0, b1), _), data in zip(reads, wait_all([r[-1] for r in reads])):
     if name in prints:
       prints[name] = (prints[name] + fingerprint_np(data, tuple(handles[name].shape),
                                                      start)) & 0xFFFFFFFF

@@ -275,7 +275,8 @@ class PendingRead:
     if not self.futures:
       return assemble(self.store, 0, [])
     try:
-      return {name: f.result() for name, f in self.futures.items()}
+      # every array's read done before the first error is raised (none left running)
+      return dict(zip(self.futures, wait_all(self.futures.values())))
     except Exception as e:
       raise OffloadError(f"offloaded table '{self.store.spec.name}': reading {len(self.rows)} "
                          f"rows from {self.store._where(TABLE)} failed: {_status(e)}") from None

@@ -197,3 +197,16 @@ def test_a_failed_write_back_leaves_no_write_running(tmp_path):
     store.write(np.arange(3), {name: np.zeros((3, SPEC.dim), np.float32)
                                for name in store.names})
   assert len(log) == len(store.names) > 1 and all(w.waited for w in log)
+
+
+def test_a_failed_read_leaves_no_read_running(tmp_path):
+  """The table's read failing raised at once while the optimizer state's read of the same
+  rows still filled its buffer after the `OffloadError`."""
+  store, log = _store(tmp_path), []
+  gone = ValueError("NOT_FOUND: Error reading local file")
+  pending = offload.store.PendingRead(store, np.arange(3), {
+      name: fake_futures.Future(log, gone if i == 0 else None)
+      for i, name in enumerate(store.names)})
+  with pytest.raises(offload.OffloadError, match="reading 3 rows .* Error reading"):
+    pending.result()
+  assert len(log) == len(store.names) > 1 and all(f.waited for f in log)
