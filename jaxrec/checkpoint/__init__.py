@@ -12,7 +12,9 @@
     CheckpointError                                         no usable checkpoint
     all_finite(state) -> bool
 
-Modules: `manager` (the above), `canonical` (names, dense part, fingerprints), `tables`
+Modules: `manager` (the above), `dense` (the dense part of a restore: the target's
+abstract tree checked against the manifest, fingerprint verification, typed keys,
+`all_finite`), `canonical` (names, dense part, fingerprints), `tables`
 (per-table zarr store written from / read into the stacked shards), `storage` (direct
 streaming reads of a step), `convert` (npz / zarr export, copy for another mesh or plan,
 TorchRec import; CLI: `scripts/convert_checkpoint.py`), `selection` (the step a
@@ -21,6 +23,7 @@ valid step), `offloaded` (offloaded tables' snapshots; tables that changed tier 
 save), `rotation` (steps a running job deletes while they are read).
 """
 
-from jaxrec.checkpoint.manager import CheckpointError, CheckpointManager, Restored, all_finite
+from jaxrec.checkpoint.dense import all_finite
+from jaxrec.checkpoint.manager import CheckpointError, CheckpointManager, Restored
 
 __all__ = ["CheckpointError", "CheckpointManager", "Restored", "all_finite"]

@@ -51,6 +51,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxrec import futures as futures_lib
 from jaxrec.checkpoint import canonical as canonical_lib
+from jaxrec.checkpoint import dense as dense_lib
 from jaxrec.checkpoint import offloaded as offloaded_lib
 from jaxrec.checkpoint import steps as steps_lib
 from jaxrec.checkpoint import storage
@@ -106,37 +107,6 @@ def _jsonable(x):
   if isinstance(x, (np.generic, np.ndarray, jax.Array)):
     return np.asarray(x).tolist()
   return x
-
-
-def _abstract(x, default_sharding):
-  """Leaf of a target → ShapeDtypeStruct with sharding (typed keys → their key data)."""
-  sharding = getattr(x, "sharding", None) or default_sharding
-  if canonical_lib.is_key(x):
-    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
-    return jax.ShapeDtypeStruct(data.shape, data.dtype,
-                                sharding=canonical_lib.key_data_sharding(sharding, len(x.shape)))
-  return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
-
-
-def _by_devices(named):
-  """Groups `[(name, array)]` by device set (one jitted program per group)."""
-  groups: dict[Any, dict] = {}
-  for name, x in named:
-    groups.setdefault(frozenset(x.devices()), {})[name] = x
-  return list(groups.values())
-
-
-@jax.jit
-def _all_finite(leaves):
-  ok = [jnp.all(jnp.isfinite(x)) for x in leaves.values()
-        if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(ok)) if ok else jnp.bool_(True)
-
-
-def all_finite(state) -> bool:
-  """True when every float leaf of `state` (dense and tables) is finite."""
-  named = [(n, x) for n, x in canonical_lib.leaf_names(state) if not canonical_lib.is_key(x)]
-  return all(bool(_all_finite(group).addressable_data(0)) for group in _by_devices(named))
 
 
 # max_to_keep / save_every: the trainer passes --keep_checkpoints / --checkpoint_every, so a
@@ -405,7 +375,7 @@ class CheckpointManager:
       try:
         restored = self._restore_step(s, collection, target, init, offloaded, require_finite,
                                       snapshot_check == "full")
-        if require_finite and not all_finite(restored.state):
+        if require_finite and not dense_lib.all_finite(restored.state):
           raise _NonFinite()
       except ConfigError:
         raise
@@ -461,17 +431,18 @@ class CheckpointManager:
       logging.warning("checkpoint %s has no sparse optimizer state; starting it fresh",
                       step_dir)
     target = {k: v for k, v in target.items() if k != "emb"}
-    abstract = self._abstract_dense(manifest, collection, target, step_dir)
+    abstract = dense_lib.abstract_tree(manifest, collection, target, step_dir)
     restored = self._mgr.restore(step, args=ocp.args.Composite(**{
         STATE: ocp.args.StandardRestore(abstract),
         TABLES: tables_lib.TablesRestore(collection, with_opt, sources, tuple(now))}))
     dense, (emb, table_prints) = restored[STATE], restored[TABLES]
-    self._verify(dense, manifest, table_prints, saved, step_dir)
+    dense_lib.verify(dense, manifest, table_prints, saved, step_dir)
 
     state, fresh = {}, None
     for key in canonical_lib.DENSE_KEYS:
       if key in dense:
-        state[key] = _wrap_keys(dense[key], target.get(key), manifest.get("key_impls", {}), key)
+        state[key] = dense_lib.wrap_keys(dense[key], target.get(key), manifest.get("key_impls", {}),
+                                       key)
       elif key == "step":   # a tables-only checkpoint: its step is the directory's
         state[key] = jax.device_put(jnp.int32(step), NamedSharding(collection.mesh, P()))
       elif init is not None and key in (fresh := init() if fresh is None else fresh):
@@ -488,49 +459,6 @@ class CheckpointManager:
     host = offloaded_lib.host_tables(step_dir / TABLES, stored_index, snapshot, now, then,
                                      collection.optimizer, with_opt, str(step_dir))
     return Restored(state, data_state, meta, host)
-
-  def _abstract_dense(self, manifest, collection, target, step_dir) -> dict:
-    """ShapeDtypeStructs (with shardings) of the stored dense tree, after checking it
-    matches `target` (ConfigError naming the difference)."""
-    rep = NamedSharding(collection.mesh, P())
-    abstract = {}
-    # 'params' first: a changed model changes its optimizer state too, and the error should
-    # name the parameters (not 'opt_state/0/mu/...')
-    for key in sorted(manifest["contents"], key=lambda k: k != "params"):
-      if key == "step":
-        abstract["step"] = jax.ShapeDtypeStruct((), np.int32, sharding=getattr(
-            target.get("step"), "sharding", rep))
-        continue
-      if key not in target:
-        raise ConfigError(f"checkpoint {step_dir} holds '{key}' but the restore target has "
-                          f"none{canonical_lib.MISSING_KEY_HINTS.get(key, '')}")
-      abstract[key] = jax.tree.map(lambda x: _abstract(x, rep), target[key])
-      _check_dense(key, abstract[key], manifest["leaves"], step_dir)
-    if manifest.get("fingerprint"):
-      abstract["fingerprint"] = jax.ShapeDtypeStruct((len(manifest["fingerprint"]),),
-                                                     np.uint32, sharding=rep)
-    return abstract
-
-  def _verify(self, dense, manifest, table_prints, saved_tables, step_dir) -> None:
-    """Compares fingerprints of what was restored with those saved (`saved_tables`: the
-    tables', `tables.saved_fingerprints`); ValueError if not."""
-    bad = []
-    if manifest.get("fingerprint"):
-      saved = dict(zip(manifest["fingerprint"],
-                       np.asarray(dense["fingerprint"].addressable_data(0)).tolist()))
-      named = canonical_lib.leaf_names({k: v for k, v in dense.items() if k != "fingerprint"})
-      got = {}
-      for group in _by_devices(named):
-        got.update(canonical_lib.fingerprints(group))
-      bad += [n for n in saved if got.get(n, saved[n]) != saved[n]]
-    names = sorted(table_prints)
-    read = np.array([table_prints[n] for n in names], np.uint64)
-    if jax.process_count() > 1:   # each process read its own shards: add the parts
-      read = np.asarray(multihost_utils.process_allgather(read)).sum(0, dtype=np.uint64)
-    bad += [n for n, v in zip(names, read.tolist()) if saved_tables[n] != v & 0xFFFFFFFF]
-    if bad:
-      raise ValueError(f"fingerprint mismatch in {step_dir} for {sorted(bad)[:5]}: the stored "
-                       "data differ from what was saved")
 
   # ----------------------------------------------------------------------------- failures
   def _reject(self, step, reason) -> None:
@@ -553,29 +481,3 @@ class CheckpointManager:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"jaxrec_checkpoint_reject_{step}")
     self._mgr.reload()
-
-
-def _check_dense(key, abstract, leaves, step_dir) -> None:
-  """Dense leaves of the target must match the stored ones (names, shapes, dtypes)."""
-  want = {n: (list(x.shape), str(x.dtype)) for n, x in canonical_lib.leaf_names({key: abstract})}
-  have = {n: (v["shape"], v["dtype"]) for n, v in leaves.items()
-          if n == key or n.startswith(key + "/")}
-  if want != have:
-    diff = sorted(set(want) ^ set(have)) or sorted(n for n in want if want[n] != have[n])
-    raise ConfigError(f"'{key}' in checkpoint {step_dir} does not match the model at "
-                      f"{diff[:3]} (checkpoint: {[have.get(n, 'absent') for n in diff[:3]]}, "
-                      f"model: {[want.get(n, 'absent') for n in diff[:3]]})")
-
-
-def _wrap_keys(tree, target, impls, key):
-  """Key data → typed PRNG keys where the target leaf is a typed key."""
-  if target is None:
-    return tree
-  named = dict(canonical_lib.leaf_names({key: tree}))
-  out = []
-  for name, t in canonical_lib.leaf_names({key: target}):
-    x = named[name]
-    if canonical_lib.is_key(t):
-      x = canonical_lib.wrap_key(x, impls.get(name, "threefry2x32"))
-    out.append(x)
-  return jax.tree.unflatten(jax.tree.structure(target), out)

@@ -1,0 +1,117 @@
+"""The dense part of a restore (`CheckpointManager`): the target's abstract tree, checked
+against the step's manifest (names, shapes, dtypes), fingerprint verification of what was
+read, typed PRNG keys from their stored key data, and a NaN/inf check of a whole state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxrec.checkpoint import canonical as canonical_lib
+from jaxrec.errors import ConfigError
+
+
+def _abstract(x, default_sharding):
+  """Leaf of a target → ShapeDtypeStruct with sharding (typed keys → their key data)."""
+  sharding = getattr(x, "sharding", None) or default_sharding
+  if canonical_lib.is_key(x):
+    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+    return jax.ShapeDtypeStruct(data.shape, data.dtype,
+                                sharding=canonical_lib.key_data_sharding(sharding, len(x.shape)))
+  return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+
+def _by_devices(named):
+  """Groups `[(name, array)]` by device set (one jitted program per group)."""
+  groups: dict[Any, dict] = {}
+  for name, x in named:
+    groups.setdefault(frozenset(x.devices()), {})[name] = x
+  return list(groups.values())
+
+
+@jax.jit
+def _all_finite(leaves):
+  ok = [jnp.all(jnp.isfinite(x)) for x in leaves.values()
+        if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(ok)) if ok else jnp.bool_(True)
+
+
+def all_finite(state) -> bool:
+  """True when every float leaf of `state` (dense and tables) is finite."""
+  named = [(n, x) for n, x in canonical_lib.leaf_names(state) if not canonical_lib.is_key(x)]
+  return all(bool(_all_finite(group).addressable_data(0)) for group in _by_devices(named))
+
+
+def abstract_tree(manifest, collection, target, step_dir) -> dict:
+  """ShapeDtypeStructs (with shardings) of the stored dense tree, after checking it
+  matches `target` (ConfigError naming the difference)."""
+  rep = NamedSharding(collection.mesh, P())
+  abstract = {}
+  # 'params' first: a changed model changes its optimizer state too, and the error should
+  # name the parameters (not 'opt_state/0/mu/...')
+  for key in sorted(manifest["contents"], key=lambda k: k != "params"):
+    if key == "step":
+      abstract["step"] = jax.ShapeDtypeStruct((), np.int32, sharding=getattr(
+          target.get("step"), "sharding", rep))
+      continue
+    if key not in target:
+      raise ConfigError(f"checkpoint {step_dir} holds '{key}' but the restore target has "
+                        f"none{canonical_lib.MISSING_KEY_HINTS.get(key, '')}")
+    abstract[key] = jax.tree.map(lambda x: _abstract(x, rep), target[key])
+    _check_dense(key, abstract[key], manifest["leaves"], step_dir)
+  if manifest.get("fingerprint"):
+    abstract["fingerprint"] = jax.ShapeDtypeStruct((len(manifest["fingerprint"]),),
+                                                   np.uint32, sharding=rep)
+  return abstract
+
+def verify(dense, manifest, table_prints, saved_tables, step_dir) -> None:
+  """Compares fingerprints of what was restored with those saved (`saved_tables`: the
+  tables', `tables.saved_fingerprints`); ValueError if not."""
+  bad = []
+  if manifest.get("fingerprint"):
+    saved = dict(zip(manifest["fingerprint"],
+                     np.asarray(dense["fingerprint"].addressable_data(0)).tolist()))
+    named = canonical_lib.leaf_names({k: v for k, v in dense.items() if k != "fingerprint"})
+    got = {}
+    for group in _by_devices(named):
+      got.update(canonical_lib.fingerprints(group))
+    bad += [n for n in saved if got.get(n, saved[n]) != saved[n]]
+  names = sorted(table_prints)
+  read = np.array([table_prints[n] for n in names], np.uint64)
+  if jax.process_count() > 1:   # each process read its own shards: add the parts
+    read = np.asarray(multihost_utils.process_allgather(read)).sum(0, dtype=np.uint64)
+  bad += [n for n, v in zip(names, read.tolist()) if saved_tables[n] != v & 0xFFFFFFFF]
+  if bad:
+    raise ValueError(f"fingerprint mismatch in {step_dir} for {sorted(bad)[:5]}: the stored "
+                     "data differ from what was saved")
+
+
+def _check_dense(key, abstract, leaves, step_dir) -> None:
+  """Dense leaves of the target must match the stored ones (names, shapes, dtypes)."""
+  want = {n: (list(x.shape), str(x.dtype)) for n, x in canonical_lib.leaf_names({key: abstract})}
+  have = {n: (v["shape"], v["dtype"]) for n, v in leaves.items()
+          if n == key or n.startswith(key + "/")}
+  if want != have:
+    diff = sorted(set(want) ^ set(have)) or sorted(n for n in want if want[n] != have[n])
+    raise ConfigError(f"'{key}' in checkpoint {step_dir} does not match the model at "
+                      f"{diff[:3]} (checkpoint: {[have.get(n, 'absent') for n in diff[:3]]}, "
+                      f"model: {[want.get(n, 'absent') for n in diff[:3]]})")
+
+
+def wrap_keys(tree, target, impls, key):
+  """Key data → typed PRNG keys where the target leaf is a typed key."""
+  if target is None:
+    return tree
+  named = dict(canonical_lib.leaf_names({key: tree}))
+  out = []
+  for name, t in canonical_lib.leaf_names({key: target}):
+    x = named[name]
+    if canonical_lib.is_key(t):
+      x = canonical_lib.wrap_key(x, impls.get(name, "threefry2x32"))
+    out.append(x)
+  return jax.tree.unflatten(jax.tree.structure(target), out)
