@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -16,9 +17,23 @@ from jaxrec.errors import ConfigError
 
 
 def free_port() -> int:
+  """A TCP port free now; released again, so another process may take it before the
+  coordinator binds it (`port_in_use`, and the supervisor's retries)."""
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+def port_in_use(port: int) -> bool:
+  """Whether another socket holds TCP `port` (a bind on all addresses, where the
+  coordination service binds, fails with EADDRINUSE)."""
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # a TIME_WAIT one is free
+    try:
+      s.bind(("", port))
+    except OSError as e:
+      return e.errno == errno.EADDRINUSE
+  return False
 
 
 def latest_checkpoint(workdir: str) -> int | None:

@@ -13,7 +13,7 @@ from jaxrec.elastic import replan
 @dataclasses.dataclass
 class Outcome:
   """How a generation ended (or should end): `kind` is finished | failure | planned |
-  user_error."""
+  user_error | port_in_use (process 0 found the coordinator's port taken)."""
   kind: str
   reason: str
   lost: int = 0

@@ -51,6 +51,7 @@ _Outcome = scaling.Outcome
 
 LOCK_NAME = "launch.lock"   # in W/elastic/: one supervisor per workdir
 EXIT_OK, EXIT_USER_ERROR, EXIT_BELOW_MIN, EXIT_MAX_RESTARTS = 0, 1, 2, 3
+PORT_TRIES = 5   # coordinator ports tried in a row for one set of workers
 FIX_CONFIG = ("fix the config (--gin_file, --gin_bindings) or --num_processes, "
               "--devices_per_process, --mesh")
 
@@ -107,6 +108,7 @@ class Supervisor(scaling.Scaling):
     self.choice: replan.Choice | None = None
     self._offsets: dict[int, int] = {}
     self._recovery: dict | None = None        # timings of the restart in progress
+    self._port: int | None = None             # the coordinator's, of the last workers
     self._first_plan_failed = False           # no mesh of the processes asked for at start
     self._warnings: set[str] = set()          # workers' warnings already printed
 
@@ -155,8 +157,7 @@ class Supervisor(scaling.Scaling):
                          seconds=round(time.time() - t0, 3), **choice.to_json())
         if self._recovery is not None:
           self._recovery["replan_s"] = time.time() - t0
-        self._launch(choice)
-        out = self._watch()
+        out = self._launch_and_watch(choice)
         if out.kind != "finished":
           self._recovery_failed(out.reason, out.detected)
         if out.kind == "finished":
@@ -166,6 +167,8 @@ class Supervisor(scaling.Scaling):
                            checkpoint=proc_lib.latest_checkpoint(self.workdir))
           return EXIT_OK
         self._stop_all(out.reason, graceful=out.kind == "planned")
+        if out.kind == "port_in_use":
+          return self._give_up("port_in_use", EXIT_MAX_RESTARTS, out.message)
         if out.kind == "user_error":
           return self._give_up("user_error", EXIT_USER_ERROR, out.message,
                                fix="fix what it names")
@@ -205,6 +208,26 @@ class Supervisor(scaling.Scaling):
     return code
 
   # ---------------------------------------------------------------------------- workers
+  def _launch_and_watch(self, choice: replan.Choice) -> _Outcome:
+    """Starts the workers of `choice` and watches them. When process 0 found the
+    coordinator's port taken (another process bound it after `free_port` released it) they
+    start again on a new port, as the next generation (no restart counted, no slot lost);
+    after `PORT_TRIES` taken ports in a row the outcome stays `port_in_use`."""
+    for attempt in range(1, PORT_TRIES + 1):
+      self._launch(choice)
+      out = self._watch()
+      if out.kind != "port_in_use":
+        return out
+      self.events.emit("port_in_use", generation=self.generation, port=self._port,
+                       attempt=attempt, retry=attempt < PORT_TRIES)
+      if attempt == PORT_TRIES:
+        out.message = (f"the coordinator's port was taken {PORT_TRIES} times in a row "
+                       f"(last 127.0.0.1:{self._port}: address in use); free some ports "
+                       "or run again")
+        return out
+      self._stop_all(out.reason, graceful=False)
+      self.generation += 1
+
   def _launch(self, choice: replan.Choice) -> None:
     self.choice = choice
     self._capacity_seen = (self._available(), self.capacity[1])
@@ -213,7 +236,7 @@ class Supervisor(scaling.Scaling):
       if f.startswith("stop."):
         os.remove(os.path.join(self.workdir, worker_lib.CONTROL_DIR, f))
     os.makedirs(os.path.join(self.workdir, worker_lib.WORKERS_DIR), exist_ok=True)
-    port = proc_lib.free_port()
+    port = self._port = proc_lib.free_port()
     argv = [self.o.python, self.o.train_script,
             *self.args.with_mesh_plan(*choice.worker_mesh_plan)]
     self.procs = []
@@ -402,7 +425,8 @@ class Supervisor(scaling.Scaling):
     signaled = [p for p in failed if p.exited < 0]
     lost = signaled or failed[:1]     # peers of a crashed worker often fail right after it
     message = first_failure and proc_lib.user_error(self.workdir, [p.index for p in failed])
-    if message and not signaled:      # the user's to fix: no slot is lost
+    port_taken = first_failure and any(p.index == 0 and self._port_taken(p) for p in failed)
+    if port_taken or (message and not signaled):   # the user's to fix, or a port: no slot lost
       lost = []
     for p in new:
       extra = {}
@@ -414,6 +438,8 @@ class Supervisor(scaling.Scaling):
                        signal=proc_lib.signal_name(p.exited),
                        last_step=p.last_step, lost=bool(first_failure and p in lost), **extra)
     if first_failure:
+      if port_taken:
+        return _Outcome("port_in_use", f"coordinator port {self._port} in use", detected=now)
       if not lost:
         return _Outcome("user_error", "user error", message=message, detected=now)
       why = proc_lib.describe_exit(lost[0].exited)
@@ -424,6 +450,14 @@ class Supervisor(scaling.Scaling):
         return planned
       return _Outcome("finished", "done", detected=now)
     return None
+
+  def _port_taken(self, p: _Proc) -> bool:
+    """Whether failed process 0 could not host the coordinator: it says so (exit code
+    `EXIT_PORT_IN_USE`), or it died before joining the job (XLA sometimes crashes on a
+    taken port) while another process holds the port."""
+    return p.exited == worker_lib.EXIT_PORT_IN_USE or (
+        p.initialized is None and self.choice is not None and self.choice.processes > 1
+        and proc_lib.port_in_use(self._port))
 
   def _check_hangs(self, now: float) -> _Outcome | None:
     running = [p for p in self.procs if p.exited is None]

@@ -48,6 +48,11 @@ ENV_PROBE_EVERY = "JAXREC_ELASTIC_PROBE_EVERY"
 ENV_INJECT_DELAY = "JAXREC_ELASTIC_INJECT_DELAY"
 ENV_SUPERVISOR_PID = "JAXREC_ELASTIC_SUPERVISOR_PID"
 PR_SET_PDEATHSIG = 1
+# Process 0 could not host the coordination service: its port was taken after the
+# supervisor picked it (`procs.free_port`); the supervisor starts the workers again on
+# another port. XLA's words for it (jax 0.10) when gRPC finds the address in use:
+EXIT_PORT_IN_USE = 75
+_RPC_SERVER_FAILED = "Failed to start RPC server"
 
 WORKERS_DIR = "workers"
 CONTROL_DIR = "elastic"
@@ -142,7 +147,8 @@ def initialize_from_env() -> bool:
 
   Call first, before any use of jax (scripts/train.py does): the worker first arranges
   to die with the supervisor (`die_with_supervisor`), then sets gloo CPU collectives on
-  CPU and calls `jax.distributed.initialize`. Returns True when it initialised a job of
+  CPU and calls `jax.distributed.initialize`. Process 0 exits with `EXIT_PORT_IN_USE` when
+  the coordinator's port is taken (the supervisor retries on another). Returns True when it initialised a job of
   more than one process; False (and does nothing) without the variables.
   """
   w = _worker()
@@ -154,12 +160,29 @@ def initialize_from_env() -> bool:
   if multi:
     if os.environ.get(ENV_PLATFORM, "cpu") == "cpu":
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=os.environ[ENV_COORDINATOR],
-                               num_processes=w.num_processes, process_id=w.process)
+    address = os.environ[ENV_COORDINATOR]
+    from jaxrec.elastic import procs  # pylint: disable=import-outside-toplevel
+    # checked first: XLA's failure to bind sometimes ends in a segfault, not an error
+    if w.process == 0 and procs.port_in_use(int(address.rpartition(":")[2])):
+      _port_in_use(address, "taken before the coordination service started")
+    try:
+      jax.distributed.initialize(coordinator_address=address,
+                                 num_processes=w.num_processes, process_id=w.process)
+    except Exception as e:  # jax raises JaxRuntimeError with XLA's status text
+      if w.process != 0 or _RPC_SERVER_FAILED not in str(e):
+        raise
+      _port_in_use(address, str(e).splitlines()[0])
   if w.workdir:
     w.write(w.workdir, {"phase": "initialized", "pid": os.getpid(),
                         "init_s": round(time.time() - t0, 4)})
   return multi
+
+
+def _port_in_use(address: str, detail: str) -> None:
+  """Process 0's exit when it cannot host the coordination service on `address`."""
+  print(f"coordinator address {address} is in use ({detail}); the supervisor retries on "
+        "another port", file=sys.stderr, flush=True)
+  sys.exit(EXIT_PORT_IN_USE)
 
 
 def report_warning(message: str) -> bool:
