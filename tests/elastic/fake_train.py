@@ -4,7 +4,8 @@ Reads --workdir, --num_steps, --checkpoint_every, --mesh, --step_s (seconds per 
 --error (print a user error and exit 1), --linger_s (seconds between a requested stop's
 checkpoint and the exit, like a real trainer closing its files), --crash_at=G:S (process 0
 of generation G exits 1 after its S-th step, no `error:` line: a crash), --warn=TEXT
-(process 0 reports `warning: TEXT` at each start, as the trainer its unused gin bindings);
+(process 0 reports `warning: TEXT` at each start, as the trainer its unused gin bindings),
+--port_taken_gens=N (process 0 of generations below N exits as on a taken coordinator port);
 $FAKE_TRAIN_ARGS adds flags (for callers that do not pass train flags through). Reports progress through
 `jaxrec.elastic.worker` like the real trainer, "checkpoints" by creating
 W/checkpoints/<step>/ (process 0), resumes from the newest one, stops when the supervisor
@@ -32,6 +33,9 @@ def main(argv):
     return 1
   worker._agree = lambda flag: flag          # pylint: disable=protected-access
   me = worker._worker()                      # pylint: disable=protected-access
+  if me.process == 0 and me.generation < int(args.get("port_taken_gens", 0)):
+    print("coordinator address is in use (fake)")
+    return worker.EXIT_PORT_IN_USE
   me.write(w, {"phase": "initialized", "pid": os.getpid(), "init_s": 0.0})
   if "warn" in args and me.process == 0:
     worker.report_warning(f"warning: {args['warn']}")

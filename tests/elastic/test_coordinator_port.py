@@ -151,3 +151,30 @@ def test_a_real_taken_port_gives_the_port_in_use_exit(tmp_path):
                           text=True, timeout=120)
   assert proc.returncode == worker.EXIT_PORT_IN_USE, proc.stderr[-2000:]
   assert f"coordinator address 127.0.0.1:{port} is in use" in proc.stderr
+
+
+FAKE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_train.py")
+
+
+@pytest.mark.slow   # the supervisor and fake workers in subprocesses (~10 s each)
+@pytest.mark.parametrize("taken", [2, 99])
+def test_the_launcher_retries_taken_ports_then_gives_up(tmp_path, taken):
+  w = str(tmp_path)
+  proc = t.launch(w, ["--num_processes=2", "--devices_per_process=2", "--hang_timeout=20",
+                      "--stop_grace=2", f"--train_script={FAKE}"],
+                  ["--gin_file=configs/dlrm_synthetic.gin", "--mesh=data=2,table=2",
+                   "--num_steps=10", "--step_s=0.01", f"--port_taken_gens={taken}"])
+  code = t.finish(proc)
+  ev = t.events(w)
+  ports = [e for e in ev if e["event"] == "port_in_use"]
+  launches = [e for e in ev if e["event"] == "launch"]
+  assert all(e["processes"] == 2 for e in launches) and not any(
+      e["lost"] for e in ev if e["event"] == "worker_exit")
+  if taken < sup.PORT_TRIES:
+    assert code == 0 and ev[-1]["event"] == "finished" and ev[-1]["restarts"] == 0
+    assert [e["generation"] for e in ports] == list(range(taken)) and len(launches) == taken + 1
+  else:
+    assert code == sup.EXIT_MAX_RESTARTS and len(ports) == len(launches) == sup.PORT_TRIES
+    assert ev[-1]["event"] == "give_up" and ev[-1]["reason"] == "port_in_use"
+    assert f"error: the coordinator's port was taken {sup.PORT_TRIES} times in a row" in open(
+        os.path.join(w, "launch.log")).read()
