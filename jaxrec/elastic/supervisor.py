@@ -200,7 +200,8 @@ class Supervisor(scaling.Scaling):
 
   def _give_up(self, reason: str, code: int, message: str, fix: str | None = None) -> int:
     ckpt = proc_lib.latest_checkpoint(self.workdir)
-    text = give_up_text(message, ckpt, os.path.join(self.workdir, workdir_layout.CHECKPOINTS_DIR), fix)
+    text = give_up_text(message, ckpt,
+                        os.path.join(self.workdir, workdir_layout.CHECKPOINTS_DIR), fix)
     # the workers it gave up on: the next set (never started) is the next run's number
     self.events.emit("give_up", reason=reason, generation=self._launched,
                      restarts=self.restarts, checkpoint=ckpt, message=text)

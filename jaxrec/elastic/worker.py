@@ -148,8 +148,9 @@ def initialize_from_env() -> bool:
   Call first, before any use of jax (scripts/train.py does): the worker first arranges
   to die with the supervisor (`die_with_supervisor`), then sets gloo CPU collectives on
   CPU and calls `jax.distributed.initialize`. Process 0 exits with `EXIT_PORT_IN_USE` when
-  the coordinator's port is taken (the supervisor retries on another). Returns True when it initialised a job of
-  more than one process; False (and does nothing) without the variables.
+  the coordinator's port is taken (the supervisor retries on another). Returns True when
+  it initialised a job of more than one process; False (and does nothing) without the
+  variables.
   """
   w = _worker()
   if not w.supervised:
