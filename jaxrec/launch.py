@@ -229,7 +229,7 @@ def _one_line(e: BaseException) -> str:
 @contextlib.contextmanager
 def user_errors(interrupted: Callable[[str], str] | None = None) -> Iterator[None]:
   """Turns user-facing errors into `error: ...` on stderr and exit code 1 (no traceback);
-  SIGINT (KeyboardInterrupt) and SIGTERM (`signals.Terminated`, from `signals.check()`)
+  SIGINT (KeyboardInterrupt) and SIGTERM (`signals.TerminateRequested`, from `signals.check()`)
   into `error: ` + `interrupted(signal name)` (or `interrupted`) and exit code 130 / 143."""
   try:
     yield
@@ -237,7 +237,7 @@ def user_errors(interrupted: Callable[[str], str] | None = None) -> Iterator[Non
     logging.shutdown()
     print(f"error: {user_message(e)}", file=sys.stderr)
     sys.exit(1)
-  except (KeyboardInterrupt, signals.Terminated) as e:
+  except (KeyboardInterrupt, signals.TerminateRequested) as e:
     name = signals.name(e)
     print(f"error: {interrupted(name)}" if interrupted else "interrupted", file=sys.stderr)
     sys.exit(128 + signal.Signals[name])

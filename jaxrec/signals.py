@@ -7,7 +7,7 @@ is printed as "Exception ignored" and the program goes on; inside jaxlib's impor
 half-initialised extension (an ImportError traceback). Within `deferred()` (entered first
 thing by scripts/launch.py and scripts/train.py, before jax is imported) the handlers only
 record the signal; `check()`, called where the program can act, raises it: KeyboardInterrupt
-for SIGINT, `Terminated` for SIGTERM. A second signal before a `check()` raises at once
+for SIGINT, `TerminateRequested` for SIGTERM. A second signal before a `check()` raises at once
 (the user insists); one still recorded when `deferred()` ends goes to the handler
 before it. Stdlib only: importing this module imports no jax.
 """
@@ -22,12 +22,12 @@ from typing import Iterator, Sequence
 _pending: list[int] = []     # signals received and not yet raised by `check()`
 
 
-class Terminated(BaseException):
+class TerminateRequested(BaseException):
   """SIGTERM, raised by `check()` (as KeyboardInterrupt is for SIGINT)."""
 
 
 def _exception(signum: int) -> BaseException:
-  return KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+  return KeyboardInterrupt() if signum == signal.SIGINT else TerminateRequested()
 
 
 def _record(signum, frame):  # pylint: disable=unused-argument
@@ -39,14 +39,14 @@ def _record(signum, frame):  # pylint: disable=unused-argument
 
 def check() -> None:
   """Raises the signal recorded since the last check, if any (KeyboardInterrupt for
-  SIGINT, `Terminated` for SIGTERM)."""
+  SIGINT, `TerminateRequested` for SIGTERM)."""
   if _pending:
     raise _exception(_pending.pop())
 
 
 def name(e: BaseException) -> str:
-  """`SIGTERM` for a `Terminated`, `SIGINT` for anything else (KeyboardInterrupt)."""
-  return "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+  """`SIGTERM` for a `TerminateRequested`, `SIGINT` for anything else (KeyboardInterrupt)."""
+  return "SIGTERM" if isinstance(e, TerminateRequested) else "SIGINT"
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -183,7 +183,7 @@ class Supervisor(scaling.Scaling):
         self._recovery = recovery.begin(out.detected, out.reason, time.time(), self._recovery)
         self.generation += 1
         reason = out.reason
-    except (KeyboardInterrupt, signals.Terminated) as e:
+    except (KeyboardInterrupt, signals.TerminateRequested) as e:
       sig = signal.Signals[signals.name(e)]
       self._recovery_failed(f"supervisor got {sig.name}", time.time())
       self._stop_all(f"supervisor got {sig.name}", graceful=False)

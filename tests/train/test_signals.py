@@ -21,7 +21,7 @@ def _signal_inside_a_gc_callback(sig):
 
 
 @pytest.mark.parametrize("sig, raised", [(signal.SIGINT, KeyboardInterrupt),
-                                         (signal.SIGTERM, signals.Terminated)])
+                                         (signal.SIGTERM, signals.TerminateRequested)])
 def test_a_signal_in_a_gc_callback_is_raised_at_the_next_check(sig, raised):
   """Without deferring, SIGINT there was swallowed and the run went on."""
   before = [signal.getsignal(s) for s in signals.STOP_SIGNALS]
