@@ -28,7 +28,7 @@ from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.errors import ConfigError, DataError, JaxrecError
 from jaxrec.files import workdir_lock, write_text_atomic
-from jaxrec import elastic, files, gin_usage, offload, planner, workdir_layout
+from jaxrec import elastic, files, gin_usage, offload, planner, signals, workdir_layout
 from jaxrec.offload import hooks
 from jaxrec.offload import snapshots as snapshots_lib
 from jaxrec.sharding import mesh as mesh_lib
@@ -155,6 +155,7 @@ def evaluate(eval_step, collection, state, eval_data, sharding, tier=None
 
   try:
     for batch, mask in eval_data:
+      signals.check()
       if tier is not None:   # offloaded ids → cache slots, in passes when rows do not fit
         state, logits = tier.eval_logits(state, batch, run)
       else:
@@ -329,6 +330,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
         writer.write(start, {"event": "resume", "checkpoint_step": start, **last},
                      data_adapter.bad_row_scalars(eval=eval_data))
     while step < options.num_steps:
+      signals.check()   # Ctrl-C (deferred by scripts/train.py): between steps, not mid-compile
       t_step = time.perf_counter()
       position = train_it.get_state()["position"]
       batch = next(train_it)

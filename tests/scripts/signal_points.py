@@ -1,0 +1,85 @@
+"""Runs a script that sends itself SIGINT or SIGTERM at a chosen moment (no sleeps).
+
+  JAXREC_TEST_SIGNAL=SIGINT:compile python tests/scripts/signal_points.py scripts/train.py ...
+
+The signal is sent from inside a gc callback, where Python runs its handler: an exception
+the handler raises there is printed as ignored (as in jax's `_xla_gc_callback`) and the
+script goes on. Moments:
+
+  compile    scripts/train.py: the first train step (its trace and XLA compile)
+  records    scripts/preprocess.py: converting the first chunk's rows to records
+  export     scripts/convert_checkpoint.py: reading the first array (npz, zarr)
+  copy       scripts/convert_checkpoint.py --format=checkpoint: copying the step
+  calibrate  scripts/plan.py --calibrate: timing the first primitive (quick sizes)
+"""
+
+import functools
+import gc
+import importlib
+import os
+import runpy
+import signal
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+_armed = []
+
+
+def _send_in_gc(phase, info):  # pylint: disable=unused-argument
+  if _armed and phase == "start":
+    sig = _armed.pop()
+    print(f"signal_points: {sig.name}", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), sig)
+
+
+def _during_first_call(fn, sig):
+  """`fn`, whose first call sends `sig` at the first gc inside it (or right after it)."""
+  calls = []
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    if calls:
+      return fn(*args, **kwargs)
+    calls.append(1)
+    _armed.append(sig)
+    try:
+      return fn(*args, **kwargs)
+    finally:
+      if _armed:   # no gc ran inside: one now
+        gc.collect()
+  return wrapped
+
+
+def _patch(module: str, name: str, make) -> None:
+  mod = importlib.import_module(module)
+  setattr(mod, name, make(getattr(mod, name)))
+
+
+def main():
+  sig_name, _, moment = os.environ["JAXREC_TEST_SIGNAL"].partition(":")
+  sig = signal.Signals[sig_name]
+  gc.callbacks.append(_send_in_gc)
+  first = functools.partial(_during_first_call, sig=sig)
+  if moment == "compile":   # the step function that make_train_step returns
+    _patch("jaxrec.train.step", "make_train_step",
+           lambda make: lambda *a, **k: first(make(*a, **k)))
+  elif moment == "records":
+    _patch("jaxrec.data.binary", "to_records", first)
+  elif moment == "export":
+    _patch("jaxrec.checkpoint.convert", "_read_blocks", first)
+  elif moment == "copy":
+    _patch("jaxrec.tree_copy", "_copy_file", first)
+  elif moment == "calibrate":
+    _patch("jaxrec.planner", "calibrate",
+           lambda cal: first(lambda n: cal(n, quick=True, reps=1)))
+  else:
+    raise SystemExit(f"signal_points: unknown moment {moment!r}")
+  script = os.path.join(ROOT, sys.argv[1])
+  sys.argv = [script] + sys.argv[2:]
+  runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+  main()
