@@ -9,7 +9,9 @@ thing by scripts/launch.py and scripts/train.py, before jax is imported) the han
 record the signal; `check()`, called where the program can act, raises it: KeyboardInterrupt
 for SIGINT, `TerminateRequested` for SIGTERM. A second signal before a `check()` raises at once
 (the user insists); one still recorded when `deferred()` ends goes to the handler
-before it. Stdlib only: importing this module imports no jax.
+before it. Within `immediate()` (a wait that may stop anywhere, e.g. reading input from a
+pipe, which would otherwise wait on) a signal raises at once too. Stdlib only: importing
+this module imports no jax.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import threading
 from typing import Iterator, Sequence
 
 _pending: list[int] = []     # signals received and not yet raised by `check()`
+_immediate: list[int] = []   # one entry per `immediate()` body running
 
 
 class TerminateRequested(BaseException):
@@ -31,7 +34,7 @@ def _exception(signum: int) -> BaseException:
 
 
 def _record(signum, frame):  # pylint: disable=unused-argument
-  if _pending:               # a second one: raise now
+  if _pending or _immediate:  # a second one, or in a wait: raise now
     _pending.clear()
     raise _exception(signum)
   _pending.append(signum)
@@ -68,6 +71,21 @@ def undefer(previous: dict) -> None:
     signal.signal(s, handler)
   if _pending and _pending[0] in previous:
     signal.raise_signal(_pending.pop())
+
+
+@contextlib.contextmanager
+def immediate() -> Iterator[None]:
+  """While the body runs (on the main thread), a deferred signal raises at once: for waits
+  that can stop anywhere, e.g. reading input. One recorded before raises on entry."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  check()
+  _immediate.append(1)
+  try:
+    yield
+  finally:
+    _immediate.pop()
 
 
 @contextlib.contextmanager

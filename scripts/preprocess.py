@@ -10,7 +10,8 @@ config's `ExperimentConfig.embedding` instead (or its `uniform_tables` bindings 
 unbound), `--num_categorical` defaults to its `open_source.num_categorical` (else the
 feature count; another count than that is an error), `--num_dense` to its
 `ExperimentConfig.num_dense`; `--rows`/`--max_len` are then refused. Errors print one line
-and exit 1. Ctrl-C or SIGTERM stops it (exit 130 or 143), removing the shards written so far.
+and exit 1. Ctrl-C or SIGTERM stops it (exit 130 or 143) between chunks (at once while it
+waits for input), removing the shards written so far.
 """
 
 import os
@@ -18,6 +19,11 @@ import signal
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+# First, before absl and jax: SIGINT / SIGTERM are recorded and raised between chunks
+# (`signals.check()` in `binary.write`), never inside jax's gc callback or the clean-up.
+from jaxrec import signals  # noqa: E402
+signals.defer()
 
 from absl import app, flags  # noqa: E402
 
@@ -122,21 +128,11 @@ def _check_paths() -> None:
                         "shards to another directory")
 
 
-class _Terminated(BaseException):
-  """SIGTERM, raised where the run is, so that its partial shards are removed."""
-
-
-def _on_sigterm(signum, frame):
-  del signum, frame
-  raise _Terminated()
-
-
 def main(argv):
   del argv   # cli_flags.parse refuses arguments that are not flags
   from jaxrec.data import binary
   from jaxrec.errors import JaxrecError
   from jaxrec.launch import user_message
-  signal.signal(signal.SIGTERM, _on_sigterm)
   try:
     if not FLAGS.input or not FLAGS.output:
       raise JaxrecError("--input and --output are required")
@@ -158,12 +154,12 @@ def main(argv):
   except (ValueError, TypeError, RuntimeError, OSError) as e:  # gin bindings, I/O
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     sys.exit(1)
-  except (KeyboardInterrupt, _Terminated) as e:   # was a traceback (Ctrl-C) or, on SIGTERM,
-    # shards without a manifest left in --output
-    how = "SIGTERM" if isinstance(e, _Terminated) else "Ctrl-C"
-    print(f"interrupted ({how}): no dataset written to {FLAGS.output} (the shards written "
-          "so far were removed)", file=sys.stderr)
-    sys.exit(143 if isinstance(e, _Terminated) else 130)
+  except (KeyboardInterrupt, signals.TerminateRequested) as e:   # was a traceback (Ctrl-C)
+    # or, on SIGTERM, shards without a manifest left in --output
+    name = signals.name(e)
+    print(f"interrupted ({'Ctrl-C' if name == 'SIGINT' else name}): no dataset written to "
+          f"{FLAGS.output} (the shards written so far were removed)", file=sys.stderr)
+    sys.exit(128 + signal.Signals[name])
   skipped = sum(m["bad_rows"].values())
   print(f"wrote {m['num_examples']} examples in {len(m['shards'])} shard(s) to {FLAGS.output}"
         + (f" ({skipped} malformed rows skipped)" if skipped else ""))

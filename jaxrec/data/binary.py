@@ -34,6 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxrec import signals
 from jaxrec.data import tsv
 from jaxrec.data.batch import Batch
 from jaxrec.data.source import GrainMixin, Layout
@@ -221,9 +222,11 @@ def _write(inputs, output, layout, bad_rows, chunk_bytes, writer) -> dict:
   total = 0
   for path in inputs:
     for batch in tsv.iter_file(path, parser, policy, chunk_bytes):
+      signals.check()   # SIGINT / SIGTERM deferred by scripts/preprocess.py: discard, stop
       writer.write(to_records(batch, layout))
       total += batch.size
   writer.close()
+  signals.check()
   if total == 0:
     raise DataError(f"{', '.join(inputs)}: no valid rows "
                     f"({sum(policy.counts.values())} malformed rows skipped)")

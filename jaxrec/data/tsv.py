@@ -41,6 +41,7 @@ from typing import Iterator, NoReturn, Sequence
 import numpy as np
 from absl import logging
 
+from jaxrec import signals
 from jaxrec.data.batch import Batch, concatenate
 from jaxrec.data.source import ArraySource, Layout, empty_batch
 from jaxrec.errors import ConfigError, DataError, DataPathError
@@ -178,7 +179,8 @@ def read_chunks(path: str, chunk_bytes: int = CHUNK_BYTES,
   """
   limit = MAX_LINE_BYTES if max_line_bytes is None else max_line_bytes
   try:
-    raw = open(path, "rb")
+    with signals.immediate():   # a pipe's open waits for its writer
+      raw = open(path, "rb")
   except OSError as e:
     raise DataError(f"{path}: cannot open: {e.strerror}") from None
   with raw:
@@ -217,7 +219,8 @@ def _blocks(path: str, stream, chunk_bytes: int) -> Iterator[bytes]:
 
 def _read(path: str, stream, size: int) -> bytes:
   try:
-    return stream.read(size)
+    with signals.immediate():   # a deferred SIGINT / SIGTERM stops a wait for input
+      return stream.read(size)
   except EOFError:
     raise DataError(f"{path}: truncated gzip file (the compressed stream ends early)") from None
   except (gzip.BadGzipFile, zlib.error, OSError) as e:

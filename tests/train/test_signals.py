@@ -1,8 +1,11 @@
 """jaxrec.signals: SIGINT / SIGTERM recorded while deferred, raised at `check()`."""
 
+import contextlib
 import gc
 import os
 import signal
+import threading
+import time
 
 import pytest
 
@@ -63,3 +66,28 @@ def test_nested_deferral_keeps_the_outer_one():
   finally:
     signals.undefer(outer)
   assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_within_immediate_a_signal_raises_at_once():
+  """A deferred signal in a blocking read (a pipe that stays open) was only recorded: the
+  read went on waiting and no check came."""
+  r, w = os.pipe()
+  # the signal comes while the read waits (or just before: raised at once either way); the
+  # byte written after it ends a read that only recorded it
+  sender = threading.Thread(target=lambda: (os.kill(os.getpid(), signal.SIGINT),
+                                            time.sleep(2), os.write(w, b"x")))
+  with signals.deferred():
+    try:
+      os.kill(os.getpid(), signal.SIGTERM)
+      with pytest.raises(signals.TerminateRequested), signals.immediate():
+        pass   # one recorded before: raised on entry
+      with pytest.raises(KeyboardInterrupt), signals.immediate():
+        sender.start()
+        os.read(r, 1)
+    finally:   # a failure leaves none recorded (it would end pytest)
+      if sender.ident is not None:
+        sender.join()
+      with contextlib.suppress(KeyboardInterrupt, signals.TerminateRequested):
+        signals.check()
+      os.close(r)
+      os.close(w)
