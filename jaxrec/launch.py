@@ -6,7 +6,6 @@ import contextlib
 import logging
 import os
 import re
-import signal
 import sys
 from typing import Callable, Iterator, Sequence
 
@@ -240,7 +239,7 @@ def user_errors(interrupted: Callable[[str], str] | None = None) -> Iterator[Non
   except (KeyboardInterrupt, signals.TerminateRequested) as e:
     name = signals.name(e)
     print(f"error: {interrupted(name)}" if interrupted else "interrupted", file=sys.stderr)
-    sys.exit(128 + signal.Signals[name])
+    sys.exit(signals.exit_code(e))
   except termination.Terminated as e:   # SIGTERM: a checkpoint was saved first
     logging.shutdown()
     print(str(e), file=sys.stderr)

@@ -52,6 +52,11 @@ def name(e: BaseException) -> str:
   return "SIGTERM" if isinstance(e, TerminateRequested) else "SIGINT"
 
 
+def exit_code(e: BaseException) -> int:
+  """128 + the signal of `e` (`name`): 130 for SIGINT, 143 for SIGTERM."""
+  return 128 + signal.Signals[name(e)]
+
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 

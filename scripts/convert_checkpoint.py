@@ -9,7 +9,9 @@ npz / zarr: one array per table (`tables/<name>`), per dense parameter (`dense/<
 per optimizer state leaf (`table_opt/<table>/<name>`, `dense_opt/<path>`), plus `step`,
 `rng` and `metadata` (JSON). checkpoint: a verified copy into the checkpoint directory
 PATH; with --mesh and --plan it first checks the plan fits that mesh (any checkpoint
-restores on any mesh and plan: tables are stored per table, by name).
+restores on any mesh and plan: tables are stored per table, by name). Ctrl-C or SIGTERM
+stops it between row blocks (files for checkpoint) and removes the partial output: one
+line, exit 130 or 143.
 """
 
 import logging as std_logging
@@ -18,6 +20,11 @@ import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+# First, before jax: SIGINT / SIGTERM are recorded and raised between row blocks or files
+# (`signals.check()` in `convert`), never inside jax's gc callback or the clean-up.
+from jaxrec import signals  # pylint: disable=g-import-not-at-top
+signals.defer()
 
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 
@@ -98,6 +105,11 @@ def main(argv):
   except JaxrecError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  except (KeyboardInterrupt, signals.TerminateRequested) as e:   # partial output removed
+    what = "import" if _TORCHREC.value else "conversion"
+    print(f"error: interrupted by {signals.name(e)}: the {what} stopped; nothing was written "
+          f"to --output {_OUTPUT.value} (its temporary files were removed)", file=sys.stderr)
+    sys.exit(signals.exit_code(e))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ waits for input), removing the shards written so far.
 """
 
 import os
-import signal
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -159,7 +158,7 @@ def main(argv):
     name = signals.name(e)
     print(f"interrupted ({'Ctrl-C' if name == 'SIGINT' else name}): no dataset written to "
           f"{FLAGS.output} (the shards written so far were removed)", file=sys.stderr)
-    sys.exit(128 + signal.Signals[name])
+    sys.exit(signals.exit_code(e))
   skipped = sum(m["bad_rows"].values())
   print(f"wrote {m['num_examples']} examples in {len(m['shards'])} shard(s) to {FLAGS.output}"
         + (f" ({skipped} malformed rows skipped)" if skipped else ""))

@@ -44,7 +44,7 @@ import tensorstore as ts
 from absl import logging
 from etils import epath
 
-from jaxrec import tree_copy, workdir_layout
+from jaxrec import signals, tree_copy, workdir_layout
 from jaxrec.checkpoint import canonical as canonical_lib
 from jaxrec.checkpoint import offloaded as offloaded_lib
 from jaxrec.checkpoint import selection
@@ -75,7 +75,9 @@ def _read_blocks(array, name, step_dir):
   when the filesystem failed (e.g. EIO, worded as `tree_copy`'s copy errors), else a
   `CheckpointError` (the checkpoint is corrupt)."""
   try:
-    yield from storage.row_blocks(array)
+    for block in storage.row_blocks(array):
+      signals.check()   # SIGINT / SIGTERM deferred by scripts/convert_checkpoint.py
+      yield block
   except (OSError, ValueError) as e:
     failed = storage.read_failure(e, _array_dir(array))
     if failed is not None:
@@ -251,6 +253,7 @@ def _export(checkpoint_dir, output, step, write) -> int:
     tmp = output_path.parent / (output_path.name + f".tmp-{time.time_ns()}")
     with _removed_on_error(output_path, [tmp]):
       write(tmp, step_dir, step, output_path)
+      signals.check()
       tmp.rename(output_path)
     return step
   return selection.convert_step(checkpoint_dir, step, written)
@@ -400,7 +403,7 @@ def _copy(output, mesh_shape, plan, restart_data, step_dir, step) -> tuple[int, 
   tmp = output / f"{step}.orbax-checkpoint-tmp-{time.time_ns()}"
   written = [tmp]
   with _removed_on_error(dest, written):
-    tree_copy.copy_tree(step_dir, tmp, shown=dest)
+    tree_copy.copy_tree(step_dir, tmp, shown=dest, skip=_copy_unless_signalled)
     manifest["converted_from"] = str(step_dir)
     if restart_data:
       manifest["data_restarted"] = True
@@ -412,8 +415,16 @@ def _copy(output, mesh_shape, plan, restart_data, step_dir, step) -> tuple[int, 
       meta = storage.read_json(tmp, storage.META)
       meta["offload"]["snapshots"] = str(snap_dest.parent)
       (tmp / storage.META / "metadata").write_text(json.dumps(meta))
+    signals.check()
     tmp.rename(dest)
   return step, description
+
+
+def _copy_unless_signalled(rel: str) -> bool:
+  """`copy_tree`'s per-file `skip`: copies every file, stopping first on a deferred signal."""
+  del rel
+  signals.check()
+  return False
 
 
 def _link_copy(src: epath.Path, dst: epath.Path) -> None:
@@ -422,6 +433,7 @@ def _link_copy(src: epath.Path, dst: epath.Path) -> None:
   tmp = dst.parent / f"{dst.name}.tmp-{time.time_ns()}"
   with _removed_on_error(dst, [tmp]):
     link_tree(str(src), str(tmp), shown=str(dst))
+    signals.check()
     tmp.rename(dst)
 
 
@@ -495,5 +507,6 @@ def import_torchrec(npz_path, output, step: int = 0) -> list[str]:
       raise ConfigError(f"{output} holds step {mgr.latest_step()}, which a run would resume "
                         f"from instead of the import: pass --step={mgr.latest_step() + 1} or "
                         "a fresh --output")
+    signals.check()
     mgr.save_arrays(step, tables, meta={"imported_from": "torchrec", "source": str(npz_path)})
   return sorted(tables)

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.elastic import elastic_testlib as t
@@ -59,3 +60,30 @@ def test_a_signal_while_preprocessing_leaves_no_dataset(tmp_path, sig):
       f"interrupted ({'Ctrl-C' if sig == signal.SIGINT else 'SIGTERM'}): no dataset written "
       f"to {out} (the shards written so far were removed)"), proc.stderr[-3000:]
   assert not out.exists()
+
+
+@pytest.fixture(name="checkpoints")
+def _checkpoints(tmp_path):
+  """W/checkpoints with step 0: two tables imported from a TorchRec npz."""
+  from jaxrec.checkpoint import convert   # pylint: disable=import-outside-toplevel
+  npz = tmp_path / "ebc.npz"
+  np.savez(npz, **{f"embedding_bags.t{k}.weight": np.ones((64, 8), np.float32)
+                   for k in range(2)})
+  convert.import_torchrec(npz, tmp_path / "w" / "checkpoints")
+  return tmp_path / "w" / "checkpoints"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("fmt, moment", [("npz", "export"), ("checkpoint", "copy")])
+def test_a_signal_while_converting_leaves_no_output(tmp_path, checkpoints, sig, fmt, moment):
+  """Ctrl-C was lost in the gc callback (the output was written, exit 0); SIGTERM killed
+  the conversion and left its temporary copy."""
+  out = tmp_path / "out" / ("x.npz" if fmt == "npz" else "checkpoints")
+  proc = _run(sig, moment, "scripts/convert_checkpoint.py", f"--checkpoint_dir={checkpoints}",
+              f"--output={out}", f"--format={fmt}")
+  assert proc.returncode == 128 + sig, proc.stderr[-3000:]
+  assert proc.stderr.splitlines()[-1] == (
+      f"error: interrupted by {sig.name}: the conversion stopped; nothing was written to "
+      f"--output {out} (its temporary files were removed)"), proc.stderr[-3000:]
+  assert not (tmp_path / "out").exists()
