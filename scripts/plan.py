@@ -15,6 +15,11 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+# First, before jax: SIGINT / SIGTERM are recorded and raised between calibration
+# measurements and search steps (`signals.check()`), never inside jax's gc callback.
+from jaxrec import signals  # noqa: E402
+signals.defer()
+
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
@@ -178,11 +183,22 @@ def _file_mesh():
   return recorded_mesh(FLAGS.plan)
 
 
+def _interrupted_text(name: str, cached: list) -> str:
+  """What an interrupted run left: the outputs it had written and those it had not."""
+  unwritten = [f"--json {FLAGS.json}"] if FLAGS.json else []
+  if FLAGS.calibrate and not cached:
+    unwritten.insert(0, "the calibration (the cache file is unchanged)")
+  return (f"interrupted by {name}. Stopping"
+          + (f"; the calibration is cached in {cached[0]}" if cached else "")
+          + (f"; not written: {', '.join(unwritten)}" if unwritten else "") + ".")
+
+
 def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)   # jax's backend probing at INFO is noise
   del argv   # cli_flags.parse refuses arguments that are not flags
   from jaxrec import launch  # pylint: disable=import-outside-toplevel
-  with launch.user_errors():
+  cached = []   # the calibration file, once written
+  with launch.user_errors(interrupted=lambda name: _interrupted_text(name, cached)):
     _check_flags()
     from jaxrec import planner  # pylint: disable=import-outside-toplevel
     from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
@@ -194,6 +210,7 @@ def main(argv):
         where = FLAGS.calibration_file or planner.default_cache_path()
         raise ConfigError(f"--calibration_file: cannot write '{where}': {e.strerror or e}"
                           ) from None
+      cached.append(path)
       print(f"{cal.source}: cached in {path}")
     else:
       cal = planner.load_calibration(FLAGS.calibration_file)
@@ -233,6 +250,7 @@ def main(argv):
           plan, spec.tables, spec.features, mesh, memory, optimizer, batch, cal,
           table_stats=spec.table_stats, mode=mode))
     print(result.report())
+    signals.check()
     if FLAGS.json:
       _write_json(FLAGS.json, result.to_json())
       print(f"wrote {FLAGS.json}")

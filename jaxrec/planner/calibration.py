@@ -26,6 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from jaxrec import signals
 from jaxrec.errors import ConfigError
 from jaxrec.files import write_text_atomic
 from jaxrec.planner.cost_model import COST_TERMS
@@ -158,6 +159,7 @@ def request_cpu_devices(n: int) -> None:
 
 def _median_time(fn, *args, reps: int) -> float:
   import jax  # pylint: disable=g-import-not-at-top
+  signals.check()   # SIGINT / SIGTERM deferred by scripts/plan.py: between measurements
   jax.block_until_ready(fn(*args))
   times = []
   for _ in range(reps):

@@ -24,6 +24,7 @@ import dataclasses
 import math
 from typing import Mapping, Sequence
 
+from jaxrec import signals
 from jaxrec.embedding.specs import FeatureSpec, TableSpec, validate
 from jaxrec.errors import ConfigError
 from jaxrec.planner import cost_model as cm
@@ -176,6 +177,7 @@ def _moves(space: _Space, allowed: Sequence[Sequence[str]], kinds: tuple[str, ..
 def _local_search(space: _Space, allowed, start: tuple[str, ...]) -> _Eval:
   cur = space.evaluate(start)
   for _ in range(_MAX_STEPS):
+    signals.check()   # SIGINT / SIGTERM deferred by scripts/plan.py
     best = cur
     for kinds in _moves(space, allowed, cur.kinds):
       e = space.evaluate(kinds)

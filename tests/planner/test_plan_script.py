@@ -171,7 +171,8 @@ def test_interrupted_json_keeps_the_old_one_and_leaves_no_tmp(tmp_path):
   proc = subprocess.run([sys.executable, "-c", interrupt, os.path.join(ROOT, "scripts", "plan.py"),
                          "--tables=t:100:16", "--mesh=row=2", f"--json={out}"],
                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-  assert proc.returncode == 130 and proc.stderr == "interrupted\n", proc.stderr[-2000:]
+  assert proc.returncode == 130 and proc.stderr == (
+      f"error: interrupted by SIGINT. Stopping; not written: --json {out}.\n"), proc.stderr[-2000:]
   assert out.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["p.json"]
 
 

@@ -87,3 +87,18 @@ def test_a_signal_while_converting_leaves_no_output(tmp_path, checkpoints, sig, 
       f"error: interrupted by {sig.name}: the conversion stopped; nothing was written to "
       f"--output {out} (its temporary files were removed)"), proc.stderr[-3000:]
   assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_calibrating_writes_no_calibration(tmp_path, sig):
+  """Ctrl-C was lost in the gc callback (the calibration was cached, exit 0); SIGTERM
+  killed the script without a line."""
+  cache = tmp_path / "calibration.json"
+  proc = _run(sig, "calibrate", "scripts/plan.py", "--calibrate", f"--calibration_file={cache}",
+              "--calibration_devices=2")
+  assert proc.returncode == 128 + sig, proc.stderr[-3000:]
+  assert proc.stderr.splitlines()[-1] == (
+      f"error: interrupted by {sig.name}. Stopping; not written: the calibration (the cache "
+      "file is unchanged)."), proc.stderr[-3000:]
+  assert not cache.exists()
