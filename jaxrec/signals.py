@@ -1,17 +1,19 @@
-"""SIGINT / SIGTERM while a script starts (or the elastic supervisor runs): recorded when
-they arrive, acted on where the program can stop cleanly.
+"""SIGINT / SIGTERM while a script runs: recorded when they arrive, acted on where the
+program can stop cleanly.
 
 Python runs a signal handler between any two bytecodes of the main thread. A handler that
 raises (SIGINT's KeyboardInterrupt) inside a `gc` callback, e.g. jax's `_xla_gc_callback`,
 is printed as "Exception ignored" and the program goes on; inside jaxlib's import it left a
-half-initialised extension (an ImportError traceback). Within `deferred()` (entered first
-thing by scripts/launch.py and scripts/train.py, before jax is imported) the handlers only
-record the signal; `check()`, called where the program can act, raises it: KeyboardInterrupt
-for SIGINT, `TerminateRequested` for SIGTERM. A second signal before a `check()` raises at once
-(the user insists); one still recorded when `deferred()` ends goes to the handler
-before it. Within `immediate()` (a wait that may stop anywhere, e.g. reading input from a
-pipe, which would otherwise wait on) a signal raises at once too. Stdlib only: importing
-this module imports no jax.
+half-initialised extension (an ImportError traceback); mid-compile it once segfaulted at
+exit. Within `defer()` (first thing in scripts/launch.py, train.py, plan.py, preprocess.py
+and convert_checkpoint.py, before jax is imported; train.py keeps SIGINT deferred through
+training, checked before each step) the handlers only record the signal; `check()`,
+called where the program can act, raises it: KeyboardInterrupt for SIGINT,
+`TerminateRequested` for SIGTERM. A second signal before a `check()` raises at once (the
+user insists); one still recorded when `deferred()` ends goes to the handler before it.
+Within `immediate()` (a wait that may stop anywhere, e.g. reading input from a pipe, which
+would otherwise wait on) a signal raises at once too.
+Stdlib only: importing this module imports no jax.
 """
 
 from __future__ import annotations
