@@ -12,13 +12,14 @@ import pytest
 
 import data_testlib as lib
 from jaxrec.data import binary, tsv
+from tests.scripts.in_process import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run(*args):
-  return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "preprocess.py"), *args],
-                        capture_output=True, text=True, cwd=ROOT, timeout=120)
+  """scripts/preprocess.py ARGS, in this process (its exit code, stdout and stderr)."""
+  return run_script("preprocess.py", *args)
 
 
 def test_preprocess_and_errors(tmp_path, tsv_file):

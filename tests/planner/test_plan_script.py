@@ -1,4 +1,5 @@
-"""End-to-end: the real scripts/plan.py (flags -> report, JSON, errors, profile)."""
+"""End-to-end: the real scripts/plan.py (flags -> report, JSON, errors, profile), its
+`__main__` run in this process (`tests.scripts.in_process`; the interrupt test starts it)."""
 
 import json
 import os
@@ -15,14 +16,16 @@ from jaxrec.embedding.specs import uniform_tables
 from jaxrec.errors import ConfigError
 from jaxrec.planner import inputs
 from jaxrec.sharding.plan import Plan, uniform_plan
+from tests.scripts.in_process import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def plan(tmp_path, *flags):
-  env = dict(os.environ, JAXREC_CACHE_DIR=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, os.path.join(ROOT, "scripts", "plan.py"), *flags]
-  return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+  """scripts/plan.py FLAGS with a calibration cache of its own, in this process."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("JAXREC_CACHE_DIR", str(tmp_path / "cache"))
+    return run_script("plan.py", *flags)
 
 
 def test_tables_flag_prints_table_and_writes_json(tmp_path):

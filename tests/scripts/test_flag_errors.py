@@ -2,19 +2,18 @@
 
 Each case runs the script's `__main__` block in this process with `absl.app.run` replaced by
 a stand-in that only calls the script's `flags_parser`, so what is tested is the script's
-own wiring; the flags it defined are removed afterwards (several scripts share names), and
-the signal handlers it deferred at import are put back.
+own wiring; what the script leaves in the process (flags: several scripts share names;
+the signal handlers it deferred at import) is undone (`in_process.restored_process_state`).
 """
 
 import os
 import runpy
-import signal
 import sys
 
 import pytest
-from absl import app, flags
+from absl import app
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.scripts import in_process
 
 
 def _parse_as(monkeypatch, script: str, argv: list[str]) -> list[str]:
@@ -22,17 +21,9 @@ def _parse_as(monkeypatch, script: str, argv: list[str]) -> list[str]:
   parsed = []
   monkeypatch.setattr(app, "run", lambda main, flags_parser=None, **kw: parsed.append(
       (flags_parser or app.parse_flags_with_usage)(sys.argv)))
-  monkeypatch.setattr(sys, "argv", [f"scripts/{script}", *argv])
-  before = set(flags.FLAGS)
-  handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-  try:
-    runpy.run_path(os.path.join(ROOT, "scripts", script), run_name="__main__")
-  finally:
-    for s, handler in handlers.items():   # the script's module-level `signals.defer()`
-      signal.signal(s, handler)
-    for name in set(flags.FLAGS) - before:
-      if name in flags.FLAGS:   # a short name goes with its flag
-        delattr(flags.FLAGS, name)
+  with in_process.restored_process_state():
+    sys.argv = [f"scripts/{script}", *argv]
+    runpy.run_path(os.path.join(in_process.ROOT, "scripts", script), run_name="__main__")
   return parsed[0]
 
 

@@ -2,17 +2,15 @@
 would swallow its input."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.scripts.in_process import run_script
 
 
 def run(*args):
-  return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "preprocess.py"), *args],
-                        capture_output=True, text=True, cwd=ROOT, timeout=300)
+  """scripts/preprocess.py ARGS, in this process (its exit code, stdout and stderr)."""
+  return run_script("preprocess.py", *args)
 
 
 def _tsv(path, n=4):
