@@ -73,7 +73,6 @@ SLOW_CASES = {
     "tests/offload/test_move_tier.py::test_table_changes_tier_on_resume[host]",
     "tests/elastic/test_supervisor.py::test_requested_stop_waits_for_the_check_step_not_a_periodic_checkpoint",
     "tests/elastic/test_supervisor.py::test_lost_slot_rejoins",
-    "tests/planner/test_plan_script.py::test_a_plan_file_is_priced_and_checked_as_train_py_checks_it",
     "tests/offload/test_trainer_faults.py::test_eval_batches_bigger_than_the_cache_are_evaluated_in_pieces",
     "tests/models/test_two_tower_bags.py::test_the_same_bag_in_another_order_is_the_same_item[False]",
     "tests/train/test_logq.py::test_one_and_eight_devices_match_and_a_checkpoint_keeps_the_estimator",

@@ -188,7 +188,6 @@ def test_gin_file_features_come_from_experiment_config_embedding(tmp_path, tsv_f
       ("user", "ta", 16, 1), ("item", "ta", 16, 2), ("ctx", "tb", 5, 1)]
 
 
-@pytest.mark.slow   # script runs
 def test_categorical_column_count_flag_then_gin_binding_then_features(tmp_path, tsv_file):
   """`open_source.num_categorical` (what training reads that TSV with) was ignored: only
   `--num_categorical` or the feature count was used. Each must match the features."""

@@ -57,6 +57,7 @@ def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
   with restored_process_state(), contextlib.redirect_stdout(out), \
       contextlib.redirect_stderr(err):
     stream, handler.stream = handler.stream, err
+    absl_logging.use_absl_handler()   # app.run adds it in its first call only
     os.chdir(ROOT)
     sys.argv = [path, *args]
     try:

@@ -33,7 +33,6 @@ def test_output_holding_the_input_is_refused(tmp_path):
   assert r.returncode == 0 and "wrote 4 examples" in r.stdout, r.stderr
 
 
-@pytest.mark.slow   # 25-45 s of script runs: kept out of the default suite for its time
 def test_ignored_or_misread_flags_are_errors(tmp_path):
   """A misspelled --gin_bindings configurable was skipped (skip_unknown), a gin error
   had no `file:line` for a missing file and printed log lines, extra arguments were
