@@ -9,9 +9,13 @@ exit. Within `defer()` (first thing in scripts/launch.py, train.py, plan.py, pre
 and convert_checkpoint.py, before jax is imported; train.py keeps SIGINT deferred through
 training, checked before each step) the handlers only record the signal; `check()`,
 called where the program can act, raises it: KeyboardInterrupt for SIGINT,
-`TerminateRequested` for SIGTERM. A second signal before a `check()` raises at once (the
-user insists); one still recorded when `deferred()` ends goes to the handler before it.
-Within `immediate()` (a wait that may stop anywhere, e.g. reading input from a pipe, which
+`TerminateRequested` for SIGTERM. A second signal, before a `check()` or while the
+program stops after one (its clean-up, a checkpoint save in flight), stops the process at
+once: one line on stderr (`on_second_signal` says what was interrupted), then
+`os._exit(128 + signal)`. A KeyboardInterrupt raised there instead was lost inside a gc
+callback, and mid-compile segfaulted at exit; what is left is what a SIGKILL leaves
+(checkpoints are committed by a rename, temporary output is named `*tmp-*`). One still
+recorded when `deferred()` ends goes to the handler before it. Within `immediate()` (a wait that may stop anywhere, e.g. reading input from a pipe, which
 would otherwise wait on) a signal raises at once too.
 Stdlib only: importing this module imports no jax.
 """
@@ -19,12 +23,17 @@ Stdlib only: importing this module imports no jax.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 from typing import Iterator, Sequence
 
 _pending: list[int] = []     # signals received and not yet raised by `check()`
 _immediate: list[int] = []   # one entry per `immediate()` body running
+_stopping: list[int] = []    # signals raised (`check()`, `immediate()`): the program stops
+_second_line: list = []      # [callable(signal name) -> str]: `on_second_signal`
+_exit = os._exit             # pylint: disable=protected-access
 
 
 class TerminateRequested(BaseException):
@@ -36,16 +45,42 @@ def _exception(signum: int) -> BaseException:
 
 
 def _record(signum, frame):  # pylint: disable=unused-argument
-  if _pending or _immediate:  # a second one, or in a wait: raise now
-    _pending.clear()
+  if _pending or _stopping:   # a second one: the user insists
+    _stop_now(signum)
+  if _immediate:              # in a wait: raise now
+    _stopping.append(signum)
     raise _exception(signum)
   _pending.append(signum)
+
+
+def on_second_signal(line) -> None:
+  """`line(signal name) -> str`: what a second signal prints before the process exits
+  (what was interrupted, what is left and what the next run does with it)."""
+  _second_line[:] = [line]
+
+
+def _stop_now(signum: int) -> None:
+  """Writes the `on_second_signal` line to stderr (unbuffered: the handler may run inside
+  a print) and exits with 128 + `signum`, running no clean-up, finaliser or atexit hook."""
+  name = signal.Signals(signum).name
+  try:
+    text = _second_line[0](name) if _second_line else f"error: interrupted again by {name}"
+  except Exception as e:  # pylint: disable=broad-except
+    text = f"error: interrupted again by {name} ({type(e).__name__} composing the message)"
+  try:
+    sys.stderr.flush()
+  except Exception:  # pylint: disable=broad-except
+    pass
+  os.write(2, (text.rstrip("\n") + "\n").encode(errors="replace"))
+  _pending.clear()   # (only a patched `_exit` returns: nothing is sent again after it)
+  _exit(128 + signum)
 
 
 def check() -> None:
   """Raises the signal recorded since the last check, if any (KeyboardInterrupt for
   SIGINT, `TerminateRequested` for SIGTERM)."""
   if _pending:
+    _stopping.append(_pending[-1])
     raise _exception(_pending.pop())
 
 
@@ -76,6 +111,8 @@ def undefer(previous: dict) -> None:
   again, to them."""
   for s, handler in previous.items():
     signal.signal(s, handler)
+  if previous:   # the deferral is over: its stop has been handled
+    _stopping.clear()
   if _pending and _pending[0] in previous:
     signal.raise_signal(_pending.pop())
 

@@ -100,6 +100,11 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
     logging.get_absl_handler().addFilter(_QuietOrbax())
+  # a second signal exits at once, before any clean-up: `*tmp-*` names are never read
+  signals.on_second_signal(lambda name: (
+      f"error: interrupted again by {name} (exited at once): nothing was written to --output "
+      f"{_OUTPUT.value}; temporary files named '*tmp-*' beside or inside it may be left "
+      "(every conversion ignores them: remove them when you like)"))
   try:
     print(run())
   except JaxrecError as e:

@@ -70,6 +70,9 @@ flags.DEFINE_bool("quiet", False, "Do not echo events to stderr.")
 def main(argv):
   # SIGINT / SIGTERM outside the supervisor's loop (which reports its own): importing,
   # loading the config, stopping the workers. It names the checkpoint to resume from, too.
+  # A second one exits at once; the workers die with the supervisor (PR_SET_PDEATHSIG).
+  signals.on_second_signal(lambda name: "error: " + procs.interrupted_text(
+      argv[1:], name, again=True))
   with launch.user_errors(interrupted=lambda name: procs.interrupted_text(argv[1:], name)):
     from jaxrec.elastic import supervisor  # pylint: disable=import-outside-toplevel
     signals.check()

@@ -198,6 +198,9 @@ def main(argv):
   del argv   # cli_flags.parse refuses arguments that are not flags
   from jaxrec import launch  # pylint: disable=import-outside-toplevel
   cached = []   # the calibration file, once written
+  # a second signal exits at once: what is written so far is as the first one's line says
+  signals.on_second_signal(lambda name: "error: " + _interrupted_text(
+      f"{name} again (exited at once)", cached))
   with launch.user_errors(interrupted=lambda name: _interrupted_text(name, cached)):
     _check_flags()
     from jaxrec import planner  # pylint: disable=import-outside-toplevel

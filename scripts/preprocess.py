@@ -132,6 +132,12 @@ def main(argv):
   from jaxrec.data import binary
   from jaxrec.errors import JaxrecError
   from jaxrec.launch import user_message
+  # a second signal exits at once, before `discard`: the next run into --output (no
+  # manifest there) writes its own shards and manifest, and reads no other file
+  signals.on_second_signal(lambda name: (
+      f"interrupted again ({'Ctrl-C' if name == 'SIGINT' else name}, exited at once): no "
+      f"dataset written to {FLAGS.output} (the shards written so far are left, without a "
+      "manifest; the next run into it writes over them)"))
   try:
     if not FLAGS.input or not FLAGS.output:
       raise JaxrecError("--input and --output are required")

@@ -23,6 +23,7 @@ _STARTUP = signals.defer(signals.STOP_SIGNALS[:1] if elastic.is_supervised()
 
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
+from jaxrec.elastic import procs  # noqa: E402  (no jax; the signal lines use it)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory (metrics, checkpoints, config).")
@@ -52,6 +53,17 @@ flags.DEFINE_string("memory_per_device", None, "Device memory budget for the pla
 flags.DEFINE_bool("progress", True, "Show a progress bar when stderr is a terminal.")
 
 
+def _second_signal_text(name: str) -> str:
+  """A second signal exits at once: a checkpoint save in flight is dropped (never
+  committed), so the latest one on disk is where the same command resumes."""
+  workdir = FLAGS.workdir if FLAGS.is_parsed() else None
+  return "error: " + procs.checkpoint_text(workdir, f"interrupted again by {name} (exited at "
+                                           "once)")
+
+
+signals.on_second_signal(_second_signal_text)
+
+
 def main(argv):
   # Library chatter (orbax, jax) at WARNING; jaxrec's own progress lines at INFO.
   absl_logging.set_verbosity(absl_logging.WARNING)
@@ -59,7 +71,6 @@ def main(argv):
   del argv   # cli_flags.parse refuses arguments that are not flags
   elastic.initialize_from_env()  # a worker of scripts/launch.py joins its job; else no-op
   from jaxrec import launch  # pylint: disable=import-outside-toplevel
-  from jaxrec.elastic import procs  # pylint: disable=import-outside-toplevel
   with launch.user_errors(interrupted=lambda name: procs.checkpoint_text(
       FLAGS.workdir, f"interrupted by {name}")):
     signals.check()

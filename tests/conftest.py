@@ -50,7 +50,9 @@ def _signal_handlers_kept():
   after = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}
   for s, handler in before.items():
     signal.signal(s, handler)
-  signals._pending.clear()  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  for state in (signals._pending, signals._stopping, signals._second_line):
+    state.clear()
   changed = [signal.Signals(s).name for s in before if after[s] is not before[s]]
   assert not changed, f"the test left the handler of {changed} changed"
 

@@ -44,14 +44,19 @@ def latest_checkpoint(workdir: str) -> int | None:
   return max(steps) if steps else None
 
 
-def interrupted_text(train_argv: list[str], signal_name: str = "SIGINT") -> str:
+def interrupted_text(train_argv: list[str], signal_name: str = "SIGINT",
+                     again: bool = False) -> str:
   """What the launcher prints for a signal outside the supervisor's loop (importing,
   loading the config, stopping the workers): the latest checkpoint of the train flags'
-  `--workdir`, as the supervisor's `give_up` says it, or that none was saved."""
+  `--workdir`, as the supervisor's `give_up` says it, or that none was saved. `again`: a
+  second signal, on which the launcher exits at once (its workers die with it)."""
   try:
     workdir = TrainArgs.parse(train_argv).workdir
   except ConfigError:   # no --workdir: nothing can have been saved
     workdir = None
+  if again:
+    return checkpoint_text(workdir, f"interrupted again by {signal_name} (exited at once; "
+                           "the workers are killed with the launcher)")
   return checkpoint_text(workdir, f"interrupted by {signal_name}")
 
 

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -19,13 +20,15 @@ from tests.elastic import elastic_testlib as t
 
 _WRAPPER = r"""
 import gc, importlib.abc, os, runpy, signal, sys
-SIG, MOMENT, PIDS = getattr(signal, sys.argv[1]), sys.argv[2], sys.argv[3]
+SIG, MOMENT, PIDS = getattr(signal, sys.argv[1].split("*")[0]), sys.argv[2], sys.argv[3]
+TIMES = int((sys.argv[1].split("*") + ["1"])[1])   # SIGINT*2: twice in the same callback
 sys.argv = sys.argv[4:]
 armed = []
 def in_gc_callback(phase, info):   # the handler runs inside this callback
   if armed and phase == "start":
     armed.clear()
-    os.kill(os.getpid(), SIG)
+    for _ in range(TIMES):
+      os.kill(os.getpid(), SIG)
 gc.callbacks.append(in_gc_callback)
 def fire_in_gc():
   armed.append(1)
@@ -59,19 +62,22 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def _run(tmp_path, sig, moment, script, args):
+def _run(tmp_path, sig, moment, script, args, again=""):
+  """`again`: send the signal twice (the second exits at once; its line says `again`)."""
   w, pids = tmp_path / "w", tmp_path / "pids"
   (w / "checkpoints" / "10").mkdir(parents=True)
   proc = subprocess.run(
-      [sys.executable, "-c", _WRAPPER, sig.name, moment, str(pids),
+      [sys.executable, "-c", _WRAPPER, sig.name + ("*2" if again else ""), moment, str(pids),
        os.path.join(t.ROOT, "scripts", script), *args, f"--workdir={w}", *t.TINY,
        "--num_steps=40"],
       capture_output=True, text=True, env=t.env(), cwd=t.ROOT, timeout=300)
   assert proc.returncode == 128 + sig, proc.stderr[-3000:]
   where = os.path.join(w, "checkpoints")
   assert proc.stderr.splitlines()[-1] == (
-      f"error: interrupted by {sig.name}. Stopping; the latest checkpoint is step 10 in "
-      f"{where} (run the same command again to resume)."), proc.stderr[-3000:]
+      f"error: interrupted {'again ' if again else ''}by {sig.name}{again}. Stopping; the latest "
+      f"checkpoint is step 10 in {where} (run the same command again to resume)."
+  ), proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
   return [int(p) for p in pids.read_text().split()] if pids.exists() else []
 
 
@@ -97,3 +103,36 @@ def test_a_signal_at_any_moment_of_the_launch_stops_it_cleanly(tmp_path, sig, mo
 def test_a_signal_while_the_trainer_starts_stops_it_cleanly(tmp_path, sig, moment):
   """scripts/train.py alone: the same exposure while it imports and reads its config."""
   _run(tmp_path, sig, moment, "train.py", [])
+
+
+def _gone(pid: int, timeout: float = 10.0) -> bool:
+  """Whether process `pid` ends (or is a zombie, dead but not reaped) within `timeout` s."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+          return True
+    except FileNotFoundError:
+      return True
+    time.sleep(0.05)
+  return False
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_exits_the_launcher_at_once_and_its_workers_die(tmp_path):
+  """Two Ctrl-C in jax's gc callback: the second raised there was swallowed (and the first
+  with it: the job ran on). Now the launcher exits at once, without waiting for its
+  workers, which die with it (PR_SET_PDEATHSIG)."""
+  started = _run(tmp_path, signal.SIGINT, "spawn", "launch.py",
+                 ["--quiet", "--num_processes=2",
+                  f"--train_script={os.path.join(t.ROOT, 'tests', 'elastic', 'fake_train.py')}",
+                  "--"], again=" (exited at once; the workers are killed with the launcher)")
+  assert started
+  for pid in started:
+    assert _gone(pid), f"worker {pid} outlived the launcher"
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_while_the_trainer_starts_exits_at_once(tmp_path):
+  _run(tmp_path, signal.SIGINT, "gc", "train.py", [], again=" (exited at once)")

@@ -4,7 +4,7 @@
 
 The signal is sent from inside a gc callback, where Python runs its handler: an exception
 the handler raises there is printed as ignored (as in jax's `_xla_gc_callback`) and the
-script goes on. Moments:
+script goes on. `SIGINT*2:...` sends it twice there (the second exits at once). Moments:
 
   compile    scripts/train.py: the first train step (its trace and XLA compile)
   records    scripts/preprocess.py: converting the first chunk's rows to records
@@ -29,9 +29,10 @@ _armed = []
 
 def _send_in_gc(phase, info):  # pylint: disable=unused-argument
   if _armed and phase == "start":
-    sig = _armed.pop()
+    sig, times = _armed.pop()
     print(f"signal_points: {sig.name}", file=sys.stderr, flush=True)
-    os.kill(os.getpid(), sig)
+    for _ in range(times):
+      os.kill(os.getpid(), sig)
 
 
 def _during_first_call(fn, sig):
@@ -59,7 +60,8 @@ def _patch(module: str, name: str, make) -> None:
 
 def main():
   sig_name, _, moment = os.environ["JAXREC_TEST_SIGNAL"].partition(":")
-  sig = signal.Signals[sig_name]
+  sig_name, _, times = sig_name.partition("*")
+  sig = (signal.Signals[sig_name], int(times or 1))
   gc.callbacks.append(_send_in_gc)
   first = functools.partial(_during_first_call, sig=sig)
   if moment == "compile":   # the step function that make_train_step returns

@@ -17,11 +17,12 @@ import pytest
 from tests.elastic import elastic_testlib as t
 
 
-def _run(sig, moment, script, *args):
+def _run(sig, moment, script, *args, times=1):
+  """`script` with `args`, sent `sig` `times` times at `moment` (signal_points.py)."""
   return subprocess.run(
       [sys.executable, os.path.join(t.ROOT, "tests", "scripts", "signal_points.py"), script,
        *args], capture_output=True, text=True, cwd=t.ROOT, timeout=300,
-      env=t.env(JAXREC_TEST_SIGNAL=f"{sig.name}:{moment}"))
+      env=t.env(JAXREC_TEST_SIGNAL=f"{sig.name}*{times}:{moment}"))
 
 
 @pytest.mark.slow
@@ -45,15 +46,20 @@ def test_a_signal_during_the_first_compile_stops_after_that_step(tmp_path, sig):
       "resumes from it"), proc.stderr[-3000:]
 
 
+def _tsv(tmp_path):
+  """A 50-row Criteo TSV file in `tmp_path`."""
+  line = "\t".join(["1", *map(str, range(13)), *(f"{k:x}" for k in range(26))])
+  (tmp_path / "in.tsv").write_text((line + "\n") * 50)
+  return tmp_path / "in.tsv"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_while_preprocessing_leaves_no_dataset(tmp_path, sig):
   """Both were lost in the gc callback (the dataset was written, exit 0); raised anywhere,
   one inside the clean-up left shards behind."""
-  line = "\t".join(["1", *map(str, range(13)), *(f"{k:x}" for k in range(26))])
-  (tmp_path / "in.tsv").write_text((line + "\n") * 50)
   out = tmp_path / "out"
-  proc = _run(sig, "records", "scripts/preprocess.py", f"--input={tmp_path / 'in.tsv'}",
+  proc = _run(sig, "records", "scripts/preprocess.py", f"--input={_tsv(tmp_path)}",
               f"--output={out}", "--rows=100", "--shard_examples=10")
   assert proc.returncode == 128 + sig, proc.stderr[-3000:]
   assert proc.stderr.splitlines()[-1] == (
@@ -102,3 +108,41 @@ def test_a_signal_while_calibrating_writes_no_calibration(tmp_path, sig):
       f"error: interrupted by {sig.name}. Stopping; not written: the calibration (the cache "
       "file is unchanged)."), proc.stderr[-3000:]
   assert not cache.exists()
+
+
+@pytest.mark.slow
+def test_a_second_signal_while_preprocessing_exits_and_the_next_run_writes_over(tmp_path):
+  """The second Ctrl-C raised in the gc callback was swallowed with the first (the dataset
+  was written, exit 0). Now it exits at once; what it leaves is not a dataset, and the
+  next run into the same --output writes one."""
+  out = tmp_path / "out"
+  args = [f"--input={_tsv(tmp_path)}", f"--output={out}", "--rows=100", "--shard_examples=10"]
+  proc = _run(signal.SIGINT, "records", "scripts/preprocess.py", *args, times=2)
+  assert proc.returncode == 130, proc.stderr[-3000:]
+  assert proc.stderr.splitlines()[-1] == (
+      f"interrupted again (Ctrl-C, exited at once): no dataset written to {out} (the shards "
+      "written so far are left, without a manifest; the next run into it writes over them)")
+  assert not (out / "manifest.json").exists()
+  again = subprocess.run([sys.executable, "scripts/preprocess.py", *args], capture_output=True,
+                         text=True, cwd=t.ROOT, timeout=300, env=t.env())
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert (out / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_a_second_signal_while_converting_leaves_tmp_that_the_next_run_ignores(
+    tmp_path, checkpoints):
+  out = tmp_path / "out" / "x.npz"
+  args = [f"--checkpoint_dir={checkpoints}", f"--output={out}", "--format=npz"]
+  proc = _run(signal.SIGTERM, "export", "scripts/convert_checkpoint.py", *args, times=2)
+  assert proc.returncode == 143, proc.stderr[-3000:]
+  assert proc.stderr.splitlines()[-1] == (
+      f"error: interrupted again by SIGTERM (exited at once): nothing was written to --output "
+      f"{out}; temporary files named '*tmp-*' beside or inside it may be left (every "
+      "conversion ignores them: remove them when you like)"), proc.stderr[-3000:]
+  left = os.listdir(tmp_path / "out")
+  assert [n.startswith("x.npz.tmp-") for n in left] == [True], left
+  again = subprocess.run([sys.executable, "scripts/convert_checkpoint.py", *args],
+                         capture_output=True, text=True, cwd=t.ROOT, timeout=300, env=t.env())
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert out.exists()

@@ -4,6 +4,8 @@ import contextlib
 import gc
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -36,12 +38,72 @@ def test_a_signal_in_a_gc_callback_is_raised_at_the_next_check(sig, raised):
   assert [signal.getsignal(s) for s in signals.STOP_SIGNALS] == before
 
 
-def test_a_second_signal_before_a_check_raises_at_once():
+class _Exited(BaseException):
+  """What the patched `os._exit` raises: the code the process would have exited with."""
+
+
+@pytest.fixture(name="exits")
+def _exits(monkeypatch):
+  def fake_exit(code):
+    raise _Exited(code)
+  monkeypatch.setattr(signals, "_exit", fake_exit)
+
+
+def _second_signal_exit(sig) -> int:
+  with pytest.raises(_Exited) as e:
+    os.kill(os.getpid(), sig)
+  return e.value.args[0]
+
+
+@pytest.mark.usefixtures("exits")
+def test_a_second_signal_before_a_check_exits_at_once_with_the_line(capfd):
+  """It raised KeyboardInterrupt, which a gc callback swallowed (and cleared the first)."""
+  signals.on_second_signal(lambda name: f"error: interrupted again by {name}; checkpoint 3")
   with signals.deferred():
     os.kill(os.getpid(), signal.SIGTERM)
+    assert _second_signal_exit(signal.SIGINT) == 130
+  assert capfd.readouterr().err == "error: interrupted again by SIGINT; checkpoint 3\n"
+
+
+@pytest.mark.usefixtures("exits")
+def test_a_signal_while_stopping_after_a_check_exits_at_once(capfd):
+  """The clean-up after the first (a checkpoint save in flight, removing temporary output)
+  is not waited for: a second signal there exits too, with 128 + its number."""
+  with signals.deferred():
+    os.kill(os.getpid(), signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
-      os.kill(os.getpid(), signal.SIGINT)
-    signals.check()   # nothing left
+      signals.check()
+    assert _second_signal_exit(signal.SIGTERM) == 143
+  assert capfd.readouterr().err == "error: interrupted again by SIGTERM\n"   # no line given
+  with signals.deferred():   # a new deferral starts afresh: the first is recorded again
+    os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+      signals.check()
+
+
+@pytest.mark.usefixtures("exits")
+def test_a_failing_line_still_exits(capfd):
+  signals.on_second_signal(lambda name: {}["workdir"])
+  with signals.deferred():
+    os.kill(os.getpid(), signal.SIGINT)
+    assert _second_signal_exit(signal.SIGINT) == 130
+  assert capfd.readouterr().err == (
+      "error: interrupted again by SIGINT (KeyError composing the message)\n")
+
+
+@pytest.mark.slow
+def test_a_second_signal_inside_a_gc_callback_exits_the_process(tmp_path):
+  """In a process of its own (it exits): sent where a raise is swallowed, the second
+  signal still ends it, with its line and 130, and nothing after it runs."""
+  code = (f"import sys; sys.path.insert(0, {repr(os.getcwd())}); import os, signal\n"
+          "from tests.train.test_signals import _signal_inside_a_gc_callback as send\n"
+          "from jaxrec import signals\n"
+          "signals.defer(); signals.on_second_signal(lambda n: 'second ' + n)\n"
+          "send(signal.SIGINT); send(signal.SIGINT)\n"
+          "print('went on')\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=60, cwd=tmp_path)
+  assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "second SIGINT\n")
 
 
 def test_a_signal_still_recorded_at_the_end_goes_to_the_previous_handler():
@@ -77,10 +139,11 @@ def test_within_immediate_a_signal_raises_at_once():
   sender = threading.Thread(target=lambda: (os.kill(os.getpid(), signal.SIGINT),
                                             time.sleep(2), os.write(w, b"x")))
   with signals.deferred():
+    os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.raises(signals.TerminateRequested), signals.immediate():
+      pass   # one recorded before: raised on entry
+  with signals.deferred():   # a new deferral (a second signal in this one would exit)
     try:
-      os.kill(os.getpid(), signal.SIGTERM)
-      with pytest.raises(signals.TerminateRequested), signals.immediate():
-        pass   # one recorded before: raised on entry
       with pytest.raises(KeyboardInterrupt), signals.immediate():
         sender.start()
         os.read(r, 1)
