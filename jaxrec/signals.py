@@ -78,8 +78,9 @@ def _stop_now(signum: int) -> None:
 
 def check() -> None:
   """Raises the signal recorded since the last check, if any (KeyboardInterrupt for
-  SIGINT, `TerminateRequested` for SIGTERM)."""
-  if _pending:
+  SIGINT, `TerminateRequested` for SIGTERM). Off the main thread (e.g. a prefetch thread
+  running the same code) it does nothing: the main thread's next check raises it."""
+  if _pending and threading.current_thread() is threading.main_thread():
     _stopping.append(_pending[-1])
     raise _exception(_pending.pop())
 

@@ -32,6 +32,7 @@ import tensorstore as ts
 from absl import logging
 from etils import epath
 
+from jaxrec import signals
 from jaxrec.checkpoint import storage
 from jaxrec.checkpoint import tables as tables_lib
 from jaxrec.errors import CheckpointError, ConfigError
@@ -175,6 +176,7 @@ class StoredTable:
     other arrays keep their initial values), block by block, widening as configured."""
     for name, array in self.arrays.items():
       for start, block in storage.row_blocks(array):
+        signals.check()   # Ctrl-C: between blocks (the next run writes the store afresh)
         store.write_block(name, start, block)
 
 

@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
+from jaxrec import signals
 from jaxrec.checkpoint import canonical as canonical_lib
 from jaxrec.checkpoint import dequantized as dequantized_lib
 from jaxrec.checkpoint.canonical import fingerprint_np
@@ -425,6 +426,7 @@ def _read_array(l, name_of, abstract, sharding, handles, prints) -> jax.Array:
     by_block.setdefault(_bounds(index, shape), []).append(device)
   placed = {}
   for bounds, devices in by_block.items():
+    signals.check()   # Ctrl-C during a long restore: between blocks (nothing is written)
     mine = owners[bounds].process_index == jax.process_index()
     block = _read_block(l, name_of, shape, dtype, bounds, handles,
                         prints if mine else {})

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
-from jaxrec import tree_copy
+from jaxrec import signals, tree_copy
 from jaxrec.embedding import table_init
 from jaxrec.embedding.specs import TableSpec
 from jaxrec.errors import ConfigError
@@ -181,6 +181,7 @@ class TableStore:
     rows = self.spec.rows
     arr = self.readers[TABLE]
     for start in range(0, rows, _INIT_BLOCK_ROWS):
+      signals.check()   # Ctrl-C: between blocks (a fresh run writes the store afresh)
       stop = min(rows, start + _INIT_BLOCK_ROWS)
       arr[start:stop].write(init_rows(key, self.spec, start, stop)).result()
 

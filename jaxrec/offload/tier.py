@@ -51,6 +51,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
+from jaxrec import signals
 from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.embedding.specs import TableSpec
@@ -220,6 +221,7 @@ class OffloadTier:
     path = snapshots.locate(directory, step, rest) if rest else None
     self._reset_all()
     for name, t in self.tables.items():
+      signals.check()   # Ctrl-C: between tables (the next run restores the stores again)
       if name in imported:
         _LOG.info("offloaded table '%s': writing its store from %s", name,
                   imported[name].where)

@@ -194,6 +194,7 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
 def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: str,
                         terminated: threading.Event | None = None) -> dict[str, Any]:
   collection, plan, info = setup(config, options, workdir=workdir)
+  signals.check()   # Ctrl-C (deferred by scripts/train.py) while planning: stop before data
   is_main = jax.process_index() == 0
   mesh = collection.mesh
   if is_main:
@@ -274,6 +275,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   start = 0
   snapshot_check = info["offload"].snapshot_check   # of the offload snapshots restores read
   try:   # an error here (no valid checkpoint, the training data) leaves nothing running
+    signals.check()   # ... as does Ctrl-C, also during the restore (between table blocks)
     restored = ckpt.restore(state, collection, init=fresh_dense, offloaded=offloaded,
                             snapshot_check=snapshot_check)
     if restored is not None:
@@ -288,6 +290,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       train_it = wrap(source)
       if restored is not None:
         set_data_state(restored)
+    signals.check()
   except BaseException:
     if tier is not None:
       tier.close()

@@ -7,6 +7,9 @@ the handler raises there is printed as ignored (as in jax's `_xla_gc_callback`) 
 script goes on. `SIGINT*2:...` sends it twice there (the second exits at once). Moments:
 
   compile    scripts/train.py: the first train step (its trace and XLA compile)
+  restore    scripts/train.py: reading the first table block of a checkpoint restore; every
+             block read takes JAXREC_TEST_BLOCK_DELAY s more (a big or slow checkpoint), and
+             one `signal_points: block read` line goes to stderr per block
   records    scripts/preprocess.py: converting the first chunk's rows to records
   export     scripts/convert_checkpoint.py: reading the first array (npz, zarr)
   copy       scripts/convert_checkpoint.py --format=checkpoint: copying the step
@@ -20,6 +23,7 @@ import os
 import runpy
 import signal
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -30,7 +34,7 @@ _armed = []
 def _send_in_gc(phase, info):  # pylint: disable=unused-argument
   if _armed and phase == "start":
     sig, times = _armed.pop()
-    print(f"signal_points: {sig.name}", file=sys.stderr, flush=True)
+    print(f"signal_points: {sig.name} at {time.time():.3f}", file=sys.stderr, flush=True)
     for _ in range(times):
       os.kill(os.getpid(), sig)
 
@@ -53,6 +57,16 @@ def _during_first_call(fn, sig):
   return wrapped
 
 
+def _slowed(read, delay: float):
+  """`read` (checkpoint.tables._read_block) taking `delay` s more per call."""
+  @functools.wraps(read)
+  def slow(*args, **kwargs):
+    time.sleep(delay)
+    print("signal_points: block read", file=sys.stderr, flush=True)
+    return read(*args, **kwargs)
+  return slow
+
+
 def _patch(module: str, name: str, make) -> None:
   mod = importlib.import_module(module)
   setattr(mod, name, make(getattr(mod, name)))
@@ -67,6 +81,9 @@ def main():
   if moment == "compile":   # the step function that make_train_step returns
     _patch("jaxrec.train.step", "make_train_step",
            lambda make: lambda *a, **k: first(make(*a, **k)))
+  elif moment == "restore":
+    delay = float(os.environ.get("JAXREC_TEST_BLOCK_DELAY", "0"))
+    _patch("jaxrec.checkpoint.tables", "_read_block", lambda read: first(_slowed(read, delay)))
   elif moment == "records":
     _patch("jaxrec.data.binary", "to_records", first)
   elif moment == "export":

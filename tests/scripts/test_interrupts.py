@@ -17,12 +17,12 @@ import pytest
 from tests.elastic import elastic_testlib as t
 
 
-def _run(sig, moment, script, *args, times=1):
+def _run(sig, moment, script, *args, times=1, **env):
   """`script` with `args`, sent `sig` `times` times at `moment` (signal_points.py)."""
   return subprocess.run(
       [sys.executable, os.path.join(t.ROOT, "tests", "scripts", "signal_points.py"), script,
        *args], capture_output=True, text=True, cwd=t.ROOT, timeout=300,
-      env=t.env(JAXREC_TEST_SIGNAL=f"{sig.name}*{times}:{moment}"))
+      env=t.env(JAXREC_TEST_SIGNAL=f"{sig.name}*{times}:{moment}", **env))
 
 
 @pytest.mark.slow
@@ -45,6 +45,27 @@ def test_a_signal_during_the_first_compile_stops_after_that_step(tmp_path, sig):
       f"stopped by SIGTERM after step 1: checkpoint 1 is saved in {where}; the same command "
       "resumes from it"), proc.stderr[-3000:]
 
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_slow_restore_stops_before_the_next_block(tmp_path):
+  """Ctrl-C waited for the whole restore, then the first compile and step (3 blocks of 1 s:
+  7.6 s from the signal to the exit on 2 cores); now the block being read ends it."""
+  w = tmp_path / "w"
+  first = subprocess.run([sys.executable, "scripts/train.py", f"--workdir={w}", *t.TINY,
+                          "--num_steps=2"], capture_output=True, text=True, cwd=t.ROOT,
+                         timeout=300, env=t.env())
+  assert first.returncode == 0, first.stderr[-3000:]
+  proc = _run(signal.SIGINT, "restore", "scripts/train.py", f"--workdir={w}", *t.TINY,
+              "--num_steps=4", JAXREC_TEST_BLOCK_DELAY="1")
+  assert proc.returncode == 130, proc.stderr[-3000:]
+  lines = proc.stderr.splitlines()
+  assert lines.count("signal_points: block read") == 1, proc.stderr[-3000:]   # of 3
+  assert lines[-1] == (f"error: interrupted by SIGINT. Stopping; the latest checkpoint is step "
+                       f"2 in {w / 'checkpoints'} (run the same command again to resume).")
+  with open(w / "metrics.jsonl") as f:   # nothing trained (or written) after the restore
+    assert max(r["step"] for r in map(json.loads, f)) == 2
+  assert os.listdir(w / "checkpoints") == ["2"]
 
 def _tsv(tmp_path):
   """A 50-row Criteo TSV file in `tmp_path`."""

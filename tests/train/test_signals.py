@@ -154,3 +154,23 @@ def test_within_immediate_a_signal_raises_at_once():
         signals.check()
       os.close(r)
       os.close(w)
+
+
+def test_a_check_off_the_main_thread_leaves_the_signal_to_the_main_thread():
+  """Code with checks (an offloaded store's writes) also runs on prefetch threads: a raise
+  there consumed the signal and ended only that thread."""
+  with signals.deferred():
+    os.kill(os.getpid(), signal.SIGINT)
+    raised = []
+
+    def in_thread():
+      try:
+        signals.check()
+      except BaseException as e:  # pylint: disable=broad-except
+        raised.append(e)
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    thread.join()
+    assert not raised
+    with pytest.raises(KeyboardInterrupt):
+      signals.check()
