@@ -15,8 +15,9 @@ once: one line on stderr (`on_second_signal` says what was interrupted), then
 `os._exit(128 + signal)`. A KeyboardInterrupt raised there instead was lost inside a gc
 callback, and mid-compile segfaulted at exit; what is left is what a SIGKILL leaves
 (checkpoints are committed by a rename, temporary output is named `*tmp-*`). One still
-recorded when `deferred()` ends goes to the handler before it. Within `immediate()` (a wait that may stop anywhere, e.g. reading input from a pipe, which
-would otherwise wait on) a signal raises at once too.
+recorded when `deferred()` ends goes to the handler before it. Within `immediate()` (a
+wait that may stop anywhere, e.g. reading input from a pipe, which would otherwise wait
+on) a signal raises at once too.
 Stdlib only: importing this module imports no jax.
 """
 
