@@ -3,8 +3,6 @@ would swallow its input."""
 
 import os
 
-import pytest
-
 from tests.scripts.in_process import run_script
 
 
