@@ -388,7 +388,7 @@ def _copy(output, mesh_shape, plan, restart_data, step_dir, step) -> tuple[int, 
   snapshot = offloaded_lib.snapshot_of(step_dir)
   snap_dest = output.parent / "offload_snapshots" / str(step)
   if snapshot is not None and snap_dest.exists():
-    raise ConfigError(f"--output: {snap_dest} (offload snapshot of step {step}) already exists")
+    _remove_leftover(snap_dest, snapshot[0], step)
   created = not output.exists()
   _mkdir(output)
   try:
@@ -418,6 +418,26 @@ def _copy(output, mesh_shape, plan, restart_data, step_dir, step) -> tuple[int, 
     signals.check()
     tmp.rename(dest)
   return step, description
+
+
+def _remove_leftover(snap_dest: epath.Path, source: str, step: int) -> None:
+  """Removes `snap_dest`, the offload snapshot of `step` beside `--output`, left by a copy
+  stopped between its renames (the snapshot's, then the step's; a second signal or a kill):
+  no checkpoint directory beside it holds `step` and it is not `source`, the snapshot
+  copied. Else a `ConfigError` naming what uses it."""
+  holders = [d / str(step) for d in snap_dest.parent.parent.iterdir()
+             if d != snap_dest.parent and (d / str(step)).is_dir()]
+  if holders or os.path.realpath(snap_dest) == os.path.realpath(source):
+    used = f"step directory {holders[0]}" if holders else "the checkpoint converted"
+    raise ConfigError(f"--output: {snap_dest} (offload snapshot of step {step}) already "
+                      f"exists and belongs to {used}: pick another --output")
+  logging.warning("--output: removing %s, an offload snapshot of step %d that no checkpoint "
+                  "holds (left by a conversion stopped before its step was written)",
+                  snap_dest, step)
+  try:
+    shutil.rmtree(snap_dest)
+  except OSError as e:
+    raise DataError(f"--output: cannot remove {snap_dest}: {e.strerror or e}") from None
 
 
 def _copy_unless_signalled(rel: str) -> bool:

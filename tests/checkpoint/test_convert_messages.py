@@ -53,6 +53,33 @@ def test_latest_without_its_snapshot_falls_back_like_a_restore(tmp_path, caplog)
   assert not (tmp_path / "w2").exists()
 
 
+def test_a_snapshot_left_by_a_killed_copy_is_replaced(tmp_path, caplog):
+  """A kill (or a second signal) between a copy's renames, its offload snapshot's then its
+  step's, left `offload_snapshots/5` with no step 5, and every later copy of step 5 was
+  refused ('already exists'). A snapshot that a checkpoint uses is still refused."""
+  from jaxrec import offload
+  snaps = _offloaded_steps(tmp_path / "w", [5])
+  w2 = tmp_path / "w2"
+  leftover = w2 / "offload_snapshots" / "5"
+  shutil.copytree(snaps / "5", leftover)
+  (leftover / "stale").write_text("")
+  with caplog.at_level("WARNING"):
+    convert.export_checkpoint(tmp_path / "w" / "checkpoints", w2 / "checkpoints")
+  assert CheckpointManager(w2 / "checkpoints", read_only=True).all_steps() == [5]
+  assert not (leftover / "stale").exists()
+  assert offload.snapshots.steps(str(w2 / "offload_snapshots")) == [5]
+  assert [r.getMessage() for r in caplog.records if "no checkpoint holds" in r.getMessage()
+          ] == [f"--output: removing {leftover}, an offload snapshot of step 5 that no "
+                "checkpoint holds (left by a conversion stopped before its step was written)"]
+  with pytest.raises(ConfigError, match=f"^--output: {leftover} .* belongs to step directory "
+                     f"{w2 / 'checkpoints' / '5'}: pick another --output$"):
+    convert.export_checkpoint(tmp_path / "w" / "checkpoints", w2 / "other")
+  shutil.move(tmp_path / "w" / "checkpoints", tmp_path / "alone")   # reads the recorded one
+  with pytest.raises(ConfigError, match="belongs to the checkpoint converted"):
+    convert.export_checkpoint(tmp_path / "alone", tmp_path / "w" / "copy")
+  assert offload.snapshots.steps(str(snaps)) == [5]
+
+
 def test_import_onto_an_existing_step_names_the_flags(tmp_path):
   """It said only '<dir>/<step> already exists'."""
   coll = h.collection("rw", 8)
