@@ -80,10 +80,10 @@ def workdir_lock(workdir: str | os.PathLike, name: str = LOCK_NAME,
 @contextlib.contextmanager
 def made_dir(path: str | os.PathLike, flag: str = "--workdir") -> Iterator[None]:
   """Creates directory `path` (and missing parents; `make_dirs`, its error naming `flag`)
-  for the body. When the body raises and
-  `path` did not exist, what this created is removed again if it holds nothing but empty
-  directories and `LOCK_NAME` files (a run refused at its start leaves no empty workdir);
-  a directory that existed before, or one holding any other file, is never removed."""
+  for the body. When the body raises and `path` did not exist, what this created is
+  removed again if it holds nothing but empty directories and `LOCK_NAME` files (a run
+  refused at its start leaves no empty workdir); a directory that existed before, or one
+  holding any other file, is never removed."""
   given, path = path, os.path.abspath(os.fspath(path))
   top = None
   if not os.path.exists(path):

@@ -127,6 +127,11 @@ def _check_paths() -> None:
                         "shards to another directory")
 
 
+def _signal_word(name: str) -> str:
+  """How the interrupted lines name signal `name`: Ctrl-C for SIGINT."""
+  return "Ctrl-C" if name == "SIGINT" else name
+
+
 def main(argv):
   del argv   # cli_flags.parse refuses arguments that are not flags
   from jaxrec.data import binary
@@ -135,7 +140,7 @@ def main(argv):
   # a second signal exits at once, before `discard`: the next run into --output (no
   # manifest there) writes its own shards and manifest, and reads no other file
   signals.on_second_signal(lambda name: (
-      f"interrupted again ({'Ctrl-C' if name == 'SIGINT' else name}, exited at once): no "
+      f"interrupted again ({_signal_word(name)}, exited at once): no "
       f"dataset written to {FLAGS.output} (the shards written so far are left, without a "
       "manifest; the next run into it writes over them)"))
   try:
@@ -162,7 +167,7 @@ def main(argv):
   except (KeyboardInterrupt, signals.TerminateRequested) as e:   # was a traceback (Ctrl-C)
     # or, on SIGTERM, shards without a manifest left in --output
     name = signals.name(e)
-    print(f"interrupted ({'Ctrl-C' if name == 'SIGINT' else name}): no dataset written to "
+    print(f"interrupted ({_signal_word(name)}): no dataset written to "
           f"{FLAGS.output} (the shards written so far were removed)", file=sys.stderr)
     sys.exit(signals.exit_code(e))
   skipped = sum(m["bad_rows"].values())

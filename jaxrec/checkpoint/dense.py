@@ -69,6 +69,7 @@ def abstract_tree(manifest, collection, target, step_dir) -> dict:
                                                    np.uint32, sharding=rep)
   return abstract
 
+
 def verify(dense, manifest, table_prints, saved_tables, step_dir) -> None:
   """Compares fingerprints of what was restored with those saved (`saved_tables`: the
   tables', `tables.saved_fingerprints`); ValueError if not."""

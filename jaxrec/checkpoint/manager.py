@@ -441,8 +441,8 @@ class CheckpointManager:
     state, fresh = {}, None
     for key in canonical_lib.DENSE_KEYS:
       if key in dense:
-        state[key] = dense_lib.wrap_keys(dense[key], target.get(key), manifest.get("key_impls", {}),
-                                       key)
+        state[key] = dense_lib.wrap_keys(dense[key], target.get(key),
+                                         manifest.get("key_impls", {}), key)
       elif key == "step":   # a tables-only checkpoint: its step is the directory's
         state[key] = jax.device_put(jnp.int32(step), NamedSharding(collection.mesh, P()))
       elif init is not None and key in (fresh := init() if fresh is None else fresh):
