@@ -60,13 +60,14 @@ def interrupted_text(train_argv: list[str], signal_name: str = "SIGINT",
   return checkpoint_text(workdir, f"interrupted by {signal_name}")
 
 
-def checkpoint_text(workdir: str | None, message: str) -> str:
+def checkpoint_text(workdir: str | None, message: str, fix: str | None = None) -> str:
   """`message`, then the latest checkpoint in `workdir` to resume from, or that none was
-  saved (just `message. Stopping.` without a workdir)."""
+  saved (just `message. Stopping.` without a workdir); `fix`: what the user must change
+  first (`events.give_up_text`)."""
   if not workdir:
     return f"{message}. Stopping."
   return give_up_text(message, latest_checkpoint(workdir),
-                      os.path.join(workdir, workdir_layout.CHECKPOINTS_DIR))
+                      os.path.join(workdir, workdir_layout.CHECKPOINTS_DIR), fix)
 
 
 def start_worker(argv: list[str], env: dict, log: IO) -> subprocess.Popen:

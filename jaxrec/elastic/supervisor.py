@@ -39,11 +39,11 @@ import sys
 import time
 from typing import IO
 
-from jaxrec import files, signals, workdir_layout
+from jaxrec import files, signals
 from jaxrec.elastic import capacity as capacity_lib
 from jaxrec.elastic import procs as proc_lib, recovery, replan, scaling, stragglers
 from jaxrec.elastic import worker as worker_lib
-from jaxrec.elastic.events import EventLog, give_up_text, read_events
+from jaxrec.elastic.events import EventLog, read_events
 from jaxrec.elastic.options import Options
 from jaxrec.errors import ConfigError
 
@@ -199,9 +199,8 @@ class Supervisor(scaling.Scaling):
         self.events.emit("recovery_failed", generation=self.generation, **details)
 
   def _give_up(self, reason: str, code: int, message: str, fix: str | None = None) -> int:
-    ckpt = proc_lib.latest_checkpoint(self.workdir)
-    text = give_up_text(message, ckpt,
-                        os.path.join(self.workdir, workdir_layout.CHECKPOINTS_DIR), fix)
+    ckpt = proc_lib.latest_checkpoint(self.workdir)   # the workers are stopped: no new one
+    text = proc_lib.checkpoint_text(self.workdir, message, fix)
     # the workers it gave up on: the next set (never started) is the next run's number
     self.events.emit("give_up", reason=reason, generation=self._launched,
                      restarts=self.restarts, checkpoint=ckpt, message=text)
