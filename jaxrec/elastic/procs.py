@@ -16,23 +16,45 @@ from jaxrec.elastic.train_args import TrainArgs
 from jaxrec.errors import ConfigError
 
 
+def _bind_like_coordinator(port: int, reuse: bool = False) -> socket.socket:
+  """A TCP socket bound where the coordination service binds port `port` (0: any): `[::]`
+  dual stack, every IPv6 and IPv4 address; `0.0.0.0` where the host has no IPv6. `reuse`:
+  SO_REUSEADDR, as the service sets it (a TIME_WAIT port is free). Raises OSError
+  (EADDRINUSE: another socket holds the port on some address)."""
+  for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+    try:
+      s = socket.socket(family, socket.SOCK_STREAM)
+    except OSError:   # no IPv6 in this kernel
+      continue
+    try:
+      if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+      if reuse:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      s.bind((host, port))
+      return s
+    except OSError as e:
+      s.close()
+      if e.errno == errno.EADDRINUSE or family == socket.AF_INET:
+        raise
+  raise OSError(errno.EAFNOSUPPORT, "no TCP socket of IPv6 or IPv4")
+
+
 def free_port() -> int:
-  """A TCP port free now; released again, so another process may take it before the
-  coordinator binds it (`port_in_use`, and the supervisor's retries)."""
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind(("127.0.0.1", 0))
+  """A TCP port free now on every address (where the coordinator binds); released again, so
+  another process may take it before the coordinator binds it (`port_in_use`, and the
+  supervisor's retries)."""
+  with _bind_like_coordinator(0) as s:
     return s.getsockname()[1]
 
 
 def port_in_use(port: int) -> bool:
-  """Whether another socket holds TCP `port` (a bind on all addresses, where the
-  coordination service binds, fails with EADDRINUSE)."""
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # a TIME_WAIT one is free
-    try:
-      s.bind(("", port))
-    except OSError as e:
-      return e.errno == errno.EADDRINUSE
+  """Whether another socket holds TCP `port` on any address (IPv4 or IPv6: the coordination
+  service binds `[::]`, and fails with EADDRINUSE)."""
+  try:
+    _bind_like_coordinator(port, reuse=True).close()
+  except OSError as e:
+    return e.errno == errno.EADDRINUSE
   return False
 
 
