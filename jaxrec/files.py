@@ -101,15 +101,27 @@ def made_dir(path: str | os.PathLike, flag: str = "--workdir") -> Iterator[None]
 
 def make_dirs(path: str | os.PathLike, flag: str = "--workdir",
               shown: str | os.PathLike | None = None) -> None:
-  """`os.makedirs(path, exist_ok=True)`; an `OSError` (a parent without write permission,
-  a file in the way) is a one-line `ConfigError`: `FLAG=SHOWN: cannot create DIR: reason`,
-  DIR the directory that failed, SHOWN the flag's value (default `path`)."""
+  """`os.makedirs(path, exist_ok=True)`; an `OSError` is a one-line `ConfigError`,
+  SHOWN the flag's value (default `path`): `FLAG=SHOWN: FILE is a file, not a directory`
+  for a file where `path` or one of its parents should be, else `FLAG=SHOWN: cannot create
+  DIR: reason` (a parent without write permission), DIR the directory that failed."""
   from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as e:
-    raise ConfigError(f"{flag}={os.fspath(shown if shown is not None else path)}: cannot "
-                      f"create {e.filename or os.fspath(path)}: {e.strerror or e}") from None
+    where = f"{flag}={os.fspath(shown if shown is not None else path)}"
+    in_the_way = _deepest_existing(os.fspath(e.filename or path))
+    if os.path.isfile(in_the_way):
+      raise ConfigError(f"{where}: {in_the_way} is a file, not a directory") from None
+    raise ConfigError(f"{where}: cannot create {e.filename or os.fspath(path)}: "
+                      f"{e.strerror or e}") from None
+
+
+def _deepest_existing(path: str) -> str:
+  """`path` or its deepest parent that exists ('' if none does)."""
+  while path and not os.path.lexists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  return path
 
 
 def _holds_only_locks(directory: str) -> bool:

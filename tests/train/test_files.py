@@ -109,7 +109,6 @@ def test_a_workdir_that_cannot_be_created_is_a_one_line_error(tmp_path, monkeypa
     _denied(monkeypatch, parent / "runs")
   else:
     (parent / "runs").write_text("")
-    reason, failed = "Not a directory", workdir   # mkdir of `w` in a file
   # its logging.shutdown would close the handlers' streams: pytest's capture
   monkeypatch.setattr(launch.logging, "shutdown", lambda: None)
   try:
@@ -119,7 +118,10 @@ def test_a_workdir_that_cannot_be_created_is_a_one_line_error(tmp_path, monkeypa
     parent.chmod(0o700)
   assert e.value.code == 1
   err = capsys.readouterr().err
-  assert err == f"error: --workdir={workdir}: cannot create {failed}: {reason}\n", err
+  if how == "file_in_the_way":   # the file in the way, not `w` (whose mkdir failed)
+    assert err == f"error: --workdir={workdir}: {failed} is a file, not a directory\n", err
+  else:
+    assert err == f"error: --workdir={workdir}: cannot create {failed}: {reason}\n", err
 
 
 def test_the_supervisors_workdir_that_cannot_be_created_is_a_one_line_error(tmp_path,
@@ -134,3 +136,18 @@ def test_the_supervisors_workdir_that_cannot_be_created_is_a_one_line_error(tmp_
                    [f"--workdir={workdir}", "--gin_file=configs/x.gin"])
   assert str(e.value) == (f"--workdir={workdir}: cannot create {tmp_path / 'runs'}: "
                           "Permission denied")
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_a_file_in_the_way_is_named_at_any_depth(tmp_path, depth):
+  """`--workdir=F/a/b` with `F` a file said `cannot create F/a: Not a directory`; `F` itself
+  said `cannot create F: File exists`."""
+  from jaxrec import files  # pylint: disable=import-outside-toplevel
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  blocker = tmp_path / "x" / "y"
+  blocker.parent.mkdir()
+  blocker.write_text("")
+  workdir = os.path.join(blocker, *["d"] * depth)
+  with pytest.raises(ConfigError) as e:
+    files.make_dirs(workdir, "--output", shown="W")
+  assert str(e.value) == f"--output=W: {blocker} is a file, not a directory"
