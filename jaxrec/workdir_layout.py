@@ -1,8 +1,9 @@
 """The directories a run keeps in its workdir `W`, named once for every reader and writer
 (the trainer, the elastic supervisor, the offload tier, the checkpoint tools):
 
-  W/checkpoints/<step>   orbax checkpoints (`CHECKPOINTS_DIR`)
-  W/offload/<table>      offloaded tables without their own `path` (`OFFLOAD_DIR`)
+  W/checkpoints/<step>         orbax checkpoints (`CHECKPOINTS_DIR`)
+  W/offload/<table>            offloaded tables without their own `path` (`OFFLOAD_DIR`)
+  W/offload_snapshots/<step>   offloaded tables of checkpoint <step> (`SNAPSHOTS_DIR`)
 
 No jax here: the supervisor imports it before any worker starts.
 """
@@ -13,6 +14,7 @@ import os
 
 CHECKPOINTS_DIR = "checkpoints"
 OFFLOAD_DIR = "offload"
+SNAPSHOTS_DIR = "offload_snapshots"
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:

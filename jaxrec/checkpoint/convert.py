@@ -386,7 +386,7 @@ def _copy(output, mesh_shape, plan, restart_data, step_dir, step) -> tuple[int, 
     raise ConfigError(f"--output {output} holds step {newer[-1]}, which a run would resume "
                       f"from instead of the copied step {step}: pick a fresh --output")
   snapshot = offloaded_lib.snapshot_of(step_dir)
-  snap_dest = output.parent / "offload_snapshots" / str(step)
+  snap_dest = offloaded_lib.snapshots_beside(output) / str(step)
   if snapshot is not None and snap_dest.exists():
     _remove_leftover(snap_dest, snapshot[0], step)
   created = not output.exists()

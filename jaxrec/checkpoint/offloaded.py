@@ -32,7 +32,7 @@ import tensorstore as ts
 from absl import logging
 from etils import epath
 
-from jaxrec import signals
+from jaxrec import signals, workdir_layout
 from jaxrec.checkpoint import storage
 from jaxrec.checkpoint import tables as tables_lib
 from jaxrec.errors import CheckpointError, ConfigError
@@ -53,7 +53,7 @@ def stored_name(table: str, store_name: str) -> str:
 def snapshots_beside(checkpoint_dir) -> epath.Path:
   """`W/offload_snapshots` of the checkpoint directory `W/checkpoints`: where the run of
   that workdir keeps its offload snapshots (`offload.snapshot_dir`)."""
-  return epath.Path(checkpoint_dir).parent / "offload_snapshots"
+  return epath.Path(checkpoint_dir).parent / workdir_layout.SNAPSHOTS_DIR
 
 
 def rejected_step(step_dir) -> int | None:
@@ -93,7 +93,7 @@ def snapshot_of(step_dir, own_only: bool = False) -> tuple[str, dict] | None:
         raise ConfigError(
             f"{beside} has no offload snapshot {label}; the one in {directory} is another "
             f"workdir's (where checkpoint {step_dir} was saved: is this workdir a copy made "
-            f"without its offload_snapshots?), which that run may replace or prune, so it is "
+            f"without its {workdir_layout.SNAPSHOTS_DIR}?), which that run may replace or prune, so it is "
             f"not read: copy {path} to {os.path.join(beside, key)} (cp -r of the whole "
             "workdir keeps it), or start afresh in an empty workdir")
       if directory != beside:   # conversion of a checkpoint directory copied alone

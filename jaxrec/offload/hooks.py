@@ -19,6 +19,7 @@ from typing import Mapping
 
 import jax
 
+from jaxrec import workdir_layout
 from jaxrec.offload import owner
 from jaxrec.offload.config import OffloadConfig, device_tables
 from jaxrec.offload.planning import plan_with_offload, with_offload_notes
@@ -26,7 +27,6 @@ from jaxrec.offload.tier import OffloadTier
 from jaxrec.sharding.plan import KINDS, Plan, is_plan_file, load_plan_file, uniform_plan
 from jaxrec.errors import ConfigError
 
-SNAPSHOT_DIR = "offload_snapshots"
 _LOG = logging.getLogger(__name__)
 
 
@@ -36,7 +36,7 @@ def emb_init_key(seed: int) -> jax.Array:
 
 
 def snapshot_dir(workdir: str) -> str:
-  return os.path.join(workdir, SNAPSHOT_DIR)
+  return os.path.join(workdir, workdir_layout.SNAPSHOTS_DIR)
 
 
 def choose_plan(config, options, mesh_shape: Mapping[str, int],

@@ -29,7 +29,6 @@ from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.errors import ConfigError, DataError, JaxrecError
 from jaxrec.files import workdir_lock, write_text_atomic
 from jaxrec import elastic, files, gin_usage, offload, planner, signals, workdir_layout
-from jaxrec.offload import hooks
 from jaxrec.offload import snapshots as snapshots_lib
 from jaxrec.sharding import mesh as mesh_lib
 from jaxrec.sharding.plan import Plan, uniform_plan
@@ -88,7 +87,7 @@ def check_workdir(workdir: str) -> None:
 # What a run writes into its workdir, in the order `outputs` names them (README's table).
 _OUTPUTS = (writers.METRICS_FILE, writers.TB_DIR + "/", workdir_layout.CHECKPOINTS_DIR + "/",
             "config.gin", "plan.json", planner.PROFILE_FILE, workdir_layout.OFFLOAD_DIR + "/",
-            hooks.SNAPSHOT_DIR + "/")
+            workdir_layout.SNAPSHOTS_DIR + "/")
 
 
 def outputs(workdir: str) -> list[str]:

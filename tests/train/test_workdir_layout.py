@@ -1,10 +1,13 @@
-"""`W/checkpoints` and `W/offload` are named once (`jaxrec.workdir_layout`): the trainer's
-checkpoint directory and results line, the supervisor's latest checkpoint and an offloaded
-table's default store all follow that one definition (each had its own literal)."""
+"""`W/checkpoints`, `W/offload` and `W/offload_snapshots` are named once
+(`jaxrec.workdir_layout`): the trainer's checkpoint directory and results line, the
+supervisor's latest checkpoint, an offloaded table's default store and the snapshots the
+trainer and the checkpoint tools find all follow that one definition (each had its own
+literal)."""
 
 import os
 
-from jaxrec import workdir_layout
+from jaxrec import offload, workdir_layout
+from jaxrec.checkpoint import offloaded
 from jaxrec.elastic import procs
 from jaxrec.offload.config import OffloadTable
 from jaxrec.train import data_adapter, loop
@@ -13,17 +16,23 @@ from jaxrec.train import data_adapter, loop
 def test_every_user_of_the_workdir_layout_follows_its_one_definition(tmp_path, monkeypatch):
   monkeypatch.setattr(workdir_layout, "CHECKPOINTS_DIR", "ckpts")
   monkeypatch.setattr(workdir_layout, "OFFLOAD_DIR", "tier")
-  monkeypatch.setattr(loop, "_OUTPUTS", ("ckpts/", "tier/"))   # built at import
+  monkeypatch.setattr(workdir_layout, "SNAPSHOTS_DIR", "snaps")
+  monkeypatch.setattr(loop, "_OUTPUTS", ("ckpts/", "tier/", "snaps/"))   # built at import
   w = str(tmp_path)
   os.makedirs(os.path.join(w, "ckpts", "7"))
   os.makedirs(os.path.join(w, "tier"))
+  os.makedirs(os.path.join(w, "snaps"))
   assert data_adapter.checkpoint_dir(w) == os.path.join(w, "ckpts")
   assert data_adapter.newest_saved_step(w) == 7
   assert procs.latest_checkpoint(w) == 7
   assert OffloadTable("big", cache_rows=4).resolve_path(w) == os.path.join(w, "tier", "big")
-  assert loop.outputs(w) == ["ckpts/", "tier/"]
+  assert offload.snapshot_dir(w) == os.path.join(w, "snaps")
+  beside = offloaded.snapshots_beside(data_adapter.checkpoint_dir(w))
+  assert str(beside) == os.path.join(w, "snaps")
+  assert loop.outputs(w) == ["ckpts/", "tier/", "snaps/"]
 
 
 def test_the_results_line_names_the_layouts_directories():
   assert f"{workdir_layout.CHECKPOINTS_DIR}/" in loop._OUTPUTS   # pylint: disable=protected-access
   assert f"{workdir_layout.OFFLOAD_DIR}/" in loop._OUTPUTS       # pylint: disable=protected-access
+  assert f"{workdir_layout.SNAPSHOTS_DIR}/" in loop._OUTPUTS     # pylint: disable=protected-access
