@@ -22,6 +22,7 @@ import logging
 import os
 from typing import Mapping
 
+from jaxrec import workdir_layout
 from jaxrec.errors import ConfigError
 
 OWNER = "OWNER"
@@ -59,9 +60,9 @@ def _check(table: str, path: str, workdir: str) -> str:
       f"offloaded table '{table}': its store '{path}' belongs to the workdir '{owner}' (its "
       f"{OWNER} file), not to this workdir '{workdir}': a run restoring from its own "
       f"checkpoints would replace the other run's tables there. Give this run a fresh "
-      f"OffloadTable.path (or leave it unset: '{workdir}/offload/<table>'); or, if no run of "
-      f"'{owner}' uses it any more, delete '{os.path.join(path, OWNER)}' and this workdir "
-      f"takes the store over")
+      f"OffloadTable.path (or leave it unset: '{workdir_layout.offload_dir(workdir, table)}'); "
+      f"or, if no run of '{owner}' uses it any more, delete '{os.path.join(path, OWNER)}' and "
+      "this workdir takes the store over")
 
 
 def _write(path: str, workdir: str, replace: bool) -> None:

@@ -6,9 +6,13 @@ literal)."""
 
 import os
 
+import pytest
+
 from jaxrec import offload, workdir_layout
 from jaxrec.checkpoint import offloaded
 from jaxrec.elastic import procs
+from jaxrec.errors import ConfigError
+from jaxrec.offload import owner
 from jaxrec.offload.config import OffloadTable
 from jaxrec.train import data_adapter, loop
 
@@ -36,3 +40,12 @@ def test_the_results_line_names_the_layouts_directories():
   assert f"{workdir_layout.CHECKPOINTS_DIR}/" in loop._OUTPUTS   # pylint: disable=protected-access
   assert f"{workdir_layout.OFFLOAD_DIR}/" in loop._OUTPUTS       # pylint: disable=protected-access
   assert f"{workdir_layout.SNAPSHOTS_DIR}/" in loop._OUTPUTS     # pylint: disable=protected-access
+
+
+def test_a_refused_store_names_the_layouts_default_path(tmp_path, monkeypatch):
+  """The refusal of another workdir's store spelled the default `W/offload/<table>` itself."""
+  monkeypatch.setattr(workdir_layout, "OFFLOAD_DIR", "tier")
+  store, w = tmp_path / "ssd" / "big", os.path.realpath(tmp_path / "w")
+  owner.claim({"big": str(store)}, str(tmp_path / "other"))
+  with pytest.raises(ConfigError, match=f"leave it unset: '{os.path.join(w, 'tier', 'big')}'"):
+    owner.claim({"big": str(store)}, w)
