@@ -93,9 +93,9 @@ def snapshot_of(step_dir, own_only: bool = False) -> tuple[str, dict] | None:
         raise ConfigError(
             f"{beside} has no offload snapshot {label}; the one in {directory} is another "
             f"workdir's (where checkpoint {step_dir} was saved: is this workdir a copy made "
-            f"without its {workdir_layout.SNAPSHOTS_DIR}?), which that run may replace or prune, so it is "
-            f"not read: copy {path} to {os.path.join(beside, key)} (cp -r of the whole "
-            "workdir keeps it), or start afresh in an empty workdir")
+            f"without its {workdir_layout.SNAPSHOTS_DIR}?), which that run may replace or "
+            f"prune, so it is not read: copy {path} to {os.path.join(beside, key)} (cp -r of "
+            "the whole workdir keeps it), or start afresh in an empty workdir")
       if directory != beside:   # conversion of a checkpoint directory copied alone
         _warn_elsewhere(path, str(step_dir), beside)
       return path, info["tables"]
