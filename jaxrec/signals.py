@@ -47,7 +47,7 @@ def _exception(signum: int) -> BaseException:
 
 def _record(signum, frame):  # pylint: disable=unused-argument
   if _pending or _stopping:   # a second one: the user insists
-    _stop_now(signum)
+    stop_now(signum)
   if _immediate:              # in a wait: raise now
     _stopping.append(signum)
     raise _exception(signum)
@@ -60,7 +60,7 @@ def on_second_signal(line) -> None:
   _second_line[:] = [line]
 
 
-def _stop_now(signum: int) -> None:
+def stop_now(signum: int) -> None:
   """Writes the `on_second_signal` line to stderr (unbuffered: the handler may run inside
   a print) and exits with 128 + `signum`, running no clean-up, finaliser or atexit hook."""
   name = signal.Signals(signum).name

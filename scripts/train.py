@@ -93,9 +93,10 @@ def main(argv):
     launch.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings)
     config = launch.build(config_lib.ExperimentConfig)
     signals.check()
-    # The trainer: SIGTERM after a checkpoint (its own handler); Ctrl-C stays recorded and
-    # is raised between steps (a KeyboardInterrupt inside the first compile was lost in a
-    # gc callback, or segfaulted at exit).
+    # The trainer: SIGTERM recorded until its first step, then after a checkpoint (its own
+    # handler, `termination`); Ctrl-C stays recorded and is raised between steps (a
+    # KeyboardInterrupt inside the first compile was lost in a gc callback, or segfaulted
+    # at exit).
     signals.undefer({s: _STARTUP.pop(s) for s in signals.STOP_SIGNALS[1:] if s in _STARTUP})
     result = loop.train_and_evaluate(config, options, FLAGS.workdir)
     signals.check()   # one after the last step's check: the run still says it stopped

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import os
-import threading
 import time
 from typing import Any
 
@@ -181,7 +180,8 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
   check_workdir(workdir)
   # a new workdir is removed again when the run is refused before it writes anything (a bad
   # --mesh or plan, data errors): no empty directory with only its lock file is left
-  # SIGTERM: checkpoint after the step in progress and raise `termination.Terminated`
+  # SIGTERM: before the first step, stop at the next `signals.check()`; then checkpoint
+  # after the step in progress and raise `termination.Terminated`
   with files.made_dir(workdir), termination.sigterm_requests(
       jax.process_count() == 1 and not elastic.is_supervised()) as terminated:
     if jax.process_index() != 0:   # the processes of one job share the workdir
@@ -191,7 +191,8 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
 
 
 def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: str,
-                        terminated: threading.Event | None = None) -> dict[str, Any]:
+                        terminated: termination.SigtermRequests | None = None
+                        ) -> dict[str, Any]:
   collection, plan, info = setup(config, options, workdir=workdir)
   signals.check()   # Ctrl-C (deferred by scripts/train.py) while planning: stop before data
   is_main = jax.process_index() == 0
@@ -333,6 +334,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
                      data_adapter.bad_row_scalars(eval=eval_data))
     while step < options.num_steps:
       signals.check()   # Ctrl-C (deferred by scripts/train.py): between steps, not mid-compile
+      if terminated is not None:   # SIGTERM from now on: a checkpoint after the step
+        terminated.training()
       t_step = time.perf_counter()
       position = train_it.get_state()["position"]
       batch = next(train_it)

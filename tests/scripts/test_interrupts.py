@@ -67,6 +67,33 @@ def test_ctrl_c_during_a_slow_restore_stops_before_the_next_block(tmp_path):
     assert max(r["step"] for r in map(json.loads, f)) == 2
   assert os.listdir(w / "checkpoints") == ["2"]
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("times", [1, 2])
+def test_sigterm_during_a_slow_restore_stops_before_the_next_block(tmp_path, times):
+  """SIGTERM only asked the trainer for a checkpoint: it waited for the whole restore, the
+  first compile and step and a save; a second one there killed the process without a
+  line. Now the block being read ends it (nothing trained: no new checkpoint), and a
+  second one exits at once with the `interrupted again` line."""
+  w = tmp_path / "w"
+  first = subprocess.run([sys.executable, "scripts/train.py", f"--workdir={w}", *t.TINY,
+                          "--num_steps=2"], capture_output=True, text=True, cwd=t.ROOT,
+                         timeout=300, env=t.env())
+  assert first.returncode == 0, first.stderr[-3000:]
+  proc = _run(signal.SIGTERM, "restore", "scripts/train.py", f"--workdir={w}", *t.TINY,
+              "--num_steps=4", times=times, JAXREC_TEST_BLOCK_DELAY="1")
+  assert proc.returncode == 143, proc.stderr[-3000:]
+  lines = proc.stderr.splitlines()
+  assert lines.count("signal_points: block read") == 1, proc.stderr[-3000:]   # of 3
+  again = " again" if times == 2 else ""
+  assert lines[-1] == (
+      f"error: interrupted{again} by SIGTERM{' (exited at once)' if again else ''}. "
+      f"Stopping; the latest checkpoint is step 2 in {w / 'checkpoints'} (run the same "
+      "command again to resume)."), proc.stderr[-3000:]
+  with open(w / "metrics.jsonl") as f:
+    assert max(r["step"] for r in map(json.loads, f)) == 2
+  assert os.listdir(w / "checkpoints") == ["2"]
+
 def _tsv(tmp_path):
   """A 50-row Criteo TSV file in `tmp_path`."""
   line = "\t".join(["1", *map(str, range(13)), *(f"{k:x}" for k in range(26))])

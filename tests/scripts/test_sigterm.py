@@ -49,15 +49,17 @@ def test_sigterm_checkpoints_the_step_and_the_same_command_resumes(tmp_path):
 
 
 def test_a_second_sigterm_stops_at_once():
-  """The first SIGTERM only asks for a checkpoint; a second one (a run stuck in a step or
-  in an evaluate-only rerun, which has no next step) kills the process as before."""
+  """The first SIGTERM of a training run only asks for a checkpoint; a second one (a run
+  stuck in a step or a save) exits at once (it killed the process without a line)."""
   code = ("import os, signal, time\n"
           "from jaxrec.train import termination\n"
           "with termination.sigterm_requests() as requested:\n"
+          "  requested.training()\n"
           "  os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2)\n"
           "  print('asked', requested.is_set(), flush=True)\n"
           "  os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"
           "  print('still running', flush=True)\n")
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                         timeout=60)
-  assert proc.returncode == -signal.SIGTERM and proc.stdout == "asked True\n", proc
+  assert proc.returncode == 143 and proc.stdout == "asked True\n", proc
+  assert proc.stderr == "error: interrupted again by SIGTERM\n", proc

@@ -1,0 +1,67 @@
+"""jaxrec.train.termination: SIGTERM before the first step stops at the next
+`signals.check()` (a restore's blocks); from the first step on it asks for a checkpoint.
+A second one exits at once with `signals`' line."""
+
+import os
+import signal
+
+import pytest
+
+from jaxrec import signals
+from jaxrec.train import termination
+
+
+class _Exited(BaseException):
+  """What the patched `os._exit` raises: the code the process would have exited with."""
+
+
+@pytest.fixture(name="exits")
+def _exits(monkeypatch):
+  def fake_exit(code):
+    raise _Exited(code)
+  monkeypatch.setattr(signals, "_exit", fake_exit)
+  monkeypatch.setattr(signals, "_second_line", [lambda name: f"again by {name}"])
+
+
+def test_sigterm_before_training_raises_at_the_next_check():
+  """It only set the event: a restore went on to its end, then the first compile, step
+  and a save."""
+  before = signal.getsignal(signal.SIGTERM)
+  with termination.sigterm_requests() as requested:
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert not requested.is_set()
+    with pytest.raises(signals.TerminateRequested):
+      signals.check()
+  assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.usefixtures("exits")
+def test_a_second_sigterm_before_training_exits_with_the_line(capfd):
+  """It killed the process without a line."""
+  with termination.sigterm_requests():
+    os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.raises(_Exited) as e:
+      os.kill(os.getpid(), signal.SIGTERM)
+  assert e.value.args == (143,)
+  assert capfd.readouterr().err == "again by SIGTERM\n"
+
+
+@pytest.mark.usefixtures("exits")
+def test_sigterm_while_training_asks_for_a_checkpoint_and_a_second_exits(capfd):
+  with termination.sigterm_requests() as requested:
+    requested.training()
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert requested.is_set()
+    signals.check()   # not raised: the loop saves after the step in progress
+    with pytest.raises(_Exited) as e:
+      os.kill(os.getpid(), signal.SIGTERM)
+  assert e.value.args == (143,)
+  assert capfd.readouterr().err == "again by SIGTERM\n"
+
+
+def test_disabled_leaves_sigterm_alone():
+  before = signal.getsignal(signal.SIGTERM)
+  with termination.sigterm_requests(enabled=False) as requested:
+    assert signal.getsignal(signal.SIGTERM) == before
+    requested.training()
+    assert signal.getsignal(signal.SIGTERM) == before and not requested.is_set()
