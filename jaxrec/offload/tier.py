@@ -58,23 +58,21 @@ from jaxrec.embedding.specs import TableSpec
 from jaxrec.errors import ConfigError, JaxrecError
 from jaxrec.offload import eval_split, owner, snapshots
 from jaxrec.offload.buffer import HostBuffer
-from jaxrec.offload.cache import CacheMap, batch_rows
+from jaxrec.offload.cache import CacheMap
 from jaxrec.offload.config import OffloadConfig, OffloadError, check_paths, check_tables
-from jaxrec.offload.device import (DeviceOps, cache_places, global_rows, install_size, pad_rows,
-                                   padded)
-from jaxrec.offload.evictions import Eviction, newest_in_flight
+from jaxrec.offload.device import DeviceOps, cache_places, global_rows, padded
+from jaxrec.offload.evictions import Eviction
 from jaxrec.offload.iterator import OffloadIterator
-from jaxrec.offload.records import PlannedBatch, TierTable
+from jaxrec.offload.lookahead import BOUNCE_SOURCES, POLL, LookAhead
+from jaxrec.offload.records import TierTable
 from jaxrec.offload.store import TableStore, assemble
 
 _LOG = logging.getLogger(__name__)   # jaxrec's: scripts/train.py shows its INFO lines
-_POLL = 0.05
 _FLUSH_CHUNK = 1 << 18
-_BOUNCE_SOURCES = 2     # evictions an install copies from (a fixed number: one compilation)
 
 
-class OffloadTier:
-  """See module docstring.
+class OffloadTier(LookAhead):
+  """See module docstring (the planner's methods: `lookahead`).
 
   Args:
     collection: the embedding collection built on `config.device_tables(...)`.
@@ -170,7 +168,7 @@ class OffloadTier:
     return self._pad.get(name, 0)
 
   def no_bounces(self, name: str, n: int) -> list:
-    """`_BOUNCE_SOURCES` bounce entries for an `n`-row install into table `name` that copy
+    """`BOUNCE_SOURCES` bounce entries for an `n`-row install into table `name` that copy
     nothing (their `dst` are all out of range), shaped as an eviction's `[n, ...]` arrays:
     the install compiles once however many real bounces it has."""
     key = (name, n)
@@ -179,7 +177,7 @@ class OffloadTier:
       ev = {k: np.zeros((n,) + t.store.array_shape(k)[1:], t.store.array_dtype(k))
             for k in t.store.names}
       self._dummies[key] = self.ops.put((ev, np.zeros(n, np.int32), np.full(n, n, np.int32)))
-    return [self._dummies[key]] * _BOUNCE_SOURCES
+    return [self._dummies[key]] * BOUNCE_SOURCES
 
   def flush(self, state: dict) -> None:
     """Writes every row of the current state (cached or buffered) to the stores; the stores
@@ -302,7 +300,7 @@ class OffloadTier:
     else:
       while True:
         try:
-          plan = self._plan_q.get(timeout=_POLL)
+          plan = self._plan_q.get(timeout=POLL)
           break
         except queue.Empty:
           self._raise_error()
@@ -326,103 +324,6 @@ class OffloadTier:
     self._reset_all()
     self._source.set_state(state)
     self._base_state = self._source.get_state()
-
-  # ============================================================================ planner
-  def _plan_next(self) -> PlannedBatch:
-    """Plans the next batch (see module docstring); runs on the planner thread."""
-    t0 = time.perf_counter()
-    horizon = self.config.horizon
-    while len(self._window) < horizon + 1 and not self._source_done:
-      try:
-        raw = next(self._source)
-      except StopIteration:   # a finite source: the batches read ahead are still planned
-        self._source_done = True
-        break
-      rows = {n: batch_rows(t.spec, t.features, raw) for n, t in self.tables.items()}
-      self._window.append((raw, self._source.get_state(), rows))
-    if not self._window:
-      raise StopIteration
-    raw, data_state, uniq = self._window.popleft()
-    seq = self._seq
-    self._seq += 1
-    ids, installs, evictions, payload, pending = dict(raw.ids), {}, [], {}, {}
-    for name, t in self.tables.items():
-      u, counts = uniq[name]
-      a = t.cache.assign(u, counts, seq, [w[2][name][0] for w in self._window])
-      self._stats["row_lookups"] += len(u)
-      self._stats["row_hits"] += a.hits
-      self._stats["id_lookups"] += int(counts.sum())
-      self._stats["id_hits"] += int(counts.sum() - counts[np.isin(u, a.rows)].sum())
-      for f in t.features:
-        ids[f] = t.cache.remap(raw.ids[f])
-      valid = np.flatnonzero(a.victims >= 0)
-      if len(valid):
-        order = valid[np.argsort(a.victims[valid])]
-        ev = Eviction(name, seq, a.victims[order], a.victim_uses[order], order)
-        with self._cv:
-          self._inflight.append(ev)
-        evictions.append(ev)
-      installs[name] = (a.slots, a.rows)
-      pending[name] = self._start_read(t, a.rows)
-    bounces = []
-    for name, t in self.tables.items():
-      slots, rows = installs[name]
-      # As many rows as the cache can take from a batch of this shape: one compilation.
-      n = self._pad[name] = max(self._pad.get(name, 0), install_size(t, raw.ids))
-      found, values = pending[name]
-      payload[name] = (global_rows(t.place, slots, n),
-                       {k: pad_rows(v, n) for k, v in values().items()})
-      for ev, src, dst in found:
-        bounces.append((name, ev, self.ops.put((pad_rows(src, n), np.pad(
-            dst, (0, n - len(dst)), constant_values=n).astype(np.int32)))))
-    any_new = any(len(rows) for _, rows in installs.values())
-    self._stats["plan_s"] += time.perf_counter() - t0
-    return PlannedBatch(seq, raw.replace(ids=ids), data_state,
-                 self.ops.put(payload) if any_new else None, installs, evictions, bounces)
-
-  def _start_read(self, t: TierTable, rows: np.ndarray):
-    """Starts fetching the newest values of missing `rows`. Returns the rows to copy on
-    the device from evictions still in flight (`[(eviction, src, dst)]`, see
-    `_in_flight`) and a function that waits for the others (`{array: [n, ...]}`; the
-    in-flight rows are left zero there)."""
-    bounce, late = self._in_flight(t, rows) if len(rows) else ([], np.zeros(0, bool))
-    found, buffered = t.buffer.get(rows[~late])
-    found_all = np.zeros(len(rows), bool)
-    found_all[np.flatnonzero(~late)[found]] = True
-    disk = ~late & ~found_all
-    read = t.store.read(rows[disk])
-    self._stats["buffer_reads"] += int(found.sum())
-    self._stats["store_reads"] += int(disk.sum())
-    self._stats["device_bounces"] += int(late.sum())
-
-    def result():
-      t0 = time.perf_counter()
-      got = read.result()
-      self._stats["read_wait_s"] += time.perf_counter() - t0
-      return assemble(t.store, len(rows), [(found_all, buffered), (disk, got)])
-    return bounce, result
-
-  def _in_flight(self, t: TierTable, rows: np.ndarray):
-    """Rows whose newest value is in an eviction not yet in the host buffer:
-    `([(eviction, src, dst)], late [n] bool)`; the install copies them on the device
-    (`evictions.newest_in_flight`; beyond `_BOUNCE_SOURCES` evictions, waits instead)."""
-    with self._cv:
-      recs = [e for e in self._inflight if e.table == t.spec.name and not e.fetched.is_set()]
-    if not recs:
-      return [], np.zeros(len(rows), bool)
-    found = newest_in_flight(recs, rows, self.config.max_staleness)
-    if found.stale.any():
-      self._stats["stale_rows"] += int(found.stale.sum())
-      self._stats["max_stale_updates"] = max(self._stats["max_stale_updates"],
-                                             int(found.missing[found.stale].max()))
-    groups = found.groups(recs)
-    for k, _, dst in groups[:-_BOUNCE_SOURCES]:   # rare: more than an install takes; wait
-      self._stats["fetch_waits"] += 1
-      while not recs[k].fetched.wait(_POLL):
-        if self._stop.is_set() or self._error is not None:
-          raise OffloadError("offload pipeline stopped")
-      found.late[dst] = False
-    return [(recs[k], src, dst) for k, src, dst in groups[-_BOUNCE_SOURCES:]], found.late
 
   # ============================================================================ threads
   def _reset_pipeline_state(self) -> None:
@@ -482,7 +383,7 @@ class OffloadTier:
           self._plan_q.get_nowait()
         except queue.Empty:
           pass
-        th.join(_POLL)
+        th.join(POLL)
     self._threads = []
 
   def _reset_all(self) -> None:
@@ -527,7 +428,7 @@ class OffloadTier:
         plan = None   # end of the source, after the plans queued (not an error: no abort)
       while not self._stop.is_set():
         try:
-          self._plan_q.put(plan, timeout=_POLL)
+          self._plan_q.put(plan, timeout=POLL)
           break
         except queue.Full:
           pass
@@ -550,10 +451,10 @@ class OffloadTier:
   def _write_loop(self) -> None:
     while not self._stop.is_set():
       if self._paused.is_set():
-        self._stop.wait(_POLL)
+        self._stop.wait(POLL)
         continue
       for t in self.tables.values():
-        if (t.buffer.wait_fill(0.5, _POLL / len(self.tables)) and not self._stop.is_set()
+        if (t.buffer.wait_fill(0.5, POLL / len(self.tables)) and not self._stop.is_set()
             and not self._paused.is_set()):
           with self._io_lock:
             self._flush_buffer(t)
@@ -578,5 +479,5 @@ class OffloadTier:
           raise OffloadError(f"the offload tier was closed with "
                              f"{self._installed - self._fetched} evictions not yet copied to "
                              "host (their rows are lost); call flush or save before close")
-        self._cv.wait(_POLL)
+        self._cv.wait(POLL)
     self._raise_error()

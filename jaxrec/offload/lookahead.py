@@ -1,0 +1,124 @@
+"""The offload tier's look-ahead planner: what the planner thread (or, with
+`prefetch_depth=0`, the training thread) does for each batch (see `tier`'s docstring).
+
+`LookAhead` is a base of `OffloadTier`: its methods read the batches ahead, assign the rows
+of the next batch to cache slots, queue the evictions and start reading the missing rows'
+newest values. The state they use (`_window`, `_inflight`, `_pad`, ...) is the tier's
+(`OffloadTier._reset_pipeline_state`).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from jaxrec.errors import OffloadError
+from jaxrec.offload.cache import batch_rows
+from jaxrec.offload.device import global_rows, install_size, pad_rows
+from jaxrec.offload.evictions import Eviction, newest_in_flight
+from jaxrec.offload.records import PlannedBatch, TierTable
+from jaxrec.offload.store import assemble
+
+POLL = 0.05
+BOUNCE_SOURCES = 2     # evictions an install copies from (a fixed number: one compilation)
+
+
+class LookAhead:
+  """Plans batch t+K of an `OffloadTier` (the tier's state; see the module docstring)."""
+
+  def _plan_next(self) -> PlannedBatch:
+    """Plans the next batch (see module docstring); runs on the planner thread."""
+    t0 = time.perf_counter()
+    horizon = self.config.horizon
+    while len(self._window) < horizon + 1 and not self._source_done:
+      try:
+        raw = next(self._source)
+      except StopIteration:   # a finite source: the batches read ahead are still planned
+        self._source_done = True
+        break
+      rows = {n: batch_rows(t.spec, t.features, raw) for n, t in self.tables.items()}
+      self._window.append((raw, self._source.get_state(), rows))
+    if not self._window:
+      raise StopIteration
+    raw, data_state, uniq = self._window.popleft()
+    seq = self._seq
+    self._seq += 1
+    ids, installs, evictions, payload, pending = dict(raw.ids), {}, [], {}, {}
+    for name, t in self.tables.items():
+      u, counts = uniq[name]
+      a = t.cache.assign(u, counts, seq, [w[2][name][0] for w in self._window])
+      self._stats["row_lookups"] += len(u)
+      self._stats["row_hits"] += a.hits
+      self._stats["id_lookups"] += int(counts.sum())
+      self._stats["id_hits"] += int(counts.sum() - counts[np.isin(u, a.rows)].sum())
+      for f in t.features:
+        ids[f] = t.cache.remap(raw.ids[f])
+      valid = np.flatnonzero(a.victims >= 0)
+      if len(valid):
+        order = valid[np.argsort(a.victims[valid])]
+        ev = Eviction(name, seq, a.victims[order], a.victim_uses[order], order)
+        with self._cv:
+          self._inflight.append(ev)
+        evictions.append(ev)
+      installs[name] = (a.slots, a.rows)
+      pending[name] = self._start_read(t, a.rows)
+    bounces = []
+    for name, t in self.tables.items():
+      slots, rows = installs[name]
+      # As many rows as the cache can take from a batch of this shape: one compilation.
+      n = self._pad[name] = max(self._pad.get(name, 0), install_size(t, raw.ids))
+      found, values = pending[name]
+      payload[name] = (global_rows(t.place, slots, n),
+                       {k: pad_rows(v, n) for k, v in values().items()})
+      for ev, src, dst in found:
+        bounces.append((name, ev, self.ops.put((pad_rows(src, n), np.pad(
+            dst, (0, n - len(dst)), constant_values=n).astype(np.int32)))))
+    any_new = any(len(rows) for _, rows in installs.values())
+    self._stats["plan_s"] += time.perf_counter() - t0
+    return PlannedBatch(seq, raw.replace(ids=ids), data_state,
+                 self.ops.put(payload) if any_new else None, installs, evictions, bounces)
+
+  def _start_read(self, t: TierTable, rows: np.ndarray):
+    """Starts fetching the newest values of missing `rows`. Returns the rows to copy on
+    the device from evictions still in flight (`[(eviction, src, dst)]`, see
+    `_in_flight`) and a function that waits for the others (`{array: [n, ...]}`; the
+    in-flight rows are left zero there)."""
+    bounce, late = self._in_flight(t, rows) if len(rows) else ([], np.zeros(0, bool))
+    found, buffered = t.buffer.get(rows[~late])
+    found_all = np.zeros(len(rows), bool)
+    found_all[np.flatnonzero(~late)[found]] = True
+    disk = ~late & ~found_all
+    read = t.store.read(rows[disk])
+    self._stats["buffer_reads"] += int(found.sum())
+    self._stats["store_reads"] += int(disk.sum())
+    self._stats["device_bounces"] += int(late.sum())
+
+    def result():
+      t0 = time.perf_counter()
+      got = read.result()
+      self._stats["read_wait_s"] += time.perf_counter() - t0
+      return assemble(t.store, len(rows), [(found_all, buffered), (disk, got)])
+    return bounce, result
+
+  def _in_flight(self, t: TierTable, rows: np.ndarray):
+    """Rows whose newest value is in an eviction not yet in the host buffer:
+    `([(eviction, src, dst)], late [n] bool)`; the install copies them on the device
+    (`evictions.newest_in_flight`; beyond `BOUNCE_SOURCES` evictions, waits instead)."""
+    with self._cv:
+      recs = [e for e in self._inflight if e.table == t.spec.name and not e.fetched.is_set()]
+    if not recs:
+      return [], np.zeros(len(rows), bool)
+    found = newest_in_flight(recs, rows, self.config.max_staleness)
+    if found.stale.any():
+      self._stats["stale_rows"] += int(found.stale.sum())
+      self._stats["max_stale_updates"] = max(self._stats["max_stale_updates"],
+                                             int(found.missing[found.stale].max()))
+    groups = found.groups(recs)
+    for k, _, dst in groups[:-BOUNCE_SOURCES]:   # rare: more than an install takes; wait
+      self._stats["fetch_waits"] += 1
+      while not recs[k].fetched.wait(POLL):
+        if self._stop.is_set() or self._error is not None:
+          raise OffloadError("offload pipeline stopped")
+      found.late[dst] = False
+    return [(recs[k], src, dst) for k, src, dst in groups[-BOUNCE_SOURCES:]], found.late
