@@ -47,15 +47,21 @@ def test_a_signal_during_the_first_compile_stops_after_that_step(tmp_path, sig):
 
 
 
-@pytest.mark.slow
-def test_ctrl_c_during_a_slow_restore_stops_before_the_next_block(tmp_path):
-  """Ctrl-C waited for the whole restore, then the first compile and step (3 blocks of 1 s:
-  7.6 s from the signal to the exit on 2 cores); now the block being read ends it."""
+def _trained_2_steps(tmp_path):
+  """W (`tmp_path/w`) after a 2-step run: checkpoint 2 for the next run to restore."""
   w = tmp_path / "w"
   first = subprocess.run([sys.executable, "scripts/train.py", f"--workdir={w}", *t.TINY,
                           "--num_steps=2"], capture_output=True, text=True, cwd=t.ROOT,
                          timeout=300, env=t.env())
   assert first.returncode == 0, first.stderr[-3000:]
+  return w
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_slow_restore_stops_before_the_next_block(tmp_path):
+  """Ctrl-C waited for the whole restore, then the first compile and step (3 blocks of 1 s:
+  7.6 s from the signal to the exit on 2 cores); now the block being read ends it."""
+  w = _trained_2_steps(tmp_path)
   proc = _run(signal.SIGINT, "restore", "scripts/train.py", f"--workdir={w}", *t.TINY,
               "--num_steps=4", JAXREC_TEST_BLOCK_DELAY="1")
   assert proc.returncode == 130, proc.stderr[-3000:]
@@ -75,11 +81,7 @@ def test_sigterm_during_a_slow_restore_stops_before_the_next_block(tmp_path, tim
   first compile and step and a save; a second one there killed the process without a
   line. Now the block being read ends it (nothing trained: no new checkpoint), and a
   second one exits at once with the `interrupted again` line."""
-  w = tmp_path / "w"
-  first = subprocess.run([sys.executable, "scripts/train.py", f"--workdir={w}", *t.TINY,
-                          "--num_steps=2"], capture_output=True, text=True, cwd=t.ROOT,
-                         timeout=300, env=t.env())
-  assert first.returncode == 0, first.stderr[-3000:]
+  w = _trained_2_steps(tmp_path)
   proc = _run(signal.SIGTERM, "restore", "scripts/train.py", f"--workdir={w}", *t.TINY,
               "--num_steps=4", times=times, JAXREC_TEST_BLOCK_DELAY="1")
   assert proc.returncode == 143, proc.stderr[-3000:]

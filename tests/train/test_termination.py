@@ -9,17 +9,11 @@ import pytest
 
 from jaxrec import signals
 from jaxrec.train import termination
+from tests.train.test_signals import _Exited, _exits  # noqa: F401  pylint: disable=unused-import
 
 
-class _Exited(BaseException):
-  """What the patched `os._exit` raises: the code the process would have exited with."""
-
-
-@pytest.fixture(name="exits")
-def _exits(monkeypatch):
-  def fake_exit(code):
-    raise _Exited(code)
-  monkeypatch.setattr(signals, "_exit", fake_exit)
+@pytest.fixture(name="second_line")
+def _second_line(monkeypatch):
   monkeypatch.setattr(signals, "_second_line", [lambda name: f"again by {name}"])
 
 
@@ -35,7 +29,7 @@ def test_sigterm_before_training_raises_at_the_next_check():
   assert signal.getsignal(signal.SIGTERM) == before
 
 
-@pytest.mark.usefixtures("exits")
+@pytest.mark.usefixtures("exits", "second_line")
 def test_a_second_sigterm_before_training_exits_with_the_line(capfd):
   """It killed the process without a line."""
   with termination.sigterm_requests():
@@ -46,7 +40,7 @@ def test_a_second_sigterm_before_training_exits_with_the_line(capfd):
   assert capfd.readouterr().err == "again by SIGTERM\n"
 
 
-@pytest.mark.usefixtures("exits")
+@pytest.mark.usefixtures("exits", "second_line")
 def test_sigterm_while_training_asks_for_a_checkpoint_and_a_second_exits(capfd):
   with termination.sigterm_requests() as requested:
     requested.training()
