@@ -20,6 +20,7 @@ from jaxrec.errors import ConfigError, DataError
 from jaxrec.sharding.plan import uniform_plan
 from tests import xla_env
 from tests.checkpoint import ckpt_helpers as h
+from tests.scripts.in_process import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -279,6 +280,8 @@ def test_train_starts_from_torchrec_import(tmp_path, dtype):
 
 
 def test_script(saved, tmp_path):
+  """The default suite's one real process of scripts/convert_checkpoint.py (the others run
+  in this process: `run_script`)."""
   path, coll, state = saved
   out = tmp_path / "c.npz"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -289,9 +292,8 @@ def test_script(saved, tmp_path):
   assert "wrote step 4" in proc.stdout
   with np.load(out) as z:
     np.testing.assert_array_equal(z["tables/t0"], _expected(coll, state)["tables/t0"])
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_checkpoint.py"),
-                         f"--checkpoint_dir={tmp_path / 'none'}", f"--output={out}",
-                         "--format=zarr"], capture_output=True, text=True, env=env, timeout=300)
+  proc = run_script("convert_checkpoint.py", f"--checkpoint_dir={tmp_path / 'none'}",
+                    f"--output={out}", "--format=zarr")
   assert proc.returncode == 1 and proc.stderr.startswith("error: no checkpoint")
 
 
@@ -492,15 +494,12 @@ def test_a_checkpoint_rotated_out_during_the_export_says_so(saved, tmp_path, mon
 
 def test_script_refuses_flags_it_would_ignore(saved, tmp_path):
   path, _, _ = saved
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  script = os.path.join(ROOT, "scripts", "convert_checkpoint.py")
   for flags, match in [
       ([f"--checkpoint_dir={path}", "--format=npz", "--mesh=row=2", "--plan=rw"],
        "error: --mesh and --plan apply to --format=checkpoint only"),
       (["--torchrec_npz=x.npz", f"--checkpoint_dir={path}", "--format=checkpoint"],
        "error: --checkpoint_dir: not used with --torchrec_npz")]:
-    proc = subprocess.run([sys.executable, script, *flags, f"--output={tmp_path / 'o'}"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = run_script("convert_checkpoint.py", *flags, f"--output={tmp_path / 'o'}")
     assert proc.returncode == 1 and proc.stderr.startswith(match), proc.stderr[-2000:]
   assert not (tmp_path / "o").exists()
 

@@ -1,10 +1,7 @@
 """Exporting a rejected checkpoint (`W/checkpoints/rejected/<step>.<reason>.<ns>`): a step
 rolled back past or superseded is kept so it can still be read, so conversion reads it."""
 
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,8 +9,7 @@ import pytest
 from jaxrec.checkpoint import CheckpointError, CheckpointManager, convert
 from jaxrec.errors import ConfigError
 from tests.checkpoint import ckpt_helpers as h
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.scripts.in_process import run_script
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +69,8 @@ def test_the_errors_point_at_the_rejected_checkpoints(rolled_back, tmp_path):
 
 def test_the_script_exports_a_rejected_step(rolled_back, tmp_path):
   _, rejected, _, _ = rolled_back
-  out = subprocess.run([sys.executable, "scripts/convert_checkpoint.py",
-                        f"--checkpoint_dir={rejected}", f"--output={tmp_path / 'a.npz'}",
-                        "--format=npz"], cwd=ROOT, capture_output=True, text=True, check=False,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  out = run_script("convert_checkpoint.py", f"--checkpoint_dir={rejected}",
+                   f"--output={tmp_path / 'a.npz'}", "--format=npz")
   assert out.returncode == 0, out.stderr
   assert f"wrote step 4 of {rejected}" in out.stdout
 

@@ -1,4 +1,5 @@
-"""Tests for scripts/plot_metrics.py (run as a subprocess)."""
+"""Tests for scripts/plot_metrics.py, run in this process (`run_script`) but for one real
+process in test_plots_two_runs."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxrec.train import plotting
+from tests.scripts.in_process import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "scripts", "plot_metrics.py")
@@ -26,15 +28,15 @@ def _fake_run(path, scale):
 
 
 def _run(*args):
-  return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
-                        cwd=ROOT, timeout=120)
+  return run_script("plot_metrics.py", *args)
 
 
 def test_plots_two_runs(tmp_path):
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
   _fake_run(a, 1.0)
   _fake_run(b, 2.0)
-  res = _run(f"--workdir={a}", f"--workdir={b}")
+  res = subprocess.run([sys.executable, SCRIPT, f"--workdir={a}", f"--workdir={b}"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
   assert res.returncode == 0, res.stderr
   png = os.path.join(a, "metrics.png")
   with open(png, "rb") as f:
