@@ -10,6 +10,7 @@ import pytest
 
 from jaxrec.errors import ConfigError
 from jaxrec.planner import COST_TERMS, DEFAULT, Calibration, calibration
+from tests.scripts.in_process import run_script
 
 
 def test_quick_calibration_and_cache(tmp_path):
@@ -104,11 +105,9 @@ def test_a_calibration_path_that_is_a_directory_says_so(tmp_path, monkeypatch):
   with pytest.raises(ConfigError, match=f"^calibration file {tmp_path / 'calibration.json'} "
                      "is a directory, not a calibration file$"):
     calibration.load_calibration()
-  script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "plan.py")
   for extra in ([], ["--calibrate"]):
-    proc = subprocess.run([sys.executable, script, "--tables=t:100:16", "--mesh=row=2",
-                           f"--calibration_file={tmp_path}", *extra], capture_output=True,
-                          text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    proc = run_script("plan.py", "--tables=t:100:16", "--mesh=row=2",
+                      f"--calibration_file={tmp_path}", *extra)
     assert proc.returncode == 1 and proc.stderr == (
         f"error: --calibration_file: '{tmp_path}' is a directory, not a calibration file\n"
     ), proc.stderr[-2000:]

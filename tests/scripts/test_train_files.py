@@ -1,15 +1,12 @@
 """scripts/train.py on Criteo TSV files and preprocessed shards; bad rows stop the run."""
 
-import subprocess
-import sys
-
 import pytest
 
 from jaxrec.data import source as source_lib
 from jaxrec.data.synthetic import SyntheticSource, write_tsv
 from jaxrec.embedding.specs import uniform_tables
-from tests.scripts.test_train import (NO_COMPILE, ROOT, assert_one_line_error, read_metrics,
-                                      train)
+from tests.scripts.in_process import run_script
+from tests.scripts.test_train import NO_COMPILE, assert_one_line_error, read_metrics, train
 
 SMALL = ["uniform_tables.rows=1000", "DLRM.bottom_mlp=(32,16)", "DLRM.top_mlp=(32,1)",
          "ExperimentConfig.batch_size=128", "ExperimentConfig.eval_batch_size=256"]
@@ -94,9 +91,6 @@ def test_continue_training_on_new_data_from_a_copy_without_the_data_position(tmp
   naming that way out); the copy keeps the model and step, and day 1 is read from its
   start."""
   import json  # pylint: disable=import-outside-toplevel
-  import subprocess  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
-  from tests.scripts.test_train import ROOT  # pylint: disable=import-outside-toplevel
   write_data(tmp_path / "day0.tsv", 2000)
   write_data(tmp_path / "day1.tsv", 1500, start=2000)
   w, w2 = tmp_path / "w", tmp_path / "w2"
@@ -117,9 +111,7 @@ def test_continue_training_on_new_data_from_a_copy_without_the_data_position(tmp
           in proc.stderr and "--restart_data" in proc.stderr), proc.stderr[-2000:]
 
   def convert(*flags):
-    return subprocess.run([sys.executable, "scripts/convert_checkpoint.py",
-                           f"--checkpoint_dir={w}/checkpoints", *flags], cwd=ROOT,
-                          capture_output=True, text=True, check=False)
+    return run_script("convert_checkpoint.py", f"--checkpoint_dir={w}/checkpoints", *flags)
   bad = convert(f"--output={tmp_path}/a.npz", "--format=npz", "--restart_data")
   assert bad.returncode == 1 and "--restart_data applies to --format=checkpoint only" in bad.stderr
   out = convert(f"--output={w2}/checkpoints", "--format=checkpoint", "--restart_data")
@@ -166,9 +158,8 @@ def test_preprocess_then_train_with_a_gin_config_of_its_own_features(tmp_path):
                                  "(@u/FeatureSpec(), @c/FeatureSpec(), @i/FeatureSpec())")
   (tmp_path / "swapped.gin").write_text(swapped)
   out = tmp_path / "bin"
-  proc = subprocess.run([sys.executable, "scripts/preprocess.py", f"--input={tmp_path}/d.tsv",
-                         f"--output={out}", f"--gin_file={tmp_path}/x.gin"], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
+  proc = run_script("preprocess.py", f"--input={tmp_path}/d.tsv", f"--output={out}",
+                    f"--gin_file={tmp_path}/x.gin")
   assert proc.returncode == 0, proc.stderr
   flags = ["--plan=dp", "--num_steps=2", f"--train_data={out}", f"--eval_data={out}",
            "--gin_bindings=ExperimentConfig.batch_size=64"]
