@@ -1,4 +1,11 @@
-"""Benchmark scripts reject bad flags with a usage error before any work."""
+"""Benchmark scripts reject bad flags with a usage error before any work.
+
+Each case runs the benchmark's `__main__` in this process (`in_process.run_script`: a
+process start is ~3.5 s of jax imports): every flag error here is raised before the script
+does anything that a process of its own would do differently (its XLA_FLAGS, read when jax
+starts, already hold the test process's 8 devices; os.environ is put back). The slow suite
+runs the first case of each script as a real process (`test_..._in_a_process`).
+"""
 
 import os
 import subprocess
@@ -6,22 +13,25 @@ import sys
 
 import pytest
 
+from tests.scripts.in_process import run_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def first_per_script_fast(cases):
-  """`cases` as pytest params, every case after the first of its script marked slow: each
-  is a ~3.5 s process start (jax import), and the first one per script shows its flag
-  checks run before any work."""
+def _run(script, flags, in_process=True):
+  """benchmarks/SCRIPT FLAGS from the repository root: its exit code, stdout and stderr."""
+  if in_process:
+    return run_script(script, *flags, folder="benchmarks")
+  return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *flags],
+                        capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def _first_per_script(cases):
   seen = set()
-  params = []
-  for case in cases:
-    params.append(pytest.param(*case, marks=[pytest.mark.slow] if case[0] in seen else []))
-    seen.add(case[0])
-  return params
+  return [c for c in cases if not (c[0] in seen or seen.add(c[0]))]
 
 
-@pytest.mark.parametrize("script, flags, message", first_per_script_fast([
+USAGE_ERRORS = [
     ("vs_torchrec.py", ["--repeats", "0"], "--repeats must be at least 1"),
     ("offload.py", ["--steps", "3", "--rounds", "5"], "--rounds must be in [1, --steps=3]"),
     ("offload.py", ["--runs", "device,ofload"], "--runs: unknown ['ofload']"),
@@ -47,12 +57,23 @@ def first_per_script_fast(cases):
     ("planner.py", ["--gin_file", "/nonexistent/x.gin"], "--gin_file: cannot read"),
     ("planner.py", ["--probe", "dp,foo"], "--probe: unknown ['foo']"),   # said --plan
     ("planner.py", ["--mesh", "bad"], "--mesh: 'bad' is not AXIS=SIZE"),
-]))
-def test_bad_flag_is_a_usage_error(script, flags, message):
-  out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *flags],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+]
+
+
+def _assert_usage_error(out, message):
   assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
   assert out.stdout == ""
+
+
+@pytest.mark.parametrize("script, flags, message", USAGE_ERRORS)
+def test_bad_flag_is_a_usage_error(script, flags, message):
+  _assert_usage_error(_run(script, flags), message)
+
+
+@pytest.mark.slow   # a process start each
+@pytest.mark.parametrize("script, flags, message", _first_per_script(USAGE_ERRORS))
+def test_bad_flag_is_a_usage_error_in_a_process(script, flags, message):
+  _assert_usage_error(_run(script, flags, in_process=False), message)
 
 
 def test_embedding_scaling_ratio_is_largest_over_smallest_in_any_order():
@@ -73,7 +94,7 @@ def test_table_init_finds_its_configs_from_any_directory(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
 
 
-@pytest.mark.parametrize("script, flags, message", first_per_script_fast([
+ONE_LINE_ERRORS = [
     # absl scripts: `error: ...`, exit 1, before the job / the measurements
     ("elastic.py", ["--num_steps=0"], "error: --num_steps must be at least 1, got 0"),
     ("elastic.py", ["--kill_at=100"], "error: --kill_at=100 and --checkpoint_every=10 must be"),
@@ -81,9 +102,20 @@ def test_table_init_finds_its_configs_from_any_directory(tmp_path):
     ("input_pipeline.py", ["--trainer_metrics=/nonexistent/m.jsonl"],
      "error: --trainer_metrics: no file '/nonexistent/m.jsonl'"),
     ("input_pipeline.py", ["--batch_size=0"], "error: --batch_size must be at least 1, got 0"),
-]))
-def test_absl_benchmark_bad_flag_is_one_line_error(script, flags, message):
-  out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *flags],
-                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+]
+
+
+def _assert_one_line_error(out, message):
   assert out.returncode == 1 and message in out.stderr, out.stderr[-2000:]
   assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+@pytest.mark.parametrize("script, flags, message", ONE_LINE_ERRORS)
+def test_absl_benchmark_bad_flag_is_one_line_error(script, flags, message):
+  _assert_one_line_error(_run(script, flags), message)
+
+
+@pytest.mark.slow   # a process start each
+@pytest.mark.parametrize("script, flags, message", _first_per_script(ONE_LINE_ERRORS))
+def test_absl_benchmark_bad_flag_is_one_line_error_in_a_process(script, flags, message):
+  _assert_one_line_error(_run(script, flags, in_process=False), message)
