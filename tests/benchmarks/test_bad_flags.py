@@ -4,7 +4,7 @@ Each case runs the benchmark's `__main__` in this process (`in_process.run_scrip
 process start is ~3.5 s of jax imports): every flag error here is raised before the script
 does anything that a process of its own would do differently (its XLA_FLAGS, read when jax
 starts, already hold the test process's 8 devices; os.environ is put back). The slow suite
-runs the first case of each script as a real process (`test_..._in_a_process`).
+runs the first case of each script again as a real process (ids ending `:process`).
 """
 
 import os
@@ -26,9 +26,14 @@ def _run(script, flags, in_process=True):
                         capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
-def _first_per_script(cases):
+def _in_and_out_of_process(cases):
+  """`cases` as pytest params (script, flags, message, in_process): each in this process,
+  and the first of each script again as a real process, marked slow."""
   seen = set()
-  return [c for c in cases if not (c[0] in seen or seen.add(c[0]))]
+  first = [c for c in cases if not (c[0] in seen or seen.add(c[0]))]
+  return ([pytest.param(*c, True, id=f"{c[0]}:{' '.join(c[1])}") for c in cases] +
+          [pytest.param(*c, False, id=f"{c[0]}:{' '.join(c[1])}:process",
+                        marks=pytest.mark.slow) for c in first])
 
 
 USAGE_ERRORS = [
@@ -60,20 +65,12 @@ USAGE_ERRORS = [
 ]
 
 
-def _assert_usage_error(out, message):
+@pytest.mark.parametrize("script, flags, message, in_process",
+                         _in_and_out_of_process(USAGE_ERRORS))
+def test_bad_flag_is_a_usage_error(script, flags, message, in_process):
+  out = _run(script, flags, in_process)
   assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
   assert out.stdout == ""
-
-
-@pytest.mark.parametrize("script, flags, message", USAGE_ERRORS)
-def test_bad_flag_is_a_usage_error(script, flags, message):
-  _assert_usage_error(_run(script, flags), message)
-
-
-@pytest.mark.slow   # a process start each
-@pytest.mark.parametrize("script, flags, message", _first_per_script(USAGE_ERRORS))
-def test_bad_flag_is_a_usage_error_in_a_process(script, flags, message):
-  _assert_usage_error(_run(script, flags, in_process=False), message)
 
 
 def test_embedding_scaling_ratio_is_largest_over_smallest_in_any_order():
@@ -105,17 +102,9 @@ ONE_LINE_ERRORS = [
 ]
 
 
-def _assert_one_line_error(out, message):
+@pytest.mark.parametrize("script, flags, message, in_process",
+                         _in_and_out_of_process(ONE_LINE_ERRORS))
+def test_absl_benchmark_bad_flag_is_one_line_error(script, flags, message, in_process):
+  out = _run(script, flags, in_process)
   assert out.returncode == 1 and message in out.stderr, out.stderr[-2000:]
   assert "Traceback" not in out.stderr and out.stdout == ""
-
-
-@pytest.mark.parametrize("script, flags, message", ONE_LINE_ERRORS)
-def test_absl_benchmark_bad_flag_is_one_line_error(script, flags, message):
-  _assert_one_line_error(_run(script, flags), message)
-
-
-@pytest.mark.slow   # a process start each
-@pytest.mark.parametrize("script, flags, message", _first_per_script(ONE_LINE_ERRORS))
-def test_absl_benchmark_bad_flag_is_one_line_error_in_a_process(script, flags, message):
-  _assert_one_line_error(_run(script, flags, in_process=False), message)
