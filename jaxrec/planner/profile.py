@@ -48,7 +48,7 @@ from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError, DataError
 from jaxrec.planner import cost_model as cm
 from jaxrec.planner.calibration import DEFAULT, Calibration
-from jaxrec.planner.result import PlanResult, format_bytes, format_time
+from jaxrec.planner.result import PlanResult, format_over, format_time
 from jaxrec.planner.search import estimate_plan, propose_plan
 from jaxrec.sharding.plan import Plan
 
@@ -308,8 +308,9 @@ class Refinement:
     mesh, was = (cm.mesh_str(r.mesh_shape) for r in (self.proposed, self.current))
     if cm.normalize_mesh(self.proposed.mesh_shape) != cm.normalize_mesh(self.current.mesh_shape):
       return f"planned for mesh {mesh}, the profiled plan ran on {was}"
-    return (f"the current plan needs {format_bytes(sum(self.current.memory.values()))}/device "
-            f"> budget {format_bytes(self.proposed.memory_per_device_bytes)}")
+    need = sum(self.current.memory.values())
+    return (f"the current plan needs "
+            f"{format_over(need, self.proposed.memory_per_device_bytes)} per device")
 
   def to_json(self) -> dict:
     return {"fitted": self.fitted.to_json(), "prior": self.prior.to_json(),

@@ -22,6 +22,15 @@ def format_bytes(n: float) -> str:
   return f"{n:.1f} PiB"
 
 
+def format_over(need: float, budget: float) -> str:
+  """`need > budget` as `4.0 MiB > budget 3.9 MiB`; exact bytes when the rounded sizes read
+  the same (`4,194,817 B > budget 4,194,304 B`, not `4.0 MiB > budget 4.0 MiB`)."""
+  a, b = format_bytes(need), format_bytes(budget)
+  if a == b:
+    a, b = f"{int(need):,} B", f"{int(budget):,} B"
+  return f"{a} > budget {b}"
+
+
 def format_time(s: float) -> str:
   """Seconds as `12.3 us`, `1.23 ms` or `1.23 s`."""
   if abs(s) < 1e-3:

@@ -30,7 +30,7 @@ from jaxrec.errors import ConfigError
 from jaxrec.planner import cost_model as cm
 from jaxrec.planner.calibration import DEFAULT, Calibration
 from jaxrec.planner.result import (PlanResult, SliceReport, StackReport, TableReport,
-                                   format_bytes, format_time)
+                                   format_bytes, format_over, format_time)
 from jaxrec.sharding.plan import KIND_AXES, Plan, TablePlacement
 
 DEFAULT_MEMORY_PER_DEVICE = 16 * 2**30  # bytes, when the caller gives no budget
@@ -239,8 +239,8 @@ def _overflow_error(space: _Space, e: _Eval, what: str) -> ConfigError:
                     for m, l in largest)
   mem = e.cost.memory
   return ConfigError(
-      f"{what} does not fit: every device needs {format_bytes(e.memory)} > budget "
-      f"{format_bytes(space.budget)} on mesh {cm.mesh_str(space.mesh)} (tables "
+      f"{what} does not fit: every device needs {format_over(e.memory, space.budget)} on "
+      f"mesh {cm.mesh_str(space.mesh)} (tables "
       f"{format_bytes(mem['table'])}, optimizer {format_bytes(mem['optimizer'])}, buffers "
       f"{format_bytes(mem['buffers'] + mem['ids'])}); largest: {parts}")
 

@@ -236,3 +236,17 @@ def test_a_plan_that_misses_several_tables_names_them_all():
   assert str(e.value) == ("plan names unknown tables ['x'] (tables: ['t0', 't1', 't2', 't3', "
                           "'t4', 't5', 't6', 't7', +4 more]); it has no placement for 2 "
                           "tables: ['t1', 't2']"), str(e.value)
+
+
+def test_over_budget_by_less_than_the_rounding_shows_two_different_sizes():
+  """A budget a few bytes short read `needs 4.0 MiB > budget 4.0 MiB` (found with
+  `--memory_per_device=4MiB` on dlrm_synthetic): the sizes must differ as printed."""
+  tables, features = specs(("a", 60_000, 16), ("b", 5_000, 16))
+  plan = uniform_plan("dp", tables, 1)
+  need = check_plan_fits(plan, tables, MESH, 16 * GiB, features=features, batch_size=512)[0]
+  with pytest.raises(ConfigError) as e:
+    check_plan_fits(plan, tables, MESH, need - 100, features=features, batch_size=512)
+  shown = str(e.value).split("every device needs ", 1)[1].split(" on mesh", 1)[0]
+  stated, budget = shown.split(" > budget ")
+  assert stated != budget, shown
+  assert shown == f"{need:,} B > budget {need - 100:,} B"
