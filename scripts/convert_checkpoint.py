@@ -8,8 +8,9 @@ r"""Exports, re-targets or imports jaxrec checkpoints.
 npz / zarr: one array per table (`tables/<name>`), per dense parameter (`dense/<path>`) and
 per optimizer state leaf (`table_opt/<table>/<name>`, `dense_opt/<path>`), plus `step`,
 `rng` and `metadata` (JSON). checkpoint: a verified copy into the checkpoint directory
-PATH; with --mesh and --plan it first checks the plan fits that mesh (any checkpoint
-restores on any mesh and plan: tables are stored per table, by name). Ctrl-C or SIGTERM
+PATH; with --mesh and --plan it first checks the plan fits that mesh (a plan file without
+--mesh: the mesh it records; any checkpoint restores on any mesh and plan: tables are
+stored per table, by name). Ctrl-C or SIGTERM
 stops it between row blocks (files for checkpoint) and removes the partial output: one
 line, exit 130 or 143.
 """

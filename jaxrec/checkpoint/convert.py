@@ -55,7 +55,7 @@ from jaxrec.embedding import layout as layout_lib
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError, DataError, OffloadError
 from jaxrec.kernels import quant
-from jaxrec.sharding.plan import KINDS, Plan, load_plan_file, uniform_plan
+from jaxrec.sharding.plan import KINDS, Plan, load_plan_file, recorded_mesh, uniform_plan
 
 FORMATS = ("npz", "zarr", "checkpoint")
 IMPORT_DTYPES = quant.FLOAT_TABLE_DTYPES   # what a TorchRec table can be imported as
@@ -355,8 +355,14 @@ def export_checkpoint(checkpoint_dir, output, step: int | None = None,
   it keeps the model (tables, dense, optimizer states, step) and reads its training data
   from the start (other data, e.g. the next day's, or another seed). Returns
   `(step written, layout description)`; `step` None: the latest valid (see `selection`)."""
-  if (mesh_shape is None) != (plan is None):
-    raise ConfigError("--mesh and --plan go together for --format=checkpoint")
+  if plan is not None and mesh_shape is None:
+    mesh_shape = recorded_mesh(plan)   # a plan file's own mesh, as train.py and plan.py take
+    if mesh_shape is None and plan != "auto":   # resolve_plan explains --plan=auto
+      raise ConfigError(f"--plan={plan} needs --mesh for --format=checkpoint (only a plan "
+                        "file that records its mesh, such as a run's plan.json, goes without)")
+  if mesh_shape is not None and plan is None:
+    raise ConfigError("--mesh needs --plan for --format=checkpoint (a kind such as rw, or a "
+                      "plan JSON file)")
   output = epath.Path(output)
   _outside(output, checkpoint_dir)
   _not_around(output, checkpoint_dir)

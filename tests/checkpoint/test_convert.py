@@ -417,6 +417,22 @@ def test_plan_file_of_a_run_is_accepted(saved, tmp_path):
                               str(plan_json))
 
 
+def test_plan_file_alone_takes_the_mesh_it_records(saved, tmp_path):
+  """`--plan=W/plan.json` without `--mesh` stopped with `--mesh and --plan go together`,
+  though train.py and plan.py take the mesh a plan file records; a kind still needs one."""
+  path, coll, _ = saved
+  plan_json = tmp_path / "plan.json"
+  plan_json.write_text(json.dumps({"mesh": {"table": 2, "row": 2}, "plan": {
+      t.name: {"kind": "twrw", "table_slice": i % 2} for i, t in enumerate(coll.tables)}}))
+  _, layouts = convert.export_checkpoint(path, tmp_path / "c", 4, None, str(plan_json))
+  assert "split over ('table', 'row'), local shard [26, 8]" in layouts   # table=2,row=2
+  with pytest.raises(ConfigError, match=r"^--plan=rw needs --mesh for --format=checkpoint"):
+    convert.export_checkpoint(path, tmp_path / "d", 4, None, "rw")
+  with pytest.raises(ConfigError, match=r"^--mesh needs --plan for --format=checkpoint"):
+    convert.export_checkpoint(path, tmp_path / "d", 4, convert.parse_mesh("row=2"), None)
+  assert not (tmp_path / "d").exists()
+
+
 def test_unreadable_checkpoint_is_an_error(saved, tmp_path):
   """A damaged manifest with an explicit step, or a truncated array file, was a traceback."""
   path, _, _ = saved
