@@ -329,7 +329,12 @@ def resolve_plan(plan: str, tables, mesh_shape: Mapping[str, int]) -> Plan:
     raise ConfigError(f"--plan: '{plan}' is neither a plan kind ({', '.join(KINDS)}) nor a "
                       "plan JSON file")
   # a bare plan, a run's plan.json or scripts/plan.py --json output (these record a mesh)
-  return load_plan_file(plan, mesh_shape)
+  loaded = load_plan_file(plan, mesh_shape)
+  try:   # a plan of another config: the copy's run would drop it and re-plan
+    loaded.check_tables([t.name for t in tables])
+  except ConfigError as e:
+    raise ConfigError(f"--plan={plan} does not match the checkpoint: {e}") from None
+  return loaded
 
 
 def parse_mesh(spec: str) -> dict[str, int]:

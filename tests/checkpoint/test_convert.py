@@ -433,6 +433,19 @@ def test_plan_file_alone_takes_the_mesh_it_records(saved, tmp_path):
   assert not (tmp_path / "d").exists()
 
 
+def test_plan_file_of_other_tables_is_refused(saved, tmp_path):
+  """A plan file of another config (dlrm_criteo's 26 tables for dlrm_synthetic's 8) was
+  copied as checked; the run resuming the copy then dropped that plan and re-planned."""
+  path, _, _ = saved
+  plan_json = tmp_path / "plan.json"
+  plan_json.write_text(json.dumps({"mesh": {"table": 2}, "plan": {
+      n: {"kind": "tw", "table_slice": 0} for n in ("t0", "t1", "t2", "t3", "t9")}}))
+  with pytest.raises(ConfigError, match=r"plan.json does not match the checkpoint: plan names "
+                     r"unknown tables \['t9'\]"):
+    convert.export_checkpoint(path, tmp_path / "d", 4, None, str(plan_json))
+  assert not (tmp_path / "d").exists()
+
+
 def test_unreadable_checkpoint_is_an_error(saved, tmp_path):
   """A damaged manifest with an explicit step, or a truncated array file, was a traceback."""
   path, _, _ = saved
