@@ -27,6 +27,7 @@ from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.errors import ConfigError, DataError, JaxrecError
 from jaxrec.files import workdir_lock, write_text_atomic
+from jaxrec.models import bf16_hardware
 from jaxrec import elastic, files, gin_usage, offload, planner, signals, workdir_layout
 from jaxrec.offload import snapshots as snapshots_lib
 from jaxrec.sharding import mesh as mesh_lib
@@ -119,6 +120,9 @@ def setup(config: ExperimentConfig, options: RunOptions, devices=None, workdir=N
   if config.batch_size % len(devices):   # evaluates only: plan for the batch that runs
     config = dataclasses.replace(config, batch_size=config.eval_batch_size)
   state_lib.check_model(config)   # bindings that need the input shapes: before the planner
+  slow_bf16 = bf16_hardware.slow_bf16_warning(config.model, jax.default_backend())
+  if slow_bf16:
+    log.warning("%s", slow_bf16)
   choice = mesh_choice.choose(config, options, len(devices), jax.process_count(), workdir)
   mesh = mesh_lib.make_mesh(choice.mesh, devices)
   # Offloaded tables (gin `OffloadConfig`) appear to the collection as their device caches.

@@ -49,3 +49,12 @@ def test_a_reused_data_file_reports_what_it_holds(tmp_path):
   facts = vs_torchrec.data_facts(path)
   assert facts["train_examples"] == 96 and facts["eval_examples"] == 40
   assert 0 < facts["positive_rate"] < 1
+
+
+def test_bfloat16_emulated_by_the_cpu_meets_nothing():
+  """2026-12-04, a host without bfloat16 instructions: TorchRec's autocast ran 20x slower
+  than its float32 and the ratio came out 18.9, "met"; it measured the emulation."""
+  jx, tr = _runs(25e3, 25e3, 25e3), _runs(1.3e3, 1.3e3, 1.3e3)
+  assert vs_torchrec.goal_verdict(jx, tr)["met"]
+  got = vs_torchrec.goal_verdict(jx, tr, emulated_bf16=True)
+  assert not got["met"] and got["ratio"] > 18 and "no bfloat16 instructions" in got["note"]
