@@ -201,16 +201,17 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   signals.check()   # Ctrl-C (deferred by scripts/train.py) while planning: stop before data
   is_main = jax.process_index() == 0
   mesh = collection.mesh
-  if is_main:
-    log.info("mesh %s (%s), plan (--plan=%s):\n%s", mesh_lib.format_mesh(info["mesh"]),
-             info["why"], options.plan, info["plan_result"].report())
 
   # A run already trained to --num_steps only evaluates: it opens no training data (gone,
   # or slow to index, e.g. when re-evaluating on new --eval_data) unless its restore falls
-  # back to an earlier step. Data errors come before anything starts or compiles.
+  # back to an earlier step. Data errors come before anything starts or compiles, and
+  # before the plan's report (a missing file's error is then not 20+ lines below it).
   evaluate_only = data_adapter.evaluates_only(workdir, options)
   source = None if evaluate_only else data_adapter.train_iterator(config, options)
   eval_data = data_adapter.eval_data(config, options)
+  if is_main:
+    log.info("mesh %s (%s), plan (--plan=%s):\n%s", mesh_lib.format_mesh(info["mesh"]),
+             info["why"], options.plan, info["plan_result"].report())
   data_adapter.warn_preprocessed_skips(options.bad_rows,
                                        *[s for s in (source, eval_data) if s is not None])
   initial_data_state = source.get_state() if source is not None else {}

@@ -122,6 +122,8 @@ def test_bad_train_data(tmp_path, make, message, extra):
                check=False, env=NO_COMPILE)
   assert_one_line_error(proc, "error: " + message.format(p=path))
   assert not os.path.exists(tmp_path / "w" / "metrics.jsonl")
+  # the data are checked before the plan's 20+ line report is printed above the error
+  assert "plan (--plan=" not in proc.stderr, proc.stderr
 
 
 def test_bad_eval_data(tmp_path):
