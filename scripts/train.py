@@ -14,12 +14,13 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-# First, before absl and jax: SIGINT / SIGTERM while it starts are recorded and acted on at
-# `signals.check()` below, never inside jax's import or gc callback. A worker of
-# scripts/launch.py keeps SIGTERM as it was (its supervisor's last resort, at once).
+# First, before absl and jax: SIGINT / SIGTERM are recorded and acted on at `signals.check()`
+# below, never inside jax's import or gc callback, until the process exits: the trainer's
+# SIGTERM handling (`termination`) takes over from this deferral and hands back to it, so
+# no SIGTERM meets the default action (a silent death). A worker of scripts/launch.py
+# keeps SIGTERM as it was (its supervisor's last resort, at once).
 from jaxrec import elastic, signals  # noqa: E402
-_STARTUP = signals.defer(signals.STOP_SIGNALS[:1] if elastic.is_supervised()
-                         else signals.STOP_SIGNALS)
+signals.defer(signals.STOP_SIGNALS[:1] if elastic.is_supervised() else signals.STOP_SIGNALS)
 
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
@@ -97,7 +98,6 @@ def main(argv):
     # handler, `termination`); Ctrl-C stays recorded and is raised between steps (a
     # KeyboardInterrupt inside the first compile was lost in a gc callback, or segfaulted
     # at exit).
-    signals.undefer({s: _STARTUP.pop(s) for s in signals.STOP_SIGNALS[1:] if s in _STARTUP})
     result = loop.train_and_evaluate(config, options, FLAGS.workdir)
     signals.check()   # one after the last step's check: the run still says it stopped
     summary = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"

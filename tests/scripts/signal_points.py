@@ -4,7 +4,8 @@
 
 The signal is sent from inside a gc callback, where Python runs its handler: an exception
 the handler raises there is printed as ignored (as in jax's `_xla_gc_callback`) and the
-script goes on. `SIGINT*2:...` sends it twice there (the second exits at once). Moments:
+script goes on. `SIGINT*2:...` sends it twice there (the second exits at once);
+`SIGTERM:setup,SIGTERM:line` sends one at each of two moments. Moments:
 
   compile    scripts/train.py: the first train step (its trace and XLA compile)
   restore    scripts/train.py: reading the first table block of a checkpoint restore; every
@@ -14,6 +15,11 @@ script goes on. `SIGINT*2:...` sends it twice there (the second exits at once). 
   export     scripts/convert_checkpoint.py: reading the first array (npz, zarr)
   copy       scripts/convert_checkpoint.py --format=checkpoint: copying the step
   calibrate  scripts/plan.py --calibrate: timing the first primitive (quick sizes)
+  workdir    scripts/train.py: the trainer's check of --workdir (the second call of
+             `loop.check_workdir`, in `train_and_evaluate` before it takes SIGTERM over)
+  setup      scripts/train.py: the trainer's mesh and plan (`loop.setup`)
+  line       scripts/train.py: composing its `error: interrupted ...` line
+             (`procs.checkpoint_text`)
 """
 
 import functools
@@ -39,15 +45,15 @@ def _send_in_gc(phase, info):  # pylint: disable=unused-argument
       os.kill(os.getpid(), sig)
 
 
-def _during_first_call(fn, sig):
-  """`fn`, whose first call sends `sig` at the first gc inside it (or right after it)."""
+def _during_call(fn, sig, nth: int = 1):
+  """`fn`, whose `nth` call sends `sig` at the first gc inside it (or right after it)."""
   calls = []
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
-    if calls:
-      return fn(*args, **kwargs)
     calls.append(1)
+    if len(calls) != nth:
+      return fn(*args, **kwargs)
     _armed.append(sig)
     try:
       return fn(*args, **kwargs)
@@ -72,12 +78,12 @@ def _patch(module: str, name: str, make) -> None:
   setattr(mod, name, make(getattr(mod, name)))
 
 
-def main():
-  sig_name, _, moment = os.environ["JAXREC_TEST_SIGNAL"].partition(":")
+def _arm(entry: str) -> None:
+  """Patches the moment of one `SIG[*TIMES]:MOMENT` entry to send its signal."""
+  sig_name, _, moment = entry.partition(":")
   sig_name, _, times = sig_name.partition("*")
   sig = (signal.Signals[sig_name], int(times or 1))
-  gc.callbacks.append(_send_in_gc)
-  first = functools.partial(_during_first_call, sig=sig)
+  first = functools.partial(_during_call, sig=sig)
   if moment == "compile":   # the step function that make_train_step returns
     _patch("jaxrec.train.step", "make_train_step",
            lambda make: lambda *a, **k: first(make(*a, **k)))
@@ -93,8 +99,20 @@ def main():
   elif moment == "calibrate":
     _patch("jaxrec.planner", "calibrate",
            lambda cal: first(lambda n: cal(n, quick=True, reps=1)))
+  elif moment == "workdir":
+    _patch("jaxrec.train.loop", "check_workdir", lambda check: first(check, nth=2))
+  elif moment == "setup":
+    _patch("jaxrec.train.loop", "setup", first)
+  elif moment == "line":
+    _patch("jaxrec.elastic.procs", "checkpoint_text", first)
   else:
     raise SystemExit(f"signal_points: unknown moment {moment!r}")
+
+
+def main():
+  gc.callbacks.append(_send_in_gc)
+  for entry in os.environ["JAXREC_TEST_SIGNAL"].split(","):
+    _arm(entry)
   script = os.path.join(ROOT, sys.argv[1])
   sys.argv = [script] + sys.argv[2:]
   runpy.run_path(script, run_name="__main__")

@@ -96,6 +96,24 @@ def test_sigterm_during_a_slow_restore_stops_before_the_next_block(tmp_path, tim
     assert max(r["step"] for r in map(json.loads, f)) == 2
   assert os.listdir(w / "checkpoints") == ["2"]
 
+@pytest.mark.slow
+@pytest.mark.parametrize("moments,again", [("workdir", False), ("setup,SIGTERM:line", True)])
+def test_every_sigterm_before_training_ends_with_one_line(tmp_path, moments, again):
+  """SIGTERM was back at its default between train.py's start-up deferral and the
+  trainer's (its --workdir check), and once `TerminateRequested` had left the trainer (a
+  second one while the `error:` line was composed): the process died there without a
+  line. Now the first stops at the next check, the second exits at once with its line."""
+  w = tmp_path / "w"
+  proc = _run(signal.SIGTERM, moments, "scripts/train.py", f"--workdir={w}", *t.TINY,
+              "--num_steps=2")
+  assert proc.returncode == 143, proc.stderr[-3000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert errors == [f"error: interrupted{' again' if again else ''} by SIGTERM"
+                    f"{' (exited at once)' if again else ''}. Stopping; no checkpoint was "
+                    f"saved in {w / 'checkpoints'}."], proc.stderr[-3000:]
+  assert not w.exists()   # refused before it wrote anything (`files.made_dir`)
+
+
 def _tsv(tmp_path):
   """A 50-row Criteo TSV file in `tmp_path`."""
   line = "\t".join(["1", *map(str, range(13)), *(f"{k:x}" for k in range(26))])
