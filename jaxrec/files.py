@@ -76,7 +76,6 @@ def workdir_lock(workdir: str | os.PathLike, name: str = LOCK_NAME,
     os.close(fd)   # releases the lock
 
 
-
 @contextlib.contextmanager
 def made_dir(path: str | os.PathLike, flag: str = "--workdir") -> Iterator[None]:
   """Creates directory `path` (and missing parents; `make_dirs`, its error naming `flag`)
@@ -84,19 +83,39 @@ def made_dir(path: str | os.PathLike, flag: str = "--workdir") -> Iterator[None]
   removed again if it holds nothing but empty directories and `LOCK_NAME` files (a run
   refused at its start leaves no empty workdir); a directory that existed before, or one
   holding any other file, is never removed."""
-  given, path = path, os.path.abspath(os.fspath(path))
-  top = None
-  if not os.path.exists(path):
-    top = path
-    while not os.path.exists(os.path.dirname(top)):
-      top = os.path.dirname(top)
-  make_dirs(path, flag, shown=given)
+  top = missing_top(path)
+  make_dirs(os.path.abspath(os.fspath(path)), flag, shown=path)
   try:
     yield
   except BaseException:
-    if top is not None and _holds_only_locks(top):
-      shutil.rmtree(top, ignore_errors=True)
+    remove_made(top, path, lambda name: os.path.basename(name) == LOCK_NAME)
     raise
+
+
+def missing_top(path: str | os.PathLike) -> str | None:
+  """The outermost of `path` (made absolute) and its parents that does not exist: what
+  creating `path` creates, for `remove_made`; None when `path` exists."""
+  top = os.path.abspath(os.fspath(path))
+  if os.path.exists(top):
+    return None
+  while not os.path.exists(os.path.dirname(top)):
+    top = os.path.dirname(top)
+  return top
+
+
+def remove_made(top: str | None, path: str | os.PathLike, removable) -> bool:
+  """Removes `top` (`missing_top(path)` before `path` was created; None: nothing) with
+  everything in it when `removable(name)` holds for every file in it, `name` relative to
+  `path` (e.g. `workers/0.log`); returns whether it did. Empty directories count as
+  nothing; any other file keeps the whole tree as it is."""
+  if top is None or not os.path.isdir(top):
+    return False
+  path = os.path.abspath(os.fspath(path))
+  if not all(removable(os.path.relpath(os.path.join(d, n), path))
+             for d, _, names in os.walk(top) for n in names):
+    return False
+  shutil.rmtree(top, ignore_errors=True)
+  return True
 
 
 def make_dirs(path: str | os.PathLike, flag: str = "--workdir",
@@ -122,7 +141,3 @@ def _deepest_existing(path: str) -> str:
   while path and not os.path.lexists(path) and os.path.dirname(path) != path:
     path = os.path.dirname(path)
   return path
-
-
-def _holds_only_locks(directory: str) -> bool:
-  return all(name == LOCK_NAME for _, _, names in os.walk(directory) for name in names)

@@ -43,9 +43,9 @@ from jaxrec import files, signals
 from jaxrec.elastic import capacity as capacity_lib
 from jaxrec.elastic import procs as proc_lib, recovery, replan, scaling, stragglers
 from jaxrec.elastic import worker as worker_lib
-from jaxrec.elastic.events import EventLog, read_events
+from jaxrec.elastic.events import EVENTS_FILE, EventLog, read_events
 from jaxrec.elastic.options import Options
-from jaxrec.errors import ConfigError
+from jaxrec.errors import ConfigError, JaxrecError
 
 _Outcome = scaling.Outcome
 
@@ -83,6 +83,14 @@ def _check_mesh(spec: str, options: Options) -> None:
                       f"--devices_per_process={options.devices_per_process})") from None
 
 
+def _bookkeeping(name: str) -> bool:
+  """Whether workdir file `name` is one the launcher or a refused worker writes before
+  anything is trained: events, worker logs and progress, the lock files. A checkpoint, a
+  metrics line, `config.gin` (a run past its checks) or a file of the user's is not."""
+  return (name in (EVENTS_FILE, files.LOCK_NAME, os.path.join(worker_lib.CONTROL_DIR, LOCK_NAME))
+          or os.path.dirname(name) == worker_lib.WORKERS_DIR)
+
+
 class Supervisor(scaling.Scaling):
   """Runs the job (module docstring); `run()` returns the exit code."""
 
@@ -93,6 +101,7 @@ class Supervisor(scaling.Scaling):
     _check_mesh(str(self.args.get("mesh", "auto")), options)
     replan.check_plan_flags(self.args)
     self.workdir = self.args.workdir
+    self._made = files.missing_top(self.workdir)   # what this launch creates (None: existed)
     files.make_dirs(os.path.join(self.workdir, worker_lib.CONTROL_DIR), shown=self.workdir)
     self.events = EventLog(self.workdir, echo=echo)
     self.capacity_file = options.capacity_file or os.path.join(
@@ -116,11 +125,20 @@ class Supervisor(scaling.Scaling):
   def run(self) -> int:
     """Runs the job holding `W/elastic/launch.lock`: a second supervisor on the workdir
     (which would delete this one's stop requests and mix its events and progress lines
-    with this one's) is refused before it writes anything, naming this one's pid."""
+    with this one's) is refused before it writes anything, naming this one's pid. A
+    workdir this launch created is removed again when the job stops on a user error
+    before anything but the launcher's bookkeeping was written (`_bookkeeping`)."""
     with signals.deferred(), files.workdir_lock(
         self.workdir, os.path.join(worker_lib.CONTROL_DIR, LOCK_NAME),
         "another scripts/launch.py"):
-      return self._run()
+      try:
+        code = self._run()
+      except JaxrecError:   # e.g. a bad --gin_bindings, found loading the config
+        files.remove_made(self._made, self.workdir, _bookkeeping)
+        raise
+      if code == EXIT_USER_ERROR:
+        files.remove_made(self._made, self.workdir, _bookkeeping)
+      return code
 
   def _run(self) -> int:
     self.events.repair_tail()
