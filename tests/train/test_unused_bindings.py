@@ -68,21 +68,26 @@ def test_the_shipped_configs_use_every_binding(name):
     assert {p for p in params if (key[1], p) in bound_args} <= operative.get(key, set()), key
 
 
-@pytest.mark.slow   # 18 s on 2 busy cores: a whole (1-step) run
+@pytest.mark.slow   # 25 s on 2 busy cores: a whole (1-step) run, then an evaluate-only one
 def test_a_run_warns_once_about_its_unused_bindings(tmp_path, caplog, monkeypatch):
-  """... in its log, and under scripts/launch.py to the supervisor (its stderr)."""
-  reported = []
-  monkeypatch.setattr(loop.elastic, "report_warning", reported.append)
-  launch.parse_gin(["configs/dlrm_synthetic.gin"], [
-      "ExperimentConfig.batch_size=64", "ExperimentConfig.eval_batch_size=512",
-      "ExperimentConfig.num_eval_examples=512", "DLRM.bottom_mlp=(16,)", "DLRM.top_mlp=(16,1)",
-      "RowWiseAdagrad.lr=-0.1"])
+  """... in its log, and under scripts/launch.py to the supervisor (its stderr); a run
+  that only evaluates (already at --num_steps) warns the same way."""
+  bindings = ["ExperimentConfig.batch_size=64", "ExperimentConfig.eval_batch_size=512",
+              "ExperimentConfig.num_eval_examples=512", "DLRM.bottom_mlp=(16,)",
+              "DLRM.top_mlp=(16,1)", "RowWiseAdagrad.lr=-0.1"]
   options = config_lib.RunOptions(num_steps=1, mesh="data=8", plan="dp", progress=False)
-  with caplog.at_level(logging.WARNING, logger="jaxrec"):
-    loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path / "w"))
-  lines = [r.getMessage() for r in caplog.records if "no configurable" in r.getMessage()]
-  assert len(lines) == 1 and lines[0].endswith(": RowWiseAdagrad.lr (--gin_bindings)")
-  assert reported == lines
+  for evaluates_only in (False, True):
+    reported = []
+    monkeypatch.setattr(loop.elastic, "report_warning", reported.append)
+    launch.parse_gin(["configs/dlrm_synthetic.gin"], bindings)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="jaxrec"):
+      result = loop.train_and_evaluate(config_lib.ExperimentConfig(), options,
+                                       str(tmp_path / "w"))
+    assert ("loss" not in result) == evaluates_only, result
+    lines = [r.getMessage() for r in caplog.records if "no configurable" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].endswith(": RowWiseAdagrad.lr (--gin_bindings)")
+    assert reported == lines
 
 
 def test_a_macro_used_but_never_bound_is_one_line_naming_where_it_is_used(tmp_path):
