@@ -7,7 +7,8 @@ is printed as "Exception ignored" and the program goes on; inside jaxlib's impor
 half-initialised extension (an ImportError traceback); mid-compile it once segfaulted at
 exit. Within `defer()` (first thing in scripts/launch.py, train.py, plan.py, preprocess.py
 and convert_checkpoint.py, before jax is imported; train.py keeps SIGINT deferred through
-training, checked before each step) the handlers only record the signal; `check()`,
+training, checked before each step, and SIGTERM too except while the trainer's own handler
+holds it, `jaxrec.train.termination`) the handlers only record the signal; `check()`,
 called where the program can act, raises it: KeyboardInterrupt for SIGINT,
 `TerminateRequested` for SIGTERM. A second signal, before a `check()` or while the
 program stops after one (its clean-up, a checkpoint save in flight), stops the process at
