@@ -8,12 +8,13 @@ Prints JSON lines `{"benchmark": "kernels", ...}`:
   interpret mode there, so no ratio is reported).
 
   python benchmarks/kernels.py [--rows=1000000 --dim=128 --bags=65536 --bag_len=8
-                                --dtype=float32 --iters=20]
+                                --dtype=float32 --iters=20 --reps=10] [--sweep]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 
@@ -26,22 +27,25 @@ from jaxrec.kernels import RowWiseAdagrad, init_opt_state, lookup_pool, quantize
 from jaxrec.kernels import platform
 
 
-def _time(fn, *args, iters: int) -> float:
-  """Median seconds per call after one compile-and-warm-up call."""
+def _time(fn, *args, iters: int, reps: int = 1) -> float:
+  """Median seconds per call after one compile-and-warm-up call: `iters` rounds of `reps`
+  calls issued back to back (then one wait), so on a GPU a round measures the kernels, not
+  the host's launch-and-wait latency of each call (tens of microseconds)."""
   jax.block_until_ready(fn(*args))
   times = []
   for _ in range(iters):
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
+    outs = [fn(*args) for _ in range(reps)]
+    jax.block_until_ready(outs)
+    times.append((time.perf_counter() - t0) / reps)
   return float(np.median(times))
 
 
-def memcpy_bandwidth(nbytes: int, iters: int) -> float:
+def memcpy_bandwidth(nbytes: int, iters: int, reps: int) -> float:
   """Device copy bandwidth in bytes/s (read + write) of an `nbytes` buffer."""
   x = jnp.ones((nbytes // 4,), jnp.float32)
   copy = jax.jit(lambda v: v + 1.0)  # forces a real read and write of every element
-  return 2 * x.nbytes / _time(copy, x, iters=iters)
+  return 2 * x.nbytes / _time(copy, x, iters=iters, reps=reps)
 
 
 def update_fn(opt, kernel: str, dtype: str):
@@ -60,13 +64,20 @@ def lookup_bytes(table, n, l, d) -> int:
   return n * l * (row + 4 + 4) + n * d * 4
 
 
-SIZE_FLAGS = ("rows", "dim", "bags", "bag_len", "iters")
+SIZE_FLAGS = ("rows", "dim", "bags", "bag_len", "iters", "reps")
+
+# `--sweep`: Triton launch parameters tried for each kernel (one JSON line each).
+SWEEP_WARPS, SWEEP_STAGES = (2, 4, 8), (1, 2, 3)
+SWEEP_LOOKUP_BLOCKS, SWEEP_UPDATE_BLOCKS = (1024, 2048, 4096, 8192), (1024, 2048, 4096)
 
 
 def _check_sizes(p: argparse.ArgumentParser, args) -> None:
   """Usage error (exit 2) for a size or count below 1: `--iters=0` timed nothing and
   printed NaN (not JSON), `--rows=0` failed with a numpy traceback."""
   check_at_least(p.error, vars(args), SIZE_FLAGS)
+  if args.sweep and not args.on_gpu:
+    p.error("--sweep tunes the Triton kernels: it needs a GPU (jax's default backend is "
+            f"{jax.default_backend()})")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,8 +97,61 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"],
                  help='table storage dtype')
   p.add_argument("--iters", type=int, default=20 if on_gpu else 5,
-                 help='timed calls per kernel (GPU default 20)')
+                 help='timed rounds per kernel (GPU default 20)')
+  p.add_argument("--reps", type=int, default=10 if on_gpu else 1,
+                 help='calls issued back to back per timed round (GPU default 10)')
+  p.add_argument("--sweep", action="store_true",
+                 help="GPU only: time the Pallas kernels under every launch setting of "
+                      "SWEEP_* (warps, stages, elements per program); one line each")
   return p
+
+
+def bench_lookup(args, table, idx, w, base, nbytes) -> None:
+  """One line per kernel; the Pallas line carries the ratio to the copy bandwidth."""
+  kernels = ["xla", "pallas"] if args.on_gpu else ["xla"]
+  for kernel in kernels:
+    f = jax.jit(lambda t, i, v, k=kernel: lookup_pool(t, i, v, kernel=k))
+    sec = _time(f, table, idx, w, iters=args.iters, reps=args.reps)
+    line = dict(base, op="lookup_pool", kernel=kernel, seconds=sec, bytes_per_sec=nbytes / sec)
+    if kernel == "pallas":
+      bw = memcpy_bandwidth(max(nbytes, 256 << 20), args.iters, args.reps)
+      line.update(memcpy_bytes_per_sec=bw, ratio=nbytes / sec / bw, goal=0.8)
+    print(json.dumps(line), flush=True)
+
+
+def time_update(f, table, state, idx, w, grad, iters: int, reps: int):
+  """Median seconds per update (`reps` chained updates per round); the updated tables."""
+  table, state = jax.block_until_ready(f(table, state, idx, w, grad))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      table, state = f(table, state, idx, w, grad)
+    jax.block_until_ready((table, state))
+    times.append((time.perf_counter() - t0) / reps)
+  return float(np.median(times)), table, state
+
+
+def sweep(args, table, idx, w, grad, opt, state, base, nbytes):
+  """Pallas lookup and update under each launch setting (`platform.tuned`; jit caches are
+  cleared for each, since the setting is read when a kernel is traced)."""
+  for warps, stages in itertools.product(SWEEP_WARPS, SWEEP_STAGES):
+    for block in SWEEP_LOOKUP_BLOCKS:
+      with platform.tuned(platform.GpuTuning(warps, stages, lookup_block=block)):
+        jax.clear_caches()
+        f = jax.jit(lambda t, i, v: lookup_pool(t, i, v, kernel="pallas"))
+        sec = _time(f, table, idx, w, iters=args.iters, reps=args.reps)
+      print(json.dumps(dict(base, op="lookup_pool", sweep=True, num_warps=warps,
+                            num_stages=stages, block=block, seconds=sec,
+                            bytes_per_sec=nbytes / sec)), flush=True)
+    for block in SWEEP_UPDATE_BLOCKS:
+      with platform.tuned(platform.GpuTuning(warps, stages, update_block=block)):
+        jax.clear_caches()
+        f = update_fn(opt, "pallas", args.dtype)
+        sec, table, state = time_update(f, table, state, idx, w, grad, args.iters, args.reps)
+      print(json.dumps(dict(base, op="sparse_update", sweep=True, num_warps=warps,
+                            num_stages=stages, block=block, seconds=sec,
+                            slots_per_sec=idx.size / sec)), flush=True)
 
 
 def main(argv=None):
@@ -106,31 +170,17 @@ def main(argv=None):
   base = {"benchmark": "kernels", "platform": jax.default_backend(), "rows": args.rows,
           "dim": d, "bags": n, "bag_len": l, "dtype": args.dtype,
           "device": jax.devices()[0].device_kind}
-
-  kernels = ["xla", "pallas"] if args.on_gpu else ["xla"]
-  results = {}
-  for kernel in kernels:
-    f = jax.jit(lambda t, i, v, k=kernel: lookup_pool(t, i, v, kernel=k))
-    sec = _time(f, table, idx, w, iters=args.iters)
-    results[kernel] = nbytes / sec
-    line = dict(base, op="lookup_pool", kernel=kernel, seconds=sec, bytes_per_sec=nbytes / sec)
-    if kernel == "pallas":
-      bw = memcpy_bandwidth(max(nbytes, 256 << 20), args.iters)
-      line.update(memcpy_bytes_per_sec=bw, ratio=results["pallas"] / bw, goal=0.8)
-    print(json.dumps(line), flush=True)
-
   opt = RowWiseAdagrad(lr=0.01)
   state = init_opt_state(opt, args.rows, d)
   grad = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
-  for kernel in kernels:
-    f = update_fn(opt, kernel, args.dtype)
-    table, state = jax.block_until_ready(f(table, state, idx, w, grad))
-    times = []
-    for _ in range(args.iters):
-      t0 = time.perf_counter()
-      table, state = jax.block_until_ready(f(table, state, idx, w, grad))
-      times.append(time.perf_counter() - t0)
-    sec = float(np.median(times))
+  if args.sweep:
+    sweep(args, table, idx, w, grad, opt, state, base, nbytes)
+    return
+
+  bench_lookup(args, table, idx, w, base, nbytes)
+  for kernel in (["xla", "pallas"] if args.on_gpu else ["xla"]):
+    sec, table, state = time_update(update_fn(opt, kernel, args.dtype), table, state, idx, w,
+                                    grad, args.iters, args.reps)
     print(json.dumps(dict(base, op="sparse_update", optimizer="RowWiseAdagrad", kernel=kernel,
                           seconds=sec, slots_per_sec=n * l / sec)), flush=True)
 

@@ -97,7 +97,7 @@ def _lookup_pallas(table, idx, w, interpret):
   if n == 0 or l == 0:  # no bags or no slots: nothing to launch
     return jnp.zeros((n, d), jnp.float32)
   bd = platform.col_block(d)
-  bn = platform.row_block(n, bd)
+  bn = platform.row_block(n, bd, target=platform.tuning().lookup_block)
   n_pad = pl.cdiv(n, bn) * bn
   idx = jnp.pad(idx, ((0, n_pad - n), (0, 0)), constant_values=-1)
   w = jnp.pad(w, ((0, n_pad - n), (0, 0)))
@@ -165,7 +165,7 @@ def _lookup_csr_pallas(table, values, offsets, weights, interpret):
   if n == 0:
     return jnp.zeros((0, d), jnp.float32)
   bd = platform.col_block(d)
-  bn = platform.row_block(n, bd)
+  bn = platform.row_block(n, bd, target=platform.tuning().lookup_block)
   n_pad = pl.cdiv(n, bn) * bn
   # Offsets outside [0, nnz] would read values out of bounds: cut the bags there, as the
   # XLA path does (a decreasing pair is an empty bag).

@@ -7,6 +7,7 @@ Pallas on a non-GPU backend runs in interpret mode (slow; for tests only).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Iterator
 
 import jax
@@ -96,6 +97,35 @@ def table_compiler_options(platform: str, dtypes) -> dict[str, str]:
   return {}
 
 
-def compiler_params(num_warps: int = 4) -> plgpu.CompilerParams:
-  """Triton parameters (ignored in interpret mode)."""
-  return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+@dataclasses.dataclass(frozen=True)
+class GpuTuning:
+  """Triton launch parameters of the kernels: warps and pipeline stages per program, and
+  the elements (bags or segments x columns) a lookup / update program owns."""
+  num_warps: int = 4
+  num_stages: int = 1
+  lookup_block: int = 4096
+  update_block: int = 2048
+
+
+_TUNING: list[GpuTuning] = [GpuTuning()]
+
+
+@contextlib.contextmanager
+def tuned(tuning: GpuTuning) -> Iterator[None]:
+  """Kernels traced inside use `tuning` (`benchmarks/kernels.py --sweep` compares them)."""
+  _TUNING.append(tuning)
+  try:
+    yield
+  finally:
+    _TUNING.pop()
+
+
+def tuning() -> GpuTuning:
+  """The launch parameters in effect: `tuned`'s innermost, else the defaults."""
+  return _TUNING[-1]
+
+
+def compiler_params() -> plgpu.CompilerParams:
+  """Triton parameters of `tuning()` (ignored in interpret mode)."""
+  t = tuning()
+  return plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages)

@@ -230,7 +230,7 @@ def _update_pallas(table, opt_state, seg, grad, opt, seed, col_offset, interpret
   names = tuple(sorted(opt_state))
   states = [opt_state[k] for k in names]
   bd = platform.col_block(d)
-  bs = platform.row_block(m, d, target=2048)
+  bs = platform.row_block(m, d, target=platform.tuning().update_block)
   m_pad = pl.cdiv(m, bs) * bs
   pad = lambda x, v: jnp.pad(x, (0, m_pad - m), constant_values=v)
   blk = pl.BlockSpec((bs,), lambda i: (i,))

@@ -1,8 +1,10 @@
 """benchmarks/kernels.py measures the update the trainer runs."""
 
 import importlib.util
+import json
 import os
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,7 @@ import pytest
 from jaxrec.kernels import RowWiseAdagrad, init_opt_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))   # its `common` (failed when run alone)
 
 
 def _bench():
@@ -44,6 +47,56 @@ def test_every_gpu_backend_gets_the_gpu_defaults(monkeypatch, backend):
   bench = _bench()
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
   args = bench._parser().parse_args([])   # pylint: disable=protected-access
-  assert args.on_gpu and (args.rows, args.dim, args.iters) == (1_000_000, 128, 20)
+  assert args.on_gpu and (args.rows, args.dim, args.iters, args.reps) == (1_000_000, 128, 20, 10)
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   assert not bench._parser().parse_args([]).on_gpu   # pylint: disable=protected-access
+
+
+def test_sweep_needs_a_gpu(capsys):
+  """`--sweep` tunes Triton launch settings; on CPU it is a usage error, not a slow run of
+  the interpreter."""
+  with pytest.raises(SystemExit) as exit_info:
+    _bench().main(["--sweep"])
+  assert exit_info.value.code == 2
+  assert "--sweep tunes the Triton kernels: it needs a GPU" in capsys.readouterr().err
+
+
+def test_launch_settings_reach_the_kernels():
+  """`platform.tuned` (what `--sweep` varies) sets the traced Pallas call's warps, stages
+  and bags per program."""
+  from jaxrec.kernels import lookup_pool, platform   # pylint: disable=import-outside-toplevel
+  table = jnp.zeros((64, 128), jnp.float32)
+  idx, w = jnp.zeros((256, 2), jnp.int32), jnp.ones((256, 2), jnp.float32)
+  lower = lambda: jax.jit(lambda t, i, v: lookup_pool(t, i, v, kernel="pallas", interpret=False)
+                          ).trace(table, idx, w).lower(lowering_platforms=("cuda",)).as_text()
+  default = lower()
+  with platform.tuned(platform.GpuTuning(num_warps=8, num_stages=3, lookup_block=1024)):
+    jax.clear_caches()
+    tuned = lower()
+  jax.clear_caches()
+  assert "num_warps = 4" in default and "num_warps = 8" in tuned
+  assert "num_stages = 1" in default and "num_stages = 3" in tuned
+  # 256 bags: 32 per program by default (4096 elements / 128 columns), 8 with 1024
+  assert "grid_x = 8 :" in default and "grid_x = 32 :" in tuned
+
+
+def test_sweep_prints_a_line_per_setting(monkeypatch, capsys):
+  """The sweep's code path (Pallas interpreted here; compiled on a GPU): one JSON line per
+  launch setting and kernel, each timed."""
+  bench = _bench()
+  monkeypatch.setattr(bench, "SWEEP_WARPS", (2, 8))
+  monkeypatch.setattr(bench, "SWEEP_STAGES", (1,))
+  monkeypatch.setattr(bench, "SWEEP_LOOKUP_BLOCKS", (1024,))
+  monkeypatch.setattr(bench, "SWEEP_UPDATE_BLOCKS", (1024,))
+  args = bench._parser().parse_args(["--iters=1", "--reps=2"])   # pylint: disable=protected-access
+  rng = np.random.default_rng(0)
+  table = jnp.asarray(rng.normal(size=(50, 16)), jnp.float32)
+  idx = jnp.asarray(rng.integers(0, 50, size=(8, 3)), jnp.int32)
+  opt = RowWiseAdagrad(lr=0.01)
+  bench.sweep(args, table, idx, jnp.ones((8, 3)), jnp.ones((8, 16)), opt,
+              init_opt_state(opt, 50, 16), {"benchmark": "kernels"}, 1000)
+  jax.clear_caches()
+  lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [(x["op"], x["num_warps"]) for x in lines] == [
+      ("lookup_pool", 2), ("sparse_update", 2), ("lookup_pool", 8), ("sparse_update", 8)]
+  assert all(x["sweep"] and x["seconds"] > 0 for x in lines)

@@ -3,7 +3,11 @@
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrec.kernels import quantize
+from jaxrec.kernels import platform, quantize
+
+# Pallas runs compiled (Triton) on a GPU and in interpret mode elsewhere: on a GPU machine
+# (`JAX_PLATFORMS=cuda`, benchmarks/gpu_checks.sh) these tests check the compiled kernels.
+INTERPRET = not platform.is_gpu()
 
 DTYPES = ("float32", "bfloat16", "float16", "int8")
 # Relative spacing of each storage dtype: one ulp of slack between kernels.

@@ -11,7 +11,7 @@ from jaxrec.errors import ConfigError
 from jaxrec.kernels import (SGD, RowWiseAdagrad, csr_to_padded, init_opt_state, lookup_pool,
                             lookup_pool_csr, padded_to_csr, resolve_kernel, sparse_update,
                             sparse_update_csr)
-from tests.kernels.kernel_helpers import DTYPES, make_bags, make_table, np_pool
+from tests.kernels.kernel_helpers import DTYPES, INTERPRET, make_bags, make_table, np_pool
 
 R, D = 50, 24  # D = 3 chunks of 8 columns: exercises the column grid
 
@@ -28,7 +28,7 @@ def test_multi_hot_matches_reference(dtype, pooling):
   table, values = make_table(rng, R, D, dtype)
   idx, w = make_bags(rng, 70, 4, R, pooling, id_range=20)  # 70 bags: 2 programs of 64
   ref = lookup_pool(table, idx, w, kernel="xla")
-  out = lookup_pool(table, idx, w, kernel="pallas", interpret=True)
+  out = lookup_pool(table, idx, w, kernel="pallas", interpret=INTERPRET)
   assert out.shape == (70, D) and out.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(np.asarray(ref), np_pool(values, idx, w), **_tol(dtype))
@@ -44,7 +44,7 @@ def test_one_hot_matches_reference(dtype, pooling):
   idx[3, 0] = -1  # absent (its weight must be ignored)
   idx[4, 0] = R + 5  # out of the local shard: treated as absent, never read
   w[4, 0] = 1.0
-  out = lookup_pool(table, idx, w, kernel="pallas", interpret=True)
+  out = lookup_pool(table, idx, w, kernel="pallas", interpret=INTERPRET)
   np.testing.assert_allclose(np.asarray(out), np.asarray(lookup_pool(table, idx, w, kernel="xla")),
                              rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(np.asarray(out), np_pool(values, idx, w), rtol=1e-5, atol=1e-5)
@@ -63,7 +63,7 @@ def test_csr_kernel_matches_padded(dtype, pooling):
   bag_len = np.repeat(lens, lens).astype(np.float32)   # length of each slot's bag
   wts = {"sum": np.ones(offsets[-1], np.float32), "mean": 1.0 / np.maximum(bag_len, 1),
          "weighted": rng.uniform(0.5, 1.5, size=offsets[-1])}[pooling].astype(np.float32)
-  out = lookup_pool_csr(table, vals, offsets, wts, kernel="pallas", interpret=True)
+  out = lookup_pool_csr(table, vals, offsets, wts, kernel="pallas", interpret=INTERPRET)
   ref = lookup_pool_csr(table, vals, offsets, wts, kernel="xla")
   idx, w = csr_to_padded(jnp.asarray(vals), jnp.asarray(offsets), jnp.asarray(wts), 6)
   padded = lookup_pool(table, idx, w, kernel="xla")
@@ -127,11 +127,11 @@ def test_empty_batches_pool_to_nothing():
   for kernel in ("xla", "pallas"):
     for n, l in ((0, 3), (3, 0)):
       out = lookup_pool(table, jnp.zeros((n, l), jnp.int32), jnp.zeros((n, l)), kernel=kernel,
-                        interpret=True)
+                        interpret=INTERPRET)
       assert out.shape == (n, 8)
       np.testing.assert_array_equal(np.asarray(out), 0.0)
     out = lookup_pool_csr(table, jnp.zeros((0,), jnp.int32), jnp.zeros((1,), jnp.int32),
-                          jnp.zeros((0,)), kernel=kernel, interpret=True)
+                          jnp.zeros((0,)), kernel=kernel, interpret=INTERPRET)
     assert out.shape == (0, 8)
 
 
@@ -141,7 +141,7 @@ def test_malformed_quantized_table_is_a_clear_error():
   idx, w = jnp.zeros((2, 1), jnp.int32), jnp.ones((2, 1))
   for kernel in ("xla", "pallas"):
     with pytest.raises(ConfigError, match=r"scale and bias \[R\]"):
-      lookup_pool(bad, idx, w, kernel=kernel, interpret=True)
+      lookup_pool(bad, idx, w, kernel=kernel, interpret=INTERPRET)
 
 
 def test_empty_tables_and_malformed_inputs_on_both_kernels():
@@ -151,7 +151,7 @@ def test_empty_tables_and_malformed_inputs_on_both_kernels():
   table, idx, w = jnp.zeros((4, 8)), jnp.zeros((2, 1), jnp.int32), jnp.ones((2, 1))
   qt, _ = make_table(np.random.default_rng(9), 4, 8, "int8")
   for kernel in ("xla", "pallas"):
-    kw = dict(kernel=kernel, interpret=True)
+    kw = dict(kernel=kernel, interpret=INTERPRET)
     for empty in (jnp.zeros((0, 8)), jnp.zeros((4, 0))):  # every id absent / no columns
       d = empty.shape[1]
       np.testing.assert_array_equal(np.asarray(lookup_pool(empty, idx, w, **kw)),
@@ -190,7 +190,7 @@ def test_csr_offsets_past_the_values_cut_the_bags_on_both_kernels():
   for offsets, bags in (([0, 2, 5], [[1, 2], [3]]), ([-2, 1, 3], [[1], [2, 3]])):
     want = np.stack([values[b].sum(0) for b in bags])
     for kernel in ("xla", "pallas"):
-      out = lookup_pool_csr(table, ids, jnp.array(offsets), w, kernel=kernel, interpret=True)
+      out = lookup_pool_csr(table, ids, jnp.array(offsets), w, kernel=kernel, interpret=INTERPRET)
       np.testing.assert_allclose(np.asarray(out), want, rtol=1e-6, atol=1e-6, err_msg=kernel)
     idx, pw = csr_to_padded(ids, jnp.array(offsets), w, 4)
     np.testing.assert_array_equal(np.sort(np.asarray(idx), axis=1)[:, ::-1],

@@ -84,12 +84,20 @@ def test_comm_cast_round_trip(comm):
     comm_cast(x, "int4")
 
 
+def wire_round_trip(x, comm, **kw):
+  """`comm_uncast(comm_cast(x))` with the payload materialised in `comm`, as it crosses a
+  collective: in one program XLA:GPU drops the convert pair (excess precision allowed), so
+  an fp8 inf arrived as inf there and these tests checked nothing of fp8."""
+  payload, scale = jax.jit(lambda v: comm_cast(v, comm, **kw))(x)
+  return np.asarray(jax.jit(comm_uncast)(payload, scale))
+
+
 @pytest.mark.parametrize("amax", [1.2e-38, 1e-37, 5e-36])
 def test_fp8_rows_of_tiny_values_stay_finite(amax):
   """amax / 448 under the smallest normal f32 was flushed to a zero scale: NaN rows (tiny
   cotangents, e.g. of confidently right examples, then made every updated row NaN)."""
   x = jnp.array([[amax, amax / 2, -amax, 0.0]], jnp.float32)
-  y = np.asarray(jax.jit(lambda v: comm_uncast(*comm_cast(v, "fp8")))(x))
+  y = wire_round_trip(x, "fp8")
   tiny = np.finfo(np.float32).tiny   # results below it may flush to zero
   assert np.all(np.abs(y - np.asarray(x)) <= 2.0 ** -4 * amax + tiny), y
 
@@ -101,7 +109,7 @@ def test_fp8_keeps_finite_values_beside_an_inf_or_nan(per_row):
   non-finite element is lost (fp8 has no inf: it becomes NaN)."""
   x = jnp.array([[np.inf, 1.0, -2.0, 3.0], [np.nan, 1000.0, -5.0, 0.5],
                  [-np.inf, 0.0, 0.0, 0.0], [7.0, -300.0, 600.0, 0.25]], jnp.float32)
-  y = np.asarray(jax.jit(lambda v: comm_uncast(*comm_cast(v, "fp8", per_row=per_row)))(x))
+  y = wire_round_trip(x, "fp8", per_row=per_row)
   xs = np.asarray(x)
   finite = np.isfinite(xs)
   assert np.all(np.isnan(y[~finite]))
@@ -111,6 +119,8 @@ def test_fp8_keeps_finite_values_beside_an_inf_or_nan(per_row):
 
 @pytest.mark.parametrize("comm", ["bf16", "fp8"])   # fp16: test_collection_kernels
 def test_all_to_all_compressed_forward_and_backward(comm):
+  if jax.device_count() < 4:   # e.g. one GPU (benchmarks/gpu_checks.sh)
+    pytest.skip(f"needs 4 devices, has {jax.device_count()}")
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("x",))
   spec = jax.sharding.PartitionSpec("x")
   rng = np.random.default_rng(2)

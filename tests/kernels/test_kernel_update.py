@@ -12,7 +12,7 @@ from jaxrec.kernels.optim import coerce
 from jaxrec.kernels import (SGD, Adagrad, RowWiseAdagrad, init_opt_state, lookup_pool,
                             lookup_pool_csr, padded_to_csr, segments, sparse_update,
                             sparse_update_csr)
-from tests.kernels.kernel_helpers import DTYPES, ULP, as_f32, make_bags, make_table, raw_bits
+from tests.kernels.kernel_helpers import DTYPES, INTERPRET, ULP, as_f32, make_bags, make_table, raw_bits
 
 R, D = 50, 24
 OPTIMIZERS = [SGD(lr=0.3), Adagrad(lr=0.2, initial_accumulator=0.1, eps=1e-6),
@@ -86,7 +86,7 @@ def test_update_matches_dense_reference(dtype, opt, pooling, bag):
   want, want_state, seen = np_update(values, state, idx, w, grad, opt)
   assert seen.sum() > 5 and (~seen).sum() > 20
   xla = sparse_update(table, state, idx, w, grad, opt, kernel="xla")
-  pal = sparse_update(table, state, idx, w, grad, opt, kernel="pallas", interpret=True)
+  pal = sparse_update(table, state, idx, w, grad, opt, kernel="pallas", interpret=INTERPRET)
   for new_table, new_state in (xla, pal):
     assert jax.tree.map(lambda x: (x.shape, x.dtype), new_table) == jax.tree.map(
         lambda x: (x.shape, x.dtype), table)
@@ -110,7 +110,7 @@ def test_stochastic_rounding_pallas_matches_xla(dtype):
   key = jax.random.key(3)
   xla = sparse_update(table, state, idx, w, grad, opt, 5, key=key, kernel="xla")
   pal = sparse_update(table, state, idx, w, grad, opt, 5, key=key, kernel="pallas",
-                      interpret=True)
+                      interpret=INTERPRET)
   want, _, seen = np_update(values, state, idx, w, grad, opt)
   _check_unseen_bit_identical(table, pal[0], state, pal[1], seen)
   # Same counter-based random bits in both: results agree to a storage ulp.
@@ -129,7 +129,7 @@ def test_a_shard_with_global_bit_keys_rounds_as_the_whole_table(kernel):
   opt = SGD(lr=0.05)
   table, _, state, idx, w, grad = _data(15, "bfloat16", opt)
   run = lambda *a, **k: sparse_update(*a, opt, 2, key=jax.random.key(1), kernel=kernel,
-                                      interpret=True, **k)[0]
+                                      interpret=INTERPRET, **k)[0]
   whole = run(table, state, idx, w, grad)
   shard = run(table[10:30, 8:], init_opt_state(opt, 20, 16, jnp.float32), idx - 10, w,
               grad[:, 8:], bit_rows=jnp.asarray(idx, jnp.uint32), col_offset=8)
@@ -142,7 +142,7 @@ def test_a_shard_with_global_bit_keys_rounds_as_the_whole_table(kernel):
 def test_one_hot_and_csr_updates_agree():
   opt = RowWiseAdagrad(lr=0.1)
   table, values, state, idx, w, grad = _data(13, "float32", opt, n=9, l=1)
-  pal = sparse_update(table, state, idx, w, grad, opt, kernel="pallas", interpret=True)
+  pal = sparse_update(table, state, idx, w, grad, opt, kernel="pallas", interpret=INTERPRET)
   want, want_state, seen = np_update(values, state, idx, w, grad, opt)
   np.testing.assert_allclose(np.asarray(pal[0]), want, rtol=1e-5, atol=1e-6)
   table, values, state, idx, w, grad = _data(14, "float32", opt)
@@ -150,7 +150,7 @@ def test_one_hot_and_csr_updates_agree():
   ref = sparse_update(table, state, idx, w, grad, opt, kernel="xla")
   for kernel in ("xla", "pallas"):
     out = sparse_update_csr(table, state, vals, offsets, wts, grad, opt, kernel=kernel,
-                            interpret=True)
+                            interpret=INTERPRET)
     np.testing.assert_allclose(np.asarray(out[0]), np.asarray(ref[0]), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(np.asarray(out[1]["accum"]), np.asarray(ref[1]["accum"]),
                                rtol=1e-6)
@@ -165,7 +165,7 @@ def test_csr_values_outside_the_bags_are_skipped():
   np.testing.assert_array_equal(np.asarray(pooled), [[2, 3], [4, 5]])
   for kernel in ("xla", "pallas"):
     new, _ = sparse_update_csr(jnp.zeros((4, 2)), {}, values, offsets, w, grad, SGD(1.0),
-                               kernel=kernel, interpret=True)
+                               kernel=kernel, interpret=INTERPRET)
     np.testing.assert_array_equal(np.asarray(new), [[0, 0], [-1, -1], [-10, -10], [0, 0]])
 
 
@@ -224,7 +224,7 @@ def test_empty_batch_updates_nothing():
   for kernel in ("xla", "pallas"):
     new_table, new_state = sparse_update(table, state, jnp.zeros((0, 2), jnp.int32),
                                          jnp.zeros((0, 2)), jnp.zeros((0, 8)), opt,
-                                         kernel=kernel, interpret=True)
+                                         kernel=kernel, interpret=INTERPRET)
     for a, b in zip(raw_bits(table), raw_bits(new_table)):
       np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(np.asarray(new_state["accum"]), np.asarray(state["accum"]))
@@ -246,14 +246,14 @@ def test_edge_shapes_pallas_matches_xla(opt, dtype, r, d, n, l):
   idx[-1] = -1  # an empty bag
   w = (idx >= 0) * rng.uniform(0.5, 1.5, size=(n, l)).astype(np.float32)
   grad = rng.normal(size=(n, d)).astype(np.float32)
-  out = lookup_pool(table, idx, w, kernel="pallas", interpret=True)
+  out = lookup_pool(table, idx, w, kernel="pallas", interpret=INTERPRET)
   np.testing.assert_allclose(np.asarray(out), np.asarray(lookup_pool(table, idx, w, kernel="xla")),
                              rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(np.asarray(out[-1]), 0.0)
   state_dtype = "float16" if dtype == "float16" else "float32"
   state = init_opt_state(opt, r, d, state_dtype)
   xla = sparse_update(table, state, idx, w, grad, opt, kernel="xla")
-  pal = sparse_update(table, state, idx, w, grad, opt, kernel="pallas", interpret=True)
+  pal = sparse_update(table, state, idx, w, grad, opt, kernel="pallas", interpret=INTERPRET)
   want, want_state, seen = np_update(values, state, idx, w, grad, opt)
   np.testing.assert_allclose(as_f32(pal[0]), as_f32(xla[0]), **_storage_tol(dtype, want))
   np.testing.assert_allclose(as_f32(pal[0])[seen], want[seen], **_storage_tol(dtype, want[seen]))
