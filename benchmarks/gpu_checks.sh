@@ -46,7 +46,8 @@ for kernel in pallas xla; do
     --gin_bindings="EmbeddingOptions.kernel='$kernel'"
   cp "$work/$kernel/metrics.jsonl" "$out/metrics_$kernel.jsonl" 2>/dev/null
 done
-step train_compare 30 "$out/bench.log" "$py" - "$out/metrics_pallas.jsonl" "$out/metrics_xla.jsonl" <<'EOF'
+step train_compare 30 "$out/bench.log" \
+  "$py" - "$out/metrics_pallas.jsonl" "$out/metrics_xla.jsonl" <<'EOF'
 import json, sys
 runs = [[json.loads(l) for l in open(p)] for p in sys.argv[1:]]
 loss = [{r["step"]: r["loss"] for r in run if r.get("loss") is not None} for run in runs]
@@ -61,6 +62,6 @@ print(json.dumps({"benchmark": "gpu_train_compare", "config": "dlrm_criteo", "st
 EOF
 step embedding_scaling 90 "$out/bench.log" "$py" benchmarks/embedding_scaling.py --rounds=3
 grep -h '^{' "$out/bench.log" > "$out/bench.jsonl"
-step kernels_sweep 150 "$out/sweep.log" "$py" benchmarks/kernels.py --sweep
+step kernels_sweep 240 "$out/sweep.log" "$py" benchmarks/kernels.py --sweep
 rm -rf "$work"
 cat "$out/summary.log"

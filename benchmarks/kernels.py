@@ -102,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
                  help='calls issued back to back per timed round (GPU default 10)')
   p.add_argument("--sweep", action="store_true",
                  help="GPU only: time the Pallas kernels under every launch setting of "
-                      "SWEEP_* (warps, stages, elements per program); one line each")
+                      "SWEEP_* (warps, stages, elements per program, lookup slots unrolled "
+                      "or looped); one line each")
   return p
 
 
@@ -136,13 +137,14 @@ def sweep(args, table, idx, w, grad, opt, state, base, nbytes):
   """Pallas lookup and update under each launch setting (`platform.tuned`; jit caches are
   cleared for each, since the setting is read when a kernel is traced)."""
   for warps, stages in itertools.product(SWEEP_WARPS, SWEEP_STAGES):
-    for block in SWEEP_LOOKUP_BLOCKS:
-      with platform.tuned(platform.GpuTuning(warps, stages, lookup_block=block)):
+    for block, unroll in itertools.product(SWEEP_LOOKUP_BLOCKS, (False, True)):
+      with platform.tuned(platform.GpuTuning(warps, stages, lookup_block=block,
+                                             unroll_slots=unroll)):
         jax.clear_caches()
         f = jax.jit(lambda t, i, v: lookup_pool(t, i, v, kernel="pallas"))
         sec = _time(f, table, idx, w, iters=args.iters, reps=args.reps)
       print(json.dumps(dict(base, op="lookup_pool", sweep=True, num_warps=warps,
-                            num_stages=stages, block=block, seconds=sec,
+                            num_stages=stages, block=block, unroll_slots=unroll, seconds=sec,
                             bytes_per_sec=nbytes / sec)), flush=True)
     for block in SWEEP_UPDATE_BLOCKS:
       with platform.tuned(platform.GpuTuning(warps, stages, update_block=block)):

@@ -76,6 +76,8 @@ def _lookup_xla(table, idx, w):
 
 # ---------------------------------------------------------------------- Pallas (padded)
 
+MAX_UNROLLED_SLOTS = 32   # `GpuTuning.unroll_slots`: longer bags keep the loop
+
 def _padded_kernel(idx_ref, w_ref, *refs):
   *table_refs, o_ref = refs
   bn, bd = o_ref.shape
@@ -88,7 +90,13 @@ def _padded_kernel(idx_ref, w_ref, *refs):
     rows = gather_rows(table_refs, jnp.where(valid, ids, 0))
     return acc + jnp.where(valid[:, None], rows * w_ref[:, l][:, None], 0.0)
 
-  o_ref[...] = jax.lax.fori_loop(0, idx_ref.shape[1], body, jnp.zeros((bn, bd), jnp.float32))
+  acc = jnp.zeros((bn, bd), jnp.float32)
+  if platform.tuning().unroll_slots and idx_ref.shape[1] <= MAX_UNROLLED_SLOTS:
+    for l in range(idx_ref.shape[1]):
+      acc = body(l, acc)
+    o_ref[...] = acc
+  else:
+    o_ref[...] = jax.lax.fori_loop(0, idx_ref.shape[1], body, acc)
 
 
 def _lookup_pallas(table, idx, w, interpret):

@@ -99,12 +99,15 @@ def table_compiler_options(platform: str, dtypes) -> dict[str, str]:
 
 @dataclasses.dataclass(frozen=True)
 class GpuTuning:
-  """Triton launch parameters of the kernels: warps and pipeline stages per program, and
-  the elements (bags or segments x columns) a lookup / update program owns."""
+  """Triton launch parameters of the kernels: warps and pipeline stages per program, the
+  elements (bags or segments x columns) a lookup / update program owns, and whether the
+  padded lookup walks its slots in straight-line code (all row gathers can be in flight at
+  once) rather than a loop (one gather after the other)."""
   num_warps: int = 4
   num_stages: int = 1
   lookup_block: int = 4096
   update_block: int = 2048
+  unroll_slots: bool = False
 
 
 _TUNING: list[GpuTuning] = [GpuTuning()]

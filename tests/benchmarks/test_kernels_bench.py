@@ -97,6 +97,7 @@ def test_sweep_prints_a_line_per_setting(monkeypatch, capsys):
               init_opt_state(opt, 50, 16), {"benchmark": "kernels"}, 1000)
   jax.clear_caches()
   lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-  assert [(x["op"], x["num_warps"]) for x in lines] == [
-      ("lookup_pool", 2), ("sparse_update", 2), ("lookup_pool", 8), ("sparse_update", 8)]
+  assert [(x["op"], x["num_warps"], x.get("unroll_slots")) for x in lines] == [
+      ("lookup_pool", 2, False), ("lookup_pool", 2, True), ("sparse_update", 2, None),
+      ("lookup_pool", 8, False), ("lookup_pool", 8, True), ("sparse_update", 8, None)]
   assert all(x["sweep"] and x["seconds"] > 0 for x in lines)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxrec.errors import ConfigError
+from jaxrec.kernels import platform
 from jaxrec.kernels import (SGD, RowWiseAdagrad, csr_to_padded, init_opt_state, lookup_pool,
                             lookup_pool_csr, padded_to_csr, resolve_kernel, sparse_update,
                             sparse_update_csr)
@@ -33,6 +34,31 @@ def test_multi_hot_matches_reference(dtype, pooling):
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(np.asarray(ref), np_pool(values, idx, w), **_tol(dtype))
   np.testing.assert_array_equal(np.asarray(out[0]), 0.0)  # empty bag pools to zeros
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_unrolled_slots_match_the_loop(dtype):
+  """`GpuTuning.unroll_slots` (a `benchmarks/kernels.py --sweep` setting): the padded kernel
+  walks its slots in straight-line code, with no loop left in the kernel, and pools the
+  same sums, empty and out-of-shard slots included."""
+  rng = np.random.default_rng(11)
+  table, _ = make_table(rng, R, D, dtype)
+  idx, w = make_bags(rng, 70, 5, R, "weighted", id_range=20)
+  idx[5, 2] = R + 3   # out of the local shard
+  pallas = lambda t, i, v: lookup_pool(t, i, v, kernel="pallas", interpret=INTERPRET)
+  looped = pallas(table, idx, w)
+  has_loop = lambda text: "while[" in text or "scan[" in text
+  assert has_loop(str(jax.make_jaxpr(pallas)(table, idx, w)))
+  with platform.tuned(platform.GpuTuning(unroll_slots=True)):
+    jax.clear_caches()
+    unrolled = pallas(table, idx, w)
+    kernel_text = str(jax.make_jaxpr(pallas)(table, idx, w))
+  jax.clear_caches()
+  assert not has_loop(kernel_text)
+  np.testing.assert_allclose(np.asarray(unrolled), np.asarray(looped), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(unrolled),
+                             np.asarray(lookup_pool(table, idx, w, kernel="xla")),
+                             rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -12,7 +12,8 @@ from jaxrec.kernels.optim import coerce
 from jaxrec.kernels import (SGD, Adagrad, RowWiseAdagrad, init_opt_state, lookup_pool,
                             lookup_pool_csr, padded_to_csr, segments, sparse_update,
                             sparse_update_csr)
-from tests.kernels.kernel_helpers import DTYPES, INTERPRET, ULP, as_f32, make_bags, make_table, raw_bits
+from tests.kernels.kernel_helpers import (DTYPES, INTERPRET, ULP, as_f32, make_bags, make_table,
+                                         raw_bits)
 
 R, D = 50, 24
 OPTIMIZERS = [SGD(lr=0.3), Adagrad(lr=0.2, initial_accumulator=0.1, eps=1e-6),
