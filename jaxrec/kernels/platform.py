@@ -26,14 +26,19 @@ _PLANNING_FOR: list[str] = []    # `planning_for` backends, innermost last
 
 
 @contextlib.contextmanager
-def planning_for(backend: str) -> Iterator[None]:
-  """Plans made inside price the kernels of `backend` (`cpu`, `gpu`) instead of this
-  process's: the elastic supervisor plans for workers on another platform than its own."""
-  _PLANNING_FOR.append(backend)
+def _pushed(stack: list, value) -> Iterator[None]:
+  """`value` is the innermost entry of `stack` inside the block."""
+  stack.append(value)
   try:
     yield
   finally:
-    _PLANNING_FOR.pop()
+    stack.pop()
+
+
+def planning_for(backend: str) -> contextlib.AbstractContextManager:
+  """Plans made inside price the kernels of `backend` (`cpu`, `gpu`) instead of this
+  process's: the elastic supervisor plans for workers on another platform than its own."""
+  return _pushed(_PLANNING_FOR, backend)
 
 
 def planning_backend() -> str:
@@ -113,14 +118,9 @@ class GpuTuning:
 _TUNING: list[GpuTuning] = [GpuTuning()]
 
 
-@contextlib.contextmanager
-def tuned(tuning: GpuTuning) -> Iterator[None]:
-  """Kernels traced inside use `tuning` (`benchmarks/kernels.py --sweep` compares them)."""
-  _TUNING.append(tuning)
-  try:
-    yield
-  finally:
-    _TUNING.pop()
+def tuned(launch: GpuTuning) -> contextlib.AbstractContextManager:
+  """Kernels traced inside use `launch` (`benchmarks/kernels.py --sweep` compares them)."""
+  return _pushed(_TUNING, launch)
 
 
 def tuning() -> GpuTuning:
