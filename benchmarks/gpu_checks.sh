@@ -5,7 +5,7 @@
 #      bfloat16 and int8 tables;
 #   3. scripts/train.py on configs/dlrm_criteo.gin with EmbeddingOptions.kernel='pallas' and
 #      'xla': losses compared step by step (JSON line "gpu_train_compare"), ex/s of each;
-#   4. benchmarks/embedding_scaling.py;
+#   4. benchmarks/embedding_scaling.py, offload.py (shortened) and checkpoint.py;
 #   5. benchmarks/kernels.py --sweep (float32): the Pallas kernels under each Triton launch
 #      setting (warps, stages, elements per program), into sweep.log.
 # Writes into OUT_DIR: summary.log (each step's rc, seconds and last lines), bench.jsonl
@@ -61,6 +61,9 @@ print(json.dumps({"benchmark": "gpu_train_compare", "config": "dlrm_criteo", "st
                   "eval_auc_xla": auc[1][-1:]}))
 EOF
 step embedding_scaling 90 "$out/bench.log" "$py" benchmarks/embedding_scaling.py --rounds=3
+step offload 150 "$out/bench.log" "$py" benchmarks/offload.py --steps=200 --rounds=3 \
+  --stream_steps=600
+step checkpoint 90 "$out/bench.log" "$py" benchmarks/checkpoint.py
 grep -h '^{' "$out/bench.log" > "$out/bench.jsonl"
 step kernels_sweep 240 "$out/sweep.log" "$py" benchmarks/kernels.py --sweep
 rm -rf "$work"

@@ -63,14 +63,15 @@ def test_sweep_needs_a_gpu(capsys):
 
 def test_launch_settings_reach_the_kernels():
   """`platform.tuned` (what `--sweep` varies) sets the traced Pallas call's warps, stages
-  and bags per program."""
+  and bags per program; the unrolled lookup lowers to Triton too."""
   from jaxrec.kernels import lookup_pool, platform   # pylint: disable=import-outside-toplevel
   table = jnp.zeros((64, 128), jnp.float32)
   idx, w = jnp.zeros((256, 2), jnp.int32), jnp.ones((256, 2), jnp.float32)
   lower = lambda: jax.jit(lambda t, i, v: lookup_pool(t, i, v, kernel="pallas", interpret=False)
                           ).trace(table, idx, w).lower(lowering_platforms=("cuda",)).as_text()
   default = lower()
-  with platform.tuned(platform.GpuTuning(num_warps=8, num_stages=3, lookup_block=1024)):
+  with platform.tuned(platform.GpuTuning(num_warps=8, num_stages=3, lookup_block=1024,
+                                         unroll_slots=True)):
     jax.clear_caches()
     tuned = lower()
   jax.clear_caches()
