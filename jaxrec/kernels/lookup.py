@@ -78,6 +78,7 @@ def _lookup_xla(table, idx, w):
 
 MAX_UNROLLED_SLOTS = 32   # `GpuTuning.unroll_slots`: longer bags keep the loop
 
+
 def _padded_kernel(idx_ref, w_ref, *refs):
   *table_refs, o_ref = refs
   bn, bd = o_ref.shape
