@@ -5,6 +5,7 @@
 #      bfloat16 and int8 tables;
 #   3. scripts/train.py on configs/dlrm_criteo.gin with EmbeddingOptions.kernel='pallas' and
 #      'xla': losses compared step by step (JSON line "gpu_train_compare"), ex/s of each;
+#      then criteo with a bfloat16 model, and dlrm_synthetic (multi-hot bags), on Pallas;
 #   4. benchmarks/embedding_scaling.py, offload.py (shortened) and checkpoint.py;
 #   5. benchmarks/kernels.py --sweep (float32): the Pallas kernels under each Triton launch
 #      setting (warps, stages, elements per program), into sweep.log.
@@ -60,6 +61,12 @@ print(json.dumps({"benchmark": "gpu_train_compare", "config": "dlrm_criteo", "st
                   "examples_per_sec_xla": rate[1][-1], "eval_auc_pallas": auc[0][-1:],
                   "eval_auc_xla": auc[1][-1:]}))
 EOF
+step train_criteo_bf16 120 "$out/train.log" "$py" scripts/train.py --workdir="$work/bf16" \
+  --gin_file=configs/dlrm_criteo.gin --train_data=synthetic --eval_data=synthetic \
+  --num_steps="$steps" --log_every=50 --eval_every=0 --plan=dp \
+  --gin_bindings="DLRM.dtype='bfloat16'"
+step train_synthetic 120 "$out/train.log" "$py" scripts/train.py --workdir="$work/synthetic" \
+  --gin_file=configs/dlrm_synthetic.gin --num_steps="$steps" --log_every=50 --eval_every=0
 step embedding_scaling 90 "$out/bench.log" "$py" benchmarks/embedding_scaling.py --rounds=3
 step offload 150 "$out/bench.log" "$py" benchmarks/offload.py --steps=200 --rounds=3 \
   --stream_steps=600
