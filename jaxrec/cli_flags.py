@@ -3,7 +3,8 @@
 absl's own parser printed `FATAL Flags parsing error: ...` plus usage hints (or, for
 `--nobool=1`, a traceback). Here an unknown flag, a malformed or out-of-range value, a
 missing required flag or a stray argument is one line naming the flag and the bad value
-(and the allowed values of an enum), and the exit code is 1. No jax is imported.
+(and the allowed values of an enum), and the exit code is 1. `--help` (and absl's other
+help flags) print the usage and exit 0, where absl exits 1. No jax is imported.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def parse(argv: list[str], flag_values: flags.FlagValues | None = None, *,
   flag_values = flags.FLAGS if flag_values is None else flag_values
   try:
     rest = flag_values(argv)
+  except SystemExit as e:   # absl's --help/--helpshort/--helpfull/--helpxml printed usage
+    raise SystemExit(0 if e.code == 1 else e.code) from None   # and exited 1: it was asked
   except flags.UnrecognizedFlagError as e:
     message = _unknown(argv[0], e.flagname, flag_values) + unknown_hint
   except (flags.Error, ValueError) as e:   # absl raises ValueError for `--nobool=1`

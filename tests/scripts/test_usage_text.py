@@ -3,6 +3,8 @@
 import ast
 import glob
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -77,3 +79,17 @@ def test_memory_per_device_help_states_the_planners_default():
   assert config_lib.parse_bytes(stated, "help") == default, text
   plan_default = ast.literal_eval(_flag_call("plan.py", "memory_per_device").args[1])
   assert config_lib.parse_bytes(plan_default, "plan.py") == default
+
+
+@pytest.mark.parametrize("script", ["train.py", "launch.py", "plan.py", "convert_checkpoint.py",
+                                    "preprocess.py", "plot_metrics.py"])
+@pytest.mark.parametrize("flag", ["--help", "--helpfull"])
+def test_help_prints_the_usage_and_exits_0(script, flag):
+  """absl exits 1 after printing the usage, so `scripts/X.py --help && ...` stopped as if
+  it had failed. (A real process: absl defines its help flags once per process.)"""
+  path = os.path.join(ROOT, "scripts", script)
+  done = subprocess.run([sys.executable, path, flag], capture_output=True, text=True,
+                        timeout=120, check=False)
+  assert done.returncode == 0, done.stderr
+  first_line = ast.get_docstring(ast.parse(open(path, encoding="utf-8").read())).splitlines()[0]
+  assert first_line in done.stdout
