@@ -25,3 +25,8 @@ def checkpoint_dir(workdir: str | os.PathLike) -> str:
 def offload_dir(workdir: str | os.PathLike, table: str) -> str:
   """`W/offload/<table>`, absolute: an offloaded table's store without a `path`."""
   return os.path.join(os.path.abspath(workdir), OFFLOAD_DIR, table)
+
+
+def snapshots_dir(workdir: str | os.PathLike) -> str:
+  """`W/offload_snapshots`, absolute: the offloaded tables of each checkpoint step."""
+  return os.path.join(os.path.abspath(workdir), SNAPSHOTS_DIR)

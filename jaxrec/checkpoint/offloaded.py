@@ -52,7 +52,7 @@ def stored_name(table: str, store_name: str) -> str:
 
 def snapshots_beside(checkpoint_dir) -> epath.Path:
   """`W/offload_snapshots` of the checkpoint directory `W/checkpoints`: where the run of
-  that workdir keeps its offload snapshots (`offload.snapshot_dir`)."""
+  that workdir keeps its offload snapshots (`workdir_layout.snapshots_dir`)."""
   return epath.Path(checkpoint_dir).parent / workdir_layout.SNAPSHOTS_DIR
 
 

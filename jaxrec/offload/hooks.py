@@ -5,9 +5,9 @@
     tier = offload.make_tier(collection, config, off, options.seed, workdir, keep)
     train_it = tier.wrap(train_it)                            # if tier is not None
     ... state = tier.before_step(state, batch) before each train step
-    ... tier.save(state, step, snapshot_dir(workdir)) before each checkpoint save
+    ... tier.save(state, step, workdir_layout.snapshots_dir(workdir)) before each checkpoint save
     ... restored = ckpt.restore(..., offloaded={n: t.spec for n, t in tier.tables.items()})
-    ... tier.restore(step, snapshot_dir(workdir), restored.host_tables) after it
+    ... tier.restore(step, workdir_layout.snapshots_dir(workdir), restored.host_tables) after it
     ... state, logits = tier.eval_logits(state, batch, eval_fn) per eval batch
 """
 
@@ -19,7 +19,6 @@ from typing import Mapping
 
 import jax
 
-from jaxrec import workdir_layout
 from jaxrec.offload import owner
 from jaxrec.offload.config import OffloadConfig, device_tables
 from jaxrec.offload.planning import plan_with_offload, with_offload_notes
@@ -33,10 +32,6 @@ _LOG = logging.getLogger(__name__)
 def emb_init_key(seed: int) -> jax.Array:
   """The key `train.state.create` initialises the tables with (keep in sync with it)."""
   return jax.random.split(jax.random.key(seed), 3)[0]
-
-
-def snapshot_dir(workdir: str) -> str:
-  return os.path.join(workdir, workdir_layout.SNAPSHOTS_DIR)
 
 
 def choose_plan(config, options, mesh_shape: Mapping[str, int],

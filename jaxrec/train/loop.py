@@ -222,7 +222,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   # the tier reads ahead (prefetch) and remaps the ids of offloaded tables to cache slots
   wrap = tier.wrap if tier is not None else (lambda it: it)
   train_it = None if source is None else wrap(source)
-  snapshots = offload.snapshot_dir(workdir)
+  snapshots = workdir_layout.snapshots_dir(workdir)
   ckpt = data_adapter.checkpointer(workdir, options)
   if ckpt.latest_step() is None:
     state = state_lib.create(config, collection, options.seed)

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from jaxrec import signals
+from tests.train.conftest import Exited
 
 
 def _signal_inside_a_gc_callback(sig):
@@ -38,19 +39,8 @@ def test_a_signal_in_a_gc_callback_is_raised_at_the_next_check(sig, raised):
   assert [signal.getsignal(s) for s in signals.STOP_SIGNALS] == before
 
 
-class _Exited(BaseException):
-  """What the patched `os._exit` raises: the code the process would have exited with."""
-
-
-@pytest.fixture(name="exits")
-def _exits(monkeypatch):
-  def fake_exit(code):
-    raise _Exited(code)
-  monkeypatch.setattr(signals, "_exit", fake_exit)
-
-
 def _second_signal_exit(sig) -> int:
-  with pytest.raises(_Exited) as e:
+  with pytest.raises(Exited) as e:
     os.kill(os.getpid(), sig)
   return e.value.args[0]
 

@@ -9,7 +9,7 @@ import pytest
 
 from jaxrec import signals
 from jaxrec.train import termination
-from tests.train.test_signals import _Exited, _exits  # noqa: F401  pylint: disable=unused-import
+from tests.train.conftest import Exited
 
 
 @pytest.fixture(name="second_line")
@@ -34,7 +34,7 @@ def test_a_second_sigterm_before_training_exits_with_the_line(capfd):
   """It killed the process without a line."""
   with termination.sigterm_requests():
     os.kill(os.getpid(), signal.SIGTERM)
-    with pytest.raises(_Exited) as e:
+    with pytest.raises(Exited) as e:
       os.kill(os.getpid(), signal.SIGTERM)
   assert e.value.args == (143,)
   assert capfd.readouterr().err == "again by SIGTERM\n"
@@ -47,7 +47,7 @@ def test_sigterm_while_training_asks_for_a_checkpoint_and_a_second_exits(capfd):
     os.kill(os.getpid(), signal.SIGTERM)
     assert requested.is_set()
     signals.check()   # not raised: the loop saves after the step in progress
-    with pytest.raises(_Exited) as e:
+    with pytest.raises(Exited) as e:
       os.kill(os.getpid(), signal.SIGTERM)
   assert e.value.args == (143,)
   assert capfd.readouterr().err == "again by SIGTERM\n"

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from jaxrec import offload, workdir_layout
+from jaxrec import workdir_layout
 from jaxrec.checkpoint import offloaded
 from jaxrec.elastic import procs
 from jaxrec.errors import ConfigError
@@ -30,7 +30,7 @@ def test_every_user_of_the_workdir_layout_follows_its_one_definition(tmp_path, m
   assert data_adapter.newest_saved_step(w) == 7
   assert procs.latest_checkpoint(w) == 7
   assert OffloadTable("big", cache_rows=4).resolve_path(w) == os.path.join(w, "tier", "big")
-  assert offload.snapshot_dir(w) == os.path.join(w, "snaps")
+  assert workdir_layout.snapshots_dir(w) == os.path.join(w, "snaps")
   beside = offloaded.snapshots_beside(data_adapter.checkpoint_dir(w))
   assert str(beside) == os.path.join(w, "snaps")
   assert loop.outputs(w) == ["ckpts/", "tier/", "snaps/"]
