@@ -15,8 +15,8 @@ Column padding: a stack split over `col` whose dim is not a multiple of the `col
 stores `padded_dim` (dim rounded up to that multiple) columns; the extra ones are zeros that
 no lookup returns (stage 2 cuts the pooled activations back to `dim`), so their gradient is
 zero and no optimizer changes them. Whole-row reductions (row-wise Adagrad's mean, int8
-ranges) count the real columns only (`local_ops.column_mask`); `stack`/`unstack` add and cut them, so
-per-table arrays and checkpoints always hold `[rows, dim]`.
+ranges) count the real columns only (`local_ops.column_mask`); `stack`/`unstack` add and
+cut them, so per-table arrays and checkpoints always hold `[rows, dim]`.
 
 The layout is pure static data (hashable), so it can be closed over by jitted functions.
 Tables are initialised per table (plan-independent, so every plan starts from the same

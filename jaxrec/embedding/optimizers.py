@@ -9,9 +9,10 @@ Each optimizer is a frozen (hashable) dataclass with
 where `rows`, `grads` are `[n, d]` (the unique rows seen, local columns), `state` holds the
 matching `[n, d]` / `[n]` slices, `step` is the global step (int32 scalar) and
 `dim_sum(x[n, d]) -> [n]` sums over the *whole* embedding dim (it adds a psum over `col`
-when columns are split, and leaves out a column-padded stack's padding columns). Gradients arrive already summed over duplicate ids, so a row's
-update sees one gradient per step — the semantics of a dense optimizer restricted to seen
-rows ("lazy" for Adam and FTRL: unseen rows' moments do not decay).
+when columns are split, and leaves out a column-padded stack's padding columns). Gradients
+arrive already summed over duplicate ids, so a row's update sees one gradient per step —
+the semantics of a dense optimizer restricted to seen rows ("lazy" for Adam and FTRL:
+unseen rows' moments do not decay).
 """
 
 from __future__ import annotations

@@ -107,9 +107,10 @@ def stack_values(key: jax.Array, layout, scales: Sequence[float]) -> jax.Array:
 def slice_values(key: jax.Array, layout, scales: Sequence[float], row: jax.Array
                  ) -> jax.Array:
   """f32 `[num_slices, R, padded_dim]`: rows `row` (uint32 `[R]`, numbered within a `table`
-  slice) of every slice of the stack, as `stack_values` holds them (padding columns zero). Rows are numbered per slice
-  (each under 2**32), never across the stack: a stack of slices holding more than 2**31
-  rows in all (up to 2**31 - 1 each) gets its tables' values, not wrapped int32 rows."""
+  slice) of every slice of the stack, as `stack_values` holds them (padding columns zero).
+  Rows are numbered per slice (each under 2**32), never across the stack: a stack of slices
+  holding more than 2**31 rows in all (up to 2**31 - 1 each) gets its tables' values, not
+  wrapped int32 rows."""
   slots, nt, dim = layout.slots, layout.num_slices, layout.dim
   col = jnp.arange(layout.padded_dim, dtype=jnp.uint32)[None, :]   # columns >= dim: zeros
   per_slice = [sorted((i for i, s in enumerate(slots) if s.table_slice == t),

@@ -79,7 +79,8 @@ def table_dtype(table) -> str:
         or jnp.dtype(table.bias.dtype) != jnp.float32):
       raise ConfigError(f"QuantizedTable wants q int8 [R, D], scale and bias [R] float32; got q "
                         f"{table.q.dtype}{list(table.q.shape)}, scale {table.scale.dtype}"
-                        f"{list(table.scale.shape)}, bias {table.bias.dtype}{list(table.bias.shape)}")
+                        f"{list(table.scale.shape)}, bias {table.bias.dtype}"
+                        f"{list(table.bias.shape)}")
   return name
 
 

@@ -202,9 +202,9 @@ class PlanResult:
     rows = [("stack", "tables", "features", "per device", "bag", "shard rows", "buffer",
              "est time")]
     for st in self.stacks:
+      buffer = f"{st.buffer_rows:,}" + ("" if st.dedup else " (no dedup)")
       rows.append((st.name, str(len(st.tables)), str(st.features), str(st.width), str(st.bag),
-                   f"{st.local_rows:,}", f"{st.buffer_rows:,}" + ("" if st.dedup else " (no dedup)"),
-                   format_time(st.time_s)))
+                   f"{st.local_rows:,}", buffer, format_time(st.time_s)))
     lines += _columns(rows)
     lines.append("")
     rows = [("devices", "slice", "tables", "own", "memory", "of budget", "est time")]

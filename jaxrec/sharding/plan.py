@@ -155,9 +155,10 @@ class Plan:
 
 
 def stored_mesh(stored) -> dict[str, int] | None:
-  """A recorded mesh (a plan file's `"mesh"`, a checkpoint's `saved_mesh`) with all four axes; None when it is absent or damaged (an
-  unknown axis, a size that is not a positive integer) rather than a guess (`{"tabel": 4}`
-  was one device, `{"data": 2.5}` data=2) that `--mesh=auto` and `scripts/plan.py` use."""
+  """A recorded mesh (a plan file's `"mesh"`, a checkpoint's `saved_mesh`) with all four
+  axes; None when it is absent or damaged (an unknown axis, a size that is not a positive
+  integer) rather than a guess (`{"tabel": 4}` was one device, `{"data": 2.5}` data=2) that
+  `--mesh=auto` and `scripts/plan.py` use."""
   if not isinstance(stored, dict) or set(stored) - set(MESH_AXES) or not all(
       isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in stored.values()):
     return None
