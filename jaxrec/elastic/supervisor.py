@@ -126,8 +126,9 @@ class Supervisor(scaling.Scaling):
     """Runs the job holding `W/elastic/launch.lock`: a second supervisor on the workdir
     (which would delete this one's stop requests and mix its events and progress lines
     with this one's) is refused before it writes anything, naming this one's pid. A
-    workdir this launch created is removed again when the job stops on a user error
-    before anything but the launcher's bookkeeping was written (`_bookkeeping`)."""
+    workdir this launch created is removed again when the job stops on a user error, a
+    signal or no capacity before anything but the launcher's bookkeeping was written
+    (`_bookkeeping`, `_nothing_to_keep`)."""
     with signals.deferred(), files.workdir_lock(
         self.workdir, os.path.join(worker_lib.CONTROL_DIR, LOCK_NAME),
         "another scripts/launch.py"):
@@ -136,9 +137,16 @@ class Supervisor(scaling.Scaling):
       except JaxrecError:   # e.g. a bad --gin_bindings, found loading the config
         files.remove_made(self._made, self.workdir, _bookkeeping)
         raise
-      if code == EXIT_USER_ERROR:
+      if self._nothing_to_keep(code):
         files.remove_made(self._made, self.workdir, _bookkeeping)
       return code
+
+  def _nothing_to_keep(self, code: int) -> bool:
+    """Whether the launcher's bookkeeping of a job that ended with `code` tells nothing the
+    printed line does not: a user error, a SIGINT/SIGTERM (as train.py's `made_dir`), or
+    no capacity for the first workers. Workers that failed keep their logs."""
+    return (code == EXIT_USER_ERROR or code > 128
+            or (code == EXIT_BELOW_MIN and self._launched is None))
 
   def _run(self) -> int:
     self.events.repair_tail()

@@ -4,8 +4,10 @@ before anything was trained (as train.py's `files.made_dir`); it was left behind
 checkpoint or a metrics line, stays as it is."""
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -83,3 +85,40 @@ def test_launch_with_a_missing_train_data_leaves_no_workdir(tmp_path):
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and lines[0].startswith("error: worker 0: --train_data"), lines
   assert not w.exists()
+
+
+def test_a_new_workdir_is_removed_when_the_launch_is_interrupted_before_training(tmp_path):
+  """SIGINT while the workers start (as train.py's `made_dir` on Ctrl-C): exit 130 and no
+  workdir of events, worker logs and locks left behind."""
+  script = tmp_path / "starts_slowly.py"
+  script.write_text("import time\ntime.sleep(60)\n")
+  timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+  timer.start()
+  try:
+    assert _run(tmp_path / "w", script=script) == 128 + signal.SIGINT
+  finally:
+    timer.cancel()
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_new_workdir_is_removed_when_no_capacity_lets_the_first_workers_start(tmp_path):
+  capacity = tmp_path / "capacity"
+  capacity.write_text("1\n")
+  options = sup.Options(num_processes=2, min_processes=2, devices_per_process=2,
+                        train_script=FAKE, capacity_file=str(capacity), poll_interval=0.05)
+  w = tmp_path / "w"
+  assert sup.Supervisor(options, [f"--workdir={w}", *TRAIN]).run() == sup.EXIT_BELOW_MIN
+  assert not w.exists()
+
+
+def test_a_workdir_of_failed_workers_keeps_their_logs(tmp_path):
+  """After failures (a worker that crashes before writing anything, --max_restarts=0) the
+  worker logs explain them: the workdir stays."""
+  script = tmp_path / "crashes.py"
+  script.write_text("import sys\nprint('segfault, say')\nsys.exit(1)\n")
+  options = sup.Options(num_processes=1, devices_per_process=2, train_script=str(script),
+                        max_restarts=0, poll_interval=0.05)
+  w = tmp_path / "w"
+  code = sup.Supervisor(options, [f"--workdir={w}", *TRAIN]).run()
+  assert code == sup.EXIT_MAX_RESTARTS
+  assert (w / "events.jsonl").exists() and os.listdir(w / "workers")
