@@ -32,7 +32,7 @@ from jaxrec import elastic, files, gin_usage, offload, planner, signals, workdir
 from jaxrec.offload import snapshots as snapshots_lib
 from jaxrec.sharding import mesh as mesh_lib
 from jaxrec.sharding.plan import Plan, uniform_plan
-from jaxrec.train import data_adapter, mesh_choice
+from jaxrec.train import budget_hint, data_adapter, mesh_choice
 from jaxrec.train import state as state_lib
 from jaxrec.train import step as step_lib
 from jaxrec.train import termination, writers
@@ -212,6 +212,9 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   if is_main:
     log.info("mesh %s (%s), plan (--plan=%s):\n%s", mesh_lib.format_mesh(info["mesh"]),
              info["why"], options.plan, info["plan_result"].report())
+    hint = budget_hint.note(options.memory_per_device, jax.local_devices()[0])
+    if hint:
+      log.info("%s", hint)
   data_adapter.warn_preprocessed_skips(options.bad_rows,
                                        *[s for s in (source, eval_data) if s is not None])
   initial_data_state = source.get_state() if source is not None else {}

@@ -1,0 +1,62 @@
+"""The note when the default planner budget is far below the device's memory (a GPU)."""
+
+import jax
+
+from jaxrec import planner
+from jaxrec.train import budget_hint
+
+GIB = 2**30
+
+
+class FakeDevice:
+  device_kind = "NVIDIA H200"
+
+  def __init__(self, stats):
+    self.stats = stats
+
+  def memory_stats(self):
+    return self.stats
+
+
+def test_a_large_gpu_with_the_default_budget_gets_the_note():
+  text = budget_hint.note(None, FakeDevice({"bytes_limit": 104 * GIB, "bytes_in_use": 0}))
+  assert text == ("note: the plan's budget is the default 16.0 GiB per device "
+                  "(--memory_per_device unset); this NVIDIA H200 gives jax 104.0 GiB: set "
+                  "--memory_per_device to plan with more of it (leave room for the dense "
+                  "model and its activations)")
+
+
+def test_no_note_with_a_budget_given_a_small_device_or_no_statistics():
+  big = FakeDevice({"bytes_limit": 104 * GIB})
+  assert budget_hint.note(80 * GIB, big) is None
+  small = FakeDevice({"bytes_limit": budget_hint.NOTE_FACTOR * planner.DEFAULT_MEMORY_PER_DEVICE
+                      - 1})
+  assert budget_hint.note(None, small) is None
+  assert budget_hint.note(None, FakeDevice(None)) is None
+  assert budget_hint.note(None, FakeDevice({})) is None
+  assert budget_hint.note(None, jax.devices()[0]) is None   # CPU: no memory statistics
+
+
+class _Noted(Exception):
+  pass
+
+
+def test_the_loop_asks_for_the_note_beside_the_plan_report(monkeypatch, tmp_path):
+  """Wiring: after the plan's report, with the run's budget and its first local device
+  (stopped there by the fake note)."""
+  from jaxrec import launch   # pylint: disable=import-outside-toplevel
+  from jaxrec.train import config as config_lib, loop   # pylint: disable=import-outside-toplevel
+  from tests.train.test_loop_eval_ids import BINDINGS   # pylint: disable=import-outside-toplevel
+
+  def fake_note(memory_per_device, device):
+    raise _Noted(memory_per_device, device)
+  monkeypatch.setattr(budget_hint, "note", fake_note)
+  launch.parse_gin(["configs/dlrm_synthetic.gin"], BINDINGS)
+  options = config_lib.RunOptions(num_steps=1, mesh="data=8", plan="dp", progress=False,
+                                  memory_per_device=3 * GIB)
+  try:
+    loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path / "w"))
+  except _Noted as e:
+    assert e.args == (3 * GIB, jax.local_devices()[0])
+  else:
+    raise AssertionError("the loop never asked for the note")
