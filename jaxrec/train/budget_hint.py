@@ -1,9 +1,9 @@
 """A note when the planner's default budget is far below what the device has.
 
 `--memory_per_device` defaults to `planner.DEFAULT_MEMORY_PER_DEVICE` (16 GiB) on every
-device, so every process of a job plans alike. On a GPU with much more memory (an H200
-gives jax ~104 GiB) tables that would fit are then offloaded (`OffloadConfig.auto`) or
-refused; the note says so once, with the device's own figure, and leaves the choice to
+device, so every process of a job plans alike. On a GPU with much more memory (jax's
+allocator may take 75% of it by default, ~104 GiB of an H200's 139) tables that would fit
+are then offloaded (`OffloadConfig.auto`) or refused; the note says so once, with the device's own figure, and leaves the choice to
 the user.
 """
 
