@@ -5,9 +5,9 @@
     tier = offload.make_tier(collection, config, off, options.seed, workdir, keep)
     train_it = tier.wrap(train_it)                            # if tier is not None
     ... state = tier.before_step(state, batch) before each train step
-    ... tier.save(state, step, workdir_layout.snapshots_dir(workdir)) before each checkpoint save
+    ... tier.save(state, step, workdir_layout.snapshots_dir(workdir)) before each save
     ... restored = ckpt.restore(..., offloaded={n: t.spec for n, t in tier.tables.items()})
-    ... tier.restore(step, workdir_layout.snapshots_dir(workdir), restored.host_tables) after it
+    ... tier.restore(step, workdir_layout.snapshots_dir(workdir), restored.host_tables)
     ... state, logits = tier.eval_logits(state, batch, eval_fn) per eval batch
 """
 

@@ -3,8 +3,8 @@
 `--memory_per_device` defaults to `planner.DEFAULT_MEMORY_PER_DEVICE` (16 GiB) on every
 device, so every process of a job plans alike. On a GPU with much more memory (jax's
 allocator may take 75% of it by default, ~104 GiB of an H200's 139) tables that would fit
-are then offloaded (`OffloadConfig.auto`) or refused; the note says so once, with the device's own figure, and leaves the choice to
-the user.
+are then offloaded (`OffloadConfig.auto`) or refused; the note says so once, with the
+device's own figure, and leaves the choice to the user.
 """
 
 from __future__ import annotations
