@@ -14,6 +14,10 @@
 # sweep.log (8 files: what one device run brings back at most).
 #
 #   benchmarks/gpu_checks.sh OUT_DIR [STEPS]    (PYTHON=python3 by default; run from the repo)
+#
+# Time: steps 1-3 and the scaling benchmark took 118 s on an H200 (2026-12-04); with the
+# offload, checkpoint and sweep steps added since, expect ~6-8 minutes (each step has its
+# own limit; the sweep comes last, so a run cut short still brings back the rest).
 set -u
 out=${1:?usage: benchmarks/gpu_checks.sh OUT_DIR [STEPS]}
 steps=${2:-300}
