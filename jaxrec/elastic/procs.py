@@ -13,7 +13,12 @@ from jaxrec import workdir_layout
 from jaxrec.elastic import worker as worker_lib
 from jaxrec.elastic.events import give_up_text
 from jaxrec.elastic.train_args import TrainArgs
-from jaxrec.errors import ConfigError
+from jaxrec.errors import ConfigError, JaxrecError
+
+
+class PortUnusable(JaxrecError):
+  """A TCP port cannot be bound for a reason other than another socket holding it (EACCES:
+  a privileged port or a sandbox's refusal); the message names the port and the errno."""
 
 
 def _bind_like_coordinator(port: int, reuse: bool = False) -> socket.socket:
@@ -40,21 +45,33 @@ def _bind_like_coordinator(port: int, reuse: bool = False) -> socket.socket:
   raise OSError(errno.EAFNOSUPPORT, "no TCP socket of IPv6 or IPv4")
 
 
+def _unusable(port: int, e: OSError) -> PortUnusable:
+  what = f"TCP port {port} cannot" if port else "no TCP port can"
+  name = errno.errorcode.get(e.errno, f"errno {e.errno}")
+  return PortUnusable(f"{what} be bound on [::] or 0.0.0.0 ({name}: {e.strerror})")
+
+
 def free_port() -> int:
   """A TCP port free now on every address (where the coordinator binds); released again, so
   another process may take it before the coordinator binds it (`port_in_use`, and the
-  supervisor's retries)."""
-  with _bind_like_coordinator(0) as s:
-    return s.getsockname()[1]
+  supervisor's retries). Raises `PortUnusable` when no port can be bound."""
+  try:
+    with _bind_like_coordinator(0) as s:
+      return s.getsockname()[1]
+  except OSError as e:
+    raise _unusable(0, e) from None
 
 
 def port_in_use(port: int) -> bool:
   """Whether another socket holds TCP `port` on any address (IPv4 or IPv6: the coordination
-  service binds `[::]`, and fails with EADDRINUSE)."""
+  service binds `[::]`, and fails with EADDRINUSE). Raises `PortUnusable` when the port
+  cannot be bound for another reason (EACCES...): it is neither free nor taken."""
   try:
     _bind_like_coordinator(port, reuse=True).close()
   except OSError as e:
-    return e.errno == errno.EADDRINUSE
+    if e.errno == errno.EADDRINUSE:
+      return True
+    raise _unusable(port, e) from None
   return False
 
 

@@ -240,7 +240,11 @@ class Supervisor(scaling.Scaling):
     start again on a new port, as the next generation (no restart counted, no slot lost);
     after `PORT_TRIES` taken ports in a row the outcome stays `port_in_use`."""
     for attempt in range(1, PORT_TRIES + 1):
-      self._launch(choice)
+      try:
+        self._launch(choice)
+      except proc_lib.PortUnusable as e:   # nothing started: the host refuses every bind
+        return _Outcome("user_error", "no port", message=f"the coordinator's port: {e}",
+                        detected=time.time())
       out = self._watch()
       if out.kind != "port_in_use":
         return out
@@ -255,6 +259,7 @@ class Supervisor(scaling.Scaling):
       self.generation += 1
 
   def _launch(self, choice: replan.Choice) -> None:
+    port = self._port = proc_lib.free_port()   # first: PortUnusable leaves no generation
     self.choice = choice
     self._capacity_seen = (self._available(), self.capacity[1])
     g = self._launched = self.generation
@@ -262,7 +267,6 @@ class Supervisor(scaling.Scaling):
       if f.startswith("stop."):
         os.remove(os.path.join(self.workdir, worker_lib.CONTROL_DIR, f))
     os.makedirs(os.path.join(self.workdir, worker_lib.WORKERS_DIR), exist_ok=True)
-    port = self._port = proc_lib.free_port()
     argv = [self.o.python, self.o.train_script,
             *self.args.with_mesh_plan(*choice.worker_mesh_plan)]
     self.procs = []
@@ -483,7 +487,15 @@ class Supervisor(scaling.Scaling):
     taken port) while another process holds the port."""
     return p.exited == worker_lib.EXIT_PORT_IN_USE or (
         p.initialized is None and self.choice is not None and self.choice.processes > 1
-        and proc_lib.port_in_use(self._port))
+        and self._port_held())
+
+  def _port_held(self) -> bool:
+    """Whether another socket holds the coordinator's port (one that cannot be bound for
+    another reason is not taken: process 0 printed that as its error)."""
+    try:
+      return proc_lib.port_in_use(self._port)
+    except proc_lib.PortUnusable:
+      return False
 
   def _check_hangs(self, now: float) -> _Outcome | None:
     running = [p for p in self.procs if p.exited is None]

@@ -164,7 +164,7 @@ def initialize_from_env() -> bool:
     address = os.environ[ENV_COORDINATOR]
     from jaxrec.elastic import procs  # pylint: disable=import-outside-toplevel
     # checked first: XLA's failure to bind sometimes ends in a segfault, not an error
-    if w.process == 0 and procs.port_in_use(int(address.rpartition(":")[2])):
+    if w.process == 0 and _port_taken(procs, address):
       _port_in_use(address, "taken before the coordination service started")
     try:
       jax.distributed.initialize(coordinator_address=address,
@@ -177,6 +177,17 @@ def initialize_from_env() -> bool:
     w.write(w.workdir, {"phase": "initialized", "pid": os.getpid(),
                         "init_s": round(time.time() - t0, 4)})
   return multi
+
+
+def _port_taken(procs, address: str) -> bool:
+  """`procs.port_in_use` of the coordinator's port; a port that cannot be bound for another
+  reason (EACCES) is the user's to fix: one `error:` line (the supervisor gives up with it)
+  and exit 1, where XLA's bind would fail or crash later."""
+  try:
+    return procs.port_in_use(int(address.rpartition(":")[2]))
+  except procs.PortUnusable as e:
+    print(f"error: coordinator address {address}: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def _port_in_use(address: str, detail: str) -> None:

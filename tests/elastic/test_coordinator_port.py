@@ -58,6 +58,33 @@ def test_process_0_checks_the_port_before_xla_binds_it(monkeypatch, capsys):
   assert capsys.readouterr().err.startswith(f"coordinator address 127.0.0.1:{port} is in use")
 
 
+@pytest.mark.usefixtures("refused_binds")
+def test_process_0_names_a_port_it_may_not_bind(monkeypatch, capsys):
+  """A refused bind (EACCES) was read as a free port; now it is one `error:` line and exit
+  1 (the supervisor gives up with it), not 'in use' and a retry on another port."""
+  _as_process(monkeypatch, 0, AssertionError("initialize was called"), port=80)
+  with pytest.raises(SystemExit) as e:
+    worker.initialize_from_env()
+  assert e.value.code == 1
+  assert capsys.readouterr().err == (
+      "error: coordinator address 127.0.0.1:80: TCP port 80 cannot be bound on [::] or "
+      "0.0.0.0 (EACCES: Permission denied)\n")
+
+
+def test_the_launcher_gives_up_when_no_port_can_be_bound(tmp_path, refused_binds, capsys):
+  """`free_port`'s PermissionError was a traceback; now one line, and the new workdir goes."""
+  del refused_binds
+  w = tmp_path / "w"
+  options = sup.Options(num_processes=2, devices_per_process=2, train_script=FAKE)
+  s = sup.Supervisor(options, [f"--workdir={w}", "--gin_file=configs/dlrm_synthetic.gin",
+                               "--mesh=data=2,table=2", "--num_steps=5"])
+  assert s.run() == sup.EXIT_USER_ERROR
+  errors = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+  assert errors == ["error: the coordinator's port: no TCP port can be bound on [::] or "
+                    "0.0.0.0 (EACCES: Permission denied). Stopping; fix what it names."], errors
+  assert not w.exists()
+
+
 @pytest.mark.parametrize("process, error", [(1, RuntimeError(TAKEN)),
                                             (0, RuntimeError("DEADLINE_EXCEEDED: barrier"))])
 def test_other_initialize_errors_pass_unchanged(monkeypatch, process, error):
@@ -104,6 +131,16 @@ def test_process_0_dead_before_joining_with_its_port_held_is_a_taken_port(tmp_pa
   with sock:
     out = s._check_exits(1.0, None)   # pylint: disable=protected-access
   assert (out.kind, out.lost) == (("port_in_use", 0) if held else ("failure", 1))
+
+
+def test_process_0_dead_before_joining_on_a_refused_port_is_a_failure(tmp_path, refused_binds):
+  """The supervisor's own check of a port it may not bind: not taken, no exception."""
+  del refused_binds
+  s = _supervisor(str(tmp_path))
+  s.choice, s._port = types.SimpleNamespace(processes=2), 80   # pylint: disable=protected-access
+  s.procs = [sup._Proc(0, _popen(-11), None, 0.0),   # pylint: disable=protected-access
+             sup._Proc(1, _popen(None), None, 0.0)]   # pylint: disable=protected-access
+  assert s._check_exits(1.0, None).kind == "failure"   # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize("taken", [2, sup.PORT_TRIES])
@@ -178,3 +215,4 @@ def test_the_launcher_retries_taken_ports_then_gives_up(tmp_path, taken):
     assert ev[-1]["event"] == "give_up" and ev[-1]["reason"] == "port_in_use"
     assert f"error: the coordinator's port was taken {sup.PORT_TRIES} times in a row" in open(
         os.path.join(w, "launch.log")).read()
+

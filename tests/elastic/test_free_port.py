@@ -70,3 +70,14 @@ def test_free_port_tests_the_address_port_in_use_tests(monkeypatch, no_ipv6):
     held.bind(("127.0.0.1", port))
     held.listen()
     assert procs.port_in_use(port)
+
+
+
+def test_a_port_that_cannot_be_bound_is_neither_free_nor_taken(refused_binds):
+  """EACCES read as 'free': the coordinator's bind then failed (or crashed) later."""
+  with pytest.raises(procs.PortUnusable) as e:
+    procs.port_in_use(80)
+  assert str(e.value) == ("TCP port 80 cannot be bound on [::] or 0.0.0.0 "
+                          "(EACCES: Permission denied)")
+  with pytest.raises(procs.PortUnusable, match=r"^no TCP port can be bound .*\(EACCES: "):
+    procs.free_port()
