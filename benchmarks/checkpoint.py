@@ -16,7 +16,7 @@ data iterator) and measures:
   restore_other_s   restore onto half the devices (with --devices > 1)
   bytes             size of one checkpoint on disk
 
-  python benchmarks/checkpoint.py [--devices=8 --mesh=row=8 --plan=rw] [--saves=3]
+  .venv/bin/python benchmarks/checkpoint.py [--devices=8 --mesh=row=8 --plan=rw] [--saves=3]
 
 Prints one JSON line: {"benchmark": "checkpoint", "ratio": ..., "goal": 2, ...}.
 """

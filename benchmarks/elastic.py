@@ -1,6 +1,6 @@
 """Elastic recovery time: 2 processes x 4 CPU devices, one worker killed mid-run.
 
-  python benchmarks/elastic.py [--num_steps=60] [--kill_at=15] [--workdir=DIR] [--keep]
+  .venv/bin/python benchmarks/elastic.py [--num_steps=60] [--kill_at=15] [--workdir=DIR] [--keep]
 
 Runs `scripts/launch.py --num_processes=2 --devices_per_process=4` on a small DLRM, waits
 for a committed checkpoint and step `--kill_at`, kills worker 1 with SIGKILL and measures

@@ -1,7 +1,7 @@
 """Input pipeline throughput: synthetic, TSV parsing, preprocessed binary shards.
 
-  python benchmarks/input_pipeline.py [--trainer_examples_per_sec=X |
-                                       --trainer_metrics=W/metrics.jsonl]
+  .venv/bin/python benchmarks/input_pipeline.py [--trainer_examples_per_sec=X |
+                                                 --trainer_metrics=W/metrics.jsonl]
 
 Prints one JSON line per result (`"benchmark": "input_pipeline"`). The `binary` line holds
 `"ratio"` = binary examples/sec / trainer examples/sec with `"goal": 5` (the input

@@ -7,8 +7,8 @@ Prints JSON lines `{"benchmark": "kernels", ...}`:
 - elsewhere: the XLA path's bytes/s with `"platform": "cpu"` (Pallas only runs in
   interpret mode there, so no ratio is reported).
 
-  python benchmarks/kernels.py [--rows=1000000 --dim=128 --bags=65536 --bag_len=8
-                                --dtype=float32 --iters=20 --reps=10] [--sweep]
+  .venv/bin/python benchmarks/kernels.py [--rows=1000000 --dim=128 --bags=65536 --bag_len=8
+                                          --dtype=float32 --iters=20 --reps=10] [--sweep]
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 r"""Exports, re-targets or imports jaxrec checkpoints.
 
-  python scripts/convert_checkpoint.py --checkpoint_dir=W/checkpoints [--step=N] \
+  .venv/bin/python scripts/convert_checkpoint.py --checkpoint_dir=W/checkpoints [--step=N] \
       --output=PATH --format=npz|zarr|checkpoint [--mesh=data=2,row=2 --plan=rw|PLAN.json]
-  python scripts/convert_checkpoint.py --torchrec_npz=EBC.npz --output=W/checkpoints \
+  .venv/bin/python scripts/convert_checkpoint.py --torchrec_npz=EBC.npz --output=W/checkpoints \
       --format=checkpoint [--step=0]
 
 npz / zarr: one array per table (`tables/<name>`), per dense parameter (`dense/<path>`) and

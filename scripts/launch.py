@@ -2,7 +2,7 @@
 r"""Elastic multi-process training: runs scripts/train.py as N workers and keeps the job
 going when workers die or hang, capacity changes, or a worker straggles.
 
-  python scripts/launch.py --num_processes=2 --devices_per_process=4 [--min_processes=1] \
+  .venv/bin/python scripts/launch.py --num_processes=2 --devices_per_process=4 [--min_processes=1] \
       [--max_restarts=10] [--hang_timeout=300] -- --workdir=W --gin_file=configs/... \
       [--mesh=data=2,table=2,row=2,col=1] [--plan=auto] [--checkpoint_every=100] ...
 

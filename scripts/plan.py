@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 r"""Propose (or check) a sharding plan and explain it: parses flags, calls `jaxrec.planner`.
 
-  python scripts/plan.py --gin_file=configs/dlrm_criteo.gin --mesh=data=2,table=2,row=2,col=1 \
-      [--memory_per_device=16GiB] [--batch_size=N] [--optimizer=sgd] [--json=PATH] [--plan=auto]
-  python scripts/plan.py --tables=big:10000000:64:4,small:1000:16 --mesh=table=4,row=2
-  python scripts/plan.py --calibrate             # time this machine, cache the coefficients
-  python scripts/plan.py --gin_file=... --profile=W   # re-plan from a job's W/profile.jsonl
-  python scripts/plan.py --gin_file=... --plan=W/plan.json   # check a (hand-edited) plan file
+  .venv/bin/python scripts/plan.py --gin_file=configs/dlrm_criteo.gin \
+      --mesh=data=2,table=2,row=2,col=1 [--memory_per_device=16GiB] [--batch_size=N] \
+      [--optimizer=sgd] [--json=PATH] [--plan=auto]
+  .venv/bin/python scripts/plan.py --tables=big:10000000:64:4,small:1000:16 --mesh=table=4,row=2
+  .venv/bin/python scripts/plan.py --calibrate      # time this machine, cache the coefficients
+  .venv/bin/python scripts/plan.py --gin_file=... --profile=W   # re-plan from W/profile.jsonl
+  .venv/bin/python scripts/plan.py --gin_file=... --plan=W/plan.json   # check a plan file
 """
 
 import logging

@@ -1,6 +1,6 @@
 """Plots loss, eval AUC and examples/sec vs step for one or more workdirs.
 
-  python scripts/plot_metrics.py --workdir=W1 [--workdir=W2 ...] [--output=PNG]
+  .venv/bin/python scripts/plot_metrics.py --workdir=W1 [--workdir=W2 ...] [--output=PNG]
 """
 
 import os

@@ -1,7 +1,7 @@
 """Preprocesses Criteo TSV into binary shards that training reads with random access.
 
-  python scripts/preprocess.py --input=day_0.gz --output=/data/criteo_bin --rows=100000
-  python scripts/preprocess.py --input='/data/tsv/*' --output=DIR --gin_file=configs/x.gin
+  .venv/bin/python scripts/preprocess.py --input=day_0.gz --output=/data/criteo_bin --rows=100000
+  .venv/bin/python scripts/preprocess.py --input='/data/tsv/*' --output=DIR --gin_file=configs/x.gin
 
 `--rows` gives the table sizes (one value for all 26 tables, or 26 comma-separated values)
 and `--max_len` the bag sizes of multi-hot features (same forms; default 1); features are

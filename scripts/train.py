@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 r"""Train a jaxrec model: parses flags, reads gin configs, calls the trainer.
 
-  python scripts/train.py --workdir=runs/dlrm --gin_file=configs/dlrm_synthetic.gin \
+  .venv/bin/python scripts/train.py --workdir=runs/dlrm --gin_file=configs/dlrm_synthetic.gin \
       [--gin_bindings=ExperimentConfig.batch_size=1024] [--mesh=data=2,table=2,row=2,col=1] \
       [--plan=auto|dp|tw|rw|cw|twrw|twcw|grid] [--num_steps=N] ...
 

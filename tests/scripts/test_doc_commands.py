@@ -1,5 +1,6 @@
-"""The ```sh commands of README.md and docs/*.md run as written: the venv's interpreter, and
-only flags the script they start defines (checked on its source, nothing is run)."""
+"""The ```sh commands of README.md and docs/*.md, and the usage lines of each script's
+docstring (its `--help`), run as written: the venv's interpreter, and only flags the script
+they start defines (checked on its source, nothing is run)."""
 
 import ast
 import functools
@@ -32,6 +33,29 @@ def doc_commands() -> list[tuple[str, str]]:
       if not text.endswith("\\") and pending.strip():
         out.append((f"{rel}:{start}", pending.strip()))
         pending = ""
+  return out
+
+
+def usage_commands() -> list[tuple[str, str]]:
+  """`(FILE:LINE, command)` for each usage line of a scripts/ or benchmarks/ docstring (a
+  line that runs one of them), `\\`-continued lines joined and `#` comments dropped."""
+  out = []
+  for path in sorted(glob.glob(os.path.join(ROOT, "scripts", "*.py"))
+                     + glob.glob(os.path.join(ROOT, "benchmarks", "*.py"))):
+    rel = os.path.relpath(path, ROOT)
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    doc = ast.get_docstring(tree, clean=False) or ""
+    first = tree.body[0].lineno if doc else 0
+    lines = doc.splitlines()
+    for i, line in enumerate(lines):
+      if not _SCRIPT.match(line.strip()):
+        continue
+      command = line.split(" #", 1)[0].rstrip()
+      for more in lines[i + 1:]:
+        if not command.endswith("\\"):
+          break
+        command = command[:-1] + " " + more.split(" #", 1)[0].strip()
+      out.append((f"{rel}:{first + i}", " ".join(command.split())))
   return out
 
 
@@ -75,6 +99,15 @@ def problems(where: str, command: str) -> list[str]:
 def test_every_doc_command_uses_the_venv_and_existing_flags():
   commands = doc_commands()
   assert len(commands) >= 15, commands   # the parser still finds the blocks
+  bad = [p for where, command in commands for p in problems(where, command)]
+  assert not bad, "\n".join(bad)
+
+
+def test_every_usage_line_uses_the_venv_and_existing_flags():
+  """The usage lines `--help` prints said `python scripts/X.py`, where a bare `python` has
+  no jaxrec (the README runs `.venv/bin/python scripts/X.py`)."""
+  commands = usage_commands()
+  assert len(commands) >= 15, commands   # the parser still finds the usage lines
   bad = [p for where, command in commands for p in problems(where, command)]
   assert not bad, "\n".join(bad)
 

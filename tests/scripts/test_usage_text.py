@@ -7,6 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from absl import app, flags
+
+from jaxrec import cli_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "scripts", "*.py"))
@@ -81,6 +84,20 @@ def test_memory_per_device_help_states_the_planners_default():
   assert config_lib.parse_bytes(plan_default, "plan.py") == default
 
 
+@pytest.mark.parametrize("help_flag", [app.HelpFlag, app.HelpshortFlag, app.HelpfullFlag])
+def test_cli_flags_turns_absls_help_exit_1_into_0(help_flag, capsys, monkeypatch):
+  """The parser every script shares (in this process: absl's help flags on their own
+  `FlagValues`, as `app.run` defines them on `flags.FLAGS`)."""
+  monkeypatch.setattr(sys.modules["__main__"], "__doc__", "usage of scripts/x.py")
+  flag_values = flags.FlagValues()
+  flags.DEFINE_flag(help_flag(), flag_values=flag_values)
+  with pytest.raises(SystemExit) as e:
+    cli_flags.parse(["scripts/x.py", f"--{help_flag().name}"], flag_values)
+  assert e.value.code == 0
+  assert "usage of scripts/x.py" in capsys.readouterr().out   # absl printed the usage
+
+
+@pytest.mark.slow   # scripts/*.py in real processes
 @pytest.mark.parametrize("script", ["train.py", "launch.py", "plan.py", "convert_checkpoint.py",
                                     "preprocess.py", "plot_metrics.py"])
 @pytest.mark.parametrize("flag", ["--help", "--helpfull"])
