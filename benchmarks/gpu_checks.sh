@@ -6,7 +6,9 @@
 #   3. scripts/train.py on configs/dlrm_criteo.gin with EmbeddingOptions.kernel='pallas' and
 #      'xla': losses compared step by step (JSON line "gpu_train_compare"), ex/s of each;
 #      then criteo with a bfloat16 model, and dlrm_synthetic (multi-hot bags), on Pallas;
-#   4. benchmarks/embedding_scaling.py, offload.py (shortened) and checkpoint.py;
+#   4. benchmarks/vs_torchrec.py --skip_torchrec --breakdown (jaxrec vs the 60-line JAX
+#      DLRM; no TorchRec on the GPU image), embedding_scaling.py, offload.py (shortened) and
+#      checkpoint.py;
 #   5. benchmarks/kernels.py --sweep (float32): the Pallas kernels under each Triton launch
 #      setting (warps, stages, elements per program), into sweep.log.
 # Writes into OUT_DIR: summary.log (each step's rc, seconds and last lines), bench.jsonl
@@ -71,6 +73,7 @@ step train_criteo_bf16 120 "$out/train.log" "$py" scripts/train.py --workdir="$w
   --gin_bindings="DLRM.dtype='bfloat16'"
 step train_synthetic 120 "$out/train.log" "$py" scripts/train.py --workdir="$work/synthetic" \
   --gin_file=configs/dlrm_synthetic.gin --num_steps="$steps" --log_every=50 --eval_every=0
+step vs_naive 150 "$out/bench.log" "$py" benchmarks/vs_torchrec.py --skip_torchrec --breakdown
 step embedding_scaling 90 "$out/bench.log" "$py" benchmarks/embedding_scaling.py --rounds=3
 step offload 150 "$out/bench.log" "$py" benchmarks/offload.py --steps=200 --rounds=3 \
   --stream_steps=600
