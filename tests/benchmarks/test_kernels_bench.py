@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxrec.kernels import RowWiseAdagrad, init_opt_state
+from tests.kernels.kernel_helpers import lower_for_gpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))   # its `common` (failed when run alone)
@@ -67,8 +68,8 @@ def test_launch_settings_reach_the_kernels():
   from jaxrec.kernels import lookup_pool, platform   # pylint: disable=import-outside-toplevel
   table = jnp.zeros((64, 128), jnp.float32)
   idx, w = jnp.zeros((256, 2), jnp.int32), jnp.ones((256, 2), jnp.float32)
-  lower = lambda: jax.jit(lambda t, i, v: lookup_pool(t, i, v, kernel="pallas", interpret=False)
-                          ).trace(table, idx, w).lower(lowering_platforms=("cuda",)).as_text()
+  lower = lambda: lower_for_gpu(
+      lambda t, i, v: lookup_pool(t, i, v, kernel="pallas", interpret=False), table, idx, w)
   default = lower()
   with platform.tuned(platform.GpuTuning(num_warps=8, num_stages=3, lookup_block=1024,
                                          unroll_slots=True)):

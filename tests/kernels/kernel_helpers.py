@@ -1,13 +1,21 @@
 """Shared tiny fixtures for the kernel tests (sizes small: Pallas runs in interpret mode)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 from jaxrec.kernels import platform, quantize
 
 # Pallas runs compiled (Triton) on a GPU and in interpret mode elsewhere: on a GPU machine
 # (`JAX_PLATFORMS=cuda`, benchmarks/gpu_checks.sh) these tests check the compiled kernels.
 INTERPRET = not platform.is_gpu()
+
+# The GPU that `lower_for_gpu` compiles for when the host has none: jax 0.10 assumed
+# compute capability 9.0 then; jax 0.11 refuses ("No supported GPU devices found") unless
+# an abstract mesh names the device.
+_GPU = AbstractMesh((1,), ("gpu",), abstract_device=AbstractDevice(
+    device_kind="NVIDIA H100", num_cores=None, platform="gpu"))
 
 DTYPES = ("float32", "bfloat16", "float16", "int8")
 # Relative spacing of each storage dtype: one ulp of slack between kernels.
@@ -66,3 +74,10 @@ def raw_bits(x):
   """The stored bytes of a table (all parts of a QuantizedTable) for bit-exact checks."""
   parts = (x.q, x.scale, x.bias) if hasattr(x, "q") else (x,)
   return [np.asarray(p).view(np.uint8).reshape(np.asarray(p).shape[0], -1) for p in parts]
+
+
+def lower_for_gpu(fn, *args) -> str:
+  """The StableHLO text of `jax.jit(fn)(*args)` lowered for CUDA (Pallas kernels: Triton
+  IR), on any host: an H100 when there is no GPU."""
+  with use_abstract_mesh(_GPU):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()

@@ -10,7 +10,7 @@ from jaxrec.kernels import (SGD, Adagrad, RowWiseAdagrad, cast_store, comm_cast,
                             dequantize, init_opt_state, lookup_pool, lookup_pool_csr,
                             padded_to_csr, quantize, sparse_update)
 from jaxrec.kernels import quant
-from tests.kernels.kernel_helpers import DTYPES, make_table
+from tests.kernels.kernel_helpers import DTYPES, lower_for_gpu, make_table
 
 
 def test_int8_rows_round_trip_within_half_a_step():
@@ -149,23 +149,27 @@ def test_lowers_to_triton_for_gpu():
   idx = jnp.zeros((10, 3), jnp.int32)
   w = jnp.ones((10, 3), jnp.float32)
   grad = jnp.zeros((10, 24), jnp.float32)
-  lower = lambda f, *a: jax.jit(f).trace(*a).lower(lowering_platforms=("cuda",)).as_text()
+  _lower_every_kernel(idx, w, grad)
+
+
+def _lower_every_kernel(idx, w, grad):
   for dtype in DTYPES:
     table, _ = make_table(np.random.default_rng(0), 20, 24, dtype)
-    text = lower(lambda t, i, v: lookup_pool(t, i, v, kernel="pallas", interpret=False),
-                 table, idx, w)
+    text = lower_for_gpu(
+        lambda t, i, v: lookup_pool(t, i, v, kernel="pallas", interpret=False), table, idx, w)
     assert "triton" in text
     csr = padded_to_csr(idx, w)
-    lower(lambda t, a, b, c: lookup_pool_csr(t, a, b, c, kernel="pallas", interpret=False),
-          table, *csr)
+    lower_for_gpu(
+        lambda t, a, b, c: lookup_pool_csr(t, a, b, c, kernel="pallas", interpret=False),
+        table, *csr)
     for opt in (SGD(0.1), Adagrad(0.1), RowWiseAdagrad(0.1)):
       state = init_opt_state(opt, 20, 24, jnp.float16 if dtype == "bfloat16" else jnp.float32)
       for key in (None, jax.random.key(0)):
-        text = lower(lambda t, s, k, o=opt: sparse_update(
+        text = lower_for_gpu(lambda t, s, k, o=opt: sparse_update(
             t, s, idx, w, grad, o, 1, key=k, kernel="pallas", interpret=False), table, state, key)
         assert "triton" in text
       # a shard's global row keys and (traced) first column, as the collection passes them
-      lower(lambda t, s, r, c, o=opt: sparse_update(
+      lower_for_gpu(lambda t, s, r, c, o=opt: sparse_update(
           t, s, idx, w, grad, o, 1, key=jax.random.key(0), kernel="pallas", interpret=False,
           bit_rows=r, col_offset=c), table, state, idx.astype(jnp.uint32) + 7, jnp.int32(24))
 
