@@ -10,6 +10,7 @@ from jaxrec.kernels import (SGD, Adagrad, RowWiseAdagrad, cast_store, comm_cast,
                             dequantize, init_opt_state, lookup_pool, lookup_pool_csr,
                             padded_to_csr, quantize, sparse_update)
 from jaxrec.kernels import quant
+from tests import deprecations
 from tests.kernels.kernel_helpers import DTYPES, lower_for_gpu, make_table
 
 
@@ -145,11 +146,13 @@ def test_all_to_all_compressed_forward_and_backward(comm):
 
 
 def test_lowers_to_triton_for_gpu():
-  """Every kernel variant lowers to Triton IR (no GPU needed; catches unsupported ops)."""
+  """Every kernel variant lowers to Triton IR (no GPU needed; catches unsupported ops),
+  and no Pallas or jax call of the kernels' GPU path is deprecated (tests/deprecations.py)."""
   idx = jnp.zeros((10, 3), jnp.int32)
   w = jnp.ones((10, 3), jnp.float32)
   grad = jnp.zeros((10, 24), jnp.float32)
-  _lower_every_kernel(idx, w, grad)
+  with deprecations.none_from_jaxrec():
+    _lower_every_kernel(idx, w, grad)
 
 
 def _lower_every_kernel(idx, w, grad):
