@@ -4,7 +4,6 @@ import importlib.util
 import json
 import os
 import re
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,6 @@ from jaxrec.kernels import RowWiseAdagrad, init_opt_state
 from tests.kernels.kernel_helpers import lower_for_gpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))   # its `common` (failed when run alone)
 
 
 def _bench():

@@ -2,7 +2,6 @@
 
 import importlib.util
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +9,6 @@ import numpy as np
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__)))), "benchmarks")
-sys.path.insert(0, BENCH)
 _spec = importlib.util.spec_from_file_location("bench_offload", os.path.join(BENCH, "offload.py"))
 bench_offload = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_offload)

@@ -2,13 +2,11 @@
 the facts it reports of its data file."""
 
 import os
-import sys
 
 import pytest
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__)))), "benchmarks")
-sys.path.insert(0, BENCH)
 import vs_torchrec  # noqa: E402  (benchmarks/ is a script folder, not a package)
 
 
