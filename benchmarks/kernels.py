@@ -107,10 +107,14 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+def kernels_timed(args) -> list[str]:
+  """XLA, and on a GPU Pallas too (elsewhere it would only be interpreted)."""
+  return ["xla", "pallas"] if args.on_gpu else ["xla"]
+
+
 def bench_lookup(args, table, idx, w, base, nbytes) -> None:
   """One line per kernel; the Pallas line carries the ratio to the copy bandwidth."""
-  kernels = ["xla", "pallas"] if args.on_gpu else ["xla"]
-  for kernel in kernels:
+  for kernel in kernels_timed(args):
     f = jax.jit(lambda t, i, v, k=kernel: lookup_pool(t, i, v, kernel=k))
     sec = _time(f, table, idx, w, iters=args.iters, reps=args.reps)
     line = dict(base, op="lookup_pool", kernel=kernel, seconds=sec, bytes_per_sec=nbytes / sec)
@@ -180,7 +184,7 @@ def main(argv=None):
     return
 
   bench_lookup(args, table, idx, w, base, nbytes)
-  for kernel in (["xla", "pallas"] if args.on_gpu else ["xla"]):
+  for kernel in kernels_timed(args):
     sec, table, state = time_update(update_fn(opt, kernel, args.dtype), table, state, idx, w,
                                     grad, args.iters, args.reps)
     print(json.dumps(dict(base, op="sparse_update", optimizer="RowWiseAdagrad", kernel=kernel,
