@@ -8,12 +8,14 @@ Prints JSON lines `{"benchmark": "kernels", ...}`:
   interpret mode there, so no ratio is reported).
 
   .venv/bin/python benchmarks/kernels.py [--rows=1000000 --dim=128 --bags=65536 --bag_len=8
-                                          --dtype=float32 --iters=20 --reps=10] [--sweep]
+                                          --dtype=float32 --iters=20 --reps=10]
+                                         [--sweep | --launch=num_warps=8,unroll_slots=false]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import time
@@ -75,9 +77,32 @@ def _check_sizes(p: argparse.ArgumentParser, args) -> None:
   """Usage error (exit 2) for a size or count below 1: `--iters=0` timed nothing and
   printed NaN (not JSON), `--rows=0` failed with a numpy traceback."""
   check_at_least(p.error, vars(args), SIZE_FLAGS)
-  if args.sweep and not args.on_gpu:
-    p.error("--sweep tunes the Triton kernels: it needs a GPU (jax's default backend is "
-            f"{jax.default_backend()})")
+  for flag in ("sweep", "launch"):
+    if getattr(args, flag) and not args.on_gpu:
+      p.error(f"--{flag} tunes the Triton kernels: it needs a GPU (jax's default backend is "
+              f"{jax.default_backend()})")
+  if args.sweep and args.launch:
+    p.error("--sweep tries every launch setting: leave out --launch")
+
+
+def parse_launch(error, text: str) -> platform.GpuTuning:
+  """`--launch=num_warps=8,unroll_slots=false`: `platform.GpuTuning` with those fields
+  replaced (the others keep their defaults); `error(message)` on a bad field or value."""
+  fields = {f.name: f for f in dataclasses.fields(platform.GpuTuning)}
+  changes = {}
+  for item in filter(None, text.split(",")):
+    name, sep, value = item.partition("=")
+    if name not in fields or not sep:
+      error(f"--launch: {item!r} is not NAME=VALUE with NAME one of {', '.join(fields)}")
+    if fields[name].type in ("bool", bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        error(f"--launch: {name} takes true or false, got {value!r}")
+      changes[name] = value.lower() in ("true", "1")
+    elif not value.isdigit() or int(value) < 1:
+      error(f"--launch: {name} takes a positive integer, got {value!r}")
+    else:
+      changes[name] = int(value)
+  return dataclasses.replace(platform.GpuTuning(), **changes)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -104,6 +129,11 @@ def _parser() -> argparse.ArgumentParser:
                  help="GPU only: time the Pallas kernels under every launch setting of "
                       "SWEEP_* (warps, stages, elements per program, lookup slots unrolled "
                       "or looped); one line each")
+  p.add_argument("--launch", default="",
+                 help="GPU only: time the kernels under these launch settings instead of "
+                      "platform.GpuTuning's defaults, e.g. num_warps=8,unroll_slots=false "
+                      "(fields: num_warps, num_stages, lookup_block, update_block, "
+                      "unroll_slots)")
   return p
 
 
@@ -183,12 +213,15 @@ def main(argv=None):
     sweep(args, table, idx, w, grad, opt, state, base, nbytes)
     return
 
-  bench_lookup(args, table, idx, w, base, nbytes)
-  for kernel in kernels_timed(args):
-    sec, table, state = time_update(update_fn(opt, kernel, args.dtype), table, state, idx, w,
-                                    grad, args.iters, args.reps)
-    print(json.dumps(dict(base, op="sparse_update", optimizer="RowWiseAdagrad", kernel=kernel,
-                          seconds=sec, slots_per_sec=n * l / sec)), flush=True)
+  launch = parse_launch(p.error, args.launch)
+  base["launch"] = dataclasses.asdict(launch) if args.on_gpu else None
+  with platform.tuned(launch):
+    bench_lookup(args, table, idx, w, base, nbytes)
+    for kernel in kernels_timed(args):
+      sec, table, state = time_update(update_fn(opt, kernel, args.dtype), table, state, idx,
+                                      w, grad, args.iters, args.reps)
+      print(json.dumps(dict(base, op="sparse_update", optimizer="RowWiseAdagrad",
+                            kernel=kernel, seconds=sec, slots_per_sec=n * l / sec)), flush=True)
 
 
 if __name__ == "__main__":

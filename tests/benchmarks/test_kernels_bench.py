@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrec.kernels import RowWiseAdagrad, init_opt_state
+from jaxrec.kernels import RowWiseAdagrad, init_opt_state, platform
 from tests.kernels.kernel_helpers import lower_for_gpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -63,21 +63,47 @@ def test_sweep_needs_a_gpu(capsys):
 def test_launch_settings_reach_the_kernels():
   """`platform.tuned` (what `--sweep` varies) sets the traced Pallas call's warps, stages
   and bags per program; the unrolled lookup lowers to Triton too."""
-  from jaxrec.kernels import lookup_pool, platform   # pylint: disable=import-outside-toplevel
+  from jaxrec.kernels import lookup_pool   # pylint: disable=import-outside-toplevel
   table = jnp.zeros((64, 128), jnp.float32)
   idx, w = jnp.zeros((256, 2), jnp.int32), jnp.ones((256, 2), jnp.float32)
   lower = lambda: lower_for_gpu(
       lambda t, i, v: lookup_pool(t, i, v, kernel="pallas", interpret=False), table, idx, w)
-  default = lower()
-  with platform.tuned(platform.GpuTuning(num_warps=8, num_stages=3, lookup_block=1024,
-                                         unroll_slots=True)):
-    jax.clear_caches()
-    tuned = lower()
+  texts = []
+  for launch in (platform.GpuTuning(num_warps=2, num_stages=1, lookup_block=4096,
+                                    unroll_slots=False),
+                 platform.GpuTuning(num_warps=8, num_stages=3, lookup_block=1024,
+                                    unroll_slots=True)):
+    with platform.tuned(launch):
+      jax.clear_caches()
+      texts.append(lower())
   jax.clear_caches()
-  assert "num_warps = 4" in default and "num_warps = 8" in tuned
-  assert "num_stages = 1" in default and "num_stages = 3" in tuned
-  # 256 bags: 32 per program by default (4096 elements / 128 columns), 8 with 1024
-  assert "grid_x = 8 :" in default and "grid_x = 32 :" in tuned
+  looped, tuned = texts
+  assert "num_warps = 2" in looped and "num_warps = 8" in tuned
+  assert "num_stages = 1" in looped and "num_stages = 3" in tuned
+  # 256 bags: 32 per program with 4096 elements / 128 columns, 8 with 1024
+  assert "grid_x = 8 :" in looped and "grid_x = 32 :" in tuned
+
+
+def test_launch_flag_parses_into_tuning():
+  """`--launch` replaces the named `GpuTuning` fields; a bad field or value is a usage
+  error naming it, and on CPU the flag is refused like `--sweep`."""
+  bench = _bench()
+  errors = []
+  def error(message):
+    errors.append(message)
+    raise SystemExit(2)
+  tuning = bench.parse_launch(error, "num_warps=8,unroll_slots=false,lookup_block=2048")
+  assert tuning == platform.GpuTuning(num_warps=8, unroll_slots=False, lookup_block=2048)
+  for text, says in [("warps=8", "'warps=8' is not NAME=VALUE"),
+                     ("num_warps", "'num_warps' is not NAME=VALUE"),
+                     ("num_stages=0", "num_stages takes a positive integer, got '0'"),
+                     ("unroll_slots=maybe", "unroll_slots takes true or false")]:
+    with pytest.raises(SystemExit):
+      bench.parse_launch(error, text)
+    assert says in errors[-1]
+  with pytest.raises(SystemExit) as exit_info:
+    bench.main(["--launch=num_warps=8"])
+  assert exit_info.value.code == 2
 
 
 def test_sweep_prints_a_line_per_setting(monkeypatch, capsys):

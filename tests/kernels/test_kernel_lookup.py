@@ -9,6 +9,7 @@ import pytest
 
 from jaxrec.errors import ConfigError
 from jaxrec.kernels import platform
+from jaxrec.kernels.lookup import MAX_UNROLLED_SLOTS
 from jaxrec.kernels import (SGD, RowWiseAdagrad, csr_to_padded, init_opt_state, lookup_pool,
                             lookup_pool_csr, padded_to_csr, resolve_kernel, sparse_update,
                             sparse_update_csr)
@@ -36,29 +37,49 @@ def test_multi_hot_matches_reference(dtype, pooling):
   np.testing.assert_array_equal(np.asarray(out[0]), 0.0)  # empty bag pools to zeros
 
 
+def _has_loop(jaxpr_text: str) -> bool:
+  return "while[" in jaxpr_text or "scan[" in jaxpr_text
+
+
 @pytest.mark.parametrize("dtype", ["float32", "int8"])
 def test_unrolled_slots_match_the_loop(dtype):
-  """`GpuTuning.unroll_slots` (a `benchmarks/kernels.py --sweep` setting): the padded kernel
-  walks its slots in straight-line code, with no loop left in the kernel, and pools the
-  same sums, empty and out-of-shard slots included."""
+  """`GpuTuning.unroll_slots` (the default, picked by a `benchmarks/kernels.py --sweep`): the
+  padded kernel walks its slots in straight-line code, with no loop left in the kernel, and
+  pools the same sums as the loop, empty and out-of-shard slots included."""
   rng = np.random.default_rng(11)
   table, _ = make_table(rng, R, D, dtype)
   idx, w = make_bags(rng, 70, 5, R, "weighted", id_range=20)
   idx[5, 2] = R + 3   # out of the local shard
   pallas = lambda t, i, v: lookup_pool(t, i, v, kernel="pallas", interpret=INTERPRET)
-  looped = pallas(table, idx, w)
-  has_loop = lambda text: "while[" in text or "scan[" in text
-  assert has_loop(str(jax.make_jaxpr(pallas)(table, idx, w)))
-  with platform.tuned(platform.GpuTuning(unroll_slots=True)):
-    jax.clear_caches()
-    unrolled = pallas(table, idx, w)
-    kernel_text = str(jax.make_jaxpr(pallas)(table, idx, w))
+  runs = {}
+  for unroll in (False, True):
+    with platform.tuned(platform.GpuTuning(unroll_slots=unroll)):
+      jax.clear_caches()
+      runs[unroll] = (pallas(table, idx, w), str(jax.make_jaxpr(pallas)(table, idx, w)))
   jax.clear_caches()
-  assert not has_loop(kernel_text)
+  (looped, looped_text), (unrolled, kernel_text) = runs[False], runs[True]
+  assert _has_loop(looped_text)
+  assert not _has_loop(kernel_text)
   np.testing.assert_allclose(np.asarray(unrolled), np.asarray(looped), rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(np.asarray(unrolled),
                              np.asarray(lookup_pool(table, idx, w, kernel="xla")),
                              rtol=1e-6, atol=1e-6)
+
+
+def test_bags_longer_than_the_unroll_limit_keep_the_loop():
+  """Bags of more than `MAX_UNROLLED_SLOTS` ids are pooled by the loop (an unrolled body of
+  hundreds of gathers would swell the kernel), with the same sums."""
+  rng = np.random.default_rng(12)
+  table, _ = make_table(rng, R, D, "float32")
+  idx, w = make_bags(rng, 6, MAX_UNROLLED_SLOTS + 1, R, "weighted")
+  pallas = lambda t, i, v: lookup_pool(t, i, v, kernel="pallas", interpret=INTERPRET)
+  assert platform.tuning().unroll_slots
+  assert _has_loop(str(jax.make_jaxpr(pallas)(table, idx, w)))
+  assert not _has_loop(str(jax.make_jaxpr(pallas)(table, idx[:, :MAX_UNROLLED_SLOTS],
+                                                   w[:, :MAX_UNROLLED_SLOTS])))
+  np.testing.assert_allclose(np.asarray(pallas(table, idx, w)),
+                             np.asarray(lookup_pool(table, idx, w, kernel="xla")),
+                             rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
