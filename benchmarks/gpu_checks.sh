@@ -9,7 +9,8 @@
 #   train_bf16     scripts/train.py, configs/dlrm_criteo.gin with a bfloat16 model;
 #   train_multihot scripts/train.py, configs/dlrm_synthetic.gin (multi-hot bags);
 #   benchmarks     vs_torchrec.py --skip_torchrec --breakdown (jaxrec vs the 60-line JAX
-#                  DLRM; no TorchRec on the GPU image), offload.py (shortened), checkpoint.py,
+#                  DLRM on 2 of the host's CPU cores, as always: a second CPU to compare;
+#                  no TorchRec on the GPU image), offload.py (shortened), checkpoint.py,
 #                  embedding_scaling.py;
 #   sweep_int8     the sweep again with an int8 table;
 #   kernel_tests   tests/kernels with the Pallas kernels compiled by Triton;
