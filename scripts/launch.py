@@ -37,8 +37,9 @@ flags.DEFINE_integer("num_processes", 1, "Worker processes to start.")
 flags.DEFINE_integer("devices_per_process", 1, "Devices per worker (CPU: forced host devices).")
 flags.DEFINE_integer("min_processes", 1, "Stop when fewer processes than this are available.")
 flags.DEFINE_integer("max_restarts", 10, "Stop after this many restarts caused by failures.")
-flags.DEFINE_float("hang_timeout", 300.0, "Seconds without a finished step before a worker "
-                   "counts as hung (keep above the longest eval / checkpoint pause).")
+flags.DEFINE_float("hang_timeout", 300.0, "Seconds without a finished step, eval batch or "
+                   "checkpoint save before a worker counts as hung (keep above the longest "
+                   "of these).")
 flags.DEFINE_float("startup_timeout", 900.0, "Seconds from launch to a generation's first step.")
 flags.DEFINE_string("capacity_file", None, "File stating the capacity (`N`, `N K` or JSON); "
                     "default W/elastic/capacity.")

@@ -2,7 +2,8 @@
 
   worker      the worker side: `initialize_from_env` (jax.distributed from the supervisor's
               variables), `report_progress` (step timings, stop requests),
-              `report_warning` (a warning the supervisor prints)
+              `report_alive` (working between steps: eval, save), `report_warning` (a
+              warning the supervisor prints)
   options     the supervisor's settings (`scripts/launch.py` flags), checked
   supervisor  starts and watches the workers; on failure, hang, capacity change or a
               straggler: stop, re-plan, restart from the latest checkpoint
@@ -18,7 +19,7 @@ Workers only import `worker` (no supervisor machinery).
 """
 
 from jaxrec.elastic.worker import (initialize_from_env, is_supervised, probe_local_devices,
-                                   report_progress, report_warning)
+                                   report_alive, report_progress, report_warning)
 
-__all__ = ["initialize_from_env", "is_supervised", "probe_local_devices", "report_progress",
-           "report_warning"]
+__all__ = ["initialize_from_env", "is_supervised", "probe_local_devices", "report_alive",
+           "report_progress", "report_warning"]

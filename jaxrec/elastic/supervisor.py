@@ -64,6 +64,7 @@ class _Proc:
   launched: float
   initialized: dict | None = None
   first: dict | None = None         # first step record
+  working: bool = False             # reported work between steps (`report_alive`)
   last_step: int = 0
   last_seen: float = 0.0
   exited: int | None = None
@@ -407,6 +408,8 @@ class Supervisor(scaling.Scaling):
         p.last_seen = now
         if "warning" in r:
           self._warn(p.index, str(r["warning"]))
+        elif r.get("phase") not in (None, "initialized"):   # `report_alive`: eval, save
+          p.working = True
         elif r.get("phase") == "initialized":
           p.initialized = r
           self.events.emit("initialized", generation=self.generation, process=p.index,
@@ -501,8 +504,11 @@ class Supervisor(scaling.Scaling):
     running = [p for p in self.procs if p.exited is None]
     stalled = []
     for p in running:
-      limit = self.o.hang_timeout if p.first is not None else self.o.startup_timeout
-      since = p.last_seen if p.first is not None else p.launched
+      # Started: a step done, or other work reported (a generation at --num_steps only
+      # evaluates); from then on any record counts as progress (`report_alive`).
+      started = p.first is not None or p.working
+      limit = self.o.hang_timeout if started else self.o.startup_timeout
+      since = p.last_seen if started else p.launched
       if now - since > limit:
         stalled.append(p)
     if not stalled:

@@ -21,7 +21,8 @@ Progress goes to `W/workers/<process>.jsonl`, one line per step:
   {"time": ..., "generation": 1, "process": 0, "step": 41, "step_time_s": 0.021,
    "host_time_s": 0.004, "shard_times_s": {"device:0": 0.0011, ...}}
 
-plus one `{"phase": "initialized", ...}` line when the worker joined the runtime and a
+plus one `{"phase": "initialized", ...}` line when the worker joined the runtime, a
+`{"phase": "eval", ...}` line now and then while it evaluates or saves (`report_alive`) and a
 `{"warning": "warning: ..."}` line per `report_warning`. The supervisor reads them for hang
 and straggler detection, the restart breakdown and the warnings it prints.
 """
@@ -86,6 +87,7 @@ class _Worker:
         self.delay = float(seconds)
     self._file = None
     self._carry = 0.0      # injected host time, charged to the next step
+    self.alive_at = float("-inf")   # when `report_alive` last wrote
 
   def write(self, workdir: str, record: dict) -> None:
     if self._file is None:
@@ -205,6 +207,27 @@ def report_warning(message: str) -> bool:
   if not (w.supervised and w.workdir):
     return False
   w.write(w.workdir, {"warning": message})
+  return True
+
+
+ALIVE_EVERY_S = 2.0   # `report_alive`: at most one record per this many seconds
+
+
+def report_alive(phase: str, **fields) -> bool:
+  """Tells the supervisor this process is working between steps (`phase`: `eval`, `save`,
+  ...): it counts as progress for hang detection, which otherwise sees only steps and
+  would kill a worker whose evaluation outlasts `--hang_timeout`. Call it per unit of work
+  (an eval batch), never from a timer thread: a worker stuck inside the work must stop
+  reporting. At most one record per `ALIVE_EVERY_S` seconds; False, and nothing written,
+  when none was due or in a plain run."""
+  if "step" in fields:   # the supervisor would read the record as a finished step
+    raise ValueError("report_alive: a `step` field is report_progress's")
+  w = _worker()
+  now = time.monotonic()
+  if not (w.supervised and w.workdir) or now - w.alive_at < ALIVE_EVERY_S:
+    return False
+  w.alive_at = now
+  w.write(w.workdir, {"phase": str(phase), **fields})
   return True
 
 

@@ -156,7 +156,7 @@ def evaluate(eval_step, collection, state, eval_data, sharding, tier=None
     return np.asarray(eval_step(st, device_batch(collection, b, sharding)))
 
   try:
-    for batch, mask in eval_data:
+    for batches, (batch, mask) in enumerate(eval_data, 1):
       signals.check()
       if tier is not None:   # offloaded ids → cache slots, in passes when rows do not fit
         state, logits = tier.eval_logits(state, batch, run)
@@ -168,6 +168,7 @@ def evaluate(eval_step, collection, state, eval_data, sharding, tier=None
         labels, mask = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
                         for x in (labels, mask))
       acc.add(logits, labels, mask > 0)
+      elastic.report_alive("eval", batches=batches)   # not hung: a long eval is no hang
   except Exception as e:   # offloaded: the state to go on with (`state` may be donated)
     e.state = getattr(e, "state", state)
     raise
@@ -271,7 +272,9 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   def save_checkpoint(state, step: int, force: bool) -> None:
     if tier is not None:   # flush and snapshot the offloaded tables of this step
       tier.save(state, step, snapshots)
+      elastic.report_alive("save", checkpoint=step)
     ckpt.save(step, state, collection, data_state=train_it.get_state(), meta=meta, force=force)
+    elastic.report_alive("save", checkpoint=step)
     prune_snapshots()
 
   def fresh_dense():   # the dense values a tables-only checkpoint (an import) lacks

@@ -5,7 +5,9 @@ Reads --workdir, --num_steps, --checkpoint_every, --mesh, --step_s (seconds per 
 checkpoint and the exit, like a real trainer closing its files), --crash_at=G:S (process 0
 of generation G exits 1 after its S-th step, no `error:` line: a crash), --warn=TEXT
 (process 0 reports `warning: TEXT` at each start, as the trainer its unused gin bindings),
---port_taken_gens=N (process 0 of generations below N exits as on a taken coordinator port);
+--port_taken_gens=N (process 0 of generations below N exits as on a taken coordinator port),
+--eval_s=SECONDS (after the last step, an "eval" of that long, reporting each 0.1 s batch
+through `worker.report_alive` unless --eval_silent);
 $FAKE_TRAIN_ARGS adds flags (for callers that do not pass train flags through). Reports progress through
 `jaxrec.elastic.worker` like the real trainer, "checkpoints" by creating
 W/checkpoints/<step>/ (process 0), resumes from the newest one, stops when the supervisor
@@ -67,8 +69,19 @@ def main(argv):
       me.write(w, {"stopped_at": step})
       time.sleep(float(args.get("linger_s", 0)))
       break
+  else:
+    evaluate(float(args.get("eval_s", 0)), "eval_silent" in args)
   print("done")
   return 0
+
+
+def evaluate(seconds, silent):
+  """The trainer's final eval: `seconds` of 0.1 s batches with no step between them."""
+  worker.ALIVE_EVERY_S = 0.2       # the tests' --hang_timeout is seconds, not minutes
+  for batches in range(1, int(seconds / 0.1) + 1):
+    time.sleep(0.1)
+    if not silent:
+      worker.report_alive("eval", batches=batches)
 
 
 def wait_for_peers(w, me, step, start):

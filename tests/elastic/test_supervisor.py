@@ -82,6 +82,39 @@ def test_hung_worker_is_treated_as_dead(tmp_path):
   assert "resume" in t.names(ev) and final_checkpoint(w) == 150
 
 
+def test_an_eval_longer_than_the_hang_timeout_is_no_hang(tmp_path):
+  """The final eval (7 s of batches, no step) outlasts --hang_timeout=4: its batches
+  (`worker.report_alive`) count as progress, so nobody is killed; evaluating silently the
+  same time is a hang (what every long eval was before)."""
+  w = str(tmp_path / "reported")
+  proc = start(w, ["--num_processes=2"], steps=20, extra=["--eval_s=7"])
+  assert t.finish(proc) == 0, open(os.path.join(w, "launch.log")).read()[-2000:]
+  names = t.names(t.events(w))
+  assert "hang" not in names and names[-1] == "finished", names
+  evals = [r for r in t.progress(w, 0) if r.get("phase") == "eval"]
+  assert len(evals) >= 7 and evals[-1]["batches"] >= 60
+
+  w = str(tmp_path / "silent")
+  proc = start(w, ["--num_processes=2", "--max_restarts=0"], steps=20,
+               extra=["--eval_s=7", "--eval_silent"])
+  assert t.finish(proc) != 0
+  hang = next(e for e in t.events(w) if e["event"] == "hang")
+  assert hang["last_step"] == 20 and hang["seconds_without_progress"] >= 4
+
+
+def test_an_eval_only_generation_is_not_held_to_the_startup_timeout(tmp_path):
+  """A generation that starts at --num_steps only evaluates, so it never reports a step;
+  once it reports eval batches, --hang_timeout applies to it, not --startup_timeout from
+  its launch (3 s here, shorter than the 6 s eval)."""
+  w = str(tmp_path)
+  os.makedirs(os.path.join(w, "checkpoints", "20"))
+  proc = start(w, ["--num_processes=2", "--startup_timeout=3"], steps=20,
+               extra=["--eval_s=6"])
+  assert t.finish(proc) == 0, open(os.path.join(w, "launch.log")).read()[-2000:]
+  assert "hang" not in t.names(t.events(w))
+  assert [r["start"] for r in runs(w)] == [20, 20]
+
+
 def test_below_minimum_stops_with_a_message(tmp_path):
   w = str(tmp_path)
   proc = start(w, ["--num_processes=2", "--min_processes=2"])

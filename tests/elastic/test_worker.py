@@ -57,6 +57,27 @@ def test_records_and_stop_request(tmp_path, monkeypatch):
   assert recs[4]["shard_times_s"] == {"d": 0.1}
 
 
+def test_report_alive_writes_at_most_one_record_per_interval(tmp_path, monkeypatch):
+  """Eval batches and saves tell the supervisor the worker is busy, not hung: one record
+  per `ALIVE_EVERY_S` however many batches; never a `step` field (it would count as a
+  finished step); nothing in a plain run."""
+  use_env(monkeypatch, {})
+  assert worker.report_alive("eval", batches=1) is False
+  w = str(tmp_path)
+  use_env(monkeypatch, {worker.ENV_GENERATION: "0", worker.ENV_WORKDIR: w})
+  clock = [100.0]
+  monkeypatch.setattr(worker.time, "monotonic", lambda: clock[0])
+  sent = []
+  for batch in range(1, 11):    # 10 batches of 0.5 s: a record at 0, 2 and 4 s
+    sent.append(worker.report_alive("eval", batches=batch))
+    clock[0] += 0.5
+  assert sent == [True, False, False, False, True, False, False, False, True, False]
+  recs = [json.loads(l) for l in open(worker.progress_path(w, 0))]
+  assert [(r["phase"], r["batches"]) for r in recs] == [("eval", 1), ("eval", 5), ("eval", 9)]
+  with pytest.raises(ValueError, match="report_progress"):
+    worker.report_alive("save", step=3)
+
+
 def test_a_torn_last_line_does_not_swallow_the_next_generations_first(tmp_path, monkeypatch):
   """A worker killed mid-line left a fragment without its newline; the next generation's
   `initialized` record was glued onto it, and every line reader skipped both."""
