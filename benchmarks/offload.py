@@ -54,6 +54,7 @@ from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.models import DLRM
 from jaxrec.sharding.mesh import batch_sharding, make_mesh
 from jaxrec.sharding.plan import uniform_plan
+from jaxrec.train import loop
 from jaxrec.train import state as state_lib
 from jaxrec.train import step as step_lib
 from jaxrec.train.config import ExperimentConfig, dense_optimizer
@@ -124,6 +125,7 @@ class Run:
     dev_tables = tables if off is None else offload.device_tables(tables, off, sparse)
     coll = EmbeddingCollection.create(dev_tables, features, uniform_plan("dp", dev_tables, 1),
                                       mesh, sparse)
+    self.coll = coll
     self.state = state_lib.create(config, coll, 0)
     self.step = step_lib.make_train_step(config, coll, state_lib.shardings(self.state, coll))
     self.bs = batch_sharding(mesh)
@@ -148,7 +150,7 @@ class Run:
       batch = next(self.it)
       if self.tier is not None:
         self.state = self.tier.before_step(self.state, batch)
-      batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.bs, x), batch)
+      batch = loop.device_batch(self.coll, batch, self.bs)   # as the trainer places it
       self.state, metrics = self.step(self.state, batch)
       loss = metrics["loss"]
     self.loss = float(jax.block_until_ready(loss))
