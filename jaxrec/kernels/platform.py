@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 from typing import Iterator
 
+import gin
 import jax
 from jax.experimental.pallas import triton as plgpu
 
@@ -102,6 +103,7 @@ def table_compiler_options(platform: str, dtypes) -> dict[str, str]:
   return {}
 
 
+@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class GpuTuning:
   """Triton launch parameters of the kernels: warps and pipeline stages per program, the
@@ -119,8 +121,20 @@ class GpuTuning:
   update_block: int = 2048
   unroll_slots: bool = True
 
+  def __post_init__(self):
+    for name in ("num_warps", "num_stages", "lookup_block", "update_block"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"GpuTuning.{name} must be a positive integer, got {value!r}")
+    if self.num_warps & (self.num_warps - 1):
+      raise ConfigError(f"GpuTuning.num_warps must be a power of two (Triton), got "
+                        f"{self.num_warps}")
+    if not isinstance(self.unroll_slots, bool):
+      raise ConfigError(f"GpuTuning.unroll_slots must be True or False, got "
+                        f"{self.unroll_slots!r}")
 
-_TUNING: list[GpuTuning] = [GpuTuning()]
+
+_TUNING: list[GpuTuning] = []
 
 
 def tuned(launch: GpuTuning) -> contextlib.AbstractContextManager:
@@ -129,8 +143,10 @@ def tuned(launch: GpuTuning) -> contextlib.AbstractContextManager:
 
 
 def tuning() -> GpuTuning:
-  """The launch parameters in effect: `tuned`'s innermost, else the defaults."""
-  return _TUNING[-1]
+  """The launch parameters in effect: `tuned`'s innermost, else `GpuTuning()`, the defaults
+  with the gin bindings (e.g. `GpuTuning.num_warps = 8` for another GPU; read when a
+  kernel is traced)."""
+  return _TUNING[-1] if _TUNING else GpuTuning()
 
 
 def compiler_params() -> plgpu.CompilerParams:

@@ -27,6 +27,7 @@ from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.errors import ConfigError, DataError, JaxrecError
 from jaxrec.files import workdir_lock, write_text_atomic
+from jaxrec.kernels import platform
 from jaxrec.models import bf16_hardware
 from jaxrec import elastic, files, gin_usage, offload, planner, signals, workdir_layout
 from jaxrec.offload import snapshots as snapshots_lib
@@ -113,6 +114,7 @@ def setup(config: ExperimentConfig, options: RunOptions, devices=None, workdir=N
   anything is compiled. `workdir`: a run's, whose checkpoint's plan and mesh
   `--mesh=auto --plan=auto` resumes (`mesh_choice`)."""
   options.validate()
+  platform.tuning()   # `GpuTuning` gin bindings: checked (and used) before anything compiles
   devices = list(jax.devices() if devices is None else devices)
   # an evaluate-only run builds no training batch: batch_size is checked if it trains
   config.validate(len(devices), train=workdir is None

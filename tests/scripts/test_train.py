@@ -125,6 +125,7 @@ BAD = [
     (["--gin_file=configs/dlrm_synthetic.gin", "--gin_bindings=ExperimentConfig.eval_batch_size=-4"], "ExperimentConfig.eval_batch_size must be positive"),
     (["--gin_file=configs/dlrm_synthetic.gin", "--num_steps=-3"], "--num_steps must be positive, got -3"),
     (["--gin_file=configs/dlrm_synthetic.gin", "--keep_checkpoints=0"], "--keep_checkpoints must be at least 1, got 0"),
+    (["--gin_file=configs/dlrm_synthetic.gin", "--gin_bindings=GpuTuning.num_warps=6"], "GpuTuning.num_warps must be a power of two (Triton), got 6"),
     # Raised inside a gin configurable: gin's "In call to configurable" lines must not follow.
     (["--gin_file=configs/dlrm_synthetic.gin", "--gin_bindings=dense_optimizer.name='sgdd'"], "dense_optimizer.name: unknown 'sgdd'"),
 ]
