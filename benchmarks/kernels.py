@@ -26,6 +26,7 @@ import numpy as np
 
 from common import check_at_least
 from jaxrec.kernels import RowWiseAdagrad, init_opt_state, lookup_pool, quantize, sparse_update
+from jaxrec.errors import ConfigError
 from jaxrec.kernels import platform
 
 
@@ -102,7 +103,10 @@ def parse_launch(error, text: str) -> platform.GpuTuning:
       error(f"--launch: {name} takes a positive integer, got {value!r}")
     else:
       changes[name] = int(value)
-  return dataclasses.replace(platform.GpuTuning(), **changes)
+  try:
+    return dataclasses.replace(platform.GpuTuning(), **changes)
+  except ConfigError as e:   # e.g. num_warps=3 (not a power of two)
+    error(f"--launch: {str(e).splitlines()[0]}")
 
 
 def _parser() -> argparse.ArgumentParser:

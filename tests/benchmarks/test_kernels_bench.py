@@ -97,7 +97,8 @@ def test_launch_flag_parses_into_tuning():
   for text, says in [("warps=8", "'warps=8' is not NAME=VALUE"),
                      ("num_warps", "'num_warps' is not NAME=VALUE"),
                      ("num_stages=0", "num_stages takes a positive integer, got '0'"),
-                     ("unroll_slots=maybe", "unroll_slots takes true or false")]:
+                     ("unroll_slots=maybe", "unroll_slots takes true or false"),
+                     ("num_warps=3", "GpuTuning.num_warps must be a power of two")]:
     with pytest.raises(SystemExit):
       bench.parse_launch(error, text)
     assert says in errors[-1]
