@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import check_at_least
-from jaxrec.kernels import RowWiseAdagrad, init_opt_state, lookup_pool, quantize, sparse_update
 from jaxrec.errors import ConfigError
+from jaxrec.kernels import RowWiseAdagrad, init_opt_state, lookup_pool, quantize, sparse_update
 from jaxrec.kernels import platform
 
 

@@ -22,8 +22,8 @@ Progress goes to `W/workers/<process>.jsonl`, one line per step:
    "host_time_s": 0.004, "shard_times_s": {"device:0": 0.0011, ...}}
 
 plus one `{"phase": "initialized", ...}` line when the worker joined the runtime, a
-`{"phase": "eval", ...}` line now and then while it evaluates or saves (`report_alive`) and a
-`{"warning": "warning: ..."}` line per `report_warning`. The supervisor reads them for hang
+`{"phase": "eval"|"save", ...}` line now and then while it evaluates or saves
+(`report_alive`) and a `{"warning": "warning: ..."}` line per `report_warning`. The supervisor reads them for hang
 and straggler detection, the restart breakdown and the warnings it prints.
 """
 
