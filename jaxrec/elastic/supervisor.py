@@ -456,7 +456,12 @@ class Supervisor(scaling.Scaling):
     failed = [p for p in new if p.exited != 0]
     first_failure = failed and all(q.exited in (0, None) for q in self.procs if q not in new)
     signaled = [p for p in failed if p.exited < 0]
-    lost = signaled or failed[:1]     # peers of a crashed worker often fail right after it
+    # Lost: the workers a signal from outside ended (SIGKILL, an OOM kill: several may go
+    # at once), else one. Peers of a crashed or killed worker often fail right after it,
+    # often within the same poll: jax aborts a process whose collective or coordination
+    # peer vanished (SIGABRT). An abort alone is that worker's own crash (one lost).
+    killed = [p for p in signaled if p.exited != -signal.SIGABRT]
+    lost = killed or sorted(failed, key=lambda p: p.exited == -signal.SIGABRT)[:1]
     message = first_failure and proc_lib.user_error(self.workdir, [p.index for p in failed])
     port_taken = first_failure and any(p.index == 0 and self._port_taken(p) for p in failed)
     if port_taken or (message and not signaled):   # the user's to fix, or a port: no slot lost
