@@ -29,7 +29,8 @@ set -u
 out=${1:?usage: benchmarks/gpu_checks.sh OUT_DIR [STEPS]}
 steps=${2:-300}
 py=${PYTHON:-python3}
-checks=${CHECKS:-kernels sweep train_bf16 train_multihot benchmarks sweep_int8 kernel_tests train_compare}
+all_checks="kernels sweep train_bf16 train_multihot benchmarks sweep_int8 kernel_tests train_compare"
+checks=${CHECKS:-$all_checks}
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 work=$(mktemp -d)

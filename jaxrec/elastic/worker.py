@@ -23,8 +23,9 @@ Progress goes to `W/workers/<process>.jsonl`, one line per step:
 
 plus one `{"phase": "initialized", ...}` line when the worker joined the runtime, a
 `{"phase": "eval"|"save", ...}` line now and then while it evaluates or saves
-(`report_alive`) and a `{"warning": "warning: ..."}` line per `report_warning`. The supervisor reads them for hang
-and straggler detection, the restart breakdown and the warnings it prints.
+(`report_alive`) and a `{"warning": "warning: ..."}` line per `report_warning`. The
+supervisor reads them for hang and straggler detection, the restart breakdown and the
+warnings it prints.
 """
 
 from __future__ import annotations
