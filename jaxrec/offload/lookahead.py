@@ -5,14 +5,23 @@
 of the next batch to cache slots, queue the evictions and start reading the missing rows'
 newest values. The state they use (`_window`, `_inflight`, `_pad`, ...) is the tier's
 (`OffloadTier._reset_pipeline_state`).
+
+Planning a batch has two halves: `_assign_next` (slots, evictions, reads started) and
+`_finish` (wait for the reads, one transfer to the device). The planner thread assigns
+batch t+1 before it finishes batch t, so the store reads of t run while t+1 is assigned
+instead of on the thread's critical path; the training thread (`prefetch_depth=0`) does
+both halves of a batch at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from typing import Any, Callable
 
 import numpy as np
 
+from jaxrec.data.batch import Batch
 from jaxrec.errors import OffloadError
 from jaxrec.offload.cache import batch_rows
 from jaxrec.offload.device import global_rows, install_size, pad_rows
@@ -21,14 +30,41 @@ from jaxrec.offload.records import PlannedBatch, TierTable
 from jaxrec.offload.store import assemble
 
 POLL = 0.05
-BOUNCE_SOURCES = 2     # evictions an install copies from (a fixed number: one compilation)
+
+
+def bounce_sources(prefetch_depth: int) -> int:
+  """Evictions one install may copy rows from on the device (a fixed number: the install
+  compiles once). A row needed by batch t+K may sit in the eviction of any batch planned
+  but not yet installed (up to K, plus the one the planner thread assigns ahead), or
+  installed but not yet copied back; with fewer sources the planner waits for copies
+  (`fetch_waits`), i.e. for the training thread to reach those batches. Each unused source
+  costs the install a gather of its padded rows (~0.02 ms at 32k rows on CPU)."""
+  return prefetch_depth + 3
+
+
+@dataclasses.dataclass
+class AssignedBatch:
+  """Batch `seq` with its rows assigned to cache slots and its reads under way."""
+  seq: int
+  raw: Batch
+  data_state: Any
+  ids: dict                     # feature -> ids, offloaded features' as cache slots
+  installs: dict                # table -> (slots, rows)
+  evictions: list
+  pending: dict                 # table -> ([(eviction, src, dst)], wait for the values)
+  seconds: float                # spent assigning
 
 
 class LookAhead:
   """Plans batch t+K of an `OffloadTier` (the tier's state; see the module docstring)."""
 
   def _plan_next(self) -> PlannedBatch:
-    """Plans the next batch (see module docstring); runs on the planner thread."""
+    """Plans the next batch at once (the training thread's path, `prefetch_depth=0`)."""
+    return self._finish(self._assign_next())
+
+  def _assign_next(self) -> AssignedBatch:
+    """Reads the window ahead, assigns the rows of its first batch to cache slots, queues
+    the evictions and starts reading the missing rows. StopIteration: nothing left."""
     t0 = time.perf_counter()
     horizon = self.config.horizon
     while len(self._window) < horizon + 1 and not self._source_done:
@@ -44,7 +80,7 @@ class LookAhead:
     raw, data_state, uniq = self._window.popleft()
     seq = self._seq
     self._seq += 1
-    ids, installs, evictions, payload, pending = dict(raw.ids), {}, [], {}, {}
+    ids, installs, evictions, pending = dict(raw.ids), {}, [], {}
     for name, t in self.tables.items():
       u, counts = uniq[name]
       a = t.cache.assign(u, counts, seq, [w[2][name][0] for w in self._window])
@@ -63,23 +99,34 @@ class LookAhead:
         evictions.append(ev)
       installs[name] = (a.slots, a.rows)
       pending[name] = self._start_read(t, a.rows)
-    bounces = []
+    return AssignedBatch(seq, raw, data_state, ids, installs, evictions, pending,
+                         time.perf_counter() - t0)
+
+  def _finish(self, a: AssignedBatch) -> PlannedBatch:
+    """Waits for `a`'s reads and puts its installs and device copies on the device, in one
+    transfer."""
+    t0 = time.perf_counter()
+    payload, copies = {}, []
     for name, t in self.tables.items():
-      slots, rows = installs[name]
+      slots, rows = a.installs[name]
       # As many rows as the cache can take from a batch of this shape: one compilation.
-      n = self._pad[name] = max(self._pad.get(name, 0), install_size(t, raw.ids))
-      found, values = pending[name]
+      n = self._pad[name] = max(self._pad.get(name, 0), install_size(t, a.raw.ids))
+      found, values = a.pending[name]
       payload[name] = (global_rows(t.place, slots, n),
                        {k: pad_rows(v, n) for k, v in values().items()})
       for ev, src, dst in found:
-        bounces.append((name, ev, self.ops.put((pad_rows(src, n), np.pad(
-            dst, (0, n - len(dst)), constant_values=n).astype(np.int32)))))
-    any_new = any(len(rows) for _, rows in installs.values())
-    self._stats["plan_s"] += time.perf_counter() - t0
-    return PlannedBatch(seq, raw.replace(ids=ids), data_state,
-                 self.ops.put(payload) if any_new else None, installs, evictions, bounces)
+        copies.append((name, ev, (pad_rows(src, n), np.pad(
+            dst, (0, n - len(dst)), constant_values=n).astype(np.int32))))
+    any_new = any(len(rows) for _, rows in a.installs.values())
+    on_device, moved = self.ops.put((payload if any_new else None,
+                                     [arrays for _, _, arrays in copies]))
+    bounces = [(name, ev, arrays) for (name, ev, _), arrays in zip(copies, moved)]
+    self._stats["plan_s"] += a.seconds + time.perf_counter() - t0
+    return PlannedBatch(a.seq, a.raw.replace(ids=a.ids), a.data_state, on_device, a.installs,
+                        a.evictions, bounces)
 
-  def _start_read(self, t: TierTable, rows: np.ndarray):
+  def _start_read(self, t: TierTable, rows: np.ndarray
+                  ) -> tuple[list, Callable[[], dict[str, np.ndarray]]]:
     """Starts fetching the newest values of missing `rows`. Returns the rows to copy on
     the device from evictions still in flight (`[(eviction, src, dst)]`, see
     `_in_flight`) and a function that waits for the others (`{array: [n, ...]}`; the
@@ -104,7 +151,7 @@ class LookAhead:
   def _in_flight(self, t: TierTable, rows: np.ndarray):
     """Rows whose newest value is in an eviction not yet in the host buffer:
     `([(eviction, src, dst)], late [n] bool)`; the install copies them on the device
-    (`evictions.newest_in_flight`; beyond `BOUNCE_SOURCES` evictions, waits instead)."""
+    (`evictions.newest_in_flight`; beyond `bounce_sources` evictions, waits instead)."""
     with self._cv:
       recs = [e for e in self._inflight if e.table == t.spec.name and not e.fetched.is_set()]
     if not recs:
@@ -115,10 +162,13 @@ class LookAhead:
       self._stats["max_stale_updates"] = max(self._stats["max_stale_updates"],
                                              int(found.missing[found.stale].max()))
     groups = found.groups(recs)
-    for k, _, dst in groups[:-BOUNCE_SOURCES]:   # rare: more than an install takes; wait
+    keep = self.bounce_sources
+    for k, _, dst in groups[:-keep]:   # rare: more than an install takes; wait
       self._stats["fetch_waits"] += 1
+      t0 = time.perf_counter()
       while not recs[k].fetched.wait(POLL):
         if self._stop.is_set() or self._error is not None:
           raise OffloadError("offload pipeline stopped")
+      self._stats["fetch_wait_s"] += time.perf_counter() - t0
       found.late[dst] = False
-    return [(recs[k], src, dst) for k, src, dst in groups[-BOUNCE_SOURCES:]], found.late
+    return [(recs[k], src, dst) for k, src, dst in groups[-keep:]], found.late

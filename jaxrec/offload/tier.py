@@ -16,7 +16,8 @@ Threads, in step order (K = `prefetch_depth`, H = `protect_ahead`):
            the only consumer, it hands the iterator state along with each batch), assigns
            the rows of batch t+K to cache slots (`CacheMap`: sampled LFU, rows the next H
            batches need evicted last), fetches the missing rows (host buffer, else store),
-           copies them to the device and queues the plan. K=0: the training thread plans.
+           copies them to the device and queues the plan. It assigns batch t+K+1 and
+           starts its reads before waiting for batch t+K's. K=0: the training thread plans.
   training `before_step`: a jitted gather reads the rows about to be replaced (the
            victims, kept on the device as this step's eviction), then a jitted install
            writes the new rows (and optimizer state) into their slots, in place.
@@ -26,8 +27,9 @@ Threads, in step order (K = `prefetch_depth`, H = `protect_ahead`):
 Exactness (S = `max_staleness` = 0): a missing row's newest value is in an eviction not yet
 fetched, else in the host buffer, else in the store (an entry leaves the buffer only after
 its write committed). The planner takes rows of the first kind from the eviction's device
-arrays (the install copies them on the device: no waiting for the copy back; beyond two
-such evictions in one step it waits for the extra ones), the others from the buffer, then
+arrays (the install copies them on the device: no waiting for the copy back; beyond
+`lookahead.bounce_sources` such evictions in one step, K + 3, it waits for the extra ones),
+the others from the buffer, then
 the store. So every step reads exactly the values the all-on-device table would hold.
 
 Bounded staleness (S > 0): a row whose newest value is in an unfetched eviction, while its
@@ -63,7 +65,7 @@ from jaxrec.offload.config import OffloadConfig, OffloadError, check_paths, chec
 from jaxrec.offload.device import DeviceOps, cache_places, global_rows, padded
 from jaxrec.offload.evictions import Eviction
 from jaxrec.offload.iterator import OffloadIterator
-from jaxrec.offload.lookahead import BOUNCE_SOURCES, POLL, LookAhead
+from jaxrec.offload.lookahead import POLL, LookAhead, bounce_sources
 from jaxrec.offload.records import TierTable
 from jaxrec.offload.store import TableStore, assemble
 
@@ -117,6 +119,7 @@ class OffloadTier(LookAhead):
           tuple(f.name for f in collection.features if f.table == off.name), place,
           np.full(cache_rows, -1, np.int64))
     self.ops = DeviceOps(collection, places)
+    self.bounce_sources = bounce_sources(config.prefetch_depth)
     self._store_ready = self._dirty = self._atexit = False
     self._stores_written = False   # by this tier: created fresh or restored
     self._dummies: dict = {}
@@ -168,7 +171,7 @@ class OffloadTier(LookAhead):
     return self._pad.get(name, 0)
 
   def no_bounces(self, name: str, n: int) -> list:
-    """`BOUNCE_SOURCES` bounce entries for an `n`-row install into table `name` that copy
+    """`bounce_sources` bounce entries for an `n`-row install into table `name` that copy
     nothing (their `dst` are all out of range), shaped as an eviction's `[n, ...]` arrays:
     the install compiles once however many real bounces it has."""
     key = (name, n)
@@ -177,7 +180,7 @@ class OffloadTier(LookAhead):
       ev = {k: np.zeros((n,) + t.store.array_shape(k)[1:], t.store.array_dtype(k))
             for k in t.store.names}
       self._dummies[key] = self.ops.put((ev, np.zeros(n, np.int32), np.full(n, n, np.int32)))
-    return [self._dummies[key]] * BOUNCE_SOURCES
+    return [self._dummies[key]] * self.bounce_sources
 
   def flush(self, state: dict) -> None:
     """Writes every row of the current state (cached or buffered) to the stores; the stores
@@ -421,19 +424,30 @@ class OffloadTier(LookAhead):
     raise OffloadError(f"offload tier failed: {type(e).__name__}: {e}") from e
 
   def _plan_loop(self) -> None:
+    """Queues planned batches; batch t+1 is assigned (its reads started) before batch t's
+    reads are waited for (`lookahead`'s docstring)."""
+    assigned = None
     while not self._stop.is_set():
       try:
-        plan = self._plan_next()
+        upcoming = self._assign_next()
       except StopIteration:
-        plan = None   # end of the source, after the plans queued (not an error: no abort)
-      while not self._stop.is_set():
-        try:
-          self._plan_q.put(plan, timeout=POLL)
-          break
-        except queue.Full:
-          pass
-      if plan is None:
+        upcoming = None   # end of the source, after the plans queued (not an error: no abort)
+      if assigned is not None and not self._queue_plan(self._finish(assigned)):
         return
+      if upcoming is None:
+        self._queue_plan(None)
+        return
+      assigned = upcoming
+
+  def _queue_plan(self, plan) -> bool:
+    """Puts `plan` in the queue, waiting for room; False: the tier stopped meanwhile."""
+    while not self._stop.is_set():
+      try:
+        self._plan_q.put(plan, timeout=POLL)
+        return True
+      except queue.Full:
+        pass
+    return False
 
   def _fetch_loop(self) -> None:
     while True:

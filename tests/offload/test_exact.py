@@ -36,6 +36,25 @@ def test_exact_over_50_steps_with_prefetch(tmp_path, opt):
     off.close()
 
 
+def test_exact_when_the_planner_must_wait_for_evictions(tmp_path):
+  """With one device copy per install, rows whose newest value is in older evictions still
+  on the device make the planner wait for their copies back (`fetch_waits`), while the
+  training thread goes on installing the batches already queued: no deadlock, same
+  tables."""
+  cfg = experiment("adagrad")
+  ref = Run(cfg, mesh_of()).train(40)
+  off = Run(cfg, mesh_of(), offload_config(tmp_path, prefetch_depth=3))
+  assert off.tier.bounce_sources == 6       # K + 3 by default: waits are rare
+  off.tier.bounce_sources = 1
+  off.train(40)
+  try:
+    stats = off.tier.stats()
+    assert stats["fetch_waits"] > 0 and stats["device_bounces"] > 0
+    _compare(ref, off)
+  finally:
+    off.close()
+
+
 def test_exact_prefetch_off_rowwise_state_on_sharded_cache(tmp_path):
   """Synchronous planning (K=0), per-row optimizer state, cache split over `row`."""
   cfg = experiment("rowwise_adagrad")
