@@ -47,6 +47,7 @@ import numpy as np
 from jaxrec import offload
 from jaxrec.offload import snapshots
 from jaxrec.offload.config import KVSTORES
+from jaxrec.errors import ConfigError
 from jaxrec.data.batch import Batch
 from jaxrec.embedding import optimizers
 from jaxrec.embedding.collection import EmbeddingCollection
@@ -242,6 +243,10 @@ def main():
                  help='batches of precomputed ids for the large table')
   p.add_argument("--chunk_rows", type=int, default=256,
                  help='rows per tensorstore chunk')
+  p.add_argument("--driver", default="zarr3",
+                 help="tensorstore driver of the offloaded table (zarr, zarr3)")
+  p.add_argument("--shard_rows", type=int, default=None,
+                 help="zarr3: rows per file (default: OffloadTable's, 16 chunks)")
   p.add_argument("--kvstore", default="file",
                  help="tensorstore kvstore driver of the offloaded table "
                  "(jaxrec.offload.config.KVSTORES)")
@@ -261,6 +266,11 @@ def main():
     p.error(f"--optimizer: unknown {args.optimizer!r} (known: {', '.join(optimizers.OPTIMIZERS)})")
   if args.kvstore not in KVSTORES:
     p.error(f"--kvstore: unknown {args.kvstore!r} (known: {', '.join(KVSTORES)})")
+  try:   # the store settings, checked before the data is built
+    offload.OffloadTable("big", cache_rows=1, chunk_rows=args.chunk_rows, driver=args.driver,
+                         shard_rows=args.shard_rows, kvstore=args.kvstore)
+  except ConfigError as e:
+    p.error(f"--driver/--chunk_rows/--shard_rows: {str(e).splitlines()[0]}")
   unknown = set(args.runs.split(",")) - {"device", "offload", "sync", "stale"}
   if unknown:
     p.error(f"--runs: unknown {sorted(unknown)}; choose from device, offload, sync, stale")
@@ -271,13 +281,16 @@ def main():
   common = dict(rows=args.rows, batch=args.batch, cache_rows=cache_rows, zipf=args.zipf,
                 table_mib=round(args.rows * args.dim * 4 / 2**20, 1),
                 cache_mib=round(cache_rows * args.dim * 4 / 2**20, 1),
-                optimizer=args.optimizer, device=str(jax.devices()[0].device_kind))
+                optimizer=args.optimizer, device=str(jax.devices()[0].device_kind),
+                store=f"{args.driver} chunks {args.chunk_rows}"
+                + (f" files {args.shard_rows or 'default'}" if args.driver == "zarr3" else ""))
   runs = {}
   for name in args.runs.split(","):
     off = None
     if name != "device":
       table = offload.OffloadTable("big", cache_rows=cache_rows, chunk_rows=args.chunk_rows,
-                                   path=os.path.join(store_dir, name), kvstore=args.kvstore)
+                                   path=os.path.join(store_dir, name), kvstore=args.kvstore,
+                                   driver=args.driver, shard_rows=args.shard_rows)
       off = offload.OffloadConfig((table,), prefetch_depth=0 if name == "sync" else args.prefetch,
                                   max_staleness=args.staleness if name == "stale" else 0,
                                   host_buffer_rows=args.host_buffer_rows or cache_rows)

@@ -32,6 +32,7 @@ KVSTORES = ("file", "memory")
 OFFLOAD_DTYPES = ("float32", "bfloat16", "float16")
 SNAPSHOT_CHECKS = ("full", "sizes")   # `OffloadConfig.snapshot_check`
 INITS = ("random", "existing")
+SHARD_CHUNKS = 16     # chunks per file of a `zarr3` store by default (`OffloadTable.shard_rows`)
 FRACTION = (lambda v: 0 < v < 1, "a number in (0, 1)")
 
 
@@ -49,7 +50,12 @@ class OffloadTable:
       directory. It belongs to one workdir (`owner`): another workdir's is refused.
     driver: tensorstore array driver (`zarr` or `zarr3`).
     kvstore: `file` (local disk) or `memory` (host RAM; no hard-link snapshots).
-    chunk_rows: rows per tensorstore chunk (a write rewrites whole chunks).
+    chunk_rows: rows per tensorstore chunk: what a read of one row reads.
+    shard_rows: `zarr3` only: rows per file, a multiple of `chunk_rows` (the file holds
+      its chunks and an index of them). A write-back rewrites whole files, a read reads
+      only the chunks it needs. None: `SHARD_CHUNKS` (16) chunks per file with `zarr3`, one
+      file per chunk with `zarr`. Fewer files make write-backs and snapshots much cheaper
+      (`docs/offload.md`); `shard_rows=chunk_rows` keeps one file per chunk.
     init: `random` (fresh run: (re)write the table with the same values the on-device
       table would get) or `existing` (start from the arrays already at `path`; they must
       exist with shape `[rows, dim]` and the table's dtype).
@@ -59,9 +65,10 @@ class OffloadTable:
   cache_rows: int | None = None
   cache_bytes: int | None = None
   path: str | None = None
-  driver: str = "zarr"
+  driver: str = "zarr3"
   kvstore: str = "file"
   chunk_rows: int = 256
+  shard_rows: int | None = None
   init: str = "random"
 
   def __post_init__(self):
@@ -70,7 +77,7 @@ class OffloadTable:
     if (self.cache_rows is None) == (self.cache_bytes is None):
       raise ConfigError(f"offloaded table '{self.name}': give exactly one of cache_rows and "
                         "cache_bytes")
-    for field in ("cache_rows", "cache_bytes", "chunk_rows"):
+    for field in ("cache_rows", "cache_bytes", "chunk_rows", "shard_rows"):
       if getattr(self, field) is not None:
         object.__setattr__(self, field, whole(getattr(self, field),
                                               f"offloaded table '{self.name}': {field}"))
@@ -92,6 +99,24 @@ class OffloadTable:
     if self.driver not in DRIVERS:
       raise ConfigError(f"offloaded table '{self.name}': driver must be one of {DRIVERS}, "
                         f"got '{self.driver}'")
+    if self.shard_rows is not None:
+      if self.driver != "zarr3":
+        raise ConfigError(f"offloaded table '{self.name}': shard_rows={self.shard_rows} needs "
+                          f"driver 'zarr3' (driver is '{self.driver}'); set shard_rows=None "
+                          "for one file per chunk")
+      if self.shard_rows % self.chunk_rows:
+        raise ConfigError(f"offloaded table '{self.name}': shard_rows={self.shard_rows} must "
+                          f"be a multiple of chunk_rows={self.chunk_rows}")
+
+  def file_rows(self, rows: int) -> tuple[int, int | None]:
+    """`(chunk, shard)` rows of a `rows`-row table's arrays (shard None: one file per
+    chunk). Both are cut to the table: a chunk larger than the table would be allocated
+    whole (`chunk_rows=10**9` made tensorstore abort with std::bad_alloc)."""
+    chunk = min(self.chunk_rows, rows)
+    if self.driver != "zarr3":
+      return chunk, None
+    shard = self.shard_rows if self.shard_rows is not None else SHARD_CHUNKS * self.chunk_rows
+    return chunk, min(shard, -(-rows // chunk) * chunk)
 
   def resolve_cache_rows(self, spec: TableSpec, optimizer) -> int:
     """Cache rows from `cache_rows` or the byte budget; checked against the table."""

@@ -7,10 +7,11 @@ newest values. The state they use (`_window`, `_inflight`, `_pad`, ...) is the t
 (`OffloadTier._reset_pipeline_state`).
 
 Planning a batch has two halves: `_assign_next` (slots, evictions, reads started) and
-`_finish` (wait for the reads, one transfer to the device). The planner thread assigns
-batch t+1 before it finishes batch t, so the store reads of t run while t+1 is assigned
-instead of on the thread's critical path; the training thread (`prefetch_depth=0`) does
-both halves of a batch at once.
+`_finish` (wait for the reads, one transfer to the device). The planner thread keeps
+`READS_AHEAD` batches assigned before it finishes the oldest, so a batch's store reads run
+while the thread plans the batches around it instead of on its critical path (a read of
+~150 rows takes 2–6 ms on this VM's disk, more than the planning of a batch); the training
+thread (`prefetch_depth=0`) does both halves of a batch at once.
 """
 
 from __future__ import annotations
@@ -30,16 +31,17 @@ from jaxrec.offload.records import PlannedBatch, TierTable
 from jaxrec.offload.store import assemble
 
 POLL = 0.05
+READS_AHEAD = 3       # batches the planner thread has assigned, their reads under way
 
 
 def bounce_sources(prefetch_depth: int) -> int:
   """Evictions one install may copy rows from on the device (a fixed number: the install
-  compiles once). A row needed by batch t+K may sit in the eviction of any batch planned
-  but not yet installed (up to K, plus the one the planner thread assigns ahead), or
+  compiles once). A row needed by a batch may sit in the eviction of any batch planned
+  but not yet installed (up to K queued, `READS_AHEAD` assigned by the planner thread), or
   installed but not yet copied back; with fewer sources the planner waits for copies
   (`fetch_waits`), i.e. for the training thread to reach those batches. Each unused source
   costs the install a gather of its padded rows (~0.02 ms at 32k rows on CPU)."""
-  return prefetch_depth + 3
+  return prefetch_depth + READS_AHEAD + 2
 
 
 @dataclasses.dataclass

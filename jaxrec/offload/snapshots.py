@@ -94,7 +94,7 @@ def _write(directory: str, final: str, step: int, stores: Mapping[str, object]) 
                                 previous.get(name, {}).get("files"))
     meta["tables"][name] = {"rows": store.spec.rows, "dim": store.spec.dim,
                             "dtype": store.spec.dtype, "arrays": list(store.names),
-                            "driver": store.off.driver, "files": files}
+                            "driver": store.driver, "files": files}
   with open(os.path.join(tmp, META), "w") as f:
     json.dump(meta, f, indent=2, sort_keys=True)
   if os.path.exists(final):

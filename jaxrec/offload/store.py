@@ -5,12 +5,19 @@ One directory per table holds one tensorstore array per piece:
     <path>/table/        [rows, dim]  the embedding rows
     <path>/opt.<name>/   [rows, dim] or [rows]  per `optimizer.state_layout()` entry
 
-Chunks are `[chunk_rows, ...]`, uncompressed. Reads and writes use separate handles with
+Chunks are `[chunk_rows, ...]`, uncompressed. With `zarr3` (the default) a file holds
+`shard_rows` rows: its chunks and an index of them (`sharding_indexed`); a read reads the
+index and the chunks it needs, a write rewrites the whole file. With 256-row chunks a
+write-back of rows spread over the table rewrites nearly every file anyway, so 16 chunks
+per file write the same bytes in 16x fewer files (1M x 16 table, 50k rows on this VM's
+ext4: ~0.12 s instead of 0.4–1.4 s) while a read of 152 rows takes ~1.5x as long (the
+index). Reads and writes use separate handles with
 separate I/O thread pools (writes: 2 threads, in pieces of 2048 rows), so the reads the next
-steps wait for do not queue behind a write-back. Writes go to whole chunks (tensorstore reads,
-modifies and replaces a chunk file by rename), so a write never changes a file in place:
-a snapshot made of hard links to the chunk files stays valid while training goes on
-(`snapshot` / `restore_snapshot`; falls back to copying where links are impossible).
+steps wait for do not queue behind a write-back. Writes go to whole files (tensorstore reads,
+modifies and replaces a file by rename), so a write never changes a file in place:
+a snapshot made of hard links to the store's files stays valid while training goes on
+(`snapshot` / `restore_snapshot`; falls back to copying where links are impossible). An
+existing store opens in the format it was written in (`open_existing`).
 
 Fresh tables are initialised with exactly the values `embedding.layout.init_table` gives
 the on-device table (`init_rows`, chunk by chunk: `embedding.table_init` computes any row
@@ -67,16 +74,35 @@ def init_rows(key: jax.Array, spec: TableSpec, start: int, stop: int) -> np.ndar
 
 
 # ------------------------------------------------------------------------------- store
-def _driver_metadata(driver: str, shape, chunks, dtype) -> dict:
+def _driver_metadata(driver: str, shape, chunks, dtype, shard_rows: int | None = None
+                     ) -> dict:
+  """Metadata of a new uncompressed array; `shard_rows` (zarr3): rows per file, holding
+  its `chunks` and their index (tensorstore's `sharding_indexed` codec)."""
   name = jnp.dtype(dtype).name
   if driver == "zarr":
     return {"metadata": {"compressor": None, "shape": list(shape), "chunks": list(chunks),
                          "dtype": name if name == "bfloat16" else jnp.dtype(dtype).str}}
   if driver == "zarr3":
-    return {"metadata": {"shape": list(shape), "data_type": name,
+    raw = [{"name": "bytes", "configuration": {"endian": "little"}}]
+    grid, codecs = list(chunks), raw
+    if shard_rows is not None:
+      grid = [shard_rows] + list(chunks[1:])
+      codecs = [{"name": "sharding_indexed", "configuration": {
+          "chunk_shape": list(chunks), "codecs": raw,
+          "index_codecs": raw + [{"name": "crc32c"}]}}]
+    return {"metadata": {"shape": list(shape), "data_type": name, "codecs": codecs,
                          "chunk_grid": {"name": "regular",
-                                        "configuration": {"chunk_shape": list(chunks)}}}}
+                                        "configuration": {"chunk_shape": grid}}}}
   raise ConfigError(f"offload driver '{driver}' is not supported (zarr, zarr3)")
+
+
+def driver_on_disk(directory: str) -> str | None:
+  """The zarr driver of the array in `directory` (`zarr3`: `zarr.json`, `zarr`:
+  `.zarray`), None when there is none."""
+  for driver, meta in (("zarr3", "zarr.json"), ("zarr", ".zarray")):
+    if os.path.exists(os.path.join(directory, meta)):
+      return driver
+  return None
 
 
 class TableStore:
@@ -93,6 +119,7 @@ class TableStore:
     self.spec, self.off, self.path = spec, off, path
     self.layout = dict(optimizer.state_layout())   # name -> (per, initial)
     self._ctx, self._write_ctx = _contexts()
+    self.driver = off.driver       # of the arrays opened: an existing store keeps its own
     self.arrays: dict[str, ts.TensorStore] = {}     # write handles
     self.readers: dict[str, ts.TensorStore] = {}    # read handles (another I/O pool)
 
@@ -107,9 +134,8 @@ class TableStore:
 
   @property
   def chunk_rows(self) -> int:
-    """Rows per chunk: `chunk_rows`, at most the table (a larger chunk is allocated whole:
-    `chunk_rows=10**9` made tensorstore abort the process with std::bad_alloc)."""
-    return min(self.off.chunk_rows, self.spec.rows)
+    """Rows per chunk (`OffloadTable.file_rows`)."""
+    return self.off.file_rows(self.spec.rows)[0]
 
   def array_dtype(self, name: str) -> np.dtype:
     return jnp.dtype(self.spec.dtype if name == TABLE else "float32")
@@ -121,7 +147,7 @@ class TableStore:
             "file_io_sync": False}
 
   def _spec(self, name: str) -> dict:
-    return {"driver": self.off.driver, "kvstore": self._kvstore(name)}
+    return {"driver": self.driver, "kvstore": self._kvstore(name)}
 
   def existing_arrays(self) -> list[str]:
     """Names of this table's arrays already on disk at `path` (what `create` replaces)."""
@@ -133,20 +159,25 @@ class TableStore:
   def create(self, key: jax.Array | None) -> None:
     """Fresh arrays: rows as the on-device init from `key`, optimizer state at its
     initial value (the fill value: no chunk is written)."""
+    self.driver = self.off.driver
+    chunk, shard = self.off.file_rows(self.spec.rows)
     for name in self.names:
       shape = self.array_shape(name)
-      chunks = (self.chunk_rows,) + shape[1:]
       fill = 0.0 if name == TABLE else float(self.layout[name[4:]][1])
       spec = dict(self._spec(name), create=True, delete_existing=True,
                   schema={"fill_value": fill},
-                  **_driver_metadata(self.off.driver, shape, chunks, self.array_dtype(name)))
+                  **_driver_metadata(self.driver, shape, (chunk,) + shape[1:],
+                                     self.array_dtype(name), shard))
       self.readers[name] = self._open(spec, "create")
     if key is not None:
       self._write_init(key)
     self._open_writers()
 
   def open_existing(self) -> None:
-    """Opens arrays already at `path`; checks their shape and dtype."""
+    """Opens arrays already at `path` in the format they were written in (`zarr` or
+    `zarr3`, sharded or not, whatever `driver` now says); checks their shape and dtype."""
+    if self.off.kvstore == "file":
+      self.driver = driver_on_disk(os.path.join(self.path, TABLE)) or self.off.driver
     for name in self.names:
       arr = self._open(dict(self._spec(name), open=True), "open")
       shape, want = tuple(arr.domain.shape), self.array_shape(name)
@@ -175,7 +206,7 @@ class TableStore:
 
   def _where(self, name_or_kv) -> str:
     kv = name_or_kv if isinstance(name_or_kv, dict) else self._kvstore(name_or_kv)
-    return f"'{kv['path']}' ({self.off.driver} on {kv['driver']})"
+    return f"'{kv['path']}' ({self.driver} on {kv['driver']})"
 
   def _write_init(self, key: jax.Array) -> None:
     rows = self.spec.rows
@@ -239,7 +270,7 @@ class TableStore:
     if self.off.kvstore == "memory":
       self.create(None)
       for name in self.names:
-        src_arr = ts.open({"driver": self.off.driver,
+        src_arr = ts.open({"driver": driver_on_disk(os.path.join(src, name)) or self.driver,
                            "kvstore": {"driver": "file", "path": os.path.join(src, name) + "/"},
                            "open": True}).result()
         self.arrays[name].write(src_arr.read().result()).result()
@@ -315,9 +346,10 @@ def _copy_arrays(store: TableStore, dst: str) -> None:
   for name in store.names:
     arr = store.readers[name]
     shape = tuple(arr.domain.shape)
-    chunks = (store.chunk_rows,) + shape[1:]
+    chunk, shard = store.off.file_rows(store.spec.rows)
     dtype = store.array_dtype(name)
-    out = ts.open(dict({"driver": store.off.driver, "create": True, "delete_existing": True,
+    out = ts.open(dict({"driver": store.driver, "create": True, "delete_existing": True,
                         "kvstore": {"driver": "file", "path": os.path.join(dst, name) + "/"}},
-                       **_driver_metadata(store.off.driver, shape, chunks, dtype))).result()
+                       **_driver_metadata(store.driver, shape, (chunk,) + shape[1:], dtype,
+                                          shard))).result()
     out.write(arr.read().result()).result()

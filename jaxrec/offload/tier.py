@@ -16,8 +16,9 @@ Threads, in step order (K = `prefetch_depth`, H = `protect_ahead`):
            the only consumer, it hands the iterator state along with each batch), assigns
            the rows of batch t+K to cache slots (`CacheMap`: sampled LFU, rows the next H
            batches need evicted last), fetches the missing rows (host buffer, else store),
-           copies them to the device and queues the plan. It assigns batch t+K+1 and
-           starts its reads before waiting for batch t+K's. K=0: the training thread plans.
+           copies them to the device and queues the plan. It assigns `READS_AHEAD` (3)
+           batches and starts their reads before waiting for the oldest one's.
+           K=0: the training thread plans.
   training `before_step`: a jitted gather reads the rows about to be replaced (the
            victims, kept on the device as this step's eviction), then a jitted install
            writes the new rows (and optimizer state) into their slots, in place.
@@ -28,7 +29,7 @@ Exactness (S = `max_staleness` = 0): a missing row's newest value is in an evict
 fetched, else in the host buffer, else in the store (an entry leaves the buffer only after
 its write committed). The planner takes rows of the first kind from the eviction's device
 arrays (the install copies them on the device: no waiting for the copy back; beyond
-`lookahead.bounce_sources` such evictions in one step, K + 3, it waits for the extra ones),
+`lookahead.bounce_sources` such evictions in one step, K + 5, it waits for the extra ones),
 the others from the buffer, then
 the store. So every step reads exactly the values the all-on-device table would hold.
 
@@ -65,7 +66,7 @@ from jaxrec.offload.config import OffloadConfig, OffloadError, check_paths, chec
 from jaxrec.offload.device import DeviceOps, cache_places, global_rows, padded
 from jaxrec.offload.evictions import Eviction
 from jaxrec.offload.iterator import OffloadIterator
-from jaxrec.offload.lookahead import POLL, LookAhead, bounce_sources
+from jaxrec.offload.lookahead import POLL, READS_AHEAD, LookAhead, bounce_sources
 from jaxrec.offload.records import TierTable
 from jaxrec.offload.store import TableStore, assemble
 
@@ -424,20 +425,21 @@ class OffloadTier(LookAhead):
     raise OffloadError(f"offload tier failed: {type(e).__name__}: {e}") from e
 
   def _plan_loop(self) -> None:
-    """Queues planned batches; batch t+1 is assigned (its reads started) before batch t's
-    reads are waited for (`lookahead`'s docstring)."""
-    assigned = None
+    """Queues planned batches; `READS_AHEAD` batches are assigned (their reads started)
+    before the oldest one's reads are waited for (`lookahead`'s docstring)."""
+    assigned: collections.deque = collections.deque()
+    ended = False
     while not self._stop.is_set():
-      try:
-        upcoming = self._assign_next()
-      except StopIteration:
-        upcoming = None   # end of the source, after the plans queued (not an error: no abort)
-      if assigned is not None and not self._queue_plan(self._finish(assigned)):
-        return
-      if upcoming is None:
+      while not ended and len(assigned) < READS_AHEAD:
+        try:
+          assigned.append(self._assign_next())
+        except StopIteration:   # end of the source (not an error: no abort)
+          ended = True
+      if not assigned:          # ... and every batch read ahead was queued
         self._queue_plan(None)
         return
-      assigned = upcoming
+      if not self._queue_plan(self._finish(assigned.popleft())):
+        return
 
   def _queue_plan(self, plan) -> bool:
     """Puts `plan` in the queue, waiting for room; False: the tier stopped meanwhile."""

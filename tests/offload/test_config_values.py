@@ -19,6 +19,11 @@ from jaxrec.offload.config import check_paths
     ({"cache_rows": 10, "chunk_rows": "x"}, "chunk_rows must be an integer >= 1, got 'x'"),
     ({"cache_rows": 10, "chunk_rows": 2.5}, "chunk_rows must be an integer >= 1, got 2.5"),
     ({"cache_rows": 10, "path": 5}, "offloaded table 't0': path must be a string, got 5"),
+    ({"cache_rows": 10, "shard_rows": 0}, "shard_rows must be an integer >= 1, got 0"),
+    ({"cache_rows": 10, "driver": "zarr", "shard_rows": 4096},
+     "offloaded table 't0': shard_rows=4096 needs driver 'zarr3' \\(driver is 'zarr'\\)"),
+    ({"cache_rows": 10, "chunk_rows": 256, "shard_rows": 1000},
+     "offloaded table 't0': shard_rows=1000 must be a multiple of chunk_rows=256"),
     ({"cache_rows": 10, "nope": 1}, r"OffloadConfig.tables\['t0'\]: expected \{field: value\}"),
 ])
 def test_bad_table_fields(fields, message):

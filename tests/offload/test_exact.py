@@ -44,7 +44,7 @@ def test_exact_when_the_planner_must_wait_for_evictions(tmp_path):
   cfg = experiment("adagrad")
   ref = Run(cfg, mesh_of()).train(40)
   off = Run(cfg, mesh_of(), offload_config(tmp_path, prefetch_depth=3))
-  assert off.tier.bounce_sources == 6       # K + 3 by default: waits are rare
+  assert off.tier.bounce_sources == 8       # K + 5 by default: waits are rare
   off.tier.bounce_sources = 1
   off.train(40)
   try:

@@ -65,7 +65,7 @@ def test_a_copied_workdir_reads_its_own_snapshot(tmp_path):
   a = tmp_path / "a" / "w"
   want = _run(a, 10, _offload())
   b = shutil.copytree(a, tmp_path / "b" / "w")
-  table = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(
+  table = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(
       a / "offload_snapshots" / "10" / "t0" / "table") + "/"}}, open=True).result()
   table.write(np.zeros(table.shape, table.dtype.numpy_dtype)).result()
   got = _run(b, 10)        # already trained: restores on the device and evaluates

@@ -87,11 +87,13 @@ def two_checkpoints(tmp_path_factory):
 
 
 def _changed_chunk(w):
-  """A chunk file of t0's table in snapshot 20 that differs from snapshot 10's."""
+  """A data file of t0's table in snapshot 20 that differs from snapshot 10's (zarr3:
+  `c/<i>/0`, a shard of chunks)."""
   snaps = w / "offload_snapshots"
-  for name in sorted(os.listdir(snaps / "20" / "t0" / "table")):
-    new, old = snaps / "20" / "t0" / "table" / name, snaps / "10" / "t0" / "table" / name
-    if not name.startswith(".") and (not old.exists() or not os.path.samefile(new, old)):
+  root = snaps / "20" / "t0" / "table"
+  for new in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "zarr.json"):
+    old = snaps / "10" / "t0" / "table" / new.relative_to(root)
+    if not old.exists() or not os.path.samefile(new, old):
       return new
   raise AssertionError("no chunk changed between steps 10 and 20")
 
@@ -139,10 +141,13 @@ def test_a_damaged_snapshot_is_refused_by_the_tier_and_by_conversion(two_checkpo
 
 def test_sizes_only_checks_skip_the_read(two_checkpoints, tmp_path):
   """`OffloadConfig.snapshot_check='sizes'` reads no file at restore: a same-size change
-  goes unnoticed (the run resumes from 20), a truncation does not."""
+  of rows goes unnoticed (the run resumes from 20), a truncation does not. (The change
+  leaves the file's chunk index, at its end, alone: tensorstore checks the index's own
+  CRC32C on each read.)"""
   w = shutil.copytree(two_checkpoints, tmp_path / "w")
   chunk = _changed_chunk(w)
-  _replace(chunk, bytes(len(chunk.read_bytes())))
+  data = chunk.read_bytes()
+  _replace(chunk, bytes(len(data) // 2) + data[len(data) // 2:])
   sizes = OFFLOAD + ["OffloadConfig.snapshot_check='sizes'"]
   train_synthetic(w, 25, SMALL_DLRM + sizes)
   resumes = [l for l in logged_lines(w) if l.get("event") == "resume"]

@@ -11,6 +11,7 @@ from jaxrec.embedding import optimizers
 from jaxrec.embedding.layout import init_table
 from jaxrec.embedding.specs import TableSpec
 from jaxrec.errors import ConfigError
+from jaxrec.offload import store as storage
 from jaxrec.offload.store import TableStore, init_rows
 from tests import fake_futures
 
@@ -19,7 +20,7 @@ ADAGRAD = optimizers.Adagrad(initial_accumulator=0.25)
 
 
 def _store(tmp_path, spec=SPEC, opt=ADAGRAD, **kw):
-  off = offload.OffloadTable(spec.name, cache_rows=100, chunk_rows=64, **kw)
+  off = offload.OffloadTable(spec.name, cache_rows=100, **{"chunk_rows": 64, **kw})
   return TableStore(spec, off, opt, str(tmp_path / spec.name))
 
 
@@ -70,6 +71,60 @@ def test_chunks_larger_than_the_table_are_cut_to_it(tmp_path, kvstore):
                               "opt.accum": np.ones((1, 8), np.float32)})
   np.testing.assert_array_equal(store.read(np.array([7])).result()["table"], np.ones((1, 8)))
   store.snapshot(str(tmp_path / "snap"))
+
+
+def test_file_rows_default_and_cut_to_the_table():
+  t = lambda **kw: offload.OffloadTable("t", cache_rows=1, **kw)
+  assert t().file_rows(10**6) == (256, 4096)                # zarr3: 16 chunks per file
+  assert t(driver="zarr").file_rows(10**6) == (256, None)   # zarr: a file per chunk
+  assert t(chunk_rows=64, shard_rows=64).file_rows(10**6) == (64, 64)
+  assert t(chunk_rows=64).file_rows(1000) == (64, 1000 // 64 * 64 + 64)   # whole chunks
+  assert t(chunk_rows=5000).file_rows(1000) == (1000, 1000)
+
+
+def test_zarr3_files_hold_chunks_and_rows_are_read_and_written_alone(tmp_path):
+  """16-row chunks in 256-row files: 4 files per array, each read or write of scattered
+  rows gives the values of a plain numpy table."""
+  store = _store(tmp_path, chunk_rows=16)
+  store.create(jax.random.key(0))
+  assert store.readers["table"].chunk_layout.read_chunk.shape == (16, 8)
+  assert store.readers["table"].chunk_layout.write_chunk.shape == (256, 8)
+  want = np.array(init_table(jax.random.key(0), SPEC))
+  rng = np.random.default_rng(0)
+  for _ in range(3):
+    rows = rng.choice(1000, 50, replace=False)
+    new = rng.normal(size=(50, 8)).astype(np.float32)
+    store.write(rows, {"table": new, "opt.accum": np.abs(new)})
+    want[rows] = new
+    probe = np.sort(rng.choice(1000, 100, replace=False))
+    np.testing.assert_array_equal(store.read(probe).result()["table"], want[probe])
+  files = [p for p in (tmp_path / "big" / "table").rglob("*") if p.is_file()]
+  assert sorted(p.name for p in files if p.name != "zarr.json") == ["0"] * 4, files
+  np.testing.assert_array_equal(store.read_all("table", 0, 1000), want)
+
+
+def test_an_existing_store_opens_in_the_format_it_was_written_in(tmp_path):
+  """A store (or snapshot) written with `zarr`, one file per chunk, by an earlier run,
+  opens under today's default (`zarr3`, sharded): resumes and `init='existing'` keep
+  working, and its snapshots record the driver they hold."""
+  old = _store(tmp_path, driver="zarr")
+  old.create(jax.random.key(0))
+  old.write(np.array([5, 900]), {"table": np.ones((2, 8), np.float32),
+                                 "opt.accum": np.ones((2, 8), np.float32)})
+  assert storage.driver_on_disk(str(tmp_path / "big" / "table")) == "zarr"
+  now = _store(tmp_path, init="existing")
+  assert now.off.driver == "zarr3"
+  now.open_existing()
+  assert now.driver == "zarr"
+  np.testing.assert_array_equal(now.read(np.array([5, 6])).result()["table"][0], np.ones(8))
+  old.snapshot(str(tmp_path / "snap"))
+  other = _store(tmp_path / "other")
+  other.restore_snapshot(str(tmp_path / "snap"))
+  assert other.driver == "zarr"
+  np.testing.assert_array_equal(other.read_all("table", 900, 901), np.ones((1, 8)))
+  other.create(None)      # a fresh store is written in the configured format
+  assert other.driver == "zarr3"
+  assert storage.driver_on_disk(str(tmp_path / "other" / "big" / "table")) == "zarr3"
 
 
 def test_snapshot_is_unchanged_by_later_writes(tmp_path):
