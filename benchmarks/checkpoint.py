@@ -47,6 +47,9 @@ def _args():
                  help='--plan of the timed run: a kind or auto')
   p.add_argument("--steps", type=int, default=20, help="steps timed for step_s")
   p.add_argument("--saves", type=int, default=3, help="saves timed for save_blocked_s")
+  p.add_argument("--device_copy", default="auto", choices=("auto", "true", "false"),
+                 help="CheckpointManager.device_copy: copy the tables on their devices and "
+                 "to host in the background (auto: where devices have room; never on CPU)")
   p.add_argument("--workdir", default=None, help="where to write (default: a temp dir)")
   p.add_argument("--gin_bindings", action="append", default=[],
                  help='extra gin binding (repeatable)')
@@ -71,6 +74,7 @@ def main():
   from absl import logging as absl_logging
   from common import emit
   from jaxrec.checkpoint import CheckpointManager
+  from jaxrec.checkpoint import device_copy as device_copy_lib
   from jaxrec.errors import JaxrecError
   from jaxrec.sharding import mesh as mesh_lib
   from jaxrec.train import data_adapter, loop
@@ -116,7 +120,8 @@ def main():
   meta = {"plan": plan.to_json(), "mesh": info["mesh"]}
   step = 3 + args.steps
   blocked, background = [], []
-  with CheckpointManager(ckpt_dir, max_to_keep=2) as mgr:
+  device_copy = {"auto": "auto", "true": True, "false": False}[args.device_copy]
+  with CheckpointManager(ckpt_dir, max_to_keep=2, device_copy=device_copy) as mgr:
     t0 = time.perf_counter()
     mgr.save(step, state, collection, data_state=it.get_state(), meta=meta, force=True)
     first_blocked = time.perf_counter() - t0          # includes one-time compilation
@@ -139,6 +144,8 @@ def main():
     mgr.wait()
     save_s = time.perf_counter() - t0
     size = _du(str(mgr.step_dir(step)))
+  device_copy_used = device_copy is True or (device_copy == "auto"
+                                             and device_copy_lib.fits(state["emb"]))
 
   template = state_lib.create(config, collection, 1)
   with CheckpointManager(ckpt_dir) as mgr:
@@ -173,6 +180,7 @@ def main():
        save_s=round(save_s, 3), restore_s=round(restore_s, 3),
        restore_other_s=None if restore_other_s is None else round(restore_other_s, 3),
        bytes=size, devices=n, mesh=info["mesh"], plan=args.plan,
+       device_copy=args.device_copy, device_copy_used=device_copy_used,
        tables=len(collection.tables), platform=jax.devices()[0].platform)
 
 

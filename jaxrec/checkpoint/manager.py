@@ -52,6 +52,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxrec import futures as futures_lib
 from jaxrec.checkpoint import canonical as canonical_lib
 from jaxrec.checkpoint import dense as dense_lib
+from jaxrec.checkpoint import device_copy
 from jaxrec.checkpoint import offloaded as offloaded_lib
 from jaxrec.checkpoint import steps as steps_lib
 from jaxrec.checkpoint import storage
@@ -125,15 +126,19 @@ class CheckpointManager:
       host (the trainer may then donate or overwrite it).
     read_only: never writes, deletes or moves anything (tools, conversion).
     chunk_bytes: zarr chunk size of stored tables; a restore reads whole chunks.
+    device_copy: with `async_save`, copy the tables on their devices and leave the copy to
+      host to the background thread (`checkpoint.device_copy`): `auto` when the devices
+      have room for it (GPUs with free memory; never on CPU), or True / False.
   """
 
   def __init__(self, directory: epath.PathLike, max_to_keep: int | None = 3,
                save_every: int = 0, async_save: bool = True, read_only: bool = False,
-               chunk_bytes: int = tables_lib.CHUNK_BYTES):
+               chunk_bytes: int = tables_lib.CHUNK_BYTES, device_copy: bool | str = "auto"):
     if max_to_keep is not None and max_to_keep < 1:   # orbax would delete every checkpoint
       raise ConfigError(f"max_to_keep (--keep_checkpoints) must be at least 1, got "
                         f"{max_to_keep}: fewer would delete every checkpoint, the last included")
     async_save = flag(async_save, "CheckpointManager.async_save")   # 'False' is truthy
+    self._device_copy = flag(device_copy, "CheckpointManager.device_copy", "auto")
     self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
     self.save_every = int(save_every)
     self.read_only = read_only
@@ -190,9 +195,10 @@ class CheckpointManager:
 
     Saves unless `step` is already saved or (without `force`) `save_every > 0` does not
     divide it.
-    Blocks to wait for a previous save still in flight and to copy the tables to host;
-    with `async_save` everything else (orbax's save, writing, commit) runs in background
-    threads, and an error there is raised by the next `save`, `wait` or `close`.
+    Blocks to wait for a previous save still in flight and to copy the tables to host
+    (with `device_copy`, only to copy them on their devices); with `async_save` everything
+    else (orbax's save, writing, commit) runs in background threads, and an error there is
+    raised by the next `save`, `wait` or `close`.
 
     Args:
       step: the global step (checkpoint name).
@@ -208,11 +214,17 @@ class CheckpointManager:
     if not force and self.save_every > 0 and step % self.save_every:
       return False
     dense = canonical_lib.canonical_dense(state, collection.mesh)   # async: fresh copies
+    emb = state["emb"]
+    in_background = self._executor is not None and (
+        self._device_copy is True or (self._device_copy == "auto" and device_copy.fits(emb)))
+    if in_background:
+      emb = device_copy.copy(emb)   # async too: the host copy waits for the background
     self.wait()   # the previous save commits first: one save in memory, buffers reusable
     if step in self.all_steps():
       logging.info("checkpoint %s already exists; not saving it again", self.step_dir(step))
       return False
-    pieces = tables_lib.host_pieces(collection, state["emb"], self._host_buffers)
+    copy_to_host = lambda: tables_lib.host_pieces(collection, emb, self._host_buffers)
+    pieces = copy_to_host if in_background else copy_to_host()
     arrays = tables_lib.stored_arrays(collection)
     manifest = {"key_impls": canonical_lib.key_impls(state),
                 "saved_plan": collection.plan.to_json(),
@@ -256,6 +268,9 @@ class CheckpointManager:
                                             manifest, data_state, meta)
 
   def _orbax_save(self, step, dense, arrays, pieces, manifest, data_state, meta):
+    """`pieces`: the tables' host pieces, or a function that copies them to host."""
+    if callable(pieces):
+      pieces = pieces()
     manifest = dict(
         manifest, format=canonical_lib.FORMAT, version=canonical_lib.VERSION, step=step,
         contents=sorted(k for k in dense if k != "fingerprint"),

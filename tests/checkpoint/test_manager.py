@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,8 @@ import pytest
 from orbax.checkpoint._src.path import temporary_paths
 
 from jaxrec.checkpoint import CheckpointError, CheckpointManager, all_finite
+from jaxrec.checkpoint import device_copy as device_copy_lib
+from jaxrec.checkpoint import tables as tables_lib
 from jaxrec.embedding import optimizers
 from jaxrec.errors import ConfigError
 from tests.checkpoint import ckpt_helpers as h
@@ -55,19 +58,69 @@ def test_round_trip_is_bitwise(tmp_path, coll, typed_key):
     np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
 
 
-def test_save_copies_state_so_caller_may_donate(tmp_path, coll):
+@pytest.mark.parametrize("device_copy", ["auto", True, False])
+def test_save_copies_state_so_caller_may_donate(tmp_path, coll, device_copy, monkeypatch):
+  """Whether the tables go to host on the caller's thread (CPU's `auto`) or, copied on
+  their devices first, on the save's background thread, the saved values are those of
+  the step, though the caller deletes the state right after `save`."""
+  threads = []
+  real = tables_lib.host_pieces
+  monkeypatch.setattr(tables_lib, "host_pieces", lambda *a: threads.append(
+      threading.current_thread().name) or real(*a))
   state = h.train_state(coll, step=3)
   expect = jax.device_get(coll.unstack_tables(state["emb"])[0])
-  with CheckpointManager(tmp_path) as mgr:
+  with CheckpointManager(tmp_path, device_copy=device_copy) as mgr:
     mgr.save(3, state, coll, force=True)
     for x in jax.tree.leaves(state):   # what donation to the next step does
       x.delete()
     mgr.wait()
+  assert len(threads) == 1
+  assert threads[0].startswith("jaxrec_checkpoint") == (device_copy is True), threads
+  with CheckpointManager(tmp_path) as mgr:
     fresh = h.train_state(coll, seed=1)
     restored = mgr.restore(fresh, coll).state
   got = jax.device_get(coll.unstack_tables(restored["emb"])[0])
   for name in expect:
     np.testing.assert_array_equal(expect[name], got[name])
+
+
+def test_device_copy_is_fresh_and_fits_only_with_memory_statistics(coll):
+  state = h.train_state(coll, step=1)
+  copied = device_copy_lib.copy(state["emb"])
+  for a, b in zip(jax.tree.leaves(copied), jax.tree.leaves(state["emb"])):
+    assert a.sharding == b.sharding
+    for sa, sb in zip(a.addressable_shards, b.addressable_shards):
+      assert sa.data.unsafe_buffer_pointer() != sb.data.unsafe_buffer_pointer()
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  need = device_copy_lib.bytes_per_device(state["emb"])
+  assert len(need) == 8 and sum(need.values()) >= sum(
+      x.nbytes for x in jax.tree.leaves(state["emb"]))
+  assert not device_copy_lib.fits(state["emb"])       # CPU devices report no statistics
+
+  class _Device:
+    def __init__(self, free):
+      self.free = free
+
+    def memory_stats(self):
+      return {"bytes_limit": 1000 + self.free, "bytes_in_use": 1000}
+
+  class _Shard:
+    def __init__(self, device, nbytes):
+      self.device, self.data = device, np.zeros(nbytes, np.uint8)
+
+  class _Array:
+    def __init__(self, *shards):
+      self.addressable_shards = shards
+
+  roomy, tight = _Device(250), _Device(249)
+  assert device_copy_lib.fits([_Array(_Shard(roomy, 200))])
+  assert not device_copy_lib.fits([_Array(_Shard(roomy, 100), _Shard(tight, 200))])
+
+
+def test_device_copy_setting_is_checked(tmp_path):
+  with pytest.raises(ConfigError, match=r"CheckpointManager.device_copy must be True, False "
+                     r"or 'auto', got 'yes'"):
+    CheckpointManager(tmp_path, device_copy="yes")
 
 
 def test_save_every_retention_and_existing_step(tmp_path, coll):
