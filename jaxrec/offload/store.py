@@ -10,8 +10,8 @@ Chunks are `[chunk_rows, ...]`, uncompressed. With `zarr3` (the default) a file 
 index and the chunks it needs, a write rewrites the whole file. With 256-row chunks a
 write-back of rows spread over the table rewrites nearly every file anyway, so 16 chunks
 per file write the same bytes in 16x fewer files (1M x 16 table, 50k rows on this VM's
-ext4: ~0.12 s instead of 0.4–1.4 s) while a read of 152 rows takes ~1.5x as long (the
-index). Reads and writes use separate handles with
+ext4: ~0.12 s instead of 0.4–1.4 s) while a read of ~150 rows takes 1.5–2.5x as long
+(the index is read first; the planner reads batches ahead to hide it). Reads and writes use separate handles with
 separate I/O thread pools (writes: 2 threads, in pieces of 2048 rows), so the reads the next
 steps wait for do not queue behind a write-back. Writes go to whole files (tensorstore reads,
 modifies and replaces a file by rename), so a write never changes a file in place:
