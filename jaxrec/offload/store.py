@@ -11,9 +11,9 @@ index and the chunks it needs, a write rewrites the whole file. With 256-row chu
 write-back of rows spread over the table rewrites nearly every file anyway, so 16 chunks
 per file write the same bytes in 16x fewer files (1M x 16 table, 50k rows on this VM's
 ext4: ~0.12 s instead of 0.4–1.4 s) while a read of ~150 rows takes 1.5–2.5x as long
-(the index is read first; the planner reads batches ahead to hide it). Reads and writes use separate handles with
-separate I/O thread pools (writes: 2 threads, in pieces of 2048 rows), so the reads the next
-steps wait for do not queue behind a write-back. Writes go to whole files (tensorstore reads,
+(the index is read first; the planner reads batches ahead to hide it). Reads and writes
+use separate handles with separate I/O thread pools (writes: 2 threads, in pieces of 2048
+rows), so the reads the next steps wait for do not queue behind a write-back. Writes go to whole files (tensorstore reads,
 modifies and replaces a file by rename), so a write never changes a file in place:
 a snapshot made of hard links to the store's files stays valid while training goes on
 (`snapshot` / `restore_snapshot`; falls back to copying where links are impossible). An
