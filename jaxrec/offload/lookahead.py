@@ -11,7 +11,7 @@ Planning a batch has two halves: `_assign_next` (slots, evictions, reads started
 `READS_AHEAD` batches assigned before it finishes the oldest, so a batch's store reads run
 while the thread plans the batches around it instead of on its critical path (a read of
 ~150 rows takes 2–6 ms on this VM's disk, more than the planning of a batch); the training
-thread (`prefetch_depth=0`) does both halves of a batch at once.
+thread (`prefetch_depth=0`) assigns one batch ahead, so its reads run during a step.
 """
 
 from __future__ import annotations
@@ -60,9 +60,17 @@ class AssignedBatch:
 class LookAhead:
   """Plans batch t+K of an `OffloadTier` (the tier's state; see the module docstring)."""
 
-  def _plan_next(self) -> PlannedBatch:
-    """Plans the next batch at once (the training thread's path, `prefetch_depth=0`)."""
-    return self._finish(self._assign_next())
+  def _plan_on_training_thread(self) -> PlannedBatch:
+    """Plans the next batch on the training thread (`prefetch_depth=0`): finishes the batch
+    assigned at the previous call, whose reads ran during the step in between, then
+    assigns the one after it and starts its reads. StopIteration: nothing left."""
+    assigned, self._assigned_next = self._assigned_next, None
+    plan = self._finish(assigned if assigned is not None else self._assign_next())
+    try:
+      self._assigned_next = self._assign_next()
+    except StopIteration:
+      pass
+    return plan
 
   def _assign_next(self) -> AssignedBatch:
     """Reads the window ahead, assigns the rows of its first batch to cache slots, queues

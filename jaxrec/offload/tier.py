@@ -300,7 +300,7 @@ class OffloadTier(LookAhead):
       raise StopIteration
     t0 = time.perf_counter()
     if self.config.prefetch_depth == 0:
-      plan = self._plan_next()
+      plan = self._plan_on_training_thread()
     else:
       while True:
         try:
@@ -346,6 +346,7 @@ class OffloadTier(LookAhead):
     self._source_done = self._exhausted = False
     self._seq = 0
     self._pad: dict[str, int] = {}
+    self._assigned_next = None      # prefetch_depth=0: the next batch, its reads under way
 
   def _ensure_store(self) -> None:
     if self._store_ready:
