@@ -30,6 +30,42 @@ def emit(benchmark: str, **fields: Any) -> dict:
   return record
 
 
+# Thread-name prefixes (Linux `comm`, 15 characters) → what runs there.
+THREAD_GROUPS = (("tf_XLA", "xla"), ("ts_", "tensorstore"), ("python", "python"))
+
+
+def thread_cpu_seconds() -> dict[str, tuple[str, float]]:
+  """`{thread id: (group, CPU seconds so far)}` for this process's live threads (user +
+  system; group by `THREAD_GROUPS`, `other` for the rest; Python threads all show as
+  `python`). Empty where `/proc/self/task` does not exist (not Linux)."""
+  out: dict[str, tuple[str, float]] = {}
+  if not os.path.isdir("/proc/self/task"):
+    return out
+  tick = os.sysconf("SC_CLK_TCK")
+  for tid in os.listdir("/proc/self/task"):
+    try:
+      with open(f"/proc/self/task/{tid}/stat") as f:
+        stat = f.read()
+      with open(f"/proc/self/task/{tid}/comm") as f:
+        name = f.read().strip()
+    except OSError:   # the thread ended meanwhile
+      continue
+    fields = stat[stat.rindex(")") + 2:].split()   # after "pid (comm) "
+    group = next((g for prefix, g in THREAD_GROUPS if name.startswith(prefix)), "other")
+    out[tid] = (group, (int(fields[11]) + int(fields[12])) / tick)
+  return out
+
+
+def thread_cpu_delta(before: dict, after: dict) -> dict[str, float]:
+  """CPU seconds by group between two `thread_cpu_seconds` snapshots, over the threads
+  alive at `after` (a thread that ended in between took its time with it: compare around
+  work done by long-lived threads, e.g. thread pools)."""
+  out: dict[str, float] = {}
+  for tid, (group, sec) in after.items():
+    out[group] = out.get(group, 0.0) + sec - before.get(tid, (group, 0.0))[1]
+  return out
+
+
 def interleaved_times(runners: dict, rounds: int, steps: int, warmup: int = 1
                       ) -> tuple[dict, dict]:
   """Wall and process-CPU seconds per step, each `{name: [[seconds] per round]}`: every

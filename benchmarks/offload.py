@@ -7,7 +7,7 @@ permutation), `f1..f25` read 100,000-row tables. Runs (`--runs`), each on the sa
 
   device    every table on the device (the reference)
   offload   the large table offloaded: device cache of `--cache_fraction` of its rows, the
-            full table (and optimizer state) in a tensorstore zarr array on local disk
+            full table (and optimizer state) in tensorstore arrays on local disk
             (`--store_dir`), host write-back buffer as large as the cache, prefetch
             depth `--prefetch`, S = 0 (exact)
   sync      the same with prefetch off (K = 0: planning and reads on the training thread)
@@ -23,7 +23,11 @@ cache sees fresh rows all along; small tables, dense features and labels cycle a
 the runs measure training, not data generation. Prints one line per run and a summary line with
 `"ratio"` (offload / device examples per second) and `"goal": 0.8`; also the cache hit
 rate (id occurrences and distinct rows), prefetch stall milliseconds per step, and
-`"ratio_sync"` (prefetch off) and `"ratio_stale"`.
+`"ratio_sync"` (prefetch off) and `"ratio_stale"`. Each run's line has
+`"cpu_ms_per_step"`: CPU time of the process's threads in its timed blocks, by group
+(`xla`, `tensorstore`, `python`: every Python thread, `other`; Linux only): on a host
+whose cores the step already fills, that is where an offloaded run's extra time goes.
+The store is `--driver` (default zarr3, `--shard_rows` rows a file) with `--chunk_rows`.
 
 Then (`--snapshot_steps` > 0) the `offload` run's checkpoint snapshots: one line
 (`"run": "snapshot"`) with the seconds of a first snapshot (every chunk file read for its
@@ -39,7 +43,7 @@ import shutil
 import tempfile
 import time
 
-from common import emit
+from common import emit, thread_cpu_delta, thread_cpu_seconds
 
 import jax
 import numpy as np
@@ -136,6 +140,7 @@ class Run:
       self.tier = offload.OffloadTier(coll, tables, off, key=offload.emb_init_key(0))
       self.it = self.tier.wrap(self.it)
     self.seconds, self.steps, self.loss = 0.0, 0, None
+    self.cpu: dict[str, float] = {}   # thread group -> CPU seconds in the timed blocks
     t0 = time.perf_counter()
     while self.tier is not None and not all((t.resident >= 0).all()
                                             for t in self.tier.tables.values()):
@@ -145,7 +150,7 @@ class Run:
     self.stats0 = self.stats1 = self.tier.stats() if self.tier else {}
 
   def train(self, n, timed=True):
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), thread_cpu_seconds()
     loss = None
     for _ in range(n):
       batch = next(self.it)
@@ -160,6 +165,8 @@ class Run:
     if timed:
       self.seconds += time.perf_counter() - t0
       self.steps += n
+      for group, sec in thread_cpu_delta(cpu0, thread_cpu_seconds()).items():
+        self.cpu[group] = self.cpu.get(group, 0.0) + sec
       # The tier's counters at the end of the timed steps: untimed steps after them (the
       # snapshot timing) must not count in the per-step figures.
       self.stats1 = self.tier.stats() if self.tier else {}
@@ -167,7 +174,9 @@ class Run:
   def report(self, batch):
     out = {"examples_per_sec": round(self.steps * batch / self.seconds, 1),
            "step_ms": round(self.seconds / self.steps * 1e3, 3), "loss": round(self.loss, 4),
-           "warmup_s": round(self.warmup_s, 1)}
+           "warmup_s": round(self.warmup_s, 1),
+           "cpu_ms_per_step": {g: round(sec / self.steps * 1e3, 2)
+                               for g, sec in sorted(self.cpu.items())}}
     if self.tier is not None:
       self.tier.close()
       d = {k: v - self.stats0.get(k, 0) for k, v in self.stats1.items()}

@@ -52,9 +52,38 @@ def test_untimed_steps_after_the_timed_ones_are_not_counted_per_step():
   run.coll = types.SimpleNamespace(pack_batch=lambda b: b)   # placed as the trainer does
   run.step = lambda state, b: (state, {"loss": jnp.float32(0.5)})
   run.state, run.tier, run.seconds, run.steps, run.warmup_s = None, CountingTier(), 0.0, 0, 0.0
+  run.cpu = {}
   run.stats0 = run.stats1 = run.tier.stats()
   run.train(4)
   run.train(6, timed=False)    # e.g. the snapshot timing's steps
   out = run.report(batch=4)
   assert out["store_reads_per_step"] == 1.0
   assert out["stall_ms_per_step"] == 1e3 and out["written_rows"] == 4
+  assert set(out["cpu_ms_per_step"]) <= {"xla", "tensorstore", "python", "other"}
+
+
+def test_thread_cpu_is_summed_by_thread_group():
+  """A busy Python thread shows under `python` (read while it lives: an ended thread's
+  time is gone from /proc); no group goes down."""
+  import threading
+  import time
+  from common import thread_cpu_delta, thread_cpu_seconds   # benchmarks/ is on the path
+  before = thread_cpu_seconds()
+  if not before:
+    return   # not Linux: nothing to read
+  stop, spun, done = time.process_time() + 0.3, threading.Event(), threading.Event()
+
+  def spin():
+    while time.process_time() < stop:
+      pass
+    spun.set()
+    done.wait()
+  t = threading.Thread(target=spin)
+  t.start()
+  spun.wait()
+  after = thread_cpu_seconds()
+  done.set()
+  t.join()
+  delta = thread_cpu_delta(before, after)
+  assert delta["python"] >= 0.1
+  assert all(v >= 0 for v in delta.values())
