@@ -30,18 +30,22 @@ def emit(benchmark: str, **fields: Any) -> dict:
   return record
 
 
-# Thread-name prefixes (Linux `comm`, 15 characters) → what runs there.
-THREAD_GROUPS = (("tf_XLA", "xla"), ("ts_", "tensorstore"), ("python", "python"))
+# Thread-name prefixes (Linux `comm`, 15 characters) → what runs there. Threads Python
+# starts keep the main thread's name (`python`, `python3.11`, a launcher's): `python`.
+THREAD_GROUPS = (("tf_XLA", "xla"), ("ts_", "tensorstore"))
 
 
 def thread_cpu_seconds() -> dict[str, tuple[str, float]]:
   """`{thread id: (group, CPU seconds so far)}` for this process's live threads (user +
-  system; group by `THREAD_GROUPS`, `other` for the rest; Python threads all show as
-  `python`). Empty where `/proc/self/task` does not exist (not Linux)."""
+  system; `python` for threads named as the main thread, which is every thread Python
+  starts, then `THREAD_GROUPS`, `other` for the rest). Empty where `/proc/self/task` does
+  not exist (not Linux)."""
   out: dict[str, tuple[str, float]] = {}
   if not os.path.isdir("/proc/self/task"):
     return out
   tick = os.sysconf("SC_CLK_TCK")
+  with open(f"/proc/self/task/{os.getpid()}/comm") as f:
+    main = f.read().strip()
   for tid in os.listdir("/proc/self/task"):
     try:
       with open(f"/proc/self/task/{tid}/stat") as f:
@@ -51,7 +55,8 @@ def thread_cpu_seconds() -> dict[str, tuple[str, float]]:
     except OSError:   # the thread ended meanwhile
       continue
     fields = stat[stat.rindex(")") + 2:].split()   # after "pid (comm) "
-    group = next((g for prefix, g in THREAD_GROUPS if name.startswith(prefix)), "other")
+    group = "python" if name == main else next(
+        (g for prefix, g in THREAD_GROUPS if name.startswith(prefix)), "other")
     out[tid] = (group, (int(fields[11]) + int(fields[12])) / tick)
   return out
 

@@ -71,10 +71,11 @@ def test_thread_cpu_is_summed_by_thread_group():
   before = thread_cpu_seconds()
   if not before:
     return   # not Linux: nothing to read
-  stop, spun, done = time.process_time() + 0.3, threading.Event(), threading.Event()
+  spun, done = threading.Event(), threading.Event()
 
-  def spin():
-    while time.process_time() < stop:
+  def spin():   # 0.3 s of this thread's own CPU (other threads may be busy too)
+    stop = time.thread_time() + 0.3
+    while time.thread_time() < stop:
       pass
     spun.set()
     done.wait()
