@@ -121,6 +121,8 @@ def main():
   step = 3 + args.steps
   blocked, background = [], []
   device_copy = {"auto": "auto", "true": True, "false": False}[args.device_copy]
+  device_copy_used = device_copy is True or (device_copy == "auto"   # as `save` decides
+                                             and device_copy_lib.fits(state["emb"]))
   with CheckpointManager(ckpt_dir, max_to_keep=2, device_copy=device_copy) as mgr:
     t0 = time.perf_counter()
     mgr.save(step, state, collection, data_state=it.get_state(), meta=meta, force=True)
@@ -144,8 +146,6 @@ def main():
     mgr.wait()
     save_s = time.perf_counter() - t0
     size = _du(str(mgr.step_dir(step)))
-  device_copy_used = device_copy is True or (device_copy == "auto"
-                                             and device_copy_lib.fits(state["emb"]))
 
   template = state_lib.create(config, collection, 1)
   with CheckpointManager(ckpt_dir) as mgr:
