@@ -74,7 +74,6 @@ def main():
   from absl import logging as absl_logging
   from common import emit
   from jaxrec.checkpoint import CheckpointManager
-  from jaxrec.checkpoint import device_copy as device_copy_lib
   from jaxrec.errors import JaxrecError
   from jaxrec.sharding import mesh as mesh_lib
   from jaxrec.train import data_adapter, loop
@@ -121,9 +120,8 @@ def main():
   step = 3 + args.steps
   blocked, background = [], []
   device_copy = {"auto": "auto", "true": True, "false": False}[args.device_copy]
-  device_copy_used = device_copy is True or (device_copy == "auto"   # as `save` decides
-                                             and device_copy_lib.fits(state["emb"]))
   with CheckpointManager(ckpt_dir, max_to_keep=2, device_copy=device_copy) as mgr:
+    device_copy_used = mgr.copies_on_device(state["emb"])
     t0 = time.perf_counter()
     mgr.save(step, state, collection, data_state=it.get_state(), meta=meta, force=True)
     first_blocked = time.perf_counter() - t0          # includes one-time compilation

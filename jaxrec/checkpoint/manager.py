@@ -215,8 +215,7 @@ class CheckpointManager:
       return False
     dense = canonical_lib.canonical_dense(state, collection.mesh)   # async: fresh copies
     emb = state["emb"]
-    in_background = self._executor is not None and (
-        self._device_copy is True or (self._device_copy == "auto" and device_copy.fits(emb)))
+    in_background = self.copies_on_device(emb)
     if in_background:
       emb = device_copy.copy(emb)   # async too: the host copy waits for the background
     self.wait()   # the previous save commits first: one save in memory, buffers reusable
@@ -233,6 +232,12 @@ class CheckpointManager:
                            for t in collection.tables}}
     self._write(step, dense, arrays, pieces, manifest, data_state, meta)
     return True
+
+  def copies_on_device(self, emb) -> bool:
+    """Whether `save` copies the tables `emb` on their devices and leaves the copy to host
+    to the background thread (`device_copy`; needs `async_save`)."""
+    return self._executor is not None and (
+        self._device_copy is True or (self._device_copy == "auto" and device_copy.fits(emb)))
 
   def save_arrays(self, step: int, tables: Mapping[str, np.ndarray],
                   table_opt: Mapping[str, Mapping[str, np.ndarray]] | None = None,

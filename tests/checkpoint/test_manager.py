@@ -70,6 +70,7 @@ def test_save_copies_state_so_caller_may_donate(tmp_path, coll, device_copy, mon
   state = h.train_state(coll, step=3)
   expect = jax.device_get(coll.unstack_tables(state["emb"])[0])
   with CheckpointManager(tmp_path, device_copy=device_copy) as mgr:
+    assert mgr.copies_on_device(state["emb"]) == (device_copy is True)   # CPU: auto says no
     mgr.save(3, state, coll, force=True)
     for x in jax.tree.leaves(state):   # what donation to the next step does
       x.delete()
