@@ -40,6 +40,7 @@ from jaxrec.models import compute_loss  # noqa: E402
 from jaxrec.sharding import mesh as mesh_lib  # noqa: E402
 from jaxrec.sharding.plan import uniform_plan  # noqa: E402
 from jaxrec.train.config import ExperimentConfig  # noqa: E402
+from jaxrec.train.dense_loss import per_device_loss  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 BENCH = "mesh_overhead"
@@ -64,6 +65,8 @@ def stage_calls(config, runner: StepRunner) -> dict:
   coll, batch = runner.collection, runner.batches[0]
   state = jax.tree.map(lambda x: x.copy(), runner.state)   # the step donates its own
   model = config.model
+  loss = per_device_loss(model, runner.mesh) or (
+      lambda p, dense, emb, labels: compute_loss(model, p, dense, emb, labels)[0])
 
   def lookup(emb, batch):
     return coll.lookup(emb, batch.ids, batch.weights)
@@ -76,13 +79,12 @@ def stage_calls(config, runner: StepRunner) -> dict:
     ctx = coll.lookup(state["emb"], batch.ids, batch.weights)
 
     def loss_fn(params, rows):
-      return compute_loss(model, params, batch.dense, coll.pool(rows, ctx), batch.labels)[0]
+      return loss(params, batch.dense, coll.pool(rows, ctx), batch.labels)
 
     return jax.value_and_grad(loss_fn, argnums=(0, 1))(state["params"], ctx.rows)
 
   def dense(params, batch, emb):
-    return jax.value_and_grad(
-        lambda p: compute_loss(model, p, batch.dense, emb, batch.labels)[0])(params)
+    return jax.value_and_grad(lambda p: loss(p, batch.dense, emb, batch.labels))(params)
 
   emb = jax.jit(pool)(state["emb"], batch)
   return {"lookup": Call(jax.jit(lookup), state["emb"], batch),

@@ -1,7 +1,8 @@
 """Jitted train and eval steps over the train state (see `state.py`).
 
 Train step, one `jit`:
-  lookup (ids → unique rows per device) → pool `[B, F, D]` → dense model → loss;
+  lookup (ids → unique rows per device) → pool `[B, F, D]` → dense model → loss (per device,
+  one all-reduce of the flat dense gradient: `dense_loss.py`);
   grads of the dense params (optax) and of the unique rows (sparse optimizer), so the
   embedding update costs O(ids in the batch), independent of table size. A two-tower model
   with `logq_correction` first updates `state["item_freq"]` with the global batch's items
@@ -21,6 +22,7 @@ from jaxrec.models import item_frequency
 from jaxrec.models.two_tower import item_bag_keys
 from jaxrec.sharding.mesh import batch_sharding, replicated
 from jaxrec.train.config import ExperimentConfig
+from jaxrec.train.dense_loss import per_device_loss
 from jaxrec.train import state as state_lib
 
 
@@ -28,6 +30,7 @@ def make_train_step(config: ExperimentConfig, collection: EmbeddingCollection, s
   """`step(state, batch) -> (state, metrics)`; state buffers are donated (in-place)."""
   tx = config.dense_tx()
   model = config.model
+  dense_loss = per_device_loss(model, collection.mesh)   # None: needs the global batch
 
   def step(state, batch: Batch):
     ctx = collection.lookup(state["emb"], batch.ids, batch.weights)
@@ -46,6 +49,8 @@ def make_train_step(config: ExperimentConfig, collection: EmbeddingCollection, s
 
     def loss_fn(params, rows):
       emb = collection.pool(rows, ctx)
+      if dense_loss is not None:
+        return dense_loss(params, batch.dense, emb, batch.labels)
       # keys are used only with remove_accidental_hits
       loss, _ = compute_loss(model, params, batch.dense, emb, batch.labels, keys, log_q)
       return loss
