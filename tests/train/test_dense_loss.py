@@ -21,7 +21,7 @@ MODELS = {
     "two_tower": dict(user_features=(0, 1), item_features=(2, 3), user_mlp=(16, 8),
                       item_mlp=(16, 8), loss="bce"),
 }
-MESHES = ("data=1", "data=8", "table=2,row=2,col=2", "data=2,row=4")
+MESHES = ("data=8", "table=2,row=2,col=2", "data=2,row=4", "data=2")
 
 
 def _inputs(seed=0):
@@ -40,7 +40,7 @@ def test_value_and_gradients_match_compute_loss(name, spec):
   ref_loss, (ref_gp, ref_ge) = jax.value_and_grad(
       lambda p, e: compute_loss(model, p, dense, e, labels)[0], argnums=(0, 1))(params, emb)
 
-  n = 1 if spec == "data=1" else 8
+  n = 2 if spec == "data=2" else 8
   mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh_spec(spec, n), jax.devices()[:n])
   loss_fn = per_device_loss(model, mesh)
   put = lambda x: jax.device_put(x, mesh_lib.batch_sharding(mesh))
@@ -56,15 +56,18 @@ def test_value_and_gradients_match_compute_loss(name, spec):
     np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
-def test_in_batch_softmax_keeps_the_global_batch():
+def test_global_batch_losses_and_one_device_use_compute_loss():
   tower = build_model("two_tower", **{**MODELS["two_tower"], "loss": "in_batch_softmax"})
   mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh_spec("data=8", 8), jax.devices()[:8])
   assert per_device_loss(tower, mesh) is None
+  one = mesh_lib.make_mesh(mesh_lib.parse_mesh_spec("data=1", 1), jax.devices()[:1])
+  assert per_device_loss(build_model("dlrm", **MODELS["dlrm"]), one) is None
 
 
 def test_train_step_reduces_the_dense_gradient_as_one_buffer():
-  """The compiled 8-device step all-reduces one f32[all dense params] buffer and no
-  per-parameter gradient (a tuple all-reduce costs XLA:CPU about a collective per buffer)."""
+  """The compiled 8-device step all-reduces one f32[all dense params] buffer (with the loss
+  value) and nothing else: no per-parameter gradient (a tuple all-reduce costs XLA:CPU about
+  a collective per buffer) and no scalar all-reduce for the loss's backward."""
   run = oh.Run(oh.experiment(), oh.mesh_of("data=2,table=2,row=2"), plan="twrw",
                iterator=oh.train_iterator())
   batch = run.put(next(oh.train_iterator()))
@@ -73,7 +76,7 @@ def test_train_step_reduces_the_dense_gradient_as_one_buffer():
   total = sum(p.size for p in params)
   reduces = [line for line in hlo.splitlines() if re.search(r"\ball-reduce\(", line)]
   flat = [line for line in reduces if re.search(rf"f32\[{total}\]", line.split("all-reduce(")[0])]
-  assert len(flat) == 1, reduces
+  assert len(flat) == 1 and len(reduces) == 1, reduces
   shapes = {"[" + ",".join(map(str, p.shape)) + "]" for p in params if p.ndim == 2}
   per_param = [line for line in reduces
                if any(f"f32{s}" in line.split("all-reduce(")[0] for s in shapes)]
