@@ -64,8 +64,13 @@ def test_killed_worker_job_finishes_on_smaller_mesh(tmp_path, reference):
   names = t.names(ev)
   for name in ("worker_exit", "replan", "restore", "resume", "finished"):
     assert name in names, names
-  exit_ev = next(e for e in ev if e["event"] == "worker_exit")
-  assert exit_ev["signal"] == "SIGKILL" and exit_ev["lost"] and exit_ev["process"] == 1
+  # process 0 often aborts (SIGABRT) when its collective peer vanishes, and the supervisor
+  # may see both exits in one poll and record process 0's first: find the killed one
+  first_gen = next(e for e in ev if e["event"] == "worker_exit")["generation"]
+  exits = [e for e in ev if e["event"] == "worker_exit" and e["generation"] == first_gen]
+  exit_ev = next(e for e in exits if e["process"] == 1)
+  assert exit_ev["signal"] == "SIGKILL" and exit_ev["lost"]
+  assert not [e for e in exits if e["lost"] and e is not exit_ev], exits
   replan = next(e for e in ev if e["event"] == "replan")
   assert replan["processes"] == 1 and replan["mesh"] == {"data": 1, "table": 2, "row": 2,
                                                           "col": 1}
