@@ -30,7 +30,7 @@ def make_train_step(config: ExperimentConfig, collection: EmbeddingCollection, s
   """`step(state, batch) -> (state, metrics)`; state buffers are donated (in-place)."""
   tx = config.dense_tx()
   model = config.model
-  dense_loss = per_device_loss(model, collection.mesh)   # None: needs the global batch
+  dense_loss = per_device_loss(model, collection.mesh)   # None: one device, or a global loss
 
   def step(state, batch: Batch):
     ctx = collection.lookup(state["emb"], batch.ids, batch.weights)
