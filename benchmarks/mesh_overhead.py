@@ -6,6 +6,8 @@ Same config and global batch, the real jitted train step, on a 1-device mesh
 
   dp    data=8                      tw    table=8
   rw    row=8                       twrw  data=2,table=2,row=2
+  auto  the mesh and plan `scripts/train.py --mesh=auto --plan=auto` picks for 8 devices
+        (`train.mesh_choice.choose`; the line's `mesh` and `kinds` say which)
 
 The 8 CPU "devices" share the machine's cores, so the extra time is collectives, launch
 and the work the sharded layout repeats per device. Goal: t8 / t1 <= 1.5 per plan.
@@ -29,6 +31,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
                              " --xla_force_host_platform_device_count=8").strip()
 
 import argparse  # noqa: E402
+import collections  # noqa: E402
 
 from common import check_at_least, emit, interleaved_times, median  # noqa: E402
 from planner import StepRunner, host_batches  # noqa: E402
@@ -39,12 +42,25 @@ from jaxrec import launch  # noqa: E402
 from jaxrec.models import compute_loss  # noqa: E402
 from jaxrec.sharding import mesh as mesh_lib  # noqa: E402
 from jaxrec.sharding.plan import uniform_plan  # noqa: E402
-from jaxrec.train.config import ExperimentConfig  # noqa: E402
+from jaxrec.sharding.plan import format_mesh  # noqa: E402
+from jaxrec.train import mesh_choice  # noqa: E402
+from jaxrec.train.config import ExperimentConfig, RunOptions  # noqa: E402
 from jaxrec.train.dense_loss import per_device_loss  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 BENCH = "mesh_overhead"
 MESHES = {"dp": "data=8", "tw": "table=8", "rw": "row=8", "twrw": "data=2,table=2,row=2"}
+PLANS = (*MESHES, "auto")
+
+
+def eight_device_plan(config, kind: str):
+  """(mesh shape, plan) for `kind` on 8 devices: a uniform plan on its mesh in `MESHES`,
+  or for `auto` what the trainer's `--mesh=auto --plan=auto` chooses."""
+  if kind == "auto":
+    choice = mesh_choice.choose(config, RunOptions(), 8)
+    return choice.mesh, choice.planned[0]
+  shape = mesh_lib.parse_mesh_spec(MESHES[kind], 8)
+  return shape, uniform_plan(kind, config.tables, shape["table"])
 
 
 class Call:
@@ -99,9 +115,10 @@ def main():
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--configs", default="dlrm_synthetic,dlrm_criteo",
                  help="names in configs/ (without .gin)")
-  p.add_argument("--plans", default="dp,tw,rw,twrw",
+  p.add_argument("--plans", default=",".join(PLANS),
                  help="comma list of plans, each on its 8-device mesh (dp data=8, tw table=8, "
-                 "rw row=8, twrw data=2,table=2,row=2)")
+                 "rw row=8, twrw data=2,table=2,row=2; auto: the trainer's --mesh=auto "
+                 "--plan=auto choice)")
   p.add_argument("--rounds", type=int, default=6,
                  help='interleaved rounds (1 vs 8 devices)')
   p.add_argument("--steps", type=int, default=2, help="timed steps per mesh per round")
@@ -109,9 +126,9 @@ def main():
   p.add_argument("--stage_steps", type=int, default=2,
                  help="calls per stage per round (stages interleaved like the steps)")
   args = p.parse_args()
-  unknown = [k for k in args.plans.split(",") if k not in MESHES]
+  unknown = [k for k in args.plans.split(",") if k not in PLANS]
   if unknown:
-    p.error(f"--plans: unknown {unknown}; choose from {', '.join(MESHES)}")
+    p.error(f"--plans: unknown {unknown}; choose from {', '.join(PLANS)}")
   missing = [c for c in args.configs.split(",")
              if not os.path.isfile(os.path.join(ROOT, "configs", f"{c}.gin"))]
   if missing:
@@ -130,15 +147,15 @@ def main():
                         batches)
     single_stages = None
     for kind in args.plans.split(","):
-      mesh_shape = mesh_lib.parse_mesh_spec(MESHES[kind], 8)
-      runners = {
-          "t1": single,
-          "t8": StepRunner(config, uniform_plan(kind, config.tables, mesh_shape["table"]),
-                           mesh_shape, devices, batches)}
+      mesh_shape, plan = eight_device_plan(config, kind)
+      mesh = format_mesh(mesh_shape)
+      runners = {"t1": single, "t8": StepRunner(config, plan, mesh_shape, devices, batches)}
       times, cpu = interleaved_times(runners, args.rounds, args.steps)
       t1, t8 = median(times["t1"]), median(times["t8"])
       c1, c8 = median(cpu["t1"]), median(cpu["t8"])
-      emit(BENCH, config=name, plan=kind, mesh=MESHES[kind], batch_size=config.batch_size,
+      kinds = collections.Counter(p.kind for p in plan.placements.values())
+      emit(BENCH, config=name, plan=kind, mesh=mesh, kinds=dict(sorted(kinds.items())),
+           batch_size=config.batch_size,
            t1_ms=round(t1 * 1e3, 2), t8_ms=round(t8 * 1e3, 2), ratio=round(t8 / t1, 3),
            goal=1.5, goal_op="<=", cpu1_ms=round(c1 * 1e3, 2), cpu8_ms=round(c8 * 1e3, 2),
            cpu_ratio=round(c8 / c1, 3))
@@ -149,7 +166,7 @@ def main():
         st, st_cpu = interleaved_times(calls, args.rounds, args.stage_steps)
         for devs in ("1", "8"):
           emit(BENCH, config=name, plan=kind, devices=int(devs),
-               mesh=MESHES[kind] if devs == "8" else "1",
+               mesh=mesh if devs == "8" else "1",
                stages_ms={k: round(median(st[(devs, k)]) * 1e3, 2) for k in single_stages},
                stages_cpu_ms={k: round(median(st_cpu[(devs, k)]) * 1e3, 2)
                               for k in single_stages})
