@@ -49,10 +49,8 @@ def test_value_and_gradients_match_compute_loss(name, spec):
 
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
   np.testing.assert_allclose(ge, ref_ge, rtol=1e-5, atol=1e-6)
-  for path, g in jax.tree_util.tree_leaves_with_path(gp):
-    ref = ref_gp
-    for key in path:
-      ref = ref[key.key]
+  assert jax.tree.structure(gp) == jax.tree.structure(ref_gp)
+  for (path, g), ref in zip(jax.tree_util.tree_leaves_with_path(gp), jax.tree.leaves(ref_gp)):
     np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
