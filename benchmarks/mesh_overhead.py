@@ -45,7 +45,7 @@ from jaxrec.sharding.plan import uniform_plan  # noqa: E402
 from jaxrec.sharding.plan import format_mesh  # noqa: E402
 from jaxrec.train import mesh_choice  # noqa: E402
 from jaxrec.train.config import ExperimentConfig, RunOptions  # noqa: E402
-from jaxrec.train.dense_loss import per_device_loss  # noqa: E402
+from jaxrec.train.dense_loss import per_device_value_and_grad  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 BENCH = "mesh_overhead"
@@ -81,8 +81,14 @@ def stage_calls(config, runner: StepRunner) -> dict:
   coll, batch = runner.collection, runner.batches[0]
   state = jax.tree.map(lambda x: x.copy(), runner.state)   # the step donates its own
   model = config.model
-  loss = per_device_loss(model, runner.mesh) or (
-      lambda p, dense, emb, labels: compute_loss(model, p, dense, emb, labels)[0])
+
+  def global_value_and_grad(params, dense, emb, labels):
+    value, (g_params, g_emb) = jax.value_and_grad(
+        lambda p, e: compute_loss(model, p, dense, e, labels)[0], argnums=(0, 1))(params, emb)
+    return value, g_params, g_emb
+
+  # (loss, d params, d emb), as the train step computes them
+  dense_vg = per_device_value_and_grad(model, runner.mesh) or global_value_and_grad
 
   def lookup(emb, batch):
     return coll.lookup(emb, batch.ids, batch.weights)
@@ -93,14 +99,12 @@ def stage_calls(config, runner: StepRunner) -> dict:
 
   def grad(state, batch):
     ctx = coll.lookup(state["emb"], batch.ids, batch.weights)
-
-    def loss_fn(params, rows):
-      return loss(params, batch.dense, coll.pool(rows, ctx), batch.labels)
-
-    return jax.value_and_grad(loss_fn, argnums=(0, 1))(state["params"], ctx.rows)
+    emb, pool_vjp = jax.vjp(lambda rows: coll.pool(rows, ctx), ctx.rows)
+    loss, g_params, g_emb = dense_vg(state["params"], batch.dense, emb, batch.labels)
+    return loss, g_params, pool_vjp(g_emb)
 
   def dense(params, batch, emb):
-    return jax.value_and_grad(lambda p: loss(p, batch.dense, emb, batch.labels))(params)
+    return dense_vg(params, batch.dense, emb, batch.labels)
 
   emb = jax.jit(pool)(state["emb"], batch)
   return {"lookup": Call(jax.jit(lookup), state["emb"], batch),

@@ -1,15 +1,17 @@
-"""The dense model's training loss on each device's own examples, one gradient all-reduce.
+"""The dense model's loss and gradients on each device's own examples, one all-reduce.
 
 Under plain `jit` the SPMD partitioner all-reduces each dense parameter's gradient on its
 own, and XLA combines them into one all-reduce of a tuple of ~15 buffers. On XLA:CPU
 every buffer of a tuple all-reduce costs about what a separate collective does: on 8 host
 devices the DLRM criteo gradients (1.9 MB in 14 buffers) took 3.1–5.2 ms to reduce as a
-tuple, 1.6–2.1 ms as one flat buffer.
+tuple, 1.6–2.1 ms as one flat buffer; across processes over gloo a second buffer of one
+float added ~2.4 ms to a 1.9 MB all-reduce (8.7–9.5 vs 11.1–11.9 ms).
 
-`per_device_loss` runs the model in a `shard_map` over the batch axes and hands it the
-parameters as one flat vector (`ravel_pytree`): the backward pass then reduces the whole
-dense gradient as that one vector. The forward copies the parameters into it (~2 MB on
-criteo) and the update reads the gradient back out of it as slices.
+`per_device_value_and_grad` runs the model's forward and backward in a `shard_map` over
+the batch axes, each device on its own examples, and sums the parameter gradients and the
+loss value in one all-reduce of one flat vector (`ravel_pytree`; packing it is one copy of
+the gradients). The pooled embeddings' gradient stays on its device, batch-sharded like
+the embeddings, for the collection's backward.
 
 On GPUs this is unmeasured. There XLA combines the per-parameter all-reduces too, so the
 reduction already waited for the whole backward; one buffer changes that only for dense
@@ -31,36 +33,35 @@ from jax.sharding import Mesh, PartitionSpec as P
 from jaxrec.models import compute_loss
 from jaxrec.sharding.mesh import BATCH_AXES
 
-LossFn = Callable[[object, jax.Array, jax.Array, jax.Array], jax.Array]
+ValueAndGrad = Callable[[object, jax.Array, jax.Array, jax.Array],
+                        tuple[jax.Array, object, jax.Array]]
 
 
-def per_device_loss(model, mesh: Mesh) -> LossFn | None:
-  """`loss(params, dense [B, num_dense], emb [B, F, D], labels [B]) -> scalar`, the same
-  mean loss as `compute_loss`, computed per device. None (use `compute_loss`) on one device,
-  where there is nothing to reduce and the flat copy cost 1-2% of the criteo step, and when
-  the model's loss couples the examples of a batch (`TwoTower.loss='in_batch_softmax'`)."""
+def per_device_value_and_grad(model, mesh: Mesh) -> ValueAndGrad | None:
+  """`(params, dense [B, num_dense], emb [B, F, D], labels [B]) -> (loss, d loss / d params,
+  d loss / d emb [B, F, D])` for `compute_loss`'s mean loss, computed per device.
+
+  None (differentiate `compute_loss` instead) on one device, where there is nothing to
+  reduce (packing the flat vector cost 1-2% of the criteo step there), and when the model's
+  loss couples the examples of a batch (`TwoTower.loss='in_batch_softmax'`)."""
   if mesh.size == 1 or getattr(model, "loss", "bce") != "bce":
     return None
   batch = P(BATCH_AXES)
   shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
 
-  def loss(params, dense, emb, labels):
-    flat, unravel = ravel_pytree(params)
+  def local(params, dense, emb, labels):
+    # this device's share of the global mean (the mean of equal shards' means)
+    share = lambda p, e: compute_loss(model, p, dense, e, labels)[0] / shards
+    value, (g_params, g_emb) = jax.value_and_grad(share, argnums=(0, 1))(params, emb)
+    flat, unravel = ravel_pytree((value, g_params))
+    value, g_params = unravel(jax.lax.psum(flat, BATCH_AXES))
+    return value, g_params, g_emb
 
-    def local(flat, dense, emb, labels):
-      mean = compute_loss(model, unravel(flat), dense, emb, labels)[0]   # this shard's
-      # The value is the global mean (the mean of equal shards' means), but only `mean` is
-      # differentiated: the transpose of the replicated output hands each device 1/shards
-      # of the cotangent, which is its share. Differentiating the psum instead would add
-      # a second, scalar all-reduce to the backward.
-      return mean + jax.lax.stop_gradient(jax.lax.psum(mean, BATCH_AXES) / shards - mean)
-
-    # check_vma=False: the transpose psums the replicated input's cotangent, `flat`'s
-    # gradient, over every batch axis (one all-reduce of one buffer)
+  def value_and_grad(params, dense, emb, labels):
     return jax.shard_map(local, mesh=mesh, in_specs=(P(), batch, batch, batch),
-                         out_specs=P(), check_vma=False)(flat, dense, emb, labels)
+                         out_specs=(P(), P(), batch), check_vma=False)(params, dense, emb, labels)
 
-  return loss
+  return value_and_grad
 
 
-__all__ = ["per_device_loss"]
+__all__ = ["per_device_value_and_grad"]

@@ -1,8 +1,8 @@
 """Jitted train and eval steps over the train state (see `state.py`).
 
 Train step, one `jit`:
-  lookup (ids → unique rows per device) → pool `[B, F, D]` → dense model → loss (per device,
-  one all-reduce of the flat dense gradient: `dense_loss.py`);
+  lookup (ids → unique rows per device) → pool `[B, F, D]` → dense model → loss (on 2+
+  devices per device, with one all-reduce of the flat dense gradient: `dense_loss.py`);
   grads of the dense params (optax) and of the unique rows (sparse optimizer), so the
   embedding update costs O(ids in the batch), independent of table size. A two-tower model
   with `logq_correction` first updates `state["item_freq"]` with the global batch's items
@@ -22,7 +22,7 @@ from jaxrec.models import item_frequency
 from jaxrec.models.two_tower import item_bag_keys
 from jaxrec.sharding.mesh import batch_sharding, replicated
 from jaxrec.train.config import ExperimentConfig
-from jaxrec.train.dense_loss import per_device_loss
+from jaxrec.train.dense_loss import per_device_value_and_grad
 from jaxrec.train import state as state_lib
 
 
@@ -30,7 +30,7 @@ def make_train_step(config: ExperimentConfig, collection: EmbeddingCollection, s
   """`step(state, batch) -> (state, metrics)`; state buffers are donated (in-place)."""
   tx = config.dense_tx()
   model = config.model
-  dense_loss = per_device_loss(model, collection.mesh)   # None: one device, or a global loss
+  dense_vg = per_device_value_and_grad(model, collection.mesh)   # None: 1 device/global loss
 
   def step(state, batch: Batch):
     ctx = collection.lookup(state["emb"], batch.ids, batch.weights)
@@ -47,16 +47,19 @@ def make_train_step(config: ExperimentConfig, collection: EmbeddingCollection, s
                                                      state["step"], model.logq_alpha)
       log_q = item_frequency.log_prob(new_state["item_freq"], bucket)
 
-    def loss_fn(params, rows):
-      emb = collection.pool(rows, ctx)
-      if dense_loss is not None:
-        return dense_loss(params, batch.dense, emb, batch.labels)
-      # keys are used only with remove_accidental_hits
-      loss, _ = compute_loss(model, params, batch.dense, emb, batch.labels, keys, log_q)
-      return loss
+    if dense_vg is not None:   # per device; the pooling's backward by its vjp
+      emb, pool_vjp = jax.vjp(lambda rows: collection.pool(rows, ctx), ctx.rows)
+      loss, g_params, g_emb = dense_vg(state["params"], batch.dense, emb, batch.labels)
+      (g_rows,) = pool_vjp(g_emb)
+    else:
+      def loss_fn(params, rows):
+        emb = collection.pool(rows, ctx)
+        # keys are used only with remove_accidental_hits
+        loss, _ = compute_loss(model, params, batch.dense, emb, batch.labels, keys, log_q)
+        return loss
 
-    loss, (g_params, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
-        state["params"], ctx.rows)
+      loss, (g_params, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
+          state["params"], ctx.rows)
     updates, opt_state = tx.update(g_params, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     emb = collection.apply_gradients(state["emb"], ctx, g_rows, state["step"])
