@@ -58,6 +58,8 @@ def per_device_value_and_grad(model, mesh: Mesh) -> ValueAndGrad | None:
     return value, g_params, g_emb
 
   def value_and_grad(params, dense, emb, labels):
+    # check_vma=False: the layers' custom vjps (`models.mlp.affine`) give each device its
+    # own gradient for the replicated parameters; the explicit psum makes them one
     return jax.shard_map(local, mesh=mesh, in_specs=(P(), batch, batch, batch),
                          out_specs=(P(), P(), batch), check_vma=False)(params, dense, emb, labels)
 
