@@ -41,8 +41,7 @@ import jax  # noqa: E402
 from jaxrec import launch  # noqa: E402
 from jaxrec.models import compute_loss  # noqa: E402
 from jaxrec.sharding import mesh as mesh_lib  # noqa: E402
-from jaxrec.sharding.plan import uniform_plan  # noqa: E402
-from jaxrec.sharding.plan import format_mesh  # noqa: E402
+from jaxrec.sharding.plan import format_mesh, uniform_plan  # noqa: E402
 from jaxrec.train import mesh_choice  # noqa: E402
 from jaxrec.train.config import ExperimentConfig, RunOptions  # noqa: E402
 from jaxrec.train.dense_loss import per_device_value_and_grad  # noqa: E402

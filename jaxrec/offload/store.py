@@ -13,8 +13,9 @@ per file write the same bytes in 16x fewer files (1M x 16 table, 50k rows on thi
 ext4: ~0.12 s instead of 0.4–1.4 s) while a read of ~150 rows takes 1.5–2.5x as long
 (the index is read first; the planner reads batches ahead to hide it). Reads and writes
 use separate handles with separate I/O thread pools (writes: 2 threads, in pieces of 2048
-rows), so the reads the next steps wait for do not queue behind a write-back. Writes go to whole files (tensorstore reads,
-modifies and replaces a file by rename), so a write never changes a file in place:
+rows), so the reads the next steps wait for do not queue behind a write-back. Writes go
+to whole files (tensorstore reads, modifies and replaces a file by rename), so a write
+never changes a file in place:
 a snapshot made of hard links to the store's files stays valid while training goes on
 (`snapshot` / `restore_snapshot`; falls back to copying where links are impossible). An
 existing store opens in the format it was written in (`open_existing`).
@@ -132,10 +133,13 @@ class TableStore:
       return (self.spec.rows, self.spec.dim)
     return (self.spec.rows,)
 
-  @property
-  def chunk_rows(self) -> int:
-    """Rows per chunk (`OffloadTable.file_rows`)."""
-    return self.off.file_rows(self.spec.rows)[0]
+  def new_array_metadata(self, name: str) -> dict:
+    """Driver metadata of a new array `name` in this store's format: `driver`, chunks and
+    files of `OffloadTable.file_rows`."""
+    chunk, shard = self.off.file_rows(self.spec.rows)
+    shape = self.array_shape(name)
+    return _driver_metadata(self.driver, shape, (chunk,) + shape[1:], self.array_dtype(name),
+                            shard)
 
   def array_dtype(self, name: str) -> np.dtype:
     return jnp.dtype(self.spec.dtype if name == TABLE else "float32")
@@ -160,14 +164,10 @@ class TableStore:
     """Fresh arrays: rows as the on-device init from `key`, optimizer state at its
     initial value (the fill value: no chunk is written)."""
     self.driver = self.off.driver
-    chunk, shard = self.off.file_rows(self.spec.rows)
     for name in self.names:
-      shape = self.array_shape(name)
       fill = 0.0 if name == TABLE else float(self.layout[name[4:]][1])
       spec = dict(self._spec(name), create=True, delete_existing=True,
-                  schema={"fill_value": fill},
-                  **_driver_metadata(self.driver, shape, (chunk,) + shape[1:],
-                                     self.array_dtype(name), shard))
+                  schema={"fill_value": fill}, **self.new_array_metadata(name))
       self.readers[name] = self._open(spec, "create")
     if key is not None:
       self._write_init(key)
@@ -344,12 +344,7 @@ def link_tree(src: str, dst: str, shown: str | None = None) -> None:
 def _copy_arrays(store: TableStore, dst: str) -> None:
   """Copies a memory-backed store into zarr files under `dst`."""
   for name in store.names:
-    arr = store.readers[name]
-    shape = tuple(arr.domain.shape)
-    chunk, shard = store.off.file_rows(store.spec.rows)
-    dtype = store.array_dtype(name)
     out = ts.open(dict({"driver": store.driver, "create": True, "delete_existing": True,
                         "kvstore": {"driver": "file", "path": os.path.join(dst, name) + "/"}},
-                       **_driver_metadata(store.driver, shape, (chunk,) + shape[1:], dtype,
-                                          shard))).result()
-    out.write(arr.read().result()).result()
+                       **store.new_array_metadata(name))).result()
+    out.write(store.readers[name].read().result()).result()
