@@ -2,7 +2,7 @@
 
 absl's own parser printed `FATAL Flags parsing error: ...` plus usage hints (or, for
 `--nobool=1`, a traceback). Here an unknown flag, a malformed or out-of-range value, a
-missing required flag or a stray argument is one line naming the flag and the bad value
+missing (or empty) required flag or a stray argument is one line naming the flag and the bad value
 (and the allowed values of an enum), and the exit code is 1. `--help` (and absl's other
 help flags) print the usage and exit 0, where absl exits 1. No jax is imported.
 """
@@ -44,11 +44,27 @@ def parse(argv: list[str], flag_values: flags.FlagValues | None = None, *,
   except (flags.Error, ValueError) as e:   # absl raises ValueError for `--nobool=1`
     message = _malformed(str(e), flag_values)
   else:
-    if positional or len(rest) == 1:
+    empty = _required_but_empty(flag_values)
+    if empty:
+      message = f"{empty} is required (given an empty value)"
+    elif positional or len(rest) == 1:
       return rest
-    message = f"unexpected arguments {rest[1:]} (flags are written --NAME=VALUE)"
+    else:
+      message = f"unexpected arguments {rest[1:]} (flags are written --NAME=VALUE)"
   print(f"error: {message}", file=sys.stderr)
   sys.exit(1)
+
+
+def _required_but_empty(flag_values: flags.FlagValues) -> str | None:
+  """`--NAME` of the first required flag given as `--NAME=` (absl takes "" as a value: an
+  empty `--output` then meant the current directory)."""
+  for name in sorted(flag_values):
+    flag = flag_values[name]
+    value = flag.value
+    required = any(_REQUIRED.search(getattr(v, "message", "") or "") for v in flag.validators)
+    if required and flag.present and (value == "" or (isinstance(value, list) and "" in value)):
+      return f"--{name}"
+  return None
 
 
 def parser(**kwargs) -> Callable[[list[str]], list[str]]:

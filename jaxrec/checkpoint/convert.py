@@ -148,7 +148,8 @@ def _mkdir(path) -> None:
 def _removed_on_error(output, remove: list):
   """Removes the paths in `remove` (files or directories; the body may add some) if the
   body raises; an `OSError` (disk full, unwritable) becomes a one-line `DataError` naming
-  `--output`, a `tree_copy.CopyError` one naming the file and the side that failed."""
+  `--output` (or the file it names, when that is not the output's), a
+  `tree_copy.CopyError` one naming the file and the side that failed."""
   try:
     yield
   except BaseException as e:
@@ -161,8 +162,17 @@ def _removed_on_error(output, remove: list):
       side = "--checkpoint_dir: cannot read" if e.reading else "--output: cannot write"
       raise DataError(f"{side} {e.filename}: {e.strerror}") from None
     if isinstance(e, OSError):
+      if e.filename and not _under(e.filename, output):   # e.g. a file of the source
+        raise DataError(f"cannot convert: {e.filename}: {e.strerror or e}") from None
       raise DataError(f"--output: cannot write {output}: {e.strerror or e}") from None
     raise
+
+
+def _under(path, output) -> bool:
+  """`path` is `output`, inside it, or one of its siblings named `output` + suffix (a
+  temporary file the write renames)."""
+  path, output = os.path.abspath(os.fspath(path)), os.path.abspath(os.fspath(output))
+  return path == output or path.startswith((output + os.sep, output + "."))
 
 
 def _metadata(step_dir, step) -> dict:

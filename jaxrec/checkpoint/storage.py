@@ -130,7 +130,11 @@ def _json_item(step_dir: epath.PathLike, item: str) -> epath.Path:
 
 def _dense_arrays(step_dir: epath.Path) -> dict[str, ts.TensorStore]:
   """Arrays of the orbax `state` item, opened from orbax's metadata tree."""
-  meta = ocp.StandardCheckpointHandler().metadata(step_dir / STATE)
+  try:
+    meta = ocp.StandardCheckpointHandler().metadata(step_dir / STATE)
+  except json.JSONDecodeError as e:   # orbax's own file; the error alone names no file
+    raise ValueError(f"{step_dir / STATE / '_METADATA'}:{e.lineno}: not valid JSON "
+                     f"({e.msg})") from None
   driver = "zarr3" if getattr(meta, "use_zarr3", False) else "zarr"
   out = {}
   for name, leaf in canonical_lib.leaf_names(getattr(meta, "tree", meta)):
@@ -158,13 +162,17 @@ def open_arrays(step_dir: epath.PathLike) -> dict[str, ts.TensorStore]:
   return out
 
 
-def saved_fingerprints(step_dir: epath.PathLike, manifest: dict, arrays: dict) -> dict[str, int]:
-  """`{canonical name: fingerprint recorded when saving}`."""
+def saved_fingerprints(step_dir: epath.PathLike, manifest: dict, arrays: dict,
+                       tables: dict[str, int] | None = None) -> dict[str, int]:
+  """`{canonical name: fingerprint recorded when saving}` (`tables`: the tables' part, when
+  already read with `tables.saved_fingerprints`)."""
   out = {}
   if manifest.get("fingerprint"):
     values = np.asarray(arrays["fingerprint"].read().result()).tolist()
     out.update(zip(manifest["fingerprint"], values))
-  out.update(tables_lib.saved_fingerprints(epath.Path(step_dir) / TABLES))
+  if tables is None:
+    tables = tables_lib.saved_fingerprints(epath.Path(step_dir) / TABLES)
+  out.update(tables)
   return out
 
 
@@ -221,6 +229,7 @@ def _check_step(step_dir: epath.Path, full: bool, step: int | None) -> dict:
   read_json(step_dir, DATA_STATE)
   arrays = open_arrays(step_dir)
   index = tables_lib.read_index(step_dir / TABLES)["arrays"]
+  saved_tables = tables_lib.saved_fingerprints(step_dir / TABLES)   # present and readable
   expected = dict(manifest["leaves"], **index)
   for name, info in expected.items():
     if name not in arrays:
@@ -230,7 +239,7 @@ def _check_step(step_dir: epath.Path, full: bool, step: int | None) -> dict:
       raise ValueError(f"array '{name}' is {a.dtype.numpy_dtype}{list(a.shape)}, expected "
                        f"{info['dtype']}{info['shape']}")
   if full:
-    for name, expect in saved_fingerprints(step_dir, manifest, arrays).items():
+    for name, expect in saved_fingerprints(step_dir, manifest, arrays, saved_tables).items():
       if array_fingerprint(arrays[name]) != int(expect):
         raise ValueError(f"array '{name}' fails its fingerprint check (stored data differ "
                          "from what was saved)")

@@ -225,7 +225,16 @@ async def write_pieces(directory: epath.Path, arrays: Mapping[str, tuple], piece
 def read_index(directory: epath.PathLike) -> dict:
   """`index.json` of a stored `embeddings` item: `{"processes", "arrays": {name:
   {"shape", "dtype"}}}`."""
-  return json.loads((epath.Path(directory) / INDEX).read_text())
+  return _read_json(epath.Path(directory) / INDEX)
+
+
+def _read_json(path: epath.Path):
+  """A JSON file of the item; ValueError naming it (and the line) when it does not parse
+  (a missing file stays FileNotFoundError: damage, like any other missing file)."""
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
 def saved_fingerprints(directory: epath.PathLike) -> dict[str, int]:
@@ -234,9 +243,14 @@ def saved_fingerprints(directory: epath.PathLike) -> dict[str, int]:
   index = read_index(directory)
   total = {name: 0 for name in index["arrays"]}
   for process in range(int(index.get("processes", 1))):
-    part = json.loads((directory / f"fingerprints.{process}.json").read_text())
+    path = directory / f"fingerprints.{process}.json"
+    part = _read_json(path)
     for name in total:
-      total[name] = (total[name] + int(part[name])) & 0xFFFFFFFF
+      value = part.get(name) if isinstance(part, dict) else None
+      if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{path}: no integer fingerprint for array '{name}' "
+                         f"({json.dumps(value)[:40]})")
+      total[name] = (total[name] + value) & 0xFFFFFFFF
   return total
 
 

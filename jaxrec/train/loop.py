@@ -50,6 +50,11 @@ class TrainingError(JaxrecError):
   """Training cannot go on (e.g. non-finite loss under `--on_nan=stop`)."""
 
 
+class EvalStopped(Exception):
+  """`evaluate` gave up between batches because `stop()` said so (SIGTERM during an eval);
+  `.state` is the state to go on with."""
+
+
 # Steps dispatched ahead of the host on a multi-device XLA:CPU mesh. With `--log_every`
 # steps queued (the loop syncs only at log steps), 8 host devices on a busy machine
 # deadlocked in the first collective of a step ("waiting for all gather ... may be stuck",
@@ -147,11 +152,13 @@ def device_batch(collection, batch: Batch, sharding) -> Batch:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), packed)
 
 
-def evaluate(eval_step, collection, state, eval_data, sharding, tier=None
+def evaluate(eval_step, collection, state, eval_data, sharding, tier=None, stop=None
              ) -> tuple[dict[str, Any], dict]:
   """Exact AUC / logloss over the whole eval set (padding masked out), and the state to go
   on with: with offloaded tables `tier.eval_logits` donates it and returns one holding the
-  same values. An exception raised here carries that state as `.state`."""
+  same values. An exception raised here carries that state as `.state`. `stop()` true
+  before a batch (a SIGTERM request) raises `EvalStopped`: a preemption's grace period is
+  not spent on an eval whose result would be lost anyway."""
   acc = EvalAccumulator()
 
   def run(st, b):   # global [B], replicated
@@ -160,6 +167,8 @@ def evaluate(eval_step, collection, state, eval_data, sharding, tier=None
   try:
     for batches, (batch, mask) in enumerate(eval_data, 1):
       signals.check()
+      if stop is not None and stop():
+        raise EvalStopped(f"stopped before eval batch {batches}")
       if tier is not None:   # offloaded ids → cache slots, in passes when rows do not fit
         state, logits = tier.eval_logits(state, batch, run)
       else:
@@ -335,7 +344,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   rollbacks = 0
   t_mark, steps_timed, paused = None, 0, 0.0       # paused: eval/checkpoint s in the window
   try:
-    step, sigterm = start, False
+    step, sigterm, eval_stopped = start, False, False
     if finished:   # the resume line carries the evaluation (maybe of other --eval_data)
       log.info("already trained to step %d (--num_steps=%d): evaluating that checkpoint",
                start, options.num_steps)
@@ -429,15 +438,27 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
         save_checkpoint(state, step, force=done or stop)
       if is_eval:
         try:
-          metrics, state = evaluate(eval_step, collection, state, eval_data, bsharding, tier)
+          metrics, state = evaluate(eval_step, collection, state, eval_data, bsharding, tier,
+                                    stop=terminated.is_set if terminated is not None else None)
           record.update(metrics)
-        except (ConfigError, DataError) as e:   # e.g. an example too big for an offload cache
-          state = e.state
-          if not is_ckpt:   # between checkpoints: keep the steps since the last one
-            log.error("the eval of step %d failed: saving checkpoint %d first", step, step)
-            save_checkpoint(state, step, force=True)
-            ckpt.wait()
+        except EvalStopped as e:   # SIGTERM: the checkpoint below, not the rest of the eval
+          state, eval_stopped = e.state, True
+        except BaseException as e:   # the window's loss line is kept (Ctrl-C, a bad example)
+          if record:
+            writer.write(step, record, scalars)
+          if isinstance(e, (ConfigError, DataError)):   # e.g. too big for an offload cache
+            state = e.state
+            if not is_ckpt:   # between checkpoints: keep the steps since the last one
+              log.error("the eval of step %d failed: saving checkpoint %d first", step, step)
+              save_checkpoint(state, step, force=True)
+              ckpt.wait()
           raise
+      if terminated is not None and terminated.is_set() and not sigterm:   # during the eval
+        sigterm = stop = True
+        if not is_ckpt:
+          save_checkpoint(state, step, force=True)
+        if not is_log:   # the steps since the last loss line end here
+          record["loss"] = float(losses.mean())
       if record:
         writer.write(step, record, scalars)
       if is_log:
@@ -454,11 +475,13 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
         break
     ckpt.wait()   # the last save committed, older checkpoints rotated out
     prune_snapshots()
-    if sigterm and step < options.num_steps:
+    if sigterm and (step < options.num_steps or eval_stopped):
       writer.write(step, {"event": "terminated", "signal": "SIGTERM"})
+      during = f"during the eval of step {step}" if eval_stopped else f"after step {step}"
+      then = ("evaluates it" if step == options.num_steps else "resumes from it")
       raise termination.Terminated(
-          f"stopped by SIGTERM after step {step}: checkpoint {step} is saved in "
-          f"{ckpt.directory}; the same command resumes from it")
+          f"stopped by SIGTERM {during}: checkpoint {step} is saved in "
+          f"{ckpt.directory}; the same command {then}")
   finally:
     if tier is not None:
       tier.close()

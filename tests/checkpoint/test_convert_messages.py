@@ -223,6 +223,34 @@ def test_a_damaged_json_item_is_named_by_its_file(tmp_path, item, text, match):
     convert.export_npz(tmp_path / "c", tmp_path / "a.npz", 4)
 
 
+_PRINTS = "embeddings/fingerprints.0.json"
+
+
+@pytest.mark.parametrize("path,text,match", [
+    (_PRINTS, None, r"No such file or directory: '.*c/4/embeddings/fingerprints.0.json'"),
+    (_PRINTS, "{not json", r"c/4/embeddings/fingerprints.0.json:1: not valid JSON"),
+    (_PRINTS, "{}", r"c/4/embeddings/fingerprints.0.json: no integer fingerprint for array "
+                    r"'\S+' \(null\)"),
+    (_PRINTS, '{"tables/t0": "abc"}', r"fingerprints.0.json: no integer fingerprint"),
+    ("embeddings/index.json", "{oops", r"c/4/embeddings/index.json:1: not valid JSON"),
+    ("state/_METADATA", "{oops", r"c/4/state/_METADATA:1: not valid JSON")])
+@pytest.mark.parametrize("fmt", ["npz", "zarr"])
+def test_a_damaged_fingerprint_or_index_file_is_a_corrupt_step(tmp_path, fmt, path, text,
+                                                                match):
+  """An export read the tables' fingerprint files outside the step check: a missing one
+  was 'error: --output: cannot write OUT: No such file or directory', a damaged one a
+  traceback (JSONDecodeError, KeyError, ValueError); index.json's and orbax's parse errors
+  named no file. Now each is a corrupt step, named by its file, like any other damage."""
+  _two_steps(tmp_path / "c")
+  target = tmp_path / "c" / "4" / path
+  target.unlink() if text is None else target.write_text(text)
+  export = {"npz": convert.export_npz, "zarr": convert.export_zarr}[fmt]
+  with pytest.raises(CheckpointError, match=rf"c/4 is corrupt: .*{match}.*pick another "
+                     r"--step: 2$"):
+    export(tmp_path / "c", tmp_path / "out", 4)
+  assert export(tmp_path / "c", tmp_path / "out") == 2   # the latest usable step
+
+
 def test_a_step_directory_as_checkpoint_dir_names_the_flags(tmp_path):
   """`--checkpoint_dir=W/checkpoints/4` said only 'no checkpoint in W/checkpoints/4'."""
   _two_steps(tmp_path / "c")

@@ -198,3 +198,20 @@ def test_a_step_that_cannot_be_opened_names_the_file_not_a_corrupt_checkpoint(
   assert str(e.value) == (f"--checkpoint_dir: cannot read {bad}: Input/output error "
                           f"(checkpoint {path / '4'})")
   assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("failed,expect", [
+    ("src/4/x.json", "cannot convert: {tmp}/src/4/x.json: No such file or directory"),
+    ("out.npz", "--output: cannot write {tmp}/out.npz: No such file or directory"),
+    ("out.npz.tmp-1", "--output: cannot write {tmp}/out.npz: No such file or directory"),
+    ("out.npz/a/b", "--output: cannot write {tmp}/out.npz: No such file or directory")])
+def test_a_file_error_names_the_output_only_when_it_is_the_outputs(tmp_path, failed, expect):
+  """Every OSError of an export was '--output: cannot write OUT', also a file of the
+  source checkpoint that was missing."""
+  made = tmp_path / "made"
+  with pytest.raises(DataError) as info:
+    with convert._removed_on_error(tmp_path / "out.npz", [made]):   # pylint: disable=protected-access
+      made.write_text("partial")
+      raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(tmp_path / failed))
+  assert str(info.value) == expect.format(tmp=tmp_path)
+  assert not made.exists()

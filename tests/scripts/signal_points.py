@@ -8,6 +8,7 @@ script goes on. `SIGINT*2:...` sends it twice there (the second exits at once);
 `SIGTERM:setup,SIGTERM:line` sends one at each of two moments. Moments:
 
   compile    scripts/train.py: the first train step (its trace and XLA compile)
+  eval       scripts/train.py: the first eval batch (of the first evaluation)
   restore    scripts/train.py: reading the first table block of a checkpoint restore; every
              block read takes JAXREC_TEST_BLOCK_DELAY s more (a big or slow checkpoint), and
              one `signal_points: block read` line goes to stderr per block
@@ -86,6 +87,9 @@ def _arm(entry: str) -> None:
   first = functools.partial(_during_call, sig=sig)
   if moment == "compile":   # the step function that make_train_step returns
     _patch("jaxrec.train.step", "make_train_step",
+           lambda make: lambda *a, **k: first(make(*a, **k)))
+  elif moment == "eval":
+    _patch("jaxrec.train.step", "make_eval_step",
            lambda make: lambda *a, **k: first(make(*a, **k)))
   elif moment == "restore":
     delay = float(os.environ.get("JAXREC_TEST_BLOCK_DELAY", "0"))

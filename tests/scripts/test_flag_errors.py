@@ -48,6 +48,12 @@ CASES = [
                                             "(did you mean skip?)"),
     ("plan.py", ["--calibrate=maybe"], "--calibrate=maybe: not a boolean (true or false)"),
     ("plot_metrics.py", [], "--workdir is required"),
+    # an empty required value was taken as "" (the current directory: a copy wrote 20/
+    # into the checkout)
+    ("convert_checkpoint.py", ["--output=", "--format=checkpoint", "--checkpoint_dir=c"],
+     "--output is required (given an empty value)"),
+    ("plot_metrics.py", ["--workdir=w", "--workdir="],
+     "--workdir is required (given an empty value)"),
     ("launch.py", ["--hang_timeout=soon", "--", "--workdir=w"],
      "--hang_timeout=soon: not a number"),
     ("launch.py", ["--workdir=w", "--", "--gin_file=c.gin"],

@@ -47,6 +47,53 @@ def test_a_signal_during_the_first_compile_stops_after_that_step(tmp_path, sig):
 
 
 
+def _metrics(w):
+  with open(w / "metrics.jsonl") as f:
+    return [json.loads(l) for l in f]
+
+
+@pytest.mark.parametrize("num_steps", [4, 2])   # an eval on the way; the final one
+def test_sigterm_during_an_eval_saves_that_step_and_stops(tmp_path, num_steps):
+  """SIGTERM during the eval of step 2 waited for the whole eval and then trained step 3
+  (at the last step it was ignored). Now the eval stops before its next batch, step 2 is
+  saved, its loss line is written without eval values, and the run exits 143; the same
+  command goes on from step 2 (or evaluates it, when it was the last)."""
+  w = tmp_path / "w"
+  flags = [f"--workdir={w}", *t.TINY, f"--num_steps={num_steps}", "--log_every=2",
+           "--eval_every=2"]
+  proc = _run(signal.SIGTERM, "eval", "scripts/train.py", *flags)
+  assert proc.returncode == 143, proc.stderr[-3000:]
+  then = "evaluates it" if num_steps == 2 else "resumes from it"
+  assert proc.stderr.splitlines()[-1] == (
+      f"stopped by SIGTERM during the eval of step 2: checkpoint 2 is saved in "
+      f"{w / 'checkpoints'}; the same command {then}"), proc.stderr[-3000:]
+  lines = _metrics(w)
+  assert len(lines) == 2 and lines[0]["step"] == 2 and "loss" in lines[0], lines
+  assert not [k for k in lines[0] if k.startswith("eval")], lines
+  assert lines[1] == {"step": 2, "event": "terminated", "signal": "SIGTERM"}
+  assert os.listdir(w / "checkpoints") == ["2"]
+  again = subprocess.run([sys.executable, "scripts/train.py", *flags], capture_output=True,
+                         text=True, cwd=t.ROOT, timeout=300, env=t.env())
+  assert again.returncode == 0, again.stderr[-3000:]
+  resumed = _metrics(w)[2:]
+  assert resumed[0]["event"] == "resume" and resumed[0]["checkpoint_step"] == 2, resumed
+  assert "eval_auc" in resumed[-1] and resumed[-1]["step"] == num_steps, resumed
+
+
+def test_ctrl_c_during_an_eval_keeps_the_loss_line(tmp_path):
+  """The loss of the steps before an eval went into one line with the eval's values,
+  written after the eval: Ctrl-C during it lost the line for good (a resume from an
+  earlier checkpoint redoes the steps, but the one at --num_steps only re-evaluates)."""
+  w = tmp_path / "w"
+  proc = _run(signal.SIGINT, "eval", "scripts/train.py", f"--workdir={w}", *t.TINY,
+              "--num_steps=2", "--log_every=1")
+  assert proc.returncode == 130, proc.stderr[-3000:]
+  assert proc.stderr.splitlines()[-1].startswith("error: interrupted by SIGINT"), proc.stderr
+  lines = _metrics(w)
+  assert [l["step"] for l in lines] == [1, 2] and all("loss" in l for l in lines), lines
+  assert not [k for l in lines for k in l if k.startswith("eval")], lines
+
+
 def _trained_2_steps(tmp_path):
   """W (`tmp_path/w`) after a 2-step run: checkpoint 2 for the next run to restore."""
   w = tmp_path / "w"
