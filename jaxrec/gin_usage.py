@@ -15,6 +15,8 @@ test_unused_bindings.py` checks the shipped configs against gin's own tables).
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import gin
 from gin import config_parser
 
@@ -101,13 +103,16 @@ def _keys(config_text: str) -> dict[tuple[str, str], set[str]]:
   return out
 
 
-def unused() -> list[str]:
-  """`binding (where)` for each recorded binding that no configurable call received."""
+def unused(not_called: Sequence[str] = ()) -> list[str]:
+  """`binding (where)` for each recorded binding that no configurable call received, except
+  those of the configurables named in `not_called` (short names, e.g.
+  `make_train_iterator`: ones this run skips by design, such as a run that only evaluates)."""
   bound, operative = _keys(gin.config_str()), _keys(gin.operative_config_str())
   # (a binding gin no longer holds was cleared since, e.g. by gin.clear_config: not reported)
   return [f"{_name(scope, selector, arg)} ({where})"
           for (scope, selector, arg), where in _ORIGINS.items()
           if arg in bound.get((scope, selector), ())
+          and selector.rsplit(".", 1)[-1] not in not_called
           and not _used(scope, selector, arg, bound, operative)]
 
 
@@ -133,9 +138,10 @@ def _name(scope: str, selector: str, arg: str) -> str:
   return f"{scope + '/' if scope else ''}{short}.{arg}"
 
 
-def warning() -> str | None:
-  """The one-line warning naming the unused bindings, or None when every one was used."""
-  names = unused()
+def warning(not_called: Sequence[str] = ()) -> str | None:
+  """The one-line warning naming the unused bindings (`unused`), or None when every one
+  was used."""
+  names = unused(not_called)
   if not names:
     return None
   return (f"warning: gin bindings that no configurable of this run used (they had no effect; "

@@ -319,11 +319,17 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     ckpt.close()
     raise
   if is_main:   # only now: a run refused by its restore leaves the last run's files
-    unused = gin_usage.warning()   # every configurable of the run has been called by now
+    # every configurable of the run has been called by now; one that only evaluates opens
+    # no training data, and keeps the config.gin of the run that trained (with its data
+    # pipeline's settings), unless there is none
+    trains = train_it is not None
+    unused = gin_usage.warning(not_called=() if trains else ("make_train_iterator",))
     if unused:
       log.warning("%s", unused)
       elastic.report_warning(unused)   # under launch.py: on its stderr, not only 0.log
-    write_text_atomic(os.path.join(workdir, "config.gin"), operative_gin)
+    config_path = os.path.join(workdir, "config.gin")
+    if trains or not os.path.exists(config_path):
+      write_text_atomic(config_path, operative_gin)
     # whole or not at all: `--plan=W/plan.json` reads it back on the next start
     write_text_atomic(os.path.join(workdir, "plan.json"),
                       json.dumps(info["plan_result"].to_json(), indent=2, sort_keys=True))

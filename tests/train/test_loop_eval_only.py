@@ -73,3 +73,23 @@ def test_an_evaluate_only_run_with_an_odd_train_batch_evaluates(tmp_path):
   launch.parse_gin(["configs/dlrm_synthetic.gin"], [*BINDINGS, "ExperimentConfig.batch_size=12"])
   again = loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path))
   assert again["eval_auc"] == first["eval_auc"] and again["step"] == 1
+
+
+@pytest.mark.slow   # ~20 s: a training run to checkpoint, then the evaluate-only run
+def test_an_evaluate_only_run_keeps_the_training_config_and_its_bindings_quiet(tmp_path,
+                                                                              caplog):
+  """The rerun of the same command rewrote `W/config.gin` without the training data's
+  settings (`make_train_iterator.*`: it opens no training data) and warned that those
+  bindings were unused."""
+  bindings = [*BINDINGS, "make_train_iterator.shuffle=False"]
+  options = config_lib.RunOptions(num_steps=1, mesh="data=8", plan="dp", progress=False)
+  launch.parse_gin(["configs/dlrm_synthetic.gin"], bindings)
+  loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path))
+  trained = (tmp_path / "config.gin").read_text()
+  assert "make_train_iterator.shuffle = False" in trained
+  launch.parse_gin(["configs/dlrm_synthetic.gin"], bindings)
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="jaxrec"):
+    loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path))
+  assert (tmp_path / "config.gin").read_text() == trained
+  assert not [r for r in caplog.records if "no configurable" in r.getMessage()], caplog.text

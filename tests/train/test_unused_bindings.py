@@ -35,6 +35,17 @@ def test_a_binding_of_an_optimizer_the_run_does_not_use_is_named_with_its_origin
   assert "\n" not in gin_usage.warning()
 
 
+def test_configurables_a_run_skips_by_design_are_not_reported():
+  """A run that only evaluates never calls `make_train_iterator`: its bindings (the same
+  command as the training run's) were reported as typos."""
+  _built([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")],
+         ["make_train_iterator.shuffle=False", "RowWiseAdagrad.lr=0.1"])
+  assert gin_usage.unused() == ["make_train_iterator.shuffle (--gin_bindings)",
+                                "RowWiseAdagrad.lr (--gin_bindings)"]
+  assert gin_usage.unused(not_called=("make_train_iterator",)) == [
+      "RowWiseAdagrad.lr (--gin_bindings)"]
+
+
 def test_an_unscoped_binding_used_by_a_scoped_call_is_used_unless_the_scope_overrides_it(
     tmp_path):
   """gin applies `uniform_tables.dim` to a call in scope `emb/` too: it was reported as
