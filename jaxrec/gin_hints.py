@@ -3,6 +3,7 @@ an unparsable value should look like."""
 
 from __future__ import annotations
 
+import ast
 import difflib
 import inspect
 import re
@@ -14,6 +15,7 @@ _UNKNOWN_CONFIGURABLE = re.compile(
 _UNKNOWN_PARAMETER = re.compile(r"Configurable '([\w.]+)' doesn't have a parameter named '(\w+)'")
 _NOT_PARAMETERS = {"self", "parent", "name"}   # flax modules' own constructor arguments
 _BAD_TOKEN = re.compile(r"Failed to parse token '([^']*)'")
+_BINDING = re.compile(r"^\s*[\w./]+\s*=\s*(.*?)\s*$")   # `scope/selector.param = value`
 _PYTHON_CONSTANTS = {"true": "True", "false": "False", "none": "None", "null": "None"}
 
 
@@ -32,6 +34,25 @@ def unparsable_value(message: str) -> str:
   if token in _configurable_names():
     return f"cannot parse the value {token}; a configurable is referenced as @{token}()"
   return f"cannot parse the value {token}; a string needs quotes: '{token}'"
+
+
+def unquoted_string(message: str, statement: str) -> str | None:
+  """When gin could not parse `statement` (`selector = value`, one line) because its value
+  is a string without quotes that is not one word, e.g. a path (`data/day_0.tsv`,
+  `/data/criteo`: gin names only the first token, or says "Unable to parse value."), what
+  to write: the whole value in quotes. None otherwise (then `unparsable_value`)."""
+  if not (message.startswith("Unable to parse value") or _BAD_TOKEN.search(message)):
+    return None
+  m = _BINDING.match(statement)
+  value = m.group(1) if m else ""
+  if not value or not re.fullmatch(r"[^'\"()\[\]{}@%,\s]+", value) or value.isidentifier():
+    return None   # empty, quoted, a tuple, a reference, or one word (`unparsable_value`)
+  try:
+    ast.literal_eval(value)
+    return None   # a number: not a missing quote
+  except (ValueError, SyntaxError):
+    pass
+  return f"cannot parse the value {value}; a string needs quotes: {value!r}"
 
 
 def did_you_mean(message: str) -> str:

@@ -28,8 +28,9 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
       gin.parse_config(binding)
     except Exception as e:
       # (gin's text ends in "In bindings string line N <the binding>": quoted already)
-      text = gin_hints.unparsable_value(
-          re.sub(r"\s*In bindings string line \d+.*$", "", _one_line(e)))
+      message = re.sub(r"\s*In bindings string line \d+.*$", "", _one_line(e))
+      text = (gin_hints.unquoted_string(message, binding)
+              or gin_hints.unparsable_value(message))
       hint = gin_hints.did_you_mean(str(e))
       text += _shell_quoting(binding, text)
       raise ConfigError(f"--gin_bindings: '{binding}': {text.rstrip('.') if hint else text}"
@@ -51,8 +52,12 @@ def _parse_files(files: Sequence[str]) -> None:
       gin.parse_config_file(path)
     except SyntaxError as e:  # gin's ParseError: the location is in its attributes
       where = f"{path}:{e.lineno}" if e.lineno else path
-      raise ConfigError(f"--gin_file: {where}: {gin_hints.unparsable_value(_one_line(e))}"
-                        ) from None
+      message = _one_line(e)
+      text = (gin_hints.unquoted_string(message, _line(path, e.lineno))
+              or gin_hints.unparsable_value(message))
+      if e.lineno == 1 and _starts_with_bom(path):   # gin reads it as a stray character
+        text += " (the file starts with a UTF-8 byte-order mark: save it without one)"
+      raise ConfigError(f"--gin_file: {where}: {text}") from None
     except Exception as e:  # gin raises ValueError/KeyError with location info
       missing = _missing_include(e)
       if missing:
@@ -92,6 +97,24 @@ def _unbound_macro(e: ValueError) -> str:
           f"`{name} = ...` in a gin file or --gin_bindings=\"{name}=...\") or fix the name")
 
 
+def _starts_with_bom(path: str) -> bool:
+  try:
+    with open(path, "rb") as f:
+      return f.read(3) == b"\xef\xbb\xbf"
+  except OSError:
+    return False
+
+
+def _line(path: str, lineno: int | None) -> str:
+  """Line `lineno` of file `path` ('' when there is none)."""
+  try:
+    with open(path, encoding="utf-8-sig") as f:
+      lines = f.read().splitlines()
+    return lines[lineno - 1] if lineno and 0 < lineno <= len(lines) else ""
+  except (OSError, UnicodeDecodeError):
+    return ""
+
+
 def _shell_quoting(binding: str, message: str) -> str:
   """For a string value without its quotes (a shell removes them from
   `--gin_bindings=a.b='x'`): how to write the flag so that they stay."""
@@ -99,7 +122,11 @@ def _shell_quoting(binding: str, message: str) -> str:
   if not m or "=" not in binding:
     return ""
   lhs, rhs = binding.split("=", 1)
-  quoted = f"{lhs}={rhs.replace(m.group(1), repr(m.group(1)), 1)}"
+  whole = repr(rhs.strip())
+  if message.endswith(f"a string needs quotes: {whole}"):   # the whole value (a path)
+    quoted = f"{lhs}={whole}"
+  else:   # one word of it
+    quoted = f"{lhs}={rhs.replace(m.group(1), repr(m.group(1)), 1)}"
   return f" (in a shell, quote the whole flag: --gin_bindings=\"{quoted}\")"
 
 

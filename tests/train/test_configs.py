@@ -289,6 +289,16 @@ def test_a_reference_called_without_its_required_arguments_names_them(bindings, 
     ("TwoTower.normalize=false", "cannot parse the value false; write False$"),
     ("ExperimentConfig.model=build_model()", "cannot parse the value build_model; a "
      "configurable is referenced as @build_model\\(\\)$"),
+    # a path: gin named its first word ('data', then the fix `'data'/day_0.tsv` did not
+    # parse either) or said only "Unable to parse value."
+    ("ExperimentConfig.train_data=data/day_0.tsv", "cannot parse the value data/day_0.tsv; a "
+     "string needs quotes: 'data/day_0.tsv' \\(in a shell, quote the whole flag: "
+     "--gin_bindings=\"ExperimentConfig.train_data='data/day_0.tsv'\"\\)$"),
+    ("ExperimentConfig.train_data=/data/criteo", "cannot parse the value /data/criteo; a "
+     "string needs quotes: '/data/criteo' \\(in a shell, quote the whole flag: "
+     "--gin_bindings=\"ExperimentConfig.train_data='/data/criteo'\"\\)$"),
+    ("ExperimentConfig.eval_data = day-0.tsv.gz", "value day-0.tsv.gz; a string needs "
+     "quotes: 'day-0.tsv.gz' "),
 ])
 def test_an_unparsable_value_says_how_to_write_it(binding, message, tmp_path):
   """gin's text was "malformed node or string on line 1: <ast.Name object at 0x...>"."""
@@ -297,6 +307,15 @@ def test_an_unparsable_value_says_how_to_write_it(binding, message, tmp_path):
   path = tmp_path / "x.gin"
   path.write_text(f"# one\n{binding}\n")
   with pytest.raises(ConfigError, match=f"^--gin_file: {path}:2: cannot parse the value "):
+    launch.parse_gin([str(path)], [])
+
+
+def test_a_gin_file_with_a_byte_order_mark_says_so(tmp_path):
+  """gin said only `Unexpected token.` at line 1 (an editor on Windows saves one)."""
+  path = tmp_path / "bom.gin"
+  path.write_bytes(b"\xef\xbb\xbfExperimentConfig.batch_size = 64\n")
+  with pytest.raises(ConfigError, match=rf"^--gin_file: {path}:1: .*\(the file starts with a "
+                     r"UTF-8 byte-order mark: save it without one\)$"):
     launch.parse_gin([str(path)], [])
 
 
