@@ -47,6 +47,16 @@ def is_writable(directory: str | os.PathLike) -> bool:
     return False
 
 
+def append_failure(path: str | os.PathLike) -> str | None:
+  """Why file `path` cannot be opened for appending (`strerror`), or None when it can; the
+  file is not changed."""
+  try:
+    with open(path, "ab"):
+      return None
+  except OSError as e:
+    return e.strerror or str(e)
+
+
 LOCK_NAME = ".jaxrec.lock"
 
 

@@ -88,6 +88,19 @@ def check_workdir(workdir: str) -> None:
     if os.path.isdir(where) and not files.is_writable(where):
       raise ConfigError(f"--workdir: cannot write in {where} (read-only or no permission): "
                         "the run could not save its checkpoints")
+  # what an earlier run left that this one appends to or writes in (e.g. owned by another
+  # user after a `sudo` run): a traceback when opened, profile.jsonl's only at the first
+  # log step, after training
+  for name in (writers.METRICS_FILE, planner.PROFILE_FILE):
+    path = os.path.join(workdir, name)
+    reason = files.append_failure(path) if os.path.lexists(path) else None
+    if reason:
+      raise ConfigError(f"--workdir: cannot write {path}: {reason}")
+  for name in (writers.TB_DIR, workdir_layout.OFFLOAD_DIR, workdir_layout.SNAPSHOTS_DIR):
+    path = os.path.join(workdir, name)
+    if os.path.lexists(path) and not (os.path.isdir(path) and files.is_writable(path)):
+      raise ConfigError(f"--workdir: cannot write in {path} (not a directory, read-only or "
+                        "no permission)")
 
 
 # What a run writes into its workdir, in the order `outputs` names them (README's table).
@@ -328,11 +341,18 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       log.warning("%s", unused)
       elastic.report_warning(unused)   # under launch.py: on its stderr, not only 0.log
     config_path = os.path.join(workdir, "config.gin")
-    if trains or not os.path.exists(config_path):
-      write_text_atomic(config_path, operative_gin)
-    # whole or not at all: `--plan=W/plan.json` reads it back on the next start
-    write_text_atomic(os.path.join(workdir, "plan.json"),
-                      json.dumps(info["plan_result"].to_json(), indent=2, sort_keys=True))
+    try:
+      if trains or not os.path.exists(config_path):
+        write_text_atomic(config_path, operative_gin)
+      # whole or not at all: `--plan=W/plan.json` reads it back on the next start
+      write_text_atomic(os.path.join(workdir, "plan.json"),
+                        json.dumps(info["plan_result"].to_json(), indent=2, sort_keys=True))
+    except OSError as e:   # e.g. an immutable file (the directory was checked)
+      if tier is not None:
+        tier.close()
+      ckpt.close()
+      path = e.filename2 or e.filename   # os.replace(tmp, path) names both
+      raise ConfigError(f"--workdir: cannot write {path}: {e.strerror or e}") from None
 
   train_step = step_lib.make_train_step(config, collection, shardings)
   eval_step = step_lib.make_eval_step(config, collection, shardings)

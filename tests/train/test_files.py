@@ -60,6 +60,39 @@ def test_a_read_only_checkpoints_directory_is_refused_at_start(tmp_path, monkeyp
     loop.check_workdir(str(tmp_path / "w"))
 
 
+@pytest.mark.parametrize("name,make,message", [
+    ("metrics.jsonl", "dir", r"cannot write .*w/metrics.jsonl: Is a directory"),
+    ("profile.jsonl", "dir", r"cannot write .*w/profile.jsonl: Is a directory"),
+    ("metrics.jsonl", "eperm", r"cannot write .*w/metrics.jsonl: Operation not permitted"),
+    ("tb", "file", r"cannot write in .*w/tb \(not a directory, read-only or no permission\)"),
+    ("offload", "file", r"cannot write in .*w/offload \(not a directory")])
+def test_an_earlier_runs_file_this_run_cannot_write_is_refused_at_start(tmp_path, monkeypatch,
+                                                                        name, make, message):
+  """A file left in W that this run appends to but cannot (e.g. owned by another user after
+  a `sudo` run) was a traceback: metrics.jsonl and tb/ when opened, profile.jsonl only at
+  the first log step, after training. (`eperm`: simulated, as root ignores permission bits;
+  `chattr +i` gives it.)"""
+  import builtins  # pylint: disable=import-outside-toplevel
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import loop  # pylint: disable=import-outside-toplevel
+  w = tmp_path / "w"
+  w.mkdir()
+  (w / name).mkdir() if make == "dir" else (w / name).write_text("{}\n")
+  if make == "eperm":
+    real = builtins.open
+
+    def no_append(file, mode="r", *args, **kwargs):
+      if str(file) == str(w / name) and "a" in mode:
+        raise PermissionError(1, "Operation not permitted", str(file))
+      return real(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_append)
+  with pytest.raises(ConfigError, match=rf"^--workdir: {message}"):
+    loop.check_workdir(str(w))
+  monkeypatch.undo()
+  assert (w / name).is_dir() if make == "dir" else (w / name).read_text() == "{}\n"
+
+
 def test_made_dir_removes_only_what_a_refused_body_created(tmp_path):
   """A run refused after `W` was made (bad --mesh) left `W` with only its lock file; a
   directory that existed before, or that got a file, must stay."""
