@@ -84,6 +84,9 @@ def _malformed(text: str, flag_values: flags.FlagValues) -> str:
   missing = _REQUIRED.findall(text)
   if missing:
     return _required(missing, flag_values)
+  flagfile = re.search(r"Unable to open flagfile: (?:\[Errno \d+\] )?(.*)", text)
+  if flagfile:   # absl's text: "ERROR:: Unable to open flagfile: [Errno 2] No such ..."
+    return f"--flagfile: cannot read {' '.join(flagfile.group(1).split())}"
   m = _BAD_VALUE.match(text.splitlines()[0])
   if not m or m.group(1) not in flag_values:
     return " ".join(text.split())

@@ -47,6 +47,18 @@ def is_writable(directory: str | os.PathLike) -> bool:
     return False
 
 
+def check_not_unexpanded_home(flag: str, path: str) -> None:
+  """Refuses a new `path` that starts with `~` (`--workdir=~/runs/x`: a shell expands `~`
+  only at the start of a word, so the run would create a directory named `~` here)."""
+  parts = str(path).replace("\\", "/").split("/")
+  if parts[0] == "~" and not os.path.exists(path):
+    from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+    rest = "/".join(parts[1:])
+    raise ConfigError(f"{flag}={path}: the shell does not expand '~' after '=' (it would "
+                      f"create a directory named '~' here); write {flag.split('=')[0]} "
+                      f"~/{rest}, {flag}=$HOME/{rest} or an absolute path")
+
+
 def append_failure(path: str | os.PathLike) -> str | None:
   """Why file `path` cannot be opened for appending (`strerror`), or None when it can; the
   file is not changed."""

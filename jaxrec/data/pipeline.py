@@ -137,11 +137,21 @@ def open_source(source: str, features: Sequence[FeatureSpec],
     return binary.BinarySource(source, layout, verify_checksums=verify_checksums)
   files = tsv.list_files(source)   # a missing path is the first thing to report
   binary.check_not_part(files)
-  if len(features) != num_categorical:
-    raise ConfigError(f"{source}: the TSV data has {num_categorical} categorical columns but "
-                      f"{len(features)} sparse features are configured (TSV data with "
+  if len(features) != num_categorical:   # the file is not read: say where the count is from
+    raise ConfigError(f"{source}: TSV data is read as {num_categorical} categorical columns "
+                      f"(open_source.num_categorical, {_origin('open_source.num_categorical')})"
+                      f" but {len(features)} sparse features are configured (TSV data with "
                       f"{len(features)}: bind open_source.num_categorical={len(features)})")
   return tsv.read_tsv(files, layout, bad_rows)
+
+
+def _origin(selector: str) -> str:
+  """'bound' when gin binds `selector`, else 'its default: not bound'."""
+  try:
+    gin.query_parameter(selector)
+    return "bound"
+  except ValueError:
+    return "its default: not bound"
 
 
 def _train_batch(source: Source, batch_size: int, seed: int, process_index: int,

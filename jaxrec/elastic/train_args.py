@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping, Sequence
 
+from jaxrec import files
 from jaxrec.errors import ConfigError
 
 # Flags of scripts/train.py the supervisor reads (all take a value).
@@ -42,6 +43,7 @@ class TrainArgs:
       i += 1
     if not values.get("workdir"):
       raise ConfigError("the train.py flags after `--` need --workdir")
+    files.check_not_unexpanded_home("--workdir", values["workdir"])
     if not values["gin_file"]:
       raise ConfigError("the train.py flags after `--` need --gin_file")
     return cls(tuple(argv), values)

@@ -73,6 +73,7 @@ def steps_in_flight(mesh) -> int | None:
 def check_workdir(workdir: str) -> None:
   """Refuses a `--workdir` that is a file, a checkpoint directory or not writable; creates
   nothing (`train_and_evaluate` creates it)."""
+  files.check_not_unexpanded_home("--workdir", workdir)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir: '{workdir}' exists and is not a directory")
   # W/checkpoints or W/checkpoints/<step> (what convert_checkpoint.py takes) would start a

@@ -121,4 +121,8 @@ def plot_metrics(workdirs: Sequence[str], output: str | None = None) -> str:
       fig.savefig(tmp, dpi=100, format=fmt)
   except OSError as e:
     raise DataError(f"--output: cannot write {output}: {e.strerror or e}") from None
+  except RuntimeError as e:   # a format whose backend needs a tool (.pgf: a LaTeX engine)
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise DataError(f"--output: matplotlib cannot write .{fmt} here ({reason}); pick "
+                    "another extension, e.g. .png") from None
   return output

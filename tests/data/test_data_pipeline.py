@@ -246,7 +246,7 @@ def test_source_detection_and_errors(files, tmp_path):
   assert isinstance(pipeline.open_source(files["tsv"], feats, lib.rows()), ArraySource)
   tables, uniform = uniform_tables(26, 1000, max_len=[1, 1, 3] + [1] * 23)
   assert pipeline.open_source(files["tsv"], uniform, tables).num_examples == 203
-  with pytest.raises(ConfigError, match="26 categorical columns but 3 sparse features"):
+  with pytest.raises(ConfigError, match="26 categorical columns .* but 3 sparse features"):
     pipeline.make_train_iterator(files["tsv"], feats[:3], lib.rows(), 8)
   with pytest.raises(DataError, match="no such file"):
     pipeline.make_train_iterator(str(tmp_path / "nope"), feats, lib.rows(), 8)

@@ -54,6 +54,8 @@ CASES = [
      "--output is required (given an empty value)"),
     ("plot_metrics.py", ["--workdir=w", "--workdir="],
      "--workdir is required (given an empty value)"),
+    ("plan.py", ["--flagfile=/no/such.flags"],   # was "error: ERROR:: Unable to open ..."
+     "--flagfile: cannot read No such file or directory: '/no/such.flags'"),
     ("launch.py", ["--hang_timeout=soon", "--", "--workdir=w"],
      "--hang_timeout=soon: not a number"),
     ("launch.py", ["--workdir=w", "--", "--gin_file=c.gin"],

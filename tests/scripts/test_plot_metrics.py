@@ -129,6 +129,23 @@ def test_interrupted_plot_keeps_the_old_one_and_leaves_no_tmp(tmp_path, monkeypa
   assert out.read_bytes() == b"old plot" and sorted(os.listdir(tmp_path)) == ["a", "p.png"]
 
 
+def test_a_format_matplotlib_cannot_write_here_is_one_line(tmp_path, monkeypatch):
+  """`.pgf` is listed as a format, but writing it needs a LaTeX engine: without one the
+  script ended in matplotlib's RuntimeError traceback. No file is left behind."""
+  a = str(tmp_path / "a")
+  _fake_run(a, 1.0)
+
+  def no_latex(self, fname, **kwargs):
+    with open(fname, "wb") as f:
+      f.write(b"%% half")
+    raise RuntimeError("'xelatex' not found; install it or change rcParams['pgf.texsystem']")
+  monkeypatch.setattr(plotting.Figure, "savefig", no_latex)
+  with pytest.raises(plotting.DataError, match=r"^--output: matplotlib cannot write \.pgf here "
+                     r"\('xelatex' not found; .*\); pick another extension, e\.g\. \.png$"):
+    plotting.plot_metrics([a], str(tmp_path / "p.pgf"))
+  assert sorted(os.listdir(tmp_path)) == ["a"]
+
+
 def test_resume_and_rollback_drop_the_abandoned_steps(tmp_path):
   # run 1 logs to step 190 and is killed (last checkpoint 100); run 2 resumes at 100 and
   # logs every 50, evaluating at 200; a rollback at 200 goes back to 150

@@ -55,7 +55,8 @@ def test_tsv_column_count_error_names_the_binding(tmp_path):
   path.write_text("\t".join(["1"] * 22) + "\n")
   launch.parse_gin(["configs/dlrm_synthetic.gin"], [])
   options = config_lib.RunOptions(eval_data=str(path))
-  with pytest.raises(ConfigError, match="26 categorical columns but 8 sparse features .*"
+  with pytest.raises(ConfigError, match=r"read as 26 categorical columns \(open_source."
+                     r"num_categorical, its default: not bound\) but 8 sparse features .*"
                      "bind open_source.num_categorical=8"):
     data_adapter.eval_data(config_lib.ExperimentConfig(), options)
   launch.parse_gin(["configs/dlrm_synthetic.gin"], ["open_source.num_categorical=8"])

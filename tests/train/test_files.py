@@ -184,3 +184,23 @@ def test_a_file_in_the_way_is_named_at_any_depth(tmp_path, depth):
   with pytest.raises(ConfigError) as e:
     files.make_dirs(workdir, "--output", shown="W")
   assert str(e.value) == f"--output=W: {blocker} is a file, not a directory"
+
+
+def test_a_workdir_starting_with_an_unexpanded_tilde_is_refused(tmp_path, monkeypatch):
+  """`--workdir=~/runs/x`: bash leaves `~` after `=` as it is, and the run created
+  `./~/runs/x`. An existing directory of that name (made on purpose) is still taken."""
+  from jaxrec.elastic import train_args  # pylint: disable=import-outside-toplevel
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import loop  # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(tmp_path)
+  message = (r"^--workdir=~/runs/x: the shell does not expand '~' after '=' \(it would create "
+             r"a directory named '~' here\); write --workdir ~/runs/x, --workdir=\$HOME/runs/x "
+             r"or an absolute path$")
+  with pytest.raises(ConfigError, match=message):
+    loop.check_workdir("~/runs/x")
+  with pytest.raises(ConfigError, match=message):   # scripts/launch.py's worker flags
+    train_args.TrainArgs.parse(["--workdir=~/runs/x", "--gin_file=c.gin"])
+  assert os.listdir(tmp_path) == []
+  (tmp_path / "~" / "runs" / "x").mkdir(parents=True)
+  loop.check_workdir("~/runs/x")
+  loop.check_workdir("runs~/x")
