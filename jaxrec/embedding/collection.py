@@ -120,6 +120,18 @@ def _resolved(options: EmbeddingOptions, tables: Sequence[TableSpec],
   return resolved
 
 
+def _int32_ids(ids):
+  """Host ids wider than int32 (int64, uint32, ...) with values past int32 clipped to
+  int32's max, which no table has as a row, and those below -1 to -1 (absent): a plain cast
+  wrapped 2**32 + 1 into row 1 of the table. int32 ids and device arrays pass as they are."""
+  if not isinstance(ids, np.ndarray) or ids.dtype == np.int32 or ids.dtype.kind not in "iu":
+    return ids
+  top = np.iinfo(np.int32).max
+  if ids.dtype.kind == "u":
+    return np.minimum(ids, top)
+  return np.clip(ids, -1, top)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class EmbeddingCollection:
   """Tables + features + plan on a mesh; see module docstring for the data flow."""
@@ -321,7 +333,7 @@ class EmbeddingCollection:
         f = self.features[i]
         if f.name not in ids:
           raise DataError(f"batch has no ids for feature '{f.name}'")
-        x = xp.asarray(ids[f.name], xp.int32)
+        x = xp.asarray(_int32_ids(ids[f.name]), xp.int32)
         if x.ndim != 2 or x.shape[1] != f.max_len:
           raise DataError(f"feature '{f.name}': ids shape {x.shape}, expected "
                           f"[batch, {f.max_len}]")
@@ -385,6 +397,8 @@ class EmbeddingCollection:
     width = sum(f.max_len * (2 if f.weighted else 1) for f in self.features)
     if packed.ndim != 2 or packed.shape[1] != width:
       raise DataError(f"packed ids shape {packed.shape}, expected [batch, {width}] (`pack`)")
+    if not packed.shape[0]:   # the pooling's reshapes divide by the per-device batch
+      raise DataError("batch of 0 examples: a lookup needs at least one example per device")
     if packed.shape[0] % self.mesh.size:
       raise DataError(f"batch of {packed.shape[0]} examples is not divisible by the "
                       f"{self.mesh.size} devices of mesh {format_mesh(mesh_shape(self.mesh))}")

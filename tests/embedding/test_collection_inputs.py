@@ -139,6 +139,35 @@ def test_batch_not_divisible_by_the_devices_is_a_clear_error():
     coll.lookup(state, np.zeros((B, 5), np.int32))
 
 
+def test_an_empty_batch_is_a_clear_error():
+  """A batch of 0 examples passed the lookup and failed in the pooling with jax's
+  `ZeroDivisionError` (a reshape by the per-device batch)."""
+  coll = make_collection()
+  ids, weights, _ = make_inputs(0)
+  with pytest.raises(DataError, match="^batch of 0 examples: a lookup needs at least one"):
+    coll.lookup(coll.init(jax.random.key(0)), {k: v[:0] for k, v in ids.items()},
+                {k: v[:0] for k, v in weights.items()})
+
+
+def test_host_ids_wider_than_int32_past_its_range_read_nothing():
+  """`pack` cast int64 ids to int32 unchecked: 2**32 + 1 read (and would update) row 1.
+  Past int32 an id now reads nothing, as any id past its table does on the device."""
+  coll = make_collection()
+  state = coll.init(jax.random.key(0))
+  ids, weights, _ = make_inputs(0)
+  wide = {k: v.astype(np.int64) for k, v in ids.items()}
+  wide["f_big"][0] = [2**32 + 1, 2**40]
+  wide["f_small"][1] = -2**33
+  clean = {k: v.copy() for k, v in ids.items()}
+  clean["f_big"][0] = -1
+  clean["f_small"][1] = -1
+  pooled = [np.asarray(coll.pool(c.rows, c)) for c in
+            (coll.lookup(state, x, weights) for x in (wide, clean))]
+  np.testing.assert_array_equal(pooled[0], pooled[1])
+  assert np.asarray(coll.pack({**ids, "f_big": np.full((B, 2), 2**32 + 1, np.uint64)},
+                              weights)).max() == 2**31 - 1
+
+
 def test_features_of_different_batch_sizes_are_a_clear_error():
   coll = make_collection()
   ids, weights, _ = make_inputs(0)
