@@ -264,6 +264,8 @@ def check_paths(config: OffloadConfig, workdir: str | None) -> None:
     if t.kvstore == "memory":   # a memory store lives in its own tensorstore context
       continue
     path = t.resolve_path(workdir)
+    if workdir is not None:
+      _check_apart_from_run_files(t.name, path, workdir)
     for name, other in seen.items():
       if os.path.commonpath([path, other]) in (path, other):
         where = (f"share the store directory '{path}'" if path == other else
@@ -271,6 +273,20 @@ def check_paths(config: OffloadConfig, workdir: str | None) -> None:
         raise ConfigError(f"offloaded tables '{name}' and '{t.name}' {where} "
                           "(OffloadTable.path): give each table a directory of its own")
     seen[t.name] = path
+
+
+def _check_apart_from_run_files(table: str, path: str, workdir: str) -> None:
+  """A store directory must not hold the workdir (a snapshot of it would copy the snapshots
+  into themselves) nor sit among its checkpoints or snapshots (a restore rewrites it)."""
+  p, w = os.path.realpath(path), os.path.realpath(workdir)
+  inside = [d for d in (workdir_layout.CHECKPOINTS_DIR, workdir_layout.SNAPSHOTS_DIR)
+            if os.path.commonpath([p, os.path.join(w, d)]) == os.path.join(w, d)]
+  if os.path.commonpath([p, w]) == p or inside:
+    where = (f"is inside '{os.path.join(workdir, inside[0])}', which the run rewrites"
+             if inside else "is the workdir" if p == w else f"holds the workdir '{workdir}'")
+    raise ConfigError(f"offloaded table '{table}': its store directory '{path}' "
+                      f"(OffloadTable.path) {where}: give it a directory of its own "
+                      f"(default: '{workdir_layout.offload_dir(workdir, table)}')")
 
 
 def device_tables(tables: Sequence[TableSpec], config: OffloadConfig, optimizer

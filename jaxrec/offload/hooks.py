@@ -107,16 +107,20 @@ def cached_calibration():
 
 
 def make_tier(collection, config, offload_config: OffloadConfig, seed: int, workdir: str,
-              keep: int | None = None, evaluates: bool = False) -> OffloadTier | None:
+              keep: int | None = None, evaluates: bool = False, trains: bool = False
+              ) -> OffloadTier | None:
   """The run's `OffloadTier` (None when no table is offloaded). Its stores start from the
   values `train.state.create(config, collection, seed)` gives on-device tables.
-  `evaluates`: the run evaluates (`config.eval_batch_size`), see `warn_small_eval_caches`."""
+  `evaluates`: the run evaluates (`config.eval_batch_size`), see `warn_small_eval_caches`;
+  `trains`: it trains (`config.batch_size`), see `warn_small_train_caches`."""
   if not offload_config.tables:
     return None
   tier = OffloadTier(collection, config.tables, offload_config, key=emb_init_key(seed),
                      workdir=workdir, keep=keep)
   if evaluates:
     warn_small_eval_caches(tier, config.features, config.eval_batch_size)
+  if trains:
+    warn_small_train_caches(tier, config.features, config.batch_size // jax.process_count())
   for t in offload_config.tables:   # as --workdir and the data paths: the current directory
     if t.path and t.kvstore != "memory" and not os.path.isabs(t.path):
       _LOG.info("offloaded table '%s': store at %s (OffloadTable.path '%s' is relative to the "
@@ -148,6 +152,24 @@ def warn_moved_stores(tier: OffloadTier, meta: Mapping, where: str, workdir: str
       out.append(f"offloaded table '{name}': checkpoint {where} was saved with its store at "
                  f"'{old}', this run's is '{t.store.path}'{why}; its snapshot is restored into "
                  f"'{t.store.path}', and '{old}' is no longer used (delete it by hand)")
+      _LOG.warning("%s", out[-1])
+  return out
+
+
+def warn_small_train_caches(tier: OffloadTier, features, batch_size: int) -> list[str]:
+  """Warns (and returns the warnings) for each offloaded table whose cache is smaller than
+  the most distinct rows a training batch of this process (`batch_size` examples) can read:
+  a batch that reads more stops the run, which may be many steps in (the batches that
+  happened to read fewer trained). Only warnings: skewed ids rarely reach the bound."""
+  out = []
+  for name, t in tier.tables.items():
+    per_example = sum(f.max_len for f in features if f.table == name)
+    bound = min(batch_size * per_example, t.spec.rows)
+    if bound > t.cache.cache_rows:
+      out.append(f"offloaded table '{name}': a training batch ({batch_size} examples) may read "
+                 f"up to {bound:,} distinct rows, more than its {t.cache.cache_rows:,}-row "
+                 "cache; a batch that reads more stops the run "
+                 f"({tier.config.cache_advice(name)})")
       _LOG.warning("%s", out[-1])
   return out
 

@@ -39,6 +39,20 @@ def _read(path: str) -> tuple[str, str] | None:
   return lines[0].strip(), lines[1].strip()
 
 
+def _not_arrays(path: str) -> list[str]:
+  """Entries of directory `path` that are not stored arrays (a directory holding a zarr
+  array's metadata, or an empty one), nor an `OWNER` file (or its temporary)."""
+  out = []
+  for name in sorted(os.listdir(path)):
+    full = os.path.join(path, name)
+    if name.startswith(OWNER):
+      continue
+    if not (os.path.isdir(full) and not os.path.islink(full)
+            and (not os.listdir(full) or {".zarray", "zarr.json"} & set(os.listdir(full)))):
+      out.append(name)
+  return out
+
+
 def read_owner(path: str) -> str | None:
   """The workdir named in `<path>/OWNER` (None when there is no such file)."""
   found = _read(path)
@@ -50,6 +64,13 @@ def _check(table: str, path: str, workdir: str) -> str:
   another workdir."""
   found = _read(path)
   if found is None:
+    if os.path.isdir(path) and _not_arrays(path):   # a restore replaces what is there
+      others = _not_arrays(path)
+      raise ConfigError(
+          f"offloaded table '{table}': its store directory '{path}' (OffloadTable.path) "
+          f"already holds {', '.join(repr(n) for n in others[:5])}"
+          f"{' and more' if len(others) > 5 else ''}, which is not an offload store: give "
+          "the table a directory of its own (new or empty), e.g. a subdirectory")
     return "adopt"
   owner, store = found
   if owner == workdir:
@@ -86,7 +107,18 @@ def claim(paths: Mapping[str, str], workdir: str) -> None:
   workdir."""
   workdir = os.path.realpath(workdir)
   real = {t: os.path.realpath(p) for t, p in paths.items()}
-  found = {t: _check(t, p, workdir) for t, p in real.items()}
+  try:
+    found = {t: _check(t, p, workdir) for t, p in real.items()}
+    _claim(found, real, workdir)
+  except OSError as e:   # a file in the way, a path it cannot create (/sys, /proc, ...)
+    table = next((t for t, p in real.items() if e.filename and
+                  os.path.commonpath([p, os.path.abspath(e.filename)]) == p), None)
+    what = f"offloaded table '{table}': its" if table else "an offloaded table's"
+    raise ConfigError(f"{what} store directory cannot be used (OffloadTable.path): "
+                      f"{e.strerror or e}: '{e.filename}'") from None
+
+
+def _claim(found: Mapping[str, str], real: Mapping[str, str], workdir: str) -> None:
   for table, what in found.items():
     path = real[table]
     if what == "keep":

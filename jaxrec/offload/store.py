@@ -259,7 +259,7 @@ class TableStore:
     if self.off.kvstore == "memory":
       _copy_arrays(self, dst)
       return
-    link_tree(self.path, dst)
+    link_tree(self.path, dst, names=self.names)
 
   def restore_snapshot(self, src: str) -> None:
     """Replaces the arrays by the snapshot in `src` and reopens them."""
@@ -276,8 +276,8 @@ class TableStore:
         self.arrays[name].write(src_arr.read().result()).result()
       return
     try:
-      _clear(self.path)
-      link_tree(src, self.path)
+      _clear(self.path, self.names)
+      link_tree(src, self.path, names=self.names)
     except OSError as e:
       raise OffloadError(f"offloaded table '{self.spec.name}': cannot restore snapshot {src} "
                          f"into '{self.path}': {e}") from None
@@ -318,13 +318,14 @@ def _status(e: Exception) -> str:
   return str(e).split(" [tensorstore_spec=")[0].split("\n")[0]
 
 
-def _clear(path: str) -> None:
-  """Removes everything in the store directory `path` but its `owner.OWNER` file."""
+def _clear(path: str, names) -> None:
+  """Removes the arrays `names` from the store directory `path`; nothing else there (its
+  `owner.OWNER` file, a file a user put there) is touched."""
   if not os.path.isdir(path):
     return
   for name in os.listdir(path):
     full = os.path.join(path, name)
-    if name == OWNER:
+    if name not in names:
       continue
     if os.path.isdir(full) and not os.path.islink(full):
       shutil.rmtree(full, ignore_errors=True)
@@ -332,13 +333,21 @@ def _clear(path: str) -> None:
       os.remove(full)
 
 
-def link_tree(src: str, dst: str, shown: str | None = None) -> None:
+def link_tree(src: str, dst: str, shown: str | None = None, names=None) -> None:
   """Recreates the files of `src` under `dst` as hard links (copies across devices),
-  without tensorstore's lock files and the store's `owner.OWNER` file. Snapshots and
-  checkpoint conversion copy with it. Raises `tree_copy.CopyError` (an OSError naming the
-  file and whether it was read or written; `shown` stands for `dst` in it)."""
-  tree_copy.copy_tree(src, dst, shown, link=True,
-                      skip=lambda rel: rel.endswith(integrity.LOCK_SUFFIX) or rel == OWNER)
+  without tensorstore's lock files and the store's `owner.OWNER` file; with `names`, only
+  those top-level entries (a store's arrays: not a file a user put in its directory).
+  Snapshots and checkpoint conversion copy with it. Raises `tree_copy.CopyError` (an
+  OSError naming the file and whether it was read or written; `shown` stands for `dst`)."""
+  skip = lambda rel: rel.endswith(integrity.LOCK_SUFFIX) or rel == OWNER
+  if names is None:
+    tree_copy.copy_tree(src, dst, shown, link=True, skip=skip)
+    return
+  os.makedirs(dst, exist_ok=True)
+  for name in names:   # nothing else is walked (the store may sit in a user's directory)
+    if os.path.isdir(os.path.join(src, name)):
+      tree_copy.copy_tree(os.path.join(src, name), os.path.join(dst, name),
+                          os.path.join(shown or dst, name), link=True, skip=skip)
 
 
 def _copy_arrays(store: TableStore, dst: str) -> None:

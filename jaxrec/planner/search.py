@@ -403,10 +403,9 @@ def propose_plan(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
   if best.objective[0] == math.inf:
     raise ConfigError(f"every plan the search reached is excluded ({len(space.excluded)} "
                       "kind assignment(s))")
-  if best.memory > space.budget:
-    raise _overflow_error(space, space.evaluate(smallest),
-                          f"the {len(space.loads)} tables together (even each at its "
-                          "smallest placement)")
+  if best.memory > space.budget:   # the plan over budget by the least the search reached
+    raise _overflow_error(space, best, f"the {len(space.loads)} tables together (the "
+                          "closest plan the search found)")
   reasons = {space.names[i]: _reason(space, allowed, best, i) for i in range(len(allowed))}
   return _result(space, best, cal, "auto", reasons, _unused_axis_notes(space, best))
 

@@ -74,8 +74,9 @@ def recorded(workdir: str | None) -> Recorded | None:
 def first_fitting(shapes: Sequence[Mapping[str, int]], plan_for: Callable[[dict], Any],
                   what: str) -> tuple[dict[str, int], Any]:
   """The first of `shapes` for which `plan_for(shape)` raises no ConfigError, and its
-  value. With one shape its error is raised as it is; otherwise a ConfigError naming `what`
-  and the first three meshes tried, each with its reason. A plan file's other-mesh warning
+  value. With one shape, or when every shape fails with the same error (one that is not
+  about the mesh), that error is raised as it is; otherwise a ConfigError naming `what` and
+  the first three meshes tried, each with its reason. A plan file's other-mesh warning
   is logged for the shape taken only (`plan.mesh_warning_held`)."""
   errors = []
   with mesh_warning_held() as chosen:
@@ -85,12 +86,15 @@ def first_fitting(shapes: Sequence[Mapping[str, int]], plan_for: Callable[[dict]
       except ConfigError as e:
         if len(shapes) == 1:
           raise
-        errors.append(f"{mesh_lib.format_mesh(shape)}: {e}")
+        errors.append((shape, e))
         continue
       chosen(shape)
       return dict(shape), planned
+  if errors and len({str(e) for _, e in errors}) == 1:   # not the mesh's fault (a table
+    raise errors[0][1]                                  # the plan file names, ...): once
   n = math.prod(shapes[0].values()) if shapes else 0
-  raise ConfigError(f"no mesh of {n} devices fits {what}: " + "; ".join(errors[:3]))
+  raise ConfigError(f"no mesh of {n} devices fits {what}: " + "; ".join(
+      f"{mesh_lib.format_mesh(shape)}: {e}" for shape, e in errors[:3]))
 
 
 def resumed(options, num_devices: int, workdir: str | None,

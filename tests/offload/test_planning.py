@@ -157,6 +157,28 @@ def test_eval_cache_warning_bounds_distinct_rows_by_the_table_size():
                      "(OffloadConfig.tables['t']))")
 
 
+def test_a_cache_smaller_than_a_training_batch_can_read_is_warned_at_start():
+  """Only eval batches were checked: a training cache of 350 rows under batches of 64 x
+  bags of 8 ran 130 steps, then stopped on the first batch of 351 distinct rows."""
+  import types  # pylint: disable=import-outside-toplevel
+  from jaxrec.embedding.specs import FeatureSpec, TableSpec
+  from jaxrec.offload import hooks
+  spec = TableSpec("t", rows=1000, dim=4)
+  features = [FeatureSpec("f", "t", max_len=4), FeatureSpec("g", "t", max_len=1),
+              FeatureSpec("h", "other", max_len=9)]
+
+  def tier(cache_rows):
+    return types.SimpleNamespace(config=offload.OffloadConfig(), tables={
+        "t": types.SimpleNamespace(spec=spec, cache=types.SimpleNamespace(cache_rows=cache_rows))})
+
+  assert hooks.warn_small_train_caches(tier(320), features, 64) == []     # 64 x 5 rows fit
+  (warning,) = hooks.warn_small_train_caches(tier(319), features, 64)
+  assert warning == ("offloaded table 't': a training batch (64 examples) may read up to 320 "
+                     "distinct rows, more than its 319-row cache; a batch that reads more stops "
+                     "the run (raise its cache_rows/cache_bytes (OffloadConfig.tables['t']))")
+  assert hooks.warn_small_train_caches(tier(1000), features, 512) == []   # whole table
+
+
 def test_eval_cache_warning_of_an_auto_offloaded_table_names_auto_cache_fraction():
   """`OffloadConfig.auto` sizes its tables' caches by `auto_cache_fraction` (for training
   only): the eval warning told the user to raise a cache_rows/cache_bytes they never set."""

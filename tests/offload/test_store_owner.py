@@ -119,3 +119,53 @@ def test_a_copied_workdir_with_an_explicit_path_stops_and_the_original_resumes(t
     train_synthetic(copy, 20, bindings)
   assert _files(store) == before
   assert train_synthetic(w, 20, bindings)["step"] == 20
+
+
+def test_a_directory_holding_other_files_is_not_adopted(tmp_path):
+  """`path` naming an existing directory of the user's (`/ssd` for `/ssd/big`) was adopted:
+  every snapshot linked all its files and every restore deleted all but the snapshot's,
+  losing any file added since the last checkpoint."""
+  store = tmp_path / "ssd"
+  store.mkdir()
+  (store / "notes.txt").write_text("keep")
+  with pytest.raises(ConfigError, match=rf"^offloaded table 'big': its store directory "
+                     rf"'{store}' \(OffloadTable.path\) already holds 'notes.txt', which is not "
+                     r"an offload store: give the table a directory of its own"):
+    _tier(tmp_path / "w", store)
+  assert sorted(os.listdir(store)) == ["notes.txt"]
+
+
+def test_snapshots_and_restores_touch_only_the_store_arrays(tmp_path):
+  """A file that lands in a store directory later is neither snapshotted nor deleted."""
+  store, snaps = tmp_path / "ssd" / "big", tmp_path / "w" / "offload_snapshots"
+  run = _tier(tmp_path / "w", store)
+  run._ensure_store()
+  (store / "later.txt").write_text("mine")
+  snapshots.save(str(snaps), 1, {n: t.store for n, t in run.tables.items()}, None)
+  assert not os.path.exists(snaps / "1" / "big" / "later.txt")
+  run.restore(1, str(snaps))
+  assert (store / "later.txt").read_text() == "mine"
+  run.close()
+
+
+@pytest.mark.parametrize("where,message", [
+    ("w", "is the workdir"), (".", "holds the workdir '{w}'"),
+    ("w/checkpoints/big", "is inside '{w}/checkpoints', which the run rewrites"),
+    ("w/offload_snapshots/x", "is inside '{w}/offload_snapshots', which the run rewrites")])
+def test_a_store_path_overlapping_the_run_files_is_refused(tmp_path, where, message):
+  """A store in the workdir's checkpoints was rewritten by the restore (it deleted the
+  checkpoint being resumed); one holding the workdir snapshotted its snapshots into
+  themselves ('File name too long')."""
+  w = tmp_path / "w"
+  path = os.path.normpath(tmp_path / where)
+  with pytest.raises(ConfigError, match=rf"its store directory '{path}' \(OffloadTable.path\) "
+                     rf"{message.format(w=w)}: give it a directory of its own"):
+    _tier(w, path)
+
+
+def test_a_store_path_that_cannot_be_a_directory_is_one_error(tmp_path):
+  """A file in the way was a NotADirectoryError traceback."""
+  (tmp_path / "afile").write_text("")
+  with pytest.raises(ConfigError, match=r"^offloaded table 'big': its store directory cannot "
+                     r"be used \(OffloadTable.path\): Not a directory: .*afile/t0/OWNER'$"):
+    _tier(tmp_path / "w", tmp_path / "afile" / "t0")

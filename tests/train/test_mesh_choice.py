@@ -149,3 +149,27 @@ def test_launch_py_resumes_the_recorded_plan_and_mesh_as_train_py_does(workdirs)
       "records mesh data=2,table=4,row=1,col=1 (8 devices), this run has 4: planned afresh")
   forced = replan.TrainArgs.parse([f"--workdir={w2}", "--gin_file=g", "--plan=dp"])
   assert replan.choose(CONFIG, forced, 2, 4).mesh["data"] == 8
+
+
+def test_an_error_every_mesh_shares_is_said_once():
+  """A plan file naming a table the config lacks failed on each mesh tried, and the error
+  listed the same reason three times under 'no mesh of 8 devices fits'; reasons that differ
+  by mesh are still listed per mesh."""
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import mesh_choice  # pylint: disable=import-outside-toplevel
+  shapes = [{"data": 1, "table": 4, "row": 2, "col": 1}, {"data": 2, "table": 2, "row": 2,
+                                                         "col": 1}]
+
+  def unknown(shape):
+    raise ConfigError("--plan=p.json: plan names unknown tables ['t99']")
+
+  with pytest.raises(ConfigError, match=r"^--plan=p.json: plan names unknown tables \['t99'\]$"):
+    mesh_choice.first_fitting(shapes, unknown, "--plan=p.json")
+
+  def by_mesh(shape):
+    raise ConfigError(f"needs {shape['table']} slices")
+
+  with pytest.raises(ConfigError, match=r"^no mesh of 8 devices fits --plan=p.json: "
+                     r"data=1,table=4,row=2,col=1: needs 4 slices; data=2,table=2,row=2,col=1: "
+                     r"needs 2 slices$"):
+    mesh_choice.first_fitting(shapes, by_mesh, "--plan=p.json")
