@@ -348,6 +348,12 @@ class OffloadTier(LookAhead):
     self._pad: dict[str, int] = {}
     self._assigned_next = None      # prefetch_depth=0: the next batch, its reads under way
 
+  def open_stores(self) -> None:
+    """Opens (`'init': 'existing'`) or creates the stores now, not at the first batch: a
+    store that is missing or of another shape is then refused before the run writes its
+    files (`config.gin`, `tb/`, ...). A restore opens them itself."""
+    self._ensure_store()
+
   def _ensure_store(self) -> None:
     if self._store_ready:
       return

@@ -319,6 +319,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       state = resume_from(restored)
       start = int(state["step"])
       log.info("resumed from step %d of %s", start, ckpt.directory)
+    elif tier is not None:   # a fresh run: a bad 'init': 'existing' store stops it here
+      tier.open_stores()
     if train_it is None and start < options.num_steps:   # fell back below --num_steps
       config.check_batch("batch_size", mesh.size, f" (this run trains: the restore fell back "
                          f"to step {start}, below --num_steps={options.num_steps})")

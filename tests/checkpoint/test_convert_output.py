@@ -210,7 +210,8 @@ def test_a_file_error_names_the_output_only_when_it_is_the_outputs(tmp_path, fai
   source checkpoint that was missing."""
   made = tmp_path / "made"
   with pytest.raises(DataError) as info:
-    with convert._removed_on_error(tmp_path / "out.npz", [made]):   # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    with convert._removed_on_error(tmp_path / "out.npz", [made]):
       made.write_text("partial")
       raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(tmp_path / failed))
   assert str(info.value) == expect.format(tmp=tmp_path)

@@ -169,3 +169,17 @@ def test_a_store_path_that_cannot_be_a_directory_is_one_error(tmp_path):
   with pytest.raises(ConfigError, match=r"^offloaded table 'big': its store directory cannot "
                      r"be used \(OffloadTable.path\): Not a directory: .*afile/t0/OWNER'$"):
     _tier(tmp_path / "w", tmp_path / "afile" / "t0")
+
+
+def test_a_missing_existing_store_stops_the_run_before_it_writes_its_files(tmp_path):
+  """`'init': 'existing'` with nothing at `path` was found at the first batch, after the
+  run had written config.gin, plan.json, tb/ and metrics.jsonl: the one-line error left a
+  new workdir behind. The stores are now opened before those writes."""
+  from tests.offload.offload_helpers import SMALL_DLRM, train_synthetic
+  w, store = tmp_path / "w", tmp_path / "nothing"
+  bindings = SMALL_DLRM + [f"OffloadConfig.tables={{'t0': {{'cache_rows': 4000, 'path': "
+                           f"'{store}', 'init': 'existing'}}}}"]
+  with pytest.raises(ConfigError, match=r"^offloaded table 't0': cannot open tensorstore "
+                     r"array .*nothing/table"):
+    train_synthetic(w, 10, bindings)
+  assert not w.exists()
