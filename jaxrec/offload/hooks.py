@@ -162,9 +162,7 @@ def warn_small_train_caches(tier: OffloadTier, features, batch_size: int) -> lis
   a batch that reads more stops the run, which may be many steps in (the batches that
   happened to read fewer trained). Only warnings: skewed ids rarely reach the bound."""
   out = []
-  for name, t in tier.tables.items():
-    per_example = sum(f.max_len for f in features if f.table == name)
-    bound = min(batch_size * per_example, t.spec.rows)
+  for name, t, _, bound in _distinct_row_bounds(tier, features, batch_size):
     if bound > t.cache.cache_rows:
       out.append(f"offloaded table '{name}': a training batch ({batch_size} examples) may read "
                  f"up to {bound:,} distinct rows, more than its {t.cache.cache_rows:,}-row "
@@ -172,6 +170,15 @@ def warn_small_train_caches(tier: OffloadTier, features, batch_size: int) -> lis
                  f"({tier.config.cache_advice(name)})")
       _LOG.warning("%s", out[-1])
   return out
+
+
+def _distinct_row_bounds(tier: OffloadTier, features, batch_size: int):
+  """Per offloaded table `(name, tier table, per example, per batch)`: the most distinct
+  rows one example and a batch of `batch_size` can read (the bags of the features reading
+  it, at most its rows: a cache of the whole table always fits)."""
+  for name, t in tier.tables.items():
+    per_example = min(sum(f.max_len for f in features if f.table == name), t.spec.rows)
+    yield name, t, per_example, min(batch_size * per_example, t.spec.rows)
 
 
 def warn_small_eval_caches(tier: OffloadTier, features, eval_batch_size: int) -> list[str]:
@@ -183,10 +190,7 @@ def warn_small_eval_caches(tier: OffloadTier, features, eval_batch_size: int) ->
   the cache (`OffloadConfig.cache_advice`). `make_tier` calls it once per run, not per
   eval. Only warnings: real batches often read far fewer distinct rows."""
   out = []
-  for name, t in tier.tables.items():
-    # the table has no more distinct rows than `rows`: a cache of the whole table always fits
-    per_example = min(sum(f.max_len for f in features if f.table == name), t.spec.rows)
-    bound = min(eval_batch_size * per_example, t.spec.rows)
+  for name, t, per_example, bound in _distinct_row_bounds(tier, features, eval_batch_size):
     advice = tier.config.cache_advice(name)
     if per_example > t.cache.cache_rows:
       out.append(f"offloaded table '{name}': one example may read up to {per_example:,} "
