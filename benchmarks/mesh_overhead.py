@@ -39,12 +39,11 @@ from planner import StepRunner, host_batches  # noqa: E402
 import jax  # noqa: E402
 
 from jaxrec import launch  # noqa: E402
-from jaxrec.models import compute_loss  # noqa: E402
 from jaxrec.sharding import mesh as mesh_lib  # noqa: E402
 from jaxrec.sharding.plan import format_mesh, uniform_plan  # noqa: E402
 from jaxrec.train import mesh_choice  # noqa: E402
 from jaxrec.train.config import ExperimentConfig, RunOptions  # noqa: E402
-from jaxrec.train.dense_loss import per_device_value_and_grad  # noqa: E402
+from jaxrec.train.dense_loss import dense_value_and_grad  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 BENCH = "mesh_overhead"
@@ -79,15 +78,7 @@ def stage_calls(config, runner: StepRunner) -> dict:
   forward + backward alone on ready pooled embeddings), `step` (the real train step)."""
   coll, batch = runner.collection, runner.batches[0]
   state = jax.tree.map(lambda x: x.copy(), runner.state)   # the step donates its own
-  model = config.model
-
-  def global_value_and_grad(params, dense, emb, labels):
-    value, (g_params, g_emb) = jax.value_and_grad(
-        lambda p, e: compute_loss(model, p, dense, e, labels)[0], argnums=(0, 1))(params, emb)
-    return value, g_params, g_emb
-
-  # (loss, d params, d emb), as the train step computes them
-  dense_vg = per_device_value_and_grad(model, runner.mesh) or global_value_and_grad
+  dense_vg = dense_value_and_grad(config.model, runner.mesh)   # as the train step does
 
   def lookup(emb, batch):
     return coll.lookup(emb, batch.ids, batch.weights)

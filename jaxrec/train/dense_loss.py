@@ -66,4 +66,22 @@ def per_device_value_and_grad(model, mesh: Mesh) -> ValueAndGrad | None:
   return value_and_grad
 
 
-__all__ = ["per_device_value_and_grad"]
+def dense_value_and_grad(model, mesh: Mesh) -> Callable:
+  """`(params, dense, emb [B, F, D], labels, item_keys=None, log_q=None) -> (loss, d loss /
+  d params, d loss / d emb)`: per device with one all-reduce where that applies
+  (`per_device_value_and_grad`), else `compute_loss` over the global batch (one device, or a
+  two-tower in-batch softmax, which takes the item keys and log q). The train step and
+  `benchmarks/mesh_overhead.py` both differentiate the dense model through it."""
+  per_device = per_device_value_and_grad(model, mesh)
+
+  def value_and_grad(params, dense, emb, labels, item_keys=None, log_q=None):
+    if per_device is not None:   # a bce loss, which takes neither
+      return per_device(params, dense, emb, labels)
+    loss = lambda p, e: compute_loss(model, p, dense, e, labels, item_keys, log_q)[0]
+    value, (g_params, g_emb) = jax.value_and_grad(loss, argnums=(0, 1))(params, emb)
+    return value, g_params, g_emb
+
+  return value_and_grad
+
+
+__all__ = ["dense_value_and_grad", "per_device_value_and_grad"]

@@ -17,12 +17,11 @@ import optax
 
 from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
-from jaxrec.models import compute_loss
 from jaxrec.models import item_frequency
 from jaxrec.models.two_tower import item_bag_keys
 from jaxrec.sharding.mesh import batch_sharding, replicated
 from jaxrec.train.config import ExperimentConfig
-from jaxrec.train.dense_loss import per_device_value_and_grad
+from jaxrec.train.dense_loss import dense_value_and_grad
 from jaxrec.train import state as state_lib
 
 
@@ -30,7 +29,7 @@ def make_train_step(config: ExperimentConfig, collection: EmbeddingCollection, s
   """`step(state, batch) -> (state, metrics)`; state buffers are donated (in-place)."""
   tx = config.dense_tx()
   model = config.model
-  dense_vg = per_device_value_and_grad(model, collection.mesh)   # None: 1 device/global loss
+  dense_vg = dense_value_and_grad(model, collection.mesh)
 
   def step(state, batch: Batch):
     ctx = collection.lookup(state["emb"], batch.ids, batch.weights)
@@ -47,19 +46,12 @@ def make_train_step(config: ExperimentConfig, collection: EmbeddingCollection, s
                                                      state["step"], model.logq_alpha)
       log_q = item_frequency.log_prob(new_state["item_freq"], bucket)
 
-    if dense_vg is not None:   # per device; the pooling's backward by its vjp
-      emb, pool_vjp = jax.vjp(lambda rows: collection.pool(rows, ctx), ctx.rows)
-      loss, g_params, g_emb = dense_vg(state["params"], batch.dense, emb, batch.labels)
-      (g_rows,) = pool_vjp(g_emb)
-    else:
-      def loss_fn(params, rows):
-        emb = collection.pool(rows, ctx)
-        # keys are used only with remove_accidental_hits
-        loss, _ = compute_loss(model, params, batch.dense, emb, batch.labels, keys, log_q)
-        return loss
-
-      loss, (g_params, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
-          state["params"], ctx.rows)
+    # the dense model's backward (per device on 2+), then the pooling's by its vjp; keys
+    # are used only with remove_accidental_hits
+    emb, pool_vjp = jax.vjp(lambda rows: collection.pool(rows, ctx), ctx.rows)
+    loss, g_params, g_emb = dense_vg(state["params"], batch.dense, emb, batch.labels, keys,
+                                     log_q)
+    (g_rows,) = pool_vjp(g_emb)
     updates, opt_state = tx.update(g_params, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     emb = collection.apply_gradients(state["emb"], ctx, g_rows, state["step"])
