@@ -47,8 +47,8 @@ def _not_arrays(path: str) -> list[str]:
     full = os.path.join(path, name)
     if name.startswith(OWNER):
       continue
-    if not (os.path.isdir(full) and not os.path.islink(full)
-            and (not os.listdir(full) or {".zarray", "zarr.json"} & set(os.listdir(full)))):
+    inside = set(os.listdir(full)) if os.path.isdir(full) and not os.path.islink(full) else None
+    if inside is None or (inside and not {".zarray", "zarr.json"} & inside):
       out.append(name)
   return out
 
@@ -64,8 +64,8 @@ def _check(table: str, path: str, workdir: str) -> str:
   another workdir."""
   found = _read(path)
   if found is None:
-    if os.path.isdir(path) and _not_arrays(path):   # a restore replaces what is there
-      others = _not_arrays(path)
+    others = _not_arrays(path) if os.path.isdir(path) else []
+    if others:   # a restore would replace what is there
       raise ConfigError(
           f"offloaded table '{table}': its store directory '{path}' (OffloadTable.path) "
           f"already holds {', '.join(repr(n) for n in others[:5])}"

@@ -220,6 +220,28 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
       return _train_and_evaluate(config, options, workdir, terminated)
 
 
+def _write_run_records(workdir: str, operative_gin: str, plan_result, trains: bool) -> None:
+  """Warns about unused gin bindings and writes `config.gin` and `plan.json`. Every
+  configurable of the run has been called by now; a run that only evaluates opens no
+  training data, and keeps the config.gin of the run that trained (with its data
+  pipeline's settings), unless there is none. A file it cannot write (e.g. an immutable
+  one: the directory was checked) is a ConfigError naming it."""
+  unused = gin_usage.warning(not_called=() if trains else ("make_train_iterator",))
+  if unused:
+    log.warning("%s", unused)
+    elastic.report_warning(unused)   # under launch.py: on its stderr, not only 0.log
+  config_path = os.path.join(workdir, "config.gin")
+  try:
+    if trains or not os.path.exists(config_path):
+      write_text_atomic(config_path, operative_gin)
+    # whole or not at all: `--plan=W/plan.json` reads it back on the next start
+    write_text_atomic(os.path.join(workdir, "plan.json"),
+                      json.dumps(plan_result.to_json(), indent=2, sort_keys=True))
+  except OSError as e:
+    path = e.filename2 or e.filename   # os.replace(tmp, path) names both
+    raise ConfigError(f"--workdir: cannot write {path}: {e.strerror or e}") from None
+
+
 def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: str,
                         terminated: termination.SigtermRequests | None = None
                         ) -> dict[str, Any]:
@@ -330,33 +352,14 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       if restored is not None:
         set_data_state(restored)
     signals.check()
+    if is_main:   # only now: a run refused by its restore leaves the last run's files
+      _write_run_records(workdir, operative_gin, info["plan_result"],
+                         trains=train_it is not None)
   except BaseException:
     if tier is not None:
       tier.close()
     ckpt.close()
     raise
-  if is_main:   # only now: a run refused by its restore leaves the last run's files
-    # every configurable of the run has been called by now; one that only evaluates opens
-    # no training data, and keeps the config.gin of the run that trained (with its data
-    # pipeline's settings), unless there is none
-    trains = train_it is not None
-    unused = gin_usage.warning(not_called=() if trains else ("make_train_iterator",))
-    if unused:
-      log.warning("%s", unused)
-      elastic.report_warning(unused)   # under launch.py: on its stderr, not only 0.log
-    config_path = os.path.join(workdir, "config.gin")
-    try:
-      if trains or not os.path.exists(config_path):
-        write_text_atomic(config_path, operative_gin)
-      # whole or not at all: `--plan=W/plan.json` reads it back on the next start
-      write_text_atomic(os.path.join(workdir, "plan.json"),
-                        json.dumps(info["plan_result"].to_json(), indent=2, sort_keys=True))
-    except OSError as e:   # e.g. an immutable file (the directory was checked)
-      if tier is not None:
-        tier.close()
-      ckpt.close()
-      path = e.filename2 or e.filename   # os.replace(tmp, path) names both
-      raise ConfigError(f"--workdir: cannot write {path}: {e.strerror or e}") from None
 
   train_step = step_lib.make_train_step(config, collection, shardings)
   eval_step = step_lib.make_eval_step(config, collection, shardings)
