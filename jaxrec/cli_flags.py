@@ -2,8 +2,9 @@
 
 absl's own parser printed `FATAL Flags parsing error: ...` plus usage hints (or, for
 `--nobool=1`, a traceback). Here an unknown flag, a malformed or out-of-range value, a
-missing (or empty) required flag or a stray argument is one line naming the flag and the bad value
-(and the allowed values of an enum), and the exit code is 1. `--help` (and absl's other
+missing (or empty) required flag, a path starting with an unexpanded `~` or a stray argument
+is one line naming the flag and the bad value (and the allowed values of an enum), and the
+exit code is 1. `--help` (and absl's other
 help flags) print the usage and exit 0, where absl exits 1. No jax is imported.
 """
 
@@ -15,6 +16,8 @@ import sys
 from typing import Callable
 
 from absl import flags
+
+from jaxrec import files
 
 # A worker's (scripts/train.py's) unknown flag starts so; jaxrec/elastic/procs.py reads it.
 NO_SUCH_FLAG = "has no flag --"
@@ -45,8 +48,11 @@ def parse(argv: list[str], flag_values: flags.FlagValues | None = None, *,
     message = _malformed(str(e), flag_values)
   else:
     empty = _required_but_empty(flag_values)
+    home = _unexpanded_home(flag_values)
     if empty:
       message = f"{empty} is required (given an empty value)"
+    elif home:
+      message = home
     elif positional or len(rest) == 1:
       return rest
     else:
@@ -64,6 +70,21 @@ def _required_but_empty(flag_values: flags.FlagValues) -> str | None:
     required = any(_REQUIRED.search(getattr(v, "message", "") or "") for v in flag.validators)
     if required and flag.present and (value == "" or (isinstance(value, list) and "" in value)):
       return f"--{name}"
+  return None
+
+
+def _unexpanded_home(flag_values: flags.FlagValues) -> str | None:
+  """`files.unexpanded_home`'s reason for the first flag given a path `~/...` (after `=`
+  the shell left `~` as it is): a data path then said only "no such file", a workdir or
+  an output became a directory named `~` here."""
+  for name in sorted(flag_values):
+    flag = flag_values[name]
+    if not flag.present:
+      continue
+    for value in flag.value if isinstance(flag.value, list) else [flag.value]:
+      reason = isinstance(value, str) and files.unexpanded_home(f"--{name}", value)
+      if reason:
+        return reason
   return None
 
 

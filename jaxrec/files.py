@@ -47,16 +47,25 @@ def is_writable(directory: str | os.PathLike) -> bool:
     return False
 
 
-def check_not_unexpanded_home(flag: str, path: str) -> None:
-  """Refuses a new `path` that starts with `~` (`--workdir=~/runs/x`: a shell expands `~`
-  only at the start of a word, so the run would create a directory named `~` here)."""
+def unexpanded_home(flag: str, path: str) -> str | None:
+  """Why `FLAG=PATH` is refused when PATH starts with `~` and names nothing here: a shell
+  expands `~` only at the start of a word, so `--workdir=~/runs/x` is taken as `./~/runs/x`
+  (a directory named `~` here). None otherwise (an existing `./~` is taken as it is)."""
   parts = str(path).replace("\\", "/").split("/")
-  if parts[0] == "~" and not os.path.exists(path):
+  if parts[0] != "~" or os.path.exists(path):
+    return None
+  rest = "/".join(parts[1:])
+  return (f"{flag}={path}: the shell does not expand '~' after '=' (the path would be a "
+          f"directory named '~' here); write {flag} ~/{rest}, {flag}=$HOME/{rest} or an "
+          "absolute path")
+
+
+def check_not_unexpanded_home(flag: str, path: str) -> None:
+  """Raises `ConfigError` with `unexpanded_home`'s reason, if any."""
+  reason = unexpanded_home(flag, path)
+  if reason:
     from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
-    rest = "/".join(parts[1:])
-    raise ConfigError(f"{flag}={path}: the shell does not expand '~' after '=' (it would "
-                      f"create a directory named '~' here); write {flag.split('=')[0]} "
-                      f"~/{rest}, {flag}=$HOME/{rest} or an absolute path")
+    raise ConfigError(reason)
 
 
 def append_failure(path: str | os.PathLike) -> str | None:

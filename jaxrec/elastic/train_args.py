@@ -43,7 +43,10 @@ class TrainArgs:
       i += 1
     if not values.get("workdir"):
       raise ConfigError("the train.py flags after `--` need --workdir")
-    files.check_not_unexpanded_home("--workdir", values["workdir"])
+    for name in ("workdir", "train_data", "eval_data"):   # --NAME=~/x: ~ not expanded
+      files.check_not_unexpanded_home(f"--{name}", str(values.get(name, "")))
+    for path in values["gin_file"]:
+      files.check_not_unexpanded_home("--gin_file", str(path))
     if not values["gin_file"]:
       raise ConfigError("the train.py flags after `--` need --gin_file")
     return cls(tuple(argv), values)

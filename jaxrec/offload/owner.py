@@ -13,20 +13,32 @@ store directory belong to one workdir:
   - a store without `OWNER` (new, or written before owners existed) is adopted (logged).
 
 `OWNER` is created atomically and exclusively (written to a temporary file, then hard-linked
-into place), so two runs starting on one fresh path cannot both claim it.
+into place), so two runs starting on one fresh path cannot both claim it. A run refused at its
+start hands its new claims back (`release`): its store paths are as it found them, and the
+next run, of any workdir, is not refused by the `OWNER` of a workdir that was never made.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from typing import Mapping
+from typing import Mapping, Sequence
 
-from jaxrec import workdir_layout
+from jaxrec import files, workdir_layout
 from jaxrec.errors import ConfigError
 
 OWNER = "OWNER"
 _LOG = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+  """What `claim` changed at one store directory, for `release`."""
+
+  path: str
+  previous: str | None   # the OWNER text it replaced (a copy's); None: there was none
+  made: str | None       # the outermost directory it created (`files.missing_top`)
 
 
 def _read(path: str) -> tuple[str, str] | None:
@@ -101,15 +113,16 @@ def _write(path: str, workdir: str, replace: bool) -> None:
       os.remove(tmp)
 
 
-def claim(paths: Mapping[str, str], workdir: str) -> None:
+def claim(paths: Mapping[str, str], workdir: str) -> list[Claim]:
   """Makes each store directory (`{table: absolute path}`) belong to `workdir`; checks them
-  all first, so a refused claim changes nothing. Raises `ConfigError` for a store of another
-  workdir."""
+  all first, so a refused claim changes nothing. Returns what it changed (for `release`;
+  a store this workdir already owned is not listed). Raises `ConfigError` for a store of
+  another workdir."""
   workdir = os.path.realpath(workdir)
   real = {t: os.path.realpath(p) for t, p in paths.items()}
   try:
     found = {t: _check(t, p, workdir) for t, p in real.items()}
-    _claim(found, real, workdir)
+    return _claim(found, real, workdir)
   except OSError as e:   # a file in the way, a path it cannot create (/sys, /proc, ...)
     table = next((t for t, p in real.items() if e.filename and
                   os.path.commonpath([p, os.path.abspath(e.filename)]) == p), None)
@@ -118,7 +131,8 @@ def claim(paths: Mapping[str, str], workdir: str) -> None:
                       f"{e.strerror or e}: '{e.filename}'") from None
 
 
-def _claim(found: Mapping[str, str], real: Mapping[str, str], workdir: str) -> None:
+def _claim(found: Mapping[str, str], real: Mapping[str, str], workdir: str) -> list[Claim]:
+  claims = []
   for table, what in found.items():
     path = real[table]
     if what == "keep":
@@ -126,12 +140,40 @@ def _claim(found: Mapping[str, str], real: Mapping[str, str], workdir: str) -> N
     if what == "copy":
       _LOG.info("offload store '%s' is a copy of another: this workdir '%s' owns it now",
                 path, workdir)
+      with open(os.path.join(path, OWNER)) as f:
+        previous = f.read()
       _write(path, workdir, replace=True)
+      claims.append(Claim(path, previous, None))
       continue
     if os.path.isdir(path) and os.listdir(path):
       _LOG.warning("offload store '%s' has no %s file: this workdir '%s' adopts it",
                    path, OWNER, workdir)
+    made = files.missing_top(path)
     try:
       _write(path, workdir, replace=False)
     except FileExistsError:   # another run claimed it between the check and now
       _check(table, path, workdir)
+      continue
+    claims.append(Claim(path, None, made))
+  return claims
+
+
+def release(claims: Sequence[Claim]) -> None:
+  """Undoes `claims` of a run refused at its start: a copy's `OWNER` gets its old text
+  back, an adopted store loses the `OWNER` the run wrote, and a directory the claim made
+  is removed with what the run put in the store (its fresh arrays: `OWNER`'s exclusive
+  creation kept every other run out of it), unless something else was put beside it. Best
+  effort: a failure is logged, not raised (the start-up error that led here is shown)."""
+  for c in claims:
+    try:
+      if c.made is not None:
+        files.remove_made(c.made, c.path, lambda name: not name.startswith(os.pardir))
+        if os.path.exists(os.path.join(c.path, OWNER)):   # kept: something was put beside
+          os.remove(os.path.join(c.path, OWNER))
+      elif c.previous is not None:
+        with files.atomic_output(os.path.join(c.path, OWNER)) as tmp, open(tmp, "w") as f:
+          f.write(c.previous)
+      else:
+        os.remove(os.path.join(c.path, OWNER))
+    except OSError as e:
+      _LOG.warning("offload store '%s': could not undo this run's claim (%s)", c.path, e)

@@ -96,9 +96,17 @@ class OffloadTier(LookAhead):
                         "the global batch to agree on cache slots)")
     check_tables(tables, config)
     check_paths(config, workdir)
-    if workdir:   # before anything touches a store: refuses another workdir's
-      owner.claim({t.name: t.resolve_path(workdir) for t in config.tables
-                   if t.kvstore != "memory"}, workdir)
+    # before anything touches a store: refuses another workdir's (`close(refused=True)`
+    # hands the new claims back)
+    self._claims = owner.claim({t.name: t.resolve_path(workdir) for t in config.tables
+                                if t.kvstore != "memory"}, workdir) if workdir else []
+    try:
+      self._build(collection, tables, config, key, workdir, keep)
+    except BaseException:
+      owner.release(self._claims)
+      raise
+
+  def _build(self, collection, tables, config, key, workdir, keep) -> None:
     self.config, self.collection, self.key, self.keep = config, collection, key, keep
     optimizer = collection.optimizer
     by_name = {t.name: t for t in tables}
@@ -286,9 +294,14 @@ class OffloadTier(LookAhead):
     with self._io_lock:
       pass
 
-  def close(self) -> None:
-    """Stops the background threads (does not flush: call `save`/`flush` first)."""
+  def close(self, refused: bool = False) -> None:
+    """Stops the background threads (does not flush: call `save`/`flush` first).
+    `refused`: the run stops at its start (before its first step); its new claims of store
+    directories are handed back (`owner.release`)."""
     self._stop_threads()
+    if refused:
+      owner.release(self._claims)
+      self._claims = []
 
   # ============================================================================ iterator
   def _next(self) -> Batch:

@@ -275,11 +275,16 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   wrap = tier.wrap if tier is not None else (lambda it: it)
   train_it = None if source is None else wrap(source)
   snapshots = workdir_layout.snapshots_dir(workdir)
-  ckpt = data_adapter.checkpointer(workdir, options)
-  if ckpt.latest_step() is None:
-    state = state_lib.create(config, collection, options.seed)
-  else:   # restoring: only shapes and shardings are needed, not fresh values
-    state = state_lib.abstract(config, collection, options.seed)
+  try:   # a failure (e.g. out of memory) from here on hands the store claims back
+    ckpt = data_adapter.checkpointer(workdir, options)
+    if ckpt.latest_step() is None:
+      state = state_lib.create(config, collection, options.seed)
+    else:   # restoring: only shapes and shardings are needed, not fresh values
+      state = state_lib.abstract(config, collection, options.seed)
+  except BaseException:
+    if tier is not None:
+      tier.close(refused=True)
+    raise
   shardings = state_lib.shardings(state, collection)
   operative_gin = gin.operative_config_str()
   meta = {"plan": plan.to_json(), "mesh": info["mesh"], "seed": options.seed,
@@ -357,7 +362,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
                          trains=train_it is not None)
   except BaseException:
     if tier is not None:
-      tier.close()
+      tier.close(refused=True)
     ckpt.close()
     raise
 

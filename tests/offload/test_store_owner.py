@@ -183,3 +183,38 @@ def test_a_missing_existing_store_stops_the_run_before_it_writes_its_files(tmp_p
                      r"array .*nothing/table"):
     train_synthetic(w, 10, bindings)
   assert not w.exists()
+  assert not store.exists()   # the claim's OWNER (in a directory it made) went with it
+
+
+def test_a_run_refused_at_its_start_hands_its_store_claims_back(tmp_path):
+  """The OWNER files a refused run wrote named a workdir that was then removed, so every
+  later run of another workdir was refused ("belongs to the workdir ..."). A directory the
+  claim made goes, an adopted store loses the OWNER, a copy's gets its old text back; a
+  store the run already owned keeps it."""
+  made, adopted = tmp_path / "ssd" / "new" / "big", tmp_path / "old"
+  (adopted / "table").mkdir(parents=True)
+  _tier(tmp_path / "w1", made).close(refused=True)
+  assert not (tmp_path / "ssd").exists()
+  _tier(tmp_path / "w1", adopted).close(refused=True)
+  assert sorted(os.listdir(adopted)) == ["table"]
+  _tier(tmp_path / "w2", adopted).close()     # a later run of another workdir
+  assert read_owner(str(adopted)) == str(tmp_path / "w2")
+  copy = shutil.copytree(adopted, tmp_path / "copy")
+  text = (copy / OWNER).read_text()
+  _tier(tmp_path / "w3", copy).close(refused=True)
+  assert (copy / OWNER).read_text() == text
+  _tier(tmp_path / "w2", adopted).close(refused=True)
+  assert read_owner(str(adopted)) == str(tmp_path / "w2")
+
+
+def test_a_claim_made_while_building_the_tier_is_handed_back(tmp_path, monkeypatch):
+  """An error after the claim inside the tier's construction releases it too."""
+  from jaxrec.offload import tier as tier_lib  # pylint: disable=import-outside-toplevel
+
+  def broken(*args, **kwargs):
+    raise MemoryError("no host memory for the buffer")
+
+  monkeypatch.setattr(tier_lib, "HostBuffer", broken)
+  with pytest.raises(MemoryError):
+    _tier(tmp_path / "w", tmp_path / "ssd" / "big")
+  assert not (tmp_path / "ssd").exists()

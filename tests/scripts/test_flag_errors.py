@@ -56,6 +56,16 @@ CASES = [
      "--workdir is required (given an empty value)"),
     ("plan.py", ["--flagfile=/no/such.flags"],   # was "error: ERROR:: Unable to open ..."
      "--flagfile: cannot read No such file or directory: '/no/such.flags'"),
+    # `~` after `=` is not expanded by the shell: a data path said only "no such file", an
+    # output became a directory named `~` here
+    ("train.py", ["--workdir=w", "--train_data=~/criteo/day_0"],
+     "--train_data=~/criteo/day_0: the shell does not expand '~' after '=' (the path would be "
+     "a directory named '~' here); write --train_data ~/criteo/day_0, "
+     "--train_data=$HOME/criteo/day_0 or an absolute path"),
+    ("convert_checkpoint.py", ["--output=~/t.npz", "--format=npz"],
+     "--output=~/t.npz: the shell does not expand '~' after '=' (the path would be a "
+     "directory named '~' here); write --output ~/t.npz, --output=$HOME/t.npz or an absolute "
+     "path"),
     ("launch.py", ["--hang_timeout=soon", "--", "--workdir=w"],
      "--hang_timeout=soon: not a number"),
     ("launch.py", ["--workdir=w", "--", "--gin_file=c.gin"],

@@ -193,13 +193,15 @@ def test_a_workdir_starting_with_an_unexpanded_tilde_is_refused(tmp_path, monkey
   from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
   from jaxrec.train import loop  # pylint: disable=import-outside-toplevel
   monkeypatch.chdir(tmp_path)
-  message = (r"^--workdir=~/runs/x: the shell does not expand '~' after '=' \(it would create "
-             r"a directory named '~' here\); write --workdir ~/runs/x, --workdir=\$HOME/runs/x "
-             r"or an absolute path$")
+  message = (r"^--workdir=~/runs/x: the shell does not expand '~' after '=' \(the path would "
+             r"be a directory named '~' here\); write --workdir ~/runs/x, "
+             r"--workdir=\$HOME/runs/x or an absolute path$")
   with pytest.raises(ConfigError, match=message):
     loop.check_workdir("~/runs/x")
   with pytest.raises(ConfigError, match=message):   # scripts/launch.py's worker flags
     train_args.TrainArgs.parse(["--workdir=~/runs/x", "--gin_file=c.gin"])
+  with pytest.raises(ConfigError, match=r"^--train_data=~/d: the shell does not expand"):
+    train_args.TrainArgs.parse(["--workdir=w", "--gin_file=c.gin", "--train_data=~/d"])
   assert os.listdir(tmp_path) == []
   (tmp_path / "~" / "runs" / "x").mkdir(parents=True)
   loop.check_workdir("~/runs/x")
