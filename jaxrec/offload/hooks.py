@@ -161,24 +161,14 @@ def warn_small_train_caches(tier: OffloadTier, features, batch_size: int) -> lis
   the most distinct rows a training batch of this process (`batch_size` examples) can read:
   a batch that reads more stops the run, which may be many steps in (the batches that
   happened to read fewer trained). Only warnings: skewed ids rarely reach the bound."""
-  out = []
-  for name, t, _, bound in _distinct_row_bounds(tier, features, batch_size):
-    if bound > t.cache.cache_rows:
-      out.append(f"offloaded table '{name}': a training batch ({batch_size} examples) may read "
-                 f"up to {bound:,} distinct rows, more than its {t.cache.cache_rows:,}-row "
-                 "cache; a batch that reads more stops the run "
-                 f"({tier.config.cache_advice(name)})")
-      _LOG.warning("%s", out[-1])
-  return out
-
-
-def _distinct_row_bounds(tier: OffloadTier, features, batch_size: int):
-  """Per offloaded table `(name, tier table, per example, per batch)`: the most distinct
-  rows one example and a batch of `batch_size` can read (the bags of the features reading
-  it, at most its rows: a cache of the whole table always fits)."""
-  for name, t in tier.tables.items():
-    per_example = min(sum(f.max_len for f in features if f.table == name), t.spec.rows)
-    yield name, t, per_example, min(batch_size * per_example, t.spec.rows)
+  def warning(name, cache_rows, per_example, bound):
+    del per_example
+    if bound > cache_rows:
+      return (f"offloaded table '{name}': a training batch ({batch_size} examples) may read "
+              f"up to {bound:,} distinct rows, more than its {cache_rows:,}-row cache; a "
+              f"batch that reads more stops the run ({tier.config.cache_advice(name)})")
+    return None
+  return _cache_warnings(tier, features, batch_size, warning)
 
 
 def warn_small_eval_caches(tier: OffloadTier, features, eval_batch_size: int) -> list[str]:
@@ -189,18 +179,32 @@ def warn_small_eval_caches(tier: OffloadTier, features, eval_batch_size: int) ->
   only evaluates, with a cache no training batch would fit). Each names the knob that sized
   the cache (`OffloadConfig.cache_advice`). `make_tier` calls it once per run, not per
   eval. Only warnings: real batches often read far fewer distinct rows."""
-  out = []
-  for name, t, per_example, bound in _distinct_row_bounds(tier, features, eval_batch_size):
+  def warning(name, cache_rows, per_example, bound):
     advice = tier.config.cache_advice(name)
-    if per_example > t.cache.cache_rows:
-      out.append(f"offloaded table '{name}': one example may read up to {per_example:,} "
-                 f"distinct rows, more than its {t.cache.cache_rows:,}-row cache; an eval "
-                 f"batch with such an example stops the run at that eval ({advice})")
-      _LOG.warning("%s", out[-1])
-    elif bound > t.cache.cache_rows:
-      out.append(f"offloaded table '{name}': an eval batch ({eval_batch_size} examples) may "
-                 f"read up to {bound:,} distinct rows, more than its {t.cache.cache_rows:,}-row "
-                 "cache; such a batch is evaluated in several passes, each costing a whole "
-                 f"batch ({advice}, or lower ExperimentConfig.eval_batch_size for one pass)")
-      _LOG.warning("%s", out[-1])
+    if per_example > cache_rows:
+      return (f"offloaded table '{name}': one example may read up to {per_example:,} "
+              f"distinct rows, more than its {cache_rows:,}-row cache; an eval batch with "
+              f"such an example stops the run at that eval ({advice})")
+    if bound > cache_rows:
+      return (f"offloaded table '{name}': an eval batch ({eval_batch_size} examples) may "
+              f"read up to {bound:,} distinct rows, more than its {cache_rows:,}-row cache; "
+              "such a batch is evaluated in several passes, each costing a whole batch "
+              f"({advice}, or lower ExperimentConfig.eval_batch_size for one pass)")
+    return None
+  return _cache_warnings(tier, features, eval_batch_size, warning)
+
+
+def _cache_warnings(tier: OffloadTier, features, batch_size: int, warning) -> list[str]:
+  """Logs and returns `warning(table, cache_rows, per_example, per_batch)` of each offloaded
+  table where it is not None; `per_example` and `per_batch` are the most distinct rows one
+  example and a batch of `batch_size` can read (the bags of the features reading the
+  table, at most its rows: a cache of the whole table always fits)."""
+  out = []
+  for name, t in tier.tables.items():
+    per_example = min(sum(f.max_len for f in features if f.table == name), t.spec.rows)
+    text = warning(name, t.cache.cache_rows, per_example,
+                   min(batch_size * per_example, t.spec.rows))
+    if text:
+      _LOG.warning("%s", text)
+      out.append(text)
   return out
