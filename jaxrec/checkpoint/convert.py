@@ -49,6 +49,7 @@ from jaxrec.checkpoint import canonical as canonical_lib
 from jaxrec.checkpoint import offloaded as offloaded_lib
 from jaxrec.checkpoint import selection
 from jaxrec.checkpoint import storage
+from jaxrec.checkpoint import tables as tables_lib
 from jaxrec.checkpoint.manager import CheckpointError, CheckpointManager
 from jaxrec.checkpoint.steps import first_line, step_dirs
 from jaxrec.embedding import layout as layout_lib
@@ -486,6 +487,9 @@ def _read_torchrec(npz_path) -> dict[str, np.ndarray]:
     for key in z.files:
       m = TORCHREC_KEY.search(key)
       if m:
+        if not tables_lib.storable_name(m.group(1)):   # e/q: int8 table e's codes
+          raise DataError(f"{npz_path}: '{key}' names table '{m.group(1)}': table "
+                          f"{tables_lib.UNSTORABLE}")
         if m.group(1) in names:
           raise DataError(f"{npz_path}: table '{m.group(1)}' appears twice ({names[m.group(1)]}"
                           f", {key})")

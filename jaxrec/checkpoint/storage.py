@@ -219,6 +219,33 @@ def check_step(step_dir: epath.PathLike, full: bool = False, step: int | None = 
     return _check_step(step_dir, full, step)
 
 
+def _check_index_tables(manifest: dict, index: dict) -> None:
+  """Raises unless `embeddings/index.json` (`index`: its arrays) lists the tables the
+  manifest records, each with the same sparse optimizer arrays: the index is what every
+  reader takes as the list of arrays, so an entry lost from it dropped a table (or its
+  optimizer state) from exports and copies without a word."""
+  where = f"{TABLES}/{tables_lib.INDEX}"
+  tables = sorted(manifest.get("tables") or {})
+  listed: dict[str, set[str]] = {}
+  for name in index:
+    kind, _, rest = name.partition("/")
+    table, _, leaf = rest.partition("/")
+    listed.setdefault(table, set()).add(f"{kind}/{leaf}" if kind == "table_opt" else kind)
+  for table in tables:
+    if "tables" not in listed.get(table, ()):
+      raise ValueError(f"{where} lists no array of table '{table}' (the manifest's tables: "
+                       f"{tables})")
+  extra = sorted(set(listed) - set(tables))
+  if extra and tables:
+    raise ValueError(f"{where} lists arrays of tables {extra} that the manifest does not "
+                     f"record (its tables: {tables})")
+  for table in tables[1:]:
+    if listed[table] != listed[tables[0]]:
+      differ = sorted(listed[table] ^ listed[tables[0]])[0].partition("/")[2]
+      raise ValueError(f"{where}: the sparse optimizer array '{differ}' is listed for one of "
+                       f"tables '{tables[0]}' and '{table}' but not the other")
+
+
 def _check_step(step_dir: epath.Path, full: bool, step: int | None) -> dict:
   manifest = read_json(step_dir, MANIFEST)
   if manifest.get("format") != canonical_lib.FORMAT:
@@ -230,6 +257,7 @@ def _check_step(step_dir: epath.Path, full: bool, step: int | None) -> dict:
   arrays = open_arrays(step_dir)
   index = tables_lib.read_index(step_dir / TABLES)["arrays"]
   saved_tables = tables_lib.saved_fingerprints(step_dir / TABLES)   # present and readable
+  _check_index_tables(manifest, index)
   expected = dict(manifest["leaves"], **index)
   for name, info in expected.items():
     if name not in arrays:

@@ -64,6 +64,15 @@ class Piece:
   data: np.ndarray
 
 
+UNSTORABLE = "names with '/' or a leading '.' cannot be stored"
+
+
+def storable_name(table: str) -> bool:
+  """Whether a table can be stored under its name: `tables/<name>/q` is an int8 table's
+  codes and a directory, so `/` is not allowed (nor a leading `.`: hidden files)."""
+  return "/" not in table and not table.startswith(".")
+
+
 def table_name(table: str, leaf: str = "") -> str:
   """Stored name of a table (or of one leaf of a `QuantizedTable`: `q`, `scale`, `bias`)."""
   return f"tables/{table}/{leaf}" if leaf else f"tables/{table}"
@@ -91,8 +100,8 @@ def stored_arrays(collection) -> dict[str, tuple[tuple[int, ...], str]]:
 
 def table_arrays(spec, optimizer) -> dict[str, tuple[tuple[int, ...], str]]:
   """`{array name: (shape, dtype)}` of one table (`TableSpec`) and its optimizer state."""
-  if "/" in spec.name or spec.name.startswith("."):
-    raise ConfigError(f"table '{spec.name}': names with '/' or a leading '.' cannot be stored")
+  if not storable_name(spec.name):
+    raise ConfigError(f"table '{spec.name}': {UNSTORABLE}")
   out = {}
   abstract = jax.eval_shape(lambda: layout_lib.init_table(jax.random.key(0), spec))
   for leaf, a in canonical_lib.leaf_names(abstract):

@@ -125,7 +125,9 @@ class Adam:
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class FTRL:
-  """FTRL-proximal (McMahan et al. 2013), learning-rate power -1/2, per element."""
+  """FTRL-proximal (McMahan et al. 2013), learning-rate power -1/2, per element. `l2` is
+  TensorFlow's (`tf.keras.optimizers.Ftrl`'s l2_regularization_strength): the update's
+  denominator adds `2 * l2`, where the paper's λ2 adds `l2`, so `l2` here is half its λ2."""
   lr: float = 0.1
   l1: float = 0.0
   l2: float = 0.0

@@ -13,7 +13,7 @@ import pytest
 
 from jaxrec.checkpoint import CheckpointError, CheckpointManager, convert
 from jaxrec.embedding.specs import TableSpec
-from jaxrec.errors import ConfigError
+from jaxrec.errors import ConfigError, DataError
 from tests.checkpoint import ckpt_helpers as h
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -249,6 +249,40 @@ def test_a_damaged_fingerprint_or_index_file_is_a_corrupt_step(tmp_path, fmt, pa
                      r"--step: 2$"):
     export(tmp_path / "c", tmp_path / "out", 4)
   assert export(tmp_path / "c", tmp_path / "out") == 2   # the latest usable step
+
+
+@pytest.mark.parametrize("dropped,match", [
+    ("tables/t3", r"embeddings/index.json lists no array of table 't3' \(the manifest's "
+                  r"tables: \['t0', 't1', 't2', 't3'\]\)"),
+    ("table_opt/t2/accum", r"embeddings/index.json: the sparse optimizer array 'accum' is "
+                           r"listed for one of tables 't0' and 't2' but not the other")])
+@pytest.mark.parametrize("fmt", ["npz", "checkpoint"])
+def test_an_array_lost_from_the_index_is_a_corrupt_step(tmp_path, dropped, match, fmt):
+  """index.json is the list of table arrays every reader goes by: an entry lost from it
+  (with its fingerprint, or not) dropped that table or its optimizer state from exports,
+  and `--format=checkpoint` copied the step as verified; training then stopped with a
+  table-set error instead of falling back."""
+  _two_steps(tmp_path / "c")
+  for name in ("index.json", "fingerprints.0.json"):
+    path = tmp_path / "c" / "4" / "embeddings" / name
+    data = json.loads(path.read_text())
+    (data["arrays"] if name == "index.json" else data).pop(dropped)
+    path.write_text(json.dumps(data))
+  out = tmp_path / ("a.npz" if fmt == "npz" else "copy")
+  export = {"npz": convert.export_npz, "checkpoint": convert.export_checkpoint}[fmt]
+  with pytest.raises(CheckpointError, match=rf"c/4 is corrupt: {match}.*pick another "
+                     r"--step: 2$"):
+    export(tmp_path / "c", out, 4)
+
+
+def test_a_torchrec_table_name_that_cannot_be_stored_is_refused(tmp_path):
+  """`e/q` was imported and exported as `tables/e/q`, the name of int8 table `e`'s codes."""
+  np.savez(tmp_path / "n.npz", **{"embedding_bags.e.weight": np.ones((4, 2), np.float32),
+                                   "embedding_bags.e/q.weight": np.ones((4, 2), np.float32)})
+  with pytest.raises(DataError, match=r"n.npz: 'embedding_bags.e/q.weight' names table 'e/q': "
+                     r"table names with '/' or a leading '.' cannot be stored$"):
+    convert.import_torchrec(tmp_path / "n.npz", tmp_path / "ck")
+  assert not (tmp_path / "ck").exists()
 
 
 def test_a_step_directory_as_checkpoint_dir_names_the_flags(tmp_path):
