@@ -164,6 +164,13 @@ def _glob_files(pattern: str, quiet: bool) -> list[str]:
       _warn_not_read(pattern, others, directory=False)
     return files
   if matches and all(os.path.isdir(p) for p in matches):
+    from jaxrec.data import binary   # binary imports this module
+    datasets = [p for p in matches if binary.is_preprocessed(p)]
+    if datasets:   # "end with /*" led to their manifest.json: "give the directory"
+      which = ", ".join(datasets[:3]) + (", ..." if len(datasets) > 3 else "")
+      are = "are preprocessed datasets" if len(datasets) > 1 else "is a preprocessed dataset"
+      raise DataPathError(f"{pattern}: matches only directories, no files; {which} {are}: "
+                          "give one of them (a run reads one preprocessed dataset)")
     raise DataPathError(f"{pattern}: matches only directories (e.g. {matches[0]}), no files; "
                         "to read the files inside them, end the pattern with /*")
   raise DataPathError(f"{pattern}: no files match this pattern")
@@ -297,12 +304,13 @@ class Parser:
     bad_lines, bad_msgs = [], []
     wrong = counts != self.num_columns
     if wrong.any():
-      for i in np.flatnonzero(wrong):
-        bad_lines.append(i)
-        bad_msgs.append((None, f"expected {self.num_columns} tab-separated columns (label, "
-                         f"{self.layout.num_dense} integer, {self.layout.num_sparse} "
-                         f"categorical), found {counts[i]}"))
       line_len = np.diff(np.concatenate([[-1], nl]))
+      expected = (f"{self.num_columns} tab-separated columns (label, {self.layout.num_dense} "
+                  f"integer, {self.layout.num_sparse} categorical)")
+      for i in np.flatnonzero(wrong):   # (an empty line, e.g. a blank last one, "found 1")
+        bad_lines.append(i)
+        bad_msgs.append((None, f"empty line, expected {expected}" if line_len[i] == 1 else
+                         f"expected {expected}, found {counts[i]}"))
       a = a[np.repeat(~wrong, line_len)]
       line_idx = line_idx[~wrong]
       delim = np.flatnonzero((a == 9) | (a == 10))

@@ -156,6 +156,20 @@ def test_a_glob_that_matches_only_directories_says_so(tmp_path):
                                             for d in ["day_0", "day_1"]]
 
 
+def test_a_glob_that_matches_preprocessed_datasets_says_to_give_one(tmp_path):
+  """The advice to end the pattern with /* led to 'manifest.json: part of the preprocessed
+  dataset ...; give the directory', in a circle."""
+  for day in ["day_1", "day_0"]:
+    (tmp_path / day).mkdir()
+    (tmp_path / day / "manifest.json").write_text("{}")
+  pattern = str(tmp_path / "day_*")
+  with pytest.raises(DataError) as e:
+    tsv.list_files(pattern)
+  assert str(e.value) == (f"{pattern}: matches only directories, no files; "
+                          f"{tmp_path / 'day_0'}, {tmp_path / 'day_1'} are preprocessed "
+                          "datasets: give one of them (a run reads one preprocessed dataset)")
+
+
 def test_a_directory_of_only_subdirectories_names_them(tmp_path):
   """It said 'directory holds no files', as if it were empty."""
   for day in ["day_2", "day_0", "day_1", "day_3"]:
@@ -222,7 +236,8 @@ def _bad(label="1", dense=None, cats=None, col=None, value=None):
     (_bad(label="1.0"), "column 1 (label)", "label must be 0 or 1"),
     ("\t".join(["1"] * 39), "", "expected 40 tab-separated columns"),
     ("\t".join(["1"] * 41), "", "found 41"),
-    ("", "", "found 1"),
+    ("", "", "empty line, expected 40 tab-separated columns"),   # was "found 1"
+    ("\r", "", "empty line, expected 40"),
 ])
 def test_malformed_rows_name_file_line_and_column(tsv_file, bad_line, where, what):
   path = tsv_file([lib.line()] * 3 + [bad_line] + [lib.line()])
