@@ -7,7 +7,7 @@ import logging
 import os
 import re
 import sys
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import gin
 
@@ -16,8 +16,12 @@ from jaxrec.errors import ConfigError, JaxrecError
 from jaxrec.train import termination
 
 
-def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
-  """Parses gin files then bindings; errors name the flag and what was wrong."""
+def parse_gin(files: Sequence[str], bindings: Sequence[str],
+              overrides: Mapping[str, object] | None = None) -> None:
+  """Parses gin files then bindings; errors name the flag and what was wrong. `overrides`
+  (`{"ExperimentConfig.train_data": value of --train_data}`): values of flags that take
+  the place of bindings, bound last, so that the operative config (`W/config.gin`) records
+  what the run used, not the binding the flag overrode."""
   import jaxrec.configurables  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   gin.clear_config()
   gin_usage.clear()
@@ -36,6 +40,8 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
       raise ConfigError(f"--gin_bindings: '{binding}': {text.rstrip('.') if hint else text}"
                         f"{_set_by(e)}{hint}") from None
     gin_usage.record_bindings(binding)
+  for name, value in (overrides or {}).items():
+    gin.bind_parameter(name, value)
   try:
     gin.finalize()
   except ValueError as e:   # gin's check of the macros: its message dumps the whole config

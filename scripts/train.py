@@ -91,7 +91,10 @@ def main(argv):
         progress=FLAGS.progress)
     options.validate()
     loop.check_workdir(FLAGS.workdir)
-    launch.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings)
+    # --train_data/--eval_data as bindings too: W/config.gin names the data the run used
+    launch.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, overrides={
+        f"ExperimentConfig.{name}": getattr(FLAGS, name)
+        for name in ("train_data", "eval_data") if getattr(FLAGS, name)})
     config = launch.build(config_lib.ExperimentConfig)
     signals.check()
     # The trainer: SIGTERM recorded until its first step, then after a checkpoint (its own

@@ -5,6 +5,7 @@ heavy imports are done."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Mapping, Sequence
 
 from jaxrec import files
@@ -15,6 +16,17 @@ _VALUE_FLAGS = ("workdir", "gin_file", "gin_bindings", "mesh", "plan", "num_step
                 "memory_per_device", "checkpoint_every", "train_data", "eval_data", "seed",
                 "log_every", "eval_every", "keep_checkpoints", "on_nan", "bad_rows")
 _MULTI = ("gin_file", "gin_bindings")
+
+
+def _check_not_a_stream(name: str, path: str) -> None:
+  """Refuses a pipe (`<(zcat day_0.gz)`, a FIFO) as data of supervised workers: they do not
+  inherit the launcher's `/dev/fd/N` ("no such file"), a FIFO's stream was split between
+  them (a torn line blamed the data), and a restarted worker would find it consumed."""
+  if path and os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):
+    raise ConfigError(f"--{name}={path} is a pipe or other stream, not a file: under "
+                      "scripts/launch.py every worker, and every restart, opens the data "
+                      "itself; give the file (gzip is read directly), or run "
+                      "scripts/train.py, which reads a pipe once")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +57,8 @@ class TrainArgs:
       raise ConfigError("the train.py flags after `--` need --workdir")
     for name in ("workdir", "train_data", "eval_data"):   # --NAME=~/x: ~ not expanded
       files.check_not_unexpanded_home(f"--{name}", str(values.get(name, "")))
+    for name in ("train_data", "eval_data"):
+      _check_not_a_stream(name, str(values.get(name, "")))
     for path in values["gin_file"]:
       files.check_not_unexpanded_home("--gin_file", str(path))
     if not values["gin_file"]:

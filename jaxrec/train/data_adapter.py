@@ -88,6 +88,20 @@ def warn_preprocessed_skips(bad_rows: str, *sources) -> None:
         sum(counts.values()), ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
 
 
+def synthetic_eval_warning(config, options) -> str | None:
+  """The warning for a run that trains on files but evaluates on synthetic examples (every
+  shipped config sets `eval_data = 'synthetic'`: `--train_data=day_0.gz` alone scored the
+  model on random examples, without a word); None otherwise."""
+  train = options.train_data or config.train_data
+  if train == pipeline.SYNTHETIC or (options.eval_data or config.eval_data) != pipeline.SYNTHETIC:
+    return None
+  given = "--train_data" if options.train_data else "ExperimentConfig.train_data"
+  where = "--eval_data" if options.eval_data else "ExperimentConfig.eval_data"
+  return (f"warning: this run trains on {train} ({given}) but evaluates on synthetic examples "
+          f"({where} = '{pipeline.SYNTHETIC}'): its eval metrics say nothing about that "
+          "data; pass --eval_data (e.g. a held-out day)")
+
+
 def newest_saved_step(workdir) -> int | None:
   """The newest committed step directory in `W/checkpoints` (a listing; orbax renames a
   save to its step when it commits), before anything is opened: whether the run only

@@ -265,6 +265,10 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       log.info("%s", hint)
   data_adapter.warn_preprocessed_skips(options.bad_rows,
                                        *[s for s in (source, eval_data) if s is not None])
+  synthetic_eval = data_adapter.synthetic_eval_warning(config, options)
+  if synthetic_eval and is_main:
+    log.warning("%s", synthetic_eval)
+    elastic.report_warning(synthetic_eval)   # under launch.py: on its stderr too
   initial_data_state = source.get_state() if source is not None else {}
   # keep=None: snapshots go only in prune_snapshots, once no checkpoint on disk needs them
   # (a count cannot tell: a save in flight or a rejected step holds one too)

@@ -1,5 +1,7 @@
 """scripts/train.py on Criteo TSV files and preprocessed shards; bad rows stop the run."""
 
+import re
+
 import pytest
 
 from jaxrec.data import source as source_lib
@@ -28,6 +30,20 @@ def test_train_on_tsv_reads_eval_once(tmp_path):
         f"--eval_data={tmp_path}/eval.tsv")
   evals = [l for l in read_metrics(w) if "eval_auc" in l]
   assert evals and evals[-1]["eval_examples"] == 300     # whole file, once, padding masked
+  # W/config.gin named the config's 'synthetic', not the files the flags gave
+  recorded = re.sub(r"\\\n\s+", "", open(f"{w}/config.gin").read())   # gin wraps lines
+  assert f"ExperimentConfig.train_data = '{tmp_path}/train.tsv'" in recorded, recorded
+  assert f"ExperimentConfig.eval_data = '{tmp_path}/eval.tsv'" in recorded, recorded
+
+
+def test_training_on_files_with_a_synthetic_eval_warns(tmp_path):
+  """Every shipped config sets eval_data = 'synthetic': `--train_data=FILE` alone scored
+  the model on random examples without a word."""
+  write_data(tmp_path / "train.tsv", 500)
+  proc = train(str(tmp_path / "w"), *FLAGS, "--num_steps=2", f"--train_data={tmp_path}/train.tsv")
+  assert (f"warning: this run trains on {tmp_path}/train.tsv (--train_data) but evaluates on "
+          "synthetic examples (ExperimentConfig.eval_data = 'synthetic'): its eval metrics say "
+          "nothing about that data; pass --eval_data (e.g. a held-out day)") in proc.stderr
 
 
 @pytest.mark.slow   # 10-25 s of script runs: kept out of the default suite for its time

@@ -186,6 +186,23 @@ def test_a_file_in_the_way_is_named_at_any_depth(tmp_path, depth):
   assert str(e.value) == f"--output=W: {blocker} is a file, not a directory"
 
 
+def test_the_launcher_refuses_a_pipe_as_data(tmp_path):
+  """`--train_data=<(zcat day_0.gz)` under scripts/launch.py: the workers do not inherit
+  /dev/fd/N ("no such file or directory"), and a FIFO's stream was split between them (a
+  torn line blamed the data)."""
+  from jaxrec.elastic import train_args  # pylint: disable=import-outside-toplevel
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  fifo = tmp_path / "fifo"
+  os.mkfifo(fifo)
+  with pytest.raises(ConfigError, match=rf"^--eval_data={fifo} is a pipe or other stream, not "
+                     r"a file: under scripts/launch.py every worker, and every restart, opens "
+                     r"the data itself; give the file"):
+    train_args.TrainArgs.parse(["--workdir=w", "--gin_file=c.gin", f"--eval_data={fifo}"])
+  (tmp_path / "day_0.tsv").write_text("")
+  for ok in (tmp_path / "day_0.tsv", tmp_path, tmp_path / "*.tsv", "synthetic"):
+    train_args.TrainArgs.parse(["--workdir=w", "--gin_file=c.gin", f"--train_data={ok}"])
+
+
 def test_a_workdir_starting_with_an_unexpanded_tilde_is_refused(tmp_path, monkeypatch):
   """`--workdir=~/runs/x`: bash leaves `~` after `=` as it is, and the run created
   `./~/runs/x`. An existing directory of that name (made on purpose) is still taken."""
