@@ -61,8 +61,9 @@ flags.DEFINE_float("stop_timeout", 300.0, "Seconds a requested stop may take.")
 flags.DEFINE_enum("platform", "cpu", ["cpu", "gpu"], "Worker devices: forced host CPU devices "
                   "(gloo collectives) or GPUs (CUDA_VISIBLE_DEVICES slices, NCCL).")
 flags.DEFINE_string("inject_delay", None, "Fault injection PROCESS:SECONDS (tests/benchmarks): "
-                    "process PROCESS (below --num_processes) spends SECONDS more host time "
-                    "per step, whenever a generation runs it.")
+                    "the process on slot PROCESS (process PROCESS of the first generation, "
+                    "below --num_processes) spends SECONDS more host time per step, whenever "
+                    "a generation uses that slot.")
 flags.DEFINE_string("train_script", None, "Worker program (default scripts/train.py); it gets "
                     "the flags after `--` plus --mesh and --plan.")
 flags.DEFINE_bool("quiet", False, "Do not echo events to stderr.")

@@ -19,6 +19,7 @@ class Outcome:
   lost: int = 0
   detected: float = 0.0
   message: str = ""
+  slots: tuple[int, ...] = ()   # the slots of the `lost` workers
 
 
 class Scaling:
@@ -27,18 +28,31 @@ class Scaling:
 
   # ---------------------------------------------------------------------------- capacity
   def _available(self) -> int:
+    return len(self._free_slots())
+
+  def _free_slots(self) -> list[int]:
+    """The slots (`0..N-1` of the capacity's N; on GPUs slot `s` holds devices `s*K` to
+    `s*K+K-1`) neither lost nor sitting out, after returning those whose time is up. A
+    generation runs its processes on the first of them (`Supervisor._launch`), so a lost
+    or slow slot is not used again until it returns: counting them was not enough, as
+    every generation started on slots `0..n-1` and a straggler on slot 0 stayed."""
     now = time.time()
     if self.o.rejoin_after > 0:
-      back = [t for t in self.lost if now - t >= self.o.rejoin_after]
+      back = sorted(s for s, t in self.lost.items() if now - t >= self.o.rejoin_after)
       if back:
-        self.lost = [t for t in self.lost if now - t < self.o.rejoin_after]
-        self.events.emit("capacity", source="rejoin", returned=len(back),
-                         available=self.capacity[0] - len(self.lost) - len(self.quarantine))
-    over = [t for t in self.quarantine if now >= t]
+        self.lost = {s: t for s, t in self.lost.items() if s not in back}
+        self.events.emit("capacity", source="rejoin", returned=len(back), slots=back,
+                         available=len(self._usable_slots()))
+    over = sorted(s for s, t in self.quarantine.items() if now >= t)
     if over:
-      self.quarantine = [t for t in self.quarantine if now < t]
-      self.events.emit("capacity", source="straggler_cooldown_over", returned=len(over))
-    return max(self.capacity[0] - len(self.lost) - len(self.quarantine), 0)
+      self.quarantine = {s: t for s, t in self.quarantine.items() if s not in over}
+      self.events.emit("capacity", source="straggler_cooldown_over", returned=len(over),
+                       slots=over)
+    return self._usable_slots()
+
+  def _usable_slots(self) -> list[int]:
+    return [s for s in range(self.capacity[0]) if s not in self.lost and s not in
+            self.quarantine]
 
   def _read_capacity(self, initial: bool = False) -> bool:
     """Takes the capacity file's new statement, if any (it returns the lost slots); True
@@ -46,7 +60,7 @@ class Scaling:
     new = self.capacity_reader.read(self.capacity[1])
     if new is None:
       return False
-    old, self.capacity, self.lost = self.capacity, new, []
+    old, self.capacity, self.lost = self.capacity, new, {}
     self.events.emit("capacity", source="file", num_processes=new[0],
                      devices_per_process=new[1], previous=list(old), initial=initial)
     return True
@@ -130,9 +144,10 @@ class Scaling:
       act = self.o.replan_on_straggler and out is None and self._fewer_without_one(note)
       self.events.emit("straggler", generation=self.generation, **s.to_json(),
                        threshold=self.o.straggler_threshold, process=proc,
+                       slot=self.slots[proc],
                        action="replan without it" if act else "report", **note)
       if act:
-        self.quarantine.append(now + self.o.straggler_cooldown)
+        self.quarantine[self.slots[proc]] = now + self.o.straggler_cooldown
         out = Outcome("planned", f"straggler {s.kind} {s.entity}", detected=now)
     return out
 

@@ -68,6 +68,11 @@ class _Proc:
   last_step: int = 0
   last_seen: float = 0.0
   exited: int | None = None
+  slot: int | None = None           # the capacity slot it runs on (default: its index)
+
+  def __post_init__(self):
+    if self.slot is None:
+      self.slot = self.index
 
 
 def _check_mesh(spec: str, options: Options) -> None:
@@ -109,8 +114,9 @@ class Supervisor(scaling.Scaling):
         self.workdir, worker_lib.CONTROL_DIR, "capacity")
     self.capacity_reader = capacity_lib.Reader(self.capacity_file, self.events.emit)
     self.capacity = (options.num_processes, options.devices_per_process)
-    self.lost: list[float] = []               # loss times of slots not yet returned
-    self.quarantine: list[float] = []         # until when a slow slot sits out
+    self.lost: dict[int, float] = {}          # slot -> when it was lost (not yet returned)
+    self.quarantine: dict[int, float] = {}    # slot -> until when it sits out (a straggler)
+    self.slots: list[int] = []                # the slot of each process of the generation
     self.generation = 0
     self._launched: int | None = None        # generation of the last workers started
     self.restarts = 0
@@ -201,7 +207,7 @@ class Supervisor(scaling.Scaling):
                                fix="fix what it names")
         if out.kind == "failure":
           self.restarts += 1
-          self.lost += [out.detected] * out.lost
+          self.lost.update(dict.fromkeys(out.slots, out.detected))
           if self.restarts > self.o.max_restarts:
             return self._give_up("max_restarts", EXIT_MAX_RESTARTS,
                                  f"{self.restarts} failures exceed --max_restarts="
@@ -271,6 +277,7 @@ class Supervisor(scaling.Scaling):
     argv = [self.o.python, self.o.train_script,
             *self.args.with_mesh_plan(*choice.worker_mesh_plan)]
     self.procs = []
+    self.slots = self._free_slots()[:choice.processes]
     self._checkpoint_at_launch = proc_lib.latest_checkpoint(self.workdir)
     for p in range(choice.processes):
       signals.check()   # before each start: the workers started so far are in self.procs
@@ -283,7 +290,8 @@ class Supervisor(scaling.Scaling):
       popen = proc_lib.start_worker(argv, self._env(p, choice, port), log)
       # Workers resume from that checkpoint (at num_steps they only evaluate and exit).
       self.procs.append(_Proc(p, popen, log, time.time(), last_seen=time.time(),
-                              last_step=self._checkpoint_at_launch or 0))
+                              last_step=self._checkpoint_at_launch or 0,
+                              slot=self.slots[p]))
     self.detectors = (
         stragglers.Detector("process", self.o.straggler_threshold, self.o.straggler_windows,
                             self.o.straggler_window_steps),
@@ -291,14 +299,15 @@ class Supervisor(scaling.Scaling):
                             max(self.o.straggler_window_steps, 3 * self.o.probe_every)))
     self.events.emit("launch", generation=g, processes=choice.processes,
                      coordinator=f"127.0.0.1:{port}", mesh=choice.mesh_flag, plan=choice.plan,
-                     pids=[p.popen.pid for p in self.procs],
+                     pids=[p.popen.pid for p in self.procs], slots=self.slots,
                      checkpoint=self._checkpoint_at_launch, command=argv[1:])
 
   def _env(self, p: int, choice: replan.Choice, port: int) -> dict:
     env = dict(os.environ)
-    k = choice.devices_per_process
+    k, slot = choice.devices_per_process, self.slots[p]
     env.update({worker_lib.ENV_NUM_PROCESSES: str(choice.processes),
                 worker_lib.ENV_PROCESS_ID: str(p),
+                worker_lib.ENV_SLOT: str(slot),
                 worker_lib.ENV_WORKDIR: self.workdir,
                 worker_lib.ENV_GENERATION: str(self.generation),
                 worker_lib.ENV_PLATFORM: self.o.platform,
@@ -318,7 +327,7 @@ class Supervisor(scaling.Scaling):
       env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={k}"])
       env["JAX_PLATFORMS"] = "cpu"
     else:
-      env["CUDA_VISIBLE_DEVICES"] = ",".join(str(p * k + i) for i in range(k))
+      env["CUDA_VISIBLE_DEVICES"] = ",".join(str(slot * k + i) for i in range(k))
       env.pop("JAX_PLATFORMS", None)
     return env
 
@@ -472,7 +481,7 @@ class Supervisor(scaling.Scaling):
         last = proc_lib.last_line(self.workdir, p.index)
         extra = {"error": proc_lib.exit_error(p.exited, last), "last_log_line": last}
       self.events.emit("worker_exit", generation=self.generation, process=p.index,
-                       pid=p.popen.pid, returncode=p.exited,
+                       slot=p.slot, pid=p.popen.pid, returncode=p.exited,
                        signal=proc_lib.signal_name(p.exited),
                        last_step=p.last_step, lost=bool(first_failure and p in lost), **extra)
     if first_failure:
@@ -482,7 +491,7 @@ class Supervisor(scaling.Scaling):
         return _Outcome("user_error", "user error", message=message, detected=now)
       why = proc_lib.describe_exit(lost[0].exited)
       return _Outcome("failure", f"worker {lost[0].index} exited ({why})", lost=len(lost),
-                      detected=now)
+                      detected=now, slots=tuple(p.slot for p in lost))
     if all(p.exited == 0 for p in self.procs):
       if planned is not None and max(p.last_step for p in self.procs) < self.args.num_steps:
         return planned
@@ -525,9 +534,10 @@ class Supervisor(scaling.Scaling):
       low = min(p.last_step for p in running)
       culprits = [min((p for p in running if p.last_step == low), key=lambda p: p.last_seen)]
     for p in culprits:
-      self.events.emit("hang", generation=self.generation, process=p.index, pid=p.popen.pid,
+      self.events.emit("hang", generation=self.generation, process=p.index,
+                       slot=p.slot, pid=p.popen.pid,
                        seconds_without_progress=round(now - p.last_seen, 3),
                        last_step=p.last_step, state=proc_lib.state(p.popen.pid))
       proc_lib.send_signal(p.popen, signal.SIGKILL)
     return _Outcome("failure", f"worker {culprits[0].index} hung", lost=len(culprits),
-                    detected=now)
+                    detected=now, slots=tuple(p.slot for p in culprits))

@@ -6,13 +6,16 @@ without them every function here is a no-op (a plain single-process run):
   JAXREC_COORDINATOR_ADDRESS  host:port of the coordination service (process 0 hosts it)
   JAXREC_NUM_PROCESSES        processes in this generation
   JAXREC_PROCESS_ID           this process's index
+  JAXREC_ELASTIC_SLOT         the capacity slot it runs on (on GPUs its devices); the
+                              process index when unset
   JAXREC_ELASTIC_WORKDIR      the run's workdir (progress files, stop requests)
   JAXREC_ELASTIC_GENERATION   restart counter of the job (0, 1, ...)
   JAXREC_ELASTIC_PLATFORM     cpu (collectives over gloo) or gpu (NCCL)
   JAXREC_ELASTIC_CHECK_EVERY  steps between stop-request checks (default 50)
   JAXREC_ELASTIC_PROBE_EVERY  steps between per-device timing probes (0: never)
-  JAXREC_ELASTIC_INJECT_DELAY fault injection for tests and benchmarks, `PROCESS:SECONDS`:
-                              that process spends SECONDS more host time per step
+  JAXREC_ELASTIC_INJECT_DELAY fault injection for tests and benchmarks, `SLOT:SECONDS`:
+                              the process on that slot (as a slow machine would) spends
+                              SECONDS more host time per step
   JAXREC_ELASTIC_SUPERVISOR_PID  the supervisor's pid: the worker dies with it
                               (`die_with_supervisor`)
 
@@ -48,6 +51,7 @@ ENV_PLATFORM = "JAXREC_ELASTIC_PLATFORM"
 ENV_CHECK_EVERY = "JAXREC_ELASTIC_CHECK_EVERY"
 ENV_PROBE_EVERY = "JAXREC_ELASTIC_PROBE_EVERY"
 ENV_INJECT_DELAY = "JAXREC_ELASTIC_INJECT_DELAY"
+ENV_SLOT = "JAXREC_ELASTIC_SLOT"
 ENV_SUPERVISOR_PID = "JAXREC_ELASTIC_SUPERVISOR_PID"
 PR_SET_PDEATHSIG = 1
 # Process 0 could not host the coordination service: its port was taken after the
@@ -76,6 +80,7 @@ class _Worker:
     self.supervised = ENV_GENERATION in env
     self.generation = int(env.get(ENV_GENERATION, 0))
     self.process = int(env.get(ENV_PROCESS_ID, 0))
+    self.slot = int(env.get(ENV_SLOT, self.process))
     self.num_processes = int(env.get(ENV_NUM_PROCESSES, 1))
     self.workdir = env.get(ENV_WORKDIR)
     self.check_every = max(int(env.get(ENV_CHECK_EVERY, 50)), 1)
@@ -83,8 +88,8 @@ class _Worker:
     self.delay = 0.0
     spec = env.get(ENV_INJECT_DELAY, "")
     if spec:
-      proc, _, seconds = spec.partition(":")
-      if int(proc) == self.process:
+      slot, _, seconds = spec.partition(":")
+      if int(slot) == self.slot:
         self.delay = float(seconds)
     self._file = None
     self._carry = 0.0      # injected host time, charged to the next step

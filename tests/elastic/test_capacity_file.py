@@ -43,9 +43,9 @@ def test_same_text_rewritten_is_a_fresh_statement_and_errors_are_said_once(tmp_p
   with open(path, "w") as f:
     f.write("2\n")
   assert s._read_capacity(initial=True)
-  s.lost = [1.0]                                 # a slot was lost since
+  s.lost = {1: 1.0}                              # a slot was lost since
   os.utime(path, ns=(1, 1))                      # rewritten with the same text
-  assert s._read_capacity() and s.lost == []     # the rewrite returns the lost slot
+  assert s._read_capacity() and s.lost == {}     # the rewrite returns the lost slot
   with open(path, "w") as f:
     f.write('{"num_processes": null}\n')         # was a TypeError that ended the supervisor
   assert not s._read_capacity() and not s._read_capacity()

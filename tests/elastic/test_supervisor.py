@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import types
 
 import pytest
@@ -259,18 +260,41 @@ def test_lost_slot_rejoins(tmp_path):
   assert any(e["event"] == "capacity" and e.get("source") == "rejoin" for e in ev)
 
 
-def test_straggler_is_reported_and_moved_off(tmp_path):
+@pytest.mark.parametrize("slow", [1, 0])
+def test_straggler_is_reported_and_moved_off(tmp_path, slow):
+  """The slow slot sits out. A straggler on slot 0 was flagged, and the next generation
+  ran on slot 0 again (every generation used slots 0..n-1): a healthy process was dropped
+  and the slow one kept, until it was left alone."""
   w = str(tmp_path)
-  proc = start(w, ["--num_processes=2", "--inject_delay=1:0.06", "--straggler_window_steps=5",
-                   "--replan_on_straggler"], steps=120, step_s=0.01)
+  proc = start(w, ["--num_processes=2", f"--inject_delay={slow}:0.06",
+                   "--straggler_window_steps=5", "--replan_on_straggler"], steps=120,
+               step_s=0.01)
   assert t.finish(proc) == 0
   ev = t.events(w)
   s = next(e for e in ev if e["event"] == "straggler")
-  assert s["kind"] == "process" and s["process"] == 1 and s["windows"] == 3
-  assert s["ratio"] > 1.5 and s["action"] == "replan without it"
+  assert s["kind"] == "process" and s["process"] == slow and s["windows"] == 3
+  assert s["slot"] == slow and s["ratio"] > 1.5 and s["action"] == "replan without it"
   replan = next(e for e in ev if e["event"] == "replan")
-  assert replan["processes"] == 1 and replan["reason"] == "straggler process 1"
+  assert replan["processes"] == 1 and replan["reason"] == f"straggler process {slow}"
+  assert [e["slots"] for e in ev if e["event"] == "launch"] == [[0, 1], [1 - slow]]
+  assert [e for e in ev if e["event"] == "straggler"] == [s]
   assert "finished" in t.names(ev)
+
+
+def test_a_generation_runs_on_the_slots_not_set_aside(tmp_path):
+  """Lost and sitting-out slots are skipped, and on GPUs a process gets its slot's devices
+  (process p got devices p*K.. whatever slot had failed)."""
+  options = sup.Options(num_processes=4, devices_per_process=2, platform="gpu")
+  s = sup.Supervisor(options, [f"--workdir={tmp_path}", "--gin_file=configs/x.gin"])
+  s.lost, s.quarantine = {0: time.time()}, {2: time.time() + 100}
+  assert s._free_slots() == [1, 3] and s._available() == 2
+  s.slots = s._free_slots()
+  env = s._env(0, types.SimpleNamespace(processes=2, devices_per_process=2), 1234)
+  assert env["CUDA_VISIBLE_DEVICES"] == "2,3" and env[sup.worker_lib.ENV_SLOT] == "1"
+  assert s._env(1, types.SimpleNamespace(processes=2, devices_per_process=2), 1234)[
+      "CUDA_VISIBLE_DEVICES"] == "6,7"
+  s.quarantine = {2: time.time() - 1}            # its cool-down is over: it returns
+  assert s._free_slots() == [1, 2, 3]
 
 
 def test_a_straggler_is_only_reported_when_setting_it_aside_changes_nothing(tmp_path):
@@ -299,7 +323,7 @@ def test_a_second_straggler_in_the_same_poll_says_the_job_is_already_replanning(
   found = [stragglers.Straggler(kind, entity, 2.0, 3, 30, 0.02, 0.01)
            for kind, entity in (("process", "1"), ("shard", "2/0"))]
   s.detectors = (types.SimpleNamespace(poll=lambda: found),)
-  s.choice, s.config = types.SimpleNamespace(processes=3), None
+  s.choice, s.config, s.slots = types.SimpleNamespace(processes=3), None, [0, 1, 2]
   monkeypatch.setattr(sup.replan, "without_one", lambda *args: 2)
   out = s._check_stragglers(100.0)
   assert out.kind == "planned" and out.reason == "straggler process 1"
@@ -318,7 +342,7 @@ def test_no_usable_mesh_is_its_own_give_up_reason(tmp_path, monkeypatch):
                       lambda *args: (None, ["2 process(es): not divisible"]))
   assert s._plan() == (None, "no usable mesh for 2 process(es): 2 process(es): not divisible",
                        "no_usable_mesh")
-  s.lost = [0.0, 0.0]
+  s.lost = {0: 0.0, 1: 0.0}
   assert s._plan() == (None, "only 0 process(es) of 3 device(s) available, below "
                        "--min_processes=1", "below_min")
 
