@@ -38,6 +38,7 @@ EVENTS = {
     "replan": "new mesh and plan for the new capacity",
     "scale_up": "more capacity than in use: grow (after a clean stop)",
     "scale_down": "less capacity than in use: shrink",
+    "rescale": "as many devices as in use, in other processes (e.g. 2 x 4 -> 1 x 8)",
     "straggler": "a process or shard persistently slower than the others",
     "finished": "every worker ended normally at the last step",
     "give_up": "the supervisor stops: below --min_processes, no usable mesh, --max_restarts, "

@@ -127,9 +127,11 @@ class Scaling:
                     "no usable job on the capacity", detected=now)
 
   def _emit_scale(self, target: tuple, available: int, **extra) -> str:
-    """`scale_up` / `scale_down` (more / fewer devices than run) to `target`; its name."""
+    """`scale_up` / `scale_down` (more / fewer devices than run; `rescale`: as many, in
+    other processes) to `target`; its name."""
     cur = (self.choice.processes, self.choice.devices_per_process)
-    kind = "scale_up" if target[0] * target[1] > cur[0] * cur[1] else "scale_down"
+    kind = ("scale_up" if target[0] * target[1] > cur[0] * cur[1] else
+            "scale_down" if target[0] * target[1] < cur[0] * cur[1] else "rescale")
     self.events.emit(kind, generation=self.generation, current=list(cur), target=list(target),
                      available=available, **extra)
     return kind

@@ -445,3 +445,13 @@ def test_a_capacity_file_found_at_start_is_an_upper_bound_like_later(tmp_path):
       open(os.path.join(w, "launch.log")).read()[-2000:])
   plan = next(e for e in t.events(w) if e["event"] == "plan")
   assert plan["processes"] == 2 and final_checkpoint(w) == 10
+
+
+def test_the_same_devices_in_other_processes_is_a_rescale(tmp_path):
+  """A capacity of `1 8` replacing `2 4` was reported as `scale_down`."""
+  s = sup.Supervisor(sup.Options(num_processes=2, devices_per_process=4),
+                     [f"--workdir={tmp_path}", "--gin_file=configs/x.gin"])
+  s.choice = types.SimpleNamespace(processes=2, devices_per_process=4)
+  assert [s._emit_scale(target, 1) for target in ((1, 8), (1, 4), (4, 4))] == [
+      "rescale", "scale_down", "scale_up"]
+  assert [e["event"] for e in t.events(str(tmp_path))] == ["rescale", "scale_down", "scale_up"]
