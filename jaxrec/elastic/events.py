@@ -40,6 +40,8 @@ EVENTS = {
     "scale_down": "less capacity than in use: shrink",
     "rescale": "as many devices as in use, in other processes (e.g. 2 x 4 -> 1 x 8)",
     "straggler": "a process or shard persistently slower than the others",
+    "sigterm": "a worker got SIGTERM from outside: its generation saves and stops, its slot "
+               "is lost",
     "finished": "every worker ended normally at the last step",
     "give_up": "the supervisor stops: below --min_processes, no usable mesh, --max_restarts, "
                "user error, SIGINT / SIGTERM",

@@ -127,6 +127,7 @@ class Supervisor(scaling.Scaling):
     self._port: int | None = None             # the coordinator's, of the last workers
     self._first_plan_failed = False           # no mesh of the processes asked for at start
     self._warnings: set[str] = set()          # workers' warnings already printed
+    self._sigterms: list = []                 # (process, record): SIGTERMs not acted on
 
   # ---------------------------------------------------------------------------- main loop
   def run(self) -> int:
@@ -276,7 +277,7 @@ class Supervisor(scaling.Scaling):
     os.makedirs(os.path.join(self.workdir, worker_lib.WORKERS_DIR), exist_ok=True)
     argv = [self.o.python, self.o.train_script,
             *self.args.with_mesh_plan(*choice.worker_mesh_plan)]
-    self.procs = []
+    self.procs, self._sigterms = [], []
     self.slots = self._free_slots()[:choice.processes]
     self._checkpoint_at_launch = proc_lib.latest_checkpoint(self.workdir)
     for p in range(choice.processes):
@@ -370,6 +371,11 @@ class Supervisor(scaling.Scaling):
       signals.check()
       now = time.time()
       self._read_progress(now)
+      if self._sigterms:   # before the exits: the workers stop on their own then
+        preempted = self._check_sigterms(now)
+        if planned is None:
+          planned = preempted
+          stop_requested, stop_ckpt = self._request_stop(planned, now)
       out = self._check_exits(now, planned)
       if out is not None:
         return out
@@ -379,9 +385,7 @@ class Supervisor(scaling.Scaling):
       if planned is None:
         planned = self._check_capacity(now) or self._check_stragglers(now)
         if planned is not None:
-          stop_requested, stop_ckpt = now, proc_lib.latest_checkpoint(self.workdir)
-          with open(worker_lib.stop_path(self.workdir, self.generation), "w") as f:
-            f.write(json.dumps({"reason": planned.reason, "time": now}))
+          stop_requested, stop_ckpt = self._request_stop(planned, now)
       elif stop_requested is not None:
         if stop_saved is None:
           ckpt = proc_lib.latest_checkpoint(self.workdir)
@@ -394,6 +398,24 @@ class Supervisor(scaling.Scaling):
         if now - stop_requested > self.o.stop_timeout or (
             stop_saved is not None and now - stop_saved > 2 * self.o.stop_grace):
           return planned          # workers did not stop by themselves: stop them
+
+  def _request_stop(self, planned: _Outcome, now: float) -> tuple[float, int | None]:
+    """Asks the generation to checkpoint at its next check step and stop (the stop file);
+    returns when, and the newest checkpoint then."""
+    with open(worker_lib.stop_path(self.workdir, self.generation), "w") as f:
+      f.write(json.dumps({"reason": planned.reason, "time": now}))
+    return now, proc_lib.latest_checkpoint(self.workdir)
+
+  def _check_sigterms(self, now: float) -> _Outcome:
+    """Workers that got a SIGTERM from outside (a preempted machine): their slots count as
+    lost (until `--rejoin_after` or a capacity rewrite), and the generation saves and stops
+    at its next check step (the workers agree on that themselves too), then re-plans."""
+    for p, r in self._sigterms:
+      self.events.emit("sigterm", generation=self.generation, process=p.index, slot=p.slot,
+                       step=r.get("at_step"), action="checkpoint, stop, replan without it")
+      self.lost[p.slot] = now
+    first, self._sigterms = self._sigterms[0][0], []
+    return _Outcome("planned", f"worker {first.index} got SIGTERM", detected=now)
 
   def _read_progress(self, now: float) -> None:
     for p in self.procs:
@@ -417,6 +439,8 @@ class Supervisor(scaling.Scaling):
         p.last_seen = now
         if "warning" in r:
           self._warn(p.index, str(r["warning"]))
+        elif "sigterm" in r:
+          self._sigterms.append((p, r))
         elif r.get("phase") not in (None, "initialized"):   # `report_alive`: eval, save
           p.working = True
         elif r.get("phase") == "initialized":

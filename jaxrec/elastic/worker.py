@@ -37,6 +37,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Mapping
 
@@ -94,6 +95,8 @@ class _Worker:
     self._file = None
     self._carry = 0.0      # injected host time, charged to the next step
     self.alive_at = float("-inf")   # when `report_alive` last wrote
+    self.sigterm_at: float | None = None   # a SIGTERM from outside (`_on_sigterm`)
+    self.sigterm_reported = False
 
   def write(self, workdir: str, record: dict) -> None:
     if self._file is None:
@@ -181,10 +184,32 @@ def initialize_from_env() -> bool:
       if w.process != 0 or _RPC_SERVER_FAILED not in str(e):
         raise
       _port_in_use(address, str(e).splitlines()[0])
+  # after jax.distributed.initialize, whose preemption notifier took SIGTERM and swallowed
+  # it (with one process the default action killed the worker, with no checkpoint)
+  report_sigterm()
   if w.workdir:
     w.write(w.workdir, {"phase": "initialized", "pid": os.getpid(),
                         "init_s": round(time.time() - t0, 4)})
   return multi
+
+
+def report_sigterm() -> None:
+  """From now on a SIGTERM is recorded and reported (`_on_sigterm`), not the end of this
+  worker; `initialize_from_env` calls it. A no-op off the main thread."""
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum, frame) -> None:
+  """A SIGTERM from outside (a preempted machine): recorded; `report_progress` tells the
+  supervisor, which counts this slot as lost, and the generation saves a checkpoint at
+  its next check step and stops, as for a capacity change. A second one acts at once."""
+  del frame
+  w = _worker()
+  if w.sigterm_at is not None:
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+  w.sigterm_at = time.time()
 
 
 def _port_taken(procs, address: str) -> bool:
@@ -268,13 +293,16 @@ def report_progress(workdir: str, step: int, step_time_s: float,
   if shard_times_s:
     record["shard_times_s"] = {str(k): round(float(v), 6) for k, v in shard_times_s.items()}
   w.write(workdir, record)
+  if w.sigterm_at is not None and not w.sigterm_reported:
+    w.write(workdir, {"sigterm": round(w.sigterm_at, 4), "at_step": int(step)})
+    w.sigterm_reported = True
   w._carry = 0.0
   if w.delay > 0:            # fault injection: this process is slow on the host
     time.sleep(w.delay)
     w._carry = w.delay
   if step % w.check_every:
     return False
-  return _agree(os.path.exists(stop_path(workdir, w.generation)))
+  return _agree(os.path.exists(stop_path(workdir, w.generation)) or w.sigterm_at is not None)
 
 
 def _agree(flag: bool) -> bool:

@@ -38,6 +38,7 @@ def main(argv):
   if me.process == 0 and me.generation < int(args.get("port_taken_gens", 0)):
     print("coordinator address is in use (fake)")
     return worker.EXIT_PORT_IN_USE
+  worker.report_sigterm()                    # as worker.initialize_from_env
   me.write(w, {"phase": "initialized", "pid": os.getpid(), "init_s": 0.0})
   if "warn" in args and me.process == 0:
     worker.report_warning(f"warning: {args['warn']}")

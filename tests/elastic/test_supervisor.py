@@ -358,6 +358,42 @@ def test_run_again_after_the_end_reports_the_final_step(tmp_path):
   assert ev[-1]["event"] == "finished" and ev[-1]["step"] == 30
 
 
+def test_a_worker_given_sigterm_checkpoints_and_the_job_replans_without_its_slot(tmp_path):
+  """A preempted worker's SIGTERM: with several processes jax's preemption notifier
+  swallowed it (no event, no checkpoint: the job trained on until the SIGKILL came); a
+  single worker died at once. Now the generation saves at its next check step and stops,
+  and the job goes on without that slot."""
+  w = str(tmp_path)
+  proc = start(w, ["--num_processes=2"], steps=60)
+  t.wait_step(w, 1, 0, 7, timeout=120, proc=proc)
+  t.kill(t.worker_pids(w, 0)[1], signal.SIGTERM)
+  assert t.finish(proc) == 0, open(os.path.join(w, "launch.log")).read()[-2000:]
+  ev = t.events(w)
+  (term,) = [e for e in ev if e["event"] == "sigterm"]
+  assert (term["process"], term["slot"], term["generation"]) == (1, 1, 0)
+  stop = next(e for e in ev if e["event"] == "replan")
+  assert stop["reason"] == "worker 1 got SIGTERM" and stop["processes"] == 1
+  assert [e["slots"] for e in ev if e["event"] == "launch"] == [[0, 1], [0]]
+  exits = [e for e in ev if e["event"] == "worker_exit" and e["generation"] == 0]
+  assert sorted(e["returncode"] for e in exits) == [0, 0]   # both saved and left
+  assert ev[-1]["event"] == "finished" and ev[-1]["restarts"] == 0
+  second = [r for r in runs(w) if r["generation"] == 1]
+  assert second and second[0]["start"] % 5 == 0 and second[0]["start"] > 7   # its checkpoint
+
+
+def test_the_only_worker_given_sigterm_checkpoints_then_the_job_stops(tmp_path):
+  w = str(tmp_path)
+  proc = start(w, ["--num_processes=1"], steps=200, extra=["--mesh=data=2"])
+  t.wait_step(w, 0, 0, 7, timeout=120, proc=proc)
+  t.kill(t.worker_pids(w, 0)[0], signal.SIGTERM)
+  assert t.finish(proc) == 2
+  ev = t.events(w)
+  assert [e["process"] for e in ev if e["event"] == "sigterm"] == [0]
+  (exit_,) = [e for e in ev if e["event"] == "worker_exit"]
+  assert exit_["returncode"] == 0 and ev[-1]["event"] == "give_up"
+  assert ev[-1]["reason"] == "below_min" and ev[-1]["checkpoint"] > 7
+
+
 def test_sigterm_stops_the_workers_and_says_so(tmp_path):
   w = str(tmp_path)
   proc = start(w, ["--num_processes=2"], steps=100000)
