@@ -25,8 +25,32 @@ SUPERVISOR = ("import os, sys, time\nfrom jaxrec.elastic import procs, worker\n"
               "open(sys.argv[2], 'a'))\ntime.sleep(600)\n")
 
 
+@pytest.fixture(autouse=True)
+def _keep_the_sigterm_handler():
+  """`initialize_from_env` takes SIGTERM (`report_sigterm`): given back after each test."""
+  before = signal.getsignal(signal.SIGTERM)
+  yield
+  signal.signal(signal.SIGTERM, before)
+
+
 def use_env(monkeypatch, env):
   monkeypatch.setattr(worker, "_WORKER", worker._Worker(env))   # pylint: disable=protected-access
+
+
+def test_a_sigterm_is_reported_and_stops_at_the_next_check_step(tmp_path, monkeypatch):
+  w = str(tmp_path)
+  use_env(monkeypatch, {worker.ENV_GENERATION: "0", worker.ENV_PROCESS_ID: "0",
+                        worker.ENV_NUM_PROCESSES: "1", worker.ENV_WORKDIR: w,
+                        worker.ENV_CHECK_EVERY: "4"})
+  worker.initialize_from_env()
+  assert worker.report_progress(w, 1, 0.1) is False
+  os.kill(os.getpid(), signal.SIGTERM)                 # recorded, not the end
+  assert worker.report_progress(w, 2, 0.1) is False   # told, at the step after it
+  assert worker.report_progress(w, 3, 0.1) is False
+  assert worker.report_progress(w, 4, 0.1) is True    # the check step: save and stop
+  recs = [json.loads(l) for l in open(worker.progress_path(w, 0))]
+  (told,) = [r for r in recs if "sigterm" in r]
+  assert told["at_step"] == 2 and recs.index(told) == 3   # after step 2's record
 
 
 def test_no_op_without_the_supervisor(tmp_path, monkeypatch):
