@@ -24,6 +24,7 @@ from gin import config_parser
 _ORIGINS: dict[tuple[str, str, str], str] = {}
 # macro name -> where it is first used (`x = %name`)
 _MACRO_USES: dict[str, str] = {}
+_FILES: list[str] = []   # gin files parsed, includes too (`files_read`)
 
 
 class _Placeholders(config_parser.ParserDelegate):
@@ -43,10 +44,18 @@ class _Placeholders(config_parser.ParserDelegate):
 def clear() -> None:
   _ORIGINS.clear()
   _MACRO_USES.clear()
+  _FILES.clear()
+
+
+def files_read() -> list[str]:
+  """The gin files parsed since `clear`, `--gin_file`s and their includes (e.g. for an
+  output that must not overwrite one)."""
+  return list(_FILES)
 
 
 def record_file(path: str) -> None:
   """Notes the bindings of gin file `path` (and of the files it includes) as `FILE:LINE`."""
+  _FILES.append(path)
   with open(path, encoding="utf-8") as f:
     statements = _parsed(f, lambda s: f"{path}:{s.location.line_num}")
   for statement in statements:

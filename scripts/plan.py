@@ -112,6 +112,17 @@ def _check_outputs_spare_inputs():
                           "overwrite it; pick another path")
 
 
+def _check_not_a_gin_file(path: str) -> None:
+  """`--json` naming a gin file the config included (the `--gin_file`s themselves are
+  checked before planning) replaced that config with plan JSON."""
+  from jaxrec import gin_usage  # pylint: disable=import-outside-toplevel
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  for gin_file in gin_usage.files_read():
+    if os.path.realpath(path) == os.path.realpath(gin_file):
+      raise ConfigError(f"--json: '{path}' is a gin file the config includes, writing it "
+                        "would overwrite it; pick another path")
+
+
 def _write_json(path: str, obj) -> None:
   """Writes `obj` to `path` whole or not at all."""
   import json  # pylint: disable=import-outside-toplevel
@@ -256,6 +267,7 @@ def main(argv):
     print(result.report())
     signals.check()
     if FLAGS.json:
+      _check_not_a_gin_file(FLAGS.json)
       _write_json(FLAGS.json, result.to_json())
       print(f"wrote {FLAGS.json}")
 

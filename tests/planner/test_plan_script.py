@@ -135,10 +135,15 @@ def test_outputs_never_overwrite_inputs(tmp_path):
       100, 0.004, uniform_plan("tw", tables, 2), {"table": 2}, steps=100))
   cal = tmp_path / "cal.json"
   cal.write_text(json.dumps(planner.DEFAULT.to_json()))
+  including = tmp_path / "inc.gin"
+  including.write_text(f"include '{gin_file}'\n")
   inputs = {p: p.read_bytes() for p in (gin_file, tmp_path / "profile.jsonl", cal)}
   for flags, want in [
       ([f"--gin_file={gin_file}", "--mesh=row=2", f"--json={gin_file}"],
        f"error: --json: '{gin_file}' is the --gin_file file"),
+      ([f"--gin_file={including}", "--mesh=row=2", f"--json={gin_file}"],   # was replaced
+       f"error: --json: '{gin_file}' is a gin file the config includes, writing it would "
+       "overwrite it; pick another path"),
       (["--tables=t0:1000:16,t1:10:16", f"--profile={tmp_path}", "--batch_size=64",
         f"--json={tmp_path / 'profile.jsonl'}"], "error: --json: .* is the --profile file"),
       (["--tables=t:100:16", "--mesh=row=2", f"--calibration_file={cal}", f"--json={cal}"],
