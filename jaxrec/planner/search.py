@@ -10,7 +10,8 @@
              priced by `cost_model.plan_cost` and the calibration coefficients
   propose    local search over the kinds, from several starts (every table at one kind,
              for each kind; every table at its smallest placement): the best change of one
-             table's kind, or of a whole stack's, while the objective drops
+             table's kind (of the `SINGLE_MOVES` largest tables), or of a whole stack's,
+             while the objective drops
 
 The objective is (bytes over the memory budget, step time, bytes per device): a start that
 does not fit walks into the budget first. Step time is the same on every device (stacks
@@ -36,6 +37,10 @@ from jaxrec.sharding.plan import KIND_AXES, Plan, TablePlacement
 DEFAULT_MEMORY_PER_DEVICE = 16 * 2**30  # bytes, when the caller gives no budget
 _REL_TOL = 1e-9
 _MAX_STEPS = 200  # local-search moves per start (each strictly improves; a safety bound)
+# Tables the search moves one at a time: the largest (bytes); the others move with their
+# stacks. Each move's estimate is linear in the tables, so moving each of N tables made a
+# search step quadratic: 800 tables took ~170 s, 2,000 did not finish in 10 minutes.
+SINGLE_MOVES = 64
 
 
 def default_dedup():
@@ -157,10 +162,12 @@ def _better(a: tuple, b: tuple) -> bool:
   return False
 
 
-def _moves(space: _Space, allowed: Sequence[Sequence[str]], kinds: tuple[str, ...]):
-  """Neighbours: one table to another kind; all tables of one stack to another kind."""
-  for i, ks in enumerate(allowed):
-    for k in ks:
+def _moves(space: _Space, allowed: Sequence[Sequence[str]], kinds: tuple[str, ...],
+           single: Sequence[int]):
+  """Neighbours: one table (of `single`) to another kind; all tables of one stack to
+  another kind."""
+  for i in single:
+    for k in allowed[i]:
       if k != kinds[i]:
         yield kinds[:i] + (k,) + kinds[i + 1:]
   for (kind, *_), members in space.stacks(kinds).items():
@@ -174,12 +181,21 @@ def _moves(space: _Space, allowed: Sequence[Sequence[str]], kinds: tuple[str, ..
       yield tuple(new)
 
 
-def _local_search(space: _Space, allowed, start: tuple[str, ...]) -> _Eval:
+def _single_movers(space: _Space) -> list[int]:
+  """Indices of the tables the search moves one at a time (`SINGLE_MOVES` largest)."""
+  order = sorted(range(len(space.loads)), key=lambda i: (-space.loads[i].table_bytes,
+                                                         -space.loads[i].num_features,
+                                                         space.names[i]))
+  return sorted(order[:SINGLE_MOVES])
+
+
+def _local_search(space: _Space, allowed, start: tuple[str, ...], single: Sequence[int]
+                  ) -> _Eval:
   cur = space.evaluate(start)
   for _ in range(_MAX_STEPS):
     signals.check()   # SIGINT / SIGTERM deferred by scripts/plan.py
     best = cur
-    for kinds in _moves(space, allowed, cur.kinds):
+    for kinds in _moves(space, allowed, cur.kinds, single):
       e = space.evaluate(kinds)
       if _better(e.objective, best.objective):
         best = e
@@ -256,20 +272,25 @@ def _delta(alt: _Eval, base: _Eval, budget: int) -> str:
   return f"same step time, +{format_bytes(max(alt.memory - base.memory, 0))}/device"
 
 
-def _reason(space: _Space, allowed, best: _Eval, i: int) -> str:
-  """Why table `i` has its kind, from its alternatives with the rest of the plan fixed."""
+def _reason(space: _Space, allowed, best: _Eval, i: int, single: bool = True) -> str:
+  """Why table `i` has its kind, from its alternatives with the rest of the plan fixed
+  (not `single`: a table the search moved only with its stack, whose alternatives are not
+  estimated)."""
   kind = best.kinds[i]
+  stack = next(s for s in best.cost.stacks if space.names[i] in s.tables)
+  where = (f"stack {stack.name}: {stack.width} of its {stack.features} features per device, "
+           f"bags of {stack.bag}")
+  if len(stack.tables) > 1:
+    where += f", shares the collectives of its stack with {len(stack.tables) - 1} table(s)"
+  if not single:
+    return (f"kind of its stack (of {len(space.loads)} tables the search moves only the "
+            f"{SINGLE_MOVES} largest alone, the others with their stacks); {where}")
   alts = []
   for k in allowed[i]:
     if k != kind:
       alts.append((k, space.evaluate(best.kinds[:i] + (k,) + best.kinds[i + 1:])))
   alts.sort(key=lambda a: a[1].objective)
   nxt = f"{alts[0][0]} {_delta(alts[0][1], best, space.budget)}" if alts else None
-  stack = next(s for s in best.cost.stacks if space.names[i] in s.tables)
-  where = (f"stack {stack.name}: {stack.width} of its {stack.features} features per device, "
-           f"bags of {stack.bag}")
-  if len(stack.tables) > 1:
-    where += f", shares the collectives of its stack with {len(stack.tables) - 1} table(s)"
   if kind == "dp":
     if not nxt:
       return f"replicated: the mesh offers no split this table can use; {where}"
@@ -393,9 +414,9 @@ def propose_plan(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
   starts = [smallest]
   for k in dict.fromkeys(k for ks in allowed for k in ks):
     starts.append(tuple(k if k in ks else s for ks, s in zip(allowed, smallest)))
-  best = None
+  best, single = None, _single_movers(space)
   for start in dict.fromkeys(starts):
-    e = _local_search(space, allowed, start)
+    e = _local_search(space, allowed, start, single)
     if best is None or _better(e.objective, best.objective):
       best = e
   if best.problem:
@@ -406,7 +427,8 @@ def propose_plan(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
   if best.memory > space.budget:   # the plan over budget by the least the search reached
     raise _overflow_error(space, best, f"the {len(space.loads)} tables together (the "
                           "closest plan the search found)")
-  reasons = {space.names[i]: _reason(space, allowed, best, i) for i in range(len(allowed))}
+  reasons = {space.names[i]: _reason(space, allowed, best, i, i in single)
+             for i in range(len(allowed))}
   return _result(space, best, cal, "auto", reasons, _unused_axis_notes(space, best))
 
 

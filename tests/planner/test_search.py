@@ -269,3 +269,20 @@ def test_no_plan_fits_reports_the_closest_plan_not_the_starting_point():
   needed = float(str(e.value).split("every device needs ")[1].split(" MiB")[0])
   # (printed to one decimal; the start it named was 6.9 MiB)
   assert (needed - 0.05) * 2**20 <= sum(fits.memory.values()), (needed, dict(fits.memory))
+
+
+def test_only_the_largest_tables_move_alone(monkeypatch):
+  """Moving each of N tables alone made every search step quadratic (800 tables: ~170 s);
+  past `SINGLE_MOVES` the smaller tables move with their stacks, and say so."""
+  from jaxrec.planner import search  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(search, "SINGLE_MOVES", 1)
+  tables, features = specs(("huge", 40_000_000, 128), ("a", 100, 16), ("b", 200, 16))
+  res = propose_plan(tables, features, {"data": 2, "table": 2, "row": 2, "col": 2}, 16 * GiB,
+                     "adagrad", 1024)
+  reasons = {t.name: t.reason for t in res.tables}
+  assert "replicated would need" in reasons["huge"]
+  for small in ("a", "b"):
+    assert reasons[small].startswith("kind of its stack (of 3 tables the search moves only "
+                                      "the 1 largest alone, the others with their stacks); "
+                                      "stack "), reasons[small]
+  assert set(KIND_AXES[res.plan["huge"].kind]) & {"row", "col"}
