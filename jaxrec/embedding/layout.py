@@ -309,14 +309,16 @@ def stack_error(layouts: Sequence[StackLayout]) -> str | None:
               "read by no feature, and no table that is has their kind, dim and dtype (whose "
               "stack they would join); add a feature for them, place them like a read "
               "table, or leave them out")
+  for l in layouts:   # a table over the limit alone: no placement helps (it was named in a
+    for t in l.slots:  # stack, with advice to spread the stack)
+      if t.rows > MAX_SLICE_ROWS:
+        return (f"table '{t.name}' has {t.rows:,} rows, over the {MAX_SLICE_ROWS:,} that "
+                "int32 ids reach")
   for l in layouts:
     fill = [sum(t.rows for t in l.slots if t.table_slice == s) for s in range(l.num_slices)]
     s = max(range(l.num_slices), key=fill.__getitem__)
     if fill[s] > MAX_SLICE_ROWS:
       names = [t.name for t in l.slots if t.table_slice == s]
-      if len(names) == 1:
-        return (f"table '{names[0]}' has {fill[s]:,} rows, over the {MAX_SLICE_ROWS:,} that "
-                "int32 ids reach")
       return (f"tables {names} ({l.kind}, dim {l.dim}, {l.dtype}) stack {fill[s]:,} rows "
               f"on one table slice, over the {MAX_SLICE_ROWS:,} that int32 row numbers "
               "reach; place them on different table slices (tw, twrw, twcw, grid) or give "

@@ -226,6 +226,8 @@ def test_more_rows_on_a_slice_than_int32_reaches_is_a_clear_error():
   with pytest.raises(ConfigError, match="table 'a' has 3,000,000,000 rows, over the "
                      "2,147,483,647 that int32 ids reach"):
     create((TableSpec("a", 3_000_000_000, 4),), "rw", "row=8")
+  with pytest.raises(ConfigError, match="^table 'a' has 3,000,000,000 rows"):   # was the
+    create((TableSpec("a", 3_000_000_000, 4), TableSpec("b", 10, 4)), "rw", "row=8")  # stack's
   create(tables, "twrw", "table=2,row=4")   # one table per slice: fine (nothing allocated)
 
 
