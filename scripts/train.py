@@ -31,7 +31,8 @@ flags.DEFINE_string("workdir", None, "Run directory (metrics, checkpoints, confi
 flags.DEFINE_multi_string("gin_file", [], "Gin config file(s), applied in order.")
 flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings applied after the files.")
 flags.DEFINE_string("mesh", "auto", "Mesh axis sizes, e.g. data=2,table=2,row=2,col=1, or auto "
-                    "(a --plan file's recorded mesh, or the closest to it that takes the plan; "
+                    "(a --plan file's recorded mesh, or the closest to it that takes the plan "
+                    "(recording none: the first mesh from data=N on that takes it); "
                     "resuming with --plan=auto, the checkpoint's mesh and plan when the device "
                     "count matches; else all on data or the forced kind's axis).")
 flags.DEFINE_string("plan", "auto", "auto (planner), one kind for every table "

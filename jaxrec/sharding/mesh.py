@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxrec.errors import ConfigError
 # format_mesh: re-exported
 from jaxrec.sharding.plan import (KIND_AXES, MESH_AXES, format_mesh,  # noqa: F401
-                                  recorded_mesh)
+                                  is_plan_file, recorded_mesh)
 
 # Batch-major arrays are split over every axis: device k holds examples [k*b, (k+1)*b).
 BATCH_AXES = MESH_AXES
@@ -67,10 +67,14 @@ def auto_mesh_candidates(plan: str, num_devices: int) -> list[dict[str, int]]:
   """Meshes `--mesh=auto` tries, in order, for `--plan=plan` on `num_devices`: with a plan
   file recording a mesh, that mesh when it has the devices and then the shapes closest to
   it (`candidate_meshes`, so a file made for another device count keeps its model axes
-  where they divide); otherwise the one `auto_mesh_shape`."""
+  where they divide); a plan file recording no mesh, every mesh from all on `data` on
+  (it got only that one: a file placing tables on 4 `table` slices failed, 'table_slice 1
+  is outside mesh axis table=1'); otherwise the one `auto_mesh_shape`."""
   made_for = recorded_mesh(plan)
   if made_for:
     return candidate_meshes(made_for, num_devices)
+  if is_plan_file(plan):
+    return candidate_meshes(None, num_devices)
   return [auto_mesh_shape(plan if plan != "auto" else "dp", num_devices)]
 
 

@@ -147,8 +147,10 @@ def auto_why(plan: str, shape: Mapping[str, int]) -> str:
   """Why `--mesh=auto` with `--plan=plan` took `shape`, for the log."""
   made_for = recorded_mesh(plan)
   if made_for is None:
-    what = "a plan file recording no mesh" if is_plan_file(plan) else f"--plan={plan}"
-    return f"--mesh=auto with {what}"
+    if is_plan_file(plan):
+      return ("--mesh=auto with a plan file recording no mesh: the first mesh, from all on "
+              "data on, that takes the plan")
+    return f"--mesh=auto with --plan={plan}"
   if made_for == dict(shape):
     return f"the mesh --plan={plan} records"
   return (f"--plan={plan} records mesh {mesh_lib.format_mesh(made_for)} "

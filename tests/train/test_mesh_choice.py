@@ -104,6 +104,19 @@ def test_plan_file_of_another_device_count_runs_where_the_supervisor_would(tmp_p
   assert "closest mesh" in info["why"]
 
 
+def test_a_plan_file_recording_no_mesh_takes_the_first_mesh_that_takes_it(tmp_path):
+  """Only data=N was tried: 'table_slice 1 is outside mesh axis table=1', with no hint."""
+  tables, _ = h.specs()
+  path = tmp_path / "plan.json"
+  path.write_text(json.dumps({"plan": uniform_plan("tw", tables, 4).to_json()}))
+  _, got, info = _setup(None, 8, plan=str(path))
+  assert info["mesh"] == TW and got == uniform_plan("tw", tables, 4)
+  assert info["why"] == ("--mesh=auto with a plan file recording no mesh: the first mesh, "
+                         "from all on data on, that takes the plan")
+  args = replan.TrainArgs.parse(["--workdir=w", "--gin_file=g", f"--plan={path}"])
+  assert replan.choose(CONFIG, args, 1, 8).mesh == TW   # launch.py: the same
+
+
 def test_a_plan_file_of_another_mesh_warns_once_naming_the_mesh_taken(tmp_path, caplog):
   """--mesh=auto logged "--plan=F was made for mesh X" once per mesh it tried (here 2 on 2
   devices: table=1,row=2 refuses the plan's second table slice), and the supervisor again
