@@ -124,11 +124,13 @@ def main(argv):
     n_block = min(20_000, FLAGS.examples)
     synthetic.write_tsv(block, synthetic.SyntheticSource(layout, seed=0), n_block)
     data = open(block, "rb").read()
-    reps = -(-FLAGS.examples // n_block)
-    with open(path, "wb") as f:
-      for _ in range(reps):
+    whole, rest = divmod(FLAGS.examples, n_block)   # --examples exactly (was rounded up to
+    with open(path, "wb") as f:                      # a multiple of the 20,000-line block)
+      for _ in range(whole):
         f.write(data)
-    n = reps * n_block
+      if rest:
+        f.write(b"".join(data.splitlines(keepends=True)[:rest]))
+    n = FLAGS.examples
     size = os.path.getsize(path)
 
     start = time.perf_counter()
