@@ -26,6 +26,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks.common import check_at_least, emit  # noqa: E402
+from jaxrec import cli_flags  # noqa: E402
 from jaxrec.elastic.events import read_events  # noqa: E402
 from jaxrec.elastic.procs import latest_checkpoint  # noqa: E402
 
@@ -161,4 +162,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli_flags.parse)   # --help exits 0, a flag error is one line

@@ -22,6 +22,7 @@ import numpy as np
 from absl import app, flags
 
 from common import check_at_least
+from jaxrec import cli_flags  # noqa: E402
 from jaxrec.data import binary, pipeline, synthetic, tsv
 from jaxrec.data.source import make_layout
 from jaxrec.embedding.specs import uniform_tables
@@ -162,4 +163,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli_flags.parse)   # --help exits 0, a flag error is one line

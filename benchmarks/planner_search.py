@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Wall time of the planner's search (`--plan=auto`, `scripts/plan.py`) against the number
-of tables: it runs before anything trains, and a model of thousands of small tables (feature
-crosses, per-site ids) must not sit silent at start-up for minutes.
+"""Wall time of the planner's search against the number of tables.
+
+The search (`--plan=auto`, `scripts/plan.py`) runs before anything trains, and a model of
+thousands of small tables (feature crosses, per-site ids) must not sit silent at start-up for
+minutes.
 
 Tables `t<i>` of 10 + i % 50 rows and dims 1, 4, 8, 16 in turn (one one-hot feature each), on
 mesh table=4,row=2, SGD, batch 512, the default budget. Prints one line per size:
@@ -24,7 +26,8 @@ def _tables(n: int):
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument("--tables", default="26,200,800,2000",
                       help="comma-separated table counts")
   args = parser.parse_args()

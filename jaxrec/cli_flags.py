@@ -94,7 +94,8 @@ def parser(**kwargs) -> Callable[[list[str]], list[str]]:
 
 
 def _unknown(program: str, name: str, flag_values: flags.FlagValues) -> str:
-  script = "scripts/" + program.replace("\\", "/").rsplit("/", 1)[-1]
+  parts = program.replace("\\", "/").rsplit("/", 2)   # scripts/X.py, benchmarks/X.py
+  script = "/".join(parts[-2:]) if len(parts) > 1 else "scripts/" + parts[-1]
   close = difflib.get_close_matches(name, list(flag_values), n=3, cutoff=0.75)
   hint = f" (did you mean {' or '.join('--' + c for c in close)}?)" if close else ""
   return f"{script} {NO_SUCH_FLAG}{name}{hint}"

@@ -41,9 +41,12 @@ class Reader:
     self._seen: tuple | None = None            # (mtime, text) of the last read
     self.error: tuple | None = None            # what the last error event was about
     self.message = ""                          # ... and its message
+    self._initial = False                      # the read in progress is the one at start
 
-  def read(self, devices_per_process: int) -> tuple[int, int] | None:
-    """`(processes, devices per process)` of a new statement, else None."""
+  def read(self, devices_per_process: int, initial: bool = False) -> tuple[int, int] | None:
+    """`(processes, devices per process)` of a new statement, else None. `initial`: the
+    read at start, where an unreadable file stops the job (later one is ignored)."""
+    self._initial = initial
     try:
       with open(self.path) as f:
         raw = f.read()
@@ -67,7 +70,8 @@ class Reader:
     """The `capacity` error event, once per distinct content or read error."""
     if seen != self.error:
       self.error, self.message = seen, message
-      self._emit("capacity", source="file", error=f"{message}; ignored")
+      then = "the job does not start" if self._initial else "ignored"
+      self._emit("capacity", source="file", error=f"{message}; {then}")
     return None
 
 

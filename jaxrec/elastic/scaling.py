@@ -57,7 +57,7 @@ class Scaling:
   def _read_capacity(self, initial: bool = False) -> bool:
     """Takes the capacity file's new statement, if any (it returns the lost slots); True
     if there was one."""
-    new = self.capacity_reader.read(self.capacity[1])
+    new = self.capacity_reader.read(self.capacity[1], initial=initial)
     if new is None:
       return False
     old, self.capacity, self.lost = self.capacity, new, {}

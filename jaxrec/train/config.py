@@ -238,8 +238,11 @@ def check_sparse_optimizer(sparse) -> None:
   """`ConfigError` unless `sparse` (`ExperimentConfig.sparse_optimizer`) is None or a sparse
   optimizer instance (`@Adagrad`, the class, and text are refused)."""
   if sparse is not None and not _has_methods(sparse, "state_layout", "update"):
+    hint = (f" (@{sparse.__name__} names the class: write @{sparse.__name__}() for an "
+            "optimizer)" if isinstance(sparse, type) and hasattr(sparse, "state_layout")
+            else "")
     raise ConfigError(f"ExperimentConfig.sparse_optimizer must be a sparse optimizer, "
-                      f"e.g. @RowWiseAdagrad() or @sparse_optimizer(), got {sparse!r}")
+                      f"e.g. @RowWiseAdagrad() or @sparse_optimizer(), got {sparse!r}{hint}")
 
 
 def check_embedding(emb) -> None:

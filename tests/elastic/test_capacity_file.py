@@ -108,6 +108,7 @@ def test_bad_content_at_start_is_a_user_error(tmp_path, monkeypatch):
   assert [e["event"] for e in ev] == ["start", "capacity", "give_up"], ev
   assert ev[-1]["reason"] == "user_error"
   assert ev[-1]["message"].startswith(f"{s.capacity_file}:1: expected `N` or `N K`"), ev[-1]
+  assert ev[1]["error"].endswith("; the job does not start"), ev[1]   # was "; ignored"
 
 
 def _run_after_checkpoint_10(s, monkeypatch, capacity: str) -> int:

@@ -60,6 +60,9 @@ def test_every_flag_has_help_and_shows_its_default(path):
         help_node = call.args[3] if len(call.args) > 3 else _keyword(call, "help")
       if not _text(help_node).strip():
         bare.append(f"line {call.lineno}: flag {ast.literal_eval(call.args[0])} has no help")
+    elif name == "run" and ast.unparse(call.func) == "app.run":   # absl's --help exits 1
+      if "cli_flags.pars" not in ast.unparse(_keyword(call, "flags_parser") or ast.Constant("")):
+        bare.append(f"line {call.lineno}: app.run without flags_parser=cli_flags.parse")
   assert not bare, bare
 
 

@@ -67,7 +67,9 @@ def test_dlrm_criteo_is_the_torchrec_shape():
     # bound objects of the wrong kind
     ("ExperimentConfig.sparse_optimizer='adam'", "ExperimentConfig.sparse_optimizer must be a "
                                                  r"sparse optimizer, e.g. @RowWiseAdagrad\(\)"),
-    ("ExperimentConfig.sparse_optimizer=@SGD", "ExperimentConfig.sparse_optimizer must be"),
+    ("ExperimentConfig.sparse_optimizer=@SGD",
+     r"ExperimentConfig.sparse_optimizer must be .* \(@SGD names the class: write @SGD\(\) "
+     r"for an optimizer\)"),
     ("ExperimentConfig.dense_optimizer='adam'", "ExperimentConfig.dense_optimizer must be an "
                                                 "optax transformation"),
     ("ExperimentConfig.model='dlrm'", r"ExperimentConfig.model must be a model, e.g. "
