@@ -168,7 +168,7 @@ class EmbeddingCollection:
       options = dataclasses.replace(options or EmbeddingOptions(), **overrides)
     except TypeError as e:
       raise ConfigError(f"EmbeddingCollection.create: {e}") from None
-    options = _resolved(options, tables, mesh.devices.flat[0].platform)
+    given, options = options, _resolved(options, tables, mesh.devices.flat[0].platform)
     dims = {}   # dim -> the first feature reading a table of it
     for f in features:
       dims.setdefault(next(t.dim for t in tables if t.name == f.table), f)
@@ -181,6 +181,11 @@ class EmbeddingCollection:
     problem = layout_lib.stack_error(layouts)
     if problem:
       raise ConfigError(problem)
+    if options.comm_dtype is not None and not any(
+        dict(l.sizes).get(a, 1) > 1 for l in layouts for a in l.axes):
+      log.warning("EmbeddingOptions.comm_dtype=%r has no effect: no stack is split over more "
+                  "than one device of table, row or col (on this mesh and plan pooled "
+                  "activations never cross devices)", given.comm_dtype)
     collection = cls(tables, features, plan, mesh, optimizer, layouts, options)
     for l in layouts:
       collection.dedup(l)   # raises for an impossible dedup=False

@@ -243,4 +243,9 @@ def test_options_that_do_nothing_are_named(caplog):
   with caplog.at_level("WARNING"):
     make_collection("dp", "single", SGD, tables=one_bf16, stochastic_rounding=True)
     make_collection("dp", "single", SGD, kernel="pallas", interpret=True)
+    make_collection("rw", "row=8", SGD, comm_dtype="fp16")
   assert "has no effect" not in caplog.text
+  with caplog.at_level("WARNING"):   # a dp plan moves no pooled activation: fp8 did nothing
+    make_collection("dp", "data=8", SGD, comm_dtype="fp8")
+  assert ("EmbeddingOptions.comm_dtype='fp8' has no effect: no stack is split over more than "
+          "one device of table, row or col") in caplog.text
