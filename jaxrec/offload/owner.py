@@ -120,19 +120,24 @@ def claim(paths: Mapping[str, str], workdir: str) -> list[Claim]:
   another workdir."""
   workdir = os.path.realpath(workdir)
   real = {t: os.path.realpath(p) for t, p in paths.items()}
+  claims: list[Claim] = []
   try:
     found = {t: _check(t, p, workdir) for t, p in real.items()}
-    return _claim(found, real, workdir)
+    _claim(found, real, workdir, claims)
+    return claims
   except OSError as e:   # a file in the way, a path it cannot create (/sys, /proc, ...)
-    table = next((t for t, p in real.items() if e.filename and
-                  os.path.commonpath([p, os.path.abspath(e.filename)]) == p), None)
+    release(claims)      # the stores claimed before it (their OWNER named this workdir)
+    failed = os.path.abspath(e.filename) if e.filename else None   # the store or a parent
+    table = next((t for t, p in real.items() if failed and
+                  os.path.commonpath([p, failed]) in (p, failed)), None)
     what = f"offloaded table '{table}': its" if table else "an offloaded table's"
     raise ConfigError(f"{what} store directory cannot be used (OffloadTable.path): "
                       f"{e.strerror or e}: '{e.filename}'") from None
 
 
-def _claim(found: Mapping[str, str], real: Mapping[str, str], workdir: str) -> list[Claim]:
-  claims = []
+def _claim(found: Mapping[str, str], real: Mapping[str, str], workdir: str,
+           claims: list[Claim]) -> None:
+  """Claims each store, appending what it changed to `claims` as it goes."""
   for table, what in found.items():
     path = real[table]
     if what == "keep":
@@ -155,7 +160,6 @@ def _claim(found: Mapping[str, str], real: Mapping[str, str], workdir: str) -> l
       _check(table, path, workdir)
       continue
     claims.append(Claim(path, None, made))
-  return claims
 
 
 def release(claims: Sequence[Claim]) -> None:
@@ -163,8 +167,9 @@ def release(claims: Sequence[Claim]) -> None:
   back, an adopted store loses the `OWNER` the run wrote, and a directory the claim made
   is removed with what the run put in the store (its fresh arrays: `OWNER`'s exclusive
   creation kept every other run out of it), unless something else was put beside it. Best
-  effort: a failure is logged, not raised (the start-up error that led here is shown)."""
-  for c in claims:
+  effort: a failure is logged, not raised (the start-up error that led here is shown).
+  Last claim first: a directory an earlier claim made may hold a later one's store."""
+  for c in reversed(claims):
     try:
       if c.made is not None:
         files.remove_made(c.made, c.path, lambda name: not name.startswith(os.pardir))

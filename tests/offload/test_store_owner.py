@@ -218,3 +218,29 @@ def test_a_claim_made_while_building_the_tier_is_handed_back(tmp_path, monkeypat
   with pytest.raises(MemoryError):
     _tier(tmp_path / "w", tmp_path / "ssd" / "big")
   assert not (tmp_path / "ssd").exists()
+
+
+def test_a_claim_refused_part_way_hands_back_the_stores_it_claimed_first(tmp_path):
+  """A second store path that cannot be made (`/proc/...`) was an error, but the first
+  store's new OWNER stayed, naming a workdir never made: every other workdir was refused."""
+  from jaxrec.offload import owner  # pylint: disable=import-outside-toplevel
+  first = tmp_path / "stores" / "t0"
+  with pytest.raises(ConfigError, match="offloaded table 't1': its store directory cannot be "
+                     "used"):
+    owner.claim({"t0": str(first), "t1": "/proc/jaxrec-test/t1"}, str(tmp_path / "w"))
+  assert not (tmp_path / "stores").exists()
+  assert owner.claim({"t0": str(first)}, str(tmp_path / "w2"))   # another workdir takes it
+
+
+def test_nested_claims_are_handed_back_whole(tmp_path):
+  """Released first to last, the first claim's directory (`W/offload`) still held the
+  second's store: `W/offload/t0` was left behind (and so the workdir)."""
+  from jaxrec.offload import owner  # pylint: disable=import-outside-toplevel
+  w = tmp_path / "w"
+  w.mkdir()
+  claims = owner.claim({"t0": str(w / "offload" / "t0"), "t1": str(w / "offload" / "t1")},
+                       str(w))
+  (w / "offload" / "t0" / "table").mkdir()    # t0's fresh arrays
+  (w / "offload" / "t0" / "table" / "zarr.json").write_text("{}")
+  owner.release(claims)
+  assert os.listdir(w) == []
