@@ -194,6 +194,13 @@ def _exported_arrays(step_dir):
     if name not in arrays:
       raise CheckpointError(f"offload snapshot of {step_dir} holds '{name}', which the "
                             "checkpoint does not have")
+    # The checkpoint's own array (the device cache) is replaced by the snapshot's, but a
+    # training restore checks it: read it too, so that both pick the same step (a damaged
+    # cache chunk was exported as step N while training fell back to N-1).
+    check = _Verifier(name, tuple(arrays[name].shape), saved.get(name), step_dir)
+    for start, block in _read_blocks(arrays[name], name, step_dir):
+      check.add(start, block)
+    check.done()
   arrays.update(offloaded)
   for name in sorted(n for n in arrays if n != "fingerprint"):
     yield export_name(name), name, arrays[name], None if name in offloaded else saved.get(name)

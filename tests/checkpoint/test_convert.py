@@ -345,6 +345,21 @@ def _offloaded_run(tmp_path):
   return snaps, coll, state, want
 
 
+def test_a_damaged_device_cache_of_an_offloaded_table_is_a_corrupt_step(tmp_path):
+  """Exports take an offloaded table from its snapshot and never read the checkpoint's
+  cache array, which a training restore checks: a flipped bit there was exported as the
+  step while training fell back. Now the export finds the damage too."""
+  _offloaded_run(tmp_path)
+  chunk = next(p for p in (tmp_path / "w" / "checkpoints" / "5" / "embeddings" / "tables" /
+                           "t0").iterdir() if not p.name.startswith("."))
+  data = bytearray(chunk.read_bytes())
+  data[len(data) // 2] ^= 0x01
+  chunk.write_bytes(bytes(data))
+  with pytest.raises(CheckpointError, match=r"'tables/t0' .*(fails its fingerprint check|"
+                     r"cannot be read)"):
+    convert.export_npz(tmp_path / "w" / "checkpoints", tmp_path / "a.npz", 5)
+
+
 def test_offloaded_table_is_exported_from_its_snapshot(tmp_path):
   """The checkpoint of an offloaded run holds only the device cache of the table; the
   exports take the whole table (and its optimizer state) from the offload snapshot, and a
