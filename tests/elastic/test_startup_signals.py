@@ -44,9 +44,9 @@ if MOMENT == "import":
 elif MOMENT == "gc":
   from jaxrec import launch
   parse_gin = launch.parse_gin
-  def parse_gin_in_gc(*a):
+  def parse_gin_in_gc(*a, **kw):
     fire_in_gc()
-    return parse_gin(*a)
+    return parse_gin(*a, **kw)
   launch.parse_gin = parse_gin_in_gc
 elif MOMENT == "spawn":
   from jaxrec.elastic import procs
