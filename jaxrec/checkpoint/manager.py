@@ -416,6 +416,13 @@ class CheckpointManager:
       for newer in [n for n in self.all_steps() if n > s]:
         self._reject(newer, reasons.get(newer, "superseded"))
       return restored
+    if require_finite and all(reason == "nonfinite" for _, _, reason in skipped):
+      # a rollback whose every checkpoint holds NaN/inf (a state can overflow while its
+      # loss stays finite): set them aside and start from the initial state, as when nothing
+      # was saved (it was "no valid checkpoint", and the rerun resumed the same inf state)
+      for bad, _, reason in skipped:
+        self._reject(bad, reason)
+      return None
     raise steps_lib.none_valid(self.directory, [(s, e) for s, e, _ in skipped])
 
   def _restore_step(self, step, collection, target, init=None, offloaded=None,

@@ -30,6 +30,7 @@ from jaxrec.errors import ConfigError
 NONNEG = (lambda v: v >= 0, "a number >= 0")
 POSITIVE = (lambda v: v > 0, "a number > 0")
 UNIT = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 def hparam(binding: str, value, rule) -> float:
@@ -39,6 +40,9 @@ def hparam(binding: str, value, rule) -> float:
   if (isinstance(value, bool) or not isinstance(value, numbers.Real)
       or not math.isfinite(value) or not ok(value)):
     raise ConfigError(f"{binding} must be {wording}, got {value!r}")
+  if abs(value) > _F32_MAX:   # the update computes in float32: 1e39 is inf there
+    raise ConfigError(f"{binding} = {value!r} is past float32's range (largest "
+                      f"{_F32_MAX:.4g}), in which the update computes")
   return float(value)
 
 

@@ -281,6 +281,20 @@ def test_restore_by_step_and_nan_rollback(tmp_path, coll):
   mgr.close()
 
 
+def test_a_rollback_whose_every_checkpoint_is_non_finite_starts_over(tmp_path, coll):
+  """A state can overflow while its loss stays finite, and be saved: the rollback then
+  said 'no valid checkpoint' (and a rerun resumed the same inf state). Now those steps are
+  set aside and the restore returns None: the loop starts from the initial state."""
+  state = h.train_state(coll, step=1)
+  with CheckpointManager(tmp_path) as mgr:
+    mgr.save(1, dict(state, params=jax.tree.map(lambda x: x * jnp.inf, state["params"])),
+             coll, force=True)
+    assert mgr.restore(state, coll, require_finite=True) is None
+    assert mgr.all_steps() == []
+    assert [p.name.split(".")[:2] for p in (tmp_path / "rejected").iterdir()] == [
+        ["1", "nonfinite"]]
+
+
 def test_config_mismatch_is_config_error(tmp_path, coll):
   state = h.train_state(coll)
   with CheckpointManager(tmp_path) as mgr:

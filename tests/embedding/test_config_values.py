@@ -14,6 +14,9 @@ BAD_HPARAMS = [
     (optimizers.SGD, {"lr": -0.1}, "SGD.lr must be a number >= 0, got -0.1"),
     (optimizers.SGD, {"lr": "0.1"}, "SGD.lr must be a number >= 0, got '0.1'"),
     (optimizers.SGD, {"lr": True}, "SGD.lr must be a number >= 0, got True"),
+    # float32 inf in the update: the run ended with eval_auc=nan and --on_nan never fired
+    (optimizers.SGD, {"lr": 1e39}, r"SGD.lr = 1e\+39 is past float32's range \(largest "
+                                   r"3.403e\+38\), in which the update computes"),
     (optimizers.SGD, {"lr": float("nan")}, "SGD.lr must be a number >= 0, got nan"),
     (optimizers.SGD, {"lr": float("inf")}, "SGD.lr must be a number >= 0, got inf"),
     (optimizers.Adagrad, {"eps": 0.0}, "Adagrad.eps must be a number > 0, got 0.0"),
