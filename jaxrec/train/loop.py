@@ -242,6 +242,18 @@ def _write_run_records(workdir: str, operative_gin: str, plan_result, trains: bo
     raise ConfigError(f"--workdir: cannot write {path}: {e.strerror or e}") from None
 
 
+def _check_item_freq_batch(restored, batch_size: int) -> None:
+  """A two-tower's logQ item-frequency state counts time in steps of the global batch
+  (`models.item_frequency`): resumed with another `batch_size`, its gaps were silently
+  scaled (up to 2x in 10% of the buckets, measured)."""
+  saved = (restored.meta or {}).get("batch_size")
+  if "item_freq" in restored.state and saved is not None and int(saved) != batch_size:
+    raise ConfigError(f"ExperimentConfig.batch_size = {batch_size}, but the checkpoint was "
+                      f"trained with {saved}, and its item-frequency estimate "
+                      "(TwoTower.logq_correction) counts time in steps of that batch: keep "
+                      f"ExperimentConfig.batch_size = {saved}, or start a fresh --workdir")
+
+
 def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: str,
                         terminated: termination.SigtermRequests | None = None
                         ) -> dict[str, Any]:
@@ -292,7 +304,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   shardings = state_lib.shardings(state, collection)
   operative_gin = gin.operative_config_str()
   meta = {"plan": plan.to_json(), "mesh": info["mesh"], "seed": options.seed,
-          "gin": operative_gin}
+          "gin": operative_gin, "batch_size": config.batch_size}
   if tier is not None:   # checkpoint conversion reads these tables from the snapshots
     meta["offload"] = {"snapshots": os.path.abspath(snapshots),
                        "tables": {n: {"rows": t.spec.rows, "cache_rows": t.cache.cache_rows,
@@ -301,6 +313,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
 
   def resume_from(restored) -> dict:
     """Points the offload tier and the data stream at a restored checkpoint."""
+    _check_item_freq_batch(restored, config.batch_size)
     if tier is not None:   # tables saved on the device are written to their stores
       at = int(restored.state["step"])
       offload.warn_moved_stores(tier, restored.meta, ckpt.step_dir(at), workdir)

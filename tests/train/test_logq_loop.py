@@ -22,9 +22,9 @@ def documented_bindings():
   return lines
 
 
-def run(workdir, num_steps):
+def run(workdir, num_steps, batch_size=64):
   launch.parse_gin([CONFIG], documented_bindings() + [
-      "ExperimentConfig.batch_size=64", "ExperimentConfig.eval_batch_size=256",
+      f"ExperimentConfig.batch_size={batch_size}", "ExperimentConfig.eval_batch_size=256",
       "ExperimentConfig.num_eval_examples=256", "TwoTower.logq_buckets=4096"])
   config = config_lib.ExperimentConfig()
   assert config.model.logq_correction and config.model.logq_alpha == 0.01
@@ -41,3 +41,13 @@ def test_resume_keeps_the_estimate(tmp_path):
   run(tmp_path / "b", 2)
   resumed = run(tmp_path / "b", 4)
   np.testing.assert_allclose([resumed[3], resumed[4]], [straight[3], straight[4]], rtol=1e-5)
+
+
+def test_a_resume_with_another_batch_size_is_refused(tmp_path):
+  """The estimate counts time in steps of the global batch: resumed at batch 128 after 64,
+  its gaps were silently scaled (up to 2x in 10% of the buckets)."""
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  run(tmp_path, 2)
+  with pytest.raises(ConfigError, match=r"^ExperimentConfig.batch_size = 128, but the "
+                     r"checkpoint was trained with 64, and its item-frequency estimate"):
+    run(tmp_path, 4, batch_size=128)
