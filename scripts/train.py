@@ -18,9 +18,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 # below, never inside jax's import or gc callback, until the process exits: the trainer's
 # SIGTERM handling (`termination`) takes over from this deferral and hands back to it, so
 # no SIGTERM meets the default action (a silent death). A worker of scripts/launch.py
-# keeps SIGTERM as it was (its supervisor's last resort, at once).
+# reports a SIGTERM to its supervisor instead, which has the generation save and stop
+# (`jaxrec.elastic.worker.report_sigterm`; a second one ends it at once).
 from jaxrec import elastic, signals  # noqa: E402
 signals.defer(signals.STOP_SIGNALS[:1] if elastic.is_supervised() else signals.STOP_SIGNALS)
+if elastic.is_supervised():   # its SIGTERM while starting (imports, joining) is reported too
+  from jaxrec.elastic import worker as _elastic_worker  # noqa: E402
+  _elastic_worker.report_sigterm()   # (again after jax.distributed's own handler)
 
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402

@@ -486,6 +486,10 @@ class Supervisor(scaling.Scaling):
         new.append(p)
     if not new:
       return None
+    self._read_progress(now)   # a SIGTERM told just before these exits (or at them): the
+    if self._sigterms:         # workers that voted to stop on it exit 0 below --num_steps
+      preempted = self._check_sigterms(now)
+      planned = planned or preempted
     failed = [p for p in new if p.exited != 0]
     first_failure = failed and all(q.exited in (0, None) for q in self.procs if q not in new)
     signaled = [p for p in failed if p.exited < 0]
@@ -507,7 +511,8 @@ class Supervisor(scaling.Scaling):
       self.events.emit("worker_exit", generation=self.generation, process=p.index,
                        slot=p.slot, pid=p.popen.pid, returncode=p.exited,
                        signal=proc_lib.signal_name(p.exited),
-                       last_step=p.last_step, lost=bool(first_failure and p in lost), **extra)
+                       last_step=p.last_step,
+                       lost=bool(first_failure and p in lost) or p.slot in self.lost, **extra)
     if first_failure:
       if port_taken:
         return _Outcome("port_in_use", f"coordinator port {self._port} in use", detected=now)

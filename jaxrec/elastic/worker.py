@@ -33,6 +33,7 @@ warnings it prints.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -97,6 +98,7 @@ class _Worker:
     self.alive_at = float("-inf")   # when `report_alive` last wrote
     self.sigterm_at: float | None = None   # a SIGTERM from outside (`_on_sigterm`)
     self.sigterm_reported = False
+    self.report_at_exit = False            # `_report_at_exit` registered
 
   def write(self, workdir: str, record: dict) -> None:
     if self._file is None:
@@ -198,6 +200,9 @@ def report_sigterm() -> None:
   worker; `initialize_from_env` calls it. A no-op off the main thread."""
   if threading.current_thread() is threading.main_thread():
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if not _worker().report_at_exit:
+      _worker().report_at_exit = True
+      atexit.register(_report_at_exit)
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -293,16 +298,31 @@ def report_progress(workdir: str, step: int, step_time_s: float,
   if shard_times_s:
     record["shard_times_s"] = {str(k): round(float(v), 6) for k, v in shard_times_s.items()}
   w.write(workdir, record)
-  if w.sigterm_at is not None and not w.sigterm_reported:
-    w.write(workdir, {"sigterm": round(w.sigterm_at, 4), "at_step": int(step)})
-    w.sigterm_reported = True
+  term = w.sigterm_at is not None   # read once: the record is written before the vote below
+  if term:
+    _write_sigterm(w, workdir, int(step))
   w._carry = 0.0
   if w.delay > 0:            # fault injection: this process is slow on the host
     time.sleep(w.delay)
     w._carry = w.delay
   if step % w.check_every:
     return False
-  return _agree(os.path.exists(stop_path(workdir, w.generation)) or w.sigterm_at is not None)
+  return _agree(os.path.exists(stop_path(workdir, w.generation)) or term)
+
+
+def _write_sigterm(w: _Worker, workdir: str, step: int | None) -> None:
+  """The `{"sigterm": ...}` record of a recorded SIGTERM, once."""
+  if w.sigterm_at is not None and not w.sigterm_reported:
+    w.sigterm_reported = True
+    w.write(workdir, {"sigterm": round(w.sigterm_at, 4), "at_step": step})
+
+
+def _report_at_exit() -> None:
+  """A SIGTERM that came after the last step's report (during the stop's save, the final
+  eval) is still told before the worker exits: its slot must not be used again."""
+  w = _worker()
+  if w.supervised and w.workdir:
+    _write_sigterm(w, w.workdir, None)
 
 
 def _agree(flag: bool) -> bool:

@@ -31,3 +31,24 @@ def test_one_poll_of_exits_loses_the_killed_workers_only(tmp_path, codes, lost, 
   assert (out.kind, out.lost, out.reason) == ("failure", len(lost), culprit)
   exits = [e for e in t.events(str(tmp_path)) if e["event"] == "worker_exit"]
   assert [e["process"] for e in exits if e["lost"]] == lost
+
+
+def test_a_sigterm_told_just_before_clean_exits_is_a_planned_stop(tmp_path):
+  """Workers that voted to stop on a SIGTERM exit 0 below --num_steps: when their record
+  came between the supervisor's progress read and its exit check, the job was reported
+  `finished` at step 20 of 40 (exit 0)."""
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  from jaxrec.elastic import worker  # pylint: disable=import-outside-toplevel
+  s = _supervisor(str(tmp_path))
+  s.args = s.args.parse(["--workdir=w", "--gin_file=g", "--num_steps=40"])
+  s.procs = [sup._Proc(i, _popen(0), None, 0.0, last_step=20)   # pylint: disable=protected-access
+             for i in range(2)]
+  os.makedirs(tmp_path / "workers")
+  with open(worker.progress_path(str(tmp_path), 1), "w") as f:
+    f.write(json.dumps({"generation": 0, "process": 1, "sigterm": 1.0, "at_step": 20}) + "\n")
+  out = s._check_exits(5.0, None)   # pylint: disable=protected-access
+  assert (out.kind, out.reason) == ("planned", "worker 1 got SIGTERM")
+  assert s.lost == {1: 5.0}
+  exits = [e for e in t.events(str(tmp_path)) if e["event"] == "worker_exit"]
+  assert [e["lost"] for e in exits] == [False, True]

@@ -182,3 +182,32 @@ def test_worker_dies_when_the_supervisor_is_killed(tmp_path):
 def _ready_pid(log):
   words = open(log).read().split()
   return int(words[1]) if len(words) >= 2 and words[0] == "ready" else None
+
+
+def test_a_sigterm_during_the_vote_is_told_first_and_one_after_the_last_report_at_exit(
+    tmp_path, monkeypatch):
+  """A SIGTERM between the report and the stop vote (here: in the injected delay) voted to
+  stop without the record, and the supervisor called the job finished; one after the last
+  report (during the stop's save) was never told, and its slot was used again."""
+  w = str(tmp_path)
+  use_env(monkeypatch, {worker.ENV_GENERATION: "0", worker.ENV_PROCESS_ID: "0",
+                        worker.ENV_NUM_PROCESSES: "1", worker.ENV_WORKDIR: w,
+                        worker.ENV_CHECK_EVERY: "2", worker.ENV_INJECT_DELAY: "0:0.01"})
+  worker.initialize_from_env()
+  sleep = time.sleep
+  monkeypatch.setattr(worker.time, "sleep", lambda s: (os.kill(os.getpid(), signal.SIGTERM),
+                                                        sleep(s)))
+  assert worker.report_progress(w, 2, 0.1) is False   # the vote does not see it yet
+  monkeypatch.setattr(worker.time, "sleep", sleep)
+  assert worker.report_progress(w, 3, 0.1) is False   # told here
+  assert worker.report_progress(w, 4, 0.1) is True
+  recs = [json.loads(l) for l in open(worker.progress_path(w, 0))]
+  assert [r["at_step"] for r in recs if "sigterm" in r] == [3]
+  w2 = str(tmp_path / "w2")
+  use_env(monkeypatch, {worker.ENV_GENERATION: "0", worker.ENV_PROCESS_ID: "0",
+                        worker.ENV_NUM_PROCESSES: "1", worker.ENV_WORKDIR: w2})
+  worker.initialize_from_env()
+  worker._worker().sigterm_at = 1.0   # pylint: disable=protected-access
+  worker._report_at_exit()            # pylint: disable=protected-access
+  recs = [json.loads(l) for l in open(worker.progress_path(w2, 0))]
+  assert recs[-1]["sigterm"] == 1.0 and recs[-1]["at_step"] is None
