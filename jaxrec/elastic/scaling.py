@@ -82,6 +82,8 @@ class Scaling:
     takes (e.g. a batch size the devices do not divide) was run silently on fewer
     processes, ignoring --num_processes (then `_first_plan_failed` is set). A capacity
     file's count is an upper bound, at start as later."""
+    if not first:   # a rewrite made while the last generation stopped: planned on now (it
+      self._read_capacity()   # was read only after the next launch, which then stopped)
     available = self._available()
     k = self.capacity[1]
     first = first and (available, k) == (self.o.num_processes, self.o.devices_per_process)

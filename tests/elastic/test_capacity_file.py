@@ -146,3 +146,18 @@ def test_below_minimum_by_the_capacity_file_says_to_change_it(tmp_path, monkeypa
                             f"--min_processes=2. Stopping; change {s.capacity_file} (it "
                             "states 1 x 2: no usable job) or remove it, then run "
                             "again to resume from the latest checkpoint, step 10 in "), message
+
+
+def test_a_rewrite_made_while_a_generation_stops_is_planned_on(tmp_path, monkeypatch):
+  """The file was read only while a generation ran: a rewrite during a stop was seen after
+  the next launch, which then had to stop again (restore, compile and steps for nothing)."""
+  s = _supervisor(tmp_path)
+  s.config = None
+  seen = []
+  monkeypatch.setattr(sup.replan, "best_choice",
+                      lambda config, args, available, k, *rest: (seen.append(available), (
+                          None, ["no mesh (test)"]))[1])
+  with open(s.capacity_file, "w") as f:
+    f.write("3\n")
+  s._plan()
+  assert seen == [3] and s.capacity == (3, 2)
