@@ -197,10 +197,8 @@ def _exported_arrays(step_dir):
     # The checkpoint's own array (the device cache) is replaced by the snapshot's, but a
     # training restore checks it: read it too, so that both pick the same step (a damaged
     # cache chunk was exported as step N while training fell back to N-1).
-    check = _Verifier(name, tuple(arrays[name].shape), saved.get(name), step_dir)
-    for start, block in _read_blocks(arrays[name], name, step_dir):
-      check.add(start, block)
-    check.done()
+    for _ in _verified_blocks(arrays[name], name, saved.get(name), step_dir):
+      pass
   arrays.update(offloaded)
   for name in sorted(n for n in arrays if n != "fingerprint"):
     yield export_name(name), name, arrays[name], None if name in offloaded else saved.get(name)
@@ -215,21 +213,17 @@ def _snapshot_arrays(step_dir) -> dict:
     raise CheckpointError(f"checkpoint {step_dir}: {e}{selection.PICK_ANOTHER}") from None
 
 
-class _Verifier:
-  """Accumulates a fingerprint over row blocks; `done()` raises on mismatch."""
-
-  def __init__(self, name, shape, expect, step_dir):
-    self.name, self.shape, self.expect, self.step_dir = name, shape, expect, step_dir
-    self.value = 0
-
-  def add(self, start, block):
-    part = canonical_lib.fingerprint_np(block, self.shape, (start,))
-    self.value = (self.value + part) & 0xFFFFFFFF
-
-  def done(self):
-    if self.expect is not None and self.value != self.expect:
-      raise CheckpointError(f"array '{self.name}' in {self.step_dir} fails its fingerprint "
-                            f"check: the checkpoint is corrupt{selection.PICK_ANOTHER}")
+def _verified_blocks(array, name, expect, step_dir):
+  """`_read_blocks` of `array`, with its fingerprint accumulated over the blocks and
+  compared with `expect` (None: not checked) after the last one: a mismatch raises
+  `CheckpointError` (the caller has not finished with the array yet)."""
+  shape, value = tuple(array.shape), 0
+  for start, block in _read_blocks(array, name, step_dir):
+    value = (value + canonical_lib.fingerprint_np(block, shape, (start,))) & 0xFFFFFFFF
+    yield start, block
+  if expect is not None and value != expect:
+    raise CheckpointError(f"array '{name}' in {step_dir} fails its fingerprint check: the "
+                          f"checkpoint is corrupt{selection.PICK_ANOTHER}")
 
 
 def _dirs_removed_on_error(fn):
@@ -283,14 +277,11 @@ def _write_npz(tmp, step_dir, step, output_path):
     for ename, name, array, expect in _exported_arrays(step_dir):
       shape = tuple(array.shape)
       dtype = NPZ_DTYPES.get(array.dtype.numpy_dtype.name, array.dtype.numpy_dtype)
-      check = _Verifier(name, shape, expect, step_dir)
       with zf.open(ename + ".npy", "w", force_zip64=True) as f:
         np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
                                                  "fortran_order": False, "shape": shape})
-        for start, block in _read_blocks(array, name, step_dir):
-          check.add(start, block)
+        for _, block in _verified_blocks(array, name, expect, step_dir):
           f.write(np.ascontiguousarray(block.astype(dtype)).tobytes())
-      check.done()
     with zf.open("metadata.npy", "w") as f:
       np.lib.format.write_array(f, np.array(json.dumps(_metadata(step_dir, step))))
 
@@ -309,20 +300,17 @@ def _write_zarr(tmp, step_dir, step, output_path):
     dtype, shape = array.dtype.numpy_dtype, tuple(array.shape)
     row_bytes = max(1, math.prod(shape[1:]) * dtype.itemsize) if shape else 1
     chunks = [max(1, min(shape[0], (8 << 20) // row_bytes)), *shape[1:]] if shape else []
-    check = _Verifier(name, shape, expect, step_dir)
     try:
       out = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp / ename)},
                      "dtype": dtype.name, "metadata": {"shape": list(shape), "chunks": chunks}},
                     create=True).result()
-      for start, block in _read_blocks(array, name, step_dir):
-        check.add(start, block)
+      for start, block in _verified_blocks(array, name, expect, step_dir):
         (out[start:start + len(block)] if shape else out).write(block).result()
     except (CheckpointError, DataError):   # reading --checkpoint_dir
       raise
     except ValueError as e:   # tensorstore: the output cannot be written
       raise DataError(f"--output: cannot write {output_path / ename}: "
                       f"{_ts_reason(e, tmp, output_path)}") from None
-    check.done()
   (tmp / "metadata.json").write_text(json.dumps(_metadata(step_dir, step), indent=1))
 
 

@@ -41,12 +41,10 @@ class Reader:
     self._seen: tuple | None = None            # (mtime, text) of the last read
     self.error: tuple | None = None            # what the last error event was about
     self.message = ""                          # ... and its message
-    self._initial = False                      # the read in progress is the one at start
 
   def read(self, devices_per_process: int, initial: bool = False) -> tuple[int, int] | None:
     """`(processes, devices per process)` of a new statement, else None. `initial`: the
     read at start, where an unreadable file stops the job (later one is ignored)."""
-    self._initial = initial
     try:
       with open(self.path) as f:
         raw = f.read()
@@ -54,7 +52,8 @@ class Reader:
     except FileNotFoundError:
       return None
     except OSError as e:      # e.g. a directory: said once, until the error changes
-      return self._error(("error", str(e)), f"cannot read {self.path}: {e.strerror or e}")
+      return self._error(("error", str(e)), f"cannot read {self.path}: {e.strerror or e}",
+                         initial)
     # An empty file is one being rewritten (`echo 2 > capacity` truncates first): look again
     # at the next poll. Remembering its mtime lost the write when both fell in one tick of
     # the file system's clock. The text counts too: a same-tick rewrite changes only it.
@@ -64,13 +63,14 @@ class Reader:
     try:
       return parse(raw, self.path, devices_per_process)
     except ConfigError as e:
-      return self._error(self._seen, str(e))
+      return self._error(self._seen, str(e), initial)
 
-  def _error(self, seen: tuple, message: str) -> None:
-    """The `capacity` error event, once per distinct content or read error."""
+  def _error(self, seen: tuple, message: str, initial: bool) -> None:
+    """The `capacity` error event, once per distinct content or read error (`initial`: the
+    read at start, which the job does not survive)."""
     if seen != self.error:
       self.error, self.message = seen, message
-      then = "the job does not start" if self._initial else "ignored"
+      then = "the job does not start" if initial else "ignored"
       self._emit("capacity", source="file", error=f"{message}; {then}")
     return None
 

@@ -182,7 +182,7 @@ class EmbeddingCollection:
     if problem:
       raise ConfigError(problem)
     if options.comm_dtype is not None and not any(
-        dict(l.sizes).get(a, 1) > 1 for l in layouts for a in l.axes):
+        l.size(a) > 1 for l in layouts for a in l.axes):
       log.warning("EmbeddingOptions.comm_dtype=%r has no effect: no stack is split over more "
                   "than one device of table, row or col (on this mesh and plan pooled "
                   "activations never cross devices)", given.comm_dtype)

@@ -51,7 +51,7 @@ def _naming_source(options, name: str, source: str):
   try:
     yield
   except DataPathError as e:
-    where = f"--{name}" if getattr(options, name) else f"ExperimentConfig.{name}"
+    where = _given_by(options, name)
     hint = ""
     name_only = not any(c in str(source) for c in "./" + os.sep)
     if name_only and difflib.get_close_matches(str(source).lower(), [pipeline.SYNTHETIC],
@@ -95,11 +95,16 @@ def synthetic_eval_warning(config, options) -> str | None:
   train = options.train_data or config.train_data
   if train == pipeline.SYNTHETIC or (options.eval_data or config.eval_data) != pipeline.SYNTHETIC:
     return None
-  given = "--train_data" if options.train_data else "ExperimentConfig.train_data"
-  where = "--eval_data" if options.eval_data else "ExperimentConfig.eval_data"
-  return (f"warning: this run trains on {train} ({given}) but evaluates on synthetic examples "
-          f"({where} = '{pipeline.SYNTHETIC}'): its eval metrics say nothing about that "
-          "data; pass --eval_data (e.g. a held-out day)")
+  return (f"warning: this run trains on {train} ({_given_by(options, 'train_data')}) but "
+          f"evaluates on synthetic examples ({_given_by(options, 'eval_data')} = "
+          f"'{pipeline.SYNTHETIC}'): its eval metrics say nothing about that data; pass "
+          "--eval_data (e.g. a held-out day)")
+
+
+def _given_by(options, name: str) -> str:
+  """Where data source `name` (`train_data`, `eval_data`) came from: its flag, or the
+  config's binding."""
+  return f"--{name}" if getattr(options, name) else f"ExperimentConfig.{name}"
 
 
 def newest_saved_step(workdir) -> int | None:
