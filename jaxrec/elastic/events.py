@@ -42,6 +42,8 @@ EVENTS = {
     "straggler": "a process or shard persistently slower than the others",
     "sigterm": "a worker got SIGTERM from outside: its generation saves and stops, its slot "
                "is lost",
+    "wait": "below --min_processes until lost or sitting-out slots return (--rejoin_after, "
+            "a straggler's cool-down): the supervisor waits for them",
     "finished": "every worker ended normally at the last step",
     "give_up": "the supervisor stops: below --min_processes, no usable mesh, --max_restarts, "
                "user error, SIGINT / SIGTERM",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from jaxrec import signals
 from jaxrec.elastic import replan
 
 
@@ -84,8 +85,8 @@ class Scaling:
     file's count is an upper bound, at start as later."""
     if not first:   # a rewrite made while the last generation stopped: planned on now (it
       self._read_capacity()   # was read only after the next launch, which then stopped)
-    available = self._available()
-    k = self.capacity[1]
+    self._planned_on = self._capacity_key()
+    available, k = len(self._planned_on[0]), self.capacity[1]
     first = first and (available, k) == (self.o.num_processes, self.o.devices_per_process)
     minimum = max(available, self.o.min_processes) if first else self.o.min_processes
     choice, reasons = replan.best_choice(self.config, self.args, available, k,
@@ -101,21 +102,52 @@ class Scaling:
                     f"--min_processes={self.o.min_processes}"), "below_min"
     return choice, "", ""
 
+  def _wait_for_returns(self, why: str) -> bool:
+    """Below --min_processes with slots that come back at known times (`--rejoin_after`,
+    a straggler's cool-down): waits until enough have (a `wait` event says how long) and
+    returns True, for the caller to plan again; False when they would not be enough. A
+    capacity rewrite ends the wait early. Before, a job whose one worker got a SIGTERM
+    gave up at once, though its slot was due back."""
+    due = list(self.quarantine.values())
+    if self.o.rejoin_after > 0:
+      due += [t + self.o.rejoin_after for t in self.lost.values()]
+    short = self.o.min_processes - len(self._usable_slots())
+    if short <= 0 or short > len(due):
+      return False
+    until = sorted(due)[short - 1]
+    self.events.emit("wait", reason=why, seconds=round(max(until - time.time(), 0), 3),
+                     lost=sorted(self.lost), sitting_out=sorted(self.quarantine))
+    while time.time() < until + 0.01:   # past it: `_free_slots` returns them
+      signals.check()
+      if self._read_capacity():
+        break
+      time.sleep(min(self.o.poll_interval, max(until - time.time(), 0)))
+    return True
+
+  def _capacity_key(self) -> tuple:
+    """What a plan depends on: the usable slots (after returns) and devices per slot."""
+    return tuple(self._free_slots()), self.capacity[1]
+
   def _check_capacity(self, now: float) -> Outcome | None:
+    """A stop to re-plan when the usable slots changed since the plan: another process
+    count, or the same count on slots of which one is no longer usable (a capacity file
+    shrunk below a running slot: it ran on as if the file still listed it)."""
     self._read_capacity()
-    available = self._available()
-    key = (available, self.capacity[1])
+    key = self._capacity_key()
     if key == self._capacity_seen:       # nothing changed since the last look
       return None
     self._capacity_seen = key
-    target, _ = replan.best_choice(self.config, self.args, available, self.capacity[1],
+    usable = key[0]
+    target, _ = replan.best_choice(self.config, self.args, len(usable), self.capacity[1],
                                    self.o.min_processes, self.o.platform)
     if target is None:
-      return self._no_usable_job(available, now)
+      return self._no_usable_job(len(usable), now)
     new = (target.processes, target.devices_per_process)
-    if new == (self.choice.processes, self.choice.devices_per_process):
+    gone = sorted(set(self.slots) - set(usable))
+    if new == (self.choice.processes, self.choice.devices_per_process) and not gone:
       return None
-    return Outcome("planned", self._emit_scale(new, available), detected=now)
+    extra = {"note": f"slot(s) {gone} no longer in the capacity"} if gone else {}
+    return Outcome("planned", self._emit_scale(new, len(usable), **extra), detected=now)
 
   def _no_usable_job(self, available: int, now: float) -> Outcome:
     """The capacity runs no job of --min_processes or more: the event, then the stop."""

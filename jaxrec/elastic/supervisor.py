@@ -185,6 +185,8 @@ class Supervisor(scaling.Scaling):
         if choice is None:
           if self.generation == first and self._first_plan_failed:   # the user's to fix
             return self._give_up("user_error", EXIT_USER_ERROR, why, fix=FIX_CONFIG)
+          if cause == "below_min" and self._wait_for_returns(why):
+            continue
           return self._give_up(cause, EXIT_BELOW_MIN, why, fix=self._capacity_fix())
         self.events.emit("plan" if self.generation == first else "replan",
                          generation=self.generation, reason=reason,
@@ -269,7 +271,9 @@ class Supervisor(scaling.Scaling):
   def _launch(self, choice: replan.Choice) -> None:
     port = self._port = proc_lib.free_port()   # first: PortUnusable leaves no generation
     self.choice = choice
-    self._capacity_seen = (self._available(), self.capacity[1])
+    # what the plan saw: a slot returning since then (`--rejoin_after`) is a change that
+    # the first capacity check acts on (seen here, the job ran one process short)
+    self._capacity_seen = self._planned_on
     g = self._launched = self.generation
     for f in os.listdir(os.path.join(self.workdir, worker_lib.CONTROL_DIR)):
       if f.startswith("stop."):

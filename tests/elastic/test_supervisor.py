@@ -394,6 +394,22 @@ def test_the_only_worker_given_sigterm_checkpoints_then_the_job_stops(tmp_path):
   assert ev[-1]["reason"] == "below_min" and ev[-1]["checkpoint"] > 7
 
 
+def test_the_only_worker_given_sigterm_with_rejoin_after_waits_for_its_slot(tmp_path):
+  """With --rejoin_after the slot is due back: the job waited for it, not gave up (exit 2)."""
+  w = str(tmp_path)
+  proc = start(w, ["--num_processes=1", "--rejoin_after=1"], steps=60, extra=["--mesh=data=2"])
+  t.wait_step(w, 0, 0, 7, timeout=120, proc=proc)
+  t.kill(t.worker_pids(w, 0)[0], signal.SIGTERM)
+  assert t.finish(proc) == 0
+  ev = t.events(w)
+  names = t.names(ev)
+  assert names.index("sigterm") < names.index("wait") < names.index("replan"), names
+  assert "give_up" not in names and names[-1] == "finished", names
+  (launch,) = [e for e in ev if e["event"] == "launch" and e["generation"] == 1]
+  assert launch["slots"] == [0] and launch["checkpoint"] > 7, launch
+  assert final_checkpoint(w) == 60
+
+
 def test_sigterm_stops_the_workers_and_says_so(tmp_path):
   w = str(tmp_path)
   proc = start(w, ["--num_processes=2"], steps=100000)
