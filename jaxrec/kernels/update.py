@@ -179,8 +179,11 @@ def _update_kernel(row_ref, bit_row_ref, start_ref, len_ref, bag_ref, w_ref, gra
     more = k < lens
     pos = jnp.where(more, starts + k, 0)
     bag = bag_ref[pos]
-    wk = jnp.where(more, w_ref[pos], 0.0)[:, None]
-    return tuple(gc + wk * grad_ref[bag, pl.ds(c, bd)] for gc, c in zip(gs, col0))
+    wk = w_ref[pos][:, None]
+    # `where`, not a 0 weight: a past-the-end slot reads some bag's row, and 0 x inf (a
+    # non-finite gradient of that bag) made other rows NaN where XLA's update left them
+    return tuple(gc + jnp.where(more[:, None], wk * grad_ref[bag, pl.ds(c, bd)], 0.0)
+                 for gc, c in zip(gs, col0))
 
   zeros = tuple(jnp.zeros((bs, bd), jnp.float32) for _ in col0)
   g = list(jax.lax.fori_loop(0, jnp.max(lens), body, zeros))

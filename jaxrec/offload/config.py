@@ -258,21 +258,28 @@ def check_tables(tables: Sequence[TableSpec], config: OffloadConfig) -> None:
 def check_paths(config: OffloadConfig, workdir: str | None) -> None:
   """Each table on disk needs a store directory of its own: two tables in one directory
   (or one inside the other's) would overwrite each other's arrays, and a snapshot or restore
-  of one would copy or delete the other's."""
-  seen: dict[str, str] = {}
+  of one would copy or delete the other's. Paths are compared with symlinks resolved: two
+  spellings of one directory are one directory."""
+  seen: dict[str, tuple[str, str]] = {}   # table -> (path as given, real path)
   for t in config.tables:
     if t.kvstore == "memory":   # a memory store lives in its own tensorstore context
       continue
     path = t.resolve_path(workdir)
+    real = os.path.realpath(path)
     if workdir is not None:
       _check_apart_from_run_files(t.name, path, workdir)
-    for name, other in seen.items():
-      if os.path.commonpath([path, other]) in (path, other):
-        where = (f"share the store directory '{path}'" if path == other else
-                 f"have store directories '{other}' and '{path}', one inside the other")
+    for name, (given, other) in seen.items():
+      if os.path.commonpath([real, other]) in (real, other):
+        same = real == other
+        where = (f"share the store directory '{path}'" if same and path == given else
+                 f"share one store directory: '{given}' and '{path}' are both '{real}'"
+                 if same else
+                 f"have store directories '{given}' and '{path}', one inside the other")
+        if not same and os.path.commonpath([path, given]) not in (path, given):
+          where += f" (through symlinks: '{other}' and '{real}')"
         raise ConfigError(f"offloaded tables '{name}' and '{t.name}' {where} "
                           "(OffloadTable.path): give each table a directory of its own")
-    seen[t.name] = path
+    seen[t.name] = (path, real)
 
 
 def _check_apart_from_run_files(table: str, path: str, workdir: str) -> None:

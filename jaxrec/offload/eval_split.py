@@ -118,6 +118,9 @@ def remap(batch: Batch, features: Sequence[str], uniq: np.ndarray, slot: np.ndar
   out = {}
   for f in features:
     x = batch.ids[f]
+    if not len(slot):   # only padding (e.g. every bag empty): nothing to look up
+      out[f] = np.full(x.shape, -1, np.int32)
+      continue
     i = np.searchsorted(uniq, np.maximum(x, 0))
     out[f] = np.where(x >= 0, slot[np.minimum(i, len(slot) - 1)], -1).astype(np.int32)
   return out

@@ -231,6 +231,22 @@ def test_empty_batch_updates_nothing():
     np.testing.assert_array_equal(np.asarray(new_state["accum"]), np.asarray(state["accum"]))
 
 
+@pytest.mark.parametrize("kernel", ["xla", "pallas"])
+def test_a_non_finite_gradient_changes_only_the_rows_of_its_bag(kernel):
+  """Bag 0 reads row 0 three times, bags 1 and 2 one row each: Pallas's past-the-end
+  slots multiplied bag 0's inf by a 0 weight, so rows 1 and 2 became NaN."""
+  table = np.zeros((4, 8), np.float32)
+  idx = np.array([[0, 0, 0], [1, -1, -1], [2, -1, -1]], np.int32)
+  grad = np.ones((3, 8), np.float32)
+  grad[0] = np.inf
+  new, _ = sparse_update(table, {}, idx, (idx >= 0).astype(np.float32), grad, SGD(0.1),
+                         kernel=kernel, interpret=INTERPRET)
+  new = np.asarray(new)
+  assert np.all(new[0] == -np.inf)
+  np.testing.assert_allclose(new[1:3], -0.1)
+  np.testing.assert_array_equal(new[3], 0.0)
+
+
 # Shapes off the common path: a single-row table, dims that are no power of two (1- and
 # 4-wide column chunks), batches not a multiple of the row block, all ids absent.
 EDGE_CASES = [pytest.param(opt, dtype, r, d, n, l, id=f"{type(opt).__name__}-{dtype}-{r}x{d}-{n}x{l}")

@@ -84,6 +84,24 @@ def test_tables_need_store_directories_of_their_own(tmp_path, paths, message):
   check_paths(offload.OffloadConfig(memory), str(tmp_path / "w"))   # no shared files
 
 
+@pytest.mark.parametrize("paths, message", [
+    (("real", "link"), r"'big' and 'small' share one store directory: '.*/real' and "
+     r"'.*/link' are both '.*/real'"),
+    (("real", "link/inner"), r"'big' and 'small' have store directories '.*/real' and "
+     r"'.*/link/inner', one inside the other \(through symlinks: '.*/real' and "
+     r"'.*/real/inner'\)"),
+])
+def test_a_symlink_to_another_tables_store_is_the_same_directory(tmp_path, paths, message):
+  """`link` -> `real`: the two tables wrote each other's arrays; the run failed later
+  with DATA_LOSS reading a shard index (or, at equal shapes, read each other's rows)."""
+  (tmp_path / "real").mkdir()
+  (tmp_path / "link").symlink_to(tmp_path / "real")
+  tables = tuple(offload.OffloadTable(name, cache_rows=40, path=str(tmp_path / p))
+                 for name, p in zip(("big", "small"), paths))
+  with pytest.raises(ConfigError, match=message):
+    check_paths(offload.OffloadConfig(tables), str(tmp_path / "w"))
+
+
 def test_path_expands_the_home_directory(tmp_path, monkeypatch):
   monkeypatch.setenv("HOME", str(tmp_path))
   table = offload.OffloadConfig({"t0": {"cache_rows": 10, "path": "~/stores/t0"}}).tables[0]

@@ -101,6 +101,30 @@ def test_eval_batches_bigger_than_the_cache_are_evaluated_in_pieces(tmp_path, ca
     off.close()
 
 
+def test_an_eval_batch_with_only_padding_for_the_offloaded_table(tmp_path):
+  """Every bag of the offloaded table's features empty (-1): the eval raised IndexError
+  (`eval_split.remap` indexed an empty slot array), training with such batches did not."""
+  from jaxrec.train import state as state_lib, step as step_lib   # pylint: disable=C0415
+  from tests.offload.offload_helpers import Run, experiment, mesh_of, offload_config
+  cfg = experiment("sgd")
+  ref = Run(cfg, mesh_of()).train(2)
+  batch = ref.it.batch_at(10**6)
+  empty = {f: np.full_like(np.asarray(batch.ids[f]), -1) for f in ("f_big", "f_big2")}
+  batch = batch.replace(ids=dict(batch.ids, **empty))
+  ref_eval = step_lib.make_eval_step(cfg, ref.collection, state_lib.shardings(
+      ref.state, ref.collection))
+  want = np.asarray(ref_eval(ref.state, ref.put(batch)))
+  off = Run(cfg, mesh_of(), offload_config(tmp_path, prefetch_depth=1)).train(2)
+  try:
+    eval_step = step_lib.make_eval_step(cfg, off.collection, state_lib.shardings(
+        off.state, off.collection))
+    logits, passes = _eval_logits(off, eval_step, batch)
+    assert passes == 1
+    np.testing.assert_allclose(logits, want, rtol=0, atol=1e-6)
+  finally:
+    off.close()
+
+
 def test_eval_pieces_are_greedy_runs_and_an_example_too_big_is_named():
   from jaxrec.data.batch import Batch   # pylint: disable=import-outside-toplevel
   from jaxrec.errors import ConfigError   # pylint: disable=import-outside-toplevel
