@@ -68,6 +68,22 @@ def check_not_unexpanded_home(flag: str, path: str) -> None:
     raise ConfigError(reason)
 
 
+def check_tensorstore_path(what: str, path: str) -> None:
+  """Refuses a path with a backslash (`ConfigError`): tensorstore's file driver, under orbax
+  checkpoints, offload stores and zarr exports, reads `\\` as a directory separator, so
+  `a\\b` is written as `a/b`: another directory, maybe another run's, while the checks
+  and the resume look at `a\\b` (a resume then found no valid checkpoint). A relative
+  path counts the current directory's name too."""
+  full = os.path.abspath(path)
+  if "\\" in full:
+    from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+    where = "" if "\\" in str(path) else f" (the current directory is '{os.getcwd()}')"
+    raise ConfigError(f"{what}: '{path}'{where} holds a backslash, which tensorstore "
+                      "(checkpoints, offload stores, zarr) reads as a directory separator: "
+                      f"its files would go to '{full.replace(chr(92), '/')}'; use a path "
+                      "without '\\'")
+
+
 def append_failure(path: str | os.PathLike) -> str | None:
   """Why file `path` cannot be opened for appending (`strerror`), or None when it can; the
   file is not changed."""

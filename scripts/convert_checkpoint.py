@@ -29,7 +29,7 @@ signals.defer()
 
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 
-from jaxrec import cli_flags  # pylint: disable=g-import-not-at-top
+from jaxrec import cli_flags, files  # pylint: disable=g-import-not-at-top
 from jaxrec.checkpoint import convert  # pylint: disable=g-import-not-at-top
 from jaxrec.errors import ConfigError, JaxrecError  # pylint: disable=g-import-not-at-top
 
@@ -64,6 +64,9 @@ class _QuietOrbax(std_logging.Filter):
 
 
 def run() -> str:
+  for flag in ("checkpoint_dir", "output"):   # orbax and zarr go through tensorstore
+    if flags.FLAGS[flag].value and (flag == "checkpoint_dir" or _FORMAT.value != "npz"):
+      files.check_tensorstore_path(f"--{flag}", flags.FLAGS[flag].value)
   if _TORCHREC.value:
     if _FORMAT.value != "checkpoint":
       raise ConfigError("--torchrec_npz imports into a checkpoint: use --format=checkpoint")

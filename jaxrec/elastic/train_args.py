@@ -57,6 +57,7 @@ class TrainArgs:
       raise ConfigError("the train.py flags after `--` need --workdir")
     for name in ("workdir", "train_data", "eval_data"):   # --NAME=~/x: ~ not expanded
       files.check_not_unexpanded_home(f"--{name}", str(values.get(name, "")))
+    files.check_tensorstore_path("--workdir", str(values["workdir"]))
     for name in ("train_data", "eval_data"):
       _check_not_a_stream(name, str(values.get(name, "")))
     for path in values["gin_file"]:

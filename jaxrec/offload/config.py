@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import gin
 import jax.numpy as jnp
 
-from jaxrec import workdir_layout
+from jaxrec import files, workdir_layout
 from jaxrec.embedding.specs import TableSpec, flag, whole
 from jaxrec.errors import ConfigError, JaxrecError, OffloadError  # noqa: F401 (re-exported)
 from jaxrec.kernels.optim import hparam
@@ -265,6 +265,8 @@ def check_paths(config: OffloadConfig, workdir: str | None) -> None:
     if t.kvstore == "memory":   # a memory store lives in its own tensorstore context
       continue
     path = t.resolve_path(workdir)
+    files.check_tensorstore_path(f"offloaded table '{t.name}': its store directory "
+                                 "(OffloadTable.path)", path)
     real = os.path.realpath(path)
     if workdir is not None:
       _check_apart_from_run_files(t.name, path, workdir)

@@ -74,6 +74,7 @@ def check_workdir(workdir: str) -> None:
   """Refuses a `--workdir` that is a file, a checkpoint directory or not writable; creates
   nothing (`train_and_evaluate` creates it)."""
   files.check_not_unexpanded_home("--workdir", workdir)
+  files.check_tensorstore_path("--workdir", workdir)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir: '{workdir}' exists and is not a directory")
   # W/checkpoints or W/checkpoints/<step> (what convert_checkpoint.py takes) would start a

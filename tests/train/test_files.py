@@ -223,3 +223,46 @@ def test_a_workdir_starting_with_an_unexpanded_tilde_is_refused(tmp_path, monkey
   (tmp_path / "~" / "runs" / "x").mkdir(parents=True)
   loop.check_workdir("~/runs/x")
   loop.check_workdir("runs~/x")
+
+
+def test_a_path_with_a_backslash_is_refused_where_tensorstore_writes(tmp_path, monkeypatch):
+  """tensorstore's file driver reads `\\` as a separator: `W='a\\b'` put its checkpoints
+  (and offload stores) in `a/b`, a resume of `a\\b` found none, and another run's files
+  there could be overwritten."""
+  from jaxrec import files, offload  # pylint: disable=import-outside-toplevel
+  from jaxrec.elastic import train_args  # pylint: disable=import-outside-toplevel
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from jaxrec.offload.config import check_paths  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import loop  # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(tmp_path)
+  message = (r"^--workdir: 'a\\b' holds a backslash, which tensorstore \(checkpoints, "
+             r"offload stores, zarr\) reads as a directory separator: its files would go to "
+             rf"'{tmp_path}/a/b'; use a path without '\\'$")
+  with pytest.raises(ConfigError, match=message):
+    loop.check_workdir("a\\b")
+  with pytest.raises(ConfigError, match=message):   # scripts/launch.py's worker flags
+    train_args.TrainArgs.parse(["--workdir=a\\b", "--gin_file=c.gin"])
+  table = offload.OffloadTable("big", cache_rows=4, path=str(tmp_path / "s\\big"))
+  with pytest.raises(ConfigError, match=r"^offloaded table 'big': its store directory "
+                     r"\(OffloadTable.path\): '.*/s\\big' holds a backslash"):
+    check_paths(offload.OffloadConfig((table,)), str(tmp_path / "w"))
+  (tmp_path / "c\\d").mkdir()
+  monkeypatch.chdir(tmp_path / "c\\d")   # a relative path under such a directory
+  with pytest.raises(ConfigError, match=r"^--workdir: 'w' \(the current directory is "
+                     r"'.*/c\\d'\) holds a backslash"):
+    files.check_tensorstore_path("--workdir", "w")
+  assert sorted(os.listdir(tmp_path)) == ["c\\d"]
+  loop.check_workdir(str(tmp_path / "plain"))
+
+
+def test_convert_checkpoint_refuses_a_backslash_where_tensorstore_reads_or_writes(tmp_path):
+  from tests.scripts.in_process import run_script  # pylint: disable=import-outside-toplevel
+  out = str(tmp_path / "o\\p")
+  for flags, what in ((["--checkpoint_dir=c\\d", f"--output={tmp_path / 'a.npz'}",
+                        "--format=npz"], "--checkpoint_dir: 'c\\d'"),
+                      (["--checkpoint_dir=c", f"--output={out}", "--format=zarr"],
+                       f"--output: '{out}'")):
+    r = run_script("convert_checkpoint.py", *flags)
+    assert r.returncode == 1 and r.stderr.startswith(f"error: {what} holds a backslash"), (
+        r.stderr)
+  assert os.listdir(tmp_path) == []
