@@ -344,15 +344,19 @@ def resolve_plan(plan: str, tables, mesh_shape: Mapping[str, int]) -> Plan:
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
-  """`--mesh=data=2,row=4` → axis sizes, without needing the devices."""
+  """`--mesh=data=2,row=4` → axis sizes, without needing the devices (no `auto`: the copy
+  is laid out for one mesh, written out)."""
   from jaxrec.sharding.mesh import parse_mesh_spec
+  if spec.strip() == "auto":
+    raise ConfigError("--mesh=auto: a copy is laid out for one mesh; give it as AXIS=SIZE,... "
+                      "(e.g. data=2,table=2,row=2,col=1)")
   sizes = []
   for part in filter(None, (p.strip() for p in spec.split(","))):
     try:
       sizes.append(int(part.partition("=")[2]))
     except ValueError:
       sizes.append(1)   # parse_mesh_spec reports it
-  return parse_mesh_spec(spec, math.prod(sizes) if sizes else 1)
+  return parse_mesh_spec(spec, math.prod(sizes) if sizes else 1, auto=False)
 
 
 @_dirs_removed_on_error

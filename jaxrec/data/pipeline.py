@@ -48,10 +48,18 @@ from jaxrec.errors import ConfigError, DataError
 SYNTHETIC = "synthetic"
 TRAIN_SPLIT, EVAL_SPLIT = 0, 1
 STATE_VERSION = 1
-# how to go on from a checkpoint with another data order (a data mismatch's error says it)
-RESTART_HINT = ("; to continue training on other data, copy the checkpoint with "
-                "`scripts/convert_checkpoint.py --checkpoint_dir=W/checkpoints "
-                "--output=W2/checkpoints --format=checkpoint --restart_data` and train in W2")
+
+
+def restart_hint(checkpoints: str = "W/checkpoints") -> str:
+  """How to go on from a checkpoint with another data order (a data mismatch's error says
+  it; the trainer names its checkpoint directory in place of `W/checkpoints`)."""
+  return ("; to continue training on other data, copy the checkpoint with "
+          f"`scripts/convert_checkpoint.py --checkpoint_dir={checkpoints} "
+          "--output=W2/checkpoints --format=checkpoint --restart_data` and train in W2 (a "
+          "new workdir)")
+
+
+RESTART_HINT = restart_hint()
 PARENT_POLL_S = 0.5   # how often a worker process checks that its trainer is alive
 FINGERPRINT_EXAMPLES = 256   # examples hashed to tell one dataset from another of its size
 

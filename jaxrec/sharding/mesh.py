@@ -25,8 +25,10 @@ from jaxrec.sharding.plan import (KIND_AXES, MESH_AXES, format_mesh,  # noqa: F4
 BATCH_AXES = MESH_AXES
 
 
-def parse_mesh_spec(spec: str, num_devices: int, flag: str = "--mesh") -> dict[str, int]:
-  """Parses `data=2,table=2,row=2,col=1` into axis sizes; checks the product."""
+def parse_mesh_spec(spec: str, num_devices: int, flag: str = "--mesh",
+                    auto: bool = True) -> dict[str, int]:
+  """Parses `data=2,table=2,row=2,col=1` into axis sizes; checks the product. `auto`: the
+  flag also takes `auto` (its errors say so)."""
   shape = {a: 1 for a in MESH_AXES}
   seen = set()
   for part in filter(None, (p.strip() for p in spec.split(","))):
@@ -45,8 +47,8 @@ def parse_mesh_spec(spec: str, num_devices: int, flag: str = "--mesh") -> dict[s
       raise ConfigError(f"{flag}: size of '{name}' must be positive, got {size}")
     shape[name] = size
   if not seen:   # `--mesh=` read as all axes 1: it ran on one device, failed oddly on more
-    raise ConfigError(f"{flag}: empty; give AXIS=SIZE,... (e.g. data=2,table=2,row=2,col=1) "
-                      "or auto")
+    raise ConfigError(f"{flag}: empty; give AXIS=SIZE,... (e.g. data=2,table=2,row=2,col=1)"
+                      + (" or auto" if auto else ""))
   product = math.prod(shape.values())
   if product != num_devices:
     raise ConfigError(f"{flag}: {format_mesh(shape)} has {product} devices but "

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import numbers
+import os
 from typing import Callable, Iterator, Mapping, Sequence
 
 from jaxrec.errors import ConfigError
@@ -236,8 +237,12 @@ def mesh_warning_held() -> Iterator[Callable[[Mapping[str, int]], None]]:
 
 
 def is_plan_file(plan: str) -> bool:
-  """Whether a `--plan` value names a JSON file rather than `auto` or a kind."""
-  return plan.endswith(".json") or "/" in plan
+  """Whether a `--plan` value names a JSON file rather than `auto` or a kind: a name ending
+  in `.json` or holding a `/`, or an existing file (`cp W/plan.json smallplan`: scripts
+  told it apart three ways). `auto` and the kinds stay themselves even as file names."""
+  if plan == "auto" or plan in KIND_AXES:
+    return False
+  return plan.endswith(".json") or "/" in plan or os.path.isfile(plan)
 
 
 def recorded_mesh(plan: str) -> dict[str, int] | None:

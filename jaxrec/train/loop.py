@@ -23,6 +23,7 @@ from jaxrec.checkpoint import offloaded as offloaded_lib
 from jaxrec.checkpoint import storage
 from jaxrec.checkpoint.manager import REJECTED_DIR
 from jaxrec.checkpoint.steps import step_dirs
+from jaxrec.data import pipeline
 from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.errors import ConfigError, DataError, JaxrecError
@@ -224,8 +225,8 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
 def _write_run_records(workdir: str, operative_gin: str, plan_result, trains: bool) -> None:
   """Warns about unused gin bindings and writes `config.gin` and `plan.json`. Every
   configurable of the run has been called by now; a run that only evaluates opens no
-  training data, and keeps the config.gin of the run that trained (with its data
-  pipeline's settings), unless there is none. A file it cannot write (e.g. an immutable
+  training data, and keeps the config.gin and plan.json of the run that trained (with its
+  data pipeline's settings), unless there are none. A file it cannot write (e.g. an immutable
   one: the directory was checked) is a ConfigError naming it."""
   unused = gin_usage.warning(not_called=() if trains else ("make_train_iterator",))
   if unused:
@@ -235,9 +236,11 @@ def _write_run_records(workdir: str, operative_gin: str, plan_result, trains: bo
   try:
     if trains or not os.path.exists(config_path):
       write_text_atomic(config_path, operative_gin)
-    # whole or not at all: `--plan=W/plan.json` reads it back on the next start
-    write_text_atomic(os.path.join(workdir, "plan.json"),
-                      json.dumps(plan_result.to_json(), indent=2, sort_keys=True))
+    # whole or not at all: `--plan=W/plan.json` reads it back on the next start; like
+    # config.gin, the plan of the run that trained is kept by one that only evaluates
+    plan_path = os.path.join(workdir, "plan.json")
+    if trains or not os.path.exists(plan_path):
+      write_text_atomic(plan_path, json.dumps(plan_result.to_json(), indent=2, sort_keys=True))
   except OSError as e:
     path = e.filename2 or e.filename   # os.replace(tmp, path) names both
     raise ConfigError(f"--workdir: cannot write {path}: {e.strerror or e}") from None
@@ -325,8 +328,15 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     return restored.state
 
   def set_data_state(restored) -> None:
-    """Points the data stream at `restored`'s position ({}: a tables-only import)."""
-    train_it.set_state(restored.data_state or initial_data_state)
+    """Points the data stream at `restored`'s position ({}: a tables-only import). A data
+    mismatch's hint names this run's checkpoint directory."""
+    try:
+      train_it.set_state(restored.data_state or initial_data_state)
+    except (ConfigError, DataError) as e:
+      if pipeline.RESTART_HINT not in str(e):
+        raise
+      raise type(e)(str(e).replace(pipeline.RESTART_HINT,
+                                   pipeline.restart_hint(ckpt.directory))) from None
 
   def prune_snapshots() -> None:
     """Drops offload snapshots older than every kept checkpoint (also those a run left

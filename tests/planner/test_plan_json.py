@@ -112,3 +112,34 @@ def test_a_damaged_recorded_mesh_counts_as_none(tmp_path, mesh):
   assert Plan.load_with_mesh(str(path)) == (Plan({"a": TablePlacement("tw")}), None)
   path.write_text(json.dumps({"plan": {"a": {"kind": "tw"}}, "mesh": {"table": 4}}))
   assert Plan.load_with_mesh(str(path))[1] == {"data": 1, "table": 4, "row": 1, "col": 1}
+
+
+def test_a_plan_file_without_json_in_its_name_is_a_plan_file(tmp_path, monkeypatch):
+  """`cp W/plan.json smallplan; --plan=smallplan`: train.py and plan.py said 'unknown plan',
+  convert_checkpoint.py read it only with --mesh (and asked for one it records)."""
+  from jaxrec.checkpoint import convert  # pylint: disable=import-outside-toplevel
+  from jaxrec.sharding.plan import check_plan_flag, is_plan_file, recorded_mesh  # pylint: disable=C0415
+  monkeypatch.chdir(tmp_path)
+  mesh = {"data": 2, "table": 2, "row": 1, "col": 1}
+  (tmp_path / "smallplan").write_text(json.dumps(
+      {"mesh": mesh, "plan": {"a": {"kind": "tw", "table_slice": 1}}}))
+  (tmp_path / "rw").write_text("{}")   # a kind stays the kind, whatever files are here
+  assert is_plan_file("smallplan") and recorded_mesh("smallplan") == mesh
+  check_plan_flag("smallplan")
+  assert not is_plan_file("rw") and not is_plan_file("auto")
+  assert not is_plan_file("no_such_plan") and is_plan_file("no/such")
+  with pytest.raises(ConfigError, match=r"^--plan: unknown plan 'no_such_plan'"):
+    check_plan_flag("no_such_plan")
+  loaded = convert.resolve_plan("smallplan", [TableSpec("a", 10, 8)], mesh)
+  assert loaded.placements["a"] == TablePlacement("tw", 1)
+
+
+def test_convert_mesh_errors_do_not_offer_auto():
+  """`--mesh=,` said 'give AXIS=SIZE,... or auto', and `--mesh=auto` was then refused."""
+  from jaxrec.checkpoint import convert  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ConfigError, match=r"^--mesh: empty; give AXIS=SIZE,\.\.\. \(e\.g\. "
+                     r"data=2,table=2,row=2,col=1\)$"):
+    convert.parse_mesh(",")
+  with pytest.raises(ConfigError, match=r"^--mesh=auto: a copy is laid out for one mesh; "
+                     r"give it as AXIS=SIZE"):
+    convert.parse_mesh("auto")

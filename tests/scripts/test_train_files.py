@@ -117,8 +117,8 @@ def test_continue_training_on_new_data_from_a_copy_without_the_data_position(tmp
   assert ("trained on 2000 examples per epoch, this training data is 1500 examples per "
           "epoch; resuming would repeat and skip examples; to continue training on other "
           "data, copy the checkpoint with `scripts/convert_checkpoint.py --checkpoint_dir="
-          "W/checkpoints --output=W2/checkpoints --format=checkpoint --restart_data` and "
-          "train in W2") in proc.stderr, proc.stderr[-2000:]
+          f"{w}/checkpoints --output=W2/checkpoints --format=checkpoint --restart_data` and "
+          "train in W2 (a new workdir)") in proc.stderr, proc.stderr[-2000:]
   write_data(tmp_path / "day1_same_size.tsv", 2000, start=2000)   # resumed silently before
   proc = train(str(w), *FLAGS, "--num_steps=30", f"--train_data={tmp_path}/day1_same_size.tsv",
                check=False)

@@ -93,3 +93,24 @@ def test_an_evaluate_only_run_keeps_the_training_config_and_its_bindings_quiet(t
     loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path))
   assert (tmp_path / "config.gin").read_text() == trained
   assert not [r for r in caplog.records if "no configurable" in r.getMessage()], caplog.text
+
+
+def test_an_evaluate_only_run_keeps_the_training_plan_json(tmp_path):
+  """`W/plan.json` was rewritten by a run that only evaluates (e.g. on `--mesh=table=8
+  --plan=tw`) while `config.gin` kept the training run's: the two described other runs,
+  and `--plan=W/plan.json` no longer named the plan that trained."""
+  class Result:
+    def __init__(self, kind):
+      self.kind = kind
+
+    def to_json(self):
+      return {"kind": self.kind}
+  loop._write_run_records(str(tmp_path), "a = 1\n", Result("grid"), trains=True)
+  loop._write_run_records(str(tmp_path), "a = 2\n", Result("tw"), trains=False)
+  assert json.loads((tmp_path / "plan.json").read_text()) == {"kind": "grid"}
+  assert (tmp_path / "config.gin").read_text() == "a = 1\n"
+  (tmp_path / "plan.json").unlink()   # none yet: the evaluating run's is written
+  loop._write_run_records(str(tmp_path), "a = 2\n", Result("tw"), trains=False)
+  assert json.loads((tmp_path / "plan.json").read_text()) == {"kind": "tw"}
+  loop._write_run_records(str(tmp_path), "a = 3\n", Result("rw"), trains=True)
+  assert json.loads((tmp_path / "plan.json").read_text()) == {"kind": "rw"}
