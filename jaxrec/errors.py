@@ -27,5 +27,10 @@ class OffloadError(JaxrecError):
   batch needs more distinct rows than the cache holds); the message names table and path."""
 
 
+class OutputError(JaxrecError):
+  """A file the run writes as it goes (e.g. `W/metrics.jsonl`) cannot be written (a full
+  disk, a lost mount); the message names the file and the reason."""
+
+
 class CheckpointError(JaxrecError):
   """No usable checkpoint: every candidate is corrupt, or a requested step is absent."""

@@ -108,6 +108,9 @@ def workdir_lock(workdir: str | os.PathLike, name: str = LOCK_NAME,
   import fcntl  # pylint: disable=import-outside-toplevel
   from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
   path = os.path.join(os.fspath(workdir), name)
+  # the directory again: a run refused at the same moment may have just removed the one
+  # this run made (`made_dir`), before this lock existed to keep it
+  os.makedirs(os.path.dirname(path), exist_ok=True)
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:
     try:
@@ -128,15 +131,34 @@ def made_dir(path: str | os.PathLike, flag: str = "--workdir") -> Iterator[None]
   """Creates directory `path` (and missing parents; `make_dirs`, its error naming `flag`)
   for the body. When the body raises and `path` did not exist, what this created is
   removed again if it holds nothing but empty directories and `LOCK_NAME` files (a run
-  refused at its start leaves no empty workdir); a directory that existed before, or one
-  holding any other file, is never removed."""
+  refused at its start leaves no empty workdir); a directory that existed before, one
+  holding any other file, or one whose `LOCK_NAME` another process holds, is never removed:
+  two runs started at once both found `path` missing, and the one refused by the other's
+  lock removed the directory (and lock) the other ran in, so a third run was not refused."""
   top = missing_top(path)
   make_dirs(os.path.abspath(os.fspath(path)), flag, shown=path)
   try:
     yield
   except BaseException:
-    remove_made(top, path, lambda name: os.path.basename(name) == LOCK_NAME)
+    if not _locked_elsewhere(os.path.join(os.fspath(path), LOCK_NAME)):
+      remove_made(top, path, lambda name: os.path.basename(name) == LOCK_NAME)
     raise
+
+
+def _locked_elsewhere(lock_path: str) -> bool:
+  """Whether another open of `lock_path` holds its `flock` (a run in that workdir)."""
+  import fcntl  # pylint: disable=import-outside-toplevel
+  try:
+    fd = os.open(lock_path, os.O_RDONLY)
+  except OSError:
+    return False
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return False
+  except BlockingIOError:
+    return True
+  finally:
+    os.close(fd)
 
 
 def missing_top(path: str | os.PathLike) -> str | None:

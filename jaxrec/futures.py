@@ -28,7 +28,13 @@ def first_error(futures: Iterable[Any]) -> BaseException | None:
 def join_threads(started_since: set, module: str, timeout: float = 60.0) -> None:
   """Joins the threads alive now, not in `started_since` (a `threading.enumerate()` set),
   whose class comes from `module` (e.g. "orbax."): a failed orbax save raises at its first
-  failed item while its other items' threads still write (at most `timeout` s each)."""
+  failed item while its other items' threads still write (at most `timeout` s each). An
+  orbax thread's `join` raises the error its own work hit (often the same full disk): the
+  caller is handling the first one, so these are dropped (one raised here ended a run with
+  an `OSError` traceback instead of its one-line `CheckpointError`)."""
   for t in threading.enumerate():
     if t not in started_since and type(t).__module__.startswith(module):
-      t.join(timeout)
+      try:
+        t.join(timeout)
+      except Exception:  # pylint: disable=broad-except
+        pass

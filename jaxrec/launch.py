@@ -76,6 +76,26 @@ def _parse_files(files: Sequence[str]) -> None:
     gin_usage.record_file(path)
 
 
+class _OrbaxErrorsInOneLine(logging.Filter):
+  """Keeps orbax's ERROR records but not their tracebacks: a failed save (a full disk)
+  logged two of ~50 lines each before the `error: saving checkpoint N ... failed: REASON;
+  the last checkpoint (step M) is intact` line that the checkpoint manager raises for it.
+  An error jaxrec does not turn into such a line still ends the run with its traceback."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+      record.exc_info = record.exc_text = None
+    return True
+
+
+def quiet_orbax_tracebacks() -> None:
+  """Installs `_OrbaxErrorsInOneLine` on absl's handler (the one that prints them)."""
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, _OrbaxErrorsInOneLine) for f in handler.filters):
+    handler.addFilter(_OrbaxErrorsInOneLine())
+
+
 @contextlib.contextmanager
 def _quiet_gin_lookup() -> Iterator[None]:
   """Drops what gin's Python-package lookup of a file logs (`system_path_file_exists`,

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -26,7 +27,7 @@ from jaxrec.checkpoint.steps import step_dirs
 from jaxrec.data import pipeline
 from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
-from jaxrec.errors import ConfigError, DataError, JaxrecError
+from jaxrec.errors import ConfigError, DataError, JaxrecError, OutputError
 from jaxrec.files import workdir_lock, write_text_atomic
 from jaxrec.kernels import platform
 from jaxrec.models import bf16_hardware
@@ -232,18 +233,17 @@ def _write_run_records(workdir: str, operative_gin: str, plan_result, trains: bo
   if unused:
     log.warning("%s", unused)
     elastic.report_warning(unused)   # under launch.py: on its stderr, not only 0.log
-  config_path = os.path.join(workdir, "config.gin")
-  try:
-    if trains or not os.path.exists(config_path):
-      write_text_atomic(config_path, operative_gin)
-    # whole or not at all: `--plan=W/plan.json` reads it back on the next start; like
-    # config.gin, the plan of the run that trained is kept by one that only evaluates
-    plan_path = os.path.join(workdir, "plan.json")
-    if trains or not os.path.exists(plan_path):
-      write_text_atomic(plan_path, json.dumps(plan_result.to_json(), indent=2, sort_keys=True))
-  except OSError as e:
-    path = e.filename2 or e.filename   # os.replace(tmp, path) names both
-    raise ConfigError(f"--workdir: cannot write {path}: {e.strerror or e}") from None
+  # whole or not at all: `--plan=W/plan.json` reads it back on the next start; like
+  # config.gin, the plan of the run that trained is kept by one that only evaluates
+  for name, text in (("config.gin", lambda: operative_gin), ("plan.json", lambda: json.dumps(
+      plan_result.to_json(), indent=2, sort_keys=True))):
+    path = os.path.join(workdir, name)
+    if not trains and os.path.exists(path):
+      continue
+    try:
+      write_text_atomic(path, text())
+    except OSError as e:   # a full disk's ENOSPC from write() names no file
+      raise ConfigError(f"--workdir: cannot write {path}: {e.strerror or e}") from None
 
 
 def _check_item_freq_batch(restored, batch_size: int) -> None:
@@ -554,6 +554,11 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     if source is not None:   # its worker processes' prefetched batches (shared memory)
       source.close()
     ckpt.close()
-    writer.close()
+    failing = sys.exc_info()[1]   # the error ending the run, if any
+    try:
+      writer.close()
+    except OutputError:   # after another error (maybe the same full disk): that one's told
+      if failing is None:
+        raise
     progress.close()
   return last

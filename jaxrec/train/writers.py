@@ -18,6 +18,7 @@ import numpy as np
 import tqdm
 
 from jaxrec import jsonl
+from jaxrec.errors import OutputError
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
@@ -34,6 +35,18 @@ def _to_python(value: Any) -> Any:
   if isinstance(value, float) and not math.isfinite(value):
     return None
   return value
+
+
+def _give_up_events(tb) -> None:
+  """Marks the event file of tensorboardX writer `tb`, whose close failed, as closed: its
+  atexit hook closes it again otherwise, and prints that failure as a traceback at exit."""
+  event_writer = getattr(getattr(tb, "file_writer", None), "event_writer", None)
+  if event_writer is None or not hasattr(event_writer, "_closed"):
+    return
+  worker = getattr(event_writer, "_worker", None)   # its thread reads a queue closed at exit
+  if worker is not None:
+    worker.stop()
+  event_writer._closed = True   # pylint: disable=protected-access
 
 
 class MetricsWriter:
@@ -65,21 +78,48 @@ class MetricsWriter:
       return
     record = {"step": int(step)}
     record.update({k: _to_python(v) for k, v in metrics.items() if k != "step"})
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
+    try:
+      self._file.write(json.dumps(record) + "\n")
+      self._file.flush()
+    except OSError as e:
+      self._failed(self.path, e)
     for key, value in [*record.items(), *(scalars or {}).items()]:
       value = _to_python(value)
       if key != "step" and isinstance(value, numbers.Real) and not isinstance(value, bool):
         self._tb.add_scalar(key, float(value), int(step))
-    self._tb.flush()
+    try:
+      self._tb.flush()
+    except OSError as e:
+      self._failed(self._tb.logdir, e)
+
+  def _failed(self, path: str, error: OSError):
+    """A write failed (e.g. a full disk): drops both sinks without writing again (their
+    buffered data would fail the same way, from `close` and from tensorboardX's atexit
+    hook, as two more tracebacks) and raises `OutputError` naming the file."""
+    file, tb, self._file, self._tb, self._enabled = self._file, self._tb, None, None, False
+    for close in (file and file.close, tb and tb.close):
+      try:
+        if close is not None:
+          close()
+      except OSError:
+        if tb is not None and close == tb.close:
+          _give_up_events(tb)
+    raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
 
   def close(self) -> None:
-    if self._file is not None:
-      self._file.close()
-      self._file = None
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None
+    """Closes both sinks; a failure to write what they buffered is an `OutputError`."""
+    if self._file is None and self._tb is None:
+      self._enabled = False
+      return
+    try:
+      if self._file is not None:
+        self._file.close()
+        self._file = None
+      if self._tb is not None:
+        self._tb.close()
+        self._tb = None
+    except OSError as e:
+      self._failed(self.path if self._file is not None else self._tb.logdir, e)
     self._enabled = False
 
   def __enter__(self) -> MetricsWriter:

@@ -114,6 +114,30 @@ def test_made_dir_removes_only_what_a_refused_body_created(tmp_path):
   assert (tmp_path / "ok").is_dir()
 
 
+def test_a_run_refused_by_anothers_lock_leaves_that_runs_new_workdir(tmp_path):
+  """Two runs started at once on a new W both found it missing; the one refused by the
+  other's lock removed W, lock file included, so the first ran on unlocked and a third
+  run in W was not refused (they then broke each other's checkpoints)."""
+  from jaxrec import files  # pylint: disable=import-outside-toplevel
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  new = tmp_path / "runs" / "w"
+  refused = files.made_dir(new)
+  refused.__enter__()                       # the second run found `new` missing, made it
+  with files.workdir_lock(new):             # the first run holds the lock
+    with pytest.raises(ConfigError, match="is in use by another run") as e:
+      with files.workdir_lock(new):
+        pass
+    refused.__exit__(e.type, e.value, e.tb)   # the refused run's clean-up
+    assert (new / files.LOCK_NAME).is_file()
+    with pytest.raises(ConfigError, match="is in use by another run"):   # a third run
+      with files.workdir_lock(new):
+        pass
+  # a lock taken in a directory that another run's clean-up removed meanwhile
+  gone = tmp_path / "gone"
+  with files.workdir_lock(gone):
+    assert (gone / files.LOCK_NAME).is_file()
+
+
 def _denied(monkeypatch, path):
   """os.makedirs fails as it does under a parent without write permission (root is not
   stopped by permission bits)."""

@@ -114,3 +114,15 @@ def test_an_evaluate_only_run_keeps_the_training_plan_json(tmp_path):
   assert json.loads((tmp_path / "plan.json").read_text()) == {"kind": "tw"}
   loop._write_run_records(str(tmp_path), "a = 3\n", Result("rw"), trains=True)
   assert json.loads((tmp_path / "plan.json").read_text()) == {"kind": "rw"}
+
+
+def test_a_full_disk_writing_the_run_records_names_the_file(tmp_path, monkeypatch):
+  """ENOSPC from write() carries no file name: the error said 'cannot write None'."""
+  import errno  # pylint: disable=import-outside-toplevel
+
+  def full(path, text):
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(loop, "write_text_atomic", full)
+  with pytest.raises(ConfigError, match=rf"^--workdir: cannot write {tmp_path}/config.gin: "
+                     r"No space left on device$"):
+    loop._write_run_records(str(tmp_path), "a = 1\n", None, trains=True)

@@ -123,3 +123,54 @@ def test_progress_redraw_shows_the_window_just_logged(capsys):
     second = capsys.readouterr().err.split("\r")[-1]
   assert "5/10" in first and "loss=0.7000" in first and "ex/s=1,000" in first, first
   assert "10/10" in second and "loss=0.6000" in second and "ex/s=2,000" in second, second
+
+
+class _FullDisk:
+  """A file whose writes fail as on a full disk (ENOSPC, no file name)."""
+
+  def __init__(self, inner):
+    self.inner = inner
+
+  def write(self, text):
+    import errno  # pylint: disable=import-outside-toplevel
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  def flush(self):
+    pass
+
+  def close(self):
+    self.inner.close()
+    self.write("")
+
+
+def test_a_full_disk_is_one_error_naming_the_metrics_file(tmp_path):
+  """Three tracebacks (the write, the close in the loop's `finally`, tensorboardX's
+  atexit hook) and no `error:` line; now one OutputError, and closing again is quiet."""
+  import pytest  # pylint: disable=import-outside-toplevel
+  from jaxrec.errors import OutputError  # pylint: disable=import-outside-toplevel
+  w = MetricsWriter(str(tmp_path))
+  w.write(1, {"loss": 0.5})
+  w._file = _FullDisk(w._file)   # pylint: disable=protected-access
+  with pytest.raises(OutputError, match=rf"^cannot write {tmp_path}/metrics.jsonl: No space "
+                     r"left on device$"):
+    w.write(2, {"loss": 0.4})
+  w.close()   # nothing left to close: no second error
+  w.write(3, {"loss": 0.3})   # a dropped writer writes nothing
+  with open(tmp_path / "metrics.jsonl") as f:
+    assert [json.loads(l)["step"] for l in f] == [1]
+
+
+def test_a_close_that_cannot_flush_is_an_output_error_once(tmp_path, monkeypatch):
+  import pytest  # pylint: disable=import-outside-toplevel
+  from jaxrec.errors import OutputError  # pylint: disable=import-outside-toplevel
+  w = MetricsWriter(str(tmp_path))
+  w.write(1, {"loss": 0.5})
+  event_writer = w._tb.file_writer.event_writer   # pylint: disable=protected-access
+
+  def full():
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(event_writer, "flush", full)
+  with pytest.raises(OutputError, match=rf"^cannot write {tmp_path}/tb: No space left"):
+    w.close()
+  assert event_writer._closed   # pylint: disable=protected-access  (no retry at exit)
+  w.close()
