@@ -34,6 +34,14 @@ DENSE_KEYS = ("step", "params", "opt_state", "rng", "item_freq")
 # why a restore target may lack a dense key the checkpoint holds, for the error
 MISSING_KEY_HINTS = {"item_freq": " (saved with TwoTower.logq_correction = True: bind it "
                                   "to resume)"}
+# what to change when a dense part of the checkpoint has other leaves than the model's
+MISMATCH_HINTS = {
+    "opt_state": ": the dense optimizer (dense_optimizer.name, and its momentum, nesterov or "
+                 "mask) is not the one the checkpoint was trained with; bind that one to "
+                 "resume, or train in a new --workdir",
+    "params": ": the dense model (its layer sizes, feature count or table dims) is not the "
+              "one the checkpoint was trained with; bind that one to resume, or train in a "
+              "new --workdir"}
 FORMAT = "jaxrec-checkpoint"
 VERSION = 1
 

@@ -101,7 +101,8 @@ def _check_dense(key, abstract, leaves, step_dir) -> None:
     diff = sorted(set(want) ^ set(have)) or sorted(n for n in want if want[n] != have[n])
     raise ConfigError(f"'{key}' in checkpoint {step_dir} does not match the model at "
                       f"{diff[:3]} (checkpoint: {[have.get(n, 'absent') for n in diff[:3]]}, "
-                      f"model: {[want.get(n, 'absent') for n in diff[:3]]})")
+                      f"model: {[want.get(n, 'absent') for n in diff[:3]]})"
+                      f"{canonical_lib.MISMATCH_HINTS.get(key, '')}")
 
 
 def wrap_keys(tree, target, impls, key):

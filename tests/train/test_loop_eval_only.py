@@ -126,3 +126,18 @@ def test_a_full_disk_writing_the_run_records_names_the_file(tmp_path, monkeypatc
   with pytest.raises(ConfigError, match=rf"^--workdir: cannot write {tmp_path}/config.gin: "
                      r"No space left on device$"):
     loop._write_run_records(str(tmp_path), "a = 1\n", None, trains=True)
+
+
+def test_a_resume_with_another_dense_optimizer_says_what_to_bind(tmp_path):
+  """`dense_optimizer.name='adam'` on an SGD checkpoint: the error listed leaf names
+  ('opt_state/0/count' ... absent) and said nothing of the dense optimizer."""
+  options = config_lib.RunOptions(num_steps=1, mesh="data=8", plan="dp", progress=False)
+  loop.train_and_evaluate(dataclasses.replace(CONFIG, num_eval_examples=64,
+                                              eval_batch_size=64), options, str(tmp_path))
+  adam = dataclasses.replace(CONFIG, num_eval_examples=64, eval_batch_size=64,
+                             dense_optimizer=config_lib.dense_optimizer("adam", 0.01))
+  with pytest.raises(ConfigError, match=r"'opt_state' in checkpoint .* does not match the "
+                     r"model at .*: the dense optimizer \(dense_optimizer.name, and its "
+                     r"momentum, nesterov or mask\) is not the one the checkpoint was trained "
+                     r"with; bind that one to resume, or train in a new --workdir$"):
+    loop.train_and_evaluate(adam, dataclasses.replace(options, num_steps=2), str(tmp_path))
