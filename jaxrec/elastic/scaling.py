@@ -108,15 +108,22 @@ class Scaling:
     returns True, for the caller to plan again; False when they would not be enough. A
     capacity rewrite ends the wait early. Before, a job whose one worker got a SIGTERM
     gave up at once, though its slot was due back."""
-    due = list(self.quarantine.values())
-    if self.o.rejoin_after > 0:
-      due += [t + self.o.rejoin_after for t in self.lost.values()]
+    due = []   # when each slot of the capacity that is out now is back: both reasons over
+    for s in range(self.capacity[0]):
+      if s in self.lost and self.o.rejoin_after <= 0:
+        continue                        # lost for good
+      times = [self.lost[s] + self.o.rejoin_after] if s in self.lost else []
+      times += [self.quarantine[s]] if s in self.quarantine else []
+      if times:
+        due.append(max(times))
     short = self.o.min_processes - len(self._usable_slots())
     if short <= 0 or short > len(due):
       return False
     until = sorted(due)[short - 1]
+    n = self.capacity[0]
     self.events.emit("wait", reason=why, seconds=round(max(until - time.time(), 0), 3),
-                     lost=sorted(self.lost), sitting_out=sorted(self.quarantine))
+                     lost=sorted(s for s in self.lost if s < n),
+                     sitting_out=sorted(s for s in self.quarantine if s < n))
     while time.time() < until + 0.01:   # past it: `_free_slots` returns them
       signals.check()
       if self._read_capacity():

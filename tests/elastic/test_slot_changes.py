@@ -130,3 +130,19 @@ def test_the_run_loop_waits_instead_of_giving_up(tmp_path, monkeypatch):
   assert s._run() == sup.EXIT_OK
   names = [e["event"] for e in t.events(str(tmp_path))]
   assert "wait" in names and "give_up" not in names and names[-1] == "finished", names
+
+
+def test_slots_past_the_capacity_are_not_waited_for(tmp_path, monkeypatch):
+  """Capacity 2 with slot 1 lost for good and slot 2 (past it) sitting out: the job waited
+  for slot 2's cool-down, then gave up anyway; a slot both lost and sitting out is back
+  when both are over."""
+  _every_count_plans(monkeypatch)
+  s = _supervisor(str(tmp_path), num_processes=3, min_processes=2)
+  s.capacity = (2, 2)
+  s.lost, s.quarantine = {1: time.time()}, {2: time.time() + 30}
+  assert not s._wait_for_returns("below")            # pylint: disable=protected-access
+  s = _supervisor(str(tmp_path), num_processes=2, min_processes=2, rejoin_after=0.2)
+  s.lost, s.quarantine = {1: time.time()}, {1: time.time() + 0.5}
+  t0 = time.time()
+  assert s._wait_for_returns("below")                # pylint: disable=protected-access
+  assert time.time() - t0 >= 0.45
