@@ -109,7 +109,9 @@ def choose(config, args: TrainArgs, processes: int, devices_per_process: int,
   if resumed is not None:     # as the trainer: a resumed checkpoint's plan and mesh
     return _choice(processes, devices_per_process, resumed.mesh, plan, resumed.planned,
                    resumed.why)
-  if user_mesh == "auto":   # as the trainer: a plan file's mesh, or the closest that fits
+  if user_mesh == "auto" and why:   # as the trainer: records it could not take
+    candidates = mesh_choice.afresh_meshes(plan, n, args.workdir)
+  elif user_mesh == "auto":   # as the trainer: a plan file's mesh, or the closest that fits
     candidates = mesh_lib.auto_mesh_candidates(plan, n)
   else:                     # a shrunk job keeps the model axes of --mesh where they fit
     candidates = candidate_meshes(_spec_sizes(user_mesh), n)

@@ -6,7 +6,8 @@
   plan file's recorded mesh when it has the devices, else the shapes closest to it.
 - `--mesh=auto --plan=auto` resuming a checkpoint that records its plan and mesh (a run's
   own save, or a `convert_checkpoint.py --format=checkpoint --mesh --plan` copy): that
-  plan on that mesh when this run has as many devices; otherwise the planner as above.
+  plan on that mesh when this run has as many devices; otherwise the planner as above, on
+  the recorded mesh and the shapes closest to it too (`afresh_meshes`).
   An explicit `--mesh` or `--plan` always wins.
 
 `Choice.why` says which and why, for the run's log line.
@@ -121,6 +122,29 @@ def resumed(options, num_devices: int, workdir: str | None,
                 "--plan=auto resumes them (give --mesh or --plan to choose others)"), ""
 
 
+RESUME_NEIGHBOURS = 4   # meshes closest to a checkpoint's that a fresh plan also tries
+
+
+def afresh_meshes(plan: str, num_devices: int, workdir: str | None) -> list[dict[str, int]]:
+  """Meshes `--mesh=auto` plans afresh on after `resumed` could not take a checkpoint's
+  records: `auto_mesh_candidates`, with the recorded mesh first when it has this run's
+  devices (its plan no longer fits, e.g. at a lower --memory_per_device: a fresh plan on
+  it may), and the `RESUME_NEIGHBOURS` shapes closest to it last (another device count).
+  Only `data=N` was tried, which replicates every table: a resume whose tables needed a
+  split failed 'does not fit' on it though its own mesh had a plan that fit."""
+  auto = mesh_lib.auto_mesh_candidates(plan, num_devices)
+  saved = recorded(workdir)
+  if saved is None:
+    return auto
+  same = math.prod(saved.mesh.values()) == num_devices
+  near = mesh_lib.candidate_meshes(saved.mesh, num_devices)[:RESUME_NEIGHBOURS]
+  out: list[dict[str, int]] = []
+  for shape in ([saved.mesh] if same else []) + auto + near:
+    if dict(shape) not in out:
+      out.append(dict(shape))
+  return out
+
+
 def choose(config, options, num_devices: int, processes: int = 1,
            workdir: str | None = None) -> Choice:
   """Mesh and plan for a run of `num_devices` devices (module docstring); ConfigError when
@@ -138,8 +162,9 @@ def choose(config, options, num_devices: int, processes: int = 1,
   if options.mesh != "auto":
     shapes = [mesh_lib.parse_mesh_spec(options.mesh, num_devices)]
     return Choice(*first_fitting(shapes, plan_for, ""), f"--mesh={options.mesh}")
-  shape, planned = first_fitting(mesh_lib.auto_mesh_candidates(options.plan, num_devices),
-                                 plan_for, f"--plan={options.plan}")
+  candidates = (afresh_meshes(options.plan, num_devices, workdir) if why else
+                mesh_lib.auto_mesh_candidates(options.plan, num_devices))
+  shape, planned = first_fitting(candidates, plan_for, f"--plan={options.plan}")
   return Choice(shape, planned, auto_why(options.plan, shape) + why)
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from jaxrec.checkpoint import CheckpointManager, convert
 from jaxrec.elastic import replan
+from jaxrec.errors import ConfigError
 from jaxrec.embedding import optimizers
 from jaxrec.models import DLRM
 from jaxrec.sharding.plan import Plan, format_mesh, uniform_plan
@@ -60,6 +61,34 @@ def test_explicit_flags_and_other_device_counts_plan_afresh(workdirs, caplog):
     _, _, info = _setup(w2, devices=4)
   assert "records mesh data=2,table=4,row=1,col=1 (8 devices), this run has 4: planned afresh" \
       in caplog.text and "planned afresh" in info["why"]
+
+
+def test_a_fresh_plan_tries_the_recorded_mesh_before_data_only(workdirs):
+  """A resume whose recorded plan no longer fit (a lower --memory_per_device) planned only on
+  `data=N`, which replicates every table: 'does not fit' though the recorded mesh had a
+  fresh plan that fit. Another device count tries `data=N` first, then the closest
+  shapes."""
+  from jaxrec.train import mesh_choice  # pylint: disable=import-outside-toplevel
+  w, w2, _ = workdirs
+  data8 = {"data": 8, "table": 1, "row": 1, "col": 1}
+  assert mesh_choice.afresh_meshes("auto", 8, str(w2))[:2] == [TW, data8]
+  four = mesh_choice.afresh_meshes("auto", 4, str(w2))
+  assert four[0] == {"data": 4, "table": 1, "row": 1, "col": 1}
+  assert {"data": 1, "table": 4, "row": 1, "col": 1} in four[1:]
+  assert len(four) <= 1 + mesh_choice.RESUME_NEIGHBOURS
+  assert mesh_choice.afresh_meshes("auto", 8, None) == [data8]
+  tried = []
+
+  def plan_for(shape, plan=None):
+    tried.append((dict(shape), plan is not None))
+    if shape != TW or plan is not None:   # only a fresh plan on the recorded mesh fits
+      raise ConfigError("does not fit (test)")
+    return "fresh"
+  choice, why = mesh_choice.resumed(RunOptions(), 8, str(w2), plan_for)
+  assert choice is None and "does not fit here" in why
+  shape, planned = mesh_choice.first_fitting(mesh_choice.afresh_meshes("auto", 8, str(w2)),
+                                             plan_for, "--plan=auto")
+  assert (shape, planned) == (TW, "fresh") and tried == [(TW, True), (TW, False)]
 
 
 def test_unreadable_records_plan_afresh_with_a_warning(workdirs, tmp_path, caplog):
