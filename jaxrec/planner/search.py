@@ -181,6 +181,27 @@ def _moves(space: _Space, allowed: Sequence[Sequence[str]], kinds: tuple[str, ..
       yield tuple(new)
 
 
+def _split_largest_starts(space: _Space, allowed, smallest: tuple[str, ...], seen: set):
+  """More starts when none of the usual ones led within the budget: the `m` largest tables
+  (m = 1, 2, 4, ...) at one kind that splits them, the others replicated (`dp`, else their
+  smallest kind). Single moves cannot reach such plans from a uniform start, where e.g.
+  the largest tables' stacks only merge once several move together (`skewed_synthetic` on
+  table=4,row=2 at 80 MiB: 4 tables `twrw` and the rest `dp` fit at 74 MiB; the search said
+  the closest plan needed 112)."""
+  order = sorted(range(len(space.loads)), key=lambda i: (-space.loads[i].table_bytes,
+                                                         space.names[i]))
+  for k in dict.fromkeys(k for ks in allowed for k in ks if k != "dp"):
+    m = 1
+    while m < len(order):
+      top = set(order[:m])
+      start = tuple(k if i in top and k in allowed[i] else
+                    "dp" if "dp" in allowed[i] else smallest[i] for i in range(len(order)))
+      if start not in seen:
+        seen.add(start)
+        yield start
+      m *= 2
+
+
 def _single_movers(space: _Space) -> list[int]:
   """Indices of the tables the search moves one at a time (`SINGLE_MOVES` largest)."""
   order = sorted(range(len(space.loads)), key=lambda i: (-space.loads[i].table_bytes,
@@ -419,6 +440,13 @@ def propose_plan(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
     e = _local_search(space, allowed, start, single)
     if best is None or _better(e.objective, best.objective):
       best = e
+  if best.memory > space.budget:   # over budget from every start: the largest tables split
+    for start in _split_largest_starts(space, allowed, smallest, set(starts)):
+      e = _local_search(space, allowed, start, single)
+      if _better(e.objective, best.objective):
+        best = e
+      if best.memory <= space.budget:
+        break
   if best.problem:
     raise ConfigError(best.problem)
   if best.objective[0] == math.inf:

@@ -246,3 +246,16 @@ def test_dedup_false_refused_names_the_table_whose_dtype_refuses_it():
   with pytest.raises(ConfigError, match=r"stack 'dp_d16_bfloat16_L1' \(tables small\) has SGD"):
     EmbeddingCollection.create(tables, features, uniform_plan("dp", tables, 1), mesh,
                                optimizers.SGD(), dedup=False)
+
+
+def test_buffers_count_the_unique_rows_optimizer_state():
+  """The update reads and writes the unique rows' optimizer state: an Adam plan's compiled
+  step held ~8% more than the memory the plan claimed (and so past a budget it 'fit')."""
+  tables, features = [TableSpec("t", 1000, 16)], [FeatureSpec("f", "t", 4)]
+  by_opt = {opt: cost(tables, features, {"t": ("rw",)}, {"row": 2}, 64, opt).stacks[0]
+            for opt in ("adagrad", "adam", "rowwise_adagrad")}
+  n, dl = by_opt["adam"].buffer_rows, 16
+  assert all(s.dedup and s.buffer_rows == n for s in by_opt.values())
+  buffers = {k: s.memory["buffers"] for k, s in by_opt.items()}
+  assert buffers["adam"] - buffers["adagrad"] == 8 * n * dl
+  assert buffers["adagrad"] - buffers["rowwise_adagrad"] == 8 * n * (dl - 1)
