@@ -15,6 +15,7 @@ test_unused_bindings.py` checks the shipped configs against gin's own tables).
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import gin
@@ -57,34 +58,57 @@ def record_file(path: str) -> None:
   """Notes the bindings of gin file `path` (and of the files it includes) as `FILE:LINE`."""
   _FILES.append(path)
   with open(path, encoding="utf-8") as f:
-    statements = _parsed(f, lambda s: f"{path}:{s.location.line_num}")
-  for statement in statements:
-    if isinstance(statement, config_parser.IncludeStatement):
-      record_file(statement.filename)   # gin resolves it the same way (no search paths)
+    # in order, an include where it stands: a binding after it wins, as in gin (recorded
+    # after the file's own bindings, an included default was named as a binding's place)
+    for statement in _parsed(f, lambda s: f"{path}:{s.location.line_num}"):
+      if isinstance(statement, config_parser.IncludeStatement):
+        record_file(statement.filename)   # gin resolves it the same way (no search paths)
 
 
 def record_bindings(text: str, where: str = "--gin_bindings") -> None:
   """Notes the bindings of one `--gin_bindings` value as coming from `where`."""
-  _parsed(text, lambda s: where)
+  for _ in _parsed(text, lambda s: where):
+    pass
 
 
-def _parsed(source, where_of) -> list:
-  """The statements of `source`, its bindings and macro uses recorded at `where_of(s)`."""
+def _parsed(source, where_of):
+  """Yields the statements of `source`, each binding and macro use recorded at
+  `where_of(s)` before it is yielded."""
   delegate = _Placeholders()
-  statements = []
   for statement in config_parser.ConfigParser(source, delegate):
-    statements.append(statement)
     if isinstance(statement, config_parser.BindingStatement):
       _record(statement, where_of(statement))
       for name in delegate.macros:
         _MACRO_USES.setdefault(name, where_of(statement))
     delegate.macros.clear()
-  return statements
+    yield statement
 
 
 def macro_use(name: str) -> str | None:
   """Where macro `name` is first used (`FILE:LINE` or `--gin_bindings`), if recorded."""
   return _MACRO_USES.get(name)
+
+
+_BINDING_NAME = re.compile(r"^((?:\w+/)*[A-Za-z_]\w*\.[A-Za-z_]\w*)\b")
+
+
+def bound_at(name: str) -> str | None:
+  """Where binding `name` (as errors and configs write it: `RowWiseAdagrad.lr`,
+  `scope/DLRM.top_mlp`) was last bound, if recorded."""
+  found = [where for key, where in _ORIGINS.items() if _name(*key) == name]
+  return found[-1] if found else None
+
+
+def locate(message: str) -> str:
+  """A value check's `message` that starts with a binding's name, with where that binding
+  was written in front: `--gin_file: FILE:LINE: ...` or `--gin_bindings: ...` (as the
+  errors of an unknown name read); unchanged for a default value or another message.
+  Bad values said only the binding's name, not which of several files or flags set it."""
+  m = _BINDING_NAME.match(message)
+  where = bound_at(m.group(1)) if m else None
+  if where is None:
+    return message
+  return f"{where if where.startswith('--') else '--gin_file: ' + where}: {message}"
 
 
 def _key(statement: config_parser.BindingStatement) -> tuple[str, str, str]:

@@ -239,7 +239,8 @@ def user_message(e: BaseException) -> str:
   gin appends when the error passes through a configurable (keeps it one line)."""
   text = str(e)
   cut = text.find(_GIN_CONTEXT)
-  return text if cut < 0 else text[:cut]
+  text = text if cut < 0 else text[:cut]
+  return gin_usage.locate(text) if isinstance(e, ConfigError) else text
 
 
 _GIN_LOCATION = re.compile(r'^(.*?)\s*In file "(.+?)", line (\d+)\s*(.*)$')

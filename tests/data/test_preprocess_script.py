@@ -197,7 +197,7 @@ def test_categorical_column_count_flag_then_gin_binding_then_features(tmp_path, 
   r = run(f"--input={path}", f"--output={tmp_path / 'o1'}", *gin,
           "--gin_bindings=open_source.num_categorical=26")
   assert r.returncode == 1 and r.stderr.strip() == (
-      "error: open_source.num_categorical=26: the TSV data has 26 categorical columns but 8 "
+      "error: --gin_bindings: open_source.num_categorical=26: the TSV data has 26 categorical columns but 8 "
       "sparse features are configured; make them agree"), r.stderr
   r = run(f"--input={path}", f"--output={tmp_path / 'o2'}", *gin, "--num_categorical=8",
           "--gin_bindings=open_source.num_categorical=26")   # the flag first
@@ -208,5 +208,6 @@ def test_categorical_column_count_flag_then_gin_binding_then_features(tmp_path, 
   r = run(f"--input={path}", f"--output={tmp_path / 'o4'}", *gin,
           "--gin_bindings=open_source.num_categorical='x'")
   assert r.returncode == 1 and r.stderr.startswith(
-      "error: open_source.num_categorical must be an integer >= 0, got 'x'"), r.stderr
+      "error: --gin_bindings: open_source.num_categorical must be an integer >= 0, got "
+      "'x'"), r.stderr
   assert not any((tmp_path / o).exists() for o in ("o1", "o3", "o4"))

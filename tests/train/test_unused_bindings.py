@@ -113,3 +113,29 @@ def test_a_macro_used_but_never_bound_is_one_line_naming_where_it_is_used(tmp_pa
   with pytest.raises(ConfigError, match="^--gin_bindings: %x is used but never bound"):
     launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")],
                      ["DLRM.top_mlp = %x"])
+
+
+def test_a_bad_value_names_where_its_binding_was_written(tmp_path):
+  """`RowWiseAdagrad.lr = -0.1` on line 3 of a file said only 'RowWiseAdagrad.lr must be a
+  number >= 0', the same as from --gin_bindings; a binding after an `include` was placed at
+  the included file's line for that parameter."""
+  bad = tmp_path / "bad.gin"
+  bad.write_text(f"include '{ROOT}/configs/dlrm_synthetic.gin'\n"
+                 "ExperimentConfig.sparse_optimizer = @RowWiseAdagrad()\n"
+                 "RowWiseAdagrad.lr = -0.1\n")
+  for bindings, where in (([], f"--gin_file: {bad}:3"), (["RowWiseAdagrad.lr=-1.0"],
+                                                         "--gin_bindings")):
+    with pytest.raises(ConfigError) as e:
+      _built([str(bad)], bindings)
+    assert launch.user_message(e.value).startswith(
+        f"{where}: RowWiseAdagrad.lr must be a number >= 0"), launch.user_message(e.value)
+  with open(bad, "a") as f:
+    f.write("DLRM.top_mlp = (64, 2)\n")
+  launch.parse_gin([str(bad)], [])
+  assert gin_usage.bound_at("DLRM.top_mlp") == f"{bad}:4"   # not the include's line
+  line = gin_usage.bound_at("DLRM.bottom_mlp")
+  assert line.startswith(f"{ROOT}/configs/dlrm_synthetic.gin:")
+  assert gin_usage.locate("DLRM.bottom_mlp must be ...") == (
+      f"--gin_file: {line}: DLRM.bottom_mlp must be ...")
+  assert gin_usage.locate("DCN.cross_layers must be ...") == "DCN.cross_layers must be ..."
+  assert gin_usage.locate("table 't0': rows must be ...") == "table 't0': rows must be ..."
