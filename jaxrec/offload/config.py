@@ -266,7 +266,7 @@ def check_paths(config: OffloadConfig, workdir: str | None) -> None:
       continue
     path = t.resolve_path(workdir)
     files.check_tensorstore_path(f"offloaded table '{t.name}': its store directory "
-                                 "(OffloadTable.path)", path)
+                                 "('path' in OffloadConfig.tables)", path)
     real = os.path.realpath(path)
     if workdir is not None:
       _check_apart_from_run_files(t.name, path, workdir)
@@ -280,7 +280,7 @@ def check_paths(config: OffloadConfig, workdir: str | None) -> None:
         if not same and os.path.commonpath([path, given]) not in (path, given):
           where += f" (through symlinks: '{other}' and '{real}')"
         raise ConfigError(f"offloaded tables '{name}' and '{t.name}' {where} "
-                          "(OffloadTable.path): give each table a directory of its own")
+                          "('path' in OffloadConfig.tables): give each table a directory of its own")
     seen[t.name] = (path, real)
 
 
@@ -294,7 +294,7 @@ def _check_apart_from_run_files(table: str, path: str, workdir: str) -> None:
     where = (f"is inside '{os.path.join(workdir, inside[0])}', which the run rewrites"
              if inside else "is the workdir" if p == w else f"holds the workdir '{workdir}'")
     raise ConfigError(f"offloaded table '{table}': its store directory '{path}' "
-                      f"(OffloadTable.path) {where}: give it a directory of its own "
+                      f"('path' in OffloadConfig.tables) {where}: give it a directory of its own "
                       f"(default: '{workdir_layout.offload_dir(workdir, table)}')")
 
 

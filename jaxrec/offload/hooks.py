@@ -123,7 +123,7 @@ def make_tier(collection, config, offload_config: OffloadConfig, seed: int, work
     warn_small_train_caches(tier, config.features, config.batch_size // jax.process_count())
   for t in offload_config.tables:   # as --workdir and the data paths: the current directory
     if t.path and t.kvstore != "memory" and not os.path.isabs(t.path):
-      _LOG.info("offloaded table '%s': store at %s (OffloadTable.path '%s' is relative to the "
+      _LOG.info("offloaded table '%s': store at %s ('path' '%s' is relative to the "
                 "current directory)", t.name, tier.tables[t.name].store.path, t.path)
   return tier
 
@@ -147,7 +147,7 @@ def warn_moved_stores(tier: OffloadTier, meta: Mapping, where: str, workdir: str
     old = (then.get(name) or {}).get("path")
     if (old and old != t.store.path
         and owner.read_owner(old) == os.path.realpath(workdir)):
-      why = (" (a relative OffloadTable.path is relative to the current directory)"
+      why = (" (a relative 'path' in OffloadConfig.tables is relative to the current directory)"
              if t.store.off.path and not os.path.isabs(t.store.off.path) else "")
       out.append(f"offloaded table '{name}': checkpoint {where} was saved with its store at "
                  f"'{old}', this run's is '{t.store.path}'{why}; its snapshot is restored into "

@@ -79,7 +79,7 @@ def _check(table: str, path: str, workdir: str) -> str:
     others = _not_arrays(path) if os.path.isdir(path) else []
     if others:   # a restore would replace what is there
       raise ConfigError(
-          f"offloaded table '{table}': its store directory '{path}' (OffloadTable.path) "
+          f"offloaded table '{table}': its store directory '{path}' ('path' in OffloadConfig.tables) "
           f"already holds {', '.join(repr(n) for n in others[:5])}"
           f"{' and more' if len(others) > 5 else ''}, which is not an offload store: give "
           "the table a directory of its own (new or empty), e.g. a subdirectory")
@@ -93,7 +93,8 @@ def _check(table: str, path: str, workdir: str) -> str:
       f"offloaded table '{table}': its store '{path}' belongs to the workdir '{owner}' (its "
       f"{OWNER} file), not to this workdir '{workdir}': a run restoring from its own "
       f"checkpoints would replace the other run's tables there. Give this run a fresh "
-      f"OffloadTable.path (or leave it unset: '{workdir_layout.offload_dir(workdir, table)}'); "
+      f"'path' in OffloadConfig.tables (or leave it unset: "
+      f"'{workdir_layout.offload_dir(workdir, table)}'); "
       f"or, if no run of '{owner}' uses it any more, delete '{os.path.join(path, OWNER)}' and "
       "this workdir takes the store over")
 
@@ -131,7 +132,7 @@ def claim(paths: Mapping[str, str], workdir: str) -> list[Claim]:
     table = next((t for t, p in real.items() if failed and
                   os.path.commonpath([p, failed]) in (p, failed)), None)
     what = f"offloaded table '{table}': its" if table else "an offloaded table's"
-    raise ConfigError(f"{what} store directory cannot be used (OffloadTable.path): "
+    raise ConfigError(f"{what} store directory cannot be used ('path' in OffloadConfig.tables): "
                       f"{e.strerror or e}: '{e.filename}'") from None
 
 

@@ -184,7 +184,8 @@ class PlanResult:
     budget = self.memory_per_device_bytes
     lines = [
         f"Plan ({self.mode}) for {len(self.tables)} tables on mesh {mesh_str(self.mesh_shape)}"
-        f" ({self.num_devices} devices), global batch {self.batch_size}, budget "
+        f" ({self.num_devices} device{'s' if self.num_devices != 1 else ''}), global batch "
+        f"{self.batch_size}, budget "
         f"{format_bytes(budget)}/device",
         f"coefficients: {self.calibration.source}",
         "",

@@ -63,7 +63,7 @@ def test_whole_floats_become_ints():
 @pytest.mark.parametrize("paths, message", [
     (("same", "same"), r"offloaded tables 'big' and 'small' share the store directory '.*/same'"),
     (("outer", "outer/inner"), r"'big' and 'small' have store directories '.*/outer' and "
-     r"'.*/outer/inner', one inside the other \(OffloadTable.path\)"),
+     r"'.*/outer/inner', one inside the other \('path' in OffloadConfig.tables\)"),
     ((None, "w/offload/big"), "share the store directory '.*/w/offload/big'"),
 ])
 def test_tables_need_store_directories_of_their_own(tmp_path, paths, message):

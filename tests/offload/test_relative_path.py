@@ -30,7 +30,7 @@ def test_a_relative_path_is_the_current_directorys_and_a_moved_store_is_named(
   (warning,) = offload.warn_moved_stores(moved, meta, "W/checkpoints/4", str(w))
   assert warning == (
       f"offloaded table 'big': checkpoint W/checkpoints/4 was saved with its store at "
-      f"'{a}/stores/big', this run's is '{b}/stores/big' (a relative OffloadTable.path is "
+      f"'{a}/stores/big', this run's is '{b}/stores/big' (a relative 'path' in OffloadConfig.tables is "
       f"relative to the current directory); its snapshot is restored into '{b}/stores/big', "
       f"and '{a}/stores/big' is no longer used (delete it by hand)")
   # a store moved on purpose (W/offload/big → an absolute path): no word of relative paths
@@ -60,7 +60,7 @@ def test_a_resume_from_another_directory_names_both_stores(tmp_path, monkeypatch
   monkeypatch.chdir(a)
   with caplog.at_level(logging.INFO):
     train_synthetic(w, 4, bindings)
-  assert (f"offloaded table 't0': store at {a}/s/t0 (OffloadTable.path 's/t0' is relative to "
+  assert (f"offloaded table 't0': store at {a}/s/t0 ('path' 's/t0' is relative to "
           "the current directory)") in caplog.text
   meta = storage.read_json(w / "checkpoints" / "4", "meta")
   assert meta["offload"]["tables"]["t0"]["path"] == str(a / "s" / "t0")

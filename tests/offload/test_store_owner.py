@@ -43,7 +43,7 @@ def test_another_workdir_is_refused_before_touching_the_store(tmp_path):
     _tier(tmp_path / "w2", store)
   msg = str(e.value)
   for part in ("offloaded table 'big': its store", f"'{store}'", f"'{tmp_path / 'w1'}'",
-               f"'{tmp_path / 'w2'}'", "fresh OffloadTable.path", f"delete '{store / OWNER}'"):
+               f"'{tmp_path / 'w2'}'", "fresh 'path' in OffloadConfig.tables", f"delete '{store / OWNER}'"):
     assert part in msg
   assert _files(store) == before            # nothing replaced, re-linked or re-owned
   first.close()
@@ -129,7 +129,7 @@ def test_a_directory_holding_other_files_is_not_adopted(tmp_path):
   store.mkdir()
   (store / "notes.txt").write_text("keep")
   with pytest.raises(ConfigError, match=rf"^offloaded table 'big': its store directory "
-                     rf"'{store}' \(OffloadTable.path\) already holds 'notes.txt', which is not "
+                     rf"'{store}' \('path' in OffloadConfig.tables\) already holds 'notes.txt', which is not "
                      r"an offload store: give the table a directory of its own"):
     _tier(tmp_path / "w", store)
   assert sorted(os.listdir(store)) == ["notes.txt"]
@@ -158,7 +158,7 @@ def test_a_store_path_overlapping_the_run_files_is_refused(tmp_path, where, mess
   themselves ('File name too long')."""
   w = tmp_path / "w"
   path = os.path.normpath(tmp_path / where)
-  with pytest.raises(ConfigError, match=rf"its store directory '{path}' \(OffloadTable.path\) "
+  with pytest.raises(ConfigError, match=rf"its store directory '{path}' \('path' in OffloadConfig.tables\) "
                      rf"{message.format(w=w)}: give it a directory of its own"):
     _tier(w, path)
 
@@ -167,7 +167,7 @@ def test_a_store_path_that_cannot_be_a_directory_is_one_error(tmp_path):
   """A file in the way was a NotADirectoryError traceback."""
   (tmp_path / "afile").write_text("")
   with pytest.raises(ConfigError, match=r"^offloaded table 'big': its store directory cannot "
-                     r"be used \(OffloadTable.path\): Not a directory: .*afile/t0/OWNER'$"):
+                     r"be used \('path' in OffloadConfig.tables\): Not a directory: .*afile/t0/OWNER'$"):
     _tier(tmp_path / "w", tmp_path / "afile" / "t0")
 
 

@@ -268,7 +268,7 @@ def test_a_path_with_a_backslash_is_refused_where_tensorstore_writes(tmp_path, m
     train_args.TrainArgs.parse(["--workdir=a\\b", "--gin_file=c.gin"])
   table = offload.OffloadTable("big", cache_rows=4, path=str(tmp_path / "s\\big"))
   with pytest.raises(ConfigError, match=r"^offloaded table 'big': its store directory "
-                     r"\(OffloadTable.path\): '.*/s\\big' holds a backslash"):
+                     r"\('path' in OffloadConfig.tables\): '.*/s\\big' holds a backslash"):
     check_paths(offload.OffloadConfig((table,)), str(tmp_path / "w"))
   (tmp_path / "c\\d").mkdir()
   monkeypatch.chdir(tmp_path / "c\\d")   # a relative path under such a directory
