@@ -280,7 +280,8 @@ def check_paths(config: OffloadConfig, workdir: str | None) -> None:
         if not same and os.path.commonpath([path, given]) not in (path, given):
           where += f" (through symlinks: '{other}' and '{real}')"
         raise ConfigError(f"offloaded tables '{name}' and '{t.name}' {where} "
-                          "('path' in OffloadConfig.tables): give each table a directory of its own")
+                          "('path' in OffloadConfig.tables): give each table a directory of "
+                          "its own")
     seen[t.name] = (path, real)
 
 

@@ -79,7 +79,8 @@ def _check(table: str, path: str, workdir: str) -> str:
     others = _not_arrays(path) if os.path.isdir(path) else []
     if others:   # a restore would replace what is there
       raise ConfigError(
-          f"offloaded table '{table}': its store directory '{path}' ('path' in OffloadConfig.tables) "
+          f"offloaded table '{table}': its store directory '{path}' ('path' in "
+          "OffloadConfig.tables) "
           f"already holds {', '.join(repr(n) for n in others[:5])}"
           f"{' and more' if len(others) > 5 else ''}, which is not an offload store: give "
           "the table a directory of its own (new or empty), e.g. a subdirectory")
