@@ -466,6 +466,11 @@ class CheckpointManager:
     dense_lib.verify(dense, manifest, table_prints, saved, step_dir)
 
     state, fresh = {}, None
+    initialised = [k for k in canonical_lib.DENSE_KEYS
+                   if k not in dense and k in target and k != "step"]
+    if initialised:   # an import holds tables only: say what starts over
+      logging.warning("checkpoint %s holds tables only (e.g. a TorchRec import): %s start "
+                      "from their initial values", step_dir, ", ".join(initialised))
     for key in canonical_lib.DENSE_KEYS:
       if key in dense:
         state[key] = dense_lib.wrap_keys(dense[key], target.get(key),

@@ -139,7 +139,7 @@ def test_export_refuses_corrupt_data(saved, tmp_path):
   assert not (tmp_path / "bad.npz").exists()
 
 
-def test_torchrec_import(tmp_path):
+def test_torchrec_import(tmp_path, caplog):
   coll = h.collection("rw", 4)
   rng = np.random.default_rng(0)
   weights = {t.name: rng.standard_normal((t.rows, t.dim)).astype(np.float32)
@@ -151,7 +151,12 @@ def test_torchrec_import(tmp_path):
   assert convert.import_torchrec(npz, out) == sorted(weights)
   target = h.dense(coll.mesh, seed=1)   # dense values come from the new run
   with CheckpointManager(out) as mgr:
-    restored = mgr.restore(target, coll)
+    with caplog.at_level("WARNING"):
+      restored = mgr.restore(target, coll)
+    # an import into a trained workdir resumed with fresh dense values, said only as
+    # 'resumed from step N'
+    assert "holds tables only (e.g. a TorchRec import): params, opt_state, rng start from " \
+        "their initial values" in caplog.text, caplog.text
     with pytest.raises(ConfigError, match="pass initial values"):
       mgr.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target), coll)
   tables, opt = jax.device_get(coll.unstack_tables(restored.state["emb"]))
