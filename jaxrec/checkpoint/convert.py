@@ -388,6 +388,21 @@ def export_checkpoint(checkpoint_dir, output, step: int | None = None,
   return selection.convert_step(checkpoint_dir, step, copy)
 
 
+def _recorded_features(step_dir, tables) -> tuple[FeatureSpec, ...]:
+  """The features the run recorded in the checkpoint's meta (bag sizes decide its stacks),
+  for the layout a copy prints; one one-hot feature per table for a checkpoint without
+  them (older runs, imports): stacks of multi-hot features then print merged."""
+  try:
+    recorded = storage.read_json(step_dir, storage.META).get("features")
+    features = tuple(FeatureSpec(**f) for f in recorded or ())
+  except (CheckpointError, OSError, TypeError, ValueError, AttributeError):
+    features = ()
+  names = {t.name for t in tables}
+  if features and {f.table for f in features} <= names:
+    return features
+  return tuple(FeatureSpec(f"feature_{t.name}", t.name) for t in tables)
+
+
 def _copy(output, mesh_shape, plan, restart_data, step_dir, step) -> tuple[int, str]:
   """`export_checkpoint` of checkpoint `step_dir` (of `step`)."""
   manifest = selection.check(step_dir)
@@ -395,7 +410,7 @@ def _copy(output, mesh_shape, plan, restart_data, step_dir, step) -> tuple[int, 
   if plan is not None:
     tables = tuple(TableSpec(n, t["rows"], t["dim"], t["dtype"])
                    for n, t in sorted(manifest["tables"].items()))
-    features = tuple(FeatureSpec(f"feature_{t.name}", t.name) for t in tables)
+    features = _recorded_features(step_dir, tables)
     resolved = resolve_plan(plan, tables, mesh_shape)
     layouts = layout_lib.build_layouts(tables, features, resolved, mesh_shape)
     description = layout_lib.describe(layouts)

@@ -308,7 +308,9 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   shardings = state_lib.shardings(state, collection)
   operative_gin = gin.operative_config_str()
   meta = {"plan": plan.to_json(), "mesh": info["mesh"], "seed": options.seed,
-          "gin": operative_gin, "batch_size": config.batch_size}
+          "gin": operative_gin, "batch_size": config.batch_size,
+          # the layout a copy prints (`convert_checkpoint.py --plan`) stacks by bag size too
+          "features": [dataclasses.asdict(f) for f in config.features]}
   if tier is not None:   # checkpoint conversion reads these tables from the snapshots
     meta["offload"] = {"snapshots": os.path.abspath(snapshots),
                        "tables": {n: {"rows": t.spec.rows, "cache_rows": t.cache.cache_rows,

@@ -15,7 +15,7 @@ import tensorstore as ts
 from etils import epath
 
 from jaxrec.checkpoint import CheckpointError, CheckpointManager, convert
-from jaxrec.embedding.specs import TableSpec
+from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError, DataError
 from jaxrec.sharding.plan import uniform_plan
 from tests import xla_env
@@ -604,3 +604,21 @@ def test_failed_exports_leave_nothing(saved, tmp_path, monkeypatch):
   assert not (w / "w2").exists()   # created for --output, removed with what it held
   convert.export_checkpoint(w / "w" / "checkpoints", dest)
   assert CheckpointManager(dest, read_only=True).all_steps() == [5]
+
+
+def test_a_copy_prints_the_stacks_of_the_recorded_features(tmp_path):
+  """The printed layout took every feature as one-hot, so it showed one stack where the run
+  builds one per bag size; the run now records its features in the checkpoint's meta."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  coll = h.collection("rw", 8)
+  lens = [1, 4] + [1] * (len(coll.tables) - 2)
+  features = [dataclasses.asdict(FeatureSpec(f"f{i}", t.name, n))
+              for i, (t, n) in enumerate(zip(coll.tables, lens))]
+  for name, meta in (("with", {"features": features}), ("without", {})):
+    path = tmp_path / name / "checkpoints"
+    with CheckpointManager(path) as mgr:
+      mgr.save(1, h.train_state(coll, step=1), coll, meta=meta, force=True)
+    _, layouts = convert.export_checkpoint(path, tmp_path / name / "copy", None,
+                                           convert.parse_mesh("row=8"), "rw")
+    stacks = [l for l in layouts.splitlines() if l.lstrip().startswith("rw_d")]
+    assert len(stacks) == (2 if name == "with" else 1), layouts

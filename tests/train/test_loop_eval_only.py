@@ -134,6 +134,9 @@ def test_a_resume_with_another_dense_optimizer_says_what_to_bind(tmp_path):
   options = config_lib.RunOptions(num_steps=1, mesh="data=8", plan="dp", progress=False)
   loop.train_and_evaluate(dataclasses.replace(CONFIG, num_eval_examples=64,
                                               eval_batch_size=64), options, str(tmp_path))
+  from jaxrec.checkpoint import storage  # pylint: disable=import-outside-toplevel
+  meta = storage.read_json(tmp_path / "checkpoints" / "1", storage.META)
+  assert meta["features"] == [dataclasses.asdict(f) for f in CONFIG.features]   # for convert
   adam = dataclasses.replace(CONFIG, num_eval_examples=64, eval_batch_size=64,
                              dense_optimizer=config_lib.dense_optimizer("adam", 0.01))
   with pytest.raises(ConfigError, match=r"'opt_state' in checkpoint .* does not match the "
