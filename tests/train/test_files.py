@@ -227,6 +227,18 @@ def test_the_launcher_refuses_a_pipe_as_data(tmp_path):
     train_args.TrainArgs.parse(["--workdir=w", "--gin_file=c.gin", f"--train_data={ok}"])
 
 
+def _refused_by_train_and_launch(workdir: str, message: str) -> None:
+  """train.py (`loop.check_workdir`) and scripts/launch.py's worker flags both refuse
+  `--workdir=workdir` with an error matching `message`."""
+  from jaxrec.elastic import train_args  # pylint: disable=import-outside-toplevel
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import loop  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ConfigError, match=message):
+    loop.check_workdir(workdir)
+  with pytest.raises(ConfigError, match=message):
+    train_args.TrainArgs.parse([f"--workdir={workdir}", "--gin_file=c.gin"])
+
+
 def test_a_workdir_starting_with_an_unexpanded_tilde_is_refused(tmp_path, monkeypatch):
   """`--workdir=~/runs/x`: bash leaves `~` after `=` as it is, and the run created
   `./~/runs/x`. An existing directory of that name (made on purpose) is still taken."""
@@ -234,13 +246,10 @@ def test_a_workdir_starting_with_an_unexpanded_tilde_is_refused(tmp_path, monkey
   from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
   from jaxrec.train import loop  # pylint: disable=import-outside-toplevel
   monkeypatch.chdir(tmp_path)
-  message = (r"^--workdir=~/runs/x: the shell does not expand '~' after '=' \(the path would "
-             r"be a directory named '~' here\); write --workdir ~/runs/x, "
-             r"--workdir=\$HOME/runs/x or an absolute path$")
-  with pytest.raises(ConfigError, match=message):
-    loop.check_workdir("~/runs/x")
-  with pytest.raises(ConfigError, match=message):   # scripts/launch.py's worker flags
-    train_args.TrainArgs.parse(["--workdir=~/runs/x", "--gin_file=c.gin"])
+  _refused_by_train_and_launch("~/runs/x", (
+      r"^--workdir=~/runs/x: the shell does not expand '~' after '=' \(the path would "
+      r"be a directory named '~' here\); write --workdir ~/runs/x, "
+      r"--workdir=\$HOME/runs/x or an absolute path$"))
   with pytest.raises(ConfigError, match=r"^--train_data=~/d: the shell does not expand"):
     train_args.TrainArgs.parse(["--workdir=w", "--gin_file=c.gin", "--train_data=~/d"])
   assert os.listdir(tmp_path) == []
@@ -254,18 +263,14 @@ def test_a_path_with_a_backslash_is_refused_where_tensorstore_writes(tmp_path, m
   (and offload stores) in `a/b`, a resume of `a\\b` found none, and another run's files
   there could be overwritten."""
   from jaxrec import files, offload  # pylint: disable=import-outside-toplevel
-  from jaxrec.elastic import train_args  # pylint: disable=import-outside-toplevel
   from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
   from jaxrec.offload.config import check_paths  # pylint: disable=import-outside-toplevel
   from jaxrec.train import loop  # pylint: disable=import-outside-toplevel
   monkeypatch.chdir(tmp_path)
-  message = (r"^--workdir: 'a\\b' holds a backslash, which tensorstore \(checkpoints, "
-             r"offload stores, zarr\) reads as a directory separator: its files would go to "
-             rf"'{tmp_path}/a/b'; use a path without '\\'$")
-  with pytest.raises(ConfigError, match=message):
-    loop.check_workdir("a\\b")
-  with pytest.raises(ConfigError, match=message):   # scripts/launch.py's worker flags
-    train_args.TrainArgs.parse(["--workdir=a\\b", "--gin_file=c.gin"])
+  _refused_by_train_and_launch("a\\b", (
+      r"^--workdir: 'a\\b' holds a backslash, which tensorstore \(checkpoints, "
+      r"offload stores, zarr\) reads as a directory separator: its files would go to "
+      rf"'{tmp_path}/a/b'; use a path without '\\'$"))
   table = offload.OffloadTable("big", cache_rows=4, path=str(tmp_path / "s\\big"))
   with pytest.raises(ConfigError, match=r"^offloaded table 'big': its store directory "
                      r"\('path' in OffloadConfig.tables\): '.*/s\\big' holds a backslash"):
