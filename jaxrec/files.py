@@ -140,23 +140,29 @@ def made_dir(path: str | os.PathLike, flag: str = "--workdir") -> Iterator[None]
   try:
     yield
   except BaseException:
-    if not _locked_elsewhere(os.path.join(os.fspath(path), LOCK_NAME)):
-      remove_made(top, path, lambda name: os.path.basename(name) == LOCK_NAME)
+    with _unless_locked(os.path.join(os.fspath(path), LOCK_NAME)) as free:
+      if free:   # the lock held while removing: no run can take it in between
+        remove_made(top, path, lambda name: os.path.basename(name) == LOCK_NAME)
     raise
 
 
-def _locked_elsewhere(lock_path: str) -> bool:
-  """Whether another open of `lock_path` holds its `flock` (a run in that workdir)."""
+@contextlib.contextmanager
+def _unless_locked(lock_path: str) -> Iterator[bool]:
+  """Holds `lock_path`'s `flock` for the body and yields True; False when another open of
+  it (a run in that workdir) holds it. A missing file is free (no run has locked yet)."""
   import fcntl  # pylint: disable=import-outside-toplevel
   try:
     fd = os.open(lock_path, os.O_RDONLY)
   except OSError:
-    return False
+    yield True
+    return
   try:
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    return False
-  except BlockingIOError:
-    return True
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      yield False
+      return
+    yield True
   finally:
     os.close(fd)
 

@@ -94,8 +94,14 @@ _BINDING_NAME = re.compile(r"^((?:\w+/)*[A-Za-z_]\w*\.[A-Za-z_]\w*)\b")
 
 def bound_at(name: str) -> str | None:
   """Where binding `name` (as errors and configs write it: `RowWiseAdagrad.lr`,
-  `scope/DLRM.top_mlp`) was last bound, if recorded."""
+  `scope/DLRM.top_mlp`) was last bound, if recorded. None also when `name` has no scope
+  and some scope binds it too: a value check names the parameter without its scope, so
+  the unscoped binding need not be the bad one (`m/DLRM.top_mlp` was placed at the line
+  of a valid `DLRM.top_mlp`)."""
   found = [where for key, where in _ORIGINS.items() if _name(*key) == name]
+  if "/" not in name and any(scope and _name("", sel, arg) == name
+                             for scope, sel, arg in _ORIGINS):
+    return None
   return found[-1] if found else None
 
 

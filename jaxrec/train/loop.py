@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import time
 from typing import Any
 
@@ -411,6 +410,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   skip_positions: set[int] = set()                 # batches that gave a non-finite loss
   rollbacks = 0
   t_mark, steps_timed, paused = None, 0, 0.0       # paused: eval/checkpoint s in the window
+  failing = None                                   # the error ending the run, if any
   try:
     step, sigterm, eval_stopped = start, False, False
     if finished:   # the resume line carries the evaluation (maybe of other --eval_data)
@@ -550,13 +550,15 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       raise termination.Terminated(
           f"stopped by SIGTERM {during}: checkpoint {step} is saved in "
           f"{ckpt.directory}; the same command {then}")
+  except BaseException as e:   # what `finally` must not hide behind a writer error
+    failing = e
+    raise
   finally:
     if tier is not None:
       tier.close()
     if source is not None:   # its worker processes' prefetched batches (shared memory)
       source.close()
     ckpt.close()
-    failing = sys.exc_info()[1]   # the error ending the run, if any
     try:
       writer.close()
     except OutputError:   # after another error (maybe the same full disk): that one's told

@@ -132,6 +132,25 @@ def test_a_run_refused_by_anothers_lock_leaves_that_runs_new_workdir(tmp_path):
     with pytest.raises(ConfigError, match="is in use by another run"):   # a third run
       with files.workdir_lock(new):
         pass
+  # a run that takes the lock while a refused run cleans up is refused, not left unlocked
+  # in a directory the clean-up then removes
+  failing, seen = tmp_path / "failing", []
+  real_remove = files.remove_made
+
+  def remove_while_another_starts(*args):
+    with pytest.raises(ConfigError, match="is in use by another run") as refused:
+      with files.workdir_lock(failing):
+        pass
+    seen.append(refused.value)
+    return real_remove(*args)
+  files.remove_made = remove_while_another_starts
+  try:
+    with pytest.raises(KeyError), files.made_dir(failing):
+      with files.workdir_lock(failing):
+        raise KeyError("a bad --mesh")
+  finally:
+    files.remove_made = real_remove
+  assert seen and not failing.exists()
   # a lock taken in a directory that another run's clean-up removed meanwhile
   gone = tmp_path / "gone"
   with files.workdir_lock(gone):

@@ -139,3 +139,17 @@ def test_a_bad_value_names_where_its_binding_was_written(tmp_path):
       f"--gin_file: {line}: DLRM.bottom_mlp must be ...")
   assert gin_usage.locate("DCN.cross_layers must be ...") == "DCN.cross_layers must be ..."
   assert gin_usage.locate("table 't0': rows must be ...") == "table 't0': rows must be ..."
+
+
+def test_a_value_bound_in_a_scope_too_is_not_placed_at_the_unscoped_line(tmp_path):
+  """`m/DLRM.top_mlp = (128, 64, 2)` was reported at dlrm_synthetic.gin's valid unscoped
+  `DLRM.top_mlp` line (the check names the parameter without its scope)."""
+  scoped = tmp_path / "scoped.gin"
+  scoped.write_text(f"include '{ROOT}/configs/dlrm_synthetic.gin'\n"
+                    "ExperimentConfig.model = @m/build_model()\n"
+                    "m/DLRM.top_mlp = (128, 64, 2)\n")
+  launch.parse_gin([str(scoped)], [])
+  assert gin_usage.bound_at("m/DLRM.top_mlp") == f"{scoped}:3"
+  assert gin_usage.bound_at("DLRM.top_mlp") is None
+  assert gin_usage.locate("DLRM.top_mlp = (128, 64, 2) must end in 1 unit") == (
+      "DLRM.top_mlp = (128, 64, 2) must end in 1 unit")
