@@ -187,6 +187,14 @@ class ExperimentConfig:
   def dense_tx(self) -> optax.GradientTransformation:
     return self.dense_optimizer if self.dense_optimizer is not None else dense_optimizer()
 
+  def __post_init__(self):
+    for name in ("batch_size", "eval_batch_size", "num_eval_examples"):
+      value = getattr(self, name)   # gin writes `1e6` as a float: a whole one is a count
+      if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        object.__setattr__(self, name, int(value))
+      elif isinstance(value, np.integer):
+        object.__setattr__(self, name, int(value))
+
   def sparse_tx(self):
     return self.sparse_optimizer if self.sparse_optimizer is not None else sparse_optimizers.SGD()
 

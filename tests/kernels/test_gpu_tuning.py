@@ -45,13 +45,30 @@ def test_gin_bindings_reach_the_traced_kernels():
 @pytest.mark.parametrize("kwargs, says", [
     ({"num_warps": 3}, "GpuTuning.num_warps must be a power of two (Triton), got 3"),
     ({"num_stages": 0}, "GpuTuning.num_stages must be a positive integer, got 0"),
-    ({"lookup_block": 1024.0}, "GpuTuning.lookup_block must be a positive integer, got 1024.0"),
+    ({"lookup_block": 1024.5}, "GpuTuning.lookup_block must be a positive integer, got 1024.5"),
+    ({"update_block": True}, "GpuTuning.update_block must be a positive integer, got True"),
     ({"unroll_slots": 1}, "GpuTuning.unroll_slots must be True or False, got 1"),
 ])
 def test_bad_settings_are_refused_by_name(kwargs, says):
   with pytest.raises(ConfigError) as e:
     platform.GpuTuning(**kwargs)
   assert str(e.value).splitlines()[0] == says   # (gin adds the configurable's name below)
+
+
+def test_whole_floats_and_numpy_integers_are_counts():
+  """`lookup_block=2e3` (gin writes it as a float) was refused while `uniform_tables.rows`,
+  `OffloadConfig` sizes and (now) `ExperimentConfig.batch_size` take whole floats."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  tuning = platform.GpuTuning(lookup_block=2e3, num_warps=np.int64(8))
+  assert (tuning.lookup_block, tuning.num_warps) == (2000, 8)
+  assert type(tuning.lookup_block) is int and type(tuning.num_warps) is int
+  from jaxrec.train.config import ExperimentConfig  # pylint: disable=import-outside-toplevel
+  config = ExperimentConfig(embedding=None, model=None, batch_size=128.0,
+                            num_eval_examples=1e3, eval_batch_size=np.int32(256))
+  assert (config.batch_size, config.num_eval_examples, config.eval_batch_size) == (128, 1000,
+                                                                                  256)
+  assert all(type(v) is int for v in (config.batch_size, config.num_eval_examples,
+                                       config.eval_batch_size))
 
 
 def test_a_bad_gin_binding_is_refused_when_the_kernels_are_traced():
