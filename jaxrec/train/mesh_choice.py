@@ -164,8 +164,22 @@ def choose(config, options, num_devices: int, processes: int = 1,
     return Choice(*first_fitting(shapes, plan_for, ""), f"--mesh={options.mesh}")
   candidates = (afresh_meshes(options.plan, num_devices, workdir) if why else
                 mesh_lib.auto_mesh_candidates(options.plan, num_devices))
-  shape, planned = first_fitting(candidates, plan_for, f"--plan={options.plan}")
+  try:
+    shape, planned = first_fitting(candidates, plan_for, f"--plan={options.plan}")
+  except ConfigError as e:
+    raise ConfigError(f"{e}{_split_hint(candidates, num_devices, str(e))}") from None
   return Choice(shape, planned, auto_why(options.plan, shape) + why)
+
+
+def _split_hint(candidates, num_devices: int, message: str) -> str:
+  """What to try when `--mesh=auto` tried only `data=N` (it replicates every table) and
+  the tables did not fit: a mesh that splits them (the error named only more memory)."""
+  if num_devices < 2 or "does not fit" not in message or any(
+      math.prod(s.values()) != s.get("data", 1) for s in candidates):
+    return ""
+  return (f"; --mesh=auto took data={num_devices}, where every table is whole on every "
+          f"device: a mesh that splits tables may fit, e.g. --mesh=row={num_devices} or "
+          f"--mesh=table={num_devices} (scripts/plan.py --mesh=... prices one)")
 
 
 def auto_why(plan: str, shape: Mapping[str, int]) -> str:

@@ -215,3 +215,17 @@ def test_an_error_every_mesh_shares_is_said_once():
                      r"data=1,table=4,row=2,col=1: needs 4 slices; data=2,table=2,row=2,col=1: "
                      r"needs 2 slices$"):
     mesh_choice.first_fitting(shapes, by_mesh, "--plan=p.json")
+
+
+def test_tables_too_big_for_data_only_suggest_a_splitting_mesh():
+  """`--mesh=auto` on a fresh run tries only data=N: 'does not fit' named only more memory,
+  though --mesh=table=8 fit (8 MiB for dlrm_synthetic, a tw plan at 6.8)."""
+  from jaxrec.train import mesh_choice  # pylint: disable=import-outside-toplevel
+  data8 = [{"data": 8, "table": 1, "row": 1, "col": 1}]
+  hint = mesh_choice._split_hint(data8, 8, "the 8 tables together ... does not fit: ...")   # pylint: disable=protected-access
+  assert "--mesh=auto took data=8" in hint and "--mesh=row=8 or --mesh=table=8" in hint
+  assert mesh_choice._split_hint(data8, 8, "another error") == ""   # pylint: disable=protected-access
+  assert mesh_choice._split_hint([TW], 8, "does not fit") == ""   # pylint: disable=protected-access
+  assert mesh_choice._split_hint([{"data": 1}], 1, "does not fit") == ""   # pylint: disable=protected-access
+  with pytest.raises(ConfigError, match=r"does not fit.*--mesh=auto took data=8"):
+    mesh_choice.choose(CONFIG, RunOptions(memory_per_device=2**14), 8)
