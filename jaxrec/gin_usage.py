@@ -71,6 +71,13 @@ def record_bindings(text: str, where: str = "--gin_bindings") -> None:
     pass
 
 
+def forget(name: str) -> None:
+  """Drops where binding `name` (`ExperimentConfig.train_data`) was written: a flag bound it
+  again (`launch.parse_gin`'s overrides), so the file's line no longer holds its value."""
+  for key in [k for k in _ORIGINS if _name(*k) == name]:
+    del _ORIGINS[key]
+
+
 def _parsed(source, where_of):
   """Yields the statements of `source`, each binding and macro use recorded at
   `where_of(s)` before it is yielded."""

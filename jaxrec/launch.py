@@ -42,6 +42,7 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str],
     gin_usage.record_bindings(binding)
   for name, value in (overrides or {}).items():
     gin.bind_parameter(name, value)
+    gin_usage.forget(name)   # an error about it must not point at the file's line
   try:
     gin.finalize()
   except ValueError as e:   # gin's check of the macros: its message dumps the whole config

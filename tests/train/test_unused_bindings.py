@@ -153,3 +153,14 @@ def test_a_value_bound_in_a_scope_too_is_not_placed_at_the_unscoped_line(tmp_pat
   assert gin_usage.bound_at("DLRM.top_mlp") is None
   assert gin_usage.locate("DLRM.top_mlp = (128, 64, 2) must end in 1 unit") == (
       "DLRM.top_mlp = (128, 64, 2) must end in 1 unit")
+
+
+def test_a_binding_a_flag_overrides_is_not_placed_at_the_files_line():
+  """`--train_data` binds `ExperimentConfig.train_data` over the config's line: an error
+  about the value must not name that line, which no longer holds it."""
+  config = os.path.join(ROOT, "configs", "dlrm_synthetic.gin")
+  launch.parse_gin([config], [])
+  assert gin_usage.bound_at("ExperimentConfig.train_data").startswith(config)
+  launch.parse_gin([config], [], overrides={"ExperimentConfig.train_data": "/d.tsv"})
+  assert gin_usage.bound_at("ExperimentConfig.train_data") is None
+  assert gin_usage.bound_at("ExperimentConfig.eval_data").startswith(config)
