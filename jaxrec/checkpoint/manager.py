@@ -468,9 +468,12 @@ class CheckpointManager:
     state, fresh = {}, None
     initialised = [k for k in canonical_lib.DENSE_KEYS
                    if k not in dense and k in target and k != "step"]
-    if initialised:   # an import holds tables only: say what starts over
+    if "params" in initialised:   # an import holds tables only: say what starts over
       logging.warning("checkpoint %s holds tables only (e.g. a TorchRec import): %s start "
                       "from their initial values", step_dir, ", ".join(initialised))
+    elif initialised:   # e.g. item_freq: saved without TwoTower.logq_correction
+      logging.warning("checkpoint %s holds no %s: it starts from its initial values",
+                      step_dir, ", ".join(initialised))
     for key in canonical_lib.DENSE_KEYS:
       if key in dense:
         state[key] = dense_lib.wrap_keys(dense[key], target.get(key),

@@ -64,7 +64,10 @@ def load_config(args: TrainArgs):
   """Parses the run's gin files and bindings; returns its `ExperimentConfig`."""
   from jaxrec import launch  # pylint: disable=import-outside-toplevel
   from jaxrec.train.config import ExperimentConfig  # pylint: disable=import-outside-toplevel
-  launch.parse_gin(args.get("gin_file"), args.get("gin_bindings"))
+  # --train_data/--eval_data bind over the config's values, as scripts/train.py does
+  launch.parse_gin(args.get("gin_file"), args.get("gin_bindings"), overrides={
+      f"ExperimentConfig.{name}": args.get(name)
+      for name in ("train_data", "eval_data") if args.get(name)})
   return launch.build(ExperimentConfig)
 
 

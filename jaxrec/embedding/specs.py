@@ -33,7 +33,8 @@ def _whole(obj, field: str, what: str) -> None:
 def _is_whole(value, minimum: int = 1) -> bool:
   """A whole number (`3`, `1e6`) >= `minimum`, not a bool or string."""
   try:
-    return not isinstance(value, (bool, str)) and float(value).is_integer() and value >= minimum
+    return (not isinstance(value, (bool, np.bool_, str)) and float(value).is_integer()
+            and value >= minimum)
   except (TypeError, ValueError, OverflowError):
     return False
 
@@ -129,7 +130,7 @@ class FeatureSpec:
     _name(self, "name", "FeatureSpec")
     _name(self, "table", f"feature '{self.name}': FeatureSpec")
     _whole(self, "max_len", f"feature '{self.name}'")
-    flag(self.weighted, f"feature '{self.name}': weighted")
+    object.__setattr__(self, "weighted", flag(self.weighted, f"feature '{self.name}': weighted"))
     if self.pooling not in POOLINGS:
       raise ConfigError(
           f"feature '{self.name}': pooling must be one of {POOLINGS}, got '{self.pooling}'")

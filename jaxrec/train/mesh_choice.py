@@ -167,14 +167,16 @@ def choose(config, options, num_devices: int, processes: int = 1,
   try:
     shape, planned = first_fitting(candidates, plan_for, f"--plan={options.plan}")
   except ConfigError as e:
-    raise ConfigError(f"{e}{_split_hint(candidates, num_devices, str(e))}") from None
+    raise ConfigError(f"{e}{_split_hint(candidates, num_devices, str(e), options.plan)}"
+                      ) from None
   return Choice(shape, planned, auto_why(options.plan, shape) + why)
 
 
-def _split_hint(candidates, num_devices: int, message: str) -> str:
+def _split_hint(candidates, num_devices: int, message: str, plan: str = "auto") -> str:
   """What to try when `--mesh=auto` tried only `data=N` (it replicates every table) and
-  the tables did not fit: a mesh that splits them (the error named only more memory)."""
-  if num_devices < 2 or "does not fit" not in message or any(
+  the tables did not fit: a mesh that splits them (the error named only more memory).
+  Only for `--plan=auto`: a forced kind (`dp`) keeps its layout on any mesh."""
+  if num_devices < 2 or plan != "auto" or "does not fit" not in message or any(
       math.prod(s.values()) != s.get("data", 1) for s in candidates):
     return ""
   return (f"; --mesh=auto took data={num_devices}, where every table is whole on every "

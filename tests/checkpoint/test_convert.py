@@ -622,3 +622,28 @@ def test_a_copy_prints_the_stacks_of_the_recorded_features(tmp_path):
                                            convert.parse_mesh("row=8"), "rw")
     stacks = [l for l in layouts.splitlines() if l.lstrip().startswith("rw_d")]
     assert len(stacks) == (2 if name == "with" else 1), layouts
+
+
+def test_a_numpy_bool_weighted_feature_is_stored_as_a_bool():
+  """`FeatureSpec(weighted=np.True_)` was checked but kept as numpy's bool, which the
+  checkpoint meta's JSON (the recorded features) cannot hold."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  f = FeatureSpec("a", "t", weighted=np.True_)
+  assert f.weighted is True
+  json.dumps(dataclasses.asdict(f))
+
+
+def test_a_resume_without_item_freq_is_not_called_a_tables_only_import(tmp_path, caplog):
+  """A run saved without TwoTower.logq_correction and resumed with it logged 'holds tables
+  only (e.g. a TorchRec import)', though only the item-frequency state was new."""
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
+  coll = h.collection("rw", 4)
+  with CheckpointManager(tmp_path / "ckpt") as mgr:
+    mgr.save(1, h.train_state(coll, step=1), coll, force=True)
+  freq = jax.device_put(np.zeros((16,), np.float32), NamedSharding(coll.mesh, PartitionSpec()))
+  target = dict(h.dense(coll.mesh, seed=1), item_freq={"last": freq})
+  with CheckpointManager(tmp_path / "ckpt") as mgr, caplog.at_level("WARNING"):
+    restored = mgr.restore(target, coll)
+  assert "holds tables only" not in caplog.text, caplog.text
+  assert "holds no item_freq: it starts from its initial values" in caplog.text, caplog.text
+  assert int(restored.state["step"]) == 1

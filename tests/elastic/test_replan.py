@@ -129,3 +129,14 @@ def test_auto_mesh_with_a_plan_file_shrinks_like_the_recorded_mesh(config, tmp_p
   assert full.mesh == {"data": 1, "table": 2, "row": 2, "col": 2}
   shrunk = replan.choose(config[1], args, 1, 4)
   assert shrunk.mesh["table"] == 2 and shrunk.mesh["row"] * shrunk.mesh["col"] == 2
+
+
+def test_the_supervisor_reads_train_and_eval_data_flags_as_train_py_does():
+  """launch.py parsed the gin config without --train_data/--eval_data: a config whose
+  `train_data` binding the flag replaces (here '') gave up with a user error that
+  train.py, binding the flag over it, never raised."""
+  args = replan.TrainArgs.parse(["--workdir=w", "--gin_file=configs/dlrm_synthetic.gin",
+                                 "--gin_bindings=ExperimentConfig.train_data=''",
+                                 "--train_data=synthetic", "--eval_data=synthetic"])
+  config = replan.load_config(args)
+  assert (config.train_data, config.eval_data) == ("synthetic", "synthetic")

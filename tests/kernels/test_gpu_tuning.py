@@ -4,6 +4,7 @@ GPU than the H200 the defaults were swept on, checked, and overridden by `platfo
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxrec import launch
@@ -47,6 +48,8 @@ def test_gin_bindings_reach_the_traced_kernels():
     ({"num_stages": 0}, "GpuTuning.num_stages must be a positive integer, got 0"),
     ({"lookup_block": 1024.5}, "GpuTuning.lookup_block must be a positive integer, got 1024.5"),
     ({"update_block": True}, "GpuTuning.update_block must be a positive integer, got True"),
+    ({"num_stages": np.True_}, "GpuTuning.num_stages must be a positive integer, got "
+                               "np.True_"),
     ({"unroll_slots": 1}, "GpuTuning.unroll_slots must be True or False, got 1"),
 ])
 def test_bad_settings_are_refused_by_name(kwargs, says):
@@ -58,7 +61,6 @@ def test_bad_settings_are_refused_by_name(kwargs, says):
 def test_whole_floats_and_numpy_integers_are_counts():
   """`lookup_block=2e3` (gin writes it as a float) was refused while `uniform_tables.rows`,
   `OffloadConfig` sizes and (now) `ExperimentConfig.batch_size` take whole floats."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
   tuning = platform.GpuTuning(lookup_block=2e3, num_warps=np.int64(8))
   assert (tuning.lookup_block, tuning.num_warps) == (2000, 8)
   assert type(tuning.lookup_block) is int and type(tuning.num_warps) is int

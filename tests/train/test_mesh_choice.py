@@ -227,5 +227,6 @@ def test_tables_too_big_for_data_only_suggest_a_splitting_mesh():
   assert mesh_choice._split_hint(data8, 8, "another error") == ""   # pylint: disable=protected-access
   assert mesh_choice._split_hint([TW], 8, "does not fit") == ""   # pylint: disable=protected-access
   assert mesh_choice._split_hint([{"data": 1}], 1, "does not fit") == ""   # pylint: disable=protected-access
+  assert mesh_choice._split_hint(data8, 8, "does not fit", "dp") == ""   # pylint: disable=protected-access
   with pytest.raises(ConfigError, match=r"does not fit.*--mesh=auto took data=8"):
     mesh_choice.choose(CONFIG, RunOptions(memory_per_device=2**14), 8)
