@@ -25,12 +25,12 @@ def _whole(obj, field: str, what: str) -> None:
   """Sets `obj.field` to its value as an `int` (gin writes `rows = 1e6` as a float);
   `ConfigError` naming `what` unless it is a positive whole number."""
   value = getattr(obj, field)
-  if not _is_whole(value):
+  if not is_whole(value):
     raise ConfigError(f"{what}: {field} must be a positive integer, got {value!r}")
   object.__setattr__(obj, field, int(value))
 
 
-def _is_whole(value, minimum: int = 1) -> bool:
+def is_whole(value, minimum: int = 1) -> bool:
   """A whole number (`3`, `1e6`) >= `minimum`, not a bool or string."""
   try:
     return (not isinstance(value, (bool, np.bool_, str)) and float(value).is_integer()
@@ -42,7 +42,7 @@ def _is_whole(value, minimum: int = 1) -> bool:
 def whole(value, binding: str, minimum: int = 1) -> int:
   """`value` as an `int`; `ConfigError` naming `binding` (e.g. `OffloadConfig.prefetch_depth`)
   unless it is a whole number >= `minimum` (gin writes `1e6` as a float)."""
-  if not _is_whole(value, minimum):
+  if not is_whole(value, minimum):
     raise ConfigError(f"{binding} must be an integer >= {minimum}, got {value!r}")
   return int(value)
 
@@ -298,7 +298,7 @@ def uniform_tables(num_tables: int = gin.REQUIRED, rows: int | Sequence[int] = g
 
 
 def _count(num_tables) -> int:
-  if not _is_whole(num_tables):
+  if not is_whole(num_tables):
     raise ConfigError(f"uniform_tables.num_tables must be a positive integer, got "
                       f"{num_tables!r}")
   return int(num_tables)
@@ -311,6 +311,6 @@ def _per_table(value, n: int, field: str) -> list[int]:
   if len(values) != n:
     raise ConfigError(f"uniform_tables.{field} must have {n} entries (num_tables), got "
                       f"{len(values)}")
-  if not all(_is_whole(v) for v in values):
+  if not all(is_whole(v) for v in values):
     raise ConfigError(f"uniform_tables.{field} must be positive integers, got {value!r}")
   return [int(v) for v in values]

@@ -122,14 +122,12 @@ class GpuTuning:
   unroll_slots: bool = True
 
   def __post_init__(self):
-    from jaxrec.embedding.specs import whole  # pylint: disable=import-outside-toplevel
+    from jaxrec.embedding.specs import is_whole  # pylint: disable=import-outside-toplevel
     for name in ("num_warps", "num_stages", "lookup_block", "update_block"):
-      value = getattr(self, name)
-      try:   # a whole float (gin writes 2e3 as one) or numpy integer, as other counts
-        object.__setattr__(self, name, whole(value, f"GpuTuning.{name}"))
-      except ConfigError:
-        raise ConfigError(f"GpuTuning.{name} must be a positive integer, got "
-                          f"{value!r}") from None
+      value = getattr(self, name)   # a whole float (gin writes 2e3 as one) or numpy integer
+      if not is_whole(value):       # counts, as other counts
+        raise ConfigError(f"GpuTuning.{name} must be a positive integer, got {value!r}")
+      object.__setattr__(self, name, int(value))
     if self.num_warps & (self.num_warps - 1):
       raise ConfigError(f"GpuTuning.num_warps must be a power of two (Triton), got "
                         f"{self.num_warps}")

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from jaxrec.embedding import optimizers as sparse_optimizers
-from jaxrec.embedding.specs import FeatureSpec, TableSpec, flag, validate
+from jaxrec.embedding.specs import FeatureSpec, TableSpec, flag, is_whole, validate
 from jaxrec.errors import ConfigError
 from jaxrec.kernels import quant
 from jaxrec.kernels.optim import NONNEG, POSITIVE, UNIT, hparam
@@ -190,9 +190,7 @@ class ExperimentConfig:
   def __post_init__(self):
     for name in ("batch_size", "eval_batch_size", "num_eval_examples"):
       value = getattr(self, name)   # gin writes `1e6` as a float: a whole one is a count
-      if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        object.__setattr__(self, name, int(value))
-      elif isinstance(value, np.integer):
+      if is_whole(value, -math.inf):   # anything else is left for `validate` to refuse
         object.__setattr__(self, name, int(value))
 
   def sparse_tx(self):
