@@ -13,6 +13,11 @@ class ConfigError(JaxrecError, ValueError):
   """A configuration, flag, table or plan is invalid; the message names it."""
 
 
+class BudgetError(ConfigError):
+  """No plan the planner found fits `--memory_per_device` on a mesh: another mesh, more
+  memory or offloading may fit (`--mesh=auto` tries other meshes on this one)."""
+
+
 class DataError(JaxrecError, ValueError):
   """Input data is malformed; the message names the file, line and column."""
 

@@ -38,7 +38,9 @@ flags.DEFINE_string("mesh", "auto", "Mesh axis sizes, e.g. data=2,table=2,row=2,
                     "(a --plan file's recorded mesh, or the closest to it that takes the plan "
                     "(recording none: the first mesh from data=N on that takes it); "
                     "resuming with --plan=auto, the checkpoint's mesh and plan when the device "
-                    "count matches; else all on data or the forced kind's axis).")
+                    "count matches; else all on data or the forced kind's axis; for --plan=auto, "
+                    "when the tables do not fit all on data, the fastest priced mesh that "
+                    "splits them).")
 flags.DEFINE_string("plan", "auto", "auto (planner), one kind for every table "
                     "(dp|tw|rw|cw|twrw|twcw|grid), or a plan JSON file (a run's plan.json, "
                     "scripts/plan.py --json output).")

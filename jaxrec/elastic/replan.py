@@ -7,7 +7,9 @@ The supervisor keeps the user's `scripts/train.py` flags and replaces `--mesh` a
 (`sharding.mesh.candidate_meshes`). The user's shape, not the previous generation's, is
 the reference, so a run that shrinks and grows back returns to it. `--mesh=auto` picks as
 the trainer does (`train.mesh_choice.first_fitting` over `mesh.auto_mesh_candidates`): a
-`--plan` file's recorded mesh, or the closest that takes the plan; `--mesh=auto --plan=auto`
+`--plan` file's recorded mesh, or the closest that takes the plan; for `--plan=auto`,
+`data=N` or, when the tables do not fit it, the other meshes priced (`mesh_choice.auto_mesh`);
+`--mesh=auto --plan=auto`
 resuming a checkpoint that records its plan and mesh takes those when the device count
 matches (`train.mesh_choice.resumed`; the workers then get `--mesh=auto --plan=auto` and
 resume them likewise). A candidate is used when the batch sizes divide its device count
@@ -104,23 +106,26 @@ def choose(config, args: TrainArgs, processes: int, devices_per_process: int,
   user_mesh = str(args.get("mesh", "auto"))
   options = _options(args, user_mesh)
 
-  def plan_for(shape, recorded=None):
+  def plan_for(shape, recorded=None, device_only=False):
     return plan_choice.choose(config, _options(args, mesh_lib.format_mesh(shape)), shape,
-                              processes, recorded)
+                              processes, recorded, device_only)
 
   resumed, why = mesh_choice.resumed(options, n, args.workdir, plan_for)
   if resumed is not None:     # as the trainer: a resumed checkpoint's plan and mesh
     return _choice(processes, devices_per_process, resumed.mesh, plan, resumed.planned,
                    resumed.why)
-  if user_mesh == "auto" and why:   # as the trainer: records it could not take
-    candidates = mesh_choice.afresh_meshes(plan, n, args.workdir)
-  elif user_mesh == "auto":   # as the trainer: a plan file's mesh, or the closest that fits
-    candidates = mesh_lib.auto_mesh_candidates(plan, n)
+  searched = ""
+  if user_mesh == "auto":   # as the trainer: a plan file's mesh, or the closest that fits;
+    candidates = (mesh_choice.afresh_meshes(plan, n, args.workdir) if why  # records it
+                  else mesh_lib.auto_mesh_candidates(plan, n))             # could not take
+    from jaxrec import offload  # pylint: disable=import-outside-toplevel
+    shape, planned, searched = mesh_choice.auto_mesh(candidates, plan_for, plan, n,
+                                                     offload.OffloadConfig().auto)
   else:                     # a shrunk job keeps the model axes of --mesh where they fit
     candidates = candidate_meshes(_spec_sizes(user_mesh), n)
-  shape, planned = mesh_choice.first_fitting(candidates, plan_for, f"--plan={plan}")
+    shape, planned = mesh_choice.first_fitting(candidates, plan_for, f"--plan={plan}")
   return dataclasses.replace(_choice(processes, devices_per_process, shape, plan, planned),
-                             note=why.removeprefix("; "))
+                             note=(why + searched).removeprefix("; "))
 
 
 def _choice(processes: int, devices_per_process: int, shape: Mapping[str, int], plan: str,

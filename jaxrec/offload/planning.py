@@ -60,7 +60,7 @@ def plan_with_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpe
     except ConfigError as e:
       if not config.auto or not candidates:
         offloaded = [t.name for t in config.tables]
-        raise ConfigError(f"{e} (offloaded tables: {offloaded or 'none'}; "
+        raise type(e)(f"{e} (offloaded tables: {offloaded or 'none'}; "
                           f"OffloadConfig.auto={config.auto})") from None
       t = candidates.pop(0)
       rows = max(need[t.name], int(t.rows * config.auto_cache_fraction))

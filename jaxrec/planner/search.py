@@ -27,7 +27,7 @@ from typing import Mapping, Sequence
 
 from jaxrec import signals
 from jaxrec.embedding.specs import FeatureSpec, TableSpec, validate
-from jaxrec.errors import ConfigError
+from jaxrec.errors import BudgetError, ConfigError
 from jaxrec.planner import cost_model as cm
 from jaxrec.planner.calibration import DEFAULT, Calibration
 from jaxrec.planner.result import (PlanResult, SliceReport, StackReport, TableReport,
@@ -270,13 +270,13 @@ def _slice_devices(mesh: Mapping[str, int], s: int) -> tuple[int, ...]:
   return tuple(d for d in range(n) if (d // inner) % mesh["table"] == s)
 
 
-def _overflow_error(space: _Space, e: _Eval, what: str) -> ConfigError:
+def _overflow_error(space: _Space, e: _Eval, what: str) -> BudgetError:
   largest = sorted(((_own(space, l, e.plan[l.name].kind), l)
                     for l in space.loads), key=lambda x: -x[0])[:3]
   parts = "; ".join(f"{_describe(l)} as {e.plan[l.name].kind}: {format_bytes(m)}/device"
                     for m, l in largest)
   mem = e.cost.memory
-  return ConfigError(
+  return BudgetError(
       f"{what} does not fit: every device needs {format_over(e.memory, space.budget)} on "
       f"mesh {cm.mesh_str(space.mesh)} (tables "
       f"{format_bytes(mem['table'])}, optimizer {format_bytes(mem['optimizer'])}, buffers "
@@ -410,7 +410,8 @@ def propose_plan(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
       has already profiled, to explore); ConfigError if every fitting plan is excluded.
 
   Raises:
-    ConfigError: a table fits no placement within the budget, or the tables together do not.
+    BudgetError (a ConfigError): a table fits no placement within the budget, or the tables
+      together do not. ConfigError: other faults.
   """
   space, cal = _prepare(tables, features, mesh_shape, memory_per_device_bytes,
                         optimizer_state_factor, batch_size, calibration, table_stats, kernel)
@@ -429,7 +430,7 @@ def propose_plan(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
   for load, k in zip(space.loads, smallest):
     alone = _own(space, load, k)
     if alone > space.budget:
-      raise ConfigError(
+      raise BudgetError(
           f"table {_describe(load)} fits no placement within the memory budget of "
           f"{format_bytes(space.budget)}/device on mesh {cm.mesh_str(mesh)}: smallest is "
           f"{k} at {format_bytes(alone)}/device; add devices on row/col or memory")

@@ -3,7 +3,9 @@
 
 - `--mesh=SPEC`: that mesh (the supervisor adapts it to other device counts).
 - `--mesh=auto`: the meshes `mesh.auto_mesh_candidates` lists, the first the plan fits: a
-  plan file's recorded mesh when it has the devices, else the shapes closest to it.
+  plan file's recorded mesh when it has the devices, else the shapes closest to it; for
+  `--plan=auto`, `data=N`, and when the tables do not fit it, the other meshes priced by
+  the planner (`auto_mesh`), before `OffloadConfig.auto` offloads anything.
 - `--mesh=auto --plan=auto` resuming a checkpoint that records its plan and mesh (a run's
   own save, or a `convert_checkpoint.py --format=checkpoint --mesh --plan` copy): that
   plan on that mesh when this run has as many devices; otherwise the planner as above, on
@@ -16,12 +18,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
 from typing import Any, Callable, Mapping, Sequence
 
-from jaxrec.errors import ConfigError
+from jaxrec.errors import BudgetError, ConfigError
 from jaxrec.sharding import mesh as mesh_lib
 from jaxrec.sharding.plan import (Plan, is_plan_file, mesh_warning_held, recorded_mesh,
                                   stored_mesh, warn_once)
@@ -76,8 +79,9 @@ def first_fitting(shapes: Sequence[Mapping[str, int]], plan_for: Callable[[dict]
                   what: str) -> tuple[dict[str, int], Any]:
   """The first of `shapes` for which `plan_for(shape)` raises no ConfigError, and its
   value. With one shape, or when every shape fails with the same error (one that is not
-  about the mesh), that error is raised as it is; otherwise a ConfigError naming `what` and
-  the first three meshes tried, each with its reason. A plan file's other-mesh warning
+  about the mesh), that error is raised as it is; otherwise a ConfigError (a BudgetError
+  when each was over budget) naming `what` and the first three meshes tried, each with
+  its reason. A plan file's other-mesh warning
   is logged for the shape taken only (`plan.mesh_warning_held`)."""
   errors = []
   with mesh_warning_held() as chosen:
@@ -94,7 +98,8 @@ def first_fitting(shapes: Sequence[Mapping[str, int]], plan_for: Callable[[dict]
   if errors and len({str(e) for _, e in errors}) == 1:   # not the mesh's fault (a table
     raise errors[0][1]                                  # the plan file names, ...): once
   n = math.prod(shapes[0].values()) if shapes else 0
-  raise ConfigError(f"no mesh of {n} devices fits {what}: " + "; ".join(
+  over = errors and all(isinstance(e, BudgetError) for _, e in errors)
+  raise (BudgetError if over else ConfigError)(f"no mesh of {n} devices fits {what}: " + "; ".join(
       f"{mesh_lib.format_mesh(shape)}: {e}" for shape, e in errors[:3]))
 
 
@@ -151,8 +156,11 @@ def choose(config, options, num_devices: int, processes: int = 1,
   none fits."""
   from jaxrec import offload   # pylint: disable=import-outside-toplevel
 
-  def plan_for(shape, plan=None):
-    return offload.choose_plan(config, options, shape, processes=processes, recorded=plan)
+  def plan_for(shape, plan=None, device_only=False):
+    off = offload.OffloadConfig()
+    return offload.choose_plan(config, options, shape, processes=processes, recorded=plan,
+                               offload_config=dataclasses.replace(off, auto=False)
+                               if device_only else off)
 
   choice, why = resumed(options, num_devices, workdir, plan_for)
   if choice is not None:
@@ -164,24 +172,94 @@ def choose(config, options, num_devices: int, processes: int = 1,
     return Choice(*first_fitting(shapes, plan_for, ""), f"--mesh={options.mesh}")
   candidates = (afresh_meshes(options.plan, num_devices, workdir) if why else
                 mesh_lib.auto_mesh_candidates(options.plan, num_devices))
-  try:
-    shape, planned = first_fitting(candidates, plan_for, f"--plan={options.plan}")
-  except ConfigError as e:
-    raise ConfigError(f"{e}{_split_hint(candidates, num_devices, str(e), options.plan)}"
-                      ) from None
-  return Choice(shape, planned, auto_why(options.plan, shape) + why)
+  shape, planned, searched = auto_mesh(candidates, plan_for, options.plan, num_devices,
+                                       offload.OffloadConfig().auto)
+  return Choice(shape, planned, auto_why(options.plan, shape) + searched + why)
 
 
-def _split_hint(candidates, num_devices: int, message: str, plan: str = "auto") -> str:
-  """What to try when `--mesh=auto` tried only `data=N` (it replicates every table) and
-  the tables did not fit: a mesh that splits them (the error named only more memory).
-  Only for `--plan=auto`: a forced kind (`dp`) keeps its layout on any mesh."""
-  if num_devices < 2 or plan != "auto" or "does not fit" not in message or any(
-      math.prod(s.values()) != s.get("data", 1) for s in candidates):
-    return ""
-  return (f"; --mesh=auto took data={num_devices}, where every table is whole on every "
-          f"device: a mesh that splits tables may fit, e.g. --mesh=row={num_devices} or "
-          f"--mesh=table={num_devices} (scripts/plan.py --mesh=... prices one)")
+def auto_mesh(candidates: Sequence[Mapping[str, int]], plan_for: Callable[..., Any],
+              plan: str, num_devices: int, offload_auto: bool = False
+              ) -> tuple[dict[str, int], Any, str]:
+  """`--mesh=auto`'s mesh of `candidates`, its `plan_for(shape)` and a log suffix saying
+  why when it is not the first that fits.
+
+  With `--plan=auto` and every candidate over `--memory_per_device` (`BudgetError`: a
+  fresh run's only candidate, `data=N`, holds every table whole on every device), the
+  other meshes of `num_devices` are priced (`split_meshes`: one model axis first, then
+  two or three) and the one with the lowest estimated step time is taken. Tables that
+  `OffloadConfig.auto` would offload (`offload_auto`) are offloaded only when no mesh holds
+  them on the devices: the search plans with `plan_for(shape, device_only=True)` first,
+  then again offloading (`data=N` first: its caches sit on every device).
+  """
+  what = f"--plan={plan}"
+  if plan != "auto" or num_devices < 2:
+    return (*first_fitting(candidates, plan_for, what), "")
+  passes = [functools.partial(plan_for, device_only=True), plan_for] if offload_auto else [
+      plan_for]
+  over, tried, failed = None, [], []
+  for attempt in passes:
+    offloads = "" if attempt is passes[0] else (
+        f"; no mesh of {num_devices} devices holds the tables on the devices: "
+        "OffloadConfig.auto offloads")
+    try:
+      return (*first_fitting(candidates, attempt, what), offloads)
+    except BudgetError as e:
+      over = e     # the last pass's: with OffloadConfig.auto, offloading did not fit either
+    tried = [dict(c) for c in candidates]
+    for tier in split_meshes(tried, num_devices):
+      found, errors = cheapest(tier, attempt)
+      if found is not None:
+        return (*found, offloads + (
+            f"; {_listed(tried)} over --memory_per_device: of the {len(tier)} meshes that "
+            f"split tables {'on one axis' if _model_axes(tier[0]) == 1 else 'further'}, "
+            "the one with the lowest estimated step time"))
+      tried += tier
+      failed += errors
+  if len(tried) == len(candidates):   # the candidates were every mesh there is
+    raise over
+  finest = {"data": 1, "table": 1, "row": num_devices, "col": 1}   # splits rows the most
+  shape, e = next((f for f in reversed(failed) if f[0] == finest), failed[-1])
+  raise BudgetError(f"{over}; nor does any other mesh of {num_devices} devices ({len(tried)} "
+                    f"tried; e.g. {mesh_lib.format_mesh(shape)}: {e})")
+
+
+def split_meshes(tried: Sequence[Mapping[str, int]], num_devices: int
+                 ) -> list[list[dict[str, int]]]:
+  """The meshes of `num_devices` not in `tried`, in two tiers: those with one model axis
+  (`table`, `row` or `col`) above 1, then those with two or three. The second is priced
+  only when nothing in the first fits: it holds most of the shapes and the slowest
+  searches (200 tables on 8 devices: ~1 s a mesh in the first, up to 27 s in the second)."""
+  rest = [s for s in mesh_lib.candidate_meshes(None, num_devices)
+          if s not in [dict(t) for t in tried]]
+  tiers = [[s for s in rest if _model_axes(s) == 1], [s for s in rest if _model_axes(s) > 1]]
+  return [t for t in tiers if t]
+
+
+def cheapest(shapes: Sequence[Mapping[str, int]], plan_for: Callable[[dict], Any]
+             ) -> tuple[tuple[dict[str, int], Any] | None, list[tuple[dict, ConfigError]]]:
+  """`(shape, plan_for(shape))` of the shape whose plan (`[1]`, a PlanResult) has the
+  lowest estimated step time (the first such of `shapes` on a tie), or None when none
+  fits; and `(shape, ConfigError)` of those that did not, in order."""
+  best, errors = None, []
+  for shape in shapes:
+    try:
+      planned = plan_for(dict(shape))
+    except ConfigError as e:
+      errors.append((dict(shape), e))
+      continue
+    if best is None or planned[1].step_time_s < best[1][1].step_time_s:
+      best = (dict(shape), planned)
+  return best, errors
+
+
+def _model_axes(shape: Mapping[str, int]) -> int:
+  return sum(1 for a in ("table", "row", "col") if shape.get(a, 1) > 1)
+
+
+def _listed(shapes: Sequence[Mapping[str, int]]) -> str:
+  if len(shapes) == 1:
+    return mesh_lib.format_mesh(shapes[0])
+  return f"the {len(shapes)} meshes tried first"
 
 
 def auto_why(plan: str, shape: Mapping[str, int]) -> str:

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 
 def choose(config, options, mesh_shape: Mapping[str, int], processes: int = 1,
-           recorded=None):
+           recorded=None, device_only: bool = False):
   """Returns the plan and the planner's `PlanResult` (its `report()` says why).
 
   A forced plan is checked against `--memory_per_device` and estimated like an automatic
   one. Tables offloaded by gin `OffloadConfig` are planned as their device caches
   (see `jaxrec.offload.choose_plan`, which the trainer calls directly); offloading needs
   a job of one process (`processes`). `recorded`: a resumed checkpoint's plan to check
-  instead of `options.plan` (`train.mesh_choice.resumed`).
+  instead of `options.plan` (`train.mesh_choice.resumed`). `device_only`: plan without
+  `OffloadConfig.auto` (`mesh_choice.auto_mesh` tries every mesh so first).
   """
   from jaxrec import offload  # pylint: disable=import-outside-toplevel
-  plan, result, _, _ = offload.choose_plan(config, options, mesh_shape, processes=processes,
-                                         recorded=recorded)
+  off = offload.OffloadConfig()
+  if device_only:
+    off = dataclasses.replace(off, auto=False)
+  plan, result, _, _ = offload.choose_plan(config, options, mesh_shape, off,
+                                         processes=processes, recorded=recorded)
   return plan, result

@@ -195,3 +195,28 @@ def test_eval_cache_warning_of_an_auto_offloaded_table_names_auto_cache_fraction
                           "OffloadConfig.auto offloaded 'huge'), or list 'huge' in "
                           "OffloadConfig.tables with its cache_rows/cache_bytes, or lower "
                           "ExperimentConfig.eval_batch_size for one pass)"), warning
+
+
+@pytest.mark.parametrize("budget_mib, mesh_data, offloaded",
+                         [(200, "<8", ()), (60, 8, ("huge", "mid")), (40, "<8", ("huge",))])
+def test_auto_offloads_only_when_no_mesh_holds_the_tables(budget_mib, mesh_data, offloaded):
+  """`--mesh=auto --plan=auto` with `OffloadConfig.auto` on 8 devices offloaded 'huge' on
+  data=8, where every table is whole on every device, though row=8 held it on the devices
+  (64 MiB a device with its state). Offloading is now the last resort: at 60 MiB no mesh
+  holds the tables, and data=8 offloads as before; at 40 MiB even its caches need a mesh
+  that splits them."""
+  import gin  # pylint: disable=import-outside-toplevel
+  from jaxrec.models import DLRM  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import mesh_choice  # pylint: disable=import-outside-toplevel
+  from jaxrec.train.config import ExperimentConfig, RunOptions  # pylint: disable=import-outside-toplevel
+  gin.bind_parameter("OffloadConfig.auto", True)
+  config = ExperimentConfig(embedding=(TABLES, FEATURES), model=DLRM((16,), (1,)),
+                            sparse_optimizer=ADAGRAD, batch_size=512, eval_batch_size=512)
+  choice = mesh_choice.choose(config, RunOptions(memory_per_device=budget_mib * 2**20), 8)
+  _, result, _, off = choice.planned
+  assert (choice.mesh["data"] == 8) == (mesh_data == 8)
+  assert off.auto_added == offloaded and [t.name for t in off.tables] == list(offloaded)
+  assert sum(result.memory.values()) <= budget_mib * 2**20
+  assert ("no mesh of 8 devices holds the tables on the devices: OffloadConfig.auto "
+          "offloads" in choice.why) == bool(offloaded)
+  assert ("over --memory_per_device" in choice.why) == (mesh_data != 8)

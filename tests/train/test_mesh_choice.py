@@ -217,16 +217,60 @@ def test_an_error_every_mesh_shares_is_said_once():
     mesh_choice.first_fitting(shapes, by_mesh, "--plan=p.json")
 
 
-def test_tables_too_big_for_data_only_suggest_a_splitting_mesh():
-  """`--mesh=auto` on a fresh run tries only data=N: 'does not fit' named only more memory,
-  though --mesh=table=8 fit (8 MiB for dlrm_synthetic, a tw plan at 6.8)."""
+def test_tables_too_big_for_data_only_take_the_cheapest_splitting_mesh(tmp_path):
+  """`--mesh=auto --plan=auto` on a fresh run tried only data=N, which holds every table
+  whole on every device: 'does not fit' though data=4,table=2 fit (16 KiB here) and
+  `--mesh=table=8` fit dlrm_synthetic at 8 MiB. Now the meshes that split tables on one
+  axis are priced and the cheapest taken; a forced kind keeps data=N."""
+  from jaxrec.sharding import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import mesh_choice, plan_choice  # pylint: disable=import-outside-toplevel
+  options = RunOptions(memory_per_device=2**14)
+  choice = mesh_choice.choose(CONFIG, options, 8)
+  tier = mesh_choice.split_meshes([{"data": 8, "table": 1, "row": 1, "col": 1}], 8)[0]
+  assert {mesh_choice._model_axes(s) for s in tier} == {1} and len(tier) == 9   # pylint: disable=protected-access
+  priced = {}
+  for shape in tier:
+    try:
+      priced[format_mesh(shape)] = plan_choice.choose(CONFIG, options, shape)[1].step_time_s
+    except ConfigError:
+      pass
+  assert 2 <= len(priced) < len(tier)   # some fit, some do not: a real choice
+  assert format_mesh(choice.mesh) == min(priced, key=priced.get)
+  assert choice.planned[1].step_time_s == min(priced.values())
+  assert "data=8,table=1,row=1,col=1 over --memory_per_device: of the 9 meshes that split " \
+      "tables on one axis, the one with the lowest estimated step time" in choice.why
+  with pytest.raises(ConfigError, match=r"^plan \(forced\) does not fit.* on mesh data=8,"):
+    mesh_choice.choose(CONFIG, RunOptions(memory_per_device=2**14, plan="dp"), 8)
+  elastic = replan.choose(CONFIG, replan.TrainArgs.parse(
+      [f"--workdir={tmp_path}", "--gin_file=g", f"--memory_per_device={2**14}"]), 2, 4)
+  assert elastic.mesh == choice.mesh and "lowest estimated step time" in elastic.note
+  assert mesh_lib.format_mesh(elastic.mesh) in replan.TrainArgs.parse(
+      [f"--workdir={tmp_path}", "--gin_file=g"]).with_mesh_plan(*elastic.worker_mesh_plan)[-2]
+
+
+def test_no_mesh_fits_says_so_after_every_tier():
+  """Tier 2 (two or three model axes) is priced only when no tier-1 mesh fits; when none
+  fits at all the error keeps data=N's reason and names how many meshes were tried."""
+  from jaxrec.errors import BudgetError  # pylint: disable=import-outside-toplevel
   from jaxrec.train import mesh_choice  # pylint: disable=import-outside-toplevel
-  data8 = [{"data": 8, "table": 1, "row": 1, "col": 1}]
-  hint = mesh_choice._split_hint(data8, 8, "the 8 tables together ... does not fit: ...")   # pylint: disable=protected-access
-  assert "--mesh=auto took data=8" in hint and "--mesh=row=8 or --mesh=table=8" in hint
-  assert mesh_choice._split_hint(data8, 8, "another error") == ""   # pylint: disable=protected-access
-  assert mesh_choice._split_hint([TW], 8, "does not fit") == ""   # pylint: disable=protected-access
-  assert mesh_choice._split_hint([{"data": 1}], 1, "does not fit") == ""   # pylint: disable=protected-access
-  assert mesh_choice._split_hint(data8, 8, "does not fit", "dp") == ""   # pylint: disable=protected-access
-  with pytest.raises(ConfigError, match=r"does not fit.*--mesh=auto took data=8"):
-    mesh_choice.choose(CONFIG, RunOptions(memory_per_device=2**14), 8)
+  with pytest.raises(BudgetError, match=r"^the 4 tables together .* does not fit.*; nor does "
+                     r"any other mesh of 8 devices \(20 tried; e\.g\. data=1,table=1,"
+                     r"row=8,col=1: .*\)$"):
+    mesh_choice.choose(CONFIG, RunOptions(memory_per_device=2**12), 8)
+  asked = []
+
+  def plan_for(shape, recorded=None, device_only=False):
+    asked.append((format_mesh(shape), device_only))
+    if shape["data"] == 8 or mesh_choice._model_axes(shape) == 1:   # pylint: disable=protected-access
+      raise BudgetError("over")
+    return None, _Priced(shape.get("col", 1) - shape["data"] / 10)   # cheapest: col=1, data=2
+
+  shape, _, why = mesh_choice.auto_mesh([{"data": 8}], plan_for, "auto", 8, offload_auto=True)
+  assert shape == {"data": 2, "table": 2, "row": 2, "col": 1} and "split tables further" in why
+  assert len(asked) == 20 and all(device_only for _, device_only in asked)
+  assert mesh_choice.auto_mesh([{"data": 1}], plan_for, "auto", 1)[0] == {"data": 1}
+
+
+class _Priced:
+  def __init__(self, step_time_s):
+    self.step_time_s = step_time_s
