@@ -138,11 +138,11 @@ def main(argv):
   from jaxrec.errors import JaxrecError
   from jaxrec.launch import user_message
   # a second signal exits at once, before `discard`: the next run into --output (no
-  # manifest there) writes its own shards and manifest, and reads no other file
+  # manifest there) removes those shards, then writes its own and a manifest
   signals.on_second_signal(lambda name: (
       f"interrupted again ({_signal_word(name)}, exited at once): no "
       f"dataset written to {FLAGS.output} (the shards written so far are left, without a "
-      "manifest; the next run into it writes over them)"))
+      "manifest; the next run into it removes them)"))
   try:
     if not FLAGS.input or not FLAGS.output:
       raise JaxrecError("--input and --output are required")

@@ -33,6 +33,7 @@ import re
 from typing import Sequence
 
 import numpy as np
+from absl import logging
 
 from jaxrec import signals
 from jaxrec.data import tsv
@@ -72,7 +73,20 @@ def to_records(batch: Batch, layout: Layout) -> np.ndarray:
 
 
 def is_preprocessed(path: str) -> bool:
-  return os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST))
+  """Whether directory `path` holds a preprocessed dataset's manifest. A `manifest.json`
+  whose JSON is another program's (no `"format": "jaxrec.binary"`, nor our `shards`) is
+  not one: a TSV directory holding such a file was refused three contradictory ways. One
+  that does not parse is taken as ours, damaged (reading it names the fault)."""
+  manifest = os.path.join(path, MANIFEST)
+  if not (os.path.isdir(path) and os.path.isfile(manifest)):
+    return False
+  try:
+    with open(manifest, "rb") as f:
+      data = json.loads(f.read())
+  except (OSError, ValueError):
+    return True
+  return isinstance(data, dict) and (data.get("format") == FORMAT
+                                     or ("format" not in data and "shards" in data))
 
 
 def check_not_part(files: Sequence[str]) -> None:
@@ -204,6 +218,7 @@ def write(inputs: Sequence[str], output: str, layout: Layout, bad_rows: str = "e
     os.makedirs(output, exist_ok=True)
   except OSError as e:
     raise DataError(f"{output}: cannot create directory: {e.strerror}") from None
+  _remove_unfinished(output)
   writer = _ShardWriter(output, shard_examples)
   try:
     return _write(inputs, output, layout, bad_rows, chunk_bytes, writer)
@@ -215,6 +230,23 @@ def write(inputs: Sequence[str], output: str, layout: Layout, bad_rows: str = "e
       raise DataError(f"--output {output}: cannot write the dataset: {e.strerror or e}"
                       ) from None
     raise
+
+
+def _remove_unfinished(output: str) -> None:
+  """Removes the shards a killed run left in `output` (no manifest: not a dataset). A
+  rerun wrote over as many as it wrote itself, and the rest stayed (kill -9 after 6
+  shards, a rerun of 1: 5 stray shard files)."""
+  stale = sorted(n for n in os.listdir(output) if _SHARD.fullmatch(n))
+  for name in stale:
+    try:
+      os.remove(os.path.join(output, name))
+    except OSError as e:
+      raise DataError(f"--output {output}: cannot remove {name}, a shard an unfinished "
+                      f"run left: {e.strerror}") from None
+  if stale:
+    logging.warning("--output %s: removed %d shard file(s) an unfinished run left (%s)",
+                    output, len(stale), ", ".join(stale[:3]) + (", ..." if len(stale) > 3
+                                                                else ""))
 
 
 def _write(inputs, output, layout, bad_rows, chunk_bytes, writer) -> dict:
@@ -238,8 +270,8 @@ def _write(inputs, output, layout, bad_rows, chunk_bytes, writer) -> dict:
                    for n, t, r, m, w in zip(layout.names, layout.tables or layout.names,
                                             layout.rows, layout.max_lens, layout.weighted)],
       "shards": writer.shards,
-      "bad_rows": policy.counts,
-  }
+      "bad_rows": {os.path.abspath(k): v for k, v in policy.counts.items()},   # relative
+  }                                         # to where preprocess ran: meaningless elsewhere
   write_text_atomic(os.path.join(output, MANIFEST), json.dumps(manifest, indent=1))
   return manifest
 
@@ -400,7 +432,8 @@ class BinarySource(GrainMixin):
     if len(self._maps) == 1:
       return self._maps[0][indices].view(self._dtype)
     shard = np.searchsorted(self._offsets, indices, "right") - 1
-    out = np.empty(len(indices), self._maps[0].dtype)
+    out = np.empty(len(indices), np.dtype((np.void, self._dtype.itemsize)))   # shard 0
+                                                      # may hold no examples (no map)
     for s in np.unique(shard):
       sel = shard == s
       out[sel] = self._maps[s][indices[sel] - self._offsets[s]]

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import glob as globlib
 import gzip
+import io
 import os
 import zlib
 from typing import Iterator, NoReturn, Sequence
@@ -191,7 +192,11 @@ def read_chunks(path: str, chunk_bytes: int = CHUNK_BYTES,
   except OSError as e:
     raise DataError(f"{path}: cannot open: {e.strerror}") from None
   with raw:
-    stream = gzip.GzipFile(fileobj=raw, mode="rb") if raw.peek(2)[:2] == b"\x1f\x8b" else raw
+    head = raw.peek(2)[:2]   # one read at most: a pipe may bring gzip's first byte alone
+    if len(head) < 2:
+      head = raw.read(2)     # (`<(ssh host cat day.gz)`); then read as "not a text file")
+      raw = io.BufferedReader(_Unread(head, raw))
+    stream = gzip.GzipFile(fileobj=raw, mode="rb") if head == b"\x1f\x8b" else raw
     pieces, held, line = [], 0, 1   # the unfinished line: its pieces, bytes, number
     for data in _blocks(path, stream, chunk_bytes):
       cut = data.rfind(b"\n") + 1
@@ -208,6 +213,24 @@ def read_chunks(path: str, chunk_bytes: int = CHUNK_BYTES,
                         f"first {limit} bytes): not Criteo TSV")
     if held:
       yield line, b"".join(pieces) + b"\n"
+
+
+class _Unread(io.RawIOBase):
+  """The stream `raw` with `head`, bytes already read from it, back in front."""
+
+  def __init__(self, head: bytes, raw):
+    super().__init__()
+    self._head, self._raw = head, raw
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, b) -> int:
+    if self._head:
+      n = min(len(b), len(self._head))
+      b[:n], self._head = self._head[:n], self._head[n:]
+      return n
+    return self._raw.readinto(b)
 
 
 def _blocks(path: str, stream, chunk_bytes: int) -> Iterator[bytes]:

@@ -62,10 +62,14 @@ def _naming_source(options, name: str, source: str):
 
 def bad_row_metrics(*sources) -> dict[str, Any]:
   """`{"bad_rows": {path: count}}` when rows were dropped as malformed (`--bad_rows=skip`,
-  or when the shards were preprocessed with it), else `{}`."""
-  counts = {}
+  or when the shards were preprocessed with it), else `{}`. A path two sources both name
+  (train and eval each preprocessed from `<(zcat ...)`: `/dev/fd/63`) gets their sum: the
+  last one's count replaced the first's."""
+  counts: dict[str, int] = {}
   for s in sources:
-    counts.update({k: v for k, v in s.bad_row_counts().items() if v})
+    for k, v in s.bad_row_counts().items():
+      if v:
+        counts[k] = counts.get(k, 0) + v
   return {"bad_rows": counts} if counts else {}
 
 

@@ -216,6 +216,50 @@ def test_output_must_be_new_and_bad_rows(tmp_path, tsv_file):
     binary.preprocess(path, str(tmp_path / "o3"), lib.features()[:3], lib.rows())
 
 
+def test_a_rerun_removes_the_shards_a_killed_run_left(tmp_path, tsv_file, caplog):
+  """A kill -9 after 6 shards, then a rerun writing 1: the rerun wrote over shard-00000
+  and left shard-00001.. (not in its manifest, disk lost at Criteo scale)."""
+  path = tsv_file([lib.line(), lib.line("0")])
+  out = tmp_path / "o"
+  out.mkdir()
+  for i in range(6):
+    (out / f"shard-{i:05d}.bin").write_bytes(b"\1" * 100)
+  (out / "notes.txt").write_text("mine")
+  with caplog.at_level("WARNING"):
+    m = binary.preprocess(path, str(out), lib.features(), lib.rows(), shard_examples=1)
+  assert sorted(os.listdir(out)) == ["manifest.json", "notes.txt", "shard-00000.bin",
+                                     "shard-00001.bin"]
+  assert [s["file"] for s in m["shards"]] == ["shard-00000.bin", "shard-00001.bin"]
+  assert "removed 6 shard file(s) an unfinished run left (shard-00000.bin, " \
+      "shard-00001.bin, shard-00002.bin, ...)" in caplog.text
+
+
+def test_another_programs_manifest_is_not_a_dataset(dataset, tmp_path):
+  """A TSV directory holding someone else's manifest.json was called a dataset by one
+  check ('give the directory') and refused as one by the reader."""
+  _, out, _ = dataset
+  assert binary.is_preprocessed(out)
+  other = tmp_path / "tsvs"
+  other.mkdir()
+  for text, ours in (('{"files": ["day_0.tsv"]}', False), ('{"format": "x"}', False),
+                     ("[1, 2]", False), ('{"format": "jaxrec.binary"', True),   # cut short
+                     ('{"shards": []}', True)):
+    (other / binary.MANIFEST).write_text(text)
+    assert binary.is_preprocessed(str(other)) == ours, text
+  (other / binary.MANIFEST).write_text('{"files": []}')
+  binary.check_not_part([str(other / "day_0.tsv"), str(other / binary.MANIFEST)])
+
+
+def test_bad_rows_name_the_input_absolutely(tmp_path, tsv_file, monkeypatch):
+  """A relative --input was recorded as given: two datasets preprocessed from different
+  directories as `data.tsv` shared one key (and one count) in a run's `bad_rows`."""
+  path = tsv_file([lib.line(), "1\t2"])
+  monkeypatch.chdir(os.path.dirname(path))
+  m = binary.preprocess(os.path.basename(path), str(tmp_path / "o"), lib.features(),
+                        lib.rows(), bad_rows="skip")
+  assert m["bad_rows"] == {path: 1}
+
+
 def test_sources_are_grain_data_sources(dataset):
   import grain
   path, out, lay = dataset
@@ -287,6 +331,22 @@ def test_a_signal_right_after_a_shard_is_opened_leaves_no_file(tmp_path, monkeyp
   assert sorted(os.listdir(tmp_path)) == ["shard-00000.bin", "shard-00001.bin"]
   writer.discard()
   assert os.listdir(tmp_path) == []
+
+
+def test_a_first_shard_of_no_examples_is_read_past(dataset):
+  """A hand-merged manifest whose first shard holds 0 examples (it has no memmap) was
+  accepted, then the first gather raised AttributeError."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  _, out, lay = dataset
+  want = binary.BinarySource(out, lay).gather(np.arange(0, 300, 7))
+  open(os.path.join(out, "shard-00009.bin"), "wb").close()
+  _corrupt_manifest(out, lambda m: m["shards"].insert(0, {
+      "file": "shard-00009.bin", "num_examples": 0, "bytes": 0,
+      "sha256": hashlib.sha256(b"").hexdigest()}))
+  got = binary.BinarySource(out, lay).gather(np.arange(0, 300, 7))
+  np.testing.assert_array_equal(got.labels, want.labels)
+  for name in want.ids:
+    np.testing.assert_array_equal(got.ids[name], want.ids[name])
 
 
 def test_a_run_resumes_on_its_data_re_preprocessed_but_not_on_other_data(dataset, tmp_path):

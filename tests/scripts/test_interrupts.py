@@ -236,12 +236,13 @@ def test_a_second_signal_while_preprocessing_exits_and_the_next_run_writes_over(
   assert proc.returncode == 130, proc.stderr[-3000:]
   assert proc.stderr.splitlines()[-1] == (
       f"interrupted again (Ctrl-C, exited at once): no dataset written to {out} (the shards "
-      "written so far are left, without a manifest; the next run into it writes over them)")
+      "written so far are left, without a manifest; the next run into it removes them)")
   assert not (out / "manifest.json").exists()
   again = subprocess.run([sys.executable, "scripts/preprocess.py", *args], capture_output=True,
                          text=True, cwd=t.ROOT, timeout=300, env=t.env())
   assert again.returncode == 0, again.stderr[-3000:]
-  assert (out / "manifest.json").exists()
+  listed = {s["file"] for s in json.loads((out / "manifest.json").read_text())["shards"]}
+  assert set(os.listdir(out)) == listed | {"manifest.json"}
 
 
 @pytest.mark.slow

@@ -69,16 +69,17 @@ class _Source:
 def test_dropped_rows_reach_tensorboard_per_split(tmp_path):
   """`bad_rows` (path -> count) is no number: TB showed nothing of the rows dropped."""
   w = str(tmp_path)
-  train, eval_ = _Source({"a.tsv": 2, "b.tsv": 3, "c.tsv": 0}), _Source({"e.tsv": 1})
+  train, eval_ = _Source({"a.tsv": 2, "b.tsv": 3, "c.tsv": 0}), _Source({"e.tsv": 1,
+                                                                         "b.tsv": 4})
   record = {"loss": 0.5, **data_adapter.bad_row_metrics(train, eval_)}
   with MetricsWriter(w) as mw:
     mw.write(7, record, data_adapter.bad_row_scalars(train=train, eval=eval_))
     mw.write(8, {"loss": 0.4}, data_adapter.bad_row_scalars(train=_Source({}),
                                                              eval=_Source({"e.tsv": 0})))
   assert _read_jsonl(os.path.join(w, "metrics.jsonl"))[0]["bad_rows"] == {
-      "a.tsv": 2, "b.tsv": 3, "e.tsv": 1}
-  scalars = tb_scalars(w)
-  assert scalars[("bad_rows/train", 7)] == 5 and scalars[("bad_rows/eval", 7)] == 1
+      "a.tsv": 2, "b.tsv": 7, "e.tsv": 1}   # b.tsv: both splits' (two `<(zcat ...)`
+  scalars = tb_scalars(w)                 # inputs are both /dev/fd/63): the eval count won
+  assert scalars[("bad_rows/train", 7)] == 5 and scalars[("bad_rows/eval", 7)] == 5
   assert {tag for tag, step in scalars if step == 8} == {"loss"}   # nothing dropped
 
 
