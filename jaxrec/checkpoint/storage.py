@@ -22,6 +22,7 @@ import tensorstore as ts
 from etils import epath
 
 from jaxrec.checkpoint import canonical as canonical_lib
+from jaxrec.checkpoint import dequantized
 from jaxrec.checkpoint import tables as tables_lib
 
 # Items of a step directory (see `manager`).
@@ -225,16 +226,26 @@ def _check_index_tables(manifest: dict, index: dict) -> None:
   reader takes as the list of arrays, so an entry lost from it dropped a table (or its
   optimizer state) from exports and copies without a word."""
   where = f"{TABLES}/{tables_lib.INDEX}"
-  tables = sorted(manifest.get("tables") or {})
+  recorded = manifest.get("tables") or {}
+  tables = sorted(recorded)
   listed: dict[str, set[str]] = {}
+  parts: dict[str, set[str]] = {}   # an int8 table's stored parts (`q`, `scale`, `bias`)
   for name in index:
     kind, _, rest = name.partition("/")
     table, _, leaf = rest.partition("/")
     listed.setdefault(table, set()).add(f"{kind}/{leaf}" if kind == "table_opt" else kind)
+    if kind == "tables":
+      parts.setdefault(table, set()).add(leaf)
   for table in tables:
     if "tables" not in listed.get(table, ()):
       raise ValueError(f"{where} lists no array of table '{table}' (the manifest's tables: "
                        f"{tables})")
+    dtype = (recorded[table] or {}).get("dtype")
+    want = set(dequantized.PARTS) if dtype == "int8" else {""}
+    if dtype is not None and parts[table] != want:   # one int8 part lost: an export wrote the table without it
+      raise ValueError(f"{where} lists table '{table}' ({dtype}) as "
+                       f"{sorted(p or 'one array' for p in parts[table])}, not "
+                       f"{sorted(p or 'one array' for p in want)}")
   extra = sorted(set(listed) - set(tables))
   if extra and tables:
     raise ValueError(f"{where} lists arrays of tables {extra} that the manifest does not "

@@ -403,6 +403,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   finished = start >= options.num_steps   # e.g. `make train` run again: evaluate only
   if restored is not None and not finished:
     writer.write(start, {"event": "resume", "checkpoint_step": start})
+  elif restored is None and writer.had_records:   # a run killed before its first save:
+    writer.write(start, {"event": "restart"})    # its lines past 0 are not this run's
 
   last: dict[str, Any] = {}
   pending: list[tuple[int, int, jax.Array]] = []   # (step, data position, loss) unchecked
@@ -502,7 +504,11 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
                 batch_size=config.batch_size))
         record.update(data_adapter.bad_row_metrics(train_it, eval_data))
         scalars = data_adapter.bad_row_scalars(train=train_it, eval=eval_data)
+      logged = {}
       if is_ckpt:   # before the eval: an eval that fails loses no training
+        if record:   # and the loss line before both: killed in the eval after the save
+          writer.write(step, record, scalars)   # committed, the run resumed past a step
+          logged, record, scalars = record, {}, {}   # that had no line
         save_checkpoint(state, step, force=done or stop)
       if is_eval:
         try:
@@ -529,6 +535,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
           record["loss"] = float(losses.mean())
       if record:
         writer.write(step, record, scalars)
+      record = {**logged, **record}
       if is_log:
         progress.update(step, record["loss"], record.get("examples_per_sec"))
         last = dict(record, step=step)

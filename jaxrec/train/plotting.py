@@ -19,13 +19,13 @@ from jaxrec.train.writers import METRICS_FILE
 _LOG = logging.getLogger(__name__)
 PANELS = (("loss", "train loss"), ("eval_auc", "eval AUC"), ("examples_per_sec", "examples/sec"))
 # Events written at the step a run goes back to: lines past it belong to the abandoned run.
-REWIND_EVENTS = ("resume", "nan_rollback")
+REWIND_EVENTS = ("resume", "nan_rollback", "restart")
 
 
 def read_metrics(workdir: str) -> list[dict]:
   """Records of `workdir/metrics.jsonl`, sorted by step, the last line winning per step and key.
 
-  A `resume` or `nan_rollback` line (written at the step the run went back to) drops the
+  A `resume`, `restart` or `nan_rollback` line (written at the step the run went back to) drops the
   earlier lines past its step: they are of the steps the run redoes (a run killed after
   its last checkpoint, a rolled-back window), not of the curve it then trains.
 

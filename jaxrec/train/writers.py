@@ -62,10 +62,12 @@ class MetricsWriter:
     self._enabled = enabled
     self._file = None
     self._tb = None
+    self.had_records = False   # an earlier run's lines (see `loop`: a restart marks them)
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       jsonl.repair_tail(self.path)   # a killed run's torn last line
       self._file = open(self.path, "a", buffering=1, encoding="utf-8")
+      self.had_records = self._file.tell() > 0
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       self._tb = SummaryWriter(logdir=os.path.join(workdir, TB_DIR))
 

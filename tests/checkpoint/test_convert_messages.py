@@ -275,6 +275,29 @@ def test_an_array_lost_from_the_index_is_a_corrupt_step(tmp_path, dropped, match
     export(tmp_path / "c", out, 4)
 
 
+@pytest.mark.parametrize("fmt", ["npz", "checkpoint"])
+def test_an_int8_part_lost_from_the_index_is_a_corrupt_step(tmp_path, fmt):
+  """Any one of an int8 table's `q`, `scale`, `bias` counted as the table: with `scale`
+  lost, an npz export wrote t3 without it and exited 0, and a resume stopped on a
+  'cannot change a table's rows or dim' that named two equal shapes."""
+  coll = h.collection("rw", 8, dtype="int8")
+  with CheckpointManager(tmp_path / "c") as mgr:
+    for step in (2, 4):
+      mgr.save(step, h.train_state(coll, seed=step, step=step), coll, force=True)
+  path = tmp_path / "c" / "4" / "embeddings" / "index.json"
+  data = json.loads(path.read_text())
+  data["arrays"].pop("tables/t3/scale")
+  path.write_text(json.dumps(data))
+  out = tmp_path / ("a.npz" if fmt == "npz" else "copy")
+  export = {"npz": convert.export_npz, "checkpoint": convert.export_checkpoint}[fmt]
+  with pytest.raises(CheckpointError, match=r"c/4 is corrupt: .*embeddings/index.json lists "
+                     r"table 't3' \(int8\) as \['bias', 'q'\], not \['bias', 'q', 'scale'\]"
+                     r".*pick another --step: 2$"):
+    export(tmp_path / "c", out, 4)
+  step = export(tmp_path / "c", out)   # the step a restore would pick
+  assert (step if fmt == "npz" else step[0]) == 2
+
+
 def test_a_torchrec_table_name_that_cannot_be_stored_is_refused(tmp_path):
   """`e/q` was imported and exported as `tables/e/q`, the name of int8 table `e`'s codes."""
   np.savez(tmp_path / "n.npz", **{"embedding_bags.e.weight": np.ones((4, 2), np.float32),

@@ -255,7 +255,8 @@ def test_over_budget_by_less_than_the_rounding_shows_two_different_sizes():
 def test_no_plan_fits_reports_the_closest_plan_not_the_starting_point():
   """The error gave the memory of the search's start (every table `rw`: 6.9 MiB/device on
   dlrm_synthetic's tables over table=4,row=2) as what 'every device needs', though a
-  budget of 4.5 MiB takes an all-`twrw` plan of 4.3 MiB."""
+  budget of 4.5 MiB takes an all-`twrw` plan (4.3 MiB then; 3.9 since SGD's no-dedup
+  buffers are counted once)."""
   from jaxrec import launch  # pylint: disable=import-outside-toplevel
   from jaxrec.train.config import ExperimentConfig  # pylint: disable=import-outside-toplevel
   launch.parse_gin(["configs/dlrm_synthetic.gin"], [])
@@ -265,7 +266,7 @@ def test_no_plan_fits_reports_the_closest_plan_not_the_starting_point():
   fits = propose_plan(tables, features, mesh, int(4.5 * 2**20), 0.0, 512)
   with pytest.raises(ConfigError, match=r"closest plan the search found\) does not fit: "
                      r"every device needs ([\d.]+) MiB") as e:
-    propose_plan(tables, features, mesh, 4 * 2**20, 0.0, 512)
+    propose_plan(tables, features, mesh, int(3.5 * 2**20), 0.0, 512)
   needed = float(str(e.value).split("every device needs ")[1].split(" MiB")[0])
   # (printed to one decimal; the start it named was 6.9 MiB)
   assert (needed - 0.05) * 2**20 <= sum(fits.memory.values()), (needed, dict(fits.memory))

@@ -45,7 +45,8 @@ def test_sigterm_checkpoints_the_step_and_the_same_command_resumes(tmp_path):
   train(w, f"--num_steps={step + 5}", *FLAGS, devices=1)
   lines = read_metrics(w)
   assert [l["checkpoint_step"] for l in lines if l.get("event") == "resume"] == [step]
-  assert lines[-1]["step"] == step + 5 and "loss" in lines[-1]
+  assert lines[-2]["step"] == lines[-1]["step"] == step + 5   # loss line, then the eval's
+  assert "loss" in lines[-2] and "eval_auc" in lines[-1]
 
 
 def test_a_second_sigterm_stops_at_once():

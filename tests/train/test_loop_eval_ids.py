@@ -61,3 +61,49 @@ def test_a_missing_train_data_leaves_no_checkpointer_open(monkeypatch, tmp_path)
   with pytest.raises(DataError, match="missing.tsv: no such file or directory"):
     loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path / "w"))
   assert len(closed) == len(opened)
+
+
+def test_the_loss_line_is_written_before_the_checkpoint_and_eval(monkeypatch, tmp_path):
+  """At a step that checkpoints and evaluates, the loss line came after the eval: killed in
+  the eval once the (async) save had committed, the rerun resumed past a step that never
+  got its loss line, the final one included. Now: loss line, checkpoint, eval line."""
+  import json  # pylint: disable=import-outside-toplevel
+  launch.parse_gin(["configs/dlrm_synthetic.gin"], BINDINGS)
+  seen = []
+  real = loop.evaluate
+
+  def evaluate(*args, **kwargs):
+    seen.append([json.loads(l) for l in open(tmp_path / "metrics.jsonl")])
+    return real(*args, **kwargs)
+  monkeypatch.setattr(loop, "evaluate", evaluate)
+  options = config_lib.RunOptions(num_steps=2, mesh="data=8", plan="dp", log_every=2,
+                                  checkpoint_every=2, progress=False)
+  result = loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path))
+  assert [sorted(l) for l in seen[0]] == [["examples_per_sec", "loss", "step"]]
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert lines[0] == seen[0][0] and sorted(lines[1]) == [
+      "eval_auc", "eval_examples", "eval_logloss", "step"] and lines[1]["step"] == 2
+  assert result["loss"] == lines[0]["loss"] and result["eval_auc"] == lines[1]["eval_auc"]
+
+
+def test_a_restart_without_a_checkpoint_marks_the_dead_runs_lines(tmp_path):
+  """A run killed before its first save left lines at steps 50-150; the rerun (no
+  checkpoint: from step 0) wrote no rewind line, so plots and `read_metrics` mixed the
+  dead run's points (and its eval at a step the new run only logged) into the new run's."""
+  import json  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import plotting  # pylint: disable=import-outside-toplevel
+  launch.parse_gin(["configs/dlrm_synthetic.gin"], BINDINGS)
+  dead = [{"step": 1, "loss": 9.0}, {"step": 2, "loss": 8.0, "eval_auc": 0.1},
+          {"step": 3, "loss": 7.0}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dead))
+  options = config_lib.RunOptions(num_steps=2, mesh="data=8", plan="dp", log_every=2,
+                                  progress=False)
+  loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path))
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert lines[:4] == dead + [{"step": 0, "event": "restart"}]
+  got = plotting.read_metrics(str(tmp_path))
+  assert [r["step"] for r in got] == [0, 2] and got[1]["loss"] != 8.0
+  assert got[1]["eval_auc"] != 0.1   # the new run's own eval (the last step evaluates)
+  fresh = tmp_path / "fresh"
+  loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(fresh))
+  assert all(json.loads(l).get("event") != "restart" for l in open(fresh / "metrics.jsonl"))
