@@ -549,6 +549,8 @@ def import_torchrec(npz_path, output, step: int = 0) -> list[str]:
     raise ConfigError(f"--step must be >= 0, got {step}")
   if not npz_path.exists():
     raise ConfigError(f"--torchrec_npz: {npz_path} does not exist")
+  if npz_path.is_file() and not zipfile.is_zipfile(npz_path):   # np.load took a text file
+    raise DataError(f"--torchrec_npz: {npz_path} is not an npz file (not a zip archive)")
   try:
     tables = _read_torchrec(npz_path)
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:

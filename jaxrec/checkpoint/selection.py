@@ -38,11 +38,11 @@ def convert_step(checkpoint_dir, step: int | None,
   rejected = offloaded_lib.rejected_step(checkpoint_dir)
   if rejected is not None:   # its step is the manifest's (rejected for holding another?)
     step_dir = epath.Path(checkpoint_dir)
-    held = int(check(step_dir).get("step", rejected))
-    if step is not None and step != held:
-      raise ConfigError(f"--step={step}: --checkpoint_dir {checkpoint_dir} is the rejected "
-                        f"checkpoint of step {held}")
-    try:
+    try:   # the check too: a file missing from it said 'pick another --step', of none
+      held = int(check(step_dir).get("step", rejected))
+      if step is not None and step != held:
+        raise ConfigError(f"--step={step}: --checkpoint_dir {checkpoint_dir} is the rejected "
+                          f"checkpoint of step {held}")
       return convert(step_dir, held)
     except CheckpointError as e:   # it holds one step: name the kept ones instead
       raise _kept_instead(e, step_dir) from None

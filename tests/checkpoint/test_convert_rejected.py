@@ -141,3 +141,8 @@ def test_a_corrupt_rejected_checkpoint_names_the_kept_steps_not_another_step(rol
   assert "fails its fingerprint check" in message and not message.endswith("--step"), message
   assert message.endswith(f"{copy} is a rejected checkpoint (one step only); kept steps in "
                           f"{work}: 2"), message
+  (copy / "meta" / "metadata").unlink()   # a file missing: found by the step check, which
+  with pytest.raises(CheckpointError) as info:   # ran before the kept steps were named
+    convert.export_npz(copy, tmp_path / "b.npz")
+  assert str(info.value).endswith(f"{copy} is a rejected checkpoint (one step only); kept "
+                                  f"steps in {work}: 2"), info.value
