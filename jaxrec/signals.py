@@ -24,6 +24,7 @@ Stdlib only: importing this module imports no jax.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -103,10 +104,27 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 def defer(signums: Sequence[int] = STOP_SIGNALS) -> dict:
   """Records `signums` from now on instead of acting on them (`check()` raises them);
   returns the handlers replaced, for `undefer`. Off the main thread (no handler can be set
-  there), and for a signal already deferred, nothing changes."""
+  there), and for a signal already deferred, nothing changes. The first call also has
+  the process ignore a deferred signal once it exits (`_ignore_at_exit`)."""
   if threading.current_thread() is not threading.main_thread():
     return {}
+  if not _exit_hooked:
+    _exit_hooked.append(1)
+    atexit.register(_ignore_at_exit)   # registered first, so it runs last
   return {s: signal.signal(s, _record) for s in signums if signal.getsignal(s) is not _record}
+
+
+_exit_hooked: list[int] = []
+
+
+def _ignore_at_exit() -> None:
+  """The last atexit hook: a deferred signal is ignored from here on. The interpreter's
+  finalisation then puts SIG_DFL back for every Python handler, so a SIGTERM in its last
+  moments killed the process by the signal (a conversion had printed `wrote ...`: its
+  output was complete, and a wrapper retrying on the non-zero status found it there)."""
+  for s in STOP_SIGNALS:
+    if signal.getsignal(s) is _record:
+      signal.signal(s, signal.SIG_IGN)
 
 
 def undefer(previous: dict) -> None:

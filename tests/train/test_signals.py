@@ -96,6 +96,23 @@ def test_a_second_signal_inside_a_gc_callback_exits_the_process(tmp_path):
   assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "second SIGINT\n")
 
 
+def test_a_signal_in_the_interpreters_last_moments_is_ignored(tmp_path):
+  """Finalisation puts SIG_DFL back for Python handlers: a SIGTERM then (here from a
+  `__del__` at module teardown) killed a finished script by the signal (exit 143 after a
+  conversion printed `wrote ...`). The last atexit hook now ignores deferred signals."""
+  code = (f"import sys; sys.path.insert(0, {repr(os.getcwd())}); import os, signal, time\n"
+          "from jaxrec import signals\n"
+          "signals.defer()\n"
+          "class Late:\n"
+          "  def __del__(self):\n"
+          "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.05)\n"
+          "late = Late()\n"
+          "print('done')\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=60, cwd=tmp_path)
+  assert (proc.returncode, proc.stdout) == (0, "done\n"), proc.stderr
+
+
 def test_a_signal_still_recorded_at_the_end_goes_to_the_previous_handler():
   """E.g. between scripts/train.py's last start-up check and the trainer's own handling."""
   with pytest.raises(KeyboardInterrupt):
