@@ -41,7 +41,10 @@ MISMATCH_HINTS = {
                  "resume, or train in a new --workdir",
     "params": ": the dense model (its layer sizes, feature count or table dims) is not the "
               "one the checkpoint was trained with; bind that one to resume, or train in a "
-              "new --workdir"}
+              "new --workdir",
+    "item_freq": ": the logQ estimator's bucket count (TwoTower.logq_buckets) is not the "
+                 "one the checkpoint was trained with (the checkpoint's is the shape above); "
+                 "bind that one to resume, or train in a new --workdir"}
 FORMAT = "jaxrec-checkpoint"
 VERSION = 1
 

@@ -139,8 +139,12 @@ def _not_a_workdir(output) -> None:
 
 
 def _mkdir(path) -> None:
+  path = epath.Path(path)
+  file = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+  if file is not None:   # said 'cannot create directory P: File exists'
+    raise ConfigError(f"--output: {file} is a file, not a directory")
   try:
-    epath.Path(path).mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise ConfigError(f"--output: cannot create directory {path}: {e.strerror or e}") from None
 

@@ -181,6 +181,8 @@ def hint(checkpoint_dir, step: int | None = None) -> str:
   path = epath.Path(checkpoint_dir)
   if not path.exists():   # a mistyped path said only "no checkpoint in PATH"
     return " (no such directory)"
+  if not path.is_dir():
+    return " (it is a file, not a directory)"
   inner = path / workdir_layout.CHECKPOINTS_DIR
   if step is None and inner.is_dir():   # a workdir given for its checkpoints
     return f" (did you mean --checkpoint_dir={inner}?)"

@@ -406,8 +406,11 @@ def test_outputs_refused_before_any_read(saved, tmp_path):
     with pytest.raises(ConfigError, match="is inside --checkpoint_dir"):
       fn(path, out)
   assert not (path / "4" / "z").exists() and not (path / "x.npz").exists()
-  with pytest.raises(ConfigError, match="cannot create directory"):
-    convert.export_npz(path, tmp_path / "old.npz" / "c.npz")
+  with pytest.raises(ConfigError, match=r"^--output: .*old.npz is a file, not a directory$"):
+    convert.export_npz(path, tmp_path / "old.npz" / "c.npz")   # 'cannot create ...: File
+  with pytest.raises(CheckpointError, match=r"^no checkpoint in .*old.npz \(it is a file, "
+                     r"not a directory\)$"):                    # exists'; 'no checkpoint in'
+    convert.export_npz(tmp_path / "old.npz", tmp_path / "d.npz")
 
 
 def test_checkpoint_output_holding_the_checkpoint_dir_is_refused(saved):

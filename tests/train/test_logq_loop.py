@@ -22,10 +22,10 @@ def documented_bindings():
   return lines
 
 
-def run(workdir, num_steps, batch_size=64):
+def run(workdir, num_steps, batch_size=64, buckets=4096):
   launch.parse_gin([CONFIG], documented_bindings() + [
       f"ExperimentConfig.batch_size={batch_size}", "ExperimentConfig.eval_batch_size=256",
-      "ExperimentConfig.num_eval_examples=256", "TwoTower.logq_buckets=4096"])
+      "ExperimentConfig.num_eval_examples=256", f"TwoTower.logq_buckets={buckets}"])
   config = config_lib.ExperimentConfig()
   assert config.model.logq_correction and config.model.logq_alpha == 0.01
   options = config_lib.RunOptions(num_steps=num_steps, mesh="data=8", plan="dp",
@@ -51,3 +51,8 @@ def test_a_resume_with_another_batch_size_is_refused(tmp_path):
   with pytest.raises(ConfigError, match=r"^ExperimentConfig.batch_size = 128, but the "
                      r"checkpoint was trained with 64, and its item-frequency estimate"):
     run(tmp_path, 4, batch_size=128)
+  with pytest.raises(ConfigError, match=r"^'item_freq' in checkpoint .* \(checkpoint: "
+                     r"\[\(\[4096\], 'float32'\).*the logQ estimator's bucket count "
+                     r"\(TwoTower.logq_buckets\) is not the one the checkpoint was trained "
+                     r"with"):   # a bare shape mismatch
+    run(tmp_path, 4, buckets=2048)
