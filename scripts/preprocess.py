@@ -50,6 +50,8 @@ def _int_list(flag: str, value: str, n: int) -> list[int]:
         from None
   if any(v <= 0 for v in vals):
     raise ConfigError(f"--{flag}: values must be positive integers, got '{value}'")
+  if any(v >= 2**31 for v in vals):   # named only "table 't0'", not the flag
+    raise ConfigError(f"--{flag}: values must be below 2**31, got '{value}'")
   if len(vals) == 1:
     vals = vals * n
   if len(vals) != n:
@@ -66,8 +68,9 @@ def _specs():
   if FLAGS.gin_file or FLAGS.gin_bindings:
     given = [f"--{f}" for f in ("rows", "max_len") if FLAGS[f].present]
     if given:
-      raise ConfigError(f"{' and '.join(given)}: the tables come from --gin_file here; give "
-                        "one or the other")
+      source = "--gin_file" if FLAGS.gin_file else "--gin_bindings"   # not --gin_file, when
+      raise ConfigError(f"{' and '.join(given)}: the tables come from {source} here; give "
+                        "one or the other")                  # only bindings were given
     launch.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings)   # a misspelled binding is an error
     emb = launch.bound_value("ExperimentConfig.embedding")   # what the training run reads
     if emb is None:   # a file binding only uniform_tables

@@ -214,6 +214,8 @@ def write(inputs: Sequence[str], output: str, layout: Layout, bad_rows: str = "e
     raise DataError(f"{output}: already holds a preprocessed dataset ({MANIFEST}); "
                     "remove it or choose another --output")
   created = not os.path.exists(output)
+  if not created and not os.path.isdir(output):   # said 'cannot create directory: File exists'
+    raise DataError(f"--output {output} is a file, not a directory")
   try:
     os.makedirs(output, exist_ok=True)
   except OSError as e:

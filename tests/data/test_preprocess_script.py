@@ -45,6 +45,12 @@ def test_preprocess_and_errors(tmp_path, tsv_file):
                                    "directory")
   r = run(f"--input={path}", f"--output={tmp_path / 'o4'}", "--rows=1,2")
   assert r.returncode == 1 and "--rows: 2 values given, 26" in r.stderr
+  r = run(f"--input={path}", f"--output={tmp_path / 'o5'}", "--rows=3000000000")
+  assert r.returncode == 1 and r.stderr.strip() == (   # named only "table 't0'"
+      "error: --rows: values must be below 2**31, got '3000000000'"), r.stderr
+  r = run(f"--input={path}", f"--output={path}", "--rows=100")   # an existing file
+  assert r.returncode == 1 and r.stderr.strip() == (
+      f"error: --output {path} is a file, not a directory"), r.stderr
 
 
 def test_shard_examples_must_be_positive(tmp_path, tsv_file):
@@ -69,6 +75,10 @@ def test_gin_file_sets_the_column_count_and_refuses_rows(tmp_path, tsv_file):
   r = run(f"--input={path}", f"--output={tmp_path / 'o2'}", gin_file, "--rows=100")
   assert r.returncode == 1 and r.stderr.strip() == (
       "error: --rows: the tables come from --gin_file here; give one or the other"), r.stderr
+  r = run(f"--input={path}", f"--output={tmp_path / 'o3'}", "--rows=100",
+          "--gin_bindings=uniform_tables.num_tables=8")   # said "from --gin_file", not given
+  assert r.returncode == 1 and r.stderr.strip() == (
+      "error: --rows: the tables come from --gin_bindings here; give one or the other")
 
 
 def test_dense_column_count_from_gin_file_or_flag(tmp_path, tsv_file):

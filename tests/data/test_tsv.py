@@ -371,6 +371,19 @@ def test_skip_counts_logs_and_keeps_order(tsv_file, caplog):
   assert f"{b}:2:" in logged
 
 
+def test_a_nul_byte_in_one_field_is_a_bad_row_wherever_it_is(tsv_file):
+  """Within the first 64 KiB a NUL in one field called the whole file 'not a text file',
+  also under --bad_rows=skip; past it the row was skipped. Now it is a bad row: skipped,
+  or (error) named with its line and column."""
+  lines = [lib.line(label=str(i % 2)) for i in range(10)]
+  lines[4] = _bad(col=20, value="ab\x00cd")
+  path = tsv_file(lines)
+  src = read(path, bad_rows="skip")
+  assert src.bad_row_counts() == {path: 1} and src.num_examples == 9
+  with pytest.raises(DataError, match=f"^{path}:5: "):
+    read(path)
+
+
 def test_skip_everything_bad_is_an_error(tsv_file):
   path = tsv_file(["1\t2"] * 3)
   with pytest.raises(DataError, match="no valid rows"):
