@@ -33,6 +33,7 @@ from jaxrec.models import bf16_hardware
 from jaxrec import elastic, files, gin_usage, offload, planner, signals, workdir_layout
 from jaxrec.offload import snapshots as snapshots_lib
 from jaxrec.sharding import mesh as mesh_lib
+from jaxrec.planner.result import format_bytes
 from jaxrec.sharding.plan import Plan, uniform_plan
 from jaxrec.train import budget_hint, data_adapter, mesh_choice
 from jaxrec.train import state as state_lib
@@ -152,6 +153,10 @@ def setup(config: ExperimentConfig, options: RunOptions, devices=None, workdir=N
   plan, result, tables, off = choice.planned
   collection = EmbeddingCollection.create(tables, config.features, plan, mesh,
                                           config.sparse_tx())
+  result = dataclasses.replace(result, notes=result.notes + (
+      f"not in the budget: the dense model's parameters, gradients and optimizer state, "
+      f"{format_bytes(state_lib.dense_bytes(config, collection.dim))} on every "
+      "device (and the step's activations): leave room for them in --memory_per_device",))
   return collection, plan, {"mesh": choice.mesh, "plan_result": result, "offload": off,
                             "why": choice.why}
 

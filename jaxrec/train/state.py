@@ -43,6 +43,19 @@ def check_model(config: ExperimentConfig) -> None:
     jax.eval_shape(lambda: init_dense(config, jax.random.key(0), dims.pop()))
 
 
+def dense_bytes(config: ExperimentConfig, dim: int) -> int:
+  """Bytes the dense model keeps on every device during a step: its parameters, their
+  gradients and the dense optimizer's state (and a two-tower's logQ estimate); the
+  planner's `--memory_per_device` covers the tables only. Abstract: nothing is computed."""
+  def dense():   # the key inside: made outside, it compiled (data errors must stop first)
+    params = init_dense(config, jax.random.key(0), dim)
+    extra = (item_frequency.init(config.model.logq_buckets)
+             if getattr(config.model, "logq_correction", False) else ())
+    return params, params, config.dense_tx().init(params), extra
+  shapes = jax.eval_shape(dense)
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
+
+
 def create(config: ExperimentConfig, collection: EmbeddingCollection, seed: int) -> TrainState:
   """Fresh state placed on the collection's mesh. Values depend only on `seed`."""
   k_emb = jax.random.split(jax.random.key(seed), 3)[0]

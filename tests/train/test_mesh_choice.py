@@ -274,3 +274,22 @@ def test_no_mesh_fits_says_so_after_every_tier():
 class _Priced:
   def __init__(self, step_time_s):
     self.step_time_s = step_time_s
+
+@pytest.mark.parametrize("dense_optimizer", ["sgd", "adam"])
+def test_the_plan_report_names_the_dense_model_the_budget_leaves_out(dense_optimizer):
+  """`--memory_per_device` prices tables only: a `dlrm_criteo` step with a dense Adam held
+  12% more than a budget its plan filled, with no word of it. The report's note gives the
+  dense model's bytes: its parameters, their gradients and the optimizer's state."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from jaxrec.planner.result import format_bytes  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import state as state_lib  # pylint: disable=import-outside-toplevel
+  from jaxrec.train.config import dense_optimizer as make  # pylint: disable=import-outside-toplevel
+  config = dataclasses.replace(CONFIG, dense_optimizer=make(dense_optimizer))
+  coll, _, info = loop.setup(config, RunOptions(mesh="data=8", plan="dp"), jax.devices()[:8])
+  state = state_lib.create(config, coll, 0)
+  size = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  want = 2 * size(state["params"]) + size(state["opt_state"])
+  assert state_lib.dense_bytes(config, coll.dim) == want
+  assert (size(state["opt_state"]) > size(state["params"])) == (dense_optimizer == "adam")
+  assert (f"not in the budget: the dense model's parameters, gradients and optimizer state, "
+          f"{format_bytes(want)} on every device") in " ".join(info["plan_result"].notes)
