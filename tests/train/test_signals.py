@@ -85,31 +85,29 @@ def test_a_failing_line_still_exits(capfd):
 def test_a_second_signal_inside_a_gc_callback_exits_the_process(tmp_path):
   """In a process of its own (it exits): sent where a raise is swallowed, the second
   signal still ends it, with its line and 130, and nothing after it runs."""
-  code = (f"import sys; sys.path.insert(0, {repr(os.getcwd())}); import os, signal\n"
-          "from tests.train.test_signals import _signal_inside_a_gc_callback as send\n"
-          "from jaxrec import signals\n"
-          "signals.defer(); signals.on_second_signal(lambda n: 'second ' + n)\n"
-          "send(signal.SIGINT); send(signal.SIGINT)\n"
-          "print('went on')\n")
-  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                        timeout=60, cwd=tmp_path)
+  proc = _in_a_process(tmp_path, "from tests.train.test_signals import "
+                       "_signal_inside_a_gc_callback as send",
+                       "signals.defer(); signals.on_second_signal(lambda n: 'second ' + n)",
+                       "send(signal.SIGINT); send(signal.SIGINT)", "print('went on')")
   assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "second SIGINT\n")
+
+
+def _in_a_process(cwd, *lines):
+  """`lines` run as a Python program of its own (with this checkout importable, `os`,
+  `signal`, `time` and `jaxrec.signals` imported), in `cwd`."""
+  code = "\n".join([f"import sys; sys.path.insert(0, {repr(os.getcwd())})",
+                    "import os, signal, time", "from jaxrec import signals", *lines])
+  return subprocess.run([sys.executable, "-c", code + "\n"], capture_output=True, text=True,
+                        timeout=60, cwd=cwd)
 
 
 def test_a_signal_in_the_interpreters_last_moments_is_ignored(tmp_path):
   """Finalisation puts SIG_DFL back for Python handlers: a SIGTERM then (here from a
   `__del__` at module teardown) killed a finished script by the signal (exit 143 after a
   conversion printed `wrote ...`). The last atexit hook now ignores deferred signals."""
-  code = (f"import sys; sys.path.insert(0, {repr(os.getcwd())}); import os, signal, time\n"
-          "from jaxrec import signals\n"
-          "signals.defer()\n"
-          "class Late:\n"
-          "  def __del__(self):\n"
-          "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.05)\n"
-          "late = Late()\n"
-          "print('done')\n")
-  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                        timeout=60, cwd=tmp_path)
+  proc = _in_a_process(tmp_path, "signals.defer()", "class Late:", "  def __del__(self):",
+                       "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.05)",
+                       "late = Late()", "print('done')")
   assert (proc.returncode, proc.stdout) == (0, "done\n"), proc.stderr
 
 
