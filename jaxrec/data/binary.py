@@ -99,6 +99,9 @@ def check_not_part(files: Sequence[str]) -> None:
       if is_preprocessed(parent):
         raise DataError(f"{path}: part of the preprocessed dataset {parent}; give the "
                         "directory")
+      if name == MANIFEST:   # another program's: read as TSV, it was a bad row (or error)
+        raise DataError(f"{path}: a {MANIFEST} among the TSV files, not a jaxrec dataset's; "
+                        f"give the TSV files alone (e.g. {os.path.join(parent, '*.tsv')})")
       if _SHARD.fullmatch(name) and _first_byte(path) in (b"\0", b"\1"):   # a record's label
         raise DataError(f"{path}: a shard without {MANIFEST} beside it: a scripts/preprocess.py "
                         "run that did not finish (run it again)")
@@ -213,6 +216,9 @@ def write(inputs: Sequence[str], output: str, layout: Layout, bad_rows: str = "e
   if is_preprocessed(output):
     raise DataError(f"{output}: already holds a preprocessed dataset ({MANIFEST}); "
                     "remove it or choose another --output")
+  if os.path.isfile(os.path.join(output, MANIFEST)):   # another program's: its shard-*.bin
+    raise DataError(f"{output}: holds a {MANIFEST} that is not a jaxrec dataset's "  # are not
+                    "(another program's?); choose another --output")   # ours to remove
   created = not os.path.exists(output)
   if not created and not os.path.isdir(output):   # said 'cannot create directory: File exists'
     raise DataError(f"--output {output} is a file, not a directory")

@@ -118,9 +118,8 @@ def choose(config, args: TrainArgs, processes: int, devices_per_process: int,
   if user_mesh == "auto":   # as the trainer: a plan file's mesh, or the closest that fits;
     candidates = (mesh_choice.afresh_meshes(plan, n, args.workdir) if why  # records it
                   else mesh_lib.auto_mesh_candidates(plan, n))             # could not take
-    from jaxrec import offload  # pylint: disable=import-outside-toplevel
-    shape, planned, searched = mesh_choice.auto_mesh(candidates, plan_for, plan, n,
-                                                     offload.OffloadConfig().auto)
+    shape, planned, searched = mesh_choice.auto_mesh_of(
+        config, options.memory_per_device, candidates, plan_for, plan, n, processes)
   else:                     # a shrunk job keeps the model axes of --mesh where they fit
     candidates = candidate_meshes(_spec_sizes(user_mesh), n)
     shape, planned = mesh_choice.first_fitting(candidates, plan_for, f"--plan={plan}")

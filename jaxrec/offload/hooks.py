@@ -61,6 +61,13 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
                                             config.batch_size, calibration=calibration)
     check_one_process(off, processes)
     return result.plan, result, tables, off
+  if recorded is not None and off.auto:   # the tables auto offloaded when the plan was made:
+    try:                                  # checked as whole tables it 'did not fit here'
+      _, off, _ = plan_with_offload(config.tables, config.features, mesh_shape, off, sparse,
+                                    options.memory_per_device, config.batch_size,
+                                    calibration=calibration)
+    except ConfigError:   # nothing fits this budget: the recorded plan's check says so
+      pass
   check_one_process(off, processes)
   tables = device_tables(config.tables, off, sparse)
   if recorded is not None:

@@ -62,14 +62,15 @@ def _naming_source(options, name: str, source: str):
 
 def bad_row_metrics(*sources) -> dict[str, Any]:
   """`{"bad_rows": {path: count}}` when rows were dropped as malformed (`--bad_rows=skip`,
-  or when the shards were preprocessed with it), else `{}`. A path two sources both name
-  (train and eval each preprocessed from `<(zcat ...)`: `/dev/fd/63`) gets their sum: the
-  last one's count replaced the first's."""
+  or when the shards were preprocessed with it), else `{}`. A path both sources name is
+  one file (train and eval on one dataset): its larger count, not their sum, which counted
+  each row twice; and not the last one's, a count the eval had not reached yet. (Two
+  datasets preprocessed from pipes share a name, `/dev/fd/63`: their counts are not added.)"""
   counts: dict[str, int] = {}
   for s in sources:
     for k, v in s.bad_row_counts().items():
       if v:
-        counts[k] = counts.get(k, 0) + v
+        counts[k] = max(counts.get(k, 0), v)
   return {"bad_rows": counts} if counts else {}
 
 

@@ -127,27 +127,18 @@ def resumed(options, num_devices: int, workdir: str | None,
                 "--plan=auto resumes them (give --mesh or --plan to choose others)"), ""
 
 
-RESUME_NEIGHBOURS = 4   # meshes closest to a checkpoint's that a fresh plan also tries
-
-
 def afresh_meshes(plan: str, num_devices: int, workdir: str | None) -> list[dict[str, int]]:
-  """Meshes `--mesh=auto` plans afresh on after `resumed` could not take a checkpoint's
-  records: `auto_mesh_candidates`, with the recorded mesh first when it has this run's
-  devices (its plan no longer fits, e.g. at a lower --memory_per_device: a fresh plan on
-  it may), and the `RESUME_NEIGHBOURS` shapes closest to it last (another device count).
-  Only `data=N` was tried, which replicates every table: a resume whose tables needed a
-  split failed 'does not fit' on it though its own mesh had a plan that fit."""
+  """Meshes `--mesh=auto` plans afresh on, first to last, after `resumed` could not take a
+  checkpoint's records: the recorded mesh when it has this run's devices (its plan no
+  longer fits, e.g. at a lower --memory_per_device: a fresh plan on it may), then
+  `auto_mesh_candidates`; past them `auto_mesh` prices the rest as a fresh run does. (The
+  four shapes closest to the recorded mesh came next, first fit taken: a run shrunk and
+  grown back, or resumed at a lower budget, ran a slower mesh than a fresh run's.)"""
   auto = mesh_lib.auto_mesh_candidates(plan, num_devices)
   saved = recorded(workdir)
-  if saved is None:
+  if saved is None or math.prod(saved.mesh.values()) != num_devices or saved.mesh in auto:
     return auto
-  same = math.prod(saved.mesh.values()) == num_devices
-  near = mesh_lib.candidate_meshes(saved.mesh, num_devices)[:RESUME_NEIGHBOURS]
-  out: list[dict[str, int]] = []
-  for shape in ([saved.mesh] if same else []) + auto + near:
-    if dict(shape) not in out:
-      out.append(dict(shape))
-  return out
+  return [dict(saved.mesh)] + auto
 
 
 def choose(config, options, num_devices: int, processes: int = 1,
@@ -172,14 +163,40 @@ def choose(config, options, num_devices: int, processes: int = 1,
     return Choice(*first_fitting(shapes, plan_for, ""), f"--mesh={options.mesh}")
   candidates = (afresh_meshes(options.plan, num_devices, workdir) if why else
                 mesh_lib.auto_mesh_candidates(options.plan, num_devices))
-  shape, planned, searched = auto_mesh(candidates, plan_for, options.plan, num_devices,
-                                       offload.OffloadConfig().auto)
+  shape, planned, searched = auto_mesh_of(config, options.memory_per_device, candidates,
+                                          plan_for, options.plan, num_devices, processes)
   return Choice(shape, planned, auto_why(options.plan, shape) + searched + why)
 
 
+def auto_mesh_of(config, memory_per_device: int | None, candidates, plan_for, plan: str,
+                 num_devices: int, processes: int) -> tuple[dict[str, int], Any, str]:
+  """`auto_mesh` for `config`'s tables and gin `OffloadConfig` in a job of `processes`
+  (train.py's `choose`, the elastic supervisor's `replan.choose`): configured offloading
+  in a job of several is refused before any mesh is priced (none can help), and
+  `OffloadConfig.auto` only offloads in a job of one."""
+  from jaxrec import offload, planner   # pylint: disable=import-outside-toplevel
+  off = offload.OffloadConfig()
+  offload.check_one_process(off, processes)
+  floor = min_bytes_per_device(config.tables, off, config.sparse_tx(), num_devices)
+  budget = memory_per_device or planner.DEFAULT_MEMORY_PER_DEVICE
+  return auto_mesh(candidates, plan_for, plan, num_devices, off.auto and processes == 1,
+                   floor if floor > budget else 0.0)
+
+
+def min_bytes_per_device(tables, off, optimizer, num_devices: int) -> float:
+  """A floor on what any plan of `tables` (offloaded ones as their caches) needs on one of
+  `num_devices` devices: their rows and optimizer state split evenly over all of them,
+  no buffers. Above the budget no mesh fits, and `auto_mesh` prices none: with 200 tables
+  that fit nowhere it priced 20 meshes (18 s) on 8 devices, 84 (158 s) on 64, and the
+  elastic supervisor that for each process count it weighed."""
+  from jaxrec import offload   # pylint: disable=import-outside-toplevel
+  return sum(t.rows * offload.row_bytes(t, optimizer)
+             for t in offload.device_tables(tables, off, optimizer)) / num_devices
+
+
 def auto_mesh(candidates: Sequence[Mapping[str, int]], plan_for: Callable[..., Any],
-              plan: str, num_devices: int, offload_auto: bool = False
-              ) -> tuple[dict[str, int], Any, str]:
+              plan: str, num_devices: int, offload_auto: bool = False,
+              over_every_mesh: float = 0.0) -> tuple[dict[str, int], Any, str]:
   """`--mesh=auto`'s mesh of `candidates`, its `plan_for(shape)` and a log suffix saying
   why when it is not the first that fits.
 
@@ -189,7 +206,10 @@ def auto_mesh(candidates: Sequence[Mapping[str, int]], plan_for: Callable[..., A
   two or three) and the one with the lowest estimated step time is taken. Tables that
   `OffloadConfig.auto` would offload (`offload_auto`) are offloaded only when no mesh holds
   them on the devices: the search plans with `plan_for(shape, device_only=True)` first,
-  then again offloading (`data=N` first: its caches sit on every device).
+  then again offloading (`data=N` first: its caches sit on every device; of the others,
+  those offloading the fewest tables, then the fastest: the estimate leaves the host
+  store's cost out). `over_every_mesh`: when not 0, the bytes a device needs on any mesh,
+  known to be over budget (`min_bytes_per_device`): the on-device pass prices no other.
   """
   what = f"--plan={plan}"
   if plan != "auto" or num_devices < 2:
@@ -198,7 +218,8 @@ def auto_mesh(candidates: Sequence[Mapping[str, int]], plan_for: Callable[..., A
       plan_for]
   over, tried, failed = None, [], []
   for attempt in passes:
-    offloads = "" if attempt is passes[0] else (
+    offloading = offload_auto and attempt is not passes[0]
+    offloads = "" if not offloading else (
         f"; no mesh of {num_devices} devices holds the tables on the devices: "
         "OffloadConfig.auto offloads")
     try:
@@ -206,8 +227,10 @@ def auto_mesh(candidates: Sequence[Mapping[str, int]], plan_for: Callable[..., A
     except BudgetError as e:
       over = e     # the last pass's: with OffloadConfig.auto, offloading did not fit either
     tried = [dict(c) for c in candidates]
+    if over_every_mesh and not offloading:
+      continue
     for tier in split_meshes(tried, num_devices):
-      found, errors = cheapest(tier, attempt)
+      found, errors = cheapest(tier, attempt, _offloaded if offloading else None)
       if found is not None:
         return (*found, offloads + (
             f"; {_listed(tried)} over --memory_per_device: of the {len(tier)} meshes that "
@@ -215,6 +238,11 @@ def auto_mesh(candidates: Sequence[Mapping[str, int]], plan_for: Callable[..., A
             "the one with the lowest estimated step time"))
       tried += tier
       failed += errors
+  if over_every_mesh and not failed:
+    from jaxrec.planner.result import format_bytes  # pylint: disable=import-outside-toplevel
+    raise BudgetError(f"{over}; nor can any other mesh of {num_devices} devices: the "
+                      "tables and their optimizer state alone need "
+                      f"{format_bytes(over_every_mesh)} a device split over all of them")
   if len(tried) == len(candidates):   # the candidates were every mesh there is
     raise over
   finest = {"data": 1, "table": 1, "row": num_devices, "col": 1}   # splits rows the most
@@ -235,21 +263,30 @@ def split_meshes(tried: Sequence[Mapping[str, int]], num_devices: int
   return [t for t in tiers if t]
 
 
-def cheapest(shapes: Sequence[Mapping[str, int]], plan_for: Callable[[dict], Any]
+def cheapest(shapes: Sequence[Mapping[str, int]], plan_for: Callable[[dict], Any],
+             first_by: Callable[[Any], float] | None = None
              ) -> tuple[tuple[dict[str, int], Any] | None, list[tuple[dict, ConfigError]]]:
   """`(shape, plan_for(shape))` of the shape whose plan (`[1]`, a PlanResult) has the
-  lowest estimated step time (the first such of `shapes` on a tie), or None when none
-  fits; and `(shape, ConfigError)` of those that did not, in order."""
+  lowest estimated step time (the first such of `shapes` on a tie; with `first_by`, the
+  lowest `(first_by(planned), step time)`), or None when none fits; and
+  `(shape, ConfigError)` of those that did not, in order."""
   best, errors = None, []
+  key = lambda planned: ((first_by(planned) if first_by else 0), planned[1].step_time_s)
   for shape in shapes:
     try:
       planned = plan_for(dict(shape))
     except ConfigError as e:
       errors.append((dict(shape), e))
       continue
-    if best is None or planned[1].step_time_s < best[1][1].step_time_s:
+    if best is None or key(planned) < key(best[1]):
       best = (dict(shape), planned)
   return best, errors
+
+
+def _offloaded(planned) -> float:
+  """How many tables `planned` offloads (`offload.choose_plan`'s OffloadConfig, its [3]);
+  0 for a `(plan, result)` pair (`plan_choice.choose`, which offloads as configured)."""
+  return len(planned[3].tables) if len(planned) > 3 else 0
 
 
 def _model_axes(shape: Mapping[str, int]) -> int:

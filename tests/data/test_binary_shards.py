@@ -247,7 +247,15 @@ def test_another_programs_manifest_is_not_a_dataset(dataset, tmp_path):
     (other / binary.MANIFEST).write_text(text)
     assert binary.is_preprocessed(str(other)) == ours, text
   (other / binary.MANIFEST).write_text('{"files": []}')
-  binary.check_not_part([str(other / "day_0.tsv"), str(other / binary.MANIFEST)])
+  (other / "shard-00000.bin").write_bytes(b"theirs")
+  with pytest.raises(DataError, match=r"tsvs/manifest.json: a manifest.json among the TSV "
+                     r"files, not a jaxrec dataset's; give the TSV files alone \(e\.g\. "
+                     r".*tsvs/\*\.tsv\)$"):   # read as TSV: 'expected 40 columns', or skipped
+    binary.check_not_part([str(other / "day_0.tsv"), str(other / binary.MANIFEST)])
+  with pytest.raises(DataError, match=r"tsvs: holds a manifest.json that is not a jaxrec "
+                     r"dataset's \(another program's\?\); choose another --output$"):
+    binary.write([], str(other), None)   # it removed their shard-*.bin as ours, unfinished
+  assert (other / "shard-00000.bin").read_bytes() == b"theirs"
 
 
 def test_bad_rows_name_the_input_absolutely(tmp_path, tsv_file, monkeypatch):

@@ -220,3 +220,22 @@ def test_auto_offloads_only_when_no_mesh_holds_the_tables(budget_mib, mesh_data,
   assert ("no mesh of 8 devices holds the tables on the devices: OffloadConfig.auto "
           "offloads" in choice.why) == bool(offloaded)
   assert ("over --memory_per_device" in choice.why) == (mesh_data != 8)
+
+
+def test_a_recorded_plan_is_checked_with_the_tables_auto_offloaded():
+  """Resuming a run `OffloadConfig.auto` offloaded checked its recorded plan against the
+  whole tables: 'the plan checkpoint ... records does not fit here', then planned afresh.
+  The recorded plan is checked with the caches the auto selection gives on its mesh."""
+  from jaxrec.models import DLRM  # pylint: disable=import-outside-toplevel
+  from jaxrec.train.config import ExperimentConfig, RunOptions  # pylint: disable=import-outside-toplevel
+  config = ExperimentConfig(embedding=(TABLES, FEATURES), model=DLRM((16,), (1,)),
+                            sparse_optimizer=ADAGRAD, batch_size=512, eval_batch_size=512)
+  options = RunOptions(plan="auto", memory_per_device=BUDGET)
+  auto = offload.OffloadConfig(auto=True)
+  plan, _, _, off = offload.choose_plan(config, options, MESH, auto)
+  assert off.auto_added == ("huge",)
+  again, result, tables, off2 = offload.choose_plan(config, options, MESH, auto, recorded=plan)
+  assert again == plan and result.mode == "checkpoint" and off2.auto_added == ("huge",)
+  assert dict((t.name, t.rows) for t in tables)["huge"] == 800_000
+  with pytest.raises(ConfigError, match="does not fit"):   # without auto: whole tables
+    offload.choose_plan(config, options, MESH, offload.OffloadConfig(), recorded=plan)

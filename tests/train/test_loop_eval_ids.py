@@ -69,17 +69,23 @@ def test_the_loss_line_is_written_before_the_checkpoint_and_eval(monkeypatch, tm
   got its loss line, the final one included. Now: loss line, checkpoint, eval line."""
   import json  # pylint: disable=import-outside-toplevel
   launch.parse_gin(["configs/dlrm_synthetic.gin"], BINDINGS)
-  seen = []
-  real = loop.evaluate
+  seen, saved = [], []
+  real, real_save = loop.evaluate, CheckpointManager.save
 
   def evaluate(*args, **kwargs):
     seen.append([json.loads(l) for l in open(tmp_path / "metrics.jsonl")])
     return real(*args, **kwargs)
+
+  def save(self, step, *args, **kwargs):
+    saved.append([json.loads(l) for l in open(tmp_path / "metrics.jsonl")])
+    return real_save(self, step, *args, **kwargs)
   monkeypatch.setattr(loop, "evaluate", evaluate)
+  monkeypatch.setattr(CheckpointManager, "save", save)
   options = config_lib.RunOptions(num_steps=2, mesh="data=8", plan="dp", log_every=2,
                                   checkpoint_every=2, progress=False)
   result = loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path))
   assert [sorted(l) for l in seen[0]] == [["examples_per_sec", "loss", "step"]]
+  assert saved == seen   # the loss line was there before the save, not only the eval
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert lines[0] == seen[0][0] and sorted(lines[1]) == [
       "eval_auc", "eval_examples", "eval_logloss", "step"] and lines[1]["step"] == 2

@@ -77,8 +77,8 @@ def test_dropped_rows_reach_tensorboard_per_split(tmp_path):
     mw.write(8, {"loss": 0.4}, data_adapter.bad_row_scalars(train=_Source({}),
                                                              eval=_Source({"e.tsv": 0})))
   assert _read_jsonl(os.path.join(w, "metrics.jsonl"))[0]["bad_rows"] == {
-      "a.tsv": 2, "b.tsv": 7, "e.tsv": 1}   # b.tsv: both splits' (two `<(zcat ...)`
-  scalars = tb_scalars(w)                 # inputs are both /dev/fd/63): the eval count won
+      "a.tsv": 2, "b.tsv": 4, "e.tsv": 1}   # b.tsv, read by both splits: once, the larger
+  scalars = tb_scalars(w)                 # count (the sum counted its rows twice)
   assert scalars[("bad_rows/train", 7)] == 5 and scalars[("bad_rows/eval", 7)] == 5
   assert {tag for tag, step in scalars if step == 8} == {"loss"}   # nothing dropped
 
