@@ -242,7 +242,8 @@ def _check_index_tables(manifest: dict, index: dict) -> None:
                        f"{tables})")
     dtype = (recorded[table] or {}).get("dtype")
     want = set(dequantized.PARTS) if dtype == "int8" else {""}
-    if dtype is not None and parts[table] != want:   # one int8 part lost: an export wrote the table without it
+    if dtype is not None and parts[table] != want:   # one int8 part lost: exports wrote
+                                                     # the table without it
       raise ValueError(f"{where} lists table '{table}' ({dtype}) as "
                        f"{sorted(p or 'one array' for p in parts[table])}, not "
                        f"{sorted(p or 'one array' for p in want)}")

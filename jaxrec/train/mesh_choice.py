@@ -99,8 +99,9 @@ def first_fitting(shapes: Sequence[Mapping[str, int]], plan_for: Callable[[dict]
     raise errors[0][1]                                  # the plan file names, ...): once
   n = math.prod(shapes[0].values()) if shapes else 0
   over = errors and all(isinstance(e, BudgetError) for _, e in errors)
-  raise (BudgetError if over else ConfigError)(f"no mesh of {n} devices fits {what}: " + "; ".join(
-      f"{mesh_lib.format_mesh(shape)}: {e}" for shape, e in errors[:3]))
+  raise (BudgetError if over else ConfigError)(
+      f"no mesh of {n} devices fits {what}: " + "; ".join(
+          f"{mesh_lib.format_mesh(shape)}: {e}" for shape, e in errors[:3]))
 
 
 def resumed(options, num_devices: int, workdir: str | None,
