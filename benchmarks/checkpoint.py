@@ -9,7 +9,7 @@ data iterator) and measures:
   save_blocked_s    median time `CheckpointManager.save` keeps the loop waiting (copy of
                     the state to host; the files are written in the background)
   ratio             save_blocked_s / step_s; goal: <= 2 (a save costs at most two steps)
-  background_steps_s  median step time while a save is being written (contention)
+  background_step_s  median step time while a save is being written (contention)
   save_s            one save start to commit, with nothing else running
   restore_s         restore of the latest checkpoint onto the same mesh and plan (cold:
                     includes compilation, as after a restart)
@@ -88,8 +88,12 @@ def main():
   except (ValueError, TypeError) as e:   # gin: unknown configurable, bad value
     parser.error(f"--gin_bindings: {str(e).strip().splitlines()[0]}")
   options = RunOptions(mesh=args.mesh, plan=args.plan, progress=False)
+  devices = jax.devices()   # XLA_FLAGS may have set another count before this script did
+  if len(devices) < args.devices:
+    parser.error(f"--devices={args.devices}: this process has {len(devices)} (XLA_FLAGS)")
+  devices = devices[:args.devices]
   try:
-    collection, plan, info = loop.setup(config, options)
+    collection, plan, info = loop.setup(config, options, devices=devices)
   except JaxrecError as e:   # a bad --mesh or --plan names its flag
     parser.error(str(e))
   state = state_lib.create(config, collection, 0)
@@ -155,9 +159,9 @@ def main():
   del restored, template
 
   restore_other_s = None
-  n = len(jax.devices())
+  n = len(devices)
   if n > 1:
-    half = jax.devices()[:n // 2]
+    half = devices[:n // 2]
     other, _, _ = loop.setup(config, RunOptions(mesh="auto", plan=args.plan, progress=False),
                              devices=half)
     template = state_lib.create(config, other, 1)

@@ -56,14 +56,26 @@ def _steps(workdir, process):
     return max([json.loads(l).get("step", 0) for l in f if l.endswith("\n")] or [0])
 
 
-def _wait(cond, proc, what):
+def _wait(cond, proc, what, log_path=None):
   t0 = time.time()
   while not cond():
-    if proc.poll() is not None:
-      raise SystemExit(f"error: the launcher exited ({proc.returncode}) before {what}")
+    if proc.poll() is not None:   # with the launcher's own error line: its log is in a
+      why = _last_error(log_path)  # temporary workdir that is then removed
+      raise SystemExit(f"error: the launcher exited ({proc.returncode}) before {what}"
+                       + (f": {why}" if why else ""))
     if time.time() - t0 > FLAGS.timeout:
       raise SystemExit(f"error: timed out waiting for {what}")
     time.sleep(0.02)
+
+
+def _last_error(log_path) -> str:
+  """The last `error: ...` line of the launcher's log, without its prefix ('' if none)."""
+  try:
+    with open(log_path) as f:
+      lines = [l.strip() for l in f if l.startswith("error: ")]
+  except (OSError, TypeError):
+    return ""
+  return lines[-1].removeprefix("error: ") if lines else ""
 
 
 def _fresh_workdir(workdir):
@@ -102,6 +114,15 @@ def _check_flags() -> None:
     sys.exit(f"error: --timeout must be positive, got {FLAGS.timeout}")
   if FLAGS.train_script and not os.path.isfile(FLAGS.train_script):
     sys.exit(f"error: --train_script: no file {FLAGS.train_script!r}")
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from jaxrec.sharding import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from jaxrec.sharding.plan import check_plan_flag  # pylint: disable=import-outside-toplevel
+  try:   # else only 'the launcher exited (1) before step N'
+    if FLAGS.mesh != "auto":
+      mesh_lib.parse_mesh_spec(FLAGS.mesh, 8)   # the job starts on 2 processes x 4
+    check_plan_flag(FLAGS.plan)
+  except ConfigError as e:
+    sys.exit(f"error: {e}" if str(e).startswith("--") else f"error: --mesh/--plan: {e}")
 
 
 def main(argv):
@@ -125,12 +146,12 @@ def main(argv):
   try:
     _wait(lambda: (_steps(workdir, 1) >= FLAGS.kill_at and
                    (latest_checkpoint(workdir) or 0) >= FLAGS.checkpoint_every),
-          proc, f"step {FLAGS.kill_at} and a checkpoint")
+          proc, f"step {FLAGS.kill_at} and a checkpoint", os.path.join(workdir, "launch.log"))
     pid = next(e["pids"][1] for e in read_events(workdir) if e["event"] == "launch")
     killed_at = time.time()
     os.kill(pid, signal.SIGKILL)
     _wait(lambda: any(e["event"] == "resume" for e in read_events(workdir)), proc,
-          "the first step on the new mesh")
+          "the first step on the new mesh", os.path.join(workdir, "launch.log"))
     events = read_events(workdir)
     resume = next(e for e in events if e["event"] == "resume")
     exit_ev = next(e for e in events if e["event"] == "worker_exit")

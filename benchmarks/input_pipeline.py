@@ -63,7 +63,7 @@ def measure_trainer(work: str) -> str:
 
 def trainer_rate(work: str) -> tuple[float | None, str]:
   """(trainer examples/sec, where it came from)."""
-  if FLAGS.trainer_examples_per_sec:
+  if FLAGS.trainer_examples_per_sec is not None:
     return FLAGS.trainer_examples_per_sec, "flag"
   path = FLAGS.trainer_metrics
   if not path:
@@ -100,8 +100,11 @@ def _check_flags() -> None:
   """One-line error naming the flag, before any work (a missing --trainer_metrics was a
   FileNotFoundError after all the measurements; --batch_size=0 a gin traceback)."""
   values, error = FLAGS.flag_values_dict(), lambda m: sys.exit(f"error: {m}")
-  check_at_least(error, values, ("examples", "batch_size", "rows", "batches", "trainer_steps"))
-  check_at_least(error, values, ("num_threads", "prefetch"), low=0)
+  check_at_least(error, values, ("examples", "batch_size", "rows", "batches"))
+  check_at_least(error, values, ("num_threads", "prefetch", "trainer_steps"), low=0)  # 0: no
+  rate = FLAGS.trainer_examples_per_sec                                     # ratio (--help)
+  if rate is not None and not rate > 0:   # -5 gave a negative ratio, 0 measured anyway
+    sys.exit(f"error: --trainer_examples_per_sec must be positive, got {rate}")
   if FLAGS.trainer_metrics and not os.path.isfile(FLAGS.trainer_metrics):
     sys.exit(f"error: --trainer_metrics: no file {FLAGS.trainer_metrics!r}")
 

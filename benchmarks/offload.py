@@ -43,7 +43,7 @@ import shutil
 import tempfile
 import time
 
-from common import emit, thread_cpu_delta, thread_cpu_seconds
+from common import check_at_least, emit, thread_cpu_delta, thread_cpu_seconds
 
 import jax
 import numpy as np
@@ -267,6 +267,13 @@ def main():
   p.add_argument("--snapshot_steps", type=int, default=100,
                  help="steps between the two timed snapshots (0: none)")
   args = p.parse_args()
+  # tracebacks after the data was built (ZeroDivisionError, TableSpec's ConfigError)
+  check_at_least(p.error, vars(args), ("rows", "dim", "batch", "stream_steps", "steps"))
+  check_at_least(p.error, vars(args), ("prefetch", "warmup", "staleness", "snapshot_steps"),
+                 low=0)
+  if int(args.rows * args.cache_fraction) < 1:
+    p.error(f"--rows={args.rows} x --cache_fraction={args.cache_fraction} leaves a cache of "
+            "no rows")
   if not 0 < args.rounds <= args.steps:
     p.error(f"--rounds must be in [1, --steps={args.steps}] (timed blocks of --steps / "
             "--rounds steps)")

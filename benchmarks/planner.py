@@ -41,7 +41,7 @@ import math  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-from common import emit, interleaved_times, median  # noqa: E402
+from common import check_at_least, emit, interleaved_times, median  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -189,6 +189,9 @@ def main():
   p.add_argument("--profile_dir", default=None,
                  help="keep the profile records here (default: a temporary directory)")
   args = p.parse_args()
+  # 0 batches divided by zero, 0 rounds or steps profiled nothing: tracebacks after compiling
+  check_at_least(p.error, vars(args), ("rounds", "final_rounds", "steps", "batches"))
+  check_at_least(p.error, vars(args), ("iterations", "reference_min_len"), low=0)
   unknown = [k for k in filter(None, args.probe.split(",")) if k not in KINDS]
   if unknown:   # was a ConfigError traceback naming --plan
     p.error(f"--probe: unknown {unknown}; choose from {', '.join(KINDS)}")

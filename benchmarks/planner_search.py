@@ -31,7 +31,10 @@ def main() -> None:
   parser.add_argument("--tables", default="26,200,800,2000",
                       help="comma-separated table counts")
   args = parser.parse_args()
-  sizes = [int(x) for x in args.tables.split(",")]
+  try:   # 'abc' or '10,,20': a ValueError traceback
+    sizes = [int(x) for x in args.tables.split(",")]
+  except ValueError:
+    sizes = []
   if not sizes or min(sizes) < 1:
     parser.error(f"--tables must be positive counts, got '{args.tables}'")
   priced = [0]

@@ -11,6 +11,7 @@ r"""Propose (or check) a sharding plan and explain it: parses flags, calls `jaxr
 """
 
 import logging
+import math
 import os
 import sys
 
@@ -77,6 +78,15 @@ def _check_flags():
   if FLAGS.calibrate and FLAGS.calibration_file and not _creatable(FLAGS.calibration_file):
     raise ConfigError(f"--calibration_file: cannot write '{FLAGS.calibration_file}': a "
                       "file stands where its directory would be")
+  if FLAGS.calibrate and not FLAGS.calibration_file:   # found only after calibrating
+    from jaxrec.planner import default_cache_path  # pylint: disable=import-outside-toplevel
+    if not _creatable(str(default_cache_path())):
+      raise ConfigError(f"cannot write the calibration cache '{default_cache_path()}': a file "
+                        "stands where its directory would be ($JAXREC_CACHE_DIR, "
+                        "$XDG_CACHE_HOME or ~/.cache; or give --calibration_file)")
+  if FLAGS.calibrate and FLAGS.json and not (FLAGS.tables or FLAGS.gin_file):
+    raise ConfigError("--json: --calibrate alone plans nothing to write; give the tables "
+                      "(--gin_file or --tables) to plan with the new calibration")
   _check_outputs_spare_inputs()
 
 
@@ -227,8 +237,11 @@ def main(argv):
                           ) from None
       cached.append(path)
       print(f"{cal.source}: cached in {path}")
-    else:
+    elif FLAGS.calibration_file:
       cal = planner.load_calibration(FLAGS.calibration_file)
+    else:   # as train.py: the cache only when it was measured on this platform (another's
+      from jaxrec.offload.hooks import cached_calibration  # pylint: disable=import-outside-toplevel
+      cal = cached_calibration()   # was used here while train.py priced with the defaults)
     if not (FLAGS.tables or FLAGS.gin_file):
       if FLAGS.calibrate:
         return
@@ -245,6 +258,13 @@ def main(argv):
                  else inputs.parse_optimizer(FLAGS.optimizer))
     memory = parse_bytes(FLAGS.memory_per_device, "--memory_per_device")
     mesh = inputs.parse_mesh(FLAGS.mesh) if FLAGS.mesh else _file_mesh()
+    n = math.prod(mesh.values()) if mesh else 1
+    if not FLAGS.profile and batch % n:   # the planner's message named neither flag
+      where = ("--batch_size" if FLAGS.batch_size else
+               "the config's batch_size" if spec.batch_size else "the default batch_size")
+      mesh_flag = f"--mesh={FLAGS.mesh}" if FLAGS.mesh else "the --plan file's mesh"
+      raise ConfigError(f"{where} {batch} is not a multiple of the {n} devices of {mesh_flag} "
+                        "(batches are split over all devices)")
     offloaded = _offloaded(spec, optimizer)
     if FLAGS.profile:
       result = planner.refine_from_profile(

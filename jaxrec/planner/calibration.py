@@ -225,7 +225,9 @@ def calibrate(num_cpu_devices: int = 8, quick: bool = False, reps: int = 5) -> C
   """Times the primitives on the available devices (see module docstring).
 
   Args:
-    num_cpu_devices: host CPU devices to request when jax is not imported yet.
+    num_cpu_devices: host CPU devices to time on: requested when jax is not imported yet,
+      else the first that many (an `XLA_FLAGS` device count set more or fewer: it was used
+      whatever this said); ConfigError when the process has fewer.
     quick: small sizes (for tests); numbers are noisier.
     reps: timed repetitions per measurement (median taken).
   """
@@ -238,6 +240,12 @@ def calibrate(num_cpu_devices: int = 8, quick: bool = False, reps: int = 5) -> C
   coef = dict(DEFAULT_COEFFICIENTS)
   raw = {}
   devices = jax.devices()
+  if devices[0].platform == "cpu":
+    if len(devices) < num_cpu_devices:
+      raise ConfigError(f"--calibration_devices={num_cpu_devices}: this process has "
+                        f"{len(devices)} CPU devices (XLA_FLAGS="
+                        f"{os.environ.get('XLA_FLAGS', '')!r} sets how many)")
+    devices = devices[:num_cpu_devices]
   n = len(devices)
   mesh = Mesh(np.array(devices), ("x",))
   spec = PartitionSpec("x")

@@ -94,7 +94,10 @@ def parse_tables_flag(spec: str, flag: str = "--tables") -> PlannerInputs:
     if alpha is not None and alpha < 0:
       raise ConfigError(f"{flag}: '{part}': table '{name}': zipf alpha must be >= 0 (0: "
                         f"uniform), got {fields[4]}")
-    tables.append(TableSpec(name, rows, dim))
+    try:   # rows 0, dim 0: TableSpec's message named the table, not the flag
+      tables.append(TableSpec(name, rows, dim))
+    except ConfigError as e:
+      raise ConfigError(f"{flag}: '{part}': {e}") from None
     features.append(FeatureSpec(f"f_{name}", name, max(1, math.ceil(pf or 1))))
     if pf is not None or alpha is not None:
       stats[name] = TableStats(pf, alpha)

@@ -62,6 +62,13 @@ USAGE_ERRORS = [
     ("planner.py", ["--gin_file", "/nonexistent/x.gin"], "--gin_file: cannot read"),
     ("planner.py", ["--probe", "dp,foo"], "--probe: unknown ['foo']"),   # said --plan
     ("planner.py", ["--mesh", "bad"], "--mesh: 'bad' is not AXIS=SIZE"),
+    # were tracebacks after compiling or building data (ZeroDivisionError, ValueError, ...)
+    ("planner.py", ["--batches", "0"], "--batches must be at least 1, got 0"),
+    ("planner.py", ["--iterations", "-1"], "--iterations must be at least 0, got -1"),
+    ("planner_search.py", ["--tables", "10,,20"], "--tables must be positive counts"),
+    ("offload.py", ["--stream_steps", "0"], "--stream_steps must be at least 1, got 0"),
+    ("offload.py", ["--prefetch", "-1"], "--prefetch must be at least 0, got -1"),
+    ("offload.py", ["--rows", "5"], "--rows=5 x --cache_fraction=0.1 leaves a cache of no rows"),
 ]
 
 
@@ -99,6 +106,11 @@ ONE_LINE_ERRORS = [
     ("input_pipeline.py", ["--trainer_metrics=/nonexistent/m.jsonl"],
      "error: --trainer_metrics: no file '/nonexistent/m.jsonl'"),
     ("input_pipeline.py", ["--batch_size=0"], "error: --batch_size must be at least 1, got 0"),
+    ("input_pipeline.py", ["--trainer_examples_per_sec=-5"],   # a negative ratio
+     "error: --trainer_examples_per_sec must be positive, got -5.0"),
+    # only 'the launcher exited (1) before step 5', the reason in a removed workdir's log
+    ("elastic.py", ["--plan=xx"], "error: --plan: unknown plan 'xx'"),
+    ("elastic.py", ["--mesh=data=3"], "error: --mesh: data=3,table=1,row=1,col=1 has 3 devices"),
 ]
 
 

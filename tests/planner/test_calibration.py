@@ -27,6 +27,16 @@ def test_quick_calibration_and_cache(tmp_path):
   assert again.vector().tolist() == vec.tolist() and again.source == cal.source
 
 
+def test_the_device_count_asked_for_is_the_one_timed():
+  """With XLA_FLAGS setting a count (8 here) `--calibration_devices=2` timed on 8; more than
+  the process has is an error naming both."""
+  cal = calibration.calibrate(2, quick=True, reps=1)
+  assert cal.meta["num_devices"] == 2 and "2 cpu" in cal.source
+  with pytest.raises(ConfigError, match=r"^--calibration_devices=9: this process has 8 CPU "
+                     r"devices \(XLA_FLAGS="):
+    calibration.calibrate(9, quick=True, reps=1)
+
+
 def test_cache_path_and_bad_files(tmp_path, monkeypatch):
   monkeypatch.setenv("JAXREC_CACHE_DIR", str(tmp_path))
   assert calibration.default_cache_path() == tmp_path / "calibration.json"

@@ -60,6 +60,16 @@ def test_errors_are_one_line(tmp_path):
   assert "Traceback" not in proc.stderr
   proc = plan(tmp_path, "--tables=t:100:16", "--mesh=data=2,model=2")
   assert proc.returncode == 1 and "--mesh" in proc.stderr
+  for flags, line in [   # neither named the flag: "table 'a': rows ...", "global batch 512"
+      (["--tables=a:0:4", "--mesh=table=2"],
+       "error: --tables: 'a:0:4': table 'a': rows must be a positive integer, got 0"),
+      (["--tables=a:10:4", "--mesh=table=3"], "error: the default batch_size 512 is not a "
+       "multiple of the 3 devices of --mesh=table=3 (batches are split over all devices)"),
+      (["--tables=a:10:4", "--mesh=table=3", "--batch_size=10"],
+       "error: --batch_size 10 is not a multiple of the 3 devices of --mesh=table=3 "
+       "(batches are split over all devices)")]:
+    proc = plan(tmp_path, *flags)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == line, proc.stderr
 
 
 def test_tables_flag_refuses_non_finite_and_fractional_numbers():
@@ -163,6 +173,33 @@ def test_unwritable_calibration_file_is_refused_before_calibrating(tmp_path):
   assert proc.returncode == 1 and proc.stderr.startswith(
       f"error: --calibration_file: cannot write '{out}': a file stands where"), proc.stderr
   assert "calibration on" not in proc.stdout
+
+
+def test_an_unwritable_cache_or_a_json_of_nothing_is_refused_before_calibrating(tmp_path):
+  """A $JAXREC_CACHE_DIR that is a file was found after the whole calibration and blamed
+  on --calibration_file, which was not given; `--calibrate --json=X` alone wrote nothing
+  and exited 0."""
+  (tmp_path / "afile").write_text("")
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("JAXREC_CACHE_DIR", str(tmp_path / "afile"))
+    proc = run_script("plan.py", "--calibrate")
+  assert proc.returncode == 1 and proc.stderr.startswith(
+      f"error: cannot write the calibration cache '{tmp_path / 'afile' / 'calibration.json'}'"
+      ": a file stands where its directory would be ($JAXREC_CACHE_DIR"), proc.stderr
+  proc = plan(tmp_path, "--calibrate", f"--json={tmp_path / 'x.json'}")
+  assert proc.returncode == 1 and "--json: --calibrate alone plans nothing" in proc.stderr
+  assert "calibration on" not in proc.stdout
+
+
+def test_a_cache_from_another_platform_is_not_used(tmp_path):
+  """plan.py took a calibration cached on another platform (GPU) that train.py leaves
+  out: the two proposed different plans on one machine."""
+  from jaxrec import planner  # pylint: disable=import-outside-toplevel
+  cal = planner.Calibration(dict(planner.DEFAULT.coefficients), "calibration on 1 gpu "
+                            "device(s)", {"platform": "gpu", "num_devices": 1})
+  planner.save_calibration(cal, tmp_path / "cache" / "calibration.json")
+  proc = plan(tmp_path, "--tables=a:1000:8", "--mesh=table=8")
+  assert proc.returncode == 0 and "coefficients: defaults" in proc.stdout, proc.stdout
 
 
 def test_interrupted_json_keeps_the_old_one_and_leaves_no_tmp(tmp_path):
