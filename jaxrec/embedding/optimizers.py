@@ -171,5 +171,8 @@ def sparse_optimizer(name: str = "sgd", **kwargs):
                       f"{', '.join(fields)})")
   try:
     return cls(**kwargs)
-  except ConfigError as e:   # kwargs are bound as sparse_optimizer.<field>
-    raise ConfigError(f"sparse_optimizer(name='{name}'): {e}") from None
+  except ConfigError as e:   # its kwargs are bound as sparse_optimizer.<field>: named so
+    text, own = str(e).splitlines()[0], f"{cls.__name__}."   # first (it said 'Adam.b2'),
+    if text.startswith(own) and text[len(own):].split(" ")[0] in kwargs:   # gin_usage.locate
+      raise ConfigError(f"sparse_optimizer.{text[len(own):]} (name='{name}')") from None  # adds
+    raise ConfigError(f"sparse_optimizer(name='{name}'): {e}") from None   # the FILE:LINE

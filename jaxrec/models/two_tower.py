@@ -169,7 +169,13 @@ class TwoTower(nn.Module):
                         f"only, not loss='{self.loss}' (a pointwise loss has no negatives)")
     self._check_feature_lists()
     flag(self.logq_correction, "TwoTower.logq_correction")
-    if not self.logq_correction:
+    if not self.logq_correction:   # bound beside it, they were taken and unused, unchecked
+      changed = [f"TwoTower.{a}" for a in ("logq_buckets", "logq_alpha")
+                 if getattr(self, a) != getattr(type(self), a)]
+      if changed:
+        raise ConfigError(f"{' and '.join(changed)} set, but TwoTower.logq_correction is "
+                          "False: bind TwoTower.logq_correction = True (with loss="
+                          "'in_batch_softmax'), or leave them out")
       return
     if self.loss != "in_batch_softmax":
       raise ConfigError(f"TwoTower.logq_correction applies to loss='in_batch_softmax' only, "

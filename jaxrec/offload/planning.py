@@ -17,7 +17,7 @@ import dataclasses
 from typing import Mapping, Sequence
 
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
-from jaxrec.errors import ConfigError
+from jaxrec.errors import BudgetError
 from jaxrec.offload.config import (OFFLOAD_DTYPES, OffloadConfig, OffloadTable, device_tables,
                                    row_bytes)
 
@@ -35,7 +35,8 @@ def plan_with_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpe
     embedding collection must be built (`device_tables`).
 
   Raises:
-    ConfigError: no plan fits, even with every table offloaded (or `auto` is off).
+    BudgetError: no plan fits, even with every table offloaded (or `auto` is off); other
+      ConfigErrors (a bad binding the planner reads) as they are.
   """
   from jaxrec import planner  # pylint: disable=import-outside-toplevel
   ids = {t.name: 0 for t in tables}
@@ -57,10 +58,10 @@ def plan_with_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpe
                                     optimizer_state_factor=optimizer, batch_size=batch_size,
                                     **planner_kwargs)
       break
-    except ConfigError as e:
-      if not config.auto or not candidates:
-        offloaded = [t.name for t in config.tables]
-        raise type(e)(f"{e} (offloaded tables: {offloaded or 'none'}; "
+    except BudgetError as e:   # other errors (a bad EmbeddingOptions binding) as they are:
+      if not config.auto or not candidates:   # offloading cannot help, and gin's wrapped
+        offloaded = [t.name for t in config.tables]   # ones took no message (a traceback)
+        raise BudgetError(f"{e} (offloaded tables: {offloaded or 'none'}; "
                           f"OffloadConfig.auto={config.auto})") from None
       t = candidates.pop(0)
       rows = max(need[t.name], int(t.rows * config.auto_cache_fraction))

@@ -239,3 +239,16 @@ def test_a_recorded_plan_is_checked_with_the_tables_auto_offloaded():
   assert dict((t.name, t.rows) for t in tables)["huge"] == 800_000
   with pytest.raises(ConfigError, match="does not fit"):   # without auto: whole tables
     offload.choose_plan(config, options, MESH, offload.OffloadConfig(), recorded=plan)
+
+
+@pytest.mark.parametrize("auto", [False, True])
+def test_a_bad_binding_the_planner_reads_is_raised_as_it_is(auto):
+  """`EmbeddingOptions.kernel = 'triton'` (the planner builds EmbeddingOptions) reached the
+  offload re-raise as gin's wrapped error, whose class takes no message: a TypeError
+  traceback under --plan=auto. It is no budget error: offloading more cannot help."""
+  import gin  # pylint: disable=import-outside-toplevel
+  gin.parse_config("EmbeddingOptions.kernel = 'triton'")
+  with pytest.raises(ConfigError, match=r"EmbeddingOptions.kernel must be one of") as e:
+    offload.plan_with_offload(TABLES, FEATURES, MESH, offload.OffloadConfig(auto=auto),
+                              ADAGRAD, BUDGET, 512)
+  assert "offloaded tables" not in str(e.value)

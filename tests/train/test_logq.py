@@ -54,6 +54,16 @@ def test_bad_bindings_stop_build_model(bindings, message):
     build_model("two_tower", **kw)
 
 
+@pytest.mark.parametrize("bindings", [dict(logq_alpha=5.0), dict(logq_buckets=-3)])
+def test_logq_options_without_the_correction_are_refused(bindings):
+  """Uncommented from two_tower_synthetic.gin without `logq_correction = True` they were
+  taken, unchecked and unused, without a word."""
+  with pytest.raises(ConfigError, match=r"^TwoTower.logq_\w+ set, but TwoTower.logq_"
+                     r"correction is False: bind TwoTower.logq_correction = True"):
+    build_model("two_tower", **TOWERS, **bindings)
+  build_model("two_tower", **TOWERS, logq_alpha=0.01)   # the default value: nothing changes
+
+
 def test_compute_loss_without_log_q_is_refused():
   model = build_model("two_tower", logq_correction=True, **TOWERS)
   with pytest.raises(ConfigError, match="compute_loss needs log_q"):
