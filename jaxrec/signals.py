@@ -118,13 +118,13 @@ _exit_hooked: list[int] = []
 
 
 def _ignore_at_exit() -> None:
-  """The last atexit hook: a deferred signal is ignored from here on. The interpreter's
+  """The last atexit hook: a deferred SIGTERM is ignored from here on. The interpreter's
   finalisation then puts SIG_DFL back for every Python handler, so a SIGTERM in its last
   moments killed the process by the signal (a conversion had printed `wrote ...`: its
-  output was complete, and a wrapper retrying on the non-zero status found it there)."""
-  for s in STOP_SIGNALS:
-    if signal.getsignal(s) is _record:
-      signal.signal(s, signal.SIG_IGN)
+  output was complete, and a wrapper retrying on the non-zero status found it there).
+  SIGINT keeps its default: Ctrl-C still stops a teardown that hangs (SIGKILL does too)."""
+  if signal.getsignal(signal.SIGTERM) is _record:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def undefer(previous: dict) -> None:

@@ -84,10 +84,28 @@ def _check_flags():
       raise ConfigError(f"cannot write the calibration cache '{default_cache_path()}': a file "
                         "stands where its directory would be ($JAXREC_CACHE_DIR, "
                         "$XDG_CACHE_HOME or ~/.cache; or give --calibration_file)")
+  if FLAGS.tables:   # before a --calibrate run, not after it
+    from jaxrec.planner import inputs  # pylint: disable=import-outside-toplevel
+    inputs.parse_tables_flag(FLAGS.tables)
+    if FLAGS.mesh:
+      _check_batch(FLAGS.batch_size or 512, inputs.parse_mesh(FLAGS.mesh), None)
   if FLAGS.calibrate and FLAGS.json and not (FLAGS.tables or FLAGS.gin_file):
     raise ConfigError("--json: --calibrate alone plans nothing to write; give the tables "
                       "(--gin_file or --tables) to plan with the new calibration")
   _check_outputs_spare_inputs()
+
+
+def _check_batch(batch: int, mesh, config_batch) -> None:
+  """The global batch must split over the mesh's devices (the planner's message named
+  neither flag). Not with --profile: it plans for the batch of its records."""
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  n = math.prod(mesh.values()) if mesh else 1
+  if not FLAGS.profile and batch % n:
+    where = ("--batch_size" if FLAGS.batch_size else
+             "the config's batch_size" if config_batch else "the default batch_size")
+    mesh_flag = f"--mesh={FLAGS.mesh}" if FLAGS.mesh else "the --plan file's mesh"
+    raise ConfigError(f"{where} {batch} is not a multiple of the {n} devices of {mesh_flag} "
+                      "(batches are split over all devices)")
 
 
 def _creatable(path: str) -> bool:
@@ -228,7 +246,8 @@ def main(argv):
     from jaxrec import planner  # pylint: disable=import-outside-toplevel
     from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
     if FLAGS.calibrate:
-      cal = planner.calibrate(FLAGS.calibration_devices)
+      cal = planner.calibrate(FLAGS.calibration_devices      # not given: what the process has
+                              if FLAGS["calibration_devices"].present else None)
       try:
         path = planner.save_calibration(cal, FLAGS.calibration_file)
       except OSError as e:
@@ -258,13 +277,7 @@ def main(argv):
                  else inputs.parse_optimizer(FLAGS.optimizer))
     memory = parse_bytes(FLAGS.memory_per_device, "--memory_per_device")
     mesh = inputs.parse_mesh(FLAGS.mesh) if FLAGS.mesh else _file_mesh()
-    n = math.prod(mesh.values()) if mesh else 1
-    if not FLAGS.profile and batch % n:   # the planner's message named neither flag
-      where = ("--batch_size" if FLAGS.batch_size else
-               "the config's batch_size" if spec.batch_size else "the default batch_size")
-      mesh_flag = f"--mesh={FLAGS.mesh}" if FLAGS.mesh else "the --plan file's mesh"
-      raise ConfigError(f"{where} {batch} is not a multiple of the {n} devices of {mesh_flag} "
-                        "(batches are split over all devices)")
+    _check_batch(batch, mesh, spec.batch_size)
     offloaded = _offloaded(spec, optimizer)
     if FLAGS.profile:
       result = planner.refine_from_profile(

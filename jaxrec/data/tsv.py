@@ -277,8 +277,8 @@ def _check_text(path: str, head: bytes) -> None:
   are left to the row parser: one NUL in a field at line 5 stopped a `--bad_rows=skip`
   run as 'not a text file', where at line 900 it skipped the row."""
   a = np.frombuffer(head, np.uint8)
-  bad = np.flatnonzero(_CONTROL[a])
-  if len(bad) and (bad[0] < 8 or len(bad) * 100 > len(a)):
+  bad = np.flatnonzero(_CONTROL[a])   # (one alone in a short file is a bad row's too)
+  if len(bad) and (bad[0] < 8 or (len(bad) > 1 and len(bad) * 100 > len(a))):
     line = int(np.count_nonzero(a[:bad[0]] == 10)) + 1
     raise DataError(f"{path}:{line}: not a text file (control byte 0x{a[bad[0]]:02x})")
 

@@ -221,17 +221,19 @@ def _primitives(lax, jnp, dim: int, bag: int):
   }
 
 
-def calibrate(num_cpu_devices: int = 8, quick: bool = False, reps: int = 5) -> Calibration:
+def calibrate(num_cpu_devices: int | None = 8, quick: bool = False, reps: int = 5
+              ) -> Calibration:
   """Times the primitives on the available devices (see module docstring).
 
   Args:
     num_cpu_devices: host CPU devices to time on: requested when jax is not imported yet,
       else the first that many (an `XLA_FLAGS` device count set more or fewer: it was used
-      whatever this said); ConfigError when the process has fewer.
+      whatever this said); ConfigError when the process has fewer. None: 8 requested, and
+      what the process has used (scripts/plan.py without --calibration_devices).
     quick: small sizes (for tests); numbers are noisier.
     reps: timed repetitions per measurement (median taken).
   """
-  request_cpu_devices(num_cpu_devices)
+  request_cpu_devices(8 if num_cpu_devices is None else num_cpu_devices)
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
@@ -240,7 +242,7 @@ def calibrate(num_cpu_devices: int = 8, quick: bool = False, reps: int = 5) -> C
   coef = dict(DEFAULT_COEFFICIENTS)
   raw = {}
   devices = jax.devices()
-  if devices[0].platform == "cpu":
+  if devices[0].platform == "cpu" and num_cpu_devices is not None:
     if len(devices) < num_cpu_devices:
       raise ConfigError(f"--calibration_devices={num_cpu_devices}: this process has "
                         f"{len(devices)} CPU devices (XLA_FLAGS="

@@ -9,7 +9,7 @@
 - `--mesh=auto --plan=auto` resuming a checkpoint that records its plan and mesh (a run's
   own save, or a `convert_checkpoint.py --format=checkpoint --mesh --plan` copy): that
   plan on that mesh when this run has as many devices; otherwise the planner as above, on
-  the recorded mesh and the shapes closest to it too (`afresh_meshes`).
+  the recorded mesh first when it has the devices (`afresh_meshes`).
   An explicit `--mesh` or `--plan` always wins.
 
 `Choice.why` says which and why, for the run's log line.
@@ -180,8 +180,10 @@ def auto_mesh_of(config, memory_per_device: int | None, candidates, plan_for, pl
   offload.check_one_process(off, processes)
   floor = min_bytes_per_device(config.tables, off, config.sparse_tx(), num_devices)
   budget = memory_per_device or planner.DEFAULT_MEMORY_PER_DEVICE
-  return auto_mesh(candidates, plan_for, plan, num_devices, off.auto and processes == 1,
-                   floor if floor > budget else 0.0)
+  if off.auto and processes > 1:   # it would offload on data=N, then be refused there
+    plan_for = functools.partial(plan_for, device_only=True)   # (one process only) before
+  return auto_mesh(candidates, plan_for, plan, num_devices,   # a mesh that fits was priced
+                   off.auto and processes == 1, floor if floor > budget else 0.0)
 
 
 def min_bytes_per_device(tables, off, optimizer, num_devices: int) -> float:

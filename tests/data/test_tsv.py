@@ -382,6 +382,8 @@ def test_a_nul_byte_in_one_field_is_a_bad_row_wherever_it_is(tsv_file):
   assert src.bad_row_counts() == {path: 1} and src.num_examples == 9
   with pytest.raises(DataError, match=f"^{path}:5: "):
     read(path)
+  short = tsv_file([lib.line(), _bad(col=20, value="ab\x00cd")])   # a few lines: one NUL was
+  assert read(short, bad_rows="skip").num_examples == 1            # over 1% of the file
 
 
 def test_skip_everything_bad_is_an_error(tsv_file):

@@ -252,3 +252,21 @@ def test_a_bad_binding_the_planner_reads_is_raised_as_it_is(auto):
     offload.plan_with_offload(TABLES, FEATURES, MESH, offload.OffloadConfig(auto=auto),
                               ADAGRAD, BUDGET, 512)
   assert "offloaded tables" not in str(e.value)
+
+
+def test_a_multi_process_job_with_auto_offload_takes_a_mesh_that_holds_the_tables():
+  """With several processes (offloading needs one) the search ran offloading on data=8,
+  which the one-process check then refused, before any other mesh was priced: 'offloaded
+  tables need one process' though row=8 held the tables on the devices."""
+  import gin  # pylint: disable=import-outside-toplevel
+  from jaxrec.models import DLRM  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import mesh_choice  # pylint: disable=import-outside-toplevel
+  from jaxrec.train.config import ExperimentConfig, RunOptions  # pylint: disable=import-outside-toplevel
+  gin.bind_parameter("OffloadConfig.auto", True)
+  config = ExperimentConfig(embedding=(TABLES, FEATURES), model=DLRM((16,), (1,)),
+                            sparse_optimizer=ADAGRAD, batch_size=512, eval_batch_size=512)
+  choice = mesh_choice.choose(config, RunOptions(memory_per_device=200 * 2**20), 8,
+                              processes=2)
+  assert choice.mesh["data"] < 8 and choice.planned[3].tables == ()
+  with pytest.raises(ConfigError, match="nor can any other mesh of 8 devices"):   # unoffloaded
+    mesh_choice.choose(config, RunOptions(memory_per_device=60 * 2**20), 8, processes=2)

@@ -189,6 +189,9 @@ def test_an_unwritable_cache_or_a_json_of_nothing_is_refused_before_calibrating(
   proc = plan(tmp_path, "--calibrate", f"--json={tmp_path / 'x.json'}")
   assert proc.returncode == 1 and "--json: --calibrate alone plans nothing" in proc.stderr
   assert "calibration on" not in proc.stdout
+  for flags in (["--tables=a:0:4"], ["--tables=a:10:4", "--mesh=table=3"]):   # calibrated
+    proc = plan(tmp_path, "--calibrate", *flags)                              # first
+    assert proc.returncode == 1 and "calibration on" not in proc.stdout, proc.stdout
 
 
 def test_a_cache_from_another_platform_is_not_used(tmp_path):
