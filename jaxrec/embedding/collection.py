@@ -114,7 +114,8 @@ def _resolved(options: EmbeddingOptions, tables: Sequence[TableSpec],
   """`options.resolve(backend)`, warning about what runs slowly or does nothing."""
   resolved = options.resolve(backend)
   warnings = specs.ineffective_warnings(options, resolved.kernel, [t.dtype for t in tables])
-  for warning in [specs.interpret_warning(resolved, backend), *warnings]:
+  tuning = platform_lib.tuning_warning(resolved.kernel, backend, bool(resolved.interpret))
+  for warning in [specs.interpret_warning(resolved, backend), *warnings, tuning]:
     if warning:
       log.warning(warning)
   return resolved

@@ -151,6 +151,20 @@ def tuning() -> GpuTuning:
   return _TUNING[-1] if _TUNING else GpuTuning()
 
 
+def tuning_warning(kernel: str, backend: str, interpret: bool) -> str | None:
+  """A warning for `GpuTuning` bindings that change nothing: they set the Triton launches
+  of the Pallas kernels on a GPU, and were taken without a word with `kernel='xla'`, on
+  CPU or in interpret mode. None when nothing is bound off its default, or it applies."""
+  t = tuning()
+  changed = [f"{f.name}={getattr(t, f.name)}" for f in dataclasses.fields(GpuTuning)
+             if getattr(t, f.name) != f.default]
+  if not changed or (kernel == "pallas" and is_gpu(backend) and not interpret):
+    return None
+  how = " in interpret mode" if kernel == "pallas" and interpret else ""
+  return (f"GpuTuning ({', '.join(changed)}) has no effect: it sets the Pallas kernels' "
+          f"Triton launches on a GPU; here the kernel is {kernel} on {backend}{how}")
+
+
 def compiler_params() -> plgpu.CompilerParams:
   """Triton parameters of `tuning()` (ignored in interpret mode)."""
   t = tuning()

@@ -229,6 +229,22 @@ def test_pallas_on_cpu_warns_that_it_runs_interpreted(caplog):
   assert "interpret mode" not in caplog.text
 
 
+def test_gpu_tuning_off_a_gpu_is_named(caplog):
+  """`GpuTuning.num_warps = 8` on CPU or with kernel='xla' was taken without a word (the
+  trainer reads `tuning()` at start-up, so gin never called it unused)."""
+  import gin  # pylint: disable=import-outside-toplevel
+  gin.bind_parameter("GpuTuning.num_warps", 8)
+  with caplog.at_level("WARNING"):
+    make_collection("dp", "single", SGD, kernel="xla")
+  assert ("GpuTuning (num_warps=8) has no effect: it sets the Pallas kernels' Triton launches "
+          "on a GPU; here the kernel is xla on cpu") in caplog.text
+  gin.clear_config()
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    make_collection("dp", "single", SGD, kernel="xla")
+  assert "GpuTuning" not in caplog.text
+
+
 def test_options_that_do_nothing_are_named(caplog):
   """stochastic_rounding with only float32 tables and interpret=True with the XLA kernel
   do nothing: a warning names the binding and why (not an error: shared configs)."""
