@@ -8,6 +8,7 @@ are ignored otherwise.
 
 from __future__ import annotations
 
+import logging
 import numbers
 from typing import Any, Sequence
 
@@ -19,6 +20,9 @@ import numpy as np
 
 from jaxrec.embedding.specs import flag
 from jaxrec.errors import ConfigError
+from jaxrec.sharding.plan import warn_once
+
+log = logging.getLogger(__name__)
 from jaxrec.models.mlp import MLP, check_inputs, check_sizes, compute_dtype, is_int
 
 LOSSES = ("bce", "in_batch_softmax")
@@ -169,23 +173,21 @@ class TwoTower(nn.Module):
                         f"only, not loss='{self.loss}' (a pointwise loss has no negatives)")
     self._check_feature_lists()
     flag(self.logq_correction, "TwoTower.logq_correction")
-    if not self.logq_correction:   # bound beside it, they were taken and unused, unchecked
-      changed = [f"TwoTower.{a}" for a in ("logq_buckets", "logq_alpha")
-                 if getattr(self, a) != getattr(type(self), a)]
-      if changed:
-        raise ConfigError(f"{' and '.join(changed)} set, but TwoTower.logq_correction is "
-                          "False: bind TwoTower.logq_correction = True (with loss="
-                          "'in_batch_softmax'), or leave them out")
-      return
-    if self.loss != "in_batch_softmax":
+    if self.logq_correction and self.loss != "in_batch_softmax":
       raise ConfigError(f"TwoTower.logq_correction applies to loss='in_batch_softmax' only, "
                         f"not loss='{self.loss}' (it corrects the in-batch negatives' logits)")
+    # checked whether or not the correction is on: off, a bad value was taken unchecked
     if not is_int(self.logq_buckets) or not 0 < self.logq_buckets < 2 ** 31:
       raise ConfigError(f"TwoTower.logq_buckets must be a positive integer below 2**31, got "
                         f"{self.logq_buckets!r}")
     if (not isinstance(self.logq_alpha, numbers.Real) or isinstance(self.logq_alpha, bool)
         or not 0 < self.logq_alpha <= 1):
       raise ConfigError(f"TwoTower.logq_alpha must be in (0, 1], got {self.logq_alpha!r}")
+    changed = [f"TwoTower.{a} = {getattr(self, a)!r}" for a in ("logq_buckets", "logq_alpha")
+               if getattr(self, a) != getattr(type(self), a)]
+    if changed and not self.logq_correction:   # a shared config may set them: a warning
+      warn_once(f"{' and '.join(changed)} set, but TwoTower.logq_correction is False: they do "
+                "nothing (bind TwoTower.logq_correction = True to use them)", log)
 
   def _check_feature_lists(self, num_features: int | None = None) -> None:
     """`user_features` / `item_features`: disjoint sequences of distinct indices (below

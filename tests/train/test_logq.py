@@ -54,14 +54,21 @@ def test_bad_bindings_stop_build_model(bindings, message):
     build_model("two_tower", **kw)
 
 
-@pytest.mark.parametrize("bindings", [dict(logq_alpha=5.0), dict(logq_buckets=-3)])
-def test_logq_options_without_the_correction_are_refused(bindings):
+@pytest.mark.parametrize("bindings, message, alpha", [
+    (dict(logq_alpha=5.0), r"TwoTower.logq_alpha must be in \(0, 1\], got 5.0", 0.5),
+    (dict(logq_buckets=-3), "TwoTower.logq_buckets must be a positive integer", 0.25)])
+def test_logq_options_without_the_correction_are_checked_and_named(bindings, message, alpha,
+                                                                   caplog):
   """Uncommented from two_tower_synthetic.gin without `logq_correction = True` they were
-  taken, unchecked and unused, without a word."""
-  with pytest.raises(ConfigError, match=r"^TwoTower.logq_\w+ set, but TwoTower.logq_"
-                     r"correction is False: bind TwoTower.logq_correction = True"):
+  taken, unchecked and unused, without a word: bad values are errors, good ones a warning
+  (a shared config may set them)."""
+  with pytest.raises(ConfigError, match=message):
     build_model("two_tower", **TOWERS, **bindings)
-  build_model("two_tower", **TOWERS, logq_alpha=0.01)   # the default value: nothing changes
+  with caplog.at_level("WARNING"):
+    build_model("two_tower", **TOWERS, logq_alpha=alpha)
+    build_model("two_tower", **TOWERS, logq_alpha=0.01)   # the default: nothing to say
+  assert caplog.text.count(f"TwoTower.logq_alpha = {alpha} set, but TwoTower.logq_correction "
+                           "is False: they do nothing") == 1
 
 
 def test_compute_loss_without_log_q_is_refused():
