@@ -119,6 +119,12 @@ def _check_paths() -> None:
   try:   # a missing path says which flag gave it
     inputs = tsv.list_files(FLAGS.input, quiet=True)   # preprocess() warns of skipped ones
   except DataPathError as e:
+    datasets = sorted(n for n in (os.listdir(FLAGS.input) if os.path.isdir(FLAGS.input) else [])
+                      if binary.is_preprocessed(os.path.join(FLAGS.input, n)))
+    if datasets:   # list_files' advice, 'give one of them', is for training
+      raise ConfigError(f"--input {FLAGS.input} holds preprocessed datasets, not TSV files "
+                        f"({', '.join(datasets[:3])}): train on one directly "
+                        f"(--train_data={os.path.join(FLAGS.input, datasets[0])})") from None
     raise DataPathError(f"--input: {e}") from None
   if binary.is_preprocessed(FLAGS.input):   # its manifest.json was parsed as TSV
     raise ConfigError(f"--input {FLAGS.input} is a preprocessed dataset ({binary.MANIFEST}), "

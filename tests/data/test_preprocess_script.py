@@ -63,6 +63,18 @@ def test_shard_examples_must_be_positive(tmp_path, tsv_file):
     assert not os.path.exists(out)
 
 
+def test_an_input_directory_of_datasets_says_to_train_on_one(tmp_path, tsv_file):
+  """`--input=DIR` holding only a preprocessed dataset said "give one of them", which
+  preprocess then refuses as not TSV."""
+  path = tsv_file([lib.line(), lib.line("0")])
+  days = tmp_path / "days"
+  assert run(f"--input={path}", f"--output={days / 'day_0'}", "--rows=100").returncode == 0
+  r = run(f"--input={days}", f"--output={tmp_path / 'o'}", "--rows=100")
+  assert r.returncode == 1 and r.stderr.strip() == (
+      f"error: --input {days} holds preprocessed datasets, not TSV files (day_0): train on "
+      f"one directly (--train_data={days / 'day_0'})"), r.stderr
+
+
 def test_gin_file_sets_the_column_count_and_refuses_rows(tmp_path, tsv_file):
   """The two-tower config has 8 features: its TSV has 8 categorical columns, with no
   `--num_categorical=8` needed; `--rows` next to `--gin_file` was silently ignored."""
