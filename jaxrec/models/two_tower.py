@@ -20,10 +20,10 @@ import numpy as np
 
 from jaxrec.embedding.specs import flag
 from jaxrec.errors import ConfigError
+from jaxrec.models.mlp import MLP, check_inputs, check_sizes, compute_dtype, is_int
 from jaxrec.sharding.plan import warn_once
 
 log = logging.getLogger(__name__)
-from jaxrec.models.mlp import MLP, check_inputs, check_sizes, compute_dtype, is_int
 
 LOSSES = ("bce", "in_batch_softmax")
 

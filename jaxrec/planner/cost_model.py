@@ -68,13 +68,14 @@ Cost terms (`COST_TERMS`), per device per step (the same on every device):
 
 Collective bytes are bytes moved per device by a ring algorithm (what `calibration` times).
 Memory per device: per stack, table `rows_d*dl*e` (int8 +8 per row), optimizer state
-`rows_d*(dl*4s + 4 s_row)`, buffers `4*u + 8*n*dl + 12*slots + 8*b*G*W*dl` (unique ids,
-f32 rows and gradients; selected ids, inverse index, weights; pooled sums and gradients),
-plus `8*n*(dl*s + s_row)` for the unique rows' optimizer state read and updated (an Adam
-plan's compiled step held ~1 MB more than the estimate without it, 8% over a budget the
-plan claimed to fit),
-plus `4*slots*(dl+1)` for the gathered slots and gradients of a no-dedup stack with
-replicas; plus the gathered ids `B*S*4*M/N`.
+`rows_d*(dl*4s + 4 s_row)`, buffers `8*b*G*W*dl` (pooled sums and gradients) plus
+`8*n*(dl*s + s_row)` (the unique rows' optimizer state read and updated: an Adam plan's
+compiled step held 8% over a budget the plan claimed to fit without it), plus with dedup
+`4*u + 12*slots + 8*n*dl` (unique ids; selected ids, inverse index, weights; f32 rows and
+gradients) and, on the XLA kernel with bags, `6*b*G*W*L*dl` (each slot's row gathered for
+pooling, and its gradient); without dedup `8*slots + 4*n*dl`, and with replicas
+`8*slots*(dl+1)` (the all-gathered block and its copy); see `_buffer_bytes`. Plus the
+gathered ids `B*S*4*M/N`.
 
 Pooling factors and id distributions (`TableStats`) do not change these numbers: every
 buffer has a static size, so absent (-1) and repeated ids cost as much as present ones.

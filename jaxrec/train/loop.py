@@ -153,7 +153,7 @@ def setup(config: ExperimentConfig, options: RunOptions, devices=None, workdir=N
   plan, result, tables, off = choice.planned
   collection = EmbeddingCollection.create(tables, config.features, plan, mesh,
                                           config.sparse_tx())
-  logq = " and logQ estimate" if getattr(config.model, "logq_correction", False) else ""
+  logq = " and logQ estimate" if state_lib.uses_logq(config) else ""
   result = dataclasses.replace(result, notes=result.notes + (
       f"not in the budget: the dense model's parameters, gradients and optimizer state"
       f"{logq}, {format_bytes(state_lib.dense_bytes(config, collection.dim))} on every "

@@ -43,15 +43,25 @@ def check_model(config: ExperimentConfig) -> None:
     jax.eval_shape(lambda: init_dense(config, jax.random.key(0), dims.pop()))
 
 
+def init_dense_state(config: ExperimentConfig, key: jax.Array, dim: int) -> tuple[Any, Any]:
+  """Dense params (`init_dense`) and the dense optimizer's state for them."""
+  params = init_dense(config, key, dim)
+  return params, config.dense_tx().init(params)
+
+
+def uses_logq(config: ExperimentConfig) -> bool:
+  """Whether the model keeps a logQ item-frequency estimate (`item_freq` of the state)."""
+  return bool(getattr(config.model, "logq_correction", False))
+
+
 def dense_bytes(config: ExperimentConfig, dim: int) -> int:
   """Bytes the dense model keeps on every device during a step: its parameters, their
   gradients and the dense optimizer's state (and a two-tower's logQ estimate); the
   planner's `--memory_per_device` covers the tables only. Abstract: nothing is computed."""
   def dense():   # the key inside: made outside, it compiled (data errors must stop first)
-    params = init_dense(config, jax.random.key(0), dim)
-    extra = (item_frequency.init(config.model.logq_buckets)
-             if getattr(config.model, "logq_correction", False) else ())
-    return params, params, config.dense_tx().init(params), extra
+    params, opt_state = init_dense_state(config, jax.random.key(0), dim)
+    extra = item_frequency.init(config.model.logq_buckets) if uses_logq(config) else ()
+    return params, params, opt_state, extra   # params twice: their gradients
   shapes = jax.eval_shape(dense)
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
 
@@ -67,21 +77,16 @@ def create_dense(config: ExperimentConfig, collection: EmbeddingCollection, seed
   """`create`'s state without `emb` (the same values): what a tables-only checkpoint (a
   TorchRec import) lacks, without initialising tables only to drop them."""
   _, k_dense, k_rng = jax.random.split(jax.random.key(seed), 3)
-  tx = config.dense_tx()
   rep = NamedSharding(collection.mesh, P())
-
-  def dense_init(k):
-    params = init_dense(config, k, collection.dim)
-    return params, tx.init(params)
-
-  params, opt_state = jax.jit(dense_init, out_shardings=rep)(k_dense)
+  params, opt_state = jax.jit(lambda k: init_dense_state(config, k, collection.dim),
+                              out_shardings=rep)(k_dense)
   out = {
       "step": jax.device_put(jnp.zeros((), jnp.int32), rep),
       "params": params,
       "opt_state": opt_state,
       "rng": jax.device_put(jax.random.key_data(k_rng), rep),
   }
-  if getattr(config.model, "logq_correction", False):
+  if uses_logq(config):
     out["item_freq"] = jax.jit(item_frequency.init, static_argnums=0, out_shardings=rep)(
         config.model.logq_buckets)
   return out
