@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import jax
 
 from jaxrec.offload import owner
 from jaxrec.offload.config import OffloadConfig, device_tables
-from jaxrec.offload.planning import plan_with_offload, with_offload_notes
+from jaxrec.offload.planning import (plan_with_offload, with_offload_notes,
+                                     with_recorded_offload)
 from jaxrec.offload.tier import OffloadTier
 from jaxrec.sharding.plan import KINDS, Plan, is_plan_file, load_plan_file, uniform_plan
 from jaxrec.errors import ConfigError
@@ -36,7 +37,7 @@ def emb_init_key(seed: int) -> jax.Array:
 
 def choose_plan(config, options, mesh_shape: Mapping[str, int],
                 offload_config: OffloadConfig | None = None, processes: int = 1,
-                recorded: Plan | None = None):
+                recorded: Plan | None = None, recorded_offload: Sequence[str] | None = None):
   """`train.plan_choice.choose` with offloading (gin `OffloadConfig`).
 
   Returns `(plan, result, tables, offload_config)`: `tables` are what the collection is
@@ -46,7 +47,9 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
   estimates use the cached calibration (`scripts/plan.py --calibrate`) when one was taken
   on this platform, else the default coefficients. `processes`: of the job (offloading
   needs one: `check_one_process`). `recorded`: a plan to run instead of `options.plan` (the
-  one a resumed checkpoint records, `train.mesh_choice`), checked as a plan file is.
+  one a resumed checkpoint records, `train.mesh_choice`), checked as a plan file is;
+  `recorded_offload`: the tables that checkpoint records offloaded, which `OffloadConfig.auto`
+  offloads again (None: not known, found by planning as a fresh run does).
   """
   from jaxrec import planner  # pylint: disable=import-outside-toplevel
   off = offload_config if offload_config is not None else OffloadConfig()
@@ -62,12 +65,16 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
     check_one_process(off, processes)
     return result.plan, result, tables, off
   if recorded is not None and off.auto:   # the tables auto offloaded when the plan was made:
-    try:                                  # checked as whole tables it 'did not fit here'
-      _, off, _ = plan_with_offload(config.tables, config.features, mesh_shape, off, sparse,
-                                    options.memory_per_device, config.batch_size,
-                                    calibration=calibration)
-    except ConfigError:   # nothing fits this budget: the recorded plan's check says so
-      pass
+    if recorded_offload is not None:      # checked as whole tables it 'did not fit here'
+      off = with_recorded_offload(config.tables, config.features, off, recorded_offload,
+                                  config.batch_size)
+    else:
+      try:
+        _, off, _ = plan_with_offload(config.tables, config.features, mesh_shape, off,
+                                      sparse, options.memory_per_device, config.batch_size,
+                                      calibration=calibration)
+      except ConfigError:   # nothing fits this budget: the recorded plan's check says so
+        pass
   check_one_process(off, processes)
   tables = device_tables(config.tables, off, sparse)
   if recorded is not None:

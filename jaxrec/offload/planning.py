@@ -39,16 +39,9 @@ def plan_with_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpe
       ConfigErrors (a bad binding the planner reads) as they are.
   """
   from jaxrec import planner  # pylint: disable=import-outside-toplevel
-  ids = {t.name: 0 for t in tables}
-  for f in features:
-    ids[f.table] += f.max_len
-  # Rows one step may need resident: this batch's and the next H batches' ids. (An eval
-  # batch that needs more is split, `eval_split`: any cache that takes a batch takes an
-  # example.)
-  need = {n: batch_size * (config.horizon + 1) * k for n, k in ids.items()}
+  rows_of = auto_cache_rows(features, config, batch_size)
   candidates = sorted((t for t in tables if config.table(t.name) is None
-                       and t.dtype in OFFLOAD_DTYPES
-                       and max(need[t.name], t.rows * config.auto_cache_fraction) < t.rows / 2),
+                       and t.dtype in OFFLOAD_DTYPES and rows_of(t) < t.rows / 2),
                       key=lambda t: (-t.rows * row_bytes(t, optimizer), t.name))
   while True:
     specs = device_tables(tables, config, optimizer)
@@ -63,12 +56,42 @@ def plan_with_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpe
         offloaded = [t.name for t in config.tables]   # ones took no message (a traceback)
         raise BudgetError(f"{e} (offloaded tables: {offloaded or 'none'}; "
                           f"OffloadConfig.auto={config.auto})") from None
-      t = candidates.pop(0)
-      rows = max(need[t.name], int(t.rows * config.auto_cache_fraction))
-      config = dataclasses.replace(
-          config, tables=config.tables + (OffloadTable(t.name, cache_rows=rows),),
-          auto_added=config.auto_added + (t.name,))
+      config = _auto_offload(config, candidates.pop(0), rows_of)
   return with_offload_notes(result, tables, config, optimizer), config, specs
+
+
+def auto_cache_rows(features: Sequence[FeatureSpec], config: OffloadConfig, batch_size: int):
+  """`rows_of(table)`: the cache `OffloadConfig.auto` gives a table it offloads.
+
+  `auto_cache_fraction` of its rows, but at least the rows one step may need resident:
+  this batch's and the next H batches' ids. (An eval batch that needs more is split,
+  `eval_split`: any cache that takes a batch takes an example.)"""
+  ids: dict[str, int] = {}
+  for f in features:
+    ids[f.table] = ids.get(f.table, 0) + f.max_len
+  return lambda t: max(batch_size * (config.horizon + 1) * ids.get(t.name, 0),
+                       int(t.rows * config.auto_cache_fraction))
+
+
+def with_recorded_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
+                     config: OffloadConfig, names: Sequence[str], batch_size: int
+                     ) -> OffloadConfig:
+  """`config` with the tables `names` offloaded as `OffloadConfig.auto` offloads them (in
+  `auto_added`), where `config` does not list them: the tables a resumed checkpoint
+  records offloaded (its meta), so that its recorded plan, made over their caches, is
+  checked over the same ones without a planner search. Tables the checkpoint held on the
+  device stay there; `names` not among `tables` (renamed since) are left out."""
+  rows_of = auto_cache_rows(features, config, batch_size)
+  for t in tables:
+    if t.name in names and config.table(t.name) is None:
+      config = _auto_offload(config, t, rows_of)
+  return config
+
+
+def _auto_offload(config: OffloadConfig, table: TableSpec, rows_of) -> OffloadConfig:
+  return dataclasses.replace(
+      config, tables=config.tables + (OffloadTable(table.name, cache_rows=rows_of(table)),),
+      auto_added=config.auto_added + (table.name,))
 
 
 def with_offload_notes(result, tables: Sequence[TableSpec], config: OffloadConfig, optimizer):

@@ -28,17 +28,20 @@ from jaxrec.errors import BudgetError, ConfigError
 from jaxrec.sharding import mesh as mesh_lib
 from jaxrec.sharding.plan import (Plan, is_plan_file, mesh_warning_held, recorded_mesh,
                                   stored_mesh, warn_once)
+from jaxrec.train import plan_choice
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class Recorded:
-  """The plan and mesh a checkpoint step records (manifest `saved_plan`, `saved_mesh`)."""
+  """The plan and mesh a checkpoint step records (manifest `saved_plan`, `saved_mesh`), and
+  the tables it offloaded (meta `offload`; None when the meta does not read)."""
 
   plan: Plan
   mesh: dict[str, int]
   step_dir: str
+  offloaded: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +75,12 @@ def recorded(workdir: str | None) -> Recorded | None:
     warn_once(f"checkpoint {step_dir}: its recorded plan and mesh do not read ({e}); "
               "--mesh=auto --plan=auto plans afresh", log)
     return None
-  return Recorded(plan, mesh, step_dir)
+  try:   # the restore names a meta that does not read
+    offload = storage.read_json(step_dir, storage.META).get("offload") or {}
+    offloaded = tuple(sorted(offload.get("tables") or {}))
+  except (OSError, ValueError, TypeError, AttributeError):
+    offloaded = None
+  return Recorded(plan, mesh, step_dir, offloaded)
 
 
 def first_fitting(shapes: Sequence[Mapping[str, int]], plan_for: Callable[[dict], Any],
@@ -105,9 +113,9 @@ def first_fitting(shapes: Sequence[Mapping[str, int]], plan_for: Callable[[dict]
 
 
 def resumed(options, num_devices: int, workdir: str | None,
-            plan_for: Callable[[dict, Plan], Any]) -> tuple[Choice | None, str]:
+            plan_for: Callable[[dict, Recorded], Any]) -> tuple[Choice | None, str]:
   """`--mesh=auto --plan=auto` resuming: the Choice of the plan and mesh the newest
-  checkpoint records, when this run has that many devices and `plan_for(mesh, plan)`
+  checkpoint records, when this run has that many devices and `plan_for(mesh, recorded)`
   accepts the plan; else `(None, why)`, `why` (a log suffix) saying why not, or empty when
   there is nothing to resume (other flags, no checkpoint, no records). `scripts/train.py`
   (`choose`) and `scripts/launch.py` (`elastic.replan.choose`) both decide here."""
@@ -120,7 +128,7 @@ def resumed(options, num_devices: int, workdir: str | None,
                   f"{mesh_lib.format_mesh(saved.mesh)} ({devices} devices), this run has "
                   f"{num_devices}: planned afresh")
   try:
-    planned = plan_for(saved.mesh, saved.plan)
+    planned = plan_for(saved.mesh, saved)
   except ConfigError as e:
     return None, f"; the plan checkpoint {saved.step_dir} records does not fit here ({e})"
   return Choice(saved.mesh, planned,
@@ -148,11 +156,11 @@ def choose(config, options, num_devices: int, processes: int = 1,
   none fits."""
   from jaxrec import offload   # pylint: disable=import-outside-toplevel
 
-  def plan_for(shape, plan=None, device_only=False):
+  def plan_for(shape, recorded=None, device_only=False):
     off = offload.OffloadConfig()
-    return offload.choose_plan(config, options, shape, processes=processes, recorded=plan,
+    return offload.choose_plan(config, options, shape, processes=processes,
                                offload_config=dataclasses.replace(off, auto=False)
-                               if device_only else off)
+                               if device_only else off, **plan_choice.recorded_args(recorded))
 
   choice, why = resumed(options, num_devices, workdir, plan_for)
   if choice is not None:

@@ -13,14 +13,23 @@ def choose(config, options, mesh_shape: Mapping[str, int], processes: int = 1,
   A forced plan is checked against `--memory_per_device` and estimated like an automatic
   one. Tables offloaded by gin `OffloadConfig` are planned as their device caches
   (see `jaxrec.offload.choose_plan`, which the trainer calls directly); offloading needs
-  a job of one process (`processes`). `recorded`: a resumed checkpoint's plan to check
-  instead of `options.plan` (`train.mesh_choice.resumed`). `device_only`: plan without
-  `OffloadConfig.auto` (`mesh_choice.auto_mesh` tries every mesh so first).
+  a job of one process (`processes`). `recorded`: a resumed checkpoint's
+  `mesh_choice.Recorded`, whose plan is checked instead of `options.plan`
+  (`train.mesh_choice.resumed`). `device_only`: plan without `OffloadConfig.auto`
+  (`mesh_choice.auto_mesh` tries every mesh so first).
   """
   from jaxrec import offload  # pylint: disable=import-outside-toplevel
   off = offload.OffloadConfig()
   if device_only:
     off = dataclasses.replace(off, auto=False)
   plan, result, _, _ = offload.choose_plan(config, options, mesh_shape, off,
-                                         processes=processes, recorded=recorded)
+                                         processes=processes, **recorded_args(recorded))
   return plan, result
+
+
+def recorded_args(recorded) -> dict:
+  """`offload.choose_plan`'s `recorded` and `recorded_offload` for a resumed checkpoint's
+  `mesh_choice.Recorded` (or None): its plan, and the tables it offloaded."""
+  if recorded is None:
+    return {}
+  return {"recorded": recorded.plan, "recorded_offload": recorded.offloaded}

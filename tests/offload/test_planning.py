@@ -241,6 +241,31 @@ def test_a_recorded_plan_is_checked_with_the_tables_auto_offloaded():
     offload.choose_plan(config, options, MESH, offload.OffloadConfig(), recorded=plan)
 
 
+def test_a_recorded_plan_takes_the_tables_its_checkpoint_offloaded(monkeypatch):
+  """A resume learnt which tables `OffloadConfig.auto` had offloaded by planning again (a
+  whole search, which a changed calibration or budget could answer otherwise). The
+  checkpoint's meta names them: they are offloaded again as auto offloads them, with no
+  search; a checkpoint that offloaded none has its plan checked over whole tables."""
+  from jaxrec.models import DLRM  # pylint: disable=import-outside-toplevel
+  from jaxrec.offload import hooks  # pylint: disable=import-outside-toplevel
+  from jaxrec.train.config import ExperimentConfig, RunOptions  # pylint: disable=import-outside-toplevel
+  config = ExperimentConfig(embedding=(TABLES, FEATURES), model=DLRM((16,), (1,)),
+                            sparse_optimizer=ADAGRAD, batch_size=512, eval_batch_size=512)
+  options = RunOptions(plan="auto", memory_per_device=BUDGET)
+  auto = offload.OffloadConfig(auto=True)
+  plan, _, _, _ = offload.choose_plan(config, options, MESH, auto)
+  monkeypatch.setattr(hooks, "plan_with_offload", lambda *a, **k: pytest.fail("searched"))
+  for names in [("huge",), ("huge", "mid", "gone")]:
+    again, result, tables, off = offload.choose_plan(config, options, MESH, auto,
+                                                     recorded=plan, recorded_offload=names)
+    offloaded = tuple(n for n in names if n != "gone")   # a table no longer configured
+    assert again == plan and result.mode == "checkpoint" and off.auto_added == offloaded
+    assert {t.name: t.rows for t in tables} == {
+        "huge": 800_000, "mid": 100_000 if "mid" in names else 1_000_000, "small": 10_000}
+  with pytest.raises(ConfigError, match="does not fit"):   # none offloaded: whole tables
+    offload.choose_plan(config, options, MESH, auto, recorded=plan, recorded_offload=())
+
+
 @pytest.mark.parametrize("auto", [False, True])
 def test_a_bad_binding_the_planner_reads_is_raised_as_it_is(auto):
   """`EmbeddingOptions.kernel = 'triton'` (the planner builds EmbeddingOptions) reached the

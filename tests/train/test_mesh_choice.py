@@ -101,6 +101,23 @@ def test_unreadable_records_plan_afresh_with_a_warning(workdirs, tmp_path, caplo
   assert info["mesh"]["data"] == 8 and "recorded plan and mesh do not read" in caplog.text
 
 
+def test_the_records_name_the_tables_the_checkpoint_offloaded(workdirs, tmp_path):
+  """`mesh_choice.Recorded.offloaded`: the tables the checkpoint's meta records offloaded
+  (`OffloadConfig.auto` offloads them again, tests/offload/test_planning.py); none when it
+  offloaded none, unknown (None) when the meta does not read."""
+  from jaxrec.train import mesh_choice  # pylint: disable=import-outside-toplevel
+  _, w2, _ = workdirs
+  assert mesh_choice.recorded(str(w2)).offloaded == ()
+  copy = tmp_path / "W4" / "checkpoints"
+  convert.export_checkpoint(w2 / "checkpoints", copy)
+  meta = copy / "5" / "meta" / "metadata"
+  tables = {"t1": {"rows": 1000, "cache_rows": 100}, "t0": {"rows": 50, "cache_rows": 10}}
+  meta.write_text(json.dumps(dict(json.loads(meta.read_text()), offload={"tables": tables})))
+  assert mesh_choice.recorded(str(copy.parent)).offloaded == ("t0", "t1")
+  meta.write_text("{")
+  assert mesh_choice.recorded(str(copy.parent)).offloaded is None
+
+
 def test_unreadable_records_warn_once_however_often_the_supervisor_asks(tmp_path, caplog):
   """The elastic supervisor asks for the recorded plan and mesh per process count and per
   generation tried: the warning was logged each time."""
