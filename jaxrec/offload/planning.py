@@ -40,9 +40,7 @@ def plan_with_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpe
   """
   from jaxrec import planner  # pylint: disable=import-outside-toplevel
   rows_of = auto_cache_rows(features, config, batch_size)
-  candidates = sorted((t for t in tables if config.table(t.name) is None
-                       and t.dtype in OFFLOAD_DTYPES and rows_of(t) < t.rows / 2),
-                      key=lambda t: (-t.rows * row_bytes(t, optimizer), t.name))
+  candidates = auto_candidates(tables, features, config, optimizer, batch_size)
   while True:
     specs = device_tables(tables, config, optimizer)
     try:
@@ -53,11 +51,21 @@ def plan_with_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpe
       break
     except BudgetError as e:   # other errors (a bad EmbeddingOptions binding) as they are:
       if not config.auto or not candidates:   # offloading cannot help, and gin's wrapped
-        offloaded = [t.name for t in config.tables]   # ones took no message (a traceback)
-        raise BudgetError(f"{e} (offloaded tables: {offloaded or 'none'}; "
+        raise BudgetError(f"{e} (offloaded tables, planned as their device caches: "   # ones
+                          f"{_caches(tables, config, optimizer)}; "  # took no message
                           f"OffloadConfig.auto={config.auto})") from None
       config = _auto_offload(config, candidates.pop(0), rows_of)
   return with_offload_notes(result, tables, config, optimizer), config, specs
+
+
+def auto_candidates(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
+                    config: OffloadConfig, optimizer, batch_size: int) -> list[TableSpec]:
+  """The tables `OffloadConfig.auto` may offload, in the order it does: not configured,
+  offloadable (not int8), and with a cache under half their rows; biggest first."""
+  rows_of = auto_cache_rows(features, config, batch_size)
+  return sorted((t for t in tables if config.table(t.name) is None
+                 and t.dtype in OFFLOAD_DTYPES and rows_of(t) < t.rows / 2),
+                key=lambda t: (-t.rows * row_bytes(t, optimizer), t.name))
 
 
 def auto_cache_rows(features: Sequence[FeatureSpec], config: OffloadConfig, batch_size: int):
@@ -103,6 +111,14 @@ def with_offload_notes(result, tables: Sequence[TableSpec], config: OffloadConfi
            + (auto if o.name in config.auto_added else "")
            for o in config.tables]
   return dataclasses.replace(result, notes=tuple(result.notes) + tuple(notes))
+
+
+def _caches(tables: Sequence[TableSpec], config: OffloadConfig, optimizer) -> str:
+  """`'t0' (cache of 200,000 of its 2,000,000 rows), ...`, or `none`: the planner's
+  errors name an offloaded table by its cache's rows."""
+  return ", ".join(
+      f"'{o.name}' (cache of {o.resolve_cache_rows(_spec(tables, o.name), optimizer):,} of "
+      f"its {_spec(tables, o.name).rows:,} rows)" for o in config.tables) or "none"
 
 
 def _spec(tables: Sequence[TableSpec], name: str) -> TableSpec:

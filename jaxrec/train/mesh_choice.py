@@ -186,12 +186,24 @@ def auto_mesh_of(config, memory_per_device: int | None, candidates, plan_for, pl
   from jaxrec import offload, planner   # pylint: disable=import-outside-toplevel
   off = offload.OffloadConfig()
   offload.check_one_process(off, processes)
-  floor = min_bytes_per_device(config.tables, off, config.sparse_tx(), num_devices)
+  offload_auto = off.auto and processes == 1
   budget = memory_per_device or planner.DEFAULT_MEMORY_PER_DEVICE
+  floors = [min_bytes_per_device(config.tables, o, config.sparse_tx(), num_devices)
+            for o in ([off, most_offloaded(config, off)] if offload_auto else [off])]
   if off.auto and processes > 1:   # it would offload on data=N, then be refused there
     plan_for = functools.partial(plan_for, device_only=True)   # (one process only) before
   return auto_mesh(candidates, plan_for, plan, num_devices,   # a mesh that fits was priced
-                   off.auto and processes == 1, floor if floor > budget else 0.0)
+                   offload_auto, *[f if f > budget else 0.0 for f in floors])
+
+
+def most_offloaded(config, off):
+  """`off` with every table `OffloadConfig.auto` may offload offloaded: the least any
+  plan of its offloading pass keeps on the devices (`min_bytes_per_device`)."""
+  from jaxrec import offload   # pylint: disable=import-outside-toplevel
+  names = [t.name for t in offload.planning.auto_candidates(
+      config.tables, config.features, off, config.sparse_tx(), config.batch_size)]
+  return offload.planning.with_recorded_offload(config.tables, config.features, off, names,
+                                                config.batch_size)
 
 
 def min_bytes_per_device(tables, off, optimizer, num_devices: int) -> float:
@@ -207,7 +219,8 @@ def min_bytes_per_device(tables, off, optimizer, num_devices: int) -> float:
 
 def auto_mesh(candidates: Sequence[Mapping[str, int]], plan_for: Callable[..., Any],
               plan: str, num_devices: int, offload_auto: bool = False,
-              over_every_mesh: float = 0.0) -> tuple[dict[str, int], Any, str]:
+              over_every_mesh: float = 0.0, over_every_mesh_offloading: float = 0.0
+              ) -> tuple[dict[str, int], Any, str]:
   """`--mesh=auto`'s mesh of `candidates`, its `plan_for(shape)` and a log suffix saying
   why when it is not the first that fits.
 
@@ -220,16 +233,20 @@ def auto_mesh(candidates: Sequence[Mapping[str, int]], plan_for: Callable[..., A
   then again offloading (`data=N` first: its caches sit on every device; of the others,
   those offloading the fewest tables, then the fastest: the estimate leaves the host
   store's cost out). `over_every_mesh`: when not 0, the bytes a device needs on any mesh,
-  known to be over budget (`min_bytes_per_device`): the on-device pass prices no other.
+  known to be over budget (`min_bytes_per_device`): the on-device pass prices no other;
+  `over_every_mesh_offloading`: the same with every table auto may offload offloaded
+  (`most_offloaded`), for the offloading pass (it took ~10 s to find no mesh for
+  `skewed_synthetic`).
   """
   what = f"--plan={plan}"
   if plan != "auto" or num_devices < 2:
     return (*first_fitting(candidates, plan_for, what), "")
   passes = [functools.partial(plan_for, device_only=True), plan_for] if offload_auto else [
       plan_for]
-  over, tried, failed = None, [], []
+  over, tried, failed, floor = None, [], [], 0.0
   for attempt in passes:
     offloading = offload_auto and attempt is not passes[0]
+    floor = over_every_mesh_offloading if offloading else over_every_mesh
     offloads = "" if not offloading else (
         f"; no mesh of {num_devices} devices holds the tables on the devices: "
         "OffloadConfig.auto offloads")
@@ -238,7 +255,7 @@ def auto_mesh(candidates: Sequence[Mapping[str, int]], plan_for: Callable[..., A
     except BudgetError as e:
       over = e     # the last pass's: with OffloadConfig.auto, offloading did not fit either
     tried = [dict(c) for c in candidates]
-    if over_every_mesh and not offloading:
+    if floor:
       continue
     for tier in split_meshes(tried, num_devices):
       found, errors = cheapest(tier, attempt, _offloaded if offloading else None)
@@ -249,11 +266,13 @@ def auto_mesh(candidates: Sequence[Mapping[str, int]], plan_for: Callable[..., A
             "the one with the lowest estimated step time"))
       tried += tier
       failed += errors
-  if over_every_mesh and not failed:
+  if floor and not failed:
     from jaxrec.planner.result import format_bytes  # pylint: disable=import-outside-toplevel
+    offloaded = " (every table OffloadConfig.auto can offload as its cache)" if (
+        offload_auto) else ""
     raise BudgetError(f"{over}; nor can any other mesh of {num_devices} devices: the "
-                      "tables and their optimizer state alone need "
-                      f"{format_bytes(over_every_mesh)} a device split over all of them")
+                      f"tables{offloaded} and their optimizer state alone need "
+                      f"{format_bytes(floor)} a device split over all of them")
   if len(tried) == len(candidates):   # the candidates were every mesh there is
     raise over
   finest = {"data": 1, "table": 1, "row": num_devices, "col": 1}   # splits rows the most

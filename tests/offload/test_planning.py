@@ -222,6 +222,46 @@ def test_auto_offloads_only_when_no_mesh_holds_the_tables(budget_mib, mesh_data,
   assert ("over --memory_per_device" in choice.why) == (mesh_data != 8)
 
 
+def test_no_mesh_is_priced_offloading_when_even_the_caches_cannot_fit(monkeypatch):
+  """With `OffloadConfig.auto` and a budget no plan meets even with every table it can
+  offload offloaded, the offloading pass priced every other mesh (~10 s for
+  `skewed_synthetic` on 8 devices) before failing. The tables with those caches, split
+  over every device, are a floor: over it, only `data=N` is planned, once each pass."""
+  import gin  # pylint: disable=import-outside-toplevel
+  from jaxrec.errors import BudgetError  # pylint: disable=import-outside-toplevel
+  from jaxrec.models import DLRM  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import mesh_choice  # pylint: disable=import-outside-toplevel
+  from jaxrec.train.config import ExperimentConfig, RunOptions  # pylint: disable=import-outside-toplevel
+  gin.bind_parameter("OffloadConfig.auto", True)
+  config = ExperimentConfig(embedding=(TABLES, FEATURES), model=DLRM((16,), (1,)),
+                            sparse_optimizer=ADAGRAD, batch_size=512, eval_batch_size=512)
+  off = offload.OffloadConfig()
+  devices = mesh_choice.min_bytes_per_device(TABLES, off, ADAGRAD, 8)
+  floor = mesh_choice.min_bytes_per_device(TABLES, mesh_choice.most_offloaded(config, off),
+                                           ADAGRAD, 8)
+  assert floor < devices / 5
+  with pytest.raises(BudgetError, match=r"\(offloaded tables, planned as their device "
+                     r"caches: 'huge' \(cache of 800,000 of its 8,000,000 rows\), 'mid' "
+                     r"\(cache of 100,000 of its 1,000,000 rows\), 'small' \(cache of 2,560 "
+                     r"of its 10,000 rows\); OffloadConfig.auto=True\)$"):
+    offload.plan_with_offload(TABLES, FEATURES, MESH, off, ADAGRAD, 2**20, 512)
+  asked = []
+  real = offload.choose_plan
+
+  def counted(config, options, shape, *args, **kwargs):
+    asked.append(dict(shape))
+    return real(config, options, shape, *args, **kwargs)
+  monkeypatch.setattr(offload, "choose_plan", counted)
+  with pytest.raises(BudgetError, match=r"; nor can any other mesh of 8 devices: the tables "
+                     r"\(every table OffloadConfig.auto can offload as its cache\) and"):
+    mesh_choice.choose(config, RunOptions(memory_per_device=int(floor) - 1), 8)
+  assert asked == [{"data": 8, "table": 1, "row": 1, "col": 1}] * 2
+  asked.clear()   # under the floor the offloading pass prices the other meshes as before
+  with pytest.raises(BudgetError, match=r"nor does any other mesh of 8 devices \(20 tried"):
+    mesh_choice.choose(config, RunOptions(memory_per_device=int(floor) + 1), 8)
+  assert len(asked) == 21
+
+
 def test_a_recorded_plan_is_checked_with_the_tables_auto_offloaded():
   """Resuming a run `OffloadConfig.auto` offloaded checked its recorded plan against the
   whole tables: 'the plan checkpoint ... records does not fit here', then planned afresh.
