@@ -1,11 +1,12 @@
 """Checkpoints: asynchronous, atomic orbax checkpoints in a mesh- and plan-independent layout.
 
     CheckpointManager(directory, max_to_keep=3, save_every=0, async_save=True,
-                      read_only=False)                      gin-configurable
+                      read_only=False, chunk_bytes=..., device_copy='auto')
+                      (gin: async_save, chunk_bytes, device_copy; the trainer passes the rest)
       .save(step, state, collection, data_state=None, meta=None, force=False) -> bool
       .wait() / .close()                                    (also a context manager)
       .restore(target, collection, step=None, require_finite=False, init=None,
-               offloaded=None)                              -> Restored | None
+               offloaded=None, snapshot_check=None)         -> Restored | None
       .all_steps() / .latest_step() / .latest_valid_step(full=False) / .check(step, full)
       .save_arrays(step, tables, table_opt=None, ...)       tables-only checkpoints (import)
     Restored(state, data_state, meta, host_tables)

@@ -173,9 +173,6 @@ class StackLayout:
     """Per stack feature, its table's row count (ids `>= rows` are outside the table)."""
     return tuple(self.slots[t].rows for t in self.feature_tables)
 
-  def feature_slices(self) -> tuple[int, ...]:
-    return tuple(self.slots[t].table_slice for t in self.feature_tables)
-
 
 def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
@@ -417,13 +414,6 @@ def bytes_per_row(layout: StackLayout) -> int:
   if layout.dtype == "int8":
     return layout.padded_dim + 8
   return layout.padded_dim * jnp.dtype(layout.dtype).itemsize
-
-
-def local_table_bytes(layout: StackLayout) -> int:
-  """Bytes of one device's shard (int8: scale and bias are whole per row on every col)."""
-  if layout.dtype == "int8":
-    return layout.local_rows * (layout.local_dim + 8)
-  return layout.local_rows * layout.local_dim * jnp.dtype(layout.dtype).itemsize
 
 
 def describe(layouts: Sequence[StackLayout]) -> str:

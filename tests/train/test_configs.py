@@ -223,10 +223,25 @@ def test_checkpoint_manager_bindings_parse_without_the_trainer(tmp_path):
 def test_dense_optimizer_bool_and_dtype_options_that_apply_are_taken():
   import jax.numpy as jnp   # pylint: disable=import-outside-toplevel
   from jaxrec.train.config import dense_optimizer   # pylint: disable=import-outside-toplevel
-  params = {"w": jnp.ones(3)}
-  for tx in (dense_optimizer("sgd", 0.1, momentum=0.9, nesterov=True, accumulator_dtype="bf16"),
-             dense_optimizer("adam", 0.1, mu_dtype="bfloat16", nesterov=False)):
-    tx.init(params)
+  import jax   # pylint: disable=import-outside-toplevel
+  params, grad = {"w": jnp.ones(3)}, {"w": jnp.asarray([1.0, -2.0, 0.5])}
+
+  def state_dtypes(tx):
+    return {str(x.dtype) for x in jax.tree.leaves(tx.init(params)) if x.ndim}
+
+  def second_update(tx):   # nesterov changes the update from the second step on
+    state = tx.init(params)
+    _, state = tx.update(grad, state, params)
+    return tx.update(grad, state, params)[0]["w"]
+  assert state_dtypes(dense_optimizer("sgd", 0.1, momentum=0.9, nesterov=True,
+                                      accumulator_dtype="bf16")) == {"bfloat16"}
+  assert state_dtypes(dense_optimizer("adam", 0.1, mu_dtype="bfloat16", nesterov=False)) == {
+      "bfloat16", "float32"}   # mu in bfloat16, nu as the params
+  for name in ("sgd", "adam"):
+    momentum = {"momentum": 0.9} if name == "sgd" else {}
+    plain, nesterov = (second_update(dense_optimizer(name, 0.1, nesterov=n, **momentum))
+                       for n in (False, True))
+    assert not np.allclose(plain, nesterov), name
 
 
 def test_an_adamw_mask_of_other_keys_than_the_params_names_the_binding_before_compiling():
