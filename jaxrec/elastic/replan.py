@@ -42,6 +42,7 @@ class Choice:
   estimated_step_time_s: float
   resumed: str = ""                # why, when it is the plan and mesh a checkpoint records
   note: str = ""                   # why a checkpoint's recorded plan and mesh were not
+  offloaded: tuple[str, ...] = ()  # tables offloaded (gin OffloadConfig, or its auto)
 
   @property
   def worker_mesh_plan(self) -> tuple[str, str]:
@@ -59,7 +60,8 @@ class Choice:
             "plan": self.plan, "plan_kinds": dict(self.plan_kinds),
             "estimated_step_time_s": self.estimated_step_time_s,
             **({"resumed": self.resumed} if self.resumed else {}),
-            **({"note": self.note} if self.note else {})}
+            **({"note": self.note} if self.note else {}),
+            **({"offloaded": list(self.offloaded)} if self.offloaded else {})}
 
 
 def load_config(args: TrainArgs):
@@ -129,13 +131,14 @@ def choose(config, args: TrainArgs, processes: int, devices_per_process: int,
 
 def _choice(processes: int, devices_per_process: int, shape: Mapping[str, int], plan: str,
             planned: tuple, resumed: str = "") -> Choice:
-  """The Choice of `planned = (plan, PlanResult)` on `shape`."""
-  chosen, result = planned
+  """The Choice of `planned` (`plan_choice.choose`'s) on `shape`."""
+  chosen, result, _, off = planned
   kinds: dict[str, int] = {}
   for p in chosen.placements.values():
     kinds[p.kind] = kinds.get(p.kind, 0) + 1
   return Choice(processes, devices_per_process, dict(shape), plan, kinds,
-                float(result.step_time_s), resumed)
+                float(result.step_time_s), resumed,
+                offloaded=tuple(t.name for t in off.tables))
 
 
 def _spec_sizes(spec: str) -> dict[str, int]:

@@ -154,13 +154,9 @@ def choose(config, options, num_devices: int, processes: int = 1,
            workdir: str | None = None) -> Choice:
   """Mesh and plan for a run of `num_devices` devices (module docstring); ConfigError when
   none fits."""
-  from jaxrec import offload   # pylint: disable=import-outside-toplevel
 
   def plan_for(shape, recorded=None, device_only=False):
-    off = offload.OffloadConfig()
-    return offload.choose_plan(config, options, shape, processes=processes,
-                               offload_config=dataclasses.replace(off, auto=False)
-                               if device_only else off, **plan_choice.recorded_args(recorded))
+    return plan_choice.choose(config, options, shape, processes, recorded, device_only)
 
   choice, why = resumed(options, num_devices, workdir, plan_for)
   if choice is not None:
@@ -314,9 +310,8 @@ def cheapest(shapes: Sequence[Mapping[str, int]], plan_for: Callable[[dict], Any
 
 
 def _offloaded(planned) -> float:
-  """How many tables `planned` offloads (`offload.choose_plan`'s OffloadConfig, its [3]);
-  0 for a `(plan, result)` pair (`plan_choice.choose`, which offloads as configured)."""
-  return len(planned[3].tables) if len(planned) > 3 else 0
+  """How many tables `planned` offloads (`plan_choice.choose`'s OffloadConfig, its [3])."""
+  return len(planned[3].tables)
 
 
 def _model_axes(shape: Mapping[str, int]) -> int:

@@ -8,7 +8,9 @@ from typing import Mapping
 
 def choose(config, options, mesh_shape: Mapping[str, int], processes: int = 1,
            recorded=None, device_only: bool = False):
-  """Returns the plan and the planner's `PlanResult` (its `report()` says why).
+  """Returns `offload.choose_plan`'s `(plan, PlanResult, tables, OffloadConfig)`: the plan,
+  the planner's result (its `report()` says why), the tables the collection is built on
+  and the offloaded ones.
 
   A forced plan is checked against `--memory_per_device` and estimated like an automatic
   one. Tables offloaded by gin `OffloadConfig` are planned as their device caches
@@ -22,9 +24,8 @@ def choose(config, options, mesh_shape: Mapping[str, int], processes: int = 1,
   off = offload.OffloadConfig()
   if device_only:
     off = dataclasses.replace(off, auto=False)
-  plan, result, _, _ = offload.choose_plan(config, options, mesh_shape, off,
-                                         processes=processes, **recorded_args(recorded))
-  return plan, result
+  return offload.choose_plan(config, options, mesh_shape, off, processes=processes,
+                             **recorded_args(recorded))
 
 
 def recorded_args(recorded) -> dict:

@@ -52,6 +52,19 @@ def test_choose_asks_the_planner(config):
   assert choice.to_json()["devices"] == 4
 
 
+def test_the_plan_event_names_the_offloaded_tables(config):
+  """A one-process job offloading tables (configured or `OffloadConfig.auto`) gave a `plan`
+  / `replan` event with no word of it; the choice came from a path that dropped the
+  offload config, and so priced offloading meshes by step time alone (train.py prefers
+  those offloading the fewest tables)."""
+  args, cfg = config
+  assert "offloaded" not in replan.choose(cfg, args, 1, 4).to_json()
+  off = replan.TrainArgs.parse(FLAGS + ["--gin_bindings",
+                                        "OffloadConfig.tables={'t0': {'cache_rows': 4000}}"])
+  choice = replan.choose(replan.load_config(off), off, 1, 4)
+  assert choice.offloaded == ("t0",) and choice.to_json()["offloaded"] == ["t0"]
+
+
 def test_mesh_follows_the_users_shape_not_the_previous_generations(config):
   """8 -> 2 -> 8 devices: the grown-back generation gets the user's `--mesh` again (it
   drifted to `data=4,row=2` when the 2-device mesh was the reference)."""
