@@ -22,7 +22,7 @@ import jax
 from jaxrec.offload import owner
 from jaxrec.offload.config import OffloadConfig, device_tables
 from jaxrec.offload.planning import (plan_with_offload, with_offload_notes,
-                                     with_recorded_offload)
+                                     with_auto_offloaded)
 from jaxrec.offload.tier import OffloadTier
 from jaxrec.sharding.plan import KINDS, Plan, is_plan_file, load_plan_file, uniform_plan
 from jaxrec.errors import ConfigError
@@ -66,8 +66,8 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
     return result.plan, result, tables, off
   if recorded is not None and off.auto:   # the tables auto offloaded when the plan was made:
     if recorded_offload is not None:      # checked as whole tables it 'did not fit here'
-      off = with_recorded_offload(config.tables, config.features, off, recorded_offload,
-                                  config.batch_size)
+      off = with_auto_offloaded(config.tables, config.features, off, recorded_offload,
+                                config.batch_size)
     else:
       try:
         _, off, _ = plan_with_offload(config.tables, config.features, mesh_shape, off,

@@ -81,14 +81,14 @@ def auto_cache_rows(features: Sequence[FeatureSpec], config: OffloadConfig, batc
                        int(t.rows * config.auto_cache_fraction))
 
 
-def with_recorded_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
-                     config: OffloadConfig, names: Sequence[str], batch_size: int
-                     ) -> OffloadConfig:
+def with_auto_offloaded(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
+                        config: OffloadConfig, names: Sequence[str], batch_size: int
+                        ) -> OffloadConfig:
   """`config` with the tables `names` offloaded as `OffloadConfig.auto` offloads them (in
-  `auto_added`), where `config` does not list them: the tables a resumed checkpoint
+  `auto_added`), where `config` does not list them. E.g. the tables a resumed checkpoint
   records offloaded (its meta), so that its recorded plan, made over their caches, is
-  checked over the same ones without a planner search. Tables the checkpoint held on the
-  device stay there; `names` not among `tables` (renamed since) are left out."""
+  checked over the same ones without a planner search; the others stay on the device.
+  `names` not among `tables` (renamed since) are left out."""
   rows_of = auto_cache_rows(features, config, batch_size)
   for t in tables:
     if t.name in names and config.table(t.name) is None:

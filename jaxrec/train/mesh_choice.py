@@ -198,7 +198,7 @@ def most_offloaded(config, off):
   from jaxrec import offload   # pylint: disable=import-outside-toplevel
   names = [t.name for t in offload.planning.auto_candidates(
       config.tables, config.features, off, config.sparse_tx(), config.batch_size)]
-  return offload.planning.with_recorded_offload(config.tables, config.features, off, names,
+  return offload.planning.with_auto_offloaded(config.tables, config.features, off, names,
                                                 config.batch_size)
 
 
