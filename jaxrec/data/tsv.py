@@ -532,7 +532,9 @@ def _parse_floats(a: np.ndarray, s: np.ndarray, e: np.ndarray) -> tuple[np.ndarr
 
 
 class BadRowPolicy:
-  """Applies `bad_rows` = `error` | `skip` and counts dropped rows per file."""
+  """Applies `bad_rows` = `error` | `skip` and counts dropped rows per file (by absolute
+  path, as preprocessed shards record them: `./a.tsv` for one split and `a.tsv` for the
+  other were two files in `metrics.jsonl`'s `bad_rows`)."""
 
   def __init__(self, bad_rows: str):
     if bad_rows not in BAD_ROWS:
@@ -543,7 +545,8 @@ class BadRowPolicy:
 
   def report(self, path: str, first_line: int, bad: np.ndarray, msgs: list) -> None:
     """Raises (error mode) or counts and logs the bad lines of one chunk (0-based `bad`)."""
-    self.counts.setdefault(path, 0)
+    key = os.path.abspath(path)
+    self.counts.setdefault(key, 0)
     if not len(bad):
       return
     if self.mode == "error":
@@ -552,7 +555,7 @@ class BadRowPolicy:
       if msg is not None and self._logged.get(path, 0) < MAX_LOGGED_BAD_ROWS:
         self._logged[path] = self._logged.get(path, 0) + 1
         logging.warning("skipping malformed row %s:%d: %s", path, first_line + int(i), msg)
-    self.counts[path] += len(bad)
+    self.counts[key] += len(bad)
 
 
 def iter_file(path: str, parser: Parser, policy: BadRowPolicy,

@@ -371,6 +371,19 @@ def test_skip_counts_logs_and_keeps_order(tsv_file, caplog):
   assert f"{b}:2:" in logged
 
 
+def test_bad_rows_are_counted_by_absolute_path(tsv_file, monkeypatch):
+  """Train on `a.tsv` and evaluate on `./a.tsv` (or on shards preprocessed from it, which
+  record absolute paths): `bad_rows` named one file twice, `{'a.tsv': 1, './a.tsv': 1}`."""
+  import os  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import data_adapter  # pylint: disable=import-outside-toplevel
+  path = tsv_file([lib.line(), _bad(col=0, value="x"), lib.line()])
+  monkeypatch.chdir(os.path.dirname(path))
+  name = os.path.basename(path)
+  train, eval_ = (read(p, bad_rows="skip") for p in (name, os.path.join(".", name)))
+  assert train.bad_row_counts() == {path: 1}
+  assert data_adapter.bad_row_metrics(train, eval_) == {"bad_rows": {path: 1}}
+
+
 def test_a_nul_byte_in_one_field_is_a_bad_row_wherever_it_is(tsv_file):
   """Within the first 64 KiB a NUL in one field called the whole file 'not a text file',
   also under --bad_rows=skip; past it the row was skipped. Now it is a bad row: skipped,
