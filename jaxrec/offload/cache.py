@@ -50,12 +50,15 @@ class Assignment:
   victim_uses: `[n]` updates each victim received since it was installed (what a stale
     copy of it would lack).
   hits: unique rows of the batch that were already cached.
+  used: `[u]` the slot of every row the batch reads (hits and installs): what its
+    training step updates.
   """
   slots: np.ndarray
   rows: np.ndarray
   victims: np.ndarray
   victim_uses: np.ndarray
   hits: int
+  used: np.ndarray
 
 
 class CacheMap:
@@ -117,7 +120,8 @@ class CacheMap:
     used = self.slot_of[uniq]
     self.uses[used] += 1
     self.last[used] = step
-    return Assignment(vslots.astype(np.int64), miss, victims, victim_uses, int(hit.sum()))
+    return Assignment(vslots.astype(np.int64), miss, victims, victim_uses, int(hit.sum()),
+                      used)
 
   def _choose(self, need: int, step: int) -> np.ndarray:
     """`need` resident slots to evict (see module docstring)."""

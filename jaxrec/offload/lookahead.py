@@ -52,6 +52,7 @@ class AssignedBatch:
   data_state: Any
   ids: dict                     # feature -> ids, offloaded features' as cache slots
   installs: dict                # table -> (slots, rows)
+  used: dict                    # table -> slots the batch reads (its step updates them)
   evictions: list
   pending: dict                 # table -> ([(eviction, src, dst)], wait for the values)
   seconds: float                # spent assigning
@@ -90,7 +91,7 @@ class LookAhead:
     raw, data_state, uniq = self._window.popleft()
     seq = self._seq
     self._seq += 1
-    ids, installs, evictions, pending = dict(raw.ids), {}, [], {}
+    ids, installs, used, evictions, pending = dict(raw.ids), {}, {}, [], {}
     for name, t in self.tables.items():
       u, counts = uniq[name]
       a = t.cache.assign(u, counts, seq, [w[2][name][0] for w in self._window])
@@ -107,9 +108,9 @@ class LookAhead:
         with self._cv:
           self._inflight.append(ev)
         evictions.append(ev)
-      installs[name] = (a.slots, a.rows)
+      installs[name], used[name] = (a.slots, a.rows), a.used
       pending[name] = self._start_read(t, a.rows)
-    return AssignedBatch(seq, raw, data_state, ids, installs, evictions, pending,
+    return AssignedBatch(seq, raw, data_state, ids, installs, used, evictions, pending,
                          time.perf_counter() - t0)
 
   def _finish(self, a: AssignedBatch) -> PlannedBatch:
@@ -133,7 +134,7 @@ class LookAhead:
     bounces = [(name, ev, arrays) for (name, ev, _), arrays in zip(copies, moved)]
     self._stats["plan_s"] += a.seconds + time.perf_counter() - t0
     return PlannedBatch(a.seq, a.raw.replace(ids=a.ids), a.data_state, on_device, a.installs,
-                        a.evictions, bounces)
+                        a.used, a.evictions, bounces)
 
   def _start_read(self, t: TierTable, rows: np.ndarray
                   ) -> tuple[list, Callable[[], dict[str, np.ndarray]]]:

@@ -25,6 +25,8 @@ class TierTable:
   features: tuple[str, ...]
   place: Any
   resident: np.ndarray          # [cache_rows] row in each slot after the last install (-1)
+  dirty: np.ndarray             # [cache_rows] bool: trained since the last flush (`flush`
+                                # writes only these: every cached row rewrote most files)
 
 
 @dataclasses.dataclass
@@ -35,5 +37,6 @@ class PlannedBatch:
   data_state: Any
   payload: dict | None          # device arrays for `DeviceOps.install`, None: nothing new
   installs: dict                # table -> (slots, rows)
+  used: dict                    # table -> slots the batch reads (its step updates them)
   evictions: list
   bounces: list                 # (table, eviction, (src, dst)): rows copied on the device

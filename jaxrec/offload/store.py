@@ -28,6 +28,7 @@ range), so offloading does not change a run.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import shutil
 from typing import Mapping
@@ -49,6 +50,10 @@ from jaxrec.offload.owner import OWNER
 TABLE = "table"
 _INIT_BLOCK_ROWS = 1 << 18
 _WRITE_PIECE_ROWS = 2048    # a write-back goes in pieces, so reads are not queued behind it
+# ... of at most this many bytes of files: tensorstore reads and rewrites a file it writes
+# to whole, and 2048 rows spread over a table touched 2048 files (a 2 GB table's 977 files
+# of 2 MiB took the process from 0.4 to 2.3 GiB)
+_WRITE_PIECE_FILE_BYTES = 64 << 20
 
 
 def _contexts() -> tuple[ts.Context, ts.Context]:
@@ -214,7 +219,13 @@ class TableStore:
     for start in range(0, rows, _INIT_BLOCK_ROWS):
       signals.check()   # Ctrl-C: between blocks (a fresh run writes the store afresh)
       stop = min(rows, start + _INIT_BLOCK_ROWS)
-      arr[start:stop].write(init_rows(key, self.spec, start, stop)).result()
+      try:
+        arr[start:stop].write(init_rows(key, self.spec, start, stop)).result()
+      except Exception as e:   # e.g. disk full: was a tensorstore traceback naming no table
+        raise OffloadError(f"offloaded table '{self.spec.name}': writing its initial rows "
+                           f"{start}..{stop} of {rows:,} ({self.spec.dim} x "
+                           f"{self.array_dtype(TABLE).name} each) to {self._where(TABLE)} "
+                           f"failed: {_status(e)}") from None
 
   # ----------------------------------------------------------------------------- rows
   def read(self, rows: np.ndarray) -> "PendingRead":
@@ -230,13 +241,32 @@ class TableStore:
       return
     order = np.argsort(rows, kind="stable")
     try:
-      for start in range(0, len(rows), _WRITE_PIECE_ROWS):
-        piece = order[start:start + _WRITE_PIECE_ROWS]
+      for piece in self._write_pieces(rows[order]):
+        piece = order[piece]
         wait_all([self.arrays[name][rows[piece]].write(values[name][piece])
                   for name in self.names])   # none still writing after an error
     except Exception as e:
       raise OffloadError(f"offloaded table '{self.spec.name}': write-back of {len(rows)} rows "
                          f"to {self._where(TABLE)} failed: {_status(e)}") from None
+
+  def _write_pieces(self, rows: np.ndarray) -> list[slice]:
+    """Pieces of sorted `rows` to write one after the other: each at most
+    `_WRITE_PIECE_ROWS` rows and `_WRITE_PIECE_FILE_BYTES` of the files they touch (every
+    array's; at least one file)."""
+    chunk, shard = self.off.file_rows(self.spec.rows)
+    file_rows = shard or chunk
+    row_bytes = sum(math.prod(self.array_shape(n)[1:]) * self.array_dtype(n).itemsize
+                    for n in self.names)
+    max_files = max(1, _WRITE_PIECE_FILE_BYTES // (file_rows * row_bytes))
+    files = rows // file_rows
+    ordinal = np.concatenate([[0], np.cumsum(files[1:] != files[:-1])])   # [n] file number
+    pieces, start = [], 0
+    while start < len(rows):
+      stop = min(start + _WRITE_PIECE_ROWS,
+                 int(np.searchsorted(ordinal, ordinal[start] + max_files)))
+      pieces.append(slice(start, stop))
+      start = stop
+    return pieces
 
   def write_block(self, name: str, start: int, values: np.ndarray) -> None:
     """Writes `values` `[n, ...]` to rows `[start, start + n)` of array `name`, converted

@@ -126,7 +126,7 @@ class OffloadTier(LookAhead):
           spec, store, CacheMap(off.name, spec.rows, cache_rows),
           HostBuffer(off.name, spec.rows, config.host_buffer_rows, shapes, dtypes),
           tuple(f.name for f in collection.features if f.table == off.name), place,
-          np.full(cache_rows, -1, np.int64))
+          np.full(cache_rows, -1, np.int64), np.zeros(cache_rows, bool))
     self.ops = DeviceOps(collection, places)
     self.bounce_sources = bounce_sources(config.prefetch_depth)
     self._store_ready = self._dirty = self._atexit = False
@@ -152,6 +152,8 @@ class OffloadTier(LookAhead):
                          "before_step was skipped for an earlier batch")
     plan = self._handed.popleft()
     self._dirty = True              # the step updates cached rows, installs or not
+    for name, slots in plan.used.items():
+      self.tables[name].dirty[slots] = True
     if plan.payload is None:
       return state
     t0 = time.perf_counter()
@@ -192,8 +194,11 @@ class OffloadTier(LookAhead):
     return [self._dummies[key]] * self.bounce_sources
 
   def flush(self, state: dict) -> None:
-    """Writes every row of the current state (cached or buffered) to the stores; the stores
-    then hold the tables exactly as of this step. Call between steps."""
+    """Writes the current state's rows that the stores lack (buffered evictions, and cached
+    rows trained since the last flush) to the stores; the stores then hold the tables
+    exactly as of this step. Call between steps. (It wrote every cached row: with a cache
+    spread over the table that rewrote nearly every file of the store at each checkpoint,
+    and each snapshot then kept a whole copy of the table.)"""
     self._raise_error()
     self._ensure_store()
     self._drain_fetches()
@@ -201,12 +206,14 @@ class OffloadTier(LookAhead):
     with self._io_lock:
       for name, t in self.tables.items():
         self._flush_buffer(t)
-        slots = np.flatnonzero(t.resident >= 0)
+        slots = np.flatnonzero((t.resident >= 0) & t.dirty)
         for start in range(0, len(slots), _FLUSH_CHUNK):
           part = slots[start:start + _FLUSH_CHUNK]
           rows = global_rows(t.place, part, padded(min(t.cache.cache_rows, _FLUSH_CHUNK)))
           vals = jax.device_get(self.ops.gather(state["emb"], {name: self.ops.put(rows)}))
           t.store.write(t.resident[part], {k: v[:len(part)] for k, v in vals[name].items()})
+          t.dirty[part] = False   # (a failed write leaves the rest dirty)
+        self._stats["flushed_rows"] += len(slots)
     self._dirty = False
     self._stats["flush_s"] += time.perf_counter() - t0
 
@@ -418,6 +425,7 @@ class OffloadTier(LookAhead):
       t.cache.reset()
       t.buffer.clear()
       t.resident[:] = -1
+      t.dirty[:] = False
     self._dirty = False
 
   def _guard(self, fn):

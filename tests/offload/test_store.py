@@ -241,6 +241,24 @@ class _Array:
     return fake_futures.Future(self.log, self.error)
 
 
+def test_a_write_back_goes_in_pieces_of_a_few_files(tmp_path, monkeypatch):
+  """tensorstore rewrites a file it writes to whole: 2048 rows spread over a table touched
+  up to 2048 files in one piece (a 2 GB table's write-back held the whole table in RAM).
+  Pieces hold at most `_WRITE_PIECE_FILE_BYTES` of files; the values are those written."""
+  store = _store(tmp_path, chunk_rows=16)             # files of 256 rows x (8 + 8) floats
+  store.create(jax.random.key(0))
+  monkeypatch.setattr(storage, "_WRITE_PIECE_FILE_BYTES", 2 * 256 * 16 * 4)   # two files
+  rows = np.array([999, 3, 300, 5, 700, 600, 4])
+  pieces = store._write_pieces(np.sort(rows))   # pylint: disable=protected-access
+  assert [np.sort(rows)[p].tolist() for p in pieces] == [[3, 4, 5, 300], [600, 700, 999]]
+  want = np.array(init_table(jax.random.key(0), SPEC))
+  new = np.arange(7 * 8, dtype=np.float32).reshape(7, 8)
+  store.write(rows, {"table": new, "opt.accum": new + 1})
+  want[rows] = new
+  np.testing.assert_array_equal(store.read_all("table", 0, 1000), want)
+  np.testing.assert_array_equal(store.read_all("opt.accum", 0, 1000)[rows], new + 1)
+
+
 def test_a_failed_write_back_leaves_no_write_running(tmp_path):
   """The table's write failing (disk full) raised at once: the optimizer state's write of
   the same rows still ran after the `OffloadError`, and could land after a restart in the
@@ -252,6 +270,40 @@ def test_a_failed_write_back_leaves_no_write_running(tmp_path):
     store.write(np.arange(3), {name: np.zeros((3, SPEC.dim), np.float32)
                                for name in store.names})
   assert len(log) == len(store.names) > 1 and all(w.waited for w in log)
+
+
+def test_a_failed_initial_write_names_the_table_and_path(tmp_path):
+  """Disk full while a fresh store's initial rows were written: a tensorstore ValueError
+  traceback that named no table (write-backs already said which)."""
+  store = _store(tmp_path)
+  store.create(None)
+  store.readers["table"] = _Array(ValueError("RESOURCE_EXHAUSTED: Error writing local file "
+                                             '"x/c/0/0": No space left on device'), [])
+  with pytest.raises(offload.OffloadError, match=r"^offloaded table 'big': writing its initial "
+                     r"rows 0\.\.1000 of 1,000 \(8 x float32 each\) to '.*big/table/' "
+                     r"\(zarr3 on file\) failed: RESOURCE_EXHAUSTED: .* No space left"):
+    store._write_init(jax.random.key(0))   # pylint: disable=protected-access
+
+
+def test_a_store_on_another_filesystem_than_the_snapshots_is_warned_about(tmp_path,
+                                                                         monkeypatch):
+  """A checkpoint hard-links a store's files into its snapshot, and copies them where it
+  cannot: a store on a tmpfs left a whole copy of the table per checkpoint, unannounced."""
+  import types  # pylint: disable=import-outside-toplevel
+  from jaxrec.offload import hooks  # pylint: disable=import-outside-toplevel
+  table = lambda path, kv="file": types.SimpleNamespace(spec=TableSpec("big", 2**20, 64),
+      store=types.SimpleNamespace(path=path, off=types.SimpleNamespace(kvstore=kv)))
+  tier = types.SimpleNamespace(tables={"big": table(str(tmp_path / "not_yet" / "big"))})
+  assert hooks.warn_copied_snapshots(tier, str(tmp_path / "w" / "offload_snapshots")) == []
+  monkeypatch.setattr(hooks, "filesystem", lambda path: path.startswith("/ssd"))
+  tier.tables["big"] = table("/ssd/big")
+  (warning,) = hooks.warn_copied_snapshots(tier, "/w/offload_snapshots")
+  assert warning.startswith("offloaded table 'big': its store /ssd/big is on another "
+                            "filesystem than the offload snapshots (/w/offload_snapshots), "
+                            "so each checkpoint copies the whole store (the table alone is "
+                            "256 MiB)"), warning
+  tier.tables["big"] = table("/ssd/big", "memory")
+  assert hooks.warn_copied_snapshots(tier, "/w/offload_snapshots") == []
 
 
 def test_a_failed_read_leaves_no_read_running(tmp_path):
