@@ -29,6 +29,7 @@ and never silently exports corrupt data.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -60,6 +61,7 @@ from jaxrec.sharding.plan import KINDS, Plan, load_plan_file, recorded_mesh, uni
 
 FORMATS = ("npz", "zarr", "checkpoint")
 IMPORT_DTYPES = quant.FLOAT_TABLE_DTYPES   # what a TorchRec table can be imported as
+_CHECK_ROWS = 1 << 16                      # an import checks a table's values in row blocks
 NPZ_DTYPES = {"bfloat16": np.dtype(np.float32)}   # npy has no bfloat16: widened, exactly
 _RENAME = (("params", "dense"), ("opt_state", "dense_opt"))
 TORCHREC_KEY = re.compile(r"(?:^|\.)(?:embedding_bags|embeddings)\.([^.]+)\.weight$")
@@ -497,8 +499,23 @@ def _link_copy(src: epath.Path, dst: epath.Path) -> None:
     tmp.rename(dst)
 
 
-def _read_torchrec(npz_path) -> dict[str, np.ndarray]:
-  """`{table: weight}` of a TorchRec npz (see `import_torchrec`)."""
+@dataclasses.dataclass(frozen=True)
+class _NpzTable:
+  """A table of an npz, checked and read again when its checkpoint array is written
+  (`tables.Piece`): an import holds one table at a time (it held every table, 2x the
+  biggest while it checked it)."""
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  npz_path: str
+  key: str
+
+  def load(self) -> np.ndarray:
+    with np.load(self.npz_path) as z:
+      return z[self.key]
+
+
+def _read_torchrec(npz_path) -> dict[str, _NpzTable]:
+  """`{table: weight}` of a TorchRec npz (see `import_torchrec`), each table checked."""
   tables = {}
   with np.load(npz_path) as z:
     names = {}
@@ -518,7 +535,9 @@ def _read_torchrec(npz_path) -> dict[str, np.ndarray]:
       raise DataError(f"{npz_path}: no keys like 'embedding_bags.<table>.weight' (keys: "
                       f"{z.files[:10]})")
     for name, key in sorted(names.items()):
-      w = tables[name] = z[key]
+      signals.check()   # Ctrl-C between tables
+      w = z[key]
+      tables[name] = _NpzTable(w.shape, w.dtype, str(npz_path), key)
       if w.ndim != 2 or not all(w.shape):
         raise DataError(f"{npz_path}: '{key}' has shape {w.shape}, expected [rows, dim] "
                         "(both positive)")
@@ -531,11 +550,16 @@ def _read_torchrec(npz_path) -> dict[str, np.ndarray]:
         raise DataError(f"{npz_path}: '{key}' has dtype {w.dtype}, which no table can have "
                         f"(table dtypes: {', '.join(IMPORT_DTYPES)}); convert it before the "
                         "import, e.g. to float32 (which rounds)")
-      bad = ~np.isfinite(w)
-      if bad.any():   # a run would train NaN into every row it pools with (and save it)
+      bad_values, bad_rows, first = 0, 0, None
+      for start in range(0, len(w), _CHECK_ROWS):   # a run would train NaN into every row
+        bad = ~np.isfinite(w[start:start + _CHECK_ROWS])   # it pools with (and save it)
         rows = np.flatnonzero(bad.any(axis=1))
-        raise DataError(f"{npz_path}: '{key}' holds {int(bad.sum())} NaN/inf values in "
-                        f"{len(rows)} rows (first: row {int(rows[0])})")
+        bad_values, bad_rows = bad_values + int(bad.sum()), bad_rows + len(rows)
+        first = start + int(rows[0]) if first is None and len(rows) else first
+      if bad_values:
+        raise DataError(f"{npz_path}: '{key}' holds {bad_values} NaN/inf values in "
+                        f"{bad_rows} rows (first: row {first})")
+      del w
   return tables
 
 

@@ -243,11 +243,14 @@ class CheckpointManager:
                   table_opt: Mapping[str, Mapping[str, np.ndarray]] | None = None,
                   data_state: Mapping | None = None, meta: Mapping | None = None) -> None:
     """Saves per-table host arrays alone as checkpoint `step` (tools: import). A run
-    restoring it takes dense values from `init` or its `target`; see `restore`."""
+    restoring it takes dense values from `init` or its `target`; see `restore`. A table
+    may also be given as an object with `shape`, `dtype` and `load()`, read when it is
+    written (one table in memory at a time)."""
     arrays, pieces = {}, []
     for name, x in tables.items():
       arrays[tables_lib.table_name(name)] = (tuple(x.shape), str(x.dtype))
-      pieces.append(tables_lib.Piece(tables_lib.table_name(name), (0,) * x.ndim, x))
+      pieces.append(tables_lib.Piece(tables_lib.table_name(name), (0,) * len(x.shape),
+                                     getattr(x, "load", x)))
     for name, opt in (table_opt or {}).items():
       for k, x in opt.items():
         arrays[tables_lib.opt_name(name, k)] = (tuple(x.shape), str(x.dtype))

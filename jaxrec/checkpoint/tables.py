@@ -30,7 +30,7 @@ import json
 import logging
 import math
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -58,10 +58,11 @@ COPY_BYTES = 16 << 20   # host copies run in parallel blocks of about this size
 
 @dataclasses.dataclass(frozen=True)
 class Piece:
-  """A block of one stored array: `data` goes at `start` (row[, col])."""
+  """A block of one stored array: `data` goes at `start` (row[, col]); `data` may be a
+  function returning it, called when its array is written (`write_pieces`)."""
   array: str
   start: tuple[int, ...]
-  data: np.ndarray
+  data: np.ndarray | Callable[[], np.ndarray]
 
 
 UNSTORABLE = "names with '/' or a leading '.' cannot be stored"
@@ -215,10 +216,11 @@ async def write_pieces(directory: epath.Path, arrays: Mapping[str, tuple], piece
     txn, total = ts.Transaction(), 0
     writes = []
     for p in by_array[name]:
-      region = tuple(slice(s, s + n) for s, n in zip(p.start, p.data.shape))
+      data = p.data() if callable(p.data) else p.data
+      region = tuple(slice(s, s + n) for s, n in zip(p.start, data.shape))
       writes.append(handle.with_transaction(txn)[region].write(
-          p.data, can_reference_source_data_indefinitely=True))
-      total = (total + fingerprint_np(p.data, arrays[name][0], p.start)) & 0xFFFFFFFF
+          data, can_reference_source_data_indefinitely=True))
+      total = (total + fingerprint_np(data, arrays[name][0], p.start)) & 0xFFFFFFFF
     wait_all([w.copy for w in writes])
     txn.commit_async().result()
     prints[name] = total
