@@ -5,9 +5,14 @@ device, so every process of a job plans alike. On a GPU with much more memory (j
 allocator may take 75% of it by default, ~104 GiB of an H200's 139) tables that would fit
 are then offloaded (`OffloadConfig.auto`) or refused; the note says so once, with the
 device's own figure, and leaves the choice to the user.
+
+CPU devices (e.g. `--xla_force_host_platform_device_count=8`) all take the host's memory:
+a plan within the budget on each may not fit them together (`host_warning`).
 """
 
 from __future__ import annotations
+
+import os
 
 from jaxrec import planner
 from jaxrec.planner.result import format_bytes
@@ -31,3 +36,28 @@ def note(memory_per_device: int | None, device) -> str | None:
           f"(--memory_per_device unset); this {device.device_kind} gives jax "
           f"{format_bytes(limit)}: set --memory_per_device to plan with more of it (leave "
           "room for the dense model and its activations)")
+
+
+# A plan taking more than this fraction of the host's memory on its CPU devices is warned
+# about: the dense model, the step's activations and the host's own copies come on top.
+HOST_FRACTION = 0.75
+
+
+def host_warning(result, devices, host_bytes: int | None = None) -> str | None:
+  """The warning for a plan (`PlanResult`) whose tables, on this process's CPU `devices`
+  together, take more than `HOST_FRACTION` of the host's memory (`host_bytes`, default
+  the physical memory); None otherwise, and off CPU. The budget is per device: a 1.2 GiB
+  table replicated (`dp`) on 8 CPU devices fit 16 GiB on each, and took 10 GiB of the
+  host before the first step."""
+  if not devices or devices[0].platform != "cpu":
+    return None
+  host = host_bytes if host_bytes is not None else (
+      os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+  each = sum(result.memory.values())
+  if each * len(devices) <= HOST_FRACTION * host:
+    return None
+  return (f"the plan puts {format_bytes(each)} on each of the {len(devices)} CPU devices of "
+          f"this process, {format_bytes(each * len(devices))} in all, and they share this "
+          f"host's {format_bytes(host)} of memory: the run may run out of it. Give "
+          f"--memory_per_device={int(HOST_FRACTION * host / len(devices)) >> 20}MiB or "
+          "less (the planner then splits or offloads tables), or fewer devices")

@@ -42,21 +42,48 @@ class _Noted(Exception):
 
 
 def test_the_loop_asks_for_the_note_beside_the_plan_report(monkeypatch, tmp_path):
-  """Wiring: after the plan's report, with the run's budget and its first local device
-  (stopped there by the fake note)."""
+  """Wiring: after the plan's report, the note with the run's budget and its first local
+  device, then the host warning with the plan and the mesh's local devices (stopped there
+  by the fake warning)."""
   from jaxrec import launch   # pylint: disable=import-outside-toplevel
   from jaxrec.train import config as config_lib, loop   # pylint: disable=import-outside-toplevel
   from tests.train.test_loop_eval_ids import BINDINGS   # pylint: disable=import-outside-toplevel
 
   def fake_note(memory_per_device, device):
-    raise _Noted(memory_per_device, device)
+    asked.append((memory_per_device, device))
+
+  def fake_host_warning(result, devices):
+    raise _Noted(result, devices)
+  asked = []
   monkeypatch.setattr(budget_hint, "note", fake_note)
+  monkeypatch.setattr(budget_hint, "host_warning", fake_host_warning)
   launch.parse_gin(["configs/dlrm_synthetic.gin"], BINDINGS)
   options = config_lib.RunOptions(num_steps=1, mesh="data=8", plan="dp", progress=False,
                                   memory_per_device=3 * GIB)
   try:
     loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path / "w"))
   except _Noted as e:
-    assert e.args == (3 * GIB, jax.local_devices()[0])
+    assert asked == [(3 * GIB, jax.local_devices()[0])]
+    assert e.args[0].mode == "forced" and list(e.args[1]) == jax.local_devices()[:8]
   else:
     raise AssertionError("the loop never asked for the note")
+
+
+def test_a_plan_the_cpu_devices_cannot_hold_together_is_warned_about():
+  """A 1.2 GiB table replicated on 8 CPU devices fit the 16 GiB default on each and took
+  10 GiB of the host's memory before the first step, unannounced: the budget is per
+  device, and CPU devices share the host."""
+  import types  # pylint: disable=import-outside-toplevel
+  result = types.SimpleNamespace(memory={"table": GIB, "optimizer": GIB // 4,
+                                         "buffers": GIB // 4})
+  cpus = jax.devices()[:8]
+  text = budget_hint.host_warning(result, cpus, host_bytes=15 * GIB)
+  assert text == ("the plan puts 1.5 GiB on each of the 8 CPU devices of this process, 12.0 "
+                  "GiB in all, and they share this host's 15.0 GiB of memory: the run may "
+                  "run out of it. Give --memory_per_device=1440MiB or less (the planner then "
+                  "splits or offloads tables), or fewer devices")
+  assert budget_hint.host_warning(result, cpus[:4], host_bytes=15 * GIB) is None   # 6 GiB
+  gpus = [types.SimpleNamespace(platform="gpu")] * 8
+  assert budget_hint.host_warning(result, gpus, host_bytes=15 * GIB) is None
+  tiny = types.SimpleNamespace(memory={"table": 2**20})   # the physical memory, by default
+  assert budget_hint.host_warning(tiny, cpus) is None
