@@ -6,7 +6,7 @@
       .save(step, state, collection, data_state=None, meta=None, force=False) -> bool
       .wait() / .close()                                    (also a context manager)
       .restore(target, collection, step=None, require_finite=False, init=None,
-               offloaded=None, snapshot_check=None)         -> Restored | None
+               offloaded=None, snapshot_check='full')       -> Restored | None
       .all_steps() / .latest_step() / .latest_valid_step(full=False) / .check(step, full)
       .save_arrays(step, tables, table_opt=None, ...)       tables-only checkpoints (import)
     Restored(state, data_state, meta, host_tables)

@@ -510,8 +510,19 @@ class _NpzTable:
   key: str
 
   def load(self) -> np.ndarray:
-    with np.load(self.npz_path) as z:
-      return z[self.key]
+    """The table as checked; a `DataError` naming the file when it no longer reads so
+    (replaced or damaged during the import)."""
+    try:
+      with np.load(self.npz_path) as z:
+        w = z[self.key]
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+      raise DataError(f"--torchrec_npz: {self.npz_path} became unreadable during the "
+                      f"import ('{self.key}': {first_line(e)})") from None
+    if w.shape != self.shape or w.dtype != self.dtype:
+      raise DataError(f"--torchrec_npz: {self.npz_path} changed during the import: "
+                      f"'{self.key}' is now {w.dtype} {list(w.shape)}, was {self.dtype} "
+                      f"{list(self.shape)}")
+    return w
 
 
 def _read_torchrec(npz_path) -> dict[str, _NpzTable]:

@@ -224,6 +224,7 @@ async def write_pieces(directory: epath.Path, arrays: Mapping[str, tuple], piece
     wait_all([w.copy for w in writes])
     txn.commit_async().result()
     prints[name] = total
+    writes = data = None   # a lazy piece (an import's table) is not held past its array
   process, count = jax.process_index(), jax.process_count()
   (directory / f"fingerprints.{process}.json").write_text(json.dumps(prints, sort_keys=True))
   if process == 0:

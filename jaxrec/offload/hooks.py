@@ -151,7 +151,8 @@ def warn_copied_snapshots(tier: OffloadTier, snapshots: str) -> list[str]:
   left three 252 MB snapshots, with no word of it)."""
   warnings = []
   for name, t in tier.tables.items():
-    if t.store.off.kvstore == "memory" or filesystem(t.store.path) == filesystem(snapshots):
+    where = filesystem(t.store.path)
+    if t.store.off.kvstore == "memory" or where is None or where == filesystem(snapshots):
       continue
     size = t.spec.rows * t.spec.dim * jax.numpy.dtype(t.spec.dtype).itemsize
     warnings.append(
@@ -163,12 +164,16 @@ def warn_copied_snapshots(tier: OffloadTier, snapshots: str) -> list[str]:
   return warnings
 
 
-def filesystem(path: str) -> int:
-  """The device id (`st_dev`) of `path`, or of its nearest existing parent."""
+def filesystem(path: str) -> int | None:
+  """The device id (`st_dev`) of `path`, or of its nearest existing parent; None when it
+  cannot be read (the store's own checks name such a path)."""
   path = os.path.abspath(path)
   while not os.path.exists(path) and os.path.dirname(path) != path:
     path = os.path.dirname(path)
-  return os.stat(path).st_dev
+  try:
+    return os.stat(path).st_dev
+  except OSError:
+    return None
 
 
 def store_paths(tier: OffloadTier) -> dict[str, dict[str, str]]:

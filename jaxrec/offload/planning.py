@@ -63,8 +63,7 @@ def auto_candidates(tables: Sequence[TableSpec], features: Sequence[FeatureSpec]
   """The tables `OffloadConfig.auto` may offload, in the order it does: not configured,
   offloadable (not int8), and with a cache under half their rows; biggest first."""
   rows_of = auto_cache_rows(features, config, batch_size)
-  return sorted((t for t in tables if config.table(t.name) is None
-                 and t.dtype in OFFLOAD_DTYPES and rows_of(t) < t.rows / 2),
+  return sorted((t for t in tables if _may_auto_offload(t, config, rows_of)),
                 key=lambda t: (-t.rows * row_bytes(t, optimizer), t.name))
 
 
@@ -85,15 +84,20 @@ def with_auto_offloaded(tables: Sequence[TableSpec], features: Sequence[FeatureS
                         config: OffloadConfig, names: Sequence[str], batch_size: int
                         ) -> OffloadConfig:
   """`config` with the tables `names` offloaded as `OffloadConfig.auto` offloads them (in
-  `auto_added`), where `config` does not list them. E.g. the tables a resumed checkpoint
-  records offloaded (its meta), so that its recorded plan, made over their caches, is
-  checked over the same ones without a planner search; the others stay on the device.
-  `names` not among `tables` (renamed since) are left out."""
+  `auto_added`), where auto may offload them (`auto_candidates`; not those `config` lists,
+  nor those gone or renamed). E.g. the tables `OffloadConfig.auto` offloaded in a resumed
+  checkpoint (its meta), so that its recorded plan, made over their caches, is checked over
+  the same ones without a planner search; the others stay on the device."""
   rows_of = auto_cache_rows(features, config, batch_size)
   for t in tables:
-    if t.name in names and config.table(t.name) is None:
+    if t.name in names and _may_auto_offload(t, config, rows_of):
       config = _auto_offload(config, t, rows_of)
   return config
+
+
+def _may_auto_offload(table: TableSpec, config: OffloadConfig, rows_of) -> bool:
+  return (config.table(table.name) is None and table.dtype in OFFLOAD_DTYPES
+          and rows_of(table) < table.rows / 2)
 
 
 def _auto_offload(config: OffloadConfig, table: TableSpec, rows_of) -> OffloadConfig:

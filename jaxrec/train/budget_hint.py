@@ -48,7 +48,8 @@ def host_warning(result, devices, host_bytes: int | None = None) -> str | None:
   together, take more than `HOST_FRACTION` of the host's memory (`host_bytes`, default
   the physical memory); None otherwise, and off CPU. The budget is per device: a 1.2 GiB
   table replicated (`dp`) on 8 CPU devices fit 16 GiB on each, and took 10 GiB of the
-  host before the first step."""
+  host before the first step. (Several processes on one host each count their own
+  devices; offloaded tables' host memory is not counted.)"""
   if not devices or devices[0].platform != "cpu":
     return None
   host = host_bytes if host_bytes is not None else (
@@ -60,4 +61,5 @@ def host_warning(result, devices, host_bytes: int | None = None) -> str | None:
           f"this process, {format_bytes(each * len(devices))} in all, and they share this "
           f"host's {format_bytes(host)} of memory: the run may run out of it. Give "
           f"--memory_per_device={int(HOST_FRACTION * host / len(devices)) >> 20}MiB or "
-          "less (the planner then splits or offloads tables), or fewer devices")
+          "less (with --plan=auto the planner then splits or offloads tables), or fewer "
+          "devices")

@@ -322,6 +322,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   if tier is not None:   # checkpoint conversion reads these tables from the snapshots
     meta["offload"] = {"snapshots": os.path.abspath(snapshots),
                        "tables": {n: {"rows": t.spec.rows, "cache_rows": t.cache.cache_rows,
+                                      "auto": n in info["offload"].auto_added,
                                       **offload.store_paths(tier)[n]}
                                   for n, t in tier.tables.items()}}
 

@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class Recorded:
   """The plan and mesh a checkpoint step records (manifest `saved_plan`, `saved_mesh`), and
-  the tables it offloaded (meta `offload`; None when the meta does not read)."""
+  the tables `OffloadConfig.auto` offloaded in it (meta `offload`; None when not known: a
+  meta that does not read, or one from before the meta said which offloaded tables auto
+  chose)."""
 
   plan: Plan
   mesh: dict[str, int]
@@ -76,9 +78,11 @@ def recorded(workdir: str | None) -> Recorded | None:
               "--mesh=auto --plan=auto plans afresh", log)
     return None
   try:   # the restore names a meta that does not read
-    offload = storage.read_json(step_dir, storage.META).get("offload") or {}
-    offloaded = tuple(sorted(offload.get("tables") or {}))
-  except (OSError, ValueError, TypeError, AttributeError):
+    tables = (storage.read_json(step_dir, storage.META).get("offload") or {}).get("tables")
+    tables = tables or {}
+    offloaded = (tuple(sorted(n for n, t in tables.items() if t["auto"]))
+                 if all("auto" in t for t in tables.values()) else None)
+  except (OSError, ValueError, TypeError, AttributeError, KeyError):
     offloaded = None
   return Recorded(plan, mesh, step_dir, offloaded)
 

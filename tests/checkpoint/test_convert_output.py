@@ -240,3 +240,18 @@ def test_a_torchrec_import_holds_one_table_at_a_time(tmp_path):
     stored = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(
         tmp_path / "ckpt" / "0" / "embeddings" / "tables" / name)}}).result()
     np.testing.assert_array_equal(stored.read().result(), w)
+
+
+def test_an_npz_changed_during_the_import_is_named(tmp_path):
+  """The import reads each table again when it writes it: an npz replaced or damaged in
+  between gave the save's error ('saving checkpoint 0 ... failed') or a raw BadZipFile."""
+  npz = tmp_path / "ebc.npz"
+  np.savez(npz, **{"embedding_bags.t.weight": np.ones((4, 2), np.float32)})
+  (table,) = convert._read_torchrec(npz).values()   # pylint: disable=protected-access
+  np.savez(npz, **{"embedding_bags.t.weight": np.ones((5, 2), np.float32)})
+  with pytest.raises(DataError, match=r"ebc.npz changed during the import: "
+                     r"'embedding_bags.t.weight' is now float32 \[5, 2\], was float32 \[4, 2\]"):
+    table.load()
+  npz.write_bytes(b"not a zip")
+  with pytest.raises(DataError, match=r"ebc.npz became unreadable during the import "):
+    table.load()

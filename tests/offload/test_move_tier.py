@@ -52,6 +52,8 @@ def test_auto_offload_on_a_smaller_budget_resumes(tmp_path):
          memory_per_device=budget)
   plan = json.loads((w / "plan.json").read_text())
   assert "offloaded 't0'" in str(plan) and "offloaded 't1'" in str(plan)
+  from jaxrec.train import mesh_choice  # pylint: disable=import-outside-toplevel
+  assert mesh_choice.recorded(str(w)).offloaded == ("t0", "t1")   # a resume offloads them
   assert snapshots.steps(str(w / "offload_snapshots")) == [20]
   got, want = logged_losses(w), logged_losses(ref)
   np.testing.assert_allclose([got[15], got[20]], [want[15], want[20]], rtol=0, atol=1e-6)

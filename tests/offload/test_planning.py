@@ -298,12 +298,16 @@ def test_a_recorded_plan_takes_the_tables_its_checkpoint_offloaded(monkeypatch):
   for names in [("huge",), ("huge", "mid", "gone")]:
     again, result, tables, off = offload.choose_plan(config, options, MESH, auto,
                                                      recorded=plan, recorded_offload=names)
-    offloaded = tuple(n for n in names if n != "gone")   # a table no longer configured
+    offloaded = tuple(n for n in names if n != "gone")   # not a table gone since
     assert again == plan and result.mode == "checkpoint" and off.auto_added == offloaded
     assert {t.name: t.rows for t in tables} == {
         "huge": 800_000, "mid": 100_000 if "mid" in names else 1_000_000, "small": 10_000}
   with pytest.raises(ConfigError, match="does not fit"):   # none offloaded: whole tables
     offload.choose_plan(config, options, MESH, auto, recorded=plan, recorded_offload=())
+  # nor one auto would not offload now: at this fraction huge's cache would hold its rows
+  half = dataclasses.replace(auto, auto_cache_fraction=0.5)
+  with pytest.raises(ConfigError, match="does not fit"):
+    offload.choose_plan(config, options, MESH, half, recorded=plan, recorded_offload=("huge",))
 
 
 @pytest.mark.parametrize("auto", [False, True])

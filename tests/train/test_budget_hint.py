@@ -80,8 +80,8 @@ def test_a_plan_the_cpu_devices_cannot_hold_together_is_warned_about():
   text = budget_hint.host_warning(result, cpus, host_bytes=15 * GIB)
   assert text == ("the plan puts 1.5 GiB on each of the 8 CPU devices of this process, 12.0 "
                   "GiB in all, and they share this host's 15.0 GiB of memory: the run may "
-                  "run out of it. Give --memory_per_device=1440MiB or less (the planner then "
-                  "splits or offloads tables), or fewer devices")
+                  "run out of it. Give --memory_per_device=1440MiB or less (with --plan=auto "
+                  "the planner then splits or offloads tables), or fewer devices")
   assert budget_hint.host_warning(result, cpus[:4], host_bytes=15 * GIB) is None   # 6 GiB
   gpus = [types.SimpleNamespace(platform="gpu")] * 8
   assert budget_hint.host_warning(result, gpus, host_bytes=15 * GIB) is None

@@ -102,18 +102,25 @@ def test_unreadable_records_plan_afresh_with_a_warning(workdirs, tmp_path, caplo
 
 
 def test_the_records_name_the_tables_the_checkpoint_offloaded(workdirs, tmp_path):
-  """`mesh_choice.Recorded.offloaded`: the tables the checkpoint's meta records offloaded
-  (`OffloadConfig.auto` offloads them again, tests/offload/test_planning.py); none when it
-  offloaded none, unknown (None) when the meta does not read."""
+  """`mesh_choice.Recorded.offloaded`: the tables the checkpoint's meta records that
+  `OffloadConfig.auto` offloaded (it offloads them again, tests/offload/test_planning.py;
+  not those the saved run's OffloadConfig.tables listed); none when it offloaded none,
+  unknown (None) when the meta does not read or does not say which auto chose."""
   from jaxrec.train import mesh_choice  # pylint: disable=import-outside-toplevel
   _, w2, _ = workdirs
   assert mesh_choice.recorded(str(w2)).offloaded == ()
   copy = tmp_path / "W4" / "checkpoints"
   convert.export_checkpoint(w2 / "checkpoints", copy)
   meta = copy / "5" / "meta" / "metadata"
-  tables = {"t1": {"rows": 1000, "cache_rows": 100}, "t0": {"rows": 50, "cache_rows": 10}}
-  meta.write_text(json.dumps(dict(json.loads(meta.read_text()), offload={"tables": tables})))
+  tables = {"t2": {"rows": 900, "cache_rows": 90, "auto": False},   # configured
+            "t1": {"rows": 1000, "cache_rows": 100, "auto": True},
+            "t0": {"rows": 50, "cache_rows": 10, "auto": True}}
+  original = json.loads(meta.read_text())
+  meta.write_text(json.dumps(dict(original, offload={"tables": tables})))
   assert mesh_choice.recorded(str(copy.parent)).offloaded == ("t0", "t1")
+  del tables["t1"]["auto"]   # from before the meta said
+  meta.write_text(json.dumps(dict(original, offload={"tables": tables})))
+  assert mesh_choice.recorded(str(copy.parent)).offloaded is None
   meta.write_text("{")
   assert mesh_choice.recorded(str(copy.parent)).offloaded is None
 
