@@ -156,6 +156,18 @@ def check_stored(tables_dir, names: Iterable[str], saved: Mapping[str, int]) -> 
   return not any(nonfinite)
 
 
+def all_finite(arrays: Mapping[str, ts.TensorStore]) -> bool:
+  """Whether every value of the snapshot `arrays` is finite, read block by block: a NaN
+  rollback checked only the device caches of tables offloaded then and now, so a row that
+  went NaN and was evicted before the save was restored as it was."""
+  for array in arrays.values():
+    for _, block in storage.row_blocks(array):
+      signals.check()
+      if not np.isfinite(block).all():
+        return False
+  return True
+
+
 @dataclasses.dataclass(frozen=True)
 class StoredTable:
   """A table a checkpoint holds whole, for a run that offloads it.

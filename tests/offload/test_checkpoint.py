@@ -84,6 +84,38 @@ def test_a_flush_writes_only_the_rows_trained_since_the_last_one(tmp_path):
     off.close()
 
 
+def test_a_rollback_skips_a_checkpoint_whose_offloaded_rows_are_not_finite(tmp_path):
+  """A NaN rollback checked the offloaded table's device cache only: a row that went
+  non-finite and was evicted before the save sat in the offload snapshot, and the rollback
+  restored it (the on-device run skips that checkpoint)."""
+  from jaxrec.checkpoint import CheckpointManager  # pylint: disable=import-outside-toplevel
+  cfg = experiment("sgd")
+  w = tmp_path / "w"
+  run = Run(cfg, mesh_of(), offload_config(tmp_path / "store"))
+  try:
+    with CheckpointManager(str(w / "checkpoints"), async_save=False) as mgr:
+      for step in (4, 8):
+        run.train(4)
+        t = run.tier.tables["big"]
+        if step == 8:   # an evicted row that went NaN (here: written so into the store)
+          row = np.setdiff1d(np.arange(t.spec.rows), t.resident)[:1]
+          t.store.write(row, {n: np.full((1,) + t.store.array_shape(n)[1:], np.nan,
+                                         np.float32) for n in t.store.names})
+        run.tier.save(run.state, step, str(w / "offload_snapshots"))
+        meta = {"offload": {"snapshots": str(w / "offload_snapshots"),
+                            "tables": {"big": {"rows": t.spec.rows, "cache_rows": 1000,
+                                               "auto": False, "path": t.store.path}}}}
+        mgr.save(step, run.state, run.collection, meta=meta, force=True)
+      offloaded = {"big": t.spec}
+      assert int(mgr.restore(run.state, run.collection, offloaded=offloaded)
+                 .state["step"]) == 8
+      restored = mgr.restore(run.state, run.collection, require_finite=True,
+                             offloaded=offloaded)
+      assert int(restored.state["step"]) == 4
+  finally:
+    run.close()
+
+
 def test_restore_on_another_device_count_continues_the_run(tmp_path):
   cfg = experiment("sgd")
   a = Run(cfg, mesh_of(), offload_config(tmp_path / "a", prefetch_depth=2)).train(10)
