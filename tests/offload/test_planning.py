@@ -9,6 +9,7 @@ from jaxrec import offload
 from jaxrec.embedding import optimizers
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError
+from tests.planning_calls import record_shapes
 
 TABLES = (TableSpec("huge", 8_000_000, 16), TableSpec("mid", 1_000_000, 16),
           TableSpec("small", 10_000, 16))
@@ -245,13 +246,7 @@ def test_no_mesh_is_priced_offloading_when_even_the_caches_cannot_fit(monkeypatc
                      r"\(cache of 100,000 of its 1,000,000 rows\), 'small' \(cache of 2,560 "
                      r"of its 10,000 rows\); OffloadConfig.auto=True\)$"):
     offload.plan_with_offload(TABLES, FEATURES, MESH, off, ADAGRAD, 2**20, 512)
-  asked = []
-  real = offload.choose_plan
-
-  def counted(config, options, shape, *args, **kwargs):
-    asked.append(dict(shape))
-    return real(config, options, shape, *args, **kwargs)
-  monkeypatch.setattr(offload, "choose_plan", counted)
+  asked = record_shapes(monkeypatch, offload, "choose_plan")
   with pytest.raises(BudgetError, match=r"; nor can any other mesh of 8 devices: the tables "
                      r"\(every table OffloadConfig.auto can offload as its cache\) and"):
     mesh_choice.choose(config, RunOptions(memory_per_device=int(floor) - 1), 8)

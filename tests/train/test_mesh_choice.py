@@ -15,6 +15,7 @@ from jaxrec.sharding.plan import Plan, format_mesh, uniform_plan
 from jaxrec.train import loop
 from jaxrec.train.config import ExperimentConfig, RunOptions
 from tests.checkpoint import ckpt_helpers as h
+from tests.planning_calls import record_shapes
 
 CONFIG = ExperimentConfig(embedding=h.specs(), model=DLRM((8,), (1,)),
                           sparse_optimizer=optimizers.Adagrad(), batch_size=64)
@@ -301,13 +302,7 @@ def test_a_budget_no_mesh_can_meet_prices_no_other_mesh(monkeypatch):
   no other mesh is priced and the error says why."""
   from jaxrec.errors import BudgetError  # pylint: disable=import-outside-toplevel
   from jaxrec.train import mesh_choice, plan_choice  # pylint: disable=import-outside-toplevel
-  asked = []
-  real = plan_choice.choose
-
-  def counted(config, options, shape, *args, **kwargs):
-    asked.append(dict(shape))
-    return real(config, options, shape, *args, **kwargs)
-  monkeypatch.setattr(plan_choice, "choose", counted)
+  asked = record_shapes(monkeypatch, plan_choice, "choose")
   floor = mesh_choice.min_bytes_per_device(CONFIG.tables, _no_offload(), CONFIG.sparse_tx(), 8)
   assert 0 < floor < 2**12
   with pytest.raises(BudgetError, match=r"; nor can any other mesh of 8 devices: the tables "
