@@ -43,7 +43,8 @@ flags.DEFINE_bool("calibrate", False, "Time this machine's primitives and cache 
 flags.DEFINE_string("calibration_file", None, "Calibration cache (default "
                     "$JAXREC_CACHE_DIR/calibration.json, else "
                     "${XDG_CACHE_HOME:-~/.cache}/jaxrec/calibration.json).")
-flags.DEFINE_integer("calibration_devices", 8, "Host CPU devices to calibrate with on CPU.")
+flags.DEFINE_integer("calibration_devices", 8, "Host CPU devices to calibrate with on CPU "
+                     "(not given: the process's, 8 unless XLA_FLAGS sets another count).")
 flags.DEFINE_string("profile", None, "Workdir (or profile.jsonl) of a job: fit the cost model "
                     "to its measured step times and propose a better plan.")
 

@@ -192,8 +192,15 @@ def auto_mesh_of(config, memory_per_device: int | None, candidates, plan_for, pl
             for o in ([off, most_offloaded(config, off)] if offload_auto else [off])]
   if off.auto and processes > 1:   # it would offload on data=N, then be refused there
     plan_for = functools.partial(plan_for, device_only=True)   # (one process only) before
-  return auto_mesh(candidates, plan_for, plan, num_devices,   # a mesh that fits was priced
-                   offload_auto, *[f if f > budget else 0.0 for f in floors])
+  try:                                                         # a mesh that fits was priced
+    return auto_mesh(candidates, plan_for, plan, num_devices, offload_auto,
+                     *[f if f > budget else 0.0 for f in floors])
+  except BudgetError as e:
+    if not off.auto or processes == 1:
+      raise
+    raise BudgetError(f"{e}; OffloadConfig.auto offloads nothing in a job of several "
+                      f"processes (this one has {processes}): the meshes were planned on "
+                      "the devices only") from None
 
 
 def most_offloaded(config, off):
