@@ -395,6 +395,9 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       train_it = wrap(source)
       if restored is not None:
         set_data_state(restored)
+      # the training iterator's bindings are operative now: config.gin and the saves'
+      # meta left out every make_train_iterator.* (a rerun of config.gin shuffled)
+      operative_gin = meta["gin"] = gin.operative_config_str()
     signals.check()
     if is_main:   # only now: a run refused by its restore leaves the last run's files
       _write_run_records(workdir, operative_gin, info["plan_result"],

@@ -95,6 +95,29 @@ def test_an_evaluate_only_run_keeps_the_training_config_and_its_bindings_quiet(t
   assert not [r for r in caplog.records if "no configurable" in r.getMessage()], caplog.text
 
 
+@pytest.mark.slow   # ~25 s: a training run to two checkpoints, then the fallen-back one
+def test_a_run_whose_restore_falls_back_to_train_records_its_data_settings(tmp_path):
+  """A rerun at --num_steps whose newest checkpoint was damaged falls back to an earlier one
+  and trains: its config.gin (and the checkpoints' meta) had no `make_train_iterator.*`
+  binding at all (the operative config was taken before it opened the training data), so a
+  rerun of that config.gin shuffled where the run had not."""
+  bindings = [*BINDINGS, "make_train_iterator.shuffle=False"]
+  options = config_lib.RunOptions(num_steps=4, mesh="data=8", plan="dp", progress=False,
+                                  checkpoint_every=2)
+  launch.parse_gin(["configs/dlrm_synthetic.gin"], bindings)
+  loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path))
+  for f in (tmp_path / "checkpoints" / "4" / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 100:
+      f.write_bytes(b"\0" * f.stat().st_size)
+  (tmp_path / "config.gin").unlink()
+  launch.parse_gin(["configs/dlrm_synthetic.gin"], bindings)
+  result = loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path))
+  assert "loss" in result   # trained 3..4 again
+  assert "make_train_iterator.shuffle = False" in (tmp_path / "config.gin").read_text()
+  meta = json.loads((tmp_path / "checkpoints" / "4" / "meta" / "metadata").read_text())
+  assert "make_train_iterator.shuffle = False" in meta["gin"]
+
+
 def test_an_evaluate_only_run_keeps_the_training_plan_json(tmp_path):
   """`W/plan.json` was rewritten by a run that only evaluates (e.g. on `--mesh=table=8
   --plan=tw`) while `config.gin` kept the training run's: the two described other runs,
