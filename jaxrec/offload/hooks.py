@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Mapping, Sequence
@@ -65,17 +66,22 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
                                             config.batch_size, calibration=calibration)
     check_one_process(off, processes)
     return result.plan, result, tables, off
-  if recorded is not None and off.auto:   # the tables auto offloaded when the plan was made:
-    if recorded_offload is not None:      # checked as whole tables it 'did not fit here'
-      off = with_auto_offloaded(config.tables, config.features, off, recorded_offload,
-                                config.batch_size)
-    else:
-      try:
-        _, off, _ = plan_with_offload(config.tables, config.features, mesh_shape, off,
-                                      sparse, options.memory_per_device, config.batch_size,
-                                      calibration=calibration)
-      except ConfigError:   # nothing fits this budget: the recorded plan's check says so
-        pass
+  # A resumed checkpoint's plan, or a plan file (a run's plan.json passed back), was made
+  # over the caches of the tables OffloadConfig.auto offloaded: checked over the whole
+  # tables it 'did not fit here'. They are offloaded again as recorded; for a checkpoint
+  # from before its meta said which, found by planning as its run did.
+  if recorded is None and off.auto and is_plan_file(options.plan):
+    recorded_offload = plan_file_auto_offloaded(options.plan)
+  if off.auto and recorded_offload is not None:
+    off = with_auto_offloaded(config.tables, config.features, off, recorded_offload,
+                              config.batch_size)
+  elif recorded is not None and off.auto:
+    try:
+      _, off, _ = plan_with_offload(config.tables, config.features, mesh_shape, off, sparse,
+                                    options.memory_per_device, config.batch_size,
+                                    calibration=calibration)
+    except ConfigError:   # nothing fits this budget: the recorded plan's check says so
+      pass
   check_one_process(off, processes)
   tables = device_tables(config.tables, off, sparse)
   if recorded is not None:
@@ -95,6 +101,23 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
       raise
     raise ConfigError(f"--plan={options.plan}: {e}") from None
   return plan, with_offload_notes(result, config.tables, off, sparse), tables, off
+
+
+def plan_file_auto_offloaded(path: str) -> tuple[str, ...] | None:
+  """The tables `OffloadConfig.auto` offloaded in the run or `scripts/plan.py` call that
+  wrote plan file `path` (its `auto_offloaded`); None for a file that does not say (a bare
+  plan, an older file) or does not read (`load_plan_file` names the fault)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      obj = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if isinstance(obj, dict) and isinstance(obj.get("proposed"), dict):
+    obj = obj["proposed"]       # `scripts/plan.py --profile --json`: the plan it proposes
+  names = obj.get("auto_offloaded") if isinstance(obj, dict) else None
+  if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+    return None
+  return tuple(names)
 
 
 def check_one_process(off: OffloadConfig, processes: int) -> None:

@@ -114,7 +114,8 @@ def with_offload_notes(result, tables: Sequence[TableSpec], config: OffloadConfi
            f"-row device cache, full table in tensorstore"
            + (auto if o.name in config.auto_added else "")
            for o in config.tables]
-  return dataclasses.replace(result, notes=tuple(result.notes) + tuple(notes))
+  return dataclasses.replace(result, notes=tuple(result.notes) + tuple(notes),
+                             auto_offloaded=tuple(config.auto_added))
 
 
 def _caches(tables: Sequence[TableSpec], config: OffloadConfig, optimizer) -> str:

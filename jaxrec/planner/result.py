@@ -131,6 +131,8 @@ class PlanResult:
     notes: plan-level remarks printed under the tables.
     stacks: the stacks the collection will build.
     memory: bytes per device by part (`table`, `optimizer`, `buffers`, `ids`).
+    auto_offloaded: the tables `OffloadConfig.auto` offloaded (planned as their caches), so
+      that the plan passed back (`--plan=W/plan.json`) offloads them again.
   """
 
   plan: Plan
@@ -145,6 +147,7 @@ class PlanResult:
   notes: tuple[str, ...] = ()
   stacks: tuple[StackReport, ...] = ()
   memory: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  auto_offloaded: tuple[str, ...] = ()
 
   @property
   def num_devices(self) -> int:
@@ -160,6 +163,7 @@ class PlanResult:
     return {
         "plan": self.plan.to_json(),
         "mode": self.mode,
+        "auto_offloaded": list(self.auto_offloaded),
         "mesh": dict(self.mesh_shape),
         "memory_per_device_bytes": int(self.memory_per_device_bytes),
         "batch_size": int(self.batch_size),

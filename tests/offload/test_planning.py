@@ -305,6 +305,33 @@ def test_a_recorded_plan_takes_the_tables_its_checkpoint_offloaded(monkeypatch):
     offload.choose_plan(config, options, MESH, half, recorded=plan, recorded_offload=("huge",))
 
 
+def test_a_plan_json_passed_back_offloads_the_tables_auto_offloaded(tmp_path):
+  """`--plan=W/plan.json` of a run `OffloadConfig.auto` offloaded was checked over the whole
+  tables: 'does not fit' at the run's own budget (or, without one, the table stayed on the
+  device). plan.json names them (`auto_offloaded`); a file that does not is as before."""
+  import json  # pylint: disable=import-outside-toplevel
+  from jaxrec.models import DLRM  # pylint: disable=import-outside-toplevel
+  from jaxrec.train.config import ExperimentConfig, RunOptions  # pylint: disable=import-outside-toplevel
+  config = ExperimentConfig(embedding=(TABLES, FEATURES), model=DLRM((16,), (1,)),
+                            sparse_optimizer=ADAGRAD, batch_size=512, eval_batch_size=512)
+  auto = offload.OffloadConfig(auto=True)
+  _, result, _, _ = offload.choose_plan(config, RunOptions(plan="auto",
+                                                           memory_per_device=BUDGET), MESH, auto)
+  written = result.to_json()
+  assert written["auto_offloaded"] == ["huge"]
+  path = tmp_path / "plan.json"
+  path.write_text(json.dumps(written))
+  options = RunOptions(plan=str(path), memory_per_device=BUDGET)
+  _, again, tables, off = offload.choose_plan(config, options, MESH, auto)
+  assert off.auto_added == ("huge",) and again.mode == "file"
+  assert dict((t.name, t.rows) for t in tables)["huge"] == 800_000
+  assert again.to_json()["auto_offloaded"] == ["huge"]   # and its plan.json says so again
+  del written["auto_offloaded"]   # an older plan.json: the tables whole, as before
+  path.write_text(json.dumps(written))
+  with pytest.raises(ConfigError, match="does not fit"):
+    offload.choose_plan(config, options, MESH, auto)
+
+
 @pytest.mark.parametrize("auto", [False, True])
 def test_a_bad_binding_the_planner_reads_is_raised_as_it_is(auto):
   """`EmbeddingOptions.kernel = 'triton'` (the planner builds EmbeddingOptions) reached the
