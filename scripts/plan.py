@@ -188,17 +188,26 @@ def _offloaded(spec, optimizer):
   return off, device_tables(spec.tables, off, _sparse_optimizer(optimizer))
 
 
-def _plan_offloaded(spec, off, tables, mesh, memory, optimizer, batch, cal):
+def _plan_offloaded(spec, off, mesh, memory, optimizer, batch, cal):
   """`--plan` with offloaded tables, as `offload.choose_plan` plans them for the trainer:
-  `auto` may offload more (`OffloadConfig.auto`); the notes name each cache."""
+  `auto` may offload more (`OffloadConfig.auto`; a plan file's `auto_offloaded` when it is
+  over budget whole); the notes name each cache."""
   from jaxrec import planner  # pylint: disable=import-outside-toplevel
-  from jaxrec.offload import planning  # pylint: disable=import-outside-toplevel
+  from jaxrec.offload import hooks, planning  # pylint: disable=import-outside-toplevel
+  from jaxrec.offload.config import device_tables  # pylint: disable=import-outside-toplevel
+  from jaxrec.sharding.plan import is_plan_file  # pylint: disable=import-outside-toplevel
   sparse = _sparse_optimizer(optimizer)
   if FLAGS.plan == "auto":
     return planning.plan_with_offload(spec.tables, spec.features, mesh, off, sparse, memory,
                                       batch, calibration=cal)[0]
-  result = _estimate_forced(tables, mesh, lambda plan, mode: planner.estimate_plan(
-      plan, tables, spec.features, mesh, memory, sparse, batch, cal, mode=mode))
+
+  def estimate(off):
+    tables = device_tables(spec.tables, off, sparse)
+    return _estimate_forced(tables, mesh, lambda plan, mode: planner.estimate_plan(
+        plan, tables, spec.features, mesh, memory, sparse, batch, cal, mode=mode))
+  names = hooks.plan_file_auto_offloaded(FLAGS.plan) if is_plan_file(FLAGS.plan) else None
+  off, result = hooks.with_given_plans_offload(estimate, off, names, spec.tables,
+                                               spec.features, batch)
   return planning.with_offload_notes(result, spec.tables, off, sparse)
 
 
@@ -211,11 +220,12 @@ def _estimate_forced(tables, mesh, estimate):
   from jaxrec.sharding.plan import is_plan_file, load_plan_file, uniform_plan
   if not is_plan_file(FLAGS.plan):
     return estimate(uniform_plan(FLAGS.plan, tables, mesh["table"]), f"forced {FLAGS.plan}")
+  from jaxrec.offload.hooks import type_of  # pylint: disable=import-outside-toplevel
   plan = load_plan_file(FLAGS.plan, mesh, " (--plan=auto re-plans)")
   try:
     return estimate(plan, "file")
   except ConfigError as e:
-    raise ConfigError(f"--plan={FLAGS.plan}: {e}") from None
+    raise type_of(e)(f"--plan={FLAGS.plan}: {e}") from None
 
 
 def _file_mesh():
@@ -290,7 +300,7 @@ def main(argv):
       why = " (the --plan file records no mesh, or a damaged one)" if FLAGS.plan != "auto" else ""
       raise ConfigError(f"--mesh is required, e.g. --mesh=data=2,table=2,row=2,col=1{why}")
     elif offloaded:
-      result = _plan_offloaded(spec, *offloaded, mesh, memory, optimizer, batch, cal)
+      result = _plan_offloaded(spec, offloaded[0], mesh, memory, optimizer, batch, cal)
     elif FLAGS.plan == "auto":
       result = planner.propose_plan(spec.tables, spec.features, mesh, memory, optimizer, batch,
                                     cal, table_stats=spec.table_stats)

@@ -512,16 +512,20 @@ class _NpzTable:
   def load(self) -> np.ndarray:
     """The table as checked; a `DataError` naming the file when it no longer reads so
     (replaced or damaged during the import)."""
+    failure = None
     try:
       with np.load(self.npz_path) as z:
         w = z[self.key]
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+      failure = first_line(e)   # raised outside: the save's error handling takes an
+    if failure is not None:     # OSError in the context for a failure of its own output
       raise DataError(f"--torchrec_npz: {self.npz_path} became unreadable during the "
-                      f"import ('{self.key}': {first_line(e)})") from None
+                      f"import ('{self.key}': {failure})")
     if w.shape != self.shape or w.dtype != self.dtype:
       raise DataError(f"--torchrec_npz: {self.npz_path} changed during the import: "
                       f"'{self.key}' is now {w.dtype} {list(w.shape)}, was {self.dtype} "
                       f"{list(self.shape)}")
+    _check_finite(w, self.npz_path, self.key)   # what is written (a file replaced alike)
     return w
 
 
@@ -561,17 +565,23 @@ def _read_torchrec(npz_path) -> dict[str, _NpzTable]:
         raise DataError(f"{npz_path}: '{key}' has dtype {w.dtype}, which no table can have "
                         f"(table dtypes: {', '.join(IMPORT_DTYPES)}); convert it before the "
                         "import, e.g. to float32 (which rounds)")
-      bad_values, bad_rows, first = 0, 0, None
-      for start in range(0, len(w), _CHECK_ROWS):   # a run would train NaN into every row
-        bad = ~np.isfinite(w[start:start + _CHECK_ROWS])   # it pools with (and save it)
-        rows = np.flatnonzero(bad.any(axis=1))
-        bad_values, bad_rows = bad_values + int(bad.sum()), bad_rows + len(rows)
-        first = start + int(rows[0]) if first is None and len(rows) else first
-      if bad_values:
-        raise DataError(f"{npz_path}: '{key}' holds {bad_values} NaN/inf values in "
-                        f"{bad_rows} rows (first: row {first})")
+      _check_finite(w, npz_path, key)
       del w
   return tables
+
+
+def _check_finite(w: np.ndarray, npz_path, key: str) -> None:
+  """A `DataError` when table `w` holds NaN/inf (a run would train it into every row it
+  pools with, and save it); checked in row blocks (a temporary per block, not per table)."""
+  bad_values, bad_rows, first = 0, 0, None
+  for start in range(0, len(w), _CHECK_ROWS):
+    bad = ~np.isfinite(w[start:start + _CHECK_ROWS])
+    rows = np.flatnonzero(bad.any(axis=1))
+    bad_values, bad_rows = bad_values + int(bad.sum()), bad_rows + len(rows)
+    first = start + int(rows[0]) if first is None and len(rows) else first
+  if bad_values:
+    raise DataError(f"{npz_path}: '{key}' holds {bad_values} NaN/inf values in "
+                    f"{bad_rows} rows (first: row {first})")
 
 
 @_dirs_removed_on_error

@@ -457,9 +457,9 @@ class CheckpointManager:
         tables_lib.table_name(t.name) for t in collection.tables if t.name not in now])
     if not offloaded_lib.check_stored(step_dir / TABLES, unread, saved) and require_finite:
       raise _NonFinite()
-    if require_finite and not offloaded_lib.all_finite(   # offloaded then and now: the tier
-        {n: a for n, a in snapshot.items() if n.split("/")[1] in now}):   # takes them unread
-      raise _NonFinite()
+    if require_finite and full_check and not offloaded_lib.all_finite(   # offloaded then and
+        {n: a for n, a in snapshot.items() if n.split("/")[1] in now}):   # now: the tier
+      raise _NonFinite()                          # takes them unread (`sizes`: not read)
     if not with_opt and collection.optimizer.state_layout():
       logging.warning("checkpoint %s has no sparse optimizer state; starting it fresh",
                       step_dir)

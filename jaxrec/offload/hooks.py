@@ -27,7 +27,7 @@ from jaxrec.offload.planning import (plan_with_offload, with_offload_notes,
                                      with_auto_offloaded)
 from jaxrec.offload.tier import OffloadTier
 from jaxrec.sharding.plan import KINDS, Plan, is_plan_file, load_plan_file, uniform_plan
-from jaxrec.errors import ConfigError
+from jaxrec.errors import BudgetError, ConfigError
 
 _LOG = logging.getLogger(__name__)
 
@@ -66,41 +66,64 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
                                             config.batch_size, calibration=calibration)
     check_one_process(off, processes)
     return result.plan, result, tables, off
-  # A resumed checkpoint's plan, or a plan file (a run's plan.json passed back), was made
-  # over the caches of the tables OffloadConfig.auto offloaded: checked over the whole
-  # tables it 'did not fit here'. They are offloaded again as recorded; for a checkpoint
-  # from before its meta said which, found by planning as its run did.
-  if recorded is None and off.auto and is_plan_file(options.plan):
-    recorded_offload = plan_file_auto_offloaded(options.plan)
-  if off.auto and recorded_offload is not None:
-    off = with_auto_offloaded(config.tables, config.features, off, recorded_offload,
-                              config.batch_size)
-  elif recorded is not None and off.auto:
+  if options.plan not in KINDS and recorded is None and not is_plan_file(options.plan):
+    raise ConfigError(f"--plan: unknown plan '{options.plan}' (known: auto, "
+                      f"{', '.join(KINDS)}, or a plan .json file)")
+
+  def estimate(off):
+    check_one_process(off, processes)
+    tables = device_tables(config.tables, off, sparse)
+    if recorded is not None:
+      plan, mode = recorded, "checkpoint"
+    elif is_plan_file(options.plan):
+      plan, mode = load_plan_file(options.plan, mesh_shape, " (--plan=auto re-plans)"), "file"
+    else:
+      plan, mode = uniform_plan(options.plan, tables, mesh_shape.get("table", 1)), "forced"
     try:
+      return plan, planner.estimate_plan(plan, tables, config.features, dict(mesh_shape),
+                                         mode=mode, **common), tables
+    except ConfigError as e:
+      if mode != "file":
+        raise
+      raise type_of(e)(f"--plan={options.plan}: {e}") from None
+
+  if recorded is None and is_plan_file(options.plan):
+    recorded_offload = plan_file_auto_offloaded(options.plan)
+  if recorded is not None and recorded_offload is None and off.auto and processes == 1:
+    try:   # a checkpoint from before its meta said which tables auto offloaded: as its run
       _, off, _ = plan_with_offload(config.tables, config.features, mesh_shape, off, sparse,
                                     options.memory_per_device, config.batch_size,
                                     calibration=calibration)
     except ConfigError:   # nothing fits this budget: the recorded plan's check says so
       pass
-  check_one_process(off, processes)
-  tables = device_tables(config.tables, off, sparse)
-  if recorded is not None:
-    plan, mode = recorded, "checkpoint"
-  elif is_plan_file(options.plan):
-    plan, mode = load_plan_file(options.plan, mesh_shape, " (--plan=auto re-plans)"), "file"
-  elif options.plan in KINDS:
-    plan, mode = uniform_plan(options.plan, tables, mesh_shape.get("table", 1)), "forced"
-  else:
-    raise ConfigError(f"--plan: unknown plan '{options.plan}' (known: auto, "
-                      f"{', '.join(KINDS)}, or a plan .json file)")
-  try:
-    result = planner.estimate_plan(plan, tables, config.features, dict(mesh_shape), mode=mode,
-                                   **common)
-  except ConfigError as e:
-    if mode != "file":
-      raise
-    raise ConfigError(f"--plan={options.plan}: {e}") from None
+  off, (plan, result, tables) = with_given_plans_offload(
+      estimate, off, recorded_offload, config.tables, config.features, config.batch_size,
+      processes)
   return plan, with_offload_notes(result, config.tables, off, sparse), tables, off
+
+
+def with_given_plans_offload(estimate, off: OffloadConfig, names, tables, features,
+                             batch_size: int, processes: int = 1):
+  """`(off, estimate(off))` for a given plan (a resumed checkpoint's, or a plan file such as
+  a run's plan.json passed back), made over the caches of the tables `names` that
+  `OffloadConfig.auto` offloaded: when it is over budget with the tables whole, and `auto`
+  is on in a job of one process, those tables are offloaded again as `auto` offloads them
+  (checked whole it 'did not fit here'; offloaded unasked, a job that had room for them, or
+  of several processes, was slower or refused). `scripts/plan.py` prices a plan file so
+  too."""
+  try:
+    return off, estimate(off)
+  except BudgetError:
+    if not names or not off.auto or processes > 1:
+      raise
+  off = with_auto_offloaded(tables, features, off, names, batch_size)
+  return off, estimate(off)
+
+
+def type_of(e: ConfigError) -> type:
+  """`BudgetError` for one (a plan over budget), else `ConfigError`: re-raised with a
+  prefix, the class the callers branch on is kept."""
+  return BudgetError if isinstance(e, BudgetError) else ConfigError
 
 
 def plan_file_auto_offloaded(path: str) -> tuple[str, ...] | None:

@@ -242,7 +242,7 @@ def test_a_torchrec_import_holds_one_table_at_a_time(tmp_path):
     np.testing.assert_array_equal(stored.read().result(), w)
 
 
-def test_an_npz_changed_during_the_import_is_named(tmp_path):
+def test_an_npz_changed_during_the_import_is_named(tmp_path, monkeypatch):
   """The import reads each table again when it writes it: an npz replaced or damaged in
   between gave the save's error ('saving checkpoint 0 ... failed') or a raw BadZipFile."""
   npz = tmp_path / "ebc.npz"
@@ -255,3 +255,17 @@ def test_an_npz_changed_during_the_import_is_named(tmp_path):
   npz.write_bytes(b"not a zip")
   with pytest.raises(DataError, match=r"ebc.npz became unreadable during the import "):
     table.load()
+  np.savez(npz, **{"embedding_bags.t.weight": np.full((4, 2), np.nan, np.float32)})
+  with pytest.raises(DataError, match=r"'embedding_bags.t.weight' holds 8 NaN/inf values"):
+    table.load()   # replaced alike, but with values the first read never saw
+  np.savez(npz, **{"embedding_bags.t.weight": np.ones((4, 2), np.float32)})
+  real = convert._read_torchrec   # pylint: disable=protected-access
+
+  def then_removed(path):
+    tables = real(path)
+    os.unlink(path)
+    return tables
+  monkeypatch.setattr(convert, "_read_torchrec", then_removed)
+  with pytest.raises(DataError, match=r"ebc.npz became unreadable during the import "
+                     r"\('embedding_bags.t.weight': .*No such file"):
+    convert.import_torchrec(npz, tmp_path / "out")

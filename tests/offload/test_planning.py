@@ -326,6 +326,10 @@ def test_a_plan_json_passed_back_offloads_the_tables_auto_offloaded(tmp_path):
   assert off.auto_added == ("huge",) and again.mode == "file"
   assert dict((t.name, t.rows) for t in tables)["huge"] == 800_000
   assert again.to_json()["auto_offloaded"] == ["huge"]   # and its plan.json says so again
+  roomy = RunOptions(plan=str(path), memory_per_device=4 * BUDGET)   # whole tables fit:
+  assert offload.choose_plan(config, roomy, MESH, auto)[3].tables == ()   # none offloaded
+  with pytest.raises(ConfigError, match="does not fit"):   # several processes: offloading
+    offload.choose_plan(config, options, MESH, auto, processes=2)   # cannot run there
   del written["auto_offloaded"]   # an older plan.json: the tables whole, as before
   path.write_text(json.dumps(written))
   with pytest.raises(ConfigError, match="does not fit"):
