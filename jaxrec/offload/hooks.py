@@ -50,8 +50,10 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
   on this platform, else the default coefficients. `processes`: of the job (offloading
   needs one: `check_one_process`). `recorded`: a plan to run instead of `options.plan` (the
   one a resumed checkpoint records, `train.mesh_choice`), checked as a plan file is;
-  `recorded_offload`: the tables that checkpoint records offloaded, which `OffloadConfig.auto`
-  offloads again (None: not known, found by planning as a fresh run does).
+  `recorded_offload`: the tables `OffloadConfig.auto` offloaded in that checkpoint (None:
+  not known, found by planning as its run did). Those, or a plan file's `auto_offloaded`,
+  are offloaded again when the plan is over budget with them whole
+  (`with_given_plans_offload`).
   """
   from jaxrec import planner  # pylint: disable=import-outside-toplevel
   off = offload_config if offload_config is not None else OffloadConfig()
