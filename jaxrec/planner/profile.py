@@ -41,7 +41,6 @@ import pathlib
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from scipy import optimize
 
 from jaxrec import jsonl
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
@@ -167,6 +166,9 @@ def _plain_nnls(x: np.ndarray, t: np.ndarray, w: np.ndarray) -> np.ndarray:
   used = np.abs(x).max(axis=0) > 0
   scale = 1.0 / np.where(used, np.abs(x).max(axis=0), 1.0)  # columns O(1)
   a = x[:, used] * scale[used] * (np.sqrt(w) / t)[:, None]
+  # scipy where it is used: imported with the module it took 0.2-0.35 s of every train.py
+  # start, for `scripts/plan.py --profile` only
+  from scipy import optimize  # pylint: disable=import-outside-toplevel
   m, _ = optimize.nnls(a, np.sqrt(w), maxiter=50 * len(cm.COST_TERMS))
   coef = np.zeros(x.shape[1])
   coef[used] = m * scale[used]
@@ -218,6 +220,7 @@ def _anchored_fit(x, t, w, prior_c, ridge):
         p0[n] = float(np.log(share * np.mean(t) / np.mean(np.abs(x[:, j]))))
     p0[-1] = sigma0
     method = "lm" if len(t) + int(anchored.sum()) >= len(p0) else "trf"  # lm: m >= n
+    from scipy import optimize  # pylint: disable=import-outside-toplevel
     sol = optimize.least_squares(residuals, p0, jac=jac, method=method, max_nfev=2000)
     if best is None or sol.cost < best.cost:
       best = sol

@@ -182,6 +182,18 @@ def test_tables_only_checkpoint_takes_dense_values_from_init(tmp_path, coll):
       np.testing.assert_array_equal(saved[1][name][k], v)
 
 
+def test_a_whole_checkpoint_never_builds_fresh_dense_values(tmp_path, coll):
+  """`init` ran for `item_freq` (a two-tower's logQ state), which other models' checkpoints
+  and targets lack: every resume built a fresh dense model (~1 s) and discarded it."""
+  state = h.train_state(coll, seed=1, step=4)
+  calls = []
+  with CheckpointManager(tmp_path) as mgr:
+    mgr.save(4, state, coll, force=True)
+    mgr.wait()
+    got = mgr.restore(state, coll, init=lambda: calls.append(1) or {})
+  assert not calls and int(got.state["step"]) == 4
+
+
 def test_no_checkpoint_returns_none(tmp_path, coll):
   with CheckpointManager(tmp_path / "ckpt") as mgr:
     assert mgr.restore(h.dense(coll.mesh), coll) is None
