@@ -117,11 +117,26 @@ REPLICA_PARALLEL_MIN_BYTES = 64 << 20
 
 
 def _dense_arrays_written_whole() -> None:
-  """Registers orbax's jax.Array handler with `REPLICA_PARALLEL_MIN_BYTES` (process-wide:
-  orbax keeps one registry; only the dense state goes through it here)."""
-  ocp.type_handlers.register_type_handler(
-      jax.Array, ocp.type_handlers.ArrayHandler(
-          min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES), override=True)
+  """Registers orbax's jax.Array handler, as orbax's default one (with its array metadata
+  store) but with `REPLICA_PARALLEL_MIN_BYTES`; once per process (orbax keeps one
+  registry; only the dense state goes through it here), without orbax's override warning
+  (each run logged one) where its registry allows."""
+  global _REGISTERED
+  if _REGISTERED:
+    return
+  # pylint: disable-next=import-outside-toplevel
+  from orbax.checkpoint._src.metadata import array_metadata_store
+  # pylint: disable-next=import-outside-toplevel
+  from orbax.checkpoint._src.serialization import type_handler_registry
+  handler = ocp.type_handlers.ArrayHandler(
+      array_metadata_store=array_metadata_store.Store(),
+      min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)
+  type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(jax.Array, handler, override=True,
+                                                         ignore_warnings=True)
+  _REGISTERED = True
+
+
+_REGISTERED = False
 
 
 # max_to_keep / save_every: the trainer passes --keep_checkpoints / --checkpoint_every, so a
@@ -472,9 +487,9 @@ class CheckpointManager:
         tables_lib.table_name(t.name) for t in collection.tables if t.name not in now])
     if not offloaded_lib.check_stored(step_dir / TABLES, unread, saved) and require_finite:
       raise _NonFinite()
-    if require_finite and full_check and not offloaded_lib.all_finite(   # offloaded then and
-        {n: a for n, a in snapshot.items() if n.split("/")[1] in now}):   # now: the tier
-      raise _NonFinite()                          # takes them unread (`sizes`: not read)
+    if require_finite and not offloaded_lib.all_finite(   # offloaded then and now: the tier
+        {n: a for n, a in snapshot.items() if n.split("/")[1] in now}):   # takes them unread
+      raise _NonFinite()
     if not with_opt and collection.optimizer.state_layout():
       logging.warning("checkpoint %s has no sparse optimizer state; starting it fresh",
                       step_dir)

@@ -162,9 +162,9 @@ class OffloadConfig:
     auto: let `planning.plan_with_offload` offload the largest tables when they do not fit.
     auto_cache_fraction: cache size of a table offloaded by `auto`, as a share of its rows.
     snapshot_check: what a restore checks of an offload snapshot before it uses it:
-      `full` (every file's size and CRC32: reads the whole snapshot; a NaN rollback also
-      reads it for NaN/inf) or `sizes` (names and sizes only: no read, for tables too large
-      to read at every restart).
+      `full` (every file's size and CRC32: reads the whole snapshot) or `sizes` (names and
+      sizes only: no read, for tables too large to read at every restart). A NaN rollback
+      reads the snapshot for NaN/inf either way.
     auto_added: the tables `auto` offloaded (set by `planning.plan_with_offload`, not gin).
   """
 

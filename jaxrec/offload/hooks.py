@@ -108,14 +108,15 @@ def with_given_plans_offload(estimate, off: OffloadConfig, names, tables, featur
                              batch_size: int, processes: int = 1):
   """`(off, estimate(off))` for a given plan (a resumed checkpoint's, or a plan file such as
   a run's plan.json passed back), made over the caches of the tables `names` that
-  `OffloadConfig.auto` offloaded: when it is over budget with the tables whole, and `auto`
+  `OffloadConfig.auto` offloaded: when it is over budget with the tables whole (or cannot be
+  built so: a table over 2**31 rows), and `auto`
   is on in a job of one process, those tables are offloaded again as `auto` offloads them
   (checked whole it 'did not fit here'; offloaded unasked, a job that had room for them, or
   of several processes, was slower or refused). `scripts/plan.py` prices a plan file so
   too."""
   try:
     return off, estimate(off)
-  except BudgetError:
+  except ConfigError:   # over budget, or not buildable whole (> 2**31 rows: only a cache is)
     if not names or not off.auto or processes > 1:
       raise
   off = with_auto_offloaded(tables, features, off, names, batch_size)

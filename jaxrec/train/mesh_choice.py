@@ -196,8 +196,8 @@ def auto_mesh_of(config, memory_per_device: int | None, candidates, plan_for, pl
     return auto_mesh(candidates, plan_for, plan, num_devices, offload_auto,
                      *[f if f > budget else 0.0 for f in floors])
   except BudgetError as e:
-    if not off.auto or processes == 1 or plan != "auto":   # (a forced kind never offloads)
-      raise
+    if not off.auto or processes == 1 or plan != "auto":   # (a forced kind or a plan file:
+      raise                                                # only --plan=auto searches)
     raise BudgetError(f"{e}; OffloadConfig.auto offloads nothing in a job of several "
                       f"processes (this one has {processes}): the meshes were planned on "
                       "the devices only") from None

@@ -26,3 +26,5 @@ def test_a_save_on_8_devices_compiles_no_slice_per_replica(tmp_path, caplog):
   assert compiles, "no compile was logged: the check would pass whatever the save did"
   assert not [m for m in compiles if m.startswith("Compiling jit(slice)")], compiles
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
+  # orbax's own handler, but for its replica-parallel slices: its array metadata is kept
+  assert (tmp_path / "checkpoints" / "2" / "state" / "array_metadatas").is_dir()

@@ -336,6 +336,30 @@ def test_a_plan_json_passed_back_offloads_the_tables_auto_offloaded(tmp_path):
     offload.choose_plan(config, options, MESH, auto)
 
 
+def test_a_given_plan_over_int32_rows_offloads_the_table_again(tmp_path):
+  """A table over 2**31 rows can only be a cache: priced whole first, a given plan (a
+  plan file, or a resumed checkpoint's) failed its build check with a plain ConfigError
+  and was not retried offloaded, where it had been offloaded at once."""
+  import json  # pylint: disable=import-outside-toplevel
+  from jaxrec.models import DLRM  # pylint: disable=import-outside-toplevel
+  from jaxrec.train.config import ExperimentConfig, RunOptions  # pylint: disable=import-outside-toplevel
+  tables = (TableSpec("giant", 3_000_000_000, 16), TableSpec("small", 10_000, 16))
+  features = tuple(FeatureSpec(f"f_{t.name}", t.name) for t in tables)
+  config = ExperimentConfig(embedding=(tables, features), model=DLRM((16,), (1,)),
+                            sparse_optimizer=ADAGRAD, batch_size=512, eval_batch_size=512)
+  auto = offload.OffloadConfig(auto=True, auto_cache_fraction=0.01)
+  budget = 64 * 2**30
+  plan, result, _, _ = offload.choose_plan(config, RunOptions(plan="auto",
+                                                              memory_per_device=budget), MESH, auto)
+  path = tmp_path / "plan.json"
+  path.write_text(json.dumps(result.to_json()))
+  for options, recorded in ((RunOptions(plan=str(path), memory_per_device=budget), {}),
+                            (RunOptions(memory_per_device=budget),
+                             {"recorded": plan, "recorded_offload": ("giant",)})):
+    _, _, _, off = offload.choose_plan(config, options, MESH, auto, **recorded)
+    assert off.auto_added == ("giant",)
+
+
 @pytest.mark.parametrize("auto", [False, True])
 def test_a_bad_binding_the_planner_reads_is_raised_as_it_is(auto):
   """`EmbeddingOptions.kernel = 'triton'` (the planner builds EmbeddingOptions) reached the
