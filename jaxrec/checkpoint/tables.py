@@ -147,7 +147,10 @@ def _real_cols(layout, bounds) -> tuple[tuple, tuple] | None:
 
 def host_pieces(collection, emb, buffers: dict | None = None) -> list[Piece]:
   """Copies the unique shards of every stacked array to host and cuts them into table
-  pieces. Blocks until the copies are made (the caller may then donate `emb`).
+  pieces. Blocks until the copies are made (the caller may then donate `emb`). Only the
+  rows and shards that hold tables are copied: a stack's padding rows (a `tw` plan pads
+  every slice to its largest: 4.8 GiB of stacks for 0.66 GiB of tables, 5.4 s of copies
+  blocking the loop) and shards of padding columns only are not.
 
   `buffers` (kept by the caller between saves, once the previous save has committed)
   holds the host copies for reuse: the copy then touches no fresh memory."""
@@ -166,16 +169,17 @@ def host_pieces(collection, emb, buffers: dict | None = None) -> list[Piece]:
     block = buffers.get(key)
     if block is None or block.shape != shard.data.shape or block.dtype != shard.data.dtype:
       block = buffers[key] = np.empty(shard.data.shape, shard.data.dtype)
-    src = np.asarray(shard.data)
-    rows = max(1, COPY_BYTES // max(1, block[:1].nbytes))
-    copies += [(block[r:r + rows], src[r:r + rows]) for r in range(0, max(len(block), 1), rows)]
     cols = _real_cols(l, bounds)
     if cols is None:   # a block of padding columns only
       continue
+    src = np.asarray(shard.data)
+    rows = max(1, COPY_BYTES // max(1, block[:1].nbytes))
     stored, local = cols
     for slot, (t0, t1), (b0, b1) in _overlaps(l, bounds[0]):
       start = (t0,) + tuple(c.start for c in stored)
       pieces.append(Piece(name_of(slot.name), start, block[(slice(b0, b1),) + local]))
+      copies += [(block[r:min(r + rows, b1)], src[r:min(r + rows, b1)])
+                 for r in range(b0, b1, rows)]
   list(_copy_pool().map(lambda c: np.copyto(*c), copies))   # numpy copies release the GIL
   return pieces
 
