@@ -8,8 +8,9 @@ always whole; a crash mid-save leaves only a tmp directory (removed by the next 
 Snapshots are hard links to the store's chunk files, which the store only ever replaces
 (never rewrites), so later writes — or a failed write-back — never change it. Taking one
 copies nothing on the store's filesystem (elsewhere every file is copied: start-up warns,
-`hooks.warn_copied_snapshots`); a file rewritten after it becomes the snapshot's own copy. Each table's file list (sizes and CRC32s, `integrity`) is checked before a
-restore or a conversion reads the snapshot, so a damaged one is refused rather than read.
+`hooks.warn_copied_snapshots`); a file rewritten after it becomes the snapshot's own copy.
+Each table's file list (sizes and CRC32s, `integrity`) is checked before a restore or a
+conversion reads the snapshot, so a damaged one is refused rather than read.
 """
 
 from __future__ import annotations
