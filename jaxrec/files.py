@@ -204,14 +204,14 @@ def make_dirs(path: str | os.PathLike, flag: str = "--workdir",
     os.makedirs(path, exist_ok=True)
   except OSError as e:
     where = f"{flag}={os.fspath(shown if shown is not None else path)}"
-    in_the_way = _deepest_existing(os.fspath(e.filename or path))
+    in_the_way = deepest_existing(os.fspath(e.filename or path))
     if os.path.isfile(in_the_way):
       raise ConfigError(f"{where}: {in_the_way} is a file, not a directory") from None
     raise ConfigError(f"{where}: cannot create {e.filename or os.fspath(path)}: "
                       f"{e.strerror or e}") from None
 
 
-def _deepest_existing(path: str) -> str:
+def deepest_existing(path: str) -> str:
   """`path` or its deepest parent that exists ('' if none does)."""
   while path and not os.path.lexists(path) and os.path.dirname(path) != path:
     path = os.path.dirname(path)

@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 import jax
 
-from jaxrec import workdir_layout
+from jaxrec import files, workdir_layout
 from jaxrec.offload import owner
 from jaxrec.offload.config import OffloadConfig, device_tables
 from jaxrec.offload.planning import (plan_with_offload, with_offload_notes,
@@ -216,11 +216,8 @@ def warn_copied_snapshots(tier: OffloadTier, snapshots: str) -> list[str]:
 def filesystem(path: str) -> int | None:
   """The device id (`st_dev`) of `path`, or of its nearest existing parent; None when it
   cannot be read (the store's own checks name such a path)."""
-  path = os.path.abspath(path)
-  while not os.path.exists(path) and os.path.dirname(path) != path:
-    path = os.path.dirname(path)
   try:
-    return os.stat(path).st_dev
+    return os.stat(files.deepest_existing(os.path.abspath(path))).st_dev
   except OSError:
     return None
 

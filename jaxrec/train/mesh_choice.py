@@ -207,10 +207,8 @@ def most_offloaded(config, off):
   """`off` with every table `OffloadConfig.auto` may offload offloaded: the least any
   plan of its offloading pass keeps on the devices (`min_bytes_per_device`)."""
   from jaxrec import offload   # pylint: disable=import-outside-toplevel
-  names = [t.name for t in offload.planning.auto_candidates(
-      config.tables, config.features, off, config.sparse_tx(), config.batch_size)]
-  return offload.planning.with_auto_offloaded(config.tables, config.features, off, names,
-                                                config.batch_size)
+  return offload.planning.with_auto_offloaded(   # (it takes only the tables auto may offload)
+      config.tables, config.features, off, [t.name for t in config.tables], config.batch_size)
 
 
 def min_bytes_per_device(tables, off, optimizer, num_devices: int) -> float:
