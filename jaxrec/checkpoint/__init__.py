@@ -18,7 +18,8 @@ abstract tree checked against the manifest, fingerprint verification, typed keys
 `all_finite`), `canonical` (names, dense part, fingerprints), `tables`
 (per-table zarr store written from / read into the stacked shards), `storage` (direct
 streaming reads of a step), `convert` (npz / zarr export, copy for another mesh or plan,
-TorchRec import; CLI: `scripts/convert_checkpoint.py`), `selection` (the step a
+TorchRec import; CLI: `scripts/convert_checkpoint.py`), `torchrec_npz` (a TorchRec
+npz's tables, checked and read for the import), `selection` (the step a
 conversion reads: `--step`, or the newest valid one), `steps` (step directories, the newest
 valid step), `offloaded` (offloaded tables' snapshots; tables that changed tier since the
 save), `rotation` (steps a running job deletes while they are read).

@@ -29,12 +29,10 @@ and never silently exports corrupt data.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import math
 import os
-import re
 import shutil
 import time
 import zipfile
@@ -51,20 +49,17 @@ from jaxrec.checkpoint import offloaded as offloaded_lib
 from jaxrec.checkpoint import selection
 from jaxrec.checkpoint import storage
 from jaxrec.checkpoint import tables as tables_lib
+from jaxrec.checkpoint import torchrec_npz
 from jaxrec.checkpoint.manager import CheckpointError, CheckpointManager
 from jaxrec.checkpoint.steps import first_line, step_dirs
 from jaxrec.embedding import layout as layout_lib
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError, DataError, OffloadError
-from jaxrec.kernels import quant
 from jaxrec.sharding.plan import KINDS, Plan, load_plan_file, recorded_mesh, uniform_plan
 
 FORMATS = ("npz", "zarr", "checkpoint")
-IMPORT_DTYPES = quant.FLOAT_TABLE_DTYPES   # what a TorchRec table can be imported as
-_CHECK_ROWS = 1 << 16                      # an import checks a table's values in row blocks
 NPZ_DTYPES = {"bfloat16": np.dtype(np.float32)}   # npy has no bfloat16: widened, exactly
 _RENAME = (("params", "dense"), ("opt_state", "dense_opt"))
-TORCHREC_KEY = re.compile(r"(?:^|\.)(?:embedding_bags|embeddings)\.([^.]+)\.weight$")
 
 
 def export_name(name: str) -> str:
@@ -499,91 +494,6 @@ def _link_copy(src: epath.Path, dst: epath.Path) -> None:
     tmp.rename(dst)
 
 
-@dataclasses.dataclass(frozen=True)
-class _NpzTable:
-  """A table of an npz, checked and read again when its checkpoint array is written
-  (`tables.Piece`): an import holds one table at a time (it held every table, 2x the
-  biggest while it checked it)."""
-  shape: tuple[int, ...]
-  dtype: np.dtype
-  npz_path: str
-  key: str
-
-  def load(self) -> np.ndarray:
-    """The table as checked; a `DataError` naming the file when it no longer reads so
-    (replaced or damaged during the import)."""
-    failure = None
-    try:
-      with np.load(self.npz_path) as z:
-        w = z[self.key]
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-      failure = first_line(e)   # raised outside: the save's error handling takes an
-    if failure is not None:     # OSError in the context for a failure of its own output
-      raise DataError(f"--torchrec_npz: {self.npz_path} became unreadable during the "
-                      f"import ('{self.key}': {failure})")
-    if w.shape != self.shape or w.dtype != self.dtype:
-      raise DataError(f"--torchrec_npz: {self.npz_path} changed during the import: "
-                      f"'{self.key}' is now {w.dtype} {list(w.shape)}, was {self.dtype} "
-                      f"{list(self.shape)}")
-    _check_finite(w, self.npz_path, self.key)   # what is written (a file replaced alike)
-    return w
-
-
-def _read_torchrec(npz_path) -> dict[str, _NpzTable]:
-  """`{table: weight}` of a TorchRec npz (see `import_torchrec`), each table checked."""
-  tables = {}
-  with np.load(npz_path) as z:
-    names = {}
-    for key in z.files:
-      m = TORCHREC_KEY.search(key)
-      if m:
-        if not tables_lib.storable_name(m.group(1)):   # e/q: int8 table e's codes
-          raise DataError(f"{npz_path}: '{key}' names table '{m.group(1)}': table "
-                          f"{tables_lib.UNSTORABLE}")
-        if m.group(1) in names:
-          raise DataError(f"{npz_path}: table '{m.group(1)}' appears twice ({names[m.group(1)]}"
-                          f", {key})")
-        names[m.group(1)] = key
-      else:
-        logging.info("%s: ignoring '%s' (not an embedding table weight)", npz_path, key)
-    if not names:
-      raise DataError(f"{npz_path}: no keys like 'embedding_bags.<table>.weight' (keys: "
-                      f"{z.files[:10]})")
-    for name, key in sorted(names.items()):
-      signals.check()   # Ctrl-C between tables
-      w = z[key]
-      tables[name] = _NpzTable(w.shape, w.dtype, str(npz_path), key)
-      if w.ndim != 2 or not all(w.shape):
-        raise DataError(f"{npz_path}: '{key}' has shape {w.shape}, expected [rows, dim] "
-                        "(both positive)")
-      if w.dtype.kind == "V" and w.dtype.itemsize == 2:   # how numpy loads a bfloat16 array
-        raise DataError(f"{npz_path}: '{key}' has dtype {w.dtype} (2-byte raw data, e.g. "
-                        "bfloat16, which npz cannot hold): export the table as float32")
-      if not np.issubdtype(w.dtype, np.floating):
-        raise DataError(f"{npz_path}: '{key}' has dtype {w.dtype}, expected a float dtype")
-      if w.dtype.name not in IMPORT_DTYPES:   # no run could restore it (no float64 tables)
-        raise DataError(f"{npz_path}: '{key}' has dtype {w.dtype}, which no table can have "
-                        f"(table dtypes: {', '.join(IMPORT_DTYPES)}); convert it before the "
-                        "import, e.g. to float32 (which rounds)")
-      _check_finite(w, npz_path, key)
-      del w
-  return tables
-
-
-def _check_finite(w: np.ndarray, npz_path, key: str) -> None:
-  """A `DataError` when table `w` holds NaN/inf (a run would train it into every row it
-  pools with, and save it); checked in row blocks (a temporary per block, not per table)."""
-  bad_values, bad_rows, first = 0, 0, None
-  for start in range(0, len(w), _CHECK_ROWS):
-    bad = ~np.isfinite(w[start:start + _CHECK_ROWS])
-    rows = np.flatnonzero(bad.any(axis=1))
-    bad_values, bad_rows = bad_values + int(bad.sum()), bad_rows + len(rows)
-    first = start + int(rows[0]) if first is None and len(rows) else first
-  if bad_values:
-    raise DataError(f"{npz_path}: '{key}' holds {bad_values} NaN/inf values in "
-                    f"{bad_rows} rows (first: row {first})")
-
-
 @_dirs_removed_on_error
 def import_torchrec(npz_path, output, step: int = 0) -> list[str]:
   """Imports the tables of a TorchRec `EmbeddingBagCollection` state_dict (saved as npz
@@ -601,7 +511,7 @@ def import_torchrec(npz_path, output, step: int = 0) -> list[str]:
   if npz_path.is_file() and not zipfile.is_zipfile(npz_path):   # np.load took a text file
     raise DataError(f"--torchrec_npz: {npz_path} is not an npz file (not a zip archive)")
   try:
-    tables = _read_torchrec(npz_path)
+    tables = torchrec_npz.read_tables(npz_path)
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
     if isinstance(e, DataError):
       raise

@@ -10,7 +10,7 @@ import pytest
 import tensorstore as ts
 
 from jaxrec import tree_copy
-from jaxrec.checkpoint import CheckpointManager, convert
+from jaxrec.checkpoint import CheckpointManager, convert, torchrec_npz
 from jaxrec.errors import ConfigError, DataError
 from tests.checkpoint import ckpt_helpers as h
 
@@ -247,7 +247,7 @@ def test_an_npz_changed_during_the_import_is_named(tmp_path, monkeypatch):
   between gave the save's error ('saving checkpoint 0 ... failed') or a raw BadZipFile."""
   npz = tmp_path / "ebc.npz"
   np.savez(npz, **{"embedding_bags.t.weight": np.ones((4, 2), np.float32)})
-  (table,) = convert._read_torchrec(npz).values()   # pylint: disable=protected-access
+  (table,) = torchrec_npz.read_tables(npz).values()
   np.savez(npz, **{"embedding_bags.t.weight": np.ones((5, 2), np.float32)})
   with pytest.raises(DataError, match=r"ebc.npz changed during the import: "
                      r"'embedding_bags.t.weight' is now float32 \[5, 2\], was float32 \[4, 2\]"):
@@ -259,13 +259,13 @@ def test_an_npz_changed_during_the_import_is_named(tmp_path, monkeypatch):
   with pytest.raises(DataError, match=r"'embedding_bags.t.weight' holds 8 NaN/inf values"):
     table.load()   # replaced alike, but with values the first read never saw
   np.savez(npz, **{"embedding_bags.t.weight": np.ones((4, 2), np.float32)})
-  real = convert._read_torchrec   # pylint: disable=protected-access
+  real = torchrec_npz.read_tables
 
   def then_removed(path):
     tables = real(path)
     os.unlink(path)
     return tables
-  monkeypatch.setattr(convert, "_read_torchrec", then_removed)
+  monkeypatch.setattr(torchrec_npz, "read_tables", then_removed)
   with pytest.raises(DataError, match=r"ebc.npz became unreadable during the import "
                      r"\('embedding_bags.t.weight': .*No such file"):
     convert.import_torchrec(npz, tmp_path / "out")

@@ -1,0 +1,112 @@
+"""A TorchRec `EmbeddingBagCollection` state_dict saved as npz, read for an import
+(`convert.import_torchrec`, `scripts/convert_checkpoint.py --torchrec_npz`).
+
+Keys `...embedding_bags.<table>.weight` (or `embeddings.<table>.weight`) are tables; each is
+checked (a `[rows, dim]` float table of a dtype a table can have, finite values) and read
+again when its checkpoint array is written (`NpzTable.load`), one table in memory at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import zipfile
+
+import numpy as np
+from absl import logging
+
+from jaxrec import signals
+from jaxrec.checkpoint import tables as tables_lib
+from jaxrec.checkpoint.steps import first_line
+from jaxrec.errors import DataError
+from jaxrec.kernels import quant
+
+IMPORT_DTYPES = quant.FLOAT_TABLE_DTYPES   # what a TorchRec table can be imported as
+TORCHREC_KEY = re.compile(r"(?:^|\.)(?:embedding_bags|embeddings)\.([^.]+)\.weight$")
+_CHECK_ROWS = 1 << 16                      # a table's values are checked in row blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class NpzTable:
+  """A table of an npz, checked and read again when its checkpoint array is written
+  (`tables.Piece`): an import holds one table at a time (it held every table, 2x the
+  biggest while it checked it)."""
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  npz_path: str
+  key: str
+
+  def load(self) -> np.ndarray:
+    """The table as checked; a `DataError` naming the file when it no longer reads so
+    (replaced or damaged during the import)."""
+    failure = None
+    try:
+      with np.load(self.npz_path) as z:
+        w = z[self.key]
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+      failure = first_line(e)   # raised outside: the save's error handling takes an
+    if failure is not None:     # OSError in the context for a failure of its own output
+      raise DataError(f"--torchrec_npz: {self.npz_path} became unreadable during the "
+                      f"import ('{self.key}': {failure})")
+    if w.shape != self.shape or w.dtype != self.dtype:
+      raise DataError(f"--torchrec_npz: {self.npz_path} changed during the import: "
+                      f"'{self.key}' is now {w.dtype} {list(w.shape)}, was {self.dtype} "
+                      f"{list(self.shape)}")
+    _check_finite(w, self.npz_path, self.key)   # what is written (a file replaced alike)
+    return w
+
+
+def read_tables(npz_path) -> dict[str, NpzTable]:
+  """`{table: NpzTable}` of a TorchRec npz (see `convert.import_torchrec`), each table
+  checked (shape, dtype, finite values); `DataError` naming the file and key otherwise."""
+  tables = {}
+  with np.load(npz_path) as z:
+    names = {}
+    for key in z.files:
+      m = TORCHREC_KEY.search(key)
+      if m:
+        if not tables_lib.storable_name(m.group(1)):   # e/q: int8 table e's codes
+          raise DataError(f"{npz_path}: '{key}' names table '{m.group(1)}': table "
+                          f"{tables_lib.UNSTORABLE}")
+        if m.group(1) in names:
+          raise DataError(f"{npz_path}: table '{m.group(1)}' appears twice ({names[m.group(1)]}"
+                          f", {key})")
+        names[m.group(1)] = key
+      else:
+        logging.info("%s: ignoring '%s' (not an embedding table weight)", npz_path, key)
+    if not names:
+      raise DataError(f"{npz_path}: no keys like 'embedding_bags.<table>.weight' (keys: "
+                      f"{z.files[:10]})")
+    for name, key in sorted(names.items()):
+      signals.check()   # Ctrl-C between tables
+      w = z[key]
+      tables[name] = NpzTable(w.shape, w.dtype, str(npz_path), key)
+      if w.ndim != 2 or not all(w.shape):
+        raise DataError(f"{npz_path}: '{key}' has shape {w.shape}, expected [rows, dim] "
+                        "(both positive)")
+      if w.dtype.kind == "V" and w.dtype.itemsize == 2:   # how numpy loads a bfloat16 array
+        raise DataError(f"{npz_path}: '{key}' has dtype {w.dtype} (2-byte raw data, e.g. "
+                        "bfloat16, which npz cannot hold): export the table as float32")
+      if not np.issubdtype(w.dtype, np.floating):
+        raise DataError(f"{npz_path}: '{key}' has dtype {w.dtype}, expected a float dtype")
+      if w.dtype.name not in IMPORT_DTYPES:   # no run could restore it (no float64 tables)
+        raise DataError(f"{npz_path}: '{key}' has dtype {w.dtype}, which no table can have "
+                        f"(table dtypes: {', '.join(IMPORT_DTYPES)}); convert it before the "
+                        "import, e.g. to float32 (which rounds)")
+      _check_finite(w, npz_path, key)
+      del w
+  return tables
+
+
+def _check_finite(w: np.ndarray, npz_path, key: str) -> None:
+  """A `DataError` when table `w` holds NaN/inf (a run would train it into every row it
+  pools with, and save it); checked in row blocks (a temporary per block, not per table)."""
+  bad_values, bad_rows, first = 0, 0, None
+  for start in range(0, len(w), _CHECK_ROWS):
+    bad = ~np.isfinite(w[start:start + _CHECK_ROWS])
+    rows = np.flatnonzero(bad.any(axis=1))
+    bad_values, bad_rows = bad_values + int(bad.sum()), bad_rows + len(rows)
+    first = start + int(rows[0]) if first is None and len(rows) else first
+  if bad_values:
+    raise DataError(f"{npz_path}: '{key}' holds {bad_values} NaN/inf values in "
+                    f"{bad_rows} rows (first: row {first})")
