@@ -26,7 +26,8 @@ from jaxrec.offload.config import OffloadConfig, device_tables
 from jaxrec.offload.planning import (plan_with_offload, with_offload_notes,
                                      with_auto_offloaded)
 from jaxrec.offload.tier import OffloadTier
-from jaxrec.sharding.plan import KINDS, Plan, is_plan_file, load_plan_file, uniform_plan
+from jaxrec.sharding.plan import (Plan, check_plan_flag, is_plan_file, load_plan_file,
+                                  uniform_plan)
 from jaxrec.errors import BudgetError, ConfigError
 
 _LOG = logging.getLogger(__name__)
@@ -68,9 +69,8 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
                                             config.batch_size, calibration=calibration)
     check_one_process(off, processes)
     return result.plan, result, tables, off
-  if options.plan not in KINDS and recorded is None and not is_plan_file(options.plan):
-    raise ConfigError(f"--plan: unknown plan '{options.plan}' (known: auto, "
-                      f"{', '.join(KINDS)}, or a plan .json file)")
+  if recorded is None and not is_plan_file(options.plan):
+    check_plan_flag(options.plan)   # a kind, else the unknown plan is named
 
   def estimate(off):
     check_one_process(off, processes)
