@@ -102,7 +102,8 @@ def main(argv):
     # --train_data/--eval_data as bindings too: W/config.gin names the data the run used
     launch.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, overrides={
         f"ExperimentConfig.{name}": getattr(FLAGS, name)
-        for name in ("train_data", "eval_data") if getattr(FLAGS, name)})
+        for name in config_lib.DATA_FIELDS if getattr(FLAGS, name)})
+    config_lib.absolute_data_paths()   # W/config.gin holds them absolute
     config = launch.build(config_lib.ExperimentConfig)
     signals.check()
     # The trainer: SIGTERM recorded until its first step, then after a checkpoint (its own

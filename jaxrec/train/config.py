@@ -8,9 +8,11 @@ flags (`scripts/train.py`); the library never reads flags itself.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import inspect
 import math
 import numbers
+import os
 import reprlib
 from typing import Any
 
@@ -332,3 +334,31 @@ def parse_bytes(text: str | None, flag: str) -> int | None:
   if not math.isfinite(value) or value < 1:   # 1e999 overflows int(); 1e-3 is 0 bytes
     raise ConfigError(f"{flag}: '{text}' is not a size from 1 byte up")
   return int(value)
+
+
+DATA_FIELDS = ("train_data", "eval_data")
+
+
+def absolute_data_paths() -> None:
+  """Rebinds `ExperimentConfig.train_data` / `eval_data` bound to a relative path that
+  names something here (a file, directory or a glob's matches) to its absolute path, so
+  that `W/config.gin` names the data wherever it is rerun from (it recorded the path as
+  typed: rerun from another directory, it read no file or another one). `synthetic` and
+  paths naming nothing (the run reports those) stay as given. Call after `launch.parse_gin`."""
+  for name in DATA_FIELDS:
+    binding = f"ExperimentConfig.{name}"
+    try:
+      value = gin.query_parameter(binding)
+    except ValueError:   # not bound: the default, 'synthetic'
+      continue
+    if (isinstance(value, str) and value != "synthetic" and not os.path.isabs(value)
+        and (os.path.exists(value) or glob.glob(value))):
+      with gin.unlock_config():
+        gin.bind_parameter(binding, os.path.abspath(value))
+
+
+def config_gin_header(seed: int) -> str:
+  """The comment `W/config.gin` starts with: the one flag that changes what it trains and
+  that no gin binding records, `--seed` (a rerun of the file alone used seed 0)."""
+  return (f"# The operative config of a jaxrec run; it ran with --seed={seed}. Rerun it with\n"
+          f"# --gin_file=<this file> --seed={seed} (and --plan=<its W>/plan.json).\n\n")

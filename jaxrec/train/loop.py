@@ -36,6 +36,7 @@ from jaxrec.sharding import mesh as mesh_lib
 from jaxrec.planner.result import format_bytes
 from jaxrec.sharding.plan import Plan, uniform_plan
 from jaxrec.train import budget_hint, data_adapter, mesh_choice
+from jaxrec.train.config import config_gin_header
 from jaxrec.train import state as state_lib
 from jaxrec.train import step as step_lib
 from jaxrec.train import termination, writers
@@ -228,7 +229,8 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
       return _train_and_evaluate(config, options, workdir, terminated)
 
 
-def _write_run_records(workdir: str, operative_gin: str, plan_result, trains: bool) -> None:
+def _write_run_records(workdir: str, operative_gin: str, plan_result, trains: bool,
+                       seed: int) -> None:
   """Warns about unused gin bindings and writes `config.gin` and `plan.json`. Every
   configurable of the run has been called by now; a run that only evaluates opens no
   training data, and keeps the config.gin and plan.json of the run that trained (with its
@@ -240,7 +242,8 @@ def _write_run_records(workdir: str, operative_gin: str, plan_result, trains: bo
     elastic.report_warning(unused)   # under launch.py: on its stderr, not only 0.log
   # whole or not at all: `--plan=W/plan.json` reads it back on the next start; like
   # config.gin, the plan of the run that trained is kept by one that only evaluates
-  for name, text in (("config.gin", lambda: operative_gin), ("plan.json", lambda: json.dumps(
+  for name, text in (("config.gin", lambda: config_gin_header(seed) + operative_gin),
+                     ("plan.json", lambda: json.dumps(
       plan_result.to_json(), indent=2, sort_keys=True))):
     path = os.path.join(workdir, name)
     if not trains and os.path.exists(path):
@@ -401,7 +404,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     signals.check()
     if is_main:   # only now: a run refused by its restore leaves the last run's files
       _write_run_records(workdir, operative_gin, info["plan_result"],
-                         trains=train_it is not None)
+                         trains=train_it is not None, seed=options.seed)
   except BaseException:
     if tier is not None:
       tier.close(refused=True)

@@ -1,5 +1,6 @@
 """scripts/train.py on Criteo TSV files and preprocessed shards; bad rows stop the run."""
 
+import os
 import re
 
 import pytest
@@ -8,7 +9,7 @@ from jaxrec.data import source as source_lib
 from jaxrec.data.synthetic import SyntheticSource, write_tsv
 from jaxrec.embedding.specs import uniform_tables
 from tests.scripts.in_process import run_script
-from tests.scripts.test_train import NO_COMPILE, assert_one_line_error, read_metrics, train
+from tests.scripts.test_train import NO_COMPILE, ROOT, assert_one_line_error, read_metrics, train
 
 SMALL = ["uniform_tables.rows=1000", "DLRM.bottom_mlp=(32,16)", "DLRM.top_mlp=(32,1)",
          "ExperimentConfig.batch_size=128", "ExperimentConfig.eval_batch_size=256"]
@@ -26,12 +27,16 @@ def test_train_on_tsv_reads_eval_once(tmp_path):
   write_data(tmp_path / "train.tsv", 2000)
   write_data(tmp_path / "eval.tsv", 300, start=5000)
   w = str(tmp_path / "w")
-  train(w, *FLAGS, "--num_steps=30", f"--train_data={tmp_path}/train.tsv",
-        f"--eval_data={tmp_path}/eval.tsv")
+  rel = lambda name: os.path.relpath(tmp_path / name, ROOT)   # train.py runs in ROOT
+  train(w, *FLAGS, "--num_steps=30", f"--train_data={rel('train.tsv')}", "--seed=3",
+        f"--gin_bindings=ExperimentConfig.eval_data='{rel('eval.tsv')}'")
   evals = [l for l in read_metrics(w) if "eval_auc" in l]
   assert evals and evals[-1]["eval_examples"] == 300     # whole file, once, padding masked
-  # W/config.gin named the config's 'synthetic', not the files the flags gave
-  recorded = re.sub(r"\\\n\s+", "", open(f"{w}/config.gin").read())   # gin wraps lines
+  # W/config.gin named the config's 'synthetic', not the files the flags gave, and then
+  # relative paths as typed (a rerun from another directory read no file); no --seed
+  text = open(f"{w}/config.gin").read()
+  assert text.startswith("# The operative config of a jaxrec run; it ran with --seed=3.")
+  recorded = re.sub(r"\\\n\s+", "", text)   # gin wraps lines
   assert f"ExperimentConfig.train_data = '{tmp_path}/train.tsv'" in recorded, recorded
   assert f"ExperimentConfig.eval_data = '{tmp_path}/eval.tsv'" in recorded, recorded
 
