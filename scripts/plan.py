@@ -10,6 +10,7 @@ r"""Propose (or check) a sharding plan and explain it: parses flags, calls `jaxr
   .venv/bin/python scripts/plan.py --gin_file=... --plan=W/plan.json   # check a plan file
 """
 
+import dataclasses
 import logging
 import math
 import os
@@ -211,6 +212,35 @@ def _plan_offloaded(spec, off, mesh, memory, optimizer, batch, cal):
   return planning.with_offload_notes(result, spec.tables, off, sparse)
 
 
+def _refine(spec, off, memory, optimizer, mesh, cal):
+  """`--profile`: the fit and the plan it proposes, over the tables as the profiled run
+  built them: offloaded ones as their caches, and under `OffloadConfig.auto` the tables
+  its `auto` offloaded (its `W/plan.json`'s `auto_offloaded`), when the tables are over
+  budget whole, as train.py prices the proposal given back with `--plan` (it was priced
+  with them whole: 'does not fit', and its JSON named no `auto_offloaded`)."""
+  from jaxrec import planner  # pylint: disable=import-outside-toplevel
+  from jaxrec.offload import hooks, planning  # pylint: disable=import-outside-toplevel
+  from jaxrec.offload.config import device_tables  # pylint: disable=import-outside-toplevel
+
+  def refine(tables):
+    return planner.refine_from_profile(
+        FLAGS.profile, tables, spec.features, memory, optimizer,
+        FLAGS.batch_size or spec.batch_size, cal, table_stats=spec.table_stats,
+        mesh_shape=mesh, plan_batch_size=FLAGS.batch_size,
+        batch_size_from="--batch_size" if FLAGS.batch_size else "the config's batch_size")
+  if off is None:
+    return refine(spec.tables)
+  sparse = _sparse_optimizer(optimizer)
+  workdir = FLAGS.profile if os.path.isdir(FLAGS.profile) else os.path.dirname(FLAGS.profile)
+  names = hooks.plan_file_auto_offloaded(os.path.join(workdir, "plan.json"))
+  off, result = hooks.with_given_plans_offload(
+      lambda o: refine(device_tables(spec.tables, o, sparse)), off, names, spec.tables,
+      spec.features, FLAGS.batch_size or spec.batch_size or 512)
+  notes = lambda r: r and planning.with_offload_notes(r, spec.tables, off, sparse)
+  return dataclasses.replace(result, current=notes(result.current),
+                             proposed=notes(result.proposed), explore=notes(result.explore))
+
+
 def _estimate_forced(tables, mesh, estimate):
   """`estimate(plan, mode)` of `--plan`: a kind forced on every table, or a plan file read
   and checked as train.py does (`offload.choose_plan`: a warning when it records another
@@ -291,11 +321,7 @@ def main(argv):
     _check_batch(batch, mesh, spec.batch_size)
     offloaded = _offloaded(spec, optimizer)
     if FLAGS.profile:
-      result = planner.refine_from_profile(
-          FLAGS.profile, offloaded[1] if offloaded else spec.tables, spec.features, memory,
-          optimizer, FLAGS.batch_size or spec.batch_size, cal, table_stats=spec.table_stats,
-          mesh_shape=mesh, plan_batch_size=FLAGS.batch_size,
-          batch_size_from="--batch_size" if FLAGS.batch_size else "the config's batch_size")
+      result = _refine(spec, offloaded[0] if offloaded else None, memory, optimizer, mesh, cal)
     elif mesh is None:
       why = " (the --plan file records no mesh, or a damaged one)" if FLAGS.plan != "auto" else ""
       raise ConfigError(f"--mesh is required, e.g. --mesh=data=2,table=2,row=2,col=1{why}")

@@ -250,6 +250,38 @@ def test_offloaded_tables_are_planned_as_their_caches(tmp_path):
   assert proc.returncode == 0 and "Plan (auto)" in proc.stdout, proc.stderr[-2000:]
 
 
+def test_a_profile_of_an_auto_offloading_run_proposes_with_its_caches(tmp_path):
+  """`--profile` priced the tables `OffloadConfig.auto` had offloaded in the profiled run
+  whole: 'does not fit' at that run's own budget, and a JSON naming no `auto_offloaded`
+  (train.py then checked a proposal given back with `--plan` whole too)."""
+  from jaxrec import launch, offload   # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from jaxrec.train.config import ExperimentConfig, RunOptions
+  bindings = ["uniform_tables.rows = [100000000, 50000, 20000, 10000, 5000, 2000, 1000, 500]",
+              "OffloadConfig.auto = True"]
+  launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")], bindings)
+  config, mesh = launch.build(ExperimentConfig), {"table": 4, "row": 2}
+  _, ran, _, off = offload.choose_plan(config, RunOptions(plan="auto", memory_per_device=2**30),
+                                       mesh)
+  assert off.auto_added == ("t0",)
+  w = tmp_path / "w"
+  w.mkdir()
+  (w / "plan.json").write_text(json.dumps(ran.to_json()))   # as the run wrote it
+  for step in (100, 200, 300):
+    planner.append_profile(w, planner.profile_record(step, 0.004, ran.plan, ran.mesh_shape,
+                                                     steps=100, batch_size=512))
+  out = tmp_path / "proposed.json"
+  proc = plan(tmp_path, "--gin_file=configs/dlrm_synthetic.gin", f"--profile={w}",
+              "--memory_per_device=1GiB", f"--json={out}",
+              *(f"--gin_bindings={b}" for b in bindings))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "offloaded 't0'" in proc.stdout and "added by OffloadConfig.auto" in proc.stdout
+  assert json.loads(out.read_text())["proposed"]["auto_offloaded"] == ["t0"]
+  _, again, _, off = offload.choose_plan(   # train.py --plan=proposed.json takes it
+      config, RunOptions(plan=str(out), memory_per_device=2**30), mesh)
+  assert off.auto_added == ("t0",) and again.mode == "file"
+
+
 def test_bad_optimizer_flags_are_one_line_errors_naming_the_flag(tmp_path):
   """`--optimizer=-1` said "unknown optimizer '-1'" (the '-' was read as '_'), `nan` did
   not name the flag, `inf` was an OverflowError traceback, an empty value planned for sgd."""
