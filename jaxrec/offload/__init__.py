@@ -16,7 +16,7 @@
 """
 
 from jaxrec.offload.config import (OffloadConfig, OffloadError, OffloadTable, device_tables,
-                                   row_bytes)
+                                   host_bytes, row_bytes)
 from jaxrec.offload.hooks import (check_one_process, choose_plan, emb_init_key, make_tier,
                                   store_paths, warn_moved_stores)
 from jaxrec.offload.planning import plan_with_offload
@@ -24,7 +24,8 @@ from jaxrec.offload.iterator import OffloadIterator
 from jaxrec.offload.store import TableStore, init_rows
 from jaxrec.offload.tier import OffloadTier
 
-__all__ = ["OffloadConfig", "OffloadError", "OffloadTable", "device_tables", "row_bytes",
+__all__ = ["OffloadConfig", "OffloadError", "OffloadTable", "device_tables", "host_bytes",
+           "row_bytes",
            "plan_with_offload", "TableStore", "init_rows", "OffloadIterator", "OffloadTier",
            "emb_init_key", "check_one_process", "choose_plan", "make_tier", "store_paths",
            "warn_moved_stores"]

@@ -244,6 +244,22 @@ def row_bytes(spec: TableSpec, optimizer) -> int:
   return total
 
 
+def host_bytes(tables: Sequence[TableSpec], config: OffloadConfig, optimizer) -> int:
+  """About the host memory the tier keeps for `config`'s tables, their stores' files
+  aside: 12 bytes per table row (the cache's row → slot map and use counts, the write-back
+  buffer's index), the buffer's `host_buffer_rows` rows with their optimizer state, and a
+  `kvstore='memory'` store's whole table."""
+  by_name = {t.name: t for t in tables}
+  total = 0
+  for off in config.tables:
+    spec = by_name[off.name]
+    per_row = row_bytes(spec, optimizer)
+    total += 12 * spec.rows + min(config.host_buffer_rows, spec.rows) * (per_row + 16)
+    if off.kvstore == "memory":
+      total += spec.rows * per_row
+  return total
+
+
 def check_tables(tables: Sequence[TableSpec], config: OffloadConfig) -> None:
   known = {t.name for t in tables}
   dtypes = {t.name: t.dtype for t in tables}

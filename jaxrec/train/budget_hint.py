@@ -43,23 +43,36 @@ def note(memory_per_device: int | None, device) -> str | None:
 HOST_FRACTION = 0.75
 
 
-def host_warning(result, devices, host_bytes: int | None = None) -> str | None:
-  """The warning for a plan (`PlanResult`) whose tables, on this process's CPU `devices`
-  together, take more than `HOST_FRACTION` of the host's memory (`host_bytes`, default
-  the physical memory); None otherwise, and off CPU. The budget is per device: a 1.2 GiB
-  table replicated (`dp`) on 8 CPU devices fit 16 GiB on each, and took 10 GiB of the
-  host before the first step. (Several processes on one host each count their own
-  devices; offloaded tables' host memory is not counted.)"""
-  if not devices or devices[0].platform != "cpu":
-    return None
+def host_warning(result, devices, host_bytes: int | None = None, offloaded: int = 0
+                 ) -> str | None:
+  """The warning for a plan (`PlanResult`) whose tables on this process's CPU `devices`,
+  together with the `offloaded` bytes the offload tier keeps on the host
+  (`offload.config.host_bytes`, on any platform), take more than `HOST_FRACTION` of the
+  host's memory (`host_bytes`, default the physical memory); None otherwise. The budget
+  is per device: a 1.2 GiB table replicated (`dp`) on 8 CPU devices fit 16 GiB on each,
+  and took 10 GiB of the host before the first step. (Several processes on one host each
+  count their own devices.)"""
+  cpus = len(devices) if devices and devices[0].platform == "cpu" else 0
   host = host_bytes if host_bytes is not None else (
       os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
   each = sum(result.memory.values())
-  if each * len(devices) <= HOST_FRACTION * host:
+  if each * cpus + offloaded <= HOST_FRACTION * host:
     return None
-  return (f"the plan puts {format_bytes(each)} on each of the {len(devices)} CPU devices of "
-          f"this process, {format_bytes(each * len(devices))} in all, and they share this "
+  if offloaded:
+    room = int(HOST_FRACTION * host - offloaded) // max(cpus, 1) >> 20
+    return (f"the offload tier keeps about {format_bytes(offloaded)} in host memory (its "
+            "buffered rows and their optimizer state, 12 bytes per table row, and the whole "
+            "table of a kvstore='memory' store)"
+            + (f", and the plan puts {format_bytes(each * cpus)} on the {cpus} CPU devices "
+               "of this process" if cpus else "")
+            + f", of this host's {format_bytes(host)}: the run may run out of it. Give a "
+            "memory store's table a file store (kvstore='file'), lower "
+            "OffloadConfig.host_buffer_rows"
+            + (f", give --memory_per_device={room}MiB or less" if cpus and room > 0 else "")
+            + " or offload fewer tables")
+  return (f"the plan puts {format_bytes(each)} on each of the {cpus} CPU devices of "
+          f"this process, {format_bytes(each * cpus)} in all, and they share this "
           f"host's {format_bytes(host)} of memory: the run may run out of it. Give "
-          f"--memory_per_device={int(HOST_FRACTION * host / len(devices)) >> 20}MiB or "
+          f"--memory_per_device={int(HOST_FRACTION * host / cpus) >> 20}MiB or "
           "less (with --plan=auto the planner then splits or offloads tables), or fewer "
           "devices")

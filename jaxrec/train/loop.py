@@ -287,7 +287,9 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     hint = budget_hint.note(options.memory_per_device, jax.local_devices()[0])
     if hint:
       log.info("%s", hint)
-    shared = budget_hint.host_warning(info["plan_result"], mesh.local_devices)
+    shared = budget_hint.host_warning(info["plan_result"], mesh.local_devices,
+                                      offloaded=offload.host_bytes(config.tables, info["offload"],
+                                                                   collection.optimizer))
     if shared:
       log.warning("%s", shared)
   data_adapter.warn_preprocessed_skips(options.bad_rows,

@@ -52,8 +52,8 @@ def test_the_loop_asks_for_the_note_beside_the_plan_report(monkeypatch, tmp_path
   def fake_note(memory_per_device, device):
     asked.append((memory_per_device, device))
 
-  def fake_host_warning(result, devices):
-    raise _Noted(result, devices)
+  def fake_host_warning(result, devices, offloaded):
+    raise _Noted(result, devices, offloaded)
   asked = []
   monkeypatch.setattr(budget_hint, "note", fake_note)
   monkeypatch.setattr(budget_hint, "host_warning", fake_host_warning)
@@ -65,6 +65,7 @@ def test_the_loop_asks_for_the_note_beside_the_plan_report(monkeypatch, tmp_path
   except _Noted as e:
     assert asked == [(3 * GIB, jax.local_devices()[0])]
     assert e.args[0].mode == "forced" and list(e.args[1]) == jax.local_devices()[:8]
+    assert e.args[2] == 0   # nothing offloaded
   else:
     raise AssertionError("the loop never asked for the note")
 
@@ -87,3 +88,35 @@ def test_a_plan_the_cpu_devices_cannot_hold_together_is_warned_about():
   assert budget_hint.host_warning(result, gpus, host_bytes=15 * GIB) is None
   tiny = types.SimpleNamespace(memory={"table": 2**20})   # the physical memory, by default
   assert budget_hint.host_warning(tiny, cpus) is None
+
+
+def test_the_offload_tiers_host_memory_is_counted_on_any_platform():
+  """The host warning left the offload tier's host memory out (and looked at CPU devices
+  only): a `kvstore='memory'` store holds its whole table in host RAM, and every
+  offloaded table takes 12 bytes per row of bookkeeping, on a GPU host too."""
+  import types  # pylint: disable=import-outside-toplevel
+  from jaxrec import offload  # pylint: disable=import-outside-toplevel
+  from jaxrec.embedding import optimizers  # pylint: disable=import-outside-toplevel
+  from jaxrec.embedding.specs import TableSpec  # pylint: disable=import-outside-toplevel
+  tables = (TableSpec("big", 100_000_000, 32), TableSpec("small", 1000, 32))
+  adagrad = optimizers.RowWiseAdagrad()   # 32 x 4 + 4 = 132 bytes a row
+  config = offload.OffloadConfig(tables={"big": {"cache_rows": 1000, "kvstore": "memory"}},
+                                 host_buffer_rows=1000)
+  assert offload.host_bytes(tables, config, adagrad) == (
+      12 * 100_000_000 + 1000 * (132 + 16) + 100_000_000 * 132)
+  filed = offload.OffloadConfig(tables={"big": {"cache_rows": 1000}}, host_buffer_rows=1000)
+  assert offload.host_bytes(tables, filed, adagrad) == 12 * 100_000_000 + 1000 * 148
+  result = types.SimpleNamespace(memory={"table": GIB})
+  gpus = [types.SimpleNamespace(platform="gpu")] * 8
+  text = budget_hint.host_warning(result, gpus, host_bytes=15 * GIB, offloaded=13 * GIB)
+  assert text == ("the offload tier keeps about 13.0 GiB in host memory (its buffered rows and "
+                  "their optimizer state, 12 bytes per table row, and the whole table of a "
+                  "kvstore='memory' store), of this host's 15.0 GiB: the run may run out of it. "
+                  "Give a memory store's table a file store (kvstore='file'), lower "
+                  "OffloadConfig.host_buffer_rows or offload fewer tables")
+  assert budget_hint.host_warning(result, gpus, host_bytes=15 * GIB, offloaded=GIB) is None
+  cpus = jax.devices()[:2]   # 2 GiB on the devices + 8 GiB offloaded > 75% of 12 GiB
+  text = budget_hint.host_warning(result, cpus, host_bytes=12 * GIB, offloaded=8 * GIB)
+  assert ", and the plan puts 2.0 GiB on the 2 CPU devices of this process, of this host's " \
+      "12.0 GiB" in text and "give --memory_per_device=512MiB or less or offload" in text
+  assert budget_hint.host_warning(result, cpus, host_bytes=12 * GIB, offloaded=6 * GIB) is None
