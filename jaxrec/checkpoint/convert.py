@@ -128,14 +128,20 @@ def _not_around(output, checkpoint_dir) -> None:
 def _not_a_workdir(output) -> None:
   """Refuses a checkpoint `--output` that is a run's directory (it holds `checkpoints/`):
   `--output=W2` for `W2/checkpoints` put the step directory beside W2/checkpoints, where no
-  run reads it, and train.py refused W2 from then on (a checkpoint directory)."""
+  run reads it, and train.py refused W2 from then on (a checkpoint directory). So is a
+  step directory (`W2/checkpoints/4`): the steps written inside it no run read either, and
+  rotating step 4 out deleted them."""
   inner = epath.Path(output) / workdir_layout.CHECKPOINTS_DIR
   if inner.is_dir():
     raise ConfigError(f"--output {output} is a run's directory (it holds {inner}): "
                       f"checkpoints go into its checkpoint directory, --output={inner}")
+  if storage.is_step_dir(output):
+    raise ConfigError(f"--output {output} is a step of a checkpoint directory: checkpoints "
+                      f"go into the directory, --output={epath.Path(output).parent}")
 
 
-def _mkdir(path) -> None:
+def _mkdir(path, shown=None) -> None:
+  """Creates directory `path`; errors name `shown` (the output a temporary path is for)."""
   path = epath.Path(path)
   file = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
   if file is not None:   # said 'cannot create directory P: File exists'
@@ -143,7 +149,8 @@ def _mkdir(path) -> None:
   try:
     path.mkdir(parents=True, exist_ok=True)
   except OSError as e:
-    raise ConfigError(f"--output: cannot create directory {path}: {e.strerror or e}") from None
+    raise ConfigError(f"--output: cannot create directory {shown or path}: "
+                      f"{e.strerror or e}") from None
 
 
 @contextlib.contextmanager
@@ -296,7 +303,7 @@ def export_zarr(checkpoint_dir, output, step: int | None = None) -> int:
 
 
 def _write_zarr(tmp, step_dir, step, output_path):
-  _mkdir(tmp)
+  _mkdir(tmp, shown=output_path)
   for ename, name, array, expect in _exported_arrays(step_dir):
     dtype, shape = array.dtype.numpy_dtype, tuple(array.shape)
     row_bytes = max(1, math.prod(shape[1:]) * dtype.itemsize) if shape else 1
@@ -528,5 +535,11 @@ def import_torchrec(npz_path, output, step: int = 0) -> list[str]:
                         f"from instead of the import: pass --step={mgr.latest_step() + 1} or "
                         "a fresh --output")
     signals.check()
-    mgr.save_arrays(step, tables, meta={"imported_from": "torchrec", "source": str(npz_path)})
+    try:
+      mgr.save_arrays(step, tables, meta={"imported_from": "torchrec", "source": str(npz_path)})
+    except CheckpointError as e:   # a full or read-only disk: the training save's wording
+      for tmp in epath.Path(output).glob(f"{step}.orbax-checkpoint-tmp*"):  # said 'checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)                            # 0 ... failed'
+      raise DataError(f"--output: cannot write {mgr.step_dir(step)}: "
+                      f"{storage.io_failure(e.__cause__) or first_line(e)}") from None
   return sorted(tables)

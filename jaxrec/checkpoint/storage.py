@@ -80,7 +80,8 @@ def read_failure(e: BaseException, where: str) -> tuple[str, str] | None:
   error with an `os_error_code`, a missing file excepted (a damaged checkpoint). The file
   is the one the error names, else `where`; None for any other error."""
   if isinstance(e, OSError):
-    if e.errno == errno.ENOENT:
+    # (orbax raises FileNotFoundError(message) for a missing _METADATA: errno None)
+    if e.errno == errno.ENOENT or isinstance(e, FileNotFoundError):
       return None
     return str(e.filename or where), e.strerror or str(e)
   code = os_error_code(e)
@@ -268,8 +269,8 @@ def _check_step(step_dir: epath.Path, full: bool, step: int | None) -> dict:
   read_json(step_dir, DATA_STATE)
   arrays = open_arrays(step_dir)
   index = tables_lib.read_index(step_dir / TABLES)["arrays"]
+  _check_index_tables(manifest, index)   # (its messages first: they say more)
   saved_tables = tables_lib.saved_fingerprints(step_dir / TABLES)   # present and readable
-  _check_index_tables(manifest, index)
   expected = dict(manifest["leaves"], **index)
   for name, info in expected.items():
     if name not in arrays:

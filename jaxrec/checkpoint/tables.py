@@ -261,6 +261,10 @@ def saved_fingerprints(directory: epath.PathLike) -> dict[str, int]:
   for process in range(int(index.get("processes", 1))):
     path = directory / f"fingerprints.{process}.json"
     part = _read_json(path)
+    unlisted = sorted(set(part) - set(total)) if isinstance(part, dict) else []
+    if unlisted:   # an index that lost every table's optimizer arrays passed the table checks
+      raise ValueError(f"{path}: records arrays {unlisted[:8]} that {INDEX} does not list "
+                       "(the index lost them)")
     for name in total:
       value = part.get(name) if isinstance(part, dict) else None
       if not isinstance(value, int) or isinstance(value, bool):

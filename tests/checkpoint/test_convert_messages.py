@@ -315,3 +315,18 @@ def test_a_step_directory_as_checkpoint_dir_names_the_flags(tmp_path):
                      rf"directory of step 4: pass --checkpoint_dir={tmp_path}/c --step=4\)$"):
     convert.export_npz(tmp_path / "c" / "4", tmp_path / "a.npz")
   assert not (tmp_path / "a.npz").exists()
+
+
+def test_an_index_that_lost_every_optimizer_array_is_a_corrupt_step(tmp_path):
+  """With every table's optimizer arrays gone from index.json (their fingerprints kept),
+  the tables agreed with each other: the export wrote no optimizer state and a resume
+  started it fresh, where the fingerprint file still named the arrays."""
+  _two_steps(tmp_path / "c")
+  path = tmp_path / "c" / "4" / "embeddings" / "index.json"
+  data = json.loads(path.read_text())
+  data["arrays"] = {k: v for k, v in data["arrays"].items() if not k.startswith("table_opt/")}
+  path.write_text(json.dumps(data))
+  with pytest.raises(CheckpointError, match=r"c/4 is corrupt: .*fingerprints.0.json: records "
+                     r"arrays \['table_opt/t0/\S+.* that index.json does not list .*pick "
+                     r"another --step: 2$"):
+    convert.export_npz(tmp_path / "c", tmp_path / "a.npz", 4)

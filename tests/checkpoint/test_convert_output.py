@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import tensorstore as ts
+from etils import epath
 
 from jaxrec import tree_copy
 from jaxrec.checkpoint import CheckpointManager, convert, torchrec_npz
@@ -269,3 +270,54 @@ def test_an_npz_changed_during_the_import_is_named(tmp_path, monkeypatch):
   with pytest.raises(DataError, match=r"ebc.npz became unreadable during the import "
                      r"\('embedding_bags.t.weight': .*No such file"):
     convert.import_torchrec(npz, tmp_path / "out")
+
+
+def test_a_step_directory_as_the_output_is_refused(saved, tmp_path):
+  """`--output=W2/checkpoints/4` wrote a checkpoint tree inside step 4 (a copy's `4/4`, an
+  import's `4/0`): no run read it, and rotating step 4 out deleted it."""
+  path, coll = saved
+  w2 = _workdir(tmp_path) / "checkpoints"
+  assert convert.export_checkpoint(path, w2)[0] == 4
+  npz = tmp_path / "ebc.npz"
+  np.savez(npz, **{f"embedding_bags.{t.name}.weight": np.zeros((t.rows, t.dim), np.float32)
+                   for t in coll.tables})
+  for convert_into in (lambda out: convert.export_checkpoint(path, out),
+                       lambda out: convert.import_torchrec(npz, out, step=7)):
+    with pytest.raises(ConfigError, match=rf"^--output {w2}/4 is a step of a checkpoint "
+                       rf"directory: checkpoints go into the directory, --output={w2}$"):
+      convert_into(w2 / "4")
+  assert sorted(p.name for p in (w2 / "4").iterdir()) == sorted(
+      p.name for p in (path / "4").iterdir())
+
+
+def test_a_zarr_export_that_cannot_make_its_directory_names_the_output(saved, tmp_path,
+                                                                       monkeypatch):
+  """A read-only location: the error named the temporary directory (`OUT.tmp-<ns>`)."""
+  path, _ = saved
+  real = type(epath.Path(tmp_path)).mkdir
+
+  def read_only(self, *args, **kwargs):
+    if ".tmp-" in self.name:
+      raise OSError(errno.EROFS, "Read-only file system", str(self))
+    return real(self, *args, **kwargs)
+  monkeypatch.setattr(type(epath.Path(tmp_path)), "mkdir", read_only)
+  with pytest.raises(ConfigError, match=rf"^--output: cannot create directory {tmp_path}/z: "
+                     "Read-only file system$"):
+    convert.export_zarr(path, tmp_path / "z")
+
+
+def test_an_import_onto_a_full_disk_is_one_line_naming_the_output(tmp_path, monkeypatch):
+  """It said 'saving checkpoint 0 in OUT failed: ...; no earlier checkpoint exists' (the
+  training save's words) and left `0.orbax-checkpoint-tmp-*` in --output."""
+  from jaxrec.checkpoint import tables as tables_lib  # pylint: disable=import-outside-toplevel
+  npz = tmp_path / "ebc.npz"
+  np.savez(npz, **{"embedding_bags.t.weight": np.ones((4, 2), np.float32)})
+
+  async def full(directory, arrays, pieces, chunk_bytes=tables_lib.CHUNK_BYTES):
+    raise OSError(errno.ENOSPC, "No space left on device", str(directory / "t"))
+  monkeypatch.setattr(tables_lib, "write_pieces", full)
+  out = tmp_path / "ckpt"
+  with pytest.raises(DataError, match=rf"^--output: cannot write {out}/0: No space left on "
+                     rf"device: {out}/0\.orbax-checkpoint-tmp\S*/t$"):
+    convert.import_torchrec(npz, out)
+  assert not out.exists() or not os.listdir(out)

@@ -70,3 +70,13 @@ def test_a_missing_file_is_still_a_corrupt_step(tmp_path, coll, monkeypatch):
                      FileNotFoundError(errno.ENOENT, "No such file", "/disk/2/meta/metadata"))
   with CheckpointManager(tmp_path) as mgr:
     assert int(mgr.restore(h.dense(coll.mesh), coll).state["step"]) == 1
+
+
+def test_a_missing_orbax_metadata_file_is_a_corrupt_step(tmp_path, coll):
+  """orbax raises `FileNotFoundError(message)` for a step whose `state/_METADATA` is gone:
+  no errno, so it was read as a failing disk, and `latest_valid_step` (the conversions'
+  step) stopped where a training restore falls back to the step before."""
+  _two_steps(tmp_path, coll)
+  (tmp_path / "2" / "state" / "_METADATA").unlink()
+  assert CheckpointManager(tmp_path, read_only=True).latest_valid_step() == 1
+  assert storage.read_failure(FileNotFoundError("Metadata file does not exist"), "x") is None
