@@ -300,6 +300,7 @@ def read_manifest(directory: str) -> dict:
   if m.get("version") != VERSION:
     raise DataError(f"{path}: format version {m.get('version')}, this reader reads {VERSION}")
   try:
+    _check_kinds(m)
     for f in m["features"]:   # before the record layout: -1 failed in numpy, unnamed
       if int(f["max_len"]) <= 0:
         raise DataError(f"{path}: feature {f['name']}: max_len is {f['max_len']}, must be "
@@ -318,8 +319,12 @@ def read_manifest(directory: str) -> dict:
       str(f["name"])
       if int(f["rows"]) <= 0:   # `0 % rows == 0` passed the table check
         raise DataError(f"{path}: feature {f['name']}: rows is {f['rows']}, must be positive")
+    seen: dict[str, int] = {}
     for k, s in enumerate(m["shards"]):
       _check_shard_file(path, k, s["file"])
+      if s["file"] in seen:   # read twice, and the file it replaced never
+        raise DataError(f"{path}: shards {seen[s['file']]} and {k} are both '{s['file']}'")
+      seen[s["file"]] = k
       int(s["bytes"]), str(s["sha256"])
     bad = m.get("bad_rows", {})   # read at every log step
     if not isinstance(bad, dict):
@@ -330,6 +335,25 @@ def read_manifest(directory: str) -> dict:
   except (KeyError, TypeError, ValueError) as e:
     raise DataError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
   return m
+
+
+def _check_kinds(m: dict) -> None:
+  """`TypeError` for a count that is not a JSON integer (`int()` took 100000.5 as 100000)
+  or a `weighted` that is not a JSON bool (`bool("false")` is True)."""
+  def whole(value, what):
+    if not isinstance(value, int) or isinstance(value, bool):
+      raise TypeError(f"{what} is {json.dumps(value)}, not a whole number")
+  for key in ("num_dense", "num_examples", "record_bytes"):
+    whole(m[key], key)
+  for f in m["features"]:
+    for key in ("rows", "max_len"):
+      whole(f[key], f"feature {f['name']}: {key}")
+    if not isinstance(f["weighted"], bool):
+      raise TypeError(f"feature {f['name']}: weighted is {json.dumps(f['weighted'])}, not "
+                      "true or false")
+  for k, s in enumerate(m["shards"]):
+    for key in ("num_examples", "bytes"):
+      whole(s[key], f"shard {k}: {key}")
 
 
 def _check_shard_file(manifest: str, k: int, name) -> None:
@@ -463,8 +487,53 @@ class BinarySource(GrainMixin):
         if w.shape[1] < ml:
           w = np.pad(w, ((0, 0), (0, ml - w.shape[1])))
         weights[name] = np.ascontiguousarray(w, np.float32)
+    self._check_values(indices, recs, ids, weights)
     return Batch(dense=np.ascontiguousarray(recs["dense"], np.float32),
                  labels=recs["label"].astype(np.float32), ids=ids, weights=weights)
+
+  def _check_values(self, indices, recs, ids, weights) -> None:
+    """`DataError` naming the shard and record of a value preprocessing never writes: a
+    label other than 0/1, a non-finite dense value or weight, an id outside `[-1, rows)`.
+    The checksums only say the shards are as the manifest says, and another tool may have
+    written them: a label 2 trained silently, a NaN ended in 'non-finite loss', and an id
+    out of range was refused naming no file."""
+    # (whole-batch reductions first, the per-example masks only when one fails: 26
+    # features checked one by one doubled the gather's time)
+    lay = self.layout
+    label = recs["label"]
+    if label.max(initial=0) > 1:
+      self._refuse(indices, label > 1, lambda r: f"label must be 0 or 1, got {label[r]}")
+    dense = recs["dense"]
+    if not np.isfinite(dense.sum()):   # (or finite values summing past float32)
+      bad = ~np.isfinite(dense)
+      self._refuse(indices, bad.any(axis=1), lambda r: (
+          f"dense value {int(np.argmax(bad[r]))} is {dense[r][bad[r]][0]}"))
+    every = np.concatenate([ids[name] for name in lay.names], axis=1)   # [n, sum(max_len)]
+    limit = np.repeat(np.asarray(lay.rows, every.dtype if max(lay.rows) < 2**31 else np.int64),
+                      lay.max_lens)
+    if every.size and (every.min() < -1 or (every >= limit).any()):
+      for name, rows, table in zip(lay.names, lay.rows, lay.tables):
+        v = ids[name]
+        out = (v < -1) | (v >= rows)
+        self._refuse(indices, out.any(axis=1), lambda r: (
+            f"feature '{name}' (table '{table}', {rows} rows): id {v[r][out[r]][0]} is "
+            f"out of range [0, {rows})"))
+    for name in weights:
+      w = weights[name]
+      if not np.isfinite(w.sum()):
+        self._refuse(indices, ~np.isfinite(w).all(axis=1), lambda r: (
+            f"feature '{name}': weight {w[r][~np.isfinite(w[r])][0]} is not finite"))
+
+  def _refuse(self, indices, bad: np.ndarray, what) -> None:
+    """Raises for the first example `bad` marks (`what(row in the batch)` says why)."""
+    if bad.any():
+      r = int(np.flatnonzero(bad)[0])
+      i = int(indices[r])
+      s = int(np.searchsorted(self._offsets, i, "right") - 1)
+      path = os.path.join(self.directory, self.manifest["shards"][s]["file"])
+      raise DataError(f"{path}: record {i - int(self._offsets[s])}: {what(r)} (the shard "
+                      "was not written by scripts/preprocess.py, or changed with its "
+                      "checksum)")
 
   def bad_row_counts(self) -> dict[str, int]:
     """Rows skipped as malformed when the data was preprocessed, per input file."""

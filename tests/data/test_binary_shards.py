@@ -146,6 +146,15 @@ def _corrupt_manifest(out, fn):
     (lambda out: os.remove(os.path.join(out, binary.MANIFEST)), "missing"),
     (lambda out: _corrupt_manifest(out, lambda m: m.update(num_examples=0, shards=[])),
      "num_examples is 0: the dataset holds no examples"),   # was an IndexError on gather
+    # a shard listed twice (its examples read twice, the one it replaced never), a count
+    # int() truncated, a weighted that bool() read as true: each was accepted
+    (lambda out: _corrupt_manifest(out, lambda m: m.update(
+        shards=[m["shards"][0], m["shards"][1], dict(m["shards"][0])], num_examples=384)),
+     "shards 0 and 2 are both 'shard-00000.bin'"),
+    (lambda out: _corrupt_manifest(out, lambda m: m["features"][1].update(rows=1000.5)),
+     r"TypeError: feature f1: rows is 1000.5, not a whole number"),
+    (lambda out: _corrupt_manifest(out, lambda m: m["features"][4].update(weighted="false")),
+     r"TypeError: feature f4: weighted is \"false\", not true or false"),
 ])
 def test_damaged_dataset(dataset, damage, what):
   _, out, lay = dataset
@@ -380,3 +389,33 @@ def test_a_run_resumes_on_its_data_re_preprocessed_but_not_on_other_data(dataset
                     lib.rows(1000))
   with pytest.raises(DataError, match="other data of the same size \\(300 examples"):
     pipeline.TrainIterator(binary.BinarySource(other, lay), 16, seed=1).set_state(state)
+
+
+@pytest.mark.parametrize("field,value,what", [
+    ("label", 2, "label must be 0 or 1, got 2"),
+    ("dense", np.nan, "dense value 3 is nan"),
+    ("i0", 1000, "feature 'f0' (table 't0', 1000 rows): id 1000 is out of range [0, 1000)"),
+    ("i0", -7, "feature 'f0' (table 't0', 1000 rows): id -7 is out of range [0, 1000)"),
+    ("w4", np.inf, "feature 'f4': weight inf is not finite")])
+def test_a_value_preprocessing_never_writes_names_shard_and_record(dataset, field, value, what):
+  """Shards whose checksums match but that hold values preprocess.py never writes (another
+  tool's, or edited with the checksum): a label 2 trained silently, a NaN ended in
+  'non-finite loss', an out-of-range id was refused naming no file."""
+  _, out, lay = dataset
+  src = binary.BinarySource(out, lay)
+  shard = os.path.join(out, src.manifest["shards"][1]["file"])
+  recs = np.memmap(shard, src._dtype, "r+")   # pylint: disable=protected-access
+  if field == "dense":
+    recs["dense"][5, 3] = value
+  elif field == "label":
+    recs["label"][5] = value
+  else:
+    recs[field][5, 1] = value
+  recs.flush()
+  del recs
+  src = binary.BinarySource(out, lay, verify_checksums=False)   # as if the sums matched
+  src.gather(np.arange(128 + 5))                                # the records before it
+  with pytest.raises(DataError) as e:
+    src.gather(np.array([7, 128 + 5, 2]))
+  assert str(e.value) == (f"{shard}: record 5: {what} (the shard was not written by "
+                          "scripts/preprocess.py, or changed with its checksum)")
