@@ -77,11 +77,11 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("jaxrec").setLevel(logging.INFO)
   del argv   # cli_flags.parse refuses arguments that are not flags
-  elastic.initialize_from_env()  # a worker of scripts/launch.py joins its job; else no-op
   from jaxrec import launch  # pylint: disable=import-outside-toplevel
   launch.quiet_orbax_tracebacks()   # a failed save is one `error:` line, not two tracebacks
   with launch.user_errors(interrupted=lambda name: procs.checkpoint_text(
       FLAGS.workdir, f"interrupted by {name}")):
+    elastic.initialize_from_env()  # a worker of scripts/launch.py joins its job; else no-op
     signals.check()
     from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
     if not FLAGS.workdir:

@@ -18,8 +18,9 @@
 Workers only import `worker` (no supervisor machinery).
 """
 
-from jaxrec.elastic.worker import (initialize_from_env, is_supervised, probe_local_devices,
-                                   report_alive, report_progress, report_warning)
+from jaxrec.elastic.worker import (got_sigterm, initialize_from_env, is_supervised,
+                                   probe_local_devices, report_alive, report_progress,
+                                   report_warning)
 
 __all__ = ["initialize_from_env", "is_supervised", "probe_local_devices", "report_alive",
-           "report_progress", "report_warning"]
+           "report_progress", "report_warning", "got_sigterm"]

@@ -95,8 +95,9 @@ class Scaling:
       self._first_plan_failed = True
       return None, reasons[0], "user_error"
     if choice is None and available >= self.o.min_processes:
-      return (None, f"no usable mesh for {available} process(es): " + "; ".join(reasons[:2]),
-              "no_usable_mesh")
+      # (each reason starts with its own count: `1 process(es): 1 process(es): ...` read
+      # as one reason twice)
+      return (None, "no usable mesh: " + "; ".join(reasons[:2]), "no_usable_mesh")
     if choice is None:
       return None, (f"only {available} process(es) of {k} device(s) available, below "
                     f"--min_processes={self.o.min_processes}"), "below_min"

@@ -155,6 +155,11 @@ def is_supervised() -> bool:
   return _worker().supervised
 
 
+def got_sigterm() -> bool:
+  """True once this worker has recorded a SIGTERM from outside (`_on_sigterm`)."""
+  return _worker().sigterm_at is not None
+
+
 def initialize_from_env() -> bool:
   """Joins the multi-process job the supervisor described in the environment.
 
@@ -186,6 +191,13 @@ def initialize_from_env() -> bool:
       if w.process != 0 or _RPC_SERVER_FAILED not in str(e):
         raise
       _port_in_use(address, str(e).splitlines()[0])
+  if os.environ.get(ENV_PLATFORM) == "gpu" and jax.default_backend() != "gpu":
+    from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+    # (the supervisor leaves JAX_PLATFORMS unset for GPU workers: jax fell back to the CPU
+    # and trained there without a word, or failed on a --mesh the user had not given)
+    raise ConfigError(f"--platform=gpu: worker {w.process} finds no GPU (jax's backend is "
+                      f"'{jax.default_backend()}'): install jax with its CUDA extra "
+                      "(jax[cuda12]) on a machine with GPUs, or launch with --platform=cpu")
   # after jax.distributed.initialize, whose preemption notifier took SIGTERM and swallowed
   # it (with one process the default action killed the worker, with no checkpoint)
   report_sigterm()

@@ -563,8 +563,10 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       else:   # the window goes on: leave out this step's eval and checkpoint time
         paused += time.perf_counter() - t_pause
       if stop:
-        if not sigterm:
-          log.info("stopping after step %d: the elastic supervisor asked to re-plan", step)
+        if not sigterm:   # (a worker's own SIGTERM, reported to the supervisor, said this too)
+          log.info("stopping after step %d: %s", step, "this worker got a SIGTERM; the elastic "
+                   "supervisor re-plans without it" if elastic.got_sigterm() else
+                   "the elastic supervisor asked to re-plan")
         break
     ckpt.wait()   # the last save committed, older checkpoints rotated out
     prune_snapshots()

@@ -165,7 +165,7 @@ def test_capacity_no_mesh_takes_says_so_then_stops(tmp_path):
   assert up["note"] == "no usable mesh for 1 to 2 process(es) of 3 device(s): the workers stop"
   # was `below_min`, though 2 processes (>= --min_processes=1) were available
   assert "replan" not in t.names(ev) and ev[-1]["reason"] == "no_usable_mesh", ev[-1]
-  assert ev[-1]["message"].startswith("no usable mesh for 2 process(es): "), ev[-1]
+  assert ev[-1]["message"].startswith("no usable mesh: 2 process(es): "), ev[-1]
 
 
 def test_max_restarts(tmp_path):
@@ -340,7 +340,7 @@ def test_no_usable_mesh_is_its_own_give_up_reason(tmp_path, monkeypatch):
   s.config = None
   monkeypatch.setattr(sup.replan, "best_choice",
                       lambda *args: (None, ["2 process(es): not divisible"]))
-  assert s._plan() == (None, "no usable mesh for 2 process(es): 2 process(es): not divisible",
+  assert s._plan() == (None, "no usable mesh: 2 process(es): not divisible",
                        "no_usable_mesh")
   s.lost = {0: 0.0, 1: 0.0}
   assert s._plan() == (None, "only 0 process(es) of 3 device(s) available, below "

@@ -60,7 +60,14 @@ def test_a_workers_flag_error_line_is_its_user_error(tmp_path, log, message):
     ("straggler_window_steps", 0, "--straggler_window_steps must be >= 1, got 0"),
     ("startup_timeout", 0.0, "--startup_timeout must be > 0, got 0.0"),
     ("check_every", -5, "--check_every must be >= 1, got -5"),
-    ("hang_timeout", float("nan"), "--hang_timeout > 0"),
+    ("hang_timeout", float("nan"), "--hang_timeout must be > 0, got nan"),
+    # these said `need --max_restarts >= 0, --hang_timeout > 0, --straggler_threshold > 1`
+    # (which one, and its value?), and --inject_delay=0:inf crashed every worker in sleep
+    ("straggler_threshold", 1.0, "--straggler_threshold must be > 1, got 1.0"),
+    ("max_restarts", -1, "--max_restarts must be >= 0, got -1"),
+    ("min_processes", 0, "--min_processes must be in [1, --num_processes], got 0"),
+    ("inject_delay", "0:inf", "--inject_delay must be PROCESS:SECONDS (e.g. 1:0.5), got "
+                              "'0:inf'"),
     ("stop_timeout", -1.0, "--stop_timeout must be > 0"),
     ("inject_delay", "abc", "--inject_delay must be PROCESS:SECONDS"),
     ("inject_delay", "5:1", "--inject_delay=5:1: process 5 is not one of the job's processes "
@@ -85,7 +92,7 @@ def test_launch_flags_out_of_range_are_one_line_errors(tmp_path, flag, value, wh
 ])
 def test_train_flags_no_mesh_can_fix_are_user_errors(tmp_path, flag, why):
   """These failed the planning of every mesh: the job stopped 'below --min_processes'
-  (`no usable mesh for 1 process(es)`, exit 2) instead of a user error naming the flag."""
+  (`no usable mesh: 1 process(es): ...`, exit 2) instead of a user error naming the flag."""
   options = sup.Options(num_processes=1, devices_per_process=1)
   with pytest.raises(ConfigError, match=re.escape(why)):
     sup.Supervisor(options, [f"--workdir={tmp_path / 'w'}", "--gin_file=configs/x.gin", flag])

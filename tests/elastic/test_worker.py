@@ -211,3 +211,17 @@ def test_a_sigterm_during_the_vote_is_told_first_and_one_after_the_last_report_a
   worker._report_at_exit()            # pylint: disable=protected-access
   recs = [json.loads(l) for l in open(worker.progress_path(w2, 0))]
   assert recs[-1]["sigterm"] == 1.0 and recs[-1]["at_step"] is None
+
+
+def test_a_gpu_worker_without_a_gpu_is_a_user_error(tmp_path, monkeypatch):
+  """`launch.py --platform=gpu` on a machine whose jax has no GPU trained on the CPU
+  without a word (one device per process), or failed on a `--mesh` the user never gave."""
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  use_env(monkeypatch, {worker.ENV_GENERATION: "0", worker.ENV_PROCESS_ID: "0",
+                        worker.ENV_NUM_PROCESSES: "1", worker.ENV_WORKDIR: str(tmp_path)})
+  monkeypatch.setenv(worker.ENV_PLATFORM, "gpu")
+  with pytest.raises(ConfigError, match=r"^--platform=gpu: worker 0 finds no GPU \(jax's "
+                     r"backend is 'cpu'\): install jax with its CUDA extra"):
+    worker.initialize_from_env()
+  monkeypatch.setenv(worker.ENV_PLATFORM, "cpu")
+  assert worker.initialize_from_env() is False
