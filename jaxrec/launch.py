@@ -271,7 +271,10 @@ def _missing_include(e: Exception) -> str | None:
   include = _INCLUDE.match(m.group(4)) if m else None
   if not include:
     return None
-  return (f"{m.group(2)}:{m.group(3)}: include '{include.group(2)}': no such file (a relative "
+  name = include.group(2)
+  if os.path.isdir(name):   # (gin's IOError said 'no such file' for it too)
+    return f"{m.group(2)}:{m.group(3)}: include '{name}': is a directory, not a gin file"
+  return (f"{m.group(2)}:{m.group(3)}: include '{name}': no such file (a relative "
           f"path is read from the current directory, {os.getcwd()})")
 
 

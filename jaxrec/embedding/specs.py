@@ -288,6 +288,7 @@ def uniform_tables(num_tables: int = gin.REQUIRED, rows: int | Sequence[int] = g
   """
   n = _count(num_tables)
   rows_list, lens = _per_table(rows, n, "rows"), _per_table(max_len, n, "max_len")
+  _check_shared(prefix, dim, pooling, dtype)
   try:
     tables = tuple(TableSpec(f"{prefix}{i}", r, dim, dtype) for i, r in enumerate(rows_list))
     features = tuple(FeatureSpec(f"f{i}", f"{prefix}{i}", l, pooling)
@@ -295,6 +296,23 @@ def uniform_tables(num_tables: int = gin.REQUIRED, rows: int | Sequence[int] = g
   except ConfigError as e:   # e.g. dim or dtype: name the configurable, then the table
     raise ConfigError(f"uniform_tables: {e}") from None
   return tables, features
+
+
+def _check_shared(prefix, dim, pooling, dtype) -> None:
+  """`uniform_tables`' values shared by every table, each named as its binding (a bad one
+  was reported as table 't0''s, so the error could not say which file or flag set it, and
+  `prefix = 5` named the tables '50', '51', ...)."""
+  if not isinstance(prefix, str) or not prefix:
+    raise ConfigError(f"uniform_tables.prefix must be a non-empty string, got {prefix!r}")
+  if isinstance(dim, (list, tuple)):
+    raise ConfigError(f"uniform_tables.dim takes one width for every table, got {dim!r}")
+  if not is_whole(dim):
+    raise ConfigError(f"uniform_tables.dim must be a positive integer, got {dim!r}")
+  if pooling not in POOLINGS:
+    raise ConfigError(f"uniform_tables.pooling must be one of {POOLINGS}, got {pooling!r}")
+  if dtype_name(dtype) not in TABLE_DTYPES:
+    raise ConfigError(f"uniform_tables.dtype must be one of {TABLE_DTYPES} (or bf16/fp16), "
+                      f"got {dtype!r}")
 
 
 def _count(num_tables) -> int:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrec import gin_usage
 from jaxrec.embedding.specs import flag
 from jaxrec.errors import ConfigError
 from jaxrec.models.mlp import MLP, check_inputs, check_sizes, compute_dtype, is_int
@@ -156,8 +157,13 @@ class TwoTower(nn.Module):
     check_sizes("TwoTower.user_mlp", self.user_mlp)
     check_sizes("TwoTower.item_mlp", self.item_mlp)
     if int(self.user_mlp[-1]) != int(self.item_mlp[-1]):
-      raise ConfigError(f"TwoTower.user_mlp = {tuple(self.user_mlp)} and TwoTower.item_mlp = "
-                        f"{tuple(self.item_mlp)} must end in the same width")
+      # each named with where it was bound (the error blamed user_mlp's line in the config
+      # for an item_mlp given by a flag)
+      where = lambda name: f" ({gin_usage.bound_at(name) or 'its default'})"
+      raise ConfigError(
+          "the towers must end in the same width: TwoTower.user_mlp = "
+          f"{tuple(self.user_mlp)}{where('TwoTower.user_mlp')} and TwoTower.item_mlp = "
+          f"{tuple(self.item_mlp)}{where('TwoTower.item_mlp')}")
     if (not isinstance(self.temperature, numbers.Real) or isinstance(self.temperature, bool)
         or not 0 < self.temperature < float("inf")):   # inf: every score 0, nothing learns
       raise ConfigError(f"TwoTower.temperature must be a positive finite number, got "

@@ -249,8 +249,12 @@ def check_sparse_optimizer(sparse) -> None:
     hint = (f" (@{sparse.__name__} names the class: write @{sparse.__name__}() for an "
             "optimizer)" if isinstance(sparse, type) and hasattr(sparse, "state_layout")
             else "")
+    if isinstance(sparse, optax.GradientTransformation):   # its repr dumped function objects
+      got = "an optax (dense) optimizer, e.g. @dense_optimizer()"
+    else:
+      got = reprlib.repr(sparse)
     raise ConfigError(f"ExperimentConfig.sparse_optimizer must be a sparse optimizer, "
-                      f"e.g. @RowWiseAdagrad() or @sparse_optimizer(), got {sparse!r}{hint}")
+                      f"e.g. @RowWiseAdagrad() or @sparse_optimizer(), got {got}{hint}")
 
 
 def check_embedding(emb) -> None:

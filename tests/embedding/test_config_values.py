@@ -97,7 +97,14 @@ def test_bad_feature_spec(kwargs, message):
     ({"max_len": [1, 1.5]}, "uniform_tables.max_len must be positive integers"),
     ({"num_tables": 2.5}, "uniform_tables.num_tables must be a positive integer, got 2.5"),
     ({"num_tables": "2"}, "uniform_tables.num_tables must be a positive integer, got '2'"),
-    ({"dim": 0}, "uniform_tables: table 't0': dim must be a positive integer, got 0"),
+    # shared values are named as their binding (they were table 't0''s: no file or flag
+    # could be named), and a number for `prefix` made tables '50', '51'
+    ({"dim": 0}, "^uniform_tables.dim must be a positive integer, got 0"),
+    ({"dim": 16.5}, "^uniform_tables.dim must be a positive integer, got 16.5"),
+    ({"dim": [16, 8]}, r"^uniform_tables.dim takes one width for every table, got \[16, 8\]"),
+    ({"pooling": "max"}, r"^uniform_tables.pooling must be one of \('sum', 'mean'\), got 'max'"),
+    ({"dtype": "fp8"}, r"^uniform_tables.dtype must be one of .* got 'fp8'"),
+    ({"prefix": 5}, "^uniform_tables.prefix must be a non-empty string, got 5"),
 ])
 def test_uniform_tables_values(kwargs, message):
   args = {"num_tables": 2, "rows": 100, **kwargs}

@@ -108,8 +108,8 @@ def test_temperature_must_be_positive_and_finite(temperature):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(loss="softmax"), r"TwoTower.loss must be one of \('bce', 'in_batch_softmax'\), got "
                            "'softmax'"),
-    (dict(user_mlp=(8, 4)), r"TwoTower.user_mlp = \(8, 4\) and TwoTower.item_mlp = \(16, 8\) must "
-                            "end in the same width"),
+    (dict(user_mlp=(8, 4)), r"the towers must end in the same width: TwoTower.user_mlp = "
+                            r"\(8, 4\) \(its default\) and TwoTower.item_mlp = \(16, 8\)"),
     (dict(item_mlp=(0,)), "TwoTower.item_mlp"),
     (dict(user_features=(0, 0)), r"TwoTower.user_features = \(0, 0\) must be a sequence of "
                                  "distinct indices >= 0"),
@@ -150,3 +150,16 @@ def test_in_batch_softmax_with_adam_scores_the_same_on_one_and_eight_devices():
       np.testing.assert_array_equal(bias_grad, 0)       # exactly: not noise
     scores.append(np.asarray(model.apply({"params": p}, dense, emb)))
   np.testing.assert_allclose(scores[1], scores[0], rtol=0, atol=1e-5)
+
+
+def test_a_tower_width_mismatch_names_where_each_tower_was_bound():
+  """The error started with `TwoTower.user_mlp`, so the run blamed that binding's line in
+  the config for an `item_mlp` given by `--gin_bindings`."""
+  from jaxrec import launch  # pylint: disable=import-outside-toplevel
+  from jaxrec.train.config import ExperimentConfig  # pylint: disable=import-outside-toplevel
+  launch.parse_gin(["configs/two_tower_synthetic.gin"], ["TwoTower.item_mlp=(128, 32)"])
+  with pytest.raises(ConfigError) as e:
+    launch.build(ExperimentConfig)
+  assert launch.user_message(e.value).startswith(
+      "the towers must end in the same width: TwoTower.user_mlp = (128, 64) "
+      "(configs/two_tower_synthetic.gin:23) and TwoTower.item_mlp = (128, 32) (--gin_bindings)")

@@ -70,6 +70,9 @@ def test_dlrm_criteo_is_the_torchrec_shape():
     ("ExperimentConfig.sparse_optimizer=@SGD",
      r"ExperimentConfig.sparse_optimizer must be .* \(@SGD names the class: write @SGD\(\) "
      r"for an optimizer\)"),
+    ("ExperimentConfig.sparse_optimizer=@dense_optimizer()",   # its repr dumped functions
+     r"sparse optimizer, e.g. @RowWiseAdagrad\(\) or @sparse_optimizer\(\), got an optax "
+     r"\(dense\) optimizer, e.g. @dense_optimizer\(\)$"),
     ("ExperimentConfig.dense_optimizer='adam'", "ExperimentConfig.dense_optimizer must be an "
                                                 "optax transformation"),
     ("ExperimentConfig.model='dlrm'", r"ExperimentConfig.model must be a model, e.g. "
@@ -357,3 +360,8 @@ def test_gin_include_of_a_missing_file_in_a_directory_here_names_it(tmp_path, mo
   assert str(e.value) == (f"--gin_file: {path}:2: include '{name}': no such file (a relative "
                           f"path is read from the current directory, {tmp_path})")
   assert not [r for r in caplog.records if "resource_reader" in r.pathname]
+  path.write_text("include 'configs'\n")   # a directory: it said 'no such file' too
+  with pytest.raises(ConfigError) as e:
+    launch.parse_gin([str(path)], [])
+  assert str(e.value) == (f"--gin_file: {path}:1: include 'configs': is a directory, not a "
+                          "gin file")
