@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import sys
 from typing import Iterator
 
 import numpy as np
@@ -130,8 +131,23 @@ def _json_item(step_dir: epath.PathLike, item: str) -> epath.Path:
   return epath.Path(step_dir) / item / "metadata"
 
 
+def _closed_loop_noise(hook):
+  """`sys.unraisablehook` that drops `RuntimeError('Event loop is closed')` and hands any
+  other unraisable to `hook`. orbax's `metadata()` of a step whose OCDBT data files are
+  gone fails, closes its event loop, and tensorstore's pending futures then call into it:
+  20-40 such tracebacks were printed before the one-line 'corrupt' warning."""
+  def filtered(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      hook(unraisable)
+  filtered.jaxrec_closed_loop = True
+  return filtered
+
+
 def _dense_arrays(step_dir: epath.Path) -> dict[str, ts.TensorStore]:
   """Arrays of the orbax `state` item, opened from orbax's metadata tree."""
+  if not getattr(sys.unraisablehook, "jaxrec_closed_loop", False):
+    sys.unraisablehook = _closed_loop_noise(sys.unraisablehook)
   try:
     meta = ocp.StandardCheckpointHandler().metadata(step_dir / STATE)
   except json.JSONDecodeError as e:   # orbax's own file; the error alone names no file
