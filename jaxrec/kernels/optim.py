@@ -31,6 +31,7 @@ NONNEG = (lambda v: v >= 0, "a number >= 0")
 POSITIVE = (lambda v: v > 0, "a number > 0")
 UNIT = (lambda v: 0 <= v < 1, "a number in [0, 1)")
 _F32_MAX = float(np.finfo(np.float32).max)
+_F32_TINY = float(np.finfo(np.float32).tiny)
 
 
 def hparam(binding: str, value, rule) -> float:
@@ -43,6 +44,14 @@ def hparam(binding: str, value, rule) -> float:
   if abs(value) > _F32_MAX:   # the update computes in float32: 1e39 is inf there
     raise ConfigError(f"{binding} = {value!r} is past float32's range (largest "
                       f"{_F32_MAX:.4g}), in which the update computes")
+  # ... and 1e-40 is 0 there (a subnormal, flushed), and 1 - 1e-8 is 1.0: eps, lr or a
+  # beta that passed the rule above made NaN or inf rows
+  if 0 < abs(value) < _F32_TINY:
+    raise ConfigError(f"{binding} = {value!r} is 0 in float32 (smallest normal "
+                      f"{_F32_TINY:.4g}), in which the update computes")
+  if rule is UNIT and np.float32(value) >= 1:
+    raise ConfigError(f"{binding} = {value!r} is 1.0 in float32, in which the update "
+                      f"computes: it must be at most {float(np.nextafter(np.float32(1), 0))!r}")
   return float(value)
 
 

@@ -24,6 +24,13 @@ BAD_HPARAMS = [
     (optimizers.RowWiseAdagrad, {"lr": None}, "RowWiseAdagrad.lr must be a number >= 0"),
     (optimizers.RowWiseAdagrad, {"eps": -1e-8}, "RowWiseAdagrad.eps must be a number > 0"),
     (optimizers.Adam, {"b1": 1.0}, r"Adam.b1 must be a number in \[0, 1\), got 1.0"),
+    # values the rules passed that float32, in which the update computes, makes 1.0 or 0
+    # (a subnormal, flushed): rows of NaN and inf
+    (optimizers.Adam, {"b1": 0.99999999}, r"Adam.b1 = 0.99999999 is 1.0 in float32, in which "
+                                          r"the update computes: it must be at most 0.99999994"),
+    (optimizers.Adagrad, {"eps": 1e-40}, r"Adagrad.eps = 1e-40 is 0 in float32 \(smallest "
+                                         r"normal 1.175e-38\)"),
+    (optimizers.FTRL, {"lr": 1e-40}, r"FTRL.lr = 1e-40 is 0 in float32"),
     (optimizers.Adam, {"b2": -0.5}, r"Adam.b2 must be a number in \[0, 1\), got -0.5"),
     (optimizers.Adam, {"eps": 0}, "Adam.eps must be a number > 0, got 0"),
     (optimizers.FTRL, {"lr": 0.0}, "FTRL.lr must be a number > 0, got 0.0"),
