@@ -134,7 +134,8 @@ def quantize_with_range(x, lo, hi, u=0.5):
   bias = lo + np.float32(128.0) * scale
   inv = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
   v = (x - bias[..., None]) * inv[..., None]
-  q = jnp.clip(jnp.floor(v + u), -128.0, 127.0)
+  fl = jnp.floor(v)   # (up when frac(v) >= 1 - u, on the exact fraction: see cast_store)
+  q = jnp.clip(fl + (v - fl >= 1.0 - u).astype(jnp.float32), -128.0, 127.0)
   return q.astype(jnp.int8), scale, bias
 
 
@@ -202,7 +203,12 @@ def cast_store(x, dtype, bits=None):
     ulp_e = jnp.maximum(e - 10, -24)
     ulp = jax.lax.bitcast_convert_type(((ulp_e + 127) << 23).astype(jnp.uint32), jnp.float32)
     inv = jax.lax.bitcast_convert_type(((127 - ulp_e) << 23).astype(jnp.uint32), jnp.float32)
-    y = jnp.floor(x * inv + uniform(bits)) * ulp
+    # up with probability frac(v), on the exact fraction: `floor(v + u)` rounded v + u in
+    # float32 first (v in [1024, 2048) has spacing 2**-13), and u > 1 - 2**-14 moved
+    # exactly representable values up one ulp
+    v = x * inv
+    fl = jnp.floor(v)
+    y = (fl + (uniform(bits) < v - fl).astype(jnp.float32)) * ulp
   in_range = jnp.abs(x) < np.float32(jnp.finfo(dtype).max)
   return jnp.where(in_range, y, x).astype(dtype)
 

@@ -59,6 +59,28 @@ def test_stochastic_rounding_is_unbiased_between_neighbours(dtype):
   np.testing.assert_array_equal(np.asarray(cast_store(x, dtype)), np.asarray(x.astype(dtype)))
 
 
+@pytest.mark.parametrize("dtype,values", [
+    ("float16", [1.0 + 2.0 ** -10, 2047.0, -1.5 + 2.0 ** -9, 2.0 ** -20, 0.25]),
+    ("bfloat16", [1.0 + 2.0 ** -7, 255.0, -1.5 + 2.0 ** -6, 2.0 ** -130, 0.25])])
+def test_stochastic_rounding_keeps_representable_values(dtype, values):
+  """fp16 floored `x / ulp + u` rounded in float32 first: with u > 1 - 2**-14 an exactly
+  representable value went up one ulp (6 of 65,536 entries of an SGD step with a zero
+  gradient), a small bias towards +inf that built up over steps."""
+  x = jnp.array(values, jnp.float32)
+  bits = jax.random.bits(jax.random.key(0), (65536, x.shape[0]), jnp.uint32)
+  bits = bits.at[:8].set(jnp.uint32(0xFFFFFFFF))   # the largest offsets among them
+  y = cast_store(jnp.broadcast_to(x, bits.shape), dtype, bits).astype(jnp.float32)
+  np.testing.assert_array_equal(np.asarray(y), np.broadcast_to(np.asarray(x), bits.shape))
+
+
+def test_int8_rounds_on_the_exact_fraction():
+  """`floor(v + 0.5)` rounded `v + 0.5` first: 0.49999997 + 0.5 is 1.0 in float32."""
+  below_half = np.float32(np.nextafter(np.float32(0.5), np.float32(0)))
+  q, scale, bias = quant.quantize_with_range(jnp.array([[below_half]]), jnp.array([-128.0]),
+                                             jnp.array([127.0]))
+  assert float(scale[0]) == 1.0 and float(bias[0]) == 0.0 and int(q[0, 0]) == 0
+
+
 @pytest.mark.parametrize("comm", ["bf16", "float16", "fp8", "float32"])
 def test_comm_cast_round_trip(comm):
   rng = np.random.default_rng(1)
