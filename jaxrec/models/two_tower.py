@@ -112,7 +112,8 @@ class TwoTower(nn.Module):
     user_mlp: widths of the user tower (ReLU between layers, none after the last).
     item_mlp: widths of the item tower; must end in the same width as `user_mlp`.
     dense_to_user: feed the dense features to the user tower.
-    normalize: L2-normalise both tower outputs (the score is then a cosine / temperature).
+    normalize: L2-normalise both tower outputs (the score is then a cosine / temperature);
+      a zero output (e.g. an item of empty bags at the zero-bias init) stays 0, gradient 0.
     temperature: divides the dot product; positive and finite.
     loss: `bce` (pointwise on labels) or `in_batch_softmax` (see `in_batch_softmax_loss`);
       read by `jaxrec.models.compute_loss`. `__call__` returns the pairwise score either way.
@@ -220,8 +221,13 @@ class TwoTower(nn.Module):
   def _normalize(self, x):
     if not self.normalize:
       return x
+    # A zero vector (an item of empty bags, at the zero-bias init) stays 0 with a zero
+    # gradient: through max(|x|^2, 1e-12) its gradient was scaled by 1e6, which pushed the
+    # tower's last bias so far that every item vector pointed one way for good.
     x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.maximum((x * x).sum(-1, keepdims=True), 1e-12))
+    n2 = (x * x).sum(-1, keepdims=True)
+    ok = n2 > 1e-12
+    return jnp.where(ok, x * jax.lax.rsqrt(jnp.where(ok, n2, 1.0)), 0.0)
 
   def towers(self, dense, emb):
     """`dense` `[B, num_dense]`, `emb` `[B, F, D]` -> (user `[B, K]`, item `[B, K]`) float32."""

@@ -163,3 +163,25 @@ def test_a_tower_width_mismatch_names_where_each_tower_was_bound():
   assert launch.user_message(e.value).startswith(
       "the towers must end in the same width: TwoTower.user_mlp = (128, 64) "
       "(configs/two_tower_synthetic.gin:23) and TwoTower.item_mlp = (128, 32) (--gin_bindings)")
+
+
+@pytest.mark.parametrize("loss", ["bce", "in_batch_softmax"])
+def test_normalize_gives_a_zero_tower_output_a_zero_gradient(loss):
+  """An item of empty bags has a zero tower output at the zero-bias init: normalising
+  it through max(|x|^2, 1e-12) scaled its gradient by 1e6 (the last bias's gradient went
+  from ~10 to ~6e5), and plain SGD then sent every item vector the same way for good."""
+  model = build_model("two_tower", user_features=(0,), item_features=(1,), user_mlp=(8, 4),
+                      item_mlp=(8, 4), normalize=True, temperature=0.1, loss=loss)
+  params = init_params(model, jax.random.PRNGKey(0), 2, 2, 4)
+  rng = np.random.default_rng(9)
+  dense = jnp.asarray(rng.normal(size=(8, 2)), jnp.float32)
+  emb = rng.normal(size=(8, 2, 4)).astype(np.float32)
+  norms = []
+  for empty in (False, True):
+    e = emb.copy()
+    if empty:
+      e[0, 1] = 0.0   # row 0's item bag is empty: it pools to zeros
+    grads = jax.grad(lambda p: compute_loss(model, p, dense, jnp.asarray(e), jnp.ones(8))[0])(
+        params)
+    norms.append(float(jnp.linalg.norm(grads["item_tower"]["layer_1"]["bias"])))
+  assert np.isfinite(norms).all() and norms[1] < 3 * norms[0], norms
