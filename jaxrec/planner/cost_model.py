@@ -273,13 +273,17 @@ def local_dim(load: TableLoad, kind: str, mesh: Mapping[str, int]) -> int:
 
 
 def allowed_kinds(load: TableLoad, mesh: Mapping[str, int]) -> list[str]:
-  """Kinds worth enumerating: each split axis has size > 1 (a size-1 split is the same
-  placement as a smaller kind), columns divide evenly (the search never proposes column
-  padding; a forced or given plan may pad) and every row shard is non-empty."""
+  """Kinds worth enumerating: no other kind splits over exactly the axes of size > 1 this
+  one splits over (a size-1 split is then the same placement as that kind; `grid` on
+  `table=1` is the only row x column split, and was left out: budgets only it meets were
+  refused), columns divide evenly (the search never proposes column padding; a forced or
+  given plan may pad) and every row shard is non-empty."""
   out = []
   for kind in KINDS:
     _, r, c = split_sizes(kind, mesh)
-    if any(mesh.get(a, 1) == 1 for a in KIND_AXES[kind]) or load.dim % c or load.rows < r:
+    split = {a for a in KIND_AXES[kind] if mesh.get(a, 1) > 1}
+    same = any(set(axes) == split for k, axes in KIND_AXES.items() if k != kind)
+    if same or load.dim % c or load.rows < r:
       continue
     out.append(kind)
   return out

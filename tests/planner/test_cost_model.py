@@ -147,6 +147,10 @@ def test_allowed_kinds_and_table_memory():
   assert cm.allowed_kinds(load(dim=16), {"col": 3}) == ["dp"]
   assert cm.allowed_kinds(load(dim=18), {"col": 3}) == ["dp", "cw"]
   assert set(cm.allowed_kinds(load(), MESH16)) == set(cm.KINDS)
+  # grid on table=1 is the only row x column split (it was dropped with the kinds whose
+  # size-1 axes make them another kind: budgets only it meets were refused)
+  assert cm.allowed_kinds(load(), {"row": 2, "col": 4}) == ["dp", "rw", "cw", "grid"]
+  assert cm.allowed_kinds(load(), {"table": 2, "col": 4}) == ["dp", "tw", "cw", "twcw"]
   mem = cm.table_memory(load(rows=1001), "grid", MESH16, cm.optimizer_state("adagrad"))
   assert mem == {"table": 501 * 8 * 4, "optimizer": 501 * 8 * 4}
   # a dim col does not divide is stored padded: 16 over col=3 holds 6 columns a device
