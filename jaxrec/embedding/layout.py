@@ -292,6 +292,12 @@ def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], 
 MAX_SLICE_ROWS = 2**31 - 1   # ids and local row numbers are int32
 
 
+# How `stack_error` words a stack over `MAX_SLICE_ROWS` on one slice: a problem of the
+# placement on this mesh, which one with a `table` axis may solve (the planner's
+# `--mesh=auto` then prices other meshes).
+SLICE_OVERFLOW = "rows on one table slice"
+
+
 def stack_error(layouts: Sequence[StackLayout]) -> str | None:
   """Why a collection cannot be built from `layouts`, if it cannot (None when it can; the
   planner prices only such plans):
@@ -316,8 +322,8 @@ def stack_error(layouts: Sequence[StackLayout]) -> str | None:
     s = max(range(l.num_slices), key=fill.__getitem__)
     if fill[s] > MAX_SLICE_ROWS:
       names = [t.name for t in l.slots if t.table_slice == s]
-      return (f"tables {names} ({l.kind}, dim {l.dim}, {l.dtype}) stack {fill[s]:,} rows "
-              f"on one table slice, over the {MAX_SLICE_ROWS:,} that int32 row numbers "
+      return (f"tables {names} ({l.kind}, dim {l.dim}, {l.dtype}) stack {fill[s]:,} "
+              f"{SLICE_OVERFLOW}, over the {MAX_SLICE_ROWS:,} that int32 row numbers "
               "reach; place them on different table slices (tw, twrw, twcw, grid) or give "
               "them different kinds")
   return None

@@ -455,6 +455,11 @@ def propose_plan(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
       if best.memory <= space.budget:
         break
   if best.problem:
+    from jaxrec.embedding import layout  # pylint: disable=import-outside-toplevel
+    if layout.SLICE_OVERFLOW in best.problem:   # another mesh may spread them: --mesh=auto
+      raise BudgetError(best.problem + (        # went no further than data=N
+          f" (mesh {cm.mesh_str(space.mesh)} has no table axis to spread them on)"
+          if space.mesh.get("table", 1) == 1 else ""))
     raise ConfigError(best.problem)
   if best.objective[0] == math.inf:
     raise ConfigError(f"every plan the search reached is excluded ({len(space.excluded)} "

@@ -112,3 +112,21 @@ def test_an_empty_mesh_is_an_error(spec):
   for devices in (1, 8):
     with pytest.raises(ConfigError, match="--mesh: empty"):
       parse_mesh_spec(spec, devices)
+
+
+def test_mesh_auto_moves_on_when_data_n_cannot_stack_the_tables():
+  """Two 1.2e9-row tables fit the budget on `data=8`, but stacked whole they pass the
+  2**31 rows int32 numbers reach on one table slice: `--mesh=auto` stopped there with that
+  error instead of pricing meshes with a `table` axis."""
+  from jaxrec.errors import BudgetError  # pylint: disable=import-outside-toplevel
+  from jaxrec.planner import search  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import mesh_choice  # pylint: disable=import-outside-toplevel
+  tables = tuple(TableSpec(f"t{i}", 1_200_000_000, 1) for i in range(2))
+  features = tuple(FeatureSpec(f"f{i}", f"t{i}") for i in range(2))
+  config = ExperimentConfig(embedding=(tables, features), model=DLRM((8, 1), (1,)),
+                            sparse_optimizer=optimizers.SGD(), batch_size=64)
+  with pytest.raises(BudgetError, match=r"stack 2,400,000,000 rows on one table slice.* \(mesh "
+                     r"data=8,table=1,row=1,col=1 has no table axis to spread them on\)"):
+    search.propose_plan(tables, features, {"data": 8}, None, "sgd", 64)
+  choice = mesh_choice.choose(config, RunOptions(mesh="auto", plan="auto"), 8)
+  assert choice.mesh["table"] > 1, choice.mesh
