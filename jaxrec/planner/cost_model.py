@@ -361,7 +361,8 @@ class PlanCost:
 
 
 def _buffer_bytes(dedup: bool, kernel: str, n: float, u: float, slots: float, rep: int,
-                  dl: int, pooled: float, big_l: int, opt: OptimizerState) -> float:
+                  dl: int, pooled: float, big_l: int, opt: OptimizerState,
+                  forward: bool = False) -> float:
   """Bytes of one stack's step buffers on a device: the `pooled` bags `[b*g*w, dl]` f32 and
   their gradient, the unique rows' optimizer state the update reads and writes, and:
   - with dedup, `u` unique ids, the `slots` ids' sort keys and index, the `n` gathered
@@ -373,7 +374,14 @@ def _buffer_bytes(dedup: bool, kernel: str, n: float, u: float, slots: float, re
     gradient is pooled's; the two counted refused plans that held 0.4-0.5 of the plan);
     replicated, also the all-gathered `[slots, dl+1]` int32 block and its sliced copy
     (one counted: a dp step held 1.35x its plan).
-  Measured against the compiled step (`memory_analysis`) on 8 host CPU devices."""
+  Measured against the compiled step (`memory_analysis`) on 8 host CPU devices.
+  `forward`: the eval step's lookup alone (no gradients, no optimizer state, nothing
+  all-gathered over replicas): each of the above without its gradient."""
+  if forward:
+    if not dedup:   # (the slots' rows are not held: XLA pools them as it gathers)
+      return 4 * pooled * dl + 8 * slots
+    gathered = pooled * big_l if kernel == "xla" and big_l > 1 else 0
+    return 4 * pooled * dl + 4 * n * dl + 3 * gathered * dl + 4 * u + 12 * slots
   state = 8 * n * (dl * opt.per_element + opt.per_row)
   common = 8 * pooled * dl + state
   if dedup:
@@ -383,11 +391,12 @@ def _buffer_bytes(dedup: bool, kernel: str, n: float, u: float, slots: float, re
 
 
 def plan_cost(layouts, features: Sequence[FeatureSpec], batch_size: int, opt: OptimizerState,
-              kernel: str = "xla", option="auto") -> PlanCost:
+              kernel: str = "xla", option="auto", forward: bool = False) -> PlanCost:
   """Cost terms and memory per device of the stacks `layouts` (`build_layouts`) reading
   `features`, for a global `batch_size`, optimizer state `opt`, the collection's `kernel`
   (`xla` or `pallas`) and `EmbeddingOptions.dedup` (`option`; with `kernel` it decides
-  each stack's dedup, see `dedups`)."""
+  each stack's dedup, see `dedups`). `forward`: the buffers of the eval step's lookup
+  (see `_buffer_bytes`), not the training step's."""
   sizes = dict(layouts[0].sizes) if layouts else {a: 1 for a in MESH_AXES}
   n_dev = math.prod(sizes.values())
   big_b = float(batch_size)
@@ -424,7 +433,7 @@ def plan_cost(layouts, features: Sequence[FeatureSpec], batch_size: int, opt: Op
         "table": int(l.local_rows * (dl * e + row_extra)),
         "optimizer": int(math.ceil(l.local_rows * 4 * (dl * opt.per_element + opt.per_row))),
         "buffers": int(math.ceil(_buffer_bytes(dedup, kernel, n, u, slots, rep, dl,
-                                               b * g * w, big_l, opt))),
+                                               b * g * w, big_l, opt, forward))),
     }
     stacks.append(StackCost(l.name, l.kind, tuple(l.axes), tuple(s.name for s in l.slots), f,
                             w, big_l, int(l.local_rows), int(dl), int(n), dedup, rep, x,

@@ -290,8 +290,10 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     shared = budget_hint.host_warning(info["plan_result"], mesh.local_devices,
                                       offloaded=offload.host_bytes(config.tables, info["offload"],
                                                                    collection.optimizer))
-    if shared:
-      log.warning("%s", shared)
+    for warning in (shared, budget_hint.eval_warning(info["plan_result"], collection,
+                                                     config.eval_batch_size)):
+      if warning:
+        log.warning("%s", warning)
   data_adapter.warn_preprocessed_skips(options.bad_rows,
                                        *[s for s in (source, eval_data) if s is not None])
   synthetic_eval = data_adapter.synthetic_eval_warning(config, options)

@@ -6,6 +6,7 @@ from jaxrec import planner
 from jaxrec.train import budget_hint
 
 GIB = 2**30
+MIB = 2**20
 
 
 class FakeDevice:
@@ -120,3 +121,23 @@ def test_the_offload_tiers_host_memory_is_counted_on_any_platform():
   assert ", and the plan puts 2.0 GiB on the 2 CPU devices of this process, of this host's " \
       "12.0 GiB" in text and "give --memory_per_device=512MiB or less or offload" in text
   assert budget_hint.host_warning(result, cpus, host_bytes=12 * GIB, offloaded=6 * GIB) is None
+
+
+def test_an_eval_batch_the_plan_cannot_hold_is_warned_about():
+  """The planner prices the training batch: a `row=8`, `rw` plan at 87% of a 3 MiB budget
+  held 1.34x it in the eval step at batch 4096 (the compiled eval step: 1.7 MB of
+  arguments, 2.5 MB of temporaries). Its forward buffers are priced at the eval batch."""
+  from jaxrec import launch   # pylint: disable=import-outside-toplevel
+  from jaxrec.train import config as config_lib, loop   # pylint: disable=import-outside-toplevel
+  launch.parse_gin(["configs/dlrm_synthetic.gin"], [])
+  config = config_lib.ExperimentConfig()
+  texts = []
+  for budget in (3, 6):
+    options = config_lib.RunOptions(mesh="row=8", plan="rw", memory_per_device=budget * MIB)
+    collection, _, info = loop.setup(config, options)
+    texts.append(budget_hint.eval_warning(info["plan_result"], collection, 4096))
+  assert texts[0].startswith("ExperimentConfig.eval_batch_size=4096: the eval's embedding "
+                             "lookup takes each device to about 4.")
+  assert "over --memory_per_device=3.0 MiB (the plan was priced at the training batch, 512)" \
+      in texts[0] and texts[1] is None
+  assert budget_hint.eval_warning(info["plan_result"], collection, 512) is None
