@@ -57,11 +57,14 @@ _TORCHREC = flags.DEFINE_string("torchrec_npz", None, "Import this TorchRec "
 
 
 class _QuietOrbax(std_logging.Filter):
-  """Drops orbax's messages (every manager opened read-only warns; a failed import's save
-  logged the error the script's `error:` line then gave again); keeps ours."""
+  """Drops orbax's routine messages (every manager opened read-only warns) and its relay
+  of a failed save's exception (`future.py`: the error the script's `error:` line then
+  gives again); keeps its other errors, and ours."""
 
   def filter(self, record):
-    return "orbax" not in record.pathname
+    if "orbax" not in record.pathname:
+      return True
+    return record.levelno >= std_logging.ERROR and not record.pathname.endswith("future.py")
 
 
 def run() -> str:

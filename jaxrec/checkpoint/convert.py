@@ -540,6 +540,7 @@ def import_torchrec(npz_path, output, step: int = 0) -> list[str]:
     except CheckpointError as e:   # a full or read-only disk: the training save's wording
       for tmp in epath.Path(output).glob(f"{step}.orbax-checkpoint-tmp*"):  # said 'checkpoint
         shutil.rmtree(tmp, ignore_errors=True)                            # 0 ... failed'
-      raise DataError(f"--output: cannot write {mgr.step_dir(step)}: "
-                      f"{storage.io_failure(e.__cause__) or first_line(e)}") from None
+      failed = storage.unreadable(e, mgr.step_dir(step))   # its reason (the file it names
+      raise DataError(f"--output: cannot write {mgr.step_dir(step)}: "   # is gone now)
+                      f"{failed[1] if failed else first_line(e)}") from None
   return sorted(tables)

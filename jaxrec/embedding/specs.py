@@ -302,8 +302,8 @@ def _check_shared(prefix, dim, pooling, dtype) -> None:
   """`uniform_tables`' values shared by every table, each named as its binding (a bad one
   was reported as table 't0''s, so the error could not say which file or flag set it, and
   `prefix = 5` named the tables '50', '51', ...)."""
-  if not isinstance(prefix, str) or not prefix:
-    raise ConfigError(f"uniform_tables.prefix must be a non-empty string, got {prefix!r}")
+  if not isinstance(prefix, str):   # ('' is fine: tables '0', '1', ...)
+    raise ConfigError(f"uniform_tables.prefix must be a string, got {prefix!r}")
   if isinstance(dim, (list, tuple)):
     raise ConfigError(f"uniform_tables.dim takes one width for every table, got {dim!r}")
   if not is_whole(dim):

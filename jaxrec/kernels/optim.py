@@ -48,10 +48,10 @@ def hparam(binding: str, value, rule) -> float:
   # beta that passed the rule above made NaN or inf rows
   if 0 < abs(value) < _F32_TINY:
     raise ConfigError(f"{binding} = {value!r} is 0 in float32 (smallest normal "
-                      f"{_F32_TINY:.4g}), in which the update computes")
+                      f"{_F32_TINY:.4g}), in which it is used")
   if rule is UNIT and np.float32(value) >= 1:
-    raise ConfigError(f"{binding} = {value!r} is 1.0 in float32, in which the update "
-                      f"computes: it must be at most {float(np.nextafter(np.float32(1), 0))!r}")
+    raise ConfigError(f"{binding} = {value!r} is 1.0 in float32, in which it is used: it "
+                      f"must be at most {float(np.nextafter(np.float32(1), 0))!r}")
   return float(value)
 
 

@@ -160,7 +160,7 @@ class TwoTower(nn.Module):
     if int(self.user_mlp[-1]) != int(self.item_mlp[-1]):
       # each named with where it was bound (the error blamed user_mlp's line in the config
       # for an item_mlp given by a flag)
-      where = lambda name: f" ({gin_usage.bound_at(name) or 'its default'})"
+      where = lambda name: f" ({gin_usage.bound_at(name)})" if gin_usage.bound_at(name) else ""
       raise ConfigError(
           "the towers must end in the same width: TwoTower.user_mlp = "
           f"{tuple(self.user_mlp)}{where('TwoTower.user_mlp')} and TwoTower.item_mlp = "
@@ -226,7 +226,7 @@ class TwoTower(nn.Module):
     # tower's last bias so far that every item vector pointed one way for good.
     x = x.astype(jnp.float32)
     n2 = (x * x).sum(-1, keepdims=True)
-    ok = n2 > 1e-12
+    ok = ~(n2 <= 1e-12)   # NaN passes (`n2 > 1e-12` made a NaN row 0: --on_nan never saw it)
     return jnp.where(ok, x * jax.lax.rsqrt(jnp.where(ok, n2, 1.0)), 0.0)
 
   def towers(self, dense, emb):

@@ -357,12 +357,18 @@ def absolute_data_paths() -> None:
       continue
     if (isinstance(value, str) and value != "synthetic" and not os.path.isabs(value)
         and (os.path.exists(value) or glob.glob(value))):
+      joined = os.path.join(os.getcwd(), value)
+      folded = os.path.abspath(value)   # `a/../b` folded as text: another file when `a`
+      same = os.path.realpath(folded) == os.path.realpath(joined)   # is a symlink
       with gin.unlock_config():
-        gin.bind_parameter(binding, os.path.abspath(value))
+        gin.bind_parameter(binding, folded if same else joined)
 
 
-def config_gin_header(seed: int) -> str:
-  """The comment `W/config.gin` starts with: the one flag that changes what it trains and
-  that no gin binding records, `--seed` (a rerun of the file alone used seed 0)."""
-  return (f"# The operative config of a jaxrec run; it ran with --seed={seed}. Rerun it with\n"
-          f"# --gin_file=<this file> --seed={seed} (and --plan=<its W>/plan.json).\n\n")
+def config_gin_header(options: RunOptions) -> str:
+  """The comment `W/config.gin` starts with: the run's flags that change what it trains
+  and that no gin binding records (a rerun of the file alone used seed 0, 1000 steps)."""
+  flags = (f"--seed={options.seed} --num_steps={options.num_steps} "
+           f"--bad_rows={options.bad_rows} --on_nan={options.on_nan}")
+  return (f"# The operative config of a jaxrec run, which had {flags}.\n"
+          f"# Rerun it with --gin_file=<this file> {flags}\n"
+          "# (and --plan=<its workdir>/plan.json for its placement).\n\n")

@@ -230,7 +230,7 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
 
 
 def _write_run_records(workdir: str, operative_gin: str, plan_result, trains: bool,
-                       seed: int) -> None:
+                       options: RunOptions) -> None:
   """Warns about unused gin bindings and writes `config.gin` and `plan.json`. Every
   configurable of the run has been called by now; a run that only evaluates opens no
   training data, and keeps the config.gin and plan.json of the run that trained (with its
@@ -242,7 +242,7 @@ def _write_run_records(workdir: str, operative_gin: str, plan_result, trains: bo
     elastic.report_warning(unused)   # under launch.py: on its stderr, not only 0.log
   # whole or not at all: `--plan=W/plan.json` reads it back on the next start; like
   # config.gin, the plan of the run that trained is kept by one that only evaluates
-  for name, text in (("config.gin", lambda: config_gin_header(seed) + operative_gin),
+  for name, text in (("config.gin", lambda: config_gin_header(options) + operative_gin),
                      ("plan.json", lambda: json.dumps(
       plan_result.to_json(), indent=2, sort_keys=True))):
     path = os.path.join(workdir, name)
@@ -408,7 +408,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     signals.check()
     if is_main:   # only now: a run refused by its restore leaves the last run's files
       _write_run_records(workdir, operative_gin, info["plan_result"],
-                         trains=train_it is not None, seed=options.seed)
+                         trains=train_it is not None, options=options)
   except BaseException:
     if tier is not None:
       tier.close(refused=True)

@@ -318,6 +318,6 @@ def test_an_import_onto_a_full_disk_is_one_line_naming_the_output(tmp_path, monk
   monkeypatch.setattr(tables_lib, "write_pieces", full)
   out = tmp_path / "ckpt"
   with pytest.raises(DataError, match=rf"^--output: cannot write {out}/0: No space left on "
-                     rf"device: {out}/0\.orbax-checkpoint-tmp\S*/t$"):
+                     r"device$"):   # (not the file, in the tmp directory removed by then)
     convert.import_torchrec(npz, out)
   assert not out.exists() or not os.listdir(out)

@@ -27,7 +27,7 @@ BAD_HPARAMS = [
     # values the rules passed that float32, in which the update computes, makes 1.0 or 0
     # (a subnormal, flushed): rows of NaN and inf
     (optimizers.Adam, {"b1": 0.99999999}, r"Adam.b1 = 0.99999999 is 1.0 in float32, in which "
-                                          r"the update computes: it must be at most 0.99999994"),
+                                          r"it is used: it must be at most 0.99999994"),
     (optimizers.Adagrad, {"eps": 1e-40}, r"Adagrad.eps = 1e-40 is 0 in float32 \(smallest "
                                          r"normal 1.175e-38\)"),
     (optimizers.FTRL, {"lr": 1e-40}, r"FTRL.lr = 1e-40 is 0 in float32"),
@@ -111,7 +111,7 @@ def test_bad_feature_spec(kwargs, message):
     ({"dim": [16, 8]}, r"^uniform_tables.dim takes one width for every table, got \[16, 8\]"),
     ({"pooling": "max"}, r"^uniform_tables.pooling must be one of \('sum', 'mean'\), got 'max'"),
     ({"dtype": "fp8"}, r"^uniform_tables.dtype must be one of .* got 'fp8'"),
-    ({"prefix": 5}, "^uniform_tables.prefix must be a non-empty string, got 5"),
+    ({"prefix": 5}, "^uniform_tables.prefix must be a string, got 5"),
 ])
 def test_uniform_tables_values(kwargs, message):
   args = {"num_tables": 2, "rows": 100, **kwargs}

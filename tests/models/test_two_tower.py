@@ -109,7 +109,7 @@ def test_temperature_must_be_positive_and_finite(temperature):
     (dict(loss="softmax"), r"TwoTower.loss must be one of \('bce', 'in_batch_softmax'\), got "
                            "'softmax'"),
     (dict(user_mlp=(8, 4)), r"the towers must end in the same width: TwoTower.user_mlp = "
-                            r"\(8, 4\) \(its default\) and TwoTower.item_mlp = \(16, 8\)"),
+                            r"\(8, 4\) and TwoTower.item_mlp = \(16, 8\)\n"),
     (dict(item_mlp=(0,)), "TwoTower.item_mlp"),
     (dict(user_features=(0, 0)), r"TwoTower.user_features = \(0, 0\) must be a sequence of "
                                  "distinct indices >= 0"),
@@ -185,3 +185,6 @@ def test_normalize_gives_a_zero_tower_output_a_zero_gradient(loss):
         params)
     norms.append(float(jnp.linalg.norm(grads["item_tower"]["layer_1"]["bias"])))
   assert np.isfinite(norms).all() and norms[1] < 3 * norms[0], norms
+  e = emb.copy()
+  e[3, 1, 2] = np.nan   # a NaN stays NaN: the loss says so (`--on_nan`)
+  assert np.isnan(float(compute_loss(model, params, dense, jnp.asarray(e), jnp.ones(8))[0]))

@@ -35,7 +35,8 @@ def test_train_on_tsv_reads_eval_once(tmp_path):
   # W/config.gin named the config's 'synthetic', not the files the flags gave, and then
   # relative paths as typed (a rerun from another directory read no file); no --seed
   text = open(f"{w}/config.gin").read()
-  assert text.startswith("# The operative config of a jaxrec run; it ran with --seed=3.")
+  assert text.startswith("# The operative config of a jaxrec run, which had --seed=3 "
+                         "--num_steps=30 --bad_rows=error --on_nan=stop.\n")
   recorded = re.sub(r"\\\n\s+", "", text)   # gin wraps lines
   assert f"ExperimentConfig.train_data = '{tmp_path}/train.tsv'" in recorded, recorded
   assert f"ExperimentConfig.eval_data = '{tmp_path}/eval.tsv'" in recorded, recorded

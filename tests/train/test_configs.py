@@ -365,3 +365,23 @@ def test_gin_include_of_a_missing_file_in_a_directory_here_names_it(tmp_path, mo
     launch.parse_gin([str(path)], [])
   assert str(e.value) == (f"--gin_file: {path}:1: include 'configs': is a directory, not a "
                           "gin file")
+
+
+def test_relative_data_paths_are_bound_absolute_through_symlinks(tmp_path, monkeypatch):
+  """W/config.gin records relative data paths absolute; `lnk/../day.tsv` folded as text
+  named another file when `lnk` is a symlink (the run then read no file)."""
+  import gin  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import config as config_lib  # pylint: disable=import-outside-toplevel
+  (tmp_path / "real" / "sub").mkdir(parents=True)
+  (tmp_path / "real" / "day.tsv").write_text("")
+  (tmp_path / "cwd").mkdir()
+  (tmp_path / "cwd" / "data.tsv").write_text("")
+  (tmp_path / "cwd" / "lnk").symlink_to(tmp_path / "real" / "sub")
+  monkeypatch.chdir(tmp_path / "cwd")
+  launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")],
+                   ["ExperimentConfig.train_data='lnk/../day.tsv'",
+                    "ExperimentConfig.eval_data='./data.tsv'"])
+  config_lib.absolute_data_paths()
+  train = gin.query_parameter("ExperimentConfig.train_data")
+  assert os.path.isabs(train) and os.path.samefile(train, tmp_path / "real" / "day.tsv")
+  assert gin.query_parameter("ExperimentConfig.eval_data") == str(tmp_path / "cwd" / "data.tsv")

@@ -128,14 +128,14 @@ def test_an_evaluate_only_run_keeps_the_training_plan_json(tmp_path):
 
     def to_json(self):
       return {"kind": self.kind}
-  loop._write_run_records(str(tmp_path), "a = 1\n", Result("grid"), trains=True, seed=0)
-  loop._write_run_records(str(tmp_path), "a = 2\n", Result("tw"), trains=False, seed=0)
+  loop._write_run_records(str(tmp_path), "a = 1\n", Result("grid"), trains=True, options=config_lib.RunOptions())
+  loop._write_run_records(str(tmp_path), "a = 2\n", Result("tw"), trains=False, options=config_lib.RunOptions())
   assert json.loads((tmp_path / "plan.json").read_text()) == {"kind": "grid"}
   assert (tmp_path / "config.gin").read_text().endswith("\na = 1\n")
   (tmp_path / "plan.json").unlink()   # none yet: the evaluating run's is written
-  loop._write_run_records(str(tmp_path), "a = 2\n", Result("tw"), trains=False, seed=0)
+  loop._write_run_records(str(tmp_path), "a = 2\n", Result("tw"), trains=False, options=config_lib.RunOptions())
   assert json.loads((tmp_path / "plan.json").read_text()) == {"kind": "tw"}
-  loop._write_run_records(str(tmp_path), "a = 3\n", Result("rw"), trains=True, seed=0)
+  loop._write_run_records(str(tmp_path), "a = 3\n", Result("rw"), trains=True, options=config_lib.RunOptions())
   assert json.loads((tmp_path / "plan.json").read_text()) == {"kind": "rw"}
 
 
@@ -148,7 +148,7 @@ def test_a_full_disk_writing_the_run_records_names_the_file(tmp_path, monkeypatc
   monkeypatch.setattr(loop, "write_text_atomic", full)
   with pytest.raises(ConfigError, match=rf"^--workdir: cannot write {tmp_path}/config.gin: "
                      r"No space left on device$"):
-    loop._write_run_records(str(tmp_path), "a = 1\n", None, trains=True, seed=0)
+    loop._write_run_records(str(tmp_path), "a = 1\n", None, trains=True, options=config_lib.RunOptions())
 
 
 def test_a_resume_with_another_dense_optimizer_says_what_to_bind(tmp_path):
