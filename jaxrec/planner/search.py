@@ -270,6 +270,23 @@ def _slice_devices(mesh: Mapping[str, int], s: int) -> tuple[int, ...]:
   return tuple(d for d in range(n) if (d // inner) % mesh["table"] == s)
 
 
+def _padded_hint(space: _Space, load) -> str:
+  """For a table that fits nowhere the search looks: the column split with its dim padded
+  that would fit (the search never proposes padding, so the error said only 'add
+  devices' where `--plan=cw` fit)."""
+  c = space.mesh.get("col", 1)
+  if c == 1 or load.dim % c == 0:
+    return ""
+  fits = [(_own(space, load, k), k) for k in KIND_AXES
+          if "col" in KIND_AXES[k] and all(space.mesh.get(a, 1) > 1 for a in KIND_AXES[k])]
+  fits = [(m, k) for m, k in fits if m <= space.budget]
+  if not fits:
+    return ""
+  m, k = min(fits)
+  return (f"; or force --plan={k}: this table then takes {format_bytes(m)}/device, its dim "
+          f"{load.dim} padded to {-(-load.dim // c) * c} (the search proposes no padding)")
+
+
 def _overflow_error(space: _Space, e: _Eval, what: str) -> BudgetError:
   largest = sorted(((_own(space, l, e.plan[l.name].kind), l)
                     for l in space.loads), key=lambda x: -x[0])[:3]
@@ -433,7 +450,8 @@ def propose_plan(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
       raise BudgetError(
           f"table {_describe(load)} fits no placement within the memory budget of "
           f"{format_bytes(space.budget)}/device on mesh {cm.mesh_str(mesh)}: smallest is "
-          f"{k} at {format_bytes(alone)}/device; add devices on row/col or memory")
+          f"{k} at {format_bytes(alone)}/device; add devices on row/col or memory"
+          f"{_padded_hint(space, load)}")
   starts = [smallest]
   for k in dict.fromkeys(k for ks in allowed for k in ks):
     starts.append(tuple(k if k in ks else s for ks, s in zip(allowed, smallest)))

@@ -301,3 +301,17 @@ def test_a_plan_splitting_only_the_largest_tables_is_found_when_it_alone_fits():
   result = propose_plan(tables, features, mesh, 80 * MiB, batch_size=1024)
   assert sum(result.memory.values()) <= 80 * MiB
   check_plan_fits(result.plan, tables, mesh, 80 * MiB, features=features, batch_size=1024)
+
+
+def test_a_table_only_a_padded_column_split_fits_names_that_plan():
+  """The search proposes no column padding: with dim 12 on `col=8` the error said only
+  'smallest is dp ...; add devices', where `--plan=cw` (dim padded to 16) fit."""
+  tables = [TableSpec("a", 100_000, 12), TableSpec("b", 5, 12)]
+  features = [FeatureSpec(f"f_{t.name}", t.name) for t in tables]
+  with pytest.raises(ConfigError, match=r"smallest is dp at 4.6 MiB/device; add devices on "
+                     r"row/col or memory; or force --plan=cw: this table then takes 781.2 "
+                     r"KiB/device, its dim 12 padded to 16 \(the search proposes no padding\)"):
+    propose_plan(tables, features, {"col": 8}, 2**20, "sgd", 512)
+  plan = uniform_plan("cw", tables, 1)   # which indeed fits
+  assert max(check_plan_fits(plan, tables, {"col": 8}, 2**20, "sgd", features=features,
+                             batch_size=512)) <= 2**20
