@@ -20,11 +20,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 # no SIGTERM meets the default action (a silent death). A worker of scripts/launch.py
 # reports a SIGTERM to its supervisor instead, which has the generation save and stop
 # (`jaxrec.elastic.worker.report_sigterm`; a second one ends it at once).
+# Not in a process that imports this file as `__mp_main__` (a grain data worker, started
+# with multiprocessing's spawn): there it exited at once as a worker whose supervisor was
+# gone (its parent is the trainer), and the trainer waited for its first batch forever.
 from jaxrec import elastic, signals  # noqa: E402
-signals.defer(signals.STOP_SIGNALS[:1] if elastic.is_supervised() else signals.STOP_SIGNALS)
-if elastic.is_supervised():   # its SIGTERM while starting (imports, joining) is reported too
-  from jaxrec.elastic import worker as _elastic_worker  # noqa: E402
-  _elastic_worker.report_sigterm()   # (again after jax.distributed's own handler)
+if __name__ == "__main__":
+  signals.defer(signals.STOP_SIGNALS[:1] if elastic.is_supervised() else signals.STOP_SIGNALS)
+  if elastic.is_supervised():   # its SIGTERM while starting (imports, joining) is reported too
+    from jaxrec.elastic import worker as _elastic_worker  # noqa: E402
+    _elastic_worker.report_sigterm()   # (again after jax.distributed's own handler)
 
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
@@ -69,7 +73,8 @@ def _second_signal_text(name: str) -> str:
                                            "once)")
 
 
-signals.on_second_signal(_second_signal_text)
+if __name__ == "__main__":
+  signals.on_second_signal(_second_signal_text)
 
 
 def main(argv):

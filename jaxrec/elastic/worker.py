@@ -139,6 +139,9 @@ def die_with_supervisor(env: Mapping[str, str]) -> None:
   pid = env.get(ENV_SUPERVISOR_PID)
   if not pid or not sys.platform.startswith("linux"):
     return
+  import multiprocessing  # pylint: disable=import-outside-toplevel
+  if multiprocessing.parent_process() is not None:   # a process the worker started (grain's
+    return   # data workers): its parent is the worker, and it ends with it
   try:
     import ctypes  # pylint: disable=import-outside-toplevel
     if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL)) != 0:

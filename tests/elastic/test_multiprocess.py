@@ -150,3 +150,16 @@ def test_a_resume_through_launch_py_keeps_the_recorded_plan_and_mesh(tmp_path):
   assert launch["command"][-2:] == ["--mesh=auto", "--plan=auto"]
   with open(os.path.join(w, "workers", "0.log")) as f:
     assert "--mesh=auto --plan=auto resumes them" in f.read()
+
+
+def test_grain_data_workers_run_under_the_launcher(tmp_path):
+  """`make_train_iterator.num_workers > 0` hung every launched job: grain spawns its data
+  workers, which re-imported scripts/train.py as `__mp_main__`, took themselves for
+  elastic workers whose supervisor was gone (their parent is the trainer) and exited; the
+  trainer waited for its first batch until --startup_timeout."""
+  w = str(tmp_path / "w")
+  proc = t.launch(w, ["--devices_per_process=2", "--startup_timeout=120", "--max_restarts=0"],
+                  [*t.TINY, "--num_steps=3", "--log_every=1",
+                   "--gin_bindings=make_train_iterator.num_workers=1"])
+  assert t.finish(proc) == 0, open(os.path.join(w, "launch.log")).read()[-3000:]
+  assert sorted(losses(w)) == [1, 2, 3]
