@@ -11,6 +11,7 @@ help flags) print the usage and exit 0, where absl exits 1. No jax is imported.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import sys
 from typing import Callable
@@ -42,6 +43,9 @@ def parse(argv: list[str], flag_values: flags.FlagValues | None = None, *,
     rest = flag_values(argv)
   except SystemExit as e:   # absl's --help/--helpshort/--helpfull/--helpxml printed usage
     raise SystemExit(0 if e.code == 1 else e.code) from None   # and exited 1: it was asked
+  except BrokenPipeError:   # `--help | head`: the reader had what it wanted (it was a
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # traceback, exit 1)
+    raise SystemExit(0) from None
   except flags.UnrecognizedFlagError as e:
     message = _unknown(argv[0], e.flagname, flag_values) + unknown_hint
   except (flags.Error, ValueError) as e:   # absl raises ValueError for `--nobool=1`

@@ -113,3 +113,14 @@ def test_help_prints_the_usage_and_exits_0(script, flag):
   assert done.returncode == 0, done.stderr
   first_line = ast.get_docstring(ast.parse(open(path, encoding="utf-8").read())).splitlines()[0]
   assert first_line in done.stdout
+
+
+@pytest.mark.parametrize("script", ["plan.py", "train.py"])
+def test_help_into_a_closed_pipe_exits_0_quietly(script):
+  """`scripts/plan.py --help | head -1`: once `head` left, the rest of the usage raised
+  BrokenPipeError, a traceback and exit 1 (`train.py`: the traceback)."""
+  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", script), "--help"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  proc.stdout.close()   # the reader is gone before the usage is printed
+  err = proc.stderr.read().decode()
+  assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err
