@@ -296,7 +296,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
         log.warning("%s", warning)
   data_adapter.warn_preprocessed_skips(options.bad_rows,
                                        *[s for s in (source, eval_data) if s is not None])
-  synthetic_eval = data_adapter.synthetic_eval_warning(config, options)
+  # (not when it only evaluates: 'this run trains on X' named data it never opened)
+  synthetic_eval = source is not None and data_adapter.synthetic_eval_warning(config, options)
   if synthetic_eval and is_main:
     log.warning("%s", synthetic_eval)
     elastic.report_warning(synthetic_eval)   # under launch.py: on its stderr too

@@ -50,6 +50,9 @@ def test_training_on_files_with_a_synthetic_eval_warns(tmp_path):
   assert (f"warning: this run trains on {tmp_path}/train.tsv (--train_data) but evaluates on "
           "synthetic examples (ExperimentConfig.eval_data = 'synthetic'): its eval metrics say "
           "nothing about that data; pass --eval_data (e.g. a held-out day)") in proc.stderr
+  # rerun at --num_steps, it only evaluates: it said it 'trains on' data it never opened
+  proc = train(str(tmp_path / "w"), *FLAGS, "--num_steps=2", "--train_data=synthetc")
+  assert "this run trains on" not in proc.stderr, proc.stderr
 
 
 @pytest.mark.slow   # 10-25 s of script runs: kept out of the default suite for its time
