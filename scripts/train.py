@@ -29,6 +29,8 @@ if __name__ == "__main__":
   if elastic.is_supervised():   # its SIGTERM while starting (imports, joining) is reported too
     from jaxrec.elastic import worker as _elastic_worker  # noqa: E402
     _elastic_worker.report_sigterm()   # (again after jax.distributed's own handler)
+elif __name__ == "__mp_main__":   # the data worker holds Ctrl-C while it starts; the trainer
+  signals.defer(signals.STOP_SIGNALS)   # stops it (then `pipeline._exit_with_parent`)
 
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402

@@ -179,12 +179,15 @@ def _exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None
   fire when the *thread* that started the worker ends (grain starts them from its own).
   A SIGTERM sent to the whole job (a scheduler's preemption) is ignored here: the trainer
   handles it (a checkpoint after the step in progress, which needs these workers' next
-  batch), then stops them or exits, which this thread sees.
+  batch), then stops them or exits, which this thread sees. So is SIGINT (Ctrl-C reaches
+  the whole process group: each worker printed a KeyboardInterrupt traceback and leaked
+  its shared memory, where the trainer stops with one line).
   """
   del worker_index, worker_count
   try:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-  except ValueError:   # not called on the worker's main thread: leave SIGTERM as it is
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(sig, signal.SIG_IGN)
+  except ValueError:   # not called on the worker's main thread: leave them as they are
     pass
 
   def watch():

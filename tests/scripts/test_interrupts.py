@@ -262,3 +262,28 @@ def test_a_second_signal_while_converting_leaves_tmp_that_the_next_run_ignores(
                          capture_output=True, text=True, cwd=t.ROOT, timeout=300, env=t.env())
   assert again.returncode == 0, again.stderr[-3000:]
   assert out.exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_data_workers_is_one_line(tmp_path):
+  """Ctrl-C reaches the whole process group: grain's data worker (spawned, with
+  `make_train_iterator.num_workers=1`) printed a KeyboardInterrupt traceback and leaked
+  its shared memory next to the trainer's one `error:` line."""
+  import time  # pylint: disable=import-outside-toplevel
+  w = tmp_path / "w"
+  proc = subprocess.Popen(
+      [sys.executable, os.path.join(t.ROOT, "scripts", "train.py"), f"--workdir={w}", *t.TINY,
+       "--num_steps=100000", "--log_every=5", "--eval_every=100000",
+       "--gin_bindings=make_train_iterator.num_workers=1"],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=t.ROOT,
+      env=t.env(), start_new_session=True)
+  for _ in range(240):
+    if (w / "metrics.jsonl").exists() and (w / "metrics.jsonl").stat().st_size:
+      break
+    time.sleep(0.5)
+  time.sleep(1)
+  os.killpg(proc.pid, signal.SIGINT)   # as a terminal's Ctrl-C does
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err[-3000:]
+  assert "Traceback" not in err and "leaked" not in err, err[-3000:]
+  assert err.rstrip().splitlines()[-1].startswith("error: interrupted by SIGINT"), err[-3000:]
