@@ -281,12 +281,17 @@ def allowed_kinds(load: TableLoad, mesh: Mapping[str, int]) -> list[str]:
   out = []
   for kind in KINDS:
     _, r, c = split_sizes(kind, mesh)
-    split = {a for a in KIND_AXES[kind] if mesh.get(a, 1) > 1}
-    same = any(set(axes) == split for k, axes in KIND_AXES.items() if k != kind)
-    if same or load.dim % c or load.rows < r:
+    if not distinct_kind(kind, mesh) or load.dim % c or load.rows < r:
       continue
     out.append(kind)
   return out
+
+
+def distinct_kind(kind: str, mesh: Mapping[str, int]) -> bool:
+  """Whether no other kind splits over exactly the axes of size > 1 that `kind` splits
+  over on `mesh` (else the two are the same placement there: `twrw` on `table=1` is `rw`)."""
+  split = {a for a in KIND_AXES[kind] if mesh.get(a, 1) > 1}
+  return not any(set(axes) == split for k, axes in KIND_AXES.items() if k != kind)
 
 
 def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], plan: Plan,

@@ -278,7 +278,7 @@ def _padded_hint(space: _Space, load) -> str:
   if c == 1 or load.dim % c == 0:
     return ""
   fits = [(_own(space, load, k), k) for k in KIND_AXES
-          if "col" in KIND_AXES[k] and all(space.mesh.get(a, 1) > 1 for a in KIND_AXES[k])]
+          if "col" in KIND_AXES[k] and cm.distinct_kind(k, space.mesh)]
   fits = [(m, k) for m, k in fits if m <= space.budget]
   if not fits:
     return ""

@@ -93,6 +93,18 @@ def warn_preprocessed_skips(bad_rows: str, *sources) -> None:
         sum(counts.values()), ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
 
 
+def warn_synthetic_eval(config, options) -> None:
+  """Logs `synthetic_eval_warning`, if any, on process 0 (and under launch.py on the
+  supervisor's stderr too). Call when the run opens its training data: a run that only
+  evaluates said it 'trains on' data it never opened; one whose restore falls back below
+  --num_steps opens it late."""
+  text = synthetic_eval_warning(config, options)
+  if text and jax.process_index() == 0:
+    from jaxrec import elastic  # pylint: disable=import-outside-toplevel
+    log.warning("%s", text)
+    elastic.report_warning(text)
+
+
 def synthetic_eval_warning(config, options) -> str | None:
   """The warning for a run that trains on files but evaluates on synthetic examples (every
   shipped config sets `eval_data = 'synthetic'`: `--train_data=day_0.gz` alone scored the

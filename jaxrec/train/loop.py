@@ -296,11 +296,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
         log.warning("%s", warning)
   data_adapter.warn_preprocessed_skips(options.bad_rows,
                                        *[s for s in (source, eval_data) if s is not None])
-  # (not when it only evaluates: 'this run trains on X' named data it never opened)
-  synthetic_eval = source is not None and data_adapter.synthetic_eval_warning(config, options)
-  if synthetic_eval and is_main:
-    log.warning("%s", synthetic_eval)
-    elastic.report_warning(synthetic_eval)   # under launch.py: on its stderr too
+  if source is not None:
+    data_adapter.warn_synthetic_eval(config, options)
   initial_data_state = source.get_state() if source is not None else {}
   # keep=None: snapshots go only in prune_snapshots, once no checkpoint on disk needs them
   # (a count cannot tell: a save in flight or a rejected step holds one too)
@@ -399,6 +396,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       config.check_batch("batch_size", mesh.size, f" (this run trains: the restore fell back "
                          f"to step {start}, below --num_steps={options.num_steps})")
       source = data_adapter.train_iterator(config, options)
+      data_adapter.warn_synthetic_eval(config, options)
       initial_data_state = source.get_state()
       train_it = wrap(source)
       if restored is not None:

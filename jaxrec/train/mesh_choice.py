@@ -265,8 +265,11 @@ def auto_mesh(candidates: Sequence[Mapping[str, int]], plan_for: Callable[..., A
     for tier in split_meshes(tried, num_devices):
       found, errors = cheapest(tier, attempt, _offloaded if offloading else None)
       if found is not None:
+        from jaxrec.embedding import layout  # pylint: disable=import-outside-toplevel
+        why = ("cannot stack the tables (over 2**31 rows on one table slice)"
+               if layout.SLICE_OVERFLOW in str(over) else "over --memory_per_device")
         return (*found, offloads + (
-            f"; {_listed(tried)} over --memory_per_device: of the {len(tier)} meshes that "
+            f"; {_listed(tried)} {why}: of the {len(tier)} meshes that "
             f"split tables {'on one axis' if _model_axes(tier[0]) == 1 else 'further'}, "
             "the one with the lowest estimated step time"))
       tried += tier

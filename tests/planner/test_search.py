@@ -315,3 +315,8 @@ def test_a_table_only_a_padded_column_split_fits_names_that_plan():
   plan = uniform_plan("cw", tables, 1)   # which indeed fits
   assert max(check_plan_fits(plan, tables, {"col": 8}, 2**20, "sgd", features=features,
                              batch_size=512)) <= 2**20
+  # on row x col with table=1, grid is such a split too (and the smaller one)
+  tables = [TableSpec("a", 1_000_000, 6), TableSpec("b", 5, 6)]
+  with pytest.raises(ConfigError, match=r"or force --plan=grid: this table then takes 3.8 "
+                     r"MiB/device, its dim 6 padded to 8"):
+    propose_plan(tables, features, {"row": 2, "col": 4}, 5 * 2**20, "sgd", 512)

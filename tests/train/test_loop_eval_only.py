@@ -96,7 +96,8 @@ def test_an_evaluate_only_run_keeps_the_training_config_and_its_bindings_quiet(t
 
 
 @pytest.mark.slow   # ~25 s: a training run to two checkpoints, then the fallen-back one
-def test_a_run_whose_restore_falls_back_to_train_records_its_data_settings(tmp_path):
+def test_a_run_whose_restore_falls_back_to_train_records_its_data_settings(tmp_path,
+                                                                          monkeypatch):
   """A rerun at --num_steps whose newest checkpoint was damaged falls back to an earlier one
   and trains: its config.gin (and the checkpoints' meta) had no `make_train_iterator.*`
   binding at all (the operative config was taken before it opened the training data), so a
@@ -111,8 +112,10 @@ def test_a_run_whose_restore_falls_back_to_train_records_its_data_settings(tmp_p
       f.write_bytes(b"\0" * f.stat().st_size)
   (tmp_path / "config.gin").unlink()
   launch.parse_gin(["configs/dlrm_synthetic.gin"], bindings)
+  asked = []   # it opens its training data late: the files-vs-synthetic-eval check too
+  monkeypatch.setattr(data_adapter, "synthetic_eval_warning", lambda *a: asked.append(a))
   result = loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path))
-  assert "loss" in result   # trained 3..4 again
+  assert "loss" in result and len(asked) == 1   # trained 3..4 again
   assert "make_train_iterator.shuffle = False" in (tmp_path / "config.gin").read_text()
   meta = json.loads((tmp_path / "checkpoints" / "4" / "meta" / "metadata").read_text())
   assert "make_train_iterator.shuffle = False" in meta["gin"]

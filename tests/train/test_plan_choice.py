@@ -130,3 +130,5 @@ def test_mesh_auto_moves_on_when_data_n_cannot_stack_the_tables():
     search.propose_plan(tables, features, {"data": 8}, None, "sgd", 64)
   choice = mesh_choice.choose(config, RunOptions(mesh="auto", plan="auto"), 8)
   assert choice.mesh["table"] > 1, choice.mesh
+  assert "data=8,table=1,row=1,col=1 cannot stack the tables (over 2**31 rows on one table " \
+      "slice): of the" in choice.why, choice.why
