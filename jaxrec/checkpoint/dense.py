@@ -105,6 +105,17 @@ def _check_dense(key, abstract, leaves, step_dir) -> None:
                       f"{canonical_lib.MISMATCH_HINTS.get(key, '')}")
 
 
+def structure_error(step_dir) -> ConfigError:
+  """The error for a dense state whose leaves match the checkpoint's but whose structure
+  does not: `adam` and `adamw` (an `EmptyState` more), or a `mask` added, hold the same
+  `mu`/`nu` leaves. orbax's ValueError was taken for a corrupt step: every step was set
+  aside as corrupt, and a valid one rejected where an older one restored."""
+  return ConfigError(
+      f"'opt_state' in checkpoint {step_dir} has the same leaves as this run's but another "
+      f"structure (e.g. adam vs adamw, or a mask added or removed)"
+      f"{canonical_lib.MISMATCH_HINTS['opt_state']}")
+
+
 def wrap_keys(tree, target, impls, key):
   """Key data → typed PRNG keys where the target leaf is a typed key."""
   if target is None:

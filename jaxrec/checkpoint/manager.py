@@ -495,9 +495,14 @@ class CheckpointManager:
                       step_dir)
     target = {k: v for k, v in target.items() if k != "emb"}
     abstract = dense_lib.abstract_tree(manifest, collection, target, step_dir)
-    restored = self._mgr.restore(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.StandardRestore(abstract),
-        TABLES: tables_lib.TablesRestore(collection, with_opt, sources, tuple(now))}))
+    try:
+      restored = self._mgr.restore(step, args=ocp.args.Composite(**{
+          STATE: ocp.args.StandardRestore(abstract),
+          TABLES: tables_lib.TablesRestore(collection, with_opt, sources, tuple(now))}))
+    except ValueError as e:   # the leaves matched (abstract_tree), the nodes between not
+      if "tree structures do not match" not in str(e):
+        raise
+      raise dense_lib.structure_error(step_dir) from None
     dense, (emb, table_prints) = restored[STATE], restored[TABLES]
     dense_lib.verify(dense, manifest, table_prints, saved, step_dir)
 

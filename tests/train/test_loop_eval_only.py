@@ -3,6 +3,7 @@ that evaluation, so it carries what a training run's lines do (`bad_rows` includ
 
 import dataclasses
 import json
+import os
 
 import jax
 import pytest
@@ -167,6 +168,26 @@ def test_a_resume_with_another_dense_optimizer_says_what_to_bind(tmp_path):
                              dense_optimizer=config_lib.dense_optimizer("adam", 0.01))
   with pytest.raises(ConfigError, match=r"'opt_state' in checkpoint .* does not match the "
                      r"model at .*: the dense optimizer \(dense_optimizer.name, and its "
-                     r"momentum, nesterov or mask\) is not the one the checkpoint was trained "
-                     r"with; bind that one to resume, or train in a new --workdir$"):
+                     r"momentum, mask or state dtypes\) is not the one the checkpoint was "
+                     r"trained with; bind that one to resume, or train in a new --workdir$"):
     loop.train_and_evaluate(adam, dataclasses.replace(options, num_steps=2), str(tmp_path))
+
+
+def test_adam_to_adamw_is_a_config_error_not_corrupt_steps(tmp_path, caplog):
+  """adam and adamw hold the same `mu`/`nu` leaves in another tree (an `EmptyState` more):
+  orbax's structure error was taken for corruption, every step was warned about as
+  corrupt and the run ended 'no valid checkpoint ... move them away' (and a valid step
+  newer than a tables-only import was rejected)."""
+  import logging  # pylint: disable=import-outside-toplevel
+  options = config_lib.RunOptions(num_steps=2, mesh="data=8", plan="dp", progress=False,
+                                  checkpoint_every=1)
+  adam = dataclasses.replace(CONFIG, num_eval_examples=64, eval_batch_size=64,
+                             dense_optimizer=config_lib.dense_optimizer("adam", 0.001))
+  loop.train_and_evaluate(adam, options, str(tmp_path))
+  adamw = dataclasses.replace(adam, dense_optimizer=config_lib.dense_optimizer("adamw", 0.001))
+  with caplog.at_level(logging.WARNING), pytest.raises(ConfigError, match=(
+      r"^'opt_state' in checkpoint .*/2 has the same leaves as this run's but another "
+      r"structure \(e.g. adam vs adamw, or a mask added or removed\): the dense optimizer")):
+    loop.train_and_evaluate(adamw, dataclasses.replace(options, num_steps=3), str(tmp_path))
+  assert "corrupt" not in caplog.text
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
