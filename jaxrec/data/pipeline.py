@@ -313,7 +313,10 @@ class TrainIterator:
     if version != STATE_VERSION or position < 0:
       raise DataError(f"data iterator state {dict(state)!r} is not a valid version "
                       f"{STATE_VERSION} state")
-    if seed != self.seed or bool(state.get("shuffle", self.shuffle)) != self.shuffle:
+    endless = self.source.num_examples is None and state.get("num_examples") is None
+    # (shuffling does nothing to an endless synthetic stream: a change there was refused)
+    shuffle_changed = bool(state.get("shuffle", self.shuffle)) != self.shuffle and not endless
+    if seed != self.seed or shuffle_changed:
       raise ConfigError(f"the checkpoint's data order used seed={seed}, "
                         f"shuffle={state.get('shuffle')}; this run has seed={self.seed}, "
                         f"shuffle={self.shuffle}{RESTART_HINT}")

@@ -370,3 +370,19 @@ def test_worker_batches_leave_no_shared_memory_at_exit(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "leaked shared_memory" not in proc.stderr, proc.stderr[-2000:]
   assert "Exception ignored" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_shuffle_change_is_refused_only_where_it_changes_the_order():
+  """An endless synthetic stream maps position g to example g whatever `shuffle` says: a
+  rerun with `make_train_iterator.shuffle=False` was refused ('the checkpoint's data order
+  used ... shuffle=True') though its batches are the same."""
+  endless = lambda: synthetic.SyntheticSource(lib.layout({}, set(), n=100), seed=1)
+  it = pipeline.TrainIterator(endless(), 8, seed=3, shuffle=True)
+  take(it, 2)
+  other = pipeline.TrainIterator(endless(), 8, seed=3, shuffle=False)
+  other.set_state(it.get_state())
+  np.testing.assert_array_equal(next(other).dense, next(it).dense)
+  finite = pipeline.TrainIterator(numbered_source(40), 8, seed=3)
+  with pytest.raises(ConfigError, match="shuffle=True; this run has seed=3, shuffle=False"):
+    pipeline.TrainIterator(numbered_source(40), 8, seed=3, shuffle=False).set_state(
+        finite.get_state())
