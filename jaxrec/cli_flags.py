@@ -43,8 +43,9 @@ def parse(argv: list[str], flag_values: flags.FlagValues | None = None, *,
     rest = flag_values(argv)
   except SystemExit as e:   # absl's --help/--helpshort/--helpfull/--helpxml printed usage
     raise SystemExit(0 if e.code == 1 else e.code) from None   # and exited 1: it was asked
-  except BrokenPipeError:   # `--help | head`: the reader had what it wanted (it was a
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # traceback, exit 1)
+  except BrokenPipeError:   # `--help | head`: the reader had what it wanted; the rest of the
+    # usage (and the flush at exit) goes nowhere, not into a traceback and exit 1
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     raise SystemExit(0) from None
   except flags.UnrecognizedFlagError as e:
     message = _unknown(argv[0], e.flagname, flag_values) + unknown_hint

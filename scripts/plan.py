@@ -212,7 +212,7 @@ def _plan_offloaded(spec, off, mesh, memory, optimizer, batch, cal):
   return planning.with_offload_notes(result, spec.tables, off, sparse)
 
 
-def _refine(spec, off, memory, optimizer, mesh, cal):
+def _refine(spec, off, memory, optimizer, mesh, cal, batch):
   """`--profile`: the fit and the plan it proposes, over the tables as the profiled run
   built them: offloaded ones as their caches, and under `OffloadConfig.auto` the tables
   its `auto` offloaded (its `W/plan.json`'s `auto_offloaded`), when the tables are over
@@ -235,7 +235,7 @@ def _refine(spec, off, memory, optimizer, mesh, cal):
   names = hooks.plan_file_auto_offloaded(os.path.join(workdir, "plan.json"))
   off, result = hooks.with_given_plans_offload(
       lambda o: refine(device_tables(spec.tables, o, sparse)), off, names, spec.tables,
-      spec.features, FLAGS.batch_size or spec.batch_size or 512)
+      spec.features, batch)
   notes = lambda r: r and planning.with_offload_notes(r, spec.tables, off, sparse)
   return dataclasses.replace(result, current=notes(result.current),
                              proposed=notes(result.proposed), explore=notes(result.explore))
@@ -321,7 +321,8 @@ def main(argv):
     _check_batch(batch, mesh, spec.batch_size)
     offloaded = _offloaded(spec, optimizer)
     if FLAGS.profile:
-      result = _refine(spec, offloaded[0] if offloaded else None, memory, optimizer, mesh, cal)
+      result = _refine(spec, offloaded[0] if offloaded else None, memory, optimizer, mesh, cal,
+                       batch)
     elif mesh is None:
       why = " (the --plan file records no mesh, or a damaged one)" if FLAGS.plan != "auto" else ""
       raise ConfigError(f"--mesh is required, e.g. --mesh=data=2,table=2,row=2,col=1{why}")

@@ -537,10 +537,13 @@ def import_torchrec(npz_path, output, step: int = 0) -> list[str]:
     signals.check()
     try:
       mgr.save_arrays(step, tables, meta={"imported_from": "torchrec", "source": str(npz_path)})
-    except CheckpointError as e:   # a full or read-only disk: the training save's wording
-      for tmp in epath.Path(output).glob(f"{step}.orbax-checkpoint-tmp*"):  # said 'checkpoint
-        shutil.rmtree(tmp, ignore_errors=True)                            # 0 ... failed'
-      failed = storage.unreadable(e, mgr.step_dir(step))   # its reason (the file it names
-      raise DataError(f"--output: cannot write {mgr.step_dir(step)}: "   # is gone now)
+    except CheckpointError as e:
+      # A full or read-only disk: the save's error (in the training save's words, 'saving
+      # checkpoint 0 ... failed') becomes the output's, with the filesystem's reason only
+      # (the file it names was in the tmp directory removed here).
+      for tmp in epath.Path(output).glob(f"{step}.orbax-checkpoint-tmp*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+      failed = storage.unreadable(e, mgr.step_dir(step))
+      raise DataError(f"--output: cannot write {mgr.step_dir(step)}: "
                       f"{failed[1] if failed else first_line(e)}") from None
   return sorted(tables)

@@ -439,6 +439,9 @@ class BinarySource(GrainMixin):
       _verify_shards(directory, m["shards"])
     self.num_examples = int(m["num_examples"])
     self._offsets = np.cumsum([0] + [int(s["num_examples"]) for s in m["shards"]])
+    # each id column's table rows (`_check_values`; ids are int32)
+    self._id_limit = np.repeat(np.asarray(layout.rows, np.int32 if max(layout.rows) < 2**31
+                                          else np.int64), layout.max_lens)
     self._open()
 
   def _open(self):
@@ -509,9 +512,7 @@ class BinarySource(GrainMixin):
       self._refuse(indices, bad.any(axis=1), lambda r: (
           f"dense value {int(np.argmax(bad[r]))} is {dense[r][bad[r]][0]}"))
     every = np.concatenate([ids[name] for name in lay.names], axis=1)   # [n, sum(max_len)]
-    limit = np.repeat(np.asarray(lay.rows, every.dtype if max(lay.rows) < 2**31 else np.int64),
-                      lay.max_lens)
-    if every.size and (every.min() < -1 or (every >= limit).any()):
+    if every.size and (every.min() < -1 or (every >= self._id_limit).any()):
       for name, rows, table in zip(lay.names, lay.rows, lay.tables):
         v = ids[name]
         out = (v < -1) | (v >= rows)

@@ -29,6 +29,9 @@ from jaxrec.errors import ConfigError
 from jaxrec.kernels import quant
 from jaxrec.kernels.optim import NONNEG, POSITIVE, UNIT, hparam
 
+# The data sources: `ExperimentConfig` fields and the `RunOptions` flags over them.
+DATA_FIELDS = ("train_data", "eval_data")
+
 # Rules for the dense optimizer's numeric options, where its optax maker takes them.
 _DENSE_RULES = {"learning_rate": NONNEG, "b1": UNIT, "b2": UNIT, "eps": POSITIVE,
                 "eps_root": NONNEG, "weight_decay": NONNEG, "momentum": UNIT,
@@ -213,7 +216,7 @@ class ExperimentConfig:
         raise ConfigError(f"ExperimentConfig.{name} must be positive, got {getattr(self, name)}")
     for name in ("batch_size", "eval_batch_size") if train else ("eval_batch_size",):
       self.check_batch(name, num_devices)
-    for name in ("train_data", "eval_data"):
+    for name in DATA_FIELDS:
       if not isinstance(getattr(self, name), str) or not getattr(self, name):
         raise ConfigError(f"ExperimentConfig.{name} must be 'synthetic' or a path, got "
                           f"{getattr(self, name)!r}")
@@ -299,7 +302,7 @@ class RunOptions:
     for name in ("eval_every", "checkpoint_every"):
       if getattr(self, name) < 0:
         raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
-    for name in ("train_data", "eval_data"):   # `--train_data=$UNSET` fell back to the config's
+    for name in DATA_FIELDS:   # `--train_data=$UNSET` fell back to the config's
       if getattr(self, name) is not None and not getattr(self, name).strip():
         raise ConfigError(f"--{name}: empty; give 'synthetic' or a path (or leave the flag out "
                           f"to use ExperimentConfig.{name})")
@@ -339,8 +342,6 @@ def parse_bytes(text: str | None, flag: str) -> int | None:
     raise ConfigError(f"{flag}: '{text}' is not a size from 1 byte up")
   return int(value)
 
-
-DATA_FIELDS = ("train_data", "eval_data")
 
 
 def absolute_data_paths() -> None:
