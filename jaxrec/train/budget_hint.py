@@ -87,11 +87,10 @@ def eval_warning(result, collection, eval_batch_size: int) -> str | None:
   from jaxrec.planner import cost_model  # pylint: disable=import-outside-toplevel
   if eval_batch_size <= int(result.batch_size):
     return None
-  options = collection.options
-  kernel = options.kernel if options.kernel in ("xla", "pallas") else "xla"
+  options = collection.options   # resolved by the collection: its kernel is xla or pallas
   need = cost_model.plan_cost(
       collection.layouts, collection.features, eval_batch_size,
-      cost_model.optimizer_state(collection.optimizer), kernel, options.dedup,
+      cost_model.optimizer_state(collection.optimizer), options.kernel, options.dedup,
       forward=True).memory_bytes
   budget = int(result.memory_per_device_bytes)
   if need <= budget:
