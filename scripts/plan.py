@@ -258,6 +258,31 @@ def _estimate_forced(tables, mesh, estimate):
     raise type_of(e)(f"--plan={FLAGS.plan}: {e}") from None
 
 
+def _eval_warning(spec, result, optimizer, off):
+  """train.py's warning for a plan (`result`; with `--profile` the proposed one) whose
+  eval batch (`ExperimentConfig.eval_batch_size`) takes the embedding lookup over the
+  budget (`budget_hint.eval_memory_warning`); None without a gin config (no eval), and
+  when it fits."""
+  if not FLAGS.gin_file or result is None:
+    return None
+  # pylint: disable=import-outside-toplevel
+  from jaxrec.offload import planning
+  from jaxrec.offload.config import device_tables
+  from jaxrec.planner import cost_model, search
+  from jaxrec.train import budget_hint
+  # pylint: enable=import-outside-toplevel
+  tables = spec.tables
+  if off is not None:   # the stacks train.py builds: offloaded tables as their caches
+    optimizer = _sparse_optimizer(optimizer)
+    off = planning.with_auto_offloaded(spec.tables, spec.features, off,
+                                       result.auto_offloaded, result.batch_size)
+    tables = device_tables(spec.tables, off, optimizer)
+  layouts = cost_model.build_layouts(tables, spec.features, result.plan, result.mesh_shape)
+  return budget_hint.eval_memory_warning(result, layouts, spec.features, optimizer,
+                                         search.default_kernel(), search.default_dedup(),
+                                         spec.eval_batch_size)
+
+
 def _file_mesh():
   """The mesh a `--plan` file records (a run's plan.json, `--json` output), else None."""
   from jaxrec.sharding.plan import recorded_mesh  # pylint: disable=import-outside-toplevel
@@ -336,6 +361,10 @@ def main(argv):
           plan, spec.tables, spec.features, mesh, memory, optimizer, batch, cal,
           table_stats=spec.table_stats, mode=mode))
     print(result.report())
+    warning = _eval_warning(spec, getattr(result, "proposed", result), optimizer,
+                            offloaded[0] if offloaded else None)
+    if warning:
+      logging.warning("%s", warning)
     signals.check()
     if FLAGS.json:
       _check_not_a_gin_file(FLAGS.json)

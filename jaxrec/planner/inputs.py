@@ -8,7 +8,7 @@ import numbers
 import reprlib
 from typing import Any
 
-from jaxrec.embedding.specs import FeatureSpec, TableSpec, uniform_tables
+from jaxrec.embedding.specs import FeatureSpec, TableSpec, is_whole, uniform_tables
 from jaxrec.errors import ConfigError
 from jaxrec.planner import cost_model as cm
 from jaxrec.planner.cost_model import TableStats
@@ -53,6 +53,7 @@ class PlannerInputs:
   table_stats: dict[str, TableStats] = dataclasses.field(default_factory=dict)
   batch_size: int | None = None
   optimizer: Any = None
+  eval_batch_size: int | None = None
 
 
 def _check_name(flag: str, part: str, name: str, seen) -> None:
@@ -119,7 +120,8 @@ def _query(name: str, default=None):
 def inputs_from_gin() -> PlannerInputs:
   """Tables from the parsed gin config: `ExperimentConfig.embedding` (with its
   `batch_size` and `sparse_optimizer`), else a bound `uniform_tables`, else macros
-  `tables` (and `features`; default one one-hot feature per table) and `batch_size`."""
+  `tables` (and `features`; default one one-hot feature per table) and `batch_size`; and
+  `ExperimentConfig.eval_batch_size` (the trainer's default when unbound)."""
   from jaxrec.launch import build  # pylint: disable=import-outside-toplevel
   embedding, where = _query("ExperimentConfig.embedding"), "ExperimentConfig.embedding"
   if embedding is None and _query("uniform_tables.num_tables") is not None:
@@ -151,13 +153,22 @@ def inputs_from_gin() -> PlannerInputs:
   # as the trainer checks it: `@Adagrad` (the class) failed in `state_layout()` here
   from jaxrec.train.config import check_sparse_optimizer  # pylint: disable=import-outside-toplevel
   check_sparse_optimizer(optimizer)
+  eval_batch = _query("ExperimentConfig.eval_batch_size", _UNSET)
+  if eval_batch is _UNSET:   # the trainer's default
+    from jaxrec.train.config import ExperimentConfig  # pylint: disable=import-outside-toplevel
+    eval_batch = {f.name: f.default for f in dataclasses.fields(ExperimentConfig)
+                  }["eval_batch_size"]
   return PlannerInputs(tables, features, {},
-                       None if batch is _UNSET else _batch_size(batch_from, batch), optimizer)
+                       None if batch is _UNSET else _batch_size(batch_from, batch), optimizer,
+                       _batch_size("ExperimentConfig.eval_batch_size", eval_batch))
 
 
 def _batch_size(binding: str, value) -> int:
-  """`value` checked as `ExperimentConfig.validate` checks it: a positive integer;
-  `ConfigError` naming `binding` otherwise (None too)."""
+  """`value` checked as `ExperimentConfig` checks it: a positive integer, or a whole float
+  (gin writes `1e3` as one; the trainer takes it, this refused it); `ConfigError` naming
+  `binding` otherwise (None too)."""
+  if is_whole(value, -math.inf):
+    value = int(value)
   if not isinstance(value, numbers.Integral) or isinstance(value, bool):
     raise ConfigError(f"{binding} must be an integer, got {value!r}")
   if value <= 0:

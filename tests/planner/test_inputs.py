@@ -42,17 +42,33 @@ def test_gin_batch_sizes_are_checked_naming_the_binding(binding, message):
     inputs.inputs_from_gin()
 
 
-@pytest.mark.parametrize("value", ["'4k'", "True", "None"])
-def test_the_planner_leaves_eval_batch_size_to_the_trainer(value):
-  """Nothing plans with `eval_batch_size` (offload caches are sized for training,
-  `eval_split` splits eval batches): the planner read and checked it for nothing. The
-  trainer's config check still refuses a bad one, naming it."""
+@pytest.mark.parametrize("value", ["'4k'", "True", "None", "0"])
+def test_eval_batch_size_is_checked_as_the_trainer_checks_it(value):
+  """scripts/plan.py warns, as train.py does, when the eval batch takes the lookup over
+  the budget (`budget_hint.eval_memory_warning`), so it reads `eval_batch_size`: a bad one
+  is refused naming the binding, as the trainer refuses it."""
   from jaxrec.train.config import ExperimentConfig  # pylint: disable=import-outside-toplevel
   launch.parse_gin([GIN], [f"ExperimentConfig.eval_batch_size = {value}"])
-  spec = inputs.inputs_from_gin()
-  assert not hasattr(spec, "eval_batch_size") and spec.batch_size > 0
+  with pytest.raises(ConfigError, match="ExperimentConfig.eval_batch_size must be"):
+    inputs.inputs_from_gin()
   with pytest.raises(ConfigError, match="ExperimentConfig.eval_batch_size must be"):
     launch.build(ExperimentConfig).validate(num_devices=1)
+
+
+def test_whole_float_batch_sizes_are_taken_as_the_trainer_takes_them():
+  """gin writes `1e3` as a float: the trainer takes a whole one as a count, plan.py
+  refused it ('must be an integer, got 1000.0'). Unbound, the eval batch is the
+  trainer's default."""
+  from jaxrec.train.config import ExperimentConfig  # pylint: disable=import-outside-toplevel
+  launch.parse_gin([GIN], ["ExperimentConfig.batch_size = 1e3"])
+  spec = inputs.inputs_from_gin()
+  assert spec.batch_size == 1000 and isinstance(spec.batch_size, int)
+  assert spec.eval_batch_size == launch.build(ExperimentConfig).eval_batch_size
+  launch.parse_gin([], ["tables = @uniform_tables()", "uniform_tables.num_tables = 2",
+                        "uniform_tables.rows = 100", "uniform_tables.dim = 8",
+                        "ExperimentConfig.eval_batch_size = 2e3"])
+  spec = inputs.inputs_from_gin()
+  assert spec.eval_batch_size == 2000 and spec.batch_size is None
 
 
 def test_gin_batch_size_macro_is_checked_naming_it():

@@ -408,3 +408,33 @@ def test_an_old_profile_without_batch_sizes_needs_a_batch(tmp_path):
   assert proc.returncode == 1 and proc.stderr == (
       f"error: --profile {tmp_path}: 3 line(s) record no batch_size (a profile written before "
       "lines recorded it): pass --batch_size=<the global batch they ran at>\n"), proc.stderr
+
+
+def test_an_eval_batch_over_the_budget_is_warned_as_train_py_warns(tmp_path):
+  """train.py warns when the eval batch's lookup passes --memory_per_device (the planner
+  prices the training batch); plan.py, run to check a budget before training, said
+  nothing. It now gives the same warning, offloaded tables priced as their caches."""
+  from jaxrec import launch   # pylint: disable=import-outside-toplevel
+  from jaxrec.train import budget_hint   # pylint: disable=import-outside-toplevel
+  from jaxrec.train import config as config_lib, loop   # pylint: disable=import-outside-toplevel
+  flags = ("--gin_file=configs/dlrm_synthetic.gin", "--mesh=row=8", "--plan=rw")
+  proc = plan(tmp_path, *flags, "--memory_per_device=3MiB")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")], [])
+  collection, _, info = loop.setup(config_lib.ExperimentConfig(), config_lib.RunOptions(
+      mesh="row=8", plan="rw", memory_per_device=3 * 2**20))
+  want = budget_hint.eval_warning(info["plan_result"], collection, 4096)
+  assert want and want in proc.stderr, proc.stderr[-2000:]
+  for more in ("--memory_per_device=6MiB", "--gin_bindings=ExperimentConfig.eval_batch_size=512"):
+    proc = plan(tmp_path, *flags, "--memory_per_device=3MiB", more)
+    assert proc.returncode == 0 and "eval_batch_size" not in proc.stderr, proc.stderr[-2000:]
+  bindings = ["uniform_tables.rows = [100000000, 50000, 20000, 10000, 5000, 2000, 1000, 500]",
+              "OffloadConfig.tables = {'t0': {'cache_rows': 100000}}"]
+  for eval_batch, warned in ((4096, False), (65536, True)):
+    proc = plan(tmp_path, "--gin_file=configs/dlrm_synthetic.gin", "--mesh=table=4,row=2",
+                "--memory_per_device=8.3MiB", "--plan=tw",
+                f"--gin_bindings=ExperimentConfig.eval_batch_size={eval_batch}",
+                *(f"--gin_bindings={b}" for b in bindings))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ("the eval's embedding lookup takes each device to about 26.6 MiB" in proc.stderr
+            ) == warned, proc.stderr[-2000:]
