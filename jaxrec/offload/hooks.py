@@ -234,12 +234,13 @@ def warn_moved_stores(tier: OffloadTier, meta: Mapping, where: str, workdir: str
   relative `OffloadTable.path` in a run started from another directory. The run restores
   the step's snapshot into the new directory (nothing is lost); the old one stays on disk.
   (A store of another workdir, e.g. the original of a copied or imported checkpoint, is
-  not this run's to report.)"""
+  not this run's to report; nor is an old directory another table of this run now uses.)"""
   out = []
   then = (meta.get("offload") or {}).get("tables") or {}
+  used = {t.store.path for t in tier.tables.values()}   # another table may now use `old`
   for name, t in tier.tables.items():
     old = (then.get(name) or {}).get("path")
-    if (old and old != t.store.path
+    if (old and old not in used
         and owner.read_owner(old) == os.path.realpath(workdir)):
       why = (" (a relative 'path' in OffloadConfig.tables is relative to the current directory)"
              if t.store.off.path and not os.path.isabs(t.store.off.path) else "")

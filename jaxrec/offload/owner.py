@@ -65,6 +65,16 @@ def _not_arrays(path: str) -> list[str]:
   return out
 
 
+def _own_damaged(table: str, path: str, workdir: str, others: Sequence[str]) -> bool:
+  """Whether `path` is this workdir's default store of `table` (`W/offload/<table>`) whose
+  only entries that are not arrays are arrays of a store that lost its metadata (`table`,
+  `opt.*`): the store was deleted while a run wrote to it. It is jaxrec's own directory,
+  and a restore replaces those arrays (refused as 'not an offload store', the run could
+  not resume until the user deleted it)."""
+  default = os.path.realpath(workdir_layout.offload_dir(workdir, table))
+  return path == default and all(n == "table" or n.startswith("opt.") for n in others)
+
+
 def read_owner(path: str) -> str | None:
   """The workdir named in `<path>/OWNER` (None when there is no such file)."""
   found = _read(path)
@@ -77,6 +87,12 @@ def _check(table: str, path: str, workdir: str) -> str:
   found = _read(path)
   if found is None:
     others = _not_arrays(path) if os.path.isdir(path) else []
+    if others and _own_damaged(table, path, workdir, others):
+      _LOG.warning("offloaded table '%s': its store directory '%s' lost its %s file and the "
+                   "metadata of %s (deleted during a run?): it is written afresh (from the "
+                   "checkpoint's snapshot when one is restored)", table, path, OWNER,
+                   ", ".join(map(repr, others)))
+      return "adopt"
     if others:   # a restore would replace what is there
       raise ConfigError(
           f"offloaded table '{table}': its store directory '{path}' ('path' in "

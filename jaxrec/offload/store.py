@@ -285,10 +285,20 @@ class TableStore:
   # ----------------------------------------------------------------------------- snapshots
   def snapshot(self, dst: str) -> None:
     """Copies the arrays to directory `dst` (hard links when possible). Call with no
-    write in flight."""
+    write in flight. `OffloadError` when an array lost its metadata (the store was deleted
+    during the run: tensorstore reads its rows as the fill value, and the snapshots made
+    of it replaced the good ones as checkpoints rotated)."""
     if self.off.kvstore == "memory":
       _copy_arrays(self, dst)
       return
+    lost = [n for n in self.names if driver_on_disk(os.path.join(self.path, n)) is None]
+    if lost:   # the directory was deleted or moved under the run: its rows read as zeros
+      raise OffloadError(
+          f"offloaded table '{self.spec.name}': its store '{self.path}' lost the metadata of "
+          f"its arrays {', '.join(map(repr, lost))} during the run (deleted or moved?): its "
+          "rows can no longer be read, and a snapshot of it would replace the good ones. "
+          "Nothing was saved for this step; rerun the same command to resume from the last "
+          "checkpoint")
     link_tree(self.path, dst, names=self.names)
 
   def restore_snapshot(self, src: str) -> None:

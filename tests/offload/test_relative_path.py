@@ -71,3 +71,29 @@ def test_a_resume_from_another_directory_names_both_stores(tmp_path, monkeypatch
   assert result["step"] == 8
   assert (f"checkpoint {w}/checkpoints/4 was saved with its store at '{a}/s/t0', this run's "
           f"is '{b}/s/t0'") in caplog.text
+
+
+def test_an_old_store_another_table_now_uses_is_not_called_unused(tmp_path):
+  """'big' moved from W/offload/big to another path and 'small' took W/offload/big: the
+  warning called that directory 'no longer used (delete it by hand)'."""
+  # pylint: disable-next=import-outside-toplevel
+  from tests.offload.offload_helpers import experiment, mesh_of
+  from jaxrec.embedding.collection import EmbeddingCollection  # pylint: disable=g-import-not-at-top
+  from jaxrec.sharding.plan import uniform_plan  # pylint: disable=g-import-not-at-top
+  w = tmp_path / "w"
+  before = _tier(w)
+  before._ensure_store()
+  meta = {"offload": {"tables": offload.store_paths(before)}}   # big at W/offload/big
+  before.close()
+  cfg = experiment()
+  off = offload.OffloadConfig((
+      offload.OffloadTable("big", cache_rows=1000, chunk_rows=256, path=str(tmp_path / "p")),
+      offload.OffloadTable("small", cache_rows=20, chunk_rows=256,
+                           path=str(w / "offload" / "big"))), prefetch_depth=0)
+  specs = offload.device_tables(cfg.tables, off, cfg.sparse_tx())
+  collection = EmbeddingCollection.create(specs, cfg.features, uniform_plan("dp", specs, 1),
+                                          mesh_of(), cfg.sparse_tx())
+  after = offload.OffloadTier(collection, cfg.tables, off, key=offload.emb_init_key(0),
+                              workdir=str(w))
+  assert offload.warn_moved_stores(after, meta, "W/checkpoints/4", str(w)) == []
+  after.close()

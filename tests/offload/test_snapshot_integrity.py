@@ -1,6 +1,7 @@
 """Offload snapshots carry file lists (sizes, CRC32s); a damaged snapshot is refused at
 restore, so the run falls back to the previous checkpoint instead of failing mid-training."""
 
+import logging
 import os
 import shutil
 
@@ -181,3 +182,40 @@ def test_a_copied_workdir_without_its_snapshots_does_not_read_the_originals(two_
   resumes = [l for l in logged_lines(copy) if l.get("event") == "resume"]
   assert [r["checkpoint_step"] for r in resumes] == [20]
   assert _file_stats(w) == before
+
+
+def test_a_store_deleted_during_the_run_stops_it_and_the_resume_is_clean(two_checkpoints,
+                                                                         tmp_path, monkeypatch,
+                                                                         caplog):
+  """`rm -rf W/offload/t0` while a run trained: its rows read as zeros, every later
+  checkpoint hard-linked the damaged store (chunks, no metadata) and rotation deleted the
+  good snapshots; the resume was then refused ('not an offload store'), and after deleting
+  the store every step was 'NOT_FOUND'. Now the first checkpoint after the deletion stops
+  the run and saves nothing; the same command resumes from the last good step."""
+  from jaxrec.offload import store as store_lib  # pylint: disable=import-outside-toplevel
+  w = shutil.copytree(two_checkpoints, tmp_path / "w")
+  real = store_lib.TableStore.snapshot
+
+  def deleted_first(self, dst):
+    shutil.rmtree(self.path)            # as `rm -rf`; write-backs then made chunk files
+    for name in self.names:             # without metadata (tensorstore writes no zarr.json)
+      os.makedirs(os.path.join(self.path, name, "c", "0"))
+      with open(os.path.join(self.path, name, "c", "0", "0"), "wb") as f:
+        f.write(b"\0" * 64)
+    monkeypatch.setattr(store_lib.TableStore, "snapshot", real)
+    return real(self, dst)
+  monkeypatch.setattr(store_lib.TableStore, "snapshot", deleted_first)
+  with pytest.raises(OffloadError, match=r"offloaded table 't0': its store '.*/offload/t0' "
+                     r"lost the metadata of its arrays 'table', 'opt.accum' during the run "
+                     r"\(deleted or moved\?\).* rerun the same command to resume"):
+    train_synthetic(w, 40, SMALL_DLRM + OFFLOAD)
+  assert snapshots.steps(str(w / "offload_snapshots")) == [10, 20]
+  assert sorted(int(s) for s in os.listdir(w / "checkpoints") if s.isdigit()) == [10, 20]
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    train_synthetic(w, 30, SMALL_DLRM + OFFLOAD)
+  assert "its store directory" in caplog.text and "lost its OWNER file" in caplog.text
+  resumes = [l for l in logged_lines(w) if l.get("event") == "resume"]
+  assert [r["checkpoint_step"] for r in resumes][-1] == 20
+  assert snapshots.steps(str(w / "offload_snapshots")) == [10, 20, 30]
+  assert np.isfinite([l["loss"] for l in logged_lines(w) if "loss" in l]).all()
