@@ -135,9 +135,22 @@ def _not_a_workdir(output) -> None:
   if inner.is_dir():
     raise ConfigError(f"--output {output} is a run's directory (it holds {inner}): "
                       f"checkpoints go into its checkpoint directory, --output={inner}")
-  if storage.is_step_dir(output):
+  if storage.is_step_dir(output) or _new_step_path(output):
     raise ConfigError(f"--output {output} is a step of a checkpoint directory: checkpoints "
                       f"go into the directory, --output={epath.Path(output).parent}")
+
+
+def _new_step_path(output) -> bool:
+  """Whether `output`, not there yet, would be a step directory: a number in a checkpoint
+  directory (one holding steps, or a run's `checkpoints/`). Only an existing step was
+  refused: `W2/checkpoints/4` took the copy as `4/20`, which the next run of W2 warned
+  about and rotated away."""
+  path = epath.Path(os.path.abspath(output))
+  if not path.name.isdigit() or path.exists():
+    return False
+  parent = path.parent
+  return parent.name == workdir_layout.CHECKPOINTS_DIR or any(
+      storage.is_step_dir(parent / str(s)) for s in step_dirs(parent))
 
 
 def _mkdir(path, shown=None) -> None:
