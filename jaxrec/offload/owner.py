@@ -65,6 +65,18 @@ def _not_arrays(path: str) -> list[str]:
   return out
 
 
+def _copied_into(path: str) -> str | None:
+  """The workdir whose default store directory (`X/offload/<table>`) `path` is, when X is
+  a run's directory (it holds `checkpoints/`); None otherwise. A copy there (`cp -r W X`)
+  belongs to X: another workdir naming it as its `path` took it over, and X's own run was
+  then refused."""
+  parent = os.path.dirname(path)
+  if os.path.basename(parent) != workdir_layout.OFFLOAD_DIR:
+    return None
+  home = os.path.dirname(parent)
+  return home if os.path.isdir(workdir_layout.checkpoint_dir(home)) else None
+
+
 def _own_damaged(table: str, path: str, workdir: str, others: Sequence[str]) -> bool:
   """Whether `path` is this workdir's default store of `table` (`W/offload/<table>`) whose
   only entries that are not arrays are arrays of a store that lost its metadata (`table`,
@@ -105,7 +117,15 @@ def _check(table: str, path: str, workdir: str) -> str:
   if owner == workdir:
     return "keep"
   if store and store != path:
-    return "copy"
+    home = _copied_into(path)
+    if home in (None, workdir):
+      return "copy"
+    raise ConfigError(   # W2/offload/<t> of `cp -r W W2` is W2's, not any run's naming it
+        f"offloaded table '{table}': its store '{path}' is the default store of the workdir "
+        f"'{home}' (a copy of '{store}'): a run restoring from its own checkpoints would "
+        f"replace that run's tables there. Give this run a fresh 'path' in "
+        f"OffloadConfig.tables (or leave it unset: "
+        f"'{workdir_layout.offload_dir(workdir, table)}')")
   raise ConfigError(
       f"offloaded table '{table}': its store '{path}' belongs to the workdir '{owner}' (its "
       f"{OWNER} file), not to this workdir '{workdir}': a run restoring from its own "

@@ -82,6 +82,24 @@ def test_a_copied_store_belongs_to_its_user_but_the_original_stays_refused(tmp_p
     _tier(tmp_path / "w3")
 
 
+def test_a_copied_workdirs_store_is_not_taken_by_another_workdir(tmp_path):
+  """`cp -r W W2` of a trained run: an unrelated workdir naming `W2/offload/big` as its
+  `path` took the copy over (its OWNER names W's path: 'a copy, whoever uses it'), and
+  W2's own run was then refused. The copy in W2's default place is W2's."""
+  w1, w2 = tmp_path / "w1", tmp_path / "w2"
+  t = _tier(w1)
+  t._ensure_store()
+  t.close()
+  (w1 / "checkpoints").mkdir()   # a run's directory, as a trained one holds
+  shutil.copytree(w1, w2)
+  with pytest.raises(ConfigError, match=rf"offloaded table 'big': its store '{w2}/offload/big' "
+                     rf"is the default store of the workdir '{w2}' \(a copy of "
+                     rf"'{w1}/offload/big'\).*Give this run a fresh 'path'"):
+    _tier(tmp_path / "wx", w2 / "offload" / "big")
+  _tier(w2).close()
+  assert read_owner(str(w2 / "offload" / "big")) == str(w2)
+
+
 def test_a_store_without_owner_is_adopted(tmp_path, caplog):
   store = tmp_path / "old"
   store.mkdir()
