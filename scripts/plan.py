@@ -247,8 +247,10 @@ def _estimate_forced(tables, mesh, estimate):
   mesh; errors prefixed `--plan=FILE:`)."""
   from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
   # pylint: disable-next=import-outside-toplevel
-  from jaxrec.sharding.plan import is_plan_file, load_plan_file, uniform_plan
+  from jaxrec.sharding.plan import (is_plan_file, load_plan_file, uniform_plan,
+                                    warn_collapsed_kind)
   if not is_plan_file(FLAGS.plan):
+    warn_collapsed_kind(FLAGS.plan, mesh)
     return estimate(uniform_plan(FLAGS.plan, tables, mesh["table"]), f"forced {FLAGS.plan}")
   from jaxrec.offload.hooks import type_of  # pylint: disable=import-outside-toplevel
   plan = load_plan_file(FLAGS.plan, mesh, " (--plan=auto re-plans)")

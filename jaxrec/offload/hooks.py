@@ -27,7 +27,7 @@ from jaxrec.offload.planning import (plan_with_offload, with_offload_notes,
                                      with_auto_offloaded)
 from jaxrec.offload.tier import OffloadTier
 from jaxrec.sharding.plan import (Plan, check_plan_flag, is_plan_file, load_plan_file,
-                                  uniform_plan)
+                                  uniform_plan, warn_collapsed_kind)
 from jaxrec.errors import BudgetError, ConfigError
 
 _LOG = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
     elif is_plan_file(options.plan):
       plan, mode = load_plan_file(options.plan, mesh_shape, " (--plan=auto re-plans)"), "file"
     else:
+      warn_collapsed_kind(options.plan, mesh_shape)
       plan, mode = uniform_plan(options.plan, tables, mesh_shape.get("table", 1)), "forced"
     try:
       return plan, planner.estimate_plan(plan, tables, config.features, dict(mesh_shape),

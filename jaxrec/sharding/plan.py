@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import dataclasses
 import json
+import math
 import logging
 import numbers
 import os
@@ -259,6 +260,47 @@ def check_plan_flag(plan: str) -> None:
   elif plan != "auto" and plan not in KINDS:
     raise ConfigError(f"--plan: unknown plan '{plan}' (known: auto, {', '.join(KINDS)}, or a "
                       "plan .json file)")
+
+
+def warn_collapsed_kind(kind: str, mesh_shape: Mapping[str, int]) -> None:
+  """Warns (once) when `--plan=kind`, forced, places tables as another kind on this mesh
+  of several devices: the axes it splits over that have size 1 split nothing (`cw` on
+  `data=8` holds every table whole on every device, as `dp`; `twrw` on `table=8`, which
+  `--mesh=auto` gives it, is `tw`). Plans compared on such a mesh were one plan under two
+  names."""
+  n = math.prod(int(mesh_shape.get(a, 1)) for a in MESH_AXES)
+  axes = KIND_AXES[kind]
+  split = [a for a in axes if mesh_shape.get(a, 1) > 1]
+  if n == 1 or len(split) == len(axes) or split == ["row", "col"]:   # grid on table=1: its own
+    return
+  same = next(k for k, a in KIND_AXES.items() if set(a) == set(split))
+  ones = [a for a in axes if a not in split]
+  example = split_mesh(axes, n)
+  example = example and ",".join(f"{a}={v}" for a, v in example.items())
+  which = (("which is" if len(ones) == 1 else "which are all") if ones == list(axes) else
+           f"and {_axes_text(ones)} {'is' if len(ones) == 1 else 'are'}")
+  warn_once(f"--plan={kind} splits tables over {_axes_text(axes)}, {which} 1 in mesh "
+            f"{format_mesh(mesh_shape)}: the "
+            f"tables are placed as --plan={same} ("
+            + ("whole on every device" if same == "dp" else f"split over {_axes_text(split)}")
+            + ")" + (f"; for {kind} give e.g. --mesh={example}" if example else ""))
+
+
+def _axes_text(axes: Sequence[str]) -> str:
+  """`axis row`, `axes table and row`, `axes table, row and col`."""
+  if len(axes) == 1:
+    return f"axis {axes[0]}"
+  return f"axes {', '.join(axes[:-1])} and {axes[-1]}"
+
+
+def split_mesh(axes: Sequence[str], n: int) -> dict[str, int] | None:
+  """`{axis: size}` splitting `n` devices over every axis of `axes` (2 on each but the
+  last, which takes the rest: `table=2,row=4` for twrw on 8); None when `n` does not allow
+  it (2 devices for twrw)."""
+  head = 2 ** (len(axes) - 1)
+  if not axes or n % head or n // head < 2:
+    return None
+  return {a: 2 for a in axes[:-1]} | {axes[-1]: n // head}
 
 
 def uniform_plan(kind: str, tables: Sequence, table_axis_size: int) -> Plan:

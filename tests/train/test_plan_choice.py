@@ -132,3 +132,32 @@ def test_mesh_auto_moves_on_when_data_n_cannot_stack_the_tables():
   assert choice.mesh["table"] > 1, choice.mesh
   assert "data=8,table=1,row=1,col=1 cannot stack the tables (over 2**31 rows on one table " \
       "slice): of the" in choice.why, choice.why
+
+
+def test_a_forced_kind_placed_as_another_on_the_mesh_is_warned_about(caplog):
+  """`--plan=cw --mesh=data=8` holds every table whole, as `dp`, and `--mesh=auto` gave
+  `twrw`, `twcw` and `grid` every device on `table` (placed as `tw`): plans compared so
+  were one plan under two names, without a word."""
+  # pylint: disable-next=import-outside-toplevel
+  from jaxrec.sharding import mesh as mesh_lib, plan as plan_lib
+  with caplog.at_level("WARNING"):
+    offload.choose_plan(CONFIG, RunOptions(plan="cw"), {"data": 4}, offload.OffloadConfig())
+  assert ("--plan=cw splits tables over axis col, which is 1 in mesh data=4,table=1,row=1,"
+          "col=1: the tables are placed as --plan=dp (whole on every device); for cw give "
+          "e.g. --mesh=col=4") in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    plan_lib.warn_collapsed_kind("grid", {"data": 2, "table": 2, "row": 2})
+    for kind in plan_lib.KINDS:   # what --mesh=auto gives a kind is that kind
+      for n in (1, 4, 6, 8):
+        plan_lib.warn_collapsed_kind(kind, mesh_lib.auto_mesh_shape(kind, n))
+    choose("twrw")                # MESH is table=2,row=2
+    plan_lib.warn_collapsed_kind("grid", {"row": 2, "col": 4})   # grid on table=1
+    plan_lib.warn_collapsed_kind("rw", {"data": 1})              # one device: all alike
+  assert caplog.messages == [
+      "--plan=grid splits tables over axes table, row and col, and axis col is 1 in mesh "
+      "data=2,table=2,row=2,col=1: the tables are placed as --plan=twrw (split over axes "
+      "table and row); for grid give e.g. --mesh=table=2,row=2,col=2"]
+  assert mesh_lib.auto_mesh_shape("twrw", 8) == {"data": 1, "table": 2, "row": 4, "col": 1}
+  assert mesh_lib.auto_mesh_shape("grid", 4) == {"data": 1, "table": 1, "row": 2, "col": 2}
+  assert mesh_lib.auto_mesh_shape("twcw", 2) == {"data": 1, "table": 2, "row": 1, "col": 1}
