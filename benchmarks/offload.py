@@ -113,6 +113,29 @@ def make_data(args, rng):
   return big, pool
 
 
+def fill_cache(train_10, full, limit: int) -> None:
+  """Calls `train_10` (10 steps) until `full()`, at most `limit` times: a stream with fewer
+  distinct ids than cache rows never fills it (the loop spun forever)."""
+  for _ in range(limit):
+    if full():
+      return
+    train_10()
+  if not full():
+    raise SystemExit(f"error: the cache did not fill in {limit * 10} steps (a pass over the "
+                     "id stream): raise --stream_steps or lower --cache_fraction")
+
+
+def check_stream(error, args, big) -> None:
+  """`error(message)` when the id stream has fewer distinct ids than cache rows: the cache
+  would never fill (the warm-up waits for a full cache)."""
+  cache_rows = int(args.rows * args.cache_fraction)
+  distinct = len(np.unique(big))
+  if distinct < cache_rows:
+    error(f"--stream_steps={args.stream_steps} x --batch={args.batch} ids hold {distinct} "
+          f"distinct rows, fewer than the cache's {cache_rows} (--rows x --cache_fraction="
+          f"{args.cache_fraction}): raise --stream_steps or lower --cache_fraction")
+
+
 class Run:
   """One configuration, built and warmed up once; `train(n)` times `n` more steps."""
 
@@ -142,12 +165,16 @@ class Run:
     self.seconds, self.steps, self.loss = 0.0, 0, None
     self.cpu: dict[str, float] = {}   # thread group -> CPU seconds in the timed blocks
     t0 = time.perf_counter()
-    while self.tier is not None and not all((t.resident >= 0).all()
-                                            for t in self.tier.tables.values()):
-      self.train(10, timed=False)        # until the cache is full: steady state
+    if self.tier is not None:             # until the cache is full: steady state
+      fill_cache(lambda: self.train(10, timed=False), self.cache_full,
+                 args.stream_steps // 10 + 2)
     self.train(args.warmup, timed=False)  # then compile what evictions use
     self.warmup_s = time.perf_counter() - t0
     self.stats0 = self.stats1 = self.tier.stats() if self.tier else {}
+
+  def cache_full(self) -> bool:
+    """Whether every cache slot of every offloaded table holds a row."""
+    return all((t.resident >= 0).all() for t in self.tier.tables.values())
 
   def train(self, n, timed=True):
     cpu0 = thread_cpu_seconds()   # read before the clock starts: not in the step time
@@ -288,13 +315,19 @@ def main():
                          shard_rows=args.shard_rows, kvstore=args.kvstore)
   except ConfigError as e:
     p.error(f"--driver/--chunk_rows/--shard_rows: {str(e).splitlines()[0]}")
+  cache_rows = int(args.rows * args.cache_fraction)
   unknown = set(args.runs.split(",")) - {"device", "offload", "sync", "stale"}
   if unknown:
     p.error(f"--runs: unknown {sorted(unknown)}; choose from device, offload, sync, stale")
+  offloaded = set(args.runs.split(",")) != {"device"}
+  if offloaded and args.stream_steps * args.batch < cache_rows:
+    p.error(f"--stream_steps={args.stream_steps} x --batch={args.batch} ids cannot fill a "
+            f"cache of {cache_rows} rows (--rows x --cache_fraction={args.cache_fraction})")
   rng = np.random.default_rng(0)
   data = make_data(args, rng)
+  if offloaded:
+    check_stream(p.error, args, data[0])
   store_dir = args.store_dir or tempfile.mkdtemp(prefix="jaxrec_offload_")
-  cache_rows = int(args.rows * args.cache_fraction)
   common = dict(rows=args.rows, batch=args.batch, cache_rows=cache_rows, zipf=args.zipf,
                 table_mib=round(args.rows * args.dim * 4 / 2**20, 1),
                 cache_mib=round(cache_rows * args.dim * 4 / 2**20, 1),

@@ -7,6 +7,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__)))), "benchmarks")
@@ -88,3 +89,16 @@ def test_thread_cpu_is_summed_by_thread_group():
   delta = thread_cpu_delta(before, after)
   assert delta["python"] >= 0.1
   assert all(v >= 0 for v in delta.values())
+
+
+def test_fill_cache_gives_up_after_its_limit():
+  calls = []
+  with pytest.raises(SystemExit, match="the cache did not fill in 30 steps"):
+    bench_offload.fill_cache(lambda: calls.append(1), lambda: False, 3)
+  assert len(calls) == 3   # was an endless loop
+
+
+def test_fill_cache_stops_once_full():
+  calls = []
+  bench_offload.fill_cache(lambda: calls.append(1), lambda: len(calls) >= 2, 100)
+  assert len(calls) == 2
