@@ -25,16 +25,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 
-from common import check_at_least   # numpy only: before jax sees XLA_FLAGS
+# numpy only: before jax sees XLA_FLAGS
+from common import check_at_least, check_dir_flag, own_dir, scratch_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_FILE = os.path.join(ROOT, "configs", "dlrm_criteo.gin")
+MARKER = ".checkpoint_benchmark"   # in --workdir's checkpoints/: this benchmark's (emptied)
 
 
 def _args():
@@ -50,11 +50,16 @@ def _args():
   p.add_argument("--device_copy", default="auto", choices=("auto", "true", "false"),
                  help="CheckpointManager.device_copy: copy the tables on their devices and "
                  "to host in the background (auto: where devices have room; never on CPU)")
-  p.add_argument("--workdir", default=None, help="where to write (default: a temp dir)")
+  p.add_argument("--workdir", default=None,
+                 help="where to write: its checkpoints/ must be new, empty or of an earlier "
+                 "run of this benchmark (it is emptied) (default: a temp dir, removed)")
   p.add_argument("--gin_bindings", action="append", default=[],
                  help='extra gin binding (repeatable)')
   args = p.parse_args()
   check_at_least(p.error, vars(args), ("devices", "steps", "saves"))
+  if args.workdir is not None:   # before the training (a file failed after it)
+    check_dir_flag(p.error, "workdir", args.workdir)
+    own_dir(p.error, "workdir", os.path.join(args.workdir, "checkpoints"), MARKER)
   return p, args
 
 
@@ -64,6 +69,12 @@ def _du(path: str) -> int:
 
 def main():
   parser, args = _args()
+  with scratch_dir(args.workdir, "jaxrec_ckpt_bench_") as workdir:
+    _run(parser, args, os.path.join(workdir, "checkpoints"))
+
+
+def _run(parser, args, ckpt_dir):
+  """Trains, times the saves and restores into `ckpt_dir`, prints the JSON line."""
   if args.devices > 1:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.devices}")
@@ -117,9 +128,6 @@ def main():
     step_times.append(dt)
   step_s = statistics.median(step_times)
 
-  workdir = args.workdir or tempfile.mkdtemp(prefix="jaxrec_ckpt_bench_")
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  shutil.rmtree(ckpt_dir, ignore_errors=True)
   meta = {"plan": plan.to_json(), "mesh": info["mesh"]}
   step = 3 + args.steps
   blocked, background = [], []
@@ -169,8 +177,6 @@ def main():
       t0 = time.perf_counter()
       jax.block_until_ready(mgr.restore(template, other).state)
       restore_other_s = time.perf_counter() - t0
-  if not args.workdir:
-    shutil.rmtree(workdir, ignore_errors=True)
 
   blocked_s = statistics.median(blocked)
   emit("checkpoint", ratio=round(blocked_s / step_s, 3), goal=2,

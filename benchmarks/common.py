@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -21,6 +24,47 @@ def check_at_least(error: Callable[[str], Any], values: Mapping[str, Any],
   for name in names:
     if values[name] < low:
       error(f"--{name} must be at least {low}, got {values[name]}")
+
+
+def check_dir_flag(error: Callable[[str], Any], flag: str, path: str | None) -> None:
+  """`error(message)` when `--flag=path` names something other than a directory (a file:
+  a traceback after minutes of work) or a place no directory can be made (no parent)."""
+  if path is None:
+    return
+  if os.path.exists(path):
+    if not os.path.isdir(path):
+      error(f"--{flag}: {path} is not a directory")
+    return
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+    error(f"--{flag}: cannot make {path} ({parent} is not a writable directory)")
+
+
+def own_dir(error: Callable[[str], Any], flag: str, path: str, marker: str) -> None:
+  """Makes `path` an empty directory holding `marker` (this benchmark's): one of an earlier
+  run (its marker) is emptied, an empty or new one taken; anything else is refused (a
+  user's files there were deleted: a training run's checkpoints)."""
+  check_dir_flag(error, flag, path)
+  if os.path.isdir(path) and os.listdir(path):
+    if not os.path.exists(os.path.join(path, marker)):
+      error(f"--{flag}: {path} is not empty and not a directory of an earlier run of this "
+            "benchmark; remove it or pick another")
+    shutil.rmtree(path)
+  os.makedirs(path, exist_ok=True)
+  open(os.path.join(path, marker), "w").close()
+
+
+@contextlib.contextmanager
+def scratch_dir(path: str | None, prefix: str) -> Iterator[str]:
+  """`path`, or a new temp dir removed on any exit (Ctrl-C, an error): a temp dir removed
+  only at the end stayed behind, hundreds of MB."""
+  if path is not None:
+    yield path
+    return
+  with tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True) as tmp:
+    yield tmp
 
 
 def emit(benchmark: str, **fields: Any) -> dict:

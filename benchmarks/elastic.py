@@ -25,7 +25,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.common import check_at_least, emit  # noqa: E402
+from benchmarks.common import check_at_least, check_dir_flag, emit, own_dir  # noqa: E402
 from jaxrec import cli_flags  # noqa: E402
 from jaxrec.elastic.events import read_events  # noqa: E402
 from jaxrec.elastic.procs import latest_checkpoint  # noqa: E402
@@ -38,7 +38,8 @@ flags.DEFINE_string("mesh", "data=2,table=2,row=2,col=1", "Mesh of the 8-device 
 flags.DEFINE_string("plan", "auto", "--plan of the job.")
 flags.DEFINE_string("workdir", None, "Run directory, new or empty or of an earlier run "
                     "(emptied first; default: a temp dir, removed).")
-flags.DEFINE_bool("keep", False, "Keep the run directory.")
+flags.DEFINE_bool("keep", False, "Keep the run directory (its path: the JSON line's "
+                  "\"workdir\" and stderr).")
 flags.DEFINE_float("timeout", 900, "Seconds before giving up.")
 flags.DEFINE_string("train_script", None, "Worker program (default scripts/train.py; tests "
                     "pass a fake one).")
@@ -78,18 +79,6 @@ def _last_error(log_path) -> str:
   return lines[-1].removeprefix("error: ") if lines else ""
 
 
-def _fresh_workdir(workdir):
-  """Empties `workdir` when it is a directory of an earlier run (its MARKER file) or empty;
-  anything else is refused (it was deleted, whatever it held)."""
-  if os.path.isdir(workdir) and os.listdir(workdir):
-    if not os.path.exists(os.path.join(workdir, MARKER)):
-      raise SystemExit(f"error: --workdir: {workdir} is not empty and not a directory of an "
-                       "earlier run of this benchmark; remove it or pick another")
-    shutil.rmtree(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  open(os.path.join(workdir, MARKER), "w").close()
-
-
 def _failure(code, final, events):
   """Why the measured job did not complete after its recovery (one line), or None."""
   if code == 0 and final == FLAGS.num_steps:
@@ -112,6 +101,7 @@ def _check_flags() -> None:
              f"{FLAGS.checkpoint_every} must be below --num_steps={FLAGS.num_steps}")
   if FLAGS.timeout <= 0:
     sys.exit(f"error: --timeout must be positive, got {FLAGS.timeout}")
+  check_dir_flag(lambda m: sys.exit(f"error: {m}"), "workdir", FLAGS.workdir)
   if FLAGS.train_script and not os.path.isfile(FLAGS.train_script):
     sys.exit(f"error: --train_script: no file {FLAGS.train_script!r}")
   from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
@@ -129,7 +119,7 @@ def main(argv):
   del argv
   _check_flags()
   workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="jaxrec_elastic_")
-  _fresh_workdir(workdir)
+  own_dir(lambda m: sys.exit(f"error: {m}"), "workdir", workdir, MARKER)
   cmd = [sys.executable, os.path.join(ROOT, "scripts", "launch.py"), "--quiet",
          "--num_processes=2", "--devices_per_process=4", "--hang_timeout=120",
          *([f"--train_script={FLAGS.train_script}"] if FLAGS.train_script else []), "--",
@@ -167,7 +157,8 @@ def main(argv):
          restored_step=resume["step"] - 1, new_mesh=replan["mesh"],
          processes="2x4 -> 1x4", job_exit_code=code, final_checkpoint=final,
          completed=failure is None, **({"error": failure} if failure else {}),
-         load_average=list(os.getloadavg()), cpus=os.cpu_count())
+         load_average=list(os.getloadavg()), cpus=os.cpu_count(),
+         **({"workdir": workdir} if FLAGS.keep or FLAGS.workdir else {}))
     if failure:
       print(f"error: {failure}", file=sys.stderr)
       sys.exit(1)
@@ -180,6 +171,8 @@ def main(argv):
         proc.kill()
     if not FLAGS.keep and not FLAGS.workdir:
       shutil.rmtree(workdir, ignore_errors=True)
+    elif not FLAGS.workdir:   # --keep: a temp dir nobody was told of
+      print(f"kept the run directory: {workdir}", file=sys.stderr)
 
 
 if __name__ == "__main__":

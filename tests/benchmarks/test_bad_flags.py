@@ -73,6 +73,8 @@ USAGE_ERRORS = [
     ("offload.py", ["--rows", "100000", "--cache_fraction", "0.5", "--batch", "64",
                     "--stream_steps", "10", "--runs", "offload"],
      "--stream_steps=10 x --batch=64 ids cannot fill a cache of 50000 rows"),
+    # a file: a traceback after the training
+    ("checkpoint.py", ["--workdir", "/etc/passwd"], "--workdir: /etc/passwd is not a directory"),
     ("offload.py", ["--rows", "1000", "--cache_fraction", "0.9", "--batch", "64",
                     "--stream_steps", "20", "--runs", "offload"],
      "distinct rows, fewer than the cache's 900"),
@@ -117,6 +119,7 @@ ONE_LINE_ERRORS = [
      "error: --trainer_examples_per_sec must be positive, got -5.0"),
     # only 'the launcher exited (1) before step 5', the reason in a removed workdir's log
     ("elastic.py", ["--plan=xx"], "error: --plan: unknown plan 'xx'"),
+    ("elastic.py", ["--workdir=/etc/passwd"], "error: --workdir: /etc/passwd is not a directory"),
     ("elastic.py", ["--mesh=data=3"], "error: --mesh: data=3,table=1,row=1,col=1 has 3 devices"),
 ]
 
