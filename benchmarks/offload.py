@@ -39,11 +39,10 @@ the snapshot (every file read and compared).
 import argparse
 import json
 import os
-import shutil
-import tempfile
 import time
 
-from common import check_at_least, emit, thread_cpu_delta, thread_cpu_seconds
+from common import (check_at_least, check_dir_flag, emit, scratch_dir, thread_cpu_delta,
+                    thread_cpu_seconds)
 
 import jax
 import numpy as np
@@ -319,6 +318,7 @@ def main():
   unknown = set(args.runs.split(",")) - {"device", "offload", "sync", "stale"}
   if unknown:
     p.error(f"--runs: unknown {sorted(unknown)}; choose from device, offload, sync, stale")
+  check_dir_flag(p.error, "store_dir", args.store_dir)   # a file failed after the data
   offloaded = set(args.runs.split(",")) != {"device"}
   if offloaded and args.stream_steps * args.batch < cache_rows:
     p.error(f"--stream_steps={args.stream_steps} x --batch={args.batch} ids cannot fill a "
@@ -327,7 +327,13 @@ def main():
   data = make_data(args, rng)
   if offloaded:
     check_stream(p.error, args, data[0])
-  store_dir = args.store_dir or tempfile.mkdtemp(prefix="jaxrec_offload_")
+  with scratch_dir(args.store_dir, "jaxrec_offload_") as store_dir:   # gone on any exit
+    measure(args, data, store_dir)
+
+
+def measure(args, data, store_dir):
+  """Builds, warms up and times the runs (stores under `store_dir`); prints the lines."""
+  cache_rows = int(args.rows * args.cache_fraction)
   common = dict(rows=args.rows, batch=args.batch, cache_rows=cache_rows, zipf=args.zipf,
                 table_mib=round(args.rows * args.dim * 4 / 2**20, 1),
                 cache_mib=round(cache_rows * args.dim * 4 / 2**20, 1),
@@ -358,8 +364,6 @@ def main():
     emit("offload", run=name, **common, **results[name])
   if snapshot is not None:
     emit("offload", run="snapshot", **common, **snapshot)
-  if args.store_dir is None:
-    shutil.rmtree(store_dir, ignore_errors=True)
   if "device" in results and "offload" in results:
     base = results["device"]["examples_per_sec"]
     summary = dict(ratio=round(results["offload"]["examples_per_sec"] / base, 3), goal=0.8,

@@ -69,6 +69,7 @@ USAGE_ERRORS = [
     ("offload.py", ["--stream_steps", "0"], "--stream_steps must be at least 1, got 0"),
     ("offload.py", ["--prefetch", "-1"], "--prefetch must be at least 0, got -1"),
     ("offload.py", ["--rows", "5"], "--rows=5 x --cache_fraction=0.1 leaves a cache of no rows"),
+    ("offload.py", ["--store_dir", "/etc/passwd"], "--store_dir: /etc/passwd is not a directory"),
     # the warm-up waited forever for a cache the id stream could never fill
     ("offload.py", ["--rows", "100000", "--cache_fraction", "0.5", "--batch", "64",
                     "--stream_steps", "10", "--runs", "offload"],
