@@ -30,7 +30,7 @@ import sys
 import time
 
 # numpy only: before jax sees XLA_FLAGS
-from common import check_at_least, check_dir_flag, own_dir, scratch_dir
+from common import check_at_least, check_dir_flag, interruptible, own_dir, scratch_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_FILE = os.path.join(ROOT, "configs", "dlrm_criteo.gin")
@@ -193,4 +193,4 @@ def _run(parser, args, ckpt_dir):
 
 
 if __name__ == "__main__":
-  main()
+  interruptible(main)()   # Ctrl-C: one line, exit 130

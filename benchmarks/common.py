@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -24,6 +25,19 @@ def check_at_least(error: Callable[[str], Any], values: Mapping[str, Any],
   for name in names:
     if values[name] < low:
       error(f"--{name} must be at least {low}, got {values[name]}")
+
+
+def interruptible(main: Callable) -> Callable:
+  """`main` with Ctrl-C as one line on stderr and exit code 130 (it was a traceback in
+  every benchmark): the entry point of each benchmark script."""
+  @functools.wraps(main)
+  def run(*args, **kwargs):
+    try:
+      return main(*args, **kwargs)
+    except KeyboardInterrupt:
+      print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+      sys.exit(130)
+  return run
 
 
 def check_dir_flag(error: Callable[[str], Any], flag: str, path: str | None) -> None:

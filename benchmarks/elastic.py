@@ -25,7 +25,8 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.common import check_at_least, check_dir_flag, emit, own_dir  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    check_at_least, check_dir_flag, emit, interruptible, own_dir)
 from jaxrec import cli_flags  # noqa: E402
 from jaxrec.elastic.events import read_events  # noqa: E402
 from jaxrec.elastic.procs import latest_checkpoint  # noqa: E402
@@ -176,4 +177,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli_flags.parse)   # --help exits 0, a flag error is one line
+  # --help exits 0, a flag error is one line, Ctrl-C one line (exit 130)
+  app.run(interruptible(main), flags_parser=cli_flags.parse)

@@ -13,7 +13,7 @@ and a final line with `"ratio"`, `"cpu_ratio"` and `"goal"`.
 
 import argparse
 
-from common import check_at_least, emit, interleaved_times, median
+from common import check_at_least, emit, interleaved_times, interruptible, median
 
 import jax
 import jax.numpy as jnp
@@ -99,4 +99,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  interruptible(main)()   # Ctrl-C: one line, exit 130

@@ -21,7 +21,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from common import check_at_least
+from common import check_at_least, interruptible
 from jaxrec import cli_flags  # noqa: E402
 from jaxrec.data import binary, pipeline, synthetic, tsv
 from jaxrec.data.source import make_layout
@@ -166,4 +166,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli_flags.parse)   # --help exits 0, a flag error is one line
+  # --help exits 0, a flag error is one line, Ctrl-C one line (exit 130)
+  app.run(interruptible(main), flags_parser=cli_flags.parse)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import check_at_least
+from common import check_at_least, interruptible
 from jaxrec.errors import ConfigError
 from jaxrec.kernels import RowWiseAdagrad, init_opt_state, lookup_pool, quantize, sparse_update
 from jaxrec.kernels import platform
@@ -229,4 +229,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  interruptible(main)()   # Ctrl-C: one line, exit 130

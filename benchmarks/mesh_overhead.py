@@ -33,7 +33,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import argparse  # noqa: E402
 import collections  # noqa: E402
 
-from common import check_at_least, emit, interleaved_times, median  # noqa: E402
+from common import (  # noqa: E402
+    check_at_least, emit, interleaved_times, interruptible, median)
 from planner import StepRunner, host_batches  # noqa: E402
 
 import jax  # noqa: E402
@@ -169,4 +170,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  interruptible(main)()   # Ctrl-C: one line, exit 130

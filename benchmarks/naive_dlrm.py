@@ -19,7 +19,7 @@ import json
 import os
 import time
 
-from common import check_at_least
+from common import check_at_least, interruptible
 from vs_torchrec import step_times
 
 import jax
@@ -153,4 +153,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  interruptible(main)()   # Ctrl-C: one line, exit 130

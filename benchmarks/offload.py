@@ -41,8 +41,8 @@ import json
 import os
 import time
 
-from common import (check_at_least, check_dir_flag, emit, scratch_dir, thread_cpu_delta,
-                    thread_cpu_seconds)
+from common import (check_at_least, check_dir_flag, emit, interruptible, scratch_dir,
+                    thread_cpu_delta, thread_cpu_seconds)
 
 import jax
 import numpy as np
@@ -377,4 +377,4 @@ def measure(args, data, store_dir):
 
 
 if __name__ == "__main__":
-  main()
+  interruptible(main)()   # Ctrl-C: one line, exit 130

@@ -41,7 +41,8 @@ import math  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-from common import check_at_least, emit, interleaved_times, median  # noqa: E402
+from common import (  # noqa: E402
+    check_at_least, emit, interleaved_times, interruptible, median)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -332,4 +333,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  interruptible(main)()   # Ctrl-C: one line, exit 130

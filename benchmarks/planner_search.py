@@ -14,7 +14,7 @@ mesh table=4,row=2, SGD, batch 512, the default budget. Prints one line per size
 import argparse
 import time
 
-import common  # noqa: F401  (puts the repository on sys.path)
+from common import interruptible  # noqa: E402  (also puts the repository on sys.path)
 
 from jaxrec.embedding.specs import FeatureSpec, TableSpec  # noqa: E402
 from jaxrec.planner import search  # noqa: E402
@@ -55,4 +55,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  interruptible(main)()   # Ctrl-C: one line, exit 130

@@ -15,7 +15,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from common import emit  # noqa: E402  (adds the repository to sys.path)
+from common import emit, interruptible  # noqa: E402  (adds the repository to sys.path)
 
 import jax  # noqa: E402
 import time  # noqa: E402
@@ -54,4 +54,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  interruptible(main)()   # Ctrl-C: one line, exit 130

@@ -54,7 +54,7 @@ import sys
 import tempfile
 import time
 
-from common import emit
+from common import emit, interruptible
 
 import numpy as np
 
@@ -516,4 +516,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  interruptible(main)()   # Ctrl-C: one line, exit 130
