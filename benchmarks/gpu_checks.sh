@@ -19,7 +19,8 @@
 # CHECKS="sweep kernels" runs only those, in that order. Writes into OUT_DIR: summary.log
 # (each step's rc, seconds and last lines), bench.log, sweep.log, bench.jsonl (the JSON lines
 # of both), kernel_tests.log, train.log, metrics_{pallas,xla}.jsonl: the 8 files one device
-# run brings back at most.
+# run brings back at most; a rerun into the same OUT_DIR starts them afresh. Stops (exit 1)
+# when the env step finds no GPU backend; otherwise runs every step and exits 1 if any failed.
 #
 #   benchmarks/gpu_checks.sh OUT_DIR [STEPS]    (PYTHON=python3 by default; run from the repo)
 #
@@ -36,6 +37,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
+failed=()
 step() {  # step NAME SECONDS LOG CMD...: runs CMD with a time limit, appends to LOG
   local name=$1 limit=$2 log=$3 start rc
   shift 3
@@ -43,6 +45,7 @@ step() {  # step NAME SECONDS LOG CMD...: runs CMD with a time limit, appends to
   echo "== $name" >> "$log"
   timeout "$limit" "$@" >> "$log" 2>&1
   rc=$?
+  [ "$rc" -eq 0 ] || failed+=("$name")
   { echo "== $name: rc=$rc, $(( $(date +%s) - start )) s"; tail -n 4 "$log"; } >> "$out/summary.log"
   cat "$out/bench.log" "$out/sweep.log" 2>/dev/null | grep '^{' > "$out/bench.jsonl"
 }
@@ -114,7 +117,18 @@ for check in $checks; do
   fi
 done
 mkdir -p "$out"
+rm -f "$out"/{summary,bench,sweep,kernel_tests,train}.log "$out"/bench.jsonl \
+  "$out"/metrics_{pallas,xla}.jsonl   # a rerun's results were appended to the last run's
 step env 60 "$out/kernel_tests.log" "$py" -c \
-  "import jax, jaxlib; print('jax', jax.__version__, jaxlib.__version__, jax.devices())"
+  "import jax, jaxlib; print('jax', jax.__version__, jaxlib.__version__, jax.devices()); \
+assert jax.default_backend() == 'gpu', 'no GPU backend: ' + jax.default_backend()"
+if [ ${#failed[@]} -gt 0 ]; then   # every step would fail the same way (no cuda backend)
+  echo "gpu_checks.sh: no GPU backend (JAX_PLATFORMS=$JAX_PLATFORMS): see $out/kernel_tests.log" >&2
+  exit 1
+fi
 for check in $checks; do "check_$check"; done
 cat "$out/summary.log"
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "gpu_checks.sh: ${#failed[@]} step(s) failed: ${failed[*]}" >&2
+  exit 1
+fi

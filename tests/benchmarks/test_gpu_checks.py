@@ -1,0 +1,42 @@
+"""benchmarks/gpu_checks.sh: its exit status and fresh logs, with a stand-in python."""
+
+import os
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _fake_python(tmp_path, env_rc):
+  """A `$PYTHON` whose `-c` (the env step) exits `env_rc` and anything else exits 3."""
+  py = tmp_path / "py"
+  py.write_text(f'#!/bin/sh\n[ "$1" = -c ] && exit {env_rc}\necho failing; exit 3\n')
+  py.chmod(0o755)
+  return str(py)
+
+
+def _checks(tmp_path, env_rc, checks="sweep"):
+  out = tmp_path / "out"
+  out.mkdir(exist_ok=True)
+  (out / "summary.log").write_text("== an old run\n")
+  (out / "bench.log").write_text('{"benchmark": "old"}\n')
+  env = dict(os.environ, PYTHON=_fake_python(tmp_path, env_rc), CHECKS=checks)
+  proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_checks.sh"), str(out)],
+                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+  return proc, out
+
+
+def test_no_gpu_backend_stops_with_one_line(tmp_path):
+  """Each step failed (no cuda backend) and the script exited 0."""
+  proc, out = _checks(tmp_path, 1)
+  assert proc.returncode == 1, proc.stderr
+  assert proc.stderr.startswith("gpu_checks.sh: no GPU backend") and proc.stderr.count("\n") == 1
+  assert "kernels_sweep" not in (out / "summary.log").read_text()
+
+
+def test_a_failed_step_fails_the_run_and_logs_start_afresh(tmp_path):
+  proc, out = _checks(tmp_path, 0, "sweep kernels")
+  assert proc.returncode == 1, proc.stderr
+  assert "gpu_checks.sh: 4 step(s) failed: kernels_sweep kernels_float32" in proc.stderr
+  summary = (out / "summary.log").read_text()
+  assert "an old run" not in summary and "== kernels_sweep: rc=3" in summary
+  assert "old" not in (out / "bench.log").read_text()
