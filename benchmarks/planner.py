@@ -42,7 +42,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 from common import (  # noqa: E402
-    check_at_least, emit, interleaved_times, interruptible, median)
+    check_at_least, check_dir_flag, emit, interleaved_times, interruptible, median)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -164,6 +164,15 @@ def record_rounds(workdir, step: int, plans: dict, times: dict, mesh_shape, step
   return step
 
 
+def check_profile_dir(error, path) -> None:
+  """`error(message)` for a `--profile_dir` that is a file or already holds files: the fit
+  read an earlier run's records too (another --mesh: an IndexError in `describe`)."""
+  check_dir_flag(error, "profile_dir", path)
+  if path is not None and os.path.isdir(path) and os.listdir(path):
+    error(f"--profile_dir: {path} is not empty (an earlier run's profile would be fitted "
+          "too); give a new or empty directory")
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -188,7 +197,8 @@ def main():
   p.add_argument("--steps", type=int, default=2, help="timed steps per plan per round")
   p.add_argument("--batches", type=int, default=4, help="distinct batches cycled")
   p.add_argument("--profile_dir", default=None,
-                 help="keep the profile records here (default: a temporary directory)")
+                 help="keep the profile records here: a new or empty directory (an earlier "
+                 "run's records would be fitted too) (default: a temporary directory)")
   args = p.parse_args()
   # 0 batches divided by zero, 0 rounds or steps profiled nothing: tracebacks after compiling
   check_at_least(p.error, vars(args), ("rounds", "final_rounds", "steps", "batches"))
@@ -196,6 +206,7 @@ def main():
   unknown = [k for k in filter(None, args.probe.split(",")) if k not in KINDS]
   if unknown:   # was a ConfigError traceback naming --plan
     p.error(f"--probe: unknown {unknown}; choose from {', '.join(KINDS)}")
+  check_profile_dir(p.error, args.profile_dir)
 
   try:   # a missing --gin_file, a bad --mesh or config: the error names its flag
     launch.parse_gin(args.gin_file or [os.path.join(ROOT, "configs", "skewed_synthetic.gin")],
@@ -243,7 +254,8 @@ def main():
   it = 0
   while True:
     refinement = planner.refine_from_profile(workdir, config.tables, config.features, None,
-                                             config.sparse_tx(), b, prior, skip_first=0)
+                                             config.sparse_tx(), b, prior, skip_first=0,
+                                             mesh_shape=mesh_shape)
     proposal = refinement.proposed.plan
     same = next((n for n in plans if plans[n] == proposal), None)
     explore = refinement.explore.plan if refinement.explore is not None else None

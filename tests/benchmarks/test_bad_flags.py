@@ -65,6 +65,9 @@ USAGE_ERRORS = [
     # were tracebacks after compiling or building data (ZeroDivisionError, ValueError, ...)
     ("planner.py", ["--batches", "0"], "--batches must be at least 1, got 0"),
     ("planner.py", ["--iterations", "-1"], "--iterations must be at least 0, got -1"),
+    ("planner.py", ["--profile_dir", "/etc/passwd"], "--profile_dir: /etc/passwd is not a directory"),
+    # an earlier run's records were fitted too: another --mesh crashed in `describe`
+    ("planner.py", ["--profile_dir", ROOT], f"--profile_dir: {ROOT} is not empty"),
     ("planner_search.py", ["--tables", "10,,20"], "--tables must be positive counts"),
     ("offload.py", ["--stream_steps", "0"], "--stream_steps must be at least 1, got 0"),
     ("offload.py", ["--prefetch", "-1"], "--prefetch must be at least 0, got -1"),
