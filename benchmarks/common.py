@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import shutil
 import sys
@@ -81,10 +82,23 @@ def scratch_dir(path: str | None, prefix: str) -> Iterator[str]:
     yield tmp
 
 
+def finite_or_none(value: Any) -> Any:
+  """`value` with every NaN or infinite float (in dicts, lists, tuples) made None: `NaN` is
+  not JSON (a strict parser rejected the line)."""
+  if isinstance(value, float):
+    return value if math.isfinite(value) else None
+  if isinstance(value, dict):
+    return {k: finite_or_none(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [finite_or_none(v) for v in value]
+  return value
+
+
 def emit(benchmark: str, **fields: Any) -> dict:
-  """Prints one JSON line `{"benchmark": NAME, ...}` to stdout and returns it."""
-  record = {"benchmark": benchmark, **fields}
-  print(json.dumps(record), flush=True)
+  """Prints one JSON line `{"benchmark": NAME, ...}` to stdout (non-finite numbers as null)
+  and returns it."""
+  record = finite_or_none({"benchmark": benchmark, **fields})
+  print(json.dumps(record, allow_nan=False), flush=True)
   return record
 
 

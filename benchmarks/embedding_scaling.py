@@ -81,7 +81,7 @@ def main():
   opt = optimizers.sparse_optimizer(args.optimizer)
   try:   # smallest first: the goal is the largest size's time over the smallest's
     sizes = sorted({int(float(r)) for r in args.rows.split(",")})
-  except ValueError:
+  except (ValueError, OverflowError):   # inf: an OverflowError traceback
     p.error(f"--rows: comma-separated row counts (e.g. 1e5,1e7), got {args.rows!r}")
   if sizes[0] < 1:
     p.error(f"--rows: row counts must be positive, got {args.rows!r}")

@@ -54,7 +54,7 @@ import sys
 import tempfile
 import time
 
-from common import emit, interruptible
+from common import check_at_least, emit, interruptible
 
 import numpy as np
 
@@ -66,6 +66,7 @@ TORCHREC_RUNNER = os.path.join(TORCHREC_DIR, "run_torchrec.py")
 NAIVE_RUNNER = os.path.join(ROOT, "benchmarks", "naive_dlrm.py")
 NAME = "vs_torchrec"
 GOAL = 2.0   # jaxrec ex/s ÷ TorchRec ex/s, at equal or better AUC
+MIN_TIMED_STEPS = 50   # fewer timed steps (--steps - --warmup): no verdict (`met` null)
 
 
 # ----------------------------------------------------------------------------- data
@@ -290,12 +291,14 @@ def breakdown(config, collection, state, train_step, host_batches, bsharding) ->
 
 # ----------------------------------------------------------------------------- driver
 def goal_verdict(jaxrec_runs: list[dict], torchrec_runs: list[dict],
-                 auc_tolerance: float = 0.0, emulated_bf16: bool = False) -> dict:
+                 auc_tolerance: float = 0.0, emulated_bf16: bool = False,
+                 timed_steps: int | None = None) -> dict:
   """`ratio` (fastest run of each), `ratio_runs_median` (median run of each), `auc_ok` and
   `met` from every run's record (failed runs, without `examples_per_sec`, left out).
   `emulated_bf16`: a bfloat16 comparison on a CPU without bfloat16 instructions, which
   measures the two frameworks' emulation of it (TorchRec's autocast ran 20x slower than
-  its float32 on 2026-12-04): never met, with a `note` saying why.
+  its float32 on 2026-12-04): never met, with a `note` saying why. `timed_steps` below
+  `MIN_TIMED_STEPS`: `met` is None (no verdict; 2 timed steps reported met), with a `note`.
 
   Best against best lets one unusually fast run decide (2026-12-03: jaxrec's five bfloat16
   runs were 51.7k-54.6k ex/s and one 73.7k), so with 3 or more runs of each the medians
@@ -319,6 +322,10 @@ def goal_verdict(jaxrec_runs: list[dict], torchrec_runs: list[dict],
   if emulated_bf16:
     verdict["note"] = ("this CPU has no bfloat16 instructions: both frameworks emulate "
                        "bfloat16, so the ratio compares emulations; compare in float32")
+  elif timed_steps is not None and timed_steps < MIN_TIMED_STEPS:
+    verdict["met"] = None
+    verdict["note"] = (f"{timed_steps} timed steps (--steps - --warmup), fewer than "
+                       f"{MIN_TIMED_STEPS}: too few to judge the goal")
   return verdict
 
 
@@ -362,6 +369,18 @@ def _run_json(cmd: list[str], env: dict, framework: str) -> dict:
   return json.loads(lines[-1])
 
 
+def check_data_flag(error, path) -> None:
+  """`error(message)` for a `--data` that cannot be read or written: a directory, or a new
+  file in no directory (tracebacks after the data was generated)."""
+  if path is None:
+    return
+  if os.path.isdir(path):
+    error(f"--data: {path} is a directory, not an .npz file")
+  parent = os.path.dirname(os.path.abspath(path))
+  if not os.path.exists(path) and not os.path.isdir(parent):
+    error(f"--data: no file {path} and no directory {parent} to write it in")
+
+
 def _best(records: list[dict]) -> dict:
   """The fastest of repeated runs, with every run's examples/sec; the `_median` speed is
   the best over runs too."""
@@ -371,8 +390,8 @@ def _best(records: list[dict]) -> dict:
   best = dict(max(ok, key=lambda r: r["examples_per_sec"]))
   if len(records) > 1:
     best["examples_per_sec_median"] = max(r["examples_per_sec_median"] for r in ok)
-    best["runs_examples_per_sec"] = [round(r.get("examples_per_sec", float("nan")), 1)
-                                     for r in records]
+    best["runs_examples_per_sec"] = [   # None: a failed run (was NaN: not JSON)
+        round(r["examples_per_sec"], 1) if "examples_per_sec" in r else None for r in records]
   return best
 
 
@@ -411,6 +430,8 @@ def main():
     p.error("--warmup must be in [1, --steps)")
   if args.repeats < 1:
     p.error("--repeats must be at least 1")
+  check_at_least(p.error, vars(args), ("eval_examples",))   # 0: an AUC of no examples
+  check_data_flag(p.error, args.data)
 
   if args.worker == "jaxrec":
     print(json.dumps(run_jaxrec(args)), flush=True)
@@ -494,7 +515,7 @@ def main():
     extra = dict(facts, cpu_bf16=cpu_has_bf16())
     goal = goal_verdict(runs["jaxrec"], runs["torchrec"], args.auc_tolerance,
                         emulated_bf16=args.dense_dtype == "bfloat16" and
-                        extra["cpu_bf16"] is False)
+                        extra["cpu_bf16"] is False, timed_steps=args.steps - args.warmup)
     load = max(r.get("load_average_1m", 0.0) for r in runs["jaxrec"] + runs["torchrec"])
     if load > 1.5 * (os.cpu_count() or 1) and args.nice >= 0:
       extra["warning"] = (f"load average up to {load} on {os.cpu_count()} cores during the "

@@ -73,6 +73,12 @@ USAGE_ERRORS = [
     ("offload.py", ["--prefetch", "-1"], "--prefetch must be at least 0, got -1"),
     ("offload.py", ["--rows", "5"], "--rows=5 x --cache_fraction=0.1 leaves a cache of no rows"),
     ("offload.py", ["--store_dir", "/etc/passwd"], "--store_dir: /etc/passwd is not a directory"),
+    # tracebacks (after the data was generated for --data), or no check at all
+    ("vs_torchrec.py", ["--data", "/nonexistent/d/x.npz"], "--data: no file /nonexistent/d/x.npz"),
+    ("vs_torchrec.py", ["--data", "/tmp"], "--data: /tmp is a directory"),
+    ("vs_torchrec.py", ["--eval_examples", "0"], "--eval_examples must be at least 1, got 0"),
+    ("vs_torchrec.py", ["--eval_examples", "-1"], "--eval_examples must be at least 1, got -1"),
+    ("embedding_scaling.py", ["--rows", "inf"], "--rows: comma-separated row counts"),
     # the warm-up waited forever for a cache the id stream could never fill
     ("offload.py", ["--rows", "100000", "--cache_fraction", "0.5", "--batch", "64",
                     "--stream_steps", "10", "--runs", "offload"],

@@ -56,3 +56,24 @@ def test_bfloat16_emulated_by_the_cpu_meets_nothing():
   assert vs_torchrec.goal_verdict(jx, tr)["met"]
   got = vs_torchrec.goal_verdict(jx, tr, emulated_bf16=True)
   assert not got["met"] and got["ratio"] > 18 and "no bfloat16 instructions" in got["note"]
+
+
+def test_too_few_timed_steps_withhold_the_verdict():
+  """2 timed steps reported `"met": true`."""
+  got = vs_torchrec.goal_verdict(_runs(70e3), _runs(30e3), timed_steps=2)
+  assert got["met"] is None and "2 timed steps" in got["note"]
+  got = vs_torchrec.goal_verdict(_runs(70e3), _runs(30e3), timed_steps=vs_torchrec.MIN_TIMED_STEPS)
+  assert got["met"] is True and "note" not in got
+
+
+def test_a_failed_run_is_null_not_nan():
+  best = vs_torchrec._best([{"framework": "jaxrec", "error": "exit code 1"},
+                            {"examples_per_sec": 5.04, "examples_per_sec_median": 5.0}])
+  assert best["runs_examples_per_sec"] == [None, 5.0]
+
+
+def test_emit_writes_non_finite_numbers_as_null(capsys):
+  import common   # pylint: disable=import-outside-toplevel
+  common.emit("x", a=float("nan"), b=[1.0, float("inf")], c={"d": -float("inf")})
+  assert capsys.readouterr().out == ('{"benchmark": "x", "a": null, "b": [1.0, null], '
+                                     '"c": {"d": null}}\n')
