@@ -130,6 +130,8 @@ ONE_LINE_ERRORS = [
     # only 'the launcher exited (1) before step 5', the reason in a removed workdir's log
     ("elastic.py", ["--plan=xx"], "error: --plan: unknown plan 'xx'"),
     ("elastic.py", ["--workdir=/etc/passwd"], "error: --workdir: /etc/passwd is not a directory"),
+    ("input_pipeline.py", ["--workdir=/etc/passwd"],   # a traceback after measuring
+     "error: --workdir: /etc/passwd is not a directory"),
     ("elastic.py", ["--mesh=data=3"], "error: --mesh: data=3,table=1,row=1,col=1 has 3 devices"),
 ]
 

@@ -73,3 +73,15 @@ def test_elastic_keep_says_where_its_temp_dir_is():
     assert f"kept the run directory: {workdir}" in out.stderr
   finally:
     subprocess.run(["rm", "-rf", workdir], check=False)
+
+
+def test_input_pipeline_refuses_a_workdir_holding_files_it_did_not_make(tmp_path):
+  """A --workdir already holding its output (bin/) failed with a traceback after the
+  synthetic measurement."""
+  (tmp_path / "bin").mkdir()
+  out = run_script("input_pipeline.py", f"--workdir={tmp_path}", folder="benchmarks")
+  assert out.returncode == 1 and (tmp_path / "bin").is_dir(), out.stderr[-2000:]
+  assert out.stderr.strip() == (f"error: --workdir: {tmp_path} is not empty and not a "
+                                "directory of an earlier run of this benchmark; remove it "
+                                "or pick another")
+  assert out.stdout == ""
