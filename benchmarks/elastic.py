@@ -154,7 +154,8 @@ def main(argv):
     final = latest_checkpoint(workdir)
     failure = _failure(code, final, read_events(workdir))
     emit("elastic_recovery", seconds=round(seconds, 3), ratio=round(seconds / GOAL_S, 4),
-         goal=1.0, breakdown=breakdown, killed_at_step=exit_ev.get("last_step"),
+         goal=1.0, goal_op="<=", breakdown=breakdown,
+         killed_at_step=exit_ev.get("last_step"),
          restored_step=resume["step"] - 1, new_mesh=replan["mesh"],
          processes="2x4 -> 1x4", job_exit_code=code, final_checkpoint=final,
          completed=failure is None, **({"error": failure} if failure else {}),

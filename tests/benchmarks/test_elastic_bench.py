@@ -29,6 +29,7 @@ def test_a_job_that_fails_after_recovering_fails_the_benchmark(tmp_path):
                               "exited 2: only 0 process(es)"), errors
   record = json.loads(out.stdout.splitlines()[-1])
   assert record["completed"] is False and record["job_exit_code"] == 2, record
+  assert record["goal_op"] == "<=" and record["workdir"] == str(tmp_path / "w"), record
 
 
 def test_a_workdir_it_did_not_make_is_not_deleted(tmp_path):
