@@ -57,16 +57,23 @@ def check_dir_flag(error: Callable[[str], Any], flag: str, path: str | None) -> 
     error(f"--{flag}: cannot make {path} ({parent} is not a writable directory)")
 
 
-def own_dir(error: Callable[[str], Any], flag: str, path: str, marker: str) -> None:
-  """Makes `path` an empty directory holding `marker` (this benchmark's): one of an earlier
-  run (its marker) is emptied, an empty or new one taken; anything else is refused (a
-  user's files there were deleted: a training run's checkpoints)."""
+def own_dir(error: Callable[[str], Any], flag: str, path: str, marker: str,
+            outputs: Iterable[str] | None = None) -> None:
+  """Makes `path` a directory holding `marker` (this benchmark's), without the `outputs`
+  (names in it; None: everything) of an earlier run of it (its marker); an empty or new
+  one is taken, anything else refused (a user's files there were deleted: a training run's
+  checkpoints). Only the entries go: `path` may be a symlink."""
   check_dir_flag(error, flag, path)
   if os.path.isdir(path) and os.listdir(path):
     if not os.path.exists(os.path.join(path, marker)):
       error(f"--{flag}: {path} is not empty and not a directory of an earlier run of this "
             "benchmark; remove it or pick another")
-    shutil.rmtree(path)
+    for name in os.listdir(path) if outputs is None else outputs:
+      full = os.path.join(path, name)
+      if os.path.isdir(full) and not os.path.islink(full):
+        shutil.rmtree(full)
+      elif os.path.lexists(full) and name != marker:
+        os.remove(full)
   os.makedirs(path, exist_ok=True)
   open(os.path.join(path, marker), "w").close()
 

@@ -110,7 +110,10 @@ def _check_flags() -> None:
   if FLAGS.trainer_metrics and not os.path.isfile(FLAGS.trainer_metrics):
     sys.exit(f"error: --trainer_metrics: no file {FLAGS.trainer_metrics!r}")
   if FLAGS.workdir is not None:   # a file, no parent or its own output: a traceback later
-    own_dir(error, "workdir", FLAGS.workdir, MARKER)
+    # an earlier run's outputs go, not its trainer/ when --trainer_metrics (often its
+    # trainer/metrics.jsonl) stands in for the trainer run
+    own_dir(error, "workdir", FLAGS.workdir, MARKER, ("train.tsv", "block.tsv", "bin") + (
+        () if FLAGS.trainer_metrics or FLAGS.trainer_examples_per_sec else ("trainer",)))
 
 
 def main(argv):

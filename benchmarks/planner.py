@@ -42,7 +42,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 from common import (  # noqa: E402
-    check_at_least, check_dir_flag, emit, interleaved_times, interruptible, median)
+    check_at_least, emit, interleaved_times, interruptible, median, own_dir)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -165,12 +165,11 @@ def record_rounds(workdir, step: int, plans: dict, times: dict, mesh_shape, step
 
 
 def check_profile_dir(error, path) -> None:
-  """`error(message)` for a `--profile_dir` that is a file or already holds files: the fit
-  read an earlier run's records too (another --mesh: an IndexError in `describe`)."""
-  check_dir_flag(error, "profile_dir", path)
-  if path is not None and os.path.isdir(path) and os.listdir(path):
-    error(f"--profile_dir: {path} is not empty (an earlier run's profile would be fitted "
-          "too); give a new or empty directory")
+  """`error(message)` for a `--profile_dir` that is a file or holds files not of an earlier
+  run of this benchmark, whose profile is removed: the fit read its records too (another
+  --mesh: an IndexError in `describe`)."""
+  if path is not None:
+    own_dir(error, "profile_dir", path, ".planner_benchmark", (planner.PROFILE_FILE,))
 
 
 def main():
@@ -197,8 +196,9 @@ def main():
   p.add_argument("--steps", type=int, default=2, help="timed steps per plan per round")
   p.add_argument("--batches", type=int, default=4, help="distinct batches cycled")
   p.add_argument("--profile_dir", default=None,
-                 help="keep the profile records here: a new or empty directory (an earlier "
-                 "run's records would be fitted too) (default: a temporary directory)")
+                 help="keep the profile records here: a new or empty directory, or one of an "
+                 "earlier run of this benchmark, whose records are removed (they would be "
+                 "fitted too) (default: a temporary directory)")
   args = p.parse_args()
   # 0 batches divided by zero, 0 rounds or steps profiled nothing: tracebacks after compiling
   check_at_least(p.error, vars(args), ("rounds", "final_rounds", "steps", "batches"))

@@ -67,7 +67,8 @@ USAGE_ERRORS = [
     ("planner.py", ["--iterations", "-1"], "--iterations must be at least 0, got -1"),
     ("planner.py", ["--profile_dir", "/etc/passwd"], "--profile_dir: /etc/passwd is not a directory"),
     # an earlier run's records were fitted too: another --mesh crashed in `describe`
-    ("planner.py", ["--profile_dir", ROOT], f"--profile_dir: {ROOT} is not empty"),
+    ("planner.py", ["--profile_dir", ROOT], f"--profile_dir: {ROOT} is not empty and not a "
+     "directory of an earlier run"),
     ("planner_search.py", ["--tables", "10,,20"], "--tables must be positive counts"),
     ("offload.py", ["--stream_steps", "0"], "--stream_steps must be at least 1, got 0"),
     ("offload.py", ["--prefetch", "-1"], "--prefetch must be at least 0, got -1"),

@@ -35,6 +35,24 @@ def test_own_dir_empties_an_earlier_run_of_its_own(tmp_path):
   assert sorted(os.listdir(d)) == [".mark"]
 
 
+def test_own_dir_removes_only_the_outputs_named_and_takes_a_symlink(tmp_path):
+  """input_pipeline.py emptied its whole earlier --workdir, with the `trainer/metrics.jsonl`
+  that --trainer_metrics named (a FileNotFoundError after measuring); a symlinked
+  directory was an rmtree traceback."""
+  d = tmp_path / "d"
+  common.own_dir(_error, "workdir", str(d), ".mark")
+  (d / "bin").mkdir()
+  (d / "trainer").mkdir()
+  (d / "trainer" / "metrics.jsonl").write_text("{}")
+  (d / "train.tsv").write_text("x")
+  link = tmp_path / "link"
+  link.symlink_to(d)
+  common.own_dir(_error, "workdir", str(link), ".mark", ("train.tsv", "bin", "absent"))
+  assert sorted(os.listdir(d)) == [".mark", "trainer"] and link.is_symlink()
+  common.own_dir(_error, "workdir", str(link), ".mark")
+  assert sorted(os.listdir(d)) == [".mark"]
+
+
 def test_own_dir_refuses_a_file(tmp_path):
   f = tmp_path / "f"
   f.write_text("x")
