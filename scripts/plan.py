@@ -263,9 +263,9 @@ def _estimate_forced(tables, mesh, estimate):
 def _eval_warning(spec, result, optimizer, off):
   """train.py's warning for a plan (`result`; with `--profile` the proposed one) whose
   eval batch (`ExperimentConfig.eval_batch_size`) takes the embedding lookup over the
-  budget (`budget_hint.eval_memory_warning`); None without a gin config (no eval), and
-  when it fits."""
-  if not FLAGS.gin_file or result is None:
+  budget (`budget_hint.eval_memory_warning`); None without a trainer's gin config (no
+  eval: `--tables`, a planner-only file), and when it fits."""
+  if not FLAGS.gin_file or result is None or spec.eval_batch_size is None:
     return None
   # pylint: disable=import-outside-toplevel
   from jaxrec.offload import planning

@@ -121,7 +121,8 @@ def inputs_from_gin() -> PlannerInputs:
   """Tables from the parsed gin config: `ExperimentConfig.embedding` (with its
   `batch_size` and `sparse_optimizer`), else a bound `uniform_tables`, else macros
   `tables` (and `features`; default one one-hot feature per table) and `batch_size`; and
-  `ExperimentConfig.eval_batch_size` (the trainer's default when unbound)."""
+  `ExperimentConfig.eval_batch_size` (the trainer's default when unbound in a trainer's
+  config, one binding `ExperimentConfig.embedding`; None in a planner-only one: no eval)."""
   from jaxrec.launch import build  # pylint: disable=import-outside-toplevel
   embedding, where = _query("ExperimentConfig.embedding"), "ExperimentConfig.embedding"
   if embedding is None and _query("uniform_tables.num_tables") is not None:
@@ -154,12 +155,13 @@ def inputs_from_gin() -> PlannerInputs:
   from jaxrec.train.config import check_sparse_optimizer  # pylint: disable=import-outside-toplevel
   check_sparse_optimizer(optimizer)
   eval_batch = _query("ExperimentConfig.eval_batch_size", _UNSET)
-  if eval_batch is _UNSET:   # the trainer's default
+  if eval_batch is _UNSET and where == "ExperimentConfig.embedding":   # the trainer's default
     from jaxrec.train.config import ExperimentConfig  # pylint: disable=import-outside-toplevel
     eval_batch = {f.name: f.default for f in dataclasses.fields(ExperimentConfig)
                   }["eval_batch_size"]
   return PlannerInputs(tables, features, {},
                        None if batch is _UNSET else _batch_size(batch_from, batch), optimizer,
+                       None if eval_batch is _UNSET else
                        _batch_size("ExperimentConfig.eval_batch_size", eval_batch))
 
 

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxrec.errors import ConfigError
 # format_mesh: re-exported
 from jaxrec.sharding.plan import (KIND_AXES, MESH_AXES, format_mesh,  # noqa: F401
-                                  is_plan_file, recorded_mesh, split_mesh)
+                                  is_plan_file, kind_mesh, recorded_mesh)
 
 # Batch-major arrays are split over every axis: device k holds examples [k*b, (k+1)*b).
 BATCH_AXES = MESH_AXES
@@ -57,16 +57,14 @@ def parse_mesh_spec(spec: str, num_devices: int, flag: str = "--mesh",
 
 
 def auto_mesh_shape(kind: str, num_devices: int) -> dict[str, int]:
-  """Mesh for `--mesh=auto` with a plan kind (or a plan file recording no mesh): the
-  devices split over every axis the kind uses (2 on each but the last, which takes the
-  rest: `twrw` on 8 is `table=2,row=4`, `grid` `table=2,row=2,col=2`, on 4 `row=2,col=2`),
-  else all on the first of them (`twrw` on 2: `table=2`), else on data. All on the first axis placed
-  `twrw`, `twcw` and `grid` as `tw` (`plan.warn_collapsed_kind`)."""
+  """Mesh for `--mesh=auto` with a plan kind (or a plan file recording no mesh): one that
+  places the kind as itself (`plan.kind_mesh`: `twrw` on 8 is `table=2,row=4`, `grid` on
+  4 `row=2,col=2`), else all devices on the first axis the kind uses (`twrw` on 2:
+  `table=2`), else on data. All on the first axis placed `twrw`, `twcw` and `grid` as `tw`
+  (`plan.warn_collapsed_kind`)."""
   shape = {a: 1 for a in MESH_AXES}
   axes = KIND_AXES.get(kind, ())
-  split = split_mesh(axes, num_devices) if len(axes) > 1 else None
-  if split is None and kind == "grid":   # row x col on table=1 is grid too (4 devices)
-    split = split_mesh(("row", "col"), num_devices)
+  split = kind_mesh(kind, num_devices) if axes else None
   if split:
     shape.update(split)
   else:

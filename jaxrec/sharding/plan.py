@@ -200,12 +200,18 @@ def load_plan_file(path: str, mesh_shape: Mapping[str, int], fix: str = "") -> P
     message = (f"--plan={path} was made for mesh {format_mesh(made_for)}, the mesh here is "
                f"{format_mesh(here)}: its placements are kept where they fit, but may be "
                f"unbalanced here{fix}")
-    held = _HELD.get()
-    if held is None:
-      warn_once(message)
-    else:
-      held[format_mesh(here)] = message
+    warn_for_mesh(message, here)
   return plan
+
+
+def warn_for_mesh(message: str, shape: Mapping[str, int]) -> None:
+  """`warn_once(message)`, a warning about planning on mesh `shape`; inside
+  `mesh_warning_held`, held until that mesh is the one taken."""
+  held = _HELD.get()
+  if held is None:
+    warn_once(message)
+  else:
+    held[format_mesh(shape)] = message
 
 
 # Other-mesh warnings of the meshes tried so far (`mesh_warning_held`), and the warnings
@@ -227,7 +233,8 @@ def warn_once(message: str, logger: logging.Logger | None = None) -> None:
 @contextlib.contextmanager
 def mesh_warning_held() -> Iterator[Callable[[Mapping[str, int]], None]]:
   """While several meshes are tried (`--mesh=auto`, each elastic re-plan), holds
-  `load_plan_file`'s other-mesh warnings; yields `chosen(shape)`, which logs the one for
+  `warn_for_mesh`'s warnings (a plan file's other mesh, a forced kind placed as another);
+  yields `chosen(shape)`, which logs the one for
   the mesh taken (the others are dropped)."""
   held: dict[str, str] = {}
   token = _HELD.set(held)
@@ -265,9 +272,9 @@ def check_plan_flag(plan: str) -> None:
 def warn_collapsed_kind(kind: str, mesh_shape: Mapping[str, int]) -> None:
   """Warns (once) when `--plan=kind`, forced, places tables as another kind on this mesh
   of several devices: the axes it splits over that have size 1 split nothing (`cw` on
-  `data=8` holds every table whole on every device, as `dp`; `twrw` on `table=8`, which
-  `--mesh=auto` gives it, is `tw`). Plans compared on such a mesh were one plan under two
-  names."""
+  `data=8` holds every table whole on every device, as `dp`; `twrw` on `table=8` is `tw`,
+  and so on 2 devices, where no mesh splits both). Plans compared on such a mesh were one
+  plan under two names."""
   n = math.prod(int(mesh_shape.get(a, 1)) for a in MESH_AXES)
   axes = KIND_AXES[kind]
   split = [a for a in axes if mesh_shape.get(a, 1) > 1]
@@ -275,15 +282,32 @@ def warn_collapsed_kind(kind: str, mesh_shape: Mapping[str, int]) -> None:
     return
   same = next(k for k, a in KIND_AXES.items() if set(a) == set(split))
   ones = [a for a in axes if a not in split]
-  example = split_mesh(axes, n)
-  example = example and ",".join(f"{a}={v}" for a, v in example.items())
   which = (("which is" if len(ones) == 1 else "which are all") if ones == list(axes) else
            f"and {_axes_text(ones)} {'is' if len(ones) == 1 else 'are'}")
-  warn_once(f"--plan={kind} splits tables over {_axes_text(axes)}, {which} 1 in mesh "
-            f"{format_mesh(mesh_shape)}: the "
-            f"tables are placed as --plan={same} ("
-            + ("whole on every device" if same == "dp" else f"split over {_axes_text(split)}")
-            + ")" + (f"; for {kind} give e.g. --mesh={example}" if example else ""))
+  how = ("whole on every device" if same == "dp" else
+         "each whole on one slice of axis table" if same == "tw" else
+         f"split over {_axes_text(split)}")
+  example = kind_mesh(kind, n)
+  fix = (f"; for {kind} give e.g. --mesh={','.join(f'{a}={v}' for a, v in example.items())}"
+         if example else f"; no mesh of {n} devices splits {_axes_text(axes)[5:]}")
+  warn_for_mesh(f"--plan={kind} splits tables over {_axes_text(axes)}, {which} 1 in mesh "
+                f"{format_mesh(mesh_shape)}: the tables are placed as --plan={same} ({how})"
+                + fix, mesh_shape)
+
+
+def kind_mesh(kind: str, n: int) -> dict[str, int] | None:
+  """The axes of a mesh of `n` devices that places `kind` as itself: all on its one axis;
+  for several, 2 on each but the last, which takes the rest (`twrw` on 8: `table=2,row=4`;
+  `grid` on 4, too few for three axes: `row=2,col=2`, grid on `table=1`); None for `dp`
+  and where `n` allows none (`twrw` on 2). `--mesh=auto`'s mesh for a forced kind."""
+  axes = KIND_AXES[kind]
+  if len(axes) == 1:
+    return {axes[0]: n}
+  for split in (axes, ("row", "col") if kind == "grid" else ()):
+    head = 2 ** (len(split) - 1)
+    if split and n % head == 0 and n // head >= 2:
+      return {a: 2 for a in split[:-1]} | {split[-1]: n // head}
+  return None
 
 
 def _axes_text(axes: Sequence[str]) -> str:
@@ -291,16 +315,6 @@ def _axes_text(axes: Sequence[str]) -> str:
   if len(axes) == 1:
     return f"axis {axes[0]}"
   return f"axes {', '.join(axes[:-1])} and {axes[-1]}"
-
-
-def split_mesh(axes: Sequence[str], n: int) -> dict[str, int] | None:
-  """`{axis: size}` splitting `n` devices over every axis of `axes` (2 on each but the
-  last, which takes the rest: `table=2,row=4` for twrw on 8); None when `n` does not allow
-  it (2 devices for twrw)."""
-  head = 2 ** (len(axes) - 1)
-  if not axes or n % head or n // head < 2:
-    return None
-  return {a: 2 for a in axes[:-1]} | {axes[-1]: n // head}
 
 
 def uniform_plan(kind: str, tables: Sequence, table_axis_size: int) -> Plan:

@@ -69,6 +69,9 @@ def test_whole_float_batch_sizes_are_taken_as_the_trainer_takes_them():
                         "ExperimentConfig.eval_batch_size = 2e3"])
   spec = inputs.inputs_from_gin()
   assert spec.eval_batch_size == 2000 and spec.batch_size is None
+  launch.parse_gin([], ["tables = @uniform_tables()", "uniform_tables.num_tables = 2",
+                        "uniform_tables.rows = 100", "uniform_tables.dim = 8"])
+  assert inputs.inputs_from_gin().eval_batch_size is None   # planner-only: no eval
 
 
 def test_gin_batch_size_macro_is_checked_naming_it():

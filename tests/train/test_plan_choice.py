@@ -148,8 +148,8 @@ def test_a_forced_kind_placed_as_another_on_the_mesh_is_warned_about(caplog):
   caplog.clear()
   with caplog.at_level("WARNING"):
     plan_lib.warn_collapsed_kind("grid", {"data": 2, "table": 2, "row": 2})
-    for kind in plan_lib.KINDS:   # what --mesh=auto gives a kind is that kind
-      for n in (1, 4, 6, 8):
+    for kind in plan_lib.KINDS:   # what --mesh=auto gives a kind is that kind, where a
+      for n in (1, 4, 6, 8):      # mesh of n devices can be (twrw on 2 cannot)
         plan_lib.warn_collapsed_kind(kind, mesh_lib.auto_mesh_shape(kind, n))
     choose("twrw")                # MESH is table=2,row=2
     plan_lib.warn_collapsed_kind("grid", {"row": 2, "col": 4})   # grid on table=1
@@ -161,3 +161,23 @@ def test_a_forced_kind_placed_as_another_on_the_mesh_is_warned_about(caplog):
   assert mesh_lib.auto_mesh_shape("twrw", 8) == {"data": 1, "table": 2, "row": 4, "col": 1}
   assert mesh_lib.auto_mesh_shape("grid", 4) == {"data": 1, "table": 1, "row": 2, "col": 2}
   assert mesh_lib.auto_mesh_shape("twcw", 2) == {"data": 1, "table": 2, "row": 1, "col": 1}
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    plan_lib.warn_collapsed_kind("twcw", mesh_lib.auto_mesh_shape("twcw", 2))
+    plan_lib.warn_collapsed_kind("grid", {"table": 4})
+  assert caplog.messages == [
+      "--plan=twcw splits tables over axes table and col, and axis col is 1 in mesh "
+      "data=1,table=2,row=1,col=1: the tables are placed as --plan=tw (each whole on one "
+      "slice of axis table); no mesh of 2 devices splits table and col",
+      "--plan=grid splits tables over axes table, row and col, and axes row and col are 1 in "
+      "mesh data=1,table=4,row=1,col=1: the tables are placed as --plan=tw (each whole on one "
+      "slice of axis table); for grid give e.g. --mesh=row=2,col=2"]
+  # choose_plan inside mesh_warning_held (--mesh=auto, elastic re-plans): only the mesh
+  # taken is warned about (a warning for data=4 came with col=4 chosen)
+  caplog.clear()
+  with caplog.at_level("WARNING"), plan_lib.mesh_warning_held() as chosen:
+    offload.choose_plan(CONFIG, RunOptions(plan="cw"), {"data": 2, "row": 2},
+                        offload.OffloadConfig())
+    offload.choose_plan(CONFIG, RunOptions(plan="cw"), {"col": 4}, offload.OffloadConfig())
+    chosen({"col": 4})
+  assert caplog.messages == []
