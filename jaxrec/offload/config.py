@@ -244,17 +244,25 @@ def row_bytes(spec: TableSpec, optimizer) -> int:
   return total
 
 
+# Host bytes per cache slot: `CacheMap`'s id_of, last, _pin, _soft, _free (int64) and uses
+# (int32), and the tier's resident (int64) and dirty (bool) flags.
+SLOT_BYTES = 5 * 8 + 4 + 8 + 1
+
+
 def host_bytes(tables: Sequence[TableSpec], config: OffloadConfig, optimizer) -> int:
   """About the host memory the tier keeps for `config`'s tables, their stores' files
   aside: 12 bytes per table row (the cache's row → slot map and use counts, the write-back
-  buffer's index), the buffer's `host_buffer_rows` rows with their optimizer state, and a
-  `kvstore='memory'` store's whole table."""
+  buffer's index), `SLOT_BYTES` per cache slot (its row, last use, pins, free list, use
+  count, dirty flag: 0.5 GB for a 10M-row cache, which this left out), the buffer's
+  `host_buffer_rows` rows with their optimizer state, and a `kvstore='memory'` store's
+  whole table."""
   by_name = {t.name: t for t in tables}
   total = 0
   for off in config.tables:
     spec = by_name[off.name]
     per_row = row_bytes(spec, optimizer)
-    total += 12 * spec.rows + min(config.host_buffer_rows, spec.rows) * (per_row + 16)
+    total += (12 * spec.rows + SLOT_BYTES * off.resolve_cache_rows(spec, optimizer)
+              + min(config.host_buffer_rows, spec.rows) * (per_row + 16))
     if off.kvstore == "memory":
       total += spec.rows * per_row
   return total

@@ -61,8 +61,8 @@ def host_warning(result, devices, host_bytes: int | None = None, offloaded: int 
   if offloaded:
     room = int(HOST_FRACTION * host - offloaded) // max(cpus, 1) >> 20
     return (f"the offload tier keeps about {format_bytes(offloaded)} in host memory (its "
-            "buffered rows and their optimizer state, 12 bytes per table row, and the whole "
-            "table of a kvstore='memory' store)"
+            "buffered rows and their optimizer state, 12 bytes per table row and 53 per "
+            "cache slot, and the whole table of a kvstore='memory' store)"
             + (f", and the plan puts {format_bytes(each * cpus)} on the {cpus} CPU devices "
                "of this process" if cpus else "")
             + f", of this host's {format_bytes(host)}: the run may run out of it. Give a "

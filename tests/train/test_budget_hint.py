@@ -103,16 +103,24 @@ def test_the_offload_tiers_host_memory_is_counted_on_any_platform():
   adagrad = optimizers.RowWiseAdagrad()   # 32 x 4 + 4 = 132 bytes a row
   config = offload.OffloadConfig(tables={"big": {"cache_rows": 1000, "kvstore": "memory"}},
                                  host_buffer_rows=1000)
+  slots = 1000 * offload.config.SLOT_BYTES   # a 1000-row cache's bookkeeping
   assert offload.host_bytes(tables, config, adagrad) == (
-      12 * 100_000_000 + 1000 * (132 + 16) + 100_000_000 * 132)
+      12 * 100_000_000 + slots + 1000 * (132 + 16) + 100_000_000 * 132)
   filed = offload.OffloadConfig(tables={"big": {"cache_rows": 1000}}, host_buffer_rows=1000)
-  assert offload.host_bytes(tables, filed, adagrad) == 12 * 100_000_000 + 1000 * 148
+  assert offload.host_bytes(tables, filed, adagrad) == 12 * 100_000_000 + slots + 1000 * 148
+  # SLOT_BYTES is what the cache map and the tier hold per slot (~45 B a slot were left
+  # out: 0.5 GB of a 10M-row cache)
+  from jaxrec.offload.cache import CacheMap   # pylint: disable=import-outside-toplevel
+  cache = CacheMap("big", 5000, 1000)
+  per_slot = sum(a.nbytes for a in (cache.id_of, cache.last, cache.uses, cache._pin,   # pylint: disable=protected-access
+                                    cache._soft, cache._free)) / 1000   # pylint: disable=protected-access
+  assert offload.config.SLOT_BYTES == per_slot + 8 + 1   # + the tier's resident, dirty
   result = types.SimpleNamespace(memory={"table": GIB})
   gpus = [types.SimpleNamespace(platform="gpu")] * 8
   text = budget_hint.host_warning(result, gpus, host_bytes=15 * GIB, offloaded=13 * GIB)
   assert text == ("the offload tier keeps about 13.0 GiB in host memory (its buffered rows and "
-                  "their optimizer state, 12 bytes per table row, and the whole table of a "
-                  "kvstore='memory' store), of this host's 15.0 GiB: the run may run out of it. "
+                  "their optimizer state, 12 bytes per table row and 53 per cache slot, and "
+                  "the whole table of a kvstore='memory' store), of this host's 15.0 GiB: the run may run out of it. "
                   "Give a memory store's table a file store (kvstore='file'), lower "
                   "OffloadConfig.host_buffer_rows or offload fewer tables")
   assert budget_hint.host_warning(result, gpus, host_bytes=15 * GIB, offloaded=GIB) is None
