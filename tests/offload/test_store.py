@@ -317,3 +317,24 @@ def test_a_failed_read_leaves_no_read_running(tmp_path):
   with pytest.raises(offload.OffloadError, match="reading 3 rows .* Error reading"):
     pending.result()
   assert len(log) == len(store.names) > 1 and all(f.waited for f in log)
+
+
+def test_writing_a_large_tables_initial_rows_is_logged(tmp_path, monkeypatch, caplog):
+  """A 3.2 GB table's initial rows took ~25 s with nothing logged between the plan and
+  the first step. A table of `_PROGRESS_MIN_BYTES` or more is announced and its progress
+  logged every `_PROGRESS_EVERY_S` seconds (here every block: 0 s)."""
+  monkeypatch.setattr(storage, "_INIT_BLOCK_ROWS", 250)
+  monkeypatch.setattr(storage, "_PROGRESS_EVERY_S", 0.0)
+  monkeypatch.setattr(storage, "_PROGRESS_MIN_BYTES", 1000 * 8 * 4)   # SPEC's 32,000 bytes
+  with caplog.at_level("INFO", logger=storage.__name__):
+    _store(tmp_path).create(jax.random.key(0))
+  assert caplog.messages[0].startswith(
+      "offloaded table 'big': writing its 1,000 initial rows (31.2 KiB) to ")
+  assert [m.split(": ")[1].split(" (")[0] for m in caplog.messages[1:]] == [
+      "25% of its initial rows written", "50% of its initial rows written",
+      "75% of its initial rows written"]
+  caplog.clear()
+  monkeypatch.setattr(storage, "_PROGRESS_MIN_BYTES", 1000 * 8 * 4 + 1)   # smaller: silent
+  with caplog.at_level("INFO", logger=storage.__name__):
+    _store(tmp_path / "2").create(jax.random.key(0))
+  assert caplog.messages == []
