@@ -338,3 +338,27 @@ def test_writing_a_large_tables_initial_rows_is_logged(tmp_path, monkeypatch, ca
   with caplog.at_level("INFO", logger=storage.__name__):
     _store(tmp_path / "2").create(jax.random.key(0))
   assert caplog.messages == []
+
+
+def test_stores_and_snapshots_the_disk_may_not_hold_are_warned_about(tmp_path):
+  """A 1e8-row bf16 table (3.2 GB) with two checkpoints kept took 6.1 GB of a 9.8 GB
+  disk, with no word: each snapshot is up to a whole copy. `warn_disk_space` compares
+  the stores and `--keep_checkpoints` copies with the free space and what is there."""
+  import types  # pylint: disable=import-outside-toplevel
+  from jaxrec.offload import hooks  # pylint: disable=import-outside-toplevel
+  store = _store(tmp_path)             # 1000 x 8 float32 + Adagrad's 1000 x 8: 64,000 bytes
+  tier = types.SimpleNamespace(tables={"big": types.SimpleNamespace(spec=SPEC, store=store)})
+  snaps = str(tmp_path / "offload_snapshots")
+  free = lambda n: lambda path: n
+  assert hooks.warn_disk_space(tier, 3, snaps, free(4 * 64_000)) == []
+  (warning,) = hooks.warn_disk_space(tier, 3, snaps, free(4 * 64_000 - 1))
+  assert warning == (
+      f"offloaded table(s) 'big': the store (62.5 KiB) and --keep_checkpoints=3 snapshots, "
+      f"each up to a whole copy when training touches rows all over the table, may need "
+      f"250.0 KiB; the disk holding {store.path} has 250.0 KiB for them. Free space, lower "
+      f"--keep_checkpoints, or give OffloadTable.path another disk (with the workdir, for "
+      f"snapshots to hard-link)")
+  store.create(jax.random.key(0))       # files already there count as room, once each
+  assert hooks.warn_disk_space(tier, 3, snaps, free(4 * 64_000 - 1)) == []
+  store.off = offload.OffloadTable("big", cache_rows=100, kvstore="memory")
+  assert hooks.warn_disk_space(tier, 3, snaps, free(0)) == []
