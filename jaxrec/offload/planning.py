@@ -19,7 +19,8 @@ from typing import Mapping, Sequence
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import BudgetError
 from jaxrec.offload.config import (OFFLOAD_DTYPES, OffloadConfig, OffloadTable, device_tables,
-                                   row_bytes)
+                                   host_bytes, row_bytes)
+from jaxrec.planner.result import format_bytes
 
 
 def plan_with_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
@@ -107,13 +108,20 @@ def _auto_offload(config: OffloadConfig, table: TableSpec, rows_of) -> OffloadCo
 
 
 def with_offload_notes(result, tables: Sequence[TableSpec], config: OffloadConfig, optimizer):
-  """`result` (a `PlanResult`) with a note per offloaded table: its cache size, and
-  whether `OffloadConfig.auto` offloaded it (`config.auto_added`)."""
+  """`result` (a `PlanResult`) with a note per offloaded table: its cache size, the
+  store's size and the tier's host memory (`host_bytes`; the plan's memory is the
+  devices'), and whether `OffloadConfig.auto` offloaded it (`config.auto_added`)."""
   auto = " (added by OffloadConfig.auto: the tables did not fit)"
-  notes = [f"offloaded '{o.name}': {o.resolve_cache_rows(_spec(tables, o.name), optimizer):,}"
-           f"-row device cache, full table in tensorstore"
-           + (auto if o.name in config.auto_added else "")
-           for o in config.tables]
+  notes = []
+  for o in config.tables:
+    spec = _spec(tables, o.name)
+    host = host_bytes([spec], dataclasses.replace(config, tables=(o,)), optimizer)
+    notes.append(f"offloaded '{o.name}': {o.resolve_cache_rows(spec, optimizer):,}-row "
+                 f"device cache, full table in tensorstore ("
+                 f"{format_bytes(spec.rows * row_bytes(spec, optimizer))} with its optimizer "
+                 f"state, {'in host memory' if o.kvstore == 'memory' else 'on disk'}; the "
+                 f"tier keeps ~{format_bytes(host)} in host memory)"
+                 + (auto if o.name in config.auto_added else ""))
   return dataclasses.replace(result, notes=tuple(result.notes) + tuple(notes),
                              auto_offloaded=tuple(config.auto_added))
 

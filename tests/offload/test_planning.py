@@ -81,8 +81,13 @@ def test_trainer_hooks_forced_plan_and_no_offload():
   assert plan["huge"].kind == "rw" and dict((t.name, t.rows) for t in tables)["huge"] == 100_000
   assert off is cfg and result.plan == plan
   # a forced kind notes the offloaded table as `auto` does (printed, and kept in plan.json)
+  # with the store's size and the tier's host memory (plan.py said nothing of either)
+  huge = dict((t.name, t) for t in TABLES)["huge"]
+  host = offload.host_bytes([huge], cfg, ADAGRAD) / 2**20
   assert [n for n in result.notes if "offloaded" in n] == [
-      "offloaded 'huge': 100,000-row device cache, full table in tensorstore"]
+      f"offloaded 'huge': 100,000-row device cache, full table in tensorstore "
+      f"({huge.rows * (huge.dim * 4 + 4) / 2**20:.1f} MiB with its optimizer state, on disk; "
+      f"the tier keeps ~{host:.1f} MiB in host memory)"]
   _, result, tables, off = offload.choose_plan(config, RunOptions(plan="dp"), {"data": 1},
                                           offload.OffloadConfig())
   assert tables == TABLES and not off.tables
