@@ -247,6 +247,9 @@ def row_bytes(spec: TableSpec, optimizer) -> int:
 # Host bytes per cache slot: `CacheMap`'s id_of, last, _pin, _soft, _free (int64) and uses
 # (int32), and the tier's resident (int64) and dirty (bool) flags.
 SLOT_BYTES = 5 * 8 + 4 + 8 + 1
+# ... per write-back buffer row, besides the row and its optimizer state: `HostBuffer`'s
+# row_at, version and free list (int64); the buffer holds `host_buffer_rows` of them.
+BUFFER_ROW_BYTES = 3 * 8
 
 
 def host_bytes(tables: Sequence[TableSpec], config: OffloadConfig, optimizer) -> int:
@@ -254,15 +257,16 @@ def host_bytes(tables: Sequence[TableSpec], config: OffloadConfig, optimizer) ->
   aside: 12 bytes per table row (the cache's row → slot map and use counts, the write-back
   buffer's index), `SLOT_BYTES` per cache slot (its row, last use, pins, free list, use
   count, dirty flag: 0.5 GB for a 10M-row cache, which this left out), the buffer's
-  `host_buffer_rows` rows with their optimizer state, and a `kvstore='memory'` store's
-  whole table."""
+  `host_buffer_rows` rows with their optimizer state and `BUFFER_ROW_BYTES` each (all of
+  them, whatever the table's rows: the buffer allocates them), and a `kvstore='memory'`
+  store's whole table."""
   by_name = {t.name: t for t in tables}
   total = 0
   for off in config.tables:
     spec = by_name[off.name]
     per_row = row_bytes(spec, optimizer)
     total += (12 * spec.rows + SLOT_BYTES * off.resolve_cache_rows(spec, optimizer)
-              + min(config.host_buffer_rows, spec.rows) * (per_row + 16))
+              + config.host_buffer_rows * (per_row + BUFFER_ROW_BYTES))
     if off.kvstore == "memory":
       total += spec.rows * per_row
   return total

@@ -15,20 +15,18 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import shutil
 from typing import Mapping, Sequence
 
 import jax
 
 from jaxrec import files, workdir_layout
 from jaxrec.offload import owner
+from jaxrec.offload.disk_space import filesystem, warn_disk_space
 from jaxrec.offload.config import OffloadConfig, device_tables
 from jaxrec.offload.planning import (plan_with_offload, with_offload_notes,
                                      with_auto_offloaded)
 from jaxrec.offload.tier import OffloadTier
-from jaxrec.planner.result import format_bytes
 from jaxrec.sharding.plan import (Plan, check_plan_flag, is_plan_file, load_plan_file,
                                   uniform_plan, warn_collapsed_kind)
 from jaxrec.errors import BudgetError, ConfigError
@@ -196,59 +194,8 @@ def make_tier(collection, config, offload_config: OffloadConfig, seed: int, work
                 "current directory)", t.name, tier.tables[t.name].store.path, t.path)
   warn_copied_snapshots(tier, workdir_layout.snapshots_dir(workdir))
   if trains:
-    warn_disk_space(tier, kept, workdir_layout.snapshots_dir(workdir))
+    warn_disk_space(tier.tables, kept, workdir_layout.snapshots_dir(workdir))
   return tier
-
-
-def warn_disk_space(tier: OffloadTier, keep: int, snapshots: str,
-                    free_bytes=lambda path: shutil.disk_usage(path).free) -> list[str]:
-  """Warns (and returns the warnings) when the stores on a filesystem and `keep`
-  snapshots of them, each up to a whole copy (a run touching rows all over its tables
-  rewrites nearly every file between checkpoints), may not fit: more than its free space
-  and the files already there. A 1e8-row bf16 table (3.2 GB) with two checkpoints kept
-  took 6.1 GB of a 9.8 GB disk, with no word of it."""
-  need: dict[int, list] = {}
-  for name, t in tier.tables.items():
-    where = filesystem(t.store.path)
-    if t.store.off.kvstore == "memory" or where is None:
-      continue
-    size = sum(math.prod(t.store.array_shape(n)) * t.store.array_dtype(n).itemsize
-               for n in t.store.names)
-    need.setdefault(where, []).append((name, size, t.store.path))
-  warnings = []
-  for tables in need.values():
-    whole = sum(size for _, size, _ in tables)
-    paths = [p for _, _, p in tables] + [snapshots]
-    have = free_bytes(files.deepest_existing(os.path.abspath(paths[0]))) + _bytes_in(paths)
-    if whole * (keep + 1) <= have:
-      continue
-    names = ", ".join(f"'{n}'" for n, _, _ in tables)
-    warnings.append(
-        f"offloaded table(s) {names}: the store{'s' if len(tables) > 1 else ''} "
-        f"({format_bytes(whole)}) and --keep_checkpoints={keep} snapshots, each up to a whole "
-        f"copy when training touches rows all over the table, may need "
-        f"{format_bytes(whole * (keep + 1))}; the disk holding {paths[0]} has "
-        f"{format_bytes(have)} for them. Free space, lower --keep_checkpoints, or give "
-        "OffloadTable.path another disk (with the workdir, for snapshots to hard-link)")
-    _LOG.warning("%s", warnings[-1])
-  return warnings
-
-
-def _bytes_in(paths) -> int:
-  """Bytes of the files under `paths` (directories; absent ones count 0), each inode once
-  (snapshots hard-link the store's files)."""
-  seen, total = set(), 0
-  for path in paths:
-    for root, _, names in os.walk(path):
-      for name in names:
-        try:
-          st = os.lstat(os.path.join(root, name))
-        except OSError:
-          continue
-        if (st.st_dev, st.st_ino) not in seen:
-          seen.add((st.st_dev, st.st_ino))
-          total += st.st_size
-  return total
 
 
 def warn_copied_snapshots(tier: OffloadTier, snapshots: str) -> list[str]:
@@ -269,15 +216,6 @@ def warn_copied_snapshots(tier: OffloadTier, snapshots: str) -> list[str]:
         "put OffloadTable.path on the workdir's filesystem, or the workdir on the store's")
     _LOG.warning("%s", warnings[-1])
   return warnings
-
-
-def filesystem(path: str) -> int | None:
-  """The device id (`st_dev`) of `path`, or of its nearest existing parent; None when it
-  cannot be read (the store's own checks name such a path)."""
-  try:
-    return os.stat(files.deepest_existing(os.path.abspath(path))).st_dev
-  except OSError:
-    return None
 
 
 def store_paths(tier: OffloadTier) -> dict[str, dict[str, str]]:

@@ -289,7 +289,7 @@ def warn_collapsed_kind(kind: str, mesh_shape: Mapping[str, int]) -> None:
          f"split over {_axes_text(split)}")
   example = kind_mesh(kind, n)
   fix = (f"; for {kind} give e.g. --mesh={','.join(f'{a}={v}' for a, v in example.items())}"
-         if example else f"; no mesh of {n} devices splits {_axes_text(axes)[5:]}")
+         if example else f"; no mesh of {n} devices splits all of {_axes_text(axes)[5:]}")
   warn_for_mesh(f"--plan={kind} splits tables over {_axes_text(axes)}, {which} 1 in mesh "
                 f"{format_mesh(mesh_shape)}: the tables are placed as --plan={same} ({how})"
                 + fix, mesh_shape)
@@ -297,16 +297,20 @@ def warn_collapsed_kind(kind: str, mesh_shape: Mapping[str, int]) -> None:
 
 def kind_mesh(kind: str, n: int) -> dict[str, int] | None:
   """The axes of a mesh of `n` devices that places `kind` as itself: all on its one axis;
-  for several, 2 on each but the last, which takes the rest (`twrw` on 8: `table=2,row=4`;
-  `grid` on 4, too few for three axes: `row=2,col=2`, grid on `table=1`); None for `dp`
-  and where `n` allows none (`twrw` on 2). `--mesh=auto`'s mesh for a forced kind."""
+  for several, the smallest factor of what is left on each but the last, which takes the
+  rest (`twrw` on 8: `table=2,row=4`, on 9 `table=3,row=3`; `grid` on 4, too few for
+  three axes: `row=2,col=2`, grid on `table=1`); None for `dp` and where `n` allows none
+  (`twrw` on 2 or 7). `--mesh=auto`'s mesh for a forced kind."""
   axes = KIND_AXES[kind]
   if len(axes) == 1:
     return {axes[0]: n}
   for split in (axes, ("row", "col") if kind == "grid" else ()):
-    head = 2 ** (len(split) - 1)
-    if split and n % head == 0 and n // head >= 2:
-      return {a: 2 for a in split[:-1]} | {split[-1]: n // head}
+    sizes, left = {}, n
+    for a in split[:-1]:
+      sizes[a] = next((f for f in range(2, left + 1) if left % f == 0), 1)
+      left //= sizes[a]
+    if split and left >= 2 and all(v >= 2 for v in sizes.values()):
+      return sizes | {split[-1]: left}
   return None
 
 

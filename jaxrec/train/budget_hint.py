@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 from jaxrec import planner
+from jaxrec.offload import config as offload_config
 from jaxrec.planner.result import format_bytes
 
 # Device memory this many times the default or more gets the note.
@@ -61,8 +62,9 @@ def host_warning(result, devices, host_bytes: int | None = None, offloaded: int 
   if offloaded:
     room = int(HOST_FRACTION * host - offloaded) // max(cpus, 1) >> 20
     return (f"the offload tier keeps about {format_bytes(offloaded)} in host memory (its "
-            "buffered rows and their optimizer state, 12 bytes per table row and 53 per "
-            "cache slot, and the whole table of a kvstore='memory' store)"
+            f"buffered rows and their optimizer state, 12 bytes per table row and "
+            f"{offload_config.SLOT_BYTES} per cache slot, and the whole table of a "
+            "kvstore='memory' store)"
             + (f", and the plan puts {format_bytes(each * cpus)} on the {cpus} CPU devices "
                "of this process" if cpus else "")
             + f", of this host's {format_bytes(host)}: the run may run out of it. Give a "

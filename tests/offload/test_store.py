@@ -340,25 +340,34 @@ def test_writing_a_large_tables_initial_rows_is_logged(tmp_path, monkeypatch, ca
   assert caplog.messages == []
 
 
-def test_stores_and_snapshots_the_disk_may_not_hold_are_warned_about(tmp_path):
+def test_stores_and_snapshots_the_disk_may_not_hold_are_warned_about(tmp_path, monkeypatch):
   """A 1e8-row bf16 table (3.2 GB) with two checkpoints kept took 6.1 GB of a 9.8 GB
   disk, with no word: each snapshot is up to a whole copy. `warn_disk_space` compares
-  the stores and `--keep_checkpoints` copies with the free space and what is there."""
+  what each disk needs with its free space and, when short, the files already there; a
+  store on another disk than the snapshots, or in memory, is copied whole to theirs."""
   import types  # pylint: disable=import-outside-toplevel
-  from jaxrec.offload import hooks  # pylint: disable=import-outside-toplevel
+  from jaxrec.offload import disk_space  # pylint: disable=import-outside-toplevel
   store = _store(tmp_path)             # 1000 x 8 float32 + Adagrad's 1000 x 8: 64,000 bytes
-  tier = types.SimpleNamespace(tables={"big": types.SimpleNamespace(spec=SPEC, store=store)})
+  tables = {"big": types.SimpleNamespace(spec=SPEC, store=store)}
   snaps = str(tmp_path / "offload_snapshots")
   free = lambda n: lambda path: n
-  assert hooks.warn_disk_space(tier, 3, snaps, free(4 * 64_000)) == []
-  (warning,) = hooks.warn_disk_space(tier, 3, snaps, free(4 * 64_000 - 1))
+  assert disk_space.warn_disk_space(tables, 3, snaps, free(4 * 64_000)) == []
+  (warning,) = disk_space.warn_disk_space(tables, 3, snaps, free(4 * 64_000 - 1))
   assert warning == (
-      f"offloaded table(s) 'big': the store (62.5 KiB) and --keep_checkpoints=3 snapshots, "
-      f"each up to a whole copy when training touches rows all over the table, may need "
-      f"250.0 KiB; the disk holding {store.path} has 250.0 KiB for them. Free space, lower "
-      f"--keep_checkpoints, or give OffloadTable.path another disk (with the workdir, for "
-      f"snapshots to hard-link)")
+      f"offloaded table(s) 'big': the stores and --keep_checkpoints=3 snapshots of them "
+      f"(each up to a whole copy when training touches rows all over a table) may need "
+      f"250.0 KiB on the disk holding {store.path}, which has 250.0 KiB for them (free, and "
+      f"their files already there). Free space or lower --keep_checkpoints")
   store.create(jax.random.key(0))       # files already there count as room, once each
-  assert hooks.warn_disk_space(tier, 3, snaps, free(4 * 64_000 - 1)) == []
+  assert disk_space.warn_disk_space(tables, 3, snaps, free(4 * 64_000 - 1)) == []
+  # the store on another disk: it needs itself there, the snapshots keep + 1 copies on theirs
+  monkeypatch.setattr(disk_space, "filesystem", lambda path: 1 if path == snaps else 2)
+  frees = {str(tmp_path): 4 * 64_000 - 1}   # the snapshots' disk (shown: its parent)
+  warnings = disk_space.warn_disk_space(tables, 3, snaps, lambda p: frees.get(p, 64_000))
+  assert [w.split(" on the disk holding ")[1].split(",")[0] for w in warnings] == [snaps]
+  frees[str(tmp_path)] += 1   # 4 whole copies fit; the store's disk holds the store
+  assert disk_space.warn_disk_space(tables, 3, snaps, lambda p: frees.get(p, 64_000)) == []
+  # a memory store: its snapshots are whole zarr copies on the snapshots' disk
   store.off = offload.OffloadTable("big", cache_rows=100, kvstore="memory")
-  assert hooks.warn_disk_space(tier, 3, snaps, free(0)) == []
+  assert len(disk_space.warn_disk_space(tables, 3, snaps, free(4 * 64_000 - 1))) == 1
+  assert disk_space.warn_disk_space(tables, 3, snaps, free(4 * 64_000)) == []

@@ -1,6 +1,7 @@
 """The note when the default planner budget is far below the device's memory (a GPU)."""
 
 import jax
+import numpy as np
 
 from jaxrec import planner
 from jaxrec.train import budget_hint
@@ -105,9 +106,9 @@ def test_the_offload_tiers_host_memory_is_counted_on_any_platform():
                                  host_buffer_rows=1000)
   slots = 1000 * offload.config.SLOT_BYTES   # a 1000-row cache's bookkeeping
   assert offload.host_bytes(tables, config, adagrad) == (
-      12 * 100_000_000 + slots + 1000 * (132 + 16) + 100_000_000 * 132)
+      12 * 100_000_000 + slots + 1000 * (132 + 24) + 100_000_000 * 132)
   filed = offload.OffloadConfig(tables={"big": {"cache_rows": 1000}}, host_buffer_rows=1000)
-  assert offload.host_bytes(tables, filed, adagrad) == 12 * 100_000_000 + slots + 1000 * 148
+  assert offload.host_bytes(tables, filed, adagrad) == 12 * 100_000_000 + slots + 1000 * 156
   # SLOT_BYTES is what the cache map and the tier hold per slot (~45 B a slot were left
   # out: 0.5 GB of a 10M-row cache)
   from jaxrec.offload.cache import CacheMap   # pylint: disable=import-outside-toplevel
@@ -115,6 +116,10 @@ def test_the_offload_tiers_host_memory_is_counted_on_any_platform():
   per_slot = sum(a.nbytes for a in (cache.id_of, cache.last, cache.uses, cache._pin,   # pylint: disable=protected-access
                                     cache._soft, cache._free)) / 1000   # pylint: disable=protected-access
   assert offload.config.SLOT_BYTES == per_slot + 8 + 1   # + the tier's resident, dirty
+  from jaxrec.offload.buffer import HostBuffer   # pylint: disable=import-outside-toplevel
+  buffer = HostBuffer("big", 5000, 1000, {"table": (32,)}, {"table": np.float32})
+  assert offload.config.BUFFER_ROW_BYTES == sum(
+      a.nbytes for a in (buffer.row_at, buffer.version, buffer._free)) / 1000   # pylint: disable=protected-access
   result = types.SimpleNamespace(memory={"table": GIB})
   gpus = [types.SimpleNamespace(platform="gpu")] * 8
   text = budget_hint.host_warning(result, gpus, host_bytes=15 * GIB, offloaded=13 * GIB)

@@ -161,6 +161,7 @@ def test_a_forced_kind_placed_as_another_on_the_mesh_is_warned_about(caplog):
   assert mesh_lib.auto_mesh_shape("twrw", 8) == {"data": 1, "table": 2, "row": 4, "col": 1}
   assert mesh_lib.auto_mesh_shape("grid", 4) == {"data": 1, "table": 1, "row": 2, "col": 2}
   assert mesh_lib.auto_mesh_shape("twcw", 2) == {"data": 1, "table": 2, "row": 1, "col": 1}
+  assert mesh_lib.auto_mesh_shape("twrw", 9) == {"data": 1, "table": 3, "row": 3, "col": 1}
   caplog.clear()
   with caplog.at_level("WARNING"):
     plan_lib.warn_collapsed_kind("twcw", mesh_lib.auto_mesh_shape("twcw", 2))
@@ -168,7 +169,7 @@ def test_a_forced_kind_placed_as_another_on_the_mesh_is_warned_about(caplog):
   assert caplog.messages == [
       "--plan=twcw splits tables over axes table and col, and axis col is 1 in mesh "
       "data=1,table=2,row=1,col=1: the tables are placed as --plan=tw (each whole on one "
-      "slice of axis table); no mesh of 2 devices splits table and col",
+      "slice of axis table); no mesh of 2 devices splits all of table and col",
       "--plan=grid splits tables over axes table, row and col, and axes row and col are 1 in "
       "mesh data=1,table=4,row=1,col=1: the tables are placed as --plan=tw (each whole on one "
       "slice of axis table); for grid give e.g. --mesh=row=2,col=2"]
