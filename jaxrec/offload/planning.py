@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import BudgetError
 from jaxrec.offload.config import (OFFLOAD_DTYPES, OffloadConfig, OffloadTable, device_tables,
-                                   host_bytes, row_bytes)
+                                   BUFFER_ROW_BYTES, host_bytes, row_bytes)
 from jaxrec.planner.result import format_bytes
 
 
@@ -116,11 +116,13 @@ def with_offload_notes(result, tables: Sequence[TableSpec], config: OffloadConfi
   for o in config.tables:
     spec = _spec(tables, o.name)
     host = host_bytes([spec], dataclasses.replace(config, tables=(o,)), optimizer)
+    buffer = config.host_buffer_rows * (row_bytes(spec, optimizer) + BUFFER_ROW_BYTES)
     notes.append(f"offloaded '{o.name}': {o.resolve_cache_rows(spec, optimizer):,}-row "
                  f"device cache, full table in tensorstore ("
                  f"{format_bytes(spec.rows * row_bytes(spec, optimizer))} with its optimizer "
                  f"state, {'in host memory' if o.kvstore == 'memory' else 'on disk'}; the "
-                 f"tier keeps ~{format_bytes(host)} in host memory)"
+                 f"tier keeps ~{format_bytes(host)} in host memory, {format_bytes(buffer)} of "
+                 f"it the write-back buffer's {config.host_buffer_rows:,} rows)"
                  + (auto if o.name in config.auto_added else ""))
   return dataclasses.replace(result, notes=tuple(result.notes) + tuple(notes),
                              auto_offloaded=tuple(config.auto_added))

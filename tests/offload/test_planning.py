@@ -87,7 +87,9 @@ def test_trainer_hooks_forced_plan_and_no_offload():
   assert [n for n in result.notes if "offloaded" in n] == [
       f"offloaded 'huge': 100,000-row device cache, full table in tensorstore "
       f"({huge.rows * (huge.dim * 4 + 4) / 2**20:.1f} MiB with its optimizer state, on disk; "
-      f"the tier keeps ~{host:.1f} MiB in host memory)"]
+      f"the tier keeps ~{host:.1f} MiB in host memory, "
+      f"{cfg.host_buffer_rows * (huge.dim * 4 + 4 + 24) / 2**20:.1f} MiB of it the write-back "
+      f"buffer's {cfg.host_buffer_rows:,} rows)"]
   _, result, tables, off = offload.choose_plan(config, RunOptions(plan="dp"), {"data": 1},
                                           offload.OffloadConfig())
   assert tables == TABLES and not off.tables
