@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 import jax
 
-from jaxrec import files, workdir_layout
+from jaxrec import workdir_layout
 from jaxrec.offload import owner
 from jaxrec.offload.disk_space import filesystem, warn_disk_space
 from jaxrec.offload.config import OffloadConfig, device_tables
