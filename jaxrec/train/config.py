@@ -294,6 +294,13 @@ class RunOptions:
   memory_per_device: int | None = None
   progress: bool = True
 
+  def most_checkpoints_kept(self) -> int:
+    """The most checkpoints this run can keep at once: `keep_checkpoints`, or the saves
+    `num_steps` allows, when fewer (every `checkpoint_every` steps and the last; a resume
+    saves fewer). What the offload tier's disk-space warning prices snapshots for."""
+    every = self.checkpoint_every or self.num_steps
+    return min(self.keep_checkpoints, -(-self.num_steps // every))
+
   def validate(self) -> None:
     if self.num_steps <= 0:
       raise ConfigError(f"--num_steps must be positive, got {self.num_steps}")

@@ -303,7 +303,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   # (a count cannot tell: a save in flight or a rejected step holds one too)
   tier = offload.make_tier(collection, config, info["offload"], options.seed, workdir,
                            keep=None, evaluates=eval_data is not None,
-                           trains=source is not None, kept=options.keep_checkpoints)
+                           trains=source is not None, kept=options.most_checkpoints_kept())
   # the tier reads ahead (prefetch) and remaps the ids of offloaded tables to cache slots
   wrap = tier.wrap if tier is not None else (lambda it: it)
   train_it = None if source is None else wrap(source)

@@ -371,3 +371,15 @@ def test_stores_and_snapshots_the_disk_may_not_hold_are_warned_about(tmp_path, m
   store.off = offload.OffloadTable("big", cache_rows=100, kvstore="memory")
   assert len(disk_space.warn_disk_space(tables, 3, snaps, free(4 * 64_000 - 1))) == 1
   assert disk_space.warn_disk_space(tables, 3, snaps, free(4 * 64_000)) == []
+
+
+def test_the_disk_warning_prices_the_checkpoints_a_run_can_keep():
+  """It priced `--keep_checkpoints` (default 3) whole copies for a run of one save (h72:
+  `--num_steps` <= `--checkpoint_every`): a false warning on a disk that holds two."""
+  from jaxrec.train.config import RunOptions  # pylint: disable=import-outside-toplevel
+  kept = lambda **kw: RunOptions(**kw).most_checkpoints_kept()
+  assert kept(num_steps=20, checkpoint_every=0, keep_checkpoints=3) == 1     # the last only
+  assert kept(num_steps=20, checkpoint_every=10, keep_checkpoints=3) == 2    # 10, 20
+  assert kept(num_steps=21, checkpoint_every=10, keep_checkpoints=3) == 3    # 10, 20, 21
+  assert kept(num_steps=5, checkpoint_every=10, keep_checkpoints=3) == 1
+  assert kept(num_steps=1000, checkpoint_every=100, keep_checkpoints=3) == 3
