@@ -92,7 +92,7 @@ import numpy as np
 from jaxrec.embedding import specs
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError
-from jaxrec.sharding.plan import KIND_AXES, KINDS, MESH_AXES, Plan
+from jaxrec.sharding.plan import KIND_AXES, KINDS, MESH_AXES, Plan, placed_as
 
 COST_TERMS = ("const", "collectives", "stacks", "sort_bytes", "gather_bytes", "pool_bytes",
               "stream_bytes", "update_bytes", "all_gather_bytes", "reduce_scatter_bytes",
@@ -288,10 +288,9 @@ def allowed_kinds(load: TableLoad, mesh: Mapping[str, int]) -> list[str]:
 
 
 def distinct_kind(kind: str, mesh: Mapping[str, int]) -> bool:
-  """Whether no other kind splits over exactly the axes of size > 1 that `kind` splits
-  over on `mesh` (else the two are the same placement there: `twrw` on `table=1` is `rw`)."""
-  split = {a for a in KIND_AXES[kind] if mesh.get(a, 1) > 1}
-  return not any(set(axes) == split for k, axes in KIND_AXES.items() if k != kind)
+  """Whether no other kind is the same placement on `mesh` (`sharding.plan.placed_as`:
+  `twrw` on `table=1` is `rw`)."""
+  return placed_as(kind, mesh) is None
 
 
 def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], plan: Plan,

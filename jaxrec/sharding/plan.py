@@ -276,11 +276,11 @@ def warn_collapsed_kind(kind: str, mesh_shape: Mapping[str, int]) -> None:
   and so on 2 devices, where no mesh splits both). Plans compared on such a mesh were one
   plan under two names."""
   n = math.prod(int(mesh_shape.get(a, 1)) for a in MESH_AXES)
+  same = placed_as(kind, mesh_shape)
+  if n == 1 or same is None:
+    return
   axes = KIND_AXES[kind]
   split = [a for a in axes if mesh_shape.get(a, 1) > 1]
-  if n == 1 or len(split) == len(axes) or split == ["row", "col"]:   # grid on table=1: its own
-    return
-  same = next(k for k, a in KIND_AXES.items() if set(a) == set(split))
   ones = [a for a in axes if a not in split]
   which = (("which is" if len(ones) == 1 else "which are all") if ones == list(axes) else
            f"and {_axes_text(ones)} {'is' if len(ones) == 1 else 'are'}")
@@ -293,6 +293,15 @@ def warn_collapsed_kind(kind: str, mesh_shape: Mapping[str, int]) -> None:
   warn_for_mesh(f"--plan={kind} splits tables over {_axes_text(axes)}, {which} 1 in mesh "
                 f"{format_mesh(mesh_shape)}: the tables are placed as --plan={same} ({how})"
                 + fix, mesh_shape)
+
+
+def placed_as(kind: str, mesh_shape: Mapping[str, int]) -> str | None:
+  """The other kind that splits over exactly the axes of size > 1 that `kind` splits over
+  on this mesh, which therefore places tables as `kind` does (`twrw` on `table=1` is `rw`,
+  `cw` on `data=8` is `dp`); None when no other kind does (`grid` on `table=1` is the only
+  row x column split)."""
+  split = {a for a in KIND_AXES[kind] if mesh_shape.get(a, 1) > 1}
+  return next((k for k, axes in KIND_AXES.items() if k != kind and set(axes) == split), None)
 
 
 def kind_mesh(kind: str, n: int) -> dict[str, int] | None:
