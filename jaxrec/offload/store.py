@@ -341,7 +341,7 @@ class _Progress:
   """Log lines while a large table's initial rows are written (see `_write_init`)."""
 
   def __init__(self, table: str, where: str, rows: int, total_bytes: int):
-    self.table, self.rows, self.total = table, rows, total_bytes
+    self.table, self.rows = table, rows
     self.on = total_bytes >= _PROGRESS_MIN_BYTES
     self.start = self.last = time.monotonic()
     if self.on:

@@ -157,8 +157,7 @@ def inputs_from_gin() -> PlannerInputs:
   eval_batch = _query("ExperimentConfig.eval_batch_size", _UNSET)
   if eval_batch is _UNSET and where == "ExperimentConfig.embedding":   # the trainer's default
     from jaxrec.train.config import ExperimentConfig  # pylint: disable=import-outside-toplevel
-    eval_batch = {f.name: f.default for f in dataclasses.fields(ExperimentConfig)
-                  }["eval_batch_size"]
+    eval_batch = ExperimentConfig.eval_batch_size   # the dataclass field's default
   return PlannerInputs(tables, features, {},
                        None if batch is _UNSET else _batch_size(batch_from, batch), optimizer,
                        None if eval_batch is _UNSET else
