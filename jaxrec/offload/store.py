@@ -242,7 +242,10 @@ class TableStore:
 
   # ----------------------------------------------------------------------------- rows
   def read(self, rows: np.ndarray) -> "PendingRead":
-    """Starts reading `rows` (sorted unique int64) from every array."""
+    """Starts reading `rows` (sorted unique int64) from every array. `OffloadError` when
+    the store was deleted or moved during the run (`check_intact`)."""
+    if len(rows):
+      self.check_intact("the run stops before training on them")
     futures = {name: arr[rows].read() for name, arr in self.readers.items()} if len(rows) \
         else {}
     return PendingRead(self, rows, futures)
@@ -304,15 +307,23 @@ class TableStore:
     if self.off.kvstore == "memory":
       _copy_arrays(self, dst)
       return
+    self.check_intact("a snapshot of it would replace the good ones. Nothing was saved for "
+                      "this step")
+    link_tree(self.path, dst, names=self.names)
+
+  def check_intact(self, consequence: str) -> None:
+    """`OffloadError` when an array of a file store lost its metadata: the directory was
+    deleted or moved under the run, and tensorstore reads its rows as the fill value
+    (zeros). A few `stat` calls."""
+    if self.off.kvstore == "memory":
+      return
     lost = [n for n in self.names if driver_on_disk(os.path.join(self.path, n)) is None]
-    if lost:   # the directory was deleted or moved under the run: its rows read as zeros
+    if lost:
       raise OffloadError(
           f"offloaded table '{self.spec.name}': its store '{self.path}' lost the metadata of "
           f"its arrays {', '.join(map(repr, lost))} during the run (deleted or moved?): its "
-          "rows can no longer be read, and a snapshot of it would replace the good ones. "
-          "Nothing was saved for this step; rerun the same command to resume from the last "
-          "checkpoint")
-    link_tree(self.path, dst, names=self.names)
+          f"rows can no longer be read, and {consequence}; rerun the same command to resume "
+          "from the last checkpoint")
 
   def restore_snapshot(self, src: str) -> None:
     """Replaces the arrays by the snapshot in `src` and reopens them."""

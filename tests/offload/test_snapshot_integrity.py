@@ -219,3 +219,32 @@ def test_a_store_deleted_during_the_run_stops_it_and_the_resume_is_clean(two_che
   assert [r["checkpoint_step"] for r in resumes][-1] == 20
   assert snapshots.steps(str(w / "offload_snapshots")) == [10, 20, 30]
   assert np.isfinite([l["loss"] for l in logged_lines(w) if "loss" in l]).all()
+
+
+def test_a_store_deleted_between_steps_stops_the_run_at_its_next_read(two_checkpoints,
+                                                                      tmp_path, monkeypatch):
+  """A store deleted while the run trains (not only just before a checkpoint) stops the
+  run at the next read of its rows, instead of training on zeros until the next
+  checkpoint; nothing is saved and the same command resumes from the last good step."""
+  from jaxrec.offload import store as store_lib  # pylint: disable=import-outside-toplevel
+  w = shutil.copytree(two_checkpoints, tmp_path / "w")
+  real, reads = store_lib.TableStore.read, []
+
+  def deleted_at_fifth_read(self, rows):
+    reads.append(len(rows))
+    if len(reads) == 5:
+      shutil.rmtree(self.path)          # as `rm -rf W/offload/t0` between two steps
+    return real(self, rows)
+  monkeypatch.setattr(store_lib.TableStore, "read", deleted_at_fifth_read)
+  with pytest.raises(OffloadError, match=r"offloaded table 't0': its store '.*/offload/t0' "
+                     r"lost the metadata of its arrays 'table', 'opt.accum' during the run "
+                     r"\(deleted or moved\?\): its rows can no longer be read, and the run "
+                     r"stops before training on them; rerun the same command to resume"):
+    train_synthetic(w, 40, SMALL_DLRM + OFFLOAD)
+  assert len(reads) < 10                # stopped at that read, not at the next checkpoint
+  assert sorted(int(s) for s in os.listdir(w / "checkpoints") if s.isdigit()) == [10, 20]
+  monkeypatch.setattr(store_lib.TableStore, "read", real)
+  train_synthetic(w, 30, SMALL_DLRM + OFFLOAD)
+  resumes = [l for l in logged_lines(w) if l.get("event") == "resume"]
+  assert [r["checkpoint_step"] for r in resumes][-1] == 20
+  assert np.isfinite([l["loss"] for l in logged_lines(w) if "loss" in l]).all()
