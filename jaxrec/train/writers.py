@@ -12,6 +12,7 @@ import math
 import numbers
 import os
 import sys
+import time
 from typing import Any, Mapping
 
 import numpy as np
@@ -22,6 +23,9 @@ from jaxrec.errors import OutputError
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
+# TensorBoard events are flushed at most this often (and at close): tensorboardX's flush
+# fsyncs, ~1-2 ms per logged step with `--log_every=1`; metrics.jsonl is written at once.
+TB_FLUSH_SECS = 10.0
 
 
 def _to_python(value: Any) -> Any:
@@ -62,6 +66,7 @@ class MetricsWriter:
     self._enabled = enabled
     self._file = None
     self._tb = None
+    self._tb_flushed = time.monotonic()
     self.had_records = False   # an earlier run's lines (see `loop`: a restart marks them)
     if enabled:
       os.makedirs(workdir, exist_ok=True)
@@ -73,8 +78,8 @@ class MetricsWriter:
 
   def write(self, step: int, metrics: Mapping[str, Any],
             scalars: Mapping[str, float] | None = None) -> None:
-    """Appends `{'step': step, **metrics}` as one JSON line; numeric values also go to TB,
-    with `scalars`: TB only, what a non-number metric stands for there (e.g.
+    """Appends `{'step': step, **metrics}` as one JSON line; numeric values also go to TB
+    (flushed every `TB_FLUSH_SECS` and at close), with `scalars`: TB only, what a non-number metric stands for there (e.g.
     `bad_rows/train`, the sum of the per-file `bad_rows` mapping)."""
     if not self._enabled:
       return
@@ -89,10 +94,12 @@ class MetricsWriter:
       value = _to_python(value)
       if key != "step" and isinstance(value, numbers.Real) and not isinstance(value, bool):
         self._tb.add_scalar(key, float(value), int(step))
-    try:
-      self._tb.flush()
-    except OSError as e:
-      self._failed(self._tb.logdir, e)
+    if time.monotonic() - self._tb_flushed >= TB_FLUSH_SECS:
+      try:
+        self._tb.flush()
+      except OSError as e:
+        self._failed(self._tb.logdir, e)
+      self._tb_flushed = time.monotonic()
 
   def _failed(self, path: str, error: OSError):
     """A write failed (e.g. a full disk): drops both sinks without writing again (their

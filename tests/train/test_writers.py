@@ -175,3 +175,26 @@ def test_a_close_that_cannot_flush_is_an_output_error_once(tmp_path, monkeypatch
     w.close()
   assert event_writer._closed   # pylint: disable=protected-access  (no retry at exit)
   w.close()
+
+
+def test_tensorboard_is_flushed_on_a_timer_and_at_close(tmp_path, monkeypatch):
+  """tensorboardX's flush fsyncs (~1-2 ms): it ran at every write, i.e. every logged step.
+  Now at most every `TB_FLUSH_SECS`, and at close; metrics.jsonl is still written at once."""
+  from jaxrec.train import writers  # pylint: disable=import-outside-toplevel
+  now = [1000.0]
+  monkeypatch.setattr(writers.time, "monotonic", lambda: now[0])
+  w = MetricsWriter(str(tmp_path))
+  flushes = []
+  real = w._tb.flush   # pylint: disable=protected-access
+  monkeypatch.setattr(w._tb, "flush", lambda: (flushes.append(now[0]), real()))  # pylint: disable=protected-access
+  for step in range(1, 51):
+    w.write(step, {"loss": 1.0 / step})
+  assert flushes == []
+  assert len(_read_jsonl(os.path.join(str(tmp_path), "metrics.jsonl"))) == 50
+  now[0] += writers.TB_FLUSH_SECS
+  w.write(51, {"loss": 0.01})
+  assert flushes == [now[0]]
+  w.write(52, {"loss": 0.01})
+  assert len(flushes) == 1
+  w.close()
+  assert {step for _, step in tb_scalars(str(tmp_path))} == set(range(1, 53))
