@@ -17,14 +17,12 @@ from typing import Any
 import gin
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from jaxrec.checkpoint import offloaded as offloaded_lib
 from jaxrec.checkpoint import storage
 from jaxrec.checkpoint.manager import REJECTED_DIR
 from jaxrec.checkpoint.steps import step_dirs
 from jaxrec.data import pipeline
-from jaxrec.data.batch import Batch
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.errors import ConfigError, DataError, JaxrecError, OutputError
 from jaxrec.files import workdir_lock, write_text_atomic
@@ -40,8 +38,10 @@ from jaxrec.train.config import config_gin_header
 from jaxrec.train import state as state_lib
 from jaxrec.train import step as step_lib
 from jaxrec.train import termination, writers
+from jaxrec.train.evaluation import EvalStopped, evaluate
+from jaxrec.train import evaluation
 from jaxrec.train.config import ExperimentConfig, RunOptions
-from jaxrec.train.metrics import EvalAccumulator
+from jaxrec.train.placement import MAX_STEPS_IN_FLIGHT, device_batch, steps_in_flight  # noqa: F401
 from jaxrec.train.writers import MetricsWriter, Progress
 
 log = logging.getLogger("jaxrec")
@@ -51,26 +51,6 @@ MAX_ROLLBACKS = 3   # --on_nan=rollback gives up after this many in one run
 
 class TrainingError(JaxrecError):
   """Training cannot go on (e.g. non-finite loss under `--on_nan=stop`)."""
-
-
-class EvalStopped(Exception):
-  """`evaluate` gave up between batches because `stop()` said so (SIGTERM during an eval);
-  `.state` is the state to go on with."""
-
-
-# Steps dispatched ahead of the host on a multi-device XLA:CPU mesh. With `--log_every`
-# steps queued (the loop syncs only at log steps), 8 host devices on a busy machine
-# deadlocked in the first collective of a step ("waiting for all gather ... may be stuck",
-# then an abort after 40 s): 100 queued steps of dlrm_criteo under load 8 died before step
-# 100. Two still overlap the host's batch preparation with the device step. One device (no
-# collectives) and GPUs are not capped.
-MAX_STEPS_IN_FLIGHT = 2
-
-
-def steps_in_flight(mesh) -> int | None:
-  """How many dispatched steps the loop lets run ahead (None: no cap)."""
-  cpu = mesh.devices.flat[0].platform == "cpu"
-  return MAX_STEPS_IN_FLIGHT if cpu and mesh.devices.size > 1 else None
 
 
 def check_workdir(workdir: str) -> None:
@@ -161,52 +141,6 @@ def setup(config: ExperimentConfig, options: RunOptions, devices=None, workdir=N
       "device (and the step's activations): leave room for them in --memory_per_device",))
   return collection, plan, {"mesh": choice.mesh, "plan_result": result, "offload": off,
                             "why": choice.why}
-
-
-def device_batch(collection, batch: Batch, sharding) -> Batch:
-  """Host batch → device batch split over every device, its ids packed into one array
-  (`EmbeddingCollection.pack_batch`: one transfer instead of one per feature). What the
-  train and eval steps take; benchmarks place their batches with it too. In one process the
-  local batch is the global one: `device_put` places it with less host work (criteo batch:
-  ~210 vs ~300 µs per step)."""
-  packed = collection.pack_batch(batch)
-  if jax.process_count() == 1:
-    return jax.device_put(packed, sharding)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), packed)
-
-
-def evaluate(eval_step, collection, state, eval_data, sharding, tier=None, stop=None
-             ) -> tuple[dict[str, Any], dict]:
-  """Exact AUC / logloss over the whole eval set (padding masked out), and the state to go
-  on with: with offloaded tables `tier.eval_logits` donates it and returns one holding the
-  same values. An exception raised here carries that state as `.state`. `stop()` true
-  before a batch (a SIGTERM request) raises `EvalStopped`: a preemption's grace period is
-  not spent on an eval whose result would be lost anyway."""
-  acc = EvalAccumulator()
-
-  def run(st, b):   # global [B], replicated
-    return np.asarray(eval_step(st, device_batch(collection, b, sharding)))
-
-  try:
-    for batches, (batch, mask) in enumerate(eval_data, 1):
-      signals.check()
-      if stop is not None and stop():
-        raise EvalStopped(f"stopped before eval batch {batches}")
-      if tier is not None:   # offloaded ids → cache slots, in passes when rows do not fit
-        state, logits = tier.eval_logits(state, batch, run)
-      else:
-        collection.check_ids(batch.ids)            # as for train batches: no silent clamping
-        logits = run(state, batch)
-      labels, mask = batch.labels, mask
-      if jax.process_count() > 1:
-        labels, mask = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
-                        for x in (labels, mask))
-      acc.add(logits, labels, mask > 0)
-      elastic.report_alive("eval", batches=batches)   # not hung: a long eval is no hang
-  except Exception as e:   # offloaded: the state to go on with (`state` may be donated)
-    e.state = getattr(e, "state", state)
-    raise
-  return acc.result(), state
 
 
 def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: str
@@ -443,6 +377,13 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       if restored is not None:
         writer.write(start, {"event": "resume", "checkpoint_step": start, **last},
                      data_adapter.bad_row_scalars(eval=eval_data))
+    elif restored is not None and evaluation.owed(writer.path if is_main else None,
+                                                  options.eval_every, options.num_steps, start):
+      log.info("step %d was saved but not evaluated (the run stopped during its eval): "
+               "evaluating it first", start)
+      metrics, state = evaluate(eval_step, collection, state, eval_data, bsharding, tier)
+      writer.write(start, dict(metrics, **data_adapter.bad_row_metrics(eval_data)),
+                   data_adapter.bad_row_scalars(eval=eval_data))
     while step < options.num_steps:
       signals.check()   # Ctrl-C (deferred by scripts/train.py): between steps, not mid-compile
       if terminated is not None:   # SIGTERM from now on: a checkpoint after the step

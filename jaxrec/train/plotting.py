@@ -14,12 +14,11 @@ from matplotlib.figure import Figure
 from jaxrec import jsonl
 from jaxrec.errors import DataError
 from jaxrec.files import atomic_output
-from jaxrec.train.writers import METRICS_FILE
+from jaxrec.train.writers import METRICS_FILE, REWIND_EVENTS
 
 _LOG = logging.getLogger(__name__)
 PANELS = (("loss", "train loss"), ("eval_auc", "eval AUC"), ("examples_per_sec", "examples/sec"))
 # Events written at the step a run goes back to: lines past it belong to the abandoned run.
-REWIND_EVENTS = ("resume", "nan_rollback", "restart")
 
 
 def read_metrics(workdir: str) -> list[dict]:

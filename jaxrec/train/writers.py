@@ -23,6 +23,9 @@ from jaxrec.errors import OutputError
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
+# event lines written at the step a run went back to: the lines past that step before them
+# are of steps the run redid (`plotting.read_metrics`, `evaluation.owed`)
+REWIND_EVENTS = ("resume", "nan_rollback", "restart")
 # TensorBoard events are flushed at most this often (and at close): tensorboardX's flush
 # fsyncs, ~1-2 ms per logged step with `--log_every=1`; metrics.jsonl is written at once.
 TB_FLUSH_SECS = 10.0

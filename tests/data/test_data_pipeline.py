@@ -175,6 +175,49 @@ def test_eval_reads_everything_once_with_a_padded_last_batch(procs):
   assert (last.mask[:last.num_valid] == 1).all() and (last.mask[last.num_valid:] == 0).all()
 
 
+class _CountingSource:
+  """`numbered_source(n)` counting its `gather` calls."""
+
+  def __init__(self, n):
+    self.inner, self.gathers = numbered_source(n), 0
+    self.num_examples = n
+
+  def gather(self, indices):
+    self.gathers += 1
+    return self.inner.gather(indices)
+
+
+def test_a_small_eval_set_is_built_once_and_kept_read_only():
+  """Every evaluation built the eval set again (synthetic generation, file reads, grain's
+  threads: 1-3x the eval's compute on dlrm_synthetic). A set within `cache_bytes` is now
+  kept after its first complete pass; a bigger one, `cache_bytes=0`, or an interrupted first
+  pass keeps nothing."""
+  src = _CountingSource(45)
+  ev = pipeline.EvalData(src, 16, prefetch=0)
+  first = list(ev)
+  assert src.gathers == 3
+  for _ in range(2):
+    again = list(ev)
+    assert src.gathers == 3 and [b.batch for b in again] == [b.batch for b in first]
+  assert sum(m.sum() for _, m in ev) == 45
+  with pytest.raises(ValueError, match="read-only"):
+    first[0].batch.dense[0, 0] = 7.0       # the next eval's data cannot be changed
+  per_batch = 16 * (13 * 4 + 4 + 4) + 16 * 4 * len(lib.layout().names)
+  for cache_bytes, passes, gathers in [(3 * per_batch - 1, 2, 6), (0, 2, 6),
+                                       (3 * per_batch, 2, 3)]:
+    src = _CountingSource(45)
+    ev = pipeline.EvalData(src, 16, prefetch=0, cache_bytes=cache_bytes)
+    for _ in range(passes):
+      assert sum(m.sum() for _, m in ev) == 45
+    assert src.gathers == gathers, cache_bytes
+  src = _CountingSource(45)
+  ev = pipeline.EvalData(src, 16, prefetch=0)
+  for _ in zip(range(2), ev):              # a pass stopped after 2 batches (e.g. SIGTERM)
+    pass
+  assert sum(m.sum() for _, m in ev) == 45 and src.gathers == 2 + 3
+  assert sum(m.sum() for _, m in ev) == 45 and src.gathers == 5
+
+
 def test_eval_builders(files):
   feats = lib.features({2: 3})
   ev = pipeline.make_eval_batches(files["tsv"], feats, lib.rows(), 64)
@@ -196,7 +239,8 @@ def test_gin_knobs_are_checked(files):
     name = next(iter(kwargs))
     with pytest.raises(ConfigError, match=f"make_train_iterator.{name} must be"):
       pipeline.make_train_iterator("synthetic", feats, lib.rows(), 8, **kwargs)
-  for kwargs in [dict(num_examples="x"), dict(num_examples=0), dict(prefetch="2")]:
+  for kwargs in [dict(num_examples="x"), dict(num_examples=0), dict(prefetch="2"),
+                 dict(cache_bytes=-1)]:
     name = next(iter(kwargs))
     with pytest.raises(ConfigError, match=f"make_eval_batches.{name} must be"):
       pipeline.make_eval_batches(files["tsv"], feats, lib.rows(), 8, **kwargs)

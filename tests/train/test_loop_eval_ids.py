@@ -1,6 +1,8 @@
 """Eval batches get the same host-side id checks as train batches: an out-of-range id in
 the eval data is a DataError naming the feature, not a silently clamped lookup."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -113,3 +115,39 @@ def test_a_restart_without_a_checkpoint_marks_the_dead_runs_lines(tmp_path):
   fresh = tmp_path / "fresh"
   loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(fresh))
   assert all(json.loads(l).get("event") != "restart" for l in open(fresh / "metrics.jsonl"))
+
+
+def test_a_step_saved_but_not_evaluated_is_evaluated_on_resume(monkeypatch, tmp_path):
+  """A run stopped during the eval of a step it had already checkpointed (the loop saves
+  first) resumed after that step, and the step's eval was never done: a hole in the eval
+  curve, nothing said. The rerun now evaluates the restored step first, once."""
+  import json  # pylint: disable=import-outside-toplevel
+  launch.parse_gin(["configs/dlrm_synthetic.gin"], BINDINGS)
+  real, evals = loop.evaluate, []
+
+  def killed_in_the_eval_of_step_4(*args, **kwargs):
+    evals.append(1)
+    if len(evals) == 2:
+      raise KeyboardInterrupt   # as Ctrl-C / a kill after checkpoint 4 committed
+    return real(*args, **kwargs)
+  monkeypatch.setattr(loop, "evaluate", killed_in_the_eval_of_step_4)
+  options = config_lib.RunOptions(num_steps=6, mesh="data=8", plan="dp", log_every=2,
+                                  eval_every=2, checkpoint_every=2, progress=False)
+  with pytest.raises(KeyboardInterrupt):
+    loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path))
+  monkeypatch.setattr(loop, "evaluate", real)
+
+  def evaluated():
+    lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    return [l["step"] for l in lines if "eval_auc" in l], lines
+  assert evaluated()[0] == [2]
+  loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path))
+  steps, lines = evaluated()
+  assert steps == [2, 4, 6]
+  resume = [i for i, l in enumerate(lines) if l.get("event") == "resume"]
+  assert lines[resume[0]]["checkpoint_step"] == 4 and lines[resume[0] + 1]["step"] == 4
+  assert sorted(lines[resume[0] + 1]) == ["eval_auc", "eval_examples", "eval_logloss", "step"]
+  # a resume from a step whose eval was done does not evaluate it again
+  options = dataclasses.replace(options, num_steps=8)
+  loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path))
+  assert evaluated()[0] == [2, 4, 6, 8]

@@ -1,0 +1,92 @@
+"""The eval pass (exact AUC / logloss over the whole eval set) and the eval a resumed run
+still owes: the loop checkpoints a step before evaluating it, so a run stopped during that
+eval resumed past a step whose eval was never done."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxrec import elastic, jsonl, signals
+from jaxrec.train.metrics import EvalAccumulator
+from jaxrec.train.placement import device_batch
+from jaxrec.train.writers import REWIND_EVENTS
+
+
+class EvalStopped(Exception):
+  """`evaluate` gave up between batches because `stop()` said so (SIGTERM during an eval);
+  `.state` is the state to go on with."""
+
+
+def evaluate(eval_step, collection, state, eval_data, sharding, tier=None, stop=None
+             ) -> tuple[dict[str, Any], dict]:
+  """Exact AUC / logloss over the whole eval set (padding masked out), and the state to go
+  on with: with offloaded tables `tier.eval_logits` donates it and returns one holding the
+  same values. An exception raised here carries that state as `.state`. `stop()` true
+  before a batch (a SIGTERM request) raises `EvalStopped`: a preemption's grace period is
+  not spent on an eval whose result would be lost anyway."""
+  acc = EvalAccumulator()
+
+  def run(st, b):   # global [B], replicated
+    return np.asarray(eval_step(st, device_batch(collection, b, sharding)))
+
+  try:
+    for batches, (batch, mask) in enumerate(eval_data, 1):
+      signals.check()
+      if stop is not None and stop():
+        raise EvalStopped(f"stopped before eval batch {batches}")
+      if tier is not None:   # offloaded ids → cache slots, in passes when rows do not fit
+        state, logits = tier.eval_logits(state, batch, run)
+      else:
+        collection.check_ids(batch.ids)            # as for train batches: no silent clamping
+        logits = run(state, batch)
+      labels, mask = batch.labels, mask
+      if jax.process_count() > 1:
+        labels, mask = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                        for x in (labels, mask))
+      acc.add(logits, labels, mask > 0)
+      elastic.report_alive("eval", batches=batches)   # not hung: a long eval is no hang
+  except Exception as e:   # offloaded: the state to go on with (`state` may be donated)
+    e.state = getattr(e, "state", state)
+    raise
+  return acc.result(), state
+
+
+def owed(metrics_path: str | None, eval_every: int, num_steps: int, step: int) -> bool:
+  """Whether restored step `step` (below `num_steps`) is an eval step (`eval_every`) that
+  `metrics_path` (process 0's `metrics.jsonl`; None on the other processes, which take
+  process 0's answer) has no eval line of: the run stopped (killed, SIGTERM, a failed
+  eval) after saving that step and before writing its eval."""
+  if not (eval_every and 0 < step < num_steps and step % eval_every == 0):
+    return False
+  missing = metrics_path is not None and not _has_eval_line(metrics_path, step)
+  if jax.process_count() > 1:
+    missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
+  return missing
+
+
+def _has_eval_line(path: str, step: int) -> bool:
+  """Whether `path` holds an eval line (`eval_*` keys) of `step` that no later rewind
+  (`writers.REWIND_EVENTS`) to an earlier step dropped."""
+  try:
+    lines = jsonl.complete_lines(path)
+  except FileNotFoundError:
+    return False
+  found = False
+  for _, line in lines:
+    if '"eval_' not in line and '"event"' not in line:   # most lines: not parsed
+      continue
+    try:
+      record = json.loads(line)
+      at = int(record["step"])
+    except (ValueError, KeyError, TypeError, OverflowError):
+      continue
+    if record.get("event") in REWIND_EVENTS and at < step:
+      found = False
+    elif at == step and any(k.startswith("eval_") for k in record):
+      found = True
+  return found
