@@ -216,3 +216,12 @@ def deepest_existing(path: str) -> str:
   while path and not os.path.lexists(path) and os.path.dirname(path) != path:
     path = os.path.dirname(path)
   return path
+
+
+def user_cache_dir() -> str:
+  """jaxrec's cache directory: `$JAXREC_CACHE_DIR`, else `$XDG_CACHE_HOME/jaxrec`, else
+  `~/.cache/jaxrec` (the planner's calibration, the compilation cache)."""
+  if os.environ.get("JAXREC_CACHE_DIR"):
+    return os.environ["JAXREC_CACHE_DIR"]
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "jaxrec")

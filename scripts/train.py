@@ -65,6 +65,10 @@ flags.DEFINE_enum("bad_rows", "error", ["error", "skip"], "Malformed input rows:
 flags.DEFINE_string("memory_per_device", None, "Device memory budget for the planner, e.g. "
                     "512MiB; default 16GiB whatever the device.")
 flags.DEFINE_bool("progress", True, "Show a progress bar when stderr is a terminal.")
+flags.DEFINE_string("compilation_cache", None, "Directory of jax's persistent compilation "
+                    "cache (a restart skips compiling), or 'none'; default "
+                    "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/jaxrec/xla ($JAXREC_CACHE_DIR/xla "
+                    "when set), at most 1 GiB (least recently used dropped first).")
 
 
 def _second_signal_text(name: str) -> str:
@@ -88,6 +92,8 @@ def main(argv):
   launch.quiet_orbax_tracebacks()   # a failed save is one `error:` line, not two tracebacks
   with launch.user_errors(interrupted=lambda name: procs.checkpoint_text(
       FLAGS.workdir, f"interrupted by {name}")):
+    from jaxrec import compile_cache  # pylint: disable=import-outside-toplevel
+    compile_cache.enable(FLAGS.compilation_cache)   # before anything compiles
     elastic.initialize_from_env()  # a worker of scripts/launch.py joins its job; else no-op
     signals.check()
     from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel

@@ -28,7 +28,7 @@ import numpy as np
 
 from jaxrec import signals
 from jaxrec.errors import ConfigError
-from jaxrec.files import write_text_atomic
+from jaxrec.files import user_cache_dir, write_text_atomic
 from jaxrec.planner.cost_model import COST_TERMS
 
 # A generic accelerator: ~1 TB/s memory, ~200 GB/s random row gather, ~100 GB/s links,
@@ -102,10 +102,7 @@ DEFAULT = Calibration(DEFAULT_COEFFICIENTS, "defaults (no calibration; run scrip
 def default_cache_path() -> pathlib.Path:
   """`$JAXREC_CACHE_DIR/calibration.json`, else `$XDG_CACHE_HOME/jaxrec/...`, else
   `~/.cache/jaxrec/calibration.json`."""
-  if os.environ.get("JAXREC_CACHE_DIR"):
-    return pathlib.Path(os.environ["JAXREC_CACHE_DIR"]) / "calibration.json"
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return pathlib.Path(base) / "jaxrec" / "calibration.json"
+  return pathlib.Path(user_cache_dir()) / "calibration.json"
 
 
 def load_calibration(path: str | os.PathLike | None = None) -> Calibration | None:

@@ -23,13 +23,16 @@ import sys
 from absl import app  # noqa: F401  (its flags exist before a script's are noted)
 from absl import flags
 from absl import logging as absl_logging
+import jax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_CACHE_CONFIG = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
+                 "jax_persistent_cache_min_compile_time_secs", "jax_compilation_cache_max_size")
 
 
 @contextlib.contextmanager
 def restored_process_state(folder: str | None = None):
-  """Puts back sys.argv, sys.path, os.environ, the cwd, the stop signals' handlers, the
+  """Puts back sys.argv, sys.path, os.environ, jax's compilation cache settings, the cwd, the stop signals' handlers, the
   values of flags defined before (absl's `--verbosity`), the root and absl loggers' levels
   and the root logger's handlers (absl's `app.run` adds its own) and the absl handler's
   filters; removes new flags and the modules newly imported from `folder`."""
@@ -40,9 +43,13 @@ def restored_process_state(folder: str | None = None):
   handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
   defined = {name: (flags.FLAGS[name].value, flags.FLAGS[name].present) for name in flags.FLAGS}
   modules = set(sys.modules)
+  cache = {k: getattr(jax.config, k) for k in _CACHE_CONFIG}   # train.py's compile_cache
   try:
     yield
   finally:
+    for k, v in cache.items():
+      if getattr(jax.config, k) != v:
+        jax.config.update(k, v)
     sys.argv = argv
     if folder:
       _forget_modules_from(folder, set(sys.modules) - modules)

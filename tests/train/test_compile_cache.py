@@ -1,0 +1,94 @@
+"""`scripts/train.py` turns on jax's persistent compilation cache (`jaxrec.compile_cache`):
+every start compiled the run's programs again."""
+
+import logging
+import os
+
+import jax
+import pytest
+
+from jaxrec import compile_cache
+from jaxrec.errors import ConfigError
+from tests.scripts.test_train import SMALL, assert_one_line_error, train
+
+_KEYS = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
+         "jax_persistent_cache_min_compile_time_secs", "jax_compilation_cache_max_size")
+
+
+@pytest.fixture(name="jax_config")
+def _jax_config(monkeypatch):
+  """The cache settings of this process, put back afterwards (the suite's own cache)."""
+  saved = {k: getattr(jax.config, k) for k in _KEYS}
+  for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE",
+               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "JAXREC_CACHE_DIR",
+               "XDG_CACHE_HOME"):
+    monkeypatch.delenv(name, raising=False)
+  yield
+  for k, v in saved.items():
+    jax.config.update(k, v)
+
+
+def test_the_default_directory(jax_config, monkeypatch, tmp_path):   # pylint: disable=unused-argument
+  monkeypatch.setenv("HOME", str(tmp_path))
+  assert compile_cache.default_dir() == f"{tmp_path}/.cache/jaxrec/xla"
+  monkeypatch.setenv("XDG_CACHE_HOME", "/x")
+  assert compile_cache.default_dir() == "/x/jaxrec/xla"
+  monkeypatch.setenv("JAXREC_CACHE_DIR", "/j")
+  assert compile_cache.default_dir() == "/j/xla"
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/c")
+  assert compile_cache.default_dir() == "/c"
+
+
+def test_enable_sets_jax_up_and_keeps_what_the_environment_says(jax_config, monkeypatch,   # pylint: disable=unused-argument
+                                                                tmp_path):
+  monkeypatch.setenv("JAXREC_CACHE_DIR", str(tmp_path))
+  assert compile_cache.enable(None) == str(tmp_path / "xla")
+  assert (tmp_path / "xla").is_dir()
+  assert jax.config.jax_enable_compilation_cache
+  assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+  assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
+  assert jax.config.jax_compilation_cache_max_size == compile_cache.DEFAULT_MAX_BYTES
+  jax.config.update("jax_compilation_cache_max_size", 5)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_MAX_SIZE", "5")
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
+  assert compile_cache.enable(str(tmp_path / "mine")) == str(tmp_path / "mine")
+  assert jax.config.jax_compilation_cache_max_size == 5
+  assert jax.config.jax_persistent_cache_min_compile_time_secs == 2.0
+  assert compile_cache.enable("none") is None and not jax.config.jax_enable_compilation_cache
+
+
+def test_a_directory_that_cannot_be_used(jax_config, monkeypatch, tmp_path, caplog):   # pylint: disable=unused-argument
+  """Given with the flag: an error naming it. The default one: a warning, and no cache
+  (the run does not need it)."""
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ConfigError, match=r"^--compilation_cache=.*/file/xla: cannot use "
+                     r".*/file/xla as the compilation cache: Not a directory \(give another "
+                     r"directory, or 'none'\)$"):
+    compile_cache.enable(str(tmp_path / "file" / "xla"))
+  with pytest.raises(ConfigError, match="--compilation_cache: empty"):
+    compile_cache.enable(" ")
+  monkeypatch.setenv("JAXREC_CACHE_DIR", str(tmp_path / "file"))
+  with caplog.at_level(logging.WARNING):
+    assert compile_cache.enable(None) is None
+  assert "cannot be used (Not a directory)" in caplog.text
+  assert not jax.config.jax_enable_compilation_cache
+
+
+def test_train_fills_the_cache_and_a_rerun_compiles_less(tmp_path):
+  cache = tmp_path / "xla"
+  flags = ["--gin_file=configs/dlrm_synthetic.gin", "--num_steps=2", "--noprogress",
+           f"--compilation_cache={cache}", *(f"--gin_bindings={b}" for b in SMALL)]
+  env = {"JAX_LOG_COMPILES": "1", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "not_this")}
+  first = train(tmp_path / "w1", *flags, env=env)
+  entries = [n for n in os.listdir(cache) if n.endswith("-cache")]
+  assert len(entries) >= 5 and not (tmp_path / "not_this").exists()
+  second = train(tmp_path / "w2", *flags, env=env)
+  assert first.stderr.count("Persistent compilation cache hit") == 0
+  assert second.stderr.count("Persistent compilation cache hit") >= len(entries) - 1
+  off = train(tmp_path / "w3", *flags[:-len(SMALL) - 1], "--compilation_cache=none",
+              *(f"--gin_bindings={b}" for b in SMALL), env=env)
+  assert "Persistent compilation cache hit" not in off.stderr
+  proc = train(tmp_path / "w4", *flags[:-len(SMALL) - 1], "--compilation_cache=~/x",
+               *(f"--gin_bindings={b}" for b in SMALL), env=env, check=False)
+  assert_one_line_error(proc, "--compilation_cache=~/x")
