@@ -72,4 +72,24 @@ def enable(directory: str | None, flag: str = "--compilation_cache") -> str | No
                    "jax needs for one is not installed", path)
     else:
       jax.config.update("jax_compilation_cache_max_size", DEFAULT_MAX_BYTES)
+  if jax.config.jax_compilation_cache_max_size != -1:
+    _drop_unfinished(path)
   return path
+
+
+def _drop_unfinished(path: str) -> None:
+  """Removes the entries of `path` that lack their `-atime` file. jax's size-limited cache
+  writes an entry, then its `-atime` file: a process killed (or a disk filled) between the
+  two left an entry, maybe truncated, that made every later write fail (jax reads every
+  entry's `-atime` to evict) and, truncated, was read and refused at every start, never
+  written again. A cache filled without a size limit has no `-atime` files either: its
+  programs are compiled once more. Under jax's lock, so no entry being written is taken."""
+  import filelock  # pylint: disable=import-outside-toplevel
+  try:
+    with filelock.FileLock(os.path.join(path, ".lockfile"), timeout=10):
+      names = set(os.listdir(path))
+      for name in names:
+        if name.endswith("-cache") and name[:-len("-cache")] + "-atime" not in names:
+          os.remove(os.path.join(path, name))
+  except (filelock.Timeout, OSError) as e:
+    _LOG.warning("compilation cache %s: unfinished entries not removed (%s)", path, e)

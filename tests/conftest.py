@@ -32,6 +32,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # programs (state init, eval, checkpoint helpers) then load too (tests/scripts/test_train.py
 # and test_train_bad_data.py: 72 -> 51 s; in-process tests unchanged).
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Size-limited as scripts/train.py's cache is (`jaxrec.compile_cache`): its entries then have
+# the `-atime` files that train.py, starting, looks for (it removes entries without one).
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 import jaxrec  # noqa: E402,F401  (adds its XLA flag workarounds before jax starts)
 

@@ -5,7 +5,7 @@ eval resumed past a step whose eval was never done."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -56,12 +56,16 @@ def evaluate(eval_step, collection, state, eval_data, sharding, tier=None, stop=
   return acc.result(), state
 
 
-def owed(metrics_path: str | None, eval_every: int, num_steps: int, step: int) -> bool:
-  """Whether restored step `step` (below `num_steps`) is an eval step (`eval_every`) that
+def owed(metrics_path: str | None, meta: Mapping | None, eval_every: int, step: int) -> bool:
+  """Whether restored step `step` was to be evaluated after its save (its checkpoint's
+  `meta["evaluates"]`; a checkpoint without it: a multiple of `eval_every`) and
   `metrics_path` (process 0's `metrics.jsonl`; None on the other processes, which take
-  process 0's answer) has no eval line of: the run stopped (killed, SIGTERM, a failed
-  eval) after saving that step and before writing its eval."""
-  if not (eval_every and 0 < step < num_steps and step % eval_every == 0):
+  process 0's answer) has no eval line of it: the run stopped (killed, SIGTERM, a failed
+  eval) after saving the step and before writing its eval."""
+  due = (meta or {}).get("evaluates")
+  if due is None:
+    due = bool(eval_every) and step > 0 and step % eval_every == 0
+  if not due:
     return False
   missing = metrics_path is not None and not _has_eval_line(metrics_path, step)
   if jax.process_count() > 1:

@@ -300,11 +300,12 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
         log.info("removed offload snapshots of steps %s (older than checkpoint %d)",
                  gone, kept[0])
 
-  def save_checkpoint(state, step: int, force: bool) -> None:
+  def save_checkpoint(state, step: int, force: bool, evaluates: bool) -> None:
     if tier is not None:   # flush and snapshot the offloaded tables of this step
       tier.save(state, step, snapshots)
       elastic.report_alive("save", checkpoint=step)
-    ckpt.save(step, state, collection, data_state=train_it.get_state(), meta=meta, force=force)
+    ckpt.save(step, state, collection, data_state=train_it.get_state(),   # `evaluates`: its
+              meta=dict(meta, evaluates=evaluates), force=force)   # eval follows (`evaluation`)
     elastic.report_alive("save", checkpoint=step)
     prune_snapshots()
 
@@ -378,7 +379,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
         writer.write(start, {"event": "resume", "checkpoint_step": start, **last},
                      data_adapter.bad_row_scalars(eval=eval_data))
     elif restored is not None and evaluation.owed(writer.path if is_main else None,
-                                                  options.eval_every, options.num_steps, start):
+                                                  restored.meta, options.eval_every, start):
       log.info("step %d was saved but not evaluated (the run stopped during its eval): "
                "evaluating it first", start)
       metrics, state = evaluate(eval_step, collection, state, eval_data, bsharding, tier)
@@ -469,7 +470,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
         if record:   # and the loss line before both: killed in the eval after the save
           writer.write(step, record, scalars)   # committed, the run resumed past a step
           logged, record, scalars = record, {}, {}   # that had no line
-        save_checkpoint(state, step, force=done or stop)
+        save_checkpoint(state, step, force=done or stop, evaluates=is_eval)
       if is_eval:
         try:
           metrics, state = evaluate(eval_step, collection, state, eval_data, bsharding, tier,
@@ -484,13 +485,13 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
             state = e.state
             if not is_ckpt:   # between checkpoints: keep the steps since the last one
               log.error("the eval of step %d failed: saving checkpoint %d first", step, step)
-              save_checkpoint(state, step, force=True)
+              save_checkpoint(state, step, force=True, evaluates=True)
               ckpt.wait()
           raise
       if terminated is not None and terminated.is_set() and not sigterm:   # during the eval
         sigterm = stop = True
         if not is_ckpt:
-          save_checkpoint(state, step, force=True)
+          save_checkpoint(state, step, force=True, evaluates=True)
         if not is_log:   # the steps since the last loss line end here
           record["loss"] = float(losses.mean())
       if record:

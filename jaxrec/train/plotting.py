@@ -18,7 +18,6 @@ from jaxrec.train.writers import METRICS_FILE, REWIND_EVENTS
 
 _LOG = logging.getLogger(__name__)
 PANELS = (("loss", "train loss"), ("eval_auc", "eval AUC"), ("examples_per_sec", "examples/sec"))
-# Events written at the step a run goes back to: lines past it belong to the abandoned run.
 
 
 def read_metrics(workdir: str) -> list[dict]:

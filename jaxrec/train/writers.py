@@ -12,7 +12,6 @@ import math
 import numbers
 import os
 import sys
-import time
 from typing import Any, Mapping
 
 import numpy as np
@@ -26,9 +25,10 @@ TB_DIR = "tb"
 # event lines written at the step a run went back to: the lines past that step before them
 # are of steps the run redid (`plotting.read_metrics`, `evaluation.owed`)
 REWIND_EVENTS = ("resume", "nan_rollback", "restart")
-# TensorBoard events are flushed at most this often (and at close): tensorboardX's flush
-# fsyncs, ~1-2 ms per logged step with `--log_every=1`; metrics.jsonl is written at once.
-TB_FLUSH_SECS = 10.0
+# TensorBoard events are written out by tensorboardX's own thread this often (and at close).
+# A flush fsyncs: one per logged step cost the loop 0.3-0.9 ms a step at `--log_every=1`;
+# metrics.jsonl is written at once.
+TB_FLUSH_SECS = 10
 
 
 def _to_python(value: Any) -> Any:
@@ -69,7 +69,6 @@ class MetricsWriter:
     self._enabled = enabled
     self._file = None
     self._tb = None
-    self._tb_flushed = time.monotonic()
     self.had_records = False   # an earlier run's lines (see `loop`: a restart marks them)
     if enabled:
       os.makedirs(workdir, exist_ok=True)
@@ -77,13 +76,14 @@ class MetricsWriter:
       self._file = open(self.path, "a", buffering=1, encoding="utf-8")
       self.had_records = self._file.tell() > 0
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._tb = SummaryWriter(logdir=os.path.join(workdir, TB_DIR))
+      self._tb = SummaryWriter(logdir=os.path.join(workdir, TB_DIR), flush_secs=TB_FLUSH_SECS)
 
   def write(self, step: int, metrics: Mapping[str, Any],
             scalars: Mapping[str, float] | None = None) -> None:
     """Appends `{'step': step, **metrics}` as one JSON line; numeric values also go to TB
-    (flushed every `TB_FLUSH_SECS` and at close), with `scalars`: TB only, what a non-number metric stands for there (e.g.
-    `bad_rows/train`, the sum of the per-file `bad_rows` mapping)."""
+    (written out every `TB_FLUSH_SECS` and at close), with `scalars`: TB only, what a
+    non-number metric stands for there (e.g. `bad_rows/train`, the sum of the per-file
+    `bad_rows` mapping)."""
     if not self._enabled:
       return
     record = {"step": int(step)}
@@ -97,12 +97,6 @@ class MetricsWriter:
       value = _to_python(value)
       if key != "step" and isinstance(value, numbers.Real) and not isinstance(value, bool):
         self._tb.add_scalar(key, float(value), int(step))
-    if time.monotonic() - self._tb_flushed >= TB_FLUSH_SECS:
-      try:
-        self._tb.flush()
-      except OSError as e:
-        self._failed(self._tb.logdir, e)
-      self._tb_flushed = time.monotonic()
 
   def _failed(self, path: str, error: OSError):
     """A write failed (e.g. a full disk): drops both sinks without writing again (their

@@ -213,7 +213,7 @@ def test_interrupted_json_keeps_the_old_one_and_leaves_no_tmp(tmp_path):
   interrupt = ("import os, runpy, sys, types\nimport jaxrec.files as files\n"
                "def replace(src, dst):\n  raise KeyboardInterrupt\n"
                "files.os = types.SimpleNamespace(fspath=os.fspath, getpid=os.getpid, path=os.path,"
-               " remove=os.remove, replace=replace)\nsys.argv = sys.argv[1:]\n"
+               " remove=os.remove, replace=replace, environ=os.environ)\nsys.argv = sys.argv[1:]\n"
                "runpy.run_path(sys.argv[0], run_name='__main__')\n")
   env = dict(os.environ, JAXREC_CACHE_DIR=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", interrupt, os.path.join(ROOT, "scripts", "plan.py"),

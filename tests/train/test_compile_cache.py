@@ -92,3 +92,15 @@ def test_train_fills_the_cache_and_a_rerun_compiles_less(tmp_path):
   proc = train(tmp_path / "w4", *flags[:-len(SMALL) - 1], "--compilation_cache=~/x",
                *(f"--gin_bindings={b}" for b in SMALL), env=env, check=False)
   assert_one_line_error(proc, "--compilation_cache=~/x")
+
+
+def test_unfinished_entries_are_removed_at_start(jax_config, tmp_path):   # pylint: disable=unused-argument
+  """An entry without its `-atime` file (a process killed while jax wrote it) made every
+  later write of the size-limited cache fail, and was never written again."""
+  cache = tmp_path / "xla"
+  cache.mkdir()
+  (cache / "jit_orphan-01-cache").write_bytes(b"truncated")
+  (cache / "jit_done-02-cache").write_bytes(b"x")
+  (cache / "jit_done-02-atime").write_bytes(b"\0" * 8)
+  compile_cache.enable(str(cache))
+  assert sorted(os.listdir(cache)) == [".lockfile", "jit_done-02-atime", "jit_done-02-cache"]

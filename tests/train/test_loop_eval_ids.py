@@ -123,14 +123,14 @@ def test_a_step_saved_but_not_evaluated_is_evaluated_on_resume(monkeypatch, tmp_
   curve, nothing said. The rerun now evaluates the restored step first, once."""
   import json  # pylint: disable=import-outside-toplevel
   launch.parse_gin(["configs/dlrm_synthetic.gin"], BINDINGS)
-  real, evals = loop.evaluate, []
+  real, evals, killed_at = loop.evaluate, [], [2]
 
-  def killed_in_the_eval_of_step_4(*args, **kwargs):
+  def killed_in_an_eval(*args, **kwargs):
     evals.append(1)
-    if len(evals) == 2:
-      raise KeyboardInterrupt   # as Ctrl-C / a kill after checkpoint 4 committed
+    if len(evals) == killed_at[0]:
+      raise KeyboardInterrupt   # as Ctrl-C / a kill after that step's checkpoint committed
     return real(*args, **kwargs)
-  monkeypatch.setattr(loop, "evaluate", killed_in_the_eval_of_step_4)
+  monkeypatch.setattr(loop, "evaluate", killed_in_an_eval)   # in the eval of step 4
   options = config_lib.RunOptions(num_steps=6, mesh="data=8", plan="dp", log_every=2,
                                   eval_every=2, checkpoint_every=2, progress=False)
   with pytest.raises(KeyboardInterrupt):
@@ -151,3 +151,15 @@ def test_a_step_saved_but_not_evaluated_is_evaluated_on_resume(monkeypatch, tmp_
   options = dataclasses.replace(options, num_steps=8)
   loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path))
   assert evaluated()[0] == [2, 4, 6, 8]
+  # the last step (evaluated whatever --eval_every says), stopped in its eval and then
+  # extended: its checkpoint says it was to be evaluated
+  evals.clear()
+  killed_at[0] = 1
+  monkeypatch.setattr(loop, "evaluate", killed_in_an_eval)   # in the eval of step 9
+  options = dataclasses.replace(options, num_steps=9, eval_every=4)
+  with pytest.raises(KeyboardInterrupt):
+    loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path))
+  monkeypatch.setattr(loop, "evaluate", real)
+  loop.train_and_evaluate(config_lib.ExperimentConfig(),
+                          dataclasses.replace(options, num_steps=10), str(tmp_path))
+  assert evaluated()[0] == [2, 4, 6, 8, 9, 10]
