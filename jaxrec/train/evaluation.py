@@ -34,6 +34,15 @@ def evaluate(eval_step, collection, state, eval_data, sharding, tier=None, stop=
   def run(st, b):   # global [B], replicated
     return np.asarray(eval_step(st, device_batch(collection, b, sharding)))
 
+  def finish(logits, batch, mask, number):
+    labels = batch.labels
+    if jax.process_count() > 1:
+      labels, mask = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                      for x in (batch.labels, mask))
+    acc.add(np.asarray(logits), labels, mask > 0)
+    elastic.report_alive("eval", batches=number)   # not hung: a long eval is no hang
+
+  pending = None   # the batch whose logits are read while the next one runs
   try:
     for batches, (batch, mask) in enumerate(eval_data, 1):
       signals.check()
@@ -43,13 +52,12 @@ def evaluate(eval_step, collection, state, eval_data, sharding, tier=None, stop=
         state, logits = tier.eval_logits(state, batch, run)
       else:
         collection.check_ids(batch.ids)            # as for train batches: no silent clamping
-        logits = run(state, batch)
-      labels, mask = batch.labels, mask
-      if jax.process_count() > 1:
-        labels, mask = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
-                        for x in (labels, mask))
-      acc.add(logits, labels, mask > 0)
-      elastic.report_alive("eval", batches=batches)   # not hung: a long eval is no hang
+        logits = eval_step(state, device_batch(collection, batch, sharding))   # dispatched
+      if pending is not None:
+        finish(*pending)
+      pending = (logits, batch, mask, batches)
+    if pending is not None:
+      finish(*pending)
   except Exception as e:   # offloaded: the state to go on with (`state` may be donated)
     e.state = getattr(e, "state", state)
     raise
