@@ -44,23 +44,26 @@ def note(memory_per_device: int | None, device) -> str | None:
 HOST_FRACTION = 0.75
 
 
-def host_warning(result, devices, host_bytes: int | None = None, offloaded: int = 0
-                 ) -> str | None:
+def host_warning(result, devices, host_bytes: int | None = None, offloaded: int = 0,
+                 dense: int = 0) -> str | None:
   """The warning for a plan (`PlanResult`) whose tables on this process's CPU `devices`,
-  together with the `offloaded` bytes the offload tier keeps on the host
-  (`offload.config.host_bytes`, on any platform), take more than `HOST_FRACTION` of the
-  host's memory (`host_bytes`, default the physical memory); None otherwise. The budget
-  is per device: a 1.2 GiB table replicated (`dp`) on 8 CPU devices fit 16 GiB on each,
-  and took 10 GiB of the host before the first step. (Several processes on one host each
-  count their own devices.)"""
+  with the `dense` bytes each of them holds (the dense model's parameters, gradients and
+  optimizer state, `state.dense_bytes`: not in the budget) and the `offloaded` bytes the
+  offload tier keeps on the host (`offload.config.host_bytes`, on any platform), take more
+  than `HOST_FRACTION` of the host's memory (`host_bytes`, default the physical memory);
+  None otherwise. The budget is per device: a 1.2 GiB table replicated (`dp`) on 8 CPU
+  devices fit 16 GiB on each, and took 10 GiB of the host before the first step; a model
+  of 1,000 features had 244 MiB of dense state on each, 2 GiB uncounted. (Several
+  processes on one host each count their own devices.)"""
   cpus = len(devices) if devices and devices[0].platform == "cpu" else 0
   host = host_bytes if host_bytes is not None else (
       os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-  each = sum(result.memory.values())
+  tables = sum(result.memory.values())
+  each = tables + dense
   if each * cpus + offloaded <= HOST_FRACTION * host:
     return None
   if offloaded:
-    room = int(HOST_FRACTION * host - offloaded) // max(cpus, 1) >> 20
+    room = (int(HOST_FRACTION * host - offloaded) // max(cpus, 1) - dense) >> 20
     return (f"the offload tier keeps about {format_bytes(offloaded)} in host memory (its "
             f"buffered rows and their optimizer state, 12 bytes per table row and "
             f"{offload_config.SLOT_BYTES} per cache slot, and the whole table of a "
@@ -72,12 +75,16 @@ def host_warning(result, devices, host_bytes: int | None = None, offloaded: int 
             "OffloadConfig.host_buffer_rows"
             + (f", give --memory_per_device={room}MiB or less" if cpus and room > 0 else "")
             + " or offload fewer tables")
-  return (f"the plan puts {format_bytes(each)} on each of the {cpus} CPU devices of "
+  room = (int(HOST_FRACTION * host / cpus) - dense) >> 20
+  split = (f" ({format_bytes(tables)} of tables and {format_bytes(dense)} of the dense "
+           "model's parameters, gradients and optimizer state)") if dense else ""
+  return (f"the plan puts {format_bytes(each)}{split} on each of the {cpus} CPU devices of "
           f"this process, {format_bytes(each * cpus)} in all, and they share this "
-          f"host's {format_bytes(host)} of memory: the run may run out of it. Give "
-          f"--memory_per_device={int(HOST_FRACTION * host / cpus) >> 20}MiB or "
-          "less (with --plan=auto the planner then splits or offloads tables), or fewer "
-          "devices")
+          f"host's {format_bytes(host)} of memory: the run may run out of it. "
+          + (f"Give --memory_per_device={room}MiB or less (with --plan=auto the planner "
+             "then splits or offloads tables), or fewer devices" if room > 0 else
+             "The dense model alone takes more than each device's share: use fewer devices "
+             "or a smaller dense model"))
 
 
 def eval_warning(result, collection, eval_batch_size: int) -> str | None:

@@ -135,12 +135,13 @@ def setup(config: ExperimentConfig, options: RunOptions, devices=None, workdir=N
   collection = EmbeddingCollection.create(tables, config.features, plan, mesh,
                                           config.sparse_tx())
   logq = " and logQ estimate" if state_lib.uses_logq(config) else ""
+  dense = state_lib.dense_bytes(config, collection.dim)
   result = dataclasses.replace(result, notes=result.notes + (
       f"not in the budget: the dense model's parameters, gradients and optimizer state"
-      f"{logq}, {format_bytes(state_lib.dense_bytes(config, collection.dim))} on every "
-      "device (and the step's activations): leave room for them in --memory_per_device",))
+      f"{logq}, {format_bytes(dense)} on every device (and the step's activations): leave "
+      "room for them in --memory_per_device",))
   return collection, plan, {"mesh": choice.mesh, "plan_result": result, "offload": off,
-                            "why": choice.why}
+                            "why": choice.why, "dense_bytes": dense}
 
 
 def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: str
@@ -223,7 +224,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       log.info("%s", hint)
     shared = budget_hint.host_warning(info["plan_result"], mesh.local_devices,
                                       offloaded=offload.host_bytes(config.tables, info["offload"],
-                                                                   collection.optimizer))
+                                                                   collection.optimizer),
+                                      dense=info["dense_bytes"])
     for warning in (shared, budget_hint.eval_warning(info["plan_result"], collection,
                                                      config.eval_batch_size)):
       if warning:
@@ -380,8 +382,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
                      data_adapter.bad_row_scalars(eval=eval_data))
     elif restored is not None and evaluation.owed(writer.path if is_main else None,
                                                   restored.meta, options.eval_every, start):
-      log.info("step %d was saved but not evaluated (the run stopped during its eval): "
-               "evaluating it first", start)
+      log.info("step %d was saved to be evaluated and metrics.jsonl has no eval of it (the "
+               "run stopped before or during that eval): evaluating it first", start)
       metrics, state = evaluate(eval_step, collection, state, eval_data, bsharding, tier)
       writer.write(start, dict(metrics, **data_adapter.bad_row_metrics(eval_data)),
                    data_adapter.bad_row_scalars(eval=eval_data))

@@ -49,13 +49,14 @@ def test_the_loop_asks_for_the_note_beside_the_plan_report(monkeypatch, tmp_path
   by the fake warning)."""
   from jaxrec import launch   # pylint: disable=import-outside-toplevel
   from jaxrec.train import config as config_lib, loop   # pylint: disable=import-outside-toplevel
+  from jaxrec.train import state as state_lib   # pylint: disable=import-outside-toplevel
   from tests.train.test_loop_eval_ids import BINDINGS   # pylint: disable=import-outside-toplevel
 
   def fake_note(memory_per_device, device):
     asked.append((memory_per_device, device))
 
-  def fake_host_warning(result, devices, offloaded):
-    raise _Noted(result, devices, offloaded)
+  def fake_host_warning(result, devices, offloaded, dense):
+    raise _Noted(result, devices, offloaded, dense)
   asked = []
   monkeypatch.setattr(budget_hint, "note", fake_note)
   monkeypatch.setattr(budget_hint, "host_warning", fake_host_warning)
@@ -68,6 +69,7 @@ def test_the_loop_asks_for_the_note_beside_the_plan_report(monkeypatch, tmp_path
     assert asked == [(3 * GIB, jax.local_devices()[0])]
     assert e.args[0].mode == "forced" and list(e.args[1]) == jax.local_devices()[:8]
     assert e.args[2] == 0   # nothing offloaded
+    assert e.args[3] == state_lib.dense_bytes(config_lib.ExperimentConfig(), 16) > 0
   else:
     raise AssertionError("the loop never asked for the note")
 
@@ -90,6 +92,18 @@ def test_a_plan_the_cpu_devices_cannot_hold_together_is_warned_about():
   assert budget_hint.host_warning(result, gpus, host_bytes=15 * GIB) is None
   tiny = types.SimpleNamespace(memory={"table": 2**20})   # the physical memory, by default
   assert budget_hint.host_warning(tiny, cpus) is None
+  # the dense model's state on every device counts too (a 1,000-feature DLRM: 244 MiB each)
+  small = types.SimpleNamespace(memory={"table": GIB // 2})
+  assert budget_hint.host_warning(small, cpus, host_bytes=15 * GIB) is None   # 4 GiB
+  text = budget_hint.host_warning(small, cpus, host_bytes=15 * GIB, dense=GIB)
+  assert text.startswith("the plan puts 1.5 GiB (512.0 MiB of tables and 1.0 GiB of the dense "
+                         "model's parameters, gradients and optimizer state) on each of the 8 "
+                         "CPU devices of this process, 12.0 GiB in all") and text.endswith(
+                             "Give --memory_per_device=416MiB or less (with --plan=auto the "
+                             "planner then splits or offloads tables), or fewer devices")
+  text = budget_hint.host_warning(small, cpus, host_bytes=15 * GIB, dense=2 * GIB)
+  assert text.endswith("The dense model alone takes more than each device's share: use fewer "
+                       "devices or a smaller dense model")
 
 
 def test_the_offload_tiers_host_memory_is_counted_on_any_platform():
