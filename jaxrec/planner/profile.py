@@ -7,7 +7,9 @@ Profile file `W/profile.jsonl`, one JSON object per line, written by the trainer
    "steps": 100, "batch_size": 512, "shard_times_s": {...}}
 
 `step`, `step_time_s` (mean over the window that ends at `step`), `plan` and `mesh` are
-required; `steps` (steps averaged, the sample weight; default 1), `batch_size` (old
+required, except that a line may say `"same_plan": true` instead of holding `plan`: the
+plan of the line before it (the trainer writes the plan in its first line and refers to
+it after that: at 1,000 tables it is ~31 KB, which every log line repeated); `steps` (steps averaged, the sample weight; default 1), `batch_size` (old
 profiles lack it: the caller's, noted in the report) and `warmup: true` (skip the line) are
 optional; `shard_times_s` is reserved for per-stack timings and not used yet.
 
@@ -55,11 +57,17 @@ PROFILE_FILE = "profile.jsonl"
 DEFAULT_RIDGE = 0.02  # r: weight of the anchor to the prior's ratios (see module docstring)
 
 
-def profile_record(step: int, step_time_s: float, plan: Plan, mesh_shape: Mapping[str, int],
-                   steps: int = 1, batch_size: int | None = None, **extra) -> dict:
-  """One profile line (see module docstring)."""
-  rec = {"step": int(step), "step_time_s": float(step_time_s), "plan": plan.to_json(),
-         "mesh": dict(mesh_shape), "steps": int(steps)}
+def profile_record(step: int, step_time_s: float, plan: Plan | None,
+                   mesh_shape: Mapping[str, int], steps: int = 1,
+                   batch_size: int | None = None, **extra) -> dict:
+  """One profile line (see module docstring); `plan` None: the previous line's
+  (`same_plan`)."""
+  rec = {"step": int(step), "step_time_s": float(step_time_s), "mesh": dict(mesh_shape),
+         "steps": int(steps)}
+  if plan is None:
+    rec["same_plan"] = True
+  else:
+    rec["plan"] = plan.to_json()
   if batch_size is not None:
     rec["batch_size"] = int(batch_size)
   rec.update(extra)
@@ -80,12 +88,16 @@ def read_profile(path: str | os.PathLike) -> list[dict]:
     path = path / PROFILE_FILE
   if not path.exists():
     raise ConfigError(f"--profile: no profile at {path} (the trainer writes W/{PROFILE_FILE})")
-  records = []
+  records, last_plan = [], None
   for i, line in jsonl.complete_lines(path):
     try:
       rec = json.loads(line)
       if not isinstance(rec, dict):   # an array said "missing 'step'", a number a TypeError
         raise ValueError(f"must be a JSON object, got {_json_kind(rec)}")
+      if "plan" not in rec and rec.get("same_plan") is True:
+        if last_plan is None:
+          raise ValueError("'same_plan' but no line before it holds a plan")
+        rec["plan"] = last_plan
       for key in ("step", "step_time_s", "plan", "mesh"):
         if key not in rec:
           raise ValueError(f"missing '{key}'")
@@ -108,9 +120,11 @@ def read_profile(path: str | os.PathLike) -> list[dict]:
       except (ValueError, TypeError):
         raise ValueError(f"mesh: axis sizes must be positive integers, got {rec['mesh']}"
                          ) from None
-      if not isinstance(rec["plan"], dict):
+      if not isinstance(rec["plan"], (dict, Plan)):
         raise ValueError(f"plan must be an object of table placements, got {rec['plan']!r}")
-      rec["plan"] = Plan.from_json(rec["plan"])
+      if isinstance(rec["plan"], dict):
+        rec["plan"] = Plan.from_json(rec["plan"])
+      last_plan = rec["plan"]
     except (ValueError, TypeError, AttributeError) as e:
       raise DataError(f"{path}:{i}: bad profile line ({e})") from None
     records.append(rec)

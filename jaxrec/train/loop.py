@@ -368,6 +368,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   skip_positions: set[int] = set()                 # batches that gave a non-finite loss
   rollbacks = 0
   t_mark, steps_timed, paused = None, 0, 0.0       # paused: eval/checkpoint s in the window
+  profiled = False                                 # a profile line holds the plan
   failing = None                                   # the error ending the run, if any
   try:
     step, sigterm, eval_stopped = start, False, False
@@ -461,10 +462,11 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
         if steps_timed:
           elapsed = t_pause - t_mark - paused
           record["examples_per_sec"] = steps_timed * config.batch_size / elapsed
-          if is_main:
+          if is_main:   # the plan in the run's first line, `same_plan` after it
             planner.append_profile(workdir, planner.profile_record(
-                step, elapsed / steps_timed, plan, info["mesh"], steps=steps_timed,
-                batch_size=config.batch_size))
+                step, elapsed / steps_timed, None if profiled else plan, info["mesh"],
+                steps=steps_timed, batch_size=config.batch_size))
+            profiled = True
         record.update(data_adapter.bad_row_metrics(train_it, eval_data))
         scalars = data_adapter.bad_row_scalars(train=train_it, eval=eval_data)
       logged = {}

@@ -264,3 +264,35 @@ def test_a_profile_line_that_is_not_an_object_says_so(tmp_path, line, kind):
   with pytest.raises(DataError) as e:
     planner.read_profile(path)
   assert str(e.value) == f"{path}:2: bad profile line (must be a JSON object, got {kind})"
+
+
+def test_lines_after_a_runs_first_refer_to_its_plan(tmp_path):
+  """Every trainer line repeated the whole plan (~31 KB a line at 1,000 tables); a run now
+  writes it in its first line and `same_plan` after it. A resumed run with another plan
+  writes its own first."""
+  tables, _ = uniform_tables(2, [1000, 10], 16)
+  mesh = {"table": 2}
+  tw, dp = uniform_plan("tw", tables, 2), uniform_plan("dp", tables, 2)
+  for step, plan in ((100, tw), (200, None), (300, None), (400, dp), (500, None)):
+    planner.append_profile(tmp_path, planner.profile_record(step, 0.01, plan, mesh,
+                                                            batch_size=64))
+  lines = (tmp_path / "profile.jsonl").read_text().splitlines()
+  assert ["plan" in json.loads(l) for l in lines] == [True, False, False, True, False]
+  assert [r["plan"] for r in planner.read_profile(tmp_path)] == [tw, tw, tw, dp, dp]
+  (tmp_path / "profile.jsonl").write_text("\n".join(lines[1:]) + "\n")
+  with pytest.raises(DataError, match=r"profile.jsonl:1: bad profile line \('same_plan' but "
+                     r"no line before it holds a plan\)"):
+    planner.read_profile(tmp_path)
+
+
+def test_the_trainer_writes_the_plan_once(tmp_path):
+  from jaxrec import launch  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import config as config_lib, loop  # pylint: disable=import-outside-toplevel
+  from tests.train.test_loop_eval_ids import BINDINGS  # pylint: disable=import-outside-toplevel
+  launch.parse_gin(["configs/dlrm_synthetic.gin"], BINDINGS)
+  options = config_lib.RunOptions(num_steps=4, mesh="data=8", plan="dp", log_every=1,
+                                  progress=False)
+  loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path))
+  lines = [json.loads(l) for l in (tmp_path / "profile.jsonl").read_text().splitlines()]
+  assert len(lines) == 3 and "plan" in lines[0] and all(l["same_plan"] for l in lines[1:])
+  assert len({json.dumps(r["plan"].to_json()) for r in planner.read_profile(tmp_path)}) == 1
