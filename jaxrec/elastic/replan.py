@@ -8,7 +8,8 @@ The supervisor keeps the user's `scripts/train.py` flags and replaces `--mesh` a
 the reference, so a run that shrinks and grows back returns to it. `--mesh=auto` picks as
 the trainer does (`train.mesh_choice.first_fitting` over `mesh.auto_mesh_candidates`): a
 `--plan` file's recorded mesh, or the closest that takes the plan; for `--plan=auto`,
-`data=N` or, when the tables do not fit it, the other meshes priced (`mesh_choice.auto_mesh`);
+`data=N` (or `table=N` when priced at least 2x faster) or, when the tables do not fit it,
+the other meshes priced (`mesh_choice.auto_mesh`);
 `--mesh=auto --plan=auto`
 resuming a checkpoint that records its plan and mesh takes those when the device count
 matches (`train.mesh_choice.resumed`; the workers then get `--mesh=auto --plan=auto` and

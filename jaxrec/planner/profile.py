@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import pathlib
@@ -53,6 +54,7 @@ from jaxrec.planner.result import PlanResult, format_over, format_time
 from jaxrec.planner.search import estimate_plan, propose_plan
 from jaxrec.sharding.plan import Plan
 
+_LOG = logging.getLogger(__name__)
 PROFILE_FILE = "profile.jsonl"
 DEFAULT_RIDGE = 0.02  # r: weight of the anchor to the prior's ratios (see module docstring)
 
@@ -88,15 +90,16 @@ def read_profile(path: str | os.PathLike) -> list[dict]:
     path = path / PROFILE_FILE
   if not path.exists():
     raise ConfigError(f"--profile: no profile at {path} (the trainer writes W/{PROFILE_FILE})")
-  records, last_plan = [], None
+  records, last_plan, orphans = [], None, []
   for i, line in jsonl.complete_lines(path):
     try:
       rec = json.loads(line)
       if not isinstance(rec, dict):   # an array said "missing 'step'", a number a TypeError
         raise ValueError(f"must be a JSON object, got {_json_kind(rec)}")
       if "plan" not in rec and rec.get("same_plan") is True:
-        if last_plan is None:
-          raise ValueError("'same_plan' but no line before it holds a plan")
+        if last_plan is None:   # the line with the plan was cut off (e.g. `tail -n`)
+          orphans.append(i)
+          continue
         rec["plan"] = last_plan
       for key in ("step", "step_time_s", "plan", "mesh"):
         if key not in rec:
@@ -128,6 +131,9 @@ def read_profile(path: str | os.PathLike) -> list[dict]:
     except (ValueError, TypeError, AttributeError) as e:
       raise DataError(f"{path}:{i}: bad profile line ({e})") from None
     records.append(rec)
+  if orphans:
+    _LOG.warning("%s: left out %d line(s) from line %d on that say 'same_plan' with no line "
+                 "holding a plan before them (cut off?)", path, len(orphans), orphans[0])
   if not records:
     raise DataError(f"{path}: profile is empty")
   return records
