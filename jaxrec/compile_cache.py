@@ -3,10 +3,11 @@
 Every start compiles the run's ~12 programs again (state init, train and eval steps): a
 resume, an elastic restart, an evaluate-only rerun. With the cache a second start of the
 same config skips that (`dlrm_synthetic`, 10 steps on one CPU device: 5.5-5.8 s without,
-3.7-4.0 s with; the first run with an empty cache is no slower). jax keeps the cache
-within `JAX_COMPILATION_CACHE_MAX_SIZE` bytes (least recently used first; default here
-`DEFAULT_MAX_BYTES`), so it does not grow with every shape and config tried. Environment
-settings of jax (`JAX_COMPILATION_CACHE_DIR`, `..._MAX_SIZE`,
+3.7-4.0 s with; the first run with an empty cache is no slower). Each start keeps the
+directory within `DEFAULT_MAX_BYTES`, removing the entries used least recently (`prune`).
+jax's own size limit (`JAX_COMPILATION_CACHE_MAX_SIZE`) is not used by default: it reads
+every entry's `-atime` file at each write (0.3 s a write at 3,000 entries) and needs
+`filelock`. Environment settings of jax (`JAX_COMPILATION_CACHE_DIR`, `..._MAX_SIZE`,
 `JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`) are kept.
 """
 
@@ -19,6 +20,7 @@ import jax
 
 from jaxrec.errors import ConfigError
 from jaxrec.files import check_not_unexpanded_home, is_writable, user_cache_dir
+from jaxrec.planner.result import format_bytes
 
 _LOG = logging.getLogger(__name__)
 DEFAULT_MAX_BYTES = 1 << 30
@@ -64,32 +66,40 @@ def enable(directory: str | None, flag: str = "--compilation_cache") -> str | No
   jax.config.update("jax_compilation_cache_dir", path)
   if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)   # CPU: most < 1 s
-  if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
-    try:   # jax's size limit locks the directory with filelock (a dependency of jaxrec)
-      import filelock  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-    except ImportError:
-      _LOG.warning("the compilation cache %s has no size limit: the filelock package that "
-                   "jax needs for one is not installed", path)
-    else:
-      jax.config.update("jax_compilation_cache_max_size", DEFAULT_MAX_BYTES)
-  if jax.config.jax_compilation_cache_max_size != -1:
-    _drop_unfinished(path)
+  if jax.config.jax_compilation_cache_max_size == -1:   # else jax's own, from the environment
+    prune(path, DEFAULT_MAX_BYTES)
   return path
 
 
-def _drop_unfinished(path: str) -> None:
-  """Removes the entries of `path` that lack their `-atime` file. jax's size-limited cache
-  writes an entry, then its `-atime` file: a process killed (or a disk filled) between the
-  two left an entry, maybe truncated, that made every later write fail (jax reads every
-  entry's `-atime` to evict) and, truncated, was read and refused at every start, never
-  written again. A cache filled without a size limit has no `-atime` files either: its
-  programs are compiled once more. Under jax's lock, so no entry being written is taken."""
-  import filelock  # pylint: disable=import-outside-toplevel
+def prune(path: str, max_bytes: int) -> None:
+  """Removes the least recently used entries of cache `path` (by their files' access or
+  modification time, whichever is later) until at most 80% of `max_bytes` is left, when
+  the entries take more than `max_bytes`."""
+  entries = []
   try:
-    with filelock.FileLock(os.path.join(path, ".lockfile"), timeout=10):
-      names = set(os.listdir(path))
-      for name in names:
-        if name.endswith("-cache") and name[:-len("-cache")] + "-atime" not in names:
-          os.remove(os.path.join(path, name))
-  except (filelock.Timeout, OSError) as e:
-    _LOG.warning("compilation cache %s: unfinished entries not removed (%s)", path, e)
+    with os.scandir(path) as it:
+      for e in it:
+        if e.name.endswith("-cache") and e.is_file():
+          st = e.stat()
+          entries.append((max(st.st_atime, st.st_mtime), st.st_size, e.path))
+  except OSError as e:
+    _LOG.warning("compilation cache %s: not pruned (%s)", path, e.strerror or e)
+    return
+  total = sum(size for _, size, _ in entries)
+  if total <= max_bytes:
+    return
+  removed = freed = 0
+  for _, size, entry in sorted(entries):
+    if total - freed <= 0.8 * max_bytes:
+      break
+    try:
+      os.remove(entry)
+    except OSError:
+      continue
+    removed, freed = removed + 1, freed + size
+    atime = entry[:-len("-cache")] + "-atime"   # of a cache jax size-limited before
+    if os.path.exists(atime):
+      os.remove(atime)
+  _LOG.info("compilation cache %s: removed the %d least recently used programs (%s) of %s "
+            "(limit %s)", path, removed, format_bytes(freed), format_bytes(total),
+            format_bytes(max_bytes))

@@ -32,10 +32,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # programs (state init, eval, checkpoint helpers) then load too (tests/scripts/test_train.py
 # and test_train_bad_data.py: 72 -> 51 s; in-process tests unchanged).
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-# No size limit, for this process and the scripts it runs (scripts/train.py keeps an
-# environment setting, `jaxrec.compile_cache`): with one, jax reads every entry's `-atime`
-# file at each write and locks the directory at each read (the suite took 14:19 against
-# 8:20), and train.py would remove the entries this process wrote without a limit.
+# No size limit of jax's, for this process and the scripts it runs: with one, jax reads
+# every entry's `-atime` file at each write and locks the directory at each read (the
+# suite took 14:19 against 7:35). (scripts/train.py prunes to 1 GiB at start instead,
+# `jaxrec.compile_cache`, and keeps an environment setting.)
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", "-1")
 
 import jaxrec  # noqa: E402,F401  (adds its XLA flag workarounds before jax starts)

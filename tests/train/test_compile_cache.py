@@ -47,13 +47,10 @@ def test_enable_sets_jax_up_and_keeps_what_the_environment_says(jax_config, monk
   assert jax.config.jax_enable_compilation_cache
   assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
   assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
-  assert jax.config.jax_compilation_cache_max_size == compile_cache.DEFAULT_MAX_BYTES
-  jax.config.update("jax_compilation_cache_max_size", 5)
+  assert jax.config.jax_compilation_cache_max_size == -1   # jax's limit: O(entries) writes
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
-  monkeypatch.setenv("JAX_COMPILATION_CACHE_MAX_SIZE", "5")
   monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
   assert compile_cache.enable(str(tmp_path / "mine")) == str(tmp_path / "mine")
-  assert jax.config.jax_compilation_cache_max_size == 5
   assert jax.config.jax_persistent_cache_min_compile_time_secs == 2.0
   assert compile_cache.enable("none") is None and not jax.config.jax_enable_compilation_cache
 
@@ -94,13 +91,25 @@ def test_train_fills_the_cache_and_a_rerun_compiles_less(tmp_path):
   assert_one_line_error(proc, "--compilation_cache=~/x")
 
 
-def test_unfinished_entries_are_removed_at_start(jax_config, tmp_path):   # pylint: disable=unused-argument
-  """An entry without its `-atime` file (a process killed while jax wrote it) made every
-  later write of the size-limited cache fail, and was never written again."""
+def test_each_start_keeps_the_cache_within_its_limit(jax_config, monkeypatch, tmp_path,   # pylint: disable=unused-argument
+                                                     caplog):
+  """The least recently used entries go (access or modification time, the later) until 80%
+  of the limit is left; other files stay."""
   cache = tmp_path / "xla"
   cache.mkdir()
-  (cache / "jit_orphan-01-cache").write_bytes(b"truncated")
-  (cache / "jit_done-02-cache").write_bytes(b"x")
-  (cache / "jit_done-02-atime").write_bytes(b"\0" * 8)
+  for i in range(10):   # entry i last used at time 1000 + i
+    entry = cache / f"jit_f{i}-{i:02d}-cache"
+    entry.write_bytes(b"x" * 1000)
+    os.utime(entry, (1000 + i, 1000 + i))
+  (cache / "jit_f0-00-atime").write_bytes(b"\0" * 8)   # of a cache jax size-limited
+  (cache / "notes.txt").write_text("mine")
+  monkeypatch.setattr(compile_cache, "DEFAULT_MAX_BYTES", 10_000)
   compile_cache.enable(str(cache))
-  assert sorted(os.listdir(cache)) == [".lockfile", "jit_done-02-atime", "jit_done-02-cache"]
+  assert len(os.listdir(cache)) == 12                  # 10,000 bytes: within the limit
+  monkeypatch.setattr(compile_cache, "DEFAULT_MAX_BYTES", 5_000)
+  with caplog.at_level(logging.INFO):
+    compile_cache.enable(str(cache))
+  assert sorted(os.listdir(cache)) == sorted(["notes.txt"] + [f"jit_f{i}-{i:02d}-cache"
+                                                              for i in range(6, 10)])
+  assert "removed the 6 least recently used programs (5.9 KiB) of 9.8 KiB (limit 4.9 KiB)" \
+      in caplog.text
