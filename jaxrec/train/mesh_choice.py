@@ -306,8 +306,8 @@ def split_if_much_faster(shape: dict[str, int], planned, plan_for: Callable[...,
   plan is estimated `SPLIT_SPEEDUP` times faster. On data=N every table is replicated and
   every device applies the whole global batch's updates, which grows with the features:
   300 features (a third multi-hot) on 8 CPU devices took 2.58 s a step there and 1.38 s on
-  table=8 (forced tw), which the planner priced 3-4x faster (the same per device for the shipped
-  configs, which stay on data=N)."""
+  table=8 (forced tw), which the planner priced 3-4x faster (the same per device for the
+  shipped configs, which stay on data=N)."""
   if num_devices < 2 or _model_axes(shape):
     return shape, planned, ""
   split = {"data": 1, "table": num_devices, "row": 1, "col": 1}
