@@ -32,10 +32,11 @@ _CACHE_CONFIG = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
 
 @contextlib.contextmanager
 def restored_process_state(folder: str | None = None):
-  """Puts back sys.argv, sys.path, os.environ, jax's compilation cache settings, the cwd, the stop signals' handlers, the
-  values of flags defined before (absl's `--verbosity`), the root and absl loggers' levels
-  and the root logger's handlers (absl's `app.run` adds its own) and the absl handler's
-  filters; removes new flags and the modules newly imported from `folder`."""
+  """Puts back sys.argv, sys.path, os.environ, jax's compilation cache settings, the cwd,
+  the stop signals' handlers, the values of flags defined before (absl's `--verbosity`),
+  the root and absl loggers' levels and the root logger's handlers (absl's `app.run` adds
+  its own) and the absl handler's filters; removes new flags and the modules newly
+  imported from `folder`."""
   argv, path, environ, cwd = sys.argv, list(sys.path), dict(os.environ), os.getcwd()
   root, absl_logger = logging.getLogger(), absl_logging.get_absl_logger()
   log_handlers, log_level = list(root.handlers), root.level
