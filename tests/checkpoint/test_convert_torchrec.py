@@ -1,0 +1,191 @@
+"""TorchRec interop of scripts/convert_checkpoint.py: importing a TorchRec npz (dtypes, bad
+arrays, training from it) and the export-then-import round trip."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jaxrec.checkpoint import CheckpointManager, convert
+from jaxrec.errors import ConfigError, DataError
+from tests import xla_env
+from tests.checkpoint import ckpt_helpers as h
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_torchrec_import(tmp_path, caplog):
+  coll = h.collection("rw", 4)
+  rng = np.random.default_rng(0)
+  weights = {t.name: rng.standard_normal((t.rows, t.dim)).astype(np.float32)
+             for t in coll.tables}
+  npz = tmp_path / "ebc.npz"
+  np.savez(npz, **{f"sparse_arch.embedding_bag_collection.embedding_bags.{n}.weight": w
+                   for n, w in weights.items()}, **{"dense_arch.0.weight": np.ones((2, 2))})
+  out = tmp_path / "ckpt"
+  assert convert.import_torchrec(npz, out) == sorted(weights)
+  target = h.dense(coll.mesh, seed=1)   # dense values come from the new run
+  with CheckpointManager(out) as mgr:
+    with caplog.at_level("WARNING"):
+      restored = mgr.restore(target, coll)
+    # an import into a trained workdir resumed with fresh dense values, said only as
+    # 'resumed from step N'
+    assert "holds tables only (e.g. a TorchRec import): params, opt_state, rng start from " \
+        "their initial values" in caplog.text, caplog.text
+    with pytest.raises(ConfigError, match="pass initial values"):
+      mgr.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target), coll)
+  tables, opt = jax.device_get(coll.unstack_tables(restored.state["emb"]))
+  for name, w in weights.items():
+    np.testing.assert_array_equal(tables[name], w)
+    np.testing.assert_array_equal(opt[name]["accum"], 0.0)   # fresh Adagrad state
+  assert int(restored.state["step"]) == 0
+  h.assert_dense_equal(dict(target, step=restored.state["step"]), restored.state)
+
+
+@pytest.mark.parametrize("kind,devices", [("rw", 1), ("grid", 8)])
+def test_torchrec_float16_import_widens_to_float32(tmp_path, caplog, kind, devices):
+  """float16 TorchRec tables restore exactly into the default float32 tables (fingerprints
+  checked on the stored float16 bits), with fresh optimizer state; one log line a table."""
+  coll = h.collection(kind, devices)
+  rng = np.random.default_rng(1)
+  weights = {t.name: rng.standard_normal((t.rows, t.dim)).astype(np.float16)
+             for t in coll.tables}
+  npz = tmp_path / "ebc.npz"
+  np.savez(npz, **{f"embedding_bags.{n}.weight": w for n, w in weights.items()})
+  convert.import_torchrec(npz, tmp_path / "ckpt")
+  with CheckpointManager(tmp_path / "ckpt") as mgr:
+    assert {a["dtype"] for a in mgr.check(0)["tables"].values()} == {"float16"}
+    with caplog.at_level(logging.INFO):
+      restored = mgr.restore(h.dense(coll.mesh), coll)
+  tables, opt = jax.device_get(coll.unstack_tables(restored.state["emb"]))
+  for name, w in weights.items():
+    assert tables[name].dtype == np.float32
+    np.testing.assert_array_equal(tables[name], w.astype(np.float32), err_msg=name)
+    np.testing.assert_array_equal(opt[name]["accum"], 0.0)
+  widened = [r for r in caplog.records if "widening" in r.getMessage()]
+  assert len(widened) == len(weights) and "float16 → float32" in widened[0].getMessage()
+  # on jaxrec's logger, which scripts/train.py shows at INFO (absl's INFO it hides)
+  assert {r.name for r in widened} == {"jaxrec.checkpoint.tables"}, widened
+
+
+def test_bfloat16_checkpoint_restores_into_float32(tmp_path):
+  """A bfloat16-table checkpoint (stored optimizer state) restores exactly into float32
+  tables on another plan and mesh."""
+  coll = h.collection("rw", 8, dtype="bfloat16")
+  state = h.train_state(coll, seed=4, step=3)
+  with CheckpointManager(tmp_path) as mgr:
+    mgr.save(3, state, coll, force=True)
+    new = h.collection("twcw", 4)
+    restored = mgr.restore(h.dense(new.mesh), new)
+  want, want_opt = jax.device_get(coll.unstack_tables(state["emb"]))
+  got, got_opt = jax.device_get(new.unstack_tables(restored.state["emb"]))
+  for name in want:
+    assert got[name].dtype == np.float32
+    np.testing.assert_array_equal(got[name], np.asarray(want[name], np.float32))
+    np.testing.assert_array_equal(got_opt[name]["accum"], want_opt[name]["accum"])
+
+
+@pytest.mark.parametrize("stored,configured", [("float32", "bfloat16"), ("float32", "float16"),
+                                               ("float16", "bfloat16")])
+def test_narrowing_restore_is_refused(tmp_path, stored, configured):
+  coll = h.collection("rw", 4, dtype=configured)
+  npz = tmp_path / "ebc.npz"
+  np.savez(npz, **{f"embedding_bags.{t.name}.weight": np.ones((t.rows, t.dim), stored)
+                   for t in coll.tables})
+  convert.import_torchrec(npz, tmp_path / "ckpt")
+  with CheckpointManager(tmp_path / "ckpt") as mgr:
+    with pytest.raises(ConfigError, match=rf"table 't0': .* stores 'tables/t0' as {stored}, "
+                       rf"which does not convert exactly to the configured {configured} .*"
+                       rf"configure the table's dtype as {stored}"):
+      mgr.restore(h.dense(coll.mesh), coll)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_train_starts_from_torchrec_import(tmp_path, dtype):
+  """scripts/train.py on a workdir holding only an imported checkpoint (tables, no dense
+  part, no data state) trains from the imported tables with its own dense initialisation
+  (float16 tables: widened to the configured float32)."""
+  rows = (300, 50)
+  weights = {f"t{i}": np.random.default_rng(i).standard_normal((r, 16)).astype(dtype)
+             for i, r in enumerate(rows)}
+  npz = tmp_path / "ebc.npz"
+  np.savez(npz, **{f"embedding_bags.{n}.weight": w for n, w in weights.items()})
+  work = tmp_path / "w"
+  convert.import_torchrec(npz, work / "checkpoints")
+  bindings = ["uniform_tables.num_tables=2", f"uniform_tables.rows={list(rows)}",
+              "uniform_tables.max_len=[1, 2]", "ExperimentConfig.batch_size=16",
+              "ExperimentConfig.eval_batch_size=32", "ExperimentConfig.num_eval_examples=32",
+              "DLRM.bottom_mlp=(8,16)", "DLRM.top_mlp=(8,1)"]
+  env = xla_env.script_env(2)
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train.py"),
+                         f"--workdir={work}", "--gin_file=configs/dlrm_synthetic.gin",
+                         "--num_steps=2", "--mesh=row=2", "--plan=rw", "--progress=false",
+                         *[f"--gin_bindings={b}" for b in bindings]],
+                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = tmp_path / "final.npz"
+  assert convert.export_npz(work / "checkpoints", out) == 2
+  with np.load(out) as z:
+    assert json.loads(str(z["metadata"]))["data_state"]["position"] == 2 * 16
+    for name, w in weights.items():   # SGD: rows no batch touched keep their imported value
+      same = np.all(z[f"tables/{name}"] == w, axis=1)
+      assert same.sum() >= rows[int(name[1:])] - 2 * 16 * 2, name
+
+
+TORCH_PYTHON = os.path.join(ROOT, "third_party", "torchrec_reference", ".venv", "bin", "python")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(TORCH_PYTHON), reason="no TorchRec venv "
+                    "(make -C third_party/torchrec_reference venv)")
+def test_torchrec_export_then_import(tmp_path):
+  """The real helper, in the torch venv, on a fresh EmbeddingBagCollection."""
+  npz = tmp_path / "ebc.npz"
+  proc = subprocess.run([TORCH_PYTHON, os.path.join(ROOT, "third_party", "torchrec_export",
+                                                    "export_torchrec.py"),
+                         "--demo_tables=4", "--demo_rows=32", "--demo_dim=8", f"--output={npz}"],
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert convert.import_torchrec(npz, tmp_path / "ckpt") == ["t0", "t1", "t2", "t3"]
+  coll = h.collection("twrw", 8, rows=(32,) * 4)
+  with CheckpointManager(tmp_path / "ckpt") as mgr:
+    restored = mgr.restore(h.dense(coll.mesh), coll)
+  tables, _ = jax.device_get(coll.unstack_tables(restored.state["emb"]))
+  with np.load(npz) as z:
+    for i in range(4):
+      np.testing.assert_array_equal(tables[f"t{i}"], z[f"embedding_bags.t{i}.weight"])
+
+
+@pytest.mark.parametrize("arrays,match", [
+    ({"embedding_bags.t.weight": np.ones((4, 2), np.int32)}, "dtype int32, expected a float"),
+    ({"embedding_bags.t.weight": np.ones((4, 2), np.float64)},
+     "'embedding_bags.t.weight' has dtype float64, which no table can have"),
+    ({"embedding_bags.t.weight": np.ones((4, 2), ml_dtypes.bfloat16)},
+     r"ebc.npz: 'embedding_bags.t.weight' has dtype \|V2 \(2-byte raw data, e.g. bfloat16, "
+     r"which npz cannot hold\): export the table as float32"),
+    ({"embedding_bags.t.weight": np.ones((0, 2), np.float32)}, r"shape \(0, 2\)"),
+    ({"embedding_bags.t.weight": np.array([[1, 2], [3, np.nan], [np.inf, 0]], np.float32)},
+     r"'embedding_bags.t.weight' holds 2 NaN/inf values in 2 rows \(first: row 1\)"),
+    ({"embedding_bags.t.weight": np.array([None], object)}, "not a readable npz"),
+    (None, r"ebc.npz is not an npz file \(not a zip archive\)$"),
+    # a text file: np.load called it pickled data, to load with allow_pickle=
+    ("# jaxrec\n", r"ebc.npz is not an npz file \(not a zip archive\)$")])
+def test_torchrec_import_refuses_bad_npz(tmp_path, arrays, match):
+  npz = tmp_path / "ebc.npz"
+  if arrays is None:
+    npz.write_bytes(b"PK\x03\x04 truncated")
+  elif isinstance(arrays, str):
+    npz.write_text(arrays)
+  else:
+    np.savez(npz, **arrays)
+  with pytest.raises((ConfigError, DataError), match=match):
+    convert.import_torchrec(npz, tmp_path / "ckpt")
+  with pytest.raises(ConfigError, match="--step must be >= 0"):
+    convert.import_torchrec(npz, tmp_path / "ckpt", step=-1)
+  assert not (tmp_path / "ckpt").exists()
