@@ -87,7 +87,7 @@ SLOW_CASES = {
     "tests/offload/test_exact.py::test_exact_prefetch_off_rowwise_state_on_sharded_cache",
     "tests/embedding/test_col_padding.py::test_int8_padded_rows_quantise_over_their_real_columns",
     "tests/checkpoint/test_reshard.py::test_low_precision_tables[int8]",
-    "tests/checkpoint/test_convert.py::test_train_starts_from_torchrec_import[float32]",
+    "tests/checkpoint/test_convert_torchrec.py::test_train_starts_from_torchrec_import[float32]",
     "tests/train/test_bf16_cpu_update.py::test_bf16_update_in_place_writes_the_same_bits[sgd-data=2,table=2,row=2-twrw]",
     "tests/offload/test_move_tier_edges.py::test_snapshots_go_once_no_kept_checkpoint_needs_them",
 }
