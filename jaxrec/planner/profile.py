@@ -11,7 +11,8 @@ required, except that a line may say `"same_plan": true` instead of holding `pla
 plan of the line before it (the trainer writes the plan in its first line and refers to
 it after that: at 1,000 tables it is ~31 KB, which every log line repeated); `steps`
 (steps averaged, the sample weight; default 1), `batch_size` (old profiles lack it: the
-caller's, noted in the report) and `warmup: true` (skip the line) are optional; `shard_times_s` is reserved for per-stack timings and not used yet.
+caller's, noted in the report) and `warmup: true` (skip the line) are optional;
+`shard_times_s` is reserved for per-stack timings and not used yet.
 
 The fit: each distinct (plan, mesh, batch) gives one sample (x, t): x = the cost terms of a
 device (`PlanResult.critical_terms`; every device alike), t = the median measured step

@@ -26,7 +26,8 @@ from absl import logging as absl_logging
 import jax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_CACHE_CONFIG = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
+# jax settings `jaxrec.compile_cache` changes (train.py), put back after a run in process
+CACHE_CONFIG = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
                  "jax_persistent_cache_min_compile_time_secs", "jax_compilation_cache_max_size")
 
 
@@ -44,7 +45,7 @@ def restored_process_state(folder: str | None = None):
   handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
   defined = {name: (flags.FLAGS[name].value, flags.FLAGS[name].present) for name in flags.FLAGS}
   modules = set(sys.modules)
-  cache = {k: getattr(jax.config, k) for k in _CACHE_CONFIG}   # train.py's compile_cache
+  cache = {k: getattr(jax.config, k) for k in CACHE_CONFIG}   # train.py's compile_cache
   try:
     yield
   finally:

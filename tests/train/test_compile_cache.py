@@ -9,16 +9,15 @@ import pytest
 
 from jaxrec import compile_cache
 from jaxrec.errors import ConfigError
+from tests.scripts.in_process import CACHE_CONFIG
 from tests.scripts.test_train import SMALL, assert_one_line_error, train
 
-_KEYS = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
-         "jax_persistent_cache_min_compile_time_secs", "jax_compilation_cache_max_size")
 
 
 @pytest.fixture(name="jax_config")
 def _jax_config(monkeypatch):
   """The cache settings of this process, put back afterwards (the suite's own cache)."""
-  saved = {k: getattr(jax.config, k) for k in _KEYS}
+  saved = {k: getattr(jax.config, k) for k in CACHE_CONFIG}
   for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE",
                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "JAXREC_CACHE_DIR",
                "XDG_CACHE_HOME"):
