@@ -15,7 +15,9 @@ only the rows a batch uses (never a dense `[rows, dim]` gradient):
    the pooled activations home: `psum_scatter` over `row` (partial sums of row shards),
    `all_to_all` over `table` (features to the devices holding their examples) and over
    `col` (column shards concatenated); stacks split over the same axes share one set of
-   these collectives. Result `[batch, features, dim]` split over batch.
+   these collectives (stacks of one dim). Result `[batch, features, dim]` split over
+   batch; with tables of mixed dims `dim` is the widest and narrower features are padded
+   with zero columns (`feature_dims`).
 3. `apply_gradients`. The gradient w.r.t. `rows` (what autodiff of stage 2 returns) is
    summed over the stack's replica axes (`psum`), then the sparse optimizer updates just
    the unique rows of the local shard, identically on every replica. (Without dedup each
@@ -170,14 +172,6 @@ class EmbeddingCollection:
     except TypeError as e:
       raise ConfigError(f"EmbeddingCollection.create: {e}") from None
     given, options = options, _resolved(options, tables, mesh.devices.flat[0].platform)
-    dims = {}   # dim -> the first feature reading a table of it
-    for f in features:
-      dims.setdefault(next(t.dim for t in tables if t.name == f.table), f)
-    if len(dims) > 1:
-      which = "; ".join(f"dim {d}: feature '{f.name}' reads table '{f.table}'"
-                        for d, f in sorted(dims.items()))
-      raise ConfigError(f"features read tables of different dims {sorted(dims)} ({which}); the "
-                        "models take [batch, features, dim] with one dim")
     layouts = layout_lib.build_layouts(tables, features, plan, mesh_shape(mesh))
     problem = layout_lib.stack_error(layouts)
     if problem:
@@ -216,7 +210,15 @@ class EmbeddingCollection:
   # ----------------------------------------------------------------------------- state
   @property
   def dim(self) -> int:
-    return self.layouts[0].dim
+    """`D` of the pooled activations `[B, F, D]`: the widest table's dim (features of
+    narrower tables are padded with zero columns, see `feature_dims`)."""
+    return max(l.dim for l in self.layouts)
+
+  @property
+  def feature_dims(self) -> tuple[int, ...]:
+    """Each feature's own dim, in feature order: feature `i` fills the first
+    `feature_dims[i]` columns of `[B, F, D]`; the rest are zero (and get no gradient)."""
+    return specs.feature_dims(self.tables, self.features)
 
   def table_spec(self, name: str) -> TableSpec:
     return next(t for t in self.tables if t.name == name)

@@ -222,11 +222,13 @@ pool_kernel.defvjp(_pool_kernel_fwd, _pool_kernel_bwd)
 def pool_all(layouts, opts, order, dedups, packing, rows, inv, w):
   """Stage 2 for every stack: `[b, F, dim]` for this device's examples, features in
   collection order (`order[k]` = the collection feature of the k-th stack feature, stacks
-  in `layouts` order). Stacks split over the same axes send their partial sums home in one
-  set of collectives (concatenated along the feature axis)."""
+  in `layouts` order). Stacks of one dim split over the same axes send their partial sums
+  home in one set of collectives (concatenated along the feature axis). `dim` is the
+  widest stack's: a narrower stack's features are padded with zero columns."""
+  dim = max(l.dim for l in layouts)
   groups: dict[tuple, list] = {}
   for l, dedup, pk in zip(layouts, dedups, packing):
-    groups.setdefault(l.axes, []).append((l, dedup, pk))
+    groups.setdefault((l.axes, l.dim), []).append((l, dedup, pk))
   pooled = {}
   for members in groups.values():
     stacks = [l for l, _, _ in members]
@@ -245,6 +247,8 @@ def pool_all(layouts, opts, order, dedups, packing, rows, inv, w):
       index = [position[f] for f in range(len(l.features))]
       # XLA keeps an identity gather (and its scatter transpose): skip it.
       pooled[l.name] = y if index == list(range(y.shape[1])) else y[:, np.array(index)]
+      if l.dim < dim:
+        pooled[l.name] = jnp.pad(pooled[l.name], ((0, 0), (0, 0), (0, dim - l.dim)))
   out = jnp.concatenate([pooled[l.name] for l in layouts], axis=1) if len(layouts) > 1 \
       else pooled[layouts[0].name]
   if list(order) != sorted(order):

@@ -276,21 +276,45 @@ def validate(tables: Sequence[TableSpec], features: Sequence[FeatureSpec]) -> No
     raise ConfigError("no sparse features configured")
 
 
+def feature_dims(tables: Sequence[TableSpec], features: Sequence[FeatureSpec]
+                 ) -> tuple[int, ...]:
+  """Each feature's table dim, in feature order (the `F` axis of pooled activations)."""
+  dim = {t.name: t.dim for t in tables}
+  return tuple(dim[f.table] for f in features)
+
+
+def mixed_dims(tables: Sequence[TableSpec], features: Sequence[FeatureSpec]) -> str | None:
+  """None when every feature reads a table of one dim; else which dims, each with its first
+  feature and table, e.g. `dims [8, 16] (dim 8: feature 'f0' reads table 't0'; ...)`."""
+  first = {}   # dim -> the first feature reading a table of it
+  for f, d in zip(features, feature_dims(tables, features)):
+    first.setdefault(d, f)
+  if len(first) < 2:
+    return None
+  which = "; ".join(f"dim {d}: feature '{f.name}' reads table '{f.table}'"
+                    for d, f in sorted(first.items()))
+  return f"dims {sorted(first)} ({which})"
+
+
 @gin.configurable
 def uniform_tables(num_tables: int = gin.REQUIRED, rows: int | Sequence[int] = gin.REQUIRED,
-                   dim: int = 16, prefix: str = "t", max_len: int | Sequence[int] = 1,
+                   dim: int | Sequence[int] = 16, prefix: str = "t",
+                   max_len: int | Sequence[int] = 1,
                    pooling: str = "sum", dtype: str = "float32"
                    ) -> tuple[tuple[TableSpec, ...], tuple[FeatureSpec, ...]]:
   """`num_tables` tables (`t0..tN-1`), each read by one feature (`f0..fN-1`).
 
-  `rows` and `max_len` may be one value for all or one per table; `dtype` is the tables'
-  storage dtype (`TableSpec.dtype`).
+  `rows`, `dim` and `max_len` may be one value for all or one per table (features of mixed
+  dims: models that concatenate their features take them, see `ExperimentConfig`); `dtype`
+  is the tables' storage dtype (`TableSpec.dtype`).
   """
   n = _count(num_tables)
   rows_list, lens = _per_table(rows, n, "rows"), _per_table(max_len, n, "max_len")
-  _check_shared(prefix, dim, pooling, dtype)
+  dims = _per_table(dim, n, "dim")
+  _check_shared(prefix, pooling, dtype)
   try:
-    tables = tuple(TableSpec(f"{prefix}{i}", r, dim, dtype) for i, r in enumerate(rows_list))
+    tables = tuple(TableSpec(f"{prefix}{i}", r, d, dtype)
+                   for i, (r, d) in enumerate(zip(rows_list, dims)))
     features = tuple(FeatureSpec(f"f{i}", f"{prefix}{i}", l, pooling)
                      for i, l in enumerate(lens))
   except ConfigError as e:   # e.g. dim or dtype: name the configurable, then the table
@@ -298,16 +322,12 @@ def uniform_tables(num_tables: int = gin.REQUIRED, rows: int | Sequence[int] = g
   return tables, features
 
 
-def _check_shared(prefix, dim, pooling, dtype) -> None:
+def _check_shared(prefix, pooling, dtype) -> None:
   """`uniform_tables`' values shared by every table, each named as its binding (a bad one
   was reported as table 't0''s, so the error could not say which file or flag set it, and
   `prefix = 5` named the tables '50', '51', ...)."""
   if not isinstance(prefix, str):   # ('' is fine: tables '0', '1', ...)
     raise ConfigError(f"uniform_tables.prefix must be a string, got {prefix!r}")
-  if isinstance(dim, (list, tuple)):
-    raise ConfigError(f"uniform_tables.dim takes one width for every table, got {dim!r}")
-  if not is_whole(dim):
-    raise ConfigError(f"uniform_tables.dim must be a positive integer, got {dim!r}")
   if pooling not in POOLINGS:
     raise ConfigError(f"uniform_tables.pooling must be one of {POOLINGS}, got {pooling!r}")
   if dtype_name(dtype) not in TABLE_DTYPES:

@@ -19,7 +19,8 @@ import gin
 import jax.numpy as jnp
 
 from jaxrec.errors import ConfigError
-from jaxrec.models.mlp import MLP, check_inputs, check_sizes, compute_dtype, dense_layer, is_int
+from jaxrec.models.mlp import (MLP, check_inputs, check_sizes, compute_dtype, dense_layer,
+                               flat_fields, is_int)
 
 STRUCTURES = ("stacked", "parallel")
 
@@ -59,7 +60,8 @@ class CrossNetwork(nn.Module):
 
 @gin.configurable
 class DCNv2(nn.Module):
-  """DCNv2 dense network over `x0 = concat(dense, flatten(emb))` `[B, num_dense + F*D]`.
+  """DCNv2 dense network over `x0 = concat(dense, flatten(emb))` `[B, num_dense + F*D]`
+  (features of mixed dims: see `feature_dims`).
 
   `stacked`: `logit = w . deep(cross(x0))`; `parallel`: `logit = w . [cross(x0), deep(x0)]`.
 
@@ -70,6 +72,9 @@ class DCNv2(nn.Module):
     deep_mlp: widths of the deep network (ReLU after every layer); may be empty.
     structure: `stacked` or `parallel`.
     dtype: computation dtype (parameters float32, logits float32).
+    feature_dims: each feature's dim when the features' tables have mixed dims (set by
+      `ExperimentConfig` from the tables, not bound): `emb` then comes padded to the widest
+      and `x0` takes each feature's own columns (`flat_fields`), `[B, num_dense + sum]`.
   """
 
   num_cross_layers: int = 3
@@ -77,6 +82,7 @@ class DCNv2(nn.Module):
   deep_mlp: Sequence[int] = (512, 256)
   structure: str = "stacked"
   dtype: Any = jnp.float32
+  feature_dims: Sequence[int] | None = None
 
   @nn.compact
   def __call__(self, dense, emb):
@@ -86,13 +92,16 @@ class DCNv2(nn.Module):
     dtype = compute_dtype("DCNv2.dtype", self.dtype)
     # float32: the cross network's residual stream uses it as is; each Dense rounds its
     # input to `dtype` for the matmul.
-    x0 = jnp.concatenate([dense, emb.reshape(b, f * d)], axis=-1).astype(jnp.float32)
+    x0 = jnp.concatenate([dense, flat_fields("DCNv2", emb, self.feature_dims)],
+                         axis=-1).astype(jnp.float32)
     width = x0.shape[-1]
     if self.low_rank is not None and self.low_rank >= width:
       # a [width, r] [r, width] product has rank <= width: full rank, with more parameters
+      sizes = (f"{f} features x dim {d}" if self.feature_dims is None else
+               f"{f} features of dims summing to {width - dense.shape[-1]}")
       raise ConfigError(f"DCNv2.low_rank = {self.low_rank} is not below the cross network's "
-                        f"width {width} (num_dense {dense.shape[-1]} + {f} features x dim "
-                        f"{d}): it would not be low-rank; use None for full rank")
+                        f"width {width} (num_dense {dense.shape[-1]} + {sizes}): it would "
+                        "not be low-rank; use None for full rank")
     cross = CrossNetwork(int(self.num_cross_layers), self.low_rank, dtype, name="cross")
     deep = MLP(self.deep_mlp, final_activation=True, dtype=dtype, name="deep_mlp")
     if self.structure == "stacked":

@@ -1,4 +1,5 @@
-"""Dense building blocks shared by the models: the MLP and the input check.
+"""Dense building blocks shared by the models: the MLP, the input check and the
+flattening of features of mixed dims.
 
 Initialisation follows the DLRM reference for weights: normal with std
 `sqrt(2 / (fan_in + fan_out))` (Glorot normal, untruncated); biases start at zero. It keeps
@@ -194,6 +195,36 @@ def check_inputs(model: str, dense, emb) -> tuple[int, int, int]:
     raise ConfigError(f"{model}: expected dense [B, num_dense] and emb [B, F, D], got "
                       f"{tuple(dense.shape)} and {tuple(emb.shape)}")
   return tuple(int(s) for s in emb.shape)
+
+
+def check_feature_dims(model: str, feature_dims: Sequence[int], f: int, d: int) -> list[int]:
+  """`feature_dims` as ints; `ConfigError` unless it has `f` dims, the widest `d` (emb
+  `[B, f, d]`)."""
+  dims = [int(x) for x in feature_dims]
+  if len(dims) != f or max(dims, default=0) != d:
+    raise ConfigError(f"{model}.feature_dims has {len(dims)} dims (widest "
+                      f"{max(dims, default=0)}) for emb of {f} features padded to dim {d}; "
+                      "it is set from the config's features, not bound by hand")
+  return dims
+
+
+def flat_fields(model: str, emb, feature_dims: Sequence[int] | None):
+  """`emb` `[B, F, D]` -> `[B, sum(dims)]`: each feature's embedding, in order.
+
+  Features of mixed dims arrive padded with zero columns to the widest (`D`); feature `i`
+  keeps its first `feature_dims[i]` columns. `None` (one dim): a reshape to `[B, F*D]`.
+  Runs of consecutive features of one dim are sliced together (one slice per run, not per
+  feature: configs of hundreds of features)."""
+  b, f, d = emb.shape
+  if feature_dims is None:
+    return emb.reshape(b, f * d)
+  dims = check_feature_dims(model, feature_dims, f, d)
+  runs, start = [], 0
+  for i in range(1, f + 1):
+    if i == f or dims[i] != dims[start]:
+      runs.append(emb[:, start:i, :dims[start]].reshape(b, (i - start) * dims[start]))
+      start = i
+  return runs[0] if len(runs) == 1 else jnp.concatenate(runs, axis=-1)
 
 
 def is_int(value) -> bool:

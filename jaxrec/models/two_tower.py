@@ -21,7 +21,8 @@ import numpy as np
 from jaxrec import gin_usage
 from jaxrec.embedding.specs import flag
 from jaxrec.errors import ConfigError
-from jaxrec.models.mlp import MLP, check_inputs, check_sizes, compute_dtype, is_int
+from jaxrec.models.mlp import (MLP, check_feature_dims, check_inputs, check_sizes,
+                               compute_dtype, flat_fields, is_int)
 from jaxrec.sharding.plan import warn_once
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,9 @@ class TwoTower(nn.Module):
     logq_buckets: hash buckets of the estimator (items sharing one share an estimate).
     logq_alpha: learning rate of the estimator's moving average, in (0, 1].
     dtype: computation dtype (parameters float32, logits float32).
+    feature_dims: each feature's dim when the features' tables have mixed dims (set by
+      `ExperimentConfig` from the tables, not bound): `emb` then comes padded to the widest
+      and each tower takes its features' own columns (`flat_fields`).
   """
 
   user_features: Sequence[int]
@@ -143,6 +147,7 @@ class TwoTower(nn.Module):
   logq_buckets: int = 1 << 20
   logq_alpha: float = 0.01
   dtype: Any = jnp.float32
+  feature_dims: Sequence[int] | None = None
 
   def setup(self):
     self.check_config()
@@ -218,6 +223,13 @@ class TwoTower(nn.Module):
     """`emb` `[B, F, D]` -> `[B, len(item_features), D]`: what identifies a row's item."""
     return emb[:, np.asarray(self.item_features, np.int32)]
 
+  def _tower_input(self, emb, features):
+    """`[B, len(features) * D]`: the embeddings of `features` (indices into `F`), each
+    trimmed to its own dim when dims are mixed (`feature_dims`)."""
+    idx = np.asarray(features, np.int32)
+    dims = None if self.feature_dims is None else [self.feature_dims[i] for i in idx]
+    return flat_fields("TwoTower", emb[:, idx][:, :, :max(dims or [emb.shape[2]])], dims)
+
   def _normalize(self, x):
     if not self.normalize:
       return x
@@ -231,11 +243,13 @@ class TwoTower(nn.Module):
 
   def towers(self, dense, emb):
     """`dense` `[B, num_dense]`, `emb` `[B, F, D]` -> (user `[B, K]`, item `[B, K]`) float32."""
-    b, f, _ = check_inputs("TwoTower", dense, emb)
+    _, f, _ = check_inputs("TwoTower", dense, emb)
     self._check_feature_lists(f)
     emb = emb.astype(self.compute_dtype)
-    xu = emb[:, np.asarray(self.user_features, np.int32)].reshape(b, -1)
-    xi = self.item_keys(emb).reshape(b, -1)
+    if self.feature_dims is not None:
+      check_feature_dims("TwoTower", self.feature_dims, f, emb.shape[2])
+    xu = self._tower_input(emb, self.user_features)
+    xi = self._tower_input(emb, self.item_features)
     if self.dense_to_user:
       xu = jnp.concatenate([dense.astype(self.compute_dtype), xu], axis=-1)
     user = self._normalize(self.user_tower(xu)).astype(jnp.float32)

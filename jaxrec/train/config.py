@@ -24,7 +24,8 @@ import numpy as np
 import optax
 
 from jaxrec.embedding import optimizers as sparse_optimizers
-from jaxrec.embedding.specs import FeatureSpec, TableSpec, flag, is_whole, validate
+from jaxrec.embedding.specs import (FeatureSpec, TableSpec, feature_dims, flag, is_whole,
+                                   mixed_dims, validate)
 from jaxrec.errors import ConfigError
 from jaxrec.kernels import quant
 from jaxrec.kernels.optim import NONNEG, POSITIVE, UNIT, hparam
@@ -158,7 +159,9 @@ class ExperimentConfig:
   Attributes:
     embedding: `(tables, features)`, e.g. `@uniform_tables()`.
     model: flax module (`@build_model()`); takes dense `[B, num_dense]` and pooled
-      embeddings `[B, features, dim]`, returns logits `[B]`.
+      embeddings `[B, features, dim]`, returns logits `[B]`. Features of tables of mixed
+      dims arrive padded to the widest: only models with a `feature_dims` field take them
+      (DCNv2, TwoTower), and the config sets it from the tables.
     batch_size: global train batch (split over every device).
     eval_batch_size: global eval batch.
     num_eval_examples: size of the fixed eval set drawn from synthetic sources (file
@@ -197,6 +200,21 @@ class ExperimentConfig:
       value = getattr(self, name)   # gin writes `1e6` as a float: a whole one is a count
       if is_whole(value, -math.inf):   # anything else is left for `validate` to refuse
         object.__setattr__(self, name, int(value))
+    if _takes_feature_dims(self.model):
+      dims = self._mixed_feature_dims()
+      if dims != self.model.feature_dims:
+        object.__setattr__(self, "model", self.model.clone(feature_dims=dims))
+
+  def _mixed_feature_dims(self) -> tuple[int, ...] | None:
+    """Each feature's dim when the features' tables have mixed dims; None for one dim, or
+    when the embedding is malformed (`validate` names what is wrong)."""
+    try:
+      check_embedding(self.embedding)
+      validate(self.tables, self.features)
+    except ConfigError:
+      return None
+    return (feature_dims(self.tables, self.features)
+            if mixed_dims(self.tables, self.features) else None)
 
   def sparse_tx(self):
     return self.sparse_optimizer if self.sparse_optimizer is not None else sparse_optimizers.SGD()
@@ -208,6 +226,14 @@ class ExperimentConfig:
     it trains after all)."""
     self._check_parts()
     validate(self.tables, self.features)
+    mixed = mixed_dims(self.tables, self.features)
+    if mixed and not _takes_feature_dims(self.model):
+      raise ConfigError(
+          f"ExperimentConfig.model: {type(self.model).__name__} takes features of one "
+          f"embedding dim (it has no feature_dims field: DLRM's and DeepFM's interactions "
+          f"pair every two features), but the features read tables of {mixed}; "
+          "give every table one dim (uniform_tables.dim), or use a model that concatenates "
+          "its features (dcnv2, two_tower)")
     for name in ("batch_size", "eval_batch_size", "num_eval_examples"):
       value = getattr(self, name)
       if not isinstance(value, numbers.Integral) or isinstance(value, bool):
@@ -243,6 +269,13 @@ class ExperimentConfig:
       raise ConfigError(f"ExperimentConfig.dense_optimizer must be an optax transformation, "
                         f"e.g. @dense_optimizer(), got {dense!r}")
     check_sparse_optimizer(sparse)
+
+
+def _takes_feature_dims(model) -> bool:
+  """Whether `model` is a flax module that takes features of mixed dims (a `feature_dims`
+  field, e.g. DCNv2, TwoTower)."""
+  return isinstance(model, nn.Module) and "feature_dims" in getattr(
+      type(model), "__dataclass_fields__", {})
 
 
 def check_sparse_optimizer(sparse) -> None:

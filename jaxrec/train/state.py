@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrec.embedding.collection import EmbeddingCollection
+from jaxrec.embedding.specs import feature_dims
 from jaxrec.models import item_frequency
 from jaxrec.train.config import ExperimentConfig
 
@@ -35,12 +36,11 @@ def check_model(config: ExperimentConfig) -> None:
   """Traces the model's init on abstract inputs `[2, num_dense]`, `[2, F, D]` (no compute,
   no compile), so that a binding that does not fit the config's shapes (DLRM's last bottom
   width vs the tables' dim, a TwoTower feature index >= F, DLRM without dense features)
-  stops the run before planning. Features of tables of mixed dims are left to
-  `EmbeddingCollection.create`, which names them."""
-  used = {f.table for f in config.features}
-  dims = {t.dim for t in config.tables if t.name in used}
-  if len(dims) == 1:
-    jax.eval_shape(lambda: init_dense(config, jax.random.key(0), dims.pop()))
+  stops the run before planning. With features of mixed dims `D` is the widest (the
+  pooled activations are padded to it; `ExperimentConfig.validate` has checked that the
+  model takes them)."""
+  dim = max(feature_dims(config.tables, config.features))
+  jax.eval_shape(lambda: init_dense(config, jax.random.key(0), dim))
 
 
 def init_dense_state(config: ExperimentConfig, key: jax.Array, dim: int) -> tuple[Any, Any]:

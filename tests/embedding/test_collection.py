@@ -38,7 +38,8 @@ def make_inputs(seed=0, tables=TABLES):
   ids["fb"][:, 0] = np.maximum(ids["fb"][:, 0], 0)
   ids["fa"][:4] = 5      # duplicates inside and across bags
   weights = {"fa2": rng.random((B, 2)).astype(np.float32)}
-  gout = rng.standard_normal((B, len(FEATURES), tables[0].dim)).astype(np.float32)
+  dim = max(t.dim for t in tables)   # mixed dims: pooled output padded to the widest
+  gout = rng.standard_normal((B, len(FEATURES), dim)).astype(np.float32)
   return ids, weights, gout
 
 
@@ -86,10 +87,12 @@ def ref_weights(f, ids, weights):
 
 
 def ref_pool(tables, ids, weights):
-  out = np.zeros((B, len(FEATURES), tables["a"].shape[1]), np.float32)
+  """`[B, F, widest dim]`: a narrower table's features fill their first columns, rest 0."""
+  out = np.zeros((B, len(FEATURES), max(t.shape[1] for t in tables.values())), np.float32)
   for j, f in enumerate(FEATURES):
     w = ref_weights(f, ids, weights)
-    out[:, j] = (tables[f.table][np.maximum(ids[f.name], 0)] * w[..., None]).sum(1)
+    dim = tables[f.table].shape[1]
+    out[:, j, :dim] = (tables[f.table][np.maximum(ids[f.name], 0)] * w[..., None]).sum(1)
   return out
 
 
@@ -100,7 +103,7 @@ def ref_grads(tables, ids, weights, gout):
     x = ids[f.name]
     valid = x >= 0
     w = ref_weights(f, ids, weights)
-    contrib = w[..., None] * gout[:, j][:, None, :]
+    contrib = w[..., None] * gout[:, j, :grads[f.table].shape[1]][:, None, :]
     np.add.at(grads[f.table], x[valid], contrib[valid])
     seen[f.table][x[valid]] = True
   return grads, seen
@@ -177,6 +180,43 @@ def test_single_device_matches_dense_reference(opt):
 def test_sharded_matches_single_device(kind, mesh_spec, opt):
   ref = run("dp", "single", opt)
   out = run(kind, mesh_spec, opt)
+  for a, b in zip(out[0], ref[0]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for name in ref[1]:
+    np.testing.assert_allclose(out[1][name], ref[1][name], rtol=1e-5, atol=1e-6)
+
+
+# Tables of two dims: the stacks of `b` (dim 4) and of `a`, `c` (dim 8) pool separately;
+# `fb`'s pooled activations are padded to 8 with zero columns, whose gradient is dropped.
+MIXED = (TableSpec("a", 37, 8), TableSpec("b", 50, 4), TableSpec("c", 11, 8))
+
+
+@pytest.mark.parametrize("opt", [OPTS[0], OPTS[3]], ids=["SGD", "Adam"])
+def test_mixed_dims_single_device_matches_dense_reference(opt):
+  pooled, tables, _ = run("dp", "single", opt, tables=MIXED)
+  ref_pooled, ref_tables, _ = reference(opt, specs=MIXED)
+  for a, b in zip(pooled, ref_pooled):
+    assert a.shape == (B, len(FEATURES), 8)
+    np.testing.assert_array_equal(a[:, 1, 4:], 0)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for name in ref_tables:
+    assert tables[name].shape == ref_tables[name].shape
+    np.testing.assert_allclose(tables[name], ref_tables[name], rtol=1e-5, atol=1e-6)
+
+
+# Four meshes in the default suite: `tw` and `cw` group stacks of two dims over one axis
+# (`cw` pads `b`'s 4 columns to col=8), `twrw` and `grid` split three axes.
+MIXED_FAST = {("tw", "table=8"), ("cw", "col=8"), ("twrw", "data=2,table=2,row=2"),
+              ("grid", "table=2,row=2,col=2")}
+
+
+@pytest.mark.parametrize("kind,mesh_spec", [
+    p if p in MIXED_FAST else pytest.param(*p, marks=pytest.mark.slow) for p in PLANS],
+    ids=[f"{k}-{m}" for k, m in PLANS])
+def test_mixed_dims_sharded_matches_single_device(kind, mesh_spec):
+  opt = optimizers.RowWiseAdagrad(0.1, 0.1)
+  ref = run("dp", "single", opt, tables=MIXED)
+  out = run(kind, mesh_spec, opt, tables=MIXED)
   for a, b in zip(out[0], ref[0]):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   for name in ref[1]:

@@ -201,16 +201,6 @@ def test_a_mesh_without_the_four_axes_is_a_clear_error():
     make_mesh({"data": 1, "rows": 1}, jax.devices()[:1])
 
 
-def test_features_reading_tables_of_different_dims_are_a_clear_error():
-  tables = TABLES + (TableSpec("wide", 5, 16),)
-  with pytest.raises(ConfigError, match=r"different dims \[8, 16\] \(dim 8: feature 'f_small' "
-                     r"reads table 'small'; dim 16: feature 'f_wide' reads table 'wide'\)"):
-    EmbeddingCollection.create(tables, FEATURES + (FeatureSpec("f_wide", "wide"),),
-                               uniform_plan("tw", tables, 2),
-                               make_mesh(parse_mesh_spec("table=2,data=4", 8)),
-                               optimizers.SGD(0.1))
-
-
 def test_more_rows_on_a_slice_than_int32_reaches_is_a_clear_error():
   """Stage 1 numbers a table slice's rows (table offset + id) in int32: two 1.5e9-row tables
   on one slice wrapped past 2**31 (the second table's rows read as zeros, never updated)."""

@@ -106,9 +106,10 @@ def test_bad_feature_spec(kwargs, message):
     ({"num_tables": "2"}, "uniform_tables.num_tables must be a positive integer, got '2'"),
     # shared values are named as their binding (they were table 't0''s: no file or flag
     # could be named), and a number for `prefix` made tables '50', '51'
-    ({"dim": 0}, "^uniform_tables.dim must be a positive integer, got 0"),
-    ({"dim": 16.5}, "^uniform_tables.dim must be a positive integer, got 16.5"),
-    ({"dim": [16, 8]}, r"^uniform_tables.dim takes one width for every table, got \[16, 8\]"),
+    ({"dim": 0}, "^uniform_tables.dim must be positive integers, got 0"),
+    ({"dim": 16.5}, "^uniform_tables.dim must be positive integers, got 16.5"),
+    ({"dim": [16, 8, 4]}, r"^uniform_tables.dim must have 2 entries \(num_tables\), got 3"),
+    ({"dim": [16, 0]}, r"^uniform_tables.dim must be positive integers, got \[16, 0\]"),
     ({"pooling": "max"}, r"^uniform_tables.pooling must be one of \('sum', 'mean'\), got 'max'"),
     ({"dtype": "fp8"}, r"^uniform_tables.dtype must be one of .* got 'fp8'"),
     ({"prefix": 5}, "^uniform_tables.prefix must be a string, got 5"),
@@ -121,6 +122,13 @@ def test_uniform_tables_values(kwargs, message):
     return
   with pytest.raises(ConfigError, match=message):
     uniform_tables(**args)
+
+
+def test_uniform_tables_takes_a_dim_per_table():
+  tables, features = uniform_tables(num_tables=3, rows=[10, 20, 30], dim=[8, 16, 8])
+  assert [(t.name, t.rows, t.dim) for t in tables] == [("t0", 10, 8), ("t1", 20, 16),
+                                                       ("t2", 30, 8)]
+  assert [f.table for f in features] == ["t0", "t1", "t2"]
 
 
 def test_gin_binds_specs_through_uniform_tables():

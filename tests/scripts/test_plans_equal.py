@@ -63,3 +63,30 @@ def test_plan_matches_single_device(tmp_path, reference, plan, mesh):
 @pytest.mark.parametrize("plan,mesh,dim", PADDED)
 def test_padded_columns_match_single_device(tmp_path, reference, plan, mesh, dim):
   _check(run(str(tmp_path / "w"), plan, mesh, 8, dim), reference(dim), dim)
+
+
+# DCNv2 over tables of three dims: pooled activations padded to 16 (models/test_mixed_dims).
+MIXED_DIMS = "uniform_tables.dim=[16,8,16,4,8,16,8,4]"
+
+
+def run_mixed(workdir, plan, mesh, devices):
+  train(workdir, "--gin_file=configs/dcnv2_synthetic.gin", "--num_steps=20", "--log_every=1",
+        f"--plan={plan}", f"--mesh={mesh}",
+        *[f"--gin_bindings={b}" for b in SMALL + [MIXED_DIMS]], devices=devices)
+  losses = np.array([l["loss"] for l in read_metrics(workdir) if "loss" in l])
+  return losses, {k: v for k, v in export(workdir).items() if k.startswith("tables/")}
+
+
+@pytest.mark.parametrize("plan,mesh", [("grid", "table=2,row=2,col=2"),
+                                       pytest.param("tw", "table=8", marks=_SLOW),
+                                       pytest.param("twcw", "data=2,table=2,col=2", marks=_SLOW)])
+def test_mixed_dims_match_single_device(tmp_path, plan, mesh):
+  losses, tables = run_mixed(str(tmp_path / "w"), plan, mesh, 8)
+  ref_losses, ref_tables = run_mixed(str(tmp_path / "ref"), "dp", "data=1", 1)
+  assert len(losses) == 20
+  np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-4)
+  assert sorted(tables) == sorted(ref_tables) and len(tables) == 8
+  for i, dim in enumerate([16, 8, 16, 4, 8, 16, 8, 4]):
+    assert tables[f"tables/t{i}"].shape[1] == dim
+    np.testing.assert_allclose(tables[f"tables/t{i}"], ref_tables[f"tables/t{i}"], rtol=0,
+                               atol=1e-5, err_msg=f"t{i}")

@@ -1,0 +1,97 @@
+"""Features of tables of mixed dims: padded pooled activations, the models that take them
+(DCNv2, TwoTower) and the ones that refuse them (DLRM, DeepFM) with the config named."""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrec import launch
+from jaxrec.errors import ConfigError
+from jaxrec.models import DCNv2, TwoTower
+from jaxrec.models.mlp import flat_fields
+from jaxrec.train.config import ExperimentConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DIMS = (16, 8, 8, 4, 16, 4)   # runs of one dim, and a dim that comes back
+
+
+def padded_emb(seed, dims=DIMS, b=3):
+  """`[b, F, max(dims)]` with feature i's columns past dims[i] filled with garbage, and the
+  unpadded concatenation `[b, sum(dims)]` it stands for."""
+  rng = np.random.default_rng(seed)
+  emb = rng.standard_normal((b, len(dims), max(dims))).astype(np.float32)
+  flat = np.concatenate([emb[:, i, :d] for i, d in enumerate(dims)], axis=1)
+  return emb, flat
+
+
+def test_flat_fields_takes_each_features_own_columns():
+  emb, flat = padded_emb(0)
+  np.testing.assert_array_equal(flat_fields("M", jnp.asarray(emb), DIMS), flat)
+  np.testing.assert_array_equal(flat_fields("M", jnp.asarray(emb), None),
+                                emb.reshape(3, -1))
+  with pytest.raises(ConfigError, match=r"M.feature_dims has 5 dims \(widest 16\) for emb of "
+                     r"6 features padded to dim 16"):
+    flat_fields("M", jnp.asarray(emb), DIMS[:5])
+
+
+@pytest.mark.parametrize("model", [
+    DCNv2(num_cross_layers=2, low_rank=8, deep_mlp=(16,), feature_dims=DIMS),
+    DCNv2(num_cross_layers=1, deep_mlp=(), structure="parallel", feature_dims=DIMS),
+    TwoTower(user_features=(0, 3), item_features=(1, 4, 5), user_mlp=(8, 4),
+             item_mlp=(8, 4), feature_dims=DIMS)],
+    ids=["dcnv2-stacked", "dcnv2-parallel", "two_tower"])
+def test_padding_columns_neither_change_the_logits_nor_get_a_gradient(model):
+  dense = jnp.asarray(np.random.default_rng(1).standard_normal((3, 5)), jnp.float32)
+  emb, _ = padded_emb(2)
+  params = model.init(jax.random.key(0), dense, jnp.asarray(emb))["params"]
+  clean = emb.copy()
+  for i, d in enumerate(DIMS):
+    clean[:, i, d:] = 0
+  logits = model.apply({"params": params}, dense, jnp.asarray(emb))
+  np.testing.assert_array_equal(logits, model.apply({"params": params}, dense,
+                                                    jnp.asarray(clean)))
+  grad = jax.grad(lambda e: model.apply({"params": params}, dense, e).sum())(jnp.asarray(emb))
+  for i, d in enumerate(DIMS):
+    np.testing.assert_array_equal(grad[:, i, d:], 0)
+    assert np.abs(np.asarray(grad[:, i, :d])).sum() > 0 or i == 2   # 2: in no tower
+
+
+def test_dcnv2_cross_width_is_the_sum_of_the_features_dims():
+  model = DCNv2(num_cross_layers=1, low_rank=None, deep_mlp=(), feature_dims=DIMS)
+  params = model.init(jax.random.key(0), jnp.zeros((2, 5)), jnp.zeros((2, 6, 16)))["params"]
+  widths = {x.shape for x in jax.tree.leaves(params["cross"])}
+  assert (5 + sum(DIMS), 5 + sum(DIMS)) in widths
+
+
+def load(model, dims, *extra):
+  launch.parse_gin([os.path.join(ROOT, "configs", f"{model}_synthetic.gin")],
+                   [f"uniform_tables.dim = {list(dims) if len(dims) > 1 else dims[0]}", *extra])
+  return ExperimentConfig()
+
+
+@pytest.mark.parametrize("model", ["dcnv2", "two_tower"])
+def test_the_config_sets_the_features_dims_on_models_that_take_them(model):
+  dims = (16, 8, 4, 16, 8, 8, 4, 16)   # the configs' 8 tables
+  config = load(model, dims)
+  config.validate(num_devices=1)
+  assert tuple(config.model.feature_dims) == dims
+  # one dim again (e.g. a script replacing the tables): the model takes [B, F*D] as before
+  tables = tuple(dataclasses.replace(t, dim=16) for t in config.tables)
+  assert dataclasses.replace(config, embedding=(tables, config.features)).model.feature_dims \
+      is None
+  assert load(model, (16,)).model.feature_dims is None
+
+
+@pytest.mark.parametrize("model, name", [("dlrm", "DLRM"), ("deepfm", "DeepFM")])
+def test_models_of_one_dim_refuse_mixed_dims_naming_features_and_tables(model, name):
+  config = load(model, (16, 8, 16, 16, 16, 16, 16, 16))
+  with pytest.raises(ConfigError, match=(
+      rf"ExperimentConfig.model: {name} takes features of one embedding dim \(it has no "
+      r"feature_dims field: DLRM's and DeepFM's interactions pair every two features\), "
+      r"but the features read tables of dims \[8, 16\] \(dim 8: feature 'f1' "
+      r"reads table 't1'; dim 16: feature 'f0' reads table 't0'\); give every table one dim")):
+    config.validate(num_devices=1)
