@@ -1,6 +1,7 @@
 """Checkpoint snapshots of offloaded tables, one directory per step.
 
-    <directory>/<step>/offload.json        step, tables, their shapes and file lists
+    <directory>/<step>/offload.json        format version, step, tables, their shapes and
+                                           file lists
     <directory>/<step>/<table>/...         the table's tensorstore arrays (`TableStore.snapshot`)
 
 A snapshot is written to `<step>.tmp-<pid>` and renamed when complete, so a listed step is
@@ -11,6 +12,11 @@ copies nothing on the store's filesystem (elsewhere every file is copied: start-
 `hooks.warn_copied_snapshots`); a file rewritten after it becomes the snapshot's own copy.
 Each table's file list (sizes and CRC32s, `integrity`) is checked before a restore or a
 conversion reads the snapshot, so a damaged one is refused rather than read.
+
+`offload.json` carries `format_version` (`FORMAT_VERSION`; files written before it existed
+have none and are read as version 1). A snapshot of a higher version was written by a newer
+jaxrec: reading it is refused with a `ConfigError` saying so (not a fallback to an older
+step, which would move the newer checkpoints aside), before anything on disk is changed.
 """
 
 from __future__ import annotations
@@ -20,10 +26,15 @@ import os
 import shutil
 from typing import Mapping
 
+import jaxrec
+from jaxrec.errors import ConfigError, JaxrecError
 from jaxrec.offload import integrity
 from jaxrec.offload.config import OffloadError
 
 META = "offload.json"
+# The layout `offload.json` describes; raise it when this jaxrec could misread a snapshot
+# another one wrote (e.g. a new store format), so older versions refuse it by name.
+FORMAT_VERSION = 1
 REJECTED = "rejected"   # snapshots of rejected checkpoints (`set_aside`)
 
 
@@ -88,7 +99,7 @@ def _write(directory: str, final: str, step: int, stores: Mapping[str, object]) 
     if ".tmp-" in name:
       shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
   tmp = f"{final}.tmp-{os.getpid()}"
-  meta = {"step": int(step), "tables": {}}
+  meta = {"format_version": FORMAT_VERSION, "step": int(step), "tables": {}}
   previous = _newest_meta(directory).get("tables", {})
   for name, store in stores.items():
     store.snapshot(os.path.join(tmp, name))
@@ -105,22 +116,61 @@ def _write(directory: str, final: str, step: int, stores: Mapping[str, object]) 
 
 
 def _newest_meta(directory: str) -> dict:
-  """`offload.json` of the newest snapshot in `directory` ({} if none or unreadable)."""
+  """`offload.json` of the newest snapshot in `directory` that this jaxrec reads (one
+  unreadable or of a newer format is passed over: its file lists are not trusted for
+  CRCs); {} if none."""
   for step in reversed(steps(directory)):
     try:
-      with open(os.path.join(directory, str(step), META)) as f:
-        return json.load(f)
-    except (OSError, ValueError):
+      return read_meta(os.path.join(directory, str(step)))
+    except (OSError, ValueError, JaxrecError):
       continue
   return {}
 
 
+def read_meta(path: str) -> dict:
+  """`offload.json` of the snapshot directory `path`. Raises `ConfigError` when a newer
+  jaxrec wrote it (`format_version` above `FORMAT_VERSION`; none: version 1), naming the
+  file and both versions: a training restore stops there (no fallback to an older step,
+  which would move the newer checkpoints aside) and nothing on disk is changed.
+  `OffloadError` when the file or its version is malformed (a damaged snapshot)."""
+  meta_path = os.path.join(path, META)
+  with open(meta_path) as f:
+    meta = json.load(f)
+  if not isinstance(meta, dict):
+    raise OffloadError(f"{meta_path} holds no JSON object: the snapshot is damaged")
+  version = meta.get("format_version", 1)
+  if isinstance(version, bool) or not isinstance(version, int):
+    raise OffloadError(f"{meta_path}: format_version {version!r} is not a whole number: the "
+                       "snapshot is damaged")
+  if version > FORMAT_VERSION:
+    raise ConfigError(
+        f"{meta_path} was written by a newer jaxrec: offload snapshot format version "
+        f"{version}, this jaxrec ({jaxrec.__version__}) reads versions up to "
+        f"{FORMAT_VERSION}. Upgrade jaxrec to restore or convert its checkpoint; the snapshot "
+        "and the checkpoint are left as they are")
+  return meta
+
+
 def _check_files(path: str, meta: dict, table: str, full: bool) -> None:
   """Checks the files of `table` in snapshot `path` against its saved list (`integrity`;
-  snapshots written before the lists existed have none and are not checked)."""
+  snapshots written before the lists existed have none), and that each array it lists is
+  there with its metadata: a missing one is named, not left to tensorstore ("... does not
+  exist", naming a metadata file of the driver it tried)."""
   files = meta["tables"][table].get("files")
   if files is not None:
     integrity.verify(os.path.join(path, table), files, full)
+  for name in meta["tables"][table]["arrays"]:
+    array = os.path.join(path, table, name)
+    what = f"{array}, the tensorstore array '{name}' of table '{table}',"
+    if not os.path.isdir(array):
+      _damaged(path, f"{what} is missing")
+    if not any(os.path.exists(os.path.join(array, m)) for m in (".zarray", "zarr.json")):
+      _damaged(path, f"{what} has no array metadata (.zarray or zarr.json)")
+
+
+def _damaged(path: str, what: str):
+  raise OffloadError(f"offload snapshot {path}: {what}, though its {META} lists it: the "
+                     "snapshot is damaged")
 
 
 def locate(directory: str, step: int, tables: Mapping[str, object]) -> str:
@@ -133,8 +183,7 @@ def locate(directory: str, step: int, tables: Mapping[str, object]) -> str:
     have = steps(directory)
     raise OffloadError(f"no offload snapshot for checkpoint step {step} in {directory} "
                        f"(have: {have or 'none'}); the offloaded tables cannot be restored")
-  with open(meta_path) as f:
-    meta = json.load(f)
+  meta = read_meta(path)
   for name, spec in tables.items():
     got = meta["tables"].get(name)
     if got is None or (got["rows"], got["dim"]) != (spec.rows, spec.dim):
@@ -155,8 +204,7 @@ def open_table(path: str, table: str, full_check: bool = True) -> dict:
   meta_path = os.path.join(path, META)
   if not os.path.exists(meta_path):
     raise OffloadError(f"no offload snapshot in {path}")
-  with open(meta_path) as f:
-    meta = json.load(f)
+  meta = read_meta(path)
   if table not in meta["tables"]:
     raise OffloadError(f"offload snapshot {path} has no table '{table}' "
                        f"(has: {sorted(meta['tables'])})")
