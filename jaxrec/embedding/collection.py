@@ -190,8 +190,8 @@ class EmbeddingCollection:
     unfused = [l.name for l in layouts if not local_ops.fused_update_ok(l, optimizer)]
     if options.kernel == "pallas" and unfused:
       log.warning("kernel='pallas': stacks %s update on XLA (the fused update kernel takes "
-                  "SGD, Adagrad and row-wise Adagrad; row-wise Adagrad and int8 not on split "
-                  "columns); their pooling uses the kernel", unfused)
+                  "SGD, Adagrad and row-wise Adagrad with a constant lr; row-wise Adagrad and "
+                  "int8 not on split columns); their pooling uses the kernel", unfused)
     return collection
 
   def dedup(self, l: layout_lib.StackLayout) -> bool:

@@ -305,7 +305,7 @@ def send_home(l, comm_dtype, x):
 def fused_update_ok(l, optimizer) -> bool:
   """Whether `kernels.sparse_update` can run stage 3 of this stack (see module doc)."""
   name = type(optimizer).__name__
-  if name not in FUSED_OPTIMIZERS:
+  if name not in FUSED_OPTIMIZERS or callable(optimizer.lr):   # a schedule: a traced rate
     return False
   return "col" not in l.axes or (name != "RowWiseAdagrad" and l.dtype != "int8")
 
@@ -359,7 +359,8 @@ def update(l, optimizer, opts, dedup, table, opt_state, rows, uniq, grads, step)
   else:
     dim_sum = lambda x: x.sum(axis=-1)
   if not dedup:   # SGD is linear in the gradient: duplicate slots add up in the scatter
-    return table.at[uniq].add(optimizer.delta(grads).astype(table.dtype), mode="drop"), opt_state
+    return (table.at[uniq].add(optimizer.delta(grads, step).astype(table.dtype), mode="drop"),
+            opt_state)
   state_rows = {k: jnp.take(v, uniq, axis=0, mode="fill", fill_value=0)
                 for k, v in opt_state.items()}
   new_rows, new_state = optimizer.update(rows, grads, state_rows, step, dim_sum)

@@ -13,6 +13,9 @@ when columns are split, and leaves out a column-padded stack's padding columns).
 arrive already summed over duplicate ids, so a row's update sees one gradient per step —
 the semantics of a dense optimizer restricted to seen rows ("lazy" for Adam and FTRL:
 unseen rows' moments do not decay).
+
+`lr` is a number or a `jaxrec.schedules.Schedule` (`@lr_schedule()` in gin: the rate is
+then a function of the global step; not for FTRL, whose accumulated sigma assumes one rate).
 """
 
 from __future__ import annotations
@@ -25,70 +28,81 @@ import jax.numpy as jnp
 
 from jaxrec.errors import ConfigError
 from jaxrec.kernels.optim import NONNEG, POSITIVE, UNIT, check_hparams
+from jaxrec.schedules import Schedule, rate_at
 
 DimSum = Callable[[jnp.ndarray], jnp.ndarray]
+
+
+def _check(opt, **rules) -> None:
+  """`check_hparams`, with `lr` also a `Schedule` (`lr_schedule` checked it)."""
+  if isinstance(opt.lr, Schedule):
+    rules.pop("lr")
+  elif callable(opt.lr):   # e.g. an optax schedule: not hashable by value, not checked
+    raise ConfigError(f"{type(opt).__name__}.lr must be a number or @lr_schedule(), got "
+                      f"{opt.lr!r}")
+  check_hparams(opt, **rules)
 
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class SGD:
-  lr: float = 0.1
+  lr: float | Schedule = 0.1
 
   def __post_init__(self):
-    check_hparams(self, lr=NONNEG)
+    _check(self, lr=NONNEG)
 
   def state_layout(self):
     return {}
 
   def update(self, rows, grads, state, step, dim_sum):
-    del step, dim_sum
-    return rows - self.lr * grads, state
+    del dim_sum
+    return rows + self.delta(grads, step), state
 
-  def delta(self, grads):
+  def delta(self, grads, step):
     """The change `update` makes to a row (linear in the gradient, so duplicate ids'
     deltas add up in a scatter-add: the `dedup=False` path)."""
-    return -self.lr * grads
+    return -rate_at(self.lr, step) * grads
 
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class Adagrad:
   """Per-element accumulator: `acc += g^2; w -= lr * g / (sqrt(acc) + eps)`."""
-  lr: float = 0.1
+  lr: float | Schedule = 0.1
   initial_accumulator: float = 0.0
   eps: float = 1e-8
 
   def __post_init__(self):
-    check_hparams(self, lr=NONNEG, initial_accumulator=NONNEG, eps=POSITIVE)
+    _check(self, lr=NONNEG, initial_accumulator=NONNEG, eps=POSITIVE)
 
   def state_layout(self):
     return {"accum": ("element", self.initial_accumulator)}
 
   def update(self, rows, grads, state, step, dim_sum):
-    del step, dim_sum
+    del dim_sum
     acc = state["accum"] + grads * grads
-    return rows - self.lr * grads / (jnp.sqrt(acc) + self.eps), {"accum": acc}
+    lr = rate_at(self.lr, step)
+    return rows - lr * grads / (jnp.sqrt(acc) + self.eps), {"accum": acc}
 
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class RowWiseAdagrad:
   """One accumulator per row (FBGEMM's default): `acc += mean_d(g^2)`."""
-  lr: float = 0.1
+  lr: float | Schedule = 0.1
   initial_accumulator: float = 0.0
   eps: float = 1e-8
 
   def __post_init__(self):
-    check_hparams(self, lr=NONNEG, initial_accumulator=NONNEG, eps=POSITIVE)
+    _check(self, lr=NONNEG, initial_accumulator=NONNEG, eps=POSITIVE)
 
   def state_layout(self):
     return {"accum": ("row", self.initial_accumulator)}
 
   def update(self, rows, grads, state, step, dim_sum):
-    del step
     dim = grads.shape[-1]
     acc = state["accum"] + dim_sum(grads * grads) / dim_full(dim_sum, dim)
-    scale = self.lr / (jnp.sqrt(acc) + self.eps)
+    scale = rate_at(self.lr, step) / (jnp.sqrt(acc) + self.eps)
     return rows - scale[:, None] * grads, {"accum": acc}
 
 
@@ -101,13 +115,13 @@ def dim_full(dim_sum: DimSum, local_dim: int) -> jnp.ndarray:
 @dataclasses.dataclass(frozen=True)
 class Adam:
   """Lazy Adam: moments of seen rows only; bias correction uses the global step."""
-  lr: float = 1e-3
+  lr: float | Schedule = 1e-3
   b1: float = 0.9
   b2: float = 0.999
   eps: float = 1e-8
 
   def __post_init__(self):
-    check_hparams(self, lr=NONNEG, b1=UNIT, b2=UNIT, eps=POSITIVE)
+    _check(self, lr=NONNEG, b1=UNIT, b2=UNIT, eps=POSITIVE)
 
   def state_layout(self):
     return {"m": ("element", 0.0), "v": ("element", 0.0)}
@@ -119,7 +133,8 @@ class Adam:
     v = self.b2 * state["v"] + (1 - self.b2) * grads * grads
     m_hat = m / (1 - self.b1 ** t)
     v_hat = v / (1 - self.b2 ** t)
-    return rows - self.lr * m_hat / (jnp.sqrt(v_hat) + self.eps), {"m": m, "v": v}
+    lr = rate_at(self.lr, step)
+    return rows - lr * m_hat / (jnp.sqrt(v_hat) + self.eps), {"m": m, "v": v}
 
 
 @gin.configurable
@@ -135,7 +150,11 @@ class FTRL:
   initial_accumulator: float = 0.1
 
   def __post_init__(self):   # lr divides; beta = initial_accumulator = 0 is TF's allowed edge
-    check_hparams(self, lr=POSITIVE, l1=NONNEG, l2=NONNEG, beta=NONNEG,
+    if isinstance(self.lr, Schedule):
+      raise ConfigError(f"FTRL.lr must be a number, got {self.lr}: FTRL's accumulated "
+                        "per-coordinate rates (sigma, z) assume one learning rate; use a "
+                        "schedule with SGD, Adagrad, RowWiseAdagrad or Adam")
+    _check(self, lr=POSITIVE, l1=NONNEG, l2=NONNEG, beta=NONNEG,
                   initial_accumulator=NONNEG)
 
   def state_layout(self):

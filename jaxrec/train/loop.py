@@ -28,7 +28,8 @@ from jaxrec.errors import ConfigError, DataError, JaxrecError, OutputError
 from jaxrec.files import workdir_lock, write_text_atomic
 from jaxrec.kernels import platform
 from jaxrec.models import bf16_hardware
-from jaxrec import elastic, files, gin_usage, offload, planner, signals, workdir_layout
+from jaxrec import (elastic, files, gin_usage, offload, planner, schedules, signals,
+                    workdir_layout)
 from jaxrec.offload import snapshots as snapshots_lib
 from jaxrec.sharding import mesh as mesh_lib
 from jaxrec.planner.result import format_bytes
@@ -459,6 +460,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       record, scalars = {}, {}
       if is_log:
         record["loss"] = float(losses.mean())
+        record.update(schedules.logged_rate(config.sparse_tx().lr, step))
         if steps_timed:
           elapsed = t_pause - t_mark - paused
           record["examples_per_sec"] = steps_timed * config.batch_size / elapsed

@@ -1,0 +1,140 @@
+"""Learning-rate schedules (`jaxrec.schedules`): building and checking them, the sparse
+optimizers that take them, and a scheduled run through scripts/train.py, resumed."""
+
+import logging
+import os
+
+import gin
+import jax
+import numpy as np
+import optax
+import pytest
+
+from jaxrec import launch
+from jaxrec.embedding import optimizers
+from jaxrec.embedding.collection import EmbeddingCollection
+from jaxrec.embedding.local_ops import fused_update_ok
+from jaxrec.errors import ConfigError
+from jaxrec.schedules import lr_schedule, logged_rate
+from jaxrec.sharding.mesh import make_mesh
+from jaxrec.sharding.plan import uniform_plan
+from jaxrec.train.config import ExperimentConfig
+from tests.embedding.test_collection import FEATURES, TABLES
+from tests.scripts.test_train import read_metrics, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+WARMUP = dict(init_value=0.0, peak_value=1.0, warmup_steps=10, decay_steps=100)
+
+
+def test_a_schedule_is_optaxs_and_a_value():
+  s = lr_schedule("warmup_cosine_decay", **WARMUP)
+  want = optax.warmup_cosine_decay_schedule(**WARMUP)
+  for step in (0, 5, 10, 55, 100, 500):
+    np.testing.assert_allclose(float(s(step)), float(want(step)), rtol=1e-6)
+  # equal arguments: an equal, equally hashed schedule (a static jit argument: no recompile)
+  again = lr_schedule("warmup_cosine_decay", **dict(reversed(WARMUP.items())))
+  assert again == s and hash(again) == hash(s)
+  pieces = lr_schedule("piecewise_constant", init_value=1.0,
+                       boundaries_and_scales={200: 0.5, 100: 0.1})
+  assert [round(float(pieces(t)), 6) for t in (99, 100, 199, 200)] == [1.0, 0.1, 0.1, 0.05]
+  assert hash(pieces) == hash(lr_schedule("piecewise_constant", init_value=1.0,
+                                          boundaries_and_scales={100: 0.1, 200: 0.5}))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(name="cosine"), r"^lr_schedule.name: unknown 'cosine' \(known: constant, linear,"),
+    (dict(name="linear", init_value=1.0), r"^lr_schedule.end_value, "
+     r"lr_schedule.transition_steps not bound: the 'linear' schedule needs them"),
+    (dict(name="constant", value=0.1, steps=3), r"^lr_schedule.steps: the 'constant' schedule "
+     r"takes no such argument \(it takes: value\)"),
+    (dict(name="linear", init_value=-0.1, end_value=0, transition_steps=5),
+     r"^lr_schedule.init_value must be a number >= 0, got -0.1"),
+    (dict(name="linear", init_value=1, end_value=0, transition_steps=2.5),
+     r"^lr_schedule.transition_steps must be a whole number of steps >= 1, got 2.5"),
+    (dict(name="exponential_decay", init_value=1, transition_steps=5, decay_rate=0.5,
+          staircase="no"), r"^lr_schedule.staircase must be True or False, got 'no'"),
+    (dict(name="piecewise_constant", init_value=1, boundaries_and_scales={10: -1}),
+     r"^lr_schedule.boundaries_and_scales\[10\] must be a number >= 0, got -1"),
+    (dict(name="piecewise_constant", init_value=1, boundaries_and_scales=[10, 0.1]),
+     r"^lr_schedule.boundaries_and_scales must be a dict of step"),
+    (dict(WARMUP, name="warmup_cosine_decay", warmup_steps=200),
+     r"optax.warmup_cosine_decay_schedule refuses these arguments: .*decay_steps"),
+    # every argument valid, the rate is not: 1 * 3 ** (t / 1) overflows float32 (inf)
+    (dict(name="exponential_decay", init_value=1.0, transition_steps=1, decay_rate=3.0),
+     r"gives the rate inf at step 1000000000: a learning rate must be finite"),
+])
+def test_bad_arguments_are_named(kwargs, message):
+  with pytest.raises(ConfigError, match=message):
+    lr_schedule(**kwargs)
+
+
+def test_the_error_names_the_scope_and_the_line(tmp_path):
+  config = tmp_path / "c.gin"
+  config.write_text(f"include '{ROOT}/configs/dlrm_synthetic.gin'\n"
+                    "SGD.lr = @sparse/lr_schedule()\n"
+                    "sparse/lr_schedule.name = 'constant'\n"
+                    "sparse/lr_schedule.value = -1.0\n")
+  launch.parse_gin([str(config)], [])
+  try:
+    with pytest.raises(ConfigError) as e:
+      ExperimentConfig()
+  finally:
+    gin.clear_config()
+  assert launch.user_message(e.value) == (f"--gin_file: {config}:4: sparse/lr_schedule.value "
+                                          "must be a number >= 0, got -1.0")
+
+
+def test_ftrl_and_bare_callables_are_refused():
+  with pytest.raises(ConfigError, match=r"^FTRL.lr must be a number, got lr_schedule\('constant'"
+                     r", value=0.1\): FTRL's accumulated"):
+    optimizers.FTRL(lr_schedule("constant", value=0.1))
+  with pytest.raises(ConfigError, match=r"^SGD.lr must be a number or @lr_schedule\(\), got "):
+    optimizers.SGD(optax.constant_schedule(0.1))
+
+
+def test_pallas_updates_a_scheduled_stack_on_xla_and_says_so(caplog):
+  opt = optimizers.RowWiseAdagrad(lr_schedule("constant", value=0.1))
+  mesh = make_mesh({"data": 1}, jax.devices()[:1])
+  with caplog.at_level(logging.WARNING):
+    coll = EmbeddingCollection.create(TABLES, FEATURES, uniform_plan("dp", TABLES, 1), mesh,
+                                      opt, kernel="pallas", interpret=True)
+  assert not any(fused_update_ok(l, opt) for l in coll.layouts)
+  assert all(fused_update_ok(l, optimizers.RowWiseAdagrad(0.1)) for l in coll.layouts)
+  assert "with a constant lr" in caplog.text
+
+
+def test_logged_rate_is_the_last_steps():
+  s = lr_schedule("linear", init_value=1.0, end_value=0.0, transition_steps=10)
+  assert logged_rate(s, 10) == {"sparse_lr": pytest.approx(0.1)}   # step 9's update
+  assert logged_rate(0.1, 10) == {} and logged_rate(s, 0) == {}
+
+
+SCHEDULED = ["--gin_file=configs/dlrm_synthetic.gin", "--log_every=5", "--eval_every=0",
+             "--gin_bindings=SGD.lr = @sparse/lr_schedule()",
+             "--gin_bindings=sparse/lr_schedule.name = 'linear'",
+             "--gin_bindings=sparse/lr_schedule.init_value = 2.0",
+             "--gin_bindings=sparse/lr_schedule.end_value = 0.0",
+             "--gin_bindings=sparse/lr_schedule.transition_steps = 20",
+             "--gin_bindings=dense_optimizer.learning_rate = @dense/lr_schedule()",
+             "--gin_bindings=dense/lr_schedule.name = 'warmup_constant'",
+             "--gin_bindings=dense/lr_schedule.init_value = 0.0",
+             "--gin_bindings=dense/lr_schedule.peak_value = 0.1",
+             "--gin_bindings=dense/lr_schedule.warmup_steps = 10",
+             "--gin_bindings=ExperimentConfig.batch_size = 64",
+             "--gin_bindings=ExperimentConfig.eval_batch_size = 512",
+             "--gin_bindings=ExperimentConfig.num_eval_examples = 1024"]
+
+
+def test_a_resumed_run_continues_its_schedules(tmp_path):
+  """20 steps at once, and 10 + 10 resumed on 2 devices: the same losses and logged rates
+  (a resume restarting a schedule, or reading the rate of another step, differs)."""
+  whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
+  train(whole, *SCHEDULED, "--num_steps=20")
+  train(split, *SCHEDULED, "--num_steps=10", "--checkpoint_every=10")
+  train(split, *SCHEDULED, "--num_steps=20", devices=2)
+  lines = lambda w: [(l["step"], l["loss"], l["sparse_lr"]) for l in read_metrics(w)
+                     if "loss" in l]
+  assert [(s, lr) for s, _, lr in lines(whole)] == [
+      (s, pytest.approx(2.0 * (1 - (s - 1) / 20))) for s in (5, 10, 15, 20)]
+  np.testing.assert_allclose([x[1:] for x in lines(split)], [x[1:] for x in lines(whole)],
+                             rtol=0, atol=1e-5)
