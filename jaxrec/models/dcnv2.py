@@ -58,7 +58,8 @@ class CrossNetwork(nn.Module):
     return x
 
 
-@gin.configurable
+# `feature_dims` comes from the tables (`ExperimentConfig`): a binding of it is refused
+@gin.configurable(denylist=["feature_dims"])
 class DCNv2(nn.Module):
   """DCNv2 dense network over `x0 = concat(dense, flatten(emb))` `[B, num_dense + F*D]`
   (features of mixed dims: see `feature_dims`).

@@ -103,7 +103,8 @@ def freeze_unused_item_bias(model: "TwoTower", params):
   return dict(params, item_tower=tower)
 
 
-@gin.configurable
+# `feature_dims` comes from the tables (`ExperimentConfig`): a binding of it is refused
+@gin.configurable(denylist=["feature_dims"])
 class TwoTower(nn.Module):
   """Two-tower model: `logit = <user(x_u), item(x_i)> / temperature`.
 

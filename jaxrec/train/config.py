@@ -26,6 +26,7 @@ import optax
 from jaxrec.embedding import optimizers as sparse_optimizers
 from jaxrec.embedding.specs import (FeatureSpec, TableSpec, feature_dims, flag, is_whole,
                                    mixed_dims, validate)
+from jaxrec import gin_usage
 from jaxrec.errors import ConfigError
 from jaxrec.kernels import quant
 from jaxrec.kernels.optim import NONNEG, POSITIVE, UNIT, hparam
@@ -228,12 +229,18 @@ class ExperimentConfig:
     validate(self.tables, self.features)
     mixed = mixed_dims(self.tables, self.features)
     if mixed and not _takes_feature_dims(self.model):
+      # not led by a binding's name: `launch.user_message` would put the model's line in
+      # front, where the dims may come from a flag
+      where = [f"{n} at {gin_usage.bound_at(n)}" for n in ("uniform_tables.dim",
+                                                          "ExperimentConfig.model")
+               if gin_usage.bound_at(n)]
       raise ConfigError(
-          f"ExperimentConfig.model: {type(self.model).__name__} takes features of one "
-          f"embedding dim (it has no feature_dims field: DLRM's and DeepFM's interactions "
-          f"pair every two features), but the features read tables of {mixed}; "
-          "give every table one dim (uniform_tables.dim), or use a model that concatenates "
-          "its features (dcnv2, two_tower)")
+          f"the model {type(self.model).__name__} takes features of one embedding dim (it "
+          "has no feature_dims field: DLRM's and DeepFM's interactions pair every two "
+          f"features), but the features read tables of {mixed}"
+          + (f" ({'; '.join(where)})" if where else "")
+          + "; give every table one dim (uniform_tables.dim), or use a model that "
+          "concatenates its features (dcnv2, two_tower)")
     for name in ("batch_size", "eval_batch_size", "num_eval_examples"):
       value = getattr(self, name)
       if not isinstance(value, numbers.Integral) or isinstance(value, bool):

@@ -4,6 +4,7 @@
 import dataclasses
 import os
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,9 +90,26 @@ def test_the_config_sets_the_features_dims_on_models_that_take_them(model):
 @pytest.mark.parametrize("model, name", [("dlrm", "DLRM"), ("deepfm", "DeepFM")])
 def test_models_of_one_dim_refuse_mixed_dims_naming_features_and_tables(model, name):
   config = load(model, (16, 8, 16, 16, 16, 16, 16, 16))
-  with pytest.raises(ConfigError, match=(
-      rf"ExperimentConfig.model: {name} takes features of one embedding dim \(it has no "
-      r"feature_dims field: DLRM's and DeepFM's interactions pair every two features\), "
-      r"but the features read tables of dims \[8, 16\] \(dim 8: feature 'f1' "
-      r"reads table 't1'; dim 16: feature 'f0' reads table 't0'\); give every table one dim")):
+  with pytest.raises(ConfigError) as e:
     config.validate(num_devices=1)
+  # where both were bound, not only the model's line (the dims came from a flag)
+  assert launch.user_message(e.value) == (
+      f"the model {name} takes features of one embedding dim (it has no feature_dims field: "
+      "DLRM's and DeepFM's interactions pair every two features), but the features read "
+      "tables of dims [8, 16] (dim 8: feature 'f1' reads table 't1'; dim 16: feature 'f0' "
+      "reads table 't0') (uniform_tables.dim at --gin_bindings; ExperimentConfig.model at "
+      f"{ROOT}/configs/{model}_synthetic.gin:10); give every table one dim "
+      "(uniform_tables.dim), or use a model that concatenates its features (dcnv2, "
+      "two_tower)")
+
+
+def test_feature_dims_cannot_be_bound():
+  """The config sets it from the tables; a binding would be overridden, and config.gin
+  recorded `DCNv2.feature_dims = None` for a model that used per-feature dims."""
+  with pytest.raises(Exception, match="feature_dims"):
+    launch.parse_gin([os.path.join(ROOT, "configs", "dcnv2_synthetic.gin")],
+                     ["DCNv2.feature_dims = [3, 3]"])
+    ExperimentConfig()
+  config = load("dcnv2", (16, 8, 4, 16, 8, 8, 4, 16))
+  assert tuple(config.model.feature_dims) == (16, 8, 4, 16, 8, 8, 4, 16)
+  assert "feature_dims" not in gin.operative_config_str()
