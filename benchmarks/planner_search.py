@@ -5,24 +5,49 @@ The search (`--plan=auto`, `scripts/plan.py`) runs before anything trains, and a
 thousands of small tables (feature crosses, per-site ids) must not sit silent at start-up for
 minutes.
 
-Tables `t<i>` of 10 + i % 50 rows and dims 1, 4, 8, 16 in turn (one one-hot feature each), on
-mesh table=4,row=2, SGD, batch 512, the default budget. Prints one line per size:
+Tables `t<i>` of 10 + i % 50 rows and dims `--dims` in turn (default 1, 4, 8, 16; one one-hot
+feature each), on `--mesh` (default table=4,row=2), SGD, batch 512, the default budget.
+Prints one line per size:
 `{"benchmark": "planner_search", "tables": N, "seconds": S, "evaluations": E,
-"estimated_step_us": T}` (E: plans priced). No goal: the numbers are in docs/benchmarks.md.
+"estimated_step_us": T, "peak_rss_mib": M}` (E: plans priced; M: the process's peak so far).
+`--record FILE` also writes each proposed plan and its estimate (JSON lines), to compare
+two versions of the search. No goal: the numbers are in docs/benchmarks.md.
 """
 
 import argparse
+import json
+import resource
 import time
 
-from common import interruptible  # noqa: E402  (also puts the repository on sys.path)
+import common  # noqa: E402  (also puts the repository on sys.path)
+from common import interruptible  # noqa: E402
 
 from jaxrec.embedding.specs import FeatureSpec, TableSpec  # noqa: E402
 from jaxrec.planner import search  # noqa: E402
 
 
-def _tables(n: int):
-  tables = [TableSpec(f"t{i}", 10 + i % 50, (1, 4, 8, 16)[i % 4]) for i in range(n)]
+def _tables(n: int, dims=(1, 4, 8, 16)):
+  tables = [TableSpec(f"t{i}", 10 + i % 50, dims[i % len(dims)]) for i in range(n)]
   return tables, [FeatureSpec(f"f{i}", f"t{i}") for i in range(n)]
+
+
+def _counts(parser, flag: str, text: str) -> list[int]:
+  """`'1,4,8'` -> `[1, 4, 8]`; a parser error unless every entry is a positive integer."""
+  try:   # 'abc' or '10,,20': a ValueError traceback
+    values = [int(x) for x in text.split(",")]
+  except ValueError:
+    values = []
+  if not values or min(values) < 1:
+    parser.error(f"--{flag} must be positive integers, got '{text}'")
+  return values
+
+
+def _mesh(parser, text: str) -> dict[str, int]:
+  """`'table=4,row=2'` -> `{'table': 4, 'row': 2}`."""
+  try:
+    return {k: int(v) for k, v in (p.split("=") for p in text.split(","))}
+  except ValueError:
+    parser.error(f"--mesh must read like table=4,row=2, got '{text}'")
 
 
 def main() -> None:
@@ -30,13 +55,14 @@ def main() -> None:
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument("--tables", default="26,200,800,2000",
                       help="comma-separated table counts")
+  parser.add_argument("--dims", default="1,4,8,16", help="table dims, in turn")
+  parser.add_argument("--mesh", default="table=4,row=2", help="mesh axis sizes")
+  parser.add_argument("--record", default=None,
+                      help="file to write each proposed plan and estimate to (JSON lines)")
   args = parser.parse_args()
-  try:   # 'abc' or '10,,20': a ValueError traceback
-    sizes = [int(x) for x in args.tables.split(",")]
-  except ValueError:
-    sizes = []
-  if not sizes or min(sizes) < 1:
-    parser.error(f"--tables must be positive counts, got '{args.tables}'")
+  sizes = _counts(parser, "tables", args.tables)
+  dims = tuple(_counts(parser, "dims", args.dims))
+  mesh = _mesh(parser, args.mesh)
   priced = [0]
   evaluate_plan = search._Space.evaluate_plan   # pylint: disable=protected-access
 
@@ -46,12 +72,18 @@ def main() -> None:
 
   search._Space.evaluate_plan = counting   # pylint: disable=protected-access
   for n in sizes:
-    tables, features = _tables(n)
+    tables, features = _tables(n, dims)
     priced[0] = 0
     t0 = time.perf_counter()
-    result = search.propose_plan(tables, features, {"table": 4, "row": 2}, None, "sgd", 512)
+    result = search.propose_plan(tables, features, mesh, None, "sgd", 512)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     common.emit("planner_search", tables=n, seconds=round(time.perf_counter() - t0, 2),
-                evaluations=priced[0], estimated_step_us=round(result.step_time_s * 1e6, 1))
+                evaluations=priced[0], estimated_step_us=round(result.step_time_s * 1e6, 1),
+                peak_rss_mib=round(peak))
+    if args.record:
+      with open(args.record, "a", encoding="utf-8") as f:   # the whole result, reasons too
+        f.write(json.dumps({"tables": n, "dims": dims, "mesh": mesh,
+                            "result": result.to_json()}, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":
