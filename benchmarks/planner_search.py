@@ -9,7 +9,7 @@ Tables `t<i>` of 10 + i % 50 rows and dims `--dims` in turn (default 1, 4, 8, 16
 feature each), on `--mesh` (default table=4,row=2), SGD, batch 512, the default budget.
 Prints one line per size:
 `{"benchmark": "planner_search", "tables": N, "seconds": S, "evaluations": E,
-"estimated_step_us": T, "peak_rss_mib": M}` (E: plans priced; M: the process's peak so far).
+"estimated_step_us": T, "peak_rss_mib": M}` (E: plans priced, by parts or from scratch; M: the process's peak so far).
 `--record FILE` also writes each proposed plan and its estimate (JSON lines), to compare
 two versions of the search. No goal: the numbers are in docs/benchmarks.md.
 """
@@ -64,13 +64,14 @@ def main() -> None:
   dims = tuple(_counts(parser, "dims", args.dims))
   mesh = _mesh(parser, args.mesh)
   priced = [0]
-  evaluate_plan = search._Space.evaluate_plan   # pylint: disable=protected-access
+  for method in ("price", "evaluate_plan"):   # by parts during the search; from scratch
+    original = getattr(search._Space, method)   # pylint: disable=protected-access
 
-  def counting(self, *a, **kw):
-    priced[0] += 1
-    return evaluate_plan(self, *a, **kw)
+    def counting(self, *a, _original=original, **kw):
+      priced[0] += 1
+      return _original(self, *a, **kw)
 
-  search._Space.evaluate_plan = counting   # pylint: disable=protected-access
+    setattr(search._Space, method, counting)   # pylint: disable=protected-access
   for n in sizes:
     tables, features = _tables(n, dims)
     priced[0] = 0

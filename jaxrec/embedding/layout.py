@@ -306,27 +306,40 @@ def stack_error(layouts: Sequence[StackLayout]) -> str | None:
   - a `table` slice of a stack holding over `MAX_SLICE_ROWS` rows: stage 1 numbers a
     slice's rows (table offset + id) in int32, which would wrap (rows read as zeros and
     never updated)."""
-  for l in layouts:
-    if not l.features:
-      return (f"tables {[s.name for s in l.slots]} ({l.kind}, dim {l.dim}, {l.dtype}) are "
+  problems = [stack_problems(l) for l in layouts]
+  for check in range(3):   # the first stack with the first kind of problem
+    for p in problems:
+      if p[check]:
+        return p[check]
+  return None
+
+
+def stack_problems(l: StackLayout) -> tuple[str | None, str | None, str | None]:
+  """`l`'s problems of each kind `stack_error` checks, in its order (None: none of that
+  kind): no feature reads it; a table over `MAX_SLICE_ROWS` rows; a slice over them. Per
+  stack, so the planner can cache them with the stack (`planner.pricing`)."""
+  unread = None
+  if not l.features:
+    unread = (f"tables {[s.name for s in l.slots]} ({l.kind}, dim {l.dim}, {l.dtype}) are "
               "read by no feature, and no table that is has their kind, dim and dtype (whose "
               "stack they would join); add a feature for them, place them like a read "
               "table, or leave them out")
-  for l in layouts:   # a table over the limit alone: no placement helps (it was named in a
-    for t in l.slots:  # stack, with advice to spread the stack)
-      if t.rows > MAX_SLICE_ROWS:
-        return (f"table '{t.name}' has {t.rows:,} rows, over the {MAX_SLICE_ROWS:,} that "
-                "int32 ids reach")
-  for l in layouts:
-    fill = [sum(t.rows for t in l.slots if t.table_slice == s) for s in range(l.num_slices)]
-    s = max(range(l.num_slices), key=fill.__getitem__)
-    if fill[s] > MAX_SLICE_ROWS:
-      names = [t.name for t in l.slots if t.table_slice == s]
-      return (f"tables {names} ({l.kind}, dim {l.dim}, {l.dtype}) stack {fill[s]:,} "
-              f"{SLICE_OVERFLOW}, over the {MAX_SLICE_ROWS:,} that int32 row numbers "
-              "reach; place them on different table slices (tw, twrw, twcw, grid) or give "
-              "them different kinds")
-  return None
+  too_long = None
+  for t in l.slots:   # a table over the limit alone: no placement helps (it was named in a
+    if t.rows > MAX_SLICE_ROWS:   # stack, with advice to spread the stack)
+      too_long = (f"table '{t.name}' has {t.rows:,} rows, over the {MAX_SLICE_ROWS:,} that "
+                  "int32 ids reach")
+      break
+  fill = [sum(t.rows for t in l.slots if t.table_slice == s) for s in range(l.num_slices)]
+  s = max(range(l.num_slices), key=fill.__getitem__)
+  overflow = None
+  if fill[s] > MAX_SLICE_ROWS:
+    names = [t.name for t in l.slots if t.table_slice == s]
+    overflow = (f"tables {names} ({l.kind}, dim {l.dim}, {l.dtype}) stack {fill[s]:,} "
+                f"{SLICE_OVERFLOW}, over the {MAX_SLICE_ROWS:,} that int32 row numbers "
+                "reach; place them on different table slices (tw, twrw, twcw, grid) or give "
+                "them different kinds")
+  return unread, too_long, overflow
 
 
 def ids_gather_axes(layouts: Sequence[StackLayout], dedups: Sequence[bool]

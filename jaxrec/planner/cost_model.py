@@ -314,6 +314,8 @@ class StackCost:
     terms: float64 `[len(COST_TERMS)]` of the stack itself (its axes group's collectives
       are in `PlanCost.group_terms`).
     memory: bytes on each device: `table`, `optimizer`, `buffers`.
+    id_columns: ids per example its features send in the ids all-gather (the sum of
+      their `max_len`, twice if weighted).
   """
 
   name: str
@@ -330,6 +332,7 @@ class StackCost:
   replicas: int
   terms: np.ndarray
   memory: Mapping[str, int]
+  id_columns: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -401,48 +404,71 @@ def plan_cost(layouts, features: Sequence[FeatureSpec], batch_size: int, opt: Op
   (`xla` or `pallas`) and `EmbeddingOptions.dedup` (`option`; with `kernel` it decides
   each stack's dedup, see `dedups`). `forward`: the buffers of the eval step's lookup
   (see `_buffer_bytes`), not the training step's."""
+  stacks = [stack_cost(l, features, batch_size, opt, kernel, option, forward) for l in layouts]
+  return combine_costs(layouts, stacks, batch_size)
+
+
+def stack_cost(l, features: Sequence[FeatureSpec], batch_size: int, opt: OptimizerState,
+               kernel: str = "xla", option="auto", forward: bool = False) -> StackCost:
+  """One stack's own terms and memory (`plan_cost`'s arguments), which depend on that
+  stack alone: what stacks share (their axes group's collectives, the slot all-gather
+  launch counted on the first stack of its key, the ids all-gather) is added by
+  `combine_costs`. (The planner's search caches it per stack, `planner.pricing`.)"""
+  n_dev = math.prod(dict(l.sizes).values())
+  big_b = float(batch_size)
+  b = big_b / n_dev
+  t, r, c = (l.size(a) for a in ("table", "row", "col"))
+  g = t * r * c
+  f, w, big_l = len(l.features), len(l.slot_features[0]), int(l.max_len)
+  id_cols = sum(features[i].max_len * (1 + features[i].weighted) for i in l.features)
+  e = np.dtype(l.dtype).itemsize
+  row_extra = 8 if l.dtype == "int8" else 0  # int8: f32 scale and bias per row
+  dl = l.local_dim
+  slots = big_b * w * big_l
+  dedup = dedups(opt, l.dtype, kernel, option)
+  rep = n_dev // g
+  n = min(slots, l.local_rows + 1) if dedup else slots / rep
+  u = n if dedup else slots
+  x = np.zeros(len(COST_TERMS))
+  x[_I["stacks"]] = 1
+  x[_I["sort_bytes"]] = slots * 4 if dedup else 0.0
+  x[_I["gather_bytes"]] = n * (dl * e + row_extra)
+  x[_I["pool_bytes" if dedup else "stream_bytes"]] = 2 * b * g * w * big_l * dl * 4
+  x[_I["update_bytes"]] = 2 * u * (dl * (e + 4 * opt.per_element) + 4 * opt.per_row
+                                   + row_extra)
+  if rep > 1 and dedup:
+    x[_I["all_reduce_bytes"]] = 2 * (rep - 1) / rep * n * dl * 4
+  elif rep > 1:
+    x[_I["all_gather_bytes"]] = (rep - 1) / rep * slots * (dl + 1) * 4
+  memory = {
+      "table": int(l.local_rows * (dl * e + row_extra)),
+      "optimizer": int(math.ceil(l.local_rows * 4 * (dl * opt.per_element + opt.per_row))),
+      "buffers": int(math.ceil(_buffer_bytes(dedup, kernel, n, u, slots, rep, dl,
+                                             b * g * w, big_l, opt, forward))),
+  }
+  return StackCost(l.name, l.kind, tuple(l.axes), tuple(s.name for s in l.slots), f, w,
+                   big_l, int(l.local_rows), int(dl), int(n), dedup, rep, x, memory, id_cols)
+
+
+def combine_costs(layouts, stacks: Sequence[StackCost], batch_size: int) -> PlanCost:
+  """The plan's cost from its stacks' own (`stack_cost` of each of `layouts`, in order):
+  adds the slot all-gather launches (without dedup, one per replica axis for all stacks of
+  a `slot_gather_key`, counted on the first: `EmbeddingCollection._gather_slots`), the
+  collectives each axes group shares, and the ids all-gather."""
   sizes = dict(layouts[0].sizes) if layouts else {a: 1 for a in MESH_AXES}
   n_dev = math.prod(sizes.values())
   big_b = float(batch_size)
   b = big_b / n_dev
-  stacks, groups, id_cols, gathering = [], {}, 0, set()
-  for l in layouts:
-    t, r, c = (l.size(a) for a in ("table", "row", "col"))
-    g = t * r * c
-    f, w, big_l = len(l.features), len(l.slot_features[0]), int(l.max_len)
-    id_cols += sum(features[i].max_len * (1 + features[i].weighted) for i in l.features)
-    e = np.dtype(l.dtype).itemsize
-    row_extra = 8 if l.dtype == "int8" else 0  # int8: f32 scale and bias per row
-    dl = l.local_dim
-    slots = big_b * w * big_l
-    dedup = dedups(opt, l.dtype, kernel, option)
-    rep = n_dev // g
-    n = min(slots, l.local_rows + 1) if dedup else slots / rep
-    u = n if dedup else slots
-    x = np.zeros(len(COST_TERMS))
-    x[_I["stacks"]] = 1
-    x[_I["sort_bytes"]] = slots * 4 if dedup else 0.0
-    x[_I["gather_bytes"]] = n * (dl * e + row_extra)
-    x[_I["pool_bytes" if dedup else "stream_bytes"]] = 2 * b * g * w * big_l * dl * 4
-    x[_I["update_bytes"]] = 2 * u * (dl * (e + 4 * opt.per_element) + 4 * opt.per_row
-                                     + row_extra)
-    if rep > 1 and dedup:
-      x[_I["all_reduce_bytes"]] = 2 * (rep - 1) / rep * n * dl * 4
-    elif rep > 1:
-      x[_I["all_gather_bytes"]] = (rep - 1) / rep * slots * (dl + 1) * 4
-      if l.slot_gather_key not in gathering:   # `EmbeddingCollection._gather_slots`
-        gathering.add(l.slot_gather_key)
-        x[_I["collectives"]] = len(l.split_replica_axes)
-    memory = {
-        "table": int(l.local_rows * (dl * e + row_extra)),
-        "optimizer": int(math.ceil(l.local_rows * 4 * (dl * opt.per_element + opt.per_row))),
-        "buffers": int(math.ceil(_buffer_bytes(dedup, kernel, n, u, slots, rep, dl,
-                                               b * g * w, big_l, opt, forward))),
-    }
-    stacks.append(StackCost(l.name, l.kind, tuple(l.axes), tuple(s.name for s in l.slots), f,
-                            w, big_l, int(l.local_rows), int(dl), int(n), dedup, rep, x,
-                            memory))
-    groups.setdefault(tuple(l.axes), []).append((l, w))
+  out, groups, id_cols, gathering = [], {}, 0, set()
+  for l, s in zip(layouts, stacks):
+    id_cols += s.id_columns
+    if s.replicas > 1 and not s.dedup and l.slot_gather_key not in gathering:
+      gathering.add(l.slot_gather_key)
+      x = s.terms.copy()   # (the given stack's terms stay as `stack_cost` made them)
+      x[_I["collectives"]] = len(l.split_replica_axes)
+      s = dataclasses.replace(s, terms=x)
+    out.append(s)
+    groups.setdefault(tuple(l.axes), []).append((l, s.width))
   group_terms = {}
   for axes, members in groups.items():
     l0 = members[0][0]
@@ -455,14 +481,14 @@ def plan_cost(layouts, features: Sequence[FeatureSpec], batch_size: int, opt: Op
     x[_I["all_to_all_bytes"]] = 2 * x_bytes / r * ((t - 1) / t + (c - 1) / c)
     group_terms[axes] = x
   from jaxrec.embedding import layout  # pylint: disable=import-outside-toplevel
-  m = layout.ids_gather_devices(layouts, [s.dedup for s in stacks])
+  m = layout.ids_gather_devices(layouts, [s.dedup for s in out])
   glob = np.zeros(len(COST_TERMS))
   glob[_I["const"]] = 1
   if m > 1:
     glob[_I["collectives"]] = 1
     glob[_I["all_gather_bytes"]] = big_b * id_cols * 4 * (m - 1) / n_dev
-  total = glob + sum(s.terms for s in stacks) + sum(group_terms.values())
-  return PlanCost(tuple(stacks), group_terms, glob, total, int(big_b * id_cols * 4 * m / n_dev))
+  total = glob + sum(s.terms for s in out) + sum(group_terms.values())
+  return PlanCost(tuple(out), group_terms, glob, total, int(big_b * id_cols * 4 * m / n_dev))
 
 
 def table_memory(load: TableLoad, kind: str, mesh: Mapping[str, int],

@@ -7,7 +7,9 @@
              multi-hot stacks first, longest bag first, each table preferring slices with
              no other multi-hot feature (so the collection can merge those stacks)
   estimate   the stacks the collection would build (`embedding.layout.build_layouts`),
-             priced by `cost_model.plan_cost` and the calibration coefficients
+             priced by `cost_model.plan_cost` and the calibration coefficients; during the
+             search by parts, each cached, so that a move reprices only the stacks it
+             touches (`pricing`: the same numbers)
   propose    local search over the kinds, from several starts (every table at one kind,
              for each kind; every table at its smallest placement): the best change of one
              table's kind (of the `SINGLE_MOVES` largest tables), or of a whole stack's,
@@ -30,9 +32,10 @@ from jaxrec.embedding.specs import FeatureSpec, TableSpec, validate
 from jaxrec.errors import BudgetError, ConfigError
 from jaxrec.planner import cost_model as cm
 from jaxrec.planner.calibration import DEFAULT, Calibration
+from jaxrec.planner.pricing import Pricer
 from jaxrec.planner.result import (PlanResult, SliceReport, StackReport, TableReport,
                                    format_bytes, format_over, format_time)
-from jaxrec.sharding.plan import KIND_AXES, Plan, TablePlacement
+from jaxrec.sharding.plan import KIND_AXES, Plan
 
 DEFAULT_MEMORY_PER_DEVICE = 16 * 2**30  # bytes, when the caller gives no budget
 _REL_TOL = 1e-9
@@ -64,13 +67,15 @@ def default_kernel() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class _Eval:
+  """A priced kind assignment. The search keeps thousands: `plan` and `cost` only where it
+  needs them (`_Space.full`), the rest is a few numbers."""
   kinds: tuple[str, ...]
-  plan: Plan
-  cost: cm.PlanCost
   time_s: float
   memory: int
   objective: tuple[float, float, float]
   problem: str | None = None  # why the collection would reject the plan
+  plan: Plan | None = None
+  cost: cm.PlanCost | None = None
 
 
 class _Space:
@@ -83,71 +88,58 @@ class _Space:
     self.budget = budget
     self.kernel, self.dedup = kernel, dedup
     self.names = [l.name for l in self.loads]
-    from jaxrec.embedding.layout import bag_bucket  # pylint: disable=import-outside-toplevel
-    self.bucket = [bag_bucket(l.max_len) for l in self.loads]
+    self.pricer = Pricer(tables, features, self.loads, mesh, self.batch_size, opt, kernel,
+                         dedup)
     self.cache: dict[tuple[str, ...], _Eval] = {}
     self.excluded: set[tuple[str, ...]] = set()
 
   def stacks(self, kinds: Sequence[str]) -> dict[tuple, list[int]]:
-    """Table indices by the stack `kinds` put them in: (kind, dim, dtype, bag bucket), the
-    collection's stacking key (`embedding.layout.build_layouts`, which may then merge
-    buckets of a kind split over `table`; costs are always taken on its layouts)."""
-    out: dict[tuple, list[int]] = {}
-    for i, (load, kind) in enumerate(zip(self.loads, kinds)):
-      out.setdefault((kind, load.dim, load.dtype, self.bucket[i]), []).append(i)
-    return out
+    """Table indices by stack key (`pricing.Pricer.stacks`)."""
+    return self.pricer.stacks(kinds)
 
   def pack(self, kinds: Sequence[str]) -> Plan:
     """Slices for the tables of kinds split over `table` (see module docstring)."""
-    nt = self.mesh["table"]
-    placements = {}
-    held = [0] * nt  # rows over all stacks: ties go to the emptiest slice
-    longer: dict[tuple, list[int]] = {}  # (kind, dim, dtype) -> features of multi-hot stacks
-    # Longest bags first: a multi-hot stack's tables go first to slices holding no other
-    # multi-hot feature of their (kind, dim, dtype), so that the collection can merge those
-    # stacks into one whose devices pay the longest bag once (`layout._merge_buckets`).
-    for (kind, dim, dtype, bag), members in sorted(self.stacks(kinds).items(),
-                                                   key=lambda kv: -kv[0][3]):
-      if not ("table" in KIND_AXES[kind] and nt > 1):
-        placements.update((self.names[i], TablePlacement(kind, 0)) for i in members)
-        continue
-      spread = longer.setdefault((kind, dim, dtype), [0] * nt) if bag > 1 else [0] * nt
-      feats, rows = [0] * nt, [0] * nt
-      total = sum(max(1, self.loads[i].num_features) for i in members)
-      cap = max(math.ceil(total / nt), max(self.loads[i].num_features for i in members))
-      for i in sorted(members, key=lambda i: (-self.loads[i].num_features, -self.loads[i].rows,
-                                              self.names[i])):
-        f = self.loads[i].num_features
-        room = [s for s in range(nt) if feats[s] + f <= cap] or list(range(nt))
-        s = min(room, key=lambda s: (spread[s], rows[s], feats[s], held[s], s))
-        spread[s] += f if bag > 1 else 0
-        feats[s] += f
-        rows[s] += self.loads[i].rows
-        held[s] += self.loads[i].rows
-        placements[self.names[i]] = TablePlacement(kind, s)
-    return Plan({n: placements[n] for n in self.names})
+    return self.pricer.plan(self.pricer.pack(self.pricer.stacks(kinds)))
+
+  def _eval(self, kinds, priced: cm.PlanCost, problem: str | None, **full) -> _Eval:
+    """The objective of `kinds` costing `priced` (`full`: its plan and cost, to keep)."""
+    time_s = float(priced.terms @ self.coef)
+    mem = priced.memory_bytes
+    objective = ((math.inf,) * 3 if problem else
+                 (float(max(0, mem - self.budget)), time_s, float(mem)))
+    return _Eval(kinds, time_s, mem, objective, problem, **full)
 
   def evaluate_plan(self, plan: Plan, kinds: tuple[str, ...] | None = None) -> _Eval:
+    """`plan` priced from scratch: `build_layouts` and `plan_cost`, as the collection and
+    `estimate_plan` see it."""
     layouts = cm.build_layouts(self.tables, self.features, plan, self.mesh)
     cost = cm.plan_cost(layouts, self.features, self.batch_size, self.opt, self.kernel,
                         self.dedup)
-    time_s = float(cost.terms @ self.coef)
-    mem = cost.memory_bytes
     kinds = kinds or tuple(plan[n].kind for n in self.names)
     # The collection's own check (imported here: importing the planner imports no jax).
     from jaxrec.embedding import layout  # pylint: disable=import-outside-toplevel
-    problem = layout.stack_error(layouts)
-    objective = ((math.inf,) * 3 if problem else
-                 (float(max(0, mem - self.budget)), time_s, float(mem)))
-    return _Eval(kinds, plan, cost, time_s, mem, objective, problem)
+    return self._eval(kinds, cost, layout.stack_error(layouts), plan=plan, cost=cost)
+
+  def price(self, kinds: tuple[str, ...]) -> _Eval:
+    """`kinds` packed and priced by parts (`pricing`): the same numbers as `evaluate_plan`
+    of the packed plan, without the plan and its cost."""
+    _, priced = self.pricer.price(kinds)
+    return self._eval(kinds, priced.cost, priced.problem)
 
   def evaluate(self, kinds: tuple[str, ...]) -> _Eval:
     if kinds not in self.cache:
-      e = self.evaluate_plan(self.pack(kinds), kinds)
+      e = self.price(kinds)
       if kinds in self.excluded:
         e = dataclasses.replace(e, objective=(math.inf, math.inf, math.inf))
       self.cache[kinds] = e
     return self.cache[kinds]
+
+  def full(self, e: _Eval) -> _Eval:
+    """`e` with its plan and cost (priced from scratch), its objective kept."""
+    if e.plan is not None:
+      return e
+    f = self.evaluate_plan(self.pack(e.kinds), e.kinds)
+    return dataclasses.replace(f, objective=e.objective)
 
 
 def _better(a: tuple, b: tuple) -> bool:
@@ -472,6 +464,7 @@ def propose_plan(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
         best = e
       if best.memory <= space.budget:
         break
+  best = space.full(best)
   if best.problem:
     from jaxrec.embedding import layout  # pylint: disable=import-outside-toplevel
     if layout.SLICE_OVERFLOW in best.problem:   # another mesh may spread them: --mesh=auto

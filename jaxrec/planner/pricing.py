@@ -1,0 +1,206 @@
+"""Pricing kind assignments stack by stack, each part cached by its content.
+
+The search (`planner.search`) prices thousands of kind assignments, each one table's or one
+stack's kind away from the last. Packing every table, rebuilding every stack layout
+(`embedding.layout.build_layouts`) and pricing the whole plan (`cost_model.plan_cost`) for
+each was linear in the tables: 1,000 tables of mixed dims took ~155 s and ~2 GB. Here an
+assignment is priced from parts that depend on few tables, each cached by what it depends
+on, so that a move reprices only the stacks it touches:
+
+  pack     per stack, in `pack` order, its tables' `table` slices: from its tables and the
+           per-slice loads the stacks before it left (`held`, `spread`), which it passes
+           on (a move changes those loads only for the stacks packed after it)
+  stacks   per (kind, dim, dtype) group, `build_layouts` of its tables alone (the
+           collection builds and merges stacks within such a group only), each stack's own
+           cost (`cost_model.stack_cost`) and problems (`layout.stack_problems`)
+  combine  what stacks share (`cost_model.combine_costs`), over the few stacks
+
+The parts are put together over the same stacks in the same order as `plan_cost` over
+`build_layouts`, so the price is the from-scratch one to the last bit (tests/planner/
+test_pricing.py checks it), and the search chooses what it chose when it priced from scratch.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+
+from jaxrec.planner import cost_model as cm
+from jaxrec.sharding.plan import KIND_AXES, Plan, TablePlacement
+
+# Cache entries kept per part (least recently used dropped first): a step of the search
+# reuses the parts of the plan it moves from; older parts are rarely met again. Bounds the
+# memory (a group of 1,000 tables' layouts is ~150 KB).
+CACHE_ENTRIES = 4096
+
+
+class _Lru(collections.OrderedDict):
+  """A dict that keeps its `CACHE_ENTRIES` most recently used entries."""
+
+  def get_or(self, key, make):
+    """The value of `key`, made by `make()` on a miss."""
+    if key in self:
+      self.move_to_end(key)
+      return self[key]
+    value = self[key] = make()
+    if len(self) > CACHE_ENTRIES:
+      self.popitem(last=False)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Priced:
+  """An assignment's stacks and cost, as `build_layouts` and `plan_cost` would give them.
+
+  Attributes:
+    layouts: the collection's stacks, in `build_layouts` order.
+    cost: `plan_cost` of `layouts`.
+    problem: `layout.stack_error(layouts)`: why the collection would refuse them, or None.
+  """
+
+  layouts: tuple
+  cost: cm.PlanCost
+  problem: str | None
+
+
+class Pricer:
+  """Prices kind assignments (one kind per table, in `loads` order: `tables` order) for one
+  search."""
+
+  def __init__(self, tables, features, loads: Sequence[cm.TableLoad], mesh, batch_size,
+               opt, kernel, dedup):
+    from jaxrec.embedding import layout  # pylint: disable=import-outside-toplevel
+    self.tables, self.features, self.loads = tuple(tables), tuple(features), tuple(loads)
+    self.mesh, self.batch_size, self.opt = mesh, batch_size, opt
+    self.kernel, self.dedup = kernel, dedup
+    self.names = [l.name for l in loads]
+    self.bucket = [layout.bag_bucket(l.max_len) for l in loads]
+    index = {n: i for i, n in enumerate(self.names)}
+    self.reading: list[list[int]] = [[] for _ in loads]   # features of each table
+    for j, f in enumerate(self.features):
+      self.reading[index[f.table]].append(j)
+    # stack keys as numbers: kind code * len(_static) + index of (dim, dtype, bucket)
+    self._kind_code = {k: i for i, k in enumerate(KIND_AXES)}
+    static = [(l.dim, l.dtype, b) for l, b in zip(loads, self.bucket)]
+    self._static = list(dict.fromkeys(static))
+    index = {k: i for i, k in enumerate(self._static)}
+    self._static_code = np.array([index[k] for k in static], np.int64)
+    self._placements: dict[tuple[str, int], TablePlacement] = {}
+    self._packed, self._groups = _Lru(), _Lru()
+
+  def stacks(self, kinds: Sequence[str]) -> dict[tuple, list[int]]:
+    """Table indices by the stack `kinds` put them in: (kind, dim, dtype, bag bucket), the
+    collection's stacking key (`embedding.layout.build_layouts`, which may then merge
+    buckets of a kind split over `table`; costs are always taken on its layouts). In
+    order of each stack's first table. (Grouped by numpy: in Python, this loop over the
+    tables took more time than the rest of pricing.)"""
+    code = np.fromiter(map(self._kind_code.__getitem__, kinds), np.int64, len(kinds))
+    code = code * len(self._static) + self._static_code
+    order = np.argsort(code, kind="stable")
+    starts = np.flatnonzero(np.diff(code[order], prepend=-1))
+    groups = np.split(order, starts[1:])
+    out = {}
+    for g in sorted(groups, key=lambda g: g[0]):   # by first table
+      members = g.tolist()
+      out[(kinds[members[0]], *self._static[self._static_code[members[0]]])] = members
+    return out
+
+  def pack(self, stacks: dict[tuple, list[int]]) -> dict[tuple, tuple[tuple[int, ...], ...]]:
+    """Per stack of `stacks`, (its tables, their `table` slices): the rule the
+    module docstring of `planner.search` gives, each stack's slices cached by its tables and the loads
+    the stacks before it left."""
+    nt = self.mesh["table"]
+    held = (0,) * nt   # rows over all stacks: ties go to the emptiest slice
+    longer: dict[tuple, tuple[int, ...]] = {}   # (kind, dim, dtype) -> multi-hot features
+    out = {}
+    # Longest bags first (a stable sort: then in order of each stack's first table).
+    for key, members in sorted(stacks.items(), key=lambda kv: -kv[0][3]):
+      members = tuple(members)
+      if not ("table" in KIND_AXES[key[0]] and nt > 1):
+        out[key] = (members, (0,) * len(members))
+        continue
+      spread = longer.get(key[:3], (0,) * nt) if key[3] > 1 else (0,) * nt
+      slices, held, spread = self._packed.get_or(
+          (key, members, held, spread),
+          lambda: self._pack_stack(members, key[3], list(held), list(spread)))
+      if key[3] > 1:
+        longer[key[:3]] = spread
+      out[key] = (members, slices)
+    return out
+
+  def _pack_stack(self, members: tuple[int, ...], bag: int, held: list[int],
+                  spread: list[int]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """One stack split over `table`: its tables' slices (in `members` order), and `held`
+    and `spread` after it. Fewest features first, then fewest rows; multi-hot tables first
+    to slices holding no other multi-hot feature of their (kind, dim, dtype)."""
+    nt, loads = len(held), self.loads
+    feats, rows = [0] * nt, [0] * nt
+    total = sum(max(1, loads[i].num_features) for i in members)
+    cap = max(math.ceil(total / nt), max(loads[i].num_features for i in members))
+    slice_of = {}
+    for i in sorted(members, key=lambda i: (-loads[i].num_features, -loads[i].rows,
+                                            self.names[i])):
+      f = loads[i].num_features
+      room = [s for s in range(nt) if feats[s] + f <= cap] or list(range(nt))
+      s = min(room, key=lambda s: (spread[s], rows[s], feats[s], held[s], s))
+      spread[s] += f if bag > 1 else 0
+      feats[s] += f
+      rows[s] += loads[i].rows
+      held[s] += loads[i].rows
+      slice_of[i] = s
+    return tuple(slice_of[i] for i in members), tuple(held), tuple(spread)
+
+  def placement(self, kind: str, table_slice: int) -> TablePlacement:
+    """A shared `TablePlacement` (frozen; validated once)."""
+    p = self._placements.get((kind, table_slice))
+    if p is None:
+      p = self._placements[(kind, table_slice)] = TablePlacement(kind, table_slice)
+    return p
+
+  def plan(self, packed) -> Plan:
+    """The `Plan` of `pack`'s output, tables in `loads` order."""
+    placements = [None] * len(self.names)
+    for key, (members, slices) in packed.items():
+      for i, s in zip(members, slices):
+        placements[i] = self.placement(key[0], s)
+    return Plan(dict(zip(self.names, placements)))
+
+  def price(self, kinds: Sequence[str]) -> tuple[dict, Priced]:
+    """`pack`'s output for `kinds`, and its price."""
+    packed = self.pack(self.stacks(kinds))
+    groups: dict[tuple, list] = {}
+    for key, part in packed.items():
+      groups.setdefault(key[:3], []).append((key[3], *part))
+    layouts, costs, problems = [], [], []
+    for group in sorted(groups):   # `build_layouts`' order: by (kind, dim, dtype, bag)
+      content = (group, tuple(sorted(groups[group])))
+      part = self._groups.get_or(content, lambda: self._price_group(*content))
+      for l, c, p in part:
+        layouts.append(l)
+        costs.append(c)
+        problems.append(p)
+    cost = cm.combine_costs(layouts, costs, self.batch_size)
+    problem = next((p[check] for check in range(3) for p in problems if p[check]), None)
+    return packed, Priced(tuple(layouts), cost, problem)
+
+  def _price_group(self, group: tuple, buckets: tuple) -> tuple:
+    """The stacks of one (kind, dim, dtype) `group` whose bag `buckets` hold (bag, tables,
+    their slices): per stack (layout, own cost, problems), in `build_layouts` order."""
+    from jaxrec.embedding import layout  # pylint: disable=import-outside-toplevel
+    kind = group[0]
+    slice_of = {i: s for _, members, slices in buckets for i, s in zip(members, slices)}
+    members = sorted(slice_of)
+    feats = sorted(j for i in members for j in self.reading[i])
+    plan = Plan({self.names[i]: self.placement(kind, slice_of[i]) for i in members})
+    built = layout.build_layouts([self.tables[i] for i in members],
+                                 [self.features[j] for j in feats], plan, self.mesh)
+    out = []
+    for l in built:   # its features as indices into all features
+      l = dataclasses.replace(l, features=tuple(feats[j] for j in l.features))
+      out.append((l, cm.stack_cost(l, self.features, self.batch_size, self.opt, self.kernel,
+                                   self.dedup), layout.stack_problems(l)))
+    return tuple(out)

@@ -1,0 +1,146 @@
+"""Pricing by cached parts (`planner.pricing`) against pricing from scratch: every price the
+search takes must be the one `build_layouts` and `plan_cost` give, or it would choose other
+plans than it did."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+from jaxrec.embedding import layout
+from jaxrec.embedding.specs import FeatureSpec, TableSpec
+from jaxrec.errors import ConfigError
+from jaxrec.planner import cost_model as cm
+from jaxrec.planner import pricing, propose_plan, search
+from jaxrec.sharding.plan import KIND_AXES, Plan, TablePlacement
+
+
+def mixed_case():
+  """41 tables of dims 4/8/16 and bags of 1, 3, 8 and 20 (buckets that merge), two tables
+  read twice, and one no feature reads (a plan leaving it alone in its stack is refused)."""
+  tables = [TableSpec(f"t{i}", 50 + 37 * i % 400, (4, 8, 16)[i % 3]) for i in range(40)]
+  tables.append(TableSpec("unread", 300, 8))
+  bags = {5: 3, 11: 8, 17: 20, 23: 3, 29: 8}
+  features = [FeatureSpec(f"f{i}", f"t{i}", bags.get(i, 1)) for i in range(40)]
+  features += [FeatureSpec("g3", "t3", 4), FeatureSpec("g10", "t10")]
+  return tables, features
+
+
+def reference_pack(space, kinds) -> Plan:
+  """The search's packing rule as it ran before `pricing` (`search` module docstring), over
+  all tables at once."""
+  nt, loads, names = space.mesh["table"], space.loads, space.names
+  stacks = {}
+  for i, (load, kind) in enumerate(zip(loads, kinds)):
+    key = (kind, load.dim, load.dtype, layout.bag_bucket(load.max_len))
+    stacks.setdefault(key, []).append(i)
+  placements, held, longer = {}, [0] * nt, {}
+  for (kind, dim, dtype, bag), members in sorted(stacks.items(), key=lambda kv: -kv[0][3]):
+    if not ("table" in KIND_AXES[kind] and nt > 1):
+      placements.update((names[i], TablePlacement(kind, 0)) for i in members)
+      continue
+    spread = longer.setdefault((kind, dim, dtype), [0] * nt) if bag > 1 else [0] * nt
+    feats, rows = [0] * nt, [0] * nt
+    total = sum(max(1, loads[i].num_features) for i in members)
+    cap = max(math.ceil(total / nt), max(loads[i].num_features for i in members))
+    for i in sorted(members, key=lambda i: (-loads[i].num_features, -loads[i].rows, names[i])):
+      f = loads[i].num_features
+      room = [s for s in range(nt) if feats[s] + f <= cap] or list(range(nt))
+      s = min(room, key=lambda s: (spread[s], rows[s], feats[s], held[s], s))
+      spread[s] += f if bag > 1 else 0
+      feats[s] += f
+      rows[s] += loads[i].rows
+      held[s] += loads[i].rows
+      placements[names[i]] = TablePlacement(kind, s)
+  return Plan({n: placements[n] for n in names})
+
+
+def walk(space, steps: int, seed: int):
+  """Kind assignments along a random walk of the search's moves (one table's kind, or a
+  whole stack's), from every table at its first allowed kind but the unread one, at its
+  last (alone in its stack: refused)."""
+  allowed = [cm.allowed_kinds(l, space.mesh) for l in space.loads]
+  kinds = tuple(ks[0] for ks in allowed[:-1]) + (allowed[-1][-1],)
+  rng = random.Random(seed)
+  everyone = range(len(kinds))
+  for _ in range(steps):
+    yield kinds
+    kinds = rng.choice(list(search._moves(space, allowed, kinds, everyone)))  # pylint: disable=protected-access
+
+
+CASES = [({"table": 4, "row": 2}, "sgd"), ({"data": 2, "table": 2, "row": 2}, "adagrad"),
+         ({"table": 2, "row": 2, "col": 2}, "sgd"), ({"data": 2, "row": 4}, "adam")]
+
+
+@pytest.mark.parametrize("entries", [pricing.CACHE_ENTRIES, 2])
+@pytest.mark.parametrize("mesh,opt", CASES)
+def test_priced_by_parts_equals_from_scratch_along_moves(mesh, opt, entries, monkeypatch):
+  """Each assignment of a walk: the same packing as the search's rule, the same stacks as
+  `build_layouts`, and the same cost as `plan_cost` (to 1e-9, and memory exactly); with
+  caches of 2 entries too (parts dropped and made again)."""
+  monkeypatch.setattr(pricing, "CACHE_ENTRIES", entries)
+  tables, features = mixed_case()
+  space, _ = search._prepare(tables, features, mesh, None, opt, 512, None, None, None)  # pylint: disable=protected-access
+  refused = 0
+  for kinds in walk(space, 60, seed=len(mesh)):
+    packed, priced = space.pricer.price(kinds)
+    plan = space.pricer.plan(packed)
+    assert plan == reference_pack(space, kinds)
+    layouts = cm.build_layouts(tables, features, plan, space.mesh)
+    assert priced.layouts == layouts
+    want = cm.plan_cost(layouts, features, 512, space.opt, space.kernel, space.dedup)
+    got = priced.cost
+    np.testing.assert_allclose(got.terms, want.terms, rtol=1e-9, atol=0)
+    assert got.memory == want.memory
+    assert [(s.name, s.tables, s.memory) for s in got.stacks] == [
+        (s.name, s.tables, s.memory) for s in want.stacks]
+    for g, w in zip(got.stacks, want.stacks):
+      np.testing.assert_allclose(g.terms, w.terms, rtol=1e-9, atol=0)
+    assert priced.problem == layout.stack_error(layouts)
+    refused += priced.problem is not None
+    e, f = space.price(kinds), space.evaluate_plan(plan, kinds)
+    assert (e.objective, e.time_s, e.memory, e.problem) == (
+        f.objective, f.time_s, f.memory, f.problem)
+  assert refused, "the walk starts from a refused plan (the unread table alone)"
+
+
+# What the search proposed for `mixed_case` when it priced every plan from scratch (before
+# `pricing`): (mesh, optimizer, budget) -> (step time, plan as kind + slice per table).
+EXPECTED = [
+    (({"table": 4, "row": 2}, "sgd", None), 0.00017232384000000003,
+     "twrw1 twrw2 twrw0 twrw3 twrw2 twrw3 twrw1 twrw3 twrw3 twrw0 twrw2 twrw2 twrw0 twrw3 "
+     "twrw3 twrw2 twrw1 twrw0 twrw3 twrw1 twrw1 twrw2 twrw0 twrw2 twrw2 twrw1 twrw2 twrw0 "
+     "twrw3 twrw1 twrw1 twrw0 twrw0 twrw1 twrw0 twrw1 twrw3 twrw0 twrw2 twrw3 twrw2"),
+    (({"data": 2, "table": 2, "row": 2}, "adagrad", 2_000_000), 0.00021807414399999998,
+     "twrw0 twrw0 twrw0 tw0 twrw1 twrw1 twrw1 twrw1 twrw0 twrw1 twrw1 dp0 twrw1 twrw1 twrw0 "
+     "twrw0 twrw0 tw0 twrw0 twrw0 twrw0 twrw0 twrw1 twrw0 tw1 twrw0 twrw1 twrw1 twrw1 tw1 "
+     "twrw1 twrw0 twrw1 twrw1 twrw1 twrw1 twrw0 twrw0 twrw1 twrw0 twrw0"),
+    (({"table": 2, "row": 2, "col": 2}, "sgd", None), 0.00021973926399999997,
+     "grid0 grid1 grid1 grid1 grid0 grid1 grid1 grid0 grid1 grid1 grid0 grid0 grid1 grid0 "
+     "grid1 grid0 grid1 grid0 grid0 grid1 grid1 grid0 grid0 grid0 grid1 grid1 grid0 grid1 "
+     "grid0 grid1 grid1 grid1 grid0 grid0 grid0 grid0 grid0 grid1 grid0 grid0 grid1"),
+]
+
+
+@pytest.mark.parametrize("args,step_time_s,plan", EXPECTED)
+def test_search_proposes_what_it_did_when_pricing_from_scratch(args, step_time_s, plan):
+  tables, features = mixed_case()
+  mesh, opt, budget = args
+  res = propose_plan(tables, features, mesh, budget, opt, 512)
+  assert res.step_time_s == step_time_s
+  assert " ".join(f"{res.plan[t.name].kind}{res.plan[t.name].table_slice}"
+                  for t in tables) == plan
+
+
+def test_search_reports_the_same_closest_plan_over_budget():
+  """From every start over budget: the closest plan and its error, as before `pricing`."""
+  tables, features = mixed_case()
+  with pytest.raises(ConfigError) as e:
+    propose_plan(tables, features, {"table": 4, "row": 2}, 1_500_000, "adam", 512)
+  assert str(e.value) == (
+      "the 41 tables together (the closest plan the search found) does not fit: every device "
+      "needs 1.8 MiB > budget 1.4 MiB on mesh data=1,table=4,row=2,col=1 (tables 79.9 KiB, "
+      "optimizer 159.8 KiB, buffers 1.6 MiB); largest: 't29' (323 x 16 float32 = 20.2 KiB) "
+      "as tw: 60.6 KiB/device; 't17' (279 x 16 float32 = 17.4 KiB) as dp: 52.3 KiB/device; "
+      "'t5' (235 x 16 float32 = 14.7 KiB) as tw: 44.1 KiB/device")
