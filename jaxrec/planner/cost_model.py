@@ -228,9 +228,12 @@ def table_loads(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
   unknown = sorted(set(stats) - known)
   if unknown:
     raise ConfigError(f"table stats name unknown tables {unknown} (tables: {sorted(known)})")
+  reading: dict[str, list[FeatureSpec]] = {}   # (one pass: per table, it was quadratic)
+  for f in features:
+    reading.setdefault(f.table, []).append(f)
   loads = []
   for t in tables:
-    feats = [f for f in features if f.table == t.name]
+    feats = reading.get(t.name, [])
     length = sum(int(f.max_len) for f in feats)
     s = stats.get(t.name, TableStats())
     if not isinstance(s, TableStats):
