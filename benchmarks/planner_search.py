@@ -9,7 +9,8 @@ Tables `t<i>` of 10 + i % 50 rows and dims `--dims` in turn (default 1, 4, 8, 16
 feature each), on `--mesh` (default table=4,row=2), SGD, batch 512, the default budget.
 Prints one line per size:
 `{"benchmark": "planner_search", "tables": N, "seconds": S, "evaluations": E,
-"estimated_step_us": T, "peak_rss_mib": M}` (E: plans priced, by parts or from scratch; M: the process's peak so far).
+"estimated_step_us": T, "peak_rss_mib": M}` (E: plans priced, by parts or from scratch; M:
+the process's peak so far).
 `--record FILE` also writes each proposed plan and its estimate (JSON lines), to compare
 two versions of the search. No goal: the numbers are in docs/benchmarks.md.
 """

@@ -32,23 +32,29 @@ import numpy as np
 from jaxrec.planner import cost_model as cm
 from jaxrec.sharding.plan import KIND_AXES, Plan, TablePlacement
 
-# Cache entries kept per part (least recently used dropped first): a step of the search
-# reuses the parts of the plan it moves from; older parts are rarely met again. Bounds the
-# memory (a group of 1,000 tables' layouts is ~150 KB).
-CACHE_ENTRIES = 4096
+# Tables the entries of each cache may hold together (least recently used dropped first;
+# a group's layouts take ~150 bytes a table): a step of the search reuses the parts of the
+# plan it moves from, which every price of the step uses; older parts are rarely met again.
+CACHE_TABLES = 250_000
 
 
 class _Lru(collections.OrderedDict):
-  """A dict that keeps its `CACHE_ENTRIES` most recently used entries."""
+  """A cache of entries of at most `CACHE_TABLES` tables together (and of at least one)."""
 
-  def get_or(self, key, make):
-    """The value of `key`, made by `make()` on a miss."""
+  def __init__(self):
+    super().__init__()
+    self.tables = 0
+
+  def get_or(self, key, make, tables: int):
+    """The value of `key`, made by `make()` on a miss (an entry of `tables` tables)."""
     if key in self:
       self.move_to_end(key)
-      return self[key]
-    value = self[key] = make()
-    if len(self) > CACHE_ENTRIES:
-      self.popitem(last=False)
+      return self[key][0]
+    value = make()
+    self[key] = (value, tables)
+    self.tables += tables
+    while self.tables > CACHE_TABLES and len(self) > 1:
+      self.tables -= self.popitem(last=False)[1][1]
     return value
 
 
@@ -110,34 +116,38 @@ class Pricer:
     return out
 
   def pack(self, stacks: dict[tuple, list[int]]) -> dict[tuple, tuple[tuple[int, ...], ...]]:
-    """Per stack of `stacks`, (its tables, their `table` slices): the rule the
-    module docstring of `planner.search` gives, each stack's slices cached by its tables and the loads
-    the stacks before it left."""
+    """Per stack of `stacks`, (its tables, their `table` slices), by the rule of the
+    `planner.search` docstring; each stack's slices cached by its tables and the loads the
+    stacks packed before it left."""
     nt = self.mesh["table"]
     held = (0,) * nt   # rows over all stacks: ties go to the emptiest slice
     longer: dict[tuple, tuple[int, ...]] = {}   # (kind, dim, dtype) -> multi-hot features
     out = {}
-    # Longest bags first (a stable sort: then in order of each stack's first table).
+    # Longest bags first (a stable sort: then in order of each stack's first table): a
+    # multi-hot stack's tables go first to slices holding no other multi-hot feature of
+    # their (kind, dim, dtype), so that the collection can merge those stacks into one
+    # whose devices pay the longest bag once (`layout._merge_buckets`).
     for key, members in sorted(stacks.items(), key=lambda kv: -kv[0][3]):
       members = tuple(members)
       if not ("table" in KIND_AXES[key[0]] and nt > 1):
         out[key] = (members, (0,) * len(members))
         continue
       spread = longer.get(key[:3], (0,) * nt) if key[3] > 1 else (0,) * nt
-      slices, held, spread = self._packed.get_or(
-          (key, members, held, spread),
-          lambda: self._pack_stack(members, key[3], list(held), list(spread)))
+      state = (members, key[3], held, spread)
+      slices, held, spread = self._packed.get_or((key, state),
+                                                 lambda: self._pack_stack(*state), len(members))
       if key[3] > 1:
         longer[key[:3]] = spread
       out[key] = (members, slices)
     return out
 
-  def _pack_stack(self, members: tuple[int, ...], bag: int, held: list[int],
-                  spread: list[int]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+  def _pack_stack(self, members: tuple[int, ...], bag: int, held: tuple[int, ...],
+                  spread: tuple[int, ...]):
     """One stack split over `table`: its tables' slices (in `members` order), and `held`
     and `spread` after it. Fewest features first, then fewest rows; multi-hot tables first
     to slices holding no other multi-hot feature of their (kind, dim, dtype)."""
     nt, loads = len(held), self.loads
+    held, spread = list(held), list(spread)
     feats, rows = [0] * nt, [0] * nt
     total = sum(max(1, loads[i].num_features) for i in members)
     cap = max(math.ceil(total / nt), max(loads[i].num_features for i in members))
@@ -178,7 +188,8 @@ class Pricer:
     layouts, costs, problems = [], [], []
     for group in sorted(groups):   # `build_layouts`' order: by (kind, dim, dtype, bag)
       content = (group, tuple(sorted(groups[group])))
-      part = self._groups.get_or(content, lambda: self._price_group(*content))
+      part = self._groups.get_or(content, lambda: self._price_group(*content),
+                                 sum(len(b[1]) for b in content[1]))
       for l, c, p in part:
         layouts.append(l)
         costs.append(c)

@@ -64,24 +64,26 @@ def walk(space, steps: int, seed: int):
   kinds = tuple(ks[0] for ks in allowed[:-1]) + (allowed[-1][-1],)
   rng = random.Random(seed)
   everyone = range(len(kinds))
+  moves = search._moves   # pylint: disable=protected-access
   for _ in range(steps):
     yield kinds
-    kinds = rng.choice(list(search._moves(space, allowed, kinds, everyone)))  # pylint: disable=protected-access
+    kinds = rng.choice(list(moves(space, allowed, kinds, everyone)))
 
 
 CASES = [({"table": 4, "row": 2}, "sgd"), ({"data": 2, "table": 2, "row": 2}, "adagrad"),
          ({"table": 2, "row": 2, "col": 2}, "sgd"), ({"data": 2, "row": 4}, "adam")]
 
 
-@pytest.mark.parametrize("entries", [pricing.CACHE_ENTRIES, 2])
+@pytest.mark.parametrize("cached", [pricing.CACHE_TABLES, 1])
 @pytest.mark.parametrize("mesh,opt", CASES)
-def test_priced_by_parts_equals_from_scratch_along_moves(mesh, opt, entries, monkeypatch):
+def test_priced_by_parts_equals_from_scratch_along_moves(mesh, opt, cached, monkeypatch):
   """Each assignment of a walk: the same packing as the search's rule, the same stacks as
   `build_layouts`, and the same cost as `plan_cost` (to 1e-9, and memory exactly); with
-  caches of 2 entries too (parts dropped and made again)."""
-  monkeypatch.setattr(pricing, "CACHE_ENTRIES", entries)
+  caches that keep one entry too (parts dropped and made again)."""
+  monkeypatch.setattr(pricing, "CACHE_TABLES", cached)
   tables, features = mixed_case()
-  space, _ = search._prepare(tables, features, mesh, None, opt, 512, None, None, None)  # pylint: disable=protected-access
+  prepare = search._prepare   # pylint: disable=protected-access
+  space, _ = prepare(tables, features, mesh, None, opt, 512, None, None, None)
   refused = 0
   for kinds in walk(space, 60, seed=len(mesh)):
     packed, priced = space.pricer.price(kinds)
