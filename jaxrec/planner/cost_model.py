@@ -453,30 +453,64 @@ def stack_cost(l, features: Sequence[FeatureSpec], batch_size: int, opt: Optimiz
                    big_l, int(l.local_rows), int(dl), int(n), dedup, rep, x, memory, id_cols)
 
 
-def combine_costs(layouts, stacks: Sequence[StackCost], batch_size: int) -> PlanCost:
+@dataclasses.dataclass(frozen=True)
+class StackShare:
+  """What `combine_costs` reads of one stack beside its own cost (`stack_share`; the
+  planner's search caches it with the stack, `planner.pricing`).
+
+  Attributes:
+    axes, split, local_dim: its axes group, (T, R, C) and local dim.
+    gather_key: its `slot_gather_key` where it all-gathers its slots over replicas (no
+      dedup, replicas), else None.
+    launching: its cost with that all-gather's launches counted on it (the first stack of
+      its key carries them).
+  """
+
+  axes: tuple[str, ...]
+  split: tuple[int, int, int]
+  local_dim: int
+  gather_key: tuple | None
+  launching: StackCost
+
+
+def stack_share(l, s: StackCost) -> StackShare:
+  """`StackShare` of layout `l` whose own cost is `s`."""
+  key, launching = None, s
+  if s.replicas > 1 and not s.dedup:   # `EmbeddingCollection._gather_slots`
+    key = l.slot_gather_key
+    x = s.terms.copy()   # (`s`'s terms stay as `stack_cost` made them)
+    x[_I["collectives"]] = len(l.split_replica_axes)
+    launching = dataclasses.replace(s, terms=x)
+  return StackShare(tuple(l.axes), tuple(l.size(a) for a in ("table", "row", "col")),
+                    l.local_dim, key, launching)
+
+
+def combine_costs(layouts, stacks: Sequence[StackCost], batch_size: int,
+                  shares: Sequence[StackShare] | None = None) -> PlanCost:
   """The plan's cost from its stacks' own (`stack_cost` of each of `layouts`, in order):
   adds the slot all-gather launches (without dedup, one per replica axis for all stacks of
   a `slot_gather_key`, counted on the first: `EmbeddingCollection._gather_slots`), the
-  collectives each axes group shares, and the ids all-gather."""
+  collectives each axes group shares, and the ids all-gather. `shares`: each stack's
+  `stack_share`, if the caller has them."""
+  if shares is None:
+    shares = [stack_share(l, s) for l, s in zip(layouts, stacks)]
   sizes = dict(layouts[0].sizes) if layouts else {a: 1 for a in MESH_AXES}
   n_dev = math.prod(sizes.values())
   big_b = float(batch_size)
   b = big_b / n_dev
   out, groups, id_cols, gathering = [], {}, 0, set()
-  for l, s in zip(layouts, stacks):
+  for s, sh in zip(stacks, shares):
     id_cols += s.id_columns
-    if s.replicas > 1 and not s.dedup and l.slot_gather_key not in gathering:
-      gathering.add(l.slot_gather_key)
-      x = s.terms.copy()   # (the given stack's terms stay as `stack_cost` made them)
-      x[_I["collectives"]] = len(l.split_replica_axes)
-      s = dataclasses.replace(s, terms=x)
+    if sh.gather_key is not None and sh.gather_key not in gathering:
+      gathering.add(sh.gather_key)
+      s = sh.launching
     out.append(s)
-    groups.setdefault(tuple(l.axes), []).append((l, s.width))
+    groups.setdefault(sh.axes, []).append((sh, s.width))
   group_terms = {}
   for axes, members in groups.items():
-    l0 = members[0][0]
-    t, r, c = (l0.size(a) for a in ("table", "row", "col"))
-    x_bytes = t * r * c * b * sum(w for _, w in members) * l0.local_dim * 4.0
+    sh0 = members[0][0]
+    t, r, c = sh0.split
+    x_bytes = t * r * c * b * sum(w for _, w in members) * sh0.local_dim * 4.0
     x = np.zeros(len(COST_TERMS))
     x[_I["collectives"]] = 2 * sum(s > 1 for s in (t, r, c))
     x[_I["reduce_scatter_bytes"]] = x_bytes * (r - 1) / r

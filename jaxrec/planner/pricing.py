@@ -12,7 +12,8 @@ on, so that a move reprices only the stacks it touches:
            on (a move changes those loads only for the stacks packed after it)
   stacks   per (kind, dim, dtype) group, `build_layouts` of its tables alone (the
            collection builds and merges stacks within such a group only), each stack's own
-           cost (`cost_model.stack_cost`) and problems (`layout.stack_problems`)
+           cost (`cost_model.stack_cost`), what it shares (`cost_model.stack_share`) and
+           problems (`layout.stack_problems`)
   combine  what stacks share (`cost_model.combine_costs`), over the few stacks
 
 The parts are put together over the same stacks in the same order as `plan_cost` over
@@ -185,22 +186,24 @@ class Pricer:
     groups: dict[tuple, list] = {}
     for key, part in packed.items():
       groups.setdefault(key[:3], []).append((key[3], *part))
-    layouts, costs, problems = [], [], []
+    layouts, costs, shares, problems = [], [], [], []
     for group in sorted(groups):   # `build_layouts`' order: by (kind, dim, dtype, bag)
       content = (group, tuple(sorted(groups[group])))
       part = self._groups.get_or(content, lambda: self._price_group(*content),
                                  sum(len(b[1]) for b in content[1]))
-      for l, c, p in part:
+      for l, c, sh, p in part:
         layouts.append(l)
         costs.append(c)
+        shares.append(sh)
         problems.append(p)
-    cost = cm.combine_costs(layouts, costs, self.batch_size)
+    cost = cm.combine_costs(layouts, costs, self.batch_size, shares)
     problem = next((p[check] for check in range(3) for p in problems if p[check]), None)
     return packed, Priced(tuple(layouts), cost, problem)
 
   def _price_group(self, group: tuple, buckets: tuple) -> tuple:
     """The stacks of one (kind, dim, dtype) `group` whose bag `buckets` hold (bag, tables,
-    their slices): per stack (layout, own cost, problems), in `build_layouts` order."""
+    their slices): per stack (layout, own cost, `StackShare`, problems), in
+    `build_layouts` order."""
     from jaxrec.embedding import layout  # pylint: disable=import-outside-toplevel
     kind = group[0]
     slice_of = {i: s for _, members, slices in buckets for i, s in zip(members, slices)}
@@ -212,6 +215,7 @@ class Pricer:
     out = []
     for l in built:   # its features as indices into all features
       l = dataclasses.replace(l, features=tuple(feats[j] for j in l.features))
-      out.append((l, cm.stack_cost(l, self.features, self.batch_size, self.opt, self.kernel,
-                                   self.dedup), layout.stack_problems(l)))
+      own = cm.stack_cost(l, self.features, self.batch_size, self.opt, self.kernel,
+                          self.dedup)
+      out.append((l, own, cm.stack_share(l, own), layout.stack_problems(l)))
     return tuple(out)
