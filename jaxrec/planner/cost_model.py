@@ -32,8 +32,8 @@ Cost terms (`COST_TERMS`), per device per step (the same on every device):
   collectives           collectives launched: 1 ids all-gather (none when no stack needs
                         another device's ids in stage 1, `layout.ids_gather_axes`); 2
                         (forward + backward) per split axis of each *axes group* (stacks
-                        split over the same axes send their pooled sums in one set,
-                        `local_ops.pool_all`). The stage-3 psums of stacks with replicas
+                        of one dim split over the same axes send their pooled sums in one
+                        set, `local_ops.pool_all`; a group of mixed dims, one set per dim). The stage-3 psums of stacks with replicas
                         are independent of each other and of the dense gradients'
                         all-reduce, which XLA combines into one: they add bytes, not
                         launches; without dedup, stacks of the same replica axes and
@@ -344,7 +344,8 @@ class PlanCost:
 
   Attributes:
     stacks: per stack.
-    group_terms: axes -> terms of the collectives that axes group shares.
+    group_terms: axes -> terms of the collectives that axes group's stacks share (one set
+      per dim among them).
     global_terms: the ids all-gather and `const`.
     terms: the sum: float64 `[len(COST_TERMS)]`.
     ids_bytes: gathered ids held by every device.
@@ -459,7 +460,8 @@ class StackShare:
   planner's search caches it with the stack, `planner.pricing`).
 
   Attributes:
-    axes, split, local_dim: its axes group, (T, R, C) and local dim.
+    axes, split, local_dim, dim: its axes group, (T, R, C), local dim and dim (stacks of
+      one dim in one axes group share the pooled collectives: `local_ops.pool_all`).
     gather_key: its `slot_gather_key` where it all-gathers its slots over replicas (no
       dedup, replicas), else None.
     launching: its cost with that all-gather's launches counted on it (the first stack of
@@ -469,6 +471,7 @@ class StackShare:
   axes: tuple[str, ...]
   split: tuple[int, int, int]
   local_dim: int
+  dim: int
   gather_key: tuple | None
   launching: StackCost
 
@@ -482,7 +485,7 @@ def stack_share(l, s: StackCost) -> StackShare:
     x[_I["collectives"]] = len(l.split_replica_axes)
     launching = dataclasses.replace(s, terms=x)
   return StackShare(tuple(l.axes), tuple(l.size(a) for a in ("table", "row", "col")),
-                    l.local_dim, key, launching)
+                    l.local_dim, l.dim, key, launching)
 
 
 def combine_costs(layouts, stacks: Sequence[StackCost], batch_size: int,
@@ -505,9 +508,9 @@ def combine_costs(layouts, stacks: Sequence[StackCost], batch_size: int,
       gathering.add(sh.gather_key)
       s = sh.launching
     out.append(s)
-    groups.setdefault(sh.axes, []).append((sh, s.width))
+    groups.setdefault((sh.axes, sh.dim), []).append((sh, s.width))
   group_terms = {}
-  for axes, members in groups.items():
+  for (axes, _), members in groups.items():   # per dim: summed into the axes' terms
     sh0 = members[0][0]
     t, r, c = sh0.split
     x_bytes = t * r * c * b * sum(w for _, w in members) * sh0.local_dim * 4.0
@@ -516,7 +519,7 @@ def combine_costs(layouts, stacks: Sequence[StackCost], batch_size: int,
     x[_I["reduce_scatter_bytes"]] = x_bytes * (r - 1) / r
     x[_I["all_gather_bytes"]] = x_bytes * (r - 1) / r
     x[_I["all_to_all_bytes"]] = 2 * x_bytes / r * ((t - 1) / t + (c - 1) / c)
-    group_terms[axes] = x
+    group_terms[axes] = group_terms.get(axes, 0) + x
   from jaxrec.embedding import layout  # pylint: disable=import-outside-toplevel
   m = layout.ids_gather_devices(layouts, [s.dedup for s in out])
   glob = np.zeros(len(COST_TERMS))

@@ -263,3 +263,24 @@ def test_buffers_count_the_unique_rows_optimizer_state():
   buffers = {k: s.memory["buffers"] for k, s in by_opt.items()}
   assert buffers["adam"] - buffers["adagrad"] == 8 * n * dl
   assert buffers["adagrad"] - buffers["rowwise_adagrad"] == 8 * n * (dl - 1)
+
+
+def test_stacks_of_two_dims_in_one_axes_group_are_priced_as_two_sets_of_collectives():
+  """`local_ops.pool_all` sends stacks of different dims home separately: the model prices
+  one all_to_all pair per dim, each of its own width, as many as the compiled pool has."""
+  tables = [TableSpec("a", 37, 4), TableSpec("b", 50, 64), TableSpec("c", 11, 4)]
+  features = [FeatureSpec("fa", "a"), FeatureSpec("fb", "b"), FeatureSpec("fc", "c")]
+  mesh = {"data": 4, "table": 2}
+  pc = cost(tables, features, {"a": ("tw", 0), "b": ("tw", 1), "c": ("tw", 0)}, mesh, 64,
+            "sgd")
+  group = terms(pc.group_terms[("table",)])
+  assert group["collectives"] == 2 * 2
+  # [T*b, W, dl] per dim: dim 4 (a, c on slice 0: W = 2), dim 64 (b: W = 1); b = 64/8
+  assert group["all_to_all_bytes"] == 2 * (2 * 8 * (2 * 4 + 1 * 64) * 4) * 1 / 2
+  coll = EmbeddingCollection.create(tables, features, uniform_plan("tw", tables, 2),
+                                    mesh_lib.make_mesh(mesh), optimizers.SGD(0.1))
+  state = coll.init(jax.random.key(0))
+  ids = {f.name: np.zeros((64, 1), np.int32) for f in features}
+  hlo = jax.jit(lambda s, i: coll.pool(coll.lookup(s, i).rows, coll.lookup(s, i))).lower(
+      state, ids).compile().as_text()
+  assert hlo.count(" all-to-all(") == group["collectives"] / 2   # forward only
