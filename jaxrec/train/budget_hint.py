@@ -7,12 +7,14 @@ are then offloaded (`OffloadConfig.auto`) or refused; the note says so once, wit
 device's own figure, and leaves the choice to the user.
 
 CPU devices (e.g. `--xla_force_host_platform_device_count=8`) all take the host's memory:
-a plan within the budget on each may not fit them together (`host_warning`).
+a plan within the budget on each may not fit them together (`host_warning`), nor with the
+dense model's state and the compiled steps' activations (`step_memory` measures those).
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 from jaxrec import planner
 from jaxrec.offload import config as offload_config
@@ -40,51 +42,76 @@ def note(memory_per_device: int | None, device) -> str | None:
 
 
 # A plan taking more than this fraction of the host's memory on its CPU devices is warned
-# about: the dense model, the step's activations and the host's own copies come on top.
+# about: the host's own copies (data, checkpoints) come on top.
 HOST_FRACTION = 0.75
 
 
 def host_warning(result, devices, host_bytes: int | None = None, offloaded: int = 0,
-                 dense: int = 0) -> str | None:
+                 dense: int = 0, activations: int = 0, steps: str = "",
+                 flag: str = "") -> str | None:
   """The warning for a plan (`PlanResult`) whose tables on this process's CPU `devices`,
   with the `dense` bytes each of them holds (the dense model's parameters, gradients and
-  optimizer state, `state.dense_bytes`: not in the budget) and the `offloaded` bytes the
-  offload tier keeps on the host (`offload.config.host_bytes`, on any platform), take more
-  than `HOST_FRACTION` of the host's memory (`host_bytes`, default the physical memory);
-  None otherwise. The budget is per device: a 1.2 GiB table replicated (`dp`) on 8 CPU
-  devices fit 16 GiB on each, and took 10 GiB of the host before the first step; a model
-  of 1,000 features had 244 MiB of dense state on each, 2 GiB uncounted. (Several
-  processes on one host each count their own devices.)"""
+  optimizer state, `state.dense_bytes`: not in the budget), the `activations` of the
+  largest compiled step on each (`step_memory`: `steps` names it, `flag` is the
+  ExperimentConfig batch size that sets them) and the `offloaded` bytes the offload tier
+  keeps on the host (`offload.config.host_bytes`, on any platform), take more than
+  `HOST_FRACTION` of the host's memory (`host_bytes`, default the physical memory); None
+  otherwise. The budget is per device: a 1.2 GiB table replicated (`dp`) on 8 CPU devices
+  fit 16 GiB on each, and took 10 GiB of the host before the first step; a model of 1,000
+  features had 244 MiB of dense state on each, 2 GiB uncounted, and its eval step's
+  `[B, F, F]` interaction was OOM-killed unannounced. (The gradients and lookup buffers are
+  among a step's temporaries too: counted twice, on the safe side. Several processes on
+  one host each count their own devices.)"""
   cpus = len(devices) if devices and devices[0].platform == "cpu" else 0
   host = host_bytes if host_bytes is not None else (
       os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
   tables = sum(result.memory.values())
-  each = tables + dense
+  fixed = dense + activations   # on each device, outside the budget
+  each = tables + fixed
   if each * cpus + offloaded <= HOST_FRACTION * host:
     return None
   if offloaded:
-    room = (int(HOST_FRACTION * host - offloaded) // max(cpus, 1) - dense) >> 20
+    room = (int(HOST_FRACTION * host - offloaded) // max(cpus, 1) - fixed) >> 20
     return (f"the offload tier keeps about {format_bytes(offloaded)} in host memory (its "
             f"buffered rows and their optimizer state, 12 bytes per table row and "
             f"{offload_config.SLOT_BYTES} per cache slot, and the whole table of a "
             "kvstore='memory' store)"
             + (f", and the plan puts {format_bytes(each * cpus)} on the {cpus} CPU devices "
-               "of this process" if cpus else "")
+               "of this process" + (f" (with {format_bytes(activations)} of {steps} on each)"
+                                    if activations else "") if cpus else "")
             + f", of this host's {format_bytes(host)}: the run may run out of it. Give a "
             "memory store's table a file store (kvstore='file'), lower "
             "OffloadConfig.host_buffer_rows"
             + (f", give --memory_per_device={room}MiB or less" if cpus and room > 0 else "")
             + " or offload fewer tables")
-  room = (int(HOST_FRACTION * host / cpus) - dense) >> 20
-  split = (f" ({format_bytes(tables)} of tables and {format_bytes(dense)} of the dense "
-           "model's parameters, gradients and optimizer state)") if dense else ""
+  room = (int(HOST_FRACTION * host / cpus) - fixed) >> 20
+  parts = [f"{format_bytes(tables)} of tables"]
+  if dense:
+    parts.append(f"{format_bytes(dense)} of the dense model's parameters, gradients and "
+                 "optimizer state")
+  if activations:
+    parts.append(f"{format_bytes(activations)} of {steps}")
+  split = f" ({', '.join(parts[:-1])} and {parts[-1]})" if len(parts) > 1 else ""
+  smaller = f"lower ExperimentConfig.{flag}, " if activations and flag else ""
   return (f"the plan puts {format_bytes(each)}{split} on each of the {cpus} CPU devices of "
           f"this process, {format_bytes(each * cpus)} in all, and they share this "
           f"host's {format_bytes(host)} of memory: the run may run out of it. "
           + (f"Give --memory_per_device={room}MiB or less (with --plan=auto the planner "
-             "then splits or offloads tables), or fewer devices" if room > 0 else
-             "The dense model alone takes more than each device's share: use fewer devices "
-             "or a smaller dense model"))
+             f"then splits or offloads tables), {smaller}or fewer devices" if room > 0 else
+             ("The dense model and the steps' activations alone take more than each "
+              f"device's share: {smaller}use fewer devices or a smaller dense model"
+              if activations else
+              "The dense model alone takes more than each device's share: use fewer devices "
+              "or a smaller dense model")))
+
+
+_ROOM = re.compile(r"--memory_per_device=(\d+)MiB or less")
+
+
+def room_of(text: str) -> int | None:
+  """The `--memory_per_device` (MiB) a `host_warning` suggests; None: it suggests none."""
+  found = _ROOM.search(text)
+  return int(found.group(1)) if found else None
 
 
 def eval_warning(result, collection, eval_batch_size: int) -> str | None:

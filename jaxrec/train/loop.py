@@ -38,7 +38,7 @@ from jaxrec.train import budget_hint, data_adapter, mesh_choice
 from jaxrec.train.config import config_gin_header
 from jaxrec.train import state as state_lib
 from jaxrec.train import step as step_lib
-from jaxrec.train import termination, writers
+from jaxrec.train import step_memory, termination, writers
 from jaxrec.train.evaluation import EvalStopped, evaluate
 from jaxrec.train import evaluation
 from jaxrec.train.config import ExperimentConfig, RunOptions
@@ -139,8 +139,9 @@ def setup(config: ExperimentConfig, options: RunOptions, devices=None, workdir=N
   dense = state_lib.dense_bytes(config, collection.dim)
   result = dataclasses.replace(result, notes=result.notes + (
       f"not in the budget: the dense model's parameters, gradients and optimizer state"
-      f"{logq}, {format_bytes(dense)} on every device (and the step's activations): leave "
-      "room for them in --memory_per_device",))
+      f"{logq}, {format_bytes(dense)} on every device, and the steps' activations (measured "
+      "when they compile, before the first step: a log line): leave room for them in "
+      "--memory_per_device",))
   return collection, plan, {"mesh": choice.mesh, "plan_result": result, "offload": off,
                             "why": choice.why, "dense_bytes": dense}
 
@@ -217,6 +218,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   evaluate_only = data_adapter.evaluates_only(workdir, options)
   source = None if evaluate_only else data_adapter.train_iterator(config, options)
   eval_data = data_adapter.eval_data(config, options)
+  offloaded_bytes = offload.host_bytes(config.tables, info["offload"], collection.optimizer)
+  shared = None   # the host warning before the state is made; step_memory's counts the steps
   if is_main:
     log.info("mesh %s (%s), plan (--plan=%s):\n%s", mesh_lib.format_mesh(info["mesh"]),
              info["why"], options.plan, info["plan_result"].report())
@@ -224,9 +227,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     if hint:
       log.info("%s", hint)
     shared = budget_hint.host_warning(info["plan_result"], mesh.local_devices,
-                                      offloaded=offload.host_bytes(config.tables, info["offload"],
-                                                                   collection.optimizer),
-                                      dense=info["dense_bytes"])
+                                      offloaded=offloaded_bytes, dense=info["dense_bytes"])
     for warning in (shared, budget_hint.eval_warning(info["plan_result"], collection,
                                                      config.eval_batch_size)):
       if warning:
@@ -372,6 +373,13 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   profiled = False                                 # a profile line holds the plan
   failing = None                                   # the error ending the run, if any
   try:
+    # compiled now (the first calls reuse them): their activations are warned about first;
+    # the time counts as the first step's (elastic's recovery breakdown: its compile_s)
+    precompiled = time.perf_counter()
+    step_memory.check(config, collection, state, None if finished or train_it is None
+                      else train_step, eval_step if eval_data is not None else None,
+                      info["plan_result"], info["dense_bytes"], offloaded_bytes, shared, is_main)
+    precompiled = time.perf_counter() - precompiled
     step, sigterm, eval_stopped = start, False, False
     if finished:   # the resume line carries the evaluation (maybe of other --eval_data)
       log.info("already trained to step %d (--num_steps=%d): evaluating that checkpoint",
@@ -415,7 +423,9 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
         steps_timed += 1
       # Under scripts/launch.py: progress for hang/straggler detection; True = the
       # supervisor asks this generation to save and stop (re-plan). A no-op otherwise.
-      stop = elastic.report_progress(workdir, step, time.perf_counter() - t_step, t_host)
+      stop = elastic.report_progress(workdir, step, time.perf_counter() - t_step + precompiled,
+                                     t_host)
+      precompiled = 0.0
       sigterm = terminated is not None and terminated.is_set()
       stop = stop or sigterm
       done = step == options.num_steps

@@ -1,0 +1,183 @@
+"""The compiled steps' activations, measured by XLA and counted in the memory warnings
+before the first step runs (`step_memory`): a DLRM over 1,000 features was OOM-killed at
+its first eval on 8 CPU devices with no warning, its `[B, F, F]` interaction uncounted."""
+
+import logging
+import types
+
+import jax
+import numpy as np
+
+from jaxrec import launch
+from jaxrec.train import budget_hint, step_memory
+
+GIB = 2**30
+MIB = 2**20
+SMALL = ["ExperimentConfig.batch_size=64", "DLRM.bottom_mlp=(16,)", "DLRM.top_mlp=(16,1)"]
+
+
+def _steps(train_extra, eval_extra):
+  return [step_memory.StepMemory("train", 512, 10 * MIB, train_extra, 0, 0),
+          step_memory.StepMemory("eval", 16384, 10 * MIB, eval_extra, 0, 0)]
+
+
+def test_the_host_warning_counts_the_largest_steps_activations():
+  """Tables and dense state that fit 75% of the host with room to spare are warned about
+  once the eval step's activations on each of the 8 CPU devices are added; the text names
+  them, the step and its batch size, and the smaller budget to give."""
+  result = types.SimpleNamespace(memory={"table": 512 * MIB})
+  cpus = jax.devices()[:8]
+  assert budget_hint.host_warning(result, cpus, host_bytes=12 * GIB, dense=GIB // 2) is None
+  steps = _steps(9 * MIB, GIB // 4)
+  texts = step_memory.warnings(steps, result, cpus, GIB // 2, 0, None, host_bytes=12 * GIB)
+  assert texts == [
+      "the plan puts 1.2 GiB (512.0 MiB of tables, 512.0 MiB of the dense model's "
+      "parameters, gradients and optimizer state and 256.0 MiB of the eval step's "
+      "activations and temporaries at eval_batch_size=16384 (measured by XLA; the train "
+      "step's: 9.0 MiB at batch_size=512)) on each of the 8 CPU devices of this process, "
+      "10.0 GiB in all, and they share this host's 12.0 GiB of memory: the run may run out "
+      "of it. Give --memory_per_device=384MiB or less (with --plan=auto the planner then "
+      "splits or offloads tables), lower ExperimentConfig.eval_batch_size, or fewer devices"]
+  # activations that leave no room for tables: the batch size is what to lower
+  text, = step_memory.warnings(_steps(GIB, 2 * GIB), result, cpus, GIB // 2, 0, None,
+                               host_bytes=12 * GIB)
+  assert text.endswith("The dense model and the steps' activations alone take more than "
+                       "each device's share: lower ExperimentConfig.eval_batch_size, use "
+                       "fewer devices or a smaller dense model")
+  assert step_memory.warnings(_steps(MIB, MIB), result, cpus, GIB // 2, 0, None,
+                              host_bytes=12 * GIB) == []
+  # the warning before the state was made suggested about the same budget: not repeated
+  small = types.SimpleNamespace(memory={"table": 256 * MIB})
+  early = budget_hint.host_warning(small, cpus, host_bytes=2 * GIB)
+  assert budget_hint.room_of(early) == 192
+  assert step_memory.warnings(_steps(MIB, 2 * MIB), small, cpus, 0, 0, early,
+                              host_bytes=2 * GIB) == []
+  late = step_memory.warnings(_steps(MIB, 32 * MIB), small, cpus, 0, 0, early,
+                              host_bytes=2 * GIB)
+  assert [budget_hint.room_of(t) for t in late] == [160]
+  gpus = [types.SimpleNamespace(platform="gpu", memory_stats=lambda: None)] * 8
+  assert step_memory.warnings(steps, result, gpus, GIB // 2, 0, None, host_bytes=15 * GIB) == []
+
+
+class FakeGpu:
+  platform = "gpu"
+  device_kind = "NVIDIA H100"
+
+  def __init__(self, limit):
+    self.limit = limit
+
+  def memory_stats(self):
+    return {"bytes_limit": self.limit}
+
+
+def test_a_device_with_a_memory_limit_is_warned_when_a_step_passes_it():
+  """On a GPU the budget is per device: tables, dense state and the largest step's
+  activations over jax's `bytes_limit` are warned about, with the amount to take off."""
+  result = types.SimpleNamespace(memory={"table": 40 * GIB})
+  steps = _steps(GIB, 30 * GIB)
+  text, = step_memory.warnings(steps, result, [FakeGpu(60 * GIB)], 2 * GIB, 0, None)
+  assert text == (
+      "the plan's tables (40.0 GiB), the dense model's parameters, gradients and optimizer "
+      "state (2.0 GiB) and 30.0 GiB of the eval step's activations and temporaries at "
+      "eval_batch_size=16384 (measured by XLA; the train step's: 1.0 GiB at batch_size=512) "
+      "come to 72.0 GiB per device, over the 60.0 GiB jax has on this NVIDIA H100: the step "
+      "may run out of memory. Lower ExperimentConfig.eval_batch_size, or --memory_per_device "
+      "by 12.0 GiB or more (--plan=auto then splits or offloads tables)")
+  assert step_memory.warnings(steps, result, [FakeGpu(80 * GIB)], 2 * GIB, 0, None) == []
+
+
+def _built(bindings, mesh, plan):
+  from jaxrec.train import config as config_lib, loop   # pylint: disable=import-outside-toplevel
+  from jaxrec.train import state as state_lib, step as step_lib   # pylint: disable=import-outside-toplevel
+  launch.parse_gin(["configs/dlrm_synthetic.gin"], bindings)
+  config = config_lib.ExperimentConfig()
+  collection, _, info = loop.setup(config, config_lib.RunOptions(mesh=mesh, plan=plan))
+  state = state_lib.create(config, collection, 0)
+  shardings = state_lib.shardings(state, collection)
+  return (config, collection, state, info,
+          step_lib.make_train_step(config, collection, shardings),
+          step_lib.make_eval_step(config, collection, shardings))
+
+
+def test_the_analysis_is_per_device_and_the_first_calls_compile_nothing_more():
+  """XLA's sizes are one device's (row-sharded tables: each device's shards of the state,
+  its 1/8 of the batch), the eval step's temporaries grow with its batch, and the first
+  calls reuse the executables compiled for the analysis (no second compile)."""
+  from jaxrec.train import data_adapter   # pylint: disable=import-outside-toplevel
+  from jaxrec.train.placement import device_batch   # pylint: disable=import-outside-toplevel
+  from jaxrec.sharding import mesh as mesh_lib   # pylint: disable=import-outside-toplevel
+  config, collection, state, _, train, evaluate = _built(
+      SMALL + ["ExperimentConfig.eval_batch_size=4096"], "row=8", "rw")
+  steps = step_memory.measure(config, collection, state, train, evaluate)
+  assert [s.name for s in steps] == ["train", "eval"]
+  shard = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state))
+  assert sum(x.nbytes for x in jax.tree.leaves(state)) > 4 * shard   # the tables are split
+  assert steps[0].arguments == shard + steps[0].batch
+  # the eval step leaves out what it does not read (the dense optimizer's state, the step)
+  assert shard + steps[1].batch - 4096 < steps[1].arguments < shard + steps[1].batch
+  for s in steps:
+    assert s.batch == s.batch_size // 8 * (13 + 1 + 18) * 4   # dense, label, packed ids
+  assert steps[1].temp > 4 * steps[0].temp > 0   # 64 vs 4096 examples
+  assert steps[0].outputs < 1000 and steps[1].outputs == 4096 * 4   # donated; the logits
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, _, **kw: compiles.append(event) if "backend_compile" in event else None)
+  from jaxrec.train import config as config_lib   # pylint: disable=import-outside-toplevel
+  options = config_lib.RunOptions()
+  bsharding = mesh_lib.batch_sharding(collection.mesh)
+  batch = next(data_adapter.train_iterator(config, options))
+  eval_batch, _ = next(iter(data_adapter.eval_data(config, options)))
+  logits = evaluate(state, device_batch(collection, eval_batch, bsharding))
+  state, metrics = train(state, device_batch(collection, batch, bsharding))
+  assert np.isfinite(float(metrics["loss"])) and logits.shape == (4096,)
+  assert compiles == []
+
+
+def test_the_loop_warns_before_the_first_step(monkeypatch, tmp_path, caplog):
+  """Wiring: with a host just big enough for the tables and dense state on 8 CPU devices
+  (no warning before the state is made), the eval step's activations are warned about
+  after the plan and before the first train step runs."""
+  from jaxrec.train import config as config_lib, loop   # pylint: disable=import-outside-toplevel
+  from jaxrec.train import step as step_lib   # pylint: disable=import-outside-toplevel
+  events = []
+  real_host_warning = budget_hint.host_warning
+
+  def host_warning(result, devices, host_bytes=None, offloaded=0, dense=0, **kw):
+    fits = (sum(result.memory.values()) + dense) * len(devices) / budget_hint.HOST_FRACTION
+    return real_host_warning(result, devices, host_bytes=int(fits) + MIB,
+                             offloaded=offloaded, dense=dense, **kw)
+
+  class Recorded:   # the train step, noting its calls
+    def __init__(self, jitted):
+      self.jitted = jitted
+
+    def lower(self, *args):
+      return self.jitted.lower(*args)
+
+    def __call__(self, *args):
+      events.append("train step")
+      return self.jitted(*args)
+
+  class Handler(logging.Handler):
+    def emit(self, record):
+      events.append(record.getMessage())
+
+  real_make = step_lib.make_train_step
+  monkeypatch.setattr(budget_hint, "host_warning", host_warning)
+  monkeypatch.setattr(step_lib, "make_train_step", lambda *a: Recorded(real_make(*a)))
+  handler = Handler(logging.WARNING)
+  logging.getLogger("jaxrec").addHandler(handler)
+  try:
+    launch.parse_gin(["configs/dlrm_synthetic.gin"],
+                     SMALL + ["ExperimentConfig.eval_batch_size=4096",
+                              "ExperimentConfig.num_eval_examples=4096"])
+    options = config_lib.RunOptions(num_steps=1, mesh="data=8", plan="dp", progress=False)
+    loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path / "w"))
+  finally:
+    logging.getLogger("jaxrec").removeHandler(handler)
+  warned = [i for i, e in enumerate(events) if "activations and temporaries" in e]
+  assert warned and warned[0] < events.index("train step"), events
+  text = events[warned[0]]
+  assert text.startswith("the plan puts ") and "of the eval step's activations and " \
+      "temporaries at eval_batch_size=4096 (measured by XLA; the train step's: " in text
+  assert "lower ExperimentConfig.eval_batch_size" in text
