@@ -37,8 +37,10 @@ MISSING_KEY_HINTS = {"item_freq": " (saved with TwoTower.logq_correction = True:
 # what to change when a dense part of the checkpoint has other leaves than the model's
 MISMATCH_HINTS = {
     "opt_state": ": the dense optimizer (dense_optimizer.name, and its momentum, mask or "
-                 "state dtypes) is not the one the checkpoint was trained with; bind that "
-                 "one to resume, or train in a new --workdir",
+                 "state dtypes; or dense_optimizer.learning_rate switched between a number "
+                 "and a schedule, whose state keeps a step count) is not the one the "
+                 "checkpoint was trained with; bind that one to resume, or train in a new "
+                 "--workdir",
     "params": ": the dense model (its layer sizes, feature count or table dims) is not the "
               "one the checkpoint was trained with; bind that one to resume, or train in a "
               "new --workdir",

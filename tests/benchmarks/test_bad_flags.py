@@ -69,7 +69,10 @@ USAGE_ERRORS = [
     # an earlier run's records were fitted too: another --mesh crashed in `describe`
     ("planner.py", ["--profile_dir", ROOT], f"--profile_dir: {ROOT} is not empty and not a "
      "directory of an earlier run"),
-    ("planner_search.py", ["--tables", "10,,20"], "--tables must be positive counts"),
+    ("planner_search.py", ["--tables", "10,,20"], "--tables must be positive integers"),
+    ("planner_search.py", ["--dims", "4,0"], "--dims must be positive integers, got '4,0'"),
+    ("planner_search.py", ["--mesh", "table4"],
+     "--mesh must read like table=4,row=2, got 'table4'"),
     ("offload.py", ["--stream_steps", "0"], "--stream_steps must be at least 1, got 0"),
     ("offload.py", ["--prefetch", "-1"], "--prefetch must be at least 0, got -1"),
     ("offload.py", ["--rows", "5"], "--rows=5 x --cache_fraction=0.1 leaves a cache of no rows"),

@@ -129,7 +129,7 @@ EXPECTED = [
 
 
 @pytest.mark.parametrize("args,step_time_s,plan", EXPECTED)
-def test_search_proposes_what_it_did_when_pricing_from_scratch(args, step_time_s, plan):
+def test_search_proposes_the_recorded_plans(args, step_time_s, plan):
   tables, features = mixed_case()
   mesh, opt, budget = args
   res = propose_plan(tables, features, mesh, budget, opt, 512)
@@ -149,3 +149,20 @@ def test_search_reports_the_same_closest_plan_over_budget():
       "optimizer 159.8 KiB, buffers 1.6 MiB); largest: 't29' (323 x 16 float32 = 20.2 KiB) "
       "as tw: 60.6 KiB/device; 't17' (279 x 16 float32 = 17.4 KiB) as dp: 52.3 KiB/device; "
       "'t5' (235 x 16 float32 = 14.7 KiB) as tw: 44.1 KiB/device")
+
+
+# The grid mesh's search from scratch takes ~20 s: in the slow target.
+@pytest.mark.parametrize("args", [EXPECTED[0][0], EXPECTED[1][0],
+                                  pytest.param(EXPECTED[2][0], marks=pytest.mark.slow)])
+def test_search_by_parts_proposes_what_pricing_from_scratch_does(args, monkeypatch):
+  """The whole search with every plan priced by `build_layouts` + `plan_cost` (as before
+  `pricing`) against the search by cached parts: the same plan, estimate and report."""
+  tables, features = mixed_case()
+  mesh, opt, budget = args
+  by_parts = propose_plan(tables, features, mesh, budget, opt, 512)
+  monkeypatch.setattr(search._Space, "price",
+                      lambda self, kinds: self.evaluate_plan(self.pack(kinds), kinds))
+  from_scratch = propose_plan(tables, features, mesh, budget, opt, 512)
+  assert by_parts.plan == from_scratch.plan
+  assert by_parts.step_time_s == from_scratch.step_time_s
+  assert by_parts.report() == from_scratch.report()

@@ -10,6 +10,7 @@ import pytest
 
 from jaxrec import launch
 from jaxrec.errors import ConfigError
+from jaxrec.schedules import lr_schedule
 from jaxrec.train import config as config_lib, data_adapter, loop
 from tests.train.test_loop_eval_ids import BINDINGS   # a small DLRM on 8 devices
 from tests.train.test_mesh_choice import CONFIG   # a small DLRM, batch_size 64
@@ -168,9 +169,20 @@ def test_a_resume_with_another_dense_optimizer_says_what_to_bind(tmp_path):
                              dense_optimizer=config_lib.dense_optimizer("adam", 0.01))
   with pytest.raises(ConfigError, match=r"'opt_state' in checkpoint .* does not match the "
                      r"model at .*: the dense optimizer \(dense_optimizer.name, and its "
-                     r"momentum, mask or state dtypes\) is not the one the checkpoint was "
-                     r"trained with; bind that one to resume, or train in a new --workdir$"):
+                     r"momentum, mask or state dtypes; or dense_optimizer.learning_rate "
+                     r"switched between a number and a schedule, whose state keeps a step "
+                     r"count\) is not the one the checkpoint was trained with; bind that one "
+                     r"to resume, or train in a new --workdir$"):
     loop.train_and_evaluate(adam, dataclasses.replace(options, num_steps=2), str(tmp_path))
+  # a schedule where the checkpoint had a number: optax.sgd keeps a step count then
+  scheduled = dataclasses.replace(CONFIG, num_eval_examples=64, eval_batch_size=64,
+                                  dense_optimizer=config_lib.dense_optimizer(
+                                      "sgd", lr_schedule("constant", value=0.01)))
+  with pytest.raises(ConfigError, match=r"model at \['opt_state/.*count'\].*: the dense "
+                     r"optimizer .* or dense_optimizer.learning_rate switched between a "
+                     r"number and a schedule"):
+    loop.train_and_evaluate(scheduled, dataclasses.replace(options, num_steps=2),
+                            str(tmp_path))
 
 
 def test_adam_to_adamw_is_a_config_error_not_corrupt_steps(tmp_path, caplog):

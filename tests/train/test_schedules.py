@@ -3,6 +3,7 @@ optimizers that take them, and a scheduled run through scripts/train.py, resumed
 
 import logging
 import os
+import pickle
 
 import gin
 import jax
@@ -50,7 +51,10 @@ def test_a_schedule_is_optaxs_and_a_value():
     (dict(name="linear", init_value=-0.1, end_value=0, transition_steps=5),
      r"^lr_schedule.init_value must be a number >= 0, got -0.1"),
     (dict(name="linear", init_value=1, end_value=0, transition_steps=2.5),
-     r"^lr_schedule.transition_steps must be a whole number of steps >= 1, got 2.5"),
+     r"^lr_schedule.transition_steps must be a whole number of steps in \[1, 2147483647\], "
+     r"got 2.5"),
+    (dict(name="linear", init_value=1, end_value=0, transition_steps=3_000_000_000),
+     r"^lr_schedule.transition_steps must be a whole number of steps in \[1, 2147483647\]"),
     (dict(name="exponential_decay", init_value=1, transition_steps=5, decay_rate=0.5,
           staircase="no"), r"^lr_schedule.staircase must be True or False, got 'no'"),
     (dict(name="piecewise_constant", init_value=1, boundaries_and_scales={10: -1}),
@@ -66,6 +70,13 @@ def test_a_schedule_is_optaxs_and_a_value():
 def test_bad_arguments_are_named(kwargs, message):
   with pytest.raises(ConfigError, match=message):
     lr_schedule(**kwargs)
+
+
+def test_a_schedule_pickles():
+  """optax's function is a closure (cached on the instance once evaluated): not pickled."""
+  s = lr_schedule("polynomial", init_value=1.0, end_value=0.0, power=2, transition_steps=10)
+  again = pickle.loads(pickle.dumps(s))
+  assert again == s and float(again(5)) == float(s(5)) == 0.25
 
 
 def test_the_error_names_the_scope_and_the_line(tmp_path):
