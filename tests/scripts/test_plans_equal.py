@@ -77,7 +77,9 @@ def run_mixed(workdir, plan, mesh, devices):
   return losses, {k: v for k, v in export(workdir).items() if k.startswith("tables/")}
 
 
-@pytest.mark.parametrize("plan,mesh", [("grid", "table=2,row=2,col=2"),
+# In the slow target (two train.py runs, ~45 s): the default suite checks mixed dims on every
+# mesh in-process (tests/embedding/test_collection.py) and the models in tests/models.
+@pytest.mark.parametrize("plan,mesh", [pytest.param("grid", "table=2,row=2,col=2", marks=_SLOW),
                                        pytest.param("tw", "table=8", marks=_SLOW),
                                        pytest.param("twcw", "data=2,table=2,col=2", marks=_SLOW)])
 def test_mixed_dims_match_single_device(tmp_path, plan, mesh):
