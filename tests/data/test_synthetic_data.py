@@ -126,3 +126,23 @@ def test_shared_tables_share_the_hidden_effects():
   src = synthetic.SyntheticSource(make_layout(feats, {"t": 50}), seed=0)
   b = src.gather(np.arange(2000))
   assert b.ids["a"].max() < 50 and b.ids["b"].max() < 50
+
+
+def test_the_calibration_is_computed_once_per_layout_and_config(monkeypatch):
+  """A run's train and eval sources share it (it depends on neither seed nor split); a
+  fresh computation gives the same examples."""
+  layout = make_layout(lib.features(), lib.rows(1000))
+  synthetic._NORMS.clear()
+  calls = []
+  raw = synthetic.SyntheticSource._raw
+  monkeypatch.setattr(synthetic.SyntheticSource, "_raw",
+                      lambda self, *a: calls.append(len(a[0])) or raw(self, *a))
+  train = synthetic.SyntheticSource(layout, seed=3, split=0)
+  evals = synthetic.SyntheticSource(layout, seed=4, split=1)
+  other = synthetic.SyntheticSource(layout, config=synthetic.SyntheticConfig(model_seed=1))
+  assert calls == [synthetic._CALIBRATION_EXAMPLES] * 2   # train's, then other's config
+  synthetic._NORMS.clear()
+  fresh = synthetic.SyntheticSource(layout, seed=4, split=1)
+  assert fresh._norm == evals._norm == train._norm != other._norm
+  idx = np.arange(32)
+  np.testing.assert_array_equal(fresh.probabilities(idx), evals.probabilities(idx))
