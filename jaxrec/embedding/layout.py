@@ -306,12 +306,13 @@ def stack_error(layouts: Sequence[StackLayout]) -> str | None:
   - a `table` slice of a stack holding over `MAX_SLICE_ROWS` rows: stage 1 numbers a
     slice's rows (table offset + id) in int32, which would wrap (rows read as zeros and
     never updated)."""
-  problems = [stack_problems(l) for l in layouts]
-  for check in range(3):   # the first stack with the first kind of problem
-    for p in problems:
-      if p[check]:
-        return p[check]
-  return None
+  return first_problem([stack_problems(l) for l in layouts])
+
+
+def first_problem(problems) -> str | None:
+  """Of the stacks' `stack_problems`, in stack order, the first stack's with the first kind
+  of problem (the order `stack_error` reports them in), or None."""
+  return next((p[check] for check in range(3) for p in problems if p[check]), None)
 
 
 def stack_problems(l: StackLayout) -> tuple[str | None, str | None, str | None]:

@@ -33,9 +33,10 @@ Cost terms (`COST_TERMS`), per device per step (the same on every device):
                         another device's ids in stage 1, `layout.ids_gather_axes`); 2
                         (forward + backward) per split axis of each *axes group* (stacks
                         of one dim split over the same axes send their pooled sums in one
-                        set, `local_ops.pool_all`; a group of mixed dims, one set per dim). The stage-3 psums of stacks with replicas
-                        are independent of each other and of the dense gradients'
-                        all-reduce, which XLA combines into one: they add bytes, not
+                        set, `local_ops.pool_all`; a group of mixed dims, one set per
+                        dim). The stage-3 psums of stacks with replicas are independent
+                        of each other and of the dense gradients' all-reduce, which XLA
+                        combines into one: they add bytes, not
                         launches; without dedup, stacks of the same replica axes and
                         group shape all-gather their slots and slot gradients together,
                         one launch per replica axis for all of them (counted on the first

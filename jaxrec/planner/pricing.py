@@ -182,6 +182,7 @@ class Pricer:
 
   def price(self, kinds: Sequence[str]) -> tuple[dict, Priced]:
     """`pack`'s output for `kinds`, and its price."""
+    from jaxrec.embedding import layout  # pylint: disable=import-outside-toplevel
     packed = self.pack(self.stacks(kinds))
     groups: dict[tuple, list] = {}
     for key, part in packed.items():
@@ -197,8 +198,7 @@ class Pricer:
         shares.append(sh)
         problems.append(p)
     cost = cm.combine_costs(layouts, costs, self.batch_size, shares)
-    problem = next((p[check] for check in range(3) for p in problems if p[check]), None)
-    return packed, Priced(tuple(layouts), cost, problem)
+    return packed, Priced(tuple(layouts), cost, layout.first_problem(problems))
 
   def _price_group(self, group: tuple, buckets: tuple) -> tuple:
     """The stacks of one (kind, dim, dtype) `group` whose bag `buckets` hold (bag, tables,
