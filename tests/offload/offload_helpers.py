@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from jaxrec import launch, offload
+from jaxrec.offload import snapshots
 from jaxrec.data.pipeline import TrainIterator, open_source
 from jaxrec.data.synthetic import SyntheticConfig
 from jaxrec.embedding import optimizers
@@ -153,6 +154,20 @@ def train_synthetic(workdir, num_steps, bindings, mesh="data=8", plan="dp", **op
     return loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(workdir))
   finally:
     gin.clear_config()
+
+
+# t0 offloaded, its snapshots small and quick (tests of offload snapshots' files)
+SNAPSHOT_OFFLOAD = ["OffloadConfig.tables={'t0': {'cache_rows': 4000}}",
+                    "OffloadConfig.host_buffer_rows=600"]
+
+
+def two_snapshots(tmp_path_factory, name: str):
+  """A workdir (under a temporary directory named `name`) with t0 offloaded and
+  checkpoints, and offload snapshots, of steps 10 and 20."""
+  w = tmp_path_factory.mktemp(name) / "w"
+  train_synthetic(w, 20, SMALL_DLRM + SNAPSHOT_OFFLOAD)
+  assert snapshots.steps(str(w / "offload_snapshots")) == [10, 20]
+  return w
 
 
 def logged_lines(workdir) -> list[dict]:

@@ -13,19 +13,16 @@ from jaxrec.checkpoint import convert
 from jaxrec.embedding.specs import TableSpec
 from jaxrec.errors import ConfigError, OffloadError
 from jaxrec.offload import snapshots
-from tests.offload.offload_helpers import SMALL_DLRM, logged_lines, train_synthetic
+from tests.offload.offload_helpers import (SMALL_DLRM, SNAPSHOT_OFFLOAD, logged_lines,
+                                           train_synthetic, two_snapshots)
 
-OFFLOAD = ["OffloadConfig.tables={'t0': {'cache_rows': 4000}}",
-           "OffloadConfig.host_buffer_rows=600"]
+OFFLOAD = SNAPSHOT_OFFLOAD
 
 
 @pytest.fixture(scope="module")
 def two_checkpoints(tmp_path_factory):
   """A workdir with t0 offloaded and checkpoints (and offload snapshots) of steps 10, 20."""
-  w = tmp_path_factory.mktemp("format") / "w"
-  train_synthetic(w, 20, SMALL_DLRM + OFFLOAD)
-  assert snapshots.steps(str(w / "offload_snapshots")) == [10, 20]
-  return w
+  return two_snapshots(tmp_path_factory, "format")
 
 
 def _edit_meta(snapshot, edit):

@@ -11,10 +11,10 @@ import pytest
 from jaxrec.checkpoint import convert
 from jaxrec.errors import CheckpointError, ConfigError, OffloadError
 from jaxrec.offload import integrity, snapshots
-from tests.offload.offload_helpers import SMALL_DLRM, logged_lines, train_synthetic
+from tests.offload.offload_helpers import (SMALL_DLRM, SNAPSHOT_OFFLOAD, logged_lines,
+                                           train_synthetic, two_snapshots)
 
-OFFLOAD = ["OffloadConfig.tables={'t0': {'cache_rows': 4000}}",
-           "OffloadConfig.host_buffer_rows=600"]
+OFFLOAD = SNAPSHOT_OFFLOAD
 
 
 def _tree(root, files):
@@ -81,10 +81,7 @@ def test_an_unchanged_file_keeps_the_previous_crc(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def two_checkpoints(tmp_path_factory):
   """A workdir with t0 offloaded and checkpoints (and offload snapshots) of steps 10, 20."""
-  w = tmp_path_factory.mktemp("integrity") / "w"
-  train_synthetic(w, 20, SMALL_DLRM + OFFLOAD)
-  assert snapshots.steps(str(w / "offload_snapshots")) == [10, 20]
-  return w
+  return two_snapshots(tmp_path_factory, "integrity")
 
 
 def _changed_chunk(w):
