@@ -303,6 +303,12 @@ class EmbeddingCollection:
       specs.checked_ids(ids, f.name, f"table '{f.table}'", self.table_spec(f.table).rows,
                         f.max_len)
 
+  @property
+  def packed_width(self) -> int:
+    """`S` of the packed stage-1 input `[B, S]` (`pack`): each feature's `max_len` id
+    columns, and as many weight columns for a weighted feature."""
+    return sum(f.max_len * (2 if f.weighted else 1) for f in self.features)
+
   def packing(self) -> tuple[Packing, ...]:
     """Per stack, its place in the packed stage-1 input (see `Packing`)."""
     column, id_starts = 0, []
@@ -402,7 +408,7 @@ class EmbeddingCollection:
     `[B, S]` array of `pack` (which holds the weights: `weights` must then be empty)."""
     check_packed_alone(ids, weights, "lookup")
     packed = ids if not isinstance(ids, Mapping) else self.pack(ids, weights, xp=jnp)
-    width = sum(f.max_len * (2 if f.weighted else 1) for f in self.features)
+    width = self.packed_width
     if packed.ndim != 2 or packed.shape[1] != width:
       raise DataError(f"packed ids shape {packed.shape}, expected [batch, {width}] (`pack`)")
     if not packed.shape[0]:   # the pooling's reshapes divide by the per-device batch

@@ -53,13 +53,12 @@ def abstract_batch(config, collection, batch_size: int) -> Batch:
   """The device batch the steps take (`placement.device_batch`: ids packed into one
   `[B, S]` int32 array, no weights), as `ShapeDtypeStruct`s split over every device."""
   sharding = mesh_lib.batch_sharding(collection.mesh)
-  width = sum(f.max_len * (2 if f.weighted else 1) for f in collection.features)
 
   def s(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
   return Batch(dense=s((batch_size, config.num_dense), jnp.float32),
                labels=s((batch_size,), jnp.float32),
-               ids=s((batch_size, width), jnp.int32), weights={})
+               ids=s((batch_size, collection.packed_width), jnp.int32), weights={})
 
 
 def analyse(name: str, jitted, state, batch: Batch, devices: int) -> StepMemory | None:
