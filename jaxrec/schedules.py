@@ -164,10 +164,10 @@ def _check_values(schedule: Schedule, kwargs: dict) -> None:
                         "must be finite and >= 0")
 
 
-def logged_rate(lr, step: int) -> dict[str, float]:
-  """`{"sparse_lr": rate}` for a metrics line at `step` (steps done) when the sparse `lr` is
-  a `Schedule`: the rate the last of those steps applied (that update ran at step - 1).
-  `{}` for a constant rate (it is in config.gin)."""
+def logged_rate(lr, step: int, key: str = "sparse_lr") -> dict[str, float]:
+  """`{key: rate}` for a metrics line at `step` (steps done) when `lr` is a `Schedule`: the
+  rate the last of those steps applied (that update ran at step - 1; optax's count of the
+  dense updates is the step too). `{}` for a constant rate (it is in config.gin)."""
   if not isinstance(lr, Schedule) or step < 1:
     return {}
-  return {"sparse_lr": float(np.asarray(lr(step - 1)))}
+  return {key: float(np.asarray(lr(step - 1)))}

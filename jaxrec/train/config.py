@@ -42,7 +42,7 @@ _DENSE_RULES = {"learning_rate": NONNEG, "b1": UNIT, "b2": UNIT, "eps": POSITIVE
 
 @gin.configurable
 def dense_optimizer(name: str = "sgd", learning_rate: float = 0.1, **kwargs
-                    ) -> optax.GradientTransformation:
+                    ) -> DenseOptimizer:
   """optax optimizer for the dense network, by name (`sgd`, `adam`, `adagrad`, `adamw`)."""
   makers = {"sgd": optax.sgd, "adam": optax.adam, "adagrad": optax.adagrad,
             "adamw": optax.adamw}
@@ -56,7 +56,24 @@ def dense_optimizer(name: str = "sgd", learning_rate: float = 0.1, **kwargs
   for key, value in dict(kwargs, learning_rate=learning_rate).items():
     if key in _DENSE_RULES and not callable(value) and not (key == "momentum" and value is None):
       hparam(f"dense_optimizer.{key}", value, _DENSE_RULES[key])   # schedules pass as is
-  return makers[name](learning_rate, **_checked_kinds(name, kwargs))
+  return DenseOptimizer(makers[name](learning_rate, **_checked_kinds(name, kwargs)),
+                        learning_rate)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseOptimizer:
+  """The dense params' optax transformation and the learning rate it was built with (a
+  number or a `Schedule`): the metrics lines log a scheduled rate, which optax keeps out of
+  sight inside `update`. `init` and `update` are optax's."""
+
+  tx: optax.GradientTransformation
+  learning_rate: Any
+
+  def init(self, params):
+    return self.tx.init(params)
+
+  def update(self, updates, state, params=None, **extra_args):
+    return self.tx.update(updates, state, params, **extra_args)
 
 
 def _checked_kinds(name: str, kwargs: dict) -> dict:
@@ -193,7 +210,7 @@ class ExperimentConfig:
   def features(self) -> tuple[FeatureSpec, ...]:
     return tuple(self.embedding[1])
 
-  def dense_tx(self) -> optax.GradientTransformation:
+  def dense_tx(self) -> DenseOptimizer | optax.GradientTransformation:
     return self.dense_optimizer if self.dense_optimizer is not None else dense_optimizer()
 
   def __post_init__(self):
@@ -292,7 +309,8 @@ def check_sparse_optimizer(sparse) -> None:
     hint = (f" (@{sparse.__name__} names the class: write @{sparse.__name__}() for an "
             "optimizer)" if isinstance(sparse, type) and hasattr(sparse, "state_layout")
             else "")
-    if isinstance(sparse, optax.GradientTransformation):   # its repr dumped function objects
+    # (their reprs dumped function objects)
+    if isinstance(sparse, (DenseOptimizer, optax.GradientTransformation)):
       got = "an optax (dense) optimizer, e.g. @dense_optimizer()"
     else:
       got = reprlib.repr(sparse)

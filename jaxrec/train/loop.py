@@ -471,6 +471,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       if is_log:
         record["loss"] = float(losses.mean())
         record.update(schedules.logged_rate(config.sparse_tx().lr, step))
+        record.update(schedules.logged_rate(
+            getattr(config.dense_tx(), "learning_rate", None), step, "dense_lr"))
         if steps_timed:
           elapsed = t_pause - t_mark - paused
           record["examples_per_sec"] = steps_timed * config.batch_size / elapsed

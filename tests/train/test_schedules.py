@@ -7,6 +7,7 @@ import pickle
 
 import gin
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -19,7 +20,7 @@ from jaxrec.errors import ConfigError
 from jaxrec.schedules import lr_schedule, logged_rate
 from jaxrec.sharding.mesh import make_mesh
 from jaxrec.sharding.plan import uniform_plan
-from jaxrec.train.config import ExperimentConfig
+from jaxrec.train.config import ExperimentConfig, dense_optimizer
 from tests.embedding.test_collection import FEATURES, TABLES
 from tests.scripts.test_train import read_metrics, train
 
@@ -118,6 +119,18 @@ def test_logged_rate_is_the_last_steps():
   s = lr_schedule("linear", init_value=1.0, end_value=0.0, transition_steps=10)
   assert logged_rate(s, 10) == {"sparse_lr": pytest.approx(0.1)}   # step 9's update
   assert logged_rate(0.1, 10) == {} and logged_rate(s, 0) == {}
+  assert logged_rate(s, 3, "dense_lr") == {"dense_lr": pytest.approx(0.8)}
+
+
+def test_the_dense_optimizer_keeps_its_rate_and_optax_behaviour():
+  """`dense_optimizer` hands optax's transformation through, with the rate beside it."""
+  s = lr_schedule("linear", init_value=1.0, end_value=0.0, transition_steps=10)
+  tx = dense_optimizer("adamw", s, weight_decay=0.1)
+  assert tx.learning_rate == s and dense_optimizer("sgd", 0.5).learning_rate == 0.5
+  params = {"w": jnp.ones(3)}
+  mine, theirs = tx.update(params, tx.init(params), params), optax.adamw(s, weight_decay=0.1)
+  want = theirs.update(params, theirs.init(params), params)[0]["w"]
+  np.testing.assert_allclose(mine[0]["w"], want)
 
 
 SCHEDULED = ["--gin_file=configs/dlrm_synthetic.gin", "--log_every=5", "--eval_every=0",
@@ -136,16 +149,33 @@ SCHEDULED = ["--gin_file=configs/dlrm_synthetic.gin", "--log_every=5", "--eval_e
              "--gin_bindings=ExperimentConfig.num_eval_examples = 1024"]
 
 
-def test_a_resumed_run_continues_its_schedules(tmp_path):
+def _scheduled_lines(workdir) -> list[tuple]:
+  """`(step, loss, sparse_lr, dense_lr)` of a run's loss lines."""
+  return [(l["step"], l["loss"], l["sparse_lr"], l["dense_lr"])
+          for l in read_metrics(workdir) if "loss" in l]
+
+
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory):
+  """A workdir of 20 steps of `SCHEDULED` at once, on one device."""
+  workdir = str(tmp_path_factory.mktemp("schedules") / "whole")
+  train(workdir, *SCHEDULED, "--num_steps=20")
+  return workdir
+
+
+def test_the_metrics_lines_carry_both_scheduled_rates(whole_run):
+  """Each loss line logs the rates its window's last step applied (step - 1's)."""
+  assert [(s, lr, dense) for s, _, lr, dense in _scheduled_lines(whole_run)] == [
+      (s, pytest.approx(2.0 * (1 - (s - 1) / 20)), pytest.approx(0.1 * min((s - 1) / 10, 1)))
+      for s in (5, 10, 15, 20)]
+
+
+@pytest.mark.slow   # two more script runs (~20 s)
+def test_a_resumed_run_continues_its_schedules(whole_run, tmp_path):
   """20 steps at once, and 10 + 10 resumed on 2 devices: the same losses and logged rates
   (a resume restarting a schedule, or reading the rate of another step, differs)."""
-  whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
-  train(whole, *SCHEDULED, "--num_steps=20")
+  split = str(tmp_path / "split")
   train(split, *SCHEDULED, "--num_steps=10", "--checkpoint_every=10")
   train(split, *SCHEDULED, "--num_steps=20", devices=2)
-  lines = lambda w: [(l["step"], l["loss"], l["sparse_lr"]) for l in read_metrics(w)
-                     if "loss" in l]
-  assert [(s, lr) for s, _, lr in lines(whole)] == [
-      (s, pytest.approx(2.0 * (1 - (s - 1) / 20))) for s in (5, 10, 15, 20)]
-  np.testing.assert_allclose([x[1:] for x in lines(split)], [x[1:] for x in lines(whole)],
-                             rtol=0, atol=1e-5)
+  np.testing.assert_allclose([x[1:] for x in _scheduled_lines(split)],
+                             [x[1:] for x in _scheduled_lines(whole_run)], rtol=0, atol=1e-5)
