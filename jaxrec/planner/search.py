@@ -42,8 +42,10 @@ _REL_TOL = 1e-9
 _MAX_STEPS = 200  # local-search moves per start (each strictly improves; a safety bound)
 EXTRA_SEARCHES = 2   # searches from `_split_largest_starts` when no usual start fits
 # Tables the search moves one at a time: the largest (bytes); the others move with their
-# stacks. Each move's estimate is linear in the tables, so moving each of N tables made a
-# search step quadratic: 800 tables took ~170 s, 2,000 did not finish in 10 minutes.
+# stacks. A move is priced by parts (`pricing`), but still rebuilds the layouts of the
+# (kind, dim, dtype) group it touches, linear in that group's tables: moving each of N
+# tables alone keeps a search step quadratic (before pricing by parts 800 tables took
+# ~170 s, 2,000 did not finish in 10 minutes).
 SINGLE_MOVES = 64
 
 

@@ -39,8 +39,7 @@ from jaxrec.train.config import config_gin_header
 from jaxrec.train import state as state_lib
 from jaxrec.train import step as step_lib
 from jaxrec.train import step_memory, termination, writers
-from jaxrec.train.evaluation import EvalStopped, evaluate
-from jaxrec.train import evaluation
+from jaxrec.train.evaluation import EvalStopped, evaluate, owed as eval_owed
 from jaxrec.train.config import ExperimentConfig, RunOptions
 from jaxrec.train.placement import MAX_STEPS_IN_FLIGHT, device_batch, steps_in_flight  # noqa: F401
 from jaxrec.train.writers import MetricsWriter, Progress
@@ -390,7 +389,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       if restored is not None:
         writer.write(start, {"event": "resume", "checkpoint_step": start, **last},
                      data_adapter.bad_row_scalars(eval=eval_data))
-    elif restored is not None and evaluation.owed(writer.path if is_main else None,
+    elif restored is not None and eval_owed(writer.path if is_main else None,
                                                   restored.meta, options.eval_every, start):
       log.info("step %d was saved to be evaluated and metrics.jsonl has no eval of it (the "
                "run stopped before or during that eval): evaluating it first", start)
