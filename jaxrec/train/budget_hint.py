@@ -13,8 +13,8 @@ dense model's state and the compiled steps' activations (`step_memory` measures 
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import re
 
 from jaxrec import planner
 from jaxrec.offload import config as offload_config
@@ -45,10 +45,32 @@ def note(memory_per_device: int | None, device) -> str | None:
 # about: the host's own copies (data, checkpoints) come on top.
 HOST_FRACTION = 0.75
 
+# The parts of `PlanResult.memory` a step holds while it runs (the lookup's buffers and the
+# gathered ids): among its temporaries once it is compiled and measured (`step_memory`).
+LOOKUP_PARTS = ("buffers", "ids")
+
+
+def lookup_bytes(result) -> int:
+  """The plan's `LOOKUP_PARTS` bytes per device; the rest (`table`, `optimizer`) is resident:
+  the train state holds it through the run."""
+  return int(sum(result.memory.get(k, 0) for k in LOOKUP_PARTS))
+
+
+@dataclasses.dataclass(frozen=True)
+class HostWarning:
+  """A `host_warning`: its `text` (what `str` gives: it logs as the text) and the
+  `--memory_per_device` it suggests in MiB (`room_mib`; None: it suggests none), which
+  `step_memory` compares with the one given before the steps were measured."""
+  text: str
+  room_mib: int | None
+
+  def __str__(self) -> str:
+    return self.text
+
 
 def host_warning(result, devices, host_bytes: int | None = None, offloaded: int = 0,
                  dense: int = 0, activations: int = 0, steps: str = "",
-                 flag: str = "") -> str | None:
+                 flag: str = "") -> HostWarning | None:
   """The warning for a plan (`PlanResult`) whose tables on this process's CPU `devices`,
   with the `dense` bytes each of them holds (the dense model's parameters, gradients and
   optimizer state, `state.dense_bytes`: not in the budget), the `activations` of the
@@ -59,59 +81,59 @@ def host_warning(result, devices, host_bytes: int | None = None, offloaded: int 
   otherwise. The budget is per device: a 1.2 GiB table replicated (`dp`) on 8 CPU devices
   fit 16 GiB on each, and took 10 GiB of the host before the first step; a model of 1,000
   features had 244 MiB of dense state on each, 2 GiB uncounted, and its eval step's
-  `[B, F, F]` interaction was OOM-killed unannounced. (The gradients and lookup buffers are
-  among a step's temporaries too: counted twice, on the safe side. Several processes on
-  one host each count their own devices.)"""
+  `[B, F, F]` interaction was OOM-killed unannounced. Before the steps are measured
+  (`activations=0`) the plan counts whole; with them, its lookup buffers and ids
+  (`LOOKUP_PARTS`) are left out: the step's temporaries hold them (the dense gradients are
+  among those too, and stay counted twice, on the safe side). Several processes on one
+  host each count their own devices."""
   cpus = len(devices) if devices and devices[0].platform == "cpu" else 0
   host = host_bytes if host_bytes is not None else (
       os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-  tables = sum(result.memory.values())
-  fixed = dense + activations   # on each device, outside the budget
-  each = tables + fixed
+  lookup = lookup_bytes(result) if activations else 0
+  tables = int(sum(result.memory.values())) - lookup
+  each = tables + dense + activations
   if each * cpus + offloaded <= HOST_FRACTION * host:
     return None
-  if offloaded:
-    room = (int(HOST_FRACTION * host - offloaded) // max(cpus, 1) - fixed) >> 20
-    return (f"the offload tier keeps about {format_bytes(offloaded)} in host memory (its "
-            f"buffered rows and their optimizer state, 12 bytes per table row and "
-            f"{offload_config.SLOT_BYTES} per cache slot, and the whole table of a "
-            "kvstore='memory' store)"
-            + (f", and the plan puts {format_bytes(each * cpus)} on the {cpus} CPU devices "
-               "of this process" + (f" (with {format_bytes(activations)} of {steps} on each)"
-                                    if activations else "") if cpus else "")
-            + f", of this host's {format_bytes(host)}: the run may run out of it. Give a "
-            "memory store's table a file store (kvstore='file'), lower "
-            "OffloadConfig.host_buffer_rows"
-            + (f", give --memory_per_device={room}MiB or less" if cpus and room > 0 else "")
-            + " or offload fewer tables")
-  room = (int(HOST_FRACTION * host / cpus) - fixed) >> 20
-  parts = [f"{format_bytes(tables)} of tables"]
+  # on each device outside the budget, which covers the plan's lookup parts too
+  fixed = dense + max(activations - lookup, 0)
+  parts = [f"{format_bytes(tables)} of tables" + (" and their optimizer state"
+                                                  if activations else "")]
   if dense:
     parts.append(f"{format_bytes(dense)} of the dense model's parameters, gradients and "
                  "optimizer state")
   if activations:
     parts.append(f"{format_bytes(activations)} of {steps}")
-  split = f" ({', '.join(parts[:-1])} and {parts[-1]})" if len(parts) > 1 else ""
+  split = f"{', '.join(parts[:-1])} and {parts[-1]}" if len(parts) > 1 else ""
+  counted = (f" The plan's {format_bytes(lookup)} of lookup buffers and ids are among those "
+             "temporaries, not counted again." if lookup and cpus else "")
+  if offloaded:
+    room = (int(HOST_FRACTION * host - offloaded) // max(cpus, 1) - fixed) >> 20
+    room = room if cpus and room > 0 else None
+    return HostWarning(
+        f"the offload tier keeps about {format_bytes(offloaded)} in host memory (its "
+        f"buffered rows and their optimizer state, 12 bytes per table row and "
+        f"{offload_config.SLOT_BYTES} per cache slot, and the whole table of a "
+        "kvstore='memory' store)"
+        + (f", and the plan puts {format_bytes(each * cpus)} on the {cpus} CPU devices "
+           "of this process" + (f" ({format_bytes(each)} on each: {split})" if activations
+                                else "") if cpus else "")
+        + f", of this host's {format_bytes(host)}: the run may run out of it.{counted} Give "
+        "a memory store's table a file store (kvstore='file'), lower "
+        "OffloadConfig.host_buffer_rows"
+        + (f", give --memory_per_device={room}MiB or less" if room else "")
+        + " or offload fewer tables", room)
+  room = (int(HOST_FRACTION * host / cpus) - fixed) >> 20
   smaller = f"lower ExperimentConfig.{flag}, " if activations and flag else ""
-  return (f"the plan puts {format_bytes(each)}{split} on each of the {cpus} CPU devices of "
-          f"this process, {format_bytes(each * cpus)} in all, and they share this "
-          f"host's {format_bytes(host)} of memory: the run may run out of it. "
-          + (f"Give --memory_per_device={room}MiB or less (with --plan=auto the planner "
-             f"then splits or offloads tables), {smaller}or fewer devices" if room > 0 else
-             ("The dense model and the steps' activations alone take more than each "
-              f"device's share: {smaller}use fewer devices or a smaller dense model"
-              if activations else
-              "The dense model alone takes more than each device's share: use fewer devices "
-              "or a smaller dense model")))
-
-
-_ROOM = re.compile(r"--memory_per_device=(\d+)MiB or less")
-
-
-def room_of(text: str) -> int | None:
-  """The `--memory_per_device` (MiB) a `host_warning` suggests; None: it suggests none."""
-  found = _ROOM.search(text)
-  return int(found.group(1)) if found else None
+  return HostWarning(
+      f"the plan puts {format_bytes(each)}{f' ({split})' if split else ''} on each of the "
+      f"{cpus} CPU devices of this process, {format_bytes(each * cpus)} in all, and they "
+      f"share this host's {format_bytes(host)} of memory: the run may run out of it.{counted} "
+      + (f"Give --memory_per_device={room}MiB or less (with --plan=auto the planner then "
+         f"splits or offloads tables), {smaller}or fewer devices" if room > 0 else
+         ("The dense model and the steps' activations alone take more than each device's "
+          f"share: {smaller}use fewer devices or a smaller dense model" if activations else
+          "The dense model alone takes more than each device's share: use fewer devices or "
+          "a smaller dense model")), room if room > 0 else None)
 
 
 def eval_warning(result, collection, eval_batch_size: int) -> str | None:

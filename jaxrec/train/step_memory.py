@@ -118,7 +118,8 @@ def name_largest(steps: list[StepMemory]) -> str:
 
 
 def warnings(steps: list[StepMemory], result, devices, dense: int, offloaded: int,
-             early: str | None, host_bytes: int | None = None) -> list[str]:
+             early: budget_hint.HostWarning | None, host_bytes: int | None = None
+             ) -> list[str]:
   """The warnings to give once the steps are compiled, before the first one runs: the host
   warning counting the largest step's `extra` on every CPU device (unless the one given
   before the state was made, `early`, said about as much: `_news`), and on a
@@ -127,11 +128,11 @@ def warnings(steps: list[StepMemory], result, devices, dense: int, offloaded: in
     return []
   worst = largest(steps)
   out = []
-  text = budget_hint.host_warning(result, devices, host_bytes=host_bytes, offloaded=offloaded,
-                                  dense=dense, activations=worst.extra,
-                                  steps=name_largest(steps), flag=FLAGS[worst.name])
-  if text and _news(early, text):
-    out.append(text)
+  found = budget_hint.host_warning(result, devices, host_bytes=host_bytes,
+                                   offloaded=offloaded, dense=dense, activations=worst.extra,
+                                   steps=name_largest(steps), flag=FLAGS[worst.name])
+  if found and _news(early, found):
+    out.append(found.text)
   if devices:
     over = device_warning(steps, result, dense, devices[0])
     if over:
@@ -144,42 +145,47 @@ def warnings(steps: list[StepMemory], result, devices, dense: int, offloaded: in
 REPEAT_BELOW = 0.9
 
 
-def _news(early: str | None, late: str) -> bool:
+def _news(early: budget_hint.HostWarning | None, late: budget_hint.HostWarning) -> bool:
   """Whether the host warning `late` (counting the steps) tells more than `early` (given
   before the state was made): there was none, or its `--memory_per_device` is under
   `REPEAT_BELOW` of early's, or it has none left to give."""
   if early is None:
     return True
-  before, now = budget_hint.room_of(early), budget_hint.room_of(late)
-  if before is None:   # early had no budget to suggest: nothing new in a smaller one
+  if early.room_mib is None:   # early had no budget to suggest: nothing new in a smaller one
     return False
-  return now is None or now < REPEAT_BELOW * before
+  return late.room_mib is None or late.room_mib < REPEAT_BELOW * early.room_mib
 
 
 def device_warning(steps: list[StepMemory], result, dense: int, device) -> str | None:
-  """The warning when the plan's tables, the dense model's state and a step's `extra`
-  pass the memory jax has on `device` (`memory_stats()["bytes_limit"]`, a GPU's; CPU
-  devices give none and share the host: `host_warning`); None otherwise."""
+  """The warning when the plan's resident bytes (tables, optimizer state), the dense
+  model's state and a step's `extra` pass the memory jax has on `device`
+  (`memory_stats()["bytes_limit"]`, a GPU's; CPU devices give none and share the host:
+  `host_warning`); None otherwise. The plan's lookup buffers and ids are left out: `extra`
+  holds them."""
   limit = (device.memory_stats() or {}).get("bytes_limit")
   if not limit:
     return None
-  tables = sum(result.memory.values())
+  lookup = budget_hint.lookup_bytes(result)
+  tables = int(sum(result.memory.values())) - lookup
   worst = largest(steps)
   need = tables + dense + worst.extra
   if need <= limit:
     return None
   flag = FLAGS[worst.name]
-  return (f"the plan's tables ({format_bytes(tables)}), the dense model's parameters, "
-          f"gradients and optimizer state ({format_bytes(dense)}) and "
+  counted = (f" The plan's {format_bytes(lookup)} of lookup buffers and ids are among those "
+             "temporaries, not counted again." if lookup else "")
+  return (f"the plan's tables and their optimizer state ({format_bytes(tables)}), the dense "
+          f"model's parameters, gradients and optimizer state ({format_bytes(dense)}) and "
           f"{format_bytes(worst.extra)} of {name_largest(steps)} come to "
           f"{format_bytes(need)} per device, over the "
           f"{format_bytes(limit)} jax has on this {device.device_kind}: the step may run "
-          f"out of memory. Lower ExperimentConfig.{flag}, or --memory_per_device by "
+          f"out of memory.{counted} Lower ExperimentConfig.{flag}, or --memory_per_device by "
           f"{format_bytes(need - limit)} or more (--plan=auto then splits or offloads tables)")
 
 
 def check(config, collection, state, train_step, eval_step, result, dense: int,
-          offloaded: int, early: str | None, log_it: bool) -> list[StepMemory]:
+          offloaded: int, early: budget_hint.HostWarning | None, log_it: bool
+          ) -> list[StepMemory]:
   """`measure`, an info line with each step's bytes per device and `warnings` (logged
   where `log_it`, process 0). The loop calls it after making the steps, before the first
   one runs: every process compiles (they would at their first call anyway)."""

@@ -82,7 +82,9 @@ def test_a_plan_the_cpu_devices_cannot_hold_together_is_warned_about():
   result = types.SimpleNamespace(memory={"table": GIB, "optimizer": GIB // 4,
                                          "buffers": GIB // 4})
   cpus = jax.devices()[:8]
-  text = budget_hint.host_warning(result, cpus, host_bytes=15 * GIB)
+  found = budget_hint.host_warning(result, cpus, host_bytes=15 * GIB)
+  text = found.text
+  assert found.room_mib == 1440 and str(found) == text   # the budget it suggests, as data
   assert text == ("the plan puts 1.5 GiB on each of the 8 CPU devices of this process, 12.0 "
                   "GiB in all, and they share this host's 15.0 GiB of memory: the run may "
                   "run out of it. Give --memory_per_device=1440MiB or less (with --plan=auto "
@@ -95,13 +97,17 @@ def test_a_plan_the_cpu_devices_cannot_hold_together_is_warned_about():
   # the dense model's state on every device counts too (a 1,000-feature DLRM: 244 MiB each)
   small = types.SimpleNamespace(memory={"table": GIB // 2})
   assert budget_hint.host_warning(small, cpus, host_bytes=15 * GIB) is None   # 4 GiB
-  text = budget_hint.host_warning(small, cpus, host_bytes=15 * GIB, dense=GIB)
+  found = budget_hint.host_warning(small, cpus, host_bytes=15 * GIB, dense=GIB)
+  text = found.text
+  assert found.room_mib == 416
   assert text.startswith("the plan puts 1.5 GiB (512.0 MiB of tables and 1.0 GiB of the dense "
                          "model's parameters, gradients and optimizer state) on each of the 8 "
                          "CPU devices of this process, 12.0 GiB in all") and text.endswith(
                              "Give --memory_per_device=416MiB or less (with --plan=auto the "
                              "planner then splits or offloads tables), or fewer devices")
-  text = budget_hint.host_warning(small, cpus, host_bytes=15 * GIB, dense=2 * GIB)
+  found = budget_hint.host_warning(small, cpus, host_bytes=15 * GIB, dense=2 * GIB)
+  text = found.text
+  assert found.room_mib is None
   assert text.endswith("The dense model alone takes more than each device's share: use fewer "
                        "devices or a smaller dense model")
 
@@ -136,7 +142,9 @@ def test_the_offload_tiers_host_memory_is_counted_on_any_platform():
       a.nbytes for a in (buffer.row_at, buffer.version, buffer._free)) / 1000   # pylint: disable=protected-access
   result = types.SimpleNamespace(memory={"table": GIB})
   gpus = [types.SimpleNamespace(platform="gpu")] * 8
-  text = budget_hint.host_warning(result, gpus, host_bytes=15 * GIB, offloaded=13 * GIB)
+  found = budget_hint.host_warning(result, gpus, host_bytes=15 * GIB, offloaded=13 * GIB)
+  text = found.text
+  assert found.room_mib is None   # no CPU devices: no budget to give
   assert text == ("the offload tier keeps about 13.0 GiB in host memory (its buffered rows and "
                   "their optimizer state, 12 bytes per table row and 53 per cache slot, and "
                   "the whole table of a kvstore='memory' store), of this host's 15.0 GiB: the run may run out of it. "
@@ -144,7 +152,9 @@ def test_the_offload_tiers_host_memory_is_counted_on_any_platform():
                   "OffloadConfig.host_buffer_rows or offload fewer tables")
   assert budget_hint.host_warning(result, gpus, host_bytes=15 * GIB, offloaded=GIB) is None
   cpus = jax.devices()[:2]   # 2 GiB on the devices + 8 GiB offloaded > 75% of 12 GiB
-  text = budget_hint.host_warning(result, cpus, host_bytes=12 * GIB, offloaded=8 * GIB)
+  found = budget_hint.host_warning(result, cpus, host_bytes=12 * GIB, offloaded=8 * GIB)
+  text = found.text
+  assert found.room_mib == 512
   assert ", and the plan puts 2.0 GiB on the 2 CPU devices of this process, of this host's " \
       "12.0 GiB" in text and "give --memory_per_device=512MiB or less or offload" in text
   assert budget_hint.host_warning(result, cpus, host_bytes=12 * GIB, offloaded=6 * GIB) is None

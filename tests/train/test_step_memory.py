@@ -31,7 +31,8 @@ def test_the_host_warning_counts_the_largest_steps_activations():
   steps = _steps(9 * MIB, GIB // 4)
   texts = step_memory.warnings(steps, result, cpus, GIB // 2, 0, None, host_bytes=12 * GIB)
   assert texts == [
-      "the plan puts 1.2 GiB (512.0 MiB of tables, 512.0 MiB of the dense model's "
+      "the plan puts 1.2 GiB (512.0 MiB of tables and their optimizer state, 512.0 MiB of "
+      "the dense model's "
       "parameters, gradients and optimizer state and 256.0 MiB of the eval step's "
       "activations and temporaries at eval_batch_size=16384 (measured by XLA; the train "
       "step's: 9.0 MiB at batch_size=512)) on each of the 8 CPU devices of this process, "
@@ -49,14 +50,69 @@ def test_the_host_warning_counts_the_largest_steps_activations():
   # the warning before the state was made suggested about the same budget: not repeated
   small = types.SimpleNamespace(memory={"table": 256 * MIB})
   early = budget_hint.host_warning(small, cpus, host_bytes=2 * GIB)
-  assert budget_hint.room_of(early) == 192
+  assert early.room_mib == 192
   assert step_memory.warnings(_steps(MIB, 2 * MIB), small, cpus, 0, 0, early,
                               host_bytes=2 * GIB) == []
   late = step_memory.warnings(_steps(MIB, 32 * MIB), small, cpus, 0, 0, early,
                               host_bytes=2 * GIB)
-  assert [budget_hint.room_of(t) for t in late] == [160]
+  assert len(late) == 1 and "Give --memory_per_device=160MiB or less" in late[0]
+  assert budget_hint.host_warning(small, cpus, host_bytes=2 * GIB, activations=32 * MIB
+                                  ).room_mib == 160   # the figure _news compares, as data
   gpus = [types.SimpleNamespace(platform="gpu", memory_stats=lambda: None)] * 8
   assert step_memory.warnings(steps, result, gpus, GIB // 2, 0, None, host_bytes=15 * GIB) == []
+
+
+def test_the_lookups_buffers_and_ids_are_counted_once_when_measured():
+  """A step's measured `extra` holds the lookup's buffers and gathered ids that the plan's
+  `buffers` and `ids` estimate: both warnings counted them twice (768 + 256 + 300 MiB on a
+  1,152 MiB share, where 512 + 256 + 300 are taken). Measured, the plan counts its resident
+  parts only, and
+  the budget suggested takes the lookup's parts out of the step's bytes; before the steps
+  are compiled (`activations=0`) the plan counts whole."""
+  plan = types.SimpleNamespace(memory={"table": 384 * MIB, "optimizer": 128 * MIB,
+                                       "buffers": 192 * MIB, "ids": 64 * MIB})
+  cpus = jax.devices()[:8]   # 12 GiB: a 1,152 MiB share each
+  assert budget_hint.lookup_bytes(plan) == 256 * MIB
+  assert budget_hint.host_warning(plan, cpus, host_bytes=12 * GIB, dense=256 * MIB) is None
+  assert step_memory.warnings(_steps(MIB, 300 * MIB), plan, cpus, 256 * MIB, 0, None,
+                              host_bytes=12 * GIB) == []   # 512 + 256 + 300 MiB
+  text, = step_memory.warnings(_steps(MIB, 640 * MIB), plan, cpus, 256 * MIB, 0, None,
+                               host_bytes=12 * GIB)
+  assert text == (
+      "the plan puts 1.4 GiB (512.0 MiB of tables and their optimizer state, 256.0 MiB of "
+      "the dense model's parameters, gradients and optimizer state and 640.0 MiB of the eval "
+      "step's activations and temporaries at eval_batch_size=16384 (measured by XLA; the "
+      "train step's: 1.0 MiB at batch_size=512)) on each of the 8 CPU devices of this "
+      "process, 11.0 GiB in all, and they share this host's 12.0 GiB of memory: the run may "
+      "run out of it. The plan's 256.0 MiB of lookup buffers and ids are among those "
+      "temporaries, not counted again. Give --memory_per_device=512MiB or less (with "
+      "--plan=auto the planner then splits or offloads tables), lower "
+      "ExperimentConfig.eval_batch_size, or fewer devices")   # 1,152 - 256 - (640 - 256)
+  # before the steps are measured the plan's estimate counts whole: 768 + 256 MiB x 8
+  early = budget_hint.host_warning(plan, cpus, host_bytes=9 * GIB, dense=256 * MIB)
+  assert early.text.startswith("the plan puts 1.0 GiB (768.0 MiB of tables and 256.0 MiB of ")
+  assert early.room_mib == 864 - 256 and "lookup buffers" not in early.text
+  # offloaded tables too: the breakdown per device adds up
+  text = budget_hint.host_warning(plan, cpus, host_bytes=12 * GIB, offloaded=GIB,
+                                  dense=256 * MIB, activations=640 * MIB, steps="S").text
+  assert ", and the plan puts 11.0 GiB on the 8 CPU devices of this process (1.4 GiB on " \
+      "each: 512.0 MiB of tables and their optimizer state, 256.0 MiB of the dense model's " \
+      "parameters, gradients and optimizer state and 640.0 MiB of S), of this host's 12.0 " \
+      "GiB: the run may run out of it. The plan's 256.0 MiB of lookup buffers and ids" in text
+  # a GPU: 34 GiB of tables and state + 30 GiB measured fit 64 GiB (counted twice: 66 GiB)
+  gpu = types.SimpleNamespace(memory={"table": 24 * GIB, "optimizer": 8 * GIB,
+                                      "buffers": GIB, "ids": GIB})
+  assert step_memory.warnings(_steps(GIB, 30 * GIB), gpu, [FakeGpu(64 * GIB)], 2 * GIB, 0,
+                              None) == []
+  text, = step_memory.warnings(_steps(GIB, 30 * GIB), gpu, [FakeGpu(60 * GIB)], 2 * GIB, 0,
+                               None)
+  assert text.startswith(
+      "the plan's tables and their optimizer state (32.0 GiB), the dense model's parameters, "
+      "gradients and optimizer state (2.0 GiB) and 30.0 GiB of the eval step's ") and (
+          "come to 64.0 GiB per device, over the 60.0 GiB jax has on this NVIDIA H100: the "
+          "step may run out of memory. The plan's 2.0 GiB of lookup buffers and ids are among "
+          "those temporaries, not counted again. Lower ExperimentConfig.eval_batch_size, or "
+          "--memory_per_device by 4.0 GiB or more") in text
 
 
 class FakeGpu:
@@ -77,8 +133,9 @@ def test_a_device_with_a_memory_limit_is_warned_when_a_step_passes_it():
   steps = _steps(GIB, 30 * GIB)
   text, = step_memory.warnings(steps, result, [FakeGpu(60 * GIB)], 2 * GIB, 0, None)
   assert text == (
-      "the plan's tables (40.0 GiB), the dense model's parameters, gradients and optimizer "
-      "state (2.0 GiB) and 30.0 GiB of the eval step's activations and temporaries at "
+      "the plan's tables and their optimizer state (40.0 GiB), the dense model's parameters, "
+      "gradients and optimizer state (2.0 GiB) and 30.0 GiB of the eval step's activations "
+      "and temporaries at "
       "eval_batch_size=16384 (measured by XLA; the train step's: 1.0 GiB at batch_size=512) "
       "come to 72.0 GiB per device, over the 60.0 GiB jax has on this NVIDIA H100: the step "
       "may run out of memory. Lower ExperimentConfig.eval_batch_size, or --memory_per_device "
