@@ -377,7 +377,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     precompiled = time.perf_counter()
     step_memory.check(config, collection, state, None if finished or train_it is None
                       else train_step, eval_step if eval_data is not None else None,
-                      info["plan_result"], info["dense_bytes"], offloaded_bytes, shared, is_main)
+                      info["plan_result"], info["dense_bytes"], offloaded_bytes, shared, is_main,
+                      workdir)   # and adds them to plan.json
     precompiled = time.perf_counter() - precompiled
     step, sigterm, eval_stopped = start, False, False
     if finished:   # the resume line carries the evaluation (maybe of other --eval_data)

@@ -14,11 +14,14 @@ dlrm_synthetic train step's first call took 0.09 s after it, 5.6 s without), and
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
 
+from jaxrec import files
 from jaxrec.data.batch import Batch
 from jaxrec.planner.result import format_bytes
 from jaxrec.sharding import mesh as mesh_lib
@@ -183,12 +186,64 @@ def device_warning(steps: list[StepMemory], result, dense: int, device) -> str |
           f"{format_bytes(need - limit)} or more (--plan=auto then splits or offloads tables)")
 
 
+def to_json(steps: list[StepMemory]) -> list[dict]:
+  """`steps` as plan.json's `"steps"`: each one's name, global batch size and bytes per
+  device."""
+  return [{"name": s.name, "batch_size": s.batch_size, "arguments_bytes": s.arguments,
+           "temp_bytes": s.temp, "outputs_bytes": s.outputs, "batch_bytes": s.batch,
+           "extra_bytes": s.extra} for s in steps]
+
+
+PLAN_FILE = "plan.json"
+
+
+def record(workdir: str, result, steps: list[StepMemory]) -> bool:
+  """Adds `steps` to `W/plan.json` under `"steps"` (rewritten whole: `files`), when the file
+  holds this run's plan (`result`, as the loop wrote it before the steps compiled); a run
+  that only evaluates keeps the plan.json of the run that trained, and when that is another
+  plan, it is left as it is. A step not measured now (the train step of such a run) keeps
+  its entry: the same plan's. Whether it wrote; a file it cannot read or write is warned
+  about (the run goes on: the steps' sizes are in its log)."""
+  if not steps:
+    return False
+  path = os.path.join(workdir, PLAN_FILE)
+  try:
+    with open(path, encoding="utf-8") as f:
+      written = json.load(f)
+  except (OSError, ValueError) as e:
+    log.warning("cannot add the compiled steps' memory to %s: %s", path,
+                getattr(e, "strerror", None) or e)
+    return False
+  if not isinstance(written, dict):
+    return False
+  plan = result.to_json()
+  before = written.pop("steps", None)
+  if _dumps(written) != _dumps(plan):   # another run's plan
+    return False
+  by_name = {s.get("name"): s for s in before if isinstance(s, dict)} if isinstance(
+      before, list) else {}
+  by_name.update((s["name"], s) for s in to_json(steps))
+  plan["steps"] = [by_name[name] for name in FLAGS if name in by_name]
+  try:
+    files.write_text_atomic(path, _dumps(plan))
+  except OSError as e:
+    log.warning("cannot add the compiled steps' memory to %s: %s", path, e.strerror or e)
+    return False
+  return True
+
+
+def _dumps(obj) -> str:
+  """As the loop writes plan.json."""
+  return json.dumps(obj, indent=2, sort_keys=True)
+
+
 def check(config, collection, state, train_step, eval_step, result, dense: int,
-          offloaded: int, early: budget_hint.HostWarning | None, log_it: bool
-          ) -> list[StepMemory]:
+          offloaded: int, early: budget_hint.HostWarning | None, log_it: bool,
+          workdir: str | None = None) -> list[StepMemory]:
   """`measure`, an info line with each step's bytes per device and `warnings` (logged
-  where `log_it`, process 0). The loop calls it after making the steps, before the first
-  one runs: every process compiles (they would at their first call anyway)."""
+  where `log_it`, process 0, which also adds them to `workdir`'s plan.json: `record`). The
+  loop calls it after making the steps and writing plan.json, before the first one runs:
+  every process compiles (they would at their first call anyway)."""
   steps = measure(config, collection, state, train_step, eval_step)
   if log_it and steps:
     log.info("compiled steps, activations and temporaries per device (XLA): %s",
@@ -196,4 +251,6 @@ def check(config, collection, state, train_step, eval_step, result, dense: int,
     for text in warnings(steps, result, collection.mesh.local_devices, dense, offloaded,
                          early):
       log.warning("%s", text)
+    if workdir is not None:
+      record(workdir, result, steps)
   return steps

@@ -2,6 +2,7 @@
 before the first step runs (`step_memory`): a DLRM over 1,000 features was OOM-killed at
 its first eval on 8 CPU devices with no warning, its `[B, F, F]` interaction uncounted."""
 
+import json
 import logging
 import types
 
@@ -143,6 +144,41 @@ def test_a_device_with_a_memory_limit_is_warned_when_a_step_passes_it():
   assert step_memory.warnings(steps, result, [FakeGpu(80 * GIB)], 2 * GIB, 0, None) == []
 
 
+def test_the_measured_steps_are_added_to_the_runs_plan_json(tmp_path, caplog):
+  """plan.json said how much of each device the plan takes, not the compiled steps: they
+  are added under "steps" (bytes per device) when the file holds this run's plan. A run
+  that only evaluates keeps the training run's entry of the train step; another plan's file
+  is left as it is; the same measurements write the same file again (a resume)."""
+  plan = types.SimpleNamespace(to_json=lambda: {"plan": {"t0": {"kind": "dp"}}, "mode": "auto"})
+  path = tmp_path / "plan.json"
+  path.write_text(json.dumps(plan.to_json(), indent=2, sort_keys=True))   # as the loop does
+  steps = [step_memory.StepMemory("train", 512, 10 * MIB, 3 * MIB, 100, 2 * MIB),
+           step_memory.StepMemory("eval", 4096, 9 * MIB, 5 * MIB, 16384, 4 * MIB)]
+  assert step_memory.record(str(tmp_path), plan, steps)
+  written = json.loads(path.read_text())
+  assert written == dict(plan.to_json(), steps=[
+      {"name": "train", "batch_size": 512, "arguments_bytes": 10 * MIB,
+       "temp_bytes": 3 * MIB, "outputs_bytes": 100, "batch_bytes": 2 * MIB,
+       "extra_bytes": 5 * MIB + 100},
+      {"name": "eval", "batch_size": 4096, "arguments_bytes": 9 * MIB, "temp_bytes": 5 * MIB,
+       "outputs_bytes": 16384, "batch_bytes": 4 * MIB, "extra_bytes": 9 * MIB + 16384}])
+  first = path.read_text()
+  path.write_text(json.dumps(plan.to_json(), indent=2, sort_keys=True))   # a resume's
+  assert step_memory.record(str(tmp_path), plan, steps) and path.read_text() == first
+  smaller = step_memory.StepMemory("eval", 1024, 9 * MIB, MIB, 4096, MIB)
+  assert step_memory.record(str(tmp_path), plan, [smaller])   # evaluates only
+  assert [(s["name"], s["batch_size"]) for s in json.loads(path.read_text())["steps"]] == [
+      ("train", 512), ("eval", 1024)]
+  other = types.SimpleNamespace(to_json=lambda: {"plan": {"t0": {"kind": "rw"}},
+                                                 "mode": "forced"})
+  before = path.read_text()
+  assert not step_memory.record(str(tmp_path), other, steps) and path.read_text() == before
+  assert not step_memory.record(str(tmp_path), plan, [])
+  with caplog.at_level(logging.WARNING, "jaxrec"):
+    assert not step_memory.record(str(tmp_path / "gone"), plan, steps)
+  assert "cannot add the compiled steps' memory to " in caplog.text
+
+
 def _built(bindings, mesh, plan):
   from jaxrec.train import config as config_lib, loop   # pylint: disable=import-outside-toplevel
   from jaxrec.train import state as state_lib, step as step_lib   # pylint: disable=import-outside-toplevel
@@ -238,3 +274,9 @@ def test_the_loop_warns_before_the_first_step(monkeypatch, tmp_path, caplog):
   assert text.startswith("the plan puts ") and "of the eval step's activations and " \
       "temporaries at eval_batch_size=4096 (measured by XLA; the train step's: " in text
   assert "lower ExperimentConfig.eval_batch_size" in text
+  written = json.loads((tmp_path / "w" / "plan.json").read_text())   # process 0 added them
+  assert [(s["name"], s["batch_size"]) for s in written["steps"]] == [("train", 64),
+                                                                      ("eval", 4096)]
+  assert written["steps"][1]["extra_bytes"] > written["steps"][0]["extra_bytes"] > 0
+  assert {p["kind"] for p in written["plan"].values()} == {"dp"}   # the rest is kept
+  assert written["mesh"]["data"] == 8 and written["memory_per_device"]["table"] > 0
