@@ -8,7 +8,6 @@ loop (log, eval, checkpoint) → final eval and checkpoint. Writes into the work
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -179,8 +178,7 @@ def _write_run_records(workdir: str, operative_gin: str, plan_result, trains: bo
   # whole or not at all: `--plan=W/plan.json` reads it back on the next start; like
   # config.gin, the plan of the run that trained is kept by one that only evaluates
   for name, text in (("config.gin", lambda: config_gin_header(options) + operative_gin),
-                     ("plan.json", lambda: json.dumps(
-      plan_result.to_json(), indent=2, sort_keys=True))):
+                     ("plan.json", plan_result.dumps)):
     path = os.path.join(workdir, name)
     if not trains and os.path.exists(path):
       continue

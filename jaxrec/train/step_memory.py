@@ -216,25 +216,20 @@ def record(workdir: str, result, steps: list[StepMemory]) -> bool:
     return False
   if not isinstance(written, dict):
     return False
-  plan = result.to_json()
   before = written.pop("steps", None)
-  if _dumps(written) != _dumps(plan):   # another run's plan
+  if json.dumps(written, indent=2, sort_keys=True) != result.dumps():   # another run's plan
     return False
+  plan = dict(result.to_json())   # (not changing a dict the caller may hold)
   by_name = {s.get("name"): s for s in before if isinstance(s, dict)} if isinstance(
       before, list) else {}
   by_name.update((s["name"], s) for s in to_json(steps))
   plan["steps"] = [by_name[name] for name in FLAGS if name in by_name]
   try:
-    files.write_text_atomic(path, _dumps(plan))
+    files.write_text_atomic(path, json.dumps(plan, indent=2, sort_keys=True))  # as dumps()
   except OSError as e:
     log.warning("cannot add the compiled steps' memory to %s: %s", path, e.strerror or e)
     return False
   return True
-
-
-def _dumps(obj) -> str:
-  """As the loop writes plan.json."""
-  return json.dumps(obj, indent=2, sort_keys=True)
 
 
 def check(config, collection, state, train_step, eval_step, result, dense: int,

@@ -144,14 +144,20 @@ def test_a_device_with_a_memory_limit_is_warned_when_a_step_passes_it():
   assert step_memory.warnings(steps, result, [FakeGpu(80 * GIB)], 2 * GIB, 0, None) == []
 
 
+def _fake_result(plan_json: dict):
+  """A `PlanResult`'s `to_json` and `dumps` (the text the loop writes to plan.json)."""
+  return types.SimpleNamespace(to_json=lambda: plan_json,
+                               dumps=lambda: json.dumps(plan_json, indent=2, sort_keys=True))
+
+
 def test_the_measured_steps_are_added_to_the_runs_plan_json(tmp_path, caplog):
   """plan.json said how much of each device the plan takes, not the compiled steps: they
   are added under "steps" (bytes per device) when the file holds this run's plan. A run
   that only evaluates keeps the training run's entry of the train step; another plan's file
   is left as it is; the same measurements write the same file again (a resume)."""
-  plan = types.SimpleNamespace(to_json=lambda: {"plan": {"t0": {"kind": "dp"}}, "mode": "auto"})
+  plan = _fake_result({"plan": {"t0": {"kind": "dp"}}, "mode": "auto"})
   path = tmp_path / "plan.json"
-  path.write_text(json.dumps(plan.to_json(), indent=2, sort_keys=True))   # as the loop does
+  path.write_text(plan.dumps())   # as the loop does
   steps = [step_memory.StepMemory("train", 512, 10 * MIB, 3 * MIB, 100, 2 * MIB),
            step_memory.StepMemory("eval", 4096, 9 * MIB, 5 * MIB, 16384, 4 * MIB)]
   assert step_memory.record(str(tmp_path), plan, steps)
@@ -163,14 +169,13 @@ def test_the_measured_steps_are_added_to_the_runs_plan_json(tmp_path, caplog):
       {"name": "eval", "batch_size": 4096, "arguments_bytes": 9 * MIB, "temp_bytes": 5 * MIB,
        "outputs_bytes": 16384, "batch_bytes": 4 * MIB, "extra_bytes": 9 * MIB + 16384}])
   first = path.read_text()
-  path.write_text(json.dumps(plan.to_json(), indent=2, sort_keys=True))   # a resume's
+  path.write_text(plan.dumps())   # a resume's
   assert step_memory.record(str(tmp_path), plan, steps) and path.read_text() == first
   smaller = step_memory.StepMemory("eval", 1024, 9 * MIB, MIB, 4096, MIB)
   assert step_memory.record(str(tmp_path), plan, [smaller])   # evaluates only
   assert [(s["name"], s["batch_size"]) for s in json.loads(path.read_text())["steps"]] == [
       ("train", 512), ("eval", 1024)]
-  other = types.SimpleNamespace(to_json=lambda: {"plan": {"t0": {"kind": "rw"}},
-                                                 "mode": "forced"})
+  other = _fake_result({"plan": {"t0": {"kind": "rw"}}, "mode": "forced"})
   before = path.read_text()
   assert not step_memory.record(str(tmp_path), other, steps) and path.read_text() == before
   assert not step_memory.record(str(tmp_path), plan, [])
