@@ -2,6 +2,8 @@
 # Every check that needs a GPU, in one run (a lent GPU machine is held for minutes only).
 # The checks, in the order they run (what is least known first, so a run cut short still
 # brings back the most):
+#   memory_warning tests/train/test_step_memory.py on the GPU: its bytes_limit read (at a
+#                  0.5% memory fraction) and an eval step measured past it warned about;
 #   kernels        benchmarks/kernels.py (fused lookup / device copy bandwidth, goal 0.8) for
 #                  float32, bfloat16 and int8 tables;
 #   sweep          benchmarks/kernels.py --sweep, float32: the Pallas kernels under each
@@ -30,7 +32,8 @@ set -u
 out=${1:?usage: benchmarks/gpu_checks.sh OUT_DIR [STEPS]}
 steps=${2:-300}
 py=${PYTHON:-python3}
-all_checks="kernels sweep train_bf16 train_multihot benchmarks sweep_int8 kernel_tests train_compare"
+all_checks="memory_warning kernels sweep train_bf16 train_multihot benchmarks sweep_int8"
+all_checks="$all_checks kernel_tests train_compare"
 checks=${CHECKS:-$all_checks}
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -81,6 +84,11 @@ check_benchmarks() {
   step checkpoint 90 "$out/bench.log" "$py" benchmarks/checkpoint.py
   step embedding_scaling 90 "$out/bench.log" "$py" benchmarks/embedding_scaling.py \
     --rounds=3
+}
+check_memory_warning() {   # fails when the test is skipped (no GPU seen) as when it fails
+  step memory_warning 120 "$out/kernel_tests.log" bash -c 'XLA_PYTHON_CLIENT_MEM_FRACTION=0.005 \
+    "$0" -m pytest -q -p no:cacheprovider -rs tests/train/test_step_memory.py -k real_gpu \
+    | tee /dev/stderr | grep -q "^1 passed"' "$py"
 }
 check_kernel_tests() {
   step kernel_tests 200 "$out/kernel_tests.log" \

@@ -8,6 +8,7 @@ import types
 
 import jax
 import numpy as np
+import pytest
 
 from jaxrec import launch
 from jaxrec.train import budget_hint, step_memory
@@ -186,7 +187,8 @@ def test_the_measured_steps_are_added_to_the_runs_plan_json(tmp_path, caplog):
 
 def _built(bindings, mesh, plan):
   from jaxrec.train import config as config_lib, loop   # pylint: disable=import-outside-toplevel
-  from jaxrec.train import state as state_lib, step as step_lib   # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from jaxrec.train import state as state_lib, step as step_lib
   launch.parse_gin(["configs/dlrm_synthetic.gin"], bindings)
   config = config_lib.ExperimentConfig()
   collection, _, info = loop.setup(config, config_lib.RunOptions(mesh=mesh, plan=plan))
@@ -285,3 +287,26 @@ def test_the_loop_warns_before_the_first_step(monkeypatch, tmp_path, caplog):
   assert written["steps"][1]["extra_bytes"] > written["steps"][0]["extra_bytes"] > 0
   assert {p["kind"] for p in written["plan"].values()} == {"dp"}   # the rest is kept
   assert written["mesh"]["data"] == 8 and written["memory_per_device"]["table"] > 0
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (its bytes_limit): "
+                    "benchmarks/gpu_checks.sh runs it with CHECKS=memory_warning")
+def test_a_real_gpus_limit_is_read_and_a_step_past_it_is_warned():
+  """On a real GPU: `bytes_limit` is read, an eval batch whose measured activations stay
+  well under it gives no warning, and one sized past it (extrapolated from the first
+  measurement: compiled only, never run) is warned about, naming the device."""
+  device = jax.devices()[0]
+  limit = device.memory_stats()["bytes_limit"]
+  config, collection, state, info, _, evaluate = _built(
+      SMALL + ["ExperimentConfig.eval_batch_size=4096"], "auto", "auto")
+  small, = step_memory.measure(config, collection, state, None, evaluate)
+  dense = info["dense_bytes"]
+  assert step_memory.device_warning([small], info["plan_result"], dense, device) is None
+  per_example = small.extra / small.batch_size
+  big_batch = 1 << max(12, int(np.ceil(np.log2(2 * limit / per_example))))
+  config, collection, state, info, _, evaluate = _built(
+      SMALL + [f"ExperimentConfig.eval_batch_size={big_batch}"], "auto", "auto")
+  big, = step_memory.measure(config, collection, state, None, evaluate)
+  assert big.extra > limit, (big, limit)
+  text = step_memory.device_warning([big], info["plan_result"], dense, device)
+  assert text is not None and device.device_kind in text and f"{big_batch}" in text
