@@ -166,8 +166,20 @@ def _check_values(schedule: Schedule, kwargs: dict) -> None:
 
 def logged_rate(lr, step: int, key: str = "sparse_lr") -> dict[str, float]:
   """`{key: rate}` for a metrics line at `step` (steps done) when `lr` is a `Schedule`: the
-  rate the last of those steps applied (that update ran at step - 1; optax's count of the
-  dense updates is the step too). `{}` for a constant rate (it is in config.gin)."""
+  rate the last of those steps applied (that update ran at step - 1; for the dense rate,
+  give optax's count of the updates: `dense_steps_behind`). `{}` for a constant rate (it is
+  in config.gin)."""
   if not isinstance(lr, Schedule) or step < 1:
     return {}
   return {key: float(np.asarray(lr(step - 1)))}
+
+
+def dense_steps_behind(state) -> int:
+  """How far optax's count of the dense updates, which its schedule reads
+  (`ScaleByScheduleState`), is behind the train state's step (the sparse schedule's): a
+  tables-only checkpoint (a TorchRec import at step N) starts the dense state afresh, at 0.
+  0 without a scheduled dense rate."""
+  found = [s.count for s in jax.tree.leaves(
+      state["opt_state"], is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+           if isinstance(s, optax.ScaleByScheduleState)]
+  return int(state["step"]) - int(found[0]) if found else 0

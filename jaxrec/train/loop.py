@@ -379,6 +379,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
                       workdir)   # and adds them to plan.json
     precompiled = time.perf_counter() - precompiled
     step, sigterm, eval_stopped = start, False, False
+    dense_behind = schedules.dense_steps_behind(state)   # an import's dense state is fresh
     if finished:   # the resume line carries the evaluation (maybe of other --eval_data)
       log.info("already trained to step %d (--num_steps=%d): evaluating that checkpoint",
                start, options.num_steps)
@@ -459,7 +460,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
           train_it.set_state(initial_data_state)
         else:
           state = resume_from(restored)
-        step = int(state["step"])
+        step, dense_behind = int(state["step"]), schedules.dense_steps_behind(state)
         log.warning("%s: rolled back to step %d, skipping that batch", message, step)
         writer.write(step, {"event": "nan_rollback", "bad_step": bad_step,
                             "restored_step": step, "skipped_position": bad_position})
@@ -470,7 +471,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
         record["loss"] = float(losses.mean())
         record.update(schedules.logged_rate(config.sparse_tx().lr, step))
         record.update(schedules.logged_rate(
-            getattr(config.dense_tx(), "learning_rate", None), step, "dense_lr"))
+            getattr(config.dense_tx(), "learning_rate", None), step - dense_behind,
+            "dense_lr"))
         if steps_timed:
           elapsed = t_pause - t_mark - paused
           record["examples_per_sec"] = steps_timed * config.batch_size / elapsed

@@ -22,7 +22,7 @@ from jaxrec.sharding.mesh import make_mesh
 from jaxrec.sharding.plan import uniform_plan
 from jaxrec.train.config import ExperimentConfig, dense_optimizer
 from tests.embedding.test_collection import FEATURES, TABLES
-from tests.scripts.test_train import read_metrics, train
+from tests.scripts.test_train import export, read_metrics, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WARMUP = dict(init_value=0.0, peak_value=1.0, warmup_steps=10, decay_steps=100)
@@ -179,3 +179,26 @@ def test_a_resumed_run_continues_its_schedules(whole_run, tmp_path):
   train(split, *SCHEDULED, "--num_steps=20", devices=2)
   np.testing.assert_allclose([x[1:] for x in _scheduled_lines(split)],
                              [x[1:] for x in _scheduled_lines(whole_run)], rtol=0, atol=1e-5)
+
+
+def test_the_logged_dense_rate_is_the_one_optax_applied_after_an_import(tmp_path):
+  """A tables-only checkpoint (a TorchRec import at step 10) starts the dense optimizer's
+  state afresh: optax's count, which its schedule reads, starts at 0 while the step (which
+  the sparse schedule reads) is 10. `dense_lr` is the rate of optax's count, not of the step
+  (it logged the warmup's peak, lr(14), for updates made at lr(0..4))."""
+  from jaxrec.checkpoint import convert   # pylint: disable=import-outside-toplevel
+  rows = (300, 50)
+  npz = tmp_path / "ebc.npz"
+  np.savez(npz, **{f"embedding_bags.t{i}.weight": np.random.default_rng(i).standard_normal(
+      (r, 16)).astype(np.float32) for i, r in enumerate(rows)})
+  work = tmp_path / "w"
+  convert.import_torchrec(npz, work / "checkpoints", 10)
+  bindings = ["uniform_tables.num_tables=2", f"uniform_tables.rows={list(rows)}",
+              "uniform_tables.max_len=[1, 2]", "DLRM.bottom_mlp=(8,16)", "DLRM.top_mlp=(8,1)"]
+  train(str(work), *SCHEDULED, "--num_steps=15", *[f"--gin_bindings={b}" for b in bindings])
+  line, = [l for l in read_metrics(work) if "loss" in l]
+  count = {k: v for k, v in export(str(work)).items() if k.startswith("dense_opt/")
+           and k.endswith("count")}
+  assert count and {int(v) for v in count.values()} == {5}, count   # 5 dense updates
+  assert (line["step"], line["sparse_lr"]) == (15, pytest.approx(2.0 * (1 - 14 / 20)))
+  assert line["dense_lr"] == pytest.approx(0.1 * 4 / 10)   # count 4's update, the last
