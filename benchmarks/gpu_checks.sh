@@ -88,7 +88,7 @@ check_benchmarks() {
 check_memory_warning() {   # fails when the test is skipped (no GPU seen) as when it fails
   step memory_warning 120 "$out/kernel_tests.log" bash -c 'XLA_PYTHON_CLIENT_MEM_FRACTION=0.005 \
     "$0" -m pytest -q -p no:cacheprovider -rs tests/train/test_step_memory.py -k real_gpu \
-    | tee /dev/stderr | grep -q "^1 passed"' "$py"
+    | tee -a /dev/stderr | grep -q "^1 passed"' "$py"
 }
 check_kernel_tests() {
   step kernel_tests 200 "$out/kernel_tests.log" \

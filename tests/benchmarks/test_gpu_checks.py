@@ -40,3 +40,23 @@ def test_a_failed_step_fails_the_run_and_logs_start_afresh(tmp_path):
   summary = (out / "summary.log").read_text()
   assert "an old run" not in summary and "== kernels_sweep: rc=3" in summary
   assert "old" not in (out / "bench.log").read_text()
+
+
+def test_memory_warning_passes_on_its_test_passing_and_keeps_the_env_steps_log(tmp_path):
+  """The check passes when its one GPU test passed, not when it was skipped; the test's
+  output is appended to kernel_tests.log (a `tee` truncated it: the env step's jax version
+  and devices were lost)."""
+  py = tmp_path / "py"
+  py.write_text('#!/bin/sh\n[ "$1" = -c ] && { echo "jax env line"; exit 0; }\n'
+                'echo "$FAKE_PYTEST"; exit 0\n')
+  py.chmod(0o755)
+  out = tmp_path / "out"
+  for line, rc in (("1 passed, 12 deselected in 3.00s", 0),
+                   ("1 skipped, 12 deselected in 3.00s", 1)):
+    env = dict(os.environ, PYTHON=str(py), CHECKS="memory_warning", FAKE_PYTEST=line)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_checks.sh"),
+                           str(out)], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=60)
+    assert proc.returncode == rc, proc.stderr
+    log = (out / "kernel_tests.log").read_text()
+    assert log.startswith("== env\njax env line\n== memory_warning\n") and line in log, log
