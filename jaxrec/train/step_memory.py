@@ -177,13 +177,18 @@ def device_warning(steps: list[StepMemory], result, dense: int, device) -> str |
   flag = FLAGS[worst.name]
   counted = (f" The plan's {format_bytes(lookup)} of lookup buffers and ids are among those "
              "temporaries, not counted again." if lookup else "")
+  # the budget (not the flag less the excess: a plan may stay well under its budget) that
+  # leaves room for the dense state and the step's bytes beyond the plan's lookup parts
+  room = (limit - dense - max(worst.extra - lookup, 0)) >> 20
+  budget = (f", or give --memory_per_device={room}MiB or less (--plan=auto then splits or "
+            "offloads tables)" if room > 0 else ": the dense model's state and the step "
+            "alone take more than the device has")
   return (f"the plan's tables and their optimizer state ({format_bytes(tables)}), the dense "
           f"model's parameters, gradients and optimizer state ({format_bytes(dense)}) and "
           f"{format_bytes(worst.extra)} of {name_largest(steps)} come to "
           f"{format_bytes(need)} per device, over the "
           f"{format_bytes(limit)} jax has on this {device.device_kind}: the step may run "
-          f"out of memory.{counted} Lower ExperimentConfig.{flag}, or --memory_per_device by "
-          f"{format_bytes(need - limit)} or more (--plan=auto then splits or offloads tables)")
+          f"out of memory.{counted} Lower ExperimentConfig.{flag}{budget}")
 
 
 def to_json(steps: list[StepMemory]) -> list[dict]:

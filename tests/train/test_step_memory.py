@@ -114,7 +114,7 @@ def test_the_lookups_buffers_and_ids_are_counted_once_when_measured():
           "come to 64.0 GiB per device, over the 60.0 GiB jax has on this NVIDIA H100: the "
           "step may run out of memory. The plan's 2.0 GiB of lookup buffers and ids are among "
           "those temporaries, not counted again. Lower ExperimentConfig.eval_batch_size, or "
-          "--memory_per_device by 4.0 GiB or more") in text
+          "give --memory_per_device=30720MiB or less") in text   # 60 - 2 - (30 - 2) GiB
 
 
 class FakeGpu:
@@ -130,7 +130,7 @@ class FakeGpu:
 
 def test_a_device_with_a_memory_limit_is_warned_when_a_step_passes_it():
   """On a GPU the budget is per device: tables, dense state and the largest step's
-  activations over jax's `bytes_limit` are warned about, with the amount to take off."""
+  activations over jax's `bytes_limit` are warned about, with the budget to give."""
   result = types.SimpleNamespace(memory={"table": 40 * GIB})
   steps = _steps(GIB, 30 * GIB)
   text, = step_memory.warnings(steps, result, [FakeGpu(60 * GIB)], 2 * GIB, 0, None)
@@ -140,9 +140,30 @@ def test_a_device_with_a_memory_limit_is_warned_when_a_step_passes_it():
       "and temporaries at "
       "eval_batch_size=16384 (measured by XLA; the train step's: 1.0 GiB at batch_size=512) "
       "come to 72.0 GiB per device, over the 60.0 GiB jax has on this NVIDIA H100: the step "
-      "may run out of memory. Lower ExperimentConfig.eval_batch_size, or --memory_per_device "
-      "by 12.0 GiB or more (--plan=auto then splits or offloads tables)")
+      "may run out of memory. Lower ExperimentConfig.eval_batch_size, or give "
+      "--memory_per_device=28672MiB or less (--plan=auto then splits or offloads tables)")
   assert step_memory.warnings(steps, result, [FakeGpu(80 * GIB)], 2 * GIB, 0, None) == []
+
+
+def test_the_device_warning_gives_a_budget_that_shrinks_the_plan():
+  """`--memory_per_device` is a budget the plan may stay well under (16 GiB by default, the
+  same on every device): taking the excess off the flag ("by 4.0 GiB": 40 -> 36 GiB for a
+  34 GiB plan) changed no plan. The warning gives the budget itself, as the host warning
+  does: the device's memory less the dense state and the step's bytes beyond the plan's
+  lookup parts (60 - 2 - (30 - 2) GiB), and none where those alone pass it."""
+  plan = types.SimpleNamespace(memory={"table": 24 * GIB, "optimizer": 8 * GIB,
+                                       "buffers": GIB, "ids": GIB},
+                               memory_per_device_bytes=40 * GIB)
+  text, = step_memory.warnings(_steps(GIB, 30 * GIB), plan, [FakeGpu(60 * GIB)], 2 * GIB, 0,
+                               None)
+  assert text.endswith("Lower ExperimentConfig.eval_batch_size, or give "
+                       "--memory_per_device=30720MiB or less (--plan=auto then splits or "
+                       "offloads tables)"), text
+  text, = step_memory.warnings(_steps(GIB, 60 * GIB), plan, [FakeGpu(60 * GIB)], 2 * GIB, 0,
+                               None)
+  assert "--memory_per_device" not in text and text.endswith(
+      "Lower ExperimentConfig.eval_batch_size: the dense model's state and the step alone "
+      "take more than the device has"), text
 
 
 def _fake_result(plan_json: dict):
