@@ -72,10 +72,13 @@ def _clear_gin():
 
 
 # Long cases (8-38 s each on 2 cores) that run in `make test-slow` only, to keep the default
-# suite under its 15-minute budget. Most leave a faster test of the same claim in the
-# default suite (another plan, dtype or variant of the same path); the rest (from
-# `test_calibration` on below) are one more timing or error rule of a whole script or
-# supervisor run, the default suite keeping other runs of that script.
+# suite under its 15-minute budget. Those from `test_plans_equal` on, and the cases `[4]`,
+# `[1]`, `[float32]` and `[npz]` above it, leave another plan, dtype or variant of the same
+# test in the default suite. The others have no faster test of their claim there: a kill -9
+# mid-save resume, a straggler only reported, an eval past the hang timeout, elastic.py
+# --keep's temp dir, an import trained offloaded, the compile cache's rerun, mesh_overhead.py
+# end to end, and (from `test_calibration` on) one more timing or error rule of a whole
+# script or supervisor run, the default suite keeping other runs of that script.
 SLOW_CASES = {
     "tests/scripts/test_resume.py::test_kill9_mid_save_and_mid_step_resumes_bitwise_equal",
     "tests/scripts/test_interrupts.py::test_sigterm_during_an_eval_saves_that_step_and_stops[4]",
