@@ -221,7 +221,12 @@ class EmbeddingCollection:
     return specs.feature_dims(self.tables, self.features)
 
   def table_spec(self, name: str) -> TableSpec:
-    return next(t for t in self.tables if t.name == name)
+    """The spec of table `name` (by name: the init of 1,000 tables scanned them 1,000 times)."""
+    return self._specs_by_name[name]
+
+  @functools.cached_property
+  def _specs_by_name(self) -> dict[str, TableSpec]:
+    return {t.name: t for t in self.tables}
 
   def shardings(self) -> EmbeddingState:
     """NamedShardings of the `EmbeddingState` pytree."""
