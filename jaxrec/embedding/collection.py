@@ -53,7 +53,7 @@ from jaxrec.embedding.specs import EmbeddingOptions, FeatureSpec, TableSpec, val
 from jaxrec.errors import ConfigError, DataError
 from jaxrec.kernels import platform as platform_lib
 from jaxrec.kernels import quant
-from jaxrec.sharding.mesh import BATCH_AXES, format_mesh, mesh_shape
+from jaxrec.sharding.mesh import BATCH_AXES, format_mesh, mesh_shape, shares_cores
 from jaxrec.sharding.plan import MESH_AXES, Plan
 
 log = logging.getLogger(__name__)
@@ -238,8 +238,26 @@ class EmbeddingCollection:
     return {"tables": tables, "opt": opt}
 
   def init(self, key: jax.Array) -> EmbeddingState:
-    """Initial state, placed on the mesh; values do not depend on the plan."""
-    return jax.jit(self._init, out_shardings=self.shardings())(key)
+    """Initial state, placed on the mesh; values do not depend on the plan. A stack that is
+    replicated on CPU devices of one process (`shares_cores`) is computed split over
+    its rows, then copied to every device: each device drew all of it, 8x the host's work
+    on 8 devices (a 1,000-table `dp` stack `[1e6, 16]`: 1.6-1.8 s against 0.25 s on one)."""
+    shardings = self.shardings()
+    built = jax.jit(self._init, out_shardings=self._init_shardings(shardings))(key)
+    return jax.device_put(built, shardings)   # the split stacks replicated; the rest as is
+
+  def _init_shardings(self, shardings: EmbeddingState) -> EmbeddingState:
+    """`shardings` with each replicated stack's rows split over every device, where the mesh
+    shares the host's cores and the rows divide evenly."""
+    if not shares_cores(self.mesh):
+      return shardings
+    split = NamedSharding(self.mesh, P(MESH_AXES))
+    tables = dict(shardings["tables"])
+    for l in self.layouts:
+      leaves = jax.tree.leaves(tables[l.name])
+      if all(s.is_fully_replicated for s in leaves) and l.shape[0] % self.mesh.size == 0:
+        tables[l.name] = jax.tree.map(lambda _: split, tables[l.name])
+    return {**shardings, "tables": tables}
 
   def _init(self, key):
     tables = {l.name: layout_lib.init_stack(key, l, [self.table_spec(s.name) for s in l.slots])

@@ -133,3 +133,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def shares_cores(mesh: Mesh) -> bool:
+  """Whether the mesh is several CPU devices of this one process: they share the host's
+  cores, so a replicated result that each device computes costs the host `mesh.size` times
+  the work (on GPUs each device computes its copy in parallel; across processes a copy
+  would cross the network)."""
+  return (mesh.size > 1 and jax.process_count() == 1
+          and all(d.platform == "cpu" for d in mesh.devices.flat))

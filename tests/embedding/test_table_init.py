@@ -48,7 +48,8 @@ def test_rows_are_any_range_of_the_table_and_uniform():
 
 
 @pytest.mark.parametrize("kind,mesh_spec,dtype", [
-    ("dp", "data=8", "float32"), ("tw", "table=8", "float32"), ("rw", "row=8", "bfloat16"),
+    ("dp", "data=8", "float32"), ("dp", "data=8", "int8"), ("tw", "table=8", "float32"),
+    ("rw", "row=8", "bfloat16"),
     ("cw", "col=8", "float16"), ("twrw", "data=2,table=2,row=2", "int8"),
     ("grid", "table=2,row=2,col=2", "float32"), ("tw", "table=3", "int8")])
 def test_stacked_init_equals_the_tables_stacked(kind, mesh_spec, dtype):
@@ -63,6 +64,9 @@ def test_stacked_init_equals_the_tables_stacked(kind, mesh_spec, dtype):
   want = coll.stack_tables({t.name: layout_lib.init_table(key, t) for t in tables})
   for got, ref in zip(jax.tree.leaves(state), jax.tree.leaves(want)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+  # placed as the plan says (a replicated stack on CPU devices is drawn split, then copied)
+  for got, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(coll.shardings())):
+    assert got.sharding.is_equivalent_to(sharding, got.ndim), (got.sharding, sharding)
   # The same values on one device, whatever the plan (here the first table, as f32).
   per_table, _ = coll.unstack_tables(state)
   t0 = tables[0]

@@ -69,3 +69,8 @@ def test_initial_state_is_the_recorded_one(name, mesh, devices):
   level0 = xla_env.FAST_COMPILE in os.environ.get("XLA_FLAGS", "").split()
   assert digest(fresh["params"]) == PARAMS[name][0 if level0 else 1]
   assert digest(fresh["rng"]) == RNG
+  # the dense part replicated on every device of the mesh (on CPU devices drawn on the first
+  # one and copied), the tables as the plan places them
+  placed = state.shardings(fresh, collection)
+  for x, sharding in zip(jax.tree.leaves(fresh), jax.tree.leaves(placed)):
+    assert x.sharding.is_equivalent_to(sharding, x.ndim), (x.sharding, sharding)
