@@ -64,11 +64,16 @@ def _signal_handlers_kept():
 
 @pytest.fixture(autouse=True)
 def _clear_gin():
-  """Gin bindings are process-global: no test sees another's config."""
+  """Gin bindings are process-global: no test sees another's config, nor the record of
+  where its bindings were made (`gin_usage`: a later test's error message named another
+  test's config files)."""
   import gin  # pylint: disable=import-outside-toplevel
+  from jaxrec import gin_usage  # pylint: disable=import-outside-toplevel
   gin.clear_config()
+  gin_usage.clear()
   yield
   gin.clear_config()
+  gin_usage.clear()
 
 
 # Long cases (8-38 s each on 2 cores) that run in `make test-slow` only, to keep the default

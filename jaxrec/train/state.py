@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.embedding.specs import feature_dims
-from jaxrec.models import init_rng, item_frequency
+from jaxrec.models import item_frequency
 from jaxrec.sharding.mesh import shares_cores
 from jaxrec.train.config import ExperimentConfig
 
@@ -27,11 +27,10 @@ TrainState = dict
 
 
 def init_dense(config: ExperimentConfig, key: jax.Array, dim: int) -> Any:
-  """Dense params of the model, initialised from `key` (batch of 2 dummy examples). Drawn
-  with `init_rng.unrolled_key(key)`: jax's values, in a program that compiles faster."""
+  """Dense params of the model, initialised from `key` (batch of 2 dummy examples)."""
   dense = jnp.zeros((2, config.num_dense), jnp.float32)
   emb = jnp.zeros((2, len(config.features), dim), jnp.float32)
-  return config.model.init(init_rng.unrolled_key(key), dense, emb)["params"]
+  return config.model.init(key, dense, emb)["params"]
 
 
 def check_model(config: ExperimentConfig) -> None:
