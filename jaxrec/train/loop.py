@@ -178,7 +178,7 @@ def _write_run_records(workdir: str, operative_gin: str, plan_result, trains: bo
   # whole or not at all: `--plan=W/plan.json` reads it back on the next start; like
   # config.gin, the plan of the run that trained is kept by one that only evaluates
   for name, text in (("config.gin", lambda: config_gin_header(options) + operative_gin),
-                     ("plan.json", plan_result.dumps)):
+                     ("plan.json", lambda: plan_result.dumps())):
     path = os.path.join(workdir, name)
     if not trains and os.path.exists(path):
       continue

@@ -131,8 +131,8 @@ def test_an_evaluate_only_run_keeps_the_training_plan_json(tmp_path):
     def __init__(self, kind):
       self.kind = kind
 
-    def to_json(self):
-      return {"kind": self.kind}
+    def dumps(self):   # PlanResult.dumps: the text of plan.json
+      return json.dumps({"kind": self.kind}, indent=2, sort_keys=True)
   loop._write_run_records(str(tmp_path), "a = 1\n", Result("grid"), trains=True, options=config_lib.RunOptions())
   loop._write_run_records(str(tmp_path), "a = 2\n", Result("tw"), trains=False, options=config_lib.RunOptions())
   assert json.loads((tmp_path / "plan.json").read_text()) == {"kind": "grid"}
