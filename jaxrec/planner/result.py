@@ -179,8 +179,10 @@ class PlanResult:
         "notes": list(self.notes),
     }
 
-  def dumps(self) -> str:
-    return json.dumps(self.to_json(), indent=2, sort_keys=True)
+  def dumps(self, **extra) -> str:
+    """plan.json's text: `to_json()`, with the `extra` keys added (`step_memory.record`'s
+    `steps`)."""
+    return json.dumps(dict(self.to_json(), **extra), indent=2, sort_keys=True)
 
   def report(self) -> str:
     """The stats table: per table placement, devices, memory, cost and why; per stack its

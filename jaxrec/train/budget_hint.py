@@ -56,6 +56,20 @@ def lookup_bytes(result) -> int:
   return int(sum(result.memory.get(k, 0) for k in LOOKUP_PARTS))
 
 
+def outside_budget(dense: int, extra: int, lookup: int) -> int:
+  """Bytes on each device that `--memory_per_device` does not cover: the dense model's
+  state and a measured step's `extra` less the plan's `lookup` parts (the budget holds
+  those)."""
+  return dense + max(extra - lookup, 0)
+
+
+def not_counted_again(lookup: int) -> str:
+  """The sentence a warning counting a measured step adds for the plan's `lookup` bytes it
+  left out ("" for none)."""
+  return (f" The plan's {format_bytes(lookup)} of lookup buffers and ids are among those "
+          "temporaries, not counted again." if lookup else "")
+
+
 @dataclasses.dataclass(frozen=True)
 class HostWarning:
   """A `host_warning`: its `text` (what `str` gives: it logs as the text) and the
@@ -94,8 +108,7 @@ def host_warning(result, devices, host_bytes: int | None = None, offloaded: int 
   each = tables + dense + activations
   if each * cpus + offloaded <= HOST_FRACTION * host:
     return None
-  # on each device outside the budget, which covers the plan's lookup parts too
-  fixed = dense + max(activations - lookup, 0)
+  fixed = outside_budget(dense, activations, lookup)
   parts = [f"{format_bytes(tables)} of tables" + (" and their optimizer state"
                                                   if activations else "")]
   if dense:
@@ -104,8 +117,7 @@ def host_warning(result, devices, host_bytes: int | None = None, offloaded: int 
   if activations:
     parts.append(f"{format_bytes(activations)} of {steps}")
   split = f"{', '.join(parts[:-1])} and {parts[-1]}" if len(parts) > 1 else ""
-  counted = (f" The plan's {format_bytes(lookup)} of lookup buffers and ids are among those "
-             "temporaries, not counted again." if lookup and cpus else "")
+  counted = not_counted_again(lookup if cpus else 0)
   if offloaded:
     room = (int(HOST_FRACTION * host - offloaded) // max(cpus, 1) - fixed) >> 20
     room = room if cpus and room > 0 else None

@@ -175,11 +175,9 @@ def device_warning(steps: list[StepMemory], result, dense: int, device) -> str |
   if need <= limit:
     return None
   flag = FLAGS[worst.name]
-  counted = (f" The plan's {format_bytes(lookup)} of lookup buffers and ids are among those "
-             "temporaries, not counted again." if lookup else "")
   # the budget (not the flag less the excess: a plan may stay well under its budget) that
   # leaves room for the dense state and the step's bytes beyond the plan's lookup parts
-  room = (limit - dense - max(worst.extra - lookup, 0)) >> 20
+  room = (limit - budget_hint.outside_budget(dense, worst.extra, lookup)) >> 20
   budget = (f", or give --memory_per_device={room}MiB or less (--plan=auto then splits or "
             "offloads tables)" if room > 0 else ": the dense model's state and the step "
             "alone take more than the device has")
@@ -188,7 +186,8 @@ def device_warning(steps: list[StepMemory], result, dense: int, device) -> str |
           f"{format_bytes(worst.extra)} of {name_largest(steps)} come to "
           f"{format_bytes(need)} per device, over the "
           f"{format_bytes(limit)} jax has on this {device.device_kind}: the step may run "
-          f"out of memory.{counted} Lower ExperimentConfig.{flag}{budget}")
+          f"out of memory.{budget_hint.not_counted_again(lookup)} Lower "
+          f"ExperimentConfig.{flag}{budget}")
 
 
 def to_json(steps: list[StepMemory]) -> list[dict]:
@@ -222,15 +221,14 @@ def record(workdir: str, result, steps: list[StepMemory]) -> bool:
   if not isinstance(written, dict):
     return False
   before = written.pop("steps", None)
-  if json.dumps(written, indent=2, sort_keys=True) != result.dumps():   # another run's plan
+  if written != json.loads(result.dumps()):   # another run's plan
     return False
-  plan = dict(result.to_json())   # (not changing a dict the caller may hold)
   by_name = {s.get("name"): s for s in before if isinstance(s, dict)} if isinstance(
       before, list) else {}
   by_name.update((s["name"], s) for s in to_json(steps))
-  plan["steps"] = [by_name[name] for name in FLAGS if name in by_name]
   try:
-    files.write_text_atomic(path, json.dumps(plan, indent=2, sort_keys=True))  # as dumps()
+    files.write_text_atomic(path, result.dumps(
+        steps=[by_name[name] for name in FLAGS if name in by_name]))
   except OSError as e:
     log.warning("cannot add the compiled steps' memory to %s: %s", path, e.strerror or e)
     return False

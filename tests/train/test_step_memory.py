@@ -168,8 +168,9 @@ def test_the_device_warning_gives_a_budget_that_shrinks_the_plan():
 
 def _fake_result(plan_json: dict):
   """A `PlanResult`'s `to_json` and `dumps` (the text the loop writes to plan.json)."""
-  return types.SimpleNamespace(to_json=lambda: plan_json,
-                               dumps=lambda: json.dumps(plan_json, indent=2, sort_keys=True))
+  return types.SimpleNamespace(
+      to_json=lambda: plan_json,
+      dumps=lambda **extra: json.dumps(dict(plan_json, **extra), indent=2, sort_keys=True))
 
 
 def test_the_measured_steps_are_added_to_the_runs_plan_json(tmp_path, caplog):
