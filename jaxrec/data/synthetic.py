@@ -158,7 +158,6 @@ class SyntheticSource(GrainMixin):
     rng = np.random.default_rng([config.model_seed, 0xD])
     self._dense_w = rng.standard_normal(nd)
     self._dense_scale = np.resize(np.array(_DENSE_SCALES), nd)
-    self._norm = (0.0, 1.0, 0.0, 1.0)
     self._norm = self._calibration()
 
   def _calibration(self) -> tuple[float, float, float, float]:
