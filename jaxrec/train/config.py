@@ -64,7 +64,8 @@ def dense_optimizer(name: str = "sgd", learning_rate: float = 0.1, **kwargs
 class DenseOptimizer:
   """The dense params' optax transformation and the learning rate it was built with (a
   number or a `Schedule`): the metrics lines log a scheduled rate, which optax keeps out of
-  sight inside `update`. `init` and `update` are optax's."""
+  sight inside `update`. `init` and `update` are optax's, and it unpacks as optax's
+  transformations do (`init, update = tx`)."""
 
   tx: optax.GradientTransformation
   learning_rate: Any
@@ -74,6 +75,9 @@ class DenseOptimizer:
 
   def update(self, updates, state, params=None, **extra_args):
     return self.tx.update(updates, state, params, **extra_args)
+
+  def __iter__(self):
+    return iter((self.init, self.update))
 
 
 def _checked_kinds(name: str, kwargs: dict) -> dict:

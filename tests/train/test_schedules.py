@@ -131,6 +131,8 @@ def test_the_dense_optimizer_keeps_its_rate_and_optax_behaviour():
   mine, theirs = tx.update(params, tx.init(params), params), optax.adamw(s, weight_decay=0.1)
   want = theirs.update(params, theirs.init(params), params)[0]["w"]
   np.testing.assert_allclose(mine[0]["w"], want)
+  init, update = tx                  # unpacks as optax's NamedTuple does
+  np.testing.assert_allclose(update(params, init(params), params)[0]["w"], want)
 
 
 SCHEDULED = ["--gin_file=configs/dlrm_synthetic.gin", "--log_every=5", "--eval_every=0",
