@@ -63,11 +63,18 @@ def outside_budget(dense: int, extra: int, lookup: int) -> int:
   return dense + max(extra - lookup, 0)
 
 
-def not_counted_again(lookup: int) -> str:
+def not_counted_again(lookup: int, flag: str = "batch_size") -> str:
   """The sentence a warning counting a measured step adds for the plan's `lookup` bytes it
-  left out ("" for none)."""
+  left out ("" for none). `flag`: the ExperimentConfig batch size of that step; the plan
+  prices a train step's lookup, so an eval step (`eval_batch_size`) holds its own lookup's
+  buffers instead of those."""
+  if not lookup:
+    return ""
+  if flag == "eval_batch_size":
+    return (f" The plan's {format_bytes(lookup)} of lookup buffers and ids, priced for a "
+            "train step, are left out: the eval step's temporaries hold its own lookup's.")
   return (f" The plan's {format_bytes(lookup)} of lookup buffers and ids are among those "
-          "temporaries, not counted again." if lookup else "")
+          "temporaries, not counted again.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,11 +91,11 @@ class HostWarning:
 
 def host_warning(result, devices, host_bytes: int | None = None, offloaded: int = 0,
                  dense: int = 0, activations: int = 0, steps: str = "",
-                 flag: str = "") -> HostWarning | None:
+                 flag: str = "", gradients: int = 0) -> HostWarning | None:
   """The warning for a plan (`PlanResult`) whose tables on this process's CPU `devices`,
-  with the `dense` bytes each of them holds (the dense model's parameters, gradients and
-  optimizer state, `state.dense_bytes`: not in the budget), the `activations` of the
-  largest compiled step on each (`step_memory`: `steps` names it, `flag` is the
+  with the `dense` bytes each of them holds (the dense model's parameters and optimizer
+  state, `state.dense_bytes`: not in the budget) and its `gradients`, the `activations` of
+  the largest compiled step on each (`step_memory`: `steps` names it, `flag` is the
   ExperimentConfig batch size that sets them) and the `offloaded` bytes the offload tier
   keeps on the host (`offload.config.host_bytes`, on any platform), take more than
   `HOST_FRACTION` of the host's memory (`host_bytes`, default the physical memory); None
@@ -96,28 +103,30 @@ def host_warning(result, devices, host_bytes: int | None = None, offloaded: int 
   fit 16 GiB on each, and took 10 GiB of the host before the first step; a model of 1,000
   features had 244 MiB of dense state on each, 2 GiB uncounted, and its eval step's
   `[B, F, F]` interaction was OOM-killed unannounced. Before the steps are measured
-  (`activations=0`) the plan counts whole; with them, its lookup buffers and ids
-  (`LOOKUP_PARTS`) are left out: the step's temporaries hold them (the dense gradients are
-  among those too, and stay counted twice, on the safe side). Several processes on one
-  host each count their own devices."""
+  (`activations=0`) the plan and the dense model count whole; with them, the plan's lookup
+  buffers and ids (`LOOKUP_PARTS`) and the dense `gradients` are left out: the train
+  step's temporaries hold them (an eval step's, its own lookup's and no gradients).
+  Several processes on one host each count their own devices."""
   cpus = len(devices) if devices and devices[0].platform == "cpu" else 0
   host = host_bytes if host_bytes is not None else (
       os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
   lookup = lookup_bytes(result) if activations else 0
   tables = int(sum(result.memory.values())) - lookup
+  dense += 0 if activations else gradients
   each = tables + dense + activations
   if each * cpus + offloaded <= HOST_FRACTION * host:
     return None
   fixed = outside_budget(dense, activations, lookup)
-  parts = [f"{format_bytes(tables)} of tables" + (" and their optimizer state"
-                                                  if activations else "")]
+  parts = [f"{format_bytes(tables)} of tables " + (
+      "and their optimizer state" if activations else
+      "with their optimizer state, lookup buffers and ids")]   # the plan's whole estimate
   if dense:
-    parts.append(f"{format_bytes(dense)} of the dense model's parameters, gradients and "
-                 "optimizer state")
+    what = "parameters, gradients and" if gradients and not activations else "parameters and"
+    parts.append(f"{format_bytes(dense)} of the dense model's {what} optimizer state")
   if activations:
     parts.append(f"{format_bytes(activations)} of {steps}")
   split = f"{', '.join(parts[:-1])} and {parts[-1]}" if len(parts) > 1 else ""
-  counted = not_counted_again(lookup if cpus else 0)
+  counted = not_counted_again(lookup if cpus else 0, flag)
   if offloaded:
     room = (int(HOST_FRACTION * host - offloaded) // max(cpus, 1) - fixed) >> 20
     room = room if cpus and room > 0 else None

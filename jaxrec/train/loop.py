@@ -137,9 +137,9 @@ def setup(config: ExperimentConfig, options: RunOptions, devices=None, workdir=N
   dense = state_lib.dense_bytes(config, collection.dim)
   result = dataclasses.replace(result, notes=result.notes + (
       f"not in the budget: the dense model's parameters, gradients and optimizer state"
-      f"{logq}, {format_bytes(dense)} on every device, and the steps' activations (measured "
-      "when they compile, before the first step: a log line): leave room for them in "
-      "--memory_per_device",))
+      f"{logq}, {format_bytes(dense.total)} on every device, and the steps' activations "
+      "(measured when they compile, before the first step: a log line): leave room for them "
+      "in --memory_per_device",))
   return collection, plan, {"mesh": choice.mesh, "plan_result": result, "offload": off,
                             "why": choice.why, "dense_bytes": dense}
 
@@ -223,8 +223,10 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     hint = budget_hint.note(options.memory_per_device, jax.local_devices()[0])
     if hint:
       log.info("%s", hint)
+    dense = info["dense_bytes"]
     shared = budget_hint.host_warning(info["plan_result"], mesh.local_devices,
-                                      offloaded=offloaded_bytes, dense=info["dense_bytes"])
+                                      offloaded=offloaded_bytes, dense=dense.resident,
+                                      gradients=dense.gradients)
     for warning in (shared, budget_hint.eval_warning(info["plan_result"], collection,
                                                      config.eval_batch_size)):
       if warning:
@@ -375,8 +377,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     precompiled = time.perf_counter()
     step_memory.check(config, collection, state, None if finished or train_it is None
                       else train_step, eval_step if eval_data is not None else None,
-                      info["plan_result"], info["dense_bytes"], offloaded_bytes, shared, is_main,
-                      workdir)   # and adds them to plan.json
+                      info["plan_result"], info["dense_bytes"].resident, offloaded_bytes, shared,
+                      is_main, workdir)   # adds them to plan.json; the gradients are measured
     precompiled = time.perf_counter() - precompiled
     step, sigterm, eval_stopped = start, False, False
     dense_behind = schedules.dense_steps_behind(state)   # an import's dense state is fresh

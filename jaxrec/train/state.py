@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,16 +55,29 @@ def uses_logq(config: ExperimentConfig) -> bool:
   return bool(getattr(config.model, "logq_correction", False))
 
 
-def dense_bytes(config: ExperimentConfig, dim: int) -> int:
-  """Bytes the dense model keeps on every device during a step: its parameters, their
-  gradients and the dense optimizer's state (and a two-tower's logQ estimate); the
+class DenseBytes(NamedTuple):
+  """`dense_bytes`: the dense model's bytes on every device, in two parts."""
+  resident: int    # its parameters, the optimizer's state (and logQ estimate): the state's
+  gradients: int   # the parameters' gradients: among the train step's temporaries (XLA)
+
+  @property
+  def total(self) -> int:
+    return self.resident + self.gradients
+
+
+def dense_bytes(config: ExperimentConfig, dim: int) -> DenseBytes:
+  """Bytes the dense model keeps on every device during a step: its parameters, the dense
+  optimizer's state (and a two-tower's logQ estimate), and apart from them the parameters'
+  gradients, which a compiled train step's measured temporaries hold (`step_memory`). The
   planner's `--memory_per_device` covers the tables only. Abstract: nothing is computed."""
   def dense():   # the key inside: made outside, it compiled (data errors must stop first)
     params, opt_state = init_dense_state(config, jax.random.key(0), dim)
     extra = item_frequency.init(config.model.logq_buckets) if uses_logq(config) else ()
-    return params, params, opt_state, extra   # params twice: their gradients
-  shapes = jax.eval_shape(dense)
-  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
+    return (params, opt_state, extra), params   # the params' shapes: their gradients'
+
+  def size(tree) -> int:
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+  return DenseBytes(*map(size, jax.eval_shape(dense)))
 
 
 def create(config: ExperimentConfig, collection: EmbeddingCollection, seed: int) -> TrainState:

@@ -2,12 +2,12 @@
 activations and other temporaries, measured by XLA, not modelled.
 
 The planner's `--memory_per_device` covers the tables only, and `budget_hint.host_warning`
-(before the state is made) adds the dense model's state; neither counted the steps'
-activations. A DLRM over 1,000 features (a `[B, F, F]` dot interaction) was OOM-killed at
-its first eval on 8 CPU devices with no warning. `measure` compiles each step on an
-abstract batch before the first one runs (`jit(...).lower(...).compile()`): the compiled
-executable lands in jit's caches, so the loop's first call compiles nothing again (the
-dlrm_synthetic train step's first call took 0.09 s after it, 5.6 s without), and
+(before the state is made) adds the dense model's state and gradients; neither counted the
+steps' activations. A DLRM over 1,000 features (a `[B, F, F]` dot interaction) was
+OOM-killed at its first eval on 8 CPU devices with no warning. `measure` compiles each step
+on an abstract batch before the first one runs (`jit(...).lower(...).compile()`): the
+compiled executable lands in jit's caches, so the loop's first call compiles nothing again
+(the dlrm_synthetic train step's first call took 0.09 s after it, 5.6 s without), and
 `memory_analysis()` of it costs milliseconds. Its sizes are per device (one SPMD program).
 """
 
@@ -123,10 +123,12 @@ def name_largest(steps: list[StepMemory]) -> str:
 def warnings(steps: list[StepMemory], result, devices, dense: int, offloaded: int,
              early: budget_hint.HostWarning | None, host_bytes: int | None = None
              ) -> list[str]:
-  """The warnings to give once the steps are compiled, before the first one runs: the host
-  warning counting the largest step's `extra` on every CPU device (unless the one given
-  before the state was made, `early`, said about as much: `_news`), and on a
-  device with a memory limit (a GPU) the step peaks over it (`device_warning`)."""
+  """The warnings to give once the steps are compiled, before the first one runs, with the
+  `dense` model's parameters and optimizer state (`state.DenseBytes.resident`: the train
+  step's `extra` holds the gradients): the host warning counting the largest step's
+  `extra` on every CPU device (unless the one given before the state was made, `early`,
+  said about as much: `_news`), and on a device with a memory limit (a GPU) the step peaks
+  over it (`device_warning`)."""
   if not steps:
     return []
   worst = largest(steps)
@@ -160,11 +162,11 @@ def _news(early: budget_hint.HostWarning | None, late: budget_hint.HostWarning) 
 
 
 def device_warning(steps: list[StepMemory], result, dense: int, device) -> str | None:
-  """The warning when the plan's resident bytes (tables, optimizer state), the dense
-  model's state and a step's `extra` pass the memory jax has on `device`
-  (`memory_stats()["bytes_limit"]`, a GPU's; CPU devices give none and share the host:
-  `host_warning`); None otherwise. The plan's lookup buffers and ids are left out: `extra`
-  holds them."""
+  """The warning when the plan's resident bytes (tables, optimizer state), the `dense`
+  model's parameters and optimizer state and a step's `extra` pass the memory jax has on
+  `device` (`memory_stats()["bytes_limit"]`, a GPU's; CPU devices give none and share the
+  host: `host_warning`); None otherwise. The plan's lookup buffers and ids and the dense
+  gradients are left out: `extra` holds them (an eval step's, its own lookup's)."""
   limit = (device.memory_stats() or {}).get("bytes_limit")
   if not limit:
     return None
@@ -182,11 +184,11 @@ def device_warning(steps: list[StepMemory], result, dense: int, device) -> str |
             "offloads tables)" if room > 0 else ": the dense model's state and the step "
             "alone take more than the device has")
   return (f"the plan's tables and their optimizer state ({format_bytes(tables)}), the dense "
-          f"model's parameters, gradients and optimizer state ({format_bytes(dense)}) and "
+          f"model's parameters and optimizer state ({format_bytes(dense)}) and "
           f"{format_bytes(worst.extra)} of {name_largest(steps)} come to "
           f"{format_bytes(need)} per device, over the "
           f"{format_bytes(limit)} jax has on this {device.device_kind}: the step may run "
-          f"out of memory.{budget_hint.not_counted_again(lookup)} Lower "
+          f"out of memory.{budget_hint.not_counted_again(lookup, flag)} Lower "
           f"ExperimentConfig.{flag}{budget}")
 
 

@@ -55,8 +55,8 @@ def test_the_loop_asks_for_the_note_beside_the_plan_report(monkeypatch, tmp_path
   def fake_note(memory_per_device, device):
     asked.append((memory_per_device, device))
 
-  def fake_host_warning(result, devices, offloaded, dense):
-    raise _Noted(result, devices, offloaded, dense)
+  def fake_host_warning(result, devices, offloaded, dense, gradients):
+    raise _Noted(result, devices, offloaded, dense, gradients)
   asked = []
   monkeypatch.setattr(budget_hint, "note", fake_note)
   monkeypatch.setattr(budget_hint, "host_warning", fake_host_warning)
@@ -69,7 +69,8 @@ def test_the_loop_asks_for_the_note_beside_the_plan_report(monkeypatch, tmp_path
     assert asked == [(3 * GIB, jax.local_devices()[0])]
     assert e.args[0].mode == "forced" and list(e.args[1]) == jax.local_devices()[:8]
     assert e.args[2] == 0   # nothing offloaded
-    assert e.args[3] == state_lib.dense_bytes(config_lib.ExperimentConfig(), 16) > 0
+    parts = state_lib.dense_bytes(config_lib.ExperimentConfig(), 16)
+    assert e.args[3:] == parts and min(parts) > 0   # the gradients count before a step does
   else:
     raise AssertionError("the loop never asked for the note")
 
@@ -97,11 +98,13 @@ def test_a_plan_the_cpu_devices_cannot_hold_together_is_warned_about():
   # the dense model's state on every device counts too (a 1,000-feature DLRM: 244 MiB each)
   small = types.SimpleNamespace(memory={"table": GIB // 2})
   assert budget_hint.host_warning(small, cpus, host_bytes=15 * GIB) is None   # 4 GiB
-  found = budget_hint.host_warning(small, cpus, host_bytes=15 * GIB, dense=GIB)
+  found = budget_hint.host_warning(small, cpus, host_bytes=15 * GIB, dense=GIB // 2,
+                                   gradients=GIB // 2)
   text = found.text
   assert found.room_mib == 416
-  assert text.startswith("the plan puts 1.5 GiB (512.0 MiB of tables and 1.0 GiB of the dense "
-                         "model's parameters, gradients and optimizer state) on each of the 8 "
+  assert text.startswith("the plan puts 1.5 GiB (512.0 MiB of tables with their optimizer "
+                         "state, lookup buffers and ids and 1.0 GiB of the dense model's "
+                         "parameters, gradients and optimizer state) on each of the 8 "
                          "CPU devices of this process, 12.0 GiB in all") and text.endswith(
                              "Give --memory_per_device=416MiB or less (with --plan=auto the "
                              "planner then splits or offloads tables), or fewer devices")

@@ -34,8 +34,7 @@ def test_the_host_warning_counts_the_largest_steps_activations():
   texts = step_memory.warnings(steps, result, cpus, GIB // 2, 0, None, host_bytes=12 * GIB)
   assert texts == [
       "the plan puts 1.2 GiB (512.0 MiB of tables and their optimizer state, 512.0 MiB of "
-      "the dense model's "
-      "parameters, gradients and optimizer state and 256.0 MiB of the eval step's "
+      "the dense model's parameters and optimizer state and 256.0 MiB of the eval step's "
       "activations and temporaries at eval_batch_size=16384 (measured by XLA; the train "
       "step's: 9.0 MiB at batch_size=512)) on each of the 8 CPU devices of this process, "
       "10.0 GiB in all, and they share this host's 12.0 GiB of memory: the run may run out "
@@ -82,25 +81,34 @@ def test_the_lookups_buffers_and_ids_are_counted_once_when_measured():
                                host_bytes=12 * GIB)
   assert text == (
       "the plan puts 1.4 GiB (512.0 MiB of tables and their optimizer state, 256.0 MiB of "
-      "the dense model's parameters, gradients and optimizer state and 640.0 MiB of the eval "
+      "the dense model's parameters and optimizer state and 640.0 MiB of the eval "
       "step's activations and temporaries at eval_batch_size=16384 (measured by XLA; the "
       "train step's: 1.0 MiB at batch_size=512)) on each of the 8 CPU devices of this "
       "process, 11.0 GiB in all, and they share this host's 12.0 GiB of memory: the run may "
-      "run out of it. The plan's 256.0 MiB of lookup buffers and ids are among those "
-      "temporaries, not counted again. Give --memory_per_device=512MiB or less (with "
+      "run out of it. The plan's 256.0 MiB of lookup buffers and ids, priced for a train "
+      "step, are left out: the eval step's temporaries hold its own lookup's. Give "
+      "--memory_per_device=512MiB or less (with "
       "--plan=auto the planner then splits or offloads tables), lower "
       "ExperimentConfig.eval_batch_size, or fewer devices")   # 1,152 - 256 - (640 - 256)
   # before the steps are measured the plan's estimate counts whole: 768 + 256 MiB x 8
   early = budget_hint.host_warning(plan, cpus, host_bytes=9 * GIB, dense=256 * MIB)
-  assert early.text.startswith("the plan puts 1.0 GiB (768.0 MiB of tables and 256.0 MiB of ")
-  assert early.room_mib == 864 - 256 and "lookup buffers" not in early.text
+  assert early.text.startswith("the plan puts 1.0 GiB (768.0 MiB of tables with their "
+                               "optimizer state, lookup buffers and ids and 256.0 MiB of ")
+  assert early.room_mib == 864 - 256 and "counted again" not in early.text
+  # the train step the largest: its temporaries hold the plan's lookup parts
+  text, = step_memory.warnings(_steps(640 * MIB, MIB), plan, cpus, 256 * MIB, 0, None,
+                               host_bytes=12 * GIB)
+  assert "run out of it. The plan's 256.0 MiB of lookup buffers and ids are among those " \
+      "temporaries, not counted again. Give --memory_per_device=512MiB or less" in text
   # offloaded tables too: the breakdown per device adds up
   text = budget_hint.host_warning(plan, cpus, host_bytes=12 * GIB, offloaded=GIB,
-                                  dense=256 * MIB, activations=640 * MIB, steps="S").text
+                                  dense=256 * MIB, activations=640 * MIB, steps="S",
+                                  flag="batch_size").text
   assert ", and the plan puts 11.0 GiB on the 8 CPU devices of this process (1.4 GiB on " \
       "each: 512.0 MiB of tables and their optimizer state, 256.0 MiB of the dense model's " \
-      "parameters, gradients and optimizer state and 640.0 MiB of S), of this host's 12.0 " \
-      "GiB: the run may run out of it. The plan's 256.0 MiB of lookup buffers and ids" in text
+      "parameters and optimizer state and 640.0 MiB of S), of this host's 12.0 " \
+      "GiB: the run may run out of it. The plan's 256.0 MiB of lookup buffers and ids are " \
+      "among those temporaries" in text
   # a GPU: 34 GiB of tables and state + 30 GiB measured fit 64 GiB (counted twice: 66 GiB)
   gpu = types.SimpleNamespace(memory={"table": 24 * GIB, "optimizer": 8 * GIB,
                                       "buffers": GIB, "ids": GIB})
@@ -109,12 +117,44 @@ def test_the_lookups_buffers_and_ids_are_counted_once_when_measured():
   text, = step_memory.warnings(_steps(GIB, 30 * GIB), gpu, [FakeGpu(60 * GIB)], 2 * GIB, 0,
                                None)
   assert text.startswith(
-      "the plan's tables and their optimizer state (32.0 GiB), the dense model's parameters, "
-      "gradients and optimizer state (2.0 GiB) and 30.0 GiB of the eval step's ") and (
+      "the plan's tables and their optimizer state (32.0 GiB), the dense model's parameters "
+      "and optimizer state (2.0 GiB) and 30.0 GiB of the eval step's ") and (
           "come to 64.0 GiB per device, over the 60.0 GiB jax has on this NVIDIA H100: the "
-          "step may run out of memory. The plan's 2.0 GiB of lookup buffers and ids are among "
-          "those temporaries, not counted again. Lower ExperimentConfig.eval_batch_size, or "
-          "give --memory_per_device=30720MiB or less") in text   # 60 - 2 - (30 - 2) GiB
+          "step may run out of memory. The plan's 2.0 GiB of lookup buffers and ids, priced "
+          "for a train step, are left out: the eval step's temporaries hold its own lookup's. "
+          "Lower ExperimentConfig.eval_batch_size, or give --memory_per_device=30720MiB or "
+          "less") in text   # 60 - 2 - (30 - 2) GiB
+  text, = step_memory.warnings(_steps(30 * GIB, GIB), gpu, [FakeGpu(60 * GIB)], 2 * GIB, 0,
+                               None)
+  assert "The plan's 2.0 GiB of lookup buffers and ids are among those temporaries, not " \
+      "counted again. Lower ExperimentConfig.batch_size, or give " \
+      "--memory_per_device=30720MiB or less" in text
+
+
+def test_the_dense_gradients_are_counted_once_when_measured():
+  """`state.dense_bytes` counted the dense gradients (the parameters again) and the train
+  step's measured temporaries hold them too: once the steps were measured, both warnings
+  counted them twice. The split is explicit (`DenseBytes`): before the steps are measured
+  the dense model counts whole, with them its parameters and optimizer state only."""
+  plan = types.SimpleNamespace(memory={"table": 512 * MIB})
+  cpus = jax.devices()[:8]   # 9 GiB: an 864 MiB share each
+  early = budget_hint.host_warning(plan, cpus, host_bytes=9 * GIB, dense=256 * MIB,
+                                   gradients=128 * MIB)   # 512 + 256 + 128 MiB
+  assert early.text.startswith(
+      "the plan puts 896.0 MiB (512.0 MiB of tables with their optimizer state, lookup "
+      "buffers and ids and 384.0 MiB of the dense model's parameters, gradients and "
+      "optimizer state) on each") and early.room_mib == 864 - 384
+  # the train step's 90 MiB hold the gradients: 512 + 256 + 90 MiB fit (384 + 90 did not)
+  assert step_memory.warnings(_steps(90 * MIB, MIB), plan, cpus, 256 * MIB, 0, None,
+                              host_bytes=9 * GIB) == []
+  assert budget_hint.host_warning(plan, cpus, host_bytes=9 * GIB, dense=256 * MIB,
+                                  gradients=128 * MIB, activations=90 * MIB) is None
+  late = budget_hint.host_warning(plan, cpus, host_bytes=9 * GIB, dense=256 * MIB,
+                                  gradients=128 * MIB, activations=100 * MIB, steps="S")
+  assert late.text.startswith(
+      "the plan puts 868.0 MiB (512.0 MiB of tables and their optimizer state, 256.0 MiB of "
+      "the dense model's parameters and optimizer state and 100.0 MiB of S) on each") and (
+          late.room_mib == 864 - 256 - 100)
 
 
 class FakeGpu:
@@ -135,8 +175,8 @@ def test_a_device_with_a_memory_limit_is_warned_when_a_step_passes_it():
   steps = _steps(GIB, 30 * GIB)
   text, = step_memory.warnings(steps, result, [FakeGpu(60 * GIB)], 2 * GIB, 0, None)
   assert text == (
-      "the plan's tables and their optimizer state (40.0 GiB), the dense model's parameters, "
-      "gradients and optimizer state (2.0 GiB) and 30.0 GiB of the eval step's activations "
+      "the plan's tables and their optimizer state (40.0 GiB), the dense model's parameters "
+      "and optimizer state (2.0 GiB) and 30.0 GiB of the eval step's activations "
       "and temporaries at "
       "eval_batch_size=16384 (measured by XLA; the train step's: 1.0 GiB at batch_size=512) "
       "come to 72.0 GiB per device, over the 60.0 GiB jax has on this NVIDIA H100: the step "
@@ -264,10 +304,11 @@ def test_the_loop_warns_before_the_first_step(monkeypatch, tmp_path, caplog):
   events = []
   real_host_warning = budget_hint.host_warning
 
-  def host_warning(result, devices, host_bytes=None, offloaded=0, dense=0, **kw):
-    fits = (sum(result.memory.values()) + dense) * len(devices) / budget_hint.HOST_FRACTION
+  def host_warning(result, devices, host_bytes=None, offloaded=0, dense=0, gradients=0, **kw):
+    fits = (sum(result.memory.values()) + dense + gradients) * len(devices) / (
+        budget_hint.HOST_FRACTION)
     return real_host_warning(result, devices, host_bytes=int(fits) + MIB,
-                             offloaded=offloaded, dense=dense, **kw)
+                             offloaded=offloaded, dense=dense, gradients=gradients, **kw)
 
   class Recorded:   # the train step, noting its calls
     def __init__(self, jitted):
@@ -303,6 +344,12 @@ def test_the_loop_warns_before_the_first_step(monkeypatch, tmp_path, caplog):
   assert text.startswith("the plan puts ") and "of the eval step's activations and " \
       "temporaries at eval_batch_size=4096 (measured by XLA; the train step's: " in text
   assert "lower ExperimentConfig.eval_batch_size" in text
+  # the dense model's parameters and optimizer state: the gradients are the train step's
+  from jaxrec.planner.result import format_bytes  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import state as state_lib   # pylint: disable=import-outside-toplevel
+  dense = state_lib.dense_bytes(config_lib.ExperimentConfig(), 16)
+  assert f"{format_bytes(dense.resident)} of the dense model's parameters and optimizer " \
+      "state and " in text and dense.gradients > 0
   written = json.loads((tmp_path / "w" / "plan.json").read_text())   # process 0 added them
   assert [(s["name"], s["batch_size"]) for s in written["steps"]] == [("train", 64),
                                                                       ("eval", 4096)]
@@ -322,7 +369,7 @@ def test_a_real_gpus_limit_is_read_and_a_step_past_it_is_warned():
   config, collection, state, info, _, evaluate = _built(
       SMALL + ["ExperimentConfig.eval_batch_size=4096"], "auto", "auto")
   small, = step_memory.measure(config, collection, state, None, evaluate)
-  dense = info["dense_bytes"]
+  dense = info["dense_bytes"].resident   # the train step measures the gradients
   assert step_memory.device_warning([small], info["plan_result"], dense, device) is None
   per_example = small.extra / small.batch_size
   big_batch = 1 << max(12, int(np.ceil(np.log2(2 * limit / per_example))))
