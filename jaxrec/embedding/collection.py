@@ -465,8 +465,13 @@ class EmbeddingCollection:
 
   # ----------------------------------------------------------------------------- stage 3
   def apply_gradients(self, state: EmbeddingState, ctx: Context,
-                      row_grads: Mapping[str, jax.Array], step: jax.Array) -> EmbeddingState:
-    """Stage 3: sum row gradients over replicas, update the unique rows in place."""
+                      row_grads: Mapping[str, jax.Array], step: jax.Array,
+                      slot_rows: Mapping[str, jax.Array] | None = None) -> EmbeddingState:
+    """Stage 3: sum row gradients over replicas, update the unique rows in place.
+    `slot_rows`: `{table: uint32 [cache_rows]}`, the table row in each cache slot of
+    offloaded tables, which stochastic rounding keys their rows by
+    (`local_ops.rounding_rows`)."""
+    slot_rows = slot_rows or {}
     uniq, grads = self._gather_slots(ctx.unique, row_grads)
     tables, opt = {}, {}
     for l in self.layouts:
@@ -476,10 +481,12 @@ class EmbeddingCollection:
                                            self.dedup(l)),
                          mesh=self.mesh,
                          in_specs=(l.table_spec(), opt_specs, P(MESH_AXES, None), PER_DEVICE,
-                                   P(MESH_AXES, None), P()),
+                                   P(MESH_AXES, None), P(), P()),
                          out_specs=(l.table_spec(), opt_specs), check_vma=False)
+      mine = {s.name: slot_rows[s.name] for s in l.slots if s.name in slot_rows}
       tables[l.name], opt[l.name] = fn(state["tables"][l.name], state["opt"][l.name],
-                                       ctx.rows[l.name], uniq[l.name], grads[l.name], step)
+                                       ctx.rows[l.name], uniq[l.name], grads[l.name], step,
+                                       mine)
     return {"tables": tables, "opt": opt}
 
   def _gather_slots(self, unique, row_grads) -> tuple[dict, dict]:

@@ -310,11 +310,13 @@ def fused_update_ok(l, optimizer) -> bool:
   return "col" not in l.axes or (name != "RowWiseAdagrad" and l.dtype != "int8")
 
 
-def rounding_rows(l, uniq):
+def rounding_rows(l, uniq, slot_rows=None):
   """uint32 `[n]` row keys of stochastic rounding's bits for local rows `uniq [n]`: the
   crc32 of the row's table name xor its row in that table, the same on every plan and mesh
   (rows past the slice's tables, e.g. the sentinel, get keys of the slice's last table:
-  they are never stored)."""
+  they are never stored). An offloaded table's rows in the stack are cache slots: its
+  table row is `slot_rows[table][slot]` (`{table: uint32 [cache_rows]}`, the low 32 bits,
+  `OffloadTier.step_args`), so it gets the bits it gets in memory."""
   per_slice = [sorted((s.row_offset, zlib.crc32(s.name.encode())) for s in l.slots
                       if l.num_slices == 1 or s.table_slice == t) for t in range(l.num_slices)]
   width = max(len(p) for p in per_slice)
@@ -325,7 +327,16 @@ def rounding_rows(l, uniq):
   names = jnp.asarray(names.astype(np.uint32))[t]
   row = uniq + axis_index(l, "row") * l.local_rows                    # row in the slice
   which = jnp.maximum(jnp.sum(row[:, None] >= starts[None, :], axis=1) - 1, 0)
-  return names[which] ^ (row - starts[which]).astype(jnp.uint32)
+  within = (row - starts[which]).astype(jnp.uint32)
+  for s in l.slots:
+    if s.name in (slot_rows or {}):
+      slot = row - s.row_offset
+      cached = unsigned(slot) < s.rows
+      if l.num_slices > 1:
+        cached = cached & (t == s.table_slice)
+      table_row = jnp.take(slot_rows[s.name], jnp.clip(slot, 0, s.rows - 1))
+      within = jnp.where(cached, table_row, within)
+  return names[which] ^ within
 
 
 def rounding_cols(l):
@@ -333,21 +344,23 @@ def rounding_cols(l):
   return axis_index(l, "col") * l.local_dim + jnp.arange(l.local_dim, dtype=jnp.int32)
 
 
-def update(l, optimizer, opts, dedup, table, opt_state, rows, uniq, grads, step):
+def update(l, optimizer, opts, dedup, table, opt_state, rows, uniq, grads, step,
+           slot_rows=None):
   """Stage 3: optimizer step on the unique rows `uniq [1, n]` of the local shard
   (without `dedup`: per slot, scatter-added, for SGD — see `lookup`).
 
   table `[local_rows, dl]` (or `QuantizedTable`); rows f32 `[n, dl]` (the values read in
   stage 1); grads f32: with dedup `[n, dl]`, the unique rows' gradients before their psum
   over replicas; without, every slot's gradient of the replica group, already all-gathered
-  by the collection (`gather_replicas`)."""
+  by the collection (`gather_replicas`). `slot_rows`: of this stack's offloaded tables
+  (`rounding_rows`)."""
   uniq = uniq[0]
   if dedup and l.split_replica_axes:
     grads = jax.lax.psum(grads, l.split_replica_axes)
   key = ROUNDING_KEY() if opts.stochastic_rounding else None
   if opts.kernel == "pallas" and fused_update_ok(l, optimizer):
     idx = jnp.where(uniq < l.local_rows, uniq, -1)[:, None]
-    bit_rows = None if key is None else rounding_rows(l, uniq)[:, None]
+    bit_rows = None if key is None else rounding_rows(l, uniq, slot_rows)[:, None]
     return kernels.sparse_update(table, opt_state, idx, jnp.ones(idx.shape, jnp.float32),
                                  grads, kernels.coerce(optimizer), step, key=key,
                                  kernel="pallas", interpret=opts.interpret,
@@ -366,7 +379,7 @@ def update(l, optimizer, opts, dedup, table, opt_state, rows, uniq, grads, step)
   new_rows, new_state = optimizer.update(rows, grads, state_rows, step, dim_sum)
   bits = None
   if key is not None:
-    bits = quant.random_bits(quant.seed_from(key, step), rounding_rows(l, uniq),
+    bits = quant.random_bits(quant.seed_from(key, step), rounding_rows(l, uniq, slot_rows),
                              rounding_cols(l))
   table = store_rows(l, table, uniq, new_rows, bits)
   opt_state = {k: opt_state[k].at[uniq].set(new_state[k].astype(opt_state[k].dtype),

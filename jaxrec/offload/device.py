@@ -95,6 +95,7 @@ class DeviceOps:
     self.install = jax.jit(self._install, in_shardings=(emb, rep, rep), out_shardings=emb,
                            donate_argnums=(0,), compiler_options=options)
     self.gather = jax.jit(self._gather, in_shardings=(emb, rep), out_shardings=rep)
+    self.set_slot_rows = jax.jit(self._set_slot_rows, out_shardings=rep, donate_argnums=(0,))
 
   def _install(self, emb, payload, bounces):
     """payload `{table: (rows [n] int32, values {array: [n, ...]})}`: writes the values
@@ -114,6 +115,13 @@ class DeviceOps:
       for k in opt[stack]:
         opt[stack][k] = put(opt[stack][k], values[f"opt.{k}"])
     return {"tables": tables, "opt": opt}
+
+  def _set_slot_rows(self, slot_rows, rows, table_rows):
+    """`slot_rows` `{table: uint32 [cache_rows]}` (the table row in each slot) with an
+    install's `table_rows [n]` (uint32) written at the slots of its stack `rows [n]`
+    (`{table: ...}`, padding dropped)."""
+    return {name: m.at[rows[name] - self.places[name].base].set(table_rows[name], mode="drop")
+            if name in table_rows else m for name, m in slot_rows.items()}
 
   def _gather(self, emb, rows_by_table):
     """`{table: rows [n]}` → `{table: {array: [n, ...]}}`."""

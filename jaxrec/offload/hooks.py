@@ -4,7 +4,8 @@
     collection = EmbeddingCollection.create(tables, ...)      # caches for offloaded tables
     tier = offload.make_tier(collection, config, off, options.seed, workdir, keep)
     train_it = tier.wrap(train_it)                            # if tier is not None
-    ... state = tier.before_step(state, batch) before each train step
+    ... state = tier.before_step(state, batch) before each train step, which takes
+    ... tier.step_args() after the batch (make_train_step(..., keyed=tier.keyed))
     ... tier.save(state, step, workdir_layout.snapshots_dir(workdir)) before each save
     ... restored = ckpt.restore(..., offloaded={n: t.spec for n, t in tier.tables.items()})
     ... tier.restore(step, workdir_layout.snapshots_dir(workdir), restored.host_tables)

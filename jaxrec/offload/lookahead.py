@@ -117,7 +117,7 @@ class LookAhead:
     """Waits for `a`'s reads and puts its installs and device copies on the device, in one
     transfer."""
     t0 = time.perf_counter()
-    payload, copies = {}, []
+    payload, copies, table_rows = {}, [], {}
     for name, t in self.tables.items():
       slots, rows = a.installs[name]
       # As many rows as the cache can take from a batch of this shape: one compilation.
@@ -125,16 +125,19 @@ class LookAhead:
       found, values = a.pending[name]
       payload[name] = (global_rows(t.place, slots, n),
                        {k: pad_rows(v, n) for k, v in values().items()})
+      if name in self.keyed:   # stochastic rounding's row keys (low 32 bits)
+        table_rows[name] = pad_rows(rows.astype(np.uint32), n)
       for ev, src, dst in found:
         copies.append((name, ev, (pad_rows(src, n), np.pad(
             dst, (0, n - len(dst)), constant_values=n).astype(np.int32))))
     any_new = any(len(rows) for _, rows in a.installs.values())
-    on_device, moved = self.ops.put((payload if any_new else None,
-                                     [arrays for _, _, arrays in copies]))
+    on_device, keyed, moved = self.ops.put((payload if any_new else None,
+                                            table_rows if any_new else None,
+                                            [arrays for _, _, arrays in copies]))
     bounces = [(name, ev, arrays) for (name, ev, _), arrays in zip(copies, moved)]
     self._stats["plan_s"] += a.seconds + time.perf_counter() - t0
     return PlannedBatch(a.seq, a.raw.replace(ids=a.ids), a.data_state, on_device, a.installs,
-                        a.used, a.evictions, bounces)
+                        a.used, a.evictions, bounces, keyed)
 
   def _start_read(self, t: TierTable, rows: np.ndarray
                   ) -> tuple[list, Callable[[], dict[str, np.ndarray]]]:

@@ -40,3 +40,4 @@ class PlannedBatch:
   used: dict                    # table -> slots the batch reads (its step updates them)
   evictions: list
   bounces: list                 # (table, eviction, (src, dst)): rows copied on the device
+  table_rows: dict | None = None  # keyed table -> uint32 [n]: table row of each payload row

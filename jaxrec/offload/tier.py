@@ -7,7 +7,7 @@ thread sees only:
     it = tier.wrap(train_iterator)        # batches whose offloaded ids are cache slots
     batch = next(it)
     state = tier.before_step(state, batch)   # installs the rows the batch needs
-    state, metrics = train_step(state, batch)
+    state, metrics = train_step(state, batch, *tier.step_args())
     tier.save(state, step, directory)     # with each checkpoint; tier.restore(step, ...)
 
 Threads, in step order (K = `prefetch_depth`, H = `protect_ahead`):
@@ -128,6 +128,11 @@ class OffloadTier(LookAhead):
           tuple(f.name for f in collection.features if f.table == off.name), place,
           np.full(cache_rows, -1, np.int64), np.zeros(cache_rows, bool))
     self.ops = DeviceOps(collection, places)
+    # tables whose stochastic rounding needs each slot's table row (`step_args`)
+    self.keyed = tuple(n for n, t in self.tables.items() if t.spec.dtype != "float32"
+                       and collection.options.stochastic_rounding)
+    self.slot_rows = self.ops.put({n: np.zeros(self.tables[n].cache.cache_rows, np.uint32)
+                                   for n in self.keyed})
     self.bounce_sources = bounce_sources(config.prefetch_depth)
     self._store_ready = self._dirty = self._atexit = False
     self._stores_written = False   # by this tier: created fresh or restored
@@ -165,6 +170,9 @@ class OffloadTier(LookAhead):
     if plan.evictions:
       evicted = self.ops.gather(state["emb"], {n: r for n, (r, _) in plan.payload.items()})
     emb = self.ops.install(state["emb"], plan.payload, bounces)
+    if plan.table_rows:
+      self.slot_rows = self.ops.set_slot_rows(
+          self.slot_rows, {n: plan.payload[n][0] for n in plan.table_rows}, plan.table_rows)
     for name, (slots, rows) in plan.installs.items():
       self.tables[name].resident[slots] = rows
     for ev in plan.evictions:
@@ -176,6 +184,12 @@ class OffloadTier(LookAhead):
       self._fetch_q.put(ev)
     self._stats["install_s"] += time.perf_counter() - t0
     return dict(state, emb=emb)
+
+  def step_args(self) -> tuple:
+    """What the train step takes after the batch (`make_train_step(..., keyed=tier.keyed)`):
+    `({table: uint32 [cache_rows]},)`, the table row in each cache slot of the `keyed`
+    tables (stochastic rounding on a reduced-precision table), else `()`."""
+    return (self.slot_rows,) if self.keyed else ()
 
   def install_rows(self, name: str) -> int:
     """Padded rows of the training installs into table `name` so far (0: none yet)."""

@@ -352,7 +352,9 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     ckpt.close()
     raise
 
-  train_step = step_lib.make_train_step(config, collection, shardings)
+  train_step = step_lib.make_train_step(config, collection, shardings,
+                                        tier.keyed if tier is not None else ())
+  step_args = tier.step_args if tier is not None else tuple
   eval_step = step_lib.make_eval_step(config, collection, shardings)
   bsharding = mesh_lib.batch_sharding(mesh)
   writer = MetricsWriter(workdir, enabled=is_main)
@@ -378,7 +380,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     step_memory.check(config, collection, state, None if finished or train_it is None
                       else train_step, eval_step if eval_data is not None else None,
                       info["plan_result"], info["dense_bytes"].resident, offloaded_bytes, shared,
-                      is_main, workdir)   # adds them to plan.json; the gradients are measured
+                      is_main, workdir, step_args())   # adds them to plan.json
     precompiled = time.perf_counter() - precompiled
     step, sigterm, eval_stopped = start, False, False
     dense_behind = schedules.dense_steps_behind(state)   # an import's dense state is fresh
@@ -412,7 +414,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       collection.check_ids(batch.ids)
       placed = device_batch(collection, batch, bsharding)
       t_host = time.perf_counter() - t_step
-      state, metrics = train_step(state, placed)
+      state, metrics = train_step(state, placed, *step_args())
       step += 1
       pending.append((step, position, metrics["loss"]))
       if in_flight is not None and len(pending) > in_flight:   # wait for that step back

@@ -11,6 +11,8 @@ Train step, one `jit`:
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -25,13 +27,18 @@ from jaxrec.train.dense_loss import dense_value_and_grad
 from jaxrec.train import state as state_lib
 
 
-def make_train_step(config: ExperimentConfig, collection: EmbeddingCollection, state_shardings):
-  """`step(state, batch) -> (state, metrics)`; state buffers are donated (in-place)."""
+def make_train_step(config: ExperimentConfig, collection: EmbeddingCollection, state_shardings,
+                    keyed: Sequence[str] = ()):
+  """`step(state, batch) -> (state, metrics)`; state buffers are donated (in-place).
+
+  `keyed`: offloaded tables whose stochastic rounding is keyed by table row
+  (`OffloadTier.keyed`); the step then takes a third argument, `OffloadTier.step_args()`'s
+  `{table: uint32 [cache_rows]}` (the table row in each cache slot)."""
   tx = config.dense_tx()
   model = config.model
   dense_vg = dense_value_and_grad(model, collection.mesh)
 
-  def step(state, batch: Batch):
+  def step(state, batch: Batch, slot_rows=None):
     ctx = collection.lookup(state["emb"], batch.ids, batch.weights)
     keys = log_q = None
     logq = getattr(model, "logq_correction", False)
@@ -54,12 +61,13 @@ def make_train_step(config: ExperimentConfig, collection: EmbeddingCollection, s
     (g_rows,) = pool_vjp(g_emb)
     updates, opt_state = tx.update(g_params, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    emb = collection.apply_gradients(state["emb"], ctx, g_rows, state["step"])
+    emb = collection.apply_gradients(state["emb"], ctx, g_rows, state["step"], slot_rows)
     new_state.update(step=state["step"] + 1, params=params, opt_state=opt_state, emb=emb)
     return new_state, {"loss": loss}
 
   bs = batch_sharding(collection.mesh)
-  return jax.jit(step, in_shardings=(state_shardings, bs),
+  slot_rows = (replicated(collection.mesh),) if keyed else ()
+  return jax.jit(step, in_shardings=(state_shardings, bs) + slot_rows,
                  out_shardings=(state_shardings, replicated(collection.mesh)),
                  donate_argnums=(0,), compiler_options=collection.compiler_options())
 

@@ -64,13 +64,14 @@ def abstract_batch(config, collection, batch_size: int) -> Batch:
                ids=s((batch_size, collection.packed_width), jnp.int32), weights={})
 
 
-def analyse(name: str, jitted, state, batch: Batch, devices: int) -> StepMemory | None:
-  """Compiles `jitted(state, batch)` (into jit's caches: the first call reuses it) and reads
-  its memory; None where the backend gives no analysis, or for a step that is not a jitted
-  function (a test's wrapper: it compiles at its first call, as before)."""
+def analyse(name: str, jitted, state, batch: Batch, devices: int, args: tuple = ()
+            ) -> StepMemory | None:
+  """Compiles `jitted(state, batch, *args)` (into jit's caches: the first call reuses it)
+  and reads its memory; None where the backend gives no analysis, or for a step that is not
+  a jitted function (a test's wrapper: it compiles at its first call, as before)."""
   if not hasattr(jitted, "lower"):
     return None
-  stats = jitted.lower(state, batch).compile().memory_analysis()
+  stats = jitted.lower(state, batch, *args).compile().memory_analysis()
   if stats is None:
     return None
   size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(batch)) // max(devices, 1)
@@ -80,16 +81,18 @@ def analyse(name: str, jitted, state, batch: Batch, devices: int) -> StepMemory 
                     int(size))
 
 
-def measure(config, collection, state, train_step=None, eval_step=None) -> list[StepMemory]:
+def measure(config, collection, state, train_step=None, eval_step=None, train_args=()
+            ) -> list[StepMemory]:
   """`analyse` of the steps given (None: not run by this process, e.g. evaluating only) at
   `config.batch_size` and `config.eval_batch_size`. `state`: the train state, arrays or
-  `ShapeDtypeStruct`s with shardings."""
+  `ShapeDtypeStruct`s with shardings; `train_args`: what the train step takes after the
+  batch (`OffloadTier.step_args`)."""
   out = []
-  for name, fn, size in (("train", train_step, config.batch_size),
-                         ("eval", eval_step, config.eval_batch_size)):
+  for name, fn, size, args in (("train", train_step, config.batch_size, train_args),
+                               ("eval", eval_step, config.eval_batch_size, ())):
     if fn is not None:
       found = analyse(name, fn, state, abstract_batch(config, collection, size),
-                      collection.mesh.size)
+                      collection.mesh.size, args)
       if found is not None:
         out.append(found)
   return out
@@ -239,12 +242,12 @@ def record(workdir: str, result, steps: list[StepMemory]) -> bool:
 
 def check(config, collection, state, train_step, eval_step, result, dense: int,
           offloaded: int, early: budget_hint.HostWarning | None, log_it: bool,
-          workdir: str | None = None) -> list[StepMemory]:
+          workdir: str | None = None, train_args: tuple = ()) -> list[StepMemory]:
   """`measure`, an info line with each step's bytes per device and `warnings` (logged
   where `log_it`, process 0, which also adds them to `workdir`'s plan.json: `record`). The
   loop calls it after making the steps and writing plan.json, before the first one runs:
   every process compiles (they would at their first call anyway)."""
-  steps = measure(config, collection, state, train_step, eval_step)
+  steps = measure(config, collection, state, train_step, eval_step, train_args)
   if log_it and steps:
     log.info("compiled steps, activations and temporaries per device (XLA): %s",
              describe(steps))

@@ -86,16 +86,15 @@ def offload_config(tmp_path, cache_rows=1000, **kw):
 class Run:
   """One training run: collection, state, jitted step, iterator (optionally offloaded)."""
 
-  def __init__(self, config, mesh, off=None, plan="dp", seed=0, iterator=None):
+  def __init__(self, config, mesh, off=None, plan="dp", seed=0, iterator=None, options=None):
     self.config, self.off = config, off
     tables = config.tables if off is None else offload.device_tables(
         config.tables, off, config.sparse_tx())
     self.collection = EmbeddingCollection.create(
         tables, config.features, uniform_plan(plan, tables, mesh.shape["table"]), mesh,
-        config.sparse_tx())
+        config.sparse_tx(), options)
     self.state = state_lib.create(config, self.collection, seed)
     shardings = state_lib.shardings(self.state, self.collection)
-    self.step_fn = step_lib.make_train_step(config, self.collection, shardings)
     self.bs = batch_sharding(mesh)
     it = iterator or train_iterator(seed)
     self.tier = None
@@ -104,6 +103,8 @@ class Run:
                                       key=offload.emb_init_key(seed))
       it = self.tier.wrap(it)
     self.it = it
+    self.step_fn = step_lib.make_train_step(config, self.collection, shardings,
+                                            self.tier.keyed if self.tier else ())
     self.losses = []
 
   def train(self, steps):
@@ -112,7 +113,8 @@ class Run:
       self.collection.check_ids(batch.ids)
       if self.tier is not None:
         self.state = self.tier.before_step(self.state, batch)
-      self.state, metrics = self.step_fn(self.state, self.put(batch))
+      args = self.tier.step_args() if self.tier is not None else ()
+      self.state, metrics = self.step_fn(self.state, self.put(batch), *args)
       self.losses.append(float(metrics["loss"]))
     return self
 
