@@ -10,7 +10,9 @@ from jaxrec.models import DLRM
 
 from jaxrec.train import state as state_lib
 from jaxrec.train import step as step_lib
-from tests.offload.offload_helpers import CountedStream, Run, experiment, mesh_of, offload_config
+from tests.offload.offload_helpers import (SMALL_DLRM, SNAPSHOT_OFFLOAD, CountedStream, Run,
+                                          experiment, logged_losses, mesh_of, offload_config,
+                                          train_synthetic)
 
 
 def _compare(ref, off, atol=1e-6):
@@ -196,3 +198,13 @@ def test_stochastic_rounding_keys_cached_rows_by_their_table_row(tmp_path, opt, 
     _compare(ref, off, atol=1e-6 if plan == "rw" else 0)
   finally:
     off.close()
+
+
+def test_stochastic_rounding_through_the_trainer(tmp_path):
+  """The trainer builds and calls the step with the tier's slot-to-row maps (and compiles
+  it so for `step_memory`): bf16 tables, t0 offloaded on data=8, the losses of the run with
+  its tables on the device (keyed by slot: 1e-6 apart at step 5, 3e-4 at step 10)."""
+  sr = ["uniform_tables.dtype='bfloat16'", "EmbeddingOptions.stochastic_rounding=True"]
+  train_synthetic(tmp_path / "mem", 5, SMALL_DLRM + sr)
+  train_synthetic(tmp_path / "off", 5, SMALL_DLRM + sr + SNAPSHOT_OFFLOAD)
+  assert logged_losses(tmp_path / "off") == logged_losses(tmp_path / "mem")
