@@ -43,9 +43,9 @@ def _kill_mid_step(step: int) -> None:
   def make_train_step(*args, **kwargs):
     fn = real(*args, **kwargs)
 
-    def train_step(state, batch):
+    def train_step(state, batch, *step_args):   # the tier's slot rows, if it keys any
       before = int(state["step"])
-      out = fn(state, batch)          # dispatched, not waited for
+      out = fn(state, batch, *step_args)   # dispatched, not waited for
       if before + 1 == step:
         _die()
       return out
