@@ -1,12 +1,14 @@
-"""Clearer gin errors: 'did you mean ...?' for an unknown configurable or parameter, and what
-an unparsable value should look like."""
+"""Clearer gin errors: 'did you mean ...?' for an unknown configurable or parameter, what
+an unparsable value should look like, and where a file stops being text gin can read."""
 
 from __future__ import annotations
 
 import ast
 import difflib
 import inspect
+import io
 import re
+import tokenize
 
 import gin
 
@@ -107,3 +109,41 @@ def _close(word: str, choices: list[str]) -> list[str]:
   starting = [c for c in lower if c.startswith(word.lower())]
   return [lower[c] for c in starting[:3] or difflib.get_close_matches(
       word.lower(), list(lower), n=3, cutoff=0.6)]
+
+
+def text_error(path: str) -> str | None:
+  """`PATH:LINE: what` when the gin file `path` is not text gin can tokenize: bytes that
+  are not UTF-8 (gin said only `utf-8`), or a bracket or triple-quoted string still open at
+  the end of the file (gin's "EOF in multi-line statement", without a line). None when it
+  reads and tokenizes."""
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError:
+    return None
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    start = data.rfind(b"\n", 0, e.start) + 1
+    line = data.count(b"\n", 0, e.start) + 1
+    column = len(data[start:e.start].decode("utf-8", "replace")) + 1
+    return (f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column "
+            f"{column}); save the file as UTF-8")
+  opened: list[tokenize.TokenInfo] = []
+  try:
+    for token in tokenize.generate_tokens(io.StringIO(text.lstrip("\ufeff")).readline):
+      if token.type == tokenize.OP and token.string in "([{":
+        opened.append(token)
+      elif token.type == tokenize.OP and token.string in ")]}" and opened:
+        opened.pop()
+  except tokenize.TokenError as e:
+    if "string" in str(e.args[0]) and len(e.args) > 1:   # (its start: line, column)
+      line, column = e.args[1]
+      return (f"{path}:{line}: the string at column {column + 1} is not closed by the end "
+              "of the file")
+    if opened:   # the outermost: where the statement begins
+      line, column = opened[0].start
+      return (f"{path}:{line}: the '{opened[0].string}' at column {column + 1} is not "
+              "closed by the end of the file")
+    return f"{path}: {e.args[0]}"
+  return None

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import sys
+import tokenize
 from typing import Callable, Iterator, Mapping, Sequence
 
 import gin
@@ -65,6 +66,8 @@ def _parse_files(files: Sequence[str]) -> None:
       if e.lineno == 1 and _starts_with_bom(path):   # gin reads it as a stray character
         text += " (the file starts with a UTF-8 byte-order mark: save it without one)"
       raise ConfigError(f"--gin_file: {where}: {text}") from None
+    except (UnicodeDecodeError, tokenize.TokenError) as e:   # gin: `utf-8`, or no line
+      raise ConfigError(f"--gin_file: {_text_error(path, e)}") from None
     except Exception as e:  # gin raises ValueError/KeyError with location info
       missing = _missing_include(e)
       if missing:
@@ -75,6 +78,20 @@ def _parse_files(files: Sequence[str]) -> None:
       raise ConfigError(f"--gin_file: {_located(path, _one_line(e))}{_set_by(e)}"
                         f"{gin_hints.did_you_mean(str(e))}") from None
     gin_usage.record_file(path)
+
+
+_INCLUDED_AT = re.compile(r'In file "(.+?)", line (\d+)\n\s*include\s+([\'"])(.+?)\3')
+
+
+def _text_error(path: str, e: Exception) -> str:
+  """`FILE:LINE: what` for a gin file (`path`, or the file it includes that failed) that is
+  not UTF-8 or ends inside a bracket or string, with where it was included."""
+  included = _INCLUDED_AT.findall(str(e))   # innermost first
+  failed = included[0][3] if included else path
+  text = gin_hints.text_error(failed)
+  if text is None:   # (it reads now): gin's words
+    return f"{path}: {e.args[0] if e.args else _one_line(e)}"
+  return text + (f" (included at {included[0][0]}:{included[0][1]})" if included else "")
 
 
 class _OrbaxErrorsInOneLine(logging.Filter):

@@ -385,3 +385,39 @@ def test_relative_data_paths_are_bound_absolute_through_symlinks(tmp_path, monke
   train = gin.query_parameter("ExperimentConfig.train_data")
   assert os.path.isabs(train) and os.path.samefile(train, tmp_path / "real" / "day.tsv")
   assert gin.query_parameter("ExperimentConfig.eval_data") == str(tmp_path / "cwd" / "data.tsv")
+
+
+def test_a_gin_file_that_is_not_utf8_names_the_byte_and_line(tmp_path):
+  """gin's error was the codec's name alone: `--gin_file: x.gin: utf-8`."""
+  path = tmp_path / "latin1.gin"
+  path.write_bytes(b"# caf\xc3\xa9\nExperimentConfig.batch_size = 64  # na\xefve\n")
+  with pytest.raises(ConfigError) as e:
+    launch.parse_gin([str(path)], [])
+  assert str(e.value) == (f"--gin_file: {path}:2: not UTF-8 text (byte 0xef at column 39); "
+                          "save the file as UTF-8")
+  outer = tmp_path / "outer.gin"
+  outer.write_text(f"DLRM.dtype = 'float32'\ninclude '{path}'\n")
+  with pytest.raises(ConfigError) as e:
+    launch.parse_gin([str(outer)], [])
+  assert str(e.value) == (f"--gin_file: {path}:2: not UTF-8 text (byte 0xef at column 39); "
+                          f"save the file as UTF-8 (included at {outer}:2)")
+
+
+@pytest.mark.parametrize("text, line, message", [
+    ("DLRM.top_mlp = (\n  8,\n  1)\nDLRM.bottom_mlp = [4,\n  (2, 3)\n", 4,
+     "the '\\[' at column 19 is not closed by the end of the file"),
+    ("DLRM.dtype = 'float32'\n\nDLRM.dtype = '''bf\n", 3,
+     "the string at column 14 is not closed by the end of the file"),
+])
+def test_an_unclosed_bracket_or_string_in_a_file_names_its_line(tmp_path, text, line, message):
+  """gin's TokenError has no line: `--gin_file: x.gin: EOF in multi-line statement`, and
+  through an include a tuple, `('EOF in multi-line statement', (3, 0))`."""
+  path = tmp_path / "open.gin"
+  path.write_text(text)
+  with pytest.raises(ConfigError, match=rf"^--gin_file: {path}:{line}: {message}$"):
+    launch.parse_gin([str(path)], [])
+  outer = tmp_path / "outer.gin"
+  outer.write_text(f"include '{path}'\n")
+  with pytest.raises(ConfigError, match=rf"^--gin_file: {path}:{line}: {message} "
+                     rf"\(included at {outer}:1\)$"):
+    launch.parse_gin([str(outer)], [])
