@@ -32,7 +32,8 @@ def read_metrics(workdir: str) -> list[dict]:
 
   Raises:
     DataError: the file is missing, unreadable, not UTF-8 text, empty or holds a line that
-      is not a JSON object with a finite 'step'.
+      is not a JSON object with a finite 'step', or whose loss, eval AUC or examples/sec
+      is neither a number nor null.
   """
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.isfile(path):
@@ -50,6 +51,12 @@ def read_metrics(workdir: str) -> list[dict]:
       step = int(rec["step"])
     except (ValueError, KeyError, TypeError, OverflowError):   # Overflow: "step": Infinity
       raise DataError(f"{path}:{lineno}: not a JSON object with a 'step'") from None
+    for key, _ in PANELS:   # a null is a gap (warned); anything else would be left out
+      value = rec.get(key)
+      if key in rec and value is not None and (
+          isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise DataError(f"{path}:{lineno}: '{key}' is not a number or null: "
+                        f"{json.dumps(value)}")
     if rec.get("event") in REWIND_EVENTS:
       by_step = {s: r for s, r in by_step.items() if s <= step}
     by_step.setdefault(step, {}).update(rec)

@@ -192,3 +192,13 @@ def test_unreadable_metrics_is_a_data_error(tmp_path, monkeypatch):
   monkeypatch.setattr(plotting.jsonl, "complete_lines", denied)
   with pytest.raises(plotting.DataError, match="cannot read .*: Permission denied"):
     plotting.read_metrics(str(tmp_path))
+
+
+@pytest.mark.parametrize("value", ['"abc"', "true", "[0.5]"])
+def test_a_plotted_value_that_is_not_a_number_is_a_data_error(tmp_path, value):
+  """`"loss": "abc"` was left out of the plot without a word (a null is a gap, warned)."""
+  (tmp_path / "metrics.jsonl").write_text(
+      f'{{"step": 1, "loss": 0.5}}\n{{"step": 2, "loss": {value}}}\n')
+  with pytest.raises(plotting.DataError, match=rf"^{tmp_path}/metrics.jsonl:2: 'loss' is "
+                     rf"not a number or null: {value.replace('[', '.').replace(']', '.')}$"):
+    plotting.read_metrics(str(tmp_path))
