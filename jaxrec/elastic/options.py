@@ -79,3 +79,9 @@ class Options:
         raise ConfigError(f"--inject_delay={self.inject_delay}: process {int(proc)} is not one "
                           f"of the job's processes 0 to {self.num_processes - 1} "
                           f"(--num_processes={self.num_processes})")
+
+
+# scripts/launch.py's own flags: the fields above but two, and --quiet (train_args names one
+# given after `--`, where train.py would not know it).
+LAUNCH_FLAGS = frozenset({f.name for f in dataclasses.fields(Options)}
+                         - {"poll_interval", "python"} | {"quiet"})

@@ -9,6 +9,7 @@ import os
 from typing import Mapping, Sequence
 
 from jaxrec import files
+from jaxrec.elastic.options import LAUNCH_FLAGS
 from jaxrec.errors import ConfigError
 
 # Flags of scripts/train.py the supervisor reads (all take a value).
@@ -43,6 +44,10 @@ class TrainArgs:
     while i < len(argv):
       a = argv[i]
       name, eq, value = a[2:].partition("=") if a.startswith("--") else ("", "", "")
+      if name in LAUNCH_FLAGS or (name.startswith("no") and name[2:] in LAUNCH_FLAGS):
+        raise ConfigError(f"--{name} is a flag of scripts/launch.py, not of scripts/train.py: "
+                          "put it before `--` (launch.py [launcher flags] -- --workdir=W "
+                          "--gin_file=...)")
       if name in _VALUE_FLAGS:
         if not eq:
           if i + 1 >= len(argv):

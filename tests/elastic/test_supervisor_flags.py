@@ -183,3 +183,24 @@ def test_ctrl_c_before_the_supervisor_loop_names_the_checkpoint(tmp_path, saved)
           "resume)" if saved else f"no checkpoint was saved in {where}")
   assert proc.returncode == 130, proc.stderr[-2000:]
   assert proc.stderr == f"error: interrupted by SIGINT. Stopping; {want}.\n", proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["--num_processes=2", "--devices_per_process", "--quiet",
+                                  "--noreplan_on_straggler"])
+def test_a_launcher_flag_after_the_separator_is_a_user_error(tmp_path, flag):
+  """`launch.py -- --workdir=W ... --num_processes=2` started the workers, which stopped
+  with `scripts/train.py has no flag --num_processes`, not saying where it goes."""
+  options = sup.Options(num_processes=1, devices_per_process=1)
+  name = flag[2:].split("=")[0]
+  with pytest.raises(ConfigError, match=re.escape(
+      f"--{name} is a flag of scripts/launch.py, not of scripts/train.py: put it before "
+      "`--` (launch.py [launcher flags] -- --workdir=W --gin_file=...)")):
+    sup.Supervisor(options, [f"--workdir={tmp_path / 'w'}", "--gin_file=configs/x.gin", flag])
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_the_launcher_flags_known_to_the_supervisor_are_launch_pys():
+  with open(os.path.join(t.ROOT, "scripts", "launch.py")) as f:
+    defined = set(re.findall(r'flags\.DEFINE_\w+\(\s*"(\w+)"', f.read()))
+  from jaxrec.elastic import options   # pylint: disable=import-outside-toplevel
+  assert options.LAUNCH_FLAGS == defined
