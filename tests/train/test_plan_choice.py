@@ -66,6 +66,25 @@ def test_plan_file_from_another_mesh_is_kept_with_a_warning(tmp_path, caplog):
           "data=1,table=2,row=2,col=1") in caplog.text
 
 
+def test_a_plan_file_this_mesh_cannot_hold_names_the_mesh_it_was_made_for(tmp_path):
+  """A table slice past this mesh's `table` axis: the error says which mesh the file was
+  made for (h92: it named only the slice)."""
+  _, result, _, _ = choose("tw")
+  record = dict(result.to_json(), mesh={"table": 4, "row": 2})
+  record["plan"] = dict(record["plan"], a={"kind": "tw", "table_slice": 3})
+  path = tmp_path / "plan.json"
+  path.write_text(json.dumps(record))
+  with pytest.raises(ConfigError, match=(
+      r"table 'a': table_slice 3 is outside mesh axis table=2 \(the file was made for mesh "
+      r"data=1,table=4,row=2,col=1, 8 devices; the mesh here is data=1,table=2,row=2,col=1: "
+      r"run it on that mesh, or give --plan=auto")):
+    choose(str(path))
+  record["mesh"] = MESH   # made here: nothing to add
+  path.write_text(json.dumps(record))
+  with pytest.raises(ConfigError, match=r"outside mesh axis table=2$"):
+    choose(str(path))
+
+
 def test_mesh_auto_takes_the_mesh_a_plan_file_records(tmp_path, caplog):
   """`scripts/plan.py --plan=FILE` checks a file on the mesh it records, while train.py's
   `--mesh=auto` put every device on `data`: a plan checked on table=2,row=2 ran on data=4
