@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 
 import jax
@@ -35,17 +36,19 @@ class StepMemory:
   """One compiled step's memory on each device (XLA's `memory_analysis()`), at
   `batch_size` (global). `extra`: what the step takes beyond the train state it is given,
   its temporaries (activations, gradients, the lookup's buffers), outputs that are not
-  donated state buffers and its share of the batch."""
+  donated state buffers, its share of the batch and its other arguments."""
   name: str          # "train" or "eval"
   batch_size: int
-  arguments: int     # the state (tables, dense model) and the batch, per device
+  arguments: int     # the state (tables, dense model), the batch and `inputs`, per device
   temp: int
   outputs: int       # not aliased to a donated argument
   batch: int         # the batch's bytes per device (among `arguments`)
+  inputs: int = 0    # the arguments after the batch per device (among `arguments`): the
+                     # offload tier's slot-to-row maps (`OffloadTier.step_args`), replicated
 
   @property
   def extra(self) -> int:
-    return self.temp + self.outputs + self.batch
+    return self.temp + self.outputs + self.batch + self.inputs
 
   @property
   def peak(self) -> int:
@@ -75,10 +78,13 @@ def analyse(name: str, jitted, state, batch: Batch, devices: int, args: tuple = 
   if stats is None:
     return None
   size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(batch)) // max(devices, 1)
+  inputs = sum(math.prod(x.shape if getattr(x, "sharding", None) is None else
+                         x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+               for x in jax.tree.leaves(args))   # replicated: whole on each device
   return StepMemory(name, int(batch.labels.shape[0]), int(stats.argument_size_in_bytes),
                     int(stats.temp_size_in_bytes),
                     max(int(stats.output_size_in_bytes) - int(stats.alias_size_in_bytes), 0),
-                    int(size))
+                    int(size), int(inputs))
 
 
 def measure(config, collection, state, train_step=None, eval_step=None, train_args=()

@@ -379,3 +379,30 @@ def test_a_real_gpus_limit_is_read_and_a_step_past_it_is_warned():
   assert big.extra > limit, (big, limit)
   text = step_memory.device_warning([big], info["plan_result"], dense, device)
   assert text is not None and device.device_kind in text and f"{big_batch}" in text
+
+
+def test_the_train_steps_extra_counts_an_offloaded_tables_slot_to_row_map(tmp_path):
+  """Stochastic rounding on a reduced-precision offloaded table gives the train step a third
+  argument, the tier's slot-to-row map (`uint32 [cache_rows]`, replicated: on every device,
+  however the cache is split), which neither the state nor the plan holds. `extra` left it
+  out (XLA's `arguments` had it): the warnings and plan.json's `extra_bytes` did not count
+  it, 4 bytes a slot on each device (a 100M-slot cache: 400 MB each)."""
+  import dataclasses   # pylint: disable=import-outside-toplevel
+  from jaxrec.embedding.specs import EmbeddingOptions   # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from tests.offload.offload_helpers import Run, experiment, mesh_of, offload_config
+  cfg = experiment("sgd")
+  cfg = dataclasses.replace(cfg, embedding=(
+      tuple(dataclasses.replace(t, dtype="bfloat16") for t in cfg.tables), cfg.features))
+  run = Run(cfg, mesh_of("data=2"), offload_config(tmp_path, cache_rows=9000),
+            options=EmbeddingOptions(stochastic_rounding=True))
+  try:
+    args = run.tier.step_args()
+    train, = step_memory.measure(cfg, run.collection, run.state, run.step_fn, None, args)
+    shard = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(run.state))
+    assert sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(args)) == 36_000
+    assert train.arguments == shard + train.batch + 36_000
+    assert train.extra == train.temp + train.outputs + train.batch + 36_000
+    assert train.peak == shard + train.extra   # what the step takes beyond the state
+  finally:
+    run.close()
