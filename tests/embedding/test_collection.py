@@ -44,7 +44,24 @@ def make_inputs(seed=0, tables=TABLES):
   return ids, weights, gout
 
 
+# The single-device runs many cases compare with, by their arguments: each runs once per
+# worker (the grids below compare 2 optimizers x 11 meshes with the same 2 references).
+_SINGLE: dict = {}
+
+
 def run(kind, mesh_spec, opt, steps=2, seed=0, plan=None, tables=TABLES):
+  """`run_collection` of `opt` on `tables` placed by `kind` (or `plan`) on `mesh_spec`."""
+  if mesh_spec == "single" and plan is None:
+    key = (kind, opt, steps, seed, tables)
+    if key not in _SINGLE:
+      _SINGLE[key] = _run(kind, mesh_spec, opt, steps, seed, plan, tables)
+    pooled, tables_out, opt_state = _SINGLE[key]   # copies: a test may write into its own
+    return ([p.copy() for p in pooled], {k: v.copy() for k, v in tables_out.items()},
+            opt_state)
+  return _run(kind, mesh_spec, opt, steps, seed, plan, tables)
+
+
+def _run(kind, mesh_spec, opt, steps, seed, plan, tables):
   if mesh_spec == "single":
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
   else:
