@@ -1,22 +1,35 @@
 """convert_checkpoint errors that say what to pass instead, and leave nothing behind."""
 
+import atexit
+import functools
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import jax
 import numpy as np
 import pytest
 
-from jaxrec.checkpoint import CheckpointError, CheckpointManager, convert
+from jaxrec.checkpoint import CheckpointError, CheckpointManager, convert, rotation
 from jaxrec.embedding.specs import TableSpec
 from jaxrec.errors import ConfigError, DataError
 from tests.checkpoint import ckpt_helpers as h
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(autouse=True)
+def _quick_corrupt_verdict(monkeypatch):
+  """A step that fails to read is corrupt, not rotated out, once its entries stay put for
+  `settle` s (`rotation._gone`, timed in test_steps.py): 0.5 s at each read of a damaged
+  step, two or more per case here, where nothing deletes anything. 0.05 s (one poll) tells
+  these steps alike."""
+  # pylint: disable-next=protected-access
+  monkeypatch.setattr(rotation, "_gone", functools.partial(rotation._gone, settle=0.05))
 
 
 def _offloaded_steps(w, steps):
@@ -140,12 +153,21 @@ def test_a_checkpoint_directory_copied_alone_exports_with_a_warning(tmp_path, ca
   assert any(want in r.getMessage() for r in caplog.records), caplog.text
 
 
+# `_two_steps`'s checkpoint, saved once per worker (a dozen cases damage a copy each).
+_SAVED: dict = {}
+
+
 def _two_steps(path):
-  """Steps 2 and 4 saved in `path`."""
-  coll = h.collection("rw", 8)
-  with CheckpointManager(path) as mgr:
-    for step in (2, 4):
-      mgr.save(step, h.train_state(coll, seed=step, step=step), coll, force=True)
+  """Steps 2 and 4 saved in `path` (a copy of one checkpoint saved once)."""
+  if "c" not in _SAVED:
+    saved = os.path.join(tempfile.mkdtemp(prefix="jaxrec_two_steps_"), "c")
+    atexit.register(shutil.rmtree, os.path.dirname(saved), ignore_errors=True)
+    coll = h.collection("rw", 8)
+    with CheckpointManager(saved) as mgr:
+      for step in (2, 4):
+        mgr.save(step, h.train_state(coll, seed=step, step=step), coll, force=True)
+    _SAVED["c"] = saved
+  shutil.copytree(_SAVED["c"], path)
 
 
 def _flipped_latest(path):
