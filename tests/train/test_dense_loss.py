@@ -31,14 +31,28 @@ def _inputs(seed=0):
           jnp.asarray(rng.integers(0, 2, B), jnp.float32))
 
 
+# `_reference`s by model name: each model is compared on every mesh with the same one.
+_REFERENCE: dict = {}
+
+
+def _reference(name):
+  """Model `name`, its parameters, and `compute_loss`'s value and gradients on `_inputs()`
+  (jax arrays: immutable, shared by the cases)."""
+  if name not in _REFERENCE:
+    model = build_model(name, **MODELS[name])
+    params = init_params(model, jax.random.key(1), NUM_DENSE, F, D)
+    dense, emb, labels = _inputs()
+    ref_loss, (ref_gp, ref_ge) = jax.jit(jax.value_and_grad(
+        lambda p, e: compute_loss(model, p, dense, e, labels)[0], argnums=(0, 1)))(params, emb)
+    _REFERENCE[name] = model, params, ref_loss, ref_gp, ref_ge
+  return _REFERENCE[name]
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("spec", MESHES)
 def test_value_and_gradients_match_compute_loss(name, spec):
-  model = build_model(name, **MODELS[name])
-  params = init_params(model, jax.random.key(1), NUM_DENSE, F, D)
+  model, params, ref_loss, ref_gp, ref_ge = _reference(name)
   dense, emb, labels = _inputs()
-  ref_loss, (ref_gp, ref_ge) = jax.value_and_grad(
-      lambda p, e: compute_loss(model, p, dense, e, labels)[0], argnums=(0, 1))(params, emb)
 
   n = 2 if spec == "data=2" else 8
   mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh_spec(spec, n), jax.devices()[:n])
