@@ -153,21 +153,21 @@ def test_a_checkpoint_directory_copied_alone_exports_with_a_warning(tmp_path, ca
   assert any(want in r.getMessage() for r in caplog.records), caplog.text
 
 
-# `_two_steps`'s checkpoint, saved once per worker (a dozen cases damage a copy each).
-_SAVED: dict = {}
-
-
 def _two_steps(path):
   """Steps 2 and 4 saved in `path` (a copy of one checkpoint saved once)."""
-  if "c" not in _SAVED:
-    saved = os.path.join(tempfile.mkdtemp(prefix="jaxrec_two_steps_"), "c")
-    atexit.register(shutil.rmtree, os.path.dirname(saved), ignore_errors=True)
-    coll = h.collection("rw", 8)
-    with CheckpointManager(saved) as mgr:
-      for step in (2, 4):
-        mgr.save(step, h.train_state(coll, seed=step, step=step), coll, force=True)
-    _SAVED["c"] = saved
-  shutil.copytree(_SAVED["c"], path)
+  shutil.copytree(_saved_two_steps(), path)
+
+
+@functools.cache
+def _saved_two_steps() -> str:
+  """`_two_steps`'s checkpoint, saved once per worker (a dozen cases damage a copy each)."""
+  saved = os.path.join(tempfile.mkdtemp(prefix="jaxrec_two_steps_"), "c")
+  atexit.register(shutil.rmtree, os.path.dirname(saved), ignore_errors=True)
+  coll = h.collection("rw", 8)
+  with CheckpointManager(saved) as mgr:
+    for step in (2, 4):
+      mgr.save(step, h.train_state(coll, seed=step, step=step), coll, force=True)
+  return saved
 
 
 def _flipped_latest(path):

@@ -1,6 +1,7 @@
 """Sharded embedding collection vs a plain single-device numpy reference."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -44,21 +45,20 @@ def make_inputs(seed=0, tables=TABLES):
   return ids, weights, gout
 
 
-# The single-device runs many cases compare with, by their arguments: each runs once per
-# worker (the grids below compare 2 optimizers x 11 meshes with the same 2 references).
-_SINGLE: dict = {}
-
-
 def run(kind, mesh_spec, opt, steps=2, seed=0, plan=None, tables=TABLES):
   """`run_collection` of `opt` on `tables` placed by `kind` (or `plan`) on `mesh_spec`."""
   if mesh_spec == "single" and plan is None:
-    key = (kind, opt, steps, seed, tables)
-    if key not in _SINGLE:
-      _SINGLE[key] = _run(kind, mesh_spec, opt, steps, seed, plan, tables)
-    pooled, tables_out, opt_state = _SINGLE[key]   # copies: a test may write into its own
+    pooled, tables_out, opt_state = _single(kind, opt, steps, seed, tables)
     return ([p.copy() for p in pooled], {k: v.copy() for k, v in tables_out.items()},
-            opt_state)
+            opt_state)   # copies: a test may write into its own
   return _run(kind, mesh_spec, opt, steps, seed, plan, tables)
+
+
+@functools.cache
+def _single(kind, opt, steps, seed, tables):
+  """The single-device runs many cases compare with, once per worker (the grids below
+  compare 2 optimizers x 11 meshes with the same 2 references)."""
+  return _run(kind, "single", opt, steps, seed, None, tables)
 
 
 def _run(kind, mesh_spec, opt, steps, seed, plan, tables):

@@ -1,6 +1,7 @@
 """`per_device_value_and_grad`: the dense loss per device gives `compute_loss`'s value and
 gradients on every mesh shape, and the train step reduces them in one flat buffer."""
 
+import functools
 import re
 
 import jax
@@ -31,21 +32,16 @@ def _inputs(seed=0):
           jnp.asarray(rng.integers(0, 2, B), jnp.float32))
 
 
-# `_reference`s by model name: each model is compared on every mesh with the same one.
-_REFERENCE: dict = {}
-
-
+@functools.cache
 def _reference(name):
   """Model `name`, its parameters, and `compute_loss`'s value and gradients on `_inputs()`
-  (jax arrays: immutable, shared by the cases)."""
-  if name not in _REFERENCE:
-    model = build_model(name, **MODELS[name])
-    params = init_params(model, jax.random.key(1), NUM_DENSE, F, D)
-    dense, emb, labels = _inputs()
-    ref_loss, (ref_gp, ref_ge) = jax.jit(jax.value_and_grad(
-        lambda p, e: compute_loss(model, p, dense, e, labels)[0], argnums=(0, 1)))(params, emb)
-    _REFERENCE[name] = model, params, ref_loss, ref_gp, ref_ge
-  return _REFERENCE[name]
+  (jax arrays: immutable), once per worker: each model is compared on every mesh with it."""
+  model = build_model(name, **MODELS[name])
+  params = init_params(model, jax.random.key(1), NUM_DENSE, F, D)
+  dense, emb, labels = _inputs()
+  ref_loss, (ref_gp, ref_ge) = jax.jit(jax.value_and_grad(
+      lambda p, e: compute_loss(model, p, dense, e, labels)[0], argnums=(0, 1)))(params, emb)
+  return model, params, ref_loss, ref_gp, ref_ge
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
