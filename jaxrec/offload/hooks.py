@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from typing import Mapping, Sequence
 
@@ -29,8 +28,8 @@ from jaxrec.offload.config import OffloadConfig, device_tables
 from jaxrec.offload.planning import (plan_with_offload, with_offload_notes,
                                      with_auto_offloaded)
 from jaxrec.offload.tier import OffloadTier
-from jaxrec.sharding.plan import (MESH_AXES, Plan, check_plan_flag, format_mesh, is_plan_file,
-                                  load_plan_file, uniform_plan, warn_collapsed_kind)
+from jaxrec.sharding.plan import (Plan, check_plan_flag, is_plan_file, load_plan_file,
+                                  plan_file_mesh_note, uniform_plan, warn_collapsed_kind)
 from jaxrec.errors import BudgetError, ConfigError
 
 _LOG = logging.getLogger(__name__)
@@ -91,7 +90,7 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
     except ConfigError as e:
       if mode != "file":
         raise
-      raise type_of(e)(f"--plan={options.plan}: {e}{other_mesh(options.plan, mesh_shape)}"
+      raise type_of(e)(f"--plan={options.plan}: {e}{plan_file_mesh_note(options.plan, mesh_shape)}"
                        ) from None
 
   if recorded is None and is_plan_file(options.plan):
@@ -126,18 +125,6 @@ def with_given_plans_offload(estimate, off: OffloadConfig, names, tables, featur
       raise
   off = with_auto_offloaded(tables, features, off, names, batch_size)
   return off, estimate(off)
-
-
-def other_mesh(path: str, mesh_shape: Mapping[str, int]) -> str:
-  """For an error with plan file `path`: the mesh it was made for, when that is not
-  `mesh_shape` (its placements may not fit this one), and what to do; else ""."""
-  made_for = Plan.load_with_mesh(path)[1]
-  here = {a: int(mesh_shape.get(a, 1)) for a in MESH_AXES}
-  if made_for is None or made_for == here:
-    return ""
-  return (f" (the file was made for mesh {format_mesh(made_for)}, "
-          f"{math.prod(made_for.values())} devices; the mesh here is {format_mesh(here)}: "
-          "run it on that mesh, or give --plan=auto to plan for this one)")
 
 
 def type_of(e: ConfigError) -> type:

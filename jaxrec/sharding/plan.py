@@ -195,13 +195,29 @@ def load_plan_file(path: str, mesh_shape: Mapping[str, int], fix: str = "") -> P
   warning is logged once per process, and inside `mesh_warning_held` only for the mesh
   finally chosen."""
   plan, made_for = Plan.load_with_mesh(path)
-  here = {a: int(mesh_shape.get(a, 1)) for a in MESH_AXES}
+  here = _all_axes(mesh_shape)
   if made_for is not None and made_for != here:
     message = (f"--plan={path} was made for mesh {format_mesh(made_for)}, the mesh here is "
                f"{format_mesh(here)}: its placements are kept where they fit, but may be "
                f"unbalanced here{fix}")
     warn_for_mesh(message, here)
   return plan
+
+
+def plan_file_mesh_note(path: str, mesh_shape: Mapping[str, int]) -> str:
+  """For an error with plan file `path` on `mesh_shape`: the mesh the file was made for,
+  when it is another (its placements may not fit this one), and what to do; else ""."""
+  made_for, here = Plan.load_with_mesh(path)[1], _all_axes(mesh_shape)
+  if made_for is None or made_for == here:
+    return ""
+  return (f" (the file was made for mesh {format_mesh(made_for)}, "
+          f"{math.prod(made_for.values())} devices; the mesh here is {format_mesh(here)}: "
+          "run it on that mesh, or give --plan=auto to plan for this one)")
+
+
+def _all_axes(mesh_shape: Mapping[str, int]) -> dict[str, int]:
+  """`mesh_shape` with all four axes (absent ones 1)."""
+  return {a: int(mesh_shape.get(a, 1)) for a in MESH_AXES}
 
 
 def warn_for_mesh(message: str, shape: Mapping[str, int]) -> None:
