@@ -9,11 +9,13 @@ in two roles). A feature is one-hot (`max_len=1`) or multi-hot (`max_len>1`: a b
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Sequence
 
 import gin
 import numpy as np
 
+from jaxrec import gin_usage
 from jaxrec.errors import ConfigError, DataError
 from jaxrec.kernels.optim import NONNEG, hparam
 from jaxrec.kernels.quant import TABLE_DTYPES, dtype_name
@@ -66,6 +68,43 @@ def _name(obj, field: str, what: str) -> None:
     raise ConfigError(f"{what}.{field} must be a non-empty string, got {getattr(obj, field)!r}")
 
 
+def _binding(cls: str, field: str, value) -> str | None:
+  """The gin binding that gave `value` to `field` of the spec gin is building now, as
+  written (`item/TableSpec.dim`), or None (no binding did: a default, or a value passed
+  in code, e.g. by `uniform_tables`). Its errors can then name it, and `gin_usage.locate`
+  its FILE:LINE: they named the table or feature only."""
+  scope = gin.current_scope()
+  for k in range(len(scope), -1, -1):   # the most specific scope first, as gin applies them
+    name = "/".join(scope[:k] + [f"{cls}.{field}"])
+    if gin_usage.bound_at(name) is None:
+      continue
+    try:
+      bound = gin.query_parameter(name)
+    except ValueError:
+      continue
+    return name if bound is value or repr(bound) == repr(value) else None
+  return None
+
+
+_SPEC_BINDING = re.compile(r"^(?:\w+/)*(?:TableSpec|FeatureSpec)\.\w+")
+
+
+def _checked(obj, field: str, check) -> None:
+  """Runs `check()`; its `ConfigError` names the binding that set `obj.field`, if any
+  (`_binding`): `item/TableSpec.dim: table 't_item': dim must be ...`."""
+  try:
+    check()
+  except ConfigError as e:
+    cls = type(obj).__name__
+    binding = _binding(cls, field, getattr(obj, field))
+    if binding is None:
+      raise
+    text = str(e)
+    if text.startswith(f"{cls}.{field} "):   # the message names it unscoped already
+      raise ConfigError(binding + text[len(cls) + len(field) + 1:]) from None
+    raise ConfigError(f"{binding}: {text}") from None
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class TableSpec:
@@ -89,12 +128,16 @@ class TableSpec:
   init_scale: float | None = None
 
   def __post_init__(self):
-    _name(self, "name", "TableSpec")
-    _whole(self, "rows", f"table '{self.name}'")
-    _whole(self, "dim", f"table '{self.name}'")
+    _checked(self, "name", lambda: _name(self, "name", "TableSpec"))
+    _checked(self, "rows", lambda: _whole(self, "rows", f"table '{self.name}'"))
+    _checked(self, "dim", lambda: _whole(self, "dim", f"table '{self.name}'"))
     if self.init_scale is not None:
-      object.__setattr__(self, "init_scale", hparam(f"table '{self.name}': init_scale",
-                                                    self.init_scale, NONNEG))
+      _checked(self, "init_scale", lambda: object.__setattr__(
+          self, "init_scale", hparam(f"table '{self.name}': init_scale", self.init_scale,
+                                     NONNEG)))
+    _checked(self, "dtype", self._check_dtype)
+
+  def _check_dtype(self) -> None:
     name = dtype_name(self.dtype)   # aliases as for comm_dtype: bf16, fp16, jnp.float16
     if name not in TABLE_DTYPES:
       raise ConfigError(f"table '{self.name}': dtype '{self.dtype}' is not supported; use one "
@@ -127,10 +170,17 @@ class FeatureSpec:
   weighted: bool = False
 
   def __post_init__(self):
-    _name(self, "name", "FeatureSpec")
-    _name(self, "table", f"feature '{self.name}': FeatureSpec")
-    _whole(self, "max_len", f"feature '{self.name}'")
-    object.__setattr__(self, "weighted", flag(self.weighted, f"feature '{self.name}': weighted"))
+    _checked(self, "name", lambda: _name(self, "name", "FeatureSpec"))
+    _checked(self, "table", lambda: _name(self, "table", f"feature '{self.name}': FeatureSpec"))
+    _checked(self, "max_len", lambda: _whole(self, "max_len", f"feature '{self.name}'"))
+    _checked(self, "weighted", lambda: object.__setattr__(
+        self, "weighted", flag(self.weighted, f"feature '{self.name}': weighted")))
+    _checked(self, "pooling", self._check_pooling)
+    # where `table` was bound, for `validate`'s unknown-table error (not a field: specs
+    # compare and hash by their fields)
+    object.__setattr__(self, "_table_binding", _binding("FeatureSpec", "table", self.table))
+
+  def _check_pooling(self) -> None:
     if self.pooling not in POOLINGS:
       raise ConfigError(
           f"feature '{self.name}': pooling must be one of {POOLINGS}, got '{self.pooling}'")
@@ -270,8 +320,9 @@ def validate(tables: Sequence[TableSpec], features: Sequence[FeatureSpec]) -> No
   known = set(names)
   for f in features:
     if f.table not in known:
-      raise ConfigError(f"feature '{f.name}' names unknown table '{f.table}' "
-                        f"(tables: {', '.join(names)})")
+      binding = getattr(f, "_table_binding", None)   # None for a spec built in code
+      raise ConfigError(f"{binding + ': ' if binding else ''}feature '{f.name}' names unknown "
+                        f"table '{f.table}' (tables: {', '.join(names)})")
   if not features:
     raise ConfigError("no sparse features configured")
 
@@ -318,6 +369,8 @@ def uniform_tables(num_tables: int = gin.REQUIRED, rows: int | Sequence[int] = g
     features = tuple(FeatureSpec(f"f{i}", f"{prefix}{i}", l, pooling)
                      for i, l in enumerate(lens))
   except ConfigError as e:   # e.g. dim or dtype: name the configurable, then the table
+    if _SPEC_BINDING.match(str(e)):   # a `TableSpec.*` binding's value: `_checked` named it
+      raise
     raise ConfigError(f"uniform_tables: {e}") from None
   return tables, features
 

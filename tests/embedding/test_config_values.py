@@ -153,3 +153,74 @@ def test_embedding_options_flags(kwargs, message):
   with pytest.raises(ConfigError, match=message):
     EmbeddingOptions(**kwargs)
   assert EmbeddingOptions(interpret=None, stochastic_rounding=True).interpret is None
+
+
+SCOPED_SPECS = """ExperimentConfig.embedding = ((@a/TableSpec(), @b/TableSpec()),
+    (@u/FeatureSpec(), @c/FeatureSpec()))
+ExperimentConfig.model = @build_model()
+build_model.name = 'dcnv2'
+a/TableSpec.name = 'ta'
+a/TableSpec.rows = 64
+a/TableSpec.dim = 16
+b/TableSpec.name = 'tb'
+b/TableSpec.rows = 64
+b/TableSpec.dim = 16
+u/FeatureSpec.name = 'user'
+u/FeatureSpec.table = 'ta'
+c/FeatureSpec.name = 'ctx'
+c/FeatureSpec.table = 'tb'
+"""
+
+
+@pytest.mark.parametrize("old, new, line, message", [
+    ("c/FeatureSpec.table = 'tb'", "c/FeatureSpec.table = 'tc'", 14,
+     "c/FeatureSpec.table: feature 'ctx' names unknown table 'tc' (tables: ta, tb)"),
+    ("b/TableSpec.dim = 16", "b/TableSpec.dim = '16'", 10,
+     "b/TableSpec.dim: table 'tb': dim must be a positive integer, got '16'"),
+    ("a/TableSpec.rows = 64", "a/TableSpec.rows = 6.5", 6,
+     "a/TableSpec.rows: table 'ta': rows must be a positive integer, got 6.5"),
+    ("b/TableSpec.name = 'tb'", "b/TableSpec.name = 3", 8,
+     "b/TableSpec.name must be a non-empty string, got 3"),
+    ("u/FeatureSpec.table = 'ta'", "u/FeatureSpec.table = 'ta'\nu/FeatureSpec.pooling = 'max'",
+     13, "u/FeatureSpec.pooling: feature 'user': pooling must be one of ('sum', 'mean')"),
+])
+def test_a_bad_scoped_spec_binding_names_its_file_line(tmp_path, old, new, line, message):
+  """A table or feature written as its own `@scope/TableSpec()` said only `table 'tb': dim
+  must be ...` or `feature 'ctx' names unknown table 'tc'`: not the binding nor its line."""
+  from jaxrec import launch   # pylint: disable=import-outside-toplevel
+  from jaxrec.train import config as config_lib   # pylint: disable=import-outside-toplevel
+  path = tmp_path / "specs.gin"
+  path.write_text(SCOPED_SPECS.replace(old, new))
+  try:
+    launch.parse_gin([str(path)], [])
+    with pytest.raises(ConfigError) as e:
+      launch.build(config_lib.ExperimentConfig).validate(1)
+    assert launch.user_message(e.value).startswith(f"--gin_file: {path}:{line}: {message}"), (
+        launch.user_message(e.value))
+  finally:
+    gin.clear_config()
+
+
+def test_a_spec_built_in_code_keeps_its_message():
+  """Only a value a gin binding gave is named as that binding."""
+  with pytest.raises(ConfigError, match="^table 't': dim must be a positive integer"):
+    TableSpec("t", 10, "4")
+  assert FeatureSpec("f", "t") == FeatureSpec("f", "t")   # compared by fields only
+
+
+def test_a_spec_binding_applied_through_uniform_tables_names_its_file_line(tmp_path):
+  """`FeatureSpec.weighted = 'no'` reaches every feature `uniform_tables` builds: named as
+  the binding, at its line (not `uniform_tables: feature 'f0': ...`, which no line holds)."""
+  from jaxrec import launch   # pylint: disable=import-outside-toplevel
+  from jaxrec.train import config as config_lib   # pylint: disable=import-outside-toplevel
+  path = tmp_path / "w.gin"
+  path.write_text("include 'configs/dlrm_synthetic.gin'\nFeatureSpec.weighted = 'no'\n")
+  try:
+    launch.parse_gin([str(path)], [])
+    with pytest.raises(ConfigError) as e:
+      launch.build(config_lib.ExperimentConfig)
+    assert launch.user_message(e.value) == (
+        f"--gin_file: {path}:2: FeatureSpec.weighted: feature 'f0': weighted must be True or "
+        "False, got 'no'")
+  finally:
+    gin.clear_config()
