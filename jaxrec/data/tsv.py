@@ -336,8 +336,10 @@ class Parser:
                   f"integer, {self.layout.num_sparse} categorical)")
       for i in np.flatnonzero(wrong):   # (an empty line, e.g. a blank last one, "found 1")
         bad_lines.append(i)
+        # a tab before the line's end (some exporters write one) makes one empty column more
+        tail = " (the line ends in a tab)" if line_len[i] > 1 and a[nl[i] - 1] == 9 else ""
         bad_msgs.append((None, f"empty line, expected {expected}" if line_len[i] == 1 else
-                         f"expected {expected}, found {counts[i]}"))
+                         f"expected {expected}, found {counts[i]}{tail}"))
       a = a[np.repeat(~wrong, line_len)]
       line_idx = line_idx[~wrong]
       delim = np.flatnonzero((a == 9) | (a == 10))

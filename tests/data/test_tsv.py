@@ -256,6 +256,9 @@ def _bad(label="1", dense=None, cats=None, col=None, value=None):
     (_bad(label="1.0"), "column 1 (label)", "label must be 0 or 1"),
     ("\t".join(["1"] * 39), "", "expected 40 tab-separated columns"),
     ("\t".join(["1"] * 41), "", "found 41"),
+    # one column more, empty: the error said only "found 41"
+    (lib.line() + "\t", "", "found 41 (the line ends in a tab)"),
+    (lib.line() + "\t\r", "", "found 41 (the line ends in a tab)"),
     ("", "", "empty line, expected 40 tab-separated columns"),   # was "found 1"
     ("\r", "", "empty line, expected 40"),
 ])
