@@ -334,12 +334,13 @@ class Parser:
       line_len = np.diff(np.concatenate([[-1], nl]))
       expected = (f"{self.num_columns} tab-separated columns (label, {self.layout.num_dense} "
                   f"integer, {self.layout.num_sparse} categorical)")
+      layout = self._layout_hint(counts) if wrong.all() else ""
       for i in np.flatnonzero(wrong):   # (an empty line, e.g. a blank last one, "found 1")
         bad_lines.append(i)
         # a tab before the line's end (some exporters write one) makes one empty column more
         tail = " (the line ends in a tab)" if line_len[i] > 1 and a[nl[i] - 1] == 9 else ""
         bad_msgs.append((None, f"empty line, expected {expected}" if line_len[i] == 1 else
-                         f"expected {expected}, found {counts[i]}{tail}"))
+                         f"expected {expected}, found {counts[i]}{tail or layout}"))
       a = a[np.repeat(~wrong, line_len)]
       line_idx = line_idx[~wrong]
       delim = np.flatnonzero((a == 9) | (a == 10))
@@ -348,6 +349,17 @@ class Parser:
     bad_msgs.extend(zip(cols, msgs))
     order = np.argsort(np.array(bad_lines, np.int64), kind="stable")
     return batch, np.array(bad_lines, np.int64)[order], [bad_msgs[i] for i in order]
+
+  def _layout_hint(self, counts) -> str:
+    """For a chunk of lines that all have the same wrong column count: the data's
+    categorical column count, read as such (the configuration was written for other data,
+    e.g. an 8-feature config on Criteo's 26 columns), or ''."""
+    nd, nf = self.layout.num_dense, self.layout.num_sparse
+    if len(counts) < 2 or (counts != counts[0]).any() or counts[0] <= 1 + nd:
+      return ""
+    return (f", as do all {len(counts)} lines read with it: {counts[0] - 1 - nd} categorical "
+            f"columns after the {nd} integer ones? the configuration has {nf} sparse "
+            "features, one per categorical column (e.g. uniform_tables.num_tables)")
 
   def _parse_fields(self, a, delim, m):
     lay = self.layout

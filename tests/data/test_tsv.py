@@ -14,6 +14,7 @@ import pytest
 
 import data_testlib as lib
 from jaxrec.data import synthetic, tsv
+from jaxrec.data.source import make_layout
 from jaxrec.errors import ConfigError, DataError
 
 
@@ -269,6 +270,25 @@ def test_malformed_rows_name_file_line_and_column(tsv_file, bad_line, where, wha
   msg = str(e.value)
   assert msg.startswith(f"{path}:4: "), msg
   assert where in msg and what in msg, msg
+
+
+def test_data_of_another_categorical_count_says_how_many_columns_it_has(tsv_file):
+  """An 8-feature config on Criteo's 26 columns said only 'expected 22 tab-separated
+  columns (...), found 40' (preprocess.py reads as many columns as there are features)."""
+  lay = make_layout(lib.features()[:8], lib.rows())
+  path = tsv_file([lib.line()] * 3)
+  with pytest.raises(DataError) as e:
+    read(path, lay)
+  assert str(e.value) == (
+      f"{path}:1: expected 22 tab-separated columns (label, 13 integer, 8 categorical), found "
+      "40, as do all 3 lines read with it: 26 categorical columns after the 13 integer ones? "
+      "the configuration has 8 sparse features, one per categorical column (e.g. "
+      "uniform_tables.num_tables)")
+  for lines in ([lib.line()], [lib.line(), "\t".join(["1"] * 22), lib.line()],
+                ["\t".join(["1"] * 10)] * 2):   # one line, one good line, too few columns
+    with pytest.raises(DataError) as e:
+      read(tsv_file(lines), lay)
+    assert "as do all" not in str(e.value), str(e.value)
 
 
 @pytest.mark.parametrize("value, max_len, weighted, what", [
