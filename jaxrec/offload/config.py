@@ -159,6 +159,7 @@ class OffloadConfig:
       value is copied on the device, costs no waiting; see `tier`).
     host_buffer_rows: evicted rows kept in host memory before they are written to the
       store (write combining: one write per chunk for many rows); they also serve reads.
+      At most the table's rows (`buffer_rows`).
     auto: let `planning.plan_with_offload` offload the largest tables when they do not fit.
     auto_cache_fraction: cache size of a table offloaded by `auto`, as a share of its rows.
     snapshot_check: what a restore checks of an offload snapshot before it uses it:
@@ -207,6 +208,12 @@ class OffloadConfig:
   @property
   def horizon(self) -> int:
     return int(self.prefetch_depth if self.protect_ahead is None else self.protect_ahead)
+
+  def buffer_rows(self, spec: TableSpec) -> int:
+    """Rows of table `spec`'s host write-back buffer: `host_buffer_rows`, at most its rows
+    (it holds a row once: a 200,000-row table's buffer was 1,048,576 rows, 88 MiB counted
+    for a 12 MiB table)."""
+    return min(self.host_buffer_rows, spec.rows)
 
   def table(self, name: str) -> OffloadTable | None:
     return next((t for t in self.tables if t.name == name), None)
@@ -257,8 +264,8 @@ def host_bytes(tables: Sequence[TableSpec], config: OffloadConfig, optimizer) ->
   aside: 12 bytes per table row (the cache's row → slot map and use counts, the write-back
   buffer's index), `SLOT_BYTES` per cache slot (its row, last use, pins, free list, use
   count, dirty flag: 0.5 GB for a 10M-row cache, which this left out), the buffer's
-  `host_buffer_rows` rows with their optimizer state and `BUFFER_ROW_BYTES` each (all of
-  them, whatever the table's rows: the buffer allocates them), and a `kvstore='memory'`
+  `buffer_rows` with their optimizer state and `BUFFER_ROW_BYTES` each (all of them: the
+  buffer allocates them), and a `kvstore='memory'`
   store's whole table."""
   by_name = {t.name: t for t in tables}
   total = 0
@@ -266,7 +273,7 @@ def host_bytes(tables: Sequence[TableSpec], config: OffloadConfig, optimizer) ->
     spec = by_name[off.name]
     per_row = row_bytes(spec, optimizer)
     total += (12 * spec.rows + SLOT_BYTES * off.resolve_cache_rows(spec, optimizer)
-              + config.host_buffer_rows * (per_row + BUFFER_ROW_BYTES))
+              + config.buffer_rows(spec) * (per_row + BUFFER_ROW_BYTES))
     if off.kvstore == "memory":
       total += spec.rows * per_row
   return total

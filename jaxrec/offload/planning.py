@@ -116,13 +116,13 @@ def with_offload_notes(result, tables: Sequence[TableSpec], config: OffloadConfi
   for o in config.tables:
     spec = _spec(tables, o.name)
     host = host_bytes([spec], dataclasses.replace(config, tables=(o,)), optimizer)
-    buffer = config.host_buffer_rows * (row_bytes(spec, optimizer) + BUFFER_ROW_BYTES)
+    buffer = config.buffer_rows(spec) * (row_bytes(spec, optimizer) + BUFFER_ROW_BYTES)
     notes.append(f"offloaded '{o.name}': {o.resolve_cache_rows(spec, optimizer):,}-row "
                  f"device cache, full table in tensorstore ("
                  f"{format_bytes(spec.rows * row_bytes(spec, optimizer))} with its optimizer "
                  f"state, {'in host memory' if o.kvstore == 'memory' else 'on disk'}; the "
                  f"tier keeps ~{format_bytes(host)} in host memory, {format_bytes(buffer)} of "
-                 f"it the write-back buffer's {config.host_buffer_rows:,} rows)"
+                 f"it the write-back buffer's {config.buffer_rows(spec):,} rows)"
                  + (auto if o.name in config.auto_added else ""))
   return dataclasses.replace(result, notes=tuple(result.notes) + tuple(notes),
                              auto_offloaded=tuple(config.auto_added))

@@ -124,7 +124,7 @@ class OffloadTier(LookAhead):
       dtypes = {n: store.array_dtype(n) for n in store.names}
       self.tables[off.name] = TierTable(
           spec, store, CacheMap(off.name, spec.rows, cache_rows),
-          HostBuffer(off.name, spec.rows, config.host_buffer_rows, shapes, dtypes),
+          HostBuffer(off.name, spec.rows, config.buffer_rows(spec), shapes, dtypes),
           tuple(f.name for f in collection.features if f.table == off.name), place,
           np.full(cache_rows, -1, np.int64), np.zeros(cache_rows, bool))
     self.ops = DeviceOps(collection, places)

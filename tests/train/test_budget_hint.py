@@ -132,6 +132,12 @@ def test_the_offload_tiers_host_memory_is_counted_on_any_platform():
       12 * 100_000_000 + slots + 1000 * (132 + 24) + 100_000_000 * 132)
   filed = offload.OffloadConfig(tables={"big": {"cache_rows": 1000}}, host_buffer_rows=1000)
   assert offload.host_bytes(tables, filed, adagrad) == 12 * 100_000_000 + slots + 1000 * 156
+  # a buffer holds a row once: one of a table smaller than host_buffer_rows has its rows (it
+  # was counted, and allocated, at 1,048,576 rows whatever the table)
+  small = offload.OffloadConfig(tables={"small": {"cache_rows": 100}})
+  assert small.buffer_rows(tables[1]) == 1000 < small.host_buffer_rows
+  assert offload.host_bytes(tables, small, adagrad) == (
+      12 * 1000 + 100 * offload.config.SLOT_BYTES + 1000 * 156)
   # SLOT_BYTES is what the cache map and the tier hold per slot (~45 B a slot were left
   # out: 0.5 GB of a 10M-row cache)
   from jaxrec.offload.cache import CacheMap   # pylint: disable=import-outside-toplevel
