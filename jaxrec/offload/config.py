@@ -239,7 +239,11 @@ def _table(name, fields) -> OffloadTable:
   if not isinstance(fields, Mapping) or set(fields) - set(known):
     raise ConfigError(f"OffloadConfig.tables['{name}']: expected {{field: value}} with fields "
                       f"from {', '.join(known)}, got {fields!r}")
-  return OffloadTable(name, **fields)
+  try:
+    return OffloadTable(name, **fields)
+  except ConfigError as e:   # named as the binding, for gin_usage.locate's FILE:LINE
+    text = str(e).removeprefix(f"offloaded table '{name}': ")
+    raise ConfigError(f"OffloadConfig.tables['{name}']: {text}") from None
 
 
 def row_bytes(spec: TableSpec, optimizer) -> int:
@@ -284,8 +288,8 @@ def check_tables(tables: Sequence[TableSpec], config: OffloadConfig) -> None:
   dtypes = {t.name: t.dtype for t in tables}
   for t in config.tables:
     if t.name not in known:
-      raise ConfigError(f"OffloadConfig: offloaded table '{t.name}' is not a configured table "
-                        f"(tables: {', '.join(sorted(known))})")
+      raise ConfigError(f"OffloadConfig.tables: offloaded table '{t.name}' is not a configured "
+                        f"table (tables: {', '.join(sorted(known))})")
     if dtypes[t.name] not in OFFLOAD_DTYPES:
       raise ConfigError(f"offloaded table '{t.name}': dtype '{dtypes[t.name]}' cannot be "
                         f"offloaded (supported: {', '.join(OFFLOAD_DTYPES)})")

@@ -11,19 +11,22 @@ from jaxrec.offload.config import check_paths
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"cache_rows": "abc"}, "offloaded table 't0': cache_rows must be an integer >= 1, got 'abc'"),
-    ({"cache_rows": 1.5}, "offloaded table 't0': cache_rows must be an integer >= 1, got 1.5"),
+    # named as the binding (gin_usage.locate then adds its FILE:LINE), not as the table
+    ({"cache_rows": "abc"}, r"^OffloadConfig.tables\['t0'\]: cache_rows must be an integer >= 1, "
+                            "got 'abc'"),
+    ({"cache_rows": 1.5}, r"^OffloadConfig.tables\['t0'\]: cache_rows must be an integer >= 1, "
+                          "got 1.5"),
     ({"cache_rows": True}, "cache_rows must be an integer >= 1, got True"),
     ({"cache_rows": -5}, "cache_rows must be an integer >= 1, got -5"),
     ({"cache_bytes": "16GiB"}, "cache_bytes must be an integer >= 1, got '16GiB'"),
     ({"cache_rows": 10, "chunk_rows": "x"}, "chunk_rows must be an integer >= 1, got 'x'"),
     ({"cache_rows": 10, "chunk_rows": 2.5}, "chunk_rows must be an integer >= 1, got 2.5"),
-    ({"cache_rows": 10, "path": 5}, "offloaded table 't0': path must be a string, got 5"),
+    ({"cache_rows": 10, "path": 5}, r"^OffloadConfig.tables\['t0'\]: path must be a string"),
     ({"cache_rows": 10, "shard_rows": 0}, "shard_rows must be an integer >= 1, got 0"),
     ({"cache_rows": 10, "driver": "zarr", "shard_rows": 4096},
-     "offloaded table 't0': shard_rows=4096 needs driver 'zarr3' \\(driver is 'zarr'\\)"),
+     r"^OffloadConfig.tables\['t0'\]: shard_rows=4096 needs driver 'zarr3' \(driver is 'zarr'\)"),
     ({"cache_rows": 10, "chunk_rows": 256, "shard_rows": 1000},
-     "offloaded table 't0': shard_rows=1000 must be a multiple of chunk_rows=256"),
+     r"^OffloadConfig.tables\['t0'\]: shard_rows=1000 must be a multiple of chunk_rows=256"),
     ({"cache_rows": 10, "nope": 1}, r"OffloadConfig.tables\['t0'\]: expected \{field: value\}"),
 ])
 def test_bad_table_fields(fields, message):
@@ -107,6 +110,34 @@ def test_path_expands_the_home_directory(tmp_path, monkeypatch):
   table = offload.OffloadConfig({"t0": {"cache_rows": 10, "path": "~/stores/t0"}}).tables[0]
   assert table.path == str(tmp_path / "stores" / "t0")
   assert table.resolve_path("/elsewhere") == str(tmp_path / "stores" / "t0")
-  with pytest.raises(ConfigError, match=r"^offloaded table 't0': path '~no_such_user_qa81/t0': "
-                     r"cannot expand '~no_such_user_qa81' \(no such user, or no HOME\)"):
+  with pytest.raises(ConfigError, match=r"^OffloadConfig.tables\['t0'\]: path "
+                     r"'~no_such_user_qa81/t0': cannot expand '~no_such_user_qa81' "
+                     r"\(no such user, or no HOME\)"):
     offload.OffloadConfig({"t0": {"cache_rows": 10, "path": "~no_such_user_qa81/t0"}})
+
+
+def test_a_bad_offload_binding_names_its_file_line(tmp_path):
+  """`{'t0': {'cache_rows': '100'}}` on line 2 of a gin file said `offloaded table 't0':
+  cache_rows must be ...`, and a table not configured `OffloadConfig: offloaded table 't9'
+  ...`: neither named the binding nor where it was written."""
+  import gin  # pylint: disable=import-outside-toplevel
+  from jaxrec import launch  # pylint: disable=import-outside-toplevel
+  from jaxrec.embedding.specs import TableSpec  # pylint: disable=import-outside-toplevel
+  path = tmp_path / "o.gin"
+  try:
+    path.write_text("# offload\nOffloadConfig.tables = {'t0': {'cache_rows': '100'}}\n")
+    launch.parse_gin([str(path)], [])
+    with pytest.raises(ConfigError) as e:
+      launch.build(offload.OffloadConfig)
+    assert launch.user_message(e.value) == (
+        f"--gin_file: {path}:2: OffloadConfig.tables['t0']: cache_rows must be an integer >= "
+        "1, got '100'")
+    path.write_text("# offload\nOffloadConfig.tables = {'t9': {'cache_rows': 100}}\n")
+    launch.parse_gin([str(path)], [])
+    with pytest.raises(ConfigError) as e:
+      offload.config.check_tables((TableSpec("t0", 10, 4),), launch.build(offload.OffloadConfig))
+    assert launch.user_message(e.value) == (
+        f"--gin_file: {path}:2: OffloadConfig.tables: offloaded table 't9' is not a configured "
+        "table (tables: t0)")
+  finally:
+    gin.clear_config()
