@@ -100,8 +100,18 @@ class Scaling:
       return (None, "no usable mesh: " + "; ".join(reasons[:2]), "no_usable_mesh")
     if choice is None:
       return None, (f"only {available} process(es) of {k} device(s) available, below "
-                    f"--min_processes={self.o.min_processes}"), "below_min"
+                    f"--min_processes={self.o.min_processes}{self._rejoin_hint()}"), "below_min"
     return choice, "", ""
+
+  def _rejoin_hint(self) -> str:
+    """Why lost slots stay lost, when no --rejoin_after returns them: a one-process job
+    (the only one offloaded tables run in) stopped at its worker's first crash, though
+    --max_restarts allows 10, and the message did not name the flag that restarts it."""
+    lost = sorted(s for s in self.lost if s < self.capacity[0])
+    if not lost or self.o.rejoin_after > 0:
+      return ""
+    return (f" (lost slot(s) {lost} never come back without --rejoin_after=S, which offers "
+            "a lost slot again after S seconds, e.g. to restart a crashed worker where it ran)")
 
   def _wait_for_returns(self, why: str) -> bool:
     """Below --min_processes with slots that come back at known times (`--rejoin_after`,

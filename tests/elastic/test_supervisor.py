@@ -1,6 +1,7 @@
 """The supervisor's decisions, with fake workers (tests/elastic/fake_train.py: no jax, a step
 is a short sleep): kill, hang, minimum, restarts, user error, capacity, stragglers."""
 
+import dataclasses
 import json
 import os
 import re
@@ -343,6 +344,12 @@ def test_no_usable_mesh_is_its_own_give_up_reason(tmp_path, monkeypatch):
   assert s._plan() == (None, "no usable mesh: 2 process(es): not divisible",
                        "no_usable_mesh")
   s.lost = {0: 0.0, 1: 0.0}
+  assert s._plan() == (None, "only 0 process(es) of 3 device(s) available, below "
+                       "--min_processes=1 (lost slot(s) [0, 1] never come back without "
+                       "--rejoin_after=S, which offers a lost slot again after S seconds, e.g. "
+                       "to restart a crashed worker where it ran)", "below_min")
+  s.o = dataclasses.replace(s.o, rejoin_after=60.0)   # they do come back: nothing to add
+  s.lost = {0: time.time(), 1: time.time()}
   assert s._plan() == (None, "only 0 process(es) of 3 device(s) available, below "
                        "--min_processes=1", "below_min")
 
