@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 
+from jaxrec import gin_usage
 from jaxrec.checkpoint.manager import CheckpointManager
 from jaxrec.checkpoint.steps import step_dirs
 
@@ -103,6 +104,27 @@ def warn_synthetic_eval(config, options) -> None:
     from jaxrec import elastic  # pylint: disable=import-outside-toplevel
     log.warning("%s", text)
     elastic.report_warning(text)
+
+
+def eval_count_warning(config, options) -> str | None:
+  """The warning for a bound `ExperimentConfig.num_eval_examples` that does nothing: it
+  sizes a synthetic eval set, and a file eval set is read whole (`= 1000` to shorten the
+  eval of a 4,000-example file evaluated all 4,000, without a word); None otherwise."""
+  name = "ExperimentConfig.num_eval_examples"
+  where = gin_usage.bound_at(name)
+  source = options.eval_data or config.eval_data
+  if where is None or source == pipeline.SYNTHETIC:
+    return None
+  return (f"warning: {name} = {config.num_eval_examples} ({where}) has no effect: it sizes "
+          f"a synthetic eval set, and the eval data {source} "
+          f"({_given_by(options, 'eval_data')}) is read whole")
+
+
+def warn_eval_count(config, options) -> None:
+  """Logs `eval_count_warning`, if any, on process 0."""
+  text = eval_count_warning(config, options)
+  if text and jax.process_index() == 0:
+    log.warning("%s", text)
 
 
 def synthetic_eval_warning(config, options) -> str | None:

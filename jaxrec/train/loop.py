@@ -235,6 +235,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
                                        *[s for s in (source, eval_data) if s is not None])
   if source is not None:
     data_adapter.warn_synthetic_eval(config, options)
+  if eval_data is not None:
+    data_adapter.warn_eval_count(config, options)
   initial_data_state = source.get_state() if source is not None else {}
   # keep=None: snapshots go only in prune_snapshots, once no checkpoint on disk needs them
   # (a count cannot tell: a save in flight or a rejected step holds one too)

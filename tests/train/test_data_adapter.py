@@ -118,3 +118,17 @@ def test_a_misspelled_synthetic_is_suggested(typo):
       data_adapter.train_iterator(config_lib.ExperimentConfig(),
                                   config_lib.RunOptions(train_data=path))
     assert str(e.value) == f"--train_data: {path}: no such file or directory"
+
+
+def test_a_bound_num_eval_examples_with_a_file_eval_set_is_said_to_do_nothing(tmp_path):
+  """`ExperimentConfig.num_eval_examples=1000` with `--eval_data=FILE` evaluated the whole
+  file without a word: the binding sizes synthetic eval sets only."""
+  launch.parse_gin(["configs/dcnv2_synthetic.gin"], ["ExperimentConfig.num_eval_examples=1000"])
+  config = config_lib.ExperimentConfig()
+  options = config_lib.RunOptions(eval_data="day_1.tsv")
+  assert data_adapter.eval_count_warning(config, options) == (
+      "warning: ExperimentConfig.num_eval_examples = 1000 (--gin_bindings) has no effect: it "
+      "sizes a synthetic eval set, and the eval data day_1.tsv (--eval_data) is read whole")
+  assert data_adapter.eval_count_warning(config, config_lib.RunOptions()) is None   # synthetic
+  launch.parse_gin(["configs/dlrm_criteo.gin"], [])   # not bound: nothing to say
+  assert data_adapter.eval_count_warning(config_lib.ExperimentConfig(), options) is None
