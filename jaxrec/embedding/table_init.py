@@ -34,6 +34,7 @@ from jaxrec.errors import ConfigError
 
 _MAX_DIM = 1 << 16   # `_counter` splits rows into 16-bit halves
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_COMPARE_ALL_WIDTH = 32   # `slice_values`: at most this many tables on a slice
 
 
 def key_words(key: jax.Array, names: Sequence[str]) -> jax.Array:
@@ -130,8 +131,12 @@ def slice_values(key: jax.Array, layout, scales: Sequence[float], row: jax.Array
   scale = jnp.asarray(np.concatenate([np.asarray(scales, np.float32), [0.0]]), jnp.float32)
   row = jnp.asarray(row, jnp.uint32)
 
+  # (a few tables: one compare per table and row, no loop to compile; the init program
+  # of a 3-table stack compiled in ~0.6 s instead of ~0.9)
+  method = "compare_all" if width <= _COMPARE_ALL_WIDTH else "scan"
+
   def one_slice(first, count, which):
-    k = jnp.searchsorted(first, row, side="right") - 1
+    k = jnp.searchsorted(first, row, side="right", method=method) - 1
     within, table = row - first[k], which[k]
     values = _uniform(words[table][:, None, :], within[:, None], col, dim,
                       scale[table][:, None])

@@ -74,6 +74,24 @@ def test_stacked_init_equals_the_tables_stacked(kind, mesh_spec, dtype):
   np.testing.assert_array_equal(np.asarray(dequantize(per_table[t0.name])), one)
 
 
+@pytest.mark.parametrize("num_tables", [3, table_init._COMPARE_ALL_WIDTH + 8])
+def test_stack_values_and_unstack_on_both_row_lookups(num_tables):
+  """A slice's rows find their table by comparing with every table's first row (a few
+  tables) or by a binary search (many): both give each table its own values, and
+  `unstack` (one compiled cut per leaf) gives them back, padding rows and columns gone."""
+  tables = tuple(TableSpec(f"t{i}", 4 + (i == 1), 6) for i in range(num_tables))
+  features = tuple(FeatureSpec(f"f{i}", t.name) for i, t in enumerate(tables))
+  (l,) = layout_lib.build_layouts(tables, features, uniform_plan("dp", tables, 1), {})
+  key = jax.random.key(2)
+  stacked = layout_lib.init_stack(key, l, tables)
+  assert stacked.shape[0] >= sum(t.rows for t in tables)
+  per_table = layout_lib.unstack(l, {"w": stacked, "acc": stacked[:, 0]})
+  for t in tables:
+    want = np.asarray(layout_lib.init_table(key, t))
+    np.testing.assert_array_equal(np.asarray(per_table[t.name]["w"]), want)
+    np.testing.assert_array_equal(np.asarray(per_table[t.name]["acc"]), want[:, 0])
+
+
 def test_stacks_of_over_2_31_rows_get_their_tables_values():
   """Four tables of ~1e9 rows on four `table` slices stack 4e9 rows (each slice within
   int32). `stack_values` numbered rows across the stack in int32: slices 2 and 3 start
