@@ -1,6 +1,7 @@
 """Learning-rate schedules (`jaxrec.schedules`): building and checking them, the sparse
 optimizers that take them, and a scheduled run through scripts/train.py, resumed."""
 
+import functools
 import logging
 import os
 import pickle
@@ -12,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxrec import launch
+from jaxrec import launch, schedules
 from jaxrec.embedding import optimizers
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.embedding.local_ops import fused_update_ok
@@ -94,6 +95,20 @@ def test_the_error_names_the_scope_and_the_line(tmp_path):
     gin.clear_config()
   assert launch.user_message(e.value) == (f"--gin_file: {config}:4: sparse/lr_schedule.value "
                                           "must be a number >= 0, got -1.0")
+
+
+def test_a_decay_to_zero_rounded_below_it_is_zero(monkeypatch):
+  """`linear` from 0.1 to 0 over 1,000 steps, compiled with XLA's default optimisation,
+  gives -4.7e-9 at step 1,000 (the tests' -O0 flag gives 0; the rounding is added here):
+  `lr_schedule` refused it as a negative rate, and a step there would have ascended."""
+  @functools.wraps(optax.linear_schedule)
+  def rounded(**kwargs):
+    exact = optax.linear_schedule(**kwargs)
+    return lambda step: exact(step) - 4.7e-9
+  monkeypatch.setitem(schedules.SCHEDULES, "linear", rounded)
+  s = lr_schedule("linear", init_value=0.1, end_value=0.0, transition_steps=1000)
+  assert float(s(1000)) == 0.0 and float(jax.jit(s)(jnp.int32(5000))) == 0.0
+  np.testing.assert_allclose(float(s(500)), 0.05, rtol=1e-6)
 
 
 def test_ftrl_and_bare_callables_are_refused():
