@@ -12,12 +12,15 @@ $FAKE_TRAIN_ARGS adds flags (for callers that do not pass train flags through). 
 `jaxrec.elastic.worker` like the real trainer, "checkpoints" by creating
 W/checkpoints/<step>/ (process 0), resumes from the newest one, stops when the supervisor
 asks and appends what it ran to W/fake_runs.jsonl. Prints `step N` per step (like the
-trainer's metrics lines). Processes do not talk to each other (no jax.distributed).
+trainer's metrics lines). Processes talk only through files (no jax.distributed): the
+progress files (lockstep) and a stop vote at each check step (`stop_vote`).
 """
 
+import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -33,8 +36,9 @@ def main(argv):
   if "error" in args:
     print("error: --error: the fake trainer fails as asked", file=sys.stderr)
     return 1
-  worker._agree = lambda flag: flag          # pylint: disable=protected-access
   me = worker._worker()                      # pylint: disable=protected-access
+  at = {"step": 0}                           # the check step `report_progress` votes at
+  worker._agree = stop_vote(w, me, at)       # pylint: disable=protected-access
   if me.process == 0 and me.generation < int(args.get("port_taken_gens", 0)):
     print("coordinator address is in use (fake)")
     return worker.EXIT_PORT_IN_USE
@@ -60,6 +64,7 @@ def main(argv):
     time.sleep(step_s)
     dt = time.perf_counter() - t0
     print(f"step {step}")
+    at["step"] = step
     stop = worker.report_progress(w, step, dt, host_time_s=dt)
     if step == crash:
       print(f"crashing after step {step} as asked")
@@ -74,6 +79,31 @@ def main(argv):
     evaluate(float(args.get("eval_s", 0)), "eval_silent" in args)
   print("done")
   return 0
+
+
+def stop_vote(w, me, at):
+  """`worker._agree` between fake processes, as the trainer's all-gather: each writes its
+  vote for the check step `at["step"]` and waits for every other's; any True stops all at
+  that step. (It returned the process's own vote: under load, the process whose peer got
+  SIGTERM ran a step past the peer's stop and saved off the check step.)"""
+  if me.num_processes <= 1:
+    return lambda flag: flag
+  key = hashlib.sha1(os.path.realpath(w).encode()).hexdigest()[:16]
+  root = os.path.join(tempfile.gettempdir(), "jaxrec_fake_votes", key, str(me.generation))
+
+  def agree(flag):
+    d = os.path.join(root, str(at["step"]))
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{me.process}")
+    with open(tmp, "w") as f:
+      f.write("1" if flag else "0")
+    os.replace(tmp, os.path.join(d, str(me.process)))
+    while True:   # a peer that died never votes: the supervisor ends this process, as a hang
+      votes = [v for v in os.listdir(d) if not v.startswith(".")]
+      if len(votes) >= me.num_processes:
+        return any(open(os.path.join(d, v)).read() == "1" for v in votes)
+      time.sleep(0.005)
+  return agree
 
 
 def evaluate(seconds, silent):
