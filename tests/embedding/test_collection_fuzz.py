@@ -39,6 +39,7 @@ from jaxrec.kernels import quant  # noqa: E402
 from jaxrec.schedules import lr_schedule  # noqa: E402
 from jaxrec.sharding.mesh import format_mesh, make_mesh  # noqa: E402
 from jaxrec.sharding.plan import KINDS, MESH_AXES, Plan, TablePlacement, uniform_plan  # noqa
+from tests.embedding.test_collection_inputs import lookup_update_step  # noqa: E402
 
 # Every 4-axis shape of 8 devices (20 of them).
 MESHES = tuple(dict(zip(MESH_AXES, s)) for s in itertools.product((1, 2, 4, 8), repeat=4)
@@ -176,13 +177,7 @@ def run(cfg: Config, single: bool):
   coll = EmbeddingCollection.create(cfg.tables, cfg.features, plan, mesh, cfg.optimizer,
                                     **dict(cfg.options))
   state = coll.init(jax.random.key(cfg.seed))
-
-  @jax.jit
-  def step(state, ids, weights, gout, i):
-    ctx = coll.lookup(state, ids, weights)
-    pooled, vjp = jax.vjp(lambda r: coll.pool(r, ctx), ctx.rows)
-    return pooled, coll.apply_gradients(state, ctx, vjp(gout)[0], i)
-
+  step = lookup_update_step(coll)
   pooled = []
   for i in range(cfg.steps):
     ids, weights, gout = make_inputs(cfg, i)

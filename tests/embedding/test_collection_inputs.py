@@ -42,19 +42,24 @@ def make_inputs(seed, duplicates=False):
   return ids, weights, rng.standard_normal((B, len(FEATURES), 8)).astype(np.float32)
 
 
+def lookup_update_step(coll):
+  """jit of `(state, ids, weights, gout [B, F, D], step) -> (pooled, updated state)`: one
+  lookup, pooling and sparse update of `coll`, `gout` the pooled outputs' gradient."""
+  @jax.jit
+  def step(state, ids, weights, gout, i):
+    ctx = coll.lookup(state, ids, weights)
+    pooled, vjp = jax.vjp(lambda r: coll.pool(r, ctx), ctx.rows)
+    return pooled, coll.apply_gradients(state, ctx, vjp(gout)[0], i)
+  return step
+
+
 def run(kind, mesh_spec, opt, duplicates=False, **options):
   mesh = (make_mesh({"data": 1}, jax.devices()[:1]) if mesh_spec == "single"
           else make_mesh(parse_mesh_spec(mesh_spec, 8)))
   plan = kind if isinstance(kind, Plan) else uniform_plan(kind, TABLES, mesh.shape["table"])
   coll = EmbeddingCollection.create(TABLES, FEATURES, plan, mesh, opt, **options)
   state = coll.init(jax.random.key(0))
-
-  @jax.jit
-  def step(state, ids, weights, gout, i):
-    ctx = coll.lookup(state, ids, weights)
-    pooled, vjp = jax.vjp(lambda r: coll.pool(r, ctx), ctx.rows)
-    return pooled, coll.apply_gradients(state, ctx, vjp(gout)[0], i)
-
+  step = lookup_update_step(coll)
   pooled = []
   for i in range(2):
     ids, weights, gout = make_inputs(i, duplicates)
