@@ -9,7 +9,9 @@ going when workers die or hang, capacity changes, or a worker straggles.
 Decisions go to W/events.jsonl, worker output to W/workers/<p>.log. Capacity can be changed
 while it runs by writing W/elastic/capacity (`N`, `N K` or JSON, see
 jaxrec/elastic/supervisor.py). Exit codes: 0 done, 1 user error, 2 below --min_processes,
-3 more than --max_restarts failures, 130 / 143 on SIGINT / SIGTERM (workers killed).
+3 more than --max_restarts failures, 130 on SIGINT (workers killed), 143 on SIGTERM (the
+workers first save at their next --check_every step, within --stop_timeout; a second
+signal kills them at once).
 """
 
 import json
@@ -57,7 +59,9 @@ flags.DEFINE_integer("check_every", 50, "Steps between the workers' stop-request
 flags.DEFINE_float("stop_grace", 10.0, "Seconds between SIGTERM and SIGKILL when stopping; "
                    "after a requested stop's checkpoint appears, the workers get twice this "
                    "to exit by themselves.")
-flags.DEFINE_float("stop_timeout", 300.0, "Seconds a requested stop may take.")
+flags.DEFINE_float("stop_timeout", 300.0, "Seconds a requested stop may take: a re-plan's, "
+                   "and the save the workers make when the launcher gets SIGTERM (keep it "
+                   "under the scheduler's grace before SIGKILL).")
 flags.DEFINE_enum("platform", "cpu", ["cpu", "gpu"], "Worker devices: forced host CPU devices "
                   "(gloo collectives) or GPUs (CUDA_VISIBLE_DEVICES slices, NCCL).")
 flags.DEFINE_string("inject_delay", None, "Fault injection PROCESS:SECONDS (tests/benchmarks): "

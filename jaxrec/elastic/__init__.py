@@ -7,6 +7,8 @@
   options     the supervisor's settings (`scripts/launch.py` flags), checked
   supervisor  starts and watches the workers; on failure, hang, capacity change or a
               straggler: stop, re-plan, restart from the latest checkpoint
+  stopping    requested stops (the stop file, its checkpoint, its deadline), also on the
+              launcher's SIGTERM: save at the next check step, then stop
   scaling     the supervisor's capacity decisions: processes available, plan, re-plan
   capacity    the capacity file (`N`, `N K` or JSON), read strictly
   replan      processes, mesh and plan for a capacity (the planner decides the plan)

@@ -84,6 +84,19 @@ def _options(args: TrainArgs, mesh: str):
                                                "--memory_per_device"))
 
 
+def check_mesh_flag(spec: str, processes: int, devices_per_process: int) -> None:
+  """A `--mesh` (not `auto`) must fill the full-size job: `--mesh=data=3` on 2 x 4 devices
+  was silently replaced by data=8 (a shrunk job adapts the mesh; the first one does not)."""
+  if spec.strip() == "auto":
+    return
+  from jaxrec.sharding import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  try:
+    mesh_lib.parse_mesh_spec(spec, processes * devices_per_process)
+  except ConfigError as e:
+    raise ConfigError(f"{e} (--num_processes={processes} x "
+                      f"--devices_per_process={devices_per_process})") from None
+
+
 def check_plan_flags(args: TrainArgs) -> None:
   """`--plan` and `--memory_per_device` values no mesh can fix (an unknown kind, an unreadable
   plan file, a size that does not parse) failed every mesh's planning: the job stopped

@@ -19,8 +19,11 @@ One *generation* is one set of workers on one mesh. The supervisor
 It stops when the workers finish (exit 0), below `min_processes` (or with no mesh of the
 processes available), after `max_restarts`
 restarts caused by failures, on a user error (a worker's `error: ...` line), or on
-SIGINT / SIGTERM (workers killed, exit 128 + signal; `jaxrec.signals` records them, the
-loop acts on them at its checks). Every
+SIGINT (workers killed, exit 130) or SIGTERM (exit 143): the first SIGTERM, once the workers
+trained past the latest checkpoint, asks them to save at their next check step and exit
+(`jaxrec.elastic.stopping`; at most `stop_timeout` seconds, then they are killed); before
+that, or on a second signal, they are killed at once. `jaxrec.signals` records the signals,
+the loop acts on them at its checks. Every
 decision is an event in `W/events.jsonl` (`jaxrec.elastic.events`).
 
 Capacity file (default `W/elastic/capacity`): `N`, `N K` or
@@ -41,11 +44,11 @@ from typing import IO
 
 from jaxrec import files, signals
 from jaxrec.elastic import capacity as capacity_lib
-from jaxrec.elastic import procs as proc_lib, recovery, replan, scaling, stragglers
+from jaxrec.elastic import procs as proc_lib, recovery, replan, scaling, stopping, stragglers
 from jaxrec.elastic import worker as worker_lib
 from jaxrec.elastic.events import EVENTS_FILE, EventLog, read_events
 from jaxrec.elastic.options import Options
-from jaxrec.errors import ConfigError, JaxrecError
+from jaxrec.errors import JaxrecError
 
 _Outcome = scaling.Outcome
 
@@ -75,20 +78,6 @@ class _Proc:
       self.slot = self.index
 
 
-def _check_mesh(spec: str, options: Options) -> None:
-  """A `--mesh` (not `auto`) must fill the full-size job: `--mesh=data=3` on 2 x 4 devices
-  was silently replaced by data=8 (a shrunk job adapts the mesh; the first one does not)."""
-  if spec.strip() == "auto":
-    return
-  from jaxrec.sharding import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-  n = options.num_processes * options.devices_per_process
-  try:
-    mesh_lib.parse_mesh_spec(spec, n)
-  except ConfigError as e:
-    raise ConfigError(f"{e} (--num_processes={options.num_processes} x "
-                      f"--devices_per_process={options.devices_per_process})") from None
-
-
 def _bookkeeping(name: str) -> bool:
   """Whether workdir file `name` is one the launcher or a refused worker writes before
   anything is trained: events, worker logs and progress, the lock files. A checkpoint, a
@@ -104,7 +93,8 @@ class Supervisor(scaling.Scaling):
     options.validate()
     self.o = options
     self.args = replan.TrainArgs.parse(train_argv)
-    _check_mesh(str(self.args.get("mesh", "auto")), options)
+    replan.check_mesh_flag(str(self.args.get("mesh", "auto")), options.num_processes,
+                           options.devices_per_process)
     replan.check_plan_flags(self.args)
     self.workdir = self.args.workdir
     self._made = files.missing_top(self.workdir)   # what this launch creates (None: existed)
@@ -128,6 +118,7 @@ class Supervisor(scaling.Scaling):
     self._first_plan_failed = False           # no mesh of the processes asked for at start
     self._warnings: set[str] = set()          # workers' warnings already printed
     self._sigterms: list = []                 # (process, record): SIGTERMs not acted on
+    self._terminated: dict | None = None      # the launcher's SIGTERM: the checkpoint then
 
   # ---------------------------------------------------------------------------- main loop
   def run(self) -> int:
@@ -196,6 +187,8 @@ class Supervisor(scaling.Scaling):
         out = self._launch_and_watch(choice)
         if out.kind != "finished":
           self._recovery_failed(out.reason, out.detected)
+        if out.kind != "finished" and self._terminated is not None:
+          return self._stop_after_sigterm(out)
         if out.kind == "finished":
           self.events.emit("finished", generation=self.generation,
                            step=max(p.last_step for p in self.procs),
@@ -227,6 +220,17 @@ class Supervisor(scaling.Scaling):
     finally:
       self._stop_all("supervisor exit", graceful=False, quiet=True)
 
+  def _stop_after_sigterm(self, out: _Outcome) -> int:
+    """Ends the job after the launcher's SIGTERM (`_check_signals`): the workers saved and
+    exited, or did not within `stop_timeout`, or failed first (`out` says which)."""
+    self._stop_all(stopping.SIGTERM_REASON, graceful=False)
+    why_not = (out.reason if out.kind != "planned" else
+               f"the workers saved no checkpoint within --stop_timeout={self.o.stop_timeout:g} "
+               "s and were killed")
+    text = stopping.sigterm_text(self._terminated["checkpoint"],
+                                 proc_lib.latest_checkpoint(self.workdir), why_not)
+    return self._give_up("interrupted", 128 + signal.SIGTERM, text)
+
   def _recovery_failed(self, ended_by: str, now: float) -> None:
     """`recovery_failed` when the running generation ends before its `resume`."""
     if self._recovery is not None and self._launched == self.generation:
@@ -256,7 +260,7 @@ class Supervisor(scaling.Scaling):
         return _Outcome("user_error", "no port", message=f"the coordinator's port: {e}",
                         detected=time.time())
       out = self._watch()
-      if out.kind != "port_in_use":
+      if out.kind != "port_in_use" or self._terminated is not None:
         return out
       self.events.emit("port_in_use", generation=self.generation, port=self._port,
                        attempt=attempt, retry=attempt < PORT_TRIES)
@@ -275,9 +279,7 @@ class Supervisor(scaling.Scaling):
     # the first capacity check acts on (seen here, the job ran one process short)
     self._capacity_seen = self._planned_on
     g = self._launched = self.generation
-    for f in os.listdir(os.path.join(self.workdir, worker_lib.CONTROL_DIR)):
-      if f.startswith("stop."):
-        os.remove(os.path.join(self.workdir, worker_lib.CONTROL_DIR, f))
+    stopping.clear_requests(self.workdir)
     os.makedirs(os.path.join(self.workdir, worker_lib.WORKERS_DIR), exist_ok=True)
     argv = [self.o.python, self.o.train_script,
             *self.args.with_mesh_plan(*choice.worker_mesh_plan)]
@@ -366,49 +368,55 @@ class Supervisor(scaling.Scaling):
 
   # ---------------------------------------------------------------------------- watching
   def _watch(self) -> _Outcome:
-    stop_requested: float | None = None
-    stop_ckpt = None
-    stop_saved: float | None = None   # when the stop's checkpoint was first seen
-    planned: _Outcome | None = None
+    stop: stopping.StopRequest | None = None
     while True:
       time.sleep(self.o.poll_interval)
-      signals.check()
       now = time.time()
-      self._read_progress(now)
+      self._read_progress(now)   # first: a SIGTERM weighs the steps trained by now
+      stop = self._check_signals(now, stop)
       if self._sigterms:   # before the exits: the workers stop on their own then
         preempted = self._check_sigterms(now)
-        if planned is None:
-          planned = preempted
-          stop_requested, stop_ckpt = self._request_stop(planned, now)
-      out = self._check_exits(now, planned)
+        stop = stop or self._request_stop(preempted, now)
+      out = self._check_exits(now, stop and stop.outcome)
       if out is not None:
         return out
       out = self._check_hangs(now)
       if out is not None:
         return out
-      if planned is None:
+      if stop is None:
         planned = self._check_capacity(now) or self._check_stragglers(now)
         if planned is not None:
-          stop_requested, stop_ckpt = self._request_stop(planned, now)
-      elif stop_requested is not None:
-        if stop_saved is None:
-          ckpt = proc_lib.latest_checkpoint(self.workdir)
-          # the stop checkpoint is at a check step; a periodic one before it does not count
-          if (ckpt is not None and ckpt != stop_ckpt
-              and ckpt % max(self.o.check_every, 1) == 0):
-            stop_saved = now
-        # After saving, the workers still close their files and leave: the grace counts
-        # from the checkpoint's appearance, not from the request (that may be long before).
-        if now - stop_requested > self.o.stop_timeout or (
-            stop_saved is not None and now - stop_saved > 2 * self.o.stop_grace):
-          return planned          # workers did not stop by themselves: stop them
+          stop = self._request_stop(planned, now)
+      elif stop.overdue(now, proc_lib.latest_checkpoint(self.workdir), self.o.check_every,
+                        self.o.stop_timeout, self.o.stop_grace):
+        return stop.outcome          # workers did not stop by themselves: stop them
 
-  def _request_stop(self, planned: _Outcome, now: float) -> tuple[float, int | None]:
-    """Asks the generation to checkpoint at its next check step and stop (the stop file);
-    returns when, and the newest checkpoint then."""
-    with open(worker_lib.stop_path(self.workdir, self.generation), "w") as f:
-      f.write(json.dumps({"reason": planned.reason, "time": now}))
-    return now, proc_lib.latest_checkpoint(self.workdir)
+  def _request_stop(self, planned: _Outcome, now: float) -> stopping.StopRequest:
+    return stopping.request(self.workdir, self.generation, planned, now)
+
+  def _check_signals(self, now: float,
+                     stop: stopping.StopRequest | None) -> stopping.StopRequest | None:
+    """SIGINT raises (`run` kills the workers), and so does a SIGTERM while the generation
+    has trained nothing past the latest checkpoint (starting, or just saved). Otherwise the
+    first SIGTERM (a preemption: Kubernetes and Slurm send it to the launcher, then SIGKILL
+    a grace period later) asks the workers to save at their next check step and exit, as
+    a re-plan does (a stop already asked for serves); `run` then ends the job (exit 143).
+    A second signal exits at once (`signals.stop_now`; the workers die with the launcher).
+    Returns the stop request in force."""
+    try:
+      signals.check()
+    except signals.TerminateRequested:
+      checkpoint = proc_lib.latest_checkpoint(self.workdir)
+      step = max((p.last_step for p in self.procs), default=0)
+      if step <= (checkpoint or 0):
+        raise
+      self._terminated = {"checkpoint": checkpoint}
+      self.events.emit("terminate", generation=self.generation, step=step,
+                       checkpoint=checkpoint, stop_timeout=self.o.stop_timeout,
+                       action="checkpoint at the next check step, stop")
+      return stop or self._request_stop(_Outcome("planned", stopping.SIGTERM_REASON,
+                                                 detected=now), now)
+    return stop
 
   def _check_sigterms(self, now: float) -> _Outcome:
     """Workers that got a SIGTERM from outside (a preempted machine): their slots count as

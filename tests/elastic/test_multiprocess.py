@@ -102,6 +102,30 @@ def test_hung_worker_is_replaced(tmp_path, reference):
                              [reference[s] for s in range(1, STEPS + 1)], rtol=1e-5)
 
 
+def test_sigterm_to_the_launcher_saves_and_the_same_command_resumes(tmp_path, reference):
+  """A preemption's SIGTERM to launch.py: the real workers save at their next check step
+  (no periodic checkpoint before it), the job stops with 143, and the same command resumes
+  from that step with the uninterrupted run's losses."""
+  w = str(tmp_path)
+  flags = [*t.TINY, *ELASTIC, "--checkpoint_every=1000"]
+  launch = [*FAST_FAIL, *SLOW, "--check_every=5"]
+  proc = t.launch(w, launch, flags)
+  t.wait_step(w, 1, 0, 7, timeout=600, proc=proc)
+  proc.send_signal(signal.SIGTERM)
+  assert t.finish(proc) == 128 + signal.SIGTERM, open(os.path.join(w, "launch.log")).read()[-3000:]
+  saved = latest_checkpoint(w)
+  assert saved is not None and saved % 5 == 0 and 10 <= saved < STEPS, saved
+  assert "terminate" in t.names(t.events(w))
+  n = len(t.events(w))
+  assert t.finish(t.launch(w, launch, flags)) == 0
+  ev = t.events(w)[n:]
+  assert [e["step"] for e in ev if e["event"] == "restore"] == [saved]
+  assert ev[-1]["event"] == "finished" and ev[-1]["checkpoint"] == STEPS
+  got = losses(w)
+  np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)],
+                             [reference[s] for s in range(1, STEPS + 1)], rtol=1e-5)
+
+
 def test_below_minimum_stops(tmp_path):
   w = str(tmp_path)
   proc = t.launch(w, [*FAST_FAIL, *SLOW, "--min_processes=2"], [*t.TINY, *ELASTIC])

@@ -417,21 +417,6 @@ def test_the_only_worker_given_sigterm_with_rejoin_after_waits_for_its_slot(tmp_
   assert final_checkpoint(w) == 60
 
 
-def test_sigterm_stops_the_workers_and_says_so(tmp_path):
-  w = str(tmp_path)
-  proc = start(w, ["--num_processes=2"], steps=100000)
-  t.wait_step(w, 1, 0, 10, timeout=120, proc=proc)
-  pids = t.worker_pids(w, 0)
-  t.kill(proc.pid, signal.SIGTERM)
-  assert t.finish(proc, timeout=60) == 128 + signal.SIGTERM
-  assert not any(t.alive(p) for p in pids)
-  ev = t.events(w)
-  assert [e["event"] for e in ev[-2:]] == ["stop", "give_up"]
-  assert ev[-2]["reason"] == "supervisor got SIGTERM" and sorted(ev[-2]["stopped"]) == [0, 1]
-  assert ev[-1]["reason"] == "interrupted" and ev[-1]["checkpoint"] >= 5
-  assert "run the same command again to resume" in open(os.path.join(w, "launch.log")).read()
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG")
 def test_workers_die_with_a_killed_supervisor(tmp_path):
   w = str(tmp_path)

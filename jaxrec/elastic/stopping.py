@@ -1,0 +1,73 @@
+"""Requested stops of a generation: the stop file, the checkpoint it waits for, its deadline.
+
+The supervisor stops a running generation without losing steps by asking: it writes
+`W/elastic/stop.<generation>`, every worker sees the file at its next multiple of
+`--check_every` steps (`worker.report_progress`), they save that step and exit. It asks for
+a re-plan (more capacity, a rescale, a straggler, a worker's SIGTERM) and, since the
+launcher's own SIGTERM became a save-then-stop, for a preemption of the whole job:
+Kubernetes and Slurm send SIGTERM to the launcher and SIGKILL a grace period later, and
+the first SIGTERM killed the workers at once, losing every step since the last periodic
+checkpoint (a bare `scripts/train.py` saved them).
+
+Stdlib only (no jax): the launcher imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from jaxrec.elastic import procs as proc_lib
+from jaxrec.elastic import worker as worker_lib
+from jaxrec.elastic.scaling import Outcome
+
+SIGTERM_REASON = "supervisor got SIGTERM"
+
+
+@dataclasses.dataclass
+class StopRequest:
+  """A stop asked of a generation at `requested` (seconds since the epoch), for `outcome`;
+  `checkpoint_before`: the newest checkpoint then; `saved`: when the stop's own checkpoint
+  (a newer one, at a check step) was first seen."""
+
+  outcome: Outcome
+  requested: float
+  checkpoint_before: int | None
+  saved: float | None = None
+
+  def overdue(self, now: float, checkpoint: int | None, check_every: int,
+              stop_timeout: float, stop_grace: float) -> bool:
+    """Whether the workers are past the time they had to stop by themselves: more than
+    `stop_timeout` seconds since the request, or twice `stop_grace` since the stop's
+    checkpoint appeared (after saving they still close their files and leave, and the save
+    may come long after the request). `checkpoint`: the newest one now; a periodic one
+    saved before the check step does not count."""
+    if (self.saved is None and checkpoint is not None and checkpoint != self.checkpoint_before
+        and checkpoint % max(check_every, 1) == 0):
+      self.saved = now
+    return now - self.requested > stop_timeout or (
+        self.saved is not None and now - self.saved > 2 * stop_grace)
+
+
+def request(workdir: str, generation: int, outcome: Outcome, now: float) -> StopRequest:
+  """Asks generation `generation` to checkpoint at its next check step and exit."""
+  with open(worker_lib.stop_path(workdir, generation), "w") as f:
+    f.write(json.dumps({"reason": outcome.reason, "time": now}))
+  return StopRequest(outcome, now, proc_lib.latest_checkpoint(workdir))
+
+
+def clear_requests(workdir: str) -> None:
+  """Removes the stop files of earlier generations (a new one starts)."""
+  control = os.path.join(workdir, worker_lib.CONTROL_DIR)
+  for f in os.listdir(control):
+    if f.startswith("stop."):
+      os.remove(os.path.join(control, f))
+
+
+def sigterm_text(checkpoint_at_sigterm: int | None, latest: int | None, why_not: str) -> str:
+  """The launcher's `give_up` message after its SIGTERM: the workers saved a newer
+  checkpoint, or `why_not` they did not."""
+  if latest is not None and latest != checkpoint_at_sigterm:
+    return f"stopped by SIGTERM after the workers saved step {latest}"
+  return f"interrupted by SIGTERM ({why_not})"

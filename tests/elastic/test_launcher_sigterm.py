@@ -1,0 +1,94 @@
+"""SIGTERM to scripts/launch.py (a preemption: Kubernetes and Slurm send it to the launcher,
+then SIGKILL a grace period later): the workers save at their next check step, then the
+job stops with exit 143. It used to kill the workers at once, losing every step since the
+last periodic checkpoint (a bare train.py saved them). Fake workers (fake_train.py)."""
+
+import os
+import signal
+
+from tests.elastic import elastic_testlib as t
+
+FAKE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_train.py")
+# Periodic checkpoints are rare (every 1000 steps): a checkpoint is the stop's own.
+TRAIN = ["--gin_file=configs/dlrm_synthetic.gin", "--mesh=data=2,table=2", "--plan=auto",
+         "--checkpoint_every=1000", "--num_steps=100000"]
+QUICK = ["--devices_per_process=2", "--hang_timeout=10", "--startup_timeout=60",
+         "--stop_grace=2", f"--train_script={FAKE}", "--num_processes=2"]
+
+
+def start(w, launch_flags=(), step_s=0.03):
+  return t.launch(str(w), [*QUICK, *launch_flags], [*TRAIN, f"--step_s={step_s}"])
+
+
+def launch_log(w):
+  with open(os.path.join(w, "launch.log")) as f:
+    return f.read()
+
+
+def sigterm_after_step(w, proc, step):
+  t.wait_step(w, 1, 0, step, timeout=120, proc=proc)
+  pids = t.worker_pids(w, 0)
+  t.kill(proc.pid, signal.SIGTERM)
+  return pids
+
+
+def test_sigterm_saves_at_the_next_check_step_then_stops(tmp_path):
+  w = str(tmp_path)
+  proc = start(w, ["--check_every=5"])
+  pids = sigterm_after_step(w, proc, 7)
+  assert t.finish(proc, timeout=60) == 128 + signal.SIGTERM, launch_log(w)[-2000:]
+  assert not any(t.alive(p) for p in pids)
+  ev = t.events(w)
+  (term,) = [e for e in ev if e["event"] == "terminate"]
+  assert term["checkpoint"] is None and term["step"] >= 7 and term["generation"] == 0
+  exits = [e for e in ev if e["event"] == "worker_exit"]
+  assert sorted(e["returncode"] for e in exits) == [0, 0]       # they saved and left
+  assert "stop" not in t.names(ev) and "replan" not in t.names(ev)
+  give_up = ev[-1]
+  saved = give_up["checkpoint"]
+  assert give_up["event"] == "give_up" and give_up["reason"] == "interrupted"
+  assert saved % 5 == 0 and saved >= term["step"], (saved, term)
+  assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == [str(saved)]
+  assert (f"error: stopped by SIGTERM after the workers saved step {saved}. Stopping; the "
+          f"latest checkpoint is step {saved}" in launch_log(w)), launch_log(w)[-2000:]
+
+
+def test_a_second_sigterm_kills_the_workers_at_once(tmp_path):
+  w = str(tmp_path)
+  proc = start(w, ["--check_every=100000"])                   # no check step comes
+  pids = sigterm_after_step(w, proc, 3)
+  t.wait_for(lambda: "terminate" in t.names(t.events(w)), 30, "the terminate event", proc)
+  t.kill(proc.pid, signal.SIGTERM)
+  assert t.finish(proc, timeout=30) == 128 + signal.SIGTERM
+  t.wait_for(lambda: not any(t.alive(p) for p in pids), 20, "the workers to die")
+  assert "error: interrupted again by SIGTERM (exited at once" in launch_log(w)
+  assert not os.path.isdir(os.path.join(w, "checkpoints"))
+
+
+def test_workers_that_do_not_save_within_stop_timeout_are_killed(tmp_path):
+  w = str(tmp_path)
+  proc = start(w, ["--check_every=100000", "--stop_timeout=1"])
+  pids = sigterm_after_step(w, proc, 3)
+  assert t.finish(proc, timeout=60) == 128 + signal.SIGTERM
+  assert not any(t.alive(p) for p in pids)
+  ev = t.events(w)
+  assert t.names(ev)[-3:] == ["terminate", "stop", "give_up"], t.names(ev)
+  assert ev[-2]["reason"] == "supervisor got SIGTERM" and sorted(ev[-2]["stopped"]) == [0, 1]
+  assert ("error: interrupted by SIGTERM (the workers saved no checkpoint within "
+          "--stop_timeout=1 s and were killed). Stopping; no checkpoint was saved"
+          in launch_log(w)), launch_log(w)[-2000:]
+
+
+def test_sigterm_with_nothing_trained_since_the_checkpoint_kills_at_once(tmp_path):
+  """Steps of 30 s: the first is still running, nothing to save; the stop would have
+  waited a whole step for it."""
+  w = str(tmp_path)
+  proc = start(w, ["--check_every=1"], step_s=30)
+  t.wait_for(lambda: t.names(t.events(w)).count("initialized") == 2, 60, "the workers", proc)
+  pids = t.worker_pids(w, 0)
+  t.kill(proc.pid, signal.SIGTERM)
+  assert t.finish(proc, timeout=20) == 128 + signal.SIGTERM
+  assert not any(t.alive(p) for p in pids)
+  ev = t.events(w)
+  assert "terminate" not in t.names(ev) and ev[-1]["reason"] == "interrupted"
+  assert "error: interrupted by SIGTERM. Stopping" in launch_log(w)
