@@ -4,6 +4,8 @@
 (entry points print it without a traceback and exit non-zero).
 """
 
+import re
+
 
 class JaxrecError(Exception):
   """Base class for errors whose message is complete and user-facing."""
@@ -39,3 +41,14 @@ class OutputError(JaxrecError):
 
 class CheckpointError(JaxrecError):
   """No usable checkpoint: every candidate is corrupt, or a requested step is absent."""
+
+
+def in_order(names) -> list[str]:
+  """`names` sorted as a person reads them in a message: the numbers inside a name compare
+  as numbers (`t2` before `t10`; text order put t0, t1, t10, t11, t2 in a list of tables)."""
+  return sorted(names, key=_natural_key)
+
+
+def _natural_key(name) -> tuple:
+  pieces = re.split(r"(\d+)", str(name))   # text at even positions, digits at odd ones
+  return [int(p) if i % 2 else p for i, p in enumerate(pieces)], str(name)

@@ -35,7 +35,7 @@ from etils import epath
 from jaxrec import signals, workdir_layout
 from jaxrec.checkpoint import storage
 from jaxrec.checkpoint import tables as tables_lib
-from jaxrec.errors import CheckpointError, ConfigError
+from jaxrec.errors import CheckpointError, ConfigError, in_order
 
 STORE_OPT = "opt."   # a store's arrays: `offload.store.TABLE` and `opt.<name>`
 REJECTED = "rejected"   # `manager.REJECTED_DIR` and `offload.snapshots.REJECTED`
@@ -99,7 +99,7 @@ def snapshot_of(step_dir, own_only: bool = False) -> tuple[str, dict] | None:
       if directory != beside:   # conversion of a checkpoint directory copied alone
         _warn_elsewhere(path, str(step_dir), beside)
       return path, info["tables"]
-  raise CheckpointError(f"checkpoint {step_dir} has offloaded tables {sorted(info['tables'])} "
+  raise CheckpointError(f"checkpoint {step_dir} has offloaded tables {in_order(info['tables'])} "
                         f"but no offload snapshot {label} (looked in {', '.join(candidates)})")
 
 

@@ -25,6 +25,7 @@ from etils import epath
 from jaxrec.checkpoint import canonical as canonical_lib
 from jaxrec.checkpoint import dequantized
 from jaxrec.checkpoint import tables as tables_lib
+from jaxrec.errors import in_order
 
 # Items of a step directory (see `manager`).
 STATE, TABLES, DATA_STATE, META, MANIFEST = "state", "embeddings", "data_state", "meta", "manifest"
@@ -264,7 +265,7 @@ def _check_index_tables(manifest: dict, index: dict) -> None:
       raise ValueError(f"{where} lists table '{table}' ({dtype}) as "
                        f"{sorted(p or 'one array' for p in parts[table])}, not "
                        f"{sorted(p or 'one array' for p in want)}")
-  extra = sorted(set(listed) - set(tables))
+  extra = in_order(set(listed) - set(tables))
   if extra and tables:
     raise ValueError(f"{where} lists arrays of tables {extra} that the manifest does not "
                      f"record (its tables: {tables})")

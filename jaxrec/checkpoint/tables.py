@@ -46,7 +46,7 @@ from jaxrec.checkpoint.canonical import fingerprint_np
 from jaxrec.embedding import layout as layout_lib
 from jaxrec.embedding import optimizers as optimizers_lib
 from jaxrec.embedding.specs import TableSpec
-from jaxrec.errors import ConfigError
+from jaxrec.errors import ConfigError, in_order
 from jaxrec.futures import wait_all
 
 # jaxrec's logger: scripts/train.py shows its INFO lines (absl's only from WARNING up).
@@ -389,10 +389,10 @@ def check_compatible(index: Mapping, collection, where: str,
   have_tables = {n.split("/")[1] for n in stored if n.startswith("tables/")}
   names = {t.name for t in collection.tables}
   if have_tables != names:
-    raise ConfigError(f"checkpoint {where} has tables {sorted(have_tables)} but the "
-                      f"configuration has {sorted(names)} (not in the checkpoint: "
-                      f"{sorted(names - have_tables)}, not in the configuration: "
-                      f"{sorted(have_tables - names)}): a resume restores the checkpoint's "
+    raise ConfigError(f"checkpoint {where} has tables {in_order(have_tables)} but the "
+                      f"configuration has {in_order(names)} (not in the checkpoint: "
+                      f"{in_order(names - have_tables)}, not in the configuration: "
+                      f"{in_order(have_tables - names)}): a resume restores the checkpoint's "
                       "tables, no others; configure those, or start a fresh --workdir")
   for t in [(specs or {}).get(t.name, t) for t in collection.tables]:
     theirs, ours = of_table(stored, t.name), of_table(want, t.name)

@@ -50,7 +50,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxrec.embedding import layout as layout_lib
 from jaxrec.embedding import local_ops, specs
 from jaxrec.embedding.specs import EmbeddingOptions, FeatureSpec, TableSpec, validate
-from jaxrec.errors import ConfigError, DataError
+from jaxrec.errors import ConfigError, DataError, in_order
 from jaxrec.kernels import platform as platform_lib
 from jaxrec.kernels import quant
 from jaxrec.sharding.mesh import BATCH_AXES, format_mesh, mesh_shape, shares_cores
@@ -184,7 +184,7 @@ class EmbeddingCollection:
     collection = cls(tables, features, plan, mesh, optimizer, layouts, options)
     for l in layouts:
       collection.dedup(l)   # raises for an impossible dedup=False
-    unplaced = sorted(set(plan.placements) - {t.name for t in tables})
+    unplaced = in_order(set(plan.placements) - {t.name for t in tables})
     if unplaced:
       log.warning("the plan places tables %s that are not configured: ignored", unplaced)
     unfused = [l.name for l in layouts if not local_ops.fused_update_ok(l, optimizer)]
@@ -360,7 +360,7 @@ class EmbeddingCollection:
     weights as f32 bits, in `packing()` order. Packing on the host turns a batch's many id
     arrays into one transfer (`pack_batch`)."""
     weights = weights or {}
-    extra = sorted(set(weights) - {f.name for f in self.features if f.weighted})
+    extra = in_order(set(weights) - {f.name for f in self.features if f.weighted})
     if extra:   # e.g. a feature meant to be weighted but not configured so
       raise DataError(f"batch has weights for features {extra}, which are not weighted "
                       "features of this collection (FeatureSpec.weighted)")

@@ -16,7 +16,7 @@ import gin
 import numpy as np
 
 from jaxrec import gin_usage
-from jaxrec.errors import ConfigError, DataError
+from jaxrec.errors import ConfigError, DataError, in_order
 from jaxrec.kernels.optim import NONNEG, hparam
 from jaxrec.kernels.quant import TABLE_DTYPES, dtype_name
 
@@ -312,11 +312,11 @@ def validate(tables: Sequence[TableSpec], features: Sequence[FeatureSpec]) -> No
   names = [t.name for t in tables]
   dup = {n for n in names if names.count(n) > 1}
   if dup:
-    raise ConfigError(f"duplicate table names: {sorted(dup)}")
+    raise ConfigError(f"duplicate table names: {in_order(dup)}")
   fnames = [f.name for f in features]
   dup = {n for n in fnames if fnames.count(n) > 1}
   if dup:
-    raise ConfigError(f"duplicate feature names: {sorted(dup)}")
+    raise ConfigError(f"duplicate feature names: {in_order(dup)}")
   known = set(names)
   for f in features:
     if f.table not in known:

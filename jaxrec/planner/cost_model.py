@@ -92,7 +92,7 @@ import numpy as np
 
 from jaxrec.embedding import specs
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
-from jaxrec.errors import ConfigError
+from jaxrec.errors import ConfigError, in_order
 from jaxrec.sharding.plan import KIND_AXES, KINDS, MESH_AXES, Plan, placed_as
 
 COST_TERMS = ("const", "collectives", "stacks", "sort_bytes", "gather_bytes", "pool_bytes",
@@ -226,9 +226,9 @@ def table_loads(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
   """Joins tables, the features reading them and optional `stats` by table name."""
   stats = dict(stats or {})
   known = {t.name for t in tables}
-  unknown = sorted(set(stats) - known)
+  unknown = in_order(set(stats) - known)
   if unknown:
-    raise ConfigError(f"table stats name unknown tables {unknown} (tables: {sorted(known)})")
+    raise ConfigError(f"table stats name unknown tables {unknown} (tables: {in_order(known)})")
   reading: dict[str, list[FeatureSpec]] = {}   # (one pass: per table, it was quadratic)
   for f in features:
     reading.setdefault(f.table, []).append(f)

@@ -25,7 +25,7 @@ import numbers
 import os
 from typing import Callable, Iterator, Mapping, Sequence
 
-from jaxrec.errors import ConfigError
+from jaxrec.errors import ConfigError, in_order
 
 MESH_AXES = ("data", "table", "row", "col")
 
@@ -81,7 +81,7 @@ class Plan:
   def check_tables(self, names: Sequence[str], allow_unknown: bool = False) -> None:
     """ConfigError naming the tables of `names` without a placement and (unless
     `allow_unknown`) the placed tables not in `names`; the first few of each and a count."""
-    unknown = [] if allow_unknown else sorted(set(self.placements) - set(names))
+    unknown = [] if allow_unknown else in_order(set(self.placements) - set(names))
     missing = [n for n in names if n not in self.placements]
     parts = []
     if unknown:

@@ -256,10 +256,12 @@ def test_weights_beside_packed_ids_are_a_clear_error():
 
 def test_plan_entries_for_unknown_tables_are_named(caplog):
   mesh = make_mesh(parse_mesh_spec("table=2,row=2,col=2", 8))
-  plan = uniform_plan("grid", TABLES + (TableSpec("typo", 5, 8),), mesh.shape["table"])
+  extra = (TableSpec("t10", 5, 8), TableSpec("t2", 5, 8), TableSpec("typo", 5, 8))
+  plan = uniform_plan("grid", TABLES + extra, mesh.shape["table"])
   with caplog.at_level("WARNING"):
     EmbeddingCollection.create(TABLES, FEATURES, plan, mesh, optimizers.SGD(0.1))
-  assert "places tables ['typo'] that are not configured" in caplog.text
+  # numbers in names compare as numbers (text order listed t10 before t2)
+  assert "places tables ['t2', 't10', 'typo'] that are not configured" in caplog.text
 
 
 @pytest.mark.parametrize("kind,mesh_spec", [("dp", "data=8"), ("rw", "row=8")])
