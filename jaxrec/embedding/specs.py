@@ -9,7 +9,6 @@ in two roles). A feature is one-hot (`max_len=1`) or multi-hot (`max_len>1`: a b
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Sequence
 
 import gin
@@ -86,12 +85,10 @@ def _binding(cls: str, field: str, value) -> str | None:
   return None
 
 
-_SPEC_BINDING = re.compile(r"^(?:\w+/)*(?:TableSpec|FeatureSpec)\.\w+")
-
-
 def _checked(obj, field: str, check) -> None:
   """Runs `check()`; its `ConfigError` names the binding that set `obj.field`, if any
-  (`_binding`): `item/TableSpec.dim: table 't_item': dim must be ...`."""
+  (`_binding`): `item/TableSpec.dim: table 't_item': dim must be ...`, and carries it as
+  `binding` (callers that add their own prefix leave such an error as it is)."""
   try:
     check()
   except ConfigError as e:
@@ -101,8 +98,12 @@ def _checked(obj, field: str, check) -> None:
       raise
     text = str(e)
     if text.startswith(f"{cls}.{field} "):   # the message names it unscoped already
-      raise ConfigError(binding + text[len(cls) + len(field) + 1:]) from None
-    raise ConfigError(f"{binding}: {text}") from None
+      text = binding + text[len(cls) + len(field) + 1:]
+    else:
+      text = f"{binding}: {text}"
+    error = ConfigError(text)
+    error.binding = binding
+    raise error from None
 
 
 @gin.configurable
@@ -369,7 +370,7 @@ def uniform_tables(num_tables: int = gin.REQUIRED, rows: int | Sequence[int] = g
     features = tuple(FeatureSpec(f"f{i}", f"{prefix}{i}", l, pooling)
                      for i, l in enumerate(lens))
   except ConfigError as e:   # e.g. dim or dtype: name the configurable, then the table
-    if _SPEC_BINDING.match(str(e)):   # a `TableSpec.*` binding's value: `_checked` named it
+    if getattr(e, "binding", None):   # a `TableSpec.*` binding's value: `_checked` named it
       raise
     raise ConfigError(f"uniform_tables: {e}") from None
   return tables, features
