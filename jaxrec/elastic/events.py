@@ -26,12 +26,15 @@ EVENTS = {
     "start": "supervisor started: its flags (a capacity file follows as `capacity`)",
     "plan": "mesh and plan chosen for a generation (planner estimate, reason)",
     "launch": "workers of a generation started (pids, coordinator, command)",
+    "warning": "a worker's first report of a warning for the user (also on the launcher's "
+               "stderr)",
     "initialized": "a worker joined the distributed runtime",
     "restore": "a generation's workers started from a checkpoint step (0: fresh)",
     "resume": "first step done on a new mesh; seconds since the failure and breakdown",
     "recovery_failed": "a restarted generation ended before every worker finished a step",
     "worker_exit": "a worker ended (return code / signal; lost: its slot is gone; error: "
                    "the signal, or for an exit code the last log line)",
+    "port_in_use": "process 0 could not host the coordinator: its port was taken",
     "hang": "a worker made no progress for --hang_timeout seconds (treated as dead)",
     "capacity": "available processes / devices changed (capacity file, lost or returned slot)",
     "stop": "the supervisor stopped a generation's workers (reason, seconds)",

@@ -3,6 +3,7 @@ the `resume` breakdown covers the whole recovery."""
 
 import json
 import os
+import re
 
 from tests.elastic import elastic_testlib as t
 
@@ -80,3 +81,20 @@ def test_a_run_that_finds_a_capacity_file_begins_with_start(tmp_path):
   assert (ev[0]["num_processes"], ev[0]["devices_per_process"]) == (2, 2)   # the flags
   assert ev[1]["num_processes"] == 1 and ev[1]["previous"] == [2, 2] and ev[1]["initial"]
   assert ev[2]["processes"] == 1
+
+
+def test_every_event_is_listed_and_in_the_docs_table():
+  """Every event the supervisor emits is in `events.EVENTS` (`port_in_use` and `warning`
+  were not), and docs/elastic.md's table names each (`terminate` was missing at first)."""
+  from jaxrec.elastic.events import EVENTS  # pylint: disable=import-outside-toplevel
+  emitted = set()
+  for name in os.listdir(os.path.join(t.ROOT, "jaxrec", "elastic")):
+    if name.endswith(".py"):
+      with open(os.path.join(t.ROOT, "jaxrec", "elastic", name)) as f:
+        emitted |= set(re.findall(r'emit\(\s*"(\w+)"', f.read()))
+  assert "terminate" in emitted and emitted <= set(EVENTS), sorted(emitted - set(EVENTS))
+  with open(os.path.join(t.ROOT, "docs", "elastic.md")) as f:
+    rows = [line for line in f if line.startswith("| `")]
+  documented = {name for line in rows for name in
+                line.split("|")[1].replace("`", "").replace(" ", "").split("/")}
+  assert set(EVENTS) <= documented, sorted(set(EVENTS) - documented)
