@@ -414,6 +414,10 @@ class Supervisor(scaling.Scaling):
       self.events.emit("terminate", generation=self.generation, step=step,
                        checkpoint=checkpoint, stop_timeout=self.o.stop_timeout,
                        action="checkpoint at the next check step, stop")
+      print(f"SIGTERM: the workers save at their next check step (--check_every="
+            f"{self.o.check_every}), then the job stops; at most --stop_timeout="
+            f"{self.o.stop_timeout:g} s. Again (or Ctrl-C): stop at once.",
+            file=sys.stderr, flush=True)
       return stop or self._request_stop(_Outcome("planned", stopping.SIGTERM_REASON,
                                                  detected=now), now)
     return stop
