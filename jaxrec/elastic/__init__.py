@@ -2,8 +2,8 @@
 
   worker      the worker side: `initialize_from_env` (jax.distributed from the supervisor's
               variables), `report_progress` (step timings, stop requests),
-              `report_alive` (working between steps: eval, save), `report_warning` (a
-              warning the supervisor prints)
+              `report_alive` (working between steps: eval, save), `stop_eval` (a
+              preemption stops an eval), `report_warning` (a warning the supervisor prints)
   options     the supervisor's settings (`scripts/launch.py` flags), checked
   supervisor  starts and watches the workers; on failure, hang, capacity change or a
               straggler: stop, re-plan, restart from the latest checkpoint
@@ -22,7 +22,7 @@ Workers only import `worker` (no supervisor machinery).
 
 from jaxrec.elastic.worker import (got_sigterm, initialize_from_env, is_supervised,
                                    probe_local_devices, report_alive, report_progress,
-                                   report_warning)
+                                   report_warning, stop_eval)
 
 __all__ = ["initialize_from_env", "is_supervised", "probe_local_devices", "report_alive",
-           "report_progress", "report_warning", "got_sigterm"]
+           "report_progress", "report_warning", "got_sigterm", "stop_eval"]

@@ -51,10 +51,25 @@ class StopRequest:
 
 
 def request(workdir: str, generation: int, outcome: Outcome, now: float) -> StopRequest:
-  """Asks generation `generation` to checkpoint at its next check step and exit."""
-  with open(worker_lib.stop_path(workdir, generation), "w") as f:
-    f.write(json.dumps({"reason": outcome.reason, "time": now}))
+  """Asks generation `generation` to checkpoint at its next check step and exit; for the
+  launcher's SIGTERM (`SIGTERM_REASON`) an eval in progress stops too (`preempt`)."""
+  _write(workdir, generation, outcome.reason, now, outcome.reason == SIGTERM_REASON)
   return StopRequest(outcome, now, proc_lib.latest_checkpoint(workdir))
+
+
+def preempt(workdir: str, generation: int, stop: StopRequest) -> None:
+  """Marks the stop in force (a re-plan's, asked before the launcher's SIGTERM) as a
+  preemption's: the workers stop an eval in progress too (`worker.stop_eval`); a re-plan
+  lets it end, a preemption's grace period would not."""
+  _write(workdir, generation, stop.outcome.reason, stop.requested, True)
+
+
+def _write(workdir: str, generation: int, reason: str, now: float, preemption: bool) -> None:
+  """The stop file, whole or not at all (a worker reads it as it is replaced)."""
+  path = worker_lib.stop_path(workdir, generation)
+  with open(path + ".tmp", "w") as f:
+    f.write(json.dumps({"reason": reason, "time": now, worker_lib.PREEMPTION: preemption}))
+  os.replace(path + ".tmp", path)
 
 
 def clear_requests(workdir: str) -> None:

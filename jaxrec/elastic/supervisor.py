@@ -418,6 +418,8 @@ class Supervisor(scaling.Scaling):
             f"{self.o.check_every}), then the job stops; at most --stop_timeout="
             f"{self.o.stop_timeout:g} s. Again (or Ctrl-C): stop at once.",
             file=sys.stderr, flush=True)
+      if stop is not None:   # a re-plan's: an eval in progress now stops too
+        stopping.preempt(self.workdir, self.generation, stop)
       return stop or self._request_stop(_Outcome("planned", stopping.SIGTERM_REASON,
                                                  detected=now), now)
     return stop

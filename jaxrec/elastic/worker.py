@@ -62,6 +62,9 @@ PR_SET_PDEATHSIG = 1
 EXIT_PORT_IN_USE = 75
 _RPC_SERVER_FAILED = "Failed to start RPC server"
 
+# In a stop file (`stop_path`): the stop is a preemption's (the launcher's SIGTERM), for
+# which an eval in progress stops too (`stop_eval`).
+PREEMPTION = "preemption"
 WORKERS_DIR = "workers"
 CONTROL_DIR = "elastic"
 
@@ -323,6 +326,36 @@ def report_progress(workdir: str, step: int, step_time_s: float,
   if step % w.check_every:
     return False
   return _agree(os.path.exists(stop_path(workdir, w.generation)) or term)
+
+
+def stop_eval(step: int, batch: int) -> bool:
+  """Before eval batch `batch` (1, 2, ...) of step `step`, the same on every process:
+  True, on every process, when the job is being preempted: this worker got a SIGTERM, or
+  the supervisor asks this generation to stop because it got one (`PREEMPTION` in the stop
+  file). The trainer then stops the eval and saves the step (the next generation or run
+  evaluates it first): the eval would otherwise run to its end and the workers on to their
+  next check step, past `--stop_timeout`, and be killed unsaved. Checked before every batch
+  in a job of one process, every `check_every` batches from the first (one all-gather) in
+  several. A no-op returning False outside the supervisor."""
+  w = _worker()
+  if not (w.supervised and w.workdir):
+    return False
+  if w.num_processes > 1 and (batch - 1) % w.check_every:
+    return False
+  term = w.sigterm_at is not None
+  if term:
+    _write_sigterm(w, w.workdir, int(step))
+  return _agree(term or _preempting(w.workdir, w.generation))
+
+
+def _preempting(workdir: str, generation: int) -> bool:
+  """Whether generation `generation`'s stop file asks for the stop of a preemption (not a
+  re-plan's, which lets an eval end). A file being written reads as not (yet)."""
+  try:
+    with open(stop_path(workdir, generation)) as f:
+      return bool(json.loads(f.read()).get(PREEMPTION))
+  except (OSError, ValueError, AttributeError):
+    return False
 
 
 def _write_sigterm(w: _Worker, workdir: str, step: int | None) -> None:

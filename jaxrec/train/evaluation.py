@@ -26,9 +26,9 @@ def evaluate(eval_step, collection, state, eval_data, sharding, tier=None, stop=
              ) -> tuple[dict[str, Any], dict]:
   """Exact AUC / logloss over the whole eval set (padding masked out), and the state to go
   on with: with offloaded tables `tier.eval_logits` donates it and returns one holding the
-  same values. An exception raised here carries that state as `.state`. `stop()` true
-  before a batch (a SIGTERM request) raises `EvalStopped`: a preemption's grace period is
-  not spent on an eval whose result would be lost anyway."""
+  same values. An exception raised here carries that state as `.state`. `stop(batch)` true
+  before a batch (1, 2, ...; a SIGTERM request) raises `EvalStopped`: a preemption's grace
+  period is not spent on an eval whose result would be lost anyway."""
   acc = EvalAccumulator()
 
   def run(st, b):   # global [B], replicated
@@ -46,7 +46,7 @@ def evaluate(eval_step, collection, state, eval_data, sharding, tier=None, stop=
   try:
     for batches, (batch, mask) in enumerate(eval_data, 1):
       signals.check()
-      if stop is not None and stop():
+      if stop is not None and stop(batches):
         raise EvalStopped(f"stopped before eval batch {batches}")
       if tier is not None:   # offloaded ids → cache slots, in passes when rows do not fit
         state, logits = tier.eval_logits(state, batch, run)
@@ -62,6 +62,18 @@ def evaluate(eval_step, collection, state, eval_data, sharding, tier=None, stop=
     e.state = getattr(e, "state", state)
     raise
   return acc.result(), state
+
+
+def stop_check(terminated, step: int, last: bool):
+  """`evaluate`'s `stop` for the eval of `step`: a SIGTERM to this run (`terminated`, a
+  `termination.SigtermRequests`, or None) or, under scripts/launch.py, the job's preemption
+  (`elastic.stop_eval`: the launcher's SIGTERM, or this worker's). Not at the `last` step:
+  its checkpoint is the job's last and a worker that stops there has finished."""
+  def stop(batch: int) -> bool:
+    if terminated is not None and terminated.is_set():
+      return True
+    return not last and elastic.stop_eval(step, batch)
+  return stop
 
 
 def owed(metrics_path: str | None, meta: Mapping | None, eval_every: int, step: int) -> bool:

@@ -39,6 +39,7 @@ from jaxrec.train import state as state_lib
 from jaxrec.train import step as step_lib
 from jaxrec.train import step_memory, termination, writers
 from jaxrec.train.evaluation import EvalStopped, evaluate, owed as eval_owed
+from jaxrec.train.evaluation import stop_check as eval_stop
 from jaxrec.train.config import ExperimentConfig, RunOptions
 from jaxrec.train.placement import MAX_STEPS_IN_FLIGHT, device_batch, steps_in_flight  # noqa: F401
 from jaxrec.train.writers import MetricsWriter, Progress
@@ -498,9 +499,10 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       if is_eval:
         try:
           metrics, state = evaluate(eval_step, collection, state, eval_data, bsharding, tier,
-                                    stop=terminated.is_set if terminated is not None else None)
+                                    stop=eval_stop(terminated, step, done))
           record.update(metrics)
-        except EvalStopped as e:   # SIGTERM: the checkpoint below, not the rest of the eval
+        except EvalStopped as e:   # SIGTERM (or the job's, under scripts/launch.py): the
+          # checkpoint below, not the rest of the eval
           state, eval_stopped = e.state, True
         except BaseException as e:   # the window's loss line is kept (Ctrl-C, a bad example)
           if record:
@@ -512,8 +514,9 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
               save_checkpoint(state, step, force=True, evaluates=True)
               ckpt.wait()
           raise
-      if terminated is not None and terminated.is_set() and not sigterm:   # during the eval
-        sigterm = stop = True
+      late = terminated is not None and terminated.is_set() and not sigterm   # in the eval
+      if late or (eval_stopped and not stop):   # or a stop the job's preemption cut it for
+        sigterm, stop = sigterm or late, True
         if not is_ckpt:
           save_checkpoint(state, step, force=True, evaluates=True)
         if not is_log:   # the steps since the last loss line end here

@@ -7,7 +7,9 @@ of generation G exits 1 after its S-th step, no `error:` line: a crash), --warn=
 (process 0 reports `warning: TEXT` at each start, as the trainer its unused gin bindings),
 --port_taken_gens=N (process 0 of generations below N exits as on a taken coordinator port),
 --eval_s=SECONDS (after the last step, an "eval" of that long, reporting each 0.1 s batch
-through `worker.report_alive` unless --eval_silent);
+through `worker.report_alive` unless --eval_silent), --eval_every=N (also after every N-th
+step, an eval of --eval_s that `worker.stop_eval` cuts short, as the trainer's: then that
+step is saved and the process exits);
 $FAKE_TRAIN_ARGS adds flags (for callers that do not pass train flags through). Reports progress through
 `jaxrec.elastic.worker` like the real trainer, "checkpoints" by creating
 W/checkpoints/<step>/ (process 0), resumes from the newest one, stops when the supervisor
@@ -71,6 +73,11 @@ def main(argv):
       return 1
     if me.process == 0 and (step % every == 0 or step == n or stop):
       os.makedirs(os.path.join(ckpts, str(step)), exist_ok=True)
+    eval_every = int(args.get("eval_every", 0))
+    if not stop and eval_every and step % eval_every == 0 and step < n:
+      stop = not evaluate(float(args.get("eval_s", 0)), False, step, at)
+      if stop and me.process == 0:
+        os.makedirs(os.path.join(ckpts, str(step)), exist_ok=True)
     if stop:
       me.write(w, {"stopped_at": step})
       time.sleep(float(args.get("linger_s", 0)))
@@ -106,13 +113,20 @@ def stop_vote(w, me, at):
   return agree
 
 
-def evaluate(seconds, silent):
-  """The trainer's final eval: `seconds` of 0.1 s batches with no step between them."""
+def evaluate(seconds, silent, step=None, at=None):
+  """The trainer's eval: `seconds` of 0.1 s batches with no step between them; the final
+  one (`step` None) runs to its end, another stops when `worker.stop_eval` says so (False
+  returned; `at` keys the processes' vote by step and batch)."""
   worker.ALIVE_EVERY_S = 0.2       # the tests' --hang_timeout is seconds, not minutes
   for batches in range(1, int(seconds / 0.1) + 1):
+    if step is not None:
+      at["step"] = f"{step}.eval.{batches}"
+      if worker.stop_eval(step, batches):
+        return False
     time.sleep(0.1)
     if not silent:
       worker.report_alive("eval", batches=batches)
+  return True
 
 
 def wait_for_peers(w, me, step, start):

@@ -94,3 +94,24 @@ def test_sigterm_with_nothing_trained_since_the_checkpoint_kills_at_once(tmp_pat
   ev = t.events(w)
   assert "terminate" not in t.names(ev) and ev[-1]["reason"] == "interrupted"
   assert "error: interrupted by SIGTERM. Stopping" in launch_log(w)
+
+
+def test_sigterm_during_an_eval_stops_it_and_saves_that_step(tmp_path):
+  """The launcher's SIGTERM while the workers evaluate (a 30 s eval after step 5): they
+  stop the eval at its next checked batch, save step 5 and exit, well within
+  --stop_timeout. Before, the eval ran on (then the steps to the next check step): the
+  workers were killed at --stop_timeout with nothing saved."""
+  w = str(tmp_path)
+  proc = t.launch(w, [*QUICK, "--check_every=3", "--stop_timeout=20"],
+                  [*TRAIN, "--step_s=0.03", "--eval_every=5", "--eval_s=30"])
+  t.wait_for(lambda: any(r.get("phase") == "eval" for r in t.progress(w, 0)), 120,
+             "the eval", proc)
+  pids = t.worker_pids(w, 0)
+  t.kill(proc.pid, signal.SIGTERM)
+  assert t.finish(proc, timeout=60) == 128 + signal.SIGTERM, launch_log(w)[-2000:]
+  assert not any(t.alive(p) for p in pids)
+  ev = t.events(w)
+  assert sorted(e["returncode"] for e in ev if e["event"] == "worker_exit") == [0, 0]
+  assert ev[-1]["checkpoint"] == 5 and "stop" not in t.names(ev), t.names(ev)
+  assert ("error: stopped by SIGTERM after the workers saved step 5. Stopping" in
+          launch_log(w)), launch_log(w)[-2000:]

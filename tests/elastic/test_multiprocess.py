@@ -126,6 +126,27 @@ def test_sigterm_to_the_launcher_saves_and_the_same_command_resumes(tmp_path, re
                              [reference[s] for s in range(1, STEPS + 1)], rtol=1e-5)
 
 
+def test_sigterm_to_the_launcher_during_an_eval_saves_its_step(tmp_path):
+  """The launcher's SIGTERM while the real worker evaluates step 6 (a 2,000-batch eval, no
+  checkpoint at 6, no check step to come): the worker stops the eval, saves step 6 with its
+  loss line and exits; the job stops with 143, and a rerun evaluates step 6 first. Before,
+  the eval ran on and the worker with it, killed at --stop_timeout: step 6 lost."""
+  w = str(tmp_path)
+  flags = [*t.TINY, "--log_every=1", "--checkpoint_every=4", "--eval_every=6"]
+  launch = ["--check_every=1000", "--stop_timeout=30", "--hang_timeout=60"]
+  proc = t.launch(w, launch, [*flags, "--num_steps=1000",
+                              "--gin_bindings=ExperimentConfig.num_eval_examples=1024000"])
+  t.wait_for(lambda: any(r.get("phase") == "eval" for r in t.progress(w, 0)), 600,
+             "the eval of step 6", proc)
+  proc.send_signal(signal.SIGTERM)
+  assert t.finish(proc, timeout=60) == 128 + signal.SIGTERM, (
+      open(os.path.join(w, "launch.log")).read()[-3000:])
+  assert latest_checkpoint(w) == 6 and 6 in losses(w)
+  assert not any("eval_auc" in m for m in t.metrics(w))
+  assert t.finish(t.launch(w, launch, [*flags, "--num_steps=8"])) == 0
+  assert [m["step"] for m in t.metrics(w) if "eval_auc" in m] == [6, 8]
+
+
 def test_below_minimum_stops(tmp_path):
   w = str(tmp_path)
   proc = t.launch(w, [*FAST_FAIL, *SLOW, "--min_processes=2"], [*t.TINY, *ELASTIC])

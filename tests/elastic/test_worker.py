@@ -225,3 +225,44 @@ def test_a_gpu_worker_without_a_gpu_is_a_user_error(tmp_path, monkeypatch):
     worker.initialize_from_env()
   monkeypatch.setenv(worker.ENV_PLATFORM, "cpu")
   assert worker.initialize_from_env() is False
+
+
+def test_an_eval_stops_for_a_preemption_not_for_a_replan(tmp_path, monkeypatch):
+  """`stop_eval`: the stop file of the launcher's SIGTERM (`stopping.request`) or of a
+  re-plan it came during (`stopping.preempt`) stops an eval; a re-plan's alone does not;
+  checked every `check_every` batches from the first with several processes."""
+  from jaxrec.elastic import stopping   # pylint: disable=import-outside-toplevel
+  from jaxrec.elastic.scaling import Outcome   # pylint: disable=import-outside-toplevel
+  w = str(tmp_path)
+  use_env(monkeypatch, {worker.ENV_GENERATION: "1", worker.ENV_PROCESS_ID: "0",
+                        worker.ENV_NUM_PROCESSES: "2", worker.ENV_WORKDIR: w,
+                        worker.ENV_CHECK_EVERY: "3"})
+  votes = []
+  monkeypatch.setattr(worker, "_agree", lambda flag: votes.append(flag) or flag)
+  os.makedirs(os.path.join(w, "elastic"))
+  assert worker.stop_eval(10, 1) is False                 # no request
+  replan = stopping.request(w, 1, Outcome("planned", "capacity 2 -> 3", detected=0.0), 0.0)
+  assert worker.stop_eval(10, 1) is False                 # a re-plan lets the eval end
+  stopping.preempt(w, 1, replan)
+  assert [worker.stop_eval(10, b) for b in (2, 3, 4)] == [False, False, True]
+  assert votes == [False, False, True]                     # batches 1, 1, 4: one vote each
+  stopping.clear_requests(w)
+  stopping.request(w, 1, Outcome("planned", stopping.SIGTERM_REASON, detected=0.0), 0.0)
+  assert worker.stop_eval(10, 7) is True
+
+
+def test_an_eval_stops_on_the_workers_own_sigterm(tmp_path, monkeypatch):
+  w = str(tmp_path)
+  use_env(monkeypatch, {worker.ENV_GENERATION: "0", worker.ENV_PROCESS_ID: "0",
+                        worker.ENV_NUM_PROCESSES: "1", worker.ENV_WORKDIR: w})
+  worker.initialize_from_env()
+  assert worker.stop_eval(8, 1) is False
+  os.kill(os.getpid(), signal.SIGTERM)
+  assert worker.stop_eval(8, 2) is True                   # one process: every batch
+  (told,) = [r for r in map(json.loads, open(worker.progress_path(w, 0))) if "sigterm" in r]
+  assert told["at_step"] == 8
+
+
+def test_stop_eval_is_a_no_op_without_the_supervisor(tmp_path, monkeypatch):
+  use_env(monkeypatch, {})
+  assert worker.stop_eval(5, 1) is False
