@@ -428,9 +428,11 @@ class Supervisor(scaling.Scaling):
     """Workers that got a SIGTERM from outside (a preempted machine): their slots count as
     lost (until `--rejoin_after` or a capacity rewrite), and the generation saves and stops
     at its next check step (the workers agree on that themselves too), then re-plans."""
+    action = ("checkpoint, stop; the job ends (the launcher got SIGTERM)" if self._terminated
+              else "checkpoint, stop, replan without it")
     for p, r in self._sigterms:
       self.events.emit("sigterm", generation=self.generation, process=p.index, slot=p.slot,
-                       step=r.get("at_step"), action="checkpoint, stop, replan without it")
+                       step=r.get("at_step"), action=action)
       self.lost[p.slot] = now
     first, self._sigterms = self._sigterms[0][0], []
     return _Outcome("planned", f"worker {first.index} got SIGTERM", detected=now)

@@ -115,3 +115,21 @@ def test_sigterm_during_an_eval_stops_it_and_saves_that_step(tmp_path):
   assert ev[-1]["checkpoint"] == 5 and "stop" not in t.names(ev), t.names(ev)
   assert ("error: stopped by SIGTERM after the workers saved step 5. Stopping" in
           launch_log(w)), launch_log(w)[-2000:]
+
+
+def test_sigterm_to_the_launcher_and_its_workers_at_once_stops_the_job(tmp_path):
+  """Slurm signals every process of the job: the workers' own SIGTERMs make the same stop,
+  the job ends (143) rather than re-plans, and their `sigterm` events say so (they read
+  `replan without it`)."""
+  w = str(tmp_path)
+  proc = start(w, ["--check_every=5"])
+  t.wait_step(w, 1, 0, 7, timeout=120, proc=proc)
+  pids = t.worker_pids(w, 0)
+  for pid in (proc.pid, *pids):
+    t.kill(pid, signal.SIGTERM)
+  assert t.finish(proc, timeout=60) == 128 + signal.SIGTERM, launch_log(w)[-2000:]
+  ev = t.events(w)
+  assert "replan" not in t.names(ev) and ev[-1]["reason"] == "interrupted", t.names(ev)
+  assert ev[-1]["checkpoint"] % 5 == 0 and ev[-1]["checkpoint"] >= 7
+  told = [e for e in ev if e["event"] == "sigterm"]
+  assert told and all("replan" not in e["action"] for e in told), told
