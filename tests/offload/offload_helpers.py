@@ -84,15 +84,17 @@ def offload_config(tmp_path, cache_rows=1000, **kw):
 
 
 class Run:
-  """One training run: collection, state, jitted step, iterator (optionally offloaded)."""
+  """One training run: collection, state, jitted step, iterator (optionally offloaded).
+  `plan`: a kind for every table, or a `Plan`."""
 
   def __init__(self, config, mesh, off=None, plan="dp", seed=0, iterator=None, options=None):
     self.config, self.off = config, off
     tables = config.tables if off is None else offload.device_tables(
         config.tables, off, config.sparse_tx())
-    self.collection = EmbeddingCollection.create(
-        tables, config.features, uniform_plan(plan, tables, mesh.shape["table"]), mesh,
-        config.sparse_tx(), options)
+    if isinstance(plan, str):
+      plan = uniform_plan(plan, tables, mesh.shape["table"])
+    self.collection = EmbeddingCollection.create(tables, config.features, plan, mesh,
+                                                 config.sparse_tx(), options)
     self.state = state_lib.create(config, self.collection, seed)
     shardings = state_lib.shardings(self.state, self.collection)
     self.bs = batch_sharding(mesh)

@@ -1,0 +1,238 @@
+"""The configurations of the randomized offload check (`test_offload_fuzz`): one seed draws
+a mesh, tables (one or more offloaded), features, an optimizer, the tier's settings, a
+variant (plain, an eval pass, a checkpoint restore on the same or another mesh) and the
+batches themselves (heavy duplicates, empty bags, ids on a few rows or spread)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import numpy as np
+
+from jaxrec import offload
+from jaxrec.data.batch import Batch
+from jaxrec.embedding.specs import FeatureSpec, TableSpec
+from jaxrec.models import DLRM
+from jaxrec.models.dcnv2 import DCNv2
+from jaxrec.sharding.mesh import format_mesh
+from jaxrec.sharding.plan import KINDS, MESH_AXES, Plan, TablePlacement
+from jaxrec.train.config import ExperimentConfig, dense_optimizer
+from tests.embedding.test_collection_fuzz import _optimizer
+
+# 4-axis shapes of 8, 4, 2 and 1 devices (one process: what the tier runs on).
+MESHES = {n: tuple(dict(zip(MESH_AXES, s)) for s in itertools.product((1, 2, 4, 8), repeat=4)
+                   if math.prod(s) == n) for n in (8, 4, 2, 1)}
+DIMS = (4, 6, 8)                     # 6: column-padded on col=4
+BIG_ROWS = (300, 1000, 2500)         # offloaded tables
+SMALL_ROWS = (5, 17, 50, 120)        # tables kept on the device
+BAGS = (1, 1, 2, 3, 5)
+DISTS = ("spread", "few", "zipf", "window")
+VARIANTS = ("plain", "eval", "ckpt", "ckpt_mesh")
+NUM_DENSE = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One sampled configuration (see the module docstring)."""
+  seed: int
+  mesh: dict
+  placements: tuple[tuple[str, str, int], ...]     # (table, kind, table slice)
+  tables: tuple[TableSpec, ...]
+  features: tuple[FeatureSpec, ...]
+  dists: tuple[str, ...]                           # per feature
+  optimizer: object
+  stochastic_rounding: bool
+  off: offload.OffloadConfig
+  cache_modes: tuple[str, ...]                     # per offloaded table: tight/small/large
+  batch: int
+  steps: int
+  variant: str
+  at: int                                          # the eval's or the save's step
+  after_save: int                                  # steps trained after the save, lost
+  mesh2: dict | None                               # ckpt_mesh: the restored run's mesh
+  placements2: tuple[tuple[str, str, int], ...] | None
+  eval_batch: int
+  batches: tuple[Batch, ...] = dataclasses.field(repr=False, compare=False)
+
+  @property
+  def plan(self) -> Plan:
+    return Plan({t: TablePlacement(k, s) for t, k, s in self.placements})
+
+  @property
+  def plan2(self) -> Plan:
+    return Plan({t: TablePlacement(k, s) for t, k, s in self.placements2})
+
+  def config(self) -> ExperimentConfig:
+    dims = {t.dim for t in self.tables}
+    model = (DLRM((8, dims.pop()), (8, 1)) if len(dims) == 1 else
+             DCNv2(num_cross_layers=1, deep_mlp=(8,)))
+    return ExperimentConfig(embedding=(self.tables, self.features), model=model,
+                            batch_size=self.batch, dense_optimizer=dense_optimizer("sgd", 0.05),
+                            sparse_optimizer=self.optimizer, num_dense=NUM_DENSE)
+
+  def exact(self) -> bool:
+    """Whether the docs promise bit-equal results: every table replicated (or one device),
+    and no change of mesh (docs/offload.md)."""
+    one = math.prod(self.mesh.values()) == 1
+    return (one or all(k == "dp" for _, k, _ in self.placements)) and self.variant != "ckpt_mesh"
+
+  def describe(self) -> str:
+    off = {t.name: t for t in self.off.tables}
+    tables = " ".join(
+        f"{t.name}[{t.rows}x{t.dim} {t.dtype} {k}@{s}"
+        + (f" OFF cache {off[t.name].cache_rows} ({m}) chunk {off[t.name].chunk_rows} "
+           f"{off[t.name].driver}/{off[t.name].kvstore}" if t.name in off else "") + "]"
+        for t, (_, k, s), m in zip(self.tables, self.placements, self._modes()))
+    feats = " ".join(f"{f.name}({f.table} L{f.max_len} {f.pooling}{' w' if f.weighted else ''}"
+                     f" {d})" for f, d in zip(self.features, self.dists))
+    variant = self.variant + (f"@{self.at}" if self.variant != "plain" else "")
+    if self.variant.startswith("ckpt"):
+      variant += f" +{self.after_save} lost"
+    if self.mesh2 is not None:
+      variant += (f" -> mesh={format_mesh(self.mesh2)} "
+                  + ",".join(f"{t}:{k}@{s}" for t, k, s in self.placements2))
+    if self.variant == "eval":
+      variant += f" eval batch {self.eval_batch}"
+    return (f"seed={self.seed} mesh={format_mesh(self.mesh)} tables: {tables} | features: "
+            f"{feats} | {self.optimizer}{' SR' if self.stochastic_rounding else ''} | "
+            f"K={self.off.prefetch_depth} H={self.off.protect_ahead} "
+            f"S={self.off.max_staleness} "
+            f"buffer={self.off.host_buffer_rows} | batch {self.batch} x {self.steps} steps | "
+            f"{variant}")
+
+  def _modes(self):
+    modes = iter(self.cache_modes)
+    names = {t.name for t in self.off.tables}
+    return [next(modes) if t.name in names else "" for t in self.tables]
+
+
+def _placements(rng, mesh, tables):
+  return tuple((t.name, str(rng.choice(KINDS)), int(rng.integers(mesh["table"])))
+               for t in tables)
+
+
+def _mesh(rng):
+  shapes = MESHES[int(rng.choice([8, 4, 2, 1]))]
+  return dict(shapes[rng.integers(len(shapes))])
+
+
+def ids_of(rng, dist: str, rows: int, shape) -> np.ndarray:
+  """Ids `[B, L]` of one feature: a fifth of the bags empty, random -1 slots; `few`: three
+  rows repeated, `zipf`: concentrated on the first rows, `window`: a run of ~20 rows,
+  `spread`: uniform over the table."""
+  if dist == "few":
+    x = rng.choice(rng.integers(0, rows, 3), shape)
+  elif dist == "zipf":
+    x = np.minimum(rng.zipf(1.3, shape) - 1, rows - 1)
+  elif dist == "window":
+    start = int(rng.integers(0, rows))
+    x = (start + rng.integers(0, 20, shape)) % rows
+  else:
+    x = rng.integers(0, rows, shape)
+  x = np.where(rng.random(shape) < 0.15, -1, x)
+  x[rng.random(shape[0]) < 0.2] = -1
+  return x.astype(np.int32)
+
+
+def make_batch(rng, tables, features, dists, size: int) -> Batch:
+  rows = {t.name: t.rows for t in tables}
+  ids = {f.name: ids_of(rng, d, rows[f.table], (size, f.max_len))
+         for f, d in zip(features, dists)}
+  weights = {f.name: rng.uniform(-1, 2, (size, f.max_len)).astype(np.float32)
+             for f in features if f.weighted}
+  return Batch(dense=rng.standard_normal((size, NUM_DENSE)).astype(np.float32),
+               labels=(rng.random(size) < 0.3).astype(np.float32), ids=ids, weights=weights)
+
+
+def distinct_rows(batch: Batch, features, table: str) -> int:
+  parts = [np.asarray(batch.ids[f.name]).reshape(-1) for f in features if f.table == table]
+  x = np.concatenate(parts)
+  return len(np.unique(x[x >= 0]))
+
+
+def sample(seed: int, store_dir: str) -> Case:
+  """The configuration of `seed`; offloaded stores go under `store_dir`."""
+  rng = np.random.default_rng(seed)
+  mesh = _mesh(rng)
+  dims = rng.choice(DIMS, size=rng.integers(1, 3), replace=False)
+  reduced = rng.random() < 0.3
+  n = int(rng.integers(2, 4))
+  offloaded = set(rng.choice(n, size=rng.integers(1, n + 1), replace=False).tolist())
+  tables = []
+  for i in range(n):
+    dtype = str(rng.choice(["bfloat16", "float16"])) if reduced and rng.random() < 0.7 \
+        else "float32"
+    rows = int(rng.choice(BIG_ROWS if i in offloaded else SMALL_ROWS))
+    scale = float(rng.uniform(0.05, 1.0)) if rng.random() < 0.2 else None
+    tables.append(TableSpec(f"t{i}", rows, int(rng.choice(dims)), dtype, scale))
+  readers = [t.name for t in tables] + [str(rng.choice([t.name for t in tables]))
+                                        for _ in range(rng.integers(0, 2))]
+  rng.shuffle(readers)
+  features = tuple(FeatureSpec(f"f{i}", table, int(rng.choice(BAGS)),
+                               str(rng.choice(["sum", "mean"])), bool(rng.random() < 0.25))
+                   for i, table in enumerate(readers))
+  dists = tuple(str(rng.choice(DISTS)) for _ in features)
+  optimizer = _optimizer(rng)
+  sr = reduced and any(t.dtype != "float32" for t in tables) and rng.random() < 0.5
+  batch, steps = int(rng.choice([16, 32, 64])), int(rng.integers(4, 10))
+  variant = str(rng.choice(VARIANTS))
+  at = int(rng.integers(1, steps))
+  eval_batch = batch * int(rng.choice([1, 2, 4]))
+  batches = tuple(make_batch(rng, tables, features, dists, batch) for _ in range(steps))
+  if variant == "eval":
+    batches += (make_batch(rng, tables, features, dists, eval_batch),)
+  off_tables, modes = [], []
+  buffer_need = 1
+  for t in tables:
+    if t.name not in {tables[i].name for i in offloaded}:
+      continue
+    need = max(distinct_rows(b, features, t.name) for b in batches[:steps])
+    need = max(need, 1)
+    mode = str(rng.choice(["tight", "small", "large"]))
+    cache = {"tight": need, "small": need + int(rng.integers(0, need + 1)),
+             "large": max(need, int(t.rows * rng.choice([0.3, 0.6, 1.0])))}[mode]
+    chunk = int(rng.choice([16, 64, 256]))
+    driver = str(rng.choice(["zarr3", "zarr3", "zarr"]))
+    shard = chunk * 2 if driver == "zarr3" and rng.random() < 0.3 else None
+    kv = "memory" if rng.random() < 0.15 else "file"
+    off_tables.append(offload.OffloadTable(
+        t.name, cache_rows=min(cache, t.rows), path=f"{store_dir}/{t.name}", chunk_rows=chunk,
+        driver=driver, shard_rows=shard, kvstore=kv))
+    modes.append(mode)
+    buffer_need = max(buffer_need, need)
+  off = offload.OffloadConfig(
+      tables=tuple(off_tables), prefetch_depth=int(rng.choice([0, 1, 2, 4])),
+      protect_ahead=None if rng.random() < 0.6 else int(rng.choice([0, 1, 3])),
+      host_buffer_rows=int(rng.choice([buffer_need, 2 * buffer_need, 1 << 20])),
+      max_staleness=int(rng.choice([0, 0, 0, 2, 8])))
+  mesh2 = placements2 = None
+  if variant == "ckpt_mesh":
+    mesh2 = _mesh(rng)
+    placements2 = _placements(rng, mesh2, tables)
+  return Case(seed, mesh, _placements(rng, mesh, tables), tuple(tables), features, dists,
+              optimizer, bool(sr), off, tuple(modes), batch, steps, variant, at,
+              int(rng.integers(0, 3)), mesh2, placements2, eval_batch, batches)
+
+
+class Stream:
+  """The case's training batches as a finite iterator with a data state."""
+
+  def __init__(self, batches):
+    self.batches, self.i = batches, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Batch:
+    if self.i >= len(self.batches):
+      raise StopIteration
+    self.i += 1
+    return self.batches[self.i - 1]
+
+  def get_state(self):
+    return {"i": self.i}
+
+  def set_state(self, state):
+    self.i = int(state["i"])
