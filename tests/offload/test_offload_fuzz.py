@@ -198,16 +198,13 @@ def _count(stats, case: Case, tier_stats) -> None:
     stats[f"with {key}"] += int(tier_stats.get(key, 0) > 0)
 
 
-# The slow target's seeds: 24 in a row (13-47 s each, 724 s in all, on 2 shared cores,
-# mostly compiling). The default suite's: one device, an fp16 table offloaded with a cache
-# of one batch's distinct rows, stochastic rounding, row-wise Adagrad, 5-id bags, K=0
-# (10.6 s at load ~2.4, 53 s at load ~10, where test_collection_fuzz's took 17 s).
-SLOW_SEEDS = tuple(range(200, 224))
-FAST_SEED = 0
-
-
-def test_a_random_offload_configuration_matches_the_device():
-  check(FAST_SEED)
+# Slow target only: a seed costs 10-50 s on 2 shared cores (mostly compiling the train
+# step twice, install, eval and checkpoint programs); the default suite keeps the
+# hand-written exactness cases (test_exact.py, test_checkpoint.py). Seed 0: one device, an
+# fp16 table offloaded with a cache of one batch's distinct rows, stochastic rounding,
+# row-wise Adagrad, 5-id bags, K=0 (10.6 s at load ~2.4). Seeds 200-223 passed when written
+# (724 s in all); the target runs the first 12.
+SLOW_SEEDS = (0, *range(200, 212))
 
 
 @pytest.mark.slow
