@@ -166,6 +166,14 @@ def got_sigterm() -> bool:
   return _worker().sigterm_at is not None
 
 
+def preempted() -> bool:
+  """True when the supervisor asks this generation to stop because the launcher got
+  SIGTERM (the job is being preempted, not re-planned): the trainer says so in its log
+  and `metrics.jsonl`. False outside the supervisor."""
+  w = _worker()
+  return bool(w.supervised and w.workdir) and _preempting(w.workdir, w.generation)
+
+
 def initialize_from_env() -> bool:
   """Joins the multi-process job the supervisor described in the environment.
 

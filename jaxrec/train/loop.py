@@ -534,9 +534,13 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
         paused += time.perf_counter() - t_pause
       if stop:
         if not sigterm:   # (a worker's own SIGTERM, reported to the supervisor, said this too)
+          preempted = elastic.preempted()
           log.info("stopping after step %d: %s", step, "this worker got a SIGTERM; the elastic "
                    "supervisor re-plans without it" if elastic.got_sigterm() else
+                   "the launcher got SIGTERM: the job stops" if preempted else
                    "the elastic supervisor asked to re-plan")
+          if preempted and is_main:   # as a bare run's SIGTERM stop says it
+            writer.write(step, {"event": "terminated", "signal": "SIGTERM", "by": "launcher"})
         break
     ckpt.wait()   # the last save committed, older checkpoints rotated out
     prune_snapshots()

@@ -116,6 +116,9 @@ def test_sigterm_to_the_launcher_saves_and_the_same_command_resumes(tmp_path, re
   saved = latest_checkpoint(w)
   assert saved is not None and saved % 5 == 0 and 10 <= saved < STEPS, saved
   assert "terminate" in t.names(t.events(w))
+  # metrics.jsonl says so as a bare train.py's SIGTERM does (it read as a re-plan's stop)
+  assert {"step": saved, "event": "terminated", "signal": "SIGTERM", "by": "launcher"} in (
+      t.metrics(w))
   n = len(t.events(w))
   assert t.finish(t.launch(w, launch, flags)) == 0
   ev = t.events(w)[n:]

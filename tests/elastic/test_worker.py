@@ -243,7 +243,9 @@ def test_an_eval_stops_for_a_preemption_not_for_a_replan(tmp_path, monkeypatch):
   assert worker.stop_eval(10, 1) is False                 # no request
   replan = stopping.request(w, 1, Outcome("planned", "capacity 2 -> 3", detected=0.0), 0.0)
   assert worker.stop_eval(10, 1) is False                 # a re-plan lets the eval end
+  assert worker.preempted() is False                       # and the log says re-plan
   stopping.preempt(w, 1, replan)
+  assert worker.preempted() is True
   assert [worker.stop_eval(10, b) for b in (2, 3, 4)] == [False, False, True]
   assert votes == [False, False, True]                     # batches 1, 1, 4: one vote each
   stopping.clear_requests(w)
@@ -266,3 +268,4 @@ def test_an_eval_stops_on_the_workers_own_sigterm(tmp_path, monkeypatch):
 def test_stop_eval_is_a_no_op_without_the_supervisor(tmp_path, monkeypatch):
   use_env(monkeypatch, {})
   assert worker.stop_eval(5, 1) is False
+  assert worker.preempted() is False
