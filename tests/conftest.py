@@ -88,7 +88,10 @@ def _clear_gin():
 # comparisons (dp, rw; tw in the slow target) in the default suite, not the loop's passing
 # of the slot maps. The three after it (12-14 s each, 2026-12-06) each leave a sibling
 # there: the prefetch run with SGD, dlrm learning through train.py (the two-tower's steps in
-# tests/models), padded columns on grid and cw with FTRL.
+# tests/models), padded columns on grid and cw with FTRL. Added on the second 2026-12-06
+# session: GPU lowering of the bfloat16 and float16 kernels (float32 and int8 stay; 35 s for
+# all four), the launcher's SIGTERM with nothing to save (the saving cases stay), and grain's
+# workers outliving a killed trainer (18 s; their shared memory at exit stays).
 SLOW_CASES = {
     "tests/scripts/test_resume.py::test_kill9_mid_save_and_mid_step_resumes_bitwise_equal",
     "tests/scripts/test_interrupts.py::test_sigterm_during_an_eval_saves_that_step_and_stops[4]",
@@ -136,6 +139,11 @@ SLOW_CASES = {
     "test_stochastic_rounding_keys_cached_rows_by_their_table_row[adagrad-table=2-tw-2]",
     "tests/scripts/test_train.py::test_every_model_learns[two_tower]",
     "tests/embedding/test_col_padding.py::test_padded_col_split_matches_one_device[cw-col=8-12]",
+    "tests/kernels/test_kernel_quant.py::test_lowers_to_triton_for_gpu[bfloat16]",
+    "tests/kernels/test_kernel_quant.py::test_lowers_to_triton_for_gpu[float16]",
+    "tests/elastic/test_launcher_sigterm.py::"
+    "test_sigterm_with_nothing_trained_since_the_checkpoint_kills_at_once",
+    "tests/data/test_data_pipeline.py::test_worker_processes_exit_when_the_trainer_is_killed",
 }
 
 

@@ -167,36 +167,37 @@ def test_all_to_all_compressed_forward_and_backward(comm):
                     in_specs=spec, out_specs=spec)(x)
 
 
-def test_lowers_to_triton_for_gpu():
+@pytest.mark.parametrize("dtype", DTYPES)   # bfloat16, float16: slow (SLOW_CASES)
+def test_lowers_to_triton_for_gpu(dtype):
   """Every kernel variant lowers to Triton IR (no GPU needed; catches unsupported ops),
   and no Pallas or jax call of the kernels' GPU path is deprecated (tests/deprecations.py)."""
   idx = jnp.zeros((10, 3), jnp.int32)
   w = jnp.ones((10, 3), jnp.float32)
   grad = jnp.zeros((10, 24), jnp.float32)
   with deprecations.none_from_jaxrec():
-    _lower_every_kernel(idx, w, grad)
+    _lower_every_kernel(idx, w, grad, dtype)
 
 
-def _lower_every_kernel(idx, w, grad):
-  for dtype in DTYPES:
-    table, _ = make_table(np.random.default_rng(0), 20, 24, dtype)
-    text = lower_for_gpu(
-        lambda t, i, v: lookup_pool(t, i, v, kernel="pallas", interpret=False), table, idx, w)
-    assert "triton" in text
-    csr = padded_to_csr(idx, w)
-    lower_for_gpu(
-        lambda t, a, b, c: lookup_pool_csr(t, a, b, c, kernel="pallas", interpret=False),
-        table, *csr)
-    for opt in (SGD(0.1), Adagrad(0.1), RowWiseAdagrad(0.1)):
-      state = init_opt_state(opt, 20, 24, jnp.float16 if dtype == "bfloat16" else jnp.float32)
-      for key in (None, jax.random.key(0)):
-        text = lower_for_gpu(lambda t, s, k, o=opt: sparse_update(
-            t, s, idx, w, grad, o, 1, key=k, kernel="pallas", interpret=False), table, state, key)
-        assert "triton" in text
-      # a shard's global row keys and (traced) first column, as the collection passes them
-      lower_for_gpu(lambda t, s, r, c, o=opt: sparse_update(
-          t, s, idx, w, grad, o, 1, key=jax.random.key(0), kernel="pallas", interpret=False,
-          bit_rows=r, col_offset=c), table, state, idx.astype(jnp.uint32) + 7, jnp.int32(24))
+def _lower_every_kernel(idx, w, grad, dtype):
+  """The Pallas lookups (padded, CSR) and updates of `dtype` tables, lowered for GPU."""
+  table, _ = make_table(np.random.default_rng(0), 20, 24, dtype)
+  text = lower_for_gpu(
+      lambda t, i, v: lookup_pool(t, i, v, kernel="pallas", interpret=False), table, idx, w)
+  assert "triton" in text
+  csr = padded_to_csr(idx, w)
+  lower_for_gpu(
+      lambda t, a, b, c: lookup_pool_csr(t, a, b, c, kernel="pallas", interpret=False),
+      table, *csr)
+  for opt in (SGD(0.1), Adagrad(0.1), RowWiseAdagrad(0.1)):
+    state = init_opt_state(opt, 20, 24, jnp.float16 if dtype == "bfloat16" else jnp.float32)
+    for key in (None, jax.random.key(0)):
+      text = lower_for_gpu(lambda t, s, k, o=opt: sparse_update(
+          t, s, idx, w, grad, o, 1, key=k, kernel="pallas", interpret=False), table, state, key)
+      assert "triton" in text
+    # a shard's global row keys and (traced) first column, as the collection passes them
+    lower_for_gpu(lambda t, s, r, c, o=opt: sparse_update(
+        t, s, idx, w, grad, o, 1, key=jax.random.key(0), kernel="pallas", interpret=False,
+        bit_rows=r, col_offset=c), table, state, idx.astype(jnp.uint32) + 7, jnp.int32(24))
 
 
 @pytest.mark.parametrize("dtype,x", [("float16", 65519.0), ("float16", -65510.0),
