@@ -34,7 +34,6 @@ import math
 import os
 import sys
 import tempfile
-import time
 
 if __name__ == "__main__":   # run by hand: 8 host devices, as tests/conftest.py sets them
   from tests import xla_env
@@ -52,12 +51,12 @@ from jaxrec.embedding import optimizers  # noqa: E402
 from jaxrec.embedding.collection import EmbeddingCollection  # noqa: E402
 from jaxrec.embedding.specs import FeatureSpec, TableSpec  # noqa: E402
 from jaxrec.kernels import quant  # noqa: E402
-from jaxrec.schedules import lr_schedule  # noqa: E402
 from jaxrec.sharding.mesh import format_mesh, make_mesh  # noqa: E402
 from jaxrec.sharding.plan import KINDS, MESH_AXES, Plan, TablePlacement  # noqa: E402
 from tests.checkpoint import ckpt_helpers as h  # noqa: E402
 from tests.embedding.test_collection_fuzz import (assert_close_stored,  # noqa: E402
-                                                  assert_f32_close)
+                                                  assert_f32_close, random_optimizer,
+                                                  run_seeds)
 from tests.embedding.test_collection_inputs import lookup_update_step  # noqa: E402
 
 # Every 4-axis shape of 1, 2, 4 and 8 devices (1 + 4 + 10 + 20 of them).
@@ -128,20 +127,6 @@ class Config:
             f"{self.batch} x {self.steps} steps")
 
 
-def _optimizer(rng):
-  """One of the five sparse optimizers, sometimes with a scheduled rate (not FTRL)."""
-  name = rng.choice(["sgd", "adagrad", "rowwise", "adam", "ftrl"])
-  scheduled = rng.random() < 0.2
-  lr = lambda v: (lr_schedule("linear", init_value=v, end_value=0.0, transition_steps=4)
-                  if scheduled else v)
-  # Adagrad's initial_accumulator > 0: see test_collection_fuzz
-  return {"sgd": lambda: optimizers.SGD(lr(0.1)),
-          "adagrad": lambda: optimizers.Adagrad(lr(0.1), 0.1),
-          "rowwise": lambda: optimizers.RowWiseAdagrad(lr(0.1), 0.1),
-          "adam": lambda: optimizers.Adam(lr(0.01)),
-          "ftrl": lambda: optimizers.FTRL(0.1, l1=0.01, l2=0.01)}[name]()
-
-
 def _placements(rng, tables, mesh):
   return tuple((str(rng.choice(KINDS)), int(rng.integers(mesh["table"]))) for _ in tables)
 
@@ -183,7 +168,7 @@ def sample(seed: int, max_tables: int = 4) -> Config:
   features = tuple(FeatureSpec(f"f{i}", table, int(rng.choice(BAGS)),
                                str(rng.choice(["sum", "mean"])), bool(rng.random() < 0.3))
                    for i, table in enumerate(readers))
-  opt = _optimizer(rng)
+  opt = random_optimizer(rng, transition_steps=4)
   options = {}
   if isinstance(opt, optimizers.SGD) and not reduced and rng.random() < 0.3:
     options["dedup"] = False   # only where documented: SGD, f32 tables, XLA
@@ -196,7 +181,7 @@ def sample(seed: int, max_tables: int = 4) -> Config:
   dst_opt, other = opt, np.random.default_rng([seed, 2])   # own stream: the draws above
   if isinstance(opt, optimizers.SGD) and other.random() < 0.5:   # stay those of older runs
     while isinstance(dst_opt, optimizers.SGD):
-      dst_opt = _optimizer(other)
+      dst_opt = random_optimizer(other, transition_steps=4)
   return Config(seed, tuple(src.items()), tuple(dst.items()), tuple(tables),
                 tuple(dst_tables), features, src_placements, dst_placements, opt,
                 tuple(sorted(options.items())),
@@ -458,21 +443,7 @@ def test_random_restarts_restore_the_saved_state(seed):
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--seeds", default="0:50", help="START:STOP (or one seed)")
-  args = parser.parse_args(argv)
-  start, _, stop = args.seeds.partition(":")
-  seeds = range(int(start), int(stop) if stop else int(start) + 1)
-  failed, t0 = [], time.time()
-  for seed in seeds:
-    t = time.time()
-    try:
-      cfg = check(seed)
-      print(f"seed {seed}: ok ({time.time() - t:.1f} s) {cfg.describe()}", flush=True)
-    except Exception as e:  # pylint: disable=broad-except
-      failed.append(seed)
-      first, _, rest = str(e).partition("\n")
-      print(f"seed {seed}: FAILED {first} :: {' '.join(rest.split())[:400]}", flush=True)
-  print(f"{len(seeds)} seeds in {time.time() - t0:.0f} s, {len(failed)} failed: {failed}")
-  return 1 if failed else 0
+  return run_seeds(parser.parse_args(argv).seeds, lambda seed: check(seed).describe())
 
 
 if __name__ == "__main__":

@@ -84,12 +84,13 @@ class Config:
             f"{' int64-ids' if self.wide_ids else ''}")
 
 
-def _optimizer(rng):
-  """One of the five sparse optimizers, sometimes with a scheduled rate (not FTRL)."""
+def random_optimizer(rng, transition_steps=3):
+  """One of the five sparse optimizers, sometimes with a rate decaying to 0 over
+  `transition_steps` (not FTRL). Shared with the checkpoint and offload fuzzes."""
   name = rng.choice(["sgd", "adagrad", "rowwise", "adam", "ftrl"])
   scheduled = rng.random() < 0.2
-  lr = lambda v: (lr_schedule("linear", init_value=v, end_value=0.0, transition_steps=3)
-                  if scheduled else v)
+  lr = lambda v: (lr_schedule("linear", init_value=v, end_value=0.0,
+                              transition_steps=transition_steps) if scheduled else v)
   # Adagrad's initial_accumulator > 0: at 0 the first update magnifies the sum order's
   # rounding (README "Sharded embeddings"), which is no bug of a plan.
   return {"sgd": lambda: optimizers.SGD(lr(0.1)),
@@ -119,7 +120,7 @@ def sample(seed: int, pallas: float = 0.0, max_tables: int = 5) -> Config:
   features = tuple(FeatureSpec(f"f{i}", table, int(rng.choice(BAGS)),
                                str(rng.choice(["sum", "mean"])), bool(rng.random() < 0.3))
                    for i, table in enumerate(readers))
-  opt = _optimizer(rng)
+  opt = random_optimizer(rng)
   options = {}
   sgd_f32 = isinstance(opt, optimizers.SGD) and not reduced
   if rng.random() < 0.5:   # dedup=False only where documented: SGD, f32 tables, XLA
@@ -285,27 +286,34 @@ def test_random_configurations_match_one_device(seed):
   check(seed)
 
 
+def run_seeds(seeds: str, run) -> int:
+  """Runs `run(seed)` for each seed of `seeds` (`START:STOP` or one seed), printing one line
+  per seed: `ok` with its time and whatever `run` returned (a description, or None), or
+  `FAILED` with the first mismatch; then a summary. Returns the exit code (1: a failure)."""
+  start, _, stop = seeds.partition(":")
+  seeds = range(int(start), int(stop) if stop else int(start) + 1)
+  failed, t0 = [], time.time()
+  for seed in seeds:
+    t = time.time()
+    try:
+      said = run(seed)
+      print(f"seed {seed}: ok ({time.time() - t:.1f} s){f' {said}' if said else ''}",
+            flush=True)
+    except Exception as e:  # pylint: disable=broad-except
+      failed.append(seed)
+      first, _, rest = str(e).partition("\n")
+      print(f"seed {seed}: FAILED {first} :: {' '.join(rest.split())[:400]}", flush=True)
+  print(f"{len(seeds)} seeds in {time.time() - t0:.0f} s, {len(failed)} failed: {failed}")
+  return 1 if failed else 0
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--seeds", default="0:50", help="START:STOP (or one seed)")
   parser.add_argument("--pallas", type=float, default=0.0,
                       help="chance of kernel='pallas' (interpret mode, slow)")
   args = parser.parse_args(argv)
-  start, _, stop = args.seeds.partition(":")
-  seeds = range(int(start), int(stop) if stop else int(start) + 1)
-  failed, t0 = [], time.time()
-  for seed in seeds:
-    t = time.time()
-    try:
-      check(seed, args.pallas)
-      print(f"seed {seed}: ok ({time.time() - t:.1f} s)", flush=True)
-    except Exception as e:  # pylint: disable=broad-except
-      failed.append(seed)
-      first, _, rest = str(e).partition("\n")
-      print(f"seed {seed}: FAILED {first} :: "
-            f"{' '.join(rest.split())[:400]}", flush=True)
-  print(f"{len(seeds)} seeds in {time.time() - t0:.0f} s, {len(failed)} failed: {failed}")
-  return 1 if failed else 0
+  return run_seeds(args.seeds, lambda seed: check(seed, args.pallas))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from jaxrec.models.dcnv2 import DCNv2
 from jaxrec.sharding.mesh import format_mesh
 from jaxrec.sharding.plan import KINDS, MESH_AXES, Plan, TablePlacement
 from jaxrec.train.config import ExperimentConfig, dense_optimizer
-from tests.embedding.test_collection_fuzz import _optimizer
+from tests.embedding.test_collection_fuzz import random_optimizer
 
 # 4-axis shapes of 8, 4, 2 and 1 devices (one process: what the tier runs on).
 MESHES = {n: tuple(dict(zip(MESH_AXES, s)) for s in itertools.product((1, 2, 4, 8), repeat=4)
@@ -174,7 +174,7 @@ def sample(seed: int, store_dir: str) -> Case:
                                str(rng.choice(["sum", "mean"])), bool(rng.random() < 0.25))
                    for i, table in enumerate(readers))
   dists = tuple(str(rng.choice(DISTS)) for _ in features)
-  optimizer = _optimizer(rng)
+  optimizer = random_optimizer(rng)
   sr = reduced and any(t.dtype != "float32" for t in tables) and rng.random() < 0.5
   batch, steps = int(rng.choice([16, 32, 64])), int(rng.integers(4, 10))
   variant = str(rng.choice(VARIANTS))

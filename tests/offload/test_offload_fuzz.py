@@ -24,7 +24,6 @@ import math
 import os
 import sys
 import tempfile
-import time
 
 if __name__ == "__main__":   # run by hand: 8 host devices, as tests/conftest.py sets them
   from tests import xla_env
@@ -41,7 +40,7 @@ from jaxrec.sharding.mesh import make_mesh  # noqa: E402
 from jaxrec.train import state as state_lib  # noqa: E402
 from jaxrec.train import step as step_lib  # noqa: E402
 from tests.embedding.test_collection_fuzz import (assert_close_stored,  # noqa: E402
-                                                  assert_f32_close)
+                                                  assert_f32_close, run_seeds)
 from tests.offload.offload_fuzz_cases import Case, Stream, sample  # noqa: E402
 from tests.offload.offload_helpers import Run  # noqa: E402
 
@@ -216,22 +215,10 @@ def test_random_offload_configurations_match_the_device(seed):
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--seeds", default="0:50", help="START:STOP (or one seed)")
-  args = parser.parse_args(argv)
-  start, _, stop = args.seeds.partition(":")
-  seeds = range(int(start), int(stop) if stop else int(start) + 1)
-  failed, t0, stats = [], time.time(), collections.Counter()
-  for seed in seeds:
-    t = time.time()
-    try:
-      check(seed, stats)
-      print(f"seed {seed}: ok ({time.time() - t:.1f} s)", flush=True)
-    except Exception as e:  # pylint: disable=broad-except
-      failed.append(seed)
-      first, _, rest = str(e).partition("\n")
-      print(f"seed {seed}: FAILED {first} :: {' '.join(rest.split())[:400]}", flush=True)
-  print(f"{len(seeds)} seeds in {time.time() - t0:.0f} s, {len(failed)} failed: {failed}")
+  stats = collections.Counter()
+  code = run_seeds(parser.parse_args(argv).seeds, lambda seed: check(seed, stats))
   print("passed cases covered: " + ", ".join(f"{k} {v}" for k, v in sorted(stats.items())))
-  return 1 if failed else 0
+  return code
 
 
 if __name__ == "__main__":
