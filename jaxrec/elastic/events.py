@@ -46,7 +46,8 @@ EVENTS = {
     "sigterm": "a worker got SIGTERM from outside: its generation saves and stops, its slot "
                "is lost",
     "terminate": "the launcher got SIGTERM with steps trained since the latest checkpoint: "
-                 "the workers save at their next check step and exit, then the job stops "
+                 "the workers save at their next check step (or cut an eval) and exit, then "
+                 "the job stops "
                  "(exit 143); a second signal kills them at once",
     "wait": "below --min_processes until lost or sitting-out slots return (--rejoin_after, "
             "a straggler's cool-down): the supervisor waits for them",
