@@ -47,8 +47,7 @@ EVENTS = {
                "is lost",
     "terminate": "the launcher got SIGTERM with steps trained since the latest checkpoint: "
                  "the workers save at their next check step (or cut an eval) and exit, then "
-                 "the job stops "
-                 "(exit 143); a second signal kills them at once",
+                 "the job stops (exit 143); a second signal kills them at once",
     "wait": "below --min_processes until lost or sitting-out slots return (--rejoin_after, "
             "a straggler's cool-down): the supervisor waits for them",
     "finished": "every worker ended normally at the last step",
