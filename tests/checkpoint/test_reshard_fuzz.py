@@ -55,8 +55,8 @@ from jaxrec.sharding.mesh import format_mesh, make_mesh  # noqa: E402
 from jaxrec.sharding.plan import KINDS, MESH_AXES, Plan, TablePlacement  # noqa: E402
 from tests.checkpoint import ckpt_helpers as h  # noqa: E402
 from tests.embedding.test_collection_fuzz import (assert_close_stored,  # noqa: E402
-                                                  assert_f32_close, random_optimizer,
-                                                  run_seeds)
+                                                  assert_f32_close, random_features,
+                                                  random_optimizer, run_seeds)
 from tests.embedding.test_collection_inputs import lookup_update_step  # noqa: E402
 
 # Every 4-axis shape of 1, 2, 4 and 8 devices (1 + 4 + 10 + 20 of them).
@@ -162,12 +162,7 @@ def sample(seed: int, max_tables: int = 4) -> Config:
     i = int(rng.choice(movable))
     offloaded = dst_tables[i]
     dst_tables[i] = dataclasses.replace(offloaded, rows=int(rng.integers(1, offloaded.rows)))
-  readers = [t.name for t in tables] + [str(rng.choice([t.name for t in tables]))
-                                        for _ in range(rng.integers(0, 3))]
-  rng.shuffle(readers)
-  features = tuple(FeatureSpec(f"f{i}", table, int(rng.choice(BAGS)),
-                               str(rng.choice(["sum", "mean"])), bool(rng.random() < 0.3))
-                   for i, table in enumerate(readers))
+  features = random_features(rng, tables, BAGS, extra_readers=3)
   opt = random_optimizer(rng, transition_steps=4)
   options = {}
   if isinstance(opt, optimizers.SGD) and not reduced and rng.random() < 0.3:

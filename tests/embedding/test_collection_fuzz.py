@@ -84,6 +84,18 @@ class Config:
             f"{' int64-ids' if self.wide_ids else ''}")
 
 
+def random_features(rng, tables, bags=BAGS, extra_readers=4, weighted=0.3):
+  """Features reading every table once and a few of them (fewer than `extra_readers`) once
+  more, in a shuffled order, each with a bag length from `bags`, sum or mean pooling, and
+  weighted with probability `weighted`. Shared with the checkpoint and offload fuzzes."""
+  readers = [t.name for t in tables] + [str(rng.choice([t.name for t in tables]))
+                                        for _ in range(rng.integers(0, extra_readers))]
+  rng.shuffle(readers)
+  return tuple(FeatureSpec(f"f{i}", table, int(rng.choice(bags)),
+                           str(rng.choice(["sum", "mean"])), bool(rng.random() < weighted))
+               for i, table in enumerate(readers))
+
+
 def random_optimizer(rng, transition_steps=3):
   """One of the five sparse optimizers, sometimes with a rate decaying to 0 over
   `transition_steps` (not FTRL). Shared with the checkpoint and offload fuzzes."""
@@ -114,12 +126,7 @@ def sample(seed: int, pallas: float = 0.0, max_tables: int = 5) -> Config:
     # table_slice is ignored by kinds without `table`: a random one there must be too
     placements.append((t.name, str(rng.choice(KINDS)), int(rng.integers(mesh["table"]))))
   # every table read (an unread one is an error unless a read one shares its stack)
-  readers = [t.name for t in tables] + [str(rng.choice([t.name for t in tables]))
-                                        for _ in range(rng.integers(0, 4))]
-  rng.shuffle(readers)
-  features = tuple(FeatureSpec(f"f{i}", table, int(rng.choice(BAGS)),
-                               str(rng.choice(["sum", "mean"])), bool(rng.random() < 0.3))
-                   for i, table in enumerate(readers))
+  features = random_features(rng, tables)
   opt = random_optimizer(rng)
   options = {}
   sgd_f32 = isinstance(opt, optimizers.SGD) and not reduced

@@ -19,7 +19,7 @@ from jaxrec.models.dcnv2 import DCNv2
 from jaxrec.sharding.mesh import format_mesh
 from jaxrec.sharding.plan import KINDS, MESH_AXES, Plan, TablePlacement
 from jaxrec.train.config import ExperimentConfig, dense_optimizer
-from tests.embedding.test_collection_fuzz import random_optimizer
+from tests.embedding.test_collection_fuzz import random_features, random_optimizer
 
 # 4-axis shapes of 8, 4, 2 and 1 devices (one process: what the tier runs on).
 MESHES = {n: tuple(dict(zip(MESH_AXES, s)) for s in itertools.product((1, 2, 4, 8), repeat=4)
@@ -167,12 +167,7 @@ def sample(seed: int, store_dir: str) -> Case:
     rows = int(rng.choice(BIG_ROWS if i in offloaded else SMALL_ROWS))
     scale = float(rng.uniform(0.05, 1.0)) if rng.random() < 0.2 else None
     tables.append(TableSpec(f"t{i}", rows, int(rng.choice(dims)), dtype, scale))
-  readers = [t.name for t in tables] + [str(rng.choice([t.name for t in tables]))
-                                        for _ in range(rng.integers(0, 2))]
-  rng.shuffle(readers)
-  features = tuple(FeatureSpec(f"f{i}", table, int(rng.choice(BAGS)),
-                               str(rng.choice(["sum", "mean"])), bool(rng.random() < 0.25))
-                   for i, table in enumerate(readers))
+  features = random_features(rng, tables, BAGS, extra_readers=2, weighted=0.25)
   dists = tuple(str(rng.choice(DISTS)) for _ in features)
   optimizer = random_optimizer(rng)
   sr = reduced and any(t.dtype != "float32" for t in tables) and rng.random() < 0.5
