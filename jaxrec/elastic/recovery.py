@@ -26,7 +26,7 @@ def failed(rec: dict, ended_by: str, now: float) -> dict | None:
 
 
 def resumed(rec: dict, procs: Sequence) -> dict:
-  """`resume` details once every worker of `procs` (the supervisor's `_Proc`s) reported
+  """`resume` details once every worker of `procs` (`watching.WorkerProc`s) reported
   its first step: seconds since the detection and their breakdown."""
   done = max(q.first["time"] for q in procs)
   launch = min(q.launched for q in procs)

@@ -33,18 +33,15 @@ job may use now. Every rewrite is a fresh statement: it also returns the lost sl
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import signal
-import subprocess
 import sys
 import time
-from typing import IO
 
 from jaxrec import files, signals
 from jaxrec.elastic import capacity as capacity_lib
 from jaxrec.elastic import procs as proc_lib, recovery, replan, scaling, stopping, stragglers
+from jaxrec.elastic import watching
 from jaxrec.elastic import worker as worker_lib
 from jaxrec.elastic.events import EVENTS_FILE, EventLog, read_events
 from jaxrec.elastic.options import Options
@@ -57,25 +54,6 @@ EXIT_OK, EXIT_USER_ERROR, EXIT_BELOW_MIN, EXIT_MAX_RESTARTS = 0, 1, 2, 3
 PORT_TRIES = 5   # coordinator ports tried in a row for one set of workers
 FIX_CONFIG = ("fix the config (--gin_file, --gin_bindings) or --num_processes, "
               "--devices_per_process, --mesh")
-
-
-@dataclasses.dataclass
-class _Proc:
-  index: int
-  popen: subprocess.Popen
-  log: IO
-  launched: float
-  initialized: dict | None = None
-  first: dict | None = None         # first step record
-  working: bool = False             # reported work between steps (`report_alive`)
-  last_step: int = 0
-  last_seen: float = 0.0
-  exited: int | None = None
-  slot: int | None = None           # the capacity slot it runs on (default: its index)
-
-  def __post_init__(self):
-    if self.slot is None:
-      self.slot = self.index
 
 
 def _bookkeeping(name: str) -> bool:
@@ -110,9 +88,8 @@ class Supervisor(scaling.Scaling):
     self.generation = 0
     self._launched: int | None = None        # generation of the last workers started
     self.restarts = 0
-    self.procs: list[_Proc] = []
+    self.procs: list[watching.WorkerProc] = []
     self.choice: replan.Choice | None = None
-    self._offsets: dict[int, int] = {}
     self._recovery: dict | None = None        # timings of the restart in progress
     self._port: int | None = None             # the coordinator's, of the last workers
     self._first_plan_failed = False           # no mesh of the processes asked for at start
@@ -288,17 +265,16 @@ class Supervisor(scaling.Scaling):
     self._checkpoint_at_launch = proc_lib.latest_checkpoint(self.workdir)
     for p in range(choice.processes):
       signals.check()   # before each start: the workers started so far are in self.procs
-      path = worker_lib.progress_path(self.workdir, p)
-      self._offsets[p] = os.path.getsize(path) if os.path.exists(path) else 0
       log = open(os.path.join(self.workdir, worker_lib.WORKERS_DIR, f"{p}.log"), "a")
       log.write(f"=== generation {g}, process {p} of {choice.processes}, "
                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
       log.flush()
       popen = proc_lib.start_worker(argv, self._env(p, choice, port), log)
       # Workers resume from that checkpoint (at num_steps they only evaluate and exit).
-      self.procs.append(_Proc(p, popen, log, time.time(), last_seen=time.time(),
-                              last_step=self._checkpoint_at_launch or 0,
-                              slot=self.slots[p]))
+      self.procs.append(watching.WorkerProc(
+          p, popen, log, time.time(), last_seen=time.time(),
+          last_step=self._checkpoint_at_launch or 0, slot=self.slots[p],
+          offset=watching.progress_end(self.workdir, p)))
     self.detectors = (
         stragglers.Detector("process", self.o.straggler_threshold, self.o.straggler_windows,
                             self.o.straggler_window_steps),
@@ -439,22 +415,7 @@ class Supervisor(scaling.Scaling):
 
   def _read_progress(self, now: float) -> None:
     for p in self.procs:
-      path = worker_lib.progress_path(self.workdir, p.index)
-      if not os.path.exists(path):
-        continue
-      with open(path) as f:
-        f.seek(self._offsets.get(p.index, 0))
-        data = f.read()
-      end = data.rfind("\n") + 1
-      self._offsets[p.index] = self._offsets.get(p.index, 0) + len(data[:end].encode())
-      records = []
-      for line in data[:end].splitlines():
-        try:
-          r = json.loads(line)
-        except json.JSONDecodeError:
-          continue
-        if r.get("generation") == self.generation:
-          records.append(r)
+      records = watching.new_records(self.workdir, p, self.generation)
       for r in records:
         p.last_seen = now
         if "warning" in r:
@@ -487,7 +448,7 @@ class Supervisor(scaling.Scaling):
     self.events.emit("warning", generation=self.generation, process=process, message=message)
     print(message, file=sys.stderr, flush=True)
 
-  def _on_first_step(self, p: _Proc) -> None:
+  def _on_first_step(self, p: watching.WorkerProc) -> None:
     if sum(q.first is not None for q in self.procs) == 1:
       step = int(p.first["step"]) - 1
       self.events.emit("restore", generation=self.generation, step=step,
@@ -547,7 +508,7 @@ class Supervisor(scaling.Scaling):
       return _Outcome("finished", "done", detected=now)
     return None
 
-  def _port_taken(self, p: _Proc) -> bool:
+  def _port_taken(self, p: watching.WorkerProc) -> bool:
     """Whether failed process 0 could not host the coordinator: it says so (exit code
     `EXIT_PORT_IN_USE`), or it died before joining the job (XLA sometimes crashes on a
     taken port) while another process holds the port."""
@@ -564,24 +525,9 @@ class Supervisor(scaling.Scaling):
       return False
 
   def _check_hangs(self, now: float) -> _Outcome | None:
-    running = [p for p in self.procs if p.exited is None]
-    stalled = []
-    for p in running:
-      # Started: a step done, or other work reported (a generation at --num_steps only
-      # evaluates); from then on any record counts as progress (`report_alive`).
-      started = p.first is not None or p.working
-      limit = self.o.hang_timeout if started else self.o.startup_timeout
-      since = p.last_seen if started else p.launched
-      if now - since > limit:
-        stalled.append(p)
-    if not stalled:
+    culprits = watching.hung(self.procs, now, self.o.hang_timeout, self.o.startup_timeout)
+    if not culprits:
       return None
-    stopped = [p for p in running if proc_lib.state(p.popen.pid) in ("T", "t")]
-    if stopped:
-      culprits = stopped
-    else:
-      low = min(p.last_step for p in running)
-      culprits = [min((p for p in running if p.last_step == low), key=lambda p: p.last_seen)]
     for p in culprits:
       self.events.emit("hang", generation=self.generation, process=p.index,
                        slot=p.slot, pid=p.popen.pid,

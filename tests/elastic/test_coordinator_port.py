@@ -12,7 +12,7 @@ import types
 import jax
 import pytest
 
-from jaxrec.elastic import procs, stragglers, supervisor as sup, worker
+from jaxrec.elastic import procs, stragglers, supervisor as sup, watching, worker
 from tests.elastic import elastic_testlib as t
 
 TAKEN = "UNKNOWN: Failed to start RPC server"   # XLA's status text (jax 0.10)
@@ -109,8 +109,8 @@ def _popen(code):
 def test_a_taken_port_is_its_own_outcome_and_loses_no_slot(tmp_path):
   s = _supervisor(str(tmp_path))
   s._port = 5555   # pylint: disable=protected-access
-  s.procs = [sup._Proc(0, _popen(worker.EXIT_PORT_IN_USE), None, 0.0),   # pylint: disable=protected-access
-             sup._Proc(1, _popen(None), None, 0.0)]                       # pylint: disable=protected-access
+  s.procs = [watching.WorkerProc(0, _popen(worker.EXIT_PORT_IN_USE), None, 0.0),
+             watching.WorkerProc(1, _popen(None), None, 0.0)]
   out = s._check_exits(1.0, None)   # pylint: disable=protected-access
   assert (out.kind, out.lost, out.reason) == ("port_in_use", 0, "coordinator port 5555 in use")
   [exit_event] = t.events(str(tmp_path))
@@ -126,8 +126,8 @@ def test_process_0_dead_before_joining_with_its_port_held_is_a_taken_port(tmp_pa
   sock, s._port = _held_port()   # pylint: disable=protected-access
   if not held:
     sock.close()
-  s.procs = [sup._Proc(0, _popen(-11), None, 0.0),   # pylint: disable=protected-access
-             sup._Proc(1, _popen(None), None, 0.0)]   # pylint: disable=protected-access
+  s.procs = [watching.WorkerProc(0, _popen(-11), None, 0.0),
+             watching.WorkerProc(1, _popen(None), None, 0.0)]
   with sock:
     out = s._check_exits(1.0, None)   # pylint: disable=protected-access
   assert (out.kind, out.lost) == (("port_in_use", 0) if held else ("failure", 1))
@@ -138,8 +138,8 @@ def test_process_0_dead_before_joining_on_a_refused_port_is_a_failure(tmp_path, 
   del refused_binds
   s = _supervisor(str(tmp_path))
   s.choice, s._port = types.SimpleNamespace(processes=2), 80   # pylint: disable=protected-access
-  s.procs = [sup._Proc(0, _popen(-11), None, 0.0),   # pylint: disable=protected-access
-             sup._Proc(1, _popen(None), None, 0.0)]   # pylint: disable=protected-access
+  s.procs = [watching.WorkerProc(0, _popen(-11), None, 0.0),
+             watching.WorkerProc(1, _popen(None), None, 0.0)]
   assert s._check_exits(1.0, None).kind == "failure"   # pylint: disable=protected-access
 
 

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from jaxrec.elastic import supervisor as sup
+from jaxrec.elastic import supervisor as sup, watching
 from tests.elastic import elastic_testlib as t
 from tests.elastic.test_coordinator_port import _popen, _supervisor
 
@@ -25,7 +25,7 @@ KILL, ABRT, TERM = -signal.SIGKILL, -signal.SIGABRT, -signal.SIGTERM
 ])
 def test_one_poll_of_exits_loses_the_killed_workers_only(tmp_path, codes, lost, culprit):
   s = _supervisor(str(tmp_path))
-  s.procs = [sup._Proc(i, _popen(c), None, 0.0)   # pylint: disable=protected-access
+  s.procs = [watching.WorkerProc(i, _popen(c), None, 0.0)
              for i, c in enumerate(codes)]
   out = s._check_exits(1.0, None)   # pylint: disable=protected-access
   assert (out.kind, out.lost, out.reason) == ("failure", len(lost), culprit)
@@ -42,7 +42,7 @@ def test_a_sigterm_told_just_before_clean_exits_is_a_planned_stop(tmp_path):
   from jaxrec.elastic import worker  # pylint: disable=import-outside-toplevel
   s = _supervisor(str(tmp_path))
   s.args = s.args.parse(["--workdir=w", "--gin_file=g", "--num_steps=40"])
-  s.procs = [sup._Proc(i, _popen(0), None, 0.0, last_step=20)   # pylint: disable=protected-access
+  s.procs = [watching.WorkerProc(i, _popen(0), None, 0.0, last_step=20)
              for i in range(2)]
   os.makedirs(tmp_path / "workers")
   with open(worker.progress_path(str(tmp_path), 1), "w") as f:

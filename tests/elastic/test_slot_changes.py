@@ -5,7 +5,7 @@ slots due back while the job is below --min_processes."""
 import time
 
 from jaxrec.elastic import replan
-from jaxrec.elastic import supervisor as sup
+from jaxrec.elastic import supervisor as sup, watching
 from tests.elastic import elastic_testlib as t
 
 
@@ -125,7 +125,7 @@ def test_the_run_loop_waits_instead_of_giving_up(tmp_path, monkeypatch):
                            detected=time.time(), slots=(0,)),
               sup._Outcome("finished", "done")]                               # pylint: disable=protected-access
   monkeypatch.setattr(s, "_launch_and_watch", lambda choice: outcomes.pop(0))
-  s.procs = [sup._Proc(0, None, None, 0.0, last_step=7)]   # pylint: disable=protected-access
+  s.procs = [watching.WorkerProc(0, None, None, 0.0, last_step=7)]
   monkeypatch.setattr(s, "_stop_all", lambda *a, **k: None)
   assert s._run() == sup.EXIT_OK
   names = [e["event"] for e in t.events(str(tmp_path))]

@@ -3,7 +3,7 @@ supervisor's stderr and `W/events.jsonl` once per job, not only `W/workers/<p>.l
 
 import os
 
-from jaxrec.elastic import stragglers, supervisor as sup, worker
+from jaxrec.elastic import stragglers, supervisor as sup, watching, worker
 from tests.elastic import elastic_testlib as t
 
 MESSAGE = "warning: gin bindings that no configurable of this run used ...: SGD.x (a.gin:3)"
@@ -19,7 +19,7 @@ def test_each_generations_warning_is_printed_once(tmp_path, monkeypatch, capsys)
   w = str(tmp_path)
   s = sup.Supervisor(sup.Options(num_processes=1, devices_per_process=2),
                      [f"--workdir={w}", "--gin_file=configs/x.gin"])
-  s.procs = [sup._Proc(0, None, None, 0.0)]   # pylint: disable=protected-access
+  s.procs = [watching.WorkerProc(0, None, None, 0.0)]
   s.detectors = (stragglers.Detector("process", 1.5, 3, 20),
                  stragglers.Detector("shard", 1.5, 3, 20))
   for generation in (0, 1):            # a restarted generation's trainer warns again
