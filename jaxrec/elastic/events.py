@@ -23,7 +23,11 @@ EVENTS_FILE = "events.jsonl"
 
 # Event names, in the order a run usually meets them.
 EVENTS = {
-    "start": "supervisor started: its flags (a capacity file follows as `capacity`)",
+    "start": "supervisor started: its flags and pid (a capacity file follows as `capacity`)",
+    "supervisor_died": "the previous supervisor on this workdir ended without `give_up` or "
+                       "`finished` (a second Ctrl-C or SIGTERM, kill -9, the OOM killer, its "
+                       "machine went down): what it did last; this one resumes from the "
+                       "latest checkpoint",
     "plan": "mesh and plan chosen for a generation (planner estimate, reason)",
     "launch": "workers of a generation started (pids, coordinator, command)",
     "warning": "a worker's first report of a warning for the user (also on the launcher's "
@@ -92,6 +96,26 @@ def give_up_text(message: str, checkpoint: int | None, checkpoint_dir: str,
     return f"{message}. Stopping; no checkpoint was saved in {checkpoint_dir}."
   return (f"{message}. Stopping; the latest checkpoint is step {checkpoint} in "
           f"{checkpoint_dir} (run the same command again to resume).")
+
+
+def unfinished_run(events: list[dict]) -> dict | None:
+  """The previous supervisor's run in `events` (oldest first) when it ended without a word:
+  its last `start` has no `give_up` or `finished` after it (a second signal exits at once,
+  SIGKILL, the OOM killer, a machine that went down; its workers die with it,
+  `worker.die_with_supervisor`). Returns
+  `pid` (None from runs before `start` recorded it), `started`, `last_event`,
+  `last_event_time` and `generation` (of its last `launch`, None if none started); None
+  after a clean end or without a previous run."""
+  starts = [i for i, e in enumerate(events) if e.get("event") == "start"]
+  if not starts:
+    return None
+  run = events[starts[-1]:]
+  if any(e.get("event") in ("give_up", "finished") for e in run):
+    return None
+  launches = [e.get("generation") for e in run if e.get("event") == "launch"]
+  return {"pid": run[0].get("pid"), "started": run[0].get("time"),
+          "last_event": run[-1].get("event"), "last_event_time": run[-1].get("time"),
+          "generation": launches[-1] if launches else None}
 
 
 def _default(x):

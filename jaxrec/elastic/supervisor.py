@@ -43,7 +43,7 @@ from jaxrec.elastic import capacity as capacity_lib
 from jaxrec.elastic import procs as proc_lib, recovery, replan, scaling, stopping, stragglers
 from jaxrec.elastic import watching
 from jaxrec.elastic import worker as worker_lib
-from jaxrec.elastic.events import EVENTS_FILE, EventLog, read_events
+from jaxrec.elastic.events import EVENTS_FILE, EventLog, read_events, unfinished_run
 from jaxrec.elastic.options import Options
 from jaxrec.errors import JaxrecError
 
@@ -127,10 +127,10 @@ class Supervisor(scaling.Scaling):
   def _run(self) -> int:
     self.events.repair_tail()
     self.config = replan.load_config(self.args)
+    before = read_events(self.workdir)
     # A restarted supervisor continues the workdir's count: its first set of workers was
     # 'generation 0' again, two sets under one number in events.jsonl and progress files.
-    launched = [e.get("generation") for e in read_events(self.workdir)
-                if e.get("event") == "launch"]
+    launched = [e.get("generation") for e in before if e.get("event") == "launch"]
     self.generation = first = max((g for g in launched if type(g) is int), default=-1) + 1
     # `start` first (the flags), then what the capacity file says: a restarted supervisor
     # finds the file of the previous run, and its `capacity` came before `start`.
@@ -138,7 +138,8 @@ class Supervisor(scaling.Scaling):
                      devices_per_process=self.o.devices_per_process,
                      min_processes=self.o.min_processes, max_restarts=self.o.max_restarts,
                      hang_timeout=self.o.hang_timeout, capacity_file=self.capacity_file,
-                     train_flags=list(self.args.argv))
+                     train_flags=list(self.args.argv), pid=os.getpid())
+    self._previous_died(unfinished_run(before))
     self._read_capacity(initial=True)
     if self.capacity_reader.error is not None:   # bad input before anything started
       return self._give_up("user_error", EXIT_USER_ERROR, self.capacity_reader.message,
@@ -196,6 +197,24 @@ class Supervisor(scaling.Scaling):
       return self._give_up("interrupted", 128 + sig, f"interrupted by {sig.name}")
     finally:
       self._stop_all("supervisor exit", graceful=False, quiet=True)
+
+  def _previous_died(self, previous: dict | None) -> None:
+    """Says so (event and stderr) when the previous supervisor on this workdir ended without
+    a word (`events.unfinished_run`): its events stop mid-job, and a user who finds the job
+    running again should know that it went down and where it resumes."""
+    if previous is None:
+      return
+    checkpoint = proc_lib.latest_checkpoint(self.workdir)
+    self.events.emit("supervisor_died", **previous, checkpoint=checkpoint)
+    pid = f" (pid {previous['pid']})" if previous["pid"] is not None else ""
+    when = previous["last_event_time"]
+    when = time.strftime(" at %Y-%m-%d %H:%M:%S", time.localtime(when)) if when else ""
+    resume = (f"resuming from checkpoint step {checkpoint}" if checkpoint is not None
+              else "no checkpoint was saved: starting fresh")
+    print(f"note: the previous scripts/launch.py on {self.workdir}{pid} ended without "
+          "recording why (a second Ctrl-C or SIGTERM, kill -9, the OOM killer, or its "
+          f"machine went down); its last event was '{previous['last_event']}'{when}. Its "
+          f"workers ended with it; {resume}.", file=sys.stderr, flush=True)
 
   def _stop_after_sigterm(self, out: _Outcome) -> int:
     """Ends the job after the launcher's SIGTERM (`_check_signals`): the workers saved and

@@ -5,6 +5,9 @@ import json
 import os
 import re
 
+import pytest
+
+from jaxrec.elastic import events as events_lib
 from tests.elastic import elastic_testlib as t
 
 FAKE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_train.py")
@@ -52,6 +55,7 @@ def test_the_same_command_again_continues_the_generation_count(tmp_path):
   t.wait_step(w, 1, 0, 8, timeout=120, proc=proc)
   t.kill(t.worker_pids(w, 0)[1])                       # generation 1 on one process
   t.wait_step(w, 0, 1, 12, timeout=120, proc=proc)
+  proc_pid = proc.pid
   t.kill(proc.pid)                                     # the supervisor (and so its workers)
   proc.wait()
   t.wait_for(lambda: not any(t.alive(p) for p in t.worker_pids(w, 1)), 20, "workers gone")
@@ -59,12 +63,43 @@ def test_the_same_command_again_continues_the_generation_count(tmp_path):
   proc = _launch(w, ["--num_processes=2", "--check_every=5"], steps=30, step_s=0.03)
   assert t.finish(proc) == 0, open(os.path.join(w, "launch.log")).read()[-2000:]
   later = t.events(w)[n:]
-  assert t.names(later)[:3] == ["start", "plan", "launch"], later
-  assert later[1]["generation"] == later[2]["generation"] == 2, later[:3]
+  # The killed supervisor left no `give_up`: the next one says it died (and its pid)
+  assert t.names(later)[:4] == ["start", "supervisor_died", "plan", "launch"], later
+  died, first_start = later[1], t.events(w)[0]
+  assert died["pid"] == first_start["pid"] == proc_pid and later[0]["pid"] == proc.pid
+  assert died["generation"] == 1 and died["started"] == first_start["time"], died
+  assert died["checkpoint"] is not None and died["checkpoint"] >= 10, died
+  log = open(os.path.join(w, "launch.log")).read()
+  assert f"previous scripts/launch.py on {w} (pid {proc_pid}) ended without recording why" in log
+  assert f"resuming from checkpoint step {died['checkpoint']}" in log, log[-2000:]
+  assert later[2]["generation"] == later[3]["generation"] == 2, later[:4]
   assert {e["generation"] for e in later if "generation" in e} == {2}
   launches = [e["generation"] for e in t.events(w) if e["event"] == "launch"]
   assert launches == [0, 1, 2]
   assert t.wait_step(w, 0, 2, 30, timeout=1)            # its workers report as generation 2
+
+
+@pytest.mark.parametrize("ending, died", [
+    ([], True),                                      # killed right after it started
+    (["plan", "launch"], True),
+    (["launch", "give_up"], False),
+    (["launch", "finished"], False),
+    (["launch", "give_up", "start", "launch"], True),     # the one after a clean run died
+    (["launch", "finished", "start", "give_up"], False),
+])
+def test_unfinished_run_is_a_last_start_without_give_up_or_finished(ending, died):
+  evts = [{"event": "start", "time": 1.0, "pid": 7}]
+  evts += [{"event": e, "time": 2.0 + i, "generation": i} for i, e in enumerate(ending)]
+  got = events_lib.unfinished_run(evts)
+  assert (got is not None) == died, got
+  if died:
+    assert got["last_event"] == evts[-1]["event"]
+    assert got["last_event_time"] == evts[-1]["time"]
+    launches = [e for e in evts[[i for i, e in enumerate(evts) if e["event"] == "start"][-1]:]
+                if e["event"] == "launch"]
+    assert got["generation"] == (launches[-1]["generation"] if launches else None)
+  assert events_lib.unfinished_run([]) is None
+  assert events_lib.unfinished_run([{"event": "capacity"}]) is None   # no run yet
 
 
 def test_a_run_that_finds_a_capacity_file_begins_with_start(tmp_path):
