@@ -428,7 +428,8 @@ class Supervisor(scaling.Scaling):
     for p, r in self._sigterms:
       self.events.emit("sigterm", generation=self.generation, process=p.index, slot=p.slot,
                        step=r.get("at_step"), action=action)
-      self.lost[p.slot] = now
+      if not self._terminated:   # the job ends: no slot to plan around
+        self.lost[p.slot] = now
     first, self._sigterms = self._sigterms[0][0], []
     return _Outcome("planned", f"worker {first.index} got SIGTERM", detected=now)
 
@@ -512,7 +513,8 @@ class Supervisor(scaling.Scaling):
                        slot=p.slot, pid=p.popen.pid, returncode=p.exited,
                        signal=proc_lib.signal_name(p.exited),
                        last_step=p.last_step,
-                       lost=bool(first_failure and p in lost) or p.slot in self.lost, **extra)
+                       lost=bool(first_failure and p in lost)
+                       or (p.slot in self.lost and not self._terminated), **extra)
     if first_failure:
       if port_taken:
         return _Outcome("port_in_use", f"coordinator port {self._port} in use", detected=now)

@@ -120,7 +120,7 @@ def test_sigterm_during_an_eval_stops_it_and_saves_that_step(tmp_path):
 def test_sigterm_to_the_launcher_and_its_workers_at_once_stops_the_job(tmp_path):
   """Slurm signals every process of the job: the workers' own SIGTERMs make the same stop,
   the job ends (143) rather than re-plans, and their `sigterm` events say so (they read
-  `replan without it`)."""
+  `replan without it`); their `worker_exit` events do not call their slots lost."""
   w = str(tmp_path)
   # check steps 1.2 s apart: the launcher sees its SIGTERM before the workers save (when
   # they have saved first, nothing is left to save: it stops them at once, no events)
@@ -135,3 +135,6 @@ def test_sigterm_to_the_launcher_and_its_workers_at_once_stops_the_job(tmp_path)
   assert ev[-1]["checkpoint"] == 40 and "terminate" in t.names(ev), t.names(ev)
   told = [e for e in ev if e["event"] == "sigterm"]
   assert told and all("replan" not in e["action"] for e in told), told
+  # the workers saved and exited 0 as the job ends: no slot is lost (they read lost: true)
+  exits = [e for e in ev if e["event"] == "worker_exit"]
+  assert len(exits) == 2 and not any(e["lost"] for e in exits), exits
