@@ -28,12 +28,14 @@ SIGTERM_REASON = "supervisor got SIGTERM"
 @dataclasses.dataclass
 class StopRequest:
   """A stop asked of a generation at `requested` (seconds since the epoch), for `outcome`;
-  `checkpoint_before`: the newest checkpoint then; `saved`: when the stop's own checkpoint
-  (a newer one, at a check step) was first seen."""
+  `checkpoint_before`: the newest checkpoint then; `step`: the furthest step a worker had
+  reported then; `saved`: when the stop's own checkpoint (a newer one, at a check step, not
+  before `step`) was first seen."""
 
   outcome: Outcome
   requested: float
   checkpoint_before: int | None
+  step: int = 0
   saved: float | None = None
 
   def overdue(self, now: float, checkpoint: int | None, check_every: int,
@@ -41,20 +43,25 @@ class StopRequest:
     """Whether the workers are past the time they had to stop by themselves: more than
     `stop_timeout` seconds since the request, or twice `stop_grace` since the stop's
     checkpoint appeared (after saving they still close their files and leave, and the save
-    may come long after the request). `checkpoint`: the newest one now; a periodic one
-    saved before the check step does not count."""
+    may come long after the request). `checkpoint`: the newest one now. A periodic one does
+    not count when it is of a step before the request's (an asynchronous save committing
+    after it) or off the check steps; one of the request's step itself does (the workers
+    may have seen the request at that very step), then they may get only 2 x `stop_grace`
+    to reach the check step."""
     if (self.saved is None and checkpoint is not None and checkpoint != self.checkpoint_before
-        and checkpoint % max(check_every, 1) == 0):
+        and checkpoint >= self.step and checkpoint % max(check_every, 1) == 0):
       self.saved = now
     return now - self.requested > stop_timeout or (
         self.saved is not None and now - self.saved > 2 * stop_grace)
 
 
-def request(workdir: str, generation: int, outcome: Outcome, now: float) -> StopRequest:
-  """Asks generation `generation` to checkpoint at its next check step and exit; for the
-  launcher's SIGTERM (`SIGTERM_REASON`) an eval in progress stops too (`preempt`)."""
+def request(workdir: str, generation: int, outcome: Outcome, now: float,
+            step: int = 0) -> StopRequest:
+  """Asks generation `generation` (its furthest reported step: `step`) to checkpoint at its
+  next check step and exit; for the launcher's SIGTERM (`SIGTERM_REASON`) an eval in
+  progress stops too (`preempt`)."""
   _write(workdir, generation, outcome.reason, now, outcome.reason == SIGTERM_REASON)
-  return StopRequest(outcome, now, proc_lib.latest_checkpoint(workdir))
+  return StopRequest(outcome, now, proc_lib.latest_checkpoint(workdir), step)
 
 
 def preempt(workdir: str, generation: int, stop: StopRequest) -> None:

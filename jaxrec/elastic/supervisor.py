@@ -387,7 +387,8 @@ class Supervisor(scaling.Scaling):
         return stop.outcome          # workers did not stop by themselves: stop them
 
   def _request_stop(self, planned: _Outcome, now: float) -> stopping.StopRequest:
-    return stopping.request(self.workdir, self.generation, planned, now)
+    return stopping.request(self.workdir, self.generation, planned, now,
+                            max((p.last_step for p in self.procs), default=0))
 
   def _check_signals(self, now: float,
                      stop: stopping.StopRequest | None) -> stopping.StopRequest | None:
