@@ -41,9 +41,13 @@ _DENSE_RULES = {"learning_rate": NONNEG, "b1": UNIT, "b2": UNIT, "eps": POSITIVE
 
 
 @gin.configurable
-def dense_optimizer(name: str = "sgd", learning_rate: float = 0.1, **kwargs
-                    ) -> DenseOptimizer:
-  """optax optimizer for the dense network, by name (`sgd`, `adam`, `adagrad`, `adamw`)."""
+def dense_optimizer(name: str = "sgd", learning_rate: float = 0.1,
+                    clip_norm: float | None = None, **kwargs) -> DenseOptimizer:
+  """optax optimizer for the dense network, by name (`sgd`, `adam`, `adagrad`, `adamw`).
+
+  `clip_norm`: scale the dense gradients down to this global norm when it is larger
+  (`optax.clip_by_global_norm`, before the optimizer; the embedding tables' sparse updates
+  are not clipped). None: no clipping."""
   makers = {"sgd": optax.sgd, "adam": optax.adam, "adagrad": optax.adagrad,
             "adamw": optax.adamw}
   if not isinstance(name, str) or name not in makers:
@@ -56,8 +60,10 @@ def dense_optimizer(name: str = "sgd", learning_rate: float = 0.1, **kwargs
   for key, value in dict(kwargs, learning_rate=learning_rate).items():
     if key in _DENSE_RULES and not callable(value) and not (key == "momentum" and value is None):
       hparam(f"dense_optimizer.{key}", value, _DENSE_RULES[key])   # schedules pass as is
+  if clip_norm is not None:
+    clip_norm = hparam("dense_optimizer.clip_norm", clip_norm, POSITIVE)
   return DenseOptimizer(makers[name](learning_rate, **_checked_kinds(name, kwargs)),
-                        learning_rate)
+                        learning_rate, clip_norm)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,15 +71,21 @@ class DenseOptimizer:
   """The dense params' optax transformation and the learning rate it was built with (a
   number or a `Schedule`): the metrics lines log a scheduled rate, which optax keeps out of
   sight inside `update`. `init` and `update` are optax's, and it unpacks as optax's
-  transformations do (`init, update = tx`)."""
+  transformations do (`init, update = tx`). With `clip_norm`, `update` first scales the
+  gradients to that global norm; the clipping keeps no state, so the optimizer state (and
+  a checkpoint's) is the same with and without it."""
 
   tx: optax.GradientTransformation
   learning_rate: Any
+  clip_norm: float | None = None
 
   def init(self, params):
     return self.tx.init(params)
 
   def update(self, updates, state, params=None, **extra_args):
+    if self.clip_norm is not None:
+      updates, _ = optax.clip_by_global_norm(self.clip_norm).update(updates,
+                                                                     optax.EmptyState())
     return self.tx.update(updates, state, params, **extra_args)
 
   def __iter__(self):

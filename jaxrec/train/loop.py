@@ -369,7 +369,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     writer.write(start, {"event": "restart"})    # its lines past 0 are not this run's
 
   last: dict[str, Any] = {}
-  pending: list[tuple[int, int, jax.Array]] = []   # (step, data position, loss) unchecked
+  pending: list[tuple[int, int, dict]] = []   # (step, data position, step outputs) unchecked
   in_flight = steps_in_flight(mesh)
   skip_positions: set[int] = set()                 # batches that gave a non-finite loss
   rollbacks = 0
@@ -419,9 +419,9 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       t_host = time.perf_counter() - t_step
       state, metrics = train_step(state, placed, *step_args())
       step += 1
-      pending.append((step, position, metrics["loss"]))
+      pending.append((step, position, metrics))
       if in_flight is not None and len(pending) > in_flight:   # wait for that step back
-        pending[-in_flight - 1][2].block_until_ready()
+        pending[-in_flight - 1][2]["loss"].block_until_ready()
       if t_mark is None:          # the first step compiles; time from its end
         jax.block_until_ready(metrics["loss"])
         t_mark, steps_timed = time.perf_counter(), 0
@@ -441,7 +441,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       if not (is_log or is_eval or is_ckpt):
         continue
       # Waits for the window's steps: what follows (eval, checkpoint) is not training time.
-      losses = np.asarray(jax.device_get([x[2] for x in pending]), np.float64)
+      outputs = jax.device_get([x[2] for x in pending])
+      losses = np.asarray([o["loss"] for o in outputs], np.float64)
       t_pause = time.perf_counter()
       bad = np.flatnonzero(~np.isfinite(losses))
       if bad.size:   # never checkpoint or log past a non-finite loss
@@ -476,6 +477,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       record, scalars = {}, {}
       if is_log:
         record["loss"] = float(losses.mean())
+        record.update(step_lib.window_record(outputs, config.dense_tx()))
         record.update(schedules.logged_rate(config.sparse_tx().lr, step))
         record.update(schedules.logged_rate(
             getattr(config.dense_tx(), "learning_rate", None), step - dense_behind,

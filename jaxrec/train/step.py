@@ -15,6 +15,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxrec.data.batch import Batch
@@ -63,13 +64,30 @@ def make_train_step(config: ExperimentConfig, collection: EmbeddingCollection, s
     params = optax.apply_updates(state["params"], updates)
     emb = collection.apply_gradients(state["emb"], ctx, g_rows, state["step"], slot_rows)
     new_state.update(step=state["step"] + 1, params=params, opt_state=opt_state, emb=emb)
-    return new_state, {"loss": loss}
+    metrics = {"loss": loss}
+    if getattr(tx, "clip_norm", None) is not None:   # before clipping: `window_record`
+      metrics["dense_grad_norm"] = optax.tree.norm(g_params)
+    return new_state, metrics
 
   bs = batch_sharding(collection.mesh)
   slot_rows = (replicated(collection.mesh),) if keyed else ()
   return jax.jit(step, in_shardings=(state_shardings, bs) + slot_rows,
                  out_shardings=(state_shardings, replicated(collection.mesh)),
                  donate_argnums=(0,), compiler_options=collection.compiler_options())
+
+
+def window_record(outputs: Sequence[dict], tx) -> dict:
+  """What a log window's train-step outputs (fetched, one dict per step) add to its
+  `metrics.jsonl` line besides the loss: with `dense_optimizer.clip_norm`,
+  `dense_grad_norm` (the dense gradients' global norm before clipping, mean over the
+  window) and `dense_clipped` (the fraction of its steps whose norm was clipped)."""
+  clip_norm = getattr(tx, "clip_norm", None)
+  norms = [float(o["dense_grad_norm"]) for o in outputs if "dense_grad_norm" in o]
+  if clip_norm is None or not norms:
+    return {}
+  norms = np.asarray(norms, np.float64)
+  return {"dense_grad_norm": float(norms.mean()),
+          "dense_clipped": float(np.mean(norms > clip_norm))}
 
 
 def make_eval_step(config: ExperimentConfig, collection: EmbeddingCollection, state_shardings):
