@@ -1,7 +1,13 @@
-"""Evaluation metrics over a whole eval set: exact ROC AUC, log loss, a streaming accumulator.
+"""Evaluation metrics over a whole eval set: exact ROC AUC, log loss, normalized entropy,
+calibration, and a streaming accumulator.
 
 AUC is exact (not a mean of per-batch AUCs) and handles tied scores like
-`sklearn.metrics.roc_auc_score`: a tied (positive, negative) pair counts 1/2.
+`sklearn.metrics.roc_auc_score`: a tied (positive, negative) pair counts 1/2. Normalized
+entropy (He et al., "Practical Lessons from Predicting Clicks on Ads at Facebook", 2014) is
+the log loss divided by the entropy of the eval set's positive rate, so that it compares
+across datasets of different click rates (below 1: better than predicting that rate for
+every example); calibration is the mean prediction over the positive rate (1: as many
+clicks predicted as happened).
 """
 
 from __future__ import annotations
@@ -56,6 +62,25 @@ def log_loss(labels, probs, eps: float = 1e-7) -> float:
   return float(-(y * np.log(p) + (1.0 - y) * np.log1p(-p)).mean())
 
 
+def normalized_entropy(labels, probs, eps: float = 1e-7) -> float:
+  """`log_loss` over the entropy of the positive rate (nan when one class only)."""
+  y = np.asarray(labels, np.float64).reshape(-1)
+  rate = float(y.mean()) if y.size else math.nan
+  if not 0.0 < rate < 1.0:
+    return math.nan
+  base = -(rate * math.log(rate) + (1.0 - rate) * math.log1p(-rate))
+  return log_loss(y, probs, eps) / base
+
+
+def calibration(labels, probs) -> float:
+  """Mean predicted probability over the mean label (nan without positives)."""
+  y = np.asarray(labels, np.float64).reshape(-1)
+  p = np.asarray(probs, np.float64).reshape(-1)
+  if not y.size or not y.sum() > 0:
+    return math.nan
+  return float(p.sum() / y.sum())
+
+
 def sigmoid(x) -> np.ndarray:
   """Numerically stable float64 sigmoid."""
   x = np.asarray(x, np.float64)
@@ -94,22 +119,29 @@ class EvalAccumulator:
     return sum(x.size for x in self._labels)
 
   def result(self) -> dict[str, float | int]:
-    """`{'eval_auc', 'eval_logloss', 'eval_examples'}`; AUC is `nan` if one class only or a
-    logit is `nan` (logged as a warning saying which)."""
+    """`{'eval_auc', 'eval_logloss', 'eval_ne', 'eval_calibration', 'eval_examples'}`; AUC
+    and normalized entropy are `nan` if one class only, calibration without positives, all
+    four if a logit is `nan` (logged as a warning saying which)."""
     logits = np.concatenate(self._logits) if self._logits else np.zeros(0, np.float32)
     labels = np.concatenate(self._labels) if self._labels else np.zeros(0, np.float32)
     n_pos = int(_as_binary(labels).sum())
     n_nan = int(np.isnan(logits).sum())
     if n_nan:
-      log.warning("eval: %d of %d logits are nan: eval_auc and eval_logloss are nan (null in "
-                  "metrics.jsonl)", n_nan, labels.size)
+      log.warning("eval: %d of %d logits are nan: eval_auc, eval_logloss, eval_ne and "
+                  "eval_calibration are nan (null in metrics.jsonl)", n_nan, labels.size)
     elif not labels.size:
-      log.warning("eval: no eval examples: eval_auc and eval_logloss are nan")
+      log.warning("eval: no eval examples: eval_auc, eval_logloss, eval_ne and "
+                  "eval_calibration are nan")
     elif n_pos in (0, labels.size):
-      log.warning("eval: all %d eval examples are %s: eval_auc is undefined (nan; null in "
-                  "metrics.jsonl)", labels.size, "positive" if n_pos else "negative")
+      log.warning("eval: all %d eval examples are %s: eval_auc and eval_ne are undefined "
+                  "(nan; null in metrics.jsonl)%s", labels.size,
+                  "positive" if n_pos else "negative",
+                  "" if n_pos else ", and so is eval_calibration")
+    probs = sigmoid(logits)
     return {
         "eval_auc": roc_auc(labels, logits),
-        "eval_logloss": log_loss(labels, sigmoid(logits)),
+        "eval_logloss": log_loss(labels, probs),
+        "eval_ne": normalized_entropy(labels, probs),
+        "eval_calibration": calibration(labels, probs),
         "eval_examples": int(labels.size),
     }

@@ -90,7 +90,8 @@ def test_the_loss_line_is_written_before_the_checkpoint_and_eval(monkeypatch, tm
   assert saved == seen   # the loss line was there before the save, not only the eval
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert lines[0] == seen[0][0] and sorted(lines[1]) == [
-      "eval_auc", "eval_examples", "eval_logloss", "step"] and lines[1]["step"] == 2
+      "eval_auc", "eval_calibration", "eval_examples", "eval_logloss", "eval_ne",
+      "step"] and lines[1]["step"] == 2
   assert result["loss"] == lines[0]["loss"] and result["eval_auc"] == lines[1]["eval_auc"]
 
 
@@ -146,7 +147,8 @@ def test_a_step_saved_but_not_evaluated_is_evaluated_on_resume(monkeypatch, tmp_
   assert steps == [2, 4, 6]
   resume = [i for i, l in enumerate(lines) if l.get("event") == "resume"]
   assert lines[resume[0]]["checkpoint_step"] == 4 and lines[resume[0] + 1]["step"] == 4
-  assert sorted(lines[resume[0] + 1]) == ["eval_auc", "eval_examples", "eval_logloss", "step"]
+  assert sorted(lines[resume[0] + 1]) == ["eval_auc", "eval_calibration", "eval_examples",
+                                          "eval_logloss", "eval_ne", "step"]
   # a resume from a step whose eval was done does not evaluate it again
   options = dataclasses.replace(options, num_steps=8)
   loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path))

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from jaxrec.train.metrics import EvalAccumulator, log_loss, roc_auc, sigmoid
+from jaxrec.train.metrics import (EvalAccumulator, calibration, log_loss, normalized_entropy,
+                                  roc_auc, sigmoid)
 
 
 def _brute_auc(labels, scores):
@@ -97,10 +98,37 @@ def test_an_undefined_auc_is_explained(caplog):
   with caplog.at_level("WARNING", logger="jaxrec"):
     res = acc.result()
   assert math.isnan(res["eval_auc"]) and np.isfinite(res["eval_logloss"])
-  assert "all 2 eval examples are positive: eval_auc is undefined" in caplog.text
+  assert math.isnan(res["eval_ne"]) and np.isfinite(res["eval_calibration"])
+  assert "all 2 eval examples are positive: eval_auc and eval_ne are undefined" in caplog.text
   caplog.clear()
   acc.add(np.array([np.nan, 1.0]), np.array([0.0, 0.0]))
   with caplog.at_level("WARNING", logger="jaxrec"):
     res = acc.result()
-  assert math.isnan(res["eval_auc"]) and math.isnan(res["eval_logloss"])
+  assert all(math.isnan(res[k]) for k in ("eval_auc", "eval_logloss", "eval_ne",
+                                           "eval_calibration"))
   assert "1 of 4 logits are nan" in caplog.text
+
+
+def test_normalized_entropy_and_calibration():
+  """NE: the log loss over the entropy of the positive rate (1.0 for a model that predicts
+  that rate everywhere, below 1 when it does better); calibration: predicted over actual
+  positives."""
+  rng = np.random.default_rng(3)
+  labels = (rng.random(2000) < 0.2).astype(np.float32)
+  rate = labels.mean()
+  constant = np.full(labels.size, np.log(rate / (1 - rate)), np.float32)   # logit of rate
+  acc = EvalAccumulator()
+  acc.add(constant, labels)
+  res = acc.result()
+  np.testing.assert_allclose([res["eval_ne"], res["eval_calibration"]], [1.0, 1.0], rtol=1e-5)
+  logits = (2.0 * labels - 1.0 + rng.normal(size=labels.size) - 1.0).astype(np.float32)
+  acc.reset()
+  acc.add(logits, labels)
+  res = acc.result()
+  probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  entropy = -(rate * np.log(rate) + (1 - rate) * np.log(1 - rate))
+  np.testing.assert_allclose(res["eval_ne"], res["eval_logloss"] / entropy, rtol=1e-6)
+  np.testing.assert_allclose(res["eval_calibration"], probs.sum() / labels.sum(), rtol=1e-6)
+  assert res["eval_ne"] < 1.0
+  assert math.isnan(calibration([0.0, 0.0], [0.3, 0.4]))       # no positives
+  assert math.isnan(normalized_entropy([0.0, 0.0], [0.3, 0.4]))
