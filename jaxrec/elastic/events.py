@@ -102,10 +102,9 @@ def unfinished_run(events: list[dict]) -> dict | None:
   """The previous supervisor's run in `events` (oldest first) when it ended without a word:
   its last `start` has no `give_up` or `finished` after it (a second signal exits at once,
   SIGKILL, the OOM killer, a machine that went down; its workers die with it,
-  `worker.die_with_supervisor`). Returns
-  `pid` (None from runs before `start` recorded it), `started`, `last_event`,
-  `last_event_time` and `generation` (of its last `launch`, None if none started); None
-  after a clean end or without a previous run."""
+  `worker.die_with_supervisor`). Returns `pid` (None from runs before `start` recorded it),
+  `started`, `last_event`, `last_event_time` and `generation` (of its last `launch`, None
+  if none started); None after a clean end or without a previous run."""
   starts = [i for i, e in enumerate(events) if e.get("event") == "start"]
   if not starts:
     return None
