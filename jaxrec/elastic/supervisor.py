@@ -290,10 +290,11 @@ class Supervisor(scaling.Scaling):
       log.flush()
       popen = proc_lib.start_worker(argv, self._env(p, choice, port), log)
       # Workers resume from that checkpoint (at num_steps they only evaluate and exit).
+      offset, inode = watching.progress_end(self.workdir, p)
       self.procs.append(watching.WorkerProc(
           p, popen, log, time.time(), last_seen=time.time(),
           last_step=self._checkpoint_at_launch or 0, slot=self.slots[p],
-          offset=watching.progress_end(self.workdir, p)))
+          offset=offset, inode=inode))
     self.detectors = (
         stragglers.Detector("process", self.o.straggler_threshold, self.o.straggler_windows,
                             self.o.straggler_window_steps),

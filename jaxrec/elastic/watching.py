@@ -32,32 +32,44 @@ class WorkerProc:
   exited: int | None = None
   slot: int | None = None           # the capacity slot it runs on (default: its index)
   offset: int = 0                   # bytes of its progress file already read
+  inode: int | None = None          # of that file (a new one: the worker rotated it)
 
   def __post_init__(self):
     if self.slot is None:
       self.slot = self.index
 
 
-def progress_end(workdir: str, process: int) -> int:
-  """The size of process `process`'s progress file now (0 if none): a new worker's lines
-  start there (the file keeps every generation's)."""
-  path = worker_lib.progress_path(workdir, process)
-  return os.path.getsize(path) if os.path.exists(path) else 0
+def progress_end(workdir: str, process: int) -> tuple[int, int | None]:
+  """The size and inode of process `process`'s progress file now (0, None if none): a new
+  worker's lines start there (the file keeps every generation's)."""
+  try:
+    st = os.stat(worker_lib.progress_path(workdir, process))
+  except FileNotFoundError:
+    return 0, None
+  return st.st_size, st.st_ino
 
 
 def new_records(workdir: str, p: WorkerProc, generation: int) -> list[dict]:
   """The progress records of `generation` that worker `p` completed since the last call
-  (a line still being written waits for the next; a torn one is skipped)."""
+  (a line still being written waits for the next; a torn one is skipped). When the worker
+  rotated its file since (`worker.rotated_path`), the rest of the old one comes first."""
   path = worker_lib.progress_path(workdir, p.index)
-  if not os.path.exists(path):
+  try:
+    f = open(path, "rb")   # first: a rotation after it leaves this one readable
+  except FileNotFoundError:
     return []
-  with open(path, "rb") as f:
+  with f:
+    inode, data = os.fstat(f.fileno()).st_ino, b""
+    if p.inode is not None and inode != p.inode:
+      data, p.offset = _rest_of_rotated(path, p), 0
+    p.inode = inode
     f.seek(p.offset)
-    data = f.read()
-  end = data.rfind(b"\n") + 1
+    fresh = f.read()
+  end = fresh.rfind(b"\n") + 1
   p.offset += end
+  data += fresh[:end]
   records = []
-  for line in data[:end].decode(errors="replace").splitlines():
+  for line in data.decode(errors="replace").splitlines():
     try:
       r = json.loads(line)
     except json.JSONDecodeError:
@@ -65,6 +77,20 @@ def new_records(workdir: str, p: WorkerProc, generation: int) -> list[dict]:
     if isinstance(r, dict) and r.get("generation") == generation:
       records.append(r)
   return records
+
+
+def _rest_of_rotated(path: str, p: WorkerProc) -> bytes:
+  """What the worker wrote past `p.offset` into the file it has since rotated (ending in
+  a newline; b"" when that file is gone or was rotated away again)."""
+  try:
+    with open(worker_lib.rotated_path(path), "rb") as f:
+      if os.fstat(f.fileno()).st_ino != p.inode:
+        return b""
+      f.seek(p.offset)
+      data = f.read()
+  except FileNotFoundError:
+    return b""
+  return data if not data or data.endswith(b"\n") else data + b"\n"
 
 
 def hung(procs: list[WorkerProc], now: float, hang_timeout: float,

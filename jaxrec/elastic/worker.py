@@ -19,7 +19,9 @@ without them every function here is a no-op (a plain single-process run):
   JAXREC_ELASTIC_SUPERVISOR_PID  the supervisor's pid: the worker dies with it
                               (`die_with_supervisor`)
 
-Progress goes to `W/workers/<process>.jsonl`, one line per step:
+Progress goes to `W/workers/<process>.jsonl` (past `JAXREC_ELASTIC_PROGRESS_BYTES`, 64 MiB
+by default, the file moves to `<process>.jsonl.1`, replacing the one before, and a new one
+starts: a long job keeps at most twice that per process), one line per step:
 
   {"time": ..., "generation": 1, "process": 0, "step": 41, "step_time_s": 0.021,
    "host_time_s": 0.004, "shard_times_s": {"device:0": 0.0011, ...}}
@@ -55,6 +57,10 @@ ENV_PROBE_EVERY = "JAXREC_ELASTIC_PROBE_EVERY"
 ENV_INJECT_DELAY = "JAXREC_ELASTIC_INJECT_DELAY"
 ENV_SLOT = "JAXREC_ELASTIC_SLOT"
 ENV_SUPERVISOR_PID = "JAXREC_ELASTIC_SUPERVISOR_PID"
+ENV_PROGRESS_BYTES = "JAXREC_ELASTIC_PROGRESS_BYTES"
+# A progress file is rotated past this size: at ~120 bytes a step, 500 steps a second wrote
+# ~5 GB a day per process, kept for the whole job.
+PROGRESS_BYTES = 64 << 20
 PR_SET_PDEATHSIG = 1
 # Process 0 could not host the coordination service: its port was taken after the
 # supervisor picked it (`procs.free_port`); the supervisor starts the workers again on
@@ -71,6 +77,11 @@ CONTROL_DIR = "elastic"
 
 def progress_path(workdir: str, process: int) -> str:
   return os.path.join(workdir, WORKERS_DIR, f"{int(process)}.jsonl")
+
+
+def rotated_path(path: str) -> str:
+  """Where a full progress file moves (`_Worker.write`)."""
+  return path + ".1"
 
 
 def stop_path(workdir: str, generation: int) -> str:
@@ -97,6 +108,8 @@ class _Worker:
       if int(slot) == self.slot:
         self.delay = float(seconds)
     self._file = None
+    self._file_lock = threading.Lock()   # a warning may come from another thread
+    self.progress_bytes = max(int(env.get(ENV_PROGRESS_BYTES, PROGRESS_BYTES)), 1)
     self._carry = 0.0      # injected host time, charged to the next step
     self.alive_at = float("-inf")   # when `report_alive` last wrote
     self.sigterm_at: float | None = None   # a SIGTERM from outside (`_on_sigterm`)
@@ -104,12 +117,20 @@ class _Worker:
     self.report_at_exit = False            # `_report_at_exit` registered
 
   def write(self, workdir: str, record: dict) -> None:
-    if self._file is None:
-      self._file = _open_progress(progress_path(workdir, self.process))
+    """Appends `record` to this process's progress file; rotates the file once it holds
+    `progress_bytes` (`rotated_path`: the supervisor reads the rest of it there)."""
     record = {"time": round(time.time(), 4), "generation": self.generation,
               "process": self.process, **record}
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
+    path = progress_path(workdir, self.process)
+    with self._file_lock:
+      if self._file is None:
+        self._file = _open_progress(path)
+      self._file.write(json.dumps(record) + "\n")
+      self._file.flush()
+      if self._file.tell() >= self.progress_bytes:
+        self._file.close()
+        self._file = None
+        os.replace(path, rotated_path(path))
 
 
 def _open_progress(path: str):
