@@ -1,9 +1,13 @@
 """Every plan on 8 devices gives the 1-device run's losses (and tables), via scripts/train.py."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from tests.scripts.test_train import export, read_metrics, train
+from tests.scripts.test_train import ROOT, export, read_metrics, train
 
 # The one-axis plans run in the slow target (`make test-slow`): the default suite keeps the
 # two meshes that split over three axes. Every plan and optimizer is also compared with one
@@ -22,13 +26,21 @@ SMALL = ["ExperimentConfig.batch_size=64", "ExperimentConfig.eval_batch_size=512
          "ExperimentConfig.num_eval_examples=1024"]
 
 
-def run(workdir, plan, mesh, devices, dim=16):
+def run(workdir, plan, mesh, devices, dim=16, users_xla=False):
   """Trains 20 steps with tables of `dim`; returns (per-step losses, final tables exported
-  to npz)."""
+  to npz). `users_xla`: compiled at XLA's default optimisation level, as users run (the
+  tests' -O0, `tests/xla_env.py`, can hide a compiled-rounding difference)."""
   dims = [] if dim == 16 else [f"uniform_tables.dim={dim}", f"DLRM.bottom_mlp=(128,64,{dim})"]
-  train(workdir, "--gin_file=configs/dlrm_synthetic.gin", "--num_steps=20", "--log_every=1",
-        f"--plan={plan}", f"--mesh={mesh}", *[f"--gin_bindings={b}" for b in SMALL + dims],
-        devices=devices)
+  flags = ["--gin_file=configs/dlrm_synthetic.gin", "--num_steps=20", "--log_every=1",
+           f"--plan={plan}", f"--mesh={mesh}", *[f"--gin_bindings={b}" for b in SMALL + dims]]
+  if users_xla:
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train.py"),
+                    f"--workdir={workdir}", "--compilation_cache=none", *flags],
+                   check=True, capture_output=True, env=env, cwd=ROOT, timeout=900)
+  else:
+    train(workdir, *flags, devices=devices)
   losses = np.array([l["loss"] for l in read_metrics(workdir) if "loss" in l])
   return losses, {k: v for k, v in export(workdir).items() if k.startswith("tables/")}
 
@@ -58,6 +70,16 @@ def _check(got, want, dim):
 @pytest.mark.parametrize("plan,mesh", PLANS)
 def test_plan_matches_single_device(tmp_path, reference, plan, mesh):
   _check(run(str(tmp_path / "w"), plan, mesh, devices=8), reference(), 16)
+
+
+@pytest.mark.slow   # eight runs compiled at XLA's default level (~2.5 min)
+def test_every_plan_matches_single_device_as_users_compile(tmp_path):
+  """The issue's criterion as users run it: XLA's default optimisation level, where the
+  suite's other runs compile at -O0."""
+  want = run(str(tmp_path / "ref"), "dp", "data=1", 1, users_xla=True)
+  for param in PLANS:
+    plan, mesh = param.values if hasattr(param, "values") else param
+    _check(run(str(tmp_path / plan), plan, mesh, 8, users_xla=True), want, 16)
 
 
 @pytest.mark.parametrize("plan,mesh,dim", PADDED)
