@@ -211,10 +211,15 @@ class Supervisor(scaling.Scaling):
     when = time.strftime(" at %Y-%m-%d %H:%M:%S", time.localtime(when)) if when else ""
     resume = (f"resuming from checkpoint step {checkpoint}" if checkpoint is not None
               else "no checkpoint was saved: starting fresh")
+    hint = ""
+    if previous["last_event"] == "terminate":   # preempted, then killed before the save
+      hint = (" It was saving after a SIGTERM when it ended: a scheduler's grace period "
+              "(Kubernetes' and Slurm's default 30 s) shorter than --check_every steps and "
+              "a save loses those steps; raise the grace period or lower --check_every.")
     print(f"note: the previous scripts/launch.py on {self.workdir}{pid} ended without "
           "recording why (a second Ctrl-C or SIGTERM, kill -9, the OOM killer, or its "
           f"machine went down); its last event was '{previous['last_event']}'{when}. Its "
-          f"workers ended with it; {resume}.", file=sys.stderr, flush=True)
+          f"workers ended with it; {resume}.{hint}", file=sys.stderr, flush=True)
 
   def _stop_after_sigterm(self, out: _Outcome) -> int:
     """Ends the job after the launcher's SIGTERM (`_check_signals`): the workers saved and

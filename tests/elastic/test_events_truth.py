@@ -133,3 +133,26 @@ def test_every_event_is_listed_and_in_the_docs_table():
   documented = {name for line in rows for name in
                 line.split("|")[1].replace("`", "").replace(" ", "").split("/")}
   assert set(EVENTS) <= documented, sorted(set(EVENTS) - documented)
+
+
+def test_a_launcher_killed_while_saving_after_sigterm_is_told_about_the_grace(tmp_path,
+                                                                              capsys):
+  """Preempted (`terminate`), then SIGKILLed by the scheduler before the workers saved:
+  the next start says the grace period was too short for the save."""
+  import types  # pylint: disable=import-outside-toplevel
+  from jaxrec.elastic import supervisor  # pylint: disable=import-outside-toplevel
+  emitted = []
+  fake = types.SimpleNamespace(
+      workdir=str(tmp_path),
+      events=types.SimpleNamespace(emit=lambda name, **kw: emitted.append((name, kw))))
+  previous = {"pid": 41, "started": 1.0, "last_event": "terminate", "last_event_time": 9.0,
+              "generation": 2}
+  supervisor.Supervisor._previous_died(fake, previous)   # pylint: disable=protected-access
+  err = capsys.readouterr().err
+  assert emitted == [("supervisor_died", dict(previous, checkpoint=None))]
+  assert "(pid 41) ended without recording why" in err and "starting fresh" in err
+  assert "saving after a SIGTERM" in err and "lower --check_every" in err
+  died = supervisor.Supervisor._previous_died   # pylint: disable=protected-access
+  died(fake, dict(previous, last_event="launch", pid=None))
+  err = capsys.readouterr().err
+  assert "SIGTERM when" not in err and "saving after" not in err and "(pid" not in err
