@@ -90,7 +90,10 @@ def init_rows(key: jax.Array, spec: TableSpec, start: int, stop: int) -> np.ndar
 def _driver_metadata(driver: str, shape, chunks, dtype, shard_rows: int | None = None
                      ) -> dict:
   """Metadata of a new uncompressed array; `shard_rows` (zarr3): rows per file, holding
-  its `chunks` and their index (tensorstore's `sharding_indexed` codec)."""
+  its `chunks` and their index (tensorstore's `sharding_indexed` codec). zarr3 files are
+  named `c.<i>.0` in the array's directory, as zarr's are: zarr3's default `c/<i>/0` made
+  a directory per file, which every snapshot, restore and pruned snapshot creates or
+  removes (docs/offload.md)."""
   name = jnp.dtype(dtype).name
   if driver == "zarr":
     return {"metadata": {"compressor": None, "shape": list(shape), "chunks": list(chunks),
@@ -104,6 +107,8 @@ def _driver_metadata(driver: str, shape, chunks, dtype, shard_rows: int | None =
           "chunk_shape": list(chunks), "codecs": raw,
           "index_codecs": raw + [{"name": "crc32c"}]}}]
     return {"metadata": {"shape": list(shape), "data_type": name, "codecs": codecs,
+                         "chunk_key_encoding": {"name": "default",
+                                                "configuration": {"separator": "."}},
                          "chunk_grid": {"name": "regular",
                                         "configuration": {"chunk_shape": grid}}}}
   raise ConfigError(f"offload driver '{driver}' is not supported (zarr, zarr3)")
