@@ -27,6 +27,7 @@ class TierTable:
   resident: np.ndarray          # [cache_rows] row in each slot after the last install (-1)
   dirty: np.ndarray             # [cache_rows] bool: trained since the last flush (`flush`
                                 # writes only these: every cached row rewrote most files)
+  eval_index: Any = None        # `eval_split.slots`' sort of `resident`; None after a change
 
 
 @dataclasses.dataclass

@@ -175,6 +175,7 @@ class OffloadTier(LookAhead):
           self.slot_rows, {n: plan.payload[n][0] for n in plan.table_rows}, plan.table_rows)
     for name, (slots, rows) in plan.installs.items():
       self.tables[name].resident[slots] = rows
+      self.tables[name].eval_index = None
     for ev in plan.evictions:
       ev.device = evicted[ev.table]
       for v in ev.device.values():
@@ -439,6 +440,7 @@ class OffloadTier(LookAhead):
       t.cache.reset()
       t.buffer.clear()
       t.resident[:] = -1
+      t.eval_index = None
       t.dirty[:] = False
     self._dirty = False
 
