@@ -234,11 +234,12 @@ class OffloadTier(LookAhead):
 
   def save(self, state: dict, step: int, directory: str) -> str:
     """`flush`, then snapshots the stores as `<directory>/<step>` (see `snapshots`). Call
-    with every checkpoint save, same step."""
-    self.flush(state)
-    with self._io_lock:
-      return snapshots.save(directory, step, {n: t.store for n, t in self.tables.items()},
-                            self.keep)
+    with every checkpoint save, same step. Large stores are logged (`snapshots.logged`)."""
+    stores = {n: t.store for n, t in self.tables.items()}
+    with snapshots.logged(f"checkpoint {step}: writing back and snapshotting", stores):
+      self.flush(state)
+      with self._io_lock:
+        return snapshots.save(directory, step, stores, self.keep)
 
   def restore(self, step: int, directory: str, imported: Mapping[str, Any] | None = None
               ) -> None:
@@ -252,6 +253,12 @@ class OffloadTier(LookAhead):
     rest = {n: t.spec for n, t in self.tables.items() if n not in imported}
     path = snapshots.locate(directory, step, rest) if rest else None
     self._reset_all()
+    with snapshots.logged(f"checkpoint {step}: restoring",
+                          {n: t.store for n, t in self.tables.items()}):
+      self._restore_stores(path, imported)
+    self._store_ready = self._stores_written = True
+
+  def _restore_stores(self, path: str | None, imported: Mapping[str, Any]) -> None:
     for name, t in self.tables.items():
       signals.check()   # Ctrl-C: between tables (the next run restores the stores again)
       if name in imported:
@@ -264,7 +271,6 @@ class OffloadTier(LookAhead):
         t.store.restore_snapshot(f"{path}/{name}")
       except ConfigError as e:
         raise OffloadError(f"offload snapshot {path}: {e}") from None
-    self._store_ready = self._stores_written = True
 
   def reset(self) -> None:
     """Back to the initial tables (a run restarted from its initial state): the stores

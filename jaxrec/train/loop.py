@@ -300,11 +300,11 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     # all_steps() lists a save in flight and no longer the steps it will rotate out, which
     # stay on disk (and are what a restart restores) until it commits
     kept = sorted(set(ckpt.all_steps()) | set(ckpt.steps_on_disk()))
-    if is_main and kept:
-      gone = snapshots_lib.prune_older(snapshots, kept[0])
-      if gone:
-        log.info("removed offload snapshots of steps %s (older than checkpoint %d)",
-                 gone, kept[0])
+    old = [s for s in snapshots_lib.steps(snapshots) if s < kept[0]] if is_main and kept else []
+    if old:   # logged first: removing a large table's snapshot can take a minute
+      log.info("removing offload snapshots of steps %s (older than checkpoint %d)", old,
+               kept[0])
+      snapshots_lib.prune_older(snapshots, kept[0])
 
   def save_checkpoint(state, step: int, force: bool, evaluates: bool) -> None:
     if tier is not None:   # flush and snapshot the offloaded tables of this step
