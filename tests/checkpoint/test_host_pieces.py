@@ -30,3 +30,29 @@ def test_a_save_copies_the_tables_rows_not_the_stacks_padding(monkeypatch):
                        (tables_lib.opt_name(t.name, "accum"), opt[t.name]["accum"])):
       whole = np.concatenate([d for _, d in sorted(got[name], key=lambda x: x[0])])
       np.testing.assert_array_equal(whole, want)
+
+
+def test_a_save_commits_each_array_in_blocks_of_rows(tmp_path, monkeypatch):
+  """One transaction per array held a second copy of it until its commit (a 3e7 x 16 table
+  on 4 CPU devices: 6.8 GB peak RSS for a 1.8 GB table). Arrays are committed in blocks of
+  `BLOCK_CHUNKS` chunks of rows; column pieces (a `cw` plan's) and pieces that straddle a
+  block land where they belong, and the fingerprint is the whole array's."""
+  import asyncio   # pylint: disable=import-outside-toplevel
+  from etils import epath   # pylint: disable=import-outside-toplevel
+  from jaxrec.checkpoint.canonical import fingerprint_np   # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  full = rng.normal(size=(1000, 8)).astype(np.float32)   # 100-row chunks (3,200 bytes)
+  pieces = [tables_lib.Piece("tables/t", (0, 0), full[:, :4]),
+            tables_lib.Piece("tables/t", (0, 4), full[:650, 4:]),
+            tables_lib.Piece("tables/t", (650, 4), lambda: full[650:, 4:])]
+  commits = []
+  real = tables_lib.ts.Transaction
+  monkeypatch.setattr(tables_lib, "BLOCK_CHUNKS", 3)
+  monkeypatch.setattr(tables_lib.ts, "Transaction", lambda: commits.append(1) or real())
+  asyncio.run(tables_lib.write_pieces(epath.Path(tmp_path), {"tables/t": ((1000, 8), "float32")},
+                                      pieces, chunk_bytes=3200))
+  assert len(commits) == 4   # rows 0-299, 300-599, 600-899, 900-999
+  got = tables_lib.open_stored(tmp_path, "tables/t").read().result()
+  np.testing.assert_array_equal(got, full)
+  assert tables_lib.saved_fingerprints(tmp_path) == {
+      "tables/t": fingerprint_np(full, (1000, 8), (0, 0))}
