@@ -54,7 +54,7 @@ def plan_with_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpe
       if not config.auto or not candidates:   # offloading cannot help, and gin's wrapped
         raise BudgetError(f"{e} (offloaded tables, planned as their device caches: "   # ones
                           f"{_caches(tables, config, optimizer)}; "  # took no message
-                          f"OffloadConfig.auto={config.auto})") from None
+                          f"OffloadConfig.auto={config.auto}{_smaller(config)})") from None
       config = _auto_offload(config, candidates.pop(0), rows_of)
   return with_offload_notes(result, tables, config, optimizer), config, specs
 
@@ -134,6 +134,16 @@ def _caches(tables: Sequence[TableSpec], config: OffloadConfig, optimizer) -> st
   return ", ".join(
       f"'{o.name}' (cache of {o.resolve_cache_rows(_spec(tables, o.name), optimizer):,} of "
       f"its {_spec(tables, o.name).rows:,} rows)" for o in config.tables) or "none"
+
+
+def _smaller(config: OffloadConfig) -> str:
+  """What shrinks the caches `auto` gave when even they do not fit (it does not shrink them
+  itself: a cache below H+1 batches' rows could not run a step)."""
+  if not config.auto_added:
+    return ""
+  return (f"; the caches auto gave {', '.join(repr(n) for n in config.auto_added)} hold "
+          f"OffloadConfig.auto_cache_fraction={config.auto_cache_fraction:g} of their rows: "
+          "lower it, or raise --memory_per_device")
 
 
 def _spec(tables: Sequence[TableSpec], name: str) -> TableSpec:

@@ -65,6 +65,16 @@ def test_configured_offload_is_planned_with_its_cache():
   assert any("offloaded 'huge'" in n for n in result.notes)
 
 
+def test_auto_caches_that_do_not_fit_name_auto_cache_fraction():
+  """Every table offloaded and the caches auto gave still too big: the error says which
+  setting sizes them (it named the caches only; h102's audit, a 6e7-row table at 128 MiB)."""
+  with pytest.raises(ConfigError, match=r"the caches auto gave 'huge', 'mid', 'small' hold "
+                     r"OffloadConfig.auto_cache_fraction=0.4 of their rows: lower it"):
+    offload.plan_with_offload(TABLES, FEATURES, MESH,
+                              offload.OffloadConfig(auto=True, auto_cache_fraction=0.4),
+                              ADAGRAD, 64 * 2**20, 512)
+
+
 def test_without_auto_a_plan_that_does_not_fit_is_an_error():
   with pytest.raises(ConfigError, match="auto=False"):
     _plan(offload.OffloadConfig())
@@ -251,7 +261,9 @@ def test_no_mesh_is_priced_offloading_when_even_the_caches_cannot_fit(monkeypatc
   with pytest.raises(BudgetError, match=r"\(offloaded tables, planned as their device "
                      r"caches: 'huge' \(cache of 800,000 of its 8,000,000 rows\), 'mid' "
                      r"\(cache of 100,000 of its 1,000,000 rows\), 'small' \(cache of 2,560 "
-                     r"of its 10,000 rows\); OffloadConfig.auto=True\)$"):
+                     r"of its 10,000 rows\); OffloadConfig.auto=True; the caches auto gave 'huge', "
+                     r"'mid', 'small' hold OffloadConfig.auto_cache_fraction=0.1 of their "
+                     r"rows: lower it, or raise --memory_per_device\)$"):
     offload.plan_with_offload(TABLES, FEATURES, MESH, off, ADAGRAD, 2**20, 512)
   asked = record_shapes(monkeypatch, offload, "choose_plan")
   with pytest.raises(BudgetError, match=r"; nor can any other mesh of 8 devices: the tables "
