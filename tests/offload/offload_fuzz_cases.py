@@ -1,7 +1,9 @@
 """The configurations of the randomized offload check (`test_offload_fuzz`): one seed draws
-a mesh, tables (one or more offloaded), features, an optimizer, the tier's settings, a
-variant (plain, an eval pass, a checkpoint restore on the same or another mesh) and the
-batches themselves (heavy duplicates, empty bags, ids on a few rows or spread)."""
+a mesh, tables (one or more offloaded, int8 ones beside them on the device), features, an
+optimizer, the tier's settings, a variant (plain, an eval pass, a checkpoint restore on the
+same or another mesh, a NaN rollback as the trainer's `--on_nan=rollback` does it), a slow
+eviction fetcher, and the batches themselves (heavy duplicates, empty bags, ids on a few
+rows or spread)."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ BIG_ROWS = (300, 1000, 2500)         # offloaded tables
 SMALL_ROWS = (5, 17, 50, 120)        # tables kept on the device
 BAGS = (1, 1, 2, 3, 5)
 DISTS = ("spread", "few", "zipf", "window")
-VARIANTS = ("plain", "eval", "ckpt", "ckpt_mesh")
+VARIANTS = ("plain", "eval", "ckpt", "ckpt_mesh")   # and "rollback" (`_extend`)
 NUM_DENSE = 4
 
 
@@ -55,6 +57,17 @@ class Case:
   placements2: tuple[tuple[str, str, int], ...] | None
   eval_batch: int
   batches: tuple[Batch, ...] = dataclasses.field(repr=False, compare=False)
+  # drawn by `_extend`:
+  poisoned: tuple[int, ...] = ()                   # rollback: batches with a NaN input
+  ckpt_every: int = 0                              # rollback: 0 = no checkpoint
+  log_every: int = 1                               # rollback: losses checked every ...
+  fetch_delay: float = 0.0                         # s added to each eviction's fetch,
+  fetch_stall: int = 0                             # and this fetch stalls (`slow_fetches`)
+
+  @property
+  def train_batches(self) -> tuple[Batch, ...]:
+    """What the all-on-device run trains: the poisoned batches skipped (a rollback)."""
+    return tuple(b for i, b in enumerate(self.batches[:self.steps]) if i not in self.poisoned)
 
   @property
   def plan(self) -> Plan:
@@ -95,6 +108,11 @@ class Case:
                   + ",".join(f"{t}:{k}@{s}" for t, k, s in self.placements2))
     if self.variant == "eval":
       variant += f" eval batch {self.eval_batch}"
+    if self.variant == "rollback":
+      variant = (f"rollback: NaN in batches {list(self.poisoned)}, checkpoint every "
+                 f"{self.ckpt_every or '-'}, losses checked every {self.log_every}")
+    if self.fetch_delay:
+      variant += f" | fetch +{self.fetch_delay * 1e3:.0f} ms, fetch {self.fetch_stall} stalls"
     return (f"seed={self.seed} mesh={format_mesh(self.mesh)} tables: {tables} | features: "
             f"{feats} | {self.optimizer}{' SR' if self.stochastic_rounding else ''} | "
             f"K={self.off.prefetch_depth} H={self.off.protect_ahead} "
@@ -206,9 +224,73 @@ def sample(seed: int, store_dir: str) -> Case:
   if variant == "ckpt_mesh":
     mesh2 = _mesh(rng)
     placements2 = _placements(rng, mesh2, tables)
-  return Case(seed, mesh, _placements(rng, mesh, tables), tuple(tables), features, dists,
+  case = Case(seed, mesh, _placements(rng, mesh, tables), tuple(tables), features, dists,
               optimizer, bool(sr), off, tuple(modes), batch, steps, variant, at,
               int(rng.integers(0, 3)), mesh2, placements2, eval_batch, batches)
+  return _extend(case, np.random.default_rng([seed, 1]))
+
+
+def _extend(case: Case, rng) -> Case:
+  """The draws added later, from their own stream (so the draws above, and a case without
+  these, are as before): int8 tables on the device beside the offloaded ones (int8 cannot
+  be offloaded), an eval of the last batch trained (a pass with every row cached), a slow
+  eviction fetcher (S=0, K<=1) with more steps made of earlier batches' examples (the
+  planner then finds rows in more evictions in flight than an install copies from, and
+  waits: `fetch_waits`), and a NaN rollback instead of most plain runs and some checkpoint
+  ones."""
+  off = {t.name for t in case.off.tables}
+  tables = tuple(dataclasses.replace(t, dtype="int8")
+                 if t.name not in off and rng.random() < 0.4 else t for t in case.tables)
+  sr = case.stochastic_rounding or (any(t.dtype == "int8" for t in tables)
+                                    and rng.random() < 0.5)
+  kw, batches, steps = {}, list(case.batches), case.steps
+  delay = float(rng.choice([0.02, 0.05, 0.1])) if rng.random() < 0.4 else 0.0
+  caches = {t.name: min(t.cache_rows, case.off.host_buffer_rows) for t in case.off.tables}
+  if case.variant == "eval" and rng.random() < 0.4:   # the last batch trained: all cached
+    batches[steps] = batches[case.at - 1]
+    kw["eval_batch"] = case.batch
+  if delay:   # S=0, K<=1: rows in flight are late (none stale), fewer sources (K+5)
+    kw["off"] = dataclasses.replace(case.off, max_staleness=0,
+                                    prefetch_depth=int(rng.integers(0, 2)))
+    # and more steps, of examples of earlier batches: their rows return
+    again = [_mixed(rng, batches[:steps], case.features, caches)
+             for _ in range(int(rng.integers(steps, 2 * steps)))]
+    batches[steps:steps] = again
+    steps += len(again)
+  if {"plain": 0.85, "ckpt": 0.3}.get(case.variant, 0.0) > rng.random():
+    poisoned = np.sort(rng.choice(steps - 1, int(rng.integers(1, 3)), replace=False))
+    for p in poisoned:
+      dense = batches[p].dense.copy()
+      dense[rng.integers(case.batch), rng.integers(NUM_DENSE)] = np.nan
+      batches[p] = batches[p].replace(dense=dense)
+    kw.update(variant="rollback", poisoned=tuple(int(p) for p in poisoned),
+              ckpt_every=int(rng.choice([0, 1, 1, 2, 3])), log_every=int(rng.choice([1, 2, 3])),
+              mesh2=None, placements2=None)
+  return dataclasses.replace(case, tables=tables, stochastic_rounding=bool(sr),
+                             fetch_delay=delay, fetch_stall=int(rng.integers(1, 6)),
+                             batches=tuple(batches), steps=steps, **kw)
+
+
+def _mixed(rng, batches, features, caches) -> Batch:
+  """A batch whose every example is one of a random earlier batch (so its rows were last
+  used, and evicted, at many different steps); an example that would take an offloaded
+  table past `caches[table]` distinct rows (what its cache and the host buffer take) gets
+  empty bags of that table instead."""
+  pick = [(batches[i], k) for k, i in enumerate(rng.integers(0, len(batches),
+                                                             batches[0].size))]
+  take = lambda get: np.stack([get(b)[k] for b, k in pick])
+  ids = {f: take(lambda b, f=f: b.ids[f]) for f in batches[0].ids}
+  for table, cap in caches.items():
+    mine, seen = [f.name for f in features if f.table == table], set()
+    for k in range(len(pick)):
+      new = set().union(*(ids[f][k][ids[f][k] >= 0].tolist() for f in mine)) - seen
+      if len(seen) + len(new) > cap:
+        for f in mine:
+          ids[f][k] = -1
+      else:
+        seen |= new
+  return Batch(dense=take(lambda b: b.dense), labels=take(lambda b: b.labels), ids=ids,
+               weights={f: take(lambda b, f=f: b.weights[f]) for f in batches[0].weights})
 
 
 class Stream:

@@ -127,7 +127,7 @@ class Run:
     """`{table: [rows, dim]}` and `{table: {opt: array}}` as numpy, offloaded ones from the
     store after a flush."""
     tables, opt = self.collection.unstack_tables(self.state["emb"])
-    tables = {k: np.asarray(v) for k, v in tables.items()}
+    tables = {k: jax.tree.map(np.asarray, v) for k, v in tables.items()}   # int8: 3 arrays
     opt = {k: {n: np.asarray(a) for n, a in v.items()} for k, v in opt.items()}
     if self.tier is not None:
       self.tier.flush(self.state)

@@ -6,8 +6,12 @@ with heavy duplicates and empty bags) and trains it with the offloaded tables an
 table on the device, through the real train step; losses, tables and optimizer state (the
 stores' after a flush) must agree, bit for bit where docs/offload.md promises it (with
 `max_staleness` > 0, unless a stale row was installed: then they may differ). Variants:
-an eval pass mid-way (logits, then training goes on), and a checkpoint (orbax + offload
-snapshot) mid-way, a few steps lost, restored on the same or another mesh and continued.
+an eval pass mid-way (logits, then training goes on), a checkpoint (orbax + offload
+snapshot) mid-way, a few steps lost, restored on the same or another mesh and continued,
+and a NaN rollback (`offload_fuzz_loop`: one or two batches with a NaN input, rolled back
+to the last checkpoint or the start on the live tier and skipped; the device run trains
+without them). Int8 tables may sit on the device beside the offloaded ones, and a slow
+eviction fetcher makes the planner wait for fetches (`fetch_waits`).
 
 By hand, more seeds:
 
@@ -36,12 +40,14 @@ import pytest  # noqa: E402
 
 from jaxrec.checkpoint import CheckpointManager  # noqa: E402
 from jaxrec.embedding.specs import EmbeddingOptions  # noqa: E402
+from jaxrec.kernels import quant  # noqa: E402
 from jaxrec.sharding.mesh import make_mesh  # noqa: E402
 from jaxrec.train import state as state_lib  # noqa: E402
 from jaxrec.train import step as step_lib  # noqa: E402
 from tests.embedding.test_collection_fuzz import (assert_close_stored,  # noqa: E402
                                                   assert_f32_close, run_seeds)
 from tests.offload.offload_fuzz_cases import Case, Stream, sample  # noqa: E402
+from tests.offload.offload_fuzz_loop import save, slow_fetches, train_rolling_back  # noqa
 from tests.offload.offload_helpers import Run  # noqa: E402
 
 
@@ -51,9 +57,12 @@ def _mesh(shape):
 
 def _run(case: Case, off=True, mesh=None, plan=None) -> Run:
   options = EmbeddingOptions(stochastic_rounding=case.stochastic_rounding)
-  return Run(case.config(), _mesh(mesh or case.mesh), case.off if off else None,
-             plan=plan or case.plan, iterator=Stream(case.batches[:case.steps]),
-             options=options)
+  batches = case.batches[:case.steps] if off else case.train_batches
+  run = Run(case.config(), _mesh(mesh or case.mesh), case.off if off else None,
+            plan=plan or case.plan, iterator=Stream(batches), options=options)
+  if off and case.fetch_delay:
+    slow_fetches(run.tier, case.fetch_delay, case.fetch_stall)
+  return run
 
 
 def _eval(run: Run, case: Case, batch) -> np.ndarray:
@@ -64,18 +73,6 @@ def _eval(run: Run, case: Case, batch) -> np.ndarray:
   run.state, got = run.tier.eval_logits(
       run.state, batch, lambda st, b: np.asarray(eval_fn(st, run.put(b))))
   return got
-
-
-def _save(run: Run, ckpt: CheckpointManager, step: int, workdir: str) -> None:
-  """What the trainer's `save_checkpoint` does: flush and snapshot, then the checkpoint."""
-  snaps = os.path.join(workdir, "offload_snapshots")
-  run.tier.save(run.state, step, snaps)
-  meta = {"offload": {"snapshots": snaps, "tables": {
-      n: {"rows": t.spec.rows, "cache_rows": t.cache.cache_rows, "auto": False,
-          "path": t.store.path} for n, t in run.tier.tables.items()}}}
-  ckpt.save(step, run.state, run.collection, data_state=run.it.get_state(), meta=meta,
-            force=True)
-  ckpt.wait()
 
 
 def _resume(case: Case, ckpt: CheckpointManager, workdir: str, losses) -> Run:
@@ -96,25 +93,29 @@ def _resume(case: Case, ckpt: CheckpointManager, workdir: str, losses) -> Run:
   return run
 
 
-def train_offloaded(case: Case, workdir: str, ref_eval=None):
-  """`(losses, tables, opt, stats, eval logits)` of the offloaded run of `case`."""
-  run, got_eval, stale = _run(case), None, 0
+def train_offloaded(case: Case, workdir: str):
+  """`(losses, tables, opt, stats, eval logits)` of the offloaded run of `case`; `stats`:
+  the tier's, and the rollbacks made (`offload_fuzz_loop.train_rolling_back`)."""
+  run, got_eval, stale, seen = _run(case), None, 0, {}
   try:
-    if case.variant == "eval":
+    if case.variant == "rollback":
+      seen = train_rolling_back(run, case, workdir)
+    elif case.variant == "eval":
       run.train(case.at)
       got_eval = _eval(run, case, case.batches[case.steps])
     elif case.variant.startswith("ckpt"):
       run.train(case.at)
       with CheckpointManager(os.path.join(workdir, "checkpoints"), async_save=False) as ckpt:
-        _save(run, ckpt, case.at, workdir)
+        save(run, ckpt, case.at, workdir)
         run.train(min(case.after_save, case.steps - case.at))   # then the run dies
         losses, stale = run.losses, run.tier.stats().get("stale_rows", 0)
         run.close()
         run = _resume(case, ckpt, workdir, losses)
-    run.train(case.steps - len(run.losses))
+    run.train(len(case.train_batches) - len(run.losses))
     tables, opt = run.full_tables()
     stats = run.tier.stats()
     stats["stale_rows"] = stats.get("stale_rows", 0) + stale
+    stats.update(seen)
     return run.losses, tables, opt, stats, got_eval
   finally:
     run.close()
@@ -126,7 +127,7 @@ def train_on_device(case: Case):
   if case.variant == "eval":
     run.train(case.at)
     want_eval = _eval(run, case, case.batches[case.steps])
-  run.train(case.steps - len(run.losses))
+  run.train(len(case.train_batches) - len(run.losses))
   tables, opt = run.full_tables()
   return run.losses, tables, opt, want_eval
 
@@ -150,19 +151,34 @@ def compare(case: Case, got, want) -> None:
   if case.variant == "eval":
     close(g_eval, w_eval, "eval logits", loose=10)
   for t in case.tables:
-    got_t, want_t = g_tables[t.name].astype(np.float32), w_tables[t.name].astype(np.float32)
+    got_t, want_t = g_tables[t.name], w_tables[t.name]
+    scale = None
+    if isinstance(want_t, quant.QuantizedTable):   # int8 (on the device: not offloadable)
+      if exact:
+        for k in ("q", "scale", "bias"):
+          close(getattr(got_t, k), getattr(want_t, k), f"table {t.name} ({k})")
+      scale = np.asarray(want_t.scale)
+      got_t, want_t = (np.asarray(x.q * x.scale[:, None] + x.bias[:, None], np.float32)
+                       for x in (got_t, want_t))
+    got_t, want_t = got_t.astype(np.float32), want_t.astype(np.float32)
     if t.dtype == "float32" or exact:
       close(got_t, want_t, f"table {t.name}")
     else:
-      assert_close_stored(t.name, t, got_t, want_t, None)
+      assert_close_stored(t.name, t, got_t, want_t, scale)
     for k, v in w_opt.get(t.name, {}).items():
       loose = 1e3 if t.dtype != "float32" and k == "z" else 1.0
       close(g_opt[t.name][k], v, f"optimizer state {k} of table {t.name}", loose)
 
 
-def check(seed: int, stats: collections.Counter | None = None) -> None:
+# counters of `OffloadTier.stats()` (and `train_rolling_back`) that mark a path taken
+PATHS = ("store_reads", "buffer_reads", "device_bounces", "fetch_waits", "stale_rows",
+         "written_rows", "flushed_rows", "rollbacks to a checkpoint", "rollbacks to the start")
+
+
+def check(seed: int, stats: collections.Counter | None = None) -> str:
   """Runs seed `seed` offloaded and on the device; an AssertionError with the configuration
-  in its first line for a mismatch or any error raised."""
+  in its first line for a mismatch or any error raised. Returns the tier's nonzero path
+  counters (`--seeds` prints them)."""
   with tempfile.TemporaryDirectory(prefix="offload_fuzz_") as tmp:
     case = sample(seed, os.path.join(tmp, "stores"))
     try:
@@ -173,6 +189,7 @@ def check(seed: int, stats: collections.Counter | None = None) -> None:
       raise AssertionError(f"{case.describe()}\n{type(e).__name__}: {e}") from e
   if stats is not None:
     _count(stats, case, got[3])
+  return " ".join(f"{k.replace(' ', '_')}={int(got[3][k])}" for k in PATHS if got[3].get(k))
 
 
 def _count(stats, case: Case, tier_stats) -> None:
@@ -193,17 +210,25 @@ def _count(stats, case: Case, tier_stats) -> None:
       stats[f"offloaded {t.dtype}"] += 1
       kind = dict((n, k) for n, k, _ in case.placements)[t.name]
       stats[f"offloaded on {kind}"] += 1
-  for key in ("written_rows", "device_bounces", "fetch_waits", "buffer_reads"):
+  for t in case.tables:
+    if t.dtype == "int8":
+      stats["int8 on the device"] += 1
+  if case.fetch_delay:
+    stats["slow fetcher"] += 1
+  if case.variant == "eval" and case.batches[case.steps] is case.batches[case.at - 1]:
+    stats["eval of the last batch (every row cached)"] += 1
+  for key in PATHS:
     stats[f"with {key}"] += int(tier_stats.get(key, 0) > 0)
 
 
-# Slow target only: a seed costs 10-50 s on 2 shared cores (mostly compiling the train
+# Slow target only: a seed costs 10-100 s on 2 shared cores (mostly compiling the train
 # step twice, install, eval and checkpoint programs); the default suite keeps the
-# hand-written exactness cases (test_exact.py, test_checkpoint.py). Seed 0: one device, an
-# fp16 table offloaded with a cache of one batch's distinct rows, stochastic rounding,
-# row-wise Adagrad, 5-id bags, K=0 (10.6 s at load ~2.4). Seeds 200-223 passed when written
-# (724 s in all); the target runs the first 12.
-SLOW_SEEDS = (0, *range(200, 212))
+# hand-written exactness cases (test_exact.py, test_checkpoint.py). Seeds 0 and 200-211
+# (their `_extend` draws since) and new ones for the paths `_extend` added: 0, 501: NaN
+# rollback to the start (501: the slow fetcher, `fetch_waits`), 209, 211, 515: to a
+# checkpoint (209: an int8 table), 203, 205: int8 tables, 210, 526: an eval of the last
+# batch trained, 509, 523, 526: the slow fetcher.
+SLOW_SEEDS = (0, 201, 202, 203, 205, 209, 210, 211, 501, 509, 515, 523, 526)
 
 
 @pytest.mark.slow
