@@ -26,17 +26,26 @@ def save(run, ckpt: CheckpointManager, step: int, workdir: str) -> None:
   ckpt.wait()
 
 
-def slow_fetches(tier, delay: float, stall: int, most: float = 8.0) -> None:
+def slow_fetches(tier, delay: float, stall: int, idle: float = 3.0) -> None:
   """Delays each eviction's copy into the host buffer (the fetcher's `HostBuffer.put`) by
-  `delay` s, and fetch number `stall` (from 1) until the planner waited for a fetch (it
-  found a batch's rows in more evictions in flight than an install copies from: the
-  `fetch_waits` path) or `most` s passed: evictions pile up as behind a stalled host link."""
-  count = [0]
+  `delay` s and, from fetch number `stall` (from 1) on, holds the fetcher, as a stalled
+  host link would, until the planner waited for a fetch (it found a batch's rows in more
+  evictions in flight than an install copies from: the `fetch_waits` path; then no more
+  holds) or no install came for `idle` s (the run waits for the fetcher: a flush, an eval,
+  the end; the next hold comes after the next install)."""
+  count, quiet = [0], [None]   # fetches; `install_s` when a hold last ended idle
   for t in tier.tables.values():
     def put(rows, values, put=t.buffer.put):
       count[0] += 1
-      end = time.monotonic() + (most if count[0] == stall else 0.0)
-      while time.monotonic() < end and not tier.stats().get("fetch_waits"):
+      installs, last = tier.stats().get("install_s"), time.monotonic()
+      while (count[0] >= stall and installs != quiet[0]
+             and not tier.stats().get("fetch_waits")):
+        now = time.monotonic()
+        if now > last + idle:
+          quiet[0] = installs
+          break
+        if tier.stats().get("install_s") != installs:
+          installs, last = tier.stats().get("install_s"), now
         time.sleep(0.01)
       time.sleep(delay)
       put(rows, values)
