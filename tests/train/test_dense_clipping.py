@@ -70,6 +70,7 @@ def clipped_run(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow   # a 2-device train.py run (~13 s); window_record and the update above
 def test_a_clipped_run_logs_the_norms(clipped_run):
   lines = _lines(clipped_run)
   assert [l[0] for l in lines] == [5, 10]
