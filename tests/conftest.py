@@ -165,6 +165,8 @@ SLOW_CASES = {
     "test_stacked_init_equals_the_tables_stacked[dp-data=8-float32]",
     "tests/models/test_mixed_dims.py::"   # the other models
     "test_padding_columns_neither_change_the_logits_nor_get_a_gradient[two_tower]",
+    "tests/train/test_loop_eval_ids.py::"   # test_interrupts' sigterm_during_an_eval...[2]
+    "test_a_step_saved_but_not_evaluated_is_evaluated_on_resume",
 }
 
 
