@@ -64,12 +64,16 @@ def log_loss(labels, probs, eps: float = 1e-7) -> float:
 
 def normalized_entropy(labels, probs, eps: float = 1e-7) -> float:
   """`log_loss` over the entropy of the positive rate (nan when one class only)."""
+  return log_loss(labels, probs, eps) / _rate_entropy(labels)
+
+
+def _rate_entropy(labels) -> float:
+  """Entropy of the labels' positive rate (nan when one class only or none)."""
   y = np.asarray(labels, np.float64).reshape(-1)
   rate = float(y.mean()) if y.size else math.nan
   if not 0.0 < rate < 1.0:
     return math.nan
-  base = -(rate * math.log(rate) + (1.0 - rate) * math.log1p(-rate))
-  return log_loss(y, probs, eps) / base
+  return -(rate * math.log(rate) + (1.0 - rate) * math.log1p(-rate))
 
 
 def calibration(labels, probs) -> float:
@@ -138,10 +142,11 @@ class EvalAccumulator:
                   "positive" if n_pos else "negative",
                   "" if n_pos else ", and so is eval_calibration")
     probs = sigmoid(logits)
+    logloss = log_loss(labels, probs)   # once: normalized entropy divides the same value
     return {
         "eval_auc": roc_auc(labels, logits),
-        "eval_logloss": log_loss(labels, probs),
-        "eval_ne": normalized_entropy(labels, probs),
+        "eval_logloss": logloss,
+        "eval_ne": logloss / _rate_entropy(labels),
         "eval_calibration": calibration(labels, probs),
         "eval_examples": int(labels.size),
     }
