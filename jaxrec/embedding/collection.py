@@ -48,7 +48,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxrec.embedding import layout as layout_lib
-from jaxrec.embedding import local_ops, specs
+from jaxrec.embedding import local_ops, optimizers, specs
 from jaxrec.embedding.specs import EmbeddingOptions, FeatureSpec, TableSpec, validate
 from jaxrec.errors import ConfigError, DataError, in_order
 from jaxrec.kernels import platform as platform_lib
@@ -154,25 +154,30 @@ class EmbeddingCollection:
     """Builds the stacks for `plan` on `mesh`.
 
     Args:
-      optimizer: sparse optimizer (`embedding.optimizers`).
+      optimizer: sparse optimizer (`embedding.optimizers`), or one per table
+        (`optimizers.TableOptimizers`, from `optimizers.per_table`): a table's optimizer
+        updates its rows and shapes its state; tables of different optimizers are in
+        different stacks.
       options: kernel / communication choices; None: `EmbeddingOptions()` as gin binds it.
       **overrides: fields of `EmbeddingOptions` to replace, e.g. `kernel='pallas'`,
         `comm_dtype='bfloat16'`, `interpret=True`, `stochastic_rounding=True`.
     """
     tables, features = tuple(tables), tuple(features)
     validate(tables, features)   # TableSpec itself checks the dtype
-    if not all(callable(getattr(optimizer, m, None)) for m in ("state_layout", "update")):
-      # e.g. `jaxrec.kernels.SGD` (the fused kernels' optimizer, same name): `init` failed
-      # later with an AttributeError
-      raise ConfigError(f"EmbeddingCollection.create: optimizer {optimizer!r} is not a sparse "
-                        "optimizer of jaxrec.embedding.optimizers (SGD, Adagrad, "
-                        "RowWiseAdagrad, Adam, FTRL; see sparse_optimizer)")
+    for opt in optimizers.distinct(optimizer):
+      if not optimizers.is_sparse_optimizer(opt):
+        # e.g. `jaxrec.kernels.SGD` (the fused kernels' optimizer, same name): `init` failed
+        # later with an AttributeError
+        raise ConfigError(f"EmbeddingCollection.create: optimizer {opt!r} is not a sparse "
+                          "optimizer of jaxrec.embedding.optimizers (SGD, Adagrad, "
+                          "RowWiseAdagrad, Adam, FTRL; see sparse_optimizer)")
+    optimizers.check_tables(optimizer, [t.name for t in tables])
     try:
       options = dataclasses.replace(options or EmbeddingOptions(), **overrides)
     except TypeError as e:
       raise ConfigError(f"EmbeddingCollection.create: {e}") from None
     given, options = options, _resolved(options, tables, mesh.devices.flat[0].platform)
-    layouts = layout_lib.build_layouts(tables, features, plan, mesh_shape(mesh))
+    layouts = layout_lib.build_layouts(tables, features, plan, mesh_shape(mesh), optimizer)
     problem = layout_lib.stack_error(layouts)
     if problem:
       raise ConfigError(problem)
@@ -187,7 +192,7 @@ class EmbeddingCollection:
     unplaced = in_order(set(plan.placements) - {t.name for t in tables})
     if unplaced:
       log.warning("the plan places tables %s that are not configured: ignored", unplaced)
-    unfused = [l.name for l in layouts if not local_ops.fused_update_ok(l, optimizer)]
+    unfused = [l.name for l in layouts if not local_ops.fused_update_ok(l, l.optimizer)]
     if options.kernel == "pallas" and unfused:
       log.warning("kernel='pallas': stacks %s update on XLA (the fused update kernel takes "
                   "SGD, Adagrad and row-wise Adagrad with a constant lr; row-wise Adagrad and "
@@ -196,7 +201,7 @@ class EmbeddingCollection:
 
   def dedup(self, l: layout_lib.StackLayout) -> bool:
     """Whether stack `l` deduplicates ids (see `EmbeddingOptions.dedup`)."""
-    name = type(self.optimizer).__name__
+    name = type(l.optimizer).__name__
     return specs.dedups(self.options.dedup, name == "SGD", l.dtype, self.options.kernel,
                         f"stack '{l.name}' (tables {', '.join(s.name for s in l.slots)}) has "
                         f"{name}, {l.dtype}, kernel {self.options.kernel}")
@@ -220,6 +225,10 @@ class EmbeddingCollection:
     `feature_dims[i]` columns of `[B, F, D]`; the rest are zero (and get no gradient)."""
     return specs.feature_dims(self.tables, self.features)
 
+  def optimizer_of(self, table: str):
+    """The sparse optimizer of table `table` (the one `optimizer`, or its per-table entry)."""
+    return optimizers.of(self.optimizer, table)
+
   def table_spec(self, name: str) -> TableSpec:
     """The spec of table `name` (by name: the init of 1,000 tables scanned them 1,000 times)."""
     return self._specs_by_name[name]
@@ -234,7 +243,7 @@ class EmbeddingCollection:
     for l in self.layouts:
       tables[l.name] = layout_lib.table_sharding(self.mesh, l)
       opt[l.name] = {k: NamedSharding(self.mesh, l.spec() if per == "element" else l.row_spec())
-                     for k, (per, _) in self.optimizer.state_layout().items()}
+                     for k, (per, _) in l.optimizer.state_layout().items()}
     return {"tables": tables, "opt": opt}
 
   def init(self, key: jax.Array) -> EmbeddingState:
@@ -267,7 +276,7 @@ class EmbeddingCollection:
   def _fresh_opt(self, l: layout_lib.StackLayout) -> dict[str, jax.Array]:
     """The optimizer's initial state of stack `l`, shaped per element or per row."""
     return {k: jnp.full(l.shape if per == "element" else l.shape[:1], initial, jnp.float32)
-            for k, (per, initial) in self.optimizer.state_layout().items()}
+            for k, (per, initial) in l.optimizer.state_layout().items()}
 
   def stack_tables(self, per_table: Mapping[str, jax.Array],
                    per_table_opt: Mapping[str, Mapping[str, jax.Array]] | None = None
@@ -285,7 +294,7 @@ class EmbeddingCollection:
       else:
         opt[l.name] = {k: layout_lib.stack(l, {s.name: per_table_opt[s.name][k]
                                                for s in l.slots})
-                       for k in self.optimizer.state_layout()}
+                       for k in l.optimizer.state_layout()}
     return {"tables": tables, "opt": opt}
 
   def _check_per_table(self, per_table, per_table_opt) -> None:
@@ -296,14 +305,13 @@ class EmbeddingCollection:
         raise ConfigError(f"stack_tables: {what} of table '{name}' has shape {list(got)}, "
                           f"expected {list(shape)}")
 
-    state = self.optimizer.state_layout()
     for t in self.tables:
       if t.name not in per_table:
         raise ConfigError(f"stack_tables: no array for table '{t.name}'")
       check(per_table[t.name], t.name, "the array", (t.rows, t.dim))
       if per_table_opt is None:
         continue
-      for k, (per, _) in state.items():
+      for k, (per, _) in self.optimizer_of(t.name).state_layout().items():
         if k not in per_table_opt.get(t.name, {}):
           raise ConfigError(f"stack_tables: no optimizer state '{k}' for table '{t.name}'")
         check(per_table_opt[t.name][k], t.name, f"optimizer state '{k}'",
@@ -476,8 +484,8 @@ class EmbeddingCollection:
     tables, opt = {}, {}
     for l in self.layouts:
       opt_specs = {k: (l.spec() if per == "element" else l.row_spec())
-                   for k, (per, _) in self.optimizer.state_layout().items()}
-      fn = jax.shard_map(functools.partial(local_ops.update, l, self.optimizer, self.options,
+                   for k, (per, _) in l.optimizer.state_layout().items()}
+      fn = jax.shard_map(functools.partial(local_ops.update, l, l.optimizer, self.options,
                                            self.dedup(l)),
                          mesh=self.mesh,
                          in_specs=(l.table_spec(), opt_specs, P(MESH_AXES, None), PER_DEVICE,

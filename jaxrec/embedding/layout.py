@@ -1,6 +1,8 @@
 """Stacked-table layout: how a plan's tables become a few big arrays on the mesh.
 
-Tables with the same (dim, dtype, placement kind, bag-size bucket) form one *stack*; for
+Tables with the same (dim, dtype, placement kind, sparse optimizer, bag-size bucket) form
+one *stack* (a table whose optimizer differs from the default, `optimizers.TableOptimizers`,
+is stacked with the tables of that optimizer only: its stack's name ends `_o<group>`); for
 kinds split over `table`, buckets merge where that lowers every device's id slots
 (`_merge_buckets`). Per `table` slice `t`
 (only for kinds that use the `table` axis; otherwise there is one slice) the slice's tables
@@ -34,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxrec.embedding import table_init
+from jaxrec.embedding import optimizers, table_init
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError
 from jaxrec.kernels import quant
@@ -68,6 +70,8 @@ class StackLayout:
     max_len: bag size every stack feature is padded to.
     slot_features: `[nt_used][per_slice]` stack-feature indices handled by each slice,
       padded with -1 to the same length.
+    optimizer: the sparse optimizer of its tables (None where the layouts were built
+      without one, e.g. by the planner for a plan's shape only).
   """
 
   name: str
@@ -82,6 +86,7 @@ class StackLayout:
   feature_tables: tuple[int, ...]
   max_len: int
   slot_features: tuple[tuple[int, ...], ...]
+  optimizer: Any = None
 
   def size(self, axis: str) -> int:
     """Mesh size of `axis` if this stack is split over it, else 1."""
@@ -229,8 +234,10 @@ def _merge_buckets(buckets: dict, features, plan, nt: int) -> dict:
 
 
 def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], plan: Plan,
-                  mesh_shape: Mapping[str, int]) -> tuple[StackLayout, ...]:
-  """Groups tables into stacks and places features; checks the mesh can hold the plan."""
+                  mesh_shape: Mapping[str, int], optimizer=None) -> tuple[StackLayout, ...]:
+  """Groups tables into stacks and places features; checks the mesh can hold the plan.
+  `optimizer`: the sparse optimizer, or one per table (`optimizers.TableOptimizers`: tables
+  of different optimizers never share a stack); each stack carries its own."""
   by_name = {t.name: t for t in tables}
   plan.check_tables([t.name for t in tables], allow_unknown=True)
   sizes = tuple((a, int(mesh_shape.get(a, 1))) for a in MESH_AXES)
@@ -238,32 +245,33 @@ def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], 
   longest: dict[str, int] = {}   # a read table's longest bag
   for f in features:
     longest[f.table] = max(longest.get(f.table, 1), f.max_len)
-  read_bags: dict[tuple, list[int]] = {}   # bag buckets of read tables per (kind, dim, dtype)
+  read_bags: dict[tuple, list[int]] = {}   # bag buckets of read tables per stacking key
+  group = functools.partial(optimizers.group, optimizer)
   for t in tables:
     if t.name in longest:
-      read_bags.setdefault((plan[t.name].kind, t.dim, t.dtype), []).append(
+      read_bags.setdefault((plan[t.name].kind, t.dim, t.dtype, group(t.name)), []).append(
           bag_bucket(longest[t.name]))
   for t in tables:
     placement = plan[t.name]
     if "table" in placement.axes and not 0 <= placement.table_slice < dict(sizes)["table"]:
       raise ConfigError(f"table '{t.name}': table_slice {placement.table_slice} is outside "
                         f"mesh axis table={dict(sizes)['table']}")
-    key = (placement.kind, t.dim, t.dtype)
-    # a table no feature reads joins the shortest bag bucket of its kind, dim and dtype
+    key = (placement.kind, t.dim, t.dtype, group(t.name))
+    # a table no feature reads joins the shortest bag bucket of its kind, dim, dtype, group
     bag = (bag_bucket(longest[t.name]) if t.name in longest
            else min(read_bags.get(key, [1])))
     groups.setdefault(key, {}).setdefault(bag, []).append(t)
   order = {t.name: i for i, t in enumerate(tables)}
   stacks: dict[tuple, list[TableSpec]] = {}
-  for (kind, dim, dtype), buckets in groups.items():
+  for (kind, dim, dtype, opt), buckets in groups.items():
     nt = dict(sizes)["table"] if "table" in KIND_AXES[kind] else 1
     if nt > 1:
       buckets = _merge_buckets(buckets, features, plan, nt)
     for bag, members in buckets.items():
-      stacks[(kind, dim, dtype, bag)] = sorted(members, key=lambda t: order[t.name])
+      stacks[(kind, dim, dtype, opt, bag)] = sorted(members, key=lambda t: order[t.name])
 
   layouts = []
-  for (kind, dim, dtype, bag), members in sorted(stacks.items()):
+  for (kind, dim, dtype, opt, bag), members in sorted(stacks.items()):
     axes = plan[members[0].name].axes
     nt = dict(sizes)["table"] if "table" in axes else 1
     nr = dict(sizes)["row"] if "row" in axes else 1
@@ -283,9 +291,11 @@ def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], 
     slot_features = tuple(tuple(p + [-1] * (width - len(p))) for p in per_slice)
     max_len = max([features[i].max_len for i in feats], default=1)
     layouts.append(StackLayout(
-        name=f"{kind}_d{dim}_{dtype}_L{bag}", kind=kind, axes=axes, sizes=sizes, dim=dim,
-        dtype=dtype, slots=tuple(slots), slice_rows=slice_rows, features=tuple(feats),
-        feature_tables=feature_tables, max_len=max_len, slot_features=slot_features))
+        name=f"{kind}_d{dim}_{dtype}_L{bag}" + (f"_o{opt}" if opt else ""), kind=kind,
+        axes=axes, sizes=sizes, dim=dim, dtype=dtype, slots=tuple(slots),
+        slice_rows=slice_rows, features=tuple(feats), feature_tables=feature_tables,
+        max_len=max_len, slot_features=slot_features,
+        optimizer=optimizers.of(optimizer, members[0].name)))
   del by_name
   return tuple(layouts)
 

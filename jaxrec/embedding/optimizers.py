@@ -21,7 +21,8 @@ then a function of the global step; not for FTRL, whose accumulated sigma assume
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import functools
+from typing import Any, Callable, Mapping, Sequence
 
 import gin
 import jax.numpy as jnp
@@ -195,3 +196,96 @@ def sparse_optimizer(name: str = "sgd", **kwargs):
     if text.startswith(own) and text[len(own):].split(" ")[0] in kwargs:   # gin_usage.locate
       raise ConfigError(f"sparse_optimizer.{text[len(own):]} (name='{name}')") from None  # adds
     raise ConfigError(f"sparse_optimizer(name='{name}'): {e}") from None   # the FILE:LINE
+
+
+def is_sparse_optimizer(x) -> bool:
+  """Whether `x` is a sparse optimizer instance (has `state_layout` and `update`)."""
+  return not isinstance(x, type) and all(callable(getattr(x, m, None))
+                                         for m in ("state_layout", "update"))
+
+
+@dataclasses.dataclass(frozen=True)
+class TableOptimizers:
+  """Each table's sparse optimizer: `default` for every table but those `overrides` names
+  (`(table, optimizer)` pairs, sorted by table). Tables with equal optimizers (dataclass
+  equality) share stacks; a stack never mixes optimizers (`layout.build_layouts` groups by
+  `group`), as TorchRec runs one fused TBE per distinct optimizer configuration. Hashable,
+  so layouts and jitted functions can close over it. Build it with `per_table`."""
+
+  default: Any
+  overrides: tuple[tuple[str, Any], ...] = ()
+
+  def of(self, table: str):
+    """The optimizer of table `table`."""
+    return self._by_name.get(table, self.default)
+
+  @functools.cached_property
+  def _by_name(self) -> dict[str, Any]:
+    return dict(self.overrides)
+
+  @functools.cached_property
+  def distinct(self) -> tuple[Any, ...]:
+    """The different optimizers, `default` first, then in `overrides` order."""
+    out = [self.default]
+    for _, opt in self.overrides:
+      if opt not in out:
+        out.append(opt)
+    return tuple(out)
+
+  def group(self, table: str) -> int:
+    """Index of table `table`'s optimizer in `distinct` (0: the default's)."""
+    return self.distinct.index(self.of(table))
+
+
+def per_table(default, overrides: Mapping[str, Any] | None = None,
+              what: str = "ExperimentConfig.table_optimizers"):
+  """`default` alone when `overrides` (`{table: optimizer}`) is empty, else the
+  `TableOptimizers`; `ConfigError` naming `what[table]` for a key that is not a table name
+  string or a value that is not a sparse optimizer. Whether the names are tables is checked
+  where the tables are known (`check_tables`)."""
+  if isinstance(default, TableOptimizers):
+    if overrides:
+      raise ConfigError(f"{what}: the default is already per table ({default})")
+    return default
+  if overrides is None:
+    return default
+  if not isinstance(overrides, Mapping):
+    raise ConfigError(f"{what} must be a dict {{table name: sparse optimizer}}, e.g. "
+                      f"{{'t0': @RowWiseAdagrad()}}, got {overrides!r}")
+  for name, opt in overrides.items():
+    if not isinstance(name, str):
+      raise ConfigError(f"{what}: key {name!r} is not a table name (a string)")
+    if not is_sparse_optimizer(opt):
+      hint = (" (the class: write @RowWiseAdagrad() with parentheses)"
+              if isinstance(opt, type) and hasattr(opt, "state_layout") else "")
+      raise ConfigError(f"{what}['{name}'] must be a sparse optimizer, e.g. @Adagrad() or "
+                        f"@sparse_optimizer(), got {opt!r}{hint}")
+  if not overrides:
+    return default
+  return TableOptimizers(default, tuple(sorted(overrides.items())))
+
+
+def of(optimizer, table: str):
+  """Table `table`'s optimizer: `optimizer` itself, or its entry when it is per table."""
+  return optimizer.of(table) if isinstance(optimizer, TableOptimizers) else optimizer
+
+
+def distinct(optimizer) -> tuple[Any, ...]:
+  """Every different optimizer in `optimizer` (one, or a `TableOptimizers`' `distinct`)."""
+  return optimizer.distinct if isinstance(optimizer, TableOptimizers) else (optimizer,)
+
+
+def group(optimizer, table: str) -> int:
+  """Table `table`'s stacking group: 0 unless it has an optimizer other than the default."""
+  return optimizer.group(table) if isinstance(optimizer, TableOptimizers) else 0
+
+
+def check_tables(optimizer, tables: Sequence[str], where: str = "ExperimentConfig."
+                 "table_optimizers") -> None:
+  """`ConfigError` naming each `overrides` key that is not one of `tables`."""
+  if not isinstance(optimizer, TableOptimizers):
+    return
+  unknown = [n for n, _ in optimizer.overrides if n not in set(tables)]
+  if unknown:
+    raise ConfigError(f"{where} names unknown tables {unknown} (tables: "
+                      f"{', '.join(tables[:20])}{', ...' if len(tables) > 20 else ''})")

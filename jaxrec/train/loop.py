@@ -22,6 +22,7 @@ from jaxrec.checkpoint import storage
 from jaxrec.checkpoint.manager import REJECTED_DIR
 from jaxrec.checkpoint.steps import step_dirs
 from jaxrec.data import pipeline
+from jaxrec.embedding import optimizers as sparse_optimizers
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.errors import ConfigError, DataError, JaxrecError, OutputError
 from jaxrec.files import workdir_lock, write_text_atomic
@@ -478,7 +479,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       if is_log:
         record["loss"] = float(losses.mean())
         record.update(step_lib.window_record(outputs, config.dense_tx()))
-        record.update(schedules.logged_rate(config.sparse_tx().lr, step))
+        record.update(schedules.logged_rate(   # the default optimizer's rate
+            sparse_optimizers.distinct(config.sparse_tx())[0].lr, step))
         record.update(schedules.logged_rate(
             getattr(config.dense_tx(), "learning_rate", None), step - dense_behind,
             "dense_lr"))

@@ -159,8 +159,8 @@ def reference(opt, steps=2, specs=TABLES):
   tables, _ = coll.unstack_tables(coll.init(jax.random.key(0)))
   tables = {k: np.asarray(v, np.float64) for k, v in tables.items()}
   state = {t.name: {} for t in specs}
-  for t in specs:
-    for k, (per, init) in opt.state_layout().items():
+  for t in specs:   # `opt` may be per table (`optimizers.TableOptimizers`)
+    for k, (per, init) in optimizers.of(opt, t.name).state_layout().items():
       shape = (t.rows, t.dim) if per == "element" else (t.rows,)
       state[t.name][k] = np.full(shape, init, np.float64)
   pooled_all = []
@@ -171,7 +171,8 @@ def reference(opt, steps=2, specs=TABLES):
     for name in tables:
       rows = seen[name]
       sub = {k: v[rows] for k, v in state[name].items()}
-      new_w, new_s = ref_update(opt, tables[name][rows], grads[name][rows], sub, i)
+      new_w, new_s = ref_update(optimizers.of(opt, name), tables[name][rows],
+                                grads[name][rows], sub, i)
       tables[name][rows] = new_w
       for k in new_s:
         state[name][k][rows] = new_s[k]
