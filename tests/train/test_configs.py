@@ -60,6 +60,18 @@ def test_dlrm_criteo_is_the_torchrec_shape():
   assert config.sparse_tx() == optimizers.SGD(lr=0.1)
 
 
+def test_table_optimizers_take_scoped_optimizers():
+  launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")], [
+      "ExperimentConfig.table_optimizers = {'t0': @big/RowWiseAdagrad(), 't3': @Adam()}",
+      "big/RowWiseAdagrad.lr = 0.05"])
+  config = ExperimentConfig()
+  config.validate(num_devices=1)
+  tx = config.sparse_tx()
+  assert tx.of("t0") == optimizers.RowWiseAdagrad(lr=0.05)
+  assert tx.of("t3") == optimizers.Adam()
+  assert tx.of("t1") == optimizers.SGD(lr=1.0)   # the config's sparse_optimizer
+
+
 @pytest.mark.parametrize("binding, message", [
     ("ExperimentConfig.batch_size='abc'", "ExperimentConfig.batch_size must be an integer, got 'abc'"),
     ("ExperimentConfig.eval_batch_size=512.5", "ExperimentConfig.eval_batch_size must be an integer"),
@@ -73,6 +85,14 @@ def test_dlrm_criteo_is_the_torchrec_shape():
     ("ExperimentConfig.sparse_optimizer=@dense_optimizer()",   # its repr dumped functions
      r"sparse optimizer, e.g. @RowWiseAdagrad\(\) or @sparse_optimizer\(\), got an optax "
      r"\(dense\) optimizer, e.g. @dense_optimizer\(\)$"),
+    ("ExperimentConfig.table_optimizers={'t9': @SGD()}",
+     r"ExperimentConfig.table_optimizers names unknown tables \['t9'\] \(tables: t0, t1,"),
+    ("ExperimentConfig.table_optimizers={'t1': @Adam}",
+     r"ExperimentConfig.table_optimizers\['t1'\] must be a sparse optimizer.*parentheses"),
+    ("ExperimentConfig.table_optimizers={'t1': @dense_optimizer()}",
+     r"ExperimentConfig.table_optimizers\['t1'\] must be a sparse optimizer"),
+    ("ExperimentConfig.table_optimizers='adam'",
+     r"ExperimentConfig.table_optimizers must be a dict \{table name: sparse optimizer\}"),
     ("ExperimentConfig.dense_optimizer='adam'", "ExperimentConfig.dense_optimizer must be an "
                                                 "optax transformation"),
     ("ExperimentConfig.model='dlrm'", r"ExperimentConfig.model must be a model, e.g. "
