@@ -84,3 +84,17 @@ def test_no_overrides_is_the_plain_optimizer():
 def test_bad_overrides_are_named(overrides, match):
   with pytest.raises(ConfigError, match=match):
     _collection(optimizers.per_table(optimizers.SGD(), overrides))
+
+
+def test_pallas_fuses_the_update_of_each_stack_its_optimizer_allows(caplog):
+  """The fused update kernel takes SGD and row-wise Adagrad (stacks b, a) but not Adam
+  (stack c, updated on XLA after the kernel's pooling): 2 + 2 + 1 kernel calls."""
+  from tests.embedding import test_collection_kernels as kernels_test  # pylint: disable=import-outside-toplevel
+  coll = kernels_test.make_collection("twrw", "data=2,table=2,row=2", MIXED_OPT,
+                                      kernel="pallas", interpret=True)
+  assert [l.name for l in coll.layouts if type(l.optimizer).__name__ == "Adam"] == [
+      "twrw_d8_float32_L4_o2"]
+  assert "stacks ['twrw_d8_float32_L4_o2'] update on XLA" in caplog.text
+  out = kernels_test.run(coll)
+  assert out["jaxpr"].count("pallas_call") == 5
+  kernels_test.assert_matches_reference(out, MIXED_OPT, atol_pooled=1e-6, atol_tables=1e-6)
