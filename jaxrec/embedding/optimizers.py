@@ -21,6 +21,7 @@ then a function of the global step; not for FTRL, whose accumulated sigma assume
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 from typing import Any, Callable, Mapping, Sequence
 
@@ -238,11 +239,14 @@ class TableOptimizers:
 
 
 def per_table(default, overrides: Mapping[str, Any] | None = None,
-              what: str = "ExperimentConfig.table_optimizers"):
+              what: str = "ExperimentConfig.table_optimizers",
+              tables: Sequence[str] | None = None):
   """`default` alone when `overrides` (`{table: optimizer}`) is empty, else the
-  `TableOptimizers`; `ConfigError` naming `what[table]` for a key that is not a table name
-  string or a value that is not a sparse optimizer. Whether the names are tables is checked
-  where the tables are known (`check_tables`)."""
+  `TableOptimizers`; `ConfigError` naming `what[key]` for a key that is not a string or a
+  value that is not a sparse optimizer. With the table names `tables`, a key may also be a
+  pattern (`fnmatch`: `'user_*'`, `'t[0-3]'`) standing for every table it matches; a key
+  that matches no table, or a table that two keys match, is then an error naming them.
+  Without `tables` the keys are table names (checked by `check_tables`)."""
   if isinstance(default, TableOptimizers):
     if overrides:
       raise ConfigError(f"{what}: the default is already per table ({default})")
@@ -260,9 +264,28 @@ def per_table(default, overrides: Mapping[str, Any] | None = None,
               if isinstance(opt, type) and hasattr(opt, "state_layout") else "")
       raise ConfigError(f"{what}['{name}'] must be a sparse optimizer, e.g. @Adagrad() or "
                         f"@sparse_optimizer(), got {opt!r}{hint}")
+  if tables is not None:
+    overrides = _expanded(overrides, list(tables), what)
   if not overrides:
     return default
   return TableOptimizers(default, tuple(sorted(overrides.items())))
+
+
+def _expanded(overrides: Mapping[str, Any], tables: list[str], what: str) -> dict[str, Any]:
+  """`overrides` with each key replaced by the `tables` it names (itself, or the tables
+  its pattern matches)."""
+  out, key_of = {}, {}
+  for key, opt in overrides.items():
+    matched = ([key] if key in tables else
+               [t for t in tables if fnmatch.fnmatchcase(t, key)])
+    if not matched:
+      listed = ", ".join(tables[:20]) + (", ..." if len(tables) > 20 else "")
+      raise ConfigError(f"{what}['{key}'] names no table (tables: {listed})")
+    for t in matched:
+      if t in key_of:
+        raise ConfigError(f"{what}: table '{t}' is named by both '{key_of[t]}' and '{key}'")
+      key_of[t], out[t] = key, opt
+  return out
 
 
 def of(optimizer, table: str):

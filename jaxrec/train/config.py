@@ -202,9 +202,10 @@ class ExperimentConfig:
       sources are read whole, once).
     dense_optimizer: optax transformation for the dense params.
     sparse_optimizer: row-wise optimizer for the tables (`jaxrec.embedding.optimizers`).
-    table_optimizers: `{table name: sparse optimizer}` for tables that train with another
-      optimizer than `sparse_optimizer` (e.g. `{'user_id': @user/RowWiseAdagrad()}`); each
-      such table is stacked apart, with its own optimizer state.
+    table_optimizers: `{table name or pattern: sparse optimizer}` for tables that train
+      with another optimizer than `sparse_optimizer` (e.g. `{'user_*':
+      @user/RowWiseAdagrad()}`, `fnmatch` patterns); each such table is stacked apart, with
+      its own optimizer state.
     train_data, eval_data: `synthetic` or a path (TSV file/glob/dir or preprocessed dir);
       `--train_data` / `--eval_data` override them.
     num_dense: dense features per example.
@@ -259,7 +260,8 @@ class ExperimentConfig:
     `TableOptimizers` when `table_optimizers` names some tables."""
     default = (self.sparse_optimizer if self.sparse_optimizer is not None
                else sparse_optimizers.SGD())
-    return sparse_optimizers.per_table(default, self.table_optimizers)
+    return sparse_optimizers.per_table(default, self.table_optimizers,
+                                       tables=[t.name for t in self.tables])
 
   def validate(self, num_devices: int, train: bool = True) -> None:
     """`ConfigError` naming the first bad binding. `train=False` (a run that only
@@ -317,8 +319,8 @@ class ExperimentConfig:
       raise ConfigError(f"ExperimentConfig.dense_optimizer must be an optax transformation, "
                         f"e.g. @dense_optimizer(), got {dense!r}")
     check_sparse_optimizer(sparse)
-    sparse_optimizers.per_table(sparse_optimizers.SGD(), self.table_optimizers)
-    sparse_optimizers.check_tables(self.sparse_tx(), [t.name for t in self.tables])
+    sparse_optimizers.per_table(sparse_optimizers.SGD(), self.table_optimizers,
+                                tables=[t.name for t in self.tables])
 
 
 def _takes_feature_dims(model) -> bool:

@@ -62,13 +62,14 @@ def test_dlrm_criteo_is_the_torchrec_shape():
 
 def test_table_optimizers_take_scoped_optimizers():
   launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")], [
-      "ExperimentConfig.table_optimizers = {'t0': @big/RowWiseAdagrad(), 't3': @Adam()}",
+      "ExperimentConfig.table_optimizers = {'t0': @big/RowWiseAdagrad(), 't[3-4]': @Adam()}",
       "big/RowWiseAdagrad.lr = 0.05"])
   config = ExperimentConfig()
   config.validate(num_devices=1)
   tx = config.sparse_tx()
   assert tx.of("t0") == optimizers.RowWiseAdagrad(lr=0.05)
-  assert tx.of("t3") == optimizers.Adam()
+  assert tx.of("t3") == tx.of("t4") == optimizers.Adam()
+  assert [n for n, _ in tx.overrides] == ["t0", "t3", "t4"]   # the pattern, expanded
   assert tx.of("t1") == optimizers.SGD(lr=1.0)   # the config's sparse_optimizer
 
 
@@ -86,7 +87,11 @@ def test_table_optimizers_take_scoped_optimizers():
      r"sparse optimizer, e.g. @RowWiseAdagrad\(\) or @sparse_optimizer\(\), got an optax "
      r"\(dense\) optimizer, e.g. @dense_optimizer\(\)$"),
     ("ExperimentConfig.table_optimizers={'t9': @SGD()}",
-     r"ExperimentConfig.table_optimizers names unknown tables \['t9'\] \(tables: t0, t1,"),
+     r"ExperimentConfig.table_optimizers\['t9'\] names no table \(tables: t0, t1,"),
+    ("ExperimentConfig.table_optimizers={'x*': @SGD()}",
+     r"ExperimentConfig.table_optimizers\['x\*'\] names no table"),
+    ("ExperimentConfig.table_optimizers={'t[0-3]': @SGD(), 't3': @Adam()}",
+     r"ExperimentConfig.table_optimizers: table 't3' is named by both 't\[0-3\]' and 't3'"),
     ("ExperimentConfig.table_optimizers={'t1': @Adam}",
      r"ExperimentConfig.table_optimizers\['t1'\] must be a sparse optimizer.*parentheses"),
     ("ExperimentConfig.table_optimizers={'t1': @dense_optimizer()}",
