@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Cost of per-table sparse optimizers (`ExperimentConfig.table_optimizers`).
+
+Tables of different optimizers are stacked apart, so a config that mixes optimizers runs
+more, smaller stacks. Times the embedding step (lookup + pool backward + sparse update, as
+`embedding_scaling.py`, one device) on the `dlrm_criteo` shape (26 tables x 1e5 x 16,
+batch 512) for: every table SGD; every table row-wise Adagrad; half of each (2 stacks);
+every table its own row-wise Adagrad rate (26 stacks, the worst case). Variants are timed
+interleaved (`common.interleaved_times`). Prints one line per variant
+`{"benchmark": "table_optimizers", "variant": V, "stacks": S, "step_ms": T, "cpu_ms": C}`
+and a last line with `"half_vs_mean"` (the half/half step over the mean of the two
+one-optimizer steps) and `"each_vs_rowwise"` (26 stacks over 1).
+"""
+
+import argparse
+
+from common import check_at_least, emit, interleaved_times, interruptible, median
+from embedding_scaling import ScalingStep
+
+from jaxrec.embedding import optimizers
+
+
+def variants(num_tables: int) -> dict:
+  """`{name: sparse optimizer (one, or per table)}`."""
+  sgd, rowwise = optimizers.SGD(0.1), optimizers.RowWiseAdagrad(0.1)
+  names = [f"t{i}" for i in range(num_tables)]
+  return {
+      "sgd": sgd,
+      "rowwise": rowwise,
+      "half": optimizers.per_table(sgd, {n: rowwise for n in names[::2]}),
+      "each": optimizers.per_table(rowwise, {n: optimizers.RowWiseAdagrad(0.1 + 0.01 * i)
+                                             for i, n in enumerate(names[1:], 1)}),
+  }
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--rows", type=int, default=100_000, help="rows per table")
+  p.add_argument("--tables", type=int, default=26, help="tables")
+  p.add_argument("--batch", type=int, default=512, help="examples per step")
+  p.add_argument("--dim", type=int, default=16, help="embedding dimension")
+  p.add_argument("--rounds", type=int, default=10, help="interleaved rounds over the variants")
+  p.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
+  args = p.parse_args()
+  check_at_least(p.error, vars(args), ("rows", "tables", "batch", "dim", "rounds", "steps"))
+  if args.tables < 2:
+    p.error(f"--tables: at least 2 (half of them change optimizer), got {args.tables}")
+  runners = {name: ScalingStep(args.rows, args.tables, args.batch, args.dim, opt)
+             for name, opt in variants(args.tables).items()}
+  wall, cpu = interleaved_times(runners, args.rounds, args.steps, warmup=3)
+  times = {name: median(wall[name]) for name in runners}
+  for name, runner in runners.items():
+    emit("table_optimizers", variant=name, stacks=len(runner.state["tables"]),
+         tables=args.tables, rows=args.rows, batch=args.batch, dim=args.dim,
+         step_ms=round(times[name] * 1e3, 3), cpu_ms=round(median(cpu[name]) * 1e3, 3))
+  emit("table_optimizers", variant="summary",
+       half_vs_mean=round(times["half"] / ((times["sgd"] + times["rowwise"]) / 2), 3),
+       each_vs_rowwise=round(times["each"] / times["rowwise"], 3))
+
+
+if __name__ == "__main__":
+  interruptible(main)()   # Ctrl-C: one line, exit 130
