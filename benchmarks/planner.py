@@ -17,6 +17,9 @@ jitted train step (`jaxrec.train.step.make_train_step`) on synthetic batches:
   bags_apart  optional hand-made reference (`--reference_min_len`): naive, but tables read
            by long bags replicated
 
+A config's `ExperimentConfig.table_optimizers` (e.g. through `--gin_bindings`) is planned,
+estimated and run per table, as the trainer does.
+
 Step times are medians over steps, measured interleaved (round r runs every plan for a
 few steps, then round r+1) so that load drift on a shared machine hits all plans alike;
 the final comparison is a fresh interleaved run of naive, static and refined. Goal:

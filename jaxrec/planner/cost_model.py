@@ -1,8 +1,8 @@
 """Memory and step cost of a plan as the embedding collection runs it: readable arithmetic.
 
-The collection (`jaxrec.embedding`) groups tables into *stacks* (same kind, dim, dtype and
-bag-size bucket, buckets merged where a stack split over `table` gets cheaper;
-`layout.build_layouts`), and every device runs every stack on buffers of
+The collection (`jaxrec.embedding`) groups tables into *stacks* (same kind, dim, dtype,
+sparse optimizer and bag-size bucket, buckets merged where a stack split over `table` gets
+cheaper; `layout.build_layouts`), and every device runs every stack on buffers of
 static size: a stack split over `table` is padded to its widest slice, so all its devices
 do the same work whether their slice holds many tables or none. The cost model therefore
 prices stacks, not tables, and every device carries the same load.
@@ -24,7 +24,8 @@ global batch `B`, `b = B/N` examples per device. For a stack of kind `k`:
             slots/rep (each replica reads and pools only its own examples' slots)
   u         rows the update writes: n with dedup, else slots (every replica scatter-adds
             the slot gradients of the whole replica group)
-  rep       replicas of each shard: N/G; s, s_row: optimizer state (`OptimizerState`)
+  rep       replicas of each shard: N/G; s, s_row: optimizer state (`OptimizerState`) of
+            the stack's optimizer (one per table: `optimizers.TableOptimizers`, `state_of`)
 
 Cost terms (`COST_TERMS`), per device per step (the same on every device):
 
@@ -90,6 +91,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from jaxrec.embedding import optimizers as sparse_optimizers
 from jaxrec.embedding import specs
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError, in_order
@@ -129,9 +131,13 @@ OPTIMIZER_STATES = {
 def optimizer_state(spec) -> OptimizerState:
   """`spec`: a factor of the table size (0 = SGD, 1 = Adagrad, 2 = Adam), an optimizer name
   from `OPTIMIZER_STATES`, an `OptimizerState`, or a sparse optimizer of
-  `jaxrec.embedding.optimizers` (its `state_layout()` is counted)."""
+  `jaxrec.embedding.optimizers` (its `state_layout()` is counted). One per table
+  (`optimizers.TableOptimizers`) has no single state: `state_of` gives each table's."""
   if isinstance(spec, OptimizerState):
     return spec
+  if isinstance(spec, sparse_optimizers.TableOptimizers):
+    raise TypeError("optimizer_state: per-table optimizers have one state per table; "
+                    "use state_of(optimizer, table)")
   if hasattr(spec, "state_layout"):
     per = [p for p, _ in spec.state_layout().values()]
     return OptimizerState(float(per.count("element")), float(per.count("row")),
@@ -150,6 +156,37 @@ def optimizer_state(spec) -> OptimizerState:
     raise ConfigError(f"a factor of the table size must be a finite number >= 0 (0: sgd, 1: "
                       f"adagrad, 2: adam), got {shown}")
   return OptimizerState(float(factor), 0.0, float(factor) == 0)
+
+
+def state_of(optimizer, table: str) -> OptimizerState:
+  """Table `table`'s optimizer state: of `optimizer` (any `optimizer_state` spec), or where
+  it is one per table (`optimizers.TableOptimizers`, whose entries may be any such spec) of
+  the table's entry."""
+  return optimizer_state(sparse_optimizers.of(optimizer, table))
+
+
+def is_per_table(optimizer) -> bool:
+  """Whether `optimizer` gives tables different optimizers (`optimizers.TableOptimizers`):
+  its tables then stack by optimizer (`layout.build_layouts`)."""
+  return isinstance(optimizer, sparse_optimizers.TableOptimizers)
+
+
+def check_optimizers(optimizer, tables: Sequence[str]) -> None:
+  """`ConfigError` for a per-table `optimizer` naming a table not in `tables`, or an entry
+  `optimizer_state` cannot size (naming its table); one optimizer: `optimizer_state`'s."""
+  if not is_per_table(optimizer):
+    optimizer_state(optimizer)
+    return
+  sparse_optimizers.check_tables(optimizer, list(tables))
+  try:
+    optimizer_state(optimizer.default)
+  except ConfigError as e:
+    raise ConfigError(f"the default sparse optimizer: {e}") from None
+  for name, opt in optimizer.overrides:
+    try:
+      optimizer_state(opt)
+    except ConfigError as e:
+      raise ConfigError(f"table '{name}': its sparse optimizer: {e}") from None
 
 
 def optimizer_key(name: str) -> str:
@@ -298,11 +335,14 @@ def distinct_kind(kind: str, mesh: Mapping[str, int]) -> bool:
 
 
 def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], plan: Plan,
-                  mesh: Mapping[str, int]):
-  """The collection's stacks for `plan` (`embedding.layout.build_layouts`; imported here so
-  that importing the planner does not import jax)."""
+                  mesh: Mapping[str, int], optimizer=None):
+  """The collection's stacks for `plan` (`embedding.layout.build_layouts`). A per-table
+  `optimizer` (`is_per_table`) splits stacks by optimizer as the collection does, and each
+  stack carries its entry; one optimizer for every table changes no stack and is left out
+  of the layouts (`StackLayout.optimizer` None: the planner prices it apart)."""
   from jaxrec.embedding import layout  # pylint: disable=import-outside-toplevel
-  return layout.build_layouts(tables, features, plan, mesh)
+  return layout.build_layouts(tables, features, plan, mesh,
+                              optimizer if is_per_table(optimizer) else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,10 +442,11 @@ def _buffer_bytes(dedup: bool, kernel: str, n: float, u: float, slots: float, re
   return common + 8 * slots + 4 * n * dl + (8 * slots * (dl + 1) if rep > 1 else 0)
 
 
-def plan_cost(layouts, features: Sequence[FeatureSpec], batch_size: int, opt: OptimizerState,
+def plan_cost(layouts, features: Sequence[FeatureSpec], batch_size: int, opt,
               kernel: str = "xla", option="auto", forward: bool = False) -> PlanCost:
   """Cost terms and memory per device of the stacks `layouts` (`build_layouts`) reading
-  `features`, for a global `batch_size`, optimizer state `opt`, the collection's `kernel`
+  `features`, for a global `batch_size`, sparse optimizer `opt` (an `optimizer_state` spec,
+  or one per table: each stack priced with its tables' own, `state_of`), the collection's `kernel`
   (`xla` or `pallas`) and `EmbeddingOptions.dedup` (`option`; with `kernel` it decides
   each stack's dedup, see `dedups`). `forward`: the buffers of the eval step's lookup
   (see `_buffer_bytes`), not the training step's."""
@@ -413,12 +454,15 @@ def plan_cost(layouts, features: Sequence[FeatureSpec], batch_size: int, opt: Op
   return combine_costs(layouts, stacks, batch_size)
 
 
-def stack_cost(l, features: Sequence[FeatureSpec], batch_size: int, opt: OptimizerState,
+def stack_cost(l, features: Sequence[FeatureSpec], batch_size: int, opt,
                kernel: str = "xla", option="auto", forward: bool = False) -> StackCost:
   """One stack's own terms and memory (`plan_cost`'s arguments), which depend on that
   stack alone: what stacks share (their axes group's collectives, the slot all-gather
   launch counted on the first stack of its key, the ids all-gather) is added by
-  `combine_costs`. (The planner's search caches it per stack, `planner.pricing`.)"""
+  `combine_costs`. (The planner's search caches it per stack, `planner.pricing`.) `opt`:
+  its optimizer, the entry of its tables where `opt` is per table (a stack holds the
+  tables of one optimizer, `layout.build_layouts`)."""
+  opt = state_of(opt, l.slots[0].name)
   n_dev = math.prod(dict(l.sizes).values())
   big_b = float(batch_size)
   b = big_b / n_dev
@@ -532,10 +576,11 @@ def combine_costs(layouts, stacks: Sequence[StackCost], batch_size: int,
   return PlanCost(tuple(out), group_terms, glob, total, int(big_b * id_cols * 4 * m / n_dev))
 
 
-def table_memory(load: TableLoad, kind: str, mesh: Mapping[str, int],
-                 opt: OptimizerState) -> dict[str, int]:
-  """Bytes of the table's own shard (`table`) and its optimizer state (`optimizer`) on each
-  holding device; stack padding and buffers are not counted."""
+def table_memory(load: TableLoad, kind: str, mesh: Mapping[str, int], opt) -> dict[str, int]:
+  """Bytes of the table's own shard (`table`) and its optimizer state (`optimizer`: of `opt`,
+  or of its entry for the table where `opt` is per table) on each holding device; stack
+  padding and buffers are not counted."""
+  opt = state_of(opt, load.name)
   _, r, _ = split_sizes(kind, mesh)
   rows, dl = -(-load.rows // r), local_dim(load, kind, mesh)
   extra = 8 if load.dtype == "int8" else 0

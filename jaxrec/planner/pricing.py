@@ -10,8 +10,10 @@ on, so that a move reprices only the stacks it touches:
   pack     per stack, in `pack` order, its tables' `table` slices: from its tables and the
            per-slice loads the stacks before it left (`held`, `spread`), which it passes
            on (a move changes those loads only for the stacks packed after it)
-  stacks   per (kind, dim, dtype) group, `build_layouts` of its tables alone (the
-           collection builds and merges stacks within such a group only), each stack's own
+  stacks   per (kind, dim, dtype, optimizer group) group, `build_layouts` of its tables
+           alone (the collection builds and merges stacks within such a group only; the
+           optimizer group is 0 but for tables of a per-table optimizer other than the
+           default, `optimizers.TableOptimizers.group`), each stack's own
            cost (`cost_model.stack_cost`), what it shares (`cost_model.stack_share`) and
            problems (`layout.stack_problems`)
   combine  what stacks share (`cost_model.combine_costs`), over the few stacks
@@ -76,23 +78,25 @@ class Priced:
 
 class Pricer:
   """Prices kind assignments (one kind per table, in `loads` order: `tables` order) for one
-  search."""
+  search. `opt`: the sparse optimizer (`cost_model.plan_cost`'s), one per table too."""
 
   def __init__(self, tables, features, loads: Sequence[cm.TableLoad], mesh, batch_size,
                opt, kernel, dedup):
-    from jaxrec.embedding import layout  # pylint: disable=import-outside-toplevel
+    from jaxrec.embedding import layout, optimizers  # pylint: disable=import-outside-toplevel
     self.tables, self.features, self.loads = tuple(tables), tuple(features), tuple(loads)
     self.mesh, self.batch_size, self.opt = mesh, batch_size, opt
     self.kernel, self.dedup = kernel, dedup
     self.names = [l.name for l in loads]
     self.bucket = [layout.bag_bucket(l.max_len) for l in loads]
+    self.grouping = opt if cm.is_per_table(opt) else None   # what splits stacks
+    group = [optimizers.group(self.grouping, n) for n in self.names]
     index = {n: i for i, n in enumerate(self.names)}
     self.reading: list[list[int]] = [[] for _ in loads]   # features of each table
     for j, f in enumerate(self.features):
       self.reading[index[f.table]].append(j)
-    # stack keys as numbers: kind code * len(_static) + index of (dim, dtype, bucket)
+    # stack keys as numbers: kind code * len(_static) + index of (dim, dtype, group, bucket)
     self._kind_code = {k: i for i, k in enumerate(KIND_AXES)}
-    static = [(l.dim, l.dtype, b) for l, b in zip(loads, self.bucket)]
+    static = [(l.dim, l.dtype, g, b) for l, g, b in zip(loads, group, self.bucket)]
     self._static = list(dict.fromkeys(static))
     index = {k: i for i, k in enumerate(self._static)}
     self._static_code = np.array([index[k] for k in static], np.int64)
@@ -100,9 +104,9 @@ class Pricer:
     self._packed, self._groups = _Lru(), _Lru()
 
   def stacks(self, kinds: Sequence[str]) -> dict[tuple, list[int]]:
-    """Table indices by the stack `kinds` put them in: (kind, dim, dtype, bag bucket), the
-    collection's stacking key (`embedding.layout.build_layouts`, which may then merge
-    buckets of a kind split over `table`; costs are always taken on its layouts). In
+    """Table indices by the stack `kinds` put them in: (kind, dim, dtype, optimizer group,
+    bag bucket), the collection's stacking key (`embedding.layout.build_layouts`, which may
+    then merge buckets of a kind split over `table`; costs are always taken on its layouts). In
     order of each stack's first table. (Grouped by numpy: in Python, this loop over the
     tables took more time than the rest of pricing.)"""
     code = np.fromiter(map(self._kind_code.__getitem__, kinds), np.int64, len(kinds))
@@ -122,23 +126,23 @@ class Pricer:
     stacks packed before it left."""
     nt = self.mesh["table"]
     held = (0,) * nt   # rows over all stacks: ties go to the emptiest slice
-    longer: dict[tuple, tuple[int, ...]] = {}   # (kind, dim, dtype) -> multi-hot features
+    longer: dict[tuple, tuple[int, ...]] = {}   # (kind, dim, dtype, group) -> multi-hot
     out = {}
     # Longest bags first (a stable sort: then in order of each stack's first table): a
     # multi-hot stack's tables go first to slices holding no other multi-hot feature of
-    # their (kind, dim, dtype), so that the collection can merge those stacks into one
+    # their (kind, dim, dtype, group), so that the collection can merge those stacks into one
     # whose devices pay the longest bag once (`layout._merge_buckets`).
-    for key, members in sorted(stacks.items(), key=lambda kv: -kv[0][3]):
+    for key, members in sorted(stacks.items(), key=lambda kv: -kv[0][4]):
       members = tuple(members)
       if not ("table" in KIND_AXES[key[0]] and nt > 1):
         out[key] = (members, (0,) * len(members))
         continue
-      spread = longer.get(key[:3], (0,) * nt) if key[3] > 1 else (0,) * nt
-      state = (members, key[3], held, spread)
+      spread = longer.get(key[:4], (0,) * nt) if key[4] > 1 else (0,) * nt
+      state = (members, key[4], held, spread)
       slices, held, spread = self._packed.get_or((key, state),
                                                  lambda: self._pack_stack(*state), len(members))
-      if key[3] > 1:
-        longer[key[:3]] = spread
+      if key[4] > 1:
+        longer[key[:4]] = spread
       out[key] = (members, slices)
     return out
 
@@ -146,7 +150,7 @@ class Pricer:
                   spread: tuple[int, ...]):
     """One stack split over `table`: its tables' slices (in `members` order), and `held`
     and `spread` after it. Fewest features first, then fewest rows; multi-hot tables first
-    to slices holding no other multi-hot feature of their (kind, dim, dtype)."""
+    to slices holding no other multi-hot feature of their (kind, dim, dtype, group)."""
     nt, loads = len(held), self.loads
     held, spread = list(held), list(spread)
     feats, rows = [0] * nt, [0] * nt
@@ -186,9 +190,9 @@ class Pricer:
     packed = self.pack(self.stacks(kinds))
     groups: dict[tuple, list] = {}
     for key, part in packed.items():
-      groups.setdefault(key[:3], []).append((key[3], *part))
+      groups.setdefault(key[:4], []).append((key[4], *part))
     layouts, costs, shares, problems = [], [], [], []
-    for group in sorted(groups):   # `build_layouts`' order: by (kind, dim, dtype, bag)
+    for group in sorted(groups):   # `build_layouts`' order: (kind, dim, dtype, group, bag)
       content = (group, tuple(sorted(groups[group])))
       part = self._groups.get_or(content, lambda: self._price_group(*content),
                                  sum(len(b[1]) for b in content[1]))
@@ -201,9 +205,9 @@ class Pricer:
     return packed, Priced(tuple(layouts), cost, layout.first_problem(problems))
 
   def _price_group(self, group: tuple, buckets: tuple) -> tuple:
-    """The stacks of one (kind, dim, dtype) `group` whose bag `buckets` hold (bag, tables,
-    their slices): per stack (layout, own cost, `StackShare`, problems), in
-    `build_layouts` order."""
+    """The stacks of one (kind, dim, dtype, optimizer group) `group` whose bag `buckets`
+    hold (bag, tables, their slices): per stack (layout, own cost, `StackShare`, problems),
+    in `build_layouts` order."""
     from jaxrec.embedding import layout  # pylint: disable=import-outside-toplevel
     kind = group[0]
     slice_of = {i: s for _, members, slices in buckets for i, s in zip(members, slices)}
@@ -211,7 +215,8 @@ class Pricer:
     feats = sorted(j for i in members for j in self.reading[i])
     plan = Plan({self.names[i]: self.placement(kind, slice_of[i]) for i in members})
     built = layout.build_layouts([self.tables[i] for i in members],
-                                 [self.features[j] for j in feats], plan, self.mesh)
+                                 [self.features[j] for j in feats], plan, self.mesh,
+                                 self.grouping)
     out = []
     for l in built:   # its features as indices into all features
       l = dataclasses.replace(l, features=tuple(feats[j] for j in l.features))

@@ -114,7 +114,7 @@ class _Space:
   def evaluate_plan(self, plan: Plan, kinds: tuple[str, ...] | None = None) -> _Eval:
     """`plan` priced from scratch: `build_layouts` and `plan_cost`, as the collection and
     `estimate_plan` see it."""
-    layouts = cm.build_layouts(self.tables, self.features, plan, self.mesh)
+    layouts = cm.build_layouts(self.tables, self.features, plan, self.mesh, self.opt)
     cost = cm.plan_cost(layouts, self.features, self.batch_size, self.opt, self.kernel,
                         self.dedup)
     kinds = kinds or tuple(plan[n].kind for n in self.names)
@@ -234,14 +234,18 @@ def _prepare(tables, features, mesh_shape, memory_per_device_bytes, optimizer_st
   if not memory_per_device_bytes > 0:
     raise ConfigError(f"memory per device must be positive, got {memory_per_device_bytes}")
   loads = cm.table_loads(tables, features, table_stats)
-  opt = cm.optimizer_state(optimizer_state_factor)
+  # one optimizer: its state; one per table: kept whole, its entries group the stacks
+  cm.check_optimizers(optimizer_state_factor, [t.name for t in tables])
+  opt = (optimizer_state_factor if cm.is_per_table(optimizer_state_factor)
+         else cm.optimizer_state(optimizer_state_factor))
+  states = [cm.state_of(opt, t.name) for t in tables]
   if kernel is None:
-    kernel = (default_kernel() if any(not cm.dedups(opt, t.dtype, "xla") for t in tables)
-              else "xla")
+    kernel = (default_kernel() if any(not cm.dedups(s, t.dtype, "xla")
+                                      for s, t in zip(states, tables)) else "xla")
   dedup = default_dedup()
-  for t in tables:   # the collection's refusal of dedup=False, before any search
+  for s, t in zip(states, tables):   # the collection's refusal of dedup=False, before any search
     try:
-      cm.dedups(opt, t.dtype, kernel, dedup)
+      cm.dedups(s, t.dtype, kernel, dedup)
     except ConfigError as e:   # which table: with mixed dtypes the user cannot tell
       raise ConfigError(f"table '{t.name}': {e}") from None
   cal = calibration or DEFAULT
@@ -378,11 +382,34 @@ def _result(space: _Space, e: _Eval, cal: Calibration, mode: str, reasons: Mappi
                              float(s.terms @ coef), dict(zip(cm.COST_TERMS, s.terms.tolist())),
                              dict(s.memory))
                  for s in e.cost.stacks)
-  notes = list(notes)
+  notes = list(notes) + _optimizer_notes(space)
   if coef[cm.COST_TERMS.index("const")] == 0:
     notes.append("dense layers are not modeled (const = 0 until fitted from a profile)")
   return PlanResult(e.plan, dict(mesh), space.budget, space.batch_size, cal, tuple(tables),
                     tuple(slices), e.time_s, mode, tuple(notes), stacks, dict(e.cost.memory))
+
+
+def _optimizer_notes(space: _Space) -> list[str]:
+  """With per-table optimizers: which tables have which (the stacks of each optimizer but
+  the default end `_o<group>`), so that the stack names and optimizer bytes read plainly."""
+  opt = space.opt
+  if not cm.is_per_table(opt):
+    return []
+  parts, rest = [], 0
+  for g, o in enumerate(opt.distinct):
+    names = [n for n in space.names if opt.group(n) == g]
+    if g == 0:
+      rest = len(names)
+    elif names:
+      shown = ", ".join(names[:8]) + (f", ... ({len(names)})" if len(names) > 8 else "")
+      parts.append(f"{_optimizer_name(o)} for {shown} (stacks ending _o{g})")
+  return [f"sparse optimizers per table: {'; '.join(parts)}; "
+          f"{_optimizer_name(opt.default)} for the other {rest} table(s)"]
+
+
+def _optimizer_name(spec) -> str:
+  """An optimizer as the notes name it: its class (`Adam`), else the spec as given."""
+  return type(spec).__name__ if hasattr(spec, "state_layout") else str(spec)
 
 
 def _unused_axis_notes(space: _Space, e: _Eval) -> list[str]:
@@ -409,8 +436,11 @@ def propose_plan(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
     memory_per_device_bytes: budget for tables, optimizer state and lookup buffers
       (None: `DEFAULT_MEMORY_PER_DEVICE`).
     optimizer_state_factor: state size: a factor of the table (0 SGD, 1 Adagrad, 2 Adam),
-      a name in `cost_model.OPTIMIZER_STATES` (e.g. 'rowwise_adagrad'), or the sparse
-      optimizer object itself (`jaxrec.embedding.optimizers.SGD()`, ...).
+      a name in `cost_model.OPTIMIZER_STATES` (e.g. 'rowwise_adagrad'), the sparse
+      optimizer object itself (`jaxrec.embedding.optimizers.SGD()`, ...), or one per table
+      (`optimizers.TableOptimizers`, e.g. `config.sparse_tx()`; its entries any of these):
+      each table's stacks, state and dedup are its own optimizer's, and tables of
+      different optimizers never share a stack, as in the collection.
     batch_size: global batch, split over all devices.
     calibration: cost coefficients; None = `calibration.DEFAULT`.
     table_stats: optional pooling factors and id distributions by table name (checked and
@@ -518,7 +548,7 @@ def estimate_plan(plan: Plan, tables: Sequence[TableSpec], features: Sequence[Fe
 
 def check_plan_fits(plan: Plan, tables: Sequence[TableSpec], mesh_shape: Mapping[str, int],
                     memory_per_device_bytes: int,
-                    optimizer_state_factor: float | str | cm.OptimizerState = 0.0, *,
+                    optimizer_state_factor=0.0, *,
                     features: Sequence[FeatureSpec] | None = None, batch_size: int = 0,
                     table_stats: Mapping[str, cm.TableStats] | None = None) -> list[int]:
   """Bytes per device (index row-major over mesh axes) of a forced plan; raises ConfigError

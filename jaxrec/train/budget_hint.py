@@ -170,16 +170,16 @@ def eval_memory_warning(result, layouts, features, optimizer, kernel: str, dedup
                         eval_batch_size: int) -> str | None:
   """The warning for a plan (`PlanResult`) whose embedding memory at the eval batch, the
   lookup's forward buffers of the stacks `layouts` priced at `eval_batch_size`
-  (`cost_model.plan_cost(forward=True)`), passes its budget; None otherwise, and for an
+  (`cost_model.plan_cost(forward=True)`; `optimizer` the sparse optimizer, or one per table
+  as `layouts` were built with), passes its budget; None otherwise, and for an
   eval batch no larger than the training batch. The planner prices the training batch
   only: a `row=8`, `rw` plan at 87% of a 3 MiB budget held 1.34x it in the eval step at
   batch 4096 (8x the training batch). train.py and scripts/plan.py both give it."""
   from jaxrec.planner import cost_model  # pylint: disable=import-outside-toplevel
   if eval_batch_size <= int(result.batch_size):
     return None
-  need = cost_model.plan_cost(layouts, features, eval_batch_size,
-                              cost_model.optimizer_state(optimizer), kernel, dedup,
-                              forward=True).memory_bytes
+  need = cost_model.plan_cost(layouts, features, eval_batch_size, optimizer, kernel, dedup,
+                              forward=True).memory_bytes   # (per table: each stack's own)
   budget = int(result.memory_per_device_bytes)
   if need <= budget:
     return None

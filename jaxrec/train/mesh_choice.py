@@ -214,12 +214,14 @@ def most_offloaded(config, off):
 
 def min_bytes_per_device(tables, off, optimizer, num_devices: int) -> float:
   """A floor on what any plan of `tables` (offloaded ones as their caches) needs on one of
-  `num_devices` devices: their rows and optimizer state split evenly over all of them,
+  `num_devices` devices: their rows and optimizer state (each table's own where
+  `optimizer` is per table, `optimizers.TableOptimizers`) split evenly over all of them,
   no buffers. Above the budget no mesh fits, and `auto_mesh` prices none: with 200 tables
   that fit nowhere it priced 20 meshes (18 s) on 8 devices, 84 (158 s) on 64, and the
   elastic supervisor that for each process count it weighed."""
   from jaxrec import offload   # pylint: disable=import-outside-toplevel
-  return sum(t.rows * offload.row_bytes(t, optimizer)
+  from jaxrec.embedding import optimizers   # pylint: disable=import-outside-toplevel
+  return sum(t.rows * offload.row_bytes(t, optimizers.of(optimizer, t.name))
              for t in offload.device_tables(tables, off, optimizer)) / num_devices
 
 

@@ -132,6 +132,37 @@ def test_dedup_rule_matches_the_collection(optimizer, dtype, kernel):
   assert cm.dedups(cm.optimizer_state(optimizer), dtype, kernel) == col.dedup(col.layouts[0])
 
 
+def test_each_stack_is_priced_with_its_own_tables_optimizer():
+  """Per-table optimizers (`optimizers.per_table`): the collection stacks the Adam table
+  apart (`_o1`), with its 2x state and dedup, and the SGD tables without state or dedup
+  (`linear`); the planner prices those stacks, each as if every table had its optimizer."""
+  tables = [TableSpec(n, r, 16) for n, r in (("a", 100), ("b", 200), ("c", 300))]
+  features = [FeatureSpec(f"f{t.name}", t.name, 4) for t in tables]
+  opt = optimizers.per_table(optimizers.SGD(), {"b": optimizers.Adam()})
+  plan = uniform_plan("dp", tables, 1)
+  col = EmbeddingCollection.create(tables, features, plan,
+                                   mesh_lib.make_mesh({"data": 8}, jax.devices()[:8]), opt)
+  layouts = cm.build_layouts(tables, features, plan, {"data": 8}, opt)
+  assert layouts == col.layouts
+  pc = cm.plan_cost(layouts, features, 64, opt)
+  sgd, adam = pc.stacks
+  assert (sgd.name, sgd.tables, adam.name, adam.tables) == (
+      "dp_d16_float32_L4", ("a", "c"), "dp_d16_float32_L4_o1", ("b",))
+  assert [s.dedup for s in pc.stacks] == [col.dedup(l) for l in col.layouts] == [False, True]
+  assert sgd.memory["optimizer"] == 0 and adam.memory["optimizer"] == 2 * 200 * 16 * 4
+  for got, l, alone in ((sgd, layouts[0], "sgd"), (adam, layouts[1], "adam")):
+    want = cm.plan_cost([l], features, 64, alone).stacks[0]
+    assert got.memory == want.memory
+    np.testing.assert_array_equal(got.terms, want.terms)
+  a, b, _ = cm.table_loads(tables, features)
+  assert cm.table_memory(a, "dp", {"data": 8}, opt) == {"table": 100 * 64, "optimizer": 0}
+  assert cm.table_memory(b, "dp", {"data": 8}, opt) == {"table": 200 * 64,
+                                                        "optimizer": 2 * 200 * 64}
+  assert cm.state_of(opt, "c") == cm.optimizer_state("sgd")
+  with pytest.raises(TypeError, match=r"use state_of\(optimizer, table\)"):
+    cm.optimizer_state(opt)
+
+
 def test_optimizer_state():
   assert cm.optimizer_state("sgd") == cm.OptimizerState(0, 0, linear=True)
   assert cm.optimizer_state(0.0).linear and not cm.optimizer_state(1.0).linear

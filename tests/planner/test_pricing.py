@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from jaxrec.embedding import layout
+from jaxrec.embedding import layout, optimizers
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError
 from jaxrec.planner import cost_model as cm
@@ -32,15 +32,18 @@ def reference_pack(space, kinds) -> Plan:
   all tables at once."""
   nt, loads, names = space.mesh["table"], space.loads, space.names
   stacks = {}
-  for i, (load, kind) in enumerate(zip(loads, kinds)):
-    key = (kind, load.dim, load.dtype, layout.bag_bucket(load.max_len))
+  for i, (load, kind) in enumerate(zip(loads, kinds)):   # optimizer group: 0 but per table
+    key = (kind, load.dim, load.dtype, optimizers.group(space.opt, load.name),
+           layout.bag_bucket(load.max_len))
     stacks.setdefault(key, []).append(i)
   placements, held, longer = {}, [0] * nt, {}
-  for (kind, dim, dtype, bag), members in sorted(stacks.items(), key=lambda kv: -kv[0][3]):
+  for (kind, dim, dtype, group, bag), members in sorted(stacks.items(),
+                                                        key=lambda kv: -kv[0][4]):
     if not ("table" in KIND_AXES[kind] and nt > 1):
       placements.update((names[i], TablePlacement(kind, 0)) for i in members)
       continue
-    spread = longer.setdefault((kind, dim, dtype), [0] * nt) if bag > 1 else [0] * nt
+    spread = (longer.setdefault((kind, dim, dtype, group), [0] * nt) if bag > 1
+              else [0] * nt)
     feats, rows = [0] * nt, [0] * nt
     total = sum(max(1, loads[i].num_features) for i in members)
     cap = max(math.ceil(total / nt), max(loads[i].num_features for i in members))
@@ -70,16 +73,25 @@ def walk(space, steps: int, seed: int):
     kinds = rng.choice(list(moves(space, allowed, kinds, everyone)))
 
 
+# Per-table optimizers: Adam and row-wise Adagrad on tables of every dim and bag (t7's
+# equals the default: it stays in the default's stacks; t20's Adam has another lr: stacks
+# of its own, though its state is the other Adam's).
+MIXED = optimizers.per_table(optimizers.SGD(), {
+    "t1": optimizers.Adam(), "t3": optimizers.RowWiseAdagrad(), "t5": optimizers.Adam(),
+    "t7": optimizers.SGD(), "t11": optimizers.RowWiseAdagrad(), "t17": optimizers.Adam(),
+    "t20": optimizers.Adam(lr=0.5)})
 CASES = [({"table": 4, "row": 2}, "sgd"), ({"data": 2, "table": 2, "row": 2}, "adagrad"),
-         ({"table": 2, "row": 2, "col": 2}, "sgd"), ({"data": 2, "row": 4}, "adam")]
+         ({"table": 2, "row": 2, "col": 2}, "sgd"), ({"data": 2, "row": 4}, "adam"),
+         ({"table": 4, "row": 2}, MIXED), ({"data": 2, "table": 2, "row": 2}, MIXED)]
 
 
 @pytest.mark.parametrize("cached", [pricing.CACHE_TABLES, 1])
 @pytest.mark.parametrize("mesh,opt", CASES)
 def test_priced_by_parts_equals_from_scratch_along_moves(mesh, opt, cached, monkeypatch):
   """Each assignment of a walk: the same packing as the search's rule, the same stacks as
-  `build_layouts`, and the same cost as `plan_cost` (to 1e-9, and memory exactly); with
-  caches that keep one entry too (parts dropped and made again)."""
+  `build_layouts` (with per-table optimizers: split by optimizer, as the collection's), and
+  the same cost as `plan_cost` (to 1e-9, and memory exactly); with caches that keep one
+  entry too (parts dropped and made again)."""
   monkeypatch.setattr(pricing, "CACHE_TABLES", cached)
   tables, features = mixed_case()
   prepare = search._prepare   # pylint: disable=protected-access
@@ -89,7 +101,7 @@ def test_priced_by_parts_equals_from_scratch_along_moves(mesh, opt, cached, monk
     packed, priced = space.pricer.price(kinds)
     plan = space.pricer.plan(packed)
     assert plan == reference_pack(space, kinds)
-    layouts = cm.build_layouts(tables, features, plan, space.mesh)
+    layouts = cm.build_layouts(tables, features, plan, space.mesh, space.opt)
     assert priced.layouts == layouts
     want = cm.plan_cost(layouts, features, 512, space.opt, space.kernel, space.dedup)
     got = priced.cost
@@ -105,6 +117,9 @@ def test_priced_by_parts_equals_from_scratch_along_moves(mesh, opt, cached, monk
     assert (e.objective, e.time_s, e.memory, e.problem) == (
         f.objective, f.time_s, f.memory, f.problem)
   assert refused, "the walk starts from a refused plan (the unread table alone)"
+  if opt is MIXED:   # stacks of each optimizer group were priced, the collection's names
+    assert {l.name[l.name.rfind("_o"):] for l in layouts if "_o" in l.name} == {
+        "_o1", "_o2", "_o3"}
 
 
 # What the search proposed for `mixed_case` when it priced every plan from scratch (before
@@ -151,8 +166,11 @@ def test_search_reports_the_same_closest_plan_over_budget():
       "'t5' (235 x 16 float32 = 14.7 KiB) as tw: 44.1 KiB/device")
 
 
-# The grid mesh's search from scratch takes ~20 s: in the slow target.
+# The grid mesh's search from scratch takes ~20 s, per-table optimizers' ~10 s (each
+# assignment's price is checked by the walk above): in the slow target.
 @pytest.mark.parametrize("args", [EXPECTED[0][0], EXPECTED[1][0],
+                                  pytest.param(({"table": 4, "row": 2}, MIXED, 2_500_000),
+                                               marks=pytest.mark.slow),
                                   pytest.param(EXPECTED[2][0], marks=pytest.mark.slow)])
 def test_search_by_parts_proposes_what_pricing_from_scratch_does(args, monkeypatch):
   """The whole search with every plan priced by `build_layouts` + `plan_cost` (as before

@@ -320,3 +320,34 @@ def test_a_table_only_a_padded_column_split_fits_names_that_plan():
   with pytest.raises(ConfigError, match=r"or force --plan=grid: this table then takes 3.8 "
                      r"MiB/device, its dim 6 padded to 8"):
     propose_plan(tables, features, {"row": 2, "col": 4}, 5 * 2**20, "sgd", 512)
+
+
+def test_each_table_is_priced_with_its_own_optimizer():
+  """Per-table optimizers (`optimizers.per_table`): the Adam table's report and the plan's
+  memory count its 2x state, the SGD tables none (one optimizer's state for every table
+  was a TypeError); its stack is apart (`_o1`), as the collection builds it."""
+  ts, fs = specs(("big", 4000, 16), ("adam", 3000, 16), ("small", 100, 16))
+  opt = optimizers.per_table(optimizers.SGD(), {"adam": optimizers.Adam()})
+  res = propose_plan(ts, fs, MESH, GiB, opt, 64)
+  for t in res.tables:
+    assert t.memory == {"table": t.shard_rows * t.shard_cols * 4,
+                        "optimizer": 2 * t.shard_rows * t.shard_cols * 4 if t.name == "adam"
+                        else 0}, t.name
+  (adam,) = [s for s in res.stacks if "adam" in s.tables]
+  assert adam.name.endswith("_o1") and adam.tables == ("adam",)
+  assert res.memory["optimizer"] == adam.memory["optimizer"] == 2 * adam.local_rows * 16 * 4
+  assert ("sparse optimizers per table: Adam for adam (stacks ending _o1); SGD for the other "
+          "2 table(s)") in res.notes
+  forced = estimate_plan(res.plan, ts, fs, MESH, GiB, opt, 64)
+  assert forced.memory == res.memory and forced.step_time_s == res.step_time_s
+
+
+def test_per_table_optimizers_naming_no_table_or_an_unknown_optimizer_are_refused():
+  ts, fs = specs(("a", 100, 16), ("b", 100, 16))
+  with pytest.raises(ConfigError, match=r"^ExperimentConfig.table_optimizers names unknown "
+                     r"tables \['nope'\] \(tables: a, b\)"):
+    propose_plan(ts, fs, MESH, GiB, optimizers.per_table(
+        optimizers.SGD(), {"nope": optimizers.Adam()}), 64)
+  with pytest.raises(ConfigError, match=r"^table 'b': its sparse optimizer: unknown "
+                     r"optimizer 'lion'"):
+    propose_plan(ts, fs, MESH, GiB, optimizers.TableOptimizers("sgd", (("b", "lion"),)), 64)

@@ -187,3 +187,30 @@ def test_an_eval_batch_the_plan_cannot_hold_is_warned_about():
   assert "over --memory_per_device=3.0 MiB (the plan was priced at the training batch, 512)" \
       in texts[0] and texts[1] is None
   assert budget_hint.eval_warning(info["plan_result"], collection, 512) is None
+
+
+def test_the_eval_warning_prices_each_stack_with_its_tables_optimizer():
+  """With per-table optimizers (`optimizers.per_table`) the eval lookup's memory counts
+  each table's own state and dedup: one optimizer's state for every table
+  (`optimizer_state(TableOptimizers)`) was a TypeError. Adam on one of two tables needs
+  more than SGD on both, less than Adam on both."""
+  from jaxrec.embedding import optimizers   # pylint: disable=import-outside-toplevel
+  from jaxrec.embedding.collection import EmbeddingCollection  # pylint: disable=C0415
+  from jaxrec.embedding.specs import FeatureSpec, TableSpec  # pylint: disable=C0415
+  from jaxrec.sharding import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from jaxrec.sharding.plan import uniform_plan  # pylint: disable=import-outside-toplevel
+  tables = [TableSpec("a", 1000, 16), TableSpec("b", 1000, 16)]
+  features = [FeatureSpec("fa", "a", 2), FeatureSpec("fb", "b", 2)]
+  plan, mesh = uniform_plan("dp", tables, 1), mesh_lib.make_mesh({"data": 8}, jax.devices()[:8])
+  need = {}
+  for name in ("sgd", "adam"):
+    opt = optimizers.sparse_optimizer(name)
+    col = EmbeddingCollection.create(tables, features, plan, mesh, opt)
+    need[name] = planner.plan_cost(col.layouts, features, 512, opt, col.options.kernel,
+                                   col.options.dedup, forward=True).memory_bytes
+  opt = optimizers.per_table(optimizers.SGD(), {"b": optimizers.Adam()})
+  col = EmbeddingCollection.create(tables, features, plan, mesh, opt)
+  for budget, warned in ((need["sgd"], True), (need["adam"] - 1, False)):
+    result = planner.estimate_plan(plan, tables, features, {"data": 8}, budget, opt, 64,
+                                   check=False)
+    assert (budget_hint.eval_warning(result, col, 512) is not None) == warned, budget

@@ -1,6 +1,7 @@
 """How a run picks its mesh and plan (`train.mesh_choice`): a resumed checkpoint's plan and
 mesh, and plan files made for another device count (train.py and launch.py agree)."""
 
+import dataclasses
 import json
 
 import jax
@@ -403,3 +404,22 @@ def test_the_shipped_configs_stay_on_data_n():
     launch.parse_gin([f"configs/{name}.gin"], [])
     choice = mesh_choice.choose(launch.build(config_lib.ExperimentConfig), RunOptions(), 8)
     assert choice.mesh["data"] == 8, (name, choice.why)
+
+
+def test_per_table_optimizers_are_planned_with_each_tables_state():
+  """`--mesh=auto --plan=auto` with `ExperimentConfig.table_optimizers`: the floor on every
+  mesh (`min_bytes_per_device`) and the planner took one optimizer for all tables, and
+  failed on a per-table one; each table's own state is counted now."""
+  from jaxrec.train import mesh_choice  # pylint: disable=import-outside-toplevel
+  config = dataclasses.replace(CONFIG, table_optimizers={"t1": optimizers.Adam()})
+  result = mesh_choice.choose(config, RunOptions(), 8).planned[1]
+  mem = {t.name: t.memory for t in result.tables}
+  assert mem["t1"]["optimizer"] == 2 * mem["t1"]["table"] > 0   # Adam; the others Adagrad
+  assert all(m["optimizer"] == m["table"] for n, m in mem.items() if n != "t1")
+  assert [s.tables for s in result.stacks if s.name.endswith("_o1")] == [("t1",)]
+  from jaxrec.offload import OffloadConfig  # pylint: disable=import-outside-toplevel
+  per_table, adagrad = (mesh_choice.min_bytes_per_device(c.tables, OffloadConfig(),
+                                                        c.sparse_tx(), 8)
+                        for c in (config, CONFIG))
+  t1 = next(t for t in config.tables if t.name == "t1")
+  assert per_table == adagrad + t1.rows * t1.dim * 4 / 8   # Adam's second value
