@@ -36,7 +36,9 @@ flags.DEFINE_string("mesh", None, "Mesh to plan for, e.g. data=2,table=2,row=2,c
 flags.DEFINE_string("memory_per_device", "16GiB", "Device memory budget, e.g. 16GiB.")
 flags.DEFINE_integer("batch_size", None, "Global batch (default: the config's, else 512).")
 flags.DEFINE_string("optimizer", None, "Sparse optimizer state: sgd|adagrad|rowwise_adagrad|"
-                    "adam|ftrl or a factor of the table size (default: the config's, else sgd).")
+                    "adam|ftrl or a factor of the table size (default: the config's, else "
+                    "sgd); it replaces the default only: tables the config's "
+                    "ExperimentConfig.table_optimizers names keep theirs.")
 flags.DEFINE_string("plan", "auto", "auto (search), one kind forced on every table, or a "
                     "plan JSON file to check (a run's plan.json, this script's --json output).")
 flags.DEFINE_string("json", None, "Also write the result as JSON to this path.")
@@ -165,10 +167,15 @@ def _write_json(path: str, obj) -> None:
 
 
 def _sparse_optimizer(optimizer):
-  """The sparse optimizer object `optimizer` names (offload caches are sized by its state)."""
+  """The sparse optimizer object `optimizer` names (offload caches are sized by its state);
+  one per table as it is (`inputs.planned_optimizer` made its default an object, or a
+  factor: refused)."""
   from jaxrec.embedding import optimizers  # pylint: disable=import-outside-toplevel
   from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
   from jaxrec.planner.cost_model import optimizer_key  # pylint: disable=import-outside-toplevel
+  if isinstance(optimizer, optimizers.TableOptimizers):
+    _sparse_optimizer(optimizer.default)
+    return optimizer
   if hasattr(optimizer, "state_layout"):
     return optimizer
   key = optimizer_key(str(optimizer))
@@ -279,7 +286,8 @@ def _eval_warning(spec, result, optimizer, off):
     off = planning.with_auto_offloaded(spec.tables, spec.features, off,
                                        result.auto_offloaded, result.batch_size)
     tables = device_tables(spec.tables, off, optimizer)
-  layouts = cost_model.build_layouts(tables, spec.features, result.plan, result.mesh_shape)
+  layouts = cost_model.build_layouts(tables, spec.features, result.plan, result.mesh_shape,
+                                     optimizer)
   return budget_hint.eval_memory_warning(result, layouts, spec.features, optimizer,
                                          search.default_kernel(), search.default_dedup(),
                                          spec.eval_batch_size)
@@ -341,8 +349,7 @@ def main(argv):
       launch.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings)
       spec = inputs.inputs_from_gin()
     batch = FLAGS.batch_size or spec.batch_size or 512
-    optimizer = ((spec.optimizer or "sgd") if FLAGS.optimizer is None
-                 else inputs.parse_optimizer(FLAGS.optimizer))
+    optimizer = inputs.planned_optimizer(spec, FLAGS.optimizer)   # per table, as gin says
     memory = parse_bytes(FLAGS.memory_per_device, "--memory_per_device")
     mesh = inputs.parse_mesh(FLAGS.mesh) if FLAGS.mesh else _file_mesh()
     _check_batch(batch, mesh, spec.batch_size)

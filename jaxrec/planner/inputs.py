@@ -6,7 +6,7 @@ import dataclasses
 import math
 import numbers
 import reprlib
-from typing import Any
+from typing import Any, Mapping
 
 from jaxrec.embedding.specs import FeatureSpec, TableSpec, is_whole, uniform_tables
 from jaxrec.errors import ConfigError
@@ -46,7 +46,10 @@ def parse_optimizer(value: str, flag: str = "--optimizer") -> str | float:
 
 @dataclasses.dataclass(frozen=True)
 class PlannerInputs:
-  """Tables and what else a config says that the planner uses (None: not given)."""
+  """Tables and what else a config says that the planner uses (None: not given).
+  `optimizer`: `ExperimentConfig.sparse_optimizer`; `table_optimizers`:
+  `ExperimentConfig.table_optimizers` (`{table: optimizer}`, checked); `planned_optimizer`
+  puts them together."""
 
   tables: tuple[TableSpec, ...]
   features: tuple[FeatureSpec, ...]
@@ -54,6 +57,28 @@ class PlannerInputs:
   batch_size: int | None = None
   optimizer: Any = None
   eval_batch_size: int | None = None
+  table_optimizers: Mapping[str, Any] | None = None
+
+
+def planned_optimizer(spec: PlannerInputs, flag_value: str | None = None,
+                      flag: str = "--optimizer"):
+  """The sparse optimizer to plan with: `flag_value` (`--optimizer`, see `parse_optimizer`)
+  if given, else `spec.optimizer` (unbound: `sgd`), for every table but those
+  `spec.table_optimizers` names, which keep their own (`--optimizer` replaces the default
+  only). With such tables the result is an `optimizers.TableOptimizers` whose default is
+  what the trainer would hold: unbound `SGD()`, a name that optimizer with the
+  hyperparameters gin binds to its class (e.g. `Adam.lr`), else its defaults (a named
+  table whose optimizer equals it shares its stacks, as in the collection); a factor stays
+  a factor (an optimizer no table has: stacks of its own)."""
+  default = spec.optimizer if flag_value is None else parse_optimizer(flag_value, flag)
+  if not spec.table_optimizers:
+    return "sgd" if default is None else default
+  from jaxrec.embedding import optimizers  # pylint: disable=import-outside-toplevel
+  if default is None:
+    default = optimizers.SGD()
+  elif isinstance(default, str):
+    default = optimizers.OPTIMIZERS[default]()
+  return optimizers.per_table(default, spec.table_optimizers)
 
 
 def _check_name(flag: str, part: str, name: str, seen) -> None:
@@ -119,7 +144,8 @@ def _query(name: str, default=None):
 
 def inputs_from_gin() -> PlannerInputs:
   """Tables from the parsed gin config: `ExperimentConfig.embedding` (with its
-  `batch_size` and `sparse_optimizer`), else a bound `uniform_tables`, else macros
+  `batch_size`, `sparse_optimizer` and `table_optimizers`), else a bound `uniform_tables`,
+  else macros
   `tables` (and `features`; default one one-hot feature per table) and `batch_size`; and
   `ExperimentConfig.eval_batch_size` (the trainer's default when unbound in a trainer's
   config, one binding `ExperimentConfig.embedding`; None in a planner-only one: no eval)."""
@@ -154,6 +180,7 @@ def inputs_from_gin() -> PlannerInputs:
   # as the trainer checks it: `@Adagrad` (the class) failed in `state_layout()` here
   from jaxrec.train.config import check_sparse_optimizer  # pylint: disable=import-outside-toplevel
   check_sparse_optimizer(optimizer)
+  per_table = _table_optimizers(tables)
   eval_batch = _query("ExperimentConfig.eval_batch_size", _UNSET)
   if eval_batch is _UNSET and where == "ExperimentConfig.embedding":   # the trainer's default
     from jaxrec.train.config import ExperimentConfig  # pylint: disable=import-outside-toplevel
@@ -161,7 +188,17 @@ def inputs_from_gin() -> PlannerInputs:
   return PlannerInputs(tables, features, {},
                        None if batch is _UNSET else _batch_size(batch_from, batch), optimizer,
                        None if eval_batch is _UNSET else
-                       _batch_size("ExperimentConfig.eval_batch_size", eval_batch))
+                       _batch_size("ExperimentConfig.eval_batch_size", eval_batch), per_table)
+
+
+def _table_optimizers(tables) -> dict | None:
+  """`ExperimentConfig.table_optimizers`, checked as the trainer checks it (a dict of table
+  names to sparse optimizers, every name a table's); None when unbound or empty."""
+  from jaxrec.embedding import optimizers  # pylint: disable=import-outside-toplevel
+  value = _query("ExperimentConfig.table_optimizers")
+  per_table = optimizers.per_table(optimizers.SGD(), value)
+  optimizers.check_tables(per_table, [t.name for t in tables])
+  return dict(value) if value else None
 
 
 def _batch_size(binding: str, value) -> int:

@@ -1,5 +1,6 @@
 """Planner inputs agree with the checks the rest of jaxrec applies to the same values."""
 
+import dataclasses
 import os
 
 import pytest
@@ -122,3 +123,42 @@ def test_tables_from_gin_macros_are_one_line_errors(bindings, message):
   launch.parse_gin([], bindings)
   with pytest.raises(ConfigError, match=message):
     inputs.inputs_from_gin()
+
+
+def test_gin_table_optimizers_are_planned_and_the_flag_replaces_the_default_only():
+  """`ExperimentConfig.table_optimizers` was not read: every table was planned with
+  `sparse_optimizer`'s state. `--optimizer` (`planned_optimizer`'s `flag_value`) replaces
+  the default only, made an optimizer at its defaults (a table whose own equals it then
+  shares its stacks, as in the collection); a factor stays a factor."""
+  from jaxrec.embedding import optimizers  # pylint: disable=import-outside-toplevel
+  launch.parse_gin([GIN], ["ExperimentConfig.table_optimizers = "
+                           "{'t3': @Adam(), 't0': @sparse_optimizer()}"])
+  spec = inputs.inputs_from_gin()
+  sgd, adam = optimizers.SGD(0.1), optimizers.Adam()   # the config's default: SGD.lr = 0.1
+  assert spec.optimizer == sgd and spec.table_optimizers == {"t3": adam, "t0": sgd}
+  assert inputs.planned_optimizer(spec) == optimizers.TableOptimizers(
+      sgd, (("t0", sgd), ("t3", adam)))
+  opt = inputs.planned_optimizer(spec, "sgd")   # SGD() at its default lr 0.1: t0's equal
+  assert opt.default == sgd and opt.group("t0") == 0 and opt.group("t3") == 1
+  opt = inputs.planned_optimizer(spec, "adam")
+  assert opt.default == adam and opt.group("t3") == 0 and opt.group("t0") == 1
+  opt = inputs.planned_optimizer(spec, "1.5")
+  assert opt.default == 1.5 and cm.state_of(opt, "t3") == cm.optimizer_state("adam")
+  spec = dataclasses.replace(spec, optimizer=None)
+  assert inputs.planned_optimizer(spec).default == optimizers.SGD()   # the trainer's default
+  spec = dataclasses.replace(spec, table_optimizers=None)
+  assert inputs.planned_optimizer(spec) == "sgd" and inputs.planned_optimizer(spec, "2") == 2.0
+
+
+@pytest.mark.parametrize("value, message", [
+    ("{'t99': @Adam()}", r"ExperimentConfig.table_optimizers names unknown tables \['t99'\]"),
+    ("{'t1': @Adam}", r"ExperimentConfig.table_optimizers\['t1'\] must be a sparse optimizer"),
+    ("'t1'", r"ExperimentConfig.table_optimizers must be a dict \{table name: sparse "),
+])
+def test_gin_table_optimizers_are_checked_as_the_trainer_checks_them(value, message):
+  from jaxrec.train.config import ExperimentConfig  # pylint: disable=import-outside-toplevel
+  launch.parse_gin([GIN], [f"ExperimentConfig.table_optimizers = {value}"])
+  with pytest.raises(ConfigError, match=message):
+    inputs.inputs_from_gin()
+  with pytest.raises(ConfigError, match=message):
+    launch.build(ExperimentConfig).validate(num_devices=1)

@@ -438,3 +438,42 @@ def test_an_eval_batch_over_the_budget_is_warned_as_train_py_warns(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert ("the eval's embedding lookup takes each device to about 26.6 MiB" in proc.stderr
             ) == warned, proc.stderr[-2000:]
+
+
+def test_a_gin_config_s_table_optimizers_are_planned_per_table(tmp_path):
+  """`ExperimentConfig.table_optimizers` was ignored: t0 with Adam was priced with no state
+  and in the default's stacks. Now each table is priced with its own optimizer, on the
+  stacks train.py builds (`_o1`: Adam's); `--optimizer` replaces the default only."""
+  import jax   # pylint: disable=import-outside-toplevel
+  from jaxrec import launch   # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from jaxrec.embedding.collection import EmbeddingCollection
+  from jaxrec.sharding import mesh as mesh_lib   # pylint: disable=import-outside-toplevel
+  from jaxrec.train.config import ExperimentConfig   # pylint: disable=import-outside-toplevel
+  binding = "ExperimentConfig.table_optimizers = {'t0': @Adam()}"
+  flags = ("--gin_file=configs/dlrm_synthetic.gin", "--mesh=table=4,row=2",
+           f"--gin_bindings={binding}", f"--json={tmp_path / 'p.json'}")
+  stacks = []
+  for optimizer, others in ((None, 0), ("adagrad", 1)):   # the config's SGD, or Adagrad
+    proc = plan(tmp_path, *flags, *([f"--optimizer={optimizer}"] if optimizer else []))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    obj = json.loads((tmp_path / "p.json").read_text())
+    mem = {t["name"]: t["memory"] for t in obj["tables"]}
+    assert mem["t0"]["optimizer"] == 2 * mem["t0"]["table"] > 0, optimizer
+    assert all(m["optimizer"] == others * m["table"] for n, m in mem.items() if n != "t0")
+    assert "sparse optimizers per table: Adam for t0 (stacks ending _o1)" in proc.stdout
+    stacks.append((Plan.from_json(obj["plan"]),
+                   {s["name"]: s["tables"] for s in obj["stacks"]}))
+  launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")], [binding])
+  config = launch.build(ExperimentConfig)
+  mesh = mesh_lib.make_mesh({"table": 4, "row": 2}, jax.devices()[:8])
+  col = EmbeddingCollection.create(config.tables, config.features, stacks[0][0], mesh,
+                                   config.sparse_tx())
+  assert stacks[0][1] == {l.name: [s.name for s in l.slots] for l in col.layouts}
+  assert any(n.endswith("_o1") for n in stacks[0][1])
+  proc = plan(tmp_path, *flags[:2], "--gin_bindings=ExperimentConfig.table_optimizers = "
+              "{'t9': @Adam()}")
+  assert proc.returncode == 1 and proc.stderr.startswith(
+      "error: --gin_bindings: ExperimentConfig.table_optimizers names unknown tables ['t9']"
+  ), proc.stderr
+  assert proc.stderr.count("\n") == 1
