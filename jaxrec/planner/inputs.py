@@ -192,13 +192,14 @@ def inputs_from_gin() -> PlannerInputs:
 
 
 def _table_optimizers(tables) -> dict | None:
-  """`ExperimentConfig.table_optimizers`, checked as the trainer checks it (a dict of table
-  names to sparse optimizers, every name a table's); None when unbound or empty."""
+  """`ExperimentConfig.table_optimizers`, checked and its patterns expanded as the trainer
+  does (`optimizers.per_table`): `{table: optimizer}`, None when unbound or empty."""
   from jaxrec.embedding import optimizers  # pylint: disable=import-outside-toplevel
   value = _query("ExperimentConfig.table_optimizers")
-  per_table = optimizers.per_table(optimizers.SGD(), value)
-  optimizers.check_tables(per_table, [t.name for t in tables])
-  return dict(value) if value else None
+  per_table = optimizers.per_table(optimizers.SGD(), value,
+                                   tables=[t.name for t in tables])
+  return dict(per_table.overrides) if isinstance(per_table, optimizers.TableOptimizers) \
+      else None
 
 
 def _batch_size(binding: str, value) -> int:

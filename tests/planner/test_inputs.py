@@ -150,8 +150,16 @@ def test_gin_table_optimizers_are_planned_and_the_flag_replaces_the_default_only
   assert inputs.planned_optimizer(spec) == "sgd" and inputs.planned_optimizer(spec, "2") == 2.0
 
 
+def test_gin_table_optimizer_patterns_are_expanded_as_the_trainer_does():
+  from jaxrec.embedding import optimizers  # pylint: disable=import-outside-toplevel
+  launch.parse_gin([GIN], ["ExperimentConfig.table_optimizers = {'t[0-1]': @Adam()}"])
+  assert inputs.inputs_from_gin().table_optimizers == {"t0": optimizers.Adam(),
+                                                       "t1": optimizers.Adam()}
+
+
 @pytest.mark.parametrize("value, message", [
-    ("{'t99': @Adam()}", r"ExperimentConfig.table_optimizers names unknown tables \['t99'\]"),
+    ("{'t99': @Adam()}", r"ExperimentConfig.table_optimizers\['t99'\] names no table"),
+    ("{'t*': @Adam(), 't1': @SGD()}", r"table 't1' is named by both 't\*' and 't1'"),
     ("{'t1': @Adam}", r"ExperimentConfig.table_optimizers\['t1'\] must be a sparse optimizer"),
     ("'t1'", r"ExperimentConfig.table_optimizers must be a dict \{table name: sparse "),
 ])
