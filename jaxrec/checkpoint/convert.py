@@ -45,6 +45,7 @@ from etils import epath
 
 from jaxrec import signals, tree_copy, workdir_layout
 from jaxrec.checkpoint import canonical as canonical_lib
+from jaxrec.checkpoint import copy_layout
 from jaxrec.checkpoint import offloaded as offloaded_lib
 from jaxrec.checkpoint import selection
 from jaxrec.checkpoint import storage
@@ -52,10 +53,9 @@ from jaxrec.checkpoint import tables as tables_lib
 from jaxrec.checkpoint import torchrec_npz
 from jaxrec.checkpoint.manager import CheckpointError, CheckpointManager
 from jaxrec.checkpoint.steps import first_line, step_dirs
-from jaxrec.embedding import layout as layout_lib
-from jaxrec.embedding.specs import FeatureSpec, TableSpec
+from jaxrec.checkpoint.copy_layout import resolve_plan  # noqa: F401  (convert.resolve_plan)
 from jaxrec.errors import ConfigError, DataError, OffloadError
-from jaxrec.sharding.plan import KINDS, Plan, load_plan_file, recorded_mesh, uniform_plan
+from jaxrec.sharding.plan import recorded_mesh
 
 FORMATS = ("npz", "zarr", "checkpoint")
 NPZ_DTYPES = {"bfloat16": np.dtype(np.float32)}   # npy has no bfloat16: widened, exactly
@@ -346,25 +346,6 @@ def _ts_reason(e: ValueError, tmp, output_path) -> str:
   return first_line(e).replace(str(tmp), str(output_path))
 
 
-def resolve_plan(plan: str, tables, mesh_shape: Mapping[str, int]) -> Plan:
-  """`--plan`: a kind (`rw`, `tw`, ...) forced on every table, or a plan JSON file."""
-  if plan in KINDS:
-    return uniform_plan(plan, tables, mesh_shape.get("table", 1))
-  if plan == "auto":
-    raise ConfigError("--plan=auto: write the plan with scripts/plan.py --json=PATH and pass "
-                      "--plan=PATH")
-  if not epath.Path(plan).exists():
-    raise ConfigError(f"--plan: '{plan}' is neither a plan kind ({', '.join(KINDS)}) nor a "
-                      "plan JSON file")
-  # a bare plan, a run's plan.json or scripts/plan.py --json output (these record a mesh)
-  loaded = load_plan_file(plan, mesh_shape)
-  try:   # a plan of another config: the copy's run would drop it and re-plan
-    loaded.check_tables([t.name for t in tables])
-  except ConfigError as e:
-    raise ConfigError(f"--plan={plan} does not match the checkpoint: {e}") from None
-  return loaded
-
-
 def parse_mesh(spec: str) -> dict[str, int]:
   """`--mesh=data=2,row=4` → axis sizes, without needing the devices (no `auto`: the copy
   is laid out for one mesh, written out)."""
@@ -410,32 +391,12 @@ def export_checkpoint(checkpoint_dir, output, step: int | None = None,
   return selection.convert_step(checkpoint_dir, step, copy)
 
 
-def _recorded_features(step_dir, tables) -> tuple[FeatureSpec, ...]:
-  """The features the run recorded in the checkpoint's meta (bag sizes decide its stacks),
-  for the layout a copy prints; one one-hot feature per table for a checkpoint without
-  them (older runs, imports): stacks of multi-hot features then print merged."""
-  try:
-    recorded = storage.read_json(step_dir, storage.META).get("features")
-    features = tuple(FeatureSpec(**f) for f in recorded or ())
-  except (CheckpointError, OSError, TypeError, ValueError, AttributeError):
-    features = ()
-  names = {t.name for t in tables}
-  if features and {f.table for f in features} <= names:
-    return features
-  return tuple(FeatureSpec(f"feature_{t.name}", t.name) for t in tables)
-
-
 def _copy(output, mesh_shape, plan, restart_data, step_dir, step) -> tuple[int, str]:
   """`export_checkpoint` of checkpoint `step_dir` (of `step`)."""
   manifest = selection.check(step_dir)
   description = ""
-  if plan is not None:
-    tables = tuple(TableSpec(n, t["rows"], t["dim"], t["dtype"])
-                   for n, t in sorted(manifest["tables"].items()))
-    features = _recorded_features(step_dir, tables)
-    resolved = resolve_plan(plan, tables, mesh_shape)
-    layouts = layout_lib.build_layouts(tables, features, resolved, mesh_shape)
-    description = layout_lib.describe(layouts)
+  if plan is not None:   # offloaded tables whole, not as the saved caches (`copy_layout`)
+    resolved, description = copy_layout.describe(step_dir, manifest, plan, mesh_shape)
   dest = output / str(step)
   if dest.exists():
     raise ConfigError(f"--output: {dest} already exists")

@@ -1,0 +1,97 @@
+"""The stacks a `--format=checkpoint` copy lays out (checks and prints) for its `--mesh` and
+`--plan`.
+
+The tables are the checkpoint's, whole: an offloaded table's entry in the manifest is its
+device cache (`cache_rows` rows), right only for a run that offloads it with the same
+cache; its rows are those its meta's `offload.tables` records (the table in its offload
+snapshot). So each offloaded table is laid out whole, as a run that keeps it on the device
+holds it, and the description says so and what a run that offloads it holds instead.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from etils import epath
+
+from jaxrec.checkpoint import storage
+from jaxrec.embedding import layout as layout_lib
+from jaxrec.embedding.specs import FeatureSpec, TableSpec
+from jaxrec.errors import CheckpointError, ConfigError
+from jaxrec.sharding.plan import KINDS, Plan, load_plan_file, uniform_plan
+
+
+def tables(step_dir, manifest: Mapping) -> tuple[tuple[TableSpec, ...], dict[str, dict]]:
+  """The checkpoint's tables, sorted by name, offloaded ones whole; and `{table: its
+  meta's offload record}` (`rows`, `cache_rows`, ...) of the offloaded ones."""
+  offloaded = (_meta(step_dir).get("offload") or {}).get("tables") or {}
+  offloaded = {n: v for n, v in offloaded.items() if isinstance(v, dict)}
+  specs = []
+  for name, t in sorted(manifest["tables"].items()):
+    rows = offloaded.get(name, {}).get("rows")
+    rows = rows if isinstance(rows, int) else t["rows"]
+    specs.append(TableSpec(name, rows, t["dim"], t["dtype"]))
+  return tuple(specs), offloaded
+
+
+def describe(step_dir, manifest: Mapping, plan: str, mesh_shape: Mapping[str, int]
+             ) -> tuple[Plan, str]:
+  """`(plan, description)`: `--plan` (`resolve_plan`) for the checkpoint's whole tables,
+  and the stacks it lays out on `mesh_shape` (checking the plan fits it), with a line per
+  table offloaded when saved."""
+  specs, offloaded = tables(step_dir, manifest)
+  resolved = resolve_plan(plan, specs, mesh_shape)
+  layouts = layout_lib.build_layouts(specs, recorded_features(step_dir, specs), resolved,
+                                     mesh_shape)
+  lines = [layout_lib.describe(layouts)]
+  for name, t in sorted(offloaded.items()):
+    cache = t.get("cache_rows")
+    saved = f", a {cache:,}-row device cache" if isinstance(cache, int) else ""
+    rows = next(s.rows for s in specs if s.name == name)
+    lines.append(f"table '{name}' was offloaded when saved ({rows:,} rows{saved}): laid out "
+                 "whole above, as a run that keeps it on the device holds it; a run that "
+                 "offloads it holds only its cache in that stack (its own cache_rows)")
+  return resolved, "\n".join(lines)
+
+
+def resolve_plan(plan: str, tables, mesh_shape: Mapping[str, int]) -> Plan:
+  """`--plan`: a kind (`rw`, `tw`, ...) forced on every table, or a plan JSON file."""
+  if plan in KINDS:
+    return uniform_plan(plan, tables, mesh_shape.get("table", 1))
+  if plan == "auto":
+    raise ConfigError("--plan=auto: write the plan with scripts/plan.py --json=PATH and pass "
+                      "--plan=PATH")
+  if not epath.Path(plan).exists():
+    raise ConfigError(f"--plan: '{plan}' is neither a plan kind ({', '.join(KINDS)}) nor a "
+                      "plan JSON file")
+  # a bare plan, a run's plan.json or scripts/plan.py --json output (these record a mesh)
+  loaded = load_plan_file(plan, mesh_shape)
+  try:   # a plan of another config: the copy's run would drop it and re-plan
+    loaded.check_tables([t.name for t in tables])
+  except ConfigError as e:
+    raise ConfigError(f"--plan={plan} does not match the checkpoint: {e}") from None
+  return loaded
+
+
+def recorded_features(step_dir, specs) -> tuple[FeatureSpec, ...]:
+  """The features the run recorded in the checkpoint's meta (bag sizes decide its stacks);
+  one one-hot feature per table for a checkpoint without them (older runs, imports):
+  stacks of multi-hot features then print merged."""
+  try:
+    recorded = _meta(step_dir).get("features")
+    features = tuple(FeatureSpec(**f) for f in recorded or ())
+  except (TypeError, ValueError, AttributeError):
+    features = ()
+  names = {t.name for t in specs}
+  if features and {f.table for f in features} <= names:
+    return features
+  return tuple(FeatureSpec(f"feature_{t.name}", t.name) for t in specs)
+
+
+def _meta(step_dir) -> dict:
+  """The checkpoint's meta item ({} when it does not read: the copy's checks name it)."""
+  try:
+    meta = storage.read_json(step_dir, storage.META)
+  except (CheckpointError, OSError, ValueError):
+    return {}
+  return meta if isinstance(meta, dict) else {}
