@@ -43,7 +43,7 @@ import tensorstore as ts
 from absl import logging
 from etils import epath
 
-from jaxrec import signals, tree_copy, workdir_layout
+from jaxrec import phase_log, signals, tree_copy, workdir_layout
 from jaxrec.checkpoint import canonical as canonical_lib
 from jaxrec.checkpoint import copy_layout
 from jaxrec.checkpoint import offloaded as offloaded_lib
@@ -55,6 +55,7 @@ from jaxrec.checkpoint.manager import CheckpointError, CheckpointManager
 from jaxrec.checkpoint.steps import first_line, step_dirs
 from jaxrec.checkpoint.copy_layout import resolve_plan  # noqa: F401  (convert.resolve_plan)
 from jaxrec.errors import ConfigError, DataError, OffloadError
+from jaxrec.planner.result import format_bytes
 from jaxrec.sharding.plan import recorded_mesh
 
 FORMATS = ("npz", "zarr", "checkpoint")
@@ -219,7 +220,8 @@ def _exported_arrays(step_dir):
     # The checkpoint's own array (the device cache) is replaced by the snapshot's, but a
     # training restore checks it: read it too, so that both pick the same step (a damaged
     # cache chunk was exported as step N while training fell back to N-1).
-    for _ in _verified_blocks(arrays[name], name, saved.get(name), step_dir):
+    for _ in _verified_blocks(arrays[name], name, saved.get(name), step_dir,
+                              f"checking '{name}' (the offloaded table's device cache)"):
       pass
   arrays.update(offloaded)
   for name in sorted(n for n in arrays if n != "fingerprint"):
@@ -235,14 +237,19 @@ def _snapshot_arrays(step_dir) -> dict:
     raise CheckpointError(f"checkpoint {step_dir}: {e}{selection.PICK_ANOTHER}") from None
 
 
-def _verified_blocks(array, name, expect, step_dir):
+def _verified_blocks(array, name, expect, step_dir, what):
   """`_read_blocks` of `array`, with its fingerprint accumulated over the blocks and
   compared with `expect` (None: not checked) after the last one: a mismatch raises
-  `CheckpointError` (the caller has not finished with the array yet)."""
+  `CheckpointError` (the caller has not finished with the array yet). A large array's
+  pass is logged as `what` (`phase_log`: a 3e7 x 16 table took 14-18 s without a word)."""
   shape, value = tuple(array.shape), 0
-  for start, block in _read_blocks(array, name, step_dir):
-    value = (value + canonical_lib.fingerprint_np(block, shape, (start,))) & 0xFFFFFFFF
-    yield start, block
+  size = math.prod(shape) * array.dtype.numpy_dtype.itemsize
+  detail = f"{format_bytes(size)}, {array.dtype.numpy_dtype.name} {list(shape)}"
+  with phase_log.logged(what, size, detail, total=shape[0] if shape else 1) as phase:
+    for start, block in _read_blocks(array, name, step_dir):
+      value = (value + canonical_lib.fingerprint_np(block, shape, (start,))) & 0xFFFFFFFF
+      yield start, block
+      phase.advance(len(block) if shape else 1)
   if expect is not None and value != expect:
     raise CheckpointError(f"array '{name}' in {step_dir} fails its fingerprint check: the "
                           f"checkpoint is corrupt{selection.PICK_ANOTHER}")
@@ -302,7 +309,8 @@ def _write_npz(tmp, step_dir, step, output_path):
       with zf.open(ename + ".npy", "w", force_zip64=True) as f:
         np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
                                                  "fortran_order": False, "shape": shape})
-        for _, block in _verified_blocks(array, name, expect, step_dir):
+        for _, block in _verified_blocks(array, name, expect, step_dir,
+                                         f"exporting '{ename}' to npz"):
           f.write(np.ascontiguousarray(block.astype(dtype)).tobytes())
     with zf.open("metadata.npy", "w") as f:
       np.lib.format.write_array(f, np.array(json.dumps(_metadata(step_dir, step))))
@@ -326,7 +334,8 @@ def _write_zarr(tmp, step_dir, step, output_path):
       out = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp / ename)},
                      "dtype": dtype.name, "metadata": {"shape": list(shape), "chunks": chunks}},
                     create=True).result()
-      for start, block in _verified_blocks(array, name, expect, step_dir):
+      for start, block in _verified_blocks(array, name, expect, step_dir,
+                                           f"exporting '{ename}' to zarr"):
         (out[start:start + len(block)] if shape else out).write(block).result()
     except (CheckpointError, DataError):   # reading --checkpoint_dir
       raise
@@ -422,7 +431,7 @@ def _copy(output, mesh_shape, plan, restart_data, step_dir, step) -> tuple[int, 
   tmp = output / f"{step}.orbax-checkpoint-tmp-{time.time_ns()}"
   written = [tmp]
   with _removed_on_error(dest, written):
-    tree_copy.copy_tree(step_dir, tmp, shown=dest, skip=_copy_unless_signalled)
+    _copy_tree(step_dir, tmp, dest)
     manifest["converted_from"] = str(step_dir)
     if restart_data:
       manifest["data_restarted"] = True
@@ -459,18 +468,44 @@ def _remove_leftover(snap_dest: epath.Path, source: str, step: int) -> None:
     raise DataError(f"--output: cannot remove {snap_dest}: {e.strerror or e}") from None
 
 
-def _copy_unless_signalled(rel: str) -> bool:
-  """`copy_tree`'s per-file `skip`: copies every file, stopping first on a deferred signal."""
-  del rel
-  signals.check()
-  return False
+def _copy_tree(step_dir, tmp, dest) -> None:
+  """Copies step directory `step_dir` into `tmp` (errors name `dest`), stopping between
+  files on a deferred signal; a large one is logged (`phase_log`), with its progress."""
+  sizes = _file_sizes(step_dir)
+  size = sum(sizes.values())
+  with phase_log.logged(f"copying checkpoint {step_dir} to {dest}", size,
+                        f"{format_bytes(size)} in {len(sizes):,} files", total=size) as phase:
+    started = [0]   # the bytes of the file being copied: done at the next file's start
+
+    def skip(rel: str) -> bool:   # copies every file
+      signals.check()
+      phase.advance(started[0])
+      started[0] = sizes.get(rel, 0)
+      return False
+    tree_copy.copy_tree(step_dir, tmp, shown=dest, skip=skip)
+
+
+def _file_sizes(root) -> dict[str, int]:
+  """`{path relative to root: bytes}` of the files under `root` (one it cannot stat: 0;
+  the copy names the file it fails on)."""
+  out = {}
+  for here, _, names in os.walk(root):
+    for name in names:
+      path = os.path.join(here, name)
+      with contextlib.suppress(OSError):
+        out[os.path.normpath(os.path.relpath(path, root))] = os.stat(path).st_size
+  return out
 
 
 def _link_copy(src: epath.Path, dst: epath.Path) -> None:
   """Copies directory `src` to `dst` (hard links where possible) via a tmp directory."""
   from jaxrec.offload.store import link_tree  # pylint: disable=import-outside-toplevel
   tmp = dst.parent / f"{dst.name}.tmp-{time.time_ns()}"
-  with _removed_on_error(dst, [tmp]):
+  sizes = _file_sizes(src)
+  size = sum(sizes.values())
+  with _removed_on_error(dst, [tmp]), phase_log.logged(
+      f"linking offload snapshot {src} to {dst}", size,
+      f"{format_bytes(size)} in {len(sizes):,} files"):
     link_tree(str(src), str(tmp), shown=str(dst))
     signals.check()
     tmp.rename(dst)

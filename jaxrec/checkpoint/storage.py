@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
+from jaxrec import phase_log
 from jaxrec.checkpoint import canonical as canonical_lib
 from jaxrec.checkpoint import dequantized
 from jaxrec.checkpoint import tables as tables_lib
@@ -298,7 +299,17 @@ def _check_step(step_dir: epath.Path, full: bool, step: int | None) -> dict:
                        f"{info['dtype']}{info['shape']}")
   if full:
     for name, expect in saved_fingerprints(step_dir, manifest, arrays, saved_tables).items():
-      if array_fingerprint(arrays[name]) != int(expect):
+      what = f"checkpoint {step_dir}: checking '{name}'"
+      if _logged_fingerprint(arrays[name], what) != int(expect):
         raise ValueError(f"array '{name}' fails its fingerprint check (stored data differ "
                          "from what was saved)")
   return manifest
+
+
+def _logged_fingerprint(array: ts.TensorStore, what: str) -> int:
+  """`array_fingerprint`, logged as `what` with its progress when the array is large
+  (`phase_log`: a copy reads every array, a table of GBs for minutes)."""
+  shape = tuple(array.shape)
+  size = math.prod(shape) * array.dtype.numpy_dtype.itemsize
+  with phase_log.logged(what, size, total=shape[0] if shape else 1) as phase:
+    return array_fingerprint(array, lambda block: phase.advance(len(block) if shape else 1))

@@ -26,10 +26,10 @@ import json
 import logging
 import os
 import shutil
-import time
 from typing import Mapping
 
 import jaxrec
+from jaxrec import phase_log
 from jaxrec.errors import ConfigError, JaxrecError
 from jaxrec.offload import integrity
 from jaxrec.offload.config import OffloadError
@@ -37,7 +37,8 @@ from jaxrec.offload.disk_space import store_bytes
 from jaxrec.planner.result import format_bytes
 
 _LOG = logging.getLogger(__name__)
-LOG_MIN_BYTES = 256 << 20   # `logged`: stores this large in all are logged around a save
+# `logged`: stores this large in all are logged around a save; so is a snapshot's CRC check
+LOG_MIN_BYTES = phase_log.MIN_BYTES
 
 META = "offload.json"
 # The layout `offload.json` describes; raise it when this jaxrec could misread a snapshot
@@ -50,16 +51,14 @@ REJECTED = "rejected"   # snapshots of rejected checkpoints (`set_aside`)
 def logged(what: str, stores: Mapping[str, object]):
   """Logs `what` (e.g. `checkpoint 400: saving`) before and its time after, when the stores
   (`{table: TableStore}`) hold `LOG_MIN_BYTES` or more: a 6e7 x 16 table's checkpoint took
-  ~50 s, its restore ~60 s, with nothing logged."""
+  ~50 s, its restore ~60 s, with nothing logged. Their size comes from their specs (rows x
+  dim x dtype, and the optimizer state), not their files: ~7,300 files at 3e7 rows."""
   size = sum(store_bytes(s) for s in stores.values())
-  if size < LOG_MIN_BYTES:
-    yield
-    return
   names = ", ".join(f"'{n}'" for n in stores)
-  _LOG.info("%s offloaded tables %s (%s in their stores)", what, names, format_bytes(size))
-  start = time.monotonic()
-  yield
-  _LOG.info("%s offloaded tables %s: done in %.1f s", what, names, time.monotonic() - start)
+  with phase_log.logged(f"{what} offloaded tables {names}", size,
+                        f"{format_bytes(size)} in their stores", log=_LOG,
+                        min_bytes=LOG_MIN_BYTES):
+    yield
 
 
 def steps(directory: str) -> list[int]:
@@ -182,7 +181,11 @@ def _check_files(path: str, meta: dict, table: str, full: bool) -> None:
   exist", naming a metadata file of the driver it tried)."""
   files = meta["tables"][table].get("files")
   if files is not None:
-    integrity.verify(os.path.join(path, table), files, full)
+    size = sum(f["size"] for f in files.values()) if full else 0   # (sizes only: quick)
+    with phase_log.logged(f"offload snapshot {path}: checking table '{table}' against its "
+                          "saved CRC32s", size, f"{format_bytes(size)} in {len(files):,} files",
+                          log=_LOG, min_bytes=LOG_MIN_BYTES):
+      integrity.verify(os.path.join(path, table), files, full)
   for name in meta["tables"][table]["arrays"]:
     array = os.path.join(path, table, name)
     what = f"{array}, the tensorstore array '{name}' of table '{table}',"

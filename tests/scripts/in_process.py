@@ -35,13 +35,15 @@ CACHE_CONFIG = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
 def restored_process_state(folder: str | None = None):
   """Puts back sys.argv, sys.path, os.environ, jax's compilation cache settings, the cwd,
   the stop signals' handlers, the values of flags defined before (absl's `--verbosity`),
-  the root and absl loggers' levels and the root logger's handlers (absl's `app.run` adds
+  every logger's level and the root logger's handlers (absl's `app.run` adds
   its own) and the absl handler's filters; removes new flags and the modules newly
   imported from `folder`."""
   argv, path, environ, cwd = sys.argv, list(sys.path), dict(os.environ), os.getcwd()
   root, absl_logger = logging.getLogger(), absl_logging.get_absl_logger()
   log_handlers, log_level = list(root.handlers), root.level
   absl_level, absl_filters = absl_logger.level, list(absl_logging.get_absl_handler().filters)
+  levels = {n: l.level for n, l in logging.root.manager.loggerDict.items()
+            if isinstance(l, logging.Logger)}   # (convert_checkpoint.py sets jaxrec's)
   handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
   defined = {name: (flags.FLAGS[name].value, flags.FLAGS[name].present) for name in flags.FLAGS}
   modules = set(sys.modules)
@@ -67,6 +69,9 @@ def restored_process_state(folder: str | None = None):
     root.handlers[:] = log_handlers
     root.setLevel(log_level)
     absl_logger.setLevel(absl_level)
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+      if isinstance(logger, logging.Logger) and logger.level != levels.get(name, logging.NOTSET):
+        logger.setLevel(levels.get(name, logging.NOTSET))
     absl_logging.get_absl_handler().filters[:] = absl_filters
     for s, handler in handlers.items():
       signal.signal(s, handler)
