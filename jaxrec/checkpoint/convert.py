@@ -49,7 +49,6 @@ from jaxrec.checkpoint import copy_layout
 from jaxrec.checkpoint import offloaded as offloaded_lib
 from jaxrec.checkpoint import selection
 from jaxrec.checkpoint import storage
-from jaxrec.checkpoint import tables as tables_lib
 from jaxrec.checkpoint import torchrec_npz
 from jaxrec.checkpoint.manager import CheckpointError, CheckpointManager
 from jaxrec.checkpoint.steps import first_line, step_dirs
