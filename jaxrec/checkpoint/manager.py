@@ -51,6 +51,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxrec import futures as futures_lib
 from jaxrec.checkpoint import canonical as canonical_lib
+from jaxrec.checkpoint import compatible as compatible_lib
 from jaxrec.checkpoint import dense as dense_lib
 from jaxrec.checkpoint import device_copy
 from jaxrec.checkpoint import offloaded as offloaded_lib
@@ -79,6 +80,23 @@ def _check_whole_specs(collection, then: Mapping, now: Mapping, step_dir) -> Non
           f"table '{t.name}': the collection holds {t.rows} rows, the device cache of the "
           f"offloaded table ({info.get('rows')} rows) in checkpoint {step_dir}; pass the "
           "whole TableSpec of each offloaded table as restore(offloaded={name: spec})")
+
+
+def _warn_fresh(step_dir, fresh, collection, index: Mapping) -> None:
+  """Warns that the sparse optimizer state of the tables `fresh` starts fresh (the
+  checkpoint holds none of theirs: e.g. saved with SGD, or a TorchRec import), naming
+  them and their optimizer unless the checkpoint holds no optimizer state at all."""
+  if not fresh:
+    return
+  if not any(n.startswith("table_opt/") for n in index["arrays"]):
+    logging.warning("checkpoint %s has no sparse optimizer state; starting it fresh",
+                    step_dir)
+    return
+  named = [f"'{t}' ({type(collection.optimizer_of(t)).__name__})" for t in fresh[:20]]
+  more = f" and {len(fresh) - 20} more" if len(fresh) > 20 else ""
+  logging.warning("checkpoint %s has no sparse optimizer state of table(s) %s%s (saved with "
+                  "an optimizer without state, e.g. SGD); starting theirs fresh, the other "
+                  "tables' restored", step_dir, ", ".join(named), more)
 
 
 class Restored(NamedTuple):
@@ -258,7 +276,10 @@ class CheckpointManager:
     manifest = {"key_impls": canonical_lib.key_impls(state),
                 "saved_plan": collection.plan.to_json(),
                 "saved_mesh": mesh_shape(collection.mesh),
-                "tables": {t.name: {"rows": t.rows, "dim": t.dim, "dtype": t.dtype}
+                # `opt`: the table's own optimizer's state (`storage` checks the index)
+                "tables": {t.name: {"rows": t.rows, "dim": t.dim, "dtype": t.dtype,
+                                    "opt": sorted(collection.optimizer_of(t.name)
+                                                  .state_layout())}
                            for t in collection.tables}}
     self._write(step, dense, arrays, pieces, manifest, data_state, meta)
     return True
@@ -289,7 +310,9 @@ class CheckpointManager:
     dense = canonical_lib.canonical_dense({"step": jnp.int32(step)}, mesh)
     manifest = {"key_impls": {},
                 "tables": {n: {"rows": int(x.shape[0]), "dim": int(x.shape[1]),
-                               "dtype": str(x.dtype)} for n, x in tables.items()}}
+                               "dtype": str(x.dtype),
+                               "opt": sorted((table_opt or {}).get(n, {}))}
+                           for n, x in tables.items()}}
     self._write(int(step), dense, arrays, pieces, manifest, data_state, meta)
 
   def _write(self, step, dense, arrays, pieces, manifest, data_state, meta):
@@ -478,7 +501,7 @@ class CheckpointManager:
     saved = tables_lib.saved_fingerprints(step_dir / TABLES)
     snapshot = offloaded_lib.snapshot_arrays(step_dir, sorted(then), full_check, own_only=True)
     index = offloaded_lib.with_sources(stored_index, snapshot)
-    with_opt = tables_lib.check_compatible(index, collection, str(step_dir), now)
+    fresh_opt = compatible_lib.check_compatible(index, collection, str(step_dir), now)
     sources = {n: a for n, a in snapshot.items() if n.split("/")[1] not in now}
     # what restoring does not read of the tables offloaded now (caches, or whole tables
     # for the tier) is still checked: fingerprints, and NaN/inf for a rollback
@@ -490,15 +513,13 @@ class CheckpointManager:
     if require_finite and not offloaded_lib.all_finite(   # offloaded then and now: the tier
         {n: a for n, a in snapshot.items() if n.split("/")[1] in now}):   # takes them unread
       raise _NonFinite()
-    if not with_opt and collection.optimizer.state_layout():
-      logging.warning("checkpoint %s has no sparse optimizer state; starting it fresh",
-                      step_dir)
+    _warn_fresh(step_dir, fresh_opt, collection, index)
     target = {k: v for k, v in target.items() if k != "emb"}
     abstract = dense_lib.abstract_tree(manifest, collection, target, step_dir)
     try:
       restored = self._mgr.restore(step, args=ocp.args.Composite(**{
           STATE: ocp.args.StandardRestore(abstract),
-          TABLES: tables_lib.TablesRestore(collection, with_opt, sources, tuple(now))}))
+          TABLES: tables_lib.TablesRestore(collection, fresh_opt, sources, tuple(now))}))
     except ValueError as e:   # the leaves matched (abstract_tree), the nodes between not
       if "tree structures do not match" not in str(e):
         raise
@@ -536,7 +557,7 @@ class CheckpointManager:
                         "`target`")
     state["emb"] = emb
     host = offloaded_lib.host_tables(step_dir / TABLES, stored_index, snapshot, now, then,
-                                     collection.optimizer, with_opt, str(step_dir))
+                                     collection.optimizer, fresh_opt, str(step_dir))
     return Restored(state, data_state, meta, host)
 
   # ----------------------------------------------------------------------------- failures

@@ -35,6 +35,7 @@ from etils import epath
 from jaxrec import signals, workdir_layout
 from jaxrec.checkpoint import storage
 from jaxrec.checkpoint import tables as tables_lib
+from jaxrec.embedding import optimizers as optimizers_lib
 from jaxrec.errors import CheckpointError, ConfigError, in_order
 
 STORE_OPT = "opt."   # a store's arrays: `offload.store.TABLE` and `opt.<name>`
@@ -193,43 +194,47 @@ class StoredTable:
 
 
 def host_tables(tables_dir, index: Mapping, snapshot: Mapping, now: Mapping, then: Mapping,
-                optimizer, with_opt: bool, where: str) -> dict[str, StoredTable]:
+                optimizer, fresh: Iterable[str], where: str) -> dict[str, StoredTable]:
   """`Restored.host_tables`: the tables offloaded now that the checkpoint holds whole
   (`stored_tables`), and those offloaded then too whose snapshot arrays their store cannot
-  take as they are (`from_snapshot`)."""
-  host = stored_tables(tables_dir, index, sorted(set(now) - set(then)), with_opt, where)
+  take as they are (`from_snapshot`). `optimizer`: the sparse optimizer, or one per table;
+  `fresh`: the tables whose optimizer state starts fresh (`compatible.check_compatible`)."""
+  fresh = tuple(fresh)
+  host = stored_tables(tables_dir, index, sorted(set(now) - set(then)), fresh, where)
   host.update(from_snapshot(snapshot, {n: now[n] for n in now if n in then}, optimizer,
-                            with_opt, where))
+                            fresh, where))
   return host
 
 
 def from_snapshot(snapshot: Mapping[str, ts.TensorStore], specs: Mapping[str, Any],
-                  optimizer, with_opt: bool, where: str) -> dict[str, StoredTable]:
+                  optimizer, fresh: Iterable[str], where: str) -> dict[str, StoredTable]:
   """`{table: StoredTable}` of the offloaded tables (`specs`) whose arrays in `snapshot`
   (`snapshot_arrays`) differ from what their store holds: a narrower dtype (bfloat16 saved,
-  float32 now: written widened) or no optimizer state (e.g. SGD then, Adagrad now: it
-  starts fresh, as on the device). The others are linked from the snapshot as they are."""
+  float32 now: written widened) or no optimizer state (a table in `fresh`, e.g. SGD then,
+  Adagrad now: it starts fresh, as on the device). The others are linked from the
+  snapshot as they are. `optimizer`: the sparse optimizer, or one per table."""
   from jaxrec.offload.store import TABLE  # pylint: disable=import-outside-toplevel
   out = {}
   for table, spec in specs.items():
-    want = {TABLE: spec.dtype, **{STORE_OPT + k: "float32" for k in optimizer.state_layout()}}
+    layout = optimizers_lib.of(optimizer, table).state_layout()
+    want = {TABLE: spec.dtype, **{STORE_OPT + k: "float32" for k in layout}}
     have = {k: snapshot[stored_name(table, k)] for k in want
-            if stored_name(table, k) in snapshot and (k == TABLE or with_opt)}
+            if stored_name(table, k) in snapshot and (k == TABLE or table not in fresh)}
     if set(have) != set(want) or any(a.dtype.numpy_dtype.name != want[k]
                                      for k, a in have.items()):
       out[table] = StoredTable(table, f"the offload snapshot of {where}", have)
   return out
 
 
-def stored_tables(tables_dir, index: Mapping, tables: Iterable[str], with_opt: bool,
+def stored_tables(tables_dir, index: Mapping, tables: Iterable[str], fresh: Iterable[str],
                   where: str) -> dict[str, StoredTable]:
   """`{table: StoredTable}` of `tables` in the checkpoint's `embeddings` item `tables_dir`
-  (its `index`, `tables.read_index`), with their optimizer state when `with_opt`."""
+  (its `index`, `tables.read_index`), with their optimizer state unless in `fresh`."""
   from jaxrec.offload.store import TABLE  # pylint: disable=import-outside-toplevel
   out = {}
   for table in tables:
     names = {TABLE: tables_lib.table_name(table)}
-    if with_opt:
+    if table not in fresh:
       prefix = tables_lib.opt_name(table, "")
       names.update({STORE_OPT + n[len(prefix):]: n for n in index["arrays"]
                     if n.startswith(prefix)})

@@ -241,9 +241,11 @@ def check_step(step_dir: epath.PathLike, full: bool = False, step: int | None = 
 
 def _check_index_tables(manifest: dict, index: dict) -> None:
   """Raises unless `embeddings/index.json` (`index`: its arrays) lists the tables the
-  manifest records, each with the same sparse optimizer arrays: the index is what every
-  reader takes as the list of arrays, so an entry lost from it dropped a table (or its
-  optimizer state) from exports and copies without a word."""
+  manifest records, each with the sparse optimizer arrays the manifest records for it
+  (`opt`: each table's own optimizer's), or, in a checkpoint whose manifest records none
+  (saved before tables had optimizers of their own), the same ones for every table: the
+  index is what every reader takes as the list of arrays, so an entry lost from it dropped
+  a table (or its optimizer state) from exports and copies without a word."""
   where = f"{TABLES}/{tables_lib.INDEX}"
   recorded = manifest.get("tables") or {}
   tables = sorted(recorded)
@@ -270,11 +272,23 @@ def _check_index_tables(manifest: dict, index: dict) -> None:
   if extra and tables:
     raise ValueError(f"{where} lists arrays of tables {extra} that the manifest does not "
                      f"record (its tables: {tables})")
-  for table in tables[1:]:
-    if listed[table] != listed[tables[0]]:
-      differ = sorted(listed[table] ^ listed[tables[0]])[0].partition("/")[2]
+  unrecorded = []   # tables whose manifest entry has no `opt`
+  for table in tables:
+    opt = (recorded[table] or {}).get("opt")
+    if opt is None:
+      unrecorded.append(table)
+      continue
+    have = sorted(n.partition("/")[2] for n in listed[table] if n.startswith("table_opt/"))
+    if have != sorted(opt):
+      differ = sorted(set(have) ^ set(opt))[0]
+      raise ValueError(f"{where} {'lists' if differ in have else 'does not list'} the sparse "
+                       f"optimizer array '{differ}' of table '{table}' (the manifest records "
+                       f"{sorted(opt)})")
+  for table in unrecorded[1:]:
+    if listed[table] != listed[unrecorded[0]]:
+      differ = sorted(listed[table] ^ listed[unrecorded[0]])[0].partition("/")[2]
       raise ValueError(f"{where}: the sparse optimizer array '{differ}' is listed for one of "
-                       f"tables '{tables[0]}' and '{table}' but not the other")
+                       f"tables '{unrecorded[0]}' and '{table}' but not the other")
 
 
 def _check_step(step_dir: epath.Path, full: bool, step: int | None) -> dict:

@@ -4,20 +4,21 @@ Stored under the checkpoint item `embeddings/`:
 
     embeddings/tables/<table>/             [rows, dim] f32/bf16/f16   zarr v2 (tensorstore)
     embeddings/tables/<table>/{q,scale,bias}/   int8 tables: [rows, dim] int8, [rows] f32 x2
-    embeddings/table_opt/<table>/<name>/   [rows, dim] | [rows]
+    embeddings/table_opt/<table>/<name>/   [rows, dim] | [rows]   the table's own optimizer's
     embeddings/index.json                  {"processes", "arrays": {name: {shape, dtype}}}
     embeddings/fingerprints.<process>.json {name: partial fingerprint}
 
 The layout does not depend on mesh or plan. A restore widens a stored floating-point array
 to a wider configured dtype when that is exact (float16/bfloat16 → float32, e.g. an
 imported TorchRec table), and reads an int8 table configured as float32 as the values its
-lookup saw (`dequantized`); narrowing is refused. Saving copies each device's shard of the
-stacked arrays to host (the only blocking part) and writes the table pieces it holds in
-the background; restoring builds each device's shard of the new stacked arrays from the
-table pieces it covers, one shard at a time, each put on its device before the next is
-read. No host or device ever holds a whole sharded table, and nothing moves between
-devices. Fingerprints are summed over
-the pieces on both sides, so a restore is checked bit for bit.
+lookup saw (`dequantized`); narrowing is refused (`compatible`: what fits, table by table,
+optimizer state included: each table's is its own optimizer's). Saving copies each
+device's shard of the stacked arrays to host (the only blocking part) and writes the table
+pieces it holds in the background; restoring builds each device's shard of the new stacked
+arrays from the table pieces it covers, one shard at a time, each put on its device before
+the next is read. No host or device ever holds a whole sharded table, and nothing moves
+between devices. Fingerprints are summed over the pieces on both sides, so a restore is
+checked bit for bit.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import json
-import logging
 import math
 import os
 from typing import Any, Callable, Mapping
@@ -46,11 +46,8 @@ from jaxrec.checkpoint.canonical import fingerprint_np
 from jaxrec.embedding import layout as layout_lib
 from jaxrec.embedding import optimizers as optimizers_lib
 from jaxrec.embedding.specs import TableSpec
-from jaxrec.errors import ConfigError, in_order
+from jaxrec.errors import ConfigError
 from jaxrec.futures import wait_all
-
-# jaxrec's logger: scripts/train.py shows its INFO lines (absl's only from WARNING up).
-_LOG = logging.getLogger(__name__)
 
 INDEX = "index.json"
 CHUNK_BYTES = 8 << 20
@@ -102,13 +99,14 @@ def stored_arrays(collection) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def table_arrays(spec, optimizer) -> dict[str, tuple[tuple[int, ...], str]]:
-  """`{array name: (shape, dtype)}` of one table (`TableSpec`) and its optimizer state."""
+  """`{array name: (shape, dtype)}` of one table (`TableSpec`) and the state of its sparse
+  optimizer (`optimizer`, or its entry for the table when per table)."""
   if not storable_name(spec.name):
     raise ConfigError(f"table '{spec.name}': {UNSTORABLE}")
   out = {}
   for leaf, per_row, dtype in _row_leaves(spec.dim, spec.dtype):
     out[table_name(spec.name, leaf)] = ((spec.rows,) + per_row, dtype)
-  for k, (per, _) in optimizer.state_layout().items():
+  for k, (per, _) in optimizers_lib.of(optimizer, spec.name).state_layout().items():
     out[opt_name(spec.name, k)] = ((spec.rows, spec.dim) if per == "element" else (spec.rows,),
                                    "float32")
   return out
@@ -127,11 +125,12 @@ def _row_leaves(dim: int, dtype: str) -> tuple[tuple[str, tuple[int, ...], str],
   return tuple((leaf, tuple(a.shape[1:]), str(np.dtype(a.dtype))) for leaf, a in leaves)
 
 
-def _stack_arrays(l, emb, optimizer):
-  """`(name of a slot's piece, stacked array)` for every array of one stack."""
+def _stack_arrays(l, emb):
+  """`(name of a slot's piece, stacked array)` for every array of one stack (its
+  optimizer state as the stack's own optimizer shapes it, `StackLayout.optimizer`)."""
   for leaf, arr in canonical_lib.leaf_names(emb["tables"][l.name]):
     yield (lambda slot, leaf=leaf: table_name(slot, leaf)), arr
-  for k in optimizer.state_layout():
+  for k in l.optimizer.state_layout():
     yield (lambda slot, k=k: opt_name(slot, k)), emb["opt"][l.name][k]
 
 
@@ -171,7 +170,7 @@ def host_pieces(collection, emb, buffers: dict | None = None) -> list[Piece]:
   buffers = {} if buffers is None else buffers
   shards = []
   for l in collection.layouts:
-    for name_of, arr in _stack_arrays(l, emb, collection.optimizer):
+    for name_of, arr in _stack_arrays(l, emb):
       for shard in arr.addressable_shards:
         if shard.replica_id == 0:
           shard.data.copy_to_host_async()
@@ -306,7 +305,7 @@ def open_stored(directory: epath.PathLike, name: str) -> ts.TensorStore:
 def open_restorable(directory: epath.PathLike, name: str, stored: Mapping):
   """Stored array `name` for reading into a configured table or optimizer state:
   `open_stored`, or a `DequantizedArray` when `stored` (the index's arrays) holds it as an
-  int8 table (a float32 table now, see `check_compatible`)."""
+  int8 table (a float32 table now, see `compatible.check_compatible`)."""
   if dequantized_lib.is_quantized(stored, name):
     return dequantized_lib.DequantizedArray(
         *(open_stored(directory, p) for p in dequantized_lib.stored_parts(name)))
@@ -320,132 +319,11 @@ def dequantized_parts(index: Mapping, names) -> list[str]:
           for p in dequantized_lib.stored_parts(n)]
 
 
-def widens(stored, configured) -> bool:
-  """Whether a stored array of dtype `stored` restores exactly into `configured` (equal,
-  or floating point made wider: float16/bfloat16 → float32, float32 → float64)."""
-  stored, configured = jnp.dtype(stored), jnp.dtype(configured)
-  return stored == configured or (
-      jnp.issubdtype(stored, jnp.floating) and jnp.issubdtype(configured, jnp.floating)
-      and bool(np.can_cast(stored, configured, "safe")))
-
-
-def _fits(have, want) -> bool:
-  """Stored `(shape, dtype)` restores into configured `(shape, dtype)`."""
-  return have[0] == want[0] and widens(have[1], want[1])
-
-
-def _stored_int8_for_float(theirs: Mapping, ours: Mapping, table: str) -> bool:
-  """Whether the stored arrays (`theirs`) hold `table` as int8 parts of the shape of the
-  configured float table (`ours`): it restores dequantised if that dtype can hold it."""
-  name = table_name(table)
-  return (set(ours) == {name} and dequantized_lib.is_quantized(theirs, name)
-          and theirs[table_name(table, "q")][0] == ours[name][0])
-
-
-def _refuse_quantizing(theirs: Mapping, ours: Mapping, spec, where: str) -> None:
-  """ConfigError for a float table stored `[rows, dim]` that is configured int8 now: a
-  restore never quantises (it would round every row), which the generic shape message
-  did not say."""
-  stored = theirs.get(table_name(spec.name))
-  if spec.dtype == "int8" and stored is not None and stored[0] == (spec.rows, spec.dim):
-    raise ConfigError(f"table '{spec.name}': checkpoint {where} stores it as {stored[1]} "
-                      f"{list(stored[0])}, which a restore does not quantise to the configured "
-                      f"int8 (only the other way, int8 → float32, converts); configure the "
-                      f"table's dtype as {stored[1]} (TableSpec.dtype, e.g. uniform_tables.dtype)")
-
-
-def _shape_hint(theirs: Mapping, table: str) -> str:
-  """What to do about a table whose stored rows or dim differ from the configuration."""
-  stored = theirs.get(table_name(table)) or theirs.get(table_name(table, "q"))
-  shape = f"[{stored[0][0]}, {stored[0][1]}]" if stored and len(stored[0]) == 2 else "its shape"
-  return (f": a resume cannot change a table's rows or dim (no conversion does); configure "
-          f"the checkpoint's {shape} (e.g. uniform_tables.rows / .dim), or start a fresh "
-          "--workdir")
-
-
-def _optimizer_hint(have_opt: Mapping, optimizer) -> str:
-  """What to do about stored sparse optimizer state the configured optimizer cannot take:
-  name the optimizer whose state it is, when one fits."""
-  stored = {n.split("/", 2)[2]: "element" if len(s) == 2 else "row"
-            for n, (s, _) in have_opt.items()}
-  saved = [cls.__name__ for cls in optimizers_lib.OPTIMIZERS.values()
-           if {k: per for k, (per, _) in cls().state_layout().items()} == stored]
-  if saved == [type(optimizer).__name__]:   # the same optimizer: its state's dtype differs
-    return ""
-  what = f" (ExperimentConfig.sparse_optimizer = @{saved[0]}())" if saved else ""
-  return (f": a resume does not convert sparse optimizer state (only a checkpoint without "
-          f"any starts it fresh); configure the optimizer it was saved with{what}, or start "
-          "a fresh --workdir")
-
-
-def check_compatible(index: Mapping, collection, where: str,
-                     specs: Mapping[str, Any] | None = None) -> bool:
-  """Raises ConfigError unless the stored tables fit the collection's (same arrays and
-  shapes; dtypes equal or exactly widened, see `widens`, logged per table); returns
-  whether the sparse optimizer state is stored (False: it starts fresh). `specs`
-  (`{table: TableSpec}`) replaces the collection's spec of a table the checkpoint must
-  hold differently: a table this run offloads is a cache in the collection, but the
-  checkpoint of an on-device run holds it whole."""
-  stored = {n: (tuple(a["shape"]), a["dtype"]) for n, a in index["arrays"].items()}
-  want = dict(stored_arrays(collection))
-  for spec in (specs or {}).values():
-    want = {n: v for n, v in want.items() if n.split("/")[1] != spec.name}
-    want.update(table_arrays(spec, collection.optimizer))
-
-  def of_table(arrays, table):
-    return {n: v for n, v in arrays.items() if n.split("/")[:2] == ["tables", table]}
-
-  have_tables = {n.split("/")[1] for n in stored if n.startswith("tables/")}
-  names = {t.name for t in collection.tables}
-  if have_tables != names:
-    raise ConfigError(f"checkpoint {where} has tables {in_order(have_tables)} but the "
-                      f"configuration has {in_order(names)} (not in the checkpoint: "
-                      f"{in_order(names - have_tables)}, not in the configuration: "
-                      f"{in_order(have_tables - names)}): a resume restores the checkpoint's "
-                      "tables, no others; configure those, or start a fresh --workdir")
-  for t in [(specs or {}).get(t.name, t) for t in collection.tables]:
-    theirs, ours = of_table(stored, t.name), of_table(want, t.name)
-    if _stored_int8_for_float(theirs, ours, t.name):
-      if ours[table_name(t.name)][1] not in dequantized_lib.TARGETS:
-        raise ConfigError(f"table '{t.name}': checkpoint {where} stores it as int8 (q, scale, "
-                          f"bias), which restores into int8 or, dequantised, float32; not the "
-                          f"configured {t.dtype} (TableSpec.dtype, e.g. uniform_tables.dtype)")
-      _LOG.info("table '%s': dequantizing the int8 table of checkpoint %s to %s", t.name,
-                   where, t.dtype)
-      continue
-    _refuse_quantizing(theirs, ours, t, where)
-    if set(theirs) != set(ours) or any(theirs[n][0] != ours[n][0] for n in ours):
-      have = ", ".join(f"{n} {list(s)} {d}" for n, (s, d) in sorted(theirs.items()))
-      raise ConfigError(f"table '{t.name}': checkpoint {where} has {have}; the configuration "
-                        f"has [{t.rows}, {t.dim}] {t.dtype}{_shape_hint(theirs, t.name)}")
-    narrow = sorted(n for n in ours if not widens(theirs[n][1], ours[n][1]))
-    if narrow:
-      have, need = theirs[narrow[0]][1], ours[narrow[0]][1]
-      raise ConfigError(f"table '{t.name}': checkpoint {where} stores '{narrow[0]}' as {have}"
-                        f", which does not convert exactly to the configured {need} (only "
-                        "widening, e.g. float16/bfloat16 → float32, is exact); configure the "
-                        f"table's dtype as {have} (TableSpec.dtype, e.g. uniform_tables.dtype)")
-    wide = {n: (theirs[n][1], ours[n][1]) for n in sorted(ours) if theirs[n][1] != ours[n][1]}
-    if wide:
-      _LOG.info("table '%s': widening %s from checkpoint %s", t.name, ", ".join(
-          f"{n} {a} → {b}" for n, (a, b) in wide.items()), where)
-  have_opt = {n: v for n, v in stored.items() if n.startswith("table_opt/")}
-  want_opt = {n: v for n, v in want.items() if n.startswith("table_opt/")}
-  diff = sorted(set(have_opt) ^ set(want_opt) or
-                [n for n in want_opt if not _fits(have_opt[n], want_opt[n])])
-  if have_opt and diff:
-    first = diff[0]
-    raise ConfigError(f"checkpoint {where} has sparse optimizer state that does not fit the "
-                      f"configured {type(collection.optimizer).__name__} (first difference: "
-                      f"'{first}': checkpoint {have_opt.get(first)}, optimizer needs "
-                      f"{want_opt.get(first)}){_optimizer_hint(have_opt, collection.optimizer)}")
-  return bool(have_opt)
-
-
-def _read_block(layout, name_of, shape, dtype, bounds, handles, prints):
+def _read_block(layout, name_of, shape, dtype, bounds, handles, prints, fills=None):
   """The block `bounds` of one stacked array, assembled from table pieces (each
   fingerprinted as stored, then widened to `dtype` if stored narrower). Slots of tables
-  without a handle stay zero."""
+  without a handle hold their `fills` value (`{piece name: value}`: fresh optimizer
+  state), else zero."""
   block = np.zeros(tuple(b - a for a, b in bounds), dtype)
   cols = _real_cols(layout, bounds)
   if cols is None:   # padding columns only: zeros
@@ -455,6 +333,8 @@ def _read_block(layout, name_of, shape, dtype, bounds, handles, prints):
   for slot, (t0, t1), (b0, b1) in _overlaps(layout, bounds[0]):
     name = name_of(slot.name)
     if name not in handles:
+      if name in (fills or {}):
+        block[(slice(b0, b1),) + local] = fills[name]
       continue
     reads.append((name, (t0,) + tuple(c.start for c in stored), (b0, b1),
                   handles[name][(slice(t0, t1),) + stored].read()))
@@ -463,11 +343,11 @@ def _read_block(layout, name_of, shape, dtype, bounds, handles, prints):
     if name in prints:
       prints[name] = (prints[name] + fingerprint_np(data, tuple(handles[name].shape),
                                                      start)) & 0xFFFFFFFF
-    block[(slice(b0, b1),) + local] = data   # exact: `check_compatible` allows only widening
+    block[(slice(b0, b1),) + local] = data   # exact: `compatible` allows only widening
   return block
 
 
-def _read_array(l, name_of, abstract, sharding, handles, prints) -> jax.Array:
+def _read_array(l, name_of, abstract, sharding, handles, prints, fills=None) -> jax.Array:
   """One stacked array on `sharding`, each device's block read from the table pieces.
 
   Blocks are read one at a time and put on their device(s) before the next is read, so
@@ -485,7 +365,7 @@ def _read_array(l, name_of, abstract, sharding, handles, prints) -> jax.Array:
     signals.check()   # Ctrl-C during a long restore: between blocks (nothing is written)
     mine = owners[bounds].process_index == jax.process_index()
     block = _read_block(l, name_of, shape, dtype, bounds, handles,
-                        prints if mine else {})
+                        prints if mine else {}, fills)
     for device in devices:
       placed[device] = jax.device_put(block, device)
     jax.block_until_ready([placed[d] for d in devices])   # the host copy may go now
@@ -494,13 +374,14 @@ def _read_array(l, name_of, abstract, sharding, handles, prints) -> jax.Array:
   return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
-def read_state(directory: epath.PathLike, collection, with_opt: bool,
+def read_state(directory: epath.PathLike, collection, fresh: tuple[str, ...] = (),
                sources: Mapping[str, ts.TensorStore] | None = None,
                skip: tuple[str, ...] = ()) -> tuple[dict, dict]:
   """Builds the `EmbeddingState` on the collection's mesh and plan from the stored
-  tables (fresh optimizer state unless `with_opt`). Returns it with `{array name:
-  fingerprint}` of what this process read from `directory` (summed over processes: the
-  whole arrays).
+  tables and their optimizer state, but the state of the tables in `fresh` (stored
+  without any, `compatible.check_compatible`): theirs starts at its initial values.
+  Returns it with `{array name: fingerprint}` of what this process read from `directory`
+  (summed over processes: the whole arrays).
 
   `sources` (`{array name: tensorstore}`) are read instead of the stored arrays of those
   names and not fingerprinted (an offloaded table's whole arrays from its snapshot, where
@@ -509,15 +390,18 @@ def read_state(directory: epath.PathLike, collection, with_opt: bool,
   int8 table configured as float32 is read dequantised and not fingerprinted here either
   (its stored parts are checked on their own: `dequantized_parts`)."""
   directory = epath.Path(directory)
-  sources = dict(sources or {})
+  sources, fresh = dict(sources or {}), set(fresh)
   names = [n for n in stored_arrays(collection)
-           if (with_opt or n.startswith("tables/")) and n.split("/")[1] not in skip]
+           if (n.startswith("tables/") or n.split("/")[1] not in fresh)
+           and n.split("/")[1] not in skip]
   index = read_index(directory)["arrays"]
   handles = {n: sources[n] if n in sources else open_restorable(directory, n, index)
              for n in names}
   prints = {n: 0 for n in names if n not in sources and n in index}
   abstract, shardings = _abstract_state(collection), collection.shardings()
   out = {"tables": {}, "opt": {}}
+  all_fresh = [l for l in collection.layouts if {s.name for s in l.slots} <= fresh]
+  read_opt = {l.name for l in collection.layouts} - {l.name for l in all_fresh}
   for l in collection.layouts:
     tree = abstract["tables"][l.name]
     leaves = [_read_array(l, lambda slot, leaf=leaf: table_name(slot, leaf), a, sh, handles,
@@ -525,25 +409,25 @@ def read_state(directory: epath.PathLike, collection, with_opt: bool,
               for (leaf, a), sh in zip(canonical_lib.leaf_names(tree),
                                        jax.tree.leaves(shardings["tables"][l.name]))]
     out["tables"][l.name] = jax.tree.unflatten(jax.tree.structure(tree), leaves)
-    if with_opt:
+    if l.name in read_opt:   # a fresh table in a stack of restored ones: initial values
       out["opt"][l.name] = {
           k: _read_array(l, lambda slot, k=k: opt_name(slot, k), abstract["opt"][l.name][k],
-                         shardings["opt"][l.name][k], handles, prints)
-          for k in collection.optimizer.state_layout()}
-  if not with_opt:
-    out["opt"] = _fresh_opt(collection)
+                         shardings["opt"][l.name][k], handles, prints,
+                         {opt_name(s.name, k): initial for s in l.slots if s.name in fresh})
+          for k, (_, initial) in l.optimizer.state_layout().items()}
+  out["opt"].update(_fresh_opt(collection, all_fresh))
   return out, prints
 
 
-def _fresh_opt(collection) -> dict:
+def _fresh_opt(collection, layouts) -> dict:
+  """The initial optimizer state of the stacks `layouts`, on the collection's shardings."""
   def init():
-    opt = {}
-    for l in collection.layouts:
-      opt[l.name] = {k: jnp.full(l.shape if per == "element" else l.shape[:1], initial,
+    return {l.name: {k: jnp.full(l.shape if per == "element" else l.shape[:1], initial,
                                  jnp.float32)
-                     for k, (per, initial) in collection.optimizer.state_layout().items()}
-    return opt
-  return jax.jit(init, out_shardings=collection.shardings()["opt"])()
+                     for k, (per, initial) in l.optimizer.state_layout().items()}
+            for l in layouts}
+  shardings = collection.shardings()["opt"]
+  return jax.jit(init, out_shardings={l.name: shardings[l.name] for l in layouts})()
 
 
 # ----------------------------------------------------------------------------- orbax item
@@ -559,7 +443,7 @@ class TableStoreHandler(ocp.AsyncCheckpointHandler):
     asyncio.run(write_pieces(epath.Path(directory), args.arrays, args.pieces, args.chunk_bytes))
 
   def restore(self, directory: epath.Path, args: "TablesRestore" = None):
-    return read_state(directory, args.collection, args.with_opt, args.sources, args.skip)
+    return read_state(directory, args.collection, args.fresh, args.sources, args.skip)
 
   def metadata(self, directory: epath.Path):
     return read_index(directory)
@@ -580,8 +464,8 @@ class TablesSave(ocp.args.CheckpointArgs):
 @ocp.args.register_with_handler(TableStoreHandler, for_restore=True)
 @dataclasses.dataclass
 class TablesRestore(ocp.args.CheckpointArgs):
-  """The collection to restore into; `sources` and `skip` as in `read_state`."""
+  """The collection to restore into; `fresh`, `sources` and `skip` as in `read_state`."""
   collection: Any
-  with_opt: bool = True
+  fresh: tuple[str, ...] = ()
   sources: Mapping[str, Any] | None = None
   skip: tuple[str, ...] = ()

@@ -71,7 +71,7 @@ def test_torchrec_float16_import_widens_to_float32(tmp_path, caplog, kind, devic
   widened = [r for r in caplog.records if "widening" in r.getMessage()]
   assert len(widened) == len(weights) and "float16 → float32" in widened[0].getMessage()
   # on jaxrec's logger, which scripts/train.py shows at INFO (absl's INFO it hides)
-  assert {r.name for r in widened} == {"jaxrec.checkpoint.tables"}, widened
+  assert {r.name for r in widened} == {"jaxrec.checkpoint.compatible"}, widened
 
 
 def test_bfloat16_checkpoint_restores_into_float32(tmp_path):

@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from jaxrec.checkpoint import compatible
 from jaxrec.checkpoint import tables as tables_lib
 from jaxrec.embedding import optimizers
 from jaxrec.errors import ConfigError
@@ -30,17 +31,17 @@ def test_rows_that_differ_name_the_table():
                        rf"cannot change a table's rows or dim \(no conversion does\); configure "
                        rf"the checkpoint's \[{rows}, 8\] \(e\.g\. uniform_tables\.rows / \.dim\), "
                        r"or start a fresh --workdir$"):
-      tables_lib.check_compatible(_index(coll, rows), coll, "W/7")
+      compatible.check_compatible(_index(coll, rows), coll, "W/7")
 
 
 def test_an_offloaded_table_is_checked_whole():
   coll = h.collection("rw", 8)          # as if t0's 13 rows were the cache of 100
   t0 = next(t for t in coll.tables if t.name == "t0")
   whole = {"t0": dataclasses.replace(t0, rows=100)}
-  assert tables_lib.check_compatible(_index(coll, 100), coll, "W/7", whole) is True
+  assert compatible.check_compatible(_index(coll, 100), coll, "W/7", whole) == ()
   with pytest.raises(ConfigError, match=r"tables/t0 \[13, 8\] float32; the configuration "
                      r"has \[100, 8\] float32: .* configure the checkpoint's \[13, 8\]"):
-    tables_lib.check_compatible(_index(coll, 13), coll, "W/7", whole)
+    compatible.check_compatible(_index(coll, 13), coll, "W/7", whole)
 
 
 def test_a_changed_dim_says_what_to_do():
@@ -48,7 +49,7 @@ def test_a_changed_dim_says_what_to_do():
   with pytest.raises(ConfigError, match=r"configuration has \[13, 4\] float32: a resume cannot "
                      r"change a table's rows or dim .* configure the checkpoint's \[13, 8\] .*"
                      r"or start a fresh --workdir$"):
-    tables_lib.check_compatible({"arrays": {
+    compatible.check_compatible({"arrays": {
         n: {"shape": list(s), "dtype": d}
         for n, (s, d) in tables_lib.stored_arrays(coll).items()}},
         h.collection("rw", 8, dim=4), "W/7")
@@ -62,14 +63,15 @@ def test_a_refused_optimizer_change_says_what_to_do(saved, now, fix):
   index = {"arrays": {n: {"shape": list(s), "dtype": d} for n, (s, d) in
                       tables_lib.stored_arrays(h.collection("rw", 8, optimizer=saved)).items()}}
   with pytest.raises(ConfigError, match=rf"configured {type(now).__name__} .*: a resume does "
-                     r"not convert sparse optimizer state \(only a checkpoint without any "
+                     r"not convert sparse optimizer state \(only a table without any "
                      r"starts it fresh\); configure the optimizer it was saved with "
                      rf"\(ExperimentConfig\.sparse_optimizer = {re.escape(fix)}\), or start a fresh "
                      r"--workdir$"):
-    tables_lib.check_compatible(index, h.collection("rw", 8, optimizer=now), "W/7")
+    compatible.check_compatible(index, h.collection("rw", 8, optimizer=now), "W/7")
 
 
 def test_a_checkpoint_without_optimizer_state_starts_it_fresh():
   index = {"arrays": {n: {"shape": list(s), "dtype": d} for n, (s, d) in tables_lib.stored_arrays(
       h.collection("rw", 8, optimizer=optimizers.SGD())).items()}}
-  assert tables_lib.check_compatible(index, h.collection("rw", 8), "W/7") is False
+  assert compatible.check_compatible(index, h.collection("rw", 8), "W/7") == (
+      "t0", "t1", "t2", "t3")

@@ -3,6 +3,7 @@
 import jax
 import pytest
 
+from jaxrec.checkpoint import compatible
 from jaxrec.checkpoint import tables as tables_lib
 from jaxrec.errors import ConfigError
 from tests.checkpoint import ckpt_helpers as h
@@ -27,7 +28,7 @@ def test_another_set_of_tables_names_which_side_lacks_them(drop, add, lacks, ext
   which read as the configuration missing nothing; it names each side now."""
   coll = h.collection("dp", 1)
   with pytest.raises(ConfigError) as e:
-    tables_lib.check_compatible(_index(coll, drop, add), coll, "W/checkpoints/4")
+    compatible.check_compatible(_index(coll, drop, add), coll, "W/checkpoints/4")
   msg = str(e.value)
   assert f"not in the checkpoint: {lacks}, not in the configuration: {extra}" in msg
   assert "start a fresh --workdir" in msg

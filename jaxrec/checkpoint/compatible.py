@@ -1,0 +1,193 @@
+"""Whether a checkpoint's stored tables fit the configured ones (`check_compatible`).
+
+A restore takes each table whole by name (`tables`): same rows and dim; a dtype equal or
+exactly widened (`widens`: float16/bfloat16 → float32), or an int8 table read dequantised
+into float32; never quantised or narrowed. Each table's sparse optimizer state must be the
+state of its configured optimizer (`EmbeddingCollection.optimizer_of`: one for every
+table, or per table); a table stored without any starts its state fresh (e.g. SGD then,
+Adagrad now, or a TorchRec import), and other changes are refused, naming the table and
+the optimizer its state is of.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrec.checkpoint import dequantized as dequantized_lib
+from jaxrec.checkpoint.tables import stored_arrays, table_arrays, table_name
+from jaxrec.embedding import optimizers as optimizers_lib
+from jaxrec.errors import ConfigError, in_order
+
+# jaxrec's logger: scripts/train.py shows its INFO lines (absl's only from WARNING up).
+_LOG = logging.getLogger(__name__)
+
+
+def widens(stored, configured) -> bool:
+  """Whether a stored array of dtype `stored` restores exactly into `configured` (equal,
+  or floating point made wider: float16/bfloat16 → float32, float32 → float64)."""
+  stored, configured = jnp.dtype(stored), jnp.dtype(configured)
+  return stored == configured or (
+      jnp.issubdtype(stored, jnp.floating) and jnp.issubdtype(configured, jnp.floating)
+      and bool(np.can_cast(stored, configured, "safe")))
+
+
+def _fits(have, want) -> bool:
+  """Stored `(shape, dtype)` restores into configured `(shape, dtype)`."""
+  return have[0] == want[0] and widens(have[1], want[1])
+
+
+def _stored_int8_for_float(theirs: Mapping, ours: Mapping, table: str) -> bool:
+  """Whether the stored arrays (`theirs`) hold `table` as int8 parts of the shape of the
+  configured float table (`ours`): it restores dequantised if that dtype can hold it."""
+  name = table_name(table)
+  return (set(ours) == {name} and dequantized_lib.is_quantized(theirs, name)
+          and theirs[table_name(table, "q")][0] == ours[name][0])
+
+
+def _refuse_quantizing(theirs: Mapping, ours: Mapping, spec, where: str) -> None:
+  """ConfigError for a float table stored `[rows, dim]` that is configured int8 now: a
+  restore never quantises (it would round every row), which the generic shape message
+  did not say."""
+  stored = theirs.get(table_name(spec.name))
+  if spec.dtype == "int8" and stored is not None and stored[0] == (spec.rows, spec.dim):
+    raise ConfigError(f"table '{spec.name}': checkpoint {where} stores it as {stored[1]} "
+                      f"{list(stored[0])}, which a restore does not quantise to the configured "
+                      f"int8 (only the other way, int8 → float32, converts); configure the "
+                      f"table's dtype as {stored[1]} (TableSpec.dtype, e.g. uniform_tables.dtype)")
+
+
+def _shape_hint(theirs: Mapping, table: str) -> str:
+  """What to do about a table whose stored rows or dim differ from the configuration."""
+  stored = theirs.get(table_name(table)) or theirs.get(table_name(table, "q"))
+  shape = f"[{stored[0][0]}, {stored[0][1]}]" if stored and len(stored[0]) == 2 else "its shape"
+  return (f": a resume cannot change a table's rows or dim (no conversion does); configure "
+          f"the checkpoint's {shape} (e.g. uniform_tables.rows / .dim), or start a fresh "
+          "--workdir")
+
+
+def _saved_optimizer(have_opt: Mapping) -> list[str]:
+  """Names of the optimizers whose state is one table's stored `table_opt/<t>/*` arrays."""
+  stored = {n.split("/", 2)[2]: "element" if len(s) == 2 else "row"
+            for n, (s, _) in have_opt.items()}
+  return [cls.__name__ for cls in optimizers_lib.OPTIMIZERS.values()
+          if {k: per for k, (per, _) in cls().state_layout().items()} == stored]
+
+
+def _optimizer_hint(have_opt: Mapping, optimizer, table: str, binding: str) -> str:
+  """What to do about table `table`'s stored sparse optimizer state its configured
+  `optimizer` cannot take: name the optimizer whose state it is, when one fits, as the
+  binding that configures it (`binding`: `sparse` for `ExperimentConfig.sparse_optimizer`,
+  `table` for the table's entry in `ExperimentConfig.table_optimizers`)."""
+  saved = _saved_optimizer(have_opt)
+  if saved == [type(optimizer).__name__]:   # the same optimizer: its state's dtype differs
+    return ""
+  what = ""
+  if saved:
+    what = (f" (ExperimentConfig.sparse_optimizer = @{saved[0]}())" if binding == "sparse"
+            else f" (ExperimentConfig.table_optimizers = {{'{table}': @{saved[0]}()}})")
+  return (f": a resume does not convert sparse optimizer state (only a table without "
+          f"any starts it fresh); configure the optimizer it was saved with{what}, or start "
+          "a fresh --workdir")
+
+
+def _by_table(arrays: Mapping) -> dict[tuple[str, str], dict]:
+  """`{(kind, table): {array name: value}}` of `arrays` named `<kind>/<table>[/...]`
+  (`kind`: `tables` or `table_opt`), grouped once (not scanned once per table)."""
+  out: dict[tuple[str, str], dict] = {}
+  for n, v in arrays.items():
+    out.setdefault(tuple(n.split("/")[:2]), {})[n] = v
+  return out
+
+
+def _binding(stored: Mapping, collection) -> str:
+  """`sparse` when one optimizer saved every table's state (as one is configured now):
+  `ExperimentConfig.sparse_optimizer` restores it; else `table` (`table_optimizers`)."""
+  if isinstance(collection.optimizer, optimizers_lib.TableOptimizers):
+    return "table"
+  saved = {tuple(_saved_optimizer(stored.get(("table_opt", t.name), {})))
+           for t in collection.tables}
+  return "sparse" if len(saved) == 1 else "table"
+
+
+def _check_optimizer_state(stored: Mapping, want: Mapping, collection,
+                           where: str) -> tuple[str, ...]:
+  """ConfigError naming the first table whose stored sparse optimizer state does not fit
+  its configured optimizer (`collection.optimizer_of`); returns the tables stored without
+  any whose optimizer has some (e.g. SGD then, Adagrad now): theirs starts fresh.
+  `stored`, `want`: `_by_table` of the stored and the configured arrays."""
+  fresh = []
+  for t in collection.tables:
+    have_opt = stored.get(("table_opt", t.name), {})
+    want_opt = want.get(("table_opt", t.name), {})
+    if not have_opt:
+      if want_opt:
+        fresh.append(t.name)
+      continue
+    diff = sorted(set(have_opt) ^ set(want_opt) or
+                  [n for n in want_opt if not _fits(have_opt[n], want_opt[n])])
+    if diff:
+      first, optimizer = diff[0], collection.optimizer_of(t.name)
+      hint = _optimizer_hint(have_opt, optimizer, t.name, _binding(stored, collection))
+      raise ConfigError(f"table '{t.name}': checkpoint {where} has sparse optimizer state "
+                        f"that does not fit the configured {type(optimizer).__name__} (first "
+                        f"difference: '{first}': checkpoint {have_opt.get(first)}, optimizer "
+                        f"needs {want_opt.get(first)}){hint}")
+  return tuple(fresh)
+
+
+def check_compatible(index: Mapping, collection, where: str,
+                     specs: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+  """Raises ConfigError unless the stored tables fit the collection's (same arrays and
+  shapes; dtypes equal or exactly widened, see `widens`, logged per table) and each
+  table's stored sparse optimizer state fits its optimizer (`collection.optimizer_of`);
+  returns the tables whose optimizer state is not stored and starts fresh (in the
+  collection's order; a table without state now is never among them). `specs`
+  (`{table: TableSpec}`) replaces the collection's spec of a table the checkpoint must
+  hold differently: a table this run offloads is a cache in the collection, but the
+  checkpoint of an on-device run holds it whole."""
+  stored = {n: (tuple(a["shape"]), a["dtype"]) for n, a in index["arrays"].items()}
+  want = dict(stored_arrays(collection))
+  for spec in (specs or {}).values():
+    want = {n: v for n, v in want.items() if n.split("/")[1] != spec.name}
+    want.update(table_arrays(spec, collection.optimizer))
+
+  have_tables = {n.split("/")[1] for n in stored if n.startswith("tables/")}
+  names = {t.name for t in collection.tables}
+  if have_tables != names:
+    raise ConfigError(f"checkpoint {where} has tables {in_order(have_tables)} but the "
+                      f"configuration has {in_order(names)} (not in the checkpoint: "
+                      f"{in_order(names - have_tables)}, not in the configuration: "
+                      f"{in_order(have_tables - names)}): a resume restores the checkpoint's "
+                      "tables, no others; configure those, or start a fresh --workdir")
+  stored, want = _by_table(stored), _by_table(want)
+  for t in [(specs or {}).get(t.name, t) for t in collection.tables]:
+    theirs, ours = stored.get(("tables", t.name), {}), want.get(("tables", t.name), {})
+    if _stored_int8_for_float(theirs, ours, t.name):
+      if ours[table_name(t.name)][1] not in dequantized_lib.TARGETS:
+        raise ConfigError(f"table '{t.name}': checkpoint {where} stores it as int8 (q, scale, "
+                          f"bias), which restores into int8 or, dequantised, float32; not the "
+                          f"configured {t.dtype} (TableSpec.dtype, e.g. uniform_tables.dtype)")
+      _LOG.info("table '%s': dequantizing the int8 table of checkpoint %s to %s", t.name,
+                   where, t.dtype)
+      continue
+    _refuse_quantizing(theirs, ours, t, where)
+    if set(theirs) != set(ours) or any(theirs[n][0] != ours[n][0] for n in ours):
+      have = ", ".join(f"{n} {list(s)} {d}" for n, (s, d) in sorted(theirs.items()))
+      raise ConfigError(f"table '{t.name}': checkpoint {where} has {have}; the configuration "
+                        f"has [{t.rows}, {t.dim}] {t.dtype}{_shape_hint(theirs, t.name)}")
+    narrow = sorted(n for n in ours if not widens(theirs[n][1], ours[n][1]))
+    if narrow:
+      have, need = theirs[narrow[0]][1], ours[narrow[0]][1]
+      raise ConfigError(f"table '{t.name}': checkpoint {where} stores '{narrow[0]}' as {have}"
+                        f", which does not convert exactly to the configured {need} (only "
+                        "widening, e.g. float16/bfloat16 → float32, is exact); configure the "
+                        f"table's dtype as {have} (TableSpec.dtype, e.g. uniform_tables.dtype)")
+    wide = {n: (theirs[n][1], ours[n][1]) for n in sorted(ours) if theirs[n][1] != ours[n][1]}
+    if wide:
+      _LOG.info("table '%s': widening %s from checkpoint %s", t.name, ", ".join(
+          f"{n} {a} → {b}" for n, (a, b) in wide.items()), where)
+  return _check_optimizer_state(stored, want, collection, where)
