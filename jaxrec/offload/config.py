@@ -23,6 +23,7 @@ import gin
 import jax.numpy as jnp
 
 from jaxrec import files, workdir_layout
+from jaxrec.embedding import optimizers
 from jaxrec.embedding.specs import TableSpec, flag, whole
 from jaxrec.errors import ConfigError, JaxrecError, OffloadError, in_order  # noqa: F401 re-exported
 from jaxrec.kernels.optim import hparam
@@ -44,7 +45,8 @@ class OffloadTable:
   Attributes:
     name: the table (a `TableSpec.name`).
     cache_rows: rows of the device cache; or give `cache_bytes`.
-    cache_bytes: device memory budget for the cache (rows + optimizer state), in bytes.
+    cache_bytes: device memory budget for the cache (rows + the state of the table's own
+      sparse optimizer, `row_bytes`), in bytes.
     path: tensorstore directory of the full table; None → `<workdir>/offload/<name>`.
       A leading `~` or `~user` is expanded; a relative path is relative to the current
       directory. It belongs to one workdir (`owner`): another workdir's is refused.
@@ -119,7 +121,8 @@ class OffloadTable:
     return chunk, min(shard, -(-rows // chunk) * chunk)
 
   def resolve_cache_rows(self, spec: TableSpec, optimizer) -> int:
-    """Cache rows from `cache_rows` or the byte budget; checked against the table."""
+    """Cache rows from `cache_rows` or the byte budget (`row_bytes` of the table's
+    optimizer: `optimizer`, or its entry when per table); checked against the table."""
     if self.cache_rows is not None:
       rows = int(self.cache_rows)
     else:
@@ -247,10 +250,11 @@ def _table(name, fields) -> OffloadTable:
 
 
 def row_bytes(spec: TableSpec, optimizer) -> int:
-  """Device bytes per cached row: the row plus its optimizer state."""
+  """Device bytes per cached row: the row plus the state of its table's optimizer
+  (`optimizer`, or its entry for `spec.name` when per table)."""
   item = jnp.dtype(spec.dtype).itemsize
   total = spec.dim * item
-  for per, _ in optimizer.state_layout().values():
+  for per, _ in optimizers.of(optimizer, spec.name).state_layout().values():
     total += spec.dim * 4 if per == "element" else 4
   return total
 
@@ -269,8 +273,8 @@ def host_bytes(tables: Sequence[TableSpec], config: OffloadConfig, optimizer) ->
   buffer's index), `SLOT_BYTES` per cache slot (its row, last use, pins, free list, use
   count, dirty flag: 0.5 GB for a 10M-row cache, which this left out), the buffer's
   `buffer_rows` with their optimizer state and `BUFFER_ROW_BYTES` each (all of them: the
-  buffer allocates them), and a `kvstore='memory'`
-  store's whole table."""
+  buffer allocates them), and a `kvstore='memory'` store's whole table. `optimizer`: the
+  sparse optimizer, or one per table (each table's state counted as its own)."""
   by_name = {t.name: t for t in tables}
   total = 0
   for off in config.tables:
@@ -342,7 +346,8 @@ def _check_apart_from_run_files(table: str, path: str, workdir: str) -> None:
 def device_tables(tables: Sequence[TableSpec], config: OffloadConfig, optimizer
                   ) -> tuple[TableSpec, ...]:
   """The tables as the embedding collection sees them: each offloaded table becomes its
-  cache, `TableSpec(name, cache_rows, dim)`; the others are unchanged."""
+  cache, `TableSpec(name, cache_rows, dim)` (`cache_bytes` over its own optimizer's
+  `row_bytes`; `optimizer` may be per table); the others are unchanged."""
   check_tables(tables, config)
   out = []
   for t in tables:

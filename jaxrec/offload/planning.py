@@ -27,7 +27,9 @@ def plan_with_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpe
                       mesh_shape: Mapping[str, int], config: OffloadConfig, optimizer,
                       memory_per_device_bytes: int | None, batch_size: int,
                       **planner_kwargs):
-  """Plans `tables`, offloading tables when needed (see module docstring).
+  """Plans `tables`, offloading tables when needed (see module docstring). `optimizer`:
+  the sparse optimizer, or one per table: each table's caches, rows and store are sized
+  with its own optimizer's state (`row_bytes`).
 
   Returns:
     `(result, config, device_specs)`: the planner's `PlanResult` (over the device

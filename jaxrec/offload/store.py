@@ -41,7 +41,7 @@ import numpy as np
 import tensorstore as ts
 
 from jaxrec import signals, tree_copy
-from jaxrec.embedding import table_init
+from jaxrec.embedding import optimizers, table_init
 from jaxrec.embedding.specs import TableSpec
 from jaxrec.errors import ConfigError
 from jaxrec.futures import wait_all
@@ -129,13 +129,15 @@ class TableStore:
   Args:
     spec: the full table.
     off: its offload settings (driver, kvstore, chunk size, init).
-    optimizer: the sparse optimizer (its `state_layout()` names the state arrays).
+    optimizer: the table's sparse optimizer (its `state_layout()` names the state arrays),
+      or one per table (`optimizers.TableOptimizers`: this table's entry is taken).
     path: the table's directory (or memory-store prefix).
   """
 
   def __init__(self, spec: TableSpec, off: OffloadTable, optimizer, path: str):
     self.spec, self.off, self.path = spec, off, path
-    self.layout = dict(optimizer.state_layout())   # name -> (per, initial)
+    # name -> (per, initial)
+    self.layout = dict(optimizers.of(optimizer, spec.name).state_layout())
     self._ctx, self._write_ctx = _contexts()
     self.driver = off.driver       # of the arrays opened: an existing store keeps its own
     self.arrays: dict[str, ts.TensorStore] = {}     # write handles

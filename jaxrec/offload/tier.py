@@ -108,12 +108,12 @@ class OffloadTier(LookAhead):
 
   def _build(self, collection, tables, config, key, workdir, keep) -> None:
     self.config, self.collection, self.key, self.keep = config, collection, key, keep
-    optimizer = collection.optimizer
     by_name = {t.name: t for t in tables}
     places = cache_places(collection, {t.name for t in config.tables})
     self.tables: dict[str, TierTable] = {}
     for off in config.tables:
       spec = by_name[off.name]
+      optimizer = collection.optimizer_of(off.name)   # the table's own: its cache and store
       cache_rows = off.resolve_cache_rows(spec, optimizer)
       place = places.get(off.name)
       if place is None or place.cache_rows != cache_rows:
