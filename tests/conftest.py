@@ -167,6 +167,14 @@ SLOW_CASES = {
     "test_padding_columns_neither_change_the_logits_nor_get_a_gradient[two_tower]",
     "tests/train/test_loop_eval_ids.py::"   # test_interrupts' sigterm_during_an_eval...[2]
     "test_a_step_saved_but_not_evaluated_is_evaluated_on_resume",
+    # the second 2026-12-06 session (per-table optimizers added ~2 min): each leaves the
+    # sibling named after it
+    "tests/offload/test_resume_changed.py::"   # test_table_optimizers' gained_..._state[offloaded]
+    "test_an_optimizer_with_state_starts_it_fresh_offloaded",
+    "tests/offload/test_table_optimizers.py::"   # [big0-300-names0] (Adam)
+    "test_offloaded_table_with_its_own_optimizer_matches_the_device[big1-800-names1]",
+    "tests/offload/test_table_optimizers.py::"   # [offloaded]
+    "test_resume_where_the_offloaded_table_gained_optimizer_state[on_device]",
 }
 
 

@@ -474,6 +474,6 @@ def test_a_gin_config_s_table_optimizers_are_planned_per_table(tmp_path):
   proc = plan(tmp_path, *flags[:2], "--gin_bindings=ExperimentConfig.table_optimizers = "
               "{'t9': @Adam()}")
   assert proc.returncode == 1 and proc.stderr.startswith(
-      "error: --gin_bindings: ExperimentConfig.table_optimizers names unknown tables ['t9']"
+      "error: --gin_bindings: ExperimentConfig.table_optimizers['t9'] names no table"
   ), proc.stderr
   assert proc.stderr.count("\n") == 1
