@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from jaxrec.errors import ConfigError
 from jaxrec.kernels.optim import NONNEG, POSITIVE, UNIT, check_hparams
-from jaxrec.schedules import Schedule, rate_at
+from jaxrec.schedules import Schedule, logged_rate, rate_at
 
 DimSum = Callable[[jnp.ndarray], jnp.ndarray]
 
@@ -312,3 +312,13 @@ def check_tables(optimizer, tables: Sequence[str], where: str = "ExperimentConfi
   if unknown:
     raise ConfigError(f"{where} names unknown tables {unknown} (tables: "
                       f"{', '.join(tables[:20])}{', ...' if len(tables) > 20 else ''})")
+
+
+def logged_rates(optimizer, step: int) -> dict[str, float]:
+  """A metrics line's scheduled sparse rates after `step` steps (`schedules.logged_rate`):
+  `sparse_lr` of the default optimizer, `sparse_lr_o<g>` of optimizer group `g`'s (the
+  stacks named `..._o<g>`), each only where its `lr` is a `Schedule`."""
+  out = {}
+  for g, opt in enumerate(distinct(optimizer)):
+    out.update(logged_rate(opt.lr, step, f"sparse_lr_o{g}" if g else "sparse_lr"))
+  return out

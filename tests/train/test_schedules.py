@@ -130,6 +130,18 @@ def test_pallas_updates_a_scheduled_stack_on_xla_and_says_so(caplog):
   assert "with a constant lr" in caplog.text
 
 
+def test_each_scheduled_sparse_optimizer_logs_its_rate():
+  """Per-table optimizers: the default's rate is `sparse_lr`, group g's `sparse_lr_o<g>`
+  (its stacks' suffix); constant rates are in config.gin, not logged."""
+  fast = lr_schedule("constant", value=0.5)
+  slow = lr_schedule("linear", init_value=0.2, end_value=0.0, transition_steps=10)
+  tx = optimizers.per_table(optimizers.SGD(fast), {"a": optimizers.Adagrad(0.1),
+                                                   "b": optimizers.Adam(slow)})
+  assert optimizers.logged_rates(tx, 5) == {"sparse_lr": pytest.approx(0.5),
+                                           "sparse_lr_o2": pytest.approx(0.12)}
+  assert optimizers.logged_rates(optimizers.SGD(slow), 5) == {"sparse_lr": pytest.approx(0.12)}
+
+
 def test_logged_rate_is_the_last_steps():
   s = lr_schedule("linear", init_value=1.0, end_value=0.0, transition_steps=10)
   assert logged_rate(s, 10) == {"sparse_lr": pytest.approx(0.1)}   # step 9's update
