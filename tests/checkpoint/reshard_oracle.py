@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrec import offload
+from jaxrec.embedding import optimizers
 from jaxrec.kernels import quant
 from tests.checkpoint import ckpt_helpers as h
 
@@ -51,21 +52,21 @@ def as_stored(dtype: str, table) -> object:
 
 
 def fresh_opt(optimizer, spec) -> dict:
-  """`optimizer`'s initial state of table `spec`, `{name: [rows, dim] | [rows]}`."""
+  """The initial state of table `spec` under `optimizer` (one, or per table), `{name:
+  [rows, dim] | [rows]}`."""
+  layout = optimizers.of(optimizer, spec.name).state_layout()
   return {k: np.full((spec.rows, spec.dim) if per == "element" else (spec.rows,), initial,
-                     np.float32) for k, (per, initial) in optimizer.state_layout().items()}
+                     np.float32) for k, (per, initial) in layout.items()}
 
 
-def carried(saved: tuple[dict, dict], specs, optimizer, same_optimizer: bool
-            ) -> tuple[dict, dict]:
+def carried(saved: tuple[dict, dict], specs, optimizer, fresh=()) -> tuple[dict, dict]:
   """The whole tables a run holds after restoring `saved` (`per_table` values): each in
-  its dtype of `specs` (`as_stored`), with the saved optimizer state, or `optimizer`'s
-  initial one when it starts fresh (no state saved: SGD before)."""
+  its dtype of `specs` (`as_stored`), with its saved optimizer state, or its optimizer's
+  initial one for the tables in `fresh` (no state saved: SGD before)."""
   tables, opt = saved
   specs = {t.name: t for t in specs}
   return ({n: as_stored(specs[n].dtype, x) for n, x in tables.items()},
-          {n: dict(opt[n]) if same_optimizer else fresh_opt(optimizer, specs[n])
-           for n in tables})
+          {n: fresh_opt(optimizer, specs[n]) if n in fresh else dict(opt[n]) for n in tables})
 
 
 def expected_stacks(coll, tables: dict, opt: dict, zero=()) -> dict:
@@ -79,7 +80,7 @@ def expected_stacks(coll, tables: dict, opt: dict, zero=()) -> dict:
                                                   np.zeros(rows, np.float32))
                              if l.dtype == "int8" else np.zeros(l.shape, jnp.dtype(l.dtype)))
     out["opt"][l.name] = {k: np.zeros(l.shape if per == "element" else rows, np.float32)
-                          for k, (per, _) in coll.optimizer.state_layout().items()}
+                          for k, (per, _) in l.optimizer.state_layout().items()}
   for name, (l, start) in _slots(coll).items():
     if name in zero:
       continue
@@ -94,6 +95,28 @@ def expected_stacks(coll, tables: dict, opt: dict, zero=()) -> dict:
     for k, x in opt[name].items():
       put(out["opt"][l.name][k], x)
   return out
+
+
+def fill_fresh(coll, stacks: dict, fresh) -> dict:
+  """`stacks` (`expected_stacks`) with the optimizer state of the tables in `fresh` at its
+  initial value as a restore starts it: a stack of fresh tables only whole (padding too),
+  else their slots' rows and real columns (an offloaded table's device cache too)."""
+  fresh = set(fresh)
+  for l in coll.layouts:
+    for k, (_, initial) in l.optimizer.state_layout().items():
+      x = stacks["opt"][l.name][k]
+      if {s.name for s in l.slots} <= fresh:
+        x[:] = initial
+        continue
+      for s in l.slots:
+        if s.name not in fresh:
+          continue
+        start, rows = l.slot_start(s), coll.table_spec(s.name).rows
+        if x.ndim == 2:
+          x[start:start + rows, :l.dim] = initial
+        else:
+          x[start:start + rows] = initial
+  return stacks
 
 
 def placed(coll, tables: dict, opt: dict):

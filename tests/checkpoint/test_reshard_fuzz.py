@@ -6,7 +6,12 @@ save; one table may be widened in a later run (bfloat16/float16 to float32, int8
 float32 dequantised), offloaded by the source or the destination (host tier: a tensorstore
 store and a device cache of fewer rows; offloaded in both with another cache size, or
 brought back onto the device), and after SGD (no state saved) another optimizer may start
-fresh. A third of the seeds go on as a chain (A -> B -> C, now and then a fourth run): each
+fresh. Some runs give 1-3 tables sparse optimizers of their own, hyperparameters sampled
+(`reshard_optimizers`: an offloaded table's too), and a later run may retune a table's,
+put it back on the default, or give a table that saved no state one that has some: its
+state starts fresh, the other tables' is restored; rarely a run changes a table's
+optimizer as a restore refuses to (state lost or of another shape), and its restore must
+raise the ConfigError naming the table (the chain ends there). A third of the seeds go on as a chain (A -> B -> C, now and then a fourth run): each
 run restores the last one's checkpoint, trains a step or two and saves again, any run may
 widen, offload or bring back a table; now and then a run restores a copy made by
 `convert_checkpoint.py --format=checkpoint` for its mesh and plan, after an npz export of
@@ -19,7 +24,8 @@ stale and the cache holds trained (the flush writes them).
 Checked after each restore, exactly: every stacked array equals, bit for bit, the saved
 per-table values (widened: as float32; dequantised: `q * scale + bias`) placed by the
 run's layout (padding rows and columns zero, an offloaded table's device cache zero, fresh
-optimizer state its initial value) on its shardings; each offloaded table's store holds the
+optimizer state its initial value: a stack of fresh tables only whole, else their rows'
+real columns) on its shardings; each offloaded table's store holds the
 whole saved arrays; the dense state, step and data state come back. Then, after each run's
 steps, its tables and optimizer state agree with the run that never went through a
 checkpoint (the first run's mesh and plan, each run's dtypes and optimizer taken on in
@@ -62,10 +68,12 @@ from jaxrec.checkpoint import offloaded as offloaded_lib  # noqa: E402
 from jaxrec.embedding import optimizers  # noqa: E402
 from jaxrec.embedding.collection import EmbeddingCollection  # noqa: E402
 from jaxrec.embedding.specs import FeatureSpec, TableSpec  # noqa: E402
+from jaxrec.errors import ConfigError  # noqa: E402
 from jaxrec.kernels import quant  # noqa: E402
 from jaxrec.sharding.mesh import format_mesh, make_mesh  # noqa: E402
 from jaxrec.sharding.plan import KINDS, MESH_AXES, Plan, TablePlacement  # noqa: E402
 from tests.checkpoint import ckpt_helpers as h  # noqa: E402
+from tests.checkpoint import reshard_optimizers as ro  # noqa: E402
 from tests.checkpoint import reshard_oracle as o  # noqa: E402
 from tests.embedding.test_collection_fuzz import (assert_close_stored,  # noqa: E402
                                                   assert_f32_close, random_features,
@@ -88,7 +96,7 @@ class Leg:
   mesh: tuple[tuple[str, int], ...]
   tables: tuple[TableSpec, ...]                # whole tables, in this run's dtypes
   placements: tuple[tuple[str, int], ...]      # (kind, table_slice) per table
-  optimizer: object
+  optimizer: object                            # one, or per table (`TableOptimizers`)
   steps: int
   offloaded: tuple[tuple[str, int], ...] = ()  # (table, cache rows)
   converted: bool = False   # restores a `--format=checkpoint` copy made for its mesh and plan
@@ -106,7 +114,8 @@ class Leg:
   def describe(self, prev: Leg | None = None) -> str:
     """Mesh, tables (`offloaded/N`: an N-row cache), optimizer (when new), steps."""
     caches = dict(self.offloaded)
-    opt = "" if prev is not None and prev.optimizer == self.optimizer else f" {self.optimizer}"
+    opt = ("" if prev is not None and prev.optimizer == self.optimizer
+           else f" {ro.describe(self.optimizer)}")
     return ("copy: " if self.converted else "") + format_mesh(dict(self.mesh)) + " " + " ".join(
         f"{t.name}[{t.rows}x{t.dim} {t.dtype} {k}@{s}"
         f"{f' offloaded/{caches[t.name]}' if t.name in caches else ''}]"
@@ -234,6 +243,7 @@ def sample(seed: int, max_tables: int = 4) -> Config:
   legs = [Leg(tuple(src.items()), tuple(tables), src_placements, opt, steps),
           Leg(tuple(dst.items()), tuple(dst_tables), dst_placements, dst_opt, 1, offloaded)]
   legs, store = _more_legs(np.random.default_rng([seed, 3]), legs)
+  legs = ro.draw(np.random.default_rng([seed, 5]), legs)   # per-table optimizers
   return Config(seed, features, tuple(sorted(options.items())), batch, tuple(legs),
                 store)
 
@@ -305,6 +315,12 @@ class Chain:
     for n in range(1, len(legs)):
       if legs[n].converted:
         self.directory = self.convert(n, saved)
+      refused = [t for t, r in ro.rules(legs[n - 1].optimizer, legs[n].optimizer,
+                                        [t.name for t in legs[n].tables]).items()
+                 if r == "refused"]
+      if refused:   # the chain's last run (`reshard_optimizers.draw`)
+        self.refuse(n, refused[0])
+        return
       self.restore(n, saved)
       self.advance(legs[n].steps, pooled=n == 1)
       self.compare(n)
@@ -360,13 +376,10 @@ class Chain:
                              offloaded=whole_specs or None)
     assert int(restored.state["step"]) == self.step, (
         f"restored step {int(restored.state['step'])}, not the last one saved, {self.step}")
-    same = leg.optimizer == prev.optimizer
-    want = o.carried(saved, leg.tables, leg.optimizer, same)
-    stacks = o.expected_stacks(coll, *want, zero=tuple(whole_specs))
-    if not same:   # nothing saved (SGD): the whole state fresh, padding rows too
-      for l in coll.layouts:
-        for k, (_, initial) in leg.optimizer.state_layout().items():
-          stacks["opt"][l.name][k][:] = initial
+    fresh = tuple(t for t, r in ro.rules(prev.optimizer, leg.optimizer, specs).items()
+                  if r == "fresh")   # nothing saved (SGD): their state starts fresh
+    want = o.carried(saved, leg.tables, leg.optimizer, fresh)
+    stacks = o.fill_fresh(coll, o.expected_stacks(coll, *want, zero=tuple(whole_specs)), fresh)
     o.assert_stacks_equal(coll, restored.state["emb"], stacks)
     h.assert_dense_equal(o.dense_state(coll.mesh, self.cfg.seed + n - 1, self.step),
                          restored.state)
@@ -387,15 +400,32 @@ class Chain:
       opt.update(stored[1])
     self.state = o.placed(self.full, tables, opt)
     self.train = lookup_update_step(self.full)
-    if not same or any(a.dtype != b.dtype for a, b in zip(leg.tables, prev.tables)):
+    if (leg.optimizer != prev.optimizer
+        or any(a.dtype != b.dtype for a, b in zip(leg.tables, prev.tables))):
       self.scales.update({k: v.scale for k, v in o.per_table(self.ref, self.ref_state)[0].items()
                           if isinstance(v, quant.QuantizedTable)})
       ref = self.cfg.collection(leg, cached=False, where=self.cfg.legs[0])
       self.ref_state = o.placed(ref, *o.carried(o.per_table(self.ref, self.ref_state),
-                                                leg.tables, leg.optimizer, same))
+                                                leg.tables, leg.optimizer, fresh))
       self.ref, self.ref_train = ref, lookup_update_step(ref)
     if n + 1 == len(self.cfg.legs):
       self.close()
+
+  def refuse(self, n: int, table: str) -> None:
+    """Run `n`'s restore, which gives `table` an optimizer that cannot take its saved state
+    (nor start fresh: it saved some): a ConfigError naming the table."""
+    leg, before = self.cfg.legs[n], optimizers.of(self.cfg.legs[n - 1].optimizer, table)
+    coll = self.cfg.collection(leg)
+    whole_specs = {t.name: t for t in leg.tables if t.name in dict(leg.offloaded)}
+    try:
+      with CheckpointManager(self.directory) as mgr:
+        mgr.restore(o.dense_state(coll.mesh, self.cfg.seed + 99, 0), coll,
+                    offloaded=whole_specs or None)
+    except ConfigError as e:
+      assert f"table '{table}'" in str(e), f"the refusal does not name table {table}: {e}"
+      return
+    raise AssertionError(f"run {n} restored table {table}'s state of {before} into "
+                         f"{optimizers.of(leg.optimizer, table)}")
 
   def compare(self, n: int) -> None:
     """Run `n`'s tables and optimizer state after its steps against the reference's, with
@@ -456,7 +486,8 @@ class Chain:
 
 def check(seed: int) -> Config:
   """Runs seed `seed`; an AssertionError with the configuration in its first line for a
-  mismatch or any error raised (a refusal included: every sampled case is valid)."""
+  mismatch or any error raised (a refusal included, but the optimizer change sampled to
+  be refused: `Chain.refuse`)."""
   cfg = sample(seed)
   chain = None
   try:

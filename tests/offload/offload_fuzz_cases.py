@@ -3,7 +3,8 @@ a mesh, tables (one or more offloaded, int8 ones beside them on the device), fea
 optimizer, the tier's settings, a variant (plain, an eval pass, a checkpoint restore on the
 same or another mesh, a NaN rollback as the trainer's `--on_nan=rollback` does it), a slow
 eviction fetcher, and the batches themselves (heavy duplicates, empty bags, ids on a few
-rows or spread)."""
+rows or spread); in some cases tables with sparse optimizers of their own
+(`ExperimentConfig.table_optimizers`, an offloaded one more often)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from jaxrec.models.dcnv2 import DCNv2
 from jaxrec.sharding.mesh import format_mesh
 from jaxrec.sharding.plan import KINDS, MESH_AXES, Plan, TablePlacement
 from jaxrec.train.config import ExperimentConfig, dense_optimizer
+from tests.checkpoint import reshard_optimizers
 from tests.embedding.test_collection_fuzz import random_features, random_optimizer
 
 # 4-axis shapes of 8, 4, 2 and 1 devices (one process: what the tier runs on).
@@ -63,6 +65,8 @@ class Case:
   log_every: int = 1                               # rollback: losses checked every ...
   fetch_delay: float = 0.0                         # s added to each eviction's fetch,
   fetch_stall: int = 0                             # and this fetch stalls (`slow_fetches`)
+  # drawn by `_own_optimizers`:
+  table_optimizers: tuple[tuple[str, object], ...] = ()   # (table, its own optimizer)
 
   @property
   def train_batches(self) -> tuple[Batch, ...]:
@@ -83,7 +87,8 @@ class Case:
              DCNv2(num_cross_layers=1, deep_mlp=(8,)))
     return ExperimentConfig(embedding=(self.tables, self.features), model=model,
                             batch_size=self.batch, dense_optimizer=dense_optimizer("sgd", 0.05),
-                            sparse_optimizer=self.optimizer, num_dense=NUM_DENSE)
+                            sparse_optimizer=self.optimizer, num_dense=NUM_DENSE,
+                            table_optimizers=dict(self.table_optimizers) or None)
 
   def exact(self) -> bool:
     """Whether the docs promise bit-equal results: every table replicated (or one device),
@@ -114,7 +119,9 @@ class Case:
     if self.fetch_delay:
       variant += f" | fetch +{self.fetch_delay * 1e3:.0f} ms, fetch {self.fetch_stall} stalls"
     return (f"seed={self.seed} mesh={format_mesh(self.mesh)} tables: {tables} | features: "
-            f"{feats} | {self.optimizer}{' SR' if self.stochastic_rounding else ''} | "
+            f"{feats} | {self.optimizer}"
+            + "".join(f" {t}:{o}" for t, o in self.table_optimizers)
+            + f"{' SR' if self.stochastic_rounding else ''} | "
             f"K={self.off.prefetch_depth} H={self.off.protect_ahead} "
             f"S={self.off.max_staleness} "
             f"buffer={self.off.host_buffer_rows} | batch {self.batch} x {self.steps} steps | "
@@ -227,7 +234,23 @@ def sample(seed: int, store_dir: str) -> Case:
   case = Case(seed, mesh, _placements(rng, mesh, tables), tuple(tables), features, dists,
               optimizer, bool(sr), off, tuple(modes), batch, steps, variant, at,
               int(rng.integers(0, 3)), mesh2, placements2, eval_batch, batches)
-  return _extend(case, np.random.default_rng([seed, 1]))
+  case = _extend(case, np.random.default_rng([seed, 1]))
+  return _own_optimizers(case, np.random.default_rng([seed, 2]))
+
+
+def _own_optimizers(case: Case, rng) -> Case:
+  """A third of the cases (a stream of their own, so the draws above are as before): 1-3
+  tables with a sparse optimizer of their own, hyperparameters sampled, an offloaded one
+  first more often (its cache and store then hold its own state)."""
+  if rng.random() >= 1 / 3:
+    return case
+  names = [t.name for t in case.tables]
+  off = [t.name for t in case.off.tables]
+  first = [str(rng.choice(off if rng.random() < 0.7 else names))]
+  rest = [str(n) for n in rng.permutation(names) if n not in first]
+  own = first + rest[:int(rng.integers(0, min(2, len(rest)) + 1))]
+  return dataclasses.replace(case, table_optimizers=tuple(
+      (n, reshard_optimizers.random_optimizer(rng)) for n in sorted(own)))
 
 
 def _extend(case: Case, rng) -> Case:

@@ -10,8 +10,9 @@ an eval pass mid-way (logits, then training goes on), a checkpoint (orbax + offl
 snapshot) mid-way, a few steps lost, restored on the same or another mesh and continued,
 and a NaN rollback (`offload_fuzz_loop`: one or two batches with a NaN input, rolled back
 to the last checkpoint or the start on the live tier and skipped; the device run trains
-without them). Int8 tables may sit on the device beside the offloaded ones, and a slow
-eviction fetcher makes the planner wait for fetches (`fetch_waits`).
+without them). Int8 tables may sit on the device beside the offloaded ones, a slow
+eviction fetcher makes the planner wait for fetches (`fetch_waits`), and some tables,
+offloaded or not, train with a sparse optimizer of their own (`table_optimizers`).
 
 By hand, more seeds:
 
@@ -197,6 +198,9 @@ def _count(stats, case: Case, tier_stats) -> None:
   stats[f"devices={math.prod(case.mesh.values())}"] += 1
   stats[f"variant={case.variant}"] += 1
   stats[f"optimizer={type(case.optimizer).__name__}"] += 1
+  for name, opt in case.table_optimizers:
+    where = "offloaded" if case.off.table(name) is not None else "on the device"
+    stats[f"own {type(opt).__name__} {where}"] += 1
   stats[f"K={case.off.prefetch_depth}"] += 1
   if tier_stats["stale_rows"]:
     stats["stale installs (not compared)"] += 1
