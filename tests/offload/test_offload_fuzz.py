@@ -232,8 +232,10 @@ def _count(stats, case: Case, tier_stats) -> None:
 # rollback to the start, 209, 211, 625: to a checkpoint (625 then to the start; 211's
 # stale installs leave it uncompared), 203, 205, 209: int8 tables, 210, 526: an eval of the
 # last batch trained, 501, 509, 523, 526: the slow fetcher and `fetch_waits` (3-14 each).
-# Each 25-82 s at load ~9 (the list with 515 for 625: 621 s).
-SLOW_SEEDS = (0, 201, 202, 203, 205, 209, 210, 211, 501, 509, 523, 526, 625)
+# Each 25-82 s at load ~9 (the list with 515 for 625: 621 s). Tables with optimizers of
+# their own (`_own_optimizers`' draws since): 0, 201, 209, and 24 (ckpt_mesh: offloaded t0
+# Adam and t1 FTRL), 25 (ckpt: int8 t0 on the device and offloaded t1 with FTRL).
+SLOW_SEEDS = (0, 24, 25, 201, 202, 203, 205, 209, 210, 211, 501, 509, 523, 526, 625)
 
 
 @pytest.mark.slow
