@@ -134,9 +134,16 @@ def _check_optimizer_state(stored: Mapping, want: Mapping, collection,
       hint = _optimizer_hint(have_opt, optimizer, t.name, _binding(stored, collection))
       raise ConfigError(f"table '{t.name}': checkpoint {where} has sparse optimizer state "
                         f"that does not fit the configured {type(optimizer).__name__} (first "
-                        f"difference: '{first}': checkpoint {have_opt.get(first)}, optimizer "
-                        f"needs {want_opt.get(first)}){hint}")
+                        f"difference: '{first}': the checkpoint has "
+                        f"{_state_text(have_opt, first)}, the optimizer keeps "
+                        f"{_state_text(want_opt, first)}){hint}")
   return tuple(fresh)
+
+
+def _state_text(arrays: Mapping, name: str) -> str:
+  """Stored or configured array `name` of `arrays` (`{name: (shape, dtype)}`) in words."""
+  shape_dtype = arrays.get(name)
+  return "none" if shape_dtype is None else f"{list(shape_dtype[0])} {shape_dtype[1]}"
 
 
 def check_compatible(index: Mapping, collection, where: str,

@@ -85,14 +85,20 @@ def test_a_table_whose_optimizer_gained_state_starts_it_fresh(saved, caplog, now
       np.testing.assert_array_equal(got_opt[name][k], opt[name][k], err_msg=f"{name}/{k}")
 
 
-@pytest.mark.parametrize("changes,table,saved_with", [
-    ({"t2": ADAGRAD}, "t2", "Adam"),                          # other state: not converted
-    ({"t0": optimizers.SGD(0.5)}, "t0", "RowWiseAdagrad"),   # state dropped: refused too
+@pytest.mark.parametrize("changes,table,saved_with,first", [
+    # other state: not converted
+    ({"t2": ADAGRAD}, "t2", "Adam", r"'table_opt/t2/accum': the checkpoint has none, the "
+                                    r"optimizer keeps \[\d+, \d+\] float32"),
+    # state dropped: refused too
+    ({"t0": optimizers.SGD(0.5)}, "t0", "RowWiseAdagrad",
+     r"'table_opt/t0/accum': the checkpoint has \[\d+\] float32, the optimizer keeps none"),
 ])
-def test_a_table_whose_state_does_not_fit_is_refused_by_name(saved, changes, table, saved_with):
+def test_a_table_whose_state_does_not_fit_is_refused_by_name(saved, changes, table, saved_with,
+                                                             first):
   directory, _, _ = saved
   with pytest.raises(ConfigError, match=rf"table '{table}': checkpoint .* has sparse optimizer "
-                     r"state that does not fit the configured \w+ .* configure the optimizer "
+                     rf"state that does not fit the configured \w+ \(first difference: {first}\)"
+                     r".* configure the optimizer "
                      rf"it was saved with \(ExperimentConfig\.table_optimizers = "
                      rf"\{{'{table}': @{saved_with}\(\)\}}\), or start a fresh --workdir$"):
     _restore(directory, h.collection("rw", 8, optimizer=_mixed(**changes)))
