@@ -10,6 +10,7 @@ from jaxrec.errors import ConfigError
 from jaxrec.sharding.mesh import make_mesh, parse_mesh_spec
 from jaxrec.sharding.plan import uniform_plan
 from tests.embedding.test_collection import FEATURES, TABLES, reference, run
+from tests.embedding.test_collection_inputs import assert_runs_match
 
 # `b` keeps the default; `a` and `c` have their own (and Adam's state differs from Adagrad's)
 MIXED_OPT = optimizers.per_table(optimizers.SGD(0.1), {
@@ -44,15 +45,7 @@ def test_each_table_matches_the_dense_reference_of_its_own_optimizer():
 
 @pytest.mark.parametrize("kind,mesh_spec", ISSUE_PLANS)
 def test_sharded_matches_single_device(kind, mesh_spec):
-  ref = run("dp", "single", MIXED_OPT)
-  out = run(kind, mesh_spec, MIXED_OPT)
-  for a, b in zip(out[0], ref[0]):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  for name in ref[1]:
-    np.testing.assert_allclose(out[1][name], ref[1][name], rtol=1e-5, atol=1e-6)
-    for k in ref[2].get(name, {}):
-      np.testing.assert_allclose(np.asarray(out[2][name][k]), np.asarray(ref[2][name][k]),
-                                 rtol=1e-5, atol=1e-6)
+  assert_runs_match(run(kind, mesh_spec, MIXED_OPT), run("dp", "single", MIXED_OPT))
 
 
 def test_tables_of_different_optimizers_never_share_a_stack():

@@ -91,12 +91,18 @@ def test_padded_columns_match_single_device(tmp_path, reference, plan, mesh, dim
 MIXED_DIMS = "uniform_tables.dim=[16,8,16,4,8,16,8,4]"
 
 
-def run_mixed(workdir, plan, mesh, devices):
-  train(workdir, "--gin_file=configs/dcnv2_synthetic.gin", "--num_steps=20", "--log_every=1",
+def run_gin(workdir, gin_file, bindings, plan, mesh, devices, keep="tables/"):
+  """Trains 20 steps of `gin_file` with `bindings`; returns (per-step losses, the final
+  checkpoint's npz arrays whose keys start with `keep`)."""
+  train(workdir, f"--gin_file={gin_file}", "--num_steps=20", "--log_every=1",
         f"--plan={plan}", f"--mesh={mesh}",
-        *[f"--gin_bindings={b}" for b in SMALL + [MIXED_DIMS]], devices=devices)
+        *[f"--gin_bindings={b}" for b in SMALL + bindings], devices=devices)
   losses = np.array([l["loss"] for l in read_metrics(workdir) if "loss" in l])
-  return losses, {k: v for k, v in export(workdir).items() if k.startswith("tables/")}
+  return losses, {k: v for k, v in export(workdir).items() if k.startswith(keep)}
+
+
+def run_mixed(workdir, plan, mesh, devices):
+  return run_gin(workdir, "configs/dcnv2_synthetic.gin", [MIXED_DIMS], plan, mesh, devices)
 
 
 # In the slow target (two train.py runs, ~45 s): the default suite checks mixed dims on every
@@ -129,11 +135,8 @@ TABLE_OPTIMIZERS = ["ExperimentConfig.table_optimizers={'t0': @RowWiseAdagrad(),
 
 def run_table_optimizers(workdir, plan, mesh, devices):
   """(per-step losses, `{npz key: array}` of the tables and their optimizer state)."""
-  train(workdir, "--gin_file=configs/dlrm_synthetic.gin", "--num_steps=20", "--log_every=1",
-        f"--plan={plan}", f"--mesh={mesh}",
-        *[f"--gin_bindings={b}" for b in SMALL + TABLE_OPTIMIZERS], devices=devices)
-  losses = np.array([l["loss"] for l in read_metrics(workdir) if "loss" in l])
-  return losses, {k: v for k, v in export(workdir).items() if k.startswith("table")}
+  return run_gin(workdir, "configs/dlrm_synthetic.gin", TABLE_OPTIMIZERS, plan, mesh, devices,
+                 keep="table")
 
 
 # In the slow target (two train.py runs each, ~30 s): the default suite compares every plan
