@@ -244,11 +244,10 @@ def _verified_blocks(array, name, expect, step_dir, what):
   shape, value = tuple(array.shape), 0
   size = math.prod(shape) * array.dtype.numpy_dtype.itemsize
   detail = f"{format_bytes(size)}, {array.dtype.numpy_dtype.name} {list(shape)}"
-  with phase_log.logged(what, size, detail, total=shape[0] if shape else 1) as phase:
-    for start, block in _read_blocks(array, name, step_dir):
-      value = (value + canonical_lib.fingerprint_np(block, shape, (start,))) & 0xFFFFFFFF
-      yield start, block
-      phase.advance(len(block) if shape else 1)
+  for start, block in storage.logged_blocks(array, what, _read_blocks(array, name, step_dir),
+                                            detail):
+    value = (value + canonical_lib.fingerprint_np(block, shape, (start,))) & 0xFFFFFFFF
+    yield start, block
   if expect is not None and value != expect:
     raise CheckpointError(f"array '{name}' in {step_dir} fails its fingerprint check: the "
                           f"checkpoint is corrupt{selection.PICK_ANOTHER}")

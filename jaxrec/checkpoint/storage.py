@@ -209,11 +209,26 @@ def row_blocks(array: ts.TensorStore, block_bytes: int = BLOCK_BYTES
     yield start, np.asarray(array[start:min(start + step, shape[0])].read().result())
 
 
-def array_fingerprint(array: ts.TensorStore, visit=None) -> int:
-  """`canonical.fingerprint` of a stored array, read block by block; `visit(block)`, when
-  given, sees every block as read (e.g. to check values in the same pass)."""
+def logged_blocks(array: ts.TensorStore, what: str, blocks: Iterator | None = None,
+                  detail: str | None = None) -> Iterator[tuple[int, np.ndarray]]:
+  """`blocks` (`(start_row, block)`; default `row_blocks(array)`), read inside a phase
+  logged as `what` (`phase_log`, with `detail`) when `array` is large, its progress
+  counted in rows: a copy or an export reads every array, a table of GBs for minutes."""
+  shape = tuple(array.shape)
+  size = math.prod(shape) * array.dtype.numpy_dtype.itemsize
+  with phase_log.logged(what, size, detail, total=shape[0] if shape else 1) as phase:
+    for start, block in row_blocks(array) if blocks is None else blocks:
+      yield start, block
+      phase.advance(len(block) if shape else 1)
+
+
+def array_fingerprint(array: ts.TensorStore, visit=None, blocks: Iterator | None = None
+                      ) -> int:
+  """`canonical.fingerprint` of a stored array, read block by block (`blocks`, default
+  `row_blocks(array)`); `visit(block)`, when given, sees every block as read (e.g. to
+  check values in the same pass)."""
   shape, total = tuple(array.shape), 0
-  for start, block in row_blocks(array):
+  for start, block in row_blocks(array) if blocks is None else blocks:
     total = (total + canonical_lib.fingerprint_np(block, shape, (start,))) & 0xFFFFFFFF
     if visit is not None:
       visit(block)
@@ -314,16 +329,8 @@ def _check_step(step_dir: epath.Path, full: bool, step: int | None) -> dict:
   if full:
     for name, expect in saved_fingerprints(step_dir, manifest, arrays, saved_tables).items():
       what = f"checkpoint {step_dir}: checking '{name}'"
-      if _logged_fingerprint(arrays[name], what) != int(expect):
+      if array_fingerprint(arrays[name], blocks=logged_blocks(arrays[name], what)) \
+          != int(expect):
         raise ValueError(f"array '{name}' fails its fingerprint check (stored data differ "
                          "from what was saved)")
   return manifest
-
-
-def _logged_fingerprint(array: ts.TensorStore, what: str) -> int:
-  """`array_fingerprint`, logged as `what` with its progress when the array is large
-  (`phase_log`: a copy reads every array, a table of GBs for minutes)."""
-  shape = tuple(array.shape)
-  size = math.prod(shape) * array.dtype.numpy_dtype.itemsize
-  with phase_log.logged(what, size, total=shape[0] if shape else 1) as phase:
-    return array_fingerprint(array, lambda block: phase.advance(len(block) if shape else 1))
