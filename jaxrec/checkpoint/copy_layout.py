@@ -21,10 +21,11 @@ from jaxrec.errors import CheckpointError, ConfigError
 from jaxrec.sharding.plan import KINDS, Plan, load_plan_file, uniform_plan
 
 
-def tables(step_dir, manifest: Mapping) -> tuple[tuple[TableSpec, ...], dict[str, dict]]:
+def tables(meta: Mapping, manifest: Mapping) -> tuple[tuple[TableSpec, ...], dict[str, dict]]:
   """The checkpoint's tables, sorted by name, offloaded ones whole; and `{table: its
-  meta's offload record}` (`rows`, `cache_rows`, ...) of the offloaded ones."""
-  offloaded = (_meta(step_dir).get("offload") or {}).get("tables") or {}
+  meta's offload record}` (`rows`, `cache_rows`, ...) of the offloaded ones. `meta`: the
+  checkpoint's meta item (`_meta`)."""
+  offloaded = (meta.get("offload") or {}).get("tables") or {}
   offloaded = {n: v for n, v in offloaded.items() if isinstance(v, dict)}
   specs = []
   for name, t in sorted(manifest["tables"].items()):
@@ -39,15 +40,17 @@ def describe(step_dir, manifest: Mapping, plan: str, mesh_shape: Mapping[str, in
   """`(plan, description)`: `--plan` (`resolve_plan`) for the checkpoint's whole tables,
   and the stacks it lays out on `mesh_shape` (checking the plan fits it), with a line per
   table offloaded when saved."""
-  specs, offloaded = tables(step_dir, manifest)
+  meta = _meta(step_dir)
+  specs, offloaded = tables(meta, manifest)
   resolved = resolve_plan(plan, specs, mesh_shape)
-  layouts = layout_lib.build_layouts(specs, recorded_features(step_dir, specs), resolved,
+  layouts = layout_lib.build_layouts(specs, recorded_features(meta, specs), resolved,
                                      mesh_shape)
   lines = [layout_lib.describe(layouts)]
+  by_name = {t.name: t for t in specs}
   for name, t in sorted(offloaded.items()):
     cache = t.get("cache_rows")
     saved = f", a {cache:,}-row device cache" if isinstance(cache, int) else ""
-    rows = next(s.rows for s in specs if s.name == name)
+    rows = by_name[name].rows
     lines.append(f"table '{name}' was offloaded when saved ({rows:,} rows{saved}): laid out "
                  "whole above, as a run that keeps it on the device holds it; a run that "
                  "offloads it holds only its cache in that stack (its own cache_rows)")
@@ -73,12 +76,12 @@ def resolve_plan(plan: str, tables, mesh_shape: Mapping[str, int]) -> Plan:
   return loaded
 
 
-def recorded_features(step_dir, specs) -> tuple[FeatureSpec, ...]:
-  """The features the run recorded in the checkpoint's meta (bag sizes decide its stacks);
-  one one-hot feature per table for a checkpoint without them (older runs, imports):
-  stacks of multi-hot features then print merged."""
+def recorded_features(meta: Mapping, specs) -> tuple[FeatureSpec, ...]:
+  """The features the run recorded in the checkpoint's meta item `meta` (bag sizes decide
+  its stacks); one one-hot feature per table for a checkpoint without them (older runs,
+  imports): stacks of multi-hot features then print merged."""
   try:
-    recorded = _meta(step_dir).get("features")
+    recorded = meta.get("features")
     features = tuple(FeatureSpec(**f) for f in recorded or ())
   except (TypeError, ValueError, AttributeError):
     features = ()
