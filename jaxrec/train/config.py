@@ -319,8 +319,7 @@ class ExperimentConfig:
       raise ConfigError(f"ExperimentConfig.dense_optimizer must be an optax transformation, "
                         f"e.g. @dense_optimizer(), got {dense!r}")
     check_sparse_optimizer(sparse)
-    sparse_optimizers.per_table(sparse_optimizers.SGD(), self.table_optimizers,
-                                tables=[t.name for t in self.tables])
+    self.sparse_tx()   # checks `table_optimizers` against the tables
 
 
 def _takes_feature_dims(model) -> bool:
