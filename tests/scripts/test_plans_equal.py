@@ -101,6 +101,12 @@ def run_gin(workdir, gin_file, bindings, plan, mesh, devices, keep="tables/"):
   return losses, {k: v for k, v in export(workdir).items() if k.startswith(keep)}
 
 
+def eight_and_one(runner, tmp_path, plan, mesh):
+  """`runner(workdir, plan, mesh, devices)` on 8 devices with `plan` on `mesh`, and on one."""
+  return (runner(str(tmp_path / "w"), plan, mesh, 8),
+          runner(str(tmp_path / "ref"), "dp", "data=1", 1))
+
+
 def run_mixed(workdir, plan, mesh, devices):
   return run_gin(workdir, "configs/dcnv2_synthetic.gin", [MIXED_DIMS], plan, mesh, devices)
 
@@ -111,8 +117,7 @@ def run_mixed(workdir, plan, mesh, devices):
                                        pytest.param("tw", "table=8", marks=_SLOW),
                                        pytest.param("twcw", "data=2,table=2,col=2", marks=_SLOW)])
 def test_mixed_dims_match_single_device(tmp_path, plan, mesh):
-  losses, tables = run_mixed(str(tmp_path / "w"), plan, mesh, 8)
-  ref_losses, ref_tables = run_mixed(str(tmp_path / "ref"), "dp", "data=1", 1)
+  (losses, tables), (ref_losses, ref_tables) = eight_and_one(run_mixed, tmp_path, plan, mesh)
   assert len(losses) == 20
   np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-4)
   assert sorted(tables) == sorted(ref_tables) and len(tables) == 8
@@ -146,8 +151,8 @@ def run_table_optimizers(workdir, plan, mesh, devices):
                                        pytest.param("twrw", "data=2,table=2,row=2", marks=_SLOW),
                                        pytest.param("cw", "col=8", marks=_SLOW)])
 def test_per_table_optimizers_match_single_device(tmp_path, plan, mesh):
-  losses, arrays = run_table_optimizers(str(tmp_path / "w"), plan, mesh, 8)
-  ref_losses, ref_arrays = run_table_optimizers(str(tmp_path / "ref"), "dp", "data=1", 1)
+  (losses, arrays), (ref_losses, ref_arrays) = eight_and_one(run_table_optimizers, tmp_path,
+                                                             plan, mesh)
   # each table saved its own optimizer's state (the SGD ones none)
   assert sorted(k for k in ref_arrays if k.startswith("table_opt/")) == [
       "table_opt/t0/accum", "table_opt/t3/m", "table_opt/t3/v", "table_opt/t5/accum"]
