@@ -4,7 +4,7 @@ on this machine, or a fit to measured profiles (`profile.fit_coefficients`).
 `calibrate()` times, on every device at once under `shard_map` (so devices that share a
 host's cores contend as they do in a step): a row gather (`jnp.take`), pooling (weighted
 bag sums through an index and their scatter-add backward; and, without dedup, as a reshape
-and a sum whose backward is a broadcast), a scatter-add update, a sort of int32 ids, and
+and a sum whose backward is a broadcast), a scatter-add update, the dedup of int32 ids (`local_ops.unique_inverse`), and
 psum / all_gather / psum_scatter / all_to_all over all devices. Each is timed at two sizes;
 the slope is seconds per byte. The collectives' intercepts, less the time to call a trivial
 program on every device, give seconds per collective; a program of 1 + k tiny stacks
@@ -179,6 +179,7 @@ def _primitives(lax, jnp, dim: int, bag: int):
   """Per-device programs of the step's operations, `name -> (fn, arrays(m), bytes(m))` for
   `m` rows or ids per device (see `cost_model` for the byte counts they stand for)."""
   import jax  # pylint: disable=g-import-not-at-top
+  from jaxrec.embedding import local_ops  # pylint: disable=g-import-not-at-top
   table_rows = 1 << 14
 
   def pool(rows, idx, w):  # stage 2 forward (weighted bag sums) and its backward
@@ -214,7 +215,9 @@ def _primitives(lax, jnp, dim: int, bag: int):
                        lambda m: (jnp.ones((m, dim), jnp.float32), ids(m, m),
                                   jnp.ones((m, dim), jnp.float32)),
                        lambda m: 2 * m * dim * 4),
-      "sort_bytes": (jnp.sort, lambda m: (ids(m, 1 << 30),), lambda m: m * 4),
+      # the dedup the collection runs (a sort, and each id's index in the sorted values)
+      "sort_bytes": (lambda i: jnp.concatenate(local_ops.unique_inverse(i, i.shape[0], 1 << 30)),
+                     lambda m: (ids(m, 1 << 30),), lambda m: m * 4),
   }
 
 
