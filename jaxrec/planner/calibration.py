@@ -4,8 +4,9 @@ on this machine, or a fit to measured profiles (`profile.fit_coefficients`).
 `calibrate()` times, on every device at once under `shard_map` (so devices that share a
 host's cores contend as they do in a step): a row gather (`jnp.take`), pooling (weighted
 bag sums through an index and their scatter-add backward; and, without dedup, as a reshape
-and a sum whose backward is a broadcast), a scatter-add update, the dedup of int32 ids (`local_ops.unique_inverse`), and
-psum / all_gather / psum_scatter / all_to_all over all devices. Each is timed at two sizes;
+and a sum whose backward is a broadcast), a scatter-add update, the dedup of int32 ids
+(`local_ops.unique_inverse`), and psum / all_gather / psum_scatter / all_to_all over all
+devices. Each is timed at two sizes;
 the slope is seconds per byte. The collectives' intercepts, less the time to call a trivial
 program on every device, give seconds per collective; a program of 1 + k tiny stacks
 (gather, pooling, update) against one of 1 gives seconds per stack. Results are cached as
