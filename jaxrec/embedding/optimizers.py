@@ -242,17 +242,29 @@ def per_table(default, overrides: Mapping[str, Any] | None = None,
               what: str = "ExperimentConfig.table_optimizers",
               tables: Sequence[str] | None = None):
   """`default` alone when `overrides` (`{table: optimizer}`) is empty, else the
-  `TableOptimizers`; `ConfigError` naming `what[key]` for a key that is not a string or a
-  value that is not a sparse optimizer. With the table names `tables`, a key may also be a
-  pattern (`fnmatch`: `'user_*'`, `'t[0-3]'`) standing for every table it matches; a key
-  that matches no table, or a table that two keys match, is then an error naming them.
-  Without `tables` the keys are table names (checked by `check_tables`)."""
+  `TableOptimizers`; `overrides` as `checked_overrides` checks (and, with `tables`,
+  expands) them."""
   if isinstance(default, TableOptimizers):
     if overrides:
       raise ConfigError(f"{what}: the default is already per table ({default})")
     return default
-  if overrides is None:
+  overrides = checked_overrides(overrides, what, tables)
+  if not overrides:
     return default
+  return TableOptimizers(default, tuple(sorted(overrides.items())))
+
+
+def checked_overrides(overrides: Mapping[str, Any] | None,
+                      what: str = "ExperimentConfig.table_optimizers",
+                      tables: Sequence[str] | None = None) -> dict[str, Any] | None:
+  """`overrides` (`{table: optimizer}`, None: none) as a dict, checked: `ConfigError`
+  naming `what[key]` for a key that is not a string or a value that is not a sparse
+  optimizer. With the table names `tables`, a key may also be a pattern (`fnmatch`:
+  `'user_*'`, `'t[0-3]'`) standing for every table it matches; a key that matches no
+  table, or a table that two keys match, is then an error naming them. Without `tables`
+  the keys are table names (checked by `check_tables`)."""
+  if overrides is None:
+    return None
   if not isinstance(overrides, Mapping):
     raise ConfigError(f"{what} must be a dict {{table name: sparse optimizer}}, e.g. "
                       f"{{'t0': @RowWiseAdagrad()}}, got {overrides!r}")
@@ -265,10 +277,8 @@ def per_table(default, overrides: Mapping[str, Any] | None = None,
       raise ConfigError(f"{what}['{name}'] must be a sparse optimizer, e.g. @Adagrad() or "
                         f"@sparse_optimizer(), got {opt!r}{hint}")
   if tables is not None:
-    overrides = _expanded(overrides, list(tables), what)
-  if not overrides:
-    return default
-  return TableOptimizers(default, tuple(sorted(overrides.items())))
+    return _expanded(overrides, list(tables), what)
+  return dict(overrides)
 
 
 def _expanded(overrides: Mapping[str, Any], tables: list[str], what: str) -> dict[str, Any]:

@@ -69,7 +69,8 @@ def planned_optimizer(spec: PlannerInputs, flag_value: str | None = None,
   what the trainer would hold: unbound `SGD()`, a name that optimizer with the
   hyperparameters gin binds to its class (e.g. `Adam.lr`), else its defaults (a named
   table whose optimizer equals it shares its stacks, as in the collection); a factor stays
-  a factor (an optimizer no table has: stacks of its own)."""
+  a factor (an optimizer no table has: stacks of its own). `inputs_from_gin` checked and
+  expanded `spec.table_optimizers`; this is their one `optimizers.per_table`."""
   default = spec.optimizer if flag_value is None else parse_optimizer(flag_value, flag)
   if not spec.table_optimizers:
     return "sgd" if default is None else default
@@ -193,13 +194,12 @@ def inputs_from_gin() -> PlannerInputs:
 
 def _table_optimizers(tables) -> dict | None:
   """`ExperimentConfig.table_optimizers`, checked and its patterns expanded as the trainer
-  does (`optimizers.per_table`): `{table: optimizer}`, None when unbound or empty."""
+  does (`optimizers.checked_overrides`): `{table: optimizer}`, None when unbound or empty.
+  `planned_optimizer` makes them one `TableOptimizers` once the default is known."""
   from jaxrec.embedding import optimizers  # pylint: disable=import-outside-toplevel
   value = _query("ExperimentConfig.table_optimizers")
-  per_table = optimizers.per_table(optimizers.SGD(), value,
-                                   tables=[t.name for t in tables])
-  return dict(per_table.overrides) if isinstance(per_table, optimizers.TableOptimizers) \
-      else None
+  checked = optimizers.checked_overrides(value, tables=[t.name for t in tables])
+  return dict(sorted(checked.items())) if checked else None
 
 
 def _batch_size(binding: str, value) -> int:
