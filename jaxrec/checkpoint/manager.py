@@ -511,7 +511,8 @@ class CheckpointManager:
     if not offloaded_lib.check_stored(step_dir / TABLES, unread, saved) and require_finite:
       raise _NonFinite()
     if require_finite and not offloaded_lib.all_finite(   # offloaded then and now: the tier
-        {n: a for n, a in snapshot.items() if n.split("/")[1] in now}):   # takes them unread
+        {n: a for n, a in snapshot.items() if n.split("/")[1] in now},   # takes them unread
+        f"checkpoint {step_dir}"):
       raise _NonFinite()
     _warn_fresh(step_dir, fresh_opt, collection, index)
     target = {k: v for k, v in target.items() if k != "emb"}

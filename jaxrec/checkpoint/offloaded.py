@@ -145,24 +145,29 @@ def with_sources(index: Mapping, sources: Mapping[str, ts.TensorStore]) -> dict:
 def check_stored(tables_dir, names: Iterable[str], saved: Mapping[str, int]) -> bool:
   """Reads the stored arrays `names` of the `embeddings` item `tables_dir` block by block;
   raises ValueError when one differs from its saved fingerprint (`saved`). Returns whether
-  every value is finite."""
+  every value is finite. A large array's read is a logged phase, as `storage.check_step`'s."""
   nonfinite = []
   for name in names:
     array = tables_lib.open_stored(tables_dir, name)
+    what = f"checkpoint {epath.Path(tables_dir).parent}: checking '{name}'"
     total = storage.array_fingerprint(
-        array, lambda block: nonfinite.append(not np.isfinite(block).all()))
+        array, lambda block: nonfinite.append(not np.isfinite(block).all()),
+        blocks=storage.logged_blocks(array, what))
     if total != saved[name]:
       raise ValueError(f"'{name}' in {tables_dir} fails its fingerprint check: the stored "
                        "data differ from what was saved")
   return not any(nonfinite)
 
 
-def all_finite(arrays: Mapping[str, ts.TensorStore]) -> bool:
+def all_finite(arrays: Mapping[str, ts.TensorStore], where: str) -> bool:
   """Whether every value of the snapshot `arrays` is finite, read block by block: a NaN
   rollback checked only the device caches of tables offloaded then and now, so a row that
-  went NaN and was evicted before the save was restored as it was."""
-  for array in arrays.values():
-    for _, block in storage.row_blocks(array):
+  went non-finite and was evicted before the save was restored as it was. Each large
+  array's read is a logged phase (`storage.logged_blocks`) named for `where` (e.g.
+  `checkpoint W/checkpoints/8`), so a long check says what it reads and how far it got."""
+  for name, array in arrays.items():
+    what = f"{where}: checking '{name}' (offload snapshot) for NaN/inf"
+    for _, block in storage.logged_blocks(array, what):
       signals.check()
       if not np.isfinite(block).all():
         return False

@@ -84,10 +84,14 @@ def test_a_flush_writes_only_the_rows_trained_since_the_last_one(tmp_path):
     off.close()
 
 
-def test_a_rollback_skips_a_checkpoint_whose_offloaded_rows_are_not_finite(tmp_path):
+def test_a_rollback_skips_a_checkpoint_whose_offloaded_rows_are_not_finite(
+    tmp_path, monkeypatch, caplog):
   """A NaN rollback checked the offloaded table's device cache only: a row that went
   non-finite and was evicted before the save sat in the offload snapshot, and the rollback
-  restored it (the on-device run skips that checkpoint)."""
+  restored it (the on-device run skips that checkpoint). Its read of the snapshot is a
+  logged phase (`phase_log`, over `MIN_BYTES`; it read a large table without a word): a
+  line before with the size, one after with the seconds (none where it stopped at a NaN)."""
+  from jaxrec import phase_log  # pylint: disable=import-outside-toplevel
   from jaxrec.checkpoint import CheckpointManager  # pylint: disable=import-outside-toplevel
   cfg = experiment("sgd")
   w = tmp_path / "w"
@@ -109,9 +113,23 @@ def test_a_rollback_skips_a_checkpoint_whose_offloaded_rows_are_not_finite(tmp_p
       offloaded = {"big": t.spec}
       assert int(mgr.restore(run.state, run.collection, offloaded=offloaded)
                  .state["step"]) == 8
-      restored = mgr.restore(run.state, run.collection, require_finite=True,
-                             offloaded=offloaded)
+      size = 10_000 * 8 * 4   # 'big' in the snapshot (SGD: no state); its cache is smaller
+      monkeypatch.setattr(phase_log, "MIN_BYTES", size)
+      with caplog.at_level("INFO", logger=phase_log.__name__):
+        restored = mgr.restore(run.state, run.collection, require_finite=True,
+                               offloaded=offloaded)
       assert int(restored.state["step"]) == 4
+      checks = [f"checkpoint {w / 'checkpoints' / str(s)}: checking 'tables/big' (offload "
+                "snapshot) for NaN/inf" for s in (8, 4)]
+      assert [re.sub(r"[\d.]+ s$", "T s", r.getMessage()) for r in caplog.records
+              if r.name == phase_log.__name__] == [
+                  f"{checks[0]} (312.5 KiB)", f"{checks[1]} (312.5 KiB)",
+                  f"{checks[1]}: done in T s"]
+      caplog.clear()
+      monkeypatch.setattr(phase_log, "MIN_BYTES", size + 1)
+      with caplog.at_level("INFO", logger=phase_log.__name__):
+        mgr.restore(run.state, run.collection, require_finite=True, offloaded=offloaded)
+      assert not [r for r in caplog.records if r.name == phase_log.__name__]
   finally:
     run.close()
 
