@@ -48,6 +48,20 @@ def clear() -> None:
   _FILES.clear()
 
 
+def saved() -> tuple:
+  """A copy of what is recorded, for `restore` (around a parse of another config)."""
+  return dict(_ORIGINS), dict(_MACRO_USES), list(_FILES)
+
+
+def restore(state: tuple) -> None:
+  """Puts back what `saved` returned."""
+  clear()
+  origins, macro_uses, files = state
+  _ORIGINS.update(origins)
+  _MACRO_USES.update(macro_uses)
+  _FILES.extend(files)
+
+
 def files_read() -> list[str]:
   """The gin files parsed since `clear`, `--gin_file`s and their includes (e.g. for an
   output that must not overwrite one)."""

@@ -1,7 +1,8 @@
 r"""Exports, re-targets or imports jaxrec checkpoints.
 
   .venv/bin/python scripts/convert_checkpoint.py --checkpoint_dir=W/checkpoints [--step=N] \
-      --output=PATH --format=npz|zarr|checkpoint [--mesh=data=2,row=2 --plan=rw|PLAN.json]
+      --output=PATH --format=npz|zarr|checkpoint [--mesh=data=2,row=2 --plan=rw|PLAN.json \
+      [--gin_file=CONFIG.gin]]
   .venv/bin/python scripts/convert_checkpoint.py --torchrec_npz=EBC.npz --output=W/checkpoints \
       --format=checkpoint [--step=0]
 
@@ -10,7 +11,9 @@ per optimizer state leaf (`table_opt/<table>/<name>`, `dense_opt/<path>`), plus 
 `rng` and `metadata` (JSON). checkpoint: a verified copy into the checkpoint directory
 PATH; with --mesh and --plan it first checks the plan fits that mesh (a plan file without
 --mesh: the mesh it records; any checkpoint restores on any mesh and plan: tables are
-stored per table, by name). Ctrl-C or SIGTERM
+stored per table, by name) and prints the stacks a run resuming the copy lays out, with
+the sparse optimizers of the config the checkpoint records (or of --gin_file /
+--gin_bindings: the resuming run's). Ctrl-C or SIGTERM
 stops it between row blocks (files for checkpoint) and removes the partial output: one
 line, exit 130 or 143.
 """
@@ -51,6 +54,14 @@ _RESTART_DATA = flags.DEFINE_bool("restart_data", False, "With --format=checkpoi
                                   "keeps the model and its step but not the data position: "
                                   "a run on it reads its --train_data from the start (continue "
                                   "training on new data, e.g. the next day's).")
+_GIN_FILE = flags.DEFINE_multi_string("gin_file", [], "With --format=checkpoint --plan: the "
+                                      "gin files of the run that will resume the copy, for "
+                                      "the sparse optimizers of the stacks printed "
+                                      "(ExperimentConfig.sparse_optimizer, table_optimizers: "
+                                      "tables of different optimizers stack apart); default: "
+                                      "the config the checkpoint's run recorded.")
+_GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings applied after "
+                                          "--gin_file (as --gin_file).")
 _TORCHREC = flags.DEFINE_string("torchrec_npz", None, "Import this TorchRec "
                                 "EmbeddingBagCollection state_dict (npz written by "
                                 "third_party/torchrec_export) instead of --checkpoint_dir.")
@@ -80,8 +91,8 @@ def run() -> str:
   if _TORCHREC.value:
     if _FORMAT.value != "checkpoint":
       raise ConfigError("--torchrec_npz imports into a checkpoint: use --format=checkpoint")
-    given = [f"--{f}" for f in ("checkpoint_dir", "mesh", "plan", "restart_data")
-             if flags.FLAGS[f].present]
+    given = [f"--{f}" for f in ("checkpoint_dir", "mesh", "plan", "restart_data",
+                                "gin_file", "gin_bindings") if flags.FLAGS[f].present]
     if given:
       raise ConfigError(f"{', '.join(given)}: not used with --torchrec_npz (it imports the "
                         "npz into --output)")
@@ -93,6 +104,9 @@ def run() -> str:
   if _FORMAT.value != "checkpoint" and (_MESH.value or _PLAN.value):
     raise ConfigError(f"--mesh and --plan apply to --format=checkpoint only, not "
                       f"--format={_FORMAT.value} (exports hold each table whole)")
+  if _FORMAT.value != "checkpoint" and (_GIN_FILE.value or _GIN_BINDINGS.value):
+    raise ConfigError(f"--gin_file and --gin_bindings apply to --format=checkpoint --plan "
+                      f"only, not --format={_FORMAT.value}")
   if _FORMAT.value != "checkpoint" and _RESTART_DATA.value:
     raise ConfigError(f"--restart_data applies to --format=checkpoint only, not "
                       f"--format={_FORMAT.value}")
@@ -103,7 +117,8 @@ def run() -> str:
   else:
     mesh = convert.parse_mesh(_MESH.value) if _MESH.value else None
     step, layouts = convert.export_checkpoint(_DIR.value, _OUTPUT.value, _STEP.value, mesh,
-                                              _PLAN.value, _RESTART_DATA.value)
+                                              _PLAN.value, _RESTART_DATA.value,
+                                              _GIN_FILE.value, _GIN_BINDINGS.value)
     if layouts:
       print(layouts)
   return f"wrote step {step} of {_DIR.value} to {_OUTPUT.value} ({_FORMAT.value})"

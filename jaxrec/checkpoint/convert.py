@@ -36,7 +36,7 @@ import os
 import shutil
 import time
 import zipfile
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import tensorstore as ts
@@ -372,13 +372,16 @@ def parse_mesh(spec: str) -> dict[str, int]:
 @_dirs_removed_on_error
 def export_checkpoint(checkpoint_dir, output, step: int | None = None,
                       mesh_shape: Mapping[str, int] | None = None, plan: str | None = None,
-                      restart_data: bool = False) -> tuple[int, str]:
+                      restart_data: bool = False, gin_files: Sequence[str] = (),
+                      gin_bindings: Sequence[str] = ()) -> tuple[int, str]:
   """Copies checkpoint `step` into the checkpoint directory `output`, for a run on
   `mesh_shape` with `plan`. The stored layout is canonical, so the copy is exact; this
   verifies every array's fingerprint and that the plan fits the mesh (the layouts it
   would build). `restart_data`: the copy drops the data position, so a run resuming from
   it keeps the model (tables, dense, optimizer states, step) and reads its training data
-  from the start (other data, e.g. the next day's, or another seed). Returns
+  from the start (other data, e.g. the next day's, or another seed). `gin_files`,
+  `gin_bindings`: the resuming run's config, for the sparse optimizers of the described
+  stacks (default: the config the checkpoint records; `copy_optimizer`). Returns
   `(step written, layout description)`; `step` None: the latest valid (see `selection`)."""
   if plan is not None and mesh_shape is None:
     mesh_shape = recorded_mesh(plan)   # a plan file's own mesh, as train.py and plan.py take
@@ -394,16 +397,23 @@ def export_checkpoint(checkpoint_dir, output, step: int | None = None,
   _not_a_workdir(output)
   if output.exists() and not output.is_dir():
     raise ConfigError(f"--output {output} is a file; --format=checkpoint writes a directory")
-  copy = functools.partial(_copy, output, mesh_shape, plan, restart_data)
+  if (gin_files or gin_bindings) and plan is None:
+    raise ConfigError("--gin_file/--gin_bindings give the resuming run's sparse optimizers "
+                      "for the stacks a copy prints: they go with --plan (and --mesh)")
+  copy = functools.partial(_copy, output, mesh_shape, plan, restart_data,
+                           (tuple(gin_files), tuple(gin_bindings)))
   return selection.convert_step(checkpoint_dir, step, copy)
 
 
-def _copy(output, mesh_shape, plan, restart_data, step_dir, step) -> tuple[int, str]:
-  """`export_checkpoint` of checkpoint `step_dir` (of `step`)."""
+def _copy(output, mesh_shape, plan, restart_data, gin_config, step_dir, step
+          ) -> tuple[int, str]:
+  """`export_checkpoint` of checkpoint `step_dir` (of `step`); `gin_config`: `(gin files,
+  gin bindings)`."""
   manifest = selection.check(step_dir)
   description = ""
   if plan is not None:   # offloaded tables whole, not as the saved caches (`copy_layout`)
-    resolved, description = copy_layout.describe(step_dir, manifest, plan, mesh_shape)
+    resolved, description = copy_layout.describe(step_dir, manifest, plan, mesh_shape,
+                                                 *gin_config)
   dest = output / str(step)
   if dest.exists():
     raise ConfigError(f"--output: {dest} already exists")

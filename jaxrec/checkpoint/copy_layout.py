@@ -1,7 +1,8 @@
 """The stacks a `--format=checkpoint` copy lays out (checks and prints) for its `--mesh` and
 `--plan`.
 
-The tables are the checkpoint's, whole: an offloaded table's entry in the manifest is its
+The tables are the checkpoint's, stacked apart by sparse optimizer as the resuming run
+stacks them (`copy_optimizer`), and whole: an offloaded table's entry in the manifest is its
 device cache (`cache_rows` rows), right only for a run that offloads it with the same
 cache; its rows are those its meta's `offload.tables` records (the table in its offload
 snapshot). So each offloaded table is laid out whole, as a run that keeps it on the device
@@ -10,11 +11,11 @@ holds it, and the description says so and what a run that offloads it holds inst
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from etils import epath
 
-from jaxrec.checkpoint import storage
+from jaxrec.checkpoint import copy_optimizer, storage
 from jaxrec.embedding import layout as layout_lib
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import CheckpointError, ConfigError
@@ -35,17 +36,23 @@ def tables(meta: Mapping, manifest: Mapping) -> tuple[tuple[TableSpec, ...], dic
   return tuple(specs), offloaded
 
 
-def describe(step_dir, manifest: Mapping, plan: str, mesh_shape: Mapping[str, int]
+def describe(step_dir, manifest: Mapping, plan: str, mesh_shape: Mapping[str, int],
+             gin_files: Sequence[str] = (), gin_bindings: Sequence[str] = ()
              ) -> tuple[Plan, str]:
   """`(plan, description)`: `--plan` (`resolve_plan`) for the checkpoint's whole tables,
-  and the stacks it lays out on `mesh_shape` (checking the plan fits it), with a line per
-  table offloaded when saved."""
+  and the stacks it lays out on `mesh_shape` (checking the plan fits it) with the sparse
+  optimizers of the resuming run (`copy_optimizer.resolve`: from `gin_files` and
+  `gin_bindings`, else the config the checkpoint records; tables of different optimizers
+  stack apart, `..._o<g>`), a line saying where those came from, and a line per table
+  offloaded when saved."""
   meta = _meta(step_dir)
   specs, offloaded = tables(meta, manifest)
   resolved = resolve_plan(plan, specs, mesh_shape)
+  optimizer, source = copy_optimizer.resolve(meta, [t.name for t in specs], gin_files,
+                                             gin_bindings)
   layouts = layout_lib.build_layouts(specs, recorded_features(meta, specs), resolved,
-                                     mesh_shape)
-  lines = [layout_lib.describe(layouts)]
+                                     mesh_shape, optimizer)
+  lines = [layout_lib.describe(layouts), copy_optimizer.describe(optimizer, source, manifest)]
   by_name = {t.name: t for t in specs}
   for name, t in sorted(offloaded.items()):
     cache = t.get("cache_rows")

@@ -258,10 +258,8 @@ class ExperimentConfig:
   def sparse_tx(self):
     """The tables' sparse optimizer: `sparse_optimizer` (SGD when unbound), or a
     `TableOptimizers` when `table_optimizers` names some tables."""
-    default = (self.sparse_optimizer if self.sparse_optimizer is not None
-               else sparse_optimizers.SGD())
-    return sparse_optimizers.per_table(default, self.table_optimizers,
-                                       tables=[t.name for t in self.tables])
+    return sparse_tx(self.sparse_optimizer, self.table_optimizers,
+                     [t.name for t in self.tables])
 
   def validate(self, num_devices: int, train: bool = True) -> None:
     """`ConfigError` naming the first bad binding. `train=False` (a run that only
@@ -320,6 +318,13 @@ class ExperimentConfig:
                         f"e.g. @dense_optimizer(), got {dense!r}")
     check_sparse_optimizer(sparse)
     self.sparse_tx()   # checks `table_optimizers` against the tables
+
+
+def sparse_tx(sparse_optimizer, table_optimizers, tables):
+  """`ExperimentConfig.sparse_tx` of these two fields, for the table names `tables`
+  (also for a checkpoint copy's printed stacks: `checkpoint.copy_optimizer`)."""
+  default = sparse_optimizer if sparse_optimizer is not None else sparse_optimizers.SGD()
+  return sparse_optimizers.per_table(default, table_optimizers, tables=list(tables))
 
 
 def _takes_feature_dims(model) -> bool:

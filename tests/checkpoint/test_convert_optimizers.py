@@ -1,0 +1,122 @@
+"""A `--format=checkpoint --plan` copy prints the stacks of the run that resumes it: tables
+of different sparse optimizers stack apart (`..._o<g>`), with the optimizers of the config
+the checkpoint's run recorded, or of `--gin_file` / `--gin_bindings` (`copy_optimizer`)."""
+
+import os
+
+import gin
+import jax
+import pytest
+
+from jaxrec import launch
+from jaxrec.checkpoint import CheckpointManager, convert, storage
+from jaxrec.checkpoint.copy_layout import recorded_features, tables as copy_tables
+from jaxrec.embedding.collection import EmbeddingCollection
+from jaxrec.embedding import optimizers
+from jaxrec.errors import ConfigError
+from jaxrec.sharding.mesh import make_mesh
+from jaxrec.sharding.plan import uniform_plan
+from jaxrec.train.config import ExperimentConfig
+from tests.checkpoint import ckpt_helpers as h
+from tests.scripts.in_process import run_script
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PER_TABLE = ["ExperimentConfig.table_optimizers = {'t0': @big/RowWiseAdagrad(), "
+             "'t[23]': @Adam()}", "big/RowWiseAdagrad.lr = 0.05", "Adam.lr = 0.01"]
+# what those bindings give the checkpoint's tables t0-t3 (the config's SGD.lr is 1.0)
+OPTIMIZER = optimizers.per_table(optimizers.SGD(1.0), {
+    "t0": optimizers.RowWiseAdagrad(0.05), "t2": optimizers.Adam(0.01),
+    "t3": optimizers.Adam(0.01)})
+
+
+def _operative_gin() -> str:
+  """The operative config a train.py run of configs/dlrm_synthetic.gin with `PER_TABLE`
+  records in its checkpoints' meta (`gin`)."""
+  launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")], PER_TABLE)
+  launch.build(ExperimentConfig).sparse_tx()
+  return gin.operative_config_str()
+
+
+def _save(path, meta):
+  coll = h.collection("rw", 8, optimizer=OPTIMIZER)
+  with CheckpointManager(path) as mgr:
+    mgr.save(1, h.train_state(coll, step=1), coll, meta=meta, force=True)
+  return path
+
+
+def _stacks(text: str) -> list[str]:
+  return [l.split(":")[0] for l in text.splitlines() if l.startswith("rw_d")]
+
+
+def _run_builds(path) -> list[str]:
+  """The stacks of the collection a run on row=8 with plan rw and `OPTIMIZER` builds for
+  the checkpoint's tables and recorded features."""
+  step_dir = path / "1"
+  meta = storage.read_json(step_dir, storage.META)
+  specs, _ = copy_tables(meta, storage.read_json(step_dir, storage.MANIFEST))
+  coll = EmbeddingCollection.create(specs, recorded_features(meta, specs),
+                                    uniform_plan("rw", specs, 1),
+                                    make_mesh({"row": 8}, devices=jax.devices()[:8]), OPTIMIZER)
+  return [l.name for l in coll.layouts]
+
+
+def test_a_copy_prints_the_stacks_of_the_optimizers_its_checkpoint_recorded(tmp_path):
+  """The layout was built without the optimizer: one stack where the resuming run builds
+  one per optimizer (`_o1`: t0's row-wise Adagrad, `_o2`: t2's and t3's Adam). Gin's own
+  configuration is as it was after the copy."""
+  path = _save(tmp_path / "checkpoints", {"gin": _operative_gin()})
+  gin.clear_config()
+  gin.bind_parameter("Adam.lr", 0.5)   # the caller's config: kept
+  _, text = convert.export_checkpoint(path, tmp_path / "copy", None,
+                                      convert.parse_mesh("row=8"), "rw")
+  assert _stacks(text) == _run_builds(path), text
+  assert {s[-3:] for s in _stacks(text)} >= {"_o1", "_o2"}, text
+  assert ("sparse optimizer from the config the checkpoint's run recorded (its meta's gin): "
+          "SGD(lr=1.0)") in text
+  assert "  _o1 stacks: RowWiseAdagrad(lr=0.05, " in text and "(tables t0)" in text
+  assert "  _o2 stacks: Adam(lr=0.01, " in text and "(tables t2, t3)" in text
+  assert gin.query_parameter("Adam.lr") == 0.5
+  with pytest.raises(ValueError):
+    gin.query_parameter("ExperimentConfig.table_optimizers")
+
+
+def test_without_a_recorded_config_the_given_gin_decides(tmp_path):
+  """A checkpoint without a gin config (an import, `save_arrays`) prints one optimizer for
+  every table and says so; the resuming run's `--gin_file`/`--gin_bindings` give its
+  stacks (also over a recorded config); their errors name the flag."""
+  path = _save(tmp_path / "checkpoints", {})
+  mesh = convert.parse_mesh("row=8")
+  _, text = convert.export_checkpoint(path, tmp_path / "a", None, mesh, "rw")
+  assert not any(s.endswith(("_o1", "_o2")) for s in _stacks(text)), text
+  assert "sparse optimizer: none recorded (no gin config in the checkpoint's meta" in text
+  assert ("(its tables hold different optimizer states, t0: accum; t1: none; t2, t3: m, v: "
+          "the run that saved it had ExperimentConfig.table_optimizers") in text, text
+  bindings = ["ExperimentConfig.sparse_optimizer = @SGD()", "SGD.lr = 1.0", *PER_TABLE]
+  _, text = convert.export_checkpoint(path, tmp_path / "b", None, mesh, "rw",
+                                      gin_bindings=bindings)
+  assert _stacks(text) == _run_builds(path), text
+  assert "sparse optimizer from --gin_file/--gin_bindings: SGD(lr=1.0)" in text
+  with pytest.raises(ConfigError, match=r"^--gin_bindings: ExperimentConfig.table_optimizers"
+                     r"\['t9'\] names no table"):
+    convert.export_checkpoint(path, tmp_path / "c", None, mesh, "rw", gin_bindings=[
+        "ExperimentConfig.table_optimizers = {'t9': @Adam()}"])
+  with pytest.raises(ConfigError, match=r"^--gin_file/--gin_bindings give the resuming run's"):
+    convert.export_checkpoint(path, tmp_path / "d", gin_bindings=bindings)
+
+
+def test_the_script_takes_the_resuming_runs_gin(tmp_path):
+  path = _save(tmp_path / "checkpoints", {})
+  config = tmp_path / "resume.gin"
+  config.write_text("\n".join(["ExperimentConfig.sparse_optimizer = @SGD()", "SGD.lr = 1.0",
+                               *PER_TABLE]) + "\n")
+  proc = run_script("convert_checkpoint.py", f"--checkpoint_dir={path}",
+                    f"--output={tmp_path / 'copy'}", "--format=checkpoint", "--mesh=row=8",
+                    "--plan=rw", f"--gin_file={config}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert _stacks(proc.stdout) == _run_builds(path), proc.stdout
+  assert "sparse optimizer from --gin_file/--gin_bindings: SGD(lr=1.0)" in proc.stdout
+  proc = run_script("convert_checkpoint.py", f"--checkpoint_dir={path}",
+                    f"--output={tmp_path / 'c.npz'}", "--format=npz", f"--gin_file={config}")
+  assert proc.returncode == 1 and proc.stderr.startswith(
+      "error: --gin_file and --gin_bindings apply to --format=checkpoint --plan only"), \
+      proc.stderr
