@@ -332,8 +332,10 @@ def main(argv):
                           ) from None
       cached.append(path)
       print(f"{cal.source}: cached in {path}")
-    elif FLAGS.calibration_file:
+    elif FLAGS.calibration_file:   # the user's file: used, with a warning when older
       cal = planner.load_calibration(FLAGS.calibration_file)
+      if cal is not None:
+        planner.is_current(cal, FLAGS.calibration_file)
     else:   # as train.py: the cache only when it was measured on this platform (another's
       from jaxrec.offload.hooks import cached_calibration  # pylint: disable=import-outside-toplevel
       cal = cached_calibration()   # was used here while train.py priced with the defaults)

@@ -165,13 +165,14 @@ def check_one_process(off: OffloadConfig, processes: int) -> None:
 
 def cached_calibration():
   """`scripts/plan.py --calibrate`'s cached coefficients if they were measured on the
-  platform this process runs on; None (the defaults) otherwise."""
+  platform this process runs on by this version of `calibrate`; None (the defaults)
+  otherwise (a warning when only the version differs)."""
   from jaxrec import planner  # pylint: disable=import-outside-toplevel
   from jaxrec.kernels import platform  # pylint: disable=import-outside-toplevel
   cal = planner.load_calibration()
   if cal is None or cal.meta.get("platform") != platform.planning_backend():
     return None
-  return cal
+  return cal if planner.is_current(cal, planner.default_cache_path()) else None
 
 
 def make_tier(collection, config, offload_config: OffloadConfig, seed: int, workdir: str,

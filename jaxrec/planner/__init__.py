@@ -9,7 +9,8 @@
 """
 
 from jaxrec.planner.calibration import (DEFAULT, Calibration, calibrate, default_cache_path,
-                                        load_calibration, load_or_calibrate, save_calibration)
+                                        is_current, load_calibration, load_or_calibrate,
+                                        save_calibration)
 from jaxrec.planner.cost_model import (COST_TERMS, OPTIMIZER_STATES, OptimizerState, PlanCost,
                                        TableStats, optimizer_state, plan_cost, state_of)
 from jaxrec.planner.profile import (PROFILE_FILE, Refinement, append_profile, fit_coefficients,

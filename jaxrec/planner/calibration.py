@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import logging
 import math
 import numbers
 import os
@@ -31,6 +32,12 @@ from jaxrec import signals
 from jaxrec.errors import ConfigError
 from jaxrec.files import user_cache_dir, write_text_atomic
 from jaxrec.planner.cost_model import COST_TERMS
+
+# What `calibrate` times, recorded in its meta (`version`): a calibration of another
+# version timed operations the step no longer runs, or no longer as it runs them. 2
+# (2026-12-06): `sort_bytes` times the collection's dedup (`local_ops.unique_inverse`;
+# a bare sort before), and the step stopped paying a per-stack reorder's scatter-adds.
+VERSION = 2
 
 # A generic accelerator: ~1 TB/s memory, ~200 GB/s random row gather, ~100 GB/s links,
 # 20 us per collective, 10 us of kernel launches per stack. Replace with
@@ -123,6 +130,18 @@ def load_calibration(path: str | os.PathLike | None = None) -> Calibration | Non
     why = str(e).removeprefix("calibration: ")
     raise ConfigError(f"calibration file {path} is malformed ({why}); delete it or rerun "
                       "scripts/plan.py --calibrate") from None
+
+
+def is_current(cal: Calibration, path) -> bool:
+  """Whether `cal` (read from `path`) was measured by this version of `calibrate`; logs a
+  warning naming the file when it was not."""
+  version = cal.meta.get("version", 1)
+  if version == VERSION:
+    return True
+  logging.warning("calibration file %s was measured by an older jaxrec (calibration "
+                  "version %s, now %s: the step's operations changed since); rerun "
+                  "scripts/plan.py --calibrate", path, version, VERSION)
+  return False
 
 
 def save_calibration(cal: Calibration, path: str | os.PathLike | None = None) -> pathlib.Path:
@@ -301,8 +320,8 @@ def calibrate(num_cpu_devices: int | None = 8, quick: bool = False, reps: int = 
   call = _median_time(f, *args, reps=reps)  # calling a trivial program on every device
   raw["call"] = call
 
-  meta = {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
-          "num_devices": n, "quick": quick,
+  meta = {"version": VERSION, "platform": devices[0].platform,
+          "device_kind": devices[0].device_kind, "num_devices": n, "quick": quick,
           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
   if n > 1:
     collectives = {  # name -> (fn, bytes moved per device for a per-device buffer of s bytes)
@@ -334,9 +353,10 @@ def calibrate(num_cpu_devices: int | None = 8, quick: bool = False, reps: int = 
 
 def load_or_calibrate(path: str | os.PathLike | None = None, force: bool = False,
                       num_cpu_devices: int = 8) -> Calibration:
-  """The cached calibration; runs `calibrate()` and caches it if absent or `force`."""
+  """The cached calibration; runs `calibrate()` and caches it if absent, older than this
+  `calibrate` (`is_current`) or `force`."""
   cal = None if force else load_calibration(path)
-  if cal is None:
+  if cal is None or not is_current(cal, path or default_cache_path()):
     cal = calibrate(num_cpu_devices)
     save_calibration(cal, path)
   return cal

@@ -16,6 +16,7 @@ from tests.scripts.in_process import run_script
 def test_quick_calibration_and_cache(tmp_path):
   cal = calibration.calibrate(quick=True, reps=2)
   assert cal.meta["num_devices"] == 8 and "8 cpu" in cal.source
+  assert cal.meta["version"] == calibration.VERSION
   vec = cal.vector()
   assert (vec >= 0).all() and len(vec) == len(COST_TERMS)
   coef = cal.coefficients
@@ -25,6 +26,7 @@ def test_quick_calibration_and_cache(tmp_path):
   path = calibration.save_calibration(cal, tmp_path / "c" / "calibration.json")
   again = calibration.load_calibration(path)
   assert again.vector().tolist() == vec.tolist() and again.source == cal.source
+  assert calibration.load_or_calibrate(path) == again   # current: not measured again
 
 
 def test_the_device_count_asked_for_is_the_one_timed():

@@ -205,6 +205,23 @@ def test_a_cache_from_another_platform_is_not_used(tmp_path):
   assert proc.returncode == 0 and "coefficients: defaults" in proc.stdout, proc.stdout
 
 
+def test_an_older_calibration_is_warned_about(tmp_path):
+  """The cache: left out as train.py leaves it out (the defaults price); a file given by
+  --calibration_file: used, with the same warning."""
+  from jaxrec import planner  # pylint: disable=import-outside-toplevel
+  cal = planner.Calibration(dict(planner.DEFAULT.coefficients), "calibration on 8 cpu "
+                            "device(s)", {"platform": "cpu", "num_devices": 8, "version": 1})
+  cache = planner.save_calibration(cal, tmp_path / "cache" / "calibration.json")
+  given = planner.save_calibration(cal, tmp_path / "given.json")
+  for flags, path, used in (((), cache, "coefficients: defaults"),
+                            ((f"--calibration_file={given}",), given,
+                             "coefficients: calibration on 8 cpu")):
+    proc = plan(tmp_path, "--tables=a:1000:8", "--mesh=table=8", *flags)
+    assert proc.returncode == 0 and used in proc.stdout, proc.stdout
+    assert (f"calibration file {path} was measured by an older jaxrec (calibration version "
+            f"1, now {planner.calibration.VERSION}") in proc.stderr, proc.stderr
+
+
 def test_interrupted_json_keeps_the_old_one_and_leaves_no_tmp(tmp_path):
   """Only an OSError removed the temporary file: Ctrl-C mid-write left `p.json.tmp-<pid>`."""
   out = tmp_path / "p.json"

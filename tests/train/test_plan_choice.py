@@ -9,6 +9,7 @@ from jaxrec.embedding import optimizers
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError
 from jaxrec.models import DLRM
+from jaxrec.planner import calibration
 from jaxrec.sharding.plan import Plan, TablePlacement
 from jaxrec.train.config import ExperimentConfig, RunOptions
 
@@ -27,13 +28,31 @@ def test_auto_uses_the_cached_calibration_of_this_platform(tmp_path, monkeypatch
   monkeypatch.setenv("JAXREC_CACHE_DIR", str(tmp_path))
   assert choose("auto")[1].calibration.source.startswith("defaults")
   coefficients = dict(planner.DEFAULT.coefficients, collectives=1e-3)
+  version = calibration.VERSION
   planner.save_calibration(planner.Calibration(coefficients, "measured here",
-                                               {"platform": "cpu"}))
+                                               {"platform": "cpu", "version": version}))
   for plan in ("auto", "tw"):
     assert choose(plan)[1].calibration.source == "measured here"
   # A calibration taken on another platform does not describe this one.
-  planner.save_calibration(planner.Calibration(coefficients, "on a gpu", {"platform": "gpu"}))
+  planner.save_calibration(planner.Calibration(coefficients, "on a gpu",
+                                               {"platform": "gpu", "version": version}))
   assert choose("auto")[1].calibration.source.startswith("defaults")
+
+
+@pytest.mark.parametrize("meta", [{}, {"version": calibration.VERSION - 1}],
+                         ids=["unversioned", "older"])
+def test_auto_prices_with_the_defaults_and_warns_over_an_older_calibration(
+    tmp_path, monkeypatch, caplog, meta):
+  """One that timed operations the step no longer runs as it did (a bare sort for the
+  dedup) would rank plans by costs that are gone."""
+  monkeypatch.setenv("JAXREC_CACHE_DIR", str(tmp_path))
+  coefficients = dict(planner.DEFAULT.coefficients, collectives=1e-3)
+  path = planner.save_calibration(planner.Calibration(coefficients, "measured here",
+                                                      dict(meta, platform="cpu")))
+  with caplog.at_level("WARNING"):
+    assert choose("auto")[1].calibration.source.startswith("defaults")
+  assert f"calibration file {path} was measured by an older jaxrec" in caplog.text
+  assert "rerun scripts/plan.py --calibrate" in caplog.text
 
 
 def test_plan_file_runs_the_plan_it_holds(tmp_path):
