@@ -156,8 +156,9 @@ class EmbeddingCollection:
     Args:
       optimizer: sparse optimizer (`embedding.optimizers`), or one per table
         (`optimizers.TableOptimizers`, from `optimizers.per_table`): a table's optimizer
-        updates its rows and shapes its state; tables of different optimizers are in
-        different stacks.
+        updates its rows and shapes its state; tables of different optimizer families
+        (`optimizers.family`) are in different stacks, tables that differ in `lr` only
+        share them (each row stepped at its table's rate).
       options: kernel / communication choices; None: `EmbeddingOptions()` as gin binds it.
       **overrides: fields of `EmbeddingOptions` to replace, e.g. `kernel='pallas'`,
         `comm_dtype='bfloat16'`, `interpret=True`, `stochastic_rounding=True`.
@@ -195,8 +196,9 @@ class EmbeddingCollection:
     unfused = [l.name for l in layouts if not local_ops.fused_update_ok(l, l.optimizer)]
     if options.kernel == "pallas" and unfused:
       log.warning("kernel='pallas': stacks %s update on XLA (the fused update kernel takes "
-                  "SGD, Adagrad and row-wise Adagrad with a constant lr; row-wise Adagrad and "
-                  "int8 not on split columns); their pooling uses the kernel", unfused)
+                  "SGD, Adagrad and row-wise Adagrad with a constant lr or per-table rates; "
+                  "row-wise Adagrad and int8 not on split columns); their pooling uses the "
+                  "kernel", unfused)
     return collection
 
   def dedup(self, l: layout_lib.StackLayout) -> bool:

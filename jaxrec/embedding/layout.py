@@ -1,8 +1,10 @@
 """Stacked-table layout: how a plan's tables become a few big arrays on the mesh.
 
-Tables with the same (dim, dtype, placement kind, sparse optimizer, bag-size bucket) form
-one *stack* (a table whose optimizer differs from the default, `optimizers.TableOptimizers`,
-is stacked with the tables of that optimizer only: its stack's name ends `_o<group>`); for
+Tables with the same (dim, dtype, placement kind, sparse optimizer family, bag-size bucket)
+form one *stack* (a table whose optimizer is of another family than the default's,
+`optimizers.TableOptimizers`, is stacked with the tables of that family only: its stack's
+name ends `_o<group>`; tables of a family that differ only in `lr` share stacks, whose
+update takes each row's rate from its table, `StackLayout.rates`); for
 kinds split over `table`, buckets merge where that lowers every device's id slots
 (`_merge_buckets`). Per `table` slice `t`
 (only for kinds that use the `table` axis; otherwise there is one slice) the slice's tables
@@ -70,8 +72,12 @@ class StackLayout:
     max_len: bag size every stack feature is padded to.
     slot_features: `[nt_used][per_slice]` stack-feature indices handled by each slice,
       padded with -1 to the same length.
-    optimizer: the sparse optimizer of its tables (None where the layouts were built
-      without one, e.g. by the planner for a plan's shape only).
+    optimizer: the sparse optimizer of its tables (its first table's where they differ in
+      `lr` only; None where the layouts were built without one, e.g. by the planner for a
+      plan's shape only).
+    rates: per slot, its table's `lr` (a number or `Schedule`) where the tables' rates
+      differ (the update then takes a rate per row, `local_ops.row_rates`); None where
+      they share `optimizer.lr` (the scalar update).
   """
 
   name: str
@@ -87,6 +93,7 @@ class StackLayout:
   max_len: int
   slot_features: tuple[tuple[int, ...], ...]
   optimizer: Any = None
+  rates: tuple | None = None
 
   def size(self, axis: str) -> int:
     """Mesh size of `axis` if this stack is split over it, else 1."""
@@ -237,7 +244,8 @@ def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], 
                   mesh_shape: Mapping[str, int], optimizer=None) -> tuple[StackLayout, ...]:
   """Groups tables into stacks and places features; checks the mesh can hold the plan.
   `optimizer`: the sparse optimizer, or one per table (`optimizers.TableOptimizers`: tables
-  of different optimizers never share a stack); each stack carries its own."""
+  of different optimizer families never share a stack); each stack carries its own, and
+  the rates of its tables where they differ (`StackLayout.rates`)."""
   by_name = {t.name: t for t in tables}
   plan.check_tables([t.name for t in tables], allow_unknown=True)
   sizes = tuple((a, int(mesh_shape.get(a, 1))) for a in MESH_AXES)
@@ -295,7 +303,8 @@ def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], 
         axes=axes, sizes=sizes, dim=dim, dtype=dtype, slots=tuple(slots),
         slice_rows=slice_rows, features=tuple(feats), feature_tables=feature_tables,
         max_len=max_len, slot_features=slot_features,
-        optimizer=optimizers.of(optimizer, members[0].name)))
+        optimizer=optimizers.of(optimizer, members[0].name),
+        rates=optimizers.slot_rates(optimizer, [s.name for s in slots])))
   del by_name
   return tuple(layouts)
 

@@ -13,7 +13,14 @@ Kernels (`opts.kernel`):
 - stage 3 with `pallas` runs the fused `kernels.sparse_update` for SGD / Adagrad /
   RowWiseAdagrad, each unique row a one-slot bag of weight 1. RowWiseAdagrad and int8
   re-quantisation need whole-row reductions (a psum / pmin / pmax over `col`), so with
-  split columns they stay on XLA, as do Adam and FTRL.
+  split columns they stay on XLA, as do Adam and FTRL. A stack of tables that differ only
+  in `lr` (`StackLayout.rates`) passes each unique row's rate to the kernel (`lr_rows`),
+  a scheduled one too; a stack of one scheduled rate stays on XLA.
+
+Per-table rates: where a stack's tables have different rates, stage 3 gathers each row's
+rate (`row_rates`: its table found from the slots' static row offsets) into f32 `[n]` and
+the optimizer takes it instead of its own `lr` (`optimizers`' `lr` argument); a stack of
+one rate takes the scalar, as with a single optimizer.
 
 Reduced precision:
 - tables: rows are read as f32 (stage 1), updated in f32 and rounded back to the stored
@@ -27,6 +34,7 @@ Reduced precision:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import zlib
 
@@ -38,6 +46,7 @@ from jaxrec import kernels
 from jaxrec.embedding import layout as layout_lib
 from jaxrec.kernels import quant
 from jaxrec.kernels.quant import QuantizedTable
+from jaxrec.schedules import rate_at
 from jaxrec.sharding.plan import MESH_AXES
 
 FUSED_OPTIMIZERS = ("SGD", "Adagrad", "RowWiseAdagrad")
@@ -360,9 +369,32 @@ def send_home(l, comm_dtype, x):
 def fused_update_ok(l, optimizer) -> bool:
   """Whether `kernels.sparse_update` can run stage 3 of this stack (see module doc)."""
   name = type(optimizer).__name__
-  if name not in FUSED_OPTIMIZERS or callable(optimizer.lr):   # a schedule: a traced rate
+  if name not in FUSED_OPTIMIZERS:
+    return False
+  if l.rates is None and callable(optimizer.lr):   # one schedule: a traced scalar rate
     return False
   return "col" not in l.axes or (name != "RowWiseAdagrad" and l.dtype != "int8")
+
+
+def row_rates(l, local, step):
+  """f32 `[n]`: the learning rate at `step` of the table of each local row `local [n]` of a
+  stack whose tables' rates differ (`l.rates`, per slot). A slice's tables are contiguous,
+  so a row's table is the last one starting at or before it (the row in the slice is the
+  local row offset by this device's `row` shard); rows past the slice's tables (padding,
+  sentinels) get its last table's rate and are never stored."""
+  distinct = list(dict.fromkeys(l.rates))
+  per_slice = [sorted((s.row_offset, distinct.index(l.rates[i])) for i, s in enumerate(l.slots)
+                      if l.num_slices == 1 or s.table_slice == t) for t in range(l.num_slices)]
+  width = max(len(p) for p in per_slice)
+  pad = lambda p: p + [(np.iinfo(np.int32).max, p[-1][1] if p else 0)] * (width - len(p))
+  starts, which_rate = np.array([pad(p) for p in per_slice]).transpose(2, 0, 1)  # [nt, width]
+  t = axis_index(l, "table")
+  starts = jnp.asarray(starts.astype(np.int32))[t]
+  which_rate = jnp.asarray(which_rate.astype(np.int32))[t]
+  row = local + axis_index(l, "row") * l.local_rows                   # row in the slice
+  slot = jnp.clip(jnp.searchsorted(starts, row, side="right") - 1, 0, width - 1)
+  rates = jnp.stack([jnp.asarray(rate_at(r, step), jnp.float32) for r in distinct])
+  return rates[which_rate[slot]]
 
 
 def rounding_rows(l, uniq, slot_rows=None):
@@ -413,13 +445,16 @@ def update(l, optimizer, opts, dedup, table, opt_state, rows, uniq, grads, step,
   if dedup and l.split_replica_axes:
     grads = jax.lax.psum(grads, l.split_replica_axes)
   key = ROUNDING_KEY() if opts.stochastic_rounding else None
+  lr = None if l.rates is None else row_rates(l, uniq, step)   # [n]: per row (or slot)
   if opts.kernel == "pallas" and fused_update_ok(l, optimizer):
     idx = jnp.where(uniq < l.local_rows, uniq, -1)[:, None]
     bit_rows = None if key is None else rounding_rows(l, uniq, slot_rows)[:, None]
+    fused = kernels.coerce(optimizer if lr is None else dataclasses.replace(optimizer, lr=0.0))
     return kernels.sparse_update(table, opt_state, idx, jnp.ones(idx.shape, jnp.float32),
-                                 grads, kernels.coerce(optimizer), step, key=key,
+                                 grads, fused, step, key=key,
                                  kernel="pallas", interpret=opts.interpret,
-                                 bit_rows=bit_rows, col_offset=rounding_cols(l)[0])
+                                 bit_rows=bit_rows, col_offset=rounding_cols(l)[0],
+                                 lr_rows=None if lr is None else lr[:, None])
   mask = column_mask(l)
   real = (lambda x: x) if mask is None else (lambda x: jnp.where(mask, x, 0.0))
   if "col" in l.axes:   # over the real columns only (`optimizers.dim_full` counts them)
@@ -427,11 +462,11 @@ def update(l, optimizer, opts, dedup, table, opt_state, rows, uniq, grads, step,
   else:
     dim_sum = lambda x: x.sum(axis=-1)
   if not dedup:   # SGD is linear in the gradient: duplicate slots add up in the scatter
-    return (table.at[uniq].add(optimizer.delta(grads, step).astype(table.dtype), mode="drop"),
-            opt_state)
+    return (table.at[uniq].add(optimizer.delta(grads, step, lr).astype(table.dtype),
+                               mode="drop"), opt_state)
   state_rows = {k: jnp.take(v, uniq, axis=0, mode="fill", fill_value=0)
                 for k, v in opt_state.items()}
-  new_rows, new_state = optimizer.update(rows, grads, state_rows, step, dim_sum)
+  new_rows, new_state = optimizer.update(rows, grads, state_rows, step, dim_sum, lr)
   bits = None
   if key is not None:
     bits = quant.random_bits(quant.seed_from(key, step), rounding_rows(l, uniq, slot_rows),

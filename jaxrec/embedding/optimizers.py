@@ -4,10 +4,12 @@ Each optimizer is a frozen (hashable) dataclass with
 
   state_layout() -> {name: (per, initial)}   per = "element" ([rows, dim], sharded like the
                                              table) or "row" ([rows], split over rows only)
-  update(rows, grads, state, step, dim_sum) -> (new_rows, new_state)
+  update(rows, grads, state, step, dim_sum, lr=None) -> (new_rows, new_state)
 
 where `rows`, `grads` are `[n, d]` (the unique rows seen, local columns), `state` holds the
-matching `[n, d]` / `[n]` slices, `step` is the global step (int32 scalar) and
+matching `[n, d]` / `[n]` slices, `step` is the global step (int32 scalar), `lr` is None
+(the optimizer's own `lr` at `step`) or f32 `[n]`, each row's own rate (a stack of tables
+that differ only in `lr`, `family`: the optimizer's `lr` is then unused) and
 `dim_sum(x[n, d]) -> [n]` sums over the *whole* embedding dim (it adds a psum over `col`
 when columns are split, and leaves out a column-padded stack's padding columns). Gradients
 arrive already summed over duplicate ids, so a row's update sees one gradient per step —
@@ -15,7 +17,8 @@ the semantics of a dense optimizer restricted to seen rows ("lazy" for Adam and 
 unseen rows' moments do not decay).
 
 `lr` is a number or a `jaxrec.schedules.Schedule` (`@lr_schedule()` in gin: the rate is
-then a function of the global step; not for FTRL, whose accumulated sigma assumes one rate).
+then a function of the global step; not for FTRL, whose accumulated sigma assumes one rate
+for a row over its steps; a constant rate per row, each table its own, is fine).
 """
 
 from __future__ import annotations
@@ -56,14 +59,14 @@ class SGD:
   def state_layout(self):
     return {}
 
-  def update(self, rows, grads, state, step, dim_sum):
+  def update(self, rows, grads, state, step, dim_sum, lr=None):
     del dim_sum
-    return rows + self.delta(grads, step), state
+    return rows + self.delta(grads, step, lr), state
 
-  def delta(self, grads, step):
+  def delta(self, grads, step, lr=None):
     """The change `update` makes to a row (linear in the gradient, so duplicate ids'
-    deltas add up in a scatter-add: the `dedup=False` path)."""
-    return -rate_at(self.lr, step) * grads
+    deltas add up in a scatter-add: the `dedup=False` path, where `lr [n]` is per slot)."""
+    return -_rate(self, step, lr) * grads
 
 
 @gin.configurable
@@ -80,11 +83,10 @@ class Adagrad:
   def state_layout(self):
     return {"accum": ("element", self.initial_accumulator)}
 
-  def update(self, rows, grads, state, step, dim_sum):
+  def update(self, rows, grads, state, step, dim_sum, lr=None):
     del dim_sum
     acc = state["accum"] + grads * grads
-    lr = rate_at(self.lr, step)
-    return rows - lr * grads / (jnp.sqrt(acc) + self.eps), {"accum": acc}
+    return rows - _rate(self, step, lr) * grads / (jnp.sqrt(acc) + self.eps), {"accum": acc}
 
 
 @gin.configurable
@@ -101,11 +103,17 @@ class RowWiseAdagrad:
   def state_layout(self):
     return {"accum": ("row", self.initial_accumulator)}
 
-  def update(self, rows, grads, state, step, dim_sum):
+  def update(self, rows, grads, state, step, dim_sum, lr=None):
     dim = grads.shape[-1]
     acc = state["accum"] + dim_sum(grads * grads) / dim_full(dim_sum, dim)
-    scale = rate_at(self.lr, step) / (jnp.sqrt(acc) + self.eps)
+    scale = (rate_at(self.lr, step) if lr is None else lr) / (jnp.sqrt(acc) + self.eps)
     return rows - scale[:, None] * grads, {"accum": acc}
+
+
+def _rate(opt, step, lr):
+  """The rate `update` multiplies `[n, d]` by: `opt.lr` at `step` (a scalar), or the rows'
+  own `lr [n]` as `[n, 1]`."""
+  return rate_at(opt.lr, step) if lr is None else lr[:, None]
 
 
 def dim_full(dim_sum: DimSum, local_dim: int) -> jnp.ndarray:
@@ -128,15 +136,14 @@ class Adam:
   def state_layout(self):
     return {"m": ("element", 0.0), "v": ("element", 0.0)}
 
-  def update(self, rows, grads, state, step, dim_sum):
+  def update(self, rows, grads, state, step, dim_sum, lr=None):
     del dim_sum
     t = (step + 1).astype(jnp.float32)
     m = self.b1 * state["m"] + (1 - self.b1) * grads
     v = self.b2 * state["v"] + (1 - self.b2) * grads * grads
     m_hat = m / (1 - self.b1 ** t)
     v_hat = v / (1 - self.b2 ** t)
-    lr = rate_at(self.lr, step)
-    return rows - lr * m_hat / (jnp.sqrt(v_hat) + self.eps), {"m": m, "v": v}
+    return rows - _rate(self, step, lr) * m_hat / (jnp.sqrt(v_hat) + self.eps), {"m": m, "v": v}
 
 
 @gin.configurable
@@ -162,13 +169,14 @@ class FTRL:
   def state_layout(self):
     return {"z": ("element", 0.0), "n": ("element", self.initial_accumulator)}
 
-  def update(self, rows, grads, state, step, dim_sum):
-    del step, dim_sum
+  def update(self, rows, grads, state, step, dim_sum, lr=None):
+    del dim_sum   # a row's rate is its table's, the same every step (`lr` [n] per row)
+    lr = _rate(self, step, lr)
     n, z = state["n"], state["z"]
     n_new = n + grads * grads
-    sigma = (jnp.sqrt(n_new) - jnp.sqrt(n)) / self.lr
+    sigma = (jnp.sqrt(n_new) - jnp.sqrt(n)) / lr
     z_new = z + grads - sigma * rows
-    denom = (self.beta + jnp.sqrt(n_new)) / self.lr + 2 * self.l2
+    denom = (self.beta + jnp.sqrt(n_new)) / lr + 2 * self.l2
     w = jnp.where(jnp.abs(z_new) <= self.l1, 0.0,
                   -(z_new - jnp.sign(z_new) * self.l1) / denom)
     return w.astype(rows.dtype), {"z": z_new, "n": n_new}
@@ -205,12 +213,24 @@ def is_sparse_optimizer(x) -> bool:
                                          for m in ("state_layout", "update"))
 
 
+def family(opt):
+  """What stacks `opt`'s tables with others (`TableOptimizers.group`): its class and every
+  hyperparameter but `lr`. Tables whose optimizers differ only in `lr` share stacks, each
+  row updated at its own table's rate (`StackLayout.rates`). A spec without `lr` (the
+  planner's names and factors) is its own family."""
+  if not (dataclasses.is_dataclass(opt) and not isinstance(opt, type) and hasattr(opt, "lr")):
+    return opt
+  return (type(opt), tuple((f.name, getattr(opt, f.name)) for f in dataclasses.fields(opt)
+                           if f.name != "lr"))
+
+
 @dataclasses.dataclass(frozen=True)
 class TableOptimizers:
   """Each table's sparse optimizer: `default` for every table but those `overrides` names
-  (`(table, optimizer)` pairs, sorted by table). Tables with equal optimizers (dataclass
-  equality) share stacks; a stack never mixes optimizers (`layout.build_layouts` groups by
-  `group`), as TorchRec runs one fused TBE per distinct optimizer configuration. Hashable,
+  (`(table, optimizer)` pairs, sorted by table). Tables of one optimizer *family* (`family`:
+  the same class and hyperparameters but `lr`) share stacks, each row stepped at its own
+  table's rate; a stack never mixes families (`layout.build_layouts` groups by `group`).
+  TorchRec runs one fused TBE per optimizer configuration, learning rate included. Hashable,
   so layouts and jitted functions can close over it. Build it with `per_table`."""
 
   default: Any
@@ -233,9 +253,22 @@ class TableOptimizers:
         out.append(opt)
     return tuple(out)
 
+  @functools.cached_property
+  def families(self) -> tuple[Any, ...]:
+    """The first optimizer of each different `family` in `distinct` (the default first)."""
+    out = {}
+    for opt in self.distinct:
+      out.setdefault(family(opt), opt)
+    return tuple(out.values())
+
+  @functools.cached_property
+  def _group_of(self) -> dict[Any, int]:
+    return {family(opt): g for g, opt in enumerate(self.families)}
+
   def group(self, table: str) -> int:
-    """Index of table `table`'s optimizer in `distinct` (0: the default's)."""
-    return self.distinct.index(self.of(table))
+    """Index of table `table`'s optimizer family in `families` (0: the default's): its
+    stacks' suffix `_o<group>` (none for 0)."""
+    return self._group_of[family(self.of(table))]
 
 
 def per_table(default, overrides: Mapping[str, Any] | None = None,
@@ -309,8 +342,18 @@ def distinct(optimizer) -> tuple[Any, ...]:
 
 
 def group(optimizer, table: str) -> int:
-  """Table `table`'s stacking group: 0 unless it has an optimizer other than the default."""
+  """Table `table`'s stacking group: 0 unless its optimizer's `family` is not the
+  default's."""
   return optimizer.group(table) if isinstance(optimizer, TableOptimizers) else 0
+
+
+def slot_rates(optimizer, tables: Sequence[str]) -> tuple | None:
+  """The `lr` of each of `tables` (one stack's, one family), or None where they have one
+  rate (the stack's optimizer's own: the scalar update, as with one optimizer)."""
+  if not isinstance(optimizer, TableOptimizers):
+    return None
+  rates = tuple(getattr(optimizer.of(t), "lr", None) for t in tables)
+  return rates if len(set(rates)) > 1 else None
 
 
 def check_tables(optimizer, tables: Sequence[str], where: str = "ExperimentConfig."
@@ -325,10 +368,23 @@ def check_tables(optimizer, tables: Sequence[str], where: str = "ExperimentConfi
 
 
 def logged_rates(optimizer, step: int) -> dict[str, float]:
-  """A metrics line's scheduled sparse rates after `step` steps (`schedules.logged_rate`):
-  `sparse_lr` of the default optimizer, `sparse_lr_o<g>` of optimizer group `g`'s (the
-  stacks named `..._o<g>`), each only where its `lr` is a `Schedule`."""
-  out = {}
-  for g, opt in enumerate(distinct(optimizer)):
-    out.update(logged_rate(opt.lr, step, f"sparse_lr_o{g}" if g else "sparse_lr"))
+  """A metrics line's scheduled sparse rates after `step` steps (`schedules.logged_rate`),
+  each only where that `lr` is a `Schedule`:
+    `sparse_lr`          the default optimizer's (its tables');
+    `sparse_lr_o<g>`     family `g`'s (the stacks named `..._o<g>`) where all its tables
+                         share one rate;
+    `sparse_lr/<table>`  each other table of a family of several rates (the default's
+                         family: each override whose rate is not the default's), as the
+                         rates of one family's stacks are per table."""
+  out = logged_rate(distinct(optimizer)[0].lr, step, "sparse_lr")
+  if not isinstance(optimizer, TableOptimizers):
+    return out
+  for g, first in enumerate(optimizer.families):
+    members = [(t, opt) for t, opt in optimizer.overrides if optimizer.group(t) == g]
+    if g and len({opt.lr for _, opt in members}) == 1:
+      out.update(logged_rate(first.lr, step, f"sparse_lr_o{g}"))
+      continue
+    for t, opt in members:
+      if opt != optimizer.default:
+        out.update(logged_rate(opt.lr, step, f"sparse_lr/{t}"))
   return out

@@ -150,7 +150,7 @@ def per_row_state(optimizer: Optimizer) -> frozenset[str]:
   return frozenset(k for k, s in optimizer.state_shapes(1, 2).items() if len(s) == 1)
 
 
-def update_rows(opt: Optimizer, w: list, g: list, state: dict, dim: int):
+def update_rows(opt: Optimizer, w: list, g: list, state: dict, dim: int, lr=None):
   """Applies one optimizer step to S rows held as column chunks.
 
   Args:
@@ -159,11 +159,13 @@ def update_rows(opt: Optimizer, w: list, g: list, state: dict, dim: int):
     g: f32 gradient chunks, same shapes (already summed over duplicate ids).
     state: f32 state per name: a list of `[S, C]` chunks, or one `[S]` for per-row state.
     dim: D, the full row width (for row-wise means).
+    lr: None (`opt.lr`), or f32 `[S]`, each row's own rate (`opt.lr` unused).
 
   Returns:
     `(new_w, new_state)` in the same layout, f32.
   """
-  lr = np.float32(opt.lr)
+  row_lr = lr
+  lr = np.float32(opt.lr) if row_lr is None else row_lr[:, None]
   if isinstance(opt, SGD):
     return [wc - lr * gc for wc, gc in zip(w, g)], {}
   eps = np.float32(opt.eps)
@@ -174,6 +176,6 @@ def update_rows(opt: Optimizer, w: list, g: list, state: dict, dim: int):
   if isinstance(opt, RowWiseAdagrad):
     sq = sum(jnp.sum(gc * gc, axis=-1) for gc in g) * np.float32(1.0 / dim)
     acc = state["accum"] + sq
-    step = lr / (jnp.sqrt(acc) + eps)
+    step = (lr if row_lr is None else row_lr) / (jnp.sqrt(acc) + eps)
     return [wc - step[:, None] * gc for wc, gc in zip(w, g)], {"accum": acc}
   raise ConfigError(f"unsupported sparse optimizer {opt!r}")

@@ -37,7 +37,7 @@ from jaxrec.kernels.quant import QuantizedTable
 _SALT_TABLE, _SALT_STATE, _SALT_ROW_STATE = 0, 0x51ED, 0x2545
 
 
-def segments(ids, bags, wts, num_rows: int, bit_rows=None):
+def segments(ids, bags, wts, num_rows: int, bit_rows=None, rates=None):
   """Sorts flat slots by row and describes the distinct rows (segments).
 
   Args:
@@ -46,17 +46,20 @@ def segments(ids, bags, wts, num_rows: int, bit_rows=None):
     wts: f32 `[M]` slot weights.
     num_rows: R.
     bit_rows: uint32 `[M]` row keys of the random bits (`sparse_update`); None: `ids`.
+    rates: f32 `[M]` each slot's learning rate (`sparse_update`'s `lr_rows`), or None.
 
   Returns:
     dict of `[M]` arrays: `bag`, `w` (slots in sorted order); `row` (segment's row, R for
     the unused tail), `bit_row` (its row key), `start`, `len` (slot range of segment s; len
-    0 in the tail), `seg` (segment of each sorted slot, M for absent ones).
+    0 in the tail), `seg` (segment of each sorted slot, M for absent ones); with `rates`,
+    `lr` (the segment's first slot's rate).
   """
   m = ids.shape[0]
   key = jnp.where((ids >= 0) & (ids < num_rows), ids, num_rows).astype(jnp.int32)
   bit_rows = (key if bit_rows is None else bit_rows).astype(jnp.uint32)
-  key, bag, w, bit_rows = jax.lax.sort(
-      (key, bags.astype(jnp.int32), wts.astype(jnp.float32), bit_rows), num_keys=1,
+  extra = () if rates is None else (rates.astype(jnp.float32),)
+  key, bag, w, bit_rows, *extra = jax.lax.sort(
+      (key, bags.astype(jnp.int32), wts.astype(jnp.float32), bit_rows, *extra), num_keys=1,
       is_stable=True)
   present = key < num_rows
   first = jnp.concatenate([jnp.ones((1,), bool), key[1:] != key[:-1]])
@@ -66,7 +69,11 @@ def segments(ids, bags, wts, num_rows: int, bit_rows=None):
   ends = jnp.minimum(jnp.concatenate([starts[1:], jnp.full((1,), m, jnp.int32)]),
                      jnp.sum(present))
   used = jnp.arange(m) < n_seg
-  return {
+  if extra:
+    rates = {"lr": extra[0][jnp.minimum(starts, m - 1)]}
+  else:
+    rates = {}
+  return {**rates,
       "bag": bag, "w": w,
       "row": jnp.where(used, key[jnp.minimum(starts, m - 1)], num_rows).astype(jnp.int32),
       "bit_row": bit_rows[jnp.minimum(starts, m - 1)],
@@ -77,7 +84,7 @@ def segments(ids, bags, wts, num_rows: int, bit_rows=None):
 
 
 def _apply(opt, rows, w, g, state, *, dim, col0, table_kind, table_dt, state_dts, seed,
-           col_offset=0):
+           col_offset=0, lr=None):
   """Shared update of S rows given f32 chunks; returns what to store, per chunk.
 
   Args:
@@ -87,12 +94,13 @@ def _apply(opt, rows, w, g, state, *, dim, col0, table_kind, table_dt, state_dts
     col0: first column of each chunk; `col_offset` (int32 scalar) is added for the bits.
     table_kind: `'dense'` or `'int8'`; table_dt / state_dts: storage dtypes.
     seed: uint32 scalar for stochastic rounding, or None for round-to-nearest.
+    lr: f32 `[S]` the rows' own rates, or None (`opt.lr`).
 
   Returns:
     `(table_out, state_out)`: dense: list of chunks in `table_dt`; int8: `(q chunks,
     scale [S], bias [S])`; state: name -> chunks or `[S]` in the state dtype.
   """
-  new_w, new_state = optim.update_rows(opt, w, g, state, dim)
+  new_w, new_state = optim.update_rows(opt, w, g, state, dim, lr)
   width = w[0].shape[1]
   bits = lambda c, salt: (None if seed is None else quant.random_bits(
       seed, rows, col_offset + c + jnp.arange(width, dtype=jnp.int32), salt))
@@ -147,7 +155,7 @@ def _update_xla(table, opt_state, seg, grad, opt, seed, col_offset):
   t_out, s_out = _apply(opt, seg["bit_row"], [w], [g], state, dim=d, col0=[0],
                         table_kind=kind, table_dt=table.dtype,
                         state_dts={k: v.dtype for k, v in opt_state.items()}, seed=seed,
-                        col_offset=col_offset)
+                        col_offset=col_offset, lr=seg.get("lr"))
   put = lambda arr, val: arr.at[rows].set(val, mode="drop")
   if kind == "int8":
     q_out, s_new, b_new = t_out
@@ -162,7 +170,11 @@ def _update_xla(table, opt_state, seg, grad, opt, seed, col_offset):
 
 def _update_kernel(row_ref, bit_row_ref, start_ref, len_ref, bag_ref, w_ref, grad_ref, seed_ref,
                    *refs,
-                   opt, kind, state_names, row_state, dim, bd, table_dt, state_dts, sr):
+                   opt, kind, state_names, row_state, dim, bd, table_dt, state_dts, sr,
+                   has_lr):
+  lr = None
+  if has_lr:   # the block's rows' own rates
+    lr, refs = refs[0][...], refs[1:]
   n_table = 3 if kind == "int8" else 1
   n_in = n_table + len(state_names)
   t_in, s_in = refs[:n_table], refs[n_table:n_in]
@@ -201,7 +213,7 @@ def _update_kernel(row_ref, bit_row_ref, start_ref, len_ref, bag_ref, w_ref, gra
   seed = seed_ref[0].astype(jnp.uint32) if sr else None
   t_new, s_new = _apply(opt, bit_row_ref[...].astype(jnp.uint32), w, g, state, dim=dim,
                         col0=col0, table_kind=kind, table_dt=table_dt, state_dts=state_dts,
-                        seed=seed, col_offset=seed_ref[1])
+                        seed=seed, col_offset=seed_ref[1], lr=lr)
 
   mask2 = valid[:, None]
   cols = lambda c: (c + jnp.arange(bd, dtype=jnp.int32))[None, :]
@@ -243,11 +255,15 @@ def _update_pallas(table, opt_state, seg, grad, opt, seed, col_offset, interpret
   operands = [pad(seg["row"], r), pad(as_i32(seg["bit_row"]), 0), pad(seg["start"], 0),
               pad(seg["len"], 0), seg["bag"], seg["w"], grad, scalars]
   in_specs = [blk, blk, blk, blk] + [full(x) for x in operands[4:]]
+  if "lr" in seg:
+    operands.append(pad(seg["lr"], 0))
+    in_specs.append(blk)
   mutable = parts + states
   kernel = functools.partial(
       _update_kernel, opt=opt, kind=kind, state_names=names,
       row_state=optim.per_row_state(opt), dim=d, bd=bd, table_dt=jnp.dtype(table.dtype),
-      state_dts={k: jnp.dtype(opt_state[k].dtype) for k in names}, sr=seed is not None)
+      state_dts={k: jnp.dtype(opt_state[k].dtype) for k in names}, sr=seed is not None,
+      has_lr="lr" in seg)
   outs = pl.pallas_call(
       kernel,
       grid=(m_pad // bs,),
@@ -282,12 +298,12 @@ def _check(table, opt_state, grad, optimizer, num_bags):
 
 
 def _run(table, opt_state, ids, bags, wts, grad, optimizer, step, key, kernel, interpret,
-         num_bags, bit_rows, col_offset):
+         num_bags, bit_rows, col_offset, rates=None):
   optimizer = optim.coerce(optimizer)
   _check(table, opt_state, grad, optimizer, num_bags)
   if 0 in table.shape:  # no rows or no columns: nothing to update
     return table, dict(opt_state)
-  seg = segments(ids, bags, wts, table.shape[0], bit_rows)
+  seg = segments(ids, bags, wts, table.shape[0], bit_rows, rates)
   grad = grad.astype(jnp.float32)
   seed = None if key is None else quant.seed_from(key, step)
   if platform.resolve_kernel(kernel) == "xla":
@@ -299,7 +315,7 @@ def _run(table, opt_state, ids, bags, wts, grad, optimizer, step, key, kernel, i
 @functools.partial(jax.jit, static_argnames=("optimizer", "kernel", "interpret"))
 def sparse_update(table, opt_state, idx, w, grad_pooled, optimizer, step=0, *, key=None,
                   kernel: str = "auto", interpret: bool | None = None, bit_rows=None,
-                  col_offset=0):
+                  col_offset=0, lr_rows=None):
   """Backward of `lookup_pool` fused with the optimizer step on the rows seen.
 
   Args:
@@ -317,6 +333,9 @@ def sparse_update(table, opt_state, idx, w, grad_pooled, optimizer, step=0, *, k
     bit_rows: uint32 `[N, L]`, the row key of each slot's random bits (None: `idx`), and
     col_offset: int scalar added to the column for them. A shard of a bigger table passes
       its rows' and columns' global keys, so it draws the bits the whole table would.
+    lr_rows: f32 `[N, L]`, each slot's learning rate, used instead of `optimizer.lr` (a
+      stack of tables of different rates: slots of one row must have the same rate, its
+      table's); None: `optimizer.lr` for every row.
 
   Returns:
     `(new_table, new_opt_state)`, same structure, shapes and dtypes.
@@ -325,12 +344,14 @@ def sparse_update(table, opt_state, idx, w, grad_pooled, optimizer, step=0, *, k
     raise ConfigError(f"idx and w must both be [N, L]; got {idx.shape} and {w.shape}")
   quant.check_ids(idx)
   n, l = idx.shape
-  if bit_rows is not None and bit_rows.shape != idx.shape:
-    raise ConfigError(f"bit_rows must be [N, L] like idx {idx.shape}, got {bit_rows.shape}")
+  for name, x in (("bit_rows", bit_rows), ("lr_rows", lr_rows)):
+    if x is not None and x.shape != idx.shape:
+      raise ConfigError(f"{name} must be [N, L] like idx {idx.shape}, got {x.shape}")
   bags = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, l))
   return _run(table, opt_state, idx.reshape(-1), bags.reshape(-1), w.reshape(-1),
               grad_pooled, optimizer, step, key, kernel, interpret, n,
-              None if bit_rows is None else bit_rows.reshape(-1), col_offset)
+              None if bit_rows is None else bit_rows.reshape(-1), col_offset,
+              None if lr_rows is None else lr_rows.reshape(-1))
 
 
 def sparse_update_csr(table, opt_state, values, offsets, weights, grad_pooled, optimizer,

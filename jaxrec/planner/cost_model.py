@@ -167,7 +167,7 @@ def state_of(optimizer, table: str) -> OptimizerState:
 
 def is_per_table(optimizer) -> bool:
   """Whether `optimizer` gives tables different optimizers (`optimizers.TableOptimizers`):
-  its tables then stack by optimizer (`layout.build_layouts`)."""
+  its tables then stack by optimizer family (`layout.build_layouts`)."""
   return isinstance(optimizer, sparse_optimizers.TableOptimizers)
 
 
@@ -337,9 +337,9 @@ def distinct_kind(kind: str, mesh: Mapping[str, int]) -> bool:
 def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], plan: Plan,
                   mesh: Mapping[str, int], optimizer=None):
   """The collection's stacks for `plan` (`embedding.layout.build_layouts`). A per-table
-  `optimizer` (`is_per_table`) splits stacks by optimizer as the collection does, and each
-  stack carries its entry; one optimizer for every table changes no stack and is left out
-  of the layouts (`StackLayout.optimizer` None: the planner prices it apart)."""
+  `optimizer` (`is_per_table`) splits stacks by optimizer family as the collection does,
+  and each stack carries its entry; one optimizer for every table changes no stack and is
+  left out of the layouts (`StackLayout.optimizer` None: the planner prices it apart)."""
   from jaxrec.embedding import layout  # pylint: disable=import-outside-toplevel
   return layout.build_layouts(tables, features, plan, mesh,
                               optimizer if is_per_table(optimizer) else None)
@@ -461,7 +461,7 @@ def stack_cost(l, features: Sequence[FeatureSpec], batch_size: int, opt,
   launch counted on the first stack of its key, the ids all-gather) is added by
   `combine_costs`. (The planner's search caches it per stack, `planner.pricing`.) `opt`:
   its optimizer, the entry of its tables where `opt` is per table (a stack holds the
-  tables of one optimizer, `layout.build_layouts`)."""
+  tables of one optimizer family, whose state and dedup are alike, `layout.build_layouts`)."""
   opt = state_of(opt, l.slots[0].name)
   n_dev = math.prod(dict(l.sizes).values())
   big_b = float(batch_size)

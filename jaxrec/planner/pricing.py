@@ -12,8 +12,9 @@ on, so that a move reprices only the stacks it touches:
            on (a move changes those loads only for the stacks packed after it)
   stacks   per (kind, dim, dtype, optimizer group) group, `build_layouts` of its tables
            alone (the collection builds and merges stacks within such a group only; the
-           optimizer group is 0 but for tables of a per-table optimizer other than the
-           default, `optimizers.TableOptimizers.group`), each stack's own
+           optimizer group is 0 but for tables of a per-table optimizer of another family
+           than the default's, `optimizers.TableOptimizers.group`: tables that differ only
+           in `lr` are one group), each stack's own
            cost (`cost_model.stack_cost`), what it shares (`cost_model.stack_share`) and
            problems (`layout.stack_problems`)
   combine  what stacks share (`cost_model.combine_costs`), over the few stacks

@@ -390,21 +390,24 @@ def _result(space: _Space, e: _Eval, cal: Calibration, mode: str, reasons: Mappi
 
 
 def _optimizer_notes(space: _Space) -> list[str]:
-  """With per-table optimizers: which tables have which (the stacks of each optimizer but
-  the default end `_o<group>`), so that the stack names and optimizer bytes read plainly."""
+  """With per-table optimizers: which tables have which optimizer family (the stacks of
+  each family but the default's end `_o<group>`), and how many learning rates each
+  family's stacks hold (tables that differ only in `lr` share stacks), so that the stack
+  names and optimizer bytes read plainly."""
   opt = space.opt
   if not cm.is_per_table(opt):
     return []
-  parts, rest = [], 0
-  for g, o in enumerate(opt.distinct):
+  parts, rest = [], ""
+  for g, o in enumerate(opt.families):
     names = [n for n in space.names if opt.group(n) == g]
+    rates = len({getattr(opt.of(n), "lr", None) for n in names})
+    shared = f", {rates} learning rates sharing its stacks" if rates > 1 else ""
     if g == 0:
-      rest = len(names)
+      rest = f"{_optimizer_name(opt.default)} for the other {len(names)} table(s){shared}"
     elif names:
       shown = ", ".join(names[:8]) + (f", ... ({len(names)})" if len(names) > 8 else "")
-      parts.append(f"{_optimizer_name(o)} for {shown} (stacks ending _o{g})")
-  return [f"sparse optimizers per table: {'; '.join(parts)}; "
-          f"{_optimizer_name(opt.default)} for the other {rest} table(s)"]
+      parts.append(f"{_optimizer_name(o)} for {shown} (stacks ending _o{g}{shared})")
+  return [f"sparse optimizers per table: {'; '.join(parts + [rest])}"]
 
 
 def _optimizer_name(spec) -> str:
@@ -440,7 +443,8 @@ def propose_plan(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
       optimizer object itself (`jaxrec.embedding.optimizers.SGD()`, ...), or one per table
       (`optimizers.TableOptimizers`, e.g. `config.sparse_tx()`; its entries any of these):
       each table's stacks, state and dedup are its own optimizer's, and tables of
-      different optimizers never share a stack, as in the collection.
+      different optimizer families never share a stack, as in the collection (tables that
+      differ only in `lr` do).
     batch_size: global batch, split over all devices.
     calibration: cost coefficients; None = `calibration.DEFAULT`.
     table_stats: optional pooling factors and id distributions by table name (checked and

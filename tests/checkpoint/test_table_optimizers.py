@@ -161,3 +161,56 @@ def test_a_manifest_without_opt_checks_every_table_alike(tmp_path):
   with pytest.raises(ValueError, match=r"the sparse optimizer array 'accum' is listed for one "
                      r"of tables 't0' and 't2' but not the other"):
     storage.check_step(tmp_path / "1")
+
+
+# Tables of one family, four rates: saved when every rate had stacks of its own (the rule
+# before tables that differ only in `lr` shared stacks, `optimizers.family` keyed by the
+# whole optimizer), restored where they share one stack.
+RATES = {"t1": optimizers.RowWiseAdagrad(0.05, 0.1), "t2": optimizers.RowWiseAdagrad(0.2, 0.1),
+         "t3": optimizers.RowWiseAdagrad(0.3, 0.1)}
+B = 16
+
+
+def _rates():
+  return optimizers.per_table(optimizers.RowWiseAdagrad(0.1, 0.1), RATES)
+
+
+def _train(coll, emb, steps, start):
+  """`steps` lookup + pool + update steps of `coll` from step `start` (inputs of that step
+  only: the same whatever the stacking); the per-table arrays and state after them."""
+  @jax.jit
+  def step(emb, ids, gout, i):
+    ctx = coll.lookup(emb, ids)
+    _, vjp = jax.vjp(lambda r: coll.pool(r, ctx), ctx.rows)
+    return coll.apply_gradients(emb, ctx, vjp(gout)[0], i)
+
+  for i in range(start, start + steps):
+    rng = np.random.default_rng(i)
+    ids = {f.name: rng.integers(-1, t.rows, (B, f.max_len)).astype(np.int32)
+           for f, t in zip(coll.features, coll.tables)}
+    gout = rng.standard_normal((B, len(coll.features), h.DIM)).astype(np.float32)
+    emb = step(emb, ids, gout, jax.numpy.int32(i))
+  return jax.device_get(coll.unstack_tables(emb))
+
+
+def test_a_checkpoint_of_a_stack_per_rate_restores_into_one_stack_and_trains_on(tmp_path,
+                                                                                 monkeypatch):
+  with monkeypatch.context() as m:   # the stacking before: one stack per optimizer
+    m.setattr(optimizers, "family", lambda opt: opt)
+    old = h.collection("twrw", 8, optimizer=_rates())
+  assert len(old.layouts) == 4 and all(l.rates is None for l in old.layouts)
+  state = h.train_state(old, step=3)
+  with CheckpointManager(tmp_path) as mgr:
+    mgr.save(3, state, old, force=True)
+  never_stopped = _train(old, state["emb"], 3, start=3)
+  for kind, devices in [("twrw", 8), ("grid", 4)]:
+    new = h.collection(kind, devices, optimizer=_rates())
+    assert [len(l.slots) for l in new.layouts] == [4] and new.layouts[0].rates == (
+        0.1, 0.05, 0.2, 0.3)
+    restored = _restore(tmp_path, new)
+    h.assert_tables_equal(old, state, new, restored)
+    tables, opt = _train(new, restored["emb"], 3, start=3)
+    for name, want in never_stopped[0].items():
+      np.testing.assert_allclose(tables[name], want, rtol=1e-6, atol=1e-7, err_msg=name)
+      np.testing.assert_allclose(opt[name]["accum"], never_stopped[1][name]["accum"],
+                                 rtol=1e-6, atol=1e-7, err_msg=name)

@@ -45,30 +45,32 @@ def make_inputs(seed=0, tables=TABLES):
   return ids, weights, gout
 
 
-def run(kind, mesh_spec, opt, steps=2, seed=0, plan=None, tables=TABLES):
-  """`run_collection` of `opt` on `tables` placed by `kind` (or `plan`) on `mesh_spec`."""
+def run(kind, mesh_spec, opt, steps=2, seed=0, plan=None, tables=TABLES, **options):
+  """`run_collection` of `opt` on `tables` placed by `kind` (or `plan`) on `mesh_spec`;
+  `options`: `EmbeddingOptions` fields (e.g. `dedup=True`)."""
+  options = tuple(sorted(options.items()))
   if mesh_spec == "single" and plan is None:
-    pooled, tables_out, opt_state = _single(kind, opt, steps, seed, tables)
+    pooled, tables_out, opt_state = _single(kind, opt, steps, seed, tables, options)
     return ([p.copy() for p in pooled], {k: v.copy() for k, v in tables_out.items()},
             opt_state)   # copies: a test may write into its own
-  return _run(kind, mesh_spec, opt, steps, seed, plan, tables)
+  return _run(kind, mesh_spec, opt, steps, seed, plan, tables, options)
 
 
 @functools.cache
-def _single(kind, opt, steps, seed, tables):
+def _single(kind, opt, steps, seed, tables, options):
   """The single-device runs many cases compare with, once per worker (the grids below
   compare 2 optimizers x 11 meshes with the same 2 references)."""
-  return _run(kind, "single", opt, steps, seed, None, tables)
+  return _run(kind, "single", opt, steps, seed, None, tables, options)
 
 
-def _run(kind, mesh_spec, opt, steps, seed, plan, tables):
+def _run(kind, mesh_spec, opt, steps, seed, plan, tables, options=()):
   if mesh_spec == "single":
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
   else:
     mesh = make_mesh(parse_mesh_spec(mesh_spec, 8))
   plan = plan or uniform_plan(kind, tables, mesh.shape["table"])
-  return run_collection(EmbeddingCollection.create(tables, FEATURES, plan, mesh, opt), steps,
-                        seed)
+  return run_collection(EmbeddingCollection.create(tables, FEATURES, plan, mesh, opt,
+                                                   **dict(options)), steps, seed)
 
 
 def run_collection(coll, steps=2, seed=0):

@@ -1,15 +1,19 @@
 """Per-table sparse optimizers (`ExperimentConfig.table_optimizers`,
-`optimizers.TableOptimizers`): each table trains with its own optimizer, on every plan."""
+`optimizers.TableOptimizers`): each table trains with its own optimizer, on every plan;
+tables whose optimizers differ only in `lr` share a stack, each row at its table's rate."""
 
 import numpy as np
 import pytest
 
 from jaxrec.embedding import optimizers
 from jaxrec.embedding.collection import EmbeddingCollection
+from jaxrec.embedding.layout import build_layouts
+from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError
+from jaxrec.schedules import lr_schedule
 from jaxrec.sharding.mesh import make_mesh, parse_mesh_spec
 from jaxrec.sharding.plan import uniform_plan
-from tests.embedding.test_collection import FEATURES, TABLES, reference, run
+from tests.embedding.test_collection import FEATURES, LINEAR, TABLES, reference, run
 from tests.embedding.test_collection_inputs import assert_runs_match
 
 # `b` keeps the default; `a` and `c` have their own (and Adam's state differs from Adagrad's)
@@ -23,11 +27,11 @@ ISSUE_PLANS = [pytest.param("dp", "data=8", marks=_SLOW), ("tw", "table=8"),
                ("grid", "table=2,row=2,col=2")]
 
 
-def _collection(opt, kind="dp", mesh_spec="data=8", tables=TABLES):
+def _collection(opt, kind="dp", mesh_spec="data=8", tables=TABLES, **options):
   mesh = make_mesh(parse_mesh_spec(mesh_spec, 8))
   return EmbeddingCollection.create(tables, FEATURES, uniform_plan(kind, tables,
                                                                    mesh.shape["table"]),
-                                    mesh, opt)
+                                    mesh, opt, **options)
 
 
 def test_each_table_matches_the_dense_reference_of_its_own_optimizer():
@@ -94,3 +98,118 @@ def test_pallas_fuses_the_update_of_each_stack_its_optimizer_allows(caplog):
   out = kernels_test.run(coll)
   assert out["jaxpr"].count("pallas_call") == 5
   kernels_test.assert_matches_reference(out, MIXED_OPT, atol_pooled=1e-6, atol_tables=1e-6)
+
+
+# Tables that differ only in `lr` (`optimizers.family`): `a` and `c` (bags of 3 and 2) share
+# the L4 stack, each row stepped at its own table's rate, `b` (L1) is alone at the default's;
+# `c`'s rate is scheduled (0.3, 0.2, 0.1: a step taking another table's or step's rate
+# differs from the reference) where the optimizer allows one (not FTRL: constant rates).
+def _rates(cls, default, a, c, **hparams):
+  return optimizers.per_table(cls(default, **hparams), {"a": cls(a, **hparams),
+                                                        "c": cls(c, **hparams)})
+
+
+ADAM_LINEAR = lr_schedule("linear", init_value=0.03, end_value=0.0, transition_steps=3)
+RATES = {
+    "SGD": _rates(optimizers.SGD, 0.1, 0.05, LINEAR),
+    "Adagrad": _rates(optimizers.Adagrad, 0.1, 0.05, LINEAR, initial_accumulator=0.1),
+    "RowWiseAdagrad": _rates(optimizers.RowWiseAdagrad, 0.1, 0.05, LINEAR,
+                             initial_accumulator=0.1),
+    "Adam": _rates(optimizers.Adam, 0.01, 0.003, ADAM_LINEAR),
+    "FTRL": _rates(optimizers.FTRL, 0.1, 0.3, 0.03, l1=0.01, l2=0.01),
+}
+RATE_CASES = [(name, {}) for name in RATES] + [("SGD", {"dedup": True})]
+
+
+def _assert_matches_reference(out, ref):
+  for a, b in zip(out[0], ref[0]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for name in ref[1]:
+    np.testing.assert_allclose(out[1][name], ref[1][name], rtol=1e-5, atol=1e-6, err_msg=name)
+    for k in ref[2][name]:
+      np.testing.assert_allclose(np.asarray(out[2][name][k]), ref[2][name][k], rtol=1e-5,
+                                 atol=1e-6, err_msg=f"{name}/{k}")
+
+
+@pytest.mark.parametrize("name,options", RATE_CASES,
+                         ids=[n + ("-dedup" if o else "") for n, o in RATE_CASES])
+def test_tables_differing_in_lr_share_a_stack_and_match_their_own_rule(name, options):
+  """Three steps of each optimizer against the dense reference of each table's own rule
+  (SGD: without dedup, each slot's delta at its table's rate, and with it)."""
+  opt = RATES[name]
+  coll = _collection(opt, **options)
+  assert {tuple(s.name for s in l.slots): (l.name, l.rates) for l in coll.layouts} == {
+      ("a", "c"): ("dp_d8_float32_L4", (opt.of("a").lr, opt.of("c").lr)),
+      ("b",): ("dp_d8_float32_L1", None)}   # one rate: the scalar update
+  assert coll.dedup(coll.layouts[1]) == (name != "SGD" or bool(options))
+  _assert_matches_reference(run("dp", "single", opt, steps=3, **options),
+                            reference(opt, steps=3))
+
+
+# 8 devices against one: tables on other `table` slices (tw), local rows offset by the
+# `row` shard and SGD's slots gathered over replicas (twrw), split columns (grid).
+RATE_PLANS = [("tw", "table=8", "SGD"), ("twrw", "data=2,table=2,row=2", "SGD"),
+              ("twrw", "data=2,table=2,row=2", "RowWiseAdagrad"),
+              ("grid", "table=2,row=2,col=2", "Adam"),
+              pytest.param("rw", "data=2,row=4", "FTRL", marks=_SLOW),
+              pytest.param("grid", "table=2,row=2,col=2", "Adagrad", marks=_SLOW)]
+
+
+@pytest.mark.parametrize("kind,mesh_spec,name", RATE_PLANS)
+def test_tables_differing_in_lr_sharded_match_single_device(kind, mesh_spec, name):
+  opt = RATES[name]
+  assert any(l.rates for l in _collection(opt, kind, mesh_spec).layouts)
+  assert_runs_match(run(kind, mesh_spec, opt, steps=3), run("dp", "single", opt, steps=3))
+
+
+def test_26_tables_of_26_rates_are_one_stack_of_26_families_26():
+  tables = [TableSpec(f"t{i}", 100 + i, 16) for i in range(26)]
+  features = [FeatureSpec(f"f{i}", f"t{i}") for i in range(26)]
+  plan = uniform_plan("dp", tables, 1)
+  rates = [0.1 + 0.01 * i for i in range(26)]
+  lrs = optimizers.per_table(optimizers.RowWiseAdagrad(rates[0]), {
+      f"t{i}": optimizers.RowWiseAdagrad(rates[i]) for i in range(1, 26)})
+  (stack,) = build_layouts(tables, features, plan, {"data": 1}, lrs)
+  assert stack.name == "dp_d16_float32_L1" and len(stack.slots) == 26
+  assert stack.optimizer == optimizers.RowWiseAdagrad(rates[0]) and stack.rates == tuple(rates)
+  assert len(lrs.distinct) == 26 and lrs.families == (optimizers.RowWiseAdagrad(rates[0]),)
+  eps = optimizers.per_table(optimizers.RowWiseAdagrad(), {   # another hyperparameter
+      f"t{i}": optimizers.RowWiseAdagrad(eps=1e-8 * (1 + i)) for i in range(1, 26)})
+  layouts = build_layouts(tables, features, plan, {"data": 1}, eps)
+  assert [l.name for l in layouts] == ["dp_d16_float32_L1"] + [
+      f"dp_d16_float32_L1_o{g}" for g in range(1, 26)]
+  assert all(l.rates is None for l in layouts)
+  one = build_layouts(tables, features, plan, {"data": 1}, optimizers.RowWiseAdagrad(0.1))
+  assert one[0].rates is None   # one optimizer: the scalar update, as before
+
+
+def test_families_and_groups():
+  """A family is the class and every hyperparameter but `lr`: group 0 is the default's."""
+  opt = optimizers.per_table(optimizers.SGD(0.1), {
+      "a": optimizers.SGD(0.5), "b": optimizers.Adagrad(0.1), "c": optimizers.Adagrad(0.2),
+      "d": optimizers.Adagrad(0.1, eps=1e-6), "e": optimizers.SGD(LINEAR)})
+  assert [opt.group(t) for t in "abcdez"] == [0, 1, 1, 2, 0, 0]
+  assert opt.families == (optimizers.SGD(0.1), optimizers.Adagrad(0.1),
+                          optimizers.Adagrad(0.1, eps=1e-6))
+  assert optimizers.family(optimizers.Adam(0.1)) == optimizers.family(optimizers.Adam(LINEAR))
+  assert optimizers.family(optimizers.Adam(b1=0.5)) != optimizers.family(optimizers.Adam())
+  assert optimizers.family("adam") == "adam"   # the planner's names: their own family
+  assert optimizers.slot_rates(opt, ["a", "z"]) == (0.5, 0.1)
+  assert optimizers.slot_rates(opt, ["b", "b"]) is None
+  with pytest.raises(ConfigError, match="FTRL.lr must be a number"):   # still refused
+    optimizers.FTRL(LINEAR)
+
+
+def test_pallas_fuses_the_update_of_a_stack_of_several_rates(caplog):
+  """The fused update kernel takes each row's rate (`lr_rows`), a scheduled one too: no
+  stack falls back to XLA; 2 kernel calls (pooling, update). On table=2 the buckets merge:
+  all three tables, three rates, in one stack."""
+  from tests.embedding import test_collection_kernels as kernels_test  # pylint: disable=import-outside-toplevel
+  opt = RATES["RowWiseAdagrad"]
+  coll = kernels_test.make_collection("twrw", "data=2,table=2,row=2", opt, kernel="pallas",
+                                      interpret=True)
+  assert [l.rates for l in coll.layouts] == [(0.05, 0.1, LINEAR)]
+  assert "update on XLA" not in caplog.text
+  out = kernels_test.run(coll)
+  assert out["jaxpr"].count("pallas_call") == 2
+  kernels_test.assert_matches_reference(out, opt, atol_pooled=1e-6, atol_tables=1e-6)

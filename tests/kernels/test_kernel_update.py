@@ -20,8 +20,9 @@ OPTIMIZERS = [SGD(lr=0.3), Adagrad(lr=0.2, initial_accumulator=0.1, eps=1e-6),
               RowWiseAdagrad(lr=0.2, initial_accumulator=0.0, eps=1e-6)]
 
 
-def np_update(values, state, idx, w, grad, opt):
-  """Dense f64 reference: full gradient, then the optimizer on every seen row."""
+def np_update(values, state, idx, w, grad, opt, row_lr=None):
+  """Dense f64 reference: full gradient, then the optimizer on every seen row (at `row_lr
+  [R]`, each row's own rate, where given)."""
   g = np.zeros(values.shape)
   seen = np.zeros(values.shape[0], bool)
   for n, l in zip(*np.nonzero((idx >= 0) & (idx < values.shape[0]))):
@@ -29,14 +30,15 @@ def np_update(values, state, idx, w, grad, opt):
     seen[idx[n, l]] = True
   new = values.astype(np.float64).copy()
   st = {k: np.asarray(v, np.float64).copy() for k, v in state.items()}
+  lr = opt.lr if row_lr is None else np.asarray(row_lr, np.float64)[seen][:, None]
   if isinstance(opt, SGD):
-    new[seen] -= opt.lr * g[seen]
+    new[seen] -= lr * g[seen]
   elif isinstance(opt, Adagrad):
     st["accum"][seen] += g[seen] ** 2
-    new[seen] -= opt.lr * g[seen] / (np.sqrt(st["accum"][seen]) + opt.eps)
+    new[seen] -= lr * g[seen] / (np.sqrt(st["accum"][seen]) + opt.eps)
   else:
     st["accum"][seen] += np.mean(g[seen] ** 2, axis=1)
-    new[seen] -= opt.lr * g[seen] / (np.sqrt(st["accum"][seen])[:, None] + opt.eps)
+    new[seen] -= lr * g[seen] / (np.sqrt(st["accum"][seen])[:, None] + opt.eps)
   return new, st, seen
 
 
@@ -102,6 +104,29 @@ def test_update_matches_dense_reference(dtype, opt, pooling, bag):
   for k in want_state:
     np.testing.assert_allclose(np.asarray(pal[1][k], np.float32), np.asarray(xla[1][k], np.float32),
                                **state_tol)
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS, ids=lambda o: type(o).__name__)
+def test_per_row_rates_match_dense_reference(opt):
+  """`lr_rows`: each slot's rate, its row's (a stack of tables of different rates, each
+  row its table's); `opt.lr` unused. Rows 0-9 at 0.05, 10-19 at 0.5 (ids below 20)."""
+  table, values, state, idx, w, grad = _data(5, "float32", opt)
+  row_lr = np.where(np.arange(R) < 10, 0.05, 0.5).astype(np.float32)
+  lr_rows = row_lr[np.clip(idx, 0, R - 1)]
+  want, want_state, seen = np_update(values, state, idx, w, grad, opt, row_lr)
+  assert seen[:10].any() and seen[10:20].any()
+  unused = dataclasses.replace(opt, lr=7.0)
+  for kernel in ("xla", "pallas"):
+    new_table, new_state = sparse_update(table, state, idx, w, grad, unused, kernel=kernel,
+                                         interpret=INTERPRET, lr_rows=jnp.asarray(lr_rows))
+    _check_unseen_bit_identical(table, new_table, state, new_state, seen)
+    np.testing.assert_allclose(as_f32(new_table)[seen], want[seen], rtol=1e-5, atol=1e-6,
+                               err_msg=kernel)
+    for k in want_state:
+      np.testing.assert_allclose(np.asarray(new_state[k])[seen], want_state[k][seen],
+                                 rtol=1e-5, atol=1e-6, err_msg=kernel)
+  with pytest.raises(ConfigError, match=r"lr_rows must be \[N, L\] like idx"):
+    sparse_update(table, state, idx, w, grad, opt, lr_rows=jnp.asarray(lr_rows[:, 0]))
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "int8"])

@@ -48,6 +48,31 @@ def test_offloaded_table_with_its_own_optimizer_matches_the_device(tmp_path, big
     off.close()
 
 
+def test_offloaded_table_sharing_a_stack_at_its_own_rate_matches_the_device(tmp_path,
+                                                                            monkeypatch):
+  """`big` (offloaded: its cache rows in the stack) and `small` have row-wise Adagrad at
+  different rates, one family: on tw over table=2 their bag buckets merge into one stack,
+  each table on its slice, each row stepped at its own table's rate (cache slots too). The
+  reference: on the device, a stack per rate (as before tables differing in `lr` shared)."""
+  cfg = _config(big=optimizers.RowWiseAdagrad(0.1, 0.1),
+                small=optimizers.RowWiseAdagrad(0.02, 0.1))
+  with monkeypatch.context() as m:
+    m.setattr(optimizers, "family", lambda opt: opt)
+    ref = Run(cfg, mesh_of("table=2"), plan="tw")
+  assert len(ref.collection.layouts) == 2
+  ref.train(12)
+  off = Run(cfg, mesh_of("table=2"), offload_config(tmp_path, prefetch_depth=2),
+            plan="tw").train(12)
+  try:
+    assert [(l.name, [s.name for s in l.slots], l.rates) for l in off.collection.layouts] == [
+        ("tw_d8_float32_L4_o1", ["big", "small"], (0.1, 0.02))]
+    assert off.tier.tables["big"].cache.cache_rows == 1000
+    assert 0 < off.tier.stats()["hit_rate"] < 1   # rows did move
+    _compare(ref, off)
+  finally:
+    off.close()
+
+
 def _save(tmp_path):
   """Trains `big` offloaded with SGD (no state) and `small` with Adagrad for 6 steps,
   saves checkpoint 6 and its offload snapshot; returns `(workdir, per-table arrays,

@@ -74,12 +74,15 @@ def walk(space, steps: int, seed: int):
 
 
 # Per-table optimizers: Adam and row-wise Adagrad on tables of every dim and bag (t7's
-# equals the default: it stays in the default's stacks; t20's Adam has another lr: stacks
-# of its own, though its state is the other Adam's).
+# equals the default: it stays in the default's stacks; t20's and t26's Adam differ in lr
+# only: they share the Adams' stacks, each row at its table's rate; t9's Adam has another
+# b1: a family, stacks of its own, though its state is the other Adams'; t13's SGD another
+# lr: in the default's stacks).
 MIXED = optimizers.per_table(optimizers.SGD(), {
     "t1": optimizers.Adam(), "t3": optimizers.RowWiseAdagrad(), "t5": optimizers.Adam(),
     "t7": optimizers.SGD(), "t11": optimizers.RowWiseAdagrad(), "t17": optimizers.Adam(),
-    "t20": optimizers.Adam(lr=0.5)})
+    "t20": optimizers.Adam(lr=0.5), "t26": optimizers.Adam(lr=0.2),
+    "t9": optimizers.Adam(b1=0.5), "t13": optimizers.SGD(0.5)})
 CASES = [({"table": 4, "row": 2}, "sgd"), ({"data": 2, "table": 2, "row": 2}, "adagrad"),
          ({"table": 2, "row": 2, "col": 2}, "sgd"), ({"data": 2, "row": 4}, "adam"),
          ({"table": 4, "row": 2}, MIXED), ({"data": 2, "table": 2, "row": 2}, MIXED)]
@@ -89,14 +92,15 @@ CASES = [({"table": 4, "row": 2}, "sgd"), ({"data": 2, "table": 2, "row": 2}, "a
 @pytest.mark.parametrize("mesh,opt", CASES)
 def test_priced_by_parts_equals_from_scratch_along_moves(mesh, opt, cached, monkeypatch):
   """Each assignment of a walk: the same packing as the search's rule, the same stacks as
-  `build_layouts` (with per-table optimizers: split by optimizer, as the collection's), and
+  `build_layouts` (with per-table optimizers: split by optimizer family, as the
+  collection's, with the rates of the tables of a stack), and
   the same cost as `plan_cost` (to 1e-9, and memory exactly); with caches that keep one
   entry too (parts dropped and made again)."""
   monkeypatch.setattr(pricing, "CACHE_TABLES", cached)
   tables, features = mixed_case()
   prepare = search._prepare   # pylint: disable=protected-access
   space, _ = prepare(tables, features, mesh, None, opt, 512, None, None, None)
-  refused = 0
+  refused, mixed_rates = 0, 0
   for kinds in walk(space, 60, seed=len(mesh)):
     packed, priced = space.pricer.price(kinds)
     plan = space.pricer.plan(packed)
@@ -113,13 +117,17 @@ def test_priced_by_parts_equals_from_scratch_along_moves(mesh, opt, cached, monk
       np.testing.assert_allclose(g.terms, w.terms, rtol=1e-9, atol=0)
     assert priced.problem == layout.stack_error(layouts)
     refused += priced.problem is not None
+    mixed_rates += any(l.rates is not None for l in layouts)
     e, f = space.price(kinds), space.evaluate_plan(plan, kinds)
     assert (e.objective, e.time_s, e.memory, e.problem) == (
         f.objective, f.time_s, f.memory, f.problem)
   assert refused, "the walk starts from a refused plan (the unread table alone)"
-  if opt is MIXED:   # stacks of each optimizer group were priced, the collection's names
+  if opt is MIXED:   # stacks of each optimizer family were priced, the collection's names,
     assert {l.name[l.name.rfind("_o"):] for l in layouts if "_o" in l.name} == {
         "_o1", "_o2", "_o3"}
+    assert mixed_rates   # and stacks of several rates (in the default's and Adam's family)
+  else:
+    assert not mixed_rates
 
 
 # What the search proposed for `mixed_case` when it priced every plan from scratch (before

@@ -342,6 +342,23 @@ def test_each_table_is_priced_with_its_own_optimizer():
   assert forced.memory == res.memory and forced.step_time_s == res.step_time_s
 
 
+def test_tables_differing_in_lr_share_a_stack_and_the_note_says_so():
+  """Tables whose optimizers differ only in `lr` (one family) share stacks, priced once:
+  the note counts each family's rates; the Adam family's stack holds both Adam tables."""
+  ts, fs = specs(("big", 4000, 16), ("adam", 3000, 16), ("adam2", 3000, 16),
+                 ("small", 100, 16))
+  opt = optimizers.per_table(optimizers.SGD(), {"adam": optimizers.Adam(),
+                                                "adam2": optimizers.Adam(0.5),
+                                                "small": optimizers.SGD(0.5)})
+  res = propose_plan(ts, fs, MESH, GiB, opt, 64)
+  assert sorted(t for s in res.stacks if s.name.endswith("_o1") for t in s.tables) == [
+      "adam", "adam2"]
+  assert not any(s.name.endswith("_o2") for s in res.stacks)
+  assert ("sparse optimizers per table: Adam for adam, adam2 (stacks ending _o1, 2 learning "
+          "rates sharing its stacks); SGD for the other 2 table(s), 2 learning rates sharing "
+          "its stacks") in res.notes
+
+
 def test_per_table_optimizers_naming_no_table_or_an_unknown_optimizer_are_refused():
   ts, fs = specs(("a", 100, 16), ("b", 100, 16))
   with pytest.raises(ConfigError, match=r"^ExperimentConfig.table_optimizers names unknown "

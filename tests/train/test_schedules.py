@@ -142,6 +142,24 @@ def test_each_scheduled_sparse_optimizer_logs_its_rate():
   assert optimizers.logged_rates(optimizers.SGD(slow), 5) == {"sparse_lr": pytest.approx(0.12)}
 
 
+def test_a_family_of_several_scheduled_rates_logs_each_tables():
+  """Tables that differ only in `lr` share their family's stacks (`_o<g>`), so one key per
+  family would be ambiguous: a family of several rates logs each scheduled one per table
+  (`sparse_lr/<table>`), but the default's own (`sparse_lr`); a family of one rate keeps
+  `sparse_lr_o<g>`."""
+  fast = lr_schedule("constant", value=0.5)
+  slow = lr_schedule("linear", init_value=0.2, end_value=0.0, transition_steps=10)
+  tx = optimizers.per_table(optimizers.SGD(fast), {
+      "a": optimizers.SGD(slow), "b": optimizers.SGD(0.3), "c": optimizers.SGD(fast),
+      "d": optimizers.Adam(slow), "e": optimizers.Adam(fast), "f": optimizers.Adam(0.01),
+      "g": optimizers.Adagrad(slow), "h": optimizers.Adagrad(slow)})
+  assert [tx.group(t) for t in "abcdefgh"] == [0, 0, 0, 1, 1, 1, 2, 2]
+  assert optimizers.logged_rates(tx, 5) == {
+      "sparse_lr": pytest.approx(0.5), "sparse_lr/a": pytest.approx(0.12),
+      "sparse_lr/d": pytest.approx(0.12), "sparse_lr/e": pytest.approx(0.5),
+      "sparse_lr_o2": pytest.approx(0.12)}
+
+
 def test_logged_rate_is_the_last_steps():
   s = lr_schedule("linear", init_value=1.0, end_value=0.0, transition_steps=10)
   assert logged_rate(s, 10) == {"sparse_lr": pytest.approx(0.1)}   # step 9's update
