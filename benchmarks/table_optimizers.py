@@ -1,17 +1,21 @@
 #!/usr/bin/env python3
 """Cost of per-table sparse optimizers (`ExperimentConfig.table_optimizers`).
 
-Tables of different optimizers are stacked apart, so a config that mixes optimizers runs
-more, smaller stacks. Times the embedding step (lookup + pool backward + sparse update, as
-`embedding_scaling.py`, one device) on the `dlrm_criteo` shape (26 tables x 1e5 x 16,
-batch 512) for: every table SGD; every table row-wise Adagrad; half of each (2 stacks);
-every table its own row-wise Adagrad rate (26 stacks, the worst case); and, as the parts of
-"half", 13 tables SGD alone and 13 row-wise Adagrad alone. Variants are timed interleaved
-(`common.interleaved_times`). Prints one line per variant
+Tables of different optimizer families (class and hyperparameters but `lr`) are stacked
+apart, so a config that mixes optimizers runs more, smaller stacks; tables that differ only
+in `lr` share stacks, each row updated at its table's rate. Times the embedding step
+(lookup + pool backward + sparse update, as `embedding_scaling.py`, one device) on the
+`dlrm_criteo` shape (26 tables x 1e5 x 16, batch 512) for: every table SGD; every table
+row-wise Adagrad; half of each (2 stacks); every table its own row-wise Adagrad rate
+(`each_lr`: one family, one stack); every table its own row-wise Adagrad `eps` (`each_eps`:
+26 families, 26 stacks, the worst case); every table its own SGD rate (`sgd_each_lr`); and,
+as the parts of "half", 13 tables SGD alone and 13 row-wise Adagrad alone. Variants are
+timed interleaved (`common.interleaved_times`). Prints one line per variant
 `{"benchmark": "table_optimizers", "variant": V, "stacks": S, "step_ms": T, "cpu_ms": C}`
 and a last line with `"half_vs_parts"` (the half/half step over its two halves' steps
 added: the cost of running both in one program, ~1 if splitting costs nothing),
-`"half_vs_rowwise"` and `"each_vs_rowwise"` (26 stacks over 1).
+`"half_vs_rowwise"`, `"each_lr_vs_rowwise"`, `"each_eps_vs_rowwise"` and
+`"sgd_each_lr_vs_sgd"`.
 """
 
 import argparse
@@ -31,9 +35,14 @@ def variants(num_tables: int) -> dict:
       "sgd": (num_tables, sgd),
       "rowwise": (num_tables, rowwise),
       "half": (num_tables, optimizers.per_table(sgd, {n: rowwise for n in names[:half]})),
-      "each": (num_tables, optimizers.per_table(
+      "each_lr": (num_tables, optimizers.per_table(
           rowwise, {n: optimizers.RowWiseAdagrad(0.1 + 0.01 * i)
                     for i, n in enumerate(names[1:], 1)})),
+      "each_eps": (num_tables, optimizers.per_table(
+          rowwise, {n: optimizers.RowWiseAdagrad(0.1, eps=1e-8 * (1 + i))
+                    for i, n in enumerate(names[1:], 1)})),
+      "sgd_each_lr": (num_tables, optimizers.per_table(
+          sgd, {n: optimizers.SGD(0.1 + 0.01 * i) for i, n in enumerate(names[1:], 1)})),
       "sgd_part": (num_tables - half, sgd),   # "half"'s two stacks, each alone
       "rowwise_part": (half, rowwise),
   }
@@ -63,7 +72,9 @@ def main():
   emit("table_optimizers", variant="summary",
        half_vs_parts=round(times["half"] / (times["sgd_part"] + times["rowwise_part"]), 3),
        half_vs_rowwise=round(times["half"] / times["rowwise"], 3),
-       each_vs_rowwise=round(times["each"] / times["rowwise"], 3))
+       each_lr_vs_rowwise=round(times["each_lr"] / times["rowwise"], 3),
+       each_eps_vs_rowwise=round(times["each_eps"] / times["rowwise"], 3),
+       sgd_each_lr_vs_sgd=round(times["sgd_each_lr"] / times["sgd"], 3))
 
 
 if __name__ == "__main__":

@@ -392,7 +392,10 @@ def row_rates(l, local, step):
   starts = jnp.asarray(starts.astype(np.int32))[t]
   which_rate = jnp.asarray(which_rate.astype(np.int32))[t]
   row = local + axis_index(l, "row") * l.local_rows                   # row in the slice
-  slot = jnp.clip(jnp.searchsorted(starts, row, side="right") - 1, 0, width - 1)
+  # comparing with every start is the fastest for a few tables (26 SGD tables, every slot's
+  # rate: 0.43 ms a step against 0.55 for the default binary search, 0.37 with one rate)
+  method = "compare_all" if width <= 64 else "scan"
+  slot = jnp.clip(jnp.searchsorted(starts, row, side="right", method=method) - 1, 0, width - 1)
   rates = jnp.stack([jnp.asarray(rate_at(r, step), jnp.float32) for r in distinct])
   return rates[which_rate[slot]]
 

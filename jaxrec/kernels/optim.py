@@ -10,6 +10,8 @@ over the rows a batch touched, as lists of column chunks `[S, C]`, so the XLA re
   state `{'accum': [R, D]}`.
 - `RowWiseAdagrad(lr, initial_accumulator, eps)`: per row `a += mean_D(g^2)`, same step
   with the row's `a`; state `{'accum': [R]}` (the FBGEMM/TorchRec default, D times smaller).
+
+`update_rows` also takes each row's own rate (`lr [S]`) in place of `opt.lr`.
 """
 
 from __future__ import annotations

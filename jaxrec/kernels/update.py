@@ -16,6 +16,10 @@ donate them in the caller's `jit` or XLA copies them first.
 The XLA reference (and CPU path) shares the segmentation and the update math; it sums
 segments with `segment_sum`, gathers the touched rows and scatters them back.
 
+Per-row rates (`lr_rows`, a stack of tables that differ only in learning rate): each slot's
+rate is sorted along with it, a segment takes its first slot's, and the update uses it in
+place of the optimizer's `lr` (one more `[BS]` block per program in the kernel).
+
 Storage: tables f32/bf16/f16 or int8 (`QuantizedTable`: the row is dequantised, updated
 in f32 and re-quantised with a fresh scale/bias); state f32/bf16/f16. With a PRNG `key`,
 bf16/f16 values and int8 codes are rounded stochastically (`quant.cast_store`).
@@ -69,11 +73,7 @@ def segments(ids, bags, wts, num_rows: int, bit_rows=None, rates=None):
   ends = jnp.minimum(jnp.concatenate([starts[1:], jnp.full((1,), m, jnp.int32)]),
                      jnp.sum(present))
   used = jnp.arange(m) < n_seg
-  if extra:
-    rates = {"lr": extra[0][jnp.minimum(starts, m - 1)]}
-  else:
-    rates = {}
-  return {**rates,
+  out = {
       "bag": bag, "w": w,
       "row": jnp.where(used, key[jnp.minimum(starts, m - 1)], num_rows).astype(jnp.int32),
       "bit_row": bit_rows[jnp.minimum(starts, m - 1)],
@@ -81,6 +81,9 @@ def segments(ids, bags, wts, num_rows: int, bit_rows=None, rates=None):
       "len": jnp.where(used, ends - starts, 0).astype(jnp.int32),
       "seg": jnp.where(present, jnp.cumsum(is_start) - 1, m).astype(jnp.int32),
   }
+  if extra:
+    out["lr"] = extra[0][jnp.minimum(starts, m - 1)]
+  return out
 
 
 def _apply(opt, rows, w, g, state, *, dim, col0, table_kind, table_dt, state_dts, seed,

@@ -2,15 +2,16 @@
 `optimizers.TableOptimizers`): each table trains with its own optimizer, on every plan;
 tables whose optimizers differ only in `lr` share a stack, each row at its table's rate."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrec.embedding import optimizers
+from jaxrec.embedding import local_ops, optimizers
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.embedding.layout import build_layouts
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError
-from jaxrec.schedules import lr_schedule
+from jaxrec.schedules import lr_schedule, rate_at
 from jaxrec.sharding.mesh import make_mesh, parse_mesh_spec
 from jaxrec.sharding.plan import uniform_plan
 from tests.embedding.test_collection import FEATURES, LINEAR, TABLES, reference, run
@@ -213,3 +214,22 @@ def test_pallas_fuses_the_update_of_a_stack_of_several_rates(caplog):
   out = kernels_test.run(coll)
   assert out["jaxpr"].count("pallas_call") == 2
   kernels_test.assert_matches_reference(out, opt, atol_pooled=1e-6, atol_tables=1e-6)
+
+
+@pytest.mark.parametrize("num_tables", [5, 70])   # compared with every start; searched
+def test_row_rates_find_each_rows_table(num_tables):
+  """`local_ops.row_rates` of every row of a one-device stack (and past its end) at steps 0
+  and 2: the rate of the table holding it (tables of 3 + i rows, scheduled every 4th)."""
+  tables = [TableSpec(f"t{i}", 3 + i, 8) for i in range(num_tables)]
+  features = [FeatureSpec(f"f{i}", f"t{i}") for i in range(num_tables)]
+  lrs = {f"t{i}": optimizers.SGD(LINEAR if i % 4 == 3 else 0.01 * (i + 1))
+         for i in range(num_tables)}
+  opt = optimizers.per_table(optimizers.SGD(0.5), lrs)
+  (l,) = build_layouts(tables, features, uniform_plan("dp", tables, 1), {"data": 1}, opt)
+  owner = np.repeat(np.arange(num_tables), [3 + i for i in range(num_tables)])
+  rows = np.arange(l.local_rows + 2, dtype=np.int32)   # the last table's for rows past it
+  owner = np.concatenate([owner, [num_tables - 1] * (len(rows) - len(owner))])
+  for step in (0, 2):
+    want = [float(np.asarray(rate_at(lrs[f"t{t}"].lr, step))) for t in owner]
+    np.testing.assert_allclose(local_ops.row_rates(l, jnp.asarray(rows), jnp.int32(step)),
+                               want, rtol=1e-6)
