@@ -128,10 +128,14 @@ def test_mixed_dims_match_single_device(tmp_path, plan, mesh):
 
 
 # Per-table optimizers (`ExperimentConfig.table_optimizers`): the multi-hot t3 and t5 and the
-# largest table each train with their own optimizer in their own stack; the rest SGD.
+# largest table each train with their own optimizer in their own stack; the rest SGD. t4
+# shares t0's stack at another rate, t1 the default SGD's at another rate (each row stepped
+# at its table's).
 TABLE_OPTIMIZERS = ["ExperimentConfig.table_optimizers={'t0': @RowWiseAdagrad(), "
-                    "'t3': @Adam(), 't5': @Adagrad()}", "Adam.lr=0.01", "Adagrad.lr=0.1",
-                    "RowWiseAdagrad.lr=0.1",
+                    "'t3': @Adam(), 't5': @Adagrad(), 't4': @other/RowWiseAdagrad(), "
+                    "'t1': @other/SGD()}", "Adam.lr=0.01", "Adagrad.lr=0.1",
+                    "RowWiseAdagrad.lr=0.1", "other/RowWiseAdagrad.lr=0.03",
+                    "other/SGD.lr=0.3",
                     # a zero start makes a first update ~lr whatever the gradient's size: a
                     # near-zero gradient summed in another order moved by ~lr (README)
                     "RowWiseAdagrad.initial_accumulator=0.01",
@@ -155,7 +159,8 @@ def test_per_table_optimizers_match_single_device(tmp_path, plan, mesh):
                                                              plan, mesh)
   # each table saved its own optimizer's state (the SGD ones none)
   assert sorted(k for k in ref_arrays if k.startswith("table_opt/")) == [
-      "table_opt/t0/accum", "table_opt/t3/m", "table_opt/t3/v", "table_opt/t5/accum"]
+      "table_opt/t0/accum", "table_opt/t3/m", "table_opt/t3/v", "table_opt/t4/accum",
+      "table_opt/t5/accum"]
   assert ref_arrays["table_opt/t0/accum"].shape == (100000,)   # row-wise
   assert ref_arrays["table_opt/t5/accum"].shape == (2000, 16)
   np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-4)
