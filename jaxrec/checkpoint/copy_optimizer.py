@@ -57,7 +57,9 @@ def resolve(meta: Mapping, tables: Sequence[str], gin_files: Sequence[str] = (),
 
 def describe(optimizer, source: str, manifest: Mapping) -> str:
   """Lines naming the sparse optimizer(s) of the printed stacks and where they came from:
-  the default's (stacks without a suffix), then each `_o<g>` group's with its tables.
+  the default's (stacks without a suffix), then each `_o<g>` family's with its tables (each
+  table's own optimizer where a family's tables differ in rate; overridden tables of the
+  default's family, at rates of their own, in its stacks).
   Without one, whether the checkpoint's tables hold different optimizer states (`manifest`
   `tables[t].opt`): then the run that saved it had optimizers per table."""
   if optimizer is None:
@@ -72,9 +74,16 @@ def describe(optimizer, source: str, manifest: Mapping) -> str:
     return line
   lines = [f"sparse optimizer from {source}: {optimizers_lib.distinct(optimizer)[0]}"]
   if isinstance(optimizer, optimizers_lib.TableOptimizers):
-    for g, opt in enumerate(optimizer.distinct[1:], 1):
-      names = [t for t, o in optimizer.overrides if o == opt]
-      lines.append(f"  _o{g} stacks: {opt} (tables {', '.join(names)})")
+    families: dict[int, list] = {}   # stacks' suffix -> the overridden tables in them
+    for t, opt in optimizer.overrides:
+      families.setdefault(optimizer.group(t), []).append((t, opt))
+    for g, members in sorted(families.items()):
+      head = f"_o{g} stacks" if g else "the default's stacks also hold"
+      if g and len({opt for _, opt in members}) == 1:
+        lines.append(f"  {head}: {members[0][1]} (tables {', '.join(t for t, _ in members)})")
+      else:   # tables of one family at rates of their own share its stacks
+        each = "; ".join(f"{t}: {opt}" for t, opt in members)
+        lines.append(f"  {head}, each table at its own rate: {each}")
   return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ import jax
 import pytest
 
 from jaxrec import launch
-from jaxrec.checkpoint import CheckpointManager, convert, storage
+from jaxrec.checkpoint import CheckpointManager, convert, copy_optimizer, storage
 from jaxrec.checkpoint.copy_layout import recorded_features, tables as copy_tables
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.embedding import optimizers
@@ -78,6 +78,21 @@ def test_a_copy_prints_the_stacks_of_the_optimizers_its_checkpoint_recorded(tmp_
   assert gin.query_parameter("Adam.lr") == 0.5
   with pytest.raises(ValueError):
     gin.query_parameter("ExperimentConfig.table_optimizers")
+
+
+def test_tables_of_one_family_at_rates_of_their_own_are_shown_in_its_stacks():
+  """Tables that differ from others only in `lr` share their family's stacks: the lines
+  name each one's own optimizer under the suffix its stacks have (`_o<g>` is a family)."""
+  opt = optimizers.per_table(optimizers.SGD(1.0), {
+      "t0": optimizers.RowWiseAdagrad(0.05), "t1": optimizers.SGD(0.5),
+      "t2": optimizers.Adam(0.01), "t3": optimizers.Adam(0.02)})
+  text = copy_optimizer.describe(opt, "here", {"tables": {}})
+  assert text.splitlines() == [
+      "sparse optimizer from here: SGD(lr=1.0)",
+      "  the default's stacks also hold, each table at its own rate: t1: SGD(lr=0.5)",
+      f"  _o1 stacks: {optimizers.RowWiseAdagrad(0.05)} (tables t0)",
+      f"  _o2 stacks, each table at its own rate: t2: {optimizers.Adam(0.01)}; "
+      f"t3: {optimizers.Adam(0.02)}"], text
 
 
 def test_without_a_recorded_config_the_given_gin_decides(tmp_path):
