@@ -118,7 +118,6 @@ SLOW_CASES = {
     "tests/benchmarks/test_elastic_bench.py::"
     "test_a_job_that_fails_after_recovering_fails_the_benchmark",
     "tests/train/test_logq_loop.py::test_a_resume_with_another_batch_size_is_refused",
-    "tests/scripts/test_plans_equal.py::test_plan_matches_single_device[twrw-data=2,table=2,row=2]",
     "tests/offload/test_resume_changed.py::test_a_wider_dtype_is_widened_offloaded",
     "tests/offload/test_move_tier.py::test_table_changes_tier_on_resume[host]",
     "tests/elastic/test_supervisor.py::test_requested_stop_waits_for_the_check_step_not_a_periodic_checkpoint",

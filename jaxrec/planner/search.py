@@ -402,8 +402,9 @@ def _optimizer_notes(space: _Space) -> list[str]:
     names = [n for n in space.names if opt.group(n) == g]
     rates = len({getattr(opt.of(n), "lr", None) for n in names})
     shared = f", {rates} learning rates sharing its stacks" if rates > 1 else ""
-    if g == 0:
-      rest = f"{_optimizer_name(opt.default)} for the other {len(names)} table(s){shared}"
+    if g == 0:   # "the other" unless every table is of the default's family
+      other = "the other " if len(names) < len(space.names) else "all "
+      rest = f"{_optimizer_name(opt.default)} for {other}{len(names)} table(s){shared}"
     elif names:
       shown = ", ".join(names[:8]) + (f", ... ({len(names)})" if len(names) > 8 else "")
       parts.append(f"{_optimizer_name(o)} for {shown} (stacks ending _o{g}{shared})")

@@ -357,6 +357,10 @@ def test_tables_differing_in_lr_share_a_stack_and_the_note_says_so():
   assert ("sparse optimizers per table: Adam for adam, adam2 (stacks ending _o1, 2 learning "
           "rates sharing its stacks); SGD for the other 2 table(s), 2 learning rates sharing "
           "its stacks") in res.notes
+  # rates only: every table is of the default's family, in its stacks
+  rates = optimizers.per_table(optimizers.SGD(), {"small": optimizers.SGD(0.5)})
+  assert ("sparse optimizers per table: SGD for all 4 table(s), 2 learning rates sharing its "
+          "stacks") in propose_plan(ts, fs, MESH, GiB, rates, 64).notes
 
 
 def test_per_table_optimizers_naming_no_table_or_an_unknown_optimizer_are_refused():
