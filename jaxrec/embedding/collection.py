@@ -196,9 +196,8 @@ class EmbeddingCollection:
     unfused = [l.name for l in layouts if not local_ops.fused_update_ok(l, l.optimizer)]
     if options.kernel == "pallas" and unfused:
       log.warning("kernel='pallas': stacks %s update on XLA (the fused update kernel takes "
-                  "SGD, Adagrad and row-wise Adagrad with a constant lr or per-table rates; "
-                  "row-wise Adagrad and int8 not on split columns); their pooling uses the "
-                  "kernel", unfused)
+                  "SGD, Adagrad and row-wise Adagrad; row-wise Adagrad and int8 not on split "
+                  "columns); their pooling uses the kernel", unfused)
     return collection
 
   def dedup(self, l: layout_lib.StackLayout) -> bool:

@@ -15,7 +15,8 @@ Kernels (`opts.kernel`):
   re-quantisation need whole-row reductions (a psum / pmin / pmax over `col`), so with
   split columns they stay on XLA, as do Adam and FTRL. A stack of tables that differ only
   in `lr` (`StackLayout.rates`) passes each unique row's rate to the kernel (`lr_rows`),
-  a scheduled one too; a stack of one scheduled rate stays on XLA.
+  scheduled ones too, and so does a stack of one scheduled rate (its value at the step,
+  the same for every row: the kernel takes compile-time hyperparameters otherwise).
 
 Per-table rates: where a stack's tables have different rates, stage 3 gathers each row's
 rate (`row_rates`: its table found from the slots' static row offsets) into f32 `[n]` and
@@ -371,8 +372,6 @@ def fused_update_ok(l, optimizer) -> bool:
   name = type(optimizer).__name__
   if name not in FUSED_OPTIMIZERS:
     return False
-  if l.rates is None and callable(optimizer.lr):   # one schedule: a traced scalar rate
-    return False
   return "col" not in l.axes or (name != "RowWiseAdagrad" and l.dtype != "int8")
 
 
@@ -450,6 +449,8 @@ def update(l, optimizer, opts, dedup, table, opt_state, rows, uniq, grads, step,
   key = ROUNDING_KEY() if opts.stochastic_rounding else None
   lr = None if l.rates is None else row_rates(l, uniq, step)   # [n]: per row (or slot)
   if opts.kernel == "pallas" and fused_update_ok(l, optimizer):
+    if lr is None and callable(optimizer.lr):   # a schedule's rate at `step`, a traced
+      lr = jnp.full(uniq.shape, rate_at(optimizer.lr, step), jnp.float32)  # value: per row
     idx = jnp.where(uniq < l.local_rows, uniq, -1)[:, None]
     bit_rows = None if key is None else rounding_rows(l, uniq, slot_rows)[:, None]
     fused = kernels.coerce(optimizer if lr is None else dataclasses.replace(optimizer, lr=0.0))

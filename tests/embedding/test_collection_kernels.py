@@ -90,6 +90,21 @@ def test_pallas_matches_reference(kind, mesh_spec, opt, pallas_calls):
   assert_matches_reference(out, opt, atol_pooled=1e-6, atol_tables=1e-6)
 
 
+@pytest.mark.parametrize("opt", test_collection.SCHEDULED[:3], ids=lambda o: type(o).__name__)
+def test_pallas_fuses_the_update_of_a_scheduled_rate(opt, caplog):
+  """A stack of one scheduled rate updated on XLA (the kernel took a constant `lr`): the
+  rate at each step now goes to the fused kernel per row, as per-table rates do."""
+  with caplog.at_level("WARNING"):
+    coll = make_collection("twrw", "data=2,table=2,row=2", opt, kernel="pallas",
+                           interpret=True)
+  assert "update on XLA" not in caplog.text
+  out = run(coll, steps=3)
+  assert out["jaxpr"].count("pallas_call") == 2 * len(coll.layouts)
+  ref_pooled, ref_tables, _ = reference(opt, steps=3)
+  for name in ref_tables:
+    np.testing.assert_allclose(out["tables"][name], ref_tables[name], rtol=1e-5, atol=1e-6)
+
+
 # (dtype, kernel, plan, mesh, tolerance ~ a few ulps of values up to ~1)
 DTYPE_CASES = [("bfloat16", "xla", "dp", "single", 1e-2), ("float16", "pallas", "grid",
                "table=2,row=2,col=2", 2e-3), ("int8", "xla", "twcw", "data=2,table=2,col=2", 2e-2)]
