@@ -47,3 +47,14 @@ def test_unique_inverse_matches_jnp_unique(case):
   np.testing.assert_array_equal(uniq, want_uniq)
   np.testing.assert_array_equal(inv, want_inv.reshape(-1))
   assert inv.dtype == jnp.int32
+
+
+def test_the_dedup_searches_on_cpu_and_keeps_jnp_unique_for_gpu():
+  """`unique_inverse` picks its branch by the platform it is lowered for: on CPU the key
+  sort and a binary search (a while loop), for CUDA `jnp.unique`'s one sort (lowered
+  here without a GPU)."""
+  f = jax.jit(lambda x: unique_inverse(x, 8, 40))
+  x = jnp.zeros(8, jnp.int32)
+  cpu, cuda = (f.trace(x).lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "cuda"))
+  assert cpu.count("stablehlo.sort") == 1 and "stablehlo.while" in cpu
+  assert cuda.count("stablehlo.sort") == 1 and "stablehlo.while" not in cuda
