@@ -460,10 +460,9 @@ class EmbeddingCollection:
   # ----------------------------------------------------------------------------- stage 2
   def pool(self, rows: Mapping[str, jax.Array], ctx: Context) -> jax.Array:
     """Stage 2: pooled activations `[batch, features, dim]`, split over batch."""
-    order = tuple(i for l in self.layouts for i in l.features)
     names = [l.name for l in self.layouts]
     dedups = tuple(self.dedup(l) for l in self.layouts)
-    fn = jax.shard_map(functools.partial(local_ops.pool_all, self.layouts, self.options, order,
+    fn = jax.shard_map(functools.partial(local_ops.pool_all, self.layouts, self.options,
                                          dedups, self.packing()),
                        mesh=self.mesh,
                        in_specs=({n: P(MESH_AXES, None) for n in names},

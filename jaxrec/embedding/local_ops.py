@@ -252,20 +252,18 @@ def _pool_kernel_bwd(interpret, res, g):
 pool_kernel.defvjp(_pool_kernel_fwd, _pool_kernel_bwd)
 
 
-def pool_all(layouts, opts, order, dedups, packing, rows, inv, w):
+def pool_all(layouts, opts, dedups, packing, rows, inv, w):
   """Stage 2 for every stack: `[b, F, dim]` for this device's examples, features in
-  collection order (`order[k]` = the collection feature of the k-th stack feature, stacks
-  in `layouts` order). Stacks of one dim split over the same axes send their partial sums
-  home in one set of collectives (concatenated along the feature axis). `dim` is the
-  widest stack's: a narrower stack's features are padded with zero columns. The groups'
-  results, flattened to `[b, slots, dim]`, are put in collection order by one `select`."""
+  collection order (a stack's feature `f` is the collection's `l.features[f]`). Stacks of
+  one dim split over the same axes send their partial sums home in one set of collectives
+  (concatenated along the feature axis). `dim` is the widest stack's: a narrower stack's
+  features are padded with zero columns. The groups' results, flattened to
+  `[b, slots, dim]`, are put in collection order by one `select`."""
   dim = max(l.dim for l in layouts)
   groups: dict[tuple, list] = {}
   for l, dedup, pk in zip(layouts, dedups, packing):
     groups.setdefault((l.axes, l.dim), []).append((l, dedup, pk))
-  first = dict(zip((l.name for l in layouts), np.cumsum([0] + [len(l.features)
-                                                                for l in layouts])))
-  source = np.full(len(order), -1)   # collection feature -> its slot in `flat`
+  source = np.full(sum(len(l.features) for l in layouts), -1)   # feature -> slot in `flat`
   flat, base = [], 0
   for members in groups.values():
     stacks = [l for l, _, _ in members]
@@ -280,7 +278,7 @@ def pool_all(layouts, opts, order, dedups, packing, rows, inv, w):
       for s, fs in enumerate(l.slot_features):
         for j, f in enumerate(fs):
           if f >= 0:
-            source[order[first[l.name] + f]] = base + s * ft_all + start + j
+            source[l.features[f]] = base + s * ft_all + start + j
       start += part.shape[4]
     x = x.reshape(x.shape[0], nt * ft_all, x.shape[-1])            # [b, nt*Ft_all, dim_g]
     flat.append(x if x.shape[-1] == dim else
