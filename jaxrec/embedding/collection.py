@@ -21,9 +21,9 @@ only the rows a batch uses (never a dense `[rows, dim]` gradient):
 3. `apply_gradients`. The gradient w.r.t. `rows` (what autodiff of stage 2 returns) is
    summed over the stack's replica axes (`psum`), then the sparse optimizer updates just
    the unique rows of the local shard, identically on every replica. (Without dedup each
-   device reads and pools only its group's slots, and the replicas all-gather their slot
-   gradients, the slot numbers riding along, instead: every replica then scatter-adds all
-   of them.)
+   device reads and pools only its group's slots, and the replicas all-gather their
+   slots' SGD deltas, each computed by the replica that pooled the slot, the slot numbers
+   riding along, instead: every replica then scatter-adds all of them.)
 
 The per-device code of each stage is in `local_ops`, with its choices: `EmbeddingOptions`
 picks XLA or the Pallas kernels (`jaxrec.kernels`) for pooling and update, and the dtype
@@ -480,7 +480,7 @@ class EmbeddingCollection:
     offloaded tables, which stochastic rounding keys their rows by
     (`local_ops.rounding_rows`)."""
     slot_rows = slot_rows or {}
-    uniq, grads = self._gather_slots(ctx.unique, row_grads)
+    uniq, grads = self._gather_slots(ctx.unique, row_grads, step)
     tables, opt = {}, {}
     for l in self.layouts:
       opt_specs = {k: (l.spec() if per == "element" else l.row_spec())
@@ -497,10 +497,11 @@ class EmbeddingCollection:
                                        mine)
     return {"tables": tables, "opt": opt}
 
-  def _gather_slots(self, unique, row_grads) -> tuple[dict, dict]:
+  def _gather_slots(self, unique, row_grads, step) -> tuple[dict, dict]:
     """(`unique`, `row_grads`) with the stacks without dedup that have replicas replaced by
-    their slots and slot gradients all-gathered over them: one collective per replica axis
-    for each group of stacks sharing `slot_gather_key` (`local_ops.gather_replicas`)."""
+    their slots and the slots' deltas at `step`, all-gathered over them: one collective per
+    replica axis for each group of stacks sharing `slot_gather_key`
+    (`local_ops.gather_replicas`)."""
     groups: dict[tuple, list] = {}
     for l in self.layouts:
       if not self.dedup(l) and l.split_replica_axes:
@@ -511,9 +512,10 @@ class EmbeddingCollection:
       specs_g = tuple(P(MESH_AXES, None) for _ in members)
       specs_u = tuple(PER_DEVICE for _ in members)
       fn = jax.shard_map(functools.partial(local_ops.gather_replicas, tuple(members)),
-                         mesh=self.mesh, in_specs=(specs_g, specs_u),
+                         mesh=self.mesh, in_specs=(P(), specs_g, specs_u),
                          out_specs=(specs_g, specs_u), check_vma=False)
-      grads, uniqs = fn(tuple(row_grads[n] for n in names), tuple(unique[n] for n in names))
+      grads, uniqs = fn(step, tuple(row_grads[n] for n in names),
+                        tuple(unique[n] for n in names))
       row_grads.update(zip(names, grads))
       unique.update(zip(names, uniqs))
     return unique, row_grads

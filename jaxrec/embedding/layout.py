@@ -116,7 +116,7 @@ class StackLayout:
 
   @property
   def slot_gather_key(self) -> tuple:
-    """Stacks without dedup that share this key all-gather their slot gradients over their
+    """Stacks without dedup that share this key all-gather their slot deltas over their
     replicas in one collective per axis (`EmbeddingCollection._gather_slots`; the
     planner's cost model counts those launches by it)."""
     return (self.split_replica_axes, self.group_shape, self.local_dim)
@@ -125,7 +125,7 @@ class StackLayout:
     """Mesh axes whose devices' ids stage 1 needs on each device: the model axes that split
     the stack (the group's examples it looks up) and, with dedup, the replica axes too
     (replicas read the same unique rows). Without dedup the replicas' ids travel in stage
-    3, with the slot gradients (`local_ops.gather_replicas`)."""
+    3, with the slot deltas (`local_ops.gather_replicas`)."""
     sizes = dict(self.sizes)
     return tuple(a for a in MESH_AXES if sizes[a] > 1 and (a in self.axes or dedup))
 

@@ -177,7 +177,7 @@ def lookup_stack(l, dedup, table, ids_all, gathered, pk):
   every row plus the sentinel) and replicas of a shard read the same rows. Without, every
   slot of this device's group is its own entry, in order (no sort; `inverse` is an iota),
   and duplicates are summed by stage 3's scatter-add; stage 3 all-gathers these slots and
-  their gradients over the replicas (`gather_replicas`), so each replica applies all of
+  their SGD deltas over the replicas (`gather_replicas`), so each replica applies all of
   them."""
   ids_sel, sel = select_features(l, ids_all, -1)                        # [nd,nt,nr,nc,b,Ft,L]
   sentinel = l.local_rows
@@ -438,14 +438,20 @@ def update(l, optimizer, opts, dedup, table, opt_state, rows, uniq, grads, step,
 
   table `[local_rows, dl]` (or `QuantizedTable`); rows f32 `[n, dl]` (the values read in
   stage 1); grads f32: with dedup `[n, dl]`, the unique rows' gradients before their psum
-  over replicas; without, every slot's gradient of the replica group, already all-gathered
-  by the collection (`gather_replicas`). `slot_rows`: of this stack's offloaded tables
-  (`rounding_rows`)."""
+  over replicas; without, the slots' gradients `[n, dl]`, or for a stack with replicas
+  every slot's delta of the replica group, `[R, g, dl]` at slots `uniq [R, g]`, already
+  all-gathered by the collection (`gather_replicas`). `slot_rows`: of this stack's
+  offloaded tables (`rounding_rows`)."""
+  if not dedup:   # SGD (float32, xla kernel): linear in the gradient, so duplicate slots'
+    if not l.split_replica_axes:                        # deltas add up in the scatter
+      uniq = uniq[0]
+      grads = slot_deltas(l, optimizer, grads, uniq, step)
+    return table.at[uniq].add(grads.astype(table.dtype), mode="drop"), opt_state
   uniq = uniq[0]
   if dedup and l.split_replica_axes:
     grads = jax.lax.psum(grads, l.split_replica_axes)
   key = ROUNDING_KEY() if opts.stochastic_rounding else None
-  lr = None if l.rates is None else row_rates(l, uniq, step)   # [n]: per row (or slot)
+  lr = None if l.rates is None else row_rates(l, uniq, step)   # [n]: per row
   if opts.kernel == "pallas" and fused_update_ok(l, optimizer):
     if lr is None and callable(optimizer.lr):   # a schedule's rate at `step`, a traced
       lr = jnp.full(uniq.shape, rate_at(optimizer.lr, step), jnp.float32)  # value: per row
@@ -463,9 +469,6 @@ def update(l, optimizer, opts, dedup, table, opt_state, rows, uniq, grads, step,
     dim_sum = lambda x: jax.lax.psum(real(x).sum(axis=-1), "col")
   else:
     dim_sum = lambda x: x.sum(axis=-1)
-  if not dedup:   # SGD is linear in the gradient: duplicate slots add up in the scatter
-    return (table.at[uniq].add(optimizer.delta(grads, step, lr).astype(table.dtype),
-                               mode="drop"), opt_state)
   state_rows = {k: jnp.take(v, uniq, axis=0, mode="fill", fill_value=0)
                 for k, v in opt_state.items()}
   new_rows, new_state = optimizer.update(rows, grads, state_rows, step, dim_sum, lr)
@@ -479,19 +482,30 @@ def update(l, optimizer, opts, dedup, table, opt_state, rows, uniq, grads, step,
   return table, opt_state
 
 
-def gather_replicas(layouts, grads, uniqs):
+def slot_deltas(l, optimizer, grads, slots, step):
+  """SGD's change to each slot's row, `[g, dl]`, from its gradient `grads [g, dl]` at local
+  rows `slots [g]` (each its table's rate where the stack's rates differ)."""
+  return optimizer.delta(grads, step, None if l.rates is None else row_rates(l, slots, step))
+
+
+def gather_replicas(layouts, step, grads, uniqs):
   """Without dedup: each stack's slots of this device's group, `uniqs` `[1, g]` int32 and
-  their gradients `grads` `[g, dl]`, → every slot of its replica group (`[1, R * g]` and
-  `[R * g, dl]`, R = replicas, in mesh order), for stacks sharing `slot_gather_key`: side by
-  side, one all-gather per replica axis for all of them. The slot numbers ride in extra
-  rows of `dl` columns (the payload is int32: gradients travel as their bits, exactly), so
-  they cost no collective of their own (stage 1 did not gather the replicas' ids). Each
-  replica pooled a disjoint part of the batch, so this is the psum of the zero-padded
-  gradients at a fraction of the bytes."""
+  their gradients `grads` `[g, dl]`, → every slot of its replica group and its SGD delta
+  (`[R, g]` and `[R, g, dl]`, R = replicas, in mesh order), for stacks sharing
+  `slot_gather_key`: side by side, one all-gather per replica axis for all of them. The
+  slot numbers ride in extra rows of `dl` columns (the payload is int32: deltas travel as
+  their bits, exactly), so they cost no collective of their own (stage 1 did not gather
+  the replicas' ids). Each replica pooled a disjoint part of the batch, so this is the psum
+  of the zero-padded gradients at a fraction of the bytes. Each replica turns its own
+  slots' gradients into deltas before the gather (`slot_deltas`, R times fewer than after
+  it), and the update scatter-adds each replica's block as gathered (a flat `[R * g, dl]`
+  took every device a reshaping copy of the gathered block; on 8 CPU devices the two cut
+  `dlrm_synthetic`'s `dp` step by 2–8%, docs/benchmarks.md)."""
   l0 = layouts[0]
   gs, dl = l0.group_shape, grads[0].shape[-1]
   parts, sizes = [], []
-  for g, u in zip(grads, uniqs):
+  for l, g, u in zip(layouts, grads, uniqs):
+    g = slot_deltas(l, l.optimizer, g, u[0], step)
     g = jax.lax.bitcast_convert_type(g, jnp.int32).reshape(gs + (-1, dl))  # [.., b*Ft*L, dl]
     u = u.reshape(gs + (-1,))
     k, pad = u.shape[-1], -u.shape[-1] % dl
@@ -503,10 +517,10 @@ def gather_replicas(layouts, grads, uniqs):
     x = jax.lax.all_gather(x, axis, axis=MESH_AXES.index(axis), tiled=True)
   out_g, out_u, start = [], [], 0
   for k, id_rows in sizes:
-    g = x[..., start:start + k, :].reshape(-1, dl)
+    g = x[..., start:start + k, :].reshape(-1, k, dl)                          # [R, g, dl]
     out_g.append(jax.lax.bitcast_convert_type(g, jnp.float32))
     ids = x[..., start + k:start + k + id_rows, :].reshape(x.shape[:-2] + (-1,))[..., :k]
-    out_u.append(ids.reshape(1, -1))
+    out_u.append(ids.reshape(-1, k))
     start += k + id_rows
   return tuple(out_g), tuple(out_u)
 

@@ -23,7 +23,7 @@ global batch `B`, `b = B/N` examples per device. For a stack of kind `k`:
   n         rows of the lookup buffer: min(slots, rows_d + 1) with dedup, else the group's
             slots/rep (each replica reads and pools only its own examples' slots)
   u         rows the update writes: n with dedup, else slots (every replica scatter-adds
-            the slot gradients of the whole replica group)
+            the slot deltas of the whole replica group)
   rep       replicas of each shard: N/G; s, s_row: optimizer state (`OptimizerState`) of
             the stack's optimizer (one per table: `optimizers.TableOptimizers`, `state_of`)
 
@@ -39,7 +39,7 @@ Cost terms (`COST_TERMS`), per device per step (the same on every device):
                         of each other and of the dense gradients' all-reduce, which XLA
                         combines into one: they add bytes, not
                         launches; without dedup, stacks of the same replica axes and
-                        group shape all-gather their slots and slot gradients together,
+                        group shape all-gather their slots and slot deltas together,
                         one launch per replica axis for all of them (counted on the first
                         such stack)
   stacks                stacks: per-stack operations on every device (select, gather, pool,
