@@ -41,7 +41,11 @@ that one unusually fast run cannot meet it alone. `"cpu_bf16"` says whether this
 bfloat16 instructions (`jaxrec.models.bf16_hardware`); a `--dense_dtype=bfloat16` comparison
 without them never meets the goal (it compares the frameworks' emulation of bfloat16).
 `--breakdown` adds, for jaxrec, the step time of the dense part alone and of the embedding
-part alone (where the time goes); `--trace_dir` writes a `jax.profiler` trace of a few steps.
+part alone (where the time goes), and of the dense step's matmuls alone (`dense_dots`); with
+TorchRec the summary then has `ratio_bound_dots`, TorchRec's step ÷ those matmuls' time: the
+ratio jaxrec would reach on this host if nothing but its dense matmuls took time (below the
+goal, the host's matmul rate rules the goal out). `--trace_dir` writes a `jax.profiler`
+trace of a few steps.
 """
 
 from __future__ import annotations
@@ -227,7 +231,10 @@ def breakdown(config, collection, state, train_step, host_batches, bsharding) ->
   dense:       model forward + backward + optax update, pooled embeddings given as input
   embedding:   lookup + pool + pool-backward + sparse row update, stand-in upstream grads
   host_put:    packing and placing one host batch (`loop.device_batch`)
+  dots:        the dense step's matmuls alone, in one program of nothing else
+               (`dense_dots`; with `dense_gflop`, `dots_gflops` and the dot count)
   """
+  import dense_dots
   import jax
   import jax.numpy as jnp
   import optax
@@ -286,7 +293,12 @@ def breakdown(config, collection, state, train_step, host_batches, bsharding) ->
     return loop.device_batch(collection, host_batches[i % len(host_batches)], bsharding)
 
   out = {"dense": med(dense), "embedding": med(emb), "host_put": med(put), "full": med(full)}
-  return {"breakdown_ms": {k: round(v, 3) for k, v in out.items()}, "state": holder["s"]}
+  b0 = batches[0]
+  dots = dense_dots.summary(lambda p: jax.grad(lambda q: compute_loss(
+      model, q, b0.dense, pooled[0], b0.labels)[0])(p), p0)
+  out["dots"] = dots.pop("dots_ms")
+  return {"breakdown_ms": {k: round(v, 3) for k, v in out.items()}, **dots,
+          "state": holder["s"]}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -522,6 +534,9 @@ def main():
       extra["warning"] = (f"load average up to {load} on {os.cpu_count()} cores during the "
                           "runs: other processes distort the timings (TorchRec most); rerun "
                           "on a quiet machine or with --nice -20 --repeats 3")
+    dots_ms = jx.get("breakdown_ms", {}).get("dots")
+    if dots_ms:   # --breakdown: the ratio if jaxrec's step were its dense matmuls alone
+      extra["ratio_bound_dots"] = round(1e3 * bs / tr["examples_per_sec"] / dots_ms, 3)
     emit(NAME, **goal, goal=GOAL, goal_op=">=",
          ratio_median_step=round(jx["examples_per_sec_median"] / tr["examples_per_sec_median"], 3),
          jaxrec_examples_per_sec=round(jx["examples_per_sec"], 1),

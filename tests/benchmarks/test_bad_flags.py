@@ -38,6 +38,8 @@ def _in_and_out_of_process(cases):
 
 USAGE_ERRORS = [
     ("vs_torchrec.py", ["--repeats", "0"], "--repeats must be at least 1"),
+    ("dense_dots.py", ["--config", "nope"], "--config: no configs/nope.gin"),
+    ("dense_dots.py", ["--reps", "0"], "--reps must be at least 1"),
     ("offload.py", ["--steps", "3", "--rounds", "5"], "--rounds must be in [1, --steps=3]"),
     ("offload.py", ["--runs", "device,ofload"], "--runs: unknown ['ofload']"),
     ("mesh_overhead.py", ["--plans", "dp,foo"], "--plans: unknown ['foo']"),

@@ -46,21 +46,28 @@ def test_jaxrec_side_and_skip_line():
 
 
 @pytest.mark.slow
-def test_skip_naive_leaves_the_baseline_out():
-  lines = _run("--skip_torchrec", "--skip_naive")
+def test_skip_naive_leaves_the_baseline_out_and_breakdown_times_the_dots():
+  lines = _run("--skip_torchrec", "--skip_naive", "--breakdown")
   assert [l.get("framework") for l in lines[:2]] == ["jaxrec", "torchrec"]
   assert "ratio_vs_naive" not in lines[-1]
+  jx = lines[0]
+  assert set(jx["breakdown_ms"]) == {"dense", "embedding", "host_put", "full", "dots"}
+  assert jx["breakdown_ms"]["dots"] > 0 and jx["dots"] == 22   # criteo's DLRM: 22 matmuls
+  assert jx["dense_gflop"] == pytest.approx(1.474, abs=1e-3) and jx["dots_gflops"] > 0
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(TORCHREC_PYTHON), reason="torchrec venv missing")
 def test_both_sides_give_ratio():
-  lines = _run()
+  lines = _run("--breakdown")
   assert [l.get("framework") for l in lines[:3]] == ["jaxrec", "naive_jax", "torchrec"]
   summary = lines[-1]
   assert summary["goal"] == 2.0 and summary["ratio"] > 0
   assert summary["examples"] == 4 * 512
   assert summary["ratio_vs_naive"] > 0
+  tr_step_ms = 1e3 * 512 / summary["torchrec_examples_per_sec"]
+  assert summary["ratio_bound_dots"] == pytest.approx(
+      tr_step_ms / lines[0]["breakdown_ms"]["dots"], rel=2e-3)
   for k in ("jaxrec_auc", "torchrec_auc", "naive_auc"):
     assert 0.0 <= summary[k] <= 1.0
 
