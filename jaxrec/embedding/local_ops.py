@@ -448,7 +448,7 @@ def update(l, optimizer, opts, dedup, table, opt_state, rows, uniq, grads, step,
       grads = slot_deltas(l, optimizer, grads, uniq, step)
     return table.at[uniq].add(grads.astype(table.dtype), mode="drop"), opt_state
   uniq = uniq[0]
-  if dedup and l.split_replica_axes:
+  if l.split_replica_axes:
     grads = jax.lax.psum(grads, l.split_replica_axes)
   key = ROUNDING_KEY() if opts.stochastic_rounding else None
   lr = None if l.rates is None else row_rates(l, uniq, step)   # [n]: per row
@@ -496,7 +496,7 @@ def gather_replicas(layouts, step, grads, uniqs):
   slot numbers ride in extra rows of `dl` columns (the payload is int32: deltas travel as
   their bits, exactly), so they cost no collective of their own (stage 1 did not gather
   the replicas' ids). Each replica pooled a disjoint part of the batch, so this is the psum
-  of the zero-padded gradients at a fraction of the bytes. Each replica turns its own
+  of the zero-padded deltas at a fraction of the bytes. Each replica turns its own
   slots' gradients into deltas before the gather (`slot_deltas`, R times fewer than after
   it), and the update scatter-adds each replica's block as gathered (a flat `[R * g, dl]`
   took every device a reshaping copy of the gathered block; on 8 CPU devices the two cut
