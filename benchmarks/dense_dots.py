@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The dense step's matmuls alone: what the step would cost if it were only its matmuls.
 
-  .venv/bin/python benchmarks/dense_dots.py --config dlrm_criteo \
-      [--gin_bindings "DLRM.dtype='bfloat16'"]
+  .venv/bin/python benchmarks/dense_dots.py --config dlrm_criteo
+  .venv/bin/python benchmarks/dense_dots.py --gin_bindings "DLRM.dtype='bfloat16'"
 
 prints `{"benchmark": "dense_dots", "config", "batch_size", "dots_ms", "dense_gflop",
 "dots_gflops", "dots"}` for the config's dense model (forward and backward w.r.t. its
