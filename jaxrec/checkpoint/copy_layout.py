@@ -19,7 +19,7 @@ from jaxrec.checkpoint import copy_optimizer, storage
 from jaxrec.embedding import layout as layout_lib
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import CheckpointError, ConfigError
-from jaxrec.sharding.plan import KINDS, Plan, load_plan_file, uniform_plan
+from jaxrec.sharding.plan import KINDS, Plan, format_mesh, load_plan_file, uniform_plan
 
 
 def tables(meta: Mapping, manifest: Mapping) -> tuple[tuple[TableSpec, ...], dict[str, dict]]:
@@ -44,7 +44,9 @@ def describe(step_dir, manifest: Mapping, plan: str, mesh_shape: Mapping[str, in
   optimizers of the resuming run (`copy_optimizer.resolve`: from `gin_files` and
   `gin_bindings`, else the config the checkpoint records; tables of different optimizers
   stack apart, `..._o<g>`), a line saying where those came from, and a line per table
-  offloaded when saved."""
+  offloaded when saved. A ConfigError when the resuming run could not build those stacks
+  (`layout.stack_error`: a table no recorded feature reads placed unlike every read one, a
+  table slice past int32 rows), before anything is written."""
   meta = _meta(step_dir)
   specs, offloaded = tables(meta, manifest)
   resolved = resolve_plan(plan, specs, mesh_shape)
@@ -52,6 +54,9 @@ def describe(step_dir, manifest: Mapping, plan: str, mesh_shape: Mapping[str, in
                                              gin_bindings)
   layouts = layout_lib.build_layouts(specs, recorded_features(meta, specs), resolved,
                                      mesh_shape, optimizer)
+  problem = layout_lib.stack_error(layouts)
+  if problem:   # the resuming run's collection would refuse these stacks at its start
+    raise ConfigError(f"--plan={plan} on --mesh={format_mesh(mesh_shape)}: {problem}")
   lines = [layout_lib.describe(layouts), copy_optimizer.describe(optimizer, source, manifest)]
   by_name = {t.name: t for t in specs}
   for name, t in sorted(offloaded.items()):

@@ -325,6 +325,29 @@ def test_plan_file_of_other_tables_is_refused(saved, tmp_path):
   assert not (tmp_path / "d").exists()
 
 
+def test_a_plan_whose_stacks_the_run_would_refuse_is_refused_before_copying(tmp_path):
+  """A plan file placing a table no recorded feature reads unlike every read table: the
+  copy printed its stacks and wrote it, and the resuming run then refused them at start
+  (`layout.stack_error`)."""
+  import dataclasses
+  coll = h.collection("rw", 8)
+  path = tmp_path / "ckpt"
+  features = [dataclasses.asdict(FeatureSpec(f"f{i}", f"t{i}", 2)) for i in range(3)]
+  with CheckpointManager(path) as mgr:   # the run's features read t0-t2, not t3
+    mgr.save(1, h.train_state(coll, step=1), coll, meta={"features": features}, force=True)
+  plan_json = tmp_path / "plan.json"
+  plan_json.write_text(json.dumps({"mesh": {"row": 2}, "plan": {
+      t.name: {"kind": "dp" if t.name == "t3" else "rw"} for t in coll.tables}}))
+  with pytest.raises(ConfigError, match=r"^--plan=.*plan.json on --mesh=data=1,table=1,row=2,"
+                     r"col=1: tables \['t3'\] \(dp, dim 8, float32\) are read by no feature"):
+    convert.export_checkpoint(path, tmp_path / "copy", None, None, str(plan_json))
+  assert not (tmp_path / "copy").exists()
+  plan_json.write_text(json.dumps({"mesh": {"row": 2}, "plan": {   # t3 beside a read table
+      t.name: {"kind": "dp" if t.name in ("t2", "t3") else "rw"} for t in coll.tables}}))
+  _, text = convert.export_checkpoint(path, tmp_path / "copy", None, None, str(plan_json))
+  assert "dp_d8" in text, text
+
+
 def test_unreadable_checkpoint_is_an_error(saved, tmp_path):
   """A damaged manifest with an explicit step, or a truncated array file, was a traceback."""
   path, _, _ = saved
