@@ -11,8 +11,9 @@ rate puts under a step of that model.
 
 `vs_torchrec.py --breakdown` times the dense step's `dot_general`s this way
 (`breakdown_ms.dots`, with `dense_gflop` and `dots_gflops`), and with TorchRec reports
-`ratio_bound_dots`: TorchRec's median step ÷ these dots' time, the ratio jaxrec would reach
-on this host if everything but its dense matmuls took no time. Where that bound is below
+`ratio_bound_dots`: TorchRec's step (from its best run's examples/sec, as `ratio` takes it)
+÷ these dots' time, the ratio jaxrec would reach on this host if everything but its dense
+matmuls took no time. Where that bound is below
 the goal, no change outside the matmuls can meet the goal on this host: XLA:CPU's matmul
 rate on the model's shapes decides (docs/vs_torchrec.md).
 
@@ -103,7 +104,7 @@ def time_dots(found: dict[Dot, int], reps: int = 20, rounds: int = 7) -> float:
   occurrence on operands of its own (random; no two identical, which XLA would merge),
   nothing else: `reps` calls dispatched back to back, then one wait, the median of `rounds`
   such rounds ÷ `reps`. One program rather than a call per dot, which would add a call's
-  dispatch and wake-up to every dot (timed so, the criteo step's 23 dots took longer than
+  dispatch and wake-up to every dot (timed so, the criteo step's 22 dots took longer than
   the whole step)."""
   import jax
   import jax.numpy as jnp
@@ -129,9 +130,9 @@ def time_dots(found: dict[Dot, int], reps: int = 20, rounds: int = 7) -> float:
 
 
 def summary(fn: Callable, *args, reps: int = 20) -> dict:
-  """`{"dots_ms", "dense_gflop", "dots_gflops", "dots"}` of `fn(*args)`: its dots' summed
-  median time (each times its count), their FLOPs, the rate that makes, and how many dots
-  the function runs."""
+  """`{"dots_ms", "dense_gflop", "dots_gflops", "dots"}` of `fn(*args)`: the time of its
+  dots' program (`time_dots`), their FLOPs, the rate that makes, and how many dots the
+  function runs."""
   found = dots(fn, *args)
   seconds = time_dots(found, reps)
   flops = sum(n * d.flops for d, n in found.items())
@@ -156,10 +157,10 @@ def main():
 
   import jax
   import jax.numpy as jnp
+  from jaxrec.embedding.specs import feature_dims
   from jaxrec.errors import ConfigError
   from jaxrec.launch import parse_gin
   from jaxrec.models import compute_loss
-  from jaxrec.embedding.specs import feature_dims
   from jaxrec.train.config import ExperimentConfig
   from jaxrec.train.state import init_dense
 
