@@ -373,28 +373,36 @@ def fused_update_ok(l, optimizer) -> bool:
   return "col" not in l.axes or (name != "RowWiseAdagrad" and l.dtype != "int8")
 
 
-def row_rates(l, local, step):
-  """f32 `[n]`: the learning rate at `step` of the table of each local row `local [n]` of a
-  stack whose tables' rates differ (`l.rates`, per slot). A slice's tables are contiguous,
-  so a row's table is the last one starting at or before it (the row in the slice is the
-  local row offset by this device's `row` shard); rows past the slice's tables (padding,
-  sentinels) get its last table's rate and are never stored."""
-  distinct = list(dict.fromkeys(l.rates))
-  per_slice = [sorted((s.row_offset, distinct.index(l.rates[i])) for i, s in enumerate(l.slots)
+def slice_slots(l, local, values):
+  """For local rows `local [n]` of this device's table slice, by the stack slot (table)
+  holding each: `(row, start, value)`, each `[n]`: the row in the slice (the local row
+  offset by this device's `row` shard), that slot's first row in the slice, and its entry
+  of `values` (one int in [0, 2**32) per `l.slots`; uint32). A slice's tables are
+  contiguous, so a row's table is the last one starting at or before it; rows past the
+  slice's tables (padding, the sentinel) get its last table's, and are never stored.
+  (`row_rates` and `rounding_rows` find their rows' tables so.)"""
+  per_slice = [sorted((s.row_offset, values[i]) for i, s in enumerate(l.slots)
                       if l.num_slices == 1 or s.table_slice == t) for t in range(l.num_slices)]
   width = max(len(p) for p in per_slice)
-  pad = lambda p: p + [(np.iinfo(np.int32).max, p[-1][1] if p else 0)] * (width - len(p))
-  starts, which_rate = np.array([pad(p) for p in per_slice]).transpose(2, 0, 1)  # [nt, width]
+  pad = lambda p: p + [(np.iinfo(np.int32).max, 0)] * (width - len(p))   # never chosen
+  starts, vals = np.array([pad(p) for p in per_slice], np.int64).transpose(2, 0, 1)  # [nt, w]
   t = axis_index(l, "table")
   starts = jnp.asarray(starts.astype(np.int32))[t]
-  which_rate = jnp.asarray(which_rate.astype(np.int32))[t]
-  row = local + axis_index(l, "row") * l.local_rows                   # row in the slice
+  row = local + axis_index(l, "row") * l.local_rows
   # comparing with every start is the fastest for a few tables (26 SGD tables, every slot's
   # rate: 0.43 ms a step against 0.55 for the default binary search, 0.37 with one rate)
   method = "compare_all" if width <= 64 else "scan"
-  slot = jnp.clip(jnp.searchsorted(starts, row, side="right", method=method) - 1, 0, width - 1)
+  which = jnp.clip(jnp.searchsorted(starts, row, side="right", method=method) - 1, 0, width - 1)
+  return row, starts[which], jnp.asarray(vals.astype(np.uint32))[t][which]
+
+
+def row_rates(l, local, step):
+  """f32 `[n]`: the learning rate at `step` of the table of each local row `local [n]` of a
+  stack whose tables' rates differ (`l.rates`, per slot; `slice_slots` finds the table)."""
+  distinct = list(dict.fromkeys(l.rates))
+  _, _, which_rate = slice_slots(l, local, [distinct.index(r) for r in l.rates])
   rates = jnp.stack([jnp.asarray(rate_at(r, step), jnp.float32) for r in distinct])
-  return rates[which_rate[slot]]
+  return rates[which_rate]
 
 
 def rounding_rows(l, uniq, slot_rows=None):
@@ -404,26 +412,17 @@ def rounding_rows(l, uniq, slot_rows=None):
   they are never stored). An offloaded table's rows in the stack are cache slots: its
   table row is `slot_rows[table][slot]` (`{table: uint32 [cache_rows]}`, the low 32 bits,
   `OffloadTier.step_args`), so it gets the bits it gets in memory."""
-  per_slice = [sorted((s.row_offset, zlib.crc32(s.name.encode())) for s in l.slots
-                      if l.num_slices == 1 or s.table_slice == t) for t in range(l.num_slices)]
-  width = max(len(p) for p in per_slice)
-  pad = lambda p: p + [(np.iinfo(np.int32).max, 0)] * (width - len(p))
-  starts, names = np.array([pad(p) for p in per_slice]).transpose(2, 0, 1)  # [nt, width]
-  t = axis_index(l, "table")
-  starts = jnp.asarray(starts.astype(np.int32))[t]
-  names = jnp.asarray(names.astype(np.uint32))[t]
-  row = uniq + axis_index(l, "row") * l.local_rows                    # row in the slice
-  which = jnp.maximum(jnp.sum(row[:, None] >= starts[None, :], axis=1) - 1, 0)
-  within = (row - starts[which]).astype(jnp.uint32)
+  row, start, name = slice_slots(l, uniq, [zlib.crc32(s.name.encode()) for s in l.slots])
+  within = (row - start).astype(jnp.uint32)
   for s in l.slots:
     if s.name in (slot_rows or {}):
       slot = row - s.row_offset
       cached = unsigned(slot) < s.rows
       if l.num_slices > 1:
-        cached = cached & (t == s.table_slice)
+        cached = cached & (axis_index(l, "table") == s.table_slice)
       table_row = jnp.take(slot_rows[s.name], jnp.clip(slot, 0, s.rows - 1))
       within = jnp.where(cached, table_row, within)
-  return names[which] ^ within
+  return name ^ within
 
 
 def rounding_cols(l):
