@@ -74,10 +74,7 @@ def describe(optimizer, source: str, manifest: Mapping) -> str:
     return line
   lines = [f"sparse optimizer from {source}: {optimizers_lib.distinct(optimizer)[0]}"]
   if isinstance(optimizer, optimizers_lib.TableOptimizers):
-    families: dict[int, list] = {}   # stacks' suffix -> the overridden tables in them
-    for t, opt in optimizer.overrides:
-      families.setdefault(optimizer.group(t), []).append((t, opt))
-    for g, members in sorted(families.items()):
+    for g, members in optimizer.overrides_by_group().items():   # g: the stacks' suffix
       head = f"_o{g} stacks" if g else "the default's stacks also hold"
       if g and len({opt for _, opt in members}) == 1:
         lines.append(f"  {head}: {members[0][1]} (tables {', '.join(t for t, _ in members)})")

@@ -270,6 +270,14 @@ class TableOptimizers:
     stacks' suffix `_o<group>` (none for 0)."""
     return self._group_of[family(self.of(table))]
 
+  def overrides_by_group(self) -> dict[int, list[tuple[str, Any]]]:
+    """`{group: [(table, optimizer)]}` of the `overrides`, by family (`group`, ascending;
+    group 0: overrides of the default's family, e.g. its optimizer at another rate)."""
+    out: dict[int, list[tuple[str, Any]]] = {}
+    for t, opt in self.overrides:
+      out.setdefault(self.group(t), []).append((t, opt))
+    return dict(sorted(out.items()))
+
 
 def per_table(default, overrides: Mapping[str, Any] | None = None,
               what: str = "ExperimentConfig.table_optimizers",
@@ -379,10 +387,9 @@ def logged_rates(optimizer, step: int) -> dict[str, float]:
   out = logged_rate(distinct(optimizer)[0].lr, step, "sparse_lr")
   if not isinstance(optimizer, TableOptimizers):
     return out
-  for g, first in enumerate(optimizer.families):
-    members = [(t, opt) for t, opt in optimizer.overrides if optimizer.group(t) == g]
+  for g, members in optimizer.overrides_by_group().items():
     if g and len({opt.lr for _, opt in members}) == 1:
-      out.update(logged_rate(first.lr, step, f"sparse_lr_o{g}"))
+      out.update(logged_rate(members[0][1].lr, step, f"sparse_lr_o{g}"))
       continue
     for t, opt in members:
       if opt != optimizer.default:
