@@ -17,6 +17,7 @@ import contextlib
 from typing import Callable, Iterator, TypeVar
 
 from absl import logging
+import os
 from etils import epath
 
 from jaxrec import workdir_layout
@@ -37,7 +38,7 @@ def convert_step(checkpoint_dir, step: int | None,
   (see the module docstring); returns its result."""
   rejected = offloaded_lib.rejected_step(checkpoint_dir)
   if rejected is not None:   # its step is the manifest's (rejected for holding another?)
-    step_dir = epath.Path(checkpoint_dir)
+    step_dir = epath.Path(os.path.abspath(checkpoint_dir))   # orbax refuses relative paths
     try:   # the check too: a file missing from it said 'pick another --step', of none
       held = int(check(step_dir).get("step", rejected))
       if step is not None and step != held:

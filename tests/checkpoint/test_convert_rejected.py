@@ -75,6 +75,19 @@ def test_the_script_exports_a_rejected_step(rolled_back, tmp_path):
   assert f"wrote step 4 of {rejected}" in out.stdout
 
 
+def test_a_rejected_step_given_by_a_relative_path_exports(rolled_back, tmp_path,
+                                                          monkeypatch):
+  """As the manager's warning names it, relative to the run's directory: orbax refused the
+  relative path ('Checkpoint path should be absolute'), reported as a corrupt step."""
+  path, rejected, _, _ = rolled_back
+  monkeypatch.chdir(path)
+  relative = f"rejected/{rejected.name}"
+  assert convert.export_npz(relative, tmp_path / "a.npz") == 4
+  assert convert.export_zarr(relative, tmp_path / "z", step=4) == 4
+  step, _ = convert.export_checkpoint(relative, tmp_path / "w2" / "checkpoints")
+  assert step == 4
+
+
 def test_a_rejected_offloaded_step_reads_its_set_aside_snapshot(tmp_path):
   """An offloaded run's rejected checkpoint exports its whole table from the snapshot the
   manager set aside with it (`offload_snapshots/rejected/<name>`)."""
