@@ -142,16 +142,16 @@ def _not_a_workdir(output) -> None:
 
 def _new_step_path(output) -> bool:
   """Whether `output`, not there yet, would be a step directory: a number in a checkpoint
-  directory (one holding steps, or a run's `checkpoints/`: beside its `config.gin`). Only
+  directory (one holding steps, or any `checkpoints/`, a run's or one not made yet). Only
   an existing step was refused: `W2/checkpoints/4` took the copy as `4/20`, which the next
-  run of W2 warned about and rotated away."""
+  run of W2 warned about and rotated away; so did `NEW/checkpoints/20` for a workdir not
+  made yet, and `train.py --workdir=NEW` then found no valid checkpoint."""
   path = epath.Path(os.path.abspath(output))
   if not path.name.isdigit() or path.exists():
     return False
   parent = path.parent
-  in_a_run = (parent.name == workdir_layout.CHECKPOINTS_DIR
-              and (parent.parent / "config.gin").is_file())
-  return in_a_run or any(storage.is_step_dir(parent / str(s)) for s in step_dirs(parent))
+  return (parent.name == workdir_layout.CHECKPOINTS_DIR
+          or any(storage.is_step_dir(parent / str(s)) for s in step_dirs(parent)))
 
 
 def _mkdir(path, shown=None) -> None:

@@ -289,16 +289,20 @@ def test_a_step_directory_as_the_output_is_refused(saved, tmp_path):
   assert sorted(p.name for p in (w2 / "4").iterdir()) == sorted(
       p.name for p in (path / "4").iterdir())
   # a step not there yet, in a directory of steps or a run's checkpoints/: the copy went
-  # into W2/checkpoints/9/4, which the next run warned about and rotated away
+  # into W2/checkpoints/9/4, which the next run warned about and rotated away; in the
+  # checkpoints/ of a workdir not made yet (NEW/checkpoints/3/4: `train.py --workdir=NEW`
+  # found no valid checkpoint)
   (tmp_path / "fresh").mkdir()
   (tmp_path / "fresh" / "config.gin").write_text("")   # a run's directory, no steps yet
-  for out in (w2 / "9", tmp_path / "fresh" / "checkpoints" / "3"):
+  for out in (w2 / "9", tmp_path / "fresh" / "checkpoints" / "3",
+              tmp_path / "new" / "checkpoints" / "3"):
     with pytest.raises(ConfigError, match=rf"^--output {out} is a step of a checkpoint "
                        rf"directory: checkpoints go into the directory, --output={out.parent}$"):
       convert.export_checkpoint(path, out)
     assert not out.exists()
-  for out in (tmp_path / "copies" / "9", tmp_path / "exports" / "checkpoints" / "42"):
-    assert convert.export_checkpoint(path, out)[0] == 4   # not a step: no run there
+  assert not (tmp_path / "new").exists()
+  for out in (tmp_path / "copies" / "9", tmp_path / "exports" / "run42"):
+    assert convert.export_checkpoint(path, out)[0] == 4   # not a step
 
 
 def test_a_zarr_export_that_cannot_make_its_directory_names_the_output(saved, tmp_path,
