@@ -111,7 +111,7 @@ def lr_schedule(name: str = gin.REQUIRED, **kwargs) -> Schedule:
                       f"{'them' if len(missing) > 1 else 'it'}")
   checked = {k: _checked(f"{prefix}.{k}", k, v) for k, v in kwargs.items()}
   schedule = Schedule(name, tuple(sorted(checked.items())))
-  _check_values(schedule, checked)
+  _check_values(schedule, checked, prefix)
   return schedule
 
 
@@ -147,17 +147,21 @@ def _whole(value) -> bool:
   return isinstance(value, numbers.Real) and float(value).is_integer()
 
 
-def _check_values(schedule: Schedule, kwargs: dict) -> None:
+def _check_values(schedule: Schedule, kwargs: dict, prefix: str) -> None:
   """The rate is finite (and >= 0, as `Schedule.__call__` keeps it) at step 0, at each
   step the arguments name, one past each, and far past the end (a rate computed from valid
   arguments can still be NaN, e.g. a cosine decay over 0 steps in some optax versions). One
-  compiled evaluation of all of them (one at a time, eagerly, took ~0.7 s of start-up)."""
-  marks = {0, 10**9}
+  compiled evaluation of all of them (one at a time, eagerly, took ~0.7 s of start-up).
+  The error starts with the binding (`prefix.<argument>`) that named the step, or
+  `prefix.name` for steps 0 and 10^9, so that `gin_usage.locate` puts its line in front."""
+  marks = {0: "name", 10**9: "name"}   # step -> the argument that named it
   for key in _STEPS:
     if key in kwargs:
-      marks |= {kwargs[key], min(kwargs[key] + 1, MAX_STEP)}
-  marks |= {min(s, MAX_STEP) for pair in kwargs.get("boundaries_and_scales", ())
-            for s in (pair[0], pair[0] + 1)}
+      for step in (kwargs[key], min(kwargs[key] + 1, MAX_STEP)):
+        marks.setdefault(step, key)
+  for pair in kwargs.get("boundaries_and_scales", ()):
+    for step in (pair[0], pair[0] + 1):
+      marks.setdefault(min(step, MAX_STEP), "boundaries_and_scales")
   steps = sorted(marks)
   try:
     values = np.asarray(jax.jit(jax.vmap(schedule))(np.asarray(steps, np.int32)), np.float64)
@@ -166,8 +170,8 @@ def _check_values(schedule: Schedule, kwargs: dict) -> None:
                       f"arguments: {e}") from None
   for step, value in zip(steps, values.tolist()):
     if not np.isfinite(value) or value < 0:
-      raise ConfigError(f"{schedule} gives the rate {value!r} at step {step}: a learning rate "
-                        "must be finite and >= 0")
+      raise ConfigError(f"{prefix}.{marks[step]}: {schedule} gives the rate {value!r} at step "
+                        f"{step}: a learning rate must be finite and >= 0")
 
 
 def logged_rate(lr, step: int, key: str = "sparse_lr") -> dict[str, float]:

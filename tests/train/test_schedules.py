@@ -67,7 +67,11 @@ def test_a_schedule_is_optaxs_and_a_value():
      r"optax.warmup_cosine_decay_schedule refuses these arguments: .*decay_steps"),
     # every argument valid, the rate is not: 1 * 3 ** (t / 1) overflows float32 (inf)
     (dict(name="exponential_decay", init_value=1.0, transition_steps=1, decay_rate=3.0),
-     r"gives the rate inf at step 1000000000: a learning rate must be finite"),
+     r"^lr_schedule.name: lr_schedule\('exponential_decay', .*\) gives the rate inf at step "
+     r"1000000000: a learning rate must be finite"),
+    # at a step an argument names: that argument
+    (dict(name="piecewise_constant", init_value=1.0, boundaries_and_scales={5: 1e30, 6: 1e30}),
+     r"^lr_schedule.boundaries_and_scales: .* gives the rate inf at step 6: a learning rate"),
 ])
 def test_bad_arguments_are_named(kwargs, message):
   with pytest.raises(ConfigError, match=message):
@@ -95,6 +99,26 @@ def test_the_error_names_the_scope_and_the_line(tmp_path):
     gin.clear_config()
   assert launch.user_message(e.value) == (f"--gin_file: {config}:4: sparse/lr_schedule.value "
                                           "must be a number >= 0, got -1.0")
+
+
+def test_a_rate_not_finite_names_the_scope_and_the_line(tmp_path):
+  """Every argument valid, the rate is not: it named neither the scope nor the line."""
+  config = tmp_path / "c.gin"
+  config.write_text(f"include '{ROOT}/configs/dlrm_synthetic.gin'\n"
+                    "SGD.lr = @sparse/lr_schedule()\n"
+                    "sparse/lr_schedule.name = 'piecewise_constant'\n"
+                    "sparse/lr_schedule.init_value = 1.0\n"
+                    "sparse/lr_schedule.boundaries_and_scales = {5: 1e30, 6: 1e30}\n")
+  launch.parse_gin([str(config)], [])
+  try:
+    with pytest.raises(ConfigError) as e:
+      ExperimentConfig()
+  finally:
+    gin.clear_config()
+  assert launch.user_message(e.value).startswith(
+      f"--gin_file: {config}:5: sparse/lr_schedule.boundaries_and_scales: "
+      "lr_schedule('piecewise_constant', ")
+  assert "gives the rate inf at step 6" in launch.user_message(e.value)
 
 
 def test_a_decay_to_zero_rounded_below_it_is_zero(monkeypatch):
