@@ -73,18 +73,35 @@ def stop_if_unreadable(step_dir, error: BaseException) -> None:
 
 def warn_corrupt(step_dir, error: BaseException) -> None:
   """Logs that checkpoint `step_dir` is skipped for `error` (its first line)."""
+  error = shown(error)
   logging.warning("checkpoint %s is corrupt or unreadable (%s: %s); falling back to the "
                   "previous one", step_dir, type(error).__name__, first_line(error, 500))
 
 
 def none_valid(directory, errors: Sequence[tuple[int, BaseException]]) -> CheckpointError:
   """The error when every step of `directory` failed: `errors` is `[(step, error)]`."""
-  detail = "; ".join(f"step {s}: {type(e).__name__}: {first_line(e, 500)}" for s, e in errors)
+  detail = "; ".join(f"step {s}: {type(e).__name__}: {first_line(e, 500)}"
+                     for s, e in ((s, shown(e)) for s, e in errors))
   return CheckpointError(f"no valid checkpoint in {directory}: every one failed to "
                          f"restore ({detail}). Fix or move them away to start afresh.")
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:
   """The first line of `error`'s message (its type's name if it has none), at most
-  `limit` characters."""
+  `limit` characters; of the error `shown` picks."""
+  error = shown(error)
   return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
+_WRAPPED = "See full TensorStore details"
+
+
+def shown(error: BaseException) -> BaseException:
+  """The error to tell a user of: `error`, or for orbax's wrapper of a failed array read
+  (`Encountered error while reading array index: (slice(...)). See full TensorStore
+  details: <bound method ...spec of TensorStore({`: neither the array nor the file) the
+  tensorstore error it wraps (`OUT_OF_RANGE: Error reading "params.bottom_mlp.layer_0.
+  kernel/0.0" in OCDBT database at local file ".../state/": ...`)."""
+  while _WRAPPED in str(error) and error.__cause__ is not None:
+    error = error.__cause__
+  return error

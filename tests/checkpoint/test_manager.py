@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -235,6 +236,9 @@ def test_corrupt_latest_falls_back_with_warning(tmp_path, coll, item, damage, ca
   with caplog.at_level(logging.WARNING):
     restored = mgr.restore(h.dense(coll.mesh), coll)
   assert str(step_dir) in caplog.text and "corrupt" in caplog.text
+  if (item, damage) == ("state", "truncate"):   # names the array and the file
+    assert re.search(rf'Error reading "[^"]+" in OCDBT database at local file "{step_dir}/state/',
+                     caplog.text), caplog.text
   assert int(restored.state["step"]) == 1 and restored.data_state == {"n": 1}
   h.assert_tables_equal(coll, s1, coll, restored.state)
   # The bad step was moved aside, not deleted; the run can save step 2 again.

@@ -93,3 +93,34 @@ def _delete_slowly(step, pause):
     shutil.rmtree(d)
   time.sleep(pause)
   step.rmdir()
+
+
+def _orbax_read_failure() -> Exception:
+  """What orbax raises for an array whose data file was truncated (its message as seen on a
+  `dlrm_synthetic` checkpoint), chained to tensorstore's error."""
+  try:
+    raise ValueError('OUT_OF_RANGE: Error reading "params.bottom_mlp.layer_0.kernel/0.0" in '
+                     'OCDBT database at local file "/w/checkpoints/20/state/": Requested byte '
+                     'range [0, 6208) is not valid for value of size 100')
+  except ValueError as cause:
+    wrapper = Exception("Encountered error while reading array index: (slice(0, 13, 1), "
+                        "slice(0, 128, 1)). See full TensorStore details: <bound method "
+                        "pybind11_detail_function_record_v1.spec of TensorStore({\n  'base': {")
+    wrapper.__cause__ = cause
+    return wrapper
+
+
+def test_an_unreadable_array_is_named_not_orbax_wrapper(caplog):
+  """The warning and the no-valid-checkpoint error quoted orbax's wrapper (`See full
+  TensorStore details: <bound method ...spec of TensorStore({`), naming no array or file."""
+  error = _orbax_read_failure()
+  with caplog.at_level(logging.WARNING):
+    steps.warn_corrupt("/w/checkpoints/20", error)
+  assert ('checkpoint /w/checkpoints/20 is corrupt or unreadable (ValueError: OUT_OF_RANGE: '
+          'Error reading "params.bottom_mlp.layer_0.kernel/0.0" in OCDBT database at local '
+          'file "/w/checkpoints/20/state/": Requested byte range') in caplog.text
+  assert "bound method" not in caplog.text
+  message = str(steps.none_valid("/w/checkpoints", [(20, error)]))
+  assert 'step 20: ValueError: OUT_OF_RANGE: Error reading "params.bottom_mlp' in message
+  assert "bound method" not in message
+  assert steps.shown(ValueError("plain")).args == ("plain",)
