@@ -137,6 +137,8 @@ class TableSpec:
           self, "init_scale", hparam(f"table '{self.name}': init_scale", self.init_scale,
                                      NONNEG)))
     _checked(self, "dtype", self._check_dtype)
+    # where `name` was bound, for `validate`'s duplicate-name error (not a field)
+    object.__setattr__(self, "_name_binding", _binding("TableSpec", "name", self.name))
 
   def _check_dtype(self) -> None:
     name = dtype_name(self.dtype)   # aliases as for comm_dtype: bf16, fp16, jnp.float16
@@ -180,6 +182,7 @@ class FeatureSpec:
     # where `table` was bound, for `validate`'s unknown-table error (not a field: specs
     # compare and hash by their fields)
     object.__setattr__(self, "_table_binding", _binding("FeatureSpec", "table", self.table))
+    object.__setattr__(self, "_name_binding", _binding("FeatureSpec", "name", self.name))
 
   def _check_pooling(self) -> None:
     if self.pooling not in POOLINGS:
@@ -308,16 +311,27 @@ def dedups(option, linear_optimizer: bool, dtype: str, kernel: str, what: str) -
   return bool(option)
 
 
+def _unique_names(specs: Sequence, what: str) -> None:
+  """ConfigError naming the duplicated names of `specs` (tables or features) and, when gin
+  bound them, the bindings (`gin_usage.locate` puts the first one's FILE:LINE in front):
+  `item2/TableSpec.name: duplicate table names: ['t_user'] (also bound by
+  user/TableSpec.name)`; it named no binding or line."""
+  names = [s.name for s in specs]
+  dup = in_order({n for n in names if names.count(n) > 1})
+  if not dup:
+    return
+  bound = list(dict.fromkeys(b for s in specs if s.name == dup[0]
+                             if (b := getattr(s, "_name_binding", None))))
+  where = f"{bound[-1]}: " if bound else ""   # the later spec: the one likely copied
+  also = f" (also bound by {', '.join(bound[:-1])})" if len(bound) > 1 else ""
+  raise ConfigError(f"{where}duplicate {what} names: {dup}{also}")
+
+
 def validate(tables: Sequence[TableSpec], features: Sequence[FeatureSpec]) -> None:
   """Checks names are unique and every feature names a known table."""
+  _unique_names(tables, "table")
+  _unique_names(features, "feature")
   names = [t.name for t in tables]
-  dup = {n for n in names if names.count(n) > 1}
-  if dup:
-    raise ConfigError(f"duplicate table names: {in_order(dup)}")
-  fnames = [f.name for f in features]
-  dup = {n for n in fnames if fnames.count(n) > 1}
-  if dup:
-    raise ConfigError(f"duplicate feature names: {in_order(dup)}")
   known = set(names)
   for f in features:
     if f.table not in known:

@@ -183,6 +183,11 @@ c/FeatureSpec.table = 'tb'
      "b/TableSpec.name must be a non-empty string, got 3"),
     ("u/FeatureSpec.table = 'ta'", "u/FeatureSpec.table = 'ta'\nu/FeatureSpec.pooling = 'max'",
      13, "u/FeatureSpec.pooling: feature 'user': pooling must be one of ('sum', 'mean')"),
+    # a duplicated name: at the later spec's binding (it named neither binding nor line)
+    ("b/TableSpec.name = 'tb'", "b/TableSpec.name = 'ta'", 8,
+     "b/TableSpec.name: duplicate table names: ['ta'] (also bound by a/TableSpec.name)"),
+    ("c/FeatureSpec.name = 'ctx'", "c/FeatureSpec.name = 'user'", 13,
+     "c/FeatureSpec.name: duplicate feature names: ['user'] (also bound by u/FeatureSpec.name)"),
 ])
 def test_a_bad_scoped_spec_binding_names_its_file_line(tmp_path, old, new, line, message):
   """A table or feature written as its own `@scope/TableSpec()` said only `table 'tb': dim
