@@ -266,12 +266,21 @@ _GIN_LOCATION = re.compile(r'^(.*?)\s*In file "(.+?)", line (\d+)\s*(.*)$')
 
 def _located(path: str, message: str) -> str:
   """`FILE:LINE: message (in 'LINE TEXT')` from gin's `message In file "F", line N TEXT`
-  (as syntax errors read; F may be a file `path` includes); `path: message` without one."""
+  (as syntax errors read; F may be a file `path` includes); `path: message` without one.
+  An error in an included file carries the include chain after the text (`... TEXT In
+  file "G", line 1 include 'F'`), which was quoted as part of the line: it becomes
+  `(included at G:1)`, as `_text_error` says it (innermost first)."""
   m = _GIN_LOCATION.match(message)
   if not m:
     return f"{path}: {message}"
-  text, where, line, source = m.groups()
-  return f"{where}:{line}: {text.rstrip('.')}" + (f" (in '{source}')" if source else "")
+  text, where, line, rest = m.groups()
+  source, *chain = _INCLUDED_FROM.split(rest)   # [text, file, line, text, file, line, ...]
+  including = [f"{f}:{n}" for f, n in zip(chain[0::3], chain[1::3])]
+  return (f"{where}:{line}: {text.rstrip('.')}" + (f" (in '{source}')" if source else "")
+          + (f" (included at {', '.join(including)})" if including else ""))
+
+
+_INCLUDED_FROM = re.compile(r'\s*In file "(.+?)", line (\d+)\s*')
 
 
 _INCLUDE = re.compile(r"""^include\s+(['"])(.+)\1$""")

@@ -192,8 +192,17 @@ def test_gin_binding_errors_lead_with_file_and_line(tmp_path):
                           "a parameter named 'num_table' (in 'uniform_tables.num_table = 3'); "
                           "did you mean num_tables? (uniform_tables takes: num_tables, rows, "
                           "dim, prefix, max_len, pooling, dtype)")
-  with pytest.raises(ConfigError, match=rf"^--gin_file: {inner}:3: "):
+  with pytest.raises(ConfigError) as e:
     launch.parse_gin([str(outer)], [])
+  # the include chain after the quoted line, not inside it (gin's `In file "outer", ...`)
+  assert str(e.value).startswith(
+      f"--gin_file: {inner}:3: Configurable 'uniform_tables' doesn't have a parameter named "
+      f"'num_table' (in 'uniform_tables.num_table = 3') (included at {outer}:1); did you "
+      "mean num_tables?"), str(e.value)
+  top = tmp_path / "top.gin"
+  top.write_text(f'\ninclude "{outer}"\n')
+  with pytest.raises(ConfigError, match=rf"= 3'\) \(included at {outer}:1, {top}:2\); did"):
+    launch.parse_gin([str(top)], [])
   outer.write_text("uniform_table.rows = 5\n")
   with pytest.raises(ConfigError, match=rf"^--gin_file: {outer}:1: No configurable matching "
                      r"'uniform_table' \(in 'uniform_table.rows = 5'\); did you mean "
