@@ -14,10 +14,10 @@ says when that step cannot be read.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable, Iterator, TypeVar
 
 from absl import logging
-import os
 from etils import epath
 
 from jaxrec import workdir_layout
