@@ -32,7 +32,7 @@ signals.defer()
 
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 
-from jaxrec import cli_flags, files  # pylint: disable=g-import-not-at-top
+from jaxrec import cli_flags, files, workdir_layout  # pylint: disable=g-import-not-at-top
 from jaxrec.checkpoint import convert  # pylint: disable=g-import-not-at-top
 from jaxrec.errors import ConfigError, JaxrecError  # pylint: disable=g-import-not-at-top
 
@@ -98,7 +98,8 @@ def run() -> str:
                         "npz into --output)")
     step = 0 if _STEP.value is None else _STEP.value
     names = convert.import_torchrec(_TORCHREC.value, _OUTPUT.value, step)
-    return f"imported {len(names)} tables ({', '.join(names)}) as step {step} in {_OUTPUT.value}"
+    return (f"imported {len(names)} tables ({', '.join(names)}) as step {step} in "
+            f"{_OUTPUT.value}{_resume_hint(_OUTPUT.value)}")
   if not _DIR.value:
     raise ConfigError("--checkpoint_dir is required (or --torchrec_npz to import)")
   if _FORMAT.value != "checkpoint" and (_MESH.value or _PLAN.value):
@@ -121,7 +122,20 @@ def run() -> str:
                                               _GIN_FILE.value, _GIN_BINDINGS.value)
     if layouts:
       print(layouts)
-  return f"wrote step {step} of {_DIR.value} to {_OUTPUT.value} ({_FORMAT.value})"
+  hint = _resume_hint(_OUTPUT.value) if _FORMAT.value == "checkpoint" else ""
+  return f"wrote step {step} of {_DIR.value} to {_OUTPUT.value} ({_FORMAT.value}){hint}"
+
+
+def _resume_hint(output: str) -> str:
+  """How a run trains from checkpoint directory `output`: `train.py --workdir=W` reads
+  `W/checkpoints` only. An import into `X/imported` was followed by `--workdir=X` (as the
+  refusal of `--workdir=X/imported` advised), which trained from fresh tables."""
+  path = os.path.abspath(output)
+  if os.path.basename(path) == workdir_layout.CHECKPOINTS_DIR:
+    return f"; train.py --workdir={os.path.dirname(output.rstrip('/')) or '.'} resumes from it"
+  return (f"; train.py resumes only from the checkpoints/ of its --workdir: to train from "
+          f"this copy, move it there (e.g. mkdir W && mv {output} W/checkpoints) and pass "
+          f"--workdir=W")
 
 
 def main(argv):

@@ -130,6 +130,17 @@ def test_the_script_takes_the_resuming_runs_gin(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert _stacks(proc.stdout) == _run_builds(path), proc.stdout
   assert "sparse optimizer from --gin_file/--gin_bindings: SGD(lr=1.0)" in proc.stdout
+  # how a run trains from the copy: it reads only its workdir's checkpoints/
+  copy = tmp_path / "copy"
+  assert proc.stdout.rstrip().endswith(
+      f"(checkpoint); train.py resumes only from the checkpoints/ of its --workdir: to train "
+      f"from this copy, move it there (e.g. mkdir W && mv {copy} W/checkpoints) and pass "
+      "--workdir=W"), proc.stdout
+  proc = run_script("convert_checkpoint.py", f"--checkpoint_dir={path}",
+                    f"--output={tmp_path / 'w2' / 'checkpoints'}", "--format=checkpoint",
+                    "--mesh=row=8", "--plan=rw", f"--gin_file={config}")
+  assert proc.stdout.rstrip().endswith(
+      f"(checkpoint); train.py --workdir={tmp_path / 'w2'} resumes from it"), proc.stdout
   proc = run_script("convert_checkpoint.py", f"--checkpoint_dir={path}",
                     f"--output={tmp_path / 'c.npz'}", "--format=npz", f"--gin_file={config}")
   assert proc.returncode == 1 and proc.stderr.startswith(

@@ -314,3 +314,27 @@ def test_convert_checkpoint_refuses_a_backslash_where_tensorstore_reads_or_write
     assert r.returncode == 1 and r.stderr.startswith(f"error: {what} holds a backslash"), (
         r.stderr)
   assert os.listdir(tmp_path) == []
+
+
+def _fake_steps(directory, *steps):
+  for s in steps:   # a step directory holds a manifest (`storage.is_step_dir`)
+    (directory / str(s) / "manifest").mkdir(parents=True)
+    (directory / str(s) / "manifest" / "metadata").write_text("{}")
+
+
+def test_a_checkpoint_directory_as_workdir_names_how_a_run_trains_from_it(tmp_path):
+  """`--workdir=X/imported` (an import's --output) advised `--workdir=X`, which trained
+  from fresh tables: a run reads only its workdir's `checkpoints/`."""
+  from jaxrec.train import loop   # pylint: disable=import-outside-toplevel
+  from jaxrec.errors import ConfigError   # pylint: disable=import-outside-toplevel
+  _fake_steps(tmp_path / "x" / "imported", 0)
+  _fake_steps(tmp_path / "w" / "checkpoints", 4)
+  for wrong in (tmp_path / "x" / "imported", tmp_path / "x" / "imported" / "0"):
+    with pytest.raises(ConfigError) as e:
+      loop.check_workdir(str(wrong))
+    assert str(e.value) == (
+        f"--workdir: '{wrong}' is a checkpoint directory, not a run's directory; a run resumes "
+        f"only from the checkpoints/ of its workdir: move it there (e.g. mkdir W && mv "
+        f"{tmp_path / 'x' / 'imported'} W/checkpoints) and pass --workdir=W")
+  with pytest.raises(ConfigError, match=rf"; to resume that run pass --workdir={tmp_path}/w$"):
+    loop.check_workdir(str(tmp_path / "w" / "checkpoints" / "4"))
