@@ -45,6 +45,7 @@ from absl import logging
 from jaxrec import signals
 from jaxrec.data.batch import Batch, concatenate
 from jaxrec.data.source import ArraySource, Layout, empty_batch
+from jaxrec.data.tsv_messages import REASONS, shown, value_hint
 from jaxrec.errors import ConfigError, DataError, DataPathError
 
 BAD_ROWS = ("error", "skip")
@@ -67,19 +68,6 @@ _FLOAT_CHARS[list(b"0123456789+-.eE")] = True
 _POW10 = 10 ** np.arange(18, -1, -1, dtype=np.int64)  # 10^18 .. 10^0
 _PAD = 19  # longest digit window; zero bytes before a chunk
 _BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark: skipped at byte 0 of a file
-
-_REASONS = {
-    1: "label must be 0 or 1, got",
-    2: "dense value is not an integer:",
-    3: "dense value has more than 18 digits:",
-    4: "categorical value is not hex:",
-    5: "categorical value has more than 16 hex digits:",
-    6: "one-hot feature (max_len=1) holds a ','-separated list:",
-    7: "bag has more ids than max_len={max_len}:",
-    8: "empty id:",
-    9: "bad weight (expected HEXID:FLOAT):",
-}
-
 
 def list_files(path: str, quiet: bool = False) -> list[str]:
   """A file, a directory (its non-hidden files) or a glob -> file paths in byte-wise order.
@@ -490,29 +478,18 @@ class Parser:
     for r in rows[:MAX_LOGGED_BAD_ROWS]:
       c = int(np.argmax(bad[r]))
       value = bytes(a[starts[r, c]:ends[r, c]])
-      why = _REASONS[int(reason[r, c])]
+      why = REASONS[int(reason[r, c])]
       hint = (" (a UTF-8 byte order mark: one is skipped only at the start of a file)"
               if value.startswith(_BOM) else "")
       if c > nd:
+        hint = hint or value_hint(int(reason[r, c]), value, lay.weighted[c - 1 - nd])
         why = f"feature '{lay.names[c - 1 - nd]}': " + why.format(
             max_len=lay.max_lens[c - 1 - nd])
       cols.append(c)
-      msgs.append(f"column {c + 1} ({self.column_names[c]}): {why} '{_shown(value)}'{hint}")
+      msgs.append(f"column {c + 1} ({self.column_names[c]}): {why} '{shown(value)}'{hint}")
     cols += [None] * (len(rows) - len(cols))
     msgs += [None] * (len(rows) - len(msgs))
     return batch, rows, cols, msgs
-
-
-def _shown(value: bytes) -> str:
-  """A field's bytes as an error message quotes them: control characters and bytes that are
-  not UTF-8 escaped (`'19\\r'`, `'\\xe9'`), at most 40 characters.
-
-  Printed raw, a stray `\\r` (a line ending in `\\r\\r\\n`) made `not hex: '19'` of a
-  hex-looking value and sent the terminal's cursor back over the message.
-  """
-  text = "".join(ch if ch.isprintable() else ascii(ch)[1:-1]
-                 for ch in value.decode("utf-8", "backslashreplace"))
-  return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _parse_floats(a: np.ndarray, s: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

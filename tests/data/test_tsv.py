@@ -297,11 +297,14 @@ def test_data_of_another_categorical_count_says_how_many_columns_it_has(tsv_file
     ("1,", 3, False, "empty id"),
     ("1:x", 2, True, "bad weight"),
     ("1:nan", 2, True, "bad weight"),
-    ("1:1e39", 2, True, "bad weight"),  # finite as float64, inf as float32
+    ("1:1e39", 2, True, r"bad weight \(expected HEXID:FLOAT\): '1:1e39' \(weight 1e39 is "
+     r"beyond float32's range"),  # finite as float64, inf as float32
     ("1:0.5:2", 2, True, "bad weight"),
     ("1:1_0", 2, True, "bad weight"),   # Python's float() reads these: 10 and 1
     ("1: 1", 2, True, "bad weight"),
-    ("1:0.5", 2, False, "not hex"),
+    ("1:0.5", 2, False, r"not hex: '1:0.5' \(HEXID:WEIGHT values need a weighted feature: "
+     r"FeatureSpec.weighted = True\)$"),
+    ("1:nan,2:1e40", 2, True, r"\(weight 1e40 is beyond float32's range, \+-3.4e38\)$"),
 ])
 def test_malformed_bags(tsv_file, value, max_len, weighted, what):
   cats = [f"{k:x}" for k in range(26)]

@@ -1,0 +1,49 @@
+"""The words of a malformed TSV field's error (`tsv.Parser`): each reason code's text, the
+value quoted with invisible characters escaped, and a hint for what the value likely
+means."""
+
+import math
+
+import numpy as np
+
+REASONS = {
+    1: "label must be 0 or 1, got",
+    2: "dense value is not an integer:",
+    3: "dense value has more than 18 digits:",
+    4: "categorical value is not hex:",
+    5: "categorical value has more than 16 hex digits:",
+    6: "one-hot feature (max_len=1) holds a ','-separated list:",
+    7: "bag has more ids than max_len={max_len}:",
+    8: "empty id:",
+    9: "bad weight (expected HEXID:FLOAT):",
+}
+
+
+def value_hint(reason: int, value: bytes, weighted: bool) -> str:
+  """What a bad categorical `value` likely means, beyond `REASONS[reason]`: `1:0.5` in an
+  unweighted feature said only 'not hex'; a weight past float32's range, `1:1e40`, said
+  only 'expected HEXID:FLOAT'."""
+  if reason == 4 and not weighted and b":" in value:
+    return " (HEXID:WEIGHT values need a weighted feature: FeatureSpec.weighted = True)"
+  if reason == 9:
+    weights = [w for item in value.split(b",") for w in item.split(b":")[1:2]]
+    for w in weights:
+      try:
+        big = math.isfinite(float(w)) and abs(float(w)) > float(np.finfo(np.float32).max)
+      except ValueError:
+        continue
+      if big:
+        return f" (weight {w.decode()} is beyond float32's range, +-3.4e38)"
+  return ""
+
+
+def shown(value: bytes) -> str:
+  """A field's bytes as an error message quotes them: control characters and bytes that are
+  not UTF-8 escaped (`'19\\r'`, `'\\xe9'`), at most 40 characters.
+
+  Printed raw, a stray `\\r` (a line ending in `\\r\\r\\n`) made `not hex: '19'` of a
+  hex-looking value and sent the terminal's cursor back over the message.
+  """
+  text = "".join(ch if ch.isprintable() else ascii(ch)[1:-1]
+                 for ch in value.decode("utf-8", "backslashreplace"))
+  return text if len(text) <= 40 else text[:37] + "..."
