@@ -29,7 +29,8 @@ from jaxrec.offload.planning import (plan_with_offload, with_offload_notes,
                                      with_auto_offloaded)
 from jaxrec.offload.tier import OffloadTier
 from jaxrec.sharding.plan import (Plan, check_plan_flag, is_plan_file, load_plan_file,
-                                  plan_file_mesh_note, uniform_plan, warn_collapsed_kind)
+                                  plan_file_mesh_note, PlanTablesError, uniform_plan,
+                                  warn_collapsed_kind)
 from jaxrec.errors import BudgetError, ConfigError
 
 _LOG = logging.getLogger(__name__)
@@ -90,8 +91,9 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
     except ConfigError as e:
       if mode != "file":
         raise
-      raise type_of(e)(f"--plan={options.plan}: {e}{plan_file_mesh_note(options.plan, mesh_shape)}"
-                       ) from None
+      note = "" if isinstance(e, PlanTablesError) else plan_file_mesh_note(options.plan,
+                                                                            mesh_shape)
+      raise type_of(e)(f"--plan={options.plan}: {e}{note}") from None
 
   if recorded is None and is_plan_file(options.plan):
     recorded_offload = plan_file_auto_offloaded(options.plan)

@@ -66,6 +66,11 @@ class TablePlacement:
     return KIND_AXES[self.kind]
 
 
+class PlanTablesError(ConfigError):
+  """A plan whose tables are not the config's (`Plan.check_tables`): the same on every
+  mesh, so a plan file's error says it once, without the other-mesh note."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """Placement of every table, by table name."""
@@ -91,7 +96,7 @@ class Plan:
     elif missing:
       parts.append(f"has no placement for {len(missing)} tables: {_some(missing)}")
     if parts:
-      raise ConfigError("plan " + "; it ".join(parts))
+      raise PlanTablesError("plan " + "; it ".join(parts))
 
   def to_json(self) -> dict:
     return {name: dataclasses.asdict(p) for name, p in sorted(self.placements.items())}

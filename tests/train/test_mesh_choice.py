@@ -242,6 +242,22 @@ def test_an_error_every_mesh_shares_is_said_once():
     mesh_choice.first_fitting(shapes, by_mesh, "--plan=p.json")
 
 
+def test_a_plan_file_of_other_tables_is_said_once_without_the_mesh_advice(tmp_path):
+  """A plan file of another config (other tables), made on 1 device, on 8: 'no mesh of 8
+  devices fits', the same reason for each of 3 meshes, each advising to run on the file's
+  mesh; its tables, not the mesh, are wrong."""
+  tables, _ = h.specs()
+  path = tmp_path / "plan.json"
+  path.write_text(json.dumps({"mesh": {"data": 1, "table": 1, "row": 1, "col": 1},
+                              "plan": {"x": {"kind": "dp", "table_slice": 0},
+                                       **uniform_plan("dp", tables[1:], 1).to_json()}}))
+  with pytest.raises(ConfigError) as e:
+    _setup(None, 8, plan=str(path))
+  assert str(e.value) == (f"--plan={path}: plan names unknown tables ['x'] (tables: "
+                          f"{[t.name for t in tables]}); it has no placement for table "
+                          f"'{tables[0].name}'")
+
+
 def test_tables_too_big_for_data_only_take_the_cheapest_splitting_mesh(tmp_path):
   """`--mesh=auto --plan=auto` on a fresh run tried only data=N, which holds every table
   whole on every device: 'does not fit' though data=4,table=2 fit (16 KiB here) and
