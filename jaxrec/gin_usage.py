@@ -126,6 +126,14 @@ def bound_at(name: str) -> str | None:
   return found[-1] if found else None
 
 
+def first_bound(prefix: str) -> str | None:
+  """Where the first recorded binding whose name starts with `prefix` (`cat/TableSpec.`)
+  was written, if any: the place of a scoped configurable one of whose arguments is
+  missing (that one has no line of its own)."""
+  return next((where for key, where in _ORIGINS.items() if _name(*key).startswith(prefix)),
+              None)
+
+
 def locate(message: str) -> str:
   """A value check's `message` that starts with a binding's name, with where that binding
   was written in front: `--gin_file: FILE:LINE: ...` or `--gin_bindings: ...` (as the

@@ -236,16 +236,21 @@ def _unbound_arguments(text: str) -> str | None:
   """One line for gin's TypeError "X() missing ... No values supplied by Gin or caller for
   arguments: [...] ... In call to configurable 'X'" (None for other TypeErrors)."""
   args = re.search(r"No values supplied by Gin or caller for arguments: \[(.*?)\]", text)
-  where = re.search(r"In call to configurable '([\w.]+)'", text)   # the innermost call
+  where = re.search(r"In call to configurable '([\w.]+)'(?: \([^)\n]*\))?"   # the innermost
+                    r"(?: in scope '([\w/.]+)')?", text)                     # call
   if not args or not where:
     return None
   name = where.group(1).rsplit(".", 1)[-1]
+  if where.group(2):   # `@cat/TableSpec()`: its scope (one of several specs), and where its
+    name = f"{where.group(2)}/{name}"   # other bindings are (the missing one has no line)
   names = [f"{name}.{a}" for a in re.findall(r"'(\w+)'", args.group(1))]
   if not names:
     return None
   it = "them" if len(names) > 1 else "it"
   listed = " and ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
-  return (f"--gin_file: @{name}() is called with {listed} not bound (no default "
+  line = gin_usage.first_bound(f"{name}.") if where.group(2) else None
+  at = f"{line}: " if line and not line.startswith("--") else ""   # FILE:LINE, not a flag
+  return (f"--gin_file: {at}@{name}() is called with {listed} not bound (no default "
           f"for {it}); bind {it} in the gin file or with --gin_bindings")
 
 

@@ -336,6 +336,26 @@ def test_a_reference_called_without_its_required_arguments_names_them(bindings, 
     launch.build(ExperimentConfig)
 
 
+def test_a_scoped_reference_without_a_required_argument_names_its_scope_and_line(tmp_path):
+  """`@cat/TableSpec()` without `cat/TableSpec.dim` said `@TableSpec() is called with
+  TableSpec.dim not bound`: not which of several specs, nor where it is."""
+  config = tmp_path / "specs.gin"
+  config.write_text(f"include '{ROOT}/configs/dlrm_synthetic.gin'\n"
+                    "ExperimentConfig.embedding = ((@user/TableSpec(), @cat/TableSpec()), "
+                    "(@u/FeatureSpec(), @c/FeatureSpec()))\n"
+                    "user/TableSpec.name = 't_user'\nuser/TableSpec.rows = 10\n"
+                    "user/TableSpec.dim = 8\n"
+                    "cat/TableSpec.name = 't_cat'\ncat/TableSpec.rows = 10\n"
+                    "u/FeatureSpec.name = 'u'\nu/FeatureSpec.table = 't_user'\n"
+                    "c/FeatureSpec.name = 'c'\nc/FeatureSpec.table = 't_cat'\n")
+  launch.parse_gin([str(config)], [])
+  with pytest.raises(ConfigError) as e:
+    launch.build(ExperimentConfig)
+  assert str(e.value) == (f"--gin_file: {config}:6: @cat/TableSpec() is called with "
+                          "cat/TableSpec.dim not bound (no default for it); bind it in the gin "
+                          "file or with --gin_bindings")
+
+
 @pytest.mark.parametrize("binding, message", [
     ("build_model.name=dlrm", "^--gin_bindings: 'build_model.name=dlrm': cannot parse the "
      "value dlrm; a string needs quotes: 'dlrm' \\(in a shell, quote the whole flag: "
