@@ -39,6 +39,7 @@ import grain
 import jax
 import numpy as np
 
+from jaxrec import gin_usage
 from jaxrec.data import binary, indexing, tsv
 from jaxrec.data.batch import Batch
 from jaxrec.data.source import ENDLESS_LEN, NUM_DENSE, Source, make_layout
@@ -155,12 +156,16 @@ def open_source(source: str, features: Sequence[FeatureSpec],
 
 
 def _origin(selector: str) -> str:
-  """'bound' when gin binds `selector`, else 'its default: not bound'."""
+  """'bound at FILE:LINE' (or 'bound by --gin_bindings', 'bound') when gin binds
+  `selector`, else 'its default: not bound'."""
   try:
     gin.query_parameter(selector)
-    return "bound"
   except ValueError:
     return "its default: not bound"
+  where = gin_usage.bound_at(selector)
+  if where is None:
+    return "bound"
+  return f"bound by {where}" if where.startswith("--") else f"bound at {where}"
 
 
 def _train_batch(source: Source, batch_size: int, seed: int, process_index: int,

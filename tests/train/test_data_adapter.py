@@ -61,6 +61,15 @@ def test_tsv_column_count_error_names_the_binding(tmp_path):
     data_adapter.eval_data(config_lib.ExperimentConfig(), options)
   launch.parse_gin(["configs/dlrm_synthetic.gin"], ["open_source.num_categorical=8"])
   assert data_adapter.eval_data(config_lib.ExperimentConfig(), options).num_examples == 1
+  # bound wrong: where (it said only 'bound')
+  config = tmp_path / "c.gin"
+  config.write_text("include 'configs/dlrm_synthetic.gin'\nopen_source.num_categorical = 26\n")
+  launch.parse_gin([str(config)], [])
+  with pytest.raises(ConfigError, match=rf"\(open_source.num_categorical, bound at {config}:2\)"):
+    data_adapter.eval_data(config_lib.ExperimentConfig(), options)
+  launch.parse_gin(["configs/dlrm_synthetic.gin"], ["open_source.num_categorical=26"])
+  with pytest.raises(ConfigError, match=r"\(open_source.num_categorical, bound by --gin_bindings"):
+    data_adapter.eval_data(config_lib.ExperimentConfig(), options)
 
 
 class _Source:
