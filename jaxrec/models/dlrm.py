@@ -87,8 +87,8 @@ class DLRM(nn.Module):
           f"DLRM.bottom_mlp = {tuple(self.bottom_mlp)} ends in width {self.bottom_mlp[-1]}, "
           f"but the embedding dim is {dim}; the last bottom layer must equal the embedding dim")
     if not dense.shape[-1]:   # a [0, width] bottom layer crashed in its initialiser
-      raise ConfigError("DLRM needs dense features (ExperimentConfig.num_dense = 0): its "
-                        "bottom MLP turns them into an interaction field; DCNv2 and DeepFM "
+      raise ConfigError("ExperimentConfig.num_dense = 0: DLRM needs dense features (its "
+                        "bottom MLP turns them into an interaction field); DCNv2 and DeepFM "
                         "train without them (build_model.name)")
     dtype = compute_dtype("DLRM.dtype", self.dtype)
     x = MLP(self.bottom_mlp, final_activation=True, dtype=dtype, out_dtype=jnp.float32,

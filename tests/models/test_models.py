@@ -221,8 +221,8 @@ def test_build_model_from_gin():
 def test_dlrm_without_dense_features_is_a_clear_error():
   """`ExperimentConfig.num_dense = 0`: DLRM's bottom MLP had no input (a ZeroDivisionError
   in its initialiser); DCNv2 and DeepFM train without dense features."""
-  with pytest.raises(ConfigError, match=r"DLRM needs dense features \(ExperimentConfig."
-                     r"num_dense = 0\)"):
+  with pytest.raises(ConfigError, match=r"^ExperimentConfig.num_dense = 0: DLRM needs dense "
+                     r"features \(its bottom MLP"):
     init_params(DLRM((8, 4), (8, 1)), jax.random.key(0), 0, 3, 4)
 
 

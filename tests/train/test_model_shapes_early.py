@@ -15,6 +15,18 @@ def no_planner(monkeypatch):
   monkeypatch.setattr(offload, "choose_plan", refuse)
 
 
+def test_no_dense_features_for_dlrm_is_named_at_its_line(tmp_path, no_planner):
+  """It named the binding but not where it was written."""
+  config = tmp_path / "c.gin"
+  config.write_text("include 'configs/dlrm_synthetic.gin'\nExperimentConfig.num_dense = 0\n")
+  launch.parse_gin([str(config)], [])
+  cfg = launch.build(config_lib.ExperimentConfig)
+  with pytest.raises(ConfigError) as e:
+    loop.setup(cfg, config_lib.RunOptions(mesh="data=8", plan="dp"))
+  assert launch.user_message(e.value).startswith(
+      f"--gin_file: {config}:2: ExperimentConfig.num_dense = 0: DLRM needs dense features")
+
+
 @pytest.mark.parametrize("config, binding, message", [
     ("dlrm_synthetic.gin", "DLRM.bottom_mlp=(32, 8)", r"DLRM.bottom_mlp = \(32, 8\) ends in "
      "width 8, but the embedding dim is 16"),
