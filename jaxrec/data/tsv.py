@@ -347,7 +347,8 @@ class Parser:
       return ""
     return (f", as do all {len(counts)} lines read with it: {counts[0] - 1 - nd} categorical "
             f"columns after the {nd} integer ones? the configuration has {nf} sparse "
-            "features, one per categorical column (e.g. uniform_tables.num_tables)")
+            "features, one per categorical column (the FeatureSpecs of "
+            "ExperimentConfig.embedding, e.g. uniform_tables.num_tables)")
 
   def _parse_fields(self, a, delim, m):
     lay = self.layout

@@ -282,8 +282,8 @@ def test_data_of_another_categorical_count_says_how_many_columns_it_has(tsv_file
   assert str(e.value) == (
       f"{path}:1: expected 22 tab-separated columns (label, 13 integer, 8 categorical), found "
       "40, as do all 3 lines read with it: 26 categorical columns after the 13 integer ones? "
-      "the configuration has 8 sparse features, one per categorical column (e.g. "
-      "uniform_tables.num_tables)")
+      "the configuration has 8 sparse features, one per categorical column (the FeatureSpecs of "
+      "ExperimentConfig.embedding, e.g. uniform_tables.num_tables)")
   for lines in ([lib.line()], [lib.line(), "\t".join(["1"] * 22), lib.line()],
                 ["\t".join(["1"] * 10)] * 2):   # one line, one good line, too few columns
     with pytest.raises(DataError) as e:
