@@ -57,6 +57,43 @@ def unquoted_string(message: str, statement: str) -> str | None:
   return f"cannot parse the value {value}; a string needs quotes: {value!r}"
 
 
+_ARITHMETIC = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
+               ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b,
+               ast.Pow: lambda a, b: a ** b}
+
+
+def arithmetic_value(message: str, statement: str) -> str | None:
+  """When gin stopped at arithmetic in a value (`rows = 2**20`, `1024*8`: it reads
+  literals only, and said just "Expected newline."), the number to write instead; None
+  for any other statement."""
+  m = _BINDING.match(statement)
+  if not message.startswith("Expected newline") or not m:
+    return None
+  try:
+    tree = ast.parse(m.group(1), mode="eval").body
+  except SyntaxError:
+    return None
+
+  def value(node):
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+      return node.value
+    if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
+      left, right = value(node.left), value(node.right)
+      if isinstance(node.op, ast.Pow) and abs(right) > 64:   # 2**10**9 would not end
+        raise ValueError(node)
+      return _ARITHMETIC[type(node.op)](left, right)
+    raise ValueError(node)
+
+  if not isinstance(tree, ast.BinOp):
+    return None
+  try:
+    number = value(tree)
+  except (ValueError, ArithmeticError):
+    return None
+  return (f"gin reads literal values only, not arithmetic such as {m.group(1)}: write "
+          f"{number!r}")
+
+
 def did_you_mean(message: str) -> str:
   """`; did you mean X?` (with a configurable's parameters) for a gin error `message` about
   an unknown configurable or parameter; '' for other errors or when nothing is close."""

@@ -35,6 +35,7 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str],
       # (gin's text ends in "In bindings string line N <the binding>": quoted already)
       message = re.sub(r"\s*In bindings string line \d+.*$", "", _one_line(e))
       text = (gin_hints.unquoted_string(message, binding)
+              or gin_hints.arithmetic_value(message, binding)
               or gin_hints.unparsable_value(message))
       hint = gin_hints.did_you_mean(str(e))
       text += _shell_quoting(binding, text)
@@ -61,7 +62,9 @@ def _parse_files(files: Sequence[str]) -> None:
     except SyntaxError as e:  # gin's ParseError: the location is in its attributes
       where = f"{path}:{e.lineno}" if e.lineno else path
       message = _one_line(e)
-      text = (gin_hints.unquoted_string(message, _line(path, e.lineno))
+      statement = _line(path, e.lineno)
+      text = (gin_hints.unquoted_string(message, statement)
+              or gin_hints.arithmetic_value(message, statement)
               or gin_hints.unparsable_value(message))
       if e.lineno == 1 and _starts_with_bom(path):   # gin reads it as a stray character
         text += " (the file starts with a UTF-8 byte-order mark: save it without one)"

@@ -3,6 +3,7 @@
 import glob
 import logging
 import os
+import re
 
 import gin
 import numpy as np
@@ -382,6 +383,25 @@ def test_an_unparsable_value_says_how_to_write_it(binding, message, tmp_path):
   path.write_text(f"# one\n{binding}\n")
   with pytest.raises(ConfigError, match=f"^--gin_file: {path}:2: cannot parse the value "):
     launch.parse_gin([str(path)], [])
+
+
+@pytest.mark.parametrize("value, number", [("2**20", "1048576"), ("1024 * 8", "8192"),
+                                           ("1e6 / 4", "250000.0"), ("2 ** 10 ** 9", None)])
+def test_arithmetic_in_a_value_says_what_to_write(value, number, tmp_path):
+  """gin reads literals only: `rows = 2**20` said just "Expected newline."."""
+  binding = f"uniform_tables.rows = {value}"
+  path = tmp_path / "x.gin"
+  path.write_text(f"# one\n{binding}\n")
+  for files, bindings, where in (([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")],
+                                  [binding], f"--gin_bindings: '{re.escape(binding)}'"),
+                                 ([str(path)], [], f"--gin_file: {path}:2")):
+    with pytest.raises(ConfigError) as e:
+      launch.parse_gin(files, bindings)
+    if number is None:   # an exponent too big to work out: gin's words
+      assert "Expected newline" in str(e.value), str(e.value)
+    else:
+      assert re.match(rf"^{where}: gin reads literal values only, not arithmetic such as "
+                      rf"{re.escape(value)}: write {number}", str(e.value)), str(e.value)
 
 
 def test_a_gin_file_with_a_byte_order_mark_says_so(tmp_path):
