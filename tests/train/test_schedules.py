@@ -85,40 +85,28 @@ def test_a_schedule_pickles():
   assert again == s and float(again(5)) == float(s(5)) == 0.25
 
 
-def test_the_error_names_the_scope_and_the_line(tmp_path):
+@pytest.mark.parametrize("bindings, line, message", [
+    (["name = 'constant'", "value = -1.0"], 4,
+     "sparse/lr_schedule.value must be a number >= 0, got -1.0"),
+    # every argument valid, the rate is not: it named neither the scope nor the line
+    (["name = 'piecewise_constant'", "init_value = 1.0",
+      "boundaries_and_scales = {5: 1e30, 6: 1e30}"], 5,
+     "sparse/lr_schedule.boundaries_and_scales: lr_schedule('piecewise_constant', "
+     "boundaries_and_scales=((5, 1e+30), (6, 1e+30)), init_value=1.0) gives the rate inf at "
+     "step 6: a learning rate must be finite and >= 0"),
+])
+def test_the_error_names_the_scope_and_the_line(tmp_path, bindings, line, message):
   config = tmp_path / "c.gin"
   config.write_text(f"include '{ROOT}/configs/dlrm_synthetic.gin'\n"
                     "SGD.lr = @sparse/lr_schedule()\n"
-                    "sparse/lr_schedule.name = 'constant'\n"
-                    "sparse/lr_schedule.value = -1.0\n")
+                    + "".join(f"sparse/lr_schedule.{b}\n" for b in bindings))
   launch.parse_gin([str(config)], [])
   try:
     with pytest.raises(ConfigError) as e:
       ExperimentConfig()
   finally:
     gin.clear_config()
-  assert launch.user_message(e.value) == (f"--gin_file: {config}:4: sparse/lr_schedule.value "
-                                          "must be a number >= 0, got -1.0")
-
-
-def test_a_rate_not_finite_names_the_scope_and_the_line(tmp_path):
-  """Every argument valid, the rate is not: it named neither the scope nor the line."""
-  config = tmp_path / "c.gin"
-  config.write_text(f"include '{ROOT}/configs/dlrm_synthetic.gin'\n"
-                    "SGD.lr = @sparse/lr_schedule()\n"
-                    "sparse/lr_schedule.name = 'piecewise_constant'\n"
-                    "sparse/lr_schedule.init_value = 1.0\n"
-                    "sparse/lr_schedule.boundaries_and_scales = {5: 1e30, 6: 1e30}\n")
-  launch.parse_gin([str(config)], [])
-  try:
-    with pytest.raises(ConfigError) as e:
-      ExperimentConfig()
-  finally:
-    gin.clear_config()
-  assert launch.user_message(e.value).startswith(
-      f"--gin_file: {config}:5: sparse/lr_schedule.boundaries_and_scales: "
-      "lr_schedule('piecewise_constant', ")
-  assert "gives the rate inf at step 6" in launch.user_message(e.value)
+  assert launch.user_message(e.value) == f"--gin_file: {config}:{line}: {message}"
 
 
 def test_a_decay_to_zero_rounded_below_it_is_zero(monkeypatch):
