@@ -69,6 +69,7 @@ _POW10 = 10 ** np.arange(18, -1, -1, dtype=np.int64)  # 10^18 .. 10^0
 _PAD = 19  # longest digit window; zero bytes before a chunk
 _BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark: skipped at byte 0 of a file
 
+
 def list_files(path: str, quiet: bool = False) -> list[str]:
   """A file, a directory (its non-hidden files) or a glob -> file paths in byte-wise order.
 

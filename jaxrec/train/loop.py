@@ -64,16 +64,15 @@ def check_workdir(workdir: str) -> None:
   # W/checkpoints or W/checkpoints/<step> (what convert_checkpoint.py takes) would start a
   # fresh run that writes its files (and its own checkpoints/) among W's checkpoints
   checkpoints = _checkpoint_dir_of(os.path.abspath(workdir))
-  if checkpoints is not None and os.path.basename(checkpoints) == workdir_layout.CHECKPOINTS_DIR:
+  if checkpoints is not None:
+    # a run's W/checkpoints: resume W; another name (an import's --output=X/imported): a
+    # run reads only W/checkpoints, and --workdir=X, as this said, trained fresh tables
+    of_a_run = os.path.basename(checkpoints) == workdir_layout.CHECKPOINTS_DIR
+    how = (f"to resume that run pass --workdir={os.path.dirname(checkpoints)}" if of_a_run
+           else f"a run resumes only from the checkpoints/ of its workdir: move it there "
+           f"(e.g. mkdir W && mv {checkpoints} W/checkpoints) and pass --workdir=W")
     raise ConfigError(f"--workdir: '{workdir}' is a checkpoint directory, not a run's "
-                      f"directory; to resume that run pass --workdir="
-                      f"{os.path.dirname(checkpoints)}")
-  if checkpoints is not None:   # e.g. an import's --output=X/imported: --workdir=X, as this
-    # said, started from fresh tables (a run reads only W/checkpoints)
-    raise ConfigError(f"--workdir: '{workdir}' is a checkpoint directory, not a run's "
-                      f"directory; a run resumes only from the checkpoints/ of its workdir: "
-                      f"move it there (e.g. mkdir W && mv {checkpoints} W/checkpoints) and "
-                      f"pass --workdir=W")
+                      f"directory; {how}")
   for where in (workdir, data_adapter.checkpoint_dir(workdir)):
     # a read-only checkpoints directory failed only at the first save, and then orbax's
     # threads waited 5 minutes for the step directory before the process exited
