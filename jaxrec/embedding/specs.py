@@ -137,8 +137,10 @@ class TableSpec:
           self, "init_scale", hparam(f"table '{self.name}': init_scale", self.init_scale,
                                      NONNEG)))
     _checked(self, "dtype", self._check_dtype)
-    # where `name` was bound, for `validate`'s duplicate-name error (not a field)
+    # where `name` and `dim` were bound, for `validate`'s duplicate-name error and a
+    # one-dim model's mixed-dims error (not fields)
     object.__setattr__(self, "_name_binding", _binding("TableSpec", "name", self.name))
+    object.__setattr__(self, "_dim_binding", _binding("TableSpec", "dim", self.dim))
 
   def _check_dtype(self) -> None:
     name = dtype_name(self.dtype)   # aliases as for comm_dtype: bf16, fp16, jnp.float16

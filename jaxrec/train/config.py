@@ -7,6 +7,7 @@ flags (`scripts/train.py`); the library never reads flags itself.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import inspect
@@ -272,16 +273,16 @@ class ExperimentConfig:
     if mixed and not _takes_feature_dims(self.model):
       # not led by a binding's name: `launch.user_message` would put the model's line in
       # front, where the dims may come from a flag
-      where = [f"{n} at {gin_usage.bound_at(n)}" for n in ("uniform_tables.dim",
-                                                          "ExperimentConfig.model")
+      where = [f"{n} at {gin_usage.bound_at(n)}"
+               for n in (*_dim_bindings(self.tables), "ExperimentConfig.model")
                if gin_usage.bound_at(n)]
       raise ConfigError(
           f"the model {type(self.model).__name__} takes features of one embedding dim (it "
           "has no feature_dims field: DLRM's and DeepFM's interactions pair every two "
           f"features), but the features read tables of {mixed}"
           + (f" ({'; '.join(where)})" if where else "")
-          + "; give every table one dim (uniform_tables.dim), or use a model that "
-          "concatenates its features (dcnv2, two_tower)")
+          + "; give every table one dim (uniform_tables.dim, or each TableSpec.dim), or use "
+          "a model that concatenates its features (dcnv2, two_tower)")
     for name in ("batch_size", "eval_batch_size", "num_eval_examples"):
       value = getattr(self, name)
       if not isinstance(value, numbers.Integral) or isinstance(value, bool):
@@ -325,6 +326,17 @@ def sparse_tx(sparse_optimizer, table_optimizers, tables):
   (also for a checkpoint copy's printed stacks: `checkpoint.copy_optimizer`)."""
   default = sparse_optimizer if sparse_optimizer is not None else sparse_optimizers.SGD()
   return sparse_optimizers.per_table(default, table_optimizers, tables=list(tables))
+
+
+def _dim_bindings(tables) -> list[str]:
+  """The bindings that gave `tables` their dims, for a mixed-dims error: each spec of its own
+  (`cat/TableSpec.dim`) whose dim is not the most common one, or `uniform_tables.dim` when
+  no spec has its own (an include's unused `uniform_tables.dim` was named beside them)."""
+  own = {t.name: b for t in tables if (b := getattr(t, "_dim_binding", None))}
+  if not own:
+    return ["uniform_tables.dim"]
+  common = collections.Counter(t.dim for t in tables).most_common(1)[0][0]
+  return list(dict.fromkeys(own[t.name] for t in tables if t.name in own and t.dim != common))
 
 
 def _takes_feature_dims(model) -> bool:

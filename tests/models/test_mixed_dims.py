@@ -99,8 +99,35 @@ def test_models_of_one_dim_refuse_mixed_dims_naming_features_and_tables(model, n
       "tables of dims [8, 16] (dim 8: feature 'f1' reads table 't1'; dim 16: feature 'f0' "
       "reads table 't0') (uniform_tables.dim at --gin_bindings; ExperimentConfig.model at "
       f"{ROOT}/configs/{model}_synthetic.gin:10); give every table one dim "
-      "(uniform_tables.dim), or use a model that concatenates its features (dcnv2, "
-      "two_tower)")
+      "(uniform_tables.dim, or each TableSpec.dim), or use a model that concatenates its "
+      "features (dcnv2, two_tower)")
+
+
+def test_a_spec_of_its_own_of_another_dim_is_named_at_its_line(tmp_path):
+  """`cat/TableSpec.dim = 4` beside dim-8 tables under DLRM: the error named the model's
+  binding, not the table's dim."""
+  config = tmp_path / "specs.gin"
+  config.write_text(f"include '{ROOT}/configs/dlrm_synthetic.gin'\n"
+                    "ExperimentConfig.embedding = ((@user/TableSpec(), @cat/TableSpec()), "
+                    "(@u/FeatureSpec(), @c/FeatureSpec()))\n"
+                    "user/TableSpec.name = 't_user'\nuser/TableSpec.rows = 10\n"
+                    "user/TableSpec.dim = 16\n"
+                    "cat/TableSpec.name = 't_cat'\ncat/TableSpec.rows = 10\n"
+                    "cat/TableSpec.dim = 4\n"
+                    "u/FeatureSpec.name = 'u'\nu/FeatureSpec.table = 't_user'\n"
+                    "c/FeatureSpec.name = 'c'\nc/FeatureSpec.table = 't_cat'\n"
+                    "user/TableSpec.dim = 16\n")   # the common dim, bound twice: not named
+  try:
+    launch.parse_gin([str(config)], [])
+    with pytest.raises(ConfigError) as e:
+      launch.build(ExperimentConfig).validate(num_devices=1)
+  finally:
+    gin.clear_config()
+  message = launch.user_message(e.value)
+  assert f"(cat/TableSpec.dim at {config}:8; ExperimentConfig.model at {ROOT}/configs/" \
+      in message, message
+  assert "user/TableSpec.dim" not in message   # nor the include's unused uniform_tables.dim
+  assert "uniform_tables.dim at" not in message
 
 
 def test_feature_dims_cannot_be_bound():
