@@ -25,8 +25,8 @@ import numpy as np
 import optax
 
 from jaxrec.embedding import optimizers as sparse_optimizers
-from jaxrec.embedding.specs import (FeatureSpec, TableSpec, feature_dims, flag, is_whole,
-                                   mixed_dims, validate)
+from jaxrec.embedding.specs import (FeatureSpec, TableSpec, bound_field, feature_dims, flag,
+                                   is_whole, mixed_dims, validate)
 from jaxrec import gin_usage
 from jaxrec.errors import ConfigError
 from jaxrec.kernels import quant
@@ -332,7 +332,7 @@ def _dim_bindings(tables) -> list[str]:
   """The bindings that gave `tables` their dims, for a mixed-dims error: each spec of its own
   (`cat/TableSpec.dim`) whose dim is not the most common one, or `uniform_tables.dim` when
   no spec has its own (an include's unused `uniform_tables.dim` was named beside them)."""
-  own = {t.name: b for t in tables if (b := getattr(t, "_dim_binding", None))}
+  own = {t.name: b for t in tables if (b := bound_field(t, "dim"))}
   if not own:
     return ["uniform_tables.dim"]
   common = collections.Counter(t.dim for t in tables).most_common(1)[0][0]
