@@ -75,10 +75,12 @@ def _check_flags():
       and not os.path.isfile(FLAGS.calibration_file)):
     raise ConfigError(f"--calibration_file: no such file '{FLAGS.calibration_file}' (write it "
                       "with --calibrate)")
-  if FLAGS.json and (os.path.isdir(FLAGS.json) or
-                     not os.path.isdir(os.path.dirname(os.path.abspath(FLAGS.json)))):
-    raise ConfigError(f"--json: cannot write '{FLAGS.json}': it is a directory or its "
-                      "directory does not exist")
+  if FLAGS.json and os.path.isdir(FLAGS.json):
+    raise ConfigError(f"--json: '{FLAGS.json}' is a directory; give a file path, e.g. "
+                      f"{os.path.join(FLAGS.json, 'plan.json')}")
+  if FLAGS.json and not _creatable(FLAGS.json):   # missing directories are made
+    raise ConfigError(f"--json: cannot write '{FLAGS.json}': a file stands where its "
+                      "directory would be")
   if FLAGS.calibrate and FLAGS.calibration_file and not _creatable(FLAGS.calibration_file):
     raise ConfigError(f"--calibration_file: cannot write '{FLAGS.calibration_file}': a "
                       "file stands where its directory would be")
@@ -161,6 +163,7 @@ def _write_json(path: str, obj) -> None:
   from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
   from jaxrec.files import write_text_atomic  # pylint: disable=import-outside-toplevel
   try:   # any failure (Ctrl-C too) leaves no partial file behind
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
   except OSError as e:
     raise ConfigError(f"--json: cannot write '{path}': {e.strerror or e}") from None

@@ -29,7 +29,8 @@ def plan(tmp_path, *flags):
 
 
 def test_tables_flag_prints_table_and_writes_json(tmp_path):
-  out = tmp_path / "plan.json"
+  out = tmp_path / "new" / "dir" / "plan.json"   # missing directories are made (it refused
+  # them, while plot_metrics.py --output and --calibration_file made them)
   proc = plan(tmp_path, "--tables=big:30000000:128:4,mid:100000:128:2:1.1,tiny:10:16",
               "--mesh=data=2,table=2,row=2,col=2", "--memory_per_device=8GiB",
               "--batch_size=1024", "--optimizer=rowwise_adagrad", f"--json={out}")
@@ -121,9 +122,11 @@ def test_flags_it_would_ignore_or_misread_are_errors(tmp_path):
        "error: --tables and --gin_file/--gin_bindings: give the tables one way"),
       (["--tables=t:100:16", "--mesh=row=2", f"--calibration_file={tmp_path / 'none.json'}"],
        "error: --calibration_file: no such file"),
-      (["--tables=t:100:16", "--mesh=row=2", f"--json={tmp_path / 'no' / 'p.json'}"],
-       "error: --json: cannot write"),
-      (["--tables=t:100:16", "--mesh=row=2", f"--json={tmp_path}"], "error: --json: cannot write"),
+      (["--tables=t:100:16", "--mesh=row=2", f"--json={bad_gin / 'p.json'}"],
+       f"error: --json: cannot write '{bad_gin / 'p.json'}': a file stands where its directory"),
+      (["--tables=t:100:16", "--mesh=row=2", f"--json={tmp_path}"],
+       f"error: --json: '{tmp_path}' is a directory; give a file path, e.g. "
+       f"{tmp_path / 'plan.json'}"),
       (["--calibrate", "--calibration_devices=0"],
        "error: --calibration_devices must be positive, got 0"),
       ([f"--gin_file={bad_gin}", "--mesh=row=2"], f"error: --gin_file: {bad_gin}:3: "),
