@@ -171,8 +171,8 @@ def run_jaxrec(args) -> dict:
     raise SystemExit(f"{NAME}: {args.data} holds {len(data['labels'])} train examples, "
                      f"{args.steps} steps need {n_train}")
   data = {k: (v[:n_train] if not k.startswith("eval_") else v) for k, v in data.items()}
-  # The loop checks every batch's ids on the host; check them all once here instead.
-  collection.check_ids({f: data["sparse"][:, i:i + 1] for i, f in enumerate(names)})
+  # The ids of every batch are checked as it is packed (`loop.device_batch`), as in the
+  # trainer's loop: a bad id in the data fails there, not silently.
 
   load = round(os.getloadavg()[0], 2)   # other processes competing for the 2 cores
   # done[i]: when step i was seen finished. One step stays in flight (step i+1 is

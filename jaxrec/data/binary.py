@@ -518,7 +518,7 @@ class BinarySource(GrainMixin):
         out = (v < -1) | (v >= rows)
         self._refuse(indices, out.any(axis=1), lambda r: (
             f"feature '{name}' (table '{table}', {rows} rows): id {v[r][out[r]][0]} is "
-            f"out of range [0, {rows})"))
+            f"out of range [0, {rows}) (-1 marks an empty slot)"))
     for name in weights:
       w = weights[name]
       if not np.isfinite(w.sum()):

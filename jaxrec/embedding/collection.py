@@ -123,18 +123,6 @@ def _resolved(options: EmbeddingOptions, tables: Sequence[TableSpec],
   return resolved
 
 
-def _int32_ids(ids):
-  """Host ids wider than int32 (int64, uint32, ...) with values past int32 clipped to
-  int32's max, which no table has as a row, and those below -1 to -1 (absent): a plain cast
-  wrapped 2**32 + 1 into row 1 of the table. int32 ids and device arrays pass as they are."""
-  if not isinstance(ids, np.ndarray) or ids.dtype == np.int32 or ids.dtype.kind not in "iu":
-    return ids
-  top = np.iinfo(np.int32).max
-  if ids.dtype.kind == "u":
-    return np.minimum(ids, top)
-  return np.clip(ids, -1, top)
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class EmbeddingCollection:
   """Tables + features + plan on a mesh; see module docstring for the data flow."""
@@ -367,7 +355,9 @@ class EmbeddingCollection:
     """The stage-1 input `[B, S]` int32 (`xp` = np on the host, jnp under jit): every
     feature's ids (`[B, max_len]`, -1 for absent), then the weighted features' per-id
     weights as f32 bits, in `packing()` order. Packing on the host turns a batch's many id
-    arrays into one transfer (`pack_batch`)."""
+    arrays into one transfer (`pack_batch`). On the host the ids are checked as `check_ids`
+    does (`DataError`: not integers, or outside `[-1, rows)`); the lookup would read such an
+    id as an absent one (and a float id as its integer part) without a word."""
     weights = weights or {}
     extra = in_order(set(weights) - {f.name for f in self.features if f.weighted})
     if extra:   # e.g. a feature meant to be weighted but not configured so
@@ -379,7 +369,11 @@ class EmbeddingCollection:
         f = self.features[i]
         if f.name not in ids:
           raise DataError(f"batch has no ids for feature '{f.name}'")
-        x = xp.asarray(_int32_ids(ids[f.name]), xp.int32)
+        raw = ids[f.name]
+        if xp is np or isinstance(raw, np.ndarray):   # traced values (jit) are not known
+          raw = specs.checked_ids(ids, f.name, f"table '{f.table}'",
+                                  self.table_spec(f.table).rows, f.max_len)
+        x = xp.asarray(raw, xp.int32)   # in [-1, rows) when checked: int64 ids cast exactly
         if x.ndim != 2 or x.shape[1] != f.max_len:
           raise DataError(f"feature '{f.name}': ids shape {x.shape}, expected "
                           f"[batch, {f.max_len}]")

@@ -299,7 +299,7 @@ def checked_ids(ids, feature: str, table: str, rows: int, max_len: int | None = 
   if x.size and (x.min() < -1 or x.max() >= rows):
     bad = x[(x < -1) | (x >= rows)][0]
     raise DataError(f"feature '{feature}' ({table}, {rows} rows): id {bad} is out of range "
-                    f"[0, {rows})")
+                    f"[0, {rows}) (-1 marks an empty slot)")
   return x
 
 

@@ -51,8 +51,8 @@ def evaluate(eval_step, collection, state, eval_data, sharding, tier=None, stop=
       if tier is not None:   # offloaded ids → cache slots, in passes when rows do not fit
         state, logits = tier.eval_logits(state, batch, run)
       else:
-        collection.check_ids(batch.ids)            # as for train batches: no silent clamping
-        logits = eval_step(state, device_batch(collection, batch, sharding))   # dispatched
+        # dispatched; `pack` checks the ids as for train batches: no silent clamping
+        logits = eval_step(state, device_batch(collection, batch, sharding))
       if pending is not None:
         finish(*pending)
       pending = (logits, batch, mask, batches)

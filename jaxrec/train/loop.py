@@ -420,8 +420,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
         state = tier.before_step(state, batch)
       if position in skip_positions:
         continue
-      collection.check_ids(batch.ids)
-      placed = device_batch(collection, batch, bsharding)
+      placed = device_batch(collection, batch, bsharding)   # checks the ids (`pack`)
       t_host = time.perf_counter() - t_step
       state, metrics = train_step(state, placed, *step_args())
       step += 1

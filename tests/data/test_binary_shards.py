@@ -394,8 +394,10 @@ def test_a_run_resumes_on_its_data_re_preprocessed_but_not_on_other_data(dataset
 @pytest.mark.parametrize("field,value,what", [
     ("label", 2, "label must be 0 or 1, got 2"),
     ("dense", np.nan, "dense value 3 is nan"),
-    ("i0", 1000, "feature 'f0' (table 't0', 1000 rows): id 1000 is out of range [0, 1000)"),
-    ("i0", -7, "feature 'f0' (table 't0', 1000 rows): id -7 is out of range [0, 1000)"),
+    ("i0", 1000, "feature 'f0' (table 't0', 1000 rows): id 1000 is out of range [0, 1000) "
+     "(-1 marks an empty slot)"),
+    ("i0", -7, "feature 'f0' (table 't0', 1000 rows): id -7 is out of range [0, 1000) "
+     "(-1 marks an empty slot)"),
     ("w4", np.inf, "feature 'f4': weight inf is not finite")])
 def test_a_value_preprocessing_never_writes_names_shard_and_record(dataset, field, value, what):
   """Shards whose checksums match but that hold values preprocess.py never writes (another

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
+from jaxrec.data.batch import Batch
 from jaxrec.embedding import optimizers
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
@@ -154,24 +155,24 @@ def test_an_empty_batch_is_a_clear_error():
                 {k: v[:0] for k, v in weights.items()})
 
 
-def test_host_ids_wider_than_int32_past_its_range_read_nothing():
+def test_host_ids_wider_than_int32():
   """`pack` cast int64 ids to int32 unchecked: 2**32 + 1 read (and would update) row 1.
-  Past int32 an id now reads nothing, as any id past its table does on the device."""
+  Ids past int32 (or their table) are refused on the host, naming the id as given; int64
+  and uint64 ids in range pack as int32 ones do."""
   coll = make_collection()
-  state = coll.init(jax.random.key(0))
   ids, weights, _ = make_inputs(0)
-  wide = {k: v.astype(np.int64) for k, v in ids.items()}
-  wide["f_big"][0] = [2**32 + 1, 2**40]
-  wide["f_small"][1] = -2**33
-  clean = {k: v.copy() for k, v in ids.items()}
-  clean["f_big"][0] = -1
-  clean["f_small"][1] = -1
-  # packed on the host (where the int64 ids are cast); looked up compiled, once
-  pool = jax.jit(lambda s, packed: (lambda c: coll.pool(c.rows, c))(coll.lookup(s, packed)))
-  pooled = [np.asarray(pool(state, coll.pack(x, weights))) for x in (wide, clean)]
-  np.testing.assert_array_equal(pooled[0], pooled[1])
-  assert np.asarray(coll.pack({**ids, "f_big": np.full((B, 2), 2**32 + 1, np.uint64)},
-                              weights)).max() == 2**31 - 1
+  for dtype in (np.int64, np.uint64):
+    wide = {k: (np.where(v < 0, 0, v) if dtype == np.uint64 else v).astype(dtype)
+            for k, v in ids.items()}
+    narrow = {k: v.astype(np.int32) for k, v in wide.items()}
+    np.testing.assert_array_equal(np.asarray(coll.pack(wide, weights)),
+                                  np.asarray(coll.pack(narrow, weights)))
+    wide["f_big"][0] = [2**32 + 1, 2**40]
+    with pytest.raises(DataError, match=r"feature 'f_big' \(table 'big', \d+ rows\): id "
+                       "4294967297 is out of range"):
+      coll.pack(wide, weights)
+  with pytest.raises(DataError, match="id -8589934592 is out of range"):
+    coll.pack(dict(ids, f_small=np.full((B, 1), -2**33, np.int64)), weights)
 
 
 def test_features_of_different_batch_sizes_are_a_clear_error():
@@ -191,6 +192,30 @@ def test_non_integer_ids_are_rejected():
   with pytest.raises(DataError, match=r"feature 'f_small' \(table 'small'\): ids must be "
                      "integers, got float64"):
     coll.check_ids(dict(ids, f_small=ids["f_small"] + 0.5))
+
+
+@pytest.mark.parametrize("bad,want", [
+    (lambda x: x + 0.5, r"feature 'f_small' \(table 'small'\): ids must be integers, got float64"),
+    (lambda x: x > 0, r"feature 'f_small' \(table 'small'\): ids must be integers, got bool"),
+    (lambda x: np.where(x == x[0, 0], np.int64(2**40), x),
+     r"feature 'f_small' \(table 'small', \d+ rows\): id 1099511627776 is out of range"),
+    (lambda x: np.full_like(x, -5), r"feature 'f_small' .*: id -5 is out of range")])
+def test_host_ids_are_checked_where_they_are_packed(bad, want):
+  """`pack` / `pack_batch` and `lookup` of numpy ids took float ids (as their integer part),
+  bools, and ids outside `[-1, rows)` (read as absent, also left out of a mean's count)
+  without a word: only a separate `check_ids` refused them (a user's own step trained on
+  wrong rows)."""
+  coll = make_collection()
+  ids, weights, _ = make_inputs(0)
+  bad_ids = dict(ids, f_small=bad(ids["f_small"]))
+  state = coll.init(jax.random.key(0))
+  for call in (lambda: coll.pack(bad_ids, weights),
+               lambda: coll.pack_batch(Batch(np.zeros((16, 13), np.float32),
+                                             np.zeros(16, np.float32), bad_ids, weights)),
+               lambda: coll.lookup(state, bad_ids, weights)):
+    with pytest.raises(DataError, match=want):
+      call()
+  coll.pack(ids, weights)   # the same batch with its own ids packs
 
 
 def test_a_mesh_without_the_four_axes_is_a_clear_error():
