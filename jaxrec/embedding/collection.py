@@ -307,7 +307,9 @@ class EmbeddingCollection:
               (t.rows, t.dim) if per == "element" else (t.rows,))
 
   def unstack_tables(self, state: EmbeddingState) -> tuple[dict, dict]:
-    """`EmbeddingState` → (`{table: [rows, dim]}`, `{table: {opt_name: array}}`)."""
+    """`EmbeddingState` → (`{table: [rows, dim]}`, `{table: {opt_name: array}}`), each table
+    in its storage dtype; an int8 table as a `kernels.quant.QuantizedTable` (`q [rows, dim]`
+    int8, `scale` and `bias` `[rows]`; `quant.dequantize` gives its float32 values)."""
     tables, opt = {}, {}
     for l in self.layouts:
       tables.update(layout_lib.unstack(l, state["tables"][l.name]))
