@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -341,10 +342,15 @@ def stack_problems(l: StackLayout) -> tuple[str | None, str | None, str | None]:
   stack, so the planner can cache them with the stack (`planner.pricing`)."""
   unread = None
   if not l.features:
-    unread = (f"tables {[s.name for s in l.slots]} ({l.kind}, dim {l.dim}, {l.dtype}) are "
-              "read by no feature, and no table that is has their kind, dim and dtype (whose "
-              "stack they would join); add a feature for them, place them like a read "
-              "table, or leave them out")
+    # a family of its own (`_o<g>` stacks): its optimizer is what no read table shares
+    own = f", sparse optimizer {l.optimizer!r}" if re.search(r"_o\d+$", l.name) else ""
+    unread = (f"tables {[s.name for s in l.slots]} ({l.kind}, dim {l.dim}, {l.dtype}{own}) "
+              "are read by no feature, and no table a feature reads has the same kind, dim, "
+              "dtype" + (" and optimizer family (its class and every setting but lr)" if own
+                         else "") +
+              ", whose stack they would join; add a feature for them, place them like a "
+              "read table" + (", give them a read table's optimizer" if own else "") +
+              ", or leave them out")
   too_long = None
   for t in l.slots:   # a table over the limit alone: no placement helps (it was named in a
     if t.rows > MAX_SLICE_ROWS:   # stack, with advice to spread the stack)

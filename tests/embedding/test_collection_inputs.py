@@ -1,6 +1,8 @@
 """Edge-case inputs of the collection: tiny and uneven tables, empty bags, zero weights,
 heavy duplicates (each plan against the single device), and bad input (clear errors)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -320,6 +322,29 @@ def test_a_table_no_feature_reads_stays_as_it_was(kind, mesh_spec):
   np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
   for name in results[1][1]:
     np.testing.assert_allclose(results[0][1][name], results[1][1][name], rtol=1e-5, atol=1e-6)
+
+
+def test_an_unread_table_of_its_own_optimizer_family_names_it():
+  """An unread table's own optimizer family (`table_optimizers`) keeps it out of the read
+  tables' stacks: the error said no read table had its kind, dim and dtype (two had)."""
+  tables = (TableSpec("a", 37, 4), TableSpec("b", 13, 4), TableSpec("unread", 7, 4))
+  features = (FeatureSpec("fa", "a", 2), FeatureSpec("fb", "b", 1))
+  mesh = make_mesh({"data": 1}, jax.devices()[:1])
+  for rate_only in ({}, {"unread": optimizers.SGD(0.5)}):   # the same family: joins b's stack
+    coll = EmbeddingCollection.create(
+        tables, features, uniform_plan("dp", tables, 1), mesh,
+        optimizers.per_table(optimizers.SGD(0.1), rate_only, tables=[t.name for t in tables]))
+    assert [s.name for s in coll.layouts[0].slots] == ["b", "unread"]
+  with pytest.raises(ConfigError, match=re.escape(
+      "tables ['unread'] (dp, dim 4, float32, sparse optimizer Adam(lr=0.1, b1=0.9, "
+      "b2=0.999, eps=1e-08)) are read by no feature, and no table a feature reads has the "
+      "same kind, dim, dtype and optimizer family (its class and every setting but lr), "
+      "whose stack they would join; add a feature for them, place them like a read table, "
+      "give them a read table's optimizer, or leave them out")):
+    EmbeddingCollection.create(
+        tables, features, uniform_plan("dp", tables, 1), mesh,
+        optimizers.per_table(optimizers.SGD(0.1), {"unread": optimizers.Adam(0.1)},
+                             tables=[t.name for t in tables]))
 
 
 def test_stack_tables_names_a_missing_or_misshapen_table():
