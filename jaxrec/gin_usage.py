@@ -15,8 +15,9 @@ test_unused_bindings.py` checks the shipped configs against gin's own tables).
 
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import gin
 from gin import config_parser
@@ -60,6 +61,30 @@ def restore(state: tuple) -> None:
   _ORIGINS.update(origins)
   _MACRO_USES.update(macro_uses)
   _FILES.extend(files)
+
+
+@contextlib.contextmanager
+def isolated() -> Iterator[None]:
+  """The body parses and calls gin configurables on a cleared configuration; the one there
+  before (bindings, imports, operative config, singletons, lock) and this module's record
+  of it are put back after it (checkpoint conversion reads a recorded config with it)."""
+  config = gin.config   # pylint: disable=protected-access (gin has no API to save its state)
+  kept = ({k: dict(v) for k, v in config._CONFIG.items()}, set(config._IMPORTS),
+           {k: dict(v) for k, v in config._OPERATIVE_CONFIG.items()},
+           dict(config._SINGLETONS), config.config_is_locked())
+  usage = saved()
+  gin.clear_config()
+  try:
+    yield
+  finally:
+    gin.clear_config()
+    bindings, imports, operative, singletons, locked = kept
+    config._CONFIG.update(bindings)
+    config._IMPORTS.update(imports)
+    config._OPERATIVE_CONFIG.update(operative)
+    config._SINGLETONS.update(singletons)
+    config._set_config_is_locked(locked)
+    restore(usage)
 
 
 def files_read() -> list[str]:

@@ -12,8 +12,7 @@ Gin's global configuration is as it was afterwards.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import gin
 
@@ -33,7 +32,7 @@ def resolve(meta: Mapping, tables: Sequence[str], gin_files: Sequence[str] = (),
   the recorded one does not read here; the text then says so."""
   from jaxrec import launch  # pylint: disable=import-outside-toplevel
   if gin_files or gin_bindings:
-    with _own_gin():
+    with gin_usage.isolated():
       launch.parse_gin(gin_files, gin_bindings)
       try:
         return _sparse_tx(tables), GIVEN
@@ -45,7 +44,7 @@ def resolve(meta: Mapping, tables: Sequence[str], gin_files: Sequence[str] = (),
                   f"older run), so one optimizer for every table; give the resuming run's "
                   f"{GIVEN} for the stacks of its ExperimentConfig.table_optimizers")
   try:
-    with _own_gin():
+    with gin_usage.isolated():
       import jaxrec.configurables  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
       gin.parse_config(text, skip_unknown=True)
       return _sparse_tx(tables), RECORDED
@@ -94,25 +93,3 @@ def _sparse_tx(tables: Sequence[str]):
                               tables)
 
 
-@contextlib.contextmanager
-def _own_gin() -> Iterator[None]:
-  """The body parses and calls gin configurables on a cleared configuration; the one there
-  before (bindings, imports, operative config, singletons, lock) and `gin_usage`'s record
-  of it are put back after it."""
-  config = gin.config   # pylint: disable=protected-access (gin has no API to save its state)
-  saved = ({k: dict(v) for k, v in config._CONFIG.items()}, set(config._IMPORTS),
-           {k: dict(v) for k, v in config._OPERATIVE_CONFIG.items()},
-           dict(config._SINGLETONS), config.config_is_locked())
-  usage = gin_usage.saved()
-  gin.clear_config()
-  try:
-    yield
-  finally:
-    gin.clear_config()
-    bindings, imports, operative, singletons, locked = saved
-    config._CONFIG.update(bindings)
-    config._IMPORTS.update(imports)
-    config._OPERATIVE_CONFIG.update(operative)
-    config._SINGLETONS.update(singletons)
-    config._set_config_is_locked(locked)
-    gin_usage.restore(usage)

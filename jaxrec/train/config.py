@@ -15,7 +15,7 @@ import math
 import numbers
 import os
 import reprlib
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import gin
@@ -63,8 +63,10 @@ def dense_optimizer(name: str = "sgd", learning_rate: float = 0.1,
       hparam(f"dense_optimizer.{key}", value, _DENSE_RULES[key])   # schedules pass as is
   if clip_norm is not None:
     clip_norm = hparam("dense_optimizer.clip_norm", clip_norm, POSITIVE)
+  call = (("name", name), ("learning_rate", learning_rate), ("clip_norm", clip_norm),
+          *kwargs.items())
   return DenseOptimizer(makers[name](learning_rate, **_checked_kinds(name, kwargs)),
-                        learning_rate, clip_norm)
+                        learning_rate, clip_norm, call)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +81,9 @@ class DenseOptimizer:
   tx: optax.GradientTransformation
   learning_rate: Any
   clip_norm: float | None = None
+  # `dense_optimizer`'s arguments `((name, value), ...)`: W/config.gin writes them for a
+  # config given in Python (`config_gin`); None for one built by hand
+  call: tuple | None = dataclasses.field(default=None, compare=False)
 
   def init(self, params):
     return self.tx.init(params)
@@ -474,11 +479,18 @@ def absolute_data_paths() -> None:
         gin.bind_parameter(binding, folded if same else joined)
 
 
-def config_gin_header(options: RunOptions) -> str:
+def config_gin_header(options: RunOptions, unwritten: Sequence[str] = ()) -> str:
   """The comment `W/config.gin` starts with: the run's flags that change what it trains
-  and that no gin binding records (a rerun of the file alone used seed 0, 1000 steps)."""
+  and that no gin binding records (a rerun of the file alone used seed 0, 1000 steps), and
+  the `ExperimentConfig` fields given in Python that gin cannot write (`unwritten`,
+  `config_gin.recorded`): then the file does not rerun the run, and says so."""
   flags = (f"--seed={options.seed} --num_steps={options.num_steps} "
            f"--bad_rows={options.bad_rows} --on_nan={options.on_nan}")
+  if unwritten:
+    return (f"# The operative config of a jaxrec run, which had {flags}.\n"
+            "# Its ExperimentConfig was given in Python, and this file lacks what gin cannot "
+            "write:\n" + "".join(f"#   {u}\n" for u in unwritten) +
+            "# so a rerun of it alone fails or trains another model.\n\n")
   return (f"# The operative config of a jaxrec run, which had {flags}.\n"
           f"# Rerun it with --gin_file=<this file> {flags}\n"
           "# (and --plan=<its workdir>/plan.json for its placement).\n\n")

@@ -34,7 +34,7 @@ from jaxrec.offload import snapshots as snapshots_lib
 from jaxrec.sharding import mesh as mesh_lib
 from jaxrec.planner.result import format_bytes
 from jaxrec.sharding.plan import Plan, uniform_plan
-from jaxrec.train import budget_hint, data_adapter, mesh_choice
+from jaxrec.train import budget_hint, config_gin, data_adapter, mesh_choice
 from jaxrec.train.config import config_gin_header
 from jaxrec.train import state as state_lib
 from jaxrec.train import step as step_lib
@@ -172,7 +172,7 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
 
 
 def _write_run_records(workdir: str, operative_gin: str, plan_result, trains: bool,
-                       options: RunOptions) -> None:
+                       options: RunOptions, unwritten: list[str]) -> None:
   """Warns about unused gin bindings and writes `config.gin` and `plan.json`. Every
   configurable of the run has been called by now; a run that only evaluates opens no
   training data, and keeps the config.gin and plan.json of the run that trained (with its
@@ -184,7 +184,7 @@ def _write_run_records(workdir: str, operative_gin: str, plan_result, trains: bo
     elastic.report_warning(unused)   # under launch.py: on its stderr, not only 0.log
   # whole or not at all: `--plan=W/plan.json` reads it back on the next start; like
   # config.gin, the plan of the run that trained is kept by one that only evaluates
-  for name, text in (("config.gin", lambda: config_gin_header(options) + operative_gin),
+  for name, text in (("config.gin", lambda: config_gin_header(options, unwritten) + operative_gin),
                      ("plan.json", lambda: plan_result.dumps())):
     path = os.path.join(workdir, name)
     if not trains and os.path.exists(path):
@@ -265,7 +265,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       tier.close(refused=True)
     raise
   shardings = state_lib.shardings(state, collection)
-  operative_gin = gin.operative_config_str()
+  # with the fields a caller gave in Python (the library API) written as bindings
+  operative_gin, unwritten = config_gin.recorded(config, gin.operative_config_str())
   meta = {"plan": plan.to_json(), "mesh": info["mesh"], "seed": options.seed,
           "gin": operative_gin, "batch_size": config.batch_size,
           # the layout a copy prints (`convert_checkpoint.py --plan`) stacks by bag size too
@@ -350,11 +351,12 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
         set_data_state(restored)
       # the training iterator's bindings are operative now: config.gin and the saves'
       # meta left out every make_train_iterator.* (a rerun of config.gin shuffled)
-      operative_gin = meta["gin"] = gin.operative_config_str()
+      operative_gin, unwritten = config_gin.recorded(config, gin.operative_config_str())
+      meta["gin"] = operative_gin
     signals.check()
     if is_main:   # only now: a run refused by its restore leaves the last run's files
       _write_run_records(workdir, operative_gin, info["plan_result"],
-                         trains=train_it is not None, options=options)
+                         trains=train_it is not None, options=options, unwritten=unwritten)
   except BaseException:
     if tier is not None:
       tier.close(refused=True)
