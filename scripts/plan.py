@@ -347,6 +347,7 @@ def main(argv):
         return
       raise ConfigError("give the tables: --gin_file=configs/NAME.gin or --tables=name:rows:dim")
     from jaxrec.planner import inputs  # pylint: disable=import-outside-toplevel
+    from jaxrec.sharding.plan import is_plan_file  # pylint: disable=import-outside-toplevel
     from jaxrec.train.config import parse_bytes  # pylint: disable=import-outside-toplevel
     if FLAGS.tables:
       spec = inputs.parse_tables_flag(FLAGS.tables)
@@ -363,7 +364,7 @@ def main(argv):
       result = _refine(spec, offloaded[0] if offloaded else None, memory, optimizer, mesh, cal,
                        batch)
     elif mesh is None:
-      why = " (the --plan file records no mesh, or a damaged one)" if FLAGS.plan != "auto" else ""
+      why = " (the --plan file records no mesh)" if is_plan_file(FLAGS.plan) else ""
       raise ConfigError(f"--mesh is required, e.g. --mesh=data=2,table=2,row=2,col=1{why}")
     elif offloaded:
       result = _plan_offloaded(spec, offloaded[0], mesh, memory, optimizer, batch, cal)

@@ -18,8 +18,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxrec.errors import ConfigError
 # format_mesh: re-exported
-from jaxrec.sharding.plan import (KIND_AXES, MESH_AXES, format_mesh,  # noqa: F401
-                                  is_plan_file, kind_mesh, recorded_mesh)
+from jaxrec.sharding.plan import (KIND_AXES, MESH_AXES, Plan,  # noqa: F401
+                                  collapsed_placements, format_mesh, is_plan_file, kind_mesh,
+                                  recorded_mesh)
 
 # Batch-major arrays are split over every axis: device k holds examples [k*b, (k+1)*b).
 BATCH_AXES = MESH_AXES
@@ -78,12 +79,16 @@ def auto_mesh_candidates(plan: str, num_devices: int) -> list[dict[str, int]]:
   it (`candidate_meshes`, so a file made for another device count keeps its model axes
   where they divide); a plan file recording no mesh, every mesh from all on `data` on
   (it got only that one: a file placing tables on 4 `table` slices failed, 'table_slice 1
-  is outside mesh axis table=1'); otherwise the one `auto_mesh_shape`."""
+  is outside mesh axis table=1'), those placing fewest of its tables as another kind
+  first; otherwise the one `auto_mesh_shape`."""
   made_for = recorded_mesh(plan)
   if made_for:
     return candidate_meshes(made_for, num_devices)
-  if is_plan_file(plan):
-    return candidate_meshes(None, num_devices)
+  if is_plan_file(plan):   # first the meshes that place its tables as the file says (its
+    # `rw` tables were taken on data=N, every table whole on every device)
+    placements = Plan.load(plan)
+    return sorted(candidate_meshes(None, num_devices),
+                  key=lambda s: sum(map(len, collapsed_placements(placements, s).values())))
   return [auto_mesh_shape(plan if plan != "auto" else "dp", num_devices)]
 
 

@@ -149,6 +149,9 @@ class Plan:
       obj = obj["proposed"]       # `scripts/plan.py --profile --json`: the plan it proposes
     if isinstance(obj, dict) and isinstance(obj.get("plan"), dict):
       mesh = stored_mesh(obj.get("mesh"))
+      if mesh is None and "mesh" in obj:   # a hand edit's typo was taken as no mesh
+        raise ConfigError(f"--plan: {path}: \"mesh\" {json.dumps(obj['mesh'])}: "
+                          f"{mesh_problem(obj['mesh'])}")
       obj = obj["plan"]
     if not isinstance(obj, dict) or not all(isinstance(p, dict) for p in obj.values()):
       raise ConfigError(f"--plan: {path}: expected {{table: {{\"kind\": ..., \"table_slice\": "
@@ -170,6 +173,18 @@ def stored_mesh(stored) -> dict[str, int] | None:
       isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in stored.values()):
     return None
   return {a: int(stored.get(a, 1)) for a in MESH_AXES}
+
+
+def mesh_problem(stored) -> str:
+  """Why `stored_mesh(stored)` is None, for an error naming the field."""
+  if not isinstance(stored, dict):
+    return f"expected an object of axis sizes, e.g. {{\"row\": 8}}"
+  unknown = [a for a in stored if a not in MESH_AXES]
+  if unknown:
+    return f"unknown axes {unknown} (axes: {', '.join(MESH_AXES)})"
+  bad = next(a for a, v in stored.items()
+             if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1))
+  return f"axis '{bad}': size {json.dumps(stored[bad])} is not a positive integer"
 
 
 def _some(names: Sequence[str], limit: int = 8) -> str:
@@ -206,7 +221,26 @@ def load_plan_file(path: str, mesh_shape: Mapping[str, int], fix: str = "") -> P
                f"{format_mesh(here)}: its placements are kept where they fit, but may be "
                f"unbalanced here{fix}")
     warn_for_mesh(message, here)
+  for (kind, same), names in collapsed_placements(plan, here).items():
+    warn_for_mesh(f"--plan={path}: tables {_some(names)} ({kind}) split over "
+                  f"{_axes_text(KIND_AXES[kind])}, of size 1 in mesh {format_mesh(here)}: "
+                  f"they are placed as {same} here{fix}", here)
   return plan
+
+
+def collapsed_placements(plan: "Plan", mesh_shape: Mapping[str, int]
+                         ) -> dict[tuple[str, str], list[str]]:
+  """`{(kind, placed as): [tables]}`: the placements of `plan` that split over axes of
+  size 1 in `mesh_shape` of several devices, and so place their tables as another kind
+  (`placed_as`; a file's `rw` on `data=8` holds every table whole on every device)."""
+  if math.prod(int(mesh_shape.get(a, 1)) for a in MESH_AXES) == 1:
+    return {}
+  out: dict[tuple[str, str], list[str]] = {}
+  for name, p in plan.placements.items():
+    same = placed_as(p.kind, mesh_shape)
+    if same is not None:
+      out.setdefault((p.kind, same), []).append(name)
+  return out
 
 
 def plan_file_mesh_note(path: str, mesh_shape: Mapping[str, int]) -> str:
@@ -232,12 +266,12 @@ def warn_for_mesh(message: str, shape: Mapping[str, int]) -> None:
   if held is None:
     warn_once(message)
   else:
-    held[format_mesh(shape)] = message
+    held.setdefault(format_mesh(shape), []).append(message)
 
 
 # Other-mesh warnings of the meshes tried so far (`mesh_warning_held`), and the warnings
 # `warn_once` logged.
-_HELD: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+_HELD: contextvars.ContextVar[dict[str, list[str]] | None] = contextvars.ContextVar(
     "held_plan_warnings", default=None)
 _WARNED: set[str] = set()
 
@@ -257,10 +291,10 @@ def mesh_warning_held() -> Iterator[Callable[[Mapping[str, int]], None]]:
   `warn_for_mesh`'s warnings (a plan file's other mesh, a forced kind placed as another);
   yields `chosen(shape)`, which logs the one for
   the mesh taken (the others are dropped)."""
-  held: dict[str, str] = {}
+  held: dict[str, list[str]] = {}
   token = _HELD.set(held)
   try:
-    yield lambda shape: held.get(format_mesh(shape)) and warn_once(held[format_mesh(shape)])
+    yield lambda shape: [warn_once(m) for m in held.get(format_mesh(shape), [])]
   finally:
     _HELD.reset(token)
 

@@ -378,7 +378,7 @@ def auto_why(plan: str, shape: Mapping[str, int]) -> str:
   if made_for is None:
     if is_plan_file(plan):
       return ("--mesh=auto with a plan file recording no mesh: the first mesh, from all on "
-              "data on, that takes the plan")
+              "data on, that takes the plan, placing fewest of its tables as another kind")
     return f"--mesh=auto with --plan={plan}"
   if made_for == dict(shape):
     return f"the mesh --plan={plan} records"

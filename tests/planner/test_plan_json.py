@@ -102,16 +102,26 @@ def test_a_placement_without_a_kind_string_names_the_table(tmp_path, placement, 
   assert "table 't1'" in str(e.value)
 
 
-@pytest.mark.parametrize("mesh", [{"tabel": 4}, {"data": 2.5, "table": 2}, {"data": 0, "table": 8},
-                                  {"data": True, "table": 4}, {"table": "4"}, [4]])
-def test_a_damaged_recorded_mesh_counts_as_none(tmp_path, mesh):
+@pytest.mark.parametrize("mesh,why", [
+    ({"tabel": 4}, r"unknown axes \['tabel'\] \(axes: data, table, row, col\)"),
+    ({"data": 2.5, "table": 2}, "axis 'data': size 2.5 is not a positive integer"),
+    ({"data": 0, "table": 8}, "axis 'data': size 0 is not a positive integer"),
+    ({"data": True, "table": 4}, "axis 'data': size true is not a positive integer"),
+    ({"table": "4"}, "axis 'table': size \"4\" is not a positive integer"),
+    ([4], "expected an object of axis sizes")])
+def test_a_damaged_recorded_mesh_is_an_error_naming_it(tmp_path, mesh, why):
   """A damaged `"mesh"` was read as a guess (`{"tabel": 4}`: one device, `{"data": 2.5}`:
-  data=2), the mesh `scripts/plan.py --plan=FILE` and `--mesh=auto` then planned on."""
+  data=2), then as no mesh at all, silently: `--mesh=auto` took the first mesh from all on
+  `data` on, where a hand-edited file's `rw` tables (`"rows": 8`) were each held whole on
+  every device."""
   path = tmp_path / "plan.json"
   path.write_text(json.dumps({"plan": {"a": {"kind": "tw"}}, "mesh": mesh}))
-  assert Plan.load_with_mesh(str(path)) == (Plan({"a": TablePlacement("tw")}), None)
+  with pytest.raises(ConfigError, match=rf'^--plan: {path}: "mesh" .*: {why}'):
+    Plan.load_with_mesh(str(path))
   path.write_text(json.dumps({"plan": {"a": {"kind": "tw"}}, "mesh": {"table": 4}}))
   assert Plan.load_with_mesh(str(path))[1] == {"data": 1, "table": 4, "row": 1, "col": 1}
+  path.write_text(json.dumps({"plan": {"a": {"kind": "tw"}}}))   # a bare plan: no mesh
+  assert Plan.load_with_mesh(str(path))[1] is None
 
 
 def test_a_plan_file_without_json_in_its_name_is_a_plan_file(tmp_path, monkeypatch):

@@ -124,6 +124,25 @@ def test_mesh_auto_takes_the_mesh_a_plan_file_records(tmp_path, caplog):
   assert mesh_lib.auto_mesh_shape(str(bare), 4) == {"data": 4, "table": 1, "row": 1, "col": 1}
 
 
+def test_a_plan_files_kinds_placed_as_another_are_warned_and_auto_avoids_it(tmp_path, caplog):
+  """A plan file of `rw` tables: recording no mesh, `--mesh=auto` took data=4 (every table
+  whole on every device, as `dp`), and on an explicit `--mesh=data=4` only the file's
+  other mesh was warned about; `--plan=rw` itself warned that it is placed as `dp`."""
+  import jax   # pylint: disable=import-outside-toplevel
+  from jaxrec.train import loop   # pylint: disable=import-outside-toplevel
+  bare = tmp_path / "bare.json"
+  bare.write_text(json.dumps({t.name: {"kind": "rw"} for t in TABLES}))
+  with caplog.at_level("WARNING"):
+    _, plan, info = loop.setup(CONFIG, RunOptions(plan=str(bare)), jax.devices()[:4])
+  assert info["mesh"] == {"data": 2, "table": 1, "row": 2, "col": 1}
+  assert {p.kind for p in plan.placements.values()} == {"rw"} and "placed as" not in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    loop.setup(CONFIG, RunOptions(plan=str(bare), mesh="data=4"), jax.devices()[:4])
+  assert (f"--plan={bare}: tables ['a', 'b', 'c'] (rw) split over axis row, of size 1 in mesh "
+          "data=4,table=1,row=1,col=1: they are placed as dp here") in caplog.text
+
+
 @pytest.mark.parametrize("content,message", [
     (None, "--plan: cannot read '{path}'"),
     ('{"a": {"kind": "tw"},\n "b": oops}', "--plan: {path}:2: not valid JSON"),
