@@ -239,13 +239,14 @@ def _prepare(tables, features, mesh_shape, memory_per_device_bytes, optimizer_st
   opt = (optimizer_state_factor if cm.is_per_table(optimizer_state_factor)
          else cm.optimizer_state(optimizer_state_factor))
   states = [cm.state_of(opt, t.name) for t in tables]
+  configured = kernel if kernel is not None else default_kernel()   # the collection's
   if kernel is None:
-    kernel = (default_kernel() if any(not cm.dedups(s, t.dtype, "xla")
-                                      for s, t in zip(states, tables)) else "xla")
+    kernel = (configured if any(not cm.dedups(s, t.dtype, "xla")
+                                for s, t in zip(states, tables)) else "xla")
   dedup = default_dedup()
   for s, t in zip(states, tables):   # the collection's refusal of dedup=False, before any search
-    try:
-      cm.dedups(s, t.dtype, kernel, dedup)
+    try:   # with the kernel the collection will have (the priced one said 'kernel xla' for
+      cm.dedups(s, t.dtype, configured, dedup)   # EmbeddingOptions.kernel='pallas')
     except ConfigError as e:   # which table: with mixed dtypes the user cannot tell
       raise ConfigError(f"table '{t.name}': {e}") from None
   cal = calibration or DEFAULT

@@ -254,8 +254,12 @@ def test_dedup_false_the_collection_refuses_is_refused_by_the_planner():
   gin.bind_parameter("EmbeddingOptions.dedup", False)
   tables, features = [TableSpec("t", 100, 16)], [FeatureSpec("f", "t")]
   with pytest.raises(ConfigError, match=r"EmbeddingOptions.dedup=False needs SGD, float32 "
-                     r"tables and the xla kernel"):
+                     r"tables and the xla kernel; here: another optimizer, float32, kernel xla"):
     planner.propose_plan(tables, features, {"data": 8}, 2**30, optimizers.Adagrad(), 64)
+  gin.bind_parameter("EmbeddingOptions.kernel", "pallas")   # it said 'kernel xla' here too
+  with pytest.raises(ConfigError, match=r"here: SGD, bfloat16, kernel pallas$"):
+    planner.propose_plan([TableSpec("t", 100, 16, "bfloat16")], features, {"data": 8}, 2**30,
+                         optimizers.SGD(), 64)
 
 
 def test_optimizer_state_factor_must_be_finite_and_non_negative():
