@@ -64,8 +64,12 @@ class Assignment:
 class CacheMap:
   """Row → slot map of a `cache_rows`-row cache of a `num_rows`-row table."""
 
-  def __init__(self, name: str, num_rows: int, cache_rows: int, seed: int = 0):
+  def __init__(self, name: str, num_rows: int, cache_rows: int, seed: int = 0,
+               advice: str = "raise cache_rows"):
+    # advice: how to enlarge the cache, for the error of a batch it cannot hold (the
+    # tier's names the binding and where it was written: `OffloadConfig.cache_advice`)
     self.name, self.num_rows, self.cache_rows = name, int(num_rows), int(cache_rows)
+    self.advice = advice
     self._rng = np.random.default_rng(seed)
     self.count = np.zeros(self.num_rows, np.uint32)
     self.slot_of = np.full(self.num_rows, -1, np.int32)
@@ -100,7 +104,7 @@ class CacheMap:
     if n > self.cache_rows - int(hit.sum()):
       # (no step number: `step` counts batches since the tier started or was restored)
       raise OffloadError(f"offloaded table '{self.name}': a batch reads {len(uniq)} distinct "
-                         f"rows but the cache holds {self.cache_rows}; raise cache_rows (or "
+                         f"rows but the cache holds {self.cache_rows}; {self.advice} (or "
                          "lower the batch size)")
     self._pin[slots[hit]] = step
     for rows in ahead:

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import gin
 import jax.numpy as jnp
 
-from jaxrec import files, workdir_layout
+from jaxrec import files, gin_usage, workdir_layout
 from jaxrec.embedding import optimizers
 from jaxrec.embedding.specs import TableSpec, flag, whole
 from jaxrec.errors import ConfigError, JaxrecError, OffloadError, in_order  # noqa: F401 re-exported
@@ -127,13 +127,16 @@ class OffloadTable:
       rows = int(self.cache_rows)
     else:
       rows = int(self.cache_bytes) // row_bytes(spec, optimizer)
+    # named as the binding (`auto`'s caches are 1 to `rows` rows): `gin_usage.locate` puts
+    # where it was written in front
     if rows <= 0:
-      raise ConfigError(f"offloaded table '{spec.name}': the cache holds {rows} rows "
+      raise ConfigError(f"OffloadConfig.tables['{spec.name}']: the cache holds {rows} rows "
                         f"(cache_rows={self.cache_rows}, cache_bytes={self.cache_bytes}); "
                         f"one row takes {row_bytes(spec, optimizer)} bytes")
     if rows > spec.rows:
-      raise ConfigError(f"offloaded table '{spec.name}': cache of {rows} rows is larger than "
-                        f"the table ({spec.rows} rows); keep the table on the device instead")
+      raise ConfigError(f"OffloadConfig.tables['{spec.name}']: cache of {rows} rows is larger "
+                        f"than the table ({spec.rows} rows); keep the table on the device "
+                        "instead")
     return rows
 
   def resolve_path(self, workdir: str | None) -> str:
@@ -231,7 +234,10 @@ class OffloadConfig:
       return (f"raise OffloadConfig.auto_cache_fraction (now {self.auto_cache_fraction:g}; "
               f"OffloadConfig.auto offloaded '{name}'), or list '{name}' in "
               "OffloadConfig.tables with its cache_rows/cache_bytes")
-    return f"raise its cache_rows/cache_bytes (OffloadConfig.tables['{name}'])"
+    where = gin_usage.bound_at("OffloadConfig.tables")
+    return (f"raise its cache_rows/cache_bytes (OffloadConfig.tables['{name}']"
+            + (f", bound at {where}" if where and not where.startswith("--") else
+               f", bound by {where}" if where else "") + ")")
 
 
 def _table(name, fields) -> OffloadTable:

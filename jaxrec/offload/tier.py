@@ -123,7 +123,8 @@ class OffloadTier(LookAhead):
       shapes = {n: store.array_shape(n)[1:] for n in store.names}
       dtypes = {n: store.array_dtype(n) for n in store.names}
       self.tables[off.name] = TierTable(
-          spec, store, CacheMap(off.name, spec.rows, cache_rows),
+          spec, store, CacheMap(off.name, spec.rows, cache_rows,
+                                advice=config.cache_advice(off.name)),
           HostBuffer(off.name, spec.rows, config.buffer_rows(spec), shapes, dtypes),
           tuple(f.name for f in collection.features if f.table == off.name), place,
           np.full(cache_rows, -1, np.int64), np.zeros(cache_rows, bool))

@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 
 from jaxrec import offload
+from jaxrec.embedding import optimizers
 from jaxrec.errors import ConfigError
 from jaxrec.offload.config import check_paths
 
@@ -139,5 +140,19 @@ def test_a_bad_offload_binding_names_its_file_line(tmp_path):
     assert launch.user_message(e.value) == (
         f"--gin_file: {path}:2: OffloadConfig.tables: offloaded table 't9' is not a configured "
         "table (tables: t0)")
+    # the cache's size against its table (resolved later, with the optimizer): the same
+    for fields, want in ((", 'cache_rows': 30", "cache of 30 rows is larger than the table "
+                          "(10 rows); keep the table on the device instead"),
+                         (", 'cache_bytes': 10", "the cache holds 0 rows (cache_rows=None, "
+                          "cache_bytes=10); one row takes 16 bytes")):
+      path.write_text(f"# offload\nOffloadConfig.tables = {{'t0': {{'path': 'x'{fields}}}}}\n")
+      launch.parse_gin([str(path)], [])
+      config = launch.build(offload.OffloadConfig)
+      with pytest.raises(ConfigError) as e:
+        config.tables[0].resolve_cache_rows(TableSpec("t0", 10, 4), optimizers.SGD())
+      assert launch.user_message(e.value) == (
+          f"--gin_file: {path}:2: OffloadConfig.tables['t0']: {want}")
+      assert config.cache_advice("t0") == ("raise its cache_rows/cache_bytes (OffloadConfig."
+                                           f"tables['t0'], bound at {path}:2)")
   finally:
     gin.clear_config()
