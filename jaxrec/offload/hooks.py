@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from typing import Mapping, Sequence
 
 import jax
 
-from jaxrec import workdir_layout
+from jaxrec import gin_usage, workdir_layout
 from jaxrec.offload import owner
 from jaxrec.offload.disk_space import filesystem, warn_disk_space
 from jaxrec.offload.config import OffloadConfig, device_tables
@@ -89,6 +90,10 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
       return plan, planner.estimate_plan(plan, tables, config.features, dict(mesh_shape),
                                          mode=mode, **common), tables
     except ConfigError as e:
+      if mode == "forced" and isinstance(e, BudgetError) and off.auto:   # it did nothing
+        raise BudgetError(f"--plan={options.plan}: {e}; OffloadConfig.auto offloads tables "
+                          "only with --plan=auto (a forced kind keeps every table on the "
+                          "devices)") from None
       if mode != "file":
         raise
       note = "" if isinstance(e, PlanTablesError) else plan_file_mesh_note(options.plan,
@@ -177,6 +182,22 @@ def cached_calibration():
   return cal if planner.is_current(cal, planner.default_cache_path()) else None
 
 
+def warn_idle_settings(off: OffloadConfig) -> None:
+  """Warns about the `OffloadConfig` settings gin bound for a run that offloads no table
+  (no `tables`, and `auto` offloaded none): they had no effect, and the run said nothing
+  (the unused-bindings warning counts them used: `OffloadConfig` is always built)."""
+  fields = [f.name for f in dataclasses.fields(OffloadConfig)   # (snapshot_check: also
+            if f.init and f.name not in ("tables", "auto", "auto_added", "snapshot_check")]
+  # of a restore reading an earlier run's snapshots)
+  bound = [f"OffloadConfig.{n} ({gin_usage.bound_at(f'OffloadConfig.{n}')})" for n in fields
+           if gin_usage.bound_at(f"OffloadConfig.{n}")]
+  if bound:
+    why = ("OffloadConfig.auto found that every table fits on the devices" if off.auto
+           else "OffloadConfig.tables is empty and OffloadConfig.auto is off")
+    _LOG.warning("%s %s no effect: no table is offloaded (%s)", ", ".join(bound),
+                 "has" if len(bound) == 1 else "have", why)
+
+
 def make_tier(collection, config, offload_config: OffloadConfig, seed: int, workdir: str,
               keep: int | None = None, evaluates: bool = False, trains: bool = False,
               kept: int = 1) -> OffloadTier | None:
@@ -186,6 +207,7 @@ def make_tier(collection, config, offload_config: OffloadConfig, seed: int, work
   `trains`: it trains (`config.batch_size`), see `warn_small_train_caches`, with `kept`
   checkpoints (`--keep_checkpoints`), see `warn_disk_space`."""
   if not offload_config.tables:
+    warn_idle_settings(offload_config)
     return None
   tier = OffloadTier(collection, config.tables, offload_config, key=emb_init_key(seed),
                      workdir=workdir, keep=keep)

@@ -80,6 +80,39 @@ def test_without_auto_a_plan_that_does_not_fit_is_an_error():
     _plan(offload.OffloadConfig())
 
 
+def test_auto_with_a_forced_kind_says_it_offloads_only_with_plan_auto():
+  """`OffloadConfig.auto=True --plan=dp` over budget said only 'plan (forced) does not
+  fit': auto did nothing, without a word."""
+  from jaxrec.errors import BudgetError  # pylint: disable=import-outside-toplevel
+  from jaxrec.models import DLRM  # pylint: disable=import-outside-toplevel
+  from jaxrec.train.config import ExperimentConfig, RunOptions  # pylint: disable=C0415
+  config = ExperimentConfig(embedding=(TABLES, FEATURES), model=DLRM((8,), (1,)),
+                            sparse_optimizer=ADAGRAD, batch_size=512)
+  with pytest.raises(BudgetError, match=r"^--plan=dp: plan \(forced\) does not fit: .*; "
+                     r"OffloadConfig.auto offloads tables only with --plan=auto \(a forced "
+                     r"kind keeps every table on the devices\)$"):
+    offload.choose_plan(config, RunOptions(plan="dp", memory_per_device=BUDGET), MESH,
+                        offload.OffloadConfig(auto=True))
+
+
+def test_settings_of_a_run_that_offloads_nothing_are_warned_about(caplog):
+  """`OffloadConfig.auto_cache_fraction` / `max_staleness` bound in a run offloading no table
+  had no effect, and the run said nothing (gin counts them used)."""
+  import gin  # pylint: disable=import-outside-toplevel
+  from jaxrec import launch  # pylint: disable=import-outside-toplevel
+  from jaxrec.offload import hooks  # pylint: disable=import-outside-toplevel
+  try:
+    launch.parse_gin([], ["OffloadConfig.max_staleness = 4",
+                          "OffloadConfig.snapshot_check = 'sizes'"])
+    with caplog.at_level("WARNING"):
+      hooks.warn_idle_settings(launch.build(offload.OffloadConfig))
+    assert caplog.messages == [
+        "OffloadConfig.max_staleness (--gin_bindings) has no effect: no table is offloaded "
+        "(OffloadConfig.tables is empty and OffloadConfig.auto is off)"]   # (snapshot_check
+  finally:   # reads an earlier run's snapshots)
+    gin.clear_config()
+
+
 def test_trainer_hooks_forced_plan_and_no_offload():
   from jaxrec.train.config import ExperimentConfig, RunOptions
   from jaxrec.models import DLRM
