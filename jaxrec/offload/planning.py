@@ -56,9 +56,15 @@ def plan_with_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpe
       if not config.auto or not candidates:   # offloading cannot help, and gin's wrapped
         raise BudgetError(f"{e} (offloaded tables, planned as their device caches: "   # ones
                           f"{_caches(tables, config, optimizer)}; "  # took no message
-                          f"OffloadConfig.auto={config.auto}{_smaller(config)})") from None
+                          f"{auto_text(config.auto)}{_smaller(config)})") from None
       config = _auto_offload(config, candidates.pop(0), rows_of)
   return with_offload_notes(result, tables, config, optimizer), config, specs
+
+
+def auto_text(auto: bool) -> str:
+  """How a budget error states `OffloadConfig.auto` (a multi-process job, planned with it
+  off, puts back the `True` it was given: `mesh_choice.auto_mesh_of`)."""
+  return f"OffloadConfig.auto={auto}"
 
 
 def auto_candidates(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],

@@ -441,5 +441,7 @@ def test_a_multi_process_job_with_auto_offload_takes_a_mesh_that_holds_the_table
   assert choice.mesh["data"] < 8 and choice.planned[3].tables == ()
   with pytest.raises(ConfigError, match=r"nor can any other mesh of 8 devices.*; "   # and why
                      r"OffloadConfig.auto offloads nothing in a job of several processes "
-                     r"\(this one has 2\): the meshes were planned on the devices only$"):
+                     r"\(this one has 2\): the meshes were planned on the devices only$") as e:
     mesh_choice.choose(config, RunOptions(memory_per_device=60 * 2**20), 8, processes=2)
+  # as bound: it said 'OffloadConfig.auto=False' before that, of its device-only planning
+  assert "OffloadConfig.auto=False" not in str(e.value), str(e.value)
