@@ -1,6 +1,6 @@
 """The capacity file (`W/elastic/capacity` or `--capacity_file`): what the job may use now.
 
-One line `N` or `N K`, or a JSON object `{"num_processes": N, "devices_per_process": K}`
+One line `N` or `N K` (`#` starts a comment), or a JSON object `{"num_processes": N, "devices_per_process": K}`
 (`K` defaults to the devices per process in use). `parse` reads it strictly: anything
 else (a third number, an unknown JSON key, a count that is not a whole number, a second
 line) is a `ConfigError` naming the file and line, never a value read past or guessed.
@@ -76,7 +76,12 @@ class Reader:
 
 
 def _parse_plain(text: str, path: str) -> tuple[int, int | None, int]:
-  lines = [(i, l.split()) for i, l in enumerate(text.splitlines(), 1) if l.strip()]
+  """`N` or `N K` on one line; `#` starts a comment (a comment line was 'found another
+  line', blamed on the valid line after it)."""
+  lines = [(i, words) for i, l in enumerate(text.splitlines(), 1)
+           if (words := l.split("#", 1)[0].split())]
+  if not lines:
+    raise ConfigError(f"{path}: only comments; expected one line `N` or `N K`")
   if len(lines) > 1:
     raise ConfigError(f"{path}:{lines[1][0]}: one line `N` or `N K` expected, found another "
                       f"line '{' '.join(lines[1][1])}'")

@@ -71,6 +71,13 @@ def test_a_count_that_is_not_a_whole_number_is_refused(tmp_path):
   assert "devices_per_process must be a whole number, got 2.0" in errors[2], errors
 
 
+def test_comments_beside_the_plain_form_are_read_past():
+  """'# two processes' above '2 2' was an error blaming line 2, 'found another line'."""
+  from jaxrec.elastic import capacity  # pylint: disable=import-outside-toplevel
+  assert capacity.parse("# two processes\n2 2  # of 2 devices\n\n", "cap", 4) == (2, 2)
+  assert capacity.parse("3#\n", "cap", 4) == (3, 4)
+
+
 @pytest.mark.parametrize("text,why", [
     ("2 4 junk\n", ":1: expected `N` or `N K`, got '2 4 junk'"),
     ("2\n4\n", ":2: one line `N` or `N K` expected, found another line '4'"),
@@ -82,6 +89,8 @@ def test_a_count_that_is_not_a_whole_number_is_refused(tmp_path):
     ('{"devices_per_process": 2}', ':1: the JSON object needs "num_processes"'),
     ("[2]", ":1: num_processes must be a whole number, got '[2]'"),
     ('{"num_processes": 2,\n "devices_per_process": x}', ":2: not valid JSON: Expecting value"),
+    ("# nothing yet\n", ": only comments; expected one line `N` or `N K`"),
+    ("# two\n2 2 # now\n3\n", ":3: one line `N` or `N K` expected, found another line '3'"),
 ])
 def test_bad_content_is_an_error_naming_the_file_and_line(tmp_path, text, why):
   """'2 4 junk', a second line and an unknown JSON key (`devices`) were read past silently;
