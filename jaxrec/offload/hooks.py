@@ -32,7 +32,7 @@ from jaxrec.offload.tier import OffloadTier
 from jaxrec.sharding.plan import (Plan, check_plan_flag, is_plan_file, load_plan_file,
                                   plan_file_mesh_note, PlanTablesError, uniform_plan,
                                   warn_collapsed_kind)
-from jaxrec.errors import BudgetError, ConfigError
+from jaxrec.errors import BudgetError, ConfigError, in_order
 
 _LOG = logging.getLogger(__name__)
 
@@ -102,6 +102,11 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
 
   if recorded is None and is_plan_file(options.plan):
     recorded_offload = plan_file_auto_offloaded(options.plan)
+    unknown = in_order(set(recorded_offload or ()) - {t.name for t in config.tables})
+    if unknown:   # ignored, the plan then 'did not fit' without a word of the field
+      raise ConfigError(f"--plan: {options.plan}: \"auto_offloaded\" names tables this config "
+                        f"does not have: {unknown} (tables: "
+                        f"{', '.join(t.name for t in config.tables)})")
   if recorded is not None and recorded_offload is None and off.auto and processes == 1:
     try:   # a checkpoint from before its meta said which tables auto offloaded: as its run
       _, off, _ = plan_with_offload(config.tables, config.features, mesh_shape, off, sparse,
@@ -127,7 +132,11 @@ def with_given_plans_offload(estimate, off: OffloadConfig, names, tables, featur
   too."""
   try:
     return off, estimate(off)
-  except ConfigError:   # over budget, or not buildable whole (> 2**31 rows: only a cache is)
+  except ConfigError as e:   # over budget, or not buildable whole (> 2**31 rows: only a cache is)
+    if names and not off.auto and isinstance(e, BudgetError):
+      raise BudgetError(f"{e}; the plan's run offloaded {list(names)} by "
+                        "OffloadConfig.auto, which is off here: bind OffloadConfig.auto = "
+                        "True to offload them again") from None
     if not names or not off.auto or processes > 1:
       raise
   off = with_auto_offloaded(tables, features, off, names, batch_size)
@@ -151,9 +160,12 @@ def plan_file_auto_offloaded(path: str) -> tuple[str, ...] | None:
     return None
   if isinstance(obj, dict) and isinstance(obj.get("proposed"), dict):
     obj = obj["proposed"]       # `scripts/plan.py --profile --json`: the plan it proposes
-  names = obj.get("auto_offloaded") if isinstance(obj, dict) else None
-  if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+  if not isinstance(obj, dict) or "auto_offloaded" not in obj:
     return None
+  names = obj["auto_offloaded"]
+  if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+    raise ConfigError(f"--plan: {path}: \"auto_offloaded\" {json.dumps(names)}: expected a "
+                      "list of table names (those OffloadConfig.auto offloaded)")
   return tuple(names)
 
 

@@ -328,6 +328,35 @@ def test_a_recorded_plan_is_checked_with_the_tables_auto_offloaded():
     offload.choose_plan(config, options, MESH, offload.OffloadConfig(), recorded=plan)
 
 
+def test_a_plan_files_auto_offloaded_is_checked_and_named(tmp_path):
+  """A plan file's `auto_offloaded` naming an unknown table, or not a list, was ignored;
+  a run's own plan.json passed back without `OffloadConfig.auto` said only 'does not fit'."""
+  import json  # pylint: disable=import-outside-toplevel
+  from jaxrec.errors import BudgetError  # pylint: disable=import-outside-toplevel
+  from jaxrec.models import DLRM  # pylint: disable=import-outside-toplevel
+  from jaxrec.train.config import ExperimentConfig, RunOptions  # pylint: disable=import-outside-toplevel
+  config = ExperimentConfig(embedding=(TABLES, FEATURES), model=DLRM((16,), (1,)),
+                            sparse_optimizer=ADAGRAD, batch_size=512, eval_batch_size=512)
+  auto = offload.OffloadConfig(auto=True)
+  _, result, _, off = offload.choose_plan(
+      config, RunOptions(plan="auto", memory_per_device=BUDGET), MESH, auto)
+  path = tmp_path / "plan.json"
+  options = RunOptions(plan=str(path), memory_per_device=BUDGET)
+  for names, error, want in (
+      (["huge"], BudgetError, r"does not fit: .*; the plan's run offloaded \['huge'\] by "
+       r"OffloadConfig.auto, which is off here: bind OffloadConfig.auto = True to offload "
+       r"them again$"),
+      (["huge", "t9"], ConfigError, rf'^--plan: {path}: "auto_offloaded" names tables this '
+       r"config does not have: \['t9'\] \(tables: huge, mid, small\)$"),
+      ("huge", ConfigError, rf'^--plan: {path}: "auto_offloaded" "huge": expected a list of '
+       r"table names \(those OffloadConfig.auto offloaded\)$")):
+    path.write_text(json.dumps({"plan": result.plan.to_json(), "auto_offloaded": names}))
+    with pytest.raises(error, match=want):
+      offload.choose_plan(config, options, MESH, offload.OffloadConfig())
+  path.write_text(json.dumps({"plan": result.plan.to_json(), "auto_offloaded": ["huge"]}))
+  assert offload.choose_plan(config, options, MESH, auto)[3].auto_added == ("huge",)
+
+
 def test_a_recorded_plan_takes_the_tables_its_checkpoint_offloaded(monkeypatch):
   """A resume learnt which tables `OffloadConfig.auto` had offloaded by planning again (a
   whole search, which a changed calibration or budget could answer otherwise). The
