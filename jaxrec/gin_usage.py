@@ -99,14 +99,15 @@ def record_file(path: str) -> None:
   with open(path, encoding="utf-8") as f:
     # in order, an include where it stands: a binding after it wins, as in gin (recorded
     # after the file's own bindings, an included default was named as a binding's place)
-    for statement in _parsed(f, lambda s: f"{path}:{s.location.line_num}"):
+    for statement in _parsed(f, lambda line: f"{path}:{line}",
+                             lambda line: f"--gin_file: {path}:{line}"):
       if isinstance(statement, config_parser.IncludeStatement):
         record_file(statement.filename)   # gin resolves it the same way (no search paths)
 
 
 def record_bindings(text: str, where: str = "--gin_bindings") -> None:
   """Notes the bindings of one `--gin_bindings` value as coming from `where`."""
-  for _ in _parsed(text, lambda s: where):
+  for _ in _parsed(text, lambda line: where, lambda line: f"{where}: '{text}'"):
     pass
 
 
@@ -117,17 +118,57 @@ def forget(name: str) -> None:
     del _ORIGINS[key]
 
 
-def _parsed(source, where_of):
+def _parsed(source, where_of, error_at):
   """Yields the statements of `source`, each binding and macro use recorded at
-  `where_of(s)` before it is yielded."""
+  `where_of(line)` before it is yielded. A dict literal giving a key twice is a
+  `ConfigError` at `error_at(line)`: gin, as Python, keeps the last
+  value silently (`OffloadConfig.tables = {'t0': {...}, 't0': {...}}`)."""
   delegate = _Placeholders()
-  for statement in config_parser.ConfigParser(source, delegate):
-    if isinstance(statement, config_parser.BindingStatement):
-      _record(statement, where_of(statement))
-      for name in delegate.macros:
-        _MACRO_USES.setdefault(name, where_of(statement))
-    delegate.macros.clear()
-    yield statement
+  try:
+    for statement in _Parser(source, delegate):
+      where = where_of(statement.location.line_num)
+      if isinstance(statement, config_parser.BindingStatement):
+        _record(statement, where)
+        for name in delegate.macros:
+          _MACRO_USES.setdefault(name, where)
+      delegate.macros.clear()
+      yield statement
+  except _RepeatedKey as e:
+    from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+    raise ConfigError(f"{error_at(e.line)}: key {e.key!r} appears twice in one dict "
+                      "(gin keeps the last value silently); give it once") from None
+
+
+class _RepeatedKey(Exception):
+  def __init__(self, key, line: int):
+    super().__init__(key)
+    self.key, self.line = key, line
+
+
+class _Parser(config_parser.ConfigParser):
+  """gin's parser, refusing a dict literal that repeats a key (`_RepeatedKey`). Overrides
+  two of its private methods: gin has no hook for the keys of a literal."""
+
+  def __init__(self, *args, **kwargs):
+    self._keys: list[list] = []   # the keys of each dict literal being parsed, innermost last
+    super().__init__(*args, **kwargs)
+
+  def _maybe_parse_container(self):
+    if self._current_token.string != "{":
+      return super()._maybe_parse_container()
+    self._keys.append([])
+    try:
+      return super()._maybe_parse_container()
+    finally:
+      self._keys.pop()
+
+  def _parse_dict_item(self):
+    line = self._current_token.start[0]
+    key, value = super()._parse_dict_item()
+    if key is not None and key in self._keys[-1]:   # (None: also a reference's placeholder)
+      raise _RepeatedKey(key, line)
+    self._keys[-1].append(key)
+    return key, value
 
 
 def macro_use(name: str) -> str | None:

@@ -237,6 +237,25 @@ def test_an_empty_data_flag_is_an_error(name):
   RunOptions(**{name: "synthetic"}).validate()
 
 
+def test_a_dict_giving_a_key_twice_is_an_error_naming_where(tmp_path):
+  """`OffloadConfig.tables = {'t0': {...}, 't0': {...}}` kept the last entry silently (gin
+  builds dicts as Python does); plan files already refused a key given twice."""
+  path = tmp_path / "dup.gin"
+  path.write_text("# offload\nOffloadConfig.tables = {\n  't0': {'cache_rows': 20},\n"
+                  "  't1': {'cache_rows': 20, 'chunk_rows': 8},\n  't0': {'cache_rows': 10}}\n")
+  with pytest.raises(ConfigError, match=rf"^--gin_file: {path}:5: key 't0' appears twice in "
+                     r"one dict \(gin keeps the last value silently\); give it once$"):
+    launch.parse_gin([str(path)], [])
+  binding = "ExperimentConfig.table_optimizers = {'u*': @Adam(), 'v': @SGD(), 'u*': @SGD()}"
+  with pytest.raises(ConfigError, match=r"^--gin_bindings: 'ExperimentConfig.table_optimizers "
+                     r"= .*': key 'u\*' appears twice in one dict"):
+    launch.parse_gin([], [binding])
+  # the same key in two dicts, nested or not, is no repeat
+  launch.parse_gin([], ["OffloadConfig.tables = {'t0': {'cache_rows': 5}, "
+                        "'t1': {'cache_rows': 5}}"])
+  gin.clear_config()
+
+
 def test_a_gin_file_that_is_a_directory_says_so(tmp_path):
   with pytest.raises(ConfigError, match=f"--gin_file: cannot read '{tmp_path}': is a directory"):
     launch.parse_gin([str(tmp_path)], [])
