@@ -1,9 +1,10 @@
 """The capacity file (`W/elastic/capacity` or `--capacity_file`): what the job may use now.
 
-One line `N` or `N K` (`#` starts a comment), or a JSON object `{"num_processes": N, "devices_per_process": K}`
-(`K` defaults to the devices per process in use). `parse` reads it strictly: anything
-else (a third number, an unknown JSON key, a count that is not a whole number, a second
-line) is a `ConfigError` naming the file and line, never a value read past or guessed.
+One line `N` or `N K` (`#` starts a comment), or a JSON object `{"num_processes": N,
+"devices_per_process": K}` (`K` defaults to the devices per process in use). `parse`
+reads it strictly: anything else (a third number, an unknown JSON key, a count that is not
+a whole number, a second line) is a `ConfigError` naming the file and line, never a value
+read past or guessed.
 `Reader` re-reads the file when it changed and says each unreadable state once.
 """
 

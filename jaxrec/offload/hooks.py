@@ -132,7 +132,7 @@ def with_given_plans_offload(estimate, off: OffloadConfig, names, tables, featur
   too."""
   try:
     return off, estimate(off)
-  except ConfigError as e:   # over budget, or not buildable whole (> 2**31 rows: only a cache is)
+  except ConfigError as e:   # over budget, or not buildable whole (> 2**31 rows: a cache is)
     if names and not off.auto and isinstance(e, BudgetError):
       raise BudgetError(f"{e}; the plan's run offloaded {list(names)} by "
                         "OffloadConfig.auto, which is off here: bind OffloadConfig.auto = "
@@ -198,9 +198,9 @@ def warn_idle_settings(off: OffloadConfig) -> None:
   """Warns about the `OffloadConfig` settings gin bound for a run that offloads no table
   (no `tables`, and `auto` offloaded none): they had no effect, and the run said nothing
   (the unused-bindings warning counts them used: `OffloadConfig` is always built)."""
-  fields = [f.name for f in dataclasses.fields(OffloadConfig)   # (snapshot_check: also
+  # (not snapshot_check: it also checks the snapshots of an earlier run a restore reads)
+  fields = [f.name for f in dataclasses.fields(OffloadConfig)
             if f.init and f.name not in ("tables", "auto", "auto_added", "snapshot_check")]
-  # of a restore reading an earlier run's snapshots)
   bound = [f"OffloadConfig.{n} ({gin_usage.bound_at(f'OffloadConfig.{n}')})" for n in fields
            if gin_usage.bound_at(f"OffloadConfig.{n}")]
   if bound:

@@ -5,9 +5,10 @@ arguments a caller passed itself: a config built as `ExperimentConfig(embedding=
 model=..., batch_size=64)` left its tables, features, model and batch size out of
 `W/config.gin`, whose header still said to rerun it. `recorded` writes such fields as gin
 bindings (`ExperimentConfig.embedding = ((@embedding_0/TableSpec(), ...), (...))`, with
-scoped bindings for each configurable: `embedding_0/TableSpec.rows = 101`), checks that the text builds the same config, and
-names the fields it cannot write (a model class gin does not know, a hand-built optax
-transformation), so the header can say the file does not rerun the run.
+scoped bindings for each configurable: `embedding_0/TableSpec.rows = 101`), checks that
+the text builds the same config, and names the fields it cannot write (a model class gin
+does not know, a hand-built optax transformation), so the header can say the file does
+not rerun the run.
 """
 
 from __future__ import annotations
