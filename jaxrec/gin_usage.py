@@ -70,8 +70,8 @@ def isolated() -> Iterator[None]:
   of it are put back after it (checkpoint conversion reads a recorded config with it)."""
   config = gin.config   # pylint: disable=protected-access (gin has no API to save its state)
   kept = ({k: dict(v) for k, v in config._CONFIG.items()}, set(config._IMPORTS),
-           {k: dict(v) for k, v in config._OPERATIVE_CONFIG.items()},
-           dict(config._SINGLETONS), config.config_is_locked())
+          {k: dict(v) for k, v in config._OPERATIVE_CONFIG.items()},
+          dict(config._SINGLETONS), config.config_is_locked())
   usage = saved()
   gin.clear_config()
   try:
@@ -121,8 +121,8 @@ def forget(name: str) -> None:
 def _parsed(source, where_of, error_at):
   """Yields the statements of `source`, each binding and macro use recorded at
   `where_of(line)` before it is yielded. A dict literal giving a key twice is a
-  `ConfigError` at `error_at(line)`: gin, as Python, keeps the last
-  value silently (`OffloadConfig.tables = {'t0': {...}, 't0': {...}}`)."""
+  `ConfigError` at `error_at(line)`: gin, as Python, keeps the last value silently
+  (`OffloadConfig.tables = {'t0': {...}, 't0': {...}}`)."""
   delegate = _Placeholders()
   try:
     for statement in _Parser(source, delegate):
