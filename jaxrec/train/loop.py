@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import gin
 import jax
@@ -172,7 +172,7 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
 
 
 def _write_run_records(workdir: str, operative_gin: str, plan_result, trains: bool,
-                       options: RunOptions, unwritten: list[str]) -> None:
+                       options: RunOptions, unwritten: Sequence[str] = ()) -> None:
   """Warns about unused gin bindings and writes `config.gin` and `plan.json`. Every
   configurable of the run has been called by now; a run that only evaluates opens no
   training data, and keeps the config.gin and plan.json of the run that trained (with its

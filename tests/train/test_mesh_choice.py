@@ -166,7 +166,8 @@ def test_a_plan_file_recording_no_mesh_takes_the_first_mesh_that_takes_it(tmp_pa
   _, got, info = _setup(None, 8, plan=str(path))
   assert info["mesh"] == TW and got == uniform_plan("tw", tables, 4)
   assert info["why"] == ("--mesh=auto with a plan file recording no mesh: the first mesh, "
-                         "from all on data on, that takes the plan")
+                         "from all on data on, that takes the plan, placing fewest of its "
+                         "tables as another kind")
   args = replan.TrainArgs.parse(["--workdir=w", "--gin_file=g", f"--plan={path}"])
   assert replan.choose(CONFIG, args, 1, 8).mesh == TW   # launch.py: the same
 
