@@ -199,8 +199,10 @@ def warn_idle_settings(off: OffloadConfig) -> None:
   (no `tables`, and `auto` offloaded none): they had no effect, and the run said nothing
   (the unused-bindings warning counts them used: `OffloadConfig` is always built)."""
   # (not snapshot_check: it also checks the snapshots of an earlier run a restore reads)
+  # (a rerun of W/config.gin binds every default: those are not said)
   fields = [f.name for f in dataclasses.fields(OffloadConfig)
-            if f.init and f.name not in ("tables", "auto", "auto_added", "snapshot_check")]
+            if f.init and f.name not in ("tables", "auto", "auto_added", "snapshot_check")
+            and getattr(off, f.name) != f.default]
   bound = [f"OffloadConfig.{n} ({gin_usage.bound_at(f'OffloadConfig.{n}')})" for n in fields
            if gin_usage.bound_at(f"OffloadConfig.{n}")]
   if bound:

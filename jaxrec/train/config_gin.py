@@ -54,12 +54,28 @@ def recorded(config: ExperimentConfig, operative: str) -> tuple[str, list[str]]:
     except _Unwritable as e:
       unwritten.append(f"ExperimentConfig.{name} ({e})")
   text = "\n".join([SECTION, *lines, *writer.bindings]) + "\n"
-  # checked where it can be: with a field missing, gin builds no config at all
-  mismatch = None if unwritten else _rebuilt_mismatch(config, operative + "\n" + text, fields)
+  if unwritten:   # with a field missing, gin builds no config at all: not checked
+    return operative.rstrip("\n") + "\n\n" + text, unwritten
+  mismatch, idle = _rebuilt(config, operative + "\n" + text, fields, writer.makers)
   if mismatch:   # written, but gin builds something else: none of them is claimed
     return operative, [f"ExperimentConfig.{n} (not rebuilt from gin: {mismatch})"
                        for n in fields]
-  return operative.rstrip("\n") + "\n\n" + text, unwritten
+  return _without(operative, idle).rstrip("\n") + "\n\n" + text, unwritten
+
+
+def _without(operative: str, names: set[str]) -> str:
+  """`operative` without the bindings `names` (`Adam.b1`; a value's continuation lines go
+  with it)."""
+  out, skip = [], False
+  for line in operative.splitlines(keepends=True):
+    m = re.match(r"^([\w./]+) = ", line)
+    if m:
+      skip = m.group(1) in names
+    elif not line.strip() or not line[:1].isspace():   # a blank line or a comment
+      skip = False
+    if not skip:
+      out.append(line)
+  return "".join(out)
 
 
 class _Writer:
@@ -68,6 +84,7 @@ class _Writer:
 
   def __init__(self):
     self.bindings: list[str] = []
+    self.makers: set[str] = set()   # the configurables written (scoped)
     self._scopes: dict[str, int] = {}
 
   def value(self, v: Any, hint: str) -> str:
@@ -90,6 +107,7 @@ class _Writer:
       return "{" + ", ".join(f"{self.value(k, hint)}: {self.value(x, hint)}"
                              for k, x in v.items()) + "}"
     maker, kwargs = _call_of(v)
+    self.makers.add(maker)
     scope = self._scope(hint)
     for key, x in kwargs.items():
       self.bindings.append(f"{scope}/{maker}.{key} = {self.value(x, scope)}")
@@ -130,19 +148,25 @@ def _registered(cls) -> tuple[str, tuple[str, ...]] | None:
   return None
 
 
-def _rebuilt_mismatch(config: ExperimentConfig, text: str, fields: list[str]) -> str | None:
-  """Why `text` does not build `config`'s `fields` (None: it does)."""
+def _rebuilt(config: ExperimentConfig, text: str, fields: list[str], makers: set[str]
+             ) -> tuple[str | None, set[str]]:
+  """`(why text does not build config's fields, or None; the unscoped bindings of the
+  written configurables `makers` the build did not use)`. Those are the defaults gin
+  recorded of the calls made in Python (`Adam.b1 = 0.9`), which the scoped references now
+  stand for: left in, a rerun of the file warned that they had no effect."""
   try:
     with gin_usage.isolated():
       import jaxrec.configurables  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
       gin.parse_config(text)
+      gin_usage.record_bindings(text, "config.gin")
       rebuilt = ExperimentConfig()
+      idle = {u.split(" (")[0] for u in gin_usage.unused()}
   except Exception as e:  # pylint: disable=broad-except  (any gin or configurable error)
-    return " ".join(str(e).split())[:200] or type(e).__name__
+    return " ".join(str(e).split())[:200] or type(e).__name__, set()
   for name in fields:
     if not _same(getattr(rebuilt, name), getattr(config, name)):
-      return f"ExperimentConfig.{name} differs"
-  return None
+      return f"ExperimentConfig.{name} differs", set()
+  return None, {n for n in idle if "/" not in n and n.rsplit(".", 1)[0] in makers}
 
 
 def _same(a: Any, b: Any) -> bool:

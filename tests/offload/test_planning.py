@@ -102,7 +102,8 @@ def test_settings_of_a_run_that_offloads_nothing_are_warned_about(caplog):
   from jaxrec import launch  # pylint: disable=import-outside-toplevel
   from jaxrec.offload import hooks  # pylint: disable=import-outside-toplevel
   try:
-    launch.parse_gin([], ["OffloadConfig.max_staleness = 4",
+    launch.parse_gin([], ["OffloadConfig.max_staleness = 4",   # prefetch_depth: the default,
+                          "OffloadConfig.prefetch_depth = 4",   # as W/config.gin binds it
                           "OffloadConfig.snapshot_check = 'sizes'"])
     with caplog.at_level("WARNING"):
       hooks.warn_idle_settings(launch.build(offload.OffloadConfig))

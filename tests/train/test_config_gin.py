@@ -84,6 +84,7 @@ def test_a_rerun_of_config_gin_trains_the_python_configs_run(tmp_path):
   proc = run_script("train.py", f"--workdir={tmp_path / 'rerun'}",
                     f"--gin_file={run / 'config.gin'}", *flags, "--log_every=2", "--noprogress")
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "no effect" not in proc.stderr   # the defaults config.gin binds (OffloadConfig.*)
 
   def records(workdir):
     lines = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
