@@ -83,7 +83,8 @@ def test_eval_batches_bigger_than_the_cache_are_evaluated_in_pieces(tmp_path, ca
   assert re.search(r"offloaded table 't0': an eval batch \(\d+ examples\) may read up to "
                    r"[\d,]+ distinct rows, more than its 300-row cache; such a batch is "
                    r"evaluated in several passes, each costing a whole batch \(raise its "
-                   r"cache_rows/cache_bytes \(OffloadConfig.tables\['t0'\]\), or lower",
+                   r"cache_rows/cache_bytes \(OffloadConfig.tables\['t0'\], bound by "
+                   r"--gin_bindings\), or lower",
                    caplog.text)
   want = train_synthetic(ref, 8, SMALL_DLRM)
   assert got["step"] == want["step"] == 8
