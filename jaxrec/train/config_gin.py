@@ -65,7 +65,7 @@ def recorded(config: ExperimentConfig, operative: str) -> tuple[str, list[str]]:
 
 def _without(operative: str, names: set[str]) -> str:
   """`operative` without the bindings `names` (`Adam.b1`; a value's continuation lines go
-  with it)."""
+  with it); a section left empty says `# None.`, as gin writes one."""
   out, skip = [], False
   for line in operative.splitlines(keepends=True):
     m = re.match(r"^([\w./]+) = ", line)
@@ -75,7 +75,8 @@ def _without(operative: str, names: set[str]) -> str:
       skip = False
     if not skip:
       out.append(line)
-  return "".join(out)
+  return re.sub(r"^(# Parameters for .*:\n# =+\n)(?=\n|\Z)", r"\1# None.\n", "".join(out),
+                flags=re.M)
 
 
 class _Writer:
