@@ -148,10 +148,10 @@ class Plan:
     if isinstance(obj, dict) and isinstance(obj.get("proposed"), dict):
       obj = obj["proposed"]       # `scripts/plan.py --profile --json`: the plan it proposes
     if isinstance(obj, dict) and isinstance(obj.get("plan"), dict):
+      problem = mesh_problem(obj["mesh"]) if "mesh" in obj else None
+      if problem:   # a hand edit's typo was taken as no mesh
+        raise ConfigError(f"--plan: {path}: \"mesh\" {json.dumps(obj['mesh'])}: {problem}")
       mesh = stored_mesh(obj.get("mesh"))
-      if mesh is None and "mesh" in obj:   # a hand edit's typo was taken as no mesh
-        raise ConfigError(f"--plan: {path}: \"mesh\" {json.dumps(obj['mesh'])}: "
-                          f"{mesh_problem(obj['mesh'])}")
       obj = obj["plan"]
     if not isinstance(obj, dict) or not all(isinstance(p, dict) for p in obj.values()):
       raise ConfigError(f"--plan: {path}: expected {{table: {{\"kind\": ..., \"table_slice\": "
@@ -166,25 +166,26 @@ class Plan:
 
 def stored_mesh(stored) -> dict[str, int] | None:
   """A recorded mesh (a plan file's `"mesh"`, a checkpoint's `saved_mesh`) with all four
-  axes; None when it is absent or damaged (an unknown axis, a size that is not a positive
-  integer) rather than a guess (`{"tabel": 4}` was one device, `{"data": 2.5}` data=2) that
-  `--mesh=auto` and `scripts/plan.py` use."""
-  if not isinstance(stored, dict) or set(stored) - set(MESH_AXES) or not all(
-      isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in stored.values()):
+  axes; None when it is absent or damaged (`mesh_problem`) rather than a guess
+  (`{"tabel": 4}` was one device, `{"data": 2.5}` data=2) that `--mesh=auto` and
+  `scripts/plan.py` use."""
+  if mesh_problem(stored) is not None:
     return None
   return {a: int(stored.get(a, 1)) for a in MESH_AXES}
 
 
-def mesh_problem(stored) -> str:
-  """Why `stored_mesh(stored)` is None, for an error naming the field."""
+def mesh_problem(stored) -> str | None:
+  """Why a recorded mesh `stored` does not read (not an object, an unknown axis, a size
+  that is not a positive integer), for an error naming the field; None when it reads."""
   if not isinstance(stored, dict):
-    return f"expected an object of axis sizes, e.g. {{\"row\": 8}}"
+    return "expected an object of axis sizes, e.g. {\"row\": 8}"
   unknown = [a for a in stored if a not in MESH_AXES]
   if unknown:
     return f"unknown axes {unknown} (axes: {', '.join(MESH_AXES)})"
-  bad = next(a for a, v in stored.items()
-             if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1))
-  return f"axis '{bad}': size {json.dumps(stored[bad])} is not a positive integer"
+  bad = [a for a, v in stored.items()
+         if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1)]
+  return (f"axis '{bad[0]}': size {json.dumps(stored[bad[0]])} is not a positive integer"
+          if bad else None)
 
 
 def _some(names: Sequence[str], limit: int = 8) -> str:
