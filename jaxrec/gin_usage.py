@@ -192,6 +192,15 @@ def bound_at(name: str) -> str | None:
   return found[-1] if found else None
 
 
+def bound_where(name: str) -> str | None:
+  """`bound at FILE:LINE` or `bound by --gin_bindings` for binding `name` (`bound_at`), for
+  a message's words; None when not recorded."""
+  where = bound_at(name)
+  if where is None:
+    return None
+  return f"bound by {where}" if where.startswith("--") else f"bound at {where}"
+
+
 def first_bound(prefix: str) -> str | None:
   """Where the first recorded binding whose name starts with `prefix` (`cat/TableSpec.`)
   was written, if any: the place of a scoped configurable one of whose arguments is

@@ -162,10 +162,7 @@ def _origin(selector: str) -> str:
     gin.query_parameter(selector)
   except ValueError:
     return "its default: not bound"
-  where = gin_usage.bound_at(selector)
-  if where is None:
-    return "bound"
-  return f"bound by {where}" if where.startswith("--") else f"bound at {where}"
+  return gin_usage.bound_where(selector) or "bound"
 
 
 def _train_batch(source: Source, batch_size: int, seed: int, process_index: int,

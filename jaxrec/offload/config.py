@@ -234,9 +234,9 @@ class OffloadConfig:
       return (f"raise OffloadConfig.auto_cache_fraction (now {self.auto_cache_fraction:g}; "
               f"OffloadConfig.auto offloaded '{name}'), or list '{name}' in "
               "OffloadConfig.tables with its cache_rows/cache_bytes")
-    where = gin_usage.bound_at("OffloadConfig.tables")   # FILE:LINE or --gin_bindings
-    bound = f", bound {'by' if where.startswith('--') else 'at'} {where}" if where else ""
-    return f"raise its cache_rows/cache_bytes (OffloadConfig.tables['{name}']{bound})"
+    where = gin_usage.bound_where("OffloadConfig.tables")
+    return (f"raise its cache_rows/cache_bytes (OffloadConfig.tables['{name}']"
+            f"{', ' + where if where else ''})")
 
 
 def _table(name, fields) -> OffloadTable:
