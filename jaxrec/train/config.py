@@ -63,10 +63,8 @@ def dense_optimizer(name: str = "sgd", learning_rate: float = 0.1,
       hparam(f"dense_optimizer.{key}", value, _DENSE_RULES[key])   # schedules pass as is
   if clip_norm is not None:
     clip_norm = hparam("dense_optimizer.clip_norm", clip_norm, POSITIVE)
-  call = (("name", name), ("learning_rate", learning_rate), ("clip_norm", clip_norm),
-          *kwargs.items())
   return DenseOptimizer(makers[name](learning_rate, **_checked_kinds(name, kwargs)),
-                        learning_rate, clip_norm, call)
+                        learning_rate, clip_norm, (("name", name), *kwargs.items()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +79,9 @@ class DenseOptimizer:
   tx: optax.GradientTransformation
   learning_rate: Any
   clip_norm: float | None = None
-  # `dense_optimizer`'s arguments `((name, value), ...)`: W/config.gin writes them for a
-  # config given in Python (`config_gin`); None for one built by hand
+  # `dense_optimizer`'s other arguments `(("name", name), (option, value), ...)`:
+  # W/config.gin writes the call for a config given in Python (`config_gin`); None for one
+  # built by hand
   call: tuple | None = dataclasses.field(default=None, compare=False)
 
   def init(self, params):

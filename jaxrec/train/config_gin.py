@@ -128,7 +128,8 @@ def _call_of(v: Any) -> tuple[str, dict[str, Any]]:
   if isinstance(v, DenseOptimizer):
     if v.call is None:
       raise _Unwritable("a DenseOptimizer not made by dense_optimizer()")
-    return "dense_optimizer", dict(v.call)
+    return "dense_optimizer", dict(v.call, learning_rate=v.learning_rate,
+                                   clip_norm=v.clip_norm)
   registered = _registered(type(v))
   if registered is None or not dataclasses.is_dataclass(v):
     raise _Unwritable(f"a {type(v).__module__}.{type(v).__qualname__}, which gin does not "
@@ -176,7 +177,7 @@ def _same(a: Any, b: Any) -> bool:
   if _is_dtype(a) or _is_dtype(b):   # one may be its name, as gin rebuilt it
     return _dtype_name(a) is not None and _dtype_name(a) == _dtype_name(b)
   if isinstance(a, DenseOptimizer) and isinstance(b, DenseOptimizer):
-    return a.call is not None and _same(a.call, b.call)
+    return a.call is not None and b.call is not None and _same(_call_of(a), _call_of(b))
   if type(a) is not type(b):
     return False
   if isinstance(a, (tuple, list)):

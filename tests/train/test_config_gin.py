@@ -51,7 +51,8 @@ def test_fields_given_in_python_are_written_and_build_the_same_config():
   assert rebuilt.model.bottom_mlp == (16, 8) and jnp.dtype(rebuilt.model.dtype) == jnp.bfloat16
   assert rebuilt.sparse_optimizer == config.sparse_optimizer
   assert rebuilt.table_optimizers == config.table_optimizers
-  assert rebuilt.dense_optimizer.call == config.dense_optimizer.call
+  for field in ("call", "learning_rate", "clip_norm"):
+    assert getattr(rebuilt.dense_optimizer, field) == getattr(config.dense_optimizer, field)
   assert (rebuilt.batch_size, rebuilt.eval_batch_size) == (64, 64)
 
 
