@@ -73,17 +73,21 @@ def stop_if_unreadable(step_dir, error: BaseException) -> None:
 
 def warn_corrupt(step_dir, error: BaseException) -> None:
   """Logs that checkpoint `step_dir` is skipped for `error` (its first line)."""
-  error = shown(error)
-  logging.warning("checkpoint %s is corrupt or unreadable (%s: %s); falling back to the "
-                  "previous one", step_dir, type(error).__name__, first_line(error, 500))
+  logging.warning("checkpoint %s is corrupt or unreadable (%s); falling back to the "
+                  "previous one", step_dir, _described(error))
 
 
 def none_valid(directory, errors: Sequence[tuple[int, BaseException]]) -> CheckpointError:
   """The error when every step of `directory` failed: `errors` is `[(step, error)]`."""
-  detail = "; ".join(f"step {s}: {type(e).__name__}: {first_line(e, 500)}"
-                     for s, e in ((s, shown(e)) for s, e in errors))
+  detail = "; ".join(f"step {s}: {_described(e)}" for s, e in errors)
   return CheckpointError(f"no valid checkpoint in {directory}: every one failed to "
                          f"restore ({detail}). Fix or move them away to start afresh.")
+
+
+def _described(error: BaseException) -> str:
+  """`Type: first line` of the error `shown` picks (at most 500 characters of the line)."""
+  error = shown(error)
+  return f"{type(error).__name__}: {first_line(error, 500)}"
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:
