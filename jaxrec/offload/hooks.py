@@ -44,7 +44,8 @@ def emb_init_key(seed: int) -> jax.Array:
 
 def choose_plan(config, options, mesh_shape: Mapping[str, int],
                 offload_config: OffloadConfig | None = None, processes: int = 1,
-                recorded: Plan | None = None, recorded_offload: Sequence[str] | None = None):
+                recorded: Plan | None = None, recorded_offload: Sequence[str] | None = None,
+                may_auto_offload: bool = True):
   """`train.plan_choice.choose` with offloading (gin `OffloadConfig`).
 
   Returns `(plan, result, tables, offload_config)`: `tables` are what the collection is
@@ -58,7 +59,8 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
   `recorded_offload`: the tables `OffloadConfig.auto` offloaded in that checkpoint (None:
   not known, found by planning as its run did). Those, or a plan file's `auto_offloaded`,
   are offloaded again when the plan is over budget with them whole
-  (`with_given_plans_offload`).
+  (`with_given_plans_offload`). `may_auto_offload=False`: `--plan=auto` plans without
+  offloading by `OffloadConfig.auto` (`plan_with_offload`).
   """
   from jaxrec import planner  # pylint: disable=import-outside-toplevel
   off = offload_config if offload_config is not None else OffloadConfig()
@@ -70,7 +72,8 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
   if options.plan == "auto" and recorded is None:
     result, off, tables = plan_with_offload(config.tables, config.features, mesh_shape, off,
                                             sparse, options.memory_per_device,
-                                            config.batch_size, calibration=calibration)
+                                            config.batch_size, may_auto_offload,
+                                            calibration=calibration)
     check_one_process(off, processes)
     return result.plan, result, tables, off
   if recorded is None and not is_plan_file(options.plan):
@@ -90,7 +93,7 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
       return plan, planner.estimate_plan(plan, tables, config.features, dict(mesh_shape),
                                          mode=mode, **common), tables
     except ConfigError as e:
-      if mode == "forced" and isinstance(e, BudgetError) and off.auto:   # it did nothing
+      if mode == "forced" and isinstance(e, BudgetError) and off.auto and may_auto_offload:
         raise BudgetError(f"--plan={options.plan}: {e}; OffloadConfig.auto offloads tables "
                           "only with --plan=auto (a forced kind keeps every table on the "
                           "devices)") from None
@@ -107,7 +110,8 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
       raise ConfigError(f"--plan: {options.plan}: \"auto_offloaded\" names tables this config "
                         f"does not have: {unknown} (tables: "
                         f"{', '.join(t.name for t in config.tables)})")
-  if recorded is not None and recorded_offload is None and off.auto and processes == 1:
+  if (recorded is not None and recorded_offload is None and off.auto and may_auto_offload
+      and processes == 1):
     try:   # a checkpoint from before its meta said which tables auto offloaded: as its run
       _, off, _ = plan_with_offload(config.tables, config.features, mesh_shape, off, sparse,
                                     options.memory_per_device, config.batch_size,

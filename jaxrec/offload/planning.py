@@ -26,10 +26,12 @@ from jaxrec.planner.result import format_bytes
 def plan_with_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
                       mesh_shape: Mapping[str, int], config: OffloadConfig, optimizer,
                       memory_per_device_bytes: int | None, batch_size: int,
-                      **planner_kwargs):
+                      may_auto_offload: bool = True, **planner_kwargs):
   """Plans `tables`, offloading tables when needed (see module docstring). `optimizer`:
   the sparse optimizer, or one per table: each table's caches, rows and store are sized
-  with its own optimizer's state (`row_bytes`).
+  with its own optimizer's state (`row_bytes`). `may_auto_offload=False`: plan as if
+  `OffloadConfig.auto` were off (`mesh_choice.auto_mesh`'s on-device pass), its error
+  stating `auto` as bound.
 
   Returns:
     `(result, config, device_specs)`: the planner's `PlanResult` (over the device
@@ -53,18 +55,15 @@ def plan_with_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpe
                                     **planner_kwargs)
       break
     except BudgetError as e:   # other errors (a bad EmbeddingOptions binding) as they are:
-      if not config.auto or not candidates:   # offloading cannot help, and gin's wrapped
-        raise BudgetError(f"{e} (offloaded tables, planned as their device caches: "   # ones
-                          f"{_caches(tables, config, optimizer)}; "  # took no message
-                          f"{auto_text(config.auto)}{_smaller(config)})") from None
+      if not (config.auto and may_auto_offload) or not candidates:   # offloading cannot
+        unused = " (planned on the devices only)" if config.auto and not may_auto_offload \
+            else ""        # help; gin's wrapped ones took no message
+        raise BudgetError(f"{e} (offloaded tables, planned as their device caches: "
+                          f"{_caches(tables, config, optimizer)}; "
+                          f"OffloadConfig.auto={config.auto}{unused}{_smaller(config)})"
+                          ) from None
       config = _auto_offload(config, candidates.pop(0), rows_of)
   return with_offload_notes(result, tables, config, optimizer), config, specs
-
-
-def auto_text(auto: bool) -> str:
-  """How a budget error states `OffloadConfig.auto` (a multi-process job, planned with it
-  off, puts back the `True` it was given: `mesh_choice.auto_mesh_of`)."""
-  return f"OffloadConfig.auto={auto}"
 
 
 def auto_candidates(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],

@@ -26,7 +26,6 @@ import os
 from typing import Any, Callable, Mapping, Sequence
 
 from jaxrec.errors import BudgetError, ConfigError
-from jaxrec.offload import planning
 from jaxrec.sharding import mesh as mesh_lib
 from jaxrec.sharding.plan import (Plan, is_plan_file, mesh_warning_held, recorded_mesh,
                                   stored_mesh, warn_once)
@@ -200,8 +199,7 @@ def auto_mesh_of(config, memory_per_device: int | None, candidates, plan_for, pl
   except BudgetError as e:
     if not off.auto or processes == 1 or plan != "auto":   # (a forced kind or a plan file:
       raise                                                # only --plan=auto searches)
-    given = str(e).replace(planning.auto_text(False), planning.auto_text(True))   # as set
-    raise BudgetError(f"{given}; OffloadConfig.auto offloads nothing in a job of several "
+    raise BudgetError(f"{e}; OffloadConfig.auto offloads nothing in a job of several "
                       f"processes (this one has {processes}): the meshes were planned on "
                       "the devices only") from None
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Mapping
 
 
@@ -17,14 +16,12 @@ def choose(config, options, mesh_shape: Mapping[str, int], processes: int = 1,
   (see `jaxrec.offload.choose_plan`, which the trainer calls directly); offloading needs
   a job of one process (`processes`). `recorded`: a resumed checkpoint's
   `mesh_choice.Recorded`, whose plan is checked instead of `options.plan`
-  (`train.mesh_choice.resumed`). `device_only`: plan without `OffloadConfig.auto`
-  (`mesh_choice.auto_mesh` tries every mesh so first).
+  (`train.mesh_choice.resumed`). `device_only`: plan without offloading by
+  `OffloadConfig.auto` (`mesh_choice.auto_mesh` tries every mesh so first).
   """
   from jaxrec import offload  # pylint: disable=import-outside-toplevel
-  off = offload.OffloadConfig()
-  if device_only:
-    off = dataclasses.replace(off, auto=False)
-  return offload.choose_plan(config, options, mesh_shape, off, processes=processes,
+  return offload.choose_plan(config, options, mesh_shape, offload.OffloadConfig(),
+                             processes=processes, may_auto_offload=not device_only,
                              **recorded_args(recorded))
 
 

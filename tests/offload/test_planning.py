@@ -475,3 +475,4 @@ def test_a_multi_process_job_with_auto_offload_takes_a_mesh_that_holds_the_table
     mesh_choice.choose(config, RunOptions(memory_per_device=60 * 2**20), 8, processes=2)
   # as bound: it said 'OffloadConfig.auto=False' before that, of its device-only planning
   assert "OffloadConfig.auto=False" not in str(e.value), str(e.value)
+  assert "OffloadConfig.auto=True (planned on the devices only)" in str(e.value)
