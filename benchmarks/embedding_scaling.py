@@ -85,6 +85,8 @@ def main():
     p.error(f"--rows: comma-separated row counts (e.g. 1e5,1e7), got {args.rows!r}")
   if sizes[0] < 1:
     p.error(f"--rows: row counts must be positive, got {args.rows!r}")
+  if sizes[-1] > 2**31 - 1:   # the collection's ConfigError, as a traceback
+    p.error(f"--rows: {sizes[-1]:,} rows is over the {2**31 - 1:,} that int32 ids reach")
   runners = {rows: ScalingStep(rows, args.tables, args.batch, args.dim, opt) for rows in sizes}
   wall, cpu = interleaved_times(runners, args.rounds, args.steps, warmup=3)
   times = {rows: median(wall[rows]) for rows in sizes}

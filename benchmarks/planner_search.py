@@ -11,8 +11,8 @@ Prints one line per size:
 `{"benchmark": "planner_search", "tables": N, "seconds": S, "evaluations": E,
 "estimated_step_us": T, "peak_rss_mib": M}` (E: plans priced, by parts or from scratch; M:
 the process's peak so far).
-`--record FILE` also writes each proposed plan and its estimate (JSON lines), to compare
-two versions of the search. No goal: the numbers are in docs/benchmarks.md.
+`--record FILE` also writes each proposed plan and its estimate (JSON lines, the file made
+afresh), to compare two versions of the search. No goal: the numbers are in docs/benchmarks.md.
 """
 
 import argparse
@@ -24,7 +24,11 @@ import common  # noqa: E402  (also puts the repository on sys.path)
 from common import interruptible  # noqa: E402
 
 from jaxrec.embedding.specs import FeatureSpec, TableSpec  # noqa: E402
+from jaxrec.errors import ConfigError  # noqa: E402
 from jaxrec.planner import search  # noqa: E402
+from jaxrec.sharding import mesh as mesh_lib  # noqa: E402
+
+BATCH = 512
 
 
 def _tables(n: int, dims=(1, 4, 8, 16)):
@@ -44,11 +48,16 @@ def _counts(parser, flag: str, text: str) -> list[int]:
 
 
 def _mesh(parser, text: str) -> dict[str, int]:
-  """`'table=4,row=2'` -> `{'table': 4, 'row': 2}`."""
+  """`'table=4,row=2'` -> all four axes' sizes; a parser error naming `--mesh` for an
+  unknown or repeated axis, a size that is not a positive integer, or a data axis that does
+  not divide the batch (each was a traceback, or the last of a repeated axis taken)."""
   try:
-    return {k: int(v) for k, v in (p.split("=") for p in text.split(","))}
-  except ValueError:
-    parser.error(f"--mesh must read like table=4,row=2, got '{text}'")
+    shape = mesh_lib.parse_mesh_spec(text, None, "--mesh", auto=False)
+  except ConfigError as e:
+    parser.error(str(e))
+  if BATCH % shape["data"]:
+    parser.error(f"--mesh: data={shape['data']} does not divide the batch of {BATCH}")
+  return shape
 
 
 def main() -> None:
@@ -64,6 +73,11 @@ def main() -> None:
   sizes = _counts(parser, "tables", args.tables)
   dims = tuple(_counts(parser, "dims", args.dims))
   mesh = _mesh(parser, args.mesh)
+  if args.record:   # a missing directory was a traceback after the first search (minutes)
+    try:
+      open(args.record, "w", encoding="utf-8").close()
+    except OSError as e:
+      parser.error(f"--record: cannot write {args.record}: {e.strerror}")
   priced = [0]
   for method in ("price", "evaluate_plan"):   # by parts during the search; from scratch
     original = getattr(search._Space, method)   # pylint: disable=protected-access
@@ -77,7 +91,7 @@ def main() -> None:
     tables, features = _tables(n, dims)
     priced[0] = 0
     t0 = time.perf_counter()
-    result = search.propose_plan(tables, features, mesh, None, "sgd", 512)
+    result = search.propose_plan(tables, features, mesh, None, "sgd", BATCH)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     common.emit("planner_search", tables=n, seconds=round(time.perf_counter() - t0, 2),
                 evaluations=priced[0], estimated_step_us=round(result.step_time_s * 1e6, 1),

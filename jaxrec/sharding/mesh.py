@@ -26,10 +26,11 @@ from jaxrec.sharding.plan import (KIND_AXES, MESH_AXES, Plan,  # noqa: F401
 BATCH_AXES = MESH_AXES
 
 
-def parse_mesh_spec(spec: str, num_devices: int, flag: str = "--mesh",
+def parse_mesh_spec(spec: str, num_devices: int | None, flag: str = "--mesh",
                     auto: bool = True) -> dict[str, int]:
-  """Parses `data=2,table=2,row=2,col=1` into axis sizes; checks the product. `auto`: the
-  flag also takes `auto` (its errors say so)."""
+  """Parses `data=2,table=2,row=2,col=1` into axis sizes; checks their product is
+  `num_devices` (None: any, a shape to plan for). `auto`: the flag also takes `auto` (its
+  errors say so)."""
   shape = {a: 1 for a in MESH_AXES}
   seen = set()
   for part in filter(None, (p.strip() for p in spec.split(","))):
@@ -51,7 +52,7 @@ def parse_mesh_spec(spec: str, num_devices: int, flag: str = "--mesh",
     raise ConfigError(f"{flag}: empty; give AXIS=SIZE,... (e.g. data=2,table=2,row=2,col=1)"
                       + (" or auto" if auto else ""))
   product = math.prod(shape.values())
-  if product != num_devices:
+  if num_devices is not None and product != num_devices:
     raise ConfigError(f"{flag}: {format_mesh(shape)} has {product} devices but "
                       f"{num_devices} are available")
   return shape

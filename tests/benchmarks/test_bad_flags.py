@@ -74,7 +74,15 @@ USAGE_ERRORS = [
     ("planner_search.py", ["--tables", "10,,20"], "--tables must be positive integers"),
     ("planner_search.py", ["--dims", "4,0"], "--dims must be positive integers, got '4,0'"),
     ("planner_search.py", ["--mesh", "table4"],
-     "--mesh must read like table=4,row=2, got 'table4'"),
+     "--mesh: 'table4' is not AXIS=SIZE with AXIS in data, table, row, col"),
+    # tracebacks naming 'mesh:' (or the last of a repeated axis taken), and a missing
+    # --record directory failed after the first search
+    ("planner_search.py", ["--mesh", "tabel=4"], "--mesh: 'tabel=4' is not AXIS=SIZE"),
+    ("planner_search.py", ["--mesh", "table=0"], "--mesh: size of 'table' must be positive"),
+    ("planner_search.py", ["--mesh", "data=3"], "--mesh: data=3 does not divide the batch"),
+    ("planner_search.py", ["--mesh", "table=4,table=2"], "--mesh: axis 'table' given twice"),
+    ("planner_search.py", ["--record", "/nonexistent/x.jsonl"],
+     "--record: cannot write /nonexistent/x.jsonl: No such file or directory"),
     ("offload.py", ["--stream_steps", "0"], "--stream_steps must be at least 1, got 0"),
     ("offload.py", ["--prefetch", "-1"], "--prefetch must be at least 0, got -1"),
     ("offload.py", ["--rows", "5"], "--rows=5 x --cache_fraction=0.1 leaves a cache of no rows"),
@@ -83,8 +91,13 @@ USAGE_ERRORS = [
     ("vs_torchrec.py", ["--data", "/nonexistent/d/x.npz"], "--data: no file /nonexistent/d/x.npz"),
     ("vs_torchrec.py", ["--data", "/tmp"], "--data: /tmp is a directory"),
     ("vs_torchrec.py", ["--eval_examples", "0"], "--eval_examples must be at least 1, got 0"),
+    # skipped as if the venv were not built, exit 0
+    ("vs_torchrec.py", ["--torchrec_python", "/opt/nope/bin/python"],
+     "--torchrec_python: no file /opt/nope/bin/python"),
     ("vs_torchrec.py", ["--eval_examples", "-1"], "--eval_examples must be at least 1, got -1"),
     ("embedding_scaling.py", ["--rows", "inf"], "--rows: comma-separated row counts"),
+    ("embedding_scaling.py", ["--rows", "1e5,5e9"],
+     "--rows: 5,000,000,000 rows is over the 2,147,483,647 that int32 ids reach"),
     # the warm-up waited forever for a cache the id stream could never fill
     ("offload.py", ["--rows", "100000", "--cache_fraction", "0.5", "--batch", "64",
                     "--stream_steps", "10", "--runs", "offload"],

@@ -66,6 +66,32 @@ def test_too_few_timed_steps_withhold_the_verdict():
   assert got["met"] is True and "note" not in got
 
 
+def test_a_disturbed_run_withholds_the_verdict():
+  """2026-12-06, one run each at load ~2.9 on 2 cores: TorchRec's mean step was 428 ms, its
+  median 72 ms, and the summary read ratio 32, "met", without a warning."""
+  jx = [{"framework": "jaxrec", "examples_per_sec": 38382.1,
+         "examples_per_sec_median": 39884.8, "auc": 0.6414}]
+  tr = [{"framework": "torchrec", "examples_per_sec": 1195.4,
+         "examples_per_sec_median": 7070.6, "auc": 0.5688}]
+  got = vs_torchrec.goal_verdict(jx, tr, timed_steps=55)
+  assert got["met"] is None and got["ratio"] > 30
+  assert got["note"].startswith("torchrec run's mean step is 5.9x its median"), got["note"]
+  tr[0]["examples_per_sec_median"] = 1.4 * 1195.4   # steadier: judged
+  assert vs_torchrec.goal_verdict(jx, tr, timed_steps=55)["met"] is True
+
+
+def test_applied_nice_is_what_a_child_gets():
+  """`--nice -20` as a user: `nice` ran the runs unchanged and the summary said -20 (and
+  the load warning was off). Here: a process at 15 can go up by 4 only (niceness <= 19)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  code = f"import sys; sys.path.insert(0, {BENCH!r}); import vs_torchrec; " \
+         "print(vs_torchrec.applied_nice(10), vs_torchrec.applied_nice(2))"
+  out = subprocess.run(["nice", "-n", "15", sys.executable, "-c", code], capture_output=True,
+                       text=True, timeout=120, check=True)
+  assert out.stdout.split() == ["4", "2"]
+
+
 def test_a_failed_run_is_null_not_nan():
   best = vs_torchrec._best([{"framework": "jaxrec", "error": "exit code 1"},
                             {"examples_per_sec": 5.04, "examples_per_sec_median": 5.0}])
