@@ -119,11 +119,13 @@ def _check_flags() -> None:
 def main(argv):
   del argv
   _check_flags()
-  workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="jaxrec_elastic_")
+  workdir = os.path.abspath(FLAGS.workdir) if FLAGS.workdir else tempfile.mkdtemp(
+      prefix="jaxrec_elastic_")   # absolute: the launcher runs in the repository root
   own_dir(lambda m: sys.exit(f"error: {m}"), "workdir", workdir, MARKER)
   cmd = [sys.executable, os.path.join(ROOT, "scripts", "launch.py"), "--quiet",
          "--num_processes=2", "--devices_per_process=4", "--hang_timeout=120",
-         *([f"--train_script={FLAGS.train_script}"] if FLAGS.train_script else []), "--",
+         *([f"--train_script={os.path.abspath(FLAGS.train_script)}"] if FLAGS.train_script
+           else []), "--",
          f"--workdir={workdir}", "--gin_file=configs/dlrm_synthetic.gin",
          f"--gin_bindings=ExperimentConfig.batch_size={FLAGS.batch_size}",
          "--gin_bindings=ExperimentConfig.eval_batch_size=1024",

@@ -52,14 +52,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def measure_trainer(work: str) -> str:
   """Runs scripts/train.py on configs/dlrm_criteo.gin (synthetic data); its metrics.jsonl."""
-  w = os.path.join(work, "trainer")
+  w = os.path.abspath(os.path.join(work, "trainer"))   # the trainer runs in the repository
   cmd = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), f"--workdir={w}",
          "--gin_file=configs/dlrm_criteo.gin", "--plan=dp", "--noprogress",
          f"--num_steps={FLAGS.trainer_steps}", f"--log_every={max(FLAGS.trainer_steps // 4, 1)}",
          "--gin_bindings=ExperimentConfig.num_eval_examples=4096"]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   if proc.returncode:
-    sys.exit(f"error: the trainer run failed: {proc.stderr.strip().splitlines()[-1:]}")
+    last = proc.stderr.strip().splitlines()[-1:]   # was printed as a Python list
+    sys.exit(f"error: the trainer run failed: {last[0] if last else f'exit {proc.returncode}'}")
   return os.path.join(w, "metrics.jsonl")
 
 
@@ -67,24 +68,29 @@ def trainer_rate(work: str) -> tuple[float | None, str]:
   """(trainer examples/sec, where it came from)."""
   if FLAGS.trainer_examples_per_sec is not None:
     return FLAGS.trainer_examples_per_sec, "flag"
-  path = FLAGS.trainer_metrics
-  if not path:
-    if FLAGS.trainer_steps <= 0:
-      return None, "none"
-    path = measure_trainer(work)
+  if FLAGS.trainer_metrics:
+    return metrics_rate(FLAGS.trainer_metrics, "--trainer_metrics: "), "metrics"
+  if FLAGS.trainer_steps <= 0:
+    return None, "none"
+  return (metrics_rate(measure_trainer(work)),
+          f"dlrm_criteo.gin, {FLAGS.trainer_steps} steps, measured here")
+
+
+def metrics_rate(path: str, flag: str = "") -> float:
+  """The median `examples_per_sec` of a trainer's `metrics.jsonl` at `path`; exits with an
+  error (after `flag`, when the file was a flag's) when it holds none."""
   rates = []
   with open(path) as f:
     for line in f:
       try:
         v = json.loads(line).get("examples_per_sec")
-      except json.JSONDecodeError:
+      except (json.JSONDecodeError, AttributeError):   # not JSON, or not an object
         continue
       if isinstance(v, (int, float)) and v > 0:
         rates.append(float(v))
   if not rates:
-    sys.exit(f"error: {path}: no examples_per_sec values")
-  return float(np.median(rates)), ("metrics" if FLAGS.trainer_metrics else
-                                   f"dlrm_criteo.gin, {FLAGS.trainer_steps} steps, measured here")
+    sys.exit(f"error: {flag}{path}: no examples_per_sec values (a trainer's metrics.jsonl?)")
+  return float(np.median(rates))
 
 
 def iterator_rate(it) -> float:
@@ -109,6 +115,8 @@ def _check_flags() -> None:
     sys.exit(f"error: --trainer_examples_per_sec must be positive, got {rate}")
   if FLAGS.trainer_metrics and not os.path.isfile(FLAGS.trainer_metrics):
     sys.exit(f"error: --trainer_metrics: no file {FLAGS.trainer_metrics!r}")
+  if FLAGS.trainer_metrics:   # one without rates failed after every other measurement
+    metrics_rate(FLAGS.trainer_metrics, "--trainer_metrics: ")
   if FLAGS.workdir is not None:   # a file, no parent or its own output: a traceback later
     # an earlier run's outputs go, not its trainer/ when --trainer_metrics (often its
     # trainer/metrics.jsonl) stands in for the trainer run

@@ -10,6 +10,7 @@ runs the first case of each script again as a real process (ids ending `:process
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -144,6 +145,8 @@ ONE_LINE_ERRORS = [
     ("input_pipeline.py", ["--trainer_metrics=/nonexistent/m.jsonl"],
      "error: --trainer_metrics: no file '/nonexistent/m.jsonl'"),
     ("input_pipeline.py", ["--batch_size=0"], "error: --batch_size must be at least 1, got 0"),
+    ("input_pipeline.py", [f"--trainer_metrics={ROOT}/README.md"],   # after the measurements
+     f"error: --trainer_metrics: {ROOT}/README.md: no examples_per_sec values"),
     ("input_pipeline.py", ["--trainer_examples_per_sec=-5"],   # a negative ratio
      "error: --trainer_examples_per_sec must be positive, got -5.0"),
     # only 'the launcher exited (1) before step 5', the reason in a removed workdir's log
@@ -161,3 +164,18 @@ def test_absl_benchmark_bad_flag_is_one_line_error(script, flags, message, in_pr
   out = _run(script, flags, in_process)
   assert out.returncode == 1 and message in out.stderr, out.stderr[-2000:]
   assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+def test_input_pipeline_runs_the_trainer_in_an_absolute_workdir(tmp_path, monkeypatch):
+  """The trainer runs in the repository root: a relative `--workdir` put its run in ROOT and
+  then failed to find `trainer/metrics.jsonl` (a traceback, after every measurement)."""
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import input_pipeline  # pylint: disable=import-outside-toplevel
+  ran = []
+  monkeypatch.setattr(input_pipeline.subprocess, "run", lambda cmd, **kw: ran.append(cmd) or
+                      subprocess.CompletedProcess(cmd, 0, "", ""))
+  monkeypatch.setattr(input_pipeline, "FLAGS", types.SimpleNamespace(trainer_steps=8))
+  monkeypatch.chdir(tmp_path)
+  path = input_pipeline.measure_trainer("rel")
+  assert path == str(tmp_path / "rel" / "trainer" / "metrics.jsonl")
+  assert f"--workdir={tmp_path / 'rel' / 'trainer'}" in ran[0]

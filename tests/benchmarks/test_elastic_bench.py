@@ -9,13 +9,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 FAKE = os.path.join(ROOT, "tests", "elastic", "fake_train.py")
 
 
-def _bench(tmp_path, fake_args):
+def _bench(tmp_path, fake_args, workdir=None, cwd=ROOT):
   env = dict(os.environ, JAX_PLATFORMS="cpu", FAKE_TRAIN_ARGS=fake_args)
   return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "elastic.py"),
-                         f"--train_script={FAKE}", f"--workdir={tmp_path / 'w'}",
+                         f"--train_script={FAKE}", f"--workdir={workdir or tmp_path / 'w'}",
                          "--num_steps=60", "--kill_at=15", "--checkpoint_every=10",
                          "--timeout=120"],
-                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+                        capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+def test_a_relative_workdir_is_where_the_benchmark_runs(tmp_path):
+  """The launcher runs in the repository root: `--workdir=w` from elsewhere put the job in
+  ROOT/w while the benchmark watched ./w ('the launcher exited (0) before step 15')."""
+  name = f"w_rel_{os.getpid()}"
+  try:
+    out = _bench(tmp_path, "--step_s=0.05", workdir=name, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / name / "launch.log").exists() and not os.path.exists(
+        os.path.join(ROOT, name))
+  finally:
+    subprocess.run(["rm", "-rf", os.path.join(ROOT, name)], check=False)
 
 
 def test_a_job_that_fails_after_recovering_fails_the_benchmark(tmp_path):
