@@ -23,7 +23,8 @@ cache sees fresh rows all along; small tables, dense features and labels cycle a
 the runs measure training, not data generation. Prints one line per run and a summary line with
 `"ratio"` (offload / device examples per second) and `"goal": 0.8`; also the cache hit
 rate (id occurrences and distinct rows), prefetch stall milliseconds per step, and
-`"ratio_sync"` (prefetch off) and `"ratio_stale"`. Each run's line has
+`"ratio_sync"` (prefetch off) and `"ratio_stale"` (without a `device` or an `offload` run
+in `--runs`: `"ratio": null` and a `"note"`). Each run's line has
 `"cpu_ms_per_step"`: CPU time of the process's threads in its timed blocks, by group
 (`xla`, `tensorstore`, `python`: every Python thread, `other`; Linux only): on a host
 whose cores the step already fills, that is where an offloaded run's extra time goes.
@@ -39,6 +40,7 @@ the snapshot (every file read and compared).
 import argparse
 import json
 import os
+import sys
 import time
 
 from common import (check_at_least, check_dir_flag, emit, interruptible, scratch_dir,
@@ -274,7 +276,7 @@ def main():
   p.add_argument("--rounds", type=int, default=5,
                  help='interleaved timed blocks (of --steps / --rounds steps)')
   p.add_argument("--host_buffer_rows", type=int, default=None,
-                 help="default: the cache size")
+                 help="rows of the host write-back buffer (default: the cache size)")
   p.add_argument("--stream_steps", type=int, default=3000,
                  help='batches of precomputed ids for the large table')
   p.add_argument("--chunk_rows", type=int, default=256,
@@ -289,7 +291,9 @@ def main():
   p.add_argument("--store_dir", default=None,
                  help="directory of the offloaded table's store (default: a temp dir)")
   p.add_argument("--runs", default="device,offload,sync,stale",
-                 help='comma list of runs (see above)')
+                 help="comma list of runs: device (the table on the device, the ratio's "
+                      "base), offload (prefetch on), sync (prefetch off), stale "
+                      "(--staleness)")
   p.add_argument("--snapshot_steps", type=int, default=100,
                  help="steps between the two timed snapshots (0: none)")
   args = p.parse_args()
@@ -297,6 +301,8 @@ def main():
   check_at_least(p.error, vars(args), ("rows", "dim", "batch", "stream_steps", "steps"))
   check_at_least(p.error, vars(args), ("prefetch", "warmup", "staleness", "snapshot_steps"),
                  low=0)
+  if args.host_buffer_rows is not None:   # -5: a ConfigError traceback after the data
+    check_at_least(p.error, vars(args), ("host_buffer_rows",))
   if int(args.rows * args.cache_fraction) < 1:
     p.error(f"--rows={args.rows} x --cache_fraction={args.cache_fraction} leaves a cache of "
             "no rows")
@@ -355,7 +361,10 @@ def measure(args, data, store_dir):
     for r in runs.values():
       r.train(args.steps // args.rounds)
   snapshot = None
-  if args.snapshot_steps > 0 and "offload" in runs:
+  if args.snapshot_steps > 0 and "offload" not in runs:
+    print("offload: no snapshot timing (--snapshot_steps): --runs has no offload run",
+          file=sys.stderr)
+  elif args.snapshot_steps > 0:
     snapshot = time_snapshots(runs["offload"], args.snapshot_steps,
                               os.path.join(store_dir, "snapshots"))
   results = {}
@@ -364,7 +373,11 @@ def measure(args, data, store_dir):
     emit("offload", run=name, **common, **results[name])
   if snapshot is not None:
     emit("offload", run="snapshot", **common, **snapshot)
-  if "device" in results and "offload" in results:
+  missing = [n for n in ("device", "offload") if n not in results]
+  if missing:   # the summary was left out without a word
+    emit("offload", **common, ratio=None, goal=0.8, goal_op=">=",
+         note=f"no ratio: --runs has no {' or '.join(missing)} run")
+  else:
     base = results["device"]["examples_per_sec"]
     summary = dict(ratio=round(results["offload"]["examples_per_sec"] / base, 3), goal=0.8,
                    goal_op=">=",

@@ -88,6 +88,7 @@ USAGE_ERRORS = [
     ("offload.py", ["--prefetch", "-1"], "--prefetch must be at least 0, got -1"),
     ("offload.py", ["--rows", "5"], "--rows=5 x --cache_fraction=0.1 leaves a cache of no rows"),
     ("offload.py", ["--store_dir", "/etc/passwd"], "--store_dir: /etc/passwd is not a directory"),
+    ("offload.py", ["--host_buffer_rows", "-5"], "--host_buffer_rows must be at least 1, got -5"),
     # tracebacks (after the data was generated for --data), or no check at all
     ("vs_torchrec.py", ["--data", "/nonexistent/d/x.npz"], "--data: no file /nonexistent/d/x.npz"),
     ("vs_torchrec.py", ["--data", "/tmp"], "--data: /tmp is a directory"),

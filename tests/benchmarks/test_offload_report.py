@@ -102,3 +102,36 @@ def test_fill_cache_stops_once_full():
   calls = []
   bench_offload.fill_cache(lambda: calls.append(1), lambda: len(calls) >= 2, 100)
   assert len(calls) == 2
+
+
+def test_runs_without_the_ratios_base_say_so(monkeypatch, tmp_path, capsys):
+  """`--runs offload,sync` printed its run lines and no summary, without a word (and left
+  out the `--snapshot_steps` timing silently with no offload run)."""
+  import json  # pylint: disable=import-outside-toplevel
+
+  class FakeRun:
+    def __init__(self, args, data, off):
+      del args, data, off
+
+    def train(self, n):
+      del n
+
+    def report(self, batch):
+      del batch
+      return {"examples_per_sec": 100.0}
+
+  monkeypatch.setattr(bench_offload, "Run", FakeRun)
+  args = types.SimpleNamespace(rows=1000, batch=8, cache_fraction=0.1, zipf=1.1, dim=4,
+                               optimizer="sgd", driver="zarr3", chunk_rows=16, shard_rows=None,
+                               kvstore="file", prefetch=2, staleness=0, host_buffer_rows=None,
+                               rounds=1, steps=1, snapshot_steps=0, runs="offload,sync")
+  bench_offload.measure(args, None, str(tmp_path))
+  out = capsys.readouterr()
+  lines = [json.loads(line) for line in out.out.splitlines()]
+  assert [line.get("run") for line in lines] == ["offload", "sync", None]
+  assert lines[-1]["ratio"] is None and lines[-1]["note"] == "no ratio: --runs has no device run"
+  args.runs, args.snapshot_steps = "device,sync", 5
+  bench_offload.measure(args, None, str(tmp_path))
+  out = capsys.readouterr()
+  assert json.loads(out.out.splitlines()[-1])["note"] == "no ratio: --runs has no offload run"
+  assert "no snapshot timing (--snapshot_steps): --runs has no offload run" in out.err
