@@ -29,6 +29,11 @@
 # Time (H200, 2026-12-04): kernel tests, the kernel benchmark, train_compare and scaling took
 # 118 s; with everything, expect ~6-8 minutes (each step has its own limit).
 set -u
+case ${1:-} in   # --help was taken as OUT_DIR: mkdir printed its help, every log write failed
+  -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  -*) echo "gpu_checks.sh: unknown option '$1' (usage: benchmarks/gpu_checks.sh OUT_DIR" \
+        "[STEPS]; --help)" >&2; exit 2 ;;
+esac
 out=${1:?usage: benchmarks/gpu_checks.sh OUT_DIR [STEPS]}
 steps=${2:-300}
 py=${PYTHON:-python3}
@@ -131,7 +136,9 @@ step env 60 "$out/kernel_tests.log" "$py" -c \
   "import jax, jaxlib; print('jax', jax.__version__, jaxlib.__version__, jax.devices()); \
 assert jax.default_backend() == 'gpu', 'no GPU backend: ' + jax.default_backend()"
 if [ ${#failed[@]} -gt 0 ]; then   # every step would fail the same way (no cuda backend)
-  echo "gpu_checks.sh: no GPU backend (JAX_PLATFORMS=$JAX_PLATFORMS): see $out/kernel_tests.log" >&2
+  why=$(grep -v '^== ' "$out/kernel_tests.log" | tail -n 1)   # e.g. no jax in $py
+  echo "gpu_checks.sh: no GPU backend (JAX_PLATFORMS=$JAX_PLATFORMS, PYTHON=$py): ${why:-the" \
+    "env step failed}; see $out/kernel_tests.log" >&2
   exit 1
 fi
 for check in $checks; do "check_$check"; done

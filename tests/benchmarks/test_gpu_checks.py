@@ -7,9 +7,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _fake_python(tmp_path, env_rc):
-  """A `$PYTHON` whose `-c` (the env step) exits `env_rc` and anything else exits 3."""
+  """A `$PYTHON` whose `-c` (the env step) exits `env_rc` (saying why when not 0) and
+  anything else exits 3."""
   py = tmp_path / "py"
-  py.write_text(f'#!/bin/sh\n[ "$1" = -c ] && exit {env_rc}\necho failing; exit 3\n')
+  why = "echo \"ModuleNotFoundError: No module named 'jax'\"; " if env_rc else ""
+  py.write_text(f'#!/bin/sh\n[ "$1" = -c ] && {{ {why}exit {env_rc}; }}\necho failing; exit 3\n')
   py.chmod(0o755)
   return str(py)
 
@@ -30,7 +32,22 @@ def test_no_gpu_backend_stops_with_one_line(tmp_path):
   proc, out = _checks(tmp_path, 1)
   assert proc.returncode == 1, proc.stderr
   assert proc.stderr.startswith("gpu_checks.sh: no GPU backend") and proc.stderr.count("\n") == 1
+  # why (it said only 'no GPU backend' where the env's python had no jax)
+  assert ": ModuleNotFoundError: No module named 'jax'; see " in proc.stderr, proc.stderr
   assert "kernels_sweep" not in (out / "summary.log").read_text()
+
+
+def test_help_prints_the_usage_and_options_are_not_an_out_dir(tmp_path):
+  """`--help` was taken as OUT_DIR: mkdir printed its own help and every log write failed."""
+  script = os.path.join(ROOT, "benchmarks", "gpu_checks.sh")
+  proc = subprocess.run(["bash", script, "--help"], capture_output=True, text=True,
+                        cwd=tmp_path, timeout=60)
+  assert proc.returncode == 0 and "CHECKS=" in proc.stdout and "OUT_DIR" in proc.stdout
+  assert not proc.stdout.startswith("!") and "set -u" not in proc.stdout
+  proc = subprocess.run(["bash", script, "-x"], capture_output=True, text=True, cwd=tmp_path,
+                        timeout=60)
+  assert proc.returncode == 2 and "unknown option '-x'" in proc.stderr
+  assert os.listdir(tmp_path) == []
 
 
 def test_a_failed_step_fails_the_run_and_logs_start_afresh(tmp_path):
