@@ -119,6 +119,11 @@ def main():
   if len(data["labels"]) < n:
     raise SystemExit(f"naive_dlrm: {args.data} holds {len(data['labels'])} train examples, "
                      f"{args.steps} steps need {n}")
+  for key in ("sparse", "eval_sparse"):   # a gather clamps: out-of-range ids trained quietly
+    ids = data.get(key)
+    if ids is not None and ids.size and not 0 <= ids.min() <= ids.max() < args.rows:
+      raise SystemExit(f"naive_dlrm: {args.data}: {key} holds ids in [{ids.min()}, "
+                       f"{ids.max()}], outside the {args.rows} rows of --rows")
   num_tables = data["sparse"].shape[1]
   params = init_params(jax.random.key(args.seed), data["dense"].shape[1], num_tables,
                        args.rows, args.dim)

@@ -180,3 +180,16 @@ def test_input_pipeline_runs_the_trainer_in_an_absolute_workdir(tmp_path, monkey
   path = input_pipeline.measure_trainer("rel")
   assert path == str(tmp_path / "rel" / "trainer" / "metrics.jsonl")
   assert f"--workdir={tmp_path / 'rel' / 'trainer'}" in ran[0]
+
+
+def test_naive_dlrm_refuses_ids_past_its_rows(tmp_path):
+  """A gather clamps: `--rows 10` trained on ids up to 99,999 and reported an AUC."""
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import vs_torchrec  # pylint: disable=import-outside-toplevel
+  data = str(tmp_path / "d.npz")
+  vs_torchrec.write_data(data, 64, 32, seed=0)
+  out = _run("naive_dlrm.py", ["--data", data, "--steps", "2", "--warmup", "1", "--batch_size",
+                               "32", "--rows", "10"], in_process=False)
+  assert out.returncode == 1 and out.stdout == "", out.stderr[-2000:]
+  assert f"naive_dlrm: {data}: sparse holds ids in [" in out.stderr
+  assert "outside the 10 rows of --rows" in out.stderr
