@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-test
 WORKDIR ?= runs/dlrm_synthetic
 TRAIN_FLAGS ?=
+# `make bench BENCH="mesh_overhead planner"`: those scripts only (default: every one)
+BENCH ?=
 export PYTHONUNBUFFERED := 1
 
 .PHONY: train test test-slow bench bench-torchrec clean
@@ -27,7 +29,11 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	@# common.py is shared code; naive_dlrm.py is a worker that vs_torchrec.py runs
-	@for b in benchmarks/*.py; do case $$b in */common.py|*/naive_dlrm.py) continue;; esac; \
+	@for n in $(BENCH); do [ -f benchmarks/$$n.py ] || { echo "make bench: BENCH: no" \
+	  "benchmarks/$$n.py (names: $$(cd benchmarks && ls *.py | sed 's/\.py$$//' | \
+	  grep -vx 'common\|naive_dlrm' | tr '\n' ' '))" >&2; exit 2; }; done
+	@for b in $(if $(BENCH),$(patsubst %,benchmarks/%.py,$(BENCH)),benchmarks/*.py); do \
+	  case $$b in */common.py|*/naive_dlrm.py) continue;; esac; \
 	  echo "== $$b" >&2; $(PY) $$b || exit 1; done
 
 bench-torchrec:

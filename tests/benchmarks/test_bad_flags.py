@@ -193,3 +193,20 @@ def test_naive_dlrm_refuses_ids_past_its_rows(tmp_path):
   assert out.returncode == 1 and out.stdout == "", out.stderr[-2000:]
   assert f"naive_dlrm: {data}: sparse holds ids in [" in out.stderr
   assert "outside the 10 rows of --rows" in out.stderr
+
+
+def test_make_bench_runs_the_named_scripts_only(tmp_path):
+  """`make bench BENCH="..."` runs those scripts; a name that is none is refused with the
+  names (`make bench` ran every script at its defaults, with no way to shorten it)."""
+  stamp = tmp_path / "stamp"   # up to date: make installs nothing
+  stamp.touch()
+  make = ["make", "-s", "--no-print-directory", "-C", ROOT, f"STAMP={stamp}",
+          f"PY={sys.executable}"]
+  out = subprocess.run(make + ["-n", "bench", "BENCH=planner_search mesh_overhead"],
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  assert "benchmarks/planner_search.py benchmarks/mesh_overhead.py;" in out.stdout
+  out = subprocess.run(make + ["bench", "BENCH=mesh_ovrhead"], capture_output=True, text=True,
+                       timeout=60)
+  assert out.returncode == 2 and "BENCH: no benchmarks/mesh_ovrhead.py (names: " in out.stderr
+  assert "mesh_overhead" in out.stderr and " common " not in out.stderr
