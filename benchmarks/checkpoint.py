@@ -30,7 +30,8 @@ import sys
 import time
 
 # numpy only: before jax sees XLA_FLAGS
-from common import check_at_least, check_dir_flag, interruptible, own_dir, scratch_dir
+from common import (HelpFormatter, check_at_least, check_dir_flag, interruptible, own_dir,
+                    scratch_dir)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_FILE = os.path.join(ROOT, "configs", "dlrm_criteo.gin")
@@ -39,7 +40,7 @@ MARKER = ".checkpoint_benchmark"   # in --workdir's checkpoints/: this benchmark
 
 def _args():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=HelpFormatter)
   p.add_argument("--devices", type=int, default=1, help="host (CPU) devices to simulate")
   p.add_argument("--mesh", default="auto",
                  help='--mesh of the timed run (scripts/train.py form)')

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import json
@@ -16,6 +17,16 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """`--help` with each flag's default, unless its help already says it (`(default: a temp
+  dir, removed) (default: None)` read twice) or the flag is required."""
+
+  def _get_help_string(self, action):
+    if action.required or "default:" in (action.help or ""):
+      return action.help
+    return super()._get_help_string(action)
 
 
 def check_at_least(error: Callable[[str], Any], values: Mapping[str, Any],

@@ -33,7 +33,7 @@ import os
 import time
 from typing import Callable
 
-from common import check_at_least, emit, interruptible
+from common import HelpFormatter, check_at_least, emit, interruptible
 
 import numpy as np
 
@@ -143,7 +143,7 @@ def summary(fn: Callable, *args, reps: int = 20) -> dict:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=HelpFormatter)
   p.add_argument("--config", default="dlrm_criteo", help="name in configs/ (without .gin)")
   p.add_argument("--gin_bindings", action="append", default=[],
                  help="extra gin bindings (repeatable), e.g. DLRM.dtype='bfloat16'")

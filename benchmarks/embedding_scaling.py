@@ -13,7 +13,7 @@ and a final line with `"ratio"`, `"cpu_ratio"` and `"goal"`.
 
 import argparse
 
-from common import check_at_least, emit, interleaved_times, interruptible, median
+from common import HelpFormatter, check_at_least, emit, interleaved_times, interruptible, median
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +60,7 @@ def _build(rows, num_tables, batch, dim, optimizer, seed):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=HelpFormatter)
   p.add_argument("--rows", default="100000,1000000,10000000",
                  help='comma list of table sizes (rows) to time')
   p.add_argument("--tables", type=int, default=2,

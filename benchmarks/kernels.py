@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import check_at_least, interruptible
+from common import HelpFormatter, check_at_least, interruptible
 from jaxrec.errors import ConfigError
 from jaxrec.kernels import RowWiseAdagrad, init_opt_state, lookup_pool, quantize, sparse_update
 from jaxrec.kernels import platform
@@ -112,7 +112,7 @@ def parse_launch(error, text: str) -> platform.GpuTuning:
 def _parser() -> argparse.ArgumentParser:
   """Flags, with GPU-sized defaults on any GPU backend (`gpu`, `cuda`, `rocm`)."""
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=HelpFormatter)
   on_gpu = platform.is_gpu()
   p.set_defaults(on_gpu=on_gpu)
   p.add_argument("--rows", type=int, default=1_000_000 if on_gpu else 100_000,

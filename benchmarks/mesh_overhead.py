@@ -34,7 +34,7 @@ import argparse  # noqa: E402
 import collections  # noqa: E402
 
 from common import (  # noqa: E402
-    check_at_least, emit, interleaved_times, interruptible, median)
+    HelpFormatter, check_at_least, emit, interleaved_times, interruptible, median)
 from planner import StepRunner, host_batches  # noqa: E402
 
 import jax  # noqa: E402
@@ -107,7 +107,7 @@ def stage_calls(config, runner: StepRunner) -> dict:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=HelpFormatter)
   p.add_argument("--configs", default="dlrm_synthetic,dlrm_criteo",
                  help="names in configs/ (without .gin)")
   p.add_argument("--plans", default=",".join(PLANS),

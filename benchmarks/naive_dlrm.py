@@ -19,7 +19,7 @@ import json
 import os
 import time
 
-from common import check_at_least, interruptible
+from common import HelpFormatter, check_at_least, interruptible
 from vs_torchrec import step_times
 
 import jax
@@ -87,7 +87,7 @@ def make_step(lr: float, dtype=jnp.float32):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=HelpFormatter)
   p.add_argument("--data", required=True,
                  help='the .npz vs_torchrec.py writes')
   p.add_argument("--steps", type=int, default=300,

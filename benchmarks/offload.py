@@ -43,7 +43,7 @@ import os
 import sys
 import time
 
-from common import (check_at_least, check_dir_flag, emit, interruptible, scratch_dir,
+from common import (HelpFormatter, check_at_least, check_dir_flag, emit, interruptible, scratch_dir,
                     thread_cpu_delta, thread_cpu_seconds)
 
 import jax
@@ -251,7 +251,7 @@ def time_snapshots(run: Run, steps: int, directory: str) -> dict:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=HelpFormatter)
   p.add_argument("--rows", type=int, default=1_000_000,
                  help='rows of the large table f0 reads')
   p.add_argument("--dim", type=int, default=16,

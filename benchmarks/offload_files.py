@@ -17,7 +17,7 @@ import argparse
 import os
 import time
 
-from common import check_at_least, emit, interruptible, own_dir, scratch_dir
+from common import HelpFormatter, check_at_least, emit, interruptible, own_dir, scratch_dir
 
 import jax
 import numpy as np
@@ -72,7 +72,7 @@ def measure(rows: int, dim: int, directory: str) -> dict:
 @interruptible
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=HelpFormatter)
   p.add_argument("--rows", type=int, default=3_000_000, help="rows of the table")
   p.add_argument("--dim", type=int, default=16, help="its dim")
   p.add_argument("--store_dir", default=None,

@@ -45,7 +45,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 from common import (  # noqa: E402
-    check_at_least, emit, interleaved_times, interruptible, median, own_dir)
+    HelpFormatter, check_at_least, emit, interleaved_times, interruptible, median, own_dir)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -177,9 +177,9 @@ def check_profile_dir(error, path) -> None:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=HelpFormatter)
   p.add_argument("--gin_file", action="append", default=None,
-                 help="config(s); default configs/skewed_synthetic.gin")
+                 help="config(s), repeatable (default: configs/skewed_synthetic.gin)")
   p.add_argument("--gin_bindings", action="append", default=[],
                  help='extra gin binding (repeatable)')
   p.add_argument("--mesh", default="table=8", help="mesh over the 8 devices")

@@ -21,7 +21,7 @@ import resource
 import time
 
 import common  # noqa: E402  (also puts the repository on sys.path)
-from common import interruptible  # noqa: E402
+from common import HelpFormatter, interruptible  # noqa: E402
 
 from jaxrec.embedding.specs import FeatureSpec, TableSpec  # noqa: E402
 from jaxrec.errors import ConfigError  # noqa: E402
@@ -62,13 +62,14 @@ def _mesh(parser, text: str) -> dict[str, int]:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   formatter_class=HelpFormatter)
   parser.add_argument("--tables", default="26,200,800,2000",
                       help="comma-separated table counts")
   parser.add_argument("--dims", default="1,4,8,16", help="table dims, in turn")
   parser.add_argument("--mesh", default="table=4,row=2", help="mesh axis sizes")
   parser.add_argument("--record", default=None,
-                      help="file to write each proposed plan and estimate to (JSON lines)")
+                      help="file to write each proposed plan and estimate to (JSON lines; default: "
+                           "none)")
   args = parser.parse_args()
   sizes = _counts(parser, "tables", args.tables)
   dims = tuple(_counts(parser, "dims", args.dims))

@@ -20,7 +20,7 @@ added: the cost of running both in one program, ~1 if splitting costs nothing),
 
 import argparse
 
-from common import check_at_least, emit, interleaved_times, interruptible, median
+from common import HelpFormatter, check_at_least, emit, interleaved_times, interruptible, median
 from embedding_scaling import ScalingStep
 
 from jaxrec.embedding import optimizers
@@ -50,7 +50,7 @@ def variants(num_tables: int) -> dict:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=HelpFormatter)
   p.add_argument("--rows", type=int, default=100_000, help="rows per table")
   p.add_argument("--tables", type=int, default=26, help="tables")
   p.add_argument("--batch", type=int, default=512, help="examples per step")

@@ -62,7 +62,7 @@ import sys
 import tempfile
 import time
 
-from common import check_at_least, emit, interruptible
+from common import HelpFormatter, check_at_least, emit, interruptible
 
 import numpy as np
 
@@ -443,7 +443,7 @@ def _best(records: list[dict]) -> dict:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=HelpFormatter)
   p.add_argument("--steps", type=int, default=300, help="train steps of batch 512 per framework")
   p.add_argument("--warmup", type=int, default=20, help="untimed first steps")
   p.add_argument("--eval_examples", type=int, default=65536,
@@ -458,7 +458,8 @@ def main():
   p.add_argument("--skip_naive", action="store_true",
                  help="leave out the plain JAX DLRM baseline (benchmarks/naive_dlrm.py)")
   p.add_argument("--breakdown", action="store_true", help="add jaxrec step-time breakdown")
-  p.add_argument("--trace_dir", default=None, help="write a jax.profiler trace here")
+  p.add_argument("--trace_dir", default=None,
+                 help="write a jax.profiler trace here (default: none)")
   p.add_argument("--repeats", type=int, default=1,
                  help="runs per framework, alternating; the fastest of each is compared")
   p.add_argument("--nice", type=int, default=0,

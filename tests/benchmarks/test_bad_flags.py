@@ -210,3 +210,18 @@ def test_make_bench_runs_the_named_scripts_only(tmp_path):
                        timeout=60)
   assert out.returncode == 2 and "BENCH: no benchmarks/mesh_ovrhead.py (names: " in out.stderr
   assert "mesh_overhead" in out.stderr and " common " not in out.stderr
+
+
+def test_help_states_a_default_once():
+  """`(default: a temp dir, removed) (default: None)`: argparse's defaults formatter added
+  its own after a help that said it, and `(default: None)` to a required flag."""
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import argparse  # pylint: disable=import-outside-toplevel
+  import common  # pylint: disable=import-outside-toplevel
+  p = argparse.ArgumentParser(formatter_class=common.HelpFormatter)
+  p.add_argument("--workdir", default=None, help="where (default: a temp dir, removed)")
+  p.add_argument("--data", required=True, help="the .npz")
+  p.add_argument("--rows", type=int, default=5, help="rows")
+  text = " ".join(p.format_help().split())
+  assert "(default: a temp dir, removed) --data" in text and "the .npz --rows" in text
+  assert "rows (default: 5)" in text
