@@ -125,7 +125,7 @@ EOF
 for check in $checks; do
   if ! declare -F "check_$check" > /dev/null; then
     echo "gpu_checks.sh: unknown check '$check' in CHECKS (known:" \
-      "$(declare -F | sed -n 's/^declare -f check_//p' | tr '\n' ' '))" >&2
+      "$(declare -F | sed -n 's/^declare -f check_//p' | paste -sd ' '))" >&2
     exit 2
   fi
 done

@@ -372,6 +372,8 @@ def measure(args, data, store_dir):
     results[name] = r.report(args.batch)
     emit("offload", run=name, **common, **results[name])
   if snapshot is not None:
+    if args.store_dir is None:   # a temp dir, gone at exit: the line named no file there
+      snapshot["path"] = None
     emit("offload", run="snapshot", **common, **snapshot)
   missing = [n for n in ("device", "offload") if n not in results]
   if missing:   # the summary was left out without a word

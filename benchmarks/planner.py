@@ -25,10 +25,12 @@ few steps, then round r+1) so that load drift on a shared machine hits all plans
 the final comparison is a fresh interleaved run of naive, static and refined. Goal:
 refined / naive <= 0.9.
 
-Prints one line per plan and phase (`profile`, `refine`, `refine_measured`, `final`):
+Prints one line per plan and phase (`profile`, `refine_measured`, `final`):
 `{"benchmark": "planner", "plan": NAME, "step_ms": T, "estimated_ms": E, ...}`
 (`estimated_ms` under the prior coefficients, `fitted_ms` under the last profile fit;
-`padded_ids_per_device`: id slots per device per step, see `StepRunner.padded_ids`), and a
+`padded_ids_per_device`: id slots per device per step, see `StepRunner.padded_ids`); one
+per fit of the refinement loop (`"phase": "refine"`: `fit`, the fit's error, `samples`,
+`predicted_ms` of its proposal and `proposed_same_as`, no measured time); and a
 last line with `"ratio"` (refined / naive), `"static_ratio"`, `"goal"`, the estimate errors
 (estimate / measured, prior and fitted) and the load average at start and end.
 """

@@ -10,7 +10,6 @@ runs the first case of each script again as a real process (ids ending `:process
 import os
 import subprocess
 import sys
-import types
 
 import pytest
 
@@ -167,19 +166,24 @@ def test_absl_benchmark_bad_flag_is_one_line_error(script, flags, message, in_pr
   assert "Traceback" not in out.stderr and out.stdout == ""
 
 
-def test_input_pipeline_runs_the_trainer_in_an_absolute_workdir(tmp_path, monkeypatch):
+def test_input_pipeline_runs_the_trainer_in_an_absolute_workdir(tmp_path):
   """The trainer runs in the repository root: a relative `--workdir` put its run in ROOT and
-  then failed to find `trainer/metrics.jsonl` (a traceback, after every measurement)."""
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  import input_pipeline  # pylint: disable=import-outside-toplevel
-  ran = []
-  monkeypatch.setattr(input_pipeline.subprocess, "run", lambda cmd, **kw: ran.append(cmd) or
-                      subprocess.CompletedProcess(cmd, 0, "", ""))
-  monkeypatch.setattr(input_pipeline, "FLAGS", types.SimpleNamespace(trainer_steps=8))
-  monkeypatch.chdir(tmp_path)
-  path = input_pipeline.measure_trainer("rel")
-  assert path == str(tmp_path / "rel" / "trainer" / "metrics.jsonl")
-  assert f"--workdir={tmp_path / 'rel' / 'trainer'}" in ran[0]
+  then failed to find `trainer/metrics.jsonl` (a traceback, after every measurement). In a
+  process of its own: the module defines absl flags, which the in-process runs define too."""
+  code = f"""import subprocess, sys, types
+sys.path.insert(0, {os.path.join(ROOT, "benchmarks")!r})
+import input_pipeline
+ran = []
+input_pipeline.subprocess = types.SimpleNamespace(
+    run=lambda cmd, **kw: ran.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", ""))
+input_pipeline.FLAGS = types.SimpleNamespace(trainer_steps=8)
+print(input_pipeline.measure_trainer("rel"))
+print(next(a for a in ran[0] if a.startswith("--workdir=")))
+"""
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path, check=True)
+  assert out.stdout.splitlines() == [str(tmp_path / "rel" / "trainer" / "metrics.jsonl"),
+                                     f"--workdir={tmp_path / 'rel' / 'trainer'}"]
 
 
 def test_naive_dlrm_refuses_ids_past_its_rows(tmp_path):

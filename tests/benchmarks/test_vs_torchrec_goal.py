@@ -85,11 +85,12 @@ def test_applied_nice_is_what_a_child_gets():
   the load warning was off). Here: a process at 15 can go up by 4 only (niceness <= 19)."""
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
-  code = f"import sys; sys.path.insert(0, {BENCH!r}); import vs_torchrec; " \
-         "print(vs_torchrec.applied_nice(10), vs_torchrec.applied_nice(2))"
+  code = f"import os, sys; sys.path.insert(0, {BENCH!r}); import vs_torchrec; " \
+         "print(os.nice(0), vs_torchrec.applied_nice(10), vs_torchrec.applied_nice(2))"
   out = subprocess.run(["nice", "-n", "15", sys.executable, "-c", code], capture_output=True,
                        text=True, timeout=120, check=True)
-  assert out.stdout.split() == ["4", "2"]
+  base, ten, two = map(int, out.stdout.split())   # base: 15, or more under a niced pytest
+  assert base >= 15 and ten == 19 - base < 10 and two == min(19, base + 2) - base
 
 
 def test_a_failed_run_is_null_not_nan():
