@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxrec.errors import ConfigError
 from jaxrec.kernels import quant
@@ -213,18 +214,26 @@ def flat_fields(model: str, emb, feature_dims: Sequence[int] | None):
 
   Features of mixed dims arrive padded with zero columns to the widest (`D`); feature `i`
   keeps its first `feature_dims[i]` columns. `None` (one dim): a reshape to `[B, F*D]`.
-  Runs of consecutive features of one dim are sliced together (one slice per run, not per
-  feature: configs of hundreds of features)."""
+  Up to `MAX_SLICED_RUNS` runs of consecutive features of one dim are sliced, a run at a
+  time; more are one gather of the kept columns: each slice's gradient is a pad to the
+  whole `[B, F, D]`, so interleaved dims cost runs x B*F*D (1,000 features of dims 8/16/32
+  at random, 672 runs: a 71 s compile and 1.3 s steps; the gather's backward is linear)."""
   b, f, d = emb.shape
   if feature_dims is None:
     return emb.reshape(b, f * d)
   dims = check_feature_dims(model, feature_dims, f, d)
-  runs, start = [], 0
-  for i in range(1, f + 1):
-    if i == f or dims[i] != dims[start]:
-      runs.append(emb[:, start:i, :dims[start]].reshape(b, (i - start) * dims[start]))
-      start = i
+  starts = [0] + [i for i in range(1, f) if dims[i] != dims[i - 1]]
+  if len(starts) > MAX_SLICED_RUNS:
+    kept = np.concatenate([i * d + np.arange(k) for i, k in enumerate(dims)])
+    return emb.reshape(b, f * d).at[:, kept].get(indices_are_sorted=True, unique_indices=True)
+  runs = [emb[:, s:e, :dims[s]].reshape(b, (e - s) * dims[s])
+          for s, e in zip(starts, starts[1:] + [f])]
   return runs[0] if len(runs) == 1 else jnp.concatenate(runs, axis=-1)
+
+
+# `flat_fields` slices up to this many runs of one dim (1,000 features in 3 runs: 2.5 ms
+# for the slices' forward and backward at batch 64, 5.0 ms for the gather); more, it gathers.
+MAX_SLICED_RUNS = 4
 
 
 def is_int(value) -> bool:

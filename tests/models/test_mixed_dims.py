@@ -39,6 +39,25 @@ def test_flat_fields_takes_each_features_own_columns():
     flat_fields("M", jnp.asarray(emb), DIMS[:5])
 
 
+@pytest.mark.parametrize("dims", [DIMS, (16, 16, 8, 8, 4), (8, 16) * 40])
+def test_flat_fields_gradient_is_each_features_columns_and_linear_in_runs(dims):
+  """Sliced (up to `MAX_SLICED_RUNS` runs of one dim) or gathered (more), the gradient puts
+  each column back where it came from; each slice's gradient was a pad to the whole
+  `[B, F, D]`: 1,000 features of interleaved dims compiled 71 s and stepped 1.3 s."""
+  from jaxrec.models import mlp  # pylint: disable=import-outside-toplevel
+  emb, flat = padded_emb(1, dims)
+  w = np.random.default_rng(2).standard_normal(flat.shape).astype(np.float32)
+  fn = lambda e: jnp.sum(flat_fields("M", e, dims) * w)
+  want = np.zeros_like(emb)
+  col = 0
+  for i, d in enumerate(dims):
+    want[:, i, :d] = w[:, col:col + d]
+    col += d
+  np.testing.assert_array_equal(jax.grad(fn)(jnp.asarray(emb)), want)
+  pads = str(jax.make_jaxpr(jax.grad(fn))(jnp.asarray(emb))).count(" pad[")
+  assert pads <= mlp.MAX_SLICED_RUNS, pads
+
+
 @pytest.mark.parametrize("model", [
     DCNv2(num_cross_layers=2, low_rank=8, deep_mlp=(16,), feature_dims=DIMS),
     DCNv2(num_cross_layers=1, deep_mlp=(), structure="parallel", feature_dims=DIMS),
