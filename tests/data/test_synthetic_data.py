@@ -140,9 +140,15 @@ def test_the_calibration_is_computed_once_per_layout_and_config(monkeypatch):
   train = synthetic.SyntheticSource(layout, seed=3, split=0)
   evals = synthetic.SyntheticSource(layout, seed=4, split=1)
   other = synthetic.SyntheticSource(layout, config=synthetic.SyntheticConfig(model_seed=1))
-  assert calls == [synthetic._CALIBRATION_EXAMPLES] * 2   # train's, then other's config
+  blocks = synthetic._CALIBRATION_EXAMPLES // synthetic._CALIBRATION_BLOCK
+  assert calls == [synthetic._CALIBRATION_BLOCK] * blocks * 2   # train's, then other's config
   synthetic._NORMS.clear()
   fresh = synthetic.SyntheticSource(layout, seed=4, split=1)
   assert fresh._norm == evals._norm == train._norm != other._norm
+  # in blocks (3,000 features at once held 5.4 GB): the same numbers as all at once
+  synthetic._NORMS.clear()
+  monkeypatch.setattr(synthetic, "_CALIBRATION_BLOCK", synthetic._CALIBRATION_EXAMPLES)
+  assert synthetic.SyntheticSource(layout, seed=4, split=1)._norm == train._norm
+  assert calls[-1] == synthetic._CALIBRATION_EXAMPLES
   idx = np.arange(32)
   np.testing.assert_array_equal(fresh.probabilities(idx), evals.probabilities(idx))
