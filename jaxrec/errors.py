@@ -4,6 +4,7 @@
 (entry points print it without a traceback and exit non-zero).
 """
 
+import difflib
 import re
 
 
@@ -52,3 +53,18 @@ def in_order(names) -> list[str]:
 def _natural_key(name) -> tuple:
   pieces = re.split(r"(\d+)", str(name))   # text at even positions, digits at odd ones
   return [int(p) if i % 2 else p for i, p in enumerate(pieces)], str(name)
+
+
+def some(names, limit: int = 8, quote: bool = True) -> str:
+  """A message's list of `names`: all, or the first `limit` and how many more (`'t0', ...,
+  't7', +992 more`): an unknown table among 1,000 listed every name, 7,150 characters."""
+  names = list(names)
+  shown = ", ".join(repr(n) if quote else str(n) for n in names[:limit])
+  return f"{shown}, +{len(names) - limit} more" if len(names) > limit else shown
+
+
+def close_to(name: str, names) -> str:
+  """`; did you mean 'x'?` for the nearest of `names` to a misspelt `name`, else ''."""
+  close = difflib.get_close_matches(str(name), [str(n) for n in names], n=1, cutoff=0.8)
+  return f"; did you mean '{close[0]}'?" if close else ""
+

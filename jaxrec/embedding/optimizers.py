@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 import gin
 import jax.numpy as jnp
 
-from jaxrec.errors import ConfigError
+from jaxrec.errors import ConfigError, close_to, some
 from jaxrec.kernels.optim import NONNEG, POSITIVE, UNIT, check_hparams
 from jaxrec.schedules import Schedule, logged_rate, rate_at
 
@@ -330,8 +330,8 @@ def _expanded(overrides: Mapping[str, Any], tables: list[str], what: str) -> dic
     matched = ([key] if key in tables else
                [t for t in tables if fnmatch.fnmatchcase(t, key)])
     if not matched:
-      listed = ", ".join(tables[:20]) + (", ..." if len(tables) > 20 else "")
-      raise ConfigError(f"{what}['{key}'] names no table (tables: {listed})")
+      raise ConfigError(f"{what}['{key}'] names no table{close_to(key, tables)} (tables: "
+                        f"{some(tables, 20, quote=False)})")
     for t in matched:
       if t in key_of:
         raise ConfigError(f"{what}: table '{t}' is named by both '{key_of[t]}' and '{key}'")
@@ -372,7 +372,7 @@ def check_tables(optimizer, tables: Sequence[str], where: str = "ExperimentConfi
   unknown = [n for n, _ in optimizer.overrides if n not in set(tables)]
   if unknown:
     raise ConfigError(f"{where} names unknown tables {unknown} (tables: "
-                      f"{', '.join(tables[:20])}{', ...' if len(tables) > 20 else ''})")
+                      f"{some(tables, 20, quote=False)})")
 
 
 def logged_rates(optimizer, step: int) -> dict[str, float]:

@@ -16,7 +16,7 @@ import gin
 import numpy as np
 
 from jaxrec import gin_usage
-from jaxrec.errors import ConfigError, DataError, in_order
+from jaxrec.errors import ConfigError, DataError, close_to, in_order, some
 from jaxrec.kernels.optim import NONNEG, hparam
 from jaxrec.kernels.quant import TABLE_DTYPES, dtype_name
 
@@ -349,7 +349,8 @@ def validate(tables: Sequence[TableSpec], features: Sequence[FeatureSpec]) -> No
     if f.table not in known:
       binding = bound_field(f, "table")   # None for a spec built in code
       raise ConfigError(f"{binding + ': ' if binding else ''}feature '{f.name}' names unknown "
-                        f"table '{f.table}' (tables: {', '.join(names)})")
+                        f"table '{f.table}'{close_to(f.table, names)} (tables: "
+                        f"{some(names, quote=False)})")
   if not features:
     raise ConfigError("no sparse features configured")
 

@@ -25,7 +25,7 @@ import numbers
 import os
 from typing import Callable, Iterator, Mapping, Sequence
 
-from jaxrec.errors import ConfigError, in_order
+from jaxrec.errors import ConfigError, in_order, some
 
 MESH_AXES = ("data", "table", "row", "col")
 
@@ -90,11 +90,11 @@ class Plan:
     missing = [n for n in names if n not in self.placements]
     parts = []
     if unknown:
-      parts.append(f"names unknown tables {_some(unknown)} (tables: {_some(list(names))})")
+      parts.append(f"names unknown tables [{some(unknown)}] (tables: [{some(list(names))}])")
     if len(missing) == 1:
       parts.append(f"has no placement for table '{missing[0]}'")
     elif missing:
-      parts.append(f"has no placement for {len(missing)} tables: {_some(missing)}")
+      parts.append(f"has no placement for {len(missing)} tables: [{some(missing)}]")
     if parts:
       raise PlanTablesError("plan " + "; it ".join(parts))
 
@@ -188,12 +188,6 @@ def mesh_problem(stored) -> str | None:
           if bad else None)
 
 
-def _some(names: Sequence[str], limit: int = 8) -> str:
-  """`['a', 'b']`, or the first `limit` and how many more: `['a', ..., 'h', +18 more]`."""
-  shown = ", ".join(repr(n) for n in names[:limit])
-  return f"[{shown}, +{len(names) - limit} more]" if len(names) > limit else f"[{shown}]"
-
-
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
   """A JSON object, refusing a key given twice (json keeps the last one silently: a table
   listed twice in a hand-edited plan lost its first placement)."""
@@ -223,7 +217,7 @@ def load_plan_file(path: str, mesh_shape: Mapping[str, int], fix: str = "") -> P
                f"unbalanced here{fix}")
     warn_for_mesh(message, here)
   for (kind, same), names in collapsed_placements(plan, here).items():
-    warn_for_mesh(f"--plan={path}: tables {_some(names)} ({kind}) split over "
+    warn_for_mesh(f"--plan={path}: tables [{some(names)}] ({kind}) split over "
                   f"{_axes_text(KIND_AXES[kind])}, of size 1 in mesh {format_mesh(here)}: "
                   f"they are placed as {same} here{fix}", here)
   return plan

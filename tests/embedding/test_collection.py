@@ -328,6 +328,23 @@ def test_unknown_table():
                                uniform_plan("dp", TABLES, 1), mesh, optimizers.SGD())
 
 
+def test_an_unknown_table_among_many_is_named_with_a_near_one_and_a_short_list():
+  """Among 1,000 tables the error listed every name (7,150 characters) and no near one."""
+  from jaxrec.embedding.specs import validate  # pylint: disable=import-outside-toplevel
+  tables = [TableSpec(f"t{i:04d}", 10, 4) for i in range(1000)]
+  features = [FeatureSpec(f"f{i}", f"t{i:04d}") for i in range(999)] + [
+      FeatureSpec("f999", "t05000")]
+  with pytest.raises(ConfigError) as e:
+    validate(tables, features)
+  assert str(e.value) == ("feature 'f999' names unknown table 't05000'; did you mean 't0500'? "
+                          "(tables: t0000, t0001, t0002, t0003, t0004, t0005, t0006, t0007, "
+                          "+992 more)")
+  with pytest.raises(ConfigError, match=r"\['t9'\] names no table \(tables: t0000, .*, "
+                     r"t0019, \+980 more\)$"):
+    optimizers.checked_overrides({"t9": optimizers.SGD()}, "table_optimizers",
+                                 [t.name for t in tables])
+
+
 def test_a_table_no_feature_reads_is_a_clear_error():
   mesh = make_mesh({"data": 1}, jax.devices()[:1])
   tables = TABLES + (TableSpec("unused", 5, 16),)
