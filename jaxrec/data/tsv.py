@@ -96,9 +96,13 @@ def list_files(path: str, quiet: bool = False) -> list[str]:
 
 
 def _split_files(paths: list[str]) -> tuple[list[str], list[str]]:
-  """`paths` split into regular files and the rest (directories, pipes, ...), in order."""
+  """`paths` split into regular files and the rest (directories, pipes, ...), in order.
+  `DataPathError` for a symlink to nothing (a day on an unmounted disk): it was left out
+  as 'not a regular file', a warning, and the run went on without that file's data."""
   files, others = [], []
   for p in paths:
+    if os.path.islink(p) and not os.path.exists(p):
+      raise DataPathError(f"{p}: a symbolic link to {os.readlink(p)}, which does not exist")
     (files if os.path.isfile(p) else others).append(p)
   return files, others
 

@@ -42,3 +42,16 @@ def test_files_only_log_nothing(tmp_path, caplog):
     tsv.list_files(str(tmp_path))
     tsv.list_files(str(tmp_path / "*"))
   assert not caplog.records
+
+
+def test_a_symlink_to_nothing_is_an_error(tmp_path):
+  """A day on an unmounted disk: the dangling link was left out as 'not a regular file' (a
+  warning) and preprocess.py wrote half the data, exit 0."""
+  import pytest  # pylint: disable=import-outside-toplevel
+  from jaxrec.errors import DataPathError  # pylint: disable=import-outside-toplevel
+  lib.write(tmp_path / "day_00.tsv", [lib.line()])
+  os.symlink("/mnt/gone/day_01.tsv", tmp_path / "day_01.tsv")
+  for given in (str(tmp_path), str(tmp_path / "day_*")):
+    with pytest.raises(DataPathError, match=f"^{tmp_path / 'day_01.tsv'}: a symbolic link to "
+                       "/mnt/gone/day_01.tsv, which does not exist$"):
+      tsv.list_files(given)
