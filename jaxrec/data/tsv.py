@@ -330,10 +330,12 @@ class Parser:
       layout = self._layout_hint(counts) if wrong.all() else ""
       for i in np.flatnonzero(wrong):   # (an empty line, e.g. a blank last one, "found 1")
         bad_lines.append(i)
-        # a tab before the line's end (some exporters write one) makes one empty column more
-        tail = " (the line ends in a tab)" if line_len[i] > 1 and a[nl[i] - 1] == 9 else ""
+        # a tab before the line's end (some exporters write one) makes one empty column more;
+        # (a Criteo line whose last field is empty ends in a tab too: the layout hint first)
+        tail = " (the line ends in a tab)" if (counts[i] == self.num_columns + 1
+                                               and a[nl[i] - 1] == 9) else ""
         bad_msgs.append((None, f"empty line, expected {expected}" if line_len[i] == 1 else
-                         f"expected {expected}, found {counts[i]}{tail or layout}"))
+                         f"expected {expected}, found {counts[i]}{layout or tail}"))
       a = a[np.repeat(~wrong, line_len)]
       line_idx = line_idx[~wrong]
       delim = np.flatnonzero((a == 9) | (a == 10))

@@ -289,6 +289,19 @@ def test_data_of_another_categorical_count_says_how_many_columns_it_has(tsv_file
     with pytest.raises(DataError) as e:
       read(tsv_file(lines), lay)
     assert "as do all" not in str(e.value), str(e.value)
+  # Criteo lines whose last field is empty end in a tab: they said '(the line ends in a
+  # tab)' instead, as if a stray tab made 18 columns too many
+  empty_last = lib.line().rsplit("\t", 1)[0] + "\t"
+  with pytest.raises(DataError, match="found 40, as do all 3 lines read with it: 26 "):
+    read(tsv_file([empty_last] * 3), lay)
+
+
+def test_the_trailing_tab_hint_is_only_for_one_column_too_many(tsv_file):
+  """A 39-column line whose last field is empty said '(the line ends in a tab)': a tab
+  cannot explain a column too few."""
+  path = tsv_file([lib.line(), "\t".join(["1"] * 38) + "\t"])
+  with pytest.raises(DataError, match="found 39$"):
+    read(path)
 
 
 @pytest.mark.parametrize("value, max_len, weighted, what", [
