@@ -68,3 +68,8 @@ def close_to(name: str, names) -> str:
   close = difflib.get_close_matches(str(name), [str(n) for n in names], n=1, cutoff=0.8)
   return f"; did you mean '{close[0]}'?" if close else ""
 
+
+def counted(n: int, noun: str) -> str:
+  """`1 malformed row`, `2 malformed rows` (`wrote 1 examples` read oddly)."""
+  return f"{n:,} {noun}{'' if n == 1 else 's'}"
+

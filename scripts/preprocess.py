@@ -26,6 +26,8 @@ signals.defer()
 
 from absl import app, flags  # noqa: E402
 
+from jaxrec.errors import counted  # noqa: E402
+
 flags.DEFINE_string("input", None, "TSV file, directory of files, or glob (plain or gzip).")
 flags.DEFINE_string("output", None, "Output directory (must not hold a dataset yet).")
 flags.DEFINE_string("rows", None, "Table rows: one int for all tables or a comma list.")
@@ -180,8 +182,9 @@ def main(argv):
           f"{FLAGS.output} (the shards written so far were removed)", file=sys.stderr)
     sys.exit(signals.exit_code(e))
   skipped = sum(m["bad_rows"].values())
-  print(f"wrote {m['num_examples']} examples in {len(m['shards'])} shard(s) to {FLAGS.output}"
-        + (f" ({skipped} malformed rows skipped)" if skipped else ""))
+  print(f"wrote {counted(m['num_examples'], 'example')} in {counted(len(m['shards']), 'shard')} "
+        f"to {FLAGS.output}" + (f" ({counted(skipped, 'malformed row')} skipped)"
+                                if skipped else ""))
 
 
 if __name__ == "__main__":

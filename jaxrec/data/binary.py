@@ -39,7 +39,7 @@ from jaxrec import signals
 from jaxrec.data import tsv
 from jaxrec.data.batch import Batch
 from jaxrec.data.source import GrainMixin, Layout
-from jaxrec.errors import ConfigError, DataError
+from jaxrec.errors import ConfigError, DataError, counted
 from jaxrec.files import write_text_atomic
 
 FORMAT = "jaxrec.binary"
@@ -269,7 +269,7 @@ def _write(inputs, output, layout, bad_rows, chunk_bytes, writer) -> dict:
   signals.check()
   if total == 0:
     raise DataError(f"{', '.join(inputs)}: no valid rows "
-                    f"({sum(policy.counts.values())} malformed rows skipped)")
+                    f"({counted(sum(policy.counts.values()), 'malformed row')} skipped)")
   dtype = record_dtype(layout.num_dense, layout.max_lens, layout.weighted)
   manifest = {
       "format": FORMAT, "version": VERSION, "num_examples": total,

@@ -46,7 +46,7 @@ from jaxrec import signals
 from jaxrec.data.batch import Batch, concatenate
 from jaxrec.data.source import ArraySource, Layout, empty_batch
 from jaxrec.data.tsv_messages import REASONS, shown, value_hint
-from jaxrec.errors import ConfigError, DataError, DataPathError
+from jaxrec.errors import ConfigError, DataError, DataPathError, counted
 
 BAD_ROWS = ("error", "skip")
 CHUNK_BYTES = 4 << 20
@@ -256,12 +256,19 @@ _MAGIC = {b"\xfd7zXZ\x00": ("xz", "xzcat"), b"BZh": ("bzip2", "bzcat"),
 
 
 def _check_not_compressed(path: str, head: bytes) -> None:
-  """`DataError` naming a compression other than gzip (was 'not a text file (control byte
-  0x00)', or with `BZh` a line of binary read as TSV)."""
+  """`DataError` naming a compression other than gzip, or UTF-16 (each was 'not a text
+  file (control byte 0x00)', or with `BZh` a line of binary read as TSV)."""
   for magic, (name, cat) in _MAGIC.items():
     if head.startswith(magic) and (name != "bzip2" or head[3:4] in b"123456789"):
       raise DataError(f"{path}: {name}-compressed; only plain text and gzip are read "
                       f"(decompress it, or give a pipe: <({cat} FILE))")
+  # UTF-16 (Excel's 'Unicode Text', PowerShell's `>`): a byte-order mark, or ASCII text's
+  # every other byte 0; it read as 'not a text file (control byte 0x00)'
+  halves = (head[::2], head[1::2])   # big- and little-endian ASCII: one half all zero
+  if head[:2] in (b"\xff\xfe", b"\xfe\xff") or len(head) >= 4 and any(
+      zeros.count(0) == len(zeros) and 0 not in text for zeros, text in (halves, halves[::-1])):
+    raise DataError(f"{path}: UTF-16 text; only UTF-8 (or ASCII) is read (convert it: "
+                    "iconv -f UTF-16 -t UTF-8 FILE > FILE.tsv)")
 
 
 def _check_text(path: str, head: bytes) -> None:
@@ -574,5 +581,5 @@ def read_tsv(paths: Sequence[str], layout: Layout, bad_rows: str = "error",
   examples = concatenate(parts)
   if examples.size == 0:
     raise DataError(f"{', '.join(paths)}: no valid rows "
-                    f"({sum(policy.counts.values())} malformed rows skipped)")
+                    f"({counted(sum(policy.counts.values()), 'malformed row')} skipped)")
   return ArraySource(examples, layout, policy.counts, name=",".join(paths))

@@ -117,6 +117,16 @@ def test_other_compressions_are_named(tmp_path, compress, name):
     read(str(path))
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
+def test_utf16_text_is_named(tmp_path, encoding):
+  """Excel's 'Unicode Text' (with a byte-order mark) or PowerShell's `>`: 'not a text file
+  (control byte 0x00)'."""
+  path = tmp_path / "day_0.tsv"
+  path.write_bytes(((lib.line() + "\n") * 3).encode(encoding))
+  with pytest.raises(DataError, match=f"^{path}: UTF-16 text; only UTF-8 .*iconv -f UTF-16"):
+    read(str(path))
+
+
 def test_files_dirs_and_globs(tmp_path):
   d = tmp_path / "d"
   d.mkdir()
