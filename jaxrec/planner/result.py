@@ -184,9 +184,12 @@ class PlanResult:
     `steps`)."""
     return json.dumps(dict(self.to_json(), **extra), indent=2, sort_keys=True)
 
-  def report(self) -> str:
+  def report(self, max_tables: int | None = None) -> str:
     """The stats table: per table placement, devices, memory, cost and why; per stack its
-    padded width; per slice (devices) memory and estimated time."""
+    padded width; per slice (devices) memory and estimated time. `max_tables`: list only
+    that many tables (those using the most memory per device, in plan order) and notes,
+    and say how many more (a run's log at start-up: 3,000 tables were 3,040 lines on every
+    start, the warnings among them lost; `W/plan.json` holds them all)."""
     budget = self.memory_per_device_bytes
     lines = [
         f"Plan ({self.mode}) for {len(self.tables)} tables on mesh {mesh_str(self.mesh_shape)}"
@@ -199,12 +202,21 @@ class PlanResult:
     head = ("table", "rows x dim", "kind", "slice", "devices", "shard", "mem/device",
             "est time", "why")
     rows = [head]
-    for t in self.tables:
+    shown = self.tables
+    if max_tables is not None and len(shown) > max_tables:
+      biggest = sorted(range(len(shown)), key=lambda i: -shown[i].memory_per_device)
+      shown = [shown[i] for i in sorted(biggest[:max_tables])]
+    for t in shown:
       rows.append((t.name, f"{t.rows:,} x {t.dim}", t.kind,
                    "-" if t.table_slice is None else str(t.table_slice), str(t.holders),
                    f"{t.shard_rows:,} x {t.shard_cols}", format_bytes(t.memory_per_device),
                    format_time(t.time_s), t.reason))
     lines += _columns(rows)
+    if len(shown) < len(self.tables):
+      rest = len(self.tables) - len(shown)
+      lines.append(f"... and {rest:,} more table{'s' if rest > 1 else ''}, each using at most "
+                   f"{format_bytes(min(t.memory_per_device for t in shown))}/device (the "
+                   "run's W/plan.json holds every table; scripts/plan.py prints them all)")
     lines.append("")
     rows = [("stack", "tables", "features", "per device", "bag", "shard rows", "buffer",
              "est time")]
@@ -228,7 +240,11 @@ class PlanResult:
     lines.append(f"estimated step time: {format_time(self.step_time_s)} on every device "
                  f"(largest terms: {parts or 'none'}); memory: " +
                  ", ".join(f"{k} {format_bytes(v)}" for k, v in self.memory.items()))
-    lines += [f"note: {n}" for n in self.notes]
+    notes = self.notes if max_tables is None else self.notes[:max_tables]
+    lines += [f"note: {n}" for n in notes]
+    if len(notes) < len(self.notes):
+      lines.append(f"note: ... and {len(self.notes) - len(notes):,} more notes (in "
+                   "W/plan.json)")
     return "\n".join(lines)
 
 

@@ -48,6 +48,7 @@ from jaxrec.train.writers import MetricsWriter, Progress
 log = logging.getLogger("jaxrec")
 
 MAX_ROLLBACKS = 3   # --on_nan=rollback gives up after this many in one run
+REPORT_TABLES = 40   # tables (and notes) the start-up log's plan report lists; W/plan.json all
 
 
 class TrainingError(JaxrecError):
@@ -226,7 +227,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   shared = None   # the host warning before the state is made; step_memory's counts the steps
   if is_main:
     log.info("mesh %s (%s), plan (--plan=%s):\n%s", mesh_lib.format_mesh(info["mesh"]),
-             info["why"], options.plan, info["plan_result"].report())
+             info["why"], options.plan, info["plan_result"].report(max_tables=REPORT_TABLES))
     hint = budget_hint.note(options.memory_per_device, jax.local_devices()[0])
     if hint:
       log.info("%s", hint)

@@ -1,5 +1,6 @@
 """Plan search: sensible choices, budgets respected, balance, clear errors."""
 
+import dataclasses
 import json
 
 import pytest
@@ -122,6 +123,22 @@ def test_report_and_json():
   assert Plan.from_json(obj["plan"]) == res.plan
   assert {t["name"] for t in obj["tables"]} == {"a", "b"}
   assert len(obj["slices"]) == 2 and obj["estimated_step_time_s"] > 0
+
+
+def test_report_of_many_tables_lists_the_largest_and_counts_the_rest():
+  """A run's start-up log listed every table: 3,000 tables were 3,040 lines on every
+  start, its warnings lost among them."""
+  tables, features = uniform_tables(60, 1000, 16)
+  tables = [dataclasses.replace(t, rows=1000 + 100 * i) for i, t in enumerate(tables)]
+  res = propose_plan(tables, features, MESH, None, 0.0, 512)
+  res = dataclasses.replace(res, notes=tuple(f"n{i}" for i in range(12)))
+  text = res.report(max_tables=10)
+  listed = [t.name for t in res.tables if f"\n{t.name} " in text]
+  assert listed == [f"t{i}" for i in range(50, 60)], listed   # the largest, in plan order
+  assert "... and 50 more tables, each using at most " in text
+  assert text.count("note: n") == 10 and "note: ... and 2 more notes (in W/plan.json)" in text
+  full = res.report()   # without a limit: every table and note
+  assert all(f"\n{t.name} " in full for t in res.tables) and full.count("note: n") == 12
 
 
 def test_default_budget_and_kinds_filter():
