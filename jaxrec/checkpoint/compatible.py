@@ -60,13 +60,21 @@ def _refuse_quantizing(theirs: Mapping, ours: Mapping, spec, where: str) -> None
                       f"table's dtype as {stored[1]} (TableSpec.dtype, e.g. uniform_tables.dtype)")
 
 
-def _shape_hint(theirs: Mapping, table: str) -> str:
-  """What to do about a table whose stored rows or dim differ from the configuration."""
-  stored = theirs.get(table_name(table)) or theirs.get(table_name(table, "q"))
+def _shape_hint(theirs: Mapping, spec) -> str:
+  """What to do about table `spec` whose stored rows or dim differ from the configuration:
+  the bindings of the fields that differ where gin set them (they were only guessed:
+  `uniform_tables.rows / .dim`, in a config of scoped TableSpecs)."""
+  from jaxrec import gin_usage   # pylint: disable=import-outside-toplevel
+  from jaxrec.embedding.specs import bound_field   # pylint: disable=import-outside-toplevel
+  stored = theirs.get(table_name(spec.name)) or theirs.get(table_name(spec.name, "q"))
   shape = f"[{stored[0][0]}, {stored[0][1]}]" if stored and len(stored[0]) == 2 else "its shape"
+  differ = ([f for f, n in zip(("rows", "dim"), stored[0]) if getattr(spec, f) != n]
+            if stored and len(stored[0]) == 2 else ["rows", "dim"])
+  bound = [f"{b}, {gin_usage.bound_where(b) or 'bound'}"
+           for f in differ if (b := bound_field(spec, f))]
+  where = "; ".join(bound) if bound else "e.g. uniform_tables.rows / .dim"
   return (f": a resume cannot change a table's rows or dim (no conversion does); configure "
-          f"the checkpoint's {shape} (e.g. uniform_tables.rows / .dim), or start a fresh "
-          "--workdir")
+          f"the checkpoint's {shape} ({where}), or start a fresh --workdir")
 
 
 def _saved_optimizer(have_opt: Mapping) -> list[str]:
@@ -185,7 +193,7 @@ def check_compatible(index: Mapping, collection, where: str,
     if set(theirs) != set(ours) or any(theirs[n][0] != ours[n][0] for n in ours):
       have = ", ".join(f"{n} {list(s)} {d}" for n, (s, d) in sorted(theirs.items()))
       raise ConfigError(f"table '{t.name}': checkpoint {where} has {have}; the configuration "
-                        f"has [{t.rows}, {t.dim}] {t.dtype}{_shape_hint(theirs, t.name)}")
+                        f"has [{t.rows}, {t.dim}] {t.dtype}{_shape_hint(theirs, t)}")
     narrow = sorted(n for n in ours if not widens(theirs[n][1], ours[n][1]))
     if narrow:
       have, need = theirs[narrow[0]][1], ours[narrow[0]][1]

@@ -75,3 +75,25 @@ def test_a_checkpoint_without_optimizer_state_starts_it_fresh():
       h.collection("rw", 8, optimizer=optimizers.SGD())).items()}}
   assert compatible.check_compatible(index, h.collection("rw", 8), "W/7") == (
       "t0", "t1", "t2", "t3")
+
+
+def test_a_changed_scoped_spec_names_its_binding_and_line(tmp_path):
+  """A table of its own `@scope/TableSpec()` whose dim changed since the checkpoint: the
+  error guessed `uniform_tables.rows / .dim`, which such a config does not use."""
+  import gin  # pylint: disable=import-outside-toplevel
+  from jaxrec import launch  # pylint: disable=import-outside-toplevel
+  from jaxrec.embedding.specs import TableSpec  # pylint: disable=import-outside-toplevel
+  path = tmp_path / "t.gin"
+  path.write_text("x = @t0/TableSpec()\nt0/TableSpec.name = 't0'\nt0/TableSpec.rows = 13\n"
+                  "t0/TableSpec.dim = 4\n")
+  try:
+    launch.parse_gin([str(path)], [])
+    spec = gin.query_parameter("%x").scoped_configurable_fn()
+    assert isinstance(spec, TableSpec) and spec.dim == 4
+    stored = {"tables/t0": ((13, 8), "float32")}
+    assert compatible._shape_hint(stored, spec) == (   # pylint: disable=protected-access
+        ": a resume cannot change a table's rows or dim (no conversion does); configure the "
+        f"checkpoint's [13, 8] (t0/TableSpec.dim, bound at {path}:4), or start a fresh "
+        "--workdir")
+  finally:
+    gin.clear_config()
