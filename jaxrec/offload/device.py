@@ -77,6 +77,23 @@ def with_columns(x: jax.Array, width: int) -> jax.Array:
   return x[:, :width] if x.shape[1] > width else jnp.pad(x, ((0, 0), (0, width - x.shape[1])))
 
 
+def with_bounces(values: Mapping[str, jax.Array], bounces) -> dict[str, jax.Array]:
+  """`values` `{array: [n, ...]}` with `values[dst]` replaced by `evicted[src]` for each
+  bounce `(evicted {array: [m, ...]}, src [n], dst [n])` (padding: `dst` out of range). The
+  bounces are one gather and one scatter: their `dst` are disjoint (each row's newest
+  value is in one eviction), and one pair per bounce source made the install program
+  `bounce_sources` x tables x arrays of them (100 offloaded tables: 1,800)."""
+  if not bounces:
+    return dict(values)
+  sizes = [next(iter(evicted.values())).shape[0] for evicted, _, _ in bounces]
+  starts = np.cumsum([0] + sizes[:-1])
+  src = jnp.concatenate([s + int(o) for (_, s, _), o in zip(bounces, starts)])
+  dst = jnp.concatenate([d for _, _, d in bounces])
+  return {k: v.at[dst].set(jnp.concatenate([evicted[k] for evicted, _, _ in bounces])
+                           .at[src].get(mode="fill", fill_value=0).astype(v.dtype), mode="drop")
+          for k, v in values.items()}
+
+
 def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
   out = np.zeros((size,) + x.shape[1:], x.dtype)
   out[:len(x)] = x
@@ -106,9 +123,7 @@ class DeviceOps:
     same buffer in one program make XLA copy the whole stack."""
     tables, opt = dict(emb["tables"]), {k: dict(v) for k, v in emb["opt"].items()}
     for name, (rows, values) in payload.items():
-      for evicted, src, dst in bounces.get(name, ()):
-        values = {k: v.at[dst].set(evicted[k].at[src].get(mode="fill", fill_value=0)
-                                   .astype(v.dtype), mode="drop") for k, v in values.items()}
+      values = with_bounces(values, bounces.get(name, ()))
       stack = self.places[name].stack
       put = lambda a, v: a.at[rows].set(with_columns(v, a.shape[-1]).astype(a.dtype), mode="drop")
       tables[stack] = put(tables[stack], values["table"])
