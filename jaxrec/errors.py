@@ -72,4 +72,3 @@ def close_to(name: str, names) -> str:
 def counted(n: int, noun: str) -> str:
   """`1 malformed row`, `2 malformed rows` (`wrote 1 examples` read oddly)."""
   return f"{n:,} {noun}{'' if n == 1 else 's'}"
-

@@ -70,7 +70,7 @@ def _shape_hint(theirs: Mapping, spec) -> str:
   shape = f"[{stored[0][0]}, {stored[0][1]}]" if stored and len(stored[0]) == 2 else "its shape"
   differ = ([f for f, n in zip(("rows", "dim"), stored[0]) if getattr(spec, f) != n]
             if stored and len(stored[0]) == 2 else ["rows", "dim"])
-  bound = [f"{b}, {gin_usage.bound_where(b) or 'bound'}"
+  bound = [f"{b}, {gin_usage.bound_where(b)}"   # (bound_field: only a recorded binding)
            for f in differ if (b := bound_field(spec, f))]
   where = "; ".join(bound) if bound else "e.g. uniform_tables.rows / .dim"
   return (f": a resume cannot change a table's rows or dim (no conversion does); configure "

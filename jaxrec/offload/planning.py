@@ -54,12 +54,11 @@ def plan_with_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpe
                                     optimizer_state_factor=optimizer, batch_size=batch_size,
                                     **planner_kwargs)
       break
-    except BudgetError as e:   # other errors (a bad EmbeddingOptions binding) as they are:
-      if not (config.auto and may_auto_offload) or not candidates:   # offloading cannot
-        unused = " (planned on the devices only)" if config.auto and not may_auto_offload \
-            else ""        # help; gin's wrapped ones took no message
-        raise BudgetError(f"{e} (offloaded tables, planned as their device caches: "
-                          f"{_caches(tables, config, optimizer)}; "
+    except BudgetError as e:   # other errors (a bad EmbeddingOptions binding) as they are
+      if not (config.auto and may_auto_offload) or not candidates:   # offloading cannot help
+        unused = " (planned on the devices only)" if config.auto and not may_auto_offload else ""
+        raise BudgetError(f"{e} (offloaded tables, planned as their device caches: "  # gin's
+                          f"{_caches(tables, config, optimizer)}; "  # wrapped ones had none
                           f"OffloadConfig.auto={config.auto}{unused}{_smaller(config)})"
                           ) from None
       config = _auto_offload(config, candidates.pop(0), rows_of)
