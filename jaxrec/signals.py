@@ -48,6 +48,10 @@ def _exception(signum: int) -> BaseException:
 
 
 def _record(signum, frame):  # pylint: disable=unused-argument
+  if _done:                   # the output is complete: the teardown is cut short, status 0
+    os.write(2, f"note: {signal.Signals(signum).name} after the output was complete; it is "
+                "kept (exiting now)\n".encode())
+    _exit(0)
   if _pending or _stopping:   # a second one: the user insists
     stop_now(signum)
   if _immediate:              # in a wait: raise now
@@ -115,16 +119,32 @@ def defer(signums: Sequence[int] = STOP_SIGNALS) -> dict:
 
 
 _exit_hooked: list[int] = []
+_done: list[int] = []   # `done()` was called: the work is complete, the exit status 0
+
+
+def done() -> str | None:
+  """Says the program's work is complete (its output written): a signal from here on
+  exits at once with status 0 (the teardown cut short), or is ignored once the exit has
+  begun (`_ignore_at_exit`): a conversion that had printed `wrote ...` exited 130 from a
+  Ctrl-C in its teardown, and `convert || rm -rf OUT` removed a complete copy. Returns
+  the name of a signal recorded and not raised (it came after the last check), for the
+  caller to say it was too late to stop anything."""
+  _done.append(1)
+  late = _pending[:1]
+  _pending.clear()
+  return signal.Signals(late[0]).name if late else None
 
 
 def _ignore_at_exit() -> None:
-  """The last atexit hook: a deferred SIGTERM is ignored from here on. The interpreter's
-  finalisation then puts SIG_DFL back for every Python handler, so a SIGTERM in its last
-  moments killed the process by the signal (a conversion had printed `wrote ...`: its
-  output was complete, and a wrapper retrying on the non-zero status found it there).
-  SIGINT keeps its default: Ctrl-C still stops a teardown that hangs (SIGKILL does too)."""
-  if signal.getsignal(signal.SIGTERM) is _record:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  """The last atexit hook: a deferred SIGTERM is ignored from here on (SIGINT too after
+  `done()`). The interpreter's finalisation then puts SIG_DFL back for every Python
+  handler, so a SIGTERM in its last moments killed the process by the signal (a conversion
+  had printed `wrote ...`: its output was complete, and a wrapper retrying on the non-zero
+  status found it there). Before `done()`, SIGINT keeps its default: Ctrl-C still stops a
+  teardown that hangs (SIGQUIT and SIGKILL always do)."""
+  for s in (signal.SIGTERM, signal.SIGINT) if _done else (signal.SIGTERM,):
+    if signal.getsignal(s) is _record:
+      signal.signal(s, signal.SIG_IGN)
 
 
 def undefer(previous: dict) -> None:

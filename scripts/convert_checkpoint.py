@@ -152,6 +152,9 @@ def main(argv):
       "(every conversion ignores them: remove them when you like)"))
   try:
     print(run())
+    late = signals.done()   # written: a signal from here on changes nothing
+    if late:
+      print(f"note: {late} came after the output was complete; it is kept", file=sys.stderr)
   except JaxrecError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -56,7 +56,7 @@ def _signal_handlers_kept():
   for s, handler in before.items():
     signal.signal(s, handler)
   # pylint: disable-next=protected-access
-  for state in (signals._pending, signals._stopping, signals._second_line):
+  for state in (signals._pending, signals._stopping, signals._second_line, signals._done):
     state.clear()
   changed = [signal.Signals(s).name for s in before if after[s] is not before[s]]
   assert not changed, f"the test left the handler of {changed} changed"

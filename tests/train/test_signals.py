@@ -179,3 +179,23 @@ def test_a_check_off_the_main_thread_leaves_the_signal_to_the_main_thread():
     assert not raised
     with pytest.raises(KeyboardInterrupt):
       signals.check()
+
+
+@pytest.mark.parametrize("when", ["teardown", "recorded", "running"])
+def test_after_done_a_sigint_leaves_the_exit_status_0(tmp_path, when):
+  """A conversion that had printed `wrote ...` exited 130 from a Ctrl-C in its teardown (a
+  wrapper's `|| rm -rf OUT` removed the complete copy). After `done()`: ignored in the
+  teardown, a recorded one reported, a later one exits at once with status 0."""
+  lines = {"teardown": ["signals.done()", "class Late:", "  def __del__(self):",
+                        "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.05)",
+                        "late = Late()"],
+           "recorded": ["os.kill(os.getpid(), signal.SIGINT)", "late = signals.done()",
+                        "print(late)"],
+           "running": ["signals.done()", "os.kill(os.getpid(), signal.SIGINT)",
+                       "time.sleep(5)", "print('not reached')"]}[when]
+  proc = _in_a_process(tmp_path, "signals.defer()", *lines, "print('done')")
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout == {"teardown": "done\n", "recorded": "SIGINT\ndone\n", "running": ""}[when]
+  if when == "running":
+    assert proc.stderr.endswith("note: SIGINT after the output was complete; it is kept "
+                                "(exiting now)\n"), proc.stderr
