@@ -122,20 +122,25 @@ def run() -> str:
                                               _GIN_FILE.value, _GIN_BINDINGS.value)
     if layouts:
       print(layouts)
-  hint = _resume_hint(_OUTPUT.value) if _FORMAT.value == "checkpoint" else ""
+  hint = _resume_hint(_OUTPUT.value, step) if _FORMAT.value == "checkpoint" else ""
   return f"wrote step {step} of {_DIR.value} to {_OUTPUT.value} ({_FORMAT.value}){hint}"
 
 
-def _resume_hint(output: str) -> str:
+def _resume_hint(output: str, step: int | None = None) -> str:
   """How a run trains from checkpoint directory `output`: `train.py --workdir=W` reads
   `W/checkpoints` only. An import into `X/imported` was followed by `--workdir=X` (as the
-  refusal of `--workdir=X/imported` advised), which trained from fresh tables."""
+  refusal of `--workdir=X/imported` advised), which trained from fresh tables. A copy of
+  step `step` with offloaded tables also wrote their snapshots beside `output`: they move
+  with it (the hint left them behind, and the run stopped for want of them)."""
   path = os.path.abspath(output)
   if os.path.basename(path) == workdir_layout.CHECKPOINTS_DIR:
     return f"; train.py --workdir={os.path.dirname(output.rstrip('/')) or '.'} resumes from it"
+  snapshots = os.path.join(os.path.dirname(output.rstrip("/")), workdir_layout.SNAPSHOTS_DIR)
+  also = (f" && mv {snapshots} W/" if step is not None
+          and os.path.isdir(os.path.join(snapshots, str(step))) else "")
   return (f"; train.py resumes only from the checkpoints/ of its --workdir: to train from "
-          f"this copy, move it there (e.g. mkdir W && mv {output} W/checkpoints) and pass "
-          f"--workdir=W")
+          f"this copy, move it there (e.g. mkdir W && mv {output} W/checkpoints{also}) and "
+          f"pass --workdir=W")
 
 
 def main(argv):

@@ -146,3 +146,22 @@ def test_the_script_takes_the_resuming_runs_gin(tmp_path):
   assert proc.returncode == 1 and proc.stderr.startswith(
       "error: --gin_file and --gin_bindings apply to --format=checkpoint --plan only"), \
       proc.stderr
+
+
+def test_the_resume_hint_moves_the_offload_snapshots_too(tmp_path):
+  """A copy of a checkpoint with offloaded tables writes their snapshots beside it: the hint
+  said to move the copy only, and the run then stopped for want of the snapshots. (In a
+  process of its own: the script defines absl flags at import.)"""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  (tmp_path / "offload_snapshots" / "6").mkdir(parents=True)
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  code = (f"import sys; sys.path.insert(0, {os.path.join(root, 'scripts')!r}); "
+          "import convert_checkpoint as c; "
+          f"print(c._resume_hint({str(tmp_path / 'ck')!r}, 6)); "
+          f"print(c._resume_hint({str(tmp_path / 'ck')!r}, 3))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, check=True).stdout.splitlines()
+  assert f"(e.g. mkdir W && mv {tmp_path / 'ck'} W/checkpoints && mv " \
+         f"{tmp_path / 'offload_snapshots'} W/) and pass --workdir=W" in out[0], out
+  assert f"mv {tmp_path / 'ck'} W/checkpoints) and pass" in out[1], out   # none of step 3
