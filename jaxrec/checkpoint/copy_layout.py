@@ -11,6 +11,7 @@ holds it, and the description says so and what a run that offloads it holds inst
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 from etils import epath
@@ -49,6 +50,13 @@ def describe(step_dir, manifest: Mapping, plan: str, mesh_shape: Mapping[str, in
   table slice past int32 rows), before anything is written."""
   meta = _meta(step_dir)
   specs, offloaded = tables(meta, manifest)
+  devices, batch = math.prod(mesh_shape.values()), meta.get("batch_size")
+  if not (gin_files or gin_bindings) and isinstance(batch, int) and batch % devices:
+    raise ConfigError(   # the copy was written, and its run refused the mesh at its start
+        f"--mesh={format_mesh(mesh_shape)}: the checkpoint's run has ExperimentConfig."
+        f"batch_size={batch}, not divisible by its {devices} devices: a run resuming the "
+        "copy with that batch would refuse the mesh (another batch size: give the resuming "
+        "run's config as --gin_file)")
   resolved = resolve_plan(plan, specs, mesh_shape)
   optimizer, source = copy_optimizer.resolve(meta, [t.name for t in specs], gin_files,
                                              gin_bindings)

@@ -165,3 +165,19 @@ def test_the_resume_hint_moves_the_offload_snapshots_too(tmp_path):
   assert f"(e.g. mkdir W && mv {tmp_path / 'ck'} W/checkpoints && mv " \
          f"{tmp_path / 'offload_snapshots'} W/) and pass --workdir=W" in out[0], out
   assert f"mv {tmp_path / 'ck'} W/checkpoints) and pass" in out[1], out   # none of step 3
+
+
+def test_a_mesh_the_checkpoints_batch_does_not_divide_is_refused(tmp_path):
+  """`--mesh=col=3` for a batch of 64 was written (exit 0) and the resuming run then refused
+  the mesh at its start: 'batch_size=64 is not divisible by the 3 devices'."""
+  path = _save(tmp_path / "checkpoints", {"batch_size": 64})
+  proc = run_script("convert_checkpoint.py", f"--checkpoint_dir={path}",
+                    f"--output={tmp_path / 'copy'}", "--format=checkpoint", "--mesh=col=3",
+                    "--plan=cw")
+  assert proc.returncode == 1 and not (tmp_path / "copy").exists(), proc.stderr[-2000:]
+  assert ("error: --mesh=data=1,table=1,row=1,col=3: the checkpoint's run has "
+          "ExperimentConfig.batch_size=64, not divisible by its 3 devices") in proc.stderr
+  proc = run_script("convert_checkpoint.py", f"--checkpoint_dir={path}",
+                    f"--output={tmp_path / 'copy'}", "--format=checkpoint", "--mesh=col=4",
+                    "--plan=cw")
+  assert proc.returncode == 0, proc.stderr[-2000:]
