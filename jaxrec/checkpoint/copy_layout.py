@@ -20,7 +20,8 @@ from jaxrec.checkpoint import copy_optimizer, storage
 from jaxrec.embedding import layout as layout_lib
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import CheckpointError, ConfigError
-from jaxrec.sharding.plan import KINDS, Plan, format_mesh, load_plan_file, uniform_plan
+from jaxrec.sharding.plan import (KINDS, Plan, format_mesh, load_plan_file, uniform_plan,
+                                  warn_collapsed_kind)
 
 
 def tables(meta: Mapping, manifest: Mapping) -> tuple[tuple[TableSpec, ...], dict[str, dict]]:
@@ -79,7 +80,8 @@ def describe(step_dir, manifest: Mapping, plan: str, mesh_shape: Mapping[str, in
 
 def resolve_plan(plan: str, tables, mesh_shape: Mapping[str, int]) -> Plan:
   """`--plan`: a kind (`rw`, `tw`, ...) forced on every table, or a plan JSON file."""
-  if plan in KINDS:
+  if plan in KINDS:   # placed as another kind on this mesh: said, as train.py says it
+    warn_collapsed_kind(plan, mesh_shape)
     return uniform_plan(plan, tables, mesh_shape.get("table", 1))
   if plan == "auto":
     raise ConfigError("--plan=auto: write the plan with scripts/plan.py --json=PATH and pass "

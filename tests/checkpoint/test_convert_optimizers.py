@@ -181,3 +181,14 @@ def test_a_mesh_the_checkpoints_batch_does_not_divide_is_refused(tmp_path):
                     f"--output={tmp_path / 'copy'}", "--format=checkpoint", "--mesh=col=4",
                     "--plan=cw")
   assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_kind_placed_as_another_on_the_copys_mesh_is_warned_about(caplog):
+  """`--mesh=data=8 --plan=tw` copied without a word, where train.py with the same flags
+  says the tables are placed as --plan=dp (a plan file on such a mesh was warned about)."""
+  from jaxrec.checkpoint import copy_layout  # pylint: disable=import-outside-toplevel
+  from jaxrec.embedding.specs import TableSpec  # pylint: disable=import-outside-toplevel
+  with caplog.at_level("WARNING"):
+    copy_layout.resolve_plan("tw", [TableSpec("t0", 10, 4)], {"data": 8})
+  assert "--plan=tw splits tables over axis table, which is 1 in mesh data=8" in caplog.text
+  assert "placed as --plan=dp" in caplog.text
