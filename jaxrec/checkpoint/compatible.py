@@ -12,7 +12,7 @@ the optimizer its state is of.
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -79,10 +79,37 @@ def _shape_hint(theirs: Mapping, spec) -> str:
 
 def _saved_optimizer(have_opt: Mapping) -> list[str]:
   """Names of the optimizers whose state is one table's stored `table_opt/<t>/*` arrays."""
-  stored = {n.split("/", 2)[2]: "element" if len(s) == 2 else "row"
-            for n, (s, _) in have_opt.items()}
+  stored = _state_kinds(have_opt)
   return [cls.__name__ for cls in optimizers_lib.OPTIMIZERS.values()
           if {k: per for k, (per, _) in cls().state_layout().items()} == stored]
+
+
+def _state_kinds(have_opt: Mapping) -> dict[str, str]:
+  """`{state name: 'element' | 'row'}` of one table's stored `table_opt/<t>/*` arrays
+  (`{name: (shape, dtype)}`), as optimizers' `state_layout` names them."""
+  return {n.split("/", 2)[2]: "element" if len(s) == 2 else "row"
+          for n, (s, _) in have_opt.items()}
+
+
+def check_resuming_optimizers(index: Mapping, tables: Sequence[str], optimizer,
+                              where: str) -> None:
+  """ConfigError naming the first of `tables` whose sparse optimizer state in `index` (a
+  checkpoint's, `read_index`) `optimizer` (one, or per table) would not restore: what a
+  resuming run refuses (`check_compatible`), checked for a copy made for that run
+  (`convert_checkpoint.py --gin_file`) before anything is written: the copy was written
+  and the run then refused it. A table stored without state starts it fresh, as there."""
+  stored = _by_table({n: (tuple(a["shape"]), a["dtype"]) for n, a in index["arrays"].items()})
+  for name in tables:
+    have = stored.get(("table_opt", name))
+    opt = optimizers_lib.of(optimizer, name)
+    if have and _state_kinds(have) != {k: per for k, (per, _) in opt.state_layout().items()}:
+      saved = _saved_optimizer(have)
+      raise ConfigError(f"table '{name}': checkpoint {where} holds "
+                        f"{saved[0] + ' ' if saved else ''}sparse optimizer state, which the "
+                        f"resuming run's {type(opt).__name__} does not keep: that run would "
+                        "refuse the copy (a resume does not convert optimizer state); give "
+                        "the config the checkpoint was saved with, or no --gin_file (the one "
+                        "it records)")
 
 
 def _optimizer_hint(have_opt: Mapping, optimizer, table: str, binding: str) -> str:

@@ -16,7 +16,8 @@ from typing import Mapping, Sequence
 
 from etils import epath
 
-from jaxrec.checkpoint import copy_optimizer, storage
+from jaxrec.checkpoint import compatible, copy_optimizer, storage
+from jaxrec.checkpoint import tables as tables_lib
 from jaxrec.embedding import layout as layout_lib
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import CheckpointError, ConfigError
@@ -61,6 +62,10 @@ def describe(step_dir, manifest: Mapping, plan: str, mesh_shape: Mapping[str, in
   resolved = resolve_plan(plan, specs, mesh_shape)
   optimizer, source = copy_optimizer.resolve(meta, [t.name for t in specs], gin_files,
                                              gin_bindings)
+  if optimizer is not None and (gin_files or gin_bindings):   # the resuming run's
+    compatible.check_resuming_optimizers(tables_lib.read_index(step_dir / storage.TABLES),
+                                         [t.name for t in specs], optimizer,
+                                         f"{step_dir} (--gin_file/--gin_bindings)")
   layouts = layout_lib.build_layouts(specs, recorded_features(meta, specs), resolved,
                                      mesh_shape, optimizer)
   problem = layout_lib.stack_error(layouts)

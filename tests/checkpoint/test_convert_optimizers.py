@@ -192,3 +192,18 @@ def test_a_kind_placed_as_another_on_the_copys_mesh_is_warned_about(caplog):
     copy_layout.resolve_plan("tw", [TableSpec("t0", 10, 4)], {"data": 8})
   assert "--plan=tw splits tables over axis table, which is 1 in mesh data=8" in caplog.text
   assert "placed as --plan=dp" in caplog.text
+
+
+def test_a_resuming_config_whose_optimizer_does_not_keep_the_state_is_refused(tmp_path):
+  """`--gin_file` of a run with SGD for a checkpoint whose t0 holds row-wise Adagrad state:
+  the copy was written (exit 0) and that run then refused it at its start."""
+  path = _save(tmp_path / "checkpoints", {})
+  config = tmp_path / "resume.gin"
+  config.write_text("ExperimentConfig.sparse_optimizer = @SGD()\nSGD.lr = 1.0\n")
+  proc = run_script("convert_checkpoint.py", f"--checkpoint_dir={path}",
+                    f"--output={tmp_path / 'copy'}", "--format=checkpoint", "--mesh=row=8",
+                    "--plan=rw", f"--gin_file={config}")
+  assert proc.returncode == 1 and not (tmp_path / "copy").exists(), proc.stderr[-2000:]
+  assert (f"error: table 't0': checkpoint {path / '1'} (--gin_file/--gin_bindings) holds "
+          "RowWiseAdagrad sparse optimizer state, which the resuming run's SGD does not "
+          "keep") in proc.stderr, proc.stderr[-2000:]
