@@ -97,7 +97,9 @@ def check_resuming_optimizers(index: Mapping, tables: Sequence[str], optimizer,
   checkpoint's, `read_index`) `optimizer` (one, or per table) would not restore: what a
   resuming run refuses (`check_compatible`), checked for a copy made for that run
   (`convert_checkpoint.py --gin_file`) before anything is written: the copy was written
-  and the run then refused it. A table stored without state starts it fresh, as there."""
+  and the run then refused it. A table stored without state starts it fresh, as there.
+  The state's names and kinds (per element, per row) are compared; its dtype is left to
+  the run (`check_compatible`, which converts widening ones)."""
   stored = _by_table({n: (tuple(a["shape"]), a["dtype"]) for n, a in index["arrays"].items()})
   for name in tables:
     have = stored.get(("table_opt", name))
