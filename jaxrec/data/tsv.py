@@ -268,7 +268,7 @@ def _check_not_compressed(path: str, head: bytes) -> None:
   if head[:2] in (b"\xff\xfe", b"\xfe\xff") or len(head) >= 4 and any(
       zeros.count(0) == len(zeros) and 0 not in text for zeros, text in (halves, halves[::-1])):
     raise DataError(f"{path}: UTF-16 text; only UTF-8 (or ASCII) is read (convert it: "
-                    "iconv -f UTF-16 -t UTF-8 FILE > FILE.tsv)")
+                    f"iconv -f UTF-16 -t UTF-8 {path} > {path}.utf8, and read that)")
 
 
 def _check_text(path: str, head: bytes) -> None:
