@@ -108,10 +108,10 @@ def check_resuming_optimizers(index: Mapping, tables: Sequence[str], optimizer,
       saved = _saved_optimizer(have)
       raise ConfigError(f"table '{name}': checkpoint {where} holds "
                         f"{saved[0] + ' ' if saved else ''}sparse optimizer state, which the "
-                        f"resuming run's {type(opt).__name__} does not keep: that run would "
-                        "refuse the copy (a resume does not convert optimizer state); give "
-                        "the config the checkpoint was saved with, or no --gin_file (the one "
-                        "it records)")
+                        f"resuming run's {type(opt).__name__} (--gin_file/--gin_bindings) "
+                        "does not keep: that run would refuse the copy (a resume does not "
+                        "convert optimizer state); give the config the checkpoint was saved "
+                        "with, or no --gin_file (the one it records)")
 
 
 def _optimizer_hint(have_opt: Mapping, optimizer, table: str, binding: str) -> str:

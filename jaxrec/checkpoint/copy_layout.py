@@ -52,20 +52,22 @@ def describe(step_dir, manifest: Mapping, plan: str, mesh_shape: Mapping[str, in
   table slice past int32 rows), before anything is written."""
   meta = _meta(step_dir)
   specs, offloaded = tables(meta, manifest)
-  devices, batch = math.prod(mesh_shape.values()), meta.get("batch_size")
-  if not (gin_files or gin_bindings) and isinstance(batch, int) and batch % devices:
-    raise ConfigError(   # the copy was written, and its run refused the mesh at its start
-        f"--mesh={format_mesh(mesh_shape)}: the checkpoint's run has ExperimentConfig."
-        f"batch_size={batch}, not divisible by its {devices} devices: a run resuming the "
-        "copy with that batch would refuse the mesh (another batch size: give the resuming "
-        "run's config as --gin_file)")
+  given = bool(gin_files or gin_bindings)   # the resuming run's config, else the recorded
+  devices = math.prod(mesh_shape.values())
+  batch = (copy_optimizer.given_batch_size(gin_files, gin_bindings) if given
+           else meta.get("batch_size"))
+  if isinstance(batch, int) and batch % devices:   # the copy was written, and its run
+    whose = "the resuming run (--gin_file/--gin_bindings)" if given else "the checkpoint's run"
+    raise ConfigError(                               # refused the mesh at its start
+        f"--mesh={format_mesh(mesh_shape)}: {whose} has ExperimentConfig.batch_size={batch}, "
+        f"not divisible by its {devices} devices: a run resuming the copy with that batch "
+        "would refuse the mesh")
   resolved = resolve_plan(plan, specs, mesh_shape)
   optimizer, source = copy_optimizer.resolve(meta, [t.name for t in specs], gin_files,
                                              gin_bindings)
-  if optimizer is not None and (gin_files or gin_bindings):   # the resuming run's
+  if optimizer is not None and given:
     compatible.check_resuming_optimizers(tables_lib.read_index(step_dir / storage.TABLES),
-                                         [t.name for t in specs], optimizer,
-                                         f"{step_dir} (--gin_file/--gin_bindings)")
+                                         [t.name for t in specs], optimizer, str(step_dir))
   layouts = layout_lib.build_layouts(specs, recorded_features(meta, specs), resolved,
                                      mesh_shape, optimizer)
   problem = layout_lib.stack_error(layouts)

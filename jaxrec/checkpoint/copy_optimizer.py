@@ -83,6 +83,17 @@ def describe(optimizer, source: str, manifest: Mapping) -> str:
   return "\n".join(lines)
 
 
+def given_batch_size(gin_files: Sequence[str], gin_bindings: Sequence[str]) -> int:
+  """`ExperimentConfig.batch_size` of the resuming run's gin files and bindings (its
+  default where they do not bind it)."""
+  from jaxrec import launch  # pylint: disable=import-outside-toplevel
+  from jaxrec.train.config import ExperimentConfig  # pylint: disable=import-outside-toplevel
+  with gin_usage.isolated():
+    launch.parse_gin(gin_files, gin_bindings)
+    default = ExperimentConfig.__dataclass_fields__["batch_size"].default
+    return launch.bound_value("ExperimentConfig.batch_size", default)
+
+
 def _sparse_tx(tables: Sequence[str]):
   """`ExperimentConfig.sparse_tx()` of the parsed gin config, for `tables`."""
   from jaxrec import launch  # pylint: disable=import-outside-toplevel

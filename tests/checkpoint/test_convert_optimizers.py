@@ -177,9 +177,17 @@ def test_a_mesh_the_checkpoints_batch_does_not_divide_is_refused(tmp_path):
   assert proc.returncode == 1 and not (tmp_path / "copy").exists(), proc.stderr[-2000:]
   assert ("error: --mesh=data=1,table=1,row=1,col=3: the checkpoint's run has "
           "ExperimentConfig.batch_size=64, not divisible by its 3 devices") in proc.stderr
+  config = tmp_path / "resume.gin"   # the resuming run's own batch, when given
+  config.write_text("\n".join(["ExperimentConfig.batch_size = 90", *PER_TABLE]) + "\n")
   proc = run_script("convert_checkpoint.py", f"--checkpoint_dir={path}",
                     f"--output={tmp_path / 'copy'}", "--format=checkpoint", "--mesh=col=4",
-                    "--plan=cw")
+                    "--plan=cw", f"--gin_file={config}")
+  assert proc.returncode == 1 and not (tmp_path / "copy").exists(), proc.stderr[-2000:]
+  assert ("the resuming run (--gin_file/--gin_bindings) has ExperimentConfig.batch_size=90, "
+          "not divisible by its 4 devices") in proc.stderr, proc.stderr[-2000:]
+  proc = run_script("convert_checkpoint.py", f"--checkpoint_dir={path}",
+                    f"--output={tmp_path / 'copy'}", "--format=checkpoint", "--mesh=col=3",
+                    "--plan=cw", f"--gin_file={config}")
   assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -204,6 +212,6 @@ def test_a_resuming_config_whose_optimizer_does_not_keep_the_state_is_refused(tm
                     f"--output={tmp_path / 'copy'}", "--format=checkpoint", "--mesh=row=8",
                     "--plan=rw", f"--gin_file={config}")
   assert proc.returncode == 1 and not (tmp_path / "copy").exists(), proc.stderr[-2000:]
-  assert (f"error: table 't0': checkpoint {path / '1'} (--gin_file/--gin_bindings) holds "
-          "RowWiseAdagrad sparse optimizer state, which the resuming run's SGD does not "
-          "keep") in proc.stderr, proc.stderr[-2000:]
+  assert (f"error: table 't0': checkpoint {path / '1'} holds RowWiseAdagrad sparse optimizer "
+          "state, which the resuming run's SGD (--gin_file/--gin_bindings) does not keep"
+          ) in proc.stderr, proc.stderr[-2000:]
