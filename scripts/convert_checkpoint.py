@@ -12,11 +12,12 @@ per optimizer state leaf (`table_opt/<table>/<name>`, `dense_opt/<path>`), plus 
 PATH; with --mesh and --plan it first checks the plan fits that mesh, and that the mesh's
 devices divide the batch size (--gin_file's, else the one the checkpoint's run records;
 a plan file without --mesh: the mesh it records; any checkpoint restores on any mesh and
-plan: tables are stored per table, by name) and prints the stacks a run resuming the copy lays out, with
-the sparse optimizers of the config the checkpoint records (or of --gin_file /
---gin_bindings: the resuming run's). Ctrl-C or SIGTERM
-stops it between row blocks (files for checkpoint) and removes the partial output: one
-line, exit 130 or 143.
+plan: tables are stored per table, by name) and prints the stacks a run resuming the
+copy lays out, with the sparse optimizers of the config the checkpoint records (or of
+--gin_file / --gin_bindings: the resuming run's; one that would not keep the stored
+optimizer state is refused). Ctrl-C or SIGTERM stops it between row blocks (files for
+checkpoint) and removes the partial output: one line, exit 130 or 143; once it has
+printed `wrote ...` the exit status is 0.
 """
 
 import logging as std_logging
