@@ -56,9 +56,9 @@ def describe(step_dir, manifest: Mapping, plan: str, mesh_shape: Mapping[str, in
   devices = math.prod(mesh_shape.values())
   batch = (copy_optimizer.given_batch_size(gin_files, gin_bindings) if given
            else meta.get("batch_size"))
-  if isinstance(batch, int) and batch % devices:   # the copy was written, and its run
+  if isinstance(batch, int) and batch % devices:   # (the copy was written; its run refused)
     whose = "the resuming run (--gin_file/--gin_bindings)" if given else "the checkpoint's run"
-    raise ConfigError(                               # refused the mesh at its start
+    raise ConfigError(
         f"--mesh={format_mesh(mesh_shape)}: {whose} has ExperimentConfig.batch_size={batch}, "
         f"not divisible by its {devices} devices: a run resuming the copy with that batch "
         "would refuse the mesh")
