@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxrec.data.batch import Batch
 from jaxrec.embedding.specs import FeatureSpec
-from jaxrec.errors import ConfigError, in_order
+from jaxrec.errors import ConfigError, in_order, some
 
 NUM_DENSE = 13
 # `len()` of an endless source, as grain wants an int (positions beyond it never occur).
@@ -61,7 +61,7 @@ def make_layout(features: Sequence[FeatureSpec], rows: Mapping[str, int],
   for f in features:
     if f.table not in rows:
       raise ConfigError(f"feature '{f.name}' reads table '{f.table}' but no row count was given "
-                        f"for it (tables: {', '.join(in_order(rows))})")
+                        f"for it (tables: {some(in_order(rows), quote=False)})")
     r = int(rows[f.table])
     if not 0 < r < 2**31:
       raise ConfigError(f"table '{f.table}': rows must be in [1, 2**31), got {r}")

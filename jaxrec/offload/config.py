@@ -26,6 +26,7 @@ from jaxrec import files, gin_usage, workdir_layout
 from jaxrec.embedding import optimizers
 from jaxrec.embedding.specs import TableSpec, flag, whole
 from jaxrec.errors import ConfigError, JaxrecError, OffloadError, in_order  # noqa: F401 re-exported
+from jaxrec.errors import some
 from jaxrec.kernels.optim import hparam
 
 DRIVERS = ("zarr", "zarr3")
@@ -298,7 +299,7 @@ def check_tables(tables: Sequence[TableSpec], config: OffloadConfig) -> None:
   for t in config.tables:
     if t.name not in known:
       raise ConfigError(f"OffloadConfig.tables: offloaded table '{t.name}' is not a configured "
-                        f"table (tables: {', '.join(in_order(known))})")
+                        f"table (tables: {some(in_order(known), quote=False)})")
     if dtypes[t.name] not in OFFLOAD_DTYPES:
       raise ConfigError(f"offloaded table '{t.name}': dtype '{dtypes[t.name]}' cannot be "
                         f"offloaded (supported: {', '.join(OFFLOAD_DTYPES)})")

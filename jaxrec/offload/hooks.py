@@ -32,7 +32,7 @@ from jaxrec.offload.tier import OffloadTier
 from jaxrec.sharding.plan import (Plan, check_plan_flag, is_plan_file, load_plan_file,
                                   plan_file_mesh_note, PlanTablesError, uniform_plan,
                                   warn_collapsed_kind)
-from jaxrec.errors import BudgetError, ConfigError, in_order
+from jaxrec.errors import BudgetError, ConfigError, in_order, some
 
 _LOG = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
     if unknown:   # ignored, the plan then 'did not fit' without a word of the field
       raise ConfigError(f"--plan: {options.plan}: \"auto_offloaded\" names tables this config "
                         f"does not have: {unknown} (tables: "
-                        f"{', '.join(t.name for t in config.tables)})")
+                        f"{some([t.name for t in config.tables], quote=False)})")
   if (recorded is not None and recorded_offload is None and off.auto and may_auto_offload
       and processes == 1):
     try:   # a checkpoint from before its meta said which tables auto offloaded: as its run
@@ -207,8 +207,8 @@ def warn_idle_settings(off: OffloadConfig) -> None:
   fields = [f.name for f in dataclasses.fields(OffloadConfig)
             if f.init and f.name not in ("tables", "auto", "auto_added", "snapshot_check")
             and getattr(off, f.name) != f.default]
-  bound = [f"OffloadConfig.{n} ({gin_usage.bound_at(f'OffloadConfig.{n}')})" for n in fields
-           if gin_usage.bound_at(f"OffloadConfig.{n}")]
+  bound = [f"OffloadConfig.{n} ({where})" for n in fields
+           if (where := gin_usage.bound_at(f"OffloadConfig.{n}"))]
   if bound:
     why = ("OffloadConfig.auto found that every table fits on the devices" if off.auto
            else "OffloadConfig.tables is empty and OffloadConfig.auto is off")

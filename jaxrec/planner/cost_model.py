@@ -94,7 +94,7 @@ import numpy as np
 from jaxrec.embedding import optimizers as sparse_optimizers
 from jaxrec.embedding import specs
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
-from jaxrec.errors import ConfigError, in_order
+from jaxrec.errors import ConfigError, in_order, some
 from jaxrec.sharding.plan import KIND_AXES, KINDS, MESH_AXES, Plan, placed_as
 
 COST_TERMS = ("const", "collectives", "stacks", "sort_bytes", "gather_bytes", "pool_bytes",
@@ -265,7 +265,8 @@ def table_loads(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
   known = {t.name for t in tables}
   unknown = in_order(set(stats) - known)
   if unknown:
-    raise ConfigError(f"table stats name unknown tables {unknown} (tables: {in_order(known)})")
+    raise ConfigError(f"table stats name unknown tables {unknown} (tables: "
+                      f"[{some(in_order(known))}])")
   reading: dict[str, list[FeatureSpec]] = {}   # (one pass: per table, it was quadratic)
   for f in features:
     reading.setdefault(f.table, []).append(f)
