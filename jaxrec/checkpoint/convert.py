@@ -51,9 +51,9 @@ from jaxrec.checkpoint import selection
 from jaxrec.checkpoint import storage
 from jaxrec.checkpoint import torchrec_npz
 from jaxrec.checkpoint.manager import CheckpointError, CheckpointManager
-from jaxrec.checkpoint.steps import first_line, step_dirs
+from jaxrec.checkpoint.steps import first_line, foreign_entries, step_dirs
 from jaxrec.checkpoint.copy_layout import resolve_plan  # noqa: F401  (convert.resolve_plan)
-from jaxrec.errors import ConfigError, DataError, OffloadError
+from jaxrec.errors import ConfigError, DataError, OffloadError, some
 from jaxrec.planner.result import format_bytes
 from jaxrec.sharding.plan import recorded_mesh
 
@@ -130,7 +130,8 @@ def _not_a_workdir(output) -> None:
   `--output=W2` for `W2/checkpoints` put the step directory beside W2/checkpoints, where no
   run reads it, and train.py refused W2 from then on (a checkpoint directory). So is a
   step directory (`W2/checkpoints/4`): the steps written inside it no run read either, and
-  rotating step 4 out deleted them."""
+  rotating step 4 out deleted them. So is a directory holding anything but steps (a
+  `~/Documents` took the step among its files)."""
   inner = epath.Path(output) / workdir_layout.CHECKPOINTS_DIR
   if inner.is_dir():
     raise ConfigError(f"--output {output} is a run's directory (it holds {inner}): "
@@ -138,6 +139,11 @@ def _not_a_workdir(output) -> None:
   if storage.is_step_dir(output) or _new_step_path(output):
     raise ConfigError(f"--output {output} is a step of a checkpoint directory: checkpoints "
                       f"go into the directory, --output={epath.Path(output).parent}")
+  foreign = foreign_entries(output, also=[offloaded_lib.REJECTED])
+  if foreign:   # e.g. ~/Documents: the step went among the user's files
+    raise ConfigError(f"--output {output} is not a checkpoint directory: it holds "
+                      f"{some(foreign)}, not checkpoint steps; pick a new or empty directory, "
+                      "or a run's checkpoints/")
 
 
 def _new_step_path(output) -> bool:

@@ -10,7 +10,7 @@ falling back would train from an older one.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from absl import logging
 from etils import epath
@@ -27,6 +27,19 @@ def step_dirs(directory) -> list[int]:
   if not directory.is_dir():
     return []
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def foreign_entries(directory, also: Iterable[str] = ()) -> list[str]:
+  """Names in checkpoint directory `directory` that no checkpoint writer puts there, sorted:
+  not a step, an orbax save in progress (`<step>.orbax-checkpoint-tmp-<ns>`), a dotfile or
+  one of `also`; [] if it is absent."""
+  directory = epath.Path(directory)
+  if not directory.is_dir():
+    return []
+  also = set(also)
+  return sorted(p.name for p in directory.iterdir()
+                if not (p.name.isdigit() or p.name in also or p.name.startswith(".")
+                        or p.name.split(".", 1)[0].isdigit() and ".orbax-checkpoint-tmp" in p.name))
 
 
 def latest_valid(directory, steps: Sequence[int], check: Callable[[int], object]) -> int | None:

@@ -336,3 +336,32 @@ def test_an_import_onto_a_full_disk_is_one_line_naming_the_output(tmp_path, monk
                      r"device$"):   # (not the file, in the tmp directory removed by then)
     convert.import_torchrec(npz, out)
   assert not out.exists() or not os.listdir(out)
+
+
+def test_a_directory_of_other_files_as_the_output_is_refused(saved, tmp_path):
+  """`--output=~/Documents` put the step among the user's files (exit 0): a copy or import
+  goes into a new or empty directory or one holding checkpoint steps only (a run's
+  `checkpoints/`, with its `rejected/` and a killed save's tmp directory)."""
+  path, coll = saved
+  npz = tmp_path / "ebc.npz"
+  np.savez(npz, **{f"embedding_bags.{t.name}.weight": np.zeros((t.rows, t.dim), np.float32)
+                   for t in coll.tables})
+  docs = tmp_path / "docs"
+  docs.mkdir()
+  for name in ("notes.txt", "photos", ".hidden"):
+    (docs / name).write_text("")
+  for convert_into in (lambda out: convert.export_checkpoint(path, out),
+                       lambda out: convert.import_torchrec(npz, out, step=7)):
+    with pytest.raises(ConfigError, match=rf"^--output {docs} is not a checkpoint directory: "
+                       r"it holds 'notes.txt', 'photos', not checkpoint steps; pick a new or "
+                       r"empty directory, or a run's checkpoints/$"):
+      convert_into(docs)
+  assert sorted(p.name for p in docs.iterdir()) == [".hidden", "notes.txt", "photos"]
+  ckpts = tmp_path / "w2" / "checkpoints"
+  for name in ("rejected", "2", "3.orbax-checkpoint-tmp-1700000000"):
+    (ckpts / name).mkdir(parents=True)
+  assert convert.export_checkpoint(path, ckpts)[0] == 4
+  assert convert.import_torchrec(npz, ckpts, step=7)
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  assert convert.export_checkpoint(path, empty)[0] == 4
