@@ -151,7 +151,13 @@ class Adam:
 class FTRL:
   """FTRL-proximal (McMahan et al. 2013), learning-rate power -1/2, per element. `l2` is
   TensorFlow's (`tf.keras.optimizers.Ftrl`'s l2_regularization_strength): the update's
-  denominator adds `2 * l2`, where the paper's λ2 adds `l2`, so `l2` here is half its λ2."""
+  denominator adds `2 * l2`, where the paper's λ2 adds `l2`, so `l2` here is half its λ2.
+
+  A row starts from its current value: at its first update (state as initialised: `z` 0,
+  `n` `initial_accumulator`) `z` is set to the value whose weight is the row's, so a zero
+  gradient leaves it as it is. TensorFlow's and Keras's FTRL start `z` at 0, which sets
+  every element to 0 at its row's first update: the random initial values, or a table
+  imported from TorchRec or resumed with fresh optimizer state, were wiped."""
   lr: float = 0.1
   l1: float = 0.0
   l2: float = 0.0
@@ -173,6 +179,10 @@ class FTRL:
     del dim_sum   # a row's rate is its table's, the same every step (`lr` [n] per row)
     lr = _rate(self, step, lr)
     n, z = state["n"], state["z"]
+    fresh = (z == 0) & (n == self.initial_accumulator)   # never updated: start from `rows`
+    w0 = rows.astype(z.dtype)
+    z = jnp.where(fresh, -w0 * ((self.beta + jnp.sqrt(n)) / lr + 2 * self.l2)
+                  - jnp.sign(w0) * self.l1, z)
     n_new = n + grads * grads
     sigma = (jnp.sqrt(n_new) - jnp.sqrt(n)) / lr
     z_new = z + grads - sigma * rows

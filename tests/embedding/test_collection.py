@@ -146,9 +146,12 @@ def ref_update(opt, w, g, state, t):
     v = opt.b2 * state["v"] + (1 - opt.b2) * g * g
     mh, vh = m / (1 - opt.b1 ** (t + 1)), v / (1 - opt.b2 ** (t + 1))
     return w - opt.lr * mh / (np.sqrt(vh) + opt.eps), {"m": m, "v": v}
-  if isinstance(opt, optimizers.FTRL):
+  if isinstance(opt, optimizers.FTRL):   # a row's first update starts z at its weight's
+    fresh = (state["z"] == 0) & (state["n"] == opt.initial_accumulator)
+    z0 = np.where(fresh, -w * ((opt.beta + np.sqrt(state["n"])) / opt.lr + 2 * opt.l2)
+                  - np.sign(w) * opt.l1, state["z"])
     n_new = state["n"] + g * g
-    z = state["z"] + g - (np.sqrt(n_new) - np.sqrt(state["n"])) / opt.lr * w
+    z = z0 + g - (np.sqrt(n_new) - np.sqrt(state["n"])) / opt.lr * w
     denom = (opt.beta + np.sqrt(n_new)) / opt.lr + 2 * opt.l2
     w_new = np.where(np.abs(z) <= opt.l1, 0.0, -(z - np.sign(z) * opt.l1) / denom)
     return w_new, {"z": z, "n": n_new}

@@ -233,3 +233,24 @@ def test_row_rates_find_each_rows_table(num_tables):
     want = [float(np.asarray(rate_at(lrs[f"t{t}"].lr, step))) for t in owner]
     np.testing.assert_allclose(local_ops.row_rates(l, jnp.asarray(rows), jnp.int32(step)),
                                want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("l1,l2", [(0.0, 0.0), (0.01, 0.01)])
+def test_ftrl_starts_each_row_from_its_value(l1, l2):
+  """FTRL's z started at 0 (as TensorFlow's does): a row's first update set it to 0 plus
+  one gradient step, wiping its initial values, or a table imported from TorchRec (mean |w|
+  0.011 → 0.000 after one step at lr 0.01). Now a zero gradient keeps the row, a small one
+  moves it a little, and the second update goes on from the first's state."""
+  opt = optimizers.FTRL(0.01, l1=l1, l2=l2)
+  rng = np.random.default_rng(0)
+  rows = jnp.asarray(rng.normal(0, 0.05, (6, 4)), jnp.float32)
+  state = {k: jnp.full(rows.shape, init, jnp.float32)
+           for k, (_, init) in opt.state_layout().items()}
+  kept, after = opt.update(rows, jnp.zeros_like(rows), state, jnp.int32(0), None)
+  np.testing.assert_allclose(kept, rows, rtol=1e-5, atol=1e-7)
+  grads = jnp.asarray(rng.normal(0, 1e-3, rows.shape), jnp.float32)
+  moved, after = opt.update(rows, grads, state, jnp.int32(0), None)
+  assert 0 < float(jnp.abs(moved - rows).max()) < 1e-3
+  # the second update is not a first one: its state is the first's
+  again, _ = opt.update(moved, jnp.zeros_like(rows), after, jnp.int32(1), None)
+  np.testing.assert_allclose(again, moved, rtol=1e-5, atol=1e-7)
