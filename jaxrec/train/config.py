@@ -273,6 +273,8 @@ class ExperimentConfig:
     it trains after all)."""
     self._check_parts()
     validate(self.tables, self.features)
+    self.sparse_tx()   # `table_optimizers` against the tables (once they are valid: two
+    # tables of one name read as a pattern that names no table)
     mixed = mixed_dims(self.tables, self.features)
     if mixed and not _takes_feature_dims(self.model):
       # not led by a binding's name: `launch.user_message` would put the model's line in
@@ -322,7 +324,6 @@ class ExperimentConfig:
       raise ConfigError(f"ExperimentConfig.dense_optimizer must be an optax transformation, "
                         f"e.g. @dense_optimizer(), got {dense!r}")
     check_sparse_optimizer(sparse)
-    self.sparse_tx()   # checks `table_optimizers` against the tables
 
 
 def sparse_tx(sparse_optimizer, table_optimizers, tables):

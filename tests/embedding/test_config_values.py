@@ -186,6 +186,10 @@ c/FeatureSpec.table = 'tb'
     # a duplicated name: at the later spec's binding (it named neither binding nor line)
     ("b/TableSpec.name = 'tb'", "b/TableSpec.name = 'ta'", 8,
      "b/TableSpec.name: duplicate table names: ['ta'] (also bound by a/TableSpec.name)"),
+    # also where table_optimizers names the table renamed: it said "names no table"
+    ("b/TableSpec.name = 'tb'",
+     "b/TableSpec.name = 'ta'\nExperimentConfig.table_optimizers = {'tb': @Adam()}", 8,
+     "b/TableSpec.name: duplicate table names: ['ta'] (also bound by a/TableSpec.name)"),
     ("c/FeatureSpec.name = 'ctx'", "c/FeatureSpec.name = 'user'", 13,
      "c/FeatureSpec.name: duplicate feature names: ['user'] (also bound by u/FeatureSpec.name)"),
 ])
