@@ -18,7 +18,7 @@ from absl import logging
 from jaxrec import signals
 from jaxrec.checkpoint import tables as tables_lib
 from jaxrec.checkpoint.steps import first_line
-from jaxrec.errors import DataError
+from jaxrec.errors import DataError, counted, some
 from jaxrec.kernels import quant
 
 IMPORT_DTYPES = quant.FLOAT_TABLE_DTYPES   # what a TorchRec table can be imported as
@@ -61,7 +61,7 @@ def read_tables(npz_path) -> dict[str, NpzTable]:
   checked (shape, dtype, finite values); `DataError` naming the file and key otherwise."""
   tables = {}
   with np.load(npz_path) as z:
-    names = {}
+    names, ignored = {}, []
     for key in z.files:
       m = TORCHREC_KEY.search(key)
       if m:
@@ -73,10 +73,15 @@ def read_tables(npz_path) -> dict[str, NpzTable]:
                           f", {key})")
         names[m.group(1)] = key
       else:
-        logging.info("%s: ignoring '%s' (not an embedding table weight)", npz_path, key)
+        ignored.append(key)
     if not names:
       raise DataError(f"{npz_path}: no keys like 'embedding_bags.<table>.weight' (keys: "
                       f"{z.files[:10]})")
+    if ignored:   # said at INFO, not shown: a misspelt table key went unimported unseen
+      logging.warning("%s: ignoring %s not named like '[...]embedding_bags.<table>.weight' "
+                      "or '[...]embeddings.<table>.weight' (a model's dense weights, or a "
+                      "table under another name, which is not imported): %s", npz_path,
+                      counted(len(ignored), "key"), some(sorted(ignored)))
     for name, key in sorted(names.items()):
       signals.check()   # Ctrl-C between tables
       w = z[key]

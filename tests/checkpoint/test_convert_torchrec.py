@@ -189,3 +189,18 @@ def test_torchrec_import_refuses_bad_npz(tmp_path, arrays, match):
   with pytest.raises(ConfigError, match="--step must be >= 0"):
     convert.import_torchrec(npz, tmp_path / "ckpt", step=-1)
   assert not (tmp_path / "ckpt").exists()
+
+
+def test_keys_an_import_ignores_are_named(tmp_path, caplog):
+  """A key not named like a table (a misspelt `embedding_bag.t1.weight`, a model's dense
+  weights) was logged at INFO, not shown: `imported 2 tables (t0, t2)` said nothing of it."""
+  npz = tmp_path / "ebc.npz"
+  w = np.ones((10, 4), np.float32)
+  np.savez(npz, **{"ebc.embedding_bags.t0.weight": w, "ebc.embedding_bag.t1.weight": w,
+                   "ebc.embedding_bags.t2.weight": w, "dense_arch.0.bias": w[0]})
+  with caplog.at_level("WARNING"):
+    assert convert.import_torchrec(npz, tmp_path / "ckpt") == ["t0", "t2"]
+  assert (f"{npz}: ignoring 2 keys not named like '[...]embedding_bags.<table>.weight' or "
+          "'[...]embeddings.<table>.weight' (a model's dense weights, or a table under another "
+          "name, which is not imported): 'dense_arch.0.bias', 'ebc.embedding_bag.t1.weight'"
+          ) in caplog.text, caplog.text
