@@ -4,7 +4,7 @@ Exported names (npz keys, zarr array paths), from the canonical leaf names:
 
     tables/<table>              [rows, dim]
     table_opt/<table>/<name>    [rows, dim] or [rows]   sparse optimizer state
-    dense/<path>                dense parameter, e.g. dense/params/bottom_0/kernel
+    dense/<path>                dense parameter, e.g. dense/bottom_mlp/layer_0/kernel
     dense_opt/<path>            optax state leaf, e.g. dense_opt/0/mu/bottom_0/kernel
     step, rng                   int32 [], uint32 key data
     item_freq/<name>            a two-tower's logQ estimate (`TwoTower.logq_correction`)
