@@ -197,6 +197,7 @@ class CheckpointManager:
                       if async_save and not read_only and jax.process_count() == 1 else None)
     self._pending: concurrent.futures.Future | None = None
     self._saving: int | None = None   # the step of the save in flight (its error names it)
+    self._failed_save: int | None = None   # a save whose `CheckpointError` was raised
     self._threads_at_save: set = set()   # threads before it (`futures_lib.join_threads`)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else max_to_keep,
@@ -368,6 +369,7 @@ class CheckpointManager:
       kept = [s for s in self.steps_on_disk() if s != step]
       last = (f"the last checkpoint (step {kept[-1]}) is intact" if kept
               else "no earlier checkpoint exists")
+      self._failed_save = step   # orbax's close() raises the same failure again
       raise CheckpointError(f"saving checkpoint {step} in {self.directory} failed: {cause}; "
                             f"{last}") from e
 
@@ -381,7 +383,15 @@ class CheckpointManager:
       await_cleanup = getattr(self._mgr, "_maybe_await_cleanup_tmp_directory", None)
       if await_cleanup is not None:   # a private orbax method: absent in other versions
         await_cleanup()
-      self._mgr.close()
+      try:
+        self._mgr.close()
+      except Exception:  # pylint: disable=broad-except
+        # orbax keeps a failed save's error and raises it again here: after the one-line
+        # `CheckpointError` of it, a full disk ended in that OSError's traceback instead
+        if self._failed_save is None:
+          raise
+        logging.debug("orbax's close() raised checkpoint %d's failure again", self._failed_save,
+                      exc_info=True)
       if self._executor is not None:
         self._executor.shutdown()
 

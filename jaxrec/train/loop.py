@@ -569,11 +569,13 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       tier.close()
     if source is not None:   # its worker processes' prefetched batches (shared memory)
       source.close()
-    ckpt.close()
     try:
-      writer.close()
-    except OutputError:   # after another error (maybe the same full disk): that one's told
-      if failing is None:
-        raise
-    progress.close()
+      ckpt.close()
+    finally:   # the metrics and TensorBoard files closed whatever the checkpoints did (a
+      try:     # full disk: tensorboardX's exit handler printed its flush's traceback)
+        writer.close()
+      except OutputError:   # after another error (maybe the same full disk): that one's told
+        if failing is None:
+          raise
+      progress.close()
   return last

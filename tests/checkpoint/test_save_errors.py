@@ -79,3 +79,31 @@ def test_a_failed_create_leaves_no_other_create_running(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="No space left"):
     asyncio.run(tables_lib.write_pieces(epath.Path(tmp_path), arrays, []))
   assert len(log) == 3 and all(f.waited for f in log)
+
+
+def test_close_after_a_reported_failure_does_not_raise_it_again(tmp_path, coll, monkeypatch):
+  """Orbax keeps a failed save's error and raises it again from its close(): a run on a
+  full disk ended with that OSError's traceback (4 runs of 10) where the one-line
+  `error: saving checkpoint N ... failed` was due. Raised once, as the CheckpointError."""
+  state = h.train_state(coll, step=1)
+
+  async def full(directory, arrays, pieces, chunk_bytes=tables_lib.CHUNK_BYTES):
+    raise OSError(errno.ENOSPC, "No space left on device", str(directory / "t0"))
+
+  def close_again():
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  mgr = CheckpointManager(tmp_path, max_to_keep=3)
+  monkeypatch.setattr(tables_lib, "write_pieces", full)
+  mgr.save(2, state, coll)
+  with pytest.raises(CheckpointError, match="saving checkpoint 2 in"):
+    mgr.wait()
+  real_close = mgr._mgr.close   # pylint: disable=protected-access
+  monkeypatch.setattr(mgr._mgr, "close", lambda: (real_close(), close_again()))
+  mgr.close()
+  # without a failure told first, close's error is its own (not hidden)
+  other = CheckpointManager(tmp_path / "other", max_to_keep=3)
+  real_other = other._mgr.close   # pylint: disable=protected-access
+  monkeypatch.setattr(other._mgr, "close", lambda: (real_other(), close_again()))
+  with pytest.raises(OSError, match="No space left"):
+    other.close()
