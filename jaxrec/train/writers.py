@@ -62,9 +62,12 @@ class MetricsWriter:
   Args:
     workdir: run directory; created if missing.
     enabled: if false every call is a no-op (e.g. on processes other than 0).
+    purge_step: the step a resumed or restarted run goes on from: TensorBoard hides the
+      earlier runs' events of that step and after (steps a killed run logged past its last
+      checkpoint showed twice, its curve beside the rerun's).
   """
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, purge_step: int | None = None):
     self.path = os.path.join(workdir, METRICS_FILE)
     self._enabled = enabled
     self._file = None
@@ -76,7 +79,8 @@ class MetricsWriter:
       self._file = open(self.path, "a", buffering=1, encoding="utf-8")
       self.had_records = self._file.tell() > 0
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._tb = SummaryWriter(logdir=os.path.join(workdir, TB_DIR), flush_secs=TB_FLUSH_SECS)
+      self._tb = SummaryWriter(logdir=os.path.join(workdir, TB_DIR), flush_secs=TB_FLUSH_SECS,
+                               purge_step=purge_step)
 
   def write(self, step: int, metrics: Mapping[str, Any],
             scalars: Mapping[str, float] | None = None) -> None:

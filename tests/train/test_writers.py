@@ -6,9 +6,10 @@ import math
 import os
 
 import struct
+import time
 
 import numpy as np
-from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.proto.event_pb2 import Event, SessionLog
 
 from jaxrec.train import data_adapter
 from jaxrec.train.writers import MetricsWriter, Progress
@@ -181,7 +182,6 @@ def test_tensorboard_is_written_out_by_its_thread_not_at_every_write(tmp_path, m
   """tensorboardX's flush fsyncs (~0.3-0.9 ms): it ran at every write, i.e. every logged
   step. Now its own thread writes the events out every `TB_FLUSH_SECS` (and close does),
   also when no further step is logged (a long eval, a hang); metrics.jsonl at once."""
-  import time  # pylint: disable=import-outside-toplevel
   from jaxrec.train import writers  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(writers, "TB_FLUSH_SECS", 0.2)
   w = MetricsWriter(str(tmp_path))
@@ -198,3 +198,22 @@ def test_tensorboard_is_written_out_by_its_thread_not_at_every_write(tmp_path, m
   w.write(51, {"loss": 0.01})
   w.close()
   assert {step for _, step in tb_scalars(str(tmp_path))} == set(range(1, 52))
+
+
+def test_a_resumed_run_purges_tensorboards_later_events(tmp_path):
+  """A run killed at step 40 after its checkpoint of step 20 left TB points of 30 and 40
+  beside the rerun's (two values a step: 162 points over 142 steps in a walkthrough):
+  the rerun's events file starts with TensorBoard's purge marker (a START session log at
+  the step it goes on from), which hides the earlier files' events of that step on."""
+  w = str(tmp_path)
+  with MetricsWriter(w) as mw:
+    for step in (10, 20, 30, 40):
+      mw.write(step, {"loss": float(step)})
+  time.sleep(1.1)   # events files are named by the second
+  with MetricsWriter(w, purge_step=20) as mw:
+    mw.write(30, {"loss": 3.0})
+  first, second = sorted(glob.glob(os.path.join(w, "tb", "events.out.tfevents.*")))
+  marks = [(e.step, e.session_log.status) for e in _read_events(second)
+           if e.HasField("session_log")]
+  assert marks == [(20, SessionLog.START)], marks
+  assert not any(e.HasField("session_log") for e in _read_events(first))
