@@ -40,7 +40,7 @@ def read_metrics(workdir: str) -> list[dict]:
     raise DataError(f"no metrics file at {path}")
   by_step: dict[int, dict] = {}
   try:
-    lines = jsonl.complete_lines(path)
+    lines = list(jsonl.complete_lines(path))
   except UnicodeDecodeError as e:   # not a metrics file (binary, or corrupted on disk)
     raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
   except OSError as e:

@@ -43,3 +43,19 @@ def test_an_empty_or_missing_file_is_left_alone(tmp_path):
   (tmp_path / "e.jsonl").write_text("")
   jsonl.repair_tail(tmp_path / "e.jsonl")
   assert (tmp_path / "e.jsonl").read_text() == ""
+
+
+def test_complete_lines_reads_a_line_at_a_time(tmp_path, caplog):
+  """A restart owing an eval read the whole metrics.jsonl and split it (225 MB of
+  `--log_every=1` lines: +740 MB at start-up). Lines come as iterated; a missing file
+  raises at the call; a torn last line is still left out."""
+  with pytest.raises(FileNotFoundError):
+    jsonl.complete_lines(tmp_path / "none.jsonl")
+  path = tmp_path / "m.jsonl"
+  path.write_text('{"step": 1}\n\n{"step": 2}\n{"step": 3, "lo')
+  lines = jsonl.complete_lines(path)
+  assert next(lines) == (1, '{"step": 1}')   # an iterator, not a list read at the call
+  assert list(lines) == [(3, '{"step": 2}')]
+  assert "m.jsonl:4: left out an incomplete last line" in caplog.text
+  path.write_text('{"step": 1}\n{"step": 2}')   # complete but for its newline: kept
+  assert list(jsonl.complete_lines(path)) == [(1, '{"step": 1}'), (2, '{"step": 2}')]
