@@ -447,15 +447,17 @@ def _copy(output, mesh_shape, plan, restart_data, gin_config, step_dir, step
   with _removed_on_error(dest, written):
     _copy_tree(step_dir, tmp, dest)
     manifest["converted_from"] = str(step_dir)
-    if restart_data:
-      manifest["data_restarted"] = True
+    meta = storage.read_json(tmp, storage.META)
+    if restart_data:   # and its eval was the old run's: the new day re-ran it, saying the
+      manifest["data_restarted"] = True   # run 'stopped before or during that eval'
       (tmp / storage.DATA_STATE / "metadata").write_text(json.dumps({}))
+      meta["evaluates"] = False
     (tmp / storage.MANIFEST / "metadata").write_text(json.dumps(manifest))
     if snapshot is not None:   # the offloaded tables: the snapshot first, hard links
       _link_copy(epath.Path(snapshot[0]), snap_dest)
       written.append(snap_dest)   # left alone, it would refuse the next try
-      meta = storage.read_json(tmp, storage.META)
       meta["offload"]["snapshots"] = str(snap_dest.parent)
+    if restart_data or snapshot is not None:
       (tmp / storage.META / "metadata").write_text(json.dumps(meta))
     signals.check()
     tmp.rename(dest)

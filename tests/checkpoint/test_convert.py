@@ -13,10 +13,11 @@ import pytest
 import tensorstore as ts
 from etils import epath
 
-from jaxrec.checkpoint import CheckpointError, CheckpointManager, convert
+from jaxrec.checkpoint import CheckpointError, CheckpointManager, convert, storage
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError, DataError
 from jaxrec.sharding.plan import uniform_plan
+from jaxrec.train import evaluation
 from tests.checkpoint import ckpt_helpers as h
 from tests.scripts.in_process import run_script
 
@@ -278,6 +279,25 @@ def test_checkpoint_output_holding_the_checkpoint_dir_is_refused(saved):
     with pytest.raises(ConfigError, match="holds --checkpoint_dir"):
       convert.export_checkpoint(path, out, restart_data=True)
     assert not (out / "4").exists()
+
+
+def test_a_restart_data_copy_owes_no_eval_of_its_step(saved, tmp_path):
+  """Each `--restart_data` day re-ran the copied step's eval ('the run stopped before or
+  during that eval') in its new workdir, whose metrics.jsonl has no eval line of it: the
+  eval was the old run's. The copy marks the step as not to be evaluated; a plain copy
+  keeps the mark."""
+  path, _, _ = saved
+
+  def storage_meta(out):
+    return storage.read_json(out / "4", storage.META)
+  convert.export_checkpoint(path, tmp_path / "day1", restart_data=True)
+  assert storage_meta(tmp_path / "day1")["evaluates"] is False
+  assert storage_meta(tmp_path / "day1")["gin"] == "a=1"
+  convert.export_checkpoint(path, tmp_path / "same")
+  assert "evaluates" not in storage_meta(tmp_path / "same")
+  no_metrics = str(tmp_path / "metrics.jsonl")   # the new day's workdir, before its run
+  assert not evaluation.owed(no_metrics, storage_meta(tmp_path / "day1"), 2, 4)
+  assert evaluation.owed(no_metrics, storage_meta(tmp_path / "same"), 2, 4)
 
 
 def test_plan_file_of_a_run_is_accepted(saved, tmp_path):
