@@ -129,6 +129,11 @@ def main(argv):
                         for k, v in result.items())
     print(f"done: {summary}\nresults in {os.path.abspath(FLAGS.workdir)} "
           f"({', '.join(loop.outputs(FLAGS.workdir))})")
+    # Complete: a signal from here on exits 0 (a Ctrl-C in the ~0.7 s teardown exited 130
+    # or by the signal, and a wrapper reran the finished run)
+    late = signals.done()
+    if late:
+      print(f"note: {late} came after the run was complete; it is kept", file=sys.stderr)
 
 
 if __name__ == "__main__":

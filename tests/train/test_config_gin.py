@@ -10,7 +10,7 @@ import gin
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrec import gin_usage, models, schedules
+from jaxrec import gin_usage, models, schedules, signals
 from jaxrec.embedding import optimizers
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.train import config_gin, loop
@@ -90,6 +90,9 @@ def test_a_rerun_of_config_gin_trains_the_python_configs_run(tmp_path):
                     f"--gin_file={run / 'config.gin'}", *flags, "--log_every=2", "--noprogress")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "no effect" not in proc.stderr   # the defaults config.gin binds (OffloadConfig.*)
+  # complete once 'done:' is printed: a Ctrl-C in the teardown exits 0 (it exited 130 or
+  # by the signal, and a wrapper reran the finished run)
+  assert signals._done   # pylint: disable=protected-access
 
   def records(workdir):
     lines = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
