@@ -104,17 +104,27 @@ class _OrbaxErrorsInOneLine(logging.Filter):
   An error jaxrec does not turn into such a line still ends the run with its traceback."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+    if record.exc_info and (f"{os.sep}orbax{os.sep}" in record.pathname or _unretrieved(record)):
       record.exc_info = record.exc_text = None
     return True
 
 
+def _unretrieved(record: logging.LogRecord) -> bool:
+  """asyncio's `Future exception was never retrieved` (logged when a failed save's other
+  writes are collected: three tracebacks after its one-line error)."""
+  return (record.name == "asyncio" or record.pathname.endswith(
+      os.path.join("asyncio", "base_events.py"))) and "never retrieved" in str(record.msg)
+
+
 def quiet_orbax_tracebacks() -> None:
-  """Installs `_OrbaxErrorsInOneLine` on absl's handler (the one that prints them)."""
+  """Installs `_OrbaxErrorsInOneLine` on absl's handler (the one that prints them), and
+  drops tensorstore's calls into an event loop orbax closed (`storage.quiet_closed_loops`)."""
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  from jaxrec.checkpoint import storage  # pylint: disable=import-outside-toplevel
   handler = absl_logging.get_absl_handler()
   if not any(isinstance(f, _OrbaxErrorsInOneLine) for f in handler.filters):
     handler.addFilter(_OrbaxErrorsInOneLine())
+  storage.quiet_closed_loops()
 
 
 @contextlib.contextmanager

@@ -146,10 +146,16 @@ def _closed_loop_noise(hook):
   return filtered
 
 
-def _dense_arrays(step_dir: epath.Path) -> dict[str, ts.TensorStore]:
-  """Arrays of the orbax `state` item, opened from orbax's metadata tree."""
+def quiet_closed_loops() -> None:
+  """Installs `_closed_loop_noise` as `sys.unraisablehook` (once). Also for saves: one that
+  failed on a full disk printed 10-20 such tracebacks around its one-line error."""
   if not getattr(sys.unraisablehook, "jaxrec_closed_loop", False):
     sys.unraisablehook = _closed_loop_noise(sys.unraisablehook)
+
+
+def _dense_arrays(step_dir: epath.Path) -> dict[str, ts.TensorStore]:
+  """Arrays of the orbax `state` item, opened from orbax's metadata tree."""
+  quiet_closed_loops()
   try:
     meta = ocp.StandardCheckpointHandler().metadata(step_dir / STATE)
   except json.JSONDecodeError as e:   # orbax's own file; the error alone names no file

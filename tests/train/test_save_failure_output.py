@@ -56,6 +56,12 @@ def test_orbax_errors_are_logged_without_their_tracebacks():
                               "Failed to run", (), info)
     assert added[0].filter(orbax) and orbax.exc_info is None and orbax.getMessage()
     assert added[0].filter(mine) and mine.exc_info is info
+    # the failed save's other writes, collected after its error line: one line each
+    unretrieved = logging.LogRecord("asyncio", logging.ERROR, "/x/asyncio/base_events.py", 1,
+                                    "Future exception was never retrieved", (), info)
+    assert added[0].filter(unretrieved) and unretrieved.exc_info is None
+    # tensorstore's calls into the event loop orbax closed: dropped
+    assert getattr(sys.unraisablehook, "jaxrec_closed_loop", False)
   finally:
     for f in list(handler.filters):
       if f not in before:
