@@ -2,7 +2,7 @@
 
 Features are split by index into the `F` axis of `emb` (config order): `user_features` feed
 the user tower, `item_features` the item tower; the sets must be disjoint, and features in
-neither are ignored. Dense features feed the user tower when `dense_to_user` is true and
+neither are ignored (a warning names them). Dense features feed the user tower when `dense_to_user` is true and
 are ignored otherwise.
 """
 
@@ -219,6 +219,13 @@ class TwoTower(nn.Module):
     if both:
       raise ConfigError(
           f"TwoTower.user_features and TwoTower.item_features overlap: {sorted(both)}")
+    unread = sorted(set(range(num_features or 0)) - set(map(int, self.user_features))
+                    - set(map(int, self.item_features)))
+    if unread:   # ignored without a word: a feature left out of both lists by mistake
+      warn_once(f"TwoTower: features {unread} (indices into the config's features) are in "
+                "neither TwoTower.user_features nor TwoTower.item_features: they are looked "
+                "up every step and never trained; add them to a tower or drop them from the "
+                "config", log)
 
   def item_keys(self, emb):
     """`emb` `[B, F, D]` -> `[B, len(item_features), D]`: what identifies a row's item."""

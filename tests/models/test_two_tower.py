@@ -188,3 +188,18 @@ def test_normalize_gives_a_zero_tower_output_a_zero_gradient(loss):
   e = emb.copy()
   e[3, 1, 2] = np.nan   # a NaN stays NaN: the loss says so (`--on_nan`)
   assert np.isnan(float(compute_loss(model, params, dense, jnp.asarray(e), jnp.ones(8))[0]))
+
+
+def test_a_feature_in_neither_tower_is_warned_about(caplog):
+  """A feature left out of both lists was looked up and never trained, without a word
+  (with FTRL its rows went to 0)."""
+  model = build_model("two_tower", loss="bce", **dict(TOWERS, item_features=(3,)))
+  with caplog.at_level("WARNING"):
+    init_params(model, jax.random.key(0), NUM_DENSE, F, D)
+  assert ("TwoTower: features [2] (indices into the config's features) are in neither "
+          "TwoTower.user_features nor TwoTower.item_features") in caplog.text, caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    init_params(build_model("two_tower", loss="bce", **TOWERS), jax.random.key(0), NUM_DENSE,
+                F, D)
+  assert "neither" not in caplog.text
