@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxrec.errors import ConfigError
+from jaxrec.errors import ConfigError, close_to
 from jaxrec.models.dcnv2 import DCNv2
 from jaxrec.models.deepfm import DeepFM
 from jaxrec.models.dlrm import DLRM
@@ -39,7 +39,8 @@ def build_model(name: str = gin.REQUIRED, **kwargs) -> nn.Module:
   Hyper-parameters are bound on the classes, e.g. `DLRM.bottom_mlp = (512, 256, 64, 16)`.
   """
   if name not in MODELS:
-    raise ConfigError(f"build_model.name: unknown model '{name}' (known: {', '.join(MODELS)})")
+    raise ConfigError(f"build_model.name: unknown model '{name}' (known: {', '.join(MODELS)})"
+                      f"{close_to(str(name), MODELS)}")
   cls = MODELS[name]
   try:
     model = cls(**kwargs)
