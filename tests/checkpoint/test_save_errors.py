@@ -107,3 +107,25 @@ def test_close_after_a_reported_failure_does_not_raise_it_again(tmp_path, coll, 
   monkeypatch.setattr(other._mgr, "close", lambda: (real_other(), close_again()))
   with pytest.raises(OSError, match="No space left"):
     other.close()
+
+
+def test_a_tensorstore_disk_full_is_the_reason_and_the_file(tmp_path, coll, monkeypatch):
+  """Tensorstore's ENOSPC gave its whole text (RESOURCE_EXHAUSTED: Error opening "zarr"
+  driver: ...: Failed writing ...: Failed to write 176 bytes to file 30: ...), 300-600
+  characters in the one-line error; now the reason and the file, as for an OSError."""
+  state = h.train_state(coll, step=1)
+  target = f"{tmp_path}/2.orbax-checkpoint-tmp/embeddings/tables/t0/.zarray"
+
+  async def full(directory, arrays, pieces, chunk_bytes=tables_lib.CHUNK_BYTES):
+    raise ValueError(f'RESOURCE_EXHAUSTED: Error opening "zarr" driver: Error writing local '
+                     f'file "{target}": Failed writing: "{target}.__lock": Failed to write 176 '
+                     "bytes to file 30: No space left on device [os_error_code='28'] "
+                     "[tensorstore_spec='{\"driver\":\"zarr\"}']")
+
+  monkeypatch.setattr(tables_lib, "write_pieces", full)
+  with CheckpointManager(tmp_path, max_to_keep=3) as mgr:
+    mgr.save(2, state, coll)
+    with pytest.raises(CheckpointError) as e:
+      mgr.wait()
+  assert str(e.value) == (f"saving checkpoint 2 in {tmp_path} failed: No space left on "
+                          f"device: {target}; no earlier checkpoint exists")
