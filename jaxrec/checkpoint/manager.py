@@ -198,6 +198,9 @@ class CheckpointManager:
     self._pending: concurrent.futures.Future | None = None
     self._saving: int | None = None   # the step of the save in flight (its error names it)
     self._failed_save: int | None = None   # a save whose `CheckpointError` was raised
+    # what restores skipped (logged as they went): one line each, for the elastic
+    # supervisor's stderr (a worker's log is a file no one watches)
+    self.restore_warnings: list[str] = []
     self._threads_at_save: set = set()   # threads before it (`futures_lib.join_threads`)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else max_to_keep,
@@ -478,6 +481,11 @@ class CheckpointManager:
       if skipped:
         logging.warning("restored checkpoint %s after skipping step(s) %s", self.step_dir(s),
                         ", ".join(str(x[0]) for x in skipped))
+        first = skipped[0]
+        self.restore_warnings.append(
+            f"checkpoint(s) {', '.join(str(x[0]) for x in skipped)} of {self.directory} "
+            f"skipped ({first[2]}: {steps_lib.first_line(first[1], 200)}) and moved to "
+            f"{self.directory / REJECTED_DIR}; resumed from step {s}")
       reasons = {bad: reason for bad, _, reason in skipped}
       for newer in [n for n in self.all_steps() if n > s]:
         self._reject(newer, reasons.get(newer, "superseded"))

@@ -335,6 +335,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     signals.check()   # ... as does Ctrl-C, also during the restore (between table blocks)
     restored = ckpt.restore(state, collection, init=fresh_dense, offloaded=offloaded,
                             snapshot_check=snapshot_check)
+    for note in ckpt.restore_warnings if is_main else ():   # under launch.py: its stderr
+      elastic.report_warning(f"warning: {note}")
     if restored is not None:
       state = resume_from(restored)
       start = int(state["step"])

@@ -241,6 +241,11 @@ def test_corrupt_latest_falls_back_with_warning(tmp_path, coll, item, damage, ca
                      caplog.text), caplog.text
   assert int(restored.state["step"]) == 1 and restored.data_state == {"n": 1}
   h.assert_tables_equal(coll, s1, coll, restored.state)
+  # one line for the elastic supervisor's stderr (under launch.py the log above went only
+  # to the worker's log file: the operator never heard of the rejected step)
+  assert len(mgr.restore_warnings) == 1 and re.match(
+      rf"checkpoint\(s\) 2 of {tmp_path} skipped \(corrupt: .+\) and moved to "
+      rf"{tmp_path}/rejected; resumed from step 1$", mgr.restore_warnings[0]), mgr.restore_warnings
   # The bad step was moved aside, not deleted; the run can save step 2 again.
   assert mgr.all_steps() == [1]
   assert [p.name.split(".")[0] for p in (tmp_path / "rejected").iterdir()] == ["2"]
