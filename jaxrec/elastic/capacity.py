@@ -51,6 +51,12 @@ class Reader:
         raw = f.read()
       mtime = os.stat(self.path).st_mtime_ns
     except FileNotFoundError:
+      if self._seen is not None:   # said once: a removal changes nothing mid-run
+        self._seen = None
+        self._emit("capacity", source="file", removed=True,
+                   note=f"{self.path} removed: the last capacity it stated stays in force "
+                   "(write N K to change it; the flags' capacity applies from the next "
+                   "start)")
       return None
     except OSError as e:      # e.g. a directory: said once, until the error changes
       return self._error(("error", str(e)), f"cannot read {self.path}: {e.strerror or e}",

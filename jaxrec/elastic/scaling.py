@@ -156,13 +156,18 @@ class Scaling:
       return None
     self._capacity_seen = key
     usable = key[0]
-    target, _ = replan.best_choice(self.config, self.args, len(usable), self.capacity[1],
-                                   self.o.min_processes, self.o.platform)
+    target, reasons = replan.best_choice(self.config, self.args, len(usable),
+                                         self.capacity[1], self.o.min_processes,
+                                         self.o.platform)
     if target is None:
       return self._no_usable_job(len(usable), now)
     new = (target.processes, target.devices_per_process)
     gone = sorted(set(self.slots) - set(usable))
     if new == (self.choice.processes, self.choice.devices_per_process) and not gone:
+      if reasons:   # more capacity than the job can use: the file's change was seen
+        self.events.emit("capacity", source="plan", generation=self.generation,
+                         available=len(usable), running=list(new),
+                         note=f"the job stays on {new[0]} process(es): {reasons[0]}")
       return None
     extra = {"note": f"slot(s) {gone} no longer in the capacity"} if gone else {}
     return Outcome("planned", self._emit_scale(new, len(usable), **extra), detected=now)

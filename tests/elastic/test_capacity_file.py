@@ -170,3 +170,20 @@ def test_a_rewrite_made_while_a_generation_stops_is_planned_on(tmp_path, monkeyp
     f.write("3\n")
   s._plan()
   assert seen == [3] and s.capacity == (3, 2)
+
+
+def test_a_removed_file_keeps_the_last_statement_and_says_so(tmp_path):
+  """`rm W/elastic/capacity` mid-run changed nothing and said nothing, where the start-up
+  error's 'or remove it' suggested the flags' capacity would return."""
+  s = _supervisor(tmp_path)
+  with open(s.capacity_file, "w") as f:
+    f.write("1\n")
+  assert s._read_capacity(initial=True) and s.capacity == (1, 2)
+  os.remove(s.capacity_file)
+  assert not s._read_capacity() and not s._read_capacity() and s.capacity == (1, 2)
+  removed = [e for e in _events(tmp_path) if e.get("removed")]
+  assert len(removed) == 1 and removed[0]["note"].startswith(
+      f"{s.capacity_file} removed: the last capacity it stated stays in force"), removed
+  with open(s.capacity_file, "w") as f:
+    f.write("1\n")
+  assert s._read_capacity()   # written again: a statement (it returns lost slots)

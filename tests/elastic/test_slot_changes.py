@@ -146,3 +146,21 @@ def test_slots_past_the_capacity_are_not_waited_for(tmp_path, monkeypatch):
   t0 = time.time()
   assert s._wait_for_returns("below")                # pylint: disable=protected-access
   assert time.time() - t0 >= 0.45
+
+
+def test_capacity_the_job_cannot_use_is_said(tmp_path, monkeypatch):
+  """`echo 3 > capacity` on a 2-process job whose batch 12 devices do not divide: only the
+  `capacity` event, no word of why the job stayed on 2 processes."""
+  monkeypatch.setattr(sup.replan, "best_choice", lambda config, args, available, k, *rest: (
+      _choice(min(available, 2), k),
+      [f"{n} process(es): batch_size=512 is not divisible by {n * k} devices"
+       for n in range(available, 2, -1)]))
+  s = _supervisor(str(tmp_path))
+  _running(s, [0, 1])
+  with open(s.capacity_file, "w") as f:
+    f.write("3\n")
+  assert s._check_capacity(time.time()) is None       # pylint: disable=protected-access
+  [note] = [e for e in t.events(str(tmp_path)) if e.get("source") == "plan"]
+  assert (note["available"], note["running"]) == (3, [2, 2]), note
+  assert note["note"] == ("the job stays on 2 process(es): 3 process(es): batch_size=512 is "
+                          "not divisible by 6 devices"), note
