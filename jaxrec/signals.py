@@ -66,6 +66,11 @@ def on_second_signal(line) -> None:
   _second_line[:] = [line]
 
 
+def second_signal_line():
+  """The `on_second_signal` composer in force (None: the default line), to wrap it."""
+  return _second_line[0] if _second_line else None
+
+
 def stop_now(signum: int) -> None:
   """Writes the `on_second_signal` line to stderr (unbuffered: the handler may run inside
   a print) and exits with 128 + `signum`, running no clean-up, finaliser or atexit hook."""

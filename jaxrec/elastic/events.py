@@ -74,6 +74,19 @@ class EventLog:
     a line the running supervisor is still writing looks torn too."""
     jsonl.repair_tail(self.path)
 
+  def emit_now(self, event: str, **details: Any) -> bool:
+    """`emit` without echo, from a signal handler: False, nothing written, when the
+    interrupted code holds the lock (mid-`emit`: waiting would deadlock)."""
+    if not self._lock.acquire(blocking=False):
+      return False
+    try:
+      with open(self.path, "a") as f:
+        f.write(json.dumps({"time": round(time.time(), 3), "event": event, **details},
+                           default=_default) + "\n")
+      return True
+    finally:
+      self._lock.release()
+
   def emit(self, event: str, **details: Any) -> dict:
     record = {"time": round(time.time(), 3), "event": event, **details}
     line = json.dumps(record, sort_keys=False, default=_default)

@@ -126,6 +126,7 @@ class Supervisor(scaling.Scaling):
 
   def _run(self) -> int:
     self.events.repair_tail()
+    self._record_second_signal()
     self.config = replan.load_config(self.args)
     before = read_events(self.workdir)
     # A restarted supervisor continues the workdir's count: its first set of workers was
@@ -197,6 +198,20 @@ class Supervisor(scaling.Scaling):
       return self._give_up("interrupted", 128 + sig, f"interrupted by {sig.name}")
     finally:
       self._stop_all("supervisor exit", graceful=False, quiet=True)
+
+  def _record_second_signal(self) -> None:
+    """A second signal exits at once (`signals.stop_now`); it records its `give_up` first
+    (reason `interrupted_again`), or the next run took the job for one killed without a
+    word: after a second SIGTERM while the workers saved, it blamed a scheduler's grace
+    period."""
+    line = signals.second_signal_line()
+
+    def second(name: str) -> str:
+      text = line(name) if line is not None else f"error: interrupted again by {name}"
+      self.events.emit_now("give_up", reason="interrupted_again", generation=self._launched,
+                           restarts=self.restarts, message=text.removeprefix("error: "))
+      return text
+    signals.on_second_signal(second)
 
   def _previous_died(self, previous: dict | None) -> None:
     """Says so (event and stderr) when the previous supervisor on this workdir ended without

@@ -65,6 +65,13 @@ def test_a_second_sigterm_kills_the_workers_at_once(tmp_path):
   t.wait_for(lambda: not any(t.alive(p) for p in pids), 20, "the workers to die")
   assert "error: interrupted again by SIGTERM (exited at once" in launch_log(w)
   assert not os.path.isdir(os.path.join(w, "checkpoints"))
+  # recorded: the next run took it for a launcher killed without a word, and blamed a
+  # scheduler's grace period for the steps lost
+  give_up = t.events(w)[-1]
+  assert (give_up["event"], give_up["reason"]) == ("give_up", "interrupted_again"), give_up
+  assert give_up["message"].startswith("interrupted again by SIGTERM (exited at once")
+  from jaxrec.elastic import events  # pylint: disable=import-outside-toplevel
+  assert events.unfinished_run(t.events(w)) is None
 
 
 def test_workers_that_do_not_save_within_stop_timeout_are_killed(tmp_path):
