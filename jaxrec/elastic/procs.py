@@ -150,10 +150,15 @@ def describe_exit(code: int) -> str:
   return signal_name(code) if code < 0 else f"exit code {code}"
 
 
+GENERATION_BANNER = "=== generation"   # the supervisor's first line of each worker log
+
+
 def exit_error(code: int, last_log_line: str) -> str:
   """A failed worker's `error`: the signal that killed it (its last log line is whatever
   it printed last, e.g. metrics), else the last log line (its error, usually)."""
-  return f"killed by {signal_name(code)}" if code < 0 else last_log_line
+  if code < 0:
+    return f"killed by {signal_name(code)}"
+  return last_log_line or f"exited {code} without output"
 
 
 # absl's own flag parser (a --train_script program that does not use jaxrec.cli_flags); for
@@ -169,7 +174,7 @@ def user_error(workdir: str, indices: list[int]) -> str:
   for i in indices:
     path = os.path.join(workdir, worker_lib.WORKERS_DIR, f"{i}.log")
     try:
-      text = open(path, errors="replace").read().rsplit("=== generation", 1)[-1]
+      text = open(path, errors="replace").read().rsplit(GENERATION_BANNER, 1)[-1]
     except OSError:
       continue
     lines = [l[len("error: "):] if l.startswith("error: ") else
@@ -181,7 +186,8 @@ def user_error(workdir: str, indices: list[int]) -> str:
 
 
 def last_line(workdir: str, index: int) -> str:
-  """Last non-empty line of a worker's log (its error, usually)."""
+  """Last non-empty line of a worker's log (its error, usually) in this generation; '' if
+  it printed none (the supervisor's `=== generation` banner was taken for its error)."""
   path = os.path.join(workdir, worker_lib.WORKERS_DIR, f"{index}.log")
   try:
     with open(path, "rb") as f:
@@ -189,4 +195,5 @@ def last_line(workdir: str, index: int) -> str:
       lines = [l for l in f.read().decode(errors="replace").splitlines() if l.strip()]
   except OSError:
     return ""
-  return lines[-1][:300] if lines else ""
+  last = lines[-1] if lines else ""
+  return "" if last.startswith(GENERATION_BANNER) else last[:300]

@@ -305,7 +305,7 @@ class Supervisor(scaling.Scaling):
     for p in range(choice.processes):
       signals.check()   # before each start: the workers started so far are in self.procs
       log = open(os.path.join(self.workdir, worker_lib.WORKERS_DIR, f"{p}.log"), "a")
-      log.write(f"=== generation {g}, process {p} of {choice.processes}, "
+      log.write(f"{proc_lib.GENERATION_BANNER} {g}, process {p} of {choice.processes}, "
                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
       log.flush()
       popen = proc_lib.start_worker(argv, self._env(p, choice, port), log)

@@ -269,3 +269,18 @@ def test_stop_eval_is_a_no_op_without_the_supervisor(tmp_path, monkeypatch):
   use_env(monkeypatch, {})
   assert worker.stop_eval(5, 1) is False
   assert worker.preempted() is False
+
+
+def test_a_worker_that_printed_nothing_is_said_so_not_the_banner(tmp_path):
+  """A --train_script that exits 1 without output: `worker_exit`'s `error` was the
+  supervisor's own `=== generation 0, process 0 of 2, ...` line."""
+  from jaxrec.elastic import procs  # pylint: disable=import-outside-toplevel
+  logs = tmp_path / worker.WORKERS_DIR
+  logs.mkdir()
+  (logs / "0.log").write_text("=== generation 0, process 0 of 2, 2026-12-07 02:07:46\n"
+                              "error: boom\n=== generation 1, process 0 of 2, 2026-12-07\n")
+  assert procs.last_line(str(tmp_path), 0) == ""
+  assert procs.exit_error(1, procs.last_line(str(tmp_path), 0)) == "exited 1 without output"
+  (logs / "1.log").write_text("=== generation 1, process 1 of 2, 2026-12-07\nerror: boom\n")
+  assert procs.exit_error(1, procs.last_line(str(tmp_path), 1)) == "error: boom"
+  assert procs.exit_error(-9, "") == "killed by SIGKILL"
