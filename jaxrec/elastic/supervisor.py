@@ -45,7 +45,7 @@ from jaxrec.elastic import watching
 from jaxrec.elastic import worker as worker_lib
 from jaxrec.elastic.events import EVENTS_FILE, EventLog, read_events, unfinished_run
 from jaxrec.elastic.options import Options
-from jaxrec.errors import JaxrecError
+from jaxrec.errors import JaxrecError, counted
 
 _Outcome = scaling.Outcome
 
@@ -185,8 +185,9 @@ class Supervisor(scaling.Scaling):
           self.lost.update(dict.fromkeys(out.slots, out.detected))
           if self.restarts > self.o.max_restarts:
             return self._give_up("max_restarts", EXIT_MAX_RESTARTS,
-                                 f"{self.restarts} failures exceed --max_restarts="
-                                 f"{self.o.max_restarts}")
+                                 f"{counted(self.restarts, 'failure')}: --max_restarts="
+                                 f"{self.o.max_restarts} allows {self.o.max_restarts} "
+                                 "restart(s) after failures")
         # from the detection: a requested stop's workers save and exit on their own first
         self._recovery = recovery.begin(out.detected, out.reason, time.time(), self._recovery)
         self.generation += 1
