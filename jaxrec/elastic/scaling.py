@@ -99,7 +99,7 @@ class Scaling:
       # as one reason twice)
       return (None, "no usable mesh: " + "; ".join(reasons[:2]), "no_usable_mesh")
     if choice is None:
-      return None, (f"only {available} process(es) of {k} device(s) available, below "
+      return None, (f"only {available} process(es) x {k} device(s) available, below "
                     f"--min_processes={self.o.min_processes}{self._rejoin_hint()}"), "below_min"
     return choice, "", ""
 
@@ -176,7 +176,7 @@ class Scaling:
     """The capacity runs no job of --min_processes or more: the event, then the stop."""
     below = available < self.o.min_processes
     why = (f"below --min_processes={self.o.min_processes}" if below else
-           f"no usable mesh for {self.o.min_processes} to {available} process(es) of "
+           f"no usable mesh for {self.o.min_processes} to {available} process(es) x "
            f"{self.capacity[1]} device(s)")
     self._emit_scale((available, self.capacity[1]), available,
                      note=f"{why}: the workers stop")

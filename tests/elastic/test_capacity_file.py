@@ -151,7 +151,7 @@ def test_below_minimum_by_the_capacity_file_says_to_change_it(tmp_path, monkeypa
   assert _run_after_checkpoint_10(s, monkeypatch, "1\n") == sup.EXIT_BELOW_MIN
   message = _events(tmp_path)[-1]["message"]
   assert "run the same command again" not in message, message
-  assert message.startswith("only 1 process(es) of 2 device(s) available, below "
+  assert message.startswith("only 1 process(es) x 2 device(s) available, below "
                             f"--min_processes=2. Stopping; change {s.capacity_file} (it "
                             "states 1 x 2: no usable job) or remove it, then run "
                             "again to resume from the latest checkpoint, step 10 in "), message

@@ -128,7 +128,7 @@ def test_below_minimum_stops_with_a_message(tmp_path):
   assert give_up["event"] == "give_up" and give_up["reason"] == "below_min"
   assert give_up["generation"] == 0      # was 1: no such workers (the next run's number)
   log = open(os.path.join(w, "launch.log")).read()
-  assert "error: only 1 process(es) of 2 device(s) available, below --min_processes=2" in log
+  assert "error: only 1 process(es) x 2 device(s) available, below --min_processes=2" in log
   assert "run the same command again to resume" in log
   assert "replan" not in t.names(ev)
   assert all(p is None or not t.alive(p) for p in t.worker_pids(w, 0))
@@ -163,7 +163,7 @@ def test_capacity_no_mesh_takes_says_so_then_stops(tmp_path):
   ev = _stopped_by_capacity(str(tmp_path), [], "2 3\n")
   up = next(e for e in ev if e["event"] == "scale_up")
   assert (up["current"], up["target"], up["available"]) == ([2, 2], [2, 3], 2), up
-  assert up["note"] == "no usable mesh for 1 to 2 process(es) of 3 device(s): the workers stop"
+  assert up["note"] == "no usable mesh for 1 to 2 process(es) x 3 device(s): the workers stop"
   # was `below_min`, though 2 processes (>= --min_processes=1) were available
   assert "replan" not in t.names(ev) and ev[-1]["reason"] == "no_usable_mesh", ev[-1]
   assert ev[-1]["message"].startswith("no usable mesh: 2 process(es): "), ev[-1]
@@ -345,13 +345,13 @@ def test_no_usable_mesh_is_its_own_give_up_reason(tmp_path, monkeypatch):
   assert s._plan() == (None, "no usable mesh: 2 process(es): not divisible",
                        "no_usable_mesh")
   s.lost = {0: 0.0, 1: 0.0}
-  assert s._plan() == (None, "only 0 process(es) of 3 device(s) available, below "
+  assert s._plan() == (None, "only 0 process(es) x 3 device(s) available, below "
                        "--min_processes=1 (lost slot(s) [0, 1] never come back without "
                        "--rejoin_after=S, which offers a lost slot again after S seconds, e.g. "
                        "to restart a crashed worker where it ran)", "below_min")
   s.o = dataclasses.replace(s.o, rejoin_after=60.0)   # they do come back: nothing to add
   s.lost = {0: time.time(), 1: time.time()}
-  assert s._plan() == (None, "only 0 process(es) of 3 device(s) available, below "
+  assert s._plan() == (None, "only 0 process(es) x 3 device(s) available, below "
                        "--min_processes=1", "below_min")
 
 
