@@ -280,7 +280,8 @@ class ExperimentConfig:
       # not led by a binding's name: `launch.user_message` would put the model's line in
       # front, where the dims may come from a flag
       where = [f"{n} at {gin_usage.bound_at(n)}"
-               for n in (*_dim_bindings(self.tables), "ExperimentConfig.model")
+               for n in (*_dim_bindings(self.tables), "ExperimentConfig.model",
+                         "build_model.name")   # (a --gin_bindings that chose the model)
                if gin_usage.bound_at(n)]
       raise ConfigError(
           f"the model {type(self.model).__name__} takes features of one embedding dim (it "

@@ -117,7 +117,8 @@ def test_models_of_one_dim_refuse_mixed_dims_naming_features_and_tables(model, n
       "DLRM's and DeepFM's interactions pair every two features), but the features read "
       "tables of dims [8, 16] (dim 8: feature 'f1' reads table 't1'; dim 16: feature 'f0' "
       "reads table 't0') (uniform_tables.dim at --gin_bindings; ExperimentConfig.model at "
-      f"{ROOT}/configs/{model}_synthetic.gin:10); give every table one dim "
+      f"{ROOT}/configs/{model}_synthetic.gin:10; build_model.name at "
+      f"{ROOT}/configs/{model}_synthetic.gin:11); give every table one dim "
       "(uniform_tables.dim, or each TableSpec.dim), or use a model that concatenates its "
       "features (dcnv2, two_tower)")
 
