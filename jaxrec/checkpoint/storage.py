@@ -53,7 +53,7 @@ def io_failure(e: BaseException) -> str | None:
   for e in _causes(e):
     if isinstance(e, OSError) and e.strerror:
       return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-    code = os_error_code(e)   # tensorstore: 'CODE: Error writing local file "F": ... [os_error_code=N]'
+    code = os_error_code(e)   # tensorstore: 'Error writing local file "F": ...', with the errno
     if code is not None:   # as an OSError's: its full text was 300-600 characters
       file = re.search(r'local file "([^"]+)"', str(e))
       return f"{os.strerror(code)}: {file.group(1)}" if file else os.strerror(code)

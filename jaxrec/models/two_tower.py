@@ -2,8 +2,8 @@
 
 Features are split by index into the `F` axis of `emb` (config order): `user_features` feed
 the user tower, `item_features` the item tower; the sets must be disjoint, and features in
-neither are ignored (a warning names them). Dense features feed the user tower when `dense_to_user` is true and
-are ignored otherwise.
+neither are ignored (a warning names them). Dense features feed the user tower when
+`dense_to_user` is true and are ignored otherwise.
 """
 
 from __future__ import annotations
