@@ -37,9 +37,11 @@ def foreign_entries(directory, also: Iterable[str] = ()) -> list[str]:
   if not directory.is_dir():
     return []
   also = set(also)
-  return sorted(p.name for p in directory.iterdir()
-                if not (p.name.isdigit() or p.name in also or p.name.startswith(".")
-                        or p.name.split(".", 1)[0].isdigit() and ".orbax-checkpoint-tmp" in p.name))
+
+  def own(name: str) -> bool:
+    saving = name.split(".", 1)[0].isdigit() and ".orbax-checkpoint-tmp" in name
+    return name.isdigit() or saving or name in also or name.startswith(".")
+  return sorted(p.name for p in directory.iterdir() if not own(p.name))
 
 
 def latest_valid(directory, steps: Sequence[int], check: Callable[[int], object]) -> int | None:
