@@ -29,6 +29,7 @@ from jaxrec import files, workdir_layout
 from jaxrec.errors import ConfigError
 
 OWNER = "OWNER"
+TRAINED = "TRAINED"   # `'init': 'existing'` arrays changed by the workdir it names (`store`)
 _LOG = logging.getLogger(__name__)
 
 
@@ -53,11 +54,11 @@ def _read(path: str) -> tuple[str, str] | None:
 
 def _not_arrays(path: str) -> list[str]:
   """Entries of directory `path` that are not stored arrays (a directory holding a zarr
-  array's metadata, or an empty one), nor an `OWNER` file (or its temporary)."""
+  array's metadata, or an empty one), nor an `OWNER` or `TRAINED` file (or a temporary)."""
   out = []
   for name in sorted(os.listdir(path)):
     full = os.path.join(path, name)
-    if name.startswith(OWNER):
+    if name.startswith((OWNER, TRAINED)):
       continue
     inside = set(os.listdir(full)) if os.path.isdir(full) and not os.path.islink(full) else None
     if inside is None or (inside and not {".zarray", "zarr.json"} & inside):

@@ -40,14 +40,15 @@ import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
-from jaxrec import signals, tree_copy
+from jaxrec import files, signals, tree_copy
 from jaxrec.embedding import optimizers, table_init
 from jaxrec.embedding.specs import TableSpec
 from jaxrec.errors import ConfigError
 from jaxrec.futures import wait_all
 from jaxrec.offload import integrity
 from jaxrec.offload.config import OffloadError, OffloadTable
-from jaxrec.offload.owner import OWNER
+from jaxrec.offload import owner
+from jaxrec.offload.owner import OWNER, TRAINED
 from jaxrec.planner.result import format_bytes
 
 TABLE = "table"
@@ -142,6 +143,7 @@ class TableStore:
     self.driver = off.driver       # of the arrays opened: an existing store keeps its own
     self.arrays: dict[str, ts.TensorStore] = {}     # write handles
     self.readers: dict[str, ts.TensorStore] = {}    # read handles (another I/O pool)
+    self._marked = False                            # `TRAINED` written (`_mark_trained`)
 
   @property
   def names(self) -> tuple[str, ...]:
@@ -262,6 +264,7 @@ class TableStore:
     Raises `OffloadError` (naming the table and path) when the write fails."""
     if not len(rows):
       return
+    self._mark_trained()
     order = np.argsort(rows, kind="stable")
     try:
       for piece in self._write_pieces(rows[order]):
@@ -294,6 +297,7 @@ class TableStore:
   def write_block(self, name: str, start: int, values: np.ndarray) -> None:
     """Writes `values` `[n, ...]` to rows `[start, start + n)` of array `name`, converted
     to its dtype (e.g. widened from a checkpoint's float16), and waits for the commit."""
+    self._mark_trained()
     try:
       self.arrays[name][start:start + len(values)].write(
           np.asarray(values, self.array_dtype(name))).result()
@@ -304,6 +308,39 @@ class TableStore:
 
   def read_all(self, name: str, start: int, stop: int) -> np.ndarray:
     return self.readers[name][start:stop].read().result()
+
+  # ----------------------------------------------------------------------------- `existing`
+  def _mark_trained(self) -> None:
+    """Before the first change to arrays opened as `'init': 'existing'`: `<path>/TRAINED`
+    names the workdir that owns the store (`owner`), so that a fresh start of that workdir
+    refuses them (`check_untrained`)."""
+    if self._marked or self.off.init != "existing" or self.off.kvstore == "memory":
+      return
+    workdir = owner.read_owner(self.path)
+    if workdir is not None:
+      files.write_text_atomic(os.path.join(self.path, TRAINED), workdir + "\n")
+    self._marked = True
+
+  def check_untrained(self) -> None:
+    """`OffloadError` when a fresh run (no checkpoint to restore) would open `existing`
+    arrays that an earlier run of this workdir changed in place: it stopped before its
+    first checkpoint (a kill), and the rerun trained on half-updated rows with fresh dense
+    layers, without a word."""
+    if self.off.kvstore == "memory":
+      return
+    try:
+      with open(os.path.join(self.path, TRAINED)) as f:
+        by = f.read().strip()
+    except FileNotFoundError:
+      return
+    if by and by == owner.read_owner(self.path):
+      raise OffloadError(
+          f"offloaded table '{self.spec.name}': the arrays at '{self.path}' ('init': "
+          f"'existing') were changed in place by an earlier run of this workdir ({by}) "
+          "that left no checkpoint to resume (killed before its first one?): they are no "
+          "longer the arrays it started from. Put the original arrays back and delete "
+          f"{os.path.join(self.path, TRAINED)}, or use a fresh --workdir to train on them "
+          "as they are")
 
   # ----------------------------------------------------------------------------- snapshots
   def snapshot(self, dst: str) -> None:
@@ -336,6 +373,7 @@ class TableStore:
     """Replaces the arrays by the snapshot in `src` and reopens them."""
     if not os.path.isdir(src):
       raise OffloadError(f"offloaded table '{self.spec.name}': snapshot {src} is missing")
+    self._mark_trained()
     self.arrays, self.readers = {}, {}
     self._ctx, self._write_ctx = _contexts()
     if self.off.kvstore == "memory":
@@ -429,7 +467,7 @@ def link_tree(src: str, dst: str, shown: str | None = None, names=None) -> None:
   those top-level entries (a store's arrays: not a file a user put in its directory).
   Snapshots and checkpoint conversion copy with it. Raises `tree_copy.CopyError` (an
   OSError naming the file and whether it was read or written; `shown` stands for `dst`)."""
-  skip = lambda rel: rel.endswith(integrity.LOCK_SUFFIX) or rel == OWNER
+  skip = lambda rel: rel.endswith(integrity.LOCK_SUFFIX) or rel in (OWNER, TRAINED)
   if names is None:
     tree_copy.copy_tree(src, dst, shown, link=True, skip=skip)
     return

@@ -401,6 +401,7 @@ class OffloadTier(LookAhead):
       return
     for t in self.tables.values():
       if t.store.off.init == "existing":
+        t.store.check_untrained()   # a fresh run: not an earlier run's half-trained arrays
         t.store.open_existing()
       else:
         found = [] if self._stores_written else t.store.existing_arrays()

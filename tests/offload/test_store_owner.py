@@ -12,6 +12,7 @@ from jaxrec import offload
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.errors import ConfigError
 from jaxrec.offload import snapshots
+from jaxrec.offload.config import OffloadError
 from jaxrec.offload.owner import OWNER, read_owner
 from jaxrec.sharding.plan import uniform_plan
 from tests.offload.offload_helpers import experiment, mesh_of
@@ -262,3 +263,31 @@ def test_nested_claims_are_handed_back_whole(tmp_path):
   (w / "offload" / "t0" / "table" / "zarr.json").write_text("{}")
   owner.release(claims)
   assert os.listdir(w) == []
+
+
+def test_existing_arrays_a_killed_run_of_this_workdir_changed_are_refused(tmp_path):
+  """`'init': 'existing'`, killed before its first checkpoint, then the same command: the
+  rerun trained on the half-updated arrays with fresh dense layers, without a word (2,012
+  of 2,442 store files rewritten by the killed run). The first change writes
+  `<store>/TRAINED` naming the workdir; a fresh start of that workdir is refused. Another
+  workdir may still start from them (a store handed over, or copied)."""
+  from tests.offload.offload_helpers import SMALL_DLRM, train_synthetic
+  source = tmp_path / "trained"
+  train_synthetic(tmp_path / "w0", 10, SMALL_DLRM + [
+      f"OffloadConfig.tables={{'t0': {{'cache_rows': 4000, 'path': '{source}'}}}}"])
+  store = shutil.copytree(source, tmp_path / "existing")   # the user's copy to start from
+  bindings = SMALL_DLRM + [f"OffloadConfig.tables={{'t0': {{'cache_rows': 4000, 'path': "
+                           f"'{store}', 'init': 'existing'}}}}"]
+  w = tmp_path / "w"
+  train_synthetic(w, 10, bindings)
+  assert (store / "TRAINED").read_text() == f"{w}\n"
+  shutil.rmtree(w / "checkpoints")       # as if killed before its first checkpoint
+  shutil.rmtree(w / "offload_snapshots")
+  with pytest.raises(OffloadError, match=r"^offloaded table 't0': the arrays at '.*existing' "
+                     r"\('init': 'existing'\) were changed in place by an earlier run of "
+                     r"this workdir .* Put the original arrays back and delete "
+                     r".*existing/TRAINED, or use a fresh --workdir"):
+    train_synthetic(w, 10, bindings)
+  os.remove(store / OWNER)                # handed over: another workdir trains them on
+  train_synthetic(tmp_path / "w2", 10, bindings)
+  assert (store / "TRAINED").read_text() == f"{tmp_path / 'w2'}\n"
