@@ -316,6 +316,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
 
   def save_checkpoint(state, step: int, force: bool, evaluates: bool) -> None:
     if tier is not None:   # flush and snapshot the offloaded tables of this step
+      ckpt.wait()   # the last save commits, rotating the oldest out (the save waits anyway)
+      prune_snapshots()   # ... whose snapshot went after this one: keep + 2 copies at peak
       tier.save(state, step, snapshots)
       elastic.report_alive("save", checkpoint=step)
     ckpt.save(step, state, collection, data_state=train_it.get_state(),   # `evaluates`: its

@@ -344,3 +344,22 @@ def test_saving_and_restoring_large_stores_is_logged(tmp_path, monkeypatch, capl
     assert caplog.messages == []
   finally:
     run.close()
+
+
+def test_a_snapshot_rotated_out_is_gone_before_the_next_one_is_written(tmp_path, monkeypatch):
+  """Snapshots were pruned right after each save was started, before its commit rotated
+  the oldest checkpoint out: that one's snapshot stayed through the next snapshot, and the
+  disk held keep + 2 copies of the table at its peak (3 at keep=1: 1.8 GB for a 10M x 16
+  table) where the start-up check counts keep + 1."""
+  from tests.offload.offload_helpers import (SMALL_DLRM,  # pylint: disable=import-outside-toplevel
+                                             SNAPSHOT_OFFLOAD, train_synthetic)
+  seen, real = [], offload.OffloadTier.save
+
+  def save(self, state, step, path):
+    seen.append((step, offload.snapshots.steps(path)))
+    return real(self, state, step, path)
+  monkeypatch.setattr(offload.OffloadTier, "save", save)
+  w = tmp_path / "w"
+  train_synthetic(w, 30, SMALL_DLRM + SNAPSHOT_OFFLOAD, keep_checkpoints=1)
+  assert seen == [(10, []), (20, [10]), (30, [20])], seen
+  assert offload.snapshots.steps(str(w / "offload_snapshots")) == [30]
