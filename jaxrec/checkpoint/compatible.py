@@ -210,6 +210,7 @@ def check_compatible(index: Mapping, collection, where: str,
                       f"{listed(have_tables - names)}): a resume restores the checkpoint's "
                       "tables, no others; configure those, or start a fresh --workdir")
   stored, want = _by_table(stored), _by_table(want)
+  grown = {}   # table -> stored dtype, of tables restored wider (more memory than saved)
   for t in [(specs or {}).get(t.name, t) for t in collection.tables]:
     theirs, ours = stored.get(("tables", t.name), {}), want.get(("tables", t.name), {})
     if _stored_int8_for_float(theirs, ours, t.name):
@@ -219,6 +220,7 @@ def check_compatible(index: Mapping, collection, where: str,
                           f"configured {t.dtype} (TableSpec.dtype, e.g. uniform_tables.dtype)")
       _LOG.info("table '%s': dequantizing the int8 table of checkpoint %s to %s", t.name,
                    where, t.dtype)
+      grown[t.name] = "int8"
       continue
     _refuse_quantizing(theirs, ours, t, where)
     if set(theirs) != set(ours) or any(theirs[n][0] != ours[n][0] for n in ours):
@@ -236,4 +238,12 @@ def check_compatible(index: Mapping, collection, where: str,
     if wide:
       _LOG.info("table '%s': widening %s from checkpoint %s", t.name, ", ".join(
           f"{n} {a} → {b}" for n, (a, b) in wide.items()), where)
+      if table_name(t.name) in wide:
+        grown[t.name] = wide[table_name(t.name)][0]
+  if grown:   # a resume that forgot its dtype binding: only INFO lines said so
+    kinds = ", ".join(sorted(set(grown.values())))
+    _LOG.warning("%s restore wider than checkpoint %s stores them (%s → the configured dtype): "
+                 "they take more memory than in the run that saved them; to keep theirs, "
+                 "bind TableSpec.dtype (e.g. uniform_tables.dtype) as saved",
+                 f"{len(grown)} table(s) ({some(grown)})", where, kinds)
   return _check_optimizer_state(stored, want, collection, where)

@@ -72,6 +72,12 @@ def test_torchrec_float16_import_widens_to_float32(tmp_path, caplog, kind, devic
   assert len(widened) == len(weights) and "float16 → float32" in widened[0].getMessage()
   # on jaxrec's logger, which scripts/train.py shows at INFO (absl's INFO it hides)
   assert {r.name for r in widened} == {"jaxrec.checkpoint.compatible"}, widened
+  # and one warning: a resume that forgot its dtype binding grew 2-4x in memory, said only
+  # at INFO
+  [grown] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+             and "restore wider" in r.getMessage()]
+  assert grown.startswith(f"{len(weights)} table(s) ('t0', ") and "(float16 → the configured " \
+      "dtype): they take more memory than in the run that saved them" in grown, grown
 
 
 def test_bfloat16_checkpoint_restores_into_float32(tmp_path):
