@@ -17,7 +17,7 @@ import dataclasses
 from typing import Mapping, Sequence
 
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
-from jaxrec.errors import BudgetError
+from jaxrec.errors import BudgetError, some
 from jaxrec.offload.config import (OFFLOAD_DTYPES, OffloadConfig, OffloadTable, device_tables,
                                    BUFFER_ROW_BYTES, host_bytes, row_bytes)
 from jaxrec.planner.result import format_bytes
@@ -57,6 +57,8 @@ def plan_with_offload(tables: Sequence[TableSpec], features: Sequence[FeatureSpe
     except BudgetError as e:   # other errors (a bad EmbeddingOptions binding) as they are
       if not (config.auto and may_auto_offload) or not candidates:   # offloading cannot help
         unused = " (planned on the devices only)" if config.auto and not may_auto_offload else ""
+        if config.auto and may_auto_offload:
+          unused = _passed_over(tables, config, rows_of)
         raise BudgetError(f"{e} (offloaded tables, planned as their device caches: "  # gin's
                           f"{_caches(tables, config, optimizer)}; "  # wrapped ones had none
                           f"OffloadConfig.auto={config.auto}{unused}{_smaller(config)})"
@@ -100,6 +102,18 @@ def with_auto_offloaded(tables: Sequence[TableSpec], features: Sequence[FeatureS
     if t.name in names and _may_auto_offload(t, config, rows_of):
       config = _auto_offload(config, t, rows_of)
   return config
+
+
+def _passed_over(tables: Sequence[TableSpec], config: OffloadConfig, rows_of) -> str:
+  """Why `auto` offloaded no more: the tables it may not take (its error said only
+  `OffloadConfig.auto=True`, where every table was int8)."""
+  free = [t for t in tables if config.table(t.name) is None]
+  int8 = [t.name for t in free if t.dtype not in OFFLOAD_DTYPES]
+  small = [t.name for t in free if t.dtype in OFFLOAD_DTYPES and rows_of(t) >= t.rows / 2]
+  why = ([f"{some(int8)} {'is' if len(int8) == 1 else 'are'} int8, which cannot be "
+          "offloaded (store them as bfloat16/float16)"] if int8 else []) + (
+      [f"{some(small)}: a cache would hold half their rows or more"] if small else [])
+  return f" (it passes over the rest: {'; '.join(why)})" if why else ""
 
 
 def _may_auto_offload(table: TableSpec, config: OffloadConfig, rows_of) -> bool:

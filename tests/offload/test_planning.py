@@ -42,6 +42,17 @@ def test_auto_skips_tables_that_cannot_be_offloaded():
   assert dict((t.name, t.rows) for t in specs)["huge"] == 8_000_000
 
 
+def test_auto_that_can_offload_nothing_more_says_why():
+  """Every table int8 (or too small to cache): the error said only `OffloadConfig.auto=True`,
+  where the same tables in bfloat16 were offloaded and trained."""
+  tables = tuple(dataclasses.replace(t, dtype="int8") for t in TABLES)
+  with pytest.raises(ConfigError, match=r"OffloadConfig.auto=True \(it passes over the rest: "
+                     r"'huge', 'mid', 'small' are int8, which cannot be offloaded \(store "
+                     r"them as bfloat16/float16\)\)"):
+    offload.plan_with_offload(tables, FEATURES, MESH, offload.OffloadConfig(auto=True),
+                              ADAGRAD, 20 * 2**20, 512)
+
+
 def test_auto_cache_is_sized_for_training_not_for_an_eval_batch():
   """`auto` sizes a cache for the ids of H+1 training batches (here 512 x 5), not for an
   eval batch (it made a 16,384-row cache here): an eval batch with more rows is evaluated
