@@ -402,7 +402,9 @@ def refine_from_profile(path: str | os.PathLike, tables: Sequence[TableSpec],
                         f"fit the tables given: {e}") from None
     samples.append((est.critical_terms, t))
     weights.append(float(steps.sum()))
-  last = max(records, key=lambda r: r["step"])
+  # the newest step; of two runs' lines at one step (profiles of two fresh runs in one file),
+  # the later line's (the first one's was taken as the current plan)
+  last = max(enumerate(records), key=lambda ir: (ir[1]["step"], ir[0]))[1]
   last_key = json.dumps([last["plan"].to_json(), cm.normalize_mesh(last["mesh"]),
                          int(last.get("batch_size") or batch_size)], sort_keys=True)
   measured = samples[list(groups).index(last_key)][1]

@@ -301,3 +301,18 @@ def test_the_trainer_writes_the_plan_once(tmp_path):
   lines = [json.loads(l) for l in (tmp_path / "profile.jsonl").read_text().splitlines()]
   assert len(lines) == 3 and "plan" in lines[0] and all(l["same_plan"] for l in lines[1:])
   assert len({json.dumps(r["plan"].to_json()) for r in planner.read_profile(tmp_path)}) == 1
+
+
+def test_the_current_plan_is_the_last_line_of_the_newest_step(tmp_path):
+  """Two fresh runs' profiles in one file, both ending at step 300: the first run's plan
+  was called the current one (max over steps took the first of a tie)."""
+  tables, features, mesh, _ = _setup()
+  plans = [uniform_plan("tw", tables, 2), uniform_plan("dp", tables, 2)]
+  with open(tmp_path / "profile.jsonl", "w") as f:
+    for plan, t in zip(plans, (0.02, 0.04)):
+      for step in (100, 200, 300):
+        f.write(json.dumps({"step": step, "step_time_s": t, "mesh": mesh,
+                            "plan": plan.to_json()}) + "\n")
+  ref = planner.refine_from_profile(tmp_path / "profile.jsonl", tables, features, 4 * GiB,
+                                    0.0, 4096)
+  assert ref.current.plan == plans[1] and ref.measured_step_time_s == pytest.approx(0.04)
