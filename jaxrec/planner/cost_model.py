@@ -207,7 +207,7 @@ def dedups(opt: OptimizerState, dtype: str, kernel: str = "xla", option="auto") 
 
 @dataclasses.dataclass(frozen=True)
 class TableStats:
-  """What is known about a table's traffic beyond its specs (checked and reported; the
+  """What is known about a table's traffic beyond its specs (checked, not reported; the
   step cost does not depend on it, see module docstring).
 
   Attributes:
