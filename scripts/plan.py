@@ -262,12 +262,17 @@ def _estimate_forced(tables, mesh, estimate):
   if not is_plan_file(FLAGS.plan):
     warn_collapsed_kind(FLAGS.plan, mesh)
     return estimate(uniform_plan(FLAGS.plan, tables, mesh["table"]), f"forced {FLAGS.plan}")
-  from jaxrec.offload.hooks import type_of  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from jaxrec.offload.hooks import checked_auto_offloaded, type_of
+  # pylint: disable-next=import-outside-toplevel
+  from jaxrec.sharding.plan import PlanTablesError, plan_file_mesh_note
   plan = load_plan_file(FLAGS.plan, mesh, " (--plan=auto re-plans)")
+  checked_auto_offloaded(FLAGS.plan, tables)   # as train.py does (it passed here)
   try:
     return estimate(plan, "file")
-  except ConfigError as e:
-    raise type_of(e)(f"--plan={FLAGS.plan}: {e}") from None
+  except ConfigError as e:   # with train.py's hint when the file was made for another mesh
+    note = "" if isinstance(e, PlanTablesError) else plan_file_mesh_note(FLAGS.plan, mesh)
+    raise type_of(e)(f"--plan={FLAGS.plan}: {e}{note}") from None
 
 
 def _eval_warning(spec, result, optimizer, off):

@@ -104,12 +104,7 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
       raise type_of(e)(f"--plan={options.plan}: {e}{note}") from None
 
   if recorded is None and is_plan_file(options.plan):
-    recorded_offload = plan_file_auto_offloaded(options.plan)
-    unknown = in_order(set(recorded_offload or ()) - {t.name for t in config.tables})
-    if unknown:   # ignored, the plan then 'did not fit' without a word of the field
-      raise ConfigError(f"--plan: {options.plan}: \"auto_offloaded\" names tables this config "
-                        f"does not have: {unknown} (tables: "
-                        f"{some([t.name for t in config.tables], quote=False)})")
+    recorded_offload = checked_auto_offloaded(options.plan, config.tables)
   if (recorded is not None and recorded_offload is None and off.auto and may_auto_offload
       and processes == 1):
     try:   # a checkpoint from before its meta said which tables auto offloaded: as its run
@@ -151,6 +146,19 @@ def type_of(e: ConfigError) -> type:
   """`BudgetError` for one (a plan over budget), else `ConfigError`: re-raised with a
   prefix, the class the callers branch on is kept."""
   return BudgetError if isinstance(e, BudgetError) else ConfigError
+
+
+def checked_auto_offloaded(path: str, tables) -> tuple[str, ...] | None:
+  """`plan_file_auto_offloaded`, a `ConfigError` when it names a table not in `tables`
+  (ignored, the plan then 'did not fit' without a word of the field); also for
+  `scripts/plan.py --plan`, which passed such a file that train.py then refused."""
+  recorded = plan_file_auto_offloaded(path)
+  unknown = in_order(set(recorded or ()) - {t.name for t in tables})
+  if unknown:
+    names = some([t.name for t in tables], quote=False)
+    raise ConfigError(f"--plan: {path}: \"auto_offloaded\" names tables this config does "
+                      f"not have: {unknown} (tables: {names})")
+  return recorded
 
 
 def plan_file_auto_offloaded(path: str) -> tuple[str, ...] | None:

@@ -366,6 +366,20 @@ def test_a_plan_file_is_priced_and_checked_as_train_py_checks_it(tmp_path, monke
                           mesh, offload.OffloadConfig())
     proc = plan(tmp_path, tables_flag, f"--plan={bad}", "--mesh=table=2,row=2")
     assert proc.returncode == 1 and proc.stderr == f"error: {e.value}\n", (content, proc.stderr)
+  # what plan.py passed and train.py then refused: an "auto_offloaded" naming a table the
+  # config lacks; a file's table_slice outside this mesh, said without train.py's hint
+  for content, run_mesh, flag in (
+      ({"plan": uniform_plan("tw", tables, 2).to_json(), "auto_offloaded": ["nope"]}, mesh,
+       "--mesh=table=2,row=2"),
+      ({"plan": uniform_plan("tw", tables, 2).to_json(), "mesh": mesh},
+       {"data": 1, "table": 1, "row": 4, "col": 1}, "--mesh=row=4")):
+    bad.write_text(json.dumps(content))
+    with pytest.raises(ConfigError) as e:
+      offload.choose_plan(config, RunOptions(plan=str(bad), memory_per_device=16 * 2**30),
+                          run_mesh, offload.OffloadConfig())
+    proc = plan(tmp_path, tables_flag, f"--plan={bad}", flag)
+    assert proc.returncode == 1, (content, proc.stdout[-500:])
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {e.value}", (content, proc.stderr)
   proc = plan(tmp_path, tables_flag, f"--plan={good}", "--mesh=table=2,row=2", f"--json={good}")
   assert proc.returncode == 1 and "--json: " in proc.stderr and "is the --plan file" in proc.stderr
   proc = plan(tmp_path, tables_flag, "--plan=zz", "--mesh=row=2")
