@@ -477,10 +477,13 @@ def propose_plan(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
   for load, k in zip(space.loads, smallest):
     alone = _own(space, load, k)
     if alone > space.budget:
+      parts = cm.table_memory(load, k, mesh, space.opt)   # (the optimizer's share was unsaid)
+      split = (f" (table {format_bytes(parts['table'])}, optimizer state "
+               f"{format_bytes(parts['optimizer'])})" if parts["optimizer"] else "")
       raise BudgetError(
           f"table {_describe(load)} fits no placement within the memory budget of "
           f"{format_bytes(space.budget)}/device on mesh {cm.mesh_str(mesh)}: smallest is "
-          f"{k} at {format_bytes(alone)}/device; add devices on row/col or memory"
+          f"{k} at {format_bytes(alone)}/device{split}; add devices on row/col or memory"
           f"{_padded_hint(space, load)}")
   starts = [smallest]
   for k in dict.fromkeys(k for ks in allowed for k in ks):

@@ -337,6 +337,12 @@ def test_a_table_only_a_padded_column_split_fits_names_that_plan():
   with pytest.raises(ConfigError, match=r"or force --plan=grid: this table then takes 3.8 "
                      r"MiB/device, its dim 6 padded to 8"):
     propose_plan(tables, features, {"row": 2, "col": 4}, 5 * 2**20, "sgd", 512)
+  # with optimizer state, its share is said: "smallest is rw at 146.5 MiB" read as the
+  # 97.7 MiB table's alone
+  with pytest.raises(ConfigError, match=r"smallest is dp at 9.2 MiB/device \(table 4.6 MiB, "
+                     r"optimizer state 4.6 MiB\); add devices"):
+    propose_plan([TableSpec("a", 100_000, 12)], features[:1], {"data": 1}, 2**20,
+                 optimizers.Adagrad(), 512)
 
 
 def test_each_table_is_priced_with_its_own_optimizer():
