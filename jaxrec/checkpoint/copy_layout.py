@@ -11,12 +11,14 @@ holds it, and the description says so and what a run that offloads it holds inst
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Mapping, Sequence
 
 from etils import epath
 
-from jaxrec.checkpoint import compatible, copy_optimizer, storage
+from jaxrec.checkpoint import compatible, copy_optimizer, dequantized as dequantized_lib
+from jaxrec.checkpoint import storage
 from jaxrec.checkpoint import tables as tables_lib
 from jaxrec.embedding import layout as layout_lib
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
@@ -54,8 +56,9 @@ def describe(step_dir, manifest: Mapping, plan: str, mesh_shape: Mapping[str, in
   specs, offloaded = tables(meta, manifest)
   given = bool(gin_files or gin_bindings)   # the resuming run's config, else the recorded
   devices = math.prod(mesh_shape.values())
-  batch = (copy_optimizer.given_batch_size(gin_files, gin_bindings) if given
-           else meta.get("batch_size"))
+  batch, dtypes = (copy_optimizer.given_run(gin_files, gin_bindings) if given
+                   else (meta.get("batch_size"), {}))
+  specs = tuple(_resumed_dtype(t, dtypes.get(t.name), str(step_dir)) for t in specs)
   if isinstance(batch, int) and batch % devices:   # (the copy was written; its run refused)
     whose = "the resuming run (--gin_file/--gin_bindings)" if given else "the checkpoint's run"
     raise ConfigError(
@@ -83,6 +86,24 @@ def describe(step_dir, manifest: Mapping, plan: str, mesh_shape: Mapping[str, in
                  "whole above, as a run that keeps it on the device holds it; a run that "
                  "offloads it holds only its cache in that stack (its own cache_rows)")
   return resolved, "\n".join(lines)
+
+
+def _resumed_dtype(spec: TableSpec, configured: str | None, where: str) -> TableSpec:
+  """`spec` (as stored) in the dtype the resuming run configures, when its restore takes
+  it (widened, or int8 dequantised); a `ConfigError` when it refuses it, as the run's
+  start did after the copy was written (a copy printed the stored dtype's stacks)."""
+  if configured is None or configured == spec.dtype:
+    return spec
+  stored = spec.dtype
+  takes = (configured in dequantized_lib.TARGETS if stored == "int8" else
+           configured != "int8" and compatible.widens(stored, configured))
+  if not takes:
+    raise ConfigError(
+        f"table '{spec.name}': checkpoint {where} stores it as {stored}; the resuming run "
+        f"(--gin_file/--gin_bindings) configures {configured}, which its restore refuses "
+        "(only widening, e.g. bfloat16 → float32, or int8 → float32 converts): configure "
+        f"{stored} there (TableSpec.dtype, e.g. uniform_tables.dtype)")
+  return dataclasses.replace(spec, dtype=configured)
 
 
 def resolve_plan(plan: str, tables, mesh_shape: Mapping[str, int]) -> Plan:

@@ -83,15 +83,20 @@ def describe(optimizer, source: str, manifest: Mapping) -> str:
   return "\n".join(lines)
 
 
-def given_batch_size(gin_files: Sequence[str], gin_bindings: Sequence[str]) -> int:
-  """`ExperimentConfig.batch_size` of the resuming run's gin files and bindings (its
-  default where they do not bind it)."""
+def given_run(gin_files: Sequence[str], gin_bindings: Sequence[str]
+              ) -> tuple[int, dict[str, str]]:
+  """`(ExperimentConfig.batch_size, {table: dtype})` of the resuming run's gin files and
+  bindings: its batch (the default where they do not bind it) and its tables' dtypes ({}
+  where they do not bind `ExperimentConfig.embedding`)."""
   from jaxrec import launch  # pylint: disable=import-outside-toplevel
   from jaxrec.train.config import ExperimentConfig  # pylint: disable=import-outside-toplevel
   with gin_usage.isolated():
     launch.parse_gin(gin_files, gin_bindings)
     default = ExperimentConfig.__dataclass_fields__["batch_size"].default
-    return launch.bound_value("ExperimentConfig.batch_size", default)
+    embedding = launch.bound_value("ExperimentConfig.embedding")
+    tables = embedding[0] if isinstance(embedding, tuple) and embedding else ()
+    return (launch.bound_value("ExperimentConfig.batch_size", default),
+            {t.name: str(t.dtype) for t in tables if hasattr(t, "dtype")})
 
 
 def _sparse_tx(tables: Sequence[str]):

@@ -215,3 +215,22 @@ def test_a_resuming_config_whose_optimizer_does_not_keep_the_state_is_refused(tm
   assert (f"error: table 't0': checkpoint {path / '1'} holds RowWiseAdagrad sparse optimizer "
           "state, which the resuming run's SGD (--gin_file/--gin_bindings) does not keep"
           ) in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_resuming_config_whose_table_dtype_its_restore_refuses_is_refused(tmp_path):
+  """`--gin_bindings="uniform_tables.dtype='bfloat16'"` for float32 tables: the copy printed
+  the stored float32 stacks, said the run resumes from it (exit 0), and the run then
+  refused to narrow the tables. Refused at the copy now, naming the table and both dtypes;
+  the same config in float32 copies."""
+  path = _save(tmp_path / "checkpoints", {})
+  mesh = convert.parse_mesh("row=8")
+  synthetic = os.path.join(ROOT, "configs", "dlrm_synthetic.gin")
+  with pytest.raises(ConfigError, match=r"^table 't0': checkpoint .*/1 stores it as float32; "
+                     r"the resuming run \(--gin_file/--gin_bindings\) configures bfloat16, "
+                     r"which its restore refuses"):
+    convert.export_checkpoint(path, tmp_path / "a", None, mesh, "rw", gin_files=[synthetic],
+                              gin_bindings=["uniform_tables.dtype='bfloat16'"])
+  assert not (tmp_path / "a").exists()
+  _, text = convert.export_checkpoint(path, tmp_path / "b", None, mesh, "rw",
+                                      gin_files=[synthetic], gin_bindings=PER_TABLE)
+  assert _stacks(text) and all("float32" in s for s in _stacks(text)), text
