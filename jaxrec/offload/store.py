@@ -200,7 +200,13 @@ class TableStore:
     if self.off.kvstore == "file":
       self.driver = driver_on_disk(os.path.join(self.path, TABLE)) or self.off.driver
     for name in self.names:
-      arr = self._open(dict(self._spec(name), open=True), "open")
+      try:
+        arr = self._open(dict(self._spec(name), open=True), "open")
+      except ConfigError as e:   # tensorstore's NOT_FOUND named neither setting nor layout
+        if self.off.init != "existing" or "NOT_FOUND" not in str(e):
+          raise
+        raise ConfigError(f"{e} ('init': 'existing' opens the arrays an earlier run's store "
+                          f"holds at its 'path': {', '.join(self.names)})") from None
       shape, want = tuple(arr.domain.shape), self.array_shape(name)
       want_dtype = self.array_dtype(name)
       if shape != want or arr.dtype.numpy_dtype != want_dtype:

@@ -199,7 +199,8 @@ def test_a_missing_existing_store_stops_the_run_before_it_writes_its_files(tmp_p
   bindings = SMALL_DLRM + [f"OffloadConfig.tables={{'t0': {{'cache_rows': 4000, 'path': "
                            f"'{store}', 'init': 'existing'}}}}"]
   with pytest.raises(ConfigError, match=r"^offloaded table 't0': cannot open tensorstore "
-                     r"array .*nothing/table"):
+                     r"array .*nothing/table.* \('init': 'existing' opens the arrays an "
+                     r"earlier run's store holds at its 'path': table, opt.accum\)$"):
     train_synthetic(w, 10, bindings)
   assert not w.exists()
   assert not store.exists()   # the claim's OWNER (in a directory it made) went with it
