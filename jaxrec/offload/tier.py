@@ -46,6 +46,7 @@ from __future__ import annotations
 import atexit
 import collections
 import logging
+import os
 import queue
 import threading
 import time
@@ -100,6 +101,7 @@ class OffloadTier(LookAhead):
     # hands the new claims back)
     self._claims = owner.claim({t.name: t.resolve_path(workdir) for t in config.tables
                                 if t.kvstore != "memory"}, workdir) if workdir else []
+    self._owned = workdir is not None   # each store's OWNER names the workdir (`claim`)
     try:
       self._build(collection, tables, config, key, workdir, keep)
     except BaseException:
@@ -405,7 +407,12 @@ class OffloadTier(LookAhead):
         t.store.open_existing()
       else:
         found = [] if self._stores_written else t.store.existing_arrays()
-        if found:   # e.g. a `path` another run trains, or an earlier run of this workdir
+        claimed = {c.path for c in self._claims}   # a store this workdir owned is not listed
+        if found and self._owned and os.path.realpath(t.store.path) not in claimed:
+          _LOG.warning("offloaded table '%s': a fresh run replaces the arrays an earlier run "
+                       "of this workdir left at %s (%s; it left no checkpoint) with its "
+                       "initial values", t.spec.name, t.store.path, ", ".join(found))
+        elif found:   # e.g. a `path` another run trains
           _LOG.warning("offloaded table '%s': a fresh run replaces the arrays already at %s "
                        "(%s) with its initial values ('init': 'existing' would train them "
                        "instead)", t.spec.name, t.store.path, ", ".join(found))

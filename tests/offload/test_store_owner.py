@@ -292,3 +292,20 @@ def test_existing_arrays_a_killed_run_of_this_workdir_changed_are_refused(tmp_pa
   os.remove(store / OWNER)                # handed over: another workdir trains them on
   train_synthetic(tmp_path / "w2", 10, bindings)
   assert (store / "TRAINED").read_text() == f"{tmp_path / 'w2'}\n"
+
+
+def test_a_fresh_rerun_over_its_own_killed_runs_arrays_does_not_advise_training_them(
+    tmp_path, caplog):
+  """A run killed during its first run (no checkpoint) left arrays in its own store; the
+  rerun's warning advised `'init': 'existing'` to train them, a half-written table."""
+  from tests.offload.offload_helpers import SMALL_DLRM, train_synthetic
+  w = tmp_path / "w"
+  bindings = SMALL_DLRM + ["OffloadConfig.tables={'t0': {'cache_rows': 4000}}"]
+  train_synthetic(w, 10, bindings)
+  shutil.rmtree(w / "checkpoints")       # as if killed before its first checkpoint
+  shutil.rmtree(w / "offload_snapshots")
+  with caplog.at_level(logging.WARNING):
+    train_synthetic(w, 10, bindings)
+  assert ("a fresh run replaces the arrays an earlier run of this workdir left at "
+          f"{w}/offload/t0") in caplog.text, caplog.text
+  assert "would train them" not in caplog.text
