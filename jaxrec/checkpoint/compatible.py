@@ -220,7 +220,7 @@ def check_compatible(index: Mapping, collection, where: str,
                           f"configured {t.dtype} (TableSpec.dtype, e.g. uniform_tables.dtype)")
       _LOG.info("table '%s': dequantizing the int8 table of checkpoint %s to %s", t.name,
                    where, t.dtype)
-      grown[t.name] = "int8"
+      grown[t.name] = f"int8 → {t.dtype}"
       continue
     _refuse_quantizing(theirs, ours, t, where)
     if set(theirs) != set(ours) or any(theirs[n][0] != ours[n][0] for n in ours):
@@ -239,11 +239,11 @@ def check_compatible(index: Mapping, collection, where: str,
       _LOG.info("table '%s': widening %s from checkpoint %s", t.name, ", ".join(
           f"{n} {a} → {b}" for n, (a, b) in wide.items()), where)
       if table_name(t.name) in wide:
-        grown[t.name] = wide[table_name(t.name)][0]
+        grown[t.name] = " → ".join(wide[table_name(t.name)])
   if grown:   # a resume that forgot its dtype binding: only INFO lines said so
     kinds = ", ".join(sorted(set(grown.values())))
-    _LOG.warning("%s restore wider than checkpoint %s stores them (%s → the configured dtype): "
-                 "they take more memory than in the run that saved them; to keep theirs, "
-                 "bind TableSpec.dtype (e.g. uniform_tables.dtype) as saved",
+    _LOG.warning("%s restore wider than checkpoint %s stores them (%s): they take more "
+                 "memory than in the run that saved them; to keep theirs, bind "
+                 "TableSpec.dtype (e.g. uniform_tables.dtype) as saved",
                  f"{len(grown)} table(s) ({some(grown)})", where, kinds)
   return _check_optimizer_state(stored, want, collection, where)

@@ -345,8 +345,8 @@ class TableStore:
           f"'existing') were changed in place by an earlier run of this workdir ({by}) "
           "that left no checkpoint to resume (killed before its first one?): they are no "
           "longer the arrays it started from. Put the original arrays back and delete "
-          f"{os.path.join(self.path, TRAINED)}, or use a fresh --workdir to train on them "
-          "as they are")
+          f"{os.path.join(self.path, TRAINED)}, or train on them as they are from a fresh "
+          f"--workdir (delete {os.path.join(self.path, OWNER)} to hand the store over)")
 
   # ----------------------------------------------------------------------------- snapshots
   def snapshot(self, dst: str) -> None:

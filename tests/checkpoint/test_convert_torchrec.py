@@ -76,8 +76,8 @@ def test_torchrec_float16_import_widens_to_float32(tmp_path, caplog, kind, devic
   # at INFO
   [grown] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
              and "restore wider" in r.getMessage()]
-  assert grown.startswith(f"{len(weights)} table(s) ('t0', ") and "(float16 → the configured " \
-      "dtype): they take more memory than in the run that saved them" in grown, grown
+  assert grown.startswith(f"{len(weights)} table(s) ('t0', ") and "(float16 → float32): " \
+      "they take more memory than in the run that saved them" in grown, grown
 
 
 def test_bfloat16_checkpoint_restores_into_float32(tmp_path):

@@ -287,7 +287,8 @@ def test_existing_arrays_a_killed_run_of_this_workdir_changed_are_refused(tmp_pa
   with pytest.raises(OffloadError, match=r"^offloaded table 't0': the arrays at '.*existing' "
                      r"\('init': 'existing'\) were changed in place by an earlier run of "
                      r"this workdir .* Put the original arrays back and delete "
-                     r".*existing/TRAINED, or use a fresh --workdir"):
+                     r".*existing/TRAINED, or train on them as they are from a fresh "
+                     r"--workdir \(delete .*existing/OWNER to hand the store over\)"):
     train_synthetic(w, 10, bindings)
   os.remove(store / OWNER)                # handed over: another workdir trains them on
   train_synthetic(tmp_path / "w2", 10, bindings)
