@@ -448,20 +448,31 @@ def _copy(output, mesh_shape, plan, restart_data, gin_config, step_dir, step
     _copy_tree(step_dir, tmp, dest)
     manifest["converted_from"] = str(step_dir)
     meta = storage.read_json(tmp, storage.META)
+    evaluated = meta.get("evaluates") and _evaluated_in_its_run(step_dir, step)
     if restart_data:   # and its eval was the old run's: the new day re-ran it, saying the
       manifest["data_restarted"] = True   # run 'stopped before or during that eval'
       (tmp / storage.DATA_STATE / "metadata").write_text(json.dumps({}))
+    if restart_data or evaluated:
       meta["evaluates"] = False
     (tmp / storage.MANIFEST / "metadata").write_text(json.dumps(manifest))
     if snapshot is not None:   # the offloaded tables: the snapshot first, hard links
       _link_copy(epath.Path(snapshot[0]), snap_dest)
       written.append(snap_dest)   # left alone, it would refuse the next try
       meta["offload"]["snapshots"] = str(snap_dest.parent)
-    if restart_data or snapshot is not None:
+    if restart_data or evaluated or snapshot is not None:
       (tmp / storage.META / "metadata").write_text(json.dumps(meta))
     signals.check()
     tmp.rename(dest)
   return step, description
+
+
+def _evaluated_in_its_run(step_dir, step: int) -> bool:
+  """Whether the run that saved `step_dir` (`W/checkpoints/<step>`) has the eval of `step`
+  in its `W/metrics.jsonl`: a copy of it owes none (the copy's workdir ran it again,
+  saying the run 'stopped before or during that eval')."""
+  from jaxrec.train import evaluation, writers  # pylint: disable=import-outside-toplevel
+  metrics = os.path.join(os.path.dirname(os.path.dirname(str(step_dir))), writers.METRICS_FILE)
+  return os.path.isfile(metrics) and evaluation.has_eval_line(metrics, step)
 
 
 def _remove_leftover(snap_dest: epath.Path, source: str, step: int) -> None:

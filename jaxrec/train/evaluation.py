@@ -87,13 +87,13 @@ def owed(metrics_path: str | None, meta: Mapping | None, eval_every: int, step: 
     due = bool(eval_every) and step > 0 and step % eval_every == 0
   if not due:
     return False
-  missing = metrics_path is not None and not _has_eval_line(metrics_path, step)
+  missing = metrics_path is not None and not has_eval_line(metrics_path, step)
   if jax.process_count() > 1:
     missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
   return missing
 
 
-def _has_eval_line(path: str, step: int) -> bool:
+def has_eval_line(path: str, step: int) -> bool:
   """Whether `path` holds an eval line (`eval_*` keys) of `step` that no later rewind
   (`writers.REWIND_EVENTS`) to an earlier step dropped."""
   try:

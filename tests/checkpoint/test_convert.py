@@ -300,6 +300,22 @@ def test_a_restart_data_copy_owes_no_eval_of_its_step(saved, tmp_path):
   assert evaluation.owed(no_metrics, storage_meta(tmp_path / "same"), 2, 4)
 
 
+def test_a_copy_of_a_step_its_run_evaluated_owes_no_eval(saved, tmp_path):
+  """A plain copy into a new workdir re-ran the step's eval there ('the run stopped before
+  or during that eval'), though the run's metrics.jsonl had it: a step its run evaluated
+  is copied as evaluated; one whose eval is missing there is still owed."""
+  _, coll, state = saved
+  w = tmp_path / "w"
+  with CheckpointManager(w / "checkpoints") as mgr:
+    mgr.save(4, state, coll, meta={"evaluates": True}, force=True)
+  (w / "metrics.jsonl").write_text('{"step": 4, "loss": 0.5}\n')
+  convert.export_checkpoint(w / "checkpoints", tmp_path / "owed")
+  assert storage.read_json(tmp_path / "owed" / "4", storage.META)["evaluates"] is True
+  (w / "metrics.jsonl").write_text('{"step": 4, "loss": 0.5}\n{"step": 4, "eval_auc": 0.7}\n')
+  convert.export_checkpoint(w / "checkpoints", tmp_path / "done")
+  assert storage.read_json(tmp_path / "done" / "4", storage.META)["evaluates"] is False
+
+
 def test_plan_file_of_a_run_is_accepted(saved, tmp_path):
   """`--plan=W/plan.json` (the plan under "plan", as docs/checkpoints.md says --plan takes) was a
   TypeError traceback."""
