@@ -210,7 +210,7 @@ def check_compatible(index: Mapping, collection, where: str,
                       f"{listed(have_tables - names)}): a resume restores the checkpoint's "
                       "tables, no others; configure those, or start a fresh --workdir")
   stored, want = _by_table(stored), _by_table(want)
-  grown = {}   # table -> stored dtype, of tables restored wider (more memory than saved)
+  grown = {}   # table -> "stored → configured" of tables restored wider (more memory)
   for t in [(specs or {}).get(t.name, t) for t in collection.tables]:
     theirs, ours = stored.get(("tables", t.name), {}), want.get(("tables", t.name), {})
     if _stored_int8_for_float(theirs, ours, t.name):
