@@ -198,9 +198,7 @@ class CheckpointManager:
     self._pending: concurrent.futures.Future | None = None
     self._saving: int | None = None   # the step of the save in flight (its error names it)
     self._failed_save: int | None = None   # a save whose `CheckpointError` was raised
-    # what restores skipped (logged as they went): one line each, for the elastic
-    # supervisor's stderr (a worker's log is a file no one watches)
-    self.restore_warnings: list[str] = []
+    self.restore_warnings: list[str] = []   # steps restores skipped, for launch.py's stderr
     self._threads_at_save: set = set()   # threads before it (`futures_lib.join_threads`)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else max_to_keep,
@@ -388,10 +386,8 @@ class CheckpointManager:
         await_cleanup()
       try:
         self._mgr.close()
-      except Exception:  # pylint: disable=broad-except
-        # orbax keeps a failed save's error and raises it again here: after the one-line
-        # `CheckpointError` of it, a full disk ended in that OSError's traceback instead
-        if self._failed_save is None:
+      except Exception:  # pylint: disable=broad-except  (orbax raises a failed save's
+        if self._failed_save is None:   # error again: a full disk ended in its traceback)
           raise
         logging.debug("orbax's close() raised checkpoint %d's failure again", self._failed_save,
                       exc_info=True)
