@@ -182,6 +182,8 @@ def test_allowed_kinds_and_table_memory():
   # size-1 axes make them another kind: budgets only it meets were refused)
   assert cm.allowed_kinds(load(), {"row": 2, "col": 4}) == ["dp", "rw", "cw", "grid"]
   assert cm.allowed_kinds(load(), {"table": 2, "col": 4}) == ["dp", "tw", "cw", "twcw"]
+  # fewer rows than the row axis: row splits too (empty shards), as forced plans train them
+  assert cm.allowed_kinds(load(rows=3), {"table": 2, "row": 4}) == ["dp", "tw", "rw", "twrw"]
   mem = cm.table_memory(load(rows=1001), "grid", MESH16, cm.optimizer_state("adagrad"))
   assert mem == {"table": 501 * 8 * 4, "optimizer": 501 * 8 * 4}
   # a dim col does not divide is stored padded: 16 over col=3 holds 6 columns a device
