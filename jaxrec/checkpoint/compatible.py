@@ -81,7 +81,12 @@ def _saved_optimizer(have_opt: Mapping) -> list[str]:
   """Names of the optimizers whose state is one table's stored `table_opt/<t>/*` arrays."""
   stored = _state_kinds(have_opt)
   return [cls.__name__ for cls in optimizers_lib.OPTIMIZERS.values()
-          if {k: per for k, (per, _) in cls().state_layout().items()} == stored]
+          if _layout_kinds(cls()) == stored]
+
+
+def _layout_kinds(opt) -> dict[str, str]:
+  """`{state name: 'element' | 'row'}` of sparse optimizer `opt` (`state_layout`)."""
+  return {k: per for k, (per, _) in opt.state_layout().items()}
 
 
 def _state_kinds(have_opt: Mapping) -> dict[str, str]:
@@ -104,7 +109,7 @@ def check_resuming_optimizers(index: Mapping, tables: Sequence[str], optimizer,
   for name in tables:
     have = stored.get(("table_opt", name))
     opt = optimizers_lib.of(optimizer, name)
-    if have and _state_kinds(have) != {k: per for k, (per, _) in opt.state_layout().items()}:
+    if have and _state_kinds(have) != _layout_kinds(opt):
       saved = _saved_optimizer(have)
       raise ConfigError(f"table '{name}': checkpoint {where} holds "
                         f"{saved[0] + ' ' if saved else ''}sparse optimizer state, which the "
