@@ -447,6 +447,12 @@ def parse_bytes(text: str | None, flag: str) -> int | None:
   s = text.strip().lower()
   num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
   unit = s[len(num):]
+  if unit in ("k", "m", "g", "t"):   # docker and the JVM read `16g` as GiB, Kubernetes as GB
+    big, power = unit.upper(), " KMGT".index(unit.upper())
+    raise ConfigError(f"{flag}: '{text}' could mean {num}{big}B ({num} x 10^{3 * power} bytes) "
+                      f"or {num}{big}iB ({num} x 2^{10 * power}): write one of them")
+  if unit in ("ki", "mi", "gi", "ti"):   # Kubernetes' spelling of KiB ... TiB
+    unit += "b"
   try:
     value = float(num) * _UNITS[unit]
   except (ValueError, KeyError):
@@ -455,6 +461,9 @@ def parse_bytes(text: str | None, flag: str) -> int | None:
     raise ConfigError(f"{flag}: must be positive, got '{text}'")
   if not math.isfinite(value) or value < 1:   # 1e999 overflows int(); 1e-3 is 0 bytes
     raise ConfigError(f"{flag}: '{text}' is not a size from 1 byte up")
+  if not unit and value < 2**20:   # `1.5` meant GiB: planned for 1 byte, "fits nothing"
+    raise ConfigError(f"{flag}: '{text}' is {int(value):,} bytes, too small to be meant; give a "
+                      f"unit, e.g. {num}GiB or {num}MiB (a `b` for bytes)")
   return int(value)
 
 

@@ -162,6 +162,28 @@ def test_memory_sizes_below_a_byte_or_overflowing(text):
   assert parse_bytes("2b", "--memory_per_device") == 2
 
 
+@pytest.mark.parametrize("text,meant", [("16G", "16GB (16 x 10^9 bytes) or 16GiB (16 x 2^30)"),
+                                        ("512m", "512MB (512 x 10^6 bytes) or 512MiB")])
+def test_a_one_letter_unit_is_ambiguous(text, meant):
+  """`16G` was "not a size like 16GiB"; docker reads it as GiB, Kubernetes as GB: say both."""
+  from jaxrec.train.config import parse_bytes   # pylint: disable=import-outside-toplevel
+  with pytest.raises(ConfigError, match=re.escape(f"'{text}' could mean {meant}")):
+    parse_bytes(text, "--memory_per_device")
+  assert parse_bytes("16Gi", "--memory_per_device") == 16 * 2**30   # Kubernetes' binary unit
+  assert parse_bytes("3mi", "--memory_per_device") == 3 * 2**20
+
+
+def test_a_small_size_without_a_unit_is_refused():
+  """`--memory_per_device=1.5` (meaning GiB) planned for a 1-byte budget and said nothing
+  fits; a bare number stays bytes from 1 MiB up."""
+  from jaxrec.train.config import parse_bytes   # pylint: disable=import-outside-toplevel
+  with pytest.raises(ConfigError, match=re.escape("'1.5' is 1 bytes, too small to be meant; "
+                                                  "give a unit, e.g. 1.5GiB")):
+    parse_bytes("1.5", "--memory_per_device")
+  assert parse_bytes("1e9", "--memory_per_device") == 10**9
+  assert parse_bytes("100b", "--memory_per_device") == 100
+
+
 @pytest.mark.parametrize("text", ["", "  "])
 def test_an_empty_memory_size_is_an_error_not_the_default(text):
   """`--memory_per_device=$MEM` with MEM unset planned for the default 16GiB without a word
