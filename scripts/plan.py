@@ -258,7 +258,7 @@ def _estimate_forced(tables, mesh, estimate):
   from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
   # pylint: disable-next=import-outside-toplevel
   from jaxrec.sharding.plan import (is_plan_file, load_plan_file, uniform_plan,
-                                    warn_collapsed_kind)
+                                    warn_collapsed_kind, warn_other_sizes)
   if not is_plan_file(FLAGS.plan):
     warn_collapsed_kind(FLAGS.plan, mesh)
     return estimate(uniform_plan(FLAGS.plan, tables, mesh["table"]), f"forced {FLAGS.plan}")
@@ -267,6 +267,7 @@ def _estimate_forced(tables, mesh, estimate):
   # pylint: disable-next=import-outside-toplevel
   from jaxrec.sharding.plan import PlanTablesError, plan_file_mesh_note
   plan = load_plan_file(FLAGS.plan, mesh, " (--plan=auto re-plans)")
+  warn_other_sizes(FLAGS.plan, tables, " (--plan=auto re-plans)")
   checked_auto_offloaded(FLAGS.plan, tables)   # as train.py does (it passed here)
   try:
     return estimate(plan, "file")

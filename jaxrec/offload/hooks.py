@@ -31,7 +31,7 @@ from jaxrec.offload.planning import (plan_with_offload, with_offload_notes,
 from jaxrec.offload.tier import OffloadTier
 from jaxrec.sharding.plan import (Plan, check_plan_flag, is_plan_file, load_plan_file,
                                   plan_file_mesh_note, PlanTablesError, uniform_plan,
-                                  warn_collapsed_kind)
+                                  warn_collapsed_kind, warn_other_sizes)
 from jaxrec.errors import BudgetError, ConfigError, in_order, some
 
 _LOG = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
       plan, mode = recorded, "checkpoint"
     elif is_plan_file(options.plan):
       plan, mode = load_plan_file(options.plan, mesh_shape, " (--plan=auto re-plans)"), "file"
+      warn_other_sizes(options.plan, tables, " (--plan=auto re-plans)")
     else:
       warn_collapsed_kind(options.plan, mesh_shape)
       plan, mode = uniform_plan(options.plan, tables, mesh_shape.get("table", 1)), "forced"

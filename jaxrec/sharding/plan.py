@@ -223,6 +223,34 @@ def load_plan_file(path: str, mesh_shape: Mapping[str, int], fix: str = "") -> P
   return plan
 
 
+def warn_other_sizes(path: str, tables: Sequence, fix: str = "") -> None:
+  """Warns when plan file `path` (a run's `plan.json`, `scripts/plan.py --json` output)
+  records other sizes (`rows x dim`) for tables of `tables` than they have here: a plan of
+  another config whose tables have the same names was taken without a word, its
+  placements chosen for tables of other sizes. Offloaded tables are compared as their
+  caches (`tables` as the collection sees them). A bare plan records no sizes."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      obj = json.load(f)
+  except (OSError, ValueError):   # `Plan.load` names what is wrong with it
+    return
+  if isinstance(obj, dict) and isinstance(obj.get("proposed"), dict):
+    obj = obj["proposed"]
+  recorded = obj.get("tables") if isinstance(obj, dict) else None
+  if not isinstance(recorded, list):
+    return
+  there = {t.get("name"): (t.get("rows"), t.get("dim")) for t in recorded
+           if isinstance(t, dict)}
+  changed = [f"{t.name} {there[t.name][0]:,} x {there[t.name][1]} there, {t.rows:,} x {t.dim} "
+             "here" for t in tables if t.name in there
+             and all(isinstance(v, int) for v in there[t.name])
+             and there[t.name] != (t.rows, t.dim)]
+  if changed:
+    more = f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""
+    warn_once(f"--plan={path} was made for tables of other sizes ({'; '.join(changed[:3])}"
+              f"{more}): its placements are kept, but were chosen for those sizes{fix}")
+
+
 def collapsed_placements(plan: "Plan", mesh_shape: Mapping[str, int]
                          ) -> dict[tuple[str, str], list[str]]:
   """`{(kind, placed as): [tables]}`: the placements of `plan` that split over axes of

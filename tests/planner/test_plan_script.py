@@ -2,6 +2,7 @@
 `__main__` run in this process (`tests.scripts.in_process`; the interrupt test starts it)."""
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -511,3 +512,39 @@ def test_a_gin_config_s_table_optimizers_are_planned_per_table(tmp_path):
       "error: --gin_bindings: ExperimentConfig.table_optimizers['t9'] names no table"
   ), proc.stderr
   assert proc.stderr.count("\n") == 1
+
+
+def test_a_plan_file_of_tables_of_other_sizes_is_warned_about(tmp_path, caplog):
+  """A plan.json of another config whose tables have the same names (other rows) was taken
+  without a word; the warning names the sizes there and here. The caches of offloaded
+  tables are what a run's plan.json records, and match."""
+  from jaxrec import launch, offload   # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from jaxrec.train.config import ExperimentConfig, RunOptions
+  small = tmp_path / "small.json"
+  proc = plan(tmp_path, "--tables=a:1000:16,b:100:16", "--mesh=table=2", f"--json={small}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  proc = plan(tmp_path, "--tables=a:5000:16,b:100:16", f"--plan={small}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert (f"--plan={small} was made for tables of other sizes (a 1,000 x 16 there, 5,000 x "
+          "16 here): its placements are kept, but were chosen for those sizes (--plan=auto "
+          "re-plans)") in proc.stderr, proc.stderr[-2000:]
+  proc = plan(tmp_path, "--tables=a:1000:16,b:100:16", f"--plan={small}")
+  assert proc.returncode == 0 and "other sizes" not in proc.stderr, proc.stderr[-2000:]
+  bindings = ["OffloadConfig.tables = {'t0': {'cache_rows': 4096}}"]
+  launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")], bindings)
+  config, mesh = launch.build(ExperimentConfig), {"table": 2}
+  _, ran, _, _ = offload.choose_plan(config, RunOptions(plan="tw", memory_per_device=2**30),
+                                     mesh)
+  ran_file = tmp_path / "ran.json"
+  ran_file.write_text(json.dumps(ran.to_json()))   # as the run wrote it: t0 as its cache
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    offload.choose_plan(config, RunOptions(plan=str(ran_file), memory_per_device=2**30), mesh)
+  assert "other sizes" not in caplog.text, caplog.text
+  launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")],
+                   ["uniform_tables.dim = 8"])
+  with caplog.at_level(logging.WARNING):
+    offload.choose_plan(launch.build(ExperimentConfig),
+                        RunOptions(plan=str(ran_file), memory_per_device=2**30), mesh)
+  assert "t0 4,096 x 16 there, 100,000 x 8 here; t1" in caplog.text, caplog.text
