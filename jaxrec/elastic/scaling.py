@@ -19,8 +19,13 @@ class Outcome:
   reason: str
   lost: int = 0
   detected: float = 0.0
-  message: str = ""
-  slots: tuple[int, ...] = ()   # the slots of the `lost` workers
+  message: str = ""   # a user error's text; a failure's with the worker's error (`worker 0
+  slots: tuple[int, ...] = ()   # exited 1 without output`); the slots of the `lost` workers
+
+  def failure_text(self) -> str:
+    """A failure for a give-up message: the worker's error where there is one (--quiet
+    hides the `worker_exit` event that says it), else `reason` (`worker 1 hung`)."""
+    return self.message or self.reason
 
 
 class Scaling:
@@ -99,8 +104,10 @@ class Scaling:
       # as one reason twice)
       return (None, "no usable mesh: " + "; ".join(reasons[:2]), "no_usable_mesh")
     if choice is None:
+      failed = f"; the last failure: {self._last_failure}" if self._last_failure else ""
       return None, (f"only {available} process(es) x {k} device(s) available, below "
-                    f"--min_processes={self.o.min_processes}{self._rejoin_hint()}"), "below_min"
+                    f"--min_processes={self.o.min_processes}{self._rejoin_hint()}{failed}"
+                    ), "below_min"
     return choice, "", ""
 
   def _rejoin_hint(self) -> str:

@@ -93,6 +93,7 @@ class Supervisor(scaling.Scaling):
     self._recovery: dict | None = None        # timings of the restart in progress
     self._port: int | None = None             # the coordinator's, of the last workers
     self._first_plan_failed = False           # no mesh of the processes asked for at start
+    self._last_failure = ""                   # `Outcome.failure_text` of the last failure
     self._warnings: set[str] = set()          # workers' warnings already printed
     self._sigterms: list = []                 # (process, record): SIGTERMs not acted on
     self._terminated: dict | None = None      # the launcher's SIGTERM: the checkpoint then
@@ -183,9 +184,11 @@ class Supervisor(scaling.Scaling):
         if out.kind == "failure":
           self.restarts += 1
           self.lost.update(dict.fromkeys(out.slots, out.detected))
+          self._last_failure = out.failure_text()
           if self.restarts > self.o.max_restarts:
             return self._give_up("max_restarts", EXIT_MAX_RESTARTS,
-                                 f"{counted(self.restarts, 'failure')}: --max_restarts="
+                                 f"{counted(self.restarts, 'failure')} (the last: "
+                                 f"{self._last_failure}): --max_restarts="
                                  f"{self.o.max_restarts} allows {self.o.max_restarts} "
                                  "restart(s) after failures")
         # from the detection: a requested stop's workers save and exit on their own first
@@ -544,8 +547,12 @@ class Supervisor(scaling.Scaling):
       if not lost:
         return _Outcome("user_error", "user error", message=message, detected=now)
       why = proc_lib.describe_exit(lost[0].exited)
-      return _Outcome("failure", f"worker {lost[0].index} exited ({why})", lost=len(lost),
-                      detected=now, slots=tuple(p.slot for p in lost))
+      last = proc_lib.last_line(self.workdir, lost[0].index)
+      reason = f"worker {lost[0].index} exited ({why})"
+      return _Outcome("failure", reason, lost=len(lost), detected=now,
+                      slots=tuple(p.slot for p in lost),
+                      message=f"{reason}: {last}" if last and lost[0].exited > 0
+                      else f"worker {lost[0].index} {proc_lib.exit_error(lost[0].exited, '')}")
     if all(p.exited == 0 for p in self.procs):
       if planned is not None and max(p.last_step for p in self.procs) < self.args.num_steps:
         return planned

@@ -122,3 +122,27 @@ def test_a_workdir_of_failed_workers_keeps_their_logs(tmp_path):
   code = sup.Supervisor(options, [f"--workdir={w}", *TRAIN]).run()
   assert code == sup.EXIT_MAX_RESTARTS
   assert (w / "events.jsonl").exists() and os.listdir(w / "workers")
+
+
+@pytest.mark.parametrize("body,said", [
+    ("sys.exit(1)", "worker 0 exited 1 without output"),
+    ("print('RuntimeError: boom', flush=True); sys.exit(1)",
+     "worker 0 exited (exit code 1): RuntimeError: boom")])
+@pytest.mark.parametrize("max_restarts,ends", [
+    (0, "1 failure (the last: {}): --max_restarts=0 allows 0 restart(s)"),
+    (2, "below --min_processes=1 (lost slot(s) [0] never come back without --rejoin_after=S, "
+        "which offers a lost slot again after S seconds, e.g. to restart a crashed worker "
+        "where it ran); the last failure: {}.")])
+def test_the_give_up_line_says_what_the_failed_worker_said(tmp_path, capsys, body, said,
+                                                           max_restarts, ends):
+  """Under --quiet (no `worker_exit` event echoed) a crashing --train_script ended in
+  `1 failure: --max_restarts=0 allows 0 restart(s)` or `below --min_processes=1`: what the
+  worker said, or that it said nothing, was only in events.jsonl and its log."""
+  script = tmp_path / "crash.py"
+  script.write_text(f"import sys\n{body}\n")
+  options = sup.Options(num_processes=1, devices_per_process=2, train_script=str(script),
+                        poll_interval=0.05, max_restarts=max_restarts)
+  assert sup.Supervisor(options, [f"--workdir={tmp_path / 'w'}", *TRAIN]).run() in (
+      sup.EXIT_MAX_RESTARTS, sup.EXIT_BELOW_MIN)
+  errors = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and ends.format(said) in errors[0], errors
