@@ -320,7 +320,7 @@ def dedups(option, linear_optimizer: bool, dtype: str, kernel: str, what: str) -
     return not optional
   if not option and not optional:
     raise ConfigError(f"EmbeddingOptions.dedup=False needs SGD, float32 tables and the xla "
-                      f"kernel; {what}")
+                      f"kernel; {what} (leave it 'auto')")
   return bool(option)
 
 

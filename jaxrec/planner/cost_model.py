@@ -117,14 +117,15 @@ class OptimizerState:
   per_element: float = 0.0
   per_row: float = 0.0
   linear: bool = False
+  name: str = dataclasses.field(default="", compare=False)   # for messages; "" for a factor
 
 
 OPTIMIZER_STATES = {
-    "sgd": OptimizerState(0.0, 0.0, linear=True),
-    "adagrad": OptimizerState(1.0, 0.0),
-    "rowwise_adagrad": OptimizerState(0.0, 1.0),
-    "adam": OptimizerState(2.0, 0.0),
-    "ftrl": OptimizerState(2.0, 0.0),
+    "sgd": OptimizerState(0.0, 0.0, linear=True, name="SGD"),
+    "adagrad": OptimizerState(1.0, 0.0, name="Adagrad"),
+    "rowwise_adagrad": OptimizerState(0.0, 1.0, name="RowwiseAdagrad"),
+    "adam": OptimizerState(2.0, 0.0, name="Adam"),
+    "ftrl": OptimizerState(2.0, 0.0, name="FTRL"),
 }
 
 
@@ -141,7 +142,7 @@ def optimizer_state(spec) -> OptimizerState:
   if hasattr(spec, "state_layout"):
     per = [p for p, _ in spec.state_layout().values()]
     return OptimizerState(float(per.count("element")), float(per.count("row")),
-                          type(spec).__name__ == "SGD")
+                          type(spec).__name__ == "SGD", type(spec).__name__)
   factor, shown = spec, spec
   if isinstance(spec, str):
     key = optimizer_key(spec)
@@ -194,15 +195,16 @@ def optimizer_key(name: str) -> str:
   return name.strip().lower().replace("-", "_")
 
 
-def dedups(opt: OptimizerState, dtype: str, kernel: str = "xla", option="auto") -> bool:
+def dedups(opt: OptimizerState, dtype: str, kernel: str = "xla", option="auto",
+           table: str = "") -> bool:
   """Whether the collection dedups a stack's ids (`EmbeddingCollection.dedup`): as
   `EmbeddingOptions.dedup` (`option`) forces, or for `auto` always, except where
   `specs.dedup_optional` allows skipping it (SGD on float32 tables with the XLA kernel:
   duplicates then add up in the update's scatter and the sort is saved). ConfigError for
-  `False` where it is not allowed (the collection refuses it): `specs.dedups`."""
+  `False` where it is not allowed (the collection refuses it, `table` named): `specs.dedups`."""
+  name = opt.name or ("SGD" if opt.linear else "an optimizer with state")
   return specs.dedups(option, opt.linear, dtype, kernel,
-                      f"here: {'SGD' if opt.linear else 'another optimizer'}, {dtype}, "
-                      f"kernel {kernel}")
+                      f"{table or 'here:'} {name}, {dtype}, kernel {kernel}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -244,11 +244,10 @@ def _prepare(tables, features, mesh_shape, memory_per_device_bytes, optimizer_st
     kernel = (configured if any(not cm.dedups(s, t.dtype, "xla")
                                 for s, t in zip(states, tables)) else "xla")
   dedup = default_dedup()
-  for s, t in zip(states, tables):   # the collection's refusal of dedup=False, before any search
-    try:   # with the kernel the collection will have (the priced one said 'kernel xla' for
-      cm.dedups(s, t.dtype, configured, dedup)   # EmbeddingOptions.kernel='pallas')
-    except ConfigError as e:   # which table: with mixed dtypes the user cannot tell
-      raise ConfigError(f"table '{t.name}': {e}") from None
+  for s, t in zip(states, tables):   # the collection's refusal of dedup=False, before any
+    # search, with the kernel the collection will have (the priced one said 'kernel xla'
+    # for EmbeddingOptions.kernel='pallas'), naming the table (mixed dtypes: which one?)
+    cm.dedups(s, t.dtype, configured, dedup, table=f"table '{t.name}' has")
   cal = calibration or DEFAULT
   return _Space(tables, features, loads, mesh, batch_size, opt, kernel, cal.vector(),
                 int(memory_per_device_bytes), dedup), cal
