@@ -301,8 +301,10 @@ def check_tables(tables: Sequence[TableSpec], config: OffloadConfig) -> None:
       raise ConfigError(f"OffloadConfig.tables: offloaded table '{t.name}' is not a configured "
                         f"table (tables: {some(in_order(known), quote=False)})")
     if dtypes[t.name] not in OFFLOAD_DTYPES:
-      raise ConfigError(f"offloaded table '{t.name}': dtype '{dtypes[t.name]}' cannot be "
-                        f"offloaded (supported: {', '.join(OFFLOAD_DTYPES)})")
+      raise ConfigError(f"OffloadConfig.tables: table '{t.name}' has dtype "
+                        f"'{dtypes[t.name]}', which cannot be offloaded (supported: "
+                        f"{', '.join(OFFLOAD_DTYPES)}): keep it on the devices or give it "
+                        "one of those")
 
 
 def check_paths(config: OffloadConfig, workdir: str | None) -> None:
