@@ -373,7 +373,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   step_args = tier.step_args if tier is not None else tuple
   eval_step = step_lib.make_eval_step(config, collection, shardings)
   bsharding = mesh_lib.batch_sharding(mesh)
-  writer = MetricsWriter(workdir, enabled=is_main, purge_step=start)   # TB: from here on
+  writer = MetricsWriter(workdir, enabled=is_main, purge_step=start + 1)   # TB: after `start`
   progress = Progress(options.num_steps, start, enabled=None if options.progress else False)
   finished = start >= options.num_steps   # e.g. `make train` run again: evaluate only
   if restored is not None and not finished:

@@ -62,9 +62,11 @@ class MetricsWriter:
   Args:
     workdir: run directory; created if missing.
     enabled: if false every call is a no-op (e.g. on processes other than 0).
-    purge_step: the step a resumed or restarted run goes on from: TensorBoard hides the
-      earlier runs' events of that step and after (steps a killed run logged past its last
-      checkpoint showed twice, its curve beside the rerun's).
+    purge_step: the first step a resumed or restarted run trains (its checkpoint's step
+      + 1): TensorBoard hides the earlier runs' events of that step and after (steps a
+      killed run logged past its last checkpoint showed twice, its curve beside the
+      rerun's). At the checkpoint's step itself it hid that step's loss and eval points,
+      which no rerun logs again.
   """
 
   def __init__(self, workdir: str, enabled: bool = True, purge_step: int | None = None):

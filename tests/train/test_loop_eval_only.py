@@ -203,3 +203,19 @@ def test_adam_to_adamw_is_a_config_error_not_corrupt_steps(tmp_path, caplog):
     loop.train_and_evaluate(adamw, dataclasses.replace(options, num_steps=3), str(tmp_path))
   assert "corrupt" not in caplog.text
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+
+
+def test_a_rerun_keeps_the_checkpoint_steps_tensorboard_points(tmp_path):
+  """The rerun's purge marker sat at the checkpoint's step: TensorBoard (which keeps an
+  earlier file's events of steps below the marker only) hid that step's loss and eval
+  points, which no rerun logs again (an evaluate-only rerun hid the run's final loss)."""
+  from tests.train.test_writers import _read_events   # pylint: disable=import-outside-toplevel
+  options = config_lib.RunOptions(num_steps=2, mesh="data=8", plan="dp", progress=False,
+                                  log_every=1)
+  for _ in range(2):   # the second run only evaluates
+    loop.train_and_evaluate(CONFIG, options, str(tmp_path))
+  files = sorted(os.listdir(tmp_path / "tb"))
+  marks = [(e.step, e.session_log.status) for e in _read_events(tmp_path / "tb" / files[-1])
+           if e.HasField("session_log")]
+  assert len(files) == 2 and [m[0] for m in marks] == [3], marks
+  assert ("loss", 2) in tb_scalars(str(tmp_path)) and ("eval_auc", 2) in tb_scalars(str(tmp_path))
