@@ -225,7 +225,8 @@ def flat_fields(model: str, emb, feature_dims: Sequence[int] | None):
   starts = [0] + [i for i in range(1, f) if dims[i] != dims[i - 1]]
   if len(starts) > MAX_SLICED_RUNS:
     kept = np.concatenate([i * d + np.arange(k) for i, k in enumerate(dims)])
-    return emb.reshape(b, f * d).at[:, kept].get(indices_are_sorted=True, unique_indices=True)
+    return jnp.asarray(emb).reshape(b, f * d).at[:, kept].get(   # a numpy `emb` (serving
+        indices_are_sorted=True, unique_indices=True)              # an export) has no `.at`
   runs = [emb[:, s:e, :dims[s]].reshape(b, (e - s) * dims[s])
           for s, e in zip(starts, starts[1:] + [f])]
   return runs[0] if len(runs) == 1 else jnp.concatenate(runs, axis=-1)

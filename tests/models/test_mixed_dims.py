@@ -39,6 +39,25 @@ def test_flat_fields_takes_each_features_own_columns():
     flat_fields("M", jnp.asarray(emb), DIMS[:5])
 
 
+@pytest.mark.parametrize("dims", [DIMS, (16, 8) * 5])
+def test_serving_models_take_a_numpy_lookup(dims):
+  """docs/python_api.md serves a two-tower from an export with `emb` a numpy lookup: past
+  `MAX_SLICED_RUNS` runs of one dim (interleaved dims) `flat_fields` gathered with `.at`,
+  which a numpy array lacks (AttributeError for TwoTower and DCNv2)."""
+  emb, flat = padded_emb(3, dims, b=4)
+  np.testing.assert_array_equal(flat_fields("M", emb, dims), flat)
+  dense = np.random.default_rng(4).random((4, 13), dtype=np.float32)
+  half = len(dims) // 2
+  for model, kwargs in ((TwoTower(user_features=tuple(range(half)),
+                                  item_features=tuple(range(half, len(dims))), user_mlp=(8,),
+                                  item_mlp=(8,), feature_dims=dims), {"method": "towers"}),
+                        (DCNv2(num_cross_layers=1, deep_mlp=(8,), feature_dims=dims), {})):
+    params = model.init(jax.random.PRNGKey(0), jnp.asarray(dense), jnp.asarray(emb))
+    want = model.apply(params, jnp.asarray(dense), jnp.asarray(emb), **kwargs)
+    got = model.apply(params, dense, emb, **kwargs)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
 @pytest.mark.parametrize("dims", [DIMS, (16, 16, 8, 8, 4), (8, 16) * 40])
 def test_flat_fields_gradient_is_each_features_columns_and_linear_in_runs(dims):
   """Sliced (up to `MAX_SLICED_RUNS` runs of one dim) or gathered (more), the gradient puts
