@@ -16,6 +16,7 @@ test_unused_bindings.py` checks the shipped configs against gin's own tables).
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from typing import Iterator, Sequence
 
@@ -95,20 +96,37 @@ def files_read() -> list[str]:
 
 def record_file(path: str) -> None:
   """Notes the bindings of gin file `path` (and of the files it includes) as `FILE:LINE`."""
-  _FILES.append(path)
-  with open(path, encoding="utf-8") as f:
+  with _open_as_gin_does(path) as f:
+    path = getattr(f, "name", path)   # where gin found it (e.g. in a package on sys.path)
+    _FILES.append(path)
     # in order, an include where it stands: a binding after it wins, as in gin (recorded
     # after the file's own bindings, an included default was named as a binding's place)
     for statement in _parsed(f, lambda line: f"{path}:{line}",
                              lambda line: f"--gin_file: {path}:{line}"):
       if isinstance(statement, config_parser.IncludeStatement):
-        record_file(statement.filename)   # gin resolves it the same way (no search paths)
+        record_file(statement.filename)
+
+
+def _open_as_gin_does(name: str):
+  """File `name` opened as `gin.parse_config_file` finds it: under its search paths, by
+  each registered reader (gin's own looks in the Python packages on `sys.path`: `include
+  'mycfg/base.gin'` read there was a FileNotFoundError here)."""
+  config = gin.config   # pylint: disable=protected-access (gin has no API to resolve a name)
+  prefixes = config._LOCATION_PREFIXES if not os.path.isabs(name) else [""]
+  for prefix in prefixes:
+    candidate = os.path.join(prefix, name)
+    for reader, exists in config._FILE_READERS:
+      if exists(candidate):
+        return open(candidate, encoding="utf-8") if reader is open else reader(candidate)
+  return open(name, encoding="utf-8")   # (gin read it: not reached)
 
 
 def record_bindings(text: str, where: str = "--gin_bindings") -> None:
-  """Notes the bindings of one `--gin_bindings` value as coming from `where`."""
-  for _ in _parsed(text, lambda line: where, lambda line: f"{where}: '{text}'"):
-    pass
+  """Notes the bindings of one `--gin_bindings` value as coming from `where`, and those of
+  a file it includes (`--gin_bindings="include 'x.gin'"`) as that file's `FILE:LINE`."""
+  for statement in _parsed(text, lambda line: where, lambda line: f"{where}: '{text}'"):
+    if isinstance(statement, config_parser.IncludeStatement):
+      record_file(statement.filename)
 
 
 def forget(name: str) -> None:

@@ -60,15 +60,19 @@ def _parse_files(files: Sequence[str]) -> None:
     try:
       gin.parse_config_file(path)
     except SyntaxError as e:  # gin's ParseError: the location is in its attributes
-      where = f"{path}:{e.lineno}" if e.lineno else path
+      failed = e.filename or path   # the file it was in: `path` or one it includes (that
+      where = f"{failed}:{e.lineno}" if e.lineno else failed   # was `path` at its line)
       message = _one_line(e)
-      statement = _line(path, e.lineno)
+      statement = _line(failed, e.lineno)
       text = (gin_hints.unquoted_string(message, statement)
               or gin_hints.arithmetic_value(message, statement)
               or gin_hints.unparsable_value(message))
-      if e.lineno == 1 and _starts_with_bom(path):   # gin reads it as a stray character
+      if e.lineno == 1 and _starts_with_bom(failed):   # gin reads it as a stray character
         text += " (the file starts with a UTF-8 byte-order mark: save it without one)"
-      raise ConfigError(f"--gin_file: {where}: {text}") from None
+      within = f" (included by {path})" if failed != path else ""
+      raise ConfigError(f"--gin_file: {where}: {text}{within}") from None
+    except RecursionError as e:   # gin's message repeats the include chain: ~20 KB
+      raise ConfigError(f"--gin_file: {_include_cycle(path, str(e))}") from None
     except (UnicodeDecodeError, tokenize.TokenError) as e:   # gin: `utf-8`, or no line
       raise ConfigError(f"--gin_file: {_text_error(path, e)}") from None
     except Exception as e:  # gin raises ValueError/KeyError with location info
@@ -81,6 +85,24 @@ def _parse_files(files: Sequence[str]) -> None:
       raise ConfigError(f"--gin_file: {_located(path, _one_line(e))}{_set_by(e)}"
                         f"{gin_hints.did_you_mean(str(e))}") from None
     gin_usage.record_file(path)
+
+
+_INCLUDE_STEP = re.compile(r'In file "(.+?)", line (\d+)\s*include\s+([\'"])(.+?)\3')
+
+
+def _include_cycle(path: str, message: str) -> str:
+  """`A:1 includes 'B', B:2 includes 'A': an include cycle` from gin's recursion error
+  (its include chain, repeated until Python's recursion limit)."""
+  steps, seen = [], set()
+  for where, line, _, name in _INCLUDE_STEP.findall(message):
+    if (where, line) in seen:
+      break
+    seen.add((where, line))
+    steps.append(f"{where}:{line} includes '{name}'")
+  steps.reverse()   # gin's chain is innermost first
+  if not steps:
+    return f"{path}: too deeply nested includes (Python's recursion limit)"
+  return f"{', '.join(steps)}: an include cycle (a file includes itself); remove one of them"
 
 
 _INCLUDED_AT = re.compile(r'In file "(.+?)", line (\d+)\n\s*include\s+([\'"])(.+?)\3')
@@ -301,7 +323,7 @@ def _located(path: str, message: str) -> str:
 _INCLUDED_FROM = re.compile(r'\s*In file "(.+?)", line (\d+)\s*')
 
 
-_INCLUDE = re.compile(r"""^include\s+(['"])(.+)\1$""")
+_INCLUDE = re.compile(r"""^include\s+(['"])(.+?)\1\s*(?:#.*)?$""")   # a comment may follow
 
 
 def _missing_include(e: Exception) -> str | None:
@@ -312,14 +334,18 @@ def _missing_include(e: Exception) -> str | None:
   if not isinstance(e, (OSError, TypeError)):
     return None
   m = _GIN_LOCATION.match(_one_line(e))
-  include = _INCLUDE.match(m.group(4)) if m else None
+  # the include's own line, then where its file was included, innermost first
+  source, *chain = _INCLUDED_FROM.split(m.group(4)) if m else [""]
+  include = _INCLUDE.match(source)
   if not include:
     return None
   name = include.group(2)
+  within = [f"{f}:{n}" for f, n in zip(chain[0::3], chain[1::3])]
+  within = f" (included at {', '.join(within)})" if within else ""
   if os.path.isdir(name):   # (gin's IOError said 'no such file' for it too)
-    return f"{m.group(2)}:{m.group(3)}: include '{name}': is a directory, not a gin file"
+    return f"{m.group(2)}:{m.group(3)}: include '{name}': is a directory, not a gin file{within}"
   return (f"{m.group(2)}:{m.group(3)}: include '{name}': no such file (a relative "
-          f"path is read from the current directory, {os.getcwd()})")
+          f"path is read from the current directory, {os.getcwd()}){within}")
 
 
 def _one_line(e: BaseException) -> str:

@@ -468,6 +468,19 @@ def parse_bytes(text: str | None, flag: str) -> int | None:
 
 
 
+def _through_macros(binding: str, value) -> tuple[str, object]:
+  """`(binding, value)` past the macros of `value` (`%DATA`, `%DATA` -> `%D2` -> 'x.tsv'):
+  the binding that holds the value itself (`D2/gin.macro.value`) and that value. A data
+  path bound through a macro stayed relative in `W/config.gin`."""
+  for _ in range(100):   # (gin refuses a macro cycle at finalize)
+    if not (isinstance(value, gin.config.ConfigurableReference)
+            and value.scoped_selector.endswith("gin.macro")):
+      break
+    binding = value.scoped_selector + ".value"
+    value = gin.query_parameter(binding)
+  return binding, value
+
+
 def absolute_data_paths() -> None:
   """Rebinds `ExperimentConfig.train_data` / `eval_data` bound to a relative path that
   names something here (a file, directory or a glob's matches) to its absolute path, so
@@ -477,16 +490,21 @@ def absolute_data_paths() -> None:
   for name in DATA_FIELDS:
     binding = f"ExperimentConfig.{name}"
     try:
-      value = gin.query_parameter(binding)
+      binding, bound = _through_macros(binding, gin.query_parameter(binding))
     except ValueError:   # not bound: the default, 'synthetic'
       continue
+    value = bound
+    if isinstance(value, str) and value.startswith("~"):   # gin's strings are not expanded
+      value = os.path.expanduser(value)                     # by a shell
     if (isinstance(value, str) and value != "synthetic" and not os.path.isabs(value)
         and (os.path.exists(value) or glob.glob(value))):
       joined = os.path.join(os.getcwd(), value)
       folded = os.path.abspath(value)   # `a/../b` folded as text: another file when `a`
       same = os.path.realpath(folded) == os.path.realpath(joined)   # is a symlink
+      value = folded if same else joined
+    if value is not bound:   # the macro the path came through, if any, holds it
       with gin.unlock_config():
-        gin.bind_parameter(binding, folded if same else joined)
+        gin.bind_parameter(binding, value)
 
 
 def config_gin_header(options: RunOptions, unwritten: Sequence[str] = ()) -> str:

@@ -1,0 +1,120 @@
+"""Gin files composed of others (`include`), and data paths reached through macros: what a
+run reads, records in `W/config.gin` and says when something is wrong names the file and
+line it came from."""
+
+import os
+import sys
+
+import gin
+import pytest
+
+from jaxrec import gin_usage, launch
+from jaxrec.errors import ConfigError
+from jaxrec.train import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SYNTHETIC = os.path.join(ROOT, "configs", "dlrm_synthetic.gin")
+
+
+def _parse_error(files, bindings=()) -> str:
+  with pytest.raises(ConfigError) as e:
+    launch.parse_gin([str(f) for f in files], list(bindings))
+  return str(e.value)
+
+
+def test_a_syntax_error_in_an_included_file_names_that_file(tmp_path):
+  """It was the including file's path with the included file's line number (a line the
+  outer file may not have), and the BOM and arithmetic hints were lost."""
+  inner, outer = tmp_path / "inner.gin", tmp_path / "outer.gin"
+  outer.write_text(f"include '{SYNTHETIC}'\n# x\ninclude '{inner}'\n")
+  inner.write_text("# a\n# b\nuniform_tables.rows = 2**10\n")
+  assert _parse_error([outer]) == (
+      f"--gin_file: {inner}:3: gin reads literal values only, not arithmetic such as 2**10: "
+      f"write 1024 (included by {outer})")
+  inner.write_bytes(b"\xef\xbb\xbfExperimentConfig.batch_size = 64\n")
+  assert _parse_error([outer]).startswith(f"--gin_file: {inner}:1: ")
+  assert "byte-order mark" in _parse_error([outer])
+
+
+def test_a_missing_include_is_named_with_a_comment_and_when_nested(tmp_path):
+  """A trailing comment made it 'cannot read OUTER' (or gin's TypeError for a name whose
+  directory exists here); one level down, the name ran into the outer include's."""
+  outer = tmp_path / "outer.gin"
+  outer.write_text(f"include '{SYNTHETIC}'\ninclude 'nope/base.gin'  # my base\n")
+  assert _parse_error([outer]).startswith(
+      f"--gin_file: {outer}:2: include 'nope/base.gin': no such file (a relative path")
+  outer.write_text("include 'configs/nope.gin'  # my base\n")
+  assert "include 'configs/nope.gin': no such file" in _parse_error([outer])
+  mid, top = tmp_path / "mid.gin", tmp_path / "top.gin"
+  mid.write_text("# mid\n\ninclude 'nope/deeper.gin'\n")
+  top.write_text(f"# top\ninclude '{mid}'\n")
+  message = _parse_error([top])
+  assert message.startswith(f"--gin_file: {mid}:3: include 'nope/deeper.gin': no such file")
+  assert message.endswith(f" (included at {top}:2)"), message
+
+
+def test_an_include_cycle_is_one_short_line(tmp_path):
+  """A file including itself (or A and B each other) was a ~20 KB 'maximum recursion depth
+  exceeded' line repeating the chain."""
+  a, b = tmp_path / "a.gin", tmp_path / "b.gin"
+  a.write_text(f"include '{b}'\n")
+  b.write_text(f"# b\ninclude '{a}'\n")
+  assert _parse_error([a]) == (f"--gin_file: {a}:1 includes '{b}', {b}:2 includes '{a}': "
+                               "an include cycle (a file includes itself); remove one of them")
+  a.write_text(f"include '{a}'\n")
+  assert _parse_error([a]) == (f"--gin_file: {a}:1 includes '{a}': an include cycle (a file "
+                               "includes itself); remove one of them")
+
+
+def test_an_include_found_in_a_python_package_is_read(tmp_path, monkeypatch):
+  """gin also finds `include 'pkg/base.gin'` in a package on sys.path; recording where the
+  bindings came from opened the name in the current directory: a FileNotFoundError."""
+  (tmp_path / "mycfg").mkdir()
+  (tmp_path / "mycfg" / "__init__.py").write_text("")
+  (tmp_path / "mycfg" / "base.gin").write_text(open(SYNTHETIC).read())
+  user = tmp_path / "user.gin"
+  user.write_text("include 'mycfg/base.gin'\nExperimentConfig.num_eval_examples = 1024\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  monkeypatch.chdir(ROOT)
+  sys.modules.pop("mycfg", None)
+  launch.parse_gin([str(user)], [])
+  assert gin.query_parameter("ExperimentConfig.num_eval_examples") == 1024
+  assert str(tmp_path / "mycfg" / "base.gin") in gin_usage.files_read()
+
+
+def test_a_file_included_by_gin_bindings_is_recorded_as_its_files(tmp_path):
+  """`--gin_bindings="include 'x.gin'"`: a bad value there was placed at the line of the
+  --gin_file's valid binding, its unused bindings were not reported, and it was not among
+  the files an output must not overwrite."""
+  inc = tmp_path / "inc.gin"
+  inc.write_text("# included\nAdam.lr = 0.3\nExperimentConfig.batch_size = 64\n")
+  launch.parse_gin([SYNTHETIC], [f"include '{inc}'"])
+  assert str(inc) in gin_usage.files_read()
+  assert gin_usage.bound_at("ExperimentConfig.batch_size") == f"{inc}:3"
+  assert gin_usage.bound_at("Adam.lr") == f"{inc}:2"
+
+
+@pytest.mark.parametrize("macros", [["DATA = 'data/day.tsv'"],
+                                    ["DATA = %D2", "D2 = 'data/day.tsv'"]])
+def test_a_data_path_bound_through_a_macro_is_recorded_absolute(tmp_path, monkeypatch,
+                                                                macros):
+  """`ExperimentConfig.train_data = %DATA` stayed relative in W/config.gin: a rerun from
+  another directory trained on another file of that name, without a word."""
+  (tmp_path / "data").mkdir()
+  (tmp_path / "data" / "day.tsv").write_text("")
+  monkeypatch.chdir(tmp_path)
+  launch.parse_gin([SYNTHETIC], [*macros, "ExperimentConfig.train_data = %DATA"])
+  config_lib.absolute_data_paths()
+  assert gin.query_parameter("%DATA" if len(macros) == 1 else "%D2") == str(
+      tmp_path / "data" / "day.tsv")
+  assert "ExperimentConfig.train_data = %DATA" in gin.config_str()   # the macro still used
+
+
+def test_a_data_path_starting_with_a_tilde_is_expanded(tmp_path, monkeypatch):
+  """A shell expands `--train_data=~/x.tsv`; gin's string `'~/x.tsv'` was read as a
+  directory named `~`: 'no such file or directory' for a file that exists."""
+  monkeypatch.setenv("HOME", str(tmp_path))
+  (tmp_path / "day.tsv").write_text("")
+  launch.parse_gin([SYNTHETIC], ["ExperimentConfig.eval_data = '~/day.tsv'"])
+  config_lib.absolute_data_paths()
+  assert gin.query_parameter("ExperimentConfig.eval_data") == str(tmp_path / "day.tsv")
