@@ -41,6 +41,14 @@ _DENSE_RULES = {"learning_rate": NONNEG, "b1": UNIT, "b2": UNIT, "eps": POSITIVE
                 "initial_accumulator_value": NONNEG}
 
 
+# Upper bounds of ExperimentConfig's counts, and how a message writes them: a batch's
+# ids and positions are int32; an eval set past 2**40 examples would take days (2**63 ran
+# "forever", 1e30 overflowed grain's range after the training).
+_COUNT_LIMITS = {"batch_size": (2**31 - 1, "2**31 - 1"),
+                 "eval_batch_size": (2**31 - 1, "2**31 - 1"),
+                 "num_eval_examples": (2**40, "2**40 (1.1e12)")}
+
+
 @gin.configurable
 def dense_optimizer(name: str = "sgd", learning_rate: float = 0.1,
                     clip_norm: float | None = None, **kwargs) -> DenseOptimizer:
@@ -296,6 +304,10 @@ class ExperimentConfig:
         raise ConfigError(f"ExperimentConfig.{name} must be an integer, got {value!r}")
       if value <= 0:
         raise ConfigError(f"ExperimentConfig.{name} must be positive, got {getattr(self, name)}")
+      limit = _COUNT_LIMITS[name]   # 1e30 passed, trained, then was a traceback in the eval
+      if value > limit[0]:
+        shown = f"{value:,}" if value < 10**15 else f"{float(value):.3g}"
+        raise ConfigError(f"ExperimentConfig.{name} must be at most {limit[1]}, got {shown}")
     for name in ("batch_size", "eval_batch_size") if train else ("eval_batch_size",):
       self.check_batch(name, num_devices)
     for name in DATA_FIELDS:

@@ -78,6 +78,11 @@ def test_table_optimizers_take_scoped_optimizers():
     ("ExperimentConfig.batch_size='abc'", "ExperimentConfig.batch_size must be an integer, got 'abc'"),
     ("ExperimentConfig.eval_batch_size=512.5", "ExperimentConfig.eval_batch_size must be an integer"),
     ("ExperimentConfig.num_eval_examples=None", "ExperimentConfig.num_eval_examples must be an integer"),
+    # 1e30 trained, then overflowed grain's range in the eval (a traceback)
+    ("ExperimentConfig.num_eval_examples=1e30", r"ExperimentConfig.num_eval_examples must be "
+                                                r"at most 2\*\*40 \(1.1e12\), got 1e\+30"),
+    (f"ExperimentConfig.batch_size={2**31}",
+     r"ExperimentConfig.batch_size must be at most 2\*\*31 - 1, got 2,147,483,648"),
     # bound objects of the wrong kind
     ("ExperimentConfig.sparse_optimizer='adam'", "ExperimentConfig.sparse_optimizer must be a "
                                                  r"sparse optimizer, e.g. @RowWiseAdagrad\(\)"),
