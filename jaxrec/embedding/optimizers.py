@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 import gin
 import jax.numpy as jnp
 
+from jaxrec import gin_usage
 from jaxrec.errors import ConfigError, close_to, some
 from jaxrec.kernels.optim import NONNEG, POSITIVE, UNIT, check_hparams
 from jaxrec.schedules import Schedule, logged_rate, rate_at
@@ -212,9 +213,11 @@ def sparse_optimizer(name: str = "sgd", **kwargs):
     return cls(**kwargs)
   except ConfigError as e:   # its kwargs are bound as sparse_optimizer.<field>: named so
     text, own = str(e).splitlines()[0], f"{cls.__name__}."   # first (it said 'Adam.b2'),
-    if text.startswith(own) and text[len(own):].split(" ")[0] in kwargs:   # gin_usage.locate
-      raise ConfigError(f"sparse_optimizer.{text[len(own):]} (name='{name}')") from None  # adds
-    raise ConfigError(f"sparse_optimizer(name='{name}'): {e}") from None   # the FILE:LINE
+    field = text[len(own):].split(" ")[0]   # gin_usage.locate adds the FILE:LINE
+    if text.startswith(own) and field in kwargs:
+      raise ConfigError(f"{gin_usage.calling_name('sparse_optimizer', field)}"
+                        f"{text[len(own) + len(field):]} (name='{name}')") from None
+    raise ConfigError(f"sparse_optimizer(name='{name}'): {e}") from None
 
 
 def is_sparse_optimizer(x) -> bool:

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrec import gin_usage
 from jaxrec.errors import ConfigError
 
 
@@ -60,8 +61,8 @@ def hparam(binding: str, value, rule) -> float:
 def check_hparams(obj, **rules) -> None:
   """`hparam` for each named field of the frozen dataclass `obj` (binding `Class.field`),
   stored back as a float; e.g. `check_hparams(self, lr=NONNEG)`."""
-  for field, rule in rules.items():
-    value = hparam(f"{type(obj).__name__}.{field}", getattr(obj, field), rule)
+  for field, rule in rules.items():   # (`big/SGD.lr` when `@big/SGD()` bound it)
+    value = hparam(gin_usage.calling_name(type(obj).__name__, field), getattr(obj, field), rule)
     object.__setattr__(obj, field, value)
 
 

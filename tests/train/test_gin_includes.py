@@ -118,3 +118,22 @@ def test_a_data_path_starting_with_a_tilde_is_expanded(tmp_path, monkeypatch):
   launch.parse_gin([SYNTHETIC], ["ExperimentConfig.eval_data = '~/day.tsv'"])
   config_lib.absolute_data_paths()
   assert gin.query_parameter("ExperimentConfig.eval_data") == str(tmp_path / "day.tsv")
+
+
+@pytest.mark.parametrize("lines, message", [
+    (["ExperimentConfig.table_optimizers = {'t0': @big/SGD()}", "big/SGD.lr = -1.0"],
+     "{f}:3: big/SGD.lr must be a number >= 0, got -1.0"),
+    (["ExperimentConfig.table_optimizers = {'t0': @big/sparse_optimizer()}",
+      "big/sparse_optimizer.name = 'adam'", "big/sparse_optimizer.b1 = 1.5"],
+     "{f}:4: big/sparse_optimizer.b1 must be a number in [0, 1), got 1.5 (name='adam')"),
+    (["SGD.lr = -2.0"], "{f}:2: SGD.lr must be a number >= 0, got -2.0")])
+def test_a_bad_hyperparameter_in_a_scope_is_named_with_its_scope_and_line(tmp_path, lines,
+                                                                           message):
+  """`big/SGD.lr = -1.0` was `SGD.lr must be ...`: no scope and no FILE:LINE, while the
+  file's only unscoped `SGD.lr` (from the included config) was valid."""
+  path = tmp_path / "scoped.gin"
+  path.write_text("\n".join([f"include '{SYNTHETIC}'", *lines]) + "\n")
+  launch.parse_gin([str(path)], [])
+  with pytest.raises(ConfigError) as e:
+    launch.build(config_lib.ExperimentConfig)
+  assert launch.user_message(e.value) == "--gin_file: " + message.format(f=path)
