@@ -99,12 +99,12 @@ LOCK_NAME = ".jaxrec.lock"
 
 @contextlib.contextmanager
 def workdir_lock(workdir: str | os.PathLike, name: str = LOCK_NAME,
-                 holder_kind: str = "another run") -> Iterator[None]:
+                 holder_kind: str = "another run", flag: str = "--workdir") -> Iterator[None]:
   """Holds an exclusive lock on `workdir` (`flock` of `<workdir>/<name>`, by default
   `.jaxrec.lock`, released when the body ends or the process dies, even by SIGKILL).
   Raises `ConfigError` naming the holder (`holder_kind`) and its pid when another process
   (or another `workdir_lock` of this one) holds it: two runs in one workdir overwrite each
-  other's checkpoints, snapshots and offload stores."""
+  other's checkpoints, snapshots and offload stores. `flag`: the option that named it."""
   import fcntl  # pylint: disable=import-outside-toplevel
   from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
   path = os.path.join(os.fspath(workdir), name)
@@ -117,8 +117,8 @@ def workdir_lock(workdir: str | os.PathLike, name: str = LOCK_NAME,
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-      raise ConfigError(f"--workdir: {os.fspath(workdir)} is in use by {holder_kind} (pid "
-                        f"{holder}); wait for it to finish or pick another --workdir") from None
+      raise ConfigError(f"{flag}: {os.fspath(workdir)} is in use by {holder_kind} (pid "
+                        f"{holder}); wait for it to finish or pick another {flag}") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     yield

@@ -41,7 +41,7 @@ from jaxrec.data import tsv
 from jaxrec.data.batch import Batch
 from jaxrec.data.source import GrainMixin, Layout
 from jaxrec.errors import ConfigError, DataError, counted
-from jaxrec.files import write_text_atomic
+from jaxrec.files import workdir_lock, write_text_atomic
 
 FORMAT = "jaxrec.binary"
 VERSION = 1
@@ -214,12 +214,7 @@ def write(inputs: Sequence[str], output: str, layout: Layout, bad_rows: str = "e
   """
   if shard_examples <= 0:
     raise ConfigError(f"shard_examples must be positive, got {shard_examples}")
-  if is_preprocessed(output):
-    raise DataError(f"{output}: already holds a preprocessed dataset ({MANIFEST}); "
-                    "remove it or choose another --output")
-  if os.path.isfile(os.path.join(output, MANIFEST)):   # another program's: its shard-*.bin
-    raise DataError(f"{output}: holds a {MANIFEST} that is not a jaxrec dataset's "  # are not
-                    "(another program's?); choose another --output")   # ours to remove
+  _check_output(output)
   created = not os.path.exists(output)
   if not created and not os.path.isdir(output):   # said 'cannot create directory: File exists'
     raise DataError(f"--output {output} is a file, not a directory")
@@ -227,18 +222,40 @@ def write(inputs: Sequence[str], output: str, layout: Layout, bad_rows: str = "e
     os.makedirs(output, exist_ok=True)
   except OSError as e:
     raise DataError(f"{output}: cannot create directory: {e.strerror}") from None
-  _remove_unfinished(output)
-  writer = _ShardWriter(output, shard_examples)
+  # One writer at a time: a second run removed the first one's shards as an unfinished
+  # run's and wrote its own under the same names; both said `wrote` over a broken dataset.
+  lock = os.path.join(output, _LOCK)
   try:
-    return _write(inputs, output, layout, bad_rows, chunk_bytes, writer)
-  except BaseException as e:
-    writer.discard()
-    if created and not os.listdir(output):
+    with workdir_lock(output, _LOCK, "another scripts/preprocess.py", "--output"):
+      _check_output(output)   # (again: one may have finished while this one started)
+      _remove_unfinished(output)
+      writer = _ShardWriter(output, shard_examples)
+      try:
+        return _write(inputs, output, layout, bad_rows, chunk_bytes, writer)
+      except BaseException:
+        writer.discard()
+        raise
+      finally:
+        os.remove(lock)   # (still held: a run starting now finds the lock taken)
+  except OSError as e:   # input errors are `DataError`s: a write failed
+    raise DataError(f"--output {output}: cannot write the dataset: {e.strerror or e}"
+                    ) from None
+  finally:
+    if created and os.path.isdir(output) and not os.listdir(output):
       os.rmdir(output)
-    if isinstance(e, OSError):   # input errors are `DataError`s: a write failed
-      raise DataError(f"--output {output}: cannot write the dataset: {e.strerror or e}"
-                      ) from None
-    raise
+
+
+_LOCK = ".preprocess.lock"   # in --output while a run writes there
+
+
+def _check_output(output: str) -> None:
+  """`DataError` when `output` holds a dataset already (or another program's manifest)."""
+  if is_preprocessed(output):
+    raise DataError(f"{output}: already holds a preprocessed dataset ({MANIFEST}); "
+                    "remove it or choose another --output")
+  if os.path.isfile(os.path.join(output, MANIFEST)):   # another program's: its shard-*.bin
+    raise DataError(f"{output}: holds a {MANIFEST} that is not a jaxrec dataset's "  # are not
+                    "(another program's?); choose another --output")   # ours to remove
 
 
 def _remove_unfinished(output: str) -> None:

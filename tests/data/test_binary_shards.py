@@ -421,3 +421,20 @@ def test_a_value_preprocessing_never_writes_names_shard_and_record(dataset, fiel
     src.gather(np.array([7, 128 + 5, 2]))
   assert str(e.value) == (f"{shard}: record 5: {what} (the shard was not written by "
                           "scripts/preprocess.py, or changed with its checksum)")
+
+
+def test_a_second_preprocess_into_the_same_output_is_refused(tmp_path, tsv_file):
+  """Two runs into one --output: the second removed the first one's shards as an unfinished
+  run's and wrote its own under the same names; both exited 0 over a broken dataset."""
+  from jaxrec import files   # pylint: disable=import-outside-toplevel
+  path, out = tsv_file([lib.line(), lib.line("0")]), tmp_path / "o"
+  with files.workdir_lock(out, ".preprocess.lock", "another scripts/preprocess.py"):
+    (out / "shard-00000.bin").write_bytes(b"\1" * 10)   # the running one's
+    with pytest.raises(ConfigError, match=rf"--output: {out} is in use by another "
+                       rf"scripts/preprocess.py \(pid {os.getpid()}\); wait for it to finish "
+                       "or pick another --output"):
+      binary.preprocess(path, str(out), lib.features(), lib.rows())
+    assert (out / "shard-00000.bin").read_bytes() == b"\1" * 10   # left alone
+  os.remove(out / "shard-00000.bin")
+  binary.preprocess(path, str(out), lib.features(), lib.rows())
+  assert sorted(os.listdir(out)) == ["manifest.json", "shard-00000.bin"]   # no lock file left
