@@ -34,6 +34,7 @@ import time
 from multiprocessing import shared_memory
 from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 
+from absl import flags
 import gin
 import grain
 import jax
@@ -234,6 +235,8 @@ def _pipeline(fn: Callable[[int], object], count: int, num_threads: int, prefetc
   ds = grain.MapDataset.range(0, count).map(fn).to_iter_dataset(
       grain.ReadOptions(num_threads=max(num_threads, 1), prefetch_buffer_size=max(prefetch, 1)))
   if num_workers > 0:
+    if not flags.FLAGS.is_parsed():   # grain's workers read absl flags of its own: outside
+      flags.FLAGS.mark_as_parsed()    # an absl app (a notebook) UnparsedFlagAccessError
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
                         worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
   return iter(ds)

@@ -430,3 +430,17 @@ def test_a_shuffle_change_is_refused_only_where_it_changes_the_order():
   with pytest.raises(ConfigError, match="shuffle=True; this run has seed=3, shuffle=False"):
     pipeline.TrainIterator(numbered_source(40), 8, seed=3, shuffle=False).set_state(
         finite.get_state())
+
+
+def test_worker_processes_from_plain_python():
+  """`make_train_iterator(num_workers=2)` outside an absl app (a notebook, the Python API)
+  was grain's UnparsedFlagAccessError: its workers read absl flags nobody had parsed."""
+  code = ("from jaxrec.data import pipeline\n"
+          "from jaxrec.embedding.specs import uniform_tables\n"
+          "t, f = uniform_tables(2, 1000, dim=4)\n"
+          "it = pipeline.make_train_iterator('synthetic', f, t, 64, num_workers=1)\n"
+          "print(next(it).labels.shape); it.close()\n")
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=300, check=False, env=dict(os.environ, PYTHONPATH=root))
+  assert proc.returncode == 0 and proc.stdout.strip() == "(64,)", proc.stderr[-2000:]
