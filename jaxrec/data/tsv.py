@@ -79,7 +79,17 @@ def list_files(path: str, quiet: bool = False) -> list[str]:
   An existing path is taken literally, also when its name holds `*`, `?` or `[`, and may be a
   named pipe (`<(zcat day_0.gz)`): it is read once, as a stream. Subdirectories (and pipes)
   inside a directory, or matched by a glob, are not read: a warning names them unless `quiet`.
+  An empty regular file (a failed download) is a `DataError` here, before any is read (it
+  was found when its turn came: 3M rows preprocessed, then removed).
   """
+  files = _listed(path, quiet)
+  for p in files:
+    if os.path.isfile(p) and os.path.getsize(p) == 0:
+      raise DataError(f"{p}: empty file")
+  return files
+
+
+def _listed(path: str, quiet: bool) -> list[str]:
   if any(c in path for c in "*?[") and not os.path.exists(path):
     return _glob_files(path, quiet)
   if os.path.isdir(path):

@@ -438,3 +438,18 @@ def test_a_second_preprocess_into_the_same_output_is_refused(tmp_path, tsv_file)
   os.remove(out / "shard-00000.bin")
   binary.preprocess(path, str(out), lib.features(), lib.rows())
   assert sorted(os.listdir(out)) == ["manifest.json", "shard-00000.bin"]   # no lock file left
+
+
+def test_an_empty_input_file_is_found_before_any_is_read(tmp_path, monkeypatch):
+  """A 0-byte day (a failed download) last among the inputs was found when its turn came:
+  at Criteo scale hours of preprocessing were written, then removed."""
+  days = tmp_path / "days"
+  days.mkdir()
+  lib.write(days / "day_0.tsv", [lib.line()] * 5)
+  (days / "day_1.tsv").write_bytes(b"")
+  parsed = []
+  real = tsv.iter_file
+  monkeypatch.setattr(tsv, "iter_file", lambda path, *a: parsed.append(path) or real(path, *a))
+  with pytest.raises(DataError, match=f"^{days / 'day_1.tsv'}: empty file$"):
+    binary.preprocess(str(days), str(tmp_path / "o"), lib.features(), lib.rows())
+  assert parsed == [] and not (tmp_path / "o").exists()
