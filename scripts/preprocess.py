@@ -132,8 +132,9 @@ def _check_paths() -> None:
     raise ConfigError(f"--input {FLAGS.input} is a preprocessed dataset ({binary.MANIFEST}), "
                       "not TSV: train on it directly (--train_data)")
   output = os.path.realpath(FLAGS.output)
-  for path in inputs:
-    if os.path.dirname(os.path.realpath(path)) == output:
+  for path in inputs:   # the directory of the file or of the link naming it (links to TSV
+    if output in (os.path.dirname(os.path.realpath(path)),   # files elsewhere: the shards
+                  os.path.realpath(os.path.dirname(path))):  # went among the links)
       raise ConfigError(f"--output {FLAGS.output} holds the --input file {path}; write the "
                         "shards to another directory")
 

@@ -31,6 +31,21 @@ def test_output_holding_the_input_is_refused(tmp_path):
   assert r.returncode == 0 and "wrote 4 examples" in r.stdout, r.stderr
 
 
+def test_output_holding_links_to_the_input_is_refused(tmp_path):
+  """A directory of symbolic links to TSV files elsewhere, as --input and --output: the
+  check compared the links' targets' directory; the shards and manifest went among the
+  links, and the directory was refused as TSV from then on."""
+  (tmp_path / "real").mkdir()
+  (tmp_path / "links").mkdir()
+  _tsv(tmp_path / "real" / "a.tsv")
+  (tmp_path / "links" / "a.tsv").symlink_to(tmp_path / "real" / "a.tsv")
+  links = tmp_path / "links"
+  r = run(f"--input={links}", f"--output={links}", "--rows=100")
+  assert r.returncode == 1 and r.stderr.startswith(
+      f"error: --output {links} holds the --input file {links / 'a.tsv'}"), r.stderr
+  assert os.listdir(links) == ["a.tsv"]
+
+
 def test_ignored_or_misread_flags_are_errors(tmp_path):
   """A misspelled --gin_bindings configurable was skipped (skip_unknown), a gin error
   had no `file:line` for a missing file and printed log lines, extra arguments were
