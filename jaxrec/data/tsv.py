@@ -32,6 +32,7 @@ fixed-width digit windows), ~0.5-1M lines/sec per core.
 
 from __future__ import annotations
 
+import ctypes
 import glob as globlib
 import gzip
 import io
@@ -583,12 +584,24 @@ def iter_file(path: str, parser: Parser, policy: BadRowPolicy,
     yield batch
 
 
+def _return_freed_memory() -> None:
+  """Gives the heap the parsed chunks left (freed by `read_tsv`'s concatenation) back to
+  the system where glibc keeps it: the process held ~430 bytes per example afterwards,
+  ~160 (the arrays) after it."""
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):   # not glibc
+    pass
+
+
 def read_tsv(paths: Sequence[str], layout: Layout, bad_rows: str = "error",
              chunk_bytes: int = CHUNK_BYTES) -> ArraySource:
-  """Parses TSV files into an in-memory source (~160 bytes per Criteo example)."""
+  """Parses TSV files into an in-memory source (160 bytes per Criteo example)."""
   parser, policy = Parser(layout), BadRowPolicy(bad_rows)
   parts = [b for p in paths for b in iter_file(p, parser, policy, chunk_bytes)]
   examples = concatenate(parts)
+  del parts
+  _return_freed_memory()
   if examples.size == 0:
     raise DataError(f"{', '.join(paths)}: no valid rows "
                     f"({counted(sum(policy.counts.values()), 'malformed row')} skipped)")
