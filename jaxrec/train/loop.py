@@ -34,7 +34,7 @@ from jaxrec.offload import snapshots as snapshots_lib
 from jaxrec.sharding import mesh as mesh_lib
 from jaxrec.planner.result import format_bytes
 from jaxrec.sharding.plan import Plan, uniform_plan
-from jaxrec.train import budget_hint, config_gin, data_adapter, mesh_choice
+from jaxrec.train import budget_hint, config_changes, config_gin, data_adapter, mesh_choice
 from jaxrec.train.config import config_gin_header
 from jaxrec.train import state as state_lib
 from jaxrec.train import step as step_lib
@@ -173,19 +173,24 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
 
 
 def _write_run_records(workdir: str, operative_gin: str, plan_result, trains: bool,
-                       options: RunOptions, unwritten: Sequence[str] = ()) -> None:
+                       options: RunOptions, unwritten: Sequence[str] = (),
+                       resumed: str | None = None) -> None:
   """Warns about unused gin bindings and writes `config.gin` and `plan.json`. Every
   configurable of the run has been called by now; a run that only evaluates opens no
   training data, and keeps the config.gin and plan.json of the run that trained (with its
   data pipeline's settings), unless there are none. A file it cannot write (e.g. an immutable
-  one: the directory was checked) is a ConfigError naming it."""
+  one: the directory was checked) is a ConfigError naming it. `resumed`: config.gin's
+  header line for a resume with another config (`config_changes.note`)."""
   unused = gin_usage.warning(not_called=() if trains else ("make_train_iterator",))
   if unused:
     log.warning("%s", unused)
     elastic.report_warning(unused)   # under launch.py: on its stderr, not only 0.log
   # whole or not at all: `--plan=W/plan.json` reads it back on the next start; like
   # config.gin, the plan of the run that trained is kept by one that only evaluates
-  for name, text in (("config.gin", lambda: config_gin_header(options, unwritten) + operative_gin),
+  header = config_gin_header(options, unwritten)
+  if resumed:   # in the header's comment, before its blank line
+    header = header.rstrip("\n") + "\n" + resumed + "\n"
+  for name, text in (("config.gin", lambda: header + operative_gin),
                      ("plan.json", lambda: plan_result.dumps())):
     path = os.path.join(workdir, name)
     if not trains and os.path.exists(path):
@@ -360,8 +365,11 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       meta["gin"] = operative_gin
     signals.check()
     if is_main:   # only now: a run refused by its restore leaves the last run's files
+      resumed = config_changes.note(workdir, start, (restored.meta or {}).get("gin"),
+                                    operative_gin) if restored and train_it else None
       _write_run_records(workdir, operative_gin, info["plan_result"],
-                         trains=train_it is not None, options=options, unwritten=unwritten)
+                         trains=train_it is not None, options=options, unwritten=unwritten,
+                         resumed=resumed)
   except BaseException:
     if tier is not None:
       tier.close(refused=True)

@@ -1,0 +1,99 @@
+"""A resumed run whose gin config differs from the one that trained its checkpoint.
+
+The checks at restore refuse what a checkpoint cannot take (other tables, dense shapes,
+optimizer state); everything else may change at a resume (a batch size, a learning rate,
+the synthetic data's settings), and did silently: `W/config.gin` was overwritten with the
+new values, and its header said a rerun of it reproduced the run, which trained steps up
+to the checkpoint with the old ones. Now such a resume logs which bindings changed, keeps
+the config of the steps before it as `W/config-until-<step>.gin`, and says so in the new
+`config.gin`'s header.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from absl import logging as log
+
+from jaxrec.files import write_text_atomic
+
+# A binding's first line in gin's operative config text: `scope/Name.param = ...` or a
+# macro `NAME = ...`, at the start of the line; its continuation lines are indented.
+_BINDING = re.compile(r"^([A-Za-z_][\w./]*)\s*=\s?(.*)$")
+SHOWN = 6   # changed bindings a warning lists
+
+
+def bindings(text: str) -> dict[str, str]:
+  """`{name: value text}` of gin's operative config `text` (comments dropped, a value
+  spread over several lines joined)."""
+  out: dict[str, str] = {}
+  name = None
+  for line in text.splitlines():
+    if not line.strip() or line.lstrip().startswith("#"):
+      continue
+    m = _BINDING.match(line)
+    if m and not line[0].isspace():
+      name = m.group(1)
+      out[name] = m.group(2).strip()
+    elif name is not None:
+      out[name] += " " + line.strip()
+  return out
+
+
+def changed(before: str, after: str) -> list[str]:
+  """`name: old -> new` for each binding whose value differs between the operative configs
+  `before` and `after` (`(unbound)` for one only the other has)."""
+  old, new = bindings(before), bindings(after)
+  return [f"{k}: {old.get(k, '(unbound)')} -> {new.get(k, '(unbound)')}"
+          for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+
+
+def until_name(step: int) -> str:
+  """The file name that keeps the config of the steps up to `step`."""
+  return f"config-until-{step}.gin"
+
+
+def note(workdir: str, step: int, before: str | None, after: str) -> str | None:
+  """For a run resuming at `step` whose checkpoint was trained with operative config
+  `before` (its meta's `gin`; None for an older checkpoint) and runs `after`: when they
+  differ, writes `before` to `W/config-until-<step>.gin`, logs a warning naming the changed
+  bindings and returns the line for `config.gin`'s header; None when nothing changed."""
+  if step <= 0:
+    return None
+  diff = changed(before, after) if before else []
+  if not diff:   # an earlier resume's change still stands in this file's history
+    return _earlier(workdir, step)
+  name, first = until_name(step), _last_until(workdir, step - 1) + 1
+  write_text_atomic(os.path.join(workdir, name),
+                    f"# The operative config that trained steps {first} to {step} of this "
+                    "run.\n\n" + before)
+  more = f" (+{len(diff) - SHOWN} more)" if len(diff) > SHOWN else ""
+  log.warning("warning: this run resumes at step %d with a gin config that differs from the "
+              "one that trained it: %s%s; W/%s keeps the earlier one, W/config.gin records "
+              "this run's", step, "; ".join(diff[:SHOWN]), more, name)
+  return (f"# It resumed at step {step} with bindings that differ from the steps before "
+          f"({len(diff)}; those steps' config: {name}): this file alone does not rerun them.\n")
+
+
+def _earlier(workdir: str, step: int) -> str | None:
+  """The header line of the latest earlier resume with another config (its
+  `config-until-<s>.gin`, `s <= step`), for a later resume without a change."""
+  last = _last_until(workdir, step)
+  if not last:
+    return None
+  return (f"# Steps 1 to {last} were trained with other configs ({until_name(last)} and any "
+          "earlier config-until-*.gin): this file alone does not rerun them.\n")
+
+
+def _last_until(workdir: str, step: int) -> int:
+  """The largest `s <= step` of the workdir's `config-until-<s>.gin` files; 0 if none."""
+  try:
+    names = os.listdir(workdir)
+  except OSError:
+    return 0
+  return max((s for n in names if (m := _UNTIL.fullmatch(n)) and (s := int(m.group(1))) <= step),
+             default=0)
+
+
+_UNTIL = re.compile(r"config-until-(\d+)\.gin")
