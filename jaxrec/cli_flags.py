@@ -112,8 +112,11 @@ def _malformed(text: str, flag_values: flags.FlagValues) -> str:
   if missing:
     return _required(missing, flag_values)
   flagfile = re.search(r"Unable to open flagfile: (?:\[Errno \d+\] )?(.*)", text)
-  if flagfile:   # absl's text: "ERROR:: Unable to open flagfile: [Errno 2] No such ..."
-    return f"--flagfile: cannot read {' '.join(flagfile.group(1).split())}"
+  if flagfile:   # absl's text: "ERROR:: Unable to open flagfile: [Errno 2] No such ...: 'F'"
+    why = " ".join(flagfile.group(1).split())
+    named = re.match(r"(.*?): '(.*)'$", why)   # `cannot read F: why`, as a path error reads
+    return (f"--flagfile: cannot read {named.group(2)}: {named.group(1)}" if named
+            else f"--flagfile: cannot read {why}")
   m = _BAD_VALUE.match(text.splitlines()[0])
   if not m or m.group(1) not in flag_values:
     return " ".join(text.split())

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxrec import gin_usage
 from jaxrec.errors import ConfigError
 from jaxrec.kernels.optim import NONNEG, POSITIVE, hparam
 
@@ -96,11 +97,14 @@ def lr_schedule(name: str = gin.REQUIRED, **kwargs) -> Schedule:
   that is not a whole number, and for a schedule that is negative or not finite anywhere
   (with gin's scope, e.g. `sparse/lr_schedule.peak_value`, so the error names the line)."""
   scope = gin.current_scope_str()
-  prefix = f"{scope}/lr_schedule" if scope else "lr_schedule"
+  prefix = f"{scope}/lr_schedule" if scope else "lr_schedule"   # where to bind a missing one
+
+  def named(arg: str) -> str:   # the binding that gave `arg`: `outer/lr_schedule.value` for
+    return gin_usage.calling_name("lr_schedule", arg)   # an unscoped one, nobody wrote
   if not isinstance(name, str) or name not in SCHEDULES:
-    raise ConfigError(f"{prefix}.name: unknown '{name}' (known: {', '.join(SCHEDULES)})")
+    raise ConfigError(f"{named('name')}: unknown '{name}' (known: {', '.join(SCHEDULES)})")
   params = inspect.signature(SCHEDULES[name]).parameters
-  unknown = [f"{prefix}.{k}" for k in kwargs if k not in params]
+  unknown = [named(k) for k in kwargs if k not in params]
   if unknown:
     raise ConfigError(f"{', '.join(unknown)}: the '{name}' schedule takes no such argument "
                       f"(it takes: {', '.join(params)})")
@@ -109,9 +113,9 @@ def lr_schedule(name: str = gin.REQUIRED, **kwargs) -> Schedule:
   if missing:
     raise ConfigError(f"{', '.join(missing)} not bound: the '{name}' schedule needs "
                       f"{'them' if len(missing) > 1 else 'it'}")
-  checked = {k: _checked(f"{prefix}.{k}", k, v) for k, v in kwargs.items()}
+  checked = {k: _checked(named(k), k, v) for k, v in kwargs.items()}
   schedule = Schedule(name, tuple(sorted(checked.items())))
-  _check_values(schedule, checked, prefix)
+  _check_values(schedule, checked, named)
   return schedule
 
 
@@ -147,13 +151,13 @@ def _whole(value) -> bool:
   return isinstance(value, numbers.Real) and float(value).is_integer()
 
 
-def _check_values(schedule: Schedule, kwargs: dict, prefix: str) -> None:
+def _check_values(schedule: Schedule, kwargs: dict, named: Callable[[str], str]) -> None:
   """The rate is finite (and >= 0, as `Schedule.__call__` keeps it) at step 0, at each
   step the arguments name, one past each, and far past the end (a rate computed from valid
   arguments can still be NaN, e.g. a cosine decay over 0 steps in some optax versions). One
   compiled evaluation of all of them (one at a time, eagerly, took ~0.7 s of start-up).
-  The error starts with the binding (`prefix.<argument>`) that named the step, or
-  `prefix.name` for steps 0 and 10^9, so that `gin_usage.locate` puts its line in front."""
+  The error starts with the binding (`named(argument)`) that named the step, or
+  `named('name')` for steps 0 and 10^9, so that `gin_usage.locate` puts its line in front."""
   marks = {0: "name", 10**9: "name"}   # step -> the argument that named it
   for key in _STEPS:
     if key in kwargs:
@@ -170,7 +174,7 @@ def _check_values(schedule: Schedule, kwargs: dict, prefix: str) -> None:
                       f"arguments: {e}") from None
   for step, value in zip(steps, values.tolist()):
     if not np.isfinite(value) or value < 0:
-      raise ConfigError(f"{prefix}.{marks[step]}: {schedule} gives the rate {value!r} at step "
+      raise ConfigError(f"{named(marks[step])}: {schedule} gives the rate {value!r} at step "
                         f"{step}: a learning rate must be finite and >= 0")
 
 

@@ -55,7 +55,7 @@ CASES = [
     ("plot_metrics.py", ["--workdir=w", "--workdir="],
      "--workdir is required (given an empty value)"),
     ("plan.py", ["--flagfile=/no/such.flags"],   # was "error: ERROR:: Unable to open ..."
-     "--flagfile: cannot read No such file or directory: '/no/such.flags'"),
+     "--flagfile: cannot read /no/such.flags: No such file or directory"),
     # `~` after `=` is not expanded by the shell: a data path said only "no such file", an
     # output became a directory named `~` here
     ("train.py", ["--workdir=w", "--train_data=~/criteo/day_0"],

@@ -126,7 +126,13 @@ def test_a_data_path_starting_with_a_tilde_is_expanded(tmp_path, monkeypatch):
     (["ExperimentConfig.table_optimizers = {'t0': @big/sparse_optimizer()}",
       "big/sparse_optimizer.name = 'adam'", "big/sparse_optimizer.b1 = 1.5"],
      "{f}:4: big/sparse_optimizer.b1 must be a number in [0, 1), got 1.5 (name='adam')"),
-    (["SGD.lr = -2.0"], "{f}:2: SGD.lr must be a number >= 0, got -2.0")])
+    (["SGD.lr = -2.0"], "{f}:2: SGD.lr must be a number >= 0, got -2.0"),
+    # an unscoped binding a scoped call inherits: it was `outer/lr_schedule.value`, unwritten
+    (["SGD.lr = @outer/lr_schedule()", "outer/lr_schedule.name = 'linear'",
+      "outer/lr_schedule.init_value = 0.9", "outer/lr_schedule.end_value = 0.1",
+      "outer/lr_schedule.transition_steps = 4", "lr_schedule.value = 7.0"],
+     "{f}:7: lr_schedule.value: the 'linear' schedule takes no such argument (it takes: "
+     "init_value, end_value, transition_steps, transition_begin)")])
 def test_a_bad_hyperparameter_in_a_scope_is_named_with_its_scope_and_line(tmp_path, lines,
                                                                            message):
   """`big/SGD.lr = -1.0` was `SGD.lr must be ...`: no scope and no FILE:LINE, while the

@@ -117,9 +117,9 @@ def test_a_macro_used_but_never_bound_is_one_line_naming_where_it_is_used(tmp_pa
   extra.write_text("# the tables\nExperimentConfig.embedding = %tabels\n")
   with pytest.raises(ConfigError) as e:
     launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin"), str(extra)], [])
-  assert str(e.value) == (f"{extra}:2: %tabels is used but never bound; bind it (e.g. "
-                          "`tabels = ...` in a gin file or --gin_bindings=\"tabels=...\") or "
-                          "fix the name")
+  assert str(e.value) == (f"--gin_file: {extra}:2: %tabels is used but never bound; bind it "
+                          "(e.g. `tabels = ...` in a gin file or --gin_bindings=\"tabels=...\") "
+                          "or fix the name")
   with pytest.raises(ConfigError, match="^--gin_bindings: %x is used but never bound"):
     launch.parse_gin([os.path.join(ROOT, "configs", "dlrm_synthetic.gin")],
                      ["DLRM.top_mlp = %x"])
