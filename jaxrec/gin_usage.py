@@ -241,6 +241,14 @@ def bound_where(name: str) -> str | None:
   return f"bound by {where}" if where.startswith("--") else f"bound at {where}"
 
 
+def scoped_elsewhere(configurable: str, parameter: str) -> list[tuple[str, str]]:
+  """`(name, where)` of the recorded bindings of `parameter` of `configurable` (its short
+  name) in some scope (`sprse/lr_schedule.name`): for a call that lacks the parameter,
+  a binding under a mistyped scope."""
+  return [(_name(*key), where) for key, where in _ORIGINS.items()
+          if key[0] and key[2] == parameter and key[1].rsplit(".", 1)[-1] == configurable]
+
+
 def first_bound(prefix: str) -> str | None:
   """Where the first recorded binding whose name starts with `prefix` (`cat/TableSpec.`)
   was written, if any: the place of a scoped configurable one of whose arguments is

@@ -260,12 +260,30 @@ def build(make):
   except RuntimeError as e:
     if "Required bindings" not in str(e):
       raise
-    raise ConfigError(f"--gin_file: {_one_line(user_message(e))}") from None
+    raise ConfigError(f"--gin_file: {_one_line(user_message(e))}{_required_hint(str(e))}"
+                      ) from None
   except TypeError as e:   # a referenced `@X()` whose arguments without defaults are unbound
     message = _unbound_arguments(str(e))
     if message is None:
       raise
     raise ConfigError(message) from None
+
+
+def _required_hint(text: str) -> str:
+  """For gin's "Required bindings for `X` not provided in config: ['p']": the bindings of
+  `X.p` under a scope, and the scopes `@scope/X()` is called in (`sprse/lr_schedule.name`
+  bound, `@sparse/lr_schedule()` called: the message named neither)."""
+  m = re.search(r"Required bindings for `([\w.]+)` not provided in config: \[(.*?)\]", text)
+  if not m:
+    return ""
+  name = m.group(1).rsplit(".", 1)[-1]
+  found = [f"{n} at {w}" for p in re.findall(r"'(\w+)'", m.group(2))
+           for n, w in gin_usage.scoped_elsewhere(name, p)]
+  if not found:
+    return ""
+  called = sorted(set(re.findall(rf"@((?:[\w.]+/)*){re.escape(name)}\(", gin.config_str())))
+  calls = ", ".join(f"@{c}{name}()" for c in called) or f"@{name}()"
+  return f" (bound only in another scope: {'; '.join(found)}; the config calls {calls})"
 
 
 def _unbound_arguments(text: str) -> str | None:

@@ -143,3 +143,18 @@ def test_a_bad_hyperparameter_in_a_scope_is_named_with_its_scope_and_line(tmp_pa
   with pytest.raises(ConfigError) as e:
     launch.build(config_lib.ExperimentConfig)
   assert launch.user_message(e.value) == "--gin_file: " + message.format(f=path)
+
+
+def test_a_required_parameter_bound_under_a_mistyped_scope_is_pointed_at(tmp_path):
+  """`sprse/lr_schedule.name` for a `@sparse/lr_schedule()`: gin's 'Required bindings for
+  `lr_schedule` not provided' named neither the call's scope nor the binding's line."""
+  path = tmp_path / "typo.gin"
+  path.write_text(f"include '{SYNTHETIC}'\nSGD.lr = @sparse/lr_schedule()\n"
+                  "sprse/lr_schedule.name = 'constant'\nsparse/lr_schedule.value = 0.5\n")
+  launch.parse_gin([str(path)], [])
+  with pytest.raises(ConfigError) as e:
+    launch.build(config_lib.ExperimentConfig)
+  assert str(e.value) == (
+      "--gin_file: Required bindings for `lr_schedule` not provided in config: ['name'] "
+      f"(bound only in another scope: sprse/lr_schedule.name at {path}:3; the config calls "
+      "@sparse/lr_schedule())")
