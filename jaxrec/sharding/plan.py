@@ -25,7 +25,7 @@ import numbers
 import os
 from typing import Callable, Iterator, Mapping, Sequence
 
-from jaxrec.errors import ConfigError, in_order, some
+from jaxrec.errors import ConfigError, close_to, in_order, some
 
 MESH_AXES = ("data", "table", "row", "col")
 
@@ -343,8 +343,10 @@ def check_plan_flag(plan: str) -> None:
   if is_plan_file(plan):
     Plan.load_with_mesh(plan)
   elif plan != "auto" and plan not in KINDS:
+    hint = close_to(plan.lower(), ("auto", *KINDS)) if plan.lower() != plan else ""
+    hint = hint or close_to(plan, ("auto", *KINDS))   # `TW`: the kinds are lower case
     raise ConfigError(f"--plan: unknown plan '{plan}' (known: auto, {', '.join(KINDS)}, or a "
-                      "plan .json file)")
+                      f"plan .json file){hint}")
 
 
 def warn_collapsed_kind(kind: str, mesh_shape: Mapping[str, int]) -> None:

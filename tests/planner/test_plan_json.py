@@ -140,6 +140,9 @@ def test_a_plan_file_without_json_in_its_name_is_a_plan_file(tmp_path, monkeypat
   assert not is_plan_file("no_such_plan") and is_plan_file("no/such")
   with pytest.raises(ConfigError, match=r"^--plan: unknown plan 'no_such_plan'"):
     check_plan_flag("no_such_plan")
+  for typed, meant in (("TW", "tw"), ("Auto", "auto"), ("twr", "twrw")):   # did you mean
+    with pytest.raises(ConfigError, match=rf"plan .json file\); did you mean '{meant}'\?$"):
+      check_plan_flag(typed)
   loaded = convert.resolve_plan("smallplan", [TableSpec("a", 10, 8)], mesh)
   assert loaded.placements["a"] == TablePlacement("tw", 1)
 
