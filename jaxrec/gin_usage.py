@@ -241,6 +241,18 @@ def bound_where(name: str) -> str | None:
   return f"bound by {where}" if where.startswith("--") else f"bound at {where}"
 
 
+def through_macros(binding: str, value) -> tuple[str, object]:
+  """`(binding, value)` past the macros of `value` (`%DATA`, `%DATA` -> `%D2` -> 'x.tsv'):
+  the binding that holds the value itself (`D2/gin.macro.value`) and that value."""
+  for _ in range(100):   # (gin refuses a macro cycle at finalize)
+    if not (isinstance(value, gin.config.ConfigurableReference)
+            and value.scoped_selector.endswith("gin.macro")):
+      break
+    binding = value.scoped_selector + ".value"
+    value = gin.query_parameter(binding)
+  return binding, value
+
+
 def scoped_elsewhere(configurable: str, parameter: str) -> list[tuple[str, str]]:
   """`(name, where)` of the recorded bindings of `parameter` of `configurable` (its short
   name) in some scope (`sprse/lr_schedule.name`): for a call that lacks the parameter,

@@ -99,7 +99,9 @@ def _include_cycle(path: str, message: str) -> str:
       break
     seen.add((where, line))
     steps.append(f"{where}:{line} includes '{name}'")
-  steps.reverse()   # gin's chain is innermost first
+  steps.reverse()   # gin's chain is innermost first; the cycle told from the file given
+  first = next((i for i, step in enumerate(steps) if step.startswith(f"{path}:")), 0)
+  steps = steps[first:] + steps[:first]   # (where the recursion limit struck varies)
   if not steps:
     return f"{path}: too deeply nested includes (Python's recursion limit)"
   return f"{', '.join(steps)}: an include cycle (a file includes itself); remove one of them"

@@ -79,8 +79,8 @@ def _binding(cls: str, field: str, value, scope=None) -> str | None:
     name = "/".join(scope[:k] + [f"{cls}.{field}"])
     if gin_usage.bound_at(name) is None:
       continue
-    try:
-      bound = gin.query_parameter(name)
+    try:   # (through a macro, `dim = %DIM`: its value)
+      bound = gin_usage.through_macros(name, gin.query_parameter(name))[1]
     except ValueError:
       continue
     return name if bound is value or repr(bound) == repr(value) else None

@@ -480,19 +480,6 @@ def parse_bytes(text: str | None, flag: str) -> int | None:
 
 
 
-def _through_macros(binding: str, value) -> tuple[str, object]:
-  """`(binding, value)` past the macros of `value` (`%DATA`, `%DATA` -> `%D2` -> 'x.tsv'):
-  the binding that holds the value itself (`D2/gin.macro.value`) and that value. A data
-  path bound through a macro stayed relative in `W/config.gin`."""
-  for _ in range(100):   # (gin refuses a macro cycle at finalize)
-    if not (isinstance(value, gin.config.ConfigurableReference)
-            and value.scoped_selector.endswith("gin.macro")):
-      break
-    binding = value.scoped_selector + ".value"
-    value = gin.query_parameter(binding)
-  return binding, value
-
-
 def absolute_data_paths() -> None:
   """Rebinds `ExperimentConfig.train_data` / `eval_data` bound to a relative path that
   names something here (a file, directory or a glob's matches) to its absolute path, so
@@ -502,7 +489,7 @@ def absolute_data_paths() -> None:
   for name in DATA_FIELDS:
     binding = f"ExperimentConfig.{name}"
     try:
-      binding, bound = _through_macros(binding, gin.query_parameter(binding))
+      binding, bound = gin_usage.through_macros(binding, gin.query_parameter(binding))
     except ValueError:   # not bound: the default, 'synthetic'
       continue
     value = bound

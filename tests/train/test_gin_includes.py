@@ -158,3 +158,18 @@ def test_a_required_parameter_bound_under_a_mistyped_scope_is_pointed_at(tmp_pat
       "--gin_file: Required bindings for `lr_schedule` not provided in config: ['name'] "
       f"(bound only in another scope: sprse/lr_schedule.name at {path}:3; the config calls "
       "@sparse/lr_schedule())")
+
+
+def test_a_bad_value_through_a_macro_names_the_binding_that_uses_it(tmp_path):
+  """`user/TableSpec.dim = %DIM` with `DIM = 0`: the error named the table only."""
+  path = tmp_path / "m.gin"
+  path.write_text(f"include '{SYNTHETIC}'\nExperimentConfig.embedding = "
+                  "((@user/TableSpec(),), (@u/FeatureSpec(),))\nuser/TableSpec.name = 't_user'\n"
+                  "user/TableSpec.rows = 100\nuser/TableSpec.dim = %DIM\n"
+                  "u/FeatureSpec.name = 'user_id'\nu/FeatureSpec.table = 't_user'\n")
+  launch.parse_gin([str(path)], ["DIM = 0"])
+  with pytest.raises(ConfigError) as e:
+    launch.build(config_lib.ExperimentConfig)
+  assert launch.user_message(e.value) == (
+      f"--gin_file: {path}:5: user/TableSpec.dim: table 't_user': dim must be a positive "
+      "integer, got 0")
