@@ -117,7 +117,8 @@ def _listed(checkpoint_dir) -> tuple[CheckpointManager, list[int]]:
         raise
   steps = mgr.all_steps()
   if not steps:
-    raise CheckpointError(f"no checkpoint in {checkpoint_dir}{hint(checkpoint_dir)}")
+    raise CheckpointError(f"--checkpoint_dir: no checkpoint in {checkpoint_dir}"
+                          f"{hint(checkpoint_dir)}")
   return mgr, steps
 
 

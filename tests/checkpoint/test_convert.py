@@ -180,7 +180,7 @@ def test_script(saved, tmp_path):
     np.testing.assert_array_equal(z["tables/t0"], _expected(coll, state)["tables/t0"])
   proc = run_script("convert_checkpoint.py", f"--checkpoint_dir={tmp_path / 'none'}",
                     f"--output={out}", "--format=zarr")
-  assert proc.returncode == 1 and proc.stderr.startswith("error: no checkpoint")
+  assert proc.returncode == 1 and proc.stderr.startswith("error: --checkpoint_dir: no checkpoint")
 
 
 def _offloaded_run(tmp_path):
@@ -265,8 +265,8 @@ def test_outputs_refused_before_any_read(saved, tmp_path):
   assert not (path / "4" / "z").exists() and not (path / "x.npz").exists()
   with pytest.raises(ConfigError, match=r"^--output: .*old.npz is a file, not a directory$"):
     convert.export_npz(path, tmp_path / "old.npz" / "c.npz")   # 'cannot create ...: File
-  with pytest.raises(CheckpointError, match=r"^no checkpoint in .*old.npz \(it is a file, "
-                     r"not a directory\)$"):                    # exists'; 'no checkpoint in'
+  with pytest.raises(CheckpointError, match=r"^--checkpoint_dir: no checkpoint in .*old.npz "
+                     r"\(it is a file, not a directory\)$"):   # exists'; 'no checkpoint in'
     convert.export_npz(tmp_path / "old.npz", tmp_path / "d.npz")
 
 
