@@ -284,7 +284,7 @@ def test_tables_too_big_for_data_only_take_the_cheapest_splitting_mesh(tmp_path)
   with pytest.raises(ConfigError, match=r"^plan \(forced\) does not fit.* on mesh data=8,"):
     mesh_choice.choose(CONFIG, RunOptions(memory_per_device=2**14, plan="dp"), 8)
   elastic = replan.choose(CONFIG, replan.TrainArgs.parse(
-      [f"--workdir={tmp_path}", "--gin_file=g", f"--memory_per_device={2**14}"]), 2, 4)
+      [f"--workdir={tmp_path}", "--gin_file=g", f"--memory_per_device={2**14}b"]), 2, 4)
   assert elastic.mesh == choice.mesh and "lowest estimated step time" in elastic.note
   assert mesh_lib.format_mesh(elastic.mesh) in replan.TrainArgs.parse(
       [f"--workdir={tmp_path}", "--gin_file=g"]).with_mesh_plan(*elastic.worker_mesh_plan)[-2]
@@ -327,7 +327,7 @@ def test_a_budget_no_mesh_can_meet_prices_no_other_mesh(monkeypatch):
                      r"and their optimizer state alone need .* a device split over all of "
                      r"them$"):
     replan.choose(CONFIG, replan.TrainArgs.parse(
-        ["--workdir=/nonexistent/w", "--gin_file=g", f"--memory_per_device={int(floor) - 1}"]),
+        ["--workdir=/nonexistent/w", "--gin_file=g", f"--memory_per_device={int(floor) - 1}b"]),
         2, 4)
   assert asked == [{"data": 8, "table": 1, "row": 1, "col": 1}]
 
