@@ -35,6 +35,7 @@ from multiprocessing import shared_memory
 from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 
 from absl import flags
+from absl import logging
 import gin
 import grain
 import jax
@@ -516,5 +517,10 @@ def make_eval_batches(source: str, features: Sequence[FeatureSpec],
                     num_dense=num_dense)
   if src.num_examples is None and num_examples is None:
     num_examples = synthetic_examples
+  elif src.num_examples is None and num_examples != synthetic_examples:
+    # both bound: the narrower binding won without a word (4096 asked, 1000 evaluated)
+    logging.warning("warning: make_eval_batches.num_examples = %d sets the synthetic eval "
+                    "set's size; ExperimentConfig.num_eval_examples = %d is not used",
+                    num_examples, synthetic_examples)
   return EvalData(src, batch_size, process_index, process_count, num_examples=num_examples,
                   num_threads=num_threads, prefetch=prefetch, cache_bytes=cache_bytes)

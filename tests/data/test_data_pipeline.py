@@ -444,3 +444,15 @@ def test_worker_processes_from_plain_python():
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                         timeout=300, check=False, env=dict(os.environ, PYTHONPATH=root))
   assert proc.returncode == 0 and proc.stdout.strip() == "(64,)", proc.stderr[-2000:]
+
+
+def test_a_synthetic_eval_size_given_twice_says_which_is_used(caplog):
+  """`make_eval_batches.num_examples=1000` beside `ExperimentConfig.num_eval_examples=4096`
+  evaluated 1000 examples without a word."""
+  feats = lib.features()
+  with caplog.at_level("WARNING"):
+    ev = pipeline.make_eval_batches("synthetic", feats, lib.rows(), 64, num_examples=70,
+                                    synthetic_examples=100)
+  assert ev.num_examples == 70 and sum(m.sum() for _, m in ev) == 70
+  assert ("make_eval_batches.num_examples = 70 sets the synthetic eval set's size; "
+          "ExperimentConfig.num_eval_examples = 100 is not used") in caplog.text
