@@ -37,7 +37,7 @@ import numpy as np
 from absl import logging
 
 from jaxrec import signals
-from jaxrec.data import tsv
+from jaxrec.data import file_limit, tsv
 from jaxrec.data.batch import Batch
 from jaxrec.data.source import GrainMixin, Layout
 from jaxrec.errors import ConfigError, DataError, counted
@@ -408,40 +408,6 @@ def _check_feature_order(where: str, stored: Sequence[str], names: Sequence[str]
                       f"order: list the features in the data's order ({order}) or {hint}")
 
 
-def _make_room_for_files(count: int, directory: str) -> None:
-  """Raises this process's open-file limit (`ulimit -n`, up to its hard limit) where the
-  `count` shards of `directory` would not fit beside the files already open: each shard's
-  memory map holds a file descriptor, and a dataset of more shards than the limit (Criteo
-  1TB at the default --shard_examples: ~1,043 of a usual 1,024) was an OSError traceback
-  (`Too many open files`). A `DataError` says what to do when the hard limit is short."""
-  try:
-    import resource  # pylint: disable=import-outside-toplevel (not on every platform)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    used = len(os.listdir("/proc/self/fd"))
-  except (ImportError, OSError):
-    return
-  need = used + count + _SPARE_FILES
-  if soft == resource.RLIM_INFINITY or need <= soft:
-    return
-  target = need if hard == resource.RLIM_INFINITY else min(hard, 2 * need)
-  if used + count + _SPARE_FILES // 16 > target:
-    raise DataError(_too_many_files(count, directory, f"`ulimit -Hn` {hard:,}, {used:,} "
-                                    "files open already"))
-  resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-  logging.info("raised this process's open-file limit from %d to %d for the %d shards of %s",
-               soft, target, count, directory)
-
-
-_SPARE_FILES = 256   # kept free beside the shards: checkpoints, logs, sockets, a second set
-
-
-def _too_many_files(count: int, directory: str, limit: str = "`ulimit -n`") -> str:
-  """The error for a dataset whose shards this process cannot hold open at once."""
-  return (f"{directory}: its {count:,} shards need as many open files at once, past this "
-          f"process's limit ({limit}): raise it, or re-run scripts/preprocess.py with a "
-          "larger --shard_examples (fewer, larger shards)")
-
-
 class BinarySource(GrainMixin):
   """Random access to a preprocessed directory, for the configured `layout`.
 
@@ -501,7 +467,7 @@ class BinarySource(GrainMixin):
     # structured array; the gathered copy is then viewed with the record dtype.
     void = np.dtype((np.void, self._dtype.itemsize))
     shards = self.manifest["shards"]
-    _make_room_for_files(sum(int(s["num_examples"]) > 0 for s in shards), self.directory)
+    file_limit.make_room(sum(int(s["num_examples"]) > 0 for s in shards), self.directory)
     try:
       self._maps = [np.asarray(np.memmap(os.path.join(self.directory, s["file"]), void, "r",
                                          shape=(int(s["num_examples"]),)))
@@ -509,7 +475,7 @@ class BinarySource(GrainMixin):
     except OSError as e:
       if e.errno != errno.EMFILE:
         raise
-      raise DataError(_too_many_files(len(shards), self.directory)) from None
+      raise DataError(file_limit.too_many(len(shards), self.directory)) from None
 
   def __getstate__(self):
     state = dict(self.__dict__)
