@@ -72,8 +72,8 @@ def note(workdir: str, step: int, before: str | None, after: str) -> str | None:
   log.warning("warning: this run resumes at step %d with a gin config that differs from the "
               "one that trained it: %s%s; W/%s keeps the earlier one, W/config.gin records "
               "this run's", step, "; ".join(diff[:SHOWN]), more, name)
-  return (f"# It resumed at step {step} with bindings that differ from the steps before "
-          f"({len(diff)}; those steps' config: {name}): this file alone does not rerun them.\n")
+  return (f"# It resumed at step {step} with {len(diff)} binding(s) other than those of the "
+          f"steps before (their config: {name}): this file alone does not rerun them.\n")
 
 
 def _earlier(workdir: str, step: int) -> str | None:

@@ -188,8 +188,8 @@ def _write_run_records(workdir: str, operative_gin: str, plan_result, trains: bo
   # whole or not at all: `--plan=W/plan.json` reads it back on the next start; like
   # config.gin, the plan of the run that trained is kept by one that only evaluates
   header = config_gin_header(options, unwritten)
-  if resumed:   # in the header's comment, before its blank line
-    header = header.rstrip("\n") + "\n" + resumed + "\n"
+  if resumed:   # in place of its "Rerun it with ..." lines: this file alone does not
+    header = header.split("\n")[0] + "\n" + resumed + "\n"
   for name, text in (("config.gin", lambda: header + operative_gin),
                      ("plan.json", lambda: plan_result.dumps())):
     path = os.path.join(workdir, name)

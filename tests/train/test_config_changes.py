@@ -38,9 +38,10 @@ def test_a_resume_with_another_config_says_so_and_keeps_the_earlier_one(tmp_path
   assert kept.startswith("# The operative config that trained steps 1 to 4 of this run.")
   assert (f"ExperimentConfig.num_eval_examples = {CONFIG.num_eval_examples}\n" in kept)
   header = open(tmp_path / "config.gin").read().split("\n\n")[0]
-  assert header.endswith("# It resumed at step 4 with bindings that differ from the steps "
-                         "before (1; those steps' config: config-until-4.gin): this file "
-                         "alone does not rerun them."), header
+  assert header.endswith("# It resumed at step 4 with 1 binding(s) other than those of the "
+                         "steps before (their config: config-until-4.gin): this file alone "
+                         "does not rerun them."), header
+  assert "Rerun it with" not in header
   caplog.clear()
   run(dataclasses.replace(CONFIG, num_eval_examples=128), 8)   # unchanged since: still said
   assert "differs" not in caplog.text
