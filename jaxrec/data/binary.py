@@ -227,14 +227,15 @@ def write(inputs: Sequence[str], output: str, layout: Layout, bad_rows: str = "e
   lock = os.path.join(output, _LOCK)
   try:
     with workdir_lock(output, _LOCK, "another scripts/preprocess.py", "--output"):
-      _check_output(output)   # (again: one may have finished while this one started)
-      _remove_unfinished(output)
-      writer = _ShardWriter(output, shard_examples)
       try:
-        return _write(inputs, output, layout, bad_rows, chunk_bytes, writer)
-      except BaseException:
-        writer.discard()
-        raise
+        _check_output(output)   # (again: one may have finished while this one started)
+        _remove_unfinished(output)
+        writer = _ShardWriter(output, shard_examples)
+        try:
+          return _write(inputs, output, layout, bad_rows, chunk_bytes, writer)
+        except BaseException:
+          writer.discard()
+          raise
       finally:
         os.remove(lock)   # (still held: a run starting now finds the lock taken)
   except OSError as e:   # input errors are `DataError`s: a write failed
