@@ -365,8 +365,10 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       meta["gin"] = operative_gin
     signals.check()
     if is_main:   # only now: a run refused by its restore leaves the last run's files
-      resumed = config_changes.note(workdir, start, (restored.meta or {}).get("gin"),
-                                    operative_gin) if restored and train_it else None
+      resumed = None   # a resume that trains with another config: said, and kept
+      if restored is not None and train_it is not None:
+        resumed = config_changes.note(workdir, start, (restored.meta or {}).get("gin"),
+                                      operative_gin)
       _write_run_records(workdir, operative_gin, info["plan_result"],
                          trains=train_it is not None, options=options, unwritten=unwritten,
                          resumed=resumed)
