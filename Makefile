@@ -29,7 +29,9 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	@# common.py is shared code; naive_dlrm.py is a worker that vs_torchrec.py runs
-	@for n in $(BENCH); do [ -f benchmarks/$$n.py ] || { echo "make bench: BENCH: no" \
+	@for n in $(BENCH); do case $$n in common|naive_dlrm) echo "make bench: BENCH: $$n is" \
+	  "not a benchmark (shared code, or vs_torchrec's worker)" >&2; exit 2;; esac; \
+	  [ -f benchmarks/$$n.py ] || { echo "make bench: BENCH: no" \
 	  "benchmarks/$$n.py (names: $$(cd benchmarks && ls *.py | sed 's/\.py$$//' | \
 	  grep -vx 'common\|naive_dlrm' | tr '\n' ' '))" >&2; exit 2; }; done
 	@for b in $(if $(BENCH),$(patsubst %,benchmarks/%.py,$(BENCH)),benchmarks/*.py); do \

@@ -214,6 +214,9 @@ def test_make_bench_runs_the_named_scripts_only(tmp_path):
                        timeout=60)
   assert out.returncode == 2 and "BENCH: no benchmarks/mesh_ovrhead.py (names: " in out.stderr
   assert "mesh_overhead" in out.stderr and " common " not in out.stderr
+  out = subprocess.run(make + ["bench", "BENCH=common"], capture_output=True, text=True,
+                       timeout=60)   # it ran nothing and exited 0
+  assert out.returncode == 2 and "BENCH: common is not a benchmark" in out.stderr
 
 
 def test_help_states_a_default_once():
