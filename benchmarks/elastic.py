@@ -161,7 +161,7 @@ def main(argv):
          restored_step=resume["step"] - 1, new_mesh=replan["mesh"],
          processes="2x4 -> 1x4", job_exit_code=code, final_checkpoint=final,
          completed=failure is None, **({"error": failure} if failure else {}),
-         load_average=list(os.getloadavg()), cpus=os.cpu_count(),
+         load_average=[round(x, 2) for x in os.getloadavg()], cpus=os.cpu_count(),
          **({"workdir": workdir} if FLAGS.keep or FLAGS.workdir else {}))
     if failure:
       print(f"error: {failure}", file=sys.stderr)

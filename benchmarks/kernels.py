@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import HelpFormatter, check_at_least, interruptible
+from common import HelpFormatter, check_at_least, emit, interruptible
 from jaxrec.errors import ConfigError
 from jaxrec.kernels import RowWiseAdagrad, init_opt_state, lookup_pool, quantize, sparse_update
 from jaxrec.kernels import platform
@@ -156,7 +155,7 @@ def bench_lookup(args, table, idx, w, base, nbytes) -> None:
       bw = memcpy_bandwidth(max(nbytes, 256 << 20), args.iters, args.reps)
       line.update(memcpy_bytes_per_sec=bw, ratio=nbytes / sec / bw, goal=0.8,
                   goal_op=">=")
-    print(json.dumps(line), flush=True)
+    emit(**line)
 
 
 def time_update(f, table, state, idx, w, grad, iters: int, reps: int):
@@ -182,17 +181,15 @@ def sweep(args, table, idx, w, grad, opt, state, base, nbytes):
         jax.clear_caches()
         f = jax.jit(lambda t, i, v: lookup_pool(t, i, v, kernel="pallas"))
         sec = _time(f, table, idx, w, iters=args.iters, reps=args.reps)
-      print(json.dumps(dict(base, op="lookup_pool", sweep=True, num_warps=warps,
-                            num_stages=stages, block=block, unroll_slots=unroll, seconds=sec,
-                            bytes_per_sec=nbytes / sec)), flush=True)
+      emit(**dict(base, op="lookup_pool", sweep=True, num_warps=warps, num_stages=stages,
+                  block=block, unroll_slots=unroll, seconds=sec, bytes_per_sec=nbytes / sec))
     for block in SWEEP_UPDATE_BLOCKS:
       with platform.tuned(platform.GpuTuning(warps, stages, update_block=block)):
         jax.clear_caches()
         f = update_fn(opt, "pallas", args.dtype)
         sec, table, state = time_update(f, table, state, idx, w, grad, args.iters, args.reps)
-      print(json.dumps(dict(base, op="sparse_update", sweep=True, num_warps=warps,
-                            num_stages=stages, block=block, seconds=sec,
-                            slots_per_sec=idx.size / sec)), flush=True)
+      emit(**dict(base, op="sparse_update", sweep=True, num_warps=warps, num_stages=stages,
+                  block=block, seconds=sec, slots_per_sec=idx.size / sec))
 
 
 def main(argv=None):
@@ -225,8 +222,8 @@ def main(argv=None):
     for kernel in kernels_timed(args):
       sec, table, state = time_update(update_fn(opt, kernel, args.dtype), table, state, idx,
                                       w, grad, args.iters, args.reps)
-      print(json.dumps(dict(base, op="sparse_update", optimizer="RowWiseAdagrad",
-                            kernel=kernel, seconds=sec, slots_per_sec=n * l / sec)), flush=True)
+      emit(**dict(base, op="sparse_update", optimizer="RowWiseAdagrad", kernel=kernel,
+                  seconds=sec, slots_per_sec=n * l / sec))
 
 
 if __name__ == "__main__":
