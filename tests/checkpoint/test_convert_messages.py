@@ -333,8 +333,9 @@ def test_a_torchrec_table_name_that_cannot_be_stored_is_refused(tmp_path):
 def test_a_step_directory_as_checkpoint_dir_names_the_flags(tmp_path):
   """`--checkpoint_dir=W/checkpoints/4` said only 'no checkpoint in W/checkpoints/4'."""
   _two_steps(tmp_path / "c")
-  with pytest.raises(CheckpointError, match=rf"^no checkpoint in {tmp_path}/c/4 \(it is the "
-                     rf"directory of step 4: pass --checkpoint_dir={tmp_path}/c --step=4\)$"):
+  with pytest.raises(CheckpointError, match=rf"^--checkpoint_dir: no checkpoint in {tmp_path}/c/4 "
+                     rf"\(it is the directory of step 4: pass --checkpoint_dir={tmp_path}/c "
+                     rf"--step=4\)$"):
     convert.export_npz(tmp_path / "c" / "4", tmp_path / "a.npz")
   assert not (tmp_path / "a.npz").exists()
 
