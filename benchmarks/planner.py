@@ -327,7 +327,7 @@ def main():
          step_ms_p10_p90=[round(float(np.percentile(
              [t for r in times2[name] for t in r], q)) * 1e3, 1) for q in (10, 90)],
          estimated_ms=round(est, 4), fitted_ms=round(fit, 2),
-         same_as=refined_name if name == "refined" else None,
+         same_as=refined_name if name == "refined" and refined_name != "refined" else None,
          padded_ids_per_device=runner.padded_ids(b), **describe(plan, nt))
   emit(BENCH, config=os.path.basename((args.gin_file or ["skewed_synthetic.gin"])[-1]),
        mesh=args.mesh, batch_size=b, calibration=prior.source,
@@ -337,7 +337,8 @@ def main():
                          if reference is not None else None),
        cpu_ratios={n: round(measured_cpu[n] / measured_cpu["naive"], 3)
                    for n in measured_cpu if n != "naive"},
-       goal=0.9, goal_op="<=", refined_same_as=refined_name, iterations=it,
+       goal=0.9, goal_op="<=", iterations=it,   # refined_same_as: null for a new plan
+       refined_same_as=refined_name if refined_name != "refined" else None,
        estimate_over_measured={n: round(e[0] / (measured[n] * 1e3), 4)
                                for n, e in estimates.items()},
        fitted_over_measured={n: round(e[1] / (measured[n] * 1e3), 3)
