@@ -258,22 +258,18 @@ def _estimate_forced(tables, mesh, estimate):
   from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
   # pylint: disable-next=import-outside-toplevel
   from jaxrec.sharding.plan import (is_plan_file, load_plan_file, uniform_plan,
-                                    warn_collapsed_kind, warn_other_sizes)
+                                    warn_collapsed_kind)
   if not is_plan_file(FLAGS.plan):
     warn_collapsed_kind(FLAGS.plan, mesh)
     return estimate(uniform_plan(FLAGS.plan, tables, mesh["table"]), f"forced {FLAGS.plan}")
   # pylint: disable-next=import-outside-toplevel
-  from jaxrec.offload.hooks import checked_auto_offloaded, type_of
-  # pylint: disable-next=import-outside-toplevel
-  from jaxrec.sharding.plan import PlanTablesError, plan_file_mesh_note
-  plan = load_plan_file(FLAGS.plan, mesh, " (--plan=auto re-plans)")
-  warn_other_sizes(FLAGS.plan, tables, " (--plan=auto re-plans)")
+  from jaxrec.offload.hooks import checked_auto_offloaded, plan_file_error
+  plan = load_plan_file(FLAGS.plan, mesh, " (--plan=auto re-plans)", tables)
   checked_auto_offloaded(FLAGS.plan, tables)   # as train.py does (it passed here)
   try:
     return estimate(plan, "file")
   except ConfigError as e:   # with train.py's hint when the file was made for another mesh
-    note = "" if isinstance(e, PlanTablesError) else plan_file_mesh_note(FLAGS.plan, mesh)
-    raise type_of(e)(f"--plan={FLAGS.plan}: {e}{note}") from None
+    raise plan_file_error(e, FLAGS.plan, mesh) from None
 
 
 def _eval_warning(spec, result, optimizer, off):

@@ -31,7 +31,7 @@ from jaxrec.offload.planning import (plan_with_offload, with_offload_notes,
 from jaxrec.offload.tier import OffloadTier
 from jaxrec.sharding.plan import (Plan, check_plan_flag, is_plan_file, load_plan_file,
                                   plan_file_mesh_note, PlanTablesError, uniform_plan,
-                                  warn_collapsed_kind, warn_other_sizes)
+                                  warn_collapsed_kind)
 from jaxrec.errors import BudgetError, ConfigError, in_order, some
 
 _LOG = logging.getLogger(__name__)
@@ -85,8 +85,8 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
     if recorded is not None:
       plan, mode = recorded, "checkpoint"
     elif is_plan_file(options.plan):
-      plan, mode = load_plan_file(options.plan, mesh_shape, " (--plan=auto re-plans)"), "file"
-      warn_other_sizes(options.plan, tables, " (--plan=auto re-plans)")
+      plan = load_plan_file(options.plan, mesh_shape, " (--plan=auto re-plans)", tables)
+      mode = "file"
     else:
       warn_collapsed_kind(options.plan, mesh_shape)
       plan, mode = uniform_plan(options.plan, tables, mesh_shape.get("table", 1)), "forced"
@@ -100,9 +100,7 @@ def choose_plan(config, options, mesh_shape: Mapping[str, int],
                           "devices)") from None
       if mode != "file":
         raise
-      note = "" if isinstance(e, PlanTablesError) else plan_file_mesh_note(options.plan,
-                                                                            mesh_shape)
-      raise type_of(e)(f"--plan={options.plan}: {e}{note}") from None
+      raise plan_file_error(e, options.plan, mesh_shape) from None
 
   if recorded is None and is_plan_file(options.plan):
     recorded_offload = checked_auto_offloaded(options.plan, config.tables)
@@ -147,6 +145,14 @@ def type_of(e: ConfigError) -> type:
   """`BudgetError` for one (a plan over budget), else `ConfigError`: re-raised with a
   prefix, the class the callers branch on is kept."""
   return BudgetError if isinstance(e, BudgetError) else ConfigError
+
+
+def plan_file_error(e: ConfigError, path: str, mesh_shape: Mapping[str, int]) -> ConfigError:
+  """`e`, raised planning with plan file `path`, prefixed `--plan=PATH:` and, unless it is
+  about the file's tables, with the hint that the file was made for another mesh (when it
+  was); for train.py and `scripts/plan.py --plan` alike."""
+  note = "" if isinstance(e, PlanTablesError) else plan_file_mesh_note(path, mesh_shape)
+  return type_of(e)(f"--plan={path}: {e}{note}")
 
 
 def checked_auto_offloaded(path: str, tables) -> tuple[str, ...] | None:

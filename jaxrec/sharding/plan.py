@@ -132,6 +132,13 @@ class Plan:
   def load_with_mesh(cls, path: str) -> tuple["Plan", dict[str, int] | None]:
     """`load`, and the mesh the file was made for (a run's `plan.json` and `scripts/plan.py
     --json` record it under `"mesh"`; all four axes), None for a bare plan."""
+    return cls._load(path)[:2]
+
+  @classmethod
+  def _load(cls, path: str) -> tuple["Plan", dict[str, int] | None, dict[str, tuple]]:
+    """`load_with_mesh`, and the `(rows, dim)` the file records for its tables (a run's
+    `plan.json` and `scripts/plan.py --json` list them under `"tables"`; {} for a bare
+    plan), read from the one parse of the file."""
     try:
       with open(path, encoding="utf-8") as f:
         obj = json.load(f, object_pairs_hook=_unique_keys)
@@ -147,6 +154,9 @@ class Plan:
     mesh = None
     if isinstance(obj, dict) and isinstance(obj.get("proposed"), dict):
       obj = obj["proposed"]       # `scripts/plan.py --profile --json`: the plan it proposes
+    recorded = obj.get("tables") if isinstance(obj, dict) else None
+    sizes = {t.get("name"): (t.get("rows"), t.get("dim")) for t in recorded
+             if isinstance(t, dict)} if isinstance(recorded, list) else {}
     if isinstance(obj, dict) and isinstance(obj.get("plan"), dict):
       problem = mesh_problem(obj["mesh"]) if "mesh" in obj else None
       if problem:   # a hand edit's typo was taken as no mesh
@@ -157,7 +167,7 @@ class Plan:
       raise ConfigError(f"--plan: {path}: expected {{table: {{\"kind\": ..., \"table_slice\": "
                         "...}} or a plan.json holding one under \"plan\"")
     try:
-      return cls.from_json(obj), mesh
+      return cls.from_json(obj), mesh, sizes
     except TypeError as e:
       raise ConfigError(f"--plan: {path}: {e}") from None
     except ConfigError as e:
@@ -204,12 +214,14 @@ def format_mesh(shape: Mapping[str, int]) -> str:
   return ",".join(f"{a}={shape.get(a, 1)}" for a in MESH_AXES)
 
 
-def load_plan_file(path: str, mesh_shape: Mapping[str, int], fix: str = "") -> Plan:
+def load_plan_file(path: str, mesh_shape: Mapping[str, int], fix: str = "",
+                   tables: Sequence = ()) -> Plan:
   """`Plan.load`, with a warning when the file records another mesh than `mesh_shape` (its
-  placements are kept where they fit; `fix` ends the warning, e.g. how to re-plan). The
+  placements are kept where they fit; `fix` ends the warning, e.g. how to re-plan), and
+  one when it records other sizes for `tables` (as the collection sees them). The mesh
   warning is logged once per process, and inside `mesh_warning_held` only for the mesh
   finally chosen."""
-  plan, made_for = Plan.load_with_mesh(path)
+  plan, made_for, sizes = Plan._load(path)   # pylint: disable=protected-access
   here = _all_axes(mesh_shape)
   if made_for is not None and made_for != here:
     message = (f"--plan={path} was made for mesh {format_mesh(made_for)}, the mesh here is "
@@ -220,31 +232,20 @@ def load_plan_file(path: str, mesh_shape: Mapping[str, int], fix: str = "") -> P
     warn_for_mesh(f"--plan={path}: tables [{some(names)}] ({kind}) split over "
                   f"{_axes_text(KIND_AXES[kind])}, of size 1 in mesh {format_mesh(here)}: "
                   f"they are placed as {same} here{fix}", here)
+  _warn_other_sizes(path, sizes, tables, fix)
   return plan
 
 
-def warn_other_sizes(path: str, tables: Sequence, fix: str = "") -> None:
-  """Warns when plan file `path` (a run's `plan.json`, `scripts/plan.py --json` output)
-  records other sizes (`rows x dim`) for tables of `tables` than they have here: a plan of
-  another config whose tables have the same names was taken without a word, its
-  placements chosen for tables of other sizes. Offloaded tables are compared as their
-  caches (`tables` as the collection sees them). A bare plan records no sizes."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      obj = json.load(f)
-  except (OSError, ValueError):   # `Plan.load` names what is wrong with it
-    return
-  if isinstance(obj, dict) and isinstance(obj.get("proposed"), dict):
-    obj = obj["proposed"]
-  recorded = obj.get("tables") if isinstance(obj, dict) else None
-  if not isinstance(recorded, list):
-    return
-  there = {t.get("name"): (t.get("rows"), t.get("dim")) for t in recorded
-           if isinstance(t, dict)}
-  changed = [f"{t.name} {there[t.name][0]:,} x {there[t.name][1]} there, {t.rows:,} x {t.dim} "
-             "here" for t in tables if t.name in there
-             and all(isinstance(v, int) for v in there[t.name])
-             and there[t.name] != (t.rows, t.dim)]
+def _warn_other_sizes(path: str, sizes: Mapping[str, tuple], tables: Sequence,
+                      fix: str) -> None:
+  """Warns when plan file `path` records other sizes (`sizes`: `rows x dim`) for tables of
+  `tables` than they have here: a plan of another config whose tables have the same names
+  was taken without a word, its placements chosen for tables of other sizes. Offloaded
+  tables are compared as their caches (`tables` as the collection sees them)."""
+  changed = [f"{t.name} {sizes[t.name][0]:,} x {sizes[t.name][1]} there, {t.rows:,} x {t.dim} "
+             "here" for t in tables if t.name in sizes
+             and all(isinstance(v, int) for v in sizes[t.name])
+             and sizes[t.name] != (t.rows, t.dim)]
   if changed:
     more = f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""
     warn_once(f"--plan={path} was made for tables of other sizes ({'; '.join(changed[:3])}"
@@ -343,8 +344,7 @@ def check_plan_flag(plan: str) -> None:
   if is_plan_file(plan):
     Plan.load_with_mesh(plan)
   elif plan != "auto" and plan not in KINDS:
-    hint = close_to(plan.lower(), ("auto", *KINDS)) if plan.lower() != plan else ""
-    hint = hint or close_to(plan, ("auto", *KINDS))   # `TW`: the kinds are lower case
+    hint = close_to(plan.lower(), ("auto", *KINDS))   # `TW`: the kinds are lower case
     raise ConfigError(f"--plan: unknown plan '{plan}' (known: auto, {', '.join(KINDS)}, or a "
                       f"plan .json file){hint}")
 
