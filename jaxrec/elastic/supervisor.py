@@ -530,10 +530,11 @@ class Supervisor(scaling.Scaling):
     port_taken = first_failure and any(p.index == 0 and self._port_taken(p) for p in failed)
     if port_taken or (message and not signaled):   # the user's to fix, or a port: no slot lost
       lost = []
+    lasts = {}   # process -> its log's last line, of those that failed
     for p in new:
       extra = {}
       if p.exited:
-        last = proc_lib.last_line(self.workdir, p.index)
+        last = lasts[p.index] = proc_lib.last_line(self.workdir, p.index)
         extra = {"error": proc_lib.exit_error(p.exited, last), "last_log_line": last}
       self.events.emit("worker_exit", generation=self.generation, process=p.index,
                        slot=p.slot, pid=p.popen.pid, returncode=p.exited,
@@ -547,7 +548,7 @@ class Supervisor(scaling.Scaling):
       if not lost:
         return _Outcome("user_error", "user error", message=message, detected=now)
       why = proc_lib.describe_exit(lost[0].exited)
-      last = proc_lib.last_line(self.workdir, lost[0].index)
+      last = lasts[lost[0].index]   # (lost workers are among the new exits)
       reason = f"worker {lost[0].index} exited ({why})"
       return _Outcome("failure", reason, lost=len(lost), detected=now,
                       slots=tuple(p.slot for p in lost),
