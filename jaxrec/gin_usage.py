@@ -278,7 +278,13 @@ def locate(message: str) -> str:
   where = bound_at(m.group(1)) if m else None
   if where is None:
     return message
-  return f"{where if where.startswith('--') else '--gin_file: ' + where}: {message}"
+  return f"{with_flag(where)}: {message}"
+
+
+def with_flag(where: str) -> str:
+  """A recorded place as an error leads with it: `--gin_file: FILE:LINE`, or the flag
+  (`--gin_bindings`) as recorded."""
+  return where if where.startswith("--") else f"--gin_file: {where}"
 
 
 def _key(statement: config_parser.BindingStatement) -> tuple[str, str, str]:

@@ -174,8 +174,8 @@ def _unbound_macro(e: ValueError) -> str:
   if not m:
     return f"--gin_file/--gin_bindings: {str(e).splitlines()[0]}"
   name, where = m.group(1), gin_usage.macro_use(m.group(1))
-  where = (where if where.startswith("--") else f"--gin_file: {where}") if where else ""
-  return (f"{where + ': ' if where else ''}%{name} is used but never bound; bind it (e.g. "
+  return (f"{gin_usage.with_flag(where) + ': ' if where else ''}%{name} is used but never "
+          f"bound; bind it (e.g. "
           f"`{name} = ...` in a gin file or --gin_bindings=\"{name}=...\") or fix the name")
 
 
