@@ -101,7 +101,8 @@ def main(argv):
       raise ConfigError("--workdir is required")
     if not FLAGS.gin_file:
       raise ConfigError("--gin_file is required (e.g. configs/dlrm_synthetic.gin)")
-    from jaxrec.train import config as config_lib, loop  # pylint: disable=import-outside-toplevel
+    from jaxrec.train import (config as config_lib, loop,  # pylint: disable=import-outside-toplevel
+                              workdir_checks)
     options = config_lib.RunOptions(
         num_steps=FLAGS.num_steps, mesh=FLAGS.mesh, plan=FLAGS.plan,
         train_data=FLAGS.train_data, eval_data=FLAGS.eval_data, log_every=FLAGS.log_every,
@@ -111,7 +112,7 @@ def main(argv):
         memory_per_device=config_lib.parse_bytes(FLAGS.memory_per_device, "--memory_per_device"),
         progress=FLAGS.progress)
     options.validate()
-    loop.check_workdir(FLAGS.workdir)
+    workdir_checks.check_workdir(FLAGS.workdir)
     # --train_data/--eval_data as bindings too: W/config.gin names the data the run used
     launch.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, overrides={
         f"ExperimentConfig.{name}": getattr(FLAGS, name)
@@ -128,7 +129,7 @@ def main(argv):
     summary = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in result.items())
     print(f"done: {summary}\nresults in {os.path.abspath(FLAGS.workdir)} "
-          f"({', '.join(loop.outputs(FLAGS.workdir))})")
+          f"({', '.join(workdir_checks.outputs(FLAGS.workdir))})")
     # Complete: a signal from here on exits 0 (a Ctrl-C in the ~0.7 s teardown exited 130
     # or by the signal, and a wrapper reran the finished run)
     late = signals.done()

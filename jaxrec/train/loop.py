@@ -18,9 +18,6 @@ import jax
 import numpy as np
 
 from jaxrec.checkpoint import offloaded as offloaded_lib
-from jaxrec.checkpoint import storage
-from jaxrec.checkpoint.manager import REJECTED_DIR
-from jaxrec.checkpoint.steps import step_dirs
 from jaxrec.data import pipeline
 from jaxrec.embedding import optimizers as sparse_optimizers
 from jaxrec.embedding.collection import EmbeddingCollection
@@ -38,7 +35,7 @@ from jaxrec.train import budget_hint, config_changes, config_gin, data_adapter, 
 from jaxrec.train.config import config_gin_header
 from jaxrec.train import state as state_lib
 from jaxrec.train import step as step_lib
-from jaxrec.train import step_memory, termination, writers
+from jaxrec.train import step_memory, termination, workdir_checks
 from jaxrec.train.evaluation import EvalStopped, evaluate, owed as eval_owed
 from jaxrec.train.evaluation import stop_check as eval_stop
 from jaxrec.train.config import ExperimentConfig, RunOptions
@@ -53,69 +50,6 @@ REPORT_TABLES = 40   # tables (and notes) the start-up log's plan report lists; 
 
 class TrainingError(JaxrecError):
   """Training cannot go on (e.g. non-finite loss under `--on_nan=stop`)."""
-
-
-def check_workdir(workdir: str) -> None:
-  """Refuses a `--workdir` that is a file, a checkpoint directory or not writable; creates
-  nothing (`train_and_evaluate` creates it)."""
-  files.check_not_unexpanded_home("--workdir", workdir)
-  files.check_tensorstore_path("--workdir", workdir)
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(f"--workdir: '{workdir}' exists and is not a directory")
-  # W/checkpoints or W/checkpoints/<step> (what convert_checkpoint.py takes) would start a
-  # fresh run that writes its files (and its own checkpoints/) among W's checkpoints
-  checkpoints = _checkpoint_dir_of(os.path.abspath(workdir))
-  if checkpoints is not None:
-    # a run's W/checkpoints: resume W; another name (an import's --output=X/imported): a
-    # run reads only W/checkpoints, and --workdir=X, as this said, trained fresh tables
-    of_a_run = os.path.basename(checkpoints) == workdir_layout.CHECKPOINTS_DIR
-    how = (f"to resume that run pass --workdir={os.path.dirname(checkpoints)}" if of_a_run
-           else f"a run resumes only from the checkpoints/ of its workdir: move it there "
-           f"(e.g. mkdir W && mv {checkpoints} W/checkpoints) and pass --workdir=W")
-    raise ConfigError(f"--workdir: '{workdir}' is a checkpoint directory, not a run's "
-                      f"directory; {how}")
-  for where in (workdir, data_adapter.checkpoint_dir(workdir)):
-    # a read-only checkpoints directory failed only at the first save, and then orbax's
-    # threads waited 5 minutes for the step directory before the process exited
-    if os.path.isdir(where) and not files.is_writable(where):
-      raise ConfigError(f"--workdir: cannot write in {where} (read-only or no permission): "
-                        "the run could not save its checkpoints")
-  # what an earlier run left that this one appends to or writes in (e.g. owned by another
-  # user after a `sudo` run): a traceback when opened, profile.jsonl's only at the first
-  # log step, after training
-  for name in (writers.METRICS_FILE, planner.PROFILE_FILE):
-    path = os.path.join(workdir, name)
-    reason = files.append_failure(path) if os.path.lexists(path) else None
-    if reason:
-      raise ConfigError(f"--workdir: cannot write {path}: {reason}")
-  for name in (writers.TB_DIR, workdir_layout.OFFLOAD_DIR, workdir_layout.SNAPSHOTS_DIR):
-    path = os.path.join(workdir, name)
-    if os.path.lexists(path) and not (os.path.isdir(path) and files.is_writable(path)):
-      raise ConfigError(f"--workdir: cannot write in {path} (not a directory, read-only or "
-                        "no permission)")
-
-
-# What a run writes into its workdir, in the order `outputs` names them (README's table).
-_OUTPUTS = (writers.METRICS_FILE, writers.TB_DIR + "/", workdir_layout.CHECKPOINTS_DIR + "/",
-            "config.gin", "plan.json", planner.PROFILE_FILE, workdir_layout.OFFLOAD_DIR + "/",
-            workdir_layout.SNAPSHOTS_DIR + "/")
-
-
-def outputs(workdir: str) -> list[str]:
-  """The run outputs `workdir` holds (`metrics.jsonl`, `tb/`, ...; a directory with `/`):
-  what train.py's `results in W (...)` line lists."""
-  return [name for name in _OUTPUTS if os.path.exists(os.path.join(workdir, name))]
-
-
-def _checkpoint_dir_of(path: str) -> str | None:
-  """The checkpoint directory (`W/checkpoints`) that `path` is, or holds as a step or a
-  rejected step (`W/checkpoints/rejected/<step>.<...>`); None when it is neither."""
-  if storage.is_step_dir(path):
-    up = os.path.dirname(path)
-    return os.path.dirname(up) if os.path.basename(up) == REJECTED_DIR else up
-  if any(storage.is_step_dir(os.path.join(path, str(s))) for s in step_dirs(path)):
-    return path
-  return None
 
 
 def setup(config: ExperimentConfig, options: RunOptions, devices=None, workdir=None
@@ -159,7 +93,7 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
   Returns the last logged metrics (with the final eval's keys). Process 0 holds the
   workdir's lock (`files.workdir_lock`): a second run in the same workdir is refused.
   """
-  check_workdir(workdir)
+  workdir_checks.check_workdir(workdir)
   # a new workdir is removed again when the run is refused before it writes anything (a bad
   # --mesh or plan, data errors): no empty directory with only its lock file is left
   # SIGTERM: before the first step, stop at the next `signals.check()`; then checkpoint
@@ -319,16 +253,35 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
                kept[0])
       snapshots_lib.prune_older(snapshots, kept[0])
 
-  def save_checkpoint(state, step: int, force: bool, evaluates: bool) -> None:
+  def save_checkpoint(state, step: int, force: bool, evaluates: bool,
+                      data_state: dict | None = None) -> None:
     if tier is not None:   # flush and snapshot the offloaded tables of this step
       ckpt.wait()   # the last save commits, rotating the oldest out (the save waits anyway)
       prune_snapshots()   # ... whose snapshot went after this one: keep + 2 copies at peak
       tier.save(state, step, snapshots)
       elastic.report_alive("save", checkpoint=step)
-    ckpt.save(step, state, collection, data_state=train_it.get_state(),   # `evaluates`: its
-              meta=dict(meta, evaluates=evaluates), force=force)   # eval follows (`evaluation`)
+    ckpt.save(step, state, collection, data_state=data_state or train_it.get_state(),  # its
+              meta=dict(meta, evaluates=evaluates), force=force)   # eval follows: `evaluates`
     elastic.report_alive("save", checkpoint=step)
     prune_snapshots()
+
+  def keep_trained(state, step: int, position: int) -> None:
+    """A training batch's data error mid-run: saves the steps trained since the last
+    checkpoint, resuming at that batch (not with a non-finite loss among them, nor with
+    offloaded tables, whose tier stopped at the error: those steps are trained again)."""
+    ckpt.wait()
+    if tier is not None or step == (ckpt.latest_step() or 0):
+      return
+    losses = np.asarray(jax.device_get([p[2]["loss"] for p in pending]), np.float64)
+    if not np.isfinite(losses).all():
+      return
+    log.error("the training batch at data position %d failed: saving checkpoint %d first "
+              "(the rerun resumes at that batch)", position, step)
+    if losses.size:   # the window's loss line, as a checkpoint step has one
+      writer.write(step, {"loss": float(losses.mean())})
+    save_checkpoint(state, step, force=True, evaluates=False,
+                    data_state=dict(train_it.get_state(), position=position))
+    ckpt.wait()
 
   def fresh_dense():   # the dense values a tables-only checkpoint (an import) lacks
     return state_lib.create_dense(config, collection, options.seed)
@@ -432,12 +385,16 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
         terminated.training()
       t_step = time.perf_counter()
       position = train_it.get_state()["position"]
-      batch = next(train_it)
-      if tier is not None:   # installs the batch's rows (also for a batch skipped below)
-        state = tier.before_step(state, batch)
-      if position in skip_positions:
-        continue
-      placed = device_batch(collection, batch, bsharding)   # checks the ids (`pack`)
+      try:
+        batch = next(train_it)
+        if tier is not None:   # installs the batch's rows (also for a batch skipped below)
+          state = tier.before_step(state, batch)
+        if position in skip_positions:
+          continue
+        placed = device_batch(collection, batch, bsharding)   # checks the ids (`pack`)
+      except DataError:   # a record preprocessing never writes: the steps since the last
+        keep_trained(state, step, position)   # checkpoint are saved first
+        raise
       t_host = time.perf_counter() - t_step
       state, metrics = train_step(state, placed, *step_args())
       step += 1

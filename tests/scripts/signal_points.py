@@ -17,7 +17,7 @@ script goes on. `SIGINT*2:...` sends it twice there (the second exits at once);
   copy       scripts/convert_checkpoint.py --format=checkpoint: copying the step
   calibrate  scripts/plan.py --calibrate: timing the first primitive (quick sizes)
   workdir    scripts/train.py: the trainer's check of --workdir (the second call of
-             `loop.check_workdir`, in `train_and_evaluate` before it takes SIGTERM over)
+             `workdir_checks.check_workdir`, in `train_and_evaluate` before it takes SIGTERM over)
   setup      scripts/train.py: the trainer's mesh and plan (`loop.setup`)
   line       scripts/train.py: composing its `error: interrupted ...` line
              (`procs.checkpoint_text`)
@@ -104,7 +104,7 @@ def _arm(entry: str) -> None:
     _patch("jaxrec.planner", "calibrate",
            lambda cal: first(lambda n: cal(n, quick=True, reps=1)))
   elif moment == "workdir":
-    _patch("jaxrec.train.loop", "check_workdir", lambda check: first(check, nth=2))
+    _patch("jaxrec.train.workdir_checks", "check_workdir", lambda check: first(check, nth=2))
   elif moment == "setup":
     _patch("jaxrec.train.loop", "setup", first)
   elif moment == "line":

@@ -43,9 +43,9 @@ def test_a_read_only_checkpoints_directory_is_refused_at_start(tmp_path, monkeyp
   import tempfile  # pylint: disable=import-outside-toplevel
   from jaxrec import files  # pylint: disable=import-outside-toplevel
   from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
-  from jaxrec.train import loop  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import workdir_checks  # pylint: disable=import-outside-toplevel
   (tmp_path / "w" / "checkpoints").mkdir(parents=True)
-  loop.check_workdir(str(tmp_path / "w"))
+  workdir_checks.check_workdir(str(tmp_path / "w"))
   real = tempfile.TemporaryFile
 
   def read_only(*args, dir=None, **kwargs):  # pylint: disable=redefined-builtin
@@ -57,7 +57,7 @@ def test_a_read_only_checkpoints_directory_is_refused_at_start(tmp_path, monkeyp
   assert files.is_writable(tmp_path) and not files.is_writable(tmp_path / "w" / "checkpoints")
   with pytest.raises(ConfigError, match=r"--workdir: cannot write in .*w/checkpoints "
                      r"\(read-only or no permission\)"):
-    loop.check_workdir(str(tmp_path / "w"))
+    workdir_checks.check_workdir(str(tmp_path / "w"))
 
 
 @pytest.mark.parametrize("name,make,message", [
@@ -74,7 +74,7 @@ def test_an_earlier_runs_file_this_run_cannot_write_is_refused_at_start(tmp_path
   `chattr +i` gives it.)"""
   import builtins  # pylint: disable=import-outside-toplevel
   from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
-  from jaxrec.train import loop  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import workdir_checks  # pylint: disable=import-outside-toplevel
   w = tmp_path / "w"
   w.mkdir()
   (w / name).mkdir() if make == "dir" else (w / name).write_text("{}\n")
@@ -88,7 +88,7 @@ def test_an_earlier_runs_file_this_run_cannot_write_is_refused_at_start(tmp_path
 
     monkeypatch.setattr(builtins, "open", no_append)
   with pytest.raises(ConfigError, match=rf"^--workdir: {message}"):
-    loop.check_workdir(str(w))
+    workdir_checks.check_workdir(str(w))
   monkeypatch.undo()
   assert (w / name).is_dir() if make == "dir" else (w / name).read_text() == "{}\n"
 
@@ -247,13 +247,13 @@ def test_the_launcher_refuses_a_pipe_as_data(tmp_path):
 
 
 def _refused_by_train_and_launch(workdir: str, message: str) -> None:
-  """train.py (`loop.check_workdir`) and scripts/launch.py's worker flags both refuse
+  """train.py (`workdir_checks.check_workdir`) and scripts/launch.py's worker flags both refuse
   `--workdir=workdir` with an error matching `message`."""
   from jaxrec.elastic import train_args  # pylint: disable=import-outside-toplevel
   from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
-  from jaxrec.train import loop  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import workdir_checks  # pylint: disable=import-outside-toplevel
   with pytest.raises(ConfigError, match=message):
-    loop.check_workdir(workdir)
+    workdir_checks.check_workdir(workdir)
   with pytest.raises(ConfigError, match=message):
     train_args.TrainArgs.parse([f"--workdir={workdir}", "--gin_file=c.gin"])
 
@@ -263,7 +263,7 @@ def test_a_workdir_starting_with_an_unexpanded_tilde_is_refused(tmp_path, monkey
   `./~/runs/x`. An existing directory of that name (made on purpose) is still taken."""
   from jaxrec.elastic import train_args  # pylint: disable=import-outside-toplevel
   from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
-  from jaxrec.train import loop  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import workdir_checks  # pylint: disable=import-outside-toplevel
   monkeypatch.chdir(tmp_path)
   _refused_by_train_and_launch("~/runs/x", (
       r"^--workdir=~/runs/x: the shell does not expand '~' after '=' \(the path would "
@@ -273,8 +273,8 @@ def test_a_workdir_starting_with_an_unexpanded_tilde_is_refused(tmp_path, monkey
     train_args.TrainArgs.parse(["--workdir=w", "--gin_file=c.gin", "--train_data=~/d"])
   assert os.listdir(tmp_path) == []
   (tmp_path / "~" / "runs" / "x").mkdir(parents=True)
-  loop.check_workdir("~/runs/x")
-  loop.check_workdir("runs~/x")
+  workdir_checks.check_workdir("~/runs/x")
+  workdir_checks.check_workdir("runs~/x")
 
 
 def test_a_path_with_a_backslash_is_refused_where_tensorstore_writes(tmp_path, monkeypatch):
@@ -284,7 +284,7 @@ def test_a_path_with_a_backslash_is_refused_where_tensorstore_writes(tmp_path, m
   from jaxrec import files, offload  # pylint: disable=import-outside-toplevel
   from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
   from jaxrec.offload.config import check_paths  # pylint: disable=import-outside-toplevel
-  from jaxrec.train import loop  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import workdir_checks  # pylint: disable=import-outside-toplevel
   monkeypatch.chdir(tmp_path)
   _refused_by_train_and_launch("a\\b", (
       r"^--workdir: 'a\\b' holds a backslash, which tensorstore \(checkpoints, "
@@ -300,7 +300,7 @@ def test_a_path_with_a_backslash_is_refused_where_tensorstore_writes(tmp_path, m
                      r"'.*/c\\d'\) holds a backslash"):
     files.check_tensorstore_path("--workdir", "w")
   assert sorted(os.listdir(tmp_path)) == ["c\\d"]
-  loop.check_workdir(str(tmp_path / "plain"))
+  workdir_checks.check_workdir(str(tmp_path / "plain"))
 
 
 def test_convert_checkpoint_refuses_a_backslash_where_tensorstore_reads_or_writes(tmp_path):
@@ -325,16 +325,16 @@ def _fake_steps(directory, *steps):
 def test_a_checkpoint_directory_as_workdir_names_how_a_run_trains_from_it(tmp_path):
   """`--workdir=X/imported` (an import's --output) advised `--workdir=X`, which trained
   from fresh tables: a run reads only its workdir's `checkpoints/`."""
-  from jaxrec.train import loop   # pylint: disable=import-outside-toplevel
+  from jaxrec.train import workdir_checks   # pylint: disable=import-outside-toplevel
   from jaxrec.errors import ConfigError   # pylint: disable=import-outside-toplevel
   _fake_steps(tmp_path / "x" / "imported", 0)
   _fake_steps(tmp_path / "w" / "checkpoints", 4)
   for wrong in (tmp_path / "x" / "imported", tmp_path / "x" / "imported" / "0"):
     with pytest.raises(ConfigError) as e:
-      loop.check_workdir(str(wrong))
+      workdir_checks.check_workdir(str(wrong))
     assert str(e.value) == (
         f"--workdir: '{wrong}' is a checkpoint directory, not a run's directory; a run resumes "
         f"only from the checkpoints/ of its workdir: move it there (e.g. mkdir W && mv "
         f"{tmp_path / 'x' / 'imported'} W/checkpoints) and pass --workdir=W")
   with pytest.raises(ConfigError, match=rf"; to resume that run pass --workdir={tmp_path}/w$"):
-    loop.check_workdir(str(tmp_path / "w" / "checkpoints" / "4"))
+    workdir_checks.check_workdir(str(tmp_path / "w" / "checkpoints" / "4"))

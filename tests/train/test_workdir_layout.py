@@ -14,14 +14,14 @@ from jaxrec.elastic import procs
 from jaxrec.errors import ConfigError
 from jaxrec.offload import owner
 from jaxrec.offload.config import OffloadTable
-from jaxrec.train import data_adapter, loop
+from jaxrec.train import data_adapter, workdir_checks
 
 
 def test_every_user_of_the_workdir_layout_follows_its_one_definition(tmp_path, monkeypatch):
   monkeypatch.setattr(workdir_layout, "CHECKPOINTS_DIR", "ckpts")
   monkeypatch.setattr(workdir_layout, "OFFLOAD_DIR", "tier")
   monkeypatch.setattr(workdir_layout, "SNAPSHOTS_DIR", "snaps")
-  monkeypatch.setattr(loop, "_OUTPUTS", ("ckpts/", "tier/", "snaps/"))   # built at import
+  monkeypatch.setattr(workdir_checks, "_OUTPUTS", ("ckpts/", "tier/", "snaps/"))   # built at import
   w = str(tmp_path)
   os.makedirs(os.path.join(w, "ckpts", "7"))
   os.makedirs(os.path.join(w, "tier"))
@@ -33,13 +33,13 @@ def test_every_user_of_the_workdir_layout_follows_its_one_definition(tmp_path, m
   assert workdir_layout.snapshots_dir(w) == os.path.join(w, "snaps")
   beside = offloaded.snapshots_beside(data_adapter.checkpoint_dir(w))
   assert str(beside) == os.path.join(w, "snaps")
-  assert loop.outputs(w) == ["ckpts/", "tier/", "snaps/"]
+  assert workdir_checks.outputs(w) == ["ckpts/", "tier/", "snaps/"]
 
 
 def test_the_results_line_names_the_layouts_directories():
-  assert f"{workdir_layout.CHECKPOINTS_DIR}/" in loop._OUTPUTS   # pylint: disable=protected-access
-  assert f"{workdir_layout.OFFLOAD_DIR}/" in loop._OUTPUTS       # pylint: disable=protected-access
-  assert f"{workdir_layout.SNAPSHOTS_DIR}/" in loop._OUTPUTS     # pylint: disable=protected-access
+  assert f"{workdir_layout.CHECKPOINTS_DIR}/" in workdir_checks._OUTPUTS   # pylint: disable=protected-access
+  assert f"{workdir_layout.OFFLOAD_DIR}/" in workdir_checks._OUTPUTS       # pylint: disable=protected-access
+  assert f"{workdir_layout.SNAPSHOTS_DIR}/" in workdir_checks._OUTPUTS     # pylint: disable=protected-access
 
 
 def test_a_refused_store_names_the_layouts_default_path(tmp_path, monkeypatch):
