@@ -4,15 +4,21 @@
 Keys `...embedding_bags.<table>.weight` (or `embeddings.<table>.weight`) are tables; each is
 checked (a `[rows, dim]` float table of a dtype a table can have, finite values) and read
 again when its checkpoint array is written (`NpzTable.load`), one table in memory at a time.
+
+npz has no bfloat16: a bfloat16 table is stored as its 2-byte raw bits (uint16, or numpy's
+`|V2` for an ml_dtypes one), named in the JSON object of key `jaxrec_dtypes`
+(`{"embedding_bags.t0.weight": "bfloat16"}`), as `third_party/torchrec_export` writes it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import zipfile
 
 import numpy as np
+from jax import numpy as jnp
 from absl import logging
 
 from jaxrec import signals
@@ -23,6 +29,7 @@ from jaxrec.kernels import quant
 
 IMPORT_DTYPES = quant.FLOAT_TABLE_DTYPES   # what a TorchRec table can be imported as
 TORCHREC_KEY = re.compile(r"(?:^|\.)(?:embedding_bags|embeddings)\.([^.]+)\.weight$")
+DTYPES_KEY = "jaxrec_dtypes"   # {table key: "bfloat16"}: tables stored as their raw bits
 _CHECK_ROWS = 1 << 16                      # a table's values are checked in row blocks
 
 
@@ -35,6 +42,7 @@ class NpzTable:
   dtype: np.dtype
   npz_path: str
   key: str
+  raw_bfloat16: bool = False   # stored as 2-byte raw bits (`DTYPES_KEY`)
 
   def load(self) -> np.ndarray:
     """The table as checked; a `DataError` naming the file when it no longer reads so
@@ -48,6 +56,8 @@ class NpzTable:
     if failure is not None:     # OSError in the context for a failure of its own output
       raise DataError(f"--torchrec_npz: {self.npz_path} became unreadable during the "
                       f"import ('{self.key}': {failure})")
+    if self.raw_bfloat16 and w.dtype.itemsize == 2 and w.dtype.kind in "uV":
+      w = w.view(jnp.bfloat16)
     if w.shape != self.shape or w.dtype != self.dtype:
       raise DataError(f"--torchrec_npz: {self.npz_path} changed during the import: "
                       f"'{self.key}' is now {w.dtype} {list(w.shape)}, was {self.dtype} "
@@ -62,7 +72,10 @@ def read_tables(npz_path) -> dict[str, NpzTable]:
   tables = {}
   with np.load(npz_path) as z:
     names, ignored = {}, []
+    raw = _raw_bfloat16(z, npz_path)
     for key in z.files:
+      if key == DTYPES_KEY:
+        continue
       m = TORCHREC_KEY.search(key)
       if m:
         if not tables_lib.storable_name(m.group(1)):   # e/q: int8 table e's codes
@@ -85,14 +98,22 @@ def read_tables(npz_path) -> dict[str, NpzTable]:
     for name, key in sorted(names.items()):
       signals.check()   # Ctrl-C between tables
       w = z[key]
-      tables[name] = NpzTable(w.shape, w.dtype, str(npz_path), key)
+      if key in raw:
+        if w.dtype.itemsize != 2 or w.dtype.kind not in "uV":
+          raise DataError(f"{npz_path}: '{key}' has dtype {w.dtype}; its '{DTYPES_KEY}' "
+                          "entry says bfloat16, stored as 2-byte raw bits (uint16)")
+        w = w.view(jnp.bfloat16)
+      tables[name] = NpzTable(w.shape, w.dtype, str(npz_path), key, key in raw)
       if w.ndim != 2 or not all(w.shape):
         raise DataError(f"{npz_path}: '{key}' has shape {w.shape}, expected [rows, dim] "
                         "(both positive)")
-      if w.dtype.kind == "V" and w.dtype.itemsize == 2:   # how numpy loads a bfloat16 array
+      if w.dtype.kind == "V" and w.dtype.itemsize == 2 and key not in raw:   # how numpy
+        # loads an ml_dtypes bfloat16 array: 2-byte raw data
         raise DataError(f"{npz_path}: '{key}' has dtype {w.dtype} (2-byte raw data, e.g. "
-                        "bfloat16, which npz cannot hold): export the table as float32")
-      if not np.issubdtype(w.dtype, np.floating):
+                        f"bfloat16, which npz cannot hold): name it in a '{DTYPES_KEY}' entry "
+                        f"as third_party/torchrec_export writes it ({{\"{key}\": "
+                        "\"bfloat16\"}), or export the table as float32")
+      if not np.issubdtype(w.dtype, np.floating) and key not in raw:
         raise DataError(f"{npz_path}: '{key}' has dtype {w.dtype}, expected a float dtype")
       if w.dtype.name not in IMPORT_DTYPES:   # no run could restore it (no float64 tables)
         raise DataError(f"{npz_path}: '{key}' has dtype {w.dtype}, which no table can have "
@@ -101,6 +122,27 @@ def read_tables(npz_path) -> dict[str, NpzTable]:
       _check_finite(w, npz_path, key)
       del w
   return tables
+
+
+def _raw_bfloat16(z, npz_path) -> set[str]:
+  """The table keys `DTYPES_KEY` names as bfloat16 raw bits (none without it)."""
+  if DTYPES_KEY not in z.files:
+    return set()
+  try:
+    dtypes = json.loads(str(z[DTYPES_KEY]))
+  except (ValueError, TypeError) as e:
+    raise DataError(f"{npz_path}: '{DTYPES_KEY}' is not a JSON object of table keys and "
+                    f"dtypes ({first_line(e)})") from None
+  if not isinstance(dtypes, dict):
+    raise DataError(f"{npz_path}: '{DTYPES_KEY}' is not a JSON object of table keys and "
+                    f"dtypes: {str(z[DTYPES_KEY])[:80]}")
+  for key, dtype in dtypes.items():
+    if key not in z.files or not TORCHREC_KEY.search(key):
+      raise DataError(f"{npz_path}: '{DTYPES_KEY}' names '{key}', not a table key of the file")
+    if dtype != "bfloat16":
+      raise DataError(f"{npz_path}: '{DTYPES_KEY}' gives '{key}' dtype {dtype!r}; it records "
+                      "only bfloat16 (other dtypes are the arrays' own)")
+  return set(dtypes)
 
 
 def _check_finite(w: np.ndarray, npz_path, key: str) -> None:
