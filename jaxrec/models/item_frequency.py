@@ -10,11 +10,13 @@ the probability that one example holds the item, and rows of one step holding th
 are successive occurrences, taken in row order. The state (replicated, in the train state
 under `item_freq`):
 
-    {"last_step": int32 [H],   step of the last occurrence (0 before any)
+    {"last_step": int32 [H],   step of the last occurrence (before any: the step the
+                               estimate started, 0 unless a resume switched it on)
      "last_row":  int32 [H],   its row in that step's global batch (-1 before any)
      "gap":       float32 [H]} estimated examples between occurrences (0: never seen)
 
-A bucket's first occurrence sets its gap to the examples since the start (`t * N + r + 1`).
+A bucket's first occurrence sets its gap to the examples since the start (`t * N + r + 1`;
+`(t - s) * N + r + 1` for an estimate started at step `s`, `started_at`).
 Integer arithmetic on the global batch except the moving average, which is a fixed-order
 scan: the result does not depend on how the batch is split over devices.
 """
@@ -34,6 +36,16 @@ def init(num_buckets: int) -> dict:
   return {"last_step": jnp.zeros((num_buckets,), jnp.int32),
           "last_row": jnp.full((num_buckets,), -1, jnp.int32),
           "gap": jnp.zeros((num_buckets,), jnp.float32)}
+
+
+def started_at(state: dict, step: int) -> dict:
+  """`state` as an estimate that starts at step `step` when it has seen nothing (a resume
+  that switched the correction on: a first occurrence's gap counted the examples since
+  step 0, and ten steps in, hot items' `log p` was 4-7 nats low); one that has seen any
+  item as it is (its unseen buckets count from step 0, as in the run that never stopped)."""
+  if step <= 0 or bool(jnp.any(state["last_row"] >= 0)):
+    return state
+  return dict(state, last_step=state["last_step"] + jnp.int32(step))
 
 
 def _fmix(h):

@@ -233,17 +233,19 @@ def warn_idle_settings(off: OffloadConfig) -> None:
 
 def make_tier(collection, config, offload_config: OffloadConfig, seed: int, workdir: str,
               keep: int | None = None, evaluates: bool = False, trains: bool = False,
-              kept: int = 1) -> OffloadTier | None:
+              kept: int = 1, row_keyed: Sequence[str] = ()) -> OffloadTier | None:
   """The run's `OffloadTier` (None when no table is offloaded). Its stores start from the
   values `train.state.create(config, collection, seed)` gives on-device tables.
   `evaluates`: the run evaluates (`config.eval_batch_size`), see `warn_small_eval_caches`;
   `trains`: it trains (`config.batch_size`), see `warn_small_train_caches`, with `kept`
-  checkpoints (`--keep_checkpoints`), see `warn_disk_space`."""
+  checkpoints (`--keep_checkpoints`), see `warn_disk_space`; `row_keyed`: see
+  `OffloadTier`."""
   if not offload_config.tables:
     warn_idle_settings(offload_config)
     return None
   tier = OffloadTier(collection, config.tables, offload_config, key=emb_init_key(seed),
-                     workdir=workdir, keep=keep)
+                     workdir=workdir, keep=keep,
+                     row_keyed=row_keyed)
   if evaluates:
     warn_small_eval_caches(tier, config.features, config.eval_batch_size)
   if trains:

@@ -87,11 +87,14 @@ class OffloadTier(LookAhead):
     workdir: default parent of the stores (`<workdir>/offload/<table>`), and their owner
       (`owner.claim`).
     keep: offload snapshots kept by `save` (None: all).
+    row_keyed: tables whose ids the train step maps back to table rows (`step_args`), e.g.
+      a two-tower's item tables for its logQ estimate, which is keyed by item.
   """
 
   def __init__(self, collection: EmbeddingCollection, tables: Sequence[TableSpec],
                config: OffloadConfig, key: jax.Array | None = None, workdir: str | None = None,
-               keep: int | None = 3):
+               keep: int | None = 3, row_keyed: Sequence[str] = ()):
+    self.row_keyed = tuple(row_keyed)
     if jax.process_count() > 1:
       raise ConfigError("offloaded tables need one process (every process would have to see "
                         "the global batch to agree on cache slots)")
@@ -131,9 +134,10 @@ class OffloadTier(LookAhead):
           tuple(f.name for f in collection.features if f.table == off.name), place,
           np.full(cache_rows, -1, np.int64), np.zeros(cache_rows, bool))
     self.ops = DeviceOps(collection, places)
-    # tables whose stochastic rounding needs each slot's table row (`step_args`)
-    self.keyed = tuple(n for n, t in self.tables.items() if t.spec.dtype != "float32"
-                       and collection.options.stochastic_rounding)
+    # tables whose stochastic rounding (or the step's item keys) needs each slot's table
+    # row (`step_args`)
+    self.keyed = tuple(n for n, t in self.tables.items() if n in self.row_keyed or (
+        t.spec.dtype != "float32" and collection.options.stochastic_rounding))
     self.slot_rows = self.ops.put({n: np.zeros(self.tables[n].cache.cache_rows, np.uint32)
                                    for n in self.keyed})
     self.bounce_sources = bounce_sources(config.prefetch_depth)
@@ -192,7 +196,7 @@ class OffloadTier(LookAhead):
   def step_args(self) -> tuple:
     """What the train step takes after the batch (`make_train_step(..., keyed=tier.keyed)`):
     `({table: uint32 [cache_rows]},)`, the table row in each cache slot of the `keyed`
-    tables (stochastic rounding on a reduced-precision table), else `()`."""
+    tables (stochastic rounding on a reduced-precision table, `row_keyed`), else `()`."""
     return (self.slot_rows,) if self.keyed else ()
 
   def install_rows(self, name: str) -> int:

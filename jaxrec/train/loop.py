@@ -24,7 +24,7 @@ from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.errors import ConfigError, DataError, JaxrecError, OutputError
 from jaxrec.files import workdir_lock, write_text_atomic
 from jaxrec.kernels import platform
-from jaxrec.models import bf16_hardware
+from jaxrec.models import bf16_hardware, item_frequency
 from jaxrec import (elastic, files, gin_usage, offload, planner, schedules, signals,
                     workdir_layout)
 from jaxrec.offload import snapshots as snapshots_lib
@@ -189,7 +189,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   # (a count cannot tell: a save in flight or a rejected step holds one too)
   tier = offload.make_tier(collection, config, info["offload"], options.seed, workdir,
                            keep=None, evaluates=eval_data is not None,
-                           trains=source is not None, kept=options.most_checkpoints_kept())
+                           trains=source is not None, kept=options.most_checkpoints_kept(),
+                           row_keyed=step_lib.row_keyed_tables(config))
   # the tier reads ahead (prefetch) and remaps the ids of offloaded tables to cache slots
   wrap = tier.wrap if tier is not None else (lambda it: it)
   train_it = None if source is None else wrap(source)
@@ -228,7 +229,10 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       tier.restore(at, os.path.dirname(found[0]) if found else snapshots, restored.host_tables)
     if train_it is not None:
       set_data_state(restored)
-    return restored.state
+    state = restored.state
+    if "item_freq" in state:   # a fresh estimate (the checkpoint had none) counts from here
+      state["item_freq"] = item_frequency.started_at(state["item_freq"], int(state["step"]))
+    return state
 
   def set_data_state(restored) -> None:
     """Points the data stream at `restored`'s position ({}: a tables-only import). A data

@@ -44,9 +44,10 @@ def make_train_step(config: ExperimentConfig, collection: EmbeddingCollection, s
     keys = log_q = None
     logq = getattr(model, "logq_correction", False)
     if logq or getattr(model, "remove_accidental_hits", False):   # ids packed or by feature
-      keys = item_bag_keys([collection.feature_inputs(batch.ids, batch.weights,
-                                                      collection.features[int(i)].name)
-                            for i in model.item_features])
+      keys = item_bag_keys([_table_rows(collection.feature_inputs(batch.ids, batch.weights,
+                                                                  f.name), f, slot_rows)
+                            for f in map(collection.features.__getitem__,
+                                         map(int, model.item_features))])
     new_state = dict(state)
     if logq:   # on the global batch: the same estimate on any number of devices
       bucket = item_frequency.buckets(keys, model.logq_buckets)
@@ -74,6 +75,26 @@ def make_train_step(config: ExperimentConfig, collection: EmbeddingCollection, s
   return jax.jit(step, in_shardings=(state_shardings, bs) + slot_rows,
                  out_shardings=(state_shardings, replicated(collection.mesh)),
                  donate_argnums=(0,), compiler_options=collection.compiler_options())
+
+
+def _table_rows(bag, feature, slot_rows):
+  """A feature's `(ids [B, max_len], weights)` with an offloaded table's cache slots made
+  its table rows (`slot_rows`, `OffloadTier.row_keyed`): the logQ estimate is keyed by
+  item, and a slot holds other items over time (that estimate counted slots)."""
+  ids, weights = bag
+  if feature.table not in (slot_rows or {}):
+    return bag
+  rows = jnp.take(slot_rows[feature.table], jnp.clip(ids, 0, None)).astype(jnp.int32)
+  return jnp.where(ids >= 0, rows, -1), weights
+
+
+def row_keyed_tables(config: ExperimentConfig) -> tuple[str, ...]:
+  """The tables a two-tower's logQ estimate keys by their rows (its item features'): an
+  offload tier maps their cache slots back to rows for the train step."""
+  model = config.model
+  if not getattr(model, "logq_correction", False):
+    return ()
+  return tuple(dict.fromkeys(config.features[int(i)].table for i in model.item_features))
 
 
 def window_record(outputs: Sequence[dict], tx) -> dict:

@@ -67,3 +67,20 @@ def test_equal_keys_share_a_bucket_and_any_key_value_counts():
   b2 = np.asarray(buckets([ids, w.at[1, 1].set(2.5)], 1 << 30))
   assert b2[0] != b2[1]
   assert ((0 <= b) & (b < 1 << 30)).all()
+
+
+def test_an_estimate_started_at_a_resume_counts_from_that_step():
+  """Switched on at a resume (step 200), a first occurrence's gap counted the examples
+  since step 0: the hot items' `log p` ten steps later was 4-7 nats low. Started there, it
+  is the estimate of a run that started at that step; one that has seen items is kept."""
+  rng = np.random.default_rng(3)
+  num, n, alpha, start = 16, 8, 0.1, 200
+  steps = [rng.integers(0, num, n).astype(np.int32) for _ in range(4)]
+  fresh, resumed = freq.init(num), freq.started_at(freq.init(num), start)
+  for t, b in enumerate(steps):
+    fresh = update(fresh, jnp.asarray(b), jnp.int32(t), alpha)
+    resumed = update(resumed, jnp.asarray(b), jnp.int32(start + t), alpha)
+  np.testing.assert_array_equal(resumed["gap"], fresh["gap"])
+  np.testing.assert_array_equal(resumed["last_row"], fresh["last_row"])
+  assert freq.started_at(fresh, start) is fresh   # seen items: its unseen ones count from 0
+  assert freq.started_at(freq.init(num), 0)["last_step"].sum() == 0
