@@ -105,25 +105,44 @@ def workdir_lock(workdir: str | os.PathLike, name: str = LOCK_NAME,
   Raises `ConfigError` naming the holder (`holder_kind`) and its pid when another process
   (or another `workdir_lock` of this one) holds it: two runs in one workdir overwrite each
   other's checkpoints, snapshots and offload stores. `flag`: the option that named it."""
-  import fcntl  # pylint: disable=import-outside-toplevel
-  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
   path = os.path.join(os.fspath(workdir), name)
   # the directory again: a run refused at the same moment may have just removed the one
   # this run made (`made_dir`), before this lock existed to keep it
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-      raise ConfigError(f"{flag}: {os.fspath(workdir)} is in use by {holder_kind} (pid "
-                        f"{holder}); wait for it to finish or pick another {flag}") from None
+    _lock_or_refuse(fd, workdir, holder_kind, flag)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     yield
   finally:
     os.close(fd)   # releases the lock
+
+
+def check_unlocked(workdir: str | os.PathLike, name: str, holder_kind: str,
+                   flag: str = "--workdir") -> None:
+  """Raises `workdir_lock`'s `ConfigError` when another process holds `<workdir>/<name>`
+  (none when the file does not exist); holds nothing after."""
+  try:
+    fd = os.open(os.path.join(os.fspath(workdir), name), os.O_RDONLY)
+  except FileNotFoundError:
+    return
+  try:
+    _lock_or_refuse(fd, workdir, holder_kind, flag)
+  finally:
+    os.close(fd)
+
+
+def _lock_or_refuse(fd: int, workdir, holder_kind: str, flag: str) -> None:
+  """`flock`s `fd` exclusively, or raises a `ConfigError` naming its holder's pid."""
+  import fcntl  # pylint: disable=import-outside-toplevel
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+    raise ConfigError(f"{flag}: {os.fspath(workdir)} is in use by {holder_kind} (pid "
+                      f"{holder}); wait for it to finish or pick another {flag}") from None
 
 
 @contextlib.contextmanager

@@ -20,9 +20,10 @@
 Workers only import `worker` (no supervisor machinery).
 """
 
-from jaxrec.elastic.worker import (got_sigterm, initialize_from_env, is_supervised,
-                                   preempted, probe_local_devices, report_alive,
-                                   report_progress, report_warning, stop_eval)
+from jaxrec.elastic.worker import (check_not_launched, got_sigterm, initialize_from_env,
+                                   is_supervised, preempted, probe_local_devices,
+                                   report_alive, report_progress, report_warning, stop_eval)
 
-__all__ = ["initialize_from_env", "is_supervised", "probe_local_devices", "report_alive",
-           "report_progress", "report_warning", "got_sigterm", "stop_eval", "preempted"]
+__all__ = ["check_not_launched", "initialize_from_env", "is_supervised",
+           "probe_local_devices", "report_alive", "report_progress", "report_warning",
+           "got_sigterm", "stop_eval", "preempted"]

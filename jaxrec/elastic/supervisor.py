@@ -49,7 +49,6 @@ from jaxrec.errors import JaxrecError, counted
 
 _Outcome = scaling.Outcome
 
-LOCK_NAME = "launch.lock"   # in W/elastic/: one supervisor per workdir
 EXIT_OK, EXIT_USER_ERROR, EXIT_BELOW_MIN, EXIT_MAX_RESTARTS = 0, 1, 2, 3
 PORT_TRIES = 5   # coordinator ports tried in a row for one set of workers
 FIX_CONFIG = ("fix the config (--gin_file, --gin_bindings) or --num_processes, "
@@ -107,7 +106,7 @@ class Supervisor(scaling.Scaling):
     signal or no capacity before anything but the launcher's bookkeeping was written
     (`_bookkeeping`, `_nothing_to_keep`)."""
     with signals.deferred(), files.workdir_lock(
-        self.workdir, os.path.join(worker_lib.CONTROL_DIR, LOCK_NAME),
+        self.workdir, worker_lib.LAUNCH_LOCK,
         "another scripts/launch.py"):
       try:
         code = self._run()

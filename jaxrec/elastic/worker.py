@@ -73,6 +73,16 @@ _RPC_SERVER_FAILED = "Failed to start RPC server"
 PREEMPTION = "preemption"
 WORKERS_DIR = "workers"
 CONTROL_DIR = "elastic"
+LAUNCH_LOCK = os.path.join(CONTROL_DIR, "launch.lock")   # one supervisor per workdir
+
+
+def check_not_launched(workdir: str) -> None:
+  """A run outside scripts/launch.py (`is_supervised` false) is refused on a workdir a
+  launcher runs a job in: between the job's generations no worker holds the workdir's lock
+  (a bare train.py took it, resumed the job's checkpoint with its own config and trained
+  on in its workdir, and the launcher stopped on the lock as a user error)."""
+  from jaxrec import files   # pylint: disable=import-outside-toplevel
+  files.check_unlocked(workdir, LAUNCH_LOCK, "a job of scripts/launch.py")
 
 
 def progress_path(workdir: str, process: int) -> str:

@@ -102,6 +102,8 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
       jax.process_count() == 1 and not elastic.is_supervised()) as terminated:
     if jax.process_index() != 0:   # the processes of one job share the workdir
       return _train_and_evaluate(config, options, workdir, terminated)
+    if not elastic.is_supervised():   # a launcher's job holds it between its generations
+      elastic.check_not_launched(workdir)
     with workdir_lock(workdir):
       return _train_and_evaluate(config, options, workdir, terminated)
 

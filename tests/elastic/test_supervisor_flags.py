@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from jaxrec.elastic import supervisor as sup
+from jaxrec.elastic import supervisor as sup, worker
 from jaxrec.errors import ConfigError
 from tests.elastic import elastic_testlib as t
 
@@ -132,7 +132,7 @@ def test_a_refused_second_supervisor_leaves_events_jsonl_alone(tmp_path):
   events.write_bytes(b'{"event": "start"}\n{"event": "laun')   # the first one mid-write
   options = sup.Options(num_processes=1, devices_per_process=1)
   second = sup.Supervisor(options, [f"--workdir={w}", "--gin_file=configs/x.gin"])
-  with files.workdir_lock(str(w), os.path.join("elastic", sup.LOCK_NAME)):   # the first one
+  with files.workdir_lock(str(w), worker.LAUNCH_LOCK):   # the first one
     with pytest.raises(ConfigError, match="in use by another scripts/launch.py"):
       second.run()
   assert events.read_bytes() == b'{"event": "start"}\n{"event": "laun'

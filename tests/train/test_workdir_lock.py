@@ -50,3 +50,28 @@ def test_a_second_run_in_the_same_workdir_is_refused(tmp_path):
   result = _run(tmp_path)                 # the holder is gone: the lock is free again
   assert result["step"] == 4 and np.isfinite(result["loss"])
   _run(tmp_path)                          # and released at the end of a run
+
+
+def test_a_run_outside_the_launcher_is_refused_while_a_launcher_holds_the_workdir(
+    tmp_path, monkeypatch):
+  """Between a launcher's generations (a worker lost, the job re-planning) no worker holds
+  .jaxrec.lock: a bare train.py took the workdir, resumed the job's checkpoint with its own
+  config, trained in its workdir, and the launcher stopped on the lock as a user error. Its
+  own workers (supervised) are not refused."""
+  from jaxrec import elastic  # pylint: disable=import-outside-toplevel
+  from jaxrec.elastic import worker  # pylint: disable=import-outside-toplevel
+  os.makedirs(tmp_path / "elastic")
+  holder = subprocess.Popen([sys.executable, "-c", HOLDER,
+                             str(tmp_path / worker.LAUNCH_LOCK)], stdout=subprocess.PIPE,
+                            text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(ConfigError, match=rf"^--workdir: {tmp_path} is in use by a job of "
+                       rf"scripts/launch.py \(pid {holder.pid}\); wait for it"):
+      _run(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["elastic"]   # nothing written
+    monkeypatch.setattr(elastic, "is_supervised", lambda: True)   # its worker: runs
+    assert _run(tmp_path)["step"] == 4
+  finally:
+    holder.kill()
+    holder.wait()
