@@ -467,7 +467,7 @@ class Supervisor(scaling.Scaling):
           self._warn(p.index, str(r["warning"]))
         elif "sigterm" in r:
           self._sigterms.append((p, r))
-        elif r.get("phase") not in (None, "initialized"):   # `report_alive`: eval, save
+        elif r.get("phase") not in (None, "initialized", "joining"):   # `report_alive`
           p.working = True
         elif r.get("phase") == "initialized":
           p.initialized = r

@@ -99,8 +99,9 @@ def hung(procs: list[WorkerProc], now: float, hang_timeout: float,
   `hang_timeout` seconds since it started (a step done, or other work reported: a generation
   at --num_steps only evaluates; from then on any record counts), or in `startup_timeout`
   since its launch. The culprits are the workers stopped by a signal (state `T`), else
-  the one furthest behind (lowest step, then longest silent): the others wait for it in
-  collectives."""
+  the one furthest behind (lowest step, then longest silent: before any step, one that
+  never wrote its `joining` record is the one the others wait for in
+  `jax.distributed.initialize`): the others wait for it in collectives."""
   running = [p for p in procs if p.exited is None]
   stalled = False
   for p in running:

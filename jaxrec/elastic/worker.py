@@ -26,7 +26,9 @@ starts: a long job keeps at most twice that per process), one line per step:
   {"time": ..., "generation": 1, "process": 0, "step": 41, "step_time_s": 0.021,
    "host_time_s": 0.004, "shard_times_s": {"device:0": 0.0011, ...}}
 
-plus one `{"phase": "initialized", ...}` line when the worker joined the runtime, a
+plus a `{"phase": "joining"}` line as a worker of several starts joining the runtime (a
+worker that never writes it is the one the others wait for there), one
+`{"phase": "initialized", ...}` line when the worker joined the runtime, a
 `{"phase": "eval"|"save", ...}` line now and then while it evaluates or saves
 (`report_alive`) and a `{"warning": "warning: ..."}` line per `report_warning`. The
 supervisor reads them for hang and straggler detection, the restart breakdown and the
@@ -229,6 +231,8 @@ def initialize_from_env() -> bool:
     # checked first: XLA's failure to bind sometimes ends in a segfault, not an error
     if w.process == 0 and _port_taken(procs, address):
       _port_in_use(address, "taken before the coordination service started")
+    if w.workdir:   # the others wait in initialize for a worker that never gets here
+      w.write(w.workdir, {"phase": "joining", "pid": os.getpid()})
     try:
       jax.distributed.initialize(coordinator_address=address,
                                  num_processes=w.num_processes, process_id=w.process)

@@ -9,7 +9,9 @@ of generation G exits 1 after its S-th step, no `error:` line: a crash), --warn=
 --eval_s=SECONDS (after the last step, an "eval" of that long, reporting each 0.1 s batch
 through `worker.report_alive` unless --eval_silent), --eval_every=N (also after every N-th
 step, an eval of --eval_s that `worker.stop_eval` cuts short, as the trainer's: then that
-step is saved and the process exits);
+step is saved and the process exits), --stuck_slot=K (the worker on slot K never joins:
+it sleeps before its `joining` record, and the others wait for it as in
+`jax.distributed.initialize`);
 $FAKE_TRAIN_ARGS adds flags (for callers that do not pass train flags through). Reports progress through
 `jaxrec.elastic.worker` like the real trainer, "checkpoints" by creating
 W/checkpoints/<step>/ (process 0), resumes from the newest one, stops when the supervisor
@@ -44,6 +46,11 @@ def main(argv):
   if me.process == 0 and me.generation < int(args.get("port_taken_gens", 0)):
     print("coordinator address is in use (fake)")
     return worker.EXIT_PORT_IN_USE
+  if args.get("stuck_slot") == os.environ.get(worker.ENV_SLOT, str(me.process)):
+    time.sleep(3600)                         # a broken machine: never gets to join
+  if me.num_processes > 1:                   # as worker.initialize_from_env
+    me.write(w, {"phase": "joining", "pid": os.getpid()})
+    wait_joined(w, me)
   worker.report_sigterm()                    # as worker.initialize_from_env
   me.write(w, {"phase": "initialized", "pid": os.getpid(), "init_s": 0.0})
   if "warn" in args and me.process == 0:
@@ -127,6 +134,29 @@ def evaluate(seconds, silent, step=None, at=None):
     if not silent:
       worker.report_alive("eval", batches=batches)
   return True
+
+
+def wait_joined(w, me):
+  """As `jax.distributed.initialize`: waits until every process of the generation wrote
+  its `joining` record."""
+  while True:
+    joined = 0
+    for q in range(me.num_processes):
+      path = worker.progress_path(w, q)
+      if os.path.exists(path):
+        with open(path) as f:
+          joined += any(r.get("phase") == "joining" and r.get("generation") == me.generation
+                        for r in map(_record, f))
+    if joined == me.num_processes:
+      return
+    time.sleep(0.01)
+
+
+def _record(line: str) -> dict:
+  try:
+    return json.loads(line)
+  except json.JSONDecodeError:   # a line being written
+    return {}
 
 
 def wait_for_peers(w, me, step, start):

@@ -501,3 +501,19 @@ def test_the_same_devices_in_other_processes_is_a_rescale(tmp_path):
   assert [s._emit_scale(target, 1) for target in ((1, 8), (1, 4), (4, 4))] == [
       "rescale", "scale_down", "scale_up"]
   assert [e["event"] for e in t.events(str(tmp_path))] == ["rescale", "scale_down", "scale_up"]
+
+
+def test_a_worker_that_never_joins_is_the_one_blamed(tmp_path):
+  """Before any step every worker is at step 0, equally silent: the hang was blamed on
+  process 0, its healthy slot was counted lost, the next generation ran on the broken slot
+  alone, hung again, and the job gave up with both slots lost. The one that never wrote
+  its `joining` record is the one the others wait for."""
+  w = str(tmp_path)
+  proc = start(w, ["--num_processes=2", "--startup_timeout=4"], steps=20,
+               extra=["--stuck_slot=1"])
+  assert t.finish(proc) == 0, open(os.path.join(w, "launch.log")).read()[-2000:]
+  ev = t.events(w)
+  hang = next(e for e in ev if e["event"] == "hang")
+  assert hang["process"] == 1 and hang["last_step"] == 0, hang
+  assert [(r["generation"], r["processes"]) for r in runs(w)] == [(1, 1)]
+  assert final_checkpoint(w) == 20

@@ -284,3 +284,22 @@ def test_a_worker_that_printed_nothing_is_said_so_not_the_banner(tmp_path):
   (logs / "1.log").write_text("=== generation 1, process 1 of 2, 2026-12-07\nerror: boom\n")
   assert procs.exit_error(1, procs.last_line(str(tmp_path), 1)) == "error: boom"
   assert procs.exit_error(-9, "") == "killed by SIGKILL"
+
+
+def test_a_worker_of_several_says_it_is_joining_before_it_waits_for_the_others(
+    tmp_path, monkeypatch):
+  """Every worker waits in `jax.distributed.initialize` for the last to arrive, reporting
+  nothing: the supervisor could not tell the one that never came (and blamed process 0)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  w = str(tmp_path)
+  use_env(monkeypatch, {worker.ENV_GENERATION: "2", worker.ENV_PROCESS_ID: "1",
+                        worker.ENV_NUM_PROCESSES: "2", worker.ENV_WORKDIR: w})
+  monkeypatch.setenv(worker.ENV_COORDINATOR, "127.0.0.1:1")
+  monkeypatch.setenv(worker.ENV_PLATFORM, "gpu")   # no gloo setting in this process
+  seen = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: seen.extend(
+      json.loads(l) for l in open(worker.progress_path(w, 1))))
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert worker.initialize_from_env() is True
+  assert [(r["phase"], r["generation"], r["pid"]) for r in seen] == [
+      ("joining", 2, os.getpid())]
