@@ -32,8 +32,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 DENSE_KEYS = ("step", "params", "opt_state", "rng", "item_freq")
 # why a restore target may lack a dense key the checkpoint holds, for the error
-MISSING_KEY_HINTS = {"item_freq": " (saved with TwoTower.logq_correction = True: bind it "
-                                  "to resume)"}
+MISSING_KEY_HINTS = {"item_freq": " (its run bound TwoTower.logq_correction = True, with "
+                                  "loss = 'in_batch_softmax': bind both to resume it, or "
+                                  "train in a new --workdir)"}
 # what to change when a dense part of the checkpoint has other leaves than the model's
 MISMATCH_HINTS = {
     "opt_state": ": the dense optimizer (dense_optimizer.name, and its momentum, mask or "

@@ -485,12 +485,16 @@ def make_train_iterator(source: str, features: Sequence[FeatureSpec],
                        num_threads=num_threads, prefetch=prefetch, num_workers=num_workers)
 
 
+SYNTHETIC_EVAL_EXAMPLES = 65536   # a synthetic eval set's size when nothing gives one
+
+
 @gin.configurable(denylist=_PASSED_ITER + ["synthetic_examples"])
 def make_eval_batches(source: str, features: Sequence[FeatureSpec],
                       rows: Mapping[str, int] | Sequence[TableSpec], batch_size: int,
                       process_index: int = 0, process_count: int = 1, *,
                       bad_rows: str = "error", num_examples: int | None = None,
-                      synthetic_examples: int = 65536, seed: int = 0, num_threads: int = 2,
+                      synthetic_examples: int | None = None, seed: int = 0,
+                      num_threads: int = 2,
                       prefetch: int = 4, num_dense: int = NUM_DENSE,
                       cache_bytes: int = EVAL_CACHE_BYTES) -> EvalData:
   """Eval data of this process: iterate it once per evaluation.
@@ -500,7 +504,9 @@ def make_eval_batches(source: str, features: Sequence[FeatureSpec],
     batch_size: GLOBAL eval batch size `B`; batches are `[B / process_count]`.
     num_examples: evaluate only the first `num_examples` examples (default: all).
     synthetic_examples: size of the synthetic eval set (held out: split 1, data seed
-      `seed`, the same hidden model as training).
+      `seed`, the same hidden model as training): the trainer's
+      `ExperimentConfig.num_eval_examples`; `num_examples` sizes it when given, else
+      `SYNTHETIC_EVAL_EXAMPLES`.
     cache_bytes: an eval set of at most this many bytes (this process's batches) is kept
       on the host after the first evaluation and not built again; 0: never kept.
 
@@ -516,8 +522,8 @@ def make_eval_batches(source: str, features: Sequence[FeatureSpec],
   src = open_source(source, features, rows, seed=seed, split=EVAL_SPLIT, bad_rows=bad_rows,
                     num_dense=num_dense)
   if src.num_examples is None and num_examples is None:
-    num_examples = synthetic_examples
-  elif src.num_examples is None and num_examples != synthetic_examples:
+    num_examples = SYNTHETIC_EVAL_EXAMPLES if synthetic_examples is None else synthetic_examples
+  elif src.num_examples is None and synthetic_examples not in (None, num_examples):
     # both bound: the narrower binding won without a word (4096 asked, 1000 evaluated)
     logging.warning("warning: make_eval_batches.num_examples = %d sets the synthetic eval "
                     "set's size; ExperimentConfig.num_eval_examples = %d is not used",

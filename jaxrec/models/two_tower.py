@@ -70,6 +70,13 @@ def in_batch_softmax_loss(user, item, labels, temperature: float, item_keys=None
   return -(w * logp).sum() / jnp.maximum(w.sum(), 1.0)
 
 
+def _bound_at(name: str) -> str:
+  """` (FILE:LINE)` (or ` (--gin_bindings)`) where binding `name` was written, if known:
+  for an error naming two bindings, which `gin_usage.locate` would place at the first."""
+  where = gin_usage.bound_at(name)
+  return f" ({where})" if where else ""
+
+
 def item_bag_keys(bags) -> list:
   """What identifies a row's item from the batch, for `in_batch_softmax_loss`: `bags` has
   each item feature's `(ids [B, max_len], weights [B, max_len] or None)`; its key is the ids
@@ -166,11 +173,10 @@ class TwoTower(nn.Module):
     if int(self.user_mlp[-1]) != int(self.item_mlp[-1]):
       # each named with where it was bound (the error blamed user_mlp's line in the config
       # for an item_mlp given by a flag)
-      where = lambda name: f" ({gin_usage.bound_at(name)})" if gin_usage.bound_at(name) else ""
       raise ConfigError(
           "the towers must end in the same width: TwoTower.user_mlp = "
-          f"{tuple(self.user_mlp)}{where('TwoTower.user_mlp')} and TwoTower.item_mlp = "
-          f"{tuple(self.item_mlp)}{where('TwoTower.item_mlp')}")
+          f"{tuple(self.user_mlp)}{_bound_at('TwoTower.user_mlp')} and TwoTower.item_mlp = "
+          f"{tuple(self.item_mlp)}{_bound_at('TwoTower.item_mlp')}")
     if (not isinstance(self.temperature, numbers.Real) or isinstance(self.temperature, bool)
         or not 0 < self.temperature < float("inf")):   # inf: every score 0, nothing learns
       raise ConfigError(f"TwoTower.temperature must be a positive finite number, got "
@@ -216,9 +222,13 @@ class TwoTower(nn.Module):
                   f"features)")
         raise ConfigError(f"TwoTower.{attr} = {idx!r} must be a sequence of distinct {within}")
     both = set(map(int, self.user_features)) & set(map(int, self.item_features))
-    if both:
-      raise ConfigError(
-          f"TwoTower.user_features and TwoTower.item_features overlap: {sorted(both)}")
+    if both:   # each with where it was bound (the config's user_features line was blamed
+      raise ConfigError(   # for an item_features given by a flag)
+          f"the towers' features overlap: TwoTower.user_features = "
+          f"{tuple(self.user_features)}{_bound_at('TwoTower.user_features')} and "
+          f"TwoTower.item_features = {tuple(self.item_features)}"
+          f"{_bound_at('TwoTower.item_features')} share {sorted(both)} (a feature feeds one "
+          "tower)")
     unread = sorted(set(range(num_features or 0)) - set(map(int, self.user_features))
                     - set(map(int, self.item_features)))
     if unread:   # ignored without a word: a feature left out of both lists by mistake

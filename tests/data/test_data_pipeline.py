@@ -456,3 +456,10 @@ def test_a_synthetic_eval_size_given_twice_says_which_is_used(caplog):
   assert ev.num_examples == 70 and sum(m.sum() for _, m in ev) == 70
   assert ("make_eval_batches.num_examples = 70 sets the synthetic eval set's size; "
           "ExperimentConfig.num_eval_examples = 100 is not used") in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING"):   # from Python, one size given: it is the one (no word of
+    ev = pipeline.make_eval_batches("synthetic", feats, lib.rows(), 64,   # a binding nobody
+                                    num_examples=70)                      # made)
+  assert ev.num_examples == 70 and "is not used" not in caplog.text, caplog.text
+  assert pipeline.make_eval_batches("synthetic", feats, lib.rows(), 64).num_examples == (
+      pipeline.SYNTHETIC_EVAL_EXAMPLES)

@@ -129,7 +129,9 @@ def test_one_and_eight_devices_match_and_a_checkpoint_keeps_the_estimator(tmp_pa
     restored = mgr.restore(state_lib.abstract(config, coll1, 0), coll1).state
     plain, _ = _setup(1, logq=False)          # the correction switched off: refused
     with pytest.raises(ConfigError, match="holds 'item_freq' but the restore target has "
-                       "none \\(saved with TwoTower.logq_correction = True: bind it"):
+                       "none \\(its run bound TwoTower.logq_correction = True, with loss "
+                       "= 'in_batch_softmax': bind both to resume it, or train in a new "
+                       "--workdir\\)"):
       mgr.restore(state_lib.abstract(plain, coll1, 0), coll1)
   with CheckpointManager(tmp_path / "plain") as mgr:   # saved without: a fresh estimate
     mgr.save(0, state_lib.create(plain, coll1, 0), coll1, force=True)
