@@ -58,7 +58,10 @@ def describe(step_dir, manifest: Mapping, plan: str, mesh_shape: Mapping[str, in
   devices = math.prod(mesh_shape.values())
   batch, dtypes = (copy_optimizer.given_run(gin_files, gin_bindings) if given
                    else (meta.get("batch_size"), {}))
+  stored = {t.name: t.dtype for t in specs}
   specs = tuple(_resumed_dtype(t, dtypes.get(t.name), str(step_dir)) for t in specs)
+  widened = [f"'{t.name}' {stored[t.name]} → {t.dtype}" for t in specs
+             if t.dtype != stored[t.name]]
   if isinstance(batch, int) and batch % devices:   # (the copy was written; its run refused)
     whose = "the resuming run (--gin_file/--gin_bindings)" if given else "the checkpoint's run"
     raise ConfigError(
@@ -77,6 +80,9 @@ def describe(step_dir, manifest: Mapping, plan: str, mesh_shape: Mapping[str, in
   if problem:   # the resuming run's collection would refuse these stacks at its start
     raise ConfigError(f"--plan={plan} on --mesh={format_mesh(mesh_shape)}: {problem}")
   lines = [layout_lib.describe(layouts), copy_optimizer.describe(optimizer, source, manifest)]
+  if widened:   # the stacks above are in the resuming run's dtypes; the copy keeps the stored
+    lines.append(f"{len(widened)} table(s) laid out wider than stored, as the resuming run "
+                 f"restores them (the copy keeps the stored values): {', '.join(widened)}")
   by_name = {t.name: t for t in specs}
   for name, t in sorted(offloaded.items()):
     cache = t.get("cache_rows")

@@ -196,6 +196,10 @@ def hint(checkpoint_dir, step: int | None = None) -> str:
                  if (s := offloaded_lib.rejected_step(p)) is not None) if where.is_dir() else []
   names = [name for s, name in found if step is None or s == step]
   if not names:
+    unfinished = sorted(p.name for p in path.iterdir() if steps_lib.unfinished_save(p.name))
+    if step is None and unfinished:   # a save killed before it committed: nothing to read
+      return (f" (it holds only {len(unfinished)} unfinished save(s), e.g. {unfinished[-1]}: "
+              "a save killed before it committed, which no restore or conversion reads)")
     return ""
   shown = ", ".join(str(where / n) for n in names[-3:])
   return (f"; rejected checkpoints{f' of step {step}' if step is not None else ''} are kept "

@@ -29,6 +29,12 @@ def step_dirs(directory) -> list[int]:
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
+def unfinished_save(name: str) -> bool:
+  """Whether `name` is an orbax save in flight, or killed before it committed
+  (`<step>.orbax-checkpoint-tmp-<ns>`)."""
+  return name.split(".", 1)[0].isdigit() and ".orbax-checkpoint-tmp" in name
+
+
 def foreign_entries(directory, also: Iterable[str] = ()) -> list[str]:
   """Names in checkpoint directory `directory` that no checkpoint writer puts there, sorted:
   not a step, an orbax save in progress (`<step>.orbax-checkpoint-tmp-<ns>`), a dotfile or
@@ -39,8 +45,7 @@ def foreign_entries(directory, also: Iterable[str] = ()) -> list[str]:
   also = set(also)
 
   def own(name: str) -> bool:
-    saving = name.split(".", 1)[0].isdigit() and ".orbax-checkpoint-tmp" in name
-    return name.isdigit() or saving or name in also or name.startswith(".")
+    return name.isdigit() or unfinished_save(name) or name in also or name.startswith(".")
   return sorted(p.name for p in directory.iterdir() if not own(p.name))
 
 

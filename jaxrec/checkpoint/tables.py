@@ -45,7 +45,7 @@ from jaxrec.checkpoint import dequantized as dequantized_lib
 from jaxrec.checkpoint.canonical import fingerprint_np
 from jaxrec.embedding import layout as layout_lib
 from jaxrec.embedding import optimizers as optimizers_lib
-from jaxrec.embedding.specs import TableSpec
+from jaxrec.embedding.specs import TableSpec, unstorable
 from jaxrec.errors import ConfigError
 from jaxrec.futures import wait_all
 
@@ -64,13 +64,6 @@ class Piece:
   data: np.ndarray | Callable[[], np.ndarray]
 
 
-UNSTORABLE = "names with '/' or a leading '.' cannot be stored"
-
-
-def storable_name(table: str) -> bool:
-  """Whether a table can be stored under its name: `tables/<name>/q` is an int8 table's
-  codes and a directory, so `/` is not allowed (nor a leading `.`: hidden files)."""
-  return "/" not in table and not table.startswith(".")
 
 
 def table_name(table: str, leaf: str = "") -> str:
@@ -101,8 +94,8 @@ def stored_arrays(collection) -> dict[str, tuple[tuple[int, ...], str]]:
 def table_arrays(spec, optimizer) -> dict[str, tuple[tuple[int, ...], str]]:
   """`{array name: (shape, dtype)}` of one table (`TableSpec`) and the state of its sparse
   optimizer (`optimizer`, or its entry for the table when per table)."""
-  if not storable_name(spec.name):
-    raise ConfigError(f"table '{spec.name}': {UNSTORABLE}")
+  if unstorable(spec.name):
+    raise ConfigError(f"table '{spec.name}': {unstorable(spec.name)}")
   out = {}
   for leaf, per_row, dtype in _row_leaves(spec.dim, spec.dtype):
     out[table_name(spec.name, leaf)] = ((spec.rows,) + per_row, dtype)

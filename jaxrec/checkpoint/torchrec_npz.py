@@ -22,8 +22,8 @@ from jax import numpy as jnp
 from absl import logging
 
 from jaxrec import signals
-from jaxrec.checkpoint import tables as tables_lib
 from jaxrec.checkpoint.steps import first_line
+from jaxrec.embedding.specs import unstorable
 from jaxrec.errors import DataError, counted, some
 from jaxrec.kernels import quant
 
@@ -78,12 +78,14 @@ def read_tables(npz_path) -> dict[str, NpzTable]:
         continue
       m = TORCHREC_KEY.search(key)
       if m:
-        if not tables_lib.storable_name(m.group(1)):   # e/q: int8 table e's codes
-          raise DataError(f"{npz_path}: '{key}' names table '{m.group(1)}': table "
-                          f"{tables_lib.UNSTORABLE}")
+        why = unstorable(m.group(1))   # e/q: int8 table e's codes; a file name's length
+        if why:
+          raise DataError(f"{npz_path}: '{key[:120]}' names table '{m.group(1)[:80]}': "
+                          f"table {why}")
         if m.group(1) in names:
           raise DataError(f"{npz_path}: table '{m.group(1)}' appears twice ({names[m.group(1)]}"
-                          f", {key})")
+                          f", {key}): jaxrec names tables alone, so give one key another "
+                          "table name (e.g. when exporting) and the config that table too")
         names[m.group(1)] = key
       else:
         ignored.append(key)

@@ -68,6 +68,22 @@ def _name(obj, field: str, what: str) -> None:
     raise ConfigError(f"{what}.{field} must be a non-empty string, got {getattr(obj, field)!r}")
 
 
+MAX_TABLE_NAME_BYTES = 255   # a table's name is a file name: checkpoints, offload stores
+
+
+def unstorable(table: str) -> str | None:
+  """Why a table cannot be stored under its name, or None: it names a directory of each
+  checkpoint, export and offload store (`tables/<name>/q` is an int8 table's codes: no
+  `/`; no leading `.`: hidden; at most 255 bytes: a longer name trained every step and
+  failed at the first save)."""
+  if "/" in table or table.startswith("."):
+    return "names with '/' or a leading '.' cannot be stored"
+  if len(table.encode()) > MAX_TABLE_NAME_BYTES:
+    return (f"a name of {len(table.encode())} bytes cannot be stored (at most "
+            f"{MAX_TABLE_NAME_BYTES}: it names a directory of each checkpoint)")
+  return None
+
+
 def _binding(cls: str, field: str, value, scope=None) -> str | None:
   """The gin binding that gave `value` to `field` of a spec built in gin scope `scope`
   (default: the one gin is building now), as written (`item/TableSpec.dim`), or None (no
@@ -143,6 +159,7 @@ class TableSpec:
 
   def __post_init__(self):
     _checked(self, "name", lambda: _name(self, "name", "TableSpec"))
+    _checked(self, "name", self._check_storable)
     _checked(self, "rows", lambda: _whole(self, "rows", f"table '{self.name}'"))
     _checked(self, "dim", lambda: _whole(self, "dim", f"table '{self.name}'"))
     if self.init_scale is not None:
@@ -153,6 +170,12 @@ class TableSpec:
     # the gin scope it was built in, for `bound_field` (not a field: specs compare and hash
     # by their fields)
     object.__setattr__(self, "_scope", tuple(gin.current_scope()))
+
+  def _check_storable(self) -> None:
+    why = unstorable(self.name)
+    if why:
+      raise ConfigError(f"table '{self.name[:80]}{'...' if len(self.name) > 80 else ''}': "
+                        f"{why}")
 
   def _check_dtype(self) -> None:
     name = dtype_name(self.dtype)   # aliases as for comm_dtype: bf16, fp16, jnp.float16

@@ -413,6 +413,12 @@ def test_a_workdir_as_checkpoint_dir_names_its_checkpoints(saved, tmp_path):
   with pytest.raises(CheckpointError, match=r"no checkpoint in .*/nowhere \(no such "
                      r"directory\)$"):
     convert.export_npz(tmp_path / "nowhere", tmp_path / "o.npz")
+  # only a save killed before it committed: it said just "no checkpoint in DIR"
+  (tmp_path / "killed" / "20.orbax-checkpoint-tmp-123").mkdir(parents=True)
+  with pytest.raises(CheckpointError, match=r"no checkpoint in .*/killed \(it holds only 1 "
+                     r"unfinished save\(s\), e.g. 20.orbax-checkpoint-tmp-123: a save killed "
+                     r"before it committed, which no restore or conversion reads\)$"):
+    convert.export_npz(tmp_path / "killed", tmp_path / "o.npz")
 
 
 def test_a_checkpoint_rotated_out_during_the_export_says_so(saved, tmp_path, monkeypatch):

@@ -328,6 +328,37 @@ def test_a_torchrec_table_name_that_cannot_be_stored_is_refused(tmp_path):
                      r"table names with '/' or a leading '.' cannot be stored$"):
     convert.import_torchrec(tmp_path / "n.npz", tmp_path / "ck")
   assert not (tmp_path / "ck").exists()
+  long = "t" * 256   # a file name's limit: 'cannot write ...: File name too long'
+  np.savez(tmp_path / "n.npz", **{f"embedding_bags.{long}.weight": np.ones((4, 2))})
+  with pytest.raises(DataError, match=rf"names table '{'t' * 80}': table a name of 256 bytes "
+                     r"cannot be stored \(at most 255: it names a directory of each "
+                     r"checkpoint\)$"):
+    convert.import_torchrec(tmp_path / "n.npz", tmp_path / "ck")
+  assert not (tmp_path / "ck").exists()
+
+
+def test_a_table_name_two_collections_share_says_what_to_do(tmp_path):
+  """A two-tower's user and item collections both with a table `t0`: refused, without a
+  word of how to import them."""
+  np.savez(tmp_path / "n.npz", **{"user.embedding_bags.t0.weight": np.ones((4, 2)),
+                                   "item.embedding_bags.t0.weight": np.ones((4, 2))})
+  with pytest.raises(DataError, match=r"table 't0' appears twice \(user.embedding_bags.t0."
+                     r"weight, item.embedding_bags.t0.weight\): jaxrec names tables alone, "
+                     r"so give one key another table name"):
+    convert.import_torchrec(tmp_path / "n.npz", tmp_path / "ck")
+
+
+@pytest.mark.parametrize("name,why", [
+    ("a/b", "names with '/' or a leading '.' cannot be stored"),
+    (".t", "names with '/' or a leading '.' cannot be stored"),
+    ("é" * 128, r"a name of 256 bytes cannot be stored \(at most 255")])
+def test_a_table_name_that_cannot_be_stored_is_refused_when_configured(name, why):
+  """Such a table trained every step, then the first save failed ('File name too long'),
+  or after compiling ('/')."""
+  from jaxrec.embedding.specs import TableSpec  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ConfigError, match=rf"^table '{name[:80]}.*': {why}"):
+    TableSpec(name, 10, 4)
+  TableSpec("é" * 127, 10, 4)   # 254 bytes
 
 
 def test_a_step_directory_as_checkpoint_dir_names_the_flags(tmp_path):

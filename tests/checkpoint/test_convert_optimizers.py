@@ -234,3 +234,21 @@ def test_a_resuming_config_whose_table_dtype_its_restore_refuses_is_refused(tmp_
   _, text = convert.export_checkpoint(path, tmp_path / "b", None, mesh, "rw",
                                       gin_files=[synthetic], gin_bindings=PER_TABLE)
   assert _stacks(text) and all("float32" in s for s in _stacks(text)), text
+
+
+def test_a_copy_for_a_run_that_widens_its_tables_says_so(tmp_path):
+  """docs/checkpoints.md said a copy whose resuming run widens a table 'prints widened':
+  it printed the float32 stacks and nothing else."""
+  coll = h.collection("rw", 8, optimizer=OPTIMIZER, dtype="bfloat16")
+  with CheckpointManager(tmp_path / "checkpoints") as mgr:
+    mgr.save(1, h.train_state(coll, step=1), coll, force=True)
+  synthetic = os.path.join(ROOT, "configs", "dlrm_synthetic.gin")
+  _, text = convert.export_checkpoint(tmp_path / "checkpoints", tmp_path / "b", None,
+                                      convert.parse_mesh("row=8"), "rw",
+                                      gin_files=[synthetic], gin_bindings=PER_TABLE)
+  assert ("4 table(s) laid out wider than stored, as the resuming run restores them (the "
+          "copy keeps the stored values): 't0' bfloat16 → float32, 't1' bfloat16 → float32, "
+          "'t2' bfloat16 → float32, 't3' bfloat16 → float32") in text, text
+  _, text = convert.export_checkpoint(tmp_path / "checkpoints", tmp_path / "c", None,
+                                      convert.parse_mesh("row=8"), "rw")
+  assert "wider" not in text   # the recorded config: the stored dtype
