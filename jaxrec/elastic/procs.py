@@ -185,14 +185,23 @@ def user_error(workdir: str, indices: list[int]) -> str:
   return ""
 
 
+# What the runtime prints around a worker's end that says nothing of it: gloo's connection
+# chatter (a SIGKILLed worker's last line was `[Gloo] Rank 6 is connected to 7 peer ranks`)
+# and the module list and frames of Python's fault handler after `Fatal Python error: ...`.
+_NOISE = ("[Gloo]", "Extension modules:", "  File ", "Current thread ", "Thread 0x",
+          "Stack (most recent call first)", "  <no Python frame>")
+
+
 def last_line(workdir: str, index: int) -> str:
-  """Last non-empty line of a worker's log (its error, usually) in this generation; '' if
-  it printed none (the supervisor's `=== generation` banner was taken for its error)."""
+  """Last non-empty line of a worker's log (its error, usually) in this generation, the
+  runtime's chatter (`_NOISE`) passed over; '' if it printed none (the supervisor's
+  `=== generation` banner was taken for its error)."""
   path = os.path.join(workdir, worker_lib.WORKERS_DIR, f"{index}.log")
   try:
     with open(path, "rb") as f:
-      f.seek(max(os.path.getsize(path) - 4096, 0))
-      lines = [l for l in f.read().decode(errors="replace").splitlines() if l.strip()]
+      f.seek(max(os.path.getsize(path) - 16384, 0))
+      lines = [l for l in f.read().decode(errors="replace").splitlines()
+               if l.strip() and not l.startswith(_NOISE)]
   except OSError:
     return ""
   last = lines[-1] if lines else ""

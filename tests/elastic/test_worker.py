@@ -286,6 +286,25 @@ def test_a_worker_that_printed_nothing_is_said_so_not_the_banner(tmp_path):
   assert procs.exit_error(-9, "") == "killed by SIGKILL"
 
 
+def test_the_last_log_line_passes_over_the_runtimes_chatter(tmp_path):
+  """A SIGKILLed worker's `last_log_line` was gloo's `[Gloo] Rank 6 is connected to 7 peer
+  ranks...`, an aborted one's the fault handler's `Extension modules: jaxlib...`."""
+  from jaxrec.elastic import procs  # pylint: disable=import-outside-toplevel
+  logs = tmp_path / worker.WORKERS_DIR
+  logs.mkdir()
+  (logs / "0.log").write_text(
+      "=== generation 0, process 0 of 2, 2026-12-07\nI1207 loop.py:300] step 40: loss=0.5\n"
+      "[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks "
+      "is : 1\n")
+  assert procs.last_line(str(tmp_path), 0) == "I1207 loop.py:300] step 40: loss=0.5"
+  (logs / "1.log").write_text(
+      "=== generation 0, process 1 of 2, 2026-12-07\nF1207 collective failed: peer gone\n"
+      "Fatal Python error: Aborted\n\nCurrent thread 0x00007f (most recent call first):\n"
+      '  File "/x/jax/_src/pjit.py", line 1, in _pjit_call\n  <no Python frame>\n\n'
+      "Extension modules: jaxlib.cpu_feature_guard, numpy.core (total: 90)\n")
+  assert procs.last_line(str(tmp_path), 1) == "Fatal Python error: Aborted"
+
+
 def test_a_worker_of_several_says_it_is_joining_before_it_waits_for_the_others(
     tmp_path, monkeypatch):
   """Every worker waits in `jax.distributed.initialize` for the last to arrive, reporting
