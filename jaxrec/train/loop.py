@@ -35,7 +35,7 @@ from jaxrec.train import budget_hint, config_changes, config_gin, data_adapter, 
 from jaxrec.train.config import config_gin_header
 from jaxrec.train import state as state_lib
 from jaxrec.train import step as step_lib
-from jaxrec.train import step_memory, termination, workdir_checks
+from jaxrec.train import process_agreement, step_memory, termination, workdir_checks
 from jaxrec.train.evaluation import EvalStopped, evaluate, owed as eval_owed
 from jaxrec.train.evaluation import stop_check as eval_stop
 from jaxrec.train.config import ExperimentConfig, RunOptions
@@ -93,6 +93,7 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
   Returns the last logged metrics (with the final eval's keys). Process 0 holds the
   workdir's lock (`files.workdir_lock`): a second run in the same workdir is refused.
   """
+  process_agreement.check(options, gin.config_str())   # a job's processes: one run
   workdir_checks.check_workdir(workdir)
   # a new workdir is removed again when the run is refused before it writes anything (a bad
   # --mesh or plan, data errors): no empty directory with only its lock file is left

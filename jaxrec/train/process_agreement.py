@@ -1,0 +1,76 @@
+"""The processes of one job run one run: the same flags and gin config on every process.
+
+scripts/launch.py starts every worker with the same command line; processes started by hand
+(the `JAXREC_*` variables of `jaxrec/elastic/worker.py`, or a cluster's per-rank command)
+may differ. Different `--num_steps` or `--checkpoint_every` left each process waiting
+forever in a collective the others never reach (no checkpoint, SIGTERM recorded and never
+acted on), a different batch size aborted both with a C stack dump after 100 s, a
+different `--seed` was jax's multi-line `AssertionError`. `check` compares them once, before
+anything is planned or read, in one small all-gather.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxrec.errors import ConfigError
+
+# RunOptions fields every process must share (`progress` is each terminal's own)
+SHARED = ("num_steps", "mesh", "plan", "train_data", "eval_data", "log_every", "eval_every",
+          "checkpoint_every", "keep_checkpoints", "seed", "on_nan", "bad_rows",
+          "memory_per_device")
+GIN = "gin bindings (--gin_file, --gin_bindings)"
+LINE_BUCKETS = 4096   # gin config lines hashed into buckets, to name the ones that differ
+
+
+def check(options, gin_config: str) -> None:
+  """Raises a `ConfigError` on every process naming what differs between the job's
+  processes (`SHARED` options, and `gin_config`'s lines: the bindings gin parsed) with this
+  process's values; nothing in a job of one process. Every process must call it."""
+  if jax.process_count() == 1:
+    return
+  values, lines, mine = local_fingerprint(options, gin_config)
+  every = np.asarray(multihost_utils.process_allgather(mine))   # [processes, len(mine)]
+  message = disagreement(values, lines, every, jax.process_index())
+  if message:
+    raise ConfigError(message)
+
+
+def local_fingerprint(options, gin_config: str) -> tuple[dict, list[str], np.ndarray]:
+  """`(values, gin lines, int32 array)`: the `SHARED` options by flag, the binding lines of
+  `gin_config`, and what this process gathers: a hash per option, then `LINE_BUCKETS`
+  XORs of the lines' hashes (a line only some processes have changes its bucket)."""
+  values = {f"--{name}": getattr(options, name) for name in SHARED}
+  lines = [l for l in gin_config.splitlines() if l.strip() and not l.startswith("#")]
+  mine = np.zeros(len(values) + LINE_BUCKETS, np.int32)
+  mine[:len(values)] = [_hash(repr(v)) for v in values.values()]
+  for line in lines:
+    mine[len(values) + _hash(line) % LINE_BUCKETS] ^= _hash(line)
+  return values, lines, mine
+
+
+def disagreement(values: dict, lines: list[str], every: np.ndarray, me: int) -> str | None:
+  """The error for process `me` (its `values` and `lines`) when the gathered fingerprints
+  `every` `[processes, ...]` differ; None when they agree."""
+  differs = (every != every[:1]).any(axis=0)
+  if not differs.any():
+    return None
+  named = [name for i, name in enumerate(values) if differs[i]]
+  shown = [f"{name}={values[name]!r}" for name in named]
+  if differs[len(values):].any():
+    named.append(GIN)
+    own = [l.strip()[:120] for l in lines if differs[len(values) + _hash(l) % LINE_BUCKETS]]
+    shown.append(f"the binding(s) {'; '.join(own[:4])}{'; ...' if len(own) > 4 else ''}"
+                 if own else "none of the bindings the others have")
+  others = [p for p in range(every.shape[0]) if (every[p] != every[me]).any()]
+  return (f"the job's processes were started with different {', '.join(named)}: process "
+          f"{me} has {', '.join(shown)}; processes {others} have other values. Start every "
+          "process with the same flags and gin files (scripts/launch.py does)")
+
+
+def _hash(text: str) -> int:
+  return zlib.crc32(text.encode()) & 0x7FFFFFFF
