@@ -241,12 +241,12 @@ class TwoTower(nn.Module):
     """`emb` `[B, F, D]` -> `[B, len(item_features), D]`: what identifies a row's item."""
     return emb[:, np.asarray(self.item_features, np.int32)]
 
-  def _tower_input(self, emb, features):
-    """`[B, len(features) * D]`: the embeddings of `features` (indices into `F`), each
-    trimmed to its own dim when dims are mixed (`feature_dims`)."""
-    idx = np.asarray(features, np.int32)
-    dims = None if self.feature_dims is None else [self.feature_dims[i] for i in idx]
-    return flat_fields("TwoTower", emb[:, idx][:, :, :max(dims or [emb.shape[2]])], dims)
+  def _tower_input(self, side, features):
+    """`[B, len(features) * D]`: `side` `[B, len(features), D]`, the embeddings of
+    `features` (indices into `F`), each trimmed to its own dim when dims are mixed
+    (`feature_dims`)."""
+    dims = None if self.feature_dims is None else [self.feature_dims[int(i)] for i in features]
+    return flat_fields("TwoTower", side[:, :, :max(dims or [side.shape[2]])], dims)
 
   def _normalize(self, x):
     if not self.normalize:
@@ -263,16 +263,36 @@ class TwoTower(nn.Module):
     """`dense` `[B, num_dense]`, `emb` `[B, F, D]` -> (user `[B, K]`, item `[B, K]`) float32."""
     _, f, _ = check_inputs("TwoTower", dense, emb)
     self._check_feature_lists(f)
-    emb = emb.astype(self.compute_dtype)
     if self.feature_dims is not None:
       check_feature_dims("TwoTower", self.feature_dims, f, emb.shape[2])
-    xu = self._tower_input(emb, self.user_features)
-    xi = self._tower_input(emb, self.item_features)
+    return (self.user_vectors(dense, emb[:, np.asarray(self.user_features, np.int32)]),
+            self.item_vectors(emb[:, np.asarray(self.item_features, np.int32)]))
+
+  def user_vectors(self, dense, user_emb):
+    """Serving's user side: `dense` `[B, num_dense]` (read only with `dense_to_user`),
+    `user_emb` `[B, len(user_features), D]` (the user features' pooled embeddings, in
+    `user_features`' order) -> `[B, K]` float32; `towers`' user vectors."""
+    xu = self._tower_input(self._side(user_emb, "user_features"), self.user_features)
     if self.dense_to_user:
-      xu = jnp.concatenate([dense.astype(self.compute_dtype), xu], axis=-1)
-    user = self._normalize(self.user_tower(xu)).astype(jnp.float32)
-    item = self._normalize(self.item_tower(xi)).astype(jnp.float32)
-    return user, item
+      xu = jnp.concatenate([jnp.asarray(dense).astype(self.compute_dtype), xu], axis=-1)
+    return self._normalize(self.user_tower(xu)).astype(jnp.float32)
+
+  def item_vectors(self, item_emb):
+    """Serving's item side (e.g. a whole catalog, no user needed): `item_emb`
+    `[B, len(item_features), D]` (the item features' pooled embeddings, in
+    `item_features`' order) -> `[B, K]` float32; `towers`' item vectors."""
+    xi = self._tower_input(self._side(item_emb, "item_features"), self.item_features)
+    return self._normalize(self.item_tower(xi)).astype(jnp.float32)
+
+  def _side(self, side, attr: str):
+    """`side` as a tower's input, checked: `[B, len(getattr(self, attr)), D]`."""
+    side = jnp.asarray(side)
+    n = len(getattr(self, attr))
+    if side.ndim != 3 or side.shape[1] != n:
+      raise ConfigError(f"TwoTower: the {attr.split('_')[0]} side's embeddings must be "
+                        f"[batch, {n}, dim] (one per TwoTower.{attr} entry, in its order), "
+                        f"got shape {tuple(side.shape)}")
+    return side.astype(self.compute_dtype)
 
   def __call__(self, dense, emb):
     """`dense` `[B, num_dense]`, `emb` `[B, F, D]` -> pairwise scores float32 `[B]`."""

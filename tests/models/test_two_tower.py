@@ -217,3 +217,23 @@ def test_a_feature_in_neither_tower_is_warned_about(caplog):
     init_params(build_model("two_tower", loss="bce", **TOWERS), jax.random.key(0), NUM_DENSE,
                 F, D)
   assert "neither" not in caplog.text
+
+
+@pytest.mark.parametrize("options", [dict(), dict(dense_to_user=True, normalize=True),
+                                     dict(feature_dims=(8, 4, 6, 8))])
+def test_each_side_alone_gives_the_towers_vectors(options):
+  """Serving embedded a whole item catalog through `towers`, which needed dense inputs and
+  user features (zeros worked): `item_vectors` takes the item side alone, `user_vectors`
+  the user side, and they are `towers`' vectors bit for bit."""
+  model = build_model("two_tower", **TOWERS, **options)
+  dense, emb, _ = _batch(3)
+  params = {"params": init_params(model, jax.random.key(4), NUM_DENSE, F, D)}
+  user, item = model.apply(params, dense, emb, method="towers")
+  items = model.apply(params, emb[:, [2, 3]], method="item_vectors")
+  users = model.apply(params, dense, emb[:, [0, 1]], method="user_vectors")
+  np.testing.assert_array_equal(items, item)
+  np.testing.assert_array_equal(users, user)
+  with pytest.raises(ConfigError, match=r"TwoTower: the item side's embeddings must be "
+                     r"\[batch, 2, dim\] \(one per TwoTower.item_features entry, in its "
+                     r"order\), got shape \(16, 4, 8\)"):
+    model.apply(params, emb, method="item_vectors")
