@@ -30,7 +30,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxrec.errors import CheckpointError
+
 DENSE_KEYS = ("step", "params", "opt_state", "rng", "item_freq")
+
+
+def check_keys(state) -> None:
+  """A `CheckpointError` for keys of a train state a checkpoint does not hold (`DENSE_KEYS`
+  and `emb`): saved without them, they were lost on disk without a word."""
+  unknown = sorted(set(state) - set(DENSE_KEYS) - {"emb"})
+  if unknown:
+    raise CheckpointError(f"save: the state has keys {unknown} a checkpoint does not hold "
+                          f"(it holds {list(DENSE_KEYS)} and 'emb'): keep the dense "
+                          "optimizer's state under 'opt_state' and the rest (e.g. EMA "
+                          "parameters) inside 'params' or 'opt_state'")
 # why a restore target may lack a dense key the checkpoint holds, for the error
 MISSING_KEY_HINTS = {"item_freq": " (its run bound TwoTower.logq_correction = True, with "
                                   "loss = 'in_batch_softmax': bind both to resume it, or "

@@ -263,6 +263,7 @@ class CheckpointManager:
       raise CheckpointError(f"{self.directory} was opened read-only")
     if not force and self.save_every > 0 and step % self.save_every:
       return False
+    canonical_lib.check_keys(state)   # others were left out (`save -> True`) unsaid
     dense = canonical_lib.canonical_dense(state, collection.mesh)   # async: fresh copies
     emb = state["emb"]
     in_background = self.copies_on_device(emb)

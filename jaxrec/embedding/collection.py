@@ -102,6 +102,34 @@ class Packing:
     return all(s < 0 for s in self.weight_starts) and not any(self.mean)
 
 
+def _concrete(*trees) -> bool:
+  """Whether no leaf of `trees` is traced: an eager call (not under jit, grad or vmap)."""
+  return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(trees))
+
+
+def _as_table(x, dtype: str):
+  """A table's array for `stack_tables` in its spec's dtype (an int8 table: quantized; a
+  `QuantizedTable` as it is): the stack took the given arrays' dtype."""
+  if isinstance(x, quant.QuantizedTable):
+    return x
+  x = jnp.asarray(x)
+  return quant.quantize(x.astype(jnp.float32)) if dtype == "int8" else x.astype(dtype)
+
+
+@jax.custom_jvp
+def _weight_bits(w):
+  """Per-id weights as the int32 bits the packed ids carry."""
+  return jax.lax.bitcast_convert_type(w, jnp.int32)
+
+
+@_weight_bits.defjvp
+def _weight_bits_jvp(primals, tangents):
+  del primals, tangents   # only called when the weights are differentiated
+  raise ConfigError("gradients with respect to per-id weights are not supported: the "
+                    "lookup carries them as bits, and jax.grad gave zeros; differentiate "
+                    "the tables or the pooled activations instead")
+
+
 def check_packed_alone(ids, weights, where: str) -> None:
   """ConfigError for `weights` given beside packed ids (`pack`): the packed array carries
   the weighted features' weights, so separate ones would be ignored."""
@@ -161,6 +189,12 @@ class EmbeddingCollection:
                           "optimizer of jaxrec.embedding.optimizers (SGD, Adagrad, "
                           "RowWiseAdagrad, Adam, FTRL; see sparse_optimizer)")
     optimizers.check_tables(optimizer, [t.name for t in tables])
+    typed = [a for a, t in zip(mesh.axis_names, getattr(mesh, "axis_types", ()) or ())
+             if t != jax.sharding.AxisType.Auto]
+    if typed:   # the lookup failed deep in jax (a ShardingTypeError in a shard_map)
+      raise ConfigError(f"EmbeddingCollection.create: mesh axes {typed} are not of type Auto; "
+                        "the collection places its stacks with shard_map over Auto axes: build "
+                        "the mesh with jaxrec.sharding.mesh.make_mesh (or axis_types Auto)")
     try:
       options = dataclasses.replace(options or EmbeddingOptions(), **overrides)
     except TypeError as e:
@@ -277,11 +311,14 @@ class EmbeddingCollection:
     self._check_per_table(per_table, per_table_opt)
     tables, opt = {}, {}
     for l in self.layouts:
-      tables[l.name] = layout_lib.stack(l, {s.name: per_table[s.name] for s in l.slots})
+      tables[l.name] = layout_lib.stack(l, {s.name: _as_table(per_table[s.name],
+                                                              self.table_spec(s.name).dtype)
+                                            for s in l.slots})
       if per_table_opt is None:
         opt[l.name] = self._fresh_opt(l)
       else:
-        opt[l.name] = {k: layout_lib.stack(l, {s.name: per_table_opt[s.name][k]
+        opt[l.name] = {k: layout_lib.stack(l, {s.name: jnp.asarray(per_table_opt[s.name][k],
+                                                                    jnp.float32)
                                                for s in l.slots})
                        for k in l.optimizer.state_layout()}
     return {"tables": tables, "opt": opt}
@@ -293,6 +330,11 @@ class EmbeddingCollection:
       if got != shape:
         raise ConfigError(f"stack_tables: {what} of table '{name}' has shape {list(got)}, "
                           f"expected {list(shape)}")
+      dtype = np.dtype(getattr(x, "dtype", None) or np.asarray(x).dtype) if not isinstance(
+          x, quant.QuantizedTable) else None
+      if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):   # an int array
+        raise ConfigError(f"stack_tables: {what} of table '{name}' is {dtype}: give float "
+                          "values (an integer stack's updates rounded to whole numbers)")
 
     for t in self.tables:
       if t.name not in per_table:
@@ -317,6 +359,31 @@ class EmbeddingCollection:
         for name, piece in layout_lib.unstack(l, arr).items():
           opt.setdefault(name, {})[k] = piece
     return tables, opt
+
+  def _jitted(self, method: str):
+    """`method` of this collection under one `jax.jit`, kept: an eager call built new
+    `shard_map`s of new partials each time and compiled ~80 programs per call (2-7 s,
+    0.2-0.7 ms jitted)."""
+    cache = self.__dict__.setdefault("_jit_cache", {})
+    if method not in cache:
+      cache[method] = jax.jit(getattr(self, method))
+    return cache[method]
+
+  def _check_state(self, state: EmbeddingState, where: str) -> None:
+    """A `ConfigError` for a state this collection did not lay out (`init`, `stack_tables`):
+    another collection's stacks read wrong rows without a word."""
+    tables = state.get("tables", {}) if isinstance(state, Mapping) else {}
+    for l in self.layouts:
+      x = tables.get(l.name)
+      got = None if x is None else tuple(np.shape(x.q if isinstance(x, quant.QuantizedTable)
+                                                  else x))
+      if got != l.shape:
+        have = "none" if got is None else f"shape {list(got)}"
+        raise ConfigError(
+            f"{where}: the state's stack '{l.name}' has {have}, this collection's is "
+            f"{list(l.shape)}: the state was laid out by another collection (other tables, "
+            "features or plan); build it with this one's init or stack_tables (unstack_tables "
+            "gives another collection's tables by name)")
 
   # ----------------------------------------------------------------------------- input
   def check_ids(self, ids: Mapping[str, np.ndarray]) -> None:
@@ -391,7 +458,7 @@ class EmbeddingCollection:
             raise DataError(f"feature '{f.name}': weights shape {w.shape}, expected the ids' "
                             f"{x.shape}")
           blocks.append((pk.weight_starts[j], w.view(xp.int32) if xp is np else
-                         jax.lax.bitcast_convert_type(w, jnp.int32)))
+                         _weight_bits(w)))
     width = sum(x.shape[1] for _, x in blocks)
     batch = blocks[0][1].shape[0]
     if xp is np:   # one buffer, every column written: the host path runs every step
@@ -435,6 +502,15 @@ class EmbeddingCollection:
     `ids`: `{feature: [B, max_len]}` (with `weights` for weighted features), or the packed
     `[B, S]` array of `pack` (which holds the weights: `weights` must then be empty)."""
     check_packed_alone(ids, weights, "lookup")
+    self._check_state(state, "lookup")
+    if isinstance(ids, Mapping):
+      extra = in_order(set(ids) - {f.name for f in self.features})
+      if extra:   # a misspelt feature was ignored (its table read nothing for it)
+        raise DataError(f"batch has ids for {extra}, not features of this collection "
+                        f"({in_order(f.name for f in self.features)})")
+    if _concrete(state, ids, weights):   # eagerly: compiled once, not at every call (2 s);
+      packed = ids if not isinstance(ids, Mapping) else self.pack(ids, weights)   # checked
+      return self._jitted("lookup")(state, packed)
     packed = ids if not isinstance(ids, Mapping) else self.pack(ids, weights, xp=jnp)
     width = self.packed_width
     if packed.ndim != 2 or packed.shape[1] != width:
@@ -456,6 +532,8 @@ class EmbeddingCollection:
   # ----------------------------------------------------------------------------- stage 2
   def pool(self, rows: Mapping[str, jax.Array], ctx: Context) -> jax.Array:
     """Stage 2: pooled activations `[batch, features, dim]`, split over batch."""
+    if _concrete(rows, ctx):
+      return self._jitted("pool")(rows, ctx)
     names = [l.name for l in self.layouts]
     dedups = tuple(self.dedup(l) for l in self.layouts)
     fn = jax.shard_map(functools.partial(local_ops.pool_all, self.layouts, self.options,
@@ -475,6 +553,14 @@ class EmbeddingCollection:
     `slot_rows`: `{table: uint32 [cache_rows]}`, the table row in each cache slot of
     offloaded tables, which stochastic rounding keys their rows by
     (`local_ops.rounding_rows`)."""
+    self._check_state(state, "apply_gradients")
+    missing = [l.name for l in self.layouts if l.name not in row_grads]
+    if missing:   # a bare KeyError
+      raise ConfigError(f"apply_gradients: row_grads has no gradient for stacks {missing}: "
+                        "pass the rows' gradients by stack, as `ctx.rows` holds the rows "
+                        "(e.g. the vjp of `pool` with respect to `ctx.rows`)")
+    if _concrete(state, ctx, row_grads, step, slot_rows):
+      return self._jitted("apply_gradients")(state, ctx, row_grads, step, slot_rows)
     slot_rows = slot_rows or {}
     uniq, grads = self._gather_slots(ctx.unique, row_grads, step)
     tables, opt = {}, {}

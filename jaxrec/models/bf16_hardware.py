@@ -45,8 +45,9 @@ def cpu_has_bf16(cpuinfo: str | None = None, path: str = CPUINFO) -> bool | None
 def slow_bf16_warning(model, backend: str, cpuinfo: str | None = None) -> str | None:
   """A warning when `model` computes in bfloat16 on a CPU known to lack bfloat16
   instructions (`cpu_has_bf16` False; unknown or another backend: None)."""
-  if backend != "cpu" or compute_dtype(f"{type(model).__name__}.dtype",
-                                       model.dtype) != jnp.bfloat16:
+  dtype = getattr(model, "dtype", None)   # a user's own flax module may have none
+  if backend != "cpu" or dtype is None or compute_dtype(f"{type(model).__name__}.dtype",
+                                                        dtype) != jnp.bfloat16:
     return None
   if cpu_has_bf16(cpuinfo) is not False:
     return None

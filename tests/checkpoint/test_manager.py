@@ -59,6 +59,18 @@ def test_round_trip_is_bitwise(tmp_path, coll, typed_key):
     np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
 
 
+def test_a_state_key_a_checkpoint_does_not_hold_is_refused(tmp_path, coll):
+  """`opt` (an optax state under another name) and `ema_params` saved as `save -> True` and
+  were gone on disk."""
+  state = dict(h.train_state(coll, step=1), ema_params={"w": jnp.ones(3)})
+  with CheckpointManager(tmp_path) as mgr:
+    with pytest.raises(CheckpointError, match=r"save: the state has keys \['ema_params'\] a "
+                       r"checkpoint does not hold \(it holds \['step', 'params', 'opt_state', "
+                       r"'rng', 'item_freq'\] and 'emb'\)"):
+      mgr.save(1, state, coll, force=True)
+    assert mgr.all_steps() == []
+
+
 @pytest.mark.parametrize("device_copy", ["auto", True, False])
 def test_save_copies_state_so_caller_may_donate(tmp_path, coll, device_copy, monkeypatch):
   """Whether the tables go to host on the caller's thread (CPU's `auto`) or, copied on
