@@ -45,6 +45,24 @@ def note(memory_per_device: int | None, device) -> str | None:
 # about: the host's own copies (data, checkpoints) come on top.
 HOST_FRACTION = 0.75
 
+
+def host_budget(memory_per_device: int | None, plan: str, devices, dense: int,
+                processes: int = 1, host_bytes: int | None = None) -> int | None:
+  """The budget `--plan=auto` plans with on the CPU `devices` of one process when
+  `--memory_per_device` is unset, where the default (16 GiB a device) is more than the host
+  holds for them: `HOST_FRACTION` of the host's memory, halved (a checkpoint's save copies
+  the tables to the host beside them: a plan filling the suggested budget peaked at 2.4x
+  it), split over the devices, less the `dense` bytes each holds. None otherwise: a budget
+  given, a forced plan (warned about instead), other devices, or several processes (their
+  hosts may differ: every process must plan alike)."""
+  if (memory_per_device is not None or plan != "auto" or processes > 1 or not devices
+      or getattr(devices[0], "platform", None) != "cpu"):
+    return None
+  host = host_bytes if host_bytes is not None else (
+      os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+  budget = int(HOST_FRACTION * host / 2 / len(devices)) - dense
+  return max(budget, 1 << 20) if budget < planner.DEFAULT_MEMORY_PER_DEVICE else None
+
 # The parts of `PlanResult.memory` a step holds while it runs (the lookup's buffers and the
 # gathered ids): among its temporaries once it is compiled and measured (`step_memory`).
 LOOKUP_PARTS = ("buffers", "ids")

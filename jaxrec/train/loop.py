@@ -69,6 +69,15 @@ def setup(config: ExperimentConfig, options: RunOptions, devices=None, workdir=N
   slow_bf16 = bf16_hardware.slow_bf16_warning(config.model, jax.default_backend())
   if slow_bf16:
     log.warning("%s", slow_bf16)
+  dim = max(t.dim for t in config.tables)   # the dense model's input width (`collection.dim`)
+  host = budget_hint.host_budget(options.memory_per_device, options.plan, devices,
+                                 state_lib.dense_bytes(config, dim).total, jax.process_count())
+  if host is not None:   # CPU devices share the host: the default 16 GiB each was OOM-killed
+    log.info("planning with --memory_per_device=%dMiB: the host's memory shared by its %d CPU "
+             "devices (%d%% of it, half for a checkpoint's copy, less the dense model); give "
+             "--memory_per_device to plan with another budget", host >> 20, len(devices),
+             100 * budget_hint.HOST_FRACTION)
+    options = dataclasses.replace(options, memory_per_device=host)
   choice = mesh_choice.choose(config, options, len(devices), jax.process_count(), workdir)
   mesh = mesh_lib.make_mesh(choice.mesh, devices)
   # Offloaded tables (gin `OffloadConfig`) appear to the collection as their device caches.

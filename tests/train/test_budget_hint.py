@@ -214,3 +214,39 @@ def test_the_eval_warning_prices_each_stack_with_its_tables_optimizer():
     result = planner.estimate_plan(plan, tables, features, {"data": 8}, budget, opt, 64,
                                    check=False)
     assert (budget_hint.eval_warning(result, col, 512) is not None) == warned, budget
+
+
+class CpuDevice:
+  platform = "cpu"
+
+
+def test_auto_plans_on_cpu_devices_get_the_hosts_share_as_their_budget():
+  """The default 16 GiB a device let --plan=auto replicate a 10M x 64 item table on 8 CPU
+  devices (21.5 GiB of a 23.5 GiB host): warned, then OOM-killed after 35 s."""
+  cpus = [CpuDevice()] * 8
+  got = budget_hint.host_budget(None, "auto", cpus, dense=10 * MIB, host_bytes=24 * GIB)
+  assert got == int(0.75 * 24 * GIB / 2 / 8) - 10 * MIB   # half: a checkpoint's host copy
+  # not: a budget given, a forced plan, several processes, other devices, a big host
+  assert budget_hint.host_budget(2 * GIB, "auto", cpus, 0, host_bytes=24 * GIB) is None
+  assert budget_hint.host_budget(None, "dp", cpus, 0, host_bytes=24 * GIB) is None
+  assert budget_hint.host_budget(None, "auto", cpus, 0, processes=2, host_bytes=24 * GIB) is None
+  assert budget_hint.host_budget(None, "auto", [FakeDevice({})], 0, host_bytes=24 * GIB) is None
+  assert budget_hint.host_budget(None, "auto", cpus[:1], 0, host_bytes=1024 * GIB) is None
+
+
+def test_the_loop_plans_auto_with_the_hosts_share(monkeypatch, caplog):
+  from jaxrec import launch   # pylint: disable=import-outside-toplevel
+  from jaxrec.train import config as config_lib, loop   # pylint: disable=import-outside-toplevel
+  from tests.train.test_loop_eval_ids import BINDINGS   # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(budget_hint, "host_budget", lambda *a, **k: MIB)
+  launch.parse_gin(["configs/dlrm_synthetic.gin"], BINDINGS)
+  options = config_lib.RunOptions(num_steps=1, mesh="data=8", plan="auto", progress=False)
+  with caplog.at_level("INFO"):
+    try:
+      loop.setup(config_lib.ExperimentConfig(), options)
+    except Exception as e:   # 1 MiB a device holds no plan of these tables
+      assert "1.0 MiB/device" in str(e), e
+    else:
+      raise AssertionError("planned within 1 MiB")
+  assert "planning with --memory_per_device=1MiB: the host's memory shared by its 8 CPU " \
+      "devices" in caplog.text
