@@ -4,8 +4,8 @@
 - `--mesh=SPEC`: that mesh (the supervisor adapts it to other device counts).
 - `--mesh=auto`: the meshes `mesh.auto_mesh_candidates` lists, the first the plan fits: a
   plan file's recorded mesh when it has the devices, else the shapes closest to it; for
-  `--plan=auto`, `data=N` (or `table=N` when the planner prices it `SPLIT_SPEEDUP` times
-  faster), and when the tables do not fit it, the other meshes priced by the planner
+  `--plan=auto`, `data=N` (or `table=N` / `col=N` when the planner prices it
+  `SPLIT_SPEEDUP` times faster), and when the tables do not fit it, the other meshes priced by the planner
   (`auto_mesh`), before `OffloadConfig.auto` offloads anything.
 - `--mesh=auto --plan=auto` resuming a checkpoint that records its plan and mesh (a run's
   own save, or a `convert_checkpoint.py --format=checkpoint --mesh --plan` copy): that
@@ -304,25 +304,27 @@ SPLIT_SPEEDUP = 2.0
 
 def split_if_much_faster(shape: dict[str, int], planned, plan_for: Callable[..., Any],
                          num_devices: int) -> tuple[dict[str, int], Any, str]:
-  """`(shape, planned, why)`: `shape` (with `planned`) unless it is data=N and table=N's
-  plan is estimated `SPLIT_SPEEDUP` times faster. On data=N every table is replicated and
-  every device applies the whole global batch's updates, which grows with the features:
+  """`(shape, planned, why)`: `shape` (with `planned`) unless it is data=N and the plan of
+  table=N or col=N (the faster) is estimated `SPLIT_SPEEDUP` times faster. On data=N every
+  table is replicated and every device applies the whole global batch's updates, which
+  grows with the features:
   300 features (a third multi-hot) on 8 CPU devices took 2.58 s a step there and 1.38 s on
   table=8 (forced tw), which the planner priced 3-4x faster (the same per device for the
   shipped configs, which stay on data=N)."""
   if num_devices < 2 or _model_axes(shape):
     return shape, planned, ""
-  split = {"data": 1, "table": num_devices, "row": 1, "col": 1}
-  try:
-    other = plan_for(dict(split))
-  except ConfigError:
+  splits = [{"data": 1, "table": num_devices, "row": 1, "col": 1},
+            {"data": 1, "table": 1, "row": 1, "col": num_devices}]
+  found, _ = cheapest(splits, plan_for)   # col=N too: its cw was priced 3.5x faster than
+  if found is None:                       # data=N where table=N's was 1.3x (measured 1.3-1.6x)
     return shape, planned, ""
+  split, other = found
   ratio = planned[1].step_time_s / max(other[1].step_time_s, 1e-30)
   if ratio < SPLIT_SPEEDUP:
     return shape, planned, ""
   return split, other, (f"; on data={num_devices} every table would be replicated (dp) and "
                         f"each device would apply every example's updates: the plan on "
-                        f"table={num_devices} is estimated {ratio:.1f}x faster")
+                        f"{mesh_lib.format_mesh(split)} is estimated {ratio:.1f}x faster")
 
 
 def split_meshes(tried: Sequence[Mapping[str, int]], num_devices: int
@@ -341,11 +343,13 @@ def cheapest(shapes: Sequence[Mapping[str, int]], plan_for: Callable[[dict], Any
              first_by: Callable[[Any], float] | None = None
              ) -> tuple[tuple[dict[str, int], Any] | None, list[tuple[dict, ConfigError]]]:
   """`(shape, plan_for(shape))` of the shape whose plan (`[1]`, a PlanResult) has the
-  lowest estimated step time (the first such of `shapes` on a tie; with `first_by`, the
-  lowest `(first_by(planned), step time)`), or None when none fits; and
-  `(shape, ConfigError)` of those that did not, in order."""
+  lowest estimated step time (on a tie the one of fewer bytes per device, then the first
+  of `shapes`: tw on table=8 went before cw on col=8 at 733 against 306 MiB a device; with
+  `first_by`, the lowest `(first_by(planned), step time, bytes)`), or None when none fits;
+  and `(shape, ConfigError)` of those that did not, in order."""
   best, errors = None, []
-  key = lambda planned: ((first_by(planned) if first_by else 0), planned[1].step_time_s)
+  key = lambda planned: ((first_by(planned) if first_by else 0), planned[1].step_time_s,
+                         sum(planned[1].memory.values()))
   for shape in shapes:
     try:
       planned = plan_for(dict(shape))

@@ -358,8 +358,9 @@ def test_the_offloading_pass_prefers_meshes_offloading_fewer_tables():
 
 
 class _Priced:
-  def __init__(self, step_time_s):
+  def __init__(self, step_time_s, memory=1):
     self.step_time_s = step_time_s
+    self.memory = {"table": memory}
 
 @pytest.mark.parametrize("dense_optimizer", ["sgd", "adam"])
 def test_the_plan_report_names_the_dense_model_the_budget_leaves_out(dense_optimizer):
@@ -389,21 +390,27 @@ def test_data_n_gives_way_to_table_n_only_when_priced_much_faster():
   there and 8.3k on table=8, which the planner priced 2.7x faster; auto never priced it."""
   from jaxrec.errors import BudgetError  # pylint: disable=import-outside-toplevel
   from jaxrec.train import mesh_choice  # pylint: disable=import-outside-toplevel
-  for table_time, expected in [(1.0, "table"), (1.6, "data"), (None, "data")]:
+  # col=N too (its cw was priced 3.5x faster than data=N where table=N's was 1.3x); on a
+  # tie, the fewer bytes a device (tw pads every device to the widest slice)
+  for table_time, col_time, expected in [(1.0, 2.0, "table"), (1.6, 1.7, "data"),
+                                         (None, None, "data"), (2.5, 1.0, "col"),
+                                         (1.0, 1.0, "col")]:
     asked = []
 
-    def plan_for(shape, recorded=None, device_only=False, table_time=table_time):
+    def plan_for(shape, recorded=None, device_only=False, times=(table_time, col_time)):
       asked.append(format_mesh(shape))
-      if shape.get("table", 1) > 1:
-        if table_time is None:
-          raise BudgetError("over")
-        return None, _Priced(table_time)
+      for axis, t in zip(("table", "col"), times):
+        if shape.get(axis, 1) > 1:
+          if t is None:
+            raise BudgetError("over")
+          return None, _Priced(t, memory=2 if axis == "table" else 1)
       return None, _Priced(3.0)
 
     shape, _, why = mesh_choice.auto_mesh([{"data": 8}], plan_for, "auto", 8)
     assert shape[expected] == 8 and asked == ["data=8,table=1,row=1,col=1",
-                                              "data=1,table=8,row=1,col=1"]
-    assert ("estimated 3.0x faster" in why) == (expected == "table")
+                                              "data=1,table=8,row=1,col=1",
+                                              "data=1,table=1,row=1,col=8"]
+    assert ("estimated 3.0x faster" in why) == (expected != "data"), why
   # a forced kind, a mesh already split, or one device: nothing else is priced
   asked = []
   assert mesh_choice.auto_mesh([{"data": 8}], plan_for, "dp", 8)[0] == {"data": 8}
