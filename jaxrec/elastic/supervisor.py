@@ -59,7 +59,7 @@ def _bookkeeping(name: str) -> bool:
   """Whether workdir file `name` is one the launcher or a refused worker writes before
   anything is trained: events, worker logs and progress, the lock files. A checkpoint, a
   metrics line, `config.gin` (a run past its checks) or a file of the user's is not."""
-  return (name in (EVENTS_FILE, files.LOCK_NAME, os.path.join(worker_lib.CONTROL_DIR, LOCK_NAME))
+  return (name in (EVENTS_FILE, files.LOCK_NAME, worker_lib.LAUNCH_LOCK)
           or os.path.dirname(name) == worker_lib.WORKERS_DIR)
 
 

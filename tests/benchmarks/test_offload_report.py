@@ -49,8 +49,9 @@ def test_untimed_steps_after_the_timed_ones_are_not_counted_per_step():
   batch = Batch(np.zeros((4, 13), np.float32), np.zeros(4, np.float32),
                 {"f0": np.zeros((4, 1), np.int32)})
   run.it = iter(lambda: batch, None)
-  run.bs = batch_sharding(make_mesh({"data": 1}, jax.devices()[:1]))
-  run.coll = types.SimpleNamespace(pack_batch=lambda b: b)   # placed as the trainer does
+  mesh = make_mesh({"data": 1}, jax.devices()[:1])
+  run.bs = batch_sharding(mesh)
+  run.coll = types.SimpleNamespace(pack_batch=lambda b: b, mesh=mesh)   # placed as the trainer does
   run.step = lambda state, b: (state, {"loss": jnp.float32(0.5)})
   run.state, run.tier, run.seconds, run.steps, run.warmup_s = None, CountingTier(), 0.0, 0, 0.0
   run.cpu = {}
