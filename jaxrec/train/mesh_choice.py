@@ -5,8 +5,8 @@
 - `--mesh=auto`: the meshes `mesh.auto_mesh_candidates` lists, the first the plan fits: a
   plan file's recorded mesh when it has the devices, else the shapes closest to it; for
   `--plan=auto`, `data=N` (or `table=N` / `col=N` when the planner prices it
-  `SPLIT_SPEEDUP` times faster), and when the tables do not fit it, the other meshes priced by the planner
-  (`auto_mesh`), before `OffloadConfig.auto` offloads anything.
+  `SPLIT_SPEEDUP` times faster), and when the tables do not fit it, the other meshes
+  priced by the planner (`auto_mesh`), before `OffloadConfig.auto` offloads anything.
 - `--mesh=auto --plan=auto` resuming a checkpoint that records its plan and mesh (a run's
   own save, or a `convert_checkpoint.py --format=checkpoint --mesh --plan` copy): that
   plan on that mesh when this run has as many devices; otherwise the planner as above, on
