@@ -49,6 +49,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxrec.embedding import layout as layout_lib
 from jaxrec.embedding import local_ops, optimizers, specs
+from jaxrec.embedding.caller_inputs import as_table, check_packed_alone, concrete, weight_bits
 from jaxrec.embedding.specs import EmbeddingOptions, FeatureSpec, TableSpec, validate
 from jaxrec.errors import ConfigError, DataError, in_order
 from jaxrec.kernels import platform as platform_lib
@@ -100,43 +101,6 @@ class Packing:
   def plain_sum(self) -> bool:
     """No weighted and no mean-pooled feature: every pooling weight is 1 or 0 (absent)."""
     return all(s < 0 for s in self.weight_starts) and not any(self.mean)
-
-
-def _concrete(*trees) -> bool:
-  """Whether no leaf of `trees` is traced: an eager call (not under jit, grad or vmap)."""
-  return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(trees))
-
-
-def _as_table(x, dtype: str):
-  """A table's array for `stack_tables` in its spec's dtype (an int8 table: quantized; a
-  `QuantizedTable` as it is): the stack took the given arrays' dtype."""
-  if isinstance(x, quant.QuantizedTable):
-    return x
-  x = jnp.asarray(x)
-  return quant.quantize(x.astype(jnp.float32)) if dtype == "int8" else x.astype(dtype)
-
-
-@jax.custom_jvp
-def _weight_bits(w):
-  """Per-id weights as the int32 bits the packed ids carry."""
-  return jax.lax.bitcast_convert_type(w, jnp.int32)
-
-
-@_weight_bits.defjvp
-def _weight_bits_jvp(primals, tangents):
-  del primals, tangents   # only called when the weights are differentiated
-  raise ConfigError("gradients with respect to per-id weights are not supported: the "
-                    "lookup carries them as bits, and jax.grad gave zeros; differentiate "
-                    "the tables or the pooled activations instead")
-
-
-def check_packed_alone(ids, weights, where: str) -> None:
-  """ConfigError for `weights` given beside packed ids (`pack`): the packed array carries
-  the weighted features' weights, so separate ones would be ignored."""
-  if not isinstance(ids, Mapping) and weights:
-    raise ConfigError(f"{where}: ids are packed (`pack`), which already holds the weights, "
-                      f"but weights for {sorted(weights)} were passed too (pass them to "
-                      "`pack`, or ids by feature with their weights)")
 
 
 def _resolved(options: EmbeddingOptions, tables: Sequence[TableSpec],
@@ -311,7 +275,7 @@ class EmbeddingCollection:
     self._check_per_table(per_table, per_table_opt)
     tables, opt = {}, {}
     for l in self.layouts:
-      tables[l.name] = layout_lib.stack(l, {s.name: _as_table(per_table[s.name],
+      tables[l.name] = layout_lib.stack(l, {s.name: as_table(per_table[s.name],
                                                               self.table_spec(s.name).dtype)
                                             for s in l.slots})
       if per_table_opt is None:
@@ -458,7 +422,7 @@ class EmbeddingCollection:
             raise DataError(f"feature '{f.name}': weights shape {w.shape}, expected the ids' "
                             f"{x.shape}")
           blocks.append((pk.weight_starts[j], w.view(xp.int32) if xp is np else
-                         _weight_bits(w)))
+                         weight_bits(w)))
     width = sum(x.shape[1] for _, x in blocks)
     batch = blocks[0][1].shape[0]
     if xp is np:   # one buffer, every column written: the host path runs every step
@@ -502,13 +466,17 @@ class EmbeddingCollection:
     `ids`: `{feature: [B, max_len]}` (with `weights` for weighted features), or the packed
     `[B, S]` array of `pack` (which holds the weights: `weights` must then be empty)."""
     check_packed_alone(ids, weights, "lookup")
+    manual = getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ())
+    if manual:   # the batch arrived split: 'batch of 1 examples is not divisible by 8'
+      raise ConfigError(f"lookup inside a shard_map (manual axes {list(manual)}): call it "
+                        "outside, on the global batch; it shards itself")
     self._check_state(state, "lookup")
     if isinstance(ids, Mapping):
       extra = in_order(set(ids) - {f.name for f in self.features})
       if extra:   # a misspelt feature was ignored (its table read nothing for it)
         raise DataError(f"batch has ids for {extra}, not features of this collection "
                         f"({in_order(f.name for f in self.features)})")
-    if _concrete(state, ids, weights):   # eagerly: compiled once, not at every call (2 s);
+    if concrete(state, ids, weights):   # eagerly: compiled once, not at every call (2 s);
       packed = ids if not isinstance(ids, Mapping) else self.pack(ids, weights)   # checked
       return self._jitted("lookup")(state, packed)
     packed = ids if not isinstance(ids, Mapping) else self.pack(ids, weights, xp=jnp)
@@ -532,7 +500,7 @@ class EmbeddingCollection:
   # ----------------------------------------------------------------------------- stage 2
   def pool(self, rows: Mapping[str, jax.Array], ctx: Context) -> jax.Array:
     """Stage 2: pooled activations `[batch, features, dim]`, split over batch."""
-    if _concrete(rows, ctx):
+    if concrete(rows, ctx):
       return self._jitted("pool")(rows, ctx)
     names = [l.name for l in self.layouts]
     dedups = tuple(self.dedup(l) for l in self.layouts)
@@ -559,7 +527,7 @@ class EmbeddingCollection:
       raise ConfigError(f"apply_gradients: row_grads has no gradient for stacks {missing}: "
                         "pass the rows' gradients by stack, as `ctx.rows` holds the rows "
                         "(e.g. the vjp of `pool` with respect to `ctx.rows`)")
-    if _concrete(state, ctx, row_grads, step, slot_rows):
+    if concrete(state, ctx, row_grads, step, slot_rows):
       return self._jitted("apply_gradients")(state, ctx, row_grads, step, slot_rows)
     slot_rows = slot_rows or {}
     uniq, grads = self._gather_slots(ctx.unique, row_grads, step)

@@ -132,3 +132,19 @@ def test_a_mesh_of_explicit_axes_is_refused_at_create():
                      "of type Auto"):
     EmbeddingCollection.create(TABLES, FEATURES, uniform_plan("rw", TABLES, 1), mesh,
                                optimizers.SGD(0.1))
+
+
+def test_a_lookup_inside_a_shard_map_is_refused():
+  """It said 'batch of 1 examples is not divisible by the 8 devices' for 8 examples."""
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  coll = collection()
+  state = coll.init(jax.random.key(0))
+  ids, weights = inputs()
+  packed = coll.pack(ids, weights)
+
+  def inner(p):
+    return coll.lookup(state, p).rows
+
+  with pytest.raises(ConfigError, match=r"lookup inside a shard_map \(manual axes \['data', "
+                     r"'table', 'row', 'col'\]\): call it outside"):
+    jax.jit(jax.shard_map(inner, mesh=coll.mesh, in_specs=P("row"), out_specs=P()))(packed)
