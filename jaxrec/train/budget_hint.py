@@ -14,7 +14,10 @@ dense model's state and the compiled steps' activations (`step_memory` measures 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+
+import numpy as np
 
 from jaxrec import planner
 from jaxrec.offload import config as offload_config
@@ -109,7 +112,7 @@ class HostWarning:
 
 def host_warning(result, devices, host_bytes: int | None = None, offloaded: int = 0,
                  dense: int = 0, activations: int = 0, steps: str = "",
-                 flag: str = "", gradients: int = 0) -> HostWarning | None:
+                 flag: str = "", gradients: int = 0, saved: int = 0) -> HostWarning | None:
   """The warning for a plan (`PlanResult`) whose tables on this process's CPU `devices`,
   with the `dense` bytes each of them holds (the dense model's parameters and optimizer
   state, `state.dense_bytes`: not in the budget) and its `gradients`, the `activations` of
@@ -124,7 +127,9 @@ def host_warning(result, devices, host_bytes: int | None = None, offloaded: int 
   (`activations=0`) the plan and the dense model count whole; with them, the plan's lookup
   buffers and ids (`LOOKUP_PARTS`) and the dense `gradients` are left out: the train
   step's temporaries hold them (an eval step's, its own lookup's and no gradients).
-  Several processes on one host each count their own devices."""
+  Several processes on one host each count their own devices. `saved`: the bytes a
+  checkpoint's save copies to the host beside them (the tables and their optimizer state,
+  once: `saved_bytes`); a plan filling the suggested budget peaked at 2.4x it at its save."""
   cpus = len(devices) if devices and devices[0].platform == "cpu" else 0
   host = host_bytes if host_bytes is not None else (
       os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
@@ -132,7 +137,8 @@ def host_warning(result, devices, host_bytes: int | None = None, offloaded: int 
   tables = int(sum(result.memory.values())) - lookup
   dense += 0 if activations else gradients
   each = tables + dense + activations
-  if each * cpus + offloaded <= HOST_FRACTION * host:
+  saved = saved if cpus else 0   # a GPU's tables copied to the host: not the devices' too
+  if each * cpus + offloaded + saved <= HOST_FRACTION * host:
     return None
   fixed = outside_budget(dense, activations, lookup)
   parts = [f"{format_bytes(tables)} of tables " + (
@@ -161,18 +167,29 @@ def host_warning(result, devices, host_bytes: int | None = None, offloaded: int 
         "OffloadConfig.host_buffer_rows"
         + (f", give --memory_per_device={room}MiB or less" if room else "")
         + " or offload fewer tables", room)
-  room = (int(HOST_FRACTION * host / cpus) - fixed) >> 20
+  room = (int((HOST_FRACTION * host - saved) / cpus) - fixed) >> 20
   smaller = f"lower ExperimentConfig.{flag}, " if activations and flag else ""
+  copy = (f" (and a checkpoint's save copies {format_bytes(saved)} of tables and optimizer "
+          "state to the host beside them)" if saved else "")
   return HostWarning(
       f"the plan puts {format_bytes(each)}{f' ({split})' if split else ''} on each of the "
-      f"{cpus} CPU devices of this process, {format_bytes(each * cpus)} in all, and they "
-      f"share this host's {format_bytes(host)} of memory: the run may run out of it.{counted} "
+      f"{cpus} CPU devices of this process, {format_bytes(each * cpus)} in all{copy}, and "
+      f"they share this host's {format_bytes(host)} of memory: the run may run out of "
+      f"it.{counted} "
       + (f"Give --memory_per_device={room}MiB or less (with --plan=auto the planner then "
          f"splits or offloads tables), {smaller}or fewer devices" if room > 0 else
          ("The dense model and the steps' activations alone take more than each device's "
           f"share: {smaller}use fewer devices or a smaller dense model" if activations else
           "The dense model alone takes more than each device's share: use fewer devices or "
           "a smaller dense model")), room if room > 0 else None)
+
+
+def saved_bytes(collection) -> int:
+  """Bytes a checkpoint's save copies to the host: every table and its optimizer state,
+  once (`tables.stored_arrays`)."""
+  from jaxrec.checkpoint import tables  # pylint: disable=import-outside-toplevel
+  return int(sum(math.prod(shape) * np.dtype(dtype).itemsize
+                 for shape, dtype in tables.stored_arrays(collection).values()))
 
 
 def eval_warning(result, collection, eval_batch_size: int) -> str | None:

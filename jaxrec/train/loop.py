@@ -185,7 +185,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     dense = info["dense_bytes"]
     shared = budget_hint.host_warning(info["plan_result"], mesh.local_devices,
                                       offloaded=offloaded_bytes, dense=dense.resident,
-                                      gradients=dense.gradients)
+                                      gradients=dense.gradients,
+                                      saved=budget_hint.saved_bytes(collection))
     for warning in (shared, budget_hint.eval_warning(info["plan_result"], collection,
                                                      config.eval_batch_size)):
       if warning:

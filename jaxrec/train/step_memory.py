@@ -130,8 +130,8 @@ def name_largest(steps: list[StepMemory]) -> str:
 
 
 def warnings(steps: list[StepMemory], result, devices, dense: int, offloaded: int,
-             early: budget_hint.HostWarning | None, host_bytes: int | None = None
-             ) -> list[str]:
+             early: budget_hint.HostWarning | None, host_bytes: int | None = None,
+             saved: int = 0) -> list[str]:
   """The warnings to give once the steps are compiled, before the first one runs, with the
   `dense` model's parameters and optimizer state (`state.DenseBytes.resident`: the train
   step's `extra` holds the gradients): the host warning counting the largest step's
@@ -144,7 +144,8 @@ def warnings(steps: list[StepMemory], result, devices, dense: int, offloaded: in
   out = []
   found = budget_hint.host_warning(result, devices, host_bytes=host_bytes,
                                    offloaded=offloaded, dense=dense, activations=worst.extra,
-                                   steps=name_largest(steps), flag=FLAGS[worst.name])
+                                   steps=name_largest(steps), flag=FLAGS[worst.name],
+                                   saved=saved)
   if found and _news(early, found):
     out.append(found.text)
   if devices:
@@ -258,7 +259,7 @@ def check(config, collection, state, train_step, eval_step, result, dense: int,
     log.info("compiled steps, activations and temporaries per device (XLA): %s",
              describe(steps))
     for text in warnings(steps, result, collection.mesh.local_devices, dense, offloaded,
-                         early):
+                         early, saved=budget_hint.saved_bytes(collection)):
       log.warning("%s", text)
     if workdir is not None:
       record(workdir, result, steps)

@@ -55,8 +55,13 @@ def test_the_loop_asks_for_the_note_beside_the_plan_report(monkeypatch, tmp_path
   def fake_note(memory_per_device, device):
     asked.append((memory_per_device, device))
 
-  def fake_host_warning(result, devices, offloaded, dense, gradients):
+  def fake_host_warning(result, devices, offloaded, dense, gradients, saved):
+    assert saved == budget_hint.saved_bytes(collection[0]) > 0
     raise _Noted(result, devices, offloaded, dense, gradients)
+  collection = []
+  real_setup = loop.setup
+  monkeypatch.setattr(loop, "setup", lambda *a, **k: collection.append(
+      (out := real_setup(*a, **k))[0]) or out)
   asked = []
   monkeypatch.setattr(budget_hint, "note", fake_note)
   monkeypatch.setattr(budget_hint, "host_warning", fake_host_warning)
@@ -250,3 +255,15 @@ def test_the_loop_plans_auto_with_the_hosts_share(monkeypatch, caplog):
       raise AssertionError("planned within 1 MiB")
   assert "planning with --memory_per_device=1MiB: the host's memory shared by its 8 CPU " \
       "devices" in caplog.text
+
+
+def test_the_host_warning_counts_a_checkpoints_copy_of_the_tables():
+  """A plan filling the suggested budget peaked at 2.4x it: the save copies the tables to
+  the host beside the devices' (CPU devices: both in host memory)."""
+  fake = type("R", (), {"memory": {"table": GIB}, "batch_size": 64})()
+  cpus = [type("D", (), {"platform": "cpu"})()] * 8
+  assert budget_hint.host_warning(fake, cpus, host_bytes=12 * GIB) is None   # 8 of 9 GiB
+  warned = budget_hint.host_warning(fake, cpus, host_bytes=12 * GIB, saved=2 * GIB)
+  assert "8.0 GiB in all (and a checkpoint's save copies 2.0 GiB of tables and optimizer " \
+      "state to the host beside them)" in warned.text, warned.text
+  assert warned.room_mib == (int((0.75 * 12 * GIB - 2 * GIB) / 8) - 0) >> 20

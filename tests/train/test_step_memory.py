@@ -305,8 +305,8 @@ def test_the_loop_warns_before_the_first_step(monkeypatch, tmp_path, caplog):
   real_host_warning = budget_hint.host_warning
 
   def host_warning(result, devices, host_bytes=None, offloaded=0, dense=0, gradients=0, **kw):
-    fits = (sum(result.memory.values()) + dense + gradients) * len(devices) / (
-        budget_hint.HOST_FRACTION)
+    fits = ((sum(result.memory.values()) + dense + gradients) * len(devices)
+            + kw.get("saved", 0)) / budget_hint.HOST_FRACTION   # a checkpoint's copy too
     return real_host_warning(result, devices, host_bytes=int(fits) + MIB,
                              offloaded=offloaded, dense=dense, gradients=gradients, **kw)
 
