@@ -294,8 +294,9 @@ class EmbeddingCollection:
       if got != shape:
         raise ConfigError(f"stack_tables: {what} of table '{name}' has shape {list(got)}, "
                           f"expected {list(shape)}")
-      dtype = np.dtype(getattr(x, "dtype", None) or np.asarray(x).dtype) if not isinstance(
-          x, quant.QuantizedTable) else None
+      dtype = None if isinstance(x, quant.QuantizedTable) else getattr(x, "dtype", None)
+      if dtype is None and not isinstance(x, quant.QuantizedTable):   # a list, say
+        dtype = np.asarray(x).dtype   # (`dtype or ...`: a dtype is falsy, and copied tables)
       if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):   # an int array
         raise ConfigError(f"stack_tables: {what} of table '{name}' is {dtype}: give float "
                           "values (an integer stack's updates rounded to whole numbers)")

@@ -285,9 +285,11 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   def keep_trained(state, step: int, position: int) -> None:
     """A training batch's data error mid-run: saves the steps trained since the last
     checkpoint, resuming at that batch (not with a non-finite loss among them, nor with
-    offloaded tables, whose tier stopped at the error: those steps are trained again)."""
+    offloaded tables, whose tier stopped at the error, nor in a job of several processes,
+    whose save the others, past the error or not, would not join: those steps are trained
+    again)."""
     ckpt.wait()
-    if tier is not None or step == (ckpt.latest_step() or 0):
+    if tier is not None or jax.process_count() > 1 or step == (ckpt.latest_step() or 0):
       return
     losses = np.asarray(jax.device_get([p[2]["loss"] for p in pending]), np.float64)
     if not np.isfinite(losses).all():
