@@ -524,10 +524,13 @@ class EmbeddingCollection:
     (`local_ops.rounding_rows`)."""
     self._check_state(state, "apply_gradients")
     missing = [l.name for l in self.layouts if l.name not in row_grads]
-    if missing:   # a bare KeyError
-      raise ConfigError(f"apply_gradients: row_grads has no gradient for stacks {missing}: "
-                        "pass the rows' gradients by stack, as `ctx.rows` holds the rows "
-                        "(e.g. the vjp of `pool` with respect to `ctx.rows`)")
+    shaped = [l.name for l in self.layouts if l.name not in missing
+              and np.shape(row_grads[l.name]) != np.shape(ctx.rows[l.name])]
+    if missing or shaped:   # a bare KeyError, or a reshape's TypeError (pooled gradients)
+      raise ConfigError(f"apply_gradients: row_grads has no gradient for stacks "
+                        f"{missing or shaped} shaped as their rows in `ctx.rows`: pass the "
+                        "rows' gradients by stack (the vjp of `pool` with respect to "
+                        "`ctx.rows`), not the pooled activations'")
     if concrete(state, ctx, row_grads, step, slot_rows):
       return self._jitted("apply_gradients")(state, ctx, row_grads, step, slot_rows)
     slot_rows = slot_rows or {}

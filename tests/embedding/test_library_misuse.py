@@ -122,6 +122,10 @@ def test_misspelt_features_and_missing_gradients_are_named():
   with pytest.raises(ConfigError, match=r"apply_gradients: row_grads has no gradient for "
                      r"stacks \['rw_d8"):
     coll.apply_gradients(state, ctx, {}, 0)
+  pooled = coll.pool(ctx.rows, ctx)   # its gradient is not the rows': a reshape's TypeError
+  with pytest.raises(ConfigError, match=r"stacks \['rw_d8.*\] shaped as their rows in "
+                     r"`ctx.rows`: pass the rows' gradients by stack"):
+    coll.apply_gradients(state, ctx, {n: jnp.ones_like(pooled) for n in ctx.rows}, 0)
 
 
 def test_a_mesh_of_explicit_axes_is_refused_at_create():
