@@ -64,8 +64,6 @@ class Piece:
   data: np.ndarray | Callable[[], np.ndarray]
 
 
-
-
 def table_name(table: str, leaf: str = "") -> str:
   """Stored name of a table (or of one leaf of a `QuantizedTable`: `q`, `scale`, `bias`)."""
   return f"tables/{table}/{leaf}" if leaf else f"tables/{table}"

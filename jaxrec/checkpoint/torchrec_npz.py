@@ -18,8 +18,8 @@ import re
 import zipfile
 
 import numpy as np
-from jax import numpy as jnp
 from absl import logging
+from jax import numpy as jnp
 
 from jaxrec import signals
 from jaxrec.checkpoint.steps import first_line
