@@ -309,7 +309,10 @@ class Refinement:
     lines += ["", self.proposed.report(), ""]
     if (self.proposed.plan == self.current.plan and
         dict(self.proposed.mesh_shape) == dict(self.current.mesh_shape)):
-      lines.append("the current plan is already the best found; keep it")
+      lines.append(f"the current plan is already the best found on mesh "
+                   f"{cm.mesh_str(self.current.mesh_shape)}; keep it (only that mesh was "
+                   "priced: give --mesh to price another, e.g. table=N or col=N, which "
+                   "train.py's --mesh=auto also prices)")
     else:
       changed = sorted(n for n, p in self.proposed.plan.placements.items()
                        if self.current.plan.placements.get(n) != p)

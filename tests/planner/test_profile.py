@@ -10,6 +10,7 @@ import pytest
 from jaxrec import planner
 from jaxrec.embedding.specs import uniform_tables
 from jaxrec.errors import ConfigError, DataError
+from jaxrec.planner import cost_model as cm
 from jaxrec.planner import (COST_TERMS, DEFAULT, Calibration, estimate_plan, fit_coefficients,
                             propose_plan)
 from jaxrec.sharding.plan import uniform_plan
@@ -108,6 +109,12 @@ def test_refine_from_synthetic_profile(tmp_path):
   text = ref.report()
   assert "faster" in text and "profile fit" in text
   json.dumps(ref.to_json())
+  # the current plan kept: a profile of a dp run on data=8 said "keep it", where col=8 ran
+  # 1.3-1.6x faster; it names the one mesh it priced and how to price others
+  kept = dataclasses.replace(ref, proposed=ref.current).report()
+  assert (f"the current plan is already the best found on mesh "
+          f"{cm.mesh_str(ref.current.mesh_shape)}; keep it (only that mesh was priced: give "
+          "--mesh to price another") in kept, kept
 
 
 def test_profile_in_trainer_format(tmp_path):
