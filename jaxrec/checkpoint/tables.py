@@ -45,8 +45,7 @@ from jaxrec.checkpoint import dequantized as dequantized_lib
 from jaxrec.checkpoint.canonical import fingerprint_np
 from jaxrec.embedding import layout as layout_lib
 from jaxrec.embedding import optimizers as optimizers_lib
-from jaxrec.embedding.specs import TableSpec, unstorable
-from jaxrec.errors import ConfigError
+from jaxrec.embedding.specs import TableSpec
 from jaxrec.futures import wait_all
 
 INDEX = "index.json"
@@ -92,8 +91,6 @@ def stored_arrays(collection) -> dict[str, tuple[tuple[int, ...], str]]:
 def table_arrays(spec, optimizer) -> dict[str, tuple[tuple[int, ...], str]]:
   """`{array name: (shape, dtype)}` of one table (`TableSpec`) and the state of its sparse
   optimizer (`optimizer`, or its entry for the table when per table)."""
-  if unstorable(spec.name):
-    raise ConfigError(f"table '{spec.name}': {unstorable(spec.name)}")
   out = {}
   for leaf, per_row, dtype in _row_leaves(spec.dim, spec.dtype):
     out[table_name(spec.name, leaf)] = ((spec.rows,) + per_row, dtype)

@@ -49,6 +49,13 @@ def note(memory_per_device: int | None, device) -> str | None:
 HOST_FRACTION = 0.75
 
 
+def _host_memory(host_bytes: int | None) -> int:
+  """`host_bytes`, or this host's physical memory when None."""
+  if host_bytes is not None:
+    return host_bytes
+  return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def host_budget(memory_per_device: int | None, plan: str, devices, dense: int,
                 processes: int = 1, host_bytes: int | None = None) -> int | None:
   """The budget `--plan=auto` plans with on the CPU `devices` of one process when
@@ -61,9 +68,7 @@ def host_budget(memory_per_device: int | None, plan: str, devices, dense: int,
   if (memory_per_device is not None or plan != "auto" or processes > 1 or not devices
       or getattr(devices[0], "platform", None) != "cpu"):
     return None
-  host = host_bytes if host_bytes is not None else (
-      os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-  budget = int(HOST_FRACTION * host / 2 / len(devices)) - dense
+  budget = int(HOST_FRACTION * _host_memory(host_bytes) / 2 / len(devices)) - dense
   return max(budget, 1 << 20) if budget < planner.DEFAULT_MEMORY_PER_DEVICE else None
 
 # The parts of `PlanResult.memory` a step holds while it runs (the lookup's buffers and the
@@ -131,8 +136,7 @@ def host_warning(result, devices, host_bytes: int | None = None, offloaded: int 
   checkpoint's save copies to the host beside them (the tables and their optimizer state,
   once: `saved_bytes`); a plan filling the suggested budget peaked at 2.4x it at its save."""
   cpus = len(devices) if devices and devices[0].platform == "cpu" else 0
-  host = host_bytes if host_bytes is not None else (
-      os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+  host = _host_memory(host_bytes)
   lookup = lookup_bytes(result) if activations else 0
   tables = int(sum(result.memory.values())) - lookup
   dense += 0 if activations else gradients

@@ -69,9 +69,10 @@ def setup(config: ExperimentConfig, options: RunOptions, devices=None, workdir=N
   slow_bf16 = bf16_hardware.slow_bf16_warning(config.model, jax.default_backend())
   if slow_bf16:
     log.warning("%s", slow_bf16)
-  dim = max(t.dim for t in config.tables)   # the dense model's input width (`collection.dim`)
+  # the dense model's bytes on each device, its input `collection.dim` wide: the widest table
+  dense = state_lib.dense_bytes(config, max(t.dim for t in config.tables))
   host = budget_hint.host_budget(options.memory_per_device, options.plan, devices,
-                                 state_lib.dense_bytes(config, dim).total, jax.process_count())
+                                 dense.total, jax.process_count())
   if host is not None:   # CPU devices share the host: the default 16 GiB each was OOM-killed
     log.info("planning with --memory_per_device=%dMiB: the host's memory shared by its %d CPU "
              "devices (%d%% of it, half for a checkpoint's copy, less the dense model); give "
@@ -85,7 +86,6 @@ def setup(config: ExperimentConfig, options: RunOptions, devices=None, workdir=N
   collection = EmbeddingCollection.create(tables, config.features, plan, mesh,
                                           config.sparse_tx())
   logq = " and logQ estimate" if state_lib.uses_logq(config) else ""
-  dense = state_lib.dense_bytes(config, collection.dim)
   result = dataclasses.replace(result, notes=result.notes + (
       f"not in the budget: the dense model's parameters, gradients and optimizer state"
       f"{logq}, {format_bytes(dense.total)} on every device, and the steps' activations "
@@ -175,6 +175,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   source = None if evaluate_only else data_adapter.train_iterator(config, options)
   eval_data = data_adapter.eval_data(config, options)
   offloaded_bytes = offload.host_bytes(config.tables, info["offload"], collection.optimizer)
+  saved_bytes = budget_hint.saved_bytes(collection)   # a checkpoint's host copy of the tables
   shared = None   # the host warning before the state is made; step_memory's counts the steps
   if is_main:
     log.info("mesh %s (%s), plan (--plan=%s):\n%s", mesh_lib.format_mesh(info["mesh"]),
@@ -186,7 +187,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     shared = budget_hint.host_warning(info["plan_result"], mesh.local_devices,
                                       offloaded=offloaded_bytes, dense=dense.resident,
                                       gradients=dense.gradients,
-                                      saved=budget_hint.saved_bytes(collection))
+                                      saved=saved_bytes)
     for warning in (shared, budget_hint.eval_warning(info["plan_result"], collection,
                                                      config.eval_batch_size)):
       if warning:
@@ -378,7 +379,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     step_memory.check(config, collection, state, None if finished or train_it is None
                       else train_step, eval_step if eval_data is not None else None,
                       info["plan_result"], info["dense_bytes"].resident, offloaded_bytes, shared,
-                      is_main, workdir, step_args())   # adds them to plan.json
+                      is_main, workdir, step_args(), saved_bytes)   # adds them to plan.json
     precompiled = time.perf_counter() - precompiled
     step, sigterm, eval_stopped = start, False, False
     dense_behind = schedules.dense_steps_behind(state)   # an import's dense state is fresh

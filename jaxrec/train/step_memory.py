@@ -249,17 +249,19 @@ def record(workdir: str, result, steps: list[StepMemory]) -> bool:
 
 def check(config, collection, state, train_step, eval_step, result, dense: int,
           offloaded: int, early: budget_hint.HostWarning | None, log_it: bool,
-          workdir: str | None = None, train_args: tuple = ()) -> list[StepMemory]:
+          workdir: str | None = None, train_args: tuple = (), saved: int = 0
+          ) -> list[StepMemory]:
   """`measure`, an info line with each step's bytes per device and `warnings` (logged
   where `log_it`, process 0, which also adds them to `workdir`'s plan.json: `record`). The
   loop calls it after making the steps and writing plan.json, before the first one runs:
-  every process compiles (they would at their first call anyway)."""
+  every process compiles (they would at their first call anyway). `saved`: the bytes a
+  checkpoint copies to the host (`budget_hint.saved_bytes`), for the host warning."""
   steps = measure(config, collection, state, train_step, eval_step, train_args)
   if log_it and steps:
     log.info("compiled steps, activations and temporaries per device (XLA): %s",
              describe(steps))
     for text in warnings(steps, result, collection.mesh.local_devices, dense, offloaded,
-                         early, saved=budget_hint.saved_bytes(collection)):
+                         early, saved=saved):
       log.warning("%s", text)
     if workdir is not None:
       record(workdir, result, steps)
