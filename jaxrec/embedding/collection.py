@@ -294,10 +294,11 @@ class EmbeddingCollection:
       if got != shape:
         raise ConfigError(f"stack_tables: {what} of table '{name}' has shape {list(got)}, "
                           f"expected {list(shape)}")
-      dtype = None if isinstance(x, quant.QuantizedTable) else getattr(x, "dtype", None)
-      if dtype is None and not isinstance(x, quant.QuantizedTable):   # a list, say
-        dtype = np.asarray(x).dtype   # (`dtype or ...`: a dtype is falsy, and copied tables)
-      if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):   # an int array
+      if isinstance(x, quant.QuantizedTable):
+        return
+      dtype = getattr(x, "dtype", None)   # an array's own: not a copy of the table
+      dtype = np.asarray(x).dtype if dtype is None else dtype   # (a list)
+      if not jnp.issubdtype(dtype, jnp.floating):   # an int array
         raise ConfigError(f"stack_tables: {what} of table '{name}' is {dtype}: give float "
                           "values (an integer stack's updates rounded to whole numbers)")
 
@@ -393,6 +394,10 @@ class EmbeddingCollection:
     does (`DataError`: not integers, or outside `[-1, rows)`); the lookup would read such an
     id as an absent one (and a float id as its integer part) without a word."""
     weights = weights or {}
+    extra = in_order(set(ids) - {f.name for f in self.features})
+    if extra:   # a misspelt feature was ignored (its table read nothing for it)
+      raise DataError(f"batch has ids for {extra}, not features of this collection "
+                      f"({in_order(f.name for f in self.features)})")
     extra = in_order(set(weights) - {f.name for f in self.features if f.weighted})
     if extra:   # e.g. a feature meant to be weighted but not configured so
       raise DataError(f"batch has weights for features {extra}, which are not weighted "
@@ -472,11 +477,6 @@ class EmbeddingCollection:
       raise ConfigError(f"lookup inside a shard_map (manual axes {list(manual)}): call it "
                         "outside, on the global batch; it shards itself")
     self._check_state(state, "lookup")
-    if isinstance(ids, Mapping):
-      extra = in_order(set(ids) - {f.name for f in self.features})
-      if extra:   # a misspelt feature was ignored (its table read nothing for it)
-        raise DataError(f"batch has ids for {extra}, not features of this collection "
-                        f"({in_order(f.name for f in self.features)})")
     if concrete(state, ids, weights):   # eagerly: compiled once, not at every call (2 s);
       packed = ids if not isinstance(ids, Mapping) else self.pack(ids, weights)   # checked
       return self._jitted("lookup")(state, packed)
