@@ -205,7 +205,8 @@ def run_jaxrec(args) -> dict:
       pad = eb - n
       batch = jax.tree.map(lambda x: np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]),
                            batch)
-    logits = np.asarray(eval_step(state, loop.device_batch(collection, batch, bsharding)))[:n]
+    logits = np.asarray(eval_step(state, loop.device_batch(collection, batch, bsharding))[
+        "logits"])[:n]
     acc.add(logits, batch.labels[:n])
   ev = acc.result()
   record = {"framework": "jaxrec", **step_times(done, args.warmup, bs), "auc": ev["eval_auc"],

@@ -136,6 +136,9 @@ class TwoTower(nn.Module):
       applied when scoring (`__call__`, eval, serving): scores stay `<u, v> / T`.
     logq_buckets: hash buckets of the estimator (items sharing one share an estimate).
     logq_alpha: learning rate of the estimator's moving average, in (0, 1].
+    recall_at: the eval's retrieval cutoffs: each positive eval example ranks its eval
+      batch's distinct items by score and `eval_recall_at_<k>` is the fraction whose own
+      item is among the top `k` (with `eval_mrr`; `jaxrec.train.retrieval`).
     dtype: computation dtype (parameters float32, logits float32).
     feature_dims: each feature's dim when the features' tables have mixed dims (set by
       `ExperimentConfig` from the tables, not bound): `emb` then comes padded to the widest
@@ -154,6 +157,7 @@ class TwoTower(nn.Module):
   logq_correction: bool = False
   logq_buckets: int = 1 << 20
   logq_alpha: float = 0.01
+  recall_at: Sequence[int] = (1, 10, 100)
   dtype: Any = jnp.float32
   feature_dims: Sequence[int] | None = None
 
@@ -202,6 +206,11 @@ class TwoTower(nn.Module):
     if (not isinstance(self.logq_alpha, numbers.Real) or isinstance(self.logq_alpha, bool)
         or not 0 < self.logq_alpha <= 1):
       raise ConfigError(f"TwoTower.logq_alpha must be in (0, 1], got {self.logq_alpha!r}")
+    k = self.recall_at
+    if (not isinstance(k, (list, tuple)) or not k or len(set(k)) != len(k)
+        or any(not is_int(x) or x < 1 for x in k)):
+      raise ConfigError(f"TwoTower.recall_at must be a sequence of distinct positive integers "
+                        f"(the eval's recall@k cutoffs), got {k!r}")
     changed = [f"TwoTower.{a} = {getattr(self, a)!r}" for a in ("logq_buckets", "logq_alpha")
                if getattr(self, a) != getattr(type(self), a)]
     if changed and not self.logq_correction:   # a shared config may set them: a warning

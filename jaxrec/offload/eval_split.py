@@ -143,16 +143,26 @@ def logits_in_place(tier, state: dict, batch: Batch, run) -> tuple[dict, np.ndar
     for keep in parts:
       part = batch if len(parts) == 1 else only(batch, keep, features)
       out = _one_pass(tier, state, live, part, run)
-      logits = out if logits is None else np.where(keep, out, logits)
+      logits = out if logits is None else _merge(keep, out, logits)
   except Exception as e:
     e.state = dict(state, emb=live["emb"])
     raise
   return dict(state, emb=live["emb"]), logits
 
 
+def _merge(keep: np.ndarray, out, before):
+  """`out`'s rows where `keep` `[B]` is true, `before`'s elsewhere: arrays `[B, ...]`, or
+  dicts of them (an eval step's outputs)."""
+  if isinstance(out, Mapping):
+    return {k: _merge(keep, v, before[k]) for k, v in out.items()}
+  out = np.asarray(out)
+  return np.where(keep.reshape((-1,) + (1,) * (out.ndim - 1)), out, before)
+
+
 def _one_pass(tier, state, live, part, run) -> np.ndarray:
-  """`run`'s logits `[B]` of one pass of `logits_in_place` over `part`; `live["emb"]` is
-  replaced by each install (its values the same once the pass ends, also on an error)."""
+  """`run`'s logits `[B]` (or its dict of `[B, ...]` outputs) of one pass of
+  `logits_in_place` over `part`; `live["emb"]` is replaced by each install (its values the
+  same once the pass ends, also on an error)."""
   ids, rows, values = dict(part.ids), {}, {}
   for name, t in tier.tables.items():
     uniq, _ = batch_rows(t.spec, t.features, part)

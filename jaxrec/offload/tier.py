@@ -295,8 +295,9 @@ class OffloadTier(LookAhead):
 
   def eval_logits(self, state: dict, batch: Batch, run) -> tuple[dict, np.ndarray]:
     """`(state, logits [B])` of an eval batch (raw ids): `run(state, batch) -> logits [B]`
-    (the eval step) is called on the batch with offloaded ids turned into cache slots, once,
-    or once per piece when its rows do not fit a cache (`eval_split`). The rows it reads that
+    (the eval step; or its dict of `[B, ...]` outputs, returned as one) is called on the
+    batch with offloaded ids turned into cache slots, once, or once per piece when its rows
+    do not fit a cache (`eval_split`). The rows it reads that
     are not cached (newest values) go into spare cache slots in place and are put back after
     each pass (also when `run` raises): `state` is donated, the returned one holds the same
     values. Raises `ConfigError` when one example cannot fit, or for bad ids (before any

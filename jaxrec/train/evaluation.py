@@ -12,6 +12,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxrec import elastic, jsonl, signals
+from jaxrec.train import retrieval
 from jaxrec.train.metrics import EvalAccumulator
 from jaxrec.train.placement import device_batch
 from jaxrec.train.writers import REWIND_EVENTS
@@ -22,46 +23,53 @@ class EvalStopped(Exception):
   `.state` is the state to go on with."""
 
 
-def evaluate(eval_step, collection, state, eval_data, sharding, tier=None, stop=None
-             ) -> tuple[dict[str, Any], dict]:
-  """Exact AUC / logloss over the whole eval set (padding masked out), and the state to go
-  on with: with offloaded tables `tier.eval_logits` donates it and returns one holding the
-  same values. An exception raised here carries that state as `.state`. `stop(batch)` true
-  before a batch (1, 2, ...; a SIGTERM request) raises `EvalStopped`: a preemption's grace
-  period is not spent on an eval whose result would be lost anyway."""
+def evaluate(eval_step, collection, state, eval_data, sharding, tier=None, stop=None,
+             model=None) -> tuple[dict[str, Any], dict]:
+  """Exact AUC / logloss over the whole eval set (padding masked out), for a `model` with
+  towers (`TwoTower`) the in-batch retrieval metrics too (`retrieval.py`: recall@k, MRR),
+  and the state to go on with: with offloaded tables `tier.eval_logits` donates it and
+  returns one holding the same values. An exception raised here carries that state as
+  `.state`. `stop(batch)` true before a batch (1, 2, ...; a SIGTERM request) raises
+  `EvalStopped`: a preemption's grace period is not spent on an eval whose result would be
+  lost anyway."""
   acc = EvalAccumulator()
+  ranking = retrieval.accumulator(model, collection)
 
-  def run(st, b):   # global [B], replicated
-    return np.asarray(eval_step(st, device_batch(collection, b, sharding)))
+  def run(st, b):   # global [B, ...], replicated
+    return jax.tree.map(np.asarray, eval_step(st, device_batch(collection, b, sharding)))
 
-  def finish(logits, batch, mask, number):
+  def finish(out, batch, mask, number):
     labels = batch.labels
-    if jax.process_count() > 1:
-      labels, mask = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
-                      for x in (batch.labels, mask))
-    acc.add(np.asarray(logits), labels, mask > 0)
+    keys = None if ranking is None else ranking.keys(batch)
+    if jax.process_count() > 1:   # this process's rows → the global batch's
+      labels, mask, keys = (None if x is None else
+                            np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                            for x in (batch.labels, mask, keys))
+    acc.add(np.asarray(out["logits"]), labels, mask > 0)
+    if ranking is not None:
+      ranking.add(out["user"], out["item"], keys, labels, mask > 0)
     elastic.report_alive("eval", batches=number)   # not hung: a long eval is no hang
 
-  pending = None   # the batch whose logits are read while the next one runs
+  pending = None   # the batch whose outputs are read while the next one runs
   try:
     for batches, (batch, mask) in enumerate(eval_data, 1):
       signals.check()
       if stop is not None and stop(batches):
         raise EvalStopped(f"stopped before eval batch {batches}")
       if tier is not None:   # offloaded ids → cache slots, in passes when rows do not fit
-        state, logits = tier.eval_logits(state, batch, run)
+        state, out = tier.eval_logits(state, batch, run)
       else:
         # dispatched; `pack` checks the ids as for train batches: no silent clamping
-        logits = eval_step(state, device_batch(collection, batch, sharding))
+        out = eval_step(state, device_batch(collection, batch, sharding))
       if pending is not None:
         finish(*pending)
-      pending = (logits, batch, mask, batches)
+      pending = (out, batch, mask, batches)
     if pending is not None:
       finish(*pending)
   except Exception as e:   # offloaded: the state to go on with (`state` may be donated)
     e.state = getattr(e, "state", state)
     raise
-  return acc.result(), state
+  return {**acc.result(), **(ranking.result() if ranking is not None else {})}, state
 
 
 def stop_check(terminated, step: int, last: bool):

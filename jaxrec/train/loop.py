@@ -386,7 +386,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     if finished:   # the resume line carries the evaluation (maybe of other --eval_data)
       log.info("already trained to step %d (--num_steps=%d): evaluating that checkpoint",
                start, options.num_steps)
-      metrics, state = evaluate(eval_step, collection, state, eval_data, bsharding, tier)
+      metrics, state = evaluate(eval_step, collection, state, eval_data, bsharding, tier,
+                                model=config.model)
       # with --bad_rows=skip, the eval rows dropped (a training run's log lines carry them)
       last = dict(metrics, **data_adapter.bad_row_metrics(eval_data), step=start)
       if restored is not None:
@@ -396,7 +397,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
                                                   restored.meta, options.eval_every, start):
       log.info("step %d was saved to be evaluated and metrics.jsonl has no eval of it (the "
                "run stopped before or during that eval): evaluating it first", start)
-      metrics, state = evaluate(eval_step, collection, state, eval_data, bsharding, tier)
+      metrics, state = evaluate(eval_step, collection, state, eval_data, bsharding, tier,
+                                model=config.model)
       writer.write(start, dict(metrics, **data_adapter.bad_row_metrics(eval_data)),
                    data_adapter.bad_row_scalars(eval=eval_data))
     while step < options.num_steps:
@@ -500,7 +502,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       if is_eval:
         try:
           metrics, state = evaluate(eval_step, collection, state, eval_data, bsharding, tier,
-                                    stop=eval_stop(terminated, step, done))
+                                    stop=eval_stop(terminated, step, done), model=config.model)
           record.update(metrics)
         except EvalStopped as e:   # SIGTERM (or the job's, under scripts/launch.py): the
           # checkpoint below, not the rest of the eval

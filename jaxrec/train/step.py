@@ -25,7 +25,7 @@ from jaxrec.models.two_tower import item_bag_keys
 from jaxrec.sharding.mesh import batch_sharding, replicated
 from jaxrec.train.config import ExperimentConfig
 from jaxrec.train.dense_loss import dense_value_and_grad
-from jaxrec.train import state as state_lib
+from jaxrec.train import retrieval, state as state_lib
 
 
 def make_train_step(config: ExperimentConfig, collection: EmbeddingCollection, state_shardings,
@@ -112,13 +112,21 @@ def window_record(outputs: Sequence[dict], tx) -> dict:
 
 
 def make_eval_step(config: ExperimentConfig, collection: EmbeddingCollection, state_shardings):
-  """`eval_step(state, batch) -> logits [B]` (replicated, for exact host-side AUC)."""
+  """`eval_step(state, batch) -> {"logits": [B]}` (float32, replicated: exact host-side
+  AUC); for a model with towers (`TwoTower`) also `"user"` and `"item"` `[B, K]`, its
+  vectors, for the in-batch retrieval metrics (`retrieval.py`)."""
   model = config.model
+  towers = retrieval.has_towers(model)
 
   def eval_step(state, batch: Batch):
     ctx = collection.lookup(state["emb"], batch.ids, batch.weights)
     emb = collection.pool(ctx.rows, ctx)
-    return model.apply({"params": state["params"]}, batch.dense, emb).astype(jnp.float32)
+    variables = {"params": state["params"]}
+    if not towers:
+      return {"logits": model.apply(variables, batch.dense, emb).astype(jnp.float32)}
+    user, item = model.apply(variables, batch.dense, emb, method="towers")
+    # `TwoTower.__call__`'s score, from the same vectors
+    return {"logits": (user * item).sum(-1) / model.temperature, "user": user, "item": item}
 
   return jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding(collection.mesh)),
                  out_shardings=replicated(collection.mesh))

@@ -56,7 +56,7 @@ def _eval_logits(run, eval_step, batch):
 
   def step(st, b):
     passes.append(b)
-    return np.asarray(eval_step(st, run.put(b)))
+    return np.asarray(eval_step(st, run.put(b))["logits"])
   run.state, logits = run.tier.eval_logits(run.state, batch, step)
   return logits, len(passes)
 
@@ -83,7 +83,7 @@ def test_eval_batches_bigger_than_the_cache_are_evaluated_in_pieces(tmp_path, ca
   huge = concatenate([ref.it.batch_at(10**6 + 128 * k) for k in range(16)])
   ref_eval = step_lib.make_eval_step(cfg, ref.collection, state_lib.shardings(
       ref.state, ref.collection))
-  want = [np.asarray(ref_eval(ref.state, ref.put(b))) for b in (batch, bigger, huge)]
+  want = [np.asarray(ref_eval(ref.state, ref.put(b))["logits"]) for b in (batch, bigger, huge)]
   ref.train(2)
   off = Run(cfg, mesh_of(), offload_config(tmp_path, len(uniq), prefetch_depth=2)).train(4)
   try:
@@ -113,7 +113,7 @@ def test_an_eval_batch_with_only_padding_for_the_offloaded_table(tmp_path):
   batch = batch.replace(ids=dict(batch.ids, **empty))
   ref_eval = step_lib.make_eval_step(cfg, ref.collection, state_lib.shardings(
       ref.state, ref.collection))
-  want = np.asarray(ref_eval(ref.state, ref.put(batch)))
+  want = np.asarray(ref_eval(ref.state, ref.put(batch))["logits"])
   off = Run(cfg, mesh_of(), offload_config(tmp_path, prefetch_depth=1)).train(2)
   try:
     eval_step = step_lib.make_eval_step(cfg, off.collection, state_lib.shardings(

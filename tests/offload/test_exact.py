@@ -98,9 +98,9 @@ def test_eval_view_reads_newest_rows(tmp_path):
     eval_off = step_lib.make_eval_step(
         cfg, off.collection, state_lib.shardings(off.state, off.collection))
     batch = ref.it.batch_at(10**6)                  # unseen examples, many uncached rows
-    want = np.asarray(eval_ref(ref.state, ref.put(batch)))
-    off.state, got = off.tier.eval_logits(off.state, batch,
-                                          lambda st, b: np.asarray(eval_off(st, off.put(b))))
+    want = np.asarray(eval_ref(ref.state, ref.put(batch))["logits"])
+    off.state, got = off.tier.eval_logits(
+        off.state, batch, lambda st, b: np.asarray(eval_off(st, off.put(b))["logits"]))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     off.train(3)                                    # the view left training untouched
     ref.train(3)

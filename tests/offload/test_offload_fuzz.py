@@ -70,9 +70,9 @@ def _eval(run: Run, case: Case, batch) -> np.ndarray:
   eval_fn = step_lib.make_eval_step(case.config(), run.collection,
                                     state_lib.shardings(run.state, run.collection))
   if run.tier is None:
-    return np.asarray(eval_fn(run.state, run.put(batch)))
+    return np.asarray(eval_fn(run.state, run.put(batch))["logits"])
   run.state, got = run.tier.eval_logits(
-      run.state, batch, lambda st, b: np.asarray(eval_fn(st, run.put(b))))
+      run.state, batch, lambda st, b: np.asarray(eval_fn(st, run.put(b))["logits"]))
   return got
 
 

@@ -36,7 +36,7 @@ def test_the_next_batch_is_dispatched_before_the_previous_logits_are_read(monkey
   def eval_step(state, batch):
     k = int(batch.dense[0, 0])
     events.append(("dispatch", k))
-    return _Logits(k, logits[k], events)
+    return {"logits": _Logits(k, logits[k], events)}
   monkeypatch.setattr(evaluation, "device_batch", lambda collection, batch, sharding: batch)
   collection = types.SimpleNamespace(check_ids=lambda ids: None)
   metrics, _ = evaluation.evaluate(eval_step, collection, {}, batches, None)

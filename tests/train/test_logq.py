@@ -164,7 +164,8 @@ def test_train_step_loss_is_corrected_and_eval_scores_are_not():
 
   want, uncorrected, scores = reference(state)
   eval_step = step_lib.make_eval_step(config, coll, state_lib.shardings(state, coll))
-  np.testing.assert_allclose(eval_step(state, coll.pack_batch(b)), scores, atol=1e-6)
+  np.testing.assert_allclose(eval_step(state, coll.pack_batch(b))["logits"], scores,
+                             atol=1e-6)
   _, (loss,), _ = _train(config, coll, state, [b])
   np.testing.assert_allclose(loss, want, rtol=1e-5)
   assert abs(float(uncorrected) - loss) > 1e-2
