@@ -211,3 +211,22 @@ def test_grain_data_workers_run_under_the_launcher(tmp_path):
                    "--gin_bindings=make_train_iterator.num_workers=1"])
   assert t.finish(proc) == 0, open(os.path.join(w, "launch.log")).read()[-3000:]
   assert sorted(losses(w)) == [1, 2, 3]
+
+
+def test_two_tower_retrieval_metrics_of_two_processes_equal_one_process(tmp_path):
+  """A two-tower's eval ranks the global batch's items by ids each process holds for its
+  rows only (gathered with the labels): 2 x 4 ranks as 1 x 8."""
+  flags = ["--gin_file=configs/two_tower_synthetic.gin",
+           "--gin_bindings=ExperimentConfig.batch_size=256",
+           "--gin_bindings=ExperimentConfig.eval_batch_size=512",
+           "--gin_bindings=ExperimentConfig.num_eval_examples=1024", "--noprogress",
+           "--mesh=data=8", "--plan=dp", "--num_steps=4"]
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  t.run_train(one, flags, devices=8)
+  proc = t.launch(two, ["--num_processes=2", "--devices_per_process=4"], flags)
+  assert t.finish(proc) == 0, open(os.path.join(two, "launch.log")).read()[-3000:]
+  ea, eb = t.metrics(one)[-1], t.metrics(two)[-1]
+  assert ea["eval_queries"] > 100 and ea["eval_candidates"] > 400
+  for k in ("eval_recall_at_1", "eval_recall_at_10", "eval_recall_at_100", "eval_mrr",
+            "eval_queries", "eval_candidates", "eval_auc"):
+    np.testing.assert_allclose(eb[k], ea[k], rtol=1e-6, err_msg=k)
