@@ -121,3 +121,23 @@ def test_restore_reads_shard_by_shard(tmp_path, monkeypatch):
     assert len(puts) == 2, (i, events)         # data=2: both replicas of the block
   monkeypatch.undo()
   h.assert_tables_equal(coll, state, coll, restored.state)
+
+
+@pytest.mark.parametrize("src,dst,devices", [("rw", "cw", 8), ("cw", "twcw", 8),
+                                             ("grid", "grid", 8), ("dp", "cw", 4)])
+def test_column_blocks_are_read_in_row_windows(saved, monkeypatch, src, dst, devices):
+  """A column split is read in windows of rows written into each block on its device
+  (a block at a time decoded every stored chunk once per column block, all of a block's
+  chunks at once): with small windows every block takes several, and the values are the
+  saved ones, bit for bit."""
+  from jaxrec.checkpoint import tables as tables_lib
+  monkeypatch.setattr(tables_lib, "WINDOW_BYTES", 128)   # 4 rows of dim 8
+  writes = []
+  write_rows = tables_lib._write_rows   # pylint: disable=protected-access
+  monkeypatch.setattr(tables_lib, "_write_rows", lambda *a: writes.append(1) or write_rows(*a))
+  path, coll, state = saved[src]
+  new = h.collection(dst, devices, optimizer=_optimizer(src))
+  with CheckpointManager(path) as mgr:
+    restored = mgr.restore(h.dense(new.mesh, seed=5), new)
+  assert len(writes) > 2 * devices
+  h.assert_tables_equal(coll, state, new, restored.state)
