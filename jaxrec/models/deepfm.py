@@ -26,7 +26,8 @@ import flax.linen as nn
 import gin
 import jax.numpy as jnp
 
-from jaxrec.models.mlp import MLP, check_inputs, check_sizes, compute_dtype, dense_layer
+from jaxrec.models.mlp import (MLP, check_inputs, check_not_ending_in_one, check_sizes,
+                               compute_dtype, dense_layer)
 
 
 def fm_second_order(v):
@@ -82,3 +83,4 @@ class DeepFM(nn.Module):
     """Raises ConfigError for a bad hyper-parameter that needs no input shapes (also called
     by `build_model`, so a bad binding stops a run when the config is read)."""
     check_sizes("DeepFM.deep_mlp", self.deep_mlp, allow_empty=True)
+    check_not_ending_in_one("DeepFM.deep_mlp", self.deep_mlp)

@@ -248,3 +248,15 @@ def check_sizes(name: str, sizes: Sequence[int], allow_empty: bool = False) -> N
       or any(not is_int(s) or s <= 0 for s in sizes)):
     raise ConfigError(f"{name} must be a {'' if allow_empty else 'non-empty '}sequence of "
                       f"positive integer layer widths, got {sizes!r}")
+
+
+def check_not_ending_in_one(name: str, sizes: Sequence[int]) -> None:
+  """Raises ConfigError for a hidden MLP `sizes` ending in width 1 that a model follows
+  with a ReLU and its own 1-unit logit layer (DCNv2's and DeepFM's `deep_mlp`): written as
+  DLRM's `top_mlp` is, it squeezed the network through one ReLU unit (DCNv2 on
+  configs/dcnv2_synthetic.gin trained to eval AUC 0.5000)."""
+  if sizes and int(sizes[-1]) == 1:
+    raise ConfigError(f"{name} = {tuple(sizes)} ends in width 1, but the model adds its own "
+                      "1-unit logit layer after it, with a ReLU between: its output would "
+                      f"pass through one ReLU unit; drop the last 1 ({name} = "
+                      f"{tuple(sizes[:-1])})")

@@ -1,5 +1,7 @@
 """Tests for jaxrec.models: shapes, fitting a planted signal, references, config errors."""
 
+import re
+
 import gin
 import jax
 import jax.numpy as jnp
@@ -329,6 +331,17 @@ def test_bfloat16_compute_returns_float32():
 def test_a_width_or_index_that_is_not_a_sequence_names_the_binding(name, kwargs, match):
   with pytest.raises(ConfigError, match=match):
     init_params(build_model(name, **kwargs), jax.random.key(0), NUM_DENSE, F, D)
+
+
+@pytest.mark.parametrize("name,cls,widths", [("dcnv2", "DCNv2", (256, 128, 1)),
+                                             ("deepfm", "DeepFM", (1,))])
+def test_a_deep_mlp_ending_in_one_is_refused(name, cls, widths):
+  """Written as DLRM's top_mlp is (ending in 1), DCNv2's deep network fed its own logit
+  layer through one ReLU unit: the shipped config trained to eval AUC 0.5000."""
+  with pytest.raises(ConfigError, match=rf"^{cls}.deep_mlp = {re.escape(str(widths))} ends "
+                     rf"in width 1, .* drop the last 1 \({cls}.deep_mlp = "
+                     rf"{re.escape(str(widths[:-1]))}\)"):
+    build_model(name, deep_mlp=widths)
 
 
 @pytest.mark.parametrize("name,kwargs,match", [
