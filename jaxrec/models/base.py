@@ -39,8 +39,10 @@ def build_model(name: str = gin.REQUIRED, **kwargs) -> nn.Module:
   Hyper-parameters are bound on the classes, e.g. `DLRM.bottom_mlp = (512, 256, 64, 16)`.
   """
   if name not in MODELS:
+    lower = str(name).lower()   # the class's spelling, e.g. 'DCNv2'
+    hint = f"; did you mean '{lower}'?" if lower in MODELS else close_to(str(name), MODELS)
     raise ConfigError(f"build_model.name: unknown model '{name}' (known: {', '.join(MODELS)})"
-                      f"{close_to(str(name), MODELS)}")
+                      f"{hint}")
   cls = MODELS[name]
   try:
     model = cls(**kwargs)
@@ -54,6 +56,13 @@ def build_model(name: str = gin.REQUIRED, **kwargs) -> nn.Module:
       it = "them" if len(missing) > 1 else "it"
       raise ConfigError(f"build_model('{name}'): {names} not bound: the model has no default "
                         f"for {it}; bind {it} in the gin file or with --gin_bindings") from None
+    unknown = re.findall(r"unexpected keyword argument '(\w+)'", first)
+    if unknown:   # `build_model.x = ...` passes x on to the model: a misspelt parameter
+      known = [f for f in cls.__dataclass_fields__ if f not in ("parent", "name")]
+      raise ConfigError(f"build_model.{unknown[0]}: {cls.__name__} (build_model.name = "
+                        f"'{name}') has no parameter '{unknown[0]}'"
+                        f"{close_to(unknown[0], known) or '; it has: ' + ', '.join(known)}"
+                        ) from None
     raise ConfigError(f"build_model('{name}'): {first}") from None
   # Checked here too (the model checks it again when called), so that a bad dtype stops a
   # run when the config is read, before planning or starting workers.

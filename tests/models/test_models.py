@@ -235,7 +235,15 @@ def test_build_model_errors():
   with pytest.raises(ConfigError, match=r"unknown model 'two-tower' .*; did you mean "
                      r"'two_tower'\?\n"):
     build_model("two-tower")
-  with pytest.raises(ConfigError, match="build_model\\('dlrm'\\)"):
+  with pytest.raises(ConfigError, match=r"unknown model 'DCNv2' .*; did you mean 'dcnv2'\?"):
+    build_model("DCNv2")   # the class's spelling
+  # build_model passes other keywords on to the model (build_model.low_rank = 4 works): a
+  # misspelt one named neither its binding nor the parameter it meant
+  with pytest.raises(ConfigError, match=r"^build_model.lowrank: DCNv2 \(build_model.name = "
+                     r"'dcnv2'\) has no parameter 'lowrank'; did you mean 'low_rank'\?"):
+    build_model("dcnv2", lowrank=4)
+  with pytest.raises(ConfigError, match=r"^build_model.no_such_arg: DLRM .* it has: "
+                     r"bottom_mlp, top_mlp"):
     build_model("dlrm", no_such_arg=1)
 
 
