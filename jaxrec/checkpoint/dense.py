@@ -98,11 +98,17 @@ def _check_dense(key, abstract, leaves, step_dir) -> None:
   have = {n: (v["shape"], v["dtype"]) for n, v in leaves.items()
           if n == key or n.startswith(key + "/")}
   if want != have:
-    diff = sorted(set(want) ^ set(have)) or sorted(n for n in want if want[n] != have[n])
-    raise ConfigError(f"'{key}' in checkpoint {step_dir} does not match the model at "
-                      f"{diff[:3]} (checkpoint: {[have.get(n, 'absent') for n in diff[:3]]}, "
-                      f"model: {[want.get(n, 'absent') for n in diff[:3]]})"
-                      f"{canonical_lib.MISMATCH_HINTS.get(key, '')}")
+    # leaves one side lacks, then those of other shapes (a layer removed changes the one
+    # before it too: only the missing ones were named)
+    diff = sorted(set(want) ^ set(have)) + sorted(n for n in set(want) & set(have)
+                                                  if want[n] != have[n])
+    at = f"{len(diff)} leaves, e.g. " if len(diff) > 3 else ""
+    error = ConfigError(f"'{key}' in checkpoint {step_dir} does not match the model at {at}"
+                        f"{diff[:3]} (checkpoint: {[have.get(n, 'absent') for n in diff[:3]]}"
+                        f", model: {[want.get(n, 'absent') for n in diff[:3]]})"
+                        f"{canonical_lib.MISMATCH_HINTS.get(key, '')}")
+    error.step_dir = step_dir   # the trainer adds the bindings changed since its config
+    raise error
 
 
 def structure_error(step_dir) -> ConfigError:
@@ -110,10 +116,12 @@ def structure_error(step_dir) -> ConfigError:
   does not: `adam` and `adamw` (an `EmptyState` more), or a `mask` added, hold the same
   `mu`/`nu` leaves. orbax's ValueError was taken for a corrupt step: every step was set
   aside as corrupt, and a valid one rejected where an older one restored."""
-  return ConfigError(
+  error = ConfigError(
       f"'opt_state' in checkpoint {step_dir} has the same leaves as this run's but another "
       f"structure (e.g. adam vs adamw, or a mask added or removed)"
       f"{canonical_lib.MISMATCH_HINTS['opt_state']}")
+  error.step_dir = step_dir   # as `_check_dense`'s
+  return error
 
 
 def wrap_keys(tree, target, impls, key):

@@ -97,3 +97,32 @@ def _last_until(workdir: str, step: int) -> int:
 
 
 _UNTIL = re.compile(r"config-until-(\d+)\.gin")
+
+
+def explained(error: Exception, after: str) -> Exception:
+  """`error`, a restore's refusal of a checkpoint whose dense state does not fit this run's
+  model (`checkpoint.dense`, which sets `.step_dir`), with the bindings that changed since
+  that checkpoint's config (its meta's `gin`) appended: the refusal named parameter paths
+  (`params/deep_mlp/layer_3/bias`, at most three) where a `DeepFM.deep_mlp` had changed.
+  Returned as it is without a step or a recorded config, or when nothing changed."""
+  step_dir = getattr(error, "step_dir", None)
+  if step_dir is None:
+    return error
+  from jaxrec.checkpoint import storage  # pylint: disable=import-outside-toplevel
+  try:
+    before = storage.read_json(step_dir, storage.META).get("gin")
+  except Exception:  # pylint: disable=broad-except
+    return error   # an unreadable meta: the refusal as it was
+  # only configurables this run has called by now: the training data's are called after
+  # the restore (`make_train_iterator.*` read as unbound)
+  called = {n.rpartition(".")[0] for n in bindings(after)}
+  diff = [d for d in (changed(before, after) if isinstance(before, str) else [])
+          if d.split(":")[0].rpartition(".")[0] in called]
+  if not diff:
+    return error
+  more = f" (+{len(diff) - SHOWN} more)" if len(diff) > SHOWN else ""
+  out = type(error)(f"{error}; bindings changed since that checkpoint: "
+                    f"{'; '.join(diff[:SHOWN])}{more}")
+  out.step_dir = step_dir
+  return out
+

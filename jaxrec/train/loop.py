@@ -313,8 +313,11 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   snapshot_check = info["offload"].snapshot_check   # of the offload snapshots restores read
   try:   # an error here (no valid checkpoint, the training data) leaves nothing running
     signals.check()   # ... as does Ctrl-C, also during the restore (between table blocks)
-    restored = ckpt.restore(state, collection, init=fresh_dense, offloaded=offloaded,
-                            snapshot_check=snapshot_check)
+    try:
+      restored = ckpt.restore(state, collection, init=fresh_dense, offloaded=offloaded,
+                              snapshot_check=snapshot_check)
+    except ConfigError as e:   # a changed model: with the bindings that changed
+      raise config_changes.explained(e, operative_gin) from None
     for note in ckpt.restore_warnings if is_main else ():   # under launch.py: its stderr
       elastic.report_warning(f"warning: {note}")
     if restored is not None:

@@ -49,3 +49,26 @@ def test_a_resume_with_another_config_says_so_and_keeps_the_earlier_one(tmp_path
       tmp_path / "config.gin").read().split("\n\n")[0]
   assert sorted(n for n in os.listdir(tmp_path) if n.startswith("config")) == [
       "config-until-4.gin", "config.gin"]
+
+
+def test_a_resume_refused_for_another_model_names_the_changed_bindings(tmp_path):
+  """The refusal named flax parameter paths (and only the leaves one side lacked: of
+  `deep_mlp` (256, 128, 64) -> (256, 128), layer_3, not layer_2's new shape)."""
+  import pytest  # pylint: disable=import-outside-toplevel
+  from jaxrec import launch  # pylint: disable=import-outside-toplevel
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+
+  def run(deep_mlp):
+    launch.parse_gin(["configs/deepfm_synthetic.gin"], [
+        "ExperimentConfig.batch_size=64", "ExperimentConfig.num_eval_examples=128",
+        "ExperimentConfig.eval_batch_size=64", f"DeepFM.deep_mlp={deep_mlp}"])
+    options = config_lib.RunOptions(num_steps=2, mesh="data=8", plan="dp", progress=False)
+    loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path))
+
+  run("(32, 16, 8)")
+  with pytest.raises(ConfigError, match=r"^'params' in checkpoint .* does not match the model "
+                     r"at 4 leaves, e.g. \['params/deep_mlp/layer_3/bias', "
+                     r"'params/deep_mlp/layer_3/kernel', 'params/deep_mlp/layer_2/bias'\] .*; "
+                     r"bindings changed since that checkpoint: DeepFM.deep_mlp: \(32, 16, 8\) "
+                     r"-> \(32, 16\)$"):
+    run("(32, 16)")
