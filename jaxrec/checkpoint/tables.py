@@ -359,11 +359,10 @@ def _read_array(l, name_of, abstract, sharding, handles, prints, fills=None) -> 
   by_block: dict[tuple, list] = {}   # replicas of a block read it once
   for device, index in sharding.addressable_devices_indices_map(shape).items():
     by_block.setdefault(_bounds(index, shape), []).append(device)
-  width = shape[0] if len(shape) < 2 or all(b[1] == (0, shape[1]) for b in by_block) else (
-      max(1, WINDOW_BYTES // (math.prod(shape[1:]) * dtype.itemsize)))
+  whole = len(shape) < 2 or all(b[1] == (0, shape[1]) for b in by_block)   # no col split
+  width = max(1, shape[0] if whole else WINDOW_BYTES // (math.prod(shape[1:]) * dtype.itemsize))
   windows = sorted(((w, bounds[1:], bounds) for bounds in by_block   # window-major: a row
-                    for w in range(bounds[0][0], max(bounds[0][1], bounds[0][0] + 1),
-                                   max(width, 1))),
+                    for w in range(bounds[0][0], max(bounds[0][1], bounds[0][0] + 1), width)),
                    key=lambda x: x[:2])   # range's column blocks in turn
   placed: dict = {}
   for w, _, bounds in windows:
