@@ -104,9 +104,11 @@ def _no_files_in(path: str) -> NoReturn:
 
 
 def _glob_files(pattern: str, quiet: bool) -> list[str]:
-  """The files `pattern` matches, sorted; `DataError` when none (naming a directory when it
-  matches only those)."""
-  matches = sorted(globlib.glob(pattern))
+  """The files `pattern` matches (`**`: any number of directories, none included), sorted;
+  `DataError` when none (naming a directory when it matches only those)."""
+  # `**` matches any depth of directories (as bash's globstar, gsutil): not recursive, it
+  # was one level, and `D/**/*.tsv` read D/x/*.tsv only, without a word
+  matches = sorted(globlib.glob(pattern, recursive=True))
   files, others = _split_files(matches)
   if files:
     if not quiet:

@@ -55,3 +55,13 @@ def test_a_symlink_to_nothing_is_an_error(tmp_path):
     with pytest.raises(DataPathError, match=f"^{tmp_path / 'day_01.tsv'}: a symbolic link to "
                        "/mnt/gone/day_01.tsv, which does not exist$"):
       tsv.list_files(given)
+
+
+def test_a_double_star_matches_any_depth(tmp_path):
+  """`D/**/*.tsv` read D/x/*.tsv only (Python's glob without `recursive`): D/top.tsv and
+  D/x/y/deep.tsv were left out without a word."""
+  for rel in ["top.tsv", "x/mid.tsv", "x/y/deep.tsv", "x/y/skip.txt"]:
+    os.makedirs(os.path.dirname(tmp_path / rel), exist_ok=True)
+    lib.write(tmp_path / rel, [lib.line()])
+  assert tsv.list_files(str(tmp_path / "**" / "*.tsv")) == [
+      str(tmp_path / p) for p in ("top.tsv", "x/mid.tsv", "x/y/deep.tsv")]
