@@ -16,7 +16,7 @@ from jaxrec.checkpoint.manager import CheckpointManager
 from jaxrec.checkpoint.steps import step_dirs
 
 from jaxrec.data import pipeline
-from jaxrec.errors import DataPathError
+from jaxrec.errors import DataPathError, counted
 from jaxrec.workdir_layout import checkpoint_dir
 
 log = logging.getLogger("jaxrec")
@@ -89,9 +89,10 @@ def warn_preprocessed_skips(bad_rows: str, *sources) -> None:
   counts = bad_row_metrics(*sources).get("bad_rows")
   if bad_rows == "error" and counts:
     log.warning(
-        "--bad_rows=error, but the data were preprocessed with --bad_rows=skip: %d malformed "
-        "rows were dropped then (%s); they are also in metrics.jsonl ('bad_rows')",
-        sum(counts.values()), ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+        "--bad_rows=error, but the data were preprocessed with --bad_rows=skip: %s dropped "
+        "then (%s); they are also in metrics.jsonl ('bad_rows')",
+        counted(sum(counts.values()), "malformed row"),
+        ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
 
 
 def warn_synthetic_eval(config, options) -> None:

@@ -91,7 +91,7 @@ def test_rows_dropped_at_preprocessing_are_said_under_bad_rows_error(caplog):
     data_adapter.warn_preprocessed_skips("error", train, ev)
   assert [r.getMessage() for r in caplog.records] == [
       "--bad_rows=error, but the data were preprocessed with --bad_rows=skip: 3 malformed "
-      "rows were dropped then (a.tsv: 2, e.tsv: 1); they are also in metrics.jsonl "
+      "rows dropped then (a.tsv: 2, e.tsv: 1); they are also in metrics.jsonl "
       "('bad_rows')"]
 
 
