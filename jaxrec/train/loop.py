@@ -172,8 +172,9 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   # back to an earlier step. Data errors come before anything starts or compiles, and
   # before the plan's report (a missing file's error is then not 20+ lines below it).
   evaluate_only = data_adapter.evaluates_only(workdir, options)
-  source = None if evaluate_only else data_adapter.train_iterator(config, options)
-  eval_data = data_adapter.eval_data(config, options)
+  source, eval_data = process_agreement.opened_data(   # the same on every process
+      lambda: (None if evaluate_only else data_adapter.train_iterator(config, options),
+               data_adapter.eval_data(config, options)), ("--train_data", "--eval_data"))
   offloaded_bytes = offload.host_bytes(config.tables, info["offload"], collection.optimizer)
   saved_bytes = budget_hint.saved_bytes(collection)   # a checkpoint's host copy of the tables
   shared = None   # the host warning before the state is made; step_memory's counts the steps
@@ -329,7 +330,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     if train_it is None and start < options.num_steps:   # fell back below --num_steps
       config.check_batch("batch_size", mesh.size, f" (this run trains: the restore fell back "
                          f"to step {start}, below --num_steps={options.num_steps})")
-      source = data_adapter.train_iterator(config, options)
+      (source,) = process_agreement.opened_data(
+          lambda: (data_adapter.train_iterator(config, options),), ("--train_data",))
       data_adapter.warn_synthetic_eval(config, options)
       initial_data_state = source.get_state()
       train_it = wrap(source)

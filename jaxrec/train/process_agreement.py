@@ -12,12 +12,13 @@ anything is planned or read, in one small all-gather.
 from __future__ import annotations
 
 import zlib
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxrec.errors import ConfigError
+from jaxrec.errors import ConfigError, DataError
 
 # RunOptions fields every process must share (`progress` is each terminal's own)
 SHARED = ("num_steps", "mesh", "plan", "train_data", "eval_data", "log_every", "eval_every",
@@ -70,6 +71,58 @@ def disagreement(values: dict, lines: list[str], every: np.ndarray, me: int) -> 
   return (f"the job's processes were started with different {', '.join(named)}: process "
           f"{me} has {', '.join(shown)}; processes {others} have other values. Start every "
           "process with the same flags and gin files (scripts/launch.py does)")
+
+
+def opened_data(open_data: Callable[[], tuple], names: Sequence[str]) -> tuple:
+  """`open_data()`'s data sources (each with `.source` or itself a source, or None), the
+  same on every process of the job: each process hashes what it opened (the number of
+  examples, `pipeline.data_fingerprint`) and one all-gather compares them. Processes that
+  read a path each from its own host's copy, one of them short of a file, trained without a
+  word on data whose global batches repeated some examples and never held others; one
+  process that fails to open its data (a missing file) stopped with its error while the
+  others waited for it forever. Now every process stops: a `DataError` names the source
+  (`names`, e.g. `--train_data`) and this process's size, or the process that failed."""
+  if jax.process_count() == 1:
+    return open_data()
+  failed, out = None, (None,) * len(names)
+  try:
+    out = open_data()
+  except Exception as e:  # pylint: disable=broad-except
+    failed = e
+  mine = local_data_row(out, failed is not None)
+  every = np.asarray(multihost_utils.process_allgather(mine))   # [processes, 1 + sources]
+  if failed is not None:
+    raise failed
+  me = jax.process_index()
+  broken = [int(p) for p in np.flatnonzero(every[:, 0])]
+  if broken:
+    raise DataError(f"process(es) {broken} of the job could not open their data (their "
+                    "logs say why): every process reads the same data and stops with them")
+  for i, name in enumerate(names):
+    others = [p for p in range(every.shape[0]) if every[p, 1 + i] != every[me, 1 + i]]
+    if others:
+      n, fingerprint = _identity(out[i])
+      raise DataError(f"the job's processes read different data for {name}: process {me} "
+                      f"has {n if n is not None else 'an endless stream of'} examples "
+                      f"(fingerprint {fingerprint}), processes {others} other data. Every "
+                      "process must read the same files (a copy on each host identical)")
+  return out
+
+
+def local_data_row(sources: Sequence, failed: bool = False) -> np.ndarray:
+  """What `opened_data` gathers from this process: int32 `[failed, hash of each source's
+  identity...]`."""
+  return np.asarray([failed] + [_hash(repr(_identity(s))) for s in sources], np.int32)
+
+
+def _identity(data) -> tuple[int | None, str | None]:
+  """`(examples, fingerprint)` of a training iterator or eval batches (their `.source`),
+  `(None, None)` for no data."""
+  if data is None:
+    return None, None
+  from jaxrec.data import pipeline  # pylint: disable=import-outside-toplevel
+  source = getattr(data, "source", data)
+  return source.num_examples, pipeline.data_fingerprint(source)
 
 
 def _hash(text: str) -> int:

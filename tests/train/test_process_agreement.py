@@ -81,3 +81,58 @@ def test_two_processes_started_by_hand_with_other_num_steps_stop_at_once(tmp_pat
     assert (f"error: the job's processes were started with different --num_steps: process "
             f"{p} has --num_steps={mine}; processes [{1 - p}] have other values") in err, err
   assert not os.path.exists(tmp_path / "checkpoints")
+
+
+class _Source:
+  def __init__(self, n, seed=0):
+    self.num_examples, self.seed = n, seed
+
+  def gather(self, idx):
+    from jaxrec.data.batch import Batch  # pylint: disable=import-outside-toplevel
+    rng = np.random.default_rng(self.seed)
+    return Batch(dense=rng.random((len(idx), 2), np.float32),
+                 labels=(np.asarray(idx) % 2).astype(np.float32),
+                 ids={"f": np.asarray(idx, np.int32)[:, None]})
+
+
+def _job_of_two(monkeypatch, other_row):
+  """This process is 0 of 2; the all-gather stacks its row over `other_row(mine)`."""
+  monkeypatch.setattr(agreement.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(agreement.jax, "process_index", lambda: 0)
+  monkeypatch.setattr(agreement.multihost_utils, "process_allgather",
+                      lambda x: np.stack([x, other_row(np.asarray(x))]))
+
+
+def test_processes_with_other_data_stop_naming_it(monkeypatch):
+  """A host's copy short of a file: its process trained on other data, without a word."""
+  from jaxrec.errors import DataError  # pylint: disable=import-outside-toplevel
+  names = ("--train_data", "--eval_data")
+  _job_of_two(monkeypatch, lambda mine: mine)
+  got = agreement.opened_data(lambda: (_Source(1000), None), names)
+  assert got[0].num_examples == 1000 and got[1] is None
+  theirs = agreement.local_data_row((_Source(700), None))
+  _job_of_two(monkeypatch, lambda mine: theirs)
+  with pytest.raises(DataError, match=r"^the job's processes read different data for "
+                     r"--train_data: process 0 has 1000 examples \(fingerprint [0-9a-f]{16}\), "
+                     r"processes \[1\] other data"):
+    agreement.opened_data(lambda: (_Source(1000), None), names)
+  theirs = agreement.local_data_row((_Source(1000), _Source(50, seed=1)))
+  with pytest.raises(DataError, match=r"different data for --eval_data: process 0 has 50 "):
+    agreement.opened_data(lambda: (_Source(1000), _Source(50)), names)
+
+
+def test_a_process_that_cannot_open_its_data_stops_the_others(monkeypatch):
+  """It stopped with its error; the others waited for it in the next collective forever."""
+  from jaxrec.errors import DataError, DataPathError  # pylint: disable=C0415
+  _job_of_two(monkeypatch, lambda mine: np.concatenate([[1], mine[1:]]))
+  with pytest.raises(DataError, match=r"^process\(es\) \[1\] of the job could not open their "
+                     r"data \(their logs say why\)"):
+    agreement.opened_data(lambda: (_Source(10),), ("--train_data",))
+
+  def missing():
+    raise DataPathError("/data/day_02.tsv: no such file or directory")
+  gathered = []
+  _job_of_two(monkeypatch, lambda mine: gathered.append(mine) or mine)
+  with pytest.raises(DataPathError, match="day_02.tsv"):   # its own error, after the gather
+    agreement.opened_data(missing, ("--train_data",))
+  assert gathered[0][0] == 1
