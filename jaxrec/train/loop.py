@@ -95,6 +95,15 @@ def setup(config: ExperimentConfig, options: RunOptions, devices=None, workdir=N
                             "why": choice.why, "dense_bytes": dense}
 
 
+def _no_checkpoint(ckpt) -> bool:
+  """Whether the workdir holds no checkpoint (a run that failed before its first save: a
+  store it created serves no later run, which starts afresh; a failure to tell: False)."""
+  try:
+    return ckpt.latest_step() is None
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
 def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: str
                        ) -> dict[str, Any]:
   """Trains for `options.num_steps` steps (resuming from `workdir` if it has checkpoints).
@@ -563,8 +572,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     failing = e
     raise
   finally:
-    if tier is not None:
-      tier.close()
+    if tier is not None:   # failed before any checkpoint: nothing needs its new stores (a
+      tier.close(refused=failing is not None and _no_checkpoint(ckpt))   # cache too small)
     if source is not None:   # its worker processes' prefetched batches (shared memory)
       source.close()
     try:

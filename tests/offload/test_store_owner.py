@@ -310,3 +310,26 @@ def test_a_fresh_rerun_over_its_own_killed_runs_arrays_does_not_advise_training_
   assert ("a fresh run replaces the arrays an earlier run of this workdir left at "
           f"{w}/offload/t0") in caplog.text, caplog.text
   assert "would train them" not in caplog.text
+
+
+def test_a_run_failing_before_its_first_checkpoint_hands_its_store_back(tmp_path):
+  """A cache too small for the first batch stopped the run at step 1 and left its new
+  store (311 MB at 5M rows) with its OWNER: a corrected run in another workdir on the same
+  `path` was refused as the store of a workdir that never trained."""
+  from jaxrec import launch  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import config as config_lib, loop  # pylint: disable=C0415
+  store = tmp_path / "ssd" / "t0"
+
+  def run(workdir, cache_rows):
+    launch.parse_gin(["configs/dlrm_synthetic.gin"], [
+        "ExperimentConfig.batch_size=64", "ExperimentConfig.num_eval_examples=128",
+        "ExperimentConfig.eval_batch_size=64",
+        f"OffloadConfig.tables = {{'t0': {{'cache_rows': {cache_rows}, 'path': '{store}'}}}}"])
+    options = config_lib.RunOptions(num_steps=2, mesh="data=8", plan="dp", progress=False)
+    loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(workdir))
+
+  with pytest.raises(OffloadError, match=r"distinct rows but the cache holds 8"):
+    run(tmp_path / "w1", 8)
+  assert not store.exists()
+  run(tmp_path / "w2", 1024)
+  assert read_owner(str(store)) is not None
