@@ -13,6 +13,7 @@
   owner      which workdir a store directory belongs to (its OWNER file)
   planning   which tables to offload when the plan does not fit device memory
   hooks      what the trainer calls: choose_plan, make_tier
+  telemetry  the tier's counters over a log window, for metrics.jsonl (offload_*)
 """
 
 from jaxrec.offload.config import (OffloadConfig, OffloadError, OffloadTable, device_tables,

@@ -27,7 +27,7 @@ from jaxrec.kernels import platform
 from jaxrec.models import bf16_hardware, item_frequency
 from jaxrec import (elastic, files, gin_usage, offload, planner, schedules, signals,
                     workdir_layout)
-from jaxrec.offload import snapshots as snapshots_lib
+from jaxrec.offload import snapshots as snapshots_lib, telemetry
 from jaxrec.sharding import mesh as mesh_lib
 from jaxrec.planner.result import format_bytes
 from jaxrec.sharding.plan import Plan, uniform_plan
@@ -415,6 +415,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
                                 model=config.model)
       writer.write(start, dict(metrics, **data_adapter.bad_row_metrics(eval_data)),
                    data_adapter.bad_row_scalars(eval=eval_data))
+    tier_window = None if tier is None else telemetry.WindowStats(tier, step)
     while step < options.num_steps:
       signals.check()   # Ctrl-C (deferred by scripts/train.py): between steps, not mid-compile
       if terminated is not None:   # SIGTERM from now on: a checkpoint after the step
@@ -505,6 +506,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
                 step, elapsed / steps_timed, None if profiled else plan, info["mesh"],
                 steps=steps_timed, batch_size=config.batch_size))
             profiled = True
+        if tier_window is not None:   # cache hits, stalls, store reads and writes
+          record.update(tier_window.record(step))
         record.update(data_adapter.bad_row_metrics(train_it, eval_data))
         scalars = data_adapter.bad_row_scalars(train=train_it, eval=eval_data)
       logged = {}
