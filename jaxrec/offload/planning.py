@@ -144,7 +144,14 @@ def with_offload_notes(result, tables: Sequence[TableSpec], config: OffloadConfi
                  f"tier keeps ~{format_bytes(host)} in host memory, {format_bytes(buffer)} of "
                  f"it the write-back buffer's {config.buffer_rows(spec):,} rows)"
                  + (auto if o.name in config.auto_added else ""))
-  return dataclasses.replace(result, notes=tuple(result.notes) + tuple(notes),
+  # the stats table's row of an offloaded table shows its cache's rows: said on that row
+  # (only the notes below the table said it was not the table)
+  whole = {o.name: _spec(tables, o.name).rows for o in config.tables}
+  marked = tuple(dataclasses.replace(t, reason=f"offloaded cache of its {whole[t.name]:,} "
+                                               f"rows; {t.reason}")
+                 if t.name in whole else t for t in result.tables)
+  return dataclasses.replace(result, tables=marked,
+                             notes=tuple(result.notes) + tuple(notes),
                              auto_offloaded=tuple(config.auto_added))
 
 

@@ -145,6 +145,11 @@ def test_trainer_hooks_forced_plan_and_no_offload():
       f"the tier keeps ~{host:.1f} MiB in host memory, "
       f"{cfg.host_buffer_rows * (huge.dim * 4 + 4 + 24) / 2**20:.1f} MiB of it the write-back "
       f"buffer's {cfg.host_buffer_rows:,} rows)"]
+  # its row in the stats table shows the cache's rows: said on the row
+  row = dict((t.name, t) for t in result.tables)["huge"]
+  assert row.rows == 100_000 and row.reason.startswith(
+      f"offloaded cache of its {huge.rows:,} rows; ")
+  assert not dict((t.name, t) for t in result.tables)["small"].reason.startswith("offloaded")
   _, result, tables, off = offload.choose_plan(config, RunOptions(plan="dp"), {"data": 1},
                                           offload.OffloadConfig())
   assert tables == TABLES and not off.tables
