@@ -127,13 +127,21 @@ def _check(table: str, path: str, workdir: str) -> str:
         f"replace that run's tables there. Give this run a fresh 'path' in "
         f"OffloadConfig.tables (or leave it unset: "
         f"'{workdir_layout.offload_dir(workdir, table)}')")
+  owner_file = os.path.join(path, OWNER)
+  if not os.path.isabs(owner):   # it said the store "belongs to the workdir 'garbage'"
+    raise ConfigError(
+        f"offloaded table '{table}': the {OWNER} file of its store '{path}' is malformed (it "
+        f"names {owner!r}, not a workdir's absolute path): if no other run uses this store, "
+        f"delete '{owner_file}' and this workdir takes the store over")
+  default = workdir_layout.offload_dir(workdir, table)
+  fresh = ("Give this run a fresh 'path' in OffloadConfig.tables" + (
+      "" if os.path.realpath(path) == os.path.realpath(default) else   # (it named this one)
+      f" (or leave it unset: '{default}')"))
   raise ConfigError(
       f"offloaded table '{table}': its store '{path}' belongs to the workdir '{owner}' (its "
       f"{OWNER} file), not to this workdir '{workdir}': a run restoring from its own "
-      f"checkpoints would replace the other run's tables there. Give this run a fresh "
-      f"'path' in OffloadConfig.tables (or leave it unset: "
-      f"'{workdir_layout.offload_dir(workdir, table)}'); "
-      f"or, if no run of '{owner}' uses it any more, delete '{os.path.join(path, OWNER)}' and "
+      f"checkpoints would replace the other run's tables there. {fresh}; "
+      f"or, if no run of '{owner}' uses it any more, delete '{owner_file}' and "
       "this workdir takes the store over")
 
 

@@ -79,7 +79,13 @@ def test_a_copied_store_belongs_to_its_user_but_the_original_stays_refused(tmp_p
   legacy = tmp_path / "w3" / "offload" / "big"
   legacy.mkdir(parents=True)
   _tier(tmp_path / "w4", legacy).close()      # w4 names w3's store before w3 has run
-  with pytest.raises(ConfigError, match="belongs to the workdir '.*/w4'"):
+  with pytest.raises(ConfigError, match="belongs to the workdir '.*/w4'") as e:
+    _tier(tmp_path / "w3")
+  assert "leave it unset" not in str(e.value)   # it named this same default path
+  (legacy / "OWNER").write_text("garbage\n")       # it "belonged to the workdir 'garbage'"
+  with pytest.raises(ConfigError, match=r"the OWNER file of its store '.*/w3/offload/big' is "
+                     r"malformed \(it names 'garbage', not a workdir's absolute path\): if no "
+                     r"other run uses this store, delete '.*/OWNER'"):
     _tier(tmp_path / "w3")
 
 
