@@ -46,11 +46,15 @@ def check_workdir(workdir: str) -> None:
     reason = files.append_failure(path) if os.path.lexists(path) else None
     if reason:
       raise ConfigError(f"--workdir: cannot write {path}: {reason}")
-  for name in (writers.TB_DIR, workdir_layout.OFFLOAD_DIR, workdir_layout.SNAPSHOTS_DIR):
+  for name, what in ((writers.TB_DIR, "the TensorBoard logs"),
+                     (workdir_layout.OFFLOAD_DIR, "the stores of the offloaded tables without "
+                      "a 'path' in OffloadConfig.tables"),
+                     (workdir_layout.SNAPSHOTS_DIR, "the offloaded tables' snapshots of each "
+                      "checkpoint")):
     path = os.path.join(workdir, name)
     if os.path.lexists(path) and not (os.path.isdir(path) and files.is_writable(path)):
       raise ConfigError(f"--workdir: cannot write in {path} (not a directory, read-only or "
-                        "no permission)")
+                        f"no permission), which holds {what}")
 
 
 # What a run writes into its workdir, in the order `outputs` names them (README's table).

@@ -65,7 +65,9 @@ def test_a_read_only_checkpoints_directory_is_refused_at_start(tmp_path, monkeyp
     ("profile.jsonl", "dir", r"cannot write .*w/profile.jsonl: Is a directory"),
     ("metrics.jsonl", "eperm", r"cannot write .*w/metrics.jsonl: Operation not permitted"),
     ("tb", "file", r"cannot write in .*w/tb \(not a directory, read-only or no permission\)"),
-    ("offload", "file", r"cannot write in .*w/offload \(not a directory")])
+    ("offload", "file", r"cannot write in .*w/offload \(not a directory, read-only or no "
+     r"permission\), which holds the stores of the offloaded tables without a 'path' in "
+     r"OffloadConfig.tables$")])
 def test_an_earlier_runs_file_this_run_cannot_write_is_refused_at_start(tmp_path, monkeypatch,
                                                                         name, make, message):
   """A file left in W that this run appends to but cannot (e.g. owned by another user after
