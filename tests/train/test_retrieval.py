@@ -25,7 +25,7 @@ from tests.train import test_logq_loop
 
 
 def _reference(user, item, ids, weights, labels, mask):
-  """Ranks by a loop over queries: items told apart by (sorted ids, weights by id)."""
+  """`(above, tied)` per query by a loop: items told apart by (sorted ids, weights)."""
   def item_of(i):
     return tuple(sorted((int(x), float(w)) for x, w in zip(ids[i], weights[i]) if x >= 0))
   vector = {}
@@ -35,7 +35,8 @@ def _reference(user, item, ids, weights, labels, mask):
   for i in np.flatnonzero(mask & (labels > 0.5)):
     own = item_of(i)
     score = {k: float(np.dot(user[i].astype(np.float64), v)) for k, v in vector.items()}
-    ranks.append(sum(s > score[own] for k, s in score.items() if k != own))
+    ranks.append((sum(s > score[own] for k, s in score.items() if k != own),
+                  sum(s == score[own] for k, s in score.items() if k != own)))
   return ranks, len(vector)
 
 
@@ -75,14 +76,52 @@ def test_the_accumulator_reports_recall_and_mrr_and_says_when_there_is_no_query(
   keys = np.arange(4, dtype=np.int32)[:, None]
   acc.add(user, item, keys, np.ones(4, np.float32))
   got = acc.result()
-  assert got == {"eval_recall_at_1": 0.5, "eval_recall_at_3": 1.0,
-                 "eval_mrr": pytest.approx(0.75), "eval_queries": 4, "eval_candidates": 4.0}
+  # rows 0, 1: first (score 1, the others 0); rows 2, 3: one item above (1), their own (0)
+  # tied with two others: ranks 1-3 at random
+  assert got == {"eval_recall_at_1": 0.5, "eval_recall_at_3": pytest.approx((2 + 2 * 2 / 3) / 4),
+                 "eval_mrr": pytest.approx((2 + 2 * (1 / 2 + 1 / 3 + 1 / 4) / 3) / 4),
+                 "eval_queries": 4, "eval_candidates": 4.0}
   none = retrieval.RetrievalAccumulator((1,), ["f"])
   none.add(user, item, keys, np.zeros(4, np.float32))
   with caplog.at_level(logging.WARNING):
     got = none.result()
   assert np.isnan(got["eval_recall_at_1"]) and got["eval_queries"] == 0
   assert "no positive eval example" in caplog.text
+
+
+def test_ties_are_broken_at_random_in_expectation():
+  """Ties counted as won: a collapsed item tower (every item the same vector) scored
+  recall@1 = MRR = 1.0, 1-wide normalised towers (scores +-1) recall@1 0.193 at AUC 0.499."""
+  acc = retrieval.RetrievalAccumulator((1, 2, 10), ["f"])
+  c = 5
+  acc.add(np.ones((c, 3), np.float32), np.ones((c, 3), np.float32),
+          np.arange(c, dtype=np.int32)[:, None], np.ones(c, np.float32))
+  got = acc.result()   # each query ties the 4 others: a random ranking of 5
+  assert got["eval_recall_at_1"] == pytest.approx(1 / c)
+  assert got["eval_recall_at_2"] == pytest.approx(2 / c)
+  assert got["eval_recall_at_10"] == 1.0
+  assert got["eval_mrr"] == pytest.approx(np.mean(1 / np.arange(1, c + 1)))
+  one = retrieval.RetrievalAccumulator((2,), ["f"])   # one above, two tied: ranks 1..3
+  one.add(np.ones((4, 1), np.float32), np.array([[1], [2], [1], [1]], np.float32),
+          np.arange(4, dtype=np.int32)[:, None], np.array([1, 0, 0, 0], np.float32))
+  got = one.result()
+  assert got["eval_recall_at_2"] == pytest.approx(1 / 3)
+  assert got["eval_mrr"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 4) / 3)
+
+
+def test_a_non_finite_score_makes_the_metrics_nan(caplog):
+  """NaN compares false: every query of NaN vectors ranked first (recall 1.0) while the
+  AUC side was null."""
+  acc = retrieval.RetrievalAccumulator((1,), ["f"])
+  user = np.ones((4, 2), np.float32)
+  user[2] = np.nan
+  acc.add(user, np.eye(4, 2, dtype=np.float32), np.arange(4, dtype=np.int32)[:, None],
+          np.ones(4, np.float32))
+  with caplog.at_level(logging.WARNING):
+    got = acc.result()
+  assert np.isnan(got["eval_recall_at_1"]) and np.isnan(got["eval_mrr"])
+  assert got["eval_queries"] == 4
+  assert "1 of 4 retrieval queries have non-finite scores" in caplog.text
 
 
 @pytest.mark.parametrize("recall_at", [(), (0, 10), (5, 5), 10, (1.5,)])
@@ -145,11 +184,13 @@ def test_the_eval_ranks_as_the_reference_on_one_and_eight_devices():
                                         coll.pool(ctx.rows, ctx), method="towers")
         ranks += _reference(np.asarray(user), np.asarray(item), batch.ids["item"],
                             np.ones((B, 2), np.float32), batch.labels, mask > 0)[0]
-      ranks = np.asarray(ranks)
-      assert got[1]["eval_queries"] == len(ranks) > 40
-      assert got[1]["eval_recall_at_1"] == np.mean(ranks < 1)
-      assert got[1]["eval_recall_at_5"] == np.mean(ranks < 5)
-      assert got[1]["eval_mrr"] == pytest.approx(np.mean(1 / (ranks + 1.0)))
+      above, tied = np.asarray(ranks, np.float64).T
+      assert got[1]["eval_queries"] == len(above) > 40
+      for k in (1, 5):
+        assert got[1][f"eval_recall_at_{k}"] == pytest.approx(
+            np.mean(np.clip((k - above) / (tied + 1), 0, 1)))
+      assert got[1]["eval_mrr"] == pytest.approx(np.mean(
+          [np.mean(1 / (a + np.arange(t + 1) + 1)) for a, t in zip(above, tied)]))
       assert 1 < got[1]["eval_candidates"] < ITEMS * ITEMS
   assert got[1] == pytest.approx(got[8], rel=1e-6)
 
