@@ -528,5 +528,10 @@ def make_eval_batches(source: str, features: Sequence[FeatureSpec],
     logging.warning("warning: make_eval_batches.num_examples = %d sets the synthetic eval "
                     "set's size; ExperimentConfig.num_eval_examples = %d is not used",
                     num_examples, synthetic_examples)
+  if src.num_examples is not None and num_examples is not None and (
+      num_examples > src.num_examples):   # evaluated the file's 237 without a word
+    logging.warning("warning: make_eval_batches.num_examples = %d, but the eval data %s holds "
+                    "%d examples: all %d are evaluated", num_examples, source,
+                    src.num_examples, src.num_examples)
   return EvalData(src, batch_size, process_index, process_count, num_examples=num_examples,
                   num_threads=num_threads, prefetch=prefetch, cache_bytes=cache_bytes)

@@ -463,3 +463,19 @@ def test_a_synthetic_eval_size_given_twice_says_which_is_used(caplog):
   assert ev.num_examples == 70 and "is not used" not in caplog.text, caplog.text
   assert pipeline.make_eval_batches("synthetic", feats, lib.rows(), 64).num_examples == (
       pipeline.SYNTHETIC_EVAL_EXAMPLES)
+
+
+def test_an_eval_size_beyond_the_file_says_all_are_evaluated(tsv_file, caplog):
+  """`make_eval_batches.num_examples=10000` on a 237-example file evaluated 237 without a
+  word."""
+  path = tsv_file([lib.line()] * 5)
+  with caplog.at_level("WARNING"):
+    ev = pipeline.make_eval_batches(path, lib.features(), lib.rows(), 4, num_examples=9)
+  assert ev.num_examples == 5
+  assert (f"make_eval_batches.num_examples = 9, but the eval data {path} holds 5 examples: "
+          "all 5 are evaluated") in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    assert pipeline.make_eval_batches(path, lib.features(), lib.rows(), 4,
+                                      num_examples=3).num_examples == 3
+  assert "holds" not in caplog.text
