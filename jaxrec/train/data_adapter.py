@@ -16,7 +16,7 @@ from jaxrec.checkpoint.manager import CheckpointManager
 from jaxrec.checkpoint.steps import step_dirs
 
 from jaxrec.data import pipeline
-from jaxrec.errors import DataPathError, counted
+from jaxrec.errors import DataError, DataPathError, counted
 from jaxrec.workdir_layout import checkpoint_dir
 
 log = logging.getLogger("jaxrec")
@@ -96,11 +96,11 @@ def warn_preprocessed_skips(bad_rows: str, *sources) -> None:
 
 
 def warn_synthetic_eval(config, options) -> None:
-  """Logs `synthetic_eval_warning`, if any, on process 0 (and under launch.py on the
-  supervisor's stderr too). Call when the run opens its training data: a run that only
-  evaluates said it 'trains on' data it never opened; one whose restore falls back below
-  --num_steps opens it late."""
-  text = synthetic_eval_warning(config, options)
+  """Logs `synthetic_eval_warning` or `eval_in_train_warning`, if any, on process 0 (and
+  under launch.py on the supervisor's stderr too). Call when the run opens its training
+  data: a run that only evaluates said it 'trains on' data it never opened; one whose
+  restore falls back below --num_steps opens it late."""
+  text = synthetic_eval_warning(config, options) or eval_in_train_warning(config, options)
   if text and jax.process_index() == 0:
     from jaxrec import elastic  # pylint: disable=import-outside-toplevel
     log.warning("%s", text)
@@ -139,6 +139,34 @@ def synthetic_eval_warning(config, options) -> str | None:
           f"evaluates on synthetic examples ({_given_by(options, 'eval_data')} = "
           f"'{pipeline.SYNTHETIC}'): its eval metrics say nothing about that data; pass "
           "--eval_data (e.g. a held-out day)")
+
+
+def eval_in_train_warning(config, options) -> str | None:
+  """The warning for an eval set that shares files with the training data (`--eval_data`
+  equal to `--train_data`, or a file among its directory's or glob's): its metrics measure
+  the fit on examples the model trained on (accepted without a word); None otherwise."""
+  train, ev = (options.train_data or config.train_data), (options.eval_data or config.eval_data)
+  shared = _data_files(ev) & _data_files(train)
+  if not shared:
+    return None
+  return (f"warning: the eval data {ev} ({_given_by(options, 'eval_data')}) shares "
+          f"{len(shared)} file(s) with the training data {train} "
+          f"({_given_by(options, 'train_data')}), e.g. {sorted(shared)[0]}: its eval metrics "
+          "measure the fit on examples the model trains on, not on held-out ones")
+
+
+def _data_files(path: str) -> set[str]:
+  """The real paths of the files (or the preprocessed dataset directory) a data path
+  names; empty for `synthetic` and for a path that names nothing (its run reports it)."""
+  if path == pipeline.SYNTHETIC:
+    return set()
+  from jaxrec.data import binary, listing  # pylint: disable=import-outside-toplevel
+  if os.path.isdir(path) and binary.is_preprocessed(path):
+    return {os.path.realpath(path)}
+  try:
+    return {os.path.realpath(p) for p in listing.list_files(path, quiet=True)}
+  except (DataPathError, DataError, OSError):
+    return set()
 
 
 def _given_by(options, name: str) -> str:

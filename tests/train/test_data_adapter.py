@@ -141,3 +141,26 @@ def test_a_bound_num_eval_examples_with_a_file_eval_set_is_said_to_do_nothing(tm
   assert data_adapter.eval_count_warning(config, config_lib.RunOptions()) is None   # synthetic
   launch.parse_gin(["configs/dlrm_criteo.gin"], [])   # not bound: nothing to say
   assert data_adapter.eval_count_warning(config_lib.ExperimentConfig(), options) is None
+
+
+def test_an_eval_set_among_the_training_files_is_warned_about(tmp_path):
+  """`--eval_data` equal to `--train_data`, or a file inside its directory, was accepted
+  without a word: its metrics measured the fit on the training examples."""
+  import types  # pylint: disable=import-outside-toplevel
+  train = tmp_path / "train"
+  train.mkdir()
+  for name in ("day_0.tsv", "day_1.tsv"):
+    (train / name).write_text("1\n")
+  (tmp_path / "held_out.tsv").write_text("1\n")
+  config = types.SimpleNamespace(train_data=str(train), eval_data="synthetic")
+
+  def warning(eval_data):
+    return data_adapter.eval_in_train_warning(
+        config, config_lib.RunOptions(eval_data=eval_data))
+  assert warning(str(train / "day_1.tsv")) == (
+      f"warning: the eval data {train}/day_1.tsv (--eval_data) shares 1 file(s) with the "
+      f"training data {train} (ExperimentConfig.train_data), e.g. {train}/day_1.tsv: its "
+      "eval metrics measure the fit on examples the model trains on, not on held-out ones")
+  assert "shares 2 file(s)" in warning(str(train / "*.tsv"))
+  assert warning(str(tmp_path / "held_out.tsv")) is None
+  assert warning("synthetic") is None and warning(str(tmp_path / "missing.tsv")) is None
