@@ -15,6 +15,7 @@ import math
 import numbers
 import os
 import reprlib
+import stat
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -518,6 +519,23 @@ def config_gin_header(options: RunOptions, unwritten: Sequence[str] = ()) -> str
             "# Its ExperimentConfig was given in Python, and this file lacks what gin cannot "
             "write:\n" + "".join(f"#   {u}\n" for u in unwritten) +
             "# so a rerun of it alone fails or trains another model.\n\n")
+  piped = [f"--{n}={p}" for n in DATA_FIELDS if (p := getattr(options, n)) and _is_pipe(p)]
+  if piped:   # `<(zcat ...)` recorded as /dev/fd/63: a rerun of this file read no data
+    return (f"# The operative config of a jaxrec run, which had {flags}.\n"
+            f"# It read {' and '.join(piped)}, a pipe that is gone: to rerun it, bind "
+            "ExperimentConfig's data to files (or give the flags) with --gin_file=<this file> "
+            f"{flags}.\n\n")
   return (f"# The operative config of a jaxrec run, which had {flags}.\n"
           f"# Rerun it with --gin_file=<this file> {flags}\n"
           "# (and --plan=<its workdir>/plan.json for its placement).\n\n")
+
+
+def _is_pipe(path: str) -> bool:
+  """Whether a data path is a pipe (a shell's `<(...)`, `/dev/fd/N`, a named pipe)."""
+  try:
+    return stat.S_ISFIFO(os.stat(path).st_mode) or path.startswith(_FD_PATHS)
+  except OSError:
+    return path.startswith(_FD_PATHS)
+
+
+_FD_PATHS = ("/dev/fd/", "/proc/self/fd/")

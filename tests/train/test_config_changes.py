@@ -72,3 +72,16 @@ def test_a_resume_refused_for_another_model_names_the_changed_bindings(tmp_path)
                      r"bindings changed since that checkpoint: DeepFM.deep_mlp: \(32, 16, 8\) "
                      r"-> \(32, 16\)$"):
     run("(32, 16)")
+
+
+def test_a_run_on_a_pipe_says_its_config_does_not_rerun_it(tmp_path):
+  """`--train_data=<(zcat ...)` is recorded as /dev/fd/63: the header said "Rerun it with
+  --gin_file=<this file>", which then read no file."""
+  fifo = tmp_path / "pipe"
+  os.mkfifo(fifo)
+  for path in ("/dev/fd/63", str(fifo)):
+    header = config_lib.config_gin_header(config_lib.RunOptions(train_data=path))
+    assert f"# It read --train_data={path}, a pipe that is gone: to rerun it, bind " in header
+    assert "Rerun it with" not in header
+  assert "Rerun it with" in config_lib.config_gin_header(
+      config_lib.RunOptions(train_data=str(tmp_path)))
