@@ -243,6 +243,10 @@ class Parser:
         # (a Criteo line whose last field is empty ends in a tab too: the layout hint first)
         tail = " (the line ends in a tab)" if (counts[i] == self.num_columns + 1
                                                and a[nl[i] - 1] == 9) else ""
+        if counts[i] == 1 and line_len[i] > 1:   # a CSV file: "found 1", nothing more
+          commas = int((a[nl[i] - line_len[i] + 1:nl[i]] == 44).sum())
+          tail = (f" (no tab, {commas} commas: comma-separated? the columns must be "
+                  "tab-separated)" if commas else "")
         bad_msgs.append((None, f"empty line, expected {expected}" if line_len[i] == 1 else
                          f"expected {expected}, found {counts[i]}{layout or tail}"))
       a = a[np.repeat(~wrong, line_len)]
@@ -261,8 +265,10 @@ class Parser:
     nd, nf = self.layout.num_dense, self.layout.num_sparse
     if len(counts) < 2 or (counts != counts[0]).any() or counts[0] <= 1 + nd:
       return ""
-    return (f", as do all {len(counts)} lines read with it: {counts[0] - 1 - nd} categorical "
-            f"columns after the {nd} integer ones? the configuration has {nf} sparse "
+    unlabeled = ("no label column (as Criteo's unlabeled test.txt: training and eval files "
+                 "need labels)? or " if counts[0] == self.num_columns - 1 else "")
+    return (f", as do all {len(counts)} lines read with it: {unlabeled}{counts[0] - 1 - nd} "
+            f"categorical columns after the {nd} integer ones? the configuration has {nf} sparse "
             "features, one per categorical column (the FeatureSpecs of "
             "ExperimentConfig.embedding, e.g. uniform_tables.num_tables)")
 

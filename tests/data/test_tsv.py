@@ -306,6 +306,20 @@ def test_data_of_another_categorical_count_says_how_many_columns_it_has(tsv_file
     read(tsv_file([empty_last] * 3), lay)
 
 
+def test_unlabeled_and_comma_separated_files_are_named_as_such(tsv_file):
+  """Criteo's test.txt has no label column: 39 columns read as '25 categorical columns
+  after the 13 integer ones?'; a CSV file said only 'found 1'."""
+  lay = make_layout(lib.features(), lib.rows())
+  unlabeled = lib.line().split("\t", 1)[1]
+  with pytest.raises(DataError, match=r":1: expected 40 .* found 39, as do all 3 lines read "
+                     r"with it: no label column \(as Criteo's unlabeled test.txt: training "
+                     r"and eval files need labels\)\? or 25 categorical columns"):
+    read(tsv_file([unlabeled] * 3), lay)
+  with pytest.raises(DataError, match=r":1: expected 40 .* found 1 \(no tab, 39 commas: "
+                     r"comma-separated\? the columns must be tab-separated\)$"):
+    read(tsv_file([lib.line().replace("\t", ",")] * 2), lay)
+
+
 def test_the_trailing_tab_hint_is_only_for_one_column_too_many(tsv_file):
   """A 39-column line whose last field is empty said '(the line ends in a tab)': a tab
   cannot explain a column too few."""
