@@ -589,7 +589,8 @@ class CheckpointManager:
       from jaxrec.offload import snapshots  # pylint: disable=import-outside-toplevel
       dest.parent.mkdir(parents=True, exist_ok=True)
       self.step_dir(step).rename(dest)
-      logging.warning("moved checkpoint %s to %s", self.step_dir(step), dest.parent)
+      logging.warning("moved checkpoint %s to %s (%s)", self.step_dir(step), dest.parent,
+                      steps_lib.rejected_note(dest.parent))   # they add up over rollbacks
       beside = str(offloaded_lib.snapshots_beside(self.directory))
       if snapshots.set_aside(beside, [dest.name]):
         logging.warning("moved its offload snapshot to %s",

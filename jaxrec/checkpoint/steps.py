@@ -10,6 +10,7 @@ falling back would train from an older one.
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Iterable, Sequence
 
 from absl import logging
@@ -129,3 +130,26 @@ def shown(error: BaseException) -> BaseException:
   while _WRAPPED in str(error) and error.__cause__ is not None:
     error = error.__cause__
   return error
+
+
+def rejected_note(directory) -> str:
+  """What a `rejected/` directory holds, for the warning that moves a step there: its
+  entries and bytes (a file linked twice counts once), which nothing deletes."""
+  seen, size = set(), 0
+  for root, _, names in os.walk(directory):
+    for name in names:
+      try:
+        st = os.lstat(os.path.join(root, name))
+      except OSError:
+        continue
+      if (st.st_dev, st.st_ino) not in seen:
+        seen.add((st.st_dev, st.st_ino))
+        size += st.st_size
+  try:
+    entries = len(os.listdir(directory))
+  except OSError:
+    entries = 0
+  from jaxrec.planner.result import format_bytes  # pylint: disable=import-outside-toplevel
+  return (f"it holds {entries} rejected step(s), {format_bytes(size)}: nothing there is "
+          "deleted; remove them once inspected")
+

@@ -124,3 +124,23 @@ def test_an_unreadable_array_is_named_not_orbax_wrapper(caplog):
   assert 'step 20: ValueError: OUT_OF_RANGE: Error reading "params.bottom_mlp' in message
   assert "bound method" not in message
   assert steps.shown(ValueError("plain")).args == ("plain",)
+
+
+def test_a_rejected_step_says_what_rejected_holds(saved, tmp_path, caplog):
+  """Rejected steps are never deleted: over rollbacks they add up without a word."""
+  path = shutil.copytree(saved, tmp_path / "c")
+  (path / "2" / "manifest" / "metadata").write_text("{")
+  coll = h.collection("rw", 8)
+  with caplog.at_level(logging.WARNING), CheckpointManager(path) as mgr:
+    assert int(mgr.restore(h.dense(coll.mesh), coll).state["step"]) == 1
+  (moved,) = [r.getMessage() for r in caplog.records if "moved checkpoint" in r.getMessage()]
+  size = sum(f.stat().st_size for f in (path / "rejected").rglob("*") if f.is_file())
+  assert moved.endswith(f"(it holds 1 rejected step(s), {size / 2**10:.1f} KiB: nothing "
+                        "there is deleted; remove them once inspected)"), moved
+
+
+def test_a_file_linked_twice_counts_once(tmp_path):
+  (tmp_path / "a").write_bytes(b"x" * 100)
+  (tmp_path / "b").mkdir()
+  (tmp_path / "b" / "a").hardlink_to(tmp_path / "a")
+  assert steps.rejected_note(tmp_path).startswith("it holds 2 rejected step(s), 100 B:")
