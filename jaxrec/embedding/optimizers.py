@@ -165,13 +165,20 @@ class FTRL:
   beta: float = 1.0
   initial_accumulator: float = 0.1
 
-  def __post_init__(self):   # lr divides; beta = initial_accumulator = 0 is TF's allowed edge
+  def __post_init__(self):   # lr divides
     if isinstance(self.lr, Schedule):
       raise ConfigError(f"FTRL.lr must be a number, got {self.lr}: FTRL's accumulated "
                         "per-coordinate rates (sigma, z) assume one learning rate; use a "
                         "schedule with SGD, Adagrad, RowWiseAdagrad or Adam")
     _check(self, lr=POSITIVE, l1=NONNEG, l2=NONNEG, beta=NONNEG,
                   initial_accumulator=NONNEG)
+    if self.beta == 0 and self.initial_accumulator == 0 and self.l2 == 0:
+      # TF's allowed edge: a row's first denominator (beta + sqrt(n)) / lr + 2 * l2 is 0,
+      # no `z` gives its value, and a zero gradient set every seen row to 0
+      raise ConfigError("FTRL.beta = 0 with FTRL.initial_accumulator = 0 and FTRL.l2 = 0: a "
+                        "row's first update could not keep its value (its denominator is 0: "
+                        "a zero gradient set it to 0); give beta > 0 (default 1.0), "
+                        "initial_accumulator > 0 (default 0.1) or l2 > 0")
 
   def state_layout(self):
     return {"z": ("element", 0.0), "n": ("element", self.initial_accumulator)}

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Mapping, Sequence
 
 from absl import logging as log
 
+from jaxrec.errors import ConfigError
 from jaxrec.files import write_text_atomic
 
 # A binding's first line in gin's operative config text: `scope/Name.param = ...` or a
@@ -125,4 +127,40 @@ def explained(error: Exception, after: str) -> Exception:
                     f"{'; '.join(diff[:SHOWN])}{more}")
   out.step_dir = step_dir
   return out
+
+
+# FTRL fields its state (`z`, `n`) depends on: `lr` scales a row's weight from them (0.1 ->
+# 0.5 made every row it updated 5x at a zero gradient), and a row never updated is told by
+# `n == initial_accumulator` (changed, such rows restarted from 0 at their first update)
+FTRL_STATEFUL = {"lr": "every row it updates jumps to the new rate's weight",
+                 "initial_accumulator": "rows it never updated would restart from 0 at "
+                                        "their first update"}
+
+
+def check_stateful_optimizers(meta: Mapping | None, tables: Sequence[str], optimizer) -> None:
+  """Raises `ConfigError` when a table whose checkpoint (its `meta`'s recorded gin) and
+  this run (`optimizer`, the run's sparse optimizer) both give FTRL has another `lr` or
+  `initial_accumulator` (`FTRL_STATEFUL`): the resume went on silently with rows rescaled
+  or wiped. Nothing is checked without a recorded config."""
+  # pylint: disable=import-outside-toplevel
+  from jaxrec.checkpoint import copy_optimizer
+  from jaxrec.embedding import optimizers
+  # pylint: enable=import-outside-toplevel
+  if not meta or not isinstance(meta.get("gin"), str):
+    return
+  before, _ = copy_optimizer.resolve(meta, list(tables))
+  if before is None:
+    return
+  for table in tables:
+    old, new = optimizers.of(before, table), optimizers.of(optimizer, table)
+    if not (isinstance(old, optimizers.FTRL) and isinstance(new, optimizers.FTRL)):
+      continue
+    for field, harm in FTRL_STATEFUL.items():
+      if getattr(old, field) != getattr(new, field):
+        raise ConfigError(
+            f"table '{table}': its FTRL {field} is {getattr(new, field)!r} in this run but "
+            f"was {getattr(old, field)!r} when its checkpoint was trained: FTRL's state (z, "
+            f"n) holds the rows under the old value, and {harm}. Bind {field} = "
+            f"{getattr(old, field)!r} again for this table (FTRL.{field}, or its "
+            "ExperimentConfig.table_optimizers entry), or train in a new --workdir")
 

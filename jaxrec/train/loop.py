@@ -328,6 +328,9 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
                               snapshot_check=snapshot_check)
     except ConfigError as e:   # a changed model: with the bindings that changed
       raise config_changes.explained(e, operative_gin) from None
+    if restored is not None:   # FTRL's state holds its rate: a changed one rescaled rows
+      config_changes.check_stateful_optimizers(restored.meta, [t.name for t in config.tables],
+                                               collection.optimizer)
     for note in ckpt.restore_warnings if is_main else ():   # under launch.py: its stderr
       elastic.report_warning(f"warning: {note}")
     if restored is not None:

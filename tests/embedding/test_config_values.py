@@ -57,7 +57,16 @@ def test_good_hyperparameters_are_kept_as_floats():
   assert optimizers.SGD(1).lr == 1.0 and isinstance(optimizers.SGD(1).lr, float)
   assert optimizers.SGD(0) == optimizers.SGD(0.0)          # lr = 0 freezes the tables
   assert optimizers.Adam(b1=0, b2=0.5).b1 == 0.0
-  assert optimizers.FTRL(beta=0, initial_accumulator=0).beta == 0.0
+  assert optimizers.FTRL(beta=0, initial_accumulator=0, l2=0.1).beta == 0.0
+  assert optimizers.FTRL(beta=0).initial_accumulator == 0.1
+
+
+def test_ftrl_that_cannot_keep_a_row_is_refused():
+  """beta = initial_accumulator = l2 = 0 (TF's allowed edge): a row's first denominator
+  is 0 and a zero gradient set every seen row to 0."""
+  with pytest.raises(ConfigError, match=r"^FTRL.beta = 0 with FTRL.initial_accumulator = 0 "
+                     r"and FTRL.l2 = 0: a row's first update could not keep its value"):
+    optimizers.FTRL(beta=0, initial_accumulator=0)
   assert kernel_optim.coerce(optimizers.RowWiseAdagrad(0.5)) == kernel_optim.RowWiseAdagrad(0.5)
 
 

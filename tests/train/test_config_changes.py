@@ -85,3 +85,30 @@ def test_a_run_on_a_pipe_says_its_config_does_not_rerun_it(tmp_path):
     assert "Rerun it with" not in header
   assert "Rerun it with" in config_lib.config_gin_header(
       config_lib.RunOptions(train_data=str(tmp_path)))
+
+
+def test_a_resume_changing_ftrls_rate_or_initial_accumulator_is_refused(tmp_path):
+  """FTRL's state (z, n) holds the rows under its rate and tells rows never updated by
+  `n == initial_accumulator`: resumed with 0.5 for 0.1, every updated row jumped 5x; with
+  another initial accumulator, rows first updated after the resume restarted from 0."""
+  import pytest  # pylint: disable=import-outside-toplevel
+  from jaxrec import launch  # pylint: disable=import-outside-toplevel
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+
+  def run(steps, *bindings):
+    launch.parse_gin(["configs/dlrm_synthetic.gin"], [
+        "ExperimentConfig.batch_size=64", "ExperimentConfig.num_eval_examples=128",
+        "ExperimentConfig.eval_batch_size=64", "ExperimentConfig.sparse_optimizer=@FTRL()",
+        *bindings])
+    options = config_lib.RunOptions(num_steps=steps, mesh="data=8", plan="dp",
+                                    progress=False)
+    return loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path))
+
+  run(2)
+  with pytest.raises(ConfigError, match=r"^table 't0': its FTRL lr is 0.5 in this run but was "
+                     r"0.1 when its checkpoint was trained: .* every row it updates jumps"):
+    run(4, "FTRL.lr=0.5")
+  with pytest.raises(ConfigError, match=r"FTRL initial_accumulator is 0.3 .* was 0.1 .* rows "
+                     r"it never updated would restart from 0"):
+    run(4, "FTRL.initial_accumulator=0.3")
+  assert run(4, "FTRL.l1=0.001")["step"] == 4   # takes effect at each row's next update
