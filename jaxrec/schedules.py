@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 import numbers
 from typing import Any, Callable
 
@@ -114,6 +115,11 @@ def lr_schedule(name: str = gin.REQUIRED, **kwargs) -> Schedule:
     raise ConfigError(f"{', '.join(missing)} not bound: the '{name}' schedule needs "
                       f"{'them' if len(missing) > 1 else 'it'}")
   checked = {k: _checked(named(k), k, v) for k, v in kwargs.items()}
+  if name.startswith("warmup_") and checked.get("warmup_steps", 0) >= checked.get(
+      "decay_steps", math.inf):   # optax's error quoted its own decay_steps - warmup_steps
+    raise ConfigError(f"{named('warmup_steps')} = {checked['warmup_steps']} is not below "
+                      f"{named('decay_steps')} = {checked['decay_steps']}: in optax's "
+                      f"{name}, decay_steps counts the warmup's steps too")
   schedule = Schedule(name, tuple(sorted(checked.items())))
   _check_values(schedule, checked, named)
   return schedule

@@ -63,8 +63,8 @@ def test_a_schedule_is_optaxs_and_a_value():
      r"^lr_schedule.boundaries_and_scales\[10\] must be a number >= 0, got -1"),
     (dict(name="piecewise_constant", init_value=1, boundaries_and_scales=[10, 0.1]),
      r"^lr_schedule.boundaries_and_scales must be a dict of step"),
-    (dict(WARMUP, name="warmup_cosine_decay", warmup_steps=200),
-     r"optax.warmup_cosine_decay_schedule refuses these arguments: .*decay_steps"),
+    (dict(WARMUP, name="warmup_cosine_decay", warmup_steps=200),   # (optax's error quoted
+     r"^lr_schedule.warmup_steps = 200 is not below lr_schedule.decay_steps = 100"),  # -100)
     # every argument valid, the rate is not: 1 * 3 ** (t / 1) overflows float32 (inf)
     (dict(name="exponential_decay", init_value=1.0, transition_steps=1, decay_rate=3.0),
      r"^lr_schedule.name: lr_schedule\('exponential_decay', .*\) gives the rate inf at step "
@@ -262,3 +262,15 @@ def test_the_logged_dense_rate_is_the_one_optax_applied_after_an_import(tmp_path
   assert count and {int(v) for v in count.values()} == {5}, count   # 5 dense updates
   assert (line["step"], line["sparse_lr"]) == (15, pytest.approx(2.0 * (1 - 14 / 20)))
   assert line["dense_lr"] == pytest.approx(0.1 * 4 / 10)   # count 4's update, the last
+
+
+def test_a_warmup_longer_than_its_decay_is_named():
+  """It quoted optax's derived decay_steps=-10, a number nobody wrote."""
+  for warmup in (20, 10):   # optax needs some decay steps after the warmup
+    with pytest.raises(ConfigError, match=rf"^lr_schedule.warmup_steps = {warmup} is not "
+                       r"below lr_schedule.decay_steps = 10: in optax's warmup_cosine_decay, "
+                       r"decay_steps counts the warmup's steps too"):
+      lr_schedule(name="warmup_cosine_decay", init_value=0.0, peak_value=1.0,
+                  warmup_steps=warmup, decay_steps=10)
+  assert lr_schedule(name="warmup_cosine_decay", init_value=0.0, peak_value=1.0,
+                     warmup_steps=9, decay_steps=10)(9) == pytest.approx(1.0)
