@@ -395,18 +395,22 @@ def check_tables(optimizer, tables: Sequence[str], where: str = "ExperimentConfi
                       f"{some(tables, 20, quote=False)})")
 
 
-def logged_rates(optimizer, step: int) -> dict[str, float]:
+def logged_rates(optimizer, step: int, tables: Sequence[str] | None = None
+                 ) -> dict[str, float]:
   """A metrics line's scheduled sparse rates after `step` steps (`schedules.logged_rate`),
   each only where that `lr` is a `Schedule`:
-    `sparse_lr`          the default optimizer's (its tables');
+    `sparse_lr`          the default optimizer's (its tables'; not when `tables`, the run's
+                         table names, are all overridden: it was logged for no table);
     `sparse_lr_o<g>`     family `g`'s (the stacks named `..._o<g>`) where all its tables
                          share one rate;
     `sparse_lr/<table>`  each other table of a family of several rates (the default's
                          family: each override whose rate is not the default's), as the
                          rates of one family's stacks are per table."""
-  out = logged_rate(distinct(optimizer)[0].lr, step, "sparse_lr")
   if not isinstance(optimizer, TableOptimizers):
-    return out
+    return logged_rate(optimizer.lr, step, "sparse_lr")
+  overridden = {t for t, _ in optimizer.overrides}
+  out = ({} if tables is not None and set(tables) <= overridden else
+         logged_rate(optimizer.default.lr, step, "sparse_lr"))
   for g, members in optimizer.overrides_by_group().items():
     if g and len({opt.lr for _, opt in members}) == 1:
       out.update(logged_rate(members[0][1].lr, step, f"sparse_lr_o{g}"))

@@ -497,7 +497,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       if is_log:
         record["loss"] = float(losses.mean())
         record.update(step_lib.window_record(outputs, config.dense_tx()))
-        record.update(sparse_optimizers.logged_rates(collection.optimizer, step))
+        record.update(sparse_optimizers.logged_rates(collection.optimizer, step,
+                                                     [t.name for t in collection.tables]))
         record.update(schedules.logged_rate(
             getattr(config.dense_tx(), "learning_rate", None), step - dense_behind,
             "dense_lr"))

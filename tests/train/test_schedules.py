@@ -153,6 +153,9 @@ def test_each_scheduled_sparse_optimizer_logs_its_rate():
   assert optimizers.logged_rates(tx, 5) == {"sparse_lr": pytest.approx(0.5),
                                            "sparse_lr_o2": pytest.approx(0.12)}
   assert optimizers.logged_rates(optimizers.SGD(slow), 5) == {"sparse_lr": pytest.approx(0.12)}
+  # the default trains no table when every table is overridden: its rate was logged anyway
+  assert optimizers.logged_rates(tx, 5, ["a", "b"]) == {"sparse_lr_o2": pytest.approx(0.12)}
+  assert "sparse_lr" in optimizers.logged_rates(tx, 5, ["a", "b", "c"])
 
 
 def test_a_family_of_several_scheduled_rates_logs_each_tables():
