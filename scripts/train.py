@@ -63,12 +63,14 @@ flags.DEFINE_integer("seed", 0, "Seed for initialisation, data order and the syn
 flags.DEFINE_enum("on_nan", "stop", ["stop", "rollback"], "What to do on a non-finite loss.")
 flags.DEFINE_enum("bad_rows", "error", ["error", "skip"], "Malformed input rows: stop or skip.")
 flags.DEFINE_string("memory_per_device", None, "Device memory budget for the planner, e.g. "
-                    "512MiB; default 16GiB whatever the device.")
+                    "512MiB; default 16GiB, but with --plan=auto on the CPU devices of one "
+                    "process the host's share (a log line gives it).")
 flags.DEFINE_bool("progress", True, "Show a progress bar when stderr is a terminal.")
 flags.DEFINE_string("compilation_cache", None, "Directory of jax's persistent compilation "
                     "cache (a restart skips compiling), or 'none'; default "
-                    "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/jaxrec/xla ($JAXREC_CACHE_DIR/xla "
-                    "when set), at most 1 GiB (least recently used dropped first).")
+                    "$JAX_COMPILATION_CACHE_DIR, else $JAXREC_CACHE_DIR/xla, else "
+                    "${XDG_CACHE_HOME:-~/.cache}/jaxrec/xla, at most 1 GiB (least recently used "
+                    "dropped first).")
 
 
 def _second_signal_text(name: str) -> str:

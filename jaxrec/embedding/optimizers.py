@@ -333,7 +333,7 @@ def checked_overrides(overrides: Mapping[str, Any] | None,
     if not isinstance(name, str):
       raise ConfigError(f"{what}: key {name!r} is not a table name (a string)")
     if not is_sparse_optimizer(opt):
-      hint = (" (the class: write @RowWiseAdagrad() with parentheses)"
+      hint = (f" (the class: write @{opt.__name__}() with parentheses)"
               if isinstance(opt, type) and hasattr(opt, "state_layout") else "")
       raise ConfigError(f"{what}['{name}'] must be a sparse optimizer, e.g. @Adagrad() or "
                         f"@sparse_optimizer(), got {opt!r}{hint}")

@@ -77,7 +77,8 @@ def test_no_overrides_is_the_plain_optimizer():
 
 @pytest.mark.parametrize("overrides,match", [
     ({"zz": optimizers.SGD()}, r"names unknown tables \['zz'\] \(tables: a, b, c\)"),
-    ({"a": optimizers.Adagrad}, r"\['a'\] must be a sparse optimizer.*with parentheses"),
+    ({"a": optimizers.Adagrad}, r"\['a'\] must be a sparse optimizer.*write @Adagrad\(\) "
+                                r"with parentheses"),
     ({"a": "adagrad"}, r"\['a'\] must be a sparse optimizer"),
     ({1: optimizers.SGD()}, r"key 1 is not a table name"),
     ([("a", optimizers.SGD())], r"must be a dict"),
