@@ -276,9 +276,11 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     # stay on disk (and are what a restart restores) until it commits
     kept = sorted(set(ckpt.all_steps()) | set(ckpt.steps_on_disk()))
     old = [s for s in snapshots_lib.steps(snapshots) if s < kept[0]] if is_main and kept else []
-    if old:   # logged first: removing a large table's snapshot can take a minute
-      log.info("removing offload snapshots of steps %s (older than checkpoint %d)", old,
-               kept[0])
+    if old:   # logged first: removing a large table's snapshot can take a minute (a small
+      big = tier is None or sum(snapshots_lib.store_bytes(t.store) for t in   # one's: a line
+                                tier.tables.values()) >= snapshots_lib.LOG_MIN_BYTES  # a save)
+      log.log(logging.INFO if big else logging.DEBUG, "removing offload snapshots of steps %s "
+              "(older than checkpoint %d)", old, kept[0])
       snapshots_lib.prune_older(snapshots, kept[0])
 
   def save_checkpoint(state, step: int, force: bool, evaluates: bool,

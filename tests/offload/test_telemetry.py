@@ -33,15 +33,20 @@ def test_each_window_counts_its_own_steps_and_a_reset_counts_from_zero():
   assert got["offload_row_hit_rate"] == 0.0 and got["offload_written_rows"] == 0
 
 
-def test_the_trainer_logs_them(tmp_path):
+def test_the_trainer_logs_them(tmp_path, caplog):
   from jaxrec import launch  # pylint: disable=import-outside-toplevel
   from jaxrec.train import config as config_lib, loop  # pylint: disable=C0415
   launch.parse_gin(["configs/dlrm_synthetic.gin"], [
       "ExperimentConfig.batch_size=64", "ExperimentConfig.num_eval_examples=128",
       "ExperimentConfig.eval_batch_size=64", "OffloadConfig.tables = {'t0': {'cache_rows': 512}}"])
   options = config_lib.RunOptions(num_steps=6, mesh="data=8", plan="dp", progress=False,
-                                  log_every=3)
-  loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path))
+                                  log_every=3, checkpoint_every=2, keep_checkpoints=1)
+  with caplog.at_level("INFO"):
+    loop.train_and_evaluate(config_lib.ExperimentConfig(), options, str(tmp_path))
+  # a small store's old snapshots go quietly (a line at every checkpoint of a long run)
+  assert sorted(os.listdir(tmp_path / "offload_snapshots")) == ["6"]
+  assert not [r for r in caplog.records if r.levelno >= 20
+              and "removing offload snapshots" in r.getMessage()]
   with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
     lines = [l for l in map(json.loads, f) if "loss" in l]
   assert [l["step"] for l in lines] == [3, 6]
