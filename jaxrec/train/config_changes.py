@@ -146,8 +146,9 @@ def check_stateful_optimizers(meta: Mapping | None, tables: Sequence[str], optim
   from jaxrec.checkpoint import copy_optimizer
   from jaxrec.embedding import optimizers
   # pylint: enable=import-outside-toplevel
-  if not meta or not isinstance(meta.get("gin"), str):
-    return
+  if (not meta or not isinstance(meta.get("gin"), str) or not any(
+      isinstance(o, optimizers.FTRL) for o in optimizers.distinct(optimizer))):
+    return   # (no FTRL in this run: the recorded config is not parsed)
   before, _ = copy_optimizer.resolve(meta, list(tables))
   if before is None:
     return
