@@ -54,8 +54,11 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str],
 def _parse_files(files: Sequence[str]) -> None:
   """`--gin_file`s in order; a missing or unparsable one (or include) is a ConfigError."""
   for path in files:
-    if not os.path.isfile(path):
-      why = "is a directory" if os.path.isdir(path) else "no such file"
+    if not os.path.isfile(path):   # a pipe (`<(cat x.gin)`) was "no such file"
+      why = ("is a directory" if os.path.isdir(path) else
+             "is a pipe or another kind of non-regular file: give a file (a gin file is read "
+             "again, for the lines errors name, and by every worker of scripts/launch.py)"
+             if os.path.exists(path) else "no such file")
       raise ConfigError(f"--gin_file: cannot read '{path}': {why}")
     try:
       gin.parse_config_file(path)

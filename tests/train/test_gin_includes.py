@@ -173,3 +173,14 @@ def test_a_bad_value_through_a_macro_names_the_binding_that_uses_it(tmp_path):
   assert launch.user_message(e.value) == (
       f"--gin_file: {path}:5: user/TableSpec.dim: table 't_user': dim must be a positive "
       "integer, got 0")
+
+
+def test_a_gin_file_that_is_a_pipe_is_named_as_such(tmp_path):
+  """`--gin_file=<(cat x.gin)` said "no such file" of the /dev/fd path it was given."""
+  fifo = tmp_path / "config.pipe"
+  os.mkfifo(fifo)
+  with pytest.raises(ConfigError, match=r"--gin_file: cannot read '.*config.pipe': is a pipe "
+                     r"or another kind of non-regular file: give a file"):
+    launch.parse_gin([str(fifo)], [])
+  with pytest.raises(ConfigError, match=r"cannot read '.*nope.gin': no such file$"):
+    launch.parse_gin([str(tmp_path / "nope.gin")], [])
