@@ -16,7 +16,9 @@ class WindowStats:
     offload_row_hit_rate   the same over distinct rows per batch
     offload_stall_ms       milliseconds a step waited for its rows, mean over the window
     offload_store_reads    rows read from the store (disk) per step
-    offload_written_rows   rows written back to the store in the window
+    offload_written_rows   rows written to the store in the window: write-backs of the host
+                           buffer (evicted rows wait there until it fills) and a
+                           checkpoint's flush of the trained cached rows
   """
 
   def __init__(self, tier, start: int):
@@ -33,7 +35,7 @@ class WindowStats:
         "offload_row_hit_rate": d.get("row_hits", 0) / max(1, d.get("row_lookups", 0)),
         "offload_stall_ms": 1e3 * d.get("stall_s", 0.0) / steps,
         "offload_store_reads": d.get("store_reads", 0) / steps,
-        "offload_written_rows": int(d.get("written_rows", 0)),
+        "offload_written_rows": int(d.get("written_rows", 0) + d.get("flushed_rows", 0)),
     }
 
 

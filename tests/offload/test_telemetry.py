@@ -20,13 +20,13 @@ class _Tier:
 def test_each_window_counts_its_own_steps_and_a_reset_counts_from_zero():
   tier = _Tier()
   tier.counters = {"id_hits": 10, "id_lookups": 20, "row_hits": 1, "row_lookups": 4,
-                   "stall_s": 0.5, "store_reads": 30, "written_rows": 7}
+                   "stall_s": 0.5, "store_reads": 30, "written_rows": 7, "flushed_rows": 1}
   window = telemetry.WindowStats(tier, start=100)
   tier.counters = {"id_hits": 40, "id_lookups": 60, "row_hits": 4, "row_lookups": 10,
-                   "stall_s": 0.9, "store_reads": 70, "written_rows": 17}
+                   "stall_s": 0.9, "store_reads": 70, "written_rows": 17, "flushed_rows": 4}
   assert window.record(110) == {"offload_hit_rate": 0.75, "offload_row_hit_rate": 0.5,
                                 "offload_stall_ms": pytest.approx(40.0),
-                                "offload_store_reads": 4.0, "offload_written_rows": 10}
+                                "offload_store_reads": 4.0, "offload_written_rows": 13}
   tier.counters = {"id_hits": 3, "id_lookups": 4, "stall_s": 0.02}   # reset (a rollback)
   got = window.record(105)
   assert got["offload_hit_rate"] == 0.75 and got["offload_stall_ms"] == pytest.approx(20.0)
@@ -54,6 +54,7 @@ def test_the_trainer_logs_them(tmp_path, caplog):
     assert 0 <= l["offload_row_hit_rate"] <= l["offload_hit_rate"] <= 1, l
     assert l["offload_stall_ms"] >= 0 and l["offload_store_reads"] > 0, l
   assert lines[0]["offload_hit_rate"] < lines[1]["offload_hit_rate"]   # the cache warms up
+  assert lines[0]["offload_written_rows"] > 0   # step 2's checkpoint flushed trained rows
 
 
 def test_a_cache_of_half_its_table_or_more_is_warned_about(caplog):
