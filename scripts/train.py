@@ -63,8 +63,8 @@ flags.DEFINE_integer("seed", 0, "Seed for initialisation, data order and the syn
 flags.DEFINE_enum("on_nan", "stop", ["stop", "rollback"], "What to do on a non-finite loss.")
 flags.DEFINE_enum("bad_rows", "error", ["error", "skip"], "Malformed input rows: stop or skip.")
 flags.DEFINE_string("memory_per_device", None, "Device memory budget for the planner, e.g. "
-                    "512MiB; default 16GiB, but with --plan=auto on the CPU devices of one "
-                    "process the host's share (a log line gives it).")
+                    "512MiB; default 16GiB (with --plan=auto on the CPU devices of one "
+                    "process: the host's share, which a log line gives).")
 flags.DEFINE_bool("progress", True, "Show a progress bar when stderr is a terminal.")
 flags.DEFINE_string("compilation_cache", None, "Directory of jax's persistent compilation "
                     "cache (a restart skips compiling), or 'none'; default "
