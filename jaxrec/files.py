@@ -244,3 +244,20 @@ def user_cache_dir() -> str:
     return os.environ["JAXREC_CACHE_DIR"]
   base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
   return os.path.join(base, "jaxrec")
+
+
+def bytes_under(paths) -> int:
+  """Bytes of the files under `paths` (directories; absent ones count 0), each inode once
+  (offload snapshots hard-link the store's files, as rejected steps' snapshots may)."""
+  seen, total = set(), 0
+  for path in paths:
+    for root, _, names in os.walk(path):
+      for name in names:
+        try:
+          st = os.lstat(os.path.join(root, name))
+        except OSError:
+          continue
+        if (st.st_dev, st.st_ino) not in seen:
+          seen.add((st.st_dev, st.st_ino))
+          total += st.st_size
+  return total

@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Sequence
 from absl import logging
 from etils import epath
 
+from jaxrec import files
 from jaxrec.checkpoint import rotation
 from jaxrec.checkpoint import storage
 from jaxrec.errors import CheckpointError
@@ -135,16 +136,7 @@ def shown(error: BaseException) -> BaseException:
 def rejected_note(directory) -> str:
   """What a `rejected/` directory holds, for the warning that moves a step there: its
   entries and bytes (a file linked twice counts once), which nothing deletes."""
-  seen, size = set(), 0
-  for root, _, names in os.walk(directory):
-    for name in names:
-      try:
-        st = os.lstat(os.path.join(root, name))
-      except OSError:
-        continue
-      if (st.st_dev, st.st_ino) not in seen:
-        seen.add((st.st_dev, st.st_ino))
-        size += st.st_size
+  size = files.bytes_under([directory])
   try:
     entries = len(os.listdir(directory))
   except OSError:

@@ -77,7 +77,7 @@ def warn_disk_space(tables, keep: int, snapshots: str,
     if free >= d["bytes"]:
       continue
     dirs = d["dirs"] + (_kept_snapshots(snapshots) if where == on_snapshots else [])
-    have = free + _bytes_in(dirs)
+    have = free + files.bytes_under(dirs)
     if d["bytes"] <= have:
       continue
     warnings.append(
@@ -96,20 +96,3 @@ def _kept_snapshots(snapshots: str) -> list[str]:
     return [os.path.join(snapshots, d) for d in os.listdir(snapshots) if d.isdigit()]
   except OSError:
     return []
-
-
-def _bytes_in(paths) -> int:
-  """Bytes of the files under `paths` (directories; absent ones count 0), each inode once
-  (snapshots hard-link the store's files)."""
-  seen, total = set(), 0
-  for path in paths:
-    for root, _, names in os.walk(path):
-      for name in names:
-        try:
-          st = os.lstat(os.path.join(root, name))
-        except OSError:
-          continue
-        if (st.st_dev, st.st_ino) not in seen:
-          seen.add((st.st_dev, st.st_ino))
-          total += st.st_size
-  return total
