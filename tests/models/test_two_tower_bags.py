@@ -8,15 +8,14 @@ import pytest
 
 from jaxrec.data.batch import Batch
 from jaxrec.embedding import optimizers
-from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.models import TwoTower
 from jaxrec.models.two_tower import item_bag_keys
-from jaxrec.sharding.mesh import batch_sharding, make_mesh
-from jaxrec.sharding.plan import uniform_plan
+from jaxrec.sharding.mesh import batch_sharding
 from jaxrec.train import state as state_lib
 from jaxrec.train import step as step_lib
 from jaxrec.train.config import ExperimentConfig, dense_optimizer
+from tests.dp_collection import dp_collection
 
 B, D = 16, 8
 TABLES = (TableSpec("users", 40, D), TableSpec("items", 50, D))
@@ -48,11 +47,8 @@ def _setup(weighted, devices):
                             num_dense=2,
                             dense_optimizer=dense_optimizer("sgd", 0.0),
                             sparse_optimizer=optimizers.sparse_optimizer("sgd", lr=0.0))
-  mesh = make_mesh({"data": devices}, jax.devices()[:devices])
-  coll = EmbeddingCollection.create(config.tables, config.features,
-                                    uniform_plan("dp", config.tables, 1), mesh,
-                                    config.sparse_tx())
-  return config, coll, state_lib.create(config, coll, 0), batch_sharding(mesh)
+  coll = dp_collection(config, devices)
+  return config, coll, state_lib.create(config, coll, 0), batch_sharding(coll.mesh)
 
 
 def _reference(config, coll, state, batch):

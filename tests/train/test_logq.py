@@ -10,15 +10,14 @@ import pytest
 from jaxrec.checkpoint import CheckpointManager
 from jaxrec.data.batch import Batch
 from jaxrec.embedding import optimizers
-from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError
 from jaxrec.models import build_model, compute_loss, in_batch_softmax_loss, item_frequency
-from jaxrec.sharding.mesh import batch_sharding, make_mesh
-from jaxrec.sharding.plan import uniform_plan
+from jaxrec.sharding.mesh import batch_sharding
 from jaxrec.train import state as state_lib
 from jaxrec.train import step as step_lib
 from jaxrec.train.config import ExperimentConfig, dense_optimizer
+from tests.dp_collection import dp_collection
 
 B, D, ITEMS = 32, 8, 12
 TOWERS = dict(user_features=(0,), item_features=(1,), user_mlp=(8,), item_mlp=(8,),
@@ -83,10 +82,7 @@ def _setup(devices, logq=True):
   config = ExperimentConfig(embedding=(TABLES, FEATURES), model=model, batch_size=B,
                             num_dense=1, dense_optimizer=dense_optimizer("adam", 0.01),
                             sparse_optimizer=optimizers.sparse_optimizer("sgd", lr=0.5))
-  mesh = make_mesh({"data": devices}, jax.devices()[:devices])
-  coll = EmbeddingCollection.create(config.tables, config.features,
-                                    uniform_plan("dp", config.tables, 1), mesh,
-                                    config.sparse_tx())
+  coll = dp_collection(config, devices)
   return config, coll
 
 

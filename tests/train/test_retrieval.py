@@ -6,21 +6,19 @@ import json
 import logging
 import os
 
-import jax
 import numpy as np
 import pytest
 
 from jaxrec.data.batch import Batch
 from jaxrec.data.pipeline import EvalBatch
 from jaxrec.embedding import optimizers
-from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError
 from jaxrec.models import build_model
-from jaxrec.sharding.mesh import batch_sharding, make_mesh
-from jaxrec.sharding.plan import uniform_plan
+from jaxrec.sharding.mesh import batch_sharding
 from jaxrec.train import evaluation, retrieval, state as state_lib, step as step_lib
 from jaxrec.train.config import ExperimentConfig, dense_optimizer
+from tests.dp_collection import dp_collection
 from tests.train import test_logq_loop
 
 
@@ -144,10 +142,7 @@ def _setup(devices):
                             batch_size=B, eval_batch_size=B, num_dense=1,
                             dense_optimizer=dense_optimizer("adam", 0.01),
                             sparse_optimizer=optimizers.sparse_optimizer("sgd", lr=0.5))
-  mesh = make_mesh({"data": devices}, jax.devices()[:devices])
-  coll = EmbeddingCollection.create(config.tables, config.features,
-                                    uniform_plan("dp", config.tables, 1), mesh,
-                                    config.sparse_tx())
+  coll = dp_collection(config, devices)
   return config, coll
 
 
