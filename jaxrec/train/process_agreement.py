@@ -116,12 +116,14 @@ def local_data_row(sources: Sequence, failed: bool = False) -> np.ndarray:
 
 
 def _identity(data) -> tuple[int | None, str | None]:
-  """`(examples, fingerprint)` of a training iterator or eval batches (their `.source`),
-  `(None, None)` for no data."""
+  """`(examples, fingerprint)` of a training iterator (its cached `fingerprint`, which its
+  data state records too) or eval batches (their `.source`), `(None, None)` for no data."""
   if data is None:
     return None, None
   from jaxrec.data import pipeline  # pylint: disable=import-outside-toplevel
   source = getattr(data, "source", data)
+  if isinstance(data, pipeline.TrainIterator):
+    return source.num_examples, data.fingerprint
   return source.num_examples, pipeline.data_fingerprint(source)
 
 
