@@ -45,10 +45,35 @@ def bindings(text: str) -> dict[str, str]:
 
 def changed(before: str, after: str) -> list[str]:
   """`name: old -> new` for each binding whose value differs between the operative configs
-  `before` and `after` (`(unbound)` for one only the other has)."""
+  `before` and `after` (`(unbound)` for one only the other has). A configurable that only
+  one side called is one entry (`FTRL: (not called) -> called, 6 bindings`): switching
+  `sparse_optimizer` to `@FTRL()` listed each of FTRL's defaults as a change."""
   old, new = bindings(before), bindings(after)
-  return [f"{k}: {old.get(k, '(unbound)')} -> {new.get(k, '(unbound)')}"
-          for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+  only_old = _configurables(old) - _configurables(new)
+  only_new = _configurables(new) - _configurables(old)
+  out = []
+  for k in sorted(old.keys() | new.keys()):
+    owner = _configurable(k)
+    if owner in only_old or owner in only_new or old.get(k) == new.get(k):
+      continue
+    out.append(f"{k}: {old.get(k, '(unbound)')} -> {new.get(k, '(unbound)')}")
+  for owner in sorted(only_old | only_new):
+    side = old if owner in only_old else new
+    own = [k for k in side if _configurable(k) == owner]
+    what = (f"called ({own[0].rpartition('.')[2]} = {side[own[0]]})" if len(own) == 1
+            else f"called, {len(own)} bindings")
+    out.append(f"{owner}: {what} -> (not called)" if owner in only_old
+               else f"{owner}: (not called) -> {what}")
+  return out
+
+
+def _configurable(name: str) -> str:
+  """`scope/Name` of a binding `scope/Name.param` (a macro: its own name)."""
+  return name.rpartition(".")[0] or name
+
+
+def _configurables(b: Mapping[str, str]) -> set[str]:
+  return {_configurable(k) for k in b if "." in k}
 
 
 def until_name(step: int) -> str:
@@ -117,9 +142,9 @@ def explained(error: Exception, after: str) -> Exception:
     return error   # an unreadable meta: the refusal as it was
   # only configurables this run has called by now: the training data's are called after
   # the restore (`make_train_iterator.*` read as unbound)
-  called = {n.rpartition(".")[0] for n in bindings(after)}
+  called = {_configurable(n) for n in bindings(after)}
   diff = [d for d in (changed(before, after) if isinstance(before, str) else [])
-          if d.split(":")[0].rpartition(".")[0] in called]
+          if _configurable(d.split(":")[0]) in called]
   if not diff:
     return error
   more = f" (+{len(diff) - SHOWN} more)" if len(diff) > SHOWN else ""

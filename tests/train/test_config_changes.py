@@ -15,7 +15,18 @@ def test_bindings_join_values_over_lines_and_skip_comments():
   assert config_changes.bindings(text) == {"DATA": "'/x.tsv'", "DLRM.top_mlp": "[ 64, 1, ]",
                                            "big/SGD.lr": "0.3"}
   assert config_changes.changed(text, text.replace("0.3", "0.5") + "SGD.lr = 1\n") == [
-      "SGD.lr: (unbound) -> 1", "big/SGD.lr: 0.3 -> 0.5"]
+      "big/SGD.lr: 0.3 -> 0.5", "SGD: (not called) -> called (lr = 1)"]
+
+
+def test_a_configurable_called_on_one_side_only_is_one_entry():
+  """Switching `sparse_optimizer` from SGD to FTRL listed each of FTRL's five defaults as
+  a change (`FTRL.beta: (unbound) -> 1.0; ...`), pushing the other changes out of view."""
+  before = "ExperimentConfig.sparse_optimizer = @SGD()\nSGD.lr = 0.1\nDLRM.dim = 8\n"
+  after = ("ExperimentConfig.sparse_optimizer = @FTRL()\nFTRL.beta = 1.0\nFTRL.l1 = 0.0\n"
+           "FTRL.lr = 0.1\nDLRM.dim = 16\n")
+  assert config_changes.changed(before, after) == [
+      "DLRM.dim: 8 -> 16", "ExperimentConfig.sparse_optimizer: @SGD() -> @FTRL()",
+      "FTRL: (not called) -> called, 3 bindings", "SGD: called (lr = 0.1) -> (not called)"]
 
 
 def test_a_resume_with_another_config_says_so_and_keeps_the_earlier_one(tmp_path, caplog):
