@@ -551,3 +551,21 @@ def test_bfloat16_dense_parameter_gradients_are_the_float32_sums(shape):
   # The bias is not rounded to bfloat16 in the forward pass either.
   np.testing.assert_allclose(y, x64 @ k64 + np.asarray(params["bias"], np.float64),
                              rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", ["dlrm_synthetic", "dcnv2_synthetic", "deepfm_synthetic",
+                                    "two_tower_synthetic"])
+def test_models_bind_no_flax_module_fields(config):
+  """gin recorded `DLRM.name = None` (flax's own field) in every run's config.gin."""
+  import os  # pylint: disable=import-outside-toplevel
+  from jaxrec import launch  # pylint: disable=import-outside-toplevel
+  from jaxrec.train.config import ExperimentConfig  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  try:
+    launch.parse_gin([os.path.join(root, "configs", f"{config}.gin")], [])
+    ExperimentConfig()
+    text = gin.operative_config_str()
+  finally:
+    gin.clear_config()
+  assert "build_model.name" in text
+  assert not re.search(r"^[A-Z]\w*\.(name|parent) =", text, re.M), text

@@ -18,6 +18,12 @@ def test_bindings_join_values_over_lines_and_skip_comments():
       "big/SGD.lr: 0.3 -> 0.5", "SGD: (not called) -> called (lr = 1)"]
 
 
+def test_a_model_field_older_configs_recorded_is_no_change():
+  """Models' flax `name` field is out of their gin bindings now; older checkpoints'
+  configs recorded `DLRM.name = None`, which is not a change at a resume."""
+  assert config_changes.changed("DLRM.name = None\nDLRM.dim = 8\n", "DLRM.dim = 8\n") == []
+
+
 def test_a_configurable_called_on_one_side_only_is_one_entry():
   """Switching `sparse_optimizer` from SGD to FTRL listed each of FTRL's five defaults as
   a change (`FTRL.beta: (unbound) -> 1.0; ...`), pushing the other changes out of view."""
