@@ -32,7 +32,9 @@ flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings applied after the fi
 flags.DEFINE_string("tables", None, "Instead of gin: name:rows:dim[:pooling_factor[:zipf_alpha]]"
                     ",... (unique non-empty names; one feature per table).")
 flags.DEFINE_string("mesh", None, "Mesh to plan for, e.g. data=2,table=2,row=2,col=1 "
-                    "(default with --profile: the job's; with a plan file: the one it records).")
+                    "(default with --profile: the job's; with a plan file: the one it records), "
+                    "or auto: the mesh train.py's --mesh=auto chooses on --devices devices.")
+flags.DEFINE_integer("devices", None, "With --mesh=auto: the job's device count.")
 flags.DEFINE_string("memory_per_device", "16GiB", "Device memory budget, e.g. 16GiB.")
 flags.DEFINE_integer("batch_size", None, "Global batch (default: the config's, else 512).")
 flags.DEFINE_string("optimizer", None, "Sparse optimizer state: sgd|adagrad|rowwise_adagrad|"
@@ -90,6 +92,7 @@ def _check_flags():
       raise ConfigError(f"cannot write the calibration cache '{default_cache_path()}': a file "
                         "stands where its directory would be ($JAXREC_CACHE_DIR, "
                         "$XDG_CACHE_HOME or ~/.cache; or give --calibration_file)")
+  _check_auto_mesh_flags()
   if FLAGS.tables:   # before a --calibrate run, not after it
     from jaxrec.planner import inputs  # pylint: disable=import-outside-toplevel
     inputs.parse_tables_flag(FLAGS.tables)
@@ -101,6 +104,58 @@ def _check_flags():
   _check_outputs_spare_inputs()
 
 
+# flags --mesh=auto does not take: it plans as train.py does, from the gin config alone
+_NOT_WITH_AUTO_MESH = {
+    "tables": "give the trainer's gin config with --gin_file",
+    "profile": "--profile plans on the job's mesh",
+    "optimizer": "bind ExperimentConfig.sparse_optimizer with --gin_bindings",
+    "batch_size": "bind ExperimentConfig.batch_size with --gin_bindings",
+    "calibration_file": "train.py prices with the cached calibration",
+}
+
+
+def _check_auto_mesh_flags() -> None:
+  """`--mesh=auto` previews train.py's choice: it needs the job's `--devices` and a gin
+  config, and takes none of the flags train.py lacks."""
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  auto = (FLAGS.mesh or "").strip() == "auto"
+  if FLAGS.devices is not None and not auto:
+    raise ConfigError("--devices: only with --mesh=auto (a mesh's axis sizes give its device "
+                      "count)")
+  if not auto:
+    return
+  if FLAGS.devices is None or FLAGS.devices <= 0:
+    raise ConfigError("--mesh=auto: give the job's device count, e.g. --devices=8 (train.py "
+                      "chooses among the meshes of all its devices)"
+                      + ("" if FLAGS.devices is None else f"; got --devices={FLAGS.devices}"))
+  for flag, instead in _NOT_WITH_AUTO_MESH.items():
+    if FLAGS[flag].present:
+      raise ConfigError(f"--{flag}: not with --mesh=auto, which plans as train.py does ("
+                        f"{instead})")
+  if not FLAGS.gin_file:
+    raise ConfigError("--mesh=auto: give the trainer's gin config (--gin_file)")
+
+
+def _auto_mesh(memory: int):
+  """train.py's `--mesh=auto` choice on `--devices` devices for the parsed gin config and
+  `FLAGS.plan`: prints the mesh and why. As a fresh
+  run chooses (a workdir's checkpoint is not read), at `memory` per device (plan.py's
+  16 GiB default: train.py's on CPU devices is the host's share); returns its
+  `PlanResult`."""
+  # pylint: disable=import-outside-toplevel
+  from jaxrec import launch
+  from jaxrec.sharding.mesh import format_mesh
+  from jaxrec.train import mesh_choice
+  from jaxrec.train.config import ExperimentConfig, RunOptions
+  # pylint: enable=import-outside-toplevel
+  config = launch.build(ExperimentConfig)
+  config.validate(FLAGS.devices)
+  options = RunOptions(mesh="auto", plan=FLAGS.plan, memory_per_device=memory)
+  choice = mesh_choice.choose(config, options, FLAGS.devices)
+  print(f"mesh: {format_mesh(choice.mesh)} ({choice.why})")
+  return choice.planned[1]
+
+
 def _check_batch(batch: int, mesh, config_batch) -> None:
   """The global batch must split over the mesh's devices (the planner's message named
   neither flag). Not with --profile: it plans for the batch of its records."""
@@ -109,7 +164,8 @@ def _check_batch(batch: int, mesh, config_batch) -> None:
   if not FLAGS.profile and batch % n:
     where = ("--batch_size" if FLAGS.batch_size else
              "the config's batch_size" if config_batch else "the default batch_size")
-    mesh_flag = f"--mesh={FLAGS.mesh}" if FLAGS.mesh else "the --plan file's mesh"
+    mesh_flag = (f"--mesh={FLAGS.mesh}" + (f" --devices={FLAGS.devices}" if FLAGS.devices else "")
+                 if FLAGS.mesh else "the --plan file's mesh")
     raise ConfigError(f"{where} {batch} is not a multiple of the {n} devices of {mesh_flag} "
                       "(batches are split over all devices)")
 
@@ -359,10 +415,13 @@ def main(argv):
     batch = FLAGS.batch_size or spec.batch_size or 512
     optimizer = inputs.planned_optimizer(spec, FLAGS.optimizer)   # per table, as gin says
     memory = parse_bytes(FLAGS.memory_per_device, "--memory_per_device")
-    mesh = inputs.parse_mesh(FLAGS.mesh) if FLAGS.mesh else _file_mesh()
-    _check_batch(batch, mesh, spec.batch_size)
+    auto = (FLAGS.mesh or "").strip() == "auto"
+    mesh = (None if auto else inputs.parse_mesh(FLAGS.mesh) if FLAGS.mesh else _file_mesh())
+    _check_batch(batch, {"data": FLAGS.devices} if auto else mesh, spec.batch_size)
     offloaded = _offloaded(spec, optimizer)
-    if FLAGS.profile:
+    if auto:
+      result = _auto_mesh(memory)
+    elif FLAGS.profile:
       result = _refine(spec, offloaded[0] if offloaded else None, memory, optimizer, mesh, cal,
                        batch)
     elif mesh is None:

@@ -548,3 +548,45 @@ def test_a_plan_file_of_tables_of_other_sizes_is_warned_about(tmp_path, caplog):
     offload.choose_plan(launch.build(ExperimentConfig),
                         RunOptions(plan=str(ran_file), memory_per_device=2**30), mesh)
   assert "t0 4,096 x 16 there, 100,000 x 8 here; t1" in caplog.text, caplog.text
+
+
+def test_mesh_auto_previews_train_py_s_choice(tmp_path):
+  """`--mesh=auto` refused ("give axis sizes"): there was no way to preview which mesh
+  train.py's default `--mesh=auto` takes. Now it needs the job's `--devices` and chooses as
+  train.py does (`mesh_choice.choose`): the tables over a 200 MiB budget on data=8 are
+  priced on the split meshes."""
+  from jaxrec import launch  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import mesh_choice  # pylint: disable=import-outside-toplevel
+  from jaxrec.train.config import ExperimentConfig, RunOptions  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "p.json"
+  proc = plan(tmp_path, "--gin_file=configs/skewed_synthetic.gin", "--mesh=auto",
+              "--devices=8", "--memory_per_device=200MiB", f"--json={out}")
+  assert proc.returncode == 0, proc.stderr
+  try:   # train.py's own choice for the same config, budget and device count
+    launch.parse_gin([os.path.join(ROOT, "configs", "skewed_synthetic.gin")], [])
+    want = mesh_choice.choose(launch.build(ExperimentConfig),
+                              RunOptions(memory_per_device=200 << 20), 8).mesh
+  finally:
+    import gin  # pylint: disable=import-outside-toplevel
+    gin.clear_config()
+  assert want != {"data": 8, "table": 1, "row": 1, "col": 1}   # over the budget there
+  assert json.loads(out.read_text())["mesh"] == want
+  assert proc.stdout.startswith("mesh: ") and "over --memory_per_device" in proc.stdout
+  proc = plan(tmp_path, "--gin_file=configs/dlrm_synthetic.gin", "--mesh=auto", "--devices=8",
+              "--plan=twrw")
+  assert proc.returncode == 0, proc.stderr
+  assert "on mesh data=1,table=2,row=4,col=1 (8 devices)" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mesh=auto"], "--mesh=auto: give the job's device count, e.g. --devices=8"),
+    (["--mesh=auto", "--devices=0"], "got --devices=0"),
+    (["--mesh=data=8", "--devices=8"], "--devices: only with --mesh=auto"),
+    (["--mesh=auto", "--devices=8", "--batch_size=64"],
+     "--batch_size: not with --mesh=auto, which plans as train.py does (bind "
+     "ExperimentConfig.batch_size with --gin_bindings)"),
+    (["--mesh=auto", "--devices=3"], "of the 3 devices of --mesh=auto --devices=3"),
+])
+def test_mesh_auto_flag_errors(tmp_path, flags, message):
+  proc = plan(tmp_path, "--gin_file=configs/dlrm_synthetic.gin", *flags)
+  assert proc.returncode == 1 and message in proc.stderr, proc.stderr
