@@ -76,12 +76,30 @@ def load_config(args: TrainArgs):
   return launch.build(ExperimentConfig)
 
 
-def _options(args: TrainArgs, mesh: str):
+def _options(args: TrainArgs, mesh: str, host_budget: int | None = None):
   from jaxrec.train import config as config_lib  # pylint: disable=import-outside-toplevel
+  memory = config_lib.parse_bytes(args.get("memory_per_device"), "--memory_per_device")
   return config_lib.RunOptions(
       mesh=mesh, plan=str(args.get("plan", "auto")),
-      memory_per_device=config_lib.parse_bytes(args.get("memory_per_device"),
-                                               "--memory_per_device"))
+      memory_per_device=memory if memory is not None else host_budget)
+
+
+def _host_budget(config, args: TrainArgs, processes: int, devices: int) -> int | None:
+  """The budget a worker's `train.loop.setup` plans with (`budget_hint.host_budget`): with
+  `--plan=auto`, no `--memory_per_device` and one process of CPU devices, the host's share,
+  not the default 16 GiB. The supervisor planned with 16 GiB: it chose `data=N` for tables
+  that fit 16 GiB replicated, and the worker, handed that mesh, refused it as over its host
+  budget (a user error ending the job) where `scripts/train.py` alone took a splitting mesh."""
+  from types import SimpleNamespace  # pylint: disable=import-outside-toplevel
+  from jaxrec.kernels import platform as platform_lib  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import budget_hint  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import state as state_lib  # pylint: disable=import-outside-toplevel
+  if (args.get("memory_per_device") is not None or str(args.get("plan", "auto")) != "auto"
+      or processes != 1 or platform_lib.planning_backend() != "cpu"):
+    return None
+  dense = state_lib.dense_bytes(config, max(t.dim for t in config.tables)).total
+  return budget_hint.host_budget(None, "auto", [SimpleNamespace(platform="cpu")] * devices,
+                                 dense, processes)
 
 
 def check_mesh_flag(spec: str, processes: int, devices_per_process: int) -> None:
@@ -120,10 +138,11 @@ def choose(config, args: TrainArgs, processes: int, devices_per_process: int,
   config.validate(n)                      # batch sizes divisible by the device count
   plan = str(args.get("plan", "auto"))
   user_mesh = str(args.get("mesh", "auto"))
-  options = _options(args, user_mesh)
+  host = _host_budget(config, args, processes, n)
+  options = _options(args, user_mesh, host)
 
   def plan_for(shape, recorded=None, device_only=False):
-    return plan_choice.choose(config, _options(args, mesh_lib.format_mesh(shape)), shape,
+    return plan_choice.choose(config, _options(args, mesh_lib.format_mesh(shape), host), shape,
                               processes, recorded, device_only)
 
   resumed, why = mesh_choice.resumed(options, n, args.workdir, plan_for)

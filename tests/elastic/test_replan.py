@@ -153,3 +153,24 @@ def test_the_supervisor_reads_train_and_eval_data_flags_as_train_py_does():
                                  "--train_data=synthetic", "--eval_data=synthetic"])
   config = replan.load_config(args)
   assert (config.train_data, config.eval_data) == ("synthetic", "synthetic")
+
+
+def test_one_cpu_process_plans_with_the_workers_host_budget(monkeypatch):
+  """With `--plan=auto` and no `--memory_per_device`, a worker of one process on CPU devices
+  plans with the host's share (`budget_hint.host_budget`), not 16 GiB. The supervisor priced
+  16 GiB and handed the worker `data=8` for tables over the host's share replicated; the
+  worker refused that mesh as over its budget, a user error ending the job, where
+  `scripts/train.py --mesh=auto` alone took a mesh that splits them."""
+  from jaxrec.train import budget_hint
+  flags = ["--workdir=/tmp/w", "--gin_file=configs/dlrm_synthetic.gin", "--mesh=auto",
+           "--plan=auto", "--num_steps=7", "--noprogress"]
+  args = replan.TrainArgs.parse(flags)
+  cfg = replan.load_config(args)
+  # a 64 MiB host: ~3 MiB a device of 8, less than the 100,000 x 16 table replicated
+  monkeypatch.setattr(budget_hint, "_host_memory", lambda host_bytes: 64 << 20)
+  choice = replan.choose(cfg, args, 1, 8, platform="cpu")
+  assert choice.mesh["data"] < 8, choice.mesh_flag
+  given = replan.TrainArgs.parse(flags + ["--memory_per_device=16GiB"])
+  assert replan.choose(cfg, given, 1, 8, platform="cpu").mesh["data"] == 8
+  # several processes plan alike on any host: the default budget, as their workers do
+  assert replan.choose(cfg, args, 2, 4, platform="cpu").mesh["data"] == 8
