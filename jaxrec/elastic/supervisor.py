@@ -407,7 +407,8 @@ class Supervisor(scaling.Scaling):
         if planned is not None:
           stop = self._request_stop(planned, now)
       elif stop.overdue(now, proc_lib.latest_checkpoint(self.workdir), self.o.check_every,
-                        self.o.stop_timeout, self.o.stop_grace):
+                        self.o.stop_timeout, self.o.stop_grace,
+                        max((p.last_step for p in self.procs), default=0)):
         return stop.outcome          # workers did not stop by themselves: stop them
 
   def _request_stop(self, planned: _Outcome, now: float) -> stopping.StopRequest:

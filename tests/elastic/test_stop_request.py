@@ -45,3 +45,18 @@ def test_request_records_the_step(tmp_path):
   os.makedirs(os.path.join(tmp_path, "elastic"))
   stop = stopping.request(str(tmp_path), 0, Outcome("planned", "x", detected=0.0), 2.0, 37)
   assert (stop.step, stop.requested, stop.checkpoint_before) == (37, 2.0, None)
+
+
+def test_a_checkpoint_of_the_requests_step_that_the_workers_trained_past_is_not_the_stops():
+  # Asked at step 20, a periodic checkpoint step whose save (40 s for 1.3 GiB of tables on
+  # a loaded host) was in flight: 20 committing counted as the stop's own, the workers
+  # trained on to check step 25 and were killed 2 x stop_grace later, in their stop's save.
+  stop = _request(10, 20)
+  assert not stop.overdue(1.0, 20, CHECK_EVERY, TIMEOUT, GRACE, reported=20)
+  assert stop.saved == 1.0                     # as before: they may have stopped at 20
+  assert not stop.overdue(2.0, 20, CHECK_EVERY, TIMEOUT, GRACE, reported=23)
+  assert stop.saved is None                    # they trained past it: not the stop's
+  assert not stop.overdue(40.0, 20, CHECK_EVERY, TIMEOUT, GRACE, reported=25)
+  assert not stop.overdue(60.0, 25, CHECK_EVERY, TIMEOUT, GRACE, reported=25)
+  assert stop.saved == 60.0
+  assert stop.overdue(80.5, 25, CHECK_EVERY, TIMEOUT, GRACE, reported=25)
