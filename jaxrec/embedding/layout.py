@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxrec.embedding import optimizers, table_init
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
-from jaxrec.errors import ConfigError
+from jaxrec.errors import ConfigError, some
 from jaxrec.kernels import quant
 from jaxrec.sharding.plan import KIND_AXES, MESH_AXES, Plan
 
@@ -362,7 +362,7 @@ def stack_problems(l: StackLayout) -> tuple[str | None, str | None, str | None]:
   overflow = None
   if fill[s] > MAX_SLICE_ROWS:
     names = [t.name for t in l.slots if t.table_slice == s]
-    overflow = (f"tables {names} ({l.kind}, dim {l.dim}, {l.dtype}) stack {fill[s]:,} "
+    overflow = (f"tables [{some(names)}] ({l.kind}, dim {l.dim}, {l.dtype}) stack {fill[s]:,} "
                 f"{SLICE_OVERFLOW}, over the {MAX_SLICE_ROWS:,} that int32 row numbers "
                 "reach; place them on different table slices (tw, twrw, twcw, grid) or give "
                 "them different kinds")

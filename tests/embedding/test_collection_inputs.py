@@ -371,3 +371,18 @@ def test_stack_tables_names_a_missing_or_misshapen_table():
     coll.stack_tables(good, {**good_opt, "odd": {"accum": np.zeros((13, 8), np.float32)}})
   with pytest.raises(ConfigError, match="no optimizer state 'accum' for table 'big'"):
     coll.stack_tables(good, {**good_opt, "big": {}})
+
+
+def test_slice_overflow_error_names_a_few_of_many_tables():
+  """3,000 tables of 1e6 rows forced `dp`: the int32 overflow error listed every table of the
+  slice, a 26 KB line; it names the first few and how many more."""
+  from jaxrec.embedding import layout as layout_lib  # pylint: disable=import-outside-toplevel
+  tables = tuple(TableSpec(f"t{i}", 1_000_000, 1) for i in range(3000))
+  features = tuple(FeatureSpec(f"f{i}", f"t{i}") for i in range(3000))
+  layouts = layout_lib.build_layouts(tables, features, uniform_plan("dp", tables, 1),
+                                     {"data": 1, "table": 1, "row": 1, "col": 1},
+                                     optimizers.SGD(0.1))
+  problem = layout_lib.stack_problems(layouts[0])[2]
+  assert problem.startswith("tables ['t0', 't1', "), problem
+  assert "+2992 more] (dp, dim 1, float32) stack 3,000,000,000 rows" in problem, problem
+  assert len(problem) < 500, len(problem)
