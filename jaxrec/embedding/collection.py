@@ -51,7 +51,7 @@ from jaxrec.embedding import layout as layout_lib
 from jaxrec.embedding import local_ops, optimizers, specs
 from jaxrec.embedding.caller_inputs import as_table, check_packed_alone, concrete, weight_bits
 from jaxrec.embedding.specs import EmbeddingOptions, FeatureSpec, TableSpec, validate
-from jaxrec.errors import ConfigError, DataError, in_order
+from jaxrec.errors import ConfigError, DataError, close_to, in_order, some
 from jaxrec.kernels import platform as platform_lib
 from jaxrec.kernels import quant
 from jaxrec.sharding.mesh import BATCH_AXES, format_mesh, mesh_shape, shares_cores
@@ -397,7 +397,8 @@ class EmbeddingCollection:
     extra = in_order(set(ids) - {f.name for f in self.features})
     if extra:   # a misspelt feature was ignored (its table read nothing for it)
       raise DataError(f"batch has ids for {extra}, not features of this collection "
-                      f"({in_order(f.name for f in self.features)})")
+                      f"([{some(in_order(f.name for f in self.features))}])"
+                      f"{close_to(extra[0], [f.name for f in self.features])}")
     extra = in_order(set(weights) - {f.name for f in self.features if f.weighted})
     if extra:   # e.g. a feature meant to be weighted but not configured so
       raise DataError(f"batch has weights for features {extra}, which are not weighted "

@@ -152,3 +152,19 @@ def test_a_lookup_inside_a_shard_map_is_refused():
   with pytest.raises(ConfigError, match=r"lookup inside a shard_map \(manual axes \['data', "
                      r"'table', 'row', 'col'\]\): call it outside"):
     jax.jit(jax.shard_map(inner, mesh=coll.mesh, in_specs=P("row"), out_specs=P()))(packed)
+
+
+def test_misspelt_feature_among_many_names_a_few_and_the_close_one():
+  """Among 3,000 features a batch's misspelt one listed every feature, a 26 KB DataError;
+  it names the first 8, how many more, and the feature it is close to."""
+  tables = tuple(TableSpec(f"t{i}", 10, 4) for i in range(3000))
+  features = tuple(FeatureSpec(f"feat{i}", f"t{i}") for i in range(3000))
+  coll = EmbeddingCollection.create(tables, features, uniform_plan("dp", tables, 1),
+                                    make_mesh({"data": 1}, jax.devices()[:1]), optimizers.SGD(0.1))
+  ids = {f.name: np.zeros((8, 1), np.int32) for f in features}
+  ids["faet2999"] = ids.pop("feat2999")
+  with pytest.raises(DataError, match=r"batch has ids for \['faet2999'\], not features of this "
+                     r"collection \(\['feat0', .*, \+2992 more\]\); did you mean 'feat2999'\?$"
+                     ) as e:
+    coll.pack(ids)
+  assert len(str(e.value)) < 500, len(str(e.value))
