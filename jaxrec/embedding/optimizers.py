@@ -345,9 +345,9 @@ def checked_overrides(overrides: Mapping[str, Any] | None,
 def _expanded(overrides: Mapping[str, Any], tables: list[str], what: str) -> dict[str, Any]:
   """`overrides` with each key replaced by the `tables` it names (itself, or the tables
   its pattern matches)."""
-  out, key_of = {}, {}
+  out, key_of, known = {}, {}, set(tables)   # (a key looked up in the list: quadratic)
   for key, opt in overrides.items():
-    matched = ([key] if key in tables else
+    matched = ([key] if key in known else
                [t for t in tables if fnmatch.fnmatchcase(t, key)])
     if not matched:
       raise ConfigError(f"{what}['{key}'] names no table{close_to(key, tables)} (tables: "
@@ -389,7 +389,8 @@ def check_tables(optimizer, tables: Sequence[str], where: str = "ExperimentConfi
   """`ConfigError` naming each `overrides` key that is not one of `tables`."""
   if not isinstance(optimizer, TableOptimizers):
     return
-  unknown = [n for n, _ in optimizer.overrides if n not in set(tables)]
+  known = set(tables)   # (once: a set per key made 10,000 keys over 10,000 tables take 4 s)
+  unknown = [n for n, _ in optimizer.overrides if n not in known]
   if unknown:
     raise ConfigError(f"{where} names unknown tables {unknown} (tables: "
                       f"{some(tables, 20, quote=False)})")

@@ -255,3 +255,19 @@ def test_ftrl_starts_each_row_from_its_value(l1, l2):
   # the second update is not a first one: its state is the first's
   again, _ = opt.update(moved, jnp.zeros_like(rows), after, jnp.int32(1), None)
   np.testing.assert_allclose(again, moved, rtol=1e-5, atol=1e-7)
+
+
+def test_one_key_per_table_among_many_tables():
+  """10,000 tables each named by its own key (keys were looked up in a list, and
+  `check_tables` built a set of the tables per key: 5 s of start-up at 10,000): each table
+  gets its own entry, a pattern key still expands beside them, and an unknown key is still
+  named."""
+  opts = optimizers
+  tables = [f"t{i}" for i in range(10_000)] + ["big0", "big1"]
+  overrides = {t: opts.SGD(lr=0.1 + (i % 3) * 0.01) for i, t in enumerate(tables[:10_000])}
+  overrides["big*"] = opts.Adam(lr=0.01)
+  opt = opts.per_table(opts.SGD(lr=1.0), overrides, tables=tables)
+  assert opt.of("t5") == opts.SGD(lr=0.1 + 2 * 0.01) and opt.of("big1") == opts.Adam(lr=0.01)
+  opts.check_tables(opt, tables)
+  with pytest.raises(ConfigError, match=r"names unknown tables \['big1'\]"):
+    opts.check_tables(opt, tables[:-1])
