@@ -111,7 +111,7 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
   Returns the last logged metrics (with the final eval's keys). Process 0 holds the
   workdir's lock (`files.workdir_lock`): a second run in the same workdir is refused.
   """
-  process_agreement.check(options, gin.config_str())   # a job's processes: one run
+  process_agreement.check(options, gin.config_str)   # a job's processes: one run
   workdir_checks.check_workdir(workdir)
   # a new workdir is removed again when the run is refused before it writes anything (a bad
   # --mesh or plan, data errors): no empty directory with only its lock file is left
