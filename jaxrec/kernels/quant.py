@@ -37,6 +37,7 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP16_TOP_EXP = 14  # a float16 row is scaled so its max lies in [2**14, 2**15) (max 65504)
 SCALED_COMM_DTYPES = ("float16", "float8_e4m3fn")   # sent with a per-row f32 scale
 F32_TINY = np.float32(np.finfo(np.float32).tiny)  # smallest normal f32
+_SCALE_CAP = np.float32(np.finfo(np.float32).max / 128)  # int8: 128 * scale is finite
 
 
 class QuantizedTable(NamedTuple):
@@ -128,6 +129,11 @@ def quantize_with_range(x, lo, hi, u=0.5):
   step = np.float32(1.0 / 255.0)
   span = hi - lo
   scale = jnp.where(jnp.isfinite(span), span * step, hi * step - lo * step)
+  # Code -128 reads `-128 * scale + bias` and the bias is `lo + 128 * scale`: past
+  # float32's max / 128 (a row spanning nearly all of float32, e.g. +-3.4e38) these were inf
+  # and the row read back inf and NaN. Capped there, the row's top end reads up to one step
+  # low. (Only such rows: a finite span gives at most max / 255; inf and NaN stay as they are.)
+  scale = jnp.where((scale > _SCALE_CAP) & jnp.isfinite(scale), _SCALE_CAP, scale)
   # A subnormal scale (span under ~3e-36) is 0 on every backend: XLA:CPU flushes it, a GPU
   # keeping it would divide by it (inf, NaN codes). The row then reads back as its `lo`.
   scale = jnp.where(scale >= F32_TINY, scale, np.float32(0.0))

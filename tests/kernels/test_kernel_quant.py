@@ -35,6 +35,26 @@ def test_int8_rows_spanning_the_whole_float32_range_stay_finite():
   assert np.all(np.abs(back.astype(np.float64) - x) <= step * 0.5 * (1 + 1e-5) + 1e-6)
 
 
+def test_int8_rows_spanning_float32s_largest_values_stay_finite():
+  """A row spanning +-3.4e38 (float32's max): `128 * scale`, the bias's distance from the
+  row's low end, overflowed, and the row read back inf and NaN (on both kernels' update
+  too). The scale is capped at max / 128: its top end reads up to one step low."""
+  big = np.finfo(np.float32).max
+  x = np.array([[-big, big, 0.0, 1.0, -1.0], [-3.4e38, 3.39e38, 2e38, 0.0, 5.0]], np.float32)
+  qt = quantize(jnp.asarray(x))
+  back = np.asarray(dequantize(qt))
+  assert np.all(np.isfinite(np.asarray(qt.bias))) and np.all(np.isfinite(back))
+  step = np.asarray(qt.scale, np.float64)[:, None]
+  assert np.all(np.abs(back.astype(np.float64) - x) <= step * (1 + 1e-5))
+  idx, w = jnp.arange(2, dtype=jnp.int32)[:, None], jnp.ones((2, 1), jnp.float32)
+  for kernel in ("xla", "pallas"):   # a zero gradient re-quantises the rows
+    new, _ = sparse_update(qt, {}, idx, w, jnp.zeros((2, 5), jnp.float32),
+                                   SGD(lr=0.1), kernel=kernel, interpret=True)
+    again = np.asarray(dequantize(new), np.float64)
+    assert np.all(np.isfinite(again)), kernel
+    assert np.all(np.abs(again - x) <= 2 * step * (1 + 1e-5)), kernel
+
+
 def test_int8_rows_of_a_subnormal_span_read_back_as_their_low_end():
   """A row spanning under ~3e-36 has a subnormal scale: 0 on every backend (XLA:CPU flushes
   it; a GPU that keeps subnormals divided by it, giving inf and NaN codes)."""
