@@ -109,7 +109,8 @@ def _resolved(options: EmbeddingOptions, tables: Sequence[TableSpec],
   resolved = options.resolve(backend)
   warnings = specs.ineffective_warnings(options, resolved.kernel, [t.dtype for t in tables])
   tuning = platform_lib.tuning_warning(resolved.kernel, backend, bool(resolved.interpret))
-  for warning in [specs.interpret_warning(resolved, backend), *warnings, tuning]:
+  for warning in [specs.interpret_warning(resolved, backend),
+                  specs.narrow_chunks_warning(resolved.kernel, tables), *warnings, tuning]:
     if warning:
       log.warning(warning)
   return resolved

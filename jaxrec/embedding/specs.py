@@ -294,6 +294,29 @@ def interpret_warning(options: EmbeddingOptions, backend: str) -> str | None:
           "step 1.7-4x in walkthroughs); kernel='xla' or 'auto' is the fast path there")
 
 
+NARROW_CHUNKS = 8   # more column chunks a row than this: `narrow_chunks_warning`
+
+
+def narrow_chunks_warning(kernel: str, tables: Sequence[TableSpec]) -> str | None:
+  """The start-up warning for the Pallas kernels (`kernel`, resolved) over tables whose dim
+  they walk in more than `NARROW_CHUNKS` column chunks (`platform.col_block`: the dim's
+  largest power-of-two factor, at most 128): the kernels unroll one step per chunk, and
+  dim 127 (127 one-column chunks) took 213 s to compile the fused update in interpret mode,
+  ran it 2.8x slower than dim 128 and 170x slower than XLA. None when there is none."""
+  from jaxrec.kernels import platform  # pylint: disable=import-outside-toplevel
+  if kernel != "pallas":
+    return None
+  narrow = {t.dim: t.name for t in tables if t.dim // platform.col_block(t.dim) > NARROW_CHUNKS}
+  if not narrow:
+    return None
+  named = ", ".join(f"'{name}' (dim {dim}: {dim // platform.col_block(dim)} chunks of "
+                    f"{platform.col_block(dim)})" for dim, name in sorted(narrow.items())[:4])
+  return (f"EmbeddingOptions.kernel='pallas': tables {named}{' ...' if len(narrow) > 4 else ''}"
+          " are walked in many narrow column chunks (a dim's largest power-of-two factor, "
+          "up to 128, is the chunk): compile time and step time grow with their number; "
+          "a dim that is a multiple of 16 (or kernel='xla') avoids it")
+
+
 def ineffective_warnings(options: EmbeddingOptions, kernel: str, dtypes) -> list[str]:
   """Warnings for settings of the given (unresolved) `options` that do nothing with the
   resolved `kernel` and tables of `dtypes` (configs shared across tables are legitimate)."""

@@ -280,3 +280,18 @@ def test_options_that_do_nothing_are_named(caplog):
     make_collection("dp", "data=8", SGD, comm_dtype="fp8")
   assert ("EmbeddingOptions.comm_dtype='fp8' has no effect: no stack is split over more than "
           "one device of table, row or col") in caplog.text
+
+
+def test_dims_walked_in_many_narrow_chunks_are_warned_about():
+  """The Pallas kernels walk a row in chunks of its dim's largest power-of-two factor: dim
+  127 unrolled 127 one-column chunks (the fused update took 213 s to compile in interpret
+  mode) and nothing said so."""
+  from jaxrec.embedding import specs  # pylint: disable=import-outside-toplevel
+  tables = [TableSpec("odd", 10, 127), TableSpec("wide", 10, 1000), TableSpec("ok", 10, 24),
+            TableSpec("pow2", 10, 256)]
+  warning = specs.narrow_chunks_warning("pallas", tables)
+  assert ("tables 'odd' (dim 127: 127 chunks of 1), 'wide' (dim 1000: 125 chunks of 8) are "
+          "walked in many narrow column chunks") in warning, warning
+  assert "'ok'" not in warning and "'pow2'" not in warning   # 3 chunks of 8, 2 of 128
+  assert specs.narrow_chunks_warning("xla", tables) is None
+  assert specs.narrow_chunks_warning("pallas", tables[2:]) is None
