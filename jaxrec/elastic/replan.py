@@ -156,10 +156,36 @@ def choose(config, args: TrainArgs, processes: int, devices_per_process: int,
     shape, planned, searched = mesh_choice.auto_mesh_of(
         config, options.memory_per_device, candidates, plan_for, plan, n, processes)
   else:                     # a shrunk job keeps the model axes of --mesh where they fit
-    candidates = candidate_meshes(_spec_sizes(user_mesh), n)
+    candidates = kept_kind_first(plan, candidate_meshes(_spec_sizes(user_mesh), n))
     shape, planned = mesh_choice.first_fitting(candidates, plan_for, f"--plan={plan}")
+    searched = _placed_as_note(plan, shape)
   return dataclasses.replace(_choice(processes, devices_per_process, shape, plan, planned),
                              note=(why + searched).removeprefix("; "))
+
+
+def kept_kind_first(plan: str, candidates: list[dict[str, int]]) -> list[dict[str, int]]:
+  """`candidates` (closest to `--mesh` first) reordered, for a forced kind, by how many of
+  its axes each keeps over 1, most first (stable): `--mesh=data=2,table=2,row=2
+  --plan=twrw` shrunk to 5 devices took the closest, `data=5`, where every table is held
+  whole on every device (placed as `dp`), over `row=5` or `table=5`, which keep them split."""
+  from jaxrec.sharding.plan import KIND_AXES  # pylint: disable=import-outside-toplevel
+  if plan not in KIND_AXES:
+    return candidates
+  return sorted(candidates, key=lambda s: -sum(s.get(a, 1) > 1 for a in KIND_AXES[plan]))
+
+
+def _placed_as_note(plan: str, shape: Mapping[str, int]) -> str:
+  """The replan event's note when a forced kind is placed as another on `shape` (the
+  warning saying so went only to the workers' logs)."""
+  from jaxrec.sharding import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from jaxrec.sharding.plan import KIND_AXES, placed_as  # pylint: disable=import-outside-toplevel
+  if plan not in KIND_AXES or math.prod(shape.values()) == 1:
+    return ""
+  other = placed_as(plan, shape)
+  if other is None:
+    return ""
+  return (f"; --plan={plan} is placed as {other} on {mesh_lib.format_mesh(shape)} (no mesh of "
+          f"{math.prod(shape.values())} devices that fits keeps more of its axes)")
 
 
 def _choice(processes: int, devices_per_process: int, shape: Mapping[str, int], plan: str,

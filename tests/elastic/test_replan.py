@@ -174,3 +174,19 @@ def test_one_cpu_process_plans_with_the_workers_host_budget(monkeypatch):
   assert replan.choose(cfg, given, 1, 8, platform="cpu").mesh["data"] == 8
   # several processes plan alike on any host: the default budget, as their workers do
   assert replan.choose(cfg, args, 2, 4, platform="cpu").mesh["data"] == 8
+
+
+def test_a_forced_kind_shrinks_to_the_mesh_keeping_most_of_its_axes():
+  """`data=2,table=2,row=2 --plan=twrw` on 5 devices took the closest shape, `data=5`,
+  where every table was held whole on every device, and the replan event said nothing."""
+  args = replan.TrainArgs.parse([
+      "--workdir=/tmp/w", "--gin_file=configs/dlrm_synthetic.gin", "--mesh=data=2,table=2,row=2",
+      "--plan=twrw", "--gin_bindings=ExperimentConfig.batch_size=960",
+      "--gin_bindings=ExperimentConfig.eval_batch_size=960"])
+  cfg = replan.load_config(args)
+  five = replan.choose(cfg, args, 1, 5)
+  assert five.mesh["data"] == 1 and 5 in (five.mesh["table"], five.mesh["row"]), five
+  assert "--plan=twrw is placed as " in five.note, five.note
+  full = replan.choose(cfg, args, 1, 8)   # its own mesh: kept, nothing to say
+  assert full.mesh_flag == "data=2,table=2,row=2,col=1" and not full.note
+  assert replan.kept_kind_first("auto", [{"data": 5}]) == [{"data": 5}]
