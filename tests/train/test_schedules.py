@@ -176,6 +176,17 @@ def test_a_family_of_several_scheduled_rates_logs_each_tables():
       "sparse_lr_o2": pytest.approx(0.12)}
 
 
+def test_tables_sharing_a_scheduled_rate_log_it_once():
+  """A pattern overriding 3,000 tables with one schedule logged 3,000 `sparse_lr/<table>`
+  keys of one value (119 KB a metrics line)."""
+  fast = lr_schedule("constant", value=0.5)
+  slow = lr_schedule("linear", init_value=0.2, end_value=0.0, transition_steps=10)
+  names = [f"s{i:03d}" for i in range(300)] + ["u"]
+  tx = optimizers.per_table(optimizers.SGD(fast), {"s*": optimizers.SGD(slow)}, tables=names)
+  assert optimizers.logged_rates(tx, 5, names) == {
+      "sparse_lr": pytest.approx(0.5), "sparse_lr/s000(+299)": pytest.approx(0.12)}
+
+
 def test_logged_rate_is_the_last_steps():
   s = lr_schedule("linear", init_value=1.0, end_value=0.0, transition_steps=10)
   assert logged_rate(s, 10) == {"sparse_lr": pytest.approx(0.1)}   # step 9's update
