@@ -3,6 +3,7 @@
 # pylint: disable=unused-import
 import jaxrec.embedding.optimizers  # noqa: F401
 import jaxrec.embedding.specs  # noqa: F401
+import jaxrec.embedding.table_dicts  # noqa: F401  (embedding_tables)
 import jaxrec.kernels.platform  # noqa: F401  (GpuTuning: Triton launch settings)
 import jaxrec.models  # noqa: F401
 import jaxrec.train.config  # noqa: F401
