@@ -24,6 +24,7 @@ from jaxrec.files import write_text_atomic
 # macro `NAME = ...`, at the start of the line; its continuation lines are indented.
 _BINDING = re.compile(r"^([A-Za-z_][\w./]*)\s*=\s?(.*)$")
 SHOWN = 6   # changed bindings a warning lists
+CALLED_SHOWN = 4   # bindings of a configurable called on one side only, listed in its entry
 
 
 def bindings(text: str) -> dict[str, str]:
@@ -49,8 +50,9 @@ def bindings(text: str) -> dict[str, str]:
 def changed(before: str, after: str) -> list[str]:
   """`name: old -> new` for each binding whose value differs between the operative configs
   `before` and `after` (`(unbound)` for one only the other has). A configurable that only
-  one side called is one entry (`FTRL: (not called) -> called, 6 bindings`): switching
-  `sparse_optimizer` to `@FTRL()` listed each of FTRL's defaults as a change."""
+  one side called is one entry with its first bindings (`FTRL: (not called) -> called
+  (beta = 1.0, ..., +2 more)`): switching `sparse_optimizer` to `@FTRL()` listed each of
+  FTRL's defaults as a change of its own, pushing the others out of the warning."""
   old, new = bindings(before), bindings(after)
   only_old = _configurables(old) - _configurables(new)
   only_new = _configurables(new) - _configurables(old)
@@ -62,9 +64,10 @@ def changed(before: str, after: str) -> list[str]:
     out.append(f"{k}: {old.get(k, '(unbound)')} -> {new.get(k, '(unbound)')}")
   for owner in sorted(only_old | only_new):
     side = old if owner in only_old else new
-    own = [k for k in side if _configurable(k) == owner]
-    what = (f"called ({own[0].rpartition('.')[2]} = {side[own[0]]})" if len(own) == 1
-            else f"called, {len(own)} bindings")
+    own = sorted(k for k in side if _configurable(k) == owner)
+    more = f", +{len(own) - CALLED_SHOWN} more" if len(own) > CALLED_SHOWN else ""
+    what = "called (" + ", ".join(f"{k.rpartition('.')[2]} = {side[k]}"
+                                  for k in own[:CALLED_SHOWN]) + more + ")"
     out.append(f"{owner}: {what} -> (not called)" if owner in only_old
                else f"{owner}: (not called) -> {what}")
   return out

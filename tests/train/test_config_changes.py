@@ -29,10 +29,11 @@ def test_a_configurable_called_on_one_side_only_is_one_entry():
   a change (`FTRL.beta: (unbound) -> 1.0; ...`), pushing the other changes out of view."""
   before = "ExperimentConfig.sparse_optimizer = @SGD()\nSGD.lr = 0.1\nDLRM.dim = 8\n"
   after = ("ExperimentConfig.sparse_optimizer = @FTRL()\nFTRL.beta = 1.0\nFTRL.l1 = 0.0\n"
-           "FTRL.lr = 0.1\nDLRM.dim = 16\n")
+           "FTRL.lr = 0.1\nFTRL.l2 = 0.0\nFTRL.initial_accumulator = 0.1\nDLRM.dim = 16\n")
   assert config_changes.changed(before, after) == [
       "DLRM.dim: 8 -> 16", "ExperimentConfig.sparse_optimizer: @SGD() -> @FTRL()",
-      "FTRL: (not called) -> called, 3 bindings", "SGD: called (lr = 0.1) -> (not called)"]
+      "FTRL: (not called) -> called (beta = 1.0, initial_accumulator = 0.1, l1 = 0.0, "
+      "l2 = 0.0, +1 more)", "SGD: called (lr = 0.1) -> (not called)"]
 
 
 def test_a_resume_with_another_config_says_so_and_keeps_the_earlier_one(tmp_path, caplog):
