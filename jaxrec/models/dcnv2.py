@@ -20,8 +20,8 @@ import gin
 import jax.numpy as jnp
 
 from jaxrec.errors import ConfigError
-from jaxrec.models.mlp import (FLAX_MODULE_FIELDS, MLP, check_inputs, check_not_ending_in_one,
-                               check_sizes, compute_dtype, dense_layer, flat_fields, is_int)
+from jaxrec.models.mlp import (MLP, check_inputs, check_not_ending_in_one, check_sizes,
+                               compute_dtype, dense_layer, flat_fields, is_int)
 
 STRUCTURES = ("stacked", "parallel")
 
@@ -60,7 +60,7 @@ class CrossNetwork(nn.Module):
 
 
 # `feature_dims` comes from the tables (`ExperimentConfig`): a binding of it is refused
-@gin.configurable(denylist=[*FLAX_MODULE_FIELDS, "feature_dims"])
+@gin.configurable(denylist=["feature_dims"])
 class DCNv2(nn.Module):
   """DCNv2 dense network over `x0 = concat(dense, flatten(emb))` `[B, num_dense + F*D]`
   (features of mixed dims: see `feature_dims`).

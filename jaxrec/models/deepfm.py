@@ -26,8 +26,8 @@ import flax.linen as nn
 import gin
 import jax.numpy as jnp
 
-from jaxrec.models.mlp import (FLAX_MODULE_FIELDS, MLP, check_inputs, check_not_ending_in_one,
-                               check_sizes, compute_dtype, dense_layer)
+from jaxrec.models.mlp import (MLP, check_inputs, check_not_ending_in_one, check_sizes,
+                               compute_dtype, dense_layer)
 
 
 def fm_second_order(v):
@@ -36,7 +36,7 @@ def fm_second_order(v):
   return 0.5 * (s * s - (v * v).sum(axis=1)).sum(axis=-1)
 
 
-@gin.configurable(denylist=FLAX_MODULE_FIELDS)
+@gin.configurable
 class DeepFM(nn.Module):
   """DeepFM dense network: `logit = first_order + fm + deep`.
 

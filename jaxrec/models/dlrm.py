@@ -11,8 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrec.errors import ConfigError
-from jaxrec.models.mlp import (FLAX_MODULE_FIELDS, MLP, check_inputs, check_sizes,
-                               compute_dtype)
+from jaxrec.models.mlp import MLP, check_inputs, check_sizes, compute_dtype
 
 
 def dot_interaction(bottom, emb):
@@ -60,7 +59,7 @@ def _lower_gram_bwd(t, dz):
 _lower_gram.defvjp(_lower_gram_fwd, _lower_gram_bwd)
 
 
-@gin.configurable(denylist=FLAX_MODULE_FIELDS)
+@gin.configurable
 class DLRM(nn.Module):
   """DLRM dense network.
 

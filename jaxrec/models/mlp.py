@@ -23,9 +23,6 @@ from jaxrec.kernels import quant
 
 KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
 BIAS_INIT = nn.initializers.zeros
-# flax's own constructor fields, kept out of a model's gin bindings (gin listed `DLRM.name =
-# None` in every run's config.gin)
-FLAX_MODULE_FIELDS = ("name", "parent")
 
 
 def _dot(a, b, contracting):

@@ -21,8 +21,8 @@ import numpy as np
 from jaxrec import gin_usage
 from jaxrec.embedding.specs import flag
 from jaxrec.errors import ConfigError
-from jaxrec.models.mlp import (FLAX_MODULE_FIELDS, MLP, check_feature_dims, check_inputs,
-                               check_sizes, compute_dtype, flat_fields, is_int)
+from jaxrec.models.mlp import (MLP, check_feature_dims, check_inputs, check_sizes,
+                               compute_dtype, flat_fields, is_int)
 from jaxrec.sharding.plan import warn_once
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def freeze_unused_item_bias(model: "TwoTower", params):
 
 
 # `feature_dims` comes from the tables (`ExperimentConfig`): a binding of it is refused
-@gin.configurable(denylist=[*FLAX_MODULE_FIELDS, "feature_dims"])
+@gin.configurable(denylist=["feature_dims"])
 class TwoTower(nn.Module):
   """Two-tower model: `logit = <user(x_u), item(x_i)> / temperature`.
 

@@ -43,6 +43,7 @@ def given_in_code(operative: str) -> list[str]:
 def recorded(config: ExperimentConfig, operative: str) -> tuple[str, list[str]]:
   """`(text, unwritten)`: `operative` with the fields given in code appended as bindings,
   and `ExperimentConfig.<field> (why)` for each field it could not write (left out)."""
+  operative = _without(operative, _flax_module_fields(operative))
   fields = given_in_code(operative)
   if not fields:
     return operative, []
@@ -61,6 +62,17 @@ def recorded(config: ExperimentConfig, operative: str) -> tuple[str, list[str]]:
     return operative, [f"ExperimentConfig.{n} (not rebuilt from gin: {mismatch})"
                        for n in fields]
   return _without(operative, idle).rstrip("\n") + "\n\n" + text, unwritten
+
+
+def _flax_module_fields(operative: str) -> set[str]:
+  """The bindings of a model's own flax fields at their default (`DLRM.name = None`,
+  `scope/DCNv2.parent = None`), which gin's operative config lists for every flax module
+  configurable: every run's config.gin carried them. (Left bindable: an older config.gin
+  that binds them still reruns.)"""
+  from jaxrec.models import MODELS  # pylint: disable=import-outside-toplevel
+  models = "|".join(cls.__name__ for cls in MODELS.values())
+  return set(re.findall(rf"^((?:[\w.]+/)*(?:{models})\.(?:name|parent)) = None$", operative,
+                        re.M))
 
 
 def _without(operative: str, names: set[str]) -> str:
