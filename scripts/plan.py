@@ -114,11 +114,15 @@ _NOT_WITH_AUTO_MESH = {
 }
 
 
+def _mesh_is_auto() -> bool:
+  return (FLAGS.mesh or "").strip() == "auto"
+
+
 def _check_auto_mesh_flags() -> None:
   """`--mesh=auto` previews train.py's choice: it needs the job's `--devices` and a gin
   config, and takes none of the flags train.py lacks."""
   from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
-  auto = (FLAGS.mesh or "").strip() == "auto"
+  auto = _mesh_is_auto()
   if FLAGS.devices is not None and not auto:
     raise ConfigError("--devices: only with --mesh=auto (a mesh's axis sizes give its device "
                       "count)")
@@ -138,10 +142,9 @@ def _check_auto_mesh_flags() -> None:
 
 def _auto_mesh(memory: int):
   """train.py's `--mesh=auto` choice on `--devices` devices for the parsed gin config and
-  `FLAGS.plan`: prints the mesh and why. As a fresh
-  run chooses (a workdir's checkpoint is not read), at `memory` per device (plan.py's
-  16 GiB default: train.py's on CPU devices is the host's share); returns its
-  `PlanResult`."""
+  `FLAGS.plan`, as a fresh run makes it (no workdir's checkpoint is read), at `memory` per
+  device (plan.py's 16 GiB default; train.py's on CPU devices is the host's share): prints
+  the mesh and why, returns its `PlanResult`."""
   # pylint: disable=import-outside-toplevel
   from jaxrec import launch
   from jaxrec.sharding.mesh import format_mesh
@@ -415,7 +418,7 @@ def main(argv):
     batch = FLAGS.batch_size or spec.batch_size or 512
     optimizer = inputs.planned_optimizer(spec, FLAGS.optimizer)   # per table, as gin says
     memory = parse_bytes(FLAGS.memory_per_device, "--memory_per_device")
-    auto = (FLAGS.mesh or "").strip() == "auto"
+    auto = _mesh_is_auto()
     mesh = (None if auto else inputs.parse_mesh(FLAGS.mesh) if FLAGS.mesh else _file_mesh())
     _check_batch(batch, {"data": FLAGS.devices} if auto else mesh, spec.batch_size)
     offloaded = _offloaded(spec, optimizer)
