@@ -156,30 +156,38 @@ def choose(config, args: TrainArgs, processes: int, devices_per_process: int,
     shape, planned, searched = mesh_choice.auto_mesh_of(
         config, options.memory_per_device, candidates, plan_for, plan, n, processes)
   else:                     # a shrunk job keeps the model axes of --mesh where they fit
-    candidates = kept_kind_first(plan, candidate_meshes(_spec_sizes(user_mesh), n))
+    candidates = kept_kind_first(plan, candidate_meshes(_spec_sizes(user_mesh), n),
+                                 _spec_sizes(user_mesh))
     shape, planned = mesh_choice.first_fitting(candidates, plan_for, f"--plan={plan}")
-    searched = _placed_as_note(plan, shape)
+    searched = _placed_as_note(plan, shape, _spec_sizes(user_mesh))
   return dataclasses.replace(_choice(processes, devices_per_process, shape, plan, planned),
                              note=(why + searched).removeprefix("; "))
 
 
-def kept_kind_first(plan: str, candidates: list[dict[str, int]]) -> list[dict[str, int]]:
-  """`candidates` (closest to `--mesh` first) reordered, for a forced kind, by how many of
-  its axes each keeps over 1, most first (stable): `--mesh=data=2,table=2,row=2
-  --plan=twrw` shrunk to 5 devices took the closest, `data=5`, where every table is held
-  whole on every device (placed as `dp`), over `row=5` or `table=5`, which keep them split."""
+def kept_kind_first(plan: str, candidates: list[dict[str, int]], user: Mapping[str, int]
+                    ) -> list[dict[str, int]]:
+  """`candidates` (closest to `--mesh`, `user`, first) reordered, for a forced kind, by how
+  many of its axes over 1 each keeps, up to as many as `user` has (stable; more than the
+  user's mesh is no better: `--mesh=data=8 --plan=cw` keeps `data=8`):
+  `--mesh=data=2,table=2,row=2 --plan=twrw` shrunk to 5 devices took the closest, `data=5`,
+  where every table is held whole on every device (placed as `dp`), over `row=5` or
+  `table=5`, which keep them split."""
   from jaxrec.sharding.plan import KIND_AXES  # pylint: disable=import-outside-toplevel
   if plan not in KIND_AXES:
     return candidates
-  return sorted(candidates, key=lambda s: -sum(s.get(a, 1) > 1 for a in KIND_AXES[plan]))
+
+  def kept(shape):
+    return sum(shape.get(a, 1) > 1 for a in KIND_AXES[plan])
+
+  return sorted(candidates, key=lambda s: -min(kept(s), kept(user)))
 
 
-def _placed_as_note(plan: str, shape: Mapping[str, int]) -> str:
-  """The replan event's note when a forced kind is placed as another on `shape` (the
-  warning saying so went only to the workers' logs)."""
+def _placed_as_note(plan: str, shape: Mapping[str, int], user: Mapping[str, int]) -> str:
+  """The replan event's note when a forced kind that the user's mesh places as itself is
+  placed as another on `shape` (the warning saying so went only to the workers' logs)."""
   from jaxrec.sharding import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from jaxrec.sharding.plan import KIND_AXES, placed_as  # pylint: disable=import-outside-toplevel
-  if plan not in KIND_AXES or math.prod(shape.values()) == 1:
+  if plan not in KIND_AXES or math.prod(shape.values()) == 1 or placed_as(plan, user):
     return ""
   other = placed_as(plan, shape)
   if other is None:

@@ -189,4 +189,8 @@ def test_a_forced_kind_shrinks_to_the_mesh_keeping_most_of_its_axes():
   assert "--plan=twrw is placed as " in five.note, five.note
   full = replan.choose(cfg, args, 1, 8)   # its own mesh: kept, nothing to say
   assert full.mesh_flag == "data=2,table=2,row=2,col=1" and not full.note
-  assert replan.kept_kind_first("auto", [{"data": 5}]) == [{"data": 5}]
+  assert replan.kept_kind_first("auto", [{"data": 5}], {"data": 5}) == [{"data": 5}]
+  # a user's mesh without the kind's axes (cw on data=8, placed as dp) is no worse a start
+  cw = replan.kept_kind_first("cw", [{"data": 8, "col": 1}, {"data": 1, "col": 8}],
+                              {"data": 8, "col": 1})
+  assert cw[0] == {"data": 8, "col": 1}
