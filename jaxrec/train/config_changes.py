@@ -11,6 +11,7 @@ the config of the steps before it as `W/config-until-<step>.gin`, and says so in
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 from typing import Mapping, Sequence
@@ -39,12 +40,52 @@ def bindings(text: str) -> dict[str, str]:
     if m and not line[0].isspace():
       name = m.group(1)
       out[name] = m.group(2).strip()
+      if out[name] == "\\":   # gin's `name = \` before a long value on the next lines
+        out[name] = ""
       if name.endswith((".name", ".parent")) and out[name] == "None":
         del out[name]   # a flax model's own field, recorded by runs before it was denylisted
         name = None
     elif name is not None:
-      out[name] += " " + line.strip()
+      out[name] = (out[name] + " " + line.strip()).lstrip()
   return out
+
+
+def _entries(value: str) -> list[tuple[str, str]] | None:
+  """`[(key, value text)]` of a binding's value that is a dict with string keys or a list of
+  `(name, entry)` pairs (`embedding_tables.tables`, `.features`), in its order; None for
+  any other value (or one that is not a literal, e.g. holds `@Adagrad()`)."""
+  try:
+    parsed = ast.literal_eval(value)
+  except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+    return None
+  if isinstance(parsed, dict):
+    pairs = list(parsed.items())
+  elif isinstance(parsed, (list, tuple)) and parsed and all(
+      isinstance(p, (list, tuple)) and len(p) == 2 for p in parsed):
+    pairs = [tuple(p) for p in parsed]
+  else:
+    return None
+  keys = [k for k, _ in pairs]
+  if not all(isinstance(k, str) for k in keys) or len(set(keys)) != len(keys):
+    return None
+  return [(k, repr(v)) for k, v in pairs]
+
+
+def _value_changes(name: str, old: str | None, new: str | None) -> list[str]:
+  """`name: old -> new`, or for a dict / list of pairs on both sides (one entry a table:
+  a 3,000-table config changing one table's init_scale logged both 3,000-entry values
+  whole) one `name['key']: old -> new` per entry that differs (`(absent)` on the side
+  without it); the whole values when a list's keys are reordered (its order is meant)."""
+  a, b = (_entries(old) if old else None), (_entries(new) if new else None)
+  if a is None or b is None or (isinstance(ast.literal_eval(old), list) and
+                                [k for k, _ in a if k in dict(b)] !=
+                                [k for k, _ in b if k in dict(a)]):
+    return [f"{name}: {old if old is not None else '(unbound)'} -> "
+            f"{new if new is not None else '(unbound)'}"]
+  da, db = dict(a), dict(b)
+  keys = list(dict.fromkeys([k for k, _ in a] + [k for k, _ in b]))
+  return [f"{name}[{k!r}]: {da.get(k, '(absent)')} -> {db.get(k, '(absent)')}"
+          for k in keys if da.get(k) != db.get(k)]
 
 
 def changed(before: str, after: str) -> list[str]:
@@ -61,7 +102,7 @@ def changed(before: str, after: str) -> list[str]:
     owner = _configurable(k)
     if owner in only_old or owner in only_new or old.get(k) == new.get(k):
       continue
-    out.append(f"{k}: {old.get(k, '(unbound)')} -> {new.get(k, '(unbound)')}")
+    out.extend(_value_changes(k, old.get(k), new.get(k)))
   for owner in sorted(only_old | only_new):
     side = old if owner in only_old else new
     own = sorted(k for k in side if _configurable(k) == owner)
@@ -150,7 +191,7 @@ def explained(error: Exception, after: str) -> Exception:
   # the restore (`make_train_iterator.*` read as unbound)
   called = {_configurable(n) for n in bindings(after)}
   diff = [d for d in (changed(before, after) if isinstance(before, str) else [])
-          if _configurable(d.split(":")[0]) in called]
+          if _configurable(d.split(":")[0].split("[")[0]) in called]
   if not diff:
     return error
   more = f" (+{len(diff) - SHOWN} more)" if len(diff) > SHOWN else ""

@@ -130,3 +130,23 @@ def test_a_resume_changing_ftrls_rate_or_initial_accumulator_is_refused(tmp_path
                      r"it never updated would restart from 0"):
     run(4, "FTRL.initial_accumulator=0.3")
   assert run(4, "FTRL.l1=0.001")["step"] == 4   # takes effect at each row's next update
+
+
+def test_a_changed_entry_of_a_table_dict_is_named_alone():
+  """`embedding_tables.tables` of 300 tables with one table's init_scale changed logged
+  both dicts whole (22 KB on one warning line), after gin's line-continuation `\\`."""
+  def config(scale):
+    tables = ",\n".join(f"     'tab{i:03d}': (50, 8, 'float32', {scale if i == 7 else 0.01})"
+                        for i in range(300))
+    return (f"embedding_tables.tables = \\\n    {{{tables[5:]}}}\n"
+            "embedding_tables.features = \\\n    [('a', 'tab000'),\n     ('b', 'tab001')]\n")
+  assert config_changes.bindings(config(0.01))["embedding_tables.tables"].startswith("{'tab000'")
+  assert config_changes.changed(config(0.01), config(0.02)) == [
+      "embedding_tables.tables['tab007']: (50, 8, 'float32', 0.01) -> (50, 8, 'float32', 0.02)"]
+  swapped = config(0.01).replace("('a', 'tab000'),\n     ('b', 'tab001')",
+                                 "('b', 'tab001'),\n     ('a', 'tab000')")
+  assert config_changes.changed(config(0.01), swapped) == [   # an order change: whole values
+      "embedding_tables.features: [('a', 'tab000'), ('b', 'tab001')] -> "
+      "[('b', 'tab001'), ('a', 'tab000')]"]
+  assert config_changes.changed("X.t = {'m*': @Adagrad()}\n", "X.t = {'m*': @SGD()}\n") == [
+      "X.t: {'m*': @Adagrad()} -> {'m*': @SGD()}"]   # not literals: whole values
