@@ -208,7 +208,9 @@ def bound_at(name: str) -> str | None:
   `scope/DLRM.top_mlp`) was last bound, if recorded. None also when `name` has no scope
   and some scope binds it too: a value check names the parameter without its scope, so
   the unscoped binding need not be the bad one (`m/DLRM.top_mlp` was placed at the line
-  of a valid `DLRM.top_mlp`)."""
+  of a valid `DLRM.top_mlp`). An entry of a dict or list binding,
+  `embedding_tables.tables['t0']`, is where its binding is."""
+  name = name.split("[", 1)[0]
   found = [where for key, where in _ORIGINS.items() if _name(*key) == name]
   if "/" not in name and any(scope and _name("", sel, arg) == name
                              for scope, sel, arg in _ORIGINS):

@@ -52,12 +52,17 @@ def _refuse_quantizing(theirs: Mapping, ours: Mapping, spec, where: str) -> None
   """ConfigError for a float table stored `[rows, dim]` that is configured int8 now: a
   restore never quantises (it would round every row), which the generic shape message
   did not say."""
+  from jaxrec import gin_usage   # pylint: disable=import-outside-toplevel
+  from jaxrec.embedding.specs import bound_field   # pylint: disable=import-outside-toplevel
   stored = theirs.get(table_name(spec.name))
   if spec.dtype == "int8" and stored is not None and stored[0] == (spec.rows, spec.dim):
+    b = bound_field(spec, "dtype")
+    bound = (f"{b}, {gin_usage.bound_where(b)}" if b and gin_usage.bound_where(b)
+             else "TableSpec.dtype, e.g. uniform_tables.dtype")
     raise ConfigError(f"table '{spec.name}': checkpoint {where} stores it as {stored[1]} "
                       f"{list(stored[0])}, which a restore does not quantise to the configured "
                       f"int8 (only the other way, int8 → float32, converts); configure the "
-                      f"table's dtype as {stored[1]} (TableSpec.dtype, e.g. uniform_tables.dtype)")
+                      f"table's dtype as {stored[1]} ({bound})")
 
 
 def _shape_hint(theirs: Mapping, spec) -> str:

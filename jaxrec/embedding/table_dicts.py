@@ -31,6 +31,7 @@ from typing import Any, Mapping
 
 import gin
 
+from jaxrec import gin_usage
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError, close_to
 
@@ -91,9 +92,14 @@ def _built(field: str, entries, cls) -> tuple:
     seen.add(name)
     kw = _fields(f"{where}['{name}']", field, entry)
     try:
-      out.append(cls(name, **kw))
+      spec = cls(name, **kw)
     except ConfigError as e:
       raise ConfigError(f"{where}['{name}']: {e}") from None
+    # the entry, for errors found later (`specs.bound_field`: a resume's other rows or
+    # dtype, mixed dims), scoped as bound (`big/embedding_tables.tables['t0']`)
+    object.__setattr__(spec, "_entry",
+                       f"{gin_usage.calling_name('embedding_tables', field)}[{name!r}]")
+    out.append(spec)
   return tuple(out)
 
 

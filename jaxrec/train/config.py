@@ -297,7 +297,8 @@ class ExperimentConfig:
           "has no feature_dims field: DLRM's and DeepFM's interactions pair every two "
           f"features), but the features read tables of {mixed}"
           + (f" ({'; '.join(where)})" if where else "")
-          + "; give every table one dim (uniform_tables.dim, or each TableSpec.dim), or use "
+          + "; give every table one dim (uniform_tables.dim, each TableSpec.dim or each "
+          "embedding_tables.tables entry's), or use "
           "a model that concatenates its features (dcnv2, two_tower)")
     for name in ("batch_size", "eval_batch_size", "num_eval_examples"):
       value = getattr(self, name)

@@ -104,3 +104,24 @@ def test_a_bad_entry_in_a_file_names_its_line(tmp_path):
   assert (f"{path}:4: embedding_tables.tables['user']: table 'user': dim must be a positive "
           "integer, got -16") in proc.stderr, proc.stderr
   assert not os.path.exists(tmp_path / "w")
+
+
+def test_errors_found_after_the_specs_are_built_name_the_entry(tmp_path):
+  """Mixed dims for DLRM (and a resume's other rows or dtype, `specs.bound_field`) named
+  the included dlrm_synthetic.gin's unused `uniform_tables.dim` and its line, and said to
+  fix `uniform_tables.rows / .dim`; the entry and its file:line are meant."""
+  from jaxrec.embedding.specs import bound_field   # pylint: disable=import-outside-toplevel
+  path = tmp_path / "mixed.gin"
+  path.write_text(CONFIG.replace("'user': (500, 16)", "'user': (500, 8)"))
+  proc = run_script("train.py", f"--workdir={tmp_path / 'w'}", f"--gin_file={path}",
+                    "--num_steps=1")
+  assert proc.returncode == 1
+  assert f"embedding_tables.tables['user'] at {path}:4" in proc.stderr, proc.stderr
+  assert "uniform_tables.dim at" not in proc.stderr, proc.stderr
+  gin.clear_config()
+  launch.parse_gin([], ["big/embedding_tables.tables = {'t0': (10, 8)}",
+                        "big/embedding_tables.features = [('f', 't0')]"])
+  with gin.config_scope("big"):
+    tables, features = embedding_tables()
+  assert bound_field(tables[0], "rows") == "big/embedding_tables.tables['t0']"
+  assert bound_field(features[0], "table") == "big/embedding_tables.features['f']"

@@ -138,8 +138,8 @@ def test_models_of_one_dim_refuse_mixed_dims_naming_features_and_tables(model, n
       "reads table 't0') (uniform_tables.dim at --gin_bindings; ExperimentConfig.model at "
       f"{ROOT}/configs/{model}_synthetic.gin:10; build_model.name at "
       f"{ROOT}/configs/{model}_synthetic.gin:11); give every table one dim "
-      "(uniform_tables.dim, or each TableSpec.dim), or use a model that concatenates its "
-      "features (dcnv2, two_tower)")
+      "(uniform_tables.dim, each TableSpec.dim or each embedding_tables.tables entry's), or "
+      "use a model that concatenates its features (dcnv2, two_tower)")
 
 
 def test_a_spec_of_its_own_of_another_dim_is_named_at_its_line(tmp_path):
