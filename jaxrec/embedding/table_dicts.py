@@ -57,15 +57,15 @@ def embedding_tables(tables: Mapping[str, Any] = gin.REQUIRED,
   names = {t.name for t in specs}
   for f in feats:
     if f.table not in names:
-      raise ConfigError(f"embedding_tables.features['{f.name}']: table '{f.table}' is not one "
-                        f"of embedding_tables.tables{close_to(f.table, sorted(names))}")
+      raise ConfigError(f"{_where('features')}['{f.name}']: table '{f.table}' is not one "
+                        f"of {_where('tables')}{close_to(f.table, sorted(names))}")
   return specs, feats
 
 
 def _built(field: str, entries, cls) -> tuple:
   """The specs (`cls`) of `embedding_tables.<field>`'s entries; a spec's own error is
   prefixed with its entry."""
-  where = f"embedding_tables.{field}"
+  where = _where(field)
   if isinstance(entries, Mapping) and field == "features":
     raise ConfigError(f"{where} must be a list of (name, entry) pairs in the batch's feature "
                       "order (the data's column order), e.g. [('user_id', 'user'), "
@@ -97,10 +97,16 @@ def _built(field: str, entries, cls) -> tuple:
       raise ConfigError(f"{where}['{name}']: {e}") from None
     # the entry, for errors found later (`specs.bound_field`: a resume's other rows or
     # dtype, mixed dims), scoped as bound (`big/embedding_tables.tables['t0']`)
-    object.__setattr__(spec, "_entry",
-                       f"{gin_usage.calling_name('embedding_tables', field)}[{name!r}]")
+    object.__setattr__(spec, "_entry", f"{where}[{name!r}]")
     out.append(spec)
   return tuple(out)
+
+
+def _where(field: str) -> str:
+  """`embedding_tables.<field>` as bound for the call in progress (`big/embedding_tables.
+  tables` for `@big/embedding_tables()`): an error then finds its file:line (the unscoped
+  name had none, and named no scope)."""
+  return gin_usage.calling_name("embedding_tables", field)
 
 
 def _fields(where: str, field: str, entry) -> dict[str, Any]:

@@ -125,3 +125,17 @@ def test_errors_found_after_the_specs_are_built_name_the_entry(tmp_path):
     tables, features = embedding_tables()
   assert bound_field(tables[0], "rows") == "big/embedding_tables.tables['t0']"
   assert bound_field(features[0], "table") == "big/embedding_tables.features['f']"
+
+
+def test_a_bad_entry_of_a_scoped_call_names_its_scope_and_line(tmp_path):
+  """`@big/embedding_tables()`: the error said `embedding_tables.tables['user']` with no
+  file:line (the unscoped name is not bound anywhere)."""
+  path = tmp_path / "scoped.gin"
+  path.write_text(CONFIG.replace("@embedding_tables()", "@big/embedding_tables()")
+                  .replace("\nembedding_tables.", "\nbig/embedding_tables.")
+                  .replace("(500, 16)", "(500, -16)"))
+  proc = run_script("train.py", f"--workdir={tmp_path / 'w'}", f"--gin_file={path}",
+                    "--num_steps=1")
+  assert proc.returncode == 1
+  assert (f"{path}:4: big/embedding_tables.tables['user']: table 'user': dim must be a "
+          "positive integer, got -16") in proc.stderr, proc.stderr
