@@ -77,7 +77,7 @@ def _value_changes(name: str, old: str | None, new: str | None) -> list[str]:
   whole) one `name['key']: old -> new` per entry that differs (`(absent)` on the side
   without it); the whole values when a list's keys are reordered (its order is meant)."""
   a, b = (_entries(old) if old else None), (_entries(new) if new else None)
-  if a is None or b is None or (isinstance(ast.literal_eval(old), list) and
+  if a is None or b is None or (not isinstance(ast.literal_eval(old), dict) and
                                 [k for k, _ in a if k in dict(b)] !=
                                 [k for k, _ in b if k in dict(a)]):
     return [f"{name}: {old if old is not None else '(unbound)'} -> "
