@@ -39,6 +39,7 @@ TABLE_FIELDS = ("rows", "dim", "dtype", "init_scale")
 FEATURE_FIELDS = ("table", "max_len", "pooling", "weighted")
 _REQUIRED = {"tables": ("rows", "dim"), "features": ("table",)}
 _FIELDS = {"tables": TABLE_FIELDS, "features": FEATURE_FIELDS}
+_EXAMPLE_PAIR = {"tables": "('user', (1000000, 64))", "features": "('history', ('item', 20))"}
 _EXAMPLE = {"tables": "{'user': (1000000, 64), 'item': {'rows': 500000, 'dim': 64}}",
             "features": "[('user_id', 'user'), ('history', ('item', 20, 'mean'))]"}
 
@@ -73,6 +74,11 @@ def _built(field: str, entries, cls) -> tuple:
                       "W/config.gin (gin writes it sorted by key)")
   if isinstance(entries, Mapping):
     pairs = sorted(entries.items(), key=lambda kv: str(kv[0]))   # as config.gin writes it
+  elif isinstance(entries, (list, tuple)) and (bad := next(
+      (i for i, p in enumerate(entries) if not (isinstance(p, (list, tuple)) and len(p) == 2)),
+      None)) is not None:   # (it said the whole list must be pairs, naming no item)
+    raise ConfigError(f"{where}[{bad}] must be a (name, entry) pair, e.g. "
+                      f"{_EXAMPLE_PAIR[field]}, got {reprlib.repr(entries[bad])}")
   elif isinstance(entries, (list, tuple)) and all(
       isinstance(p, (list, tuple)) and len(p) == 2 for p in entries):
     pairs = list(entries)

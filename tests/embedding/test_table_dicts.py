@@ -139,3 +139,17 @@ def test_a_bad_entry_of_a_scoped_call_names_its_scope_and_line(tmp_path):
   assert proc.returncode == 1
   assert (f"{path}:4: big/embedding_tables.tables['user']: table 'user': dim must be a "
           "positive integer, got -16") in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("tables, features, message", [
+    ([("a", 10, 16)], None, "embedding_tables.tables[0] must be a (name, entry) pair, e.g. "
+     "('user', (1000000, 64)), got ('a', 10, 16)"),
+    ({"a": (10, 8)}, [("x", "a"), ("y", "a", 4)], "embedding_tables.features[1] must be a "
+     "(name, entry) pair, e.g. ('history', ('item', 20)), got ('y', 'a', 4)"),
+    ({"a": (10, 8)}, ["a"], "embedding_tables.features[0] must be a (name, entry) pair"),
+])
+def test_an_item_of_a_list_that_is_not_a_pair_is_named(tables, features, message):
+  """`[('x', 'a'), ('y', 'a', 4)]` said the whole list must be pairs, naming no item."""
+  with pytest.raises(ConfigError) as e:
+    embedding_tables(tables, features)
+  assert message in str(e.value), str(e.value)
