@@ -18,9 +18,9 @@ lines a table (16,477 lines for 3,000 tables). Here a table or a feature is one 
 
 Features are a list of `(name, entry)` pairs: their order is the batch's (`[batch,
 features, dim]`, the dense model's input order, a data file's column order), and a dict's
-order would not survive `W/config.gin` (gin writes dicts sorted by key). Tables are a dict
-(or pairs): they are taken in name order, as config.gin writes them. Several features may
-read one table. Each entry builds a `TableSpec` / `FeatureSpec` with their checks, an
+order would not survive `W/config.gin` (gin writes dicts sorted by key). Tables are a dict,
+taken in name order as config.gin writes it, or pairs, taken in their order. Several
+features may read one table. Each entry builds a `TableSpec` / `FeatureSpec` with their checks, an
 error naming the entry (`embedding_tables.tables['item']: ...`).
 """
 
