@@ -50,10 +50,13 @@ def bindings(text: str) -> dict[str, str]:
   return out
 
 
-def _entries(value: str) -> list[tuple[str, str]] | None:
-  """`[(key, value text)]` of a binding's value that is a dict with string keys or a list of
-  `(name, entry)` pairs (`embedding_tables.tables`, `.features`), in its order; None for
-  any other value (or one that is not a literal, e.g. holds `@Adagrad()`)."""
+def _entries(value: str | None) -> tuple[list[tuple[str, str]], bool] | None:
+  """`([(key, value text)], ordered)` of a binding's value that is a dict with string keys
+  (`ordered` False) or a sequence of `(name, entry)` pairs (`embedding_tables.tables`,
+  `.features`; `ordered` True: its order is meant), in its order; None for any other value
+  (or one that is not a literal, e.g. holds `@Adagrad()`)."""
+  if not value:
+    return None
   try:
     parsed = ast.literal_eval(value)
   except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
@@ -68,7 +71,7 @@ def _entries(value: str) -> list[tuple[str, str]] | None:
   keys = [k for k, _ in pairs]
   if not all(isinstance(k, str) for k in keys) or len(set(keys)) != len(keys):
     return None
-  return [(k, repr(v)) for k, v in pairs]
+  return [(k, repr(v)) for k, v in pairs], not isinstance(parsed, dict)
 
 
 def _value_changes(name: str, old: str | None, new: str | None) -> list[str]:
@@ -76,16 +79,15 @@ def _value_changes(name: str, old: str | None, new: str | None) -> list[str]:
   a 3,000-table config changing one table's init_scale logged both 3,000-entry values
   whole) one `name['key']: old -> new` per entry that differs (`(absent)` on the side
   without it); the whole values when a list's keys are reordered (its order is meant)."""
-  a, b = (_entries(old) if old else None), (_entries(new) if new else None)
-  if a is None or b is None or (not isinstance(ast.literal_eval(old), dict) and
-                                [k for k, _ in a if k in dict(b)] !=
-                                [k for k, _ in b if k in dict(a)]):
-    return [f"{name}: {old if old is not None else '(unbound)'} -> "
-            f"{new if new is not None else '(unbound)'}"]
-  da, db = dict(a), dict(b)
-  keys = list(dict.fromkeys([k for k, _ in a] + [k for k, _ in b]))
-  return [f"{name}[{k!r}]: {da.get(k, '(absent)')} -> {db.get(k, '(absent)')}"
-          for k in keys if da.get(k) != db.get(k)]
+  a, b = _entries(old), _entries(new)
+  if a is not None and b is not None:
+    da, db = dict(a[0]), dict(b[0])
+    if not a[1] or [k for k, _ in a[0] if k in db] == [k for k, _ in b[0] if k in da]:
+      keys = list(dict.fromkeys([k for k, _ in a[0]] + [k for k, _ in b[0]]))
+      return [f"{name}[{k!r}]: {da.get(k, '(absent)')} -> {db.get(k, '(absent)')}"
+              for k in keys if da.get(k) != db.get(k)]
+  return [f"{name}: {old if old is not None else '(unbound)'} -> "
+          f"{new if new is not None else '(unbound)'}"]
 
 
 def changed(before: str, after: str) -> list[str]:
@@ -97,15 +99,18 @@ def changed(before: str, after: str) -> list[str]:
   old, new = bindings(before), bindings(after)
   only_old = _configurables(old) - _configurables(new)
   only_new = _configurables(new) - _configurables(old)
-  out = []
-  for k in sorted(old.keys() | new.keys()):
+  out, names = [], sorted(old.keys() | new.keys())
+  for k in names:
     owner = _configurable(k)
     if owner in only_old or owner in only_new or old.get(k) == new.get(k):
       continue
     out.extend(_value_changes(k, old.get(k), new.get(k)))
+  by_owner: dict[str, list[str]] = {}   # (one pass: a walk per owner was quadratic)
+  for k in names:
+    by_owner.setdefault(_configurable(k), []).append(k)
   for owner in sorted(only_old | only_new):
     side = old if owner in only_old else new
-    own = sorted(k for k in side if _configurable(k) == owner)
+    own = by_owner[owner]
     more = f", +{len(own) - CALLED_SHOWN} more" if len(own) > CALLED_SHOWN else ""
     what = "called (" + ", ".join(f"{k.rpartition('.')[2]} = {side[k]}"
                                   for k in own[:CALLED_SHOWN]) + more + ")"
