@@ -74,13 +74,12 @@ def _built(field: str, entries, cls) -> tuple:
                       "W/config.gin (gin writes it sorted by key)")
   if isinstance(entries, Mapping):
     pairs = sorted(entries.items(), key=lambda kv: str(kv[0]))   # as config.gin writes it
-  elif isinstance(entries, (list, tuple)) and (bad := next(
-      (i for i, p in enumerate(entries) if not (isinstance(p, (list, tuple)) and len(p) == 2)),
-      None)) is not None:   # (it said the whole list must be pairs, naming no item)
-    raise ConfigError(f"{where}[{bad}] must be a (name, entry) pair, e.g. "
-                      f"{_EXAMPLE_PAIR[field]}, got {reprlib.repr(entries[bad])}")
-  elif isinstance(entries, (list, tuple)) and all(
-      isinstance(p, (list, tuple)) and len(p) == 2 for p in entries):
+  elif isinstance(entries, (list, tuple)):
+    bad = next((i for i, p in enumerate(entries)
+                if not (isinstance(p, (list, tuple)) and len(p) == 2)), None)
+    if bad is not None:   # (it said the whole list must be pairs, naming no item)
+      raise ConfigError(f"{where}[{bad}] must be a (name, entry) pair, e.g. "
+                        f"{_EXAMPLE_PAIR[field]}, got {reprlib.repr(entries[bad])}")
     pairs = list(entries)
   else:
     pairs = []
