@@ -28,17 +28,15 @@ GIN = "gin bindings (--gin_file, --gin_bindings)"
 LINE_BUCKETS = 4096   # gin config lines hashed into buckets, to name the ones that differ
 
 
-def check(options, gin_config) -> None:
+def check(options, gin_config: Callable[[], str]) -> None:
   """Raises a `ConfigError` on every process naming what differs between the job's
-  processes (`SHARED` options, and `gin_config`'s lines: the bindings gin parsed) with this
-  process's values; nothing in a job of one process. Every process must call it.
-  `gin_config`: the text, or a function giving it (`gin.config_str`, called only in a job
-  of several processes: 3.5 s of every start at 3,000 tables)."""
+  processes (`SHARED` options, and `gin_config()`'s lines: the bindings gin parsed) with
+  this process's values; nothing in a job of one process. Every process must call it.
+  `gin_config` (`gin.config_str`) is called only in a job of several processes: formatting
+  the config took 3.5 s of every start at 3,000 tables."""
   if jax.process_count() == 1:
     return
-  if callable(gin_config):
-    gin_config = gin_config()
-  values, lines, mine = local_fingerprint(options, gin_config)
+  values, lines, mine = local_fingerprint(options, gin_config())
   every = np.asarray(multihost_utils.process_allgather(mine))   # [processes, len(mine)]
   message = disagreement(values, lines, every, jax.process_index())
   if message:
