@@ -52,31 +52,35 @@ def _refuse_quantizing(theirs: Mapping, ours: Mapping, spec, where: str) -> None
   """ConfigError for a float table stored `[rows, dim]` that is configured int8 now: a
   restore never quantises (it would round every row), which the generic shape message
   did not say."""
-  from jaxrec import gin_usage   # pylint: disable=import-outside-toplevel
-  from jaxrec.embedding.specs import bound_field   # pylint: disable=import-outside-toplevel
   stored = theirs.get(table_name(spec.name))
   if spec.dtype == "int8" and stored is not None and stored[0] == (spec.rows, spec.dim):
-    b = bound_field(spec, "dtype")
-    bound = (f"{b}, {gin_usage.bound_where(b)}" if b and gin_usage.bound_where(b)
-             else "TableSpec.dtype, e.g. uniform_tables.dtype")
+    bound = _bound(spec, "dtype") or "TableSpec.dtype, e.g. uniform_tables.dtype"
     raise ConfigError(f"table '{spec.name}': checkpoint {where} stores it as {stored[1]} "
                       f"{list(stored[0])}, which a restore does not quantise to the configured "
                       f"int8 (only the other way, int8 → float32, converts); configure the "
                       f"table's dtype as {stored[1]} ({bound})")
 
 
+def _bound(spec, field: str) -> str | None:
+  """`binding, bound at FILE:LINE` of `spec.field` (`specs.bound_field`: a recorded
+  binding, or the `embedding_tables` entry that built the spec, alone when gin recorded no
+  line for it, e.g. called from Python); None when gin did not set it."""
+  from jaxrec import gin_usage   # pylint: disable=import-outside-toplevel
+  from jaxrec.embedding.specs import bound_field   # pylint: disable=import-outside-toplevel
+  b = bound_field(spec, field)
+  where = gin_usage.bound_where(b) if b else None
+  return f"{b}, {where}" if where else b
+
+
 def _shape_hint(theirs: Mapping, spec) -> str:
   """What to do about table `spec` whose stored rows or dim differ from the configuration:
   the bindings of the fields that differ where gin set them (they were only guessed:
   `uniform_tables.rows / .dim`, in a config of scoped TableSpecs)."""
-  from jaxrec import gin_usage   # pylint: disable=import-outside-toplevel
-  from jaxrec.embedding.specs import bound_field   # pylint: disable=import-outside-toplevel
   stored = theirs.get(table_name(spec.name)) or theirs.get(table_name(spec.name, "q"))
   shape = f"[{stored[0][0]}, {stored[0][1]}]" if stored and len(stored[0]) == 2 else "its shape"
   differ = ([f for f, n in zip(("rows", "dim"), stored[0]) if getattr(spec, f) != n]
             if stored and len(stored[0]) == 2 else ["rows", "dim"])
-  bound = [f"{b}, {gin_usage.bound_where(b)}"   # (bound_field: only a recorded binding)
-           for f in differ if (b := bound_field(spec, f))]
+  bound = [b for f in differ if (b := _bound(spec, f))]
   where = "; ".join(bound) if bound else "e.g. uniform_tables.rows / .dim"
   return (f": a resume cannot change a table's rows or dim (no conversion does); configure "
           f"the checkpoint's {shape} ({where}), or start a fresh --workdir")
