@@ -146,9 +146,9 @@ def check_stored(tables_dir, names: Iterable[str], saved: Mapping[str, int]) -> 
   """Reads the stored arrays `names` of the `embeddings` item `tables_dir` block by block;
   raises ValueError when one differs from its saved fingerprint (`saved`). Returns whether
   every value is finite. A large array's read is a logged phase, as `storage.check_step`'s."""
-  nonfinite = []
+  nonfinite, context = [], tables_lib.read_context()
   for name in names:
-    array = tables_lib.open_stored(tables_dir, name)
+    array = tables_lib.open_stored(tables_dir, name, context)
     what = f"checkpoint {epath.Path(tables_dir).parent}: checking '{name}'"
     total = storage.array_fingerprint(
         array, lambda block: nonfinite.append(not np.isfinite(block).all()),

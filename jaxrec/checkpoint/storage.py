@@ -2,8 +2,9 @@
 
 Dense arrays: orbax writes each leaf of the `state` item as a tensorstore zarr array
 (inside an OCDBT database by default) named after its pytree path. Tables: zarr arrays of
-the `embeddings` item (see `tables`). These helpers open both with tensorstore, so tools
-(export, full validation) read them in row blocks: a table is never held whole in memory.
+the `embeddings` item (see `tables`: files, or one OCDBT database for many arrays). These
+helpers open both with tensorstore, so tools (export, full validation) read them in row
+blocks: a table is never held whole in memory.
 """
 
 from __future__ import annotations
@@ -197,8 +198,9 @@ def open_arrays(step_dir: epath.PathLike) -> dict[str, ts.TensorStore]:
   step_dir = epath.Path(step_dir)
   with _reading(step_dir):
     out = _dense_arrays(step_dir)
-    for name in tables_lib.read_index(step_dir / TABLES)["arrays"]:
-      out[name] = tables_lib.open_stored(step_dir / TABLES, name)
+    out.update(tables_lib.open_many(step_dir / TABLES,
+                                    list(tables_lib.read_index(step_dir / TABLES)["arrays"]),
+                                    tables_lib.read_context()))
   return out
 
 

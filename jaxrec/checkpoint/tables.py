@@ -8,6 +8,12 @@ Stored under the checkpoint item `embeddings/`:
     embeddings/index.json                  {"processes", "arrays": {name: {shape, dtype}}}
     embeddings/fingerprints.<process>.json {name: partial fingerprint}
 
+A one-process save of `DATABASE_ARRAYS` arrays or more keeps the arrays' files in one
+OCDBT database (`embeddings/manifest.ocdbt`, `embeddings/d/`) under the same names:
+a file per array and chunk cost ~5 ms each to create and sync (3,000 tables: 12,000
+files, 82 s a save). Several processes write the plain files (each writes its own rows
+into the shared arrays); a reader opens either (`open_stored`).
+
 The layout does not depend on mesh or plan. A restore widens a stored floating-point array
 to a wider configured dtype when that is exact (float16/bfloat16 → float32, e.g. an
 imported TorchRec table), and reads an int8 table configured as float32 as the values its
@@ -30,7 +36,7 @@ import functools
 import json
 import math
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +58,7 @@ INDEX = "index.json"
 CHUNK_BYTES = 8 << 20
 COPY_BYTES = 16 << 20   # host copies run in parallel blocks of about this size
 BLOCK_CHUNKS = 16       # `write_pieces` commits this many chunks of rows at a time
+DATABASE_ARRAYS = 64    # a one-process save of this many arrays or more is one database
 WINDOW_BYTES = 32 << 20   # a restore reads a stacked array in row windows of about this
 READ_CACHE_BYTES = 128 << 20   # decoded chunks a restore keeps (a window's, all columns)
 
@@ -193,13 +200,63 @@ def _copy_pool() -> concurrent.futures.ThreadPoolExecutor:
                                                thread_name_prefix="jaxrec_ckpt_copy")
 
 
-def _spec(path: epath.Path, shape, dtype, chunk_bytes: int) -> dict:
+def uses_database(directory: epath.PathLike) -> bool:
+  """Whether a stored `embeddings` item is one OCDBT database (see `write_pieces`) rather
+  than a directory of files per array."""
+  return (epath.Path(directory) / "manifest.ocdbt").exists()
+
+
+def _kvstore(directory: epath.Path, name: str, database: bool) -> dict:
+  if database:
+    return {"driver": "ocdbt", "base": f"file://{directory}", "path": f"{name}/"}
+  return {"driver": "file", "path": f"{directory / name}/"}
+
+
+def _spec(directory: epath.Path, name: str, shape, dtype, chunk_bytes: int,
+          database: bool) -> dict:
   row_bytes = max(1, math.prod(shape[1:]) * np.dtype(dtype).itemsize)
   chunks = [max(1, min(shape[0], chunk_bytes // row_bytes)), *shape[1:]]
-  return {"driver": "zarr", "kvstore": {"driver": "file", "path": str(path)},
+  return {"driver": "zarr", "kvstore": _kvstore(directory, name, database),
           "dtype": np.dtype(dtype).name,
           "metadata": {"shape": list(shape), "chunks": chunks,
                        "compressor": {"id": "zstd", "level": 1}}}
+
+
+def _waves(arrays: Mapping[str, tuple], opened: Mapping[str, ts.TensorStore],
+           by_array: Mapping[str, list], chunk_bytes: int
+           ) -> Iterator[list[tuple[str, int, int]]]:
+  """`(array, first row, end row)` blocks of `BLOCK_CHUNKS` chunks of rows of every array
+  holding pieces, in array order, grouped into waves of at most `BLOCK_CHUNKS` x
+  `chunk_bytes` (or one block), each written in one transaction: one for a whole array
+  held a second copy of it (1.8 GB more for a 3e7 x 16 table); writing one array at a time
+  waited on each small array's files in turn. An array with a lazy piece (an import's table, read when its turn
+  comes) shares no wave: one such table is in memory at a time."""
+  wave, wave_bytes = [], 0
+  for name, (shape, dtype) in arrays.items():
+    if not by_array[name]:
+      continue
+    chunk = opened[name].chunk_layout.write_chunk.shape[0]
+    row_bytes = max(1, math.prod(shape[1:]) * np.dtype(dtype).itemsize)
+    lazy = any(callable(p.data) for p in by_array[name])
+    for lo in range(0, shape[0], chunk * BLOCK_CHUNKS):
+      hi = min(shape[0], lo + chunk * BLOCK_CHUNKS)
+      if wave and (lazy or wave_bytes + (hi - lo) * row_bytes > BLOCK_CHUNKS * chunk_bytes):
+        yield wave
+        wave, wave_bytes = [], 0
+      wave.append((name, lo, hi))
+      wave_bytes += (hi - lo) * row_bytes
+    if lazy and wave:
+      yield wave
+      wave, wave_bytes = [], 0
+  if wave:
+    yield wave
+
+
+def _fingerprint(shape, parts) -> int:
+  total = 0
+  for start, data in parts:
+    total = (total + fingerprint_np(data, shape, start)) & 0xFFFFFFFF
+  return total
 
 
 async def write_pieces(directory: epath.Path, arrays: Mapping[str, tuple], pieces: list[Piece],
@@ -210,36 +267,40 @@ async def write_pieces(directory: epath.Path, arrays: Mapping[str, tuple], piece
 
   Runs in orbax's background commit thread; it waits on tensorstore futures directly
   (`.result()`) rather than through that thread's event loop."""
+  database = jax.process_count() == 1 and len(arrays) >= DATABASE_ARRAYS
+  context, txn = ts.Context(), ts.Transaction() if database else None
   # every open done before any error is raised: one still creating its array's files in
   # orbax's tmp directory after the save failed is a file the failure's clean-up missed
-  opened = dict(zip(arrays, wait_all([ts.open(_spec(directory / name, shape, dtype,
-                                                    chunk_bytes), create=True, open=True)
-                                      for name, (shape, dtype) in arrays.items()])))
+  opened = dict(zip(arrays, wait_all([
+      ts.open(_spec(directory, name, shape, dtype, chunk_bytes, database), create=True,
+              open=True, context=context, transaction=txn)
+      for name, (shape, dtype) in arrays.items()])))
+  if database:   # the arrays' metadata: one commit (each array its own: minutes at 3,000)
+    txn.commit_async().result()
   by_array: dict[str, list[Piece]] = {name: [] for name in arrays}
   for p in pieces:
     by_array[p.array].append(p)
-  prints = {}
-  for name, handle in opened.items():
-    shape, total = arrays[name][0], 0
-    parts = [(p.start, p.data() if callable(p.data) else p.data) for p in by_array[name]]
-    for start, data in parts:
-      total = (total + fingerprint_np(data, shape, start)) & 0xFFFFFFFF
-    # a transaction per block of rows: it holds its chunks until committed (one for the
-    # whole array held a second copy of it: 1.8 GB more for a 3e7 x 16 table)
-    block = handle.chunk_layout.write_chunk.shape[0] * BLOCK_CHUNKS
-    for lo in range(0, shape[0], block):
-      txn, writes = ts.Transaction(), []
-      for start, data in parts:
-        a, b = max(lo, start[0]), min(lo + block, start[0] + data.shape[0])
+  prints, parts = dict.fromkeys(arrays, 0), {}   # 0: no piece here (another process's)
+  for wave in _waves(arrays, opened, by_array, chunk_bytes):
+    txn, writes = ts.Transaction(), []
+    for name, lo, hi in wave:
+      if name not in parts:   # a lazy piece (an import's table) is read when its array's
+        parts[name] = [(p.start, p.data() if callable(p.data) else p.data)   # turn comes
+                       for p in by_array[name]]
+        prints[name] = _fingerprint(arrays[name][0], parts[name])
+      for start, data in parts[name]:
+        a, b = max(lo, start[0]), min(hi, start[0] + data.shape[0])
         if a < b:
           region = (slice(a, b),) + tuple(slice(s, s + n)
                                           for s, n in zip(start[1:], data.shape[1:]))
-          writes.append(handle.with_transaction(txn)[region].write(
+          writes.append(opened[name].with_transaction(txn)[region].write(
               data[a - start[0]:b - start[0]], can_reference_source_data_indefinitely=True))
-      wait_all([w.copy for w in writes])
-      txn.commit_async().result()
-    prints[name] = total
-    parts = writes = None   # a lazy piece (an import's table) is not held past its array
+    wait_all([w.copy for w in writes])
+    txn.commit_async().result()
+    for name, lo, hi in wave:   # nothing held past its array's last block
+      if hi == arrays[name][0][0]:
+        del parts[name]
+    txn = writes = None
   process, count = jax.process_index(), jax.process_count()
   (directory / f"fingerprints.{process}.json").write_text(json.dumps(prints, sort_keys=True))
   if process == 0:
@@ -285,12 +346,29 @@ def saved_fingerprints(directory: epath.PathLike) -> dict[str, int]:
   return total
 
 
+def read_context() -> ts.Context:
+  """A context for reading one stored item's arrays: its cache keeps decoded chunks and a
+  database's index nodes (without one, each of 6,000 arrays read its manifest and index
+  anew: 11 s to open them where files took 2)."""
+  return ts.Context({"cache_pool": {"total_bytes_limit": READ_CACHE_BYTES}})
+
+
 def open_stored(directory: epath.PathLike, name: str, context: ts.Context | None = None
                 ) -> ts.TensorStore:
-  """One stored array, read-only (`context`: e.g. a shared cache of decoded chunks)."""
-  path = str(epath.Path(directory) / name)
-  spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": path}}
-  return ts.open(spec, open=True, read=True, context=context).result()
+  """One stored array, read-only (`context`: pass one `read_context()` to every array
+  read from one item)."""
+  return open_many(directory, [name], context)[name]
+
+
+def open_many(directory: epath.PathLike, names, context: ts.Context | None = None
+              ) -> dict[str, ts.TensorStore]:
+  """`{name: stored array}`, read-only, opened together (a database's 6,000 arrays opened
+  one after another took 2.6 s, together 0.7 s)."""
+  directory = epath.Path(directory)
+  database = uses_database(directory)
+  return dict(zip(names, wait_all([
+      ts.open({"driver": "zarr", "kvstore": _kvstore(directory, name, database)},
+              open=True, read=True, context=context) for name in names])))
 
 
 def open_restorable(directory: epath.PathLike, name: str, stored: Mapping,
@@ -411,9 +489,11 @@ def read_state(directory: epath.PathLike, collection, fresh: tuple[str, ...] = (
            if (n.startswith("tables/") or n.split("/")[1] not in fresh)
            and n.split("/")[1] not in skip]
   index = read_index(directory)["arrays"]
-  cache = ts.Context({"cache_pool": {"total_bytes_limit": READ_CACHE_BYTES}})
-  handles = {n: sources[n] if n in sources else open_restorable(directory, n, index, cache)
-             for n in names}
+  cache = read_context()
+  plain = open_many(directory, [n for n in names if n not in sources
+                                and not dequantized_lib.is_quantized(index, n)], cache)
+  handles = {n: sources[n] if n in sources else plain[n] if n in plain else
+             open_restorable(directory, n, index, cache) for n in names}
   prints = {n: 0 for n in names if n not in sources and n in index}
   abstract, shardings = _abstract_state(collection), collection.shardings()
   out = {"tables": {}, "opt": {}}

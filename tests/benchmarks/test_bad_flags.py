@@ -105,6 +105,8 @@ USAGE_ERRORS = [
      "--stream_steps=10 x --batch=64 ids cannot fill a cache of 50000 rows"),
     # a file: a traceback after the training
     ("checkpoint.py", ["--workdir", "/etc/passwd"], "--workdir: /etc/passwd is not a directory"),
+    ("checkpoint_tables.py", ["--tables", "0"], "--tables must be at least 1, got 0"),
+    ("checkpoint_tables.py", ["--workdir", "/etc"], "--workdir=/etc exists: give a new path"),
     ("offload.py", ["--rows", "1000", "--cache_fraction", "0.9", "--batch", "64",
                     "--stream_steps", "20", "--runs", "offload"],
      "distinct rows, fewer than the cache's 900"),

@@ -187,13 +187,13 @@ def test_a_step_that_cannot_be_opened_names_the_file_not_a_corrupt_checkpoint(
       return real_json(step_dir, item)
     monkeypatch.setattr(storage, "read_json", read_json)
   else:
-    real_open = tables.open_stored
+    real_open = tables.open_many
 
-    def open_stored(directory, name):
-      if name == "tables/t1":
+    def open_many(directory, names, context=None):
+      if "tables/t1" in names:
         raise eio
-      return real_open(directory, name)
-    monkeypatch.setattr(tables, "open_stored", open_stored)
+      return real_open(directory, names, context)
+    monkeypatch.setattr(tables, "open_many", open_many)
   with pytest.raises(DataError) as e:
     getattr(convert, export)(path, tmp_path / "out")
   assert str(e.value) == (f"--checkpoint_dir: cannot read {bad}: Input/output error "

@@ -73,8 +73,8 @@ def test_a_failed_create_leaves_no_other_create_running(tmp_path, monkeypatch):
   full = ValueError("UNKNOWN: Error writing local file: No space left on device")
   # tables.py's `ts` only: orbax threads of earlier tests may still open arrays themselves
   monkeypatch.setattr(tables_lib, "ts", types.SimpleNamespace(
-      Transaction=ts.Transaction, open=lambda spec, **kw: fake_futures.Future(
-          log, full if spec["kvstore"]["path"].endswith("t0") else None)))
+      Transaction=ts.Transaction, Context=ts.Context, open=lambda spec, **kw:
+      fake_futures.Future(log, full if spec["kvstore"]["path"].endswith("t0/") else None)))
   arrays = {name: ((8, 4), "float32") for name in ("t0", "t1", "t2")}
   with pytest.raises(ValueError, match="No space left"):
     asyncio.run(tables_lib.write_pieces(epath.Path(tmp_path), arrays, []))
