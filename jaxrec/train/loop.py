@@ -285,6 +285,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
 
   def save_checkpoint(state, step: int, force: bool, evaluates: bool,
                       data_state: dict | None = None) -> None:
+    writer.flush_events()   # the lines of the steps it saves: a rerun does not log them again
     if tier is not None:   # flush and snapshot the offloaded tables of this step
       ckpt.wait()   # the last save commits, rotating the oldest out (the save waits anyway)
       prune_snapshots()   # ... whose snapshot went after this one: keep + 2 copies at peak

@@ -103,6 +103,24 @@ class MetricsWriter:
       value = _to_python(value)
       if key != "step" and isinstance(value, numbers.Real) and not isinstance(value, bool):
         self._tb.add_scalar(key, float(value), int(step))
+    if any(k.startswith("eval_") for k in record):   # a rerun does not evaluate it again
+      self.flush_events()
+
+  def flush_events(self) -> None:
+    """Writes the TensorBoard events out now (fsync), those still in tensorboardX's queue
+    included: before a checkpoint and after an eval line, whose steps a rerun does not log
+    again (a kill -9 within `TB_FLUSH_SECS` lost them from TensorBoard for good)."""
+    if self._tb is None:
+      return
+    events = self._tb.file_writer.event_writer
+    try:
+      if events._worker is not None:   # pylint: disable=protected-access
+        events._worker.stop()   # it writes the queued events first (pylint: disable=protected-access)
+        events._closed = True   # `reopen`: a fresh thread on the same file (pylint: disable=protected-access)
+        events.reopen()
+      self._tb.flush()
+    except OSError as e:
+      self._failed(self._tb.logdir, e)
 
   def _failed(self, path: str, error: OSError):
     """A write failed (e.g. a full disk): drops both sinks without writing again (their

@@ -217,3 +217,25 @@ def test_a_resumed_run_purges_tensorboards_later_events(tmp_path):
            if e.HasField("session_log")]
   assert marks == [(20, SessionLog.START)], marks
   assert not any(e.HasField("session_log") for e in _read_events(first))
+
+
+def test_flush_events_writes_the_queued_events_out_now(tmp_path, monkeypatch):
+  """A run killed (-9) within `TB_FLUSH_SECS` of its checkpoint lost that step's loss and
+  eval points from TensorBoard for good (the rerun resumes past them; metrics.jsonl had
+  them): a walkthrough's TB held no point of steps 5-40 after a resume from 40.
+  `flush_events` (before a save, after an eval line) writes out also the events still in
+  tensorboardX's queue, and its thread goes on writing the later ones."""
+  from jaxrec.train import writers  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(writers, "TB_FLUSH_SECS", 3600)
+  w = MetricsWriter(str(tmp_path))
+  w.write(1, {"loss": 1.0})
+  time.sleep(0.3)   # the thread's first write is out at once; later ones wait an hour
+  for step in range(2, 21):
+    w.write(step, {"loss": 1.0 / step})
+  w.flush_events()
+  assert {step for _, step in tb_scalars(str(tmp_path))} == set(range(1, 21))
+  w.write(21, {"eval_auc": 0.7})   # an eval line is written out at once
+  assert ("eval_auc", 21) in tb_scalars(str(tmp_path))
+  w.write(22, {"loss": 0.01})
+  w.close()
+  assert ("loss", 22) in tb_scalars(str(tmp_path))
