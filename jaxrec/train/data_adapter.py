@@ -141,6 +141,31 @@ def synthetic_eval_warning(config, options) -> str | None:
           "--eval_data (e.g. a held-out day)")
 
 
+def eval_seed_warning(config, options, meta) -> str | None:
+  """The warning for a run that only evaluates a checkpoint on the synthetic eval set with
+  another `--seed` than the one that trained it (`meta["seed"]`): that set is drawn from
+  the seed (re-evaluated without the training run's `--seed=3`, a checkpoint scored
+  other examples: AUC 0.6174 against its eval line's 0.6461, without a word); None
+  otherwise."""
+  trained = (meta or {}).get("seed")
+  if (trained is None or int(trained) == options.seed
+      or (options.eval_data or config.eval_data) != pipeline.SYNTHETIC):
+    return None
+  return (f"warning: --seed={options.seed} draws another synthetic eval set than the "
+          f"--seed={trained} that trained this checkpoint and made its eval lines: pass "
+          f"--seed={trained} to evaluate the same examples")
+
+
+def warn_eval_seed(config, options, meta) -> None:
+  """Logs `eval_seed_warning`, if any, on process 0 (and under launch.py on the
+  supervisor's stderr too)."""
+  text = eval_seed_warning(config, options, meta)
+  if text and jax.process_index() == 0:
+    from jaxrec import elastic  # pylint: disable=import-outside-toplevel
+    log.warning("%s", text)
+    elastic.report_warning(text)
+
+
 def eval_in_train_warning(config, options) -> str | None:
   """The warning for an eval set that shares files with the training data (`--eval_data`
   equal to `--train_data`, or a file among its directory's or glob's): its metrics measure

@@ -406,6 +406,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     if finished:   # the resume line carries the evaluation (maybe of other --eval_data)
       log.info("already trained to step %d (--num_steps=%d): evaluating that checkpoint",
                start, options.num_steps)
+      if restored is not None:   # a synthetic eval set is the seed's
+        data_adapter.warn_eval_seed(config, options, restored.meta)
       metrics, state = evaluate(eval_step, collection, state, eval_data, bsharding, tier,
                                 model=config.model)
       # with --bad_rows=skip, the eval rows dropped (a training run's log lines carry them)

@@ -164,3 +164,20 @@ def test_an_eval_set_among_the_training_files_is_warned_about(tmp_path):
   assert "shares 2 file(s)" in warning(str(train / "*.tsv"))
   assert warning(str(tmp_path / "held_out.tsv")) is None
   assert warning("synthetic") is None and warning(str(tmp_path / "missing.tsv")) is None
+
+
+def test_evaluating_a_checkpoint_with_another_seed_says_the_eval_set_differs():
+  """A run that only evaluates draws the synthetic eval set from its --seed: without the
+  training run's --seed=3 a walkthrough's re-evaluation scored other examples (AUC 0.6174
+  against the 0.6461 of the eval line of that very checkpoint), without a word."""
+  import types  # pylint: disable=import-outside-toplevel
+  config = types.SimpleNamespace(eval_data="synthetic")
+
+  def warning(seed, trained, eval_data=None):
+    return data_adapter.eval_seed_warning(
+        config, config_lib.RunOptions(seed=seed, eval_data=eval_data), {"seed": trained})
+  assert warning(0, 3) == (
+      "warning: --seed=0 draws another synthetic eval set than the --seed=3 that trained "
+      "this checkpoint and made its eval lines: pass --seed=3 to evaluate the same examples")
+  assert warning(3, 3) is None and warning(0, None) is None
+  assert warning(0, 3, eval_data="day_1.tsv") is None   # a file: the same examples
