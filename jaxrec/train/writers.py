@@ -99,7 +99,9 @@ class MetricsWriter:
       self._file.flush()
     except OSError as e:
       self._failed(self.path, e)
-    for key, value in [*record.items(), *(scalars or {}).items()]:
+    event = "event" in record   # its numbers are bookkeeping (`checkpoint_step`), not metrics
+    values = [(k, v) for k, v in record.items() if not event or k.startswith("eval_")]
+    for key, value in [*values, *(scalars or {}).items()]:
       value = _to_python(value)
       if key != "step" and isinstance(value, numbers.Real) and not isinstance(value, bool):
         self._tb.add_scalar(key, float(value), int(step))

@@ -239,3 +239,16 @@ def test_flush_events_writes_the_queued_events_out_now(tmp_path, monkeypatch):
   w.write(22, {"loss": 0.01})
   w.close()
   assert ("loss", 22) in tb_scalars(str(tmp_path))
+
+
+def test_event_lines_put_only_their_eval_values_in_tensorboard(tmp_path):
+  """An event line's bookkeeping numbers became TB scalars: every resume drew a
+  `checkpoint_step` chart (a rollback `bad_step`, `restored_step`, `skipped_position`).
+  An evaluate-only run's resume line still gives its eval values."""
+  with MetricsWriter(str(tmp_path)) as mw:
+    mw.write(40, {"event": "resume", "checkpoint_step": 40})
+    mw.write(50, {"event": "nan_rollback", "bad_step": 53, "restored_step": 50,
+                  "skipped_position": 26624})
+    mw.write(60, {"event": "resume", "checkpoint_step": 60, "eval_auc": 0.7,
+                  "eval_examples": 1000})
+  assert set(tb_scalars(str(tmp_path))) == {("eval_auc", 60), ("eval_examples", 60)}
