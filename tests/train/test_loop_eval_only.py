@@ -220,3 +220,31 @@ def test_a_rerun_keeps_the_checkpoint_steps_tensorboard_points(tmp_path):
            if e.HasField("session_log")]
   assert len(files) == 2 and [m[0] for m in marks] == [3], marks
   assert ("loss", 2) in tb_scalars(str(tmp_path)) and ("eval_auc", 2) in tb_scalars(str(tmp_path))
+
+
+def test_a_checkpoints_steps_are_in_tensorboard_before_it_saves(tmp_path, monkeypatch):
+  """TensorBoard's events went out every 10 s only: a run killed (-9) within 10 s of a save
+  lost that step's loss and eval points for good (its rerun resumes past them). Now they
+  are on disk when a save starts (its loss) and once its eval line is written."""
+  from jaxrec.checkpoint.manager import CheckpointManager  # pylint: disable=import-outside-toplevel
+  from jaxrec.train import writers  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(writers, "TB_FLUSH_SECS", 3600)
+  seen = {}
+  real_save = CheckpointManager.save
+
+  def save(self, step, *args, **kwargs):
+    seen[step] = set(tb_scalars(str(tmp_path)))
+    return real_save(self, step, *args, **kwargs)
+  monkeypatch.setattr(CheckpointManager, "save", save)
+  real_write = writers.MetricsWriter.write
+
+  def write(self, step, metrics, scalars=None):
+    real_write(self, step, metrics, scalars)
+    if "eval_auc" in metrics:
+      seen[f"eval {step}"] = set(tb_scalars(str(tmp_path)))
+  monkeypatch.setattr(writers.MetricsWriter, "write", write)
+  options = config_lib.RunOptions(num_steps=2, mesh="data=8", plan="dp", progress=False,
+                                  log_every=1, checkpoint_every=1, eval_every=1)
+  loop.train_and_evaluate(CONFIG, options, str(tmp_path))
+  assert ("loss", 1) in seen[1] and ("eval_auc", 1) in seen[2] and ("loss", 2) in seen[2]
+  assert ("eval_auc", 2) in seen["eval 2"]
