@@ -26,6 +26,8 @@ def read_metrics(workdir: str) -> list[dict]:
   A `resume`, `restart` or `nan_rollback` line (written at the step the run went back to) drops the
   earlier lines past its step: they are of the steps the run redoes (a run killed after
   its last checkpoint, a rolled-back window), not of the curve it then trains.
+  An event line's eval values (an evaluate-only run's, maybe of other data) leave those of
+  a training run's eval line at that step as they are.
 
   A last line without its newline that does not parse (a run killed mid-write) is left
   out with a warning.
@@ -59,7 +61,11 @@ def read_metrics(workdir: str) -> list[dict]:
                         f"{json.dumps(value)}")
     if rec.get("event") in REWIND_EVENTS:
       by_step = {s: r for s, r in by_step.items() if s <= step}
-    by_step.setdefault(step, {}).update(rec)
+    entry = by_step.setdefault(step, {})
+    if "event" in rec:   # an evaluate-only run's values (maybe of other --eval_data) leave
+      rec = {k: v for k, v in rec.items()   # the training run's eval at that step as it is
+             if not k.startswith("eval_") or not any(x.startswith("eval_") for x in entry)}
+    entry.update(rec)
   if not by_step:
     raise DataError(f"metrics file {path} is empty")
   return [by_step[s] for s in sorted(by_step)]

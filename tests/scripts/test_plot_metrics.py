@@ -161,6 +161,18 @@ def test_resume_and_rollback_drop_the_abandoned_steps(tmp_path):
   assert records[-1] == {"step": 200, "loss": 3.0}   # not the rolled-back eval at 200
 
 
+def test_an_evaluate_only_run_does_not_replace_the_training_runs_eval(tmp_path):
+  """An evaluate-only run's resume line (maybe on other --eval_data: an all-negative file's
+  AUC is null) replaced the final point of the training run's AUC curve; it is plotted
+  only at a step with no eval of its own (a converted checkpoint's)."""
+  lines = [{"step": 60, "loss": 0.5}, {"step": 60, "eval_auc": 0.67},
+           {"step": 60, "event": "resume", "checkpoint_step": 60, "eval_auc": None},
+           {"step": 90, "event": "resume", "checkpoint_step": 90, "eval_auc": 0.5}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+  records = plotting.read_metrics(str(tmp_path))
+  assert [(r["step"], r["eval_auc"]) for r in records] == [(60, 0.67), (90, 0.5)]
+
+
 def test_a_run_with_nothing_to_plot_is_one_line_error(tmp_path):
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
   _fake_run(a, 1.0)
