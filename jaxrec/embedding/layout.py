@@ -247,28 +247,30 @@ def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], 
   `optimizer`: the sparse optimizer, or one per table (`optimizers.TableOptimizers`: tables
   of different optimizer families never share a stack); each stack carries its own, and
   the rates of its tables where they differ (`StackLayout.rates`)."""
-  by_name = {t.name: t for t in tables}
   plan.check_tables([t.name for t in tables], allow_unknown=True)
   sizes = tuple((a, int(mesh_shape.get(a, 1))) for a in MESH_AXES)
-  groups: dict[tuple, list[TableSpec]] = {}
+  table_slices = dict(sizes)["table"]
   longest: dict[str, int] = {}   # a read table's longest bag
-  for f in features:
+  reading: dict[str, list[int]] = {}   # a table's features, as indices
+  for i, f in enumerate(features):
     longest[f.table] = max(longest.get(f.table, 1), f.max_len)
+    reading.setdefault(f.table, []).append(i)
+  keyed = []   # (table, stacking key, its bag bucket: None for a table no feature reads)
   read_bags: dict[tuple, list[int]] = {}   # bag buckets of read tables per stacking key
-  group = functools.partial(optimizers.group, optimizer)
   for t in tables:
-    if t.name in longest:
-      read_bags.setdefault((plan[t.name].kind, t.dim, t.dtype, group(t.name)), []).append(
-          bag_bucket(longest[t.name]))
-  for t in tables:
-    placement = plan[t.name]
-    if "table" in placement.axes and not 0 <= placement.table_slice < dict(sizes)["table"]:
+    placement = plan.placements[t.name]
+    if "table" in KIND_AXES[placement.kind] and not 0 <= placement.table_slice < table_slices:
       raise ConfigError(f"table '{t.name}': table_slice {placement.table_slice} is outside "
-                        f"mesh axis table={dict(sizes)['table']}")
-    key = (placement.kind, t.dim, t.dtype, group(t.name))
+                        f"mesh axis table={table_slices}")
+    key = (placement.kind, t.dim, t.dtype, optimizers.group(optimizer, t.name))
+    bag = bag_bucket(longest[t.name]) if t.name in longest else None
+    if bag is not None:
+      read_bags.setdefault(key, []).append(bag)
+    keyed.append((t, key, bag))
+  groups: dict[tuple, dict[int, list[TableSpec]]] = {}
+  for t, key, bag in keyed:
     # a table no feature reads joins the shortest bag bucket of its kind, dim, dtype, group
-    bag = (bag_bucket(longest[t.name]) if t.name in longest
-           else min(read_bags.get(key, [1])))
+    bag = bag if bag is not None else min(read_bags.get(key, [1]))
     groups.setdefault(key, {}).setdefault(bag, []).append(t)
   order = {t.name: i for i, t in enumerate(tables)}
   stacks: dict[tuple, list[TableSpec]] = {}
@@ -292,10 +294,11 @@ def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], 
       fill[s] += t.rows
     slice_rows = _round_up(max(max(fill), 1), nr)
     slot_index = {s.name: i for i, s in enumerate(slots)}
-    feats = [i for i, f in enumerate(features) if f.table in slot_index]
+    feats = sorted(i for s in slots for i in reading.get(s.name, ()))
     feature_tables = tuple(slot_index[features[i].table] for i in feats)
-    per_slice = [[j for j, ti in enumerate(feature_tables) if slots[ti].table_slice == s]
-                 for s in range(nt)]
+    per_slice = [[] for _ in range(nt)]
+    for j, ti in enumerate(feature_tables):
+      per_slice[slots[ti].table_slice].append(j)
     width = max(1, max(len(p) for p in per_slice))
     slot_features = tuple(tuple(p + [-1] * (width - len(p))) for p in per_slice)
     max_len = max([features[i].max_len for i in feats], default=1)
@@ -306,7 +309,6 @@ def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], 
         max_len=max_len, slot_features=slot_features,
         optimizer=optimizers.of(optimizer, members[0].name),
         rates=optimizers.slot_rates(optimizer, [s.name for s in slots])))
-  del by_name
   return tuple(layouts)
 
 
