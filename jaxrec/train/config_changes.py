@@ -193,8 +193,10 @@ def explained(error: Exception, after: str) -> Exception:
   except Exception:  # pylint: disable=broad-except
     return error   # an unreadable meta: the refusal as it was
   # only configurables this run has called by now: the training data's are called after
-  # the restore (`make_train_iterator.*` read as unbound)
-  called = {_configurable(n) for n in bindings(after)}
+  # the restore (`make_train_iterator.*` read as unbound); and the models: a run switched
+  # to another model never calls the checkpoint's (`DLRM: called (...) -> (not called)`)
+  from jaxrec.models.base import MODELS  # pylint: disable=import-outside-toplevel
+  called = {_configurable(n) for n in bindings(after)} | {m.__name__ for m in MODELS.values()}
   diff = [d for d in (changed(before, after) if isinstance(before, str) else [])
           if _configurable(d.split(":")[0].split("[")[0]) in called]
   if not diff:

@@ -66,6 +66,7 @@ import pytest  # noqa: E402
 from jaxrec.checkpoint import CheckpointManager  # noqa: E402
 from jaxrec.checkpoint import convert as convert_lib  # noqa: E402
 from jaxrec.checkpoint import offloaded as offloaded_lib  # noqa: E402
+from jaxrec.checkpoint import tables as tables_lib  # noqa: E402
 from jaxrec.embedding import optimizers  # noqa: E402
 from jaxrec.embedding.collection import EmbeddingCollection  # noqa: E402
 from jaxrec.embedding.specs import FeatureSpec, TableSpec  # noqa: E402
@@ -132,6 +133,7 @@ class Config:
   batch: int
   legs: tuple[Leg, ...]
   store: tuple[str, str, int] = ("zarr3", "file", 4)   # offloaded: driver, kvstore, chunk
+  database: bool = False   # the checkpoints' tables in one OCDBT database (`tables.py`)
 
   def collection(self, leg: Leg, cached: bool = True, where: Leg | None = None
                  ) -> EmbeddingCollection:
@@ -152,7 +154,8 @@ class Config:
     legs = " -> ".join(leg.describe(prev) for prev, leg in zip((None,) + self.legs,
                                                                self.legs))
     return (f"seed={self.seed} {legs} | features: {feats} | options {opts} | batch "
-            f"{self.batch} | stores {'/'.join(map(str, self.store))}")
+            f"{self.batch} | stores {'/'.join(map(str, self.store))}"
+            f"{' | tables in a database' if self.database else ''}")
 
 
 def _placements(rng, tables, mesh):
@@ -245,8 +248,9 @@ def sample(seed: int, max_tables: int = 4) -> Config:
           Leg(tuple(dst.items()), tuple(dst_tables), dst_placements, dst_opt, 1, offloaded)]
   legs, store = _more_legs(np.random.default_rng([seed, 3]), legs)
   legs = ro.draw(np.random.default_rng([seed, 5]), legs)   # per-table optimizers
+  database = bool(np.random.default_rng([seed, 6]).random() < 0.5)
   return Config(seed, features, tuple(sorted(options.items())), batch, tuple(legs),
-                store)
+                store, database)
 
 
 def _more_legs(rng, legs: list[Leg]) -> tuple[list[Leg], tuple[str, str, int]]:
@@ -492,7 +496,10 @@ def check(seed: int) -> Config:
   cfg = sample(seed)
   chain = None
   try:
-    with tempfile.TemporaryDirectory(prefix="reshard_fuzz_") as directory:
+    with tempfile.TemporaryDirectory(prefix="reshard_fuzz_") as directory, \
+        pytest.MonkeyPatch.context() as patch:
+      if cfg.database:   # a few tables: a database only below the usual 64 arrays
+        patch.setattr(tables_lib, "DATABASE_ARRAYS", 1)
       chain = Chain(cfg, directory)
       chain.run()
   except Exception as e:  # pylint: disable=broad-except

@@ -2,6 +2,7 @@
 nothing, and `W/config.gin` claimed to rerun steps it never trained."""
 
 import dataclasses
+import json
 import logging
 import os
 
@@ -150,3 +151,22 @@ def test_a_changed_entry_of_a_table_dict_is_named_alone():
       "[('b', 'tab001'), ('a', 'tab000')]"]
   assert config_changes.changed("X.t = {'m*': @Adagrad()}\n", "X.t = {'m*': @SGD()}\n") == [
       "X.t: {'m*': @Adagrad()} -> {'m*': @SGD()}"]   # not literals: whole values
+
+
+def test_a_refusal_for_another_model_names_the_checkpoints_model_too(tmp_path):
+  """Switched from DLRM to DCNv2, the refusal listed `build_model.name` and DCNv2's
+  bindings but not DLRM's (this run never calls it: it was filtered as data's are)."""
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  before = ("build_model.name = 'dlrm'\nDLRM.bottom_mlp = (128, 64, 16)\n"
+            "DLRM.top_mlp = (128, 64, 1)\nmake_train_iterator.path = 'a.tsv'\n")
+  after = "build_model.name = 'dcnv2'\nDCNv2.low_rank = 32\n"
+  (tmp_path / "meta").mkdir()
+  (tmp_path / "meta" / "metadata").write_text(json.dumps({"gin": before}))
+  error = ConfigError("'params' in checkpoint does not match the model")
+  error.step_dir = str(tmp_path)
+  text = str(config_changes.explained(error, after))
+  assert "build_model.name: 'dlrm' -> 'dcnv2'" in text
+  assert "DCNv2: (not called) -> called (low_rank = 32)" in text
+  assert ("DLRM: called (bottom_mlp = (128, 64, 16), top_mlp = (128, 64, 1)) -> (not called)"
+          in text), text
+  assert "make_train_iterator" not in text
