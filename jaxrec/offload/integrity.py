@@ -44,6 +44,17 @@ def _files(root: str) -> dict[str, os.stat_result]:
   return out
 
 
+def files_under(root: str) -> list[str]:
+  """Paths relative to `root` of its files but lock files (none when it does not exist);
+  names only, no `stat`."""
+  out = []
+  for here, _, names in os.walk(root):   # relpath once a directory (per file: 30 us each)
+    rel = os.path.relpath(here, root)
+    prefix = "" if rel == "." else rel + os.sep
+    out.extend(prefix + name for name in names if not name.endswith(LOCK_SUFFIX))
+  return out
+
+
 def file_list(root: str, previous: Mapping[str, dict] | None = None) -> dict[str, dict]:
   """`{relative path: {"size", "crc32", "ino", "mtime_ns"}}` of the files under `root`.
   A file also in `previous` (the previous snapshot's list of the same table) with the same

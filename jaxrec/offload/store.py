@@ -144,6 +144,7 @@ class TableStore:
     self.arrays: dict[str, ts.TensorStore] = {}     # write handles
     self.readers: dict[str, ts.TensorStore] = {}    # read handles (another I/O pool)
     self._marked = False                            # `TRAINED` written (`_mark_trained`)
+    self._files: set[str] = set()   # chunk files known to exist (`_record_files`)
 
   @property
   def names(self) -> tuple[str, ...]:
@@ -193,6 +194,7 @@ class TableStore:
     if key is not None:
       self._write_init(key)
     self._open_writers()
+    self._record_files()
 
   def open_existing(self) -> None:
     """Opens arrays already at `path` in the format they were written in (`zarr` or
@@ -216,6 +218,7 @@ class TableStore:
             f"and {want_dtype}")
       self.readers[name] = arr
     self._open_writers()
+    self._record_files()
 
   def _open_writers(self) -> None:
     if self.off.kvstore == "memory":    # one store per context: share the handles
@@ -270,6 +273,7 @@ class TableStore:
     Raises `OffloadError` (naming the table and path) when the write fails."""
     if not len(rows):
       return
+    self._check_files_kept("the run stops before writing into it")
     self._mark_trained()
     order = np.argsort(rows, kind="stable")
     try:
@@ -359,7 +363,35 @@ class TableStore:
       return
     self.check_intact("a snapshot of it would replace the good ones. Nothing was saved for "
                       "this step")
+    self._check_files_kept("a snapshot of it would replace the good ones. Nothing was saved "
+                           "for this step")
     link_tree(self.path, dst, names=self.names)
+
+  def _chunk_files(self) -> set[str]:
+    """Files of the store's arrays (`<array>/<file>`), lock files aside."""
+    if self.off.kvstore == "memory":
+      return set()
+    return {os.path.join(n, rel) for n in self.names
+            for rel in integrity.files_under(os.path.join(self.path, n))}
+
+  def _record_files(self) -> None:
+    self._files = self._chunk_files()
+
+  def _check_files_kept(self, consequence: str) -> None:
+    """`OffloadError` when a chunk file the store had at its open, last write or snapshot
+    is gone: the store only replaces its files, so it was deleted under the run, and
+    tensorstore read its rows as zeros (a write-back then recreated the file with only the
+    rows it wrote, and the next checkpoints linked it and rotated the good snapshots out,
+    with no word). One listing of the array directories; a write-back or snapshot calls it."""
+    now = self._chunk_files()
+    gone = sorted(self._files - now)
+    if gone:
+      raise OffloadError(
+          f"offloaded table '{self.spec.name}': {len(gone)} file(s) of its store "
+          f"'{self.path}' disappeared during the run (deleted?), e.g. "
+          f"{os.path.join(self.path, gone[0])}: their rows read as zeros, and {consequence}; "
+          "rerun the same command to resume from the last checkpoint")
+    self._files |= now
 
   def check_intact(self, consequence: str) -> None:
     """`OffloadError` when an array of a file store lost its metadata: the directory was

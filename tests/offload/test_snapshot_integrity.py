@@ -245,3 +245,34 @@ def test_a_store_deleted_between_steps_stops_the_run_at_its_next_read(two_checkp
   resumes = [l for l in logged_lines(w) if l.get("event") == "resume"]
   assert [r["checkpoint_step"] for r in resumes][-1] == 20
   assert np.isfinite([l["loss"] for l in logged_lines(w) if "loss" in l]).all()
+
+
+def test_a_chunk_file_deleted_during_the_run_stops_it_before_it_is_saved(two_checkpoints,
+                                                                        tmp_path, monkeypatch):
+  """`rm W/offload/t0/table/c.0.0` while a run trained: its rows read as zeros, the next
+  write-back recreated the file with only the rows it wrote, and the run ended with exit 0
+  and every kept checkpoint built on the zeros. Now the next write-back (or snapshot) stops
+  the run naming the file; nothing is saved and the same command resumes from the last
+  good step."""
+  from jaxrec.offload import store as store_lib  # pylint: disable=import-outside-toplevel
+  w = shutil.copytree(two_checkpoints, tmp_path / "w")
+  real, reads = store_lib.TableStore.read, []
+  chunk = sorted(f for f in os.listdir(w / "offload" / "t0" / "table") if f.startswith("c"))[0]
+
+  def deleted_at_fifth_read(self, rows):
+    reads.append(len(rows))
+    if len(reads) == 5:
+      os.remove(os.path.join(self.path, "table", chunk))
+    return real(self, rows)
+  monkeypatch.setattr(store_lib.TableStore, "read", deleted_at_fifth_read)
+  with pytest.raises(OffloadError, match=rf"offloaded table 't0': 1 file\(s\) of its store "
+                     rf"'.*/offload/t0' disappeared during the run \(deleted\?\), e.g. "
+                     rf".*/offload/t0/table/{chunk}: their rows read as zeros.* rerun the same "
+                     r"command to resume"):
+    train_synthetic(w, 40, SMALL_DLRM + OFFLOAD)
+  assert sorted(int(s) for s in os.listdir(w / "checkpoints") if s.isdigit()) == [10, 20]
+  assert snapshots.steps(str(w / "offload_snapshots")) == [10, 20]
+  monkeypatch.setattr(store_lib.TableStore, "read", real)
+  train_synthetic(w, 30, SMALL_DLRM + OFFLOAD)
+  resumes = [l for l in logged_lines(w) if l.get("event") == "resume"]
+  assert [r["checkpoint_step"] for r in resumes][-1] == 20
