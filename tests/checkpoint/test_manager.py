@@ -156,6 +156,24 @@ def test_max_to_keep_below_one_is_refused(tmp_path, keep):
   assert not os.listdir(tmp_path)
 
 
+def test_a_step_directory_that_is_a_link_is_refused_by_a_writer(tmp_path, coll):
+  """A step moved to another disk and linked back resumed, then the rotation that reached
+  it died in orbax's rmtree ('Cannot call rmtree on a symbolic link', a traceback)."""
+  state = h.train_state(coll)
+  with CheckpointManager(tmp_path / "ck", max_to_keep=2) as mgr:
+    for s in (1, 2):
+      mgr.save(s, state, coll, force=True)
+    mgr.wait()
+  os.rename(tmp_path / "ck" / "1", tmp_path / "elsewhere")
+  os.symlink(tmp_path / "elsewhere", tmp_path / "ck" / "1")
+  with pytest.raises(ConfigError, match=r"checkpoint .*/ck/1 is a symbolic link \(to "
+                     r".*/elsewhere\): rotation \(--keep_checkpoints\) .* cannot delete a link"):
+    CheckpointManager(tmp_path / "ck", max_to_keep=2)
+  with CheckpointManager(tmp_path / "ck", read_only=True) as mgr:   # readers take it
+    assert mgr.all_steps() == [1, 2]
+  assert os.path.isdir(tmp_path / "elsewhere")
+
+
 def test_close_waits_for_orbax_tmp_cleanup(tmp_path, monkeypatch):
   """orbax removes old tmp directories in a thread it starts at creation and its close()
   does not wait for: a run stopping right after (a missing --train_data) printed that
