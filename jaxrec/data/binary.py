@@ -470,17 +470,32 @@ class BinarySource(GrainMixin):
     shards = self.manifest["shards"]
     file_limit.make_room(sum(int(s["num_examples"]) > 0 for s in shards), self.directory)
     try:
-      self._maps = [np.asarray(np.memmap(os.path.join(self.directory, s["file"]), void, "r",
-                                         shape=(int(s["num_examples"]),)))
-                    if int(s["num_examples"]) else None for s in shards]
+      maps = [np.memmap(os.path.join(self.directory, s["file"]), void, "r",
+                        shape=(int(s["num_examples"]),))
+              if int(s["num_examples"]) else None for s in shards]
     except OSError as e:
       if e.errno != errno.EMFILE:
         raise
       raise DataError(file_limit.too_many(len(shards), self.directory)) from None
+    self._maps = [None if m is None else np.asarray(m) for m in maps]
+    # each map's file, to check its size before a read (`_check_size`)
+    self._mmaps = [None if m is None else m._mmap for m in maps]   # pylint: disable=protected-access
+
+  def _check_size(self, k: int) -> None:
+    """`DataError` when shard `k`'s file is now shorter than the records mapped: reading
+    past its end killed the process with SIGBUS ('Fatal Python error: Bus error', exit 135,
+    or a data worker's 'exit code -7'), naming no file and saving nothing. One `fstat` (the
+    map's, ~1 us); a file truncated between it and the read still crashes."""
+    mm = self._mmaps[k]
+    if mm is not None and mm.size() < self._maps[k].nbytes:
+      path = os.path.join(self.directory, self.manifest["shards"][k]["file"])
+      raise DataError(f"{path}: {mm.size()} bytes now, {self._maps[k].nbytes} when the run "
+                      "opened it: the shard was truncated or rewritten during the run; re-run "
+                      "scripts/preprocess.py, or put the dataset back as it was")
 
   def __getstate__(self):
     state = dict(self.__dict__)
-    state["_maps"] = None
+    state["_maps"] = state["_mmaps"] = None
     return state
 
   def __setstate__(self, state):
@@ -491,6 +506,7 @@ class BinarySource(GrainMixin):
     """Raw records of examples `indices` (int64 `[n]`)."""
     indices = np.asarray(indices, np.int64)
     if len(self._maps) == 1:
+      self._check_size(0)
       return self._maps[0][indices].view(self._dtype)
     shard = np.searchsorted(self._offsets, indices, "right") - 1
     local = indices - self._offsets[shard]
@@ -501,7 +517,9 @@ class BinarySource(GrainMixin):
     order = np.argsort(shard, kind="stable")
     bounds = np.flatnonzero(np.diff(shard[order])) + 1
     for run in np.split(order, bounds) if len(order) else ():
-      out[run] = self._maps[shard[run[0]]][local[run]]
+      k = int(shard[run[0]])
+      self._check_size(k)
+      out[run] = self._maps[k][local[run]]
     return out.view(self._dtype)
 
   def gather(self, indices: np.ndarray) -> Batch:

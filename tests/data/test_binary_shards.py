@@ -1,6 +1,7 @@
 """Preprocessed binary shards: same examples as the TSV, random access, strict checks."""
 
 import json
+import multiprocessing
 import os
 import pickle
 
@@ -421,6 +422,35 @@ def test_a_value_preprocessing_never_writes_names_shard_and_record(dataset, fiel
     src.gather(np.array([7, 128 + 5, 2]))
   assert str(e.value) == (f"{shard}: record 5: {what} (the shard was not written by "
                           "scripts/preprocess.py, or changed with its checksum)")
+
+
+def test_a_shard_truncated_during_the_run_is_named_not_a_bus_error(dataset):
+  """A shard truncated while a run read it (its map reached past the file's end) killed
+  the process with SIGBUS ('Fatal Python error: Bus error', exit 135) naming no file, and
+  saved nothing; now its next read is a `DataError` naming it (the trainer saves first).
+  The read runs in a forked child, so a SIGBUS fails the test rather than ending pytest."""
+  _, out, lay = dataset
+  src = binary.BinarySource(out, lay)
+  src.gather(np.arange(300))
+  shard = os.path.join(out, src.manifest["shards"][1]["file"])
+  os.truncate(shard, 1000)
+  ctx = multiprocessing.get_context("fork")
+  receive, send = ctx.Pipe(duplex=False)
+
+  def gather():
+    try:
+      src.gather(np.array([3, 250]))
+      send.send("no error")
+    except DataError as e:
+      send.send(str(e))
+  child = ctx.Process(target=gather)
+  child.start()
+  child.join()
+  assert child.exitcode == 0            # -7: SIGBUS
+  record = src.manifest["record_bytes"]
+  assert receive.recv() == (f"{shard}: 1000 bytes now, {128 * record} when the run opened "
+                            "it: the shard was truncated or rewritten during the run; re-run "
+                            "scripts/preprocess.py, or put the dataset back as it was")
 
 
 def test_a_second_preprocess_into_the_same_output_is_refused(tmp_path, tsv_file):
