@@ -24,11 +24,13 @@ from jaxrec.errors import CheckpointError
 
 def step_dirs(directory) -> list[int]:
   """The steps of the step directories in checkpoint directory `directory`, ascending (a
-  listing, no orbax: a save is renamed to its step when it commits); [] if it is absent."""
+  listing, no orbax: a save is renamed to its step when it commits); [] if it is absent.
+  Names as orbax writes them only: a zero-padded `0350` (a copy) is no step orbax reads."""
   directory = epath.Path(directory)
   if not directory.is_dir():
     return []
-  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  return sorted(int(p.name) for p in directory.iterdir()
+                if p.name.isdigit() and p.name == str(int(p.name)))
 
 
 def unfinished_save(name: str) -> bool:

@@ -69,6 +69,14 @@ def test_step_dirs_lists_committed_step_directories(tmp_path):
   assert steps.step_dirs(tmp_path) == [3, 10] and steps.step_dirs(tmp_path / "none") == []
 
 
+def test_a_zero_padded_copy_is_not_a_step(tmp_path):
+  """`cp -r 300 0350` listed as step 350, which orbax never restores: the mesh choice
+  read the records of `checkpoints/350`, not there, and warned about it ('No such file')."""
+  for name in ("300", "0350", "00"):
+    (tmp_path / name).mkdir()
+  assert steps.step_dirs(tmp_path) == [300]
+
+
 def test_a_step_being_deleted_is_told_from_one_that_stays_without_waiting_long(tmp_path):
   """A failed read waited 2 s on every error to tell a rotation from damage; a step whose
   entries do not change for `settle` s is not being deleted."""
