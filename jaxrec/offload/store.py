@@ -61,6 +61,7 @@ _WRITE_PIECE_FILE_BYTES = 64 << 20
 # Writing the initial rows of a table this large is logged, every this many seconds.
 _PROGRESS_MIN_BYTES = 256 << 20
 _PROGRESS_EVERY_S = 10.0
+FILES_CHECK_S = 1.0   # a write-back lists the store for deleted files at most this often
 _LOG = logging.getLogger(__name__)
 
 
@@ -145,6 +146,7 @@ class TableStore:
     self.readers: dict[str, ts.TensorStore] = {}    # read handles (another I/O pool)
     self._marked = False                            # `TRAINED` written (`_mark_trained`)
     self._files: set[str] = set()   # chunk files known to exist (`_record_files`)
+    self._files_checked = -math.inf   # `time.monotonic()` of the last `_check_files_kept`
 
   @property
   def names(self) -> tuple[str, ...]:
@@ -273,7 +275,8 @@ class TableStore:
     Raises `OffloadError` (naming the table and path) when the write fails."""
     if not len(rows):
       return
-    self._check_files_kept("the run stops before writing into it")
+    if time.monotonic() - self._files_checked >= FILES_CHECK_S:
+      self._check_files_kept("the run stops before writing into it")
     self._mark_trained()
     order = np.argsort(rows, kind="stable")
     try:
@@ -382,8 +385,11 @@ class TableStore:
     is gone: the store only replaces its files, so it was deleted under the run, and
     tensorstore read its rows as zeros (a write-back then recreated the file with only the
     rows it wrote, and the next checkpoints linked it and rotated the good snapshots out,
-    with no word). One listing of the array directories; a write-back or snapshot calls it."""
-    now = self._chunk_files()
+    with no word). One listing of the array directories (7-10 ms at 7,325 files): every
+    snapshot calls it, a write-back when `FILES_CHECK_S` have passed since the last (the
+    background write-backs of a large table came every few steps). A file deleted and
+    recreated by a write-back within that time is not seen."""
+    now, self._files_checked = self._chunk_files(), time.monotonic()
     gone = sorted(self._files - now)
     if gone:
       raise OffloadError(
