@@ -392,7 +392,7 @@ def user_errors(interrupted: Callable[[str], str] | None = None) -> Iterator[Non
     name = signals.name(e)
     print(f"error: {interrupted(name)}" if interrupted else "interrupted", file=sys.stderr)
     sys.exit(signals.exit_code(e))
-  except termination.Terminated as e:   # SIGTERM: a checkpoint was saved first
+  except termination.Terminated as e:   # SIGTERM (SIGHUP): a checkpoint was saved first
     logging.shutdown()
     print(str(e), file=sys.stderr)
-    sys.exit(termination.EXIT_CODE)
+    sys.exit(e.exit_code)

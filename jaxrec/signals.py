@@ -40,11 +40,16 @@ _exit = os._exit             # pylint: disable=protected-access
 
 
 class TerminateRequested(BaseException):
-  """SIGTERM, raised by `check()` (as KeyboardInterrupt is for SIGINT)."""
+  """SIGTERM (or a deferred SIGHUP: `signum`), raised by `check()` (as KeyboardInterrupt is
+  for SIGINT)."""
+
+  def __init__(self, signum: int = signal.SIGTERM):
+    super().__init__()
+    self.signum = signum
 
 
 def _exception(signum: int) -> BaseException:
-  return KeyboardInterrupt() if signum == signal.SIGINT else TerminateRequested()
+  return KeyboardInterrupt() if signum == signal.SIGINT else TerminateRequested(signum)
 
 
 def _record(signum, frame):  # pylint: disable=unused-argument
@@ -98,8 +103,9 @@ def check() -> None:
 
 
 def name(e: BaseException) -> str:
-  """`SIGTERM` for a `TerminateRequested`, `SIGINT` for anything else (KeyboardInterrupt)."""
-  return "SIGTERM" if isinstance(e, TerminateRequested) else "SIGINT"
+  """`SIGTERM` (`SIGHUP`) for a `TerminateRequested`, `SIGINT` for anything else
+  (KeyboardInterrupt)."""
+  return signal.Signals(e.signum).name if isinstance(e, TerminateRequested) else "SIGINT"
 
 
 def exit_code(e: BaseException) -> int:

@@ -574,12 +574,11 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     ckpt.wait()   # the last save committed, older checkpoints rotated out
     prune_snapshots()
     if sigterm and (step < options.num_steps or eval_stopped):
-      writer.write(step, {"event": "terminated", "signal": "SIGTERM"})
+      writer.write(step, {"event": "terminated", "signal": terminated.signal_name})
       during = f"during the eval of step {step}" if eval_stopped else f"after step {step}"
       then = ("evaluates it" if step == options.num_steps else "resumes from it")
-      raise termination.Terminated(
-          f"stopped by SIGTERM {during}: checkpoint {step} is saved in "
-          f"{ckpt.directory}; the same command {then}")
+      raise terminated.terminated(f"{during}: checkpoint {step} is saved in "
+                                  f"{ckpt.directory}; the same command {then}")
   except BaseException as e:   # what `finally` must not hide behind a writer error
     failing = e
     raise

@@ -12,7 +12,11 @@ schedulers expect of a terminated job). The same command resumes from that check
 A second SIGTERM exits at once with `signals.stop_now`'s line, e.g. when the step, the
 save or an eval is stuck.
 
-Only a single-process run outside `scripts/launch.py` catches it: the processes of a job
+SIGHUP (the terminal closed, an ssh session lost) is taken as SIGTERM, unless the run
+ignores it (`nohup`): it killed the run with no line, losing the steps since the last
+checkpoint and the save in flight. The stop then names SIGHUP, exits 129.
+
+Only a single-process run outside `scripts/launch.py` catches them: the processes of a job
 would have to agree on the step to save at, and the elastic supervisor stops its workers
 with its own requests (SIGTERM is its last resort before SIGKILL there).
 """
@@ -22,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from jaxrec import signals
 
@@ -30,21 +34,42 @@ EXIT_CODE = 128 + signal.SIGTERM
 
 
 class Terminated(Exception):
-  """The run stopped on SIGTERM after saving a checkpoint (the message says which)."""
+  """The run stopped on SIGTERM (SIGHUP) after saving a checkpoint (the message says
+  which); `exit_code` 128 + the signal."""
+
+  def __init__(self, message: str, exit_code: int = EXIT_CODE):
+    super().__init__(message)
+    self.exit_code = exit_code
+
+
+def _signums() -> list[int]:
+  """SIGTERM, and SIGHUP unless ignored (`nohup`) or handled by someone else."""
+  hangup = signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+  return [signal.SIGTERM] + ([signal.SIGHUP] if hangup else [])
 
 
 class SigtermRequests:
-  """What SIGTERM asks of the trainer: a stop at the next `signals.check()` before
-  `training()`, a checkpoint after the step in progress (`is_set()`) from then on."""
+  """What SIGTERM (SIGHUP) asks of the trainer: a stop at the next `signals.check()`
+  before `training()`, a checkpoint after the step in progress (`is_set()`) from then on."""
 
-  def __init__(self, enabled: bool):
+  def __init__(self, enabled: bool, signums: Sequence[int] = (signal.SIGTERM,)):
     self._enabled = enabled
+    self._signums = tuple(signums)
     self._training = False
     self._requested = threading.Event()
+    self.signum = signal.SIGTERM   # the first one that asked
+
+  @property
+  def signal_name(self) -> str:
+    return signal.Signals(self.signum).name
 
   def is_set(self) -> bool:
     """Whether SIGTERM arrived since `training()`: save after this step and stop."""
     return self._requested.is_set()
+
+  def terminated(self, message: str) -> Terminated:
+    """`Terminated` with `message`, `stopped by <signal> ` before it, and its exit code."""
+    return Terminated(f"stopped by {self.signal_name} {message}", 128 + self.signum)
 
   def training(self) -> None:
     """Called before each step: from the first, SIGTERM sets the request. One recorded
@@ -52,12 +77,14 @@ class SigtermRequests:
     if not self._enabled or self._training:
       return
     self._training = True
-    signal.signal(signal.SIGTERM, self._handler)
+    for s in self._signums:
+      signal.signal(s, self._handler)
     signals.check()
 
   def _handler(self, signum, frame):  # pylint: disable=unused-argument
-    if self._requested.is_set():   # a second SIGTERM: stop now (e.g. stuck in a long eval)
+    if self._requested.is_set():   # a second signal: stop now (e.g. stuck in a long eval)
       signals.stop_now(signum)
+    self.signum = signum
     self._requested.set()
 
 
@@ -67,14 +94,16 @@ def sigterm_requests(enabled: bool = True) -> Iterator[SigtermRequests]:
   Disabled, or off the main thread (no handler can be set there), nothing is ever
   requested and SIGTERM acts as before."""
   enabled = enabled and threading.current_thread() is threading.main_thread()
-  requests = SigtermRequests(enabled)
+  signums = _signums() if enabled else []
+  requests = SigtermRequests(enabled, signums)
   if not enabled:
     yield requests
     return
-  before = signal.getsignal(signal.SIGTERM)
-  deferred = signals.defer([signal.SIGTERM])   # until `training()`
+  before = {s: signal.getsignal(s) for s in signums}
+  deferred = signals.defer(signums)   # until `training()`
   try:
     yield requests
   finally:
-    signal.signal(signal.SIGTERM, before)
+    for s, handler in before.items():
+      signal.signal(s, handler)
     signals.undefer(deferred)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests import xla_env
 from tests.scripts.test_train import ROOT, read_metrics, train
 
@@ -18,7 +20,9 @@ FLAGS = ["--gin_file=configs/dlrm_synthetic.gin", "--plan=dp", "--log_every=5",
          "--gin_bindings=ExperimentConfig.num_eval_examples=512"]
 
 
-def test_sigterm_checkpoints_the_step_and_the_same_command_resumes(tmp_path):
+@pytest.mark.parametrize("signum", [
+    signal.SIGTERM, pytest.param(signal.SIGHUP, marks=pytest.mark.slow)])   # as SIGTERM
+def test_sigterm_checkpoints_the_step_and_the_same_command_resumes(tmp_path, signum):
   w = str(tmp_path / "w")
   env = xla_env.script_env(1)
   proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "train.py"),
@@ -30,18 +34,19 @@ def test_sigterm_checkpoints_the_step_and_the_same_command_resumes(tmp_path):
                and any("loss" in l for l in read_metrics(w))):   # compiled and training
       assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
       time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
   finally:
     if proc.poll() is None:
       proc.kill()
-  assert proc.returncode == 143, err[-2000:]
+  name = signal.Signals(signum).name
+  assert proc.returncode == 128 + signum, err[-2000:]
   assert "Traceback" not in err and "error:" not in err, err[-2000:]
   last = err.strip().splitlines()[-1]
-  assert last.startswith("stopped by SIGTERM after step ") and "the same command resumes" in last
+  assert last.startswith(f"stopped by {name} after step ") and "the same command resumes" in last
   step = int(last.split("after step ")[1].split(":")[0])
   assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == [str(step)]
-  assert read_metrics(w)[-1] == {"step": step, "event": "terminated", "signal": "SIGTERM"}
+  assert read_metrics(w)[-1] == {"step": step, "event": "terminated", "signal": name}
   train(w, f"--num_steps={step + 5}", *FLAGS, devices=1)
   lines = read_metrics(w)
   assert [l["checkpoint_step"] for l in lines if l.get("event") == "resume"] == [step]

@@ -59,3 +59,40 @@ def test_disabled_leaves_sigterm_alone():
     assert signal.getsignal(signal.SIGTERM) == before
     requested.training()
     assert signal.getsignal(signal.SIGTERM) == before and not requested.is_set()
+
+
+@pytest.mark.usefixtures("exits", "second_line")
+def test_sighup_asks_for_a_checkpoint_as_sigterm_does(capfd):
+  """A closed terminal's SIGHUP killed the run with no line, losing the steps since the
+  last checkpoint (and a save in flight)."""
+  before = signal.getsignal(signal.SIGHUP)
+  with termination.sigterm_requests() as requested:
+    os.kill(os.getpid(), signal.SIGHUP)   # before the first step: raised at the next check
+    with pytest.raises(signals.TerminateRequested) as e:
+      signals.check()
+    assert signals.name(e.value) == "SIGHUP" and signals.exit_code(e.value) == 129
+  with termination.sigterm_requests() as requested:
+    requested.training()
+    os.kill(os.getpid(), signal.SIGHUP)
+    assert requested.is_set() and requested.signal_name == "SIGHUP"
+    stop = requested.terminated("after step 3: checkpoint 3 is saved")
+    assert str(stop) == "stopped by SIGHUP after step 3: checkpoint 3 is saved"
+    assert stop.exit_code == 129
+    with pytest.raises(Exited) as e:
+      os.kill(os.getpid(), signal.SIGTERM)
+  assert e.value.args == (143,)
+  assert capfd.readouterr().err == "again by SIGTERM\n"
+  assert signal.getsignal(signal.SIGHUP) == before
+
+
+def test_an_ignored_sighup_stays_ignored():
+  """Under `nohup` SIGHUP is ignored on purpose: the run keeps going."""
+  before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+  try:
+    with termination.sigterm_requests() as requested:
+      requested.training()
+      assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+      os.kill(os.getpid(), signal.SIGHUP)
+      assert not requested.is_set()
+  finally:
+    signal.signal(signal.SIGHUP, before)
