@@ -11,7 +11,7 @@ Stored under the checkpoint item `embeddings/`:
 A one-process save of `DATABASE_ARRAYS` arrays or more keeps the arrays' files in one
 OCDBT database (`embeddings/manifest.ocdbt`, `embeddings/d/`) under the same names:
 a file per array and chunk cost ~5 ms each to create and sync (3,000 tables: 12,000
-files, 82 s a save). Several processes write the plain files (each writes its own rows
+files, 39-115 s a save on a loaded 2-core host; 6-14 s as one database). Several processes write the plain files (each writes its own rows
 into the shared arrays); a reader opens either (`open_stored`).
 
 The layout does not depend on mesh or plan. A restore widens a stored floating-point array
@@ -229,8 +229,8 @@ def _waves(arrays: Mapping[str, tuple], opened: Mapping[str, ts.TensorStore],
   holding pieces, in array order, grouped into waves of at most `BLOCK_CHUNKS` x
   `chunk_bytes` (or one block), each written in one transaction: one for a whole array
   held a second copy of it (1.8 GB more for a 3e7 x 16 table); writing one array at a time
-  waited on each small array's files in turn. An array with a lazy piece (an import's table, read when its turn
-  comes) shares no wave: one such table is in memory at a time."""
+  waited on each small array's files in turn. An array with a lazy piece (an import's
+  table, read when its turn comes) shares no wave: one such table is in memory at a time."""
   wave, wave_bytes = [], 0
   for name, (shape, dtype) in arrays.items():
     if not by_array[name]:
