@@ -207,8 +207,10 @@ def uses_database(directory: epath.PathLike) -> bool:
 
 
 def _kvstore(directory: epath.Path, name: str, database: bool) -> dict:
-  if database:
-    return {"driver": "ocdbt", "base": f"file://{directory}", "path": f"{name}/"}
+  if database:   # the base as a spec, not a `file://` URL: a path's `#` or `?` failed the
+    # save, its `%41` wrote the database into another directory (`A`) and the step lost it
+    return {"driver": "ocdbt", "base": {"driver": "file", "path": f"{directory}/"},
+            "path": f"{name}/"}
   return {"driver": "file", "path": f"{directory / name}/"}
 
 

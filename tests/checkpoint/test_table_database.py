@@ -124,3 +124,18 @@ def test_a_damaged_database_falls_back_to_the_step_before(tmp_path, caplog):
     assert mgr.all_steps() == [1]
   assert f"{tmp_path}/2" in caplog.text and "corrupt" in caplog.text
   h.assert_tables_equal(coll, s1, coll, restored.state)
+
+
+@pytest.mark.parametrize("odd", ["run%41", "run#1", "run?x", "a b"])
+def test_a_database_under_a_path_with_url_characters(tmp_path, odd):
+  """The database's base was a `file://` URL: a workdir with `#` or `?` failed every save,
+  one with `%41` wrote the database into `.../runA` and every step lost its tables."""
+  directory = tmp_path / odd / "embeddings"
+  directory.mkdir(parents=True)
+  arrays, pieces, values = _small_arrays(40, np.random.default_rng(2))
+  asyncio.run(tables_lib.write_pieces(epath.Path(directory), arrays, pieces))
+  assert tables_lib.uses_database(directory)
+  assert sorted(os.listdir(tmp_path)) == [odd]
+  opened = tables_lib.open_many(directory, list(values), tables_lib.read_context())
+  for name, want in values.items():
+    np.testing.assert_array_equal(opened[name].read().result(), want, err_msg=name)
