@@ -183,7 +183,8 @@ def _dense_arrays(step_dir: epath.Path) -> dict[str, ts.TensorStore]:
       continue
     directory = epath.Path(leaf.directory or step_dir / STATE)
     if (directory / "manifest.ocdbt").exists():
-      kvstore = {"driver": "ocdbt", "base": f"file://{directory}", "path": leaf.name}
+      kvstore = {"driver": "ocdbt", "base": {"driver": "file", "path": f"{directory}/"},
+                 "path": leaf.name}   # a spec: a `#` in a file:// URL failed the parse
     else:
       kvstore = {"driver": "file", "path": f"{directory / leaf.name}/"}
     out[name] = ts.open({"driver": driver, "kvstore": kvstore}, open=True,

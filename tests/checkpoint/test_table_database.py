@@ -139,3 +139,19 @@ def test_a_database_under_a_path_with_url_characters(tmp_path, odd):
   opened = tables_lib.open_many(directory, list(values), tables_lib.read_context())
   for name, want in values.items():
     np.testing.assert_array_equal(opened[name].read().result(), want, err_msg=name)
+
+
+def test_a_checkpoint_under_a_path_with_url_characters_exports(tmp_path):
+  """`convert_checkpoint.py` opened the dense `state` item at a `file://` URL: every step
+  of a workdir with a `#` was "corrupt" (a training restore, through orbax, read them)."""
+  coll = h.collection("dp", 1)
+  state = h.train_state(coll, seed=1, step=1)
+  path = tmp_path / "run#1" / "checkpoints"
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(tables_lib, "DATABASE_ARRAYS", 1)
+    with CheckpointManager(path) as mgr:
+      mgr.save(1, state, coll, force=True)
+      mgr.wait()
+  convert.export_npz(path, tmp_path / "c.npz", step=1)
+  with np.load(tmp_path / "c.npz") as z:
+    assert any(n.startswith("dense/") for n in z.files)
