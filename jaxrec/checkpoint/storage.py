@@ -56,8 +56,8 @@ def io_failure(e: BaseException) -> str | None:
       return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
     code = os_error_code(e)   # tensorstore: 'Error writing local file "F": ...', with the errno
     if code is not None:   # as an OSError's: its full text was 300-600 characters
-      file = re.search(r'local file "([^"]+)"', str(e))
-      return f"{os.strerror(code)}: {file.group(1)}" if file else os.strerror(code)
+      file = _failed_file(e)
+      return f"{os.strerror(code)}: {file}" if file else os.strerror(code)
   return None
 
 
@@ -92,8 +92,16 @@ def read_failure(e: BaseException, where: str) -> tuple[str, str] | None:
   code = os_error_code(e)
   if code is None or code == errno.ENOENT:
     return None
-  file = re.search(r'local file "([^"]+)"', str(e))
-  return (file.group(1) if file else str(where)), os.strerror(code)
+  return _failed_file(e) or str(where), os.strerror(code)
+
+
+def _failed_file(e: BaseException) -> str | None:
+  """The file a tensorstore error failed on: the last `local file "F"` it names (an OCDBT
+  read names its database's directory first, `... in OCDBT database at local file
+  ".../embeddings/": Error reading ... of local file ".../embeddings/d/<data file>"`: an
+  unreadable data file was reported as the directory)."""
+  files = re.findall(r'local file "([^"]+)"', str(e))
+  return files[-1] if files else None
 
 
 def unreadable(e: BaseException, where) -> tuple[str, str] | None:

@@ -119,3 +119,14 @@ def test_orbax_reads_left_by_a_failed_restore_are_not_printed():
   hook(mine)   # anything else still reaches the hook
   read.close()
   assert seen == [mine]
+
+
+def test_an_unreadable_database_file_is_named_not_its_database():
+  """An OCDBT read's error names the database's directory, then the data file that failed:
+  a chmod 000 data file was reported as `.../embeddings/: Permission denied`."""
+  error = ValueError(
+      'PERMISSION_DENIED: Error opening "zarr" driver: Error reading "tables/t0/.zarray" in '
+      'OCDBT database at local file "/disk/2/embeddings/": Error reading Byte range [0, 9) '
+      'of local file "/disk/2/embeddings/d/72c1" [os_error_code=\'13\']')
+  assert storage.read_failure(error, "x") == ("/disk/2/embeddings/d/72c1", "Permission denied")
+  assert storage.io_failure(error) == "Permission denied: /disk/2/embeddings/d/72c1"
