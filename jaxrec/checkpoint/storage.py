@@ -98,10 +98,11 @@ def read_failure(e: BaseException, where: str) -> tuple[str, str] | None:
 def _failed_file(e: BaseException) -> str | None:
   """The file a tensorstore error failed on: the last `local file "F"` it names (an OCDBT
   read names its database's directory first, `... in OCDBT database at local file
-  ".../embeddings/": Error reading ... of local file ".../embeddings/d/<data file>"`: an
-  unreadable data file was reported as the directory)."""
-  files = re.findall(r'local file "([^"]+)"', str(e))
-  return files[-1] if files else None
+  ".../embeddings/": Error reading ... of local file ".../embeddings/d/<data file>"`, or
+  `...: Failed writing: ".../d/<data file>.__lock"`: a data file that could not be read or
+  written was reported as the directory)."""
+  files = re.findall(r'(?:local file|Failed writing:) "([^"]+)"', str(e))
+  return files[-1].removesuffix(".__lock") if files else None   # (the file being written)
 
 
 def unreadable(e: BaseException, where) -> tuple[str, str] | None:

@@ -130,3 +130,12 @@ def test_an_unreadable_database_file_is_named_not_its_database():
       'of local file "/disk/2/embeddings/d/72c1" [os_error_code=\'13\']')
   assert storage.read_failure(error, "x") == ("/disk/2/embeddings/d/72c1", "Permission denied")
   assert storage.io_failure(error) == "Permission denied: /disk/2/embeddings/d/72c1"
+
+
+def test_a_failed_write_of_a_database_file_is_named():
+  """A save's full disk (or file size limit) in the tables database named its directory."""
+  error = ValueError(
+      'OUT_OF_RANGE: Error writing "tables/t1/0" in OCDBT database at local file '
+      '"/disk/2.tmp/embeddings.tmp/": Failed writing: "/disk/2.tmp/embeddings.tmp/d/9f59.__lock":'
+      " Failed to write 3981312 bytes to file 11: File too large [os_error_code='27']")
+  assert storage.io_failure(error) == "File too large: /disk/2.tmp/embeddings.tmp/d/9f59"
