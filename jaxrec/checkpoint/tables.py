@@ -368,6 +368,9 @@ def open_many(directory: epath.PathLike, names, context: ts.Context | None = Non
   one after another took 2.6 s, together 0.7 s)."""
   directory = epath.Path(directory)
   database = uses_database(directory)
+  if not database and (directory / "d").is_dir():   # read as files, it blamed a `.zarray`
+    raise ValueError(f"{directory / 'manifest.ocdbt'} is missing: the tables database's "
+                     f"data files ({directory / 'd'}) cannot be read without it")
   return dict(zip(names, wait_all([
       ts.open({"driver": "zarr", "kvstore": _kvstore(directory, name, database)},
               open=True, read=True, context=context) for name in names])))

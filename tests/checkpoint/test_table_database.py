@@ -155,3 +155,23 @@ def test_a_checkpoint_under_a_path_with_url_characters_exports(tmp_path):
   convert.export_npz(path, tmp_path / "c.npz", step=1)
   with np.load(tmp_path / "c.npz") as z:
     assert any(n.startswith("dense/") for n in z.files)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_database_without_its_manifest_is_named_so(tmp_path, caplog):
+  """Without `manifest.ocdbt` the item was read as files: the step was rejected for a
+  missing `.../tables/t0/.zarray`, a file such a step never had."""
+  coll = h.collection("dp", 1)
+  s1, s2 = (h.train_state(coll, seed=s, step=s) for s in (1, 2))
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(tables_lib, "DATABASE_ARRAYS", 1)
+    with CheckpointManager(tmp_path) as mgr:
+      for s, state in ((1, s1), (2, s2)):
+        mgr.save(s, state, coll, force=True)
+        mgr.wait()
+  (tmp_path / "2" / "embeddings" / "manifest.ocdbt").unlink()
+  with CheckpointManager(tmp_path) as mgr, caplog.at_level(logging.WARNING):
+    restored = mgr.restore(h.dense(coll.mesh), coll)
+    assert int(restored.state["step"]) == 1
+  assert f"{tmp_path}/2/embeddings/manifest.ocdbt is missing" in caplog.text
+  assert ".zarray" not in caplog.text
