@@ -157,19 +157,6 @@ def _dense_arrays_written_whole() -> None:
 _REGISTERED = False
 
 
-def _refuse_linked_steps(directory) -> None:
-  """`ConfigError` naming a step directory that is a symbolic link (a step moved to another
-  disk and linked back): `--keep_checkpoints` rotation deletes old steps with orbax's
-  `rmtree`, which refuses a link, and the run died with a traceback when it came to it."""
-  for step in steps_lib.step_dirs(directory):
-    path = os.path.join(directory, str(step))
-    if os.path.islink(path):
-      raise ConfigError(
-          f"checkpoint {path} is a symbolic link (to {os.readlink(path)}): rotation "
-          "(--keep_checkpoints) deletes old step directories and cannot delete a link; move "
-          f"the step back into {directory} (mv), or delete the link to drop that step")
-
-
 # max_to_keep / save_every: the trainer passes --keep_checkpoints / --checkpoint_every, so a
 # binding of them would never apply
 @gin.configurable(denylist=["directory", "read_only", "max_to_keep", "save_every"])
@@ -219,7 +206,7 @@ class CheckpointManager:
         cleanup_tmp_directories=not read_only, read_only=read_only, create=not read_only,
         save_root_metadata=not read_only)
     if not read_only and max_to_keep is not None:
-      _refuse_linked_steps(self.directory)
+      steps_lib.refuse_linked_steps(self.directory)
     _dense_arrays_written_whole()
     self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 

@@ -19,7 +19,7 @@ from etils import epath
 from jaxrec import files
 from jaxrec.checkpoint import rotation
 from jaxrec.checkpoint import storage
-from jaxrec.errors import CheckpointError
+from jaxrec.errors import CheckpointError, ConfigError
 
 
 def step_dirs(directory) -> list[int]:
@@ -31,6 +31,19 @@ def step_dirs(directory) -> list[int]:
     return []
   return sorted(int(p.name) for p in directory.iterdir()
                 if p.name.isdigit() and p.name == str(int(p.name)))
+
+
+def refuse_linked_steps(directory) -> None:
+  """`ConfigError` naming a step directory that is a symbolic link (a step moved to another
+  disk and linked back): `--keep_checkpoints` rotation deletes old steps with orbax's
+  `rmtree`, which refuses a link, and the run died with a traceback when it came to it."""
+  for step in step_dirs(directory):
+    path = os.path.join(directory, str(step))
+    if os.path.islink(path):
+      raise ConfigError(
+          f"checkpoint {path} is a symbolic link (to {os.readlink(path)}): rotation "
+          "(--keep_checkpoints) deletes old step directories and cannot delete a link; move "
+          f"the step back into {directory} (mv), or delete the link to drop that step")
 
 
 def unfinished_save(name: str) -> bool:
