@@ -338,8 +338,8 @@ def main():
   for _ in range(3):   # a batch from each worker: both have run their init function
     next(it)
   pids = [p.pid for p in multiprocessing.active_children()]
-  for pid in pids:   # a job-wide SIGTERM (preemption): the trainer checkpoints first
-    os.kill(pid, signal.SIGTERM)
+  for pid in pids:   # a job-wide SIGTERM (preemption), SIGHUP (the terminal closed): the
+    os.kill(pid, {sig})   # trainer checkpoints first
   import time
   time.sleep(1.0)
   for _ in range(4):
@@ -352,16 +352,19 @@ if __name__ == "__main__":
 """
 
 
-def test_worker_processes_exit_when_the_trainer_is_killed(files, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_worker_processes_exit_when_the_trainer_is_killed(files, tmp_path, sig):
   """kill -9 of the trainer left grain's worker processes running, idle, each holding its
   copy of the source, for good (and one more set per restart). A SIGTERM that reaches the
   workers too (sent to the whole job) leaves them running: the trainer still needs batches
-  for the checkpoint it saves on SIGTERM."""
+  for the checkpoint it saves on SIGTERM. So does a SIGHUP (a closed terminal hangs up the
+  whole foreground job), which the trainer takes as SIGTERM: it killed the workers."""
   script = tmp_path / "killed_trainer.py"
   here = os.path.dirname(os.path.abspath(__file__))
   pid_file, log = tmp_path / "workers", tmp_path / "log"
   script.write_text(_KILLED_TRAINER.format(paths=[here, os.path.dirname(os.path.dirname(here))],
-                                           path=files["binary"], pids=str(pid_file)))
+                                           path=files["binary"], pids=str(pid_file),
+                                           sig=int(sig)))
   with open(log, "w") as out:   # not a pipe: the workers hold it open as long as they live
     proc = subprocess.run([sys.executable, str(script)], stdout=out, stderr=out, timeout=120)
   assert proc.returncode == -signal.SIGKILL, log.read_text()[-2000:]
@@ -382,6 +385,42 @@ def _alive(pid: int) -> bool:
       return f.read().rsplit(")", 1)[1].split()[0] != "Z"
   except OSError:
     return False
+
+
+_HUNG_UP_TRACKER = """
+import os, signal, sys, time
+sys.path[:0] = {paths!r}
+def main():
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()
+  import data_testlib as lib
+  from multiprocessing import resource_tracker
+  from jaxrec.data import pipeline
+  it = pipeline.make_train_iterator("synthetic", lib.features(), lib.rows(), 64, num_workers=1)
+  next(it)
+  pid = resource_tracker._resource_tracker._pid
+  signal.signal(signal.SIGHUP, signal.SIG_IGN)   # the trainer's own handler
+  os.kill(pid, signal.SIGHUP)   # a closed terminal hangs up the whole job
+  time.sleep(0.5)
+  print("tracker", "died" if os.waitpid(pid, os.WNOHANG)[0] else "alive")
+  it.close()
+if __name__ == "__main__":
+  main()
+"""
+
+
+def test_a_hang_up_leaves_the_resource_tracker_running(tmp_path):
+  """SIGHUP to the whole job (the trainer takes it as SIGTERM and saves) killed
+  multiprocessing's resource tracker: its relaunch printed a KeyError traceback for each
+  shared memory block the workers' batches unregistered (45 in a run stopped by it)."""
+  script = tmp_path / "hung_up.py"
+  here = os.path.dirname(os.path.abspath(__file__))
+  script.write_text(_HUNG_UP_TRACKER.format(paths=[here, os.path.dirname(os.path.dirname(here))]))
+  proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "tracker alive" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+  assert "died unexpectedly" not in proc.stderr and "KeyError" not in proc.stderr, proc.stderr[-2000:]
 
 
 _LAST_BATCHES = """
