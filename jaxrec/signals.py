@@ -116,6 +116,19 @@ def exit_code(e: BaseException) -> int:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+def hangup() -> tuple[int, ...]:
+  """(SIGHUP,) where it has its default action (not ignored: `nohup`), for a script that
+  takes it as SIGTERM (train.py) to defer from its start: a closed terminal's SIGHUP
+  before the trainer's own handler (imports, the config) or after `done()` (the ~0.7 s
+  teardown) killed the process by the signal, with no line, exit 129 after its `done:`."""
+  return (signal.SIGHUP,) if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL else ()
+
+
+def recording(signum: int) -> bool:
+  """Whether `signum` is deferred (recorded for `check()`)."""
+  return signal.getsignal(signum) is _record
+
+
 def defer(signums: Sequence[int] = STOP_SIGNALS) -> dict:
   """Records `signums` from now on instead of acting on them (`check()` raises them);
   returns the handlers replaced, for `undefer`. Off the main thread (no handler can be set
@@ -153,7 +166,8 @@ def _ignore_at_exit() -> None:
   had printed `wrote ...`: its output was complete, and a wrapper retrying on the non-zero
   status found it there). Before `done()`, SIGINT keeps its default: Ctrl-C still stops a
   teardown that hangs (SIGQUIT and SIGKILL always do)."""
-  for s in (signal.SIGTERM, signal.SIGINT) if _done else (signal.SIGTERM,):
+  for s in ((signal.SIGTERM, signal.SIGHUP, signal.SIGINT) if _done
+            else (signal.SIGTERM, signal.SIGHUP)):
     if signal.getsignal(s) is _record:
       signal.signal(s, signal.SIG_IGN)
 

@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 # gone (its parent is the trainer), and the trainer waited for its first batch forever.
 from jaxrec import elastic, signals  # noqa: E402
 if __name__ == "__main__":
-  signals.defer(signals.STOP_SIGNALS[:1] if elastic.is_supervised() else signals.STOP_SIGNALS)
+  signals.defer(signals.STOP_SIGNALS[:1] if elastic.is_supervised()
+                else signals.STOP_SIGNALS + signals.hangup())   # SIGHUP: as SIGTERM
   if elastic.is_supervised():   # its SIGTERM while starting (imports, joining) is reported too
     from jaxrec.elastic import worker as _elastic_worker  # noqa: E402
     _elastic_worker.report_sigterm()   # (again after jax.distributed's own handler)

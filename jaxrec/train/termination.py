@@ -43,8 +43,9 @@ class Terminated(Exception):
 
 
 def _signums() -> list[int]:
-  """SIGTERM, and SIGHUP unless ignored (`nohup`) or handled by someone else."""
-  hangup = signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+  """SIGTERM, and SIGHUP unless ignored (`nohup`) or handled by someone else (deferred
+  by train.py from its start, `signals.hangup`, it is taken here too)."""
+  hangup = bool(signals.hangup()) or signals.recording(signal.SIGHUP)
   return [signal.SIGTERM] + ([signal.SIGHUP] if hangup else [])
 
 

@@ -96,3 +96,29 @@ def test_an_ignored_sighup_stays_ignored():
       assert not requested.is_set()
   finally:
     signal.signal(signal.SIGHUP, before)
+
+
+def test_sighup_deferred_from_the_start_is_taken_too(monkeypatch):
+  """train.py defers SIGHUP from its start (`signals.hangup`): before its config, and in
+  the teardown after `done:`, a closed terminal killed the run by the signal, no line
+  (exit 129 after a complete run, which a wrapper reran). The trainer still takes it."""
+  monkeypatch.setattr(signals, "_done", [])
+  before = signal.getsignal(signal.SIGHUP)
+  assert signals.hangup() == (signal.SIGHUP,)
+  previous = signals.defer(signals.hangup())
+  try:
+    os.kill(os.getpid(), signal.SIGHUP)   # while starting: recorded, raised at a check
+    with pytest.raises(signals.TerminateRequested) as e:
+      signals.check()
+    assert signals.name(e.value) == "SIGHUP"
+    signals._stopping.clear()   # pylint: disable=protected-access
+    with termination.sigterm_requests() as requested:
+      requested.training()
+      os.kill(os.getpid(), signal.SIGHUP)
+      assert requested.is_set() and requested.signal_name == "SIGHUP"
+    assert signals.recording(signal.SIGHUP)   # back to the deferral for the teardown
+    signals._ignore_at_exit()   # pylint: disable=protected-access
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN   # as SIGTERM: no death at exit
+  finally:
+    signals.undefer(previous)
+    signal.signal(signal.SIGHUP, before)
