@@ -142,7 +142,10 @@ SLOW_CASES = {
     "tests/kernels/test_kernel_quant.py::test_lowers_to_triton_for_gpu[float16]",
     "tests/elastic/test_launcher_sigterm.py::"
     "test_sigterm_with_nothing_trained_since_the_checkpoint_kills_at_once",
-    "tests/data/test_data_pipeline.py::test_worker_processes_exit_when_the_trainer_is_killed",
+    "tests/data/test_data_pipeline.py::test_worker_processes_exit_when_the_trainer_is_killed"
+    "[SIGTERM]",
+    "tests/data/test_data_pipeline.py::test_worker_processes_exit_when_the_trainer_is_killed"
+    "[SIGHUP]",
     # 2026-12-06 (the default suite reached 14:41): each leaves the sibling named after it
     "tests/offload/test_exact.py::"   # [sgd-single-dp-2]
     "test_stochastic_rounding_keys_cached_rows_by_their_table_row[rowwise_adagrad-row=2-rw-0]",

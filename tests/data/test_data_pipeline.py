@@ -352,7 +352,7 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_worker_processes_exit_when_the_trainer_is_killed(files, tmp_path, sig):
   """kill -9 of the trainer left grain's worker processes running, idle, each holding its
   copy of the source, for good (and one more set per restart). A SIGTERM that reaches the
