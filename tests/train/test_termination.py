@@ -12,6 +12,15 @@ from jaxrec.train import termination
 from tests.train.conftest import Exited
 
 
+@pytest.fixture(name="default_sighup")
+def _default_sighup():
+  """SIGHUP at its default action for the test (a suite run under `nohup` ignores it,
+  which the trainer leaves alone), the process's own one put back after."""
+  before = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+  yield
+  signal.signal(signal.SIGHUP, before)
+
+
 @pytest.fixture(name="second_line")
 def _second_line(monkeypatch):
   monkeypatch.setattr(signals, "_second_line", [lambda name: f"again by {name}"])
@@ -61,7 +70,7 @@ def test_disabled_leaves_sigterm_alone():
     assert signal.getsignal(signal.SIGTERM) == before and not requested.is_set()
 
 
-@pytest.mark.usefixtures("exits", "second_line")
+@pytest.mark.usefixtures("exits", "second_line", "default_sighup")
 def test_sighup_asks_for_a_checkpoint_as_sigterm_does(capfd):
   """A closed terminal's SIGHUP killed the run with no line, losing the steps since the
   last checkpoint (and a save in flight)."""
@@ -98,6 +107,7 @@ def test_an_ignored_sighup_stays_ignored():
     signal.signal(signal.SIGHUP, before)
 
 
+@pytest.mark.usefixtures("default_sighup")
 def test_sighup_deferred_from_the_start_is_taken_too(monkeypatch):
   """train.py defers SIGHUP from its start (`signals.hangup`): before its config, and in
   the teardown after `done:`, a closed terminal killed the run by the signal, no line
