@@ -11,8 +11,9 @@ Stored under the checkpoint item `embeddings/`:
 A one-process save of `DATABASE_ARRAYS` arrays or more keeps the arrays' files in one
 OCDBT database (`embeddings/manifest.ocdbt`, `embeddings/d/`) under the same names:
 a file per array and chunk cost ~5 ms each to create and sync (3,000 tables: 12,000
-files, 39-115 s a save on a loaded 2-core host; 6-14 s as one database). Several processes write the plain files (each writes its own rows
-into the shared arrays); a reader opens either (`open_stored`).
+files, 39-115 s a save on a loaded 2-core host; 6-14 s as one database). Several
+processes write the plain files (each writes its own rows into the shared arrays); a
+reader opens either (`open_many`).
 
 The layout does not depend on mesh or plan. A restore widens a stored floating-point array
 to a wider configured dtype when that is exact (float16/bfloat16 → float32, e.g. an
