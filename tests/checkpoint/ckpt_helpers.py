@@ -1,5 +1,7 @@
 """Tiny collections and train states for checkpoint tests."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,6 +95,15 @@ def _as_dtype(x, dtype):
 
 def bytes_of(x):
   return np.frombuffer(np.ascontiguousarray(np.asarray(x)).tobytes(), np.uint8)
+
+
+def flip_middle_byte(path) -> None:
+  """Flips one bit of the byte in the middle of file `path` (silent corruption)."""
+  with open(path, "r+b") as f:
+    f.seek(os.path.getsize(path) // 2)
+    byte = f.read(1)
+    f.seek(-1, 1)
+    f.write(bytes([byte[0] ^ 0x10]))
 
 
 def assert_tables_equal(coll_a, state_a, coll_b, state_b):

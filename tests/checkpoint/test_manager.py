@@ -254,11 +254,7 @@ def test_corrupt_latest_falls_back_with_warning(tmp_path, coll, item, damage, ca
   elif damage == "truncate":
     os.truncate(biggest, os.path.getsize(biggest) // 2)
   elif damage == "flip":   # silent corruption: caught by the fingerprints
-    with open(biggest, "r+b") as f:
-      f.seek(os.path.getsize(biggest) // 2)
-      byte = f.read(1)
-      f.seek(-1, 1)
-      f.write(bytes([byte[0] ^ 0x10]))
+    h.flip_middle_byte(biggest)
   elif damage == "manifest":
     os.remove(step_dir / "manifest" / "metadata")
   else:

@@ -64,18 +64,24 @@ def test_few_arrays_keep_a_directory_each(tmp_path):
   np.testing.assert_array_equal(got, values["tables/t002"])
 
 
+def _save_as_database(path, coll, states, data_state=False):
+  """Saves `states` (steps 1, 2, ...) of `coll` to `path`, their tables in a database
+  (`DATABASE_ARRAYS` lowered: a few tables); `data_state`: each step's `{"n": step}`."""
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(tables_lib, "DATABASE_ARRAYS", 1)
+    with CheckpointManager(path) as mgr:
+      for s, state in enumerate(states, 1):
+        mgr.save(s, state, coll, data_state={"n": s} if data_state else None, force=True)
+        mgr.wait()
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
   """Steps 1 and 2 of an 8-device `twrw` collection, its tables in a database."""
   path = tmp_path_factory.mktemp("db")
   coll = h.collection("twrw", 8)
   states = [h.train_state(coll, seed=s, step=s) for s in (1, 2)]
-  with pytest.MonkeyPatch.context() as m:
-    m.setattr(tables_lib, "DATABASE_ARRAYS", 1)
-    with CheckpointManager(path) as mgr:
-      for s, state in zip((1, 2), states):
-        mgr.save(s, state, coll, data_state={"n": s}, force=True)
-        mgr.wait()
+  _save_as_database(path, coll, states, data_state=True)
   assert tables_lib.uses_database(path / "2" / "embeddings")
   return path, coll, states
 
@@ -105,19 +111,9 @@ def test_a_database_exports_to_npz(saved, tmp_path):
 def test_a_damaged_database_falls_back_to_the_step_before(tmp_path, caplog):
   coll = h.collection("rw", 8)
   s1, s2 = (h.train_state(coll, seed=s, step=s) for s in (1, 2))
-  with pytest.MonkeyPatch.context() as m:
-    m.setattr(tables_lib, "DATABASE_ARRAYS", 1)
-    with CheckpointManager(tmp_path) as mgr:
-      for s, state in ((1, s1), (2, s2)):
-        mgr.save(s, state, coll, force=True)
-        mgr.wait()
+  _save_as_database(tmp_path, coll, [s1, s2])
   data = tmp_path / "2" / "embeddings" / "d"
-  biggest = max(data.iterdir(), key=os.path.getsize)
-  with open(biggest, "r+b") as f:   # silent corruption of the tables' rows
-    f.seek(os.path.getsize(biggest) // 2)
-    byte = f.read(1)
-    f.seek(-1, 1)
-    f.write(bytes([byte[0] ^ 0x10]))
+  h.flip_middle_byte(max(data.iterdir(), key=os.path.getsize))   # silent corruption
   with CheckpointManager(tmp_path) as mgr, caplog.at_level(logging.WARNING):
     restored = mgr.restore(h.dense(coll.mesh), coll)
     assert int(restored.state["step"]) == 1
@@ -147,11 +143,7 @@ def test_a_checkpoint_under_a_path_with_url_characters_exports(tmp_path):
   coll = h.collection("dp", 1)
   state = h.train_state(coll, seed=1, step=1)
   path = tmp_path / "run#1" / "checkpoints"
-  with pytest.MonkeyPatch.context() as m:
-    m.setattr(tables_lib, "DATABASE_ARRAYS", 1)
-    with CheckpointManager(path) as mgr:
-      mgr.save(1, state, coll, force=True)
-      mgr.wait()
+  _save_as_database(path, coll, [state])
   convert.export_npz(path, tmp_path / "c.npz", step=1)
   with np.load(tmp_path / "c.npz") as z:
     assert any(n.startswith("dense/") for n in z.files)
@@ -163,12 +155,7 @@ def test_a_database_without_its_manifest_is_named_so(tmp_path, caplog):
   missing `.../tables/t0/.zarray`, a file such a step never had."""
   coll = h.collection("dp", 1)
   s1, s2 = (h.train_state(coll, seed=s, step=s) for s in (1, 2))
-  with pytest.MonkeyPatch.context() as m:
-    m.setattr(tables_lib, "DATABASE_ARRAYS", 1)
-    with CheckpointManager(tmp_path) as mgr:
-      for s, state in ((1, s1), (2, s2)):
-        mgr.save(s, state, coll, force=True)
-        mgr.wait()
+  _save_as_database(tmp_path, coll, [s1, s2])
   (tmp_path / "2" / "embeddings" / "manifest.ocdbt").unlink()
   with CheckpointManager(tmp_path) as mgr, caplog.at_level(logging.WARNING):
     restored = mgr.restore(h.dense(coll.mesh), coll)

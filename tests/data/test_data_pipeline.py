@@ -387,6 +387,15 @@ def _alive(pid: int) -> bool:
     return False
 
 
+def _run_script(script, template: str) -> subprocess.CompletedProcess:
+  """Writes `template` (its `{paths}`: this folder and the repository root) to `script` and
+  runs it in a Python process of its own, output captured."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  script.write_text(template.format(paths=[here, os.path.dirname(os.path.dirname(here))]))
+  return subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                        timeout=120)
+
+
 _HUNG_UP_TRACKER = """
 import os, signal, sys, time
 sys.path[:0] = {paths!r}
@@ -413,11 +422,7 @@ def test_a_hang_up_leaves_the_resource_tracker_running(tmp_path):
   """SIGHUP to the whole job (the trainer takes it as SIGTERM and saves) killed
   multiprocessing's resource tracker: its relaunch printed a KeyError traceback for each
   shared memory block the workers' batches unregistered (45 in a run stopped by it)."""
-  script = tmp_path / "hung_up.py"
-  here = os.path.dirname(os.path.abspath(__file__))
-  script.write_text(_HUNG_UP_TRACKER.format(paths=[here, os.path.dirname(os.path.dirname(here))]))
-  proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                        timeout=120)
+  proc = _run_script(tmp_path / "hung_up.py", _HUNG_UP_TRACKER)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "tracker alive" in proc.stdout, proc.stdout + proc.stderr[-2000:]
   assert "died unexpectedly" not in proc.stderr and "KeyError" not in proc.stderr, proc.stderr[-2000:]
@@ -445,11 +450,7 @@ def test_worker_batches_leave_no_shared_memory_at_exit(tmp_path):
   is collected, on a thread that stops at exit: the last batches' blocks (30-50 of them)
   were left to Python's resource tracker, which warned 'There appear to be N leaked
   shared_memory objects' at every exit of a run with num_workers > 0."""
-  script = tmp_path / "last_batches.py"
-  here = os.path.dirname(os.path.abspath(__file__))
-  script.write_text(_LAST_BATCHES.format(paths=[here, os.path.dirname(os.path.dirname(here))]))
-  proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                        timeout=120)
+  proc = _run_script(tmp_path / "last_batches.py", _LAST_BATCHES)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "leaked shared_memory" not in proc.stderr, proc.stderr[-2000:]
   assert "Exception ignored" not in proc.stderr, proc.stderr[-2000:]

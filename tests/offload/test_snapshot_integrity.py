@@ -11,6 +11,7 @@ import pytest
 from jaxrec.checkpoint import convert
 from jaxrec.errors import CheckpointError, ConfigError, OffloadError
 from jaxrec.offload import integrity, snapshots
+from jaxrec.offload.store import TableStore
 from tests.offload.offload_helpers import (SMALL_DLRM, SNAPSHOT_OFFLOAD, logged_lines,
                                            train_synthetic, two_snapshots)
 
@@ -218,21 +219,28 @@ def test_a_store_deleted_during_the_run_stops_it_and_the_resume_is_clean(two_che
   assert np.isfinite([l["loss"] for l in logged_lines(w) if "loss" in l]).all()
 
 
+def _damaged_at_fifth_read(monkeypatch, damage):
+  """Patches `TableStore.read` to call `damage(store)` before its fifth read (a store
+  damaged between two steps); returns the sizes of the reads so far and the real method."""
+  real, reads = TableStore.read, []
+
+  def damaged_at_fifth_read(self, rows):
+    reads.append(len(rows))
+    if len(reads) == 5:
+      damage(self)
+    return real(self, rows)
+  monkeypatch.setattr(TableStore, "read", damaged_at_fifth_read)
+  return reads, real
+
+
 def test_a_store_deleted_between_steps_stops_the_run_at_its_next_read(two_checkpoints,
                                                                       tmp_path, monkeypatch):
   """A store deleted while the run trains (not only just before a checkpoint) stops the
   run at the next read of its rows, instead of training on zeros until the next
   checkpoint; nothing is saved and the same command resumes from the last good step."""
-  from jaxrec.offload import store as store_lib  # pylint: disable=import-outside-toplevel
   w = shutil.copytree(two_checkpoints, tmp_path / "w")
-  real, reads = store_lib.TableStore.read, []
-
-  def deleted_at_fifth_read(self, rows):
-    reads.append(len(rows))
-    if len(reads) == 5:
-      shutil.rmtree(self.path)          # as `rm -rf W/offload/t0` between two steps
-    return real(self, rows)
-  monkeypatch.setattr(store_lib.TableStore, "read", deleted_at_fifth_read)
+  reads, real = _damaged_at_fifth_read(   # as `rm -rf W/offload/t0` between two steps
+      monkeypatch, lambda store: shutil.rmtree(store.path))
   with pytest.raises(OffloadError, match=r"offloaded table 't0': its store '.*/offload/t0' "
                      r"lost the metadata of its arrays 'table', 'opt.accum' during the run "
                      r"\(deleted or moved\?\): its rows can no longer be read, and the run "
@@ -240,7 +248,7 @@ def test_a_store_deleted_between_steps_stops_the_run_at_its_next_read(two_checkp
     train_synthetic(w, 40, SMALL_DLRM + OFFLOAD)
   assert len(reads) < 10                # stopped at that read, not at the next checkpoint
   assert sorted(int(s) for s in os.listdir(w / "checkpoints") if s.isdigit()) == [10, 20]
-  monkeypatch.setattr(store_lib.TableStore, "read", real)
+  monkeypatch.setattr(TableStore, "read", real)
   train_synthetic(w, 30, SMALL_DLRM + OFFLOAD)
   resumes = [l for l in logged_lines(w) if l.get("event") == "resume"]
   assert [r["checkpoint_step"] for r in resumes][-1] == 20
@@ -254,17 +262,10 @@ def test_a_chunk_file_deleted_during_the_run_stops_it_before_it_is_saved(two_che
   and every kept checkpoint built on the zeros. Now the next write-back (or snapshot) stops
   the run naming the file; nothing is saved and the same command resumes from the last
   good step."""
-  from jaxrec.offload import store as store_lib  # pylint: disable=import-outside-toplevel
   w = shutil.copytree(two_checkpoints, tmp_path / "w")
-  real, reads = store_lib.TableStore.read, []
   chunk = sorted(f for f in os.listdir(w / "offload" / "t0" / "table") if f.startswith("c"))[0]
-
-  def deleted_at_fifth_read(self, rows):
-    reads.append(len(rows))
-    if len(reads) == 5:
-      os.remove(os.path.join(self.path, "table", chunk))
-    return real(self, rows)
-  monkeypatch.setattr(store_lib.TableStore, "read", deleted_at_fifth_read)
+  _, real = _damaged_at_fifth_read(
+      monkeypatch, lambda store: os.remove(os.path.join(store.path, "table", chunk)))
   with pytest.raises(OffloadError, match=rf"offloaded table 't0': 1 file\(s\) of its store "
                      rf"'.*/offload/t0' disappeared during the run \(deleted\?\), e.g. "
                      rf".*/offload/t0/table/{chunk}: their rows read as zeros.* rerun the same "
@@ -272,7 +273,7 @@ def test_a_chunk_file_deleted_during_the_run_stops_it_before_it_is_saved(two_che
     train_synthetic(w, 40, SMALL_DLRM + OFFLOAD)
   assert sorted(int(s) for s in os.listdir(w / "checkpoints") if s.isdigit()) == [10, 20]
   assert snapshots.steps(str(w / "offload_snapshots")) == [10, 20]
-  monkeypatch.setattr(store_lib.TableStore, "read", real)
+  monkeypatch.setattr(TableStore, "read", real)
   train_synthetic(w, 30, SMALL_DLRM + OFFLOAD)
   resumes = [l for l in logged_lines(w) if l.get("event") == "resume"]
   assert [r["checkpoint_step"] for r in resumes][-1] == 20
