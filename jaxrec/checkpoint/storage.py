@@ -191,11 +191,7 @@ def _dense_arrays(step_dir: epath.Path) -> dict[str, ts.TensorStore]:
     if leaf is None or not hasattr(leaf, "name"):
       continue
     directory = epath.Path(leaf.directory or step_dir / STATE)
-    if (directory / "manifest.ocdbt").exists():
-      kvstore = {"driver": "ocdbt", "base": {"driver": "file", "path": f"{directory}/"},
-                 "path": leaf.name}   # a spec: a `#` in a file:// URL failed the parse
-    else:
-      kvstore = {"driver": "file", "path": f"{directory / leaf.name}/"}
+    kvstore = tables_lib.kvstore(directory, leaf.name, tables_lib.uses_database(directory))
     out[name] = ts.open({"driver": driver, "kvstore": kvstore}, open=True,
                         read=True).result()
   return out

@@ -202,14 +202,19 @@ def _copy_pool() -> concurrent.futures.ThreadPoolExecutor:
 
 
 def uses_database(directory: epath.PathLike) -> bool:
-  """Whether a stored `embeddings` item is one OCDBT database (see `write_pieces`) rather
-  than a directory of files per array."""
+  """Whether a stored item (`embeddings`, see `write_pieces`, or orbax's dense `state`) is
+  one OCDBT database rather than a directory of files per array."""
   return (epath.Path(directory) / "manifest.ocdbt").exists()
 
 
-def _kvstore(directory: epath.Path, name: str, database: bool) -> dict:
-  if database:   # the base as a spec, not a `file://` URL: a path's `#` or `?` failed the
-    # save, its `%41` wrote the database into another directory (`A`) and the step lost it
+def kvstore(directory: epath.PathLike, name: str, database: bool) -> dict:
+  """The tensorstore kvstore of array `name` under `directory`: a key prefix of the OCDBT
+  database there (`database`), else its own directory of files. The base is a file
+  kvstore spec, not a `file://` URL: a path's `#` or `?` failed the save, its `%41`
+  wrote the database into another directory (`A`) and the step lost it. (Also the dense
+  `state` item's, which orbax writes the same ways: `storage`.)"""
+  directory = epath.Path(directory)
+  if database:
     return {"driver": "ocdbt", "base": {"driver": "file", "path": f"{directory}/"},
             "path": f"{name}/"}
   return {"driver": "file", "path": f"{directory / name}/"}
@@ -219,7 +224,7 @@ def _spec(directory: epath.Path, name: str, shape, dtype, chunk_bytes: int,
           database: bool) -> dict:
   row_bytes = max(1, math.prod(shape[1:]) * np.dtype(dtype).itemsize)
   chunks = [max(1, min(shape[0], chunk_bytes // row_bytes)), *shape[1:]]
-  return {"driver": "zarr", "kvstore": _kvstore(directory, name, database),
+  return {"driver": "zarr", "kvstore": kvstore(directory, name, database),
           "dtype": np.dtype(dtype).name,
           "metadata": {"shape": list(shape), "chunks": chunks,
                        "compressor": {"id": "zstd", "level": 1}}}
@@ -373,7 +378,7 @@ def open_many(directory: epath.PathLike, names, context: ts.Context | None = Non
     raise ValueError(f"{directory / 'manifest.ocdbt'} is missing: the tables database's "
                      f"data files ({directory / 'd'}) cannot be read without it")
   return dict(zip(names, wait_all([
-      ts.open({"driver": "zarr", "kvstore": _kvstore(directory, name, database)},
+      ts.open({"driver": "zarr", "kvstore": kvstore(directory, name, database)},
               open=True, read=True, context=context) for name in names])))
 
 
