@@ -101,48 +101,103 @@ LOCK_NAME = ".jaxrec.lock"
 def workdir_lock(workdir: str | os.PathLike, name: str = LOCK_NAME,
                  holder_kind: str = "another run", flag: str = "--workdir") -> Iterator[None]:
   """Holds an exclusive lock on `workdir` (`flock` of `<workdir>/<name>`, by default
-  `.jaxrec.lock`, released when the body ends or the process dies, even by SIGKILL).
-  Raises `ConfigError` naming the holder (`holder_kind`) and its pid when another process
-  (or another `workdir_lock` of this one) holds it: two runs in one workdir overwrite each
-  other's checkpoints, snapshots and offload stores. `flag`: the option that named it."""
+  `.jaxrec.lock`, and of the directory holding it; released when the body ends or the
+  process dies, even by SIGKILL). Raises `ConfigError` naming the holder (`holder_kind`)
+  and its pid when another process (or another `workdir_lock` of this one) holds it: two
+  runs in one workdir overwrite each other's checkpoints, snapshots and offload stores.
+  The directory's lock refuses a second run also when the lock file was deleted or
+  replaced while the first ran (the second would lock a new file). `flag`: the option
+  that named it."""
   path = os.path.join(os.fspath(workdir), name)
   # the directory again: a run refused at the same moment may have just removed the one
   # this run made (`made_dir`), before this lock existed to keep it
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  dir_fd = None
   try:
     _lock_or_refuse(fd, workdir, holder_kind, flag)
+    dir_fd = _open_dir(os.path.dirname(path))
+    if dir_fd is not None and not _flocked(dir_fd):
+      raise _in_use(workdir, holder_kind, flag, _flock_holder(dir_fd) or "unknown",
+                    f"; its lock file {path} was removed or replaced while it ran")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     yield
   finally:
-    os.close(fd)   # releases the lock
+    os.close(fd)   # releases the locks
+    if dir_fd is not None:
+      os.close(dir_fd)
 
 
 def check_unlocked(workdir: str | os.PathLike, name: str, holder_kind: str,
                    flag: str = "--workdir") -> None:
   """Raises `workdir_lock`'s `ConfigError` when another process holds `<workdir>/<name>`
-  (none when the file does not exist); holds nothing after."""
+  or its directory's lock (none when neither exists); holds nothing after."""
+  path = os.path.join(os.fspath(workdir), name)
   try:
-    fd = os.open(os.path.join(os.fspath(workdir), name), os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY)
   except FileNotFoundError:
-    return
+    fd = None
+  dir_fd = _open_dir(os.path.dirname(path))
   try:
-    _lock_or_refuse(fd, workdir, holder_kind, flag)
+    if fd is not None:
+      _lock_or_refuse(fd, workdir, holder_kind, flag)
+    if dir_fd is not None and not _flocked(dir_fd):
+      raise _in_use(workdir, holder_kind, flag, _flock_holder(dir_fd) or "unknown")
   finally:
-    os.close(fd)
+    for opened in (fd, dir_fd):
+      if opened is not None:
+        os.close(opened)
 
 
 def _lock_or_refuse(fd: int, workdir, holder_kind: str, flag: str) -> None:
   """`flock`s `fd` exclusively, or raises a `ConfigError` naming its holder's pid."""
-  import fcntl  # pylint: disable=import-outside-toplevel
+  if not _flocked(fd):
+    holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+    raise _in_use(workdir, holder_kind, flag, holder or _flock_holder(fd) or "unknown")
+
+
+def _in_use(workdir, holder_kind: str, flag: str, holder: str, why: str = ""):
   from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  return ConfigError(f"{flag}: {os.fspath(workdir)} is in use by {holder_kind} (pid "
+                     f"{holder}{why}); wait for it to finish or pick another {flag}")
+
+
+def _flocked(fd: int) -> bool:
+  """`flock`s `fd` exclusively without waiting: False when another open file holds it.
+  A file system that cannot lock (`OSError` other than "busy") counts as locked."""
+  import fcntl  # pylint: disable=import-outside-toplevel
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BlockingIOError:
-    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-    raise ConfigError(f"{flag}: {os.fspath(workdir)} is in use by {holder_kind} (pid "
-                      f"{holder}); wait for it to finish or pick another {flag}") from None
+    return False
+  except OSError:
+    return True
+  return True
+
+
+def _open_dir(path: str) -> int | None:
+  """A read-only descriptor of directory `path` for `flock`, or None when it cannot be
+  opened (then only the lock file counts)."""
+  try:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+  except OSError:
+    return None
+
+
+def _flock_holder(fd: int) -> str | None:
+  """The pid `/proc/locks` gives for the `flock` on `fd`'s file, or None (not Linux)."""
+  st = os.fstat(fd)
+  key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+  try:
+    with open("/proc/locks", encoding="ascii", errors="replace") as locks:
+      for line in locks:
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == key:
+          return fields[4]
+  except OSError:
+    pass
+  return None
 
 
 @contextlib.contextmanager
@@ -167,23 +222,24 @@ def made_dir(path: str | os.PathLike, flag: str = "--workdir") -> Iterator[None]
 
 @contextlib.contextmanager
 def _unless_locked(lock_path: str) -> Iterator[bool]:
-  """Holds `lock_path`'s `flock` for the body and yields True; False when another open of
-  it (a run in that workdir) holds it. A missing file is free (no run has locked yet)."""
-  import fcntl  # pylint: disable=import-outside-toplevel
+  """Holds `lock_path`'s `flock` and its directory's for the body and yields True; False
+  when another open of either (a run in that workdir) holds it. A missing file is free (no
+  run has locked yet) unless its directory is locked."""
+  opened = []
   try:
-    fd = os.open(lock_path, os.O_RDONLY)
-  except OSError:
-    yield True
-    return
-  try:
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      yield False
-      return
+    for path, flags in ((lock_path, os.O_RDONLY),
+                        (os.path.dirname(lock_path), os.O_RDONLY | os.O_DIRECTORY)):
+      try:
+        opened.append(os.open(path, flags))
+      except OSError:
+        continue
+      if not _flocked(opened[-1]):
+        yield False
+        return
     yield True
   finally:
-    os.close(fd)
+    for fd in opened:
+      os.close(fd)
 
 
 def missing_top(path: str | os.PathLike) -> str | None:

@@ -159,6 +159,29 @@ def test_a_run_refused_by_anothers_lock_leaves_that_runs_new_workdir(tmp_path):
     assert (gone / files.LOCK_NAME).is_file()
 
 
+def test_a_deleted_or_replaced_lock_file_still_refuses_a_second_run(tmp_path):
+  """Deleting `W/.jaxrec.lock` while a run held it let a second run lock a new file and
+  start; it then moved the first's committing step to rejected/. The directory's own lock
+  refuses it, naming the holder's pid from /proc/locks."""
+  from jaxrec import files  # pylint: disable=import-outside-toplevel
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  w = tmp_path / "w"
+  with files.workdir_lock(w):
+    for replace in (False, True):
+      (w / files.LOCK_NAME).unlink()
+      if replace:
+        (w / files.LOCK_NAME).write_text("999999\n")
+      with pytest.raises(ConfigError, match=rf"in use by another run \(pid {os.getpid()}; "
+                         r"its lock file .* was removed or replaced"):
+        with files.workdir_lock(w):
+          pass
+      with pytest.raises(ConfigError, match=rf"in use by a job \(pid {os.getpid()}\)"):
+        files.check_unlocked(w, files.LOCK_NAME, "a job")
+  with files.workdir_lock(w):   # released with the run
+    pass
+  files.check_unlocked(w, files.LOCK_NAME, "a job")
+
+
 def _denied(monkeypatch, path):
   """os.makedirs fails as it does under a parent without write permission (root is not
   stopped by permission bits)."""
