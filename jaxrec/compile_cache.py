@@ -9,12 +9,19 @@ jax's own size limit (`JAX_COMPILATION_CACHE_MAX_SIZE`) is not used by default: 
 every entry's `-atime` file at each write (0.3 s a write at 3,000 entries) and needs
 `filelock`. Environment settings of jax (`JAX_COMPILATION_CACHE_DIR`, `..._MAX_SIZE`,
 `JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`) are kept.
+
+jax keeps an entry it cannot read (a damaged file: it warns naming the program only, then
+compiles it again but does not write over the entry), so every later start warned again;
+`enable` has such entries removed when jax reports them (`_drop_unreadable`), one line
+naming the file, and this start writes them anew.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import warnings
 
 import jax
 
@@ -64,6 +71,7 @@ def enable(directory: str | None, flag: str = "--compilation_cache") -> str | No
     return None
   jax.config.update("jax_enable_compilation_cache", True)
   jax.config.update("jax_compilation_cache_dir", path)
+  _report_unreadable_entries()
   if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)   # CPU: most < 1 s
   if jax.config.jax_compilation_cache_max_size == -1:   # else jax's own, from the environment
@@ -103,3 +111,67 @@ def prune(path: str, max_bytes: int) -> None:
   _LOG.info("compilation cache %s: removed the %d least recently used programs (%s) of %s "
             "(limit %s)", path, removed, format_bytes(freed), format_bytes(total),
             format_bytes(max_bytes))
+
+
+_READ_ERROR = re.compile(r"Error reading persistent compilation cache entry for '([^']*)': (.*)",
+                         re.S)
+
+
+def _report_unreadable_entries() -> None:
+  """Routes jax's warnings about cache entries it cannot read to `_drop_unreadable`
+  (through `warnings.showwarning`, once per process; other warnings pass unchanged)."""
+  previous = warnings.showwarning
+  if getattr(previous, "jaxrec_compile_cache", False):
+    return
+
+  def showwarning(message, category, filename, lineno, file=None, line=None):
+    found = _READ_ERROR.match(str(message))
+    directory = jax.config.jax_compilation_cache_dir
+    if not (found and directory and _drop_unreadable(directory, *found.groups())):
+      previous(message, category, filename, lineno, file, line)
+
+  showwarning.jaxrec_compile_cache = True
+  warnings.showwarning = showwarning
+
+
+def _drop_unreadable(directory: str, program: str, error: str) -> bool:
+  """Removes the entries of `program` in cache `directory` that do not decompress (jax
+  named the program, not the file) and logs one line naming each; when none is damaged
+  that way (the error came later, e.g. deserializing), one line naming the directory and
+  what to remove. Returns whether a line was logged (then jax's own warning is not shown)."""
+  try:
+    from jax._src import compilation_cache   # pylint: disable=import-outside-toplevel
+    decompress = compilation_cache.decompress_executable
+  except (ImportError, AttributeError):   # another jax: its own warning stays
+    return False
+  name = re.compile(re.escape(program) + r"-[0-9a-f]+-cache")
+  removed = []
+  try:
+    entries = [e.path for e in os.scandir(directory) if name.fullmatch(e.name)]
+  except OSError:
+    return False
+  for entry in entries:
+    try:
+      with open(entry, "rb") as f:
+        decompress(f.read())
+    except OSError:
+      continue
+    except Exception:   # pylint: disable=broad-except  (what a damaged stream raises varies)
+      try:
+        os.remove(entry)
+      except OSError:
+        continue
+      removed.append(entry)
+      atime = entry[:-len("-cache")] + "-atime"   # jax's, when it limits the size
+      if os.path.exists(atime):
+        os.remove(atime)
+  for entry in removed:
+    _LOG.warning("compilation cache %s: removed %s, which jax could not read (%s); "
+                 "compiling '%s' again writes it anew", directory, os.path.basename(entry),
+                 error, program)
+  if not removed:
+    _LOG.warning("compilation cache %s: jax could not read its entry for '%s' (%s) and "
+                 "compiles it again at every start: remove %s-*-cache there, or run with "
+                 "--compilation_cache=none", directory, program, error,
+                 os.path.join(directory, program))
+  return True

@@ -112,3 +112,64 @@ def test_each_start_keeps_the_cache_within_its_limit(jax_config, monkeypatch, tm
                                                               for i in range(6, 10)])
   assert "removed the 6 least recently used programs (5.9 KiB) of 9.8 KiB (limit 4.9 KiB)" \
       in caplog.text
+
+
+@pytest.mark.slow
+def test_damaged_entries_are_replaced_not_warned_about_at_every_start(tmp_path):
+  """jax warned about an entry it could not read naming the program only, compiled it
+  again and kept the damaged file: 12 warnings at every start. Each is removed, named,
+  and written anew by that start."""
+  cache = tmp_path / "xla"
+  flags = ["--gin_file=configs/dlrm_synthetic.gin", "--num_steps=2", "--noprogress",
+           f"--compilation_cache={cache}", *(f"--gin_bindings={b}" for b in SMALL)]
+  train(tmp_path / "w1", *flags)
+  entries = sorted(n for n in os.listdir(cache) if n.endswith("-cache"))
+  for name in entries:
+    data = bytearray((cache / name).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (cache / name).write_bytes(bytes(data))
+  second = train(tmp_path / "w2", *flags)
+  assert "Error reading persistent compilation cache" not in second.stderr
+  for name in entries:
+    assert f"compilation cache {cache}: removed {name}, which jax could not read" \
+        in second.stderr
+  assert sorted(n for n in os.listdir(cache) if n.endswith("-cache")) == entries
+  third = train(tmp_path / "w3", *flags, env={"JAX_LOG_COMPILES": "1"})
+  assert "could not read" not in third.stderr and "Error reading" not in third.stderr
+  assert third.stderr.count("Persistent compilation cache hit") >= len(entries) - 1
+
+
+def test_an_entry_that_decompresses_is_named_with_what_to_remove(tmp_path, caplog):
+  """A read error past decompressing (the entry's file is whole): the line names the
+  directory and the files to remove; the entry stays."""
+  from jax._src import compilation_cache as jax_cache  # pylint: disable=import-outside-toplevel
+  entry = tmp_path / f"jit_step-{'a' * 64}-cache"
+  entry.write_bytes(jax_cache.compress_executable(b"not an executable"))
+  with caplog.at_level(logging.WARNING):
+    assert compile_cache._drop_unreadable(str(tmp_path), "jit_step", "XlaRuntimeError: x")   # pylint: disable=protected-access
+  assert entry.exists()
+  assert (f"compilation cache {tmp_path}: jax could not read its entry for 'jit_step' "
+          f"(XlaRuntimeError: x) and compiles it again at every start: remove "
+          f"{tmp_path}/jit_step-*-cache there") in caplog.text
+
+
+def test_jax_s_read_warning_removes_the_damaged_entry(jax_config, tmp_path, caplog):   # pylint: disable=unused-argument
+  """`enable` routes jax's read warning to the removal (the end-to-end case is slow: three
+  training runs); other warnings are shown as before."""
+  import warnings  # pylint: disable=import-outside-toplevel
+  from jax._src import compilation_cache as jax_cache  # pylint: disable=import-outside-toplevel
+  damaged, whole = (tmp_path / f"jit_f-{c * 64}-cache" for c in "ab")
+  damaged.write_bytes(b"not compressed")
+  whole.write_bytes(jax_cache.compress_executable(b"x"))   # the same program's: stays
+  unreported = tmp_path / f"jit_h-{'c' * 64}-cache"
+  unreported.write_bytes(b"not compressed")
+  with warnings.catch_warnings(record=True) as shown, caplog.at_level(logging.WARNING):
+    warnings.simplefilter("always")
+    compile_cache.enable(str(tmp_path))
+    warnings.warn("Error reading persistent compilation cache entry for 'jit_g': e: x")
+    warnings.warn("Error reading persistent compilation cache entry for 'jit_f': e: y")
+    warnings.warn("something else")
+  assert not damaged.exists() and whole.exists() and unreported.exists()
+  assert [str(w.message) for w in shown] == ["something else"]
+  assert f"removed {damaged.name}, which jax could not read (e: y)" in caplog.text
+  assert f"remove {tmp_path}/jit_g-*-cache there" in caplog.text
