@@ -11,7 +11,8 @@ while it runs by writing W/elastic/capacity (`N`, `N K` or JSON, see
 jaxrec/elastic/supervisor.py). Exit codes: 0 done, 1 user error, 2 below --min_processes,
 3 more than --max_restarts failures, 130 on SIGINT (workers killed), 143 on SIGTERM (the
 workers first save at their next --check_every step, within --stop_timeout; a second
-signal kills them at once).
+signal kills them at once); SIGHUP (a closed terminal) is taken as SIGTERM, exit 129,
+unless it is ignored (`nohup`).
 """
 
 import json
@@ -20,10 +21,12 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-# First, before absl and jax: SIGINT / SIGTERM are recorded and acted on at the launcher's
-# and the supervisor's `signals.check()`s, never inside jax's import or gc callback.
+# First, before absl and jax: SIGINT / SIGTERM (and SIGHUP, taken as SIGTERM unless ignored)
+# are recorded and acted on at the launcher's and the supervisor's `signals.check()`s, never
+# inside jax's import or gc callback. (The workers run in sessions of their own: a closed
+# terminal's SIGHUP reaches the launcher only.)
 from jaxrec import signals  # noqa: E402
-signals.defer()
+signals.defer(signals.STOP_SIGNALS + signals.hangup())
 
 from absl import app, flags  # noqa: E402
 

@@ -49,9 +49,10 @@ EVENTS = {
     "straggler": "a process or shard persistently slower than the others",
     "sigterm": "a worker got SIGTERM from outside: its generation saves and stops, its slot "
                "is lost",
-    "terminate": "the launcher got SIGTERM with steps trained since the latest checkpoint: "
-                 "the workers save at their next check step (or cut an eval) and exit, then "
-                 "the job stops (exit 143); a second signal kills them at once",
+    "terminate": "the launcher got SIGTERM (or SIGHUP: `signal`) with steps trained since "
+                 "the latest checkpoint: the workers save at their next check step (or cut "
+                 "an eval) and exit, then the job stops (exit 143; 129 for SIGHUP); a second "
+                 "signal kills them at once",
     "wait": "below --min_processes until lost or sitting-out slots return (--rejoin_after, "
             "a straggler's cool-down): the supervisor waits for them",
     "finished": "every worker ended normally at the last step",

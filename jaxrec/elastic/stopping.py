@@ -22,7 +22,17 @@ from jaxrec.elastic import procs as proc_lib
 from jaxrec.elastic import worker as worker_lib
 from jaxrec.elastic.scaling import Outcome
 
-SIGTERM_REASON = "supervisor got SIGTERM"
+TERMINATING = ("SIGTERM", "SIGHUP")   # the launcher's signals that save, then end the job
+
+
+def terminate_reason(signal_name: str = "SIGTERM") -> str:
+  """The stop reason of the launcher's SIGTERM (or SIGHUP, taken as it)."""
+  return f"supervisor got {signal_name}"
+
+
+def _terminating(reason: str) -> str | None:
+  """The signal of a `terminate_reason`, or None for another stop (a re-plan's)."""
+  return next((s for s in TERMINATING if reason == terminate_reason(s)), None)
 
 
 @dataclasses.dataclass
@@ -67,24 +77,28 @@ class StopRequest:
 def request(workdir: str, generation: int, outcome: Outcome, now: float,
             step: int = 0) -> StopRequest:
   """Asks generation `generation` (its furthest reported step: `step`) to checkpoint at its
-  next check step and exit; for the launcher's SIGTERM (`SIGTERM_REASON`) an eval in
+  next check step and exit; for the launcher's SIGTERM (`terminate_reason`) an eval in
   progress stops too (`preempt`)."""
-  _write(workdir, generation, outcome.reason, now, outcome.reason == SIGTERM_REASON)
+  _write(workdir, generation, outcome.reason, now, _terminating(outcome.reason))
   return StopRequest(outcome, now, proc_lib.latest_checkpoint(workdir), step)
 
 
-def preempt(workdir: str, generation: int, stop: StopRequest) -> None:
-  """Marks the stop in force (a re-plan's, asked before the launcher's SIGTERM) as a
-  preemption's: the workers stop an eval in progress too (`worker.stop_eval`); a re-plan
-  lets it end, a preemption's grace period would not."""
-  _write(workdir, generation, stop.outcome.reason, stop.requested, True)
+def preempt(workdir: str, generation: int, stop: StopRequest,
+            signal_name: str = "SIGTERM") -> None:
+  """Marks the stop in force (a re-plan's, asked before the launcher's SIGTERM, or SIGHUP:
+  `signal_name`) as a preemption's: the workers stop an eval in progress too
+  (`worker.stop_eval`); a re-plan lets it end, a preemption's grace period would not."""
+  _write(workdir, generation, stop.outcome.reason, stop.requested, signal_name)
 
 
-def _write(workdir: str, generation: int, reason: str, now: float, preemption: bool) -> None:
-  """The stop file, whole or not at all (a worker reads it as it is replaced)."""
+def _write(workdir: str, generation: int, reason: str, now: float,
+           preemption: str | None) -> None:
+  """The stop file, whole or not at all (a worker reads it as it is replaced);
+  `preemption`: the launcher's signal when the job ends (`worker.preempted`), else None."""
   path = worker_lib.stop_path(workdir, generation)
   with open(path + ".tmp", "w") as f:
-    f.write(json.dumps({"reason": reason, "time": now, worker_lib.PREEMPTION: preemption}))
+    f.write(json.dumps({"reason": reason, "time": now,
+                        worker_lib.PREEMPTION: preemption or False}))
   os.replace(path + ".tmp", path)
 
 
@@ -96,9 +110,10 @@ def clear_requests(workdir: str) -> None:
       os.remove(os.path.join(control, f))
 
 
-def sigterm_text(checkpoint_at_sigterm: int | None, latest: int | None, why_not: str) -> str:
-  """The launcher's `give_up` message after its SIGTERM: the workers saved a newer
-  checkpoint, or `why_not` they did not."""
+def sigterm_text(checkpoint_at_sigterm: int | None, latest: int | None, why_not: str,
+                 signal_name: str = "SIGTERM") -> str:
+  """The launcher's `give_up` message after its SIGTERM (or SIGHUP, `signal_name`): the
+  workers saved a newer checkpoint, or `why_not` they did not."""
   if latest is not None and latest != checkpoint_at_sigterm:
-    return f"stopped by SIGTERM after the workers saved step {latest}"
-  return f"interrupted by SIGTERM ({why_not})"
+    return f"stopped by {signal_name} after the workers saved step {latest}"
+  return f"interrupted by {signal_name} ({why_not})"

@@ -19,7 +19,8 @@ One *generation* is one set of workers on one mesh. The supervisor
 It stops when the workers finish (exit 0), below `min_processes` (or with no mesh of the
 processes available), after `max_restarts`
 restarts caused by failures, on a user error (a worker's `error: ...` line), or on
-SIGINT (workers killed, exit 130) or SIGTERM (exit 143): the first SIGTERM, once the workers
+SIGINT (workers killed, exit 130) or SIGTERM (exit 143; SIGHUP, unless ignored, as SIGTERM
+with exit 129): the first SIGTERM, once the workers
 trained past the latest checkpoint, asks them to save at their next check step and exit
 (`jaxrec.elastic.stopping`; at most `stop_timeout` seconds, then they are killed); before
 that, or on a second signal, they are killed at once. `jaxrec.signals` records the signals,
@@ -95,7 +96,7 @@ class Supervisor(scaling.Scaling):
     self._last_failure = ""                   # `Outcome.failure_text` of the last failure
     self._warnings: set[str] = set()          # workers' warnings already printed
     self._sigterms: list = []                 # (process, record): SIGTERMs not acted on
-    self._terminated: dict | None = None      # the launcher's SIGTERM: the checkpoint then
+    self._terminated: dict | None = None      # the launcher's SIGTERM: checkpoint, signal
 
   # ---------------------------------------------------------------------------- main loop
   def run(self) -> int:
@@ -242,13 +243,14 @@ class Supervisor(scaling.Scaling):
   def _stop_after_sigterm(self, out: _Outcome) -> int:
     """Ends the job after the launcher's SIGTERM (`_check_signals`): the workers saved and
     exited, or did not within `stop_timeout`, or failed first (`out` says which)."""
-    self._stop_all(stopping.SIGTERM_REASON, graceful=False)
+    name = self._terminated["signal"]
+    self._stop_all(stopping.terminate_reason(name), graceful=False)
     why_not = (out.reason if out.kind != "planned" else
                f"the workers saved no checkpoint within --stop_timeout={self.o.stop_timeout:g} "
                "s and were killed")
     text = stopping.sigterm_text(self._terminated["checkpoint"],
-                                 proc_lib.latest_checkpoint(self.workdir), why_not)
-    return self._give_up("interrupted", 128 + signal.SIGTERM, text)
+                                 proc_lib.latest_checkpoint(self.workdir), why_not, name)
+    return self._give_up("interrupted", 128 + signal.Signals[name], text)
 
   def _recovery_failed(self, ended_by: str, now: float) -> None:
     """`recovery_failed` when the running generation ends before its `resume`."""
@@ -426,22 +428,23 @@ class Supervisor(scaling.Scaling):
     Returns the stop request in force."""
     try:
       signals.check()
-    except signals.TerminateRequested:
+    except signals.TerminateRequested as e:   # SIGTERM, or SIGHUP taken as it
       checkpoint = proc_lib.latest_checkpoint(self.workdir)
       step = max((p.last_step for p in self.procs), default=0)
       if step <= (checkpoint or 0):
         raise
-      self._terminated = {"checkpoint": checkpoint}
+      name = signals.name(e)
+      self._terminated = {"checkpoint": checkpoint, "signal": name}
       self.events.emit("terminate", generation=self.generation, step=step,
-                       checkpoint=checkpoint, stop_timeout=self.o.stop_timeout,
+                       checkpoint=checkpoint, stop_timeout=self.o.stop_timeout, signal=name,
                        action="checkpoint at the next check step, stop")
-      print(f"SIGTERM: the workers save at their next check step (--check_every="
+      print(f"{name}: the workers save at their next check step (--check_every="
             f"{self.o.check_every}), then the job stops; at most --stop_timeout="
             f"{self.o.stop_timeout:g} s. Again (or Ctrl-C): stop at once.",
             file=sys.stderr, flush=True)
       if stop is not None:   # a re-plan's: an eval in progress now stops too
-        stopping.preempt(self.workdir, self.generation, stop)
-      return stop or self._request_stop(_Outcome("planned", stopping.SIGTERM_REASON,
+        stopping.preempt(self.workdir, self.generation, stop, name)
+      return stop or self._request_stop(_Outcome("planned", stopping.terminate_reason(name),
                                                  detected=now), now)
     return stop
 
@@ -449,8 +452,8 @@ class Supervisor(scaling.Scaling):
     """Workers that got a SIGTERM from outside (a preempted machine): their slots count as
     lost (until `--rejoin_after` or a capacity rewrite), and the generation saves and stops
     at its next check step (the workers agree on that themselves too), then re-plans."""
-    action = ("checkpoint, stop; the job ends (the launcher got SIGTERM)" if self._terminated
-              else "checkpoint, stop, replan without it")
+    action = (f"checkpoint, stop; the job ends (the launcher got {self._terminated['signal']})"
+              if self._terminated else "checkpoint, stop, replan without it")
     for p, r in self._sigterms:
       self.events.emit("sigterm", generation=self.generation, process=p.index, slot=p.slot,
                        step=r.get("at_step"), action=action)

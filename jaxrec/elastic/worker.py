@@ -199,12 +199,13 @@ def got_sigterm() -> bool:
   return _worker().sigterm_at is not None
 
 
-def preempted() -> bool:
-  """True when the supervisor asks this generation to stop because the launcher got
-  SIGTERM (the job is being preempted, not re-planned): the trainer says so in its log
-  and `metrics.jsonl`. False outside the supervisor."""
+def preempted() -> str:
+  """The launcher's signal (`SIGTERM`, `SIGHUP`) when the supervisor asks this generation
+  to stop because the launcher got it (the job is being preempted, not re-planned): the
+  trainer says so in its log and `metrics.jsonl`. "" otherwise and outside the
+  supervisor."""
   w = _worker()
-  return bool(w.supervised and w.workdir) and _preempting(w.workdir, w.generation)
+  return _preempting(w.workdir, w.generation) if w.supervised and w.workdir else ""
 
 
 def initialize_from_env() -> bool:
@@ -388,17 +389,19 @@ def stop_eval(step: int, batch: int) -> bool:
   term = w.sigterm_at is not None
   if term:
     _write_sigterm(w, w.workdir, int(step))
-  return _agree(term or _preempting(w.workdir, w.generation))
+  return _agree(term or bool(_preempting(w.workdir, w.generation)))
 
 
-def _preempting(workdir: str, generation: int) -> bool:
-  """Whether generation `generation`'s stop file asks for the stop of a preemption (not a
-  re-plan's, which lets an eval end). A file being written reads as not (yet)."""
+def _preempting(workdir: str, generation: int) -> str:
+  """The launcher's signal when generation `generation`'s stop file asks for the stop of
+  a preemption, "" for a re-plan's (which lets an eval end). A file being written reads
+  as not (yet)."""
   try:
     with open(stop_path(workdir, generation)) as f:
-      return bool(json.loads(f.read()).get(PREEMPTION))
+      signal_name = json.loads(f.read()).get(PREEMPTION)
   except (OSError, ValueError, AttributeError):
-    return False
+    return ""
+  return signal_name if isinstance(signal_name, str) else "SIGTERM" if signal_name else ""
 
 
 def _write_sigterm(w: _Worker, workdir: str, step: int | None) -> None:

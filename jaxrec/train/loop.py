@@ -565,11 +565,11 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
         if not sigterm:   # (a worker's own SIGTERM, reported to the supervisor, said this too)
           preempted = elastic.preempted()
           log.info("stopping after step %d: %s", step,
-                   "the launcher got SIGTERM: the job stops" if preempted else   # (Slurm: both)
+                   f"the launcher got {preempted}: the job stops" if preempted else   # (Slurm: both)
                    "this worker got a SIGTERM; the elastic supervisor re-plans without it"
                    if elastic.got_sigterm() else "the elastic supervisor asked to re-plan")
           if preempted and is_main:   # as a bare run's SIGTERM stop says it
-            writer.write(step, {"event": "terminated", "signal": "SIGTERM", "by": "launcher"})
+            writer.write(step, {"event": "terminated", "signal": preempted, "by": "launcher"})
         break
     ckpt.wait()   # the last save committed, older checkpoints rotated out
     prune_snapshots()

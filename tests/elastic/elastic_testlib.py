@@ -26,7 +26,7 @@ def env(**extra):
   return e
 
 
-def launch(workdir, launch_flags, train_flags, script=None):
+def launch(workdir, launch_flags, train_flags, script=None, preexec_fn=None):
   """Starts scripts/launch.py (returns the Popen; stderr/stdout to W.launch.log)."""
   cmd = [sys.executable, os.path.join(ROOT, "scripts", "launch.py"), "--quiet", *launch_flags,
          "--", f"--workdir={workdir}", *train_flags]
@@ -34,7 +34,8 @@ def launch(workdir, launch_flags, train_flags, script=None):
     cmd = [sys.executable, script, *cmd[2:]]
   os.makedirs(workdir, exist_ok=True)
   log = open(os.path.join(workdir, "launch.log"), "w")
-  return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env(), cwd=ROOT)
+  return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env(), cwd=ROOT,
+                          preexec_fn=preexec_fn)
 
 
 def run_train(workdir, train_flags, devices):

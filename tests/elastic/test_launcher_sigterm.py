@@ -1,10 +1,13 @@
 """SIGTERM to scripts/launch.py (a preemption: Kubernetes and Slurm send it to the launcher,
 then SIGKILL a grace period later): the workers save at their next check step, then the
 job stops with exit 143. It used to kill the workers at once, losing every step since the
-last periodic checkpoint (a bare train.py saved them). Fake workers (fake_train.py)."""
+last periodic checkpoint (a bare train.py saved them). SIGHUP (a closed terminal) does the
+same, exit 129, unless ignored. Fake workers (fake_train.py)."""
 
 import os
 import signal
+
+import pytest
 
 from tests.elastic import elastic_testlib as t
 
@@ -16,8 +19,14 @@ QUICK = ["--devices_per_process=2", "--hang_timeout=10", "--startup_timeout=60",
          "--stop_grace=2", f"--train_script={FAKE}", "--num_processes=2"]
 
 
+def _default_sighup():
+  """SIGHUP's default action in the launcher, whatever the suite's (a run under `nohup`)."""
+  signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def start(w, launch_flags=(), step_s=0.03):
-  return t.launch(str(w), [*QUICK, *launch_flags], [*TRAIN, f"--step_s={step_s}"])
+  return t.launch(str(w), [*QUICK, *launch_flags], [*TRAIN, f"--step_s={step_s}"],
+                  preexec_fn=_default_sighup)
 
 
 def launch_log(w):
@@ -25,22 +34,24 @@ def launch_log(w):
     return f.read()
 
 
-def sigterm_after_step(w, proc, step):
+def sigterm_after_step(w, proc, step, signum=signal.SIGTERM):
   t.wait_step(w, 1, 0, step, timeout=120, proc=proc)
   pids = t.worker_pids(w, 0)
-  t.kill(proc.pid, signal.SIGTERM)
+  t.kill(proc.pid, signum)
   return pids
 
 
-def test_sigterm_saves_at_the_next_check_step_then_stops(tmp_path):
-  w = str(tmp_path)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_saves_at_the_next_check_step_then_stops(tmp_path, signum):
+  w, name = str(tmp_path), signal.Signals(signum).name
   proc = start(w, ["--check_every=5"])
-  pids = sigterm_after_step(w, proc, 7)
-  assert t.finish(proc, timeout=60) == 128 + signal.SIGTERM, launch_log(w)[-2000:]
+  pids = sigterm_after_step(w, proc, 7, signum)
+  assert t.finish(proc, timeout=60) == 128 + signum, launch_log(w)[-2000:]
   assert not any(t.alive(p) for p in pids)
   ev = t.events(w)
   (term,) = [e for e in ev if e["event"] == "terminate"]
   assert term["checkpoint"] is None and term["step"] >= 7 and term["generation"] == 0
+  assert term["signal"] == name
   exits = [e for e in ev if e["event"] == "worker_exit"]
   assert sorted(e["returncode"] for e in exits) == [0, 0]       # they saved and left
   assert "stop" not in t.names(ev) and "replan" not in t.names(ev)
@@ -49,9 +60,9 @@ def test_sigterm_saves_at_the_next_check_step_then_stops(tmp_path):
   assert give_up["event"] == "give_up" and give_up["reason"] == "interrupted"
   assert saved % 5 == 0 and saved >= term["step"], (saved, term)
   assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == [str(saved)]
-  assert ("SIGTERM: the workers save at their next check step (--check_every=5), then the "
+  assert (f"{name}: the workers save at their next check step (--check_every=5), then the "
           "job stops; at most --stop_timeout=300 s." in launch_log(w))
-  assert (f"error: stopped by SIGTERM after the workers saved step {saved}. Stopping; the "
+  assert (f"error: stopped by {name} after the workers saved step {saved}. Stopping; the "
           f"latest checkpoint is step {saved}" in launch_log(w)), launch_log(w)[-2000:]
 
 

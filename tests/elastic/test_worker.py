@@ -243,14 +243,15 @@ def test_an_eval_stops_for_a_preemption_not_for_a_replan(tmp_path, monkeypatch):
   assert worker.stop_eval(10, 1) is False                 # no request
   replan = stopping.request(w, 1, Outcome("planned", "capacity 2 -> 3", detected=0.0), 0.0)
   assert worker.stop_eval(10, 1) is False                 # a re-plan lets the eval end
-  assert worker.preempted() is False                       # and the log says re-plan
+  assert worker.preempted() == ""                          # and the log says re-plan
   stopping.preempt(w, 1, replan)
-  assert worker.preempted() is True
+  assert worker.preempted() == "SIGTERM"
   assert [worker.stop_eval(10, b) for b in (2, 3, 4)] == [False, False, True]
   assert votes == [False, False, True]                     # batches 1, 1, 4: one vote each
   stopping.clear_requests(w)
-  stopping.request(w, 1, Outcome("planned", stopping.SIGTERM_REASON, detected=0.0), 0.0)
-  assert worker.stop_eval(10, 7) is True
+  stopping.request(w, 1, Outcome("planned", stopping.terminate_reason("SIGHUP"),
+                                  detected=0.0), 0.0)
+  assert worker.stop_eval(10, 7) is True and worker.preempted() == "SIGHUP"
 
 
 def test_an_eval_stops_on_the_workers_own_sigterm(tmp_path, monkeypatch):
@@ -268,7 +269,7 @@ def test_an_eval_stops_on_the_workers_own_sigterm(tmp_path, monkeypatch):
 def test_stop_eval_is_a_no_op_without_the_supervisor(tmp_path, monkeypatch):
   use_env(monkeypatch, {})
   assert worker.stop_eval(5, 1) is False
-  assert worker.preempted() is False
+  assert worker.preempted() == ""
 
 
 def test_a_worker_that_printed_nothing_is_said_so_not_the_banner(tmp_path):
