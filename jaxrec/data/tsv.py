@@ -173,16 +173,27 @@ def _check_not_compressed(path: str, head: bytes) -> None:
                     f"iconv -f UTF-16 -t UTF-8 {path} > {path}.utf8, and read that)")
 
 
+_READ = ("jaxrec reads Criteo TSV (plain or gzip) and directories scripts/preprocess.py "
+         "wrote from it")
+
+
 def _check_text(path: str, head: bytes) -> None:
   """`DataError` for a file that is not text: a control byte among its first 8 bytes
   (zip/npz, shards, length-prefixed records), or in over 1% of `head`. A few elsewhere
   are left to the row parser: one NUL in a field at line 5 stopped a `--bad_rows=skip`
-  run as 'not a text file', where at line 900 it skipped the row."""
+  run as 'not a text file', where at line 900 it skipped the row. A Parquet file
+  (NVTabular's output; HugeCTR's Parquet format) is named as one; it and any other binary
+  file (HugeCTR's Norm / Raw files) say what is read instead (they said only 'not a text
+  file (control byte 0x15)')."""
+  if head.startswith(b"PAR1"):
+    raise DataError(f"{path}: a Parquet file; {_READ}: write the data out as TSV (label, "
+                    "integer and hex categorical columns) and preprocess that")
   a = np.frombuffer(head, np.uint8)
   bad = np.flatnonzero(_CONTROL[a])   # (one alone in a short file is a bad row's too)
   if len(bad) and (bad[0] < 8 or (len(bad) > 1 and len(bad) * 100 > len(a))):
     line = int(np.count_nonzero(a[:bad[0]] == 10)) + 1
-    raise DataError(f"{path}:{line}: not a text file (control byte 0x{a[bad[0]]:02x})")
+    raise DataError(f"{path}:{line}: not a text file (control byte 0x{a[bad[0]]:02x}): "
+                    f"{_READ} (not Parquet, TFRecord or HugeCTR's Norm / Raw binary files)")
 
 
 def _check_line_ends(path: str, head: bytes) -> None:

@@ -117,6 +117,21 @@ def test_other_compressions_are_named(tmp_path, compress, name):
     read(str(path))
 
 
+def test_parquet_and_binary_files_say_what_is_read(tmp_path):
+  """A Parquet file (NVTabular's output, HugeCTR's Parquet format) said only 'not a text
+  file (control byte 0x15)', and a HugeCTR Norm/Raw binary file only that: neither said
+  what jaxrec reads instead."""
+  parquet = tmp_path / "part_0.parquet"
+  parquet.write_bytes(b"PAR1\x15\x04\x15\x80\x01" + bytes(200) + b"PAR1")
+  with pytest.raises(DataError, match=f"^{parquet}: a Parquet file; jaxrec reads Criteo TSV .*preprocess"):
+    read(str(parquet))
+  binary = tmp_path / "train_data.bin"
+  binary.write_bytes(np.arange(1000, dtype=np.int32).tobytes())
+  with pytest.raises(DataError, match=re.escape(
+      f"{binary}:1: not a text file (control byte 0x00): jaxrec reads Criteo TSV")):
+    read(str(binary))
+
+
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
 def test_utf16_text_is_named(tmp_path, encoding):
   """Excel's 'Unicode Text' (with a byte-order mark) or PowerShell's `>`: 'not a text file

@@ -94,7 +94,9 @@ CASES = [
     ("label", _row(set_col(0, "2")), "{p}:7: column 1 (label): label must be 0 or 1, got '2'",
      [], True),
     ("empty", _empty, "{p}: empty file", [], True),
-    ("not_text", _not_text, "{p}:1: not a text file (control byte 0x00)", [], True),
+    ("not_text", _not_text, "{p}:1: not a text file (control byte 0x00): jaxrec reads "
+     "Criteo TSV (plain or gzip) and directories scripts/preprocess.py wrote from it (not "
+     "Parquet, TFRecord or HugeCTR's Norm / Raw binary files)", [], True),
     ("truncated_gzip", _truncated,
      "{p}: truncated gzip file (the compressed stream ends early)", [], False),
     ("missing", lambda d: d / "missing.tsv", "--train_data: {p}: no such file or directory",
