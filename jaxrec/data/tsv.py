@@ -47,7 +47,7 @@ from jaxrec import signals
 from jaxrec.data.batch import Batch, concatenate
 from jaxrec.data.listing import list_files  # noqa: F401 (the readers' entry point)
 from jaxrec.data.source import ArraySource, Layout, empty_batch
-from jaxrec.data.tsv_messages import REASONS, shown, value_hint
+from jaxrec.data.tsv_messages import REASONS, dense_hint, shown, value_hint
 from jaxrec.errors import ConfigError, DataError, counted
 
 BAD_ROWS = ("error", "skip")
@@ -415,6 +415,8 @@ class Parser:
       why = REASONS[int(reason[r, c])]
       hint = (" (a UTF-8 byte order mark: one is skipped only at the start of a file)"
               if value.startswith(_BOM) else "")
+      if 0 < c <= nd:
+        hint = hint or dense_hint(int(reason[r, c]), value)
       if c > nd:
         hint = hint or value_hint(int(reason[r, c]), value, lay.weighted[c - 1 - nd])
         why = f"feature '{lay.names[c - 1 - nd]}': " + why.format(

@@ -37,6 +37,21 @@ def value_hint(reason: int, value: bytes, weighted: bool) -> str:
   return ""
 
 
+def dense_hint(reason: int, value: bytes) -> str:
+  """What a bad dense `value` likely means: a finite float such as `0.25` is an already
+  normalised feature (NVTabular's, HugeCTR's Parquet data), which said only 'not an
+  integer'."""
+  if reason != 2 or not any(c in value for c in b".eE"):
+    return ""
+  try:
+    if not math.isfinite(float(value)):
+      return ""
+  except ValueError:
+    return ""
+  return (" (dense columns hold raw integer counts, which jaxrec turns into "
+          "log(1 + max(x, 0)); already normalised float features are not read)")
+
+
 def shown(value: bytes) -> str:
   """A field's bytes as an error message quotes them: control characters and bytes that are
   not UTF-8 escaped (`'19\\r'`, `'\\xe9'`), at most 40 characters.

@@ -271,6 +271,10 @@ def _bad(label="1", dense=None, cats=None, col=None, value=None):
     (_bad(col=2, value="nan"), "column 4 (I3)", "not an integer: 'nan'"),
     (_bad(col=0, value="inf"), "column 2 (I1)", "not an integer: 'inf'"),
     (_bad(col=12, value="1.5"), "column 14 (I13)", "not an integer"),
+    # normalised float features (NVTabular, HugeCTR's Parquet): the error gave no reason
+    (_bad(col=1, value="0.25"), "column 3 (I2)",
+     "not an integer: '0.25' (dense columns hold raw integer counts"),
+    (_bad(col=1, value="-1.5e-3"), "column 3 (I2)", "'-1.5e-3' (dense columns hold raw"),
     (_bad(col=3, value="-"), "column 5 (I4)", "not an integer"),
     (_bad(col=3, value="1" * 19), "column 5 (I4)", "more than 18 digits"),
     (_bad(col=13, value="xyz"), "column 15 (C1)", "not hex: 'xyz'"),
