@@ -102,6 +102,19 @@ def _column_count(flag: str, selector: str, default: int) -> tuple[int, str]:
   return whole(value, selector, minimum=0), selector
 
 
+def _columns_from(dense_from: str) -> str:
+  """Where the expected column counts came from, for a wrong count's error (`tsv.Parser`):
+  without a gin file the flags (it named `uniform_tables.num_tables` for a
+  `--num_categorical` given on the command line)."""
+  from jaxrec.data import tsv
+  if FLAGS.gin_file or FLAGS.gin_bindings:
+    return tsv.FEATURES_FROM
+  given = "given" if FLAGS["num_categorical"].present else "default"
+  dense = "given" if dense_from == "--num_dense" and FLAGS["num_dense"].present else "default"
+  return (f"--num_categorical={{n}} ({given}) sets the categorical columns and "
+          f"--num_dense={{nd}} ({dense}) the integer ones")
+
+
 def _num_categorical(features) -> int:
   """`--num_categorical` > `open_source.num_categorical` > the config's feature count; one
   that is not the feature count is an error naming it (training refuses that TSV too)."""
@@ -162,11 +175,12 @@ def main(argv):
       raise JaxrecError(f"--shard_examples must be positive, got {FLAGS.shard_examples}")
     _check_paths()
     tables, features = _specs()
-    num_dense, _ = _column_count("num_dense", "ExperimentConfig.num_dense",
-                                 FLAGS["num_dense"].default)
+    num_dense, dense_from = _column_count("num_dense", "ExperimentConfig.num_dense",
+                                          FLAGS["num_dense"].default)
     m = binary.preprocess(FLAGS.input, FLAGS.output, features, tables, FLAGS.bad_rows,
                           num_dense=num_dense, num_categorical=_num_categorical(features),
-                          shard_examples=FLAGS.shard_examples)
+                          shard_examples=FLAGS.shard_examples,
+                          columns_from=_columns_from(dense_from))
   except JaxrecError as e:
     print(f"error: {user_message(e)}", file=sys.stderr)
     sys.exit(1)

@@ -207,8 +207,10 @@ class _ShardWriter:
 
 
 def write(inputs: Sequence[str], output: str, layout: Layout, bad_rows: str = "error",
-          shard_examples: int = SHARD_EXAMPLES, chunk_bytes: int = tsv.CHUNK_BYTES) -> dict:
+          shard_examples: int = SHARD_EXAMPLES, chunk_bytes: int = tsv.CHUNK_BYTES,
+          columns_from: str = tsv.FEATURES_FROM) -> dict:
   """Parses TSV files `inputs` (in order) into shards under `output`; returns the manifest.
+  `columns_from`: where the column counts came from (`tsv.Parser`).
 
   Streams: memory stays at a few chunks whatever the input size.
   """
@@ -232,7 +234,7 @@ def write(inputs: Sequence[str], output: str, layout: Layout, bad_rows: str = "e
         _remove_unfinished(output)
         writer = _ShardWriter(output, shard_examples)
         try:
-          return _write(inputs, output, layout, bad_rows, chunk_bytes, writer)
+          return _write(inputs, output, layout, bad_rows, chunk_bytes, writer, columns_from)
         except BaseException:
           writer.discard()
           raise
@@ -276,8 +278,8 @@ def _remove_unfinished(output: str) -> None:
                                                                 else ""))
 
 
-def _write(inputs, output, layout, bad_rows, chunk_bytes, writer) -> dict:
-  parser, policy = tsv.Parser(layout), tsv.BadRowPolicy(bad_rows)
+def _write(inputs, output, layout, bad_rows, chunk_bytes, writer, columns_from) -> dict:
+  parser, policy = tsv.Parser(layout, columns_from), tsv.BadRowPolicy(bad_rows)
   total = 0
   for path in inputs:
     for batch in tsv.iter_file(path, parser, policy, chunk_bytes):
@@ -591,11 +593,13 @@ class BinarySource(GrainMixin):
 
 def preprocess(input_path: str, output: str, features, rows, bad_rows: str = "error",
                num_dense: int = 13, num_categorical: int = 26,
-               shard_examples: int = SHARD_EXAMPLES) -> dict:
+               shard_examples: int = SHARD_EXAMPLES,
+               columns_from: str = tsv.FEATURES_FROM) -> dict:
   """`scripts/preprocess.py`: TSV file/dir/glob `input_path` -> shards in `output`.
 
   `features` are the configured `FeatureSpec`s (k-th = k-th categorical column), `rows` maps
-  table name -> rows (or the `TableSpec`s). Returns the manifest.
+  table name -> rows (or the `TableSpec`s); `columns_from` says where the column counts
+  came from, for a wrong count's error (`tsv.Parser`). Returns the manifest.
   """
   from jaxrec.data.source import make_layout
   if bad_rows not in tsv.BAD_ROWS:
@@ -607,4 +611,4 @@ def preprocess(input_path: str, output: str, features, rows, bad_rows: str = "er
   layout = make_layout(features, rows, num_dense)
   files = tsv.list_files(input_path)
   check_not_part(files)
-  return write(files, output, layout, bad_rows, shard_examples)
+  return write(files, output, layout, bad_rows, shard_examples, columns_from=columns_from)

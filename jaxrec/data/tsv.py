@@ -204,11 +204,21 @@ def _check_line_ends(path: str, head: bytes) -> None:
                     "'\\n' or '\\r\\n': convert the file, e.g. tr '\\r' '\\n'")
 
 
-class Parser:
-  """Parses chunks of Criteo TSV lines for one `Layout` (see module docstring)."""
+FEATURES_FROM = ("the configuration has {n} sparse features, one per categorical column (the "
+                 "FeatureSpecs of ExperimentConfig.embedding, e.g. uniform_tables.num_tables)")
 
-  def __init__(self, layout: Layout):
+
+class Parser:
+  """Parses chunks of Criteo TSV lines for one `Layout` (see module docstring).
+
+  `columns_from`: where the expected column counts came from, in a wrong count's hint
+  (`{n}`: the categorical count); default the training config's features
+  (`FEATURES_FROM`). `scripts/preprocess.py` without a gin file names its flags: it
+  blamed `uniform_tables.num_tables` for a `--num_categorical` the user gave."""
+
+  def __init__(self, layout: Layout, columns_from: str = FEATURES_FROM):
     self.layout = layout
+    self.columns_from = columns_from
     nd, nf = layout.num_dense, layout.num_sparse
     self.num_columns = 1 + nd + nf
     self.column_names = (["label"] + [f"I{i + 1}" for i in range(nd)] +
@@ -279,9 +289,8 @@ class Parser:
     unlabeled = ("no label column (as Criteo's unlabeled test.txt: training and eval files "
                  "need labels)? or " if counts[0] == self.num_columns - 1 else "")
     return (f", as do all {len(counts)} lines read with it: {unlabeled}{counts[0] - 1 - nd} "
-            f"categorical columns after the {nd} integer ones? the configuration has {nf} sparse "
-            "features, one per categorical column (the FeatureSpecs of "
-            "ExperimentConfig.embedding, e.g. uniform_tables.num_tables)")
+            f"categorical columns after the {nd} integer ones? "
+            + self.columns_from.format(n=nf, nd=nd))
 
   def _parse_fields(self, a, delim, m):
     lay = self.layout

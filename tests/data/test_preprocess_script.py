@@ -114,6 +114,23 @@ def test_dense_column_count_from_gin_file_or_flag(tmp_path, tsv_file):
       "error: --num_dense must be an integer >= 0, got -1"), r.stderr
 
 
+def test_wrong_column_count_without_gin_names_the_flags(tmp_path, tsv_file):
+  """Without a gin file the column counts come from --num_categorical / --num_dense; a
+  wrong count's hint named the training config ('the FeatureSpecs of
+  ExperimentConfig.embedding, e.g. uniform_tables.num_tables'), which this run has none of."""
+  path = tsv_file([lib.line(), lib.line("0")])   # 13 integer + 26 categorical columns
+  r = run(f"--input={path}", f"--output={tmp_path / 'o'}", "--rows=100", "--num_categorical=25")
+  assert r.returncode == 1
+  assert r.stderr.strip().endswith(
+      "26 categorical columns after the 13 integer ones? --num_categorical=25 (given) sets "
+      "the categorical columns and --num_dense=13 (default) the integer ones"), r.stderr
+  r = run(f"--input={path}", f"--output={tmp_path / 'o2'}", "--rows=100", "--num_dense=12")
+  assert r.returncode == 1
+  assert r.stderr.strip().endswith(
+      "--num_categorical=26 (default) sets the categorical columns and --num_dense=12 "
+      "(given) the integer ones"), r.stderr
+
+
 def test_failed_run_leaves_no_shards(tmp_path, tsv_file):
   """A bad row in a later file, or a write failing (here: the file size limit), left the
   shards written so far in --output; a write error was '[Errno 27] File too large',
