@@ -54,6 +54,10 @@ BAD_ROWS = ("error", "skip")
 CHUNK_BYTES = 4 << 20
 MAX_LINE_BYTES = 64 << 20   # a Criteo line is ~200 bytes: longer means another format
 MAX_LOGGED_BAD_ROWS = 5
+# A feature whose first chunk of a file holds this many distinct ids, none with a hex
+# letter, has decimal ids (random 8-digit hex ids are all digits 2% of the time: 64 such
+# distinct ones by chance, ~1e-105): `decimal_features`, a warning naming them.
+DECIMAL_DISTINCT = 64
 
 _HEX = np.full(256, 255, np.uint8)
 for _c in b"0123456789":
@@ -219,6 +223,8 @@ class Parser:
   def __init__(self, layout: Layout, columns_from: str = FEATURES_FROM):
     self.layout = layout
     self.columns_from = columns_from
+    self.check_decimal = False          # `decimal_features` of the next chunk parsed
+    self.decimal_features: list[str] = []
     nd, nf = layout.num_dense, layout.num_sparse
     self.num_columns = 1 + nd + nf
     self.column_names = (["label"] + [f"I{i + 1}" for i in range(nd)] +
@@ -278,6 +284,19 @@ class Parser:
     bad_msgs.extend(zip(cols, msgs))
     order = np.argsort(np.array(bad_lines, np.int64), kind="stable")
     return batch, np.array(bad_lines, np.int64)[order], [bad_msgs[i] for i in order]
+
+  def _decimal_features(self, tfeat, hv, raw) -> list[str]:
+    """The features (`'name' (column C3)`) whose tokens (`tfeat`: each one's feature, `hv`:
+    its hex digits, `raw`: its value) are `DECIMAL_DISTINCT` or more distinct ids without
+    a hex letter: decimal ids, which read as hex collide (`0 .. 999` fill 712 of 1,000
+    rows)."""
+    lay = self.layout
+    letters = np.bincount(tfeat, weights=(hv >= 10).any(-1), minlength=lay.num_sparse) > 0
+    found = [f for f in np.flatnonzero(~letters)
+             if len(np.unique(raw[tfeat == f])) >= DECIMAL_DISTINCT]
+    columns = [self.column_names[1 + lay.num_dense + f] for f in found]
+    return [f"'{lay.names[f]}'" + ("" if lay.names[f] == c else f" (column {c})")
+            for f, c in zip(found, columns)]
 
   def _layout_hint(self, counts) -> str:
     """For a chunk of lines that all have the same wrong column count: the data's
@@ -397,6 +416,9 @@ class Parser:
     packed = (hv[:, 0::2] << 4) | hv[:, 1::2]
     raw = packed.view(">u4" if k == 8 else ">u8")[:, 0].astype(np.uint64)
     tid = (raw % self._rows[tfeat]).astype(np.int32)
+    if self.check_decimal:
+      self.check_decimal = False
+      self.decimal_features = self._decimal_features(tfeat, hv, raw)
     # Assemble.
     total = int(self._max_len.sum())
     ids = np.broadcast_to(self._fill_ids, (m, total)).copy()
@@ -496,11 +518,27 @@ class BadRowPolicy:
 
 def iter_file(path: str, parser: Parser, policy: BadRowPolicy,
               chunk_bytes: int = CHUNK_BYTES) -> Iterator[Batch]:
-  """Parsed batches (one per chunk) of the good rows of one file, in order."""
+  """Parsed batches (one per chunk) of the good rows of one file, in order. A warning names
+  the features whose ids in the file's first chunk look decimal (`Parser.decimal_features`)."""
   for line, chunk in read_chunks(path, chunk_bytes):
+    parser.check_decimal = line == 1
     batch, bad, msgs = parser.parse(chunk)
     policy.report(path, line, bad, msgs)
+    if line == 1 and parser.decimal_features:
+      _warn_decimal(path, parser.decimal_features)
     yield batch
+
+
+def _warn_decimal(path: str, features: Sequence[str]) -> None:
+  names = ", ".join(features[:8]) + (
+      f" and {len(features) - 8} more" if len(features) > 8 else "")
+  one = len(features) == 1
+  logging.warning("%s: %s %s %s decimal ids only (%d or more distinct at the start of the "
+                  "file, none with a hex letter): ids are read as hex (int(id, 16) %% rows), "
+                  "so decimal ids collide (0 .. 999 fill 712 of 1,000 rows); if they are "
+                  "decimal (already made contiguous), write them in hex ('%%x')", path,
+                  "feature" if one else "features", names, "holds" if one else "hold",
+                  DECIMAL_DISTINCT)
 
 
 def _return_freed_memory() -> None:

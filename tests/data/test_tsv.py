@@ -522,3 +522,26 @@ def test_bad_files(tmp_path):
   (tmp_path / "void").mkdir()
   with pytest.raises(DataError, match="holds no files"):
     tsv.list_files(str(tmp_path / "void"))
+
+
+def test_decimal_ids_are_warned_about(tsv_file, caplog):
+  """Ids already made contiguous (0 .. N-1, NVTabular's Categorify) written in decimal were
+  read as hex without a word: 0 .. 999 fell on 712 of 1,000 rows. Features whose first
+  chunk holds 64 or more distinct ids without a hex letter are named; random hex ids, and
+  a few small decimal-looking ones, are not."""
+  rng = np.random.default_rng(0)
+  lines = []
+  for i in range(200):
+    cats = [f"{rng.integers(0, 2**32):08x}" for _ in range(26)]
+    cats[3], cats[7] = str(i), str(i % 10)   # f3: 200 decimal ids; f7: 10 of them
+    lines.append(lib.line(cats=cats))
+  path = tsv_file(lines)
+  with caplog.at_level(logging.WARNING):
+    b = read(path, lib.layout(n=1000)).examples
+  assert b.ids["f3"][11, 0] == 0x11   # read as hex, as before
+  warned = [r.getMessage() for r in caplog.records if "decimal ids" in r.getMessage()]
+  assert warned == [f"{path}: feature 'f3' (column C4) holds decimal ids only (64 or more "
+                    "distinct at the start of the file, none with a hex letter): ids are "
+                    "read as hex (int(id, 16) % rows), so decimal ids collide (0 .. 999 "
+                    "fill 712 of 1,000 rows); if they are decimal (already made contiguous), "
+                    "write them in hex ('%x')"]
