@@ -21,7 +21,7 @@ from absl import app, flags
 
 from common import check_at_least, emit as emit_line, interruptible, own_dir, scratch_dir
 from jaxrec import cli_flags  # noqa: E402
-from jaxrec.data import binary, pipeline, synthetic, tsv
+from jaxrec.data import binary_write, pipeline, synthetic, tsv
 from jaxrec.data.source import make_layout
 from jaxrec.embedding.specs import uniform_tables
 
@@ -160,7 +160,7 @@ def main(argv):
 
     out = os.path.join(work, "bin")
     start = time.perf_counter()
-    binary.write([path], out, layout)
+    binary_write.write([path], out, layout)
     emit(source="preprocess", examples_per_sec=round(n / (time.perf_counter() - start)),
          examples=n)
 

@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 # First, before absl and jax: SIGINT / SIGTERM are recorded and raised between chunks
-# (`signals.check()` in `binary.write`), never inside jax's gc callback or the clean-up.
+# (`signals.check()` in `binary_write.write`), never inside jax's gc callback or the clean-up.
 from jaxrec import signals  # noqa: E402
 signals.defer()
 
@@ -159,7 +159,7 @@ def _signal_word(name: str) -> str:
 
 def main(argv):
   del argv   # cli_flags.parse refuses arguments that are not flags
-  from jaxrec.data import binary
+  from jaxrec.data import binary, binary_write
   from jaxrec.errors import JaxrecError
   from jaxrec.launch import user_message
   # a second signal exits at once, before `discard`: the next run into --output (no
@@ -177,7 +177,7 @@ def main(argv):
     tables, features = _specs()
     num_dense, dense_from = _column_count("num_dense", "ExperimentConfig.num_dense",
                                           FLAGS["num_dense"].default)
-    m = binary.preprocess(FLAGS.input, FLAGS.output, features, tables, FLAGS.bad_rows,
+    m = binary_write.preprocess(FLAGS.input, FLAGS.output, features, tables, FLAGS.bad_rows,
                           num_dense=num_dense, num_categorical=_num_categorical(features),
                           shard_examples=FLAGS.shard_examples,
                           columns_from=_columns_from(dense_from))

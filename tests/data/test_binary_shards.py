@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import data_testlib as lib
-from jaxrec.data import binary, synthetic, tsv
+from jaxrec.data import binary, binary_write, synthetic, tsv
 from jaxrec.data.source import make_layout
 from jaxrec.embedding.specs import FeatureSpec
 from jaxrec.errors import ConfigError, DataError
@@ -24,7 +24,7 @@ def dataset(tmp_path):
   path = str(tmp_path / "train.tsv")
   synthetic.write_tsv(path, synthetic.SyntheticSource(lay, seed=2), 300)
   out = str(tmp_path / "bin")
-  binary.preprocess(path, out, lib.features(MAX_LENS, WEIGHTED), lib.rows(1000),
+  binary_write.preprocess(path, out, lib.features(MAX_LENS, WEIGHTED), lib.rows(1000),
                     shard_examples=128)
   return path, out, lay
 
@@ -212,18 +212,18 @@ def test_checksums_are_hashed_once_per_unchanged_shard(dataset, monkeypatch):
 def test_output_must_be_new_and_bad_rows(tmp_path, tsv_file):
   path = tsv_file([lib.line(), "1\t2", lib.line("0")])
   with pytest.raises(DataError, match=f"{path}:2: expected 40"):
-    binary.preprocess(path, str(tmp_path / "o1"), lib.features(), lib.rows())
+    binary_write.preprocess(path, str(tmp_path / "o1"), lib.features(), lib.rows())
   assert not os.path.exists(tmp_path / "o1" / binary.MANIFEST)
-  m = binary.preprocess(path, str(tmp_path / "o2"), lib.features(), lib.rows(),
+  m = binary_write.preprocess(path, str(tmp_path / "o2"), lib.features(), lib.rows(),
                         bad_rows="skip")
   assert m["num_examples"] == 2 and m["bad_rows"] == {path: 1}
   src = binary.BinarySource(str(tmp_path / "o2"), lib.layout())
   assert src.bad_row_counts() == {path: 1}
   np.testing.assert_array_equal(src.gather(np.arange(2)).labels, [1, 0])
   with pytest.raises(DataError, match="already holds a preprocessed dataset"):
-    binary.preprocess(path, str(tmp_path / "o2"), lib.features(), lib.rows(), bad_rows="skip")
+    binary_write.preprocess(path, str(tmp_path / "o2"), lib.features(), lib.rows(), bad_rows="skip")
   with pytest.raises(ConfigError, match="26 categorical columns but 3 sparse features"):
-    binary.preprocess(path, str(tmp_path / "o3"), lib.features()[:3], lib.rows())
+    binary_write.preprocess(path, str(tmp_path / "o3"), lib.features()[:3], lib.rows())
 
 
 def test_a_rerun_removes_the_shards_a_killed_run_left(tmp_path, tsv_file, caplog):
@@ -236,7 +236,7 @@ def test_a_rerun_removes_the_shards_a_killed_run_left(tmp_path, tsv_file, caplog
     (out / f"shard-{i:05d}.bin").write_bytes(b"\1" * 100)
   (out / "notes.txt").write_text("mine")
   with caplog.at_level("WARNING"):
-    m = binary.preprocess(path, str(out), lib.features(), lib.rows(), shard_examples=1)
+    m = binary_write.preprocess(path, str(out), lib.features(), lib.rows(), shard_examples=1)
   assert sorted(os.listdir(out)) == ["manifest.json", "notes.txt", "shard-00000.bin",
                                      "shard-00001.bin"]
   assert [s["file"] for s in m["shards"]] == ["shard-00000.bin", "shard-00001.bin"]
@@ -264,7 +264,7 @@ def test_another_programs_manifest_is_not_a_dataset(dataset, tmp_path):
     binary.check_not_part([str(other / "day_0.tsv"), str(other / binary.MANIFEST)])
   with pytest.raises(DataError, match=r"tsvs: holds a manifest.json that is not a jaxrec "
                      r"dataset's \(another program's\?\); choose another --output$"):
-    binary.write([], str(other), None)   # it removed their shard-*.bin as ours, unfinished
+    binary_write.write([], str(other), None)   # it removed their shard-*.bin as ours, unfinished
   assert (other / "shard-00000.bin").read_bytes() == b"theirs"
 
 
@@ -273,7 +273,7 @@ def test_bad_rows_name_the_input_absolutely(tmp_path, tsv_file, monkeypatch):
   directories as `data.tsv` shared one key (and one count) in a run's `bad_rows`."""
   path = tsv_file([lib.line(), "1\t2"])
   monkeypatch.chdir(os.path.dirname(path))
-  m = binary.preprocess(os.path.basename(path), str(tmp_path / "o"), lib.features(),
+  m = binary_write.preprocess(os.path.basename(path), str(tmp_path / "o"), lib.features(),
                         lib.rows(), bad_rows="skip")
   assert m["bad_rows"] == {path: 1}
 
@@ -335,7 +335,7 @@ def test_feature_max_len_must_be_positive(dataset, max_len):
 def test_a_signal_right_after_a_shard_is_opened_leaves_no_file(tmp_path, monkeypatch):
   """SIGTERM/Ctrl-C raise at the first bytecode after `open` returns, before the writer
   holds the new file: the discard missed it and the interrupted preprocess left a shard."""
-  writer = binary._ShardWriter(str(tmp_path), shard_examples=2)   # pylint: disable=protected-access
+  writer = binary_write.ShardWriter(str(tmp_path), shard_examples=2)
   recs = np.zeros(3, np.dtype([("x", np.int32)]))
   writer.write(recs[:2])                                            # shard 0 complete
 
@@ -343,7 +343,7 @@ def test_a_signal_right_after_a_shard_is_opened_leaves_no_file(tmp_path, monkeyp
     with open(path, mode):   # the file exists, the caller never gets it
       pass
     raise KeyboardInterrupt
-  monkeypatch.setattr(binary, "open", open_then_interrupt, raising=False)
+  monkeypatch.setattr(binary_write, "open", open_then_interrupt, raising=False)
   with pytest.raises(KeyboardInterrupt):
     writer.write(recs[2:])
   assert sorted(os.listdir(tmp_path)) == ["shard-00000.bin", "shard-00001.bin"]
@@ -377,7 +377,7 @@ def test_a_run_resumes_on_its_data_re_preprocessed_but_not_on_other_data(dataset
   next(it)
   state = it.get_state()
   again = str(tmp_path / "again")
-  binary.preprocess(path, again, lib.features(MAX_LENS, WEIGHTED), lib.rows(1000),
+  binary_write.preprocess(path, again, lib.features(MAX_LENS, WEIGHTED), lib.rows(1000),
                     shard_examples=77)
   for d in (out, again):
     resumed = pipeline.TrainIterator(binary.BinarySource(d, lay), 16, seed=1, num_threads=0)
@@ -386,7 +386,7 @@ def test_a_run_resumes_on_its_data_re_preprocessed_but_not_on_other_data(dataset
   lines = open(path).read().splitlines(keepends=True)
   (tmp_path / "rev.tsv").write_text("".join(lines[::-1]))
   other = str(tmp_path / "other")
-  binary.preprocess(str(tmp_path / "rev.tsv"), other, lib.features(MAX_LENS, WEIGHTED),
+  binary_write.preprocess(str(tmp_path / "rev.tsv"), other, lib.features(MAX_LENS, WEIGHTED),
                     lib.rows(1000))
   with pytest.raises(DataError, match="other data of the same size \\(300 examples"):
     pipeline.TrainIterator(binary.BinarySource(other, lay), 16, seed=1).set_state(state)
@@ -463,10 +463,10 @@ def test_a_second_preprocess_into_the_same_output_is_refused(tmp_path, tsv_file)
     with pytest.raises(ConfigError, match=rf"--output: {out} is in use by another "
                        rf"scripts/preprocess.py \(pid {os.getpid()}\); wait for it to finish "
                        "or pick another --output"):
-      binary.preprocess(path, str(out), lib.features(), lib.rows())
+      binary_write.preprocess(path, str(out), lib.features(), lib.rows())
     assert (out / "shard-00000.bin").read_bytes() == b"\1" * 10   # left alone
   os.remove(out / "shard-00000.bin")
-  binary.preprocess(path, str(out), lib.features(), lib.rows())
+  binary_write.preprocess(path, str(out), lib.features(), lib.rows())
   assert sorted(os.listdir(out)) == ["manifest.json", "shard-00000.bin"]   # no lock file left
 
 
@@ -481,5 +481,5 @@ def test_an_empty_input_file_is_found_before_any_is_read(tmp_path, monkeypatch):
   real = tsv.iter_file
   monkeypatch.setattr(tsv, "iter_file", lambda path, *a: parsed.append(path) or real(path, *a))
   with pytest.raises(DataError, match=f"^{days / 'day_1.tsv'}: empty file$"):
-    binary.preprocess(str(days), str(tmp_path / "o"), lib.features(), lib.rows())
+    binary_write.preprocess(str(days), str(tmp_path / "o"), lib.features(), lib.rows())
   assert parsed == [] and not (tmp_path / "o").exists()

@@ -13,7 +13,7 @@ import pytest
 from absl import flags
 
 import data_testlib as lib
-from jaxrec.data import binary, pipeline, synthetic
+from jaxrec.data import binary, binary_write, pipeline, synthetic
 from jaxrec.data.batch import Batch, concatenate
 from jaxrec.data.source import ArraySource
 from jaxrec.embedding.specs import uniform_tables
@@ -45,7 +45,7 @@ def files(tmp_path_factory):
   path = str(d / "train.tsv")
   synthetic.write_tsv(path, synthetic.SyntheticSource(lay, seed=9), 203)
   out = str(d / "bin")
-  binary.preprocess(path, out, lib.features({2: 3}), lib.rows(), shard_examples=64)
+  binary_write.preprocess(path, out, lib.features({2: 3}), lib.rows(), shard_examples=64)
   return {"tsv": path, "binary": out, "synthetic": "synthetic"}
 
 
@@ -267,7 +267,7 @@ def test_parts_of_a_preprocessed_dataset_are_named(files, tmp_path):
                      "it: a scripts/preprocess.py run that did not finish"):
     pipeline.open_source(str(killed), feats, lib.rows())
   with pytest.raises(DataError, match="part of the preprocessed dataset"):
-    binary.preprocess(f"{d}/*", str(tmp_path / "out"), feats, lib.rows())
+    binary_write.preprocess(f"{d}/*", str(tmp_path / "out"), feats, lib.rows())
   parent = tmp_path / "days"   # the hint to read its subdirectories' files led to the above
   for day in ["day_1", "day_0"]:
     shutil.copytree(d, parent / day)

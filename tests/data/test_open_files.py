@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import data_testlib as lib
-from jaxrec.data import binary, synthetic
+from jaxrec.data import binary, binary_write, synthetic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -49,7 +49,7 @@ def test_more_shards_than_the_open_file_limit(tmp_path):
   path = str(tmp_path / "train.tsv")
   synthetic.write_tsv(path, synthetic.SyntheticSource(lib.layout(n=1000), seed=2), 300)
   out = tmp_path / "bin"
-  binary.preprocess(path, str(out), lib.features(), lib.rows(1000), shard_examples=4)
+  binary_write.preprocess(path, str(out), lib.features(), lib.rows(1000), shard_examples=4)
   # 75 shards, 40 files more allowed (soft) than open: the limit is raised to the hard one
   assert _open_limited(out, 40, "same") == "300 (2,) True"
   # the hard limit has no room for them: one line saying what to do

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from jaxrec.data import binary
+from jaxrec.data import binary, binary_write
 from jaxrec.embedding.specs import uniform_tables
 from tests.scripts.test_train import NO_COMPILE, assert_one_line_error, train
 from tests.scripts.test_train_files import FLAGS, write_data
@@ -32,7 +32,7 @@ def set_col(k, value):
 
 def preprocessed(d):
   tables, features = uniform_tables(num_tables=26, rows=1000)
-  binary.preprocess(str(d / "train.tsv"), str(d / "bin"), features, tables, shard_examples=20)
+  binary_write.preprocess(str(d / "train.tsv"), str(d / "bin"), features, tables, shard_examples=20)
   return d / "bin"
 
 
