@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxrec.embedding import optimizers, table_init
+from jaxrec.embedding import optimizers, stack_shape, table_init
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError, some
 from jaxrec.kernels import quant
@@ -56,8 +56,10 @@ class TableSlot:
 
 
 @dataclasses.dataclass(frozen=True)
-class StackLayout:
-  """One stack: static description of its array and of the features that read it.
+class StackLayout(stack_shape.Sharded):
+  """One stack: static description of its array and of the features that read it (its
+  split's properties, `size`, `local_rows`, `local_dim`, `lookup_axes`, ..., are
+  `stack_shape.Sharded`'s).
 
   Attributes:
     name: stack name, e.g. `rw_d16_float32_L1`.
@@ -95,57 +97,6 @@ class StackLayout:
   slot_features: tuple[tuple[int, ...], ...]
   optimizer: Any = None
   rates: tuple | None = None
-
-  def size(self, axis: str) -> int:
-    """Mesh size of `axis` if this stack is split over it, else 1."""
-    return dict(self.sizes)[axis] if axis in self.axes else 1
-
-  @property
-  def replica_axes(self) -> tuple[str, ...]:
-    return tuple(a for a in MESH_AXES if a not in self.axes)
-
-  @property
-  def split_replica_axes(self) -> tuple[str, ...]:
-    """Replica axes of size > 1: the ones stage 3 combines gradients over."""
-    sizes = dict(self.sizes)
-    return tuple(a for a in self.replica_axes if sizes[a] > 1)
-
-  @property
-  def group_shape(self) -> tuple[int, ...]:
-    """Per mesh axis (`MESH_AXES` order), its size if the stack is split over it, else 1."""
-    return tuple(self.size(a) for a in MESH_AXES)
-
-  @property
-  def slot_gather_key(self) -> tuple:
-    """Stacks without dedup that share this key all-gather their slot deltas over their
-    replicas in one collective per axis (`EmbeddingCollection._gather_slots`; the
-    planner's cost model counts those launches by it)."""
-    return (self.split_replica_axes, self.group_shape, self.local_dim)
-
-  def lookup_axes(self, dedup: bool) -> tuple[str, ...]:
-    """Mesh axes whose devices' ids stage 1 needs on each device: the model axes that split
-    the stack (the group's examples it looks up) and, with dedup, the replica axes too
-    (replicas read the same unique rows). Without dedup the replicas' ids travel in stage
-    3, with the slot deltas (`local_ops.gather_replicas`)."""
-    sizes = dict(self.sizes)
-    return tuple(a for a in MESH_AXES if sizes[a] > 1 and (a in self.axes or dedup))
-
-  @property
-  def num_slices(self) -> int:
-    return self.size("table")
-
-  @property
-  def local_rows(self) -> int:
-    return self.slice_rows // self.size("row")
-
-  @property
-  def padded_dim(self) -> int:
-    """Columns of the stored array: `dim` rounded up to a multiple of the `col` split."""
-    return _round_up(self.dim, self.size("col"))
-
-  @property
-  def local_dim(self) -> int:
-    return self.padded_dim // self.size("col")
 
   @property
   def shape(self) -> tuple[int, int]:
@@ -188,8 +139,7 @@ class StackLayout:
     return tuple(self.slots[t].rows for t in self.feature_tables)
 
 
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
+_round_up = stack_shape.round_up
 
 
 BAG_BUCKETS = (1, 4, 16)
@@ -303,7 +253,7 @@ def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], 
     slot_features = tuple(tuple(p + [-1] * (width - len(p))) for p in per_slice)
     max_len = max([features[i].max_len for i in feats], default=1)
     layouts.append(StackLayout(
-        name=f"{kind}_d{dim}_{dtype}_L{bag}" + (f"_o{opt}" if opt else ""), kind=kind,
+        name=stack_shape.stack_name(kind, dim, dtype, bag, opt), kind=kind,
         axes=axes, sizes=sizes, dim=dim, dtype=dtype, slots=tuple(slots),
         slice_rows=slice_rows, features=tuple(feats), feature_tables=feature_tables,
         max_len=max_len, slot_features=slot_features,

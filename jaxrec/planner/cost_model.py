@@ -92,7 +92,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from jaxrec.embedding import optimizers as sparse_optimizers
-from jaxrec.embedding import specs
+from jaxrec.embedding import specs, stack_shape
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError, in_order, some
 from jaxrec.sharding.plan import KIND_AXES, KINDS, MESH_AXES, Plan, placed_as
@@ -467,15 +467,18 @@ def stack_cost(l, features: Sequence[FeatureSpec], batch_size: int, opt,
   launch counted on the first stack of its key, the ids all-gather) is added by
   `combine_costs`. (The planner's search caches it per stack, `planner.pricing`.) `opt`:
   its optimizer, the entry of its tables where `opt` is per table (a stack holds the
-  tables of one optimizer family, whose state and dedup are alike, `layout.build_layouts`)."""
-  opt = state_of(opt, l.slots[0].name)
+  tables of one optimizer family, whose state and dedup are alike, `layout.build_layouts`).
+  `l`: a `StackLayout`, or its `stack_shape.StackShape` (all the cost reads of it: the
+  search prices shapes it sums from its tables, `planner.pricing`)."""
+  if not isinstance(l, stack_shape.StackShape):
+    l = stack_shape.of_layout(l, features)
+  opt = state_of(opt, l.tables[0])
   n_dev = math.prod(dict(l.sizes).values())
   big_b = float(batch_size)
   b = big_b / n_dev
   t, r, c = (l.size(a) for a in ("table", "row", "col"))
   g = t * r * c
-  f, w, big_l = len(l.features), len(l.slot_features[0]), int(l.max_len)
-  id_cols = sum(features[i].max_len * (1 + features[i].weighted) for i in l.features)
+  f, w, big_l, id_cols = l.features, l.width, l.max_len, l.id_columns
   e = np.dtype(l.dtype).itemsize
   row_extra = 8 if l.dtype == "int8" else 0  # int8: f32 scale and bias per row
   dl = l.local_dim
@@ -501,7 +504,7 @@ def stack_cost(l, features: Sequence[FeatureSpec], batch_size: int, opt,
       "buffers": int(math.ceil(_buffer_bytes(dedup, kernel, n, u, slots, rep, dl,
                                              b * g * w, big_l, opt, forward))),
   }
-  return StackCost(l.name, l.kind, tuple(l.axes), tuple(s.name for s in l.slots), f, w,
+  return StackCost(l.name, l.kind, tuple(l.axes), l.tables, f, w,
                    big_l, int(l.local_rows), int(dl), int(n), dedup, rep, x, memory, id_cols)
 
 
