@@ -10,13 +10,16 @@ on, so that a move reprices only the stacks it touches:
   pack     per stack, in `pack` order, its tables' `table` slices: from its tables and the
            per-slice loads the stacks before it left (`held`, `spread`), which it passes
            on (a move changes those loads only for the stacks packed after it)
-  stacks   per (kind, dim, dtype, optimizer group) group, `build_layouts` of its tables
-           alone (the collection builds and merges stacks within such a group only; the
-           optimizer group is 0 but for tables of a per-table optimizer of another family
-           than the default's, `optimizers.TableOptimizers.group`: tables that differ only
-           in `lr` are one group), each stack's own
-           cost (`cost_model.stack_cost`), what it shares (`cost_model.stack_share`) and
-           problems (`layout.stack_problems`)
+  stacks   per (kind, dim, dtype, optimizer group) group, the stacks `build_layouts`
+           makes of its tables alone (the collection builds and merges stacks within such
+           a group only; the optimizer group is 0 but for tables of a per-table optimizer
+           of another family than the default's, `optimizers.TableOptimizers.group`:
+           tables that differ only in `lr` are one group), as the shapes the cost model
+           reads (`stack_sums`: numpy sums over the group's tables, not layouts built
+           table by table, which at 3,000 tables was most of `--mesh=auto`'s time), each
+           stack's own cost (`cost_model.stack_cost`), what it shares
+           (`cost_model.stack_share`) and problems (`layout.stack_problems`, of the
+           group's layouts built only where a shape may have one)
   combine  what stacks share (`cost_model.combine_costs`), over the few stacks
 
 The parts are put together over the same stacks in the same order as `plan_cost` over
@@ -34,6 +37,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxrec.planner import cost_model as cm
+from jaxrec.planner.stack_sums import StackSums
 from jaxrec.sharding.plan import KIND_AXES, Plan, TablePlacement
 
 # Tables the entries of each cache may hold together (least recently used dropped first;
@@ -67,12 +71,13 @@ class Priced:
   """An assignment's stacks and cost, as `build_layouts` and `plan_cost` would give them.
 
   Attributes:
-    layouts: the collection's stacks, in `build_layouts` order.
+    shapes: the collection's stacks' `StackShape`s (`stack_shape.of_layout`), in
+      `build_layouts` order.
     cost: `plan_cost` of `layouts`.
     problem: `layout.stack_error(layouts)`: why the collection would refuse them, or None.
   """
 
-  layouts: tuple
+  shapes: tuple
   cost: cm.PlanCost
   problem: str | None
 
@@ -101,6 +106,7 @@ class Pricer:
     self._static = list(dict.fromkeys(static))
     index = {k: i for i, k in enumerate(self._static)}
     self._static_code = np.array([index[k] for k in static], np.int64)
+    self.sums = StackSums(tables, features, self.reading, mesh)
     self._placements: dict[tuple[str, int], TablePlacement] = {}
     self._packed, self._groups = _Lru(), _Lru()
 
@@ -192,36 +198,49 @@ class Pricer:
     groups: dict[tuple, list] = {}
     for key, part in packed.items():
       groups.setdefault(key[:4], []).append((key[4], *part))
-    layouts, costs, shares, problems = [], [], [], []
+    shapes, costs, shares, problems = [], [], [], []
     for group in sorted(groups):   # `build_layouts`' order: (kind, dim, dtype, group, bag)
       content = (group, tuple(sorted(groups[group])))
       part = self._groups.get_or(content, lambda: self._price_group(*content),
                                  sum(len(b[1]) for b in content[1]))
       for l, c, sh, p in part:
-        layouts.append(l)
+        shapes.append(l)
         costs.append(c)
         shares.append(sh)
         problems.append(p)
-    cost = cm.combine_costs(layouts, costs, self.batch_size, shares)
-    return packed, Priced(tuple(layouts), cost, layout.first_problem(problems))
+    cost = cm.combine_costs(shapes, costs, self.batch_size, shares)
+    return packed, Priced(tuple(shapes), cost, layout.first_problem(problems))
 
   def _price_group(self, group: tuple, buckets: tuple) -> tuple:
     """The stacks of one (kind, dim, dtype, optimizer group) `group` whose bag `buckets`
-    hold (bag, tables, their slices): per stack (layout, own cost, `StackShare`, problems),
-    in `build_layouts` order."""
+    hold (bag, tables, their slices): per stack (shape, own cost, `StackShare`, problems),
+    in `build_layouts` order. The shapes are summed over the tables (`group_shapes`), not
+    built as layouts: that was linear in the group's tables in Python, 28 ms for 1,000.
+    Only a group with a problem (`_flagged`) is built, for `layout.stack_problems`' words."""
     from jaxrec.embedding import layout  # pylint: disable=import-outside-toplevel
-    kind = group[0]
-    slice_of = {i: s for _, members, slices in buckets for i, s in zip(members, slices)}
+    members = [i for _, ms, _ in buckets for i in ms]
+    slices = [s for _, _, ss in buckets for s in ss]
+    shapes = self.sums.group_shapes(group, members, slices)
+    problems = [(None, None, None)] * len(shapes)
+    if any(self.sums.flagged(shape) for shape in shapes):
+      built = {l.name: l for l in self._build_group(group, dict(zip(members, slices)))}
+      problems = [layout.stack_problems(built[shape.name]) for shape in shapes]
+    out = []
+    for shape, p in zip(shapes, problems):
+      own = cm.stack_cost(shape, self.features, self.batch_size, self.opt, self.kernel,
+                          self.dedup)
+      out.append((shape, own, cm.stack_share(shape, own), p))
+    return tuple(out)
+
+  def _build_group(self, group: tuple, slice_of: dict[int, int]) -> tuple:
+    """`build_layouts` of one group's tables (`slice_of`: table -> its `table` slice), each
+    stack's features as indices into all features."""
+    from jaxrec.embedding import layout  # pylint: disable=import-outside-toplevel
     members = sorted(slice_of)
     feats = sorted(j for i in members for j in self.reading[i])
-    plan = Plan({self.names[i]: self.placement(kind, slice_of[i]) for i in members})
+    plan = Plan({self.names[i]: self.placement(group[0], slice_of[i]) for i in members})
     built = layout.build_layouts([self.tables[i] for i in members],
                                  [self.features[j] for j in feats], plan, self.mesh,
                                  self.grouping)
-    out = []
-    for l in built:   # its features as indices into all features
-      l = dataclasses.replace(l, features=tuple(feats[j] for j in l.features))
-      own = cm.stack_cost(l, self.features, self.batch_size, self.opt, self.kernel,
-                          self.dedup)
-      out.append((l, own, cm.stack_share(l, own), layout.stack_problems(l)))
-    return tuple(out)
+    return tuple(dataclasses.replace(l, features=tuple(feats[j] for j in l.features))
+                 for l in built)

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from jaxrec.embedding import layout, optimizers
+from jaxrec.embedding import layout, optimizers, stack_shape
 from jaxrec.embedding.specs import FeatureSpec, TableSpec
 from jaxrec.errors import ConfigError
 from jaxrec.planner import cost_model as cm
@@ -106,7 +106,7 @@ def test_priced_by_parts_equals_from_scratch_along_moves(mesh, opt, cached, monk
     plan = space.pricer.plan(packed)
     assert plan == reference_pack(space, kinds)
     layouts = cm.build_layouts(tables, features, plan, space.mesh, space.opt)
-    assert priced.layouts == layouts
+    assert priced.shapes == tuple(stack_shape.of_layout(l, features) for l in layouts)
     want = cm.plan_cost(layouts, features, 512, space.opt, space.kernel, space.dedup)
     got = priced.cost
     np.testing.assert_allclose(got.terms, want.terms, rtol=1e-9, atol=0)
@@ -192,3 +192,63 @@ def test_search_by_parts_proposes_what_pricing_from_scratch_does(args, monkeypat
   assert by_parts.plan == from_scratch.plan
   assert by_parts.step_time_s == from_scratch.step_time_s
   assert by_parts.report() == from_scratch.report()
+
+
+def random_case(rng: random.Random):
+  """12-40 tables of random rows, dims and dtypes, each read by 0-3 features of random bags
+  (some weighted; an unread table may have no read table of its kind, dim and dtype: a
+  refused plan) and, in one case of two, two tables of 1.2e9 rows (two on one slice of a
+  stack: over `MAX_SLICE_ROWS`, refused)."""
+  n = rng.randint(12, 40)
+  tables = [TableSpec(f"t{i}", rng.randint(1, 3000), rng.choice((4, 8, 16)),
+                      rng.choice(("float32", "float32", "bfloat16"))) for i in range(n)]
+  if rng.random() < 0.5:
+    tables += [TableSpec(f"huge{i}", 1_200_000_000, 4) for i in range(2)]
+  features = []
+  for t in tables:
+    for j in range(rng.choice((0, 1, 1, 1, 1, 1, 1, 1, 2, 3))):
+      features.append(FeatureSpec(f"{t.name}_f{j}", t.name, rng.choice((1, 1, 1, 2, 4, 5, 20)),
+                                  weighted=rng.random() < 0.2))
+  if not features:
+    features.append(FeatureSpec("only", tables[0].name))
+  return tables, features
+
+
+RANDOM_MESHES = [{"table": 4, "row": 2}, {"data": 2, "table": 2, "row": 2},
+                 {"table": 2, "row": 2, "col": 2}, {"table": 8}, {"data": 2, "row": 4}]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_summed_stacks_equal_built_layouts_on_random_configs(seed):
+  """Random configs, meshes and optimizers, along random walks of the search's moves: each
+  assignment's stack shapes (`stack_sums`, summed over the tables) are those of
+  `build_layouts`, its cost is `plan_cost`'s bit for bit (the same arithmetic over the same
+  numbers) and its problem `stack_error`'s; priced twice (the second from the caches), the
+  same."""
+  rng = random.Random(seed)
+  tables, features = random_case(rng)
+  mesh, opt = RANDOM_MESHES[seed % len(RANDOM_MESHES)], rng.choice(("sgd", "adagrad", MIXED))
+  if opt is MIXED:   # its entries name t1..t26: those of this case
+    opt = optimizers.per_table(optimizers.SGD(), {
+        n: o for n, o in MIXED.overrides if n in {t.name for t in tables}})
+  prepare = search._prepare   # pylint: disable=protected-access
+  space, _ = prepare(tables, features, mesh, None, opt, 512, None, None, None)
+  allowed = [cm.allowed_kinds(l, space.mesh) for l in space.loads]
+  kinds, seen, problems = tuple(rng.choice(ks) for ks in allowed), [], 0
+  for _ in range(40):
+    seen.append(kinds)
+    kinds = rng.choice(list(search._moves(space, allowed, kinds, range(len(kinds)))))  # pylint: disable=protected-access
+  for kinds in seen + seen[::-1]:
+    packed, priced = space.pricer.price(kinds)
+    plan = space.pricer.plan(packed)
+    layouts = cm.build_layouts(tables, features, plan, space.mesh, space.opt)
+    assert priced.shapes == tuple(stack_shape.of_layout(l, features) for l in layouts)
+    want = cm.plan_cost(layouts, features, 512, space.opt, space.kernel, space.dedup)
+    got = priced.cost
+    assert got.terms.tolist() == want.terms.tolist()
+    assert [(s.name, s.tables, s.memory, s.terms.tolist()) for s in got.stacks] == [
+        (s.name, s.tables, s.memory, s.terms.tolist()) for s in want.stacks]
+    assert got.memory == want.memory
+    assert priced.problem == layout.stack_error(layouts)
+    problems += priced.problem is not None
+  assert len(set(seen)) > 20
