@@ -9,7 +9,8 @@
   estimate   the stacks the collection would build (`embedding.layout.build_layouts`),
              priced by `cost_model.plan_cost` and the calibration coefficients; during the
              search by parts, each cached, so that a move reprices only the stacks it
-             touches (`pricing`: the same numbers)
+             touches, and each stack's shape summed over its tables, not built
+             (`pricing`, `stack_sums`: the same numbers)
   propose    local search over the kinds, from several starts (every table at one kind,
              for each kind; every table at its smallest placement): the best change of one
              table's kind (of the `SINGLE_MOVES` largest tables), or of a whole stack's,
@@ -42,10 +43,11 @@ _REL_TOL = 1e-9
 _MAX_STEPS = 200  # local-search moves per start (each strictly improves; a safety bound)
 EXTRA_SEARCHES = 2   # searches from `_split_largest_starts` when no usual start fits
 # Tables the search moves one at a time: the largest (bytes); the others move with their
-# stacks. A move is priced by parts (`pricing`), but still rebuilds the layouts of the
-# (kind, dim, dtype) group it touches, linear in that group's tables: moving each of N
-# tables alone keeps a search step quadratic (before pricing by parts 800 tables took
-# ~170 s, 2,000 did not finish in 10 minutes).
+# stacks. A move is priced by parts (`pricing`), but still re-sums the stacks of the
+# (kind, dim, dtype) group it touches (`stack_sums`) and repacks a stack split over
+# `table`, linear in that group's tables: moving each of N tables alone keeps a search step
+# quadratic (before pricing by parts 800 tables took ~170 s, 2,000 did not finish in 10
+# minutes). Changing it changes the plans the search reaches.
 SINGLE_MOVES = 64
 
 
