@@ -41,8 +41,9 @@ from jaxrec.planner.stack_sums import StackSums
 from jaxrec.sharding.plan import KIND_AXES, Plan, TablePlacement
 
 # Tables the entries of each cache may hold together (least recently used dropped first;
-# a group's layouts take ~150 bytes a table): a step of the search reuses the parts of the
-# plan it moves from, which every price of the step uses; older parts are rarely met again.
+# a group's shapes hold a name per table, where its layouts took ~150 bytes a table): a
+# step of the search reuses the parts of the plan it moves from, which every price of the
+# step uses; older parts are rarely met again.
 CACHE_TABLES = 250_000
 
 
