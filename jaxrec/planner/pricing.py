@@ -74,8 +74,8 @@ class Priced:
   Attributes:
     shapes: the collection's stacks' `StackShape`s (`stack_shape.of_layout`), in
       `build_layouts` order.
-    cost: `plan_cost` of `layouts`.
-    problem: `layout.stack_error(layouts)`: why the collection would refuse them, or None.
+    cost: `plan_cost` of the stacks' layouts.
+    problem: `layout.stack_error` of those: why the collection would refuse them, or None.
   """
 
   shapes: tuple
@@ -204,8 +204,8 @@ class Pricer:
       content = (group, tuple(sorted(groups[group])))
       part = self._groups.get_or(content, lambda: self._price_group(*content),
                                  sum(len(b[1]) for b in content[1]))
-      for l, c, sh, p in part:
-        shapes.append(l)
+      for shape, c, sh, p in part:
+        shapes.append(shape)
         costs.append(c)
         shares.append(sh)
         problems.append(p)
@@ -217,7 +217,8 @@ class Pricer:
     hold (bag, tables, their slices): per stack (shape, own cost, `StackShare`, problems),
     in `build_layouts` order. The shapes are summed over the tables (`group_shapes`), not
     built as layouts: that was linear in the group's tables in Python, 28 ms for 1,000.
-    Only a group with a problem (`_flagged`) is built, for `layout.stack_problems`' words."""
+    Only a group whose shapes may hold a problem (`StackSums.flagged`) is built, for
+    `layout.stack_problems`' words."""
     from jaxrec.embedding import layout  # pylint: disable=import-outside-toplevel
     members = [i for _, ms, _ in buckets for i in ms]
     slices = [s for _, _, ss in buckets for s in ss]
