@@ -8,12 +8,13 @@ Stored under the checkpoint item `embeddings/`:
     embeddings/index.json                  {"processes", "arrays": {name: {shape, dtype}}}
     embeddings/fingerprints.<process>.json {name: partial fingerprint}
 
-A one-process save of `DATABASE_ARRAYS` arrays or more keeps the arrays' files in one
-OCDBT database (`embeddings/manifest.ocdbt`, `embeddings/d/`) under the same names:
-a file per array and chunk cost ~5 ms each to create and sync (3,000 tables: 12,000
-files, 39-115 s a save on a loaded 2-core host; 6-14 s as one database). Several
-processes write the plain files (each writes its own rows into the shared arrays); a
-reader opens either (`open_many`).
+A save of `DATABASE_ARRAYS` arrays or more keeps the arrays' files in one OCDBT database
+(`embeddings/manifest.ocdbt`, `embeddings/d/`) under the same names: a file per array and
+chunk cost ~5 ms each to create and sync (3,000 tables: 12,000 files, 39-115 s a save on a
+loaded 2-core host; 6-14 s as one database). Each process writes its own rows into the
+shared arrays; several processes write one database through a shared OCDBT coordinator
+(`table_writers`: the plain files when a process cannot reach it). A reader opens either
+(`open_many`).
 
 The layout does not depend on mesh or plan. A restore widens a stored floating-point array
 to a wider configured dtype when that is exact (float16/bfloat16 → float32, e.g. an
@@ -49,6 +50,7 @@ from etils import epath
 from jaxrec import signals
 from jaxrec.checkpoint import canonical as canonical_lib
 from jaxrec.checkpoint import dequantized as dequantized_lib
+from jaxrec.checkpoint import table_writers
 from jaxrec.checkpoint.canonical import fingerprint_np
 from jaxrec.embedding import layout as layout_lib
 from jaxrec.embedding import optimizers as optimizers_lib
@@ -267,24 +269,31 @@ def _fingerprint(shape, parts) -> int:
   return total
 
 
-async def write_pieces(directory: epath.Path, arrays: Mapping[str, tuple], pieces: list[Piece],
-                       chunk_bytes: int = CHUNK_BYTES) -> None:
-  """Writes this process's `pieces` into the zarr arrays under `directory` (created by
-  whichever process gets there first), its partial fingerprints to
-  `fingerprints.<process>.json` and, on process 0, `index.json`.
-
-  Runs in orbax's background commit thread; it waits on tensorstore futures directly
-  (`.result()`) rather than through that thread's event loop."""
-  database = jax.process_count() == 1 and len(arrays) >= DATABASE_ARRAYS
-  context, txn = ts.Context(), ts.Transaction() if database else None
+def _open_arrays(directory, arrays, chunk_bytes, w) -> dict[str, ts.TensorStore]:
+  """The arrays to write (`w`: `table_writers.Writers`): a database's created by one process
+  in one commit (each array its own: minutes at 3,000), then opened by the others; the
+  files' by whichever process gets there first."""
+  if w.database and not w.creates:
+    w.wait_created()
+  txn, ok = ts.Transaction() if w.database and w.creates else None, False
   # every open done before any error is raised: one still creating its array's files in
   # orbax's tmp directory after the save failed is a file the failure's clean-up missed
-  opened = dict(zip(arrays, wait_all([
-      ts.open(_spec(directory, name, shape, dtype, chunk_bytes, database), create=True,
-              open=True, context=context, transaction=txn)
-      for name, (shape, dtype) in arrays.items()])))
-  if database:   # the arrays' metadata: one commit (each array its own: minutes at 3,000)
-    txn.commit_async().result()
+  try:
+    opened = dict(zip(arrays, wait_all([
+        ts.open(_spec(directory, name, shape, dtype, chunk_bytes, w.database), open=True,
+                create=w.creates or not w.database, context=w.context, transaction=txn)
+        for name, (shape, dtype) in arrays.items()])))
+    if txn is not None:
+      txn.commit_async().result()
+    ok = True
+  finally:
+    if w.database and w.creates:
+      w.created(ok)
+  return opened
+
+
+def _write_waves(arrays, opened, pieces, chunk_bytes) -> dict[str, int]:
+  """Writes `pieces` into the `opened` arrays (`_waves`); this process's fingerprints."""
   by_array: dict[str, list[Piece]] = {name: [] for name in arrays}
   for p in pieces:
     by_array[p.array].append(p)
@@ -309,6 +318,20 @@ async def write_pieces(directory: epath.Path, arrays: Mapping[str, tuple], piece
       if hi == arrays[name][0][0]:
         del parts[name]
     txn = writes = None
+  return prints
+
+
+async def write_pieces(directory: epath.Path, arrays: Mapping[str, tuple], pieces: list[Piece],
+                       chunk_bytes: int = CHUNK_BYTES) -> None:
+  """Writes this process's `pieces` into the zarr arrays under `directory` (a database's
+  created by process 0, files by whichever process gets there first; `table_writers`), its
+  partial fingerprints to `fingerprints.<process>.json` and, on process 0, `index.json`.
+
+  Runs in orbax's background commit thread; it waits on tensorstore futures directly
+  (`.result()`) rather than through that thread's event loop."""
+  with table_writers.writers(directory, len(arrays) >= DATABASE_ARRAYS) as w:
+    opened = _open_arrays(directory, arrays, chunk_bytes, w)
+    prints = _write_waves(arrays, opened, pieces, chunk_bytes)
   process, count = jax.process_index(), jax.process_count()
   (directory / f"fingerprints.{process}.json").write_text(json.dumps(prints, sort_keys=True))
   if process == 0:

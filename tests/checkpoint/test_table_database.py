@@ -162,3 +162,45 @@ def test_a_database_without_its_manifest_is_named_so(tmp_path, caplog):
     assert int(restored.state["step"]) == 1
   assert f"{tmp_path}/2/embeddings/manifest.ocdbt is missing" in caplog.text
   assert ".zarray" not in caplog.text
+
+
+def _save_in_two_processes(path, tables, dtype="float32"):
+  """`two_process_save.py` as processes 0 and 1 of a job (4 CPU devices each); the layout
+  process 0 printed."""
+  import socket  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from tests import xla_env  # pylint: disable=import-outside-toplevel
+  s = socket.socket()
+  s.bind(("127.0.0.1", 0))
+  port = s.getsockname()[1]
+  s.close()
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = xla_env.script_env(4, PYTHONPATH=os.pathsep.join(
+      p for p in (root, os.environ.get("PYTHONPATH")) if p))
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(root, "tests", "checkpoint", "two_process_save.py"),
+       str(p), str(port), str(path), str(tables), dtype], env=env, cwd=root,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for p in (0, 1)]
+  outs = [proc.communicate(timeout=300) for proc in procs]
+  for proc, (_, err) in zip(procs, outs):
+    assert proc.returncode == 0, err[-3000:]
+  return outs[0][0].strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_two_processes_save_one_database_that_restores_bitwise_on_one(tmp_path):
+  """A multi-process save wrote a directory of files per array and chunk (one database
+  took one writer): now the processes share OCDBT's coordinator. Each table here is one
+  stored chunk and the stacks split by rows between the processes, so many chunks hold
+  rows of both."""
+  from tests.checkpoint import two_process_save as two  # pylint: disable=C0415
+  assert _save_in_two_processes(tmp_path, 40) == "layout=database"   # 80 arrays
+  item = tmp_path / "1" / "embeddings"
+  assert tables_lib.uses_database(item) and not (item / "tables").exists()
+  assert len(_files(tmp_path / "1")) < 60
+  for devices in (8, 1):
+    new = two.two_process_collection(h, 40, devices=devices)
+    with CheckpointManager(tmp_path) as mgr:   # fingerprints checked: bit for bit
+      restored = mgr.restore(h.dense(new.mesh, 3), new)
+    h.assert_tables_equal(new, h.train_state(new, seed=3, step=1), new, restored.state)

@@ -1,0 +1,63 @@
+"""One process of a 2-process save (jax.distributed, 4 CPU devices each) of a `rw`
+collection of many small tables: `python two_process_save.py PROCESS PORT DIRECTORY
+TABLES [DTYPE]`. The state is `ckpt_helpers.train_state(seed=3, step=1)` (values of
+numpy's generator: the same on any mesh). Prints `layout=database|files` on process 0."""
+
+import os
+import sys
+
+import jax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(process, port, directory, tables, dtype="float32"):
+  jax.distributed.initialize(f"127.0.0.1:{port}", 2, process)
+  sys.path.insert(0, ROOT)
+  # pylint: disable=import-outside-toplevel
+  from jaxrec.checkpoint import CheckpointManager
+  from jaxrec.checkpoint import tables as tables_lib
+  from tests.checkpoint import ckpt_helpers as h
+  coll = two_process_collection(h, tables, dtype)
+  state = h.train_state(coll, seed=3, step=1) if jax.process_count() == 1 else \
+      two_process_state(h, coll)
+  with CheckpointManager(directory) as mgr:
+    mgr.save(1, state, coll, force=True)
+    mgr.wait()
+  if process == 0:
+    database = tables_lib.uses_database(os.path.join(directory, "1", "embeddings"))
+    print(f"layout={'database' if database else 'files'}", flush=True)
+
+
+def two_process_collection(h, tables, dtype="float32", devices=8):
+  """`tables` tables of 7-36 rows on `row=devices` (`rw`): each stack split by rows
+  between the devices, so between the processes, tables across the boundary (their one
+  stored chunk written by both)."""
+  # pylint: disable=import-outside-toplevel
+  from jaxrec.embedding import optimizers
+  from jaxrec.embedding.collection import EmbeddingCollection
+  from jaxrec.sharding.mesh import make_mesh
+  from jaxrec.sharding.plan import uniform_plan
+  specs, features = h.specs(tuple((13, 20, 7, 32)[i % 4] + i % 5 for i in range(tables)),
+                            dtype=dtype)
+  mesh = make_mesh({"row": devices}, devices=jax.devices()[:devices])
+  return EmbeddingCollection.create(specs, features, uniform_plan("rw", specs, 1), mesh,
+                                    optimizers.Adagrad())
+
+
+def two_process_state(h, coll):
+  """`h.train_state(coll, seed=3, step=1)` where `jax.device_put` cannot place host values
+  on other processes' devices: the dense part made in a program (its values are the same)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=C0415
+  rep = NamedSharding(coll.mesh, P())
+  state = jax.jit(lambda: h.dense(coll.mesh, 3), out_shardings=rep)()
+  state["step"] = jax.jit(lambda: jnp.int32(1), out_shardings=rep)()
+  tables, opt = h.per_table_values(coll, 3)
+  state["emb"] = jax.jit(coll.stack_tables, out_shardings=coll.shardings())(
+      {t.name: h._as_dtype(tables[t.name], t.dtype) for t in coll.tables}, opt)  # pylint: disable=W0212
+  return state
+
+
+if __name__ == "__main__":
+  main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), *sys.argv[5:])
