@@ -192,8 +192,8 @@ def _save_in_two_processes(path, tables, dtype="float32"):
 def test_two_processes_save_one_database_that_restores_bitwise_on_one(tmp_path):
   """A multi-process save wrote a directory of files per array and chunk (one database
   took one writer): now the processes share OCDBT's coordinator. Each table here is one
-  stored chunk and the stacks split by rows between the processes, so many chunks hold
-  rows of both."""
+  stored chunk, and the processes' devices take turns along the stack's rows: 7 of the 40
+  tables (14 chunks, with their Adagrad state) hold rows of both processes."""
   from tests.checkpoint import two_process_save as two  # pylint: disable=C0415
   assert _save_in_two_processes(tmp_path, 40) == "layout=database"   # 80 arrays
   item = tmp_path / "1" / "embeddings"

@@ -30,17 +30,19 @@ def main(process, port, directory, tables, dtype="float32"):
 
 
 def two_process_collection(h, tables, dtype="float32", devices=8):
-  """`tables` tables of 7-36 rows on `row=devices` (`rw`): each stack split by rows
-  between the devices, so between the processes, tables across the boundary (their one
-  stored chunk written by both)."""
+  """`tables` tables of 7-34 rows on `row=devices` (`rw`), the processes' devices taking
+  turns along the rows (in a job of several): every device boundary a process boundary,
+  most inside a table, whose one stored chunk both processes write."""
   # pylint: disable=import-outside-toplevel
   from jaxrec.embedding import optimizers
   from jaxrec.embedding.collection import EmbeddingCollection
   from jaxrec.sharding.mesh import make_mesh
   from jaxrec.sharding.plan import uniform_plan
-  specs, features = h.specs(tuple((13, 20, 7, 32)[i % 4] + i % 5 for i in range(tables)),
+  specs, features = h.specs(tuple((13, 20, 7, 32)[i % 4] + i % 3 for i in range(tables)),
                             dtype=dtype)
-  mesh = make_mesh({"row": devices}, devices=jax.devices()[:devices])
+  by_process = [[d for d in jax.devices()[:devices] if d.process_index == p]
+                for p in range(jax.process_count())]
+  mesh = make_mesh({"row": devices}, devices=[d for turn in zip(*by_process) for d in turn])
   return EmbeddingCollection.create(specs, features, uniform_plan("rw", specs, 1), mesh,
                                     optimizers.Adagrad())
 
