@@ -56,8 +56,9 @@ def two_process_state(h, coll):
   state = jax.jit(lambda: h.dense(coll.mesh, 3), out_shardings=rep)()
   state["step"] = jax.jit(lambda: jnp.int32(1), out_shardings=rep)()
   tables, opt = h.per_table_values(coll, 3)
-  state["emb"] = jax.jit(coll.stack_tables, out_shardings=coll.shardings())(
-      {t.name: h._as_dtype(tables[t.name], t.dtype) for t in coll.tables}, opt)  # pylint: disable=W0212
+  typed = {t.name: h._as_dtype(tables[t.name], t.dtype)  # pylint: disable=protected-access
+           for t in coll.tables}
+  state["emb"] = jax.jit(coll.stack_tables, out_shardings=coll.shardings())(typed, opt)
   return state
 
 
