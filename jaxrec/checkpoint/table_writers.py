@@ -23,6 +23,9 @@ store (the coordination service `jax.distributed.initialize` started):
      needs it) and deletes the item's keys (one still to read them needs them).
 
 Process 0 failing to start the server is a files save too (every process reads that).
+Only process 0's port is tried: every process also serves the database's writes on a port
+of its own (tensorstore's cooperator), which the others reach when they write keys whose
+B+tree node it leases.
 
 A process that dies mid-save leaves the others waiting at most `TIMEOUT_MS` at a key or
 the barrier, then the save fails; what it wrote is in orbax's temporary step directory,
