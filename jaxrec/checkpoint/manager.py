@@ -128,35 +128,6 @@ def _jsonable(x):
   return x
 
 
-# orbax splits the write of a replicated array over its replicas, each slice a program
-# compiled per shape and device: dlrm_criteo's dense state on 8 devices compiled 88
-# `jit(slice)` programs at each first save (~3 s). Replicas split only a slice this large.
-REPLICA_PARALLEL_MIN_BYTES = 64 << 20
-
-
-def _dense_arrays_written_whole() -> None:
-  """Registers orbax's jax.Array handler, as orbax's default one (with its array metadata
-  store) but with `REPLICA_PARALLEL_MIN_BYTES`; once per process (orbax keeps one
-  registry; only the dense state goes through it here), without orbax's override warning
-  (each run logged one) where its registry allows."""
-  global _REGISTERED
-  if _REGISTERED:
-    return
-  # pylint: disable-next=import-outside-toplevel
-  from orbax.checkpoint._src.metadata import array_metadata_store
-  # pylint: disable-next=import-outside-toplevel
-  from orbax.checkpoint._src.serialization import type_handler_registry
-  handler = ocp.type_handlers.ArrayHandler(
-      array_metadata_store=array_metadata_store.Store(),
-      min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)
-  type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(jax.Array, handler, override=True,
-                                                         ignore_warnings=True)
-  _REGISTERED = True
-
-
-_REGISTERED = False
-
-
 # max_to_keep / save_every: the trainer passes --keep_checkpoints / --checkpoint_every, so a
 # binding of them would never apply
 @gin.configurable(denylist=["directory", "read_only", "max_to_keep", "save_every"])
@@ -207,7 +178,7 @@ class CheckpointManager:
         save_root_metadata=not read_only)
     if not read_only and max_to_keep is not None:
       steps_lib.refuse_linked_steps(self.directory)
-    _dense_arrays_written_whole()
+    dense_lib.register_array_handler()
     self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
   # ----------------------------------------------------------------------------- listing
