@@ -120,7 +120,8 @@ class _Space:
     cost = cm.plan_cost(layouts, self.features, self.batch_size, self.opt, self.kernel,
                         self.dedup)
     kinds = kinds or tuple(plan[n].kind for n in self.names)
-    # The collection's own check (imported here: importing the planner imports no jax).
+    # The collection's own check (the planner imports jax already, through
+    # `embedding.optimizers`).
     from jaxrec.embedding import layout  # pylint: disable=import-outside-toplevel
     return self._eval(kinds, cost, layout.stack_error(layouts), plan=plan, cost=cost)
 
