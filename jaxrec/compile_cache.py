@@ -144,7 +144,9 @@ def _drop_unreadable(directory: str, program: str, error: str) -> bool:
     decompress = compilation_cache.decompress_executable
   except (ImportError, AttributeError):   # another jax: its own warning stays
     return False
-  name = re.compile(re.escape(program) + r"-[0-9a-f]+-cache")
+  # jax names the program (`jit_step`) where it reads an entry, its key (`jit_step-<hash>`)
+  # where it checks that one exists
+  name = re.compile(re.escape(program) + r"(-[0-9a-f]+)?-cache")
   removed = []
   try:
     entries = [e.path for e in os.scandir(directory) if name.fullmatch(e.name)]

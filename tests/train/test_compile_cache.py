@@ -161,7 +161,7 @@ def test_jax_s_read_warning_removes_the_damaged_entry(jax_config, tmp_path, capl
   damaged, whole = (tmp_path / f"jit_f-{c * 64}-cache" for c in "ab")
   damaged.write_bytes(b"not compressed")
   whole.write_bytes(jax_cache.compress_executable(b"x"))   # the same program's: stays
-  unreported = tmp_path / f"jit_h-{'c' * 64}-cache"
+  unreported = tmp_path / f"jit_h-{'c' * 64}-cache"   # until its key is named
   unreported.write_bytes(b"not compressed")
   with warnings.catch_warnings(record=True) as shown, caplog.at_level(logging.WARNING):
     warnings.simplefilter("always")
@@ -169,7 +169,9 @@ def test_jax_s_read_warning_removes_the_damaged_entry(jax_config, tmp_path, capl
     warnings.warn("Error reading persistent compilation cache entry for 'jit_g': e: x")
     warnings.warn("Error reading persistent compilation cache entry for 'jit_f': e: y")
     warnings.warn("something else")
-  assert not damaged.exists() and whole.exists() and unreported.exists()
+    key = f"jit_h-{'c' * 64}"   # the existence check names the entry's key
+    warnings.warn(f"Error reading persistent compilation cache entry for '{key}': e: z")
+  assert not damaged.exists() and whole.exists() and not unreported.exists()
   assert [str(w.message) for w in shown] == ["something else"]
   assert f"removed {damaged.name}, which jax could not read (e: y)" in caplog.text
   assert f"remove {tmp_path}/jit_g-*-cache there" in caplog.text
