@@ -35,7 +35,6 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import functools
-import json
 import math
 import os
 from typing import Any, Callable, Iterator, Mapping
@@ -50,14 +49,14 @@ from etils import epath
 from jaxrec import signals
 from jaxrec.checkpoint import canonical as canonical_lib
 from jaxrec.checkpoint import dequantized as dequantized_lib
-from jaxrec.checkpoint import table_writers
+from jaxrec.checkpoint import table_records, table_writers
+from jaxrec.checkpoint.table_records import INDEX, read_index, saved_fingerprints  # noqa: F401
 from jaxrec.checkpoint.canonical import fingerprint_np
 from jaxrec.embedding import layout as layout_lib
 from jaxrec.embedding import optimizers as optimizers_lib
 from jaxrec.embedding.specs import TableSpec
 from jaxrec.futures import wait_all
 
-INDEX = "index.json"
 CHUNK_BYTES = 8 << 20
 COPY_BYTES = 16 << 20   # host copies run in parallel blocks of about this size
 BLOCK_CHUNKS = 16       # `write_pieces` commits this many chunks of rows at a time
@@ -332,49 +331,7 @@ async def write_pieces(directory: epath.Path, arrays: Mapping[str, tuple], piece
   with table_writers.writers(directory, len(arrays) >= DATABASE_ARRAYS) as w:
     opened = _open_arrays(directory, arrays, chunk_bytes, w)
     prints = _write_waves(arrays, opened, pieces, chunk_bytes)
-  process, count = jax.process_index(), jax.process_count()
-  (directory / f"fingerprints.{process}.json").write_text(json.dumps(prints, sort_keys=True))
-  if process == 0:
-    index = {"processes": count,
-             "arrays": {name: {"shape": list(shape), "dtype": dtype}
-                        for name, (shape, dtype) in arrays.items()}}
-    (directory / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True))
-
-
-def read_index(directory: epath.PathLike) -> dict:
-  """`index.json` of a stored `embeddings` item: `{"processes", "arrays": {name:
-  {"shape", "dtype"}}}`."""
-  return _read_json(epath.Path(directory) / INDEX)
-
-
-def _read_json(path: epath.Path):
-  """A JSON file of the item; ValueError naming it (and the line) when it does not parse
-  (a missing file stays FileNotFoundError: damage, like any other missing file)."""
-  try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-
-
-def saved_fingerprints(directory: epath.PathLike) -> dict[str, int]:
-  """`{array name: fingerprint}` recorded when saving (partial sums of every process)."""
-  directory = epath.Path(directory)
-  index = read_index(directory)
-  total = {name: 0 for name in index["arrays"]}
-  for process in range(int(index.get("processes", 1))):
-    path = directory / f"fingerprints.{process}.json"
-    part = _read_json(path)
-    unlisted = sorted(set(part) - set(total)) if isinstance(part, dict) else []
-    if unlisted:   # an index that lost every table's optimizer arrays passed the table checks
-      raise ValueError(f"{path}: records arrays {unlisted[:8]} that {INDEX} does not list "
-                       "(the index lost them)")
-    for name in total:
-      value = part.get(name) if isinstance(part, dict) else None
-      if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{path}: no integer fingerprint for array '{name}' "
-                         f"({json.dumps(value)[:40]})")
-      total[name] = (total[name] + value) & 0xFFFFFFFF
-  return total
+  table_records.write(directory, arrays, prints)
 
 
 def read_context() -> ts.Context:

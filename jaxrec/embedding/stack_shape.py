@@ -12,7 +12,7 @@ of `--mesh=auto`'s time at 3,000 tables. `StackShape` holds those numbers, which
 built layout, so that a plan priced either way goes through the same arithmetic.
 
 `Sharded` holds what follows from a stack's split alone (its `sizes`, `axes`, `dim` and
-`slice_rows`), for both classes. No jax here: importing the planner imports none.
+`slice_rows`), for both classes. No jax here.
 """
 
 from __future__ import annotations
