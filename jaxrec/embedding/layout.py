@@ -139,9 +139,6 @@ class StackLayout(stack_shape.Sharded):
     return tuple(self.slots[t].rows for t in self.feature_tables)
 
 
-_round_up = stack_shape.round_up
-
-
 BAG_BUCKETS = (1, 4, 16)
 
 
@@ -242,7 +239,7 @@ def build_layouts(tables: Sequence[TableSpec], features: Sequence[FeatureSpec], 
       s = plan[t.name].table_slice if nt > 1 else 0
       slots.append(TableSlot(t.name, t.rows, s, fill[s]))
       fill[s] += t.rows
-    slice_rows = _round_up(max(max(fill), 1), nr)
+    slice_rows = stack_shape.round_up(max(max(fill), 1), nr)
     slot_index = {s.name: i for i, s in enumerate(slots)}
     feats = sorted(i for s in slots for i in reading.get(s.name, ()))
     feature_tables = tuple(slot_index[features[i].table] for i in feats)
