@@ -66,6 +66,10 @@ flags.DEFINE_enum("bad_rows", "error", ["error", "skip"], "Malformed input rows:
 flags.DEFINE_string("memory_per_device", None, "Device memory budget for the planner, e.g. "
                     "512MiB; default 16GiB (with --plan=auto on the CPU devices of one "
                     "process: the host's share, which a log line gives).")
+flags.DEFINE_string("predictions", None, "Write the final eval's per-example scores here, in "
+                    "the eval data's order: .npz (arrays label, score, logit), else "
+                    "tab-separated text (.gz: compressed). With --num_steps at or below "
+                    "the checkpoint's step: scores --eval_data with a trained model.")
 flags.DEFINE_bool("progress", True, "Show a progress bar when stderr is a terminal.")
 flags.DEFINE_string("compilation_cache", None, "Directory of jax's persistent compilation "
                     "cache (a restart skips compiling), or 'none'; default "
@@ -113,7 +117,7 @@ def main(argv):
         keep_checkpoints=FLAGS.keep_checkpoints, seed=FLAGS.seed, on_nan=FLAGS.on_nan,
         bad_rows=FLAGS.bad_rows,
         memory_per_device=config_lib.parse_bytes(FLAGS.memory_per_device, "--memory_per_device"),
-        progress=FLAGS.progress)
+        progress=FLAGS.progress, predictions=FLAGS.predictions)
     options.validate()
     workdir_checks.check_workdir(FLAGS.workdir)
     # --train_data/--eval_data as bindings too: W/config.gin names the data the run used

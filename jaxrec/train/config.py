@@ -32,6 +32,7 @@ from jaxrec import gin_usage
 from jaxrec.errors import ConfigError
 from jaxrec.kernels import quant
 from jaxrec.kernels.optim import NONNEG, POSITIVE, UNIT, hparam
+from jaxrec.train import predictions
 
 # The data sources: `ExperimentConfig` fields and the `RunOptions` flags over them.
 DATA_FIELDS = ("train_data", "eval_data")
@@ -415,6 +416,7 @@ class RunOptions:
   bad_rows: str = "error"
   memory_per_device: int | None = None
   progress: bool = True
+  predictions: str | None = None   # the final eval's per-example scores (`predictions.py`)
 
   def most_checkpoints_kept(self) -> int:
     """The most checkpoints this run can keep at once: `keep_checkpoints`, or the saves
@@ -445,6 +447,7 @@ class RunOptions:
       raise ConfigError(f"--on_nan must be stop or rollback, got '{self.on_nan}'")
     if self.bad_rows not in ("error", "skip"):
       raise ConfigError(f"--bad_rows must be error or skip, got '{self.bad_rows}'")
+    predictions.check_path(self.predictions)
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

@@ -5,6 +5,7 @@ eval resumed past a step whose eval was never done."""
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Mapping
 
 import jax
@@ -12,10 +13,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxrec import elastic, jsonl, signals
-from jaxrec.train import retrieval
+from jaxrec.train import predictions as predictions_lib, retrieval
 from jaxrec.train.metrics import EvalAccumulator
 from jaxrec.train.placement import device_batch
 from jaxrec.train.writers import REWIND_EVENTS
+
+log = logging.getLogger(__name__)
 
 
 class EvalStopped(Exception):
@@ -24,14 +27,16 @@ class EvalStopped(Exception):
 
 
 def evaluate(eval_step, collection, state, eval_data, sharding, tier=None, stop=None,
-             model=None) -> tuple[dict[str, Any], dict]:
+             model=None, predictions: tuple[str, int] | None = None
+             ) -> tuple[dict[str, Any], dict]:
   """Exact AUC / logloss over the whole eval set (padding masked out), for a `model` with
   towers (`TwoTower`) the in-batch retrieval metrics too (`retrieval.py`: recall@k, MRR),
   and the state to go on with: with offloaded tables `tier.eval_logits` donates it and
   returns one holding the same values. An exception raised here carries that state as
   `.state`. `stop(batch)` true before a batch (1, 2, ...; a SIGTERM request) raises
   `EvalStopped`: a preemption's grace period is not spent on an eval whose result would be
-  lost anyway."""
+  lost anyway. `predictions`: `(path, step)`, where process 0 writes every example's score
+  (`predictions.write`)."""
   acc = EvalAccumulator()
   ranking = retrieval.accumulator(model, collection)
 
@@ -69,7 +74,23 @@ def evaluate(eval_step, collection, state, eval_data, sharding, tier=None, stop=
   except Exception as e:   # offloaded: the state to go on with (`state` may be donated)
     e.state = getattr(e, "state", state)
     raise
+  if predictions is not None:
+    _write_predictions(acc, eval_data, *predictions)
   return {**acc.result(), **(ranking.result() if ranking is not None else {})}, state
+
+
+def _write_predictions(acc: EvalAccumulator, eval_data, path: str, step: int) -> None:
+  """Process 0 writes the eval's scores to `path`; rows dropped as malformed have none, so
+  the lines then do not follow the files' lines: said in a warning naming the counts."""
+  if jax.process_index() != 0:
+    return
+  skipped = eval_data.bad_row_counts() if hasattr(eval_data, "bad_row_counts") else {}
+  skipped = {k: v for k, v in skipped.items() if v}
+  if skipped:
+    log.warning("warning: %s: the eval data's malformed rows (%s) were skipped and have no "
+                "score: the entries follow the files' good lines only",
+                predictions_lib.FLAG, ", ".join(f"{k}: {v}" for k, v in skipped.items()))
+  log.info("%s", predictions_lib.write(path, *acc.arrays(), step))
 
 
 def stop_check(terminated, step: int, last: bool):

@@ -35,7 +35,8 @@ from jaxrec.train import budget_hint, config_changes, config_gin, data_adapter, 
 from jaxrec.train.config import config_gin_header
 from jaxrec.train import state as state_lib
 from jaxrec.train import step as step_lib
-from jaxrec.train import process_agreement, step_memory, termination, workdir_checks
+from jaxrec.train import predictions, process_agreement, step_memory, termination
+from jaxrec.train import workdir_checks
 from jaxrec.train.evaluation import EvalStopped, evaluate, owed as eval_owed
 from jaxrec.train.evaluation import stop_check as eval_stop
 from jaxrec.train.config import ExperimentConfig, RunOptions
@@ -409,7 +410,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       if restored is not None:   # a synthetic eval set is the seed's
         data_adapter.warn_eval_seed(config, options, restored.meta)
       metrics, state = evaluate(eval_step, collection, state, eval_data, bsharding, tier,
-                                model=config.model)
+                                model=config.model,
+                                predictions=predictions.at(options.predictions, start))
       # with --bad_rows=skip, the eval rows dropped (a training run's log lines carry them)
       last = dict(metrics, **data_adapter.bad_row_metrics(eval_data), step=start)
       if restored is not None:
@@ -528,7 +530,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       if is_eval:
         try:
           metrics, state = evaluate(eval_step, collection, state, eval_data, bsharding, tier,
-                                    stop=eval_stop(terminated, step, done), model=config.model)
+                                    stop=eval_stop(terminated, step, done), model=config.model,
+                                    predictions=predictions.at(options.predictions, step, done))
           record.update(metrics)
         except EvalStopped as e:   # SIGTERM (or the job's, under scripts/launch.py): the
           # checkpoint below, not the rest of the eval

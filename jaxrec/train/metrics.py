@@ -122,12 +122,17 @@ class EvalAccumulator:
   def num_examples(self) -> int:
     return sum(x.size for x in self._labels)
 
+  def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    """Everything added, in order, padding left out: float32 `(logits, labels)` `[N]`."""
+    logits = np.concatenate(self._logits) if self._logits else np.zeros(0, np.float32)
+    labels = np.concatenate(self._labels) if self._labels else np.zeros(0, np.float32)
+    return logits, labels
+
   def result(self) -> dict[str, float | int]:
     """`{'eval_auc', 'eval_logloss', 'eval_ne', 'eval_calibration', 'eval_examples'}`; AUC
     and normalized entropy are `nan` if one class only, calibration without positives, all
     four if a logit is `nan` (logged as a warning saying which)."""
-    logits = np.concatenate(self._logits) if self._logits else np.zeros(0, np.float32)
-    labels = np.concatenate(self._labels) if self._labels else np.zeros(0, np.float32)
+    logits, labels = self.arrays()
     n_pos = int(_as_binary(labels).sum())
     n_nan = int(np.isnan(logits).sum())
     if n_nan:

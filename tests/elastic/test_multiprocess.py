@@ -40,8 +40,9 @@ def test_two_processes_equal_one_process(tmp_path):
   flags = [*t.TINY, "--mesh=table=2,row=2,col=2", "--plan=grid", "--num_steps=8",
            "--log_every=1"]          # the table axis spans the processes: all_to_all over gloo
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
-  t.run_train(one, flags, devices=8)
-  proc = t.launch(two, ["--num_processes=2", "--devices_per_process=4"], flags)
+  t.run_train(one, [*flags, f"--predictions={tmp_path}/one.npz"], devices=8)
+  proc = t.launch(two, ["--num_processes=2", "--devices_per_process=4"],
+                  [*flags, f"--predictions={tmp_path}/two.npz"])
   assert t.finish(proc) == 0, open(os.path.join(two, "launch.log")).read()[-3000:]
   a, b = losses(one), losses(two)
   assert sorted(b) == list(range(1, 9))
@@ -49,6 +50,11 @@ def test_two_processes_equal_one_process(tmp_path):
   ea, eb = t.metrics(one)[-1], t.metrics(two)[-1]
   assert eb["eval_examples"] == ea["eval_examples"] == 1024
   np.testing.assert_allclose(eb["eval_auc"], ea["eval_auc"], rtol=1e-5)
+  # --predictions: process 0 writes the global order (each process's rows gathered)
+  with np.load(f"{tmp_path}/one.npz") as za, np.load(f"{tmp_path}/two.npz") as zb:
+    np.testing.assert_array_equal(zb["label"], za["label"])
+    np.testing.assert_allclose(zb["logit"], za["logit"], atol=1e-5)
+    assert za["logit"].shape == (1024,)
   assert t.names(t.events(two)) == ["start", "plan", "launch", "initialized", "initialized",
                                     "restore", "worker_exit", "worker_exit", "finished"]
 
@@ -222,8 +228,9 @@ def test_two_tower_retrieval_metrics_of_two_processes_equal_one_process(tmp_path
            "--gin_bindings=ExperimentConfig.num_eval_examples=1024", "--noprogress",
            "--mesh=data=8", "--plan=dp", "--num_steps=4"]
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
-  t.run_train(one, flags, devices=8)
-  proc = t.launch(two, ["--num_processes=2", "--devices_per_process=4"], flags)
+  t.run_train(one, [*flags, f"--predictions={tmp_path}/one.npz"], devices=8)
+  proc = t.launch(two, ["--num_processes=2", "--devices_per_process=4"],
+                  [*flags, f"--predictions={tmp_path}/two.npz"])
   assert t.finish(proc) == 0, open(os.path.join(two, "launch.log")).read()[-3000:]
   ea, eb = t.metrics(one)[-1], t.metrics(two)[-1]
   assert ea["eval_queries"] > 100 and ea["eval_candidates"] > 400

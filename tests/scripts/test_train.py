@@ -126,6 +126,7 @@ BAD = [
     (["--gin_file=configs/dlrm_synthetic.gin", "--num_steps=-3"], "--num_steps must be positive, got -3"),
     (["--gin_file=configs/dlrm_synthetic.gin", "--keep_checkpoints=0"], "--keep_checkpoints must be at least 1, got 0"),
     (["--gin_file=configs/dlrm_synthetic.gin", "--gin_bindings=GpuTuning.num_warps=6"], "GpuTuning.num_warps must be a power of two (Triton), got 6"),
+    (["--gin_file=configs/dlrm_synthetic.gin", "--predictions=no/such/dir/p.tsv"], "--predictions=no/such/dir/p.tsv: its directory"),
     # Raised inside a gin configurable: gin's "In call to configurable" lines must not follow.
     (["--gin_file=configs/dlrm_synthetic.gin", "--gin_bindings=dense_optimizer.name='sgdd'"], "dense_optimizer.name: unknown 'sgdd'"),
 ]

@@ -1,0 +1,74 @@
+"""Per-example scores of a run's final evaluation (`scripts/train.py --predictions=PATH`).
+
+Scoring a file with a trained model is an evaluate-only rerun (`--num_steps` at or below
+the checkpoint's step, `--eval_data=FILES`) that also writes what the eval computed: one
+entry per eval example, in the eval data's order (files in their listed order, lines in
+order; the padding of the last batch left out). `PATH` ending in `.npz` holds arrays
+`label`, `score` (the sigmoid of the logit: a click probability; a two-tower's pairwise
+score) and `logit`, all float32 `[examples]`, and `step`; any other name is a
+tab-separated text file with a header line `label  score  logit`, gzip-compressed when
+the name ends in `.gz`. Process 0 writes it (every process's rows are gathered for the
+eval anyway), atomically: a run killed while writing leaves the earlier file or none.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+
+import numpy as np
+
+from jaxrec import files
+from jaxrec.errors import ConfigError, OutputError
+from jaxrec.train.metrics import sigmoid
+
+FLAG = "--predictions"
+COLUMNS = ("label", "score", "logit")
+
+
+def check_path(path: str | None) -> None:
+  """Refuses, before anything trains, a `--predictions` path that cannot be written at the
+  end: a directory, a missing or read-only parent directory, an unexpanded `~`."""
+  if path is None:
+    return
+  if not str(path).strip():
+    raise ConfigError(f"{FLAG}: empty; give a file name (.npz, .tsv or .tsv.gz) or leave "
+                      "the flag out")
+  files.check_not_unexpanded_home(FLAG, path)
+  if os.path.isdir(path):
+    raise ConfigError(f"{FLAG}={path} is a directory; give a file name inside it, e.g. "
+                      f"{os.path.join(path, 'predictions.tsv')}")
+  parent = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(parent):
+    raise ConfigError(f"{FLAG}={path}: its directory {parent} does not exist")
+  if not files.is_writable(parent):
+    raise ConfigError(f"{FLAG}={path}: cannot create files in {parent}")
+
+
+def at(path: str | None, step: int, final: bool = True) -> tuple[str, int] | None:
+  """`evaluate`'s `predictions` for the eval of `step`: None without `--predictions` or
+  for an eval before the `final` one (the last step's, or an evaluate-only run's)."""
+  return None if path is None or not final else (path, step)
+
+
+def write(path: str, logits, labels, step: int) -> str:
+  """Writes the scores of `step`'s eval (`logits`, `labels`: `[examples]`) to `path` in the
+  format its name picks (module docstring); returns a line saying what was written."""
+  logits = np.asarray(logits, np.float32).reshape(-1)
+  labels = np.asarray(labels, np.float32).reshape(-1)
+  if logits.shape != labels.shape:
+    raise ValueError(f"{logits.shape[0]} logits for {labels.shape[0]} labels")
+  scores = sigmoid(logits).astype(np.float32)   # as the eval's logloss reads them
+  try:
+    with files.atomic_output(path) as tmp:
+      if path.endswith(".npz"):
+        with open(tmp, "wb") as f:   # (np.savez given a name would append .npz to it)
+          np.savez(f, label=labels, score=scores, logit=logits, step=np.int64(step))
+      else:
+        gz = path.endswith(".gz")   # (level 6: gzip's own default, 2x faster than 9)
+        with (gzip.open(tmp, "wt", compresslevel=6) if gz else open(tmp, "w")) as f:
+          f.write("\t".join(COLUMNS) + "\n")
+          np.savetxt(f, np.stack([labels, scores, logits], 1), fmt="%.9g", delimiter="\t")
+  except OSError as e:
+    raise OutputError(f"{FLAG}={path}: writing the eval's scores failed: {e}") from e
+  return f"wrote the scores of step {step}'s eval ({labels.size} examples) to {path}"

@@ -1,0 +1,121 @@
+"""`scripts/train.py --predictions`: the final eval's per-example scores, in the eval data's
+order, written by a training run and by an evaluate-only rerun on another device count."""
+
+import gzip
+import os
+
+import numpy as np
+import pytest
+
+from jaxrec.errors import ConfigError, OutputError
+from jaxrec.train import metrics, predictions
+from jaxrec.train.config import RunOptions
+from tests.scripts.test_train import read_metrics, train
+from tests.scripts.test_train_files import FLAGS, write_data
+
+
+def _labels(tsv_path):
+  with open(tsv_path) as f:
+    return np.array([float(line.split("\t", 1)[0]) for line in f], np.float32)
+
+
+def _read_tsv(path):
+  opener = gzip.open if str(path).endswith(".gz") else open
+  with opener(path, "rt") as f:
+    assert f.readline() == "label\tscore\tlogit\n"
+    return np.loadtxt(f, np.float64, delimiter="\t", ndmin=2)
+
+
+def test_a_run_and_an_evaluate_only_rerun_write_every_eval_example_in_file_order(tmp_path):
+  """300 eval lines in batches of 256 (the second one padded): 300 scores, the labels the
+  file's own in its order, scoring to the run's eval_auc and eval_logloss; written once,
+  for the last step (not for step 10's eval). An evaluate-only rerun on 8 devices of the
+  1-device checkpoint writes the same logits."""
+  write_data(tmp_path / "train.tsv", 2000)
+  write_data(tmp_path / "eval.tsv", 300, start=5000)
+  w, first, again = str(tmp_path / "w"), tmp_path / "p.npz", tmp_path / "p.tsv.gz"
+  proc = train(w, *FLAGS, "--num_steps=20", "--eval_every=10",
+               f"--train_data={tmp_path}/train.tsv", f"--eval_data={tmp_path}/eval.tsv",
+               f"--predictions={first}")
+  assert proc.stderr.count("wrote the scores of step") == 1, proc.stderr
+  final = [l for l in read_metrics(w) if "eval_auc" in l][-1]
+  with np.load(first) as z:
+    assert int(z["step"]) == 20 and z["logit"].dtype == np.float32
+    label, score, logit = z["label"], z["score"], z["logit"]
+  np.testing.assert_array_equal(label, _labels(tmp_path / "eval.tsv"))
+  assert len(set(logit.tolist())) > 250   # scores of distinct examples, not one repeated
+  np.testing.assert_allclose(score, metrics.sigmoid(logit), rtol=1e-6)
+  assert metrics.roc_auc(label, score) == pytest.approx(final["eval_auc"], abs=1e-7)
+  assert metrics.log_loss(label, score) == pytest.approx(final["eval_logloss"], rel=1e-5)
+
+  proc = train(w, *FLAGS, "--num_steps=20", f"--eval_data={tmp_path}/eval.tsv",
+               f"--predictions={again}", devices=8)
+  assert f"wrote the scores of step 20's eval (300 examples) to {again}" in proc.stderr
+  table = _read_tsv(again)
+  np.testing.assert_array_equal(table[:, 0], label)
+  np.testing.assert_allclose(table[:, 2], logit, atol=1e-5)
+  np.testing.assert_allclose(table[:, 1], score, atol=1e-6)
+
+
+def test_the_formats_hold_the_same_values(tmp_path):
+  logits = np.array([-100.0, -1.5, 0.0, 2.25, 90.0], np.float32)
+  labels = np.array([0, 1, 0, 1, 1], np.float32)
+  for name in ("s.npz", "s.tsv", "s.txt.gz"):
+    line = predictions.write(str(tmp_path / name), logits, labels, step=7)
+    assert line == f"wrote the scores of step 7's eval (5 examples) to {tmp_path / name}"
+  with np.load(tmp_path / "s.npz") as z:
+    np.testing.assert_array_equal(z["logit"], logits)
+    np.testing.assert_array_equal(z["label"], labels)
+    assert z["score"][0] > 0 and z["score"][-1] == 1.0   # no overflow warning, no nan
+  for name in ("s.tsv", "s.txt.gz"):   # %.9g: float32 round trips exactly
+    table = _read_tsv(tmp_path / name)
+    np.testing.assert_array_equal(table[:, 2].astype(np.float32), logits)
+    np.testing.assert_array_equal(table[:, 1].astype(np.float32),
+                                  metrics.sigmoid(logits).astype(np.float32))
+  assert sorted(os.listdir(tmp_path)) == ["s.npz", "s.tsv", "s.txt.gz"]   # no temporaries
+
+
+def test_a_failed_write_keeps_the_earlier_file_and_names_the_flag(tmp_path, monkeypatch):
+  """A full disk mid-write: an `OutputError` naming the flag; the earlier file stays whole
+  and no temporary file is left."""
+  path = tmp_path / "p.tsv"
+  path.write_text("earlier\n")
+
+  def disk_full(f, *args, **kwargs):
+    f.write("0\t0.5\t0\n")
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(np, "savetxt", disk_full)
+  with pytest.raises(OutputError, match=r"--predictions=.*p\.tsv: writing the eval's scores "
+                                        r"failed: .*No space left on device"):
+    predictions.write(str(path), np.zeros(2), np.zeros(2), step=1)
+  assert path.read_text() == "earlier\n"
+  assert os.listdir(tmp_path) == ["p.tsv"]
+
+
+@pytest.mark.parametrize("path,message", [
+    ("", "--predictions: empty"),
+    ("{tmp}", "is a directory; give a file name inside it"),
+    ("{tmp}/no/p.tsv", "its directory {tmp}/no does not exist"),
+    ("~/nowhere-jaxrec/p.tsv", "the shell does not expand '~'"),
+])
+def test_a_path_that_cannot_be_written_is_refused_before_the_run(tmp_path, path, message):
+  with pytest.raises(ConfigError, match=message.format(tmp=tmp_path).replace(".", r"\.")):
+    RunOptions(predictions=path.format(tmp=tmp_path)).validate()
+
+
+def test_rows_skipped_as_malformed_are_named_in_a_warning(tmp_path, caplog):
+  """With --bad_rows=skip a dropped row has no entry: the lines then follow the files' good
+  lines only, which a warning says with the counts (a join on line numbers would shift)."""
+  from jaxrec.train import evaluation   # pylint: disable=import-outside-toplevel
+
+  class EvalData:
+    def bad_row_counts(self):
+      return {"/d/a.tsv": 2, "/d/b.tsv": 0}
+  acc = metrics.EvalAccumulator()
+  acc.add(np.array([0.5, -0.5, 1.0]), np.array([1, 0, 1]), np.array([True, True, False]))
+  with caplog.at_level("INFO"):
+    evaluation._write_predictions(acc, EvalData(), str(tmp_path / "p.npz"), 3)  # pylint: disable=protected-access
+  assert ("--predictions: the eval data's malformed rows (/d/a.tsv: 2) were skipped and "
+          "have no score") in caplog.text
+  with np.load(tmp_path / "p.npz") as z:
+    np.testing.assert_array_equal(z["logit"], [0.5, -0.5])   # the padding left out
