@@ -70,6 +70,9 @@ flags.DEFINE_string("predictions", None, "Write the final eval's per-example sco
                     "the eval data's order: .npz (arrays label, score, logit), else "
                     "tab-separated text (.gz: compressed). With --num_steps at or below "
                     "the checkpoint's step: scores --eval_data with a trained model.")
+flags.DEFINE_bool("eval_labels", True, "The eval data's lines start with a label. "
+                  "--noeval_labels: TSV files without the label column (Criteo's test.txt), "
+                  "scored only: the eval writes --predictions and no metrics.")
 flags.DEFINE_bool("progress", True, "Show a progress bar when stderr is a terminal.")
 flags.DEFINE_string("compilation_cache", None, "Directory of jax's persistent compilation "
                     "cache (a restart skips compiling), or 'none'; default "
@@ -117,7 +120,8 @@ def main(argv):
         keep_checkpoints=FLAGS.keep_checkpoints, seed=FLAGS.seed, on_nan=FLAGS.on_nan,
         bad_rows=FLAGS.bad_rows,
         memory_per_device=config_lib.parse_bytes(FLAGS.memory_per_device, "--memory_per_device"),
-        progress=FLAGS.progress, predictions=FLAGS.predictions)
+        progress=FLAGS.progress, predictions=FLAGS.predictions,
+        eval_labels=FLAGS.eval_labels)
     options.validate()
     workdir_checks.check_workdir(FLAGS.workdir)
     # --train_data/--eval_data as bindings too: W/config.gin names the data the run used

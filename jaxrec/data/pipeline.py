@@ -115,12 +115,12 @@ def _knobs(fn: str, **knobs) -> list:
   return out
 
 
-@gin.configurable(denylist=_PASSED + ["split"])
+@gin.configurable(denylist=_PASSED + ["split", "labeled"])
 def open_source(source: str, features: Sequence[FeatureSpec],
                 rows: Mapping[str, int] | Sequence[TableSpec], *, seed: int = 0,
                 split: int = TRAIN_SPLIT, bad_rows: str = "error", num_dense: int = NUM_DENSE,
                 num_categorical: int = 26, verify_checksums: bool = True,
-                synthetic: SyntheticConfig | None = None) -> Source:
+                synthetic: SyntheticConfig | None = None, labeled: bool = True) -> Source:
   """Opens `source` (see module docstring) for `features`.
 
   Args:
@@ -134,12 +134,18 @@ def open_source(source: str, features: Sequence[FeatureSpec],
     verify_checksums: check each binary shard's sha256 on open (once per unchanged file,
       see `binary`).
     synthetic: generator knobs (default: `SyntheticConfig()`, gin-configurable).
+    labeled: False for TSV files without the label column, to be scored only (the
+      trainer's `--noeval_labels`); synthetic and preprocessed data hold labels.
   """
   if bad_rows not in tsv.BAD_ROWS:
     raise ConfigError(f"bad_rows must be one of {tsv.BAD_ROWS}, got '{bad_rows}'")
   num_categorical, verify_checksums = _knobs(
       "open_source", num_categorical=num_categorical, verify_checksums=verify_checksums)
   layout = make_layout(features, _rows(rows), num_dense)
+  if not labeled and (source == SYNTHETIC or binary.is_preprocessed(source)):
+    raise ConfigError(f"{source}: {'synthetic' if source == SYNTHETIC else 'preprocessed'} "
+                      "data holds labels; reading it without them (--noeval_labels) is for "
+                      "TSV files that have no label column")
   if source == SYNTHETIC:
     return SyntheticSource(layout, seed=seed, split=split, config=synthetic)
   if not source:
@@ -154,7 +160,7 @@ def open_source(source: str, features: Sequence[FeatureSpec],
                       f"(open_source.num_categorical, {_origin('open_source.num_categorical')})"
                       f" but {len(features)} sparse features are configured (TSV data with "
                       f"{len(features)}: bind open_source.num_categorical={len(features)})")
-  return tsv.read_tsv(files, layout, bad_rows)
+  return tsv.read_tsv(files, layout, bad_rows, labeled=labeled)
 
 
 def _origin(selector: str) -> str:
@@ -423,6 +429,7 @@ class EvalData:
     if n <= 0:
       raise ConfigError(f"eval num_examples must be positive, got {n}")
     self.source, self.num_examples = source, n
+    self.labeled = getattr(source, "labeled", True)   # False: scores only, no metrics
     self.batch_size, self.process_index, self.process_count = batch_size, process_index, \
         process_count
     self.num_batches = -(-n // batch_size)
@@ -508,7 +515,7 @@ def make_train_iterator(source: str, features: Sequence[FeatureSpec],
 SYNTHETIC_EVAL_EXAMPLES = 65536   # a synthetic eval set's size when nothing gives one
 
 
-@gin.configurable(denylist=_PASSED_ITER + ["synthetic_examples"])
+@gin.configurable(denylist=_PASSED_ITER + ["synthetic_examples", "labeled"])
 def make_eval_batches(source: str, features: Sequence[FeatureSpec],
                       rows: Mapping[str, int] | Sequence[TableSpec], batch_size: int,
                       process_index: int = 0, process_count: int = 1, *,
@@ -516,11 +523,12 @@ def make_eval_batches(source: str, features: Sequence[FeatureSpec],
                       synthetic_examples: int | None = None, seed: int = 0,
                       num_threads: int = 2,
                       prefetch: int = 4, num_dense: int = NUM_DENSE,
-                      cache_bytes: int = EVAL_CACHE_BYTES) -> EvalData:
+                      cache_bytes: int = EVAL_CACHE_BYTES, labeled: bool = True) -> EvalData:
   """Eval data of this process: iterate it once per evaluation.
 
   Args:
     source, features, rows, bad_rows, num_dense: as for `make_train_iterator`.
+    labeled: False: TSV files without the label column (`open_source`; `EvalData.labeled`).
     batch_size: GLOBAL eval batch size `B`; batches are `[B / process_count]`.
     num_examples: evaluate only the first `num_examples` examples (default: all).
     synthetic_examples: size of the synthetic eval set (held out: split 1, data seed
@@ -540,7 +548,7 @@ def make_eval_batches(source: str, features: Sequence[FeatureSpec],
   if num_examples is not None:
     num_examples = whole(num_examples, "make_eval_batches.num_examples")
   src = open_source(source, features, rows, seed=seed, split=EVAL_SPLIT, bad_rows=bad_rows,
-                    num_dense=num_dense)
+                    num_dense=num_dense, labeled=labeled)
   if src.num_examples is None and num_examples is None:
     num_examples = SYNTHETIC_EVAL_EXAMPLES if synthetic_examples is None else synthetic_examples
   elif src.num_examples is None and synthetic_examples not in (None, num_examples):

@@ -119,9 +119,10 @@ class ArraySource(GrainMixin):
   """A finite source held in memory as one columnar `Batch` (e.g. parsed TSV)."""
 
   def __init__(self, examples: Batch, layout: Layout, bad_rows: Mapping[str, int] | None = None,
-               name: str = "memory"):
+               name: str = "memory", labeled: bool = True):
     self.examples = examples
     self.layout = layout
+    self.labeled = labeled   # False: files read without labels (all 0), to be scored only
     self.num_examples = examples.size
     self.name = name
     self._bad_rows = dict(bad_rows or {})

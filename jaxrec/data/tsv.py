@@ -220,13 +220,17 @@ class Parser:
   (`FEATURES_FROM`). `scripts/preprocess.py` without a gin file names its flags: it
   blamed `uniform_tables.num_tables` for a `--num_categorical` the user gave."""
 
-  def __init__(self, layout: Layout, columns_from: str = FEATURES_FROM):
+  def __init__(self, layout: Layout, columns_from: str = FEATURES_FROM, labeled: bool = True):
     self.layout = layout
     self.columns_from = columns_from
+    # False: lines without the label column (Criteo's test.txt), to be scored: read as if
+    # they started with a label of 0, which the eval does not score (`open_source`)
+    self.labeled = labeled
     self.check_decimal = False          # `decimal_features` of the next chunk parsed
     self.decimal_features: list[str] = []
     nd, nf = layout.num_dense, layout.num_sparse
     self.num_columns = 1 + nd + nf
+    self._shift = 0 if labeled else 1   # the file's columns: num_columns - _shift
     self.column_names = (["label"] + [f"I{i + 1}" for i in range(nd)] +
                          [f"C{i + 1}" for i in range(nf)])
     self._max_len = np.array(layout.max_lens, np.int64)
@@ -258,17 +262,19 @@ class Parser:
     counts = np.diff(np.concatenate([[0], np.searchsorted(delim, nl, "right")]))
     line_idx = np.arange(len(nl))
     bad_lines, bad_msgs = [], []
-    wrong = counts != self.num_columns
+    columns = self.num_columns - self._shift
+    wrong = counts != columns
     if wrong.any():
       line_len = np.diff(np.concatenate([[-1], nl]))
-      expected = (f"{self.num_columns} tab-separated columns (label, {self.layout.num_dense} "
-                  f"integer, {self.layout.num_sparse} categorical)")
+      expected = (f"{columns} tab-separated columns ({'label, ' * self.labeled}"
+                  f"{self.layout.num_dense} integer, {self.layout.num_sparse} categorical"
+                  f"{'' if self.labeled else '; no label'})")
       layout = self._layout_hint(counts) if wrong.all() else ""
       for i in np.flatnonzero(wrong):   # (an empty line, e.g. a blank last one, "found 1")
         bad_lines.append(i)
         # a tab before the line's end (some exporters write one) makes one empty column more;
         # (a Criteo line whose last field is empty ends in a tab too: the layout hint first)
-        tail = " (the line ends in a tab)" if (counts[i] == self.num_columns + 1
+        tail = " (the line ends in a tab)" if (counts[i] == columns + 1
                                                and a[nl[i] - 1] == 9) else ""
         if counts[i] == 1 and line_len[i] > 1:   # a CSV file: "found 1", nothing more
           commas = int((a[nl[i] - line_len[i] + 1:nl[i]] == 44).sum())
@@ -279,6 +285,8 @@ class Parser:
       a = a[np.repeat(~wrong, line_len)]
       line_idx = line_idx[~wrong]
       delim = np.flatnonzero((a == 9) | (a == 10))
+    if not self.labeled and len(line_idx):
+      a, delim = _with_label_column(a)
     batch, bad_rows, cols, msgs = self._parse_fields(a, delim, len(line_idx))
     bad_lines.extend(line_idx[bad_rows])
     bad_msgs.extend(zip(cols, msgs))
@@ -303,11 +311,17 @@ class Parser:
     categorical column count, read as such (the configuration was written for other data,
     e.g. an 8-feature config on Criteo's 26 columns), or ''."""
     nd, nf = self.layout.num_dense, self.layout.num_sparse
-    if len(counts) < 2 or (counts != counts[0]).any() or counts[0] <= 1 + nd:
+    first = 1 - self._shift + nd   # columns before the categorical ones
+    if len(counts) < 2 or (counts != counts[0]).any() or counts[0] <= first:
       return ""
-    unlabeled = ("no label column (as Criteo's unlabeled test.txt: training and eval files "
-                 "need labels)? or " if counts[0] == self.num_columns - 1 else "")
-    return (f", as do all {len(counts)} lines read with it: {unlabeled}{counts[0] - 1 - nd} "
+    if self.labeled:
+      label = ("no label column (as Criteo's unlabeled test.txt: training files need labels; "
+               "eval files to be scored only are read with --noeval_labels)? or "
+               if counts[0] == self.num_columns - 1 else "")
+    else:
+      label = ("a label column first (read without --noeval_labels)? or "
+               if counts[0] == self.num_columns else "")
+    return (f", as do all {len(counts)} lines read with it: {label}{counts[0] - first} "
             f"categorical columns after the {nd} integer ones? "
             + self.columns_from.format(n=nf, nd=nd))
 
@@ -453,10 +467,19 @@ class Parser:
         why = f"feature '{lay.names[c - 1 - nd]}': " + why.format(
             max_len=lay.max_lens[c - 1 - nd])
       cols.append(c)
-      msgs.append(f"column {c + 1} ({self.column_names[c]}): {why} '{shown(value)}'{hint}")
+      msgs.append(f"column {c + 1 - self._shift} ({self.column_names[c]}): {why} "
+                  f"'{shown(value)}'{hint}")
     cols += [None] * (len(rows) - len(cols))
     msgs += [None] * (len(rows) - len(msgs))
     return batch, rows, cols, msgs
+
+
+def _with_label_column(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Whole lines `a` (uint8, each ending in a newline) with `0\t` in front of each, and
+  the positions of their tabs and newlines: an unlabeled file's lines as labeled ones."""
+  starts = np.concatenate([[0], np.flatnonzero(a == 10)[:-1] + 1])
+  a = np.insert(a, np.repeat(starts, 2), np.tile(np.array([48, 9], np.uint8), len(starts)))
+  return a, np.flatnonzero((a == 9) | (a == 10))
 
 
 def _parse_floats(a: np.ndarray, s: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -552,9 +575,10 @@ def _return_freed_memory() -> None:
 
 
 def read_tsv(paths: Sequence[str], layout: Layout, bad_rows: str = "error",
-             chunk_bytes: int = CHUNK_BYTES) -> ArraySource:
-  """Parses TSV files into an in-memory source (160 bytes per Criteo example)."""
-  parser, policy = Parser(layout), BadRowPolicy(bad_rows)
+             chunk_bytes: int = CHUNK_BYTES, labeled: bool = True) -> ArraySource:
+  """Parses TSV files into an in-memory source (160 bytes per Criteo example); `labeled`
+  False: lines without the label column (`Parser`), read with labels of 0."""
+  parser, policy = Parser(layout, labeled=labeled), BadRowPolicy(bad_rows)
   parts = [b for p in paths for b in iter_file(p, parser, policy, chunk_bytes)]
   examples = concatenate(parts)
   del parts
@@ -562,4 +586,4 @@ def read_tsv(paths: Sequence[str], layout: Layout, bad_rows: str = "error",
   if examples.size == 0:
     raise DataError(f"{', '.join(paths)}: no valid rows "
                     f"({counted(sum(policy.counts.values()), 'malformed row')} skipped)")
-  return ArraySource(examples, layout, policy.counts, name=",".join(paths))
+  return ArraySource(examples, layout, policy.counts, name=",".join(paths), labeled=labeled)

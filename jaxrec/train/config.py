@@ -417,6 +417,7 @@ class RunOptions:
   memory_per_device: int | None = None
   progress: bool = True
   predictions: str | None = None   # the final eval's per-example scores (`predictions.py`)
+  eval_labels: bool = True   # False: eval TSV files without labels, scored (--predictions) only
 
   def most_checkpoints_kept(self) -> int:
     """The most checkpoints this run can keep at once: `keep_checkpoints`, or the saves
@@ -448,6 +449,9 @@ class RunOptions:
     if self.bad_rows not in ("error", "skip"):
       raise ConfigError(f"--bad_rows must be error or skip, got '{self.bad_rows}'")
     predictions.check_path(self.predictions)
+    if not self.eval_labels and self.predictions is None:
+      raise ConfigError("--noeval_labels: eval data without labels gives no metrics, only "
+                        "each example's score: add --predictions=PATH to write them")
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

@@ -41,7 +41,7 @@ def eval_data(config, options) -> pipeline.EvalData:
         source, config.features, config.tables,
         config.eval_batch_size, jax.process_index(), jax.process_count(),
         bad_rows=options.bad_rows, synthetic_examples=config.num_eval_examples,
-        seed=options.seed, num_dense=config.num_dense)
+        seed=options.seed, num_dense=config.num_dense, labeled=options.eval_labels)
 
 
 @contextlib.contextmanager

@@ -38,7 +38,8 @@ def evaluate(eval_step, collection, state, eval_data, sharding, tier=None, stop=
   lost anyway. `predictions`: `(path, step)`, where process 0 writes every example's score
   (`predictions.write`)."""
   acc = EvalAccumulator()
-  ranking = retrieval.accumulator(model, collection)
+  labeled = getattr(eval_data, "labeled", True)   # False: files without labels, scored only
+  ranking = retrieval.accumulator(model, collection) if labeled else None
 
   def run(st, b):   # global [B, ...], replicated
     return jax.tree.map(np.asarray, eval_step(st, device_batch(collection, b, sharding)))
@@ -75,11 +76,14 @@ def evaluate(eval_step, collection, state, eval_data, sharding, tier=None, stop=
     e.state = getattr(e, "state", state)
     raise
   if predictions is not None:
-    _write_predictions(acc, eval_data, *predictions)
+    _write_predictions(acc, eval_data, *predictions, labeled=labeled)
+  if not labeled:
+    return {"eval_examples": acc.num_examples}, state
   return {**acc.result(), **(ranking.result() if ranking is not None else {})}, state
 
 
-def _write_predictions(acc: EvalAccumulator, eval_data, path: str, step: int) -> None:
+def _write_predictions(acc: EvalAccumulator, eval_data, path: str, step: int,
+                       labeled: bool = True) -> None:
   """Process 0 writes the eval's scores to `path`; rows dropped as malformed have none, so
   the lines then do not follow the files' lines: said in a warning naming the counts."""
   if jax.process_index() != 0:
@@ -90,7 +94,8 @@ def _write_predictions(acc: EvalAccumulator, eval_data, path: str, step: int) ->
     log.warning("warning: %s: the eval data's malformed rows (%s) were skipped and have no "
                 "score: the entries follow the files' good lines only",
                 predictions_lib.FLAG, ", ".join(f"{k}: {v}" for k, v in skipped.items()))
-  log.info("%s", predictions_lib.write(path, *acc.arrays(), step))
+  logits, labels = acc.arrays()
+  log.info("%s", predictions_lib.write(path, logits, labels if labeled else None, step))
 
 
 def stop_check(terminated, step: int, last: bool):

@@ -7,7 +7,7 @@ order; the padding of the last batch left out). `PATH` ending in `.npz` holds ar
 `label`, `score` (the sigmoid of the logit: a click probability; a two-tower's pairwise
 score) and `logit`, all float32 `[examples]`, and `step`; any other name is a
 tab-separated text file with a header line `label  score  logit`, gzip-compressed when
-the name ends in `.gz`. Process 0 writes it (every process's rows are gathered for the
+the name ends in `.gz`. Eval files without labels (`--noeval_labels`) have no `label`. Process 0 writes it (every process's rows are gathered for the
 eval anyway), atomically: a run killed while writing leaves the earlier file or none.
 """
 
@@ -23,7 +23,6 @@ from jaxrec.errors import ConfigError, OutputError
 from jaxrec.train.metrics import sigmoid
 
 FLAG = "--predictions"
-COLUMNS = ("label", "score", "logit")
 
 
 def check_path(path: str | None) -> None:
@@ -52,23 +51,27 @@ def at(path: str | None, step: int, final: bool = True) -> tuple[str, int] | Non
 
 
 def write(path: str, logits, labels, step: int) -> str:
-  """Writes the scores of `step`'s eval (`logits`, `labels`: `[examples]`) to `path` in the
-  format its name picks (module docstring); returns a line saying what was written."""
+  """Writes the scores of `step`'s eval (`logits`, `labels`: `[examples]`; `labels` None
+  for unlabeled data) to `path` in the format its name picks (module docstring); returns a
+  line saying what was written."""
   logits = np.asarray(logits, np.float32).reshape(-1)
-  labels = np.asarray(labels, np.float32).reshape(-1)
-  if logits.shape != labels.shape:
-    raise ValueError(f"{logits.shape[0]} logits for {labels.shape[0]} labels")
   scores = sigmoid(logits).astype(np.float32)   # as the eval's logloss reads them
+  columns = {"score": scores, "logit": logits}
+  if labels is not None:
+    labels = np.asarray(labels, np.float32).reshape(-1)
+    if logits.shape != labels.shape:
+      raise ValueError(f"{logits.shape[0]} logits for {labels.shape[0]} labels")
+    columns = {"label": labels, **columns}
   try:
     with files.atomic_output(path) as tmp:
       if path.endswith(".npz"):
         with open(tmp, "wb") as f:   # (np.savez given a name would append .npz to it)
-          np.savez(f, label=labels, score=scores, logit=logits, step=np.int64(step))
+          np.savez(f, **columns, step=np.int64(step))
       else:
         gz = path.endswith(".gz")   # (level 6: gzip's own default, 2x faster than 9)
         with (gzip.open(tmp, "wt", compresslevel=6) if gz else open(tmp, "w")) as f:
-          f.write("\t".join(COLUMNS) + "\n")
-          np.savetxt(f, np.stack([labels, scores, logits], 1), fmt="%.9g", delimiter="\t")
+          f.write("\t".join(columns) + "\n")
+          np.savetxt(f, np.stack(list(columns.values()), 1), fmt="%.9g", delimiter="\t")
   except OSError as e:
     raise OutputError(f"{FLAG}={path}: writing the eval's scores failed: {e}") from e
-  return f"wrote the scores of step {step}'s eval ({labels.size} examples) to {path}"
+  return f"wrote the scores of step {step}'s eval ({logits.size} examples) to {path}"

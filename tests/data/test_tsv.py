@@ -332,7 +332,8 @@ def test_unlabeled_and_comma_separated_files_are_named_as_such(tsv_file):
   unlabeled = lib.line().split("\t", 1)[1]
   with pytest.raises(DataError, match=r":1: expected 40 .* found 39, as do all 3 lines read "
                      r"with it: no label column \(as Criteo's unlabeled test.txt: training "
-                     r"and eval files need labels\)\? or 25 categorical columns"):
+                     r"files need labels; eval files to be scored only are read with "
+                     r"--noeval_labels\)\? or 25 categorical columns"):
     read(tsv_file([unlabeled] * 3), lay)
   with pytest.raises(DataError, match=r":1: expected 40 .* found 1 \(no tab, 39 commas: "
                      r"comma-separated\? the columns must be tab-separated\)$"):
@@ -545,3 +546,31 @@ def test_decimal_ids_are_warned_about(tsv_file, caplog):
                     "read as hex (int(id, 16) % rows), so decimal ids collide (0 .. 999 "
                     "fill 712 of 1,000 rows); if they are decimal (already made contiguous), "
                     "write them in hex ('%x')"]
+
+
+def test_unlabeled_lines_read_as_labeled_ones_and_errors_name_the_files_columns(tsv_file):
+  """`labeled=False` (the trainer's --noeval_labels): each line is the labeled line less
+  its label (CRLF, no final newline and blank-field lines too), read with labels of 0; a
+  bad value names the file's own column number; a wrong count says what is expected."""
+  lines = [lib.line("1", [str(k) for k in range(13)], [f"{k:x}" for k in range(26)]),
+           lib.line(), lib.line("0", [""] * 13, [""] * 26)]
+  labeled = read(tsv_file(lines)).examples
+  unlabeled = [line.split("\t", 1)[1] for line in lines]
+  for text in ("\n".join(unlabeled) + "\n", "\r\n".join(unlabeled)):
+    path = tsv_file([])
+    with open(path, "w", newline="") as f:
+      f.write(text)
+    got = read(path, labeled=False)
+    assert got.labeled is False
+    np.testing.assert_array_equal(got.examples.labels, [0, 0, 0])
+    np.testing.assert_array_equal(got.examples.dense, labeled.dense)
+    for k in labeled.ids:
+      np.testing.assert_array_equal(got.examples.ids[k], labeled.ids[k])
+  bad = unlabeled[1].split("\t")
+  bad[13 + 2] = "zz"   # C3: the file's column 16 (the labeled file's 17)
+  with pytest.raises(DataError, match=r":2: column 16 \(C3\): feature 'f2': categorical "
+                     r"value is not hex: 'zz'"):
+    read(tsv_file([unlabeled[0], "\t".join(bad)]), labeled=False)
+  with pytest.raises(DataError, match=r":2: expected 39 tab-separated columns \(13 integer, "
+                     r"26 categorical; no label\), found 38$"):
+    read(tsv_file([unlabeled[0], unlabeled[1].rsplit("\t", 1)[0]]), labeled=False)

@@ -119,3 +119,45 @@ def test_rows_skipped_as_malformed_are_named_in_a_warning(tmp_path, caplog):
           "have no score") in caplog.text
   with np.load(tmp_path / "p.npz") as z:
     np.testing.assert_array_equal(z["logit"], [0.5, -0.5])   # the padding left out
+
+
+def test_eval_files_without_labels_are_scored(tmp_path):
+  """Criteo's test.txt has no label column: --noeval_labels reads such files and the eval
+  writes only their scores (no label entry) and `eval_examples`; the scores are the
+  labeled copy's. Without --predictions, or on data that has labels, it is refused."""
+  write_data(tmp_path / "train.tsv", 1000)
+  write_data(tmp_path / "eval.tsv", 300, start=5000)
+  with open(tmp_path / "eval.tsv") as f, open(tmp_path / "test.tsv", "w") as out:
+    out.writelines(line.split("\t", 1)[1] for line in f)
+  w = str(tmp_path / "w")
+  train(w, *FLAGS, "--num_steps=10", f"--train_data={tmp_path}/train.tsv",
+        f"--eval_data={tmp_path}/eval.tsv", f"--predictions={tmp_path}/labeled.npz")
+  proc = train(w, *FLAGS, "--num_steps=10", f"--eval_data={tmp_path}/test.tsv",
+               "--noeval_labels", f"--predictions={tmp_path}/test.tsv.gz")
+  assert "done: eval_examples=300, step=10" in proc.stdout, proc.stdout
+  resume = [l for l in read_metrics(w) if l.get("event") == "resume"][-1]
+  assert not [k for k in resume if k.startswith("eval_") and k != "eval_examples"], resume
+  with gzip.open(tmp_path / "test.tsv.gz", "rt") as f:
+    assert f.readline() == "score\tlogit\n"
+    table = np.loadtxt(f, np.float64, delimiter="\t", ndmin=2)
+  with np.load(tmp_path / "labeled.npz") as z:
+    np.testing.assert_array_equal(table[:, 1].astype(np.float32), z["logit"])
+  refused = train(w, *FLAGS, "--num_steps=10", f"--eval_data={tmp_path}/eval.tsv",
+                  "--noeval_labels", f"--predictions={tmp_path}/x.npz", check=False)
+  assert refused.returncode == 1 and "expected 39 tab-separated columns (13 integer, 26 " \
+      "categorical; no label), found 40, as do all 300 lines read with it: a label column " \
+      "first (read without --noeval_labels)?" in refused.stderr, refused.stderr[-2000:]
+
+
+def test_unlabeled_eval_data_refused_where_it_cannot_be(tmp_path):
+  """Without --predictions the eval of unlabeled data computes nothing; synthetic data and
+  preprocessed datasets hold labels (read without them, the labels would be taken for I1)."""
+  from jaxrec.data import pipeline   # pylint: disable=import-outside-toplevel
+  from jaxrec.embedding.specs import uniform_tables   # pylint: disable=import-outside-toplevel
+  with pytest.raises(ConfigError, match="--noeval_labels: eval data without labels gives no "
+                     "metrics, only each example's score: add --predictions=PATH"):
+    RunOptions(eval_labels=False).validate()
+  tables, features = uniform_tables(num_tables=26, rows=1000)
+  with pytest.raises(ConfigError, match="synthetic: synthetic data holds labels; reading it "
+                     r"without them \(--noeval_labels\) is for TSV files"):
+    pipeline.make_eval_batches("synthetic", features, tables, 256, labeled=False)
