@@ -164,9 +164,9 @@ def test_a_database_without_its_manifest_is_named_so(tmp_path, caplog):
   assert ".zarray" not in caplog.text
 
 
-def _save_in_two_processes(path, tables, dtype="float32"):
-  """`two_process_save.py` as processes 0 and 1 of a job (4 CPU devices each); the layout
-  process 0 printed."""
+def _save_in_two_processes(path, tables, dtype="float32", mode="save"):
+  """`two_process_save.py` as processes 0 and 1 of a job (4 CPU devices each); the last
+  line process 0 printed (`layout=...`; `restored=N` with `mode="restore"`)."""
   import socket  # pylint: disable=import-outside-toplevel
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
@@ -180,7 +180,7 @@ def _save_in_two_processes(path, tables, dtype="float32"):
       p for p in (root, os.environ.get("PYTHONPATH")) if p))
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(root, "tests", "checkpoint", "two_process_save.py"),
-       str(p), str(port), str(path), str(tables), dtype], env=env, cwd=root,
+       str(p), str(port), str(path), str(tables), dtype, mode], env=env, cwd=root,
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for p in (0, 1)]
   outs = [proc.communicate(timeout=300) for proc in procs]
   for proc, (_, err) in zip(procs, outs):
@@ -204,3 +204,5 @@ def test_two_processes_save_one_database_that_restores_bitwise_on_one(tmp_path):
     with CheckpointManager(tmp_path) as mgr:   # fingerprints checked: bit for bit
       restored = mgr.restore(h.dense(new.mesh, 3), new)
     h.assert_tables_equal(new, h.train_state(new, seed=3, step=1), new, restored.state)
+  # and in two processes again, on another plan (each reads parts of shared chunks)
+  assert _save_in_two_processes(tmp_path, 40, mode="restore") == "restored=40"
