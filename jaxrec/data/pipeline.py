@@ -44,7 +44,8 @@ import numpy as np
 from jaxrec import gin_usage
 from jaxrec.data import binary, indexing, tsv
 from jaxrec.data.batch import Batch
-from jaxrec.data.source import ENDLESS_LEN, NUM_DENSE, Source, make_layout
+from jaxrec.data.source import (ENDLESS_LEN, NUM_DENSE, Source, check_dense_transform,
+                                make_layout)
 from jaxrec.data.synthetic import SyntheticConfig, SyntheticSource
 from jaxrec.embedding.specs import FeatureSpec, TableSpec, flag, whole
 from jaxrec.errors import ConfigError, DataError
@@ -120,7 +121,8 @@ def open_source(source: str, features: Sequence[FeatureSpec],
                 rows: Mapping[str, int] | Sequence[TableSpec], *, seed: int = 0,
                 split: int = TRAIN_SPLIT, bad_rows: str = "error", num_dense: int = NUM_DENSE,
                 num_categorical: int = 26, verify_checksums: bool = True,
-                synthetic: SyntheticConfig | None = None, labeled: bool = True) -> Source:
+                synthetic: SyntheticConfig | None = None, labeled: bool = True,
+                dense_transform: str = "log") -> Source:
   """Opens `source` (see module docstring) for `features`.
 
   Args:
@@ -136,12 +138,16 @@ def open_source(source: str, features: Sequence[FeatureSpec],
     synthetic: generator knobs (default: `SyntheticConfig()`, gin-configurable).
     labeled: False for TSV files without the label column, to be scored only (the
       trainer's `--noeval_labels`); synthetic and preprocessed data hold labels.
+    dense_transform: how a TSV's dense values are read: "log" (raw integer counts ->
+      `log(1 + max(x, 0))`) or "none" (floats, as written); a preprocessed directory must
+      have been written with the same one. The synthetic generator ignores it.
   """
   if bad_rows not in tsv.BAD_ROWS:
     raise ConfigError(f"bad_rows must be one of {tsv.BAD_ROWS}, got '{bad_rows}'")
   num_categorical, verify_checksums = _knobs(
       "open_source", num_categorical=num_categorical, verify_checksums=verify_checksums)
-  layout = make_layout(features, _rows(rows), num_dense)
+  check_dense_transform(dense_transform, "open_source.dense_transform")
+  layout = make_layout(features, _rows(rows), num_dense, dense_transform)
   if not labeled and (source == SYNTHETIC or binary.is_preprocessed(source)):
     raise ConfigError(f"{source}: {'synthetic' if source == SYNTHETIC else 'preprocessed'} "
                       "data holds labels; reading it without them (--noeval_labels) is for "

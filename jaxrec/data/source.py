@@ -23,6 +23,10 @@ from jaxrec.embedding.specs import FeatureSpec
 from jaxrec.errors import ConfigError, in_order, some
 
 NUM_DENSE = 13
+# What becomes of a TSV file's dense values (`open_source.dense_transform`): "log", raw
+# integer counts as `log(1 + max(x, 0))` (Criteo's); "none", floats used as written
+# (already normalised data: NVTabular's, HugeCTR's).
+DENSE_TRANSFORMS = ("log", "none")
 # `len()` of an endless source, as grain wants an int (positions beyond it never occur).
 ENDLESS_LEN = 2**62
 
@@ -38,6 +42,7 @@ class Layout:
     rows: rows of the feature's table; raw ids are reduced `% rows`.
     tables: the table each feature reads.
     num_dense: dense columns (13 for Criteo).
+    dense_transform: how TSV dense values are read, one of `DENSE_TRANSFORMS`.
   """
 
   names: tuple[str, ...]
@@ -46,15 +51,27 @@ class Layout:
   rows: tuple[int, ...]
   tables: tuple[str, ...] = ()
   num_dense: int = NUM_DENSE
+  dense_transform: str = "log"
 
   @property
   def num_sparse(self) -> int:
     return len(self.names)
 
 
+def check_dense_transform(value, where: str = "dense_transform") -> str:
+  """`value` if it is one of `DENSE_TRANSFORMS`, else a `ConfigError` naming `where` (the
+  binding or flag that gave it)."""
+  if not isinstance(value, str) or value not in DENSE_TRANSFORMS:
+    raise ConfigError(f"{where} must be one of {', '.join(map(repr, DENSE_TRANSFORMS))} "
+                      f"('log': raw integer counts, read as log(1 + max(x, 0)); 'none': "
+                      f"floats, read as written), got {value!r}")
+  return value
+
+
 def make_layout(features: Sequence[FeatureSpec], rows: Mapping[str, int],
-                num_dense: int = NUM_DENSE) -> Layout:
+                num_dense: int = NUM_DENSE, dense_transform: str = "log") -> Layout:
   """Layout of `features`; `rows` maps table name -> row count."""
+  check_dense_transform(dense_transform)
   if not features:
     raise ConfigError("no sparse features configured")
   table_rows = []
@@ -70,7 +87,7 @@ def make_layout(features: Sequence[FeatureSpec], rows: Mapping[str, int],
                 max_lens=tuple(int(f.max_len) for f in features),
                 weighted=tuple(bool(f.weighted) for f in features),
                 rows=tuple(table_rows), tables=tuple(f.table for f in features),
-                num_dense=int(num_dense))
+                num_dense=int(num_dense), dense_transform=dense_transform)
 
 
 class Source(Protocol):

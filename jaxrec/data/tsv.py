@@ -6,7 +6,9 @@ Format (the Criteo Kaggle / Terabyte layout): one example per line, tab-separate
 
 * label: `0` or `1`.
 * I1..I13: decimal integers (optional leading `-`, at most 18 digits) or empty. Stored as
-  `log(1 + max(x, 0))`; empty -> 0.
+  `log(1 + max(x, 0))`; empty -> 0. With `Layout.dense_transform == "none"`
+  (`open_source.dense_transform`) finite decimal floats instead, stored as written
+  (`tsv_floats`); empty -> 0.
 * C1..C26: hexadecimal ids (at most 16 hex digits, either case) or empty. The k-th
   categorical column feeds the k-th configured feature; stored as `int(hex, 16) % rows`
   of the feature's table.
@@ -46,6 +48,7 @@ from absl import logging
 from jaxrec import signals
 from jaxrec.data.batch import Batch, concatenate
 from jaxrec.data.listing import list_files  # noqa: F401 (the readers' entry point)
+from jaxrec.data import tsv_floats
 from jaxrec.data.source import ArraySource, Layout, empty_batch
 from jaxrec.data.tsv_messages import REASONS, dense_hint, shown, value_hint
 from jaxrec.errors import ConfigError, DataError, counted
@@ -266,8 +269,9 @@ class Parser:
     wrong = counts != columns
     if wrong.any():
       line_len = np.diff(np.concatenate([[-1], nl]))
+      kind = "integer" if self.layout.dense_transform == "log" else "dense"
       expected = (f"{columns} tab-separated columns ({'label, ' * self.labeled}"
-                  f"{self.layout.num_dense} integer, {self.layout.num_sparse} categorical"
+                  f"{self.layout.num_dense} {kind}, {self.layout.num_sparse} categorical"
                   f"{'' if self.labeled else '; no label'})")
       layout = self._layout_hint(counts) if wrong.all() else ""
       for i in np.flatnonzero(wrong):   # (an empty line, e.g. a blank last one, "found 1")
@@ -356,25 +360,30 @@ class Parser:
     ok = (widths[:, 0] == 1) & ((c0 == 48) | (c0 == 49))
     flag(np.pad(~ok[:, None], ((0, 0), (0, nc - 1))), 1)
     labels = (c0 == 49).astype(np.float32)
-    # Dense: right-aligned windows of decimal digits.
     s, e, w = starts[:, 1:1 + nd], ends[:, 1:1 + nd], widths[:, 1:1 + nd]
-    neg = (w > 0) & (a[s] == 45)
-    k = int(min(max(w.max(initial=0), 1), _PAD))
-    idx = e[..., None] + np.arange(-k, 0, dtype=np.int32)
-    d = a[idx] - np.uint8(48)
-    d *= idx >= (s + neg)[..., None]
-    chars_ok = (d <= 9).all(-1) & ~(neg & (w == 1))
-    too_long = (w - neg) > 18
     dense_bad = np.zeros((m, nc), bool)
-    dense_bad[:, 1:1 + nd] = ~chars_ok
-    flag(dense_bad, 2)
-    dense_bad[:, 1:1 + nd] = too_long & chars_ok
-    flag(dense_bad, 3)
-    if k <= 9:
-      vals = (d.astype(np.int32) * _POW10[-k:].astype(np.int32)).sum(-1, dtype=np.int64)
-    else:
-      vals = (d.astype(np.int64) * _POW10[-k:]).sum(-1)
-    dense = np.log1p(np.maximum(np.where(neg, -vals, vals), 0)).astype(np.float32)
+    if lay.dense_transform == "none":   # floats, as written (`tsv_floats`)
+      dense, why = tsv_floats.parse(a, s, e)
+      for code in np.unique(why[why > 0]):
+        dense_bad[:, 1:1 + nd] = why == code
+        flag(dense_bad, code)
+    else:   # "log": right-aligned windows of decimal digits
+      neg = (w > 0) & (a[s] == 45)
+      k = int(min(max(w.max(initial=0), 1), _PAD))
+      idx = e[..., None] + np.arange(-k, 0, dtype=np.int32)
+      d = a[idx] - np.uint8(48)
+      d *= idx >= (s + neg)[..., None]
+      chars_ok = (d <= 9).all(-1) & ~(neg & (w == 1))
+      too_long = (w - neg) > 18
+      dense_bad[:, 1:1 + nd] = ~chars_ok
+      flag(dense_bad, 2)
+      dense_bad[:, 1:1 + nd] = too_long & chars_ok
+      flag(dense_bad, 3)
+      if k <= 9:
+        vals = (d.astype(np.int32) * _POW10[-k:].astype(np.int32)).sum(-1, dtype=np.int64)
+      else:
+        vals = (d.astype(np.int64) * _POW10[-k:]).sum(-1)
+      dense = np.log1p(np.maximum(np.where(neg, -vals, vals), 0)).astype(np.float32)
     # Categorical tokens: non-empty fields, split at ',' in multi-hot features.
     cs, ce = starts[:, 1 + nd:], ends[:, 1 + nd:]
     nonempty = ce > cs

@@ -16,7 +16,13 @@ REASONS = {
     7: "bag has more ids than max_len={max_len}:",
     8: "empty id:",
     9: "bad weight (expected HEXID:FLOAT):",
+    10: "dense value is not a number:",   # `tsv_floats` codes (dense_transform 'none')
+    11: "dense value is beyond float32's range (+-3.4e38):",
+    12: "dense value is longer than 64 characters:",
 }
+# How to read float dense values, in the hint of one read as an integer count.
+FLOAT_OPTION = ("open_source.dense_transform = 'none' reads them as written "
+                "(scripts/preprocess.py: --dense_transform=none)")
 
 
 def value_hint(reason: int, value: bytes, weighted: bool) -> str:
@@ -40,7 +46,10 @@ def value_hint(reason: int, value: bytes, weighted: bool) -> str:
 def dense_hint(reason: int, value: bytes) -> str:
   """What a bad dense `value` likely means: a finite float such as `0.25` is an already
   normalised feature (NVTabular's, HugeCTR's Parquet data), which said only 'not an
-  integer'."""
+  integer', and now also names the option that reads it; `inf` or `nan` under
+  dense_transform 'none' is not read (an empty field is 0)."""
+  if reason == 10 and value.lstrip(b"+-").lower() in (b"inf", b"infinity", b"nan"):
+    return " (infinite and NaN values are not read; an empty field is read as 0)"
   if reason != 2 or not any(c in value for c in b".eE"):
     return ""
   try:
@@ -49,7 +58,8 @@ def dense_hint(reason: int, value: bytes) -> str:
   except ValueError:
     return ""
   return (" (dense columns hold raw integer counts, which jaxrec turns into "
-          "log(1 + max(x, 0)); already normalised float features are not read)")
+          "log(1 + max(x, 0)); already normalised float features are not read: "
+          f"{FLOAT_OPTION})")
 
 
 def shown(value: bytes) -> str:
