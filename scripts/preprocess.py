@@ -9,7 +9,9 @@ named f0..f25 reading tables t0..t25. With `--gin_file` the features come from t
 config's `ExperimentConfig.embedding` instead (or its `uniform_tables` bindings if that is
 unbound), `--num_categorical` defaults to its `open_source.num_categorical` (else the
 feature count; another count than that is an error), `--num_dense` to its
-`ExperimentConfig.num_dense`; `--rows`/`--max_len` are then refused. Errors print one line
+`ExperimentConfig.num_dense`, `--dense_transform` to its `open_source.dense_transform`
+(else `log`); `--rows`/`--max_len` are then refused. The dense transform is recorded in the
+manifest: training must be configured with the same one. Errors print one line
 and exit 1. Ctrl-C or SIGTERM stops it (exit 130 or 143) between chunks (at once while it
 waits for input), removing the shards written so far.
 """
@@ -36,6 +38,9 @@ flags.DEFINE_integer("num_categorical", 26, "Categorical columns per line (with 
                      "its open_source.num_categorical, else its feature count, unless given).")
 flags.DEFINE_integer("num_dense", 13, "Integer columns per line (with --gin_file: the config's "
                      "ExperimentConfig.num_dense unless given).")
+flags.DEFINE_string("dense_transform", "log", "Dense values: 'log' (raw integer counts, "
+                    "stored as log(1 + max(x, 0))) or 'none' (floats, stored as written); "
+                    "with --gin_file: its open_source.dense_transform unless given.")
 flags.DEFINE_multi_string("gin_file", [], "Gin config(s) binding `uniform_tables`.")
 flags.DEFINE_multi_string("gin_bindings", [], "Extra gin bindings.")
 flags.DEFINE_enum("bad_rows", "error", ["error", "skip"], "Malformed rows: stop or skip.")
@@ -126,6 +131,20 @@ def _num_categorical(features) -> int:
   return n
 
 
+def _dense_transform() -> str:
+  """`--dense_transform` > gin's `open_source.dense_transform` (what training reads that
+  TSV with, and is checked against the manifest's) > `log`; an unknown name is an error
+  naming where it came from."""
+  from jaxrec import launch
+  from jaxrec.data.source import check_dense_transform
+  if FLAGS["dense_transform"].present or not (FLAGS.gin_file or FLAGS.gin_bindings):
+    return check_dense_transform(FLAGS.dense_transform, "--dense_transform")
+  value = launch.bound_value("open_source.dense_transform")
+  if value is None:   # not bound
+    return FLAGS["dense_transform"].default
+  return check_dense_transform(value, "open_source.dense_transform")
+
+
 def _check_paths() -> None:
   """The output directory must not be the one holding input files (it would become a
   dataset directory, its TSV files unread)."""
@@ -180,7 +199,8 @@ def main(argv):
     m = binary_write.preprocess(FLAGS.input, FLAGS.output, features, tables, FLAGS.bad_rows,
                           num_dense=num_dense, num_categorical=_num_categorical(features),
                           shard_examples=FLAGS.shard_examples,
-                          columns_from=_columns_from(dense_from))
+                          columns_from=_columns_from(dense_from),
+                          dense_transform=_dense_transform())
   except JaxrecError as e:
     print(f"error: {user_message(e)}", file=sys.stderr)
     sys.exit(1)

@@ -8,7 +8,9 @@ writes
                             ids i4[max_len] (-1 = absent slot) and, if weighted,
                             weights f4[max_len]; ids are already reduced `% rows`.
   DIR/manifest.json         {"format": "jaxrec.binary", "version": 1, "num_examples",
-                            "num_dense", "record_bytes", "features": [{name, table, rows,
+                            "num_dense", "dense_transform" ("log" | "none": how the TSV's
+                            dense values were read; absent, from before it was recorded:
+                            "log"), "record_bytes", "features": [{name, table, rows,
                             max_len, weighted}], "shards": [{file, num_examples, bytes,
                             sha256}], "bad_rows": {input path: rows skipped}}
 
@@ -17,7 +19,8 @@ The manifest is written last (atomically), so a directory without one is not a d
 Readers memory-map the shards: example `i` is one fixed-size read, so any permutation is
 cheap and each process touches only the examples it takes. On open the reader checks the
 manifest against the configured features (count, bag sizes, weights, row counts; a feature
-stored one-hot cannot be read multi-hot: their empty fields differ), that each shard
+stored one-hot cannot be read multi-hot: their empty fields differ), that the configured
+dense transform is the one the data was preprocessed with, that each shard
 `file` is a name inside DIR (not a path), and each shard's size and sha256; any mismatch
 raises `DataError`. A shard whose sha256 matched is recorded in `DIR/.verified.json` with
 its size, mtime and inode, and later opens skip hashing it while those are unchanged
@@ -38,7 +41,7 @@ import numpy as np
 
 from jaxrec.data import file_limit
 from jaxrec.data.batch import Batch
-from jaxrec.data.source import GrainMixin, Layout
+from jaxrec.data.source import DENSE_TRANSFORMS, GrainMixin, Layout
 from jaxrec.errors import DataError
 from jaxrec.files import write_text_atomic
 
@@ -169,6 +172,9 @@ def read_manifest(directory: str) -> dict:
     raise DataError(f"{path}: format version {m.get('version')}, this reader reads {VERSION}")
   try:
     _check_kinds(m)
+    if stored_transform(m) not in DENSE_TRANSFORMS:
+      raise DataError(f"{path}: dense_transform is {json.dumps(m['dense_transform'])}, not "
+                      f"one of {', '.join(map(json.dumps, DENSE_TRANSFORMS))}")
     for f in m["features"]:   # before the record layout: -1 failed in numpy, unnamed
       if int(f["max_len"]) <= 0:
         raise DataError(f"{path}: feature {f['name']}: max_len is {f['max_len']}, must be "
@@ -203,6 +209,12 @@ def read_manifest(directory: str) -> dict:
   except (KeyError, TypeError, ValueError) as e:
     raise DataError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
   return m
+
+
+def stored_transform(m: dict):
+  """The dense transform a manifest records; "log" for one from before it was recorded
+  (only log existed then)."""
+  return m.get("dense_transform", "log")
 
 
 def _check_kinds(m: dict) -> None:
@@ -276,6 +288,14 @@ class BinarySource(GrainMixin):
     if int(m["num_dense"]) != layout.num_dense:
       raise DataError(f"{where}: the data has {m['num_dense']} dense features but "
                       f"{layout.num_dense} are configured")
+    stored = stored_transform(m)
+    if stored != layout.dense_transform:   # a model trained on other inputs than configured
+      raise DataError(
+          f"{where}: the data's dense values were preprocessed with dense_transform "
+          f"'{stored}' but this run is configured with open_source.dense_transform = "
+          f"'{layout.dense_transform}'; bind open_source.dense_transform = '{stored}' "
+          f"(gin) to train on this data, or re-run scripts/preprocess.py with "
+          f"--dense_transform={layout.dense_transform}")
     self._reduce = []
     for f, name, ml, w, rows, table in zip(feats, layout.names, layout.max_lens,
                                            layout.weighted, layout.rows, layout.tables):
