@@ -3,7 +3,10 @@
   .venv/bin/python benchmarks/input_pipeline.py [--trainer_examples_per_sec=X |
                                                  --trainer_metrics=W/metrics.jsonl]
 
-Prints one JSON line per result (`"benchmark": "input_pipeline"`). The `binary` line holds
+Prints one JSON line per result (`"benchmark": "input_pipeline"`). TSV parsing is timed
+twice: integer counts (`"dense_transform": "log"`) and the same examples' dense values
+written as floats (`%.7g`, `"none"`); `--dense_transform` picks the file preprocessed and
+read from binary shards. The `binary` line holds
 `"ratio"` = binary examples/sec / trainer examples/sec with `"goal": 5` (the input
 pipeline must outrun the trainer 5x); the trainer rate comes from the flag, from the
 median `examples_per_sec` of a trainer's metrics.jsonl, or else is measured here by running
@@ -35,6 +38,8 @@ flags.DEFINE_integer("rows", 100_000, "Rows of each of the 26 tables.")
 flags.DEFINE_integer("batches", 400, "Batches per iterator measurement.")
 flags.DEFINE_integer("num_threads", 2, "grain threads.")
 flags.DEFINE_integer("prefetch", 4, "Batches prefetched.")
+flags.DEFINE_enum("dense_transform", "log", ["log", "none"], "The TSV file preprocessed for "
+                  "the preprocess and binary lines: integer counts (log) or floats (none).")
 flags.DEFINE_string("workdir", None, "Scratch directory: new, empty or of an earlier run of "
                     "this benchmark (emptied first) (default: a temp dir, removed).")
 FLAGS = flags.FLAGS
@@ -93,6 +98,27 @@ def metrics_rate(path: str, flag: str = "") -> float:
   return float(np.median(rates))
 
 
+def write_examples(path: str, block: bytes, n_block: int, n: int) -> None:
+  """`n` lines into `path`: `block` (`n_block` lines) repeated, then the lines it needs."""
+  whole, rest = divmod(n, n_block)   # --examples exactly (was rounded up to a multiple of
+  with open(path, "wb") as f:        # the 20,000-line block)
+    for _ in range(whole):
+      f.write(block)
+    if rest:
+      f.write(b"".join(block.splitlines(keepends=True)[:rest]))
+
+
+def float_block(block: bytes, parsed) -> bytes:
+  """TSV lines `block` with their dense columns replaced by the values `parsed` from them
+  (`log(1 + x)`), written as floats (`%.7g`; 0 as an empty field, as the integers' 0)."""
+  lines = []
+  for line, dense in zip(block.splitlines(), parsed.examples.dense.tolist()):
+    cols = line.split(b"\t")
+    vals = [b"" if v == 0 else b"%.7g" % v for v in dense]
+    lines.append(b"\t".join(cols[:1] + vals + cols[1 + len(dense):]))
+  return b"\n".join(lines) + b"\n"
+
+
 def iterator_rate(it) -> float:
   for _ in range(5):  # warm up threads and page cache
     next(it)
@@ -120,7 +146,8 @@ def _check_flags() -> None:
   if FLAGS.workdir is not None:   # a file, no parent or its own output: a traceback later
     # an earlier run's outputs go, not its trainer/ when --trainer_metrics (often its
     # trainer/metrics.jsonl) stands in for the trainer run
-    own_dir(error, "workdir", FLAGS.workdir, MARKER, ("train.tsv", "block.tsv", "bin") + (
+    own_dir(error, "workdir", FLAGS.workdir, MARKER, ("train.tsv", "block.tsv", "bin",
+                                                      "floats.tsv", "floats_block.tsv") + (
         () if FLAGS.trainer_metrics or FLAGS.trainer_examples_per_sec else ("trainer",)))
 
 
@@ -136,35 +163,34 @@ def main(argv):
   emit(source="synthetic", examples_per_sec=round(iterator_rate(it)), **common)
 
   with scratch_dir(FLAGS.workdir, "jaxrec_bench_") as work:   # a temp dir: gone on any exit
-    layout = make_layout(features, {t.name: t.rows for t in tables})
-    path = os.path.join(work, "train.tsv")
+    rows = {t.name: t.rows for t in tables}
+    layouts = {d: make_layout(features, rows, dense_transform=d) for d in ("log", "none")}
     block = os.path.join(work, "block.tsv")
     n_block = min(20_000, FLAGS.examples)
-    synthetic.write_tsv(block, synthetic.SyntheticSource(layout, seed=0), n_block)
-    data = open(block, "rb").read()
-    whole, rest = divmod(FLAGS.examples, n_block)   # --examples exactly (was rounded up to
-    with open(path, "wb") as f:                      # a multiple of the 20,000-line block)
-      for _ in range(whole):
-        f.write(data)
-      if rest:
-        f.write(b"".join(data.splitlines(keepends=True)[:rest]))
+    synthetic.write_tsv(block, synthetic.SyntheticSource(layouts["log"], seed=0), n_block)
+    blocks = {"log": open(block, "rb").read()}
+    blocks["none"] = float_block(blocks["log"], tsv.read_tsv([block], layouts["log"]))
     n = FLAGS.examples
-    size = os.path.getsize(path)
-
-    start = time.perf_counter()
-    src = tsv.read_tsv([path], layout)
-    dt = time.perf_counter() - start
-    assert src.num_examples == n
-    emit(source="tsv_parse", examples_per_sec=round(n / dt), mb_per_sec=round(size / dt / 1e6, 1),
-         examples=n)
+    paths = {"log": os.path.join(work, "train.tsv"), "none": os.path.join(work, "floats.tsv")}
+    for transform, path in paths.items():
+      write_examples(path, blocks[transform], n_block, n)
+      size = os.path.getsize(path)
+      start = time.perf_counter()
+      src = tsv.read_tsv([path], layouts[transform])
+      dt = time.perf_counter() - start
+      assert src.num_examples == n
+      del src
+      emit(source="tsv_parse", dense_transform=transform, examples_per_sec=round(n / dt),
+           mb_per_sec=round(size / dt / 1e6, 1), examples=n)
 
     out = os.path.join(work, "bin")
     start = time.perf_counter()
-    binary_write.write([path], out, layout)
-    emit(source="preprocess", examples_per_sec=round(n / (time.perf_counter() - start)),
-         examples=n)
+    binary_write.write([paths[FLAGS.dense_transform]], out, layouts[FLAGS.dense_transform])
+    emit(source="preprocess", dense_transform=FLAGS.dense_transform,
+         examples_per_sec=round(n / (time.perf_counter() - start)), examples=n)
 
-    it = pipeline.make_train_iterator(out, features, tables, FLAGS.batch_size, **kw)
+    it = pipeline.TrainIterator(pipeline.open_source(
+        out, features, tables, dense_transform=FLAGS.dense_transform), FLAGS.batch_size, **kw)
     rate = iterator_rate(it)
     trainer, origin = trainer_rate(work)
     line = dict(source="binary", examples_per_sec=round(rate), shuffle=True, **common)
