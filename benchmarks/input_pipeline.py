@@ -5,7 +5,7 @@
 
 Prints one JSON line per result (`"benchmark": "input_pipeline"`). TSV parsing is timed
 twice: integer counts (`"dense_transform": "log"`) and the same examples' dense values
-written as floats (`%.7g`, `"none"`); `--dense_transform` picks the file preprocessed and
+written as floats (`%.9g`, `"none"`); `--dense_transform` picks the file preprocessed and
 read from binary shards. The `binary` line holds
 `"ratio"` = binary examples/sec / trainer examples/sec with `"goal": 5` (the input
 pipeline must outrun the trainer 5x); the trainer rate comes from the flag, from the
@@ -108,17 +108,6 @@ def write_examples(path: str, block: bytes, n_block: int, n: int) -> None:
       f.write(b"".join(block.splitlines(keepends=True)[:rest]))
 
 
-def float_block(block: bytes, parsed) -> bytes:
-  """TSV lines `block` with their dense columns replaced by the values `parsed` from them
-  (`log(1 + x)`), written as floats (`%.7g`; 0 as an empty field, as the integers' 0)."""
-  lines = []
-  for line, dense in zip(block.splitlines(), parsed.examples.dense.tolist()):
-    cols = line.split(b"\t")
-    vals = [b"" if v == 0 else b"%.7g" % v for v in dense]
-    lines.append(b"\t".join(cols[:1] + vals + cols[1 + len(dense):]))
-  return b"\n".join(lines) + b"\n"
-
-
 def iterator_rate(it) -> float:
   for _ in range(5):  # warm up threads and page cache
     next(it)
@@ -165,11 +154,13 @@ def main(argv):
   with scratch_dir(FLAGS.workdir, "jaxrec_bench_") as work:   # a temp dir: gone on any exit
     rows = {t.name: t.rows for t in tables}
     layouts = {d: make_layout(features, rows, dense_transform=d) for d in ("log", "none")}
-    block = os.path.join(work, "block.tsv")
     n_block = min(20_000, FLAGS.examples)
-    synthetic.write_tsv(block, synthetic.SyntheticSource(layouts["log"], seed=0), n_block)
-    blocks = {"log": open(block, "rb").read()}
-    blocks["none"] = float_block(blocks["log"], tsv.read_tsv([block], layouts["log"]))
+    blocks = {}
+    for transform, name in (("log", "block.tsv"), ("none", "floats_block.tsv")):
+      block = os.path.join(work, name)   # the same examples: counts, or floats (`%.9g`)
+      synthetic.write_tsv(block, synthetic.SyntheticSource(layouts[transform], seed=0),
+                          n_block)
+      blocks[transform] = open(block, "rb").read()
     n = FLAGS.examples
     paths = {"log": os.path.join(work, "train.tsv"), "none": os.path.join(work, "floats.tsv")}
     for transform, path in paths.items():

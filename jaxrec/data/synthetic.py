@@ -263,9 +263,10 @@ def write_tsv(path: str, src: SyntheticSource, num_examples: int, start: int = 0
               compress: bool = False) -> None:
   """Writes examples `[start, start + num_examples)` of `src` as Criteo TSV (see `tsv`).
 
-  Dense values are written as the integer counts, ids as hex, multi-hot bags as
-  `,`-separated lists and weights as `id:weight`, so reading the file back with the same
-  layout reproduces `src.gather` exactly.
+  Dense values are written as the integer counts (with a layout of `dense_transform`
+  "none": as the floats `gather` gives, `%.9g`, which float32 reads back exactly), ids as
+  hex, multi-hot bags as `,`-separated lists and weights as `id:weight`, so reading the
+  file back with the same layout reproduces `src.gather` exactly.
   """
   lay = src.layout
   lines = []
@@ -275,8 +276,13 @@ def write_tsv(path: str, src: SyntheticSource, num_examples: int, start: int = 0
     counts = np.rint(np.expm1(dense)).astype(np.int64)
     b = src.gather(idx)
     cols = [b.labels.astype(np.int64).astype(str)]
-    cols += [np.where(counts[:, j] == 0, "", counts[:, j].astype(str))
-             for j in range(lay.num_dense)]
+    if lay.dense_transform == "none":
+      as_float = dense.astype(np.float32)
+      cols += [np.array(["" if v == 0 else f"{v:.9g}" for v in as_float[:, j].tolist()],
+                        dtype=object) for j in range(lay.num_dense)]
+    else:
+      cols += [np.where(counts[:, j] == 0, "", counts[:, j].astype(str))
+               for j in range(lay.num_dense)]
     for name, weighted in zip(lay.names, lay.weighted):
       ids = b.ids[name]
       w = b.weights.get(name)

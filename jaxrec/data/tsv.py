@@ -325,8 +325,9 @@ class Parser:
     else:
       label = ("a label column first (read without --noeval_labels)? or "
                if counts[0] == self.num_columns else "")
+    kind = "integer" if self.layout.dense_transform == "log" else "dense"
     return (f", as do all {len(counts)} lines read with it: {label}{counts[0] - first} "
-            f"categorical columns after the {nd} integer ones? "
+            f"categorical columns after the {nd} {kind} ones? "
             + self.columns_from.format(n=nf, nd=nd))
 
   def _parse_fields(self, a, delim, m):

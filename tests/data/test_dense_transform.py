@@ -9,7 +9,7 @@ import pytest
 
 import data_testlib as lib
 from jaxrec import launch
-from jaxrec.data import binary, binary_write, pipeline, tsv, tsv_floats
+from jaxrec.data import binary, binary_write, pipeline, synthetic, tsv, tsv_floats
 from jaxrec.data.source import make_layout
 from jaxrec.errors import ConfigError, DataError
 from tests.scripts.in_process import run_script
@@ -43,6 +43,17 @@ def test_integers_read_the_same_either_way_but_log(tsv_file):
   np.testing.assert_array_equal(none[1, :3], [0, -4, 0])
   np.testing.assert_array_equal(log, np.log1p(np.maximum(none, 0).astype(np.float64))
                                 .astype(np.float32))
+
+
+def test_synthetic_data_written_as_floats_reads_back_exactly(tmp_path):
+  """`synthetic.write_tsv` with a `none` layout writes the floats `gather` gives (it wrote
+  the integer counts, read back under `none` without their log)."""
+  src = synthetic.SyntheticSource(NONE, seed=3)
+  path = str(tmp_path / "f.tsv")
+  synthetic.write_tsv(path, src, 300)
+  got = tsv.read_tsv([path], NONE).examples.dense
+  assert got.tobytes() == src.gather(np.arange(300)).dense.tobytes()
+  assert b"." in open(path, "rb").read().split(b"\n")[0]
 
 
 def test_the_parser_matches_float_on_generated_values():
