@@ -25,6 +25,10 @@ from jaxrec.files import write_text_atomic
 # macro `NAME = ...`, at the start of the line; its continuation lines are indented.
 _BINDING = re.compile(r"^([A-Za-z_][\w./]*)\s*=\s?(.*)$")
 SHOWN = 6   # changed bindings a warning lists
+# Parameters added after checkpoints were written, at the value every run had before them:
+# a resume of such a checkpoint listed `open_source.dense_transform: (unbound) -> 'log'`
+# as a change and kept a config-until-<step>.gin for it.
+ADDED_DEFAULTS = {"open_source.dense_transform": "'log'"}
 CALLED_SHOWN = 4   # bindings of a configurable called on one side only, listed in its entry
 
 
@@ -97,6 +101,10 @@ def changed(before: str, after: str) -> list[str]:
   (beta = 1.0, ..., +2 more)`): switching `sparse_optimizer` to `@FTRL()` listed each of
   FTRL's defaults as a change of its own, pushing the others out of the warning."""
   old, new = bindings(before), bindings(after)
+  called_before = _configurables(old)
+  for k, v in ADDED_DEFAULTS.items():
+    if k not in old and new.get(k) == v and _configurable(k) in called_before:
+      old[k] = v
   only_old = _configurables(old) - _configurables(new)
   only_new = _configurables(new) - _configurables(old)
   out, names = [], sorted(old.keys() | new.keys())

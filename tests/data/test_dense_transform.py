@@ -12,6 +12,7 @@ from jaxrec import launch
 from jaxrec.data import binary, binary_write, pipeline, synthetic, tsv, tsv_floats
 from jaxrec.data.source import make_layout
 from jaxrec.errors import ConfigError, DataError
+from jaxrec.train import config_changes
 from tests.scripts.in_process import run_script
 
 FLOATS = lib.layout()   # (log)
@@ -230,3 +231,16 @@ def test_a_bad_gin_binding_is_named_where_it_is_bound(tmp_path, tsv_file):
       f"error: --gin_file: {config}:7: open_source.dense_transform must be one of 'log', "
       "'none' ('log': raw integer counts, read as log(1 + max(x, 0)); 'none': floats, read "
       "as written), got 'sqrt'"), r.stderr
+
+
+def test_a_resume_of_a_run_from_before_the_binding_is_no_change():
+  """Runs before it read TSV as 'log' and their config.gin has no such line: not a change
+  at a resume (it listed `(unbound) -> 'log'` and kept a config-until-<step>.gin)."""
+  before = "open_source.num_categorical = 26\nopen_source.verify_checksums = True\n"
+  log = before + "open_source.dense_transform = 'log'\n"
+  assert config_changes.changed(before, log) == []
+  assert config_changes.changed(before, log.replace("'log'", "'none'")) == [
+      "open_source.dense_transform: (unbound) -> 'none'"]
+  assert config_changes.changed("DLRM.dim = 8\n", "DLRM.dim = 8\n" + log) == [
+      "open_source: (not called) -> called (dense_transform = 'log', num_categorical = 26, "
+      "verify_checksums = True)"]
