@@ -46,9 +46,9 @@ import numpy as np
 from absl import logging
 
 from jaxrec import signals
+from jaxrec.data import tsv_floats
 from jaxrec.data.batch import Batch, concatenate
 from jaxrec.data.listing import list_files  # noqa: F401 (the readers' entry point)
-from jaxrec.data import tsv_floats
 from jaxrec.data.source import ArraySource, Layout, empty_batch
 from jaxrec.data.tsv_messages import REASONS, dense_hint, shown, value_hint
 from jaxrec.errors import ConfigError, DataError, counted
