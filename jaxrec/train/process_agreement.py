@@ -20,10 +20,11 @@ from jax.experimental import multihost_utils
 
 from jaxrec.errors import ConfigError, DataError
 
-# RunOptions fields every process must share (`progress` is each terminal's own)
+# RunOptions fields every process must share (`progress` is each terminal's own;
+# `predictions`, the path process 0 writes the scores to, is process 0's)
 SHARED = ("num_steps", "mesh", "plan", "train_data", "eval_data", "log_every", "eval_every",
           "checkpoint_every", "keep_checkpoints", "seed", "on_nan", "bad_rows",
-          "memory_per_device")
+          "memory_per_device", "eval_labels")
 GIN = "gin bindings (--gin_file, --gin_bindings)"
 LINE_BUCKETS = 4096   # gin config lines hashed into buckets, to name the ones that differ
 
