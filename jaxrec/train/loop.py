@@ -22,21 +22,19 @@ from jaxrec.data import pipeline
 from jaxrec.embedding import optimizers as sparse_optimizers
 from jaxrec.embedding.collection import EmbeddingCollection
 from jaxrec.errors import ConfigError, DataError, JaxrecError, OutputError
-from jaxrec.files import workdir_lock, write_text_atomic
+from jaxrec.files import workdir_lock
 from jaxrec.kernels import platform
 from jaxrec.models import bf16_hardware, item_frequency
-from jaxrec import (elastic, files, gin_usage, offload, planner, schedules, signals,
-                    workdir_layout)
+from jaxrec import elastic, files, offload, planner, schedules, signals, workdir_layout
 from jaxrec.offload import snapshots as snapshots_lib, telemetry
 from jaxrec.sharding import mesh as mesh_lib
 from jaxrec.planner.result import format_bytes
 from jaxrec.sharding.plan import Plan, uniform_plan
 from jaxrec.train import budget_hint, config_changes, config_gin, data_adapter, mesh_choice
-from jaxrec.train.config import config_gin_header
 from jaxrec.train import state as state_lib
 from jaxrec.train import step as step_lib
-from jaxrec.train import predictions, process_agreement, step_memory, termination
-from jaxrec.train import workdir_checks
+from jaxrec.train import (predictions, process_agreement, run_records, step_memory,
+                          termination, workdir_checks)
 from jaxrec.train.evaluation import EvalStopped, evaluate, owed as eval_owed
 from jaxrec.train.evaluation import stop_check as eval_stop
 from jaxrec.train.config import ExperimentConfig, RunOptions
@@ -126,35 +124,6 @@ def train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: s
       elastic.check_not_launched(workdir)
     with workdir_lock(workdir):
       return _train_and_evaluate(config, options, workdir, terminated)
-
-
-def _write_run_records(workdir: str, operative_gin: str, plan_result, trains: bool,
-                       options: RunOptions, unwritten: Sequence[str] = (),
-                       resumed: str | None = None) -> None:
-  """Warns about unused gin bindings and writes `config.gin` and `plan.json`. Every
-  configurable of the run has been called by now; a run that only evaluates opens no
-  training data, and keeps the config.gin and plan.json of the run that trained (with its
-  data pipeline's settings), unless there are none. A file it cannot write (e.g. an immutable
-  one: the directory was checked) is a ConfigError naming it. `resumed`: config.gin's
-  header line for a resume with another config (`config_changes.note`)."""
-  unused = gin_usage.warning(not_called=() if trains else ("make_train_iterator",))
-  if unused:
-    log.warning("%s", unused)
-    elastic.report_warning(unused)   # under launch.py: on its stderr, not only 0.log
-  # whole or not at all: `--plan=W/plan.json` reads it back on the next start; like
-  # config.gin, the plan of the run that trained is kept by one that only evaluates
-  header = config_gin_header(options, unwritten)
-  if resumed:   # in place of its "Rerun it with ..." lines: this file alone does not
-    header = header.split("\n")[0] + "\n" + resumed + "\n"
-  for name, text in (("config.gin", lambda: header + operative_gin),
-                     ("plan.json", lambda: plan_result.dumps())):
-    path = os.path.join(workdir, name)
-    if not trains and os.path.exists(path):
-      continue
-    try:
-      write_text_atomic(path, text())
-    except OSError as e:   # a full disk's ENOSPC from write() names no file
-      raise ConfigError(f"--workdir: cannot write {path}: {e.strerror or e}") from None
 
 
 def _check_item_freq_batch(restored, batch_size: int) -> None:
@@ -363,9 +332,9 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       if restored is not None and train_it is not None:
         resumed = config_changes.note(workdir, start, (restored.meta or {}).get("gin"),
                                       operative_gin)
-      _write_run_records(workdir, operative_gin, info["plan_result"],
-                         trains=train_it is not None, options=options, unwritten=unwritten,
-                         resumed=resumed)
+      run_records.write(workdir, operative_gin, info["plan_result"],
+                        trains=train_it is not None, options=options, unwritten=unwritten,
+                        resumed=resumed)
   except BaseException:
     if tier is not None:
       tier.close(refused=True)

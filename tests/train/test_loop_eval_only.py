@@ -11,7 +11,7 @@ import pytest
 from jaxrec import launch
 from jaxrec.errors import ConfigError
 from jaxrec.schedules import lr_schedule
-from jaxrec.train import config as config_lib, data_adapter, loop
+from jaxrec.train import config as config_lib, data_adapter, loop, run_records
 from tests.train.test_loop_eval_ids import BINDINGS   # a small DLRM on 8 devices
 from tests.train.test_mesh_choice import CONFIG   # a small DLRM, batch_size 64
 from tests.train.test_writers import tb_scalars
@@ -133,14 +133,14 @@ def test_an_evaluate_only_run_keeps_the_training_plan_json(tmp_path):
 
     def dumps(self):   # PlanResult.dumps: the text of plan.json
       return json.dumps({"kind": self.kind}, indent=2, sort_keys=True)
-  loop._write_run_records(str(tmp_path), "a = 1\n", Result("grid"), trains=True, options=config_lib.RunOptions())
-  loop._write_run_records(str(tmp_path), "a = 2\n", Result("tw"), trains=False, options=config_lib.RunOptions())
+  run_records.write(str(tmp_path), "a = 1\n", Result("grid"), trains=True, options=config_lib.RunOptions())
+  run_records.write(str(tmp_path), "a = 2\n", Result("tw"), trains=False, options=config_lib.RunOptions())
   assert json.loads((tmp_path / "plan.json").read_text()) == {"kind": "grid"}
   assert (tmp_path / "config.gin").read_text().endswith("\na = 1\n")
   (tmp_path / "plan.json").unlink()   # none yet: the evaluating run's is written
-  loop._write_run_records(str(tmp_path), "a = 2\n", Result("tw"), trains=False, options=config_lib.RunOptions())
+  run_records.write(str(tmp_path), "a = 2\n", Result("tw"), trains=False, options=config_lib.RunOptions())
   assert json.loads((tmp_path / "plan.json").read_text()) == {"kind": "tw"}
-  loop._write_run_records(str(tmp_path), "a = 3\n", Result("rw"), trains=True, options=config_lib.RunOptions())
+  run_records.write(str(tmp_path), "a = 3\n", Result("rw"), trains=True, options=config_lib.RunOptions())
   assert json.loads((tmp_path / "plan.json").read_text()) == {"kind": "rw"}
 
 
@@ -150,10 +150,10 @@ def test_a_full_disk_writing_the_run_records_names_the_file(tmp_path, monkeypatc
 
   def full(path, text):
     raise OSError(errno.ENOSPC, "No space left on device")
-  monkeypatch.setattr(loop, "write_text_atomic", full)
+  monkeypatch.setattr(run_records, "write_text_atomic", full)
   with pytest.raises(ConfigError, match=rf"^--workdir: cannot write {tmp_path}/config.gin: "
                      r"No space left on device$"):
-    loop._write_run_records(str(tmp_path), "a = 1\n", None, trains=True, options=config_lib.RunOptions())
+    run_records.write(str(tmp_path), "a = 1\n", None, trains=True, options=config_lib.RunOptions())
 
 
 def test_a_resume_with_another_dense_optimizer_says_what_to_bind(tmp_path):
