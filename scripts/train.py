@@ -73,6 +73,13 @@ flags.DEFINE_string("predictions", None, "Write the final eval's per-example sco
 flags.DEFINE_bool("eval_labels", True, "The eval data's lines start with a label. "
                   "--noeval_labels: TSV files without the label column (Criteo's test.txt), "
                   "scored only: the eval writes --predictions and no metrics.")
+flags.DEFINE_string("early_stop_metric", "", "Stop when this eval metric (eval_auc, "
+                    "eval_logloss, eval_ne, eval_recall_at_<k>, eval_mrr) has not improved for "
+                    "--early_stop_patience evals, keeping the best step's checkpoint; needs "
+                    "--eval_every > 0. Empty: off.")
+flags.DEFINE_integer("early_stop_patience", 3, "Evals without improvement before an early stop.")
+flags.DEFINE_float("early_stop_min_delta", 0.0, "Least change of --early_stop_metric that "
+                   "counts as an improvement.")
 flags.DEFINE_bool("progress", True, "Show a progress bar when stderr is a terminal.")
 flags.DEFINE_string("compilation_cache", None, "Directory of jax's persistent compilation "
                     "cache (a restart skips compiling), or 'none'; default "
@@ -121,7 +128,10 @@ def main(argv):
         bad_rows=FLAGS.bad_rows,
         memory_per_device=config_lib.parse_bytes(FLAGS.memory_per_device, "--memory_per_device"),
         progress=FLAGS.progress, predictions=FLAGS.predictions,
-        eval_labels=FLAGS.eval_labels)
+        eval_labels=FLAGS.eval_labels,
+        early_stop_metric=FLAGS.early_stop_metric or None,
+        early_stop_patience=FLAGS.early_stop_patience,
+        early_stop_min_delta=FLAGS.early_stop_min_delta)
     options.validate()
     workdir_checks.check_workdir(FLAGS.workdir)
     # --train_data/--eval_data as bindings too: W/config.gin names the data the run used

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as preservation
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
@@ -128,6 +129,17 @@ def _jsonable(x):
   return x
 
 
+class _Protected:
+  """Orbax preservation policy: the steps in `steps` (`CheckpointManager.protect`)."""
+
+  def __init__(self):
+    self.steps: frozenset = frozenset()
+
+  def should_preserve(self, checkpoints, *, context):  # pylint: disable=unused-argument
+    steps = self.steps   # one read: `protect` may replace it from another thread
+    return [info.step in steps for info in checkpoints]
+
+
 # max_to_keep / save_every: the trainer passes --keep_checkpoints / --checkpoint_every, so a
 # binding of them would never apply
 @gin.configurable(denylist=["directory", "read_only", "max_to_keep", "save_every"])
@@ -171,8 +183,12 @@ class CheckpointManager:
     self._failed_save: int | None = None   # a save whose `CheckpointError` was raised
     self.restore_warnings: list[str] = []   # steps restores skipped, for launch.py's stderr
     self._threads_at_save: set = set()   # threads before it (`futures_lib.join_threads`)
+    # the newest `max_to_keep`, and the steps `protect` names (early stopping's best)
+    self._protected = _Protected()
+    keep = None if read_only or max_to_keep is None else preservation.AnyPreservationPolicy(
+        [preservation.LatestN(n=max_to_keep), self._protected])
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=None if read_only else max_to_keep,
+        preservation_policy=keep,
         save_interval_steps=0 if read_only else 1, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=not read_only, read_only=read_only, create=not read_only,
         save_root_metadata=not read_only)
@@ -190,6 +206,12 @@ class CheckpointManager:
     """Step directories present now, ascending: committed ones, including those a save in
     flight will rotate out when it commits (`all_steps` already leaves them out)."""
     return steps_lib.step_dirs(self.directory)
+
+  def protect(self, steps) -> None:
+    """Keeps checkpoints `steps` (those saved, and those saved later) past `max_to_keep`,
+    in place of the steps an earlier call named (early stopping's best step; `()`: none).
+    Rotation decides when a save starts: a step dropped here goes at the next save."""
+    self._protected.steps = frozenset(int(s) for s in steps)
 
   def latest_step(self) -> int | None:
     steps = self.all_steps()

@@ -29,6 +29,7 @@ from jaxrec.embedding import optimizers as sparse_optimizers
 from jaxrec.embedding.specs import (FeatureSpec, TableSpec, bound_field, feature_dims, flag,
                                    is_whole, mixed_dims, validate)
 from jaxrec import gin_usage
+from jaxrec.train import early_stop
 from jaxrec.errors import ConfigError
 from jaxrec.kernels import quant
 from jaxrec.kernels.optim import NONNEG, POSITIVE, UNIT, hparam
@@ -418,6 +419,9 @@ class RunOptions:
   progress: bool = True
   predictions: str | None = None   # the final eval's per-example scores (`predictions.py`)
   eval_labels: bool = True   # False: eval TSV files without labels, scored (--predictions) only
+  early_stop_metric: str | None = None   # `early_stop`: None or "" is off
+  early_stop_patience: int = 3
+  early_stop_min_delta: float = 0.0
 
   def most_checkpoints_kept(self) -> int:
     """The most checkpoints this run can keep at once: `keep_checkpoints`, or the saves
@@ -452,6 +456,7 @@ class RunOptions:
     if not self.eval_labels and self.predictions is None:
       raise ConfigError("--noeval_labels: eval data without labels gives no metrics, only "
                         "each example's score: add --predictions=PATH to write them")
+    early_stop.check_options(self)
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -522,6 +527,11 @@ def config_gin_header(options: RunOptions, unwritten: Sequence[str] = ()) -> str
   `config_gin.recorded`): then the file does not rerun the run, and says so."""
   flags = (f"--seed={options.seed} --num_steps={options.num_steps} "
            f"--bad_rows={options.bad_rows} --on_nan={options.on_nan}")
+  if options.early_stop_metric:   # where it stopped: the evals it watched decided
+    flags += (f" --eval_every={options.eval_every} "
+              f"--early_stop_metric={options.early_stop_metric} "
+              f"--early_stop_patience={options.early_stop_patience} "
+              f"--early_stop_min_delta={options.early_stop_min_delta:g}")
   if unwritten:
     return (f"# The operative config of a jaxrec run, which had {flags}.\n"
             "# Its ExperimentConfig was given in Python, and this file lacks what gin cannot "

@@ -30,7 +30,8 @@ from jaxrec.offload import snapshots as snapshots_lib, telemetry
 from jaxrec.sharding import mesh as mesh_lib
 from jaxrec.planner.result import format_bytes
 from jaxrec.sharding.plan import Plan, uniform_plan
-from jaxrec.train import budget_hint, config_changes, config_gin, data_adapter, mesh_choice
+from jaxrec.train import (budget_hint, config_changes, config_gin, data_adapter, early_stop,
+                          mesh_choice)
 from jaxrec.train import state as state_lib
 from jaxrec.train import step as step_lib
 from jaxrec.train import (predictions, process_agreement, run_records, step_memory,
@@ -65,6 +66,7 @@ def setup(config: ExperimentConfig, options: RunOptions, devices=None, workdir=N
   if config.batch_size % len(devices):   # evaluates only: plan for the batch that runs
     config = dataclasses.replace(config, batch_size=config.eval_batch_size)
   state_lib.check_model(config)   # bindings that need the input shapes: before the planner
+  early_stop.check_model(options.early_stop_metric, config.model)
   slow_bf16 = bf16_hardware.slow_bf16_warning(config.model, jax.default_backend())
   if slow_bf16:
     log.warning("%s", slow_bf16)
@@ -348,7 +350,9 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   bsharding = mesh_lib.batch_sharding(mesh)
   writer = MetricsWriter(workdir, enabled=is_main, purge_step=start + 1)   # TB: after `start`
   progress = Progress(options.num_steps, start, enabled=None if options.progress else False)
-  finished = start >= options.num_steps   # e.g. `make train` run again: evaluate only
+  stopper = early_stop.EarlyStop.of(options, ckpt)   # its state at `start`: metrics.jsonl's
+  stopper.restore(writer.path if is_main else None, start)
+  finished = start >= options.num_steps or stopper.stopped   # run again: evaluate only
   if restored is not None and not finished:
     writer.write(start, {"event": "resume", "checkpoint_step": start})
   elif restored is None and writer.had_records:   # a run killed before its first save:
@@ -374,8 +378,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     step, sigterm, eval_stopped = start, False, False
     dense_behind = schedules.dense_steps_behind(state)   # an import's dense state is fresh
     if finished:   # the resume line carries the evaluation (maybe of other --eval_data)
-      log.info("already trained to step %d (--num_steps=%d): evaluating that checkpoint",
-               start, options.num_steps)
+      log.info("%s", stopper.rerun_note(start) if stopper.stopped else f"already trained to "
+               f"step {start} (--num_steps={options.num_steps}): evaluating that checkpoint")
       if restored is not None:   # a synthetic eval set is the seed's
         data_adapter.warn_eval_seed(config, options, restored.meta)
       metrics, state = evaluate(eval_step, collection, state, eval_data, bsharding, tier,
@@ -394,8 +398,9 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
                                 model=config.model)
       writer.write(start, dict(metrics, **data_adapter.bad_row_metrics(eval_data)),
                    data_adapter.bad_row_scalars(eval=eval_data))
+      stopper.observe(start, metrics, writer)
     tier_window = None if tier is None else telemetry.WindowStats(tier, step)
-    while step < options.num_steps:
+    while step < options.num_steps and not stopper.stopped:
       signals.check()   # Ctrl-C (deferred by scripts/train.py): between steps, not mid-compile
       if terminated is not None:   # SIGTERM from now on: a checkpoint after the step
         terminated.training()
@@ -433,6 +438,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       is_log = step % options.log_every == 0 or done or stop
       is_eval = bool(options.eval_every and step % options.eval_every == 0) or done
       is_ckpt = done or stop or (options.checkpoint_every and step % options.checkpoint_every == 0)
+      is_ckpt = is_ckpt or (is_eval and stopper.metric is not None)   # each may be the best
       if not (is_log or is_eval or is_ckpt):
         continue
       # Waits for the window's steps: what follows (eval, checkpoint) is not training time.
@@ -467,6 +473,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
         log.warning("%s: rolled back to step %d, skipping that batch", message, step)
         writer.write(step, {"event": "nan_rollback", "bad_step": bad_step,
                             "restored_step": step, "skipped_position": bad_position})
+        stopper.restore(writer.path if is_main else None, step)
         pending, t_mark, steps_timed, paused = [], None, 0, 0.0
         continue
       record, scalars = {}, {}
@@ -495,7 +502,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
         if record:   # and the loss line before both: killed in the eval after the save
           writer.write(step, record, scalars)   # committed, the run resumed past a step
           logged, record, scalars = record, {}, {}   # that had no line
-        save_checkpoint(state, step, force=done or stop, evaluates=is_eval)
+        save_checkpoint(state, step, force=done or stop or stopper.metric is not None,
+                        evaluates=is_eval)
       if is_eval:
         try:
           metrics, state = evaluate(eval_step, collection, state, eval_data, bsharding, tier,
@@ -524,6 +532,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
           record["loss"] = float(losses.mean())
       if record:
         writer.write(step, record, scalars)
+      stopper.observe(step, record, writer)   # after the eval's line: the loop ends on a stop
       record = {**logged, **record}
       if is_log:
         progress.update(step, record["loss"], record.get("examples_per_sec"))
@@ -568,4 +577,4 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
         if failing is None:
           raise
       progress.close()
-  return last
+  return {**last, **stopper.summary()}

@@ -1,0 +1,242 @@
+"""Early stopping on an eval metric (`--early_stop_metric`, `--early_stop_patience`,
+`--early_stop_min_delta`): the run stops once the metric has not improved for `patience`
+evals in a row, as Keras' `EarlyStopping` does, and the best eval's checkpoint is kept past
+`--keep_checkpoints` (`CheckpointManager.protect`).
+
+Every eval step is then a checkpoint step, so the best step and the stopping step both have
+one. The state (best value and step, evals since it) is not stored: a resumed run (a kill
+-9, a SIGTERM, an elastic restart, a NaN rollback) replays the eval lines of
+`metrics.jsonl` up to its checkpoint's step, respecting rewinds (`writers.REWIND_EVENTS`),
+so it goes on exactly as the run that was not stopped; metrics.jsonl holds every eval value
+bit for bit (JSON floats round-trip), and an eval a killed run wrote past its checkpoint is
+not counted. Process 0 reads the file and decides; the other processes of a job take its
+state (`_agreed`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+import struct
+from typing import Any, Mapping
+
+import numpy as np
+
+from jaxrec import jsonl
+from jaxrec.errors import ConfigError
+
+log = logging.getLogger("jaxrec")
+
+EVENT = "early_stop"
+HIGHER = ("eval_auc", "eval_mrr")   # and eval_recall_at_<k>: higher is better
+LOWER = ("eval_logloss", "eval_ne")
+NAMES = "eval_auc, eval_logloss, eval_ne, eval_recall_at_<k>, eval_mrr"
+_RECALL = re.compile(r"^eval_recall_at_([0-9]+)$")
+
+
+def mode(metric: str) -> str | None:
+  """`max` or `min`: which way `metric` improves; None for a name it cannot watch."""
+  if metric in HIGHER or _RECALL.match(metric):
+    return "max"
+  return "min" if metric in LOWER else None
+
+
+def check_options(options) -> None:
+  """The flags alone (`RunOptions.validate`): a known metric with a direction, evals
+  during training to watch it, a patience of at least one eval, a finite `min_delta`."""
+  metric = options.early_stop_metric
+  if not metric:
+    return
+  if mode(metric) is None:
+    why = (": its best is 1.0, not a highest or lowest value" if metric == "eval_calibration"
+           else "")
+    raise ConfigError(f"--early_stop_metric={metric}: not a metric early stopping can watch"
+                      f"{why}; one of {NAMES}")
+  if options.eval_every <= 0:
+    raise ConfigError(f"--early_stop_metric={metric} needs --eval_every > 0 (got "
+                      f"{options.eval_every}: only the last step evaluates)")
+  if options.early_stop_patience < 1:
+    raise ConfigError(f"--early_stop_patience must be at least 1, got "
+                      f"{options.early_stop_patience}")
+  delta = options.early_stop_min_delta
+  if not math.isfinite(delta) or delta < 0:
+    raise ConfigError(f"--early_stop_min_delta must be a number >= 0, got {delta}")
+
+
+def check_model(metric: str | None, model) -> None:
+  """Before anything compiles: the retrieval metrics come from a model with towers
+  (`TwoTower`), recall only at a `k` of its `recall_at`."""
+  if not metric or metric in ("eval_auc", "eval_logloss", "eval_ne"):
+    return
+  from jaxrec.train import retrieval  # pylint: disable=import-outside-toplevel
+  name = type(model).__name__
+  if not retrieval.has_towers(model):
+    raise ConfigError(f"--early_stop_metric={metric}: the model {name} does not produce it "
+                      "(only a two-tower model's eval ranks items); its eval writes "
+                      "eval_auc, eval_logloss, eval_ne")
+  recall = _RECALL.match(metric)
+  ks = tuple(int(k) for k in model.recall_at)
+  if recall and int(recall.group(1)) not in ks:
+    raise ConfigError(f"--early_stop_metric={metric}: the model {name} writes recall at "
+                      f"{', '.join(map(str, ks)) or 'no k'} (TwoTower.recall_at); one of "
+                      + ", ".join(f"eval_recall_at_{k}" for k in ks) + ", or eval_mrr")
+
+
+def eval_history(path: str | None, metric: str, upto: int) -> list[tuple[int, float]]:
+  """`(step, value)` of each eval line of `metric` in metrics.jsonl `path` at a step up to
+  `upto`, by step: a rewind (`REWIND_EVENTS`) drops the lines before it past its step (steps
+  the run then redid), a step's later line replaces an earlier one, and `null` is NaN.
+  Event lines (an evaluate-only run's `resume`, maybe of other eval data) do not count."""
+  from jaxrec.train.writers import REWIND_EVENTS  # pylint: disable=import-outside-toplevel
+  if path is None:
+    return []
+  try:
+    lines = jsonl.complete_lines(path)
+  except FileNotFoundError:
+    return []
+  found: dict[int, float] = {}
+  for _, line in lines:
+    if f'"{metric}"' not in line and '"event"' not in line:   # most lines: not parsed
+      continue
+    try:
+      record = json.loads(line)
+      at = int(record["step"])
+    except (ValueError, KeyError, TypeError, OverflowError):
+      continue
+    if record.get("event") in REWIND_EVENTS:
+      found = {s: v for s, v in found.items() if s <= at}
+    elif "event" not in record and metric in record:
+      value = record[metric]
+      found[at] = float("nan") if value is None else float(value)
+  return sorted((s, v) for s, v in found.items() if s <= upto)
+
+
+@dataclasses.dataclass
+class EarlyStop:
+  """The decision of `--early_stop_*` (`metric` None: off; every method is then a no-op).
+  `ckpt`: the run's `CheckpointManager`, told to keep the best step (None: tests)."""
+
+  metric: str | None
+  patience: int = 3
+  min_delta: float = 0.0
+  ckpt: Any = None
+  best: float | None = None        # None: no finite value yet
+  best_step: int | None = None
+  since: int = 0                   # evals since the best (or the start) without improvement
+  stopped_at: int | None = None
+
+  @classmethod
+  def of(cls, options, ckpt=None) -> EarlyStop:
+    return cls(options.early_stop_metric or None, options.early_stop_patience,
+               float(options.early_stop_min_delta), ckpt)
+
+  @property
+  def stopped(self) -> bool:
+    return self.metric is not None and self.since >= self.patience
+
+  def improves(self, value: float) -> bool:
+    """Whether `value` beats the best by more than `min_delta` (the first finite value
+    does; NaN and inf never)."""
+    if not math.isfinite(value):
+      return False
+    if self.best is None:
+      return True
+    if mode(self.metric) == "max":
+      return value - self.min_delta > self.best
+    return value + self.min_delta < self.best
+
+  def add(self, step: int, value: float) -> bool:
+    """Counts the eval of `step`; returns whether the run stops here."""
+    if self.improves(value):
+      self.best, self.best_step, self.since = float(value), int(step), 0
+    else:
+      self.since += 1
+    if self.stopped and self.stopped_at is None:
+      self.stopped_at = int(step)
+    return self.stopped
+
+  def restore(self, metrics_path: str | None, step: int) -> None:
+    """The state of a run at `step` (a restored checkpoint's), from `metrics_path` (process
+    0's metrics.jsonl; None on the others, which take its state); keeps the best step's
+    checkpoint."""
+    if self.metric is None:
+      return
+    self.best, self.best_step, self.since, self.stopped_at = None, None, 0, None
+    for at, value in eval_history(metrics_path, self.metric, step):
+      self.add(at, value)
+    self._agreed()
+    if self.best_step is not None and self.ckpt is not None and (
+        self.best_step not in self.ckpt.all_steps()):
+      log.warning("warning: early stopping on %s: the best eval so far, at step %d, has no "
+                  "checkpoint (saved without --early_stop_metric, which saves each eval step, "
+                  "or rotated out): a later best step will have one", self.metric,
+                  self.best_step)
+    if self.best_step is not None:
+      log.info("early stopping on %s: best %.6g at step %d, %d eval(s) without improvement "
+               "since (of --early_stop_patience=%d)", self.metric, self.best, self.best_step,
+               self.since, self.patience)
+
+  def observe(self, step: int, record: Mapping[str, Any], writer) -> bool:
+    """After the eval line of `step` (`record` holds its values; one without the metric,
+    e.g. an eval SIGTERM cut short, is no eval): counts it, keeps the best step's
+    checkpoint and, when the run stops here, writes the `early_stop` line. Returns
+    whether it stops."""
+    if self.metric is None or self.metric not in record:
+      return False
+    value = record[self.metric]
+    self.add(step, float("nan") if value is None else float(value))
+    self._agreed()
+    if not self.stopped:
+      log.info("%s %.6g at step %d: best %s, %d of %d eval(s) without improvement",
+               self.metric, float("nan") if value is None else value, step, self._best_text(),
+               self.since, self.patience)
+      return False
+    writer.write(step, {"event": EVENT, "best_step": self.best_step, "metric": self.metric,
+                        "best": self.best, "patience": self.patience,
+                        "min_delta": self.min_delta})
+    log.info("early stop after step %d: %s has not improved for %d evals (best %s; its "
+             "checkpoint is kept)", step, self.metric, self.since, self._best_text())
+    return True
+
+  def rerun_note(self, step: int) -> str:
+    """The log line of a rerun whose evals up to its checkpoint `step` stopped it (the
+    stopping step's, or a lower `--early_stop_patience`): it trains nothing."""
+    return (f"stopped early at step {self.stopped_at}: {self.metric} has not improved for "
+            f"{self.since} evals (--early_stop_patience={self.patience}; best "
+            f"{self._best_text()}): training nothing more, evaluating checkpoint {step}; "
+            "raise --early_stop_patience or leave out --early_stop_metric to train on")
+
+  def summary(self) -> dict[str, Any]:
+    """The `done:` line's (`train_and_evaluate`'s result's) fields: where the best is."""
+    if self.metric is None or self.best_step is None:
+      return {}
+    return {"early_stop_best_step": self.best_step, f"early_stop_best_{self.metric}": self.best}
+
+  def _best_text(self) -> str:
+    return ("none yet (no finite value)" if self.best_step is None
+            else f"{self.best:.6g} at step {self.best_step}")
+
+  def _agreed(self) -> None:
+    """Process 0's state on every process of a job (their eval values could differ in the
+    last bit), then the best step kept from rotation."""
+    import jax  # pylint: disable=import-outside-toplevel
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      self._decode(np.asarray(multihost_utils.broadcast_one_to_all(self._encode())))
+    if self.ckpt is not None:
+      self.ckpt.protect(() if self.best_step is None else (self.best_step,))
+
+  def _encode(self) -> np.ndarray:
+    """int32 words (a float64 through jax without x64 would lose bits)."""
+    best = struct.unpack("<2i", struct.pack("<d", math.nan if self.best is None else self.best))
+    return np.asarray([-1 if self.best_step is None else self.best_step, self.since,
+                       -1 if self.stopped_at is None else self.stopped_at, *best], np.int32)
+
+  def _decode(self, words: np.ndarray) -> None:
+    best_step, since, stopped_at, lo, hi = (int(w) for w in words)
+    self.best_step = None if best_step < 0 else best_step
+    self.best = None if best_step < 0 else struct.unpack("<d", struct.pack("<2i", lo, hi))[0]
+    self.since, self.stopped_at = since, None if stopped_at < 0 else stopped_at
