@@ -1,0 +1,221 @@
+"""Early stopping (`--early_stop_metric`): the decision, its replay from metrics.jsonl on a
+resume, the best step's checkpoint kept past --keep_checkpoints, and train.py's stop."""
+
+import json
+import math
+import os
+import re
+import signal
+
+import pytest
+
+from jaxrec import elastic
+from jaxrec.checkpoint import CheckpointManager
+from jaxrec.data import pipeline  # noqa: F401  (grain's flags exist before train.py's runs)
+from jaxrec.errors import ConfigError
+from jaxrec.train import config as config_lib
+from jaxrec.train.early_stop import EarlyStop, check_model, eval_history
+from tests.checkpoint import ckpt_helpers as h
+from tests.scripts.in_process import run_script
+
+NAN = float("nan")
+
+
+def _stops(metric, values, patience=2, min_delta=0.0):
+  """The steps (1, 2, ...) `values` were evaluated at, the best step and where it stopped."""
+  stopper = EarlyStop(metric, patience, min_delta)
+  for step, value in enumerate(values, 1):
+    if stopper.add(step, value):
+      break
+  return stopper.best_step, stopper.stopped_at
+
+
+@pytest.mark.parametrize("metric, values, expected", [
+    ("eval_auc", [0.6, 0.7, 0.65, 0.69, 0.8], (2, 4)),       # higher is better
+    ("eval_recall_at_10", [0.6, 0.7, 0.71, 0.5, 0.5], (3, 5)),
+    ("eval_mrr", [0.6, 0.6, 0.6], (1, 3)),                   # equal is no improvement
+    ("eval_logloss", [0.6, 0.5, 0.55, 0.4, 0.45, 0.5], (4, 6)),   # lower is better
+    ("eval_ne", [1.0, 1.1, 0.9, 0.95], (3, None)),
+])
+def test_direction_and_patience(metric, values, expected):
+  assert _stops(metric, values) == expected
+
+
+def test_min_delta_is_the_least_improvement_that_counts():
+  assert _stops("eval_auc", [0.70, 0.705, 0.709, 0.7095], min_delta=0.01) == (1, 3)
+  assert _stops("eval_auc", [0.70, 0.7101, 0.709], min_delta=0.01) == (2, None)
+  assert _stops("eval_logloss", [0.5, 0.495, 0.491], min_delta=0.01) == (1, 3)
+  assert _stops("eval_logloss", [0.5, 0.489, 0.485], patience=1, min_delta=0.01) == (2, 3)
+
+
+def test_a_non_finite_value_is_no_improvement():
+  assert _stops("eval_auc", [NAN, 0.6, NAN, NAN]) == (2, 4)
+  assert _stops("eval_auc", [NAN, NAN]) == (None, 2)   # no best at all: stops too
+  assert _stops("eval_logloss", [0.5, -math.inf, 0.4]) == (3, None)
+  stopper = EarlyStop("eval_auc", 3)
+  stopper.add(1, 0.6)
+  stopper.add(2, NAN)
+  assert (stopper.best, stopper.since) == (0.6, 1)
+
+
+def test_off_does_nothing(tmp_path):
+  stopper = EarlyStop.of(config_lib.RunOptions())
+  stopper.restore(str(tmp_path / "metrics.jsonl"), 10)
+  assert not stopper.observe(5, {"eval_auc": 0.5}, writer=None)
+  assert not stopper.stopped and stopper.summary() == {}
+
+
+def _write(path, *records, torn=""):
+  with open(path, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+    f.write(torn)
+
+
+def test_the_history_drops_evals_a_rewind_redid_and_those_past_the_checkpoint(tmp_path):
+  """A killed run's eval lines past its checkpoint (step 6 below) were redone after the
+  `resume` at 4; an evaluate-only run's `resume` line is not an eval of the training run."""
+  path = tmp_path / "metrics.jsonl"
+  _write(path,
+         {"step": 2, "loss": 0.7}, {"step": 2, "eval_auc": 0.6},
+         {"step": 4, "eval_auc": 0.65},
+         {"step": 6, "eval_auc": 0.9},                          # killed after it: not saved
+         {"step": 4, "event": "resume", "checkpoint_step": 4},
+         {"step": 6, "eval_auc": 0.62},
+         {"step": 8, "eval_auc": None},
+         {"step": 8, "event": "nan_rollback", "restored_step": 8},
+         {"step": 10, "eval_auc": 0.61},
+         {"step": 10, "event": "resume", "checkpoint_step": 10, "eval_auc": 0.99},
+         {"step": 12, "eval_auc": 0.7},
+         torn='{"step": 12, "eval_auc": 0.')                   # a torn last line: left out
+  history = eval_history(str(path), "eval_auc", 10)
+  assert history[:3] == [(2, 0.6), (4, 0.65), (6, 0.62)] and history[4] == (10, 0.61)
+  assert history[3][0] == 8 and math.isnan(history[3][1])
+  assert eval_history(str(path), "eval_auc", 12)[-1] == (12, 0.7)
+  assert eval_history(str(path), "eval_auc", 5) == [(2, 0.6), (4, 0.65)]
+  assert eval_history(str(path), "eval_logloss", 12) == []
+  assert eval_history(str(tmp_path / "none.jsonl"), "eval_auc", 12) == []
+  stopper = EarlyStop("eval_auc", 2)
+  stopper.restore(str(path), 10)   # 0.65 at 4, then 0.62, nan, 0.61: stopped at 8
+  assert (stopper.best_step, stopper.since, stopper.stopped_at) == (4, 3, 8)
+  stopper = EarlyStop("eval_auc", 4)
+  stopper.restore(str(path), 6)   # the killed run's 0.9 at 6 does not count
+  assert (stopper.best_step, stopper.best, stopper.since) == (4, 0.65, 1)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(early_stop_metric="eval_calibration"),
+     "--early_stop_metric=eval_calibration: not a metric early stopping can watch: its best "
+     "is 1.0, not a highest or lowest value; one of eval_auc, eval_logloss, eval_ne, "
+     "eval_recall_at_<k>, eval_mrr"),
+    (dict(early_stop_metric="auc"), "--early_stop_metric=auc: not a metric early stopping"),
+    (dict(early_stop_metric="eval_auc", eval_every=0),
+     "--early_stop_metric=eval_auc needs --eval_every > 0 (got 0: only the last step "
+     "evaluates)"),
+    (dict(early_stop_patience=0), "--early_stop_patience must be at least 1, got 0"),
+    (dict(early_stop_min_delta=-0.1), "--early_stop_min_delta must be a number >= 0, got -0.1"),
+    (dict(early_stop_min_delta=NAN), "--early_stop_min_delta must be a number >= 0, got nan"),
+])
+def test_flag_errors(flags, message):
+  options = config_lib.RunOptions(**{"early_stop_metric": "eval_logloss", "eval_every": 5,
+                                     **flags})
+  with pytest.raises(ConfigError, match="^" + re.escape(message)):
+    options.validate()
+
+
+class DLRM:   # stand-ins: `retrieval.has_towers` reads `towers` and `item_features`
+  pass
+
+
+class TwoTower:
+  recall_at, item_features = (1, 10), (1,)
+
+  def towers(self):
+    pass
+
+
+def test_a_metric_the_model_does_not_write_is_refused():
+  check_model("eval_auc", DLRM())
+  check_model("eval_recall_at_10", TwoTower())
+  with pytest.raises(ConfigError, match=r"^--early_stop_metric=eval_mrr: the model DLRM does "
+                     r"not produce it \(only a two-tower"):
+    check_model("eval_mrr", DLRM())
+  with pytest.raises(ConfigError, match=r"^--early_stop_metric=eval_recall_at_5: the model "
+                     r"TwoTower writes recall at 1, 10 \(TwoTower.recall_at\); one of "
+                     r"eval_recall_at_1, eval_recall_at_10, or eval_mrr$"):
+    check_model("eval_recall_at_5", TwoTower())
+
+
+def test_a_protected_step_outlives_keep_checkpoints(tmp_path):
+  coll = h.collection("twrw", 8)
+  state = h.train_state(coll)
+  with CheckpointManager(tmp_path, max_to_keep=1) as mgr:
+    for step in (1, 2, 3):
+      mgr.save(step, state, coll)
+      if step == 2:
+        mgr.protect([2])
+    mgr.wait()
+    assert mgr.all_steps() == [2, 3] and sorted(os.listdir(tmp_path)) == ["2", "3"]
+    mgr.protect([])   # a later best: the earlier one goes at the next save
+    mgr.save(4, state, coll)
+    mgr.wait()
+    assert mgr.all_steps() == [4]
+
+
+FLAGS = ["--gin_file=configs/dlrm_synthetic.gin", "--mesh=data=8", "--plan=dp",
+         "--num_steps=40", "--log_every=2", "--eval_every=2", "--keep_checkpoints=1",
+         "--noprogress", "--early_stop_metric=eval_auc",
+         "--early_stop_min_delta=1",   # nothing improves on the first eval: a known stop
+         "--gin_bindings=ExperimentConfig.batch_size=64",
+         "--gin_bindings=ExperimentConfig.eval_batch_size=256",
+         "--gin_bindings=ExperimentConfig.num_eval_examples=256",
+         "--gin_bindings=DLRM.bottom_mlp=(16,)", "--gin_bindings=DLRM.top_mlp=(16,1)"]
+
+
+def _lines(workdir):
+  return [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def test_train_py_stops_early_keeping_the_best_checkpoint_and_a_rerun_trains_nothing(tmp_path):
+  w = str(tmp_path / "w")
+  proc = run_script("train.py", f"--workdir={w}", "--early_stop_patience=2", *FLAGS)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = _lines(w)
+  event = lines[-1]
+  best = next(l["eval_auc"] for l in lines if l["step"] == 2 and "eval_auc" in l)
+  assert event == {"step": 6, "event": "early_stop", "best_step": 2, "metric": "eval_auc",
+                   "best": best, "patience": 2, "min_delta": 1.0}
+  assert "eval_auc" in lines[-2] and lines[-2]["step"] == 6   # after the stop step's eval
+  assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == ["2", "6"]   # keep 1 + best
+  assert "early stop after step 6: eval_auc has not improved for 2 evals" in proc.stderr
+  assert "early_stop_best_step=2" in proc.stdout
+  again = run_script("train.py", f"--workdir={w}", "--early_stop_patience=2", *FLAGS)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "stopped early at step 6: eval_auc has not improved for 2 evals" in again.stderr
+  assert "training nothing more, evaluating checkpoint 6" in again.stderr
+  assert _lines(w)[-1]["event"] == "resume" and _lines(w)[-1]["step"] == 6
+  assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == ["2", "6"]
+
+
+def test_a_resume_after_sigterm_counts_the_evals_before_it(tmp_path, monkeypatch):
+  """SIGTERM after step 5: the resumed run counts the evals of steps 2 and 4 (and not an
+  eval line a killed run wrote past checkpoint 5), stopping at step 8 as an uninterrupted
+  run does; without them it stopped at 12."""
+  w = str(tmp_path / "w")
+  real = elastic.report_progress
+
+  def progress(workdir, step, *args, **kwargs):
+    if step == 5:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(workdir, step, *args, **kwargs)
+  monkeypatch.setattr(elastic, "report_progress", progress)
+  proc = run_script("train.py", f"--workdir={w}", "--early_stop_patience=3", *FLAGS)
+  assert proc.returncode == 143, proc.stderr[-3000:]
+  assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == ["2", "5"]
+  monkeypatch.setattr(elastic, "report_progress", real)
+  with open(os.path.join(w, "metrics.jsonl"), "a") as f:   # as a run killed after it
+    f.write(json.dumps({"step": 6, "eval_auc": 0.99}) + "\n")
+  proc = run_script("train.py", f"--workdir={w}", "--early_stop_patience=3", *FLAGS)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  event = _lines(w)[-1]
+  assert (event["event"], event["step"], event["best_step"]) == ("early_stop", 8, 2)
+  assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == ["2", "8"]
