@@ -6,6 +6,8 @@ import math
 import os
 import re
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -219,3 +221,33 @@ def test_a_resume_after_sigterm_counts_the_evals_before_it(tmp_path, monkeypatch
   event = _lines(w)[-1]
   assert (event["event"], event["step"], event["best_step"]) == ("early_stop", 8, 2)
   assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == ["2", "8"]
+
+
+@pytest.mark.slow   # ~60 s: an uninterrupted run and one killed three times, in subprocesses
+def test_kill9_resumes_stop_where_an_uninterrupted_run_stops(tmp_path):
+  """eval_auc as it comes (min_delta 0, patience 2): it improves at 20, 24 and 32 after
+  setbacks at 16 and 28, and stops at 40. SIGKILL mid-save of 20 (checkpoint 16: one eval
+  without improvement), of 28 (its eval line may be written, past checkpoint 24) and of 40
+  (checkpoint 36: again one); the resumed runs stop at the same step with the same best,
+  bit for bit (without the evals before a resume it trained past 40)."""
+  from tests.scripts.test_train import ROOT, train  # pylint: disable=import-outside-toplevel
+  from tests import xla_env  # pylint: disable=import-outside-toplevel
+  common = [f.replace("configs/", os.path.join(ROOT, "configs", "")) for f in FLAGS
+            if not f.startswith(("--early_stop_min_delta", "--mesh", "--eval_every",
+                                 "--log_every", "--num_steps"))]
+  common += ["--mesh=data=2", "--num_steps=80", "--eval_every=4", "--log_every=4",
+             "--early_stop_patience=2"]
+  ref = str(tmp_path / "ref")
+  train(ref, *common, devices=2)
+  w = str(tmp_path / "killed")
+  for point in ("save:20", "save:28", "save:40"):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "scripts", "kill_points.py"),
+                           f"--workdir={w}", *common], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(xla_env.script_env(2), JAXREC_TEST_KILL=point), timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  train(w, *common, devices=2)
+  resumes = [l["checkpoint_step"] for l in _lines(w) if l.get("event") == "resume"]
+  assert resumes == [16, 24, 36], resumes
+  assert _lines(w)[-1] == _lines(ref)[-1]
+  assert (_lines(ref)[-1]["step"], _lines(ref)[-1]["best_step"]) == (40, 32)
+  assert sorted(os.listdir(os.path.join(w, "checkpoints")), key=int) == ["32", "40"]
