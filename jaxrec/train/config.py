@@ -424,11 +424,15 @@ class RunOptions:
   early_stop_min_delta: float = 0.0
 
   def most_checkpoints_kept(self) -> int:
-    """The most checkpoints this run can keep at once: `keep_checkpoints`, or the saves
-    `num_steps` allows, when fewer (every `checkpoint_every` steps and the last; a resume
-    saves fewer). What the offload tier's disk-space warning prices snapshots for."""
+    """The most checkpoints this run can keep at once: `keep_checkpoints` (+ 1, early
+    stopping's best), or the saves `num_steps` allows, when fewer (every `checkpoint_every`
+    steps, every eval with early stopping, and the last; a resume saves fewer). What the
+    offload tier's disk-space warning prices snapshots for."""
     every = self.checkpoint_every or self.num_steps
-    return min(self.keep_checkpoints, -(-self.num_steps // every))
+    if self.early_stop_metric:   # each eval step saves too, and the best one is kept
+      every = min(every, self.eval_every)
+    kept = self.keep_checkpoints + bool(self.early_stop_metric)
+    return min(kept, -(-self.num_steps // every))
 
   def validate(self) -> None:
     if self.num_steps <= 0:

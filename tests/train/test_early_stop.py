@@ -251,3 +251,24 @@ def test_kill9_resumes_stop_where_an_uninterrupted_run_stops(tmp_path):
   assert _lines(w)[-1] == _lines(ref)[-1]
   assert (_lines(ref)[-1]["step"], _lines(ref)[-1]["best_step"]) == (40, 32)
   assert sorted(os.listdir(os.path.join(w, "checkpoints")), key=int) == ["32", "40"]
+
+
+def test_the_state_other_processes_take_keeps_every_bit():
+  """`_agreed` sends process 0's state as int32 words (a float64 through jax without x64
+  lost its low bits)."""
+  stopper = EarlyStop("eval_auc", 3, best=0.5839339688444548, best_step=12, since=2)
+  other = EarlyStop("eval_auc", 3)
+  other._decode(stopper._encode())   # pylint: disable=protected-access
+  assert (other.best, other.best_step, other.since, other.stopped_at) == (
+      0.5839339688444548, 12, 2, None)
+  other._decode(EarlyStop("eval_auc", 1)._encode())   # pylint: disable=protected-access
+  assert (other.best, other.best_step, other.since) == (None, None, 0)
+
+
+def test_config_gin_names_the_flags_and_the_saves_are_counted():
+  options = config_lib.RunOptions(num_steps=100, eval_every=10, keep_checkpoints=2,
+                                  early_stop_metric="eval_ne", early_stop_min_delta=0.001)
+  assert ("--eval_every=10 --early_stop_metric=eval_ne --early_stop_patience=3 "
+          "--early_stop_min_delta=0.001\n") in config_lib.config_gin_header(options)
+  assert options.most_checkpoints_kept() == 3   # the best one past --keep_checkpoints
+  assert config_lib.RunOptions(num_steps=100, keep_checkpoints=2).most_checkpoints_kept() == 1
