@@ -272,3 +272,24 @@ def test_config_gin_names_the_flags_and_the_saves_are_counted():
           "--early_stop_min_delta=0.001\n") in config_lib.config_gin_header(options)
   assert options.most_checkpoints_kept() == 3   # the best one past --keep_checkpoints
   assert config_lib.RunOptions(num_steps=100, keep_checkpoints=2).most_checkpoints_kept() == 1
+
+
+@pytest.mark.slow   # ~12 s: a run, then its rerun
+def test_a_stop_step_whose_eval_was_cut_off_is_evaluated_and_stops_there(tmp_path):
+  """Killed in the eval of its stopping step 6 after checkpoint 6 committed (its eval line
+  and the early_stop line never written): the rerun evaluates step 6 first (the eval it
+  owes), stops there and trains nothing."""
+  w = str(tmp_path / "w")
+  proc = run_script("train.py", f"--workdir={w}", "--early_stop_patience=2", *FLAGS)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = open(os.path.join(w, "metrics.jsonl")).readlines()
+  stop = json.loads(lines[-1])
+  with open(os.path.join(w, "metrics.jsonl"), "w") as f:
+    f.writelines(lines[:-2])
+  proc = run_script("train.py", f"--workdir={w}", "--early_stop_patience=2", *FLAGS)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "evaluating it first" in proc.stderr
+  again = _lines(w)
+  assert again[-1] == stop and "eval_auc" in again[-2] and again[-2]["step"] == 6
+  assert not any(l["step"] > 6 for l in again)
+  assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == ["2", "6"]
