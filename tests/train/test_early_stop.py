@@ -148,7 +148,7 @@ def test_a_metric_the_model_does_not_write_is_refused():
 
 
 def test_a_protected_step_outlives_keep_checkpoints(tmp_path):
-  coll = h.collection("twrw", 8)
+  coll = h.collection("dp", 1)
   state = h.train_state(coll)
   with CheckpointManager(tmp_path, max_to_keep=1) as mgr:
     for step in (1, 2, 3):
