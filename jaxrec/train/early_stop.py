@@ -55,6 +55,9 @@ def check_options(options) -> None:
            else "")
     raise ConfigError(f"--early_stop_metric={metric}: not a metric early stopping can watch"
                       f"{why}; one of {NAMES}")
+  if not options.eval_labels:
+    raise ConfigError(f"--early_stop_metric={metric}: the eval data has no labels "
+                      "(--noeval_labels), so its evals give no metric to watch")
   if options.eval_every <= 0:
     raise ConfigError(f"--early_stop_metric={metric} needs --eval_every > 0 (got "
                       f"{options.eval_every}: only the last step evaluates)")

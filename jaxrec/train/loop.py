@@ -508,7 +508,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
         try:
           metrics, state = evaluate(eval_step, collection, state, eval_data, bsharding, tier,
                                     stop=eval_stop(terminated, step, done), model=config.model,
-                                    predictions=predictions.at(options.predictions, step, done))
+                                    predictions=predictions.at(options.predictions, step,
+                                                               done or stopper.metric is not None))
           record.update(metrics)
         except EvalStopped as e:   # SIGTERM (or the job's, under scripts/launch.py): the
           # checkpoint below, not the rest of the eval

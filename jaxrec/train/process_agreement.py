@@ -24,7 +24,8 @@ from jaxrec.errors import ConfigError, DataError
 # `predictions`, the path process 0 writes the scores to, is process 0's)
 SHARED = ("num_steps", "mesh", "plan", "train_data", "eval_data", "log_every", "eval_every",
           "checkpoint_every", "keep_checkpoints", "seed", "on_nan", "bad_rows",
-          "memory_per_device", "eval_labels")
+          "memory_per_device", "eval_labels", "early_stop_metric", "early_stop_patience",
+          "early_stop_min_delta")
 GIN = "gin bindings (--gin_file, --gin_bindings)"
 LINE_BUCKETS = 4096   # gin config lines hashed into buckets, to name the ones that differ
 

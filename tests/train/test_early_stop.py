@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from jaxrec import elastic
@@ -113,6 +114,9 @@ def test_the_history_drops_evals_a_rewind_redid_and_those_past_the_checkpoint(tm
     (dict(early_stop_metric="eval_auc", eval_every=0),
      "--early_stop_metric=eval_auc needs --eval_every > 0 (got 0: only the last step "
      "evaluates)"),
+    (dict(early_stop_metric="eval_auc", eval_labels=False, predictions="p.npz"),
+     "--early_stop_metric=eval_auc: the eval data has no labels (--noeval_labels), so its "
+     "evals give no metric to watch"),
     (dict(early_stop_patience=0), "--early_stop_patience must be at least 1, got 0"),
     (dict(early_stop_min_delta=-0.1), "--early_stop_min_delta must be a number >= 0, got -0.1"),
     (dict(early_stop_min_delta=NAN), "--early_stop_min_delta must be a number >= 0, got nan"),
@@ -179,8 +183,11 @@ def _lines(workdir):
 
 def test_train_py_stops_early_keeping_the_best_checkpoint_and_a_rerun_trains_nothing(tmp_path):
   w = str(tmp_path / "w")
-  proc = run_script("train.py", f"--workdir={w}", "--early_stop_patience=2", *FLAGS)
+  proc = run_script("train.py", f"--workdir={w}", "--early_stop_patience=2", *FLAGS,
+                    f"--predictions={tmp_path}/p.npz")
   assert proc.returncode == 0, proc.stderr[-3000:]
+  with np.load(tmp_path / "p.npz") as z:   # the stopping step's eval: the run's last
+    assert int(z["step"]) == 6
   lines = _lines(w)
   event = lines[-1]
   best = next(l["eval_auc"] for l in lines if l["step"] == 2 and "eval_auc" in l)
