@@ -237,3 +237,29 @@ def test_two_tower_retrieval_metrics_of_two_processes_equal_one_process(tmp_path
   for k in ("eval_recall_at_1", "eval_recall_at_10", "eval_recall_at_100", "eval_mrr",
             "eval_queries", "eval_candidates", "eval_auc"):
     np.testing.assert_allclose(eb[k], ea[k], rtol=1e-6, err_msg=k)
+
+
+def test_early_stopping_through_launch_py_stops_every_worker_at_one_step(tmp_path):
+  """--early_stop_metric under scripts/launch.py: process 0 decides from its metrics.jsonl
+  and both workers stop after the same eval (min_delta 1: no eval after the first improves,
+  so patience 2 stops at step 6), the job finishes, the best step's checkpoint outlives
+  --keep_checkpoints=1, and the same command again trains nothing."""
+  w = str(tmp_path / "w")
+  flags = [*t.TINY, "--mesh=data=8", "--plan=dp", "--num_steps=40", "--log_every=2",
+           "--eval_every=2", "--keep_checkpoints=1", "--early_stop_metric=eval_auc",
+           "--early_stop_patience=2", "--early_stop_min_delta=1"]
+  launch = ["--num_processes=2", "--devices_per_process=4"]
+  assert t.finish(t.launch(w, launch, flags)) == 0, \
+      open(os.path.join(w, "launch.log")).read()[-3000:]
+  lines = t.metrics(w)
+  assert lines[-1]["event"] == "early_stop" and lines[-1]["step"] == 6, lines[-1]
+  assert lines[-1]["best_step"] == 2
+  assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == ["2", "6"]
+  assert t.names(t.events(w))[-1] == "finished"
+  for process in (0, 1):   # both workers took the same decision (a worker that trained on
+    log = open(os.path.join(w, "workers", f"{process}.log")).read()   # alone hung)
+    assert "early stop after step 6: eval_auc has not improved for 2 evals" in log, log[-2000:]
+  assert t.finish(t.launch(w, launch, flags)) == 0
+  again = t.metrics(w)
+  assert [l for l in again if "loss" in l] == [l for l in lines if "loss" in l]
+  assert again[-1]["event"] == "resume" and again[-1]["step"] == 6
