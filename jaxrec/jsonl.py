@@ -80,3 +80,21 @@ def complete_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
         yield i, line.rstrip("\n")
 
   return lines()
+
+
+def step_records(path: str | os.PathLike, *needles: str) -> Iterator[tuple[int, dict]]:
+  """`(step, record)` of each complete line of `path` that holds one of the substrings
+  `needles` (the others are not parsed: most of `metrics.jsonl` is loss lines) and parses
+  to an object with an integer `step`; a missing file holds none."""
+  try:
+    lines = complete_lines(path)
+  except FileNotFoundError:
+    return
+  for _, line in lines:
+    if not any(n in line for n in needles):
+      continue
+    try:
+      record = json.loads(line)
+      yield int(record["step"]), record
+    except (ValueError, KeyError, TypeError, OverflowError):
+      continue

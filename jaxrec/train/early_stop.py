@@ -16,7 +16,6 @@ state (`_agreed`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import re
@@ -96,19 +95,8 @@ def eval_history(path: str | None, metric: str, upto: int) -> list[tuple[int, fl
   from jaxrec.train.writers import REWIND_EVENTS  # pylint: disable=import-outside-toplevel
   if path is None:
     return []
-  try:
-    lines = jsonl.complete_lines(path)
-  except FileNotFoundError:
-    return []
   found: dict[int, float] = {}
-  for _, line in lines:
-    if f'"{metric}"' not in line and '"event"' not in line:   # most lines: not parsed
-      continue
-    try:
-      record = json.loads(line)
-      at = int(record["step"])
-    except (ValueError, KeyError, TypeError, OverflowError):
-      continue
+  for at, record in jsonl.step_records(path, f'"{metric}"', '"event"'):
     if record.get("event") in REWIND_EVENTS:
       found = {s: v for s, v in found.items() if s <= at}
     elif "event" not in record and metric in record:

@@ -4,7 +4,6 @@ eval resumed past a step whose eval was never done."""
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Mapping
 
@@ -130,19 +129,8 @@ def owed(metrics_path: str | None, meta: Mapping | None, eval_every: int, step: 
 def has_eval_line(path: str, step: int) -> bool:
   """Whether `path` holds an eval line (`eval_*` keys) of `step` that no later rewind
   (`writers.REWIND_EVENTS`) to an earlier step dropped."""
-  try:
-    lines = jsonl.complete_lines(path)
-  except FileNotFoundError:
-    return False
   found = False
-  for _, line in lines:
-    if '"eval_' not in line and '"event"' not in line:   # most lines: not parsed
-      continue
-    try:
-      record = json.loads(line)
-      at = int(record["step"])
-    except (ValueError, KeyError, TypeError, OverflowError):
-      continue
+  for at, record in jsonl.step_records(path, '"eval_', '"event"'):
     if record.get("event") in REWIND_EVENTS and at < step:
       found = False
     elif at == step and any(k.startswith("eval_") for k in record):
