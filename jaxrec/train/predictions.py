@@ -7,8 +7,10 @@ order; the padding of the last batch left out). `PATH` ending in `.npz` holds ar
 `label`, `score` (the sigmoid of the logit: a click probability; a two-tower's pairwise
 score) and `logit`, all float32 `[examples]`, and `step`; any other name is a
 tab-separated text file with a header line `label  score  logit`, gzip-compressed when
-the name ends in `.gz`. Eval files without labels (`--noeval_labels`) have no `label`. Process 0 writes it (every process's rows are gathered for the
-eval anyway), atomically: a run killed while writing leaves the earlier file or none.
+the name ends in `.gz`. Eval files without labels (`--noeval_labels`) have no `label`.
+Process 0 writes it (every process's rows are gathered for the eval anyway), atomically: a
+run killed while writing leaves the earlier file or none. With early stopping every eval
+writes it (any may be the last).
 """
 
 from __future__ import annotations

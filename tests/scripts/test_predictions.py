@@ -114,7 +114,8 @@ def test_rows_skipped_as_malformed_are_named_in_a_warning(tmp_path, caplog):
   acc = metrics.EvalAccumulator()
   acc.add(np.array([0.5, -0.5, 1.0]), np.array([1, 0, 1]), np.array([True, True, False]))
   with caplog.at_level("INFO"):
-    evaluation._write_predictions(acc, EvalData(), str(tmp_path / "p.npz"), 3)  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    evaluation._write_predictions(acc, EvalData(), str(tmp_path / "p.npz"), 3)
   assert ("--predictions: the eval data's malformed rows (/d/a.tsv: 2) were skipped and "
           "have no score") in caplog.text
   with np.load(tmp_path / "p.npz") as z:
