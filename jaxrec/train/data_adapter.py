@@ -17,6 +17,8 @@ from jaxrec.checkpoint.steps import step_dirs
 
 from jaxrec.data import pipeline
 from jaxrec.errors import DataError, DataPathError, counted
+from jaxrec.train import early_stop
+from jaxrec.train.writers import METRICS_FILE
 from jaxrec.workdir_layout import checkpoint_dir
 
 log = logging.getLogger("jaxrec")
@@ -208,10 +210,12 @@ def newest_saved_step(workdir) -> int | None:
 
 
 def evaluates_only(workdir, options) -> bool:
-  """Whether the run only evaluates: its newest saved step is at or past --num_steps (no
-  training data is opened, no training batch built, unless the restore falls back)."""
+  """Whether the run only evaluates: its newest saved step is at or past --num_steps, or
+  early stopping stopped there (no training data is opened, no training batch built,
+  unless the restore falls back)."""
   saved = newest_saved_step(workdir)
-  return saved is not None and saved >= options.num_steps
+  return saved is not None and (saved >= options.num_steps or early_stop.stopped_by(
+      os.path.join(workdir, METRICS_FILE), options, saved))
 
 
 def checkpointer(workdir, options) -> CheckpointManager:

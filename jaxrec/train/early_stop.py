@@ -105,6 +105,19 @@ def eval_history(path: str | None, metric: str, upto: int) -> list[tuple[int, fl
   return sorted((s, v) for s, v in found.items() if s <= upto)
 
 
+def stopped_by(path: str, options, step: int | None) -> bool:
+  """Whether the evals of `metrics.jsonl` (`path`) up to checkpoint `step` stopped the run
+  (`options`' early stopping): a rerun from `step` then only evaluates, and opens no
+  training data (which may be gone when new data is scored). Read on every process (the
+  trainer's `EarlyStop.restore` takes process 0's state later)."""
+  stopper = EarlyStop.of(options)
+  if stopper.metric is None or step is None:
+    return False
+  for at, value in eval_history(path, stopper.metric, step):
+    stopper.add(at, value)
+  return stopper.stopped
+
+
 @dataclasses.dataclass
 class EarlyStop:
   """The decision of `--early_stop_*` (`metric` None: off; every method is then a no-op).

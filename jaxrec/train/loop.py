@@ -40,7 +40,7 @@ from jaxrec.train.evaluation import EvalStopped, evaluate, owed as eval_owed
 from jaxrec.train.evaluation import stop_check as eval_stop
 from jaxrec.train.config import ExperimentConfig, RunOptions
 from jaxrec.train.placement import MAX_STEPS_IN_FLIGHT, device_batch, steps_in_flight  # noqa: F401
-from jaxrec.train.writers import MetricsWriter, Progress
+from jaxrec.train.writers import METRICS_FILE, MetricsWriter, Progress
 
 log = logging.getLogger("jaxrec")
 
@@ -314,7 +314,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       log.info("resumed from step %d of %s", start, ckpt.directory)
     elif tier is not None:   # a fresh run: a bad 'init': 'existing' store stops it here
       tier.open_stores()
-    if train_it is None and start < options.num_steps:   # fell back below --num_steps
+    if train_it is None and start < options.num_steps and not early_stop.stopped_by(
+        os.path.join(workdir, METRICS_FILE), options, start):   # fell back: it trains
       config.check_batch("batch_size", mesh.size, f" (this run trains: the restore fell back "
                          f"to step {start}, below --num_steps={options.num_steps})")
       (source,) = process_agreement.opened_data(

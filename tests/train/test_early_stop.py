@@ -181,7 +181,10 @@ def _lines(workdir):
   return [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
 
 
-def test_train_py_stops_early_keeping_the_best_checkpoint_and_a_rerun_trains_nothing(tmp_path):
+def test_train_py_stops_early_keeping_the_best_checkpoint_and_a_rerun_trains_nothing(
+    tmp_path, monkeypatch):
+  """... and the rerun opens no training data (which may be gone when it scores new data:
+  it opened it, and a missing training file stopped it)."""
   w = str(tmp_path / "w")
   proc = run_script("train.py", f"--workdir={w}", "--early_stop_patience=2", *FLAGS,
                     f"--predictions={tmp_path}/p.npz")
@@ -197,6 +200,11 @@ def test_train_py_stops_early_keeping_the_best_checkpoint_and_a_rerun_trains_not
   assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == ["2", "6"]   # keep 1 + best
   assert "early stop after step 6: eval_auc has not improved for 2 evals" in proc.stderr
   assert "early_stop_best_step=2" in proc.stdout
+  from jaxrec.train import data_adapter   # pylint: disable=import-outside-toplevel
+
+  def no_training_data(*args):
+    raise AssertionError("a rerun of a stopped run opened its training data")
+  monkeypatch.setattr(data_adapter, "train_iterator", no_training_data)
   again = run_script("train.py", f"--workdir={w}", "--early_stop_patience=2", *FLAGS)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "stopped early at step 6: eval_auc has not improved for 2 evals" in again.stderr
