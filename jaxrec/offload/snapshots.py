@@ -88,12 +88,22 @@ def save(directory: str, step: int, stores: Mapping[str, object], keep: int | No
   return final
 
 
-def prune_older(directory: str, oldest: int) -> list[int]:
-  """Removes the snapshots of steps before `oldest` (the oldest checkpoint still kept):
-  no checkpoint can restore from them. This also clears the snapshots a run left behind
+def unneeded(directory: str, kept) -> list[int]:
+  """The snapshot steps no checkpoint of `kept` (the steps on disk or being saved) restores
+  from: those before the newest kept step that are not kept (older than every kept one,
+  or between two: early stopping's best step is kept far behind the newest). A snapshot
+  past the newest kept step is a save's in progress and stays."""
+  kept = set(int(s) for s in kept)
+  newest = max(kept, default=None)
+  return [] if newest is None else [s for s in steps(directory)
+                                    if s < newest and s not in kept]
+
+
+def prune(directory: str, kept) -> list[int]:
+  """Removes the `unneeded` snapshots. This also clears the snapshots a run left behind
   once its tables moved back to the device, as their checkpoints are rotated out.
   Returns the removed steps."""
-  gone = [s for s in steps(directory) if s < int(oldest)]
+  gone = unneeded(directory, kept)
   for old in gone:
     shutil.rmtree(os.path.join(directory, str(old)), ignore_errors=True)
   return gone

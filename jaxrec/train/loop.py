@@ -242,18 +242,18 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
                                    pipeline.restart_hint(ckpt.directory))) from None
 
   def prune_snapshots() -> None:
-    """Drops offload snapshots older than every kept checkpoint (also those a run left
-    when its tables moved back to the device)."""
+    """Drops offload snapshots of steps no kept checkpoint restores from (also those a run
+    left when its tables moved back to the device)."""
     # all_steps() lists a save in flight and no longer the steps it will rotate out, which
     # stay on disk (and are what a restart restores) until it commits
     kept = sorted(set(ckpt.all_steps()) | set(ckpt.steps_on_disk()))
-    old = [s for s in snapshots_lib.steps(snapshots) if s < kept[0]] if is_main and kept else []
+    old = snapshots_lib.unneeded(snapshots, kept) if is_main else []
     if old:   # logged first: removing a large table's snapshot can take a minute (a small
       big = tier is None or sum(snapshots_lib.store_bytes(t.store) for t in   # one's: a line
                                 tier.tables.values()) >= snapshots_lib.LOG_MIN_BYTES  # a save)
       log.log(logging.INFO if big else logging.DEBUG, "removing offload snapshots of steps %s "
-              "(older than checkpoint %d)", old, kept[0])
-      snapshots_lib.prune_older(snapshots, kept[0])
+              "(no checkpoint kept: %s)", old, kept)
+      snapshots_lib.prune(snapshots, kept)
 
   def save_checkpoint(state, step: int, force: bool, evaluates: bool,
                       data_state: dict | None = None) -> None:

@@ -104,14 +104,18 @@ def test_snapshots_go_once_no_kept_checkpoint_needs_them(offloaded_run, tmp_path
   assert sorted(p.name for p in (w / "checkpoints").iterdir()) == ["30"]
 
 
-def test_prune_older_keeps_the_kept_steps_and_newer(tmp_path):
-  for step in (5, 10, 20):
+def test_prune_keeps_the_kept_steps_and_newer(tmp_path):
+  """Snapshots between kept checkpoints go too: early stopping keeps its best step (10)
+  far behind the newest (30), and the snapshots of the steps rotated out between them
+  (20) stayed on disk until the best moved (a table's whole store each)."""
+  for step in (5, 10, 20, 30, 40):
     (tmp_path / str(step)).mkdir()
     (tmp_path / str(step) / snapshots.META).write_text("{}")
   (tmp_path / "3.tmp-1").mkdir()   # an unfinished save is not a step: left to `save`
-  assert snapshots.prune_older(str(tmp_path), 10) == [5]
-  assert snapshots.steps(str(tmp_path)) == [10, 20]
+  assert snapshots.prune(str(tmp_path), [10, 30]) == [5, 20]   # 40: a save in progress
+  assert snapshots.steps(str(tmp_path)) == [10, 30, 40]
   assert (tmp_path / "3.tmp-1").exists()
+  assert snapshots.prune(str(tmp_path), []) == []
 
 
 def test_a_crash_while_a_save_is_in_flight_keeps_the_last_checkpoints_snapshot(
