@@ -45,7 +45,7 @@ from jaxrec import gin_usage
 from jaxrec.data import binary, indexing, tsv
 from jaxrec.data.batch import Batch
 from jaxrec.data.source import (ENDLESS_LEN, NUM_DENSE, Source, check_dense_transform,
-                                make_layout)
+                                check_id_format, make_layout)
 from jaxrec.data.synthetic import SyntheticConfig, SyntheticSource
 from jaxrec.embedding.specs import FeatureSpec, TableSpec, flag, whole
 from jaxrec.errors import ConfigError, DataError
@@ -122,7 +122,7 @@ def open_source(source: str, features: Sequence[FeatureSpec],
                 split: int = TRAIN_SPLIT, bad_rows: str = "error", num_dense: int = NUM_DENSE,
                 num_categorical: int = 26, verify_checksums: bool = True,
                 synthetic: SyntheticConfig | None = None, labeled: bool = True,
-                dense_transform: str = "log") -> Source:
+                dense_transform: str = "log", id_format: str = "hex") -> Source:
   """Opens `source` (see module docstring) for `features`.
 
   Args:
@@ -141,13 +141,18 @@ def open_source(source: str, features: Sequence[FeatureSpec],
     dense_transform: how a TSV's dense values are read: "log" (raw integer counts ->
       `log(1 + max(x, 0))`) or "none" (floats, as written); a preprocessed directory must
       have been written with the same one. The synthetic generator ignores it.
+    id_format: how a TSV's categorical ids are written: "hex" (Criteo's, `int(id, 16) %
+      rows`) or "decimal" (ids already made contiguous, `int(id) % rows`); a preprocessed
+      directory must have been written with the same one. The synthetic generator
+      ignores it.
   """
   if bad_rows not in tsv.BAD_ROWS:
     raise ConfigError(f"bad_rows must be one of {tsv.BAD_ROWS}, got '{bad_rows}'")
   num_categorical, verify_checksums = _knobs(
       "open_source", num_categorical=num_categorical, verify_checksums=verify_checksums)
   check_dense_transform(dense_transform, "open_source.dense_transform")
-  layout = make_layout(features, _rows(rows), num_dense, dense_transform)
+  check_id_format(id_format, "open_source.id_format")
+  layout = make_layout(features, _rows(rows), num_dense, dense_transform, id_format)
   if not labeled and (source == SYNTHETIC or binary.is_preprocessed(source)):
     raise ConfigError(f"{source}: {'synthetic' if source == SYNTHETIC else 'preprocessed'} "
                       "data holds labels; reading it without them (--noeval_labels) is for "

@@ -27,6 +27,10 @@ NUM_DENSE = 13
 # integer counts as `log(1 + max(x, 0))` (Criteo's); "none", floats used as written
 # (already normalised data: NVTabular's, HugeCTR's).
 DENSE_TRANSFORMS = ("log", "none")
+# How a TSV file's categorical ids are written (`open_source.id_format`): "hex", Criteo's
+# hashed ids, `int(id, 16) % rows`; "decimal", ids already made contiguous (NVTabular's
+# Categorify, HugeCTR's slot-size data), `int(id) % rows`.
+ID_FORMATS = ("hex", "decimal")
 # `len()` of an endless source, as grain wants an int (positions beyond it never occur).
 ENDLESS_LEN = 2**62
 
@@ -43,6 +47,7 @@ class Layout:
     tables: the table each feature reads.
     num_dense: dense columns (13 for Criteo).
     dense_transform: how TSV dense values are read, one of `DENSE_TRANSFORMS`.
+    id_format: how TSV categorical ids are written, one of `ID_FORMATS`.
   """
 
   names: tuple[str, ...]
@@ -52,6 +57,7 @@ class Layout:
   tables: tuple[str, ...] = ()
   num_dense: int = NUM_DENSE
   dense_transform: str = "log"
+  id_format: str = "hex"
 
   @property
   def num_sparse(self) -> int:
@@ -68,10 +74,22 @@ def check_dense_transform(value, where: str = "dense_transform") -> str:
   return value
 
 
+def check_id_format(value, where: str = "id_format") -> str:
+  """`value` if it is one of `ID_FORMATS`, else a `ConfigError` naming `where` (the
+  binding or flag that gave it)."""
+  if not isinstance(value, str) or value not in ID_FORMATS:
+    raise ConfigError(f"{where} must be one of {', '.join(map(repr, ID_FORMATS))} ('hex': "
+                      f"Criteo's hashed ids, read as int(id, 16) % rows; 'decimal': ids "
+                      f"written in decimal, read as int(id) % rows), got {value!r}")
+  return value
+
+
 def make_layout(features: Sequence[FeatureSpec], rows: Mapping[str, int],
-                num_dense: int = NUM_DENSE, dense_transform: str = "log") -> Layout:
+                num_dense: int = NUM_DENSE, dense_transform: str = "log",
+                id_format: str = "hex") -> Layout:
   """Layout of `features`; `rows` maps table name -> row count."""
   check_dense_transform(dense_transform)
+  check_id_format(id_format)
   if not features:
     raise ConfigError("no sparse features configured")
   table_rows = []
@@ -87,7 +105,8 @@ def make_layout(features: Sequence[FeatureSpec], rows: Mapping[str, int],
                 max_lens=tuple(int(f.max_len) for f in features),
                 weighted=tuple(bool(f.weighted) for f in features),
                 rows=tuple(table_rows), tables=tuple(f.table for f in features),
-                num_dense=int(num_dense), dense_transform=dense_transform)
+                num_dense=int(num_dense), dense_transform=dense_transform,
+                id_format=id_format)
 
 
 class Source(Protocol):

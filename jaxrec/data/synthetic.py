@@ -265,7 +265,7 @@ def write_tsv(path: str, src: SyntheticSource, num_examples: int, start: int = 0
 
   Dense values are written as the integer counts (with a layout of `dense_transform`
   "none": as the floats `gather` gives, `%.9g`, which float32 reads back exactly), ids as
-  hex, multi-hot bags as `,`-separated lists and weights as `id:weight`, so reading the
+  hex (decimal with a layout of `id_format` "decimal"), multi-hot bags as `,`-separated lists and weights as `id:weight`, so reading the
   file back with the same layout reproduces `src.gather` exactly.
   """
   lay = src.layout
@@ -283,12 +283,13 @@ def write_tsv(path: str, src: SyntheticSource, num_examples: int, start: int = 0
     else:
       cols += [np.where(counts[:, j] == 0, "", counts[:, j].astype(str))
                for j in range(lay.num_dense)]
+    form = "d" if lay.id_format == "decimal" else "x"
     for name, weighted in zip(lay.names, lay.weighted):
       ids = b.ids[name]
       w = b.weights.get(name)
       col = []
       for r in range(len(idx)):
-        items = [f"{v:x}" + (f":{w[r, k]:.9g}" if weighted else "")
+        items = [f"{v:{form}}" + (f":{w[r, k]:.9g}" if weighted else "")
                  for k, v in enumerate(ids[r]) if v >= 0]
         col.append(",".join(items))
       cols.append(np.array(col, dtype=object))

@@ -11,7 +11,8 @@ Format (the Criteo Kaggle / Terabyte layout): one example per line, tab-separate
   (`tsv_floats`); empty -> 0.
 * C1..C26: hexadecimal ids (at most 16 hex digits, either case) or empty. The k-th
   categorical column feeds the k-th configured feature; stored as `int(hex, 16) % rows`
-  of the feature's table.
+  of the feature's table. With `Layout.id_format == "decimal"` (`open_source.id_format`)
+  decimal ids instead (at most 20 digits, up to 2**64-1), `int(id) % rows` (`tsv_ids`).
   - one-hot feature (`max_len == 1`): one id; empty -> id 0 (the DLRM/TorchRec convention).
   - multi-hot feature (`max_len > 1`): ids separated by `,` (e.g. `a3f,11,7c`), at most
     `max_len` of them; the bag's length is the number of ids; empty -> an empty bag (all
@@ -46,7 +47,7 @@ import numpy as np
 from absl import logging
 
 from jaxrec import signals
-from jaxrec.data import tsv_floats
+from jaxrec.data import tsv_floats, tsv_ids
 from jaxrec.data.batch import Batch, concatenate
 from jaxrec.data.listing import list_files  # noqa: F401 (the readers' entry point)
 from jaxrec.data.source import ArraySource, Layout, empty_batch
@@ -57,17 +58,7 @@ BAD_ROWS = ("error", "skip")
 CHUNK_BYTES = 4 << 20
 MAX_LINE_BYTES = 64 << 20   # a Criteo line is ~200 bytes: longer means another format
 MAX_LOGGED_BAD_ROWS = 5
-# A feature whose first chunk of a file holds this many distinct ids, none with a hex
-# letter, has decimal ids (random 8-digit hex ids are all digits 2% of the time: 64 such
-# distinct ones by chance, ~1e-105): `decimal_features`, a warning naming them.
-DECIMAL_DISTINCT = 64
 
-_HEX = np.full(256, 255, np.uint8)
-for _c in b"0123456789":
-  _HEX[_c] = _c - 48
-for _c in b"abcdef":
-  _HEX[_c] = _c - 87
-  _HEX[_c - 32] = _c - 87
 _CONTROL = np.zeros(256, bool)
 _CONTROL[:32] = True
 _CONTROL[[9, 10, 13]] = False
@@ -229,7 +220,7 @@ class Parser:
     # False: lines without the label column (Criteo's test.txt), to be scored: read as if
     # they started with a label of 0, which the eval does not score (`open_source`)
     self.labeled = labeled
-    self.check_decimal = False          # `decimal_features` of the next chunk parsed
+    self.check_decimal = False   # `decimal_features` of the next chunk parsed (hex ids)
     self.decimal_features: list[str] = []
     nd, nf = layout.num_dense, layout.num_sparse
     self.num_columns = 1 + nd + nf
@@ -296,19 +287,6 @@ class Parser:
     bad_msgs.extend(zip(cols, msgs))
     order = np.argsort(np.array(bad_lines, np.int64), kind="stable")
     return batch, np.array(bad_lines, np.int64)[order], [bad_msgs[i] for i in order]
-
-  def _decimal_features(self, tfeat, hv, raw) -> list[str]:
-    """The features (`'name' (column C3)`) whose tokens (`tfeat`: each one's feature, `hv`:
-    its hex digits, `raw`: its value) are `DECIMAL_DISTINCT` or more distinct ids without
-    a hex letter: decimal ids, which read as hex collide (`0 .. 999` fill 712 of 1,000
-    rows)."""
-    lay = self.layout
-    letters = np.bincount(tfeat, weights=(hv >= 10).any(-1), minlength=lay.num_sparse) > 0
-    found = [f for f in np.flatnonzero(~letters)
-             if len(np.unique(raw[tfeat == f])) >= DECIMAL_DISTINCT]
-    columns = [self.column_names[1 + lay.num_dense + f] for f in found]
-    return [f"'{lay.names[f]}'" + ("" if lay.names[f] == c else f" (column {c})")
-            for f, c in zip(found, columns)]
 
   def _layout_hint(self, counts) -> str:
     """For a chunk of lines that all have the same wrong column count: the data's
@@ -428,21 +406,15 @@ class Parser:
       id_end[ti] = colons
       tok_w[ti], wbad = _parse_floats(a, colons + 1, tok_e[ti])
       flag(np.isin(np.arange(len(trow)), ti[wbad]), 9, trow, tcol)
-    # Hex ids: right-aligned windows of 8 or 16 nibbles, packed into big-endian bytes.
-    tw = id_end - tok_s
-    flag(tw == 0, 8, trow, tcol)
-    flag(tw > 16, 5, trow, tcol)
-    k = 8 if tw.max(initial=0) <= 8 else 16
-    idx = id_end[:, None] + np.arange(-k, 0, dtype=np.int32)
-    hv = _HEX[a[idx]]
-    hv *= idx >= tok_s[:, None]
-    flag((hv == 255).any(-1), 4, trow, tcol)
-    packed = (hv[:, 0::2] << 4) | hv[:, 1::2]
-    raw = packed.view(">u4" if k == 8 else ">u8")[:, 0].astype(np.uint64)
+    # Ids, hex or decimal (`tsv_ids`).
+    raw, why = tsv_ids.parse(a, tok_s, id_end, lay.id_format)
+    for code in tsv_ids.ORDER[lay.id_format]:
+      flag(why == code, code, trow, tcol)
     tid = (raw % self._rows[tfeat]).astype(np.int32)
     if self.check_decimal:
       self.check_decimal = False
-      self.decimal_features = self._decimal_features(tfeat, hv, raw)
+      self.decimal_features = [] if lay.id_format == "decimal" else tsv_ids.decimal_features(
+          lay, self.column_names, tfeat, tsv_ids.has_letter(a, tok_s, id_end), raw)
     # Assemble.
     total = int(self._max_len.sum())
     ids = np.broadcast_to(self._fill_ids, (m, total)).copy()
@@ -473,9 +445,10 @@ class Parser:
       if 0 < c <= nd:
         hint = hint or dense_hint(int(reason[r, c]), value)
       if c > nd:
-        hint = hint or value_hint(int(reason[r, c]), value, lay.weighted[c - 1 - nd])
+        hint = hint or value_hint(int(reason[r, c]), value, lay.weighted[c - 1 - nd],
+                                  lay.id_format)
         why = f"feature '{lay.names[c - 1 - nd]}': " + why.format(
-            max_len=lay.max_lens[c - 1 - nd])
+            max_len=lay.max_lens[c - 1 - nd], id=tsv_ids.ID_WORD[lay.id_format])
       cols.append(c)
       msgs.append(f"column {c + 1 - self._shift} ({self.column_names[c]}): {why} "
                   f"'{shown(value)}'{hint}")
@@ -551,27 +524,16 @@ class BadRowPolicy:
 
 def iter_file(path: str, parser: Parser, policy: BadRowPolicy,
               chunk_bytes: int = CHUNK_BYTES) -> Iterator[Batch]:
-  """Parsed batches (one per chunk) of the good rows of one file, in order. A warning names
-  the features whose ids in the file's first chunk look decimal (`Parser.decimal_features`)."""
+  """Parsed batches (one per chunk) of the good rows of one file, in order. Under hex ids, a
+  warning names the features whose ids in the file's first chunk look decimal
+  (`tsv_ids.decimal_features`)."""
   for line, chunk in read_chunks(path, chunk_bytes):
     parser.check_decimal = line == 1
     batch, bad, msgs = parser.parse(chunk)
     policy.report(path, line, bad, msgs)
     if line == 1 and parser.decimal_features:
-      _warn_decimal(path, parser.decimal_features)
+      tsv_ids.warn_decimal(path, parser.decimal_features)
     yield batch
-
-
-def _warn_decimal(path: str, features: Sequence[str]) -> None:
-  names = ", ".join(features[:8]) + (
-      f" and {len(features) - 8} more" if len(features) > 8 else "")
-  one = len(features) == 1
-  logging.warning("%s: %s %s %s decimal ids only (%d or more distinct at the start of the "
-                  "file, none with a hex letter): ids are read as hex (int(id, 16) %% rows), "
-                  "so decimal ids collide (0 .. 999 fill 712 of 1,000 rows); if they are "
-                  "decimal (already made contiguous), write them in hex ('%%x')", path,
-                  "feature" if one else "features", names, "holds" if one else "hold",
-                  DECIMAL_DISTINCT)
 
 
 def _return_freed_memory() -> None:

@@ -27,8 +27,9 @@ _BINDING = re.compile(r"^([A-Za-z_][\w./]*)\s*=\s?(.*)$")
 SHOWN = 6   # changed bindings a warning lists
 # Parameters added after checkpoints were written, at the value every run had before them:
 # a resume of such a checkpoint listed `open_source.dense_transform: (unbound) -> 'log'`
-# as a change and kept a config-until-<step>.gin for it.
-ADDED_DEFAULTS = {"open_source.dense_transform": "'log'"}
+# as a change and kept a config-until-<step>.gin for it (`open_source.id_format`, 'hex',
+# likewise).
+ADDED_DEFAULTS = {"open_source.dense_transform": "'log'", "open_source.id_format": "'hex'"}
 CALLED_SHOWN = 4   # bindings of a configurable called on one side only, listed in its entry
 
 

@@ -545,7 +545,9 @@ def test_decimal_ids_are_warned_about(tsv_file, caplog):
                     "distinct at the start of the file, none with a hex letter): ids are "
                     "read as hex (int(id, 16) % rows), so decimal ids collide (0 .. 999 "
                     "fill 712 of 1,000 rows); if they are decimal (already made contiguous), "
-                    "write them in hex ('%x')"]
+                    "read them as such with open_source.id_format = 'decimal' "
+                    "(scripts/preprocess.py: --id_format=decimal), or write them in hex "
+                    "('%x')"]
 
 
 def test_unlabeled_lines_read_as_labeled_ones_and_errors_name_the_files_columns(tsv_file):
