@@ -10,8 +10,9 @@ config's `ExperimentConfig.embedding` instead (or its `uniform_tables` bindings 
 unbound), `--num_categorical` defaults to its `open_source.num_categorical` (else the
 feature count; another count than that is an error), `--num_dense` to its
 `ExperimentConfig.num_dense`, `--dense_transform` to its `open_source.dense_transform`
-(else `log`); `--rows`/`--max_len` are then refused. The dense transform is recorded in the
-manifest: training must be configured with the same one. Errors print one line
+(else `log`), `--id_format` to its `open_source.id_format` (else `hex`); `--rows`/`--max_len`
+are then refused. The dense transform and id format are recorded in the manifest: training
+must be configured with the same ones. Errors print one line
 and exit 1. Ctrl-C or SIGTERM stops it (exit 130 or 143) between chunks (at once while it
 waits for input), removing the shards written so far.
 """
@@ -41,6 +42,9 @@ flags.DEFINE_integer("num_dense", 13, "Integer columns per line (with --gin_file
 flags.DEFINE_string("dense_transform", "log", "Dense values: 'log' (raw integer counts, "
                     "stored as log(1 + max(x, 0))) or 'none' (floats, stored as written); "
                     "with --gin_file: its open_source.dense_transform unless given.")
+flags.DEFINE_string("id_format", "hex", "Categorical ids: 'hex' (Criteo's, int(id, 16) % rows) "
+                    "or 'decimal' (ids written in decimal, int(id) % rows); with --gin_file: "
+                    "its open_source.id_format unless given.")
 flags.DEFINE_multi_string("gin_file", [], "Gin config(s) binding `uniform_tables`.")
 flags.DEFINE_multi_string("gin_bindings", [], "Extra gin bindings.")
 flags.DEFINE_enum("bad_rows", "error", ["error", "skip"], "Malformed rows: stop or skip.")
@@ -131,18 +135,20 @@ def _num_categorical(features) -> int:
   return n
 
 
-def _dense_transform() -> str:
-  """`--dense_transform` > gin's `open_source.dense_transform` (what training reads that
-  TSV with, and is checked against the manifest's) > `log`; an unknown name is an error
-  naming where it came from."""
+def _read_as(flag: str) -> str:
+  """`--flag` (`dense_transform`, `id_format`) > gin's `open_source.<flag>` (what
+  training reads that TSV with, and is checked against the manifest's) > the flag's
+  default; an unknown name is an error naming where it came from."""
   from jaxrec import launch
-  from jaxrec.data.source import check_dense_transform
-  if FLAGS["dense_transform"].present or not (FLAGS.gin_file or FLAGS.gin_bindings):
-    return check_dense_transform(FLAGS.dense_transform, "--dense_transform")
-  value = launch.bound_value("open_source.dense_transform")
+  from jaxrec.data import source
+  check = {"dense_transform": source.check_dense_transform,
+           "id_format": source.check_id_format}[flag]
+  if FLAGS[flag].present or not (FLAGS.gin_file or FLAGS.gin_bindings):
+    return check(FLAGS[flag].value, f"--{flag}")
+  value = launch.bound_value(f"open_source.{flag}")
   if value is None:   # not bound
-    return FLAGS["dense_transform"].default
-  return check_dense_transform(value, "open_source.dense_transform")
+    return FLAGS[flag].default
+  return check(value, f"open_source.{flag}")
 
 
 def _check_paths() -> None:
@@ -200,7 +206,8 @@ def main(argv):
                           num_dense=num_dense, num_categorical=_num_categorical(features),
                           shard_examples=FLAGS.shard_examples,
                           columns_from=_columns_from(dense_from),
-                          dense_transform=_dense_transform())
+                          dense_transform=_read_as("dense_transform"),
+                          id_format=_read_as("id_format"))
   except JaxrecError as e:
     print(f"error: {user_message(e)}", file=sys.stderr)
     sys.exit(1)

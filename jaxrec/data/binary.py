@@ -10,9 +10,11 @@ writes
   DIR/manifest.json         {"format": "jaxrec.binary", "version": 1, "num_examples",
                             "num_dense", "dense_transform" ("log" | "none": how the TSV's
                             dense values were read; absent, from before it was recorded:
-                            "log"), "record_bytes", "features": [{name, table, rows,
-                            max_len, weighted}], "shards": [{file, num_examples, bytes,
-                            sha256}], "bad_rows": {input path: rows skipped}}
+                            "log"), "id_format" ("hex" | "decimal": how the TSV's ids
+                            were written; absent: "hex"), "record_bytes", "features":
+                            [{name, table, rows, max_len, weighted}], "shards": [{file,
+                            num_examples, bytes, sha256}], "bad_rows": {input path: rows
+                            skipped}}
 
 The manifest is written last (atomically), so a directory without one is not a dataset
 (`binary_write` writes it; this module defines the format and reads it).
@@ -20,7 +22,7 @@ Readers memory-map the shards: example `i` is one fixed-size read, so any permut
 cheap and each process touches only the examples it takes. On open the reader checks the
 manifest against the configured features (count, bag sizes, weights, row counts; a feature
 stored one-hot cannot be read multi-hot: their empty fields differ), that the configured
-dense transform is the one the data was preprocessed with, that each shard
+dense transform and id format are the ones the data was preprocessed with, that each shard
 `file` is a name inside DIR (not a path), and each shard's size and sha256; any mismatch
 raises `DataError`. A shard whose sha256 matched is recorded in `DIR/.verified.json` with
 its size, mtime and inode, and later opens skip hashing it while those are unchanged
@@ -41,7 +43,7 @@ import numpy as np
 
 from jaxrec.data import file_limit
 from jaxrec.data.batch import Batch
-from jaxrec.data.source import DENSE_TRANSFORMS, GrainMixin, Layout
+from jaxrec.data.source import DENSE_TRANSFORMS, ID_FORMATS, GrainMixin, Layout
 from jaxrec.errors import DataError
 from jaxrec.files import write_text_atomic
 
@@ -175,6 +177,9 @@ def read_manifest(directory: str) -> dict:
     if stored_transform(m) not in DENSE_TRANSFORMS:
       raise DataError(f"{path}: dense_transform is {json.dumps(m['dense_transform'])}, not "
                       f"one of {', '.join(map(json.dumps, DENSE_TRANSFORMS))}")
+    if stored_id_format(m) not in ID_FORMATS:
+      raise DataError(f"{path}: id_format is {json.dumps(m['id_format'])}, not one of "
+                      f"{', '.join(map(json.dumps, ID_FORMATS))}")
     for f in m["features"]:   # before the record layout: -1 failed in numpy, unnamed
       if int(f["max_len"]) <= 0:
         raise DataError(f"{path}: feature {f['name']}: max_len is {f['max_len']}, must be "
@@ -215,6 +220,12 @@ def stored_transform(m: dict):
   """The dense transform a manifest records; "log" for one from before it was recorded
   (only log existed then)."""
   return m.get("dense_transform", "log")
+
+
+def stored_id_format(m: dict):
+  """The id format a manifest records; "hex" for one from before it was recorded (only
+  hex was read then)."""
+  return m.get("id_format", "hex")
 
 
 def _check_kinds(m: dict) -> None:
@@ -296,6 +307,13 @@ class BinarySource(GrainMixin):
           f"'{layout.dense_transform}'; bind open_source.dense_transform = '{stored}' "
           f"(gin) to train on this data, or re-run scripts/preprocess.py with "
           f"--dense_transform={layout.dense_transform}")
+    stored = stored_id_format(m)
+    if stored != layout.id_format:   # the ids' meaning: another config's data, or a typo
+      raise DataError(
+          f"{where}: the data's ids were preprocessed with id_format '{stored}' but this "
+          f"run is configured with open_source.id_format = '{layout.id_format}'; bind "
+          f"open_source.id_format = '{stored}' (gin) to train on this data, or re-run "
+          f"scripts/preprocess.py with --id_format={layout.id_format}")
     self._reduce = []
     for f, name, ml, w, rows, table in zip(feats, layout.names, layout.max_lens,
                                            layout.weighted, layout.rows, layout.tables):
