@@ -4,9 +4,10 @@
                                                  --trainer_metrics=W/metrics.jsonl]
 
 Prints one JSON line per result (`"benchmark": "input_pipeline"`). TSV parsing is timed
-twice: integer counts (`"dense_transform": "log"`) and the same examples' dense values
-written as floats (`%.9g`, `"none"`); `--dense_transform` picks the file preprocessed and
-read from binary shards. The `binary` line holds
+three times on the same examples: integer counts and hex ids (`"dense_transform": "log"`,
+`"id_format": "hex"`), dense values written as floats (`%.9g`, `"none"`), ids written in
+decimal (`%d`, `"id_format": "decimal"`); `--dense_transform` picks the file preprocessed
+and read from binary shards. The `binary` line holds
 `"ratio"` = binary examples/sec / trainer examples/sec with `"goal": 5` (the input
 pipeline must outrun the trainer 5x); the trainer rate comes from the flag, from the
 median `examples_per_sec` of a trainer's metrics.jsonl, or else is measured here by running
@@ -154,24 +155,28 @@ def main(argv):
   with scratch_dir(FLAGS.workdir, "jaxrec_bench_") as work:   # a temp dir: gone on any exit
     rows = {t.name: t.rows for t in tables}
     layouts = {d: make_layout(features, rows, dense_transform=d) for d in ("log", "none")}
+    layouts["decimal"] = make_layout(features, rows, id_format="decimal")   # (log)
     n_block = min(20_000, FLAGS.examples)
     blocks = {}
-    for transform, name in (("log", "block.tsv"), ("none", "floats_block.tsv")):
-      block = os.path.join(work, name)   # the same examples: counts, or floats (`%.9g`)
-      synthetic.write_tsv(block, synthetic.SyntheticSource(layouts[transform], seed=0),
-                          n_block)
-      blocks[transform] = open(block, "rb").read()
+    for key, name in (("log", "block.tsv"), ("none", "floats_block.tsv"),
+                      ("decimal", "decimal_block.tsv")):
+      block = os.path.join(work, name)   # the same examples: counts, floats (`%.9g`), or
+      synthetic.write_tsv(block, synthetic.SyntheticSource(layouts[key], seed=0),  # counts
+                          n_block)                                  # with ids written `%d`
+      blocks[key] = open(block, "rb").read()
     n = FLAGS.examples
-    paths = {"log": os.path.join(work, "train.tsv"), "none": os.path.join(work, "floats.tsv")}
-    for transform, path in paths.items():
-      write_examples(path, blocks[transform], n_block, n)
+    paths = {"log": os.path.join(work, "train.tsv"), "none": os.path.join(work, "floats.tsv"),
+             "decimal": os.path.join(work, "decimal.tsv")}
+    for key, path in paths.items():
+      write_examples(path, blocks[key], n_block, n)
       size = os.path.getsize(path)
       start = time.perf_counter()
-      src = tsv.read_tsv([path], layouts[transform])
+      src = tsv.read_tsv([path], layouts[key])
       dt = time.perf_counter() - start
       assert src.num_examples == n
       del src
-      emit(source="tsv_parse", dense_transform=transform, examples_per_sec=round(n / dt),
+      emit(source="tsv_parse", dense_transform=layouts[key].dense_transform,
+           id_format=layouts[key].id_format, examples_per_sec=round(n / dt),
            mb_per_sec=round(size / dt / 1e6, 1), examples=n)
 
     out = os.path.join(work, "bin")
