@@ -10,6 +10,7 @@ import pytest
 from jaxrec.errors import ConfigError, OutputError
 from jaxrec.train import metrics, predictions
 from jaxrec.train.config import RunOptions
+from tests.scripts.in_process import run_script
 from tests.scripts.test_train import read_metrics, train
 from tests.scripts.test_train_files import FLAGS, write_data
 
@@ -17,6 +18,13 @@ from tests.scripts.test_train_files import FLAGS, write_data
 def _labels(tsv_path):
   with open(tsv_path) as f:
     return np.array([float(line.split("\t", 1)[0]) for line in f], np.float32)
+
+
+def _train_here(*flags):
+  """scripts/train.py run in this process (8 devices; no ~4 s jax import); fails loudly."""
+  proc = run_script("train.py", *flags)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
 
 
 def _read_tsv(path):
@@ -48,8 +56,8 @@ def test_a_run_and_an_evaluate_only_rerun_write_every_eval_example_in_file_order
   assert metrics.roc_auc(label, score) == pytest.approx(final["eval_auc"], abs=1e-7)
   assert metrics.log_loss(label, score) == pytest.approx(final["eval_logloss"], rel=1e-5)
 
-  proc = train(w, *FLAGS, "--num_steps=20", f"--eval_data={tmp_path}/eval.tsv",
-               f"--predictions={again}", devices=8)
+  proc = _train_here(f"--workdir={w}", *FLAGS, "--num_steps=20",
+                     f"--eval_data={tmp_path}/eval.tsv", f"--predictions={again}")
   assert f"wrote the scores of step 20's eval (300 examples) to {again}" in proc.stderr
   table = _read_tsv(again)
   np.testing.assert_array_equal(table[:, 0], label)
@@ -131,10 +139,11 @@ def test_eval_files_without_labels_are_scored(tmp_path):
   with open(tmp_path / "eval.tsv") as f, open(tmp_path / "test.tsv", "w") as out:
     out.writelines(line.split("\t", 1)[1] for line in f)
   w = str(tmp_path / "w")
-  train(w, *FLAGS, "--num_steps=10", f"--train_data={tmp_path}/train.tsv",
-        f"--eval_data={tmp_path}/eval.tsv", f"--predictions={tmp_path}/labeled.npz")
-  proc = train(w, *FLAGS, "--num_steps=10", f"--eval_data={tmp_path}/test.tsv",
-               "--noeval_labels", f"--predictions={tmp_path}/test.tsv.gz")
+  _train_here(f"--workdir={w}", *FLAGS, "--num_steps=10", f"--train_data={tmp_path}/train.tsv",
+              f"--eval_data={tmp_path}/eval.tsv", f"--predictions={tmp_path}/labeled.npz")
+  proc = _train_here(f"--workdir={w}", *FLAGS, "--num_steps=10",
+                     f"--eval_data={tmp_path}/test.tsv", "--noeval_labels",
+                     f"--predictions={tmp_path}/test.tsv.gz")
   assert "done: eval_examples=300, step=10" in proc.stdout, proc.stdout
   resume = [l for l in read_metrics(w) if l.get("event") == "resume"][-1]
   assert not [k for k in resume if k.startswith("eval_") and k != "eval_examples"], resume
@@ -143,8 +152,9 @@ def test_eval_files_without_labels_are_scored(tmp_path):
     table = np.loadtxt(f, np.float64, delimiter="\t", ndmin=2)
   with np.load(tmp_path / "labeled.npz") as z:
     np.testing.assert_array_equal(table[:, 1].astype(np.float32), z["logit"])
-  refused = train(w, *FLAGS, "--num_steps=10", f"--eval_data={tmp_path}/eval.tsv",
-                  "--noeval_labels", f"--predictions={tmp_path}/x.npz", check=False)
+  refused = run_script("train.py", f"--workdir={w}", *FLAGS, "--num_steps=10",
+                       f"--eval_data={tmp_path}/eval.tsv", "--noeval_labels",
+                       f"--predictions={tmp_path}/x.npz")
   assert refused.returncode == 1 and "expected 39 tab-separated columns (13 integer, 26 " \
       "categorical; no label), found 40, as do all 300 lines read with it: a label column " \
       "first (read without --noeval_labels)?" in refused.stderr, refused.stderr[-2000:]
