@@ -528,8 +528,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       late = terminated is not None and terminated.is_set() and not sigterm   # in the eval
       if late or (eval_stopped and not stop):   # or a stop the job's preemption cut it for
         sigterm, stop = sigterm or late, True
-        if not is_ckpt:
-          save_checkpoint(state, step, force=True, evaluates=True)
+        if not is_ckpt:   # owed an eval only if this step had one (a stopped one)
+          save_checkpoint(state, step, force=True, evaluates=is_eval)
         if not is_log:   # the steps since the last loss line end here
           record["loss"] = float(losses.mean())
       if record:

@@ -238,6 +238,30 @@ def test_a_resume_after_sigterm_counts_the_evals_before_it(tmp_path, monkeypatch
   assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == ["2", "8"]
 
 
+def test_a_sigterm_after_a_step_without_an_eval_owes_no_eval(tmp_path, monkeypatch):
+  """SIGTERM while step 5 (logged, not evaluated) writes its line: checkpoint 5 said it was
+  owed an eval, so the resumed run evaluated step 5 off the --eval_every schedule and
+  counted it, stopping at 6 where an uninterrupted run stops at 8."""
+  from jaxrec import schedules  # pylint: disable=import-outside-toplevel
+  w = str(tmp_path / "w")
+  flags = ["--early_stop_patience=3", *FLAGS, "--log_every=1"]
+  real = schedules.logged_rate
+
+  def logged_rate(rate, step, name):   # after the step's SIGTERM check, before its line
+    if step == 5:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(rate, step, name)
+  monkeypatch.setattr(schedules, "logged_rate", logged_rate)
+  proc = run_script("train.py", f"--workdir={w}", *flags)
+  assert proc.returncode == 143, proc.stderr[-3000:]
+  monkeypatch.setattr(schedules, "logged_rate", real)
+  proc = run_script("train.py", f"--workdir={w}", *flags)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not [l for l in _lines(w) if l["step"] == 5 and "eval_auc" in l]
+  event = _lines(w)[-1]
+  assert (event["event"], event["step"], event["best_step"]) == ("early_stop", 8, 2)
+
+
 @pytest.mark.slow   # ~60 s: an uninterrupted run and one killed three times, in subprocesses
 def test_kill9_resumes_stop_where_an_uninterrupted_run_stops(tmp_path):
   """eval_auc as it comes (min_delta 0, patience 2): it improves at 20, 24 and 32 after
