@@ -3,19 +3,20 @@
 Scoring a file with a trained model is an evaluate-only rerun (`--num_steps` at or below
 the checkpoint's step, `--eval_data=FILES`) that also writes what the eval computed: one
 entry per eval example, in the eval data's order (files in their listed order, lines in
-order; the padding of the last batch left out). `PATH` ending in `.npz` holds arrays
+order; the padding of the last batch left out). `PATH` ending in `.npz` (any case) holds arrays
 `label`, `score` (the sigmoid of the logit: a click probability; a two-tower's pairwise
 score) and `logit`, all float32 `[examples]`, and `step`; any other name is a
 tab-separated text file with a header line `label  score  logit`, gzip-compressed when
-the name ends in `.gz`. Eval files without labels (`--noeval_labels`) have no `label`.
-Process 0 writes it (every process's rows are gathered for the eval anyway), atomically: a
-run killed while writing leaves the earlier file or none. With early stopping every eval
-writes it (any may be the last).
+the name ends in `.gz` (any case; `.npz.gz` is refused). Eval files without labels
+(`--noeval_labels`) have no `label`. Process 0 writes it (every process's rows are
+gathered for the eval anyway), atomically: a run killed while writing leaves the earlier
+file or none. With early stopping every eval writes it (any may be the last).
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 import os
 
 import numpy as np
@@ -36,6 +37,9 @@ def check_path(path: str | None) -> None:
     raise ConfigError(f"{FLAG}: empty; give a file name (.npz, .tsv or .tsv.gz) or leave "
                       "the flag out")
   files.check_not_unexpanded_home(FLAG, path)
+  if str(path).lower().endswith(".npz.gz"):   # was written as gzipped text, not an npz
+    raise ConfigError(f"{FLAG}={path}: an .npz file is not gzipped; name it .npz (numpy "
+                      "arrays) or .tsv.gz (gzipped text)")
   if os.path.isdir(path):
     raise ConfigError(f"{FLAG}={path} is a directory; give a file name inside it, e.g. "
                       f"{os.path.join(path, 'predictions.tsv')}")
@@ -66,14 +70,17 @@ def write(path: str, logits, labels, step: int) -> str:
     columns = {"label": labels, **columns}
   try:
     with files.atomic_output(path) as tmp:
-      if path.endswith(".npz"):
+      kind = os.path.splitext(path)[1].lower()   # `.NPZ` too (it was written as text)
+      if kind == ".npz":
         with open(tmp, "wb") as f:   # (np.savez given a name would append .npz to it)
           np.savez(f, **columns, step=np.int64(step))
       else:
-        gz = path.endswith(".gz")   # (level 6: gzip's own default, 2x faster than 9)
-        with (gzip.open(tmp, "wt", compresslevel=6) if gz else open(tmp, "w")) as f:
-          f.write("\t".join(columns) + "\n")
-          np.savetxt(f, np.stack(list(columns.values()), 1), fmt="%.9g", delimiter="\t")
+        with open(tmp, "wb") as raw:   # gzip's header names `path` (gunzip -N), not `tmp`
+          out = (gzip.GzipFile(os.path.basename(path)[:-3], "wb", compresslevel=6, fileobj=raw)
+                 if kind == ".gz" else raw)   # (level 6: gzip's own default, 2x faster than 9)
+          with io.TextIOWrapper(out, encoding="utf-8") as f:   # closes `out` (the gzip end)
+            f.write("\t".join(columns) + "\n")
+            np.savetxt(f, np.stack(list(columns.values()), 1), fmt="%.9g", delimiter="\t")
   except OSError as e:
     raise OutputError(f"{FLAG}={path}: writing the eval's scores failed: {e}") from e
   return f"wrote the scores of step {step}'s eval ({logits.size} examples) to {path}"

@@ -83,6 +83,21 @@ def test_the_formats_hold_the_same_values(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["s.npz", "s.tsv", "s.txt.gz"]   # no temporaries
 
 
+def test_the_format_goes_by_the_name_in_any_case_and_gzip_names_the_file(tmp_path):
+  """`S.NPZ` was written as text (np.load failed on it), `S.TSV.GZ` as plain text; a gzip
+  header named the temporary file (`gunzip -N` restored `S.tsv.gz.tmp-<pid>-<ns>`)."""
+  logits, labels = np.array([-1.5, 2.25], np.float32), np.array([0, 1], np.float32)
+  for name in ("S.NPZ", "S.TSV.GZ", "s.tsv.gz"):
+    predictions.write(str(tmp_path / name), logits, labels, step=7)
+  with np.load(tmp_path / "S.NPZ") as z:
+    np.testing.assert_array_equal(z["logit"], logits)
+  for name in ("S.TSV.GZ", "s.tsv.gz"):
+    with gzip.open(tmp_path / name, "rt") as f:
+      assert f.readline() == "label\tscore\tlogit\n"
+    header = (tmp_path / name).read_bytes()[10:]   # FNAME: after the fixed 10-byte header
+    assert header[:header.index(b"\0")] == name[:-3].encode()
+
+
 def test_a_failed_write_keeps_the_earlier_file_and_names_the_flag(tmp_path, monkeypatch):
   """A full disk mid-write: an `OutputError` naming the flag; the earlier file stays whole
   and no temporary file is left."""
@@ -105,6 +120,7 @@ def test_a_failed_write_keeps_the_earlier_file_and_names_the_flag(tmp_path, monk
     ("{tmp}", "is a directory; give a file name inside it"),
     ("{tmp}/no/p.tsv", "its directory {tmp}/no does not exist"),
     ("~/nowhere-jaxrec/p.tsv", "the shell does not expand '~'"),
+    ("{tmp}/p.npz.gz", "an .npz file is not gzipped; name it .npz"),   # was gzipped text
 ])
 def test_a_path_that_cannot_be_written_is_refused_before_the_run(tmp_path, path, message):
   with pytest.raises(ConfigError, match=message.format(tmp=tmp_path).replace(".", r"\.")):
