@@ -396,7 +396,9 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       log.info("step %d was saved to be evaluated and metrics.jsonl has no eval of it (the "
                "run stopped before or during that eval): evaluating it first", start)
       metrics, state = evaluate(eval_step, collection, state, eval_data, bsharding, tier,
-                                model=config.model)
+                                model=config.model,   # with early stopping, maybe the last
+                                predictions=predictions.at(options.predictions, start,
+                                                           stopper.metric is not None))
       writer.write(start, dict(metrics, **data_adapter.bad_row_metrics(eval_data)),
                    data_adapter.bad_row_scalars(eval=eval_data))
       stopper.observe(start, metrics, writer)

@@ -262,6 +262,32 @@ def test_a_sigterm_after_a_step_without_an_eval_owes_no_eval(tmp_path, monkeypat
   assert (event["event"], event["step"], event["best_step"]) == ("early_stop", 8, 2)
 
 
+def test_the_eval_a_resume_owes_writes_the_predictions_of_the_stopping_step(tmp_path,
+                                                                           monkeypatch):
+  """SIGTERM in step 6's eval (the one that stops the run): the resumed run evaluates step
+  6 first and stops there, but that eval wrote no --predictions: the file kept step 4's."""
+  w, path = str(tmp_path / "w"), tmp_path / "p.npz"
+  flags = ["--early_stop_patience=2", *FLAGS, f"--predictions={path}",
+           "--gin_bindings=ExperimentConfig.num_eval_examples=512"]   # 2 eval batches
+  real = elastic.stop_eval
+
+  def stop_eval(step, batch):   # before the second batch of step 6's eval: SIGTERM
+    if (step, batch) == (6, 1):
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(step, batch)
+  monkeypatch.setattr(elastic, "stop_eval", stop_eval)
+  proc = run_script("train.py", f"--workdir={w}", *flags)
+  assert proc.returncode == 143, proc.stderr[-3000:]
+  with np.load(path) as z:
+    assert int(z["step"]) == 4
+  monkeypatch.setattr(elastic, "stop_eval", real)
+  proc = run_script("train.py", f"--workdir={w}", *flags)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (_lines(w)[-1]["event"], _lines(w)[-1]["step"]) == ("early_stop", 6)
+  with np.load(path) as z:
+    assert int(z["step"]) == 6 and z["score"].shape == (512,)
+
+
 @pytest.mark.slow   # ~60 s: an uninterrupted run and one killed three times, in subprocesses
 def test_kill9_resumes_stop_where_an_uninterrupted_run_stops(tmp_path):
   """eval_auc as it comes (min_delta 0, patience 2): it improves at 20, 24 and 32 after
