@@ -297,8 +297,9 @@ class Parser:
     if len(counts) < 2 or (counts != counts[0]).any() or counts[0] <= first:
       return ""
     if self.labeled:
-      label = ("no label column (as Criteo's unlabeled test.txt: training files need labels; "
-               "eval files to be scored only are read with --noeval_labels)? or "
+      label = ("no label column (as Criteo's unlabeled test.txt: training and preprocessed "
+               "files need labels; eval files to be scored only are read as TSV by "
+               "scripts/train.py --noeval_labels)? or "
                if counts[0] == self.num_columns - 1 else "")
     else:
       label = ("a label column first (read without --noeval_labels)? or "

@@ -327,13 +327,15 @@ def test_data_of_another_categorical_count_says_how_many_columns_it_has(tsv_file
 
 def test_unlabeled_and_comma_separated_files_are_named_as_such(tsv_file):
   """Criteo's test.txt has no label column: 39 columns read as '25 categorical columns
-  after the 13 integer ones?'; a CSV file said only 'found 1'."""
+  after the 13 integer ones?'; a CSV file said only 'found 1'. The hint names train.py's
+  flag: scripts/preprocess.py, which has none, pointed at '--noeval_labels' too."""
   lay = make_layout(lib.features(), lib.rows())
   unlabeled = lib.line().split("\t", 1)[1]
   with pytest.raises(DataError, match=r":1: expected 40 .* found 39, as do all 3 lines read "
                      r"with it: no label column \(as Criteo's unlabeled test.txt: training "
-                     r"files need labels; eval files to be scored only are read with "
-                     r"--noeval_labels\)\? or 25 categorical columns"):
+                     r"and preprocessed files need labels; eval files to be scored only are "
+                     r"read as TSV by scripts/train.py --noeval_labels\)\? or 25 categorical "
+                     r"columns"):
     read(tsv_file([unlabeled] * 3), lay)
   with pytest.raises(DataError, match=r":1: expected 40 .* found 1 \(no tab, 39 commas: "
                      r"comma-separated\? the columns must be tab-separated\)$"):
