@@ -201,9 +201,19 @@ class EarlyStop:
     writer.write(step, {"event": EVENT, "best_step": self.best_step, "metric": self.metric,
                         "best": self.best, "patience": self.patience,
                         "min_delta": self.min_delta})
-    log.info("early stop after step %d: %s has not improved for %d evals (best %s; its "
-             "checkpoint is kept)", step, self.metric, self.since, self._best_text())
+    log.info("early stop after step %d: %s has not improved for %d evals (best %s%s)", step,
+             self.metric, self.since, self._best_text(), self._kept_text())
     return True
+
+  def _kept_text(self) -> str:
+    """What the stop line says of the best step's checkpoint: a best from before early
+    stopping was on may have none (the restore warned), and a run without one has none."""
+    if self.best_step is None:
+      return ""
+    if self.ckpt is not None and self.best_step not in self.ckpt.all_steps():
+      return ("; it has no checkpoint (saved without --early_stop_metric or rotated out): "
+              f"checkpoint {self.stopped_at} is the run's last")
+    return "; its checkpoint is kept"
 
   def rerun_note(self, step: int) -> str:
     """The log line of a rerun whose evals up to its checkpoint `step` stopped it (the

@@ -61,6 +61,41 @@ def test_a_non_finite_value_is_no_improvement():
   assert (stopper.best, stopper.since) == (0.6, 1)
 
 
+class _Steps:
+  def __init__(self, *steps):
+    self.steps = list(steps)
+
+  def all_steps(self):
+    return self.steps
+
+  def protect(self, steps):
+    pass
+
+
+class _Lines:
+  def write(self, step, record):
+    pass
+
+
+@pytest.mark.parametrize("ckpt, values, said", [
+    (_Steps(2, 4), [0.6, 0.5, 0.5], "(best 0.6 at step 1; it has no checkpoint (saved without "
+     "--early_stop_metric or rotated out): checkpoint 3 is the run's last)"),
+    (_Steps(1, 3), [0.6, 0.5, 0.5], "(best 0.6 at step 1; its checkpoint is kept)"),
+    (_Steps(1, 2), [NAN, NAN], "(best none yet (no finite value))"),
+])
+def test_the_stop_line_says_a_kept_checkpoint_only_where_there_is_one(ckpt, values, said,
+                                                                     caplog):
+  """A best from before --early_stop_metric was turned on (its checkpoint rotated out, as
+  the restore warned) and a run with no finite value had 'its checkpoint is kept' too."""
+  stopper = EarlyStop("eval_auc", 2, ckpt=ckpt)
+  with caplog.at_level("INFO", logger="jaxrec"):
+    for step, value in enumerate(values, 1):
+      stopped = stopper.observe(step, {"eval_auc": value}, _Lines())
+  assert stopped
+  line = next(r.getMessage() for r in caplog.records if "early stop after" in r.getMessage())
+  assert line.endswith(said), line
+
+
 def test_off_does_nothing(tmp_path):
   stopper = EarlyStop.of(config_lib.RunOptions())
   stopper.restore(str(tmp_path / "metrics.jsonl"), 10)
