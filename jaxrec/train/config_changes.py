@@ -225,6 +225,25 @@ FTRL_STATEFUL = {"lr": "every row it updates jumps to the new rate's weight",
                                         "their first update"}
 
 
+def check_dense_transform(meta: Mapping | None, after: str, eval_source: str,
+                          step: int) -> None:
+  """Raises `ConfigError` when a run that only evaluates checkpoint `step` (its `meta`'s
+  recorded gin) reads eval data other than the synthetic set (which ignores it) with
+  another `open_source.dense_transform` than the one the checkpoint was trained with
+  (`after`: this run's operative config): the model scored inputs of another scale without
+  a word. Nothing is checked without a recorded config."""
+  before = (meta or {}).get("gin")
+  if not isinstance(before, str) or eval_source == "synthetic":
+    return
+  key = "open_source.dense_transform"
+  old, new = bindings(before).get(key, "'log'"), bindings(after).get(key, "'log'")
+  if old != new:
+    raise ConfigError(
+        f"checkpoint {step} was trained on dense values read with {key} = {old}, but this "
+        f"run reads its eval data with {key} = {new}: the model would score inputs of "
+        f"another scale; bind {key} = {old} (gin) to evaluate it")
+
+
 def check_stateful_optimizers(meta: Mapping | None, tables: Sequence[str], optimizer) -> None:
   """Raises `ConfigError` when a table whose checkpoint (its `meta`'s recorded gin) and
   this run (`optimizer`, the run's sparse optimizer) both give FTRL has another `lr` or

@@ -188,3 +188,31 @@ def test_unlabeled_eval_data_refused_where_it_cannot_be(tmp_path):
   with pytest.raises(ConfigError, match="synthetic: synthetic data holds labels; reading it "
                      r"without them \(--noeval_labels\) is for TSV files"):
     pipeline.make_eval_batches("synthetic", features, tables, 256, labeled=False)
+
+
+@pytest.mark.slow   # 15-25 s of script runs: kept out of the default suite for its time
+def test_scoring_with_another_dense_transform_than_the_model_trained_with_is_refused(
+    tmp_path):
+  """A model trained on floats (`dense_transform = 'none'`) scored integer-valued files
+  read as log counts without a word: another scale, plausible-looking scores."""
+  for name, n, start in (("train.tsv", 1000, 0), ("eval.tsv", 300, 5000)):
+    write_data(tmp_path / name, n, start=start)   # dense values 0, 1, 2: a finite loss
+    rows = [l.split("\t") for l in (tmp_path / name).read_text().splitlines()]
+    (tmp_path / name).write_text("".join(
+        "\t".join(r[:1] + [str(int(v or 0) % 3) for v in r[1:14]] + r[14:]) + "\n"
+        for r in rows))
+  w, none = str(tmp_path / "w"), "--gin_bindings=open_source.dense_transform = 'none'"
+  train(w, *FLAGS, none, "--num_steps=10", f"--train_data={tmp_path}/train.tsv",
+        f"--eval_data={tmp_path}/eval.tsv")
+  proc = train(w, *FLAGS, "--num_steps=10", f"--eval_data={tmp_path}/eval.tsv",
+               f"--predictions={tmp_path}/p.npz", check=False)
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert ("error: checkpoint 10 was trained on dense values read with "
+          "open_source.dense_transform = 'none', but this run reads its eval data with "
+          "open_source.dense_transform = 'log': the model would score inputs of another "
+          "scale; bind open_source.dense_transform = 'none' (gin) to evaluate it"
+          ) in proc.stderr, proc.stderr[-2000:]
+  assert not (tmp_path / "p.npz").exists()
+  train(w, *FLAGS, none, "--num_steps=10", f"--eval_data={tmp_path}/eval.tsv",
+        f"--predictions={tmp_path}/p.npz")
+  assert (tmp_path / "p.npz").exists()

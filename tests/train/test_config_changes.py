@@ -170,3 +170,17 @@ def test_a_refusal_for_another_model_names_the_checkpoints_model_too(tmp_path):
   assert ("DLRM: called (bottom_mlp = (128, 64, 16), top_mlp = (128, 64, 1)) -> (not called)"
           in text), text
   assert "make_train_iterator" not in text
+
+
+def test_an_evaluation_reading_dense_values_otherwise_than_training_is_refused():
+  import pytest  # pylint: disable=import-outside-toplevel
+  from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  none, log = ("open_source.dense_transform = 'none'\n", "open_source.dense_transform = 'log'\n")
+  with pytest.raises(ConfigError, match="checkpoint 7 was trained on dense values read with "
+                     "open_source.dense_transform = 'none', but this run reads"):
+    config_changes.check_dense_transform({"gin": none}, log, "/d/eval.tsv", 7)
+  with pytest.raises(ConfigError, match="= 'log', but this run reads .* = 'none'"):
+    config_changes.check_dense_transform({"gin": "DLRM.dim = 8\n"}, none, "/d/eval.tsv", 7)
+  config_changes.check_dense_transform({"gin": none}, none, "/d/eval.tsv", 7)
+  config_changes.check_dense_transform({"gin": none}, log, "synthetic", 7)   # ignores it
+  config_changes.check_dense_transform({}, log, "/d/eval.tsv", 7)   # nothing recorded
