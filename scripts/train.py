@@ -133,6 +133,12 @@ def main(argv):
         early_stop_patience=FLAGS.early_stop_patience,
         early_stop_min_delta=FLAGS.early_stop_min_delta)
     options.validate()
+    given = [f"--{n}={FLAGS[n].value}" for n in ("early_stop_patience", "early_stop_min_delta")
+             if FLAGS[n].present]
+    if given and not options.early_stop_metric:   # the run trained to the end without a word
+      raise ConfigError(f"{' '.join(given)} without --early_stop_metric, which turns early "
+                        "stopping on: add --early_stop_metric=eval_auc (or eval_logloss, ...) "
+                        "or leave out the flag")
     workdir_checks.check_workdir(FLAGS.workdir)
     # --train_data/--eval_data as bindings too: W/config.gin names the data the run used
     launch.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, overrides={

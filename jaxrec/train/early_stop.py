@@ -221,7 +221,7 @@ class EarlyStop:
     return (f"stopped early at step {self.stopped_at}: {self.metric} has not improved for "
             f"{self.since} evals (--early_stop_patience={self.patience}; best "
             f"{self._best_text()}): training nothing more, evaluating checkpoint {step}; "
-            "raise --early_stop_patience or leave out --early_stop_metric to train on")
+            "raise --early_stop_patience or leave out the --early_stop_* flags to train on")
 
   def summary(self) -> dict[str, Any]:
     """The `done:` line's (`train_and_evaluate`'s result's) fields: where the best is."""

@@ -212,6 +212,17 @@ FLAGS = ["--gin_file=configs/dlrm_synthetic.gin", "--mesh=data=8", "--plan=dp",
          "--gin_bindings=DLRM.bottom_mlp=(16,)", "--gin_bindings=DLRM.top_mlp=(16,1)"]
 
 
+def test_the_other_early_stop_flags_without_a_metric_are_refused(tmp_path):
+  """`--early_stop_patience=5` alone trained to --num_steps without a word."""
+  proc = run_script("train.py", f"--workdir={tmp_path / 'w'}",
+                    "--gin_file=configs/dlrm_synthetic.gin", "--early_stop_patience=5",
+                    "--early_stop_min_delta=0.001")
+  assert proc.returncode == 1 and not os.path.exists(tmp_path / "w")
+  assert ("error: --early_stop_patience=5 --early_stop_min_delta=0.001 without "
+          "--early_stop_metric, which turns early stopping on: add --early_stop_metric="
+          "eval_auc (or eval_logloss, ...) or leave out the flag") in proc.stderr, proc.stderr
+
+
 def _lines(workdir):
   return [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
 
