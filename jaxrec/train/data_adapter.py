@@ -16,7 +16,7 @@ from jaxrec.checkpoint.manager import CheckpointManager
 from jaxrec.checkpoint.steps import step_dirs
 
 from jaxrec.data import pipeline
-from jaxrec.errors import DataError, DataPathError, counted
+from jaxrec.errors import ConfigError, DataError, DataPathError, counted
 from jaxrec.train import early_stop
 from jaxrec.train.writers import METRICS_FILE
 from jaxrec.workdir_layout import checkpoint_dir
@@ -180,6 +180,29 @@ def eval_in_train_warning(config, options) -> str | None:
           f"{len(shared)} file(s) with the training data {train} "
           f"({_given_by(options, 'train_data')}), e.g. {sorted(shared)[0]}: its eval metrics "
           "measure the fit on examples the model trains on, not on held-out ones")
+
+
+def check_predictions_path(config, options) -> None:
+  """Raises `ConfigError` for a `--predictions` file that is one of the eval data's files
+  or inside its directory of TSV files: the scores replaced the data they scored, or a
+  later run read them as eval data (malformed rows)."""
+  if not options.predictions:
+    return
+  source = options.eval_data or config.eval_data
+  path = os.path.realpath(options.predictions)
+  files = _data_files(source)
+  directory = (os.path.realpath(source) if source != pipeline.SYNTHETIC
+               and os.path.isdir(source) else None)
+  if directory in files:   # a preprocessed dataset reads its manifest's shards only
+    directory = None
+  if path in files:
+    raise ConfigError(f"--predictions={options.predictions} is a file of the eval data "
+                      f"({_given_by(options, 'eval_data')} = {source}): writing the scores "
+                      "would replace it; give another file")
+  if directory is not None and path.startswith(directory + os.sep):
+    raise ConfigError(f"--predictions={options.predictions} is inside the eval data's "
+                      f"directory ({_given_by(options, 'eval_data')} = {source}): a later run "
+                      "would read the scores as eval data; give a file elsewhere")
 
 
 def _data_files(path: str) -> set[str]:

@@ -153,6 +153,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   # back to an earlier step. Data errors come before anything starts or compiles, and
   # before the plan's report (a missing file's error is then not 20+ lines below it).
   evaluate_only = data_adapter.evaluates_only(workdir, options)
+  data_adapter.check_predictions_path(config, options)   # not over the data it scores
   source, eval_data = process_agreement.opened_data(   # the same on every process
       lambda: (None if evaluate_only else data_adapter.train_iterator(config, options),
                data_adapter.eval_data(config, options)), ("--train_data", "--eval_data"))

@@ -216,3 +216,27 @@ def test_scoring_with_another_dense_transform_than_the_model_trained_with_is_ref
   train(w, *FLAGS, none, "--num_steps=10", f"--eval_data={tmp_path}/eval.tsv",
         f"--predictions={tmp_path}/p.npz")
   assert (tmp_path / "p.npz").exists()
+
+
+def test_the_scores_are_not_written_over_or_among_the_eval_data(tmp_path):
+  """`--eval_data=test.tsv --predictions=test.tsv` replaced the data with its scores; a
+  file inside an eval directory of TSV files was read as eval data by the next run."""
+  from jaxrec.train import data_adapter   # pylint: disable=import-outside-toplevel
+  import types   # pylint: disable=import-outside-toplevel
+  (tmp_path / "d").mkdir()
+  for name in ("a.tsv", "d/b.tsv"):
+    (tmp_path / name).write_text("0\n")
+  config = types.SimpleNamespace(eval_data="synthetic")   # (the flag's path is read)
+
+  def check(eval_data, path):
+    options = RunOptions(eval_data=str(tmp_path / eval_data), predictions=str(tmp_path / path))
+    data_adapter.check_predictions_path(config, options)
+  with pytest.raises(ConfigError, match=r"a\.tsv is a file of the eval data \(--eval_data = "
+                     r".*a\.tsv\): writing the scores would replace it"):
+    check("a.tsv", "a.tsv")
+  with pytest.raises(ConfigError, match=r"d/b\.tsv is a file of the eval data"):
+    check("d", "d/b.tsv")
+  with pytest.raises(ConfigError, match=r"d/s\.tsv is inside the eval data's directory"):
+    check("d", "d/s.tsv")
+  check("a.tsv", "s.tsv")
+  check("d/b.tsv", "d/s.tsv")   # a file given: the directory's others are not read
