@@ -225,23 +225,30 @@ FTRL_STATEFUL = {"lr": "every row it updates jumps to the new rate's weight",
                                         "their first update"}
 
 
-def check_dense_transform(meta: Mapping | None, after: str, eval_source: str,
-                          step: int) -> None:
+# How a TSV file's values are read (binding: its default, what the model saw), which an
+# evaluate-only run must read its eval files with as the checkpoint was trained
+READ_AS = {"open_source.dense_transform": ("'log'", "dense values", "inputs of another scale"),
+           "open_source.id_format": ("'hex'", "categorical ids", "other rows than it trained")}
+
+
+def check_read_as(meta: Mapping | None, after: str, eval_source: str, step: int) -> None:
   """Raises `ConfigError` when a run that only evaluates checkpoint `step` (its `meta`'s
-  recorded gin) reads eval data other than the synthetic set (which ignores it) with
-  another `open_source.dense_transform` than the one the checkpoint was trained with
-  (`after`: this run's operative config): the model scored inputs of another scale without
-  a word. Nothing is checked without a recorded config."""
+  recorded gin) reads eval data other than the synthetic set (which ignores them) with
+  another `READ_AS` binding (`open_source.dense_transform`, `open_source.id_format`) than
+  the checkpoint was trained with (`after`: this run's operative config): the model scored
+  inputs of another scale, or looked up other rows, without a word (the changed-bindings
+  warning is a training resume's only). Nothing is checked without a recorded config."""
   before = (meta or {}).get("gin")
   if not isinstance(before, str) or eval_source == "synthetic":
     return
-  key = "open_source.dense_transform"
-  old, new = bindings(before).get(key, "'log'"), bindings(after).get(key, "'log'")
-  if old != new:
-    raise ConfigError(
-        f"checkpoint {step} was trained on dense values read with {key} = {old}, but this "
-        f"run reads its eval data with {key} = {new}: the model would score inputs of "
-        f"another scale; bind {key} = {old} (gin) to evaluate it")
+  old_bindings, new_bindings = bindings(before), bindings(after)
+  for key, (default, what, consequence) in READ_AS.items():
+    old, new = old_bindings.get(key, default), new_bindings.get(key, default)
+    if old != new:
+      raise ConfigError(
+          f"checkpoint {step} was trained on {what} read with {key} = {old}, but this run "
+          f"reads its eval data with {key} = {new}: the model would score {consequence}; "
+          f"bind {key} = {old} (gin) to evaluate it")
 
 
 def check_stateful_optimizers(meta: Mapping | None, tables: Sequence[str], optimizer) -> None:

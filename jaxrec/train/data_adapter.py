@@ -183,13 +183,18 @@ def eval_in_train_warning(config, options) -> str | None:
 
 
 def check_predictions_path(config, options) -> None:
-  """Raises `ConfigError` for a `--predictions` file that is one of the eval data's files
-  or inside its directory of TSV files: the scores replaced the data they scored, or a
-  later run read them as eval data (malformed rows)."""
+  """Raises `ConfigError` for a `--predictions` file that is one of the eval or training
+  data's files or inside the eval data's directory of TSV files: the scores replaced the
+  data they scored, or a later run read them as eval data (malformed rows)."""
   if not options.predictions:
     return
-  source = options.eval_data or config.eval_data
   path = os.path.realpath(options.predictions)
+  train = options.train_data or config.train_data
+  if path in _data_files(train):
+    raise ConfigError(f"--predictions={options.predictions} is a file of the training data "
+                      f"({_given_by(options, 'train_data')} = {train}): writing the scores "
+                      "would replace it; give another file")
+  source = options.eval_data or config.eval_data
   files = _data_files(source)
   directory = (os.path.realpath(source) if source != pipeline.SYNTHETIC
                and os.path.isdir(source) else None)

@@ -331,8 +331,8 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       operative_gin, unwritten = config_gin.recorded(config, gin.operative_config_str())
       meta["gin"] = operative_gin
     if restored is not None and train_it is None:   # only evaluates: read as it was trained
-      config_changes.check_dense_transform(restored.meta, operative_gin,
-                                           options.eval_data or config.eval_data, start)
+      config_changes.check_read_as(restored.meta, operative_gin,
+                                   options.eval_data or config.eval_data, start)
     signals.check()
     if is_main:   # only now: a run refused by its restore leaves the last run's files
       resumed = None   # a resume that trains with another config: said, and kept

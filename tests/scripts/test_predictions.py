@@ -226,7 +226,7 @@ def test_the_scores_are_not_written_over_or_among_the_eval_data(tmp_path):
   (tmp_path / "d").mkdir()
   for name in ("a.tsv", "d/b.tsv"):
     (tmp_path / name).write_text("0\n")
-  config = types.SimpleNamespace(eval_data="synthetic")   # (the flag's path is read)
+  config = types.SimpleNamespace(eval_data="synthetic", train_data="synthetic")
 
   def check(eval_data, path):
     options = RunOptions(eval_data=str(tmp_path / eval_data), predictions=str(tmp_path / path))
@@ -240,3 +240,7 @@ def test_the_scores_are_not_written_over_or_among_the_eval_data(tmp_path):
     check("d", "d/s.tsv")
   check("a.tsv", "s.tsv")
   check("d/b.tsv", "d/s.tsv")   # a file given: the directory's others are not read
+  with pytest.raises(ConfigError, match=r"a\.tsv is a file of the training data \("
+                     r"--train_data = .*a\.tsv\)"):
+    data_adapter.check_predictions_path(config, RunOptions(
+        train_data=str(tmp_path / "a.tsv"), predictions=str(tmp_path / "a.tsv")))

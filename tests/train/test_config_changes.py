@@ -172,15 +172,22 @@ def test_a_refusal_for_another_model_names_the_checkpoints_model_too(tmp_path):
   assert "make_train_iterator" not in text
 
 
-def test_an_evaluation_reading_dense_values_otherwise_than_training_is_refused():
+def test_an_evaluation_reading_values_otherwise_than_training_is_refused():
   import pytest  # pylint: disable=import-outside-toplevel
   from jaxrec.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  check = config_changes.check_read_as
   none, log = ("open_source.dense_transform = 'none'\n", "open_source.dense_transform = 'log'\n")
   with pytest.raises(ConfigError, match="checkpoint 7 was trained on dense values read with "
                      "open_source.dense_transform = 'none', but this run reads"):
-    config_changes.check_dense_transform({"gin": none}, log, "/d/eval.tsv", 7)
+    check({"gin": none}, log, "/d/eval.tsv", 7)
   with pytest.raises(ConfigError, match="= 'log', but this run reads .* = 'none'"):
-    config_changes.check_dense_transform({"gin": "DLRM.dim = 8\n"}, none, "/d/eval.tsv", 7)
-  config_changes.check_dense_transform({"gin": none}, none, "/d/eval.tsv", 7)
-  config_changes.check_dense_transform({"gin": none}, log, "synthetic", 7)   # ignores it
-  config_changes.check_dense_transform({}, log, "/d/eval.tsv", 7)   # nothing recorded
+    check({"gin": "DLRM.dim = 8\n"}, none, "/d/eval.tsv", 7)
+  check({"gin": none}, none, "/d/eval.tsv", 7)
+  check({"gin": none}, log, "synthetic", 7)   # ignores it
+  check({}, log, "/d/eval.tsv", 7)   # nothing recorded
+  decimal = "open_source.id_format = 'decimal'\n"   # ids: other rows looked up
+  with pytest.raises(ConfigError, match="trained on categorical ids read with "
+                     "open_source.id_format = 'decimal', but this run reads its eval data "
+                     "with open_source.id_format = 'hex': the model would score other rows"):
+    check({"gin": decimal}, "", "/d/eval.tsv", 7)
+  check({"gin": decimal + none}, none + decimal, "/d/eval.tsv", 7)
