@@ -265,8 +265,9 @@ def write_tsv(path: str, src: SyntheticSource, num_examples: int, start: int = 0
 
   Dense values are written as the integer counts (with a layout of `dense_transform`
   "none": as the floats `gather` gives, `%.9g`, which float32 reads back exactly), ids as
-  hex (decimal with a layout of `id_format` "decimal"), multi-hot bags as `,`-separated lists and weights as `id:weight`, so reading the
-  file back with the same layout reproduces `src.gather` exactly.
+  hex (decimal with a layout of `id_format` "decimal"), multi-hot bags as `,`-separated
+  lists and weights as `id:weight`, so reading the file back with the same layout
+  reproduces `src.gather` exactly.
   """
   lay = src.layout
   lines = []

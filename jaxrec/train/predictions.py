@@ -3,11 +3,11 @@
 Scoring a file with a trained model is an evaluate-only rerun (`--num_steps` at or below
 the checkpoint's step, `--eval_data=FILES`) that also writes what the eval computed: one
 entry per eval example, in the eval data's order (files in their listed order, lines in
-order; the padding of the last batch left out). `PATH` ending in `.npz` (any case) holds arrays
-`label`, `score` (the sigmoid of the logit: a click probability; a two-tower's pairwise
-score) and `logit`, all float32 `[examples]`, and `step`; any other name is a
-tab-separated text file with a header line `label  score  logit`, gzip-compressed when
-the name ends in `.gz` (any case; `.npz.gz` is refused). Eval files without labels
+order; the padding of the last batch left out). `PATH` ending in `.npz` (any case)
+holds arrays `label`, `score` (the sigmoid of the logit: a click probability; a
+two-tower's pairwise score) and `logit`, all float32 `[examples]`, and `step`; any other
+name is a tab-separated text file with a header line `label  score  logit`,
+gzip-compressed when the name ends in `.gz` (any case; `.npz.gz` is refused). Eval files without labels
 (`--noeval_labels`) have no `label`. Process 0 writes it (every process's rows are
 gathered for the eval anyway), atomically: a run killed while writing leaves the earlier
 file or none. With early stopping every eval writes it (any may be the last).
