@@ -26,11 +26,13 @@ NUM_DENSE = 13
 # What becomes of a TSV file's dense values (`open_source.dense_transform`): "log", raw
 # integer counts as `log(1 + max(x, 0))` (Criteo's); "none", floats used as written
 # (already normalised data: NVTabular's, HugeCTR's).
-DENSE_TRANSFORMS = ("log", "none")
+DENSE_TRANSFORMS = {"log": "raw integer counts, read as log(1 + max(x, 0))",
+                    "none": "floats, read as written"}
 # How a TSV file's categorical ids are written (`open_source.id_format`): "hex", Criteo's
 # hashed ids, `int(id, 16) % rows`; "decimal", ids already made contiguous (NVTabular's
 # Categorify, HugeCTR's slot-size data), `int(id) % rows`.
-ID_FORMATS = ("hex", "decimal")
+ID_FORMATS = {"hex": "Criteo's hashed ids, read as int(id, 16) % rows",
+              "decimal": "ids written in decimal, read as int(id) % rows"}
 # `len()` of an endless source, as grain wants an int (positions beyond it never occur).
 ENDLESS_LEN = 2**62
 
@@ -64,24 +66,24 @@ class Layout:
     return len(self.names)
 
 
-def check_dense_transform(value, where: str = "dense_transform") -> str:
-  """`value` if it is one of `DENSE_TRANSFORMS`, else a `ConfigError` naming `where` (the
-  binding or flag that gave it)."""
-  if not isinstance(value, str) or value not in DENSE_TRANSFORMS:
-    raise ConfigError(f"{where} must be one of {', '.join(map(repr, DENSE_TRANSFORMS))} "
-                      f"('log': raw integer counts, read as log(1 + max(x, 0)); 'none': "
-                      f"floats, read as written), got {value!r}")
+def _check_choice(value, choices: Mapping[str, str], where: str) -> str:
+  """`value` if it is one of `choices` (name -> what it means), else a `ConfigError`
+  naming `where` (the binding or flag that gave it) and what each choice means."""
+  if not isinstance(value, str) or value not in choices:
+    meanings = "; ".join(f"{k!r}: {v}" for k, v in choices.items())
+    raise ConfigError(f"{where} must be one of {', '.join(map(repr, choices))} ({meanings}), "
+                      f"got {value!r}")
   return value
+
+
+def check_dense_transform(value, where: str = "dense_transform") -> str:
+  """`value` if it is one of `DENSE_TRANSFORMS`, else a `ConfigError` naming `where`."""
+  return _check_choice(value, DENSE_TRANSFORMS, where)
 
 
 def check_id_format(value, where: str = "id_format") -> str:
-  """`value` if it is one of `ID_FORMATS`, else a `ConfigError` naming `where` (the
-  binding or flag that gave it)."""
-  if not isinstance(value, str) or value not in ID_FORMATS:
-    raise ConfigError(f"{where} must be one of {', '.join(map(repr, ID_FORMATS))} ('hex': "
-                      f"Criteo's hashed ids, read as int(id, 16) % rows; 'decimal': ids "
-                      f"written in decimal, read as int(id) % rows), got {value!r}")
-  return value
+  """`value` if it is one of `ID_FORMATS`, else a `ConfigError` naming `where`."""
+  return _check_choice(value, ID_FORMATS, where)
 
 
 def make_layout(features: Sequence[FeatureSpec], rows: Mapping[str, int],
