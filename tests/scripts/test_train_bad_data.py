@@ -92,7 +92,8 @@ CASES = [
     ("dense_float", _row(set_col(13, "2.5")),
      "{p}:7: column 14 (I13): dense value is not an integer: '2.5' (dense columns hold raw "
      "integer counts, which jaxrec turns into log(1 + max(x, 0)); already normalised float "
-     "features are not read)", [], True),
+     "features are not read: open_source.dense_transform = 'none' reads them as written "
+     "(scripts/preprocess.py: --dense_transform=none))", [], True),
     ("label", _row(set_col(0, "2")), "{p}:7: column 1 (label): label must be 0 or 1, got '2'",
      [], True),
     ("empty", _empty, "{p}: empty file", [], True),
