@@ -37,7 +37,7 @@ flags.DEFINE_string("rows", None, "Table rows: one int for all tables or a comma
 flags.DEFINE_string("max_len", "1", "Bag size per feature: one int or a comma list.")
 flags.DEFINE_integer("num_categorical", 26, "Categorical columns per line (with --gin_file: "
                      "its open_source.num_categorical, else its feature count, unless given).")
-flags.DEFINE_integer("num_dense", 13, "Integer columns per line (with --gin_file: the config's "
+flags.DEFINE_integer("num_dense", 13, "Dense columns per line (with --gin_file: the config's "
                      "ExperimentConfig.num_dense unless given).")
 flags.DEFINE_string("dense_transform", "log", "Dense values: 'log' (raw integer counts, "
                     "stored as log(1 + max(x, 0))) or 'none' (floats, stored as written); "
