@@ -439,7 +439,8 @@ class Supervisor(scaling.Scaling):
                        checkpoint=checkpoint, stop_timeout=self.o.stop_timeout, signal=name,
                        action="checkpoint at the next check step, stop")
       print(f"{name}: the workers save at their next check step (--check_every="
-            f"{self.o.check_every}), then the job stops; at most --stop_timeout="
+            f"{self.o.check_every}; or the step of an eval in progress or coming before it, "
+            f"which stops), then the job stops; at most --stop_timeout="
             f"{self.o.stop_timeout:g} s. Again (or Ctrl-C): stop at once.",
             file=sys.stderr, flush=True)
       if stop is not None:   # a re-plan's: an eval in progress now stops too

@@ -60,8 +60,9 @@ def test_sigterm_saves_at_the_next_check_step_then_stops(tmp_path, signum):
   assert give_up["event"] == "give_up" and give_up["reason"] == "interrupted"
   assert saved % 5 == 0 and saved >= term["step"], (saved, term)
   assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == [str(saved)]
-  assert (f"{name}: the workers save at their next check step (--check_every=5), then the "
-          "job stops; at most --stop_timeout=300 s." in launch_log(w))
+  assert (f"{name}: the workers save at their next check step (--check_every=5; or the step "
+          "of an eval in progress or coming before it, which stops), then the job stops; at "
+          "most --stop_timeout=300 s." in launch_log(w))
   assert (f"error: stopped by {name} after the workers saved step {saved}. Stopping; the "
           f"latest checkpoint is step {saved}" in launch_log(w)), launch_log(w)[-2000:]
 
