@@ -228,27 +228,35 @@ FTRL_STATEFUL = {"lr": "every row it updates jumps to the new rate's weight",
 # How a TSV file's values are read (binding: its default, what the model saw), which an
 # evaluate-only run must read its eval files with as the checkpoint was trained
 READ_AS = {"open_source.dense_transform": ("'log'", "dense values", "inputs of another scale"),
-           "open_source.id_format": ("'hex'", "categorical ids", "other rows than it trained")}
+           "open_source.id_format": ("'hex'", "categorical ids",
+                                     "ids mapped to other rows than it learned them in")}
 
 
-def check_read_as(meta: Mapping | None, after: str, eval_source: str, step: int) -> None:
-  """Raises `ConfigError` when a run that only evaluates checkpoint `step` (its `meta`'s
-  recorded gin) reads eval data other than the synthetic set (which ignores them) with
-  another `READ_AS` binding (`open_source.dense_transform`, `open_source.id_format`) than
-  the checkpoint was trained with (`after`: this run's operative config): the model scored
-  inputs of another scale, or looked up other rows, without a word (the changed-bindings
-  warning is a training resume's only). Nothing is checked without a recorded config."""
+def check_read_as(meta: Mapping | None, after: str, eval_source: str, step: int,
+                  trains: bool = False) -> None:
+  """Raises `ConfigError` when a run from checkpoint `step` (its `meta`'s recorded gin)
+  reads data other than the synthetic set (which ignores them: `eval_source`, or the
+  training data when it `trains`) with another `READ_AS` binding
+  (`open_source.dense_transform`, `open_source.id_format`) than the checkpoint was trained
+  with (`after`: this run's operative config). Evaluating, the model scored inputs of
+  another scale, or looked up other rows, without a word; training on from its data
+  position, the data's fingerprint refused the files as "other data" without naming the
+  binding (the trainer checks only then: a copy without one may change them). Nothing is
+  checked without a recorded config."""
   before = (meta or {}).get("gin")
   if not isinstance(before, str) or eval_source == "synthetic":
     return
+  data, verb, then = (("training data", "train on", "train on from it (or copy it without "
+                       "its data position, convert_checkpoint.py --restart_data, to go on with "
+                       "the new one)") if trains else ("eval data", "score", "evaluate it"))
   old_bindings, new_bindings = bindings(before), bindings(after)
   for key, (default, what, consequence) in READ_AS.items():
     old, new = old_bindings.get(key, default), new_bindings.get(key, default)
     if old != new:
       raise ConfigError(
           f"checkpoint {step} was trained on {what} read with {key} = {old}, but this run "
-          f"reads its eval data with {key} = {new}: the model would score {consequence}; "
-          f"bind {key} = {old} (gin) to evaluate it")
+          f"reads its {data} with {key} = {new}: the model would {verb} {consequence}; "
+          f"bind {key} = {old} (gin) to {then}")
 
 
 def check_stateful_optimizers(meta: Mapping | None, tables: Sequence[str], optimizer) -> None:

@@ -310,6 +310,10 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     for note in ckpt.restore_warnings if is_main else ():   # under launch.py: its stderr
       elastic.report_warning(f"warning: {note}")
     if restored is not None:
+      if train_it is not None and restored.data_state:   # before the data position's check
+        config_changes.check_read_as(restored.meta, operative_gin, options.train_data
+                                     or config.train_data, int(restored.state["step"]),
+                                     trains=True)
       state = resume_from(restored)
       start = int(state["step"])
       log.info("resumed from step %d of %s", start, ckpt.directory)

@@ -188,6 +188,12 @@ def test_an_evaluation_reading_values_otherwise_than_training_is_refused():
   decimal = "open_source.id_format = 'decimal'\n"   # ids: other rows looked up
   with pytest.raises(ConfigError, match="trained on categorical ids read with "
                      "open_source.id_format = 'decimal', but this run reads its eval data "
-                     "with open_source.id_format = 'hex': the model would score other rows"):
+                     "with open_source.id_format = 'hex': the model would score ids mapped to "
+                     "other rows"):
     check({"gin": decimal}, "", "/d/eval.tsv", 7)
   check({"gin": decimal + none}, none + decimal, "/d/eval.tsv", 7)
+  with pytest.raises(ConfigError, match="but this run reads its training data with "
+                     r"open_source.dense_transform = 'log': the model would train on inputs of "
+                     r"another scale; bind open_source.dense_transform "
+                     "= 'none' \\(gin\\) to train on from it"):   # (said "other data")
+    check({"gin": none}, log, "/d/train.tsv", 7, trains=True)
