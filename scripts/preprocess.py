@@ -141,14 +141,12 @@ def _read_as(flag: str) -> str:
   default; an unknown name is an error naming where it came from."""
   from jaxrec import launch
   from jaxrec.data import source
-  check = {"dense_transform": source.check_dense_transform,
-           "id_format": source.check_id_format}[flag]
   if FLAGS[flag].present or not (FLAGS.gin_file or FLAGS.gin_bindings):
-    return check(FLAGS[flag].value, f"--{flag}")
+    return source.check_read_as(flag, FLAGS[flag].value, f"--{flag}")
   value = launch.bound_value(f"open_source.{flag}")
   if value is None:   # not bound
     return FLAGS[flag].default
-  return check(value, f"open_source.{flag}")
+  return source.check_read_as(flag, value, f"open_source.{flag}")
 
 
 def _check_paths() -> None:

@@ -43,7 +43,7 @@ import numpy as np
 
 from jaxrec.data import file_limit
 from jaxrec.data.batch import Batch
-from jaxrec.data.source import DENSE_TRANSFORMS, ID_FORMATS, GrainMixin, Layout
+from jaxrec.data.source import READ_AS, GrainMixin, Layout
 from jaxrec.errors import DataError
 from jaxrec.files import write_text_atomic
 
@@ -174,12 +174,10 @@ def read_manifest(directory: str) -> dict:
     raise DataError(f"{path}: format version {m.get('version')}, this reader reads {VERSION}")
   try:
     _check_kinds(m)
-    if stored_transform(m) not in DENSE_TRANSFORMS:
-      raise DataError(f"{path}: dense_transform is {json.dumps(m['dense_transform'])}, not "
-                      f"one of {', '.join(map(json.dumps, DENSE_TRANSFORMS))}")
-    if stored_id_format(m) not in ID_FORMATS:
-      raise DataError(f"{path}: id_format is {json.dumps(m['id_format'])}, not one of "
-                      f"{', '.join(map(json.dumps, ID_FORMATS))}")
+    for field, (choices, _, _) in READ_AS.items():
+      if stored_read_as(m, field) not in choices:
+        raise DataError(f"{path}: {field} is {json.dumps(m[field])}, not one of "
+                        f"{', '.join(map(json.dumps, choices))}")
     for f in m["features"]:   # before the record layout: -1 failed in numpy, unnamed
       if int(f["max_len"]) <= 0:
         raise DataError(f"{path}: feature {f['name']}: max_len is {f['max_len']}, must be "
@@ -216,16 +214,11 @@ def read_manifest(directory: str) -> dict:
   return m
 
 
-def stored_transform(m: dict):
-  """The dense transform a manifest records; "log" for one from before it was recorded
-  (only log existed then)."""
-  return m.get("dense_transform", "log")
-
-
-def stored_id_format(m: dict):
-  """The id format a manifest records; "hex" for one from before it was recorded (only
-  hex was read then)."""
-  return m.get("id_format", "hex")
+def stored_read_as(m: dict, field: str):
+  """How manifest `m`'s data was read (`field`: `dense_transform`, `id_format`); the
+  default (`source.READ_AS`: "log", "hex") for one from before the field was recorded
+  (only that was read then)."""
+  return m.get(field, READ_AS[field][1])
 
 
 def _check_kinds(m: dict) -> None:
@@ -299,21 +292,14 @@ class BinarySource(GrainMixin):
     if int(m["num_dense"]) != layout.num_dense:
       raise DataError(f"{where}: the data has {m['num_dense']} dense features but "
                       f"{layout.num_dense} are configured")
-    stored = stored_transform(m)
-    if stored != layout.dense_transform:   # a model trained on other inputs than configured
-      raise DataError(
-          f"{where}: the data's dense values were preprocessed with dense_transform "
-          f"'{stored}' but this run is configured with open_source.dense_transform = "
-          f"'{layout.dense_transform}'; bind open_source.dense_transform = '{stored}' "
-          f"(gin) to train on this data, or re-run scripts/preprocess.py with "
-          f"--dense_transform={layout.dense_transform}")
-    stored = stored_id_format(m)
-    if stored != layout.id_format:   # the ids' meaning: another config's data, or a typo
-      raise DataError(
-          f"{where}: the data's ids were preprocessed with id_format '{stored}' but this "
-          f"run is configured with open_source.id_format = '{layout.id_format}'; bind "
-          f"open_source.id_format = '{stored}' (gin) to train on this data, or re-run "
-          f"scripts/preprocess.py with --id_format={layout.id_format}")
+    for field, (_, _, what) in READ_AS.items():   # a model trained on other inputs
+      stored, configured = stored_read_as(m, field), getattr(layout, field)
+      if stored != configured:
+        raise DataError(
+            f"{where}: the data's {what} were preprocessed with {field} '{stored}' but this "
+            f"run is configured with open_source.{field} = '{configured}'; bind "
+            f"open_source.{field} = '{stored}' (gin) to train on this data, or re-run "
+            f"scripts/preprocess.py with --{field}={configured}")
     self._reduce = []
     for f, name, ml, w, rows, table in zip(feats, layout.names, layout.max_lens,
                                            layout.weighted, layout.rows, layout.tables):

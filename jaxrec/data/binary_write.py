@@ -194,8 +194,8 @@ def preprocess(input_path: str, output: str, features, rows, bad_rows: str = "er
   `features` are the configured `FeatureSpec`s (k-th = k-th categorical column), `rows` maps
   table name -> rows (or the `TableSpec`s); `columns_from` says where the column counts
   came from, for a wrong count's error (`tsv.Parser`); `dense_transform` how dense values
-  are read (`source.DENSE_TRANSFORMS`) and `id_format` how ids are written
-  (`source.ID_FORMATS`), both recorded in the manifest. Returns the manifest.
+  are read (`source.READ_AS`) and `id_format` how ids are written
+  (the same), both recorded in the manifest. Returns the manifest.
   """
   if bad_rows not in tsv.BAD_ROWS:
     raise ConfigError(f"--bad_rows must be one of {tsv.BAD_ROWS}, got '{bad_rows}'")

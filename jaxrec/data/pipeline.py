@@ -44,8 +44,7 @@ import numpy as np
 from jaxrec import gin_usage
 from jaxrec.data import binary, indexing, tsv
 from jaxrec.data.batch import Batch
-from jaxrec.data.source import (ENDLESS_LEN, NUM_DENSE, Source, check_dense_transform,
-                                check_id_format, make_layout)
+from jaxrec.data.source import ENDLESS_LEN, NUM_DENSE, Source, check_read_as, make_layout
 from jaxrec.data.synthetic import SyntheticConfig, SyntheticSource
 from jaxrec.embedding.specs import FeatureSpec, TableSpec, flag, whole
 from jaxrec.errors import ConfigError, DataError
@@ -150,8 +149,8 @@ def open_source(source: str, features: Sequence[FeatureSpec],
     raise ConfigError(f"bad_rows must be one of {tsv.BAD_ROWS}, got '{bad_rows}'")
   num_categorical, verify_checksums = _knobs(
       "open_source", num_categorical=num_categorical, verify_checksums=verify_checksums)
-  check_dense_transform(dense_transform, "open_source.dense_transform")
-  check_id_format(id_format, "open_source.id_format")
+  check_read_as("dense_transform", dense_transform, "open_source.dense_transform")
+  check_read_as("id_format", id_format, "open_source.id_format")
   layout = make_layout(features, _rows(rows), num_dense, dense_transform, id_format)
   if not labeled and (source == SYNTHETIC or binary.is_preprocessed(source)):
     raise ConfigError(f"{source}: {'synthetic' if source == SYNTHETIC else 'preprocessed'} "

@@ -33,6 +33,11 @@ DENSE_TRANSFORMS = {"log": "raw integer counts, read as log(1 + max(x, 0))",
 # Categorify, HugeCTR's slot-size data), `int(id) % rows`.
 ID_FORMATS = {"hex": "Criteo's hashed ids, read as int(id, 16) % rows",
               "decimal": "ids written in decimal, read as int(id) % rows"}
+# The `Layout` fields saying how a TSV file's values are read (`open_source.<field>`,
+# preprocess.py's `--<field>`, a dataset manifest's `<field>`): field -> (its choices, the
+# default, which is also what a manifest from before the field was read with, what it reads)
+READ_AS = {"dense_transform": (DENSE_TRANSFORMS, "log", "dense values"),
+           "id_format": (ID_FORMATS, "hex", "ids")}
 # `len()` of an endless source, as grain wants an int (positions beyond it never occur).
 ENDLESS_LEN = 2**62
 
@@ -66,32 +71,23 @@ class Layout:
     return len(self.names)
 
 
-def _check_choice(value, choices: Mapping[str, str], where: str) -> str:
-  """`value` if it is one of `choices` (name -> what it means), else a `ConfigError`
-  naming `where` (the binding or flag that gave it) and what each choice means."""
+def check_read_as(field: str, value, where: str | None = None) -> str:
+  """`value` if it is one of `READ_AS[field]`'s choices, else a `ConfigError` naming
+  `where` (the binding or flag that gave it; default `field`) and what each choice means."""
+  choices = READ_AS[field][0]
   if not isinstance(value, str) or value not in choices:
     meanings = "; ".join(f"{k!r}: {v}" for k, v in choices.items())
-    raise ConfigError(f"{where} must be one of {', '.join(map(repr, choices))} ({meanings}), "
-                      f"got {value!r}")
+    raise ConfigError(f"{where or field} must be one of {', '.join(map(repr, choices))} "
+                      f"({meanings}), got {value!r}")
   return value
-
-
-def check_dense_transform(value, where: str = "dense_transform") -> str:
-  """`value` if it is one of `DENSE_TRANSFORMS`, else a `ConfigError` naming `where`."""
-  return _check_choice(value, DENSE_TRANSFORMS, where)
-
-
-def check_id_format(value, where: str = "id_format") -> str:
-  """`value` if it is one of `ID_FORMATS`, else a `ConfigError` naming `where`."""
-  return _check_choice(value, ID_FORMATS, where)
 
 
 def make_layout(features: Sequence[FeatureSpec], rows: Mapping[str, int],
                 num_dense: int = NUM_DENSE, dense_transform: str = "log",
                 id_format: str = "hex") -> Layout:
   """Layout of `features`; `rows` maps table name -> row count."""
-  check_dense_transform(dense_transform)
-  check_id_format(id_format)
+  check_read_as("dense_transform", dense_transform)
+  check_read_as("id_format", id_format)
   if not features:
     raise ConfigError("no sparse features configured")
   table_rows = []

@@ -18,6 +18,7 @@ from typing import Mapping, Sequence
 
 from absl import logging as log
 
+from jaxrec.data import source
 from jaxrec.errors import ConfigError
 from jaxrec.files import write_text_atomic
 
@@ -25,11 +26,12 @@ from jaxrec.files import write_text_atomic
 # macro `NAME = ...`, at the start of the line; its continuation lines are indented.
 _BINDING = re.compile(r"^([A-Za-z_][\w./]*)\s*=\s?(.*)$")
 SHOWN = 6   # changed bindings a warning lists
-# Parameters added after checkpoints were written, at the value every run had before them:
-# a resume of such a checkpoint listed `open_source.dense_transform: (unbound) -> 'log'`
-# as a change and kept a config-until-<step>.gin for it (`open_source.id_format`, 'hex',
-# likewise).
-ADDED_DEFAULTS = {"open_source.dense_transform": "'log'", "open_source.id_format": "'hex'"}
+# Parameters added after checkpoints were written, at the value every run had before them
+# (gin's text of it): a resume of such a checkpoint listed `open_source.dense_transform:
+# (unbound) -> 'log'` as a change and kept a config-until-<step>.gin for it
+# (`open_source.id_format`, 'hex', likewise): the TSV reading options, `source.READ_AS`.
+ADDED_DEFAULTS = {f"open_source.{field}": repr(default)
+                  for field, (_, default, _) in source.READ_AS.items()}
 CALLED_SHOWN = 4   # bindings of a configurable called on one side only, listed in its entry
 
 
@@ -225,18 +227,18 @@ FTRL_STATEFUL = {"lr": "every row it updates jumps to the new rate's weight",
                                         "their first update"}
 
 
-# How a TSV file's values are read (binding: its default, what the model saw), which an
-# evaluate-only run must read its eval files with as the checkpoint was trained
-READ_AS = {"open_source.dense_transform": ("'log'", "dense values", "inputs of another scale"),
-           "open_source.id_format": ("'hex'", "categorical ids",
-                                     "ids mapped to other rows than it learned them in")}
+# How a TSV file's values are read (`source.READ_AS`): what the model saw, and what it
+# would see read otherwise; a run from a checkpoint reads its files as it was trained
+_READ_AS_WORDS = {"dense_transform": ("dense values", "inputs of another scale"),
+                  "id_format": ("categorical ids", "ids mapped to other rows than it learned "
+                                "them in")}
 
 
 def check_read_as(meta: Mapping | None, after: str, eval_source: str, step: int,
                   trains: bool = False) -> None:
   """Raises `ConfigError` when a run from checkpoint `step` (its `meta`'s recorded gin)
   reads data other than the synthetic set (which ignores them: `eval_source`, or the
-  training data when it `trains`) with another `READ_AS` binding
+  training data when it `trains`) with another `source.READ_AS` binding
   (`open_source.dense_transform`, `open_source.id_format`) than the checkpoint was trained
   with (`after`: this run's operative config). Evaluating, the model scored inputs of
   another scale, or looked up other rows, without a word; training on from its data
@@ -250,7 +252,8 @@ def check_read_as(meta: Mapping | None, after: str, eval_source: str, step: int,
                        "its data position, convert_checkpoint.py --restart_data, to go on with "
                        "the new one)") if trains else ("eval data", "score", "evaluate it"))
   old_bindings, new_bindings = bindings(before), bindings(after)
-  for key, (default, what, consequence) in READ_AS.items():
+  for field, (what, consequence) in _READ_AS_WORDS.items():
+    key, default = f"open_source.{field}", repr(source.READ_AS[field][1])
     old, new = old_bindings.get(key, default), new_bindings.get(key, default)
     if old != new:
       raise ConfigError(
