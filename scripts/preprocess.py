@@ -10,9 +10,10 @@ config's `ExperimentConfig.embedding` instead (or its `uniform_tables` bindings 
 unbound), `--num_categorical` defaults to its `open_source.num_categorical` (else the
 feature count; another count than that is an error), `--num_dense` to its
 `ExperimentConfig.num_dense`, `--dense_transform` to its `open_source.dense_transform`
-(else `log`), `--id_format` to its `open_source.id_format` (else `hex`); `--rows`/`--max_len`
-are then refused. The dense transform and id format are recorded in the manifest: training
-must be configured with the same ones. Errors print one line
+(else `log`), `--id_format` to its `open_source.id_format` (else `hex`), `--vocab` to its
+`open_source.vocab` (else none: ids `% rows`); `--rows`/`--max_len` are then refused. The
+dense transform, id format and vocabulary are recorded in the manifest: training must be
+configured with the same ones. Errors print one line
 and exit 1. Ctrl-C or SIGTERM stops it (exit 130 or 143) between chunks (at once while it
 waits for input), removing the shards written so far.
 """
@@ -45,6 +46,9 @@ flags.DEFINE_string("dense_transform", "log", "Dense values: 'log' (raw integer 
 flags.DEFINE_string("id_format", "hex", "Categorical ids: 'hex' (Criteo's, int(id, 16) % rows) "
                     "or 'decimal' (ids written in decimal, int(id) % rows); with --gin_file: "
                     "its open_source.id_format unless given.")
+flags.DEFINE_string("vocab", None, "Id vocabulary (a directory scripts/build_vocab.py wrote): "
+                    "ids are stored as their vocabulary rows (kept id -> 1..V, others 0); "
+                    "with --gin_file: its open_source.vocab unless given.")
 flags.DEFINE_multi_string("gin_file", [], "Gin config(s) binding `uniform_tables`.")
 flags.DEFINE_multi_string("gin_bindings", [], "Extra gin bindings.")
 flags.DEFINE_enum("bad_rows", "error", ["error", "skip"], "Malformed rows: stop or skip.")
@@ -149,6 +153,14 @@ def _read_as(flag: str) -> str:
   return source.check_read_as(flag, value, f"open_source.{flag}")
 
 
+def _vocab() -> str | None:
+  """`--vocab` > gin's `open_source.vocab` (what training reads that TSV through) > none."""
+  from jaxrec import launch
+  if FLAGS["vocab"].present or not (FLAGS.gin_file or FLAGS.gin_bindings):
+    return FLAGS.vocab or None
+  return launch.bound_value("open_source.vocab") or None
+
+
 def _check_paths() -> None:
   """The output directory must not be the one holding input files (it would become a
   dataset directory, its TSV files unread)."""
@@ -205,7 +217,7 @@ def main(argv):
                           shard_examples=FLAGS.shard_examples,
                           columns_from=_columns_from(dense_from),
                           dense_transform=_read_as("dense_transform"),
-                          id_format=_read_as("id_format"))
+                          id_format=_read_as("id_format"), vocab=_vocab())
   except JaxrecError as e:
     print(f"error: {user_message(e)}", file=sys.stderr)
     sys.exit(1)

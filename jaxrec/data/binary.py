@@ -11,7 +11,9 @@ writes
                             "num_dense", "dense_transform" ("log" | "none": how the TSV's
                             dense values were read; absent, from before it was recorded:
                             "log"), "id_format" ("hex" | "decimal": how the TSV's ids
-                            were written; absent: "hex"), "record_bytes", "features":
+                            were written; absent: "hex"), "vocab" (null, or {path,
+                            fingerprint} of the id vocabulary the ids were read through,
+                            `vocab.record`; absent: null), "record_bytes", "features":
                             [{name, table, rows, max_len, weighted}], "shards": [{file,
                             num_examples, bytes, sha256}], "bad_rows": {input path: rows
                             skipped}}
@@ -41,7 +43,7 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxrec.data import file_limit
+from jaxrec.data import file_limit, vocab
 from jaxrec.data.batch import Batch
 from jaxrec.data.source import READ_AS, GrainMixin, Layout
 from jaxrec.errors import DataError
@@ -207,6 +209,10 @@ def read_manifest(directory: str) -> dict:
     if not isinstance(bad, dict):
       raise TypeError(f"bad_rows is a {type(bad).__name__}, not an object")
     [int(n) for n in bad.values()]
+    v = m.get("vocab")   # absent (from before vocabularies) or null: none
+    if v is not None and not (isinstance(v, dict) and isinstance(v.get("path"), str)
+                              and isinstance(v.get("fingerprint"), str)):
+      raise TypeError(f"vocab is {json.dumps(v)}, not null or {{path, fingerprint}}")
   except DataError:   # a ValueError too: already says what is wrong
     raise
   except (KeyError, TypeError, ValueError) as e:
@@ -300,6 +306,7 @@ class BinarySource(GrainMixin):
             f"run is configured with open_source.{field} = '{configured}'; bind "
             f"open_source.{field} = '{stored}' (gin) to train on this data, or re-run "
             f"scripts/preprocess.py with --{field}={configured}")
+    vocab.check_stored(where, m.get("vocab"), layout.vocab)
     self._reduce = []
     for f, name, ml, w, rows, table in zip(feats, layout.names, layout.max_lens,
                                            layout.weighted, layout.rows, layout.tables):
@@ -313,6 +320,9 @@ class BinarySource(GrainMixin):
       if bool(f["weighted"]) != w:
         raise DataError(f"{what} is {'' if f['weighted'] else 'not '}weighted in the data but "
                         f"{'' if w else 'not '}weighted in the config")
+      if layout.vocab is not None:   # ids < vocabulary size + 1 <= rows (`make_layout`)
+        self._reduce.append(False)
+        continue
       if int(f["rows"]) % rows:
         raise DataError(f"{what}: ids were reduced to {f['rows']} rows, its table '{table}' has "
                         f"{rows} (re-run scripts/preprocess.py with matching rows)")

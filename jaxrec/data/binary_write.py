@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 
 from jaxrec import signals
-from jaxrec.data import tsv
+from jaxrec.data import tsv, vocab as vocab_lib
 from jaxrec.data.binary import (FORMAT, MANIFEST, SHARD_NAME, VERSION, check_not_part,
                                 is_preprocessed, record_dtype, to_records)
 from jaxrec.data.source import Layout, make_layout
@@ -170,7 +170,7 @@ def _write(inputs, output, layout, bad_rows, chunk_bytes, writer, columns_from) 
   manifest = {
       "format": FORMAT, "version": VERSION, "num_examples": total,
       "num_dense": layout.num_dense, "dense_transform": layout.dense_transform,
-      "id_format": layout.id_format,
+      "id_format": layout.id_format, "vocab": vocab_lib.record(layout.vocab),
       "record_bytes": dtype.itemsize,
       "features": [{"name": n, "table": t, "rows": r, "max_len": m, "weighted": w}
                    for n, t, r, m, w in zip(layout.names, layout.tables or layout.names,
@@ -188,14 +188,16 @@ def preprocess(input_path: str, output: str, features, rows, bad_rows: str = "er
                num_dense: int = 13, num_categorical: int = 26,
                shard_examples: int = SHARD_EXAMPLES,
                columns_from: str = tsv.FEATURES_FROM, dense_transform: str = "log",
-               id_format: str = "hex") -> dict:
+               id_format: str = "hex", vocab: str | None = None) -> dict:
   """`scripts/preprocess.py`: TSV file/dir/glob `input_path` -> shards in `output`.
 
   `features` are the configured `FeatureSpec`s (k-th = k-th categorical column), `rows` maps
   table name -> rows (or the `TableSpec`s); `columns_from` says where the column counts
   came from, for a wrong count's error (`tsv.Parser`); `dense_transform` how dense values
   are read (`source.READ_AS`) and `id_format` how ids are written
-  (the same), both recorded in the manifest. Returns the manifest.
+  (the same), both recorded in the manifest, as is `vocab` (a directory
+  scripts/build_vocab.py wrote: ids are read through it, `vocab.record`). Returns the
+  manifest.
   """
   if bad_rows not in tsv.BAD_ROWS:
     raise ConfigError(f"--bad_rows must be one of {tsv.BAD_ROWS}, got '{bad_rows}'")
@@ -203,7 +205,8 @@ def preprocess(input_path: str, output: str, features, rows, bad_rows: str = "er
     raise ConfigError(f"{input_path}: the TSV data has {num_categorical} categorical columns "
                       f"but {len(features)} sparse features are configured")
   rows = rows if isinstance(rows, dict) else {t.name: t.rows for t in rows}
-  layout = make_layout(features, rows, num_dense, dense_transform, id_format)
+  layout = make_layout(features, rows, num_dense, dense_transform, id_format,
+                       vocab_lib.load_binding(vocab, "--vocab"))
   files = tsv.list_files(input_path)
   check_not_part(files)
   return write(files, output, layout, bad_rows, shard_examples, columns_from=columns_from)

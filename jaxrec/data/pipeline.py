@@ -42,7 +42,7 @@ import jax
 import numpy as np
 
 from jaxrec import gin_usage
-from jaxrec.data import binary, indexing, tsv
+from jaxrec.data import binary, indexing, tsv, vocab as vocab_lib
 from jaxrec.data.batch import Batch
 from jaxrec.data.source import ENDLESS_LEN, NUM_DENSE, Source, check_read_as, make_layout
 from jaxrec.data.synthetic import SyntheticConfig, SyntheticSource
@@ -121,7 +121,8 @@ def open_source(source: str, features: Sequence[FeatureSpec],
                 split: int = TRAIN_SPLIT, bad_rows: str = "error", num_dense: int = NUM_DENSE,
                 num_categorical: int = 26, verify_checksums: bool = True,
                 synthetic: SyntheticConfig | None = None, labeled: bool = True,
-                dense_transform: str = "log", id_format: str = "hex") -> Source:
+                dense_transform: str = "log", id_format: str = "hex",
+                vocab: str | None = None) -> Source:
   """Opens `source` (see module docstring) for `features`.
 
   Args:
@@ -144,6 +145,11 @@ def open_source(source: str, features: Sequence[FeatureSpec],
       rows`) or "decimal" (ids already made contiguous, `int(id) % rows`); a preprocessed
       directory must have been written with the same one. The synthetic generator
       ignores it.
+    vocab: a directory scripts/build_vocab.py wrote: a TSV's ids are read through it (a
+      kept id -> its row 1..V of its table, any other -> row 0) in place of `% rows`;
+      each table needs its vocabulary size + 1 rows. A preprocessed directory must have
+      been written with the same vocabulary (or none, without). The synthetic generator
+      ignores it.
   """
   if bad_rows not in tsv.BAD_ROWS:
     raise ConfigError(f"bad_rows must be one of {tsv.BAD_ROWS}, got '{bad_rows}'")
@@ -151,7 +157,8 @@ def open_source(source: str, features: Sequence[FeatureSpec],
       "open_source", num_categorical=num_categorical, verify_checksums=verify_checksums)
   check_read_as("dense_transform", dense_transform, "open_source.dense_transform")
   check_read_as("id_format", id_format, "open_source.id_format")
-  layout = make_layout(features, _rows(rows), num_dense, dense_transform, id_format)
+  layout = make_layout(features, _rows(rows), num_dense, dense_transform, id_format,
+                       vocab_lib.load_binding(vocab))
   if not labeled and (source == SYNTHETIC or binary.is_preprocessed(source)):
     raise ConfigError(f"{source}: {'synthetic' if source == SYNTHETIC else 'preprocessed'} "
                       "data holds labels; reading it without them (--noeval_labels) is for "

@@ -19,6 +19,7 @@ from typing import Mapping, Protocol, Sequence
 import numpy as np
 
 from jaxrec.data.batch import Batch
+from jaxrec.data.vocab import Vocab, check_layout
 from jaxrec.embedding.specs import FeatureSpec
 from jaxrec.errors import ConfigError, in_order, some
 
@@ -50,11 +51,13 @@ class Layout:
     names: feature names, the keys of `Batch.ids`.
     max_lens: bag size per feature (1 = one-hot).
     weighted: whether the feature carries `Batch.weights`.
-    rows: rows of the feature's table; raw ids are reduced `% rows`.
+    rows: rows of the feature's table; raw ids are reduced `% rows` (without `vocab`).
     tables: the table each feature reads.
     num_dense: dense columns (13 for Criteo).
     dense_transform: how TSV dense values are read, one of `DENSE_TRANSFORMS`.
     id_format: how TSV categorical ids are written, one of `ID_FORMATS`.
+    vocab: the id vocabulary TSV ids are read through (`vocab.Vocab.lookup`: a kept id ->
+      its row 1..V of its table, any other -> row 0), or None: `% rows`.
   """
 
   names: tuple[str, ...]
@@ -65,6 +68,7 @@ class Layout:
   num_dense: int = NUM_DENSE
   dense_transform: str = "log"
   id_format: str = "hex"
+  vocab: Vocab | None = None
 
   @property
   def num_sparse(self) -> int:
@@ -84,8 +88,9 @@ def check_read_as(field: str, value, where: str | None = None) -> str:
 
 def make_layout(features: Sequence[FeatureSpec], rows: Mapping[str, int],
                 num_dense: int = NUM_DENSE, dense_transform: str = "log",
-                id_format: str = "hex") -> Layout:
-  """Layout of `features`; `rows` maps table name -> row count."""
+                id_format: str = "hex", vocab: Vocab | None = None) -> Layout:
+  """Layout of `features`; `rows` maps table name -> row count; `vocab` is checked
+  against the tables (`vocab.check_layout`)."""
   check_read_as("dense_transform", dense_transform)
   check_read_as("id_format", id_format)
   if not features:
@@ -99,12 +104,14 @@ def make_layout(features: Sequence[FeatureSpec], rows: Mapping[str, int],
     if not 0 < r < 2**31:
       raise ConfigError(f"table '{f.table}': rows must be in [1, 2**31), got {r}")
     table_rows.append(r)
+  if vocab is not None:
+    check_layout(vocab, [f.table for f in features], table_rows, id_format)
   return Layout(names=tuple(f.name for f in features),
                 max_lens=tuple(int(f.max_len) for f in features),
                 weighted=tuple(bool(f.weighted) for f in features),
                 rows=tuple(table_rows), tables=tuple(f.table for f in features),
                 num_dense=int(num_dense), dense_transform=dense_transform,
-                id_format=id_format)
+                id_format=id_format, vocab=vocab)
 
 
 class Source(Protocol):

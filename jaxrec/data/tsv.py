@@ -13,6 +13,8 @@ Format (the Criteo Kaggle / Terabyte layout): one example per line, tab-separate
   categorical column feeds the k-th configured feature; stored as `int(hex, 16) % rows`
   of the feature's table. With `Layout.id_format == "decimal"` (`open_source.id_format`)
   decimal ids instead (at most 20 digits, up to 2**64-1), `int(id) % rows` (`tsv_ids`).
+  With `Layout.vocab` (`open_source.vocab`) each id reads as its vocabulary row instead:
+  1..V for a kept id, 0 for any other (`vocab`).
   - one-hot feature (`max_len == 1`): one id; empty -> id 0 (the DLRM/TorchRec convention).
   - multi-hot feature (`max_len > 1`): ids separated by `,` (e.g. `a3f,11,7c`), at most
     `max_len` of them; the bag's length is the number of ids; empty -> an empty bag (all
@@ -222,6 +224,8 @@ class Parser:
     self.labeled = labeled
     self.check_decimal = False   # `decimal_features` of the next chunk parsed (hex ids)
     self.decimal_features: list[str] = []
+    self.keep_raw = False   # True: `raw_tokens` holds the last chunk's (features, raw ids)
+    self.raw_tokens = (np.zeros(0, np.int64), np.zeros(0, np.uint64))
     nd, nf = layout.num_dense, layout.num_sparse
     self.num_columns = 1 + nd + nf
     self._shift = 0 if labeled else 1   # the file's columns: num_columns - _shift
@@ -245,6 +249,7 @@ class Parser:
     a = np.frombuffer(chunk, np.uint8)
     if not len(a):
       raise ValueError("empty chunk")
+    self.raw_tokens = (np.zeros(0, np.int64), np.zeros(0, np.uint64))
     if a[-1] != 10:
       a = np.concatenate([a, [10]]).astype(np.uint8)
     cr = np.flatnonzero(a == 13)
@@ -411,7 +416,10 @@ class Parser:
     raw, why = tsv_ids.parse(a, tok_s, id_end, lay.id_format)
     for code in tsv_ids.ORDER[lay.id_format]:
       flag(why == code, code, trow, tcol)
-    tid = (raw % self._rows[tfeat]).astype(np.int32)
+    if lay.vocab is None:
+      tid = (raw % self._rows[tfeat]).astype(np.int32)
+    else:   # kept ids -> rows 1..V of their table, the others row 0 (`vocab`)
+      tid = lay.vocab.lookup_features(lay.tables, tfeat, raw)
     if self.check_decimal:
       self.check_decimal = False
       self.decimal_features = [] if lay.id_format == "decimal" else tsv_ids.decimal_features(
@@ -428,6 +436,9 @@ class Parser:
       weights[trow[put], col] = tok_w[put]
     bad_rows = bad.any(1)
     good = ~bad_rows
+    if self.keep_raw:   # the good rows' tokens, for scripts/build_vocab.py's counts
+      keep = put & good[trow]
+      self.raw_tokens = (tfeat[keep], raw[keep])
     out_ids, out_w = {}, {}
     for f, name in enumerate(lay.names):
       o, ml = self._slot_off[f], self._max_len[f]

@@ -30,8 +30,10 @@ SHOWN = 6   # changed bindings a warning lists
 # (gin's text of it): a resume of such a checkpoint listed `open_source.dense_transform:
 # (unbound) -> 'log'` as a change and kept a config-until-<step>.gin for it
 # (`open_source.id_format`, 'hex', likewise): the TSV reading options, `source.READ_AS`.
-ADDED_DEFAULTS = {f"open_source.{field}": repr(default)
-                  for field, (_, default, _) in source.READ_AS.items()}
+# (`open_source.vocab`, None: ids read `% rows`, likewise.)
+ADDED_DEFAULTS = {**{f"open_source.{field}": repr(default)
+                     for field, (_, default, _) in source.READ_AS.items()},
+                  "open_source.vocab": "None"}
 CALLED_SHOWN = 4   # bindings of a configurable called on one side only, listed in its entry
 
 
@@ -231,7 +233,9 @@ FTRL_STATEFUL = {"lr": "every row it updates jumps to the new rate's weight",
 # would see read otherwise; a run from a checkpoint reads its files as it was trained
 _READ_AS_WORDS = {"dense_transform": ("dense values", "inputs of another scale"),
                   "id_format": ("categorical ids", "ids mapped to other rows than it learned "
-                                "them in")}
+                                "them in"),
+                  "vocab": ("categorical ids", "ids mapped to other rows than it learned "
+                            "them in")}
 
 
 def check_read_as(meta: Mapping | None, after: str, eval_source: str, step: int,
@@ -239,7 +243,8 @@ def check_read_as(meta: Mapping | None, after: str, eval_source: str, step: int,
   """Raises `ConfigError` when a run from checkpoint `step` (its `meta`'s recorded gin)
   reads data other than the synthetic set (which ignores them: `eval_source`, or the
   training data when it `trains`) with another `source.READ_AS` binding
-  (`open_source.dense_transform`, `open_source.id_format`) than the checkpoint was trained
+  (`open_source.dense_transform`, `open_source.id_format`) or id vocabulary
+  (`open_source.vocab`, compared as bound: a path) than the checkpoint was trained
   with (`after`: this run's operative config). Evaluating, the model scored inputs of
   another scale, or looked up other rows, without a word; training on from its data
   position, the data's fingerprint refused the files as "other data" without naming the
@@ -253,7 +258,8 @@ def check_read_as(meta: Mapping | None, after: str, eval_source: str, step: int,
                        "the new one)") if trains else ("eval data", "score", "evaluate it"))
   old_bindings, new_bindings = bindings(before), bindings(after)
   for field, (what, consequence) in _READ_AS_WORDS.items():
-    key, default = f"open_source.{field}", repr(source.READ_AS[field][1])
+    key = f"open_source.{field}"
+    default = ADDED_DEFAULTS[key]
     old, new = old_bindings.get(key, default), new_bindings.get(key, default)
     if old != new:
       raise ConfigError(

@@ -1,0 +1,210 @@
+"""Id vocabularies: each table's ids seen at least `min_count` times in the training TSV get
+rows `1 .. V` of their own, every other id (rare or unseen) the one shared row 0 (NVTabular's
+`Categorify(freq_threshold=...)`, DLRM's Criteo preprocessing). `scripts/build_vocab.py`
+counts the ids and writes (`vocab_build`)
+
+  DIR/table-NNNNN.npz   per table: ids uint64 [V] (kept raw ids, sorted), counts int64 [V]
+  DIR/vocab.json        {"format": "jaxrec.vocab", "version": 1, "min_count", "max_size",
+                        "id_format", "dense_transform", "bad_rows", "inputs": [{path,
+                        bytes}], "fingerprint", "tables": [{name, file, size, rows
+                        (size + 1), distinct, occurrences, kept_occurrences, ids_sha256}]}
+  DIR/vocab.gin         the bindings a run needs: `open_source.vocab` and the rows
+
+A run binding `open_source.vocab = 'DIR'` reads TSV ids through it (`Vocab.lookup`, in
+place of `% rows`): training, eval and scripts/preprocess.py, which records the vocabulary
+(`record`) in its manifest. The `fingerprint` hashes the tables' names and kept ids only:
+two directories with the same vocabulary read the data alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from jaxrec.errors import ConfigError, DataError, in_order, some
+
+FORMAT, VERSION = "jaxrec.vocab", 1
+MANIFEST, GIN = "vocab.json", "vocab.gin"
+OOV_ROW = 0   # the row of every id not kept (and of an empty one-hot field, as before)
+
+
+def ids_sha256(ids: np.ndarray) -> str:
+  return hashlib.sha256(np.ascontiguousarray(ids, "<u8").tobytes()).hexdigest()
+
+
+def fingerprint(tables: Mapping[str, np.ndarray]) -> str:
+  """A hash of the tables' names and kept ids (uint64, sorted), in name order."""
+  h = hashlib.sha256()
+  for name in sorted(tables):
+    h.update(f"{name}\0{ids_sha256(tables[name])}\0".encode())
+  return h.hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Vocab:
+  """A loaded vocabulary: `tables` maps table name -> kept ids (uint64 `[V]`, sorted);
+  `id_format` is how the ids were parsed (`source.ID_FORMATS`). Equal by `fingerprint`."""
+
+  directory: str
+  fingerprint: str
+  id_format: str
+  tables: Mapping[str, np.ndarray]
+
+  def size(self, table: str) -> int:
+    return len(self.tables[table])
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, Vocab) and other.fingerprint == self.fingerprint
+
+  def __hash__(self) -> int:
+    return hash(self.fingerprint)
+
+  def lookup(self, table: str, raw: np.ndarray) -> np.ndarray:
+    """Raw ids (uint64 `[n]`) of `table` -> rows (int32 `[n]`): a kept id's index + 1,
+    any other `OOV_ROW`."""
+    ids = self.tables[table]
+    if not len(ids):
+      return np.full(len(raw), OOV_ROW, np.int32)
+    i = np.searchsorted(ids, raw)
+    hit = ids[np.minimum(i, len(ids) - 1)] == raw
+    return np.where(hit, i + 1, OOV_ROW).astype(np.int32)
+
+  def lookup_features(self, feature_tables: Sequence[str], tfeat: np.ndarray,
+                      raw: np.ndarray) -> np.ndarray:
+    """Rows (int32 `[n]`) of tokens `raw` (uint64 `[n]`) of features `tfeat` (`[n]`
+    indices into `feature_tables`, each feature's table)."""
+    out = np.empty(len(raw), np.int32)
+    names = sorted(set(feature_tables))
+    table_of = np.array([names.index(t) for t in feature_tables], np.int64)
+    ttab = table_of[tfeat] if len(tfeat) else np.zeros(0, np.int64)
+    order = np.argsort(ttab, kind="stable")
+    bounds = np.searchsorted(ttab[order], np.arange(len(names) + 1))
+    for k, name in enumerate(names):
+      sel = order[bounds[k]:bounds[k + 1]]
+      if len(sel):
+        out[sel] = self.lookup(name, raw[sel])
+    return out
+
+
+def check_layout(vocab: Vocab, tables: Sequence[str], rows: Sequence[int], id_format: str,
+                 binding: str = "open_source.vocab") -> None:
+  """`ConfigError` unless `vocab` holds exactly the configured `tables` (each feature's),
+  each with rows >= its size + 1, its ids parsed as `id_format`."""
+  where = f"{binding} = '{vocab.directory}'"
+  configured = list(dict.fromkeys(tables))
+  missing = [t for t in configured if t not in vocab.tables]
+  extra = [t for t in vocab.tables if t not in configured]
+  if missing or extra:
+    parts = []
+    if missing:
+      parts.append(f"has no table {some(missing, quote=True)} that the configuration reads")
+    if extra:
+      parts.append(f"has table {some(extra, quote=True)} that no configured feature reads")
+    raise ConfigError(f"{where}: the vocabulary {' and '.join(parts)} (its tables: "
+                      f"{some(in_order(vocab.tables), quote=True)}); build one for this "
+                      "configuration (scripts/build_vocab.py --gin_file=...)")
+  if vocab.id_format != id_format:
+    raise ConfigError(f"{where}: the vocabulary's ids were parsed with id_format "
+                      f"'{vocab.id_format}' but this run reads ids with id_format '{id_format}'")
+  small = {}
+  for t, r in zip(tables, rows):
+    if r < vocab.size(t) + 1 and t not in small:
+      small[t] = r
+  if small:
+    lines = ", ".join(f"'{t}' has {r} rows, needs {vocab.size(t) + 1} ({vocab.size(t)} ids "
+                      "+ 1 out-of-vocabulary row)" for t, r in small.items())
+    raise ConfigError(f"{where}: table {lines}; bind the rows of {GIN} in it")
+
+
+def record(vocab: Vocab | None) -> dict | None:
+  """What a preprocessed manifest records of the vocabulary its ids were read with."""
+  if vocab is None:
+    return None
+  return {"path": os.path.abspath(vocab.directory), "fingerprint": vocab.fingerprint}
+
+
+def check_stored(where: str, stored, vocab: Vocab | None) -> None:
+  """`DataError` unless a preprocessed manifest's `vocab` entry (`record`'s; absent: None,
+  data from before vocabularies) is the configured `vocab`'s."""
+  same = (stored is None and vocab is None) or (
+      stored is not None and vocab is not None and stored["fingerprint"] == vocab.fingerprint)
+  if same:
+    return
+  def said(s, fp):
+    return "no vocabulary (ids % rows)" if s is None else f"vocabulary {s} (fingerprint {fp})"
+  data = said(stored and stored["path"], stored and stored["fingerprint"])
+  run = said(vocab and vocab.directory, vocab and vocab.fingerprint)
+  fix = ("unbind open_source.vocab" if stored is None
+         else f"bind open_source.vocab = '{stored['path']}'")
+  raise DataError(f"{where}: the data's ids were preprocessed with {data} but this run reads "
+                  f"them with {run}; {fix} (gin) to train on this data, or re-run "
+                  "scripts/preprocess.py with this run's vocabulary")
+
+
+def load_binding(directory, binding: str = "open_source.vocab") -> Vocab | None:
+  """`load(directory)` for a binding's value; None (or '') is no vocabulary."""
+  if directory is None or directory == "":
+    return None
+  if not isinstance(directory, str):
+    raise ConfigError(f"{binding} must be a vocabulary directory (a string) or None, got "
+                      f"{directory!r}")
+  return load(directory)
+
+
+def load(directory: str) -> Vocab:
+  """The vocabulary `scripts/build_vocab.py` wrote to `directory`; `DataError` naming the
+  file that is missing, malformed or corrupt (its ids not those recorded)."""
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.isdir(directory):
+    raise DataError(f"{directory}: no such vocabulary directory")
+  try:
+    with open(path) as f:
+      m = json.load(f)
+  except FileNotFoundError:
+    raise DataError(f"{path}: missing (not a vocabulary directory: scripts/build_vocab.py "
+                    "writes one)") from None
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise DataError(f"{path}: not a valid vocabulary manifest ({e})") from None
+  if not isinstance(m, dict) or m.get("format") != FORMAT:
+    raise DataError(f"{path}: not a {FORMAT} manifest")
+  if m.get("version") != VERSION:
+    raise DataError(f"{path}: format version {m.get('version')}, this reader reads {VERSION}")
+  tables = {}
+  try:
+    for t in m["tables"]:
+      name, file = str(t["name"]), str(t["file"])
+      if os.path.basename(file) != file or file in ("", ".", ".."):
+        raise DataError(f"{path}: table '{name}': file '{file}' must be a name in {directory}")
+      tables[name] = _load_table(os.path.join(directory, file), t)
+    id_format, fp = str(m["id_format"]), str(m["fingerprint"])
+  except DataError:
+    raise
+  except (KeyError, TypeError, ValueError) as e:
+    raise DataError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
+  if fingerprint(tables) != fp:
+    raise DataError(f"{path}: fingerprint {fp} does not match its tables' "
+                    f"({fingerprint(tables)})")
+  return Vocab(directory=directory, fingerprint=fp, id_format=id_format, tables=tables)
+
+
+def _load_table(file: str, entry: Mapping) -> np.ndarray:
+  try:
+    with np.load(file, allow_pickle=False) as z:
+      ids = z["ids"]
+  except FileNotFoundError:
+    raise DataError(f"{file}: missing (table '{entry['name']}' of the vocabulary)") from None
+  except (OSError, ValueError, KeyError, EOFError) as e:   # (np.load's zip errors)
+    raise DataError(f"{file}: not a vocabulary table ({type(e).__name__}: {e})") from None
+  if ids.dtype != np.uint64 or ids.ndim != 1 or len(ids) != int(entry["size"]):
+    raise DataError(f"{file}: ids are {ids.dtype} {list(ids.shape)}, expected uint64 "
+                    f"[{entry['size']}]")
+  if ids_sha256(ids) != entry["ids_sha256"]:
+    raise DataError(f"{file}: its ids do not match the manifest's sha256 (corrupt table)")
+  if len(ids) > 1 and not (ids[1:] > ids[:-1]).all():
+    raise DataError(f"{file}: ids are not sorted and distinct")
+  return ids
