@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import zipfile
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -118,7 +119,8 @@ def check_layout(vocab: Vocab, tables: Sequence[str], rows: Sequence[int], id_fo
   if small:
     lines = ", ".join(f"'{t}' has {r} rows, needs {vocab.size(t) + 1} ({vocab.size(t)} ids "
                       "+ 1 out-of-vocabulary row)" for t, r in small.items())
-    raise ConfigError(f"{where}: table {lines}; bind the rows of {GIN} in it")
+    raise ConfigError(f"{where}: table {lines}; give the tables the rows its {GIN} binds "
+                      f"(--gin_file={os.path.join(vocab.directory, GIN)})")
 
 
 def record(vocab: Vocab | None) -> dict | None:
@@ -198,7 +200,7 @@ def _load_table(file: str, entry: Mapping) -> np.ndarray:
       ids = z["ids"]
   except FileNotFoundError:
     raise DataError(f"{file}: missing (table '{entry['name']}' of the vocabulary)") from None
-  except (OSError, ValueError, KeyError, EOFError) as e:   # (np.load's zip errors)
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
     raise DataError(f"{file}: not a vocabulary table ({type(e).__name__}: {e})") from None
   if ids.dtype != np.uint64 or ids.ndim != 1 or len(ids) != int(entry["size"]):
     raise DataError(f"{file}: ids are {ids.dtype} {list(ids.shape)}, expected uint64 "
