@@ -67,7 +67,8 @@ def _setting(flag: str, selector: str, default):
 
 
 def _features():
-  """(features, the `uniform_tables` prefix of their tables or None)."""
+  """(features, the `uniform_tables` prefix of their tables or None: another embedding)."""
+  import gin
   from jaxrec import launch
   from jaxrec.embedding import specs
   from jaxrec.errors import ConfigError
@@ -78,12 +79,14 @@ def _features():
                         "other")
     launch.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings)
     emb = launch.bound_value("ExperimentConfig.embedding")
-    if emb is None:
-      prefix = launch.bound_value("uniform_tables.prefix", "t")
+    prefix = launch.bound_value("uniform_tables.prefix", "t")
+    if emb is None:   # a file binding only uniform_tables
       return launch.build(specs.uniform_tables)[1], prefix
     check_embedding(emb)
     specs.validate(*emb)
-    return emb[1], None
+    ref = gin.query_parameter("ExperimentConfig.embedding")   # `@uniform_tables()`: its
+    uniform = getattr(ref, "scoped_selector", None) == "uniform_tables"   # rows are bound
+    return emb[1], prefix if uniform else None
   n = specs.whole(FLAGS.num_categorical, "--num_categorical")
   try:
     lens = [int(v) for v in FLAGS.max_len.split(",")]

@@ -117,8 +117,8 @@ def check_layout(vocab: Vocab, tables: Sequence[str], rows: Sequence[int], id_fo
     if r < vocab.size(t) + 1 and t not in small:
       small[t] = r
   if small:
-    lines = ", ".join(f"'{t}' has {r} rows, needs {vocab.size(t) + 1} ({vocab.size(t)} ids "
-                      "+ 1 out-of-vocabulary row)" for t, r in small.items())
+    lines = some([f"'{t}' has {r} rows, needs {vocab.size(t) + 1} ({vocab.size(t)} ids "
+                  "+ 1 out-of-vocabulary row)" for t, r in small.items()], 4, quote=False)
     raise ConfigError(f"{where}: table {lines}; give the tables the rows its {GIN} binds "
                       f"(--gin_file={os.path.join(vocab.directory, GIN)})")
 
