@@ -101,7 +101,7 @@ def _features():
 def build() -> dict:
   from jaxrec.data import source, tsv, vocab_build
   from jaxrec.embedding.specs import whole
-  from jaxrec.errors import ConfigError
+  from jaxrec.errors import ConfigError, DataPathError
   if not FLAGS.input or not FLAGS.output:
     raise ConfigError("--input and --output are required")
   vocab_build.check_min_count(FLAGS.min_count, FLAGS.max_size)
@@ -118,7 +118,10 @@ def build() -> dict:
     read_as[field] = source.check_read_as(field, value, where)
   layout = source.make_layout(features, {f.table: 1 for f in features},
                               num_dense, **read_as)
-  files = tsv.list_files(FLAGS.input)
+  try:   # a missing path names its flag
+    files = tsv.list_files(FLAGS.input)
+  except DataPathError as e:
+    raise DataPathError(f"--input: {e}") from None
   counts, skipped = vocab_build.count(files, layout, FLAGS.bad_rows)
   info = {**read_as, "bad_rows": {os.path.abspath(k): v for k, v in skipped.items() if v},
           "inputs": [{"path": os.path.abspath(p), "bytes": os.path.getsize(p)}

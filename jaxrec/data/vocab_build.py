@@ -69,9 +69,10 @@ class Counts:
                    raw: np.ndarray) -> None:
     """Counts tokens `raw` of features `tfeat` (indices into `feature_tables`)."""
     names = list(self.ids)
-    table_of = np.array([names.index(t) for t in feature_tables], np.int64)
+    table_of = np.array([names.index(t) for t in feature_tables],
+                        np.uint16 if len(names) < 2**16 else np.int64)
     ttab = table_of[tfeat]
-    order = np.argsort(ttab, kind="stable")
+    order = np.argsort(ttab, kind="stable")   # (a radix sort for 16-bit keys)
     bounds = np.searchsorted(ttab[order], np.arange(len(names) + 1))
     for k, name in enumerate(names):
       self.add(name, raw[order[bounds[k]:bounds[k + 1]]])

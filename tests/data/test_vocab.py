@@ -7,6 +7,7 @@ import collections
 import gzip
 import json
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -321,3 +322,35 @@ def test_a_resume_of_a_run_from_before_the_binding_is_no_change():
   assert config_changes.changed(before, now) == []
   assert config_changes.changed(before, now.replace("None", "'/v'")) == [
       "open_source.vocab: (unbound) -> '/v'"]
+
+
+def test_a_pickled_vocabulary_holds_no_ids_and_reloads_them(tmp_path, tsv_file):
+  """grain's worker processes get the source, its layout and so its vocabulary pickled:
+  without the ids (read again from the directory if used)."""
+  path, out, rows = _vocab(tmp_path, tsv_file)
+  v = vocab.load(out)
+  data = pickle.dumps(v)
+  assert len(data) < 500
+  back = pickle.loads(data)
+  assert back == v and back.size("t3") == v.size("t3")
+  raw = np.arange(20, dtype=np.uint64)
+  np.testing.assert_array_equal(back.lookup("t3", raw), v.lookup("t3", raw))
+  src = pipeline.open_source(path, lib.features(), rows, vocab=out)
+  assert len(pickle.dumps(src.layout)) < 2000
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["one-search", "per-table"])
+def test_lookup_of_features_on_several_tables(wide):
+  """Ids of 64 bits (no room for the table number beside them: a search per table) or
+  fewer (one search over `table << shift | id` keys) give the same rows as each table's
+  own search; an id past the widest kept one, or another table's, is out of vocabulary."""
+  big = np.uint64(2**63 + 7) if wide else np.uint64(2**20)
+  tables = {"a": np.array([1, 5, big], np.uint64), "b": np.array([3, 5], np.uint64),
+            "c": np.zeros(0, np.uint64)}
+  v = vocab.Vocab("d", vocab.fingerprint(tables), "hex", tables)
+  assert (v._keys[2] is None) == wide
+  feature_tables = ["b", "a", "c", "a"]
+  raw = np.array([1, 3, 5, big, 2**64 - 1, 0, 3, 2**21, 5, 1], np.uint64)
+  tfeat = np.array([1, 0, 0, 1, 1, 3, 1, 3, 2, 3])
+  got = v.lookup_features(feature_tables, tfeat, raw)
+  assert got.tolist() == [1, 1, 2, 3, 0, 0, 0, 0, 0, 1]
