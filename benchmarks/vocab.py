@@ -57,13 +57,22 @@ def write_tsv(path: str, n: int, a: float, seed: int = 0) -> None:
       f.write("\n".join("\t".join(row) for row in zip(*cols)) + "\n")
 
 
+# Runs argv[1:] and prints its peak RSS (KiB): a child of this large process would report
+# this one's (Linux keeps the pre-exec memory's high-water mark), a grandchild through this
+# small Python does not.
+_RSS = ("import resource, subprocess, sys; "
+        "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r)")
+
+
 def run_rss(cmd) -> tuple[float, float, int]:
   """Runs `cmd`: (its peak RSS in MiB, wall seconds, exit code)."""
   t = time.perf_counter()
-  proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-  _, status, usage = os.wait4(proc.pid, 0)
-  proc.returncode = os.waitstatus_to_exitcode(status)
-  return usage.ru_maxrss / 1024, time.perf_counter() - t, proc.returncode
+  done = subprocess.run([sys.executable, "-c", _RSS, *cmd], capture_output=True, text=True,
+                        check=False)
+  wall = time.perf_counter() - t
+  rss = int(done.stdout.split()[-1]) / 1024 if done.stdout.strip() else float("nan")
+  return rss, wall, done.returncode
 
 
 def read_rate(path: str, layout) -> float:

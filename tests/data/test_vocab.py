@@ -342,15 +342,31 @@ def test_a_pickled_vocabulary_holds_no_ids_and_reloads_them(tmp_path, tsv_file):
 @pytest.mark.parametrize("wide", [False, True], ids=["one-search", "per-table"])
 def test_lookup_of_features_on_several_tables(wide):
   """Ids of 64 bits (no room for the table number beside them: a search per table) or
-  fewer (one search over `table << shift | id` keys) give the same rows as each table's
+  fewer (one hash table of `table << shift | id` keys) give the same rows as each table's
   own search; an id past the widest kept one, or another table's, is out of vocabulary."""
   big = np.uint64(2**63 + 7) if wide else np.uint64(2**20)
   tables = {"a": np.array([1, 5, big], np.uint64), "b": np.array([3, 5], np.uint64),
             "c": np.zeros(0, np.uint64)}
   v = vocab.Vocab("d", vocab.fingerprint(tables), "hex", tables)
-  assert (v._keys[2] is None) == wide
+  assert (v._hashed[2] is None) == wide
   feature_tables = ["b", "a", "c", "a"]
   raw = np.array([1, 3, 5, big, 2**64 - 1, 0, 3, 2**21, 5, 1], np.uint64)
   tfeat = np.array([1, 0, 0, 1, 1, 3, 1, 3, 2, 3])
   got = v.lookup_features(feature_tables, tfeat, raw)
   assert got.tolist() == [1, 1, 2, 3, 0, 0, 0, 0, 0, 1]
+
+
+def test_hashed_lookup_matches_each_tables_search_on_random_ids():
+  rng = np.random.default_rng(3)
+  tables = {t: np.unique(rng.integers(0, 2**m, n, dtype=np.uint64))
+            for t, m, n in (("a", 32, 5000), ("b", 12, 3000), ("c", 40, 1))}
+  v = vocab.Vocab("d", vocab.fingerprint(tables), "hex", tables)
+  assert v._hashed[2] is not None
+  feature_tables = ["a", "b", "c", "b"]
+  tfeat = rng.integers(0, 4, 20_000)
+  pool = np.concatenate(list(tables.values()))
+  raw = np.where(rng.random(20_000) < 0.7, pool[rng.integers(0, len(pool), 20_000)],
+                 rng.integers(0, 2**41, 20_000, dtype=np.uint64))
+  want = np.array([v.lookup(feature_tables[f], raw[i:i + 1])[0] for i, f in enumerate(tfeat)])
+  np.testing.assert_array_equal(v.lookup_features(feature_tables, tfeat, raw), want)
+  assert (want > 0).mean() > 0.2

@@ -67,6 +67,11 @@ def test_build_then_preprocess_and_train_through_the_vocabulary(tmp_path, built)
   assert r.returncode == 0, r.stderr
   stored = json.load(open(tmp_path / "bin" / binary.MANIFEST))["vocab"]
   assert stored == {"path": str(out), "fingerprint": m["fingerprint"]}
+  r = run_script("preprocess.py", f"--input={data}", f"--output={tmp_path / 'bin2'}",
+                 "--num_categorical=8", "--max_len=1,1,1,4,1,8,1,1", "--rows=64",
+                 f"--vocab={out}")   # the flag, without gin
+  assert r.returncode == 0, r.stderr
+  assert json.load(open(tmp_path / "bin2" / binary.MANIFEST))["vocab"] == stored
   common = ["--num_steps=2", "--log_every=1", "--noprogress"]
   for name, train_data in (("w", data), ("wb", tmp_path / "bin")):
     r = run_script("train.py", f"--workdir={tmp_path / name}", *gins, *common,
