@@ -1,9 +1,9 @@
-"""Builds an id vocabulary from training TSV: ids seen at least --min_count times get rows of
+r"""Builds an id vocabulary from training TSV: ids seen at least --min_count times get rows of
 their own, every other id one shared out-of-vocabulary row (NVTabular's freq_threshold).
 
-  .venv/bin/python scripts/build_vocab.py --input='/data/tsv/day_*' --output=/data/vocab \\
+  .venv/bin/python scripts/build_vocab.py --input='/data/tsv/day_*' --output=/data/vocab \
       --min_count=3 --gin_file=configs/dlrm_criteo.gin
-  .venv/bin/python scripts/train.py --gin_file=configs/dlrm_criteo.gin \\
+  .venv/bin/python scripts/train.py --gin_file=configs/dlrm_criteo.gin \
       --gin_file=/data/vocab/vocab.gin --train_data='/data/tsv/day_*' ...
 
 The vocabulary is per table (features sharing a table share it). Columns and bag sizes

@@ -10,7 +10,7 @@ counts the ids and writes (`vocab_build`)
                         (size + 1), distinct, occurrences, kept_occurrences, ids_sha256}]}
   DIR/vocab.gin         the bindings a run needs: `open_source.vocab` and the rows
 
-A run binding `open_source.vocab = 'DIR'` reads TSV ids through it (`Vocab.lookup`, in
+A run binding `open_source.vocab = 'DIR'` reads TSV ids through it (`Vocab.lookup_features`, in
 place of `% rows`): training, eval and scripts/preprocess.py, which records the vocabulary
 (`record`) in its manifest. The `fingerprint` hashes the tables' names and kept ids only:
 two directories with the same vocabulary read the data alike.

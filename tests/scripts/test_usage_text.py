@@ -102,7 +102,7 @@ def test_cli_flags_turns_absls_help_exit_1_into_0(help_flag, capsys, monkeypatch
 
 @pytest.mark.slow   # scripts/*.py in real processes
 @pytest.mark.parametrize("script", ["train.py", "launch.py", "plan.py", "convert_checkpoint.py",
-                                    "preprocess.py", "plot_metrics.py"])
+                                    "preprocess.py", "plot_metrics.py", "build_vocab.py"])
 @pytest.mark.parametrize("flag", ["--help", "--helpfull"])
 def test_help_prints_the_usage_and_exits_0(script, flag):
   """absl exits 1 after printing the usage, so `scripts/X.py --help && ...` stopped as if
