@@ -154,8 +154,9 @@ def main(argv):
           f"to {FLAGS.output}", file=sys.stderr)
     sys.exit(signals.exit_code(e))
   for t in m["tables"]:
-    print(f"table '{t['name']}': {counted(t['size'], 'id')} kept of {t['distinct']} distinct "
-          f"({t['kept_occurrences']} of {t['occurrences']} occurrences): rows {t['rows']}")
+    print(f"table '{t['name']}': {counted(t['size'], 'id')} kept of {t['distinct']:,} "
+          f"distinct ({t['kept_occurrences']:,} of {t['occurrences']:,} occurrences): rows "
+          f"{t['rows']:,}")
   gin_path = os.path.join(os.path.abspath(FLAGS.output), "vocab.gin")
   print(f"wrote {FLAGS.output} (min_count {m['min_count']}); train with "
         f"--gin_file={gin_path} (binds open_source.vocab and the rows)")
