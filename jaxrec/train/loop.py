@@ -391,6 +391,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
                f"step {start} (--num_steps={options.num_steps}): evaluating that checkpoint")
       if restored is not None:   # a synthetic eval set is the seed's
         data_adapter.warn_eval_seed(config, options, restored.meta)
+        data_adapter.warn_untrained_copy(options, restored.data_state, start)
       metrics, state = evaluate(eval_step, collection, state, eval_data, bsharding, tier,
                                 model=config.model,
                                 predictions=predictions.at(options.predictions, start))
