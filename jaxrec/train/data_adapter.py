@@ -193,6 +193,34 @@ def warn_untrained_copy(options, data_state, step: int) -> None:
     elastic.report_warning(text)
 
 
+def older_step_warning(workdir, options, step: int) -> str | None:
+  """The warning for a run that only evaluates its newest checkpoint `step` while
+  `--num_steps` names an older one the workdir keeps (early stopping's best step): the
+  README's scoring rule (`--num_steps` at or below the checkpoint's step) reads as if
+  `--num_steps=400` scored step 400; it scored 480, the `done:` line's `step=480` the only
+  sign (a text `--predictions` file holds no step); None otherwise."""
+  if not options.num_steps < step or options.num_steps not in step_dirs(
+      checkpoint_dir(workdir)):
+    return None
+  ckpts = checkpoint_dir(workdir)
+  return (f"warning: --num_steps={options.num_steps} does not choose the checkpoint: this "
+          f"run evaluates the newest, step {step}. To evaluate step {options.num_steps}, "
+          f"copy it into a workdir of its own: scripts/convert_checkpoint.py "
+          f"--checkpoint_dir={ckpts} --step={options.num_steps} "
+          f"--output=W_{options.num_steps}/checkpoints --format=checkpoint, then rerun with "
+          f"--workdir=W_{options.num_steps}")
+
+
+def warn_older_step(workdir, options, step: int) -> None:
+  """Logs `older_step_warning`, if any, on process 0 (and under launch.py on the
+  supervisor's stderr too)."""
+  text = older_step_warning(workdir, options, step)
+  if text and jax.process_index() == 0:
+    from jaxrec import elastic  # pylint: disable=import-outside-toplevel
+    log.warning("%s", text)
+    elastic.report_warning(text)
+
+
 def eval_in_train_warning(config, options) -> str | None:
   """The warning for an eval set that shares files with the training data (`--eval_data`
   equal to `--train_data`, or a file among its directory's or glob's): its metrics measure

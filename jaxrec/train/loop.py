@@ -392,6 +392,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       if restored is not None:   # a synthetic eval set is the seed's
         data_adapter.warn_eval_seed(config, options, restored.meta)
         data_adapter.warn_untrained_copy(options, restored.data_state, start)
+        data_adapter.warn_older_step(workdir, options, start)
       metrics, state = evaluate(eval_step, collection, state, eval_data, bsharding, tier,
                                 model=config.model,
                                 predictions=predictions.at(options.predictions, start))

@@ -198,3 +198,22 @@ def test_untrained_copy_warning_names_num_steps_as_a_total():
       "pass --num_steps=800+K")
   assert warning({"position": 4096}) is None   # a workdir's own checkpoint: a rerun scores
   assert warning({}, train_data=None) is None   # scoring with a copy: no --train_data given
+
+
+def test_older_step_warning_says_num_steps_does_not_choose_the_checkpoint(tmp_path):
+  """Scoring with early stopping's best step by `--num_steps=400` (the README's rule:
+  `--num_steps` at or below the checkpoint's step) evaluated the newest, 480, the `done:`
+  line's `step=480` the only sign."""
+  for step in (400, 440, 480):
+    (tmp_path / "checkpoints" / str(step)).mkdir(parents=True)
+
+  def warning(num_steps, step=480):
+    return data_adapter.older_step_warning(str(tmp_path),
+                                           config_lib.RunOptions(num_steps=num_steps), step)
+  assert warning(400) == (
+      "warning: --num_steps=400 does not choose the checkpoint: this run evaluates the "
+      "newest, step 480. To evaluate step 400, copy it into a workdir of its own: "
+      f"scripts/convert_checkpoint.py --checkpoint_dir={tmp_path}/checkpoints --step=400 "
+      "--output=W_400/checkpoints --format=checkpoint, then rerun with --workdir=W_400")
+  assert warning(1) is None and warning(480) is None and warning(401) is None
+  assert warning(400, step=400) is None
