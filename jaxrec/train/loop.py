@@ -448,8 +448,11 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       sigterm = terminated is not None and terminated.is_set()
       stop = stop or sigterm
       done = step == options.num_steps
-      is_log = step % options.log_every == 0 or done or stop
       is_eval = bool(options.eval_every and step % options.eval_every == 0) or done
+      # an eval step of early stopping may be the last: it logs (the stop at 960 under
+      # --log_every=100 left steps 901-960 without a loss line, `done:` naming step 900)
+      is_log = (step % options.log_every == 0 or done or stop
+                or (is_eval and stopper.metric is not None))
       is_ckpt = done or stop or (options.checkpoint_every and step % options.checkpoint_every == 0)
       is_ckpt = is_ckpt or (is_eval and stopper.metric is not None)   # each may be the best
       if not (is_log or is_eval or is_ckpt):

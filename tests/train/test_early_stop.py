@@ -259,6 +259,22 @@ def test_train_py_stops_early_keeping_the_best_checkpoint_and_a_rerun_trains_not
   assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == ["2", "6"]
 
 
+@pytest.mark.slow   # ~7 s: a run of train.py
+def test_a_stop_at_an_eval_step_between_log_steps_logs_its_window(tmp_path):
+  """Under --log_every=100 --eval_every=40 a stop at 960 wrote no loss line for steps
+  901-960, and `done:` named step 900, its loss and no eval: every eval step of early
+  stopping logs, as any may be the last."""
+  w = str(tmp_path / "w")
+  flags = [f for f in FLAGS if not f.startswith("--log_every")] + ["--log_every=4"]
+  proc = run_script("train.py", f"--workdir={w}", "--early_stop_patience=2", *flags)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = _lines(w)
+  assert lines[-1]["event"] == "early_stop" and lines[-1]["step"] == 6
+  assert [l["step"] for l in lines if "loss" in l] == [2, 4, 6]
+  done = next(l for l in proc.stdout.splitlines() if l.startswith("done:"))
+  assert "step=6" in done and "eval_auc=" in done and "loss=" in done, done
+
+
 def test_a_resume_after_sigterm_counts_the_evals_before_it(tmp_path, monkeypatch):
   """SIGTERM after step 5: the resumed run counts the evals of steps 2 and 4 (and not an
   eval line a killed run wrote past checkpoint 5), stopping at step 8 as an uninterrupted
