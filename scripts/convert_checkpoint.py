@@ -36,6 +36,7 @@ from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 
 from jaxrec import cli_flags, files, workdir_layout  # pylint: disable=g-import-not-at-top
 from jaxrec.checkpoint import convert  # pylint: disable=g-import-not-at-top
+from jaxrec.train import early_stop  # pylint: disable=g-import-not-at-top
 from jaxrec.errors import ConfigError, JaxrecError  # pylint: disable=g-import-not-at-top
 
 _DIR = flags.DEFINE_string("checkpoint_dir", None, "Checkpoint directory (W/checkpoints), or "
@@ -124,6 +125,9 @@ def run() -> str:
                                               _GIN_FILE.value, _GIN_BINDINGS.value)
     if layouts:
       print(layouts)
+  note = early_stop.best_step_note(_DIR.value, step) if _STEP.value is None else None
+  if note:   # the latest step of an early-stopped run: its best one is beside it
+    print(note, file=sys.stderr)
   hint = _resume_hint(_OUTPUT.value, step) if _FORMAT.value == "checkpoint" else ""
   return f"wrote step {step} of {_DIR.value} to {_OUTPUT.value} ({_FORMAT.value}){hint}"
 

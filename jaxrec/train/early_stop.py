@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import re
 import struct
 from typing import Any, Mapping
@@ -254,3 +255,25 @@ class EarlyStop:
     self.best_step = None if best_step < 0 else best_step
     self.best = None if best_step < 0 else struct.unpack("<d", struct.pack("<2i", lo, hi))[0]
     self.since, self.stopped_at = since, None if stopped_at < 0 else stopped_at
+
+
+def best_step_note(checkpoint_dir: str, step: int) -> str | None:
+  """The note for a conversion without `--step` that picked `step` of `checkpoint_dir`
+  (`W/checkpoints`) where early stopping stopped W's run (`W/metrics.jsonl`'s last
+  `early_stop` line) and kept its better best step: following the docs' `--restart_data`
+  command, day 1 went on from the stopping step (eval_auc 0.8444) while the best (0.8504)
+  sat beside it, unnamed. None otherwise (also for a best step no longer there)."""
+  from jaxrec.checkpoint.steps import step_dirs  # pylint: disable=import-outside-toplevel
+  from jaxrec.train.writers import METRICS_FILE  # pylint: disable=import-outside-toplevel
+  path = os.path.join(os.path.dirname(os.path.abspath(checkpoint_dir)), METRICS_FILE)
+  stops = [r for _, r in jsonl.step_records(path, f'"{EVENT}"') if r.get("event") == EVENT]
+  if not stops or stops[-1]["step"] != step:
+    return None
+  last = stops[-1]
+  best = last.get("best_step")
+  if best is None or best == step or best not in step_dirs(checkpoint_dir):
+    return None
+  return (f"note: step {step} is where early stopping stopped the run ({last['metric']} had "
+          f"not improved for {last['patience']} evals); its best step, {best} "
+          f"({last['metric']} {last['best']:.6g}), is kept in {checkpoint_dir}: "
+          f"--step={best} converts that one")

@@ -420,3 +420,25 @@ def test_a_stop_step_whose_eval_was_cut_off_is_evaluated_and_stops_there(tmp_pat
   assert again[-1] == stop and "eval_auc" in again[-2] and again[-2]["step"] == 6
   assert not any(l["step"] > 6 for l in again)
   assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == ["2", "6"]
+
+
+def test_a_conversion_of_the_stopping_step_names_the_best_one(tmp_path):
+  """`convert_checkpoint.py --restart_data` without `--step` (the docs' day-1 command) on an
+  early-stopped run copied its stopping step (eval_auc 0.8444) without a word of the best
+  one kept beside it (0.8504)."""
+  from jaxrec.train.early_stop import best_step_note  # pylint: disable=import-outside-toplevel
+  ckpts = tmp_path / "checkpoints"
+  for step in (400, 440, 480):
+    (ckpts / str(step)).mkdir(parents=True)
+  stop = {"step": 480, "event": "early_stop", "best_step": 400, "metric": "eval_auc",
+          "best": 0.8504346954930323, "patience": 2, "min_delta": 0.0}
+  (tmp_path / "metrics.jsonl").write_text(
+      json.dumps({"step": 400, "eval_auc": 0.85}) + "\n" + json.dumps(stop) + "\n")
+  assert best_step_note(str(ckpts), 480) == (
+      "note: step 480 is where early stopping stopped the run (eval_auc had not improved "
+      "for 2 evals); its best step, 400 (eval_auc 0.850435), is kept in "
+      f"{ckpts}: --step=400 converts that one")
+  assert best_step_note(str(ckpts), 440) is None   # not the stopping step
+  (ckpts / "400").rmdir()
+  assert best_step_note(str(ckpts), 480) is None   # its best is gone
+  assert best_step_note(str(tmp_path / "none" / "checkpoints"), 480) is None   # no metrics
