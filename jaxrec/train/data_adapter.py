@@ -168,59 +168,6 @@ def warn_eval_seed(config, options, meta) -> None:
     elastic.report_warning(text)
 
 
-def untrained_copy_warning(options, data_state, step: int) -> str | None:
-  """The warning for a run given `--train_data` that only evaluates a checkpoint holding no
-  data position (`data_state` empty: a `convert_checkpoint.py --restart_data` copy, made
-  to train on new data) because `--num_steps` is at or below its step: a daily run passing
-  the day's step count (`--num_steps=300` on a copy at step 800) trained nothing on the new
-  day and exited 0, saying only `already trained to step 800`; None otherwise."""
-  if data_state or not options.train_data:
-    return None
-  return (f"warning: checkpoint {step} holds no data position (a --restart_data copy, made "
-          f"to train on new data), but --num_steps={options.num_steps} is at or below its "
-          f"step: nothing of --train_data={options.train_data} is trained, the checkpoint "
-          "is only evaluated. --num_steps is the total step count, counted from 0 (not the "
-          f"steps to add): to train K steps of it, pass --num_steps={step}+K")
-
-
-def warn_untrained_copy(options, data_state, step: int) -> None:
-  """Logs `untrained_copy_warning`, if any, on process 0 (and under launch.py on the
-  supervisor's stderr too)."""
-  text = untrained_copy_warning(options, data_state, step)
-  if text and jax.process_index() == 0:
-    from jaxrec import elastic  # pylint: disable=import-outside-toplevel
-    log.warning("%s", text)
-    elastic.report_warning(text)
-
-
-def older_step_warning(workdir, options, step: int) -> str | None:
-  """The warning for a run that only evaluates its newest checkpoint `step` while
-  `--num_steps` names an older one the workdir keeps (early stopping's best step): the
-  README's scoring rule (`--num_steps` at or below the checkpoint's step) reads as if
-  `--num_steps=400` scored step 400; it scored 480, the `done:` line's `step=480` the only
-  sign (a text `--predictions` file holds no step); None otherwise."""
-  if not options.num_steps < step or options.num_steps not in step_dirs(
-      checkpoint_dir(workdir)):
-    return None
-  ckpts = checkpoint_dir(workdir)
-  return (f"warning: --num_steps={options.num_steps} does not choose the checkpoint: this "
-          f"run evaluates the newest, step {step}. To evaluate step {options.num_steps}, "
-          f"copy it into a workdir of its own: scripts/convert_checkpoint.py "
-          f"--checkpoint_dir={ckpts} --step={options.num_steps} "
-          f"--output=W_{options.num_steps}/checkpoints --format=checkpoint, then rerun with "
-          f"--workdir=W_{options.num_steps}")
-
-
-def warn_older_step(workdir, options, step: int) -> None:
-  """Logs `older_step_warning`, if any, on process 0 (and under launch.py on the
-  supervisor's stderr too)."""
-  text = older_step_warning(workdir, options, step)
-  if text and jax.process_index() == 0:
-    from jaxrec import elastic  # pylint: disable=import-outside-toplevel
-    log.warning("%s", text)
-    elastic.report_warning(text)
-
-
 def eval_in_train_warning(config, options) -> str | None:
   """The warning for an eval set that shares files with the training data (`--eval_data`
   equal to `--train_data`, or a file among its directory's or glob's): its metrics measure

@@ -34,8 +34,8 @@ from jaxrec.train import (budget_hint, config_changes, config_gin, data_adapter,
                           mesh_choice)
 from jaxrec.train import state as state_lib
 from jaxrec.train import step as step_lib
-from jaxrec.train import (predictions, process_agreement, run_records, step_memory,
-                          termination, workdir_checks)
+from jaxrec.train import (predictions, process_agreement, rerun_warnings, run_records,
+                          step_memory, termination, workdir_checks)
 from jaxrec.train.evaluation import EvalStopped, evaluate, owed as eval_owed
 from jaxrec.train.evaluation import stop_check as eval_stop
 from jaxrec.train.config import ExperimentConfig, RunOptions
@@ -391,8 +391,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
                f"step {start} (--num_steps={options.num_steps}): evaluating that checkpoint")
       if restored is not None:   # a synthetic eval set is the seed's
         data_adapter.warn_eval_seed(config, options, restored.meta)
-        data_adapter.warn_untrained_copy(options, restored.data_state, start)
-        data_adapter.warn_older_step(workdir, options, start)
+        rerun_warnings.warn(workdir, options, restored, start, stopper.stopped)
       metrics, state = evaluate(eval_step, collection, state, eval_data, bsharding, tier,
                                 model=config.model,
                                 predictions=predictions.at(options.predictions, start))

@@ -135,6 +135,13 @@ def test_continue_training_on_new_data_from_a_copy_without_the_data_position(tmp
   assert ("the checkpoint was trained on other data of the same size (2000 examples"
           in proc.stderr and "--restart_data" in proc.stderr), proc.stderr[-2000:]
 
+  # at --num_steps it only evaluates: nothing trains on day 1, and the line says the way on
+  proc = train(str(w), *FLAGS, "--num_steps=20", f"--train_data={tmp_path}/day1.tsv")
+  assert (f"warning: nothing trains on --train_data={tmp_path}/day1.tsv: checkpoint 20 was "
+          f"trained on {tmp_path}/day0.tsv and this run only evaluates it (--num_steps=20 is "
+          "at or below its step)" in proc.stderr and "--restart_data" in proc.stderr), (
+              proc.stderr[-2000:])
+
   def convert(*flags):
     return run_script("convert_checkpoint.py", f"--checkpoint_dir={w}/checkpoints", *flags)
   bad = convert(f"--output={tmp_path}/a.npz", "--format=npz", "--restart_data")

@@ -182,38 +182,3 @@ def test_evaluating_a_checkpoint_with_another_seed_says_the_eval_set_differs():
   assert warning(3, 3) is None and warning(0, None) is None
   assert warning(0, 3, eval_data="day_1.tsv") is None   # a file: the same examples
 
-
-def test_untrained_copy_warning_names_num_steps_as_a_total():
-  """A daily run on a `--restart_data` copy (no data position) with `--num_steps` at or
-  below its step (the day's step count, `300`, on a copy at step 800) trained nothing on
-  the new day and exited 0, logging only `already trained to step 800`."""
-  def warning(data_state, train_data="day_1.tsv"):
-    return data_adapter.untrained_copy_warning(
-        config_lib.RunOptions(num_steps=300, train_data=train_data), data_state, 800)
-  assert warning({}) == (
-      "warning: checkpoint 800 holds no data position (a --restart_data copy, made to train "
-      "on new data), but --num_steps=300 is at or below its step: nothing of "
-      "--train_data=day_1.tsv is trained, the checkpoint is only evaluated. --num_steps is "
-      "the total step count, counted from 0 (not the steps to add): to train K steps of it, "
-      "pass --num_steps=800+K")
-  assert warning({"position": 4096}) is None   # a workdir's own checkpoint: a rerun scores
-  assert warning({}, train_data=None) is None   # scoring with a copy: no --train_data given
-
-
-def test_older_step_warning_says_num_steps_does_not_choose_the_checkpoint(tmp_path):
-  """Scoring with early stopping's best step by `--num_steps=400` (the README's rule:
-  `--num_steps` at or below the checkpoint's step) evaluated the newest, 480, the `done:`
-  line's `step=480` the only sign."""
-  for step in (400, 440, 480):
-    (tmp_path / "checkpoints" / str(step)).mkdir(parents=True)
-
-  def warning(num_steps, step=480):
-    return data_adapter.older_step_warning(str(tmp_path),
-                                           config_lib.RunOptions(num_steps=num_steps), step)
-  assert warning(400) == (
-      "warning: --num_steps=400 does not choose the checkpoint: this run evaluates the "
-      "newest, step 480. To evaluate step 400, copy it into a workdir of its own: "
-      f"scripts/convert_checkpoint.py --checkpoint_dir={tmp_path}/checkpoints --step=400 "
-      "--output=W_400/checkpoints --format=checkpoint, then rerun with --workdir=W_400")
-  assert warning(1) is None and warning(480) is None and warning(401) is None
-  assert warning(400, step=400) is None
