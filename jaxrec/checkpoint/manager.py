@@ -194,6 +194,7 @@ class CheckpointManager:
         save_root_metadata=not read_only)
     if not read_only and max_to_keep is not None:
       steps_lib.refuse_linked_steps(self.directory)
+      steps_lib.warn_only_unfinished(self.directory)   # orbax removes them: a fresh start
     dense_lib.register_array_handler()
     self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 

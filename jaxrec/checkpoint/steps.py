@@ -52,6 +52,22 @@ def unfinished_save(name: str) -> bool:
   return name.split(".", 1)[0].isdigit() and ".orbax-checkpoint-tmp" in name
 
 
+def warn_only_unfinished(directory) -> None:
+  """Warns when checkpoint directory `directory` holds unfinished saves
+  (`<step>.orbax-checkpoint-tmp-*`, which opening it removes) and no committed step: the
+  run starts from fresh tables at step 0. A `convert_checkpoint.py --restart_data` copy
+  killed midway leaves one (and no checkpoint); a daily job that went on to train there
+  trained a fresh model on one day's data, removing the copy's leftovers without a word."""
+  directory = epath.Path(directory)
+  if not directory.is_dir() or step_dirs(directory):
+    return
+  left = sorted(p.name for p in directory.iterdir() if unfinished_save(p.name))
+  if left:
+    logging.warning("warning: %s holds no checkpoint, only unfinished saves (%s: a run or a "
+                    "convert_checkpoint.py copy killed while writing it), removed now; this "
+                    "run starts from fresh tables at step 0", directory, ", ".join(left))
+
+
 def foreign_entries(directory, also: Iterable[str] = ()) -> list[str]:
   """Names in checkpoint directory `directory` that no checkpoint writer puts there, sorted:
   not a step, an orbax save in progress (`<step>.orbax-checkpoint-tmp-<ns>`), a dotfile or

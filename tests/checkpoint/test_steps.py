@@ -152,3 +152,23 @@ def test_a_file_linked_twice_counts_once(tmp_path):
   (tmp_path / "b").mkdir()
   (tmp_path / "b" / "a").hardlink_to(tmp_path / "a")
   assert steps.rejected_note(tmp_path).startswith("it holds 2 rejected step(s), 100 B:")
+
+
+def test_a_directory_of_only_unfinished_saves_warns_of_the_fresh_start(tmp_path, caplog):
+  """A `--restart_data` copy killed midway left `480.orbax-checkpoint-tmp-<ns>` and no step:
+  a run there removed it and trained fresh tables from step 0 without a word."""
+  (tmp_path / "480.orbax-checkpoint-tmp-123").mkdir()
+  with caplog.at_level(logging.WARNING):
+    with CheckpointManager(tmp_path):
+      pass
+  assert (f"warning: {tmp_path} holds no checkpoint, only unfinished saves "
+          "(480.orbax-checkpoint-tmp-123: a run or a convert_checkpoint.py copy killed while "
+          "writing it), removed now; this run starts from fresh tables at step 0"
+          ) in caplog.text
+  assert not (tmp_path / "480.orbax-checkpoint-tmp-123").exists()
+  caplog.clear()
+  (tmp_path / "7").mkdir()   # not a committed orbax step, but a step directory: no warning
+  (tmp_path / "8.orbax-checkpoint-tmp-1").mkdir()
+  with caplog.at_level(logging.WARNING):
+    steps.warn_only_unfinished(tmp_path)
+  assert "holds no checkpoint" not in caplog.text
