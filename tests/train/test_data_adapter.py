@@ -181,4 +181,3 @@ def test_evaluating_a_checkpoint_with_another_seed_says_the_eval_set_differs():
       "this checkpoint and made its eval lines: pass --seed=3 to evaluate the same examples")
   assert warning(3, 3) is None and warning(0, None) is None
   assert warning(0, 3, eval_data="day_1.tsv") is None   # a file: the same examples
-
