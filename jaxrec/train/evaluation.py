@@ -89,10 +89,12 @@ def _write_predictions(acc: EvalAccumulator, eval_data, path: str, step: int,
     return
   skipped = eval_data.bad_row_counts() if hasattr(eval_data, "bad_row_counts") else {}
   skipped = {k: v for k, v in skipped.items() if v}
-  if skipped:
-    log.warning("warning: %s: the eval data's malformed rows (%s) were skipped and have no "
-                "score: the entries follow the files' good lines only",
-                predictions_lib.FLAG, ", ".join(f"{k}: {v}" for k, v in skipped.items()))
+  if skipped:   # under launch.py on its stderr too (a scoring job's only output there)
+    text = (f"warning: {predictions_lib.FLAG}: the eval data's malformed rows "
+            f"({', '.join(f'{k}: {v}' for k, v in skipped.items())}) were skipped and have "
+            "no score: the entries follow the files' good lines only")
+    log.warning("%s", text)
+    elastic.report_warning(text)
   logits, labels = acc.arrays()
   log.info("%s", predictions_lib.write(path, logits, labels if labeled else None, step))
 

@@ -127,10 +127,14 @@ def test_a_path_that_cannot_be_written_is_refused_before_the_run(tmp_path, path,
     RunOptions(predictions=path.format(tmp=tmp_path)).validate()
 
 
-def test_rows_skipped_as_malformed_are_named_in_a_warning(tmp_path, caplog):
+def test_rows_skipped_as_malformed_are_named_in_a_warning(tmp_path, caplog, monkeypatch):
   """With --bad_rows=skip a dropped row has no entry: the lines then follow the files' good
-  lines only, which a warning says with the counts (a join on line numbers would shift)."""
+  lines only, which a warning says with the counts (a join on line numbers would shift);
+  under launch.py on its stderr too (it was only in W/workers/0.log: a scoring job's
+  launcher printed nothing of it)."""
   from jaxrec.train import evaluation   # pylint: disable=import-outside-toplevel
+  reported = []
+  monkeypatch.setattr(evaluation.elastic, "report_warning", reported.append)
 
   class EvalData:
     def bad_row_counts(self):
@@ -142,6 +146,9 @@ def test_rows_skipped_as_malformed_are_named_in_a_warning(tmp_path, caplog):
     evaluation._write_predictions(acc, EvalData(), str(tmp_path / "p.npz"), 3)
   assert ("--predictions: the eval data's malformed rows (/d/a.tsv: 2) were skipped and "
           "have no score") in caplog.text
+  assert reported == ["warning: --predictions: the eval data's malformed rows (/d/a.tsv: 2) "
+                      "were skipped and have no score: the entries follow the files' good "
+                      "lines only"]
   with np.load(tmp_path / "p.npz") as z:
     np.testing.assert_array_equal(z["logit"], [0.5, -0.5])   # the padding left out
 
