@@ -75,9 +75,17 @@ def restored_process_state(folder: str | None = None):
     absl_logging.get_absl_handler().filters[:] = absl_filters
     for s, handler in handlers.items():
       signal.signal(s, handler)
-    for name in set(flags.FLAGS) - set(defined):
+    for name in set(flags.FLAGS) - set(defined) - _library_flags():
       if name in flags.FLAGS:   # a short name goes with its flag
         delattr(flags.FLAGS, name)
+
+
+def _library_flags() -> set[str]:
+  """Names of the flags that modules still imported defined (grain's and orbax's, at their
+  first import during a run): they stay, as their modules do, and would not be defined
+  again. The script's own (`__main__`'s, keyed by its path) are not among them."""
+  return {f.name for module, fs in flags.FLAGS.flags_by_module_dict().items()
+          if module != "__main__" and module in sys.modules for f in fs}
 
 
 def _forget_modules_from(folder: str, names: set[str]) -> None:

@@ -7,20 +7,32 @@ import sys
 import tempfile
 import types
 
+import jax
 import numpy as np
 import pytest
 
 from tests import xla_env
+from tests.scripts import in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = ["ExperimentConfig.batch_size=256", "ExperimentConfig.num_eval_examples=16384"]
 
 
 def train(workdir, *flags, devices=1, check=True, env=None):
-  env = xla_env.script_env(devices, **(env or {}))
-  cmd = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), f"--workdir={workdir}",
-         *flags]
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+  """`scripts/train.py --workdir=WORKDIR FLAGS` on `devices` CPU devices: the stdout, stderr
+  and exit code of a `subprocess.CompletedProcess`. A run on as many devices as this test
+  process has (tests/conftest.py: 8, with the same XLA flags a subprocess gets) and no
+  `env` but `NO_COMPILE` runs in this process (`in_process.run_script`), which saves the
+  ~3-4 s a process spends importing jax and flax; the others (one device, other
+  variables) start one."""
+  if devices == len(jax.devices()) and (env or {}) in ({}, NO_COMPILE):
+    with jax.log_compiles(bool(env)):   # as JAX_LOG_COMPILES=1: "Compiling ..." on stderr
+      proc = in_process.run_script("train.py", f"--workdir={workdir}", *flags)
+  else:
+    env = xla_env.script_env(devices, **(env or {}))
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), f"--workdir={workdir}",
+           *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
   if check and proc.returncode:
     raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
   return proc
@@ -153,14 +165,16 @@ def test_bad_input_one_line_error(bad_runs, case):
 def test_gin_file_with_an_error(tmp_path):
   bad = tmp_path / "bad.gin"
   bad.write_text("include 'configs/dlrm_synthetic.gin'\nExperimentConfig.batch_size = = 3\n")
-  proc = train(str(tmp_path / "w"), f"--gin_file={bad}", check=False, env=NO_COMPILE)
+  proc = train(str(tmp_path / "w"), f"--gin_file={bad}", check=False, env=NO_COMPILE,
+               devices=8)
   assert_one_line_error(proc, f"--gin_file: {bad}:")
 
 
 def test_workdir_that_is_a_file(tmp_path):
   f = tmp_path / "file"
   f.write_text("x")
-  proc = train(str(f), "--gin_file=configs/dlrm_synthetic.gin", check=False, env=NO_COMPILE)
+  proc = train(str(f), "--gin_file=configs/dlrm_synthetic.gin", check=False, env=NO_COMPILE,
+               devices=8)
   assert_one_line_error(proc, f"--workdir: '{f}' exists and is not a directory")
 
 
@@ -174,7 +188,7 @@ def test_workdir_that_is_a_checkpoint_directory(tmp_path):
   train(str(w), *flags)
   for wrong in (w / "checkpoints", w / "checkpoints" / "2"):
     before = sorted(os.listdir(wrong))
-    proc = train(str(wrong), *flags, check=False, env=NO_COMPILE)
+    proc = train(str(wrong), *flags, check=False, env=NO_COMPILE, devices=8)
     assert_one_line_error(proc, f"--workdir: '{wrong}' is a checkpoint directory")
     assert f"--workdir={w}" in proc.stderr
     assert sorted(os.listdir(wrong)) == before
@@ -200,6 +214,7 @@ def test_gin_file_missing_a_required_binding(tmp_path):
   bad = tmp_path / "no_model.gin"
   bad.write_text("ExperimentConfig.embedding = @uniform_tables()\nuniform_tables.num_tables = 2\n"
                  "uniform_tables.rows = 100\nuniform_tables.dim = 16\n")
-  proc = train(str(tmp_path / "w"), f"--gin_file={bad}", check=False, env=NO_COMPILE)
+  proc = train(str(tmp_path / "w"), f"--gin_file={bad}", check=False, env=NO_COMPILE,
+               devices=8)
   assert_one_line_error(proc, "--gin_file: Required bindings for `ExperimentConfig` not "
                               "provided in config: ['model']")

@@ -124,7 +124,7 @@ def test_bad_train_data(tmp_path, make, message, extra):
   write_data(tmp_path / "train.tsv", 50)
   path = str(make(tmp_path))
   proc = train(str(tmp_path / "w"), *FLAGS, "--num_steps=3", f"--train_data={path}", *extra,
-               check=False, env=NO_COMPILE)
+               check=False, env=NO_COMPILE, devices=8)
   assert_one_line_error(proc, "error: " + message.format(p=path))
   assert not os.path.exists(tmp_path / "w" / "metrics.jsonl")
   # the data are checked before the plan's 20+ line report is printed above the error
@@ -137,5 +137,5 @@ def test_bad_eval_data(tmp_path):
   damage_row(tmp_path / "eval.tsv", set_col(0, "-1"))
   path = str(tmp_path / "eval.tsv")
   proc = train(str(tmp_path / "w"), *FLAGS, "--num_steps=3", f"--train_data={tmp_path}/train.tsv",
-               f"--eval_data={path}", check=False, env=NO_COMPILE)
+               f"--eval_data={path}", check=False, env=NO_COMPILE, devices=8)
   assert_one_line_error(proc, f"error: {path}:7: column 1 (label): label must be 0 or 1, got '-1'")

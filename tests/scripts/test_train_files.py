@@ -203,6 +203,6 @@ def test_preprocess_then_train_with_a_gin_config_of_its_own_features(tmp_path):
   train(str(tmp_path / "w"), f"--gin_file={tmp_path}/x.gin", *flags)
   assert read_metrics(str(tmp_path / "w"))[-1]["eval_examples"] == 256
   proc = train(str(tmp_path / "w2"), f"--gin_file={tmp_path}/swapped.gin", *flags,
-               check=False, env=NO_COMPILE)
+               check=False, env=NO_COMPILE, devices=8)
   assert_one_line_error(proc, f"error: {out}/manifest.json: configured feature 1 'ctx' is "
                               "data feature 2;")
