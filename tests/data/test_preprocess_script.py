@@ -175,7 +175,9 @@ def _fifo_writer(fifo, proc, timeout=60):
   return os.fdopen(fd, "w")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+# Ctrl-C takes the same path with its own words (signals.defer): in the slow target
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGINT, marks=pytest.mark.slow),
+                                 signal.SIGTERM])
 def test_interrupted_run_leaves_no_shards(tmp_path, sig):
   """Ctrl-C printed a traceback; SIGTERM (a scheduler) left shards without a manifest in
   --output. Both now remove them and say so in one line."""
