@@ -133,26 +133,12 @@ def build() -> dict:
 
 def main(argv):
   del argv
-  from jaxrec.errors import JaxrecError, counted
-  from jaxrec.launch import user_message
-  signals.on_second_signal(lambda name: f"interrupted again ({name}, exited at once): no "
-                           f"vocabulary written to {FLAGS.output}")
-  try:
-    m = build()
-  except JaxrecError as e:
-    print(f"error: {user_message(e)}", file=sys.stderr)
-    sys.exit(1)
-  except SyntaxError as e:  # gin parse errors
-    print(f"error: {e.filename}:{e.lineno}: {e.msg}", file=sys.stderr)
-    sys.exit(1)
-  except (ValueError, TypeError, RuntimeError, OSError) as e:  # gin bindings, I/O
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    sys.exit(1)
-  except (KeyboardInterrupt, signals.TerminateRequested) as e:
-    name = signals.name(e)
-    print(f"interrupted ({'Ctrl-C' if name == 'SIGINT' else name}): no vocabulary written "
-          f"to {FLAGS.output}", file=sys.stderr)
-    sys.exit(signals.exit_code(e))
+  from jaxrec import script_errors
+  from jaxrec.errors import counted
+  signals.on_second_signal(lambda name: (
+      f"interrupted again ({script_errors.signal_word(name)}, exited at once): no vocabulary "
+      f"written to {FLAGS.output}"))
+  m = script_errors.run(build, f"no vocabulary written to {FLAGS.output}")
   for t in m["tables"]:
     print(f"table '{t['name']}': {counted(t['size'], 'id')} kept of {t['distinct']:,} "
           f"distinct ({t['kept_occurrences']:,} of {t['occurrences']:,} occurrences): rows "

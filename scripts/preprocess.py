@@ -30,7 +30,8 @@ signals.defer()
 
 from absl import app, flags  # noqa: E402
 
-from jaxrec.errors import counted  # noqa: E402
+from jaxrec import script_errors  # noqa: E402
+from jaxrec.errors import JaxrecError, counted  # noqa: E402
 
 flags.DEFINE_string("input", None, "TSV file, directory of files, or glob (plain or gzip).")
 flags.DEFINE_string("output", None, "Output directory (must not hold a dataset yet).")
@@ -187,52 +188,35 @@ def _check_paths() -> None:
                         "shards to another directory")
 
 
-def _signal_word(name: str) -> str:
-  """How the interrupted lines name signal `name`: Ctrl-C for SIGINT."""
-  return "Ctrl-C" if name == "SIGINT" else name
+def _preprocess() -> dict:
+  """Checks the flags and writes the dataset; returns its manifest."""
+  from jaxrec.data import binary_write  # pylint: disable=import-outside-toplevel
+  if not FLAGS.input or not FLAGS.output:
+    raise JaxrecError("--input and --output are required")
+  if FLAGS.shard_examples <= 0:
+    raise JaxrecError(f"--shard_examples must be positive, got {FLAGS.shard_examples}")
+  _check_paths()
+  tables, features = _specs()
+  num_dense, dense_from = _column_count("num_dense", "ExperimentConfig.num_dense",
+                                        FLAGS["num_dense"].default)
+  return binary_write.preprocess(
+      FLAGS.input, FLAGS.output, features, tables, FLAGS.bad_rows, num_dense=num_dense,
+      num_categorical=_num_categorical(features), shard_examples=FLAGS.shard_examples,
+      columns_from=_columns_from(dense_from), dense_transform=_read_as("dense_transform"),
+      id_format=_read_as("id_format"), vocab=_vocab())
 
 
 def main(argv):
   del argv   # cli_flags.parse refuses arguments that are not flags
-  from jaxrec.data import binary, binary_write
-  from jaxrec.errors import JaxrecError
-  from jaxrec.launch import user_message
   # a second signal exits at once, before `discard`: the next run into --output (no
   # manifest there) removes those shards, then writes its own and a manifest
   signals.on_second_signal(lambda name: (
-      f"interrupted again ({_signal_word(name)}, exited at once): no "
+      f"interrupted again ({script_errors.signal_word(name)}, exited at once): no "
       f"dataset written to {FLAGS.output} (the shards written so far are left, without a "
       "manifest; the next run into it removes them)"))
-  try:
-    if not FLAGS.input or not FLAGS.output:
-      raise JaxrecError("--input and --output are required")
-    if FLAGS.shard_examples <= 0:
-      raise JaxrecError(f"--shard_examples must be positive, got {FLAGS.shard_examples}")
-    _check_paths()
-    tables, features = _specs()
-    num_dense, dense_from = _column_count("num_dense", "ExperimentConfig.num_dense",
-                                          FLAGS["num_dense"].default)
-    m = binary_write.preprocess(FLAGS.input, FLAGS.output, features, tables, FLAGS.bad_rows,
-                          num_dense=num_dense, num_categorical=_num_categorical(features),
-                          shard_examples=FLAGS.shard_examples,
-                          columns_from=_columns_from(dense_from),
-                          dense_transform=_read_as("dense_transform"),
-                          id_format=_read_as("id_format"), vocab=_vocab())
-  except JaxrecError as e:
-    print(f"error: {user_message(e)}", file=sys.stderr)
-    sys.exit(1)
-  except SyntaxError as e:  # gin parse errors
-    print(f"error: {e.filename}:{e.lineno}: {e.msg}", file=sys.stderr)
-    sys.exit(1)
-  except (ValueError, TypeError, RuntimeError, OSError) as e:  # gin bindings, I/O
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    sys.exit(1)
-  except (KeyboardInterrupt, signals.TerminateRequested) as e:   # was a traceback (Ctrl-C)
-    # or, on SIGTERM, shards without a manifest left in --output
-    name = signals.name(e)
-    print(f"interrupted ({_signal_word(name)}): no dataset written to "
-          f"{FLAGS.output} (the shards written so far were removed)", file=sys.stderr)
-    sys.exit(signals.exit_code(e))
+  m = script_errors.run(_preprocess, f"no dataset written to {FLAGS.output} (the shards "
+                        "written so far were removed)")   # Ctrl-C was a traceback, SIGTERM
+  # left shards without a manifest in --output
   skipped = sum(m["bad_rows"].values())
   print(f"wrote {counted(m['num_examples'], 'example')} in {counted(len(m['shards']), 'shard')} "
         f"to {FLAGS.output}" + (f" ({counted(skipped, 'malformed row')} skipped)"

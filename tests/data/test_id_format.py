@@ -14,6 +14,7 @@ from jaxrec.data.source import make_layout
 from jaxrec.errors import ConfigError, DataError
 from jaxrec.train import config_changes
 from tests.scripts.in_process import run_script
+from tests.scripts.test_train import TINY_TSV_CONFIG as CONFIG
 
 MAX = 2**64 - 1
 BAG, WEIGHTED = 3, 5   # f3 multi-hot (max_len 4), f5 weighted multi-hot
@@ -221,15 +222,6 @@ def test_a_dataset_from_before_the_field_is_hex(tmp_path, tsv_file):
   with pytest.raises(DataError, match=r'manifest.json: id_format is "octal", not one of '
                      r'"hex", "decimal"'):
     pipeline.open_source(out, lib.features(), lib.rows())
-
-
-CONFIG = """include 'configs/dlrm_synthetic.gin'
-open_source.num_categorical = 8
-ExperimentConfig.batch_size = 16
-ExperimentConfig.eval_batch_size = 16
-DLRM.bottom_mlp = (8, 16)
-DLRM.top_mlp = (8, 1)
-"""
 
 
 def test_preprocess_script_then_train_on_decimal_ids(tmp_path, tsv_file):

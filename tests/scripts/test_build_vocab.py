@@ -11,16 +11,7 @@ from jaxrec import signals
 from jaxrec.data import binary, vocab
 from jaxrec.train import config_changes
 from tests.scripts.in_process import run_script
-from tests.scripts.test_train import read_metrics, train
-
-CONFIG = """include 'configs/dlrm_synthetic.gin'
-open_source.num_categorical = 8
-ExperimentConfig.batch_size = 16
-ExperimentConfig.eval_batch_size = 16
-DLRM.bottom_mlp = (8, 16)
-DLRM.top_mlp = (8, 1)
-"""
-
+from tests.scripts.test_train import TINY_TSV_CONFIG as CONFIG, read_metrics, train
 
 def _tsv(path, n=160, seed=0):
   """`n` lines of 13 counts and 8 categorical columns of Zipf hex ids (f3 and f5 bags)."""

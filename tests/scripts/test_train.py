@@ -16,6 +16,14 @@ from tests.scripts import in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = ["ExperimentConfig.batch_size=256", "ExperimentConfig.num_eval_examples=16384"]
+# A gin file's text for TSV files of 8 categorical columns and a tiny DLRM (batches of 16)
+TINY_TSV_CONFIG = """include 'configs/dlrm_synthetic.gin'
+open_source.num_categorical = 8
+ExperimentConfig.batch_size = 16
+ExperimentConfig.eval_batch_size = 16
+DLRM.bottom_mlp = (8, 16)
+DLRM.top_mlp = (8, 1)
+"""
 
 
 def train(workdir, *flags, devices=1, check=True, env=None):
