@@ -97,6 +97,50 @@ def warn_preprocessed_skips(bad_rows: str, *sources) -> None:
         ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
 
 
+def passes_lines(num_examples: int | None, source: str, batch_size: int, start: int,
+                 num_steps: int, early_stop: bool = False) -> tuple[str, str | None]:
+  """The start-of-training info line saying how much of the training data (`num_examples`
+  of `source`; None: endless, synthetic) this run reads: steps `start`..`num_steps` x the
+  global `batch_size`, and over finite data how many passes (epochs) that is (a 100-row
+  file trained 5 x 256, 12.8 passes, without a word); and the warning for data smaller than
+  one batch (each batch holds examples more than once), else None. Several passes are often
+  meant (epochs): said in the info line, with the number."""
+  steps = max(num_steps - start, 0)
+  read = steps * batch_size
+  span = (f"steps {start + 1}-{num_steps}" if start else f"{steps} steps") + (
+      ", fewer if early stopping stops it" if early_stop else "")
+  if num_examples is None:
+    return (f"training data: {source}, endless; this run trains {span}: up to {steps:,} "
+            f"x {batch_size:,} = {read:,} examples"), None
+  passes = read / num_examples if num_examples else float("inf")
+  line = (f"training data: {num_examples:,} examples ({source}); this run trains {span}: "
+          f"up to {steps:,} x {batch_size:,} = {read:,} examples, {passes:.3g} "
+          f"pass(es) (epochs) over the data")
+  if passes > 1:
+    line += " (examples repeat: each pass in a new shuffled order)"
+  warning = None
+  if num_examples < batch_size:
+    warning = (f"warning: the training data ({num_examples:,} examples, {source}) is smaller "
+               f"than one batch (ExperimentConfig.batch_size = {batch_size:,}): every batch "
+               f"holds examples more than once; this run reads it {passes:.3g} times")
+  return line, warning
+
+
+def log_passes(train_it, config, options, start: int) -> None:
+  """Logs `passes_lines` of a run that trains, on process 0 (the warning under launch.py
+  on the supervisor's stderr too)."""
+  if jax.process_index() != 0 or train_it is None or start >= options.num_steps:
+    return
+  line, warning = passes_lines(train_it.source.num_examples,
+                               options.train_data or config.train_data, config.batch_size,
+                               start, options.num_steps, bool(options.early_stop_metric))
+  log.info("%s", line)
+  if warning:
+    from jaxrec import elastic  # pylint: disable=import-outside-toplevel
+    log.warning("%s", warning)
+    elastic.report_warning(warning)
+
+
 def warn_synthetic_eval(config, options) -> None:
   """Logs `synthetic_eval_warning` or `eval_in_train_warning`, if any, on process 0 (and
   under launch.py on the supervisor's stderr too). Call when the run opens its training

@@ -11,6 +11,16 @@ so it goes on exactly as the run that was not stopped; metrics.jsonl holds every
 bit for bit (JSON floats round-trip), and an eval a killed run wrote past its checkpoint is
 not counted. Process 0 reads the file and decides; the other processes of a job take its
 state (`_agreed`).
+
+The baseline: a run that starts training on new data from a restored model (a
+`convert_checkpoint.py --restart_data` copy, or an import: a checkpoint holding no data
+position) first evaluates that model when metrics.jsonl has no eval of its step, and that
+eval counts as any other: the steps trained on this data must beat it, and while none does
+its checkpoint is the one kept (on a day whose data only made the model worse, the best was
+the least bad of the worse evals and the starting model rotated out). Its line is an
+ordinary eval line of the start step, so a resume replays it; the step this data's training
+started from is recorded in each checkpoint's meta (`data_start`), so a resumed run still
+says when no step improved on it.
 """
 
 from __future__ import annotations
@@ -132,6 +142,7 @@ class EarlyStop:
   best_step: int | None = None
   since: int = 0                   # evals since the best (or the start) without improvement
   stopped_at: int | None = None
+  data_start: int | None = None    # the step training on this data began at (`start_from`)
 
   @classmethod
   def of(cls, options, ckpt=None) -> EarlyStop:
@@ -184,6 +195,50 @@ class EarlyStop:
                "since (of --early_stop_patience=%d)", self.metric, self.best, self.best_step,
                self.since, self.patience)
 
+  def start_from(self, restored, step: int, meta: dict) -> None:
+    """Where training on this run's data began (`data_start`): a fresh run at 0, a restore
+    of a checkpoint holding no data position (a --restart_data copy, an import) at its
+    `step`, a resume where its checkpoint's meta says; written into `meta` (the saves')."""
+    if restored is None:
+      self.data_start = 0
+    elif not restored.data_state:
+      self.data_start = int(step)
+    else:
+      self.data_start = (restored.meta or {}).get("data_start")
+    if self.data_start is not None:
+      meta["data_start"] = self.data_start
+
+  def baseline_due(self, metrics_path: str | None, step: int) -> bool:
+    """Whether restored step `step`, where training on this data starts (`data_start`),
+    is evaluated first as early stopping's baseline: metrics.jsonl (`metrics_path`,
+    process 0's; None on the others, which take its answer) has no eval of it with the
+    metric."""
+    if self.metric is None or self.data_start != step or step <= 0:
+      return False
+    due = metrics_path is not None and step not in dict(
+        eval_history(metrics_path, self.metric, step))
+    import jax  # pylint: disable=import-outside-toplevel
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+    return due
+
+  def start_note(self, step: int, baseline: bool) -> str:
+    """The log line of a run that evaluates its restored `step` before training."""
+    if baseline:
+      return (f"early stopping on {self.metric}: evaluating checkpoint {step}, the model this "
+              "run starts from on this data, first (metrics.jsonl has no eval of it): the "
+              "steps trained on this data must beat it, and while none does its checkpoint "
+              "is the best, kept")
+    return (f"step {step} was saved to be evaluated and metrics.jsonl has no eval of it (the "
+            "run stopped before or during that eval): evaluating it first")
+
+  def best_is_start(self) -> bool:
+    """Whether the best eval is that of the step training on this data started from (a
+    baseline): no step trained on it improved on the model it started with."""
+    return (self.metric is not None and self.best_step is not None
+            and self.best_step == self.data_start and self.data_start > 0)
+
   def observe(self, step: int, record: Mapping[str, Any], writer) -> bool:
     """After the eval line of `step` (`record` holds its values; one without the metric,
     e.g. an eval SIGTERM cut short, is no eval): counts it, keeps the best step's
@@ -199,12 +254,27 @@ class EarlyStop:
                self.metric, float("nan") if value is None else value, step, self._best_text(),
                self.since, self.patience)
       return False
-    writer.write(step, {"event": EVENT, "best_step": self.best_step, "metric": self.metric,
-                        "best": self.best, "patience": self.patience,
-                        "min_delta": self.min_delta})
+    line = {"event": EVENT, "best_step": self.best_step, "metric": self.metric,
+            "best": self.best, "patience": self.patience, "min_delta": self.min_delta}
+    if self.best_is_start():
+      line["best_is_start"] = True
+    writer.write(step, line)
     log.info("early stop after step %d: %s has not improved for %d evals (best %s%s)", step,
              self.metric, self.since, self._best_text(), self._kept_text())
+    if self.best_is_start():   # under launch.py on the supervisor's stderr too
+      import jax  # pylint: disable=import-outside-toplevel
+      from jaxrec import elastic  # pylint: disable=import-outside-toplevel
+      log.warning("%s", self.no_improvement_text())
+      if jax.process_index() == 0:
+        elastic.report_warning(self.no_improvement_text())
     return True
+
+  def no_improvement_text(self) -> str:
+    """The warning of a stop whose best is the model the run started from."""
+    return (f"warning: no step trained on this data improved on checkpoint {self.best_step}, "
+            f"the model this run started from ({self.metric} {self.best:.6g}): it stays the "
+            f"best, kept in the checkpoint directory; go on from it (convert_checkpoint.py "
+            f"--step={self.best_step}), not from the stopping step {self.stopped_at}")
 
   def _kept_text(self) -> str:
     """What the stop line says of the best step's checkpoint: a best from before early
@@ -228,7 +298,8 @@ class EarlyStop:
     """The `done:` line's (`train_and_evaluate`'s result's) fields: where the best is."""
     if self.metric is None or self.best_step is None:
       return {}
-    return {"early_stop_best_step": self.best_step, f"early_stop_best_{self.metric}": self.best}
+    return {"early_stop_best_step": self.best_step, f"early_stop_best_{self.metric}": self.best,
+            **({"early_stop_best_is_start": True} if self.best_is_start() else {})}
 
   def _best_text(self) -> str:
     return ("none yet (no finite value)" if self.best_step is None

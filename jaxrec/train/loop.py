@@ -360,8 +360,10 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   writer = MetricsWriter(workdir, enabled=is_main, purge_step=start + 1)   # TB: after `start`
   progress = Progress(options.num_steps, start, enabled=None if options.progress else False)
   stopper = early_stop.EarlyStop.of(options, ckpt)   # its state at `start`: metrics.jsonl's
+  stopper.start_from(restored, start, meta)   # where training on this data began
   stopper.restore(writer.path if is_main else None, start)
   finished = start >= options.num_steps or stopper.stopped   # run again: evaluate only
+  data_adapter.log_passes(None if finished else source, config, options, start)
   if restored is not None and not finished:
     writer.write(start, {"event": "resume", "checkpoint_step": start})
   elif restored is None and writer.had_records:   # a run killed before its first save:
@@ -400,10 +402,10 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
       if restored is not None:
         writer.write(start, {"event": "resume", "checkpoint_step": start, **last},
                      data_adapter.bad_row_scalars(eval=eval_data))
-    elif restored is not None and eval_owed(writer.path if is_main else None,
-                                                  restored.meta, options.eval_every, start):
-      log.info("step %d was saved to be evaluated and metrics.jsonl has no eval of it (the "
-               "run stopped before or during that eval): evaluating it first", start)
+    elif restored is not None and ((baseline := stopper.baseline_due(   # early stopping's
+        writer.path if is_main else None, start)) or eval_owed(   # or owed by a stopped run
+            writer.path if is_main else None, restored.meta, options.eval_every, start)):
+      log.info("%s", stopper.start_note(start, baseline))
       metrics, state = evaluate(eval_step, collection, state, eval_data, bsharding, tier,
                                 model=config.model,   # with early stopping, maybe the last
                                 predictions=predictions.at(options.predictions, start,

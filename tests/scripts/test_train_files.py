@@ -206,3 +206,38 @@ def test_preprocess_then_train_with_a_gin_config_of_its_own_features(tmp_path):
                check=False, env=NO_COMPILE, devices=8)
   assert_one_line_error(proc, f"error: {out}/manifest.json: configured feature 1 'ctx' is "
                               "data feature 2;")
+
+
+def test_the_passes_line_counts_the_examples_a_run_reads():
+  from jaxrec.train.data_adapter import passes_lines  # pylint: disable=import-outside-toplevel
+  line, warning = passes_lines(2000, "day1.tsv", 128, 20, 50, early_stop=True)
+  assert line == ("training data: 2,000 examples (day1.tsv); this run trains steps 21-50, "
+                  "fewer if early stopping stops it: up to 30 x 128 = 3,840 examples, 1.92 "
+                  "pass(es) (epochs) over the data (examples repeat: each pass in a new "
+                  "shuffled order)") and warning is None
+  line, warning = passes_lines(5000, "d.tsv", 128, 0, 10)
+  assert line.endswith("10 steps: up to 10 x 128 = 1,280 examples, 0.256 pass(es) (epochs) "
+                       "over the data") and warning is None
+  line, warning = passes_lines(None, "synthetic", 64, 0, 40)
+  assert line == ("training data: synthetic, endless; this run trains 40 steps: up to 40 x "
+                  "64 = 2,560 examples") and warning is None
+
+
+def test_a_run_says_how_many_passes_over_its_training_data_it_makes(tmp_path):
+  """A 100-row file trained 5 steps x 128 (6.4 passes, each batch holding examples more
+  than once) without a word; a rerun that only evaluates reads none of it, and says
+  nothing of it."""
+  write_data(tmp_path / "train.tsv", 100)
+  w = str(tmp_path / "w")
+  flags = [*FLAGS, "--num_steps=5", f"--train_data={tmp_path}/train.tsv", "--mesh=data=8",
+           "--noprogress", "--gin_bindings=ExperimentConfig.num_eval_examples=256"]
+  proc = run_script("train.py", f"--workdir={w}", *flags)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (f"training data: 100 examples ({tmp_path}/train.tsv); this run trains 5 steps: up "
+          "to 5 x 128 = 640 examples, 6.4 pass(es) (epochs) over the data (examples repeat"
+          in proc.stderr), proc.stderr[-3000:]
+  assert (f"warning: the training data (100 examples, {tmp_path}/train.tsv) is smaller than "
+          "one batch (ExperimentConfig.batch_size = 128): every batch holds examples more "
+          "than once; this run reads it 6.4 times") in proc.stderr
+  again = run_script("train.py", f"--workdir={w}", *flags)
+  assert again.returncode == 0 and "training data:" not in again.stderr, again.stderr[-3000:]

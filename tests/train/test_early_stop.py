@@ -442,3 +442,118 @@ def test_a_conversion_of_the_stopping_step_names_the_best_one(tmp_path):
   (ckpts / "400").rmdir()
   assert best_step_note(str(ckpts), 480) is None   # its best is gone
   assert best_step_note(str(tmp_path / "none" / "checkpoints"), 480) is None   # no metrics
+
+
+class _Restored:
+  def __init__(self, data_state, meta=None):
+    self.data_state, self.meta = data_state, meta
+
+
+class _Written:
+  def __init__(self):
+    self.lines = []
+
+  def write(self, step, record):
+    self.lines.append(dict(record, step=step))
+
+
+def test_the_model_new_data_starts_from_is_the_baseline_to_beat(tmp_path, caplog):
+  """A --restart_data copy (no data position) at step 20 is evaluated first when
+  metrics.jsonl has no eval of it, and that eval counts: on data that only makes the model
+  worse the stop names step 20 as the best (it named the least bad of the worse evals, and
+  step 20 rotated out). A resume (its checkpoint's meta records `data_start`) does not
+  evaluate again: it replays the line."""
+  path = tmp_path / "metrics.jsonl"
+  path.write_text(json.dumps({"step": 20, "event": "resume", "checkpoint_step": 20}) + "\n")
+  stopper, meta = EarlyStop("eval_auc", 2), {}
+  stopper.start_from(_Restored({}), 20, meta)
+  assert meta == {"data_start": 20} and stopper.baseline_due(str(path), 20)
+  assert "the model this run starts from on this data" in stopper.start_note(20, True)
+  with open(path, "a") as f:
+    f.write(json.dumps({"step": 20, "eval_auc": 0.8}) + "\n")
+  assert not stopper.baseline_due(str(path), 20)   # a rerun of the copy replays it
+  assert not EarlyStop(None).baseline_due(str(path), 20)   # early stopping off
+  for data_state, meta, step in [({"position": 256}, {"data_start": 20}, 22),   # a resume
+                                 ({"position": 256}, {"data_start": 0}, 3),   # a fresh run's
+                                 ({"position": 256}, {}, 3)]:   # a checkpoint of before
+    resumed, saved = EarlyStop("eval_auc", 2), {}
+    resumed.start_from(_Restored(data_state, meta), step, saved)
+    assert saved == meta and not resumed.baseline_due(str(tmp_path / "none.jsonl"), step)
+  fresh, saved = EarlyStop("eval_auc", 2), {}
+  fresh.start_from(None, 0, saved)
+  assert saved == {"data_start": 0} and not fresh.baseline_due(str(path), 0)
+
+  written = _Written()
+  stopper.add(20, 0.8)   # as the replay (or the baseline's observe) counts it
+  assert not stopper.observe(22, {"eval_auc": 0.79}, written)
+  with caplog.at_level("WARNING", logger="jaxrec"):
+    assert stopper.observe(24, {"eval_auc": 0.78}, written)
+  assert written.lines[-1] == {"step": 24, "event": "early_stop", "best_step": 20,
+                               "metric": "eval_auc", "best": 0.8, "patience": 2,
+                               "min_delta": 0.0, "best_is_start": True}
+  assert stopper.summary() == {"early_stop_best_step": 20, "early_stop_best_eval_auc": 0.8,
+                               "early_stop_best_is_start": True}
+  assert ("warning: no step trained on this data improved on checkpoint 20, the model this "
+          "run started from (eval_auc 0.8): it stays the best") in caplog.text
+  better = EarlyStop("eval_auc", 1, data_start=20)
+  better.add(20, 0.8)
+  better.add(22, 0.9)
+  assert better.add(24, 0.7) and not better.best_is_start()
+  assert "early_stop_best_is_start" not in better.summary()
+
+
+@pytest.mark.slow   # ~25 s: day 0, its copy, day 1 stopped by SIGTERM and resumed, and again
+def test_a_restart_data_copy_is_evaluated_first_and_kept_when_nothing_beats_it(
+    tmp_path, monkeypatch):
+  """Day 1 on a --restart_data copy of day 0's step 4, where no eval beats the first
+  (--early_stop_min_delta=1): the copy's eval counts, the run stops at step 8 naming step 4
+  as the best and keeps its checkpoint; a run stopped by SIGTERM after step 7 and resumed
+  stops at the same step with the same best (without the baseline: best 6, stop at 10)."""
+  w = str(tmp_path / "w")
+  flags = [f for f in FLAGS if not f.startswith("--num_steps")]
+  proc = run_script("train.py", f"--workdir={w}", "--num_steps=4", "--early_stop_patience=5",
+                    *flags)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  days = {}
+  for name in ("w2", "w3"):
+    days[name] = str(tmp_path / name)
+    out = run_script("convert_checkpoint.py", f"--checkpoint_dir={w}/checkpoints",
+                     f"--output={days[name]}/checkpoints", "--format=checkpoint",
+                     "--restart_data")
+    assert out.returncode == 0, out.stderr[-3000:]
+  proc = run_script("train.py", f"--workdir={days['w2']}", "--num_steps=40",
+                    "--early_stop_patience=2", *flags)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert ("evaluating checkpoint 4, the model this run starts from on this data, first"
+          in proc.stderr), proc.stderr[-3000:]
+  lines = _lines(days["w2"])
+  assert [l["step"] for l in lines if "eval_auc" in l] == [4, 6, 8]
+  stop = lines[-1]
+  assert (stop["event"], stop["step"], stop["best_step"], stop["best_is_start"]) == (
+      "early_stop", 8, 4, True)
+  assert sorted(os.listdir(os.path.join(days["w2"], "checkpoints"))) == ["4", "8"]
+  assert "no step trained on this data improved on checkpoint 4" in proc.stderr
+  assert "early_stop_best_step=4" in proc.stdout and "early_stop_best_is_start=True" in (
+      proc.stdout)
+
+  real = elastic.report_progress
+
+  def progress(workdir, step, *args, **kwargs):
+    if step == 7:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(workdir, step, *args, **kwargs)
+  monkeypatch.setattr(elastic, "report_progress", progress)
+  proc = run_script("train.py", f"--workdir={days['w3']}", "--num_steps=40",
+                    "--early_stop_patience=2", *flags)
+  assert proc.returncode == 143, proc.stderr[-3000:]
+  monkeypatch.setattr(elastic, "report_progress", real)
+  proc = run_script("train.py", f"--workdir={days['w3']}", "--num_steps=40",
+                    "--early_stop_patience=2", *flags)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "the model this run starts from" not in proc.stderr   # replayed, not evaluated
+  again = _lines(days["w3"])
+  assert [l["step"] for l in again if "eval_auc" in l] == [4, 6, 8]
+  assert {k: v for k, v in again[-1].items() if k != "best"} == {
+      k: v for k, v in stop.items() if k != "best"}
+  assert sorted(os.listdir(os.path.join(days["w3"], "checkpoints"))) == ["4", "8"]
+  assert "no step trained on this data improved on checkpoint 4" in proc.stderr
