@@ -98,7 +98,8 @@ def warn_preprocessed_skips(bad_rows: str, *sources) -> None:
 
 
 def passes_lines(num_examples: int | None, source: str, batch_size: int, start: int,
-                 num_steps: int, early_stop: bool = False) -> tuple[str, str | None]:
+                 num_steps: int, early_stop: bool = False, shuffle: bool = True
+                 ) -> tuple[str, str | None]:
   """The start-of-training info line saying how much of the training data (`num_examples`
   of `source`; None: endless, synthetic) this run reads: steps `start`..`num_steps` x the
   global `batch_size`, and over finite data how many passes (epochs) that is (a 100-row
@@ -117,7 +118,8 @@ def passes_lines(num_examples: int | None, source: str, batch_size: int, start: 
           f"up to {steps:,} x {batch_size:,} = {read:,} examples, {passes:.3g} "
           f"pass(es) (epochs) over the data")
   if passes > 1:
-    line += " (examples repeat: each pass in a new shuffled order)"
+    line += (" (examples repeat: each pass in a new shuffled order)" if shuffle else
+             " (examples repeat, in the same order: shuffle is off)")
   warning = None
   if num_examples < batch_size:
     warning = (f"warning: the training data ({num_examples:,} examples, {source}) is smaller "
@@ -133,7 +135,8 @@ def log_passes(train_it, config, options, start: int) -> None:
     return
   line, warning = passes_lines(train_it.source.num_examples,
                                options.train_data or config.train_data, config.batch_size,
-                               start, options.num_steps, bool(options.early_stop_metric))
+                               start, options.num_steps, bool(options.early_stop_metric),
+                               train_it.shuffle)
   log.info("%s", line)
   if warning:
     from jaxrec import elastic  # pylint: disable=import-outside-toplevel

@@ -218,6 +218,9 @@ def test_the_passes_line_counts_the_examples_a_run_reads():
   line, warning = passes_lines(5000, "d.tsv", 128, 0, 10)
   assert line.endswith("10 steps: up to 10 x 128 = 1,280 examples, 0.256 pass(es) (epochs) "
                        "over the data") and warning is None
+  line, _ = passes_lines(300, "d.tsv", 128, 0, 10, shuffle=False)
+  assert line.endswith("4.27 pass(es) (epochs) over the data (examples repeat, in the same "
+                       "order: shuffle is off)")
   line, warning = passes_lines(None, "synthetic", 64, 0, 40)
   assert line == ("training data: synthetic, endless; this run trains 40 steps: up to 40 x "
                   "64 = 2,560 examples") and warning is None
