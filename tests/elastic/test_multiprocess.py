@@ -7,6 +7,8 @@ Slow (each runs the trainer several times on 2 shared cores): `make test-slow`.
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -263,3 +265,34 @@ def test_early_stopping_through_launch_py_stops_every_worker_at_one_step(tmp_pat
   again = t.metrics(w)
   assert [l for l in again if "loss" in l] == [l for l in lines if "loss" in l]
   assert again[-1]["event"] == "resume" and again[-1]["step"] == 6
+
+
+def test_early_stopping_baseline_of_a_restart_data_copy_under_launch_py(tmp_path):
+  """A --restart_data copy trained by a 2-process job: process 0 decides that the copied
+  step is owed its baseline eval and both workers evaluate it, count it and stop at one
+  step naming it the best; the start line of the data read is in W2/workers/0.log, the
+  warning that nothing improved on the copy on the launcher's stderr too."""
+  w, w2 = str(tmp_path / "w"), str(tmp_path / "w2")
+  flags = [*t.TINY, "--mesh=data=8", "--plan=dp", "--log_every=2", "--eval_every=2",
+           "--keep_checkpoints=1", "--early_stop_metric=eval_auc", "--early_stop_min_delta=1"]
+  t.run_train(w, [*flags, "--num_steps=4"], devices=8)
+  out = subprocess.run([sys.executable, os.path.join(t.ROOT, "scripts", "convert_checkpoint.py"),
+                        f"--checkpoint_dir={w}/checkpoints", f"--output={w2}/checkpoints",
+                        "--format=checkpoint", "--restart_data"], capture_output=True,
+                       text=True, env=t.env(), cwd=t.ROOT, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  launch = ["--num_processes=2", "--devices_per_process=4"]
+  assert t.finish(t.launch(w2, launch, [*flags, "--num_steps=40", "--early_stop_patience=2"])
+                  ) == 0, open(os.path.join(w2, "launch.log")).read()[-3000:]
+  lines = t.metrics(w2)
+  assert [l["step"] for l in lines if "eval_auc" in l] == [4, 6, 8]
+  assert (lines[-1]["event"], lines[-1]["step"], lines[-1]["best_step"],
+          lines[-1]["best_is_start"]) == ("early_stop", 8, 4, True)
+  assert sorted(os.listdir(os.path.join(w2, "checkpoints"))) == ["4", "8"]
+  for process in (0, 1):
+    log = open(os.path.join(w2, "workers", f"{process}.log")).read()
+    assert "early stop after step 8: eval_auc has not improved for 2 evals" in log, log[-2000:]
+  assert "training data: synthetic, endless; this run trains steps 5-40" in open(
+      os.path.join(w2, "workers", "0.log")).read()
+  assert "no step trained on this data improved on checkpoint 4" in open(
+      os.path.join(w2, "launch.log")).read()
