@@ -271,10 +271,11 @@ class EarlyStop:
 
   def no_improvement_text(self) -> str:
     """The warning of a stop whose best is the model the run started from."""
+    where = "the checkpoint directory" if self.ckpt is None else str(self.ckpt.directory)
     return (f"warning: no step trained on this data improved on checkpoint {self.best_step}, "
             f"the model this run started from ({self.metric} {self.best:.6g}): it stays the "
-            f"best, kept in the checkpoint directory; go on from it (convert_checkpoint.py "
-            f"--step={self.best_step}), not from the stopping step {self.stopped_at}")
+            f"best, kept in {where}; go on from it (convert_checkpoint.py --step="
+            f"{self.best_step}), not from the stopping step {self.stopped_at}")
 
   def _kept_text(self) -> str:
     """What the stop line says of the best step's checkpoint: a best from before early
