@@ -18,9 +18,10 @@ from typing import Mapping, Sequence
 
 from absl import logging as log
 
-from jaxrec.data import source
+from jaxrec.data import source, vocab as vocab_lib
 from jaxrec.errors import ConfigError
 from jaxrec.files import write_text_atomic
+from jaxrec.train import vocab_changes
 
 # A binding's first line in gin's operative config text: `scope/Name.param = ...` or a
 # macro `NAME = ...`, at the start of the line; its continuation lines are indented.
@@ -239,19 +240,28 @@ _READ_AS_WORDS = {"dense_transform": ("dense values", "inputs of another scale")
 
 
 def check_read_as(meta: Mapping | None, after: str, eval_source: str, step: int,
-                  trains: bool = False) -> None:
+                  trains: bool = False, position: bool = True) -> None:
   """Raises `ConfigError` when a run from checkpoint `step` (its `meta`'s recorded gin)
   reads data other than the synthetic set (which ignores them: `eval_source`, or the
   training data when it `trains`) with another `source.READ_AS` binding
-  (`open_source.dense_transform`, `open_source.id_format`) or id vocabulary
-  (`open_source.vocab`, compared as bound: a path) than the checkpoint was trained
-  with (`after`: this run's operative config). Evaluating, the model scored inputs of
+  (`open_source.dense_transform`, `open_source.id_format`) or id vocabulary than the
+  checkpoint was trained with (`after`: this run's operative config). The vocabulary is
+  compared by fingerprint when the checkpoint records one (`meta["vocab"]`,
+  `vocab_record`: a copy elsewhere is the same one, one rebuilt in place another), else
+  as `open_source.vocab` is bound (a path). Evaluating, the model scored inputs of
   another scale, or looked up other rows, without a word; training on from its data
   position, the data's fingerprint refused the files as "other data" without naming the
   binding (the trainer checks only then: a copy without one may change them). Nothing is
-  checked without a recorded config."""
+  checked without a recorded config. A training run from a copy without its data position
+  (`position` False) may change them all; another vocabulary is warned of."""
   before = (meta or {}).get("gin")
   if not isinstance(before, str) or eval_source == "synthetic":
+    return
+  if not position:
+    if isinstance(meta, Mapping) and "vocab" in meta:
+      note = vocab_changes.copy_warning(meta["vocab"], vocab_record(), step)
+      if note:
+        log.warning("%s", note)
     return
   data, verb, then = (("training data", "train on", "train on from it (or copy it without "
                        "its data position, convert_checkpoint.py --restart_data, to go on with "
@@ -259,6 +269,9 @@ def check_read_as(meta: Mapping | None, after: str, eval_source: str, step: int,
   old_bindings, new_bindings = bindings(before), bindings(after)
   for field, (what, consequence) in _READ_AS_WORDS.items():
     key = f"open_source.{field}"
+    if field == "vocab" and isinstance(meta, Mapping) and "vocab" in meta:
+      vocab_changes.check(meta["vocab"], vocab_record(), step, data, verb, then)
+      continue
     default = ADDED_DEFAULTS[key]
     old, new = old_bindings.get(key, default), new_bindings.get(key, default)
     if old != new:
@@ -266,6 +279,13 @@ def check_read_as(meta: Mapping | None, after: str, eval_source: str, step: int,
           f"checkpoint {step} was trained on {what} read with {key} = {old}, but this run "
           f"reads its {data} with {key} = {new}: the model would {verb} {consequence}; "
           f"bind {key} = {old} (gin) to {then}")
+
+
+def vocab_record() -> dict | None:
+  """This run's id vocabulary (gin's `open_source.vocab`) as a checkpoint's meta records it
+  (`vocab.record`: absolute path and fingerprint; None without one)."""
+  from jaxrec import launch  # pylint: disable=import-outside-toplevel
+  return vocab_lib.record(vocab_lib.load_binding(launch.bound_value("open_source.vocab")))
 
 
 def check_stateful_optimizers(meta: Mapping | None, tables: Sequence[str], optimizer) -> None:

@@ -207,6 +207,7 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
   operative_gin, unwritten = config_gin.recorded(config, gin.operative_config_str())
   meta = {"plan": plan.to_json(), "mesh": info["mesh"], "seed": options.seed,
           "gin": operative_gin, "batch_size": config.batch_size,
+          "vocab": config_changes.vocab_record(),   # by fingerprint (vocab_changes)
           # the layout a copy prints (`convert_checkpoint.py --plan`) stacks by bag size too
           "features": [dataclasses.asdict(f) for f in config.features]}
   if tier is not None:   # checkpoint conversion reads these tables from the snapshots
@@ -310,10 +311,10 @@ def _train_and_evaluate(config: ExperimentConfig, options: RunOptions, workdir: 
     for note in ckpt.restore_warnings if is_main else ():   # under launch.py: its stderr
       elastic.report_warning(f"warning: {note}")
     if restored is not None:
-      if train_it is not None and restored.data_state:   # before the data position's check
+      if train_it is not None:   # before the data position's check (a copy: warned)
         config_changes.check_read_as(restored.meta, operative_gin, options.train_data
                                      or config.train_data, int(restored.state["step"]),
-                                     trains=True)
+                                     trains=True, position=bool(restored.data_state))
       state = resume_from(restored)
       start = int(state["step"])
       log.info("resumed from step %d of %s", start, ckpt.directory)

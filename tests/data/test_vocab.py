@@ -370,3 +370,61 @@ def test_hashed_lookup_matches_each_tables_search_on_random_ids():
   want = np.array([v.lookup(feature_tables[f], raw[i:i + 1])[0] for i, f in enumerate(tfeat)])
   np.testing.assert_array_equal(v.lookup_features(feature_tables, tfeat, raw), want)
   assert (want > 0).mean() > 0.2
+
+
+def test_a_checkpoint_compares_its_recorded_vocabulary_by_fingerprint(tmp_path, tsv_file,
+                                                                      monkeypatch):
+  """A checkpoint's meta records the vocabulary (path and fingerprint): the same one at
+  another path (moved, or bound as a relative path) is accepted; another one built in place
+  at the recorded path is refused naming both fingerprints (an eval-only run scored every
+  row moved without a word: it compared the bound paths)."""
+  path, out, _ = _vocab(tmp_path, tsv_file)
+  v = vocab.load(out)
+  meta_gin = f"open_source.id_format = 'hex'\nopen_source.vocab = '{out}'\n"
+  meta = {"gin": meta_gin, "vocab": vocab.record(v)}
+  moved = str(tmp_path / "moved")
+  os.rename(out, moved)
+  bound = {"open_source.vocab": moved}
+  monkeypatch.setattr("jaxrec.launch.bound_value", lambda sel, d=None: bound.get(sel, d))
+  after = meta_gin.replace(out, moved)
+  config_changes.check_read_as(meta, after, "/data/eval.tsv", 7)
+  config_changes.check_read_as(meta, after, "/data/t.tsv", 7, trains=True)
+  # rebuilt at the recorded path from other lines: same rows, other ids
+  lines = [lib.line(cats=[f"{(i * (k + 3)) % 13 + 20:x}" for k in range(26)])
+           for i in range(80)]
+  build(tmp_path, [tsv_file(lines)], lib.features(), 2, name="v")
+  bound["open_source.vocab"] = out
+  fp = vocab.load(out).fingerprint
+  for trains, words in ((False, "score"), (True, "train on")):
+    with pytest.raises(ConfigError, match=(
+        rf"^checkpoint 7 was trained on categorical ids read through vocabulary '{out}' "
+        rf"\(fingerprint {v.fingerprint}\), but this run reads its (eval|training) data "
+        rf"through vocabulary '{out}' \(fingerprint {fp}\) \(rebuilt in place: the same "
+        rf"path holds another vocabulary\): the model would {words} ids mapped to other rows "
+        rf"than it learned them in; bind open_source.vocab to a directory holding vocabulary "
+        rf"{v.fingerprint} \(it was '{out}'; a copy anywhere will do\)")):
+      config_changes.check_read_as(meta, meta_gin, "/data/x.tsv", 7, trains=trains)
+  bound["open_source.vocab"] = None
+  with pytest.raises(ConfigError, match=r"reads its eval data through no vocabulary \(ids % "
+                     r"rows\): .*; bind open_source.vocab to a directory holding"):
+    config_changes.check_read_as(meta, "", "/data/x.tsv", 7)
+  bound["open_source.vocab"] = moved
+  with pytest.raises(ConfigError, match=r"trained on categorical ids read through no "
+                     r"vocabulary \(ids % rows\), .*; unbind open_source.vocab \(gin\)"):
+    config_changes.check_read_as({"gin": "", "vocab": None}, meta_gin, "/data/x.tsv", 7)
+
+
+def test_a_copy_without_its_data_position_warns_of_another_vocabulary(tmp_path, tsv_file,
+                                                                      monkeypatch, caplog):
+  """convert_checkpoint.py --restart_data's copy may read the next day as it likes; another
+  vocabulary (rows renumbered) is warned of, the same one at another path is not."""
+  path, out, _ = _vocab(tmp_path, tsv_file)
+  meta = {"gin": f"open_source.vocab = '{out}'\n", "vocab": vocab.record(vocab.load(out))}
+  bound = {"open_source.vocab": out}
+  monkeypatch.setattr("jaxrec.launch.bound_value", lambda sel, d=None: bound.get(sel, d))
+  config_changes.check_read_as(meta, "", "/data/t.tsv", 3, trains=True, position=False)
+  assert "warning" not in caplog.text
+  bound["open_source.vocab"] = None
+  config_changes.check_read_as(meta, "", "/data/t.tsv", 3, trains=True, position=False)
+  assert (f"warning: checkpoint 3's tables were trained on ids read through vocabulary "
+          f"'{out}'") in caplog.text and "no vocabulary (ids % rows)" in caplog.text

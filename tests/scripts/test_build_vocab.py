@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -92,8 +93,9 @@ def test_too_few_rows_stop_train_py_before_it_compiles(tmp_path, built):
 
 
 def test_a_resume_with_another_vocabulary_names_the_binding(tmp_path, built):
-  """Tables of the same rows, the ids read through another vocabulary: refused, naming the
-  binding, both when training on and when only evaluating."""
+  """Tables of the same rows, the ids read through another vocabulary: refused, naming
+  both vocabularies (path and fingerprint), both when training on and when only evaluating;
+  the same vocabulary copied elsewhere is the same one (compared by fingerprint)."""
   config, data, out, _ = built
   r = run_script("build_vocab.py", f"--input={data}", f"--output={tmp_path / 'v3'}",
                  "--min_count=3", f"--gin_file={config}")
@@ -104,13 +106,19 @@ def test_a_resume_with_another_vocabulary_names_the_binding(tmp_path, built):
   r = run_script("train.py", *flags, "--num_steps=2",
                  f"--gin_bindings=open_source.vocab = '{out}'")
   assert r.returncode == 0, r.stderr[-3000:]
+  fp = {v: vocab.load(str(v)).fingerprint for v in (out, tmp_path / "v3")}
   for steps, data_word in (("4", "training data"), ("2", "eval data")):
     r = run_script("train.py", *flags, f"--num_steps={steps}",
                    f"--gin_bindings=open_source.vocab = '{tmp_path / 'v3'}'")
     assert r.returncode == 1 and (
-        f"checkpoint 2 was trained on categorical ids read with open_source.vocab = '{out}', "
-        f"but this run reads its {data_word} with open_source.vocab = '{tmp_path / 'v3'}'"
-        ) in r.stderr, r.stderr[-3000:]
+        f"checkpoint 2 was trained on categorical ids read through vocabulary '{out}' "
+        f"(fingerprint {fp[out]}), but this run reads its {data_word} through vocabulary "
+        f"'{tmp_path / 'v3'}' (fingerprint {fp[tmp_path / 'v3']})") in r.stderr, \
+        r.stderr[-3000:]
+  shutil.copytree(out, tmp_path / "copy")
+  r = run_script("train.py", *flags, "--num_steps=2",
+                 f"--gin_bindings=open_source.vocab = '{tmp_path / 'copy'}'")
+  assert r.returncode == 0 and "evaluating that checkpoint" in r.stderr, r.stderr[-3000:]
 
 
 @pytest.mark.parametrize("flags,message", [
