@@ -66,6 +66,9 @@ def _setting(flag: str, selector: str, default):
   return (default, "default") if value is None else (value, selector)
 
 
+_configured_rows = {}   # table -> rows of a configuration listing its own tables
+
+
 def _features():
   """(features, the `uniform_tables` prefix of their tables or None: another embedding)."""
   import gin
@@ -86,6 +89,7 @@ def _features():
     specs.validate(*emb)
     ref = gin.query_parameter("ExperimentConfig.embedding")   # `@uniform_tables()`: its
     uniform = getattr(ref, "scoped_selector", None) == "uniform_tables"   # rows are bound
+    _configured_rows.update({t.name: t.rows for t in emb[0]})
     return emb[1], prefix if uniform else None
   n = specs.whole(FLAGS.num_categorical, "--num_categorical")
   try:
@@ -127,14 +131,18 @@ def build() -> dict:
           "inputs": [{"path": os.path.abspath(p), "bytes": os.path.getsize(p)}
                      for p in files]}
   signals.check()
-  return vocab_build.write(FLAGS.output, counts, FLAGS.min_count, FLAGS.max_size, info,
-                           prefix)
+  m = vocab_build.write(FLAGS.output, counts, FLAGS.min_count, FLAGS.max_size, info, prefix)
+  if prefix is None:   # vocab.gin binds no rows: the configured ones, to warn of
+    m = {**m, "binds_rows": False, "tables": [
+        {**t, "configured_rows": _configured_rows.get(t["name"], t["rows"])}
+        for t in m["tables"]]}
+  return m
 
 
 def main(argv):
   del argv
   from jaxrec import script_errors
-  from jaxrec.errors import counted
+  from jaxrec.errors import counted, some
   signals.on_second_signal(lambda name: (
       f"interrupted again ({script_errors.signal_word(name)}, exited at once): no vocabulary "
       f"written to {FLAGS.output}"))
@@ -144,8 +152,18 @@ def main(argv):
           f"distinct ({t['kept_occurrences']:,} of {t['occurrences']:,} occurrences): rows "
           f"{t['rows']:,}")
   gin_path = os.path.join(os.path.abspath(FLAGS.output), "vocab.gin")
+  if m.get("binds_rows", True):
+    print(f"wrote {FLAGS.output} (min_count {m['min_count']}); train with "
+          f"--gin_file={gin_path} (binds open_source.vocab and the rows)")
+    return
+  small = [f"'{t['name']}' ({t['configured_rows']:,} rows, needs {t['rows']:,})"
+           for t in m["tables"] if t.get("configured_rows", t["rows"]) < t["rows"]]
   print(f"wrote {FLAGS.output} (min_count {m['min_count']}); train with "
-        f"--gin_file={gin_path} (binds open_source.vocab and the rows)")
+        f"--gin_file={gin_path} (binds open_source.vocab only: this configuration lists its "
+        "own tables; give each table at least the rows above)")
+  if small:
+    print(f"warning: configured with too few rows: table {some(small, 4, quote=False)}",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

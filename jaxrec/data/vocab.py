@@ -203,8 +203,24 @@ def check_layout(vocab: Vocab, tables: Sequence[str], rows: Sequence[int], id_fo
   if small:
     lines = some([f"'{t}' has {r} rows, needs {vocab.size(t) + 1} ({vocab.size(t)} ids "
                   "+ 1 out-of-vocabulary row)" for t, r in small.items()], 4, quote=False)
-    raise ConfigError(f"{where}: table {lines}; give the tables the rows its {GIN} binds "
-                      f"(--gin_file={os.path.join(vocab.directory, GIN)})")
+    raise ConfigError(f"{where}: table {lines}; {rows_hint(vocab.directory)}")
+
+
+def rows_hint(directory: str) -> str:
+  """How to give the tables their rows: `vocab.gin` binds them for `uniform_tables`; for a
+  config listing its own tables it only lists them (comments), and the hint to give it
+  sent a user who had given it round in a circle."""
+  gin_path = os.path.join(directory, GIN)
+  try:
+    with open(gin_path) as f:
+      binds = any(line.startswith("uniform_tables.rows") for line in f)
+  except OSError:
+    binds = True
+  if binds:
+    return f"give the tables the rows its {GIN} binds (--gin_file={gin_path})"
+  return (f"set these tables' rows in the configuration (their TableSpec / embedding_tables "
+          f"entries: {gin_path} lists each table's rows in comments, and binds none for a "
+          "configuration that lists its own tables)")
 
 
 def record(vocab: Vocab | None) -> dict | None:

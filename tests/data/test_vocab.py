@@ -195,8 +195,9 @@ def test_too_few_rows_are_refused_naming_the_table_and_numbers(tmp_path, tsv_fil
   small = dict(rows, t2=rows["t2"] - 1)
   with pytest.raises(ConfigError, match=(
       rf"^open_source.vocab = '{out}': table 't2' has {rows['t2'] - 1} rows, needs "
-      rf"{rows['t2']} \({rows['t2'] - 1} ids \+ 1 out-of-vocabulary row\); give the tables the "
-      rf"rows its vocab.gin binds \(--gin_file={out}/vocab.gin\)")):
+      rf"{rows['t2']} \({rows['t2'] - 1} ids \+ 1 out-of-vocabulary row\); set these tables' "
+      rf"rows in the configuration \(their TableSpec / embedding_tables entries: "
+      rf"{out}/vocab.gin lists each table's rows in comments")):   # (built for listed tables)
     pipeline.open_source(path, lib.features(), small, vocab=out)
   with pytest.raises(ConfigError, match="table 't2' has"):   # synthetic data: checked too
     pipeline.open_source("synthetic", lib.features(), small, vocab=out)

@@ -173,3 +173,38 @@ def test_one_device_and_an_8_device_mesh_give_the_same_losses(tmp_path, built):
             for w in ("one", "eight")]
   assert len(losses[0]) == 10
   np.testing.assert_allclose(losses[1], losses[0], rtol=0, atol=1e-4)
+
+
+OWN_TABLES = CONFIG + """ExperimentConfig.embedding = @embedding_tables()
+embedding_tables.tables = {'s': (4, 16), 'a': (5000, 16), 'b': (5000, 16), 'c': (5000, 16),
+                           'd': (5000, 16), 'e': (5000, 16), 'g': (5000, 16)}
+embedding_tables.features = [('f0', 's'), ('f1', 's'), ('f2', 'a'), ('f3', ('b', 4)),
+                             ('f4', 'c'), ('f5', ('d', 8)), ('f6', 'e'), ('f7', 'g')]
+"""
+
+
+def test_a_config_listing_its_own_tables_is_told_which_rows_to_set(tmp_path):
+  """vocab.gin binds no rows for a configuration that lists its own tables: the tool said
+  it did, and the rows refusal said to give the vocab.gin already given (a circle); now
+  the tool names the tables configured too small, and the refusal says where to set them."""
+  config = tmp_path / "own.gin"
+  config.write_text(OWN_TABLES)
+  data = _tsv(tmp_path / "train.tsv")
+  out = tmp_path / "vocab"
+  r = run_script("build_vocab.py", f"--input={data}", f"--output={out}", "--min_count=2",
+                 f"--gin_file={config}")
+  assert r.returncode == 0, r.stderr
+  needs = json.load(open(out / vocab.MANIFEST))["tables"][0]
+  assert needs["name"] == "s" and needs["rows"] > 4
+  assert "(binds open_source.vocab only: this configuration lists its own tables; give each " \
+      "table at least the rows above)" in r.stdout, r.stdout
+  assert f"warning: configured with too few rows: table 's' (4 rows, needs {needs['rows']})" \
+      in r.stderr, r.stderr
+  r = run_script("train.py", f"--gin_file={config}", f"--gin_file={out / vocab.GIN}",
+                 f"--train_data={data}", f"--workdir={tmp_path / 'w'}", "--num_steps=1")
+  assert r.returncode == 1 and (
+      f"table 's' has 4 rows, needs {needs['rows']} ({needs['rows'] - 1} ids + 1 "
+      f"out-of-vocabulary row); set these tables' rows in the configuration (their TableSpec "
+      f"/ embedding_tables entries: {out / vocab.GIN} lists each table's rows in comments, "
+      "and binds none for a configuration that lists its own tables)") in r.stderr, \
+      r.stderr[-2000:]
