@@ -503,9 +503,10 @@ def absolute_data_paths() -> None:
   names something here (a file, directory or a glob's matches) to its absolute path, so
   that `W/config.gin` names the data wherever it is rerun from (it recorded the path as
   typed: rerun from another directory, it read no file or another one). `synthetic` and
-  paths naming nothing (the run reports those) stay as given. Call after `launch.parse_gin`."""
-  for name in DATA_FIELDS:
-    binding = f"ExperimentConfig.{name}"
+  paths naming nothing (the run reports those) stay as given. Call after `launch.parse_gin`.
+  `open_source.vocab` likewise: a relative one made a rerun of config.gin elsewhere read
+  no vocabulary directory or another."""
+  for binding in [f"ExperimentConfig.{name}" for name in DATA_FIELDS] + ["open_source.vocab"]:
     try:
       binding, bound = gin_usage.through_macros(binding, gin.query_parameter(binding))
     except ValueError:   # not bound: the default, 'synthetic'

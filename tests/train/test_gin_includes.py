@@ -120,6 +120,19 @@ def test_a_data_path_starting_with_a_tilde_is_expanded(tmp_path, monkeypatch):
   assert gin.query_parameter("ExperimentConfig.eval_data") == str(tmp_path / "day.tsv")
 
 
+
+def test_a_relative_vocabulary_is_recorded_absolute(tmp_path, monkeypatch):
+  """`open_source.vocab = 'v'` stayed relative in W/config.gin: a rerun of it from another
+  directory read no vocabulary there (or another one of that name)."""
+  (tmp_path / "v").mkdir()
+  monkeypatch.chdir(tmp_path)
+  launch.parse_gin([SYNTHETIC], ["open_source.vocab = 'v'"])
+  config_lib.absolute_data_paths()
+  assert gin.query_parameter("open_source.vocab") == str(tmp_path / "v")
+  launch.parse_gin([SYNTHETIC], ["open_source.vocab = None"])
+  config_lib.absolute_data_paths()
+  assert gin.query_parameter("open_source.vocab") is None
+
 @pytest.mark.parametrize("lines, message", [
     (["ExperimentConfig.table_optimizers = {'t0': @big/SGD()}", "big/SGD.lr = -1.0"],
      "{f}:3: big/SGD.lr must be a number >= 0, got -1.0"),
