@@ -255,6 +255,11 @@ def load_binding(directory, binding: str = "open_source.vocab") -> Vocab | None:
   if not isinstance(directory, str):
     raise ConfigError(f"{binding} must be a vocabulary directory (a string) or None, got "
                       f"{directory!r}")
+  if not os.path.isdir(directory):   # (moved, or a vocab.gin of another machine): named
+    where = f"{binding}: {directory}" if binding.startswith("--") else (   # as bound, and
+        f"{binding} = '{directory}'")                                   # where (`locate`)
+    raise ConfigError(f"{where}: no such vocabulary directory (scripts/build_vocab.py writes "
+                      "one; bind the path of one moved elsewhere)")
   return load(directory)
 
 

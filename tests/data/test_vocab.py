@@ -224,8 +224,14 @@ def test_another_id_format_is_refused(tmp_path, tsv_file):
 def test_a_missing_or_corrupt_vocabulary_names_the_file(tmp_path, tsv_file):
   path, out, rows = _vocab(tmp_path, tsv_file)
   open_it = lambda v: pipeline.open_source(path, lib.features(), rows, vocab=v)  # noqa: E731
-  with pytest.raises(DataError, match=f"^{tmp_path}/nope: no such vocabulary directory"):
+  with pytest.raises(ConfigError, match=(   # named as bound (and so where: `locate`)
+      rf"^open_source.vocab = '{tmp_path}/nope': no such vocabulary directory \(scripts/"
+      r"build_vocab.py writes one; bind the path of one moved elsewhere\)")):
     open_it(str(tmp_path / "nope"))
+  with pytest.raises(ConfigError, match=rf"^--vocab: {tmp_path}/nope: no such vocabulary"):
+    vocab.load_binding(str(tmp_path / "nope"), "--vocab")
+  with pytest.raises(DataError, match=f"^{tmp_path}/nope: no such vocabulary directory"):
+    vocab.load(str(tmp_path / "nope"))
   with pytest.raises(ConfigError, match=r"open_source.vocab must be a vocabulary directory "
                      r"\(a string\) or None, got 3"):
     open_it(3)
