@@ -260,8 +260,10 @@ def check_read_as(meta: Mapping | None, after: str, eval_source: str, step: int,
   if not position:
     if isinstance(meta, Mapping) and "vocab" in meta:
       note = vocab_changes.copy_warning(meta["vocab"], vocab_record(), step)
-      if note:
+      if note:   # (under launch.py: its stderr too, once per job)
         log.warning("%s", note)
+        from jaxrec import elastic  # pylint: disable=import-outside-toplevel
+        elastic.report_warning(note)
     return
   data, verb, then = (("training data", "train on", "train on from it (or copy it without "
                        "its data position, convert_checkpoint.py --restart_data, to go on with "

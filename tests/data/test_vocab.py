@@ -432,6 +432,9 @@ def test_a_copy_without_its_data_position_warns_of_another_vocabulary(tmp_path, 
   config_changes.check_read_as(meta, "", "/data/t.tsv", 3, trains=True, position=False)
   assert "warning" not in caplog.text
   bound["open_source.vocab"] = None
+  reported = []   # under launch.py: on its stderr too
+  monkeypatch.setattr("jaxrec.elastic.report_warning", reported.append)
   config_changes.check_read_as(meta, "", "/data/t.tsv", 3, trains=True, position=False)
+  assert len(reported) == 1 and reported[0].startswith("warning: checkpoint 3's tables")
   assert (f"warning: checkpoint 3's tables were trained on ids read through vocabulary "
           f"'{out}'") in caplog.text and "no vocabulary (ids % rows)" in caplog.text
