@@ -151,6 +151,11 @@ def main(argv):
     print(f"table '{t['name']}': {counted(t['size'], 'id')} kept of {t['distinct']:,} "
           f"distinct ({t['kept_occurrences']:,} of {t['occurrences']:,} occurrences): rows "
           f"{t['rows']:,}")
+  empty = [t["name"] for t in m["tables"] if not t["size"]]
+  if empty:   # every id of such a table reads row 0, one row trained by every example
+    print(f"warning: table {some(empty, 4)} keeps no id (none seen --min_count="
+          f"{m['min_count']} times or more): every id of it reads the out-of-vocabulary "
+          "row 0", file=sys.stderr)
   gin_path = os.path.join(os.path.abspath(FLAGS.output), "vocab.gin")
   if m.get("binds_rows", True):
     print(f"wrote {FLAGS.output} (min_count {m['min_count']}); train with "

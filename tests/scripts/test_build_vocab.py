@@ -208,3 +208,15 @@ def test_a_config_listing_its_own_tables_is_told_which_rows_to_set(tmp_path):
       f"/ embedding_tables entries: {out / vocab.GIN} lists each table's rows in comments, "
       "and binds none for a configuration that lists its own tables)") in r.stderr, \
       r.stderr[-2000:]
+
+
+def test_a_table_that_keeps_no_id_is_warned_of(tmp_path, built):
+  """A --min_count above every count of a table kept no id and said only '0 ids kept':
+  every example's id of it then trains the one row 0 (a run at SGD.lr = 20 diverged)."""
+  config, data, _, _ = built
+  r = run_script("build_vocab.py", f"--input={data}", f"--output={tmp_path / 'v2'}",
+                 f"--gin_file={config}", "--min_count=100000")
+  assert r.returncode == 0, r.stderr
+  assert ("warning: table 't0', 't1', 't2', 't3', +4 more keeps no id (none seen "
+          "--min_count=100000 times or more): every id of it reads the out-of-vocabulary row "
+          "0") in r.stderr, r.stderr
