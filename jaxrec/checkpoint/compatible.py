@@ -83,7 +83,21 @@ def _shape_hint(theirs: Mapping, spec) -> str:
   bound = [b for f in differ if (b := _bound(spec, f))]
   where = "; ".join(bound) if bound else "e.g. uniform_tables.rows / .dim"
   return (f": a resume cannot change a table's rows or dim (no conversion does); configure "
-          f"the checkpoint's {shape} ({where}), or start a fresh --workdir")
+          f"the checkpoint's {shape} ({where}), or start a fresh --workdir"
+          + (_VOCAB_ROWS if "rows" in differ and _reads_a_vocab() else ""))
+
+
+# A vocabulary rebuilt on the next day's data sizes the tables anew (its vocab.gin's rows):
+# the refusal named only the rows to configure, which the new vocabulary does not fit
+_VOCAB_ROWS = ("; this run reads ids through an id vocabulary (open_source.vocab), whose "
+               "vocab.gin binds the rows: one rebuilt from other data has other sizes and "
+               "renumbers the ids, so go on through the vocabulary the checkpoint was "
+               "trained with (its vocab.gin)")
+
+
+def _reads_a_vocab() -> bool:
+  from jaxrec import launch   # pylint: disable=import-outside-toplevel
+  return bool(launch.bound_value("open_source.vocab"))
 
 
 def _saved_optimizer(have_opt: Mapping) -> list[str]:

@@ -97,3 +97,25 @@ def test_a_changed_scoped_spec_names_its_binding_and_line(tmp_path):
         "--workdir")
   finally:
     gin.clear_config()
+
+
+def test_rows_read_through_a_vocabulary_point_at_it(tmp_path):
+  """Rows bound by a vocab.gin rebuilt from the next day's data: the refusal named only the
+  rows to configure (which the new vocabulary does not fit), not the vocabulary."""
+  import gin  # pylint: disable=import-outside-toplevel
+  from jaxrec import launch  # pylint: disable=import-outside-toplevel
+  from jaxrec.embedding.specs import TableSpec  # pylint: disable=import-outside-toplevel
+  spec = TableSpec("t0", 14, 8)
+  stored = {"tables/t0": ((13, 8), "float32")}
+  try:
+    launch.parse_gin([], ["open_source.vocab = '/data/vocab2'"])
+    hint = compatible._shape_hint(stored, spec)   # pylint: disable=protected-access
+    assert hint.endswith("; this run reads ids through an id vocabulary (open_source.vocab), "
+                         "whose vocab.gin binds the rows: one rebuilt from other data has "
+                         "other sizes and renumbers the ids, so go on through the vocabulary "
+                         "the checkpoint was trained with (its vocab.gin)"), hint
+    launch.parse_gin([], [])
+    plain = compatible._shape_hint(stored, spec)   # pylint: disable=protected-access
+    assert "vocabulary" not in plain, plain
+  finally:
+    gin.clear_config()
