@@ -109,6 +109,7 @@ def build() -> dict:
   if not FLAGS.input or not FLAGS.output:
     raise ConfigError("--input and --output are required")
   vocab_build.check_min_count(FLAGS.min_count, FLAGS.max_size)
+  vocab_build.check_output(FLAGS.output)   # before reading the input (and at the write)
   features, prefix = _features()
   n, where = _setting("num_categorical", "open_source.num_categorical", len(features))
   if whole(n, where) != len(features):

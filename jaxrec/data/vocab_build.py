@@ -105,10 +105,7 @@ def write(output: str, counts: Counts, min_count: int, max_size: int | None,
   a failure or an interrupt leaves nothing. `info`: the manifest's other entries (inputs,
   id_format, ...). `uniform_prefix`: the tables are `uniform_tables`' (`<prefix>0..`),
   whose rows `vocab.gin` binds; else it lists them. Returns the manifest."""
-  output = os.path.abspath(output)
-  if os.path.exists(output) and not (os.path.isdir(output) and not os.listdir(output)):
-    raise DataError(f"--output {output}: exists and is not an empty directory; remove it or "
-                    "choose another")
+  output = check_output(output)
   parent = os.path.dirname(output)
   try:
     os.makedirs(parent, exist_ok=True)
@@ -145,6 +142,16 @@ def write(output: str, counts: Counts, min_count: int, max_size: int | None,
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return manifest
+
+
+def check_output(output: str) -> str:
+  """`output` made absolute; `DataError` if it exists and is not an empty directory (checked
+  before counting too: an existing one was refused only after the whole input was read)."""
+  output = os.path.abspath(output)
+  if os.path.exists(output) and not (os.path.isdir(output) and not os.listdir(output)):
+    raise DataError(f"--output {output}: exists and is not an empty directory; remove it or "
+                    "choose another")
+  return output
 
 
 def gin_text(output: str, tables: Sequence[Mapping], uniform_prefix: str | None) -> str:
