@@ -13,7 +13,8 @@ come from --gin_file (its `ExperimentConfig.embedding` or `uniform_tables`, its
 --max_len (tables t0..tN-1); a flag given wins. --max_size keeps each table's most
 frequent ids (ties to the smaller id). It writes --output whole or not at all: per-table
 sorted ids and counts, vocab.json (inputs, sizes, a fingerprint) and vocab.gin, the
-bindings a run adds (`open_source.vocab` and the tables' rows: vocabulary size + 1).
+bindings a run adds (`open_source.vocab` and, for `uniform_tables`, the tables' rows:
+vocabulary size + 1; a config listing its own tables gets them as comments).
 Errors print one line and exit 1; Ctrl-C or SIGTERM stops it (exit 130 or 143) and leaves
 no --output.
 """

@@ -9,6 +9,7 @@ counts the ids and writes (`vocab_build`)
                         bytes}], "fingerprint", "tables": [{name, file, size, rows
                         (size + 1), distinct, occurrences, kept_occurrences, ids_sha256}]}
   DIR/vocab.gin         the bindings a run needs: `open_source.vocab` and the rows
+                        (`uniform_tables.rows`; comments for a config listing its tables)
 
 A run binding `open_source.vocab = 'DIR'` reads TSV ids through it (`Vocab.lookup_features`, in
 place of `% rows`): training, eval and scripts/preprocess.py, which records the vocabulary
@@ -224,7 +225,8 @@ def rows_hint(directory: str) -> str:
 
 
 def record(vocab: Vocab | None) -> dict | None:
-  """What a preprocessed manifest records of the vocabulary its ids were read with."""
+  """What a preprocessed manifest (and a checkpoint's meta, `vocab`) records of the
+  vocabulary its ids were read with: absolute path and fingerprint; None without one."""
   if vocab is None:
     return None
   return {"path": os.path.abspath(vocab.directory), "fingerprint": vocab.fingerprint}

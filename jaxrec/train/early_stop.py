@@ -14,7 +14,8 @@ state (`_agreed`).
 
 The baseline: a run that starts training on new data from a restored model (a
 `convert_checkpoint.py --restart_data` copy, or an import: a checkpoint holding no data
-position) first evaluates that model when metrics.jsonl has no eval of its step, and that
+position, at a step above 0) first evaluates that model when metrics.jsonl has no eval of
+its step, and that
 eval counts as any other: the steps trained on this data must beat it, and while none does
 its checkpoint is the one kept (on a day whose data only made the model worse, the best was
 the least bad of the worse evals and the starting model rotated out). Its line is an
