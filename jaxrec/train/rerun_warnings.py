@@ -26,8 +26,8 @@ def untrained_copy_warning(options, data_state, step: int) -> str | None:
   day and exited 0, saying only `already trained to step 800`; None otherwise."""
   if data_state or not options.train_data:
     return None
-  return (f"warning: checkpoint {step} holds no data position (a --restart_data copy, made "
-          f"to train on new data), but --num_steps={options.num_steps} is at or below its "
+  return (f"warning: checkpoint {step} holds no data position (a --restart_data copy or an "
+          f"import, made to train on new data), but --num_steps={options.num_steps} is at or below its "
           f"step: nothing of --train_data={options.train_data} is trained, the checkpoint "
           "is only evaluated. --num_steps is the total step count, counted from 0 (not the "
           f"steps to add): to train K steps of it, pass --num_steps={step}+K")

@@ -152,8 +152,8 @@ def test_continue_training_on_new_data_from_a_copy_without_the_data_position(tmp
   assert manifest["data_restarted"] is True
   # --num_steps is a total: the day's 10 steps as --num_steps=10 train nothing, and say so
   proc = train(str(w2), *FLAGS, "--num_steps=10", f"--train_data={tmp_path}/day1.tsv")
-  assert ("warning: checkpoint 20 holds no data position (a --restart_data copy, made to "
-          "train on new data), but --num_steps=10 is at or below its step: nothing of "
+  assert ("warning: checkpoint 20 holds no data position (a --restart_data copy or an "
+          "import, made to train on new data), but --num_steps=10 is at or below its step: nothing of "
           f"--train_data={tmp_path}/day1.tsv is trained" in proc.stderr), proc.stderr[-2000:]
   train(str(w2), *FLAGS, "--num_steps=30", f"--train_data={tmp_path}/day1.tsv")
   lines = read_metrics(str(w2))

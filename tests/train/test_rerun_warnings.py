@@ -12,8 +12,8 @@ def test_untrained_copy_warning_names_num_steps_as_a_total():
     return rerun_warnings.untrained_copy_warning(
         config_lib.RunOptions(num_steps=300, train_data=train_data), data_state, 800)
   assert warning({}) == (
-      "warning: checkpoint 800 holds no data position (a --restart_data copy, made to train "
-      "on new data), but --num_steps=300 is at or below its step: nothing of "
+      "warning: checkpoint 800 holds no data position (a --restart_data copy or an "
+      "import, made to train on new data), but --num_steps=300 is at or below its step: nothing of "
       "--train_data=day_1.tsv is trained, the checkpoint is only evaluated. --num_steps is "
       "the total step count, counted from 0 (not the steps to add): to train K steps of it, "
       "pass --num_steps=800+K")
