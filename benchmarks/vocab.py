@@ -19,7 +19,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from common import emit as emit_line, interruptible, scratch_dir
+from common import check_at_least, emit as emit_line, interruptible, scratch_dir
 from jaxrec import cli_flags  # noqa: E402
 from jaxrec.data import tsv, vocab, vocab_build
 from jaxrec.data.source import make_layout
@@ -85,8 +85,10 @@ def read_rate(path: str, layout) -> float:
 
 def main(argv):
   del argv
-  if FLAGS.examples <= 0 or FLAGS.min_count < 1 or not FLAGS.zipf > 1 or FLAGS.rounds < 1:
-    sys.exit("error: --examples, --rounds and --min_count must be >= 1 and --zipf > 1")
+  check_at_least(lambda m: sys.exit(f"error: {m}"), FLAGS.flag_values_dict(),
+                 ("examples", "min_count", "rounds"))
+  if not FLAGS.zipf > 1:
+    sys.exit(f"error: --zipf must be above 1, got {FLAGS.zipf}")
   with scratch_dir(FLAGS.workdir, "jaxrec_bench_vocab_") as work:
     path = os.path.join(work, "train.tsv")
     t = time.perf_counter()
