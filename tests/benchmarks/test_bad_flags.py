@@ -157,6 +157,8 @@ ONE_LINE_ERRORS = [
     ("input_pipeline.py", ["--workdir=/etc/passwd"],   # a traceback after measuring
      "error: --workdir: /etc/passwd is not a directory"),
     ("elastic.py", ["--mesh=data=3"], "error: --mesh: data=3,table=1,row=1,col=1 has 3 devices"),
+    ("vocab.py", ["--examples=0"], "error: --examples must be at least 1, got 0"),
+    ("vocab.py", ["--zipf=1"], "error: --zipf must be above 1, got 1.0"),
 ]
 
 
