@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -329,6 +330,21 @@ def test_a_resume_of_a_run_from_before_the_binding_is_no_change():
   assert config_changes.changed(before, now) == []
   assert config_changes.changed(before, now.replace("None", "'/v'")) == [
       "open_source.vocab: (unbound) -> '/v'"]
+
+
+def test_sources_of_one_directory_share_its_loaded_vocabulary_until_it_changes(tmp_path,
+                                                                               tsv_file):
+  """A run's training and eval sources (and its checkpoints' record) read one vocabulary:
+  loaded once while in use (each load read and hashed every table, and each source held its
+  own ids and lookup table); a directory rebuilt in place is read again."""
+  path, out, rows = _vocab(tmp_path, tsv_file)
+  train = pipeline.open_source(path, lib.features(), rows, vocab=out)
+  held = pipeline.open_source(path, lib.features(), rows, vocab=out)
+  assert held.layout.vocab is train.layout.vocab
+  shutil.rmtree(out)
+  _, again, _ = _vocab(tmp_path, tsv_file, min_count=7)   # the same path, fewer ids kept
+  assert again == out and vocab.load(out) is not train.layout.vocab
+  assert vocab.load(out).fingerprint != train.layout.vocab.fingerprint
 
 
 def test_a_pickled_vocabulary_holds_no_ids_and_reloads_them(tmp_path, tsv_file):
