@@ -86,12 +86,12 @@ def older_step_warning(workdir, options, step: int) -> str | None:
 def warn(workdir, options, restored, step: int, stopped: bool) -> None:
   """Logs the warnings above that apply to a run evaluating `restored` (at `step`) only,
   on process 0 (and under launch.py on the supervisor's stderr too)."""
+  if jax.process_index() != 0:
+    return
   texts = [untrained_copy_warning(options, restored.data_state, step),
            other_data_warning(workdir, options, restored.data_state, restored.meta, step,
                               stopped),
            older_step_warning(workdir, options, step)]
-  if jax.process_index() != 0:
-    return
   from jaxrec import elastic  # pylint: disable=import-outside-toplevel
   for text in filter(None, texts):
     log.warning("%s", text)

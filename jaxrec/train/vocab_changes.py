@@ -22,6 +22,12 @@ def said(record: Mapping | None) -> str:
   return f"vocabulary '{record['path']}' (fingerprint {record['fingerprint']})"
 
 
+def _unreadable(recorded) -> bool:
+  """Whether a checkpoint's vocabulary record is neither None nor `{..., "fingerprint"}`."""
+  return recorded is not None and not (isinstance(recorded, Mapping)
+                                       and isinstance(recorded.get("fingerprint"), str))
+
+
 def same(a: Mapping | None, b: Mapping | None) -> bool:
   return (a is None and b is None) or (
       a is not None and b is not None and a.get("fingerprint") == b.get("fingerprint"))
@@ -30,9 +36,8 @@ def same(a: Mapping | None, b: Mapping | None) -> bool:
 def check(recorded, run: Mapping | None, step: int, data: str, verb: str, then: str) -> None:
   """`ConfigError` unless this run's vocabulary `run` is the one checkpoint `step` recorded
   (`recorded`, compared by fingerprint), naming both."""
-  if recorded is not None and not (isinstance(recorded, Mapping)
-                                   and isinstance(recorded.get("fingerprint"), str)):
-    return   # an unreadable record: not checked (the meta's other checks stand)
+  if _unreadable(recorded):   # not checked (the meta's other checks stand)
+    return
   if same(recorded, run):
     return
   if recorded is None:
@@ -53,8 +58,7 @@ def copy_warning(recorded, run: Mapping | None, step: int) -> str | None:
   """The warning of a training run from a copy of checkpoint `step` without its data
   position (`convert_checkpoint.py --restart_data`: it may read new data as it likes)
   through another vocabulary than the tables were trained through; None when the same."""
-  if recorded is not None and not (isinstance(recorded, Mapping)
-                                   and isinstance(recorded.get("fingerprint"), str)):
+  if _unreadable(recorded):
     return None
   if same(recorded, run):
     return None
